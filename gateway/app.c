@@ -1,0 +1,218 @@
+/* Health, readiness and metrics endpoints, and the route table. */
+#include "config.h"
+#include "app.h"
+#include "buf.h"
+#include "log.h"
+#include "metrics.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+
+#define METRICS_MAX_BYTES (4L << 20)
+
+/* ------------------------------------------------------------------ healthz */
+
+static void h_healthz(struct cw_req *req, void *ctx)
+{
+	cw_req_reply_json(req, 200, json_pack("{s:s}", "status", "ok"));
+}
+
+/* ------------------------------------------------------------------- readyz */
+
+struct readyz_job {
+	struct cw_app *app;
+	struct cw_req *req;
+	int applied;
+	int matching;
+	int64_t t0_us;
+};
+
+static cw_err readyz_query(PGconn *c, void *arg, cw_errmsg *e)
+{
+	struct readyz_job *j = arg;
+	PGresult *r = PQexec(c, "SELECT version, checksum FROM schema_migrations");
+	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+		cw_err rc = store_result_err(c, r, e);
+		PQclear(r);
+		return rc;
+	}
+	const struct migration_set *set = &j->app->migrations;
+	j->applied = PQntuples(r);
+	j->matching = 0;
+	for (int i = 0; i < j->applied; i++) {
+		int v = atoi(PQgetvalue(r, i, 0));
+		for (size_t k = 0; k < set->n; k++)
+			if (set->m[k].version == v && strcmp(set->m[k].sha256, PQgetvalue(r, i, 1)) == 0)
+				j->matching++;
+	}
+	PQclear(r);
+	return CW_OK;
+}
+
+static void readyz_done(void *arg, cw_err rc, const cw_errmsg *e)
+{
+	struct readyz_job *j = arg;
+	const struct migration_set *set = &j->app->migrations;
+	bool db_up = rc == CW_OK;
+	bool current = db_up && j->matching == (int)set->n && j->applied == (int)set->n;
+	json_t *db = json_pack("{s:s, s:f}", "status", db_up ? "up" : "down", "latency_ms",
+			       (double)((cw_now_us() - j->t0_us) / 10) / 100.0);
+	if (!db_up)
+		json_object_set_new(db, "detail", json_string(e->msg));
+	json_t *mig = json_pack("{s:s, s:i, s:i}", "status",
+				!db_up ? "unknown" : current ? "current" : "not_current",
+				"applied", j->applied, "expected", (int)set->n);
+	json_t *body = json_pack("{s:s, s:o, s:o, s:{}}", "status", db_up && current ? "ready" : "not_ready",
+				 "database", db, "migrations", mig, "adapters");
+	if (!(db_up && current)) {
+		char ra[16];
+		snprintf(ra, sizeof(ra), "%ld", j->app->cfg->db_retry_after_s);
+		cw_req_add_header(j->req, "Retry-After", ra);
+	}
+	cw_req_reply_json(j->req, db_up && current ? 200 : 503, body);
+	cw_req_resume(j->req);
+	free(j);
+}
+
+static void h_readyz(struct cw_req *req, void *ctx)
+{
+	struct cw_app *app = ctx;
+	struct readyz_job *j = calloc(1, sizeof(*j));
+	if (!j) {
+		cw_req_problem(req, 500, "internal", "Internal error", "out of memory");
+		return;
+	}
+	j->app = app;
+	j->req = req;
+	j->t0_us = cw_now_us();
+	cw_req_suspend(req);
+	cw_err rc = store_read(app->store, readyz_query, readyz_done, j);
+	if (rc) {
+		cw_errmsg e;
+		cw_fail(&e, rc, "%s", cw_strerror(rc));
+		readyz_done(j, rc, &e);
+	}
+}
+
+/* ------------------------------------------------------------------ metrics */
+
+#define OUTBOX_STATES 8
+static const char *const outbox_states[OUTBOX_STATES] = {
+	"pending", "held", "in_flight", "delivered", "failed", "dead", "dropped", "expired"
+};
+
+struct metrics_job {
+	struct cw_app *app;
+	struct cw_req *req;
+	long long outbox[OUTBOX_STATES];
+};
+
+static cw_err metrics_query(PGconn *c, void *arg, cw_errmsg *e)
+{
+	struct metrics_job *j = arg;
+	/* Delivered rows pile up; the gauge is about what is still to do. */
+	PGresult *r = PQexec(c, "SELECT state, count(*) FROM outbox WHERE state <> 'delivered' GROUP BY state");
+	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+		cw_err rc = store_result_err(c, r, e);
+		PQclear(r);
+		return rc;
+	}
+	for (int i = 0; i < PQntuples(r); i++)
+		for (int k = 0; k < OUTBOX_STATES; k++)
+			if (strcmp(PQgetvalue(r, i, 0), outbox_states[k]) == 0)
+				j->outbox[k] = atoll(PQgetvalue(r, i, 1));
+	PQclear(r);
+	return CW_OK;
+}
+
+static void metrics_done(void *arg, cw_err rc, const cw_errmsg *e)
+{
+	struct metrics_job *j = arg;
+	struct cw_app *app = j->app;
+	struct cw_buf b;
+	cw_buf_init(&b, METRICS_MAX_BYTES);
+	cw_metrics_sample(&b, "causeway_build_info", "gauge", "Version of the running daemon.",
+			  "version=\"" PACKAGE_VERSION "\"", 1);
+	cw_metrics_sample(&b, "causeway_start_time_seconds", "gauge", "When the daemon started (Unix time).",
+			  NULL, (double)app->started_wall_ms / 1000.0);
+	cw_metrics_render_http(cw_http_metrics(app->http), &b);
+	cw_metrics_sample(&b, "causeway_http_requests_in_flight", "gauge", "Requests being served now.",
+			  NULL, (double)cw_http_in_flight(app->http));
+
+	struct store_stats st;
+	store_get_stats(app->store, &st);
+	cw_metrics_sample(&b, "causeway_database_up", "gauge", "1 while the database answers.", NULL, st.db_up);
+	cw_metrics_sample(&b, "causeway_db_pool_connections", "gauge", "Database connections of the pool.",
+			  NULL, st.conns_total);
+	cw_metrics_sample(&b, "causeway_db_pool_connections_up", "gauge", "Pool connections that are connected.",
+			  NULL, st.conns_up);
+	cw_metrics_sample(&b, "causeway_db_pool_readers_busy", "gauge", "Reader connections running a query.",
+			  NULL, st.readers_busy);
+	cw_metrics_sample(&b, "causeway_db_writes_queued", "gauge", "Writes waiting for the group-commit writer.",
+			  NULL, (double)st.writes_queued);
+	cw_metrics_sample(&b, "causeway_db_reads_queued", "gauge", "Reads waiting for a reader connection.",
+			  NULL, (double)st.reads_queued);
+	cw_metrics_sample(&b, "causeway_db_commits_total", "counter", "Group-commit transactions committed.",
+			  NULL, (double)st.batches);
+	cw_metrics_sample(&b, "causeway_db_writes_committed_total", "counter", "Writes made durable.",
+			  NULL, (double)st.writes_committed);
+	cw_metrics_sample(&b, "causeway_db_writes_failed_total", "counter", "Writes that failed or timed out.",
+			  NULL, (double)st.writes_failed);
+	cw_metrics_sample(&b, "causeway_db_connects_total", "counter", "Database connections opened.",
+			  NULL, (double)st.reconnects);
+	if (rc == CW_OK) {
+		cw_buf_printf(&b, "# HELP causeway_outbox_depth Outbox rows not yet delivered, by state.\n"
+				  "# TYPE causeway_outbox_depth gauge\n");
+		for (int k = 0; k < OUTBOX_STATES; k++)
+			if (strcmp(outbox_states[k], "delivered") != 0)
+				cw_buf_printf(&b, "causeway_outbox_depth{state=\"%s\"} %lld\n", outbox_states[k],
+					      j->outbox[k]);
+	}
+	struct rusage ru;
+	if (getrusage(RUSAGE_SELF, &ru) == 0) {
+		cw_metrics_sample(&b, "process_cpu_seconds_total", "counter", "User and system CPU time.", NULL,
+				  (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+					  (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6);
+		cw_metrics_sample(&b, "process_max_resident_memory_bytes", "gauge", "Peak resident set size.", NULL,
+				  (double)ru.ru_maxrss * 1024.0);
+	}
+	if (b.overflow) {
+		cw_buf_free(&b);
+		cw_req_problem(j->req, 500, "internal", "Internal error", "metrics larger than their cap");
+	} else {
+		size_t len;
+		char *text = cw_buf_take(&b, &len);
+		cw_req_reply(j->req, 200, "text/plain; version=0.0.4; charset=utf-8", text, len);
+	}
+	(void)e;
+	cw_req_resume(j->req);
+	free(j);
+}
+
+static void h_metrics(struct cw_req *req, void *ctx)
+{
+	struct cw_app *app = ctx;
+	struct metrics_job *j = calloc(1, sizeof(*j));
+	if (!j) {
+		cw_req_problem(req, 500, "internal", "Internal error", "out of memory");
+		return;
+	}
+	j->app = app;
+	j->req = req;
+	cw_req_suspend(req);
+	cw_err rc = store_read(app->store, metrics_query, metrics_done, j);
+	if (rc) {
+		cw_errmsg e;
+		cw_fail(&e, rc, "%s", cw_strerror(rc));
+		metrics_done(j, rc, &e);
+	}
+}
+
+const struct cw_route app_routes[] = {
+	{ "GET", "/healthz", h_healthz, CW_AUTH_NONE, NULL },
+	{ "GET", "/readyz", h_readyz, CW_AUTH_NONE, NULL },
+	{ "GET", "/metrics", h_metrics, CW_AUTH_NONE, NULL },
+};
+const size_t app_nroutes = CW_ARRAY_LEN(app_routes);

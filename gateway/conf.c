@@ -1,0 +1,337 @@
+/* The option table and the INI (libinih) + environment loader. */
+#include "config.h"
+#include "conf.h"
+#include "log.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <ini.h>
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#define OFF(f) offsetof(struct cw_config, f)
+
+const struct cfg_option cfg_options[] = {
+	{ "server", "listen_address", CFG_STR, OFF(listen_address), "127.0.0.1", 0, 0, false, false,
+	  "IPv4 or IPv6 address the HTTP front listens on" },
+	{ "server", "port", CFG_INT, OFF(port), "8480", 0, 65535, false, false,
+	  "TCP port of the HTTP front (0: any free port, printed at start)" },
+	{ "server", "http_threads", CFG_INT, OFF(http_threads), "2", 1, 64, false, false,
+	  "size of libmicrohttpd's thread pool" },
+	{ "server", "connection_limit", CFG_INT, OFF(connection_limit), "1024", 8, 100000, false, false,
+	  "most HTTP connections open at once" },
+	{ "server", "connection_timeout_s", CFG_INT, OFF(connection_timeout_s), "30", 1, 3600, false, false,
+	  "idle HTTP connections are closed after this many seconds" },
+	{ "server", "max_body_bytes", CFG_SIZE, OFF(max_body_bytes), "1MiB", 1024, 64L << 20, false, false,
+	  "largest request body accepted (larger: 413); suffixes KiB, MiB" },
+	{ "server", "drain_timeout_ms", CFG_INT, OFF(drain_timeout_ms), "10000", 0, 600000, false, false,
+	  "on SIGTERM, how long in-flight requests may take before the daemon exits anyway" },
+	{ "server", "public_url", CFG_STR, OFF(public_url), "", 0, 0, false, false,
+	  "URL peers and homeservers use to reach this daemon (empty: http://listen_address:port)" },
+
+	{ "database", "url", CFG_STR, OFF(db_url), "", 0, 0, false, true,
+	  "libpq connection URL or key=value string of the PostgreSQL database (required)" },
+	{ "database", "schema_dir", CFG_STR, OFF(schema_dir), CW_SCHEMA_DIR, 0, 0, false, false,
+	  "directory holding the numbered SQL migrations (NNN_name.sql)" },
+	{ "database", "pool_size", CFG_INT, OFF(db_pool_size), "2", 1, 64, false, false,
+	  "connections for reads (the group-commit writer has one more of its own)" },
+	{ "database", "batch_max", CFG_INT, OFF(db_batch_max), "256", 1, 10000, false, false,
+	  "most queued writes committed in one group-commit transaction" },
+	{ "database", "batch_delay_us", CFG_INT, OFF(db_batch_delay_us), "500", 0, 50000, false, false,
+	  "how long the writer lets a batch fill before committing it (microseconds)" },
+	{ "database", "request_timeout_ms", CFG_INT, OFF(db_request_timeout_ms), "5000", 100, 600000, false, false,
+	  "deadline of a queued database job; past it the request answers 503" },
+	{ "database", "statement_timeout_ms", CFG_INT, OFF(db_statement_timeout_ms), "10000", 100, 3600000, false, false,
+	  "PostgreSQL statement_timeout set on every connection" },
+	{ "database", "retry_after_s", CFG_INT, OFF(db_retry_after_s), "2", 1, 3600, false, false,
+	  "Retry-After sent with 503 while the database is away" },
+	{ "database", "reconnect_max_ms", CFG_INT, OFF(db_reconnect_max_ms), "5000", 50, 600000, false, false,
+	  "upper bound of the exponential reconnect backoff" },
+	{ "database", "startup_timeout_ms", CFG_INT, OFF(db_startup_timeout_ms), "30000", 0, 3600000, false, false,
+	  "how long start-up waits for the database before giving up" },
+
+	{ "log", "level", CFG_LOGLEVEL, OFF(log_level), "info", 0, 0, true, false,
+	  "error, warn, info or debug" },
+	{ "log", "access_log", CFG_BOOL, OFF(access_log), "true", 0, 0, true, false,
+	  "one logfmt line per HTTP request" },
+};
+const size_t cfg_option_count = CW_ARRAY_LEN(cfg_options);
+
+#define FIELD(c, o, T) ((T *)((char *)(c) + (o)->offset))
+#define CFIELD(c, o, T) ((const T *)((const char *)(c) + (o)->offset))
+
+static const struct cfg_option *find_option(const char *section, const char *name)
+{
+	for (size_t i = 0; i < cfg_option_count; i++)
+		if (strcmp(cfg_options[i].section, section) == 0 && strcmp(cfg_options[i].name, name) == 0)
+			return &cfg_options[i];
+	return NULL;
+}
+
+static cw_err parse_long(const char *v, long *out, bool size_suffix)
+{
+	if (!*v || isspace((unsigned char)*v))
+		return CW_EINVAL;
+	errno = 0;
+	char *end;
+	long n = strtol(v, &end, 10);
+	if (errno || end == v)
+		return CW_EINVAL;
+	long mul = 1;
+	if (size_suffix && *end) {
+		if (strcasecmp(end, "KiB") == 0 || strcasecmp(end, "K") == 0)
+			mul = 1024;
+		else if (strcasecmp(end, "MiB") == 0 || strcasecmp(end, "M") == 0)
+			mul = 1024L * 1024;
+		else if (strcasecmp(end, "GiB") == 0 || strcasecmp(end, "G") == 0)
+			mul = 1024L * 1024 * 1024;
+		else
+			return CW_EINVAL;
+		end += strlen(end);
+	}
+	if (*end)
+		return CW_EINVAL;
+	if (n > LONG_MAX / mul || n < LONG_MIN / mul)
+		return CW_EINVAL;
+	*out = n * mul;
+	return CW_OK;
+}
+
+static cw_err set_option(struct cw_config *c, const struct cfg_option *o, const char *value, cw_errmsg *e)
+{
+	switch (o->type) {
+	case CFG_STR: {
+		char *s = strdup(value);
+		if (!s)
+			return cw_fail(e, CW_ENOMEM, "out of memory");
+		free(*FIELD(c, o, char *));
+		*FIELD(c, o, char *) = s;
+		return CW_OK;
+	}
+	case CFG_INT:
+	case CFG_SIZE: {
+		long n;
+		if (parse_long(value, &n, o->type == CFG_SIZE))
+			return cw_fail(e, CW_EINVAL, "%s.%s: '%s' is not %s", o->section, o->name, value,
+				       o->type == CFG_SIZE ? "a size (e.g. 512KiB)" : "a whole number");
+		if (n < o->min || n > o->max)
+			return cw_fail(e, CW_EINVAL, "%s.%s: %ld is out of range %ld..%ld", o->section,
+				       o->name, n, o->min, o->max);
+		*FIELD(c, o, long) = n;
+		return CW_OK;
+	}
+	case CFG_BOOL: {
+		static const char *const yes[] = { "true", "yes", "on", "1" };
+		static const char *const no[] = { "false", "no", "off", "0" };
+		for (size_t i = 0; i < CW_ARRAY_LEN(yes); i++) {
+			if (strcasecmp(value, yes[i]) == 0) { *FIELD(c, o, bool) = true; return CW_OK; }
+			if (strcasecmp(value, no[i]) == 0) { *FIELD(c, o, bool) = false; return CW_OK; }
+		}
+		return cw_fail(e, CW_EINVAL, "%s.%s: '%s' is not true or false", o->section, o->name, value);
+	}
+	case CFG_LOGLEVEL: {
+		int lvl = cw_log_level_parse(value);
+		if (lvl < 0)
+			return cw_fail(e, CW_EINVAL, "%s.%s: '%s' is not one of error, warn, info, debug",
+				       o->section, o->name, value);
+		*FIELD(c, o, long) = lvl;
+		return CW_OK;
+	}
+	}
+	return cw_fail(e, CW_EINTERNAL, "bad option type");
+}
+
+cw_err cfg_set(struct cw_config *c, const char *section, const char *name, const char *value, cw_errmsg *e)
+{
+	const struct cfg_option *o = find_option(section, name);
+	if (!o)
+		return cw_fail(e, CW_EINVAL, "%s.%s: unknown option", section, name);
+	return set_option(c, o, value, e);
+}
+
+void cfg_defaults(struct cw_config *c)
+{
+	memset(c, 0, sizeof(*c));
+	for (size_t i = 0; i < cfg_option_count; i++) {
+		cw_errmsg e;
+		cw_err rc = set_option(c, &cfg_options[i], cfg_options[i].def, &e);
+		if (rc) { /* a broken table is a bug caught by the unit tests */
+			fprintf(stderr, "causeway: bad default: %s\n", e.msg);
+			abort();
+		}
+	}
+}
+
+void cfg_free(struct cw_config *c)
+{
+	for (size_t i = 0; i < cfg_option_count; i++)
+		if (cfg_options[i].type == CFG_STR) {
+			free(*FIELD(c, &cfg_options[i], char *));
+			*FIELD(c, &cfg_options[i], char *) = NULL;
+		}
+}
+
+struct ini_ctx {
+	struct cw_config *c;
+	const char *path;
+	cw_errmsg *e;
+	int errors;
+	int line; /* of the last line read: Debian's inih has no line numbers in its handler */
+	FILE *f;
+};
+
+static char *ini_read_line(char *str, int num, void *stream)
+{
+	struct ini_ctx *x = stream;
+	char *s = fgets(str, num, x->f);
+	if (s)
+		x->line++;
+	return s;
+}
+
+static int on_ini_pair(void *user, const char *section, const char *name, const char *value)
+{
+	struct ini_ctx *x = user;
+	int lineno = x->line;
+	cw_errmsg e;
+	if (cfg_set(x->c, section, name, value, &e)) {
+		if (x->errors++ == 0)
+			cw_fail(x->e, CW_EINVAL, "%s:%d: %s", x->path, lineno, e.msg);
+		return 0;
+	}
+	return 1;
+}
+
+void cfg_env_name(const struct cfg_option *o, char *buf, size_t len)
+{
+	snprintf(buf, len, "CAUSEWAY_%s_%s", o->section, o->name);
+	for (char *p = buf; *p; p++)
+		*p = (char)toupper((unsigned char)*p);
+}
+
+static const char *plain_getenv(const char *name) { return getenv(name); }
+
+cw_err cfg_load(struct cw_config *c, const char *path, const char *(*getenv_fn)(const char *), cw_errmsg *e)
+{
+	cfg_defaults(c);
+	if (path) {
+		FILE *f = fopen(path, "r");
+		if (!f) {
+			cfg_free(c);
+			return cw_fail(e, CW_EINVAL, "%s: cannot open: %s", path, strerror(errno));
+		}
+		struct ini_ctx x = { .c = c, .path = path, .e = e, .f = f };
+		int rc = ini_parse_stream(ini_read_line, &x, on_ini_pair, &x);
+		fclose(f);
+		if (rc != 0 || x.errors) {
+			if (!x.errors) /* a syntax error inih found itself */
+				cw_fail(e, CW_EINVAL, "%s:%d: syntax error (expected [section] or name = value)", path, rc);
+			else if (x.errors > 1) {
+				size_t n = strlen(e->msg);
+				snprintf(e->msg + n, sizeof(e->msg) - n, " (and %d more errors)", x.errors - 1);
+			}
+			cfg_free(c);
+			return CW_EINVAL;
+		}
+	}
+	if (!getenv_fn)
+		getenv_fn = plain_getenv;
+	for (size_t i = 0; i < cfg_option_count; i++) {
+		char name[128];
+		cfg_env_name(&cfg_options[i], name, sizeof(name));
+		const char *v = getenv_fn(name);
+		if (!v)
+			continue;
+		cw_errmsg e2;
+		if (set_option(c, &cfg_options[i], v, &e2)) {
+			cw_fail(e, CW_EINVAL, "environment %s: %s", name, e2.msg);
+			cfg_free(c);
+			return CW_EINVAL;
+		}
+	}
+	if (!c->db_url || !*c->db_url) {
+		cfg_free(c);
+		return cw_fail(e, CW_EINVAL, "database.url is not set (in the file or CAUSEWAY_DATABASE_URL)");
+	}
+	if (!c->listen_address || !*c->listen_address) {
+		cfg_free(c);
+		return cw_fail(e, CW_EINVAL, "server.listen_address is empty");
+	}
+	return CW_OK;
+}
+
+void cfg_value_text(const struct cw_config *c, const struct cfg_option *o, bool mask, char *buf, size_t len)
+{
+	if (mask && o->secret) {
+		const char *s = *CFIELD(c, o, char *const);
+		snprintf(buf, len, "%s", s && *s ? "********" : "");
+		return;
+	}
+	switch (o->type) {
+	case CFG_STR: {
+		const char *s = *CFIELD(c, o, char *const);
+		snprintf(buf, len, "%s", s ? s : "");
+		break;
+	}
+	case CFG_INT:
+	case CFG_SIZE:
+		snprintf(buf, len, "%ld", *CFIELD(c, o, long));
+		break;
+	case CFG_BOOL:
+		snprintf(buf, len, "%s", *CFIELD(c, o, bool) ? "true" : "false");
+		break;
+	case CFG_LOGLEVEL:
+		snprintf(buf, len, "%s", cw_log_level_name((int)*CFIELD(c, o, long)));
+		break;
+	}
+}
+
+int cfg_apply_reload(struct cw_config *c, const struct cw_config *next)
+{
+	int changed = 0;
+	for (size_t i = 0; i < cfg_option_count; i++) {
+		const struct cfg_option *o = &cfg_options[i];
+		char a[1024], b[1024];
+		cfg_value_text(c, o, false, a, sizeof(a));
+		cfg_value_text(next, o, false, b, sizeof(b));
+		if (strcmp(a, b) == 0)
+			continue;
+		if (!o->reloadable) {
+			LOG_KV(CW_LOG_WARN, "option changed; it takes effect after a restart",
+			       "option", o->name, "section", o->section);
+			continue;
+		}
+		cw_errmsg e;
+		if (set_option(c, o, b, &e) == CW_OK) {
+			changed++;
+			LOG_KV(CW_LOG_INFO, "option reloaded", "section", o->section, "option", o->name,
+			       "value", o->secret ? "********" : b);
+		}
+	}
+	return changed;
+}
+
+static const char *type_name(enum cfg_type t)
+{
+	switch (t) {
+	case CFG_STR: return "string";
+	case CFG_INT: return "integer";
+	case CFG_SIZE: return "size";
+	case CFG_BOOL: return "boolean";
+	case CFG_LOGLEVEL: return "level";
+	}
+	return "?";
+}
+
+void cfg_list_options(FILE *out)
+{
+	for (size_t i = 0; i < cfg_option_count; i++) {
+		const struct cfg_option *o = &cfg_options[i];
+		char env[128];
+		cfg_env_name(o, env, sizeof(env));
+		fprintf(out, "%s.%s\t%s\t%s\t%s\t%s\t%s\n", o->section, o->name, type_name(o->type),
+			o->def, o->reloadable ? "reloadable" : "restart", env, o->doc);
+	}
+}

@@ -1,0 +1,82 @@
+/* Configuration: one declarative option table drives the INI parser, the
+ * environment overrides, --check-config, --list-options, the "show config"
+ * output and the test that docs and code list the same options. */
+#ifndef CW_CONF_H
+#define CW_CONF_H
+
+#include "cw.h"
+#include <stdio.h>
+
+struct cw_config {
+	/* [server] */
+	char *listen_address;
+	long port;
+	long http_threads;
+	long connection_limit;
+	long connection_timeout_s;
+	long max_body_bytes;
+	long drain_timeout_ms;
+	char *public_url;
+	/* [database] */
+	char *db_url;
+	char *schema_dir;
+	long db_pool_size;
+	long db_batch_max;
+	long db_batch_delay_us;
+	long db_request_timeout_ms;
+	long db_statement_timeout_ms;
+	long db_retry_after_s;
+	long db_reconnect_max_ms;
+	long db_startup_timeout_ms;
+	/* [log] */
+	long log_level;
+	bool access_log;
+};
+
+enum cfg_type { CFG_STR, CFG_INT, CFG_SIZE, CFG_BOOL, CFG_LOGLEVEL };
+
+struct cfg_option {
+	const char *section;
+	const char *name;
+	enum cfg_type type;
+	size_t offset;        /* into struct cw_config */
+	const char *def;      /* default, as it would be written in the file */
+	long min, max;        /* bounds for numbers */
+	bool reloadable;      /* SIGHUP applies it without a restart */
+	bool secret;          /* masked wherever the configuration is shown */
+	const char *doc;      /* one line */
+};
+
+extern const struct cfg_option cfg_options[];
+extern const size_t cfg_option_count;
+
+/* Sets every option to its default. Caller frees with cfg_free. */
+void cfg_defaults(struct cw_config *c);
+void cfg_free(struct cw_config *c);
+
+/* Sets one option from its text form; "section", "name" as in the file. */
+cw_err cfg_set(struct cw_config *c, const char *section, const char *name,
+	       const char *value, cw_errmsg *e);
+
+/* Defaults, then the file (NULL: none), then CAUSEWAY_<SECTION>_<NAME>
+ * variables from getenv_fn (NULL: getenv), then cross-option checks.  On
+ * failure e says where ("file:line: section.name: why") and c is left freed. */
+cw_err cfg_load(struct cw_config *c, const char *path,
+		const char *(*getenv_fn)(const char *), cw_errmsg *e);
+
+/* The environment variable for an option: CAUSEWAY_SECTION_NAME. */
+void cfg_env_name(const struct cfg_option *o, char *buf, size_t len);
+
+/* The current value as text (secrets masked when mask is true). */
+void cfg_value_text(const struct cw_config *c, const struct cfg_option *o,
+		    bool mask, char *buf, size_t len);
+
+/* Copies the reloadable options from next into c; for every other option
+ * that differs, log a warning that a restart is needed.  Returns how many
+ * options changed. */
+int cfg_apply_reload(struct cw_config *c, const struct cw_config *next);
+
+/* Prints the option table: name, type, default, reloadable, doc. */
+void cfg_list_options(FILE *out);
+
+#endif

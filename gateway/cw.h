@@ -1,0 +1,49 @@
+/* Common definitions: the one error convention of the whole tree. */
+#ifndef CW_H
+#define CW_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* Every fallible function returns a cw_err; CW_OK is 0, so `if (rc)` reads as
+ * "on failure".  The human-readable reason goes into a cw_errmsg the caller
+ * owns (like curl's failf into an error buffer). */
+typedef enum {
+	CW_OK = 0,
+	CW_EINVAL,     /* bad input from outside or from the configuration */
+	CW_ENOMEM,
+	CW_ENOTFOUND,
+	CW_ECONFLICT,  /* a constraint or an idempotency conflict */
+	CW_EUNAVAIL,   /* a dependency (the database) is away: retry later */
+	CW_ETIMEDOUT,  /* a deadline passed before the work was done */
+	CW_ESHUTDOWN,  /* the daemon is stopping */
+	CW_EIO,        /* a system call or library failed */
+	CW_EINTERNAL,  /* a bug: an invariant did not hold */
+} cw_err;
+
+typedef struct {
+	char msg[512];
+} cw_errmsg;
+
+/* Formats the reason into e (if not NULL) and returns code, so that
+ * `return cw_fail(e, CW_EINVAL, "port %d out of range", p);` reads well. */
+cw_err cw_fail(cw_errmsg *e, cw_err code, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+const char *cw_strerror(cw_err code);
+
+/* Monotonic and wall clocks, in microseconds. */
+int64_t cw_now_us(void);
+int64_t cw_wall_ms(void);
+
+/* Fills buf with n cryptographically random bytes (OpenSSL). */
+cw_err cw_random(void *buf, size_t n);
+/* Writes 2*n lower-case hex digits and a NUL into out (size >= 2n+1). */
+void cw_hex(char *out, const unsigned char *in, size_t n);
+
+/* Constant-time equality of two byte strings of equal length. */
+bool cw_ct_equal(const void *a, const void *b, size_t n);
+
+#define CW_ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
+
+#endif

@@ -1,0 +1,493 @@
+/* HTTP front on libmicrohttpd (thread pool on epoll, suspend/resume). */
+#include "config.h"
+#include "http.h"
+#include "log.h"
+#include "metrics.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <microhttpd.h>
+#include <netdb.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define REQ_MAX_HEADERS 6
+
+struct cw_http {
+	struct MHD_Daemon *d;
+	struct cw_http_opts o;
+	struct cw_metrics *metrics;
+	unsigned port;
+	atomic_long in_flight;
+	atomic_bool access_log;
+	atomic_uint_fast64_t next_id;
+	char id_prefix[9];
+	pthread_mutex_t mu;
+	pthread_cond_t idle;
+	bool quiesced;
+};
+
+struct cw_req {
+	struct cw_http *h;
+	struct MHD_Connection *conn;
+	char *method;
+	char *path;
+	char id[32];
+	int64_t start_us;
+	int route;
+	struct cw_route_params params;
+	/* request body */
+	char *body;
+	size_t body_len, body_alloc;
+	bool too_large;
+	/* state */
+	bool handled;
+	bool suspended;
+	/* reply */
+	bool replied;
+	int status;
+	const char *content_type;
+	char *rbody;
+	size_t rlen;
+	int nheaders;
+	char *headers[REQ_MAX_HEADERS][2];
+};
+
+/* ------------------------------------------------------------------ routing */
+
+int cw_route_match(const struct cw_route *routes, size_t n, const char *method,
+		   const char *path, struct cw_route_params *params, bool *path_matched)
+{
+	if (path_matched)
+		*path_matched = false;
+	for (size_t i = 0; i < n; i++) {
+		const char *p = routes[i].pattern, *u = path;
+		struct cw_route_params tmp = { 0 };
+		bool ok = true;
+		while (ok) {
+			if (*p == '\0' || *u == '\0') {
+				ok = *p == '\0' && *u == '\0';
+				break;
+			}
+			if (*p == '{') {
+				const char *close = strchr(p, '}');
+				size_t seglen = strcspn(u, "/");
+				if (!close || seglen == 0 || seglen >= CW_ROUTE_PARAM_LEN || tmp.n >= CW_ROUTE_PARAMS_MAX) {
+					ok = false;
+					break;
+				}
+				tmp.names[tmp.n] = p + 1;
+				tmp.name_lens[tmp.n] = (size_t)(close - p - 1);
+				memcpy(tmp.values[tmp.n], u, seglen);
+				tmp.values[tmp.n][seglen] = '\0';
+				tmp.n++;
+				p = close + 1;
+				u += seglen;
+			} else if (*p == *u) {
+				p++;
+				u++;
+			} else {
+				ok = false;
+			}
+		}
+		if (!ok)
+			continue;
+		if (strcmp(routes[i].method, method) != 0) {
+			if (path_matched)
+				*path_matched = true;
+			continue;
+		}
+		if (params)
+			*params = tmp;
+		return (int)i;
+	}
+	return -1;
+}
+
+/* ------------------------------------------------------------ request API */
+
+const char *cw_req_method(const struct cw_req *r) { return r->method; }
+const char *cw_req_path(const struct cw_req *r) { return r->path; }
+const char *cw_req_id(const struct cw_req *r) { return r->id; }
+
+const char *cw_req_param(const struct cw_req *r, const char *name)
+{
+	size_t len = strlen(name);
+	for (int i = 0; i < r->params.n; i++)
+		if (r->params.name_lens[i] == len && memcmp(r->params.names[i], name, len) == 0)
+			return r->params.values[i];
+	return NULL;
+}
+
+const char *cw_req_header(struct cw_req *r, const char *name)
+{
+	return MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, name);
+}
+
+const char *cw_req_query(struct cw_req *r, const char *name)
+{
+	return MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, name);
+}
+
+const char *cw_req_body(const struct cw_req *r, size_t *len)
+{
+	if (len)
+		*len = r->body_len;
+	return r->body ? r->body : "";
+}
+
+void cw_req_reply(struct cw_req *r, int status, const char *content_type, char *body, size_t len)
+{
+	free(r->rbody);
+	r->status = status;
+	r->content_type = content_type;
+	r->rbody = body;
+	r->rlen = body ? len : 0;
+	r->replied = true;
+}
+
+void cw_req_reply_json(struct cw_req *r, int status, json_t *j)
+{
+	char *s = j ? json_dumps(j, JSON_COMPACT | JSON_REAL_PRECISION(6)) : NULL;
+	json_decref(j);
+	if (!s) {
+		cw_req_problem(r, 500, "internal", "Internal error", "could not encode the answer");
+		return;
+	}
+	cw_req_reply(r, status, "application/json", s, strlen(s));
+}
+
+void cw_req_problem(struct cw_req *r, int status, const char *code, const char *title, const char *detail)
+{
+	json_t *j = json_pack("{s:s, s:s, s:i, s:s, s:s}",
+			      "type", "about:blank", "title", title, "status", status,
+			      "detail", detail ? detail : title, "code", code);
+	char *s = j ? json_dumps(j, JSON_COMPACT) : NULL;
+	json_decref(j);
+	if (!s) {
+		static const char fallback[] = "{\"title\":\"Internal error\",\"status\":500,\"code\":\"internal\"}";
+		s = strdup(fallback);
+		status = 500;
+	}
+	cw_req_reply(r, status, "application/problem+json", s, s ? strlen(s) : 0);
+}
+
+void cw_req_add_header(struct cw_req *r, const char *name, const char *value)
+{
+	if (r->nheaders >= REQ_MAX_HEADERS)
+		return;
+	r->headers[r->nheaders][0] = strdup(name);
+	r->headers[r->nheaders][1] = strdup(value);
+	r->nheaders++;
+}
+
+void cw_req_suspend(struct cw_req *r)
+{
+	r->suspended = true;
+	MHD_suspend_connection(r->conn);
+}
+
+void cw_req_resume(struct cw_req *r)
+{
+	MHD_resume_connection(r->conn);
+}
+
+/* ------------------------------------------------------------------ daemon */
+
+static void free_req(struct cw_req *r)
+{
+	free(r->method);
+	free(r->path);
+	free(r->body);
+	free(r->rbody);
+	for (int i = 0; i < r->nheaders; i++) {
+		free(r->headers[i][0]);
+		free(r->headers[i][1]);
+	}
+	free(r);
+}
+
+static enum MHD_Result queue_reply(struct cw_req *r)
+{
+	if (!r->replied)
+		cw_req_problem(r, 500, "internal", "Internal error", "the handler set no answer");
+	struct MHD_Response *resp =
+		MHD_create_response_from_buffer(r->rlen, r->rbody, MHD_RESPMEM_MUST_FREE);
+	if (!resp)
+		return MHD_NO;
+	r->rbody = NULL; /* now the response's */
+	if (r->content_type)
+		MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, r->content_type);
+	MHD_add_response_header(resp, "X-Request-Id", r->id);
+	for (int i = 0; i < r->nheaders; i++)
+		if (r->headers[i][0] && r->headers[i][1])
+			MHD_add_response_header(resp, r->headers[i][0], r->headers[i][1]);
+	enum MHD_Result ret = MHD_queue_response(r->conn, (unsigned)r->status, resp);
+	MHD_destroy_response(resp);
+	return ret;
+}
+
+static struct cw_req *new_req(struct cw_http *h, struct MHD_Connection *conn, const char *url, const char *method)
+{
+	struct cw_req *r = calloc(1, sizeof(*r));
+	if (!r)
+		return NULL;
+	r->h = h;
+	r->conn = conn;
+	r->start_us = cw_now_us();
+	r->route = -1;
+	r->method = strdup(method);
+	r->path = strdup(url);
+	if (!r->method || !r->path) {
+		free_req(r);
+		return NULL;
+	}
+	uint_fast64_t n = atomic_fetch_add(&h->next_id, 1);
+	snprintf(r->id, sizeof(r->id), "%s%08llx", h->id_prefix, (unsigned long long)n);
+	return r;
+}
+
+static void dispatch(struct cw_req *r)
+{
+	struct cw_http *h = r->h;
+	if (r->too_large) {
+		char detail[96];
+		snprintf(detail, sizeof(detail), "the body is larger than %zu bytes", h->o.max_body_bytes);
+		cw_req_problem(r, 413, "too_large", "Request body too large", detail);
+		return;
+	}
+	bool path_matched;
+	r->route = cw_route_match(h->o.routes, h->o.nroutes, r->method, r->path, &r->params, &path_matched);
+	if (r->route < 0) {
+		if (path_matched) {
+			char allow[128] = "";
+			for (size_t i = 0; i < h->o.nroutes; i++) {
+				bool m;
+				if (cw_route_match(&h->o.routes[i], 1, "", r->path, NULL, &m) < 0 && m &&
+				    strlen(allow) + strlen(h->o.routes[i].method) + 3 < sizeof(allow)) {
+					if (*allow)
+						strcat(allow, ", ");
+					strcat(allow, h->o.routes[i].method);
+				}
+			}
+			cw_req_add_header(r, "Allow", allow);
+			cw_req_problem(r, 405, "method_not_allowed", "Method not allowed", "this path does not take that method");
+		} else {
+			cw_req_problem(r, 404, "not_found", "Not found", "no such endpoint");
+		}
+		return;
+	}
+	cw_log_set_request_id(r->id);
+	h->o.routes[r->route].handler(r, h->o.ctx);
+	cw_log_set_request_id(NULL);
+}
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
+				  const char *method, const char *version, const char *upload_data,
+				  size_t *upload_data_size, void **con_cls)
+{
+	struct cw_http *h = cls;
+	struct cw_req *r = *con_cls;
+	if (!r) {
+		r = new_req(h, conn, url, method);
+		if (!r)
+			return MHD_NO;
+		*con_cls = r;
+		atomic_fetch_add(&h->in_flight, 1);
+		const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
+		if (cl) {
+			char *end;
+			errno = 0;
+			unsigned long long n = strtoull(cl, &end, 10);
+			if (errno || *end || n > h->o.max_body_bytes) {
+				/* Answer before reading the body; MHD closes the connection after. */
+				r->too_large = true;
+				r->handled = true;
+				dispatch(r);
+				return queue_reply(r);
+			}
+		}
+		return MHD_YES;
+	}
+	if (*upload_data_size) {
+		size_t n = *upload_data_size;
+		*upload_data_size = 0;
+		if (r->too_large || n > h->o.max_body_bytes - r->body_len) {
+			r->too_large = true;
+			free(r->body);
+			r->body = NULL;
+			r->body_len = r->body_alloc = 0;
+			return MHD_YES;
+		}
+		if (r->body_len + n + 1 > r->body_alloc) {
+			size_t a = r->body_alloc ? r->body_alloc : 1024;
+			while (a < r->body_len + n + 1)
+				a *= 2;
+			char *p = realloc(r->body, a);
+			if (!p)
+				return MHD_NO;
+			r->body = p;
+			r->body_alloc = a;
+		}
+		memcpy(r->body + r->body_len, upload_data, n);
+		r->body_len += n;
+		r->body[r->body_len] = '\0';
+		return MHD_YES;
+	}
+	if (r->suspended) { /* resumed by the thread that finished the work */
+		r->suspended = false;
+		return queue_reply(r);
+	}
+	if (r->handled) /* the reply is already queued */
+		return MHD_YES;
+	r->handled = true;
+	dispatch(r);
+	if (r->suspended)
+		return MHD_YES;
+	return queue_reply(r);
+}
+
+static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
+			 enum MHD_RequestTerminationCode toe)
+{
+	struct cw_http *h = cls;
+	struct cw_req *r = *con_cls;
+	if (!r)
+		return;
+	*con_cls = NULL;
+	int64_t dur = cw_now_us() - r->start_us;
+	int status = toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? r->status : 0;
+	cw_metrics_http(h->metrics, r->route, status, dur);
+	if (atomic_load_explicit(&h->access_log, memory_order_relaxed) && cw_log_enabled(CW_LOG_INFO)) {
+		char st[16], ms[32], bytes[32];
+		snprintf(st, sizeof(st), "%d", status);
+		snprintf(ms, sizeof(ms), "%.3f", (double)dur / 1000.0);
+		snprintf(bytes, sizeof(bytes), "%zu", r->body_len);
+		LOG_KV(CW_LOG_INFO, "request", "request_id", r->id, "method", r->method, "path", r->path,
+		       "status", st, "duration_ms", ms, "body_bytes", bytes,
+		       "route", r->route >= 0 ? h->o.routes[r->route].pattern : "-",
+		       "outcome", toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? "ok" : "aborted");
+	}
+	free_req(r);
+	pthread_mutex_lock(&h->mu);
+	if (atomic_fetch_sub(&h->in_flight, 1) == 1)
+		pthread_cond_broadcast(&h->idle);
+	pthread_mutex_unlock(&h->mu);
+}
+
+static void mhd_logger(void *cls, const char *fmt, va_list ap)
+{
+	char msg[512];
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	size_t n = strlen(msg);
+	while (n && (msg[n - 1] == '\n' || msg[n - 1] == '\r'))
+		msg[--n] = '\0';
+	LOG_KV(CW_LOG_WARN, "libmicrohttpd", "detail", msg);
+}
+
+cw_err cw_http_start(struct cw_http **out, const struct cw_http_opts *o, cw_errmsg *e)
+{
+	struct cw_http *h = calloc(1, sizeof(*h));
+	if (!h)
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	h->o = *o;
+	atomic_init(&h->access_log, true);
+	pthread_mutex_init(&h->mu, NULL);
+	pthread_cond_init(&h->idle, NULL);
+	unsigned char rnd[4];
+	if (cw_random(rnd, sizeof(rnd))) {
+		free(h);
+		return cw_fail(e, CW_EIO, "no randomness for request ids");
+	}
+	cw_hex(h->id_prefix, rnd, sizeof(rnd));
+	h->metrics = cw_metrics_new(o->routes, o->nroutes);
+	if (!h->metrics) {
+		free(h);
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	}
+
+	char port[8];
+	snprintf(port, sizeof(port), "%u", o->port);
+	struct addrinfo hints = { .ai_flags = AI_NUMERICHOST | AI_PASSIVE, .ai_socktype = SOCK_STREAM };
+	struct addrinfo *ai = NULL;
+	int gai = getaddrinfo(o->listen_address, port, &hints, &ai);
+	if (gai) {
+		cw_metrics_free(h->metrics);
+		free(h);
+		return cw_fail(e, CW_EINVAL, "server.listen_address '%s' is not a numeric address: %s",
+			       o->listen_address, gai_strerror(gai));
+	}
+	unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME |
+			 MHD_USE_ERROR_LOG;
+	if (ai->ai_family == AF_INET6)
+		flags |= MHD_USE_IPv6;
+	h->d = MHD_start_daemon(flags, 0, NULL, NULL, on_request, h,
+				MHD_OPTION_EXTERNAL_LOGGER, mhd_logger, h,
+				MHD_OPTION_SOCK_ADDR, ai->ai_addr,
+				MHD_OPTION_THREAD_POOL_SIZE, (unsigned)o->threads,
+				MHD_OPTION_CONNECTION_LIMIT, (unsigned)o->connection_limit,
+				MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)o->connection_timeout_s,
+				MHD_OPTION_NOTIFY_COMPLETED, on_completed, h,
+				MHD_OPTION_LISTENING_ADDRESS_REUSE, (unsigned)1,
+				MHD_OPTION_END);
+	freeaddrinfo(ai);
+	if (!h->d) {
+		cw_metrics_free(h->metrics);
+		free(h);
+		return cw_fail(e, CW_EIO, "cannot listen on %s port %u (in use, or not an address of this host)",
+			       o->listen_address, o->port);
+	}
+	const union MHD_DaemonInfo *info = MHD_get_daemon_info(h->d, MHD_DAEMON_INFO_BIND_PORT);
+	h->port = info ? info->port : o->port;
+	*out = h;
+	return CW_OK;
+}
+
+unsigned cw_http_port(const struct cw_http *h) { return h->port; }
+long cw_http_in_flight(const struct cw_http *h) { return atomic_load(&((struct cw_http *)h)->in_flight); }
+void cw_http_set_access_log(struct cw_http *h, bool on) { atomic_store(&h->access_log, on); }
+struct cw_metrics *cw_http_metrics(struct cw_http *h) { return h->metrics; }
+
+void cw_http_quiesce(struct cw_http *h)
+{
+	if (h->quiesced)
+		return;
+	h->quiesced = true;
+	MHD_socket s = MHD_quiesce_daemon(h->d);
+	if (s != MHD_INVALID_SOCKET)
+		close(s);
+}
+
+bool cw_http_drain(struct cw_http *h, long timeout_ms)
+{
+	struct timespec until;
+	clock_gettime(CLOCK_REALTIME, &until);
+	until.tv_sec += timeout_ms / 1000;
+	until.tv_nsec += (timeout_ms % 1000) * 1000000L;
+	if (until.tv_nsec >= 1000000000L) {
+		until.tv_sec++;
+		until.tv_nsec -= 1000000000L;
+	}
+	pthread_mutex_lock(&h->mu);
+	while (atomic_load(&h->in_flight) > 0)
+		if (pthread_cond_timedwait(&h->idle, &h->mu, &until) == ETIMEDOUT)
+			break;
+	bool idle = atomic_load(&h->in_flight) == 0;
+	pthread_mutex_unlock(&h->mu);
+	return idle;
+}
+
+void cw_http_stop(struct cw_http *h)
+{
+	if (!h)
+		return;
+	MHD_stop_daemon(h->d);
+	cw_metrics_free(h->metrics);
+	pthread_cond_destroy(&h->idle);
+	pthread_mutex_destroy(&h->mu);
+	free(h);
+}

@@ -1,0 +1,98 @@
+/* The HTTP front: libmicrohttpd with its thread pool on epoll, a route table,
+ * request ids, a body cap, an access log, and suspend/resume so that a
+ * handler hands database work to the store instead of blocking a pool
+ * thread. */
+#ifndef CW_HTTP_H
+#define CW_HTTP_H
+
+#include "cw.h"
+#include <jansson.h>
+
+struct cw_http;
+struct cw_req;
+struct cw_metrics;
+
+enum cw_auth { CW_AUTH_NONE = 0 }; /* later: peer, admin, homeserver */
+
+typedef void (*cw_handler)(struct cw_req *req, void *ctx);
+
+struct cw_route {
+	const char *method;
+	const char *pattern; /* "/v1/rooms/{room}/messages": {name} matches one segment */
+	cw_handler handler;
+	enum cw_auth auth;
+	const char *name;    /* metrics label; defaults to the pattern */
+};
+
+#define CW_ROUTE_PARAMS_MAX 4
+#define CW_ROUTE_PARAM_LEN 256
+
+struct cw_route_params {
+	int n;
+	const char *names[CW_ROUTE_PARAMS_MAX]; /* point into the pattern (not NUL-ended at '}') */
+	size_t name_lens[CW_ROUTE_PARAMS_MAX];
+	char values[CW_ROUTE_PARAMS_MAX][CW_ROUTE_PARAM_LEN];
+};
+
+/* Pure matcher: the index of the route for method and path, or -1.  When
+ * the path matches a route but not its method, *path_matched is set (405
+ * rather than 404).  A segment longer than CW_ROUTE_PARAM_LEN-1 never
+ * matches a parameter. */
+int cw_route_match(const struct cw_route *routes, size_t n, const char *method,
+		   const char *path, struct cw_route_params *params, bool *path_matched);
+
+struct cw_http_opts {
+	const char *listen_address;
+	unsigned port;             /* 0: any free port */
+	unsigned threads;
+	unsigned connection_limit;
+	unsigned connection_timeout_s;
+	size_t max_body_bytes;
+	const struct cw_route *routes;
+	size_t nroutes;
+	void *ctx;                 /* passed to every handler */
+};
+
+cw_err cw_http_start(struct cw_http **out, const struct cw_http_opts *o, cw_errmsg *e);
+/* The port really bound (useful with port 0). */
+unsigned cw_http_port(const struct cw_http *h);
+/* Stops accepting new connections; requests in flight go on. */
+void cw_http_quiesce(struct cw_http *h);
+/* Waits until no request is in flight or timeout_ms passed; true if idle. */
+bool cw_http_drain(struct cw_http *h, long timeout_ms);
+/* Stops the daemon and frees h. Every suspended request must be resumed. */
+void cw_http_stop(struct cw_http *h);
+void cw_http_set_access_log(struct cw_http *h, bool on);
+/* The HTTP metrics (requests by route and status, latency). */
+struct cw_metrics *cw_http_metrics(struct cw_http *h);
+/* Requests currently between their first byte and their completion. */
+long cw_http_in_flight(const struct cw_http *h);
+
+/* --- the request, for handlers --- */
+const char *cw_req_method(const struct cw_req *r);
+const char *cw_req_path(const struct cw_req *r);
+const char *cw_req_id(const struct cw_req *r);
+/* Route parameter by name, or NULL. */
+const char *cw_req_param(const struct cw_req *r, const char *name);
+/* Header or query argument; valid only inside the handler call. */
+const char *cw_req_header(struct cw_req *r, const char *name);
+const char *cw_req_query(struct cw_req *r, const char *name);
+/* The whole body (NUL-terminated; may contain NULs, use len). */
+const char *cw_req_body(const struct cw_req *r, size_t *len);
+
+/* Sets the reply.  Takes ownership of body (malloc'ed). */
+void cw_req_reply(struct cw_req *r, int status, const char *content_type, char *body, size_t len);
+/* Sets a JSON reply; steals the reference to j. */
+void cw_req_reply_json(struct cw_req *r, int status, json_t *j);
+/* application/problem+json (RFC 9457) with a stable code. */
+void cw_req_problem(struct cw_req *r, int status, const char *code, const char *title,
+		    const char *detail);
+/* An extra response header (copied); at most a few per reply. */
+void cw_req_add_header(struct cw_req *r, const char *name, const char *value);
+
+/* Suspends the connection: call before handing r to another thread, which
+ * sets the reply and then calls cw_req_resume exactly once. */
+void cw_req_suspend(struct cw_req *r);
+void cw_req_resume(struct cw_req *r);
+
+#endif

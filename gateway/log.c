@@ -1,0 +1,153 @@
+/* Logging in logfmt to one file descriptor, one write() per record. */
+#include "config.h"
+#include "log.h"
+#include "cw.h"
+
+#include <stdio.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+#include <unistd.h>
+
+#define CW_LOG_LINE_MAX 4096
+#define CW_LOG_KV_MAX 32
+
+atomic_int cw_log_threshold = CW_LOG_INFO;
+static atomic_int log_fd = 2;
+static _Thread_local const char *log_request_id;
+
+static const char *const level_names[] = { "error", "warn", "info", "debug" };
+
+void cw_log_set_level(int level)
+{
+	if (level >= CW_LOG_ERROR && level <= CW_LOG_DEBUG)
+		atomic_store(&cw_log_threshold, level);
+}
+
+int cw_log_level_parse(const char *name)
+{
+	for (size_t i = 0; i < CW_ARRAY_LEN(level_names); i++)
+		if (strcasecmp(name, level_names[i]) == 0)
+			return (int)i;
+	return -1;
+}
+
+const char *cw_log_level_name(int level)
+{
+	return level >= 0 && level < (int)CW_ARRAY_LEN(level_names) ? level_names[level] : "?";
+}
+
+void cw_log_set_fd(int fd) { atomic_store(&log_fd, fd); }
+void cw_log_set_request_id(const char *request_id) { log_request_id = request_id; }
+
+static bool needs_quotes(const char *v)
+{
+	if (*v == '\0')
+		return true;
+	for (const unsigned char *p = (const unsigned char *)v; *p; p++)
+		if (*p <= ' ' || *p == '=' || *p == '"' || *p == '\\' || *p == 0x7f)
+			return true;
+	return false;
+}
+
+/* Appends one character, keeping room for the final newline and NUL. */
+#define PUT(c) do { if (pos + 2 < len) buf[pos++] = (c); } while (0)
+
+size_t cw_log_append_pair(char *buf, size_t len, size_t pos, const char *key, const char *val)
+{
+	if (!val)
+		val = "";
+	if (pos > 0)
+		PUT(' ');
+	for (const char *k = key; *k; k++)
+		PUT(*k);
+	PUT('=');
+	if (!needs_quotes(val)) {
+		for (const char *v = val; *v; v++)
+			PUT(*v);
+		return pos;
+	}
+	PUT('"');
+	for (const unsigned char *v = (const unsigned char *)val; *v; v++) {
+		switch (*v) {
+		case '"': PUT('\\'); PUT('"'); break;
+		case '\\': PUT('\\'); PUT('\\'); break;
+		case '\n': PUT('\\'); PUT('n'); break;
+		case '\r': PUT('\\'); PUT('r'); break;
+		case '\t': PUT('\\'); PUT('t'); break;
+		default:
+			if (*v < 0x20 || *v == 0x7f) {
+				static const char hx[] = "0123456789abcdef";
+				PUT('\\'); PUT('x'); PUT(hx[*v >> 4]); PUT(hx[*v & 15]);
+			} else {
+				PUT((char)*v);
+			}
+		}
+	}
+	PUT('"');
+	return pos;
+}
+
+size_t cw_log_format(char *buf, size_t len, long long ts_ms, int level,
+		     const char *msg, const char *request_id, const char *const *kv)
+{
+	char ts[40];
+	time_t secs = (time_t)(ts_ms / 1000);
+	struct tm tm;
+	gmtime_r(&secs, &tm);
+	size_t n = strftime(ts, sizeof(ts), "%Y-%m-%dT%H:%M:%S", &tm);
+	snprintf(ts + n, sizeof(ts) - n, ".%03lldZ", ts_ms % 1000);
+
+	size_t pos = 0;
+	pos = cw_log_append_pair(buf, len, pos, "ts", ts);
+	pos = cw_log_append_pair(buf, len, pos, "level", cw_log_level_name(level));
+	pos = cw_log_append_pair(buf, len, pos, "msg", msg);
+	if (request_id)
+		pos = cw_log_append_pair(buf, len, pos, "request_id", request_id);
+	for (size_t i = 0; kv && kv[i]; i += 2)
+		pos = cw_log_append_pair(buf, len, pos, kv[i], kv[i + 1]);
+	buf[pos++] = '\n';
+	buf[pos] = '\0';
+	return pos;
+}
+
+static void emit(int level, const char *msg, const char *const *kv)
+{
+	char line[CW_LOG_LINE_MAX];
+	size_t n = cw_log_format(line, sizeof(line), cw_wall_ms(), level, msg, log_request_id, kv);
+	int fd = atomic_load(&log_fd);
+	for (size_t off = 0; off < n;) {
+		ssize_t w = write(fd, line + off, n - off);
+		if (w <= 0)
+			return; /* nowhere to report a failing log */
+		off += (size_t)w;
+	}
+}
+
+void cw_log_kv_(int level, const char *msg, ...)
+{
+	const char *kv[2 * CW_LOG_KV_MAX + 1];
+	size_t n = 0;
+	va_list ap;
+	va_start(ap, msg);
+	for (;;) {
+		const char *k = va_arg(ap, const char *);
+		if (!k || n >= 2 * CW_LOG_KV_MAX)
+			break;
+		kv[n++] = k;
+		kv[n++] = va_arg(ap, const char *);
+	}
+	va_end(ap);
+	kv[n] = NULL;
+	emit(level, msg, kv);
+}
+
+void cw_logf_(int level, const char *fmt, ...)
+{
+	char msg[CW_LOG_LINE_MAX / 2];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	emit(level, msg, NULL);
+}

@@ -1,0 +1,249 @@
+/* causewayd: start-up, signals, reload and graceful shutdown. */
+#include "config.h"
+#include "app.h"
+#include "log.h"
+
+#include <getopt.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+static void usage(FILE *out)
+{
+	fprintf(out,
+		"Usage: causewayd [--config FILE]        run the daemon\n"
+		"       causewayd --check-config FILE   validate a configuration file and exit\n"
+		"       causewayd --migrate [--config FILE]  apply the schema migrations and exit\n"
+		"       causewayd --list-options        print the option table and exit\n"
+		"       causewayd --version | --help\n"
+		"Every option can also be set by the environment: CAUSEWAY_<SECTION>_<NAME>,\n"
+		"e.g. CAUSEWAY_DATABASE_URL. The configuration file may also be named by\n"
+		"CAUSEWAY_CONFIG.\n");
+}
+
+/* Connects, retrying until the start-up timeout, so that the daemon and its
+ * database may start together. */
+static PGconn *connect_at_start(const struct cw_config *cfg, cw_errmsg *e)
+{
+	int64_t until = cw_now_us() + cfg->db_startup_timeout_ms * 1000;
+	bool told = false;
+	for (;;) {
+		PGconn *c = store_connect(cfg->db_url, cfg->db_statement_timeout_ms, e);
+		if (c || cw_now_us() >= until)
+			return c;
+		if (!told) {
+			LOG_KV(CW_LOG_WARN, "waiting for the database", "detail", e->msg);
+			told = true;
+		}
+		struct timespec ts = { 0, 250 * 1000000L };
+		nanosleep(&ts, NULL);
+	}
+}
+
+static int run_migrations(const struct cw_config *cfg, const struct migration_set *set, bool apply)
+{
+	cw_errmsg e;
+	PGconn *c = connect_at_start(cfg, &e);
+	if (!c) {
+		LOG_KV(CW_LOG_ERROR, "database unreachable", "detail", e.msg);
+		return 1;
+	}
+	int applied = 0, pending = 0;
+	cw_err rc = migrate(c, set, apply, &applied, &pending, &e);
+	PQfinish(c);
+	if (rc) {
+		LOG_KV(CW_LOG_ERROR, "refusing to start: the schema does not match", "detail", e.msg);
+		return 1;
+	}
+	char a[16], n[16];
+	snprintf(a, sizeof(a), "%d", applied);
+	snprintf(n, sizeof(n), "%zu", set->n);
+	LOG_KV(CW_LOG_INFO, "schema current", "applied_now", a, "migrations", n);
+	return 0;
+}
+
+static void reload(struct cw_app *app, const char *path)
+{
+	struct cw_config next;
+	cw_errmsg e;
+	if (cfg_load(&next, path, NULL, &e)) {
+		LOG_KV(CW_LOG_ERROR, "reload refused: configuration invalid; keeping the running one", "detail", e.msg);
+		return;
+	}
+	int n = cfg_apply_reload(app->cfg, &next);
+	cfg_free(&next);
+	cw_log_set_level((int)app->cfg->log_level);
+	cw_http_set_access_log(app->http, app->cfg->access_log);
+	char cnt[16];
+	snprintf(cnt, sizeof(cnt), "%d", n);
+	LOG_KV(CW_LOG_INFO, "configuration reloaded", "changed", cnt);
+}
+
+int main(int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		{ "config", required_argument, NULL, 'c' },
+		{ "check-config", required_argument, NULL, 'C' },
+		{ "migrate", no_argument, NULL, 'm' },
+		{ "list-options", no_argument, NULL, 'L' },
+		{ "version", no_argument, NULL, 'V' },
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	const char *config_path = getenv("CAUSEWAY_CONFIG");
+	const char *check_path = NULL;
+	bool only_migrate = false;
+	int opt;
+	while ((opt = getopt_long(argc, argv, "c:h", longopts, NULL)) != -1) {
+		switch (opt) {
+		case 'c': config_path = optarg; break;
+		case 'C': check_path = optarg; break;
+		case 'm': only_migrate = true; break;
+		case 'L': cfg_list_options(stdout); return 0;
+		case 'V': printf("causewayd %s\n", PACKAGE_VERSION); return 0;
+		case 'h': usage(stdout); return 0;
+		default: usage(stderr); return 2;
+		}
+	}
+	if (optind < argc) {
+		usage(stderr);
+		return 2;
+	}
+	if (config_path && !*config_path)
+		config_path = NULL;
+
+	struct cw_config cfg;
+	cw_errmsg e;
+	if (check_path) {
+		if (cfg_load(&cfg, check_path, NULL, &e)) {
+			fprintf(stderr, "causewayd: %s\n", e.msg);
+			return 1;
+		}
+		struct migration_set set;
+		if (migration_set_load(&set, cfg.schema_dir, &e)) {
+			fprintf(stderr, "causewayd: %s\n", e.msg);
+			cfg_free(&cfg);
+			return 1;
+		}
+		printf("%s: configuration valid (%zu migrations in %s)\n", check_path, set.n, cfg.schema_dir);
+		migration_set_free(&set);
+		cfg_free(&cfg);
+		return 0;
+	}
+
+	int64_t t0 = cw_now_us();
+	if (cfg_load(&cfg, config_path, NULL, &e)) {
+		LOG_KV(CW_LOG_ERROR, "configuration invalid", "detail", e.msg);
+		return 1;
+	}
+	cw_log_set_level((int)cfg.log_level);
+
+	struct cw_app app = { .cfg = &cfg, .started_wall_ms = cw_wall_ms() };
+	if (migration_set_load(&app.migrations, cfg.schema_dir, &e)) {
+		LOG_KV(CW_LOG_ERROR, "cannot read the migrations", "detail", e.msg);
+		cfg_free(&cfg);
+		return 1;
+	}
+	if (only_migrate) {
+		int rc = run_migrations(&cfg, &app.migrations, true);
+		migration_set_free(&app.migrations);
+		cfg_free(&cfg);
+		return rc;
+	}
+
+	/* Signals go to this thread only, through sigwait; every other thread
+	 * is started with them blocked. */
+	sigset_t sigs;
+	sigemptyset(&sigs);
+	sigaddset(&sigs, SIGTERM);
+	sigaddset(&sigs, SIGINT);
+	sigaddset(&sigs, SIGHUP);
+	pthread_sigmask(SIG_BLOCK, &sigs, NULL);
+	signal(SIGPIPE, SIG_IGN);
+
+	int exit_code = 1;
+	if (run_migrations(&cfg, &app.migrations, true))
+		goto out_migrations;
+
+	struct store_opts so = {
+		.url = cfg.db_url,
+		.readers = (int)cfg.db_pool_size,
+		.batch_max = (int)cfg.db_batch_max,
+		.batch_delay_us = cfg.db_batch_delay_us,
+		.deadline_us = cfg.db_request_timeout_ms * 1000,
+		.statement_timeout_ms = cfg.db_statement_timeout_ms,
+		.reconnect_max_ms = cfg.db_reconnect_max_ms,
+	};
+	if (store_open(&app.store, &so, &e)) {
+		LOG_KV(CW_LOG_ERROR, "cannot start the store", "detail", e.msg);
+		goto out_migrations;
+	}
+	struct cw_http_opts ho = {
+		.listen_address = cfg.listen_address,
+		.port = (unsigned)cfg.port,
+		.threads = (unsigned)cfg.http_threads,
+		.connection_limit = (unsigned)cfg.connection_limit,
+		.connection_timeout_s = (unsigned)cfg.connection_timeout_s,
+		.max_body_bytes = (size_t)cfg.max_body_bytes,
+		.routes = app_routes,
+		.nroutes = app_nroutes,
+		.ctx = &app,
+	};
+	if (cw_http_start(&app.http, &ho, &e)) {
+		LOG_KV(CW_LOG_ERROR, "cannot start the HTTP front", "detail", e.msg);
+		goto out_store;
+	}
+	cw_http_set_access_log(app.http, cfg.access_log);
+
+	char url[300], ms[32], port[16], pid[16];
+	bool v6 = strchr(cfg.listen_address, ':') != NULL;
+	snprintf(url, sizeof(url), "http://%s%s%s:%u/", v6 ? "[" : "", cfg.listen_address, v6 ? "]" : "",
+		 cw_http_port(app.http));
+	snprintf(ms, sizeof(ms), "%.1f", (double)(cw_now_us() - t0) / 1000.0);
+	snprintf(port, sizeof(port), "%u", cw_http_port(app.http));
+	snprintf(pid, sizeof(pid), "%d", (int)getpid());
+	LOG_KV(CW_LOG_INFO, "ready", "url", url, "port", port, "startup_ms", ms, "version", PACKAGE_VERSION,
+	       "pid", pid);
+
+	for (;;) {
+		int sig = 0;
+		if (sigwait(&sigs, &sig) != 0)
+			continue;
+		if (sig == SIGHUP) {
+			if (config_path)
+				reload(&app, config_path);
+			else
+				LOG_KV(CW_LOG_WARN, "SIGHUP ignored: no configuration file to reload");
+			continue;
+		}
+		LOG_KV(CW_LOG_INFO, "stopping", "signal", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+		break;
+	}
+
+	/* Stop taking connections, let the requests in flight finish, then
+	 * fail whatever still waits on the database so that every suspended
+	 * request is resumed before libmicrohttpd stops. */
+	int64_t t_stop = cw_now_us();
+	cw_http_quiesce(app.http);
+	bool idle = cw_http_drain(app.http, cfg.drain_timeout_ms);
+	store_stop(app.store);
+	if (!idle)
+		idle = cw_http_drain(app.http, 1000);
+	char left[16];
+	snprintf(left, sizeof(left), "%ld", cw_http_in_flight(app.http));
+	cw_http_stop(app.http);
+	snprintf(ms, sizeof(ms), "%.1f", (double)(cw_now_us() - t_stop) / 1000.0);
+	LOG_KV(CW_LOG_INFO, "stopped", "drained", idle ? "true" : "false", "abandoned_requests", left,
+	       "shutdown_ms", ms);
+	exit_code = 0;
+out_store:
+	store_close(app.store);
+out_migrations:
+	migration_set_free(&app.migrations);
+	cfg_free(&cfg);
+	return exit_code;
+}

@@ -1,0 +1,253 @@
+/* Numbered SQL migrations with checksums. */
+#include "config.h"
+#include "migrate.h"
+#include "log.h"
+#include "store.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <openssl/evp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* An arbitrary constant key for pg_advisory_lock: "causeway" in ASCII. */
+#define MIGRATE_LOCK_KEY "7161132091431352697"
+#define MIGRATION_MAX_BYTES (16L << 20)
+
+static int cmp_version(const void *a, const void *b)
+{
+	const struct migration *x = a, *y = b;
+	return (x->version > y->version) - (x->version < y->version);
+}
+
+/* "001_core.sql" -> 1; -1 if the name does not fit NNN_[a-z0-9_]+.sql */
+static int parse_name(const char *name)
+{
+	size_t len = strlen(name);
+	if (len < 9 || strcmp(name + len - 4, ".sql") != 0)
+		return -1;
+	for (int i = 0; i < 3; i++)
+		if (name[i] < '0' || name[i] > '9')
+			return -1;
+	if (name[3] != '_')
+		return -1;
+	for (size_t i = 4; i < len - 4; i++) {
+		char ch = name[i];
+		if (!((ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') || ch == '_'))
+			return -1;
+	}
+	return (name[0] - '0') * 100 + (name[1] - '0') * 10 + (name[2] - '0');
+}
+
+static cw_err read_file(const char *path, char **out, size_t *len, cw_errmsg *e)
+{
+	FILE *f = fopen(path, "rb");
+	if (!f)
+		return cw_fail(e, CW_EIO, "%s: %s", path, strerror(errno));
+	char *buf = NULL;
+	size_t n = 0, cap = 0;
+	for (;;) {
+		if (n + 4096 + 1 > cap) {
+			cap = cap ? cap * 2 : 8192;
+			if (cap > (size_t)MIGRATION_MAX_BYTES) {
+				free(buf);
+				fclose(f);
+				return cw_fail(e, CW_EINVAL, "%s: larger than %ld bytes", path, MIGRATION_MAX_BYTES);
+			}
+			char *p = realloc(buf, cap);
+			if (!p) {
+				free(buf);
+				fclose(f);
+				return cw_fail(e, CW_ENOMEM, "out of memory");
+			}
+			buf = p;
+		}
+		size_t r = fread(buf + n, 1, 4096, f);
+		n += r;
+		if (r < 4096)
+			break;
+	}
+	bool err = ferror(f);
+	fclose(f);
+	if (err) {
+		free(buf);
+		return cw_fail(e, CW_EIO, "%s: read error", path);
+	}
+	buf[n] = '\0';
+	*out = buf;
+	*len = n;
+	return CW_OK;
+}
+
+cw_err migration_set_load(struct migration_set *set, const char *dir, cw_errmsg *e)
+{
+	memset(set, 0, sizeof(*set));
+	DIR *d = opendir(dir);
+	if (!d)
+		return cw_fail(e, CW_EINVAL, "schema directory %s: %s", dir, strerror(errno));
+	struct dirent *de;
+	cw_err rc = CW_OK;
+	size_t cap = 0;
+	while ((de = readdir(d))) {
+		size_t len = strlen(de->d_name);
+		if (len < 4 || strcmp(de->d_name + len - 4, ".sql") != 0)
+			continue;
+		int v = parse_name(de->d_name);
+		if (v < 0 || len >= sizeof(set->m[0].name)) {
+			rc = cw_fail(e, CW_EINVAL, "%s/%s: a migration is named NNN_lowercase_words.sql", dir, de->d_name);
+			break;
+		}
+		if (set->n == cap) {
+			cap = cap ? cap * 2 : 16;
+			struct migration *m = realloc(set->m, cap * sizeof(*m));
+			if (!m) {
+				rc = cw_fail(e, CW_ENOMEM, "out of memory");
+				break;
+			}
+			set->m = m;
+		}
+		struct migration *m = &set->m[set->n];
+		memset(m, 0, sizeof(*m));
+		m->version = v;
+		snprintf(m->name, sizeof(m->name), "%s", de->d_name);
+		char path[4096];
+		snprintf(path, sizeof(path), "%s/%s", dir, de->d_name);
+		size_t flen = 0;
+		if ((rc = read_file(path, &m->sql, &flen, e)))
+			break;
+		set->n++;
+		unsigned char md[32];
+		unsigned int mdlen = 0;
+		EVP_Digest(m->sql, flen, md, &mdlen, EVP_sha256(), NULL);
+		cw_hex(m->sha256, md, 32);
+	}
+	closedir(d);
+	if (!rc) {
+		if (set->n)
+			qsort(set->m, set->n, sizeof(*set->m), cmp_version);
+		for (size_t i = 1; i < set->n; i++)
+			if (set->m[i].version == set->m[i - 1].version) {
+				rc = cw_fail(e, CW_EINVAL, "%s: %s and %s have the same number", dir,
+					     set->m[i - 1].name, set->m[i].name);
+				break;
+			}
+		if (!rc && set->n == 0)
+			rc = cw_fail(e, CW_EINVAL, "schema directory %s holds no NNN_name.sql migration", dir);
+	}
+	if (rc)
+		migration_set_free(set);
+	return rc;
+}
+
+void migration_set_free(struct migration_set *set)
+{
+	for (size_t i = 0; i < set->n; i++)
+		free(set->m[i].sql);
+	free(set->m);
+	memset(set, 0, sizeof(*set));
+}
+
+static cw_err apply_one(PGconn *c, const struct migration *m, cw_errmsg *e)
+{
+	cw_err rc = store_exec(c, "BEGIN", e);
+	if (rc)
+		return rc;
+	PGresult *r = PQexec(c, m->sql);
+	if (PQresultStatus(r) != PGRES_COMMAND_OK && PQresultStatus(r) != PGRES_TUPLES_OK) {
+		cw_errmsg why;
+		rc = store_result_err(c, r, &why);
+		PQclear(r);
+		cw_errmsg ignored;
+		store_exec(c, "ROLLBACK", &ignored);
+		return cw_fail(e, rc, "migration %s failed: %s", m->name, why.msg);
+	}
+	PQclear(r);
+	char version[16];
+	snprintf(version, sizeof(version), "%d", m->version);
+	const char *params[] = { version, m->name, m->sha256 };
+	r = PQexecParams(c, "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+			 3, NULL, params, NULL, NULL, 0);
+	if (PQresultStatus(r) != PGRES_COMMAND_OK) {
+		rc = store_result_err(c, r, e);
+		PQclear(r);
+		cw_errmsg ignored;
+		store_exec(c, "ROLLBACK", &ignored);
+		return rc;
+	}
+	PQclear(r);
+	return store_exec(c, "COMMIT", e);
+}
+
+static cw_err check_and_apply(PGconn *c, const struct migration_set *set, bool apply, int *applied_now,
+			      int *pending, cw_errmsg *e)
+{
+	cw_err rc = store_exec(c, "CREATE TABLE IF NOT EXISTS schema_migrations ("
+				  " version integer PRIMARY KEY,"
+				  " name text NOT NULL,"
+				  " checksum text NOT NULL,"
+				  " applied_at timestamptz NOT NULL DEFAULT now())", e);
+	if (rc)
+		return rc;
+	PGresult *r = PQexec(c, "SELECT version, name, checksum FROM schema_migrations ORDER BY version");
+	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+		rc = store_result_err(c, r, e);
+		PQclear(r);
+		return rc;
+	}
+	int rows = PQntuples(r);
+	bool *done = calloc(set->n + 1, sizeof(bool));
+	if (!done) {
+		PQclear(r);
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	}
+	for (int i = 0; i < rows && !rc; i++) {
+		int v = atoi(PQgetvalue(r, i, 0));
+		const char *name = PQgetvalue(r, i, 1), *sum = PQgetvalue(r, i, 2);
+		size_t k = 0;
+		while (k < set->n && set->m[k].version != v)
+			k++;
+		if (k == set->n)
+			rc = cw_fail(e, CW_EINVAL, "the database has migration %03d (%s), which this build does not "
+				     "have: is it an older Causeway than the one that migrated it?", v, name);
+		else if (strcmp(sum, set->m[k].sha256) != 0)
+			rc = cw_fail(e, CW_EINVAL, "migration %s was changed after it was applied (checksum %.12s "
+				     "recorded, %.12s now): restore the file and add a new migration instead",
+				     set->m[k].name, sum, set->m[k].sha256);
+		else
+			done[k] = true;
+	}
+	PQclear(r);
+	for (size_t k = 0; k < set->n && !rc; k++) {
+		if (done[k])
+			continue;
+		if (!apply) {
+			(*pending)++;
+			continue;
+		}
+		int64_t t0 = cw_now_us();
+		rc = apply_one(c, &set->m[k], e);
+		if (!rc) {
+			(*applied_now)++;
+			char ms[32];
+			snprintf(ms, sizeof(ms), "%.1f", (double)(cw_now_us() - t0) / 1000.0);
+			LOG_KV(CW_LOG_INFO, "migration applied", "file", set->m[k].name, "duration_ms", ms);
+		}
+	}
+	free(done);
+	return rc;
+}
+
+cw_err migrate(PGconn *c, const struct migration_set *set, bool apply, int *applied_now, int *pending,
+	       cw_errmsg *e)
+{
+	*applied_now = 0;
+	*pending = 0;
+	cw_err rc = store_exec(c, "SELECT pg_advisory_lock(" MIGRATE_LOCK_KEY ")", e);
+	if (rc)
+		return rc;
+	rc = check_and_apply(c, set, apply, applied_now, pending, e);
+	cw_errmsg ignored;
+	store_exec(c, "SELECT pg_advisory_unlock(" MIGRATE_LOCK_KEY ")", &ignored);
+	return rc;
+}

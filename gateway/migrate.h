@@ -1,0 +1,35 @@
+/* Schema migrations: schema/NNN_name.sql applied in order under an advisory
+ * lock, each in its own transaction, recorded with its SHA-256 in
+ * schema_migrations.  An applied file that has changed since is an error:
+ * the daemon refuses to start rather than run on a schema it cannot know. */
+#ifndef CW_MIGRATE_H
+#define CW_MIGRATE_H
+
+#include "cw.h"
+#include <libpq-fe.h>
+
+struct migration {
+	int version;
+	char name[128];     /* file name */
+	char sha256[65];    /* hex */
+	char *sql;
+};
+
+struct migration_set {
+	struct migration *m;
+	size_t n;
+};
+
+/* Reads every NNN_name.sql of dir, sorted by version.  Two files with one
+ * version, or a name that does not fit the pattern but ends in .sql, are
+ * errors.  Free with migration_set_free. */
+cw_err migration_set_load(struct migration_set *set, const char *dir, cw_errmsg *e);
+void migration_set_free(struct migration_set *set);
+
+/* Compares set with the database and, when apply is true, applies what is
+ * missing.  *applied_now counts the files applied by this call, *pending
+ * those still missing (when apply is false). */
+cw_err migrate(PGconn *c, const struct migration_set *set, bool apply, int *applied_now,
+	       int *pending, cw_errmsg *e);
+
+#endif

@@ -1,0 +1,572 @@
+/* libpq connections, the group-commit writer and the reader threads. */
+#include "config.h"
+#include "store.h"
+#include "log.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct job {
+	store_fn fn;
+	store_done_fn done;
+	void *arg;
+	int64_t enqueued_us;
+	int64_t deadline_us;
+	cw_err rc;
+	cw_errmsg err;
+	struct job *next;
+};
+
+struct queue {
+	struct job *head, *tail;
+	long n;
+};
+
+struct conn {
+	PGconn *c;
+	int64_t retry_at_us;
+	int failures;
+	bool was_up;
+};
+
+struct reader {
+	struct cw_store *s;
+	pthread_t thread;
+	struct conn conn;
+};
+
+struct cw_store {
+	struct store_opts o;
+	char *url;
+	pthread_mutex_t mu;
+	pthread_cond_t wcond;   /* the writer waits on it */
+	pthread_cond_t rcond;   /* the readers wait on it */
+	struct queue wq, rq;
+	bool stopping;
+	pthread_t writer;
+	struct conn wconn;
+	struct reader *readers;
+	atomic_bool db_up;
+	atomic_int conns_up;
+	atomic_int readers_busy;
+	atomic_uint_fast64_t batches, writes_committed, writes_failed, reads_done, reconnects;
+};
+
+/* ------------------------------------------------------------ the planner */
+
+size_t gc_plan(size_t queued, int64_t oldest_age_us, size_t batch_max, int64_t delay_us, int64_t *wait_us)
+{
+	*wait_us = -1;
+	if (queued == 0)
+		return 0;
+	if (queued >= batch_max)
+		return batch_max;
+	if (oldest_age_us >= delay_us)
+		return queued;
+	*wait_us = delay_us - oldest_age_us;
+	return 0;
+}
+
+/* ---------------------------------------------------------------- queues */
+
+static void q_push(struct queue *q, struct job *j)
+{
+	j->next = NULL;
+	if (q->tail)
+		q->tail->next = j;
+	else
+		q->head = j;
+	q->tail = j;
+	q->n++;
+}
+
+/* Detaches the first n jobs as a list. */
+static struct job *q_take(struct queue *q, size_t n)
+{
+	struct job *first = q->head, *last = NULL;
+	for (size_t i = 0; i < n && q->head; i++) {
+		last = q->head;
+		q->head = q->head->next;
+		q->n--;
+	}
+	if (last)
+		last->next = NULL;
+	if (!q->head)
+		q->tail = NULL;
+	return first;
+}
+
+static void finish(struct job *j)
+{
+	j->done(j->arg, j->rc, &j->err);
+	free(j);
+}
+
+static void finish_list(struct job *j)
+{
+	while (j) {
+		struct job *next = j->next;
+		finish(j);
+		j = next;
+	}
+}
+
+static void fail_list(struct job *j, cw_err rc, const char *why)
+{
+	for (struct job *k = j; k; k = k->next) {
+		k->rc = rc;
+		snprintf(k->err.msg, sizeof(k->err.msg), "%s", why);
+	}
+	finish_list(j);
+}
+
+/* ----------------------------------------------------------- connections */
+
+cw_err store_result_err(PGconn *c, const PGresult *r, cw_errmsg *e)
+{
+	if (PQstatus(c) != CONNECTION_OK)
+		return cw_fail(e, CW_EUNAVAIL, "database connection lost: %s", PQerrorMessage(c));
+	const char *state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
+	const char *msg = r ? PQresultErrorMessage(r) : PQerrorMessage(c);
+	if (state && strncmp(state, "23", 2) == 0)
+		return cw_fail(e, CW_ECONFLICT, "%s", msg);
+	/* 08: connection exception, 57P: operator intervention (shutdown),
+	 * 53: insufficient resources (disk full): the database is away. */
+	if (state && (strncmp(state, "08", 2) == 0 || strncmp(state, "57P", 3) == 0 ||
+		      strncmp(state, "53", 2) == 0))
+		return cw_fail(e, CW_EUNAVAIL, "database unavailable: %s", msg);
+	return cw_fail(e, CW_EIO, "database error %s: %s", state ? state : "", msg);
+}
+
+cw_err store_exec(PGconn *c, const char *sql, cw_errmsg *e)
+{
+	PGresult *r = PQexec(c, sql);
+	ExecStatusType st = PQresultStatus(r);
+	cw_err rc = CW_OK;
+	if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK)
+		rc = store_result_err(c, r, e);
+	PQclear(r);
+	return rc;
+}
+
+/* Server notices ("table does not exist, skipping") go to the log, not to
+ * stderr unformatted. */
+static void on_notice(void *arg, const char *message)
+{
+	char msg[512];
+	snprintf(msg, sizeof(msg), "%s", message);
+	msg[strcspn(msg, "\n")] = '\0';
+	LOG_KV(CW_LOG_DEBUG, "database notice", "detail", msg);
+}
+
+PGconn *store_connect(const char *url, long statement_timeout_ms, cw_errmsg *e)
+{
+	/* Our defaults first; whatever the operator's URL says overrides them. */
+	const char *const keys[] = { "application_name", "connect_timeout", "dbname", NULL };
+	const char *const vals[] = { "causewayd", "5", url, NULL };
+	PGconn *c = PQconnectdbParams(keys, vals, 1);
+	if (!c) {
+		cw_fail(e, CW_ENOMEM, "out of memory");
+		return NULL;
+	}
+	if (PQstatus(c) != CONNECTION_OK) {
+		char msg[400];
+		snprintf(msg, sizeof(msg), "%s", PQerrorMessage(c));
+		size_t n = strlen(msg);
+		while (n && (msg[n - 1] == '\n' || msg[n - 1] == ' '))
+			msg[--n] = '\0';
+		cw_fail(e, CW_EUNAVAIL, "cannot connect to the database: %s", msg);
+		PQfinish(c);
+		return NULL;
+	}
+	PQsetNoticeProcessor(c, on_notice, NULL);
+	char sql[96];
+	snprintf(sql, sizeof(sql), "SET statement_timeout = %ld", statement_timeout_ms);
+	if (store_exec(c, sql, e)) {
+		PQfinish(c);
+		return NULL;
+	}
+	return c;
+}
+
+static void conn_lost(struct cw_store *s, struct conn *sc)
+{
+	if (sc->c) {
+		PQfinish(sc->c);
+		sc->c = NULL;
+	}
+	if (sc->was_up) {
+		sc->was_up = false;
+		atomic_fetch_sub(&s->conns_up, 1);
+	}
+}
+
+/* True when sc has a usable connection, connecting if its backoff allows. */
+static bool conn_ensure(struct cw_store *s, struct conn *sc, const char *who)
+{
+	if (sc->c && PQstatus(sc->c) == CONNECTION_OK)
+		return true;
+	conn_lost(s, sc);
+	int64_t now = cw_now_us();
+	if (now < sc->retry_at_us)
+		return false;
+	cw_errmsg e;
+	sc->c = store_connect(s->url, s->o.statement_timeout_ms, &e);
+	if (!sc->c) {
+		int64_t backoff = 100000LL << (sc->failures < 10 ? sc->failures : 10);
+		int64_t max = (int64_t)s->o.reconnect_max_ms * 1000;
+		if (backoff > max)
+			backoff = max;
+		unsigned char r;
+		cw_random(&r, 1);
+		backoff = backoff / 2 + backoff / 2 * r / 255; /* jitter: 50..100 % */
+		sc->retry_at_us = now + backoff;
+		if (sc->failures++ == 0 || atomic_load(&s->db_up))
+			LOG_KV(CW_LOG_WARN, "database unreachable", "connection", who, "detail", e.msg);
+		atomic_store(&s->db_up, false);
+		return false;
+	}
+	if (sc->failures || atomic_load(&s->reconnects))
+		LOG_KV(CW_LOG_INFO, "database connection established", "connection", who);
+	atomic_fetch_add(&s->reconnects, 1);
+	sc->failures = 0;
+	sc->retry_at_us = 0;
+	sc->was_up = true;
+	atomic_fetch_add(&s->conns_up, 1);
+	atomic_store(&s->db_up, true);
+	return true;
+}
+
+/* ------------------------------------------------------------- the writer */
+
+enum batch_outcome { BATCH_DONE, BATCH_CONN_LOST_BEFORE_COMMIT, BATCH_CONN_LOST_AT_COMMIT };
+
+/* Runs the live jobs of list in one transaction.  A job that fails is taken
+ * out (its rc set) and the others are run again from the start. */
+static enum batch_outcome run_batch(struct cw_store *s, PGconn *c, struct job *list, cw_errmsg *e)
+{
+	for (;;) {
+		if (store_exec(c, "BEGIN", e))
+			return BATCH_CONN_LOST_BEFORE_COMMIT;
+		struct job *failed = NULL;
+		for (struct job *j = list; j; j = j->next) {
+			if (j->rc)
+				continue;
+			cw_err rc = j->fn(c, j->arg, &j->err);
+			if (rc == CW_OK)
+				continue;
+			if (PQstatus(c) != CONNECTION_OK) {
+				cw_fail(e, CW_EUNAVAIL, "%s", j->err.msg);
+				return BATCH_CONN_LOST_BEFORE_COMMIT;
+			}
+			j->rc = rc;
+			failed = j;
+			break;
+		}
+		if (failed) {
+			cw_errmsg ignored;
+			if (store_exec(c, "ROLLBACK", &ignored) && PQstatus(c) != CONNECTION_OK)
+				return BATCH_CONN_LOST_BEFORE_COMMIT;
+			continue;
+		}
+		if (store_exec(c, "COMMIT", e))
+			return BATCH_CONN_LOST_AT_COMMIT;
+		return BATCH_DONE;
+	}
+}
+
+static void write_batch(struct cw_store *s, struct job *list)
+{
+	/* Jobs past their deadline are answered now, not run. */
+	int64_t now = cw_now_us();
+	struct job *live = NULL, **tail = &live, *expired = NULL;
+	for (struct job *j = list, *next; j; j = next) {
+		next = j->next;
+		if (now > j->deadline_us) {
+			j->rc = CW_ETIMEDOUT;
+			snprintf(j->err.msg, sizeof(j->err.msg), "the database did not take the write in time");
+			j->next = expired;
+			expired = j;
+		} else {
+			j->next = NULL;
+			*tail = j;
+			tail = &j->next;
+		}
+	}
+	finish_list(expired);
+	if (!live)
+		return;
+
+	for (int attempt = 0;; attempt++) {
+		if (!conn_ensure(s, &s->wconn, "writer")) {
+			fail_list(live, CW_EUNAVAIL, "the database is unavailable");
+			return;
+		}
+		cw_errmsg e = { { 0 } };
+		enum batch_outcome out = run_batch(s, s->wconn.c, live, &e);
+		if (out == BATCH_DONE)
+			break;
+		LOG_KV(CW_LOG_WARN, "database connection lost during a write batch", "detail", e.msg);
+		conn_lost(s, &s->wconn);
+		atomic_store(&s->db_up, false);
+		/* Nothing was committed before COMMIT was sent: one immediate
+		 * retry on a fresh connection (a restarted server may be back).
+		 * After COMMIT the outcome is unknown, so the jobs fail and the
+		 * client retries with its idempotency key. */
+		if (out == BATCH_CONN_LOST_AT_COMMIT || attempt > 0) {
+			for (struct job *j = live; j; j = j->next)
+				if (j->rc == CW_OK) {
+					j->rc = CW_EUNAVAIL;
+					snprintf(j->err.msg, sizeof(j->err.msg), "the database connection was lost");
+				}
+			break;
+		}
+	}
+	uint64_t ok = 0, bad = 0;
+	for (struct job *j = live; j; j = j->next)
+		j->rc == CW_OK ? ok++ : bad++;
+	if (ok)
+		atomic_fetch_add(&s->batches, 1);
+	atomic_fetch_add(&s->writes_committed, ok);
+	atomic_fetch_add(&s->writes_failed, bad);
+	finish_list(live);
+}
+
+static void deadline_ts(struct timespec *ts, int64_t wait_us)
+{
+	clock_gettime(CLOCK_MONOTONIC, ts);
+	ts->tv_sec += wait_us / 1000000;
+	ts->tv_nsec += (wait_us % 1000000) * 1000;
+	if (ts->tv_nsec >= 1000000000L) {
+		ts->tv_sec++;
+		ts->tv_nsec -= 1000000000L;
+	}
+}
+
+static void *writer_main(void *arg)
+{
+	struct cw_store *s = arg;
+	pthread_mutex_lock(&s->mu);
+	for (;;) {
+		if (s->stopping) {
+			struct job *rest = q_take(&s->wq, (size_t)s->wq.n);
+			pthread_mutex_unlock(&s->mu);
+			fail_list(rest, CW_ESHUTDOWN, "the daemon is stopping");
+			break;
+		}
+		int64_t now = cw_now_us();
+		int64_t wait_us;
+		size_t n = gc_plan((size_t)s->wq.n, s->wq.head ? now - s->wq.head->enqueued_us : 0,
+				   (size_t)s->o.batch_max, s->o.batch_delay_us, &wait_us);
+		if (n) {
+			struct job *batch = q_take(&s->wq, n);
+			pthread_mutex_unlock(&s->mu);
+			write_batch(s, batch);
+			pthread_mutex_lock(&s->mu);
+			continue;
+		}
+		/* While the database is away, come back to reconnect even with
+		 * nothing queued, so that writes are taken again soon after. */
+		if (!atomic_load(&s->db_up)) {
+			int64_t until = s->wconn.retry_at_us - now;
+			if (until <= 0) {
+				pthread_mutex_unlock(&s->mu);
+				conn_ensure(s, &s->wconn, "writer");
+				pthread_mutex_lock(&s->mu);
+				continue;
+			}
+			if (wait_us < 0 || until < wait_us)
+				wait_us = until;
+		}
+		if (wait_us < 0) {
+			pthread_cond_wait(&s->wcond, &s->mu);
+		} else {
+			struct timespec ts;
+			deadline_ts(&ts, wait_us);
+			pthread_cond_timedwait(&s->wcond, &s->mu, &ts);
+		}
+	}
+	conn_lost(s, &s->wconn);
+	return NULL;
+}
+
+/* ------------------------------------------------------------ the readers */
+
+static void *reader_main(void *arg)
+{
+	struct reader *rd = arg;
+	struct cw_store *s = rd->s;
+	for (;;) {
+		pthread_mutex_lock(&s->mu);
+		while (!s->stopping && !s->rq.head)
+			pthread_cond_wait(&s->rcond, &s->mu);
+		if (s->stopping) {
+			struct job *rest = q_take(&s->rq, (size_t)s->rq.n);
+			pthread_mutex_unlock(&s->mu);
+			fail_list(rest, CW_ESHUTDOWN, "the daemon is stopping");
+			break;
+		}
+		struct job *j = q_take(&s->rq, 1);
+		pthread_mutex_unlock(&s->mu);
+
+		atomic_fetch_add(&s->readers_busy, 1);
+		if (cw_now_us() > j->deadline_us) {
+			j->rc = cw_fail(&j->err, CW_ETIMEDOUT, "the database did not take the read in time");
+		} else if (!conn_ensure(s, &rd->conn, "reader")) {
+			j->rc = cw_fail(&j->err, CW_EUNAVAIL, "the database is unavailable");
+		} else {
+			j->rc = j->fn(rd->conn.c, j->arg, &j->err);
+			if (j->rc && PQstatus(rd->conn.c) != CONNECTION_OK) {
+				/* Retry once on a fresh connection: a read has no side effect. */
+				conn_lost(s, &rd->conn);
+				rd->conn.retry_at_us = 0;
+				if (conn_ensure(s, &rd->conn, "reader")) {
+					j->err.msg[0] = '\0';
+					j->rc = j->fn(rd->conn.c, j->arg, &j->err);
+				} else {
+					j->rc = cw_fail(&j->err, CW_EUNAVAIL, "the database is unavailable");
+				}
+			}
+		}
+		atomic_fetch_sub(&s->readers_busy, 1);
+		atomic_fetch_add(&s->reads_done, 1);
+		finish(j);
+	}
+	conn_lost(s, &rd->conn);
+	return NULL;
+}
+
+/* -------------------------------------------------------------- public API */
+
+static cw_err enqueue(struct cw_store *s, bool write, store_fn fn, store_done_fn done, void *arg)
+{
+	if (write && !atomic_load(&s->db_up))
+		return CW_EUNAVAIL;
+	struct job *j = calloc(1, sizeof(*j));
+	if (!j)
+		return CW_ENOMEM;
+	j->fn = fn;
+	j->done = done;
+	j->arg = arg;
+	j->enqueued_us = cw_now_us();
+	j->deadline_us = j->enqueued_us + s->o.deadline_us;
+	pthread_mutex_lock(&s->mu);
+	if (s->stopping) {
+		pthread_mutex_unlock(&s->mu);
+		free(j);
+		return CW_ESHUTDOWN;
+	}
+	if (write) {
+		q_push(&s->wq, j);
+		/* Wake the writer only when the plan may change: first job, or a
+		 * full batch. */
+		if (s->wq.n == 1 || s->wq.n >= s->o.batch_max)
+			pthread_cond_signal(&s->wcond);
+	} else {
+		q_push(&s->rq, j);
+		pthread_cond_signal(&s->rcond);
+	}
+	pthread_mutex_unlock(&s->mu);
+	return CW_OK;
+}
+
+cw_err store_write(struct cw_store *s, store_fn fn, store_done_fn done, void *arg)
+{
+	return enqueue(s, true, fn, done, arg);
+}
+
+cw_err store_read(struct cw_store *s, store_fn fn, store_done_fn done, void *arg)
+{
+	return enqueue(s, false, fn, done, arg);
+}
+
+cw_err store_open(struct cw_store **out, const struct store_opts *o, cw_errmsg *e)
+{
+	struct cw_store *s = calloc(1, sizeof(*s));
+	if (!s)
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	s->o = *o;
+	s->url = strdup(o->url);
+	s->readers = calloc((size_t)o->readers, sizeof(*s->readers));
+	if (!s->url || !s->readers) {
+		free(s->url);
+		free(s->readers);
+		free(s);
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	}
+	pthread_mutex_init(&s->mu, NULL);
+	pthread_condattr_t ca;
+	pthread_condattr_init(&ca);
+	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+	pthread_cond_init(&s->wcond, &ca);
+	pthread_cond_init(&s->rcond, &ca);
+	pthread_condattr_destroy(&ca);
+
+	conn_ensure(s, &s->wconn, "writer"); /* so that db_up is true from the start */
+	if (pthread_create(&s->writer, NULL, writer_main, s)) {
+		conn_lost(s, &s->wconn);
+		free(s->url);
+		free(s->readers);
+		free(s);
+		return cw_fail(e, CW_EIO, "cannot start the writer thread");
+	}
+	for (int i = 0; i < o->readers; i++) {
+		s->readers[i].s = s;
+		if (pthread_create(&s->readers[i].thread, NULL, reader_main, &s->readers[i])) {
+			s->o.readers = i;
+			store_close(s);
+			return cw_fail(e, CW_EIO, "cannot start a reader thread");
+		}
+	}
+	*out = s;
+	return CW_OK;
+}
+
+void store_stop(struct cw_store *s)
+{
+	pthread_mutex_lock(&s->mu);
+	bool was = s->stopping;
+	s->stopping = true;
+	pthread_cond_broadcast(&s->wcond);
+	pthread_cond_broadcast(&s->rcond);
+	pthread_mutex_unlock(&s->mu);
+	if (was)
+		return;
+	pthread_join(s->writer, NULL);
+	for (int i = 0; i < s->o.readers; i++)
+		pthread_join(s->readers[i].thread, NULL);
+}
+
+void store_close(struct cw_store *s)
+{
+	if (!s)
+		return;
+	store_stop(s);
+	pthread_cond_destroy(&s->wcond);
+	pthread_cond_destroy(&s->rcond);
+	pthread_mutex_destroy(&s->mu);
+	free(s->readers);
+	free(s->url);
+	free(s);
+}
+
+void store_get_stats(struct cw_store *s, struct store_stats *st)
+{
+	pthread_mutex_lock(&s->mu);
+	st->writes_queued = s->wq.n;
+	st->reads_queued = s->rq.n;
+	pthread_mutex_unlock(&s->mu);
+	st->db_up = atomic_load(&s->db_up);
+	st->conns_total = s->o.readers + 1;
+	st->conns_up = atomic_load(&s->conns_up);
+	st->readers_busy = atomic_load(&s->readers_busy);
+	st->batches = atomic_load(&s->batches);
+	st->writes_committed = atomic_load(&s->writes_committed);
+	st->writes_failed = atomic_load(&s->writes_failed);
+	st->reads_done = atomic_load(&s->reads_done);
+	st->reconnects = atomic_load(&s->reconnects);
+}

@@ -1,0 +1,84 @@
+/* The store: every database access of the daemon goes through here.
+ *
+ * - One group-commit writer thread with its own connection turns queued
+ *   writes into one transaction per batch (bounded by a count and a delay),
+ *   so that durability does not cost one fsync per request.
+ * - A few reader threads, each with its own connection, run queued reads.
+ * - Connections reconnect by themselves with exponential backoff; while the
+ *   database is away, writes are refused at once (CW_EUNAVAIL: the API
+ *   answers 503) and nothing is reported durable that is not.
+ * - Every queued job has a deadline, so a suspended HTTP request is always
+ *   resumed. */
+#ifndef CW_STORE_H
+#define CW_STORE_H
+
+#include "cw.h"
+#include <libpq-fe.h>
+
+struct cw_store;
+
+struct store_opts {
+	const char *url;
+	int readers;              /* reader connections */
+	int batch_max;            /* most writes in one transaction */
+	int64_t batch_delay_us;   /* how long a batch may wait to fill */
+	int64_t deadline_us;      /* a job not started by then fails CW_ETIMEDOUT */
+	long statement_timeout_ms;
+	long reconnect_max_ms;
+};
+
+/* A unit of work run on a connection.  A write runs inside the batch's
+ * transaction and may run more than once (when another write of the batch
+ * fails, the batch is rolled back and run again without it): only the
+ * effects of its last run are committed, so it must not keep state between
+ * runs.  Returns CW_OK or an error with e filled. */
+typedef cw_err (*store_fn)(PGconn *c, void *arg, cw_errmsg *e);
+/* Called exactly once per accepted job, from a store thread, when the job's
+ * outcome is known (for a write: after COMMIT). e->msg says why on failure. */
+typedef void (*store_done_fn)(void *arg, cw_err rc, const cw_errmsg *e);
+
+/* Starts the threads; does not need the database to be up. */
+cw_err store_open(struct cw_store **out, const struct store_opts *o, cw_errmsg *e);
+/* Fails every queued job with CW_ESHUTDOWN, finishes the batch in hand and
+ * joins the threads; later jobs are refused with CW_ESHUTDOWN.  Idempotent. */
+void store_stop(struct cw_store *s);
+/* store_stop, then frees s. */
+void store_close(struct cw_store *s);
+
+/* Queues a job.  CW_OK: done will be called.  Otherwise (the database is
+ * known to be away, or the store is closing) done is not called. */
+cw_err store_write(struct cw_store *s, store_fn fn, store_done_fn done, void *arg);
+cw_err store_read(struct cw_store *s, store_fn fn, store_done_fn done, void *arg);
+
+struct store_stats {
+	bool db_up;
+	int conns_total;
+	int conns_up;
+	int readers_busy;
+	long writes_queued;
+	long reads_queued;
+	uint64_t batches;          /* committed transactions */
+	uint64_t writes_committed;
+	uint64_t writes_failed;
+	uint64_t reads_done;
+	uint64_t reconnects;
+};
+void store_get_stats(struct cw_store *s, struct store_stats *st);
+
+/* The group-commit decision, pure so that it can be tested alone: how many
+ * of the queued jobs to take now, or 0 and *wait_us (how long to wait before
+ * asking again; -1: until something is queued). */
+size_t gc_plan(size_t queued, int64_t oldest_age_us, size_t batch_max, int64_t delay_us,
+	       int64_t *wait_us);
+
+/* Connects with the daemon's session settings; NULL and e filled on failure.
+ * For start-up work (migrations) outside the pool. */
+PGconn *store_connect(const char *url, long statement_timeout_ms, cw_errmsg *e);
+
+/* Runs a command without results; CW_EUNAVAIL if the connection is lost,
+ * CW_ECONFLICT for a constraint violation, CW_EIO otherwise. */
+cw_err store_exec(PGconn *c, const char *sql, cw_errmsg *e);
+/* The cw_err for a failed PGresult (NULL: the connection's state). */
+cw_err store_result_err(PGconn *c, const PGresult *r, cw_errmsg *e);
+
+#endif

@@ -1,0 +1,54 @@
+"""Fixtures of the black-box tier."""
+import os
+import re
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+from harness import Daemon, Postgres  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def pg():
+    """One PostgreSQL for the tests that do not stop it."""
+    p = Postgres()
+    yield p
+    p.destroy()
+
+
+@pytest.fixture
+def private_pg():
+    """A PostgreSQL of the test's own, for tests that stop and start it."""
+    p = Postgres()
+    yield p
+    p.destroy()
+
+
+@pytest.fixture
+def db_url(pg, request):
+    """A fresh database in the session cluster, named after the test."""
+    name = "t_" + re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:50]
+    return pg.new_database(name)
+
+
+@pytest.fixture
+def make_daemon(tmp_path):
+    """Builds daemons that are stopped (and checked for a clean exit) at the end."""
+    made = []
+
+    def make(db_url, **kw):
+        d = Daemon(db_url, str(tmp_path / f"d{len(made)}"), **kw)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        if d.proc and d.proc.poll() is None:
+            rc = d.stop()
+            assert rc == 0, f"causewayd exited {rc} at teardown; log:\n{d.log()}"
+
+
+@pytest.fixture
+def daemon(make_daemon, db_url):
+    return make_daemon(db_url).start()

@@ -1,0 +1,213 @@
+"""The black-box harness: a private PostgreSQL (tests/pg.sh) and the real
+causewayd binary, started, read (its logfmt stderr) and stopped by tests."""
+import os
+import re
+import shlex
+import signal
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+
+import requests
+
+TOP_SRCDIR = os.path.abspath(os.environ.get("top_srcdir") or
+                             os.path.join(os.path.dirname(__file__), "..", ".."))
+TOP_BUILDDIR = os.path.abspath(os.environ.get("top_builddir") or TOP_SRCDIR)
+PG_SH = os.path.join(TOP_SRCDIR, "tests", "pg.sh")
+CAUSEWAYD = os.path.join(TOP_BUILDDIR, "causewayd")
+SCHEMA_DIR = os.path.join(TOP_SRCDIR, "schema")
+
+
+def parse_logfmt(line):
+    """key=value pairs of one logfmt record, with quoted values unescaped."""
+    out = {}
+    for m in re.finditer(r'(\w+)=("((?:[^"\\]|\\.)*)"|\S*)', line):
+        key, raw, quoted = m.group(1), m.group(2), m.group(3)
+        if quoted is not None:
+            val = re.sub(r'\\(x[0-9a-f]{2}|.)',
+                         lambda e: chr(int(e.group(1)[1:], 16)) if e.group(1).startswith("x")
+                         else {"n": "\n", "t": "\t", "r": "\r"}.get(e.group(1), e.group(1)),
+                         quoted)
+        else:
+            val = raw
+        out[key] = val
+    return out
+
+
+class Postgres:
+    """A throw-away cluster in its own directory under /tmp."""
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="causeway-pg-")
+        os.chmod(self.dir, 0o755)  # the postgres user must reach it when we are root
+        self._run("init", "--fast")
+        self.url = self._run("url").strip()
+
+    def _run(self, *args):
+        r = subprocess.run([PG_SH, args[0], self.dir, *args[1:]], capture_output=True, text=True,
+                           timeout=120)
+        if r.returncode != 0:
+            raise RuntimeError(f"pg.sh {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}")
+        return r.stdout
+
+    def stop(self, mode="fast"):
+        self._run("stop", mode)
+
+    def start(self):
+        self._run("start")
+
+    def psql(self, sql, db_url=None):
+        r = subprocess.run(["psql", db_url or self.url, "-v", "ON_ERROR_STOP=1", "-qAtc", sql],
+                           capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            raise RuntimeError(f"psql failed: {r.stderr}")
+        return r.stdout.strip()
+
+    def new_database(self, name):
+        """A fresh database in this cluster; returns its URL."""
+        self.psql(f'DROP DATABASE IF EXISTS "{name}"')
+        self.psql(f'CREATE DATABASE "{name}" TEMPLATE template0')
+        return self.url.replace("postgresql:///causeway?", f"postgresql:///{name}?")
+
+    def destroy(self):
+        subprocess.run([PG_SH, "destroy", self.dir], capture_output=True, timeout=120)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Daemon:
+    """The real causewayd with a configuration file of its own."""
+
+    def __init__(self, db_url, workdir, options=None, env=None, schema_dir=SCHEMA_DIR):
+        self.workdir = workdir
+        os.makedirs(workdir, exist_ok=True)
+        self.config_path = os.path.join(workdir, "causeway.ini")
+        self.options = {
+            "server": {"listen_address": "127.0.0.1", "port": "0", "drain_timeout_ms": "5000"},
+            "database": {"url": db_url, "schema_dir": schema_dir, "startup_timeout_ms": "2000",
+                         "reconnect_max_ms": "500"},
+            "log": {"level": "info"},
+        }
+        for section, values in (options or {}).items():
+            self.options.setdefault(section, {}).update(values)
+        self.write_config()
+        self.env = dict(os.environ)
+        for k in list(self.env):
+            if k.startswith("CAUSEWAY_"):
+                del self.env[k]
+        self.env.update(env or {})
+        self.proc = None
+        self.lines = []
+        self.records = []
+        self._cond = threading.Condition()
+        self.port = None
+
+    def write_config(self):
+        with open(self.config_path, "w") as f:
+            for section, values in self.options.items():
+                f.write(f"[{section}]\n")
+                for k, v in values.items():
+                    f.write(f"{k} = {v}\n")
+
+    def start(self, wait_ready=True, args=None):
+        cmd = [CAUSEWAYD, "--config", self.config_path] + list(args or [])
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     env=self.env, text=True, errors="replace")
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if wait_ready:
+            rec = self.wait_for(lambda r: r.get("msg") == "ready", timeout=30)
+            self.port = int(rec["port"])
+        return self
+
+    def _read(self):
+        for line in self.proc.stdout:
+            line = line.rstrip("\n")
+            with self._cond:
+                self.lines.append(line)
+                self.records.append(parse_logfmt(line))
+                self._cond.notify_all()
+
+    def wait_for(self, pred, timeout=10, start=0):
+        """The first log record from index start on that satisfies pred."""
+        deadline = time.time() + timeout
+        with self._cond:
+            i = start
+            while True:
+                while i < len(self.records):
+                    if pred(self.records[i]):
+                        return self.records[i]
+                    i += 1
+                left = deadline - time.time()
+                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(f"no such log record in {timeout}s; log:\n" + self.log())
+                self._cond.wait(min(left, 0.2))
+
+    def log(self):
+        with self._cond:
+            return "\n".join(self.lines)
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def get(self, path, **kw):
+        kw.setdefault("timeout", 10)
+        return requests.get(self.url + path, **kw)
+
+    def request(self, method, path, **kw):
+        kw.setdefault("timeout", 10)
+        return requests.request(method, self.url + path, **kw)
+
+    def signal(self, sig):
+        self.proc.send_signal(sig)
+
+    def wait_exit(self, timeout=30):
+        rc = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=5)
+        return rc
+
+    def stop(self):
+        """SIGTERM and wait; returns the exit code."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.wait_exit(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise
+        return self.proc.returncode if self.proc else None
+
+
+def run_causewayd(args, env=None, timeout=60):
+    e = {k: v for k, v in os.environ.items() if not k.startswith("CAUSEWAY_")}
+    e.update(env or {})
+    return subprocess.run([CAUSEWAYD] + list(args), capture_output=True, text=True, env=e,
+                          timeout=timeout)
+
+
+def wait_until(fn, timeout=15, interval=0.1, what="condition"):
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        try:
+            last = fn()
+            if last:
+                return last
+        except Exception as ex:  # a refused connection while starting, say
+            last = ex
+        time.sleep(interval)
+    raise AssertionError(f"{what} not reached in {timeout}s (last: {last!r})")
+
+
+__all__ = ["Postgres", "Daemon", "run_causewayd", "wait_until", "parse_logfmt", "free_port",
+           "TOP_SRCDIR", "TOP_BUILDDIR", "SCHEMA_DIR", "CAUSEWAYD", "shlex"]

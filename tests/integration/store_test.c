@@ -1,0 +1,361 @@
+/* The store against a real PostgreSQL (URL in CAUSEWAY_TEST_DATABASE_URL,
+ * started by the pytest harness, which also runs "store_test outage" while
+ * it stops and restarts the server). */
+#include "config.h"
+#include "log.h"
+#include "store.h"
+#include "../unit/unit.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <time.h>
+#include <unistd.h>
+
+/* These helpers also serve the outage mode, which runs outside Check: they
+ * abort (a Check error inside a test) rather than use ck_assert. */
+static void die(const char *what, const char *why)
+{
+	fprintf(stderr, "store_test: %s: %s\n", what, why);
+	abort();
+}
+
+static const char *db_url(void)
+{
+	const char *u = getenv("CAUSEWAY_TEST_DATABASE_URL");
+	if (!u || !*u)
+		die("setup", "CAUSEWAY_TEST_DATABASE_URL is not set");
+	return u;
+}
+
+static void sql(const char *q)
+{
+	cw_errmsg e;
+	PGconn *c = store_connect(db_url(), 10000, &e);
+	if (!c)
+		die("connect", e.msg);
+	if (store_exec(c, q, &e))
+		die(q, e.msg);
+	PQfinish(c);
+}
+
+static long long count_rows(const char *q)
+{
+	cw_errmsg e;
+	PGconn *c = store_connect(db_url(), 10000, &e);
+	if (!c)
+		die("connect", e.msg);
+	PGresult *r = PQexec(c, q);
+	if (PQresultStatus(r) != PGRES_TUPLES_OK)
+		die(q, PQresultErrorMessage(r));
+	long long n = atoll(PQgetvalue(r, 0, 0));
+	PQclear(r);
+	PQfinish(c);
+	return n;
+}
+
+/* A write: insert one row with the given id. */
+struct wjob {
+	long id;
+	atomic_int *left;
+	cw_err rc;
+	int runs;
+	pthread_mutex_t *mu;
+	pthread_cond_t *cv;
+};
+
+static cw_err insert_row(PGconn *c, void *arg, cw_errmsg *e)
+{
+	struct wjob *j = arg;
+	j->runs++;
+	char id[32];
+	snprintf(id, sizeof(id), "%ld", j->id);
+	const char *params[] = { id };
+	PGresult *r = PQexecParams(c, "INSERT INTO store_test_rows (id) VALUES ($1)", 1, NULL, params, NULL, NULL, 0);
+	cw_err rc = PQresultStatus(r) == PGRES_COMMAND_OK ? CW_OK : store_result_err(c, r, e);
+	PQclear(r);
+	return rc;
+}
+
+static void wjob_done(void *arg, cw_err rc, const cw_errmsg *e)
+{
+	struct wjob *j = arg;
+	j->rc = rc;
+	pthread_mutex_lock(j->mu);
+	if (atomic_fetch_sub(j->left, 1) == 1)
+		pthread_cond_broadcast(j->cv);
+	pthread_mutex_unlock(j->mu);
+}
+
+static struct store_opts opts(int batch_max, int64_t delay_us)
+{
+	struct store_opts o = {
+		.url = db_url(), .readers = 2, .batch_max = batch_max, .batch_delay_us = delay_us,
+		.deadline_us = 5000000, .statement_timeout_ms = 10000, .reconnect_max_ms = 500,
+	};
+	return o;
+}
+
+static void reset_table(void)
+{
+	sql("DROP TABLE IF EXISTS store_test_rows; CREATE TABLE store_test_rows (id bigint PRIMARY KEY)");
+}
+
+static void wait_all(atomic_int *left, pthread_mutex_t *mu, pthread_cond_t *cv)
+{
+	pthread_mutex_lock(mu);
+	while (atomic_load(left) > 0)
+		pthread_cond_wait(cv, mu);
+	pthread_mutex_unlock(mu);
+}
+
+struct producer {
+	struct cw_store *s;
+	struct wjob *jobs;
+	int from, to;
+};
+
+static void *produce(void *arg)
+{
+	struct producer *p = arg;
+	for (int i = p->from; i < p->to; i++)
+		ck_assert_int_eq(store_write(p->s, insert_row, wjob_done, &p->jobs[i]), CW_OK);
+	return NULL;
+}
+
+START_TEST(group_commit_batches_concurrent_writes)
+{
+	reset_table();
+	struct cw_store *s;
+	cw_errmsg e;
+	struct store_opts o = opts(64, 1000);
+	ck_assert_msg(store_open(&s, &o, &e) == CW_OK, "%s", e.msg);
+	enum { N = 4000, P = 8 };
+	static struct wjob jobs[N];
+	atomic_int left = N;
+	pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+	pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+	for (int i = 0; i < N; i++)
+		jobs[i] = (struct wjob){ .id = i, .left = &left, .mu = &mu, .cv = &cv, .rc = CW_EINTERNAL };
+	pthread_t t[P];
+	struct producer pr[P];
+	for (int i = 0; i < P; i++) {
+		pr[i] = (struct producer){ s, jobs, i * N / P, (i + 1) * N / P };
+		pthread_create(&t[i], NULL, produce, &pr[i]);
+	}
+	for (int i = 0; i < P; i++)
+		pthread_join(t[i], NULL);
+	wait_all(&left, &mu, &cv);
+	for (int i = 0; i < N; i++)
+		ck_assert_msg(jobs[i].rc == CW_OK, "write %d: %s", i, cw_strerror(jobs[i].rc));
+	struct store_stats st;
+	store_get_stats(s, &st);
+	store_close(s);
+	ck_assert_int_eq(count_rows("SELECT count(*) FROM store_test_rows"), N);
+	ck_assert_uint_eq(st.writes_committed, N);
+	/* Group commit: far fewer transactions than writes, none above the cap. */
+	ck_assert_uint_le(st.batches, N / 4);
+	ck_assert_uint_ge(st.batches, N / 64);
+	printf("store_test: %d writes in %llu transactions\n", N, (unsigned long long)st.batches);
+}
+END_TEST
+
+START_TEST(one_failing_write_does_not_fail_its_batch)
+{
+	reset_table();
+	sql("INSERT INTO store_test_rows VALUES (25)");
+	struct cw_store *s;
+	cw_errmsg e;
+	/* A long delay so that all fifty land in one batch. */
+	struct store_opts o = opts(256, 200000);
+	ck_assert_int_eq(store_open(&s, &o, &e), CW_OK);
+	enum { N = 50 };
+	static struct wjob jobs[N];
+	atomic_int left = N;
+	pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+	pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+	for (int i = 0; i < N; i++) {
+		jobs[i] = (struct wjob){ .id = i, .left = &left, .mu = &mu, .cv = &cv, .rc = CW_EINTERNAL };
+		ck_assert_int_eq(store_write(s, insert_row, wjob_done, &jobs[i]), CW_OK);
+	}
+	wait_all(&left, &mu, &cv);
+	struct store_stats st;
+	store_get_stats(s, &st);
+	store_close(s);
+	for (int i = 0; i < N; i++)
+		ck_assert_int_eq(jobs[i].rc, i == 25 ? CW_ECONFLICT : CW_OK);
+	ck_assert_uint_eq(st.batches, 1);
+	/* The ones before the failure ran twice (rolled back, run again). */
+	ck_assert_int_eq(jobs[0].runs, 2);
+	ck_assert_int_eq(jobs[49].runs, 1);
+	ck_assert_int_eq(count_rows("SELECT count(*) FROM store_test_rows"), N);
+}
+END_TEST
+
+struct rjob {
+	long long value;
+	cw_err rc;
+	atomic_int done;
+};
+
+static cw_err read_one(PGconn *c, void *arg, cw_errmsg *e)
+{
+	struct rjob *j = arg;
+	PGresult *r = PQexec(c, "SELECT 6 * 7");
+	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+		cw_err rc = store_result_err(c, r, e);
+		PQclear(r);
+		return rc;
+	}
+	j->value = atoll(PQgetvalue(r, 0, 0));
+	PQclear(r);
+	return CW_OK;
+}
+
+static void rjob_done(void *arg, cw_err rc, const cw_errmsg *e)
+{
+	struct rjob *j = arg;
+	j->rc = rc;
+	atomic_store(&j->done, 1);
+}
+
+START_TEST(reads_and_shutdown)
+{
+	struct cw_store *s;
+	cw_errmsg e;
+	struct store_opts o = opts(64, 1000);
+	ck_assert_int_eq(store_open(&s, &o, &e), CW_OK);
+	struct rjob r = { 0 };
+	ck_assert_int_eq(store_read(s, read_one, rjob_done, &r), CW_OK);
+	while (!atomic_load(&r.done))
+		usleep(1000);
+	ck_assert_int_eq(r.rc, CW_OK);
+	ck_assert_int_eq(r.value, 42);
+	store_stop(s);
+	ck_assert_int_eq(store_read(s, read_one, rjob_done, &r), CW_ESHUTDOWN);
+	ck_assert_int_eq(store_write(s, insert_row, wjob_done, NULL), CW_ESHUTDOWN);
+	store_close(s);
+}
+END_TEST
+
+START_TEST(unreachable_database_fails_fast)
+{
+	struct store_opts o = opts(64, 1000);
+	o.url = "postgresql:///causeway?host=/nonexistent-socket-dir";
+	struct cw_store *s;
+	cw_errmsg e;
+	ck_assert_int_eq(store_open(&s, &o, &e), CW_OK);
+	int64_t t0 = cw_now_us();
+	ck_assert_int_eq(store_write(s, insert_row, wjob_done, NULL), CW_EUNAVAIL);
+	struct rjob r = { 0 };
+	ck_assert_int_eq(store_read(s, read_one, rjob_done, &r), CW_OK);
+	while (!atomic_load(&r.done))
+		usleep(1000);
+	ck_assert_int_eq(r.rc, CW_EUNAVAIL);
+	ck_assert_int_lt(cw_now_us() - t0, 2000000);
+	store_close(s);
+}
+END_TEST
+
+/* ------------------------------------------------------------- outage mode
+ * Writes one row at a time for up to 60 s while the harness stops and
+ * restarts PostgreSQL.  Passes when writes failed fast during the outage,
+ * came back after it, and every write reported durable is in the table. */
+
+static int outage(void)
+{
+	reset_table();
+	struct cw_store *s;
+	cw_errmsg e;
+	struct store_opts o = opts(64, 500);
+	if (store_open(&s, &o, &e)) {
+		fprintf(stderr, "store_open: %s\n", e.msg);
+		return 1;
+	}
+	printf("running\n");
+	fflush(stdout);
+	enum { MAX = 200000 };
+	static long ok_ids[MAX];
+	long nok = 0, nfail = 0, after = 0;
+	int phase = 0; /* 0: before the outage, 1: in it, 2: after it */
+	int64_t slowest_fail_us = 0, start = cw_now_us();
+	pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+	pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+	for (long id = 0; id < MAX && cw_now_us() - start < 60000000; id++) {
+		atomic_int left = 1;
+		struct wjob j = { .id = id, .left = &left, .mu = &mu, .cv = &cv };
+		int64_t t0 = cw_now_us();
+		cw_err rc = store_write(s, insert_row, wjob_done, &j);
+		if (rc == CW_OK) {
+			wait_all(&left, &mu, &cv);
+			rc = j.rc;
+		}
+		int64_t dt = cw_now_us() - t0;
+		if (rc == CW_OK) {
+			ok_ids[nok++] = id;
+			if (phase == 1) {
+				phase = 2;
+				printf("recovered\n");
+				fflush(stdout);
+			}
+			if (phase == 2 && ++after >= 200)
+				break;
+		} else {
+			if (rc != CW_EUNAVAIL) {
+				fprintf(stderr, "write %ld failed with %s: %s\n", id, cw_strerror(rc), j.rc ? "" : "");
+				return 1;
+			}
+			nfail++;
+			if (dt > slowest_fail_us)
+				slowest_fail_us = dt;
+			if (phase == 0) {
+				phase = 1;
+				printf("outage\n");
+				fflush(stdout);
+			}
+			usleep(20000);
+		}
+	}
+	store_close(s);
+	long long rows = count_rows("SELECT count(*) FROM store_test_rows");
+	printf("outage summary: ok=%ld failed=%ld rows=%lld slowest_failure_ms=%.1f phase=%d\n", nok, nfail,
+	       rows, (double)slowest_fail_us / 1000.0, phase);
+	if (phase != 2) {
+		fprintf(stderr, "the outage was not seen or not recovered from\n");
+		return 1;
+	}
+	if (slowest_fail_us > 5500000) {
+		fprintf(stderr, "a failing write took longer than its deadline\n");
+		return 1;
+	}
+	/* Every write reported durable must be there (a write that failed at
+	 * COMMIT may be there too: its outcome was unknown). */
+	char q[128];
+	for (long i = 0; i < nok; i += 1 + nok / 500) {
+		snprintf(q, sizeof(q), "SELECT count(*) FROM store_test_rows WHERE id = %ld", ok_ids[i]);
+		if (count_rows(q) != 1) {
+			fprintf(stderr, "write %ld was reported durable but is missing\n", ok_ids[i]);
+			return 1;
+		}
+	}
+	if (rows < nok) {
+		fprintf(stderr, "%lld rows for %ld durable writes\n", rows, nok);
+		return 1;
+	}
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	cw_log_set_level(CW_LOG_WARN);
+	if (argc > 1 && strcmp(argv[1], "outage") == 0)
+		return outage();
+	Suite *s = suite_create("store");
+	TCase *tc = tcase_create("store");
+	tcase_set_timeout(tc, 60);
+	tcase_add_test(tc, group_commit_batches_concurrent_writes);
+	tcase_add_test(tc, one_failing_write_does_not_fail_its_batch);
+	tcase_add_test(tc, reads_and_shutdown);
+	tcase_add_test(tc, unreachable_database_fails_fast);
+	suite_add_tcase(s, tc);
+	return unit_run(s);
+}

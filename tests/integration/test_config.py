@@ -1,0 +1,113 @@
+"""Configuration from the outside: --check-config, the environment, and the
+documentation kept in step with the option table."""
+import os
+import re
+
+from harness import TOP_SRCDIR, run_causewayd
+
+
+def options():
+    r = run_causewayd(["--list-options"])
+    assert r.returncode == 0
+    rows = [line.split("\t") for line in r.stdout.splitlines()]
+    assert all(len(row) == 6 for row in rows)
+    return {row[0]: row for row in rows}
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.ini"
+    p.write_text(text)
+    return str(p)
+
+
+def test_check_config_accepts_a_valid_file(tmp_path):
+    schema = os.path.join(TOP_SRCDIR, "schema")
+    p = write(tmp_path, f"[database]\nurl = postgresql:///x\nschema_dir = {schema}\n")
+    r = run_causewayd(["--check-config", p])
+    assert r.returncode == 0, r.stderr
+    assert "configuration valid" in r.stdout
+
+
+def test_check_config_names_file_line_and_option(tmp_path):
+    p = write(tmp_path, "[database]\nurl = x\n[server]\nport = 99999\n")
+    r = run_causewayd(["--check-config", p])
+    assert r.returncode == 1
+    assert f"{p}:4: server.port: 99999 is out of range 0..65535" in r.stderr
+
+
+def test_check_config_rejects_unknown_options(tmp_path):
+    p = write(tmp_path, "[database]\nurl = x\nuser = bob\n")
+    r = run_causewayd(["--check-config", p])
+    assert r.returncode == 1
+    assert "database.user: unknown option" in r.stderr
+
+
+def test_environment_overrides_and_is_validated(tmp_path):
+    p = write(tmp_path, "[database]\nurl = x\n")
+    r = run_causewayd(["--check-config", p], env={"CAUSEWAY_SERVER_PORT": "-5"})
+    assert r.returncode == 1
+    assert "CAUSEWAY_SERVER_PORT" in r.stderr
+    r = run_causewayd(["--check-config", p], env={"CAUSEWAY_DATABASE_SCHEMA_DIR": "/nonexistent"})
+    assert r.returncode == 1 and "/nonexistent" in r.stderr
+
+
+def test_daemon_with_a_bad_config_exits_with_a_clear_error(tmp_path):
+    p = write(tmp_path, "[server]\nport = 80x\n[database]\nurl = x\n")
+    r = run_causewayd(["--config", p])
+    assert r.returncode == 1
+    assert "configuration invalid" in r.stdout + r.stderr
+    assert "server.port: '80x' is not a whole number" in r.stdout + r.stderr
+
+
+def test_missing_database_url_is_explained():
+    r = run_causewayd([])
+    assert r.returncode == 1
+    assert "CAUSEWAY_DATABASE_URL" in r.stderr
+
+
+def test_usage_errors():
+    assert run_causewayd(["--bogus"]).returncode == 2
+    assert run_causewayd(["extra"]).returncode == 2
+    r = run_causewayd(["--version"])
+    assert r.returncode == 0 and r.stdout.startswith("causewayd ")
+
+
+def test_docs_list_exactly_the_options_of_the_table():
+    table = options()
+    doc = open(os.path.join(TOP_SRCDIR, "docs", "configuration.md")).read()
+    documented = set(re.findall(r"^\| `([a-z_]+\.[a-z_]+)` \|", doc, re.M))
+    assert documented == set(table), (
+        f"only in code: {sorted(set(table) - documented)}; only in docs: {sorted(documented - set(table))}")
+    for name, row in table.items():
+        env = row[4]
+        assert f"`{env}`" in doc, f"{env} not in docs/configuration.md"
+
+
+def test_example_config_lists_every_option_with_its_default():
+    table = options()
+    text = open(os.path.join(TOP_SRCDIR, "etc", "causeway.ini.example")).read()
+    section = None
+    seen = {}
+    for line in text.splitlines():
+        m = re.match(r"^\[(\w+)\]", line)
+        if m:
+            section = m.group(1)
+            continue
+        m = re.match(r"^;?\s*([a-z_]+)\s*=\s*(.*)$", line)
+        if m and section:
+            seen[f"{section}.{m.group(1)}"] = m.group(2).strip()
+    assert set(seen) == set(table), f"differ: {sorted(set(seen) ^ set(table))}"
+    for name, row in table.items():
+        if name == "database.schema_dir":
+            continue  # the default depends on the install prefix
+        assert seen[name] == row[2], f"{name}: example says {seen[name]!r}, default is {row[2]!r}"
+
+
+def test_example_config_is_valid(tmp_path):
+    text = open(os.path.join(TOP_SRCDIR, "etc", "causeway.ini.example")).read()
+    text = text.replace("\n; url =", "\nurl =", 1) if "\n; url =" in text else text
+    p = write(tmp_path, text)
+    r = run_causewayd(["--check-config", p], env={
+        "CAUSEWAY_DATABASE_URL": "postgresql:///x",
+        "CAUSEWAY_DATABASE_SCHEMA_DIR": os.path.join(TOP_SRCDIR, "schema")})
+    assert r.returncode == 0, r.stderr

@@ -1,0 +1,114 @@
+"""Migrations and the database going away, with the real daemon."""
+import os
+import shutil
+import time
+
+from harness import SCHEMA_DIR, run_causewayd, wait_until
+
+
+def copy_schema(tmp_path):
+    d = tmp_path / "schema"
+    shutil.copytree(SCHEMA_DIR, d)
+    return str(d)
+
+
+def test_migrations_are_recorded_with_checksums(daemon, pg, db_url):
+    rows = pg.psql("SELECT version, name, length(checksum) FROM schema_migrations ORDER BY 1", db_url)
+    assert rows == "1|001_core.sql|64"
+    # The core tables are there.
+    tables = pg.psql("SELECT count(*) FROM information_schema.tables WHERE table_name IN "
+                     "('events','outbox','idempotency_keys','identities','identity_bindings','rooms',"
+                     "'room_members','peers','rules','consents','audit_log')", db_url)
+    assert tables == "11"
+
+
+def test_migrate_command_is_idempotent(db_url, pg):
+    env = {"CAUSEWAY_DATABASE_URL": db_url, "CAUSEWAY_DATABASE_SCHEMA_DIR": SCHEMA_DIR}
+    r = run_causewayd(["--migrate"], env=env)
+    assert r.returncode == 0, r.stderr
+    assert "applied_now=1" in r.stderr
+    r = run_causewayd(["--migrate"], env=env)
+    assert r.returncode == 0 and "applied_now=0" in r.stderr
+
+
+def test_a_changed_migration_refuses_start(make_daemon, db_url, tmp_path, pg):
+    schema = copy_schema(tmp_path)
+    make_daemon(db_url, schema_dir=schema).start().stop()
+    with open(os.path.join(schema, "001_core.sql"), "a") as f:
+        f.write("\n-- an edit after the fact\n")
+    d = make_daemon(db_url, schema_dir=schema).start(wait_ready=False)
+    assert d.wait_exit(30) == 1
+    rec = d.wait_for(lambda r: r.get("level") == "error")
+    assert "001_core.sql was changed after it was applied" in rec["detail"]
+    # Nothing was changed by the refused start.
+    assert pg.psql("SELECT count(*) FROM schema_migrations", db_url) == "1"
+
+
+def test_a_new_migration_is_applied_and_an_unknown_one_refused(make_daemon, db_url, tmp_path, pg):
+    schema = copy_schema(tmp_path)
+    make_daemon(db_url, schema_dir=schema).start().stop()
+    with open(os.path.join(schema, "002_extra.sql"), "w") as f:
+        f.write("CREATE TABLE extra_test (id int);\n")
+    d = make_daemon(db_url, schema_dir=schema).start()
+    d.wait_for(lambda r: r.get("msg") == "migration applied" and r.get("file") == "002_extra.sql")
+    assert d.get("/readyz").json()["migrations"] == {"status": "current", "applied": 2, "expected": 2}
+    d.stop()
+    # An older build (without 002) refuses the newer database.
+    os.remove(os.path.join(schema, "002_extra.sql"))
+    d = make_daemon(db_url, schema_dir=schema).start(wait_ready=False)
+    assert d.wait_exit(30) == 1
+    assert "which this build does not have" in d.wait_for(lambda r: r.get("level") == "error")["detail"]
+
+
+def test_a_broken_migration_is_rolled_back(make_daemon, db_url, tmp_path, pg):
+    schema = copy_schema(tmp_path)
+    with open(os.path.join(schema, "002_broken.sql"), "w") as f:
+        f.write("CREATE TABLE half_done (id int);\nSELECT no_such_function();\n")
+    d = make_daemon(db_url, schema_dir=schema).start(wait_ready=False)
+    assert d.wait_exit(30) == 1
+    assert "002_broken.sql failed" in d.wait_for(lambda r: r.get("level") == "error")["detail"]
+    assert pg.psql("SELECT count(*) FROM schema_migrations", db_url) == "1"
+    assert pg.psql("SELECT to_regclass('half_done') IS NULL", db_url) == "t"
+
+
+def test_database_outage_gives_503_then_recovers(make_daemon, private_pg):
+    d = make_daemon(private_pg.url).start()
+    assert d.get("/readyz").status_code == 200
+    private_pg.stop()
+    # (a requests.Response is false for a 5xx, hence the list)
+    r = wait_until(lambda: (lambda r: [r] if r.status_code == 503 else None)(d.get("/readyz")),
+                   what="readyz 503")[0]
+    assert r.headers["Retry-After"] == "2"
+    body = r.json()
+    assert body["status"] == "not_ready" and body["database"]["status"] == "down"
+    assert body["database"]["detail"]
+    # Liveness does not depend on the database.
+    assert d.get("/healthz").status_code == 200
+    m = d.get("/metrics")
+    assert m.status_code == 200 and "causeway_database_up 0" in m.text
+    # Answers stay fast while the database is away.
+    t0 = time.time()
+    for _ in range(10):
+        assert d.get("/readyz").status_code == 503
+    assert time.time() - t0 < 5
+    private_pg.start()
+    wait_until(lambda: d.get("/readyz").status_code == 200, timeout=20, what="readyz 200 again")
+    assert "causeway_database_up 1" in d.get("/metrics").text
+    d.wait_for(lambda r: r.get("msg") == "database connection established")
+
+
+def test_daemon_waits_for_a_database_that_comes_up(make_daemon, private_pg):
+    private_pg.stop()
+    d = make_daemon(private_pg.url, options={"database": {"startup_timeout_ms": "20000"}})
+    d.start(wait_ready=False)
+    d.wait_for(lambda r: r.get("msg") == "waiting for the database")
+    private_pg.start()
+    d.wait_for(lambda r: r.get("msg") == "ready", timeout=30)
+
+
+def test_daemon_gives_up_on_an_absent_database(make_daemon, tmp_path):
+    d = make_daemon(f"postgresql:///x?host={tmp_path}/nothing-here",
+                    options={"database": {"startup_timeout_ms": "500"}})
+    d.start(wait_ready=False)
+    assert d.wait_exit(30) == 1
+    assert d.wait_for(lambda r: r.get("msg") == "database unreachable")

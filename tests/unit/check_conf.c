@@ -1,0 +1,239 @@
+/* The option table and the loader, driven by tests/unit/data/config_cases.txt. */
+#include "config.h"
+#include "conf.h"
+#include "log.h"
+#include "unit.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+static const char *no_env(const char *name) { return NULL; }
+
+struct ccase {
+	char name[200];
+	char expect[300];   /* "ok" or "error <substring>" */
+	char checks[8][200];
+	int nchecks;
+	char ini[2048];
+};
+
+static int load_cases(struct ccase *cases, int max)
+{
+	FILE *f = fopen(unit_data_path("config_cases.txt"), "r");
+	ck_assert_msg(f != NULL, "cannot open %s", unit_data_path("config_cases.txt"));
+	char line[1024];
+	int n = -1;
+	bool in_ini = false;
+	while (fgets(line, sizeof(line), f)) {
+		if (strncmp(line, "=== ", 4) == 0) {
+			ck_assert_int_lt(n + 1, max);
+			n++;
+			memset(&cases[n], 0, sizeof(cases[n]));
+			snprintf(cases[n].name, sizeof(cases[n].name), "%.199s", line + 4);
+			cases[n].name[strcspn(cases[n].name, "\n")] = '\0';
+			in_ini = false;
+			continue;
+		}
+		if (n < 0 || (!in_ini && (line[0] == '#' || line[0] == '\n')))
+			continue;
+		if (in_ini) {
+			strncat(cases[n].ini, line, sizeof(cases[n].ini) - strlen(cases[n].ini) - 1);
+		} else if (strncmp(line, "expect: ", 8) == 0) {
+			snprintf(cases[n].expect, sizeof(cases[n].expect), "%.299s", line + 8);
+			cases[n].expect[strcspn(cases[n].expect, "\n")] = '\0';
+		} else if (strncmp(line, "check: ", 7) == 0) {
+			ck_assert_int_lt(cases[n].nchecks, 8);
+			char *c = cases[n].checks[cases[n].nchecks++];
+			snprintf(c, 200, "%.199s", line + 7);
+			c[strcspn(c, "\n")] = '\0';
+		} else if (strcmp(line, "---\n") == 0) {
+			in_ini = true;
+		} else {
+			ck_abort_msg("config_cases.txt: unexpected line in case %s: %s", cases[n].name, line);
+		}
+	}
+	fclose(f);
+	return n + 1;
+}
+
+static const struct cfg_option *option_named(const char *full)
+{
+	for (size_t i = 0; i < cfg_option_count; i++) {
+		char name[128];
+		snprintf(name, sizeof(name), "%s.%s", cfg_options[i].section, cfg_options[i].name);
+		if (strcmp(name, full) == 0)
+			return &cfg_options[i];
+	}
+	return NULL;
+}
+
+START_TEST(table_driven_cases)
+{
+	static struct ccase cases[64];
+	int n = load_cases(cases, 64);
+	ck_assert_int_ge(n, 20);
+	for (int i = 0; i < n; i++) {
+		struct ccase *k = &cases[i];
+		char path[] = "/tmp/cw_conf_XXXXXX";
+		int fd = mkstemp(path);
+		ck_assert_int_ge(fd, 0);
+		ck_assert_int_eq(write(fd, k->ini, strlen(k->ini)), (ssize_t)strlen(k->ini));
+		close(fd);
+		struct cw_config c;
+		cw_errmsg e = { { 0 } };
+		cw_err rc = cfg_load(&c, path, no_env, &e);
+		unlink(path);
+		if (strcmp(k->expect, "ok") == 0) {
+			ck_assert_msg(rc == CW_OK, "case '%s': expected ok, got: %s", k->name, e.msg);
+			for (int j = 0; j < k->nchecks; j++) {
+				char key[128], want[128];
+				ck_assert_int_eq(sscanf(k->checks[j], "%127s = %127[^\n]", key, want), 2);
+				const struct cfg_option *o = option_named(key);
+				ck_assert_msg(o != NULL, "case '%s': no option %s", k->name, key);
+				char got[256];
+				cfg_value_text(&c, o, false, got, sizeof(got));
+				ck_assert_msg(strcmp(got, want) == 0, "case '%s': %s is '%s', expected '%s'",
+					      k->name, key, got, want);
+			}
+			cfg_free(&c);
+		} else {
+			ck_assert_msg(strncmp(k->expect, "error ", 6) == 0, "case '%s': bad expect line", k->name);
+			ck_assert_msg(rc == CW_EINVAL, "case '%s': expected an error, got ok", k->name);
+			ck_assert_msg(strstr(e.msg, k->expect + 6) != NULL, "case '%s': error '%s' lacks '%s'",
+				      k->name, e.msg, k->expect + 6);
+		}
+	}
+}
+END_TEST
+
+static const char *fake_env(const char *name)
+{
+	if (strcmp(name, "CAUSEWAY_DATABASE_URL") == 0)
+		return "postgresql://from-env/db";
+	if (strcmp(name, "CAUSEWAY_SERVER_PORT") == 0)
+		return "9999";
+	return NULL;
+}
+
+START_TEST(environment_overrides_file)
+{
+	char path[] = "/tmp/cw_conf_XXXXXX";
+	int fd = mkstemp(path);
+	const char ini[] = "[server]\nport = 1234\nhttp_threads = 3\n";
+	ck_assert_int_eq(write(fd, ini, sizeof(ini) - 1), (ssize_t)(sizeof(ini) - 1));
+	close(fd);
+	struct cw_config c;
+	cw_errmsg e;
+	ck_assert_int_eq(cfg_load(&c, path, fake_env, &e), CW_OK);
+	unlink(path);
+	ck_assert_int_eq(c.port, 9999);
+	ck_assert_int_eq(c.http_threads, 3);
+	ck_assert_str_eq(c.db_url, "postgresql://from-env/db");
+	cfg_free(&c);
+}
+END_TEST
+
+static const char *bad_env(const char *name)
+{
+	return strcmp(name, "CAUSEWAY_SERVER_PORT") == 0 ? "http" : NULL;
+}
+
+START_TEST(bad_environment_value_names_the_variable)
+{
+	struct cw_config c;
+	cw_errmsg e;
+	ck_assert_int_eq(cfg_load(&c, NULL, bad_env, &e), CW_EINVAL);
+	ck_assert_ptr_nonnull(strstr(e.msg, "CAUSEWAY_SERVER_PORT"));
+}
+END_TEST
+
+START_TEST(missing_file_is_an_error)
+{
+	struct cw_config c;
+	cw_errmsg e;
+	ck_assert_int_eq(cfg_load(&c, "/nonexistent/causeway.ini", no_env, &e), CW_EINVAL);
+	ck_assert_ptr_nonnull(strstr(e.msg, "cannot open"));
+}
+END_TEST
+
+START_TEST(env_names_follow_section_and_option)
+{
+	char buf[128];
+	cfg_env_name(option_named("database.url"), buf, sizeof(buf));
+	ck_assert_str_eq(buf, "CAUSEWAY_DATABASE_URL");
+	cfg_env_name(option_named("server.max_body_bytes"), buf, sizeof(buf));
+	ck_assert_str_eq(buf, "CAUSEWAY_SERVER_MAX_BODY_BYTES");
+}
+END_TEST
+
+START_TEST(table_is_well_formed)
+{
+	for (size_t i = 0; i < cfg_option_count; i++) {
+		const struct cfg_option *o = &cfg_options[i];
+		ck_assert_msg(o->doc && strlen(o->doc) > 10, "%s.%s has no doc line", o->section, o->name);
+		ck_assert_msg(o->def != NULL, "%s.%s has no default", o->section, o->name);
+		for (size_t j = 0; j < i; j++)
+			ck_assert_msg(strcmp(o->name, cfg_options[j].name) || strcmp(o->section, cfg_options[j].section),
+				      "%s.%s listed twice", o->section, o->name);
+		if (o->type == CFG_INT || o->type == CFG_SIZE)
+			ck_assert_int_le(o->min, o->max);
+	}
+	/* Every default is valid (cfg_defaults aborts otherwise). */
+	struct cw_config c;
+	cfg_defaults(&c);
+	cfg_free(&c);
+}
+END_TEST
+
+START_TEST(secrets_are_masked)
+{
+	struct cw_config c;
+	cfg_defaults(&c);
+	cw_errmsg e;
+	ck_assert_int_eq(cfg_set(&c, "database", "url", "postgresql://u:hunter2@db/x", &e), CW_OK);
+	char buf[256];
+	cfg_value_text(&c, option_named("database.url"), true, buf, sizeof(buf));
+	ck_assert_str_eq(buf, "********");
+	cfg_value_text(&c, option_named("database.url"), false, buf, sizeof(buf));
+	ck_assert_str_eq(buf, "postgresql://u:hunter2@db/x");
+	cfg_free(&c);
+}
+END_TEST
+
+START_TEST(reload_takes_only_reloadable_options)
+{
+	int fd = open("/dev/null", O_WRONLY); /* the restart warnings */
+	cw_log_set_fd(fd);
+	struct cw_config cur, next;
+	cw_errmsg e;
+	cfg_defaults(&cur);
+	cfg_defaults(&next);
+	ck_assert_int_eq(cfg_set(&next, "log", "level", "debug", &e), CW_OK);
+	ck_assert_int_eq(cfg_set(&next, "log", "access_log", "false", &e), CW_OK);
+	ck_assert_int_eq(cfg_set(&next, "server", "port", "1", &e), CW_OK);
+	ck_assert_int_eq(cfg_apply_reload(&cur, &next), 2);
+	ck_assert_int_eq(cur.log_level, CW_LOG_DEBUG);
+	ck_assert(!cur.access_log);
+	ck_assert_int_eq(cur.port, 8480);
+	cfg_free(&cur);
+	cfg_free(&next);
+	cw_log_set_fd(2);
+	close(fd);
+}
+END_TEST
+
+int main(void)
+{
+	Suite *s = suite_create("conf");
+	TCase *tc = tcase_create("conf");
+	tcase_add_test(tc, table_driven_cases);
+	tcase_add_test(tc, environment_overrides_file);
+	tcase_add_test(tc, bad_environment_value_names_the_variable);
+	tcase_add_test(tc, missing_file_is_an_error);
+	tcase_add_test(tc, env_names_follow_section_and_option);
+	tcase_add_test(tc, table_is_well_formed);
+	tcase_add_test(tc, secrets_are_masked);
+	tcase_add_test(tc, reload_takes_only_reloadable_options);
+	suite_add_tcase(s, tc);
+	return unit_run(s);
+}

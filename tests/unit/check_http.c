@@ -1,0 +1,359 @@
+/* The router (table-driven from tests/unit/data/route_cases.txt) and the
+ * HTTP front on a real libmicrohttpd daemon, driven by libcurl. */
+#include "config.h"
+#include "http.h"
+#include "log.h"
+#include "unit.h"
+
+#include <curl/curl.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <time.h>
+#include <unistd.h>
+
+static void noop(struct cw_req *r, void *ctx) { (void)r; (void)ctx; }
+
+static const struct cw_route table[] = {
+	{ "GET", "/healthz", noop, CW_AUTH_NONE, NULL },
+	{ "GET", "/v1/rooms/{room}", noop, CW_AUTH_NONE, NULL },
+	{ "POST", "/v1/rooms/{room}/messages", noop, CW_AUTH_NONE, NULL },
+	{ "GET", "/v1/messages/{id}", noop, CW_AUTH_NONE, NULL },
+	{ "POST", "/v1/rooms", noop, CW_AUTH_NONE, NULL },
+	{ "GET", "/v1/rooms/{room}/members/{member}", noop, CW_AUTH_NONE, NULL },
+};
+
+START_TEST(routing_table)
+{
+	FILE *f = fopen(unit_data_path("route_cases.txt"), "r");
+	ck_assert_ptr_nonnull(f);
+	char line[512];
+	int cases = 0;
+	while (fgets(line, sizeof(line), f)) {
+		if (line[0] == '#' || line[0] == '\n')
+			continue;
+		line[strcspn(line, "\n")] = '\0';
+		char method[16], path[256], rest[256] = "";
+		int want;
+		int n = sscanf(line, "%15s %255s -> %d %255[^\n]", method, path, &want, rest);
+		ck_assert_msg(n >= 3, "bad case line: %s", line);
+		struct cw_route_params p;
+		bool path_matched;
+		int got = cw_route_match(table, CW_ARRAY_LEN(table), method, path, &p, &path_matched);
+		if (want == 404 || want == 405) {
+			ck_assert_msg(got == -1, "%s: matched route %d", line, got);
+			ck_assert_msg(path_matched == (want == 405), "%s: path_matched is %d", line, path_matched);
+		} else {
+			ck_assert_msg(got == want, "%s: got route %d", line, got);
+			int nparams = 0;
+			for (char *tok = strtok(rest, " "); tok; tok = strtok(NULL, " ")) {
+				char *eq = strchr(tok, '=');
+				ck_assert_ptr_nonnull(eq);
+				*eq = '\0';
+				ck_assert_int_lt(nparams, p.n);
+				ck_assert_uint_eq(p.name_lens[nparams], strlen(tok));
+				ck_assert_msg(memcmp(p.names[nparams], tok, strlen(tok)) == 0, "%s: param name", line);
+				ck_assert_str_eq(p.values[nparams], eq + 1);
+				nparams++;
+			}
+			ck_assert_int_eq(nparams, p.n);
+		}
+		cases++;
+	}
+	fclose(f);
+	ck_assert_int_ge(cases, 20);
+}
+END_TEST
+
+START_TEST(overlong_segment_never_matches)
+{
+	char path[600] = "/v1/messages/";
+	memset(path + strlen(path), 'a', 400);
+	bool m;
+	ck_assert_int_eq(cw_route_match(table, CW_ARRAY_LEN(table), "GET", path, NULL, &m), -1);
+}
+END_TEST
+
+/* ----------------------------------------------------- the live front */
+
+static void h_hello(struct cw_req *r, void *ctx)
+{
+	cw_req_reply_json(r, 200, json_pack("{s:s}", "hello", cw_req_query(r, "name") ? cw_req_query(r, "name") : "?"));
+}
+
+static void h_echo(struct cw_req *r, void *ctx)
+{
+	size_t len;
+	const char *body = cw_req_body(r, &len);
+	char *copy = malloc(len + 1);
+	memcpy(copy, body, len);
+	cw_req_reply(r, 201, "application/octet-stream", copy, len);
+}
+
+static void *finish_later(void *arg)
+{
+	struct cw_req *r = arg;
+	struct timespec ts = { 0, 20 * 1000000L };
+	nanosleep(&ts, NULL);
+	char *s = strdup("done");
+	cw_req_reply(r, 202, "text/plain", s, 4);
+	cw_req_resume(r);
+	return NULL;
+}
+
+static void h_async(struct cw_req *r, void *ctx)
+{
+	cw_req_suspend(r);
+	pthread_t t;
+	ck_assert_int_eq(pthread_create(&t, NULL, finish_later, r), 0);
+	pthread_detach(t);
+}
+
+static void h_silent(struct cw_req *r, void *ctx) { (void)r; }
+
+static const struct cw_route live_routes[] = {
+	{ "GET", "/hello", h_hello, CW_AUTH_NONE, NULL },
+	{ "POST", "/echo", h_echo, CW_AUTH_NONE, NULL },
+	{ "GET", "/async", h_async, CW_AUTH_NONE, NULL },
+	{ "GET", "/silent", h_silent, CW_AUTH_NONE, NULL },
+};
+
+static struct cw_http *live;
+static char base[64];
+
+static void live_start(void)
+{
+	int null = open("/dev/null", O_WRONLY);
+	cw_log_set_fd(null); /* access log lines */
+	struct cw_http_opts o = {
+		.listen_address = "127.0.0.1", .port = 0, .threads = 2, .connection_limit = 64,
+		.connection_timeout_s = 5, .max_body_bytes = 4096,
+		.routes = live_routes, .nroutes = CW_ARRAY_LEN(live_routes),
+	};
+	cw_errmsg e;
+	ck_assert_msg(cw_http_start(&live, &o, &e) == CW_OK, "%s", e.msg);
+	snprintf(base, sizeof(base), "http://127.0.0.1:%u", cw_http_port(live));
+}
+
+static void live_stop(void)
+{
+	cw_http_stop(live);
+	live = NULL;
+	cw_log_set_fd(2);
+}
+
+struct resp {
+	long status;
+	char body[8192];
+	size_t len;
+	char ctype[128];
+	char request_id[64];
+	char allow[64];
+};
+
+static size_t on_body(char *p, size_t sz, size_t n, void *u)
+{
+	struct resp *r = u;
+	size_t len = sz * n;
+	if (r->len + len < sizeof(r->body)) {
+		memcpy(r->body + r->len, p, len);
+		r->len += len;
+		r->body[r->len] = '\0';
+	}
+	return len;
+}
+
+static size_t on_header(char *p, size_t sz, size_t n, void *u)
+{
+	struct resp *r = u;
+	size_t len = sz * n;
+	char line[256];
+	snprintf(line, sizeof(line), "%.*s", (int)(len < 255 ? len : 255), p);
+	line[strcspn(line, "\r\n")] = '\0';
+	if (strncasecmp(line, "X-Request-Id: ", 14) == 0)
+		snprintf(r->request_id, sizeof(r->request_id), "%.63s", line + 14);
+	if (strncasecmp(line, "Allow: ", 7) == 0)
+		snprintf(r->allow, sizeof(r->allow), "%.63s", line + 7);
+	return len;
+}
+
+static CURL *easy(const char *method, const char *path, const char *body, long len, bool chunked,
+		  struct resp *out, struct curl_slist **hdrs)
+{
+	char url[256];
+	snprintf(url, sizeof(url), "%s%s", base, path);
+	CURL *c = curl_easy_init();
+	curl_easy_setopt(c, CURLOPT_URL, url);
+	curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, method);
+	curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_body);
+	curl_easy_setopt(c, CURLOPT_WRITEDATA, out);
+	curl_easy_setopt(c, CURLOPT_HEADERFUNCTION, on_header);
+	curl_easy_setopt(c, CURLOPT_HEADERDATA, out);
+	curl_easy_setopt(c, CURLOPT_TIMEOUT, 10L);
+	*hdrs = curl_slist_append(NULL, "Expect:");
+	if (body) {
+		curl_easy_setopt(c, CURLOPT_POSTFIELDS, body);
+		if (chunked)
+			*hdrs = curl_slist_append(*hdrs, "Transfer-Encoding: chunked");
+		else
+			curl_easy_setopt(c, CURLOPT_POSTFIELDSIZE, len);
+	}
+	curl_easy_setopt(c, CURLOPT_HTTPHEADER, *hdrs);
+	return c;
+}
+
+static struct resp request(const char *method, const char *path, const char *body, long len, bool chunked)
+{
+	struct resp out;
+	memset(&out, 0, sizeof(out));
+	struct curl_slist *h;
+	CURL *c = easy(method, path, body, len, chunked, &out, &h);
+	CURLcode rc = curl_easy_perform(c);
+	ck_assert_msg(rc == CURLE_OK, "%s %s: %s", method, path, curl_easy_strerror(rc));
+	curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &out.status);
+	char *ct = NULL;
+	curl_easy_getinfo(c, CURLINFO_CONTENT_TYPE, &ct);
+	snprintf(out.ctype, sizeof(out.ctype), "%s", ct ? ct : "");
+	curl_easy_cleanup(c);
+	curl_slist_free_all(h);
+	return out;
+}
+
+START_TEST(live_sync_and_errors)
+{
+	live_start();
+	struct resp r = request("GET", "/hello?name=ada", NULL, 0, false);
+	ck_assert_int_eq(r.status, 200);
+	ck_assert_str_eq(r.body, "{\"hello\":\"ada\"}");
+	ck_assert_str_eq(r.ctype, "application/json");
+	ck_assert_uint_eq(strlen(r.request_id), 16);
+
+	struct resp r2 = request("GET", "/hello", NULL, 0, false);
+	ck_assert_str_ne(r.request_id, r2.request_id);
+
+	r = request("GET", "/nowhere", NULL, 0, false);
+	ck_assert_int_eq(r.status, 404);
+	ck_assert_str_eq(r.ctype, "application/problem+json");
+	ck_assert_ptr_nonnull(strstr(r.body, "\"code\":\"not_found\""));
+
+	r = request("DELETE", "/echo", NULL, 0, false);
+	ck_assert_int_eq(r.status, 405);
+	ck_assert_str_eq(r.allow, "POST");
+
+	r = request("GET", "/silent", NULL, 0, false);
+	ck_assert_int_eq(r.status, 500);
+	ck_assert_ptr_nonnull(strstr(r.body, "\"code\":\"internal\""));
+	live_stop();
+}
+END_TEST
+
+START_TEST(live_body_cap)
+{
+	live_start();
+	static char big[10000];
+	memset(big, 'b', sizeof(big));
+	struct resp r = request("POST", "/echo", big, 4096, false);
+	ck_assert_int_eq(r.status, 201);
+	ck_assert_uint_eq(r.len, 4096);
+
+	r = request("POST", "/echo", big, 4097, false);
+	ck_assert_int_eq(r.status, 413);
+	ck_assert_ptr_nonnull(strstr(r.body, "\"code\":\"too_large\""));
+
+	/* Without a Content-Length the cap holds too. */
+	big[sizeof(big) - 1] = '\0';
+	r = request("POST", "/echo", big, -1, true);
+	ck_assert_int_eq(r.status, 413);
+
+	r = request("POST", "/echo", "small", -1, true);
+	ck_assert_int_eq(r.status, 201);
+	ck_assert_str_eq(r.body, "small");
+	live_stop();
+}
+END_TEST
+
+START_TEST(live_suspend_resume_many)
+{
+	live_start();
+	enum { N = 48 };
+	CURLM *m = curl_multi_init();
+	static struct resp out[N];
+	CURL *c[N];
+	struct curl_slist *h[N];
+	for (int i = 0; i < N; i++) {
+		memset(&out[i], 0, sizeof(out[i]));
+		c[i] = easy("GET", "/async", NULL, 0, false, &out[i], &h[i]);
+		curl_multi_add_handle(m, c[i]);
+	}
+	int running = 1;
+	while (running) {
+		curl_multi_perform(m, &running);
+		curl_multi_poll(m, NULL, 0, 100, NULL);
+	}
+	for (int i = 0; i < N; i++) {
+		curl_easy_getinfo(c[i], CURLINFO_RESPONSE_CODE, &out[i].status);
+		ck_assert_int_eq(out[i].status, 202);
+		ck_assert_str_eq(out[i].body, "done");
+		curl_multi_remove_handle(m, c[i]);
+		curl_easy_cleanup(c[i]);
+		curl_slist_free_all(h[i]);
+	}
+	curl_multi_cleanup(m);
+	ck_assert(cw_http_drain(live, 1000));
+	live_stop();
+}
+END_TEST
+
+static void *slow_client(void *arg)
+{
+	struct resp *r = arg;
+	*r = request("GET", "/async", NULL, 0, false);
+	return NULL;
+}
+
+START_TEST(live_quiesce_finishes_in_flight)
+{
+	live_start();
+	static struct resp r;
+	pthread_t t;
+	pthread_create(&t, NULL, slow_client, &r);
+	while (cw_http_in_flight(live) == 0)
+		usleep(1000);
+	cw_http_quiesce(live);
+	ck_assert(cw_http_drain(live, 5000));
+	pthread_join(t, NULL);
+	ck_assert_int_eq(r.status, 202);
+	/* No new connection is taken. */
+	char url[128];
+	snprintf(url, sizeof(url), "%s/hello", base);
+	CURL *c = curl_easy_init();
+	curl_easy_setopt(c, CURLOPT_URL, url);
+	curl_easy_setopt(c, CURLOPT_TIMEOUT, 2L);
+	curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_body);
+	struct resp sink;
+	memset(&sink, 0, sizeof(sink));
+	curl_easy_setopt(c, CURLOPT_WRITEDATA, &sink);
+	ck_assert_int_ne(curl_easy_perform(c), CURLE_OK);
+	curl_easy_cleanup(c);
+	live_stop();
+}
+END_TEST
+
+int main(void)
+{
+	curl_global_init(CURL_GLOBAL_DEFAULT);
+	Suite *s = suite_create("http");
+	TCase *tc = tcase_create("router");
+	tcase_add_test(tc, routing_table);
+	tcase_add_test(tc, overlong_segment_never_matches);
+	suite_add_tcase(s, tc);
+	TCase *live_tc = tcase_create("live");
+	tcase_set_timeout(live_tc, 30);
+	tcase_add_test(live_tc, live_sync_and_errors);
+	tcase_add_test(live_tc, live_body_cap);
+	tcase_add_test(live_tc, live_suspend_resume_many);
+	tcase_add_test(live_tc, live_quiesce_finishes_in_flight);
+	suite_add_tcase(s, live_tc);
+	int rc = unit_run(s);
+	curl_global_cleanup();
+	return rc;
+}
