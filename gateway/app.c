@@ -4,10 +4,13 @@
 #include "buf.h"
 #include "log.h"
 #include "metrics.h"
+#include "peers.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stdarg.h>
+#include <strings.h>
 #include <sys/resource.h>
 
 #define METRICS_MAX_BYTES (4L << 20)
@@ -214,5 +217,176 @@ const struct cw_route app_routes[] = {
 	{ "GET", "/healthz", h_healthz, CW_AUTH_NONE, NULL },
 	{ "GET", "/readyz", h_readyz, CW_AUTH_NONE, NULL },
 	{ "GET", "/metrics", h_metrics, CW_AUTH_NONE, NULL },
+	{ "POST", "/admin/v1/peers", peer_admin_create, CW_AUTH_ADMIN, NULL },
+	{ "GET", "/admin/v1/peers", peer_admin_list, CW_AUTH_ADMIN_READ, NULL },
+	{ "GET", "/admin/v1/peers/{name}", peer_admin_get, CW_AUTH_ADMIN_READ, NULL },
+	{ "POST", "/admin/v1/peers/{name}/disable", peer_admin_disable, CW_AUTH_ADMIN, NULL },
+	{ "POST", "/admin/v1/peers/{name}/enable", peer_admin_enable, CW_AUTH_ADMIN, NULL },
+	{ "POST", "/admin/v1/peers/{name}/rotate", peer_admin_rotate, CW_AUTH_ADMIN, NULL },
 };
 const size_t app_nroutes = CW_ARRAY_LEN(app_routes);
+
+/* ------------------------------------------------------------------ jobs */
+
+void app_reply_store_error(struct cw_app *app, struct cw_req *req, cw_err rc, const char *why)
+{
+	if (rc == CW_EUNAVAIL || rc == CW_ETIMEDOUT || rc == CW_ESHUTDOWN) {
+		char ra[16];
+		snprintf(ra, sizeof(ra), "%ld", app->cfg->db_retry_after_s);
+		cw_req_add_header(req, "Retry-After", ra);
+		cw_req_problem(req, 503, "unavailable", "Service unavailable",
+			       rc == CW_ESHUTDOWN ? "the daemon is stopping" :
+			       rc == CW_ETIMEDOUT ? "the database did not answer in time" :
+			       "the database is unavailable; nothing was stored");
+		return;
+	}
+	LOG_KV(CW_LOG_ERROR, "database job failed", "request_id", cw_req_id(req), "error", cw_strerror(rc),
+	       "detail", why);
+	cw_req_problem(req, 500, "internal", "Internal error", "the request could not be completed");
+}
+
+struct app_job *app_job_new(struct cw_app *app, struct cw_req *req,
+			    cw_err (*fn)(PGconn *, struct app_job *, cw_errmsg *))
+{
+	struct app_job *j = calloc(1, sizeof(*j));
+	if (j) {
+		j->app = app;
+		j->req = req;
+		j->fn = fn;
+	}
+	return j;
+}
+
+void app_job_fail(struct app_job *j, int status, const char *code, const char *fmt, ...)
+{
+	j->err_status = status;
+	j->err_code = code;
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(j->err_detail, sizeof(j->err_detail), fmt, ap);
+	va_end(ap);
+}
+
+static cw_err job_run(PGconn *c, void *arg, cw_errmsg *e)
+{
+	struct app_job *j = arg;
+	json_decref(j->body);
+	j->body = NULL;
+	j->status = 200;
+	j->err_code = NULL;
+	j->err_detail[0] = '\0';
+	return j->fn(c, j, e);
+}
+
+static void job_done(void *arg, cw_err rc, const cw_errmsg *e)
+{
+	struct app_job *j = arg;
+	if (rc) {
+		app_reply_store_error(j->app, j->req, rc, e ? e->msg : "");
+	} else if (j->err_code) {
+		cw_req_problem(j->req, j->err_status, j->err_code, j->err_code, j->err_detail);
+	} else {
+		if (j->after)
+			j->after(j);
+		cw_req_reply_json(j->req, j->status, j->body);
+		j->body = NULL;
+	}
+	cw_req_resume(j->req);
+	json_decref(j->body);
+	if (j->data_free)
+		j->data_free(j->data);
+	free(j);
+}
+
+void app_job_start(struct app_job *j, bool write)
+{
+	cw_req_suspend(j->req);
+	cw_err rc = write ? store_write(j->app->store, job_run, job_done, j)
+			  : store_read(j->app->store, job_run, job_done, j);
+	if (rc) {
+		cw_errmsg e;
+		cw_fail(&e, rc, "%s", cw_strerror(rc));
+		job_done(j, rc, &e);
+	}
+}
+
+json_t *app_json_body(struct cw_req *req)
+{
+	const char *ct = cw_req_header(req, "Content-Type");
+	if (!ct || strncasecmp(ct, "application/json", 16) != 0 || (ct[16] && ct[16] != ';' && ct[16] != ' ')) {
+		cw_req_problem(req, 415, "unsupported_media_type", "Unsupported media type",
+			       "the body must be application/json");
+		return NULL;
+	}
+	size_t len;
+	const char *body = cw_req_body(req, &len);
+	json_error_t err;
+	json_t *j = json_loadb(body, len, JSON_REJECT_DUPLICATES, &err);
+	if (!j || !json_is_object(j)) {
+		char detail[300];
+		if (j)
+			snprintf(detail, sizeof(detail), "the body must be a JSON object");
+		else
+			snprintf(detail, sizeof(detail), "the body is not valid JSON: %s (at byte %d)", err.text,
+				 err.position);
+		json_decref(j);
+		cw_req_problem(req, 400, "invalid_body", "Invalid body", detail);
+		return NULL;
+	}
+	return j;
+}
+
+const char *app_bearer(struct cw_req *req)
+{
+	const char *h = cw_req_header(req, "Authorization");
+	if (!h || strncasecmp(h, "Bearer ", 7) != 0)
+		return NULL;
+	h += 7;
+	while (*h == ' ')
+		h++;
+	return *h ? h : NULL;
+}
+
+/* ------------------------------------------------------------- authorize */
+
+static void unauthenticated(struct cw_req *req, const char *detail)
+{
+	cw_req_add_header(req, "WWW-Authenticate", "Bearer");
+	cw_req_problem(req, 401, "unauthenticated", "Unauthenticated", detail);
+}
+
+bool app_authorize(struct cw_req *req, enum cw_auth auth, void *ctx)
+{
+	struct cw_app *app = ctx;
+	const char *token = app_bearer(req);
+	switch (auth) {
+	case CW_AUTH_NONE:
+		return true;
+	case CW_AUTH_ADMIN:
+	case CW_AUTH_ADMIN_READ: {
+		if (!app->admin_enabled) {
+			cw_req_problem(req, 403, "admin_disabled", "Admin API disabled",
+				       "set admin.token_sha256 to enable the admin API");
+			return false;
+		}
+		unsigned char h[32];
+		if (token)
+			cw_sha256(token, strlen(token), h);
+		if (!token || !cw_ct_equal(h, app->admin_token_hash, 32)) {
+			unauthenticated(req, "a valid admin bearer token is required");
+			return false;
+		}
+		return true;
+	}
+	case CW_AUTH_PEER: {
+		struct peer_principal *p = token && strlen(token) < 128 ? peer_registry_by_token(app->peers, token) : NULL;
+		if (!p) {
+			unauthenticated(req, "a valid peer bearer token is required");
+			return false;
+		}
+		cw_req_set_principal(req, p, peer_principal_free);
+		return true;
+	}
+	}
+	return false;
+}

@@ -8,13 +8,62 @@
 #include "migrate.h"
 #include "store.h"
 
+#include <jansson.h>
+
+struct peer_registry;
+
 struct cw_app {
 	struct cw_config *cfg;
 	struct cw_store *store;
 	struct cw_http *http;
 	struct migration_set migrations;
 	int64_t started_wall_ms;
+	struct peer_registry *peers;
+	unsigned char admin_token_hash[32];
+	bool admin_enabled;
 };
+
+/* A database job on behalf of a request: the request is suspended, fn runs
+ * on a store thread (inside the group-commit transaction for a write, and
+ * then possibly more than once: it must start from the job's inputs each
+ * time), and the request is answered and resumed when the outcome is known:
+ * - the store failed (database away, deadline): 503 with Retry-After;
+ * - fn set err_code: that problem answer (nothing it wrote is kept only if
+ *   it wrote nothing: set err_code before writing);
+ * - otherwise: status with body.
+ * after (optional) runs on success, before the request is resumed. */
+struct app_job {
+	struct cw_app *app;
+	struct cw_req *req;
+	cw_err (*fn)(PGconn *c, struct app_job *j, cw_errmsg *e);
+	void (*after)(struct app_job *j);
+	void *data;                 /* the handler's inputs */
+	void (*data_free)(void *);
+	/* outputs, reset before each run of fn */
+	int status;
+	json_t *body;
+	int err_status;
+	const char *err_code;
+	char err_detail[256];
+};
+
+struct app_job *app_job_new(struct cw_app *app, struct cw_req *req,
+			    cw_err (*fn)(PGconn *, struct app_job *, cw_errmsg *));
+/* Suspends the request and queues the job (write: group commit). */
+void app_job_start(struct app_job *j, bool write);
+/* Sets a client error answer from inside fn. */
+void app_job_fail(struct app_job *j, int status, const char *code, const char *fmt, ...)
+	__attribute__((format(printf, 4, 5)));
+
+/* The HTTP front's authorize hook (see enum cw_auth). */
+bool app_authorize(struct cw_req *req, enum cw_auth auth, void *ctx);
+
+/* The answer for a store that refused or failed a job. */
+void app_reply_store_error(struct cw_app *app, struct cw_req *req, cw_err rc, const char *why);
+/* The request body as a JSON object, or NULL after answering 400/415. */
+json_t *app_json_body(struct cw_req *req);
+/* The bearer token of the Authorization header, or NULL. */
+const char *app_bearer(struct cw_req *req);
 
 /* The route table of the daemon. */
 extern const struct cw_route app_routes[];

@@ -52,6 +52,9 @@ const struct cfg_option cfg_options[] = {
 	{ "database", "startup_timeout_ms", CFG_INT, OFF(db_startup_timeout_ms), "30000", 0, 3600000, false, false,
 	  "how long start-up waits for the database before giving up" },
 
+	{ "admin", "token_sha256", CFG_STR, OFF(admin_token_sha256), "", 0, 0, false, false,
+	  "hex SHA-256 of the admin API's bearer token (causewayd --new-admin-token makes one); empty: admin API off" },
+
 	{ "log", "level", CFG_LOGLEVEL, OFF(log_level), "info", 0, 0, true, false,
 	  "error, warn, info or debug" },
 	{ "log", "access_log", CFG_BOOL, OFF(access_log), "true", 0, 0, true, false,
@@ -254,6 +257,15 @@ cw_err cfg_load(struct cw_config *c, const char *path, const char *(*getenv_fn)(
 	if (!c->db_url || !*c->db_url) {
 		cfg_free(c);
 		return cw_fail(e, CW_EINVAL, "database.url is not set (in the file or CAUSEWAY_DATABASE_URL)");
+	}
+	if (c->admin_token_sha256 && *c->admin_token_sha256) {
+		bool hex = strlen(c->admin_token_sha256) == 64;
+		for (const char *p = c->admin_token_sha256; hex && *p; p++)
+			hex = (*p >= '0' && *p <= '9') || (*p >= 'a' && *p <= 'f');
+		if (!hex) {
+			cfg_free(c);
+			return cw_fail(e, CW_EINVAL, "admin.token_sha256 must be 64 lower-case hex digits");
+		}
 	}
 	if (!c->listen_address || !*c->listen_address) {
 		cfg_free(c);

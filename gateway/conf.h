@@ -28,6 +28,8 @@ struct cw_config {
 	long db_retry_after_s;
 	long db_reconnect_max_ms;
 	long db_startup_timeout_ms;
+	/* [admin] */
+	char *admin_token_sha256;
 	/* [log] */
 	long log_level;
 	bool access_log;

@@ -3,6 +3,8 @@
 #include "cw.h"
 
 #include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <string.h>
 #include <openssl/rand.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -68,4 +70,51 @@ void cw_hex(char *out, const unsigned char *in, size_t n)
 bool cw_ct_equal(const void *a, const void *b, size_t n)
 {
 	return CRYPTO_memcmp(a, b, n) == 0;
+}
+
+size_t cw_b64_encode(char *out, size_t outlen, const unsigned char *in, size_t n)
+{
+	size_t need = 4 * ((n + 2) / 3) + 1;
+	if (outlen < need || n > (size_t)1 << 30)
+		return 0;
+	return (size_t)EVP_EncodeBlock((unsigned char *)out, in, (int)n);
+}
+
+size_t cw_b64url_encode(char *out, size_t outlen, const unsigned char *in, size_t n)
+{
+	size_t len = cw_b64_encode(out, outlen, in, n);
+	while (len && out[len - 1] == '=')
+		out[--len] = '\0';
+	for (size_t i = 0; i < len; i++)
+		out[i] = out[i] == '+' ? '-' : out[i] == '/' ? '_' : out[i];
+	return len;
+}
+
+long cw_b64_decode(unsigned char *out, size_t outlen, const char *in)
+{
+	size_t len = strlen(in);
+	if (len == 0 || len % 4 != 0 || len > (size_t)1 << 30 || outlen < len / 4 * 3)
+		return -1;
+	for (size_t i = 0; i < len; i++) {
+		char ch = in[i];
+		bool ok = (ch >= 'A' && ch <= 'Z') || (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') ||
+			  ch == '+' || ch == '/' || (ch == '=' && i >= len - 2);
+		if (!ok || (i == len - 2 && ch == '=' && in[len - 1] != '='))
+			return -1;
+	}
+	int n = EVP_DecodeBlock(out, (const unsigned char *)in, (int)len);
+	if (n < 0)
+		return -1;
+	/* EVP_DecodeBlock counts padding as zero bytes. */
+	if (in[len - 1] == '=')
+		n--;
+	if (in[len - 2] == '=')
+		n--;
+	return n;
+}
+
+void cw_sha256(const void *in, size_t n, unsigned char out[32])
+{
+	unsigned int len = 0;
+	EVP_Digest(in, n, out, &len, EVP_sha256(), NULL);
 }

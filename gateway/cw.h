@@ -41,6 +41,16 @@ cw_err cw_random(void *buf, size_t n);
 /* Writes 2*n lower-case hex digits and a NUL into out (size >= 2n+1). */
 void cw_hex(char *out, const unsigned char *in, size_t n);
 
+/* Base64 (RFC 4648 §4, padded) and base64url (§5, unpadded).  encode
+ * writes a NUL-terminated string and returns its length, or 0 if out is too
+ * small; decode returns the byte count, or -1 for bad input or no room. */
+size_t cw_b64_encode(char *out, size_t outlen, const unsigned char *in, size_t n);
+size_t cw_b64url_encode(char *out, size_t outlen, const unsigned char *in, size_t n);
+long cw_b64_decode(unsigned char *out, size_t outlen, const char *in);
+
+/* SHA-256 of n bytes into out[32]. */
+void cw_sha256(const void *in, size_t n, unsigned char out[32]);
+
 /* Constant-time equality of two byte strings of equal length. */
 bool cw_ct_equal(const void *a, const void *b, size_t n);
 

@@ -36,6 +36,9 @@ struct cw_req {
 	struct MHD_Connection *conn;
 	char *method;
 	char *path;
+	char *raw_target;
+	void *principal;
+	void (*principal_free)(void *);
 	char id[32];
 	int64_t start_us;
 	int route;
@@ -113,6 +116,16 @@ int cw_route_match(const struct cw_route *routes, size_t n, const char *method,
 const char *cw_req_method(const struct cw_req *r) { return r->method; }
 const char *cw_req_path(const struct cw_req *r) { return r->path; }
 const char *cw_req_id(const struct cw_req *r) { return r->id; }
+const char *cw_req_raw_target(const struct cw_req *r) { return r->raw_target ? r->raw_target : r->path; }
+void *cw_req_principal(const struct cw_req *r) { return r->principal; }
+
+void cw_req_set_principal(struct cw_req *r, void *principal, void (*free_fn)(void *))
+{
+	if (r->principal && r->principal_free)
+		r->principal_free(r->principal);
+	r->principal = principal;
+	r->principal_free = free_fn;
+}
 
 const char *cw_req_param(const struct cw_req *r, const char *name)
 {
@@ -200,6 +213,8 @@ void cw_req_resume(struct cw_req *r)
 
 static void free_req(struct cw_req *r)
 {
+	cw_req_set_principal(r, NULL, NULL);
+	free(r->raw_target);
 	free(r->method);
 	free(r->path);
 	free(r->body);
@@ -231,8 +246,12 @@ static enum MHD_Result queue_reply(struct cw_req *r)
 	return ret;
 }
 
-static struct cw_req *new_req(struct cw_http *h, struct MHD_Connection *conn, const char *url, const char *method)
+/* libmicrohttpd calls this once per request, before the headers are read,
+ * with the raw request target; what it returns becomes the request's
+ * con_cls, so the request object is made here. */
+static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn)
 {
+	struct cw_http *h = cls;
 	struct cw_req *r = calloc(1, sizeof(*r));
 	if (!r)
 		return NULL;
@@ -240,14 +259,10 @@ static struct cw_req *new_req(struct cw_http *h, struct MHD_Connection *conn, co
 	r->conn = conn;
 	r->start_us = cw_now_us();
 	r->route = -1;
-	r->method = strdup(method);
-	r->path = strdup(url);
-	if (!r->method || !r->path) {
-		free_req(r);
-		return NULL;
-	}
+	r->raw_target = strdup(uri ? uri : "");
 	uint_fast64_t n = atomic_fetch_add(&h->next_id, 1);
 	snprintf(r->id, sizeof(r->id), "%s%08llx", h->id_prefix, (unsigned long long)n);
+	atomic_fetch_add(&h->in_flight, 1);
 	return r;
 }
 
@@ -282,7 +297,11 @@ static void dispatch(struct cw_req *r)
 		return;
 	}
 	cw_log_set_request_id(r->id);
-	h->o.routes[r->route].handler(r, h->o.ctx);
+	const struct cw_route *route = &h->o.routes[r->route];
+	if (route->auth == CW_AUTH_NONE || (h->o.authorize && h->o.authorize(r, route->auth, h->o.ctx)))
+		route->handler(r, h->o.ctx);
+	else if (!r->replied)
+		cw_req_problem(r, 401, "unauthenticated", "Unauthenticated", "credentials are required");
 	cw_log_set_request_id(NULL);
 }
 
@@ -292,12 +311,13 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 {
 	struct cw_http *h = cls;
 	struct cw_req *r = *con_cls;
-	if (!r) {
-		r = new_req(h, conn, url, method);
-		if (!r)
+	if (!r)
+		return MHD_NO; /* on_uri could not allocate */
+	if (!r->method) {
+		r->method = strdup(method);
+		r->path = strdup(url);
+		if (!r->method || !r->path || !r->raw_target)
 			return MHD_NO;
-		*con_cls = r;
-		atomic_fetch_add(&h->in_flight, 1);
 		const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
 		if (cl) {
 			char *end;
@@ -432,6 +452,7 @@ cw_err cw_http_start(struct cw_http **out, const struct cw_http_opts *o, cw_errm
 				MHD_OPTION_CONNECTION_LIMIT, (unsigned)o->connection_limit,
 				MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)o->connection_timeout_s,
 				MHD_OPTION_NOTIFY_COMPLETED, on_completed, h,
+				MHD_OPTION_URI_LOG_CALLBACK, on_uri, h,
 				MHD_OPTION_LISTENING_ADDRESS_REUSE, (unsigned)1,
 				MHD_OPTION_END);
 	freeaddrinfo(ai);

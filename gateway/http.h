@@ -12,7 +12,14 @@ struct cw_http;
 struct cw_req;
 struct cw_metrics;
 
-enum cw_auth { CW_AUTH_NONE = 0 }; /* later: peer, admin, homeserver */
+/* Who may call a route.  The daemon's authorize hook checks it before the
+ * handler runs (and sets a problem answer when it refuses). */
+enum cw_auth {
+	CW_AUTH_NONE = 0,
+	CW_AUTH_ADMIN_READ,  /* an admin token (any role) */
+	CW_AUTH_ADMIN,       /* an admin token allowed to change things */
+	CW_AUTH_PEER,        /* a peer's bearer token and request signature */
+};
 
 typedef void (*cw_handler)(struct cw_req *req, void *ctx);
 
@@ -51,6 +58,9 @@ struct cw_http_opts {
 	const struct cw_route *routes;
 	size_t nroutes;
 	void *ctx;                 /* passed to every handler */
+	/* Called before the handler of a route whose auth is not NONE; returns
+	 * false after setting the answer (401, 403 …) to refuse. */
+	bool (*authorize)(struct cw_req *r, enum cw_auth auth, void *ctx);
 };
 
 cw_err cw_http_start(struct cw_http **out, const struct cw_http_opts *o, cw_errmsg *e);
@@ -77,6 +87,14 @@ const char *cw_req_param(const struct cw_req *r, const char *name);
 /* Header or query argument; valid only inside the handler call. */
 const char *cw_req_header(struct cw_req *r, const char *name);
 const char *cw_req_query(struct cw_req *r, const char *name);
+/* The request target exactly as the client sent it (path and query, not
+ * decoded), as needed for @target-uri in request signatures. */
+const char *cw_req_raw_target(const struct cw_req *r);
+/* Who the authorize hook found (a peer, an admin token); owned by the
+ * request, freed with free_fn when the request ends. */
+void cw_req_set_principal(struct cw_req *r, void *principal, void (*free_fn)(void *));
+void *cw_req_principal(const struct cw_req *r);
+
 /* The whole body (NUL-terminated; may contain NULs, use len). */
 const char *cw_req_body(const struct cw_req *r, size_t *len);
 

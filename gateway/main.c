@@ -2,6 +2,7 @@
 #include "config.h"
 #include "app.h"
 #include "log.h"
+#include "peers.h"
 
 #include <getopt.h>
 #include <pthread.h>
@@ -19,10 +20,28 @@ static void usage(FILE *out)
 		"       causewayd --check-config FILE   validate a configuration file and exit\n"
 		"       causewayd --migrate [--config FILE]  apply the schema migrations and exit\n"
 		"       causewayd --list-options        print the option table and exit\n"
+		"       causewayd --new-admin-token     print a new admin token and its admin.token_sha256\n"
 		"       causewayd --version | --help\n"
 		"Every option can also be set by the environment: CAUSEWAY_<SECTION>_<NAME>,\n"
 		"e.g. CAUSEWAY_DATABASE_URL. The configuration file may also be named by\n"
 		"CAUSEWAY_CONFIG.\n");
+}
+
+/* Prints a random admin token and the hash that goes into the config. */
+static int new_admin_token(void)
+{
+	unsigned char raw[32], h[32];
+	char token[64], hex[65];
+	if (cw_random(raw, sizeof(raw))) {
+		fprintf(stderr, "causewayd: no randomness\n");
+		return 1;
+	}
+	memcpy(token, "cwa_", 4);
+	cw_b64url_encode(token + 4, sizeof(token) - 4, raw, sizeof(raw));
+	cw_sha256(token, strlen(token), h);
+	cw_hex(hex, h, sizeof(h));
+	printf("token = %s\n[admin]\ntoken_sha256 = %s\n", token, hex);
+	return 0;
 }
 
 /* Connects, retrying until the start-up timeout, so that the daemon and its
@@ -90,6 +109,7 @@ int main(int argc, char **argv)
 		{ "check-config", required_argument, NULL, 'C' },
 		{ "migrate", no_argument, NULL, 'm' },
 		{ "list-options", no_argument, NULL, 'L' },
+		{ "new-admin-token", no_argument, NULL, 'T' },
 		{ "version", no_argument, NULL, 'V' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
@@ -104,6 +124,7 @@ int main(int argc, char **argv)
 		case 'C': check_path = optarg; break;
 		case 'm': only_migrate = true; break;
 		case 'L': cfg_list_options(stdout); return 0;
+		case 'T': return new_admin_token();
 		case 'V': printf("causewayd %s\n", PACKAGE_VERSION); return 0;
 		case 'h': usage(stdout); return 0;
 		default: usage(stderr); return 2;
@@ -168,6 +189,21 @@ int main(int argc, char **argv)
 	int exit_code = 1;
 	if (run_migrations(&cfg, &app.migrations, true))
 		goto out_migrations;
+	if (cfg.admin_token_sha256 && *cfg.admin_token_sha256) {
+		for (int i = 0; i < 32; i++)
+			sscanf(cfg.admin_token_sha256 + 2 * i, "%2hhx", &app.admin_token_hash[i]);
+		app.admin_enabled = true;
+	}
+	app.peers = peer_registry_new();
+	{
+		PGconn *c = connect_at_start(&cfg, &e);
+		if (!c || peer_registry_load(app.peers, c, &e)) {
+			LOG_KV(CW_LOG_ERROR, "cannot load the peers", "detail", e.msg);
+			PQfinish(c);
+			goto out_migrations;
+		}
+		PQfinish(c);
+	}
 
 	struct store_opts so = {
 		.url = cfg.db_url,
@@ -192,6 +228,7 @@ int main(int argc, char **argv)
 		.routes = app_routes,
 		.nroutes = app_nroutes,
 		.ctx = &app,
+		.authorize = app_authorize,
 	};
 	if (cw_http_start(&app.http, &ho, &e)) {
 		LOG_KV(CW_LOG_ERROR, "cannot start the HTTP front", "detail", e.msg);
@@ -243,6 +280,7 @@ int main(int argc, char **argv)
 out_store:
 	store_close(app.store);
 out_migrations:
+	peer_registry_free(app.peers);
 	migration_set_free(&app.migrations);
 	cfg_free(&cfg);
 	return exit_code;

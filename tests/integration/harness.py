@@ -21,6 +21,14 @@ CAUSEWAYD = os.path.join(TOP_BUILDDIR, "causewayd")
 SCHEMA_DIR = os.path.join(TOP_SRCDIR, "schema")
 
 
+import hashlib
+
+# The admin token every test daemon is configured with (only its hash is in
+# the daemon's configuration).
+ADMIN_TOKEN = "cwa_test-admin-token"
+ADMIN_HEADERS = {"Authorization": "Bearer " + ADMIN_TOKEN}
+
+
 def parse_logfmt(line):
     """key=value pairs of one logfmt record, with quoted values unescaped."""
     out = {}
@@ -95,6 +103,7 @@ class Daemon:
             "database": {"url": db_url, "schema_dir": schema_dir, "startup_timeout_ms": "2000",
                          "reconnect_max_ms": "500"},
             "log": {"level": "info"},
+            "admin": {"token_sha256": hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest()},
         }
         for section, values in (options or {}).items():
             self.options.setdefault(section, {}).update(values)
@@ -167,6 +176,12 @@ class Daemon:
         kw.setdefault("timeout", 10)
         return requests.request(method, self.url + path, **kw)
 
+    def admin(self, method, path, **kw):
+        """A call to /admin/v1 with the admin token."""
+        headers = dict(ADMIN_HEADERS)
+        headers.update(kw.pop("headers", {}))
+        return self.request(method, "/admin/v1" + path, headers=headers, **kw)
+
     def signal(self, sig):
         self.proc.send_signal(sig)
 
@@ -209,5 +224,5 @@ def wait_until(fn, timeout=15, interval=0.1, what="condition"):
     raise AssertionError(f"{what} not reached in {timeout}s (last: {last!r})")
 
 
-__all__ = ["Postgres", "Daemon", "run_causewayd", "wait_until", "parse_logfmt", "free_port",
+__all__ = ["ADMIN_TOKEN", "ADMIN_HEADERS", "Postgres", "Daemon", "run_causewayd", "wait_until", "parse_logfmt", "free_port",
            "TOP_SRCDIR", "TOP_BUILDDIR", "SCHEMA_DIR", "CAUSEWAYD", "shlex"]

@@ -75,7 +75,7 @@ def test_usage_errors():
 def test_docs_list_exactly_the_options_of_the_table():
     table = options()
     doc = open(os.path.join(TOP_SRCDIR, "docs", "configuration.md")).read()
-    documented = set(re.findall(r"^\| `([a-z_]+\.[a-z_]+)` \|", doc, re.M))
+    documented = set(re.findall(r"^\| `([a-z0-9_]+\.[a-z0-9_]+)` \|", doc, re.M))
     assert documented == set(table), (
         f"only in code: {sorted(set(table) - documented)}; only in docs: {sorted(documented - set(table))}")
     for name, row in table.items():
@@ -93,7 +93,7 @@ def test_example_config_lists_every_option_with_its_default():
         if m:
             section = m.group(1)
             continue
-        m = re.match(r"^;?\s*([a-z_]+)\s*=\s*(.*)$", line)
+        m = re.match(r"^;?\s*([a-z0-9_]+)\s*=\s*(.*)$", line)
         if m and section:
             seen[f"{section}.{m.group(1)}"] = m.group(2).strip()
     assert set(seen) == set(table), f"differ: {sorted(set(seen) ^ set(table))}"

@@ -1,0 +1,553 @@
+/* The peer registry and the /admin/v1/peers endpoints. */
+#include "config.h"
+#include "peers.h"
+#include "app.h"
+#include "log.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define TOKEN_PREFIX "cwp_"
+
+struct peer_entry {
+	int64_t id;
+	char name[PEER_NAME_MAX];
+	char domain[PEER_DOMAIN_MAX];
+	unsigned char token_hash[32];
+	EVP_PKEY *key;
+	bool enabled;
+};
+
+struct snapshot {
+	int refs; /* under the registry's mutex */
+	size_t n;
+	struct peer_entry *e;
+};
+
+struct peer_registry {
+	pthread_mutex_t mu;
+	struct snapshot *snap;
+};
+
+static void snapshot_unref(struct peer_registry *r, struct snapshot *s)
+{
+	if (!s)
+		return;
+	pthread_mutex_lock(&r->mu);
+	bool last = --s->refs == 0;
+	pthread_mutex_unlock(&r->mu);
+	if (!last)
+		return;
+	for (size_t i = 0; i < s->n; i++)
+		EVP_PKEY_free(s->e[i].key);
+	free(s->e);
+	free(s);
+}
+
+struct peer_registry *peer_registry_new(void)
+{
+	struct peer_registry *r = calloc(1, sizeof(*r));
+	if (!r)
+		return NULL;
+	pthread_mutex_init(&r->mu, NULL);
+	r->snap = calloc(1, sizeof(*r->snap));
+	if (!r->snap) {
+		free(r);
+		return NULL;
+	}
+	r->snap->refs = 1;
+	return r;
+}
+
+void peer_registry_free(struct peer_registry *r)
+{
+	if (!r)
+		return;
+	snapshot_unref(r, r->snap);
+	pthread_mutex_destroy(&r->mu);
+	free(r);
+}
+
+void peer_principal_free(void *p)
+{
+	struct peer_principal *pp = p;
+	if (!pp)
+		return;
+	EVP_PKEY_free(pp->key);
+	free(pp);
+}
+
+cw_err peer_registry_load(struct peer_registry *r, PGconn *c, cw_errmsg *e)
+{
+	PGresult *res = PQexecParams(c, "SELECT id, name, domain, token_hash, ed25519_public_key, enabled "
+					"FROM peers ORDER BY id", 0, NULL, NULL, NULL, NULL, 1);
+	if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+		cw_err rc = store_result_err(c, res, e);
+		PQclear(res);
+		return rc;
+	}
+	int n = PQntuples(res);
+	struct snapshot *s = calloc(1, sizeof(*s));
+	struct peer_entry *entries = calloc((size_t)n + 1, sizeof(*entries));
+	if (!s || !entries) {
+		free(s);
+		free(entries);
+		PQclear(res);
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	}
+	s->e = entries;
+	s->refs = 1;
+	for (int i = 0; i < n; i++) {
+		struct peer_entry *p = &entries[s->n];
+		/* Binary results: int8 in network order. */
+		const unsigned char *idb = (const unsigned char *)PQgetvalue(res, i, 0);
+		int64_t id = 0;
+		for (int k = 0; k < 8; k++)
+			id = (id << 8) | idb[k];
+		p->id = id;
+		snprintf(p->name, sizeof(p->name), "%.*s", PQgetlength(res, i, 1), PQgetvalue(res, i, 1));
+		snprintf(p->domain, sizeof(p->domain), "%.*s", PQgetlength(res, i, 2), PQgetvalue(res, i, 2));
+		if (PQgetlength(res, i, 3) != 32 || PQgetlength(res, i, 4) != 32)
+			continue; /* the table's checks make this impossible */
+		memcpy(p->token_hash, PQgetvalue(res, i, 3), 32);
+		p->key = EVP_PKEY_new_raw_public_key(EVP_PKEY_ED25519, NULL,
+						     (const unsigned char *)PQgetvalue(res, i, 4), 32);
+		p->enabled = PQgetvalue(res, i, 5)[0] != 0;
+		if (p->key)
+			s->n++;
+	}
+	PQclear(res);
+	pthread_mutex_lock(&r->mu);
+	struct snapshot *old = r->snap;
+	r->snap = s;
+	pthread_mutex_unlock(&r->mu);
+	snapshot_unref(r, old);
+	return CW_OK;
+}
+
+static struct snapshot *snapshot_get(struct peer_registry *r)
+{
+	pthread_mutex_lock(&r->mu);
+	struct snapshot *s = r->snap;
+	s->refs++;
+	pthread_mutex_unlock(&r->mu);
+	return s;
+}
+
+size_t peer_registry_count(struct peer_registry *r)
+{
+	struct snapshot *s = snapshot_get(r);
+	size_t n = s->n;
+	snapshot_unref(r, s);
+	return n;
+}
+
+struct peer_principal *peer_registry_by_token(struct peer_registry *r, const char *token)
+{
+	unsigned char h[32];
+	cw_sha256(token, strlen(token), h);
+	struct snapshot *s = snapshot_get(r);
+	struct peer_principal *found = NULL;
+	const struct peer_entry *match = NULL;
+	/* Every entry is compared, so the time does not say which one matched. */
+	for (size_t i = 0; i < s->n; i++)
+		if (cw_ct_equal(h, s->e[i].token_hash, 32) && s->e[i].enabled)
+			match = &s->e[i];
+	if (match && (found = calloc(1, sizeof(*found)))) {
+		found->id = match->id;
+		memcpy(found->name, match->name, sizeof(found->name));
+		memcpy(found->domain, match->domain, sizeof(found->domain));
+		EVP_PKEY_up_ref(match->key);
+		found->key = match->key;
+	}
+	snapshot_unref(r, s);
+	return found;
+}
+
+struct reload_job {
+	struct peer_registry *r;
+};
+
+static cw_err reload_fn(PGconn *c, void *arg, cw_errmsg *e)
+{
+	struct reload_job *j = arg;
+	return peer_registry_load(j->r, c, e);
+}
+
+static void reload_done(void *arg, cw_err rc, const cw_errmsg *e)
+{
+	if (rc)
+		LOG_KV(CW_LOG_WARN, "peer registry reload failed", "detail", e->msg);
+	free(arg);
+}
+
+void peer_registry_reload_async(struct peer_registry *r, struct cw_store *s)
+{
+	struct reload_job *j = malloc(sizeof(*j));
+	if (!j)
+		return;
+	j->r = r;
+	if (store_read(s, reload_fn, reload_done, j))
+		free(j);
+}
+
+/* ------------------------------------------------------------ validators */
+
+bool peer_name_valid(const char *s)
+{
+	size_t n = strlen(s);
+	if (n == 0 || n > 32)
+		return false;
+	for (size_t i = 0; i < n; i++) {
+		char ch = s[i];
+		bool ok = (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') || (i > 0 && (ch == '_' || ch == '-'));
+		if (!ok)
+			return false;
+	}
+	return true;
+}
+
+bool peer_domain_valid(const char *s)
+{
+	size_t n = strlen(s), label = 0;
+	if (n == 0 || n > 253 || !strchr(s, '.'))
+		return false;
+	for (size_t i = 0; i <= n; i++) {
+		char ch = s[i];
+		if (ch == '.' || ch == '\0') {
+			if (label == 0 || label > 63 || s[i - 1] == '-')
+				return false;
+			label = 0;
+			continue;
+		}
+		bool ok = (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') || (ch == '-' && label > 0);
+		if (!ok)
+			return false;
+		label++;
+	}
+	return true;
+}
+
+bool peer_url_valid(const char *s)
+{
+	size_t n = strlen(s);
+	if (n > PEER_URL_MAX || (strncmp(s, "https://", 8) != 0 && strncmp(s, "http://", 7) != 0))
+		return false;
+	const char *host = strstr(s, "://") + 3;
+	if (!*host || *host == '/')
+		return false;
+	for (const unsigned char *p = (const unsigned char *)s; *p; p++)
+		if (*p <= ' ' || *p >= 0x7f || *p == '#')
+			return false;
+	return true;
+}
+
+/* ------------------------------------------------------------ admin API */
+
+struct peer_input {
+	char name[PEER_NAME_MAX];
+	char domain[PEER_DOMAIN_MAX];
+	char mode[8];
+	char url[PEER_URL_MAX + 1];
+	bool has_url;
+	unsigned char key[32];
+	bool has_key;
+	char token[64];
+	unsigned char token_hash[32];
+	bool enable; /* for enable/disable */
+};
+
+static void new_token(struct peer_input *in)
+{
+	unsigned char raw[32];
+	cw_random(raw, sizeof(raw));
+	memcpy(in->token, TOKEN_PREFIX, sizeof(TOKEN_PREFIX) - 1);
+	cw_b64url_encode(in->token + sizeof(TOKEN_PREFIX) - 1, sizeof(in->token) - sizeof(TOKEN_PREFIX) + 1,
+			 raw, sizeof(raw));
+	cw_sha256(in->token, strlen(in->token), in->token_hash);
+}
+
+/* Reads public_key (base64 of the raw 32-byte Ed25519 key) if present;
+ * false after answering 400. */
+static bool read_key(struct cw_req *req, json_t *body, struct peer_input *in, bool required)
+{
+	json_t *k = json_object_get(body, "public_key");
+	if (!k && !required)
+		return true;
+	unsigned char raw[64];
+	if (!json_is_string(k) || json_string_length(k) > 64 ||
+	    cw_b64_decode(raw, sizeof(raw), json_string_value(k)) != 32) {
+		cw_req_problem(req, 400, "invalid_body", "Invalid body",
+			       "public_key must be the base64 of a raw 32-byte Ed25519 public key");
+		return false;
+	}
+	EVP_PKEY *pk = EVP_PKEY_new_raw_public_key(EVP_PKEY_ED25519, NULL, raw, 32);
+	if (!pk) {
+		cw_req_problem(req, 400, "invalid_body", "Invalid body", "public_key is not an Ed25519 public key");
+		return false;
+	}
+	EVP_PKEY_free(pk);
+	memcpy(in->key, raw, 32);
+	in->has_key = true;
+	return true;
+}
+
+static const char *str_field(json_t *body, const char *name)
+{
+	json_t *v = json_object_get(body, name);
+	return json_is_string(v) ? json_string_value(v) : NULL;
+}
+
+static cw_err audit(PGconn *c, const char *action, const char *subject, const char *details, cw_errmsg *e)
+{
+	const char *params[] = { action, subject, details };
+	PGresult *r = PQexecParams(c, "INSERT INTO audit_log (actor, action, subject, details) "
+				      "VALUES ('admin', $1, $2, $3::jsonb)", 3, NULL, params, NULL, NULL, 0);
+	cw_err rc = PQresultStatus(r) == PGRES_COMMAND_OK ? CW_OK : store_result_err(c, r, e);
+	PQclear(r);
+	return rc;
+}
+
+static json_t *peer_row_json(PGresult *r, int i)
+{
+	json_t *o = json_pack("{s:s, s:s, s:s, s:s, s:b, s:s}",
+			      "name", PQgetvalue(r, i, 0), "domain", PQgetvalue(r, i, 1),
+			      "mode", PQgetvalue(r, i, 2), "public_key", PQgetvalue(r, i, 4),
+			      "enabled", PQgetvalue(r, i, 5)[0] == 't', "created_at", PQgetvalue(r, i, 6));
+	json_object_set_new(o, "push_url", PQgetisnull(r, i, 3) ? json_null() : json_string(PQgetvalue(r, i, 3)));
+	json_object_set_new(o, "updated_at", json_string(PQgetvalue(r, i, 7)));
+	json_object_set_new(o, "disabled_at", PQgetisnull(r, i, 8) ? json_null() : json_string(PQgetvalue(r, i, 8)));
+	return o;
+}
+
+#define PEER_COLUMNS \
+	"name, domain, mode, push_url, translate(encode(ed25519_public_key, 'base64'), E'\\n', ''), " \
+	"enabled, to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), " \
+	"to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), " \
+	"to_char(disabled_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
+
+static void reload_after(struct app_job *j)
+{
+	peer_registry_reload_async(j->app->peers, j->app->store);
+}
+
+static cw_err create_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
+{
+	struct peer_input *in = j->data;
+	const char *params[] = { in->name, in->domain, in->mode, in->has_url ? in->url : NULL,
+				 (const char *)in->key, (const char *)in->token_hash };
+	const int lens[] = { 0, 0, 0, 0, 32, 32 };
+	const int fmts[] = { 0, 0, 0, 0, 1, 1 };
+	PGresult *r = PQexecParams(c, "INSERT INTO peers (name, domain, mode, push_url, ed25519_public_key, token_hash) "
+				      "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING " PEER_COLUMNS,
+				   6, NULL, params, lens, fmts, 0);
+	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+		cw_err rc = store_result_err(c, r, e);
+		PQclear(r);
+		return rc;
+	}
+	if (PQntuples(r) == 0) {
+		PQclear(r);
+		app_job_fail(j, 409, "conflict", "a peer with that name or domain exists");
+		return CW_OK;
+	}
+	json_t *o = peer_row_json(r, 0);
+	PQclear(r);
+	json_object_set_new(o, "token", json_string(in->token));
+	j->body = o;
+	j->status = 201;
+	char details[512];
+	snprintf(details, sizeof(details), "{\"domain\": \"%s\", \"mode\": \"%s\"}", in->domain, in->mode);
+	return audit(c, "peer.create", in->name, details, e);
+}
+
+void peer_admin_create(struct cw_req *req, void *ctx)
+{
+	struct cw_app *app = ctx;
+	json_t *body = app_json_body(req);
+	if (!body)
+		return;
+	struct peer_input *in = calloc(1, sizeof(*in));
+	const char *name = str_field(body, "name"), *domain = str_field(body, "domain");
+	const char *mode = str_field(body, "mode"), *url = str_field(body, "push_url");
+	const char *bad = NULL;
+	if (!in)
+		bad = "out of memory";
+	else if (!name || !peer_name_valid(name))
+		bad = "name must be 1 to 32 of a-z, 0-9, '_' and '-', starting with a letter or digit";
+	else if (!domain || !peer_domain_valid(domain))
+		bad = "domain must be a lower-case DNS name such as wa.example";
+	else if (mode && strcmp(mode, "push") != 0 && strcmp(mode, "pull") != 0)
+		bad = "mode must be push or pull";
+	else if ((!mode || strcmp(mode, "push") == 0) && !url)
+		bad = "a push peer needs push_url";
+	else if (json_object_get(body, "push_url") && !json_is_null(json_object_get(body, "push_url")) &&
+		 (!url || !peer_url_valid(url)))
+		bad = "push_url must be an http:// or https:// URL of at most 2048 bytes";
+	if (bad) {
+		cw_req_problem(req, 400, "invalid_body", "Invalid body", bad);
+		free(in);
+		json_decref(body);
+		return;
+	}
+	if (!read_key(req, body, in, true)) {
+		free(in);
+		json_decref(body);
+		return;
+	}
+	snprintf(in->name, sizeof(in->name), "%s", name);
+	snprintf(in->domain, sizeof(in->domain), "%s", domain);
+	snprintf(in->mode, sizeof(in->mode), "%s", mode ? mode : "push");
+	if (url) {
+		snprintf(in->url, sizeof(in->url), "%s", url);
+		in->has_url = true;
+	}
+	json_decref(body);
+	new_token(in);
+	struct app_job *j = app_job_new(app, req, create_fn);
+	j->data = in;
+	j->data_free = free;
+	j->after = reload_after;
+	app_job_start(j, true);
+}
+
+static cw_err list_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
+{
+	const char *name = j->data;
+	PGresult *r = name ? PQexecParams(c, "SELECT " PEER_COLUMNS " FROM peers WHERE name = $1", 1, NULL,
+					  &name, NULL, NULL, 0)
+			   : PQexec(c, "SELECT " PEER_COLUMNS " FROM peers ORDER BY name");
+	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+		cw_err rc = store_result_err(c, r, e);
+		PQclear(r);
+		return rc;
+	}
+	if (name) {
+		if (PQntuples(r) == 0)
+			app_job_fail(j, 404, "not_found", "no peer of that name");
+		else
+			j->body = peer_row_json(r, 0);
+	} else {
+		json_t *arr = json_array();
+		for (int i = 0; i < PQntuples(r); i++)
+			json_array_append_new(arr, peer_row_json(r, i));
+		j->body = json_pack("{s:o}", "peers", arr);
+	}
+	PQclear(r);
+	return CW_OK;
+}
+
+void peer_admin_list(struct cw_req *req, void *ctx)
+{
+	app_job_start(app_job_new(ctx, req, list_fn), false);
+}
+
+void peer_admin_get(struct cw_req *req, void *ctx)
+{
+	const char *name = cw_req_param(req, "name");
+	if (!peer_name_valid(name)) {
+		cw_req_problem(req, 404, "not_found", "Not found", "no peer of that name");
+		return;
+	}
+	struct app_job *j = app_job_new(ctx, req, list_fn);
+	j->data = strdup(name);
+	j->data_free = free;
+	app_job_start(j, false);
+}
+
+/* enable, disable and rotate: one UPDATE each. */
+static cw_err update_fn(PGconn *c, struct app_job *j, cw_errmsg *e, const char *sql, const char *action,
+			int nparams, const char *const *params, const int *lens, const int *fmts)
+{
+	struct peer_input *in = j->data;
+	PGresult *r = PQexecParams(c, sql, nparams, NULL, params, lens, fmts, 0);
+	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+		cw_err rc = store_result_err(c, r, e);
+		PQclear(r);
+		return rc;
+	}
+	if (PQntuples(r) == 0) {
+		PQclear(r);
+		app_job_fail(j, 404, "not_found", "no peer of that name");
+		return CW_OK;
+	}
+	j->body = peer_row_json(r, 0);
+	PQclear(r);
+	return audit(c, action, in->name, "{}", e);
+}
+
+static cw_err enable_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
+{
+	struct peer_input *in = j->data;
+	const char *params[] = { in->name, in->enable ? "t" : "f" };
+	return update_fn(c, j, e,
+			 "UPDATE peers SET enabled = $2::boolean, updated_at = now(), "
+			 "disabled_at = CASE WHEN $2::boolean THEN NULL ELSE coalesce(disabled_at, now()) END "
+			 "WHERE name = $1 RETURNING " PEER_COLUMNS,
+			 in->enable ? "peer.enable" : "peer.disable", 2, params, NULL, NULL);
+}
+
+static void set_enabled(struct cw_req *req, void *ctx, bool enable)
+{
+	const char *name = cw_req_param(req, "name");
+	if (!peer_name_valid(name)) {
+		cw_req_problem(req, 404, "not_found", "Not found", "no peer of that name");
+		return;
+	}
+	struct peer_input *in = calloc(1, sizeof(*in));
+	snprintf(in->name, sizeof(in->name), "%s", name);
+	in->enable = enable;
+	struct app_job *j = app_job_new(ctx, req, enable_fn);
+	j->data = in;
+	j->data_free = free;
+	j->after = reload_after;
+	app_job_start(j, true);
+}
+
+void peer_admin_disable(struct cw_req *req, void *ctx) { set_enabled(req, ctx, false); }
+void peer_admin_enable(struct cw_req *req, void *ctx) { set_enabled(req, ctx, true); }
+
+static cw_err rotate_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
+{
+	struct peer_input *in = j->data;
+	const char *params[] = { in->name, (const char *)in->token_hash, in->has_key ? (const char *)in->key : NULL };
+	const int lens[] = { 0, 32, 32 };
+	const int fmts[] = { 0, 1, 1 };
+	cw_err rc = update_fn(c, j, e,
+			      "UPDATE peers SET token_hash = $2, ed25519_public_key = coalesce($3, ed25519_public_key), "
+			      "updated_at = now() WHERE name = $1 RETURNING " PEER_COLUMNS,
+			      "peer.rotate", 3, params, lens, fmts);
+	if (!rc && j->body)
+		json_object_set_new(j->body, "token", json_string(in->token));
+	return rc;
+}
+
+void peer_admin_rotate(struct cw_req *req, void *ctx)
+{
+	const char *name = cw_req_param(req, "name");
+	if (!peer_name_valid(name)) {
+		cw_req_problem(req, 404, "not_found", "Not found", "no peer of that name");
+		return;
+	}
+	struct peer_input *in = calloc(1, sizeof(*in));
+	snprintf(in->name, sizeof(in->name), "%s", name);
+	size_t len;
+	cw_req_body(req, &len);
+	if (len) { /* a new public key is optional */
+		json_t *body = app_json_body(req);
+		if (!body || !read_key(req, body, in, false)) {
+			json_decref(body);
+			free(in);
+			return;
+		}
+		json_decref(body);
+	}
+	new_token(in);
+	struct app_job *j = app_job_new(ctx, req, rotate_fn);
+	j->data = in;
+	j->data_free = free;
+	j->after = reload_after;
+	app_job_start(j, true);
+}

@@ -1,0 +1,55 @@
+/* Peers: the gatekeepers and other providers allowed to call the neutral
+ * API.  An in-memory registry (an immutable snapshot, swapped whole when the
+ * table changes) answers "which peer holds this bearer token" on every
+ * request without a database round trip; the operator manages peers through
+ * /admin/v1/peers. */
+#ifndef CW_PEERS_H
+#define CW_PEERS_H
+
+#include "cw.h"
+#include "http.h"
+#include "store.h"
+
+#include <openssl/evp.h>
+
+#define PEER_NAME_MAX 64
+#define PEER_DOMAIN_MAX 256
+#define PEER_URL_MAX 2048
+
+/* What a request knows of the peer that called it (its principal). */
+struct peer_principal {
+	int64_t id;
+	char name[PEER_NAME_MAX];
+	char domain[PEER_DOMAIN_MAX];
+	EVP_PKEY *key; /* a reference of its own */
+};
+void peer_principal_free(void *p);
+
+struct peer_registry;
+
+struct peer_registry *peer_registry_new(void);
+void peer_registry_free(struct peer_registry *r);
+/* Replaces the snapshot with the peers table as c sees it. */
+cw_err peer_registry_load(struct peer_registry *r, PGconn *c, cw_errmsg *e);
+/* Queues a reload on a store reader (after an admin change). */
+void peer_registry_reload_async(struct peer_registry *r, struct cw_store *s);
+/* The enabled peer whose token hashes to token's SHA-256, as a new
+ * principal the caller frees; NULL when none (compared in constant time
+ * against every peer). */
+struct peer_principal *peer_registry_by_token(struct peer_registry *r, const char *token);
+size_t peer_registry_count(struct peer_registry *r);
+
+/* The admin routes' handlers; ctx is the daemon's struct cw_app. */
+void peer_admin_create(struct cw_req *req, void *ctx);
+void peer_admin_list(struct cw_req *req, void *ctx);
+void peer_admin_get(struct cw_req *req, void *ctx);
+void peer_admin_disable(struct cw_req *req, void *ctx);
+void peer_admin_enable(struct cw_req *req, void *ctx);
+void peer_admin_rotate(struct cw_req *req, void *ctx);
+
+/* Validators, shared with the tests. */
+bool peer_name_valid(const char *s);
+bool peer_domain_valid(const char *s);
+bool peer_url_valid(const char *s);
+
+#endif

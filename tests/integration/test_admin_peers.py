@@ -1,0 +1,137 @@
+"""/admin/v1/peers: the operator creates, lists, disables and rotates peers."""
+import base64
+import hashlib
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+
+def new_key():
+    k = Ed25519PrivateKey.generate()
+    raw = k.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return k, base64.b64encode(raw).decode()
+
+
+def peer_body(name="gk", domain="wa.example", **kw):
+    _, pub = new_key()
+    body = {"name": name, "domain": domain, "mode": "push", "push_url": "http://127.0.0.1:9/notify",
+            "public_key": pub}
+    body.update(kw)
+    return body
+
+
+def test_admin_routes_need_the_admin_token(daemon):
+    for method, path in [("GET", "/peers"), ("POST", "/peers"), ("GET", "/peers/gk"),
+                         ("POST", "/peers/gk/disable"), ("POST", "/peers/gk/rotate")]:
+        r = daemon.request(method, "/admin/v1" + path)
+        assert r.status_code == 401, (method, path)
+        assert r.json()["code"] == "unauthenticated"
+        assert r.headers["WWW-Authenticate"] == "Bearer"
+        r = daemon.request(method, "/admin/v1" + path, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401
+
+
+def test_admin_api_off_without_a_configured_hash(make_daemon, db_url):
+    d = make_daemon(db_url, options={"admin": {"token_sha256": ""}}).start()
+    r = d.admin("GET", "/peers")
+    assert r.status_code == 403 and r.json()["code"] == "admin_disabled"
+
+
+def test_create_shows_the_token_once_and_stores_only_its_hash(daemon, pg, db_url):
+    body = peer_body()
+    r = daemon.admin("POST", "/peers", json=body)
+    assert r.status_code == 201, r.text
+    p = r.json()
+    token = p["token"]
+    assert token.startswith("cwp_") and len(token) > 40
+    assert p["name"] == "gk" and p["domain"] == "wa.example" and p["mode"] == "push"
+    assert p["public_key"] == body["public_key"] and p["enabled"] is True
+    stored = pg.psql("SELECT encode(token_hash, 'hex') FROM peers WHERE name = 'gk'", db_url)
+    assert stored == hashlib.sha256(token.encode()).hexdigest()
+    assert token not in pg.psql("SELECT row_to_json(peers)::text FROM peers", db_url)
+    # Listing and reading never show a token.
+    listed = daemon.admin("GET", "/peers").json()["peers"]
+    assert [x["name"] for x in listed] == ["gk"] and "token" not in listed[0]
+    one = daemon.admin("GET", "/peers/gk").json()
+    assert one["domain"] == "wa.example" and "token" not in one
+    assert daemon.admin("GET", "/peers/nope").status_code == 404
+    # The change is audited.
+    assert pg.psql("SELECT actor || ' ' || action || ' ' || subject FROM audit_log", db_url) == \
+        "admin peer.create gk"
+
+
+def test_duplicates_conflict(daemon):
+    assert daemon.admin("POST", "/peers", json=peer_body()).status_code == 201
+    r = daemon.admin("POST", "/peers", json=peer_body())
+    assert r.status_code == 409 and r.json()["code"] == "conflict"
+    r = daemon.admin("POST", "/peers", json=peer_body(name="other"))  # same domain
+    assert r.status_code == 409
+
+
+BAD = [
+    ({"name": ""}, "name"),
+    ({"name": "UPPER"}, "name"),
+    ({"name": "a" * 33}, "name"),
+    ({"name": "-x"}, "name"),
+    ({"name": "x'; DROP TABLE peers; --"}, "name"),
+    ({"name": 5}, "name"),
+    ({"domain": "Wa.Example"}, "domain"),
+    ({"domain": "nodot"}, "domain"),
+    ({"domain": "a..b"}, "domain"),
+    ({"domain": "-a.b"}, "domain"),
+    ({"domain": "a" * 64 + ".example"}, "domain"),
+    ({"mode": "carrier-pigeon"}, "mode"),
+    ({"push_url": None}, "push_url"),
+    ({"push_url": "ftp://x/y"}, "push_url"),
+    ({"push_url": "http://"}, "push_url"),
+    ({"push_url": "http://a b/"}, "push_url"),
+    ({"push_url": "http://x/" + "a" * 3000}, "push_url"),
+    ({"public_key": "not base64!"}, "public_key"),
+    ({"public_key": base64.b64encode(b"x" * 31).decode()}, "public_key"),
+    ({"public_key": base64.b64encode(b"x" * 64).decode()}, "public_key"),
+    ({"public_key": None}, "public_key"),
+]
+
+
+@pytest.mark.parametrize("change,field", BAD, ids=[f"{f}-{i}" for i, (_, f) in enumerate(BAD)])
+def test_bad_peer_bodies_are_refused_and_change_nothing(daemon, pg, db_url, change, field):
+    body = peer_body(**change)
+    r = daemon.admin("POST", "/peers", json=body)
+    assert r.status_code == 400, r.text
+    p = r.json()
+    assert p["code"] == "invalid_body" and field in p["detail"]
+    assert pg.psql("SELECT count(*) FROM peers", db_url) == "0"
+    assert pg.psql("SELECT count(*) FROM audit_log", db_url) == "0"
+
+
+def test_bad_json_and_media_type(daemon):
+    r = daemon.admin("POST", "/peers", data="{", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["detail"]
+    r = daemon.admin("POST", "/peers", data='{"a":1,"a":2}', headers={"Content-Type": "application/json"})
+    assert r.status_code == 400
+    r = daemon.admin("POST", "/peers", data="[]", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "object" in r.json()["detail"]
+    r = daemon.admin("POST", "/peers", data="name=gk", headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415
+
+
+def test_disable_enable_and_rotate(daemon, pg, db_url):
+    first = daemon.admin("POST", "/peers", json=peer_body()).json()
+    r = daemon.admin("POST", "/peers/gk/disable")
+    assert r.status_code == 200 and r.json()["enabled"] is False and r.json()["disabled_at"]
+    r = daemon.admin("POST", "/peers/gk/enable")
+    assert r.json()["enabled"] is True and r.json()["disabled_at"] is None
+    _, pub2 = new_key()
+    r = daemon.admin("POST", "/peers/gk/rotate", json={"public_key": pub2})
+    assert r.status_code == 200
+    rotated = r.json()
+    assert rotated["token"] != first["token"] and rotated["public_key"] == pub2
+    assert pg.psql("SELECT encode(token_hash, 'hex') FROM peers", db_url) == \
+        hashlib.sha256(rotated["token"].encode()).hexdigest()
+    # Rotating without a body keeps the key.
+    r = daemon.admin("POST", "/peers/gk/rotate")
+    assert r.status_code == 200 and r.json()["public_key"] == pub2
+    assert daemon.admin("POST", "/peers/none/rotate").status_code == 404
+    assert pg.psql("SELECT string_agg(action, ',' ORDER BY id) FROM audit_log", db_url) == \
+        "peer.create,peer.disable,peer.enable,peer.rotate,peer.rotate"
