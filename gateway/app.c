@@ -4,6 +4,7 @@
 #include "buf.h"
 #include "log.h"
 #include "metrics.h"
+#include "peer_api.h"
 #include "peers.h"
 
 #include <stdio.h>
@@ -217,6 +218,12 @@ const struct cw_route app_routes[] = {
 	{ "GET", "/healthz", h_healthz, CW_AUTH_NONE, NULL },
 	{ "GET", "/readyz", h_readyz, CW_AUTH_NONE, NULL },
 	{ "GET", "/metrics", h_metrics, CW_AUTH_NONE, NULL },
+	{ "GET", "/.well-known/mimi-protocol-directory", peer_api_directory, CW_AUTH_NONE, NULL },
+	{ "POST", "/v1/rooms", peer_api_room_create, CW_AUTH_PEER, NULL },
+	{ "GET", "/v1/rooms/{room}", peer_api_room_get, CW_AUTH_PEER, NULL },
+	{ "POST", "/v1/rooms/{room}/messages", peer_api_message_submit, CW_AUTH_PEER, NULL },
+	{ "GET", "/v1/messages/{id}", peer_api_message_status, CW_AUTH_PEER, NULL },
+	{ "POST", "/v1/batch", peer_api_batch, CW_AUTH_PEER, NULL },
 	{ "POST", "/admin/v1/peers", peer_admin_create, CW_AUTH_ADMIN, NULL },
 	{ "GET", "/admin/v1/peers", peer_admin_list, CW_AUTH_ADMIN_READ, NULL },
 	{ "GET", "/admin/v1/peers/{name}", peer_admin_get, CW_AUTH_ADMIN_READ, NULL },
@@ -238,6 +245,13 @@ void app_reply_store_error(struct cw_app *app, struct cw_req *req, cw_err rc, co
 			       rc == CW_ESHUTDOWN ? "the daemon is stopping" :
 			       rc == CW_ETIMEDOUT ? "the database did not answer in time" :
 			       "the database is unavailable; nothing was stored");
+		return;
+	}
+	if (rc == CW_ECONFLICT) {
+		/* Two requests raced for one key (the same Idempotency-Key sent
+		 * twice at once, say): the loser may simply retry. */
+		cw_req_problem(req, 409, "conflict", "Conflict",
+			       "a concurrent request changed the same data; retry the request");
 		return;
 	}
 	LOG_KV(CW_LOG_ERROR, "database job failed", "request_id", cw_req_id(req), "error", cw_strerror(rc),
@@ -267,14 +281,12 @@ void app_job_fail(struct app_job *j, int status, const char *code, const char *f
 	va_end(ap);
 }
 
+static void job_reset(struct app_job *j);
+
 static cw_err job_run(PGconn *c, void *arg, cw_errmsg *e)
 {
 	struct app_job *j = arg;
-	json_decref(j->body);
-	j->body = NULL;
-	j->status = 200;
-	j->err_code = NULL;
-	j->err_detail[0] = '\0';
+	job_reset(j);
 	return j->fn(c, j, e);
 }
 
@@ -296,6 +308,43 @@ static void job_done(void *arg, cw_err rc, const cw_errmsg *e)
 	if (j->data_free)
 		j->data_free(j->data);
 	free(j);
+}
+
+static void job_reset(struct app_job *j)
+{
+	json_decref(j->body);
+	j->body = NULL;
+	j->status = 200;
+	j->err_code = NULL;
+	j->err_detail[0] = '\0';
+}
+
+static cw_err pipe_send(PGconn *c, void *arg, int round, cw_errmsg *e)
+{
+	struct app_job *j = arg;
+	if (round == 0)
+		job_reset(j);
+	return j->pipe->send(c, j, round, e);
+}
+
+static cw_err pipe_recv(PGconn *c, void *arg, int round, bool *more, cw_errmsg *e)
+{
+	struct app_job *j = arg;
+	return j->pipe->recv(c, j, round, more, e);
+}
+
+static const struct store_pipe_ops app_pipe = { pipe_send, pipe_recv };
+
+void app_job_start_pipe(struct app_job *j, const struct app_pipe_ops *ops)
+{
+	j->pipe = ops;
+	cw_req_suspend(j->req);
+	cw_err rc = store_write_pipe(j->app->store, &app_pipe, job_done, j);
+	if (rc) {
+		cw_errmsg e;
+		cw_fail(&e, rc, "%s", cw_strerror(rc));
+		job_done(j, rc, &e);
+	}
 }
 
 void app_job_start(struct app_job *j, bool write)
@@ -385,7 +434,7 @@ bool app_authorize(struct cw_req *req, enum cw_auth auth, void *ctx)
 			return false;
 		}
 		cw_req_set_principal(req, p, peer_principal_free);
-		return true;
+		return peer_verify_request(app, req, p);
 	}
 	}
 	return false;

@@ -10,7 +10,13 @@
 
 #include <jansson.h>
 
+#include <openssl/evp.h>
+
+#include "policy.h"
+
 struct peer_registry;
+struct httpsig_replay;
+struct dispatcher;
 
 struct cw_app {
 	struct cw_config *cfg;
@@ -21,6 +27,11 @@ struct cw_app {
 	struct peer_registry *peers;
 	unsigned char admin_token_hash[32];
 	bool admin_enabled;
+	EVP_PKEY *signing_key;          /* Causeway's own Ed25519 key */
+	char public_key_b64[64];
+	struct httpsig_replay *replay;  /* nonces of peer signatures */
+	struct policy_snapshot policy;
+	struct dispatcher *dispatcher;
 };
 
 /* A database job on behalf of a request: the request is suspended, fn runs
@@ -32,10 +43,19 @@ struct cw_app {
  *   it wrote nothing: set err_code before writing);
  * - otherwise: status with body.
  * after (optional) runs on success, before the request is resumed. */
+struct app_job;
+
+/* A pipelined job's rounds (see store_pipe_ops). */
+struct app_pipe_ops {
+	cw_err (*send)(PGconn *c, struct app_job *j, int round, cw_errmsg *e);
+	cw_err (*recv)(PGconn *c, struct app_job *j, int round, bool *more, cw_errmsg *e);
+};
+
 struct app_job {
 	struct cw_app *app;
 	struct cw_req *req;
 	cw_err (*fn)(PGconn *c, struct app_job *j, cw_errmsg *e);
+	const struct app_pipe_ops *pipe; /* instead of fn: a pipelined write */
 	void (*after)(struct app_job *j);
 	void *data;                 /* the handler's inputs */
 	void (*data_free)(void *);
@@ -51,6 +71,8 @@ struct app_job *app_job_new(struct cw_app *app, struct cw_req *req,
 			    cw_err (*fn)(PGconn *, struct app_job *, cw_errmsg *));
 /* Suspends the request and queues the job (write: group commit). */
 void app_job_start(struct app_job *j, bool write);
+/* The same for a pipelined write. */
+void app_job_start_pipe(struct app_job *j, const struct app_pipe_ops *ops);
 /* Sets a client error answer from inside fn. */
 void app_job_fail(struct app_job *j, int status, const char *code, const char *fmt, ...)
 	__attribute__((format(printf, 4, 5)));

@@ -17,6 +17,19 @@ struct cw_config {
 	long max_body_bytes;
 	long drain_timeout_ms;
 	char *public_url;
+	char *domain;
+	/* [peer] */
+	char *signing_key_file;
+	char *signature_tag;
+	long max_clock_skew_s;
+	long replay_cache_entries;
+	/* [dispatcher] */
+	long dispatch_batch_max;
+	long retry_budget;
+	long retry_base_ms;
+	long retry_max_ms;
+	long claim_timeout_s;
+	long http_timeout_ms;
 	/* [database] */
 	char *db_url;
 	char *schema_dir;

@@ -2,6 +2,12 @@
 #include "config.h"
 #include "app.h"
 #include "log.h"
+#include "dispatcher.h"
+#include "httpsig.h"
+#include "peer_out.h"
+
+#include <curl/curl.h>
+#include "peer_api.h"
 #include "peers.h"
 
 #include <getopt.h>
@@ -157,6 +163,7 @@ int main(int argc, char **argv)
 	}
 
 	int64_t t0 = cw_now_us();
+	curl_global_init(CURL_GLOBAL_DEFAULT);
 	if (cfg_load(&cfg, config_path, NULL, &e)) {
 		LOG_KV(CW_LOG_ERROR, "configuration invalid", "detail", e.msg);
 		return 1;
@@ -194,6 +201,16 @@ int main(int argc, char **argv)
 			sscanf(cfg.admin_token_sha256 + 2 * i, "%2hhx", &app.admin_token_hash[i]);
 		app.admin_enabled = true;
 	}
+	if (httpsig_key_load_or_create(cfg.signing_key_file, &app.signing_key, &e)) {
+		LOG_KV(CW_LOG_ERROR, "cannot load or create the signing key", "file", cfg.signing_key_file,
+		       "detail", e.msg);
+		goto out_migrations;
+	}
+	httpsig_ed25519_public_base64(app.signing_key, app.public_key_b64, sizeof(app.public_key_b64));
+	/* The replay window covers a signature's whole life: twice the skew. */
+	app.replay = httpsig_replay_new((size_t)cfg.replay_cache_entries, 2 * cfg.max_clock_skew_s);
+	if (!cfg.domain || !*cfg.domain)
+		LOG_KV(CW_LOG_WARN, "server.domain is not set: the interop API answers 503 until it is");
 	app.peers = peer_registry_new();
 	{
 		PGconn *c = connect_at_start(&cfg, &e);
@@ -213,10 +230,27 @@ int main(int argc, char **argv)
 		.deadline_us = cfg.db_request_timeout_ms * 1000,
 		.statement_timeout_ms = cfg.db_statement_timeout_ms,
 		.reconnect_max_ms = cfg.db_reconnect_max_ms,
+		.stmts = peer_api_statements,
 	};
 	if (store_open(&app.store, &so, &e)) {
 		LOG_KV(CW_LOG_ERROR, "cannot start the store", "detail", e.msg);
 		goto out_migrations;
+	}
+	struct peer_out *pout = peer_out_new(app.signing_key, cfg.domain ? cfg.domain : "", cfg.signature_tag,
+					     cfg.http_timeout_ms);
+	char dname[300], host[256] = "localhost";
+	gethostname(host, sizeof(host) - 1);
+	snprintf(dname, sizeof(dname), "%.200s:%d", host, (int)getpid());
+	struct dispatcher_opts dopt = {
+		.url = cfg.db_url, .name = dname, .batch_max = (int)cfg.dispatch_batch_max,
+		.retry_budget = (int)cfg.retry_budget, .retry_base_ms = cfg.retry_base_ms,
+		.retry_max_ms = cfg.retry_max_ms, .claim_timeout_s = cfg.claim_timeout_s,
+		.peer_deliver = peer_out_deliver, .peer_ctx = pout,
+	};
+	if (!pout || dispatcher_start(&app.dispatcher, &dopt, &e)) {
+		LOG_KV(CW_LOG_ERROR, "cannot start the dispatcher", "detail", pout ? e.msg : "out of memory");
+		peer_out_free(pout);
+		goto out_store;
 	}
 	struct cw_http_opts ho = {
 		.listen_address = cfg.listen_address,
@@ -232,6 +266,8 @@ int main(int argc, char **argv)
 	};
 	if (cw_http_start(&app.http, &ho, &e)) {
 		LOG_KV(CW_LOG_ERROR, "cannot start the HTTP front", "detail", e.msg);
+		dispatcher_stop(app.dispatcher);
+		peer_out_free(pout);
 		goto out_store;
 	}
 	cw_http_set_access_log(app.http, cfg.access_log);
@@ -267,6 +303,8 @@ int main(int argc, char **argv)
 	int64_t t_stop = cw_now_us();
 	cw_http_quiesce(app.http);
 	bool idle = cw_http_drain(app.http, cfg.drain_timeout_ms);
+	dispatcher_stop(app.dispatcher);
+	peer_out_free(pout);
 	store_stop(app.store);
 	if (!idle)
 		idle = cw_http_drain(app.http, 1000);
@@ -281,7 +319,10 @@ out_store:
 	store_close(app.store);
 out_migrations:
 	peer_registry_free(app.peers);
+	httpsig_replay_free(app.replay);
+	EVP_PKEY_free(app.signing_key);
 	migration_set_free(&app.migrations);
 	cfg_free(&cfg);
+	curl_global_cleanup();
 	return exit_code;
 }

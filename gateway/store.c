@@ -11,7 +11,9 @@
 #include <string.h>
 
 struct job {
-	store_fn fn;
+	store_fn fn;                     /* plain job, or */
+	const struct store_pipe_ops *pipe; /* pipelined job */
+	bool going;                      /* pipelined: wants another round */
 	store_done_fn done;
 	void *arg;
 	int64_t enqueued_us;
@@ -216,6 +218,16 @@ static bool conn_ensure(struct cw_store *s, struct conn *sc, const char *who)
 		return false;
 	cw_errmsg e;
 	sc->c = store_connect(s->url, s->o.statement_timeout_ms, &e);
+	for (const struct store_stmt *st = s->o.stmts; sc->c && st && st->name; st++) {
+		PGresult *r = PQprepare(sc->c, st->name, st->sql, 0, NULL);
+		if (PQresultStatus(r) != PGRES_COMMAND_OK) {
+			store_result_err(sc->c, r, &e);
+			LOG_KV(CW_LOG_ERROR, "cannot prepare a statement", "statement", st->name, "detail", e.msg);
+			PQfinish(sc->c);
+			sc->c = NULL;
+		}
+		PQclear(r);
+	}
 	if (!sc->c) {
 		int64_t backoff = 100000LL << (sc->failures < 10 ? sc->failures : 10);
 		int64_t max = (int64_t)s->o.reconnect_max_ms * 1000;
@@ -245,8 +257,120 @@ static bool conn_ensure(struct cw_store *s, struct conn *sc, const char *who)
 
 enum batch_outcome { BATCH_DONE, BATCH_CONN_LOST_BEFORE_COMMIT, BATCH_CONN_LOST_AT_COMMIT };
 
-/* Runs the live jobs of list in one transaction.  A job that fails is taken
- * out (its rc set) and the others are run again from the start. */
+cw_err store_pipe_result(PGconn *c, ExecStatusType want, PGresult **out, cw_errmsg *e)
+{
+	*out = NULL;
+	PGresult *r = PQgetResult(c);
+	/* Each statement's results end with a NULL in pipeline mode. */
+	PGresult *extra;
+	while (r && (extra = PQgetResult(c)))
+		PQclear(extra);
+	if (!r)
+		return cw_fail(e, CW_EUNAVAIL, "no result: %s", PQerrorMessage(c));
+	cw_err rc = CW_OK;
+	if (PQresultStatus(r) == PGRES_PIPELINE_ABORTED)
+		rc = cw_fail(e, CW_EIO, "an earlier statement of the pipeline failed");
+	else if (PQresultStatus(r) != want)
+		rc = store_result_err(c, r, e);
+	if (rc) {
+		PQclear(r);
+		return rc;
+	}
+	*out = r;
+	return CW_OK;
+}
+
+/* Reads what is left up to the pipeline's sync point. */
+static bool pipe_drain(PGconn *c)
+{
+	for (int nulls = 0; nulls < 100000;) {
+		PGresult *r = PQgetResult(c);
+		if (!r) {
+			if (PQstatus(c) != CONNECTION_OK)
+				return false;
+			nulls++;
+			continue;
+		}
+		ExecStatusType st = PQresultStatus(r);
+		PQclear(r);
+		if (st == PGRES_PIPELINE_SYNC)
+			return true;
+	}
+	return false;
+}
+
+enum pipe_outcome { PIPE_OK, PIPE_JOB_FAILED, PIPE_CONN_LOST };
+
+/* Runs the pipelined jobs of list, round by round, inside the open
+ * transaction.  On a job's failure, sets its rc and returns PIPE_JOB_FAILED
+ * (the transaction is then aborted). */
+static enum pipe_outcome run_pipelined(PGconn *c, struct job *list, cw_errmsg *e)
+{
+	bool any = false;
+	for (struct job *j = list; j; j = j->next) {
+		j->going = j->pipe && !j->rc;
+		any |= j->going;
+	}
+	if (!any)
+		return PIPE_OK;
+	if (!PQenterPipelineMode(c)) {
+		cw_fail(e, CW_EUNAVAIL, "cannot enter pipeline mode: %s", PQerrorMessage(c));
+		return PIPE_CONN_LOST;
+	}
+	enum pipe_outcome out = PIPE_OK;
+	for (int round = 0; any && out == PIPE_OK; round++) {
+		for (struct job *j = list; j; j = j->next) {
+			if (!j->going)
+				continue;
+			cw_err rc = j->pipe->send(c, j->arg, round, &j->err);
+			if (rc) {
+				j->rc = rc;
+				out = PQstatus(c) == CONNECTION_OK ? PIPE_JOB_FAILED : PIPE_CONN_LOST;
+				break;
+			}
+		}
+		if (!PQpipelineSync(c)) {
+			out = PIPE_CONN_LOST;
+			break;
+		}
+		if (out != PIPE_OK) {
+			pipe_drain(c);
+			break;
+		}
+		any = false;
+		bool drained = false;
+		for (struct job *j = list; j; j = j->next) {
+			if (!j->going)
+				continue;
+			bool more = false;
+			cw_err rc = j->pipe->recv(c, j->arg, round, &more, &j->err);
+			if (rc) {
+				if (PQstatus(c) != CONNECTION_OK) {
+					out = PIPE_CONN_LOST;
+					cw_fail(e, CW_EUNAVAIL, "%s", j->err.msg);
+				} else {
+					j->rc = rc;
+					out = PIPE_JOB_FAILED;
+				}
+				drained = pipe_drain(c);
+				break;
+			}
+			j->going = more;
+			any |= more;
+		}
+		if (out == PIPE_OK && !drained && !pipe_drain(c))
+			out = PIPE_CONN_LOST;
+	}
+	if (!PQexitPipelineMode(c) && out == PIPE_OK)
+		out = PIPE_CONN_LOST;
+	if (out == PIPE_CONN_LOST && !e->msg[0])
+		cw_fail(e, CW_EUNAVAIL, "database connection lost: %s", PQerrorMessage(c));
+	return out;
+}
+
+/* Runs the live jobs of list in one transaction: the plain ones one by one,
+ * then the pipelined ones in rounds.  A job that fails is taken out (its rc
+ * set) and the others are run again from the start. */
 static enum batch_outcome run_batch(struct cw_store *s, PGconn *c, struct job *list, cw_errmsg *e)
 {
 	for (;;) {
@@ -254,7 +378,7 @@ static enum batch_outcome run_batch(struct cw_store *s, PGconn *c, struct job *l
 			return BATCH_CONN_LOST_BEFORE_COMMIT;
 		struct job *failed = NULL;
 		for (struct job *j = list; j; j = j->next) {
-			if (j->rc)
+			if (j->rc || !j->fn)
 				continue;
 			cw_err rc = j->fn(c, j->arg, &j->err);
 			if (rc == CW_OK)
@@ -266,6 +390,13 @@ static enum batch_outcome run_batch(struct cw_store *s, PGconn *c, struct job *l
 			j->rc = rc;
 			failed = j;
 			break;
+		}
+		if (!failed) {
+			enum pipe_outcome po = run_pipelined(c, list, e);
+			if (po == PIPE_CONN_LOST)
+				return BATCH_CONN_LOST_BEFORE_COMMIT;
+			if (po == PIPE_JOB_FAILED)
+				failed = list; /* any non-NULL: some job has its rc set */
 		}
 		if (failed) {
 			cw_errmsg ignored;
@@ -442,7 +573,8 @@ static void *reader_main(void *arg)
 
 /* -------------------------------------------------------------- public API */
 
-static cw_err enqueue(struct cw_store *s, bool write, store_fn fn, store_done_fn done, void *arg)
+static cw_err enqueue(struct cw_store *s, bool write, store_fn fn, const struct store_pipe_ops *pipe,
+		      store_done_fn done, void *arg)
 {
 	if (write && !atomic_load(&s->db_up))
 		return CW_EUNAVAIL;
@@ -450,6 +582,7 @@ static cw_err enqueue(struct cw_store *s, bool write, store_fn fn, store_done_fn
 	if (!j)
 		return CW_ENOMEM;
 	j->fn = fn;
+	j->pipe = pipe;
 	j->done = done;
 	j->arg = arg;
 	j->enqueued_us = cw_now_us();
@@ -476,12 +609,17 @@ static cw_err enqueue(struct cw_store *s, bool write, store_fn fn, store_done_fn
 
 cw_err store_write(struct cw_store *s, store_fn fn, store_done_fn done, void *arg)
 {
-	return enqueue(s, true, fn, done, arg);
+	return enqueue(s, true, fn, NULL, done, arg);
+}
+
+cw_err store_write_pipe(struct cw_store *s, const struct store_pipe_ops *ops, store_done_fn done, void *arg)
+{
+	return enqueue(s, true, NULL, ops, done, arg);
 }
 
 cw_err store_read(struct cw_store *s, store_fn fn, store_done_fn done, void *arg)
 {
-	return enqueue(s, false, fn, done, arg);
+	return enqueue(s, false, fn, NULL, done, arg);
 }
 
 cw_err store_open(struct cw_store **out, const struct store_opts *o, cw_errmsg *e)

@@ -17,6 +17,14 @@
 
 struct cw_store;
 
+/* A statement prepared on every connection of the store when it connects,
+ * so hot statements are parsed and planned once per connection rather than
+ * once per call (PQsendQueryPrepared / PQexecPrepared by name). */
+struct store_stmt {
+	const char *name;
+	const char *sql;
+};
+
 struct store_opts {
 	const char *url;
 	int readers;              /* reader connections */
@@ -25,6 +33,7 @@ struct store_opts {
 	int64_t deadline_us;      /* a job not started by then fails CW_ETIMEDOUT */
 	long statement_timeout_ms;
 	long reconnect_max_ms;
+	const struct store_stmt *stmts; /* NULL-terminated by name; may be NULL */
 };
 
 /* A unit of work run on a connection.  A write runs inside the batch's
@@ -36,6 +45,26 @@ typedef cw_err (*store_fn)(PGconn *c, void *arg, cw_errmsg *e);
 /* Called exactly once per accepted job, from a store thread, when the job's
  * outcome is known (for a write: after COMMIT). e->msg says why on failure. */
 typedef void (*store_done_fn)(void *arg, cw_err rc, const cw_errmsg *e);
+
+/* A pipelined write (libpq pipeline mode), for work that would otherwise
+ * cost many round trips: it runs in rounds.  In each round the writer calls
+ * send for every pipelined job of the batch that is still going (queue the
+ * round's statements with PQsendQueryParams, do not wait), sends them all
+ * at once, then calls recv for each job in the same order (read exactly
+ * the results of what send queued, with store_pipe_result); recv sets
+ * *more when the job wants another round.  So a batch of jobs that each
+ * need a read and then a write costs two round trips, however many jobs.
+ * As with store_fn, a job may run again from round 0 (when another job of
+ * the batch failed) and must start from its inputs each time. */
+struct store_pipe_ops {
+	cw_err (*send)(PGconn *c, void *arg, int round, cw_errmsg *e);
+	cw_err (*recv)(PGconn *c, void *arg, int round, bool *more, cw_errmsg *e);
+};
+
+/* In recv: the result of the next queued statement into *out (the caller
+ * PQclear()s it); an error (and *out NULL) if it failed or its status is not
+ * want: CW_ECONFLICT for a constraint, CW_EUNAVAIL for a lost connection. */
+cw_err store_pipe_result(PGconn *c, ExecStatusType want, PGresult **out, cw_errmsg *e);
 
 /* Starts the threads; does not need the database to be up. */
 cw_err store_open(struct cw_store **out, const struct store_opts *o, cw_errmsg *e);
@@ -49,6 +78,7 @@ void store_close(struct cw_store *s);
  * known to be away, or the store is closing) done is not called. */
 cw_err store_write(struct cw_store *s, store_fn fn, store_done_fn done, void *arg);
 cw_err store_read(struct cw_store *s, store_fn fn, store_done_fn done, void *arg);
+cw_err store_write_pipe(struct cw_store *s, const struct store_pipe_ops *ops, store_done_fn done, void *arg);
 
 struct store_stats {
 	bool db_up;

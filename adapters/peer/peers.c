@@ -166,6 +166,65 @@ struct peer_principal *peer_registry_by_token(struct peer_registry *r, const cha
 	return found;
 }
 
+/* Puts one peer, as a change just committed left it, into a new snapshot,
+ * so that the change is in force for the next request of this process
+ * (other processes pick it up on their next reload). */
+static void registry_upsert(struct peer_registry *r, const struct peer_entry *in)
+{
+	struct snapshot *old = snapshot_get(r);
+	struct snapshot *s = calloc(1, sizeof(*s));
+	struct peer_entry *e = calloc(old->n + 1, sizeof(*e));
+	if (!s || !e) {
+		free(s);
+		free(e);
+		snapshot_unref(r, old);
+		return;
+	}
+	s->e = e;
+	s->refs = 1;
+	for (size_t i = 0; i < old->n; i++) {
+		if (old->e[i].id == in->id)
+			continue;
+		e[s->n] = old->e[i];
+		EVP_PKEY_up_ref(e[s->n].key);
+		s->n++;
+	}
+	e[s->n] = *in;
+	EVP_PKEY_up_ref(in->key);
+	s->n++;
+	snapshot_unref(r, old);
+	pthread_mutex_lock(&r->mu);
+	struct snapshot *prev = r->snap;
+	r->snap = s;
+	pthread_mutex_unlock(&r->mu);
+	snapshot_unref(r, prev);
+}
+
+static bool hex32(const char *hex, unsigned char out[32])
+{
+	if (strlen(hex) != 64)
+		return false;
+	for (int i = 0; i < 32; i++)
+		if (sscanf(hex + 2 * i, "%2hhx", &out[i]) != 1)
+			return false;
+	return true;
+}
+
+/* The registry entry of a row of PEER_COLUMNS. */
+static bool entry_from_row(PGresult *res, int i, struct peer_entry *p)
+{
+	unsigned char key[32];
+	memset(p, 0, sizeof(*p));
+	p->id = atoll(PQgetvalue(res, i, 9));
+	snprintf(p->name, sizeof(p->name), "%s", PQgetvalue(res, i, 0));
+	snprintf(p->domain, sizeof(p->domain), "%s", PQgetvalue(res, i, 1));
+	p->enabled = PQgetvalue(res, i, 5)[0] == 't';
+	if (!hex32(PQgetvalue(res, i, 10), p->token_hash) || !hex32(PQgetvalue(res, i, 11), key))
+		return false;
+	p->key = EVP_PKEY_new_raw_public_key(EVP_PKEY_ED25519, NULL, key, 32);
+	return p->key != NULL;
+}
+
 struct reload_job {
 	struct peer_registry *r;
 };
@@ -326,16 +385,50 @@ static json_t *peer_row_json(PGresult *r, int i)
 	"name, domain, mode, push_url, translate(encode(ed25519_public_key, 'base64'), E'\\n', ''), " \
 	"enabled, to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), " \
 	"to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), " \
-	"to_char(disabled_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
+	"to_char(disabled_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), " \
+	"id, encode(token_hash, 'hex'), encode(ed25519_public_key, 'hex')"
+
+struct admin_change {
+	struct peer_input in;
+	struct peer_entry entry; /* the row as committed, for the registry */
+	bool has_entry;
+};
+
+/* A change's inputs; the input is the first member, so the two pointers are
+ * one and the handlers can fill the input and hand over the change. */
+static struct peer_input *new_change(void)
+{
+	struct admin_change *c = calloc(1, sizeof(*c));
+	return c ? &c->in : NULL;
+}
+
+static void change_free(void *arg)
+{
+	struct admin_change *c = arg;
+	if (c->has_entry)
+		EVP_PKEY_free(c->entry.key);
+	free(c);
+}
+
+/* Remembers the committed row (the job may run again: keep the last). */
+static void keep_entry(struct app_job *j, PGresult *r)
+{
+	struct admin_change *c = j->data;
+	if (c->has_entry)
+		EVP_PKEY_free(c->entry.key);
+	c->has_entry = entry_from_row(r, 0, &c->entry);
+}
 
 static void reload_after(struct app_job *j)
 {
-	peer_registry_reload_async(j->app->peers, j->app->store);
+	struct admin_change *c = j->data;
+	if (c->has_entry)
+		registry_upsert(j->app->peers, &c->entry);
 }
 
 static cw_err create_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
-	struct peer_input *in = j->data;
+	struct peer_input *in = &((struct admin_change *)j->data)->in;
 	const char *params[] = { in->name, in->domain, in->mode, in->has_url ? in->url : NULL,
 				 (const char *)in->key, (const char *)in->token_hash };
 	const int lens[] = { 0, 0, 0, 0, 32, 32 };
@@ -354,6 +447,7 @@ static cw_err create_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		return CW_OK;
 	}
 	json_t *o = peer_row_json(r, 0);
+	keep_entry(j, r);
 	PQclear(r);
 	json_object_set_new(o, "token", json_string(in->token));
 	j->body = o;
@@ -369,7 +463,7 @@ void peer_admin_create(struct cw_req *req, void *ctx)
 	json_t *body = app_json_body(req);
 	if (!body)
 		return;
-	struct peer_input *in = calloc(1, sizeof(*in));
+	struct peer_input *in = new_change();
 	const char *name = str_field(body, "name"), *domain = str_field(body, "domain");
 	const char *mode = str_field(body, "mode"), *url = str_field(body, "push_url");
 	const char *bad = NULL;
@@ -408,7 +502,7 @@ void peer_admin_create(struct cw_req *req, void *ctx)
 	new_token(in);
 	struct app_job *j = app_job_new(app, req, create_fn);
 	j->data = in;
-	j->data_free = free;
+	j->data_free = change_free;
 	j->after = reload_after;
 	app_job_start(j, true);
 }
@@ -474,13 +568,14 @@ static cw_err update_fn(PGconn *c, struct app_job *j, cw_errmsg *e, const char *
 		return CW_OK;
 	}
 	j->body = peer_row_json(r, 0);
+	keep_entry(j, r);
 	PQclear(r);
 	return audit(c, action, in->name, "{}", e);
 }
 
 static cw_err enable_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
-	struct peer_input *in = j->data;
+	struct peer_input *in = &((struct admin_change *)j->data)->in;
 	const char *params[] = { in->name, in->enable ? "t" : "f" };
 	return update_fn(c, j, e,
 			 "UPDATE peers SET enabled = $2::boolean, updated_at = now(), "
@@ -496,12 +591,12 @@ static void set_enabled(struct cw_req *req, void *ctx, bool enable)
 		cw_req_problem(req, 404, "not_found", "Not found", "no peer of that name");
 		return;
 	}
-	struct peer_input *in = calloc(1, sizeof(*in));
+	struct peer_input *in = new_change();
 	snprintf(in->name, sizeof(in->name), "%s", name);
 	in->enable = enable;
 	struct app_job *j = app_job_new(ctx, req, enable_fn);
 	j->data = in;
-	j->data_free = free;
+	j->data_free = change_free;
 	j->after = reload_after;
 	app_job_start(j, true);
 }
@@ -511,7 +606,7 @@ void peer_admin_enable(struct cw_req *req, void *ctx) { set_enabled(req, ctx, tr
 
 static cw_err rotate_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
-	struct peer_input *in = j->data;
+	struct peer_input *in = &((struct admin_change *)j->data)->in;
 	const char *params[] = { in->name, (const char *)in->token_hash, in->has_key ? (const char *)in->key : NULL };
 	const int lens[] = { 0, 32, 32 };
 	const int fmts[] = { 0, 1, 1 };
@@ -531,7 +626,7 @@ void peer_admin_rotate(struct cw_req *req, void *ctx)
 		cw_req_problem(req, 404, "not_found", "Not found", "no peer of that name");
 		return;
 	}
-	struct peer_input *in = calloc(1, sizeof(*in));
+	struct peer_input *in = new_change();
 	snprintf(in->name, sizeof(in->name), "%s", name);
 	size_t len;
 	cw_req_body(req, &len);
@@ -547,7 +642,7 @@ void peer_admin_rotate(struct cw_req *req, void *ctx)
 	new_token(in);
 	struct app_job *j = app_job_new(ctx, req, rotate_fn);
 	j->data = in;
-	j->data_free = free;
+	j->data_free = change_free;
 	j->after = reload_after;
 	app_job_start(j, true);
 }

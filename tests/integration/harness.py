@@ -48,10 +48,10 @@ def parse_logfmt(line):
 class Postgres:
     """A throw-away cluster in its own directory under /tmp."""
 
-    def __init__(self):
+    def __init__(self, fast=True):
         self.dir = tempfile.mkdtemp(prefix="causeway-pg-")
         os.chmod(self.dir, 0o755)  # the postgres user must reach it when we are root
-        self._run("init", "--fast")
+        self._run("init", *(["--fast"] if fast else []))
         self.url = self._run("url").strip()
 
     def _run(self, *args):
@@ -99,7 +99,10 @@ class Daemon:
         os.makedirs(workdir, exist_ok=True)
         self.config_path = os.path.join(workdir, "causeway.ini")
         self.options = {
-            "server": {"listen_address": "127.0.0.1", "port": "0", "drain_timeout_ms": "5000"},
+            "server": {"listen_address": "127.0.0.1", "port": "0", "drain_timeout_ms": "5000",
+                       "domain": "example.org"},
+            "peer": {"signing_key_file": os.path.join(workdir, "signing.key")},
+            "dispatcher": {"retry_base_ms": "100", "retry_max_ms": "1000"},
             "database": {"url": db_url, "schema_dir": schema_dir, "startup_timeout_ms": "2000",
                          "reconnect_max_ms": "500"},
             "log": {"level": "info"},

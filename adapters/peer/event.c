@@ -1,0 +1,1097 @@
+/* Validation of the neutral API's inputs: identifiers, event bodies, batches. */
+#include "config.h"
+#include "peer/event.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ================================================================ identifiers */
+
+static bool is_lower_alnum(unsigned char ch)
+{
+	return (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9');
+}
+
+static bool is_alnum(unsigned char ch)
+{
+	return is_lower_alnum(ch) || (ch >= 'A' && ch <= 'Z');
+}
+
+/* [A-Za-z0-9_-]: room ids and the opaque ids. */
+static bool is_id_char(unsigned char ch)
+{
+	return is_alnum(ch) || ch == '_' || ch == '-';
+}
+
+/* RFC 3986 unreserved plus '+' (E.164) and '='. */
+static bool is_local_char(unsigned char ch)
+{
+	return is_alnum(ch) || ch == '-' || ch == '.' || ch == '_' || ch == '~' || ch == '+' || ch == '=';
+}
+
+static cw_err check_domain(const char *d, size_t len, cw_errmsg *e)
+{
+	if (len == 0)
+		return cw_fail(e, CW_EINVAL, "the domain is empty");
+	if (len > MIMI_DOMAIN_MAX)
+		return cw_fail(e, CW_EINVAL, "the domain is longer than %d bytes", MIMI_DOMAIN_MAX);
+	size_t label = 0, dots = 0;
+	bool all_digits = true;
+	for (size_t i = 0; i <= len; i++) {
+		unsigned char ch = i < len ? (unsigned char)d[i] : '.';
+		if (ch == '.') {
+			if (label == 0)
+				return cw_fail(e, CW_EINVAL, "the domain has an empty label");
+			if (d[i - 1] == '-')
+				return cw_fail(e, CW_EINVAL, "a domain label ends with '-'");
+			if (i < len)
+				dots++;
+			else if (all_digits)
+				return cw_fail(e, CW_EINVAL, "the domain's last label is all digits (IP addresses are not identifiers)");
+			label = 0;
+			all_digits = true;
+			continue;
+		}
+		if (ch >= 'A' && ch <= 'Z')
+			return cw_fail(e, CW_EINVAL, "the domain must be lower-case");
+		if (!is_lower_alnum(ch) && ch != '-')
+			return cw_fail(e, CW_EINVAL, "the domain holds a byte other than a-z, 0-9, '-' and '.'");
+		if (label == 0 && ch == '-')
+			return cw_fail(e, CW_EINVAL, "a domain label starts with '-'");
+		if (++label > 63)
+			return cw_fail(e, CW_EINVAL, "a domain label is longer than 63 bytes");
+		if (ch < '0' || ch > '9')
+			all_digits = false;
+	}
+	if (dots == 0)
+		return cw_fail(e, CW_EINVAL, "the domain must have at least one dot");
+	return CW_OK;
+}
+
+static cw_err check_local(const char *s, size_t len, cw_errmsg *e)
+{
+	if (len == 0)
+		return cw_fail(e, CW_EINVAL, "the user local part is empty");
+	if (len > MIMI_LOCAL_MAX)
+		return cw_fail(e, CW_EINVAL, "the user local part is longer than %d bytes", MIMI_LOCAL_MAX);
+	if ((len == 1 && s[0] == '.') || (len == 2 && s[0] == '.' && s[1] == '.'))
+		return cw_fail(e, CW_EINVAL, "the user local part may not be '.' or '..'");
+	for (size_t i = 0; i < len; i++) {
+		unsigned char ch = (unsigned char)s[i];
+		if (is_local_char(ch))
+			continue;
+		if (ch == '/')
+			return cw_fail(e, CW_EINVAL, "the user local part is followed by '/' (no trailing slash or sub-path)");
+		if (ch == '?' || ch == '#')
+			return cw_fail(e, CW_EINVAL, "the identifier has a query or fragment");
+		if (ch == '%')
+			return cw_fail(e, CW_EINVAL, "the user local part holds a percent-escape");
+		return cw_fail(e, CW_EINVAL,
+			       "the user local part holds a byte other than A-Z a-z 0-9 - . _ ~ + = (offset %zu)", i);
+	}
+	return CW_OK;
+}
+
+static cw_err check_room_id(const char *s, size_t len, cw_errmsg *e)
+{
+	if (len == 0)
+		return cw_fail(e, CW_EINVAL, "the room id is empty");
+	if (len > MIMI_ROOM_ID_MAX)
+		return cw_fail(e, CW_EINVAL, "the room id is longer than %d bytes", MIMI_ROOM_ID_MAX);
+	for (size_t i = 0; i < len; i++) {
+		unsigned char ch = (unsigned char)s[i];
+		if (is_id_char(ch))
+			continue;
+		if (ch == '/')
+			return cw_fail(e, CW_EINVAL, "the room id is followed by '/' (no trailing slash or sub-path)");
+		if (ch == '?' || ch == '#')
+			return cw_fail(e, CW_EINVAL, "the identifier has a query or fragment");
+		return cw_fail(e, CW_EINVAL, "the room id holds a byte other than A-Z a-z 0-9 _ - (offset %zu)", i);
+	}
+	return CW_OK;
+}
+
+cw_err mimi_uri_parse(const char *s, struct mimi_uri *out, cw_errmsg *e)
+{
+	memset(out, 0, sizeof(*out));
+	if (!s)
+		return cw_fail(e, CW_EINVAL, "the identifier is missing");
+	size_t total = strnlen(s, MIMI_URI_MAX + 1);
+	if (total > MIMI_URI_MAX)
+		return cw_fail(e, CW_EINVAL, "the identifier is longer than %d bytes", MIMI_URI_MAX);
+	if (strncmp(s, "mimi://", 7) != 0)
+		return cw_fail(e, CW_EINVAL, "the identifier does not start with mimi://");
+	const char *host = s + 7;
+	size_t hlen = strcspn(host, ":/?#");
+	cw_err rc = check_domain(host, hlen, e);
+	if (rc)
+		return rc;
+	const char *p = host + hlen;
+	unsigned port = 0;
+	if (*p == ':') {
+		p++;
+		size_t nd = 0;
+		while (p[nd] >= '0' && p[nd] <= '9' && nd < 6)
+			port = port * 10 + (unsigned)(p[nd++] - '0');
+		if (nd == 0 || nd > 5 || p[0] == '0' || port > 65535)
+			return cw_fail(e, CW_EINVAL, "the port is not a number from 1 to 65535 without leading zeros");
+		p += nd;
+	}
+	if (*p != '/')
+		return cw_fail(e, CW_EINVAL, "the identifier has no /u/<local> or /r/<id> path");
+	enum mimi_kind kind;
+	if (p[1] == 'u' && p[2] == '/')
+		kind = MIMI_USER;
+	else if (p[1] == 'r' && p[2] == '/')
+		kind = MIMI_ROOM;
+	else
+		return cw_fail(e, CW_EINVAL, "the path is neither /u/<local> (a user) nor /r/<id> (a room)");
+	const char *id = p + 3;
+	size_t idlen = total - (size_t)(id - s);
+	rc = kind == MIMI_USER ? check_local(id, idlen, e) : check_room_id(id, idlen, e);
+	if (rc)
+		return rc;
+	out->kind = kind;
+	memcpy(out->domain, host, hlen);
+	out->domain[hlen] = '\0';
+	out->port = (uint16_t)port;
+	memcpy(out->id, id, idlen);
+	out->id[idlen] = '\0';
+	return CW_OK;
+}
+
+cw_err mimi_uri_format(const struct mimi_uri *u, char *buf, size_t size, cw_errmsg *e)
+{
+	if (size > 0)
+		buf[0] = '\0';
+	size_t dlen = strnlen(u->domain, sizeof(u->domain));
+	size_t idlen = strnlen(u->id, sizeof(u->id));
+	if (dlen == sizeof(u->domain) || idlen == sizeof(u->id))
+		return cw_fail(e, CW_EINVAL, "the identifier's components are not terminated");
+	cw_err rc = check_domain(u->domain, dlen, e);
+	if (!rc)
+		rc = u->kind == MIMI_USER ? check_local(u->id, idlen, e)
+		     : u->kind == MIMI_ROOM ? check_room_id(u->id, idlen, e)
+		     : cw_fail(e, CW_EINVAL, "the identifier is neither a user nor a room");
+	if (rc)
+		return rc;
+	char port[8] = "";
+	if (u->port)
+		snprintf(port, sizeof(port), ":%u", (unsigned)u->port);
+	size_t n = 7 + dlen + strlen(port) + 3 + idlen;
+	if (n > MIMI_URI_MAX)
+		return cw_fail(e, CW_EINVAL, "the identifier is longer than %d bytes", MIMI_URI_MAX);
+	if (n >= size)
+		return cw_fail(e, CW_EINVAL, "the identifier does not fit in %zu bytes", size);
+	snprintf(buf, size, "mimi://%s%s/%c/%s", u->domain, port, u->kind == MIMI_USER ? 'u' : 'r', u->id);
+	return CW_OK;
+}
+
+bool mimi_uri_equal(const struct mimi_uri *a, const struct mimi_uri *b)
+{
+	return a->kind == b->kind && a->port == b->port && strcmp(a->domain, b->domain) == 0 &&
+	       strcmp(a->id, b->id) == 0;
+}
+
+static bool opaque_id_valid(const char *id, const char *prefix)
+{
+	if (!id)
+		return false;
+	size_t plen = strlen(prefix);
+	if (strncmp(id, prefix, plen) != 0)
+		return false;
+	size_t i = 0;
+	for (const char *p = id + plen; *p; p++, i++)
+		if (i >= EVENT_OPAQUE_ID_MAX || !is_id_char((unsigned char)*p))
+			return false;
+	return i >= 1;
+}
+
+bool room_public_id_valid(const char *id)
+{
+	return opaque_id_valid(id, "r_");
+}
+
+bool message_id_valid(const char *id)
+{
+	return opaque_id_valid(id, "msg_");
+}
+
+bool idempotency_key_valid(const char *key)
+{
+	if (!key)
+		return false;
+	size_t i = 0;
+	for (; key[i]; i++) {
+		unsigned char ch = (unsigned char)key[i];
+		if (i >= IDEMPOTENCY_KEY_MAX ||
+		    !(is_alnum(ch) || ch == '.' || ch == '_' || ch == ':' || ch == '-'))
+			return false;
+	}
+	return i >= 1;
+}
+
+/* ================================================================ limits */
+
+struct event_limits event_limits_default(void)
+{
+	return (struct event_limits){
+		.max_event_bytes = 64 * 1024,
+		.max_body_bytes = 16 * 1024,
+		.max_parts = 4,
+		.max_attachments = 8,
+		.max_attachment_bytes = 100ull * 1024 * 1024,
+		.max_batch = 256,
+		.max_batch_bytes = 256 * 64 * 1024,
+		.part_types = EVENT_PART_ALL,
+	};
+}
+
+/* ================================================================ JSON pointers */
+
+/* An RFC 6901 pointer built while walking the document. A reference token
+ * that does not fit is left out with everything below it, so the pointer
+ * always names the offending member or one of its ancestors. */
+struct jptr {
+	char s[sizeof(((struct event_error *)0)->pointer)];
+	size_t len;
+	bool full;
+};
+
+/* What jptr_pop() needs to restore the pointer as it was before a push. */
+typedef struct {
+	size_t len;
+	bool full;
+} jptr_mark;
+
+static jptr_mark jptr_push(struct jptr *p, const char *tok)
+{
+	jptr_mark m = { p->len, p->full };
+	if (p->full)
+		return m;
+	char esc[sizeof(p->s)];
+	size_t n = 0;
+	esc[n++] = '/';
+	for (const char *t = tok; *t; t++) {
+		const char *rep = *t == '~' ? "~0" : *t == '/' ? "~1" : NULL;
+		size_t add = rep ? 2 : 1;
+		if (n + add >= sizeof(esc) || p->len + n + add >= sizeof(p->s)) {
+			p->full = true;
+			return m;
+		}
+		if (rep) {
+			esc[n++] = rep[0];
+			esc[n++] = rep[1];
+		} else {
+			esc[n++] = *t;
+		}
+	}
+	if (p->len + n >= sizeof(p->s)) {
+		p->full = true;
+		return m;
+	}
+	memcpy(p->s + p->len, esc, n);
+	p->len += n;
+	p->s[p->len] = '\0';
+	return m;
+}
+
+static jptr_mark jptr_push_index(struct jptr *p, size_t i)
+{
+	char tok[24];
+	snprintf(tok, sizeof(tok), "%zu", i);
+	return jptr_push(p, tok);
+}
+
+static void jptr_pop(struct jptr *p, jptr_mark m)
+{
+	p->len = m.len;
+	p->full = m.full;
+	p->s[p->len] = '\0';
+}
+
+/* ================================================================ validation */
+
+struct vctx {
+	const struct event_limits *lim;
+	struct event_error *err;
+	struct jptr ptr;
+};
+
+static void vctx_init(struct vctx *c, const struct event_limits *lim, struct event_error *err)
+{
+	memset(c, 0, sizeof(*c));
+	c->lim = lim;
+	c->err = err;
+}
+
+/* Records the error at the current pointer; returns CW_EINVAL. After a
+ * failure the pointer's push/pop balance no longer matters: the walk stops. */
+__attribute__((format(printf, 3, 4)))
+static cw_err vfail(struct vctx *c, const char *code, const char *fmt, ...)
+{
+	snprintf(c->err->code, sizeof(c->err->code), "%s", code);
+	memcpy(c->err->pointer, c->ptr.s, c->ptr.len + 1);
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(c->err->detail, sizeof(c->err->detail), fmt, ap);
+	va_end(ap);
+	return CW_EINVAL;
+}
+
+/* Refuses containers nested deeper than EVENT_MAX_DEPTH; v is at depth. */
+static cw_err check_depth(struct vctx *c, json_t *v, int depth)
+{
+	if (!json_is_object(v) && !json_is_array(v))
+		return CW_OK;
+	if (depth > EVENT_MAX_DEPTH)
+		return vfail(c, EVENT_ERR_INVALID, "Objects and arrays are nested more than %d levels deep.",
+			     EVENT_MAX_DEPTH);
+	if (json_is_object(v)) {
+		const char *key;
+		json_t *child;
+		json_object_foreach(v, key, child) {
+			jptr_mark m = jptr_push(&c->ptr, key);
+			cw_err rc = check_depth(c, child, depth + 1);
+			if (rc)
+				return rc;
+			jptr_pop(&c->ptr, m);
+		}
+	} else {
+		size_t i;
+		json_t *child;
+		json_array_foreach(v, i, child) {
+			jptr_mark m = jptr_push_index(&c->ptr, i);
+			cw_err rc = check_depth(c, child, depth + 1);
+			if (rc)
+				return rc;
+			jptr_pop(&c->ptr, m);
+		}
+	}
+	return CW_OK;
+}
+
+static const char *json_type_phrase(json_type t)
+{
+	switch (t) {
+	case JSON_OBJECT: return "an object";
+	case JSON_ARRAY: return "an array";
+	case JSON_STRING: return "a string";
+	case JSON_INTEGER: return "an integer";
+	case JSON_REAL: return "a number";
+	case JSON_TRUE:
+	case JSON_FALSE: return "a boolean";
+	case JSON_NULL: return "null";
+	}
+	return "a value";
+}
+
+enum { M_REQUIRED = 1, M_NULLABLE = 2 };
+
+/* Fetches obj[key] into *out and pushes key onto the pointer (the caller
+ * pops with *mark). *out is NULL when the member is absent, or null and
+ * M_NULLABLE. Fails when it is required and missing, or of another type. */
+static cw_err member(struct vctx *c, json_t *obj, const char *key, json_type t, unsigned f, json_t **out,
+		     jptr_mark *mark)
+{
+	*out = NULL;
+	*mark = jptr_push(&c->ptr, key);
+	json_t *v = json_object_get(obj, key);
+	if (v && json_is_null(v) && (f & M_NULLABLE))
+		v = NULL;
+	if (!v) {
+		if (f & M_REQUIRED)
+			return vfail(c, EVENT_ERR_INVALID, "%s is required.", key);
+		return CW_OK;
+	}
+	if (json_typeof(v) != t)
+		return vfail(c, EVENT_ERR_INVALID, "%s must be %s%s, not %s.", key, json_type_phrase(t),
+			     (f & M_NULLABLE) ? " or null" : "", json_type_phrase(json_typeof(v)));
+	*out = v;
+	return CW_OK;
+}
+
+/* A string member of at most max bytes (longer: too_large). */
+static cw_err string_member(struct vctx *c, json_t *obj, const char *key, unsigned f, size_t max,
+			    const char **out)
+{
+	json_t *v;
+	jptr_mark m;
+	*out = NULL;
+	cw_err rc = member(c, obj, key, JSON_STRING, f, &v, &m);
+	if (rc)
+		return rc;
+	if (v) {
+		if (json_string_length(v) > max)
+			return vfail(c, EVENT_ERR_TOO_LARGE, "%s is longer than %zu bytes.", key, max);
+		*out = json_string_value(v);
+	}
+	jptr_pop(&c->ptr, m);
+	return CW_OK;
+}
+
+/* A timestamp in milliseconds: 0 < ts < 2^53; *out is 0 when absent. */
+static cw_err ts_member(struct vctx *c, json_t *obj, const char *key, unsigned f, int64_t *out)
+{
+	json_t *v;
+	jptr_mark m;
+	*out = 0;
+	cw_err rc = member(c, obj, key, JSON_INTEGER, f, &v, &m);
+	if (rc)
+		return rc;
+	if (v) {
+		json_int_t ts = json_integer_value(v);
+		if (ts <= 0 || ts >= EVENT_TS_LIMIT)
+			return vfail(c, EVENT_ERR_INVALID,
+				     "%s must be milliseconds since the epoch, above 0 and below 2^53.", key);
+		*out = (int64_t)ts;
+	}
+	jptr_pop(&c->ptr, m);
+	return CW_OK;
+}
+
+static cw_err uri_member(struct vctx *c, json_t *obj, const char *key, unsigned f, enum mimi_kind kind,
+			 struct mimi_uri *u, bool *has)
+{
+	json_t *v;
+	jptr_mark m;
+	*has = false;
+	cw_err rc = member(c, obj, key, JSON_STRING, f, &v, &m);
+	if (rc)
+		return rc;
+	if (v) {
+		cw_errmsg e;
+		if (mimi_uri_parse(json_string_value(v), u, &e))
+			return vfail(c, EVENT_ERR_INVALID, "%s is not a valid mimi URI: %s.", key, e.msg);
+		if (u->kind != kind)
+			return vfail(c, EVENT_ERR_INVALID, "%s must be a %s URI (mimi://<domain>/%s), not a %s URI.", key,
+				     kind == MIMI_USER ? "user" : "room", kind == MIMI_USER ? "u/<local>" : "r/<id>",
+				     kind == MIMI_USER ? "room" : "user");
+		*has = true;
+	}
+	jptr_pop(&c->ptr, m);
+	return CW_OK;
+}
+
+/* null or a message id. */
+static cw_err msgid_member(struct vctx *c, json_t *obj, const char *key, const char **out)
+{
+	json_t *v;
+	jptr_mark m;
+	*out = NULL;
+	cw_err rc = member(c, obj, key, JSON_STRING, M_NULLABLE, &v, &m);
+	if (rc)
+		return rc;
+	if (v) {
+		if (!message_id_valid(json_string_value(v)))
+			return vfail(c, EVENT_ERR_INVALID,
+				     "%s must be null or a message id: msg_ and 1 to %d of A-Z a-z 0-9 _ -.", key,
+				     EVENT_OPAQUE_ID_MAX);
+		*out = json_string_value(v);
+	}
+	jptr_pop(&c->ptr, m);
+	return CW_OK;
+}
+
+/* A required string that must be one of names; *out is its index. */
+static cw_err enum_member(struct vctx *c, json_t *obj, const char *key, const char *const *names, size_t n,
+			  const char *allowed, int *out)
+{
+	json_t *v;
+	jptr_mark m;
+	cw_err rc = member(c, obj, key, JSON_STRING, M_REQUIRED, &v, &m);
+	if (rc)
+		return rc;
+	for (size_t i = 0; i < n; i++)
+		if (strcmp(json_string_value(v), names[i]) == 0) {
+			*out = (int)i;
+			jptr_pop(&c->ptr, m);
+			return CW_OK;
+		}
+	return vfail(c, EVENT_ERR_INVALID, "%s must be one of: %s.", key, allowed);
+}
+
+static const char *const part_type_names[] = { "text/plain", "text/markdown", "text/html" };
+
+static cw_err check_parts(struct vctx *c, json_t *content, struct event *ev)
+{
+	json_t *parts, *part;
+	jptr_mark m;
+	size_t i;
+	cw_err rc = member(c, content, "parts", JSON_ARRAY, 0, &parts, &m);
+	if (rc || !parts) {
+		jptr_pop(&c->ptr, m);
+		return rc;
+	}
+	size_t n = json_array_size(parts);
+	if (n == 0)
+		return vfail(c, EVENT_ERR_INVALID, "parts must hold at least one part when present.");
+	if (n > c->lim->max_parts)
+		return vfail(c, EVENT_ERR_TOO_LARGE, "parts holds more than %zu parts.", c->lim->max_parts);
+	json_array_foreach(parts, i, part) {
+		jptr_mark pm = jptr_push_index(&c->ptr, i);
+		if (!json_is_object(part))
+			return vfail(c, EVENT_ERR_INVALID, "Each part must be an object with type and body.");
+		const char *type, *body;
+		rc = string_member(c, part, "type", M_REQUIRED, SIZE_MAX, &type);
+		if (rc)
+			return rc;
+		size_t k = 0;
+		while (k < CW_ARRAY_LEN(part_type_names) && strcmp(type, part_type_names[k]) != 0)
+			k++;
+		if (k == CW_ARRAY_LEN(part_type_names) || !(c->lim->part_types & (1u << k))) {
+			jptr_push(&c->ptr, "type");
+			char allowed[64] = "";
+			for (size_t j = 0; j < CW_ARRAY_LEN(part_type_names); j++)
+				if (c->lim->part_types & (1u << j))
+					snprintf(allowed + strlen(allowed), sizeof(allowed) - strlen(allowed), "%s%s",
+						 *allowed ? ", " : "", part_type_names[j]);
+			return vfail(c, EVENT_ERR_INVALID, "A part's type must be one of: %s.", allowed);
+		}
+		rc = string_member(c, part, "body", M_REQUIRED, c->lim->max_body_bytes, &body);
+		if (rc)
+			return rc;
+		if (!*body) {
+			jptr_push(&c->ptr, "body");
+			return vfail(c, EVENT_ERR_INVALID, "A part's body must not be empty.");
+		}
+		ev->body_bytes += strlen(body);
+		jptr_pop(&c->ptr, pm);
+	}
+	ev->nparts = n;
+	ev->kinds |= EVENT_KIND_TEXT;
+	jptr_pop(&c->ptr, m);
+	return CW_OK;
+}
+
+/* RFC 9110 tchar. */
+static bool is_tchar(unsigned char ch)
+{
+	return is_alnum(ch) || (ch && strchr("!#$%&'*+-.^_`|~", ch) != NULL);
+}
+
+static bool content_type_valid(const char *s)
+{
+	size_t a = 0, b = 0;
+	while (is_tchar((unsigned char)s[a]))
+		a++;
+	if (a == 0 || s[a] != '/')
+		return false;
+	const char *sub = s + a + 1;
+	while (is_tchar((unsigned char)sub[b]))
+		b++;
+	return b > 0 && sub[b] == '\0';
+}
+
+static bool url_valid(const char *s)
+{
+	const char *rest;
+	if (strncmp(s, "https://", 8) == 0)
+		rest = s + 8;
+	else if (strncmp(s, "mxc://", 6) == 0)
+		rest = s + 6;
+	else
+		return false;
+	if (*rest == '\0' || *rest == '/')
+		return false;
+	for (const unsigned char *p = (const unsigned char *)rest; *p; p++)
+		if (*p <= 0x20 || *p >= 0x7f || strchr("\"<>\\^`{|}", *p))
+			return false;
+	return true;
+}
+
+static bool sha256_valid(const char *s)
+{
+	size_t i = 0;
+	for (; s[i]; i++)
+		if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
+			return false;
+	return i == 64;
+}
+
+/* No path separators, no C0, DEL or C1 controls (U+0080-U+009F are
+ * 0xC2 0x80-0x9F in UTF-8, which jansson has already checked). */
+static bool filename_valid(const char *s)
+{
+	if (!*s || strcmp(s, ".") == 0 || strcmp(s, "..") == 0)
+		return false;
+	for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+		if (*p < 0x20 || *p == 0x7f || *p == '/' || *p == '\\')
+			return false;
+		if (*p == 0xc2 && p[1] >= 0x80 && p[1] <= 0x9f)
+			return false;
+	}
+	return true;
+}
+
+static cw_err check_attachment(struct vctx *c, json_t *a, struct event *ev)
+{
+	if (!json_is_object(a))
+		return vfail(c, EVENT_ERR_INVALID, "Each attachment must be an object.");
+	const char *s;
+	cw_err rc = string_member(c, a, "content_type", M_REQUIRED, EVENT_CONTENT_TYPE_MAX, &s);
+	if (rc)
+		return rc;
+	if (!content_type_valid(s)) {
+		jptr_push(&c->ptr, "content_type");
+		return vfail(c, EVENT_ERR_INVALID, "content_type must be a media type type/subtype without parameters.");
+	}
+	rc = string_member(c, a, "url", M_REQUIRED, EVENT_URL_MAX, &s);
+	if (rc)
+		return rc;
+	if (!url_valid(s)) {
+		jptr_push(&c->ptr, "url");
+		return vfail(c, EVENT_ERR_INVALID,
+			     "url must be an https:// or mxc:// URL of visible ASCII without spaces.");
+	}
+	json_t *v;
+	jptr_mark m;
+	rc = member(c, a, "size", JSON_INTEGER, M_REQUIRED, &v, &m);
+	if (rc)
+		return rc;
+	json_int_t size = json_integer_value(v);
+	if (size < 0)
+		return vfail(c, EVENT_ERR_INVALID, "size must not be negative.");
+	if ((uint64_t)size > c->lim->max_attachment_bytes)
+		return vfail(c, EVENT_ERR_TOO_LARGE, "size is above the limit of %llu bytes.",
+			     (unsigned long long)c->lim->max_attachment_bytes);
+	jptr_pop(&c->ptr, m);
+	ev->attachment_bytes += (uint64_t)size;
+	rc = string_member(c, a, "sha256", 0, 64, &s);
+	if (rc)
+		return rc;
+	if (s && !sha256_valid(s)) {
+		jptr_push(&c->ptr, "sha256");
+		return vfail(c, EVENT_ERR_INVALID, "sha256 must be 64 lower-case hex digits.");
+	}
+	rc = string_member(c, a, "filename", 0, EVENT_FILENAME_MAX, &s);
+	if (rc)
+		return rc;
+	if (s && !filename_valid(s)) {
+		jptr_push(&c->ptr, "filename");
+		return vfail(c, EVENT_ERR_INVALID,
+			     "filename must be a non-empty name without '/', '\\' or control characters, not . or ..");
+	}
+	return CW_OK;
+}
+
+static cw_err check_attachments(struct vctx *c, json_t *content, struct event *ev)
+{
+	json_t *list, *a;
+	jptr_mark m;
+	size_t i;
+	cw_err rc = member(c, content, "attachments", JSON_ARRAY, 0, &list, &m);
+	if (rc || !list) {
+		jptr_pop(&c->ptr, m);
+		return rc;
+	}
+	size_t n = json_array_size(list);
+	if (n > c->lim->max_attachments)
+		return vfail(c, EVENT_ERR_TOO_LARGE, "attachments holds more than %zu attachments.",
+			     c->lim->max_attachments);
+	json_array_foreach(list, i, a) {
+		jptr_mark am = jptr_push_index(&c->ptr, i);
+		rc = check_attachment(c, a, ev);
+		if (rc)
+			return rc;
+		jptr_pop(&c->ptr, am);
+	}
+	ev->nattachments = n;
+	if (n)
+		ev->kinds |= EVENT_KIND_MEDIA;
+	jptr_pop(&c->ptr, m);
+	return CW_OK;
+}
+
+static const char *const dispositions[] = {
+	"unspecified", "render", "reaction", "profile", "inline", "icon", "attachment", "session", "preview",
+};
+#define DISPOSITIONS_TEXT "unspecified, render, reaction, profile, inline, icon, attachment, session, preview"
+
+static const char *const type_names[EVENT_TYPE_COUNT] = {
+	"message", "edit", "delete", "reaction", "receipt", "typing", "membership", "block",
+};
+#define TYPES_TEXT "message, edit, delete, reaction, receipt, typing, membership, block"
+
+const char *event_type_name(enum event_type t)
+{
+	return (unsigned)t < EVENT_TYPE_COUNT ? type_names[t] : "unknown";
+}
+
+/* "a message", "an edit": for details. */
+static const char *article(enum event_type t)
+{
+	return t == EVENT_EDIT ? "an" : "a";
+}
+
+/* Fails at /content/<key> (the caller's pointer is at /content). */
+__attribute__((format(printf, 4, 5)))
+static cw_err fail_in(struct vctx *c, const char *key, const char *code, const char *fmt, ...)
+{
+	jptr_push(&c->ptr, key);
+	char detail[sizeof(c->err->detail)];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(detail, sizeof(detail), fmt, ap);
+	va_end(ap);
+	return vfail(c, code, "%s", detail);
+}
+
+static cw_err check_type_rules(struct vctx *c, json_t *content, struct event *ev)
+{
+	enum event_type t = ev->type;
+	const char *name = type_names[t];
+	bool carries_content = t == EVENT_MESSAGE || t == EVENT_EDIT || t == EVENT_REACTION;
+	cw_err rc;
+
+	if (ev->replaces && t != EVENT_EDIT && t != EVENT_DELETE)
+		return fail_in(c, "replaces", EVENT_ERR_INVALID,
+			       "replaces is only for an edit or a delete, and this is %s %s.", article(t), name);
+	if (ev->disposition && strcmp(ev->disposition, "reaction") == 0 && t != EVENT_REACTION)
+		return fail_in(c, "disposition", EVENT_ERR_INVALID,
+			       "The reaction disposition is only for a reaction event, and this is %s %s.",
+			       article(t), name);
+	if (!carries_content && json_object_get(content, "parts"))
+		return fail_in(c, "parts", EVENT_ERR_INVALID, "A %s event carries no parts.", name);
+	if (t != EVENT_MESSAGE && t != EVENT_EDIT && ev->nattachments)
+		return fail_in(c, "attachments", EVENT_ERR_INVALID, "A %s event carries no attachments.", name);
+
+	switch (t) {
+	case EVENT_MESSAGE:
+		if (!ev->nparts && !ev->nattachments)
+			return fail_in(c, "parts", EVENT_ERR_INVALID,
+				       "A message needs at least one part or one attachment.");
+		break;
+	case EVENT_EDIT:
+		if (!ev->replaces)
+			return fail_in(c, "replaces", EVENT_ERR_INVALID,
+				       "An edit needs replaces: the id of the message's first version.");
+		if (!ev->nparts)
+			return fail_in(c, "parts", EVENT_ERR_INVALID, "An edit needs at least one part.");
+		break;
+	case EVENT_DELETE:
+		if (!ev->replaces)
+			return fail_in(c, "replaces", EVENT_ERR_INVALID,
+				       "A delete needs replaces: the id of the message or reaction it removes.");
+		break;
+	case EVENT_REACTION:
+		if (!ev->in_reply_to)
+			return fail_in(c, "in_reply_to", EVENT_ERR_INVALID,
+				       "A reaction needs in_reply_to: the id of the message it reacts to.");
+		if (!ev->disposition || strcmp(ev->disposition, "reaction") != 0)
+			return fail_in(c, "disposition", EVENT_ERR_INVALID,
+				       "A reaction needs the disposition \"reaction\".");
+		if (ev->nparts != 1)
+			return fail_in(c, "parts", EVENT_ERR_INVALID, "A reaction has exactly one part.");
+		if (ev->body_bytes > EVENT_REACTION_MAX) {
+			jptr_push(&c->ptr, "parts");
+			jptr_push(&c->ptr, "0");
+			return fail_in(c, "body", EVENT_ERR_TOO_LARGE, "A reaction's body is longer than %d bytes.",
+				       EVENT_REACTION_MAX);
+		}
+		break;
+	case EVENT_RECEIPT: {
+		static const char *const kinds[] = { "delivered", "read" };
+		int k;
+		if (!ev->in_reply_to)
+			return fail_in(c, "in_reply_to", EVENT_ERR_INVALID,
+				       "A receipt needs in_reply_to: the id of the message it acknowledges.");
+		if ((rc = enum_member(c, content, "receipt", kinds, 2, "delivered, read", &k)))
+			return rc;
+		ev->receipt = k == 0 ? EVENT_RECEIPT_DELIVERED : EVENT_RECEIPT_READ;
+		break;
+	}
+	case EVENT_TYPING: {
+		static const char *const states[] = { "start", "stop" };
+		int k;
+		if ((rc = enum_member(c, content, "state", states, 2, "start, stop", &k)))
+			return rc;
+		ev->typing = k == 0 ? EVENT_TYPING_START : EVENT_TYPING_STOP;
+		break;
+	}
+	case EVENT_MEMBERSHIP: {
+		static const char *const ms[] = { "join", "leave", "invite" };
+		int k;
+		if ((rc = enum_member(c, content, "membership", ms, 3, "join, leave, invite", &k)))
+			return rc;
+		ev->membership = (enum event_membership)(EVENT_MEMBERSHIP_JOIN + k);
+		if ((rc = uri_member(c, content, "target", M_REQUIRED, MIMI_USER, &ev->target, &ev->has_target)))
+			return rc;
+		break;
+	}
+	case EVENT_BLOCK:
+		if ((rc = uri_member(c, content, "target", M_REQUIRED, MIMI_USER, &ev->target, &ev->has_target)))
+			return rc;
+		break;
+	}
+	return CW_OK;
+}
+
+static cw_err check_content(struct vctx *c, json_t *content, struct event *ev)
+{
+	cw_err rc;
+	if ((rc = check_parts(c, content, ev)) || (rc = check_attachments(c, content, ev)) ||
+	    (rc = msgid_member(c, content, "in_reply_to", &ev->in_reply_to)) ||
+	    (rc = msgid_member(c, content, "replaces", &ev->replaces)) ||
+	    (rc = string_member(c, content, "topic", M_NULLABLE, EVENT_TOPIC_MAX, &ev->topic)) ||
+	    (rc = ts_member(c, content, "expires", M_NULLABLE, &ev->expires)))
+		return rc;
+	json_t *v;
+	jptr_mark m;
+	if ((rc = member(c, content, "disposition", JSON_STRING, 0, &v, &m)))
+		return rc;
+	if (v) {
+		size_t k = 0;
+		while (k < CW_ARRAY_LEN(dispositions) && strcmp(json_string_value(v), dispositions[k]) != 0)
+			k++;
+		if (k == CW_ARRAY_LEN(dispositions))
+			return vfail(c, EVENT_ERR_INVALID, "disposition must be one of: " DISPOSITIONS_TEXT ".");
+		ev->disposition = json_string_value(v);
+	}
+	jptr_pop(&c->ptr, m);
+	return check_type_rules(c, content, ev);
+}
+
+/* Validates one event object (root) into ev, without taking a reference. */
+static cw_err check_event(struct vctx *c, json_t *root, unsigned flags, struct event *ev)
+{
+	if (!json_is_object(root))
+		return vfail(c, EVENT_ERR_INVALID, "An event must be a JSON object, not %s.",
+			     json_type_phrase(json_typeof(root)));
+	cw_err rc = check_depth(c, root, 1);
+	if (rc)
+		return rc;
+
+	const char *type;
+	if ((rc = string_member(c, root, "type", M_REQUIRED, SIZE_MAX, &type)))
+		return rc;
+	size_t t = 0;
+	while (t < EVENT_TYPE_COUNT && strcmp(type, type_names[t]) != 0)
+		t++;
+	if (t == EVENT_TYPE_COUNT) {
+		jptr_push(&c->ptr, "type");
+		return vfail(c, EVENT_ERR_INVALID, "Unknown event type; type must be one of: " TYPES_TEXT ".");
+	}
+	ev->type = (enum event_type)t;
+
+	if ((rc = uri_member(c, root, "sender", 0, MIMI_USER, &ev->sender, &ev->has_sender)) ||
+	    (rc = uri_member(c, root, "room", (flags & EVENT_REQUIRE_ROOM) ? M_REQUIRED : 0, MIMI_ROOM, &ev->room,
+			     &ev->has_room)) ||
+	    (rc = ts_member(c, root, "ts", 0, &ev->ts)))
+		return rc;
+
+	json_t *content;
+	jptr_mark m;
+	if ((rc = member(c, root, "content", JSON_OBJECT, M_REQUIRED, &content, &m)))
+		return rc;
+	if ((rc = check_content(c, content, ev)))
+		return rc;
+	jptr_pop(&c->ptr, m);
+	return CW_OK;
+}
+
+/* Parses body (len bytes, at most max) into *root; errors at pointer "". */
+static cw_err load_json(struct vctx *c, const char *body, size_t len, size_t max, const char *what,
+			json_t **root)
+{
+	*root = NULL;
+	if (len > max)
+		return vfail(c, EVENT_ERR_TOO_LARGE, "The %s is larger than %zu bytes.", what, max);
+	if (!body || len == 0)
+		return vfail(c, EVENT_ERR_INVALID, "The %s is empty.", what);
+	if (memchr(body, '\0', len))
+		return vfail(c, EVENT_ERR_INVALID, "The %s contains a NUL byte.", what);
+	json_error_t je;
+	*root = json_loadb(body, len, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY, &je);
+	if (*root)
+		return CW_OK;
+	/* jansson's own text quotes the input ("near ..."): say it in our words. */
+	switch (json_error_code(&je)) {
+	case json_error_out_of_memory:
+		snprintf(c->err->code, sizeof(c->err->code), "unavailable");
+		snprintf(c->err->detail, sizeof(c->err->detail), "Out of memory while parsing the %s.", what);
+		return CW_ENOMEM;
+	case json_error_invalid_utf8:
+		return vfail(c, EVENT_ERR_INVALID, "The %s is not valid UTF-8 (byte offset %d).", what, je.position);
+	case json_error_null_character:
+	case json_error_null_byte_in_key:
+		return vfail(c, EVENT_ERR_INVALID, "A string in the %s contains \\u0000 (line %d, column %d).", what,
+			     je.line, je.column);
+	case json_error_duplicate_key:
+		return vfail(c, EVENT_ERR_INVALID, "An object in the %s repeats a key (line %d, column %d).", what,
+			     je.line, je.column);
+	case json_error_numeric_overflow:
+		return vfail(c, EVENT_ERR_INVALID, "A number in the %s is out of range (line %d, column %d).", what,
+			     je.line, je.column);
+	case json_error_stack_overflow:
+		return vfail(c, EVENT_ERR_INVALID, "The %s nests objects and arrays too deeply.", what);
+	case json_error_premature_end_of_input:
+		return vfail(c, EVENT_ERR_INVALID, "The %s ends before its JSON text is complete.", what);
+	case json_error_end_of_input_expected:
+		return vfail(c, EVENT_ERR_INVALID, "The %s has more data after its JSON text (line %d, column %d).",
+			     what, je.line, je.column);
+	default:
+		return vfail(c, EVENT_ERR_INVALID, "The %s is not valid JSON (line %d, column %d).", what, je.line,
+			     je.column);
+	}
+}
+
+cw_err event_parse(const char *body, size_t len, const struct event_limits *lim, unsigned flags,
+		   struct event *out, struct event_error *err)
+{
+	struct vctx c;
+	json_t *root;
+	memset(out, 0, sizeof(*out));
+	memset(err, 0, sizeof(*err));
+	vctx_init(&c, lim, err);
+	cw_err rc = load_json(&c, body, len, lim->max_event_bytes, "event body", &root);
+	if (rc)
+		return rc;
+	rc = check_event(&c, root, flags, out);
+	if (rc) {
+		json_decref(root);
+		memset(out, 0, sizeof(*out));
+		return rc;
+	}
+	out->json = root;
+	return CW_OK;
+}
+
+void event_free(struct event *ev)
+{
+	json_decref(ev->json);
+	memset(ev, 0, sizeof(*ev));
+}
+
+/* ================================================================ batches */
+
+/* Members of obj other than skip must nest at most EVENT_MAX_DEPTH deep,
+ * obj itself counting as 1. */
+static cw_err check_other_depth(struct vctx *c, json_t *obj, const char *skip)
+{
+	const char *key;
+	json_t *v;
+	json_object_foreach(obj, key, v) {
+		if (strcmp(key, skip) == 0)
+			continue;
+		jptr_mark m = jptr_push(&c->ptr, key);
+		cw_err rc = check_depth(c, v, 2);
+		if (rc)
+			return rc;
+		jptr_pop(&c->ptr, m);
+	}
+	return CW_OK;
+}
+
+static cw_err check_item(struct vctx *c, json_t *item, struct batch_item *it, const struct batch *b, size_t idx)
+{
+	if (!json_is_object(item))
+		return vfail(c, EVENT_ERR_INVALID, "Each item of events must be an object with idempotency_key, room and event.");
+	cw_err rc = check_other_depth(c, item, "event");
+	if (rc)
+		return rc;
+
+	const char *key;
+	if ((rc = string_member(c, item, "idempotency_key", M_REQUIRED, SIZE_MAX, &key)))
+		return rc;
+	jptr_mark km = jptr_push(&c->ptr, "idempotency_key");
+	if (!idempotency_key_valid(key))
+		return vfail(c, EVENT_ERR_INVALID, "idempotency_key must be 1 to %d of A-Z a-z 0-9 . _ : -.",
+			     IDEMPOTENCY_KEY_MAX);
+	for (size_t j = 0; j < idx; j++)
+		if (strcmp(b->items[j].idempotency_key, key) == 0)
+			return vfail(c, EVENT_ERR_INVALID, "idempotency_key repeats the key of item %zu of this batch.", j);
+	jptr_pop(&c->ptr, km);
+	snprintf(it->idempotency_key, sizeof(it->idempotency_key), "%s", key);
+
+	if ((rc = uri_member(c, item, "room", M_REQUIRED, MIMI_ROOM, &it->room, &it->has_room)))
+		return rc;
+
+	json_t *ev;
+	jptr_mark m;
+	if ((rc = member(c, item, "event", JSON_OBJECT, M_REQUIRED, &ev, &m)))
+		return rc;
+	size_t size = json_dumpb(ev, NULL, 0, JSON_COMPACT);
+	if (size > c->lim->max_event_bytes)
+		return vfail(c, EVENT_ERR_TOO_LARGE, "The event is larger than %zu bytes.", c->lim->max_event_bytes);
+	if ((rc = check_event(c, ev, 0, &it->ev)))
+		return rc;
+	if (it->ev.has_room && !mimi_uri_equal(&it->ev.room, &it->room)) {
+		jptr_push(&c->ptr, "room");
+		return vfail(c, EVENT_ERR_INVALID, "The event's room differs from the item's room.");
+	}
+	it->ev.json = json_incref(ev);
+	jptr_pop(&c->ptr, m);
+	return CW_OK;
+}
+
+cw_err batch_parse(const char *body, size_t len, const struct event_limits *lim, struct batch *out,
+		   struct event_error *err)
+{
+	struct vctx c;
+	json_t *root;
+	memset(out, 0, sizeof(*out));
+	memset(err, 0, sizeof(*err));
+	vctx_init(&c, lim, err);
+	cw_err rc = load_json(&c, body, len, lim->max_batch_bytes, "batch body", &root);
+	if (rc)
+		return rc;
+	if (!json_is_object(root)) {
+		rc = vfail(&c, EVENT_ERR_INVALID, "A batch must be a JSON object with an events array.");
+		goto fail;
+	}
+	if ((rc = check_other_depth(&c, root, "events")))
+		goto fail;
+	json_t *events;
+	jptr_mark m;
+	if ((rc = member(&c, root, "events", JSON_ARRAY, M_REQUIRED, &events, &m)))
+		goto fail;
+	size_t n = json_array_size(events);
+	if (n == 0) {
+		rc = vfail(&c, EVENT_ERR_INVALID, "events must hold at least one event.");
+		goto fail;
+	}
+	if (n > lim->max_batch) {
+		rc = vfail(&c, EVENT_ERR_TOO_LARGE, "events holds more than %zu events.", lim->max_batch);
+		goto fail;
+	}
+	out->items = calloc(n, sizeof(*out->items));
+	if (!out->items) {
+		snprintf(err->code, sizeof(err->code), "unavailable");
+		snprintf(err->detail, sizeof(err->detail), "Out of memory while parsing the batch body.");
+		rc = CW_ENOMEM;
+		goto fail;
+	}
+	out->json = root;
+	out->n = n;
+	for (size_t i = 0; i < n; i++) {
+		struct batch_item *it = &out->items[i];
+		struct vctx ic;
+		vctx_init(&ic, lim, &it->err);
+		jptr_push(&ic.ptr, "events");
+		jptr_push_index(&ic.ptr, i);
+		it->rc = check_item(&ic, json_array_get(events, i), it, out, i);
+		if (it->rc) {
+			memset(&it->ev, 0, sizeof(it->ev)); /* holds no reference: taken last */
+			out->nfailed++;
+		}
+	}
+	return CW_OK;
+
+fail:
+	json_decref(root);
+	free(out->items);
+	memset(out, 0, sizeof(*out));
+	return rc;
+}
+
+void batch_free(struct batch *b)
+{
+	for (size_t i = 0; i < b->n; i++)
+		event_free(&b->items[i].ev);
+	free(b->items);
+	json_decref(b->json);
+	memset(b, 0, sizeof(*b));
+}

@@ -1,0 +1,279 @@
+/* Validation of the neutral API's inputs (docs: /work/shared/spec/interop-api.md):
+ * mimi:// identifiers, opaque ids, idempotency keys, event bodies and batches.
+ * Pure code: no I/O, no clock, no globals; safe from any thread. */
+#ifndef CW_PEER_EVENT_H
+#define CW_PEER_EVENT_H
+
+#include "cw.h"
+
+#include <jansson.h>
+
+/* ------------------------------------------------------------ identifiers
+ *
+ * A user is  mimi://<domain>[:<port>]/u/<local>   (MIMI_USER)
+ * a room is  mimi://<domain>[:<port>]/r/<id>      (MIMI_ROOM)
+ *
+ * The parser accepts only the canonical spelling, so that an identifier is
+ * compared byte for byte and mimi_uri_format(mimi_uri_parse(s)) == s:
+ *   scheme    exactly "mimi://" (lower case)
+ *   domain    a lower-case DNS name: labels of 1-63 bytes of [a-z0-9-], not
+ *             starting or ending with '-', joined by single dots; at least one
+ *             dot (no single-label "localhost"); the last label not all digits
+ *             (IP literals are not identifiers); at most 253 bytes
+ *   port      optional ":<1-65535>", no leading zero
+ *   local     1-255 bytes of  A-Z a-z 0-9 - . _ ~ + =  (RFC 3986 unreserved,
+ *             plus '+' for E.164 numbers and '=' for padding-like escapes);
+ *             case-sensitive; not "." or ".." (dot-segments); no '/', '%',
+ *             '?', '#', spaces or control bytes
+ *   room id   1-128 bytes of  A-Z a-z 0-9 _ -
+ *   whole     at most 512 bytes; nothing after the local part or room id (no
+ *             trailing slash, query or fragment)
+ */
+#define MIMI_URI_MAX 512
+#define MIMI_DOMAIN_MAX 253
+#define MIMI_LOCAL_MAX 255
+#define MIMI_ROOM_ID_MAX 128
+
+enum mimi_kind { MIMI_USER, MIMI_ROOM };
+
+struct mimi_uri {
+	enum mimi_kind kind;
+	char domain[MIMI_DOMAIN_MAX + 1]; /* host name without the port */
+	uint16_t port;                    /* 0 when the URI names none */
+	char id[MIMI_LOCAL_MAX + 1];      /* user local part or room id */
+};
+
+/* Parses s into out (out is cleared first). CW_EINVAL with the reason in e. */
+cw_err mimi_uri_parse(const char *s, struct mimi_uri *out, cw_errmsg *e);
+/* Writes the canonical text into buf (MIMI_URI_MAX + 1 bytes are always
+ * enough). Validates the components as the parser does, so an adapter that
+ * builds a struct mimi_uri from a native id gets CW_EINVAL, never a URI the
+ * parser would refuse; CW_EINVAL too when buf is too small. */
+cw_err mimi_uri_format(const struct mimi_uri *u, char *buf, size_t size, cw_errmsg *e);
+bool mimi_uri_equal(const struct mimi_uri *a, const struct mimi_uri *b);
+
+/* Opaque ids used in URL paths and bodies (never decoded or escaped):
+ *   room public id   "r_"   + 1-64 of [A-Za-z0-9_-]   (/v1/rooms/{room})
+ *   message id       "msg_" + 1-64 of [A-Za-z0-9_-]   (/v1/messages/{id})
+ *   idempotency key  1-128 of [A-Za-z0-9._:-]  (the Idempotency-Key header
+ *                    and the batch items' "idempotency_key")
+ * NULL is never valid. */
+#define EVENT_OPAQUE_ID_MAX 64
+#define IDEMPOTENCY_KEY_MAX 128
+bool room_public_id_valid(const char *id);
+bool message_id_valid(const char *id);
+bool idempotency_key_valid(const char *key);
+
+/* ------------------------------------------------------------ limits */
+
+/* Part content types (a bit set in event_limits.part_types). */
+#define EVENT_PART_PLAIN    0x1u  /* text/plain */
+#define EVENT_PART_MARKDOWN 0x2u  /* text/markdown */
+#define EVENT_PART_HTML     0x4u  /* text/html (carried as is: sanitising is the renderer's job) */
+#define EVENT_PART_ALL      0x7u
+
+struct event_limits {
+	size_t max_event_bytes;         /* one event's JSON text (64 KiB) */
+	size_t max_body_bytes;          /* one part's body (16 KiB) */
+	size_t max_parts;               /* content.parts entries (4) */
+	size_t max_attachments;         /* content.attachments entries (8) */
+	uint64_t max_attachment_bytes;  /* an attachment's declared size (100 MiB) */
+	size_t max_batch;               /* events in one POST /v1/batch (256) */
+	size_t max_batch_bytes;         /* a batch's JSON text (16 MiB = 256 x 64 KiB;
+	                                   the HTTP front's max_body_bytes caps first) */
+	unsigned part_types;            /* EVENT_PART_* accepted (all) */
+};
+
+struct event_limits event_limits_default(void);
+
+/* Fixed bounds (not configurable: they are part of the API's syntax). */
+#define EVENT_MAX_DEPTH 16            /* containers nested, the event object = 1 */
+#define EVENT_TOPIC_MAX 1024          /* bytes */
+#define EVENT_REACTION_MAX 64         /* bytes of a reaction's body */
+#define EVENT_URL_MAX 2048            /* bytes of an attachment url */
+#define EVENT_FILENAME_MAX 255        /* bytes of an attachment filename */
+#define EVENT_CONTENT_TYPE_MAX 255    /* bytes of an attachment content_type */
+#define EVENT_TS_LIMIT 9007199254740992LL /* 2^53: ts and expires are below it */
+
+/* ------------------------------------------------------------ events
+ *
+ * An event body is one JSON object (UTF-8, no NUL anywhere, no duplicate keys
+ * at any level, at most max_event_bytes, at most EVENT_MAX_DEPTH containers
+ * deep). Envelope members:
+ *   type      required: message edit delete reaction receipt typing
+ *             membership block; anything else is refused
+ *   sender    optional user URI (the peer's identity comes from its
+ *             credential; the caller checks the sender's domain against it)
+ *   room      room URI; required only with EVENT_REQUIRE_ROOM (the URL path
+ *             names the room otherwise; comparing the two is the caller's job)
+ *   ts        optional integer milliseconds, 0 < ts < 2^53
+ *   content   required object, for every type
+ *
+ * Members of content, checked whenever present, for every type:
+ *   parts        array of 1..max_parts objects {type, body}: type one of
+ *                text/plain text/markdown text/html (and allowed by
+ *                part_types), body a string of 1..max_body_bytes bytes
+ *   attachments  array of 0..max_attachments objects:
+ *                  content_type  required, "type/subtype" of RFC 9110 token
+ *                                characters, no parameters, <= 255 bytes
+ *                  url           required, "https://..." or "mxc://..." with
+ *                                a non-empty rest of visible ASCII (no space,
+ *                                no " < > \ ^ ` { | }), <= 2048 bytes
+ *                  size          required integer 0..max_attachment_bytes
+ *                  sha256        optional, 64 lower-case hex digits
+ *                  filename      optional, 1..255 bytes, no '/', '\', control
+ *                                characters (C0, DEL, C1), not "." or ".."
+ *   in_reply_to  null or a message id (msg_...)
+ *   replaces     null or a message id; always the first version (as in MIMI)
+ *   topic        null or a string of at most 1024 bytes
+ *   expires      null or integer milliseconds, 0 < expires < 2^53
+ *   disposition  a MIMI disposition: unspecified render reaction profile
+ *                inline icon attachment session preview
+ *
+ * Per type ("no parts" = content.parts absent; "no attachments" =
+ * content.attachments absent or empty; the type-specific members receipt,
+ * state, membership and target are checked only for their own type and are
+ * ordinary unknown members of any other). For every type: replaces only on
+ * edit and delete, disposition "reaction" only on a reaction.
+ *
+ *   type        requires                                   refuses
+ *   ----------  -----------------------------------------  -------------------
+ *   message     >= 1 part or >= 1 attachment               -
+ *   edit        replaces, >= 1 part                        -
+ *   delete      replaces                                   parts, attachments
+ *   reaction    in_reply_to, disposition "reaction",       attachments
+ *               exactly 1 part, its body <= 64 bytes
+ *   receipt     in_reply_to, receipt "delivered"|"read"    parts, attachments
+ *   typing      state "start"|"stop"                       parts, attachments
+ *   membership  membership "join"|"leave"|"invite",        parts, attachments
+ *               target user URI (who joins, leaves or is invited)
+ *   block       target user URI (the blocked user)         parts, attachments
+ *
+ * Removing a reaction is a delete whose replaces names the reaction event.
+ * Unknown members, at the top level, in content, in parts and attachments,
+ * are kept unchanged in event.json and passed on; strings are data, never
+ * interpreted (SQL or markup characters are accepted as they are).
+ *
+ * Errors: code is "invalid_body" (shape, syntax, missing or wrong members;
+ * 400) or "too_large" (any byte or count maximum: the body, a part body, a
+ * reaction, topic, url, filename, attachment size, number of parts,
+ * attachments or batch items; 413). Identifiers that are too long are
+ * invalid_body: their length is part of their syntax. pointer is an RFC 6901
+ * JSON pointer to the offending member ("" = the whole body; a missing
+ * required member is named where it should be), detail an English sentence
+ * that never repeats the caller's data.
+ */
+#define EVENT_ERR_INVALID "invalid_body"
+#define EVENT_ERR_TOO_LARGE "too_large"
+
+struct event_error {
+	char code[32];
+	char pointer[128]; /* cut at the deepest whole reference token that fits */
+	char detail[256];
+};
+
+enum event_type {
+	EVENT_MESSAGE,
+	EVENT_EDIT,
+	EVENT_DELETE,
+	EVENT_REACTION,
+	EVENT_RECEIPT,
+	EVENT_TYPING,
+	EVENT_MEMBERSHIP,
+	EVENT_BLOCK,
+};
+#define EVENT_TYPE_COUNT 8
+const char *event_type_name(enum event_type t);
+
+enum event_receipt { EVENT_RECEIPT_NONE, EVENT_RECEIPT_DELIVERED, EVENT_RECEIPT_READ };
+enum event_typing { EVENT_TYPING_NONE, EVENT_TYPING_START, EVENT_TYPING_STOP };
+enum event_membership {
+	EVENT_MEMBERSHIP_NONE,
+	EVENT_MEMBERSHIP_JOIN,
+	EVENT_MEMBERSHIP_LEAVE,
+	EVENT_MEMBERSHIP_INVITE,
+};
+
+/* Content kinds for the policy engine (a bit set). */
+#define EVENT_KIND_TEXT  0x1u  /* at least one part */
+#define EVENT_KIND_MEDIA 0x2u  /* at least one attachment */
+
+/* Flags of event_parse. */
+#define EVENT_REQUIRE_ROOM 0x1u  /* the body must name the room */
+
+struct event {
+	json_t *json;               /* the whole validated object, unknown members
+	                               included; owned: release with event_free() */
+	enum event_type type;
+	bool has_sender, has_room, has_target;
+	struct mimi_uri sender;     /* valid when has_sender */
+	struct mimi_uri room;       /* valid when has_room */
+	struct mimi_uri target;     /* membership and block: valid when has_target */
+	int64_t ts;                 /* 0 when absent */
+	int64_t expires;            /* 0 when absent or null */
+	/* These point into json (valid until event_free); NULL when absent or null. */
+	const char *in_reply_to;
+	const char *replaces;
+	const char *topic;
+	const char *disposition;
+	size_t nparts;
+	size_t body_bytes;          /* sum of the parts' body lengths */
+	size_t nattachments;
+	uint64_t attachment_bytes;  /* sum of the attachments' declared sizes */
+	unsigned kinds;             /* EVENT_KIND_* */
+	enum event_receipt receipt;
+	enum event_typing typing;
+	enum event_membership membership;
+};
+
+/* Parses and validates one event body of len bytes (body need not be
+ * NUL-terminated and may contain NULs, which are refused). On CW_OK out holds
+ * a new reference in out->json. On CW_EINVAL err says why and out holds
+ * nothing to free; CW_ENOMEM when jansson runs out of memory (err->code is
+ * "unavailable"). */
+cw_err event_parse(const char *body, size_t len, const struct event_limits *lim, unsigned flags,
+		   struct event *out, struct event_error *err);
+/* Drops the reference and clears ev; safe on a cleared or failed event. */
+void event_free(struct event *ev);
+
+/* ------------------------------------------------------------ batches
+ *
+ * POST /v1/batch: {"events": [{"idempotency_key": K, "room": R, "event": E}, ...]}
+ * with 1..max_batch items (more: too_large at /events) and at most
+ * max_batch_bytes of text. K is an idempotency key, unique within the batch
+ * (a repeated key fails the later item); R a room URI; E an event as above
+ * with the room optional, and if E names a room it must equal R. Each item
+ * counts its own depth (the item object = 1, its event object = 1). Unknown
+ * members of the batch object and of items are kept.
+ *
+ * A wrong top-level shape (not JSON, not an object, no events array, too many
+ * items, too many bytes) fails the whole batch: CW_EINVAL and err. So do
+ * faults the JSON parser sees before any item is looked at: invalid UTF-8,
+ * \u0000 or a repeated key anywhere in the document. Otherwise
+ * CW_OK and one result per item, in order; an item that fails does not fail
+ * the others. Pointers in item errors are absolute in the batch document
+ * ("/events/3/event/content/parts/0/body").
+ */
+struct batch_item {
+	cw_err rc;                  /* CW_OK, or CW_EINVAL with err filled */
+	char idempotency_key[IDEMPOTENCY_KEY_MAX + 1]; /* "" when it was invalid */
+	bool has_room;
+	struct mimi_uri room;       /* the item's room, valid when has_room */
+	struct event ev;            /* valid when rc == CW_OK */
+	struct event_error err;     /* when rc != CW_OK */
+};
+
+struct batch {
+	json_t *json;               /* the whole batch document */
+	size_t n;
+	struct batch_item *items;   /* n results, in order */
+	size_t nfailed;
+};
+
+/* On CW_OK the caller releases out with batch_free(); on failure nothing is
+ * left to free. CW_ENOMEM when memory runs out. */
+cw_err batch_parse(const char *body, size_t len, const struct event_limits *lim, struct batch *out,
+		   struct event_error *err);
+void batch_free(struct batch *b);
+
+#endif

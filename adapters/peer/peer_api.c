@@ -1,0 +1,1086 @@
+/* The neutral interop API: directory, signatures, rooms, messages. */
+#include "config.h"
+#include "peer_api.h"
+#include "event.h"
+#include "httpsig.h"
+#include "log.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#define ROOM_MEMBERS_MAX 256
+
+/* ------------------------------------------------------------ signatures */
+
+void peer_target_uri(struct cw_app *app, struct cw_req *req, char *buf, size_t len)
+{
+	const char *pub = app->cfg->public_url;
+	if (pub && *pub) {
+		size_t n = strlen(pub);
+		while (n && pub[n - 1] == '/')
+			n--;
+		snprintf(buf, len, "%.*s%s", (int)n, pub, cw_req_raw_target(req));
+	} else {
+		const char *host = cw_req_header(req, "Host");
+		snprintf(buf, len, "http://%s%s", host ? host : "", cw_req_raw_target(req));
+	}
+}
+
+static const char *req_header(void *ctx, const char *name)
+{
+	return cw_req_header(ctx, name);
+}
+
+struct key_ctx {
+	struct peer_principal *p;
+};
+
+static EVP_PKEY *key_for(void *ctx, const char *keyid)
+{
+	struct key_ctx *k = ctx;
+	return keyid && strcmp(keyid, k->p->name) == 0 ? k->p->key : NULL;
+}
+
+bool peer_verify_request(struct cw_app *app, struct cw_req *req, struct peer_principal *p)
+{
+	char uri[4096];
+	peer_target_uri(app, req, uri, sizeof(uri));
+	struct httpsig_msg m = { .method = cw_req_method(req), .target_uri = uri, .header = req_header, .ctx = req };
+	size_t blen;
+	const char *body = cw_req_body(req, &blen);
+	static const char *const with_body[] = PEER_SIG_COMPONENTS_WITH_BODY;
+	static const char *const without_body[] = { "@method", "@target-uri", NULL };
+	static const char *const if_present[] = { "idempotency-key", "content-type", "content-digest", NULL };
+	struct key_ctx kc = { p };
+	struct httpsig_verify_opts o = {
+		.required = blen ? with_body : without_body,
+		.required_if_present = if_present,
+		.require_created = true, .require_keyid = true, .require_nonce = true, .require_tag = true,
+		.tag = app->cfg->signature_tag,
+		.now = cw_wall_ms() / 1000,
+		.max_skew_s = app->cfg->max_clock_skew_s,
+		.key_for = key_for, .key_ctx = &kc,
+		.check_content_digest = blen > 0 || cw_req_header(req, "Content-Digest") != NULL,
+		.body = body, .body_len = blen,
+	};
+	struct httpsig_result res;
+	cw_errmsg e = { { 0 } };
+	cw_err rc = httpsig_verify(&m, cw_req_header(req, "Signature-Input"), cw_req_header(req, "Signature"), &o,
+				   &res, &e);
+	if (rc == CW_OK) {
+		rc = httpsig_replay_check_and_add(app->replay, res.keyid, res.nonce, res.created, o.now);
+		if (rc == CW_ECONFLICT)
+			cw_fail(&e, rc, "this signature's nonce was seen before (a replay)");
+		else if (rc)
+			cw_fail(&e, rc, "the signature's nonce or time is not acceptable");
+	}
+	if (rc) {
+		LOG_KV(CW_LOG_INFO, "peer request signature refused", "peer", p->name, "detail", e.msg);
+		cw_req_add_header(req, "WWW-Authenticate", "Bearer");
+		cw_req_problem(req, 401, "bad_signature", "Bad signature", e.msg);
+		return false;
+	}
+	return true;
+}
+
+/* ------------------------------------------------------------ helpers */
+
+static bool api_enabled(struct cw_app *app, struct cw_req *req)
+{
+	if (app->cfg->domain && *app->cfg->domain)
+		return true;
+	cw_req_problem(req, 503, "unavailable", "Not configured", "the operator has not set server.domain");
+	return false;
+}
+
+static void event_problem(struct cw_req *req, const struct event_error *err)
+{
+	int status = strcmp(err->code, EVENT_ERR_TOO_LARGE) == 0 ? 413 : 400;
+	char detail[420];
+	if (err->pointer[0])
+		snprintf(detail, sizeof(detail), "%s (at %s)", err->detail, err->pointer);
+	else
+		snprintf(detail, sizeof(detail), "%s", err->detail);
+	cw_req_problem(req, status, err->code, status == 413 ? "Too large" : "Invalid body", detail);
+}
+
+/* A new opaque id: prefix + 22 base64url characters (128 random bits). */
+static void new_id(char *out, size_t len, const char *prefix)
+{
+	unsigned char raw[16];
+	cw_random(raw, sizeof(raw));
+	size_t n = strlen(prefix);
+	memcpy(out, prefix, n);
+	cw_b64url_encode(out + n, len - n, raw, sizeof(raw));
+}
+
+static PGresult *exec(PGconn *c, const char *sql, int n, const char *const *params)
+{
+	return PQexecParams(c, sql, n, NULL, params, NULL, NULL, 0);
+}
+
+/* OK or the error of a result that should have been st. */
+static cw_err check(PGconn *c, PGresult *r, ExecStatusType st, cw_errmsg *e)
+{
+	if (PQresultStatus(r) == st)
+		return CW_OK;
+	cw_err rc = store_result_err(c, r, e);
+	PQclear(r);
+	return rc;
+}
+
+/* Idempotency: a stored answer for (scope, key) is replayed when the request
+ * is the same and refused when it differs.  Returns true when j is answered. */
+static bool idem_replay(PGconn *c, struct app_job *j, const char *scope, const char *key,
+			const unsigned char hash[32], cw_err *rc, cw_errmsg *e)
+{
+	*rc = CW_OK;
+	if (!key)
+		return false;
+	const char *params[] = { scope, key };
+	PGresult *r = exec(c, "SELECT encode(request_hash, 'hex'), response_status, response::text "
+			      "FROM idempotency_keys WHERE scope = $1 AND key = $2", 2, params);
+	if ((*rc = check(c, r, PGRES_TUPLES_OK, e)))
+		return true;
+	if (PQntuples(r) == 0) {
+		PQclear(r);
+		return false;
+	}
+	char hex[65];
+	cw_hex(hex, hash, 32);
+	if (strcmp(hex, PQgetvalue(r, 0, 0)) != 0) {
+		app_job_fail(j, 409, "conflict", "this Idempotency-Key was used with a different request");
+	} else {
+		j->status = atoi(PQgetvalue(r, 0, 1));
+		j->body = json_loads(PQgetvalue(r, 0, 2), 0, NULL);
+	}
+	PQclear(r);
+	return true;
+}
+
+static cw_err idem_store(PGconn *c, const char *scope, const char *key, const unsigned char hash[32],
+			 const char *event_id, const char *room_id, int status, json_t *response, cw_errmsg *e)
+{
+	if (!key)
+		return CW_OK;
+	char hex[65], st[8];
+	cw_hex(hex, hash, 32);
+	snprintf(st, sizeof(st), "%d", status);
+	char *resp = json_dumps(response, JSON_COMPACT);
+	const char *params[] = { scope, key, hex, event_id, room_id, st, resp };
+	PGresult *r = exec(c, "INSERT INTO idempotency_keys (scope, key, request_hash, event_id, room_id, "
+			      "response_status, response) VALUES ($1, $2, decode($3, 'hex'), $4::bigint, $5::bigint, "
+			      "$6::int, $7::jsonb)", 7, params);
+	free(resp);
+	cw_err rc = check(c, r, PGRES_COMMAND_OK, e);
+	if (!rc)
+		PQclear(r);
+	return rc;
+}
+
+/* The identity row of a user URI, made on first contact. */
+static cw_err identity_id(PGconn *c, const struct mimi_uri *u, bool local, const char *network,
+			  const char *peer_id, char *out, size_t outlen, cw_errmsg *e)
+{
+	char uri[MIMI_URI_MAX + 1], domain[MIMI_DOMAIN_MAX + 8];
+	mimi_uri_format(u, uri, sizeof(uri), NULL);
+	if (u->port)
+		snprintf(domain, sizeof(domain), "%s:%u", u->domain, u->port);
+	else
+		snprintf(domain, sizeof(domain), "%s", u->domain);
+	const char *params[] = { uri, u->domain, u->id, local ? "t" : "f", network, peer_id };
+	for (int attempt = 0; attempt < 2; attempt++) {
+		PGresult *r = exec(c,
+			"WITH ins AS (INSERT INTO identities (uri, domain, localpart, is_local, network, peer_id) "
+			"VALUES ($1, $2, $3, $4::boolean, $5, $6::bigint) ON CONFLICT (uri) DO NOTHING RETURNING id) "
+			"SELECT id FROM ins UNION ALL SELECT id FROM identities WHERE uri = $1 LIMIT 1", 6, params);
+		cw_err rc = check(c, r, PGRES_TUPLES_OK, e);
+		if (rc)
+			return rc;
+		if (PQntuples(r) == 1) {
+			snprintf(out, outlen, "%s", PQgetvalue(r, 0, 0));
+			PQclear(r);
+			return CW_OK;
+		}
+		PQclear(r); /* inserted concurrently by another transaction: look again */
+	}
+	return cw_fail(e, CW_EINTERNAL, "identity %s could not be resolved", uri);
+}
+
+/* ------------------------------------------------------------ directory */
+
+void peer_api_directory(struct cw_req *req, void *ctx)
+{
+	struct cw_app *app = ctx;
+	if (!api_enabled(app, req))
+		return;
+	struct event_limits lim = event_limits_default();
+	json_t *d = json_pack(
+		"{s:s, s:s, s:{s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s}, s:[s,s,s], s:[s,s,s,s,s,s,s,s],"
+		" s:{s:I, s:I, s:I, s:I, s:I}, s:{s:s, s:s, s:s}, s:{s:s, s:[s,s,s,s,s], s:I}}",
+		"profile", "causeway-mimi-json/1",
+		"domain", app->cfg->domain,
+		"endpoints",
+		"rooms", "/v1/rooms",
+		"room", "/v1/rooms/{room}",
+		"members", "/v1/rooms/{room}/members",
+		"messages", "/v1/rooms/{room}/messages",
+		"message_status", "/v1/messages/{id}",
+		"batch", "/v1/batch",
+		"events", "/v1/events",
+		"notify", "{peer_url}/v1/notify",
+		"content_types", "text/plain", "text/markdown", "text/html",
+		"event_types", "message", "edit", "delete", "reaction", "receipt", "typing", "membership", "block",
+		"limits",
+		"max_event_bytes", (json_int_t)lim.max_event_bytes,
+		"max_body_bytes", (json_int_t)lim.max_body_bytes,
+		"max_parts", (json_int_t)lim.max_parts,
+		"max_attachments", (json_int_t)lim.max_attachments,
+		"max_request_bytes", (json_int_t)app->cfg->max_body_bytes,
+		"public_key", "alg", "ed25519", "keyid", app->cfg->domain, "key", app->public_key_b64,
+		"signatures", "tag", app->cfg->signature_tag,
+		"components", "@method", "@target-uri", "content-digest", "content-type", "idempotency-key",
+		"max_clock_skew_s", (json_int_t)app->cfg->max_clock_skew_s);
+	cw_req_reply_json(req, 200, d);
+}
+
+/* ------------------------------------------------------------ rooms */
+
+struct room_member_in {
+	struct mimi_uri u;
+	char uri[MIMI_URI_MAX + 1];
+};
+
+struct room_input {
+	struct peer_principal *p; /* borrowed from the request, which outlives the job */
+	char scope[PEER_NAME_MAX + 8];
+	char *idem_key;
+	unsigned char hash[32];
+	char public_id[80];
+	char uri[MIMI_URI_MAX + 1];
+	char hub[MIMI_DOMAIN_MAX + 1];
+	char domain[MIMI_DOMAIN_MAX + 1];
+	const char *kind;
+	char *policy;
+	size_t n;
+	struct room_member_in m[ROOM_MEMBERS_MAX];
+};
+
+static void room_input_free(void *arg)
+{
+	struct room_input *in = arg;
+	free(in->idem_key);
+	free(in->policy);
+	free(in);
+}
+
+static json_t *room_json(const char *public_id, const char *uri, const char *kind, json_t *members)
+{
+	return json_pack("{s:s, s:s, s:s, s:o}", "id", public_id, "uri", uri, "kind", kind, "members", members);
+}
+
+static cw_err room_create_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
+{
+	struct room_input *in = j->data;
+	cw_err rc;
+	if (idem_replay(c, j, in->scope, in->idem_key, in->hash, &rc, e))
+		return rc;
+	/* Classify every member before writing anything. */
+	char networks[ROOM_MEMBERS_MAX][PEER_NAME_MAX + 8], peer_ids[ROOM_MEMBERS_MAX][24];
+	bool local[ROOM_MEMBERS_MAX];
+	char caller_id[24];
+	snprintf(caller_id, sizeof(caller_id), "%lld", (long long)in->p->id);
+	for (size_t i = 0; i < in->n; i++) {
+		const struct mimi_uri *u = &in->m[i].u;
+		local[i] = false;
+		peer_ids[i][0] = '\0';
+		if (strcmp(u->domain, in->domain) == 0) {
+			local[i] = true;
+			snprintf(networks[i], sizeof(networks[i]), "local");
+		} else if (strcmp(u->domain, in->p->domain) == 0) {
+			snprintf(networks[i], sizeof(networks[i]), "peer:%s", in->p->name);
+			snprintf(peer_ids[i], sizeof(peer_ids[i]), "%s", caller_id);
+		} else {
+			const char *params[] = { u->domain };
+			PGresult *r = exec(c, "SELECT id, name FROM peers WHERE domain = $1 AND enabled", 1, params);
+			if ((rc = check(c, r, PGRES_TUPLES_OK, e)))
+				return rc;
+			if (PQntuples(r) == 0) {
+				PQclear(r);
+				app_job_fail(j, 400, "unknown_domain",
+					     "member %zu is in a domain that no peer of this provider serves", i);
+				return CW_OK;
+			}
+			snprintf(peer_ids[i], sizeof(peer_ids[i]), "%s", PQgetvalue(r, 0, 0));
+			snprintf(networks[i], sizeof(networks[i]), "peer:%s", PQgetvalue(r, 0, 1));
+			PQclear(r);
+		}
+	}
+	const char *params[] = { in->public_id, in->uri, in->hub, in->kind, in->policy, caller_id };
+	PGresult *r = exec(c, "INSERT INTO rooms (public_id, uri, hub_domain, kind, policy, created_by_peer_id) "
+			      "VALUES ($1, $2, $3, $4, $5::jsonb, $6::bigint) ON CONFLICT (uri) DO NOTHING RETURNING id",
+			   6, params);
+	if ((rc = check(c, r, PGRES_TUPLES_OK, e)))
+		return rc;
+	if (PQntuples(r) == 0) {
+		PQclear(r);
+		app_job_fail(j, 409, "conflict", "a room with that uri exists");
+		return CW_OK;
+	}
+	char room_id[24];
+	snprintf(room_id, sizeof(room_id), "%s", PQgetvalue(r, 0, 0));
+	PQclear(r);
+	json_t *members = json_array();
+	for (size_t i = 0; i < in->n; i++) {
+		char ident[24];
+		if ((rc = identity_id(c, &in->m[i].u, local[i], networks[i], peer_ids[i][0] ? peer_ids[i] : NULL,
+				      ident, sizeof(ident), e))) {
+			json_decref(members);
+			return rc;
+		}
+		const char *mp[] = { room_id, ident };
+		r = exec(c, "INSERT INTO room_members (room_id, identity_id, membership) VALUES ($1, $2, 'joined') "
+			    "ON CONFLICT DO NOTHING", 2, mp);
+		if ((rc = check(c, r, PGRES_COMMAND_OK, e))) {
+			json_decref(members);
+			return rc;
+		}
+		PQclear(r);
+		json_array_append_new(members, json_string(in->m[i].uri));
+	}
+	j->status = 201;
+	j->body = room_json(in->public_id, in->uri, in->kind, members);
+	return idem_store(c, in->scope, in->idem_key, in->hash, NULL, room_id, 201, j->body, e);
+}
+
+void peer_api_room_create(struct cw_req *req, void *ctx)
+{
+	struct cw_app *app = ctx;
+	if (!api_enabled(app, req))
+		return;
+	struct peer_principal *p = cw_req_principal(req);
+	const char *key = cw_req_header(req, "Idempotency-Key");
+	if (key && !idempotency_key_valid(key)) {
+		cw_req_problem(req, 400, "invalid_header", "Invalid header",
+			       "Idempotency-Key must be 1 to 128 of A-Z a-z 0-9 . _ : -");
+		return;
+	}
+	json_t *body = app_json_body(req);
+	if (!body)
+		return;
+	struct room_input *in = calloc(1, sizeof(*in));
+	const char *bad = NULL;
+	json_t *kind = json_object_get(body, "kind"), *members = json_object_get(body, "members");
+	json_t *policy = json_object_get(body, "policy"), *uri = json_object_get(body, "uri");
+	cw_errmsg e;
+	if (!in) {
+		bad = "out of memory";
+	} else if (!json_is_string(kind) || (strcmp(json_string_value(kind), "direct") != 0 &&
+					      strcmp(json_string_value(kind), "group") != 0)) {
+		bad = "kind must be direct or group";
+	} else if (!json_is_array(members) || json_array_size(members) < 2 ||
+		   json_array_size(members) > ROOM_MEMBERS_MAX) {
+		bad = "members must be an array of 2 to 256 user URIs";
+	} else if (strcmp(json_string_value(kind), "direct") == 0 && json_array_size(members) != 2) {
+		bad = "a direct room has exactly two members";
+	} else if (policy && !json_is_object(policy)) {
+		bad = "policy must be an object";
+	}
+	bool caller_member = false;
+	for (size_t i = 0; !bad && i < json_array_size(members); i++) {
+		json_t *m = json_array_get(members, i);
+		if (!json_is_string(m) || mimi_uri_parse(json_string_value(m), &in->m[i].u, &e) ||
+		    in->m[i].u.kind != MIMI_USER) {
+			bad = "every member must be a user URI mimi://<domain>/u/<local>";
+			break;
+		}
+		snprintf(in->m[i].uri, sizeof(in->m[i].uri), "%s", json_string_value(m));
+		for (size_t k = 0; k < i; k++)
+			if (strcmp(in->m[k].uri, in->m[i].uri) == 0)
+				bad = "a member is listed twice";
+		if (strcmp(in->m[i].u.domain, p->domain) == 0)
+			caller_member = true;
+		in->n = i + 1;
+	}
+	if (!bad && !caller_member)
+		bad = "at least one member must be a user of the calling peer's domain";
+	if (!bad && uri) {
+		struct mimi_uri ru;
+		if (!json_is_string(uri) || mimi_uri_parse(json_string_value(uri), &ru, &e) || ru.kind != MIMI_ROOM ||
+		    strcmp(ru.domain, p->domain) != 0)
+			bad = "uri must be a room URI in the calling peer's domain (or absent: this provider hosts it)";
+	}
+	if (bad) {
+		cw_req_problem(req, 400, "invalid_body", "Invalid body", bad);
+		json_decref(body);
+		if (in)
+			room_input_free(in);
+		return;
+	}
+	in->p = p;
+	snprintf(in->scope, sizeof(in->scope), "peer:%s", p->name);
+	in->idem_key = key ? strdup(key) : NULL;
+	size_t blen;
+	const char *raw = cw_req_body(req, &blen);
+	cw_sha256(raw, blen, in->hash);
+	new_id(in->public_id, sizeof(in->public_id), "r_");
+	snprintf(in->domain, sizeof(in->domain), "%s", app->cfg->domain);
+	if (uri) { /* the peer hosts the room */
+		snprintf(in->uri, sizeof(in->uri), "%s", json_string_value(uri));
+		snprintf(in->hub, sizeof(in->hub), "%.253s", p->domain);
+	} else {
+		snprintf(in->uri, sizeof(in->uri), "mimi://%s/r/%s", app->cfg->domain, in->public_id);
+		snprintf(in->hub, sizeof(in->hub), "%s", app->cfg->domain);
+	}
+	in->kind = strcmp(json_string_value(kind), "direct") == 0 ? "direct" : "group";
+	in->policy = policy ? json_dumps(policy, JSON_COMPACT) : strdup("{}");
+	json_decref(body);
+	struct app_job *j = app_job_new(app, req, room_create_fn);
+	j->data = in;
+	j->data_free = room_input_free;
+	app_job_start(j, true);
+}
+
+struct room_get_input {
+	char public_id[80];
+	int64_t peer_id;
+};
+
+static cw_err room_get_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
+{
+	struct room_get_input *in = j->data;
+	char pid[24];
+	snprintf(pid, sizeof(pid), "%lld", (long long)in->peer_id);
+	const char *params[] = { in->public_id, pid };
+	/* A peer sees the rooms its users are members of, nothing else. */
+	PGresult *r = exec(c,
+		"SELECT r.public_id, r.uri, r.kind, r.policy::text, i.uri, m.role, m.membership "
+		"FROM rooms r JOIN room_members m ON m.room_id = r.id JOIN identities i ON i.id = m.identity_id "
+		"WHERE r.public_id = $1 AND EXISTS (SELECT 1 FROM room_members m2 JOIN identities i2 "
+		"ON i2.id = m2.identity_id WHERE m2.room_id = r.id AND i2.peer_id = $2::bigint) ORDER BY i.uri",
+		2, params);
+	cw_err rc = check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	if (PQntuples(r) == 0) {
+		PQclear(r);
+		app_job_fail(j, 404, "unknown_room", "no such room");
+		return CW_OK;
+	}
+	json_t *members = json_array();
+	for (int i = 0; i < PQntuples(r); i++)
+		json_array_append_new(members, json_pack("{s:s, s:s, s:s}", "user", PQgetvalue(r, i, 4), "role",
+							 PQgetvalue(r, i, 5), "membership", PQgetvalue(r, i, 6)));
+	j->body = room_json(PQgetvalue(r, 0, 0), PQgetvalue(r, 0, 1), PQgetvalue(r, 0, 2), members);
+	json_object_set_new(j->body, "policy", json_loads(PQgetvalue(r, 0, 3), 0, NULL));
+	PQclear(r);
+	return CW_OK;
+}
+
+void peer_api_room_get(struct cw_req *req, void *ctx)
+{
+	struct cw_app *app = ctx;
+	if (!api_enabled(app, req))
+		return;
+	const char *room = cw_req_param(req, "room");
+	if (!room_public_id_valid(room)) {
+		cw_req_problem(req, 404, "unknown_room", "Unknown room", "no such room");
+		return;
+	}
+	struct room_get_input *in = calloc(1, sizeof(*in));
+	snprintf(in->public_id, sizeof(in->public_id), "%s", room);
+	in->peer_id = ((struct peer_principal *)cw_req_principal(req))->id;
+	struct app_job *j = app_job_new(app, req, room_get_fn);
+	j->data = in;
+	j->data_free = free;
+	app_job_start(j, false);
+}
+
+/* ------------------------------------------------------------ messages */
+
+struct msg_input {
+	struct peer_principal *p; /* borrowed from the request */
+	char scope[PEER_NAME_MAX + 8];
+	char *idem_key;
+	unsigned char hash[32];
+	char room[80];
+	char msg_id[80];
+	char sender[MIMI_URI_MAX + 1];
+	char type[16];
+	char *event_json;
+	char in_reply_to[80];
+	char replaces[80];
+	char ts[24];
+	struct policy_snapshot *policy;
+	size_t body_bytes;
+	unsigned kinds;
+};
+
+static void msg_input_free(void *arg)
+{
+	struct msg_input *in = arg;
+	free(in->idem_key);
+	free(in->event_json);
+	free(in);
+}
+
+/* ------------------------------------------------------------ submitting
+ *
+ * Submitting events is a pipelined write (store_pipe_ops): round 0 reads,
+ * for every event of the request, its room, the room's members, a stored
+ * answer for its idempotency key and the events it refers to, in one
+ * statement each; the policy then decides in C for each recipient; round 1
+ * writes each accepted event with its outbox rows and idempotency key in
+ * one statement.  So a batch of 100 events costs two round trips to the
+ * database, plus BEGIN and COMMIT shared with the rest of the group commit. */
+
+/* The outcome of one submitted event (a request, or an item of a batch). */
+struct item_result {
+	int status;
+	const char *code;  /* NULL: accepted */
+	char detail[256];
+	json_t *body;      /* the accepted answer */
+};
+
+static void item_fail(struct item_result *res, int status, const char *code, const char *fmt, ...)
+	__attribute__((format(printf, 4, 5)));
+static void item_fail(struct item_result *res, int status, const char *code, const char *fmt, ...)
+{
+	res->status = status;
+	res->code = code;
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(res->detail, sizeof(res->detail), fmt, ap);
+	va_end(ap);
+}
+
+struct submit {
+	size_t n;
+	struct msg_input **items;   /* NULL where an item was refused before the store */
+	struct item_result *res;    /* n results */
+	bool *write;                /* item i goes to round 1 */
+	char (*room_id)[24];
+	char (*sender_id)[24];
+	char (*reply_id)[24];
+	char (*replaces_id)[24];
+	json_t **dests, **targets;  /* per item, for its outbox rows */
+	bool by_uri;                /* items name rooms by URI (batch) or public id */
+	json_t *refused;            /* batch: per item, the problem object of a refused item, or null */
+	json_t *keys;               /* batch: per item, its idempotency key, or null */
+	bool single;                /* one event: answer with its result directly */
+};
+
+static void submit_clear_round(struct submit *b)
+{
+	for (size_t i = 0; i < b->n; i++) {
+		json_decref(b->res[i].body);
+		memset(&b->res[i], 0, sizeof(b->res[i]));
+		json_decref(b->dests[i]);
+		json_decref(b->targets[i]);
+		b->dests[i] = b->targets[i] = NULL;
+		b->write[i] = false;
+	}
+}
+
+static void submit_free(void *arg)
+{
+	struct submit *b = arg;
+	submit_clear_round(b);
+	for (size_t i = 0; i < b->n; i++)
+		if (b->items[i])
+			msg_input_free(b->items[i]);
+	free(b->items);
+	free(b->res);
+	free(b->write);
+	free(b->room_id);
+	free(b->sender_id);
+	free(b->reply_id);
+	free(b->replaces_id);
+	free(b->dests);
+	free(b->targets);
+	json_decref(b->refused);
+	json_decref(b->keys);
+	free(b);
+}
+
+static struct submit *submit_new(size_t n)
+{
+	struct submit *b = calloc(1, sizeof(*b));
+	if (!b)
+		return NULL;
+	size_t m = n ? n : 1;
+	b->n = n;
+	b->items = calloc(m, sizeof(*b->items));
+	b->res = calloc(m, sizeof(*b->res));
+	b->write = calloc(m, sizeof(*b->write));
+	b->room_id = calloc(m, sizeof(*b->room_id));
+	b->sender_id = calloc(m, sizeof(*b->sender_id));
+	b->reply_id = calloc(m, sizeof(*b->reply_id));
+	b->replaces_id = calloc(m, sizeof(*b->replaces_id));
+	b->dests = calloc(m, sizeof(*b->dests));
+	b->targets = calloc(m, sizeof(*b->targets));
+	b->refused = json_array();
+	b->keys = json_array();
+	if (!b->items || !b->res || !b->write || !b->room_id || !b->sender_id || !b->reply_id || !b->replaces_id ||
+	    !b->dests || !b->targets) {
+		submit_free(b);
+		return NULL;
+	}
+	return b;
+}
+
+/* Shaped so that a generic plan (prepared statements) can only use the
+ * unique indexes: a reference is found by its public id alone and its room
+ * compared after, never by scanning the room's events. */
+#define READ_BY_ID \
+	"SELECT r.id, i.id, i.uri, i.is_local, i.network, i.peer_id, p.name, i.domain, " \
+	" encode(k.request_hash, 'hex'), k.response_status, k.response::text, " \
+	" (SELECT CASE WHEN e.room_id = r.id THEN e.id END FROM events e WHERE e.public_id = $4), " \
+	" (SELECT CASE WHEN e.room_id = r.id THEN e.id END FROM events e WHERE e.public_id = $5) " \
+	"FROM rooms r LEFT JOIN idempotency_keys k ON k.scope = $2 AND k.key = $3 " \
+	" LEFT JOIN room_members m ON m.room_id = r.id AND m.membership = 'joined' " \
+	" LEFT JOIN identities i ON i.id = m.identity_id LEFT JOIN peers p ON p.id = i.peer_id " \
+	"WHERE r.public_id = $1 ORDER BY i.id"
+#define READ_BY_URI \
+	"SELECT r.id, i.id, i.uri, i.is_local, i.network, i.peer_id, p.name, i.domain, " \
+	" encode(k.request_hash, 'hex'), k.response_status, k.response::text, " \
+	" (SELECT CASE WHEN e.room_id = r.id THEN e.id END FROM events e WHERE e.public_id = $4), " \
+	" (SELECT CASE WHEN e.room_id = r.id THEN e.id END FROM events e WHERE e.public_id = $5) " \
+	"FROM rooms r LEFT JOIN idempotency_keys k ON k.scope = $2 AND k.key = $3 " \
+	" LEFT JOIN room_members m ON m.room_id = r.id AND m.membership = 'joined' " \
+	" LEFT JOIN identities i ON i.id = m.identity_id LEFT JOIN peers p ON p.id = i.peer_id " \
+	"WHERE r.uri = $1 ORDER BY i.id"
+#define WRITE_EVENT \
+	"WITH ev AS (INSERT INTO events (public_id, room_id, sender_id, type, content, replaces_id, in_reply_to_id, " \
+	"  origin_network, ts) VALUES ($1, $2::bigint, $3::bigint, $4, $5::jsonb, $6::bigint, $7::bigint, $8, $9::bigint) " \
+	"  RETURNING id, (extract(epoch FROM accepted_at) * 1000)::bigint AS ms), " \
+	"ob AS (INSERT INTO outbox (event_id, destination, target_identity_id, room_id) " \
+	"  SELECT ev.id, u.d, NULLIF(u.t, 0), $2::bigint FROM ev, " \
+	"  unnest(ARRAY(SELECT jsonb_array_elements_text($10::jsonb)), " \
+	"         ARRAY(SELECT (jsonb_array_elements_text($11::jsonb))::bigint)) AS u(d, t)), " \
+	"ik AS (INSERT INTO idempotency_keys (scope, key, request_hash, event_id, room_id, response_status, response) " \
+	"  SELECT $8, $12, decode($13, 'hex'), ev.id, $2::bigint, 202, " \
+	"  jsonb_build_object('id', $1::text, 'accepted_ts', ev.ms, 'status', 'accepted') FROM ev) " \
+	"SELECT ms FROM ev"
+
+const struct store_stmt peer_api_statements[] = {
+	{ "submit_read_by_id", READ_BY_ID },
+	{ "submit_read_by_uri", READ_BY_URI },
+	{ "submit_write", WRITE_EVENT },
+	{ NULL, NULL },
+};
+
+static cw_err submit_send(PGconn *c, struct app_job *j, int round, cw_errmsg *e)
+{
+	struct submit *b = j->data;
+	if (round == 0)
+		submit_clear_round(b);
+	bool any = false;
+	for (size_t i = 0; i < b->n; i++) {
+		struct msg_input *in = b->items[i];
+		if (!in)
+			continue;
+		int ok;
+		if (round == 0) {
+			const char *params[] = { in->room, in->scope, in->idem_key, in->in_reply_to, in->replaces };
+			ok = PQsendQueryPrepared(c, b->by_uri ? "submit_read_by_uri" : "submit_read_by_id", 5, params,
+						 NULL, NULL, 0);
+		} else {
+			if (!b->write[i])
+				continue;
+			char hex[65];
+			cw_hex(hex, in->hash, 32);
+			char *d_s = json_dumps(b->dests[i], JSON_COMPACT), *t_s = json_dumps(b->targets[i], JSON_COMPACT);
+			const char *params[] = { in->msg_id, b->room_id[i], b->sender_id[i], in->type, in->event_json,
+						 b->replaces_id[i][0] ? b->replaces_id[i] : NULL,
+						 b->reply_id[i][0] ? b->reply_id[i] : NULL, in->scope, in->ts, d_s, t_s,
+						 in->idem_key, hex };
+			ok = PQsendQueryPrepared(c, "submit_write", 13, params, NULL, NULL, 0);
+			free(d_s);
+			free(t_s);
+			any = true;
+		}
+		if (!ok)
+			return cw_fail(e, CW_EUNAVAIL, "cannot send: %s", PQerrorMessage(c));
+	}
+	if (round == 1 && any && !PQsendQueryParams(c, "SELECT pg_notify('causeway_outbox', '')", 0, NULL, NULL, NULL,
+						     NULL, 0))
+		return cw_fail(e, CW_EUNAVAIL, "cannot send: %s", PQerrorMessage(c));
+	return CW_OK;
+}
+
+/* Round 0's answer for item i: the refusals, or the recipients. */
+static void submit_decide(struct submit *b, size_t i, PGresult *r)
+{
+	struct msg_input *in = b->items[i];
+	struct item_result *res = &b->res[i];
+	if (PQntuples(r) == 0) {
+		item_fail(res, 404, "unknown_room", "no such room");
+		return;
+	}
+	if (!PQgetisnull(r, 0, 8)) { /* this key answered before */
+		char hex[65];
+		cw_hex(hex, in->hash, 32);
+		if (strcmp(hex, PQgetvalue(r, 0, 8)) != 0) {
+			item_fail(res, 409, "conflict", "this Idempotency-Key was used with a different request");
+		} else {
+			res->status = atoi(PQgetvalue(r, 0, 9));
+			res->body = json_loads(PQgetvalue(r, 0, 10), 0, NULL);
+		}
+		return;
+	}
+	snprintf(b->room_id[i], sizeof(b->room_id[i]), "%s", PQgetvalue(r, 0, 0));
+	b->sender_id[i][0] = '\0';
+	if (in->in_reply_to[0] && PQgetisnull(r, 0, 11)) {
+		item_fail(res, 400, "invalid_body", "content.in_reply_to names no message of this room");
+		return;
+	}
+	if (in->replaces[0] && PQgetisnull(r, 0, 12)) {
+		item_fail(res, 400, "invalid_body", "content.replaces names no message of this room");
+		return;
+	}
+	snprintf(b->reply_id[i], sizeof(b->reply_id[i]), "%s", PQgetvalue(r, 0, 11));
+	snprintf(b->replaces_id[i], sizeof(b->replaces_id[i]), "%s", PQgetvalue(r, 0, 12));
+	/* The recipients: the members other than the sender, except the
+	 * sender's own peer (it has the message already). */
+	char caller[24];
+	snprintf(caller, sizeof(caller), "%lld", (long long)in->p->id);
+	json_t *dests = json_array(), *targets = json_array();
+	for (int k = 0; k < PQntuples(r); k++) {
+		if (PQgetisnull(r, k, 1))
+			continue; /* a room without members */
+		const char *peer_id = PQgetisnull(r, k, 5) ? NULL : PQgetvalue(r, k, 5);
+		if (strcmp(PQgetvalue(r, k, 2), in->sender) == 0) {
+			snprintf(b->sender_id[i], sizeof(b->sender_id[i]), "%s", PQgetvalue(r, k, 1));
+			continue;
+		}
+		if (peer_id && strcmp(peer_id, caller) == 0)
+			continue;
+		struct policy_request preq = {
+			.direction = PQgetvalue(r, k, 3)[0] == 't' ? POLICY_INBOUND : POLICY_OUTBOUND,
+			.event_type = in->type, .sender_domain = in->p->domain, .sender_uri = in->sender,
+			.recipient_domain = PQgetvalue(r, k, 7), .recipient_uri = PQgetvalue(r, k, 2),
+			.network = PQgetvalue(r, k, 4), .body_bytes = in->body_bytes, .content_kinds = in->kinds,
+			.now_ms = cw_wall_ms(),
+		};
+		struct policy_decision d;
+		policy_decide(in->policy, &preq, &d);
+		if (d.verdict != POLICY_ALLOW)
+			continue; /* the peer still sees "accepted": no existence or decision leaks */
+		if (peer_id) {
+			char dest[PEER_NAME_MAX + 8];
+			snprintf(dest, sizeof(dest), "peer:%s", PQgetvalue(r, k, 6));
+			bool seen = false;
+			for (size_t x = 0; x < json_array_size(dests); x++)
+				seen |= strcmp(json_string_value(json_array_get(dests, x)), dest) == 0;
+			if (seen)
+				continue;
+			json_array_append_new(dests, json_string(dest));
+			json_array_append_new(targets, json_integer(0));
+		} else {
+			json_array_append_new(dests, json_string(PQgetvalue(r, k, 4)));
+			json_array_append_new(targets, json_integer(atoll(PQgetvalue(r, k, 1))));
+		}
+	}
+	if (!b->sender_id[i][0]) {
+		json_decref(dests);
+		json_decref(targets);
+		item_fail(res, 403, "not_allowed", "the sender is not a member of this room");
+		return;
+	}
+	b->dests[i] = dests;
+	b->targets[i] = targets;
+	b->write[i] = true;
+}
+
+static cw_err submit_recv(PGconn *c, struct app_job *j, int round, bool *more, cw_errmsg *e)
+{
+	struct submit *b = j->data;
+	bool any_write = false;
+	for (size_t i = 0; i < b->n; i++) {
+		if (!b->items[i] || (round == 1 && !b->write[i]))
+			continue;
+		PGresult *r;
+		cw_err rc = store_pipe_result(c, PGRES_TUPLES_OK, &r, e);
+		if (rc)
+			return rc;
+		if (round == 0) {
+			submit_decide(b, i, r);
+			any_write |= b->write[i];
+		} else {
+			b->res[i].status = 202;
+			b->res[i].body = json_pack("{s:s, s:I, s:s}", "id", b->items[i]->msg_id, "accepted_ts",
+						   (json_int_t)atoll(PQgetvalue(r, 0, 0)), "status", "accepted");
+			any_write = true;
+		}
+		PQclear(r);
+	}
+	if (round == 1 && any_write) { /* the NOTIFY */
+		PGresult *r;
+		cw_err rc = store_pipe_result(c, PGRES_TUPLES_OK, &r, e);
+		if (rc)
+			return rc;
+		PQclear(r);
+	}
+	*more = round == 0 && any_write;
+	if (*more)
+		return CW_OK;
+	/* Done: the answer. */
+	if (b->single) {
+		struct item_result *res = &b->res[0];
+		if (res->code) {
+			app_job_fail(j, res->status, res->code, "%s", res->detail);
+		} else {
+			j->status = res->status;
+			j->body = json_incref(res->body);
+		}
+		return CW_OK;
+	}
+	json_t *results = json_array();
+	for (size_t i = 0; i < b->n; i++) {
+		json_t *key = json_array_get(b->keys, i);
+		if (!b->items[i]) {
+			json_array_append(results, json_array_get(b->refused, i));
+		} else if (b->res[i].code) {
+			json_array_append_new(results, json_pack("{s:O, s:s, s:i, s:s, s:s}", "idempotency_key", key,
+								 "status", "refused", "http_status", b->res[i].status,
+								 "code", b->res[i].code, "detail", b->res[i].detail));
+		} else {
+			json_t *o = json_deep_copy(b->res[i].body);
+			json_object_set(o, "idempotency_key", key);
+			json_array_append_new(results, o);
+		}
+	}
+	j->status = 200;
+	j->body = json_pack("{s:o}", "results", results);
+	return CW_OK;
+}
+
+static const struct app_pipe_ops submit_ops = { submit_send, submit_recv };
+
+void peer_api_message_submit(struct cw_req *req, void *ctx)
+{
+	struct cw_app *app = ctx;
+	if (!api_enabled(app, req))
+		return;
+	struct peer_principal *p = cw_req_principal(req);
+	const char *room = cw_req_param(req, "room");
+	if (!room_public_id_valid(room)) {
+		cw_req_problem(req, 404, "unknown_room", "Unknown room", "no such room");
+		return;
+	}
+	const char *key = cw_req_header(req, "Idempotency-Key");
+	if (!key || !idempotency_key_valid(key)) {
+		cw_req_problem(req, 400, "invalid_header", "Invalid header",
+			       "Idempotency-Key is required: 1 to 128 of A-Z a-z 0-9 . _ : -");
+		return;
+	}
+	const char *ct = cw_req_header(req, "Content-Type");
+	if (!ct || strncasecmp(ct, "application/json", 16) != 0) {
+		cw_req_problem(req, 415, "unsupported_media_type", "Unsupported media type",
+			       "the body must be application/json");
+		return;
+	}
+	size_t blen;
+	const char *body = cw_req_body(req, &blen);
+	struct event_limits lim = event_limits_default();
+	struct event ev;
+	struct event_error err;
+	if (event_parse(body, blen, &lim, 0, &ev, &err)) {
+		event_problem(req, &err);
+		return;
+	}
+	char sender[MIMI_URI_MAX + 1];
+	if (!ev.has_sender || strcmp(ev.sender.domain, p->domain) != 0) {
+		event_free(&ev);
+		cw_req_problem(req, 403, "not_allowed", "Not allowed",
+			       "sender must be a user of the calling peer's domain");
+		return;
+	}
+	mimi_uri_format(&ev.sender, sender, sizeof(sender), NULL);
+	struct msg_input *in = calloc(1, sizeof(*in));
+	in->p = p;
+	snprintf(in->scope, sizeof(in->scope), "peer:%s", p->name);
+	in->idem_key = strdup(key);
+	cw_sha256(body, blen, in->hash);
+	snprintf(in->room, sizeof(in->room), "%s", room);
+	new_id(in->msg_id, sizeof(in->msg_id), "msg_");
+	snprintf(in->sender, sizeof(in->sender), "%s", sender);
+	snprintf(in->type, sizeof(in->type), "%s", event_type_name(ev.type));
+	snprintf(in->in_reply_to, sizeof(in->in_reply_to), "%s", ev.in_reply_to ? ev.in_reply_to : "");
+	snprintf(in->replaces, sizeof(in->replaces), "%s", ev.replaces ? ev.replaces : "");
+	snprintf(in->ts, sizeof(in->ts), "%lld", (long long)(ev.ts ? ev.ts : cw_wall_ms()));
+	in->event_json = json_dumps(ev.json, JSON_COMPACT);
+	in->policy = &app->policy;
+	in->body_bytes = ev.body_bytes;
+	in->kinds = ev.kinds;
+	event_free(&ev);
+	struct submit *b = submit_new(1);
+	if (!b) {
+		msg_input_free(in);
+		cw_req_problem(req, 500, "internal", "Internal error", "out of memory");
+		return;
+	}
+	b->items[0] = in;
+	b->single = true;
+	struct app_job *j = app_job_new(app, req, NULL);
+	j->data = b;
+	j->data_free = submit_free;
+	app_job_start_pipe(j, &submit_ops);
+}
+
+struct status_input {
+	char msg_id[80];
+	int64_t peer_id;
+};
+
+/* What a peer may see of a delivery: never why it was not delivered. */
+static const char *peer_visible_status(const char *state, bool read)
+{
+	if (strcmp(state, "delivered") == 0)
+		return read ? "read" : "delivered";
+	if (strcmp(state, "dead") == 0 || strcmp(state, "dropped") == 0 || strcmp(state, "expired") == 0)
+		return "not_delivered";
+	return "accepted";
+}
+
+static cw_err message_status_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
+{
+	struct status_input *in = j->data;
+	char pid[24];
+	snprintf(pid, sizeof(pid), "%lld", (long long)in->peer_id);
+	const char *params[] = { in->msg_id, pid };
+	PGresult *r = exec(c,
+		"SELECT (extract(epoch FROM ev.accepted_at) * 1000)::bigint, o.state, o.read_at IS NOT NULL, "
+		"coalesce(t.uri, 'mimi://' || p.domain), r.public_id "
+		"FROM events ev JOIN identities s ON s.id = ev.sender_id JOIN rooms r ON r.id = ev.room_id "
+		"LEFT JOIN outbox o ON o.event_id = ev.id LEFT JOIN identities t ON t.id = o.target_identity_id "
+		"LEFT JOIN peers p ON o.destination = 'peer:' || p.name "
+		"WHERE ev.public_id = $1 AND s.peer_id = $2::bigint ORDER BY o.id", 2, params);
+	cw_err rc = check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	if (PQntuples(r) == 0) {
+		PQclear(r);
+		app_job_fail(j, 404, "unknown_message", "no such message");
+		return CW_OK;
+	}
+	json_t *recipients = json_array();
+	for (int i = 0; i < PQntuples(r); i++) {
+		if (PQgetisnull(r, i, 1))
+			continue; /* no recipient (all of them were the sender's own users) */
+		json_array_append_new(recipients, json_pack("{s:s, s:s}", "recipient", PQgetvalue(r, i, 3), "status",
+							    peer_visible_status(PQgetvalue(r, i, 1),
+										PQgetvalue(r, i, 2)[0] == 't')));
+	}
+	j->body = json_pack("{s:s, s:s, s:I, s:o}", "id", in->msg_id, "room", PQgetvalue(r, 0, 4), "accepted_ts",
+			    (json_int_t)atoll(PQgetvalue(r, 0, 0)), "recipients", recipients);
+	PQclear(r);
+	return CW_OK;
+}
+
+void peer_api_message_status(struct cw_req *req, void *ctx)
+{
+	struct cw_app *app = ctx;
+	if (!api_enabled(app, req))
+		return;
+	const char *id = cw_req_param(req, "id");
+	if (!message_id_valid(id)) {
+		cw_req_problem(req, 404, "unknown_message", "Unknown message", "no such message");
+		return;
+	}
+	struct status_input *in = calloc(1, sizeof(*in));
+	snprintf(in->msg_id, sizeof(in->msg_id), "%s", id);
+	in->peer_id = ((struct peer_principal *)cw_req_principal(req))->id;
+	struct app_job *j = app_job_new(app, req, message_status_fn);
+	j->data = in;
+	j->data_free = free;
+	app_job_start(j, false);
+}
+
+/* ------------------------------------------------------------ batch */
+
+static json_t *problem_item(json_t *key, int status, const char *code, const char *detail)
+{
+	return json_pack("{s:O, s:s, s:i, s:s, s:s}", "idempotency_key", key, "status", "refused", "http_status", status,
+			 "code", code, "detail", detail);
+}
+
+void peer_api_batch(struct cw_req *req, void *ctx)
+{
+	struct cw_app *app = ctx;
+	if (!api_enabled(app, req))
+		return;
+	struct peer_principal *p = cw_req_principal(req);
+	const char *ct = cw_req_header(req, "Content-Type");
+	if (!ct || strncasecmp(ct, "application/json", 16) != 0) {
+		cw_req_problem(req, 415, "unsupported_media_type", "Unsupported media type",
+			       "the body must be application/json");
+		return;
+	}
+	size_t blen;
+	const char *body = cw_req_body(req, &blen);
+	struct event_limits lim = event_limits_default();
+	struct batch bt;
+	struct event_error err;
+	if (batch_parse(body, blen, &lim, &bt, &err)) {
+		event_problem(req, &err);
+		return;
+	}
+	struct submit *b = submit_new(bt.n);
+	if (!b) {
+		batch_free(&bt);
+		cw_req_problem(req, 500, "internal", "Internal error", "out of memory");
+		return;
+	}
+	b->by_uri = true;
+	json_t *events = json_object_get(bt.json, "events");
+	for (size_t i = 0; i < bt.n; i++) {
+		struct batch_item *it = &bt.items[i];
+		json_t *key = it->idempotency_key[0] ? json_string(it->idempotency_key) : json_null();
+		json_array_append(b->keys, key);
+		if (it->rc) {
+			char detail[420];
+			snprintf(detail, sizeof(detail), "%s (at %s)", it->err.detail, it->err.pointer);
+			json_array_append_new(b->refused, problem_item(key, strcmp(it->err.code, EVENT_ERR_TOO_LARGE) == 0
+									      ? 413 : 400, it->err.code, detail));
+			json_decref(key);
+			continue;
+		}
+		if (!it->ev.has_sender || strcmp(it->ev.sender.domain, p->domain) != 0) {
+			json_array_append_new(b->refused, problem_item(key, 403, "not_allowed",
+								       "sender must be a user of the calling peer's domain"));
+			json_decref(key);
+			continue;
+		}
+		json_decref(key);
+		json_array_append_new(b->refused, json_null());
+		struct msg_input *in = calloc(1, sizeof(*in));
+		in->p = p;
+		snprintf(in->scope, sizeof(in->scope), "peer:%s", p->name);
+		in->idem_key = strdup(it->idempotency_key);
+		char *item_text = json_dumps(json_array_get(events, i), JSON_COMPACT | JSON_SORT_KEYS);
+		cw_sha256(item_text ? item_text : "", item_text ? strlen(item_text) : 0, in->hash);
+		free(item_text);
+		mimi_uri_format(&it->room, in->room, sizeof(in->room), NULL);
+		new_id(in->msg_id, sizeof(in->msg_id), "msg_");
+		mimi_uri_format(&it->ev.sender, in->sender, sizeof(in->sender), NULL);
+		snprintf(in->type, sizeof(in->type), "%s", event_type_name(it->ev.type));
+		snprintf(in->in_reply_to, sizeof(in->in_reply_to), "%s", it->ev.in_reply_to ? it->ev.in_reply_to : "");
+		snprintf(in->replaces, sizeof(in->replaces), "%s", it->ev.replaces ? it->ev.replaces : "");
+		snprintf(in->ts, sizeof(in->ts), "%lld", (long long)(it->ev.ts ? it->ev.ts : cw_wall_ms()));
+		in->event_json = json_dumps(it->ev.json, JSON_COMPACT);
+		in->policy = &app->policy;
+		in->body_bytes = it->ev.body_bytes;
+		in->kinds = it->ev.kinds;
+		b->items[i] = in;
+	}
+	batch_free(&bt);
+	struct app_job *j = app_job_new(app, req, NULL);
+	j->data = b;
+	j->data_free = submit_free;
+	app_job_start_pipe(j, &submit_ops);
+}

@@ -1,0 +1,30 @@
+/* The neutral interop API (spec/interop-api.md): the directory, request
+ * signatures of peers, rooms and messages. */
+#ifndef CW_PEER_API_H
+#define CW_PEER_API_H
+
+#include "app.h"
+#include "peers.h"
+
+/* The signature tag and covered components of this profile. */
+#define PEER_SIG_COMPONENTS_WITH_BODY \
+	{ "@method", "@target-uri", "content-digest", "content-type", NULL }
+
+/* Checks the request signature of an authenticated peer (RFC 9421): false
+ * after answering 401 bad_signature. */
+bool peer_verify_request(struct cw_app *app, struct cw_req *req, struct peer_principal *p);
+
+/* The absolute URI a client used for this request (public_url or Host). */
+void peer_target_uri(struct cw_app *app, struct cw_req *req, char *buf, size_t len);
+
+/* The statements the submit path prepares on every store connection. */
+extern const struct store_stmt peer_api_statements[];
+
+void peer_api_directory(struct cw_req *req, void *ctx);
+void peer_api_room_create(struct cw_req *req, void *ctx);
+void peer_api_room_get(struct cw_req *req, void *ctx);
+void peer_api_message_submit(struct cw_req *req, void *ctx);
+void peer_api_message_status(struct cw_req *req, void *ctx);
+void peer_api_batch(struct cw_req *req, void *ctx);
+
+#endif

@@ -1,0 +1,145 @@
+/* Signed, batched notify requests to push-mode peers (libcurl). */
+#include "config.h"
+#include "peer_out.h"
+#include "httpsig.h"
+#include "store.h"
+
+#include <curl/curl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#define RESPONSE_MAX 65536
+
+struct peer_out {
+	EVP_PKEY *key;
+	char *keyid, *tag;
+	long timeout_ms;
+	CURL *curl; /* one handle, reused: keep-alive to each peer (the dispatcher is one thread) */
+};
+
+struct peer_out *peer_out_new(EVP_PKEY *key, const char *keyid, const char *tag, long timeout_ms)
+{
+	struct peer_out *p = calloc(1, sizeof(*p));
+	if (!p)
+		return NULL;
+	p->key = key;
+	p->keyid = strdup(keyid);
+	p->tag = strdup(tag);
+	p->timeout_ms = timeout_ms;
+	p->curl = curl_easy_init();
+	if (!p->keyid || !p->tag || !p->curl) {
+		peer_out_free(p);
+		return NULL;
+	}
+	return p;
+}
+
+void peer_out_free(struct peer_out *p)
+{
+	if (!p)
+		return;
+	if (p->curl)
+		curl_easy_cleanup(p->curl);
+	free(p->keyid);
+	free(p->tag);
+	free(p);
+}
+
+struct hdrs {
+	const char *content_type, *digest;
+};
+
+static const char *sign_header(void *ctx, const char *name)
+{
+	struct hdrs *h = ctx;
+	if (strcmp(name, "content-type") == 0)
+		return h->content_type;
+	if (strcmp(name, "content-digest") == 0)
+		return h->digest;
+	return NULL;
+}
+
+static size_t discard(char *ptr, size_t size, size_t n, void *u)
+{
+	size_t *total = u;
+	*total += size * n;
+	return *total > RESPONSE_MAX ? 0 : size * n; /* a huge answer aborts the transfer */
+}
+
+cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_row *rows, size_t n,
+			long *code, cw_errmsg *e)
+{
+	struct peer_out *p = ctx;
+	*code = 0;
+	const char *name = destination + 5; /* "peer:" */
+	PGresult *r = PQexecParams(c, "SELECT push_url FROM peers WHERE name = $1 AND mode = 'push' AND enabled", 1,
+				   NULL, &name, NULL, NULL, 0);
+	if (PQresultStatus(r) != PGRES_TUPLES_OK || PQntuples(r) != 1) {
+		PQclear(r);
+		return cw_fail(e, CW_ENOTFOUND, "peer %s has no push URL (disabled or pull mode)", name);
+	}
+	char url[2200];
+	const char *base = PQgetvalue(r, 0, 0);
+	size_t blen = strlen(base);
+	while (blen && base[blen - 1] == '/')
+		blen--;
+	snprintf(url, sizeof(url), "%.*s/v1/notify", (int)blen, base);
+	PQclear(r);
+
+	json_t *events = json_array();
+	for (size_t i = 0; i < n; i++)
+		json_array_append(events, rows[i].event);
+	json_t *body = json_pack("{s:o}", "events", events);
+	char *text = json_dumps(body, JSON_COMPACT);
+	json_decref(body);
+	if (!text)
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+
+	char digest[HTTPSIG_DIGEST_HEADER_LEN], nonce[32], sig_input[1024], sig[256];
+	httpsig_content_digest(text, strlen(text), digest, sizeof(digest));
+	unsigned char rnd[16];
+	cw_random(rnd, sizeof(rnd));
+	cw_b64url_encode(nonce, sizeof(nonce), rnd, sizeof(rnd));
+	struct hdrs h = { "application/json", digest };
+	struct httpsig_msg m = { .method = "POST", .target_uri = url, .header = sign_header, .ctx = &h };
+	static const char *const components[] = { "@method", "@target-uri", "content-digest", "content-type", NULL };
+	struct httpsig_params sp = { .created = cw_wall_ms() / 1000, .keyid = p->keyid, .nonce = nonce, .tag = p->tag };
+	cw_err rc = httpsig_sign(&m, components, p->key, &sp, sig_input, sizeof(sig_input), sig, sizeof(sig), e);
+	if (rc) {
+		free(text);
+		return rc;
+	}
+	char hd[4][1200];
+	snprintf(hd[0], sizeof(hd[0]), "Content-Type: application/json");
+	snprintf(hd[1], sizeof(hd[1]), "Content-Digest: %s", digest);
+	snprintf(hd[2], sizeof(hd[2]), "Signature-Input: %s", sig_input);
+	snprintf(hd[3], sizeof(hd[3]), "Signature: %s", sig);
+	struct curl_slist *list = curl_slist_append(NULL, "Expect:");
+	for (int i = 0; i < 4; i++)
+		list = curl_slist_append(list, hd[i]);
+	size_t got = 0;
+	CURL *cu = p->curl;
+	curl_easy_reset(cu);
+	curl_easy_setopt(cu, CURLOPT_URL, url);
+	curl_easy_setopt(cu, CURLOPT_POST, 1L);
+	curl_easy_setopt(cu, CURLOPT_POSTFIELDS, text);
+	curl_easy_setopt(cu, CURLOPT_POSTFIELDSIZE, (long)strlen(text));
+	curl_easy_setopt(cu, CURLOPT_HTTPHEADER, list);
+	curl_easy_setopt(cu, CURLOPT_TIMEOUT_MS, p->timeout_ms);
+	curl_easy_setopt(cu, CURLOPT_CONNECTTIMEOUT_MS, p->timeout_ms < 3000 ? p->timeout_ms : 3000L);
+	curl_easy_setopt(cu, CURLOPT_NOSIGNAL, 1L);
+	curl_easy_setopt(cu, CURLOPT_PROTOCOLS_STR, "http,https");
+	curl_easy_setopt(cu, CURLOPT_WRITEFUNCTION, discard);
+	curl_easy_setopt(cu, CURLOPT_WRITEDATA, &got);
+	CURLcode cc = curl_easy_perform(cu);
+	curl_slist_free_all(list);
+	free(text);
+	if (cc != CURLE_OK)
+		return cw_fail(e, CW_EUNAVAIL, "%s: %s", url, curl_easy_strerror(cc));
+	curl_easy_getinfo(cu, CURLINFO_RESPONSE_CODE, code);
+	if (*code < 200 || *code > 299)
+		return cw_fail(e, CW_EUNAVAIL, "%s answered %ld", url, *code);
+	return CW_OK;
+}

@@ -1,0 +1,311 @@
+/* The outbox dispatcher thread. */
+#include "config.h"
+#include "dispatcher.h"
+#include "log.h"
+#include "store.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Serialises claims across daemon processes: together with the "no earlier
+ * row of this room in flight or backing off" condition it keeps per-room
+ * order however many processes dispatch. ("causeway" + 1) */
+#define CLAIM_LOCK_KEY "7161132091431352698"
+
+struct dispatcher {
+	struct dispatcher_opts o;
+	char *url, *name;
+	pthread_t thread;
+	atomic_bool stop;
+	PGconn *c;
+};
+
+bool dispatcher_stopping(const struct dispatcher *d) { return atomic_load(&((struct dispatcher *)d)->stop); }
+
+static bool ensure_conn(struct dispatcher *d)
+{
+	if (d->c && PQstatus(d->c) == CONNECTION_OK)
+		return true;
+	PQfinish(d->c);
+	cw_errmsg e;
+	d->c = store_connect(d->url, 30000, &e);
+	if (!d->c)
+		return false;
+	if (store_exec(d->c, "LISTEN causeway_outbox", &e)) {
+		PQfinish(d->c);
+		d->c = NULL;
+		return false;
+	}
+	return true;
+}
+
+static int cmp_row(const void *a, const void *b)
+{
+	const struct outbox_row *x = a, *y = b;
+	return (x->id > y->id) - (x->id < y->id);
+}
+
+/* Claims due rows of one destination into rows[*n...]; false on failure. */
+static bool claim_destination(struct dispatcher *d, const char *dest, struct outbox_row **rows, int *n, int *cap,
+			      cw_errmsg *e)
+{
+	char limit[16], timeout[16];
+	snprintf(limit, sizeof(limit), "%d", d->o.batch_max);
+	snprintf(timeout, sizeof(timeout), "%ld", d->o.claim_timeout_s);
+	const char *params[] = { limit, d->name, timeout, dest };
+	/* One destination at a time, so the scan is the (destination, id)
+	 * index of pending rows, in order, stopping at the limit. */
+	PGresult *r = PQexecParams(d->c,
+		"WITH due AS ("
+		" SELECT o.id FROM outbox o"
+		" WHERE o.state = 'pending' AND o.destination = $4 AND o.next_attempt_at <= now()"
+		"  AND NOT EXISTS (SELECT 1 FROM outbox b WHERE b.room_id = o.room_id AND b.destination = o.destination"
+		"   AND b.id < o.id AND (b.state = 'in_flight' OR (b.state = 'pending' AND b.next_attempt_at > now())))"
+		" ORDER BY o.id LIMIT $1::int FOR UPDATE OF o SKIP LOCKED) "
+		"UPDATE outbox o SET state = 'in_flight', claimed_by = $2, "
+		" claimed_until = now() + make_interval(secs => $3::int), attempts = o.attempts + 1 "
+		"FROM due, events ev, rooms r, identities s "
+		"WHERE o.id = due.id AND ev.id = o.event_id AND r.id = o.room_id AND s.id = ev.sender_id "
+		"RETURNING o.id, o.destination, o.attempts, ev.public_id, ev.content::text, r.uri, r.public_id, "
+		" s.uri, (extract(epoch FROM ev.accepted_at) * 1000)::bigint",
+		4, NULL, params, NULL, NULL, 0);
+	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+		store_result_err(d->c, r, e);
+		PQclear(r);
+		return false;
+	}
+	int got = PQntuples(r);
+	if (*n + got > *cap) {
+		int ncap = (*n + got) * 2;
+		struct outbox_row *p = realloc(*rows, (size_t)ncap * sizeof(**rows));
+		if (!p) {
+			PQclear(r);
+			cw_fail(e, CW_ENOMEM, "out of memory");
+			return false;
+		}
+		*rows = p;
+		*cap = ncap;
+	}
+	for (int i = 0; i < got; i++) {
+		struct outbox_row *row = &(*rows)[(*n)++];
+		memset(row, 0, sizeof(*row));
+		row->id = atoll(PQgetvalue(r, i, 0));
+		snprintf(row->destination, sizeof(row->destination), "%s", PQgetvalue(r, i, 1));
+		row->attempts = atoi(PQgetvalue(r, i, 2));
+		json_t *ev = json_loads(PQgetvalue(r, i, 4), 0, NULL);
+		if (!ev)
+			ev = json_object();
+		json_object_set_new(ev, "id", json_string(PQgetvalue(r, i, 3)));
+		json_object_set_new(ev, "room", json_string(PQgetvalue(r, i, 5)));
+		json_object_set_new(ev, "room_id", json_string(PQgetvalue(r, i, 6)));
+		json_object_set_new(ev, "sender", json_string(PQgetvalue(r, i, 7)));
+		json_object_set_new(ev, "accepted_ts", json_integer(atoll(PQgetvalue(r, i, 8))));
+		row->event = ev;
+	}
+	PQclear(r);
+	return true;
+}
+
+/* Claims due rows of every push destination; returns how many (rows are
+ * the caller's), or -1. */
+static int claim(struct dispatcher *d, struct outbox_row **out)
+{
+	*out = NULL;
+	cw_errmsg e;
+	struct outbox_row *rows = NULL;
+	int n = 0, cap = 0;
+	if (store_exec(d->c, "BEGIN", &e))
+		return -1;
+	if (store_exec(d->c, "SELECT pg_advisory_xact_lock(" CLAIM_LOCK_KEY ")", &e))
+		goto fail;
+	/* Rows whose claim ran out (a daemon died mid-delivery) are due again. */
+	if (store_exec(d->c, "UPDATE outbox SET state = 'pending', claimed_by = NULL, claimed_until = NULL "
+			     "WHERE state = 'in_flight' AND claimed_until < now()", &e))
+		goto fail;
+	PGresult *dr = PQexec(d->c, "SELECT 'peer:' || name FROM peers WHERE mode = 'push' AND enabled ORDER BY id");
+	if (PQresultStatus(dr) != PGRES_TUPLES_OK) {
+		store_result_err(d->c, dr, &e);
+		PQclear(dr);
+		goto fail;
+	}
+	for (int i = 0; i < PQntuples(dr); i++)
+		if (!claim_destination(d, PQgetvalue(dr, i, 0), &rows, &n, &cap, &e)) {
+			PQclear(dr);
+			goto fail;
+		}
+	PQclear(dr);
+	if (store_exec(d->c, "COMMIT", &e))
+		goto fail_rows;
+	if (n)
+		qsort(rows, (size_t)n, sizeof(*rows), cmp_row);
+	*out = rows;
+	return n;
+fail:
+	LOG_KV(CW_LOG_WARN, "outbox claim failed", "detail", e.msg);
+	store_exec(d->c, "ROLLBACK", &e);
+fail_rows:
+	for (int i = 0; i < n; i++)
+		json_decref(rows[i].event);
+	free(rows);
+	return -1;
+}
+
+static char *id_array(const struct outbox_row *rows, size_t n)
+{
+	size_t cap = 2 + n * 21;
+	char *s = malloc(cap), *p = s;
+	if (!s)
+		return NULL;
+	*p++ = '{';
+	for (size_t i = 0; i < n; i++)
+		p += snprintf(p, cap - (size_t)(p - s), "%s%lld", i ? "," : "", (long long)rows[i].id);
+	*p++ = '}';
+	*p = '\0';
+	return s;
+}
+
+static void record(struct dispatcher *d, const struct outbox_row *rows, size_t n, bool ok, long code,
+		   const char *why, int64_t started_ms)
+{
+	char *ids = id_array(rows, n);
+	if (!ids)
+		return;
+	char codes[16], budget[16], base[24], max[24], started[24];
+	snprintf(codes, sizeof(codes), "%ld", code);
+	snprintf(budget, sizeof(budget), "%d", d->o.retry_budget);
+	snprintf(base, sizeof(base), "%ld", d->o.retry_base_ms);
+	snprintf(max, sizeof(max), "%ld", d->o.retry_max_ms);
+	snprintf(started, sizeof(started), "%lld", (long long)started_ms);
+	const char *params[] = { ids, ok ? "t" : "f", codes, why, budget, base, max, started };
+	/* One statement: the attempts are recorded and the rows move on. */
+	PGresult *r = PQexecParams(d->c,
+		"WITH a AS (INSERT INTO delivery_attempts (outbox_id, attempt, started_at, finished_at, ok, code, error) "
+		" SELECT o.id, o.attempts, to_timestamp($8::bigint / 1000.0), now(), $2::boolean, "
+		"  NULLIF($3::int, 0), $4 FROM outbox o WHERE o.id = ANY($1::bigint[]) "
+		" ON CONFLICT (outbox_id, attempt) DO NOTHING) "
+		"UPDATE outbox SET claimed_by = NULL, claimed_until = NULL, "
+		" state = CASE WHEN $2::boolean THEN 'delivered' WHEN attempts >= $5::int THEN 'dead' ELSE 'pending' END, "
+		" delivered_at = CASE WHEN $2::boolean THEN now() END, "
+		" last_error = CASE WHEN $2::boolean THEN NULL ELSE $4 END, "
+		" next_attempt_at = CASE WHEN $2::boolean THEN next_attempt_at ELSE now() + make_interval(secs => "
+		"  least($7::bigint, $6::bigint * (1::bigint << least(attempts - 1, 30))) / 1000.0 * (0.5 + random() / 2)) END "
+		"WHERE id = ANY($1::bigint[]) AND state = 'in_flight'",
+		8, NULL, params, NULL, NULL, 0);
+	if (PQresultStatus(r) != PGRES_COMMAND_OK) {
+		cw_errmsg e;
+		store_result_err(d->c, r, &e);
+		LOG_KV(CW_LOG_WARN, "recording a delivery failed; the claim will run out and the rows go again",
+		       "detail", e.msg);
+	}
+	PQclear(r);
+	free(ids);
+}
+
+static void deliver_all(struct dispatcher *d, struct outbox_row *rows, size_t n)
+{
+	struct outbox_row *batch = malloc(n * sizeof(*batch));
+	bool *taken = calloc(n, sizeof(bool));
+	for (size_t i = 0; batch && taken && i < n; i++) {
+		if (taken[i])
+			continue;
+		/* The rows of one destination, in id order (so per room too). */
+		size_t m = 0;
+		for (size_t x = i; x < n; x++)
+			if (!taken[x] && strcmp(rows[x].destination, rows[i].destination) == 0) {
+				batch[m++] = rows[x];
+				taken[x] = true;
+			}
+		long code = 0;
+		cw_errmsg e = { { 0 } };
+		int64_t t0 = cw_wall_ms();
+		cw_err rc = d->o.peer_deliver(d->o.peer_ctx, d->c, rows[i].destination, batch, m, &code, &e);
+		record(d, batch, m, rc == CW_OK, code, rc ? e.msg : NULL, t0);
+		char count[16], codes[16];
+		snprintf(count, sizeof(count), "%zu", m);
+		snprintf(codes, sizeof(codes), "%ld", code);
+		if (rc)
+			LOG_KV(CW_LOG_WARN, "delivery failed; will retry", "destination", rows[i].destination,
+			       "events", count, "status", codes, "detail", e.msg);
+		else
+			LOG_KV(CW_LOG_DEBUG, "delivered", "destination", rows[i].destination, "events", count);
+	}
+	for (size_t i = 0; i < n; i++)
+		json_decref(rows[i].event);
+	free(batch);
+	free(taken);
+}
+
+/* Waits for a NOTIFY or up to timeout_ms. */
+static void wait_notify(struct dispatcher *d, int timeout_ms)
+{
+	struct pollfd p = { .fd = PQsocket(d->c), .events = POLLIN };
+	if (p.fd < 0)
+		return;
+	if (poll(&p, 1, timeout_ms) > 0) {
+		PQconsumeInput(d->c);
+		PGnotify *n;
+		while ((n = PQnotifies(d->c)))
+			PQfreemem(n);
+	}
+}
+
+static void *dispatcher_main(void *arg)
+{
+	struct dispatcher *d = arg;
+	while (!atomic_load(&d->stop)) {
+		if (!ensure_conn(d)) {
+			for (int i = 0; i < 10 && !atomic_load(&d->stop); i++) {
+				struct timespec ts = { 0, 100 * 1000000L };
+				nanosleep(&ts, NULL);
+			}
+			continue;
+		}
+		struct outbox_row *rows;
+		int n = claim(d, &rows);
+		if (n > 0) {
+			deliver_all(d, rows, (size_t)n);
+			free(rows);
+			continue;
+		}
+		/* Nothing due: sleep until a new row is notified, or a while (rows
+		 * backing off become due without a notification). */
+		wait_notify(d, n < 0 ? 500 : 200);
+	}
+	PQfinish(d->c);
+	d->c = NULL;
+	return NULL;
+}
+
+cw_err dispatcher_start(struct dispatcher **out, const struct dispatcher_opts *o, cw_errmsg *e)
+{
+	struct dispatcher *d = calloc(1, sizeof(*d));
+	if (!d)
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	d->o = *o;
+	d->url = strdup(o->url);
+	d->name = strdup(o->name);
+	if (!d->url || !d->name || pthread_create(&d->thread, NULL, dispatcher_main, d)) {
+		free(d->url);
+		free(d->name);
+		free(d);
+		return cw_fail(e, CW_EIO, "cannot start the dispatcher");
+	}
+	*out = d;
+	return CW_OK;
+}
+
+void dispatcher_stop(struct dispatcher *d)
+{
+	if (!d)
+		return;
+	atomic_store(&d->stop, true);
+	pthread_join(d->thread, NULL);
+	free(d->url);
+	free(d->name);
+	free(d);
+}

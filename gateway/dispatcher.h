@@ -1,0 +1,47 @@
+/* The dispatcher: claims due outbox rows and hands them, in order, to the
+ * adapter of their destination; records the outcome (delivered, or a retry
+ * with exponential backoff and jitter, dead after the retry budget). */
+#ifndef CW_DISPATCHER_H
+#define CW_DISPATCHER_H
+
+#include "cw.h"
+#include <jansson.h>
+#include <libpq-fe.h>
+
+struct cw_app;
+struct dispatcher;
+
+/* One claimed outbox row, with what an adapter needs to deliver it. */
+struct outbox_row {
+	int64_t id;
+	char destination[300];
+	int attempts;
+	json_t *event; /* the neutral event as the far side sees it (owned) */
+};
+
+/* An adapter's delivery: rows are in order (per room) for one destination.
+ * Returns CW_OK when the far side acknowledged all of them; otherwise e says
+ * why and *code holds the HTTP status (0: no answer). c is the dispatcher's
+ * own connection, for lookups. */
+typedef cw_err (*deliver_fn)(void *ctx, PGconn *c, const char *destination, struct outbox_row *rows,
+			     size_t n, long *code, cw_errmsg *e);
+
+struct dispatcher_opts {
+	const char *url;          /* database */
+	const char *name;         /* claimed_by: host:pid */
+	int batch_max;
+	int retry_budget;
+	long retry_base_ms;
+	long retry_max_ms;
+	long claim_timeout_s;
+	deliver_fn peer_deliver;  /* destinations "peer:*" */
+	void *peer_ctx;
+};
+
+cw_err dispatcher_start(struct dispatcher **out, const struct dispatcher_opts *o, cw_errmsg *e);
+/* Stops and joins the thread, frees d (NULL is fine). */
+void dispatcher_stop(struct dispatcher *d);
+/* True while asked to stop (adapters abort long transfers on it). */
+bool dispatcher_stopping(const struct dispatcher *d);
+
+#endif

@@ -1,0 +1,237 @@
+/* A load generator for the benchmarks: N keep-alive connections (libcurl
+ * multi) send pre-built requests as fast as the server answers, then print
+ * requests/s and latency percentiles.  Requests to the neutral API are
+ * signed beforehand (RFC 9421, the same module the daemon uses), so the
+ * generator spends no time signing while it measures.
+ *
+ *   loadgen get URL CONNS SECONDS
+ *   loadgen messages BASE ROOM_ID TOKEN KEYFILE PEER SENDER CONNS COUNT
+ *   loadgen batch BASE ROOM_URI TOKEN KEYFILE PEER SENDER CONNS COUNT PER_BATCH
+ * Prints one line: "requests=… seconds=… rps=… events_per_s=… p50_ms=… p99_ms=… errors=…". */
+#include "config.h"
+#include "cw.h"
+#include "httpsig.h"
+
+#include <curl/curl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct req {
+	char *url;
+	char *body;
+	struct curl_slist *headers;
+	int events;
+};
+
+struct slot {
+	CURL *h;
+	int64_t start_us;
+	struct req *r;
+};
+
+static size_t sink(char *p, size_t s, size_t n, void *u) { return s * n; }
+
+static int cmp_i64(const void *a, const void *b)
+{
+	int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+	return (x > y) - (x < y);
+}
+
+struct sig_ctx {
+	const char *ct, *digest, *idem;
+};
+
+static const char *hdr(void *ctx, const char *name)
+{
+	struct sig_ctx *c = ctx;
+	if (!strcmp(name, "content-type"))
+		return c->ct;
+	if (!strcmp(name, "content-digest"))
+		return c->digest;
+	if (!strcmp(name, "idempotency-key"))
+		return c->idem;
+	return NULL;
+}
+
+static struct req make_signed(const char *url, char *body, const char *token, EVP_PKEY *key, const char *keyid,
+			      const char *idem, int events)
+{
+	struct req r = { .url = strdup(url), .body = body, .events = events };
+	char digest[HTTPSIG_DIGEST_HEADER_LEN], nonce[40], si[1024], sig[256], line[1200];
+	httpsig_content_digest(body, strlen(body), digest, sizeof(digest));
+	unsigned char rnd[18];
+	cw_random(rnd, sizeof(rnd));
+	cw_b64url_encode(nonce, sizeof(nonce), rnd, sizeof(rnd));
+	struct sig_ctx c = { "application/json", digest, idem };
+	struct httpsig_msg m = { "POST", url, hdr, &c };
+	const char *comps[] = { "@method", "@target-uri", "content-digest", "content-type",
+				idem ? "idempotency-key" : NULL, NULL };
+	struct httpsig_params p = { .created = cw_wall_ms() / 1000, .keyid = keyid, .nonce = nonce,
+				    .tag = "causeway-interop" };
+	cw_errmsg e;
+	if (httpsig_sign(&m, comps, key, &p, si, sizeof(si), sig, sizeof(sig), &e)) {
+		fprintf(stderr, "sign: %s\n", e.msg);
+		exit(1);
+	}
+	r.headers = curl_slist_append(NULL, "Expect:");
+	r.headers = curl_slist_append(r.headers, "Content-Type: application/json");
+	snprintf(line, sizeof(line), "Authorization: Bearer %s", token);
+	r.headers = curl_slist_append(r.headers, line);
+	snprintf(line, sizeof(line), "Content-Digest: %s", digest);
+	r.headers = curl_slist_append(r.headers, line);
+	snprintf(line, sizeof(line), "Signature-Input: %s", si);
+	r.headers = curl_slist_append(r.headers, line);
+	snprintf(line, sizeof(line), "Signature: %s", sig);
+	r.headers = curl_slist_append(r.headers, line);
+	if (idem) {
+		snprintf(line, sizeof(line), "Idempotency-Key: %s", idem);
+		r.headers = curl_slist_append(r.headers, line);
+	}
+	return r;
+}
+
+static void setup(CURL *h, struct req *r)
+{
+	curl_easy_setopt(h, CURLOPT_URL, r->url);
+	curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, sink);
+	curl_easy_setopt(h, CURLOPT_TIMEOUT, 30L);
+	curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+	if (r->body) {
+		curl_easy_setopt(h, CURLOPT_POSTFIELDS, r->body);
+		curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE, (long)strlen(r->body));
+		curl_easy_setopt(h, CURLOPT_HTTPHEADER, r->headers);
+	} else {
+		curl_easy_setopt(h, CURLOPT_HTTPGET, 1L);
+	}
+}
+
+/* Runs reqs (or repeats reqs[0] for seconds when n is 0). */
+static void run(struct req *reqs, size_t n, int conns, double seconds)
+{
+	CURLM *m = curl_multi_init();
+	curl_multi_setopt(m, CURLMOPT_MAXCONNECTS, (long)conns);
+	struct slot *slots = calloc((size_t)conns, sizeof(*slots));
+	size_t cap = n ? n : 10000000, done = 0, next = 0, errors = 0, events = 0;
+	int64_t *lat = malloc(cap * sizeof(int64_t));
+	int64_t t0 = cw_now_us(), until = t0 + (int64_t)(seconds * 1e6);
+	int active = 0;
+	for (int i = 0; i < conns; i++) {
+		slots[i].h = curl_easy_init();
+		curl_easy_setopt(slots[i].h, CURLOPT_PRIVATE, &slots[i]);
+		if (n == 0 || next < n) {
+			slots[i].r = &reqs[n ? next : 0];
+			next++;
+			setup(slots[i].h, slots[i].r);
+			slots[i].start_us = cw_now_us();
+			curl_multi_add_handle(m, slots[i].h);
+			active++;
+		}
+	}
+	while (active > 0) {
+		int running;
+		curl_multi_perform(m, &running);
+		CURLMsg *msg;
+		int left;
+		while ((msg = curl_multi_info_read(m, &left))) {
+			if (msg->msg != CURLMSG_DONE)
+				continue;
+			struct slot *s;
+			curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&s);
+			long code = 0;
+			curl_easy_getinfo(s->h, CURLINFO_RESPONSE_CODE, &code);
+			int64_t now = cw_now_us();
+			if (msg->data.result != CURLE_OK || code < 200 || code > 299) {
+				if (errors++ < 5)
+					fprintf(stderr, "request failed: %s, status %ld\n",
+						curl_easy_strerror(msg->data.result), code);
+			} else {
+				events += (size_t)s->r->events;
+			}
+			if (done < cap)
+				lat[done] = now - s->start_us;
+			done++;
+			curl_multi_remove_handle(m, s->h);
+			active--;
+			bool more = n ? next < n : now < until;
+			if (more) {
+				s->r = &reqs[n ? next : 0];
+				next++;
+				setup(s->h, s->r);
+				s->start_us = cw_now_us();
+				curl_multi_add_handle(m, s->h);
+				active++;
+			}
+		}
+		curl_multi_poll(m, NULL, 0, 50, NULL);
+	}
+	double secs = (double)(cw_now_us() - t0) / 1e6;
+	size_t nl = done < cap ? done : cap;
+	qsort(lat, nl, sizeof(int64_t), cmp_i64);
+	printf("requests=%zu seconds=%.2f rps=%.0f events_per_s=%.0f p50_ms=%.2f p99_ms=%.2f errors=%zu\n", done, secs,
+	       (double)done / secs, (double)events / secs, nl ? (double)lat[nl / 2] / 1000 : 0,
+	       nl ? (double)lat[nl * 99 / 100] / 1000 : 0, errors);
+	for (int i = 0; i < conns; i++)
+		curl_easy_cleanup(slots[i].h);
+	curl_multi_cleanup(m);
+	free(slots);
+	free(lat);
+}
+
+int main(int argc, char **argv)
+{
+	curl_global_init(CURL_GLOBAL_DEFAULT);
+	if (argc == 5 && !strcmp(argv[1], "get")) {
+		struct req r = { .url = argv[2], .events = 1 };
+		run(&r, 0, atoi(argv[3]), atof(argv[4]));
+		return 0;
+	}
+	bool batch = argc == 11 && !strcmp(argv[1], "batch");
+	if (!batch && !(argc == 10 && !strcmp(argv[1], "messages"))) {
+		fprintf(stderr, "usage: see the top of tests/bench/loadgen.c\n");
+		return 2;
+	}
+	const char *base = argv[2], *room = argv[3], *token = argv[4], *keyfile = argv[5], *peer = argv[6],
+		   *sender = argv[7];
+	int conns = atoi(argv[8]);
+	size_t count = (size_t)atol(argv[9]);
+	int per = batch ? atoi(argv[10]) : 1;
+	EVP_PKEY *key;
+	cw_errmsg e;
+	if (httpsig_key_load(keyfile, &key, &e)) {
+		fprintf(stderr, "%s\n", e.msg);
+		return 1;
+	}
+	struct req *reqs = calloc(count, sizeof(*reqs));
+	char url[1024], idem[64], run_id[16];
+	unsigned char rr[6];
+	cw_random(rr, sizeof(rr));
+	cw_b64url_encode(run_id, sizeof(run_id), rr, sizeof(rr));
+	for (size_t i = 0; i < count; i++) {
+		if (!batch) {
+			snprintf(url, sizeof(url), "%s/v1/rooms/%s/messages", base, room);
+			char *body = malloc(512);
+			snprintf(body, 512, "{\"type\":\"message\",\"sender\":\"%s\",\"content\":{\"parts\":[{\"type\":"
+					    "\"text/plain\",\"body\":\"benchmark message %zu\"}]}}", sender, i);
+			snprintf(idem, sizeof(idem), "bench-%s-%zu", run_id, i);
+			reqs[i] = make_signed(url, body, token, key, peer, idem, 1);
+		} else {
+			snprintf(url, sizeof(url), "%s/v1/batch", base);
+			size_t cap = (size_t)per * 300 + 64, len = 0;
+			char *body = malloc(cap);
+			len += (size_t)snprintf(body + len, cap - len, "{\"events\":[");
+			for (int k = 0; k < per; k++)
+				len += (size_t)snprintf(body + len, cap - len,
+							"%s{\"idempotency_key\":\"bb-%s-%zu-%d\",\"room\":\"%s\",\"event\":{"
+							"\"type\":\"message\",\"sender\":\"%s\",\"content\":{\"parts\":[{"
+							"\"type\":\"text/plain\",\"body\":\"batched message %d\"}]}}}",
+							k ? "," : "", run_id, i, k, room, sender, k);
+			snprintf(body + len, cap - len, "]}");
+			reqs[i] = make_signed(url, body, token, key, peer, NULL, per);
+		}
+	}
+	run(reqs, count, conns, 0);
+	EVP_PKEY_free(key);
+	curl_global_cleanup();
+	return 0;
+}

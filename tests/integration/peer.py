@@ -1,0 +1,200 @@
+"""A peer provider for the tests, written independently of the C code: an
+RFC 9421 (Ed25519) signer and verifier, an API client, and a notify server
+that verifies Causeway's signatures and deduplicates events by id."""
+import base64
+import hashlib
+import http.server
+import json
+import os
+import threading
+import time
+
+import requests
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+TAG = "causeway-interop"
+
+
+def content_digest(body):
+    return "sha-256=:" + base64.b64encode(hashlib.sha256(body).digest()).decode() + ":"
+
+
+def signature_base(method, url, fields, components, params):
+    lines = []
+    for c in components:
+        if c == "@method":
+            v = method
+        elif c == "@target-uri":
+            v = url
+        else:
+            v = fields[c]
+        lines.append(f'"{c}": {v}')
+    lines.append(f'"@signature-params": {params}')
+    return "\n".join(lines).encode()
+
+
+def serialize_params(components, created, keyid, nonce, tag):
+    inner = "(" + " ".join(f'"{c}"' for c in components) + ")"
+    return f'{inner};created={created};keyid="{keyid}";nonce="{nonce}";tag="{tag}"'
+
+
+class Signer:
+    def __init__(self, keyid, key=None, tag=TAG):
+        self.key = key or Ed25519PrivateKey.generate()
+        self.keyid = keyid
+        self.tag = tag
+
+    @property
+    def public_b64(self):
+        return base64.b64encode(self.key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)).decode()
+
+    def headers(self, method, url, body=None, idem=None, created=None, nonce=None, tag=None,
+                content_type="application/json", components=None):
+        fields = {}
+        if body is not None:
+            fields["content-type"] = content_type
+            fields["content-digest"] = content_digest(body)
+        if idem is not None:
+            fields["idempotency-key"] = idem
+        if components is None:
+            components = ["@method", "@target-uri"] + [c for c in ("content-digest", "content-type",
+                                                                   "idempotency-key") if c in fields]
+        params = serialize_params(components, int(created if created is not None else time.time()),
+                                  self.keyid, nonce or base64.urlsafe_b64encode(os.urandom(12)).decode(),
+                                  tag or self.tag)
+        sig = self.key.sign(signature_base(method, url, fields, components, params))
+        h = {"Signature-Input": "sig1=" + params,
+             "Signature": "sig1=:" + base64.b64encode(sig).decode() + ":"}
+        if body is not None:
+            h["Content-Type"] = content_type
+            h["Content-Digest"] = fields["content-digest"]
+        if idem is not None:
+            h["Idempotency-Key"] = idem
+        return h
+
+
+def verify(method, url, headers, body, public_b64, tag=TAG, max_skew=300):
+    """Verifies a request Causeway signed; raises AssertionError saying why."""
+    si = headers.get("Signature-Input")
+    sg = headers.get("Signature")
+    assert si and sg, "unsigned request"
+    assert si.startswith("sig1=(") and sg.startswith("sig1=:") and sg.endswith(":"), (si, sg)
+    params = si[len("sig1="):]
+    inner, _, rest = params[1:].partition(")")
+    components = [c.strip('"') for c in inner.split(" ") if c]
+    p = dict(kv.split("=", 1) for kv in rest.strip(";").split(";"))
+    assert p["tag"] == f'"{tag}"', p
+    assert abs(int(p["created"]) - time.time()) <= max_skew
+    assert {"@method", "@target-uri", "content-digest", "content-type"} <= set(components), components
+    lower = {k.lower(): v for k, v in headers.items()}
+    assert lower["content-digest"] == content_digest(body), "digest mismatch"
+    fields = {c: lower[c] for c in components if not c.startswith("@")}
+    key = Ed25519PublicKey.from_public_bytes(base64.b64decode(public_b64))
+    key.verify(base64.b64decode(sg[len("sig1=:"):-1]), signature_base(method, url, fields, components, params))
+    return p
+
+
+class NotifyServer:
+    """POST /v1/notify: verifies, records in order, deduplicates by event id."""
+
+    def __init__(self):
+        self.events = []          # unique events in arrival order
+        self.requests = 0
+        self.duplicates = 0
+        self.fail_next = 0        # answer 503 to that many requests
+        self.errors = []
+        self.public_b64 = None    # Causeway's key, from its directory
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                status = outer.handle(self.command, self.path, dict(self.headers), body,
+                                      self.server.server_address[1])
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def handle(self, method, path, headers, body, port):
+        with self.lock:
+            self.requests += 1
+            if self.fail_next > 0:
+                self.fail_next -= 1
+                return 503
+            if path != "/v1/notify":
+                self.errors.append(f"unexpected path {path}")
+                return 404
+            try:
+                verify(method, f"http://127.0.0.1:{port}{path}", headers, body, self.public_b64)
+            except Exception as ex:  # record, and refuse as a real peer would
+                self.errors.append(f"signature: {ex!r}")
+                return 401
+            for ev in json.loads(body)["events"]:
+                if any(e["id"] == ev["id"] for e in self.events):
+                    self.duplicates += 1
+                else:
+                    self.events.append(ev)
+            self.cond.notify_all()
+            return 200
+
+    def wait_events(self, n, timeout=20):
+        deadline = time.time() + timeout
+        with self.cond:
+            while len(self.events) < n:
+                left = deadline - time.time()
+                assert left > 0, f"{len(self.events)} of {n} events arrived; errors: {self.errors}"
+                self.cond.wait(left)
+            return list(self.events)
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class PeerClient:
+    """A peer's calls to Causeway's neutral API."""
+
+    def __init__(self, base_url, name, domain, token=None, signer=None):
+        self.base = base_url
+        self.name = name
+        self.domain = domain
+        self.token = token
+        self.signer = signer or Signer(name)
+
+    def user(self, local):
+        return f"mimi://{self.domain}/u/{local}"
+
+    def call(self, method, path, body=None, idem=None, raw=None, headers=None, sign=True, token=None, **kw):
+        url = self.base + path
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        h = {"Authorization": "Bearer " + (token or self.token)}
+        if sign:
+            h.update(self.signer.headers(method, url, data, idem=idem, **kw))
+        elif data is not None:
+            h["Content-Type"] = "application/json"
+        h.update(headers or {})
+        return requests.request(method, url, data=data, headers=h, timeout=10)
+
+    def create_room(self, members, kind=None, idem=None):
+        body = {"kind": kind or ("direct" if len(members) == 2 else "group"), "members": members}
+        return self.call("POST", "/v1/rooms", body, idem=idem)
+
+    def send(self, room, sender, text, idem=None, **extra):
+        body = {"type": "message", "sender": sender, "content": {"parts": [{"type": "text/plain", "body": text}]}}
+        body.update(extra)
+        return self.call("POST", f"/v1/rooms/{room}/messages", body,
+                         idem=idem or base64.urlsafe_b64encode(os.urandom(9)).decode())

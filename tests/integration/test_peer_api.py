@@ -1,0 +1,297 @@
+"""The neutral interop API through the real daemon: two peers exchange
+messages, signed both ways, in order, idempotently."""
+import base64
+import json
+import time
+
+import pytest
+
+from harness import wait_until
+from peer import NotifyServer, PeerClient, Signer
+
+
+@pytest.fixture
+def peers(daemon):
+    """Peer A (wa.example) and peer B (tg.example), each with a notify server."""
+    made = []
+    directory = daemon.get("/.well-known/mimi-protocol-directory").json()
+    for name, domain in (("gk", "wa.example"), ("tg", "tg.example")):
+        srv = NotifyServer()
+        srv.public_b64 = directory["public_key"]["key"]
+        client = PeerClient(daemon.url, name, domain)
+        r = daemon.admin("POST", "/peers", json={"name": name, "domain": domain, "mode": "push",
+                                                 "push_url": srv.url, "public_key": client.signer.public_b64})
+        assert r.status_code == 201, r.text
+        client.token = r.json()["token"]
+        made.append((client, srv))
+    yield made
+    for _, srv in made:
+        srv.close()
+
+
+def room(a, b, members=None):
+    r = a.create_room(members or [a.user("alice"), b.user("bob")])
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def test_directory(daemon):
+    r = daemon.get("/.well-known/mimi-protocol-directory")
+    assert r.status_code == 200
+    d = r.json()
+    assert d["domain"] == "example.org"
+    assert len(base64.b64decode(d["public_key"]["key"])) == 32
+    assert d["public_key"]["alg"] == "ed25519" and d["public_key"]["keyid"] == "example.org"
+    assert d["signatures"]["tag"] == "causeway-interop"
+    assert "message" in d["event_types"] and d["limits"]["max_parts"] >= 1
+
+
+def test_round_trip_in_order_both_ways(daemon, peers):
+    (a, sa), (b, sb) = peers
+    rm = room(a, b)
+    assert rm["id"].startswith("r_") and rm["uri"] == "mimi://example.org/r/" + rm["id"]
+    ids = []
+    for i in range(20):
+        r = a.send(rm["id"], a.user("alice"), f"hello {i}")
+        assert r.status_code == 202, r.text
+        body = r.json()
+        assert body["status"] == "accepted" and body["id"].startswith("msg_")
+        ids.append(body["id"])
+    got = sb.wait_events(20)
+    assert [e["id"] for e in got] == ids
+    assert [e["content"]["parts"][0]["body"] for e in got] == [f"hello {i}" for i in range(20)]
+    assert all(e["room"] == rm["uri"] and e["room_id"] == rm["id"] and e["sender"] == a.user("alice")
+               for e in got)
+    assert sb.errors == [] and sb.duplicates == 0
+    assert sa.events == []  # nothing echoes back to the sender's own peer
+    # Status moves to delivered, as the sender sees it.
+    st = wait_until(lambda: (lambda s: s if s["recipients"][0]["status"] == "delivered" else None)(
+        a.call("GET", f"/v1/messages/{ids[-1]}").json()), what="delivered")
+    assert st["recipients"] == [{"recipient": "mimi://tg.example", "status": "delivered"}]
+    # B answers, A receives, with the reply reference kept.
+    r = b.send(rm["id"], b.user("bob"), "hi back", content={"parts": [{"type": "text/plain", "body": "hi back"}],
+                                                            "in_reply_to": ids[0]})
+    assert r.status_code == 202, r.text
+    back = sa.wait_events(1)
+    assert back[0]["content"]["in_reply_to"] == ids[0] and back[0]["sender"] == b.user("bob")
+    # The other peer cannot read A's message status.
+    assert b.call("GET", f"/v1/messages/{ids[0]}").status_code == 404
+
+
+def test_unknown_fields_are_passed_on(daemon, peers):
+    (a, _), (b, sb) = peers
+    rm = room(a, b)
+    r = a.send(rm["id"], a.user("alice"), "x", x_vendor={"k": [1, 2]},
+               content={"parts": [{"type": "text/plain", "body": "x", "lang": "de"}], "x_flag": True})
+    assert r.status_code == 202, r.text
+    ev = sb.wait_events(1)[0]
+    assert ev["x_vendor"] == {"k": [1, 2]}
+    assert ev["content"]["x_flag"] is True and ev["content"]["parts"][0]["lang"] == "de"
+
+
+def test_idempotency(daemon, peers, pg, db_url):
+    (a, _), (b, sb) = peers
+    rm = room(a, b)
+    first = a.send(rm["id"], a.user("alice"), "once", idem="key-1")
+    again = a.send(rm["id"], a.user("alice"), "once", idem="key-1")
+    assert first.status_code == again.status_code == 202
+    assert first.json()["id"] == again.json()["id"]
+    other = a.send(rm["id"], a.user("alice"), "different", idem="key-1")
+    assert other.status_code == 409 and other.json()["code"] == "conflict"
+    sb.wait_events(1)
+    time.sleep(0.5)
+    assert len(sb.events) == 1 and sb.duplicates == 0
+    assert pg.psql("SELECT count(*) FROM events", db_url) == "1"
+    # Room creation is idempotent too.
+    r1 = a.create_room([a.user("x"), b.user("y")], idem="room-1")
+    r2 = a.create_room([a.user("x"), b.user("y")], idem="room-1")
+    assert r1.status_code == r2.status_code == 201 and r1.json()["id"] == r2.json()["id"]
+
+
+def test_peer_down_then_backlog_in_order(daemon, peers):
+    (a, _), (b, sb) = peers
+    rm = room(a, b)
+    sb.fail_next = 3
+    ids = [a.send(rm["id"], a.user("alice"), f"m{i}").json()["id"] for i in range(10)]
+    got = sb.wait_events(10, timeout=30)
+    assert [e["id"] for e in got] == ids
+    assert sb.requests >= 4  # three refusals, then the backlog
+    rec = daemon.wait_for(lambda r: r.get("msg") == "delivery failed; will retry")
+    assert rec["status"] == "503"
+
+
+def test_room_get_members_and_visibility(daemon, peers):
+    (a, _), (b, _) = peers
+    rm = room(a, b)
+    r = a.call("GET", f"/v1/rooms/{rm['id']}")
+    assert r.status_code == 200
+    assert sorted(m["user"] for m in r.json()["members"]) == sorted([a.user("alice"), b.user("bob")])
+    assert a.call("GET", "/v1/rooms/r_nope").status_code == 404
+    # A room without the peer's users is invisible to it (404, not 403).
+    only_a = a.create_room([a.user("p"), a.user("q")]).json()
+    assert b.call("GET", f"/v1/rooms/{only_a['id']}").status_code == 404
+
+
+def test_rooms_are_named_by_opaque_id_only(daemon, peers):
+    (a, _), (b, _) = peers
+    rm = room(a, b)
+    for path in (f"/v1/rooms/{rm['uri']}", "/v1/rooms/mimi:%2F%2Fexample.org%2Fr%2F" + rm["id"]):
+        r = a.send(path.replace("/v1/rooms/", ""), a.user("alice"), "x")
+        assert r.status_code == 404, path
+
+
+def test_authentication_failures(daemon, peers, pg, db_url):
+    (a, _), (b, _) = peers
+    rm = room(a, b)
+    body = {"type": "message", "sender": a.user("alice"), "content": {"parts": [{"type": "text/plain", "body": "x"}]}}
+    path = f"/v1/rooms/{rm['id']}/messages"
+    url = a.base + path
+    raw = json.dumps(body).encode()
+    before = pg.psql("SELECT count(*) FROM events", db_url)
+
+    def post(headers):
+        return daemon.request("POST", path, data=raw, headers=headers)
+
+    good = a.signer.headers("POST", url, raw, idem="k1")
+    cases = {
+        "no token": {k: v for k, v in good.items()},
+        "wrong token": dict(good, Authorization="Bearer cwp_wrong"),
+        "B's token with A's signature": dict(good, Authorization="Bearer " + b.token),
+        "unsigned": {"Authorization": "Bearer " + a.token, "Content-Type": "application/json",
+                     "Idempotency-Key": "k1"},
+        "wrong key": dict(Signer("gk").headers("POST", url, raw, idem="k1"), Authorization="Bearer " + a.token),
+        "wrong keyid": dict(Signer("tg", key=a.signer.key).headers("POST", url, raw, idem="k1"),
+                            Authorization="Bearer " + a.token),
+        "wrong tag": dict(a.signer.headers("POST", url, raw, idem="k1", tag="other"),
+                          Authorization="Bearer " + a.token),
+        "too old": dict(a.signer.headers("POST", url, raw, idem="k1", created=time.time() - 3600),
+                        Authorization="Bearer " + a.token),
+        "from the future": dict(a.signer.headers("POST", url, raw, idem="k1", created=time.time() + 3600),
+                                Authorization="Bearer " + a.token),
+        "other URL signed": dict(a.signer.headers("POST", url + "?x=1", raw, idem="k1"),
+                                 Authorization="Bearer " + a.token),
+        "other method signed": dict(a.signer.headers("PUT", url, raw, idem="k1"), Authorization="Bearer " + a.token),
+        "idempotency key not covered": dict(a.signer.headers("POST", url, raw, idem="k1",
+                                                             components=["@method", "@target-uri", "content-digest",
+                                                                         "content-type"]),
+                                            Authorization="Bearer " + a.token),
+        "idempotency key changed": dict(a.signer.headers("POST", url, raw, idem="k1"),
+                                        **{"Idempotency-Key": "k2", "Authorization": "Bearer " + a.token}),
+        "digest not covered": dict(a.signer.headers("POST", url, raw, idem="k1",
+                                                    components=["@method", "@target-uri", "content-type",
+                                                                "idempotency-key"]),
+                                   Authorization="Bearer " + a.token),
+    }
+    for what, headers in cases.items():
+        r = post(headers)
+        assert r.status_code == 401, (what, r.status_code, r.text)
+        assert r.json()["code"] in ("unauthenticated", "bad_signature"), what
+    # A body changed after signing fails its digest.
+    h = dict(good, Authorization="Bearer " + a.token)
+    r = daemon.request("POST", path, data=raw.replace(b'"x"', b'"y"'), headers=h)
+    assert r.status_code == 401 and "digest" in r.json()["detail"]
+    assert pg.psql("SELECT count(*) FROM events", db_url) == before
+    # The good request passes once; the same signature again is a replay.
+    r = post(h)
+    assert r.status_code == 202, r.text
+    r = post(h)
+    assert r.status_code == 401 and "replay" in r.json()["detail"]
+    # A disabled peer is refused.
+    assert daemon.admin("POST", "/peers/gk/disable").status_code == 200
+    wait_until(lambda: a.send(rm["id"], a.user("alice"), "x").status_code == 401, what="disabled peer refused")
+
+
+def test_message_errors_change_nothing(daemon, peers, pg, db_url):
+    (a, _), (b, _) = peers
+    rm = room(a, b)
+    path = f"/v1/rooms/{rm['id']}/messages"
+    ok = {"type": "message", "sender": a.user("alice"), "content": {"parts": [{"type": "text/plain", "body": "x"}]}}
+    cases = [
+        ("unknown room", "/v1/rooms/r_unknown/messages", ok, "k", 404, "unknown_room"),
+        ("bad room id", "/v1/rooms/bad!/messages", ok, "k", 404, "unknown_room"),
+        ("sender of another domain", path, dict(ok, sender=b.user("bob")), "k", 403, "not_allowed"),
+        ("sender not a member", path, dict(ok, sender=a.user("mallory")), "k", 403, "not_allowed"),
+        ("no sender", path, {k: v for k, v in ok.items() if k != "sender"}, "k", 403, "not_allowed"),
+        ("missing idempotency key", path, ok, None, 400, "invalid_header"),
+        ("bad idempotency key", path, ok, "a b", 400, "invalid_header"),
+        ("unknown type", path, dict(ok, type="poke"), "k", 400, "invalid_body"),
+        ("reply to nothing", path, dict(ok, content={"parts": [{"type": "text/plain", "body": "x"}],
+                                                     "in_reply_to": "msg_nothing"}), "k", 400, "invalid_body"),
+        ("empty parts", path, dict(ok, content={"parts": []}), "k", 400, "invalid_body"),
+        ("huge part", path, dict(ok, content={"parts": [{"type": "text/plain", "body": "x" * 20000}]}), "k", 413,
+         "too_large"),
+        ("SQL in sender", path, dict(ok, sender="mimi://wa.example/u/x';DROP TABLE events;--"), "k", 400,
+         "invalid_body"),
+    ]
+    for what, p, body, idem, status, code in cases:
+        if idem is None:
+            r = a.call("POST", p, body)
+        else:
+            r = a.call("POST", p, body, idem=idem)
+        assert r.status_code == status, (what, r.status_code, r.text)
+        assert r.headers["Content-Type"] == "application/problem+json", what
+        assert r.json()["code"] == code, (what, r.json())
+    r = a.call("POST", path, raw=b"{not json", idem="k")
+    assert r.status_code == 400 and r.json()["code"] == "invalid_body"
+    assert pg.psql("SELECT count(*) FROM events", db_url) == "0"
+    assert pg.psql("SELECT count(*) FROM outbox", db_url) == "0"
+    assert pg.psql("SELECT count(*) FROM idempotency_keys", db_url) == "0"
+
+
+def test_room_creation_errors(daemon, peers, pg, db_url):
+    (a, _), (b, _) = peers
+    cases = [
+        ({"kind": "direct", "members": [a.user("x")]}, "members"),
+        ({"kind": "direct", "members": [a.user("x"), b.user("y"), b.user("z")]}, "exactly two"),
+        ({"kind": "circle", "members": [a.user("x"), b.user("y")]}, "kind"),
+        ({"kind": "group", "members": [a.user("x"), "not-a-uri"]}, "user URI"),
+        ({"kind": "group", "members": [a.user("x"), a.user("x")]}, "twice"),
+        ({"kind": "group", "members": [b.user("x"), b.user("y")]}, "calling peer"),
+        ({"kind": "group", "members": [a.user("x"), b.user("y")], "uri": "mimi://tg.example/r/abc"}, "uri"),
+        ({"kind": "group", "members": [a.user("x"), b.user("y")], "policy": []}, "policy"),
+    ]
+    for body, word in cases:
+        r = a.call("POST", "/v1/rooms", body)
+        assert r.status_code == 400, (body, r.text)
+        assert word in r.json()["detail"], (word, r.json())
+    r = a.create_room([a.user("x"), "mimi://nowhere.example/u/y"])
+    assert r.status_code == 400 and r.json()["code"] == "unknown_domain"
+    assert pg.psql("SELECT count(*) FROM rooms", db_url) == "0"
+    assert pg.psql("SELECT count(*) FROM identities", db_url) == "0"
+
+
+def test_batch_mixed_items_in_order(daemon, peers, pg, db_url):
+    (a, _), (b, sb) = peers
+    rm = room(a, b)
+    ev = lambda text, **kw: dict({"type": "message", "sender": a.user("alice"),
+                                  "content": {"parts": [{"type": "text/plain", "body": text}]}}, **kw)
+    items = [{"idempotency_key": f"b{i}", "room": rm["uri"], "event": ev(f"batch {i}")} for i in range(50)]
+    items[10]["event"]["type"] = "poke"                                  # invalid event
+    items[20]["room"] = "mimi://example.org/r/nope"                      # unknown room
+    items[30]["event"]["sender"] = b.user("bob")                         # not the caller's user
+    items[40]["idempotency_key"] = "b39"                                 # repeated key in the batch
+    r = a.call("POST", "/v1/batch", {"events": items})
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    assert len(res) == 50
+    refused = {i for i, x in enumerate(res) if x["status"] == "refused"}
+    assert refused == {10, 20, 30, 40}, res
+    assert res[10]["code"] == "invalid_body" and res[10]["http_status"] == 400
+    assert res[20]["code"] == "unknown_room" and res[30]["code"] == "not_allowed"
+    ok_ids = [x["id"] for i, x in enumerate(res) if i not in refused]
+    assert all(x["idempotency_key"] == items[i]["idempotency_key"] for i, x in enumerate(res) if i != 40)
+    got = sb.wait_events(46)
+    assert [e["id"] for e in got] == ok_ids
+    # The same batch again: the same ids, nothing new delivered.
+    r2 = a.call("POST", "/v1/batch", {"events": items})
+    assert [x.get("id") for x in r2.json()["results"]] == [x.get("id") for x in res]
+    assert pg.psql("SELECT count(*) FROM events", db_url) == "46"
+
+
+def test_batch_shape_errors(daemon, peers, pg, db_url):
+    (a, _), _ = peers
+    for body, status in [({"events": []}, 400), ({"events": "x"}, 400), ({}, 400), ([], 400),
+                         ({"events": [{}] * 300}, 413)]:
+        r = a.call("POST", "/v1/batch", body)
+        assert r.status_code == status, (body if len(str(body)) < 80 else "big", r.text)
+    assert pg.psql("SELECT count(*) FROM events", db_url) == "0"
