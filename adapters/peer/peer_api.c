@@ -506,11 +506,11 @@ struct msg_input {
 	char scope[PEER_NAME_MAX + 8];
 	char *idem_key;
 	unsigned char hash[32];
-	char room[80];
+	char room[MIMI_URI_MAX + 1]; /* public id, or URI in a batch */
 	char msg_id[80];
 	char sender[MIMI_URI_MAX + 1];
 	char type[16];
-	char *event_json;
+	json_t *event;                /* the validated body, unknown members included */
 	char in_reply_to[80];
 	char replaces[80];
 	char ts[24];
@@ -523,7 +523,7 @@ static void msg_input_free(void *arg)
 {
 	struct msg_input *in = arg;
 	free(in->idem_key);
-	free(in->event_json);
+	json_decref(in->event);
 	free(in);
 }
 
@@ -632,138 +632,160 @@ static struct submit *submit_new(size_t n)
 	return b;
 }
 
-/* Shaped so that a generic plan (prepared statements) can only use the
- * unique indexes: a reference is found by its public id alone and its room
- * compared after, never by scanning the room's events. */
-#define READ_BY_ID \
-	"SELECT r.id, i.id, i.uri, i.is_local, i.network, i.peer_id, p.name, i.domain, " \
+/* Round 0 reads every event of the job in one statement: its room, the
+ * room's joined members, a stored answer for its idempotency key, and the
+ * events it refers to; rows come grouped by item (n) in order.  Shaped so
+ * that any plan, generic ones included (prepared statements, a row count
+ * the planner cannot know), can only use index lookups per item: the
+ * lookups are LATERAL subqueries fenced with LIMIT/OFFSET so they are not
+ * flattened into hash joins over whole tables, and a reference is found by
+ * its public id alone and its room compared after. */
+#define READ_ITEMS(ROOM_COLUMN) \
+	"SELECT it.n, r.id, mem.id, mem.uri, mem.is_local, mem.network, mem.peer_id, mem.name, mem.domain, " \
 	" encode(k.request_hash, 'hex'), k.response_status, k.response::text, " \
-	" (SELECT CASE WHEN e.room_id = r.id THEN e.id END FROM events e WHERE e.public_id = $4), " \
-	" (SELECT CASE WHEN e.room_id = r.id THEN e.id END FROM events e WHERE e.public_id = $5) " \
-	"FROM rooms r LEFT JOIN idempotency_keys k ON k.scope = $2 AND k.key = $3 " \
-	" LEFT JOIN room_members m ON m.room_id = r.id AND m.membership = 'joined' " \
-	" LEFT JOIN identities i ON i.id = m.identity_id LEFT JOIN peers p ON p.id = i.peer_id " \
-	"WHERE r.public_id = $1 ORDER BY i.id"
-#define READ_BY_URI \
-	"SELECT r.id, i.id, i.uri, i.is_local, i.network, i.peer_id, p.name, i.domain, " \
-	" encode(k.request_hash, 'hex'), k.response_status, k.response::text, " \
-	" (SELECT CASE WHEN e.room_id = r.id THEN e.id END FROM events e WHERE e.public_id = $4), " \
-	" (SELECT CASE WHEN e.room_id = r.id THEN e.id END FROM events e WHERE e.public_id = $5) " \
-	"FROM rooms r LEFT JOIN idempotency_keys k ON k.scope = $2 AND k.key = $3 " \
-	" LEFT JOIN room_members m ON m.room_id = r.id AND m.membership = 'joined' " \
-	" LEFT JOIN identities i ON i.id = m.identity_id LEFT JOIN peers p ON p.id = i.peer_id " \
-	"WHERE r.uri = $1 ORDER BY i.id"
-#define WRITE_EVENT \
-	"WITH ev AS (INSERT INTO events (public_id, room_id, sender_id, type, content, replaces_id, in_reply_to_id, " \
-	"  origin_network, ts) VALUES ($1, $2::bigint, $3::bigint, $4, $5::jsonb, $6::bigint, $7::bigint, $8, $9::bigint) " \
-	"  RETURNING id, (extract(epoch FROM accepted_at) * 1000)::bigint AS ms), " \
+	" (SELECT CASE WHEN e.room_id = r.id THEN e.id END FROM events e WHERE e.public_id = it.reply), " \
+	" (SELECT CASE WHEN e.room_id = r.id THEN e.id END FROM events e WHERE e.public_id = it.replaces) " \
+	"FROM jsonb_to_recordset($1::jsonb) AS it(n int, room text, key text, reply text, replaces text) " \
+	" LEFT JOIN LATERAL (SELECT id FROM rooms WHERE " ROOM_COLUMN " = it.room LIMIT 1) r ON true " \
+	" LEFT JOIN LATERAL (SELECT request_hash, response_status, response FROM idempotency_keys " \
+	"  WHERE scope = $2 AND key = it.key LIMIT 1) k ON true " \
+	" LEFT JOIN LATERAL (SELECT i.id, i.uri, i.is_local, i.network, i.peer_id, p.name, i.domain " \
+	"  FROM room_members m JOIN identities i ON i.id = m.identity_id LEFT JOIN peers p ON p.id = i.peer_id " \
+	"  WHERE m.room_id = r.id AND m.membership = 'joined' OFFSET 0) mem ON true " \
+	"ORDER BY it.n, mem.id"
+
+/* Round 1 writes every accepted event of the job in one statement: the
+ * events (ids in item order), their outbox rows (ids in event order, so
+ * per-room order holds) and their idempotency keys with the answer. */
+#define WRITE_ITEMS \
+	"WITH it AS (SELECT * FROM jsonb_to_recordset($1::jsonb) AS x(n int, pid text, room bigint, sender bigint, " \
+	"  type text, content jsonb, replaces bigint, reply bigint, ts bigint, key text, hash text, " \
+	"  dests jsonb, targets jsonb)), " \
+	"ev AS (INSERT INTO events (public_id, room_id, sender_id, type, content, replaces_id, in_reply_to_id, " \
+	"  origin_network, ts) SELECT pid, room, sender, type, content, replaces, reply, $2, ts FROM it ORDER BY n " \
+	"  RETURNING id, public_id, room_id, (extract(epoch FROM accepted_at) * 1000)::bigint AS ms), " \
 	"ob AS (INSERT INTO outbox (event_id, destination, target_identity_id, room_id) " \
-	"  SELECT ev.id, u.d, NULLIF(u.t, 0), $2::bigint FROM ev, " \
-	"  unnest(ARRAY(SELECT jsonb_array_elements_text($10::jsonb)), " \
-	"         ARRAY(SELECT (jsonb_array_elements_text($11::jsonb))::bigint)) AS u(d, t)), " \
+	"  SELECT ev.id, d.value, NULLIF(t.value::bigint, 0), ev.room_id FROM it JOIN ev ON ev.public_id = it.pid, " \
+	"  jsonb_array_elements_text(it.dests) WITH ORDINALITY AS d(value, dn) " \
+	"  JOIN jsonb_array_elements_text(it.targets) WITH ORDINALITY AS t(value, tn) ON t.tn = d.dn " \
+	"  ORDER BY ev.id, d.dn), " \
 	"ik AS (INSERT INTO idempotency_keys (scope, key, request_hash, event_id, room_id, response_status, response) " \
-	"  SELECT $8, $12, decode($13, 'hex'), ev.id, $2::bigint, 202, " \
-	"  jsonb_build_object('id', $1::text, 'accepted_ts', ev.ms, 'status', 'accepted') FROM ev) " \
-	"SELECT ms FROM ev"
+	"  SELECT $2, it.key, decode(it.hash, 'hex'), ev.id, ev.room_id, 202, " \
+	"  jsonb_build_object('id', ev.public_id, 'accepted_ts', ev.ms, 'status', 'accepted') " \
+	"  FROM it JOIN ev ON ev.public_id = it.pid) " \
+	"SELECT public_id, ms FROM ev"
 
 const struct store_stmt peer_api_statements[] = {
-	{ "submit_read_by_id", READ_BY_ID },
-	{ "submit_read_by_uri", READ_BY_URI },
-	{ "submit_write", WRITE_EVENT },
+	{ "submit_read_by_id", READ_ITEMS("public_id") },
+	{ "submit_read_by_uri", READ_ITEMS("uri") },
+	{ "submit_write", WRITE_ITEMS },
 	{ NULL, NULL },
 };
+
+static cw_err send_json(PGconn *c, const char *stmt, json_t *doc, const char *scope, cw_errmsg *e)
+{
+	char *text = json_dumps(doc, JSON_COMPACT);
+	if (!text)
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	const char *params[] = { text, scope };
+	int ok = PQsendQueryPrepared(c, stmt, 2, params, NULL, NULL, 0);
+	free(text);
+	return ok ? CW_OK : cw_fail(e, CW_EUNAVAIL, "cannot send: %s", PQerrorMessage(c));
+}
 
 static cw_err submit_send(PGconn *c, struct app_job *j, int round, cw_errmsg *e)
 {
 	struct submit *b = j->data;
 	if (round == 0)
 		submit_clear_round(b);
-	bool any = false;
+	json_t *doc = json_array();
+	const char *scope = NULL;
 	for (size_t i = 0; i < b->n; i++) {
 		struct msg_input *in = b->items[i];
-		if (!in)
+		if (!in || (round == 1 && !b->write[i]))
 			continue;
-		int ok;
+		scope = in->scope;
 		if (round == 0) {
-			const char *params[] = { in->room, in->scope, in->idem_key, in->in_reply_to, in->replaces };
-			ok = PQsendQueryPrepared(c, b->by_uri ? "submit_read_by_uri" : "submit_read_by_id", 5, params,
-						 NULL, NULL, 0);
+			json_array_append_new(doc, json_pack("{s:I, s:s, s:s, s:s, s:s}", "n", (json_int_t)i, "room",
+							     in->room, "key", in->idem_key, "reply", in->in_reply_to,
+							     "replaces", in->replaces));
 		} else {
-			if (!b->write[i])
-				continue;
 			char hex[65];
 			cw_hex(hex, in->hash, 32);
-			char *d_s = json_dumps(b->dests[i], JSON_COMPACT), *t_s = json_dumps(b->targets[i], JSON_COMPACT);
-			const char *params[] = { in->msg_id, b->room_id[i], b->sender_id[i], in->type, in->event_json,
-						 b->replaces_id[i][0] ? b->replaces_id[i] : NULL,
-						 b->reply_id[i][0] ? b->reply_id[i] : NULL, in->scope, in->ts, d_s, t_s,
-						 in->idem_key, hex };
-			ok = PQsendQueryPrepared(c, "submit_write", 13, params, NULL, NULL, 0);
-			free(d_s);
-			free(t_s);
-			any = true;
+			json_t *o = json_pack("{s:I, s:s, s:s, s:s, s:s, s:O, s:s, s:s, s:O, s:O}", "n", (json_int_t)i,
+					      "pid", in->msg_id, "room", b->room_id[i], "sender", b->sender_id[i],
+					      "type", in->type, "content", in->event, "ts", in->ts, "hash", hex,
+					      "dests", b->dests[i], "targets", b->targets[i]);
+			json_object_set_new(o, "key", json_string(in->idem_key));
+			json_object_set_new(o, "replaces", b->replaces_id[i][0] ? json_string(b->replaces_id[i]) : json_null());
+			json_object_set_new(o, "reply", b->reply_id[i][0] ? json_string(b->reply_id[i]) : json_null());
+			json_array_append_new(doc, o);
 		}
-		if (!ok)
-			return cw_fail(e, CW_EUNAVAIL, "cannot send: %s", PQerrorMessage(c));
 	}
-	if (round == 1 && any && !PQsendQueryParams(c, "SELECT pg_notify('causeway_outbox', '')", 0, NULL, NULL, NULL,
-						     NULL, 0))
-		return cw_fail(e, CW_EUNAVAIL, "cannot send: %s", PQerrorMessage(c));
-	return CW_OK;
+	cw_err rc = CW_OK;
+	if (json_array_size(doc))
+		rc = send_json(c, round == 0 ? (b->by_uri ? "submit_read_by_uri" : "submit_read_by_id") : "submit_write",
+			       doc, scope, e);
+	json_decref(doc);
+	if (!rc && round == 1 && !PQsendQueryParams(c, "SELECT pg_notify('causeway_outbox', '')", 0, NULL, NULL,
+						    NULL, NULL, 0))
+		rc = cw_fail(e, CW_EUNAVAIL, "cannot send: %s", PQerrorMessage(c));
+	return rc;
 }
 
-/* Round 0's answer for item i: the refusals, or the recipients. */
-static void submit_decide(struct submit *b, size_t i, PGresult *r)
+/* Round 0's answer for item i (rows first .. first+nrows-1 of r): the
+ * refusals, or the recipients. */
+static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, int nrows)
 {
 	struct msg_input *in = b->items[i];
 	struct item_result *res = &b->res[i];
-	if (PQntuples(r) == 0) {
+	if (PQgetisnull(r, first, 1)) {
 		item_fail(res, 404, "unknown_room", "no such room");
 		return;
 	}
-	if (!PQgetisnull(r, 0, 8)) { /* this key answered before */
+	if (!PQgetisnull(r, first, 9)) { /* this key answered before */
 		char hex[65];
 		cw_hex(hex, in->hash, 32);
-		if (strcmp(hex, PQgetvalue(r, 0, 8)) != 0) {
+		if (strcmp(hex, PQgetvalue(r, first, 9)) != 0) {
 			item_fail(res, 409, "conflict", "this Idempotency-Key was used with a different request");
 		} else {
-			res->status = atoi(PQgetvalue(r, 0, 9));
-			res->body = json_loads(PQgetvalue(r, 0, 10), 0, NULL);
+			res->status = atoi(PQgetvalue(r, first, 10));
+			res->body = json_loads(PQgetvalue(r, first, 11), 0, NULL);
 		}
 		return;
 	}
-	snprintf(b->room_id[i], sizeof(b->room_id[i]), "%s", PQgetvalue(r, 0, 0));
+	snprintf(b->room_id[i], sizeof(b->room_id[i]), "%s", PQgetvalue(r, first, 1));
 	b->sender_id[i][0] = '\0';
-	if (in->in_reply_to[0] && PQgetisnull(r, 0, 11)) {
+	if (in->in_reply_to[0] && PQgetisnull(r, first, 12)) {
 		item_fail(res, 400, "invalid_body", "content.in_reply_to names no message of this room");
 		return;
 	}
-	if (in->replaces[0] && PQgetisnull(r, 0, 12)) {
+	if (in->replaces[0] && PQgetisnull(r, first, 13)) {
 		item_fail(res, 400, "invalid_body", "content.replaces names no message of this room");
 		return;
 	}
-	snprintf(b->reply_id[i], sizeof(b->reply_id[i]), "%s", PQgetvalue(r, 0, 11));
-	snprintf(b->replaces_id[i], sizeof(b->replaces_id[i]), "%s", PQgetvalue(r, 0, 12));
+	snprintf(b->reply_id[i], sizeof(b->reply_id[i]), "%s", PQgetvalue(r, first, 12));
+	snprintf(b->replaces_id[i], sizeof(b->replaces_id[i]), "%s", PQgetvalue(r, first, 13));
 	/* The recipients: the members other than the sender, except the
 	 * sender's own peer (it has the message already). */
 	char caller[24];
 	snprintf(caller, sizeof(caller), "%lld", (long long)in->p->id);
 	json_t *dests = json_array(), *targets = json_array();
-	for (int k = 0; k < PQntuples(r); k++) {
-		if (PQgetisnull(r, k, 1))
+	for (int k = first; k < first + nrows; k++) {
+		if (PQgetisnull(r, k, 2))
 			continue; /* a room without members */
-		const char *peer_id = PQgetisnull(r, k, 5) ? NULL : PQgetvalue(r, k, 5);
-		if (strcmp(PQgetvalue(r, k, 2), in->sender) == 0) {
-			snprintf(b->sender_id[i], sizeof(b->sender_id[i]), "%s", PQgetvalue(r, k, 1));
+		const char *peer_id = PQgetisnull(r, k, 6) ? NULL : PQgetvalue(r, k, 6);
+		if (strcmp(PQgetvalue(r, k, 3), in->sender) == 0) {
+			snprintf(b->sender_id[i], sizeof(b->sender_id[i]), "%s", PQgetvalue(r, k, 2));
 			continue;
 		}
 		if (peer_id && strcmp(peer_id, caller) == 0)
 			continue;
 		struct policy_request preq = {
-			.direction = PQgetvalue(r, k, 3)[0] == 't' ? POLICY_INBOUND : POLICY_OUTBOUND,
+			.direction = PQgetvalue(r, k, 4)[0] == 't' ? POLICY_INBOUND : POLICY_OUTBOUND,
 			.event_type = in->type, .sender_domain = in->p->domain, .sender_uri = in->sender,
-			.recipient_domain = PQgetvalue(r, k, 7), .recipient_uri = PQgetvalue(r, k, 2),
-			.network = PQgetvalue(r, k, 4), .body_bytes = in->body_bytes, .content_kinds = in->kinds,
+			.recipient_domain = PQgetvalue(r, k, 8), .recipient_uri = PQgetvalue(r, k, 3),
+			.network = PQgetvalue(r, k, 5), .body_bytes = in->body_bytes, .content_kinds = in->kinds,
 			.now_ms = cw_wall_ms(),
 		};
 		struct policy_decision d;
@@ -772,7 +794,7 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r)
 			continue; /* the peer still sees "accepted": no existence or decision leaks */
 		if (peer_id) {
 			char dest[PEER_NAME_MAX + 8];
-			snprintf(dest, sizeof(dest), "peer:%s", PQgetvalue(r, k, 6));
+			snprintf(dest, sizeof(dest), "peer:%s", PQgetvalue(r, k, 7));
 			bool seen = false;
 			for (size_t x = 0; x < json_array_size(dests); x++)
 				seen |= strcmp(json_string_value(json_array_get(dests, x)), dest) == 0;
@@ -781,8 +803,8 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r)
 			json_array_append_new(dests, json_string(dest));
 			json_array_append_new(targets, json_integer(0));
 		} else {
-			json_array_append_new(dests, json_string(PQgetvalue(r, k, 4)));
-			json_array_append_new(targets, json_integer(atoll(PQgetvalue(r, k, 1))));
+			json_array_append_new(dests, json_string(PQgetvalue(r, k, 5)));
+			json_array_append_new(targets, json_integer(atoll(PQgetvalue(r, k, 2))));
 		}
 	}
 	if (!b->sender_id[i][0]) {
@@ -799,26 +821,41 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r)
 static cw_err submit_recv(PGconn *c, struct app_job *j, int round, bool *more, cw_errmsg *e)
 {
 	struct submit *b = j->data;
-	bool any_write = false;
-	for (size_t i = 0; i < b->n; i++) {
-		if (!b->items[i] || (round == 1 && !b->write[i]))
-			continue;
+	bool sent = false, any_write = false;
+	for (size_t i = 0; i < b->n && !sent; i++)
+		sent = b->items[i] && (round == 0 || b->write[i]);
+	if (sent) {
 		PGresult *r;
 		cw_err rc = store_pipe_result(c, PGRES_TUPLES_OK, &r, e);
 		if (rc)
 			return rc;
+		int rows = PQntuples(r);
 		if (round == 0) {
-			submit_decide(b, i, r);
-			any_write |= b->write[i];
+			for (int k = 0; k < rows;) {
+				int n = atoi(PQgetvalue(r, k, 0)), end = k;
+				while (end < rows && atoi(PQgetvalue(r, end, 0)) == n)
+					end++;
+				if (n >= 0 && (size_t)n < b->n && b->items[n]) {
+					submit_decide(b, (size_t)n, r, k, end - k);
+					any_write |= b->write[n];
+				}
+				k = end;
+			}
 		} else {
-			b->res[i].status = 202;
-			b->res[i].body = json_pack("{s:s, s:I, s:s}", "id", b->items[i]->msg_id, "accepted_ts",
-						   (json_int_t)atoll(PQgetvalue(r, 0, 0)), "status", "accepted");
+			for (int k = 0; k < rows; k++)
+				for (size_t i = 0; i < b->n; i++)
+					if (b->write[i] && strcmp(b->items[i]->msg_id, PQgetvalue(r, k, 0)) == 0) {
+						b->res[i].status = 202;
+						b->res[i].body = json_pack("{s:s, s:I, s:s}", "id", b->items[i]->msg_id,
+									   "accepted_ts",
+									   (json_int_t)atoll(PQgetvalue(r, k, 1)),
+									   "status", "accepted");
+					}
 			any_write = true;
 		}
 		PQclear(r);
 	}
-	if (round == 1 && any_write) { /* the NOTIFY */
+	if (round == 1 && sent) { /* the NOTIFY */
 		PGresult *r;
 		cw_err rc = store_pipe_result(c, PGRES_TUPLES_OK, &r, e);
 		if (rc)
@@ -913,7 +950,7 @@ void peer_api_message_submit(struct cw_req *req, void *ctx)
 	snprintf(in->in_reply_to, sizeof(in->in_reply_to), "%s", ev.in_reply_to ? ev.in_reply_to : "");
 	snprintf(in->replaces, sizeof(in->replaces), "%s", ev.replaces ? ev.replaces : "");
 	snprintf(in->ts, sizeof(in->ts), "%lld", (long long)(ev.ts ? ev.ts : cw_wall_ms()));
-	in->event_json = json_dumps(ev.json, JSON_COMPACT);
+	in->event = json_incref(ev.json);
 	in->policy = &app->policy;
 	in->body_bytes = ev.body_bytes;
 	in->kinds = ev.kinds;
@@ -1072,7 +1109,7 @@ void peer_api_batch(struct cw_req *req, void *ctx)
 		snprintf(in->in_reply_to, sizeof(in->in_reply_to), "%s", it->ev.in_reply_to ? it->ev.in_reply_to : "");
 		snprintf(in->replaces, sizeof(in->replaces), "%s", it->ev.replaces ? it->ev.replaces : "");
 		snprintf(in->ts, sizeof(in->ts), "%lld", (long long)(it->ev.ts ? it->ev.ts : cw_wall_ms()));
-		in->event_json = json_dumps(it->ev.json, JSON_COMPACT);
+		in->event = json_incref(it->ev.json);
 		in->policy = &app->policy;
 		in->body_bytes = it->ev.body_bytes;
 		in->kinds = it->ev.kinds;
