@@ -4,6 +4,7 @@
 #include "buf.h"
 #include "log.h"
 #include "metrics.h"
+#include "outbox_admin.h"
 #include "peer_api.h"
 #include "peers.h"
 
@@ -230,6 +231,8 @@ const struct cw_route app_routes[] = {
 	{ "POST", "/admin/v1/peers/{name}/disable", peer_admin_disable, CW_AUTH_ADMIN, NULL },
 	{ "POST", "/admin/v1/peers/{name}/enable", peer_admin_enable, CW_AUTH_ADMIN, NULL },
 	{ "POST", "/admin/v1/peers/{name}/rotate", peer_admin_rotate, CW_AUTH_ADMIN, NULL },
+	{ "GET", "/admin/v1/outbox", outbox_admin_list, CW_AUTH_ADMIN_READ, NULL },
+	{ "POST", "/admin/v1/outbox/{id}/replay", outbox_admin_replay, CW_AUTH_ADMIN, NULL },
 };
 const size_t app_nroutes = CW_ARRAY_LEN(app_routes);
 

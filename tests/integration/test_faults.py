@@ -1,0 +1,138 @@
+"""Faults under load: the daemon killed with SIGKILL and restarted, and the
+database stopped and started. Every message that got a 202 is delivered,
+none twice after the peer's deduplication, in order per room."""
+import signal
+import threading
+import time
+
+import pytest
+import requests
+
+from harness import free_port, wait_until
+from peer import NotifyServer, PeerClient
+
+
+def setup_peers(d):
+    directory = d.get("/.well-known/mimi-protocol-directory").json()
+    out = []
+    for name, domain in (("gk", "wa.example"), ("tg", "tg.example")):
+        srv = NotifyServer()
+        srv.public_b64 = directory["public_key"]["key"]
+        client = PeerClient(d.url, name, domain)
+        r = d.admin("POST", "/peers", json={"name": name, "domain": domain, "mode": "push", "push_url": srv.url,
+                                             "public_key": client.signer.public_b64})
+        assert r.status_code == 201, r.text
+        client.token = r.json()["token"]
+        out.append((client, srv))
+    return out
+
+
+class Sender:
+    """Sends to several rooms in turn, retrying each message with its own
+    Idempotency-Key until it gets a 202, as a real peer would."""
+
+    def __init__(self, client, rooms):
+        self.client = client
+        self.rooms = rooms
+        self.accepted = {r: [] for r in rooms}
+        self.statuses = {}
+        self.retry_after_seen = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self):
+        i = 0
+        while not self.stop.is_set():
+            room = self.rooms[i % len(self.rooms)]
+            key = f"fault-{i}"
+            while True:
+                try:
+                    r = self.client.send(room, self.client.user("alice"), f"n{i}", idem=key)
+                    self.statuses[r.status_code] = self.statuses.get(r.status_code, 0) + 1
+                    if r.status_code == 202:
+                        self.accepted[room].append(r.json()["id"])
+                        break
+                    assert r.status_code == 503, r.text
+                    if "Retry-After" in r.headers:
+                        self.retry_after_seen += 1
+                except requests.ConnectionError:
+                    self.statuses["refused"] = self.statuses.get("refused", 0) + 1
+                time.sleep(0.05)
+            i += 1
+
+    def total(self):
+        return sum(len(v) for v in self.accepted.values())
+
+
+def check_delivery(sender, srv, rooms_by_id):
+    n = sender.total()
+    got = srv.wait_events(n, timeout=60)
+    assert srv.errors == []
+    accepted = {m for ids in sender.accepted.values() for m in ids}
+    assert {e["id"] for e in got} == accepted          # all delivered, nothing else
+    assert len(got) == len(accepted)                    # once each after deduplication
+    for room, ids in sender.accepted.items():           # in order per room
+        assert [e["id"] for e in got if e["room_id"] == room] == ids
+
+
+@pytest.fixture
+def fault_daemon(make_daemon, db_url, tmp_path):
+    port = free_port()
+    # A restart is the same daemon: same port, same signing key.
+    opts = {"server": {"port": str(port)}, "peer": {"signing_key_file": str(tmp_path / "signing.key")},
+            "dispatcher": {"claim_timeout_s": "5", "retry_base_ms": "50",
+                                                          "retry_max_ms": "500", "retry_budget": "1000"}}
+    return lambda: make_daemon(db_url, options=opts)
+
+
+def test_sigkill_under_load_loses_nothing(fault_daemon):
+    d = fault_daemon().start()
+    (a, _), (b, sb) = setup_peers(d)
+    rooms = [a.create_room([a.user("alice"), b.user(f"bob{k}")]).json()["id"] for k in range(3)]
+    s = Sender(a, rooms)
+    s.thread.start()
+    wait_until(lambda: s.total() >= 100, what="load running")
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait()
+    time.sleep(0.5)
+    d2 = fault_daemon().start()   # same database, same port, same signing key file
+    before = s.total()
+    wait_until(lambda: s.total() >= before + 100, timeout=30, what="load after restart")
+    s.stop.set()
+    s.thread.join(30)
+    check_delivery(s, sb, rooms)
+    assert d2.get("/readyz").status_code == 200
+    sb.close()
+
+
+def test_database_outage_under_load(fault_daemon, pg):
+    d = fault_daemon()
+    # This test stops the database: give the daemon a cluster of its own.
+    from harness import Postgres
+    own = Postgres()
+    try:
+        d.options["database"]["url"] = own.url
+        d.write_config()
+        d.start()
+        (a, _), (b, sb) = setup_peers(d)
+        rooms = [a.create_room([a.user("alice"), b.user(f"bob{k}")]).json()["id"] for k in range(2)]
+        s = Sender(a, rooms)
+        s.thread.start()
+        wait_until(lambda: s.total() >= 50, what="load running")
+        own.stop()
+        wait_until(lambda: s.statuses.get(503, 0) >= 3, what="503s while the database is away")
+        time.sleep(1.0)
+        own.start()
+        before = s.total()
+        wait_until(lambda: s.total() >= before + 50, timeout=30, what="accepting again")
+        s.stop.set()
+        s.thread.join(30)
+        assert s.retry_after_seen >= 3
+        assert set(s.statuses) <= {202, 503}, s.statuses   # never a 500, never a 202 that is not durable
+        check_delivery(s, sb, rooms)
+        d.stop()
+        sb.close()
+    finally:
+        if d.proc and d.proc.poll() is None:
+            d.stop()
+        own.destroy()
