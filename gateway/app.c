@@ -17,6 +17,22 @@
 
 #define METRICS_MAX_BYTES (4L << 20)
 
+/* ------------------------------------------------------------------ openapi */
+
+extern const char cw_openapi_json[];
+extern const size_t cw_openapi_json_len;
+
+static void h_openapi(struct cw_req *req, void *ctx)
+{
+	char *copy = malloc(cw_openapi_json_len);
+	if (!copy) {
+		cw_req_problem(req, 500, "internal", "Internal error", "out of memory");
+		return;
+	}
+	memcpy(copy, cw_openapi_json, cw_openapi_json_len);
+	cw_req_reply(req, 200, "application/json", copy, cw_openapi_json_len);
+}
+
 /* ------------------------------------------------------------------ healthz */
 
 static void h_healthz(struct cw_req *req, void *ctx)
@@ -220,6 +236,7 @@ const struct cw_route app_routes[] = {
 	{ "GET", "/readyz", h_readyz, CW_AUTH_NONE, NULL },
 	{ "GET", "/metrics", h_metrics, CW_AUTH_NONE, NULL },
 	{ "GET", "/.well-known/mimi-protocol-directory", peer_api_directory, CW_AUTH_NONE, NULL },
+	{ "GET", "/v1/openapi.json", h_openapi, CW_AUTH_NONE, NULL },
 	{ "POST", "/v1/rooms", peer_api_room_create, CW_AUTH_PEER, NULL },
 	{ "GET", "/v1/rooms/{room}", peer_api_room_get, CW_AUTH_PEER, NULL },
 	{ "POST", "/v1/rooms/{room}/messages", peer_api_message_submit, CW_AUTH_PEER, NULL },
@@ -299,7 +316,7 @@ static void job_done(void *arg, cw_err rc, const cw_errmsg *e)
 	if (rc) {
 		app_reply_store_error(j->app, j->req, rc, e ? e->msg : "");
 	} else if (j->err_code) {
-		cw_req_problem(j->req, j->err_status, j->err_code, j->err_code, j->err_detail);
+		cw_req_problem(j->req, j->err_status, j->err_code, app_status_title(j->err_status), j->err_detail);
 	} else {
 		if (j->after)
 			j->after(j);
@@ -362,14 +379,37 @@ void app_job_start(struct app_job *j, bool write)
 	}
 }
 
-json_t *app_json_body(struct cw_req *req)
+const char *app_status_title(int status)
+{
+	switch (status) {
+	case 400: return "Bad request";
+	case 401: return "Unauthenticated";
+	case 403: return "Not allowed";
+	case 404: return "Not found";
+	case 409: return "Conflict";
+	case 413: return "Too large";
+	case 415: return "Unsupported media type";
+	case 429: return "Too many requests";
+	case 503: return "Service unavailable";
+	}
+	return status >= 500 ? "Internal error" : "Request refused";
+}
+
+bool app_is_json(struct cw_req *req)
 {
 	const char *ct = cw_req_header(req, "Content-Type");
 	if (!ct || strncasecmp(ct, "application/json", 16) != 0 || (ct[16] && ct[16] != ';' && ct[16] != ' ')) {
 		cw_req_problem(req, 415, "unsupported_media_type", "Unsupported media type",
 			       "the body must be application/json");
-		return NULL;
+		return false;
 	}
+	return true;
+}
+
+json_t *app_json_body(struct cw_req *req)
+{
+	if (!app_is_json(req))
+		return NULL;
 	size_t len;
 	const char *body = cw_req_body(req, &len);
 	json_error_t err;

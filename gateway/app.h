@@ -82,6 +82,10 @@ bool app_authorize(struct cw_req *req, enum cw_auth auth, void *ctx);
 
 /* The answer for a store that refused or failed a job. */
 void app_reply_store_error(struct cw_app *app, struct cw_req *req, cw_err rc, const char *why);
+/* False after answering 415 when the body is not application/json. */
+bool app_is_json(struct cw_req *req);
+/* A short title for a problem answer's status. */
+const char *app_status_title(int status);
 /* The request body as a JSON object, or NULL after answering 400/415. */
 json_t *app_json_body(struct cw_req *req);
 /* The bearer token of the Authorization header, or NULL. */

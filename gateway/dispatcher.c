@@ -72,7 +72,7 @@ static bool claim_destination(struct dispatcher *d, const char *dest, struct out
 		"FROM due, events ev, rooms r, identities s "
 		"WHERE o.id = due.id AND ev.id = o.event_id AND r.id = o.room_id AND s.id = ev.sender_id "
 		"RETURNING o.id, o.destination, o.attempts, ev.public_id, ev.content::text, r.uri, r.public_id, "
-		" s.uri, (extract(epoch FROM ev.accepted_at) * 1000)::bigint",
+		" s.uri, (extract(epoch FROM ev.accepted_at) * 1000)::bigint, ev.ts",
 		4, NULL, params, NULL, NULL, 0);
 	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
 		store_result_err(d->c, r, e);
@@ -105,6 +105,8 @@ static bool claim_destination(struct dispatcher *d, const char *dest, struct out
 		json_object_set_new(ev, "room_id", json_string(PQgetvalue(r, i, 6)));
 		json_object_set_new(ev, "sender", json_string(PQgetvalue(r, i, 7)));
 		json_object_set_new(ev, "accepted_ts", json_integer(atoll(PQgetvalue(r, i, 8))));
+		if (!json_object_get(ev, "ts")) /* the sender gave none: the time it was accepted */
+			json_object_set_new(ev, "ts", json_integer(atoll(PQgetvalue(r, i, 9))));
 		row->event = ev;
 	}
 	PQclear(r);

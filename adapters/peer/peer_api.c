@@ -98,6 +98,10 @@ static bool api_enabled(struct cw_app *app, struct cw_req *req)
 
 static void event_problem(struct cw_req *req, const struct event_error *err)
 {
+	if (strcmp(err->code, EVENT_ERR_TOO_LARGE) != 0 && strcmp(err->code, EVENT_ERR_INVALID) != 0) {
+		cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory; retry");
+		return;
+	}
 	int status = strcmp(err->code, EVENT_ERR_TOO_LARGE) == 0 ? 413 : 400;
 	char detail[420];
 	if (err->pointer[0])
@@ -219,19 +223,18 @@ void peer_api_directory(struct cw_req *req, void *ctx)
 		return;
 	struct event_limits lim = event_limits_default();
 	json_t *d = json_pack(
-		"{s:s, s:s, s:{s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s}, s:[s,s,s], s:[s,s,s,s,s,s,s,s],"
-		" s:{s:I, s:I, s:I, s:I, s:I}, s:{s:s, s:s, s:s}, s:{s:s, s:[s,s,s,s,s], s:I}}",
+		"{s:s, s:s, s:{s:s, s:s, s:s, s:s, s:s, s:s, s:s}, s:[s,s,s], s:[s,s,s,s,s,s,s,s],"
+		" s:{s:I, s:I, s:I, s:I, s:I, s:I}, s:{s:s, s:s, s:s}, s:{s:s, s:[s,s,s,s,s], s:I}}",
 		"profile", "causeway-mimi-json/1",
 		"domain", app->cfg->domain,
 		"endpoints",
 		"rooms", "/v1/rooms",
 		"room", "/v1/rooms/{room}",
-		"members", "/v1/rooms/{room}/members",
 		"messages", "/v1/rooms/{room}/messages",
 		"message_status", "/v1/messages/{id}",
 		"batch", "/v1/batch",
-		"events", "/v1/events",
-		"notify", "{peer_url}/v1/notify",
+		"openapi", "/v1/openapi.json",
+		"notify", "{push_url}/v1/notify",
 		"content_types", "text/plain", "text/markdown", "text/html",
 		"event_types", "message", "edit", "delete", "reaction", "receipt", "typing", "membership", "block",
 		"limits",
@@ -239,6 +242,7 @@ void peer_api_directory(struct cw_req *req, void *ctx)
 		"max_body_bytes", (json_int_t)lim.max_body_bytes,
 		"max_parts", (json_int_t)lim.max_parts,
 		"max_attachments", (json_int_t)lim.max_attachments,
+		"max_batch_events", (json_int_t)lim.max_batch,
 		"max_request_bytes", (json_int_t)app->cfg->max_body_bytes,
 		"public_key", "alg", "ed25519", "keyid", app->cfg->domain, "key", app->public_key_b64,
 		"signatures", "tag", app->cfg->signature_tag,
@@ -349,7 +353,8 @@ static cw_err room_create_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 			return rc;
 		}
 		PQclear(r);
-		json_array_append_new(members, json_string(in->m[i].uri));
+		json_array_append_new(members, json_pack("{s:s, s:s, s:s}", "user", in->m[i].uri, "role", "member",
+							 "membership", "joined"));
 	}
 	j->status = 201;
 	j->body = room_json(in->public_id, in->uri, in->kind, members);
@@ -507,6 +512,7 @@ struct msg_input {
 	char *idem_key;
 	unsigned char hash[32];
 	char room[MIMI_URI_MAX + 1]; /* public id, or URI in a batch */
+	char body_room[MIMI_URI_MAX + 1]; /* the room the body names, if any */
 	char msg_id[80];
 	char sender[MIMI_URI_MAX + 1];
 	char type[16];
@@ -525,6 +531,26 @@ static void msg_input_free(void *arg)
 	free(in->idem_key);
 	json_decref(in->event);
 	free(in);
+}
+
+/* What an Idempotency-Key stands for: the room (as the request names it)
+ * and the event, canonically serialised, so that the same key with the same
+ * event sent to another room is a conflict, not a replay. */
+static void request_hash(const char *room, json_t *event, unsigned char out[32])
+{
+	char *text = json_dumps(event, JSON_COMPACT | JSON_SORT_KEYS);
+	size_t rl = strlen(room), tl = text ? strlen(text) : 0;
+	char *buf = malloc(rl + 1 + tl + 1);
+	if (buf) {
+		memcpy(buf, room, rl);
+		buf[rl] = '\n';
+		memcpy(buf + rl + 1, text ? text : "", tl);
+		cw_sha256(buf, rl + 1 + tl, out);
+	} else {
+		memset(out, 0, 32);
+	}
+	free(buf);
+	free(text);
 }
 
 /* ------------------------------------------------------------ submitting
@@ -644,9 +670,10 @@ static struct submit *submit_new(size_t n)
 	"SELECT it.n, r.id, mem.id, mem.uri, mem.is_local, mem.network, mem.peer_id, mem.name, mem.domain, " \
 	" encode(k.request_hash, 'hex'), k.response_status, k.response::text, " \
 	" (SELECT CASE WHEN e.room_id = r.id THEN e.id END FROM events e WHERE e.public_id = it.reply), " \
-	" (SELECT CASE WHEN e.room_id = r.id THEN e.id END FROM events e WHERE e.public_id = it.replaces) " \
+	" (SELECT CASE WHEN e.room_id = r.id THEN e.id END FROM events e WHERE e.public_id = it.replaces), " \
+	" r.uri " \
 	"FROM jsonb_to_recordset($1::jsonb) AS it(n int, room text, key text, reply text, replaces text) " \
-	" LEFT JOIN LATERAL (SELECT id FROM rooms WHERE " ROOM_COLUMN " = it.room LIMIT 1) r ON true " \
+	" LEFT JOIN LATERAL (SELECT id, uri FROM rooms WHERE " ROOM_COLUMN " = it.room LIMIT 1) r ON true " \
 	" LEFT JOIN LATERAL (SELECT request_hash, response_status, response FROM idempotency_keys " \
 	"  WHERE scope = $2 AND key = it.key LIMIT 1) k ON true " \
 	" LEFT JOIN LATERAL (SELECT i.id, i.uri, i.is_local, i.network, i.peer_id, p.name, i.domain " \
@@ -752,6 +779,10 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 			res->status = atoi(PQgetvalue(r, first, 10));
 			res->body = json_loads(PQgetvalue(r, first, 11), 0, NULL);
 		}
+		return;
+	}
+	if (in->body_room[0] && strcmp(in->body_room, PQgetvalue(r, first, 14)) != 0) {
+		item_fail(res, 400, "invalid_body", "the room the body names is not the room of the URL");
 		return;
 	}
 	snprintf(b->room_id[i], sizeof(b->room_id[i]), "%s", PQgetvalue(r, first, 1));
@@ -915,12 +946,8 @@ void peer_api_message_submit(struct cw_req *req, void *ctx)
 			       "Idempotency-Key is required: 1 to 128 of A-Z a-z 0-9 . _ : -");
 		return;
 	}
-	const char *ct = cw_req_header(req, "Content-Type");
-	if (!ct || strncasecmp(ct, "application/json", 16) != 0) {
-		cw_req_problem(req, 415, "unsupported_media_type", "Unsupported media type",
-			       "the body must be application/json");
+	if (!app_is_json(req))
 		return;
-	}
 	size_t blen;
 	const char *body = cw_req_body(req, &blen);
 	struct event_limits lim = event_limits_default();
@@ -942,8 +969,10 @@ void peer_api_message_submit(struct cw_req *req, void *ctx)
 	in->p = p;
 	snprintf(in->scope, sizeof(in->scope), "peer:%s", p->name);
 	in->idem_key = strdup(key);
-	cw_sha256(body, blen, in->hash);
 	snprintf(in->room, sizeof(in->room), "%s", room);
+	request_hash(room, ev.json, in->hash);
+	if (ev.has_room)
+		mimi_uri_format(&ev.room, in->body_room, sizeof(in->body_room), NULL);
 	new_id(in->msg_id, sizeof(in->msg_id), "msg_");
 	snprintf(in->sender, sizeof(in->sender), "%s", sender);
 	snprintf(in->type, sizeof(in->type), "%s", event_type_name(ev.type));
@@ -1052,12 +1081,8 @@ void peer_api_batch(struct cw_req *req, void *ctx)
 	if (!api_enabled(app, req))
 		return;
 	struct peer_principal *p = cw_req_principal(req);
-	const char *ct = cw_req_header(req, "Content-Type");
-	if (!ct || strncasecmp(ct, "application/json", 16) != 0) {
-		cw_req_problem(req, 415, "unsupported_media_type", "Unsupported media type",
-			       "the body must be application/json");
+	if (!app_is_json(req))
 		return;
-	}
 	size_t blen;
 	const char *body = cw_req_body(req, &blen);
 	struct event_limits lim = event_limits_default();
@@ -1074,7 +1099,6 @@ void peer_api_batch(struct cw_req *req, void *ctx)
 		return;
 	}
 	b->by_uri = true;
-	json_t *events = json_object_get(bt.json, "events");
 	for (size_t i = 0; i < bt.n; i++) {
 		struct batch_item *it = &bt.items[i];
 		json_t *key = it->idempotency_key[0] ? json_string(it->idempotency_key) : json_null();
@@ -1099,10 +1123,8 @@ void peer_api_batch(struct cw_req *req, void *ctx)
 		in->p = p;
 		snprintf(in->scope, sizeof(in->scope), "peer:%s", p->name);
 		in->idem_key = strdup(it->idempotency_key);
-		char *item_text = json_dumps(json_array_get(events, i), JSON_COMPACT | JSON_SORT_KEYS);
-		cw_sha256(item_text ? item_text : "", item_text ? strlen(item_text) : 0, in->hash);
-		free(item_text);
 		mimi_uri_format(&it->room, in->room, sizeof(in->room), NULL);
+		request_hash(in->room, it->ev.json, in->hash);
 		new_id(in->msg_id, sizeof(in->msg_id), "msg_");
 		mimi_uri_format(&it->ev.sender, in->sender, sizeof(in->sender), NULL);
 		snprintf(in->type, sizeof(in->type), "%s", event_type_name(it->ev.type));

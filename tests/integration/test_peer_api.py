@@ -295,3 +295,27 @@ def test_batch_shape_errors(daemon, peers, pg, db_url):
         r = a.call("POST", "/v1/batch", body)
         assert r.status_code == status, (body if len(str(body)) < 80 else "big", r.text)
     assert pg.psql("SELECT count(*) FROM events", db_url) == "0"
+
+
+def test_idempotency_key_covers_the_room_and_the_body_room_must_match(daemon, peers):
+    (a, _), (b, _) = peers
+    r1, r2 = room(a, b), room(a, b, [a.user("alice"), b.user("carol")])
+    first = a.send(r1["id"], a.user("alice"), "same", idem="k-room")
+    assert first.status_code == 202
+    other_room = a.send(r2["id"], a.user("alice"), "same", idem="k-room")
+    assert other_room.status_code == 409 and other_room.json()["code"] == "conflict"
+    r = a.call("POST", f"/v1/rooms/{r1['id']}/messages", {"type": "message", "sender": a.user("alice"),
+               "room": r2["uri"], "content": {"parts": [{"type": "text/plain", "body": "x"}]}}, idem="k-body-room")
+    assert r.status_code == 400 and "room" in r.json()["detail"]
+    r = a.call("POST", f"/v1/rooms/{r1['id']}/messages", {"type": "message", "sender": a.user("alice"),
+               "room": r1["uri"], "content": {"parts": [{"type": "text/plain", "body": "x"}]}}, idem="k-body-room2")
+    assert r.status_code == 202, r.text
+
+
+def test_content_type_must_be_json(daemon, peers):
+    (a, _), (b, _) = peers
+    rm = room(a, b)
+    body = {"type": "message", "sender": a.user("alice"), "content": {"parts": [{"type": "text/plain", "body": "x"}]}}
+    for ct in ("application/jsonx", "text/plain"):
+        r = a.call("POST", f"/v1/rooms/{rm['id']}/messages", body, idem="k", content_type=ct)
+        assert r.status_code == 415, ct
