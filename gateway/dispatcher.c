@@ -59,13 +59,19 @@ static bool claim_destination(struct dispatcher *d, const char *dest, struct out
 	snprintf(timeout, sizeof(timeout), "%ld", d->o.claim_timeout_s);
 	const char *params[] = { limit, d->name, timeout, dest };
 	/* One destination at a time, so the scan is the (destination, id)
-	 * index of pending rows, in order, stopping at the limit. */
+	 * index of pending rows, in order, stopping at the limit.  A room with
+	 * a row in flight or backing off waits whole: rows of a room are only
+	 * ever claimed together and in order, and a failed batch backs off
+	 * together, so no earlier row of a room can be due behind a blocked
+	 * one (which keeps this a set lookup instead of a scan per row). */
 	PGresult *r = PQexecParams(d->c,
-		"WITH due AS ("
+		"WITH blocked AS ("
+		" SELECT room_id FROM outbox WHERE state = 'in_flight' AND destination = $4"
+		" UNION SELECT room_id FROM outbox WHERE state = 'pending' AND next_attempt_at > now() AND destination = $4), "
+		"due AS ("
 		" SELECT o.id FROM outbox o"
 		" WHERE o.state = 'pending' AND o.destination = $4 AND o.next_attempt_at <= now()"
-		"  AND NOT EXISTS (SELECT 1 FROM outbox b WHERE b.room_id = o.room_id AND b.destination = o.destination"
-		"   AND b.id < o.id AND (b.state = 'in_flight' OR (b.state = 'pending' AND b.next_attempt_at > now())))"
+		"  AND o.room_id NOT IN (SELECT room_id FROM blocked)"
 		" ORDER BY o.id LIMIT $1::int FOR UPDATE OF o SKIP LOCKED) "
 		"UPDATE outbox o SET state = 'in_flight', claimed_by = $2, "
 		" claimed_until = now() + make_interval(secs => $3::int), attempts = o.attempts + 1 "
