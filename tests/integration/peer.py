@@ -100,6 +100,7 @@ class NotifyServer:
 
     def __init__(self):
         self.events = []          # unique events in arrival order
+        self.seen = set()         # their ids
         self.requests = 0
         self.duplicates = 0
         self.fail_next = 0        # answer 503 to that many requests
@@ -144,9 +145,10 @@ class NotifyServer:
                 self.errors.append(f"signature: {ex!r}")
                 return 401
             for ev in json.loads(body)["events"]:
-                if any(e["id"] == ev["id"] for e in self.events):
+                if ev["id"] in self.seen:
                     self.duplicates += 1
                 else:
+                    self.seen.add(ev["id"])
                     self.events.append(ev)
             self.cond.notify_all()
             return 200
