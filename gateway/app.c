@@ -240,6 +240,8 @@ const struct cw_route app_routes[] = {
 	{ "POST", "/v1/rooms", peer_api_room_create, CW_AUTH_PEER, NULL },
 	{ "GET", "/v1/rooms/{room}", peer_api_room_get, CW_AUTH_PEER, NULL },
 	{ "POST", "/v1/rooms/{room}/messages", peer_api_message_submit, CW_AUTH_PEER, NULL },
+	{ "POST", "/v1/rooms/{room}/receipts", peer_api_receipt_submit, CW_AUTH_PEER, NULL },
+	{ "POST", "/v1/rooms/{room}/typing", peer_api_typing_submit, CW_AUTH_PEER, NULL },
 	{ "GET", "/v1/messages/{id}", peer_api_message_status, CW_AUTH_PEER, NULL },
 	{ "POST", "/v1/batch", peer_api_batch, CW_AUTH_PEER, NULL },
 	{ "POST", "/admin/v1/peers", peer_admin_create, CW_AUTH_ADMIN, NULL },

@@ -517,6 +517,7 @@ struct msg_input {
 	char sender[MIMI_URI_MAX + 1];
 	char type[16];
 	json_t *event;                /* the validated body, unknown members included */
+	bool read_receipt;            /* a "read" receipt: marks the message read for its sender */
 	char in_reply_to[80];
 	char replaces[80];
 	char ts[24];
@@ -687,7 +688,7 @@ static struct submit *submit_new(size_t n)
 #define WRITE_ITEMS \
 	"WITH it AS (SELECT * FROM jsonb_to_recordset($1::jsonb) AS x(n int, pid text, room bigint, sender bigint, " \
 	"  type text, content jsonb, replaces bigint, reply bigint, ts bigint, key text, hash text, " \
-	"  dests jsonb, targets jsonb)), " \
+	"  dests jsonb, targets jsonb, read boolean)), " \
 	"ev AS (INSERT INTO events (public_id, room_id, sender_id, type, content, replaces_id, in_reply_to_id, " \
 	"  origin_network, ts) SELECT pid, room, sender, type, content, replaces, reply, $2, ts FROM it ORDER BY n " \
 	"  RETURNING id, public_id, room_id, (extract(epoch FROM accepted_at) * 1000)::bigint AS ms), " \
@@ -696,6 +697,8 @@ static struct submit *submit_new(size_t n)
 	"  jsonb_array_elements_text(it.dests) WITH ORDINALITY AS d(value, dn) " \
 	"  JOIN jsonb_array_elements_text(it.targets) WITH ORDINALITY AS t(value, tn) ON t.tn = d.dn " \
 	"  ORDER BY ev.id, d.dn), " \
+	"rd AS (UPDATE outbox o SET read_at = coalesce(o.read_at, now()) FROM it " \
+	"  WHERE it.read AND o.event_id = it.reply AND o.destination = $2 AND o.state = 'delivered'), " \
 	"ik AS (INSERT INTO idempotency_keys (scope, key, request_hash, event_id, room_id, response_status, response) " \
 	"  SELECT $2, it.key, decode(it.hash, 'hex'), ev.id, ev.room_id, 202, " \
 	"  jsonb_build_object('id', ev.public_id, 'accepted_ts', ev.ms, 'status', 'accepted') " \
@@ -744,6 +747,7 @@ static cw_err submit_send(PGconn *c, struct app_job *j, int round, cw_errmsg *e)
 					      "type", in->type, "content", in->event, "ts", in->ts, "hash", hex,
 					      "dests", b->dests[i], "targets", b->targets[i]);
 			json_object_set_new(o, "key", json_string(in->idem_key));
+			json_object_set_new(o, "read", json_boolean(in->read_receipt));
 			json_object_set_new(o, "replaces", b->replaces_id[i][0] ? json_string(b->replaces_id[i]) : json_null());
 			json_object_set_new(o, "reply", b->reply_id[i][0] ? json_string(b->reply_id[i]) : json_null());
 			json_array_append_new(doc, o);
@@ -929,9 +933,16 @@ static cw_err submit_recv(PGconn *c, struct app_job *j, int round, bool *more, c
 
 static const struct app_pipe_ops submit_ops = { submit_send, submit_recv };
 
-void peer_api_message_submit(struct cw_req *req, void *ctx)
+/* Which event types an endpoint takes (a bit per enum event_type). */
+#define TYPES_MESSAGES (~((1u << EVENT_RECEIPT) | (1u << EVENT_TYPING)))
+#define TYPES_RECEIPTS (1u << EVENT_RECEIPT)
+#define TYPES_TYPING (1u << EVENT_TYPING)
+
+/* Submits one event to the room of the URL.  key_required: the request
+ * must carry an Idempotency-Key (otherwise one is made up: typing is best
+ * effort and a repeated receipt says nothing new). */
+static void submit_one(struct cw_req *req, struct cw_app *app, unsigned types, bool key_required)
 {
-	struct cw_app *app = ctx;
 	if (!api_enabled(app, req))
 		return;
 	struct peer_principal *p = cw_req_principal(req);
@@ -941,6 +952,11 @@ void peer_api_message_submit(struct cw_req *req, void *ctx)
 		return;
 	}
 	const char *key = cw_req_header(req, "Idempotency-Key");
+	char made_key[48];
+	if (!key && !key_required) {
+		new_id(made_key, sizeof(made_key), "auto-");
+		key = made_key;
+	}
 	if (!key || !idempotency_key_valid(key)) {
 		cw_req_problem(req, 400, "invalid_header", "Invalid header",
 			       "Idempotency-Key is required: 1 to 128 of A-Z a-z 0-9 . _ : -");
@@ -955,6 +971,14 @@ void peer_api_message_submit(struct cw_req *req, void *ctx)
 	struct event_error err;
 	if (event_parse(body, blen, &lim, 0, &ev, &err)) {
 		event_problem(req, &err);
+		return;
+	}
+	if (!(types & (1u << ev.type))) {
+		char detail[160];
+		snprintf(detail, sizeof(detail), "this endpoint does not take %s events%s", event_type_name(ev.type),
+			 ev.type == EVENT_RECEIPT ? " (use /receipts)" : ev.type == EVENT_TYPING ? " (use /typing)" : "");
+		event_free(&ev);
+		cw_req_problem(req, 400, "invalid_body", "Invalid body", detail);
 		return;
 	}
 	char sender[MIMI_URI_MAX + 1];
@@ -983,6 +1007,7 @@ void peer_api_message_submit(struct cw_req *req, void *ctx)
 	in->policy = &app->policy;
 	in->body_bytes = ev.body_bytes;
 	in->kinds = ev.kinds;
+	in->read_receipt = ev.type == EVENT_RECEIPT && ev.receipt == EVENT_RECEIPT_READ;
 	event_free(&ev);
 	struct submit *b = submit_new(1);
 	if (!b) {
@@ -997,6 +1022,10 @@ void peer_api_message_submit(struct cw_req *req, void *ctx)
 	j->data_free = submit_free;
 	app_job_start_pipe(j, &submit_ops);
 }
+
+void peer_api_message_submit(struct cw_req *req, void *ctx) { submit_one(req, ctx, TYPES_MESSAGES, true); }
+void peer_api_receipt_submit(struct cw_req *req, void *ctx) { submit_one(req, ctx, TYPES_RECEIPTS, false); }
+void peer_api_typing_submit(struct cw_req *req, void *ctx) { submit_one(req, ctx, TYPES_TYPING, false); }
 
 struct status_input {
 	char msg_id[80];
@@ -1135,6 +1164,7 @@ void peer_api_batch(struct cw_req *req, void *ctx)
 		in->policy = &app->policy;
 		in->body_bytes = it->ev.body_bytes;
 		in->kinds = it->ev.kinds;
+		in->read_receipt = it->ev.type == EVENT_RECEIPT && it->ev.receipt == EVENT_RECEIPT_READ;
 		b->items[i] = in;
 	}
 	batch_free(&bt);

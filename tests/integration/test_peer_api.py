@@ -319,3 +319,29 @@ def test_content_type_must_be_json(daemon, peers):
     for ct in ("application/jsonx", "text/plain"):
         r = a.call("POST", f"/v1/rooms/{rm['id']}/messages", body, idem="k", content_type=ct)
         assert r.status_code == 415, ct
+
+
+def test_receipts_and_typing(daemon, peers):
+    (a, sa), (b, sb) = peers
+    rm = room(a, b)
+    mid = a.send(rm["id"], a.user("alice"), "read me").json()["id"]
+    sb.wait_events(1)
+    wait_until(lambda: a.call("GET", f"/v1/messages/{mid}").json()["recipients"][0]["status"] == "delivered",
+               what="delivered")
+    receipt = {"type": "receipt", "sender": b.user("bob"), "content": {"in_reply_to": mid, "receipt": "read"}}
+    r = b.call("POST", f"/v1/rooms/{rm['id']}/receipts", receipt)       # no Idempotency-Key needed here
+    assert r.status_code == 202, r.text
+    typing = {"type": "typing", "sender": b.user("bob"), "content": {"state": "start"}}
+    assert b.call("POST", f"/v1/rooms/{rm['id']}/typing", typing).status_code == 202
+    got = sa.wait_events(2)
+    assert [e["type"] for e in got] == ["receipt", "typing"]
+    assert got[0]["content"]["in_reply_to"] == mid and got[0]["sender"] == b.user("bob")
+    st = a.call("GET", f"/v1/messages/{mid}").json()
+    assert st["recipients"] == [{"recipient": "mimi://tg.example", "status": "read"}]
+    # Each endpoint takes its own type only.
+    assert b.call("POST", f"/v1/rooms/{rm['id']}/receipts", typing).status_code == 400
+    assert b.call("POST", f"/v1/rooms/{rm['id']}/typing", receipt).status_code == 400
+    r = b.call("POST", f"/v1/rooms/{rm['id']}/messages", receipt, idem="k-receipt")
+    assert r.status_code == 400 and "/receipts" in r.json()["detail"]
+    bad = {"type": "receipt", "sender": b.user("bob"), "content": {"in_reply_to": mid, "receipt": "seen"}}
+    assert b.call("POST", f"/v1/rooms/{rm['id']}/receipts", bad).status_code == 400
