@@ -223,13 +223,16 @@ void peer_api_directory(struct cw_req *req, void *ctx)
 		return;
 	struct event_limits lim = event_limits_default();
 	json_t *d = json_pack(
-		"{s:s, s:s, s:{s:s, s:s, s:s, s:s, s:s, s:s, s:s}, s:[s,s,s], s:[s,s,s,s,s,s,s,s],"
+		"{s:s, s:s, s:{s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s}, s:[s,s,s], s:[s,s,s,s,s,s,s,s],"
 		" s:{s:I, s:I, s:I, s:I, s:I, s:I}, s:{s:s, s:s, s:s}, s:{s:s, s:[s,s,s,s,s], s:I}}",
 		"profile", "causeway-mimi-json/1",
 		"domain", app->cfg->domain,
 		"endpoints",
 		"rooms", "/v1/rooms",
 		"room", "/v1/rooms/{room}",
+		"members", "/v1/rooms/{room}/members",
+		"receipts", "/v1/rooms/{room}/receipts",
+		"typing", "/v1/rooms/{room}/typing",
 		"messages", "/v1/rooms/{room}/messages",
 		"message_status", "/v1/messages/{id}",
 		"batch", "/v1/batch",
@@ -286,31 +289,33 @@ static json_t *room_json(const char *public_id, const char *uri, const char *kin
 	return json_pack("{s:s, s:s, s:s, s:o}", "id", public_id, "uri", uri, "kind", kind, "members", members);
 }
 
-static cw_err room_create_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
+/* Where a member lives: this provider (network "local"), the calling peer,
+ * or another enabled peer serving its domain. */
+struct member_class {
+	bool local;
+	char network[PEER_NAME_MAX + 8];
+	char peer_id[24];
+};
+
+/* Classifies n members; fails j with unknown_domain (and writes nothing)
+ * when a member's domain is served by nobody. */
+static cw_err classify_members(PGconn *c, struct app_job *j, const struct peer_principal *p, const char *our_domain,
+			       const struct room_member_in *m, size_t n, struct member_class *out, cw_errmsg *e)
 {
-	struct room_input *in = j->data;
-	cw_err rc;
-	if (idem_replay(c, j, in->scope, in->idem_key, in->hash, &rc, e))
-		return rc;
-	/* Classify every member before writing anything. */
-	char networks[ROOM_MEMBERS_MAX][PEER_NAME_MAX + 8], peer_ids[ROOM_MEMBERS_MAX][24];
-	bool local[ROOM_MEMBERS_MAX];
-	char caller_id[24];
-	snprintf(caller_id, sizeof(caller_id), "%lld", (long long)in->p->id);
-	for (size_t i = 0; i < in->n; i++) {
-		const struct mimi_uri *u = &in->m[i].u;
-		local[i] = false;
-		peer_ids[i][0] = '\0';
-		if (strcmp(u->domain, in->domain) == 0) {
-			local[i] = true;
-			snprintf(networks[i], sizeof(networks[i]), "local");
-		} else if (strcmp(u->domain, in->p->domain) == 0) {
-			snprintf(networks[i], sizeof(networks[i]), "peer:%s", in->p->name);
-			snprintf(peer_ids[i], sizeof(peer_ids[i]), "%s", caller_id);
+	for (size_t i = 0; i < n; i++) {
+		const struct mimi_uri *u = &m[i].u;
+		memset(&out[i], 0, sizeof(out[i]));
+		if (strcmp(u->domain, our_domain) == 0) {
+			out[i].local = true;
+			snprintf(out[i].network, sizeof(out[i].network), "local");
+		} else if (strcmp(u->domain, p->domain) == 0) {
+			snprintf(out[i].network, sizeof(out[i].network), "peer:%s", p->name);
+			snprintf(out[i].peer_id, sizeof(out[i].peer_id), "%lld", (long long)p->id);
 		} else {
 			const char *params[] = { u->domain };
 			PGresult *r = exec(c, "SELECT id, name FROM peers WHERE domain = $1 AND enabled", 1, params);
-			if ((rc = check(c, r, PGRES_TUPLES_OK, e)))
+			cw_err rc = check(c, r, PGRES_TUPLES_OK, e);
+			if (rc)
 				return rc;
 			if (PQntuples(r) == 0) {
 				PQclear(r);
@@ -318,11 +323,26 @@ static cw_err room_create_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 					     "member %zu is in a domain that no peer of this provider serves", i);
 				return CW_OK;
 			}
-			snprintf(peer_ids[i], sizeof(peer_ids[i]), "%s", PQgetvalue(r, 0, 0));
-			snprintf(networks[i], sizeof(networks[i]), "peer:%s", PQgetvalue(r, 0, 1));
+			snprintf(out[i].peer_id, sizeof(out[i].peer_id), "%s", PQgetvalue(r, 0, 0));
+			snprintf(out[i].network, sizeof(out[i].network), "peer:%s", PQgetvalue(r, 0, 1));
 			PQclear(r);
 		}
 	}
+	return CW_OK;
+}
+
+static cw_err room_create_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
+{
+	struct room_input *in = j->data;
+	cw_err rc;
+	if (idem_replay(c, j, in->scope, in->idem_key, in->hash, &rc, e))
+		return rc;
+	/* Classify every member before writing anything. */
+	static _Thread_local struct member_class cls[ROOM_MEMBERS_MAX];
+	if ((rc = classify_members(c, j, in->p, in->domain, in->m, in->n, cls, e)) || j->err_code)
+		return rc;
+	char caller_id[24];
+	snprintf(caller_id, sizeof(caller_id), "%lld", (long long)in->p->id);
 	const char *params[] = { in->public_id, in->uri, in->hub, in->kind, in->policy, caller_id };
 	PGresult *r = exec(c, "INSERT INTO rooms (public_id, uri, hub_domain, kind, policy, created_by_peer_id) "
 			      "VALUES ($1, $2, $3, $4, $5::jsonb, $6::bigint) ON CONFLICT (uri) DO NOTHING RETURNING id",
@@ -340,8 +360,8 @@ static cw_err room_create_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	json_t *members = json_array();
 	for (size_t i = 0; i < in->n; i++) {
 		char ident[24];
-		if ((rc = identity_id(c, &in->m[i].u, local[i], networks[i], peer_ids[i][0] ? peer_ids[i] : NULL,
-				      ident, sizeof(ident), e))) {
+		if ((rc = identity_id(c, &in->m[i].u, cls[i].local, cls[i].network,
+				      cls[i].peer_id[0] ? cls[i].peer_id : NULL, ident, sizeof(ident), e))) {
 			json_decref(members);
 			return rc;
 		}
@@ -454,12 +474,13 @@ struct room_get_input {
 	int64_t peer_id;
 };
 
-static cw_err room_get_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
+/* Sets j's answer to the room's state as peer peer_id may see it (404 when
+ * none of its users is a member). */
+static cw_err room_state(PGconn *c, struct app_job *j, const char *public_id, int64_t peer_id, cw_errmsg *e)
 {
-	struct room_get_input *in = j->data;
 	char pid[24];
-	snprintf(pid, sizeof(pid), "%lld", (long long)in->peer_id);
-	const char *params[] = { in->public_id, pid };
+	snprintf(pid, sizeof(pid), "%lld", (long long)peer_id);
+	const char *params[] = { public_id, pid };
 	/* A peer sees the rooms its users are members of, nothing else. */
 	PGresult *r = exec(c,
 		"SELECT r.public_id, r.uri, r.kind, r.policy::text, i.uri, m.role, m.membership "
@@ -483,6 +504,142 @@ static cw_err room_get_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	json_object_set_new(j->body, "policy", json_loads(PQgetvalue(r, 0, 3), 0, NULL));
 	PQclear(r);
 	return CW_OK;
+}
+
+static cw_err room_get_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
+{
+	struct room_get_input *in = j->data;
+	return room_state(c, j, in->public_id, in->peer_id, e);
+}
+
+/* POST /v1/rooms/{room}/members: {"add": [user URIs], "remove": [user URIs]}
+ * (MIMI's membership update).  A direct room keeps its two members. */
+struct members_input {
+	struct peer_principal *p; /* borrowed from the request */
+	char public_id[80];
+	char domain[MIMI_DOMAIN_MAX + 1];
+	size_t nadd, nremove;
+	struct room_member_in add[ROOM_MEMBERS_MAX];
+	struct room_member_in remove[ROOM_MEMBERS_MAX];
+};
+
+static cw_err members_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
+{
+	struct members_input *in = j->data;
+	char pid[24];
+	snprintf(pid, sizeof(pid), "%lld", (long long)in->p->id);
+	const char *rp[] = { in->public_id, pid };
+	PGresult *r = exec(c, "SELECT r.id, r.kind FROM rooms r WHERE r.public_id = $1 AND EXISTS (SELECT 1 FROM "
+			      "room_members m JOIN identities i ON i.id = m.identity_id WHERE m.room_id = r.id AND "
+			      "i.peer_id = $2::bigint AND m.membership = 'joined') FOR UPDATE", 2, rp);
+	cw_err rc = check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	if (PQntuples(r) == 0) {
+		PQclear(r);
+		app_job_fail(j, 404, "unknown_room", "no such room");
+		return CW_OK;
+	}
+	char room_id[24];
+	snprintf(room_id, sizeof(room_id), "%s", PQgetvalue(r, 0, 0));
+	bool direct = strcmp(PQgetvalue(r, 0, 1), "direct") == 0;
+	PQclear(r);
+	if (direct) {
+		app_job_fail(j, 400, "invalid_body", "a direct room keeps its two members");
+		return CW_OK;
+	}
+	static _Thread_local struct member_class cls[ROOM_MEMBERS_MAX];
+	if ((rc = classify_members(c, j, in->p, in->domain, in->add, in->nadd, cls, e)) || j->err_code)
+		return rc;
+	for (size_t i = 0; i < in->nadd; i++) {
+		char ident[24];
+		if ((rc = identity_id(c, &in->add[i].u, cls[i].local, cls[i].network,
+				      cls[i].peer_id[0] ? cls[i].peer_id : NULL, ident, sizeof(ident), e)))
+			return rc;
+		const char *mp[] = { room_id, ident };
+		r = exec(c, "INSERT INTO room_members (room_id, identity_id, membership) VALUES ($1::bigint, $2::bigint, "
+			    "'joined') ON CONFLICT (room_id, identity_id) DO UPDATE SET membership = 'joined', "
+			    "updated_at = now()", 2, mp);
+		if ((rc = check(c, r, PGRES_COMMAND_OK, e)))
+			return rc;
+		PQclear(r);
+	}
+	for (size_t i = 0; i < in->nremove; i++) {
+		const char *mp[] = { room_id, in->remove[i].uri };
+		r = exec(c, "UPDATE room_members SET membership = 'left', updated_at = now() WHERE room_id = $1::bigint "
+			    "AND identity_id = (SELECT id FROM identities WHERE uri = $2)", 2, mp);
+		if ((rc = check(c, r, PGRES_COMMAND_OK, e)))
+			return rc;
+		PQclear(r);
+	}
+	return room_state(c, j, in->public_id, in->p->id, e);
+}
+
+/* Reads a JSON array of user URIs into out; false after answering 400. */
+static bool read_users(struct cw_req *req, json_t *arr, const char *what, struct room_member_in *out, size_t *n)
+{
+	*n = 0;
+	if (!arr)
+		return true;
+	if (!json_is_array(arr) || json_array_size(arr) > ROOM_MEMBERS_MAX) {
+		char d[96];
+		snprintf(d, sizeof(d), "%s must be an array of at most %d user URIs", what, ROOM_MEMBERS_MAX);
+		cw_req_problem(req, 400, "invalid_body", "Invalid body", d);
+		return false;
+	}
+	for (size_t i = 0; i < json_array_size(arr); i++) {
+		json_t *v = json_array_get(arr, i);
+		cw_errmsg e;
+		if (!json_is_string(v) || mimi_uri_parse(json_string_value(v), &out[i].u, &e) || out[i].u.kind != MIMI_USER) {
+			char d[96];
+			snprintf(d, sizeof(d), "every entry of %s must be a user URI mimi://<domain>/u/<local>", what);
+			cw_req_problem(req, 400, "invalid_body", "Invalid body", d);
+			return false;
+		}
+		snprintf(out[i].uri, sizeof(out[i].uri), "%s", json_string_value(v));
+	}
+	*n = json_array_size(arr);
+	return true;
+}
+
+void peer_api_room_members(struct cw_req *req, void *ctx)
+{
+	struct cw_app *app = ctx;
+	if (!api_enabled(app, req))
+		return;
+	const char *room = cw_req_param(req, "room");
+	if (!room_public_id_valid(room)) {
+		cw_req_problem(req, 404, "unknown_room", "Unknown room", "no such room");
+		return;
+	}
+	json_t *body = app_json_body(req);
+	if (!body)
+		return;
+	struct members_input *in = calloc(1, sizeof(*in));
+	if (!in) {
+		json_decref(body);
+		cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory; retry");
+		return;
+	}
+	if (!read_users(req, json_object_get(body, "add"), "add", in->add, &in->nadd) ||
+	    !read_users(req, json_object_get(body, "remove"), "remove", in->remove, &in->nremove)) {
+		json_decref(body);
+		free(in);
+		return;
+	}
+	json_decref(body);
+	if (in->nadd + in->nremove == 0) {
+		free(in);
+		cw_req_problem(req, 400, "invalid_body", "Invalid body", "add or remove at least one user");
+		return;
+	}
+	in->p = cw_req_principal(req);
+	snprintf(in->public_id, sizeof(in->public_id), "%s", room);
+	snprintf(in->domain, sizeof(in->domain), "%s", app->cfg->domain);
+	struct app_job *j = app_job_new(app, req, members_fn);
+	j->data = in;
+	j->data_free = free;
+	app_job_start(j, true);
 }
 
 void peer_api_room_get(struct cw_req *req, void *ctx)

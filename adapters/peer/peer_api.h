@@ -23,6 +23,7 @@ extern const struct store_stmt peer_api_statements[];
 void peer_api_directory(struct cw_req *req, void *ctx);
 void peer_api_room_create(struct cw_req *req, void *ctx);
 void peer_api_room_get(struct cw_req *req, void *ctx);
+void peer_api_room_members(struct cw_req *req, void *ctx);
 void peer_api_message_submit(struct cw_req *req, void *ctx);
 void peer_api_receipt_submit(struct cw_req *req, void *ctx);
 void peer_api_typing_submit(struct cw_req *req, void *ctx);

@@ -345,3 +345,31 @@ def test_receipts_and_typing(daemon, peers):
     assert r.status_code == 400 and "/receipts" in r.json()["detail"]
     bad = {"type": "receipt", "sender": b.user("bob"), "content": {"in_reply_to": mid, "receipt": "seen"}}
     assert b.call("POST", f"/v1/rooms/{rm['id']}/receipts", bad).status_code == 400
+
+
+def test_members_add_and_remove(daemon, peers, pg, db_url):
+    (a, _), (b, sb) = peers
+    rm = a.create_room([a.user("alice"), b.user("bob")], kind="group").json()
+    r = a.call("POST", f"/v1/rooms/{rm['id']}/members", {"add": [b.user("carol"), "mimi://example.org/u/dave"]})
+    assert r.status_code == 200, r.text
+    users = {m["user"]: m["membership"] for m in r.json()["members"]}
+    assert users[b.user("carol")] == "joined" and users["mimi://example.org/u/dave"] == "joined"
+    r = a.call("POST", f"/v1/rooms/{rm['id']}/members", {"remove": [b.user("bob")]})
+    users = {m["user"]: m["membership"] for m in r.json()["members"]}
+    assert users[b.user("bob")] == "left"
+    # A message now goes to tg once (carol), and to the local user's outbox row.
+    mid = a.send(rm["id"], a.user("alice"), "hello all").json()["id"]
+    sb.wait_events(1)
+    assert pg.psql(f"SELECT string_agg(destination, ',' ORDER BY destination) FROM outbox o JOIN events e "
+                   f"ON e.id = o.event_id WHERE e.public_id = '{mid}'", db_url) == "local,peer:tg"
+    # Errors change nothing.
+    direct = room(a, b)
+    for body, code in [({}, "invalid_body"), ({"add": ["nope"]}, "invalid_body"), ({"add": "x"}, "invalid_body"),
+                       ({"add": ["mimi://nowhere.example/u/x"]}, "unknown_domain")]:
+        r = a.call("POST", f"/v1/rooms/{rm['id']}/members", body)
+        assert r.status_code == 400 and r.json()["code"] == code, (body, r.text)
+    r = a.call("POST", f"/v1/rooms/{direct['id']}/members", {"add": [b.user("eve")]})
+    assert r.status_code == 400 and "direct" in r.json()["detail"]
+    assert a.call("POST", "/v1/rooms/r_none/members", {"add": [b.user("x")]}).status_code == 404
+    only_a = a.create_room([a.user("p"), a.user("q")]).json()
+    assert b.call("POST", f"/v1/rooms/{only_a['id']}/members", {"add": [b.user("x")]}).status_code == 404
