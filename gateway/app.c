@@ -6,6 +6,7 @@
 #include "metrics.h"
 #include "outbox_admin.h"
 #include "peer_api.h"
+#include "peer_social.h"
 #include "peers.h"
 
 #include <stdio.h>
@@ -244,6 +245,11 @@ const struct cw_route app_routes[] = {
 	{ "POST", "/v1/rooms/{room}/receipts", peer_api_receipt_submit, CW_AUTH_PEER, NULL },
 	{ "POST", "/v1/rooms/{room}/typing", peer_api_typing_submit, CW_AUTH_PEER, NULL },
 	{ "GET", "/v1/messages/{id}", peer_api_message_status, CW_AUTH_PEER, NULL },
+	{ "POST", "/v1/consent/requests", peer_api_consent_request, CW_AUTH_PEER, NULL },
+	{ "POST", "/v1/consent/updates", peer_api_consent_update, CW_AUTH_PEER, NULL },
+	{ "POST", "/v1/blocks", peer_api_block, CW_AUTH_PEER, NULL },
+	{ "POST", "/v1/reports", peer_api_report, CW_AUTH_PEER, NULL },
+	{ "POST", "/v1/identifiers/query", peer_api_identifier_query, CW_AUTH_PEER, NULL },
 	{ "POST", "/v1/batch", peer_api_batch, CW_AUTH_PEER, NULL },
 	{ "POST", "/admin/v1/peers", peer_admin_create, CW_AUTH_ADMIN, NULL },
 	{ "GET", "/admin/v1/peers", peer_admin_list, CW_AUTH_ADMIN_READ, NULL },

@@ -186,7 +186,7 @@ static cw_err idem_store(PGconn *c, const char *scope, const char *key, const un
 }
 
 /* The identity row of a user URI, made on first contact. */
-static cw_err identity_id(PGconn *c, const struct mimi_uri *u, bool local, const char *network,
+cw_err identity_id(PGconn *c, const struct mimi_uri *u, bool local, const char *network,
 			  const char *peer_id, char *out, size_t outlen, cw_errmsg *e)
 {
 	char uri[MIMI_URI_MAX + 1], domain[MIMI_DOMAIN_MAX + 8];
@@ -223,7 +223,8 @@ void peer_api_directory(struct cw_req *req, void *ctx)
 		return;
 	struct event_limits lim = event_limits_default();
 	json_t *d = json_pack(
-		"{s:s, s:s, s:{s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s}, s:[s,s,s], s:[s,s,s,s,s,s,s,s],"
+		"{s:s, s:s, s:{s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s},"
+		" s:[s,s,s], s:[s,s,s,s,s,s,s,s],"
 		" s:{s:I, s:I, s:I, s:I, s:I, s:I}, s:{s:s, s:s, s:s}, s:{s:s, s:[s,s,s,s,s], s:I}}",
 		"profile", "causeway-mimi-json/1",
 		"domain", app->cfg->domain,
@@ -237,6 +238,11 @@ void peer_api_directory(struct cw_req *req, void *ctx)
 		"message_status", "/v1/messages/{id}",
 		"batch", "/v1/batch",
 		"openapi", "/v1/openapi.json",
+		"consent_requests", "/v1/consent/requests",
+		"consent_updates", "/v1/consent/updates",
+		"blocks", "/v1/blocks",
+		"reports", "/v1/reports",
+		"identifiers", "/v1/identifiers/query",
 		"notify", "{push_url}/v1/notify",
 		"content_types", "text/plain", "text/markdown", "text/html",
 		"event_types", "message", "edit", "delete", "reaction", "receipt", "typing", "membership", "block",

@@ -4,6 +4,7 @@
 #define CW_PEER_API_H
 
 #include "app.h"
+#include "event.h"
 #include "peers.h"
 
 /* The signature tag and covered components of this profile. */
@@ -16,6 +17,12 @@ bool peer_verify_request(struct cw_app *app, struct cw_req *req, struct peer_pri
 
 /* The absolute URI a client used for this request (public_url or Host). */
 void peer_target_uri(struct cw_app *app, struct cw_req *req, char *buf, size_t len);
+
+/* The identity row (its id, as text, into out) of a user URI, made on
+ * first contact with its network ("local", "peer:<name>") and peer id
+ * (NULL for a local user). */
+cw_err identity_id(PGconn *c, const struct mimi_uri *u, bool local, const char *network, const char *peer_id,
+		   char *out, size_t outlen, cw_errmsg *e);
 
 /* The statements the submit path prepares on every store connection. */
 extern const struct store_stmt peer_api_statements[];

@@ -1,0 +1,356 @@
+/* Consent, blocks, reports and discovery for peers. */
+#include "config.h"
+#include "peer_social.h"
+#include "app.h"
+#include "event.h"
+#include "peer_api.h"
+#include "peers.h"
+#include "store.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define CONSENT_REQUEST_DAYS 7
+#define EVIDENCE_MAX 100
+#define COMMENT_MAX 8192
+
+/* What every job here needs: the two users, and a few strings. */
+struct social_input {
+	int64_t peer_id;
+	char peer_network[PEER_NAME_MAX + 8];
+	char remote[MIMI_URI_MAX + 1];  /* the peer's user */
+	struct mimi_uri remote_u;
+	char local[MIMI_URI_MAX + 1];   /* this provider's user */
+	struct mimi_uri local_u;
+	bool flag;                      /* granted / blocked */
+	char reason[72];
+	json_t *evidence;
+	char *comment;
+	char handle[MIMI_LOCAL_MAX + 1];
+};
+
+static void social_free(void *arg)
+{
+	struct social_input *in = arg;
+	json_decref(in->evidence);
+	free(in->comment);
+	free(in);
+}
+
+static cw_err check(PGconn *c, PGresult *r, ExecStatusType st, cw_errmsg *e)
+{
+	if (PQresultStatus(r) == st)
+		return CW_OK;
+	cw_err rc = store_result_err(c, r, e);
+	PQclear(r);
+	return rc;
+}
+
+static cw_err both(PGconn *c, struct social_input *in, char remote_id[24], char local_id[24], cw_errmsg *e)
+{
+	char pid[24];
+	snprintf(pid, sizeof(pid), "%lld", (long long)in->peer_id);
+	cw_err rc = identity_id(c, &in->remote_u, false, in->peer_network, pid, remote_id, 24, e);
+	return rc ? rc : identity_id(c, &in->local_u, true, "local", NULL, local_id, 24, e);
+}
+
+static cw_err run(PGconn *c, const char *sql, int n, const char *const *params, cw_errmsg *e)
+{
+	PGresult *r = PQexecParams(c, sql, n, NULL, params, NULL, NULL, 0);
+	cw_err rc = check(c, r, PGRES_COMMAND_OK, e);
+	if (!rc)
+		PQclear(r);
+	return rc;
+}
+
+static void accepted(struct app_job *j)
+{
+	j->status = 202;
+	j->body = json_pack("{s:s}", "status", "accepted");
+}
+
+/* Reads a user URI member; in the peer's domain (remote) or this
+ * provider's (local).  False after answering 400/403. */
+static bool user_member(struct cw_req *req, json_t *body, const char *name, bool remote, const char *domain,
+			char *out, struct mimi_uri *u)
+{
+	json_t *v = json_object_get(body, name);
+	cw_errmsg e;
+	char d[200];
+	if (!json_is_string(v) || mimi_uri_parse(json_string_value(v), u, &e) || u->kind != MIMI_USER) {
+		snprintf(d, sizeof(d), "%s must be a user URI mimi://<domain>/u/<local>", name);
+		cw_req_problem(req, 400, "invalid_body", "Invalid body", d);
+		return false;
+	}
+	if (strcmp(u->domain, domain) != 0) {
+		snprintf(d, sizeof(d), "%s must be a user of %s", name,
+			 remote ? "the calling peer's domain" : "this provider's domain");
+		cw_req_problem(req, remote ? 403 : 400, remote ? "not_allowed" : "invalid_body",
+			       remote ? "Not allowed" : "Invalid body", d);
+		return false;
+	}
+	snprintf(out, MIMI_URI_MAX + 1, "%s", json_string_value(v));
+	return true;
+}
+
+/* The common start: the API is on, the body is a JSON object naming the
+ * peer's user (remote_name) and a local user (local_name, or NULL). */
+static struct social_input *begin(struct cw_req *req, struct cw_app *app, json_t **body, const char *remote_name,
+				  const char *local_name)
+{
+	if (!app->cfg->domain || !*app->cfg->domain) {
+		cw_req_problem(req, 503, "unavailable", "Not configured", "the operator has not set server.domain");
+		return NULL;
+	}
+	struct peer_principal *p = cw_req_principal(req);
+	*body = app_json_body(req);
+	if (!*body)
+		return NULL;
+	struct social_input *in = calloc(1, sizeof(*in));
+	if (!in || !user_member(req, *body, remote_name, true, p->domain, in->remote, &in->remote_u) ||
+	    (local_name && !user_member(req, *body, local_name, false, app->cfg->domain, in->local, &in->local_u))) {
+		if (!in)
+			cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory; retry");
+		free(in);
+		json_decref(*body);
+		return NULL;
+	}
+	in->peer_id = p->id;
+	snprintf(in->peer_network, sizeof(in->peer_network), "peer:%s", p->name);
+	return in;
+}
+
+static void start(struct cw_req *req, struct cw_app *app, struct social_input *in,
+		  cw_err (*fn)(PGconn *, struct app_job *, cw_errmsg *), bool write)
+{
+	struct app_job *j = app_job_new(app, req, fn);
+	j->data = in;
+	j->data_free = social_free;
+	app_job_start(j, write);
+}
+
+/* ------------------------------------------------------------ consent */
+
+static cw_err consent_request_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
+{
+	struct social_input *in = j->data;
+	char rid[24], lid[24];
+	cw_err rc = both(c, in, rid, lid, e);
+	if (rc)
+		return rc;
+	char days[8];
+	snprintf(days, sizeof(days), "%d", CONSENT_REQUEST_DAYS);
+	const char *params[] = { lid, rid, days };
+	/* One pending request per pair: asking again changes nothing. */
+	if ((rc = run(c, "INSERT INTO consent_requests (local_identity_id, remote_identity_id, expires_at) "
+			 "VALUES ($1::bigint, $2::bigint, now() + make_interval(days => $3::int)) ON CONFLICT DO NOTHING",
+		      3, params, e)))
+		return rc;
+	accepted(j);
+	return CW_OK;
+}
+
+void peer_api_consent_request(struct cw_req *req, void *ctx)
+{
+	json_t *body;
+	struct social_input *in = begin(req, ctx, &body, "requester", "target");
+	if (!in)
+		return;
+	json_decref(body);
+	start(req, ctx, in, consent_request_fn, true);
+}
+
+/* updateConsent: the peer's user grants or revokes consent to be contacted
+ * by a local user.  Revoked is stored as that user blocking the local one
+ * (the policy engine treats both alike); granted lifts it. */
+static cw_err consent_update_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
+{
+	struct social_input *in = j->data;
+	char rid[24], lid[24];
+	cw_err rc = both(c, in, rid, lid, e);
+	if (rc)
+		return rc;
+	const char *params[] = { rid, lid };
+	rc = in->flag ? run(c, "DELETE FROM blocks WHERE blocker_id = $1::bigint AND blocked_id = $2::bigint", 2, params, e)
+		      : run(c, "INSERT INTO blocks (blocker_id, blocked_id) VALUES ($1::bigint, $2::bigint) "
+			       "ON CONFLICT DO NOTHING", 2, params, e);
+	if (!rc)
+		accepted(j);
+	return rc;
+}
+
+static bool read_choice(struct cw_req *req, json_t *body, const char *name, const char *yes, const char *no,
+			bool *out)
+{
+	json_t *v = json_object_get(body, name);
+	if (json_is_string(v) && strcmp(json_string_value(v), yes) == 0)
+		*out = true;
+	else if (json_is_string(v) && strcmp(json_string_value(v), no) == 0)
+		*out = false;
+	else {
+		char d[120];
+		snprintf(d, sizeof(d), "%s must be \"%s\" or \"%s\"", name, yes, no);
+		cw_req_problem(req, 400, "invalid_body", "Invalid body", d);
+		return false;
+	}
+	return true;
+}
+
+void peer_api_consent_update(struct cw_req *req, void *ctx)
+{
+	json_t *body;
+	struct social_input *in = begin(req, ctx, &body, "user", "target");
+	if (!in)
+		return;
+	bool ok = read_choice(req, body, "consent", "granted", "revoked", &in->flag);
+	json_decref(body);
+	if (!ok) {
+		social_free(in);
+		return;
+	}
+	start(req, ctx, in, consent_update_fn, true);
+}
+
+/* ------------------------------------------------------------ blocks */
+
+static cw_err block_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
+{
+	struct social_input *in = j->data;
+	in->flag = !in->flag; /* block = revoke, unblock = grant */
+	cw_err rc = consent_update_fn(c, j, e);
+	in->flag = !in->flag; /* the job may run again */
+	return rc;
+}
+
+void peer_api_block(struct cw_req *req, void *ctx)
+{
+	json_t *body;
+	struct social_input *in = begin(req, ctx, &body, "blocker", "blocked");
+	if (!in)
+		return;
+	bool ok = read_choice(req, body, "action", "block", "unblock", &in->flag);
+	json_decref(body);
+	if (!ok) {
+		social_free(in);
+		return;
+	}
+	start(req, ctx, in, block_fn, true);
+}
+
+/* ------------------------------------------------------------ reports */
+
+static cw_err report_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
+{
+	struct social_input *in = j->data;
+	char pid[24];
+	snprintf(pid, sizeof(pid), "%lld", (long long)in->peer_id);
+	char *evidence = json_dumps(in->evidence, JSON_COMPACT);
+	const char *params[] = { in->remote, pid, in->local, in->reason, evidence, in->comment };
+	cw_err rc = run(c, "INSERT INTO reports (reporter_kind, reporter, peer_id, subject_uri, subject_identity_id, "
+			   "reason_code, evidence_public_ids, comment) SELECT 'peer', $1, $2::bigint, $3, "
+			   "(SELECT id FROM identities WHERE uri = $3), $4, "
+			   "ARRAY(SELECT jsonb_array_elements_text($5::jsonb)), $6", 6, params, e);
+	free(evidence);
+	if (!rc)
+		accepted(j);
+	return rc;
+}
+
+void peer_api_report(struct cw_req *req, void *ctx)
+{
+	struct cw_app *app = ctx;
+	json_t *body;
+	struct social_input *in = begin(req, ctx, &body, "reporter", NULL);
+	if (!in)
+		return;
+	const char *bad = NULL;
+	json_t *subject = json_object_get(body, "subject"), *reason = json_object_get(body, "reason");
+	json_t *evidence = json_object_get(body, "evidence"), *comment = json_object_get(body, "comment");
+	cw_errmsg e;
+	struct mimi_uri su;
+	if (!json_is_string(subject) || mimi_uri_parse(json_string_value(subject), &su, &e) || su.kind != MIMI_USER)
+		bad = "subject must be a user URI mimi://<domain>/u/<local>";
+	else if (strcmp(su.domain, app->cfg->domain) != 0)
+		bad = "subject must be a user of this provider";
+	else if (!json_is_string(reason) || json_string_length(reason) < 1 || json_string_length(reason) > 64)
+		bad = "reason must be a reason code of 1 to 64 of a-z, 0-9 and '_', starting with a letter";
+	else if (evidence && (!json_is_array(evidence) || json_array_size(evidence) > EVIDENCE_MAX))
+		bad = "evidence must be an array of at most 100 message ids";
+	else if (comment && (!json_is_string(comment) || json_string_length(comment) > COMMENT_MAX))
+		bad = "comment must be a string of at most 8192 bytes";
+	for (const char *p = json_is_string(reason) ? json_string_value(reason) : ""; !bad && *p; p++)
+		if (!((*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9' && p != json_string_value(reason)) ||
+		      (*p == '_' && p != json_string_value(reason))))
+			bad = "reason must be a reason code of 1 to 64 of a-z, 0-9 and '_', starting with a letter";
+	for (size_t i = 0; !bad && evidence && i < json_array_size(evidence); i++) {
+		json_t *v = json_array_get(evidence, i);
+		if (!json_is_string(v) || !message_id_valid(json_string_value(v)))
+			bad = "every evidence entry must be a message id (msg_...)";
+	}
+	if (bad) {
+		cw_req_problem(req, 400, "invalid_body", "Invalid body", bad);
+		json_decref(body);
+		social_free(in);
+		return;
+	}
+	snprintf(in->local, sizeof(in->local), "%s", json_string_value(subject));
+	snprintf(in->reason, sizeof(in->reason), "%s", json_string_value(reason));
+	in->evidence = evidence ? json_incref(evidence) : json_array();
+	in->comment = comment ? strdup(json_string_value(comment)) : NULL;
+	json_decref(body);
+	start(req, ctx, in, report_fn, true);
+}
+
+/* ------------------------------------------------------------ discovery */
+
+static cw_err query_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
+{
+	struct social_input *in = j->data;
+	const char *params[] = { in->local };
+	/* Exact match, discoverable users only: an unknown and a hidden user
+	 * give the same empty answer. */
+	PGresult *r = PQexecParams(c, "SELECT uri FROM identities WHERE uri = $1 AND is_local AND discoverable", 1, NULL,
+				   params, NULL, NULL, 0);
+	cw_err rc = check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	json_t *matches = json_array();
+	for (int i = 0; i < PQntuples(r); i++)
+		json_array_append_new(matches, json_string(PQgetvalue(r, i, 0)));
+	PQclear(r);
+	j->body = json_pack("{s:o}", "matches", matches);
+	return CW_OK;
+}
+
+void peer_api_identifier_query(struct cw_req *req, void *ctx)
+{
+	struct cw_app *app = ctx;
+	if (!app->cfg->domain || !*app->cfg->domain) {
+		cw_req_problem(req, 503, "unavailable", "Not configured", "the operator has not set server.domain");
+		return;
+	}
+	json_t *body = app_json_body(req);
+	if (!body)
+		return;
+	json_t *handle = json_object_get(body, "handle");
+	struct social_input *in = calloc(1, sizeof(*in));
+	cw_errmsg e;
+	char uri[MIMI_URI_MAX + 1];
+	bool ok = in && json_is_string(handle) && json_string_length(handle) <= MIMI_LOCAL_MAX &&
+		  json_object_size(body) == 1;
+	if (ok) {
+		snprintf(uri, sizeof(uri), "mimi://%s/u/%s", app->cfg->domain, json_string_value(handle));
+		struct mimi_uri u;
+		ok = mimi_uri_parse(uri, &u, &e) == CW_OK;
+	}
+	json_decref(body);
+	if (!ok) {
+		free(in);
+		cw_req_problem(req, 400, "invalid_body", "Invalid body",
+			       "the body is {\"handle\": \"<local part>\"}: a user name or an E.164 number such as +4915112345678");
+		return;
+	}
+	snprintf(in->local, sizeof(in->local), "%s", uri);
+	start(req, ctx, in, query_fn, false);
+}

@@ -1,0 +1,100 @@
+"""Consent requests and updates, blocks, reports and discovery: stored,
+validated, and answered the same whether or not the local user exists."""
+import pytest
+
+from peer import PeerClient
+from test_peer_api import peers  # noqa: F401  (the fixture)
+
+LOCAL = "mimi://example.org/u/"
+
+
+def test_consent_requests_are_uniform_and_stored_once(daemon, peers, pg, db_url):
+    (a, _), _ = peers
+    pg.psql("INSERT INTO identities (uri, domain, localpart, is_local, network) "
+            "VALUES ('mimi://example.org/u/alice', 'example.org', 'alice', true, 'local')", db_url)
+    answers = []
+    for target in ("alice", "nobody-by-this-name", "alice"):
+        r = a.call("POST", "/v1/consent/requests", {"requester": a.user("wally"), "target": LOCAL + target})
+        answers.append((r.status_code, r.json()))
+    assert answers[0] == answers[1] == answers[2] == (202, {"status": "accepted"})
+    assert pg.psql("SELECT count(*) FROM consent_requests WHERE state = 'pending'", db_url) == "2"
+
+
+def test_consent_updates_and_blocks(daemon, peers, pg, db_url):
+    (a, _), _ = peers
+    q = ("SELECT count(*) FROM blocks b JOIN identities x ON x.id = b.blocker_id JOIN identities y "
+         "ON y.id = b.blocked_id WHERE x.uri = 'mimi://wa.example/u/wally' AND y.uri = 'mimi://example.org/u/alice'")
+    body = {"user": a.user("wally"), "target": LOCAL + "alice", "consent": "revoked"}
+    assert a.call("POST", "/v1/consent/updates", body).status_code == 202
+    assert pg.psql(q, db_url) == "1"
+    assert a.call("POST", "/v1/consent/updates", dict(body, consent="granted")).status_code == 202
+    assert pg.psql(q, db_url) == "0"
+    blk = {"blocker": a.user("wally"), "blocked": LOCAL + "alice", "action": "block"}
+    assert a.call("POST", "/v1/blocks", blk).status_code == 202
+    assert a.call("POST", "/v1/blocks", blk).status_code == 202  # again: no change
+    assert pg.psql(q, db_url) == "1"
+    assert a.call("POST", "/v1/blocks", dict(blk, action="unblock")).status_code == 202
+    assert pg.psql(q, db_url) == "0"
+
+
+def test_reports_are_stored_with_evidence(daemon, peers, pg, db_url):
+    (a, _), _ = peers
+    r = a.call("POST", "/v1/reports", {"reporter": a.user("wally"), "subject": LOCAL + "spammer",
+                                       "reason": "spam", "evidence": ["msg_abc", "msg_def"], "comment": "x'); --"})
+    assert r.status_code == 202
+    assert pg.psql("SELECT reporter_kind || ' ' || reporter || ' ' || subject_uri || ' ' || reason_code || ' ' || "
+                   "array_to_string(evidence_public_ids, ',') || ' ' || comment FROM reports", db_url) == \
+        "peer mimi://wa.example/u/wally mimi://example.org/u/spammer spam msg_abc,msg_def x'); --"
+
+
+def test_discovery_finds_only_discoverable_users(daemon, peers, pg, db_url):
+    (a, _), _ = peers
+    pg.psql("INSERT INTO identities (uri, domain, localpart, is_local, network, discoverable) VALUES "
+            "('mimi://example.org/u/+4915112345678', 'example.org', '+4915112345678', true, 'local', true), "
+            "('mimi://example.org/u/hidden', 'example.org', 'hidden', true, 'local', false)", db_url)
+    r = a.call("POST", "/v1/identifiers/query", {"handle": "+4915112345678"})
+    assert r.status_code == 200 and r.json() == {"matches": ["mimi://example.org/u/+4915112345678"]}
+    hidden = a.call("POST", "/v1/identifiers/query", {"handle": "hidden"})
+    unknown = a.call("POST", "/v1/identifiers/query", {"handle": "nobody"})
+    assert hidden.status_code == unknown.status_code == 200
+    assert hidden.json() == unknown.json() == {"matches": []}
+
+
+BAD = [
+    ("/v1/consent/requests", {"requester": "mimi://wa.example/u/w"}, 400, "invalid_body"),
+    ("/v1/consent/requests", {"requester": "mimi://tg.example/u/w", "target": LOCAL + "a"}, 403, "not_allowed"),
+    ("/v1/consent/requests", {"requester": "mimi://wa.example/u/w", "target": "mimi://tg.example/u/a"}, 400,
+     "invalid_body"),
+    ("/v1/consent/requests", {"requester": "not a uri", "target": LOCAL + "a"}, 400, "invalid_body"),
+    ("/v1/consent/updates", {"user": "mimi://wa.example/u/w", "target": LOCAL + "a", "consent": "maybe"}, 400,
+     "invalid_body"),
+    ("/v1/blocks", {"blocker": "mimi://wa.example/u/w", "blocked": LOCAL + "a", "action": 1}, 400, "invalid_body"),
+    ("/v1/reports", {"reporter": "mimi://wa.example/u/w", "subject": LOCAL + "a", "reason": "Spam"}, 400,
+     "invalid_body"),
+    ("/v1/reports", {"reporter": "mimi://wa.example/u/w", "subject": LOCAL + "a", "reason": "spam",
+                     "evidence": ["x"]}, 400, "invalid_body"),
+    ("/v1/reports", {"reporter": "mimi://wa.example/u/w", "subject": "mimi://tg.example/u/a", "reason": "spam"},
+     400, "invalid_body"),
+    ("/v1/reports", {"reporter": "mimi://wa.example/u/w", "subject": LOCAL + "a", "reason": "spam",
+                     "comment": "x" * 9000}, 400, "invalid_body"),
+    ("/v1/identifiers/query", {"handle": "a/b"}, 400, "invalid_body"),
+    ("/v1/identifiers/query", {"handle": "a", "extra": 1}, 400, "invalid_body"),
+    ("/v1/identifiers/query", {"handle": 5}, 400, "invalid_body"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,code", BAD, ids=[f"{p.split('/')[-1]}-{i}" for i, (p, *_) in enumerate(BAD)])
+def test_bad_bodies_change_nothing(daemon, peers, pg, db_url, path, body, status, code):
+    (a, _), _ = peers
+    r = a.call("POST", path, body)
+    assert r.status_code == status, r.text
+    assert r.json()["code"] == code
+    for table in ("consent_requests", "blocks", "reports", "identities"):
+        assert pg.psql(f"SELECT count(*) FROM {table}", db_url) == "0", table
+
+
+def test_unsigned_calls_are_refused(daemon, peers):
+    (a, _), _ = peers
+    for path in ("/v1/consent/requests", "/v1/consent/updates", "/v1/blocks", "/v1/reports",
+                 "/v1/identifiers/query"):
+        assert a.call("POST", path, {}, sign=False).status_code == 401, path
