@@ -17,6 +17,7 @@
 struct peer_registry;
 struct httpsig_replay;
 struct dispatcher;
+struct peer_pull;
 
 struct cw_app {
 	struct cw_config *cfg;
@@ -32,6 +33,7 @@ struct cw_app {
 	struct httpsig_replay *replay;  /* nonces of peer signatures */
 	struct policy_snapshot policy;
 	struct dispatcher *dispatcher;
+	struct peer_pull *pull;         /* the long-poll thread of GET /v1/events */
 };
 
 /* A database job on behalf of a request: the request is suspended, fn runs

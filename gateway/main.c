@@ -5,6 +5,7 @@
 #include "dispatcher.h"
 #include "httpsig.h"
 #include "peer_out.h"
+#include "peer_pull.h"
 
 #include <curl/curl.h>
 #include "peer_api.h"
@@ -236,6 +237,10 @@ int main(int argc, char **argv)
 		LOG_KV(CW_LOG_ERROR, "cannot start the store", "detail", e.msg);
 		goto out_migrations;
 	}
+	if (peer_pull_start(&app.pull, cfg.db_url, cfg.db_statement_timeout_ms, &e)) {
+		LOG_KV(CW_LOG_ERROR, "cannot start the pull stream", "detail", e.msg);
+		goto out_store;
+	}
 	struct peer_out *pout = peer_out_new(app.signing_key, cfg.domain ? cfg.domain : "", cfg.signature_tag,
 					     cfg.http_timeout_ms);
 	char dname[300], host[256] = "localhost";
@@ -302,6 +307,7 @@ int main(int argc, char **argv)
 	 * request is resumed before libmicrohttpd stops. */
 	int64_t t_stop = cw_now_us();
 	cw_http_quiesce(app.http);
+	peer_pull_stop(app.pull); /* long-polls answer now: they would hold the drain */
 	bool idle = cw_http_drain(app.http, cfg.drain_timeout_ms);
 	dispatcher_stop(app.dispatcher);
 	peer_out_free(pout);
@@ -316,6 +322,7 @@ int main(int argc, char **argv)
 	       "shutdown_ms", ms);
 	exit_code = 0;
 out_store:
+	peer_pull_free(app.pull);
 	store_close(app.store);
 out_migrations:
 	peer_registry_free(app.peers);

@@ -223,7 +223,7 @@ void peer_api_directory(struct cw_req *req, void *ctx)
 		return;
 	struct event_limits lim = event_limits_default();
 	json_t *d = json_pack(
-		"{s:s, s:s, s:{s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s},"
+		"{s:s, s:s, s:{s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s},"
 		" s:[s,s,s], s:[s,s,s,s,s,s,s,s],"
 		" s:{s:I, s:I, s:I, s:I, s:I, s:I}, s:{s:s, s:s, s:s}, s:{s:s, s:[s,s,s,s,s], s:I}}",
 		"profile", "causeway-mimi-json/1",
@@ -238,6 +238,7 @@ void peer_api_directory(struct cw_req *req, void *ctx)
 		"message_status", "/v1/messages/{id}",
 		"batch", "/v1/batch",
 		"openapi", "/v1/openapi.json",
+		"events", "/v1/events",
 		"consent_requests", "/v1/consent/requests",
 		"consent_updates", "/v1/consent/updates",
 		"blocks", "/v1/blocks",

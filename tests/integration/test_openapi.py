@@ -210,8 +210,8 @@ def test_daemon_serves_the_document(daemon, doc):
 def test_unauthenticated_gets_match_their_schema(daemon, doc):
     checked = 0
     for method, path, op in operations(doc):
-        if method != "GET" or "{" in path:
-            continue
+        if method != "GET" or "{" in path or op.get("security", doc.get("security")):
+            continue  # only the operations a caller without credentials may use
         r = daemon.get(path)
         assert r.status_code == 200, (path, r.text)
         assert r.headers["Content-Type"].split(";")[0].strip() == "application/json"

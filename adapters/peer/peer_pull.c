@@ -1,0 +1,283 @@
+/* The pull stream and its long-poll thread. */
+#include "config.h"
+#include "peer_pull.h"
+#include "app.h"
+#include "log.h"
+#include "peers.h"
+#include "store.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define WAIT_MAX_S 60
+#define LIMIT_MAX 1000
+
+struct waiter {
+	struct cw_req *req;
+	char destination[PEER_NAME_MAX + 8];
+	long long after;
+	int limit;
+	int64_t deadline_us;
+	struct waiter *next;
+};
+
+struct peer_pull {
+	char *url;
+	long statement_timeout_ms;
+	pthread_t thread;
+	pthread_mutex_t mu;
+	struct waiter *incoming;  /* handed over by HTTP threads */
+	atomic_bool stop;
+	int wake[2];              /* a pipe: wakes the thread for incoming requests */
+	PGconn *c;
+};
+
+/* Acknowledges up to after, then reads what follows; sets the answer and
+ * returns true when there is something to say (rows, or a failure). */
+static bool try_answer(struct peer_pull *p, struct waiter *w, bool final)
+{
+	char after[24], limit[16];
+	snprintf(after, sizeof(after), "%lld", w->after);
+	snprintf(limit, sizeof(limit), "%d", w->limit);
+	const char *params[] = { w->destination, after, limit };
+	cw_errmsg e;
+	PGresult *r = NULL;
+	if (PQstatus(p->c) != CONNECTION_OK) {
+		cw_fail(&e, CW_EUNAVAIL, "the database is unavailable");
+		goto fail;
+	}
+	r = PQexecParams(p->c,
+		"WITH ack AS (UPDATE outbox SET state = 'delivered', delivered_at = now() "
+		" WHERE destination = $1 AND state = 'pending' AND id <= $2::bigint) "
+		"SELECT o.id, ev.public_id, ev.content::text, rm.uri, rm.public_id, s.uri, "
+		" (extract(epoch FROM ev.accepted_at) * 1000)::bigint, ev.ts "
+		"FROM outbox o JOIN events ev ON ev.id = o.event_id JOIN rooms rm ON rm.id = o.room_id "
+		"JOIN identities s ON s.id = ev.sender_id "
+		"WHERE o.destination = $1 AND o.state = 'pending' AND o.id > $2::bigint ORDER BY o.id LIMIT $3::int",
+		3, NULL, params, NULL, NULL, 0);
+	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+		store_result_err(p->c, r, &e);
+		goto fail;
+	}
+	int n = PQntuples(r);
+	if (n == 0 && !final) {
+		PQclear(r);
+		return false;
+	}
+	json_t *events = json_array();
+	for (int i = 0; i < n; i++) {
+		json_t *ev = json_loads(PQgetvalue(r, i, 2), 0, NULL);
+		if (!ev)
+			ev = json_object();
+		json_object_set_new(ev, "id", json_string(PQgetvalue(r, i, 1)));
+		json_object_set_new(ev, "room", json_string(PQgetvalue(r, i, 3)));
+		json_object_set_new(ev, "room_id", json_string(PQgetvalue(r, i, 4)));
+		json_object_set_new(ev, "sender", json_string(PQgetvalue(r, i, 5)));
+		json_object_set_new(ev, "accepted_ts", json_integer(atoll(PQgetvalue(r, i, 6))));
+		if (!json_object_get(ev, "ts"))
+			json_object_set_new(ev, "ts", json_integer(atoll(PQgetvalue(r, i, 7))));
+		json_array_append_new(events, ev);
+	}
+	char next[24];
+	snprintf(next, sizeof(next), "%s", n ? PQgetvalue(r, n - 1, 0) : after);
+	PQclear(r);
+	cw_req_reply_json(w->req, 200, json_pack("{s:o, s:s}", "events", events, "next", next));
+	return true;
+fail:
+	PQclear(r);
+	cw_req_add_header(w->req, "Retry-After", "2");
+	cw_req_problem(w->req, 503, "unavailable", "Service unavailable", e.msg);
+	return true;
+}
+
+static void finish(struct waiter *w)
+{
+	cw_req_resume(w->req);
+	free(w);
+}
+
+static bool ensure_conn(struct peer_pull *p)
+{
+	if (p->c && PQstatus(p->c) == CONNECTION_OK)
+		return true;
+	PQfinish(p->c);
+	cw_errmsg e;
+	p->c = store_connect(p->url, p->statement_timeout_ms, &e);
+	if (p->c && store_exec(p->c, "LISTEN causeway_outbox", &e)) {
+		PQfinish(p->c);
+		p->c = NULL;
+	}
+	return p->c != NULL;
+}
+
+static void *poller_main(void *arg)
+{
+	struct peer_pull *p = arg;
+	struct waiter *waiting = NULL;
+	for (;;) {
+		bool stopping = atomic_load(&p->stop);
+		ensure_conn(p);
+		pthread_mutex_lock(&p->mu);
+		struct waiter *in = p->incoming;
+		p->incoming = NULL;
+		pthread_mutex_unlock(&p->mu);
+		/* New requests are answered at once when there is something. */
+		while (in) {
+			struct waiter *next = in->next;
+			if (try_answer(p, in, stopping || in->deadline_us <= cw_now_us()))
+				finish(in);
+			else {
+				in->next = waiting;
+				waiting = in;
+			}
+			in = next;
+		}
+		/* Waiting ones: on a notification, at their deadline, or at stop. */
+		bool notified = false;
+		if (p->c) {
+			PQconsumeInput(p->c);
+			PGnotify *nt;
+			while ((nt = PQnotifies(p->c))) {
+				notified = true;
+				PQfreemem(nt);
+			}
+		}
+		int64_t now = cw_now_us();
+		for (struct waiter **wp = &waiting; *wp;) {
+			struct waiter *w = *wp;
+			bool due = stopping || w->deadline_us <= now;
+			if ((notified || due) && try_answer(p, w, due)) {
+				*wp = w->next;
+				finish(w);
+			} else {
+				wp = &w->next;
+			}
+		}
+		if (stopping) {
+			pthread_mutex_lock(&p->mu);
+			bool more = p->incoming != NULL;
+			pthread_mutex_unlock(&p->mu);
+			if (!more && !waiting)
+				break;
+			continue;
+		}
+		struct pollfd fds[2] = { { .fd = p->wake[0], .events = POLLIN },
+					 { .fd = p->c ? PQsocket(p->c) : -1, .events = POLLIN } };
+		if (poll(fds, 2, 250) > 0 && (fds[0].revents & POLLIN)) {
+			char buf[64];
+			while (read(p->wake[0], buf, sizeof(buf)) == (ssize_t)sizeof(buf))
+				;
+		}
+	}
+	PQfinish(p->c);
+	p->c = NULL;
+	return NULL;
+}
+
+cw_err peer_pull_start(struct peer_pull **out, const char *db_url, long statement_timeout_ms, cw_errmsg *e)
+{
+	struct peer_pull *p = calloc(1, sizeof(*p));
+	if (!p)
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	p->url = strdup(db_url);
+	p->statement_timeout_ms = statement_timeout_ms;
+	pthread_mutex_init(&p->mu, NULL);
+	if (!p->url || pipe2(p->wake, O_NONBLOCK | O_CLOEXEC) != 0) {
+		free(p->url);
+		free(p);
+		return cw_fail(e, CW_EIO, "cannot set up the pull poller");
+	}
+	if (pthread_create(&p->thread, NULL, poller_main, p)) {
+		close(p->wake[0]);
+		close(p->wake[1]);
+		free(p->url);
+		free(p);
+		return cw_fail(e, CW_EIO, "cannot start the pull poller");
+	}
+	*out = p;
+	return CW_OK;
+}
+
+void peer_pull_stop(struct peer_pull *p)
+{
+	if (!p)
+		return;
+	pthread_mutex_lock(&p->mu);
+	bool was = atomic_exchange(&p->stop, true);
+	pthread_mutex_unlock(&p->mu);
+	if (was)
+		return;
+	if (write(p->wake[1], "x", 1) < 0) {
+		/* the poller wakes within its poll timeout anyway */
+	}
+	pthread_join(p->thread, NULL);
+}
+
+void peer_pull_free(struct peer_pull *p)
+{
+	if (!p)
+		return;
+	peer_pull_stop(p);
+	close(p->wake[0]);
+	close(p->wake[1]);
+	pthread_mutex_destroy(&p->mu);
+	free(p->url);
+	free(p);
+}
+
+static bool number(const char *s, long long lo, long long hi, long long *out)
+{
+	char *end;
+	if (!s || !*s || strlen(s) > 18)
+		return false;
+	long long v = strtoll(s, &end, 10);
+	if (*end || v < lo || v > hi)
+		return false;
+	*out = v;
+	return true;
+}
+
+void peer_api_events(struct cw_req *req, void *ctx)
+{
+	struct cw_app *app = ctx;
+	struct peer_principal *pp = cw_req_principal(req);
+	const char *after = cw_req_query(req, "after"), *wait = cw_req_query(req, "wait"), *limit = cw_req_query(req, "limit");
+	long long a = 0, wt = 0, l = 100;
+	if ((after && !number(after, 0, (1LL << 62), &a)) || (wait && !number(wait, 0, WAIT_MAX_S, &wt)) ||
+	    (limit && !number(limit, 1, LIMIT_MAX, &l))) {
+		cw_req_problem(req, 400, "invalid_query", "Invalid query",
+			       "after is a cursor from an earlier answer (or 0), wait 0 to 60 seconds, limit 1 to 1000");
+		return;
+	}
+	struct waiter *w = calloc(1, sizeof(*w));
+	if (!w) {
+		cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory; retry");
+		return;
+	}
+	w->req = req;
+	snprintf(w->destination, sizeof(w->destination), "peer:%s", pp->name);
+	w->after = a;
+	w->limit = (int)l;
+	w->deadline_us = cw_now_us() + wt * 1000000;
+	pthread_mutex_lock(&app->pull->mu);
+	if (atomic_load(&app->pull->stop)) { /* the daemon is stopping */
+		pthread_mutex_unlock(&app->pull->mu);
+		free(w);
+		cw_req_add_header(req, "Retry-After", "2");
+		cw_req_problem(req, 503, "unavailable", "Service unavailable", "the daemon is stopping");
+		return;
+	}
+	cw_req_suspend(req);
+	w->next = app->pull->incoming;
+	app->pull->incoming = w;
+	pthread_mutex_unlock(&app->pull->mu);
+	if (write(app->pull->wake[1], "x", 1) < 0) {
+		/* the pipe is full: the poller is awake already */
+	}
+}

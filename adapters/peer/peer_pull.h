@@ -1,0 +1,24 @@
+/* GET /v1/events?after=CURSOR&wait=SECONDS&limit=N: delivery by pulling,
+ * for peers in pull mode.  The cursor is the last event the peer has
+ * processed: asking with it acknowledges everything up to it (those rows
+ * become delivered) and returns what follows, in order.  With nothing to
+ * return, the request waits (long-poll) up to `wait` seconds for new events;
+ * waiting requests are held, suspended, by one poller thread that LISTENs
+ * for new outbox rows, so they cost no pool thread and no pool connection. */
+#ifndef CW_PEER_PULL_H
+#define CW_PEER_PULL_H
+
+#include "cw.h"
+#include "http.h"
+
+struct peer_pull;
+
+cw_err peer_pull_start(struct peer_pull **out, const char *db_url, long statement_timeout_ms, cw_errmsg *e);
+/* Answers every waiting request (with what is there), then stops; later
+ * requests are answered 503.  Idempotent. */
+void peer_pull_stop(struct peer_pull *p);
+/* Stops and frees (after the HTTP front has stopped). */
+void peer_pull_free(struct peer_pull *p);
+void peer_api_events(struct cw_req *req, void *ctx);
+
+#endif

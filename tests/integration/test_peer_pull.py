@@ -1,0 +1,86 @@
+"""GET /v1/events: delivery by pulling, acknowledged by the cursor, with
+long-poll."""
+import signal
+import threading
+import time
+
+from harness import wait_until
+from peer import NotifyServer, PeerClient
+
+
+def make_peers(d):
+    srv = NotifyServer()
+    a = PeerClient(d.url, "gk", "wa.example")
+    b = PeerClient(d.url, "tg", "tg.example")
+    a.token = d.admin("POST", "/peers", json={"name": "gk", "domain": "wa.example", "push_url": srv.url,
+                                              "public_key": a.signer.public_b64}).json()["token"]
+    b.token = d.admin("POST", "/peers", json={"name": "tg", "domain": "tg.example", "mode": "pull",
+                                              "public_key": b.signer.public_b64}).json()["token"]
+    rm = a.create_room([a.user("alice"), b.user("bob")]).json()
+    return a, b, rm, srv
+
+
+def test_pull_in_order_with_ack_and_long_poll(daemon):
+    a, b, rm, srv = make_peers(daemon)
+    ids = [a.send(rm["id"], a.user("alice"), f"p{i}").json()["id"] for i in range(5)]
+    r = b.call("GET", "/v1/events?after=0")
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert [e["id"] for e in got["events"]] == ids
+    assert got["events"][0]["room"] == rm["uri"] and got["events"][0]["sender"] == a.user("alice")
+    cursor = got["next"]
+    # Not acknowledged yet: asking again from 0 gives the same events.
+    assert [e["id"] for e in b.call("GET", "/v1/events?after=0&limit=2").json()["events"]] == ids[:2]
+    # Long-poll: nothing new, the request waits until an event arrives.
+    result = {}
+
+    def poll():
+        t0 = time.time()
+        result["r"] = b.call("GET", f"/v1/events?after={cursor}&wait=10")
+        result["t"] = time.time() - t0
+    t = threading.Thread(target=poll)
+    t.start()
+    time.sleep(1.0)
+    assert t.is_alive()
+    new = a.send(rm["id"], a.user("alice"), "late").json()["id"]
+    t.join(10)
+    assert result["r"].status_code == 200
+    assert [e["id"] for e in result["r"].json()["events"]] == [new]
+    assert 0.9 < result["t"] < 5
+    # The cursor acknowledged the first five: delivered in the sender's view.
+    st = a.call("GET", f"/v1/messages/{ids[0]}").json()
+    assert st["recipients"] == [{"recipient": "mimi://tg.example", "status": "delivered"}]
+    # Waiting with nothing new ends empty at the deadline, cursor unchanged.
+    last = result["r"].json()["next"]
+    t0 = time.time()
+    r = b.call("GET", f"/v1/events?after={last}&wait=1")
+    assert r.json() == {"events": [], "next": last} and 0.9 < time.time() - t0 < 4
+    assert srv.events == []  # the pushing peer got nothing back
+    srv.close()
+
+
+def test_pull_bad_queries(daemon):
+    _, b, _, srv = make_peers(daemon)
+    for q in ("after=-1", "after=x", "wait=61", "wait=-1", "limit=0", "limit=1001", "after="):
+        r = b.call("GET", "/v1/events?" + q)
+        assert r.status_code == 400 and r.json()["code"] == "invalid_query", q
+    assert b.call("GET", "/v1/events", sign=False).status_code == 401
+    srv.close()
+
+
+def test_sigterm_answers_waiting_long_polls(daemon):
+    _, b, _, srv = make_peers(daemon)
+    result = {}
+
+    def poll():
+        result["r"] = b.call("GET", "/v1/events?after=0&wait=60")
+    t = threading.Thread(target=poll)
+    t.start()
+    time.sleep(0.5)
+    t0 = time.time()
+    daemon.signal(signal.SIGTERM)
+    t.join(10)
+    assert result["r"].status_code == 200 and result["r"].json()["events"] == []
+    assert daemon.wait_exit(15) == 0
+    assert time.time() - t0 < 5
+    srv.close()
