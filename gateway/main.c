@@ -237,7 +237,7 @@ int main(int argc, char **argv)
 		LOG_KV(CW_LOG_ERROR, "cannot start the store", "detail", e.msg);
 		goto out_migrations;
 	}
-	if (peer_pull_start(&app.pull, cfg.db_url, cfg.db_statement_timeout_ms, &e)) {
+	if (peer_pull_start(&app.pull, cfg.db_url, cfg.db_statement_timeout_ms, app.peers, &e)) {
 		LOG_KV(CW_LOG_ERROR, "cannot start the pull stream", "detail", e.msg);
 		goto out_store;
 	}

@@ -36,7 +36,11 @@ struct peer_pull {
 	atomic_bool stop;
 	int wake[2];              /* a pipe: wakes the thread for incoming requests */
 	PGconn *c;
+	struct peer_registry *registry;
+	int64_t next_reload_us;
 };
+
+#define REGISTRY_RELOAD_US (30 * 1000000LL)
 
 /* Acknowledges up to after, then reads what follows; sets the answer and
  * returns true when there is something to say (rows, or a failure). */
@@ -109,10 +113,12 @@ static bool ensure_conn(struct peer_pull *p)
 	PQfinish(p->c);
 	cw_errmsg e;
 	p->c = store_connect(p->url, p->statement_timeout_ms, &e);
-	if (p->c && store_exec(p->c, "LISTEN causeway_outbox", &e)) {
+	if (p->c && (store_exec(p->c, "LISTEN causeway_outbox", &e) || store_exec(p->c, "LISTEN causeway_peers", &e))) {
 		PQfinish(p->c);
 		p->c = NULL;
 	}
+	if (p->c)
+		p->next_reload_us = 0; /* changes may have been missed while away */
 	return p->c != NULL;
 }
 
@@ -139,16 +145,25 @@ static void *poller_main(void *arg)
 			in = next;
 		}
 		/* Waiting ones: on a notification, at their deadline, or at stop. */
-		bool notified = false;
+		bool notified = false, peers_changed = false;
 		if (p->c) {
 			PQconsumeInput(p->c);
 			PGnotify *nt;
 			while ((nt = PQnotifies(p->c))) {
-				notified = true;
+				if (strcmp(nt->relname, "causeway_peers") == 0)
+					peers_changed = true;
+				else
+					notified = true;
 				PQfreemem(nt);
 			}
 		}
 		int64_t now = cw_now_us();
+		if (p->c && p->registry && (peers_changed || now >= p->next_reload_us)) {
+			cw_errmsg e;
+			if (peer_registry_load(p->registry, p->c, &e))
+				LOG_KV(CW_LOG_WARN, "peer registry reload failed", "detail", e.msg);
+			p->next_reload_us = now + REGISTRY_RELOAD_US;
+		}
 		for (struct waiter **wp = &waiting; *wp;) {
 			struct waiter *w = *wp;
 			bool due = stopping || w->deadline_us <= now;
@@ -180,11 +195,14 @@ static void *poller_main(void *arg)
 	return NULL;
 }
 
-cw_err peer_pull_start(struct peer_pull **out, const char *db_url, long statement_timeout_ms, cw_errmsg *e)
+cw_err peer_pull_start(struct peer_pull **out, const char *db_url, long statement_timeout_ms,
+		       struct peer_registry *registry, cw_errmsg *e)
 {
 	struct peer_pull *p = calloc(1, sizeof(*p));
 	if (!p)
 		return cw_fail(e, CW_ENOMEM, "out of memory");
+	p->registry = registry;
+	p->next_reload_us = cw_now_us() + REGISTRY_RELOAD_US;
 	p->url = strdup(db_url);
 	p->statement_timeout_ms = statement_timeout_ms;
 	pthread_mutex_init(&p->mu, NULL);

@@ -4,7 +4,9 @@
  * become delivered) and returns what follows, in order.  With nothing to
  * return, the request waits (long-poll) up to `wait` seconds for new events;
  * waiting requests are held, suspended, by one poller thread that LISTENs
- * for new outbox rows, so they cost no pool thread and no pool connection. */
+ * for new outbox rows, so they cost no pool thread and no pool connection.
+ * The same thread keeps the peer registry of this process in step with the
+ * peers table, which other daemon processes may change. */
 #ifndef CW_PEER_PULL_H
 #define CW_PEER_PULL_H
 
@@ -13,7 +15,12 @@
 
 struct peer_pull;
 
-cw_err peer_pull_start(struct peer_pull **out, const char *db_url, long statement_timeout_ms, cw_errmsg *e);
+struct peer_registry;
+
+/* registry: reloaded by the poller thread when another process (or this
+ * one) changes the peers table (NOTIFY causeway_peers), and every 30 s. */
+cw_err peer_pull_start(struct peer_pull **out, const char *db_url, long statement_timeout_ms,
+		       struct peer_registry *registry, cw_errmsg *e);
 /* Answers every waiting request (with what is there), then stops; later
  * requests are answered 503.  Idempotent. */
 void peer_pull_stop(struct peer_pull *p);

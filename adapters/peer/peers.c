@@ -359,8 +359,12 @@ static const char *str_field(json_t *body, const char *name)
 	return json_is_string(v) ? json_string_value(v) : NULL;
 }
 
+/* Records the change and tells every daemon process to reload its peers. */
 static cw_err audit(PGconn *c, const char *action, const char *subject, const char *details, cw_errmsg *e)
 {
+	cw_err nrc = store_exec(c, "NOTIFY causeway_peers", e);
+	if (nrc)
+		return nrc;
 	const char *params[] = { action, subject, details };
 	PGresult *r = PQexecParams(c, "INSERT INTO audit_log (actor, action, subject, details) "
 				      "VALUES ('admin', $1, $2, $3::jsonb)", 3, NULL, params, NULL, NULL, 0);

@@ -6,6 +6,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from harness import wait_until
+from peer import PeerClient
+
 
 def new_key():
     k = Ed25519PrivateKey.generate()
@@ -135,3 +138,17 @@ def test_disable_enable_and_rotate(daemon, pg, db_url):
     assert daemon.admin("POST", "/peers/none/rotate").status_code == 404
     assert pg.psql("SELECT string_agg(action, ',' ORDER BY id) FROM audit_log", db_url) == \
         "peer.create,peer.disable,peer.enable,peer.rotate,peer.rotate"
+
+
+def test_a_peer_change_reaches_every_daemon_process(make_daemon, db_url, tmp_path):
+    key = str(tmp_path / "shared.key")
+    d1 = make_daemon(db_url, options={"peer": {"signing_key_file": key}}).start()
+    d2 = make_daemon(db_url, options={"peer": {"signing_key_file": key}}).start()
+    c = PeerClient(d2.url, "gk", "wa.example")
+    r = d1.admin("POST", "/peers", json={"name": "gk", "domain": "wa.example", "mode": "pull",
+                                         "public_key": c.signer.public_b64})
+    c.token = r.json()["token"]
+    # Created through d1, usable at d2 (told by NOTIFY, not by a restart).
+    wait_until(lambda: c.call("GET", "/v1/events?after=0").status_code == 200, timeout=5, what="peer known to d2")
+    d1.admin("POST", "/peers/gk/disable")
+    wait_until(lambda: c.call("GET", "/v1/events?after=0").status_code == 401, timeout=5, what="disable seen by d2")
