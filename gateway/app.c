@@ -302,6 +302,22 @@ struct app_job *app_job_new(struct cw_app *app, struct cw_req *req,
 	return j;
 }
 
+void app_job_run(struct cw_app *app, struct cw_req *req, cw_err (*fn)(PGconn *, struct app_job *, cw_errmsg *),
+		 void *data, void (*data_free)(void *), bool write)
+{
+	struct app_job *j = data ? app_job_new(app, req, fn) : NULL;
+	if (!j) {
+		if (data && data_free)
+			data_free(data);
+		cw_req_add_header(req, "Retry-After", "1");
+		cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory; retry");
+		return;
+	}
+	j->data = data;
+	j->data_free = data_free;
+	app_job_start(j, write);
+}
+
 void app_job_fail(struct app_job *j, int status, const char *code, const char *fmt, ...)
 {
 	j->err_status = status;

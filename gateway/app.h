@@ -75,6 +75,12 @@ struct app_job *app_job_new(struct cw_app *app, struct cw_req *req,
 void app_job_start(struct app_job *j, bool write);
 /* The same for a pipelined write. */
 void app_job_start_pipe(struct app_job *j, const struct app_pipe_ops *ops);
+/* app_job_new + data + app_job_start in one: takes ownership of data
+ * (freed with data_free), and answers 503 itself when data is NULL or
+ * memory runs out, so callers need not check their allocation. */
+void app_job_run(struct cw_app *app, struct cw_req *req, cw_err (*fn)(PGconn *, struct app_job *, cw_errmsg *),
+		 void *data, void (*data_free)(void *), bool write);
+
 /* Sets a client error answer from inside fn. */
 void app_job_fail(struct app_job *j, int status, const char *code, const char *fmt, ...)
 	__attribute__((format(printf, 4, 5)));

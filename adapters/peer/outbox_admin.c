@@ -98,10 +98,7 @@ void outbox_admin_list(struct cw_req *req, void *ctx)
 	snprintf(in->destination, sizeof(in->destination), "%s", dest ? dest : "");
 	snprintf(in->after, sizeof(in->after), "%ld", a);
 	snprintf(in->limit, sizeof(in->limit), "%ld", l);
-	struct app_job *j = app_job_new(ctx, req, list_fn);
-	j->data = in;
-	j->data_free = free;
-	app_job_start(j, false);
+	app_job_run(ctx, req, list_fn, in, free, false);
 }
 
 static cw_err replay_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
@@ -153,8 +150,5 @@ void outbox_admin_replay(struct cw_req *req, void *ctx)
 		cw_req_problem(req, 404, "not_found", "Not found", "no outbox row with that id");
 		return;
 	}
-	struct app_job *j = app_job_new(ctx, req, replay_fn);
-	j->data = strdup(id);
-	j->data_free = free;
-	app_job_start(j, true);
+	app_job_run(ctx, req, replay_fn, strdup(id), free, true);
 }

@@ -470,10 +470,7 @@ void peer_api_room_create(struct cw_req *req, void *ctx)
 	in->kind = strcmp(json_string_value(kind), "direct") == 0 ? "direct" : "group";
 	in->policy = policy ? json_dumps(policy, JSON_COMPACT) : strdup("{}");
 	json_decref(body);
-	struct app_job *j = app_job_new(app, req, room_create_fn);
-	j->data = in;
-	j->data_free = room_input_free;
-	app_job_start(j, true);
+	app_job_run(app, req, room_create_fn, in, room_input_free, true);
 }
 
 struct room_get_input {
@@ -643,10 +640,7 @@ void peer_api_room_members(struct cw_req *req, void *ctx)
 	in->p = cw_req_principal(req);
 	snprintf(in->public_id, sizeof(in->public_id), "%s", room);
 	snprintf(in->domain, sizeof(in->domain), "%s", app->cfg->domain);
-	struct app_job *j = app_job_new(app, req, members_fn);
-	j->data = in;
-	j->data_free = free;
-	app_job_start(j, true);
+	app_job_run(app, req, members_fn, in, free, true);
 }
 
 void peer_api_room_get(struct cw_req *req, void *ctx)
@@ -662,10 +656,7 @@ void peer_api_room_get(struct cw_req *req, void *ctx)
 	struct room_get_input *in = calloc(1, sizeof(*in));
 	snprintf(in->public_id, sizeof(in->public_id), "%s", room);
 	in->peer_id = ((struct peer_principal *)cw_req_principal(req))->id;
-	struct app_job *j = app_job_new(app, req, room_get_fn);
-	j->data = in;
-	j->data_free = free;
-	app_job_start(j, false);
+	app_job_run(app, req, room_get_fn, in, free, false);
 }
 
 /* ------------------------------------------------------------ messages */
@@ -1254,10 +1245,7 @@ void peer_api_message_status(struct cw_req *req, void *ctx)
 	struct status_input *in = calloc(1, sizeof(*in));
 	snprintf(in->msg_id, sizeof(in->msg_id), "%s", id);
 	in->peer_id = ((struct peer_principal *)cw_req_principal(req))->id;
-	struct app_job *j = app_job_new(app, req, message_status_fn);
-	j->data = in;
-	j->data_free = free;
-	app_job_start(j, false);
+	app_job_run(app, req, message_status_fn, in, free, false);
 }
 
 /* ------------------------------------------------------------ batch */

@@ -124,10 +124,7 @@ static struct social_input *begin(struct cw_req *req, struct cw_app *app, json_t
 static void start(struct cw_req *req, struct cw_app *app, struct social_input *in,
 		  cw_err (*fn)(PGconn *, struct app_job *, cw_errmsg *), bool write)
 {
-	struct app_job *j = app_job_new(app, req, fn);
-	j->data = in;
-	j->data_free = social_free;
-	app_job_start(j, write);
+	app_job_run(app, req, fn, in, social_free, write);
 }
 
 /* ------------------------------------------------------------ consent */

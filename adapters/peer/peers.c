@@ -539,7 +539,12 @@ static cw_err list_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 
 void peer_admin_list(struct cw_req *req, void *ctx)
 {
-	app_job_start(app_job_new(ctx, req, list_fn), false);
+	struct app_job *j = app_job_new(ctx, req, list_fn); /* no data: every peer */
+	if (!j) {
+		cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory; retry");
+		return;
+	}
+	app_job_start(j, false);
 }
 
 void peer_admin_get(struct cw_req *req, void *ctx)
@@ -549,10 +554,7 @@ void peer_admin_get(struct cw_req *req, void *ctx)
 		cw_req_problem(req, 404, "not_found", "Not found", "no peer of that name");
 		return;
 	}
-	struct app_job *j = app_job_new(ctx, req, list_fn);
-	j->data = strdup(name);
-	j->data_free = free;
-	app_job_start(j, false);
+	app_job_run(ctx, req, list_fn, strdup(name), free, false);
 }
 
 /* enable, disable and rotate: one UPDATE each. */
