@@ -166,3 +166,28 @@ def test_logfmt_lines_parse(daemon):
     for line in daemon.lines:
         rec = parse_logfmt(line)
         assert "ts" in rec and rec["level"] in ("error", "warn", "info", "debug"), line
+
+
+def test_malformed_requests_do_not_hold_shutdown(daemon):
+    # Broken request lines and headers, oversized headers, and a client that
+    # goes away mid-request: none may leave a request counted in flight.
+    for raw in (b"GARBAGE\r\n\r\n", b"GET /healthz HTTP/1.1\r\nBad Header Line\r\n\r\n",
+                b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100000 + b"\r\n\r\n",
+                b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc"):
+        s = socket.create_connection(("127.0.0.1", daemon.port))
+        try:
+            s.sendall(raw)
+            s.settimeout(2)
+            try:
+                s.recv(4096)
+            except OSError:
+                pass
+        finally:
+            s.close()
+    assert daemon.get("/healthz").status_code == 200
+    t0 = time.time()
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit(15) == 0
+    stopped = daemon.wait_for(lambda r: r.get("msg") == "stopped")
+    assert stopped["drained"] == "true" and stopped["abandoned_requests"] == "0"
+    assert time.time() - t0 < 3
