@@ -18,6 +18,7 @@ struct peer_registry;
 struct httpsig_replay;
 struct dispatcher;
 struct peer_pull;
+struct submit_queue;
 
 struct cw_app {
 	struct cw_config *cfg;
@@ -34,6 +35,7 @@ struct cw_app {
 	struct policy_snapshot policy;
 	struct dispatcher *dispatcher;
 	struct peer_pull *pull;         /* the long-poll thread of GET /v1/events */
+	struct submit_queue *submits;   /* coalesces single-event submits */
 };
 
 /* A database job on behalf of a request: the request is suspended, fn runs

@@ -213,6 +213,7 @@ int main(int argc, char **argv)
 	if (!cfg.domain || !*cfg.domain)
 		LOG_KV(CW_LOG_WARN, "server.domain is not set: the interop API answers 503 until it is");
 	app.peers = peer_registry_new();
+	app.submits = submit_queue_new();
 	{
 		PGconn *c = connect_at_start(&cfg, &e);
 		if (!c || peer_registry_load(app.peers, c, &e)) {
@@ -325,6 +326,7 @@ out_store:
 	peer_pull_free(app.pull);
 	store_close(app.store);
 out_migrations:
+	submit_queue_free(app.submits);
 	peer_registry_free(app.peers);
 	httpsig_replay_free(app.replay);
 	EVP_PKEY_free(app.signing_key);

@@ -5,6 +5,7 @@
 #include "httpsig.h"
 #include "log.h"
 
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -673,6 +674,8 @@ struct msg_input {
 	char type[16];
 	json_t *event;                /* the validated body, unknown members included */
 	bool read_receipt;            /* a "read" receipt: marks the message read for its sender */
+	struct cw_req *req;           /* coalesced single submits: the request to answer */
+	struct msg_input *next;       /* in the coalescing queue */
 	char in_reply_to[80];
 	char replaces[80];
 	char ts[24];
@@ -752,7 +755,6 @@ struct submit {
 	bool by_uri;                /* items name rooms by URI (batch) or public id */
 	json_t *refused;            /* batch: per item, the problem object of a refused item, or null */
 	json_t *keys;               /* batch: per item, its idempotency key, or null */
-	bool single;                /* one event: answer with its result directly */
 };
 
 static void submit_clear_round(struct submit *b)
@@ -828,10 +830,10 @@ static struct submit *submit_new(size_t n)
 	" (SELECT CASE WHEN e.room_id = r.id THEN e.id END FROM events e WHERE e.public_id = it.reply), " \
 	" (SELECT CASE WHEN e.room_id = r.id THEN e.id END FROM events e WHERE e.public_id = it.replaces), " \
 	" r.uri " \
-	"FROM jsonb_to_recordset($1::jsonb) AS it(n int, room text, key text, reply text, replaces text) " \
+	"FROM jsonb_to_recordset($1::jsonb) AS it(n int, room text, key text, reply text, replaces text, scope text) " \
 	" LEFT JOIN LATERAL (SELECT id, uri FROM rooms WHERE " ROOM_COLUMN " = it.room LIMIT 1) r ON true " \
 	" LEFT JOIN LATERAL (SELECT request_hash, response_status, response FROM idempotency_keys " \
-	"  WHERE scope = $2 AND key = it.key LIMIT 1) k ON true " \
+	"  WHERE scope = it.scope AND key = it.key LIMIT 1) k ON true " \
 	" LEFT JOIN LATERAL (SELECT i.id, i.uri, i.is_local, i.network, i.peer_id, p.name, i.domain " \
 	"  FROM room_members m JOIN identities i ON i.id = m.identity_id LEFT JOIN peers p ON p.id = i.peer_id " \
 	"  WHERE m.room_id = r.id AND m.membership = 'joined' OFFSET 0) mem ON true " \
@@ -843,9 +845,9 @@ static struct submit *submit_new(size_t n)
 #define WRITE_ITEMS \
 	"WITH it AS (SELECT * FROM jsonb_to_recordset($1::jsonb) AS x(n int, pid text, room bigint, sender bigint, " \
 	"  type text, content jsonb, replaces bigint, reply bigint, ts bigint, key text, hash text, " \
-	"  dests jsonb, targets jsonb, read boolean)), " \
+	"  dests jsonb, targets jsonb, read boolean, scope text)), " \
 	"ev AS (INSERT INTO events (public_id, room_id, sender_id, type, content, replaces_id, in_reply_to_id, " \
-	"  origin_network, ts) SELECT pid, room, sender, type, content, replaces, reply, $2, ts FROM it ORDER BY n " \
+	"  origin_network, ts) SELECT pid, room, sender, type, content, replaces, reply, scope, ts FROM it ORDER BY n " \
 	"  RETURNING id, public_id, room_id, (extract(epoch FROM accepted_at) * 1000)::bigint AS ms), " \
 	"ob AS (INSERT INTO outbox (event_id, destination, target_identity_id, room_id) " \
 	"  SELECT ev.id, d.value, NULLIF(t.value::bigint, 0), ev.room_id FROM it JOIN ev ON ev.public_id = it.pid, " \
@@ -853,9 +855,9 @@ static struct submit *submit_new(size_t n)
 	"  JOIN jsonb_array_elements_text(it.targets) WITH ORDINALITY AS t(value, tn) ON t.tn = d.dn " \
 	"  ORDER BY ev.id, d.dn), " \
 	"rd AS (UPDATE outbox o SET read_at = coalesce(o.read_at, now()) FROM it " \
-	"  WHERE it.read AND o.event_id = it.reply AND o.destination = $2 AND o.state = 'delivered'), " \
+	"  WHERE it.read AND o.event_id = it.reply AND o.destination = it.scope AND o.state = 'delivered'), " \
 	"ik AS (INSERT INTO idempotency_keys (scope, key, request_hash, event_id, room_id, response_status, response) " \
-	"  SELECT $2, it.key, decode(it.hash, 'hex'), ev.id, ev.room_id, 202, " \
+	"  SELECT it.scope, it.key, decode(it.hash, 'hex'), ev.id, ev.room_id, 202, " \
 	"  jsonb_build_object('id', ev.public_id, 'accepted_ts', ev.ms, 'status', 'accepted') " \
 	"  FROM it JOIN ev ON ev.public_id = it.pid) " \
 	"SELECT public_id, ms FROM ev"
@@ -867,33 +869,30 @@ const struct store_stmt peer_api_statements[] = {
 	{ NULL, NULL },
 };
 
-static cw_err send_json(PGconn *c, const char *stmt, json_t *doc, const char *scope, cw_errmsg *e)
+static cw_err send_json(PGconn *c, const char *stmt, json_t *doc, cw_errmsg *e)
 {
 	char *text = json_dumps(doc, JSON_COMPACT);
 	if (!text)
 		return cw_fail(e, CW_ENOMEM, "out of memory");
-	const char *params[] = { text, scope };
-	int ok = PQsendQueryPrepared(c, stmt, 2, params, NULL, NULL, 0);
+	const char *params[] = { text };
+	int ok = PQsendQueryPrepared(c, stmt, 1, params, NULL, NULL, 0);
 	free(text);
 	return ok ? CW_OK : cw_fail(e, CW_EUNAVAIL, "cannot send: %s", PQerrorMessage(c));
 }
 
-static cw_err submit_send(PGconn *c, struct app_job *j, int round, cw_errmsg *e)
+static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 {
-	struct submit *b = j->data;
 	if (round == 0)
 		submit_clear_round(b);
 	json_t *doc = json_array();
-	const char *scope = NULL;
 	for (size_t i = 0; i < b->n; i++) {
 		struct msg_input *in = b->items[i];
 		if (!in || (round == 1 && !b->write[i]))
 			continue;
-		scope = in->scope;
 		if (round == 0) {
-			json_array_append_new(doc, json_pack("{s:I, s:s, s:s, s:s, s:s}", "n", (json_int_t)i, "room",
+			json_array_append_new(doc, json_pack("{s:I, s:s, s:s, s:s, s:s, s:s}", "n", (json_int_t)i, "room",
 							     in->room, "key", in->idem_key, "reply", in->in_reply_to,
-							     "replaces", in->replaces));
+							     "replaces", in->replaces, "scope", in->scope));
 		} else {
 			char hex[65];
 			cw_hex(hex, in->hash, 32);
@@ -903,6 +902,7 @@ static cw_err submit_send(PGconn *c, struct app_job *j, int round, cw_errmsg *e)
 					      "dests", b->dests[i], "targets", b->targets[i]);
 			json_object_set_new(o, "key", json_string(in->idem_key));
 			json_object_set_new(o, "read", json_boolean(in->read_receipt));
+			json_object_set_new(o, "scope", json_string(in->scope));
 			json_object_set_new(o, "replaces", b->replaces_id[i][0] ? json_string(b->replaces_id[i]) : json_null());
 			json_object_set_new(o, "reply", b->reply_id[i][0] ? json_string(b->reply_id[i]) : json_null());
 			json_array_append_new(doc, o);
@@ -911,7 +911,7 @@ static cw_err submit_send(PGconn *c, struct app_job *j, int round, cw_errmsg *e)
 	cw_err rc = CW_OK;
 	if (json_array_size(doc))
 		rc = send_json(c, round == 0 ? (b->by_uri ? "submit_read_by_uri" : "submit_read_by_id") : "submit_write",
-			       doc, scope, e);
+			       doc, e);
 	json_decref(doc);
 	if (!rc && round == 1 && !PQsendQueryParams(c, "SELECT pg_notify('causeway_outbox', '')", 0, NULL, NULL,
 						    NULL, NULL, 0))
@@ -1008,9 +1008,8 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 	b->write[i] = true;
 }
 
-static cw_err submit_recv(PGconn *c, struct app_job *j, int round, bool *more, cw_errmsg *e)
+static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_errmsg *e)
 {
-	struct submit *b = j->data;
 	bool sent = false, any_write = false;
 	for (size_t i = 0; i < b->n && !sent; i++)
 		sent = b->items[i] && (round == 0 || b->write[i]);
@@ -1053,19 +1052,22 @@ static cw_err submit_recv(PGconn *c, struct app_job *j, int round, bool *more, c
 		PQclear(r);
 	}
 	*more = round == 0 && any_write;
-	if (*more)
-		return CW_OK;
-	/* Done: the answer. */
-	if (b->single) {
-		struct item_result *res = &b->res[0];
-		if (res->code) {
-			app_job_fail(j, res->status, res->code, "%s", res->detail);
-		} else {
-			j->status = res->status;
-			j->body = json_incref(res->body);
-		}
-		return CW_OK;
-	}
+	return CW_OK;
+}
+
+/* POST /v1/batch: one job per request, answered with every item's result. */
+static cw_err submit_send(PGconn *c, struct app_job *j, int round, cw_errmsg *e)
+{
+	return items_send(c, j->data, round, e);
+}
+
+static cw_err submit_recv(PGconn *c, struct app_job *j, int round, bool *more, cw_errmsg *e)
+{
+	struct submit *b = j->data;
+	cw_err rc = items_recv(c, b, round, more, e);
+	if (rc || *more)
+		return rc;
+	/* Done: the answer, one result per item. */
 	json_t *results = json_array();
 	for (size_t i = 0; i < b->n; i++) {
 		json_t *key = json_array_get(b->keys, i);
@@ -1087,6 +1089,168 @@ static cw_err submit_recv(PGconn *c, struct app_job *j, int round, bool *more, c
 }
 
 static const struct app_pipe_ops submit_ops = { submit_send, submit_recv };
+
+/* ------------------------------------------------------------ coalescing
+ *
+ * Single-event requests (messages, receipts, typing) are coalesced: a
+ * request's item joins a queue, and one store job takes everything queued
+ * when it starts, so thirty requests arriving during one commit cost two
+ * statements in the next, not sixty.  Each request is answered and resumed
+ * on its own when the job's outcome is known. */
+struct submit_queue {
+	pthread_mutex_t mu;
+	struct msg_input *head, *tail;
+	bool job_queued;   /* a job exists that has not taken the queue yet */
+};
+
+struct merged {
+	struct cw_app *app;
+	struct submit *b;  /* NULL until the job takes the queue */
+};
+
+struct submit_queue *submit_queue_new(void)
+{
+	struct submit_queue *q = calloc(1, sizeof(*q));
+	if (q)
+		pthread_mutex_init(&q->mu, NULL);
+	return q;
+}
+
+void submit_queue_free(struct submit_queue *q)
+{
+	if (!q)
+		return;
+	pthread_mutex_destroy(&q->mu);
+	free(q);
+}
+
+static struct msg_input *queue_take(struct submit_queue *q)
+{
+	pthread_mutex_lock(&q->mu);
+	struct msg_input *list = q->head;
+	q->head = q->tail = NULL;
+	q->job_queued = false;
+	pthread_mutex_unlock(&q->mu);
+	return list;
+}
+
+static void answer_item(struct cw_app *app, struct msg_input *in, const struct item_result *res, cw_err rc,
+			const char *why)
+{
+	struct cw_req *req = in->req;
+	if (rc)
+		app_reply_store_error(app, req, rc, why);
+	else if (res->code)
+		cw_req_problem(req, res->status, res->code, app_status_title(res->status), res->detail);
+	else
+		cw_req_reply_json(req, res->status, json_incref(res->body));
+	cw_req_resume(req);
+}
+
+static cw_err merged_send(PGconn *c, void *arg, int round, cw_errmsg *e)
+{
+	struct merged *m = arg;
+	if (!m->b) { /* first run: take what is queued (a rerun keeps the same items) */
+		struct msg_input *list = queue_take(m->app->submits);
+		size_t n = 0;
+		for (struct msg_input *x = list; x; x = x->next)
+			n++;
+		m->b = submit_new(n);
+		if (!m->b) {
+			for (struct msg_input *x = list, *next; x; x = next) {
+				next = x->next;
+				struct item_result none = { 0 };
+				answer_item(m->app, x, &none, CW_ENOMEM, "out of memory");
+				msg_input_free(x);
+			}
+			return cw_fail(e, CW_ENOMEM, "out of memory");
+		}
+		size_t i = 0;
+		for (struct msg_input *x = list, *next; x; x = next) {
+			next = x->next;
+			x->next = NULL;
+			/* The same key twice in one group would collide at the
+			 * write: the later one is answered as a conflict now. */
+			bool dup = false;
+			for (size_t k = 0; k < i && !dup; k++)
+				dup = strcmp(m->b->items[k]->scope, x->scope) == 0 &&
+				      strcmp(m->b->items[k]->idem_key, x->idem_key) == 0;
+			if (dup) {
+				struct item_result r = { .status = 409, .code = "conflict" };
+				snprintf(r.detail, sizeof(r.detail), "a request with this Idempotency-Key is in progress; retry");
+				answer_item(m->app, x, &r, CW_OK, NULL);
+				msg_input_free(x);
+				continue;
+			}
+			m->b->items[i++] = x;
+		}
+		m->b->n = i;
+	}
+	return items_send(c, m->b, round, e);
+}
+
+static cw_err merged_recv(PGconn *c, void *arg, int round, bool *more, cw_errmsg *e)
+{
+	struct merged *m = arg;
+	return items_recv(c, m->b, round, more, e);
+}
+
+static void merged_done(void *arg, cw_err rc, const cw_errmsg *e)
+{
+	struct merged *m = arg;
+	if (m->b) {
+		for (size_t i = 0; i < m->b->n; i++)
+			answer_item(m->app, m->b->items[i], &m->b->res[i], rc, e ? e->msg : "");
+		submit_free(m->b);
+	} else {
+		/* The job ended before it ran (its deadline passed, the database
+		 * went away): what waits in the queue gets its answer now. */
+		for (struct msg_input *x = queue_take(m->app->submits), *next; x; x = next) {
+			next = x->next;
+			struct item_result none = { 0 };
+			answer_item(m->app, x, &none, rc ? rc : CW_EINTERNAL, e ? e->msg : "");
+			msg_input_free(x);
+		}
+	}
+	free(m);
+}
+
+static const struct store_pipe_ops merged_ops = { merged_send, merged_recv };
+
+/* Queues one item (the request is suspended) and makes sure a job will
+ * take it. */
+static void submit_coalesced(struct cw_app *app, struct cw_req *req, struct msg_input *in)
+{
+	struct submit_queue *q = app->submits;
+	in->req = req;
+	cw_req_suspend(req);
+	pthread_mutex_lock(&q->mu);
+	if (q->tail)
+		q->tail->next = in;
+	else
+		q->head = in;
+	q->tail = in;
+	bool start = !q->job_queued;
+	q->job_queued = true;
+	pthread_mutex_unlock(&q->mu);
+	if (!start)
+		return;
+	struct merged *m = calloc(1, sizeof(*m));
+	cw_err rc = CW_ENOMEM;
+	if (m) {
+		m->app = app;
+		rc = store_write_pipe(app->store, &merged_ops, merged_done, m);
+	}
+	if (rc) { /* refused (the database is away): answer everything queued */
+		free(m);
+		for (struct msg_input *x = queue_take(q), *next; x; x = next) {
+			next = x->next;
+			struct item_result none = { 0 };
+			answer_item(app, x, &none, rc, cw_strerror(rc));
+			msg_input_free(x);
+		}
+	}
+}
 
 /* Which event types an endpoint takes (a bit per enum event_type). */
 #define TYPES_MESSAGES (~((1u << EVENT_RECEIPT) | (1u << EVENT_TYPING)))
@@ -1164,18 +1328,7 @@ static void submit_one(struct cw_req *req, struct cw_app *app, unsigned types, b
 	in->kinds = ev.kinds;
 	in->read_receipt = ev.type == EVENT_RECEIPT && ev.receipt == EVENT_RECEIPT_READ;
 	event_free(&ev);
-	struct submit *b = submit_new(1);
-	if (!b) {
-		msg_input_free(in);
-		cw_req_problem(req, 500, "internal", "Internal error", "out of memory");
-		return;
-	}
-	b->items[0] = in;
-	b->single = true;
-	struct app_job *j = app_job_new(app, req, NULL);
-	j->data = b;
-	j->data_free = submit_free;
-	app_job_start_pipe(j, &submit_ops);
+	submit_coalesced(app, req, in);
 }
 
 void peer_api_message_submit(struct cw_req *req, void *ctx) { submit_one(req, ctx, TYPES_MESSAGES, true); }

@@ -24,6 +24,10 @@ void peer_target_uri(struct cw_app *app, struct cw_req *req, char *buf, size_t l
 cw_err identity_id(PGconn *c, const struct mimi_uri *u, bool local, const char *network, const char *peer_id,
 		   char *out, size_t outlen, cw_errmsg *e);
 
+/* The queue that coalesces single-event submits (one per daemon). */
+struct submit_queue *submit_queue_new(void);
+void submit_queue_free(struct submit_queue *q);
+
 /* The statements the submit path prepares on every store connection. */
 extern const struct store_stmt peer_api_statements[];
 
