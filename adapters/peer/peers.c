@@ -29,6 +29,7 @@ struct snapshot {
 struct peer_registry {
 	pthread_mutex_t mu;
 	struct snapshot *snap;
+	uint64_t upserts; /* changes applied in-process; a load that overlaps one is redone */
 };
 
 static void snapshot_unref(struct peer_registry *r, struct snapshot *s)
@@ -79,8 +80,11 @@ void peer_principal_free(void *p)
 	free(pp);
 }
 
-cw_err peer_registry_load(struct peer_registry *r, PGconn *c, cw_errmsg *e)
+static cw_err registry_load_once(struct peer_registry *r, PGconn *c, bool *raced, cw_errmsg *e)
 {
+	pthread_mutex_lock(&r->mu);
+	uint64_t upserts_before = r->upserts;
+	pthread_mutex_unlock(&r->mu);
 	PGresult *res = PQexecParams(c, "SELECT id, name, domain, token_hash, ed25519_public_key, enabled "
 					"FROM peers ORDER BY id", 0, NULL, NULL, NULL, NULL, 1);
 	if (PQresultStatus(res) != PGRES_TUPLES_OK) {
@@ -119,12 +123,28 @@ cw_err peer_registry_load(struct peer_registry *r, PGconn *c, cw_errmsg *e)
 			s->n++;
 	}
 	PQclear(res);
+	/* A change applied in-process while this SELECT ran may be missing
+	 * from it (the SELECT began before that change committed): then this
+	 * snapshot is older than the one in force, and the load is redone. */
 	pthread_mutex_lock(&r->mu);
-	struct snapshot *old = r->snap;
-	r->snap = s;
+	*raced = r->upserts != upserts_before;
+	struct snapshot *old = *raced ? s : r->snap;
+	if (!*raced)
+		r->snap = s;
 	pthread_mutex_unlock(&r->mu);
 	snapshot_unref(r, old);
 	return CW_OK;
+}
+
+cw_err peer_registry_load(struct peer_registry *r, PGconn *c, cw_errmsg *e)
+{
+	for (int attempt = 0; attempt < 5; attempt++) {
+		bool raced = false;
+		cw_err rc = registry_load_once(r, c, &raced, e);
+		if (rc || !raced)
+			return rc;
+	}
+	return cw_fail(e, CW_ECONFLICT, "the peers kept changing during the reload");
 }
 
 static struct snapshot *snapshot_get(struct peer_registry *r)
@@ -171,13 +191,16 @@ struct peer_principal *peer_registry_by_token(struct peer_registry *r, const cha
  * (other processes pick it up on their next reload). */
 static void registry_upsert(struct peer_registry *r, const struct peer_entry *in)
 {
-	struct snapshot *old = snapshot_get(r);
+	/* Built and swapped under the lock, so that a reload swapped in
+	 * meanwhile is not lost under this change. */
+	pthread_mutex_lock(&r->mu);
+	struct snapshot *old = r->snap;
 	struct snapshot *s = calloc(1, sizeof(*s));
 	struct peer_entry *e = calloc(old->n + 1, sizeof(*e));
 	if (!s || !e) {
+		pthread_mutex_unlock(&r->mu);
 		free(s);
 		free(e);
-		snapshot_unref(r, old);
 		return;
 	}
 	s->e = e;
@@ -192,12 +215,10 @@ static void registry_upsert(struct peer_registry *r, const struct peer_entry *in
 	e[s->n] = *in;
 	EVP_PKEY_up_ref(in->key);
 	s->n++;
-	snapshot_unref(r, old);
-	pthread_mutex_lock(&r->mu);
-	struct snapshot *prev = r->snap;
 	r->snap = s;
+	r->upserts++;
 	pthread_mutex_unlock(&r->mu);
-	snapshot_unref(r, prev);
+	snapshot_unref(r, old); /* the registry's reference to the old one */
 }
 
 static bool hex32(const char *hex, unsigned char out[32])
