@@ -3,6 +3,8 @@
 #include "app.h"
 #include "buf.h"
 #include "log.h"
+#include "dispatcher.h"
+#include "httpsig.h"
 #include "metrics.h"
 #include "outbox_admin.h"
 #include "peer_api.h"
@@ -192,6 +194,29 @@ static void metrics_done(void *arg, cw_err rc, const cw_errmsg *e)
 			if (strcmp(outbox_states[k], "delivered") != 0)
 				cw_buf_printf(&b, "causeway_outbox_depth{state=\"%s\"} %lld\n", outbox_states[k],
 					      j->outbox[k]);
+	}
+	if (app->dispatcher) {
+		struct dispatcher_stats ds;
+		dispatcher_get_stats(app->dispatcher, &ds);
+		cw_buf_printf(&b, "# HELP causeway_dispatch_rows_total Outbox rows after a delivery attempt, by outcome.\n"
+				  "# TYPE causeway_dispatch_rows_total counter\n"
+				  "causeway_dispatch_rows_total{outcome=\"delivered\"} %llu\n"
+				  "causeway_dispatch_rows_total{outcome=\"retry\"} %llu\n"
+				  "causeway_dispatch_rows_total{outcome=\"dead\"} %llu\n",
+			      (unsigned long long)ds.delivered, (unsigned long long)ds.retried,
+			      (unsigned long long)ds.dead);
+		cw_buf_printf(&b, "# HELP causeway_dispatch_requests_total Delivery requests to destinations, by outcome.\n"
+				  "# TYPE causeway_dispatch_requests_total counter\n"
+				  "causeway_dispatch_requests_total{outcome=\"ok\"} %llu\n"
+				  "causeway_dispatch_requests_total{outcome=\"failed\"} %llu\n",
+			      (unsigned long long)ds.requests_ok, (unsigned long long)ds.requests_failed);
+	}
+	if (app->replay) {
+		cw_metrics_sample(&b, "causeway_signature_nonces", "gauge", "Request-signature nonces remembered.",
+				  NULL, (double)httpsig_replay_count(app->replay));
+		cw_metrics_sample(&b, "causeway_signature_nonces_evicted_live_total", "counter",
+				  "Nonces pushed out of a full replay cache inside their window (raise peer.replay_cache_entries).",
+				  NULL, (double)httpsig_replay_live_evictions(app->replay));
 	}
 	struct rusage ru;
 	if (getrusage(RUSAGE_SELF, &ru) == 0) {

@@ -23,7 +23,18 @@ struct dispatcher {
 	pthread_t thread;
 	atomic_bool stop;
 	PGconn *c;
+	atomic_uint_fast64_t delivered, retried, dead, requests_ok, requests_failed, claims;
 };
+
+void dispatcher_get_stats(struct dispatcher *d, struct dispatcher_stats *st)
+{
+	st->delivered = atomic_load(&d->delivered);
+	st->retried = atomic_load(&d->retried);
+	st->dead = atomic_load(&d->dead);
+	st->requests_ok = atomic_load(&d->requests_ok);
+	st->requests_failed = atomic_load(&d->requests_failed);
+	st->claims = atomic_load(&d->claims);
+}
 
 bool dispatcher_stopping(const struct dispatcher *d) { return atomic_load(&((struct dispatcher *)d)->stop); }
 
@@ -202,9 +213,16 @@ static void record(struct dispatcher *d, const struct outbox_row *rows, size_t n
 		" last_error = CASE WHEN $2::boolean THEN NULL ELSE $4 END, "
 		" next_attempt_at = CASE WHEN $2::boolean THEN next_attempt_at ELSE now() + make_interval(secs => "
 		"  least($7::bigint, $6::bigint * (1::bigint << least(attempts - 1, 30))) / 1000.0 * (0.5 + random() / 2)) END "
-		"WHERE id = ANY($1::bigint[]) AND state = 'in_flight'",
+		"WHERE id = ANY($1::bigint[]) AND state = 'in_flight' RETURNING state",
 		8, NULL, params, NULL, NULL, 0);
-	if (PQresultStatus(r) != PGRES_COMMAND_OK) {
+	if (PQresultStatus(r) == PGRES_TUPLES_OK) {
+		for (int i = 0; i < PQntuples(r); i++) {
+			const char *st = PQgetvalue(r, i, 0);
+			atomic_fetch_add(strcmp(st, "delivered") == 0 ? &d->delivered
+					 : strcmp(st, "dead") == 0    ? &d->dead
+								      : &d->retried, 1);
+		}
+	} else {
 		cw_errmsg e;
 		store_result_err(d->c, r, &e);
 		LOG_KV(CW_LOG_WARN, "recording a delivery failed; the claim will run out and the rows go again",
@@ -233,6 +251,7 @@ static void deliver_all(struct dispatcher *d, struct outbox_row *rows, size_t n)
 		int64_t t0 = cw_wall_ms();
 		cw_err rc = d->o.peer_deliver(d->o.peer_ctx, d->c, rows[i].destination, batch, m, &code, &e);
 		record(d, batch, m, rc == CW_OK, code, rc ? e.msg : NULL, t0);
+		atomic_fetch_add(rc == CW_OK ? &d->requests_ok : &d->requests_failed, 1);
 		char count[16], codes[16];
 		snprintf(count, sizeof(count), "%zu", m);
 		snprintf(codes, sizeof(codes), "%ld", code);
@@ -276,6 +295,7 @@ static void *dispatcher_main(void *arg)
 		struct outbox_row *rows;
 		int n = claim(d, &rows);
 		if (n > 0) {
+			atomic_fetch_add(&d->claims, 1);
 			deliver_all(d, rows, (size_t)n);
 			free(rows);
 			continue;
@@ -309,10 +329,16 @@ cw_err dispatcher_start(struct dispatcher **out, const struct dispatcher_opts *o
 
 void dispatcher_stop(struct dispatcher *d)
 {
+	if (!d || atomic_exchange(&d->stop, true))
+		return;
+	pthread_join(d->thread, NULL);
+}
+
+void dispatcher_free(struct dispatcher *d)
+{
 	if (!d)
 		return;
-	atomic_store(&d->stop, true);
-	pthread_join(d->thread, NULL);
+	dispatcher_stop(d);
 	free(d->url);
 	free(d->name);
 	free(d);

@@ -39,8 +39,20 @@ struct dispatcher_opts {
 };
 
 cw_err dispatcher_start(struct dispatcher **out, const struct dispatcher_opts *o, cw_errmsg *e);
-/* Stops and joins the thread, frees d (NULL is fine). */
+/* Stops and joins the thread (idempotent; NULL is fine).  The stats stay
+ * readable until dispatcher_free. */
 void dispatcher_stop(struct dispatcher *d);
+void dispatcher_free(struct dispatcher *d);
+struct dispatcher_stats {
+	uint64_t delivered;      /* outbox rows acknowledged by their destination */
+	uint64_t retried;        /* rows whose attempt failed and will be tried again */
+	uint64_t dead;           /* rows that ran out of attempts */
+	uint64_t requests_ok;    /* delivery requests answered 2xx */
+	uint64_t requests_failed;
+	uint64_t claims;         /* claim transactions that found rows */
+};
+void dispatcher_get_stats(struct dispatcher *d, struct dispatcher_stats *st);
+
 /* True while asked to stop (adapters abort long transfers on it). */
 bool dispatcher_stopping(const struct dispatcher *d);
 

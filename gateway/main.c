@@ -272,7 +272,7 @@ int main(int argc, char **argv)
 	};
 	if (cw_http_start(&app.http, &ho, &e)) {
 		LOG_KV(CW_LOG_ERROR, "cannot start the HTTP front", "detail", e.msg);
-		dispatcher_stop(app.dispatcher);
+		dispatcher_free(app.dispatcher);
 		peer_out_free(pout);
 		goto out_store;
 	}
@@ -318,6 +318,7 @@ int main(int argc, char **argv)
 	char left[16];
 	snprintf(left, sizeof(left), "%ld", cw_http_in_flight(app.http));
 	cw_http_stop(app.http);
+	dispatcher_free(app.dispatcher);
 	snprintf(ms, sizeof(ms), "%.1f", (double)(cw_now_us() - t_stop) / 1000.0);
 	LOG_KV(CW_LOG_INFO, "stopped", "drained", idle ? "true" : "false", "abandoned_requests", left,
 	       "shutdown_ms", ms);

@@ -373,3 +373,25 @@ def test_members_add_and_remove(daemon, peers, pg, db_url):
     assert a.call("POST", "/v1/rooms/r_none/members", {"add": [b.user("x")]}).status_code == 404
     only_a = a.create_room([a.user("p"), a.user("q")]).json()
     assert b.call("POST", f"/v1/rooms/{only_a['id']}/members", {"add": [b.user("x")]}).status_code == 404
+
+
+def test_dispatch_and_signature_metrics(daemon, peers):
+    (a, _), (b, sb) = peers
+    rm = room(a, b)
+    sb.fail_next = 1
+    for i in range(3):
+        assert a.send(rm["id"], a.user("alice"), f"m{i}").status_code == 202
+    sb.wait_events(3)
+
+    def value(text, key):
+        for line in text.splitlines():
+            if line.startswith(key + " "):
+                return float(line.split()[-1])
+        return None
+    t = wait_until(lambda: (lambda t: t if value(t, 'causeway_dispatch_rows_total{outcome="delivered"}') == 3
+                            else None)(daemon.get("/metrics").text), what="delivered counted")
+    assert value(t, 'causeway_dispatch_rows_total{outcome="retry"}') >= 1
+    assert value(t, 'causeway_dispatch_requests_total{outcome="failed"}') >= 1
+    assert value(t, 'causeway_dispatch_requests_total{outcome="ok"}') >= 1
+    assert value(t, "causeway_signature_nonces") >= 4       # room creation + three submits
+    assert value(t, "causeway_signature_nonces_evicted_live_total") == 0
