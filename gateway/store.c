@@ -144,6 +144,15 @@ cw_err store_result_err(PGconn *c, const PGresult *r, cw_errmsg *e)
 	return cw_fail(e, CW_EIO, "database error %s: %s", state ? state : "", msg);
 }
 
+cw_err store_check(PGconn *c, PGresult *r, ExecStatusType st, cw_errmsg *e)
+{
+	if (PQresultStatus(r) == st)
+		return CW_OK;
+	cw_err rc = store_result_err(c, r, e);
+	PQclear(r);
+	return rc;
+}
+
 cw_err store_exec(PGconn *c, const char *sql, cw_errmsg *e)
 {
 	PGresult *r = PQexec(c, sql);

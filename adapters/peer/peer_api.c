@@ -127,15 +127,6 @@ static PGresult *exec(PGconn *c, const char *sql, int n, const char *const *para
 	return PQexecParams(c, sql, n, NULL, params, NULL, NULL, 0);
 }
 
-/* OK or the error of a result that should have been st. */
-static cw_err check(PGconn *c, PGresult *r, ExecStatusType st, cw_errmsg *e)
-{
-	if (PQresultStatus(r) == st)
-		return CW_OK;
-	cw_err rc = store_result_err(c, r, e);
-	PQclear(r);
-	return rc;
-}
 
 /* Idempotency: a stored answer for (scope, key) is replayed when the request
  * is the same and refused when it differs.  Returns true when j is answered. */
@@ -148,7 +139,7 @@ static bool idem_replay(PGconn *c, struct app_job *j, const char *scope, const c
 	const char *params[] = { scope, key };
 	PGresult *r = exec(c, "SELECT encode(request_hash, 'hex'), response_status, response::text "
 			      "FROM idempotency_keys WHERE scope = $1 AND key = $2", 2, params);
-	if ((*rc = check(c, r, PGRES_TUPLES_OK, e)))
+	if ((*rc = store_check(c, r, PGRES_TUPLES_OK, e)))
 		return true;
 	if (PQntuples(r) == 0) {
 		PQclear(r);
@@ -180,7 +171,7 @@ static cw_err idem_store(PGconn *c, const char *scope, const char *key, const un
 			      "response_status, response) VALUES ($1, $2, decode($3, 'hex'), $4::bigint, $5::bigint, "
 			      "$6::int, $7::jsonb)", 7, params);
 	free(resp);
-	cw_err rc = check(c, r, PGRES_COMMAND_OK, e);
+	cw_err rc = store_check(c, r, PGRES_COMMAND_OK, e);
 	if (!rc)
 		PQclear(r);
 	return rc;
@@ -202,7 +193,7 @@ cw_err identity_id(PGconn *c, const struct mimi_uri *u, bool local, const char *
 			"WITH ins AS (INSERT INTO identities (uri, domain, localpart, is_local, network, peer_id) "
 			"VALUES ($1, $2, $3, $4::boolean, $5, $6::bigint) ON CONFLICT (uri) DO NOTHING RETURNING id) "
 			"SELECT id FROM ins UNION ALL SELECT id FROM identities WHERE uri = $1 LIMIT 1", 6, params);
-		cw_err rc = check(c, r, PGRES_TUPLES_OK, e);
+		cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 		if (rc)
 			return rc;
 		if (PQntuples(r) == 1) {
@@ -322,7 +313,7 @@ static cw_err classify_members(PGconn *c, struct app_job *j, const struct peer_p
 		} else {
 			const char *params[] = { u->domain };
 			PGresult *r = exec(c, "SELECT id, name FROM peers WHERE domain = $1 AND enabled", 1, params);
-			cw_err rc = check(c, r, PGRES_TUPLES_OK, e);
+			cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 			if (rc)
 				return rc;
 			if (PQntuples(r) == 0) {
@@ -355,7 +346,7 @@ static cw_err room_create_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	PGresult *r = exec(c, "INSERT INTO rooms (public_id, uri, hub_domain, kind, policy, created_by_peer_id) "
 			      "VALUES ($1, $2, $3, $4, $5::jsonb, $6::bigint) ON CONFLICT (uri) DO NOTHING RETURNING id",
 			   6, params);
-	if ((rc = check(c, r, PGRES_TUPLES_OK, e)))
+	if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
 		return rc;
 	if (PQntuples(r) == 0) {
 		PQclear(r);
@@ -376,7 +367,7 @@ static cw_err room_create_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		const char *mp[] = { room_id, ident };
 		r = exec(c, "INSERT INTO room_members (room_id, identity_id, membership) VALUES ($1, $2, 'joined') "
 			    "ON CONFLICT DO NOTHING", 2, mp);
-		if ((rc = check(c, r, PGRES_COMMAND_OK, e))) {
+		if ((rc = store_check(c, r, PGRES_COMMAND_OK, e))) {
 			json_decref(members);
 			return rc;
 		}
@@ -493,7 +484,7 @@ static cw_err room_state(PGconn *c, struct app_job *j, const char *public_id, in
 		"WHERE r.public_id = $1 AND EXISTS (SELECT 1 FROM room_members m2 JOIN identities i2 "
 		"ON i2.id = m2.identity_id WHERE m2.room_id = r.id AND i2.peer_id = $2::bigint) ORDER BY i.uri",
 		2, params);
-	cw_err rc = check(c, r, PGRES_TUPLES_OK, e);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 	if (rc)
 		return rc;
 	if (PQntuples(r) == 0) {
@@ -537,7 +528,7 @@ static cw_err members_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	PGresult *r = exec(c, "SELECT r.id, r.kind FROM rooms r WHERE r.public_id = $1 AND EXISTS (SELECT 1 FROM "
 			      "room_members m JOIN identities i ON i.id = m.identity_id WHERE m.room_id = r.id AND "
 			      "i.peer_id = $2::bigint AND m.membership = 'joined') FOR UPDATE", 2, rp);
-	cw_err rc = check(c, r, PGRES_TUPLES_OK, e);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 	if (rc)
 		return rc;
 	if (PQntuples(r) == 0) {
@@ -565,7 +556,7 @@ static cw_err members_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		r = exec(c, "INSERT INTO room_members (room_id, identity_id, membership) VALUES ($1::bigint, $2::bigint, "
 			    "'joined') ON CONFLICT (room_id, identity_id) DO UPDATE SET membership = 'joined', "
 			    "updated_at = now()", 2, mp);
-		if ((rc = check(c, r, PGRES_COMMAND_OK, e)))
+		if ((rc = store_check(c, r, PGRES_COMMAND_OK, e)))
 			return rc;
 		PQclear(r);
 	}
@@ -573,7 +564,7 @@ static cw_err members_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		const char *mp[] = { room_id, in->remove[i].uri };
 		r = exec(c, "UPDATE room_members SET membership = 'left', updated_at = now() WHERE room_id = $1::bigint "
 			    "AND identity_id = (SELECT id FROM identities WHERE uri = $2)", 2, mp);
-		if ((rc = check(c, r, PGRES_COMMAND_OK, e)))
+		if ((rc = store_check(c, r, PGRES_COMMAND_OK, e)))
 			return rc;
 		PQclear(r);
 	}
@@ -1363,7 +1354,7 @@ static cw_err message_status_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		"LEFT JOIN outbox o ON o.event_id = ev.id LEFT JOIN identities t ON t.id = o.target_identity_id "
 		"LEFT JOIN peers p ON o.destination = 'peer:' || p.name "
 		"WHERE ev.public_id = $1 AND s.peer_id = $2::bigint ORDER BY o.id", 2, params);
-	cw_err rc = check(c, r, PGRES_TUPLES_OK, e);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 	if (rc)
 		return rc;
 	if (PQntuples(r) == 0) {

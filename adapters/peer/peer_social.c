@@ -38,14 +38,6 @@ static void social_free(void *arg)
 	free(in);
 }
 
-static cw_err check(PGconn *c, PGresult *r, ExecStatusType st, cw_errmsg *e)
-{
-	if (PQresultStatus(r) == st)
-		return CW_OK;
-	cw_err rc = store_result_err(c, r, e);
-	PQclear(r);
-	return rc;
-}
 
 static cw_err both(PGconn *c, struct social_input *in, char remote_id[24], char local_id[24], cw_errmsg *e)
 {
@@ -58,7 +50,7 @@ static cw_err both(PGconn *c, struct social_input *in, char remote_id[24], char 
 static cw_err run(PGconn *c, const char *sql, int n, const char *const *params, cw_errmsg *e)
 {
 	PGresult *r = PQexecParams(c, sql, n, NULL, params, NULL, NULL, 0);
-	cw_err rc = check(c, r, PGRES_COMMAND_OK, e);
+	cw_err rc = store_check(c, r, PGRES_COMMAND_OK, e);
 	if (!rc)
 		PQclear(r);
 	return rc;
@@ -309,7 +301,7 @@ static cw_err query_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	 * give the same empty answer. */
 	PGresult *r = PQexecParams(c, "SELECT uri FROM identities WHERE uri = $1 AND is_local AND discoverable", 1, NULL,
 				   params, NULL, NULL, 0);
-	cw_err rc = check(c, r, PGRES_TUPLES_OK, e);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 	if (rc)
 		return rc;
 	json_t *matches = json_array();
