@@ -246,33 +246,6 @@ static bool entry_from_row(PGresult *res, int i, struct peer_entry *p)
 	return p->key != NULL;
 }
 
-struct reload_job {
-	struct peer_registry *r;
-};
-
-static cw_err reload_fn(PGconn *c, void *arg, cw_errmsg *e)
-{
-	struct reload_job *j = arg;
-	return peer_registry_load(j->r, c, e);
-}
-
-static void reload_done(void *arg, cw_err rc, const cw_errmsg *e)
-{
-	if (rc)
-		LOG_KV(CW_LOG_WARN, "peer registry reload failed", "detail", e->msg);
-	free(arg);
-}
-
-void peer_registry_reload_async(struct peer_registry *r, struct cw_store *s)
-{
-	struct reload_job *j = malloc(sizeof(*j));
-	if (!j)
-		return;
-	j->r = r;
-	if (store_read(s, reload_fn, reload_done, j))
-		free(j);
-}
-
 /* ------------------------------------------------------------ validators */
 
 bool peer_name_valid(const char *s)

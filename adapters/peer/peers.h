@@ -31,8 +31,6 @@ struct peer_registry *peer_registry_new(void);
 void peer_registry_free(struct peer_registry *r);
 /* Replaces the snapshot with the peers table as c sees it. */
 cw_err peer_registry_load(struct peer_registry *r, PGconn *c, cw_errmsg *e);
-/* Queues a reload on a store reader (after an admin change). */
-void peer_registry_reload_async(struct peer_registry *r, struct cw_store *s);
 /* The enabled peer whose token hashes to token's SHA-256, as a new
  * principal the caller frees; NULL when none (compared in constant time
  * against every peer). */
