@@ -61,6 +61,21 @@ static int cmp_row(const void *a, const void *b)
 	return (x->id > y->id) - (x->id < y->id);
 }
 
+json_t *outbox_event_json(PGresult *r, int row, int col)
+{
+	json_t *ev = json_loads(PQgetvalue(r, row, col + 1), 0, NULL);
+	if (!ev)
+		ev = json_object();
+	json_object_set_new(ev, "id", json_string(PQgetvalue(r, row, col)));
+	json_object_set_new(ev, "room", json_string(PQgetvalue(r, row, col + 2)));
+	json_object_set_new(ev, "room_id", json_string(PQgetvalue(r, row, col + 3)));
+	json_object_set_new(ev, "sender", json_string(PQgetvalue(r, row, col + 4)));
+	json_object_set_new(ev, "accepted_ts", json_integer(atoll(PQgetvalue(r, row, col + 5))));
+	if (!json_object_get(ev, "ts")) /* the sender gave none: the time it was accepted */
+		json_object_set_new(ev, "ts", json_integer(atoll(PQgetvalue(r, row, col + 6))));
+	return ev;
+}
+
 /* Claims due rows of one destination into rows[*n...]; false on failure. */
 static bool claim_destination(struct dispatcher *d, const char *dest, struct outbox_row **rows, int *n, int *cap,
 			      cw_errmsg *e)
@@ -114,17 +129,7 @@ static bool claim_destination(struct dispatcher *d, const char *dest, struct out
 		row->id = atoll(PQgetvalue(r, i, 0));
 		snprintf(row->destination, sizeof(row->destination), "%s", PQgetvalue(r, i, 1));
 		row->attempts = atoi(PQgetvalue(r, i, 2));
-		json_t *ev = json_loads(PQgetvalue(r, i, 4), 0, NULL);
-		if (!ev)
-			ev = json_object();
-		json_object_set_new(ev, "id", json_string(PQgetvalue(r, i, 3)));
-		json_object_set_new(ev, "room", json_string(PQgetvalue(r, i, 5)));
-		json_object_set_new(ev, "room_id", json_string(PQgetvalue(r, i, 6)));
-		json_object_set_new(ev, "sender", json_string(PQgetvalue(r, i, 7)));
-		json_object_set_new(ev, "accepted_ts", json_integer(atoll(PQgetvalue(r, i, 8))));
-		if (!json_object_get(ev, "ts")) /* the sender gave none: the time it was accepted */
-			json_object_set_new(ev, "ts", json_integer(atoll(PQgetvalue(r, i, 9))));
-		row->event = ev;
+		row->event = outbox_event_json(r, i, 3);
 	}
 	PQclear(r);
 	return true;

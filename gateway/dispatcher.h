@@ -19,6 +19,12 @@ struct outbox_row {
 	json_t *event; /* the neutral event as the far side sees it (owned) */
 };
 
+/* The event as a peer receives it (pushed or pulled), from row `row` of r
+ * whose columns from `col` on are: the event's public id, its content
+ * (text), the room's URI, the room's public id, the sender's URI, the
+ * acceptance time (ms) and the event's ts.  A new reference. */
+json_t *outbox_event_json(PGresult *r, int row, int col);
+
 /* An adapter's delivery: rows are in order (per room) for one destination.
  * Returns CW_OK when the far side acknowledged all of them; otherwise e says
  * why and *code holds the HTTP status (0: no answer). c is the dispatcher's

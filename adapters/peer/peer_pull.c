@@ -2,6 +2,7 @@
 #include "config.h"
 #include "peer_pull.h"
 #include "app.h"
+#include "dispatcher.h"
 #include "log.h"
 #include "peers.h"
 #include "store.h"
@@ -76,17 +77,7 @@ static bool try_answer(struct peer_pull *p, struct waiter *w, bool final)
 	}
 	json_t *events = json_array();
 	for (int i = 0; i < n; i++) {
-		json_t *ev = json_loads(PQgetvalue(r, i, 2), 0, NULL);
-		if (!ev)
-			ev = json_object();
-		json_object_set_new(ev, "id", json_string(PQgetvalue(r, i, 1)));
-		json_object_set_new(ev, "room", json_string(PQgetvalue(r, i, 3)));
-		json_object_set_new(ev, "room_id", json_string(PQgetvalue(r, i, 4)));
-		json_object_set_new(ev, "sender", json_string(PQgetvalue(r, i, 5)));
-		json_object_set_new(ev, "accepted_ts", json_integer(atoll(PQgetvalue(r, i, 6))));
-		if (!json_object_get(ev, "ts"))
-			json_object_set_new(ev, "ts", json_integer(atoll(PQgetvalue(r, i, 7))));
-		json_array_append_new(events, ev);
+		json_array_append_new(events, outbox_event_json(r, i, 1));
 	}
 	char next[24];
 	snprintf(next, sizeof(next), "%s", n ? PQgetvalue(r, n - 1, 0) : after);
