@@ -353,7 +353,15 @@ void app_job_fail(struct app_job *j, int status, const char *code, const char *f
 	va_end(ap);
 }
 
-static void job_reset(struct app_job *j);
+/* Clears a job's outputs before (each) run of its work. */
+static void job_reset(struct app_job *j)
+{
+	json_decref(j->body);
+	j->body = NULL;
+	j->status = 200;
+	j->err_code = NULL;
+	j->err_detail[0] = '\0';
+}
 
 static cw_err job_run(PGconn *c, void *arg, cw_errmsg *e)
 {
@@ -380,15 +388,6 @@ static void job_done(void *arg, cw_err rc, const cw_errmsg *e)
 	if (j->data_free)
 		j->data_free(j->data);
 	free(j);
-}
-
-static void job_reset(struct app_job *j)
-{
-	json_decref(j->body);
-	j->body = NULL;
-	j->status = 200;
-	j->err_code = NULL;
-	j->err_detail[0] = '\0';
 }
 
 static cw_err pipe_send(PGconn *c, void *arg, int round, cw_errmsg *e)

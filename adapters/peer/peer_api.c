@@ -89,7 +89,7 @@ bool peer_verify_request(struct cw_app *app, struct cw_req *req, struct peer_pri
 
 /* ------------------------------------------------------------ helpers */
 
-static bool api_enabled(struct cw_app *app, struct cw_req *req)
+bool peer_api_enabled(struct cw_app *app, struct cw_req *req)
 {
 	if (app->cfg->domain && *app->cfg->domain)
 		return true;
@@ -211,7 +211,7 @@ cw_err identity_id(PGconn *c, const struct mimi_uri *u, bool local, const char *
 void peer_api_directory(struct cw_req *req, void *ctx)
 {
 	struct cw_app *app = ctx;
-	if (!api_enabled(app, req))
+	if (!peer_api_enabled(app, req))
 		return;
 	struct event_limits lim = event_limits_default();
 	json_t *d = json_pack(
@@ -383,7 +383,7 @@ static cw_err room_create_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 void peer_api_room_create(struct cw_req *req, void *ctx)
 {
 	struct cw_app *app = ctx;
-	if (!api_enabled(app, req))
+	if (!peer_api_enabled(app, req))
 		return;
 	struct peer_principal *p = cw_req_principal(req);
 	const char *key = cw_req_header(req, "Idempotency-Key");
@@ -601,7 +601,7 @@ static bool read_users(struct cw_req *req, json_t *arr, const char *what, struct
 void peer_api_room_members(struct cw_req *req, void *ctx)
 {
 	struct cw_app *app = ctx;
-	if (!api_enabled(app, req))
+	if (!peer_api_enabled(app, req))
 		return;
 	const char *room = cw_req_param(req, "room");
 	if (!room_public_id_valid(room)) {
@@ -638,7 +638,7 @@ void peer_api_room_members(struct cw_req *req, void *ctx)
 void peer_api_room_get(struct cw_req *req, void *ctx)
 {
 	struct cw_app *app = ctx;
-	if (!api_enabled(app, req))
+	if (!peer_api_enabled(app, req))
 		return;
 	const char *room = cw_req_param(req, "room");
 	if (!room_public_id_valid(room)) {
@@ -1253,7 +1253,7 @@ static void submit_coalesced(struct cw_app *app, struct cw_req *req, struct msg_
  * effort and a repeated receipt says nothing new). */
 static void submit_one(struct cw_req *req, struct cw_app *app, unsigned types, bool key_required)
 {
-	if (!api_enabled(app, req))
+	if (!peer_api_enabled(app, req))
 		return;
 	struct peer_principal *p = cw_req_principal(req);
 	const char *room = cw_req_param(req, "room");
@@ -1379,7 +1379,7 @@ static cw_err message_status_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 void peer_api_message_status(struct cw_req *req, void *ctx)
 {
 	struct cw_app *app = ctx;
-	if (!api_enabled(app, req))
+	if (!peer_api_enabled(app, req))
 		return;
 	const char *id = cw_req_param(req, "id");
 	if (!message_id_valid(id)) {
@@ -1403,7 +1403,7 @@ static json_t *problem_item(json_t *key, int status, const char *code, const cha
 void peer_api_batch(struct cw_req *req, void *ctx)
 {
 	struct cw_app *app = ctx;
-	if (!api_enabled(app, req))
+	if (!peer_api_enabled(app, req))
 		return;
 	struct peer_principal *p = cw_req_principal(req);
 	if (!app_is_json(req))

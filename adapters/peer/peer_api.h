@@ -15,6 +15,10 @@
  * after answering 401 bad_signature. */
 bool peer_verify_request(struct cw_app *app, struct cw_req *req, struct peer_principal *p);
 
+/* False after answering 503 while server.domain is not set (the interop
+ * API needs to know which users are local). */
+bool peer_api_enabled(struct cw_app *app, struct cw_req *req);
+
 /* The absolute URI a client used for this request (public_url or Host). */
 void peer_target_uri(struct cw_app *app, struct cw_req *req, char *buf, size_t len);
 

@@ -91,10 +91,8 @@ static bool user_member(struct cw_req *req, json_t *body, const char *name, bool
 static struct social_input *begin(struct cw_req *req, struct cw_app *app, json_t **body, const char *remote_name,
 				  const char *local_name)
 {
-	if (!app->cfg->domain || !*app->cfg->domain) {
-		cw_req_problem(req, 503, "unavailable", "Not configured", "the operator has not set server.domain");
+	if (!peer_api_enabled(app, req))
 		return NULL;
-	}
 	struct peer_principal *p = cw_req_principal(req);
 	*body = app_json_body(req);
 	if (!*body)
@@ -315,10 +313,8 @@ static cw_err query_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 void peer_api_identifier_query(struct cw_req *req, void *ctx)
 {
 	struct cw_app *app = ctx;
-	if (!app->cfg->domain || !*app->cfg->domain) {
-		cw_req_problem(req, 503, "unavailable", "Not configured", "the operator has not set server.domain");
+	if (!peer_api_enabled(app, req))
 		return;
-	}
 	json_t *body = app_json_body(req);
 	if (!body)
 		return;
