@@ -11,6 +11,8 @@
 #include "peer_pull.h"
 #include "peer_social.h"
 #include "peers.h"
+#include "policy_admin.h"
+#include "policy_live.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -211,6 +213,33 @@ static void metrics_done(void *arg, cw_err rc, const cw_errmsg *e)
 				  "causeway_dispatch_requests_total{outcome=\"failed\"} %llu\n",
 			      (unsigned long long)ds.requests_ok, (unsigned long long)ds.requests_failed);
 	}
+	if (app->policy) {
+		struct policy_live_stats ps;
+		policy_live_get_stats(app->policy, &ps);
+		cw_buf_printf(&b, "# HELP causeway_policy_decisions_total Policy decisions, by verdict.\n"
+				  "# TYPE causeway_policy_decisions_total counter\n");
+		for (int k = 0; k < 4; k++)
+			cw_buf_printf(&b, "causeway_policy_decisions_total{verdict=\"%s\"} %llu\n",
+				      policy_verdict_name((enum policy_verdict)k), atomic_load(&app->decisions[k]));
+		cw_metrics_sample(&b, "causeway_policy_version", "gauge", "Version of the policy snapshot in force.",
+				  NULL, (double)ps.version);
+		cw_metrics_sample(&b, "causeway_policy_rules", "gauge", "Rules in the snapshot in force.", NULL,
+				  (double)ps.rules);
+		cw_metrics_sample(&b, "causeway_policy_facts", "gauge",
+				  "Consent facts (opt-ins, consents, remote blocks) in the snapshot in force.", NULL,
+				  (double)ps.facts);
+		cw_metrics_sample(&b, "causeway_policy_load_ms", "gauge", "How long the last snapshot took to load.",
+				  NULL, ps.last_load_ms);
+		cw_metrics_sample(&b, "causeway_policy_reload_failures_total", "counter", "Snapshot reloads that failed.",
+				  NULL, (double)ps.reload_failures);
+		cw_buf_printf(&b, "# HELP causeway_policy_held_swept_total Held outbox rows changed by the sweep.\n"
+				  "# TYPE causeway_policy_held_swept_total counter\n"
+				  "causeway_policy_held_swept_total{outcome=\"released\"} %llu\n"
+				  "causeway_policy_held_swept_total{outcome=\"dropped\"} %llu\n"
+				  "causeway_policy_held_swept_total{outcome=\"expired\"} %llu\n",
+			      (unsigned long long)ps.released, (unsigned long long)ps.dropped,
+			      (unsigned long long)ps.expired);
+	}
 	if (app->replay) {
 		cw_metrics_sample(&b, "causeway_signature_nonces", "gauge", "Request-signature nonces remembered.",
 				  NULL, (double)httpsig_replay_count(app->replay));
@@ -286,6 +315,23 @@ const struct cw_route app_routes[] = {
 	{ "POST", "/admin/v1/peers/{name}/rotate", peer_admin_rotate, CW_AUTH_ADMIN, NULL },
 	{ "GET", "/admin/v1/outbox", outbox_admin_list, CW_AUTH_ADMIN_READ, NULL },
 	{ "POST", "/admin/v1/outbox/{id}/replay", outbox_admin_replay, CW_AUTH_ADMIN, NULL },
+	{ "GET", "/admin/v1/rules", policy_admin_rules_list, CW_AUTH_ADMIN_READ, NULL },
+	{ "POST", "/admin/v1/rules", policy_admin_rule_create, CW_AUTH_ADMIN, NULL },
+	{ "GET", "/admin/v1/rules/{id}", policy_admin_rule_get, CW_AUTH_ADMIN_READ, NULL },
+	{ "PATCH", "/admin/v1/rules/{id}", policy_admin_rule_update, CW_AUTH_ADMIN, NULL },
+	{ "DELETE", "/admin/v1/rules/{id}", policy_admin_rule_delete, CW_AUTH_ADMIN, NULL },
+	{ "GET", "/admin/v1/settings", policy_admin_settings_get, CW_AUTH_ADMIN_READ, NULL },
+	{ "PATCH", "/admin/v1/settings", policy_admin_settings_update, CW_AUTH_ADMIN, NULL },
+	{ "GET", "/admin/v1/users", policy_admin_users_list, CW_AUTH_ADMIN_READ, NULL },
+	{ "POST", "/admin/v1/optins", policy_admin_optin_set, CW_AUTH_ADMIN, NULL },
+	{ "POST", "/admin/v1/consents", policy_admin_consent_set, CW_AUTH_ADMIN, NULL },
+	{ "GET", "/admin/v1/consent-requests", policy_admin_consent_requests, CW_AUTH_ADMIN_READ, NULL },
+	{ "GET", "/admin/v1/held", policy_admin_held_list, CW_AUTH_ADMIN_READ, NULL },
+	{ "GET", "/admin/v1/reports", policy_admin_reports_list, CW_AUTH_ADMIN_READ, NULL },
+	{ "POST", "/admin/v1/reports", policy_admin_report_create, CW_AUTH_ADMIN, NULL },
+	{ "POST", "/admin/v1/reports/{id}/handle", policy_admin_report_handle, CW_AUTH_ADMIN, NULL },
+	{ "GET", "/admin/v1/audit", policy_admin_audit_list, CW_AUTH_ADMIN_READ, NULL },
+	{ "GET", "/admin/v1/messages/{id}/decision", policy_admin_decision, CW_AUTH_ADMIN_READ, NULL },
 };
 const size_t app_nroutes = CW_ARRAY_LEN(app_routes);
 
@@ -428,6 +474,12 @@ void app_job_start(struct app_job *j, bool write)
 		cw_fail(&e, rc, "%s", cw_strerror(rc));
 		job_done(j, rc, &e);
 	}
+}
+
+void policy_count(struct cw_app *app, const struct policy_decision *d)
+{
+	if ((unsigned)d->verdict < 4)
+		atomic_fetch_add(&app->decisions[d->verdict], 1);
 }
 
 const char *app_status_title(int status)

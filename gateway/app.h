@@ -9,6 +9,7 @@
 #include "store.h"
 
 #include <jansson.h>
+#include <stdatomic.h>
 
 #include <openssl/evp.h>
 
@@ -19,6 +20,8 @@ struct httpsig_replay;
 struct dispatcher;
 struct peer_pull;
 struct submit_queue;
+struct policy_live;
+struct ratelimit;
 
 struct cw_app {
 	struct cw_config *cfg;
@@ -32,7 +35,9 @@ struct cw_app {
 	EVP_PKEY *signing_key;          /* Causeway's own Ed25519 key */
 	char public_key_b64[64];
 	struct httpsig_replay *replay;  /* nonces of peer signatures */
-	struct policy_snapshot policy;
+	struct policy_live *policy;     /* the rules and consent in force */
+	struct ratelimit *limits;       /* the token buckets of rate limits */
+	_Atomic unsigned long long decisions[4]; /* policy verdicts, by enum policy_verdict */
 	struct dispatcher *dispatcher;
 	struct peer_pull *pull;         /* the long-poll thread of GET /v1/events */
 	struct submit_queue *submits;   /* coalesces single-event submits */
@@ -100,6 +105,9 @@ const char *app_status_title(int status);
 json_t *app_json_body(struct cw_req *req);
 /* The bearer token of the Authorization header, or NULL. */
 const char *app_bearer(struct cw_req *req);
+
+/* Counts a policy decision (metrics). */
+void policy_count(struct cw_app *app, const struct policy_decision *d);
 
 /* The route table of the daemon. */
 extern const struct cw_route app_routes[];

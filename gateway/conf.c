@@ -55,6 +55,13 @@ const struct cfg_option cfg_options[] = {
 	{ "dispatcher", "http_timeout_ms", CFG_INT, OFF(http_timeout_ms), "10000", 100, 600000, false, false,
 	  "timeout of one outbound HTTP request to a peer" },
 
+	{ "policy", "sweep_interval_ms", CFG_INT, OFF(policy_sweep_interval_ms), "2000", 100, 600000, false, false,
+	  "how often held messages are released or dropped by the users' consent and expired ones deleted" },
+	{ "policy", "reload_interval_s", CFG_INT, OFF(policy_reload_interval_s), "60", 1, 3600, false, false,
+	  "rules and consent are reloaded on every change (NOTIFY) and at least this often" },
+	{ "policy", "rate_buckets", CFG_INT, OFF(policy_rate_buckets), "65536", 1024, 16777216, false, false,
+	  "token buckets kept for rate limits (per daemon process; the least recently used is reused)" },
+
 	{ "database", "url", CFG_STR, OFF(db_url), "", 0, 0, false, true,
 	  "libpq connection URL or key=value string of the PostgreSQL database (required)" },
 	{ "database", "schema_dir", CFG_STR, OFF(schema_dir), CW_SCHEMA_DIR, 0, 0, false, false,

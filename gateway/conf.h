@@ -30,6 +30,10 @@ struct cw_config {
 	long retry_max_ms;
 	long claim_timeout_s;
 	long http_timeout_ms;
+	/* [policy] */
+	long policy_sweep_interval_ms;
+	long policy_reload_interval_s;
+	long policy_rate_buckets;
 	/* [database] */
 	char *db_url;
 	char *schema_dir;

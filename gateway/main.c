@@ -3,6 +3,8 @@
 #include "app.h"
 #include "log.h"
 #include "dispatcher.h"
+#include "policy_live.h"
+#include "ratelimit.h"
 #include "httpsig.h"
 #include "peer_out.h"
 #include "peer_pull.h"
@@ -224,6 +226,16 @@ int main(int argc, char **argv)
 		PQfinish(c);
 	}
 
+	struct policy_live_opts po = {
+		.url = cfg.db_url, .statement_timeout_ms = cfg.db_statement_timeout_ms,
+		.sweep_interval_ms = cfg.policy_sweep_interval_ms, .reload_interval_s = cfg.policy_reload_interval_s,
+	};
+	app.limits = ratelimit_new((size_t)cfg.policy_rate_buckets);
+	if (!app.limits || policy_live_start(&app.policy, &po, &e)) {
+		LOG_KV(CW_LOG_ERROR, "cannot load the policy", "detail", app.limits ? e.msg : "out of memory");
+		goto out_migrations;
+	}
+
 	struct store_opts so = {
 		.url = cfg.db_url,
 		.readers = (int)cfg.db_pool_size,
@@ -311,6 +323,7 @@ int main(int argc, char **argv)
 	peer_pull_stop(app.pull); /* long-polls answer now: they would hold the drain */
 	bool idle = cw_http_drain(app.http, cfg.drain_timeout_ms);
 	dispatcher_stop(app.dispatcher);
+	policy_live_stop(app.policy);
 	peer_out_free(pout);
 	store_stop(app.store);
 	if (!idle)
@@ -327,6 +340,8 @@ out_store:
 	peer_pull_free(app.pull);
 	store_close(app.store);
 out_migrations:
+	policy_live_free(app.policy);
+	ratelimit_free(app.limits);
 	submit_queue_free(app.submits);
 	peer_registry_free(app.peers);
 	httpsig_replay_free(app.replay);

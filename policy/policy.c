@@ -1,16 +1,930 @@
-/* The decision function (rules arrive with the policy issue). */
+/* The policy engine: a builder that compiles rules and consent facts into
+ * an immutable snapshot of open-addressing hash tables, and policy_decide(),
+ * which only looks things up in it (no I/O, no locks, no allocation).
+ *
+ * Tables: power-of-two capacity, load at most 0.5 (so every probe sequence
+ * reaches an empty slot), linear probing, a 64-bit hash stored in the slot
+ * (0 means empty).  Keys live in one arena; a key of several parts (the
+ * local user's URI and a subject, say) is stored as the parts joined by the
+ * byte 0x1f, which no part may contain.  decide() never joins them: it
+ * hashes the parts one after the other with the separator in between and
+ * compares part by part. */
 #include "config.h"
 #include "policy.h"
 
-void policy_decide(const struct policy_snapshot *s, const struct policy_request *r, struct policy_decision *d)
+#include <stdlib.h>
+#include <string.h>
+
+#define SEP '\x1f'
+#define MAX_USER_URI 2048
+#define MAX_DOMAIN 253
+#define NLIMITS 7 /* the POLICY_LIM_* bits */
+#define LIM_ALL 0x7fu
+
+/* ------------------------------------------------------------------ hash */
+
+/* A streaming word-at-a-time hash (8 bytes per multiply), finished with
+ * the MurmurHash3 64-bit finaliser so that the low bits (the table index)
+ * depend on every input bit.  Parts are fed one after the other with the
+ * separator byte between them. */
+#define HASH_SEED 0x243f6a8885a308d3ull
+#define HASH_MUL 0x9e3779b97f4a7c15ull
+
+static inline uint64_t hash_word(uint64_t h, uint64_t w)
 {
-	(void)s;
-	(void)r;
-	d->verdict = POLICY_ALLOW;
-	d->reason = "no_rules";
-	d->rule_id = 0;
+	h = (h ^ w) * HASH_MUL;
+	return h ^ (h >> 29);
+}
+
+static inline uint64_t hash_bytes(uint64_t h, const char *p, size_t n)
+{
+	while (n >= 8) {
+		uint64_t w;
+		memcpy(&w, p, 8);
+		h = hash_word(h, w);
+		p += 8;
+		n -= 8;
+	}
+	uint64_t w = 0;
+	for (size_t i = 0; i < n; i++)
+		w |= (uint64_t)(unsigned char)p[i] << (8 * i);
+	/* The tail's length is mixed in too: "a" and "a\0" differ. */
+	return hash_word(h, w ^ ((uint64_t)n << 59));
+}
+
+static inline uint64_t hash_sep(uint64_t h)
+{
+	return hash_word(h, (uint64_t)(unsigned char)SEP | (1ull << 62));
+}
+
+static inline uint64_t hash_final(uint64_t h)
+{
+	h ^= h >> 33;
+	h *= 0xff51afd7ed558ccdull;
+	h ^= h >> 33;
+	h *= 0xc4ceb9fe1a85ec53ull;
+	h ^= h >> 33;
+	return h ? h : 1; /* 0 marks an empty slot */
+}
+
+struct part {
+	const char *s;
+	size_t n;
+};
+
+static inline uint64_t hash_parts(const struct part *p, int np)
+{
+	uint64_t h = HASH_SEED;
+	for (int i = 0; i < np; i++) {
+		if (i)
+			h = hash_sep(h);
+		h = hash_bytes(h, p[i].s, p[i].n);
+	}
+	return hash_final(h);
+}
+
+/* ------------------------------------------------------------------ tables */
+
+struct slot {
+	uint64_t hash;    /* 0: empty */
+	uint32_t off;     /* the key in the arena */
+	uint32_t len;
+	uint32_t val;
+};
+
+struct table {
+	struct slot *slots;
+	size_t cap;       /* 0 or a power of two */
+	size_t count;
+};
+
+struct arena {
+	char *p;
+	size_t len, cap;
+};
+
+/* The stored key k (parts joined by SEP) against the parts: a request part
+ * that contains SEP can never match, since no stored part does. */
+static inline bool key_eq(const char *k, size_t klen, const struct part *p, int np)
+{
+	size_t o = 0;
+	for (int i = 0; i < np; i++) {
+		if (i) {
+			if (o >= klen || k[o] != SEP)
+				return false;
+			o++;
+		}
+		if (p[i].n > klen - o || memcmp(k + o, p[i].s, p[i].n) != 0)
+			return false;
+		o += p[i].n;
+	}
+	return o == klen;
+}
+
+/* The slot of the key, or NULL. */
+static inline const struct slot *table_find(const struct table *t, const char *arena, const struct part *p, int np)
+{
+	if (t->count == 0)
+		return NULL;
+	uint64_t h = hash_parts(p, np);
+	size_t mask = t->cap - 1;
+	for (size_t i = (size_t)h & mask;; i = (i + 1) & mask) {
+		const struct slot *s = &t->slots[i];
+		if (s->hash == 0)
+			return NULL;
+		if (s->hash == h && key_eq(arena + s->off, s->len, p, np))
+			return s;
+	}
+}
+
+static bool table_grow(struct table *t)
+{
+	size_t ncap = t->cap ? t->cap * 2 : 16;
+	if (ncap > SIZE_MAX / sizeof(struct slot))
+		return false;
+	struct slot *ns = calloc(ncap, sizeof(*ns));
+	if (!ns)
+		return false;
+	for (size_t i = 0; i < t->cap; i++) {
+		if (!t->slots[i].hash)
+			continue;
+		size_t j = (size_t)t->slots[i].hash & (ncap - 1);
+		while (ns[j].hash)
+			j = (j + 1) & (ncap - 1);
+		ns[j] = t->slots[i];
+	}
+	free(t->slots);
+	t->slots = ns;
+	t->cap = ncap;
+	return true;
+}
+
+/* Finds or adds the key: *slot is the slot, *added whether it is new.
+ * 0, or -2 out of memory. */
+static int table_put(struct table *t, struct arena *a, const struct part *p, int np, struct slot **slot,
+		     bool *added)
+{
+	if ((t->count + 1) * 2 > t->cap && !table_grow(t))
+		return -2;
+	uint64_t h = hash_parts(p, np);
+	size_t mask = t->cap - 1, i;
+	for (i = (size_t)h & mask; t->slots[i].hash; i = (i + 1) & mask) {
+		struct slot *s = &t->slots[i];
+		if (s->hash == h && key_eq(a->p + s->off, s->len, p, np)) {
+			*slot = s;
+			*added = false;
+			return 0;
+		}
+	}
+	size_t klen = 0;
+	for (int k = 0; k < np; k++)
+		klen += p[k].n + (k ? 1 : 0);
+	if (klen > UINT32_MAX || a->len + klen > UINT32_MAX)
+		return -2;
+	if (a->len + klen > a->cap) {
+		size_t ncap = a->cap ? a->cap : 4096;
+		while (ncap < a->len + klen)
+			ncap *= 2;
+		char *np_ = realloc(a->p, ncap);
+		if (!np_)
+			return -2;
+		a->p = np_;
+		a->cap = ncap;
+	}
+	struct slot *s = &t->slots[i];
+	s->hash = h;
+	s->off = (uint32_t)a->len;
+	s->len = (uint32_t)klen;
+	s->val = 0;
+	for (int k = 0; k < np; k++) {
+		if (k)
+			a->p[a->len++] = SEP;
+		memcpy(a->p + a->len, p[k].s, p[k].n);
+		a->len += p[k].n;
+	}
+	t->count++;
+	*slot = s;
+	*added = true;
+	return 0;
+}
+
+/* ------------------------------------------------------------------ snapshot */
+
+/* The rule tables, most specific first. */
+enum { T_USER, T_DOMAIN, T_DOMAIN_WILD, T_NETWORK, T_NETWORK_WILD, T_RULES };
+
+struct rule {
+	int64_t id;
+	int64_t expires_ms;
+	char *pattern;      /* as given: the subject of a "messages_per_minute" bucket */
+	struct policy_limits lim;
+	enum policy_scope scope;
+	enum policy_mode mode;
+};
+
+struct policy_snapshot {
+	uint64_t version;
+	enum policy_mode default_mode;
+	bool optin_default;
+	struct rule *rules;
+	size_t nrules;
+	struct table rt[T_RULES];  /* pattern -> index in rules */
+	struct table optins;       /* (local, network) -> opted in */
+	struct table consents;     /* (local, "u"|"d", subject) -> allowed */
+	struct table blocks;       /* (remote, local) */
+	char *arena;
+};
+
+struct policy_builder {
+	struct policy_snapshot s;
+	size_t rules_cap;
+	struct arena a;
+	bool failed;               /* out of memory once: finish fails */
+};
+
+static const struct policy_snapshot empty_snapshot = { .default_mode = POLICY_MODE_OPEN, .optin_default = false };
+
+struct policy_builder *policy_builder_new(void)
+{
+	struct policy_builder *b = calloc(1, sizeof(*b));
+	if (b) {
+		b->s.default_mode = POLICY_MODE_OPEN;
+		b->s.optin_default = false;
+	}
+	return b;
+}
+
+static void snapshot_release(struct policy_snapshot *s)
+{
+	for (size_t i = 0; i < s->nrules; i++)
+		free(s->rules[i].pattern);
+	free(s->rules);
+	for (int i = 0; i < T_RULES; i++)
+		free(s->rt[i].slots);
+	free(s->optins.slots);
+	free(s->consents.slots);
+	free(s->blocks.slots);
+}
+
+void policy_builder_free(struct policy_builder *b)
+{
+	if (!b)
+		return;
+	snapshot_release(&b->s);
+	free(b->a.p);
+	free(b);
+}
+
+void policy_builder_defaults(struct policy_builder *b, enum policy_mode default_mode, bool optin_default)
+{
+	if (!b)
+		return;
+	switch (default_mode) {
+	case POLICY_MODE_OPEN:
+	case POLICY_MODE_ALLOWLIST:
+	case POLICY_MODE_CLOSED:
+		b->s.default_mode = default_mode;
+		break;
+	case POLICY_MODE_DENY: /* a default cannot be an abuse rule: closed */
+		b->s.default_mode = POLICY_MODE_CLOSED;
+		break;
+	default:
+		b->s.default_mode = POLICY_MODE_OPEN;
+		break;
+	}
+	b->s.optin_default = optin_default;
+}
+
+static bool lower_alnum(char c)
+{
+	return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9');
+}
+
+/* Lower-case labels of [a-z0-9-] joined by single dots. */
+static bool valid_domain(const char *p, size_t n)
+{
+	if (n == 0 || n > MAX_DOMAIN)
+		return false;
+	size_t label = 0;
+	for (size_t i = 0; i < n; i++) {
+		char c = p[i];
+		if (c == '.') {
+			if (label == 0)
+				return false;
+			label = 0;
+		} else if (lower_alnum(c) || c == '-') {
+			label++;
+		} else {
+			return false;
+		}
+	}
+	return label > 0;
+}
+
+/* [a-z][a-z0-9_-]{0,31} */
+static bool valid_network_name(const char *p, size_t n)
+{
+	if (n < 1 || n > 32 || !(p[0] >= 'a' && p[0] <= 'z'))
+		return false;
+	for (size_t i = 1; i < n; i++)
+		if (!lower_alnum(p[i]) && p[i] != '_' && p[i] != '-')
+			return false;
+	return true;
+}
+
+/* [A-Za-z0-9._-]{1,253} */
+static bool valid_network_instance(const char *p, size_t n)
+{
+	if (n < 1 || n > 253)
+		return false;
+	for (size_t i = 0; i < n; i++) {
+		char c = p[i];
+		if (!lower_alnum(c) && !(c >= 'A' && c <= 'Z') && c != '.' && c != '_' && c != '-')
+			return false;
+	}
+	return true;
+}
+
+/* A fact's string: not empty, no control bytes (SEP among them). */
+static bool valid_text(const char *s, size_t max)
+{
+	if (!s || !*s)
+		return false;
+	size_t n = 0;
+	for (; s[n]; n++)
+		if ((unsigned char)s[n] < 0x20 || s[n] == 0x7f || n >= max)
+			return false;
+	return true;
+}
+
+static bool valid_user(const char *s)
+{
+	if (!valid_text(s, MAX_USER_URI) || strncmp(s, "mimi://", 7) != 0)
+		return false;
+	const char *u = strstr(s + 7, "/u/");
+	return u && u[3] != '\0';
+}
+
+int policy_builder_rule(struct policy_builder *b, int64_t id, enum policy_scope scope, const char *pattern,
+			enum policy_mode mode, const struct policy_limits *limits, int64_t expires_ms)
+{
+	if (!b)
+		return -2;
+	if (!pattern || (unsigned)mode > POLICY_MODE_DENY)
+		return -1;
+	size_t n = strlen(pattern);
+	struct part key = { pattern, n };
+	int t;
+	switch (scope) {
+	case POLICY_SCOPE_DOMAIN:
+		if (n >= 2 && pattern[0] == '*' && pattern[1] == '.') {
+			key.s += 2;
+			key.n -= 2;
+			t = T_DOMAIN_WILD;
+		} else {
+			t = T_DOMAIN;
+		}
+		if (!valid_domain(key.s, key.n))
+			return -1;
+		break;
+	case POLICY_SCOPE_NETWORK: {
+		const char *colon = memchr(pattern, ':', n);
+		if (!colon) {
+			if (!valid_network_name(pattern, n))
+				return -1;
+			t = T_NETWORK;
+		} else {
+			size_t nn = (size_t)(colon - pattern), rest = n - nn - 1;
+			if (!valid_network_name(pattern, nn))
+				return -1;
+			if (rest == 1 && colon[1] == '*') {
+				key.n = nn;
+				t = T_NETWORK_WILD;
+			} else if (valid_network_instance(colon + 1, rest)) {
+				t = T_NETWORK;
+			} else {
+				return -1;
+			}
+		}
+		break;
+	}
+	case POLICY_SCOPE_USER:
+		if (!valid_user(pattern))
+			return -1;
+		t = T_USER;
+		break;
+	default:
+		return -1;
+	}
+	if (b->s.nrules == b->rules_cap) {
+		size_t ncap = b->rules_cap ? b->rules_cap * 2 : 64;
+		struct rule *nr = realloc(b->s.rules, ncap * sizeof(*nr));
+		if (!nr) {
+			b->failed = true;
+			return -2;
+		}
+		b->s.rules = nr;
+		b->rules_cap = ncap;
+	}
+	if (b->s.nrules >= UINT32_MAX)
+		return -2;
+	struct slot *slot;
+	bool added;
+	if (table_put(&b->s.rt[t], &b->a, &key, 1, &slot, &added) < 0) {
+		b->failed = true;
+		return -2;
+	}
+	if (!added)
+		return -1;
+	char *copy = strdup(pattern);
+	if (!copy) {
+		b->failed = true;
+		return -2;
+	}
+	slot->val = (uint32_t)b->s.nrules;
+	struct rule *r = &b->s.rules[b->s.nrules++];
+	memset(r, 0, sizeof(*r));
+	r->pattern = copy;
+	r->id = id;
+	r->scope = scope;
+	r->mode = mode;
+	r->expires_ms = expires_ms;
+	if (limits) {
+		r->lim = *limits;
+		r->lim.set &= LIM_ALL;
+	}
+	return 0;
+}
+
+/* Adds or updates a fact. */
+static int put_fact(struct policy_builder *b, struct table *t, const struct part *p, int np, uint32_t val)
+{
+	struct slot *slot;
+	bool added;
+	if (table_put(t, &b->a, p, np, &slot, &added) < 0) {
+		b->failed = true;
+		return -2;
+	}
+	slot->val = val;
+	return 0;
+}
+
+int policy_builder_optin(struct policy_builder *b, const char *local_uri, const char *network, bool opted_in)
+{
+	if (!b)
+		return -2;
+	if (!valid_text(local_uri, MAX_USER_URI) || !valid_text(network, 512))
+		return -1;
+	struct part p[2] = { { local_uri, strlen(local_uri) }, { network, strlen(network) } };
+	return put_fact(b, &b->s.optins, p, 2, opted_in);
+}
+
+int policy_builder_consent(struct policy_builder *b, const char *local_uri, bool subject_is_domain,
+			   const char *subject, bool allowed)
+{
+	if (!b)
+		return -2;
+	if (!valid_text(local_uri, MAX_USER_URI) || !valid_text(subject, MAX_USER_URI))
+		return -1;
+	struct part p[3] = { { local_uri, strlen(local_uri) }, { subject_is_domain ? "d" : "u", 1 },
+			     { subject, strlen(subject) } };
+	return put_fact(b, &b->s.consents, p, 3, allowed);
+}
+
+int policy_builder_remote_block(struct policy_builder *b, const char *remote_uri, const char *local_uri)
+{
+	if (!b)
+		return -2;
+	if (!valid_text(remote_uri, MAX_USER_URI) || !valid_text(local_uri, MAX_USER_URI))
+		return -1;
+	struct part p[2] = { { remote_uri, strlen(remote_uri) }, { local_uri, strlen(local_uri) } };
+	return put_fact(b, &b->s.blocks, p, 2, 1);
+}
+
+struct policy_snapshot *policy_builder_finish(struct policy_builder *b, uint64_t version)
+{
+	if (!b)
+		return NULL;
+	if (b->failed) {
+		policy_builder_free(b);
+		return NULL;
+	}
+	struct policy_snapshot *s = malloc(sizeof(*s));
+	if (!s) {
+		policy_builder_free(b);
+		return NULL;
+	}
+	*s = b->s;
+	s->version = version;
+	/* Shrink what was grown by doubling (a failure keeps the larger block). */
+	if (b->a.len) {
+		char *p = realloc(b->a.p, b->a.len);
+		s->arena = p ? p : b->a.p;
+	} else {
+		free(b->a.p);
+		s->arena = NULL;
+	}
+	if (s->nrules) {
+		struct rule *r = realloc(s->rules, s->nrules * sizeof(*r));
+		if (r)
+			s->rules = r;
+	}
+	free(b);
+	return s;
+}
+
+void policy_snapshot_free(struct policy_snapshot *s)
+{
+	if (!s)
+		return;
+	snapshot_release(s);
+	free(s->arena);
+	free(s);
+}
+
+uint64_t policy_snapshot_version(const struct policy_snapshot *s)
+{
+	return s ? s->version : 0;
+}
+
+size_t policy_snapshot_rule_count(const struct policy_snapshot *s)
+{
+	return s ? s->nrules : 0;
+}
+
+size_t policy_snapshot_fact_count(const struct policy_snapshot *s)
+{
+	return s ? s->optins.count + s->consents.count + s->blocks.count : 0;
+}
+
+/* ------------------------------------------------------------------ decide */
+
+const char *const policy_reason_codes[] = {
+	"server_denied_user", "server_denied_domain", "server_denied_network",
+	"user_blocked_sender", "user_blocked_domain", "user_blocked_recipient",
+	"recipient_blocked_sender", "too_large", "content_kind_disabled",
+	"server_closed", "server_not_allowlisted", "user_not_opted_in",
+	"no_consent_yet",
+	"rate_limited_domain", "rate_limited_network", "rate_limited_user",
+	"rate_limited_sender", "rate_limited_new_conversations",
+	"rate_limited_consent_requests",
+	"user_allowed_sender", "user_allowed_domain", "outbound", "transit",
+	"new_room",
+	NULL,
+};
+
+/* A party of the request with its lengths (NULL strings are empty). */
+struct pparty {
+	struct part uri, domain, network;
+	bool present;
+};
+
+/* What the rules matching one remote party say: each the most specific
+ * non-expired matching rule that denies, has a mode, sets each limit. */
+struct peval {
+	const struct rule *deny;
+	const struct rule *mode;
+	const struct rule *lim[NLIMITS];
+	unsigned lim_set;
+};
+
+static inline struct part mkpart(const char *s)
+{
+	struct part p = { s ? s : "", s ? strlen(s) : 0 };
+	return p;
+}
+
+static inline void mkparty(struct pparty *pp, const struct policy_party *p, bool present)
+{
+	pp->present = present;
+	pp->uri = mkpart(present ? p->uri : NULL);
+	pp->domain = mkpart(present ? p->domain : NULL);
+	pp->network = mkpart(present ? p->network : NULL);
+}
+
+static inline void consider(const struct policy_snapshot *s, int t, const struct part *key, int64_t now,
+			    struct peval *e)
+{
+	if (key->n == 0)
+		return;
+	const struct slot *sl = table_find(&s->rt[t], s->arena, key, 1);
+	if (!sl)
+		return;
+	const struct rule *r = &s->rules[sl->val];
+	if (r->expires_ms != 0 && r->expires_ms <= now)
+		return;
+	if (r->mode == POLICY_MODE_DENY) {
+		if (!e->deny)
+			e->deny = r;
+	} else if (r->mode != POLICY_MODE_NONE && !e->mode) {
+		e->mode = r;
+	}
+	unsigned fresh = r->lim.set & ~e->lim_set;
+	if (fresh) {
+		for (int i = 0; i < NLIMITS; i++)
+			if (fresh & (1u << i))
+				e->lim[i] = r;
+		e->lim_set |= fresh;
+	}
+}
+
+/* Visits the rules that can match the party, most specific first. */
+static void evaluate(const struct policy_snapshot *s, const struct pparty *p, int64_t now, struct peval *e)
+{
+	memset(e, 0, sizeof(*e));
+	if (s->nrules == 0)
+		return;
+	consider(s, T_USER, &p->uri, now, e);
+	consider(s, T_DOMAIN, &p->domain, now, e);
+	if (s->rt[T_DOMAIN_WILD].count) {
+		/* Every suffix after a '.', longest first. */
+		for (size_t i = 0; i < p->domain.n; i++) {
+			if (p->domain.s[i] != '.')
+				continue;
+			struct part suf = { p->domain.s + i + 1, p->domain.n - i - 1 };
+			consider(s, T_DOMAIN_WILD, &suf, now, e);
+		}
+	}
+	consider(s, T_NETWORK, &p->network, now, e);
+	if (s->rt[T_NETWORK_WILD].count) {
+		const char *colon = memchr(p->network.s, ':', p->network.n);
+		if (colon) {
+			struct part name = { p->network.s, (size_t)(colon - p->network.s) };
+			consider(s, T_NETWORK_WILD, &name, now, e);
+		}
+	}
+}
+
+static inline int lim_index(unsigned bit)
+{
+	return __builtin_ctz(bit);
+}
+
+static inline void set(struct policy_decision *d, enum policy_verdict v, const char *reason, int64_t rule_id)
+{
+	d->verdict = v;
+	d->reason = reason;
+	d->rule_id = rule_id;
 	d->retry_after_ms = 0;
 }
+
+/* Consent fact (local, kind, subject): -1 none, 0 blocked, 1 allowed. */
+static inline int consent(const struct policy_snapshot *s, const struct pparty *l, const char *kind,
+			  const struct part *subject)
+{
+	if (s->consents.count == 0 || l->uri.n == 0 || subject->n == 0)
+		return -1;
+	struct part p[3] = { l->uri, { kind, 1 }, *subject };
+	const struct slot *sl = table_find(&s->consents, s->arena, p, 3);
+	return sl ? (int)sl->val : -1;
+}
+
+/* Appends src to the key buffer, truncating at POLICY_RATE_KEY_MAX. */
+static inline size_t key_append(char *buf, size_t n, const char *src, size_t len)
+{
+	if (len > POLICY_RATE_KEY_MAX - n)
+		len = POLICY_RATE_KEY_MAX - n;
+	memcpy(buf + n, src, len);
+	return n + len;
+}
+
+static size_t key_append_id(char *buf, size_t n, int64_t id)
+{
+	char tmp[24];
+	size_t k = sizeof(tmp);
+	uint64_t v = id < 0 ? (uint64_t)0 - (uint64_t)id : (uint64_t)id;
+	do {
+		tmp[--k] = (char)('0' + v % 10);
+		v /= 10;
+	} while (v);
+	if (id < 0)
+		tmp[--k] = '-';
+	return key_append(buf, n, tmp + k, sizeof(tmp) - k);
+}
+
+/* Takes a token from "<kind>:<rule id>:<subject>"; the ms to wait, or 0. */
+static int64_t take(const struct policy_request *r, const char *kind, const struct rule *rule,
+		    const struct part *subject, uint32_t capacity, int64_t period_ms)
+{
+	char key[POLICY_RATE_KEY_MAX + 1];
+	size_t n = key_append(key, 0, kind, 3);
+	n = key_append(key, n, ":", 1);
+	n = key_append_id(key, n, rule->id);
+	n = key_append(key, n, ":", 1);
+	n = key_append(key, n, subject->s, subject->n);
+	key[n] = '\0';
+	int64_t wait = r->rate->take(r->rate->ctx, key, capacity, period_ms, r->now_ms);
+	return wait > 0 ? wait : 0;
+}
+
+static inline bool limited(struct policy_decision *d, int64_t wait, const char *reason, const struct rule *rule)
+{
+	if (wait <= 0)
+		return false;
+	set(d, POLICY_LIMIT, reason, rule->id);
+	d->retry_after_ms = wait;
+	return true;
+}
+
+/* Step 3b: the sender's rate limits. */
+static bool rate_limits(const struct policy_request *r, const struct pparty *snd, const struct peval *e,
+			struct policy_decision *d)
+{
+	const struct rule *rule;
+	switch (r->action) {
+	case POLICY_ACT_EVENT:
+		if ((rule = e->lim[lim_index(POLICY_LIM_MSG_MINUTE)])) {
+			/* One bucket for the rule's whole subject: every user of
+			 * a domain, every subdomain of a wildcard, every peer
+			 * of "peer:*" (rotating names does not escape it). */
+			const struct part subj = { rule->pattern, strlen(rule->pattern) };
+			const char *reason = rule->scope == POLICY_SCOPE_USER      ? "rate_limited_user"
+					     : rule->scope == POLICY_SCOPE_NETWORK ? "rate_limited_network"
+										   : "rate_limited_domain";
+			if (limited(d, take(r, "mpm", rule, &subj, rule->lim.messages_per_minute, 60000), reason, rule))
+				return true;
+		}
+		if ((rule = e->lim[lim_index(POLICY_LIM_MSG_MINUTE_USER)]) &&
+		    limited(d, take(r, "mpu", rule, &snd->uri, rule->lim.messages_per_minute_per_user, 60000),
+			    "rate_limited_sender", rule))
+			return true;
+		return false;
+	case POLICY_ACT_NEW_ROOM:
+		return (rule = e->lim[lim_index(POLICY_LIM_NEW_CONV_HOUR)]) &&
+		       limited(d, take(r, "ncu", rule, &snd->uri, rule->lim.new_conversations_per_hour, 3600000),
+			       "rate_limited_new_conversations", rule);
+	case POLICY_ACT_CONSENT_REQUEST:
+		return (rule = e->lim[lim_index(POLICY_LIM_CONSENT_REQ_DAY)]) &&
+		       limited(d, take(r, "cru", rule, &snd->uri, rule->lim.consent_requests_per_day, 86400000),
+			       "rate_limited_consent_requests", rule);
+	}
+	return false;
+}
+
+/* Step 3a: size and content kinds against one party's limits. */
+static bool size_limits(const struct policy_request *r, const struct peval *e, struct policy_decision *d)
+{
+	const struct rule *rule;
+	if ((rule = e->lim[lim_index(POLICY_LIM_MAX_BODY)]) && r->body_bytes > rule->lim.max_body_bytes) {
+		set(d, POLICY_DENY, "too_large", rule->id);
+		return true;
+	}
+	if ((rule = e->lim[lim_index(POLICY_LIM_MAX_ATTACH)]) && r->attachment_bytes > rule->lim.max_attachment_bytes) {
+		set(d, POLICY_DENY, "too_large", rule->id);
+		return true;
+	}
+	if ((rule = e->lim[lim_index(POLICY_LIM_CONTENT_KINDS)]) && (r->content_kinds & ~rule->lim.content_kinds)) {
+		set(d, POLICY_DENY, "content_kind_disabled", rule->id);
+		return true;
+	}
+	return false;
+}
+
+static inline bool is(const char *s, const char *lit)
+{
+	return s && strcmp(s, lit) == 0;
+}
+
+void policy_decide(const struct policy_snapshot *s, const struct policy_request *r, struct policy_decision *d)
+{
+	if (!s)
+		s = &empty_snapshot;
+	struct pparty snd, rcp;
+	mkparty(&snd, &r->sender, true);
+	mkparty(&rcp, &r->recipient, r->recipient.uri != NULL);
+
+	/* The remote parties (sender first) and the local one. */
+	const struct pparty *remote[2];
+	int nremote = 0;
+	const struct pparty *local = NULL;
+	enum policy_direction dir = r->direction;
+	if (dir != POLICY_OUTBOUND && dir != POLICY_TRANSIT)
+		dir = POLICY_INBOUND; /* an unknown direction gets the strictest path */
+	switch (dir) {
+	case POLICY_INBOUND:
+		remote[nremote++] = &snd;
+		local = rcp.present ? &rcp : NULL;
+		break;
+	case POLICY_OUTBOUND:
+		if (rcp.present)
+			remote[nremote++] = &rcp;
+		local = &snd;
+		break;
+	case POLICY_TRANSIT:
+		remote[nremote++] = &snd;
+		if (rcp.present)
+			remote[nremote++] = &rcp;
+		break;
+	}
+	struct peval ev[2];
+	for (int i = 0; i < nremote; i++)
+		evaluate(s, remote[i], r->now_ms, &ev[i]);
+
+	/* 1. Server deny rules. */
+	for (int i = 0; i < nremote; i++) {
+		const struct rule *rule = ev[i].deny;
+		if (rule) {
+			set(d, POLICY_DENY,
+			    rule->scope == POLICY_SCOPE_USER      ? "server_denied_user"
+			    : rule->scope == POLICY_SCOPE_NETWORK ? "server_denied_network"
+								  : "server_denied_domain",
+			    rule->id);
+			return;
+		}
+	}
+
+	/* 2. The local user's blocks; outbound, the remote user's block.  The
+	 * consent facts found are kept for step 6. */
+	int cu = -1, cd = -1;
+	if (local && dir != POLICY_TRANSIT && nremote == 1) {
+		const struct pparty *p = remote[0];
+		cu = consent(s, local, "u", &p->uri);
+		if (cu == 0) {
+			set(d, POLICY_DENY, dir == POLICY_INBOUND ? "user_blocked_sender" : "user_blocked_recipient", 0);
+			return;
+		}
+		cd = consent(s, local, "d", &p->domain);
+		if (cd == 0) {
+			set(d, POLICY_DENY, "user_blocked_domain", 0);
+			return;
+		}
+		if (dir == POLICY_OUTBOUND && s->blocks.count && p->uri.n && local->uri.n) {
+			struct part k[2] = { p->uri, local->uri };
+			if (table_find(&s->blocks, s->arena, k, 2)) {
+				set(d, POLICY_DENY, "recipient_blocked_sender", 0);
+				return;
+			}
+		}
+	}
+
+	/* 3a. Size and content kinds. */
+	if (r->action == POLICY_ACT_EVENT)
+		for (int i = 0; i < nremote; i++)
+			if (size_limits(r, &ev[i], d))
+				return;
+
+	/* 3b. Rate limits of a remote sender. */
+	if (r->rate && r->rate->take && dir != POLICY_OUTBOUND && rate_limits(r, &snd, &ev[0], d))
+		return;
+
+	/* 4. The remote parties' effective modes. */
+	for (int i = 0; i < nremote; i++) {
+		const struct rule *rule = ev[i].mode;
+		enum policy_mode m = rule ? rule->mode : s->default_mode;
+		if (m == POLICY_MODE_CLOSED) {
+			set(d, POLICY_DENY, "server_closed", rule ? rule->id : 0);
+			return;
+		}
+		if (m == POLICY_MODE_ALLOWLIST) {
+			set(d, POLICY_DENY, "server_not_allowlisted", rule ? rule->id : 0);
+			return;
+		}
+	}
+
+	if (dir == POLICY_OUTBOUND) {
+		set(d, POLICY_ALLOW, "outbound", 0);
+		return;
+	}
+	if (dir == POLICY_TRANSIT) {
+		set(d, POLICY_ALLOW, "transit", 0);
+		return;
+	}
+
+	/* Inbound from here on. */
+	if (local) {
+		/* 5. Opt-in to the sender's network. */
+		bool opted = s->optin_default;
+		if (s->optins.count && local->uri.n && snd.network.n) {
+			struct part k[2] = { local->uri, snd.network };
+			const struct slot *sl = table_find(&s->optins, s->arena, k, 2);
+			if (sl)
+				opted = sl->val != 0;
+		}
+		if (!opted) {
+			set(d, POLICY_DENY, "user_not_opted_in", 0);
+			return;
+		}
+		/* 6. The local user's allowed. */
+		if (cu == 1) {
+			set(d, POLICY_ALLOW, "user_allowed_sender", 0);
+			return;
+		}
+		if (cd == 1) {
+			set(d, POLICY_ALLOW, "user_allowed_domain", 0);
+			return;
+		}
+	}
+
+	/* 7. No decision yet. */
+	if (r->action == POLICY_ACT_NEW_ROOM || !local)
+		set(d, POLICY_ALLOW, "new_room", 0);
+	else if (r->action == POLICY_ACT_EVENT && (is(r->event_type, "typing") || is(r->event_type, "receipt")))
+		set(d, POLICY_DENY, "no_consent_yet", 0);
+	else
+		set(d, POLICY_HOLD, "no_consent_yet", 0);
+}
+
+/* ------------------------------------------------------------------ names */
 
 const char *policy_verdict_name(enum policy_verdict v)
 {
@@ -21,4 +935,37 @@ const char *policy_verdict_name(enum policy_verdict v)
 	case POLICY_LIMIT: return "limit";
 	}
 	return "?";
+}
+
+static const char *const mode_names[] = { "none", "open", "allowlist", "closed", "deny" };
+static const char *const scope_names[] = { "domain", "network", "user" };
+
+const char *policy_mode_name(enum policy_mode m)
+{
+	return (unsigned)m < sizeof(mode_names) / sizeof(mode_names[0]) ? mode_names[m] : "?";
+}
+
+const char *policy_scope_name(enum policy_scope s)
+{
+	return (unsigned)s < sizeof(scope_names) / sizeof(scope_names[0]) ? scope_names[s] : "?";
+}
+
+bool policy_mode_parse(const char *s, enum policy_mode *out)
+{
+	for (unsigned i = 0; s && i < sizeof(mode_names) / sizeof(mode_names[0]); i++)
+		if (strcmp(s, mode_names[i]) == 0) {
+			*out = (enum policy_mode)i;
+			return true;
+		}
+	return false;
+}
+
+bool policy_scope_parse(const char *s, enum policy_scope *out)
+{
+	for (unsigned i = 0; s && i < sizeof(scope_names) / sizeof(scope_names[0]); i++)
+		if (strcmp(s, scope_names[i]) == 0) {
+			*out = (enum policy_scope)i;
+			return true;
+		}
+	return false;
 }

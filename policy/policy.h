@@ -1,43 +1,175 @@
-/* The policy engine's interface: decide(snapshot, request) -> decision.
- * Pure: no I/O, no locks, no allocation.  Until the policy issue lands, the
- * snapshot holds no rules and every request is allowed with reason
- * "no_rules"; the pipeline already calls it at the place the design puts it
- * (after resolution, before the durable write) and records non-allow
- * decisions. */
+/* The policy engine: decide(snapshot, request) -> decision.
+ *
+ * Pure C: policy_decide() does no I/O, takes no lock and allocates nothing;
+ * it reads an immutable snapshot (rules, defaults and consent facts, compiled
+ * into hash tables by a builder) and the request.  Rate limits are token
+ * buckets kept by the caller behind struct policy_rate (decide only names
+ * the bucket, its size and its period).  The precedence is the contract of
+ * ../shared/spec/policy.md and docs/policy.md (reason codes in
+ * docs/policy-reasons.md):
+ *
+ *   1. a server rule with mode deny matching a remote party (user, domain
+ *      exact or wildcard, network exact or wildcard)    -> deny
+ *   2. the local user's blocked (user, then domain); outbound also the
+ *      remote user's block of the local user             -> deny
+ *   3. size and content-kind limits                      -> deny
+ *      rate limits (remote senders only)                 -> limit
+ *   4. the remote party's effective mode (the most specific rule with a
+ *      mode, else the default): closed, or allowlist     -> deny
+ *   5. inbound: the local user not opted in to the network -> deny
+ *   6. inbound: the local user's allowed (user, then domain) -> allow
+ *   7. inbound: hold (typing and receipts, which cannot wait: deny);
+ *      outbound and transit: allow.
+ *
+ * Specificity of rules, most specific first: user, exact domain, wildcard
+ * domain (longest suffix first), exact network, wildcard network. */
 #ifndef CW_POLICY_H
 #define CW_POLICY_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
-enum policy_direction { POLICY_INBOUND, POLICY_OUTBOUND };
+/* INBOUND: a remote sender to a local recipient.  OUTBOUND: a local sender
+ * to a remote recipient.  TRANSIT: remote to remote through this hub (only
+ * server rules apply: there is no local user to consent). */
+enum policy_direction { POLICY_INBOUND, POLICY_OUTBOUND, POLICY_TRANSIT };
+
+/* What is asked for: an event, a new conversation (room creation by a remote
+ * party; no recipient), or a consent request (MIMI requestConsent) to a
+ * local user. */
+enum policy_action { POLICY_ACT_EVENT, POLICY_ACT_NEW_ROOM, POLICY_ACT_CONSENT_REQUEST };
+
+/* HOLD: stored, waiting for the local user's consent (for a consent
+ * request: store the request).  LIMIT: refused for now, retry after. */
 enum policy_verdict { POLICY_ALLOW, POLICY_DENY, POLICY_HOLD, POLICY_LIMIT };
+
+enum policy_mode { POLICY_MODE_NONE, POLICY_MODE_OPEN, POLICY_MODE_ALLOWLIST, POLICY_MODE_CLOSED, POLICY_MODE_DENY };
+enum policy_scope { POLICY_SCOPE_DOMAIN, POLICY_SCOPE_NETWORK, POLICY_SCOPE_USER };
+
+/* Content kinds (the same bits as EVENT_KIND_*). */
+#define POLICY_KIND_TEXT  0x1u
+#define POLICY_KIND_MEDIA 0x2u
+
+/* Limits a rule sets; `set` says which members are set (POLICY_LIM_*).
+ * For each limit the most specific matching rule that sets it applies. */
+#define POLICY_LIM_MSG_MINUTE       0x01u /* messages_per_minute: the rule's subject as a whole */
+#define POLICY_LIM_MSG_MINUTE_USER  0x02u /* messages_per_minute_per_user: each remote user */
+#define POLICY_LIM_NEW_CONV_HOUR    0x04u /* new_conversations_per_hour: each remote user */
+#define POLICY_LIM_CONSENT_REQ_DAY  0x08u /* consent_requests_per_day: each remote user */
+#define POLICY_LIM_MAX_BODY         0x10u /* max_body_bytes */
+#define POLICY_LIM_MAX_ATTACH       0x20u /* max_attachment_bytes (sum of an event's attachments) */
+#define POLICY_LIM_CONTENT_KINDS    0x40u /* content_kinds: the kinds allowed */
+
+struct policy_limits {
+	unsigned set;
+	uint32_t messages_per_minute;
+	uint32_t messages_per_minute_per_user;
+	uint32_t new_conversations_per_hour;
+	uint32_t consent_requests_per_day;
+	uint64_t max_body_bytes;
+	uint64_t max_attachment_bytes;
+	unsigned content_kinds;       /* POLICY_KIND_* allowed */
+};
+
+/* Token buckets, kept by the caller.  take() takes one token from the bucket
+ * named key (NUL-terminated, at most POLICY_RATE_KEY_MAX bytes), which holds
+ * at most capacity tokens and refills capacity tokens per period_ms; it
+ * returns 0 when a token was taken, else the milliseconds until one will be
+ * available (> 0).  Keys: "<limit>:<rule id>:<subject>", limit one of mpm
+ * (messages_per_minute, subject the rule's pattern: one bucket for all that
+ * the rule matches, so that rotating user names or subdomains does not
+ * escape it), mpu (per user, subject the sender's URI), ncu (new
+ * conversations), cru (consent requests), the last three per sender URI. */
+#define POLICY_RATE_KEY_MAX 2200
+struct policy_rate {
+	int64_t (*take)(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms);
+	void *ctx;
+};
+
+/* One party: a user URI (mimi://<domain>/u/<local>), its domain (lower
+ * case) and its network (matrix, xmpp, local, peer:<name>). */
+struct policy_party {
+	const char *uri;
+	const char *domain;
+	const char *network;
+};
 
 struct policy_request {
 	enum policy_direction direction;
-	const char *event_type;       /* "message", "edit", ... */
-	const char *sender_domain;
-	const char *sender_uri;
-	const char *recipient_domain;
-	const char *recipient_uri;
-	const char *network;          /* "peer:<name>", "matrix", "xmpp" */
-	size_t body_bytes;
-	unsigned content_kinds;       /* EVENT_KIND_* */
-	int64_t now_ms;
+	enum policy_action action;
+	const char *event_type;       /* "message", "edit", "delete", "reaction", "receipt",
+	                                 "typing", "membership", "block"; ACT_EVENT only */
+	struct policy_party sender;
+	struct policy_party recipient; /* uri NULL: none (ACT_NEW_ROOM) */
+	uint64_t body_bytes;
+	uint64_t attachment_bytes;
+	unsigned content_kinds;       /* POLICY_KIND_* */
+	int64_t now_ms;               /* wall clock, for rule expiry and buckets */
+	const struct policy_rate *rate; /* NULL: rate limits are not applied */
 };
 
 struct policy_decision {
 	enum policy_verdict verdict;
-	const char *reason;           /* a stable reason code */
-	int64_t rule_id;              /* 0: no rule decided */
-	int64_t retry_after_ms;       /* for POLICY_LIMIT */
+	const char *reason;           /* a stable reason code (static string) */
+	int64_t rule_id;              /* 0: no rule decided (default, consent fact) */
+	int64_t retry_after_ms;       /* POLICY_LIMIT: > 0 */
 };
 
-struct policy_snapshot {
-	uint64_t version;
-};
+/* Reason codes (docs/policy.md lists them with their meaning):
+ * deny:  server_denied_user, server_denied_domain, server_denied_network,
+ *        user_blocked_sender, user_blocked_domain, user_blocked_recipient,
+ *        recipient_blocked_sender, too_large, content_kind_disabled,
+ *        server_closed, server_not_allowlisted, user_not_opted_in,
+ *        no_consent_yet (typing/receipt that cannot be held)
+ * limit: rate_limited_domain, rate_limited_network, rate_limited_user,
+ *        rate_limited_sender, rate_limited_new_conversations,
+ *        rate_limited_consent_requests
+ * hold:  no_consent_yet
+ * allow: user_allowed_sender, user_allowed_domain, outbound, transit,
+ *        new_room */
+extern const char *const policy_reason_codes[];
 
+struct policy_snapshot; /* immutable once built; share freely between threads */
+struct policy_builder;
+
+struct policy_builder *policy_builder_new(void);
+void policy_builder_free(struct policy_builder *b);
+/* Defaults (open and opted out unless set). */
+void policy_builder_defaults(struct policy_builder *b, enum policy_mode default_mode, bool optin_default);
+/* Adds a rule; mode NONE when it only sets limits; limits may be NULL.
+ * expires_ms 0: never (else the rule is ignored from that wall time on).
+ * Patterns: domain "a.example" or "*.example" (lower case); network
+ * "matrix", "peer:gk" or "peer:*"; user a mimi:// URI.  Returns 0, -1 for a
+ * malformed pattern or a (scope, pattern) given twice, -2 out of memory. */
+int policy_builder_rule(struct policy_builder *b, int64_t id, enum policy_scope scope, const char *pattern,
+			enum policy_mode mode, const struct policy_limits *limits, int64_t expires_ms);
+/* A local user's explicit opt-in (or out) for a remote network. */
+int policy_builder_optin(struct policy_builder *b, const char *local_uri, const char *network, bool opted_in);
+/* A local user's decision about a remote user (by URI) or domain. */
+int policy_builder_consent(struct policy_builder *b, const char *local_uri, bool subject_is_domain,
+			   const char *subject, bool allowed);
+/* A remote user does not want to be contacted by this local user (MIMI
+ * updateConsent revoked, or a peer block). */
+int policy_builder_remote_block(struct policy_builder *b, const char *remote_uri, const char *local_uri);
+/* Compiles the snapshot and frees the builder (also on failure: NULL, out
+ * of memory). */
+struct policy_snapshot *policy_builder_finish(struct policy_builder *b, uint64_t version);
+
+void policy_snapshot_free(struct policy_snapshot *s);
+uint64_t policy_snapshot_version(const struct policy_snapshot *s);
+size_t policy_snapshot_rule_count(const struct policy_snapshot *s);
+size_t policy_snapshot_fact_count(const struct policy_snapshot *s); /* opt-ins + consents + remote blocks */
+
+/* The decision.  s may be NULL: an empty snapshot (defaults open, opted
+ * out). */
 void policy_decide(const struct policy_snapshot *s, const struct policy_request *r, struct policy_decision *d);
+
 const char *policy_verdict_name(enum policy_verdict v);
+const char *policy_mode_name(enum policy_mode m);
+const char *policy_scope_name(enum policy_scope s);
+/* Parsing of the names above; false when unknown. */
+bool policy_mode_parse(const char *s, enum policy_mode *out);
+bool policy_scope_parse(const char *s, enum policy_scope *out);
 
 #endif

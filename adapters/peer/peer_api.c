@@ -1,6 +1,7 @@
 /* The neutral interop API: directory, signatures, rooms, messages. */
 #include "config.h"
 #include "peer_api.h"
+#include "policy_live.h"
 #include "event.h"
 #include "httpsig.h"
 #include "log.h"
@@ -444,6 +445,43 @@ void peer_api_room_create(struct cw_req *req, void *ctx)
 			room_input_free(in);
 		return;
 	}
+	/* A new conversation: server rules and the creator's rate limit (the
+	 * creator is the first member of the calling peer's domain). */
+	const struct room_member_in *creator = NULL;
+	for (size_t i = 0; i < in->n && !creator; i++)
+		if (strcmp(in->m[i].u.domain, p->domain) == 0)
+			creator = &in->m[i];
+	char network[PEER_NAME_MAX + 8];
+	snprintf(network, sizeof(network), "peer:%s", p->name);
+	struct policy_view *view = policy_live_get(app->policy);
+	struct policy_rate_memo memo;
+	policy_rate_memo_init(&memo, app->limits);
+	struct policy_request preq = {
+		.direction = POLICY_INBOUND, .action = POLICY_ACT_NEW_ROOM,
+		.sender = { creator->uri, p->domain, network }, .now_ms = cw_wall_ms(), .rate = &memo.rate,
+	};
+	struct policy_decision d;
+	policy_decide(view->snap, &preq, &d);
+	policy_view_put(view);
+	policy_count(app, &d);
+	if (d.verdict == POLICY_LIMIT || d.verdict == POLICY_DENY) {
+		char detail[160];
+		if (d.verdict == POLICY_LIMIT) {
+			char ra[24];
+			snprintf(ra, sizeof(ra), "%lld", (long long)((d.retry_after_ms + 999) / 1000));
+			cw_req_add_header(req, "Retry-After", ra);
+		}
+		if (d.verdict == POLICY_LIMIT)
+			snprintf(detail, sizeof(detail), "too many new conversations from this sender; retry later");
+		else
+			snprintf(detail, sizeof(detail),
+				 "this provider does not take conversations from the calling peer's users (%s)", d.reason);
+		cw_req_problem(req, d.verdict == POLICY_LIMIT ? 429 : 403,
+			       d.verdict == POLICY_LIMIT ? "rate_limited" : "not_allowed",
+			       app_status_title(d.verdict == POLICY_LIMIT ? 429 : 403), detail);
+		room_input_free(in);
+		return;
+	}
 	in->p = p;
 	snprintf(in->scope, sizeof(in->scope), "peer:%s", p->name);
 	in->idem_key = key ? strdup(key) : NULL;
@@ -670,8 +708,9 @@ struct msg_input {
 	char in_reply_to[80];
 	char replaces[80];
 	char ts[24];
-	struct policy_snapshot *policy;
+	struct cw_app *app;
 	size_t body_bytes;
+	uint64_t attachment_bytes;
 	unsigned kinds;
 };
 
@@ -719,6 +758,7 @@ struct item_result {
 	const char *code;  /* NULL: accepted */
 	char detail[256];
 	json_t *body;      /* the accepted answer */
+	int64_t retry_after_ms; /* 429 */
 };
 
 static void item_fail(struct item_result *res, int status, const char *code, const char *fmt, ...)
@@ -734,6 +774,7 @@ static void item_fail(struct item_result *res, int status, const char *code, con
 }
 
 struct submit {
+	struct cw_app *app;
 	size_t n;
 	struct msg_input **items;   /* NULL where an item was refused before the store */
 	struct item_result *res;    /* n results */
@@ -743,6 +784,10 @@ struct submit {
 	char (*reply_id)[24];
 	char (*replaces_id)[24];
 	json_t **dests, **targets;  /* per item, for its outbox rows */
+	json_t **states;            /* per item: each row's state (pending, held, dropped) */
+	json_t **held;              /* per item: local users to ask for consent */
+	bool *scrub;                /* per item: no recipient will get it: keep no content */
+	json_t *audit;              /* the policy decisions to record (round 1) */
 	bool by_uri;                /* items name rooms by URI (batch) or public id */
 	json_t *refused;            /* batch: per item, the problem object of a refused item, or null */
 	json_t *keys;               /* batch: per item, its idempotency key, or null */
@@ -755,9 +800,13 @@ static void submit_clear_round(struct submit *b)
 		memset(&b->res[i], 0, sizeof(b->res[i]));
 		json_decref(b->dests[i]);
 		json_decref(b->targets[i]);
-		b->dests[i] = b->targets[i] = NULL;
+		json_decref(b->states[i]);
+		json_decref(b->held[i]);
+		b->dests[i] = b->targets[i] = b->states[i] = b->held[i] = NULL;
 		b->write[i] = false;
+		b->scrub[i] = false;
 	}
+	json_array_clear(b->audit);
 }
 
 static void submit_free(void *arg)
@@ -776,6 +825,10 @@ static void submit_free(void *arg)
 	free(b->replaces_id);
 	free(b->dests);
 	free(b->targets);
+	free(b->states);
+	free(b->held);
+	free(b->scrub);
+	json_decref(b->audit);
 	json_decref(b->refused);
 	json_decref(b->keys);
 	free(b);
@@ -797,10 +850,14 @@ static struct submit *submit_new(size_t n)
 	b->replaces_id = calloc(m, sizeof(*b->replaces_id));
 	b->dests = calloc(m, sizeof(*b->dests));
 	b->targets = calloc(m, sizeof(*b->targets));
+	b->states = calloc(m, sizeof(*b->states));
+	b->held = calloc(m, sizeof(*b->held));
+	b->scrub = calloc(m, sizeof(*b->scrub));
+	b->audit = json_array();
 	b->refused = json_array();
 	b->keys = json_array();
 	if (!b->items || !b->res || !b->write || !b->room_id || !b->sender_id || !b->reply_id || !b->replaces_id ||
-	    !b->dests || !b->targets) {
+	    !b->dests || !b->targets || !b->states || !b->held || !b->scrub || !b->audit) {
 		submit_free(b);
 		return NULL;
 	}
@@ -832,25 +889,42 @@ static struct submit *submit_new(size_t n)
 
 /* Round 1 writes every accepted event of the job in one statement: the
  * events (ids in item order), their outbox rows (ids in event order, so
- * per-room order holds) and their idempotency keys with the answer. */
+ * per-room order holds) in the state the policy gave each (pending, held
+ * for consent, dropped), their idempotency keys with the answer, one
+ * consent request per held (local user, sender) pair unless one is pending
+ * or was made within the window, and the audit records of the decisions
+ * ($2: they exist for refused items too). */
 #define WRITE_ITEMS \
 	"WITH it AS (SELECT * FROM jsonb_to_recordset($1::jsonb) AS x(n int, pid text, room bigint, sender bigint, " \
 	"  type text, content jsonb, replaces bigint, reply bigint, ts bigint, key text, hash text, " \
-	"  dests jsonb, targets jsonb, read boolean, scope text)), " \
+	"  dests jsonb, targets jsonb, states jsonb, held jsonb, expiry bigint, win bigint, read boolean, " \
+	"  scope text)), " \
 	"ev AS (INSERT INTO events (public_id, room_id, sender_id, type, content, replaces_id, in_reply_to_id, " \
 	"  origin_network, ts) SELECT pid, room, sender, type, content, replaces, reply, scope, ts FROM it ORDER BY n " \
 	"  RETURNING id, public_id, room_id, (extract(epoch FROM accepted_at) * 1000)::bigint AS ms), " \
-	"ob AS (INSERT INTO outbox (event_id, destination, target_identity_id, room_id) " \
-	"  SELECT ev.id, d.value, NULLIF(t.value::bigint, 0), ev.room_id FROM it JOIN ev ON ev.public_id = it.pid, " \
+	"ob AS (INSERT INTO outbox (event_id, destination, target_identity_id, room_id, state) " \
+	"  SELECT ev.id, d.value, NULLIF(t.value::bigint, 0), ev.room_id, st.value FROM it " \
+	"  JOIN ev ON ev.public_id = it.pid, " \
 	"  jsonb_array_elements_text(it.dests) WITH ORDINALITY AS d(value, dn) " \
 	"  JOIN jsonb_array_elements_text(it.targets) WITH ORDINALITY AS t(value, tn) ON t.tn = d.dn " \
+	"  JOIN jsonb_array_elements_text(it.states) WITH ORDINALITY AS st(value, sn) ON st.sn = d.dn " \
 	"  ORDER BY ev.id, d.dn), " \
 	"rd AS (UPDATE outbox o SET read_at = coalesce(o.read_at, now()) FROM it " \
 	"  WHERE it.read AND o.event_id = it.reply AND o.destination = it.scope AND o.state = 'delivered'), " \
 	"ik AS (INSERT INTO idempotency_keys (scope, key, request_hash, event_id, room_id, response_status, response) " \
 	"  SELECT it.scope, it.key, decode(it.hash, 'hex'), ev.id, ev.room_id, 202, " \
 	"  jsonb_build_object('id', ev.public_id, 'accepted_ts', ev.ms, 'status', 'accepted') " \
-	"  FROM it JOIN ev ON ev.public_id = it.pid) " \
+	"  FROM it JOIN ev ON ev.public_id = it.pid), " \
+	"cr AS (INSERT INTO consent_requests (local_identity_id, remote_identity_id, expires_at) " \
+	"  SELECT DISTINCT h.value::bigint, it.sender, now() + make_interval(secs => it.expiry) " \
+	"  FROM it, jsonb_array_elements_text(it.held) AS h(value) WHERE NOT EXISTS (SELECT 1 FROM consent_requests q " \
+	"   WHERE q.local_identity_id = h.value::bigint AND q.remote_identity_id = it.sender " \
+	"   AND (q.state = 'pending' OR q.created_at > now() - make_interval(secs => it.win))) " \
+	"  ON CONFLICT DO NOTHING), " \
+	"au AS (INSERT INTO audit_log (actor, action, reason_code, rule_id, event_id, subject, details) " \
+	"  SELECT 'policy', a.action, a.reason, NULLIF(a.rule, 0), (SELECT id FROM ev WHERE ev.public_id = a.pid), " \
+	"  a.subject, a.details FROM jsonb_to_recordset($2::jsonb) " \
+	"  AS a(action text, reason text, rule bigint, pid text, subject text, details jsonb)) " \
 	"SELECT public_id, ms FROM ev"
 
 const struct store_stmt peer_api_statements[] = {
@@ -860,21 +934,39 @@ const struct store_stmt peer_api_statements[] = {
 	{ NULL, NULL },
 };
 
-static cw_err send_json(PGconn *c, const char *stmt, json_t *doc, cw_errmsg *e)
+/* Sends a prepared statement whose parameters are JSON documents (doc2
+ * may be NULL: one parameter). */
+static cw_err send_json(PGconn *c, const char *stmt, json_t *doc, json_t *doc2, cw_errmsg *e)
 {
-	char *text = json_dumps(doc, JSON_COMPACT);
-	if (!text)
+	char *text = json_dumps(doc, JSON_COMPACT), *text2 = doc2 ? json_dumps(doc2, JSON_COMPACT) : NULL;
+	if (!text || (doc2 && !text2)) {
+		free(text);
+		free(text2);
 		return cw_fail(e, CW_ENOMEM, "out of memory");
-	const char *params[] = { text };
-	int ok = PQsendQueryPrepared(c, stmt, 1, params, NULL, NULL, 0);
+	}
+	const char *params[] = { text, text2 };
+	int ok = PQsendQueryPrepared(c, stmt, doc2 ? 2 : 1, params, NULL, NULL, 0);
 	free(text);
+	free(text2);
 	return ok ? CW_OK : cw_fail(e, CW_EUNAVAIL, "cannot send: %s", PQerrorMessage(c));
+}
+
+/* Round 1 runs when an item is to be written or a decision recorded. */
+static bool round1_needed(const struct submit *b)
+{
+	if (json_array_size(b->audit))
+		return true;
+	for (size_t i = 0; i < b->n; i++)
+		if (b->items[i] && b->write[i])
+			return true;
+	return false;
 }
 
 static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 {
 	if (round == 0)
 		submit_clear_round(b);
+	struct policy_view *v = round == 1 ? policy_live_get(b->app->policy) : NULL;
 	json_t *doc = json_array();
 	for (size_t i = 0; i < b->n; i++) {
 		struct msg_input *in = b->items[i];
@@ -887,10 +979,14 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 		} else {
 			char hex[65];
 			cw_hex(hex, in->hash, 32);
-			json_t *o = json_pack("{s:I, s:s, s:s, s:s, s:s, s:O, s:s, s:s, s:O, s:O}", "n", (json_int_t)i,
-					      "pid", in->msg_id, "room", b->room_id[i], "sender", b->sender_id[i],
-					      "type", in->type, "content", in->event, "ts", in->ts, "hash", hex,
-					      "dests", b->dests[i], "targets", b->targets[i]);
+			json_t *o = json_pack("{s:I, s:s, s:s, s:s, s:s, s:o, s:s, s:s, s:O, s:O, s:O, s:O}",
+					      "n", (json_int_t)i, "pid", in->msg_id, "room", b->room_id[i],
+					      "sender", b->sender_id[i], "type", in->type,
+					      "content", b->scrub[i] ? json_object() : json_incref(in->event),
+					      "ts", in->ts, "hash", hex, "dests", b->dests[i], "targets", b->targets[i],
+					      "states", b->states[i], "held", b->held[i]);
+			json_object_set_new(o, "expiry", json_integer((json_int_t)v->set.held_expiry_s));
+			json_object_set_new(o, "win", json_integer((json_int_t)v->set.consent_window_s));
 			json_object_set_new(o, "key", json_string(in->idem_key));
 			json_object_set_new(o, "read", json_boolean(in->read_receipt));
 			json_object_set_new(o, "scope", json_string(in->scope));
@@ -899,10 +995,12 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 			json_array_append_new(doc, o);
 		}
 	}
+	policy_view_put(v);
 	cw_err rc = CW_OK;
-	if (json_array_size(doc))
-		rc = send_json(c, round == 0 ? (b->by_uri ? "submit_read_by_uri" : "submit_read_by_id") : "submit_write",
-			       doc, e);
+	if (round == 0 && json_array_size(doc))
+		rc = send_json(c, b->by_uri ? "submit_read_by_uri" : "submit_read_by_id", doc, NULL, e);
+	else if (round == 1)
+		rc = send_json(c, "submit_write", doc, b->audit, e);
 	json_decref(doc);
 	if (!rc && round == 1 && !PQsendQueryParams(c, "SELECT pg_notify('causeway_outbox', '')", 0, NULL, NULL,
 						    NULL, NULL, 0))
@@ -948,10 +1046,21 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 	snprintf(b->reply_id[i], sizeof(b->reply_id[i]), "%s", PQgetvalue(r, first, 12));
 	snprintf(b->replaces_id[i], sizeof(b->replaces_id[i]), "%s", PQgetvalue(r, first, 13));
 	/* The recipients: the members other than the sender, except the
-	 * sender's own peer (it has the message already). */
+	 * sender's own peer (it has the message already).  The policy decides
+	 * for each: allowed rows are pending, held ones wait for the local
+	 * user's consent (who is asked once), denied ones are kept as dropped
+	 * so that the sender sees "not delivered", never why. */
 	char caller[24];
 	snprintf(caller, sizeof(caller), "%lld", (long long)in->p->id);
-	json_t *dests = json_array(), *targets = json_array();
+	char sender_network[PEER_NAME_MAX + 8];
+	snprintf(sender_network, sizeof(sender_network), "peer:%s", in->p->name);
+	struct policy_view *view = policy_live_get(in->app->policy);
+	struct policy_rate_memo memo;
+	policy_rate_memo_init(&memo, in->app->limits);
+	json_t *dests = json_array(), *targets = json_array(), *states = json_array(), *held = json_array();
+	json_t *audit = json_array();
+	bool any_open = false;
+	struct policy_decision limited = { .verdict = POLICY_ALLOW };
 	for (int k = first; k < first + nrows; k++) {
 		if (PQgetisnull(r, k, 2))
 			continue; /* a room without members */
@@ -962,48 +1071,95 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 		}
 		if (peer_id && strcmp(peer_id, caller) == 0)
 			continue;
+		bool local = PQgetvalue(r, k, 4)[0] == 't';
 		struct policy_request preq = {
-			.direction = PQgetvalue(r, k, 4)[0] == 't' ? POLICY_INBOUND : POLICY_OUTBOUND,
-			.event_type = in->type, .sender_domain = in->p->domain, .sender_uri = in->sender,
-			.recipient_domain = PQgetvalue(r, k, 8), .recipient_uri = PQgetvalue(r, k, 3),
-			.network = PQgetvalue(r, k, 5), .body_bytes = in->body_bytes, .content_kinds = in->kinds,
-			.now_ms = cw_wall_ms(),
+			.direction = local ? POLICY_INBOUND : POLICY_TRANSIT, .action = POLICY_ACT_EVENT,
+			.event_type = in->type,
+			.sender = { in->sender, in->p->domain, sender_network },
+			.recipient = { PQgetvalue(r, k, 3), PQgetvalue(r, k, 8), PQgetvalue(r, k, 5) },
+			.body_bytes = in->body_bytes, .attachment_bytes = in->attachment_bytes,
+			.content_kinds = in->kinds, .now_ms = cw_wall_ms(), .rate = &memo.rate,
 		};
 		struct policy_decision d;
-		policy_decide(in->policy, &preq, &d);
+		policy_decide(view->snap, &preq, &d);
+		policy_count(in->app, &d);
+		if (d.verdict == POLICY_LIMIT) {
+			if (limited.verdict != POLICY_LIMIT || d.retry_after_ms > limited.retry_after_ms)
+				limited = d;
+			continue;
+		}
+		const char *state = d.verdict == POLICY_ALLOW ? "pending" : d.verdict == POLICY_HOLD ? "held" : "dropped";
 		if (d.verdict != POLICY_ALLOW)
-			continue; /* the peer still sees "accepted": no existence or decision leaks */
+			json_array_append_new(audit, json_pack("{s:s, s:s, s:I, s:s, s:s, s:{s:s, s:s, s:s}}",
+				"action", d.verdict == POLICY_HOLD ? "policy.hold" : "policy.deny", "reason", d.reason,
+				"rule", (json_int_t)d.rule_id, "pid", in->msg_id, "subject", PQgetvalue(r, k, 3),
+				"details", "sender", in->sender, "direction", local ? "inbound" : "transit",
+				"type", in->type));
+		if (d.verdict == POLICY_HOLD)
+			json_array_append_new(held, json_string(PQgetvalue(r, k, 2)));
+		any_open |= d.verdict != POLICY_DENY;
 		if (peer_id) {
 			char dest[PEER_NAME_MAX + 8];
 			snprintf(dest, sizeof(dest), "peer:%s", PQgetvalue(r, k, 7));
-			bool seen = false;
+			size_t seen = SIZE_MAX;
 			for (size_t x = 0; x < json_array_size(dests); x++)
-				seen |= strcmp(json_string_value(json_array_get(dests, x)), dest) == 0;
-			if (seen)
+				if (strcmp(json_string_value(json_array_get(dests, x)), dest) == 0)
+					seen = x;
+			if (seen != SIZE_MAX) { /* one row per peer: open if any of its users may have it */
+				if (d.verdict == POLICY_ALLOW)
+					json_array_set_new(states, seen, json_string("pending"));
 				continue;
+			}
 			json_array_append_new(dests, json_string(dest));
 			json_array_append_new(targets, json_integer(0));
 		} else {
 			json_array_append_new(dests, json_string(PQgetvalue(r, k, 5)));
 			json_array_append_new(targets, json_integer(atoll(PQgetvalue(r, k, 2))));
 		}
+		json_array_append_new(states, json_string(state));
+	}
+	policy_view_put(view);
+	if (limited.verdict == POLICY_LIMIT) {
+		/* Refused for now, nothing stored; a flood is recorded once
+		 * per bucket and episode, not once per refused message. */
+		if (memo.first_refusal)
+			json_array_append_new(b->audit, json_pack("{s:s, s:s, s:I, s:n, s:s, s:{s:s, s:s, s:I}}",
+				"action", "policy.limit", "reason", limited.reason, "rule", (json_int_t)limited.rule_id,
+				"pid", "subject", in->sender, "details", "sender", in->sender, "type", in->type,
+				"retry_after_ms", (json_int_t)limited.retry_after_ms));
+		json_decref(dests);
+		json_decref(targets);
+		json_decref(states);
+		json_decref(held);
+		json_decref(audit);
+		item_fail(res, 429, "rate_limited", "too many messages from this sender or domain; retry later");
+		res->retry_after_ms = limited.retry_after_ms;
+		return;
 	}
 	if (!b->sender_id[i][0]) {
 		json_decref(dests);
 		json_decref(targets);
+		json_decref(states);
+		json_decref(held);
+		json_decref(audit);
 		item_fail(res, 403, "not_allowed", "the sender is not a member of this room");
 		return;
 	}
+	json_array_extend(b->audit, audit);
+	json_decref(audit);
 	b->dests[i] = dests;
 	b->targets[i] = targets;
+	b->states[i] = states;
+	b->held[i] = held;
+	b->scrub[i] = json_array_size(dests) > 0 && !any_open;
 	b->write[i] = true;
 }
 
 static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_errmsg *e)
 {
-	bool sent = false, any_write = false;
+	bool sent = round == 1, any_write = false;
 	for (size_t i = 0; i < b->n && !sent; i++)
-		sent = b->items[i] && (round == 0 || b->write[i]);
+		sent = b->items[i] != NULL;
 	if (sent) {
 		PGresult *r;
 		cw_err rc = store_pipe_result(c, PGRES_TUPLES_OK, &r, e);
@@ -1017,10 +1173,10 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 					end++;
 				if (n >= 0 && (size_t)n < b->n && b->items[n]) {
 					submit_decide(b, (size_t)n, r, k, end - k);
-					any_write |= b->write[n];
 				}
 				k = end;
 			}
+			any_write = round1_needed(b);
 		} else {
 			for (int k = 0; k < rows; k++)
 				for (size_t i = 0; i < b->n; i++)
@@ -1065,9 +1221,12 @@ static cw_err submit_recv(PGconn *c, struct app_job *j, int round, bool *more, c
 		if (!b->items[i]) {
 			json_array_append(results, json_array_get(b->refused, i));
 		} else if (b->res[i].code) {
-			json_array_append_new(results, json_pack("{s:O, s:s, s:i, s:s, s:s}", "idempotency_key", key,
-								 "status", "refused", "http_status", b->res[i].status,
-								 "code", b->res[i].code, "detail", b->res[i].detail));
+			json_t *o = json_pack("{s:O, s:s, s:i, s:s, s:s}", "idempotency_key", key, "status", "refused",
+					      "http_status", b->res[i].status, "code", b->res[i].code,
+					      "detail", b->res[i].detail);
+			if (b->res[i].status == 429)
+				json_object_set_new(o, "retry_after_ms", json_integer((json_int_t)b->res[i].retry_after_ms));
+			json_array_append_new(results, o);
 		} else {
 			json_t *o = json_deep_copy(b->res[i].body);
 			json_object_set(o, "idempotency_key", key);
@@ -1131,8 +1290,14 @@ static void answer_item(struct cw_app *app, struct msg_input *in, const struct i
 	struct cw_req *req = in->req;
 	if (rc)
 		app_reply_store_error(app, req, rc, why);
-	else if (res->code)
+	else if (res->code) {
+		if (res->status == 429) {
+			char ra[24];
+			snprintf(ra, sizeof(ra), "%lld", (long long)((res->retry_after_ms + 999) / 1000));
+			cw_req_add_header(req, "Retry-After", ra);
+		}
 		cw_req_problem(req, res->status, res->code, app_status_title(res->status), res->detail);
+	}
 	else
 		cw_req_reply_json(req, res->status, json_incref(res->body));
 	cw_req_resume(req);
@@ -1176,6 +1341,7 @@ static cw_err merged_send(PGconn *c, void *arg, int round, cw_errmsg *e)
 			m->b->items[i++] = x;
 		}
 		m->b->n = i;
+		m->b->app = m->app;
 	}
 	return items_send(c, m->b, round, e);
 }
@@ -1314,8 +1480,9 @@ static void submit_one(struct cw_req *req, struct cw_app *app, unsigned types, b
 	snprintf(in->replaces, sizeof(in->replaces), "%s", ev.replaces ? ev.replaces : "");
 	snprintf(in->ts, sizeof(in->ts), "%lld", (long long)(ev.ts ? ev.ts : cw_wall_ms()));
 	in->event = json_incref(ev.json);
-	in->policy = &app->policy;
+	in->app = app;
 	in->body_bytes = ev.body_bytes;
+	in->attachment_bytes = ev.attachment_bytes;
 	in->kinds = ev.kinds;
 	in->read_receipt = ev.type == EVENT_RECEIPT && ev.receipt == EVENT_RECEIPT_READ;
 	event_free(&ev);
@@ -1424,6 +1591,7 @@ void peer_api_batch(struct cw_req *req, void *ctx)
 		return;
 	}
 	b->by_uri = true;
+	b->app = app;
 	for (size_t i = 0; i < bt.n; i++) {
 		struct batch_item *it = &bt.items[i];
 		json_t *key = it->idempotency_key[0] ? json_string(it->idempotency_key) : json_null();
@@ -1457,8 +1625,9 @@ void peer_api_batch(struct cw_req *req, void *ctx)
 		snprintf(in->replaces, sizeof(in->replaces), "%s", it->ev.replaces ? it->ev.replaces : "");
 		snprintf(in->ts, sizeof(in->ts), "%lld", (long long)(it->ev.ts ? it->ev.ts : cw_wall_ms()));
 		in->event = json_incref(it->ev.json);
-		in->policy = &app->policy;
+		in->app = app;
 		in->body_bytes = it->ev.body_bytes;
+		in->attachment_bytes = it->ev.attachment_bytes;
 		in->kinds = it->ev.kinds;
 		in->read_receipt = it->ev.type == EVENT_RECEIPT && it->ev.receipt == EVENT_RECEIPT_READ;
 		b->items[i] = in;

@@ -6,12 +6,12 @@
 #include "peer_api.h"
 #include "peers.h"
 #include "store.h"
+#include "policy_live.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define CONSENT_REQUEST_DAYS 7
 #define EVIDENCE_MAX 100
 #define COMMENT_MAX 8192
 
@@ -28,6 +28,8 @@ struct social_input {
 	json_t *evidence;
 	char *comment;
 	char handle[MIMI_LOCAL_MAX + 1];
+	struct policy_decision d;       /* consent requests: the policy's */
+	int64_t window_s, expiry_s;
 };
 
 static void social_free(void *arg)
@@ -119,6 +121,12 @@ static void start(struct cw_req *req, struct cw_app *app, struct social_input *i
 
 /* ------------------------------------------------------------ consent */
 
+/* requestConsent: stored as a consent request for the local user when the
+ * policy says the request waits for the user (hold); a denied one is only
+ * recorded in the audit log, and one from a sender the user allowed
+ * changes nothing.  The peer gets the same answer in every case: whether
+ * the user exists, blocks the requester or is not opted in is not its
+ * business. */
 static cw_err consent_request_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct social_input *in = j->data;
@@ -126,25 +134,61 @@ static cw_err consent_request_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	cw_err rc = both(c, in, rid, lid, e);
 	if (rc)
 		return rc;
-	char days[8];
-	snprintf(days, sizeof(days), "%d", CONSENT_REQUEST_DAYS);
-	const char *params[] = { lid, rid, days };
-	/* One pending request per pair: asking again changes nothing. */
-	if ((rc = run(c, "INSERT INTO consent_requests (local_identity_id, remote_identity_id, expires_at) "
-			 "VALUES ($1::bigint, $2::bigint, now() + make_interval(days => $3::int)) ON CONFLICT DO NOTHING",
-		      3, params, e)))
-		return rc;
-	accepted(j);
-	return CW_OK;
+	char win[24], exp[24], rule[24];
+	snprintf(win, sizeof(win), "%lld", (long long)in->window_s);
+	snprintf(exp, sizeof(exp), "%lld", (long long)in->expiry_s);
+	snprintf(rule, sizeof(rule), "%lld", (long long)in->d.rule_id);
+	if (in->d.verdict == POLICY_HOLD) {
+		/* One request per pair and window: asking again changes nothing. */
+		const char *params[] = { lid, rid, exp, win };
+		rc = run(c, "INSERT INTO consent_requests (local_identity_id, remote_identity_id, expires_at) "
+			    "SELECT $1::bigint, $2::bigint, now() + make_interval(secs => $3::bigint) WHERE NOT EXISTS "
+			    "(SELECT 1 FROM consent_requests q WHERE q.local_identity_id = $1::bigint AND "
+			    "q.remote_identity_id = $2::bigint AND (q.state = 'pending' OR "
+			    "q.created_at > now() - make_interval(secs => $4::bigint))) ON CONFLICT DO NOTHING",
+			 4, params, e);
+	} else if (in->d.verdict == POLICY_DENY) {
+		const char *params[] = { in->d.reason, rule, in->local, in->remote };
+		rc = run(c, "INSERT INTO audit_log (actor, action, reason_code, rule_id, subject, details) VALUES "
+			    "('policy', 'policy.deny', $1, NULLIF($2::bigint, 0), $3, "
+			    "jsonb_build_object('sender', $4::text, 'type', 'consent_request'))", 4, params, e);
+	}
+	if (!rc)
+		accepted(j);
+	return rc;
 }
 
 void peer_api_consent_request(struct cw_req *req, void *ctx)
 {
+	struct cw_app *app = ctx;
 	json_t *body;
 	struct social_input *in = begin(req, ctx, &body, "requester", "target");
 	if (!in)
 		return;
 	json_decref(body);
+	struct policy_view *v = policy_live_get(app->policy);
+	struct policy_rate_memo memo;
+	policy_rate_memo_init(&memo, app->limits);
+	struct policy_request r = {
+		.direction = POLICY_INBOUND, .action = POLICY_ACT_CONSENT_REQUEST,
+		.sender = { in->remote, in->remote_u.domain, in->peer_network },
+		.recipient = { in->local, in->local_u.domain, "local" },
+		.now_ms = cw_wall_ms(), .rate = &memo.rate,
+	};
+	policy_decide(v->snap, &r, &in->d);
+	policy_count(app, &in->d);
+	in->window_s = v->set.consent_window_s;
+	in->expiry_s = v->set.held_expiry_s;
+	policy_view_put(v);
+	if (in->d.verdict == POLICY_LIMIT) {
+		char ra[24];
+		snprintf(ra, sizeof(ra), "%lld", (long long)((in->d.retry_after_ms + 999) / 1000));
+		cw_req_add_header(req, "Retry-After", ra);
+		cw_req_problem(req, 429, "rate_limited", "Too many requests",
+			       "too many consent requests from this sender; retry later");
+		social_free(in);
+		return;
+	}
 	start(req, ctx, in, consent_request_fn, true);
 }
 
@@ -162,6 +206,8 @@ static cw_err consent_update_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	rc = in->flag ? run(c, "DELETE FROM blocks WHERE blocker_id = $1::bigint AND blocked_id = $2::bigint", 2, params, e)
 		      : run(c, "INSERT INTO blocks (blocker_id, blocked_id) VALUES ($1::bigint, $2::bigint) "
 			       "ON CONFLICT DO NOTHING", 2, params, e);
+	if (!rc) /* every daemon process takes the change into its policy */
+		rc = store_exec(c, "NOTIFY causeway_policy", e);
 	if (!rc)
 		accepted(j);
 	return rc;

@@ -106,6 +106,7 @@ class Daemon:
             "database": {"url": db_url, "schema_dir": schema_dir, "startup_timeout_ms": "2000",
                          "reconnect_max_ms": "500"},
             "log": {"level": "info"},
+            "policy": {"sweep_interval_ms": "200"},
             "admin": {"token_sha256": hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest()},
         }
         for section, values in (options or {}).items():

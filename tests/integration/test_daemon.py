@@ -20,7 +20,7 @@ def test_readyz_reports_database_and_migrations(daemon):
     body = r.json()
     assert body["status"] == "ready"
     assert body["database"]["status"] == "up"
-    assert body["migrations"] == {"status": "current", "applied": 1, "expected": 1}
+    assert body["migrations"] == {"status": "current", "applied": 2, "expected": 2}
     assert body["adapters"] == {}
 
 

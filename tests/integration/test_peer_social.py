@@ -10,14 +10,16 @@ LOCAL = "mimi://example.org/u/"
 
 def test_consent_requests_are_uniform_and_stored_once(daemon, peers, pg, db_url):
     (a, _), _ = peers
-    pg.psql("INSERT INTO identities (uri, domain, localpart, is_local, network) "
-            "VALUES ('mimi://example.org/u/alice', 'example.org', 'alice', true, 'local')", db_url)
+    r = daemon.admin("POST", "/optins", json={"user": LOCAL + "alice", "network": "peer:gk", "opted_in": True})
+    assert r.status_code == 200, r.text
     answers = []
     for target in ("alice", "nobody-by-this-name", "alice"):
         r = a.call("POST", "/v1/consent/requests", {"requester": a.user("wally"), "target": LOCAL + target})
         answers.append((r.status_code, r.json()))
     assert answers[0] == answers[1] == answers[2] == (202, {"status": "accepted"})
-    assert pg.psql("SELECT count(*) FROM consent_requests WHERE state = 'pending'", db_url) == "2"
+    # alice (opted in) has one request; the unknown user none: the policy
+    # denies it (not opted in) without the peer noticing.
+    assert pg.psql("SELECT count(*) FROM consent_requests WHERE state = 'pending'", db_url) == "1"
 
 
 def test_consent_updates_and_blocks(daemon, peers, pg, db_url):

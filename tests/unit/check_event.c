@@ -8,53 +8,6 @@
 
 /* ------------------------------------------------------------ case files */
 
-/* Decodes the case files' escapes: \xNN is the byte NN, \R{N:text} is text
- * repeated N times; "\\" (JSON's escaped backslash) is copied as a pair so
- * that "\\x41" stays JSON text. Everything else is copied. Returns a malloc'd
- * buffer (NUL-terminated, may hold NULs) and its length in *len. */
-static char *decode(const char *s, size_t *len)
-{
-	size_t cap = strlen(s) + 1, n = 0;
-	char *out = malloc(cap);
-	ck_assert_ptr_nonnull(out);
-	while (*s) {
-		const char *piece = s;
-		size_t plen = 1, times = 1;
-		char byte;
-		if (s[0] == '\\' && s[1] == '\\') {
-			plen = 2;
-			s += 2;
-		} else if (s[0] == '\\' && s[1] == 'x') {
-			unsigned v;
-			ck_assert_msg(sscanf(s + 2, "%2x", &v) == 1, "bad \\x escape near: %.20s", s);
-			byte = (char)v;
-			piece = &byte;
-			s += 4;
-		} else if (s[0] == '\\' && s[1] == 'R' && s[2] == '{') {
-			char *colon;
-			times = strtoul(s + 3, &colon, 10);
-			ck_assert_msg(*colon == ':', "bad \\R escape near: %.20s", s);
-			piece = colon + 1;
-			const char *end = strchr(piece, '}');
-			ck_assert_ptr_nonnull(end);
-			plen = (size_t)(end - piece);
-			s = end + 1;
-		} else {
-			s++;
-		}
-		while (n + plen * times + 1 > cap) {
-			cap *= 2;
-			out = realloc(out, cap);
-			ck_assert_ptr_nonnull(out);
-		}
-		for (size_t i = 0; i < times; i++, n += plen)
-			memcpy(out + n, piece, plen);
-	}
-	out[n] = '\0';
-	*len = n;
-	return out;
-}
-
 /* One case of event_cases.txt or event_batch_cases.txt. */
 struct ecase {
 	char name[200];
@@ -104,7 +57,7 @@ static void parse_expect(const char *s, char *code, size_t csize, char *pointer,
 	memcpy(code, s, clen);
 	code[clen] = '\0';
 	size_t plen;
-	char *p = decode(sp ? sp + 1 : "", &plen);
+	char *p = unit_decode(sp ? sp + 1 : "", &plen);
 	ck_assert_uint_lt(plen, psize);
 	memcpy(pointer, p, plen + 1);
 	free(p);
@@ -269,8 +222,8 @@ static void run_checks(const struct ecase *k, const struct event *ev)
 			char ptr_raw[256];
 			snprintf(ptr_raw, sizeof(ptr_raw), "%.*s", (int)(eq - chk - 5), chk + 5);
 			size_t plen, wlen;
-			char *ptr = decode(ptr_raw, &plen);
-			char *want_text = decode(eq + 3, &wlen);
+			char *ptr = unit_decode(ptr_raw, &plen);
+			char *want_text = unit_decode(eq + 3, &wlen);
 			json_error_t je;
 			json_t *want = json_loadb(want_text, wlen, JSON_DECODE_ANY, &je);
 			ck_assert_msg(want != NULL, "case '%s': bad expected JSON in: %s", k->name, chk);
@@ -285,7 +238,7 @@ static void run_checks(const struct ecase *k, const struct event *ev)
 		char name[64], want_raw[256], got[1024];
 		ck_assert_msg(sscanf(chk, "%63s = %255[^\n]", name, want_raw) == 2, "case '%s': bad check %s", k->name, chk);
 		size_t wlen;
-		char *want = decode(want_raw, &wlen);
+		char *want = unit_decode(want_raw, &wlen);
 		field_text(ev, name, got, sizeof(got));
 		ck_assert_msg(strcmp(got, want) == 0, "case '%s': %s is '%s', expected '%s'", k->name, name, got, want);
 		free(want);
@@ -315,7 +268,7 @@ START_TEST(event_cases)
 	for (int i = 0; i < n; i++) {
 		struct ecase *k = &cases[i];
 		size_t len;
-		char *body = decode(k->body, &len);
+		char *body = unit_decode(k->body, &len);
 		struct event ev;
 		struct event_error err;
 		cw_err rc = event_parse(body, len, &k->lim, k->flags, &ev, &err);
@@ -514,7 +467,7 @@ START_TEST(identifier_cases)
 		int got = sscanf(line, "%15s %7s %2047s", which, verdict, text_raw);
 		ck_assert_msg(got >= 2, "bad line: %s", line);
 		size_t len;
-		char *text = decode(text_raw, &len);
+		char *text = unit_decode(text_raw, &len);
 		bool want_ok = strcmp(verdict, "ok") == 0;
 		ck_assert_msg(want_ok || strcmp(verdict, "bad") == 0, "bad verdict in: %s", line);
 		if (strcmp(which, "uri") == 0) {
@@ -531,7 +484,7 @@ START_TEST(identifier_cases)
 					unsigned port;
 					ck_assert_int_eq(sscanf(fields, "%7s %299s %u %1023s", kind, domain_raw, &port, id_raw), 4);
 					size_t idl, dl;
-					char *id = decode(id_raw, &idl), *domain = decode(domain_raw, &dl);
+					char *id = unit_decode(id_raw, &idl), *domain = unit_decode(domain_raw, &dl);
 					ck_assert_int_eq(u.kind, strcmp(kind, "user") == 0 ? MIMI_USER : MIMI_ROOM);
 					ck_assert_str_eq(u.domain, domain);
 					ck_assert_uint_eq(u.port, port);
@@ -628,7 +581,7 @@ START_TEST(batch_cases)
 	for (int i = 0; i < n; i++) {
 		struct ecase *k = &cases[i];
 		size_t len;
-		char *body = decode(k->body, &len);
+		char *body = unit_decode(k->body, &len);
 		struct batch b;
 		struct event_error err;
 		cw_err rc = batch_parse(body, len, &k->lim, &b, &err);

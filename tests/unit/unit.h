@@ -17,6 +17,53 @@ static inline const char *unit_data_path(const char *name)
 	return path;
 }
 
+/* Decodes the case files' escapes (event and policy cases): \xNN is the byte NN, \R{N:text} is text
+ * repeated N times; "\\" (JSON's escaped backslash) is copied as a pair so
+ * that "\\x41" stays JSON text. Everything else is copied. Returns a malloc'd
+ * buffer (NUL-terminated, may hold NULs) and its length in *len. */
+static inline char *unit_decode(const char *s, size_t *len)
+{
+	size_t cap = strlen(s) + 1, n = 0;
+	char *out = malloc(cap);
+	ck_assert_ptr_nonnull(out);
+	while (*s) {
+		const char *piece = s;
+		size_t plen = 1, times = 1;
+		char byte;
+		if (s[0] == '\\' && s[1] == '\\') {
+			plen = 2;
+			s += 2;
+		} else if (s[0] == '\\' && s[1] == 'x') {
+			unsigned v;
+			ck_assert_msg(sscanf(s + 2, "%2x", &v) == 1, "bad \\x escape near: %.20s", s);
+			byte = (char)v;
+			piece = &byte;
+			s += 4;
+		} else if (s[0] == '\\' && s[1] == 'R' && s[2] == '{') {
+			char *colon;
+			times = strtoul(s + 3, &colon, 10);
+			ck_assert_msg(*colon == ':', "bad \\R escape near: %.20s", s);
+			piece = colon + 1;
+			const char *end = strchr(piece, '}');
+			ck_assert_ptr_nonnull(end);
+			plen = (size_t)(end - piece);
+			s = end + 1;
+		} else {
+			s++;
+		}
+		while (n + plen * times + 1 > cap) {
+			cap *= 2;
+			out = realloc(out, cap);
+			ck_assert_ptr_nonnull(out);
+		}
+		for (size_t i = 0; i < times; i++, n += plen)
+			memcpy(out + n, piece, plen);
+	}
+	out[n] = '\0';
+	*len = n;
+	return out;
+}
+
 /* Runs one suite and turns its result into the exit status. */
 static inline int unit_run(Suite *s)
 {

@@ -1,0 +1,1008 @@
+/* /admin/v1 for the policy (see policy_admin.h).
+ *
+ * Each handler validates its input in C, then runs one statement that does
+ * the change (if any) and builds the JSON answer in PostgreSQL.  A change
+ * is then recorded in the audit log with the answer as its details, and
+ * NOTIFY causeway_policy makes every daemon process reload its snapshot; a
+ * consent change also runs the sweep for that user in the same
+ * transaction, so the held messages are released (in order) or dropped
+ * before the answer. */
+#include "config.h"
+#include "policy_admin.h"
+#include "app.h"
+#include "event.h"
+#include "peer_api.h"
+#include "policy_json.h"
+#include "policy_live.h"
+#include "store.h"
+#include "log.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define PAGE_MAX 500
+#define MAXP 12
+#define COMMENT_MAX 1024
+
+/* One statement, one row, one column: the answer as JSON text. */
+struct aq {
+	const char *sql;
+	int n;
+	char *p[MAXP];
+	int status;           /* on success */
+	int none_status;      /* when the statement returns no row (404, 409) */
+	const char *none_detail;
+	const char *action;   /* a change: the audit action */
+	int subject;          /* the parameter naming the subject (-1: none) */
+	int local;            /* the parameter holding a local user's URI, replaced by its id before the
+			         statement (-1: none); the identity is made if it does not exist */
+	bool sweep;           /* after the change: apply consent to this local user's held messages */
+};
+
+static void aq_free(void *arg)
+{
+	struct aq *q = arg;
+	for (int i = 0; i < q->n; i++)
+		free(q->p[i]);
+	free(q);
+}
+
+static struct aq *aq_new(const char *sql)
+{
+	struct aq *q = calloc(1, sizeof(*q));
+	if (q) {
+		q->sql = sql;
+		q->status = 200;
+		q->none_status = 404;
+		q->subject = -1;
+		q->local = -1;
+	}
+	return q;
+}
+
+/* Appends a parameter (NULL: SQL NULL). */
+static void aq_param(struct aq *q, const char *v)
+{
+	if (q->n < MAXP)
+		q->p[q->n++] = v ? strdup(v) : NULL;
+}
+
+static void aq_num(struct aq *q, long long v)
+{
+	char b[32];
+	snprintf(b, sizeof(b), "%lld", v);
+	aq_param(q, b);
+}
+
+static cw_err aq_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
+{
+	struct aq *q = j->data;
+	const char *params[MAXP];
+	char local_id[24] = "";
+	for (int i = 0; i < q->n; i++)
+		params[i] = q->p[i];
+	if (q->local >= 0 && q->p[q->local]) {
+		struct mimi_uri u;
+		if (mimi_uri_parse(q->p[q->local], &u, e))
+			return cw_fail(e, CW_EINVAL, "not a user URI");
+		cw_err rc = identity_id(c, &u, true, "local", NULL, local_id, sizeof(local_id), e);
+		if (rc)
+			return rc;
+		params[q->local] = local_id;
+	}
+	PGresult *r = PQexecParams(c, q->sql, q->n, NULL, params, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	if (PQntuples(r) == 0 || PQgetisnull(r, 0, 0)) {
+		PQclear(r);
+		app_job_fail(j, q->none_status, q->none_status == 409 ? "conflict" : "not_found", "%s", q->none_detail);
+		return CW_OK;
+	}
+	json_t *body = json_loads(PQgetvalue(r, 0, 0), JSON_DECODE_ANY, NULL);
+	PQclear(r);
+	if (!body)
+		return cw_fail(e, CW_EINTERNAL, "the database gave an answer that is not JSON");
+	if (json_is_string(body)) { /* the statement names what does not exist */
+		app_job_fail(j, 404, "not_found", "no %s with that id", json_string_value(body));
+		json_decref(body);
+		return CW_OK;
+	}
+	if (q->sweep && local_id[0]) {
+		struct policy_view *v = policy_live_get(j->app->policy);
+		long counts[3];
+		rc = policy_sweep(c, &v->set, local_id, counts, e);
+		policy_view_put(v);
+		if (rc) {
+			json_decref(body);
+			return rc;
+		}
+		json_object_set_new(body, "released", json_integer(counts[0]));
+		json_object_set_new(body, "dropped", json_integer(counts[1]));
+		if (counts[0] && (rc = store_exec(c, "NOTIFY causeway_outbox", e))) {
+			json_decref(body);
+			return rc;
+		}
+	}
+	if (q->action) {
+		char *details = json_dumps(body, JSON_COMPACT);
+		const char *ap[] = { q->action, q->subject >= 0 ? q->p[q->subject] : NULL, details ? details : "{}" };
+		r = PQexecParams(c, "INSERT INTO audit_log (actor, action, subject, details) VALUES ('admin', $1, $2, "
+				    "$3::jsonb)", 3, NULL, ap, NULL, NULL, 0);
+		free(details);
+		if ((rc = store_check(c, r, PGRES_COMMAND_OK, e))) {
+			json_decref(body);
+			return rc;
+		}
+		PQclear(r);
+		if ((rc = store_exec(c, "NOTIFY causeway_policy", e))) {
+			json_decref(body);
+			return rc;
+		}
+	}
+	j->status = q->status;
+	j->body = body;
+	return CW_OK;
+}
+
+/* The answer to a change comes once this process has the change in
+ * force (the others follow on the NOTIFY within milliseconds). */
+static void poke_after(struct app_job *j)
+{
+	if (!policy_live_sync(j->app->policy, 2000))
+		LOG_KV(CW_LOG_WARN, "the policy change is committed but not yet in force here (reload slow or failing)");
+}
+
+static void aq_run(struct cw_app *app, struct cw_req *req, struct aq *q)
+{
+	if (!q) {
+		app_job_run(app, req, aq_fn, NULL, NULL, false);
+		return;
+	}
+	bool write = q->action != NULL;
+	struct app_job *j = app_job_new(app, req, aq_fn);
+	if (!j) {
+		aq_free(q);
+		app_job_run(app, req, aq_fn, NULL, NULL, false); /* answers 503 */
+		return;
+	}
+	j->data = q;
+	j->data_free = aq_free;
+	if (write)
+		j->after = poke_after;
+	app_job_start(j, write);
+}
+
+/* A page of a list: $1 after, $2 limit. */
+static struct aq *aq_page(long long after, long limit, const char *sql)
+{
+	struct aq *q = aq_new(sql);
+	if (q) {
+		aq_num(q, after);
+		aq_num(q, limit);
+	}
+	return q;
+}
+
+/* ------------------------------------------------------------ inputs */
+
+static void bad_query(struct cw_req *req, const char *detail)
+{
+	cw_req_problem(req, 400, "invalid_query", "Invalid query", detail);
+}
+
+static void bad_body(struct cw_req *req, const char *detail)
+{
+	cw_req_problem(req, 400, "invalid_body", "Invalid body", detail);
+}
+
+/* ?after=&limit=: false after answering 400. */
+static bool paging(struct cw_req *req, long long *after, long *limit)
+{
+	const char *a = cw_req_query(req, "after"), *l = cw_req_query(req, "limit");
+	char *end;
+	*after = 0;
+	*limit = 100;
+	if (a) {
+		*after = strtoll(a, &end, 10);
+		if (!*a || *end || *after < 0 || strlen(a) > 18) {
+			bad_query(req, "after must be a row id (a non-negative whole number)");
+			return false;
+		}
+	}
+	if (l) {
+		*limit = strtol(l, &end, 10);
+		if (!*l || *end || *limit < 1 || *limit > PAGE_MAX) {
+			bad_query(req, "limit must be 1 to 500");
+			return false;
+		}
+	}
+	return true;
+}
+
+/* A path id: false after answering 404. */
+static bool path_id(struct cw_req *req, const char *name, const char *what, char out[24])
+{
+	const char *id = cw_req_param(req, name);
+	char *end;
+	long long v = strtoll(id, &end, 10);
+	if (!*id || *end || v <= 0 || strlen(id) > 18) {
+		char d[80];
+		snprintf(d, sizeof(d), "no %s with that id", what);
+		cw_req_problem(req, 404, "not_found", "Not found", d);
+		return false;
+	}
+	snprintf(out, 24, "%lld", v);
+	return true;
+}
+
+/* A user URI; local: of this provider's domain.  NULL when valid. */
+static const char *user_uri_problem(struct cw_app *app, const char *s, bool local)
+{
+	struct mimi_uri u;
+	cw_errmsg e;
+	if (!s || mimi_uri_parse(s, &u, &e) || u.kind != MIMI_USER)
+		return "must be a user URI mimi://<domain>/u/<local>";
+	if (local && strcmp(u.domain, app->cfg->domain ? app->cfg->domain : "") != 0)
+		return "must be a user of this provider's domain";
+	return NULL;
+}
+
+static bool domain_valid(const char *s)
+{
+	size_t n = strlen(s);
+	if (n < 1 || n > 253 || s[0] == '.' || s[0] == '-' || s[n - 1] == '.' || s[n - 1] == '-')
+		return false;
+	for (const char *p = s; *p; p++)
+		if (!((*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9') || *p == '.' || *p == '-'))
+			return false;
+	return true;
+}
+
+static bool network_valid(const char *s)
+{
+	size_t n = strlen(s), i = 0;
+	if (n < 1 || n > 287 || s[0] < 'a' || s[0] > 'z')
+		return false;
+	for (i = 1; s[i] && s[i] != ':'; i++)
+		if (!((s[i] >= 'a' && s[i] <= 'z') || (s[i] >= '0' && s[i] <= '9') || s[i] == '_' || s[i] == '-') ||
+		    i > 31)
+			return false;
+	if (!s[i])
+		return true;
+	if (!s[i + 1] || strlen(s + i + 1) > 253)
+		return false;
+	for (const char *p = s + i + 1; *p; p++)
+		if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') || *p == '.' ||
+		      *p == '_' || *p == '-'))
+			return false;
+	return true;
+}
+
+static const char *str(json_t *o, const char *k)
+{
+	json_t *v = json_object_get(o, k);
+	return json_is_string(v) ? json_string_value(v) : NULL;
+}
+
+/* Refuses members of body not in known (NULL-terminated). */
+static bool only_known(struct cw_req *req, json_t *body, const char *const *known)
+{
+	const char *k;
+	json_t *v;
+	json_object_foreach(body, k, v) {
+		bool ok = false;
+		for (int i = 0; known[i] && !ok; i++)
+			ok = strcmp(known[i], k) == 0;
+		if (!ok) {
+			char d[120];
+			snprintf(d, sizeof(d), "unknown member '%.64s'", k);
+			bad_body(req, d);
+			return false;
+		}
+	}
+	return true;
+}
+
+/* ------------------------------------------------------------ rules */
+
+#define RULE_JSON \
+	"json_build_object('id', id, 'scope', scope, 'pattern', pattern, 'mode', mode, 'limits', limits, " \
+	" 'enabled', enabled, 'comment', comment, 'created_by', created_by, 'created_at', created_at, " \
+	" 'updated_at', updated_at, 'expires_at', expires_at)"
+
+/* The page wrapper: rows of x (which has an id) as JSON objects j. */
+#define PAGE(JSON, FROM) \
+	"SELECT json_build_object('rows', coalesce(json_agg(" JSON " ORDER BY x.id), '[]'::json), " \
+	" 'next_after', CASE WHEN count(*) = $2::int THEN max(x.id) END)::text FROM " FROM
+
+void policy_admin_rules_list(struct cw_req *req, void *ctx)
+{
+	long long after;
+	long limit;
+	if (!paging(req, &after, &limit))
+		return;
+	const char *scope = cw_req_query(req, "scope");
+	enum policy_scope sc;
+	if (scope && !policy_scope_parse(scope, &sc)) {
+		bad_query(req, "scope must be domain, network or user");
+		return;
+	}
+	struct aq *q = aq_page(after, limit, PAGE("json_build_object('id', x.id, 'scope', x.scope, 'pattern', x.pattern, "
+				   "'mode', x.mode, 'limits', x.limits, 'enabled', x.enabled, 'comment', x.comment, "
+				   "'created_by', x.created_by, 'created_at', x.created_at, 'updated_at', x.updated_at, "
+				   "'expires_at', x.expires_at)",
+				   "(SELECT * FROM rules WHERE id > $1::bigint AND ($3::text IS NULL OR scope = $3) "
+				   "ORDER BY id LIMIT $2::int) x"));
+	if (q) {
+		aq_param(q, scope);
+	}
+	aq_run(ctx, req, q);
+}
+
+/* Checks a rule's pattern the way the engine will read it. */
+static bool pattern_valid(enum policy_scope scope, const char *pattern)
+{
+	struct policy_builder *b = policy_builder_new();
+	if (!b)
+		return false;
+	int rc = policy_builder_rule(b, 1, scope, pattern, POLICY_MODE_OPEN, NULL, 0);
+	policy_builder_free(b);
+	if (rc != 0)
+		return false;
+	if (scope == POLICY_SCOPE_USER) {
+		struct mimi_uri u;
+		cw_errmsg e;
+		return mimi_uri_parse(pattern, &u, &e) == CW_OK && u.kind == MIMI_USER;
+	}
+	return true;
+}
+
+/* mode (string or null), limits, enabled, comment, expires_in_s of a rule
+ * body into q's parameters $k.. (in that order); false after answering. */
+static bool rule_fields(struct cw_req *req, json_t *body, struct aq *q, bool *has_mode, bool *mode_null,
+			bool *has_limits, bool *limits_empty)
+{
+	json_t *mode = json_object_get(body, "mode"), *limits = json_object_get(body, "limits");
+	json_t *enabled = json_object_get(body, "enabled"), *comment = json_object_get(body, "comment");
+	json_t *exp = json_object_get(body, "expires_in_s");
+	enum policy_mode m;
+	struct policy_limits lim;
+	char why[300];
+	if (mode && !json_is_null(mode) &&
+	    (!json_is_string(mode) || !policy_mode_parse(json_string_value(mode), &m) || m == POLICY_MODE_NONE)) {
+		bad_body(req, "mode must be open, allowlist, closed, deny, or null (a rule that only sets limits)");
+		return false;
+	}
+	if (limits && !policy_limits_from_json(limits, &lim, why, sizeof(why))) {
+		bad_body(req, why);
+		return false;
+	}
+	if (enabled && !json_is_boolean(enabled)) {
+		bad_body(req, "enabled must be true or false");
+		return false;
+	}
+	if (comment && !json_is_null(comment) && (!json_is_string(comment) || json_string_length(comment) > COMMENT_MAX)) {
+		bad_body(req, "comment must be a string of at most 1024 bytes, or null");
+		return false;
+	}
+	if (exp && !json_is_null(exp) &&
+	    (!json_is_integer(exp) || json_integer_value(exp) < 1 || json_integer_value(exp) > 10LL * 366 * 86400)) {
+		bad_body(req, "expires_in_s must be a number of seconds from 1 to ten years, or null (never)");
+		return false;
+	}
+	*has_mode = mode != NULL;
+	*mode_null = !mode || json_is_null(mode);
+	*has_limits = limits != NULL;
+	*limits_empty = !limits || json_object_size(limits) == 0;
+	char *lt = limits ? json_dumps(limits, JSON_COMPACT) : NULL;
+	aq_param(q, mode ? "t" : "f");
+	aq_param(q, json_is_string(mode) ? json_string_value(mode) : NULL);
+	aq_param(q, limits ? "t" : "f");
+	aq_param(q, lt);
+	free(lt);
+	aq_param(q, enabled ? "t" : "f");
+	aq_param(q, json_is_true(enabled) ? "t" : "f");
+	aq_param(q, comment ? "t" : "f");
+	aq_param(q, json_is_string(comment) ? json_string_value(comment) : NULL);
+	aq_param(q, exp ? "t" : "f");
+	if (json_is_integer(exp))
+		aq_num(q, (long long)json_integer_value(exp));
+	else
+		aq_param(q, NULL);
+	return true;
+}
+
+static const char *const rule_members[] = { "scope", "pattern", "mode", "limits", "enabled", "comment",
+					    "expires_in_s", NULL };
+
+void policy_admin_rule_create(struct cw_req *req, void *ctx)
+{
+	json_t *body = app_json_body(req);
+	if (!body)
+		return;
+	struct aq *q = aq_new(
+		"INSERT INTO rules (scope, pattern, mode, limits, enabled, comment, created_by, expires_at) "
+		"SELECT $1, $2, $4, coalesce($6::jsonb, '{}'::jsonb), CASE WHEN $7::boolean THEN $8::boolean ELSE true END, "
+		" $10, 'admin', CASE WHEN $12::bigint IS NULL THEN NULL ELSE now() + make_interval(secs => $12::bigint) END "
+		"FROM (SELECT $3::boolean, $5::boolean, $9::boolean, $11::boolean) AS presence "
+		"ON CONFLICT (scope, pattern) DO NOTHING RETURNING " RULE_JSON "::text");
+	const char *scope = str(body, "scope"), *pattern = str(body, "pattern");
+	enum policy_scope sc;
+	bool has_mode, mode_null, has_limits, limits_empty;
+	bool ok = false;
+	if (!q)
+		cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory");
+	else if (!only_known(req, body, rule_members))
+		;
+	else if (!scope || !policy_scope_parse(scope, &sc))
+		bad_body(req, "scope must be domain, network or user");
+	else if (!pattern || !pattern_valid(sc, pattern))
+		bad_body(req, sc == POLICY_SCOPE_DOMAIN ? "pattern must be a lower-case domain such as a.example or *.example"
+			 : sc == POLICY_SCOPE_NETWORK ? "pattern must be a network such as matrix, xmpp, peer:<name> or peer:*"
+						      : "pattern must be a user URI mimi://<domain>/u/<local>");
+	else {
+		aq_param(q, scope);
+		aq_param(q, pattern);
+		ok = rule_fields(req, body, q, &has_mode, &mode_null, &has_limits, &limits_empty);
+		if (ok && mode_null && limits_empty) {
+			bad_body(req, "a rule needs a mode or at least one limit");
+			ok = false;
+		}
+	}
+	json_decref(body);
+	if (!ok) {
+		if (q)
+			aq_free(q);
+		return;
+	}
+	/* the parameters: $1 scope, $2 pattern, then rule_fields' $3..$12 */
+	q->status = 201;
+	q->none_status = 409;
+	q->none_detail = "a rule with that scope and pattern exists";
+	q->action = "rule.create";
+	q->subject = 1;
+	aq_run(ctx, req, q);
+}
+
+void policy_admin_rule_get(struct cw_req *req, void *ctx)
+{
+	char id[24];
+	if (!path_id(req, "id", "rule", id))
+		return;
+	struct aq *q = aq_new("SELECT " RULE_JSON "::text FROM rules WHERE id = $1::bigint");
+	if (q) {
+		aq_param(q, id);
+		q->none_detail = "no rule with that id";
+	}
+	aq_run(ctx, req, q);
+}
+
+void policy_admin_rule_update(struct cw_req *req, void *ctx)
+{
+	char id[24];
+	if (!path_id(req, "id", "rule", id))
+		return;
+	json_t *body = app_json_body(req);
+	if (!body)
+		return;
+	static const char *const members[] = { "mode", "limits", "enabled", "comment", "expires_in_s", NULL };
+	/* The rule keeps a mode or a limit: a change that would leave it
+	 * with neither matches no row (answered 409 below, as the rule
+	 * exists: checked in the statement). */
+	struct aq *q = aq_new(
+		"WITH cur AS (SELECT * FROM rules WHERE id = $1::bigint), "
+		"nw AS (SELECT CASE WHEN $2::boolean THEN $3 ELSE cur.mode END AS mode, "
+		"  CASE WHEN $4::boolean THEN $5::jsonb ELSE cur.limits END AS limits FROM cur), "
+		"up AS (UPDATE rules r SET mode = nw.mode, limits = nw.limits, "
+		"  enabled = CASE WHEN $6::boolean THEN $7::boolean ELSE r.enabled END, "
+		"  comment = CASE WHEN $8::boolean THEN $9 ELSE r.comment END, "
+		"  expires_at = CASE WHEN $10::boolean THEN (CASE WHEN $11::bigint IS NULL THEN NULL "
+		"   ELSE now() + make_interval(secs => $11::bigint) END) ELSE r.expires_at END, updated_at = now() "
+		"  FROM nw WHERE r.id = $1::bigint AND (nw.mode IS NOT NULL OR nw.limits <> '{}'::jsonb) RETURNING r.*) "
+		"SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM cur) THEN '\"rule\"' "
+		" WHEN NOT EXISTS (SELECT 1 FROM up) THEN NULL "
+		" ELSE (SELECT " RULE_JSON "::text FROM up) END");
+	bool has_mode, mode_null, has_limits, limits_empty, ok = false;
+	if (!q)
+		cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory");
+	else if (only_known(req, body, members)) {
+		aq_param(q, id);
+		ok = rule_fields(req, body, q, &has_mode, &mode_null, &has_limits, &limits_empty);
+	}
+	json_decref(body);
+	if (!ok) {
+		if (q)
+			aq_free(q);
+		return;
+	}
+	q->none_status = 409;
+	q->none_detail = "the change would leave the rule with neither a mode nor a limit";
+	q->action = "rule.update";
+	q->subject = 0;
+	aq_run(ctx, req, q);
+}
+
+void policy_admin_rule_delete(struct cw_req *req, void *ctx)
+{
+	char id[24];
+	if (!path_id(req, "id", "rule", id))
+		return;
+	struct aq *q = aq_new("DELETE FROM rules WHERE id = $1::bigint RETURNING " RULE_JSON "::text");
+	if (q) {
+		aq_param(q, id);
+		q->none_detail = "no rule with that id";
+		q->action = "rule.delete";
+		q->subject = 0;
+	}
+	aq_run(ctx, req, q);
+}
+
+/* ------------------------------------------------------------ settings */
+
+void policy_admin_settings_get(struct cw_req *req, void *ctx)
+{
+	aq_run(ctx, req, aq_new("SELECT coalesce(jsonb_object_agg(key, value), '{}'::jsonb)::text FROM settings "
+				"WHERE key LIKE 'policy.%'"));
+}
+
+struct setting_def {
+	const char *key;
+	long long lo, hi; /* a whole number in [lo, hi]; lo > hi: something else */
+};
+
+static const struct setting_def setting_defs[] = {
+	{ "policy.default_mode", 1, 0 },
+	{ "policy.optin_default", 1, 0 },
+	{ "policy.held_expiry_seconds", 60, 366LL * 86400 },
+	{ "policy.consent_request_window_seconds", 0, 366LL * 86400 },
+	{ "policy.report_limit_threshold", 0, 1000000 },
+	{ "policy.report_window_seconds", 60, 366LL * 86400 },
+	{ "policy.report_limit_messages_per_minute", 1, 1000000 },
+	{ "policy.report_limit_seconds", 60, 366LL * 86400 },
+	{ NULL, 0, 0 },
+};
+
+void policy_admin_settings_update(struct cw_req *req, void *ctx)
+{
+	json_t *body = app_json_body(req);
+	if (!body)
+		return;
+	const char *k;
+	json_t *v;
+	char d[200] = "";
+	if (json_object_size(body) == 0)
+		snprintf(d, sizeof(d), "nothing to change");
+	json_object_foreach(body, k, v) {
+		const struct setting_def *s = NULL;
+		for (int i = 0; setting_defs[i].key; i++)
+			if (strcmp(setting_defs[i].key, k) == 0)
+				s = &setting_defs[i];
+		if (!s)
+			snprintf(d, sizeof(d), "unknown setting '%.64s'", k);
+		else if (strcmp(k, "policy.default_mode") == 0) {
+			const char *m = json_is_string(v) ? json_string_value(v) : "";
+			if (strcmp(m, "open") != 0 && strcmp(m, "allowlist") != 0 && strcmp(m, "closed") != 0)
+				snprintf(d, sizeof(d), "policy.default_mode must be open, allowlist or closed");
+		} else if (strcmp(k, "policy.optin_default") == 0) {
+			if (!json_is_boolean(v))
+				snprintf(d, sizeof(d), "policy.optin_default must be true or false");
+		} else if (!json_is_integer(v) || json_integer_value(v) < s->lo || json_integer_value(v) > s->hi) {
+			snprintf(d, sizeof(d), "%s must be a whole number from %lld to %lld", k, s->lo, s->hi);
+		}
+		if (d[0])
+			break;
+	}
+	if (d[0]) {
+		bad_body(req, d);
+		json_decref(body);
+		return;
+	}
+	struct aq *q = aq_new(
+		"WITH up AS (INSERT INTO settings (key, value, updated_by) SELECT key, value, 'admin' "
+		" FROM jsonb_each($1::jsonb) ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
+		" updated_by = 'admin', updated_at = now() RETURNING key, value) "
+		"SELECT (SELECT jsonb_object_agg(key, value) FROM (SELECT key, value FROM settings WHERE key LIKE 'policy.%' "
+		" AND key NOT IN (SELECT key FROM up) UNION ALL SELECT key, value FROM up) s)::text");
+	char *text = json_dumps(body, JSON_COMPACT);
+	json_decref(body);
+	if (q) {
+		aq_param(q, text);
+		q->action = "settings.update";
+	}
+	free(text);
+	aq_run(ctx, req, q);
+}
+
+/* ------------------------------------------------------------ users */
+
+void policy_admin_users_list(struct cw_req *req, void *ctx)
+{
+	struct cw_app *app = ctx;
+	long long after;
+	long limit;
+	if (!paging(req, &after, &limit))
+		return;
+	const char *user = cw_req_query(req, "user");
+	if (user && user_uri_problem(app, user, true)) {
+		bad_query(req, "user must be a user URI of this provider");
+		return;
+	}
+	struct aq *q = aq_page(after, limit, PAGE(
+		"json_build_object('id', x.id, 'user', x.uri, 'network', x.network, 'discoverable', x.discoverable, "
+		" 'optins', (SELECT coalesce(json_object_agg(o.network, o.opted_in), '{}'::json) FROM user_optin o "
+		"  WHERE o.identity_id = x.id), "
+		" 'consents', (SELECT coalesce(json_agg(json_build_object('subject_kind', c.subject_kind, 'subject', "
+		"  c.subject, 'state', c.state, 'source', c.source, 'updated_at', c.updated_at) ORDER BY c.subject_kind, "
+		"  c.subject), '[]'::json) FROM consents c WHERE c.local_identity_id = x.id), "
+		" 'held', (SELECT count(*) FROM outbox h WHERE h.target_identity_id = x.id AND h.state = 'held'), "
+		" 'pending_requests', (SELECT count(*) FROM consent_requests r WHERE r.local_identity_id = x.id "
+		"  AND r.state = 'pending'))",
+		"(SELECT id, uri, network, discoverable FROM identities WHERE is_local AND id > $1::bigint "
+		" AND ($3::text IS NULL OR uri = $3) ORDER BY id LIMIT $2::int) x"));
+	if (q) {
+		aq_param(q, user);
+	}
+	aq_run(ctx, req, q);
+}
+
+void policy_admin_optin_set(struct cw_req *req, void *ctx)
+{
+	struct cw_app *app = ctx;
+	json_t *body = app_json_body(req);
+	if (!body)
+		return;
+	static const char *const members[] = { "user", "network", "opted_in", NULL };
+	const char *user = str(body, "user"), *network = str(body, "network");
+	json_t *opted = json_object_get(body, "opted_in");
+	const char *p;
+	bool ok = false;
+	if (!only_known(req, body, members))
+		;
+	else if ((p = user_uri_problem(app, user, true))) {
+		char d[120];
+		snprintf(d, sizeof(d), "user %s", p);
+		bad_body(req, d);
+	} else if (!network || !network_valid(network))
+		bad_body(req, "network must be a network name such as matrix, xmpp or peer:<name>");
+	else if (!json_is_boolean(opted))
+		bad_body(req, "opted_in must be true or false");
+	else
+		ok = true;
+	struct aq *q = ok ? aq_new(
+		"WITH up AS (INSERT INTO user_optin (identity_id, network, opted_in, updated_by) "
+		" VALUES ($1::bigint, $2, $3::boolean, 'admin') ON CONFLICT (identity_id, network) DO UPDATE "
+		" SET opted_in = excluded.opted_in, updated_by = 'admin', updated_at = now() RETURNING network, opted_in) "
+		"SELECT json_build_object('user', $4::text, 'network', network, 'opted_in', opted_in)::text FROM up")
+		: NULL;
+	if (q) {
+		aq_param(q, user);
+		aq_param(q, network);
+		aq_param(q, json_is_true(opted) ? "t" : "f");
+		aq_param(q, user);
+		q->local = 0;
+		q->action = "optin.set";
+		q->subject = 3;
+	}
+	json_decref(body);
+	if (ok)
+		aq_run(ctx, req, q);
+}
+
+void policy_admin_consent_set(struct cw_req *req, void *ctx)
+{
+	struct cw_app *app = ctx;
+	json_t *body = app_json_body(req);
+	if (!body)
+		return;
+	static const char *const members[] = { "user", "subject_kind", "subject", "state", NULL };
+	const char *user = str(body, "user"), *kind = str(body, "subject_kind"), *subject = str(body, "subject");
+	const char *state = str(body, "state");
+	const char *p;
+	bool ok = false;
+	if (!only_known(req, body, members))
+		;
+	else if ((p = user_uri_problem(app, user, true))) {
+		char d[120];
+		snprintf(d, sizeof(d), "user %s", p);
+		bad_body(req, d);
+	} else if (!kind || (strcmp(kind, "user") != 0 && strcmp(kind, "domain") != 0))
+		bad_body(req, "subject_kind must be user or domain");
+	else if (strcmp(kind, "user") == 0 && user_uri_problem(app, subject, false))
+		bad_body(req, "subject must be a user URI mimi://<domain>/u/<local>");
+	else if (strcmp(kind, "domain") == 0 && (!subject || !domain_valid(subject)))
+		bad_body(req, "subject must be a lower-case domain such as gk.example");
+	else if (!state || (strcmp(state, "allowed") != 0 && strcmp(state, "blocked") != 0 && strcmp(state, "none") != 0))
+		bad_body(req, "state must be allowed, blocked or none (forget the decision)");
+	else
+		ok = true;
+	struct aq *q = ok ? aq_new(
+		"WITH del AS (DELETE FROM consents WHERE $4 = 'none' AND local_identity_id = $1::bigint "
+		"  AND subject_kind = $2 AND subject = $3), "
+		"up AS (INSERT INTO consents (local_identity_id, subject_kind, subject, state, source) "
+		"  SELECT $1::bigint, $2, $3, $4, 'admin' WHERE $4 <> 'none' "
+		"  ON CONFLICT (local_identity_id, subject_kind, subject) DO UPDATE SET state = excluded.state, "
+		"  source = 'admin', updated_at = now()), "
+		"rq AS (UPDATE consent_requests q SET state = CASE WHEN $4 = 'allowed' THEN 'accepted' ELSE 'blocked' END, "
+		"  decided_at = now() FROM identities r WHERE $4 <> 'none' AND q.state = 'pending' "
+		"  AND q.local_identity_id = $1::bigint AND r.id = q.remote_identity_id "
+		"  AND (($2 = 'user' AND r.uri = $3) OR ($2 = 'domain' AND r.domain = $3)) RETURNING q.id) "
+		"SELECT json_build_object('user', $5::text, 'subject_kind', $2::text, 'subject', $3::text, "
+		" 'state', $4::text, 'requests_decided', (SELECT count(*) FROM rq))::text")
+		: NULL;
+	if (q) {
+		aq_param(q, user);
+		aq_param(q, kind);
+		aq_param(q, subject);
+		aq_param(q, state);
+		aq_param(q, user);
+		q->local = 0;
+		q->action = "consent.set";
+		q->subject = 4;
+		q->sweep = true;
+	}
+	json_decref(body);
+	if (ok)
+		aq_run(ctx, req, q);
+}
+
+void policy_admin_consent_requests(struct cw_req *req, void *ctx)
+{
+	struct cw_app *app = ctx;
+	long long after;
+	long limit;
+	if (!paging(req, &after, &limit))
+		return;
+	const char *state = cw_req_query(req, "state"), *user = cw_req_query(req, "user");
+	if (state && strcmp(state, "pending") != 0 && strcmp(state, "accepted") != 0 && strcmp(state, "blocked") != 0 &&
+	    strcmp(state, "expired") != 0) {
+		bad_query(req, "state must be pending, accepted, blocked or expired");
+		return;
+	}
+	if (user && user_uri_problem(app, user, true)) {
+		bad_query(req, "user must be a user URI of this provider");
+		return;
+	}
+	struct aq *q = aq_page(after, limit, PAGE(
+		"json_build_object('id', x.id, 'user', l.uri, 'requester', r.uri, 'requester_network', r.network, "
+		" 'state', x.state, 'created_at', x.created_at, 'notified_at', x.notified_at, 'decided_at', "
+		" x.decided_at, 'expires_at', x.expires_at, 'held', (SELECT count(*) FROM outbox o JOIN events e "
+		" ON e.id = o.event_id WHERE o.target_identity_id = x.local_identity_id AND o.state = 'held' "
+		" AND e.sender_id = x.remote_identity_id))",
+		"(SELECT * FROM consent_requests WHERE id > $1::bigint AND ($3::text IS NULL OR state = $3) "
+		" AND ($4::text IS NULL OR local_identity_id = (SELECT id FROM identities WHERE uri = $4)) "
+		" ORDER BY id LIMIT $2::int) x JOIN identities l ON l.id = x.local_identity_id "
+		" JOIN identities r ON r.id = x.remote_identity_id"));
+	if (q) {
+		aq_param(q, state);
+		aq_param(q, user);
+	}
+	aq_run(ctx, req, q);
+}
+
+void policy_admin_held_list(struct cw_req *req, void *ctx)
+{
+	struct cw_app *app = ctx;
+	long long after;
+	long limit;
+	if (!paging(req, &after, &limit))
+		return;
+	const char *user = cw_req_query(req, "user");
+	if (user && user_uri_problem(app, user, true)) {
+		bad_query(req, "user must be a user URI of this provider");
+		return;
+	}
+	struct policy_view *v = policy_live_get(app->policy);
+	long long expiry = (long long)v->set.held_expiry_s;
+	policy_view_put(v);
+	struct aq *q = aq_page(after, limit, PAGE(
+		"json_build_object('id', x.id, 'message', e.public_id, 'user', t.uri, 'sender', s.uri, 'type', e.type, "
+		" 'held_since', x.created_at, 'expires_at', x.created_at + make_interval(secs => $4::bigint))",
+		"(SELECT id, event_id, target_identity_id, created_at FROM outbox WHERE state = 'held' "
+		" AND id > $1::bigint AND ($3::text IS NULL OR target_identity_id = (SELECT id FROM identities "
+		" WHERE uri = $3)) ORDER BY id LIMIT $2::int) x JOIN events e ON e.id = x.event_id "
+		" JOIN identities s ON s.id = e.sender_id JOIN identities t ON t.id = x.target_identity_id"));
+	if (q) {
+		aq_param(q, user);
+		aq_num(q, expiry);
+	}
+	aq_run(ctx, req, q);
+}
+
+/* ------------------------------------------------------------ reports */
+
+void policy_admin_reports_list(struct cw_req *req, void *ctx)
+{
+	long long after;
+	long limit;
+	if (!paging(req, &after, &limit))
+		return;
+	const char *open = cw_req_query(req, "open");
+	if (open && strcmp(open, "true") != 0 && strcmp(open, "false") != 0) {
+		bad_query(req, "open must be true or false");
+		return;
+	}
+	struct aq *q = aq_page(after, limit, PAGE(
+		"json_build_object('id', x.id, 'reporter_kind', x.reporter_kind, 'reporter', x.reporter, "
+		" 'subject', x.subject_uri, 'reason', x.reason_code, 'evidence', to_json(x.evidence_public_ids), "
+		" 'comment', x.comment, 'created_at', x.created_at, 'handled_at', x.handled_at, "
+		" 'handled_by', x.handled_by, 'reports_against_subject', (SELECT count(*) FROM reports y "
+		" WHERE y.subject_uri = x.subject_uri))",
+		"(SELECT * FROM reports WHERE id > $1::bigint AND ($3::boolean IS NULL OR "
+		" (handled_at IS NULL) = $3::boolean) ORDER BY id LIMIT $2::int) x"));
+	if (q) {
+		aq_param(q, open ? (strcmp(open, "true") == 0 ? "t" : "f") : NULL);
+	}
+	aq_run(ctx, req, q);
+}
+
+/* A report made by the operator, or by the operator for a local user.
+ * Reports against a remote sender reaching policy.report_limit_threshold
+ * within policy.report_window_seconds set an automatic limit on them: a
+ * user rule of policy.report_limit_messages_per_minute, for
+ * policy.report_limit_seconds (unless a rule for that user exists). */
+void policy_admin_report_create(struct cw_req *req, void *ctx)
+{
+	struct cw_app *app = ctx;
+	json_t *body = app_json_body(req);
+	if (!body)
+		return;
+	static const char *const members[] = { "reporter", "subject", "reason", "evidence", "comment", NULL };
+	const char *reporter = str(body, "reporter"), *subject = str(body, "subject"), *reason = str(body, "reason");
+	json_t *evidence = json_object_get(body, "evidence"), *comment = json_object_get(body, "comment");
+	bool ok = false, subject_local = false;
+	if (!only_known(req, body, members))
+		;
+	else if (json_object_get(body, "reporter") && user_uri_problem(app, reporter, true))
+		bad_body(req, "reporter must be a user URI of this provider (or absent: the operator reports)");
+	else if (user_uri_problem(app, subject, false))
+		bad_body(req, "subject must be a user URI mimi://<domain>/u/<local>");
+	else if (!reason || !*reason || strlen(reason) > 64)
+		bad_body(req, "reason must be a reason code of 1 to 64 of a-z, 0-9 and '_', starting with a letter");
+	else if (evidence && (!json_is_array(evidence) || json_array_size(evidence) > 100))
+		bad_body(req, "evidence must be an array of at most 100 message ids");
+	else if (comment && (!json_is_string(comment) || json_string_length(comment) > 8192))
+		bad_body(req, "comment must be a string of at most 8192 bytes");
+	else {
+		ok = reason[0] >= 'a' && reason[0] <= 'z';
+		for (const char *c = reason; ok && *c; c++)
+			ok = (*c >= 'a' && *c <= 'z') || (*c >= '0' && *c <= '9') || *c == '_';
+		if (!ok)
+			bad_body(req, "reason must be a reason code of 1 to 64 of a-z, 0-9 and '_', starting with a letter");
+		for (size_t i = 0; ok && evidence && i < json_array_size(evidence); i++) {
+			json_t *v = json_array_get(evidence, i);
+			if (!json_is_string(v) || !message_id_valid(json_string_value(v))) {
+				bad_body(req, "every evidence entry must be a message id (msg_...)");
+				ok = false;
+			}
+		}
+		subject_local = ok && !user_uri_problem(app, subject, true);
+	}
+	struct aq *q = ok ? aq_new(
+		"WITH rep AS (INSERT INTO reports (reporter_kind, reporter, subject_uri, subject_identity_id, reason_code, "
+		"  evidence_public_ids, comment) VALUES (CASE WHEN $1::text IS NULL THEN 'admin' ELSE 'local_user' END, "
+		"  coalesce($1, 'admin'), $2, (SELECT id FROM identities WHERE uri = $2), $3, "
+		"  ARRAY(SELECT jsonb_array_elements_text($4::jsonb)), $5) RETURNING id), "
+		"cnt AS (SELECT count(*) + 1 AS n FROM reports WHERE subject_uri = $2 "
+		"  AND created_at > now() - make_interval(secs => $6::bigint)), "
+		"lim AS (INSERT INTO rules (scope, pattern, limits, created_by, comment, expires_at) "
+		"  SELECT 'user', $2, jsonb_build_object('messages_per_minute', $8::int), 'system:reports', "
+		"  'automatic: ' || n || ' abuse reports', now() + make_interval(secs => $9::bigint) FROM cnt "
+		"  WHERE $7::bigint > 0 AND n >= $7::bigint AND NOT $10::boolean "
+		"  ON CONFLICT (scope, pattern) DO NOTHING RETURNING id) "
+		"SELECT json_build_object('id', (SELECT id FROM rep), 'subject', $2::text, "
+		" 'reports_in_window', (SELECT n FROM cnt), 'limit_rule_id', (SELECT id FROM lim))::text")
+		: NULL;
+	if (q) {
+		struct policy_view *v = policy_live_get(app->policy);
+		char *ev = evidence ? json_dumps(evidence, JSON_COMPACT) : NULL;
+		aq_param(q, reporter);
+		aq_param(q, subject);
+		aq_param(q, reason);
+		aq_param(q, ev ? ev : "[]");
+		aq_param(q, json_is_string(comment) ? json_string_value(comment) : NULL);
+		aq_num(q, (long long)v->set.report_window_s);
+		aq_num(q, (long long)v->set.report_threshold);
+		aq_num(q, (long long)v->set.report_limit_per_minute);
+		aq_num(q, (long long)v->set.report_limit_s);
+		aq_param(q, subject_local ? "t" : "f");
+		free(ev);
+		policy_view_put(v);
+		q->status = 201;
+		q->action = "report.create";
+		q->subject = 1;
+	}
+	json_decref(body);
+	if (ok)
+		aq_run(ctx, req, q);
+}
+
+void policy_admin_report_handle(struct cw_req *req, void *ctx)
+{
+	char id[24];
+	if (!path_id(req, "id", "report", id))
+		return;
+	struct aq *q = aq_new("UPDATE reports SET handled_at = now(), handled_by = 'admin' WHERE id = $1::bigint "
+			      "AND handled_at IS NULL RETURNING json_build_object('id', id, 'handled_at', handled_at, "
+			      "'handled_by', handled_by)::text");
+	if (q) {
+		aq_param(q, id);
+		q->none_detail = "no open report with that id";
+		q->action = "report.handle";
+		q->subject = 0;
+	}
+	aq_run(ctx, req, q);
+}
+
+/* ------------------------------------------------------------ audit */
+
+void policy_admin_audit_list(struct cw_req *req, void *ctx)
+{
+	long long after;
+	long limit;
+	if (!paging(req, &after, &limit))
+		return;
+	const char *action = cw_req_query(req, "action"), *message = cw_req_query(req, "message");
+	const char *actor = cw_req_query(req, "actor");
+	if (action && (!*action || strlen(action) > 64)) {
+		bad_query(req, "action must be an action (policy.hold) or a prefix ending in a dot (policy.)");
+		return;
+	}
+	if (message && !message_id_valid(message)) {
+		bad_query(req, "message must be a message id (msg_...)");
+		return;
+	}
+	if (actor && (!*actor || strlen(actor) > 512)) {
+		bad_query(req, "actor must be 1 to 512 bytes");
+		return;
+	}
+	struct aq *q = aq_page(after, limit, PAGE(
+		"json_build_object('id', x.id, 'at', x.at, 'actor', x.actor, 'action', x.action, 'reason', x.reason_code, "
+		" 'rule_id', x.rule_id, 'message', (SELECT public_id FROM events WHERE id = x.event_id), "
+		" 'subject', x.subject, 'details', x.details)",
+		"(SELECT * FROM audit_log WHERE id > $1::bigint AND ($3::text IS NULL OR action = $3 "
+		" OR (right($3, 1) = '.' AND starts_with(action, $3))) "
+		" AND ($4::text IS NULL OR event_id = (SELECT id FROM events WHERE public_id = $4)) "
+		" AND ($5::text IS NULL OR actor = $5) ORDER BY id LIMIT $2::int) x"));
+	if (q) {
+		aq_param(q, action);
+		aq_param(q, message);
+		aq_param(q, actor);
+	}
+	aq_run(ctx, req, q);
+}
+
+/* "Why was this message held or denied?": each recipient's delivery with
+ * the decision recorded for it (no record: allowed), and the record. */
+void policy_admin_decision(struct cw_req *req, void *ctx)
+{
+	const char *id = cw_req_param(req, "id");
+	if (!message_id_valid(id)) {
+		cw_req_problem(req, 404, "not_found", "Not found", "no message with that id");
+		return;
+	}
+	struct aq *q = aq_new(
+		"SELECT json_build_object('message', e.public_id, 'sender', s.uri, 'type', e.type, "
+		" 'accepted_at', e.accepted_at, 'content_deleted', e.content = '{}'::jsonb, "
+		" 'recipients', (SELECT coalesce(json_agg(json_build_object('destination', o.destination, "
+		"  'recipient', t.uri, 'state', o.state, 'attempts', o.attempts, 'last_error', o.last_error, "
+		"  'verdict', coalesce(split_part(a.action, '.', 2), CASE o.state WHEN 'dropped' THEN 'deny' "
+		"   WHEN 'held' THEN 'hold' WHEN 'expired' THEN 'hold' ELSE 'allow' END), 'reason', a.reason_code, "
+		"  'rule_id', a.rule_id, 'decided_at', a.at) ORDER BY o.id), '[]'::json) "
+		"  FROM outbox o LEFT JOIN identities t ON t.id = o.target_identity_id "
+		"  LEFT JOIN LATERAL (SELECT * FROM audit_log a WHERE a.event_id = e.id AND a.actor = 'policy' "
+		"   AND a.subject = t.uri ORDER BY a.id DESC LIMIT 1) a "
+		"   ON o.target_identity_id IS NOT NULL "
+		"  WHERE o.event_id = e.id), "
+		" 'decisions', (SELECT coalesce(json_agg(json_build_object('at', a.at, 'verdict', "
+		"  split_part(a.action, '.', 2), 'reason', a.reason_code, 'rule_id', a.rule_id, 'recipient', a.subject, "
+		"  'details', a.details) ORDER BY a.id), '[]'::json) FROM audit_log a WHERE a.event_id = e.id "
+		"  AND a.actor = 'policy'))::text "
+		"FROM events e JOIN identities s ON s.id = e.sender_id WHERE e.public_id = $1");
+	if (q) {
+		aq_param(q, id);
+		q->none_detail = "no message with that id";
+	}
+	aq_run(ctx, req, q);
+}

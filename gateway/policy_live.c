@@ -1,0 +1,517 @@
+/* The policy in force: loading, swapping and the held-message sweep. */
+#include "config.h"
+#include "policy_live.h"
+#include "log.h"
+#include "policy_json.h"
+#include "ratelimit.h"
+#include "store.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+void policy_view_put(struct policy_view *v)
+{
+	if (v && atomic_fetch_sub(&v->refs, 1) == 1) {
+		policy_snapshot_free(v->snap);
+		free(v);
+	}
+}
+
+static int64_t setting_int(const char *text, int64_t dflt, int64_t lo, int64_t hi)
+{
+	char *end;
+	long long v = strtoll(text, &end, 10);
+	return (*text && !*end && v >= lo && v <= hi) ? v : dflt;
+}
+
+static void settings_defaults(struct policy_settings *s)
+{
+	s->default_mode = POLICY_MODE_OPEN;
+	s->optin_default = false;
+	s->held_expiry_s = 7 * 86400;
+	s->consent_window_s = 86400;
+	s->report_threshold = 3;
+	s->report_window_s = 86400;
+	s->report_limit_per_minute = 1;
+	s->report_limit_s = 86400;
+}
+
+/* One settings row (value is JSON text). */
+static void setting_apply(struct policy_settings *s, const char *key, const char *value)
+{
+	if (strcmp(key, "policy.default_mode") == 0) {
+		enum policy_mode m;
+		char name[32] = "";
+		if (sscanf(value, "\"%31[a-z]\"", name) == 1 && policy_mode_parse(name, &m) && m != POLICY_MODE_NONE &&
+		    m != POLICY_MODE_DENY)
+			s->default_mode = m;
+	} else if (strcmp(key, "policy.optin_default") == 0) {
+		s->optin_default = strcmp(value, "true") == 0;
+	} else if (strcmp(key, "policy.held_expiry_seconds") == 0) {
+		s->held_expiry_s = setting_int(value, s->held_expiry_s, 1, 366 * 86400LL);
+	} else if (strcmp(key, "policy.consent_request_window_seconds") == 0) {
+		s->consent_window_s = setting_int(value, s->consent_window_s, 0, 366 * 86400LL);
+	} else if (strcmp(key, "policy.report_limit_threshold") == 0) {
+		s->report_threshold = setting_int(value, s->report_threshold, 0, 1000000);
+	} else if (strcmp(key, "policy.report_window_seconds") == 0) {
+		s->report_window_s = setting_int(value, s->report_window_s, 1, 366 * 86400LL);
+	} else if (strcmp(key, "policy.report_limit_messages_per_minute") == 0) {
+		s->report_limit_per_minute = setting_int(value, s->report_limit_per_minute, 1, 1000000);
+	} else if (strcmp(key, "policy.report_limit_seconds") == 0) {
+		s->report_limit_s = setting_int(value, s->report_limit_s, 1, 366 * 86400LL);
+	}
+}
+
+static cw_err query(PGconn *c, const char *sql, PGresult **out, cw_errmsg *e)
+{
+	*out = PQexec(c, sql);
+	return store_check(c, *out, PGRES_TUPLES_OK, e);
+}
+
+static cw_err load_all(PGconn *c, struct policy_builder *b, struct policy_settings *set, cw_errmsg *e)
+{
+	PGresult *r;
+	cw_err rc = query(c, "SELECT key, value::text FROM settings WHERE key LIKE 'policy.%'", &r, e);
+	if (rc)
+		return rc;
+	for (int i = 0; i < PQntuples(r); i++)
+		setting_apply(set, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1));
+	PQclear(r);
+	policy_builder_defaults(b, set->default_mode, set->optin_default);
+
+	if ((rc = query(c, "SELECT id, scope, pattern, coalesce(mode, ''), limits::text, "
+			   " coalesce((extract(epoch FROM expires_at) * 1000)::bigint, 0) "
+			   "FROM rules WHERE enabled AND (expires_at IS NULL OR expires_at > now())", &r, e)))
+		return rc;
+	for (int i = 0; i < PQntuples(r); i++) {
+		enum policy_scope scope;
+		enum policy_mode mode = POLICY_MODE_NONE;
+		struct policy_limits lim;
+		char why[256];
+		json_t *limits = json_loads(PQgetvalue(r, i, 4), 0, NULL);
+		bool ok = policy_scope_parse(PQgetvalue(r, i, 1), &scope) &&
+			  (!*PQgetvalue(r, i, 3) || policy_mode_parse(PQgetvalue(r, i, 3), &mode)) &&
+			  policy_limits_from_json(limits, &lim, why, sizeof(why));
+		json_decref(limits);
+		int brc = ok ? policy_builder_rule(b, atoll(PQgetvalue(r, i, 0)), scope, PQgetvalue(r, i, 2), mode, &lim,
+						   atoll(PQgetvalue(r, i, 5)))
+			     : -1;
+		if (brc == -2) {
+			PQclear(r);
+			return cw_fail(e, CW_ENOMEM, "out of memory");
+		}
+		if (brc)
+			LOG_KV(CW_LOG_WARN, "policy rule ignored: not understood", "rule_id", PQgetvalue(r, i, 0));
+	}
+	PQclear(r);
+
+	if ((rc = query(c, "SELECT i.uri, o.network, o.opted_in FROM user_optin o "
+			   "JOIN identities i ON i.id = o.identity_id", &r, e)))
+		return rc;
+	for (int i = 0; i < PQntuples(r); i++)
+		if (policy_builder_optin(b, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1), PQgetvalue(r, i, 2)[0] == 't') == -2)
+			goto oom;
+	PQclear(r);
+
+	if ((rc = query(c, "SELECT i.uri, c.subject_kind = 'domain', c.subject, c.state = 'allowed' FROM consents c "
+			   "JOIN identities i ON i.id = c.local_identity_id", &r, e)))
+		return rc;
+	for (int i = 0; i < PQntuples(r); i++)
+		if (policy_builder_consent(b, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1)[0] == 't', PQgetvalue(r, i, 2),
+					   PQgetvalue(r, i, 3)[0] == 't') == -2)
+			goto oom;
+	PQclear(r);
+
+	if ((rc = query(c, "SELECT rb.uri, lb.uri FROM blocks b JOIN identities rb ON rb.id = b.blocker_id "
+			   "JOIN identities lb ON lb.id = b.blocked_id WHERE NOT rb.is_local AND lb.is_local", &r, e)))
+		return rc;
+	for (int i = 0; i < PQntuples(r); i++)
+		if (policy_builder_remote_block(b, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1)) == -2)
+			goto oom;
+	PQclear(r);
+	return CW_OK;
+oom:
+	PQclear(r);
+	return cw_fail(e, CW_ENOMEM, "out of memory");
+}
+
+cw_err policy_load(PGconn *c, uint64_t version, struct policy_view **out, cw_errmsg *e)
+{
+	int64_t t0 = cw_now_us();
+	struct policy_view *v = calloc(1, sizeof(*v));
+	struct policy_builder *b = policy_builder_new();
+	if (!v || !b) {
+		free(v);
+		policy_builder_free(b);
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	}
+	settings_defaults(&v->set);
+	cw_err rc = store_exec(c, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", e);
+	if (!rc) {
+		rc = load_all(c, b, &v->set, e);
+		cw_errmsg e2;
+		store_exec(c, rc ? "ROLLBACK" : "COMMIT", rc ? &e2 : e);
+	}
+	if (rc) {
+		policy_builder_free(b);
+		free(v);
+		return rc;
+	}
+	v->snap = policy_builder_finish(b, version);
+	if (!v->snap) {
+		free(v);
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	}
+	v->loaded_ms = cw_wall_ms();
+	v->load_ms = (double)(cw_now_us() - t0) / 1000.0;
+	atomic_init(&v->refs, 1);
+	*out = v;
+	return CW_OK;
+}
+
+/* Held rows whose local user has decided about the sender (or, for the
+ * periodic sweep, whose user's consents changed in the last minutes: a
+ * message decided with the snapshot of just before a change) are released
+ * (allowed) or dropped (blocked: a block of the user or of the domain wins,
+ * as in decide()); rows held past the expiry are expired.  Locks are taken
+ * in id order and skipped when held by another sweep, so two daemons never
+ * deadlock.  The content of an event that no one will now receive is
+ * deleted; its rows stay, so its sender still sees "not delivered". */
+static const char sweep_sql[] =
+	"WITH h AS (SELECT o.id, o.event_id, o.created_at, "
+	"  (SELECT c.state FROM consents c WHERE c.local_identity_id = o.target_identity_id "
+	"    AND c.subject_kind = 'user' AND c.subject = s.uri) AS us, "
+	"  (SELECT c.state FROM consents c WHERE c.local_identity_id = o.target_identity_id "
+	"    AND c.subject_kind = 'domain' AND c.subject = s.domain) AS ds "
+	" FROM outbox o JOIN events e ON e.id = o.event_id JOIN identities s ON s.id = e.sender_id "
+	" WHERE o.state = 'held' AND CASE WHEN $2::bigint IS NOT NULL THEN o.target_identity_id = $2::bigint "
+	"  ELSE (o.created_at < now() - make_interval(secs => $1::bigint) OR o.target_identity_id IN "
+	"   (SELECT local_identity_id FROM consents WHERE updated_at > now() - interval '10 minutes')) END "
+	" ORDER BY o.id FOR UPDATE OF o SKIP LOCKED), "
+	"ch AS (UPDATE outbox o SET state = CASE WHEN h.us = 'blocked' OR h.ds = 'blocked' THEN 'dropped' "
+	"   WHEN h.us = 'allowed' OR h.ds = 'allowed' THEN 'pending' ELSE 'expired' END, "
+	"  next_attempt_at = now() "
+	" FROM h WHERE o.id = h.id AND (h.us IS NOT NULL OR h.ds IS NOT NULL "
+	"  OR h.created_at < now() - make_interval(secs => $1::bigint)) "
+	" RETURNING o.id, o.event_id, o.state), "
+	"gone AS (UPDATE events e SET content = '{}'::jsonb "
+	" WHERE e.id IN (SELECT event_id FROM ch WHERE state <> 'pending') AND NOT EXISTS "
+	"  (SELECT 1 FROM outbox x WHERE x.event_id = e.id AND x.id NOT IN (SELECT id FROM ch) "
+	"   AND x.state NOT IN ('dropped', 'expired'))), "
+	"cr AS (UPDATE consent_requests SET state = 'expired' WHERE state = 'pending' AND expires_at < now() "
+	" AND $2::bigint IS NULL) "
+	"SELECT count(*) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'dropped'), "
+	" count(*) FILTER (WHERE state = 'expired') FROM ch";
+
+cw_err policy_sweep(PGconn *c, const struct policy_settings *s, const char *target_id, long counts[3], cw_errmsg *e)
+{
+	char secs[24];
+	snprintf(secs, sizeof(secs), "%lld", (long long)s->held_expiry_s);
+	const char *params[] = { secs, target_id };
+	PGresult *r = PQexecParams(c, sweep_sql, 2, NULL, params, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	for (int i = 0; i < 3; i++)
+		counts[i] = atol(PQgetvalue(r, 0, i));
+	PQclear(r);
+	return CW_OK;
+}
+
+/* ------------------------------------------------------------ rate memo */
+
+static int64_t memo_take(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms)
+{
+	struct policy_rate_memo *m = ctx;
+	uint64_t h = 1469598103934665603ULL;
+	for (const unsigned char *p = (const unsigned char *)key; *p; p++)
+		h = (h ^ *p) * 1099511628211ULL;
+	for (int i = 0; i < m->n; i++)
+		if (m->key[i] == h)
+			return m->result[i];
+	bool first = false;
+	int64_t r = ratelimit_take(m->rl, key, capacity, period_ms, now_ms, &first);
+	if (r > 0 && first)
+		m->first_refusal = true;
+	if (m->n < POLICY_MEMO_MAX) {
+		m->key[m->n] = h;
+		m->result[m->n++] = r;
+	}
+	return r;
+}
+
+void policy_rate_memo_init(struct policy_rate_memo *m, struct ratelimit *rl)
+{
+	memset(m, 0, sizeof(*m));
+	m->rl = rl;
+	m->rate.take = memo_take;
+	m->rate.ctx = m;
+}
+
+/* ------------------------------------------------------------ the thread */
+
+struct policy_live {
+	struct policy_live_opts o;
+	char *url;
+	pthread_mutex_t mu;
+	struct policy_view *cur;
+	pthread_t thread;
+	bool started;
+	atomic_bool stop;
+	atomic_bool poked;
+	int wake[2];
+	PGconn *c;
+	uint64_t version;
+	struct policy_live_stats st; /* under mu */
+	pthread_cond_t loaded;       /* signalled after each reload */
+	uint64_t requested, done;    /* reload generations, under mu */
+};
+
+struct policy_view *policy_live_get(struct policy_live *pl)
+{
+	pthread_mutex_lock(&pl->mu);
+	struct policy_view *v = pl->cur;
+	atomic_fetch_add(&v->refs, 1);
+	pthread_mutex_unlock(&pl->mu);
+	return v;
+}
+
+static void swap_in(struct policy_live *pl, struct policy_view *v)
+{
+	pthread_mutex_lock(&pl->mu);
+	struct policy_view *old = pl->cur;
+	pl->cur = v;
+	pl->st.version = policy_snapshot_version(v->snap);
+	pl->st.reloads++;
+	pl->st.rules = policy_snapshot_rule_count(v->snap);
+	pl->st.facts = policy_snapshot_fact_count(v->snap);
+	pl->st.last_load_ms = v->load_ms;
+	pthread_mutex_unlock(&pl->mu);
+	policy_view_put(old);
+}
+
+void policy_live_poke(struct policy_live *pl)
+{
+	if (!pl)
+		return;
+	atomic_store(&pl->poked, true);
+	char b = 1;
+	if (write(pl->wake[1], &b, 1) < 0) {
+		/* full: the thread is awake anyway */
+	}
+}
+
+void policy_live_get_stats(struct policy_live *pl, struct policy_live_stats *st)
+{
+	pthread_mutex_lock(&pl->mu);
+	*st = pl->st;
+	pthread_mutex_unlock(&pl->mu);
+}
+
+static bool ensure_conn(struct policy_live *pl, bool *fresh)
+{
+	if (pl->c && PQstatus(pl->c) == CONNECTION_OK)
+		return true;
+	PQfinish(pl->c);
+	cw_errmsg e;
+	pl->c = store_connect(pl->url, pl->o.statement_timeout_ms, &e);
+	if (pl->c && store_exec(pl->c, "LISTEN causeway_policy", &e)) {
+		PQfinish(pl->c);
+		pl->c = NULL;
+	}
+	*fresh = pl->c != NULL; /* changes may have been missed while away */
+	return pl->c != NULL;
+}
+
+static bool reload(struct policy_live *pl)
+{
+	struct policy_view *v;
+	cw_errmsg e;
+	pthread_mutex_lock(&pl->mu);
+	uint64_t serving = pl->requested;
+	pthread_mutex_unlock(&pl->mu);
+	if (policy_load(pl->c, ++pl->version, &v, &e)) {
+		LOG_KV(CW_LOG_WARN, "policy reload failed; the previous rules stay in force", "detail", e.msg);
+		pthread_mutex_lock(&pl->mu);
+		pl->st.reload_failures++;
+		pthread_mutex_unlock(&pl->mu);
+		return false;
+	}
+	swap_in(pl, v);
+	pthread_mutex_lock(&pl->mu);
+	if (serving > pl->done)
+		pl->done = serving;
+	pthread_cond_broadcast(&pl->loaded);
+	pthread_mutex_unlock(&pl->mu);
+	return true;
+}
+
+bool policy_live_sync(struct policy_live *pl, long timeout_ms)
+{
+	if (!pl)
+		return false;
+	pthread_mutex_lock(&pl->mu);
+	uint64_t want = ++pl->requested;
+	pthread_mutex_unlock(&pl->mu);
+	policy_live_poke(pl);
+	struct timespec until;
+	clock_gettime(CLOCK_REALTIME, &until);
+	until.tv_sec += timeout_ms / 1000;
+	until.tv_nsec += (timeout_ms % 1000) * 1000000L;
+	if (until.tv_nsec >= 1000000000L) {
+		until.tv_sec++;
+		until.tv_nsec -= 1000000000L;
+	}
+	pthread_mutex_lock(&pl->mu);
+	int rc = 0;
+	while (pl->done < want && rc == 0)
+		rc = pthread_cond_timedwait(&pl->loaded, &pl->mu, &until);
+	bool ok = pl->done >= want;
+	pthread_mutex_unlock(&pl->mu);
+	return ok;
+}
+
+static void *live_main(void *arg)
+{
+	struct policy_live *pl = arg;
+	int64_t next_reload = cw_now_us() + pl->o.reload_interval_s * 1000000LL;
+	int64_t next_sweep = cw_now_us();
+	int64_t backoff_us = 0;
+	while (!atomic_load(&pl->stop)) {
+		bool fresh = false, want = false;
+		if (!ensure_conn(pl, &fresh)) {
+			backoff_us = backoff_us ? (backoff_us * 2 > 5000000 ? 5000000 : backoff_us * 2) : 100000;
+			struct pollfd pf = { .fd = pl->wake[0], .events = POLLIN };
+			poll(&pf, 1, (int)(backoff_us / 1000));
+			continue;
+		}
+		backoff_us = 0;
+		want = fresh || atomic_exchange(&pl->poked, false);
+		PQconsumeInput(pl->c);
+		PGnotify *nt;
+		while ((nt = PQnotifies(pl->c))) {
+			want = true;
+			PQfreemem(nt);
+		}
+		int64_t now = cw_now_us();
+		if (want || now >= next_reload) {
+			if (reload(pl))
+				next_reload = now + pl->o.reload_interval_s * 1000000LL;
+			else
+				next_reload = now + 1000000; /* try again soon */
+		}
+		if (now >= next_sweep) {
+			struct policy_view *v = policy_live_get(pl);
+			long counts[3];
+			cw_errmsg e;
+			if (policy_sweep(pl->c, &v->set, NULL, counts, &e)) {
+				LOG_KV(CW_LOG_WARN, "policy sweep failed", "detail", e.msg);
+			} else if (counts[0] || counts[1] || counts[2]) {
+				char a[24], b[24], d[24];
+				snprintf(a, sizeof(a), "%ld", counts[0]);
+				snprintf(b, sizeof(b), "%ld", counts[1]);
+				snprintf(d, sizeof(d), "%ld", counts[2]);
+				LOG_KV(CW_LOG_INFO, "held messages swept", "released", a, "dropped", b, "expired", d);
+				pthread_mutex_lock(&pl->mu);
+				pl->st.released += (uint64_t)counts[0];
+				pl->st.dropped += (uint64_t)counts[1];
+				pl->st.expired += (uint64_t)counts[2];
+				pthread_mutex_unlock(&pl->mu);
+				if (counts[0] && store_exec(pl->c, "NOTIFY causeway_outbox", &e))
+					LOG_KV(CW_LOG_WARN, "cannot notify the dispatchers", "detail", e.msg);
+			}
+			policy_view_put(v);
+			next_sweep = now + pl->o.sweep_interval_ms * 1000LL;
+		}
+		int64_t until = next_sweep < next_reload ? next_sweep : next_reload;
+		int timeout = (int)((until - cw_now_us()) / 1000);
+		if (timeout < 0)
+			timeout = 0;
+		if (timeout > 1000)
+			timeout = 1000;
+		struct pollfd fds[2] = { { .fd = pl->wake[0], .events = POLLIN },
+					 { .fd = PQsocket(pl->c), .events = POLLIN } };
+		if (poll(fds, 2, timeout) > 0 && (fds[0].revents & POLLIN)) {
+			char buf[64];
+			while (read(pl->wake[0], buf, sizeof(buf)) > 0)
+				;
+		}
+	}
+	PQfinish(pl->c);
+	pl->c = NULL;
+	return NULL;
+}
+
+cw_err policy_live_start(struct policy_live **out, const struct policy_live_opts *o, cw_errmsg *e)
+{
+	struct policy_live *pl = calloc(1, sizeof(*pl));
+	if (!pl)
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	pl->o = *o;
+	pl->url = strdup(o->url);
+	pthread_mutex_init(&pl->mu, NULL);
+	pthread_cond_init(&pl->loaded, NULL);
+	pl->wake[0] = pl->wake[1] = -1;
+	if (!pl->url || pipe2(pl->wake, O_NONBLOCK | O_CLOEXEC) != 0) {
+		policy_live_free(pl);
+		return cw_fail(e, CW_ENOMEM, "out of resources");
+	}
+	pl->c = store_connect(pl->url, o->statement_timeout_ms, e);
+	if (!pl->c || store_exec(pl->c, "LISTEN causeway_policy", e)) {
+		policy_live_free(pl);
+		return CW_EUNAVAIL;
+	}
+	struct policy_view *v;
+	cw_err rc = policy_load(pl->c, ++pl->version, &v, e);
+	if (rc) {
+		policy_live_free(pl);
+		return rc;
+	}
+	swap_in(pl, v);
+	sigset_t all, old;
+	sigfillset(&all);
+	pthread_sigmask(SIG_BLOCK, &all, &old);
+	int prc = pthread_create(&pl->thread, NULL, live_main, pl);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	if (prc != 0) {
+		policy_live_free(pl);
+		return cw_fail(e, CW_ENOMEM, "cannot start the policy thread");
+	}
+	pl->started = true;
+	*out = pl;
+	return CW_OK;
+}
+
+void policy_live_stop(struct policy_live *pl)
+{
+	if (!pl || !pl->started)
+		return;
+	atomic_store(&pl->stop, true);
+	policy_live_poke(pl);
+	pthread_join(pl->thread, NULL);
+	pl->started = false;
+}
+
+void policy_live_free(struct policy_live *pl)
+{
+	if (!pl)
+		return;
+	policy_live_stop(pl);
+	PQfinish(pl->c);
+	policy_view_put(pl->cur);
+	if (pl->wake[0] >= 0)
+		close(pl->wake[0]);
+	if (pl->wake[1] >= 0)
+		close(pl->wake[1]);
+	pthread_mutex_destroy(&pl->mu);
+	pthread_cond_destroy(&pl->loaded);
+	free(pl->url);
+	free(pl);
+}

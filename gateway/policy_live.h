@@ -1,0 +1,100 @@
+/* The policy in force: the snapshot loaded from PostgreSQL and swapped when
+ * anything changes, and the sweep that applies consent to held messages.
+ *
+ * One thread per daemon process, with its own connection: it LISTENs on
+ * causeway_policy (every rule, setting, opt-in, consent or block change
+ * NOTIFYs it), reloads the whole snapshot when told (and at least every
+ * policy.reload_interval_s), and every policy.sweep_interval_ms runs the
+ * sweep: held rows whose local user has now allowed the sender are
+ * released in order, those whose user blocked the sender are dropped, those
+ * held past the expiry are expired, and the content of events nobody will
+ * receive is deleted.  Readers take a counted reference to the current
+ * view; a swap never waits for them. */
+#ifndef CW_POLICY_LIVE_H
+#define CW_POLICY_LIVE_H
+
+#include "cw.h"
+#include "policy.h"
+
+#include <libpq-fe.h>
+#include <stdatomic.h>
+
+/* Server-wide settings (the settings table, keys policy.*). */
+struct policy_settings {
+	enum policy_mode default_mode;
+	bool optin_default;
+	int64_t held_expiry_s;           /* held messages are deleted after this */
+	int64_t consent_window_s;        /* one consent request per pair per window */
+	int64_t report_threshold;        /* reports within report_window_s that limit a sender; 0: never */
+	int64_t report_window_s;
+	int64_t report_limit_per_minute; /* the automatic limit: messages per minute */
+	int64_t report_limit_s;          /* and how long it lasts */
+};
+
+struct policy_view {
+	struct policy_snapshot *snap;
+	struct policy_settings set;
+	int64_t loaded_ms;
+	double load_ms;                  /* how long loading and compiling took */
+	atomic_int refs;
+};
+
+/* Loads rules, settings and consent facts in one read-only transaction on
+ * c and compiles them (a new view with one reference). */
+cw_err policy_load(PGconn *c, uint64_t version, struct policy_view **out, cw_errmsg *e);
+void policy_view_put(struct policy_view *v);
+
+/* Applies consent to held rows (all local users, or only target_id when it
+ * is not NULL) and expires old ones; the counts of rows changed. */
+cw_err policy_sweep(PGconn *c, const struct policy_settings *s, const char *target_id, long counts[3],
+		    cw_errmsg *e);
+
+struct policy_live;
+struct policy_live_opts {
+	const char *url;
+	long statement_timeout_ms;
+	long sweep_interval_ms;
+	long reload_interval_s;
+};
+/* Loads the first snapshot (failing start-up if it cannot) and starts the
+ * thread. */
+cw_err policy_live_start(struct policy_live **out, const struct policy_live_opts *o, cw_errmsg *e);
+void policy_live_stop(struct policy_live *pl);
+void policy_live_free(struct policy_live *pl);
+/* The view in force, with a reference for the caller (never NULL). */
+struct policy_view *policy_live_get(struct policy_live *pl);
+/* Asks the thread to reload now (a change made by this process; others
+ * hear the NOTIFY). */
+void policy_live_poke(struct policy_live *pl);
+
+/* Rate limits for one decision (or the decisions of one event, one per
+ * recipient): each bucket is charged at most once, and first_refusal says
+ * whether a refusal was the first of its bucket's episode (to record a
+ * flood once).  rl NULL: no rate limits. */
+struct ratelimit;
+#define POLICY_MEMO_MAX 8
+struct policy_rate_memo {
+	struct policy_rate rate;    /* pass &memo.rate in the request */
+	struct ratelimit *rl;
+	int n;
+	uint64_t key[POLICY_MEMO_MAX];
+	int64_t result[POLICY_MEMO_MAX];
+	bool first_refusal;
+};
+void policy_rate_memo_init(struct policy_rate_memo *m, struct ratelimit *rl);
+
+/* Asks for a reload and waits until a snapshot loaded after this call is
+ * in force (a change this process just committed is then in effect here);
+ * false after timeout_ms. */
+bool policy_live_sync(struct policy_live *pl, long timeout_ms);
+
+struct policy_live_stats {
+	uint64_t version;
+	uint64_t reloads, reload_failures;
+	uint64_t released, dropped, expired; /* rows changed by sweeps */
+	size_t rules, facts;
+	double last_load_ms;
+};
+void policy_live_get_stats(struct policy_live *pl, struct policy_live_stats *st);
+
+#endif

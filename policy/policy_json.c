@@ -1,0 +1,117 @@
+/* Rule limits to and from JSON. */
+#include "config.h"
+#include "policy_json.h"
+
+#include <stdio.h>
+#include <string.h>
+
+struct limit_field {
+	const char *name;
+	unsigned bit;
+	uint64_t max;
+};
+
+static const struct limit_field fields[] = {
+	{ "messages_per_minute", POLICY_LIM_MSG_MINUTE, 1000000 },
+	{ "messages_per_minute_per_user", POLICY_LIM_MSG_MINUTE_USER, 1000000 },
+	{ "new_conversations_per_hour", POLICY_LIM_NEW_CONV_HOUR, 1000000 },
+	{ "consent_requests_per_day", POLICY_LIM_CONSENT_REQ_DAY, 1000000 },
+	{ "max_body_bytes", POLICY_LIM_MAX_BODY, (uint64_t)1 << 40 },
+	{ "max_attachment_bytes", POLICY_LIM_MAX_ATTACH, (uint64_t)1 << 50 },
+};
+
+static void set_value(struct policy_limits *l, unsigned bit, uint64_t v)
+{
+	switch (bit) {
+	case POLICY_LIM_MSG_MINUTE: l->messages_per_minute = (uint32_t)v; break;
+	case POLICY_LIM_MSG_MINUTE_USER: l->messages_per_minute_per_user = (uint32_t)v; break;
+	case POLICY_LIM_NEW_CONV_HOUR: l->new_conversations_per_hour = (uint32_t)v; break;
+	case POLICY_LIM_CONSENT_REQ_DAY: l->consent_requests_per_day = (uint32_t)v; break;
+	case POLICY_LIM_MAX_BODY: l->max_body_bytes = v; break;
+	case POLICY_LIM_MAX_ATTACH: l->max_attachment_bytes = v; break;
+	}
+	l->set |= bit;
+}
+
+static uint64_t get_value(const struct policy_limits *l, unsigned bit)
+{
+	switch (bit) {
+	case POLICY_LIM_MSG_MINUTE: return l->messages_per_minute;
+	case POLICY_LIM_MSG_MINUTE_USER: return l->messages_per_minute_per_user;
+	case POLICY_LIM_NEW_CONV_HOUR: return l->new_conversations_per_hour;
+	case POLICY_LIM_CONSENT_REQ_DAY: return l->consent_requests_per_day;
+	case POLICY_LIM_MAX_BODY: return l->max_body_bytes;
+	case POLICY_LIM_MAX_ATTACH: return l->max_attachment_bytes;
+	}
+	return 0;
+}
+
+bool policy_limits_from_json(const json_t *o, struct policy_limits *out, char *err, size_t errlen)
+{
+	memset(out, 0, sizeof(*out));
+	if (!json_is_object(o)) {
+		snprintf(err, errlen, "limits must be an object");
+		return false;
+	}
+	const char *key;
+	json_t *v;
+	json_object_foreach((json_t *)o, key, v) {
+		const struct limit_field *f = NULL;
+		for (size_t i = 0; i < sizeof(fields) / sizeof(fields[0]); i++)
+			if (strcmp(fields[i].name, key) == 0)
+				f = &fields[i];
+		if (f) {
+			if (!json_is_integer(v) || json_integer_value(v) < 1 ||
+			    (uint64_t)json_integer_value(v) > f->max) {
+				snprintf(err, errlen, "limits.%s must be a whole number from 1 to %llu", key,
+					 (unsigned long long)f->max);
+				return false;
+			}
+			set_value(out, f->bit, (uint64_t)json_integer_value(v));
+		} else if (strcmp(key, "content_kinds") == 0) {
+			if (!json_is_array(v)) {
+				snprintf(err, errlen, "limits.content_kinds must be an array of \"text\" and \"media\"");
+				return false;
+			}
+			size_t i;
+			json_t *k;
+			json_array_foreach(v, i, k) {
+				const char *s = json_is_string(k) ? json_string_value(k) : "";
+				if (strcmp(s, "text") == 0)
+					out->content_kinds |= POLICY_KIND_TEXT;
+				else if (strcmp(s, "media") == 0)
+					out->content_kinds |= POLICY_KIND_MEDIA;
+				else {
+					snprintf(err, errlen,
+						 "limits.content_kinds must be an array of \"text\" and \"media\"");
+					return false;
+				}
+			}
+			out->set |= POLICY_LIM_CONTENT_KINDS;
+		} else {
+			snprintf(err, errlen,
+				 "limits has an unknown member '%.64s' (known: messages_per_minute, "
+				 "messages_per_minute_per_user, new_conversations_per_hour, consent_requests_per_day, "
+				 "max_body_bytes, max_attachment_bytes, content_kinds)", key);
+			return false;
+		}
+	}
+	return true;
+}
+
+json_t *policy_limits_to_json(const struct policy_limits *l)
+{
+	json_t *o = json_object();
+	for (size_t i = 0; i < sizeof(fields) / sizeof(fields[0]); i++)
+		if (l->set & fields[i].bit)
+			json_object_set_new(o, fields[i].name, json_integer((json_int_t)get_value(l, fields[i].bit)));
+	if (l->set & POLICY_LIM_CONTENT_KINDS) {
+		json_t *a = json_array();
+		if (l->content_kinds & POLICY_KIND_TEXT)
+			json_array_append_new(a, json_string("text"));
+		if (l->content_kinds & POLICY_KIND_MEDIA)
+			json_array_append_new(a, json_string("media"));
+		json_object_set_new(o, "content_kinds", a);
+	}
+	return o;
+}

@@ -1,0 +1,19 @@
+/* Rule limits as JSON (rules.limits in PostgreSQL and the admin API):
+ * {"messages_per_minute": 60, "messages_per_minute_per_user": 10,
+ *  "new_conversations_per_hour": 20, "consent_requests_per_day": 5,
+ *  "max_body_bytes": 4096, "max_attachment_bytes": 1048576,
+ *  "content_kinds": ["text", "media"]}.  Every member is optional; unknown
+ * members are refused (a typo must not silently mean "no limit"). */
+#ifndef CW_POLICY_JSON_H
+#define CW_POLICY_JSON_H
+
+#include "policy.h"
+
+#include <jansson.h>
+
+/* False with a reason in err when o is not a valid limits object. */
+bool policy_limits_from_json(const json_t *o, struct policy_limits *out, char *err, size_t errlen);
+/* The limits as a new JSON object (only the members that are set). */
+json_t *policy_limits_to_json(const struct policy_limits *l);
+
+#endif

@@ -1,0 +1,213 @@
+/* Token buckets in a fixed, set-associative table (see ratelimit.h).
+ *
+ * A bucket's fill is kept in integer units: one token is period_ms units
+ * and the bucket gains capacity units per millisecond, so refill is
+ * continuous and exact (the wait for the next token is a ceiling division,
+ * correct to the millisecond). */
+#include "config.h"
+#include "ratelimit.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define WINDOW 8           /* slots a key may live in */
+#define STRIPES 64
+#define MIN_SLOTS 512      /* STRIPES * WINDOW: every lock guards a window */
+#define MAX_SLOTS ((size_t)1 << 30)
+#define MAX_CAPACITY ((uint32_t)1 << 31)
+#define MAX_PERIOD ((int64_t)1 << 31)
+
+struct bucket {
+	uint64_t h1, h2;   /* h1 0: empty */
+	int64_t units;     /* tokens * period */
+	int64_t last_ms;   /* of the last refill */
+	int64_t period;
+	uint64_t used;     /* the stripe's clock at the last use (LRU) */
+	uint32_t capacity;
+	uint32_t refusing; /* refused since the last grant */
+};
+
+struct stripe {
+	pthread_mutex_t mu;
+	uint64_t clock;
+	uint64_t evictions;
+	char pad[64];      /* keeps neighbouring stripes off each other's cache line */
+};
+
+struct ratelimit {
+	struct bucket *b;
+	size_t mask;
+	struct stripe stripes[STRIPES];
+};
+
+/* Two hashes of different families: a word-at-a-time multiply-xorshift
+ * with a MurmurHash3 finaliser, and FNV-1a. */
+static uint64_t hash_a(const char *p, size_t n)
+{
+	uint64_t h = 0x452821e638d01377ull ^ n;
+	while (n >= 8) {
+		uint64_t w;
+		memcpy(&w, p, 8);
+		h = (h ^ w) * 0x9e3779b97f4a7c15ull;
+		h ^= h >> 29;
+		p += 8;
+		n -= 8;
+	}
+	uint64_t w = 0;
+	for (size_t i = 0; i < n; i++)
+		w |= (uint64_t)(unsigned char)p[i] << (8 * i);
+	h = (h ^ w) * 0x9e3779b97f4a7c15ull;
+	h ^= h >> 33;
+	h *= 0xff51afd7ed558ccdull;
+	h ^= h >> 33;
+	h *= 0xc4ceb9fe1a85ec53ull;
+	h ^= h >> 33;
+	return h;
+}
+
+static uint64_t hash_b(const char *p, size_t n)
+{
+	uint64_t h = 0xcbf29ce484222325ull;
+	for (size_t i = 0; i < n; i++) {
+		h ^= (unsigned char)p[i];
+		h *= 0x100000001b3ull;
+	}
+	return h;
+}
+
+struct ratelimit *ratelimit_new(size_t slots)
+{
+	size_t n = MIN_SLOTS;
+	while (n < slots && n < MAX_SLOTS)
+		n *= 2;
+	struct ratelimit *rl = calloc(1, sizeof(*rl));
+	if (!rl)
+		return NULL;
+	rl->b = calloc(n, sizeof(*rl->b));
+	if (!rl->b) {
+		free(rl);
+		return NULL;
+	}
+	rl->mask = n - 1;
+	for (int i = 0; i < STRIPES; i++)
+		pthread_mutex_init(&rl->stripes[i].mu, NULL);
+	return rl;
+}
+
+void ratelimit_free(struct ratelimit *rl)
+{
+	if (!rl)
+		return;
+	for (int i = 0; i < STRIPES; i++)
+		pthread_mutex_destroy(&rl->stripes[i].mu);
+	free(rl->b);
+	free(rl);
+}
+
+/* The bucket for (h1, h2) in the window at w, found, or made in an empty
+ * or the least recently used slot. */
+static struct bucket *find(struct ratelimit *rl, struct stripe *st, size_t w, uint64_t h1, uint64_t h2,
+			   uint32_t capacity, int64_t period, int64_t now_ms)
+{
+	struct bucket *victim = NULL;
+	for (size_t i = 0; i < WINDOW; i++) {
+		struct bucket *b = &rl->b[w + i];
+		if (b->h1 == h1 && b->h2 == h2)
+			return b;
+		if (!victim || (victim->h1 && (!b->h1 || b->used < victim->used)))
+			victim = b;
+	}
+	if (victim->h1)
+		st->evictions++;
+	victim->h1 = h1;
+	victim->h2 = h2;
+	victim->capacity = capacity;
+	victim->period = period;
+	victim->units = (int64_t)capacity * period;
+	victim->last_ms = now_ms;
+	victim->refusing = 0;
+	return victim;
+}
+
+int64_t ratelimit_take(struct ratelimit *rl, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms,
+		       bool *first_refusal)
+{
+	if (first_refusal)
+		*first_refusal = false;
+	if (!key)
+		key = "";
+	if (period_ms < 1)
+		period_ms = 1;
+	if (period_ms > MAX_PERIOD)
+		period_ms = MAX_PERIOD;
+	if (capacity > MAX_CAPACITY)
+		capacity = MAX_CAPACITY;
+	size_t len = strlen(key);
+	uint64_t h1 = hash_a(key, len), h2 = hash_b(key, len);
+	if (!h1)
+		h1 = 1;
+	size_t w = (size_t)h1 & rl->mask & ~(size_t)(WINDOW - 1);
+	struct stripe *st = &rl->stripes[(w / WINDOW) % STRIPES];
+
+	pthread_mutex_lock(&st->mu);
+	struct bucket *b = find(rl, st, w, h1, h2, capacity, period_ms, now_ms);
+	b->used = ++st->clock;
+	int64_t max = (int64_t)capacity * period_ms;
+	if (b->capacity != capacity || b->period != period_ms) {
+		/* The rule changed: keep the fill in proportion. */
+		int64_t old = (int64_t)b->capacity * b->period;
+		b->units = old > 0 ? (int64_t)((double)b->units / (double)old * (double)max) : max;
+		b->capacity = capacity;
+		b->period = period_ms;
+	}
+	if (now_ms > b->last_ms) {
+		int64_t elapsed = now_ms - b->last_ms;
+		if (elapsed >= period_ms || capacity == 0)
+			b->units = max;
+		else
+			b->units += elapsed * (int64_t)capacity;
+		if (b->units > max)
+			b->units = max;
+		b->last_ms = now_ms;
+	}
+	int64_t wait;
+	if (capacity > 0 && b->units >= period_ms) {
+		b->units -= period_ms;
+		b->refusing = 0;
+		wait = 0;
+	} else {
+		wait = capacity ? (period_ms - b->units + capacity - 1) / capacity : period_ms;
+		if (wait < 1)
+			wait = 1;
+		if (first_refusal)
+			*first_refusal = !b->refusing;
+		b->refusing = 1;
+	}
+	pthread_mutex_unlock(&st->mu);
+	return wait;
+}
+
+int64_t ratelimit_policy_take(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms)
+{
+	return ratelimit_take(ctx, key, capacity, period_ms, now_ms, NULL);
+}
+
+void ratelimit_stats(struct ratelimit *rl, size_t *used, uint64_t *evictions)
+{
+	size_t u = 0;
+	uint64_t ev = 0;
+	for (int s = 0; s < STRIPES; s++) {
+		struct stripe *st = &rl->stripes[s];
+		pthread_mutex_lock(&st->mu);
+		for (size_t w = (size_t)s * WINDOW; w <= rl->mask; w += (size_t)STRIPES * WINDOW)
+			for (size_t i = 0; i < WINDOW; i++)
+				u += rl->b[w + i].h1 != 0;
+		ev += st->evictions;
+		pthread_mutex_unlock(&st->mu);
+	}
+	if (used)
+		*used = u;
+	if (evictions)
+		*evictions = ev;
+}

@@ -1,0 +1,45 @@
+/* Token buckets for the policy engine's rate limits: a fixed-size table
+ * shared by every thread of the gateway (struct policy_rate's take).
+ *
+ * The table is allocated once (no allocation per call).  A key is hashed
+ * into a set of 8 slots (the probe window); the bucket is found there by
+ * two independent 64-bit hashes of the key (the key itself is not kept: a
+ * copy would cost up to POLICY_RATE_KEY_MAX bytes a slot).  Two different
+ * keys share a bucket only if both hashes collide, about 2^-64 per pair
+ * even for the whole table, which is accepted: the worst case is that one
+ * sender spends another's tokens.  When the window is full, the bucket used
+ * least recently is evicted: it is forgotten, and starts full the next time
+ * (so a table too small for the traffic errs on the side of delivering).
+ * Locking: 64 mutexes, each guarding every 64th window. */
+#ifndef CW_RATELIMIT_H
+#define CW_RATELIMIT_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct ratelimit;
+
+/* A table of at least slots buckets (rounded up to a power of two, at least
+ * 512, at most 2^30); NULL when out of memory. */
+struct ratelimit *ratelimit_new(size_t slots);
+void ratelimit_free(struct ratelimit *rl);
+
+/* Takes a token from the bucket named key, which holds at most capacity
+ * tokens and refills continuously capacity tokens per period_ms; a new
+ * bucket starts full.  Returns 0 when a token was taken, else the
+ * milliseconds until one will be available (at least 1; with capacity 0,
+ * period_ms).  *first_refusal (may be NULL) is set to whether this refusal
+ * is the first since the bucket last granted a token (false when granted).
+ * A change of capacity or period keeps the bucket's fill level in
+ * proportion. */
+int64_t ratelimit_take(struct ratelimit *rl, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms,
+		       bool *first_refusal);
+
+/* struct policy_rate's take, with ctx a struct ratelimit *. */
+int64_t ratelimit_policy_take(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms);
+
+/* Buckets in use, and evictions so far (for metrics; takes every lock). */
+void ratelimit_stats(struct ratelimit *rl, size_t *used, uint64_t *evictions);
+
+#endif

@@ -1,0 +1,398 @@
+"""The policy engine through the real daemon: first contact held and one
+consent request, accept releases in order, block drops, expiry deletes, rule
+changes in force without restart on every process, rate limits, abuse
+reports, and the admin API that runs it all."""
+import base64
+import os
+import time
+
+import pytest
+
+from harness import wait_until
+from peer import PeerClient
+from test_peer_api import peers  # noqa: F401  (the fixture)
+
+ALICE = "mimi://example.org/u/alice"
+BOB = "mimi://example.org/u/bob"
+
+
+def idem():
+    return base64.urlsafe_b64encode(os.urandom(9)).decode()
+
+
+def opt_in(daemon, user=ALICE, network="peer:gk", on=True):
+    r = daemon.admin("POST", "/optins", json={"user": user, "network": network, "opted_in": on})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def consent(daemon, subject, state, user=ALICE, kind="user"):
+    r = daemon.admin("POST", "/consents", json={"user": user, "subject_kind": kind, "subject": subject,
+                                                "state": state})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def dm(a, local=ALICE, remote="wally"):
+    r = a.create_room([a.user(remote), local])
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def send(a, room, text, sender="wally"):
+    r = a.send(room, a.user(sender), text)
+    return r
+
+
+def states(pg, db_url, ids):
+    rows = pg.psql("SELECT e.public_id, o.state FROM outbox o JOIN events e ON e.id = o.event_id "
+                   "WHERE e.public_id IN (%s) ORDER BY o.id" % ",".join("'%s'" % i for i in ids), db_url)
+    return [tuple(r.split("|")) for r in rows.splitlines()] if rows else []
+
+
+def decision(daemon, msg):
+    r = daemon.admin("GET", f"/messages/{msg}/decision")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def wait_policy(daemon, pred, what):
+    """Rules and consent are swapped in after a NOTIFY: poll the effect."""
+    wait_until(pred, timeout=5, interval=0.05, what=what)
+
+
+def test_first_contact_held_one_request_then_accept_releases_in_order(daemon, peers, pg, db_url):
+    (a, _), _ = peers
+    opt_in(daemon)
+    room = dm(a)
+    ids = []
+    for i in range(5):
+        r = send(a, room, f"hello {i}")
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["id"])
+    assert [s for _, s in states(pg, db_url, ids)] == ["held"] * 5
+    # The sender sees "accepted": nothing tells it the message waits.
+    st = a.call("GET", f"/v1/messages/{ids[0]}").json()
+    assert [x["status"] for x in st["recipients"]] == ["accepted"]
+    # One consent request, whatever the number of messages.
+    reqs = daemon.admin("GET", "/consent-requests?state=pending").json()["rows"]
+    assert len(reqs) == 1 and reqs[0]["user"] == ALICE and reqs[0]["requester"] == a.user("wally")
+    assert reqs[0]["held"] == 5
+    held = daemon.admin("GET", f"/held?user={ALICE}").json()["rows"]
+    assert [h["message"] for h in held] == ids
+    why = decision(daemon, ids[0])
+    assert why["recipients"][0]["verdict"] == "hold" and why["recipients"][0]["reason"] == "no_consent_yet"
+
+    # Accept: the held messages are released, in order, in the same change.
+    out = consent(daemon, a.user("wally"), "allowed")
+    assert out["released"] == 5 and out["requests_decided"] == 1
+    rows = pg.psql("SELECT o.id, e.public_id FROM outbox o JOIN events e ON e.id = o.event_id "
+                   "WHERE o.state = 'pending' AND o.destination = 'local' ORDER BY o.id", db_url).splitlines()
+    assert [r.split("|")[1] for r in rows] == ids
+    assert daemon.admin("GET", "/consent-requests?state=accepted").json()["rows"][0]["held"] == 0
+    # Later messages pass at once (the new snapshot is in force).
+    wait_policy(daemon, lambda: states(pg, db_url, [send(a, room, "again").json()["id"]])[0][1] == "pending",
+                "the consent in force")
+    audit = daemon.admin("GET", "/audit?action=consent.set").json()["rows"]
+    assert audit[-1]["actor"] == "admin" and audit[-1]["subject"] == ALICE
+
+
+def test_block_drops_held_and_sender_sees_only_not_delivered(daemon, peers, pg, db_url):
+    (a, _), _ = peers
+    opt_in(daemon)
+    room = dm(a)
+    ids = [send(a, room, f"spam {i}").json()["id"] for i in range(3)]
+    out = consent(daemon, a.user("wally"), "blocked")
+    assert out["dropped"] == 3 and out["released"] == 0
+    assert [s for _, s in states(pg, db_url, ids)] == ["dropped"] * 3
+    # The content is gone; the rows stay so the sender gets an answer.
+    assert pg.psql("SELECT count(*) FROM events WHERE content <> '{}'::jsonb AND public_id IN (%s)"
+                   % ",".join("'%s'" % i for i in ids), db_url) == "0"
+    for i in ids:
+        st = a.call("GET", f"/v1/messages/{i}")
+        assert st.status_code == 200 and [x["status"] for x in st.json()["recipients"]] == ["not_delivered"]
+    # New messages from the blocked sender: accepted (no leak), then dropped.
+    def dropped_now():
+        r = send(a, room, "more")
+        assert r.status_code == 202
+        return states(pg, db_url, [r.json()["id"]])[0][1] == "dropped"
+    wait_policy(daemon, dropped_now, "the block in force")
+    why = daemon.admin("GET", "/audit?action=policy.deny").json()["rows"][-1]
+    assert why["reason"] == "user_blocked_sender" and why["subject"] == ALICE
+
+
+def test_held_messages_expire_and_are_deleted(daemon, peers, pg, db_url):
+    (a, _), _ = peers
+    opt_in(daemon)
+    r = daemon.admin("PATCH", "/settings", json={"policy.held_expiry_seconds": 3600})
+    assert r.status_code == 200 and r.json()["policy.held_expiry_seconds"] == 3600
+    room = dm(a)
+    old = [send(a, room, f"old {i}").json()["id"] for i in range(2)]
+    new = send(a, room, "new").json()["id"]
+    # Two of them were held two hours ago.
+    pg.psql("UPDATE outbox SET created_at = now() - interval '2 hours' WHERE event_id IN "
+            "(SELECT id FROM events WHERE public_id IN ('%s', '%s'))" % tuple(old), db_url)
+    wait_until(lambda: [s for _, s in states(pg, db_url, old)] == ["expired"] * 2, timeout=10, what="expiry")
+    assert states(pg, db_url, [new]) == [(new, "held")]
+    assert pg.psql("SELECT count(*) FROM events WHERE content = '{}'::jsonb AND public_id IN ('%s', '%s')"
+                   % tuple(old), db_url) == "2"
+    assert [x["status"] for x in a.call("GET", f"/v1/messages/{old[0]}").json()["recipients"]] == ["not_delivered"]
+
+
+def test_a_thousand_messages_from_a_new_sender_make_one_consent_request(daemon, peers, pg, db_url):
+    (a, _), _ = peers
+    opt_in(daemon)
+    room_uri = a.create_room([a.user("mallory"), ALICE]).json()["uri"]
+    for k in range(10):
+        events = [{"idempotency_key": f"m-{k}-{i}", "room": room_uri, "event": {
+            "type": "message", "sender": a.user("mallory"),
+            "content": {"parts": [{"type": "text/plain", "body": f"buy now {k}.{i}"}]}}} for i in range(100)]
+        r = a.call("POST", "/v1/batch", {"events": events})
+        assert r.status_code == 200, r.text
+        assert all(x["status"] == "accepted" for x in r.json()["results"]), r.json()["results"][:2]
+    assert pg.psql("SELECT count(*) FROM outbox WHERE state = 'held'", db_url) == "1000"
+    assert pg.psql("SELECT count(*) FROM consent_requests", db_url) == "1"
+    assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'policy.hold'", db_url) == "1000"
+
+
+def test_rule_change_is_in_force_on_every_process_without_restart(daemon, make_daemon, peers, pg, db_url):
+    (a, _), _ = peers
+    opt_in(daemon)
+    consent(daemon, a.user("wally"), "allowed")
+    room = dm(a)
+    other = make_daemon(db_url).start()
+    a2 = PeerClient(other.url, a.name, a.domain, token=a.token, signer=a.signer)
+    wait_policy(other, lambda: states(pg, db_url, [send(a2, room, "hi").json()["id"]])[0][1] == "pending",
+                "the consent on the second daemon")
+    r = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example", "mode": "deny",
+                                             "comment": "abuse wave"})
+    assert r.status_code == 201, r.text
+    rule = r.json()
+    t0 = time.monotonic()
+    # Both processes deny from now on; the second one heard the NOTIFY.
+    def denied(client):
+        m = send(client, room, "x").json()["id"]
+        return states(pg, db_url, [m])[0][1] == "dropped"
+    wait_policy(other, lambda: denied(a2), "the rule on the second daemon")
+    took = time.monotonic() - t0
+    assert took < 1.0, took
+    assert denied(a)
+    m = send(a2, room, "why").json()["id"]
+    rec = decision(daemon, m)["recipients"][0]
+    assert (rec["verdict"], rec["reason"], rec["rule_id"]) == ("deny", "server_denied_domain", rule["id"])
+    # Deleting the rule lifts it, again without restart.
+    assert daemon.admin("DELETE", f"/rules/{rule['id']}").status_code == 200
+    wait_policy(other, lambda: not denied(a2), "the rule gone")
+    print(f"rule in force on the second process after {took * 1000:.0f} ms")
+
+
+def test_rate_limit_answers_429_with_retry_after(daemon, peers, pg, db_url):
+    (a, _), _ = peers
+    opt_in(daemon)
+    consent(daemon, "wa.example", "allowed", kind="domain")
+    r = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example",
+                                             "limits": {"messages_per_minute_per_user": 3}})
+    assert r.status_code == 201
+    room = dm(a)
+    room2 = dm(a, remote="walter")
+
+    def limited():
+        return send(a, room, "burst").status_code == 429
+    wait_policy(daemon, limited, "the limit in force")
+    before = pg.psql("SELECT count(*) FROM events", db_url)
+    r = send(a, room, "one more")
+    assert r.status_code == 429 and r.headers["Content-Type"].startswith("application/problem+json")
+    assert r.json()["code"] == "rate_limited" and 1 <= int(r.headers["Retry-After"]) <= 20
+    assert pg.psql("SELECT count(*) FROM events", db_url) == before  # nothing stored
+    # Another user of the same domain has a bucket of their own.
+    assert send(a, room2, "hi", sender="walter").status_code == 202
+    # A flood is recorded once per episode, not once per refusal.
+    assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'policy.limit'", db_url) == "1"
+    # In a batch the item is refused with its delay.
+    uri = pg.psql(f"SELECT uri FROM rooms WHERE public_id = '{room}'", db_url)
+    r = a.call("POST", "/v1/batch", {"events": [{"idempotency_key": "b1", "room": uri, "event": {
+        "type": "message", "sender": a.user("wally"),
+        "content": {"parts": [{"type": "text/plain", "body": "x"}]}}}]})
+    res = r.json()["results"][0]
+    assert res["http_status"] == 429 and res["code"] == "rate_limited" and res["retry_after_ms"] > 0
+
+
+def test_server_modes_and_opt_in(daemon, peers, pg, db_url):
+    (a, _), _ = peers
+    room = dm(a)
+    # Not opted in (the default): denied, and the sender sees not_delivered.
+    m = send(a, room, "hi").json()["id"]
+    assert states(pg, db_url, [m])[0][1] == "dropped"
+    assert decision(daemon, m)["recipients"][0]["reason"] == "user_not_opted_in"
+    opt_in(daemon)
+    consent(daemon, a.user("wally"), "allowed")
+    # Closed by default, open for one domain.
+    assert daemon.admin("PATCH", "/settings", json={"policy.default_mode": "closed"}).status_code == 200
+
+    def reason_of_next():
+        m = send(a, room, "x").json()["id"]
+        return decision(daemon, m)["recipients"][0]["reason"]
+    wait_policy(daemon, lambda: reason_of_next() == "server_closed", "closed")
+    r = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "*.example", "mode": "open"})
+    assert r.status_code == 201
+    wait_policy(daemon, lambda: reason_of_next() is None, "open for *.example")
+    # A user rule with deny beats the user's own allowed.
+    daemon.admin("POST", "/rules", json={"scope": "user", "pattern": a.user("wally"), "mode": "deny"})
+    wait_policy(daemon, lambda: reason_of_next() == "server_denied_user", "deny user")
+
+
+def test_peer_consent_request_takes_effect_and_is_uniform(daemon, peers, pg, db_url):
+    (a, _), _ = peers
+    opt_in(daemon)
+    answers = []
+    for target in ("alice", "nobody", "alice"):
+        r = a.call("POST", "/v1/consent/requests", {"requester": a.user("zed"), "target": "mimi://example.org/u/"
+                                                    + target})
+        answers.append((r.status_code, r.json()))
+    assert answers[0] == answers[1] == answers[2] == (202, {"status": "accepted"})
+    # alice is opted in: one request; nobody is not: none (and an audit record).
+    assert pg.psql("SELECT count(*) FROM consent_requests WHERE state = 'pending'", db_url) == "1"
+    assert pg.psql("SELECT reason_code FROM audit_log WHERE action = 'policy.deny'", db_url) == "user_not_opted_in"
+    # The user accepts through the operator: the requester may write.
+    consent(daemon, a.user("zed"), "allowed")
+    room = dm(a, remote="zed")
+    wait_policy(daemon, lambda: states(pg, db_url, [send(a, room, "hi", sender="zed").json()["id"]])[0][1]
+                == "pending", "the accepted request")
+    # A per-day limit on consent requests.
+    daemon.admin("POST", "/rules", json={"scope": "network", "pattern": "peer:*",
+                                         "limits": {"consent_requests_per_day": 2}})
+
+    def limited():
+        r = a.call("POST", "/v1/consent/requests", {"requester": a.user("yan"), "target": ALICE})
+        return r.status_code == 429 and int(r.headers["Retry-After"]) > 0
+    wait_policy(daemon, limited, "the consent request limit")
+
+
+def test_reports_set_an_automatic_limit(daemon, peers, pg, db_url):
+    (a, _), _ = peers
+    opt_in(daemon)
+    consent(daemon, "wa.example", "allowed", kind="domain")
+    spammer = a.user("spammer")
+    for i, reporter in enumerate((ALICE, BOB, None)):
+        body = {"subject": spammer, "reason": "spam", "evidence": ["msg_x1"]}
+        if reporter:
+            body["reporter"] = reporter
+        r = daemon.admin("POST", "/reports", json=body)
+        assert r.status_code == 201, r.text
+        assert r.json()["reports_in_window"] == i + 1
+    assert r.json()["limit_rule_id"] is not None
+    rule = daemon.admin("GET", f"/rules/{r.json()['limit_rule_id']}").json()
+    assert rule["created_by"] == "system:reports" and rule["limits"] == {"messages_per_minute": 1}
+    assert rule["expires_at"] is not None
+    room = dm(a, remote="spammer")
+    wait_policy(daemon, lambda: send(a, room, "x", sender="spammer").status_code == 429, "the automatic limit")
+    reports = daemon.admin("GET", "/reports?open=true").json()["rows"]
+    assert len(reports) == 3 and reports[0]["reports_against_subject"] == 3
+    h = daemon.admin("POST", f"/reports/{reports[0]['id']}/handle")
+    assert h.status_code == 200 and h.json()["handled_by"] == "admin"
+    assert daemon.admin("POST", f"/reports/{reports[0]['id']}/handle").status_code == 404
+    assert len(daemon.admin("GET", "/reports?open=true").json()["rows"]) == 2
+
+
+def test_room_creation_denied_and_limited(daemon, peers, pg, db_url):
+    (a, _), _ = peers
+    daemon.admin("POST", "/rules", json={"scope": "network", "pattern": "peer:gk",
+                                         "limits": {"new_conversations_per_hour": 2}})
+    codes = []
+    wait_policy(daemon, lambda: codes.append(a.create_room([a.user("nina"), ALICE]).status_code) or
+                codes[-1] == 429, "the room limit")
+    r = a.create_room([a.user("nina"), BOB])
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0
+    daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example", "mode": "deny"})
+    wait_policy(daemon, lambda: a.create_room([a.user("olga"), ALICE]).status_code == 403, "the deny")
+
+
+def test_admin_rules_crud_and_paging(daemon):
+    made = []
+    for i in range(5):
+        r = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": f"d{i}.example", "mode": "deny"})
+        assert r.status_code == 201
+        made.append(r.json()["id"])
+    page = daemon.admin("GET", "/rules?limit=2").json()
+    assert [x["id"] for x in page["rows"]] == made[:2] and page["next_after"] == made[1]
+    page = daemon.admin("GET", f"/rules?limit=2&after={page['next_after']}").json()
+    assert [x["id"] for x in page["rows"]] == made[2:4]
+    r = daemon.admin("PATCH", f"/rules/{made[0]}", json={"mode": None, "limits": {"max_body_bytes": 10}})
+    assert r.status_code == 200 and r.json()["mode"] is None and r.json()["limits"] == {"max_body_bytes": 10}
+    r = daemon.admin("PATCH", f"/rules/{made[0]}", json={"limits": {}})
+    assert r.status_code == 409  # neither a mode nor a limit would be left
+    assert daemon.admin("PATCH", "/rules/999999", json={"enabled": False}).status_code == 404
+    assert daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "d1.example", "mode": "open"}
+                        ).status_code == 409
+    assert daemon.admin("DELETE", f"/rules/{made[1]}").status_code == 200
+    assert daemon.admin("GET", f"/rules/{made[1]}").status_code == 404
+    actions = [x["action"] for x in daemon.admin("GET", "/audit?action=rule.").json()["rows"]]
+    assert actions == ["rule.create"] * 5 + ["rule.update", "rule.delete"]
+
+
+BAD = [
+    ("POST", "/rules", {"scope": "planet", "pattern": "x", "mode": "deny"}, 400),
+    ("POST", "/rules", {"scope": "domain", "pattern": "UPPER.example", "mode": "deny"}, 400),
+    ("POST", "/rules", {"scope": "domain", "pattern": "a.example", "mode": "maybe"}, 400),
+    ("POST", "/rules", {"scope": "domain", "pattern": "a.example"}, 400),
+    ("POST", "/rules", {"scope": "domain", "pattern": "a.example", "limits": {"messages_per_minute": 0}}, 400),
+    ("POST", "/rules", {"scope": "domain", "pattern": "a.example", "limits": {"msgs": 3}}, 400),
+    ("POST", "/rules", {"scope": "domain", "pattern": "a.example", "limits": {"content_kinds": ["audio"]}}, 400),
+    ("POST", "/rules", {"scope": "network", "pattern": "peer:", "mode": "deny"}, 400),
+    ("POST", "/rules", {"scope": "user", "pattern": "mimi://a.example/r/room", "mode": "deny"}, 400),
+    ("POST", "/rules", {"scope": "domain", "pattern": "a.example", "mode": "deny", "extra": 1}, 400),
+    ("POST", "/rules", {"scope": "domain", "pattern": "a.example", "mode": "deny", "expires_in_s": -5}, 400),
+    ("PATCH", "/settings", {"policy.default_mode": "deny"}, 400),
+    ("PATCH", "/settings", {"policy.held_expiry_seconds": 5}, 400),
+    ("PATCH", "/settings", {"policy.nonsense": 5}, 400),
+    ("POST", "/optins", {"user": "mimi://other.example/u/x", "network": "peer:gk", "opted_in": True}, 400),
+    ("POST", "/optins", {"user": ALICE, "network": "Peer gk", "opted_in": True}, 400),
+    ("POST", "/optins", {"user": ALICE, "network": "peer:gk", "opted_in": "yes"}, 400),
+    ("POST", "/consents", {"user": ALICE, "subject_kind": "user", "subject": "bob", "state": "allowed"}, 400),
+    ("POST", "/consents", {"user": ALICE, "subject_kind": "domain", "subject": "A.example", "state": "allowed"}, 400),
+    ("POST", "/consents", {"user": ALICE, "subject_kind": "user", "subject": "mimi://wa.example/u/w",
+                           "state": "maybe"}, 400),
+    ("POST", "/reports", {"subject": "mimi://wa.example/u/w", "reason": "Spam!"}, 400),
+    ("POST", "/reports", {"subject": "mimi://wa.example/u/w", "reason": "spam", "evidence": ["nope"]}, 400),
+    ("GET", "/rules?limit=0", None, 400),
+    ("GET", "/audit?message=nope", None, 400),
+    ("GET", "/held?user=mimi://elsewhere.example/u/a", None, 400),
+    ("GET", "/messages/msg_nothing/decision", None, 404),
+    ("GET", "/rules/abc", None, 404),
+]
+
+
+@pytest.mark.parametrize("method,path,body,status", BAD)
+def test_admin_policy_refuses_bad_input_and_changes_nothing(daemon, pg, db_url, method, path, body, status):
+    tables = "SELECT (SELECT count(*) FROM rules) || ' ' || (SELECT count(*) FROM user_optin) || ' ' || " \
+             "(SELECT count(*) FROM consents) || ' ' || (SELECT count(*) FROM reports) || ' ' || " \
+             "(SELECT count(*) FROM audit_log) || ' ' || (SELECT string_agg(value::text, ',' ORDER BY key) " \
+             "FROM settings)"
+    before = pg.psql(tables, db_url)
+    r = daemon.admin(method, path, json=body) if body is not None else daemon.admin(method, path)
+    assert r.status_code == status, r.text
+    assert r.headers["Content-Type"].startswith("application/problem+json")
+    assert pg.psql(tables, db_url) == before
+
+
+def test_admin_policy_needs_the_admin_token(daemon):
+    for method, path in (("GET", "/rules"), ("POST", "/rules"), ("GET", "/audit"), ("POST", "/consents"),
+                         ("GET", "/held"), ("PATCH", "/settings"), ("DELETE", "/rules/1")):
+        r = daemon.request(method, "/admin/v1" + path, json={})
+        assert r.status_code == 401, (method, path, r.status_code)
+        r = daemon.request(method, "/admin/v1" + path, json={}, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code in (401, 403), (method, path, r.status_code)
+
+
+def test_users_list_shows_opt_in_consent_and_held(daemon, peers, pg, db_url):
+    (a, _), _ = peers
+    opt_in(daemon)
+    consent(daemon, "tg.example", "blocked", kind="domain")
+    room = dm(a)
+    send(a, room, "hi")
+    rows = daemon.admin("GET", f"/users?user={ALICE}").json()["rows"]
+    assert len(rows) == 1
+    u = rows[0]
+    assert u["optins"] == {"peer:gk": True} and u["held"] == 1 and u["pending_requests"] == 1
+    assert u["consents"] == [{"subject_kind": "domain", "subject": "tg.example", "state": "blocked",
+                              "source": "admin", "updated_at": u["consents"][0]["updated_at"]}]

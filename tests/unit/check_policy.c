@@ -1,0 +1,1422 @@
+/* The policy engine (policy/policy.c) and its token buckets
+ * (policy/ratelimit.c): the precedence table-driven from
+ * tests/unit/data/policy_cases.txt, property checks over generated
+ * snapshots and requests, builder validation, and the bucket table. */
+#include "config.h"
+#include "policy.h"
+#include "ratelimit.h"
+#include "unit.h"
+
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#define DEFAULT_NOW INT64_C(1700000000000)
+
+/* ------------------------------------------------------------ case file */
+
+/* The case files' escapes (unit_decode); "<empty>" is "", "<null>" NULL.
+ * Returns a malloc'd string. */
+static char *decode(const char *s, bool *is_null)
+{
+	*is_null = strcmp(s, "<null>") == 0;
+	if (*is_null)
+		return NULL;
+	if (strcmp(s, "<empty>") == 0)
+		return strdup("");
+	size_t len;
+	return unit_decode(s, &len);
+}
+
+struct line {
+	char *text;
+	int no;
+};
+
+struct section {
+	char title[200];
+	bool builder;          /* a builder section, else a snapshot section */
+	struct line *lines;    /* everything but the "===" line */
+	int nlines;
+};
+
+struct casefile {
+	struct section *sec;
+	int nsec;
+};
+
+static void trim(char *s)
+{
+	size_t n = strlen(s);
+	while (n && (s[n - 1] == '\n' || s[n - 1] == '\r' || s[n - 1] == ' ' || s[n - 1] == '\t'))
+		s[--n] = '\0';
+}
+
+static void load_casefile(struct casefile *cf)
+{
+	const char *path = unit_data_path("policy_cases.txt");
+	FILE *f = fopen(path, "r");
+	ck_assert_msg(f != NULL, "cannot open %s", path);
+	memset(cf, 0, sizeof(*cf));
+	char *buf = NULL;
+	size_t cap = 0;
+	int no = 0;
+	while (getline(&buf, &cap, f) != -1) {
+		no++;
+		trim(buf);
+		if (buf[0] == '#' || buf[0] == '\0')
+			continue;
+		if (strncmp(buf, "=== ", 4) == 0) {
+			cf->sec = realloc(cf->sec, sizeof(*cf->sec) * (size_t)(cf->nsec + 1));
+			ck_assert_ptr_nonnull(cf->sec);
+			struct section *s = &cf->sec[cf->nsec++];
+			memset(s, 0, sizeof(*s));
+			if (strncmp(buf + 4, "snapshot ", 9) == 0) {
+				snprintf(s->title, sizeof(s->title), "%.199s", buf + 13);
+			} else {
+				ck_assert_msg(strncmp(buf + 4, "builder ", 8) == 0, "line %d: unknown section %s", no, buf);
+				s->builder = true;
+				snprintf(s->title, sizeof(s->title), "%.199s", buf + 12);
+			}
+			continue;
+		}
+		ck_assert_msg(cf->nsec > 0, "line %d: outside a section", no);
+		struct section *s = &cf->sec[cf->nsec - 1];
+		s->lines = realloc(s->lines, sizeof(*s->lines) * (size_t)(s->nlines + 1));
+		ck_assert_ptr_nonnull(s->lines);
+		s->lines[s->nlines].text = strdup(buf);
+		s->lines[s->nlines++].no = no;
+	}
+	free(buf);
+	fclose(f);
+}
+
+static void free_casefile(struct casefile *cf)
+{
+	for (int i = 0; i < cf->nsec; i++) {
+		for (int j = 0; j < cf->sec[i].nlines; j++)
+			free(cf->sec[i].lines[j].text);
+		free(cf->sec[i].lines);
+	}
+	free(cf->sec);
+}
+
+/* Splits s in place on blanks; returns the count. */
+static int split(char *s, char **tok, int max)
+{
+	int n = 0;
+	for (char *p = strtok(s, " \t"); p; p = strtok(NULL, " \t")) {
+		ck_assert_int_lt(n, max);
+		tok[n++] = p;
+	}
+	return n;
+}
+
+struct alias {
+	char name[32];
+	char *uri, *network, *domain; /* NULL: a NULL string */
+};
+
+struct env {
+	struct alias al[64];
+	int nal;
+	int64_t now;
+};
+
+static char *dash_dup(const char *s)
+{
+	return strcmp(s, "-") == 0 ? NULL : strdup(s);
+}
+
+/* The authority of a mimi:// URI (malloc'd), or NULL. */
+static char *uri_domain(const char *uri)
+{
+	if (!uri || strncmp(uri, "mimi://", 7) != 0)
+		return NULL;
+	const char *a = uri + 7, *e = strchr(a, '/');
+	return strndup(a, e ? (size_t)(e - a) : strlen(a));
+}
+
+static const char *user(const struct env *env, const char *s)
+{
+	for (int i = 0; i < env->nal; i++)
+		if (strcmp(env->al[i].name, s) == 0)
+			return env->al[i].uri;
+	return s;
+}
+
+static void env_free(struct env *env)
+{
+	for (int i = 0; i < env->nal; i++) {
+		free(env->al[i].uri);
+		free(env->al[i].network);
+		free(env->al[i].domain);
+	}
+	env->nal = 0;
+}
+
+static void parse_limit(const char *opt, struct policy_limits *l, int64_t *expires, int no)
+{
+	char name[32];
+	const char *eq = strchr(opt, '=');
+	ck_assert_msg(eq && (size_t)(eq - opt) < sizeof(name), "line %d: bad option %s", no, opt);
+	memcpy(name, opt, (size_t)(eq - opt));
+	name[eq - opt] = '\0';
+	const char *v = eq + 1;
+	unsigned long long n = strtoull(v, NULL, 10);
+	if (!strcmp(name, "mpm")) {
+		l->messages_per_minute = (uint32_t)n;
+		l->set |= POLICY_LIM_MSG_MINUTE;
+	} else if (!strcmp(name, "mpu")) {
+		l->messages_per_minute_per_user = (uint32_t)n;
+		l->set |= POLICY_LIM_MSG_MINUTE_USER;
+	} else if (!strcmp(name, "ncu")) {
+		l->new_conversations_per_hour = (uint32_t)n;
+		l->set |= POLICY_LIM_NEW_CONV_HOUR;
+	} else if (!strcmp(name, "cru")) {
+		l->consent_requests_per_day = (uint32_t)n;
+		l->set |= POLICY_LIM_CONSENT_REQ_DAY;
+	} else if (!strcmp(name, "body")) {
+		l->max_body_bytes = n;
+		l->set |= POLICY_LIM_MAX_BODY;
+	} else if (!strcmp(name, "attach")) {
+		l->max_attachment_bytes = n;
+		l->set |= POLICY_LIM_MAX_ATTACH;
+	} else if (!strcmp(name, "kinds")) {
+		l->content_kinds = (strstr(v, "text") ? POLICY_KIND_TEXT : 0) | (strstr(v, "media") ? POLICY_KIND_MEDIA : 0);
+		l->set |= POLICY_LIM_CONTENT_KINDS;
+	} else if (!strcmp(name, "expires")) {
+		*expires = (int64_t)strtoll(v, NULL, 10);
+	} else {
+		ck_abort_msg("line %d: unknown rule option %s", no, opt);
+	}
+}
+
+static unsigned parse_kinds(const char *v)
+{
+	return (strstr(v, "text") ? POLICY_KIND_TEXT : 0) | (strstr(v, "media") ? POLICY_KIND_MEDIA : 0);
+}
+
+/* Builds the snapshot of a section (and its aliases and clock in env). */
+static struct policy_snapshot *build_section(const struct section *sec, struct env *env)
+{
+	memset(env, 0, sizeof(*env));
+	env->now = DEFAULT_NOW;
+	struct policy_builder *b = policy_builder_new();
+	ck_assert_ptr_nonnull(b);
+	/* Aliases first: facts may name them before their line. */
+	for (int pass = 0; pass < 2; pass++) {
+		for (int i = 0; i < sec->nlines; i++) {
+			const struct line *ln = &sec->lines[i];
+			if (strncmp(ln->text, "case ", 5) == 0)
+				continue;
+			char *copy = strdup(ln->text), *t[24];
+			int n = split(copy, t, 24);
+			bool is_party = strcmp(t[0], "party") == 0;
+			if (pass == 0 && is_party) {
+				ck_assert_msg(n == 4 || n == 5, "line %d: party <alias> <uri> <network> [<domain>]", ln->no);
+				ck_assert_int_lt(env->nal, 64);
+				struct alias *a = &env->al[env->nal++];
+				snprintf(a->name, sizeof(a->name), "%s", t[1]);
+				a->uri = dash_dup(t[2]);
+				a->network = dash_dup(t[3]);
+				a->domain = n == 5 ? dash_dup(t[4]) : uri_domain(a->uri);
+			} else if (pass == 1 && !is_party) {
+				int rc = 0;
+				if (!strcmp(t[0], "default")) {
+					enum policy_mode m;
+					ck_assert_msg(n == 3 && policy_mode_parse(t[1], &m), "line %d: bad default", ln->no);
+					policy_builder_defaults(b, m, strcmp(t[2], "optin") == 0);
+				} else if (!strcmp(t[0], "now")) {
+					env->now = (int64_t)strtoll(t[1], NULL, 10);
+				} else if (!strcmp(t[0], "rule")) {
+					enum policy_scope sc;
+					enum policy_mode m;
+					ck_assert_msg(n >= 5 && policy_scope_parse(t[2], &sc) && policy_mode_parse(t[4], &m),
+						      "line %d: bad rule", ln->no);
+					struct policy_limits l = { 0 };
+					int64_t exp = 0;
+					for (int k = 5; k < n; k++)
+						parse_limit(t[k], &l, &exp, ln->no);
+					rc = policy_builder_rule(b, strtoll(t[1], NULL, 10), sc, t[3], m, &l, exp);
+				} else if (!strcmp(t[0], "optin")) {
+					ck_assert_msg(n == 4, "line %d: optin <local> <network> yes|no", ln->no);
+					rc = policy_builder_optin(b, user(env, t[1]), t[2], strcmp(t[3], "yes") == 0);
+				} else if (!strcmp(t[0], "allow") || !strcmp(t[0], "block")) {
+					ck_assert_msg(n == 4, "line %d: allow|block user|domain <local> <subject>", ln->no);
+					bool dom = strcmp(t[1], "domain") == 0;
+					rc = policy_builder_consent(b, user(env, t[2]), dom, dom ? t[3] : user(env, t[3]),
+								    strcmp(t[0], "allow") == 0);
+				} else if (!strcmp(t[0], "remote_block")) {
+					ck_assert_msg(n == 3, "line %d: remote_block <remote> <local>", ln->no);
+					rc = policy_builder_remote_block(b, user(env, t[1]), user(env, t[2]));
+				} else {
+					ck_abort_msg("line %d: unknown line %s", ln->no, ln->text);
+				}
+				ck_assert_msg(rc == 0, "line %d: the builder refused: %s", ln->no, ln->text);
+			}
+			free(copy);
+		}
+	}
+	struct policy_snapshot *s = policy_builder_finish(b, 7);
+	ck_assert_ptr_nonnull(s);
+	return s;
+}
+
+struct owned_party {
+	struct policy_party p;
+	char *mem[3];
+};
+
+static void resolve_party(const struct env *env, const char *tok, struct owned_party *op, bool *none)
+{
+	memset(op, 0, sizeof(*op));
+	*none = false;
+	if (strcmp(tok, "-") == 0) {
+		*none = true;
+		return;
+	}
+	for (int i = 0; i < env->nal; i++)
+		if (strcmp(env->al[i].name, tok) == 0) {
+			op->p.uri = env->al[i].uri;
+			op->p.network = env->al[i].network;
+			op->p.domain = env->al[i].domain;
+			return;
+		}
+	char *copy = strdup(tok);
+	char *bar = strchr(copy, '|');
+	ck_assert_msg(bar != NULL, "party '%s' is neither an alias nor <uri>|<network>", tok);
+	*bar = '\0';
+	char *net = bar + 1, *dom = strchr(net, '|');
+	if (dom)
+		*dom++ = '\0';
+	op->mem[0] = strdup(copy);
+	op->mem[1] = strdup(net);
+	op->mem[2] = dom ? strdup(dom) : uri_domain(copy);
+	op->p.uri = op->mem[0];
+	op->p.network = op->mem[1];
+	op->p.domain = op->mem[2];
+	free(copy);
+}
+
+static void free_party(struct owned_party *op)
+{
+	for (int i = 0; i < 3; i++)
+		free(op->mem[i]);
+}
+
+/* Runs one case line; false with a message in err when it fails. */
+static bool run_case(const struct policy_snapshot *s, const struct env *env, const struct line *ln, char *err,
+		     size_t errlen)
+{
+	char *copy = strdup(ln->text + 5);
+	char *arrow = strstr(copy, " => ");
+	ck_assert_msg(arrow != NULL, "line %d: no ' => '", ln->no);
+	*arrow = '\0';
+	/* The name may hold ": ", the request never does. */
+	char *colon = NULL;
+	for (char *p = strstr(copy, ": "); p; p = strstr(p + 1, ": "))
+		colon = p;
+	ck_assert_msg(colon != NULL, "line %d: case <name>: ...", ln->no);
+	*colon = '\0';
+	const char *name = copy;
+	char *t[24], *x[8];
+	int n = split(colon + 2, t, 24), nx = split(arrow + 4, x, 8);
+	ck_assert_msg(n >= 4 && (nx == 3 || nx == 4), "line %d: bad case line", ln->no);
+
+	struct policy_request r = { 0 };
+	if (!strcmp(t[0], "in"))
+		r.direction = POLICY_INBOUND;
+	else if (!strcmp(t[0], "out"))
+		r.direction = POLICY_OUTBOUND;
+	else if (!strcmp(t[0], "transit"))
+		r.direction = POLICY_TRANSIT;
+	else
+		ck_abort_msg("line %d: bad direction %s", ln->no, t[0]);
+	if (!strcmp(t[1], "new_room")) {
+		r.action = POLICY_ACT_NEW_ROOM;
+	} else if (!strcmp(t[1], "consent_request")) {
+		r.action = POLICY_ACT_CONSENT_REQUEST;
+	} else {
+		r.action = POLICY_ACT_EVENT;
+		r.event_type = t[1];
+	}
+	struct owned_party snd, rcp;
+	bool none;
+	resolve_party(env, t[2], &snd, &none);
+	ck_assert_msg(!none, "line %d: a sender is needed", ln->no);
+	resolve_party(env, t[3], &rcp, &none);
+	r.sender = snd.p;
+	r.recipient = rcp.p;
+	r.content_kinds = POLICY_KIND_TEXT;
+	r.now_ms = env->now;
+	bool rate_on = true;
+	int after = 0, others = 0;
+	for (int k = 4; k < n; k++) {
+		if (!strncmp(t[k], "body=", 5))
+			r.body_bytes = strtoull(t[k] + 5, NULL, 10);
+		else if (!strncmp(t[k], "attach=", 7))
+			r.attachment_bytes = strtoull(t[k] + 7, NULL, 10);
+		else if (!strncmp(t[k], "kinds=", 6))
+			r.content_kinds = parse_kinds(t[k] + 6);
+		else if (!strncmp(t[k], "now=", 4))
+			r.now_ms = (int64_t)strtoll(t[k] + 4, NULL, 10);
+		else if (!strncmp(t[k], "after=", 6))
+			after = atoi(t[k] + 6);
+		else if (!strncmp(t[k], "others=", 7))
+			others = atoi(t[k] + 7);
+		else if (!strcmp(t[k], "norate"))
+			rate_on = false;
+		else
+			ck_abort_msg("line %d: unknown option %s", ln->no, t[k]);
+	}
+	struct ratelimit *rl = ratelimit_new(4096);
+	ck_assert_ptr_nonnull(rl);
+	struct policy_rate rate = { ratelimit_policy_take, rl };
+	r.rate = rate_on ? &rate : NULL;
+
+	struct policy_decision d;
+	struct policy_request prior = r;
+	prior.body_bytes = prior.attachment_bytes = 0;
+	prior.content_kinds = POLICY_KIND_TEXT;
+	for (int i = 0; i < others; i++) {
+		char other[4096];
+		snprintf(other, sizeof(other), "%s-other%d", r.sender.uri ? r.sender.uri : "", i);
+		prior.sender.uri = other;
+		policy_decide(s, &prior, &d);
+	}
+	prior.sender.uri = r.sender.uri;
+	for (int i = 0; i < after; i++)
+		policy_decide(s, &prior, &d);
+	memset(&d, 0x5a, sizeof(d));
+	policy_decide(s, &r, &d);
+
+	int64_t want_rule = strtoll(x[2], NULL, 10);
+	int64_t want_retry = -1;
+	if (nx == 4) {
+		ck_assert_msg(strncmp(x[3], "retry=", 6) == 0, "line %d: bad %s", ln->no, x[3]);
+		want_retry = strtoll(x[3] + 6, NULL, 10);
+	}
+	bool ok = strcmp(policy_verdict_name(d.verdict), x[0]) == 0 && d.reason && strcmp(d.reason, x[1]) == 0 &&
+		  d.rule_id == want_rule;
+	if (d.verdict == POLICY_LIMIT)
+		ok = ok && d.retry_after_ms > 0 && (want_retry < 0 || d.retry_after_ms == want_retry);
+	else
+		ok = ok && d.retry_after_ms == 0 && want_retry < 0;
+	if (!ok)
+		snprintf(err, errlen, "line %d '%s': expected %s %s %s%s%s, got %s %s %" PRId64 " retry=%" PRId64,
+			 ln->no, name, x[0], x[1], x[2], nx == 4 ? " " : "", nx == 4 ? x[3] : "",
+			 policy_verdict_name(d.verdict), d.reason ? d.reason : "(null)", d.rule_id, d.retry_after_ms);
+	ratelimit_free(rl);
+	free_party(&snd);
+	free_party(&rcp);
+	free(copy);
+	return ok;
+}
+
+/* Every "case" line of every snapshot section. */
+START_TEST(policy_cases)
+{
+	struct casefile cf;
+	load_casefile(&cf);
+	int ncases = 0, failed = 0;
+	bool seen_reason[64] = { false };
+	for (int i = 0; i < cf.nsec; i++) {
+		const struct section *sec = &cf.sec[i];
+		if (sec->builder)
+			continue;
+		struct env env;
+		struct policy_snapshot *s = build_section(sec, &env);
+		for (int j = 0; j < sec->nlines; j++) {
+			const struct line *ln = &sec->lines[j];
+			if (strncmp(ln->text, "case ", 5) != 0)
+				continue;
+			ncases++;
+			char err[1024];
+			if (!run_case(s, &env, ln, err, sizeof(err))) {
+				fprintf(stderr, "policy case failed: [%s] %s\n", sec->title, err);
+				failed++;
+			}
+			const char *exp = strstr(ln->text, " => ");
+			for (int k = 0; policy_reason_codes[k]; k++) {
+				size_t rl = strlen(policy_reason_codes[k]);
+				const char *p = strchr(exp + 4, ' ');
+				if (p && (size_t)(strchr(p + 1, ' ') - (p + 1)) == rl && !strncmp(p + 1, policy_reason_codes[k], rl))
+					seen_reason[k] = true;
+			}
+		}
+		env_free(&env);
+		policy_snapshot_free(s);
+	}
+	free_casefile(&cf);
+	ck_assert_msg(failed == 0, "%d of %d policy cases failed (see stderr)", failed, ncases);
+	ck_assert_int_ge(ncases, 70);
+	/* The table covers every reason code. */
+	for (int k = 0; policy_reason_codes[k]; k++)
+		ck_assert_msg(seen_reason[k], "no case expects reason %s", policy_reason_codes[k]);
+}
+END_TEST
+
+/* Every "check" line of every builder section, in order on one builder. */
+START_TEST(builder_cases)
+{
+	struct casefile cf;
+	load_casefile(&cf);
+	int nchecks = 0;
+	for (int i = 0; i < cf.nsec; i++) {
+		const struct section *sec = &cf.sec[i];
+		if (!sec->builder)
+			continue;
+		struct policy_builder *b = policy_builder_new();
+		ck_assert_ptr_nonnull(b);
+		for (int j = 0; j < sec->nlines; j++) {
+			const struct line *ln = &sec->lines[j];
+			char *copy = strdup(ln->text), *t[8];
+			int n = split(copy, t, 8);
+			ck_assert_msg(n >= 5 && !strcmp(t[0], "check") && !strcmp(t[n - 2], "=>"),
+				      "line %d: check <scope> <pattern> [<mode>] => <rc>", ln->no);
+			enum policy_scope sc;
+			enum policy_mode m = POLICY_MODE_OPEN;
+			ck_assert_msg(policy_scope_parse(t[1], &sc), "line %d: bad scope", ln->no);
+			if (n == 6)
+				ck_assert_msg(policy_mode_parse(t[3], &m), "line %d: bad mode", ln->no);
+			bool is_null;
+			char *pat = decode(t[2], &is_null);
+			int rc = policy_builder_rule(b, ln->no, sc, pat, m, NULL, 0);
+			ck_assert_msg(rc == atoi(t[n - 1]), "line %d [%s]: %s %s gave %d, expected %s", ln->no, sec->title,
+				      t[1], t[2], rc, t[n - 1]);
+			free(pat);
+			free(copy);
+			nchecks++;
+		}
+		struct policy_snapshot *s = policy_builder_finish(b, 1);
+		ck_assert_ptr_nonnull(s);
+		policy_snapshot_free(s);
+	}
+	free_casefile(&cf);
+	ck_assert_int_ge(nchecks, 40);
+}
+END_TEST
+
+/* ------------------------------------------------------------ helpers */
+
+static uint64_t rng_state;
+
+static uint64_t rnd(void)
+{
+	uint64_t x = rng_state;
+	x ^= x << 13;
+	x ^= x >> 7;
+	x ^= x << 17;
+	return rng_state = x;
+}
+
+static unsigned pick(unsigned n)
+{
+	return (unsigned)(rnd() % n);
+}
+
+static const char *const domains[] = { "a.example", "x.a.example", "y.x.a.example", "b.example", "c.org",
+				       "d.net", "spam.example", "z.spam.example" };
+static const char *const networks[] = { "matrix", "xmpp", "peer:gk", "peer:ab", "slack", "bridge:one" };
+static const char *const locals[] = { "mimi://hub.example/u/l0", "mimi://hub.example/u/l1",
+				      "mimi://hub.example/u/l2" };
+#define NDOM (sizeof(domains) / sizeof(domains[0]))
+#define NNET (sizeof(networks) / sizeof(networks[0]))
+#define NLOC (sizeof(locals) / sizeof(locals[0]))
+#define NUSR 3
+
+struct gparty {
+	char uri[128];
+	const char *domain, *network;
+};
+
+static void gen_remote(struct gparty *p)
+{
+	p->domain = domains[pick(NDOM)];
+	p->network = networks[pick(NNET)];
+	snprintf(p->uri, sizeof(p->uri), "mimi://%s/u/u%u", p->domain, pick(NUSR));
+}
+
+static void gen_local(struct gparty *p)
+{
+	snprintf(p->uri, sizeof(p->uri), "%s", locals[pick(NLOC)]);
+	p->domain = "hub.example";
+	p->network = "local";
+}
+
+static struct policy_party as_party(const struct gparty *g)
+{
+	struct policy_party p = { g->uri, g->domain, g->network };
+	return p;
+}
+
+static const enum policy_mode modes[] = { POLICY_MODE_NONE, POLICY_MODE_OPEN, POLICY_MODE_ALLOWLIST,
+					  POLICY_MODE_CLOSED, POLICY_MODE_DENY };
+
+static void gen_limits(struct policy_limits *l)
+{
+	memset(l, 0, sizeof(*l));
+	l->set = (unsigned)rnd() & 0x7f & (unsigned)rnd();
+	l->messages_per_minute = 1 + pick(3);
+	l->messages_per_minute_per_user = 1 + pick(3);
+	l->new_conversations_per_hour = 1 + pick(3);
+	l->consent_requests_per_day = 1 + pick(3);
+	l->max_body_bytes = pick(2000);
+	l->max_attachment_bytes = pick(2000);
+	l->content_kinds = pick(4);
+}
+
+/* Random rules and facts; avoid_deny: no rule with mode deny. */
+static void gen_snapshot_body(struct policy_builder *b, bool avoid_deny, int64_t now)
+{
+	policy_builder_defaults(b, modes[1 + pick(3)], pick(2));
+	int nrules = (int)pick(16);
+	for (int i = 0; i < nrules; i++) {
+		char pat[160];
+		enum policy_scope sc = (enum policy_scope)pick(3);
+		switch (sc) {
+		case POLICY_SCOPE_DOMAIN:
+			snprintf(pat, sizeof(pat), "%s%s", pick(2) ? "*." : "", domains[pick(NDOM)]);
+			break;
+		case POLICY_SCOPE_NETWORK: {
+			const char *n = networks[pick(NNET)];
+			const char *colon = strchr(n, ':');
+			if (colon && pick(2))
+				snprintf(pat, sizeof(pat), "%.*s:*", (int)(colon - n), n);
+			else
+				snprintf(pat, sizeof(pat), "%s", n);
+			break;
+		}
+		default:
+			snprintf(pat, sizeof(pat), "mimi://%s/u/u%u", domains[pick(NDOM)], pick(NUSR));
+			break;
+		}
+		enum policy_mode m = modes[pick(avoid_deny ? 4 : 5)];
+		struct policy_limits l;
+		gen_limits(&l);
+		int64_t exp = pick(3) == 0 ? now - 1 - pick(1000) : pick(2) ? 0 : now + 1 + pick(1000);
+		int rc = policy_builder_rule(b, 100 + i, sc, pat, m, &l, exp);
+		ck_assert_int_ne(rc, -2);
+	}
+	int nfacts = (int)pick(40);
+	for (int i = 0; i < nfacts; i++) {
+		const char *l = locals[pick(NLOC)];
+		char subj[128];
+		switch (pick(3)) {
+		case 0:
+			ck_assert_int_eq(policy_builder_optin(b, l, networks[pick(NNET)], pick(2)), 0);
+			break;
+		case 1:
+			if (pick(2)) {
+				snprintf(subj, sizeof(subj), "mimi://%s/u/u%u", domains[pick(NDOM)], pick(NUSR));
+				ck_assert_int_eq(policy_builder_consent(b, l, false, subj, pick(2)), 0);
+			} else {
+				ck_assert_int_eq(policy_builder_consent(b, l, true, domains[pick(NDOM)], pick(2)), 0);
+			}
+			break;
+		default:
+			snprintf(subj, sizeof(subj), "mimi://%s/u/u%u", domains[pick(NDOM)], pick(NUSR));
+			ck_assert_int_eq(policy_builder_remote_block(b, subj, l), 0);
+			break;
+		}
+	}
+}
+
+static const char *const event_types[] = { "message", "edit", "delete", "reaction", "receipt", "typing",
+					   "membership", "block" };
+
+static void gen_request(struct policy_request *r, struct gparty *snd, struct gparty *rcp, bool *has_rcp)
+{
+	memset(r, 0, sizeof(*r));
+	r->direction = (enum policy_direction)pick(3);
+	r->action = pick(4) == 0 ? (enum policy_action)(1 + pick(2)) : POLICY_ACT_EVENT;
+	r->event_type = r->action == POLICY_ACT_EVENT ? event_types[pick(8)] : NULL;
+	if (r->direction == POLICY_OUTBOUND)
+		gen_local(snd);
+	else
+		gen_remote(snd);
+	if (r->direction == POLICY_INBOUND)
+		gen_local(rcp);
+	else
+		gen_remote(rcp);
+	*has_rcp = !(r->action == POLICY_ACT_NEW_ROOM && pick(2));
+	r->sender = as_party(snd);
+	if (*has_rcp)
+		r->recipient = as_party(rcp);
+	r->body_bytes = pick(3000);
+	r->attachment_bytes = pick(3) ? 0 : pick(3000);
+	r->content_kinds = 1 + pick(3);
+	r->now_ms = DEFAULT_NOW;
+}
+
+static bool known_reason(const char *reason)
+{
+	for (int k = 0; reason && policy_reason_codes[k]; k++)
+		if (policy_reason_codes[k] == reason || strcmp(policy_reason_codes[k], reason) == 0)
+			return true;
+	return false;
+}
+
+static bool starts(const char *s, const char *prefix)
+{
+	return s && strncmp(s, prefix, strlen(prefix)) == 0;
+}
+
+/* The verdict a reason code goes with (docs/policy-reasons.md). */
+static void check_consistent(const struct policy_request *r, const struct policy_decision *d, const char *what)
+{
+	ck_assert_msg(known_reason(d->reason), "%s: unknown reason %s", what, d->reason ? d->reason : "(null)");
+	switch (d->verdict) {
+	case POLICY_LIMIT:
+		ck_assert_msg(starts(d->reason, "rate_limited_") && d->retry_after_ms > 0 && d->rule_id != 0,
+			      "%s: limit %s", what, d->reason);
+		ck_assert_msg(r->direction != POLICY_OUTBOUND, "%s: outbound rate limited", what);
+		break;
+	case POLICY_HOLD:
+		ck_assert_msg(!strcmp(d->reason, "no_consent_yet") && d->retry_after_ms == 0 && d->rule_id == 0,
+			      "%s: hold %s", what, d->reason);
+		ck_assert_msg(r->direction == POLICY_INBOUND, "%s: held but not inbound", what);
+		break;
+	case POLICY_ALLOW:
+		ck_assert_msg(!strcmp(d->reason, "user_allowed_sender") || !strcmp(d->reason, "user_allowed_domain") ||
+				      !strcmp(d->reason, "outbound") || !strcmp(d->reason, "transit") ||
+				      !strcmp(d->reason, "new_room"),
+			      "%s: allow %s", what, d->reason);
+		ck_assert_int_eq(d->retry_after_ms, 0);
+		break;
+	case POLICY_DENY:
+		ck_assert_msg(!starts(d->reason, "rate_limited_") && strcmp(d->reason, "outbound") &&
+				      strcmp(d->reason, "transit") && strcmp(d->reason, "new_room") &&
+				      !starts(d->reason, "user_allowed_"),
+			      "%s: deny %s", what, d->reason);
+		ck_assert_int_eq(d->retry_after_ms, 0);
+		if (starts(d->reason, "server_denied_") || !strcmp(d->reason, "too_large") ||
+		    !strcmp(d->reason, "content_kind_disabled"))
+			ck_assert_msg(d->rule_id != 0, "%s: %s without a rule", what, d->reason);
+		break;
+	default:
+		ck_abort_msg("%s: unknown verdict %d", what, (int)d->verdict);
+	}
+}
+
+/* ------------------------------------------------------------ properties */
+
+/* A server deny rule matching a remote party denies, whatever else the
+ * snapshot says about it. */
+START_TEST(prop_server_deny_always_denies)
+{
+	rng_state = 0x9e3779b97f4a7c15ull;
+	struct ratelimit *rl = ratelimit_new(4096);
+	struct policy_rate rate = { ratelimit_policy_take, rl };
+	for (int iter = 0; iter < 3000; iter++) {
+		struct policy_request r;
+		struct gparty snd, rcp, other;
+		bool has_rcp;
+		gen_request(&r, &snd, &rcp, &has_rcp);
+		if (!has_rcp && r.direction == POLICY_OUTBOUND)
+			continue; /* no remote party */
+		r.rate = pick(2) ? &rate : NULL;
+		/* The party to deny: a remote one. */
+		const struct gparty *p = r.direction == POLICY_OUTBOUND ? &rcp
+					 : r.direction == POLICY_TRANSIT && has_rcp && pick(2) ? &rcp
+												: &snd;
+		struct policy_builder *b = policy_builder_new();
+		char pat[200];
+		enum policy_scope sc;
+		const char *dot = strchr(p->domain, '.'), *colon = strchr(p->network, ':');
+		switch (pick(5)) {
+		case 0: sc = POLICY_SCOPE_USER; snprintf(pat, sizeof(pat), "%s", p->uri); break;
+		case 1: sc = POLICY_SCOPE_DOMAIN; snprintf(pat, sizeof(pat), "%s", p->domain); break;
+		case 2: sc = POLICY_SCOPE_DOMAIN; snprintf(pat, sizeof(pat), "*.%s", dot ? dot + 1 : "nowhere"); break;
+		case 3: sc = POLICY_SCOPE_NETWORK; snprintf(pat, sizeof(pat), "%s", p->network); break;
+		default:
+			sc = POLICY_SCOPE_NETWORK;
+			snprintf(pat, sizeof(pat), "%.*s:*", colon ? (int)(colon - p->network) : 7,
+				 colon ? p->network : "nowhere");
+			break;
+		}
+		bool matches = !(strstr(pat, "nowhere"));
+		ck_assert_int_eq(policy_builder_rule(b, 1, sc, pat, POLICY_MODE_DENY, NULL, pick(2) ? 0 : r.now_ms + 1), 0);
+		/* Everything that could speak for the party. */
+		for (size_t l = 0; l < NLOC; l++) {
+			policy_builder_consent(b, locals[l], false, p->uri, true);
+			policy_builder_consent(b, locals[l], true, p->domain, true);
+			policy_builder_optin(b, locals[l], p->network, true);
+		}
+		gen_snapshot_body(b, false, r.now_ms);
+		(void)other;
+		struct policy_snapshot *s = policy_builder_finish(b, 1);
+		ck_assert_ptr_nonnull(s);
+		struct policy_decision d;
+		policy_decide(s, &r, &d);
+		check_consistent(&r, &d, "deny property");
+		if (matches)
+			ck_assert_msg(d.verdict == POLICY_DENY && starts(d.reason, "server_denied_"),
+				      "iteration %d: %s %s not denied: %s %s", iter, policy_scope_name(sc), pat,
+				      policy_verdict_name(d.verdict), d.reason);
+		policy_snapshot_free(s);
+	}
+	ratelimit_free(rl);
+}
+END_TEST
+
+/* A sender the local user allowed is never held; outbound is never held
+ * nor limited; transit never held; every decision is consistent. */
+START_TEST(prop_random_requests)
+{
+	rng_state = 0x243f6a8885a308d3ull;
+	struct ratelimit *rl = ratelimit_new(4096);
+	struct policy_rate rate = { ratelimit_policy_take, rl };
+	int counts[4] = { 0 }, allowed_checked = 0;
+	for (int snap = 0; snap < 300; snap++) {
+		struct policy_builder *b = policy_builder_new();
+		gen_snapshot_body(b, false, DEFAULT_NOW);
+		/* Some local users allow a few senders outright. */
+		struct gparty allowed[4];
+		for (int i = 0; i < 4; i++) {
+			gen_remote(&allowed[i]);
+			policy_builder_consent(b, locals[i % NLOC], false, allowed[i].uri, true);
+		}
+		struct policy_snapshot *s = policy_builder_finish(b, (uint64_t)snap);
+		ck_assert_ptr_nonnull(s);
+		for (int iter = 0; iter < 100; iter++) {
+			struct policy_request r;
+			struct gparty snd, rcp;
+			bool has_rcp;
+			gen_request(&r, &snd, &rcp, &has_rcp);
+			bool allowed_pair = false;
+			if (r.direction == POLICY_INBOUND && pick(2)) {
+				int i = (int)pick(4);
+				snd = allowed[i];
+				snprintf(rcp.uri, sizeof(rcp.uri), "%s", locals[i % NLOC]);
+				r.sender = as_party(&snd);
+				if (has_rcp) {
+					r.recipient = as_party(&rcp);
+					allowed_pair = true;
+				}
+			}
+			r.rate = pick(4) ? &rate : NULL;
+			r.now_ms += pick(100000);
+			struct policy_decision d;
+			policy_decide(s, &r, &d);
+			counts[d.verdict]++;
+			check_consistent(&r, &d, "random");
+			if (allowed_pair) {
+				allowed_checked++;
+				ck_assert_msg(d.verdict != POLICY_HOLD, "an allowed sender held");
+			}
+			if (r.direction == POLICY_OUTBOUND)
+				ck_assert_msg(d.verdict != POLICY_HOLD && d.verdict != POLICY_LIMIT, "outbound %s",
+					      policy_verdict_name(d.verdict));
+			if (r.direction == POLICY_TRANSIT)
+				ck_assert_int_ne(d.verdict, POLICY_HOLD);
+			/* Without buckets, decide is a function of its input. */
+			if (!r.rate) {
+				struct policy_decision d2;
+				policy_decide(s, &r, &d2);
+				ck_assert(d.verdict == d2.verdict && d.reason == d2.reason && d.rule_id == d2.rule_id);
+			}
+		}
+		policy_snapshot_free(s);
+	}
+	/* The generator reaches every verdict. */
+	for (int v = 0; v < 4; v++)
+		ck_assert_msg(counts[v] > 0, "no %s verdict generated", policy_verdict_name((enum policy_verdict)v));
+	ck_assert_int_gt(allowed_checked, 1000);
+	ratelimit_free(rl);
+}
+END_TEST
+
+/* s == NULL: an empty snapshot (open, opted out); NULL strings anywhere. */
+START_TEST(null_snapshot_and_null_strings)
+{
+	rng_state = 0x13198a2e03707344ull;
+	struct policy_snapshot *empty = policy_builder_finish(policy_builder_new(), 1);
+	ck_assert_ptr_nonnull(empty);
+	for (int iter = 0; iter < 5000; iter++) {
+		struct policy_request r;
+		struct gparty snd, rcp;
+		bool has_rcp;
+		gen_request(&r, &snd, &rcp, &has_rcp);
+		unsigned nulls = (unsigned)rnd();
+		if (nulls & 1) r.sender.uri = NULL;
+		if (nulls & 2) r.sender.domain = NULL;
+		if (nulls & 4) r.sender.network = NULL;
+		if (nulls & 8) r.recipient.domain = NULL;
+		if (nulls & 16) r.recipient.network = NULL;
+		if (nulls & 32) r.event_type = NULL;
+		struct policy_decision d1, d2;
+		policy_decide(NULL, &r, &d1);
+		policy_decide(empty, &r, &d2);
+		check_consistent(&r, &d1, "NULL snapshot");
+		ck_assert(d1.verdict == d2.verdict && d1.reason == d2.reason && d1.rule_id == 0 && d2.rule_id == 0);
+		bool local = r.direction == POLICY_INBOUND && r.recipient.uri;
+		if (local)
+			ck_assert_str_eq(d1.reason, "user_not_opted_in");
+		else
+			ck_assert_int_eq(d1.verdict, POLICY_ALLOW);
+	}
+	/* A snapshot with rules and facts, and requests made of NULLs. */
+	struct policy_builder *b = policy_builder_new();
+	policy_builder_defaults(b, POLICY_MODE_OPEN, true);
+	struct policy_limits l = { .set = 0x7f, .messages_per_minute = 1, .messages_per_minute_per_user = 1,
+				   .new_conversations_per_hour = 1, .consent_requests_per_day = 1,
+				   .max_body_bytes = 10, .max_attachment_bytes = 10, .content_kinds = POLICY_KIND_TEXT };
+	ck_assert_int_eq(policy_builder_rule(b, 1, POLICY_SCOPE_NETWORK, "peer:*", POLICY_MODE_NONE, &l, 0), 0);
+	ck_assert_int_eq(policy_builder_rule(b, 2, POLICY_SCOPE_DOMAIN, "*.example", POLICY_MODE_NONE, &l, 0), 0);
+	ck_assert_int_eq(policy_builder_consent(b, "mimi://hub.example/u/a", true, "x.example", true), 0);
+	struct policy_snapshot *s = policy_builder_finish(b, 2);
+	struct ratelimit *rl = ratelimit_new(512);
+	struct policy_rate rate = { ratelimit_policy_take, rl };
+	for (int dir = 0; dir < 3; dir++)
+		for (int act = 0; act < 3; act++) {
+			struct policy_request r = { .direction = (enum policy_direction)dir,
+						    .action = (enum policy_action)act, .rate = &rate };
+			struct policy_decision d;
+			policy_decide(s, &r, &d);
+			check_consistent(&r, &d, "all NULL");
+			r.recipient.uri = "mimi://hub.example/u/a";
+			policy_decide(s, &r, &d);
+			check_consistent(&r, &d, "NULL but recipient");
+		}
+	ratelimit_free(rl);
+	policy_snapshot_free(s);
+	policy_snapshot_free(empty);
+	ck_assert_uint_eq(policy_snapshot_rule_count(NULL), 0);
+	ck_assert_uint_eq(policy_snapshot_fact_count(NULL), 0);
+	ck_assert_uint_eq(policy_snapshot_version(NULL), 0);
+	policy_snapshot_free(NULL);
+	policy_builder_free(NULL);
+	ck_assert_ptr_null(policy_builder_finish(NULL, 1));
+}
+END_TEST
+
+/* ------------------------------------------------------------ bucket keys */
+
+struct key_log {
+	char keys[8][POLICY_RATE_KEY_MAX + 8];
+	size_t lens[8];
+	uint32_t caps[8];
+	int64_t periods[8];
+	int n;
+	int64_t answer;
+};
+
+static int64_t log_take(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms)
+{
+	struct key_log *kl = ctx;
+	ck_assert_int_lt(kl->n, 8);
+	kl->lens[kl->n] = strlen(key);
+	ck_assert_uint_le(kl->lens[kl->n], POLICY_RATE_KEY_MAX);
+	memcpy(kl->keys[kl->n], key, kl->lens[kl->n] + 1);
+	kl->caps[kl->n] = capacity;
+	kl->periods[kl->n++] = period_ms;
+	return kl->answer;
+}
+
+START_TEST(bucket_keys)
+{
+	struct policy_builder *b = policy_builder_new();
+	struct policy_limits mpm = { .set = POLICY_LIM_MSG_MINUTE | POLICY_LIM_MSG_MINUTE_USER,
+				     .messages_per_minute = 10, .messages_per_minute_per_user = 3 };
+	struct policy_limits conv = { .set = POLICY_LIM_NEW_CONV_HOUR | POLICY_LIM_CONSENT_REQ_DAY,
+				      .new_conversations_per_hour = 4, .consent_requests_per_day = 5 };
+	struct policy_limits one = { .set = POLICY_LIM_MSG_MINUTE, .messages_per_minute = 7 };
+	ck_assert_int_eq(policy_builder_rule(b, 31, POLICY_SCOPE_DOMAIN, "*.lim.example", POLICY_MODE_NONE, &mpm, 0), 0);
+	ck_assert_int_eq(policy_builder_rule(b, -5, POLICY_SCOPE_NETWORK, "peer:*", POLICY_MODE_NONE, &one, 0), 0);
+	ck_assert_int_eq(policy_builder_rule(b, 9, POLICY_SCOPE_USER, "mimi://u.example/u/x", POLICY_MODE_NONE, &one, 0),
+			 0);
+	ck_assert_int_eq(policy_builder_rule(b, 12, POLICY_SCOPE_DOMAIN, "rooms.example", POLICY_MODE_OPEN, &conv, 0), 0);
+	struct policy_snapshot *s = policy_builder_finish(b, 1);
+	struct key_log kl = { .answer = 0 };
+	struct policy_rate rate = { log_take, &kl };
+	struct policy_decision d;
+	struct policy_request r = {
+		.direction = POLICY_INBOUND, .action = POLICY_ACT_EVENT, .event_type = "message",
+		.sender = { "mimi://a.b.lim.example/u/s", "a.b.lim.example", "matrix" },
+		.recipient = { "mimi://hub.example/u/l", "hub.example", "local" },
+		.now_ms = DEFAULT_NOW, .rate = &rate,
+	};
+	policy_decide(s, &r, &d);
+	ck_assert_int_eq(kl.n, 2);
+	ck_assert_str_eq(kl.keys[0], "mpm:31:*.lim.example");
+	ck_assert_int_eq(kl.caps[0], 10);
+	ck_assert_int_eq(kl.periods[0], 60000);
+	ck_assert_str_eq(kl.keys[1], "mpu:31:mimi://a.b.lim.example/u/s");
+	ck_assert_int_eq(kl.caps[1], 3);
+	ck_assert_int_eq(kl.periods[1], 60000);
+
+	kl.n = 0;
+	r.sender = (struct policy_party){ "mimi://p.example/u/s", "p.example", "peer:gk" };
+	policy_decide(s, &r, &d);
+	ck_assert_int_eq(kl.n, 1);
+	ck_assert_str_eq(kl.keys[0], "mpm:-5:peer:*");
+
+	kl.n = 0;
+	r.sender = (struct policy_party){ "mimi://u.example/u/x", "u.example", "peer:gk" };
+	policy_decide(s, &r, &d);
+	ck_assert_int_eq(kl.n, 1);
+	ck_assert_str_eq(kl.keys[0], "mpm:9:mimi://u.example/u/x");
+	ck_assert_int_eq(kl.caps[0], 7);
+
+	kl.n = 0;
+	r.sender = (struct policy_party){ "mimi://rooms.example/u/r", "rooms.example", "matrix" };
+	r.action = POLICY_ACT_NEW_ROOM;
+	r.recipient.uri = NULL;
+	policy_decide(s, &r, &d);
+	ck_assert_int_eq(kl.n, 1);
+	ck_assert_str_eq(kl.keys[0], "ncu:12:mimi://rooms.example/u/r");
+	ck_assert_int_eq(kl.caps[0], 4);
+	ck_assert_int_eq(kl.periods[0], 3600000);
+	kl.n = 0;
+	r.action = POLICY_ACT_CONSENT_REQUEST;
+	r.recipient.uri = "mimi://hub.example/u/l";
+	policy_decide(s, &r, &d);
+	ck_assert_int_eq(kl.n, 1);
+	ck_assert_str_eq(kl.keys[0], "cru:12:mimi://rooms.example/u/r");
+	ck_assert_int_eq(kl.caps[0], 5);
+	ck_assert_int_eq(kl.periods[0], 86400000);
+
+	/* A refusal is passed on as is; a zero or negative answer is a grant. */
+	kl.n = 0;
+	kl.answer = 1234;
+	r.action = POLICY_ACT_EVENT;
+	r.sender = (struct policy_party){ "mimi://u.example/u/x", "u.example", "matrix" };
+	policy_decide(s, &r, &d);
+	ck_assert_int_eq(d.verdict, POLICY_LIMIT);
+	ck_assert_str_eq(d.reason, "rate_limited_user");
+	ck_assert_int_eq(d.retry_after_ms, 1234);
+	ck_assert_int_eq(d.rule_id, 9);
+	kl.n = 0;
+	kl.answer = -1;
+	policy_decide(s, &r, &d);
+	ck_assert_int_eq(d.verdict, POLICY_DENY);
+	ck_assert_str_eq(d.reason, "user_not_opted_in");
+
+	/* A sender URI longer than a key: truncated, not overflowed. */
+	size_t big = POLICY_RATE_KEY_MAX + 500;
+	char *uri = malloc(big + 1);
+	memcpy(uri, "mimi://x.lim.example/u/", 23);
+	memset(uri + 23, 'q', big - 23);
+	uri[big] = '\0';
+	kl.n = 0;
+	kl.answer = 0;
+	r.sender = (struct policy_party){ uri, "x.lim.example", "matrix" };
+	policy_decide(s, &r, &d);
+	ck_assert_int_eq(kl.n, 2);
+	ck_assert_str_eq(kl.keys[0], "mpm:31:*.lim.example");
+	ck_assert_uint_eq(kl.lens[1], POLICY_RATE_KEY_MAX);
+	ck_assert(strncmp(kl.keys[1], "mpu:31:mimi://x.lim.example/u/qqq", 33) == 0);
+	free(uri);
+
+	/* Outbound and rate NULL: no take at all. */
+	kl.n = 0;
+	r.direction = POLICY_OUTBOUND;
+	r.sender = (struct policy_party){ "mimi://hub.example/u/l", "hub.example", "local" };
+	r.recipient = (struct policy_party){ "mimi://a.lim.example/u/s", "a.lim.example", "matrix" };
+	policy_decide(s, &r, &d);
+	ck_assert_int_eq(kl.n, 0);
+	ck_assert_str_eq(d.reason, "outbound");
+	policy_snapshot_free(s);
+}
+END_TEST
+
+/* ------------------------------------------------------------ builder, tables */
+
+START_TEST(builder_facts_and_counts)
+{
+	struct policy_builder *b = policy_builder_new();
+	const char *l = "mimi://hub.example/u/a";
+	ck_assert_int_eq(policy_builder_optin(b, l, "matrix", true), 0);
+	ck_assert_int_eq(policy_builder_optin(b, l, "matrix", false), 0); /* the later one wins */
+	ck_assert_int_eq(policy_builder_optin(b, l, "peer:gk", true), 0);
+	ck_assert_int_eq(policy_builder_consent(b, l, false, "mimi://x.example/u/b", true), 0);
+	ck_assert_int_eq(policy_builder_consent(b, l, true, "mimi://x.example/u/b", false), 0); /* other kind */
+	ck_assert_int_eq(policy_builder_remote_block(b, "mimi://x.example/u/b", l), 0);
+	ck_assert_int_eq(policy_builder_remote_block(b, "mimi://x.example/u/b", l), 0);
+	/* Malformed facts. */
+	ck_assert_int_eq(policy_builder_optin(b, NULL, "matrix", true), -1);
+	ck_assert_int_eq(policy_builder_optin(b, l, "", true), -1);
+	ck_assert_int_eq(policy_builder_optin(b, "mimi://hub.example/u/a\x1fmatrix", "x", true), -1);
+	ck_assert_int_eq(policy_builder_consent(b, l, false, NULL, true), -1);
+	ck_assert_int_eq(policy_builder_consent(b, l, false, "a\x1f" "b", true), -1);
+	ck_assert_int_eq(policy_builder_consent(b, "", true, "x.example", true), -1);
+	ck_assert_int_eq(policy_builder_remote_block(b, NULL, l), -1);
+	/* Malformed rules. */
+	ck_assert_int_eq(policy_builder_rule(b, 1, (enum policy_scope)7, "a.example", POLICY_MODE_OPEN, NULL, 0), -1);
+	ck_assert_int_eq(policy_builder_rule(b, 1, POLICY_SCOPE_DOMAIN, "a.example", (enum policy_mode)9, NULL, 0), -1);
+	ck_assert_int_eq(policy_builder_rule(b, 1, POLICY_SCOPE_DOMAIN, "a.example", POLICY_MODE_OPEN, NULL, 0), 0);
+	ck_assert_int_eq(policy_builder_rule(b, 2, POLICY_SCOPE_NETWORK, "matrix", POLICY_MODE_NONE, NULL, 0), 0);
+	struct policy_snapshot *s = policy_builder_finish(b, 42);
+	ck_assert_ptr_nonnull(s);
+	ck_assert_uint_eq(policy_snapshot_version(s), 42);
+	ck_assert_uint_eq(policy_snapshot_rule_count(s), 2);
+	ck_assert_uint_eq(policy_snapshot_fact_count(s), 5);
+
+	struct policy_request r = {
+		.direction = POLICY_INBOUND, .action = POLICY_ACT_EVENT, .event_type = "message",
+		.sender = { "mimi://x.example/u/b", "x.example", "matrix" }, .recipient = { l, "hub.example", "local" },
+		.now_ms = DEFAULT_NOW,
+	};
+	struct policy_decision d;
+	policy_decide(s, &r, &d);
+	ck_assert_str_eq(d.reason, "user_not_opted_in"); /* opted out by the later fact */
+	r.sender.network = "peer:gk";
+	policy_decide(s, &r, &d);
+	ck_assert_str_eq(d.reason, "user_allowed_sender");
+	/* A part holding the separator cannot reach across parts. */
+	r.recipient.uri = "mimi://hub.example/u/a\x1fu";
+	policy_decide(s, &r, &d);
+	ck_assert_str_eq(d.reason, "user_not_opted_in");
+	policy_snapshot_free(s);
+
+	/* A builder freed without finishing. */
+	b = policy_builder_new();
+	ck_assert_int_eq(policy_builder_rule(b, 1, POLICY_SCOPE_DOMAIN, "a.example", POLICY_MODE_OPEN, NULL, 0), 0);
+	ck_assert_int_eq(policy_builder_consent(b, l, true, "a.example", true), 0);
+	policy_builder_free(b);
+	/* Builder calls on NULL (builder_new failed). */
+	ck_assert_int_eq(policy_builder_rule(NULL, 1, POLICY_SCOPE_DOMAIN, "a.example", POLICY_MODE_OPEN, NULL, 0), -2);
+	ck_assert_int_eq(policy_builder_optin(NULL, l, "matrix", true), -2);
+	policy_builder_defaults(NULL, POLICY_MODE_OPEN, true);
+}
+END_TEST
+
+/* Many keys: every one is found after the tables grew, nothing else is. */
+START_TEST(large_tables)
+{
+	struct policy_builder *b = policy_builder_new();
+	char pat[128], l[128], subj[128];
+	for (int i = 0; i < 6000; i++) {
+		snprintf(pat, sizeof(pat), "d%d.example", i);
+		ck_assert_int_eq(policy_builder_rule(b, i + 1, POLICY_SCOPE_DOMAIN, pat, POLICY_MODE_DENY, NULL, 0), 0);
+		snprintf(pat, sizeof(pat), "*.w%d.example", i);
+		ck_assert_int_eq(policy_builder_rule(b, 100000 + i, POLICY_SCOPE_DOMAIN, pat, POLICY_MODE_CLOSED, NULL, 0), 0);
+		snprintf(l, sizeof(l), "mimi://hub.example/u/l%d", i % 100);
+		snprintf(subj, sizeof(subj), "mimi://s%d.example/u/u%d", i, i);
+		ck_assert_int_eq(policy_builder_consent(b, l, false, subj, true), 0);
+		ck_assert_int_eq(policy_builder_optin(b, l, "matrix", true), 0);
+	}
+	struct policy_snapshot *s = policy_builder_finish(b, 1);
+	ck_assert_uint_eq(policy_snapshot_rule_count(s), 12000);
+	ck_assert_uint_eq(policy_snapshot_fact_count(s), 6000 + 100);
+	char dom[128], uri[160];
+	struct policy_request r = { .direction = POLICY_INBOUND, .action = POLICY_ACT_EVENT, .event_type = "message",
+				    .now_ms = DEFAULT_NOW };
+	struct policy_decision d;
+	for (int i = 0; i < 6000; i++) {
+		snprintf(dom, sizeof(dom), "d%d.example", i);
+		snprintf(uri, sizeof(uri), "mimi://%s/u/x", dom);
+		r.sender = (struct policy_party){ uri, dom, "matrix" };
+		r.recipient = (struct policy_party){ "mimi://hub.example/u/l0", "hub.example", "local" };
+		policy_decide(s, &r, &d);
+		ck_assert_str_eq(d.reason, "server_denied_domain");
+		ck_assert_int_eq(d.rule_id, i + 1);
+		snprintf(dom, sizeof(dom), "q.r.w%d.example", i);
+		policy_decide(s, &r, &d);
+		ck_assert_str_eq(d.reason, "server_closed");
+		ck_assert_int_eq(d.rule_id, 100000 + i);
+		snprintf(dom, sizeof(dom), "s%d.example", i);
+		snprintf(uri, sizeof(uri), "mimi://s%d.example/u/u%d", i, i);
+		snprintf(l, sizeof(l), "mimi://hub.example/u/l%d", i % 100);
+		r.recipient.uri = l;
+		policy_decide(s, &r, &d);
+		ck_assert_str_eq(d.reason, "user_allowed_sender");
+		r.recipient.uri = "mimi://hub.example/u/l100"; /* not opted in */
+		policy_decide(s, &r, &d);
+		ck_assert_str_eq(d.reason, "user_not_opted_in");
+		snprintf(dom, sizeof(dom), "e%d.example", i); /* unknown */
+		snprintf(uri, sizeof(uri), "mimi://e%d.example/u/u%d", i, i);
+		r.recipient.uri = l;
+		policy_decide(s, &r, &d);
+		ck_assert_str_eq(d.reason, "no_consent_yet");
+	}
+	policy_snapshot_free(s);
+}
+END_TEST
+
+START_TEST(names)
+{
+	for (int m = POLICY_MODE_NONE; m <= POLICY_MODE_DENY; m++) {
+		enum policy_mode out;
+		ck_assert(policy_mode_parse(policy_mode_name((enum policy_mode)m), &out));
+		ck_assert_int_eq(out, m);
+	}
+	for (int sc = POLICY_SCOPE_DOMAIN; sc <= POLICY_SCOPE_USER; sc++) {
+		enum policy_scope out;
+		ck_assert(policy_scope_parse(policy_scope_name((enum policy_scope)sc), &out));
+		ck_assert_int_eq(out, sc);
+	}
+	enum policy_mode m;
+	enum policy_scope sc;
+	ck_assert(!policy_mode_parse("Open", &m));
+	ck_assert(!policy_mode_parse(NULL, &m));
+	ck_assert(!policy_scope_parse("users", &sc));
+	ck_assert_str_eq(policy_mode_name(POLICY_MODE_ALLOWLIST), "allowlist");
+	ck_assert_str_eq(policy_scope_name(POLICY_SCOPE_NETWORK), "network");
+	ck_assert_str_eq(policy_verdict_name(POLICY_HOLD), "hold");
+	ck_assert_str_eq(policy_mode_name((enum policy_mode)99), "?");
+	/* The reason list: no duplicates, 24 codes. */
+	int n = 0;
+	for (; policy_reason_codes[n]; n++)
+		for (int k = 0; k < n; k++)
+			ck_assert_str_ne(policy_reason_codes[k], policy_reason_codes[n]);
+	ck_assert_int_eq(n, 24);
+}
+END_TEST
+
+/* ------------------------------------------------------------ ratelimit */
+
+START_TEST(rl_capacity_then_refusal)
+{
+	struct ratelimit *rl = ratelimit_new(0);
+	ck_assert_ptr_nonnull(rl);
+	bool first;
+	for (int i = 0; i < 5; i++) {
+		ck_assert_int_eq(ratelimit_take(rl, "k", 5, 1000, 0, &first), 0);
+		ck_assert(!first);
+	}
+	ck_assert_int_eq(ratelimit_take(rl, "k", 5, 1000, 0, &first), 200);
+	ck_assert(first);
+	/* Another key is another bucket. */
+	ck_assert_int_eq(ratelimit_take(rl, "k2", 5, 1000, 0, NULL), 0);
+	/* Capacity 0: nothing, ever. */
+	ck_assert_int_eq(ratelimit_take(rl, "zero", 0, 1000, 0, &first), 1000);
+	ck_assert(first);
+	ck_assert_int_eq(ratelimit_take(rl, "zero", 0, 1000, 5000, &first), 1000);
+	ck_assert(!first);
+	/* Through struct policy_rate. */
+	ck_assert_int_eq(ratelimit_policy_take(rl, "p", 1, 60000, 0), 0);
+	ck_assert_int_eq(ratelimit_policy_take(rl, "p", 1, 60000, 1), 59999);
+	size_t used;
+	uint64_t ev;
+	ratelimit_stats(rl, &used, &ev);
+	ck_assert_uint_eq(used, 4);
+	ck_assert_uint_eq(ev, 0);
+	ratelimit_free(rl);
+	ratelimit_free(NULL);
+}
+END_TEST
+
+START_TEST(rl_refill_timing)
+{
+	struct ratelimit *rl = ratelimit_new(512);
+	int64_t t = 1000000;
+	/* 3 per 1000 ms: one token every 333.33 ms. */
+	for (int i = 0; i < 3; i++)
+		ck_assert_int_eq(ratelimit_take(rl, "k", 3, 1000, t, NULL), 0);
+	int64_t w = ratelimit_take(rl, "k", 3, 1000, t, NULL);
+	ck_assert_int_eq(w, 334);
+	ck_assert_int_eq(ratelimit_take(rl, "k", 3, 1000, t + w - 1, NULL), 1);
+	ck_assert_int_eq(ratelimit_take(rl, "k", 3, 1000, t + w, NULL), 0);
+	/* Continuous: after the grant at t+334 the bucket holds 2/1000 of a token. */
+	w = ratelimit_take(rl, "k", 3, 1000, t + 334, NULL);
+	ck_assert_int_eq(w, 333);
+	ck_assert_int_eq(ratelimit_take(rl, "k", 3, 1000, t + 334 + w, NULL), 0);
+	/* A long pause refills to capacity, no more. */
+	t += 1000000;
+	for (int i = 0; i < 3; i++)
+		ck_assert_int_eq(ratelimit_take(rl, "k", 3, 1000, t, NULL), 0);
+	ck_assert_int_gt(ratelimit_take(rl, "k", 3, 1000, t, NULL), 0);
+	/* A clock going back does not refill nor break. */
+	ck_assert_int_gt(ratelimit_take(rl, "k", 3, 1000, t - 50000, NULL), 0);
+	/* Retry-after is right within 1 ms for assorted rates. */
+	const uint32_t caps[] = { 1, 2, 7, 60, 1000 };
+	const int64_t periods[] = { 1000, 60000, 3600000, 86400000 };
+	for (size_t c = 0; c < 5; c++)
+		for (size_t p = 0; p < 4; p++) {
+			char key[32];
+			snprintf(key, sizeof(key), "r%zu.%zu", c, p);
+			int64_t now = 5000;
+			for (uint32_t i = 0; i < caps[c]; i++)
+				ck_assert_int_eq(ratelimit_take(rl, key, caps[c], periods[p], now, NULL), 0);
+			w = ratelimit_take(rl, key, caps[c], periods[p], now, NULL);
+			double exact = (double)periods[p] / caps[c];
+			ck_assert_msg(w >= exact && w < exact + 1, "%u/%" PRId64 ": %" PRId64, caps[c], periods[p], w);
+			ck_assert_int_gt(ratelimit_take(rl, key, caps[c], periods[p], now + w - 1, NULL), 0);
+			ck_assert_int_eq(ratelimit_take(rl, key, caps[c], periods[p], now + w, NULL), 0);
+		}
+	/* A changed rule keeps the fill in proportion: half of 4 is half of 10. */
+	ck_assert_int_eq(ratelimit_take(rl, "chg", 4, 1000, 0, NULL), 0);
+	ck_assert_int_eq(ratelimit_take(rl, "chg", 4, 1000, 0, NULL), 0);
+	for (int i = 0; i < 5; i++)
+		ck_assert_int_eq(ratelimit_take(rl, "chg", 10, 1000, 0, NULL), 0);
+	ck_assert_int_gt(ratelimit_take(rl, "chg", 10, 1000, 0, NULL), 0);
+	ratelimit_free(rl);
+}
+END_TEST
+
+START_TEST(rl_first_refusal_once_per_episode)
+{
+	struct ratelimit *rl = ratelimit_new(512);
+	bool first = true;
+	ck_assert_int_eq(ratelimit_take(rl, "f", 2, 1000, 0, &first), 0);
+	ck_assert(!first);
+	ck_assert_int_eq(ratelimit_take(rl, "f", 2, 1000, 0, &first), 0);
+	int firsts = 0;
+	for (int i = 0; i < 10; i++) {
+		ck_assert_int_gt(ratelimit_take(rl, "f", 2, 1000, 10 * i, &first), 0);
+		firsts += first;
+		if (i == 0)
+			ck_assert(first);
+	}
+	ck_assert_int_eq(firsts, 1);
+	/* A grant ends the episode; the next refusal is a first again. */
+	ck_assert_int_eq(ratelimit_take(rl, "f", 2, 1000, 500, &first), 0);
+	ck_assert(!first);
+	ck_assert_int_gt(ratelimit_take(rl, "f", 2, 1000, 500, &first), 0);
+	ck_assert(first);
+	ck_assert_int_gt(ratelimit_take(rl, "f", 2, 1000, 501, &first), 0);
+	ck_assert(!first);
+	ratelimit_free(rl);
+}
+END_TEST
+
+START_TEST(rl_eviction_many_keys)
+{
+	struct ratelimit *rl = ratelimit_new(512);
+	char key[64];
+	int64_t refused = 0;
+	for (int i = 0; i < 200000; i++) {
+		snprintf(key, sizeof(key), "mpu:1:mimi://e.example/u/%d", i % 20000);
+		refused += ratelimit_take(rl, key, 2, 60000, i / 100, NULL) > 0;
+	}
+	size_t used;
+	uint64_t ev;
+	ratelimit_stats(rl, &used, &ev);
+	ck_assert_uint_le(used, 512);
+	ck_assert_uint_gt(used, 400);
+	ck_assert_uint_gt(ev, 100000);
+	/* A bucket in active use survives a flood of new keys in other windows
+	 * often enough: here, the key used every time is never evicted. */
+	for (int i = 0; i < 3; i++)
+		ck_assert_int_eq(ratelimit_take(rl, "hot", 3, 60000, 10000, NULL), 0);
+	for (int i = 0; i < 50000; i++) {
+		snprintf(key, sizeof(key), "flood:%d", i);
+		ratelimit_take(rl, key, 2, 60000, 10000, NULL);
+		if (i % 4 == 0)
+			ck_assert_int_gt(ratelimit_take(rl, "hot", 3, 60000, 10000, NULL), 0);
+	}
+	(void)refused;
+	ratelimit_free(rl);
+	/* Bigger tables round up to a power of two. */
+	rl = ratelimit_new(65537);
+	ck_assert_ptr_nonnull(rl);
+	ratelimit_free(rl);
+}
+END_TEST
+
+struct hammer {
+	struct ratelimit *rl;
+	int id;
+	atomic_long *grants;
+	atomic_long *own;
+};
+
+#define HAMMER_ITERS 40000
+
+static void *hammer_thread(void *arg)
+{
+	struct hammer *h = arg;
+	char key[32];
+	for (int i = 0; i < HAMMER_ITERS; i++) {
+		/* Each thread's clock runs on its own: 0..1999 ms. */
+		int64_t now = i / 20;
+		if (ratelimit_take(h->rl, "shared", 100, 1000, now, NULL) == 0)
+			atomic_fetch_add(h->grants, 1);
+		snprintf(key, sizeof(key), "own:%d:%d", h->id, i % 300);
+		if (ratelimit_take(h->rl, key, 1000, 1000, now, NULL) == 0)
+			atomic_fetch_add(h->own, 1);
+	}
+	return NULL;
+}
+
+START_TEST(rl_threads)
+{
+	struct ratelimit *rl = ratelimit_new(4096);
+	atomic_long grants = 0, own = 0;
+	pthread_t th[4];
+	struct hammer h[4];
+	for (int i = 0; i < 4; i++) {
+		h[i] = (struct hammer){ rl, i, &grants, &own };
+		ck_assert_int_eq(pthread_create(&th[i], NULL, hammer_thread, &h[i]), 0);
+	}
+	for (int i = 0; i < 4; i++)
+		pthread_join(th[i], NULL);
+	/* 100 at the start, plus 100 a second over at most 1999 ms. */
+	long g = atomic_load(&grants);
+	ck_assert_int_ge(g, 100);
+	ck_assert_int_le(g, 100 + 199);
+	/* Each thread's own keys never run dry (1000 per s, ~133 takes each). */
+	ck_assert_int_eq(atomic_load(&own), 4 * HAMMER_ITERS);
+	ratelimit_free(rl);
+}
+END_TEST
+
+/* Decisions through the real bucket table: limits, then refills. */
+START_TEST(decide_with_ratelimit_refill)
+{
+	struct policy_builder *b = policy_builder_new();
+	policy_builder_defaults(b, POLICY_MODE_OPEN, true);
+	struct policy_limits l = { .set = POLICY_LIM_MSG_MINUTE_USER, .messages_per_minute_per_user = 2 };
+	ck_assert_int_eq(policy_builder_rule(b, 5, POLICY_SCOPE_NETWORK, "matrix", POLICY_MODE_OPEN, &l, 0), 0);
+	struct policy_snapshot *s = policy_builder_finish(b, 1);
+	struct ratelimit *rl = ratelimit_new(512);
+	struct policy_rate rate = { ratelimit_policy_take, rl };
+	struct policy_request r = {
+		.direction = POLICY_INBOUND, .action = POLICY_ACT_EVENT, .event_type = "message",
+		.sender = { "mimi://a.example/u/s", "a.example", "matrix" },
+		.recipient = { "mimi://hub.example/u/l", "hub.example", "local" }, .now_ms = 0, .rate = &rate,
+	};
+	struct policy_decision d;
+	policy_decide(s, &r, &d);
+	ck_assert_int_eq(d.verdict, POLICY_HOLD);
+	policy_decide(s, &r, &d);
+	ck_assert_int_eq(d.verdict, POLICY_HOLD);
+	policy_decide(s, &r, &d);
+	ck_assert_int_eq(d.verdict, POLICY_LIMIT);
+	ck_assert_str_eq(d.reason, "rate_limited_sender");
+	ck_assert_int_eq(d.rule_id, 5);
+	ck_assert_int_eq(d.retry_after_ms, 30000);
+	r.now_ms = 29999;
+	policy_decide(s, &r, &d);
+	ck_assert_int_eq(d.verdict, POLICY_LIMIT);
+	ck_assert_int_eq(d.retry_after_ms, 1);
+	r.now_ms = 30000;
+	policy_decide(s, &r, &d);
+	ck_assert_int_eq(d.verdict, POLICY_HOLD);
+	ratelimit_free(rl);
+	policy_snapshot_free(s);
+}
+END_TEST
+
+int main(void)
+{
+	Suite *s = suite_create("policy");
+	TCase *tc = tcase_create("policy");
+	tcase_set_timeout(tc, 120);
+	tcase_add_test(tc, policy_cases);
+	tcase_add_test(tc, builder_cases);
+	tcase_add_test(tc, prop_server_deny_always_denies);
+	tcase_add_test(tc, prop_random_requests);
+	tcase_add_test(tc, null_snapshot_and_null_strings);
+	tcase_add_test(tc, bucket_keys);
+	tcase_add_test(tc, builder_facts_and_counts);
+	tcase_add_test(tc, large_tables);
+	tcase_add_test(tc, names);
+	tcase_add_test(tc, decide_with_ratelimit_refill);
+	suite_add_tcase(s, tc);
+	TCase *rt = tcase_create("ratelimit");
+	tcase_set_timeout(rt, 120);
+	tcase_add_test(rt, rl_capacity_then_refusal);
+	tcase_add_test(rt, rl_refill_timing);
+	tcase_add_test(rt, rl_first_refusal_once_per_episode);
+	tcase_add_test(rt, rl_eviction_many_keys);
+	tcase_add_test(rt, rl_threads);
+	suite_add_tcase(s, rt);
+	return unit_run(s);
+}
