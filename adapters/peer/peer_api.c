@@ -479,6 +479,7 @@ void peer_api_room_create(struct cw_req *req, void *ctx)
 		cw_req_problem(req, d.verdict == POLICY_LIMIT ? 429 : 403,
 			       d.verdict == POLICY_LIMIT ? "rate_limited" : "not_allowed",
 			       app_status_title(d.verdict == POLICY_LIMIT ? 429 : 403), detail);
+		json_decref(body);
 		room_input_free(in);
 		return;
 	}
