@@ -11,6 +11,7 @@
 #include "peer_pull.h"
 #include "peer_social.h"
 #include "peers.h"
+#include "matrix/matrix.h"
 #include "policy_admin.h"
 #include "policy_live.h"
 
@@ -91,8 +92,11 @@ static void readyz_done(void *arg, cw_err rc, const cw_errmsg *e)
 	json_t *mig = json_pack("{s:s, s:i, s:i}", "status",
 				!db_up ? "unknown" : current ? "current" : "not_current",
 				"applied", j->applied, "expected", (int)set->n);
-	json_t *body = json_pack("{s:s, s:o, s:o, s:{}}", "status", db_up && current ? "ready" : "not_ready",
-				 "database", db, "migrations", mig, "adapters");
+	json_t *adapters = json_object();
+	if (j->app->matrix) /* reported, not a readiness condition: the homeserver may come later */
+		json_object_set_new(adapters, "matrix", matrix_health(j->app->matrix));
+	json_t *body = json_pack("{s:s, s:o, s:o, s:o}", "status", db_up && current ? "ready" : "not_ready",
+				 "database", db, "migrations", mig, "adapters", adapters);
 	if (!(db_up && current)) {
 		char ra[16];
 		snprintf(ra, sizeof(ra), "%ld", j->app->cfg->db_retry_after_s);
@@ -315,6 +319,13 @@ const struct cw_route app_routes[] = {
 	{ "POST", "/admin/v1/peers/{name}/rotate", peer_admin_rotate, CW_AUTH_ADMIN, NULL },
 	{ "GET", "/admin/v1/outbox", outbox_admin_list, CW_AUTH_ADMIN_READ, NULL },
 	{ "POST", "/admin/v1/outbox/{id}/replay", outbox_admin_replay, CW_AUTH_ADMIN, NULL },
+	{ "PUT", "/_matrix/app/v1/transactions/{txn}", matrix_as_transaction, CW_AUTH_NONE, NULL },
+	{ "PUT", "/transactions/{txn}", matrix_as_transaction, CW_AUTH_NONE, NULL },
+	{ "GET", "/_matrix/app/v1/users/{user}", matrix_as_user, CW_AUTH_NONE, NULL },
+	{ "GET", "/users/{user}", matrix_as_user, CW_AUTH_NONE, NULL },
+	{ "GET", "/_matrix/app/v1/rooms/{alias}", matrix_as_room_alias, CW_AUTH_NONE, NULL },
+	{ "GET", "/rooms/{alias}", matrix_as_room_alias, CW_AUTH_NONE, NULL },
+	{ "POST", "/_matrix/app/v1/ping", matrix_as_ping, CW_AUTH_NONE, NULL },
 	{ "GET", "/admin/v1/rules", policy_admin_rules_list, CW_AUTH_ADMIN_READ, NULL },
 	{ "POST", "/admin/v1/rules", policy_admin_rule_create, CW_AUTH_ADMIN, NULL },
 	{ "GET", "/admin/v1/rules/{id}", policy_admin_rule_get, CW_AUTH_ADMIN_READ, NULL },
@@ -419,7 +430,16 @@ static cw_err job_run(PGconn *c, void *arg, cw_errmsg *e)
 static void job_done(void *arg, cw_err rc, const cw_errmsg *e)
 {
 	struct app_job *j = arg;
-	if (rc) {
+	if (j->matrix_errors && (rc || j->err_code)) {
+		if (rc) {
+			char ra[16];
+			snprintf(ra, sizeof(ra), "%ld", j->app->cfg->db_retry_after_s);
+			cw_req_add_header(j->req, "Retry-After", ra);
+		}
+		cw_req_reply_json(j->req, rc ? 503 : j->err_status,
+				  json_pack("{s:s, s:s}", "errcode", rc ? "M_UNKNOWN" : j->err_code, "error",
+					    rc ? "the database is unavailable; try again" : j->err_detail));
+	} else if (rc) {
 		app_reply_store_error(j->app, j->req, rc, e ? e->msg : "");
 	} else if (j->err_code) {
 		cw_req_problem(j->req, j->err_status, j->err_code, app_status_title(j->err_status), j->err_detail);
@@ -474,6 +494,11 @@ void app_job_start(struct app_job *j, bool write)
 		cw_fail(&e, rc, "%s", cw_strerror(rc));
 		job_done(j, rc, &e);
 	}
+}
+
+const char *app_local_network(const struct cw_app *app)
+{
+	return app->matrix ? "matrix" : "local";
 }
 
 void policy_count(struct cw_app *app, const struct policy_decision *d)

@@ -41,6 +41,7 @@ struct cw_app {
 	struct dispatcher *dispatcher;
 	struct peer_pull *pull;         /* the long-poll thread of GET /v1/events */
 	struct submit_queue *submits;   /* coalesces single-event submits */
+	struct matrix *matrix;          /* the Matrix adapter, or NULL */
 };
 
 /* A database job on behalf of a request: the request is suspended, fn runs
@@ -68,6 +69,7 @@ struct app_job {
 	void (*after)(struct app_job *j);
 	void *data;                 /* the handler's inputs */
 	void (*data_free)(void *);
+	bool matrix_errors;         /* answer errors as Matrix does ({"errcode", "error"}), not problem+json */
 	/* outputs, reset before each run of fn */
 	int status;
 	json_t *body;
@@ -105,6 +107,10 @@ const char *app_status_title(int status);
 json_t *app_json_body(struct cw_req *req);
 /* The bearer token of the Authorization header, or NULL. */
 const char *app_bearer(struct cw_req *req);
+
+/* The network of this provider's users: the local adapter that serves
+ * them ("matrix"), or "local" while there is none. */
+const char *app_local_network(const struct cw_app *app);
 
 /* Counts a policy decision (metrics). */
 void policy_count(struct cw_app *app, const struct policy_decision *d);

@@ -45,6 +45,16 @@ struct cw_config {
 	long db_retry_after_s;
 	long db_reconnect_max_ms;
 	long db_startup_timeout_ms;
+	/* [matrix] */
+	char *mx_homeserver_url;
+	char *mx_server_name;
+	char *mx_id;
+	char *mx_url;
+	char *mx_as_token;
+	char *mx_hs_token;
+	char *mx_sender_localpart;
+	char *mx_user_prefix;
+	char *mx_alias_prefix;
 	/* [admin] */
 	char *admin_token_sha256;
 	/* [log] */

@@ -104,7 +104,8 @@ static bool claim_destination(struct dispatcher *d, const char *dest, struct out
 		"FROM due, events ev, rooms r, identities s "
 		"WHERE o.id = due.id AND ev.id = o.event_id AND r.id = o.room_id AND s.id = ev.sender_id "
 		"RETURNING o.id, o.destination, o.attempts, ev.public_id, ev.content::text, r.uri, r.public_id, "
-		" s.uri, (extract(epoch FROM ev.accepted_at) * 1000)::bigint, ev.ts",
+		" s.uri, (extract(epoch FROM ev.accepted_at) * 1000)::bigint, ev.ts, ev.id, "
+		" coalesce(o.target_identity_id, 0), ev.type",
 		4, NULL, params, NULL, NULL, 0);
 	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
 		store_result_err(d->c, r, e);
@@ -130,6 +131,10 @@ static bool claim_destination(struct dispatcher *d, const char *dest, struct out
 		snprintf(row->destination, sizeof(row->destination), "%s", PQgetvalue(r, i, 1));
 		row->attempts = atoi(PQgetvalue(r, i, 2));
 		row->event = outbox_event_json(r, i, 3);
+		row->event_id = atoll(PQgetvalue(r, i, 10));
+		row->target_id = atoll(PQgetvalue(r, i, 11));
+		if (!json_object_get(row->event, "type"))
+			json_object_set_new(row->event, "type", json_string(PQgetvalue(r, i, 12)));
 	}
 	PQclear(r);
 	return true;
@@ -151,7 +156,9 @@ static int claim(struct dispatcher *d, struct outbox_row **out)
 	if (store_exec(d->c, "UPDATE outbox SET state = 'pending', claimed_by = NULL, claimed_until = NULL "
 			     "WHERE state = 'in_flight' AND claimed_until < now()", &e))
 		goto fail;
-	PGresult *dr = PQexec(d->c, "SELECT 'peer:' || name FROM peers WHERE mode = 'push' AND enabled ORDER BY id");
+	PGresult *dr = PQexec(d->c, d->o.matrix_deliver
+		? "SELECT 'peer:' || name FROM peers WHERE mode = 'push' AND enabled UNION ALL SELECT 'matrix'"
+		: "SELECT 'peer:' || name FROM peers WHERE mode = 'push' AND enabled ORDER BY 1");
 	if (PQresultStatus(dr) != PGRES_TUPLES_OK) {
 		store_result_err(d->c, dr, &e);
 		PQclear(dr);
@@ -254,8 +261,18 @@ static void deliver_all(struct dispatcher *d, struct outbox_row *rows, size_t n)
 		long code = 0;
 		cw_errmsg e = { { 0 } };
 		int64_t t0 = cw_wall_ms();
-		cw_err rc = d->o.peer_deliver(d->o.peer_ctx, d->c, rows[i].destination, batch, m, &code, &e);
-		record(d, batch, m, rc == CW_OK, code, rc ? e.msg : NULL, t0);
+		bool mx = strcmp(rows[i].destination, "matrix") == 0;
+		size_t done = 0;
+		cw_err rc = mx ? d->o.matrix_deliver(d->o.matrix_ctx, d->c, rows[i].destination, batch, m, &done, &code, &e)
+			       : d->o.peer_deliver(d->o.peer_ctx, d->c, rows[i].destination, batch, m, &done, &code, &e);
+		if (rc == CW_OK)
+			done = m;
+		if (done > m)
+			done = m;
+		if (done)
+			record(d, batch, done, true, rc ? 200 : code, NULL, t0);
+		if (done < m)
+			record(d, batch + done, m - done, false, code, e.msg, t0);
 		atomic_fetch_add(rc == CW_OK ? &d->requests_ok : &d->requests_failed, 1);
 		char count[16], codes[16];
 		snprintf(count, sizeof(count), "%zu", m);

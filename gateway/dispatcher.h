@@ -16,6 +16,8 @@ struct outbox_row {
 	int64_t id;
 	char destination[300];
 	int attempts;
+	int64_t event_id;   /* events.id */
+	int64_t target_id;  /* the recipient's identity for a per-user row, else 0 */
 	json_t *event; /* the neutral event as the far side sees it (owned) */
 };
 
@@ -26,11 +28,12 @@ struct outbox_row {
 json_t *outbox_event_json(PGresult *r, int row, int col);
 
 /* An adapter's delivery: rows are in order (per room) for one destination.
- * Returns CW_OK when the far side acknowledged all of them; otherwise e says
- * why and *code holds the HTTP status (0: no answer). c is the dispatcher's
- * own connection, for lookups. */
+ * *done: how many rows, from the first, the far side acknowledged; CW_OK
+ * when all of them, otherwise e says why the next one failed and *code
+ * holds its HTTP status (0: no answer).  c is the dispatcher's own
+ * connection (autocommit), for lookups and for recording remote ids. */
 typedef cw_err (*deliver_fn)(void *ctx, PGconn *c, const char *destination, struct outbox_row *rows,
-			     size_t n, long *code, cw_errmsg *e);
+			     size_t n, size_t *done, long *code, cw_errmsg *e);
 
 struct dispatcher_opts {
 	const char *url;          /* database */
@@ -42,6 +45,8 @@ struct dispatcher_opts {
 	long claim_timeout_s;
 	deliver_fn peer_deliver;  /* destinations "peer:*" */
 	void *peer_ctx;
+	deliver_fn matrix_deliver; /* destination "matrix" (NULL: no Matrix adapter) */
+	void *matrix_ctx;
 };
 
 cw_err dispatcher_start(struct dispatcher **out, const struct dispatcher_opts *o, cw_errmsg *e);

@@ -278,6 +278,8 @@ static void dispatch(struct cw_req *r)
 	bool path_matched;
 	r->route = cw_route_match(h->o.routes, h->o.nroutes, r->method, r->path, &r->params, &path_matched);
 	if (r->route < 0) {
+		if (h->o.unmatched && h->o.unmatched(r, path_matched, h->o.ctx))
+			return;
 		if (path_matched) {
 			char allow[128] = "";
 			for (size_t i = 0; i < h->o.nroutes; i++) {

@@ -61,6 +61,10 @@ struct cw_http_opts {
 	/* Called before the handler of a route whose auth is not NONE; returns
 	 * false after setting the answer (401, 403 …) to refuse. */
 	bool (*authorize)(struct cw_req *r, enum cw_auth auth, void *ctx);
+	/* Optional: a request that matched no route (method_mismatch: the path
+	 * exists with other methods); true when it answered it, otherwise the
+	 * front answers 404 or 405 as problem+json. */
+	bool (*unmatched)(struct cw_req *r, bool method_mismatch, void *ctx);
 };
 
 cw_err cw_http_start(struct cw_http **out, const struct cw_http_opts *o, cw_errmsg *e);

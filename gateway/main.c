@@ -3,6 +3,7 @@
 #include "app.h"
 #include "log.h"
 #include "dispatcher.h"
+#include "matrix/matrix.h"
 #include "policy_live.h"
 #include "ratelimit.h"
 #include "httpsig.h"
@@ -30,6 +31,7 @@ static void usage(FILE *out)
 		"       causewayd --migrate [--config FILE]  apply the schema migrations and exit\n"
 		"       causewayd --list-options        print the option table and exit\n"
 		"       causewayd --new-admin-token     print a new admin token and its admin.token_sha256\n"
+		"       causewayd --matrix-registration [--config FILE]  print the Matrix appservice registration\n"
 		"       causewayd --version | --help\n"
 		"Every option can also be set by the environment: CAUSEWAY_<SECTION>_<NAME>,\n"
 		"e.g. CAUSEWAY_DATABASE_URL. The configuration file may also be named by\n"
@@ -119,19 +121,21 @@ int main(int argc, char **argv)
 		{ "migrate", no_argument, NULL, 'm' },
 		{ "list-options", no_argument, NULL, 'L' },
 		{ "new-admin-token", no_argument, NULL, 'T' },
+		{ "matrix-registration", no_argument, NULL, 'R' },
 		{ "version", no_argument, NULL, 'V' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
 	const char *config_path = getenv("CAUSEWAY_CONFIG");
 	const char *check_path = NULL;
-	bool only_migrate = false;
+	bool only_migrate = false, registration = false;
 	int opt;
 	while ((opt = getopt_long(argc, argv, "c:h", longopts, NULL)) != -1) {
 		switch (opt) {
 		case 'c': config_path = optarg; break;
 		case 'C': check_path = optarg; break;
 		case 'm': only_migrate = true; break;
+		case 'R': registration = true; break;
 		case 'L': cfg_list_options(stdout); return 0;
 		case 'T': return new_admin_token();
 		case 'V': printf("causewayd %s\n", PACKAGE_VERSION); return 0;
@@ -163,6 +167,16 @@ int main(int argc, char **argv)
 		migration_set_free(&set);
 		cfg_free(&cfg);
 		return 0;
+	}
+
+	if (registration) {
+		if (cfg_load(&cfg, config_path, NULL, &e)) {
+			fprintf(stderr, "causewayd: %s\n", e.msg);
+			return 1;
+		}
+		int rc = matrix_print_registration(&cfg, stdout);
+		cfg_free(&cfg);
+		return rc;
 	}
 
 	int64_t t0 = cw_now_us();
@@ -236,6 +250,11 @@ int main(int argc, char **argv)
 		goto out_migrations;
 	}
 
+	if (matrix_new(&app.matrix, &app, &e)) {
+		LOG_KV(CW_LOG_ERROR, "cannot start the Matrix adapter", "detail", e.msg);
+		goto out_migrations;
+	}
+
 	struct store_opts so = {
 		.url = cfg.db_url,
 		.readers = (int)cfg.db_pool_size,
@@ -264,6 +283,7 @@ int main(int argc, char **argv)
 		.retry_budget = (int)cfg.retry_budget, .retry_base_ms = cfg.retry_base_ms,
 		.retry_max_ms = cfg.retry_max_ms, .claim_timeout_s = cfg.claim_timeout_s,
 		.peer_deliver = peer_out_deliver, .peer_ctx = pout,
+		.matrix_deliver = app.matrix ? matrix_deliver : NULL, .matrix_ctx = app.matrix,
 	};
 	if (!pout || dispatcher_start(&app.dispatcher, &dopt, &e)) {
 		LOG_KV(CW_LOG_ERROR, "cannot start the dispatcher", "detail", pout ? e.msg : "out of memory");
@@ -281,6 +301,7 @@ int main(int argc, char **argv)
 		.nroutes = app_nroutes,
 		.ctx = &app,
 		.authorize = app_authorize,
+		.unmatched = matrix_unmatched,
 	};
 	if (cw_http_start(&app.http, &ho, &e)) {
 		LOG_KV(CW_LOG_ERROR, "cannot start the HTTP front", "detail", e.msg);
@@ -289,6 +310,7 @@ int main(int argc, char **argv)
 		goto out_store;
 	}
 	cw_http_set_access_log(app.http, cfg.access_log);
+	matrix_ping_start(app.matrix); /* the homeserver pings back: the HTTP front must be up */
 
 	char url[300], ms[32], port[16], pid[16];
 	bool v6 = strchr(cfg.listen_address, ':') != NULL;
@@ -340,6 +362,7 @@ out_store:
 	peer_pull_free(app.pull);
 	store_close(app.store);
 out_migrations:
+	matrix_free(app.matrix);
 	policy_live_free(app.policy);
 	ratelimit_free(app.limits);
 	submit_queue_free(app.submits);

@@ -37,7 +37,8 @@ struct aq {
 	int subject;          /* the parameter naming the subject (-1: none) */
 	int local;            /* the parameter holding a local user's URI, replaced by its id before the
 			         statement (-1: none); the identity is made if it does not exist */
-	bool sweep;           /* after the change: apply consent to this local user's held messages */
+	bool consent;         /* a consent change (user $1, kind $2, subject $3, state $4): applied with
+			         policy_consent_apply before the statement, which only builds the answer */
 };
 
 static void aq_free(void *arg)
@@ -86,10 +87,19 @@ static cw_err aq_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		struct mimi_uri u;
 		if (mimi_uri_parse(q->p[q->local], &u, e))
 			return cw_fail(e, CW_EINVAL, "not a user URI");
-		cw_err rc = identity_id(c, &u, true, "local", NULL, local_id, sizeof(local_id), e);
+		cw_err rc = identity_id(c, &u, true, app_local_network(j->app), NULL, local_id, sizeof(local_id), e);
 		if (rc)
 			return rc;
 		params[q->local] = local_id;
+	}
+	long counts[3] = { 0, 0, 0 }, decided = 0;
+	if (q->consent && local_id[0]) {
+		struct policy_view *v = policy_live_get(j->app->policy);
+		cw_err crc = policy_consent_apply(c, &v->set, local_id, params[1], params[2], params[3], "admin", counts,
+						  &decided, e);
+		policy_view_put(v);
+		if (crc)
+			return crc;
 	}
 	PGresult *r = PQexecParams(c, q->sql, q->n, NULL, params, NULL, NULL, 0);
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
@@ -104,26 +114,16 @@ static cw_err aq_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	PQclear(r);
 	if (!body)
 		return cw_fail(e, CW_EINTERNAL, "the database gave an answer that is not JSON");
+	if (q->consent) {
+		json_object_del(body, "local_id");
+		json_object_set_new(body, "released", json_integer(counts[0]));
+		json_object_set_new(body, "dropped", json_integer(counts[1]));
+		json_object_set_new(body, "requests_decided", json_integer(decided));
+	}
 	if (json_is_string(body)) { /* the statement names what does not exist */
 		app_job_fail(j, 404, "not_found", "no %s with that id", json_string_value(body));
 		json_decref(body);
 		return CW_OK;
-	}
-	if (q->sweep && local_id[0]) {
-		struct policy_view *v = policy_live_get(j->app->policy);
-		long counts[3];
-		rc = policy_sweep(c, &v->set, local_id, counts, e);
-		policy_view_put(v);
-		if (rc) {
-			json_decref(body);
-			return rc;
-		}
-		json_object_set_new(body, "released", json_integer(counts[0]));
-		json_object_set_new(body, "dropped", json_integer(counts[1]));
-		if (counts[0] && (rc = store_exec(c, "NOTIFY causeway_outbox", e))) {
-			json_decref(body);
-			return rc;
-		}
 	}
 	if (q->action) {
 		char *details = json_dumps(body, JSON_COMPACT);
@@ -717,20 +717,9 @@ void policy_admin_consent_set(struct cw_req *req, void *ctx)
 		bad_body(req, "state must be allowed, blocked or none (forget the decision)");
 	else
 		ok = true;
-	struct aq *q = ok ? aq_new(
-		"WITH del AS (DELETE FROM consents WHERE $4 = 'none' AND local_identity_id = $1::bigint "
-		"  AND subject_kind = $2 AND subject = $3), "
-		"up AS (INSERT INTO consents (local_identity_id, subject_kind, subject, state, source) "
-		"  SELECT $1::bigint, $2, $3, $4, 'admin' WHERE $4 <> 'none' "
-		"  ON CONFLICT (local_identity_id, subject_kind, subject) DO UPDATE SET state = excluded.state, "
-		"  source = 'admin', updated_at = now()), "
-		"rq AS (UPDATE consent_requests q SET state = CASE WHEN $4 = 'allowed' THEN 'accepted' ELSE 'blocked' END, "
-		"  decided_at = now() FROM identities r WHERE $4 <> 'none' AND q.state = 'pending' "
-		"  AND q.local_identity_id = $1::bigint AND r.id = q.remote_identity_id "
-		"  AND (($2 = 'user' AND r.uri = $3) OR ($2 = 'domain' AND r.domain = $3)) RETURNING q.id) "
-		"SELECT json_build_object('user', $5::text, 'subject_kind', $2::text, 'subject', $3::text, "
-		" 'state', $4::text, 'requests_decided', (SELECT count(*) FROM rq))::text")
-		: NULL;
+	struct aq *q = ok ? aq_new("SELECT json_build_object('user', $5::text, 'subject_kind', $2::text, 'subject', "
+				   "$3::text, 'state', $4::text, 'local_id', $1::bigint)::text")
+			  : NULL;
 	if (q) {
 		aq_param(q, user);
 		aq_param(q, kind);
@@ -740,7 +729,7 @@ void policy_admin_consent_set(struct cw_req *req, void *ctx)
 		q->local = 0;
 		q->action = "consent.set";
 		q->subject = 4;
-		q->sweep = true;
+		q->consent = true;
 	}
 	json_decref(body);
 	if (ok)

@@ -225,6 +225,37 @@ cw_err policy_sweep(PGconn *c, const struct policy_settings *s, const char *targ
 	return CW_OK;
 }
 
+static const char consent_sql[] =
+	"WITH del AS (DELETE FROM consents WHERE $4 = 'none' AND local_identity_id = $1::bigint "
+	"  AND subject_kind = $2 AND subject = $3), "
+	"up AS (INSERT INTO consents (local_identity_id, subject_kind, subject, state, source) "
+	"  SELECT $1::bigint, $2, $3, $4, $5 WHERE $4 <> 'none' "
+	"  ON CONFLICT (local_identity_id, subject_kind, subject) DO UPDATE SET state = excluded.state, "
+	"  source = excluded.source, updated_at = now()), "
+	"rq AS (UPDATE consent_requests q SET state = CASE WHEN $4 = 'allowed' THEN 'accepted' ELSE 'blocked' END, "
+	"  decided_at = now() FROM identities r WHERE $4 <> 'none' AND q.state = 'pending' "
+	"  AND q.local_identity_id = $1::bigint AND r.id = q.remote_identity_id "
+	"  AND (($2 = 'user' AND r.uri = $3) OR ($2 = 'domain' AND r.domain = $3)) RETURNING q.id) "
+	"SELECT count(*) FROM rq";
+
+cw_err policy_consent_apply(PGconn *c, const struct policy_settings *s, const char *local_id, const char *kind,
+			    const char *subject, const char *state, const char *source, long counts[3], long *decided,
+			    cw_errmsg *e)
+{
+	const char *params[] = { local_id, kind, subject, state, source };
+	PGresult *r = PQexecParams(c, consent_sql, 5, NULL, params, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	*decided = atol(PQgetvalue(r, 0, 0));
+	PQclear(r);
+	if ((rc = policy_sweep(c, s, local_id, counts, e)))
+		return rc;
+	if (counts[0] && (rc = store_exec(c, "NOTIFY causeway_outbox", e)))
+		return rc;
+	return store_exec(c, "NOTIFY causeway_policy", e);
+}
+
 /* ------------------------------------------------------------ rate memo */
 
 static int64_t memo_take(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms)

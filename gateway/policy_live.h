@@ -49,6 +49,16 @@ void policy_view_put(struct policy_view *v);
 cw_err policy_sweep(PGconn *c, const struct policy_settings *s, const char *target_id, long counts[3],
 		    cw_errmsg *e);
 
+/* A local user's decision (state allowed, blocked, or none: forget it)
+ * about a remote user (kind "user", subject a URI) or domain, from source
+ * (user, admin, peer, outbound): stored; the pending consent requests of
+ * that pair decided; the user's held messages released in order or dropped
+ * now; every process told (NOTIFY).  counts as policy_sweep's; *decided:
+ * the consent requests decided. */
+cw_err policy_consent_apply(PGconn *c, const struct policy_settings *s, const char *local_id, const char *kind,
+			    const char *subject, const char *state, const char *source, long counts[3], long *decided,
+			    cw_errmsg *e);
+
 struct policy_live;
 struct policy_live_opts {
 	const char *url;

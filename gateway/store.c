@@ -144,6 +144,15 @@ cw_err store_result_err(PGconn *c, const PGresult *r, cw_errmsg *e)
 	return cw_fail(e, CW_EIO, "database error %s: %s", state ? state : "", msg);
 }
 
+cw_err store_command(PGconn *c, const char *sql, int n, const char *const *params, cw_errmsg *e)
+{
+	PGresult *r = PQexecParams(c, sql, n, NULL, params, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_COMMAND_OK, e);
+	if (!rc)
+		PQclear(r);
+	return rc;
+}
+
 cw_err store_check(PGconn *c, PGresult *r, ExecStatusType st, cw_errmsg *e)
 {
 	if (PQresultStatus(r) == st)

@@ -108,6 +108,8 @@ PGconn *store_connect(const char *url, long statement_timeout_ms, cw_errmsg *e);
 /* Runs a command without results; CW_EUNAVAIL if the connection is lost,
  * CW_ECONFLICT for a constraint violation, CW_EIO otherwise. */
 cw_err store_exec(PGconn *c, const char *sql, cw_errmsg *e);
+/* Runs a command with text parameters and no result rows. */
+cw_err store_command(PGconn *c, const char *sql, int n, const char *const *params, cw_errmsg *e);
 /* CW_OK when r has status st; otherwise r's error, and r is cleared. */
 cw_err store_check(PGconn *c, PGresult *r, ExecStatusType st, cw_errmsg *e);
 /* The cw_err for a failed PGresult (NULL: the connection's state). */

@@ -2,6 +2,7 @@
 #include "config.h"
 #include "peer_api.h"
 #include "policy_live.h"
+#include "pipeline.h"
 #include "event.h"
 #include "httpsig.h"
 #include "log.h"
@@ -307,7 +308,7 @@ static cw_err classify_members(PGconn *c, struct app_job *j, const struct peer_p
 		memset(&out[i], 0, sizeof(out[i]));
 		if (strcmp(u->domain, our_domain) == 0) {
 			out[i].local = true;
-			snprintf(out[i].network, sizeof(out[i].network), "local");
+			snprintf(out[i].network, sizeof(out[i].network), "%s", app_local_network(j->app));
 		} else if (strcmp(u->domain, p->domain) == 0) {
 			snprintf(out[i].network, sizeof(out[i].network), "peer:%s", p->name);
 			snprintf(out[i].peer_id, sizeof(out[i].peer_id), "%lld", (long long)p->id);
@@ -693,7 +694,12 @@ void peer_api_room_get(struct cw_req *req, void *ctx)
 /* ------------------------------------------------------------ messages */
 
 struct msg_input {
-	struct peer_principal *p; /* borrowed from the request */
+	struct peer_principal *p; /* borrowed from the request (peer submits) */
+	int64_t caller_peer;          /* the submitting peer (its users are not sent the event back); 0: none */
+	char sender_domain[256];
+	char sender_network[PEER_NAME_MAX + 8];
+	bool local_sender;            /* from a local adapter (Matrix, XMPP): outbound */
+	char native_id[MX_NATIVE_MAX + 1]; /* the event's id on its network, or "" */
 	char scope[PEER_NAME_MAX + 8];
 	char *idem_key;
 	unsigned char hash[32];
@@ -714,6 +720,15 @@ struct msg_input {
 	uint64_t attachment_bytes;
 	unsigned kinds;
 };
+
+static void msg_input_from_peer(struct msg_input *in, struct peer_principal *p)
+{
+	in->p = p;
+	in->caller_peer = p->id;
+	snprintf(in->sender_domain, sizeof(in->sender_domain), "%s", p->domain);
+	snprintf(in->scope, sizeof(in->scope), "peer:%s", p->name);
+	snprintf(in->sender_network, sizeof(in->sender_network), "peer:%s", p->name);
+}
 
 static void msg_input_free(void *arg)
 {
@@ -789,7 +804,7 @@ struct submit {
 	json_t **held;              /* per item: local users to ask for consent */
 	bool *scrub;                /* per item: no recipient will get it: keep no content */
 	json_t *audit;              /* the policy decisions to record (round 1) */
-	bool by_uri;                /* items name rooms by URI (batch) or public id */
+	enum submit_room_by room_by; /* how items name their rooms */
 	json_t *refused;            /* batch: per item, the problem object of a refused item, or null */
 	json_t *keys;               /* batch: per item, its idempotency key, or null */
 };
@@ -810,7 +825,7 @@ static void submit_clear_round(struct submit *b)
 	json_array_clear(b->audit);
 }
 
-static void submit_free(void *arg)
+void submit_free(void *arg)
 {
 	struct submit *b = arg;
 	submit_clear_round(b);
@@ -835,7 +850,7 @@ static void submit_free(void *arg)
 	free(b);
 }
 
-static struct submit *submit_new(size_t n)
+struct submit *submit_new(size_t n)
 {
 	struct submit *b = calloc(1, sizeof(*b));
 	if (!b)
@@ -873,14 +888,14 @@ static struct submit *submit_new(size_t n)
  * lookups are LATERAL subqueries fenced with LIMIT/OFFSET so they are not
  * flattened into hash joins over whole tables, and a reference is found by
  * its public id alone and its room compared after. */
-#define READ_ITEMS(ROOM_COLUMN) \
+#define READ_ITEMS(ROOM_COND) \
 	"SELECT it.n, r.id, mem.id, mem.uri, mem.is_local, mem.network, mem.peer_id, mem.name, mem.domain, " \
 	" encode(k.request_hash, 'hex'), k.response_status, k.response::text, " \
 	" (SELECT CASE WHEN e.room_id = r.id THEN e.id END FROM events e WHERE e.public_id = it.reply), " \
 	" (SELECT CASE WHEN e.room_id = r.id THEN e.id END FROM events e WHERE e.public_id = it.replaces), " \
 	" r.uri " \
 	"FROM jsonb_to_recordset($1::jsonb) AS it(n int, room text, key text, reply text, replaces text, scope text) " \
-	" LEFT JOIN LATERAL (SELECT id, uri FROM rooms WHERE " ROOM_COLUMN " = it.room LIMIT 1) r ON true " \
+	" LEFT JOIN LATERAL (SELECT id, uri FROM rooms WHERE " ROOM_COND " LIMIT 1) r ON true " \
 	" LEFT JOIN LATERAL (SELECT request_hash, response_status, response FROM idempotency_keys " \
 	"  WHERE scope = it.scope AND key = it.key LIMIT 1) k ON true " \
 	" LEFT JOIN LATERAL (SELECT i.id, i.uri, i.is_local, i.network, i.peer_id, p.name, i.domain " \
@@ -899,9 +914,10 @@ static struct submit *submit_new(size_t n)
 	"WITH it AS (SELECT * FROM jsonb_to_recordset($1::jsonb) AS x(n int, pid text, room bigint, sender bigint, " \
 	"  type text, content jsonb, replaces bigint, reply bigint, ts bigint, key text, hash text, " \
 	"  dests jsonb, targets jsonb, states jsonb, held jsonb, expiry bigint, win bigint, read boolean, " \
-	"  scope text)), " \
+	"  scope text, native text)), " \
 	"ev AS (INSERT INTO events (public_id, room_id, sender_id, type, content, replaces_id, in_reply_to_id, " \
-	"  origin_network, ts) SELECT pid, room, sender, type, content, replaces, reply, scope, ts FROM it ORDER BY n " \
+	"  origin_network, origin_native_id, ts) SELECT pid, room, sender, type, content, replaces, reply, scope, " \
+	"  NULLIF(native, ''), ts FROM it ORDER BY n " \
 	"  RETURNING id, public_id, room_id, (extract(epoch FROM accepted_at) * 1000)::bigint AS ms), " \
 	"ob AS (INSERT INTO outbox (event_id, destination, target_identity_id, room_id, state) " \
 	"  SELECT ev.id, d.value, NULLIF(t.value::bigint, 0), ev.room_id, st.value FROM it " \
@@ -929,8 +945,10 @@ static struct submit *submit_new(size_t n)
 	"SELECT public_id, ms FROM ev"
 
 const struct store_stmt peer_api_statements[] = {
-	{ "submit_read_by_id", READ_ITEMS("public_id") },
-	{ "submit_read_by_uri", READ_ITEMS("uri") },
+	{ "submit_read_by_id", READ_ITEMS("public_id = it.room") },
+	{ "submit_read_by_uri", READ_ITEMS("uri = it.room") },
+	{ "submit_read_by_native", READ_ITEMS("id = (SELECT b.room_id FROM room_bindings b WHERE b.network = it.scope "
+					      "AND b.native_id = it.room LIMIT 1)") },
 	{ "submit_write", WRITE_ITEMS },
 	{ NULL, NULL },
 };
@@ -991,6 +1009,7 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 			json_object_set_new(o, "key", json_string(in->idem_key));
 			json_object_set_new(o, "read", json_boolean(in->read_receipt));
 			json_object_set_new(o, "scope", json_string(in->scope));
+			json_object_set_new(o, "native", json_string(in->native_id));
 			json_object_set_new(o, "replaces", b->replaces_id[i][0] ? json_string(b->replaces_id[i]) : json_null());
 			json_object_set_new(o, "reply", b->reply_id[i][0] ? json_string(b->reply_id[i]) : json_null());
 			json_array_append_new(doc, o);
@@ -999,7 +1018,10 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 	policy_view_put(v);
 	cw_err rc = CW_OK;
 	if (round == 0 && json_array_size(doc))
-		rc = send_json(c, b->by_uri ? "submit_read_by_uri" : "submit_read_by_id", doc, NULL, e);
+		rc = send_json(c, b->room_by == SUBMIT_ROOM_BY_URI	? "submit_read_by_uri"
+				  : b->room_by == SUBMIT_ROOM_BY_NATIVE ? "submit_read_by_native"
+									: "submit_read_by_id",
+			       doc, NULL, e);
 	else if (round == 1)
 		rc = send_json(c, "submit_write", doc, b->audit, e);
 	json_decref(doc);
@@ -1052,9 +1074,7 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 	 * user's consent (who is asked once), denied ones are kept as dropped
 	 * so that the sender sees "not delivered", never why. */
 	char caller[24];
-	snprintf(caller, sizeof(caller), "%lld", (long long)in->p->id);
-	char sender_network[PEER_NAME_MAX + 8];
-	snprintf(sender_network, sizeof(sender_network), "peer:%s", in->p->name);
+	snprintf(caller, sizeof(caller), "%lld", (long long)in->caller_peer);
 	struct policy_view *view = policy_live_get(in->app->policy);
 	struct policy_rate_memo memo;
 	policy_rate_memo_init(&memo, in->app->limits);
@@ -1073,10 +1093,18 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 		if (peer_id && strcmp(peer_id, caller) == 0)
 			continue;
 		bool local = PQgetvalue(r, k, 4)[0] == 't';
+		if (local && in->local_sender) {
+			/* between two users of this provider: not the gateway's business */
+			json_array_append_new(dests, json_string(PQgetvalue(r, k, 5)));
+			json_array_append_new(targets, json_integer(atoll(PQgetvalue(r, k, 2))));
+			json_array_append_new(states, json_string("pending"));
+			any_open = true;
+			continue;
+		}
 		struct policy_request preq = {
-			.direction = local ? POLICY_INBOUND : POLICY_TRANSIT, .action = POLICY_ACT_EVENT,
-			.event_type = in->type,
-			.sender = { in->sender, in->p->domain, sender_network },
+			.direction = in->local_sender ? POLICY_OUTBOUND : local ? POLICY_INBOUND : POLICY_TRANSIT,
+			.action = POLICY_ACT_EVENT, .event_type = in->type,
+			.sender = { in->sender, in->sender_domain, in->sender_network },
 			.recipient = { PQgetvalue(r, k, 3), PQgetvalue(r, k, 8), PQgetvalue(r, k, 5) },
 			.body_bytes = in->body_bytes, .attachment_bytes = in->attachment_bytes,
 			.content_kinds = in->kinds, .now_ms = cw_wall_ms(), .rate = &memo.rate,
@@ -1094,7 +1122,8 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 			json_array_append_new(audit, json_pack("{s:s, s:s, s:I, s:s, s:s, s:{s:s, s:s, s:s}}",
 				"action", d.verdict == POLICY_HOLD ? "policy.hold" : "policy.deny", "reason", d.reason,
 				"rule", (json_int_t)d.rule_id, "pid", in->msg_id, "subject", PQgetvalue(r, k, 3),
-				"details", "sender", in->sender, "direction", local ? "inbound" : "transit",
+				"details", "sender", in->sender,
+				"direction", in->local_sender ? "outbound" : local ? "inbound" : "transit",
 				"type", in->type));
 		if (d.verdict == POLICY_HOLD)
 			json_array_append_new(held, json_string(PQgetvalue(r, k, 2)));
@@ -1204,12 +1233,12 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 }
 
 /* POST /v1/batch: one job per request, answered with every item's result. */
-static cw_err submit_send(PGconn *c, struct app_job *j, int round, cw_errmsg *e)
+static cw_err batch_send(PGconn *c, struct app_job *j, int round, cw_errmsg *e)
 {
 	return items_send(c, j->data, round, e);
 }
 
-static cw_err submit_recv(PGconn *c, struct app_job *j, int round, bool *more, cw_errmsg *e)
+static cw_err batch_recv(PGconn *c, struct app_job *j, int round, bool *more, cw_errmsg *e)
 {
 	struct submit *b = j->data;
 	cw_err rc = items_recv(c, b, round, more, e);
@@ -1239,7 +1268,73 @@ static cw_err submit_recv(PGconn *c, struct app_job *j, int round, bool *more, c
 	return CW_OK;
 }
 
-static const struct app_pipe_ops submit_ops = { submit_send, submit_recv };
+static const struct app_pipe_ops submit_ops = { batch_send, batch_recv };
+
+/* ------------------------------------------------------------ for local adapters */
+
+void submit_setup(struct submit *b, struct cw_app *app, enum submit_room_by room_by)
+{
+	b->app = app;
+	b->room_by = room_by;
+}
+
+size_t submit_count(const struct submit *b)
+{
+	return b->n;
+}
+
+bool submit_put_local(struct submit *b, size_t i, struct cw_app *app, const char *network, const char *room,
+		      const char *native_id, const char *sender, const struct event *ev)
+{
+	struct msg_input *in = calloc(1, sizeof(*in));
+	if (!in)
+		return false;
+	in->app = app;
+	in->local_sender = true;
+	snprintf(in->sender_domain, sizeof(in->sender_domain), "%s", app->cfg->domain ? app->cfg->domain : "");
+	snprintf(in->sender_network, sizeof(in->sender_network), "%s", network);
+	snprintf(in->scope, sizeof(in->scope), "%s", network);
+	snprintf(in->native_id, sizeof(in->native_id), "%s", native_id);
+	in->idem_key = strdup(native_id);
+	snprintf(in->room, sizeof(in->room), "%s", room);
+	request_hash(room, ev->json, in->hash);
+	new_id(in->msg_id, sizeof(in->msg_id), "msg_");
+	snprintf(in->sender, sizeof(in->sender), "%s", sender);
+	snprintf(in->type, sizeof(in->type), "%s", event_type_name(ev->type));
+	snprintf(in->in_reply_to, sizeof(in->in_reply_to), "%s", ev->in_reply_to ? ev->in_reply_to : "");
+	snprintf(in->replaces, sizeof(in->replaces), "%s", ev->replaces ? ev->replaces : "");
+	snprintf(in->ts, sizeof(in->ts), "%lld", (long long)(ev->ts ? ev->ts : cw_wall_ms()));
+	in->event = json_incref(ev->json);
+	in->body_bytes = ev->body_bytes;
+	in->attachment_bytes = ev->attachment_bytes;
+	in->kinds = ev->kinds;
+	in->read_receipt = ev->type == EVENT_RECEIPT && ev->receipt == EVENT_RECEIPT_READ;
+	if (!in->idem_key) {
+		msg_input_free(in);
+		return false;
+	}
+	if (b->items[i])
+		msg_input_free(b->items[i]);
+	b->items[i] = in;
+	return true;
+}
+
+cw_err submit_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
+{
+	return items_send(c, b, round, e);
+}
+
+cw_err submit_recv(PGconn *c, struct submit *b, int round, bool *more, cw_errmsg *e)
+{
+	return items_recv(c, b, round, more, e);
+}
+
+int submit_result(const struct submit *b, size_t i, const char **code, const char **detail)
+{
+	*code = b->res[i].code;
+	*detail = b->res[i].detail;
+	return b->items[i] ? b->res[i].status : 0;
+}
 
 /* ------------------------------------------------------------ coalescing
  *
@@ -1467,8 +1562,7 @@ static void submit_one(struct cw_req *req, struct cw_app *app, unsigned types, b
 	}
 	mimi_uri_format(&ev.sender, sender, sizeof(sender), NULL);
 	struct msg_input *in = calloc(1, sizeof(*in));
-	in->p = p;
-	snprintf(in->scope, sizeof(in->scope), "peer:%s", p->name);
+	msg_input_from_peer(in, p);
 	in->idem_key = strdup(key);
 	snprintf(in->room, sizeof(in->room), "%s", room);
 	request_hash(room, ev.json, in->hash);
@@ -1591,7 +1685,7 @@ void peer_api_batch(struct cw_req *req, void *ctx)
 		cw_req_problem(req, 500, "internal", "Internal error", "out of memory");
 		return;
 	}
-	b->by_uri = true;
+	b->room_by = SUBMIT_ROOM_BY_URI;
 	b->app = app;
 	for (size_t i = 0; i < bt.n; i++) {
 		struct batch_item *it = &bt.items[i];
@@ -1614,8 +1708,7 @@ void peer_api_batch(struct cw_req *req, void *ctx)
 		json_decref(key);
 		json_array_append_new(b->refused, json_null());
 		struct msg_input *in = calloc(1, sizeof(*in));
-		in->p = p;
-		snprintf(in->scope, sizeof(in->scope), "peer:%s", p->name);
+		msg_input_from_peer(in, p);
 		in->idem_key = strdup(it->idempotency_key);
 		mimi_uri_format(&it->room, in->room, sizeof(in->room), NULL);
 		request_hash(in->room, it->ev.json, in->hash);

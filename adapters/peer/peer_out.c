@@ -68,11 +68,12 @@ static size_t discard(char *ptr, size_t size, size_t n, void *u)
 	return *total > RESPONSE_MAX ? 0 : size * n; /* a huge answer aborts the transfer */
 }
 
-cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_row *rows, size_t n,
+cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_row *rows, size_t n, size_t *done,
 			long *code, cw_errmsg *e)
 {
 	struct peer_out *p = ctx;
 	*code = 0;
+	*done = 0; /* all or nothing: the peer acknowledges the whole batch */
 	const char *name = destination + 5; /* "peer:" */
 	PGresult *r = PQexecParams(c, "SELECT push_url FROM peers WHERE name = $1 AND mode = 'push' AND enabled", 1,
 				   NULL, &name, NULL, NULL, 0);

@@ -12,7 +12,7 @@ struct peer_out;
 struct peer_out *peer_out_new(EVP_PKEY *key, const char *keyid, const char *tag, long timeout_ms);
 void peer_out_free(struct peer_out *p);
 /* The dispatcher's deliver_fn for "peer:<name>" destinations. */
-cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_row *rows, size_t n,
+cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_row *rows, size_t n, size_t *done,
 			long *code, cw_errmsg *e);
 
 #endif

@@ -29,6 +29,7 @@ struct social_input {
 	char *comment;
 	char handle[MIMI_LOCAL_MAX + 1];
 	struct policy_decision d;       /* consent requests: the policy's */
+	char local_network[16];         /* the network of this provider's users */
 	int64_t window_s, expiry_s;
 };
 
@@ -46,16 +47,7 @@ static cw_err both(PGconn *c, struct social_input *in, char remote_id[24], char 
 	char pid[24];
 	snprintf(pid, sizeof(pid), "%lld", (long long)in->peer_id);
 	cw_err rc = identity_id(c, &in->remote_u, false, in->peer_network, pid, remote_id, 24, e);
-	return rc ? rc : identity_id(c, &in->local_u, true, "local", NULL, local_id, 24, e);
-}
-
-static cw_err run(PGconn *c, const char *sql, int n, const char *const *params, cw_errmsg *e)
-{
-	PGresult *r = PQexecParams(c, sql, n, NULL, params, NULL, NULL, 0);
-	cw_err rc = store_check(c, r, PGRES_COMMAND_OK, e);
-	if (!rc)
-		PQclear(r);
-	return rc;
+	return rc ? rc : identity_id(c, &in->local_u, true, in->local_network, NULL, local_id, 24, e);
 }
 
 static void accepted(struct app_job *j)
@@ -110,6 +102,7 @@ static struct social_input *begin(struct cw_req *req, struct cw_app *app, json_t
 	}
 	in->peer_id = p->id;
 	snprintf(in->peer_network, sizeof(in->peer_network), "peer:%s", p->name);
+	snprintf(in->local_network, sizeof(in->local_network), "%s", app_local_network(app));
 	return in;
 }
 
@@ -141,7 +134,7 @@ static cw_err consent_request_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	if (in->d.verdict == POLICY_HOLD) {
 		/* One request per pair and window: asking again changes nothing. */
 		const char *params[] = { lid, rid, exp, win };
-		rc = run(c, "INSERT INTO consent_requests (local_identity_id, remote_identity_id, expires_at) "
+		rc = store_command(c, "INSERT INTO consent_requests (local_identity_id, remote_identity_id, expires_at) "
 			    "SELECT $1::bigint, $2::bigint, now() + make_interval(secs => $3::bigint) WHERE NOT EXISTS "
 			    "(SELECT 1 FROM consent_requests q WHERE q.local_identity_id = $1::bigint AND "
 			    "q.remote_identity_id = $2::bigint AND (q.state = 'pending' OR "
@@ -149,7 +142,7 @@ static cw_err consent_request_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 			 4, params, e);
 	} else if (in->d.verdict == POLICY_DENY) {
 		const char *params[] = { in->d.reason, rule, in->local, in->remote };
-		rc = run(c, "INSERT INTO audit_log (actor, action, reason_code, rule_id, subject, details) VALUES "
+		rc = store_command(c, "INSERT INTO audit_log (actor, action, reason_code, rule_id, subject, details) VALUES "
 			    "('policy', 'policy.deny', $1, NULLIF($2::bigint, 0), $3, "
 			    "jsonb_build_object('sender', $4::text, 'type', 'consent_request'))", 4, params, e);
 	}
@@ -172,7 +165,7 @@ void peer_api_consent_request(struct cw_req *req, void *ctx)
 	struct policy_request r = {
 		.direction = POLICY_INBOUND, .action = POLICY_ACT_CONSENT_REQUEST,
 		.sender = { in->remote, in->remote_u.domain, in->peer_network },
-		.recipient = { in->local, in->local_u.domain, "local" },
+		.recipient = { in->local, in->local_u.domain, app_local_network(app) },
 		.now_ms = cw_wall_ms(), .rate = &memo.rate,
 	};
 	policy_decide(v->snap, &r, &in->d);
@@ -203,8 +196,8 @@ static cw_err consent_update_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	if (rc)
 		return rc;
 	const char *params[] = { rid, lid };
-	rc = in->flag ? run(c, "DELETE FROM blocks WHERE blocker_id = $1::bigint AND blocked_id = $2::bigint", 2, params, e)
-		      : run(c, "INSERT INTO blocks (blocker_id, blocked_id) VALUES ($1::bigint, $2::bigint) "
+	rc = in->flag ? store_command(c, "DELETE FROM blocks WHERE blocker_id = $1::bigint AND blocked_id = $2::bigint", 2, params, e)
+		      : store_command(c, "INSERT INTO blocks (blocker_id, blocked_id) VALUES ($1::bigint, $2::bigint) "
 			       "ON CONFLICT DO NOTHING", 2, params, e);
 	if (!rc) /* every daemon process takes the change into its policy */
 		rc = store_exec(c, "NOTIFY causeway_policy", e);
@@ -280,7 +273,7 @@ static cw_err report_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	snprintf(pid, sizeof(pid), "%lld", (long long)in->peer_id);
 	char *evidence = json_dumps(in->evidence, JSON_COMPACT);
 	const char *params[] = { in->remote, pid, in->local, in->reason, evidence, in->comment };
-	cw_err rc = run(c, "INSERT INTO reports (reporter_kind, reporter, peer_id, subject_uri, subject_identity_id, "
+	cw_err rc = store_command(c, "INSERT INTO reports (reporter_kind, reporter, peer_id, subject_uri, subject_identity_id, "
 			   "reason_code, evidence_public_ids, comment) SELECT 'peer', $1, $2::bigint, $3, "
 			   "(SELECT id FROM identities WHERE uri = $3), $4, "
 			   "ARRAY(SELECT jsonb_array_elements_text($5::jsonb)), $6", 6, params, e);

@@ -1,0 +1,690 @@
+/* The Matrix adapter: registration, the appservice API and transactions. */
+#include "config.h"
+#include "matrix.h"
+#include "matrix_int.h"
+#include "log.h"
+#include "pipeline.h"
+#include "store.h"
+
+#include <openssl/rand.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ------------------------------------------------------------ set-up */
+
+static const char *or_default(const char *s, const char *dflt)
+{
+	return s && *s ? s : dflt;
+}
+
+const char *mx_server_name(const struct cw_config *cfg)
+{
+	return or_default(cfg->mx_server_name, or_default(cfg->domain, "localhost"));
+}
+
+cw_err matrix_new(struct matrix **out, struct cw_app *app, cw_errmsg *e)
+{
+	*out = NULL;
+	const struct cw_config *cfg = app->cfg;
+	if (!cfg->mx_homeserver_url || !*cfg->mx_homeserver_url)
+		return CW_OK;
+	if (!cfg->mx_as_token || !*cfg->mx_as_token || !cfg->mx_hs_token || !*cfg->mx_hs_token)
+		return cw_fail(e, CW_EINVAL, "matrix.homeserver_url is set but matrix.as_token or matrix.hs_token is "
+					     "not (causewayd --matrix-registration makes both)");
+	if (strcmp(cfg->mx_as_token, cfg->mx_hs_token) == 0)
+		return cw_fail(e, CW_EINVAL, "matrix.as_token and matrix.hs_token must differ");
+	struct matrix *m = calloc(1, sizeof(*m));
+	if (!m)
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	m->app = app;
+	m->cfg = cfg;
+	pthread_mutex_init(&m->mu, NULL);
+	snprintf(m->ping_state, sizeof(m->ping_state), "pending");
+	snprintf(m->bot, sizeof(m->bot), "@%s:%s", cfg->mx_sender_localpart, mx_server_name(cfg));
+	if (pthread_key_create(&m->curl_key, mx_curl_release) != 0) {
+		pthread_mutex_destroy(&m->mu);
+		free(m);
+		return cw_fail(e, CW_ENOMEM, "cannot make a thread key");
+	}
+	*out = m;
+	return CW_OK;
+}
+
+void matrix_free(struct matrix *m)
+{
+	if (!m)
+		return;
+	mx_bot_stop(m);
+	if (m->ping_started)
+		pthread_join(m->ping_thread, NULL);
+	mx_curl_release(pthread_getspecific(m->curl_key)); /* this thread's, if any */
+	pthread_setspecific(m->curl_key, NULL);
+	pthread_key_delete(m->curl_key);
+	pthread_mutex_destroy(&m->mu);
+	free(m);
+}
+
+void mx_curl_release(void *c)
+{
+	if (c)
+		curl_easy_cleanup(c);
+}
+
+/* ------------------------------------------------------------ registration */
+
+/* A regex matching s literally. */
+static void regex_quote(const char *s, char *out, size_t len)
+{
+	size_t n = 0;
+	for (; *s && n + 3 < len; s++) {
+		if (strchr(".^$*+?()[]{}|\\/", *s))
+			out[n++] = '\\';
+		out[n++] = *s;
+	}
+	out[n] = '\0';
+}
+
+static void new_token(char out[65])
+{
+	unsigned char raw[32];
+	RAND_bytes(raw, sizeof(raw));
+	cw_hex(out, raw, sizeof(raw));
+}
+
+int matrix_print_registration(const struct cw_config *cfg, FILE *out)
+{
+	char as[65], hs[65], server[600], user[300], alias[300], url[600];
+	bool made = false;
+	if (cfg->mx_as_token && *cfg->mx_as_token)
+		snprintf(as, sizeof(as), "%.64s", cfg->mx_as_token);
+	else {
+		new_token(as);
+		made = true;
+	}
+	if (cfg->mx_hs_token && *cfg->mx_hs_token)
+		snprintf(hs, sizeof(hs), "%.64s", cfg->mx_hs_token);
+	else {
+		new_token(hs);
+		made = true;
+	}
+	regex_quote(mx_server_name(cfg), server, sizeof(server));
+	regex_quote(cfg->mx_user_prefix, user, sizeof(user));
+	regex_quote(cfg->mx_alias_prefix, alias, sizeof(alias));
+	if (cfg->mx_url && *cfg->mx_url)
+		snprintf(url, sizeof(url), "%s", cfg->mx_url);
+	else
+		snprintf(url, sizeof(url), "http://%s:%ld", strcmp(cfg->listen_address, "0.0.0.0") == 0 ? "127.0.0.1"
+			 : cfg->listen_address, cfg->port);
+	fprintf(out, "# Causeway's application service registration (docs/matrix.md shows where each homeserver\n"
+		     "# reads it).%s\n", made ? "  New tokens were made: put them in causewayd's configuration as\n"
+						 "# [matrix] as_token and hs_token before starting it." : "");
+	/* Every value is quoted: YAML reads the tokens and the URL as strings. */
+	fprintf(out, "id: \"%s\"\nurl: \"%s\"\nas_token: \"%s\"\nhs_token: \"%s\"\nsender_localpart: \"%s\"\n",
+		cfg->mx_id, url, as, hs, cfg->mx_sender_localpart);
+	fprintf(out, "rate_limited: false\nreceive_ephemeral: true\nde.sorunome.msc2409.push_ephemeral: true\n");
+	fprintf(out, "namespaces:\n  users:\n    - exclusive: true\n      regex: '@%s.*:%s'\n"
+		     "  aliases:\n    - exclusive: true\n      regex: '#%s.*:%s'\n  rooms: []\n",
+		user, server, alias, server);
+	return ferror(out) ? 1 : 0;
+}
+
+/* ------------------------------------------------------------ answers */
+
+void mx_error(struct cw_req *req, int status, const char *errcode, const char *msg)
+{
+	cw_req_reply_json(req, status, json_pack("{s:s, s:s}", "errcode", errcode, "error", msg));
+}
+
+bool matrix_unmatched(struct cw_req *req, bool method_mismatch, void *ctx)
+{
+	const char *path = cw_req_path(req);
+	if (strncmp(path, "/_matrix/", 9) != 0 && strncmp(path, "/transactions/", 14) != 0 &&
+	    strncmp(path, "/users/", 7) != 0 && strncmp(path, "/rooms/", 7) != 0)
+		return false;
+	if (method_mismatch)
+		mx_error(req, 405, "M_UNRECOGNIZED", "this endpoint does not take that method");
+	else
+		mx_error(req, 404, "M_UNRECOGNIZED", "unrecognized request");
+	return true;
+}
+
+/* The homeserver's token: "Authorization: Bearer" or the legacy
+ * ?access_token=.  False after answering 401/403 (or 404 with the adapter
+ * off: then these paths do not exist). */
+static bool hs_authorized(struct cw_req *req, struct cw_app *app)
+{
+	if (!app->matrix) {
+		mx_error(req, 404, "M_UNRECOGNIZED", "the Matrix adapter is not configured");
+		return false;
+	}
+	const char *token = app_bearer(req);
+	if (!token)
+		token = cw_req_query(req, "access_token");
+	if (!token) {
+		mx_error(req, 401, "M_MISSING_TOKEN", "the homeserver's token is required");
+		return false;
+	}
+	const char *want = app->cfg->mx_hs_token;
+	size_t tl = strlen(token), wl = strlen(want);
+	unsigned char a[32], b[32];
+	cw_sha256(token, tl, a);
+	cw_sha256(want, wl, b);
+	if (!cw_ct_equal(a, b, 32)) {
+		mx_error(req, 403, "M_FORBIDDEN", "the homeserver's token does not match");
+		return false;
+	}
+	return true;
+}
+
+/* ------------------------------------------------------------ queries */
+
+void matrix_as_ping(struct cw_req *req, void *ctx)
+{
+	struct cw_app *app = ctx;
+	if (!hs_authorized(req, app))
+		return;
+	size_t len;
+	const char *body = cw_req_body(req, &len);
+	json_t *j = len ? json_loadb(body, len, 0, NULL) : json_object();
+	if (!json_is_object(j)) {
+		json_decref(j);
+		mx_error(req, 400, "M_NOT_JSON", "the body must be a JSON object");
+		return;
+	}
+	json_t *tid = json_object_get(j, "transaction_id");
+	if (tid && !json_is_string(tid)) {
+		json_decref(j);
+		mx_error(req, 400, "M_BAD_JSON", "transaction_id must be a string");
+		return;
+	}
+	if (tid)
+		mx_ping_heard(app->matrix, json_string_value(tid));
+	json_decref(j);
+	cw_req_reply_json(req, 200, json_object());
+}
+
+/* GET /users/{userId}: a ghost of a known remote user exists (it is
+ * registered now if it was not); any other id does not. */
+struct user_query {
+	struct matrix *m;
+	char user_id[MX_ID_MAX + 1];
+	char network[64];
+	char local[MX_ID_MAX + 1];
+	char identity[24];
+	char display[300];
+};
+
+static cw_err user_query_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
+{
+	struct user_query *q = j->data;
+	char peer[80];
+	snprintf(peer, sizeof(peer), "%s", q->network);
+	const char *params[] = { peer, q->local };
+	PGresult *r = PQexecParams(c,
+		"SELECT i.id, coalesce(i.display_name, '') FROM identities i JOIN peers p ON p.id = i.peer_id "
+		"WHERE p.name = $1 AND i.network = 'peer:' || p.name AND i.localpart = $2 AND i.domain = p.domain",
+		2, NULL, params, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	if (PQntuples(r) == 0) {
+		PQclear(r);
+		app_job_fail(j, 404, "M_NOT_FOUND", "no such user");
+		return CW_OK;
+	}
+	snprintf(q->identity, sizeof(q->identity), "%s", PQgetvalue(r, 0, 0));
+	snprintf(q->display, sizeof(q->display), "%s", PQgetvalue(r, 0, 1));
+	PQclear(r);
+	j->body = json_object();
+	return CW_OK;
+}
+
+/* The spec: a user the appservice says exists must exist when it answers,
+ * so the ghost is registered before the 200. */
+static void user_query_after(struct app_job *j)
+{
+	struct user_query *q = j->data;
+	cw_errmsg e;
+	if (mx_ensure_ghost_id(q->m, q->identity, q->network, q->local, q->display, q->user_id, &e))
+		LOG_KV(CW_LOG_WARN, "cannot register a ghost the homeserver asked for", "user", q->user_id,
+		       "detail", e.msg);
+}
+
+void matrix_as_user(struct cw_req *req, void *ctx)
+{
+	struct cw_app *app = ctx;
+	if (!hs_authorized(req, app))
+		return;
+	struct user_query *q = calloc(1, sizeof(*q));
+	const char *id = cw_req_param(req, "user");
+	if (!q || !mx_ghost_parse(app->cfg->mx_user_prefix, mx_server_name(app->cfg), id, q->network,
+				  sizeof(q->network), q->local, sizeof(q->local))) {
+		free(q);
+		mx_error(req, 404, "M_NOT_FOUND", "no such user");
+		return;
+	}
+	q->m = app->matrix;
+	snprintf(q->user_id, sizeof(q->user_id), "%s", id);
+	struct app_job *j = app_job_new(app, req, user_query_fn);
+	if (!j) {
+		free(q);
+		mx_error(req, 503, "M_UNKNOWN", "out of memory");
+		return;
+	}
+	j->data = q;
+	j->data_free = free;
+	j->matrix_errors = true;
+	j->after = user_query_after;
+	app_job_start(j, false);
+}
+
+void matrix_as_room_alias(struct cw_req *req, void *ctx)
+{
+	struct cw_app *app = ctx;
+	if (!hs_authorized(req, app))
+		return;
+	/* The gateway makes no rooms by alias (yet): none exists. */
+	mx_error(req, 404, "M_NOT_FOUND", "no such room alias");
+}
+
+/* ------------------------------------------------------------ transactions */
+
+struct txn {
+	struct cw_app *app;
+	struct matrix *m;
+	json_t *events;       /* the room events to bridge (echoes dropped) */
+	json_t *bot;          /* the events that may be for the bot (its invites, its rooms' messages) */
+	json_t *ephemeral;    /* typing and receipts */
+	json_t *refs;         /* Matrix event ids referred to, and local senders (round 0) */
+	json_t *map;          /* Matrix event id -> msg_ id */
+	json_t *senders;      /* Matrix user id -> mimi URI (local users) */
+	json_t *rooms;        /* Matrix room id -> true when bridged */
+	struct submit *b;
+	unsigned char key[32];
+	size_t invalid, ignored;
+};
+
+static void txn_free(void *arg)
+{
+	struct txn *t = arg;
+	json_decref(t->events);
+	json_decref(t->bot);
+	json_decref(t->ephemeral);
+	json_decref(t->refs);
+	json_decref(t->map);
+	json_decref(t->senders);
+	json_decref(t->rooms);
+	if (t->b)
+		submit_free(t->b);
+	free(t);
+}
+
+static const char *lookup_map(void *ctx, const char *id)
+{
+	json_t *v = json_object_get(ctx, id);
+	return json_is_string(v) ? json_string_value(v) : NULL;
+}
+
+/* Round 0 asks, in one statement, what the events need: the neutral ids of
+ * the Matrix events they refer to (an edit stands for the message it edits:
+ * references name first versions), which rooms are bridged, and the local
+ * users who sent them. */
+static cw_err txn_lookup_send(PGconn *c, struct txn *t, cw_errmsg *e)
+{
+	json_t *ids = json_array(), *rooms = json_array(), *users = json_array();
+	size_t i;
+	json_t *ev;
+	json_array_foreach(t->events, i, ev) {
+		const char *refs[8];
+		size_t n = mx_event_refs(ev, refs, 8);
+		for (size_t k = 0; k < n; k++)
+			json_array_append_new(ids, json_string(refs[k]));
+		json_array_append(rooms, json_object_get(ev, "room_id"));
+		json_array_append(users, json_object_get(ev, "sender"));
+	}
+	json_array_foreach(t->ephemeral, i, ev) {
+		json_array_append(rooms, json_object_get(ev, "room_id"));
+		json_t *content = json_object_get(ev, "content");
+		const char *target;
+		json_t *readers;
+		json_object_foreach(content, target, readers) /* m.receipt: {event_id: ...} */
+			if (json_is_object(readers))
+				json_array_append_new(ids, json_string(target));
+	}
+	json_t *doc = json_pack("{s:o, s:o, s:o}", "ids", ids, "rooms", rooms, "users", users);
+	char *text = json_dumps(doc, JSON_COMPACT);
+	json_decref(doc);
+	if (!text)
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	const char *params[] = { text, mx_server_name(t->app->cfg) };
+	int ok = PQsendQueryParams(c,
+		"WITH d AS (SELECT $1::jsonb AS j) "
+		"SELECT 'ref', x.id, (SELECT CASE WHEN e.type = 'edit' AND e.replaces_id IS NOT NULL "
+		"  THEN (SELECT f.public_id FROM events f WHERE f.id = e.replaces_id) ELSE e.public_id END "
+		"  FROM events e WHERE e.id = coalesce((SELECT n.event_id FROM event_native_ids n "
+		"  WHERE n.network = 'matrix' AND n.kind = 'event_id' AND n.native_id = x.id LIMIT 1), "
+		"  (SELECT f.id FROM events f WHERE f.origin_network = 'matrix' AND f.origin_native_id = x.id))) "
+		" FROM d, jsonb_array_elements_text(d.j->'ids') AS x(id) "
+		"UNION ALL SELECT 'room', x.id, 'y' FROM d, jsonb_array_elements_text(d.j->'rooms') AS x(id) "
+		" WHERE EXISTS (SELECT 1 FROM room_bindings b WHERE b.network = 'matrix' AND b.native_id = x.id) "
+		"UNION ALL SELECT 'user', x.id, coalesce((SELECT i.uri FROM identity_bindings ib JOIN identities i "
+		"  ON i.id = ib.identity_id WHERE ib.network = 'matrix' AND ib.native_id = x.id AND i.is_local), "
+		"  (SELECT i.uri FROM identities i WHERE i.is_local AND i.localpart = split_part(substr(x.id, 2), ':', 1) "
+		"   AND x.id = '@' || i.localpart || ':' || $2)) "
+		" FROM d, jsonb_array_elements_text(d.j->'users') AS x(id)",
+		2, NULL, params, NULL, NULL, 0);
+	free(text);
+	if (!ok)
+		return cw_fail(e, CW_EUNAVAIL, "cannot send: %s", PQerrorMessage(c));
+	/* The bot's share, stored for it in the same transaction: invites of
+	 * the bot by this provider's users, and what they say in their
+	 * management rooms. */
+	char *bot = json_dumps(t->bot, JSON_COMPACT);
+	if (!bot)
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	const char *p2[] = { bot, t->m->bot, mx_server_name(t->app->cfg) };
+	ok = PQsendQueryParams(c,
+		"WITH ins AS (INSERT INTO matrix_bot_inbox (event_id, event) "
+		" SELECT x->>'event_id', x FROM jsonb_array_elements($1::jsonb) AS x "
+		" WHERE x->>'sender' LIKE '%:' || $3 AND ((x->>'type' = 'm.room.member' AND x->>'state_key' = $2) "
+		"  OR (x->>'type' = 'm.room.message' AND EXISTS (SELECT 1 FROM matrix_mgmt_rooms m "
+		"   WHERE m.room_id = x->>'room_id' AND m.user_id = x->>'sender'))) "
+		" ON CONFLICT (event_id) DO NOTHING RETURNING 1) "
+		"SELECT count(*), CASE WHEN count(*) > 0 THEN pg_notify('causeway_matrix_bot', '') END FROM ins",
+		3, NULL, p2, NULL, NULL, 0);
+	free(bot);
+	return ok ? CW_OK : cw_fail(e, CW_EUNAVAIL, "cannot send: %s", PQerrorMessage(c));
+}
+
+/* The events as neutral ones, into the pipeline's items. */
+static cw_err txn_convert(struct txn *t, cw_errmsg *e)
+{
+	size_t n = json_array_size(t->events);
+	json_t *conv = json_array(); /* [ [room, event_id, sender uri, neutral body], ... ] */
+	size_t i;
+	json_t *ev;
+	json_array_foreach(t->events, i, ev) {
+		const char *room = json_string_value(json_object_get(ev, "room_id"));
+		const char *sender = json_string_value(json_object_get(ev, "sender"));
+		const char *uri = lookup_map(t->senders, sender);
+		if (!json_object_get(t->rooms, room) || !uri) {
+			t->ignored++; /* not a bridged room, or not one of this provider's users */
+			continue;
+		}
+		json_t *neutral = NULL;
+		char why[200] = "";
+		enum mx_in_result res = mx_to_neutral(ev, lookup_map, t->map, &neutral, why, sizeof(why));
+		if (res == MX_IN_ENCRYPTED)
+			mx_encrypted_notice(t->m, room);
+		if (res != MX_IN_OK) {
+			if (res == MX_IN_INVALID) {
+				t->invalid++;
+				LOG_KV(CW_LOG_INFO, "matrix event refused", "event_id",
+				       json_string_value(json_object_get(ev, "event_id")), "detail", why);
+			} else {
+				t->ignored++;
+			}
+			json_decref(neutral);
+			continue;
+		}
+		json_object_set_new(neutral, "sender", json_string(uri));
+		json_array_append_new(conv, json_pack("[s, s, s, o]", room,
+						      json_string_value(json_object_get(ev, "event_id")), uri, neutral));
+	}
+	json_t *eph = json_array();
+	json_array_foreach(t->ephemeral, i, ev) {
+		const char *room = json_string_value(json_object_get(ev, "room_id"));
+		if (!room || !json_object_get(t->rooms, room))
+			continue;
+		json_t *list = mx_ephemeral_to_neutral(ev, lookup_map, t->map);
+		size_t k;
+		json_t *x;
+		json_array_foreach(list, k, x) {
+			const char *who = json_string_value(json_object_get(x, "sender_mxid"));
+			const char *uri = who ? lookup_map(t->senders, who) : NULL;
+			json_t *neutral = json_object_get(x, "event");
+			if (!uri || !json_is_object(neutral))
+				continue;
+			neutral = json_deep_copy(neutral);
+			json_object_set_new(neutral, "sender", json_string(uri));
+			/* No event id: the same content is the same event. */
+			char *text = json_dumps(neutral, JSON_COMPACT | JSON_SORT_KEYS);
+			unsigned char h[32];
+			char hex[65], native[120];
+			cw_sha256(text ? text : "", text ? strlen(text) : 0, h);
+			free(text);
+			cw_hex(hex, h, 16);
+			snprintf(native, sizeof(native), "eph:%s", hex);
+			json_array_append_new(eph, json_pack("[s, s, s, o]", room, native, uri, neutral));
+		}
+		json_decref(list);
+	}
+	json_array_extend(conv, eph);
+	json_decref(eph);
+	(void)n;
+	size_t total = json_array_size(conv);
+	t->b = submit_new(total);
+	if (!t->b) {
+		json_decref(conv);
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	}
+	submit_setup(t->b, t->app, SUBMIT_ROOM_BY_NATIVE);
+	struct event_limits lim = event_limits_default();
+	json_t *x;
+	json_array_foreach(conv, i, x) {
+		json_t *neutral = json_array_get(x, 3);
+		char *text = json_dumps(neutral, JSON_COMPACT);
+		struct event pev;
+		struct event_error err;
+		if (!text || event_parse(text, strlen(text), &lim, 0, &pev, &err)) {
+			LOG_KV(CW_LOG_INFO, "matrix event not representable", "event_id",
+			       json_string_value(json_array_get(x, 1)), "detail", text ? err.detail : "out of memory");
+			free(text);
+			t->invalid++;
+			continue;
+		}
+		free(text);
+		bool ok = submit_put_local(t->b, i, t->app, "matrix", json_string_value(json_array_get(x, 0)),
+					   json_string_value(json_array_get(x, 1)), json_string_value(json_array_get(x, 2)),
+					   &pev);
+		event_free(&pev);
+		if (!ok) {
+			json_decref(conv);
+			return cw_fail(e, CW_ENOMEM, "out of memory");
+		}
+	}
+	json_decref(conv);
+	return CW_OK;
+}
+
+static cw_err txn_send(PGconn *c, struct app_job *j, int round, cw_errmsg *e)
+{
+	struct txn *t = j->data;
+	if (round == 0)
+		return txn_lookup_send(c, t, e);
+	return submit_send(c, t->b, round - 1, e);
+}
+
+static cw_err txn_recv(PGconn *c, struct app_job *j, int round, bool *more, cw_errmsg *e)
+{
+	struct txn *t = j->data;
+	if (round == 0) {
+		PGresult *r;
+		cw_err rc = store_pipe_result(c, PGRES_TUPLES_OK, &r, e);
+		if (rc)
+			return rc;
+		json_object_clear(t->map);
+		json_object_clear(t->rooms);
+		json_object_clear(t->senders);
+		for (int i = 0; i < PQntuples(r); i++) {
+			const char *kind = PQgetvalue(r, i, 0), *k = PQgetvalue(r, i, 1);
+			if (PQgetisnull(r, i, 2))
+				continue;
+			json_t *dst = kind[0] == 'r' && kind[1] == 'e' ? t->map : kind[0] == 'r' ? t->rooms : t->senders;
+			json_object_set_new(dst, k, json_string(PQgetvalue(r, i, 2)));
+		}
+		PQclear(r);
+		if ((rc = store_pipe_result(c, PGRES_TUPLES_OK, &r, e))) /* the bot's inbox */
+			return rc;
+		PQclear(r);
+		if (t->b) { /* a rerun of the job */
+			submit_free(t->b);
+			t->b = NULL;
+		}
+		if ((rc = txn_convert(t, e)))
+			return rc;
+		*more = submit_count(t->b) > 0;
+		if (!*more)
+			j->body = json_object();
+		return CW_OK;
+	}
+	cw_err rc = submit_recv(c, t->b, round - 1, more, e);
+	if (rc || *more)
+		return rc;
+	for (size_t i = 0; i < submit_count(t->b); i++) {
+		const char *code, *detail;
+		int st = submit_result(t->b, i, &code, &detail);
+		if (st && st != 202)
+			LOG_KV(CW_LOG_INFO, "matrix event not taken", "code", code ? code : "", "detail", detail ? detail : "");
+	}
+	mx_txn_remember(t->m, t->key);
+	j->status = 200;
+	j->body = json_object();
+	return CW_OK;
+}
+
+static const struct app_pipe_ops txn_ops = { txn_send, txn_recv };
+
+/* Whether the event is one of the gateway's own (a ghost's or the bot's). */
+static bool own_echo(struct cw_app *app, const char *sender)
+{
+	char net[64], local[MX_ID_MAX + 1];
+	return strcmp(sender, app->matrix->bot) == 0 ||
+	       mx_ghost_parse(app->cfg->mx_user_prefix, mx_server_name(app->cfg), sender, net, sizeof(net), local,
+			      sizeof(local));
+}
+
+void matrix_as_transaction(struct cw_req *req, void *ctx)
+{
+	struct cw_app *app = ctx;
+	if (!hs_authorized(req, app))
+		return;
+	const char *txn_id = cw_req_param(req, "txn");
+	size_t len;
+	const char *body = cw_req_body(req, &len);
+	json_error_t jerr;
+	json_t *doc = json_loadb(body, len, JSON_REJECT_DUPLICATES, &jerr);
+	if (!json_is_object(doc)) {
+		json_decref(doc);
+		mx_error(req, 400, "M_NOT_JSON", "the body must be a JSON object");
+		return;
+	}
+	json_t *events = json_object_get(doc, "events");
+	json_t *eph = json_object_get(doc, "ephemeral");
+	if (!eph)
+		eph = json_object_get(doc, "de.sorunome.msc2409.ephemeral");
+	if (!json_is_array(events) || (eph && !json_is_array(eph))) {
+		json_decref(doc);
+		mx_error(req, 400, "M_BAD_JSON", "events (and ephemeral) must be arrays");
+		return;
+	}
+	struct txn *t = calloc(1, sizeof(*t));
+	if (!t) {
+		json_decref(doc);
+		mx_error(req, 503, "M_UNKNOWN", "out of memory");
+		return;
+	}
+	t->app = app;
+	t->m = app->matrix;
+	/* The fast path: this very transaction was answered before.  The key
+	 * covers the body too: a homeserver whose database was reset starts
+	 * its txnIds again, with other events. */
+	char *canon = json_dumps(doc, JSON_COMPACT | JSON_SORT_KEYS);
+	size_t tl = strlen(txn_id), cl = canon ? strlen(canon) : 0;
+	char *kb = malloc(tl + 1 + cl + 1);
+	if (kb) {
+		memcpy(kb, txn_id, tl);
+		kb[tl] = '\n';
+		memcpy(kb + tl + 1, canon ? canon : "", cl);
+		cw_sha256(kb, tl + 1 + cl, t->key);
+	}
+	free(kb);
+	free(canon);
+	if (mx_txn_seen(app->matrix, t->key)) {
+		json_decref(doc);
+		free(t);
+		cw_req_reply_json(req, 200, json_object());
+		return;
+	}
+	/* One bad event never drops the others: each is checked on its own. */
+	t->events = json_array();
+	t->bot = json_array();
+	t->ephemeral = json_array();
+	t->map = json_object();
+	t->rooms = json_object();
+	t->senders = json_object();
+	size_t i;
+	json_t *ev;
+	json_array_foreach(events, i, ev) {
+		const char *id = json_string_value(json_object_get(ev, "event_id"));
+		const char *room = json_string_value(json_object_get(ev, "room_id"));
+		const char *sender = json_string_value(json_object_get(ev, "sender"));
+		const char *type = json_string_value(json_object_get(ev, "type"));
+		if (!json_is_object(ev) || !id || !mx_event_id_valid(id) || !room || !mx_room_id_valid(room) || !sender ||
+		    !mx_user_id_parse(sender, NULL, 0, NULL, 0) || !type || !json_is_object(json_object_get(ev, "content"))) {
+			t->invalid++;
+			continue;
+		}
+		if (own_echo(app, sender)) {
+			t->ignored++;
+			continue;
+		}
+		if (strcmp(type, "m.room.member") == 0 || strcmp(type, "m.room.message") == 0)
+			json_array_append(t->bot, ev);
+		json_array_append(t->events, ev);
+	}
+	json_array_foreach(eph, i, ev) {
+		const char *type = json_string_value(json_object_get(ev, "type"));
+		const char *room = json_string_value(json_object_get(ev, "room_id"));
+		if (!json_is_object(ev) || !type || !room || !mx_room_id_valid(room) ||
+		    !json_is_object(json_object_get(ev, "content")) ||
+		    (strcmp(type, "m.typing") != 0 && strcmp(type, "m.receipt") != 0)) {
+			t->ignored++;
+			continue;
+		}
+		json_array_append(t->ephemeral, ev);
+	}
+	json_decref(doc);
+	struct app_job *j = app_job_new(app, req, NULL);
+	if (!j) {
+		txn_free(t);
+		mx_error(req, 503, "M_UNKNOWN", "out of memory");
+		return;
+	}
+	j->data = t;
+	j->data_free = txn_free;
+	j->matrix_errors = true;
+	app_job_start_pipe(j, &txn_ops);
+}
+
+/* ------------------------------------------------------------ recent transactions */
+
+bool mx_txn_seen(struct matrix *m, const unsigned char key[32])
+{
+	pthread_mutex_lock(&m->mu);
+	bool seen = false;
+	for (int i = 0; i < TXN_RECENT_MAX && !seen; i++)
+		seen = memcmp(m->recent[i], key, 32) == 0 && m->recent_used[i];
+	pthread_mutex_unlock(&m->mu);
+	return seen;
+}
+
+void mx_txn_remember(struct matrix *m, const unsigned char key[32])
+{
+	pthread_mutex_lock(&m->mu);
+	memcpy(m->recent[m->recent_next], key, 32);
+	m->recent_used[m->recent_next] = true;
+	m->recent_next = (m->recent_next + 1) % TXN_RECENT_MAX;
+	pthread_mutex_unlock(&m->mu);
+}

@@ -1,0 +1,50 @@
+/* The Matrix adapter: an application service (../shared/spec/adapters.md,
+ * docs/matrix.md).
+ *
+ * Inbound, the homeserver pushes transactions to the appservice endpoints;
+ * the events of local users in bridged rooms become neutral events through
+ * the same pipeline as the neutral API (policy, outbox), deduplicated by
+ * their Matrix event id.  Outbound, the dispatcher hands the rows of
+ * destination "matrix" to matrix_deliver, which acts as ghost users (one
+ * per remote user) in one direct room per (local user, remote user).
+ * mx_id.h (identifiers, ghost escaping) and mx_map.h (content mapping) are
+ * the pure parts. */
+#ifndef CW_MATRIX_H
+#define CW_MATRIX_H
+
+#include "app.h"
+#include "dispatcher.h"
+
+#include <stdio.h>
+
+struct matrix;
+
+/* NULL in *out (and CW_OK) when matrix.homeserver_url is empty. */
+cw_err matrix_new(struct matrix **out, struct cw_app *app, cw_errmsg *e);
+void matrix_free(struct matrix *m);
+
+/* causewayd --matrix-registration: the registration YAML on out (tokens
+ * made up when the configuration has none, with a note to set them). */
+int matrix_print_registration(const struct cw_config *cfg, FILE *out);
+
+/* The appservice API (the handlers check the hs_token themselves, so that
+ * every answer is a Matrix error). */
+void matrix_as_transaction(struct cw_req *req, void *ctx);
+void matrix_as_user(struct cw_req *req, void *ctx);
+void matrix_as_room_alias(struct cw_req *req, void *ctx);
+void matrix_as_ping(struct cw_req *req, void *ctx);
+/* 404/405 M_UNRECOGNIZED for unknown paths under /_matrix/ (and the legacy
+ * appservice paths). */
+bool matrix_unmatched(struct cw_req *req, bool method_mismatch, void *ctx);
+
+/* The dispatcher's delivery for destination "matrix" (ctx: struct matrix). */
+cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_row *rows, size_t n,
+		      size_t *done, long *code, cw_errmsg *e);
+
+/* Pings the homeserver (POST /_matrix/client/v1/appservice/{id}/ping) in the
+ * background; the outcome is in matrix_health. */
+void matrix_ping_start(struct matrix *m);
+/* {"homeserver": ..., "ping": "ok"|"failed"|"pending", "last_error": ...}. */
+json_t *matrix_health(struct matrix *m);
+
+#endif

@@ -1,0 +1,66 @@
+/* The Matrix adapter's insides, shared by matrix.c (appservice API) and
+ * mx_deliver.c (the homeserver client and delivery). */
+#ifndef CW_MATRIX_INT_H
+#define CW_MATRIX_INT_H
+
+#include "matrix.h"
+#include "matrix/mx_id.h"
+#include "matrix/mx_map.h"
+
+#include <curl/curl.h>
+#include <pthread.h>
+#include <stdatomic.h>
+
+#ifndef MX_ID_MAX
+#define MX_ID_MAX 255
+#endif
+#define TXN_RECENT_MAX 64
+#define MX_OUTBOX_KEY "org.causeway.outbox_id"
+
+struct matrix {
+	struct cw_app *app;
+	const struct cw_config *cfg;
+	char bot[MX_ID_MAX + 1];
+	pthread_mutex_t mu;          /* the recent transactions, the health */
+	pthread_key_t curl_key;      /* each thread's HTTP client to the homeserver */
+	unsigned char recent[TXN_RECENT_MAX][32];
+	bool recent_used[TXN_RECENT_MAX];
+	int recent_next;
+	/* health */
+	char ping_state[16];         /* pending, ok, failed */
+	char ping_txn[40];
+	bool ping_heard;
+	long ping_ms;
+	char last_error[256];        /* the homeserver's last refusal (M_FORBIDDEN, M_UNKNOWN_TOKEN, ...) */
+	pthread_t ping_thread;
+	bool ping_started;
+	pthread_t bot_thread;
+	bool bot_started;
+	atomic_bool bot_stop;
+};
+
+const char *mx_server_name(const struct cw_config *cfg);
+/* The destructor of a thread's homeserver client. */
+void mx_curl_release(void *c);
+void mx_error(struct cw_req *req, int status, const char *errcode, const char *msg);
+bool mx_txn_seen(struct matrix *m, const unsigned char key[32]);
+void mx_txn_remember(struct matrix *m, const unsigned char key[32]);
+/* The homeserver called our ping endpoint with this transaction id. */
+void mx_ping_heard(struct matrix *m, const char *txn);
+/* Registers (and names) the ghost of a remote user. */
+cw_err mx_ensure_ghost_id(struct matrix *m, const char *identity, const char *peer, const char *localpart,
+			  const char *display, const char *ghost, cw_errmsg *e);
+/* The bot's thread (mx_bot.c). */
+void mx_bot_start(struct matrix *m);
+void mx_bot_stop(struct matrix *m);
+/* A bridged room turned encrypted: say so there (best effort). */
+void mx_encrypted_notice(struct matrix *m, const char *room_id);
+
+/* One call to the homeserver's client-server API as the appservice
+ * (as_token), acting as user_id (NULL: the bot).  path is already escaped;
+ * query may be NULL; body may be NULL (taken: released by the call).  *status is the HTTP status (0: no
+ * answer); *answer the parsed JSON answer (may be NULL). */
+cw_err mx_call(struct matrix *m, const char *method, const char *path, const char *user_id, const char *query,
+	       json_t *body, long *status, json_t **answer, cw_errmsg *e);
+
+#endif

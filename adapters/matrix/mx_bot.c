@@ -1,0 +1,337 @@
+/* The gateway's bot: a local user's management room (opt-in, consent,
+ * reports) and the consent requests shown there.
+ *
+ * The appservice stores the bot's events in matrix_bot_inbox in the same
+ * transaction that answers the homeserver; this thread works them off with
+ * its own connection (woken by NOTIFY causeway_matrix_bot) and, every
+ * second, shows pending consent requests that were not shown yet. */
+#include "config.h"
+#include "matrix_int.h"
+#include "log.h"
+#include "peer_api.h"
+#include "policy_live.h"
+#include "store.h"
+
+#include <ctype.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BOT_BATCH 20
+
+static const char help_text[] =
+	"I am the gateway to other messaging networks. Commands:\n"
+	"  list                      your pending requests and decisions\n"
+	"  accept <who>              let someone (or a whole domain) write to you\n"
+	"  block <who>               refuse them; their waiting messages are dropped\n"
+	"  opt-in <network>          receive messages from a network (e.g. peer:gk)\n"
+	"  opt-out <network>         stop receiving from it\n"
+	"  report <who> [reason]     report abuse to the operator\n"
+	"  help                      this text\n"
+	"<who> is an address such as mimi://wa.example/u/+4915112345678, the Matrix id of a bridged user, or a domain.\n"
+	"Messages crossing the gateway are not end-to-end encrypted beyond it.";
+
+/* Says text in room as the bot (a notice). */
+static void say(struct matrix *m, const char *room, const char *text)
+{
+	char path[600], txn[48];
+	unsigned long long n = (unsigned long long)cw_now_us();
+	char *r = curl_easy_escape(NULL, room, 0);
+	snprintf(txn, sizeof(txn), "cwbot-%llx", n);
+	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/send/m.room.message/%s", r ? r : "", txn);
+	curl_free(r);
+	long status;
+	cw_errmsg e;
+	if (mx_call(m, "PUT", path, NULL, NULL, json_pack("{s:s, s:s}", "msgtype", "m.notice", "body", text), &status,
+		    NULL, &e))
+		LOG_KV(CW_LOG_WARN, "the bot cannot speak in its room", "room", room, "detail", e.msg);
+}
+
+/* <who> as a consent subject: a mimi:// user URI, a ghost's Matrix id, or a
+ * domain.  False when it is none of these. */
+static bool subject_of(struct matrix *m, PGconn *c, const char *who, char *kind, char *subject, size_t slen)
+{
+	struct mimi_uri u;
+	cw_errmsg e;
+	if (mimi_uri_parse(who, &u, &e) == CW_OK && u.kind == MIMI_USER) {
+		strcpy(kind, "user");
+		snprintf(subject, slen, "%s", who);
+		return true;
+	}
+	char net[64], local[MX_ID_MAX + 1];
+	if (mx_ghost_parse(m->cfg->mx_user_prefix, mx_server_name(m->cfg), who, net, sizeof(net), local, sizeof(local))) {
+		const char *params[] = { net, local };
+		PGresult *r = PQexecParams(c, "SELECT 'mimi://' || domain || '/u/' || $2 FROM peers WHERE name = $1", 2,
+					   NULL, params, NULL, NULL, 0);
+		bool ok = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1;
+		if (ok) {
+			strcpy(kind, "user");
+			snprintf(subject, slen, "%s", PQgetvalue(r, 0, 0));
+		}
+		PQclear(r);
+		return ok;
+	}
+	size_t n = strlen(who);
+	if (n < 1 || n > 253 || who[0] == '.' || who[n - 1] == '.' || !strchr(who, '.'))
+		return false;
+	for (const char *p = who; *p; p++)
+		if (!(islower((unsigned char)*p) || isdigit((unsigned char)*p) || *p == '.' || *p == '-'))
+			return false;
+	strcpy(kind, "domain");
+	snprintf(subject, slen, "%s", who);
+	return true;
+}
+
+/* The local user's identity id (made if new), from a Matrix id of this
+ * server.  False when the id is not one of this provider's users. */
+static bool local_identity(struct matrix *m, PGconn *c, const char *mxid, char *id, size_t idlen, char *uri,
+			   size_t urilen)
+{
+	char localpart[MX_ID_MAX + 1], server[MX_ID_MAX + 1];
+	if (!mx_user_id_parse(mxid, localpart, sizeof(localpart), server, sizeof(server)) ||
+	    strcmp(server, mx_server_name(m->cfg)) != 0)
+		return false;
+	snprintf(uri, urilen, "mimi://%s/u/%s", m->cfg->domain ? m->cfg->domain : "", localpart);
+	struct mimi_uri u;
+	cw_errmsg e;
+	if (mimi_uri_parse(uri, &u, &e) || identity_id(c, &u, true, "matrix", NULL, id, idlen, &e))
+		return false;
+	const char *params[] = { id, mxid };
+	store_command(c, "INSERT INTO identity_bindings (identity_id, network, native_id) VALUES ($1::bigint, 'matrix', $2) "
+		   "ON CONFLICT DO NOTHING", 2, params, &e);
+	return true;
+}
+
+static void cmd_list(struct matrix *m, PGconn *c, const char *room, const char *local_id)
+{
+	const char *params[] = { local_id };
+	PGresult *r = PQexecParams(c,
+		"SELECT 'request from ' || i.uri || ' (' || i.network || ')' FROM consent_requests q "
+		" JOIN identities i ON i.id = q.remote_identity_id WHERE q.local_identity_id = $1::bigint "
+		" AND q.state = 'pending' "
+		"UNION ALL SELECT c.state || ': ' || c.subject FROM consents c WHERE c.local_identity_id = $1::bigint "
+		"UNION ALL SELECT CASE WHEN o.opted_in THEN 'opted in: ' ELSE 'opted out: ' END || o.network "
+		" FROM user_optin o WHERE o.identity_id = $1::bigint",
+		1, NULL, params, NULL, NULL, 0);
+	char text[4000] = "";
+	size_t n = 0;
+	if (PQresultStatus(r) == PGRES_TUPLES_OK) {
+		for (int i = 0; i < PQntuples(r) && n + 300 < sizeof(text); i++)
+			n += (size_t)snprintf(text + n, sizeof(text) - n, "%s%s", n ? "\n" : "", PQgetvalue(r, i, 0));
+	}
+	PQclear(r);
+	say(m, room, n ? text : "Nothing yet: no requests, no decisions.");
+}
+
+static void command(struct matrix *m, PGconn *c, const char *room, const char *sender, const char *body)
+{
+	char local_id[24], uri[600];
+	if (!local_identity(m, c, sender, local_id, sizeof(local_id), uri, sizeof(uri)))
+		return;
+	char verb[32] = "", arg[700] = "", rest[300] = "";
+	sscanf(body, "%31s %699s %299[^\n]", verb, arg, rest);
+	for (char *p = verb; *p; p++)
+		*p = (char)tolower((unsigned char)*p);
+	cw_errmsg e;
+	char reply[1200];
+	if (strcmp(verb, "accept") == 0 || strcmp(verb, "block") == 0) {
+		char kind[8], subject[700];
+		if (!subject_of(m, c, arg, kind, subject, sizeof(subject))) {
+			say(m, room, "Whom? Give an address (mimi://...), a bridged user's Matrix id, or a domain.");
+			return;
+		}
+		struct policy_view *v = policy_live_get(m->app->policy);
+		long counts[3] = { 0, 0, 0 }, decided = 0;
+		cw_err rc = store_exec(c, "BEGIN", &e);
+		if (!rc)
+			rc = policy_consent_apply(c, &v->set, local_id, kind, subject, verb[0] == 'a' ? "allowed" : "blocked",
+						  "user", counts, &decided, &e);
+		policy_view_put(v);
+		if (!rc) {
+			const char *ap[] = { sender, verb[0] == 'a' ? "consent.allow" : "consent.block", subject };
+			rc = store_command(c, "INSERT INTO audit_log (actor, action, subject) VALUES ('user:' || $1, $2, $3)", 3, ap,
+				     &e);
+		}
+		cw_errmsg e2;
+		store_exec(c, rc ? "ROLLBACK" : "COMMIT", rc ? &e2 : &e);
+		if (rc) {
+			say(m, room, "That did not work; try again in a moment.");
+			LOG_KV(CW_LOG_WARN, "a bot command failed", "detail", e.msg);
+			return;
+		}
+		if (verb[0] == 'a')
+			snprintf(reply, sizeof(reply), "Accepted %s. %ld waiting message(s) released.", subject, counts[0]);
+		else
+			snprintf(reply, sizeof(reply), "Blocked %s. %ld waiting message(s) dropped.", subject, counts[1]);
+		say(m, room, reply);
+	} else if (strcmp(verb, "opt-in") == 0 || strcmp(verb, "opt-out") == 0) {
+		if (!arg[0] || strlen(arg) > 200) {
+			say(m, room, "Which network? For example: opt-in peer:gk");
+			return;
+		}
+		const char *params[] = { local_id, arg, verb[4] == 'i' ? "t" : "f" };
+		cw_err rc = store_command(c, "INSERT INTO user_optin (identity_id, network, opted_in, updated_by) "
+				       "VALUES ($1::bigint, $2, $3::boolean, 'user') ON CONFLICT (identity_id, network) DO "
+				       "UPDATE SET opted_in = excluded.opted_in, updated_by = 'user', updated_at = now()",
+				    3, params, &e);
+		if (!rc)
+			rc = store_exec(c, "NOTIFY causeway_policy", &e);
+		snprintf(reply, sizeof(reply), rc ? "That network name is not valid." : "You are now opted %s for %s.",
+			 verb[4] == 'i' ? "in" : "out", arg);
+		say(m, room, reply);
+	} else if (strcmp(verb, "report") == 0) {
+		char kind[8], subject[700];
+		if (!subject_of(m, c, arg, kind, subject, sizeof(subject)) || strcmp(kind, "user") != 0) {
+			say(m, room, "Whom? Give the address (mimi://...) or the bridged user's Matrix id.");
+			return;
+		}
+		const char *params[] = { uri, subject, rest[0] ? rest : NULL };
+		cw_err rc = store_command(c, "INSERT INTO reports (reporter_kind, reporter, subject_uri, subject_identity_id, "
+				       "reason_code, comment) VALUES ('local_user', $1, $2, (SELECT id FROM identities "
+				       "WHERE uri = $2), 'abuse', $3)", 3, params, &e);
+		say(m, room, rc ? "The report could not be stored; try again." : "Reported to the operator. Thank you.");
+	} else if (strcmp(verb, "list") == 0) {
+		cmd_list(m, c, room, local_id);
+	} else {
+		say(m, room, help_text);
+	}
+}
+
+/* An invitation of the bot by one of this provider's users: join, and
+ * make the room that user's management room. */
+static void invited(struct matrix *m, PGconn *c, const char *room, const char *sender)
+{
+	char local_id[24], uri[600];
+	if (!local_identity(m, c, sender, local_id, sizeof(local_id), uri, sizeof(uri)))
+		return;
+	char path[600];
+	char *r = curl_easy_escape(NULL, room, 0);
+	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/join", r ? r : "");
+	curl_free(r);
+	long status;
+	cw_errmsg e;
+	if (mx_call(m, "POST", path, NULL, NULL, json_object(), &status, NULL, &e)) {
+		LOG_KV(CW_LOG_WARN, "the bot cannot join", "room", room, "detail", e.msg);
+		return;
+	}
+	const char *params[] = { sender, room, local_id };
+	if (store_command(c, "INSERT INTO matrix_mgmt_rooms (user_id, room_id, identity_id) VALUES ($1, $2, $3::bigint) "
+		       "ON CONFLICT (user_id) DO UPDATE SET room_id = excluded.room_id", 3, params, &e))
+		LOG_KV(CW_LOG_WARN, "cannot record a management room", "detail", e.msg);
+	say(m, room, help_text);
+}
+
+/* Works off the inbox; false when it was empty. */
+static bool inbox(struct matrix *m, PGconn *c)
+{
+	char lim[8];
+	snprintf(lim, sizeof(lim), "%d", BOT_BATCH);
+	const char *params[] = { lim };
+	PGresult *r = PQexecParams(c, "SELECT id, event::text FROM matrix_bot_inbox ORDER BY id LIMIT $1::int", 1, NULL,
+				   params, NULL, NULL, 0);
+	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+		PQclear(r);
+		return false;
+	}
+	int n = PQntuples(r);
+	for (int i = 0; i < n; i++) {
+		json_t *ev = json_loads(PQgetvalue(r, i, 1), 0, NULL);
+		const char *type = json_string_value(json_object_get(ev, "type"));
+		const char *room = json_string_value(json_object_get(ev, "room_id"));
+		const char *sender = json_string_value(json_object_get(ev, "sender"));
+		json_t *content = json_object_get(ev, "content");
+		if (type && room && sender && strcmp(type, "m.room.member") == 0 &&
+		    json_is_string(json_object_get(content, "membership")) &&
+		    strcmp(json_string_value(json_object_get(content, "membership")), "invite") == 0)
+			invited(m, c, room, sender);
+		else if (type && room && sender && strcmp(type, "m.room.message") == 0 &&
+			 json_is_string(json_object_get(content, "body")))
+			command(m, c, room, sender, json_string_value(json_object_get(content, "body")));
+		json_decref(ev);
+		const char *id[] = { PQgetvalue(r, i, 0) };
+		cw_errmsg e;
+		store_command(c, "DELETE FROM matrix_bot_inbox WHERE id = $1::bigint", 1, id, &e);
+	}
+	PQclear(r);
+	return n > 0;
+}
+
+/* Shows pending consent requests that were not shown yet. */
+static void requests(struct matrix *m, PGconn *c)
+{
+	PGresult *r = PQexec(c,
+		"SELECT q.id, mr.room_id, ri.uri, ri.network, coalesce(ri.display_name, '') FROM consent_requests q "
+		" JOIN matrix_mgmt_rooms mr ON mr.identity_id = q.local_identity_id "
+		" JOIN identities ri ON ri.id = q.remote_identity_id "
+		"WHERE q.state = 'pending' AND q.notified_at IS NULL ORDER BY q.id LIMIT 20");
+	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+		PQclear(r);
+		return;
+	}
+	for (int i = 0; i < PQntuples(r); i++) {
+		char text[1400];
+		snprintf(text, sizeof(text),
+			 "%s%s%s (network %s) wants to write to you. Their messages wait until you answer.\n"
+			 "Reply \"accept %s\" or \"block %s\".\n"
+			 "The conversation is bridged: encryption ends at this gateway.",
+			 PQgetvalue(r, i, 4), *PQgetvalue(r, i, 4) ? " " : "", PQgetvalue(r, i, 2), PQgetvalue(r, i, 3),
+			 PQgetvalue(r, i, 2), PQgetvalue(r, i, 2));
+		say(m, PQgetvalue(r, i, 1), text);
+		const char *id[] = { PQgetvalue(r, i, 0) };
+		cw_errmsg e;
+		store_command(c, "UPDATE consent_requests SET notified_at = now() WHERE id = $1::bigint", 1, id, &e);
+	}
+	PQclear(r);
+}
+
+static void *bot_main(void *arg)
+{
+	struct matrix *m = arg;
+	PGconn *c = NULL;
+	while (!atomic_load(&m->bot_stop)) {
+		if (!c || PQstatus(c) != CONNECTION_OK) {
+			PQfinish(c);
+			cw_errmsg e;
+			c = store_connect(m->app->cfg->db_url, m->app->cfg->db_statement_timeout_ms, &e);
+			if (c && store_exec(c, "LISTEN causeway_matrix_bot", &e)) {
+				PQfinish(c);
+				c = NULL;
+			}
+			if (!c) {
+				poll(NULL, 0, 500);
+				continue;
+			}
+		}
+		while (!atomic_load(&m->bot_stop) && inbox(m, c))
+			;
+		requests(m, c);
+		struct pollfd pf = { .fd = PQsocket(c), .events = POLLIN };
+		poll(&pf, 1, 500);
+		PQconsumeInput(c);
+		PGnotify *n;
+		while ((n = PQnotifies(c)))
+			PQfreemem(n);
+	}
+	PQfinish(c);
+	return NULL;
+}
+
+void mx_bot_start(struct matrix *m)
+{
+	sigset_t all, old;
+	sigfillset(&all);
+	pthread_sigmask(SIG_BLOCK, &all, &old);
+	if (pthread_create(&m->bot_thread, NULL, bot_main, m) == 0)
+		m->bot_started = true;
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+}
+
+void mx_bot_stop(struct matrix *m)
+{
+	if (!m->bot_started)
+		return;
+	atomic_store(&m->bot_stop, true);
+	pthread_join(m->bot_thread, NULL);
+	m->bot_started = false;
+}

@@ -1,0 +1,503 @@
+/* The Matrix adapter's homeserver client: delivery of outbox rows as ghost
+ * users in direct rooms, the start-up ping, and health. */
+#include "config.h"
+#include "matrix_int.h"
+#include "log.h"
+#include "store.h"
+
+#include <openssl/rand.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define ANSWER_MAX (1 << 20)
+#define MX_TIMEOUT_MS 10000L
+
+struct answer_buf {
+	char *p;
+	size_t n;
+	bool too_big;
+};
+
+static size_t on_data(char *ptr, size_t size, size_t nmemb, void *arg)
+{
+	struct answer_buf *b = arg;
+	size_t n = size * nmemb;
+	if (b->n + n > ANSWER_MAX) {
+		b->too_big = true;
+		return 0;
+	}
+	char *q = realloc(b->p, b->n + n + 1);
+	if (!q)
+		return 0;
+	memcpy(q + b->n, ptr, n);
+	b->p = q;
+	b->n += n;
+	b->p[b->n] = '\0';
+	return n;
+}
+
+/* An escaped path segment (a user, room or event id). */
+static char *seg(struct matrix *m, const char *s)
+{
+	(void)m;
+	return curl_easy_escape(NULL, s, 0);
+}
+
+static void note_refusal(struct matrix *m, long status, json_t *answer)
+{
+	const char *code = json_string_value(json_object_get(answer, "errcode"));
+	if (code && (strcmp(code, "M_FORBIDDEN") == 0 || strcmp(code, "M_UNKNOWN_TOKEN") == 0 ||
+		     strcmp(code, "M_MISSING_TOKEN") == 0 || strcmp(code, "M_EXCLUSIVE") == 0)) {
+		const char *why = json_string_value(json_object_get(answer, "error"));
+		snprintf(m->last_error, sizeof(m->last_error), "%ld %s: %.180s", status, code, why ? why : "");
+	}
+}
+
+cw_err mx_call(struct matrix *m, const char *method, const char *path, const char *user_id, const char *query,
+	       json_t *body, long *status, json_t **answer, cw_errmsg *e)
+{
+	*status = 0;
+	if (answer)
+		*answer = NULL;
+	char *text = body ? json_dumps(body, JSON_COMPACT) : NULL;
+	json_decref(body);
+	/* One client per thread (kept alive between calls); no lock is held
+	 * while the homeserver answers: it may call us meanwhile (the ping). */
+	CURL *c = pthread_getspecific(m->curl_key);
+	if (!c) {
+		c = curl_easy_init();
+		if (c)
+			pthread_setspecific(m->curl_key, c);
+	}
+	char *uid = user_id && c ? curl_easy_escape(c, user_id, 0) : NULL;
+	size_t ulen = strlen(m->cfg->mx_homeserver_url) + strlen(path) + (query ? strlen(query) : 0) +
+		      (uid ? strlen(uid) : 0) + 32;
+	char *url = malloc(ulen);
+	if (!c || !url || (body && !text) || (user_id && !uid)) {
+		free(url);
+		free(text);
+		curl_free(uid);
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	}
+	size_t hl = strlen(m->cfg->mx_homeserver_url);
+	while (hl && m->cfg->mx_homeserver_url[hl - 1] == '/')
+		hl--;
+	snprintf(url, ulen, "%.*s%s%s%s%s%s%s", (int)hl, m->cfg->mx_homeserver_url, path,
+		 (uid || query) ? "?" : "", uid ? "user_id=" : "", uid ? uid : "", (uid && query) ? "&" : "",
+		 query ? query : "");
+	curl_free(uid);
+	curl_easy_reset(c);
+	struct curl_slist *h = NULL;
+	char auth[600];
+	snprintf(auth, sizeof(auth), "Authorization: Bearer %s", m->cfg->mx_as_token);
+	h = curl_slist_append(h, auth);
+	h = curl_slist_append(h, "Content-Type: application/json");
+	struct answer_buf buf = { 0 };
+	curl_easy_setopt(c, CURLOPT_URL, url);
+	curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, method);
+	curl_easy_setopt(c, CURLOPT_HTTPHEADER, h);
+	curl_easy_setopt(c, CURLOPT_POSTFIELDS, text ? text : (strcmp(method, "GET") == 0 ? NULL : "{}"));
+	if (strcmp(method, "GET") == 0)
+		curl_easy_setopt(c, CURLOPT_HTTPGET, 1L);
+	curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_data);
+	curl_easy_setopt(c, CURLOPT_WRITEDATA, &buf);
+	curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, MX_TIMEOUT_MS);
+	curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+	curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
+	CURLcode cc = curl_easy_perform(c);
+	curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, status);
+	curl_slist_free_all(h);
+	free(url);
+	free(text);
+	cw_err rc = CW_OK;
+	json_t *a = buf.p ? json_loads(buf.p, 0, NULL) : NULL;
+	if (cc != CURLE_OK) {
+		rc = cw_fail(e, CW_EUNAVAIL, "homeserver: %s", buf.too_big ? "answer too large" : curl_easy_strerror(cc));
+		*status = 0;
+	} else if (*status < 200 || *status > 299) {
+		pthread_mutex_lock(&m->mu);
+		note_refusal(m, *status, a);
+		pthread_mutex_unlock(&m->mu);
+		const char *code = json_string_value(json_object_get(a, "errcode"));
+		rc = cw_fail(e, CW_EIO, "homeserver answered %ld %s", *status, code ? code : "");
+	}
+	free(buf.p);
+	if (answer)
+		*answer = a;
+	else
+		json_decref(a);
+	return rc;
+}
+
+/* ------------------------------------------------------------ ping */
+
+void mx_ping_heard(struct matrix *m, const char *txn)
+{
+	pthread_mutex_lock(&m->mu);
+	if (strcmp(txn, m->ping_txn) == 0)
+		m->ping_heard = true;
+	pthread_mutex_unlock(&m->mu);
+}
+
+static void *ping_main(void *arg)
+{
+	struct matrix *m = arg;
+	/* The bot acts in management rooms: some homeservers (Conduit) want it
+	 * registered first, like any user of the namespace. */
+	long st;
+	json_t *ans = NULL;
+	cw_errmsg re;
+	if (mx_call(m, "POST", "/_matrix/client/v3/register", NULL, NULL,
+		    json_pack("{s:s, s:s, s:b}", "type", "m.login.application_service", "username",
+			      m->cfg->mx_sender_localpart, "inhibit_login", 1), &st, &ans, &re) &&
+	    !(st == 400 && json_is_string(json_object_get(ans, "errcode")) &&
+	      strcmp(json_string_value(json_object_get(ans, "errcode")), "M_USER_IN_USE") == 0))
+		LOG_KV(CW_LOG_WARN, "cannot register the bot", "detail", re.msg);
+	json_decref(ans);
+	char path[300], txn[40];
+	unsigned char raw[8];
+	RAND_bytes(raw, sizeof(raw));
+	snprintf(txn, sizeof(txn), "cw-ping-");
+	cw_hex(txn + 8, raw, sizeof(raw));
+	pthread_mutex_lock(&m->mu);
+	snprintf(m->ping_txn, sizeof(m->ping_txn), "%s", txn);
+	pthread_mutex_unlock(&m->mu);
+	char *id = curl_easy_escape(NULL, m->cfg->mx_id, 0);
+	snprintf(path, sizeof(path), "/_matrix/client/v1/appservice/%s/ping", id ? id : "");
+	curl_free(id);
+	long status;
+	json_t *answer;
+	cw_errmsg e;
+	cw_err rc = mx_call(m, "POST", path, NULL, NULL, json_pack("{s:s}", "transaction_id", txn), &status, &answer, &e);
+	pthread_mutex_lock(&m->mu);
+	bool heard = m->ping_heard;
+	if (rc == CW_OK) {
+		snprintf(m->ping_state, sizeof(m->ping_state), "%s", heard ? "ok" : "failed");
+		m->ping_ms = (long)json_integer_value(json_object_get(answer, "duration_ms"));
+		if (!heard)
+			snprintf(m->last_error, sizeof(m->last_error), "the homeserver's ping never reached causewayd");
+	} else {
+		snprintf(m->ping_state, sizeof(m->ping_state), "failed");
+		const char *code = json_string_value(json_object_get(answer, "errcode"));
+		snprintf(m->last_error, sizeof(m->last_error), "ping: %.180s%s%.60s", e.msg, code ? " " : "",
+			 code ? code : "");
+	}
+	pthread_mutex_unlock(&m->mu);
+	LOG_KV(rc ? CW_LOG_WARN : CW_LOG_INFO, "matrix homeserver ping", "result", rc ? "failed" : "ok",
+	       "detail", rc ? e.msg : "");
+	json_decref(answer);
+	return NULL;
+}
+
+void matrix_ping_start(struct matrix *m)
+{
+	if (!m)
+		return;
+	sigset_t all, old;
+	sigfillset(&all);
+	pthread_sigmask(SIG_BLOCK, &all, &old);
+	if (pthread_create(&m->ping_thread, NULL, ping_main, m) == 0)
+		m->ping_started = true;
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	mx_bot_start(m);
+}
+
+json_t *matrix_health(struct matrix *m)
+{
+	pthread_mutex_lock(&m->mu);
+	json_t *o = json_pack("{s:s, s:s, s:s}", "homeserver", m->cfg->mx_homeserver_url, "ping", m->ping_state,
+			      "last_error", m->last_error);
+	pthread_mutex_unlock(&m->mu);
+	return o;
+}
+
+void mx_encrypted_notice(struct matrix *m, const char *room_id)
+{
+	/* Said by the bot would need it in the room; the ghost is there. */
+	LOG_KV(CW_LOG_WARN, "a bridged Matrix room was encrypted: the gateway cannot read it", "room", room_id);
+	(void)m;
+}
+
+/* ------------------------------------------------------------ delivery */
+
+struct lookup_ctx {
+	PGconn *c;
+	char out[MX_ID_MAX + 1];
+};
+
+/* msg_... -> its Matrix event id (delivered by us, or come from Matrix). */
+static const char *to_native(void *arg, const char *msg_id)
+{
+	struct lookup_ctx *l = arg;
+	const char *params[] = { msg_id };
+	PGresult *r = PQexecParams(l->c,
+		"SELECT coalesce((SELECT n.native_id FROM event_native_ids n WHERE n.event_id = e.id AND "
+		" n.network = 'matrix' AND n.kind = 'event_id' LIMIT 1), "
+		" CASE WHEN e.origin_network = 'matrix' THEN e.origin_native_id END) FROM events e WHERE e.public_id = $1",
+		1, NULL, params, NULL, NULL, 0);
+	const char *res = NULL;
+	if (PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1 && !PQgetisnull(r, 0, 0)) {
+		snprintf(l->out, sizeof(l->out), "%s", PQgetvalue(r, 0, 0));
+		res = l->out;
+	}
+	PQclear(r);
+	return res;
+}
+
+/* Registers the ghost (M_USER_IN_USE is fine) and names it. */
+static cw_err register_ghost(struct matrix *m, const char *ghost, const char *peer, const char *localpart,
+			     const char *display, cw_errmsg *e)
+{
+	char *ghost_local = strndup(ghost + 1, strcspn(ghost + 1, ":"));
+	long status;
+	json_t *answer = NULL;
+	cw_err rc = mx_call(m, "POST", "/_matrix/client/v3/register", NULL, NULL,
+			    json_pack("{s:s, s:s, s:b}", "type", "m.login.application_service", "username",
+				      ghost_local ? ghost_local : "", "inhibit_login", 1),
+			    &status, &answer, e);
+	free(ghost_local);
+	const char *code = json_string_value(json_object_get(answer, "errcode"));
+	if (rc && status == 400 && code && strcmp(code, "M_USER_IN_USE") == 0)
+		rc = CW_OK; /* registered before (the binding was lost, or another process) */
+	json_decref(answer);
+	if (rc)
+		return rc;
+	char name[400], path[600];
+	snprintf(name, sizeof(name), "%.300s (%.80s)", display && *display ? display : localpart, peer);
+	char *g = seg(m, ghost);
+	snprintf(path, sizeof(path), "/_matrix/client/v3/profile/%s/displayname", g ? g : "");
+	curl_free(g);
+	cw_errmsg e2;
+	if (mx_call(m, "PUT", path, ghost, NULL, json_pack("{s:s}", "displayname", name), &status, NULL, &e2))
+		LOG_KV(CW_LOG_WARN, "cannot set a ghost's display name", "user", ghost, "detail", e2.msg);
+	return CW_OK;
+}
+
+cw_err mx_ensure_ghost_id(struct matrix *m, const char *identity, const char *peer, const char *localpart,
+			  const char *display, const char *ghost, cw_errmsg *e)
+{
+	(void)identity; /* the binding is written when the ghost first delivers */
+	return register_ghost(m, ghost, peer, localpart, display, e);
+}
+
+/* The ghost of a remote user: registered (once) with a display name. */
+static cw_err ensure_ghost(struct matrix *m, PGconn *c, const char *sender_id, const char *peer,
+			   const char *localpart, const char *display, char *ghost, size_t glen, cw_errmsg *e)
+{
+	if (!mx_ghost_id(m->cfg->mx_user_prefix, peer, localpart, mx_server_name(m->cfg), ghost, glen))
+		return cw_fail(e, CW_EINVAL, "the remote user %s has no Matrix ghost id (too long)", localpart);
+	cw_err rc = register_ghost(m, ghost, peer, localpart, display, e);
+	if (rc)
+		return rc;
+	const char *params[] = { sender_id, ghost };
+	return store_command(c, "INSERT INTO identity_bindings (identity_id, network, native_id) VALUES ($1::bigint, 'matrix', $2) "
+			  "ON CONFLICT DO NOTHING", 2, params, e);
+}
+
+/* The direct room of (local user, remote user): made by the ghost, with the
+ * local user invited, the first time. */
+static cw_err ensure_room(struct matrix *m, PGconn *c, const char *neutral_room, const char *target_id,
+			  const char *sender_id, const char *ghost, const char *target_mxid, char *room, size_t rlen,
+			  cw_errmsg *e)
+{
+	long status;
+	json_t *answer = NULL;
+	cw_err rc = mx_call(m, "POST", "/_matrix/client/v3/createRoom", ghost, NULL,
+			    json_pack("{s:s, s:b, s:[s]}", "preset", "trusted_private_chat", "is_direct", 1, "invite",
+				      target_mxid),
+			    &status, &answer, e);
+	const char *id = json_string_value(json_object_get(answer, "room_id"));
+	if (!rc && (!id || !mx_room_id_valid(id)))
+		rc = cw_fail(e, CW_EIO, "the homeserver made a room without a valid room_id");
+	if (!rc)
+		snprintf(room, rlen, "%s", id);
+	json_decref(answer);
+	if (rc)
+		return rc;
+	const char *params[] = { neutral_room, room, target_id, sender_id };
+	return store_command(c, "INSERT INTO room_bindings (room_id, network, native_id, local_identity_id, remote_identity_id) "
+			  "VALUES ($1::bigint, 'matrix', $2, $3::bigint, $4::bigint) ON CONFLICT DO NOTHING",
+		       4, params, e);
+}
+
+/* Whether an earlier attempt of this row reached the room after all (the
+ * homeserver forgot the txnId after a restart): its outbox id is in the
+ * content of one of the room's last events. */
+static bool already_sent(struct matrix *m, const char *room, const char *ghost, int64_t row_id, char *eid,
+			 size_t elen)
+{
+	char path[600], *r = seg(m, room);
+	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/messages", r ? r : "");
+	curl_free(r);
+	long status;
+	json_t *answer = NULL;
+	cw_errmsg e;
+	bool found = false;
+	if (mx_call(m, "GET", path, ghost, "dir=b&limit=50", NULL, &status, &answer, &e) == CW_OK) {
+		size_t i;
+		json_t *ev;
+		json_array_foreach(json_object_get(answer, "chunk"), i, ev) {
+			json_t *mark = json_object_get(json_object_get(ev, "content"), MX_OUTBOX_KEY);
+			if (json_is_integer(mark) && json_integer_value(mark) == row_id &&
+			    json_is_string(json_object_get(ev, "event_id"))) {
+				snprintf(eid, elen, "%s", json_string_value(json_object_get(ev, "event_id")));
+				found = true;
+				break;
+			}
+		}
+	}
+	json_decref(answer);
+	return found;
+}
+
+static cw_err deliver_one(struct matrix *m, PGconn *c, struct outbox_row *row, long *code, cw_errmsg *e)
+{
+	if (!row->target_id)
+		return cw_fail(e, CW_EINVAL, "group rooms are not bridged to Matrix yet (only direct rooms)");
+	char ev_id[24], target[24];
+	snprintf(ev_id, sizeof(ev_id), "%lld", (long long)row->event_id);
+	snprintf(target, sizeof(target), "%lld", (long long)row->target_id);
+	const char *params[] = { ev_id, target };
+	PGresult *r = PQexecParams(c,
+		"SELECT t.localpart, (SELECT native_id FROM identity_bindings WHERE identity_id = t.id AND network = 'matrix'), "
+		" s.id, s.localpart, s.is_local, p.name, "
+		" (SELECT native_id FROM identity_bindings WHERE identity_id = s.id AND network = 'matrix'), "
+		" (SELECT native_id FROM room_bindings WHERE network = 'matrix' AND local_identity_id = t.id "
+		"  AND remote_identity_id = s.id), coalesce(s.display_name, ''), ev.room_id, ev.ts "
+		"FROM events ev JOIN identities s ON s.id = ev.sender_id JOIN identities t ON t.id = $2::bigint "
+		"LEFT JOIN peers p ON p.id = s.peer_id WHERE ev.id = $1::bigint",
+		2, NULL, params, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	if (PQntuples(r) != 1 || PQgetvalue(r, 0, 4)[0] == 't' || PQgetisnull(r, 0, 5)) {
+		PQclear(r);
+		return cw_fail(e, CW_EINVAL, "only events of remote users are delivered to Matrix");
+	}
+	char target_mxid[MX_ID_MAX + 1], ghost[MX_ID_MAX + 1], room[MX_ID_MAX + 1] = "", sender_id[24], neutral_room[24];
+	char ts[24];
+	if (!PQgetisnull(r, 0, 1))
+		snprintf(target_mxid, sizeof(target_mxid), "%s", PQgetvalue(r, 0, 1));
+	else
+		snprintf(target_mxid, sizeof(target_mxid), "@%s:%s", PQgetvalue(r, 0, 0), mx_server_name(m->cfg));
+	snprintf(sender_id, sizeof(sender_id), "%s", PQgetvalue(r, 0, 2));
+	snprintf(neutral_room, sizeof(neutral_room), "%s", PQgetvalue(r, 0, 9));
+	snprintf(ts, sizeof(ts), "%s", PQgetvalue(r, 0, 10));
+	bool have_ghost = !PQgetisnull(r, 0, 6), have_room = !PQgetisnull(r, 0, 7);
+	if (have_ghost)
+		snprintf(ghost, sizeof(ghost), "%s", PQgetvalue(r, 0, 6));
+	if (have_room)
+		snprintf(room, sizeof(room), "%s", PQgetvalue(r, 0, 7));
+	char peer[80], localpart[600], display[300];
+	snprintf(peer, sizeof(peer), "%s", PQgetvalue(r, 0, 5));
+	snprintf(localpart, sizeof(localpart), "%s", PQgetvalue(r, 0, 3));
+	snprintf(display, sizeof(display), "%s", PQgetvalue(r, 0, 8));
+	PQclear(r);
+	if (!mx_user_id_parse(target_mxid, NULL, 0, NULL, 0))
+		return cw_fail(e, CW_EINVAL, "the local user %s has no valid Matrix id", target_mxid);
+	if (!have_ghost && (rc = ensure_ghost(m, c, sender_id, peer, localpart, display, ghost, sizeof(ghost), e)))
+		goto out;
+	if (!have_room && (rc = ensure_room(m, c, neutral_room, target, sender_id, ghost, target_mxid, room,
+					    sizeof(room), e)))
+		goto out;
+	{
+		struct lookup_ctx l = { .c = c };
+		char marker[24];
+		snprintf(marker, sizeof(marker), "%lld", (long long)row->id);
+		struct mx_out out;
+		char why[200] = "";
+		memset(&out, 0, sizeof(out));
+		if (!mx_from_neutral(row->event, to_native, &l, MX_OUTBOX_KEY, marker, &out, why, sizeof(why))) {
+			mx_out_clear(&out);
+			rc = cw_fail(e, CW_EINVAL, "not representable in Matrix: %s", why);
+			goto out;
+		}
+		if (out.content && json_is_object(out.content) && json_is_string(json_object_get(out.content, MX_OUTBOX_KEY)))
+			json_object_set_new(out.content, MX_OUTBOX_KEY, json_integer(row->id));
+		char path[1200], query[64], eid[MX_ID_MAX + 1] = "";
+		char *rs = seg(m, room), *ts_q = NULL;
+		char txn[48];
+		snprintf(txn, sizeof(txn), "cw-%lld", (long long)row->id);
+		long status = 0;
+		json_t *answer = NULL;
+		switch (out.op) {
+		case MX_OP_SEND: {
+			if (row->attempts > 1 && already_sent(m, room, ghost, row->id, eid, sizeof(eid)))
+				break;
+			char *ty = seg(m, out.event_type);
+			snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/send/%s/%s", rs ? rs : "", ty ? ty : "", txn);
+			curl_free(ty);
+			snprintf(query, sizeof(query), "ts=%s", ts);
+			ts_q = query;
+			rc = mx_call(m, "PUT", path, ghost, ts_q, json_incref(out.content), &status, &answer, e);
+			break;
+		}
+		case MX_OP_REDACT: {
+			char *tg = seg(m, out.target);
+			snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/redact/%s/%s", rs ? rs : "", tg ? tg : "", txn);
+			curl_free(tg);
+			rc = mx_call(m, "PUT", path, ghost, NULL, out.content ? json_incref(out.content) : json_object(),
+				     &status, &answer, e);
+			break;
+		}
+		case MX_OP_RECEIPT: {
+			char *tg = seg(m, out.target);
+			snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/receipt/m.read/%s", rs ? rs : "", tg ? tg : "");
+			curl_free(tg);
+			rc = mx_call(m, "POST", path, ghost, NULL, json_object(), &status, &answer, e);
+			break;
+		}
+		case MX_OP_TYPING: {
+			char *g = seg(m, ghost);
+			snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/typing/%s", rs ? rs : "", g ? g : "");
+			curl_free(g);
+			rc = mx_call(m, "PUT", path, ghost, NULL,
+				     out.typing ? json_pack("{s:b, s:i}", "typing", 1, "timeout", 30000)
+						: json_pack("{s:b}", "typing", 0),
+				     &status, &answer, e);
+			break;
+		}
+		case MX_OP_NONE:
+			break;
+		}
+		curl_free(rs);
+		*code = status;
+		if (!rc && !eid[0] && json_is_string(json_object_get(answer, "event_id")))
+			snprintf(eid, sizeof(eid), "%s", json_string_value(json_object_get(answer, "event_id")));
+		if (rc && status == 429) {
+			json_t *ra = json_object_get(answer, "retry_after_ms");
+			if (json_is_integer(ra))
+				cw_fail(e, CW_EIO, "homeserver rate limit: retry after %lld ms", (long long)json_integer_value(ra));
+		}
+		json_decref(answer);
+		mx_out_clear(&out);
+		if (!rc && eid[0]) {
+			char row_id[24];
+			snprintf(row_id, sizeof(row_id), "%lld", (long long)row->id);
+			const char *p2[] = { ev_id, eid, row_id };
+			cw_errmsg e2;
+			if (store_command(c, "WITH n AS (INSERT INTO event_native_ids (event_id, network, kind, native_id) "
+				       "VALUES ($1::bigint, 'matrix', 'event_id', $2) ON CONFLICT DO NOTHING) "
+				       "UPDATE outbox SET remote_id = $2 WHERE id = $3::bigint", 3, p2, &e2))
+				LOG_KV(CW_LOG_WARN, "cannot record a Matrix event id", "detail", e2.msg);
+		}
+	}
+out:
+	return rc;
+}
+
+cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_row *rows, size_t n,
+		      size_t *done, long *code, cw_errmsg *e)
+{
+	struct matrix *m = ctx;
+	*done = 0;
+	*code = 0;
+	for (size_t i = 0; i < n; i++) {
+		cw_err rc = deliver_one(m, c, &rows[i], code, e);
+		if (rc)
+			return rc;
+		(*done)++;
+	}
+	return CW_OK;
+}

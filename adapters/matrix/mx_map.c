@@ -1,0 +1,1545 @@
+/* Matrix events <-> neutral events, and the HTML sanitiser (see mx_map.h). */
+#include "config.h"
+#include "matrix/mx_map.h"
+#include "matrix/mx_id.h"
+#include "buf.h"
+#include "peer/event.h"
+
+#include <libxml/HTMLparser.h>
+#include <libxml/parserInternals.h>
+#include <libxml/tree.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define HTML_INPUT_MAX (1024 * 1024)  /* bytes mx_sanitize_html takes */
+#define HTML_DEPTH_MAX 100            /* the spec's nesting limit */
+#define EPHEMERAL_MAX 1024            /* items of one ephemeral event */
+/* Room left in an event for the sender and room URIs the caller adds. */
+#define ENVELOPE_RESERVE (2 * MIMI_URI_MAX + 64)
+
+static const char HTML_FORMAT[] = "org.matrix.custom.html";
+
+/* ------------------------------------------------------------ small helpers */
+
+__attribute__((format(printf, 3, 4)))
+static void say(char *why, size_t whylen, const char *fmt, ...)
+{
+	if (!why || !whylen)
+		return;
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(why, whylen, fmt, ap);
+	va_end(ap);
+}
+
+static bool starts_with(const char *s, const char *prefix)
+{
+	return strncmp(s, prefix, strlen(prefix)) == 0;
+}
+
+static const char *str_member(const json_t *obj, const char *key)
+{
+	return json_string_value(json_object_get(obj, key));
+}
+
+/* cw_buf appends that remember any failure (cap or memory) in overflow. */
+static void add(struct cw_buf *b, const char *s, size_t n)
+{
+	if (!b->overflow && cw_buf_add(b, s, n) != CW_OK)
+		b->overflow = true;
+}
+
+static void adds(struct cw_buf *b, const char *s)
+{
+	add(b, s, strlen(s));
+}
+
+static void add_escaped(struct cw_buf *b, const char *s, bool attr)
+{
+	const char *run = s;
+	for (; *s; s++) {
+		const char *rep = NULL;
+		switch (*s) {
+		case '&': rep = "&amp;"; break;
+		case '<': rep = "&lt;"; break;
+		case '>': rep = "&gt;"; break;
+		case '"': rep = attr ? "&quot;" : NULL; break;
+		default: break;
+		}
+		if (rep) {
+			add(b, run, (size_t)(s - run));
+			adds(b, rep);
+			run = s + 1;
+		}
+	}
+	add(b, run, (size_t)(s - run));
+}
+
+/* The content of b as a malloc'd string, or NULL after a failure. */
+static char *take(struct cw_buf *b)
+{
+	if (b->overflow) {
+		cw_buf_free(b);
+		return NULL;
+	}
+	return cw_buf_take(b, NULL);
+}
+
+/* ------------------------------------------------------------ HTML */
+
+static pthread_once_t xml_once = PTHREAD_ONCE_INIT;
+
+static void xml_init(void)
+{
+	xmlInitParser();
+}
+
+/* Valid UTF-8 without NUL and the characters XML/HTML parsers refuse (C0
+ * controls but tab, LF, CR; U+FFFE, U+FFFF): each bad byte or character
+ * becomes U+FFFD.  Wrapped in html/body so that the fragment is parsed as
+ * body content (libxml2 would otherwise imply a <p> around leading text). */
+static char *clean_input(const char *s, size_t n, size_t *outlen)
+{
+	static const char head[] = "<html><body>", tail[] = "</body></html>";
+	struct cw_buf b;
+	cw_buf_init(&b, n * 3 + sizeof(head) + sizeof(tail));
+	add(&b, head, sizeof(head) - 1);
+	const unsigned char *p = (const unsigned char *)s;
+	while (n) {
+		size_t l = mx_utf8_seq(p, n);
+		bool bad = l == 0 || (l == 1 && *p < 0x20 && *p != '\t' && *p != '\n' && *p != '\r') ||
+			   (l == 3 && p[0] == 0xEF && p[1] == 0xBF && (p[2] == 0xBE || p[2] == 0xBF));
+		if (bad) {
+			add(&b, "\xEF\xBF\xBD", 3);
+			l = l ? l : 1;
+		} else {
+			add(&b, (const char *)p, l);
+		}
+		p += l;
+		n -= l;
+	}
+	add(&b, tail, sizeof(tail) - 1);
+	if (b.overflow) {
+		cw_buf_free(&b);
+		return NULL;
+	}
+	return cw_buf_take(&b, outlen);
+}
+
+static bool in_list(const char *name, const char *const *list)
+{
+	for (; *list; list++)
+		if (strcmp(name, *list) == 0)
+			return true;
+	return false;
+}
+
+static const char *const allowed_tags[] = {
+	"del", "h1", "h2", "h3", "h4", "h5", "h6", "blockquote", "p", "a", "ul", "ol", "sup", "sub", "li",
+	"b", "i", "u", "strong", "em", "s", "code", "hr", "br", "div", "table", "thead", "tbody", "tr", "th",
+	"td", "caption", "pre", "span", "img", "details", "summary", NULL,
+};
+/* Elements whose whole content goes (mx-reply unless kept on purpose). */
+static const char *const dropped_tags[] = {
+	"script", "style", "head", "title", "template", "iframe", "object", "embed", "applet", "noembed",
+	"noframes", NULL,
+};
+static const char *const void_tags[] = { "br", "hr", "img", NULL };
+/* Elements after which the text rendering starts a new line. */
+static const char *const block_tags[] = {
+	"p", "div", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "blockquote", "pre", "ul", "ol", "table",
+	"caption", "details", "summary", "hr", NULL,
+};
+
+static bool digits_ok(const char *v)
+{
+	size_t n = strlen(v);
+	if (n == 0 || n > 9)
+		return false;
+	for (; *v; v++)
+		if (*v < '0' || *v > '9')
+			return false;
+	return true;
+}
+
+static bool color_ok(const char *v)
+{
+	if (v[0] != '#' || strlen(v) != 7)
+		return false;
+	for (int i = 1; i < 7; i++) {
+		char c = v[i];
+		if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F')))
+			return false;
+	}
+	return true;
+}
+
+/* An absolute URL whose scheme is one a message link may have. */
+static bool href_ok(const char *v)
+{
+	static const char *const schemes[] = { "http", "https", "ftp", "mailto", "magnet", "matrix", NULL };
+	char scheme[16];
+	size_t i = 0;
+	if (!((v[0] >= 'a' && v[0] <= 'z') || (v[0] >= 'A' && v[0] <= 'Z')))
+		return false;
+	while (v[i] && v[i] != ':') {
+		char c = v[i];
+		bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '+' ||
+			  c == '-' || c == '.';
+		if (!ok || i + 1 >= sizeof(scheme))
+			return false;
+		scheme[i] = (char)((c >= 'A' && c <= 'Z') ? c - 'A' + 'a' : c);
+		i++;
+	}
+	if (v[i] != ':')
+		return false;
+	scheme[i] = '\0';
+	return in_list(scheme, schemes);
+}
+
+/* mxc://<server name>/<media id of [A-Za-z0-9_-]>. */
+static bool mxc_ok(const char *v)
+{
+	if (!starts_with(v, "mxc://"))
+		return false;
+	const char *srv = v + 6, *slash = strchr(srv, '/');
+	if (!slash || slash == srv || slash - srv > 255)
+		return false;
+	char server[256];
+	memcpy(server, srv, (size_t)(slash - srv));
+	server[slash - srv] = '\0';
+	if (!mx_server_name_valid(server) || !slash[1])
+		return false;
+	for (const char *p = slash + 1; *p; p++) {
+		char c = *p;
+		if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '-'))
+			return false;
+	}
+	return true;
+}
+
+static char *attr_value(xmlAttr *a)
+{
+	xmlChar *v = xmlNodeGetContent((xmlNode *)a);
+	if (!v)
+		return NULL;
+	char *s = strdup((const char *)v);
+	xmlFree(v);
+	return s;
+}
+
+/* Writes one attribute, once per name (the first wins). */
+static void emit_attr(struct cw_buf *b, const char *name, const char *value, char *seen, size_t seen_size)
+{
+	char key[40];
+	snprintf(key, sizeof(key), "|%s|", name);
+	if (strstr(seen, key))
+		return;
+	size_t l = strlen(seen);
+	snprintf(seen + l, seen_size - l, "%s", key);
+	add(b, " ", 1);
+	adds(b, name);
+	adds(b, "=\"");
+	add_escaped(b, value, true);
+	add(b, "\"", 1);
+}
+
+/* The language-* classes of a code element's class, or "" . */
+static void language_classes(const char *v, char *out, size_t size)
+{
+	out[0] = '\0';
+	size_t n = 0;
+	while (*v) {
+		while (*v == ' ' || *v == '\t' || *v == '\n' || *v == '\r' || *v == '\f')
+			v++;
+		const char *start = v;
+		while (*v && *v != ' ' && *v != '\t' && *v != '\n' && *v != '\r' && *v != '\f')
+			v++;
+		size_t l = (size_t)(v - start);
+		if (l > 9 && strncmp(start, "language-", 9) == 0) {
+			bool ok = true;
+			for (size_t i = 0; i < l; i++) {
+				char c = start[i];
+				if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' ||
+				      c == '_' || c == '+' || c == '#' || c == '.'))
+					ok = false;
+			}
+			if (ok && n + l + 2 <= size) {
+				if (n)
+					out[n++] = ' ';
+				memcpy(out + n, start, l);
+				n += l;
+				out[n] = '\0';
+			}
+		}
+	}
+}
+
+/* The start tag of an allowed element with its permitted attributes.
+ * Returns false when the element is not written (an img without an mxc://
+ * source: its alt text is written instead). */
+static bool emit_start(struct cw_buf *b, xmlNode *n, const char *tag)
+{
+	const char *out_tag = strcmp(tag, "font") == 0 ? "span" : tag;
+	struct cw_buf attrs;
+	cw_buf_init(&attrs, 64 * 1024);
+	char seen[512] = "";
+	char *alt = NULL;
+	bool has_src = false;
+	for (xmlAttr *a = n->properties; a; a = a->next) {
+		const char *name = (const char *)a->name;
+		char *v = attr_value(a);
+		if (!v) {
+			attrs.overflow = true;
+			continue;
+		}
+		if (strcmp(tag, "span") == 0 || strcmp(tag, "font") == 0) {
+			if ((strcmp(name, "data-mx-bg-color") == 0 || strcmp(name, "data-mx-color") == 0) && color_ok(v))
+				emit_attr(&attrs, name, v, seen, sizeof(seen));
+			else if (strcmp(tag, "font") == 0 && strcmp(name, "color") == 0 && color_ok(v))
+				emit_attr(&attrs, "data-mx-color", v, seen, sizeof(seen));
+			else if (strcmp(name, "data-mx-spoiler") == 0 || strcmp(name, "data-mx-maths") == 0)
+				emit_attr(&attrs, name, v, seen, sizeof(seen));
+		} else if (strcmp(tag, "a") == 0) {
+			if (strcmp(name, "name") == 0 || strcmp(name, "target") == 0 ||
+			    (strcmp(name, "href") == 0 && href_ok(v)))
+				emit_attr(&attrs, name, v, seen, sizeof(seen));
+		} else if (strcmp(tag, "img") == 0) {
+			if ((strcmp(name, "width") == 0 || strcmp(name, "height") == 0) && digits_ok(v)) {
+				emit_attr(&attrs, name, v, seen, sizeof(seen));
+			} else if (strcmp(name, "alt") == 0 || strcmp(name, "title") == 0) {
+				emit_attr(&attrs, name, v, seen, sizeof(seen));
+				if (strcmp(name, "alt") == 0 && !alt)
+					alt = strdup(v);
+			} else if (strcmp(name, "src") == 0 && !has_src && mxc_ok(v)) {
+				emit_attr(&attrs, name, v, seen, sizeof(seen));
+				has_src = true;
+			}
+		} else if (strcmp(tag, "ol") == 0) {
+			if (strcmp(name, "start") == 0 && digits_ok(v))
+				emit_attr(&attrs, name, v, seen, sizeof(seen));
+		} else if (strcmp(tag, "code") == 0) {
+			char cls[256];
+			if (strcmp(name, "class") == 0) {
+				language_classes(v, cls, sizeof(cls));
+				if (cls[0])
+					emit_attr(&attrs, name, cls, seen, sizeof(seen));
+			}
+		} else if (strcmp(tag, "div") == 0) {
+			if (strcmp(name, "data-mx-maths") == 0)
+				emit_attr(&attrs, name, v, seen, sizeof(seen));
+		}
+		free(v);
+	}
+	bool written = true;
+	if (strcmp(tag, "img") == 0 && !has_src) {
+		if (alt)
+			add_escaped(b, alt, false);
+		written = false;
+	} else {
+		add(b, "<", 1);
+		adds(b, out_tag);
+		if (attrs.overflow)
+			b->overflow = true;
+		else if (attrs.len)
+			add(b, attrs.p, attrs.len);
+		add(b, ">", 1);
+	}
+	free(alt);
+	cw_buf_free(&attrs);
+	return written;
+}
+
+enum walk_mode { WALK_HTML, WALK_TEXT };
+
+struct walker {
+	struct cw_buf out;
+	enum walk_mode mode;
+	bool keep_reply;   /* mx-reply: keep its content (without the tag) */
+	int depth;         /* elements written and still open */
+};
+
+/* The name of the element written for n, or NULL (n->_private marks it). */
+static const char *written_tag(xmlNode *n)
+{
+	if (!n->_private)
+		return NULL;
+	return strcmp((const char *)n->name, "font") == 0 ? "span" : (const char *)n->name;
+}
+
+static void text_newline(struct walker *w)
+{
+	if (w->out.len && w->out.p[w->out.len - 1] != '\n')
+		add(&w->out, "\n", 1);
+}
+
+/* Visits n on the way down; true to walk its children. */
+static bool enter(struct walker *w, xmlNode *n)
+{
+	n->_private = NULL;
+	if (n->type == XML_TEXT_NODE || n->type == XML_CDATA_SECTION_NODE) {
+		if (n->content) {
+			if (w->mode == WALK_HTML)
+				add_escaped(&w->out, (const char *)n->content, false);
+			else
+				adds(&w->out, (const char *)n->content);
+		}
+		return false;
+	}
+	if (n->type != XML_ELEMENT_NODE || !n->name)
+		return false; /* comments, processing instructions, DTDs */
+	const char *tag = (const char *)n->name;
+	if (in_list(tag, dropped_tags))
+		return false;
+	if (strcmp(tag, "mx-reply") == 0)
+		return w->keep_reply;
+	if (w->mode == WALK_TEXT) {
+		if (strcmp(tag, "br") == 0)
+			add(&w->out, "\n", 1);
+		else if (strcmp(tag, "img") == 0) {
+			xmlChar *alt = xmlGetProp(n, (const xmlChar *)"alt");
+			if (alt)
+				adds(&w->out, (const char *)alt);
+			xmlFree(alt);
+		} else if (in_list(tag, block_tags))
+			text_newline(w);
+		return true;
+	}
+	if ((in_list(tag, allowed_tags) || strcmp(tag, "font") == 0) && w->depth < HTML_DEPTH_MAX) {
+		if (emit_start(&w->out, n, tag) && !in_list(tag, void_tags)) {
+			n->_private = (void *)n;
+			w->depth++;
+		}
+	}
+	return true;
+}
+
+/* Visits n on the way up (after its children). */
+static void leave(struct walker *w, xmlNode *n)
+{
+	if (w->mode == WALK_TEXT) {
+		if (n->type == XML_ELEMENT_NODE && n->name && in_list((const char *)n->name, block_tags))
+			text_newline(w);
+		return;
+	}
+	const char *tag = written_tag(n);
+	if (tag) {
+		add(&w->out, "</", 2);
+		adds(&w->out, tag);
+		add(&w->out, ">", 1);
+		w->depth--;
+		n->_private = NULL;
+	}
+}
+
+/* Walks the whole document without recursion (the tree may be deep). */
+static void walk(struct walker *w, xmlDoc *doc)
+{
+	xmlNode *top = (xmlNode *)doc;
+	xmlNode *n = doc->children;
+	while (n && !w->out.overflow) {
+		if (enter(w, n) && n->children) {
+			n = n->children;
+			continue;
+		}
+		leave(w, n);
+		while (n != top && !n->next) {
+			n = n->parent;
+			if (!n || n == top) {
+				n = NULL;
+				break;
+			}
+			leave(w, n);
+		}
+		if (n)
+			n = n->next;
+	}
+}
+
+static char *html_walk(const char *html, size_t len, enum walk_mode mode, bool keep_reply)
+{
+	if (len > HTML_INPUT_MAX)
+		return NULL;
+	if (len == 0)
+		return calloc(1, 1);
+	pthread_once(&xml_once, xml_init);
+	size_t blen;
+	char *buf = clean_input(html, len, &blen);
+	if (!buf)
+		return NULL;
+	/* XML_PARSE_HUGE lifts libxml2's depth limit of 256, past which it stops
+	 * parsing and the rest of the text would be lost (the walk below keeps
+	 * at most HTML_DEPTH_MAX levels of elements and all of the text);
+	 * htmlReadMemory() drops that option, hence the context by hand. */
+	htmlParserCtxtPtr ctxt = htmlCreateMemoryParserCtxt(buf, (int)blen);
+	if (!ctxt) {
+		free(buf);
+		return NULL;
+	}
+	htmlCtxtUseOptions(ctxt, HTML_PARSE_NOERROR | HTML_PARSE_NOWARNING | HTML_PARSE_NONET | HTML_PARSE_NODEFDTD |
+					 HTML_PARSE_IGNORE_ENC);
+	ctxt->options |= XML_PARSE_HUGE;
+	xmlCharEncodingHandlerPtr utf8 = xmlFindCharEncodingHandler("UTF-8");
+	if (utf8)
+		xmlSwitchToEncoding(ctxt, utf8);
+	htmlParseDocument(ctxt);
+	htmlDocPtr doc = ctxt->myDoc;
+	ctxt->myDoc = NULL;
+	htmlFreeParserCtxt(ctxt);
+	free(buf);
+	if (!doc)
+		return NULL;
+	struct walker w = { .mode = mode, .keep_reply = keep_reply };
+	cw_buf_init(&w.out, len * 6 + 64);
+	walk(&w, doc);
+	xmlFreeDoc(doc);
+	return take(&w.out);
+}
+
+char *mx_sanitize_html(const char *html, size_t len)
+{
+	if (!html)
+		return calloc(1, 1);
+	return html_walk(html, len, WALK_HTML, false);
+}
+
+/* The text of HTML (line breaks for br and blocks), trimmed. */
+static char *html_text(const char *html, bool keep_reply)
+{
+	char *t = html_walk(html, strlen(html), WALK_TEXT, keep_reply);
+	if (!t)
+		return NULL;
+	size_t n = strlen(t);
+	while (n && (t[n - 1] == '\n' || t[n - 1] == ' ' || t[n - 1] == '\t' || t[n - 1] == '\r'))
+		t[--n] = '\0';
+	size_t s = 0;
+	while (t[s] == '\n' || t[s] == ' ' || t[s] == '\t' || t[s] == '\r')
+		s++;
+	memmove(t, t + s, n - s + 1);
+	return t;
+}
+
+/* Whether sanitised HTML shows nothing (only whitespace, no element). */
+static bool html_blank(const char *h)
+{
+	for (; *h; h++)
+		if (*h != ' ' && *h != '\n' && *h != '\t' && *h != '\r')
+			return false;
+	return true;
+}
+
+/* ------------------------------------------------------------ lookups */
+
+/* to_msg(id) when it is a valid neutral message id, copied into buf. */
+static const char *lookup_msg(mx_lookup_fn f, void *ctx, const char *id, char *buf, size_t size)
+{
+	if (!f || !id)
+		return NULL;
+	const char *r = f(ctx, id);
+	if (!r || !message_id_valid(r) || strlen(r) >= size)
+		return NULL;
+	memcpy(buf, r, strlen(r) + 1);
+	return buf;
+}
+
+/* to_native(id) when it is a valid Matrix event id, copied into buf. */
+static const char *lookup_event(mx_lookup_fn f, void *ctx, const char *id, char *buf, size_t size)
+{
+	if (!f || !id)
+		return NULL;
+	const char *r = f(ctx, id);
+	if (!r || !mx_event_id_valid(r) || strlen(r) >= size)
+		return NULL;
+	memcpy(buf, r, strlen(r) + 1);
+	return buf;
+}
+
+/* ------------------------------------------------------------ Matrix -> neutral */
+
+static void add_ref(const char **ids, size_t *n, size_t max, const char *id)
+{
+	if (!id || !mx_event_id_valid(id) || *n >= max)
+		return;
+	for (size_t i = 0; i < *n; i++)
+		if (strcmp(ids[i], id) == 0)
+			return;
+	ids[(*n)++] = id;
+}
+
+size_t mx_event_refs(const json_t *ev, const char **ids, size_t max)
+{
+	size_t n = 0;
+	if (!json_is_object(ev) || !ids)
+		return 0;
+	const json_t *content = json_object_get(ev, "content");
+	const json_t *rel = json_object_get(content, "m.relates_to");
+	if (json_is_object(rel)) {
+		add_ref(ids, &n, max, str_member(json_object_get(rel, "m.in_reply_to"), "event_id"));
+		add_ref(ids, &n, max, str_member(rel, "event_id"));
+	}
+	add_ref(ids, &n, max, str_member(content, "redacts"));
+	add_ref(ids, &n, max, str_member(ev, "redacts"));
+	return n;
+}
+
+/* What m.relates_to says, checked for shape. */
+struct rel {
+	const char *rel_type;   /* NULL when none */
+	const char *event_id;   /* the relation's target */
+	const char *reply_to;   /* m.in_reply_to.event_id */
+	bool falling_back;      /* m.thread: the reply is only a fallback */
+	const char *key;        /* m.annotation */
+};
+
+static enum mx_in_result parse_rel(const json_t *content, struct rel *r, char *why, size_t whylen)
+{
+	memset(r, 0, sizeof(*r));
+	const json_t *rel = json_object_get(content, "m.relates_to");
+	if (!rel)
+		return MX_IN_OK;
+	if (!json_is_object(rel)) {
+		say(why, whylen, "m.relates_to must be an object");
+		return MX_IN_INVALID;
+	}
+	const json_t *v = json_object_get(rel, "rel_type");
+	if (v && !json_is_string(v)) {
+		say(why, whylen, "m.relates_to.rel_type must be a string");
+		return MX_IN_INVALID;
+	}
+	r->rel_type = json_string_value(v);
+	v = json_object_get(rel, "event_id");
+	if (v && !(json_is_string(v) && mx_event_id_valid(json_string_value(v)))) {
+		say(why, whylen, "m.relates_to.event_id must be an event id");
+		return MX_IN_INVALID;
+	}
+	r->event_id = json_string_value(v);
+	if (r->rel_type && !r->event_id) {
+		say(why, whylen, "m.relates_to with a rel_type needs an event_id");
+		return MX_IN_INVALID;
+	}
+	v = json_object_get(rel, "m.in_reply_to");
+	if (v) {
+		const json_t *id = json_object_get(v, "event_id");
+		if (!json_is_object(v) || !json_is_string(id) || !mx_event_id_valid(json_string_value(id))) {
+			say(why, whylen, "m.relates_to.m.in_reply_to must be an object with an event_id");
+			return MX_IN_INVALID;
+		}
+		r->reply_to = json_string_value(id);
+	}
+	r->falling_back = json_is_true(json_object_get(rel, "is_falling_back"));
+	v = json_object_get(rel, "key");
+	if (v && !json_is_string(v)) {
+		say(why, whylen, "m.relates_to.key must be a string");
+		return MX_IN_INVALID;
+	}
+	r->key = json_string_value(v);
+	return MX_IN_OK;
+}
+
+/* The length of a plain-text reply fallback at the start of body: lines
+ * "> <@..." or "> * <@..." and the "> " lines after them, then one empty
+ * line.  0 when body does not start with one. */
+static size_t reply_fallback_len(const char *body)
+{
+	if (!starts_with(body, "> <") && !starts_with(body, "> * <"))
+		return 0;
+	const char *p = body;
+	while (starts_with(p, "> ") || strcmp(p, ">") == 0 || starts_with(p, ">\n")) {
+		const char *nl = strchr(p, '\n');
+		if (!nl)
+			return strlen(body);
+		p = nl + 1;
+	}
+	if (*p == '\n')
+		p++;
+	return (size_t)(p - body);
+}
+
+static const char *media_label(const char *msgtype)
+{
+	if (strcmp(msgtype, "m.image") == 0)
+		return "image";
+	if (strcmp(msgtype, "m.video") == 0)
+		return "video";
+	if (strcmp(msgtype, "m.audio") == 0)
+		return "audio";
+	if (strcmp(msgtype, "m.file") == 0)
+		return "file";
+	return NULL;
+}
+
+/* Builds content.parts (and x.matrix.msgtype) from a message content c
+ * (the event's content or an edit's m.new_content). */
+static enum mx_in_result text_parts(const json_t *c, const char *msgtype, bool sticker, bool strip_reply,
+				    bool keep_reply, json_t *content, char *why, size_t whylen)
+{
+	struct event_limits lim = event_limits_default();
+	const char *body = str_member(c, "body");
+	if (!body) {
+		say(why, whylen, "body must be a string");
+		return MX_IN_INVALID;
+	}
+	const json_t *fmt = json_object_get(c, "format");
+	if (fmt && !json_is_string(fmt)) {
+		say(why, whylen, "format must be a string");
+		return MX_IN_INVALID;
+	}
+	const json_t *fb = json_object_get(c, "formatted_body");
+	const char *formatted = NULL;
+	if (fmt && strcmp(json_string_value(fmt), HTML_FORMAT) == 0 && fb) {
+		if (!json_is_string(fb)) {
+			say(why, whylen, "formatted_body must be a string");
+			return MX_IN_INVALID;
+		}
+		formatted = json_string_value(fb);
+	}
+	if (strip_reply) {
+		size_t skip = reply_fallback_len(body);
+		if (skip < strlen(body))
+			body += skip;
+	}
+	/* HTML that cannot be sanitised (no memory) is left out: the text goes. */
+	char *clean = formatted ? html_walk(formatted, strlen(formatted), WALK_HTML, keep_reply) : NULL;
+	if (clean) {
+		if (html_blank(clean)) {
+			free(clean);
+			clean = NULL;
+		}
+	}
+
+	/* Capped at what a part may hold: overflow means too long. */
+	struct cw_buf text, html;
+	cw_buf_init(&text, lim.max_body_bytes);
+	cw_buf_init(&html, lim.max_body_bytes);
+	bool emote = strcmp(msgtype, "m.emote") == 0;
+	if (emote) {
+		adds(&text, "* ");
+		adds(&html, "* ");
+	}
+	size_t empty = text.len;
+	bool with_html = false;
+	const char *label = sticker ? "sticker" : media_label(msgtype);
+	if (label) {
+		/* Media: "[image: name]", and the caption when body is one. */
+		const char *filename = str_member(c, "filename");
+		bool caption = !sticker && filename && *filename && strcmp(filename, body) != 0 && *body;
+		const char *name = caption ? filename : body;
+		char head[32];
+		snprintf(head, sizeof(head), *name ? "[%s: " : "[%s", label);
+		adds(&text, head);
+		adds(&text, name);
+		adds(&text, "]");
+		if (caption) {
+			adds(&text, " ");
+			adds(&text, body);
+		}
+		if (caption && clean) {
+			adds(&html, head);
+			add_escaped(&html, name, false);
+			adds(&html, "] ");
+			adds(&html, clean);
+			with_html = true;
+		}
+	} else if (strcmp(msgtype, "m.location") == 0) {
+		const char *geo = str_member(c, "geo_uri");
+		adds(&text, "[location");
+		if (*body) {
+			adds(&text, ": ");
+			adds(&text, body);
+		}
+		if (geo && *geo) {
+			adds(&text, *body ? " " : ": ");
+			adds(&text, geo);
+		}
+		adds(&text, "]");
+	} else {
+		if (*body) {
+			adds(&text, body);
+		} else if (clean) {
+			char *t = html_text(formatted, keep_reply);
+			if (t)
+				adds(&text, t);
+			free(t);
+		}
+		if (clean) {
+			adds(&html, clean);
+			with_html = true;
+		}
+	}
+	free(clean);
+	enum mx_in_result res = MX_IN_OK;
+	if (text.overflow) {
+		say(why, whylen, "the body is longer than %zu bytes", lim.max_body_bytes);
+		res = MX_IN_INVALID;
+	} else if (text.len == empty) {
+		say(why, whylen, "the message is empty");
+		res = MX_IN_INVALID;
+	} else {
+		json_t *parts = json_array();
+		json_array_append_new(parts, json_pack("{s:s, s:s%}", "type", "text/plain", "body", text.p, text.len));
+		/* HTML longer than a part may be is left out: the text is there. */
+		if (with_html && !html.overflow)
+			json_array_append_new(parts,
+					      json_pack("{s:s, s:s%}", "type", "text/html", "body", html.p, html.len));
+		json_object_set_new(content, "parts", parts);
+		if (strcmp(msgtype, "m.notice") == 0 || emote)
+			json_object_set_new(content, MX_MSGTYPE_KEY, json_string(msgtype));
+	}
+	cw_buf_free(&text);
+	cw_buf_free(&html);
+	return res;
+}
+
+static json_t *neutral_event(const char *type, json_int_t ts, json_t *content)
+{
+	return json_pack("{s:s, s:I, s:o}", "type", type, "ts", ts, "content", content);
+}
+
+static enum mx_in_result from_message(const json_t *content, bool sticker, json_int_t ts,
+				      mx_lookup_fn to_msg, void *ctx, json_t **out, char *why, size_t whylen)
+{
+	const char *msgtype = sticker ? "m.sticker" : str_member(content, "msgtype");
+	if (!msgtype) {
+		say(why, whylen, "msgtype must be a string");
+		return MX_IN_INVALID;
+	}
+	if (!json_is_string(json_object_get(content, "body"))) {
+		say(why, whylen, "body must be a string");
+		return MX_IN_INVALID;
+	}
+	if (strcmp(msgtype, "m.key.verification.request") == 0) {
+		say(why, whylen, "device verification requests are not messages to carry");
+		return MX_IN_IGNORE;
+	}
+	struct rel r;
+	enum mx_in_result res = parse_rel(content, &r, why, whylen);
+	if (res != MX_IN_OK)
+		return res;
+	char target[EVENT_OPAQUE_ID_MAX + 8];
+	json_t *nc = json_object();
+	if (r.rel_type && strcmp(r.rel_type, "m.replace") == 0 && !sticker) {
+		const json_t *newc = json_object_get(content, "m.new_content");
+		if (!json_is_object(newc)) {
+			json_decref(nc);
+			say(why, whylen, "an edit (m.replace) needs m.new_content as an object");
+			return MX_IN_INVALID;
+		}
+		const json_t *nt = json_object_get(newc, "msgtype");
+		if (nt && !json_is_string(nt)) {
+			json_decref(nc);
+			say(why, whylen, "m.new_content.msgtype must be a string");
+			return MX_IN_INVALID;
+		}
+		if (!lookup_msg(to_msg, ctx, r.event_id, target, sizeof(target))) {
+			json_decref(nc);
+			say(why, whylen, "an edit of a message the gateway does not know");
+			return MX_IN_IGNORE;
+		}
+		res = text_parts(newc, nt ? json_string_value(nt) : msgtype, false, false, false, nc, why, whylen);
+		if (res != MX_IN_OK) {
+			json_decref(nc);
+			return res;
+		}
+		json_object_set_new(nc, "replaces", json_string(target));
+		*out = neutral_event("edit", ts, nc);
+		return MX_IN_OK;
+	}
+	/* A reply, or a message in a thread: the closest known event. */
+	const char *reply = NULL;
+	bool from_reply = false;
+	bool thread = r.rel_type && strcmp(r.rel_type, "m.thread") == 0;
+	if (r.reply_to && !(thread && r.falling_back)) {
+		reply = lookup_msg(to_msg, ctx, r.reply_to, target, sizeof(target));
+		from_reply = reply != NULL;
+	}
+	if (!reply && thread)
+		reply = lookup_msg(to_msg, ctx, r.event_id, target, sizeof(target));
+	res = text_parts(content, msgtype, sticker, from_reply, !from_reply, nc, why, whylen);
+	if (res != MX_IN_OK) {
+		json_decref(nc);
+		return res;
+	}
+	if (reply)
+		json_object_set_new(nc, "in_reply_to", json_string(reply));
+	*out = neutral_event("message", ts, nc);
+	return MX_IN_OK;
+}
+
+static enum mx_in_result from_reaction(const json_t *content, json_int_t ts, mx_lookup_fn to_msg, void *ctx,
+				       json_t **out, char *why, size_t whylen)
+{
+	struct rel r;
+	enum mx_in_result res = parse_rel(content, &r, why, whylen);
+	if (res != MX_IN_OK)
+		return res;
+	if (!r.rel_type || strcmp(r.rel_type, "m.annotation") != 0 || !r.key) {
+		say(why, whylen, "a reaction needs m.relates_to with rel_type m.annotation, event_id and key");
+		return MX_IN_INVALID;
+	}
+	if (!*r.key) {
+		say(why, whylen, "a reaction's key must not be empty");
+		return MX_IN_INVALID;
+	}
+	struct event_limits lim = event_limits_default();
+	size_t klen = strlen(r.key);
+	if (klen + 16 > lim.max_body_bytes) {
+		say(why, whylen, "a reaction's key is longer than %zu bytes", lim.max_body_bytes - 16);
+		return MX_IN_INVALID;
+	}
+	char target[EVENT_OPAQUE_ID_MAX + 8];
+	if (!lookup_msg(to_msg, ctx, r.event_id, target, sizeof(target))) {
+		say(why, whylen, "a reaction to a message the gateway does not know");
+		return MX_IN_IGNORE;
+	}
+	json_t *nc;
+	if (klen <= EVENT_REACTION_MAX) {
+		nc = json_pack("{s:[{s:s, s:s}], s:s, s:s}", "parts", "type", "text/plain", "body", r.key, "disposition",
+			       "reaction", "in_reply_to", target);
+		*out = neutral_event("reaction", ts, nc);
+	} else {
+		/* Longer than a neutral reaction may be: said as a reply instead. */
+		size_t n = klen + 16;
+		char *text = malloc(n);
+		if (!text)
+			return MX_IN_INVALID;
+		snprintf(text, n, "[reaction: %s]", r.key);
+		nc = json_pack("{s:[{s:s, s:s}], s:s}", "parts", "type", "text/plain", "body", text, "in_reply_to",
+			       target);
+		free(text);
+		*out = neutral_event("message", ts, nc);
+	}
+	return MX_IN_OK;
+}
+
+static enum mx_in_result from_redaction(const json_t *ev, const json_t *content, json_int_t ts,
+					mx_lookup_fn to_msg, void *ctx, json_t **out, char *why, size_t whylen)
+{
+	/* Room version 11 moved redacts into content; servers may keep both. */
+	const json_t *v = json_object_get(content, "redacts");
+	if (!v)
+		v = json_object_get(ev, "redacts");
+	if (!json_is_string(v) || !mx_event_id_valid(json_string_value(v))) {
+		say(why, whylen, "a redaction needs redacts: an event id");
+		return MX_IN_INVALID;
+	}
+	char target[EVENT_OPAQUE_ID_MAX + 8];
+	if (!lookup_msg(to_msg, ctx, json_string_value(v), target, sizeof(target))) {
+		say(why, whylen, "a redaction of an event the gateway does not know");
+		return MX_IN_IGNORE;
+	}
+	*out = neutral_event("delete", ts, json_pack("{s:s}", "replaces", target));
+	return MX_IN_OK;
+}
+
+static enum mx_in_result from_member(const json_t *ev, const json_t *content, json_int_t ts, mx_lookup_fn to_msg,
+				     void *ctx, json_t **out, char *why, size_t whylen)
+{
+	const char *who = str_member(ev, "state_key");
+	if (!who || !mx_user_id_parse(who, NULL, 0, NULL, 0)) {
+		say(why, whylen, "m.room.member needs a user id as state_key");
+		return MX_IN_INVALID;
+	}
+	const char *m = str_member(content, "membership");
+	if (!m) {
+		say(why, whylen, "membership must be a string");
+		return MX_IN_INVALID;
+	}
+	const char *prev = str_member(json_object_get(json_object_get(ev, "unsigned"), "prev_content"), "membership");
+	const char *neutral;
+	if (strcmp(m, "join") == 0) {
+		if (prev && strcmp(prev, "join") == 0) {
+			say(why, whylen, "a profile change is not a membership change");
+			return MX_IN_IGNORE;
+		}
+		neutral = "join";
+	} else if (strcmp(m, "invite") == 0) {
+		neutral = "invite";
+	} else if (strcmp(m, "leave") == 0 || strcmp(m, "ban") == 0) {
+		neutral = "leave";
+	} else {
+		say(why, whylen, "this membership (knock or unknown) is not carried");
+		return MX_IN_IGNORE;
+	}
+	const char *uri = to_msg ? to_msg(ctx, who) : NULL;
+	struct mimi_uri u;
+	cw_errmsg e;
+	if (!uri || mimi_uri_parse(uri, &u, &e) != CW_OK || u.kind != MIMI_USER) {
+		say(why, whylen, "the member has no neutral identity");
+		return MX_IN_IGNORE;
+	}
+	*out = neutral_event("membership", ts, json_pack("{s:s, s:s}", "membership", neutral, "target", uri));
+	return MX_IN_OK;
+}
+
+/* Drops the HTML parts of a neutral event that is too long as JSON text. */
+static enum mx_in_result fit(json_t *neutral, char *why, size_t whylen)
+{
+	struct event_limits lim = event_limits_default();
+	json_t *parts = json_object_get(json_object_get(neutral, "content"), "parts");
+	/* A JSON string is at most 6 bytes per byte of text (\u00XX): most
+	 * events are far below the limit without writing them out. */
+	size_t bound = 1024, i;
+	json_t *p;
+	json_array_foreach(parts, i, p)
+		bound += 6 * json_string_length(json_object_get(p, "body")) + 64;
+	if (bound + ENVELOPE_RESERVE <= lim.max_event_bytes)
+		return MX_IN_OK;
+	for (int round = 0; round < 2; round++) {
+		char *text = json_dumps(neutral, JSON_COMPACT);
+		size_t n = text ? strlen(text) : SIZE_MAX;
+		free(text);
+		if (n + ENVELOPE_RESERVE <= lim.max_event_bytes)
+			return MX_IN_OK;
+		if (round == 0 && json_array_size(parts) > 1)
+			json_array_remove(parts, 1);
+		else
+			break;
+	}
+	say(why, whylen, "the event is longer than %zu bytes as neutral JSON", lim.max_event_bytes);
+	return MX_IN_INVALID;
+}
+
+enum mx_in_result mx_to_neutral(const json_t *ev, mx_lookup_fn to_msg, void *ctx, json_t **out, char *why,
+				size_t whylen)
+{
+	*out = NULL;
+	if (why && whylen)
+		why[0] = '\0';
+	if (!json_is_object(ev)) {
+		say(why, whylen, "the event is not a JSON object");
+		return MX_IN_INVALID;
+	}
+	const char *type = str_member(ev, "type");
+	if (!type) {
+		say(why, whylen, "type must be a string");
+		return MX_IN_INVALID;
+	}
+	const json_t *content = json_object_get(ev, "content");
+	if (!json_is_object(content)) {
+		say(why, whylen, "content must be an object");
+		return MX_IN_INVALID;
+	}
+	if (strcmp(type, "m.room.encryption") == 0) {
+		say(why, whylen, "the room turned on end-to-end encryption");
+		return MX_IN_ENCRYPTED;
+	}
+	if (strcmp(type, "m.room.encrypted") == 0) {
+		say(why, whylen, "an end-to-end encrypted event cannot be read by the gateway");
+		return MX_IN_ENCRYPTED;
+	}
+	if (json_object_get(json_object_get(ev, "unsigned"), "redacted_because")) {
+		say(why, whylen, "the event was redacted");
+		return MX_IN_IGNORE;
+	}
+	const json_t *tsv = json_object_get(ev, "origin_server_ts");
+	json_int_t ts = json_is_integer(tsv) ? json_integer_value(tsv) : 0;
+	if (ts <= 0 || ts >= EVENT_TS_LIMIT) {
+		say(why, whylen, "origin_server_ts must be a positive integer below 2^53");
+		return MX_IN_INVALID;
+	}
+	bool state = json_object_get(ev, "state_key") != NULL;
+	enum mx_in_result res;
+	if (strcmp(type, "m.room.member") == 0) {
+		res = from_member(ev, content, ts, to_msg, ctx, out, why, whylen);
+	} else if (state) {
+		say(why, whylen, "state events of this type are not carried");
+		return MX_IN_IGNORE;
+	} else if (strcmp(type, "m.room.message") == 0 || strcmp(type, "m.sticker") == 0) {
+		res = from_message(content, strcmp(type, "m.sticker") == 0, ts, to_msg, ctx, out, why, whylen);
+	} else if (strcmp(type, "m.reaction") == 0) {
+		res = from_reaction(content, ts, to_msg, ctx, out, why, whylen);
+	} else if (strcmp(type, "m.room.redaction") == 0) {
+		res = from_redaction(ev, content, ts, to_msg, ctx, out, why, whylen);
+	} else {
+		say(why, whylen, "events of this type are not carried");
+		return MX_IN_IGNORE;
+	}
+	if (res == MX_IN_OK && !*out) {
+		say(why, whylen, "out of memory");
+		return MX_IN_INVALID;
+	}
+	if (res == MX_IN_OK && (res = fit(*out, why, whylen)) != MX_IN_OK) {
+		json_decref(*out);
+		*out = NULL;
+	}
+	return res;
+}
+
+/* ------------------------------------------------------------ ephemeral */
+
+static json_t *item(const char *who, json_t *event)
+{
+	return json_pack("{s:s, s:o}", "sender_mxid", who, "event", event);
+}
+
+json_t *mx_ephemeral_to_neutral(const json_t *ev, mx_lookup_fn to_msg, void *ctx)
+{
+	json_t *list = json_array();
+	if (!list)
+		return NULL;
+	const char *type = str_member(ev, "type");
+	json_t *content = json_object_get(ev, "content");
+	if (!type || !json_is_object(content))
+		return list;
+	if (strcmp(type, "m.typing") == 0) {
+		json_t *ids = json_object_get(content, "user_ids"), *v;
+		json_t *seen = json_object();
+		size_t i;
+		json_array_foreach(ids, i, v) {
+			const char *who = json_string_value(v);
+			if (!who || !mx_user_id_parse(who, NULL, 0, NULL, 0) || json_array_size(list) >= EPHEMERAL_MAX ||
+			    json_object_get(seen, who))
+				continue;
+			json_object_set_new(seen, who, json_true());
+			json_array_append_new(list, item(who, json_pack("{s:s, s:{s:s}}", "type", "typing", "content", "state",
+									 "start")));
+		}
+		json_decref(seen);
+	} else if (strcmp(type, "m.receipt") == 0) {
+		const char *eid;
+		json_t *rec;
+		json_object_foreach(content, eid, rec) {
+			json_t *reads = json_object_get(rec, "m.read");
+			char target[EVENT_OPAQUE_ID_MAX + 8];
+			if (!json_is_object(reads) || !mx_event_id_valid(eid) ||
+			    !lookup_msg(to_msg, ctx, eid, target, sizeof(target)))
+				continue;
+			const char *who;
+			json_t *info;
+			json_object_foreach(reads, who, info) {
+				if (!mx_user_id_parse(who, NULL, 0, NULL, 0) || json_array_size(list) >= EPHEMERAL_MAX)
+					continue;
+				json_t *e = json_pack("{s:s, s:{s:s, s:s}}", "type", "receipt", "content", "in_reply_to", target,
+						      "receipt", "read");
+				json_t *tsv = json_object_get(info, "ts");
+				if (json_is_integer(tsv) && json_integer_value(tsv) > 0 &&
+				    json_integer_value(tsv) < EVENT_TS_LIMIT)
+					json_object_set_new(e, "ts", json_integer(json_integer_value(tsv)));
+				json_array_append_new(list, item(who, e));
+			}
+		}
+	}
+	return list;
+}
+
+/* ------------------------------------------------------------ neutral -> Matrix */
+
+void mx_out_clear(struct mx_out *o)
+{
+	if (!o)
+		return;
+	json_decref(o->content);
+	memset(o, 0, sizeof(*o));
+	o->op = MX_OP_NONE;
+}
+
+/* A key the mapping copies from neutral content into Matrix content. */
+static bool extension_key(const char *k, const char *marker_key)
+{
+	static const char *const reserved[] = { "m.", "org.matrix.", "im.vector.", "io.element.", "x.matrix.", NULL };
+	size_t n = strlen(k);
+	if (n < 3 || n > 255 || !strchr(k, '.') || k[0] == '.' || k[n - 1] == '.' || strstr(k, ".."))
+		return false;
+	for (const char *p = k; *p; p++)
+		if (!((*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9') || *p == '.' || *p == '_' || *p == '-'))
+			return false;
+	for (const char *const *r = reserved; *r; r++)
+		if (starts_with(k, *r))
+			return false;
+	return !(marker_key && strcmp(k, marker_key) == 0);
+}
+
+static void copy_extensions(const json_t *from, json_t *to, const char *marker_key)
+{
+	const char *k;
+	json_t *v;
+	json_object_foreach((json_t *)from, k, v)
+		if (extension_key(k, marker_key))
+			json_object_set_new(to, k, json_deep_copy(v)); /* out owns all it holds */
+}
+
+/* The text of a neutral message, as Matrix wants it. */
+struct text {
+	char msgtype[16];
+	char *body;       /* malloc'd */
+	char *html;       /* malloc'd sanitised HTML, or NULL */
+};
+
+static void text_free(struct text *t)
+{
+	free(t->body);
+	free(t->html);
+	t->body = t->html = NULL;
+}
+
+static const char *attachment_label(const char *content_type)
+{
+	if (starts_with(content_type, "image/"))
+		return "image";
+	if (starts_with(content_type, "video/"))
+		return "video";
+	if (starts_with(content_type, "audio/"))
+		return "audio";
+	return "file";
+}
+
+/* Collects body and HTML from the parts and the msgtype from the extension
+ * member; with list_attachments, the attachments are listed in the text. */
+static bool neutral_text(const json_t *content, bool list_attachments, struct text *t, char *why, size_t whylen)
+{
+	memset(t, 0, sizeof(*t));
+	const char *mt = str_member(content, MX_MSGTYPE_KEY);
+	snprintf(t->msgtype, sizeof(t->msgtype), "%s",
+		 mt && (strcmp(mt, "m.notice") == 0 || strcmp(mt, "m.emote") == 0) ? mt : "m.text");
+	const char *plain = NULL, *md = NULL, *html = NULL;
+	const json_t *parts = json_object_get(content, "parts"), *p;
+	size_t i;
+	json_array_foreach(parts, i, p) {
+		const char *type = str_member(p, "type"), *body = str_member(p, "body");
+		if (!type || !body)
+			continue;
+		if (!plain && strcmp(type, "text/plain") == 0)
+			plain = body;
+		else if (!md && strcmp(type, "text/markdown") == 0)
+			md = body;
+		else if (!html && strcmp(type, "text/html") == 0)
+			html = body;
+	}
+	bool emote = strcmp(t->msgtype, "m.emote") == 0;
+	char *clean = NULL, *derived = NULL;
+	if (html) {
+		clean = mx_sanitize_html(html, strlen(html));
+		if (!clean) {
+			say(why, whylen, "the HTML part cannot be sanitised");
+			return false;
+		}
+		if (html_blank(clean)) {
+			free(clean);
+			clean = NULL;
+		}
+	}
+	const char *text = plain ? plain : md;
+	if (!text && html)
+		text = derived = html_text(html, false);
+	/* Matrix events are at most 64 KiB: a cap well above what fits. */
+	struct cw_buf b, h;
+	cw_buf_init(&b, 256 * 1024);
+	cw_buf_init(&h, 256 * 1024);
+	if (text)
+		adds(&b, emote && starts_with(text, "* ") ? text + 2 : text);
+	if (clean)
+		adds(&h, emote && starts_with(clean, "* ") ? clean + 2 : clean);
+	free(derived);
+	free(clean);
+	if (list_attachments) {
+		const json_t *a;
+		json_array_foreach(json_object_get(content, "attachments"), i, a) {
+			const char *ct = str_member(a, "content_type"), *url = str_member(a, "url");
+			const char *name = str_member(a, "filename");
+			if (!ct || !url)
+				continue;
+			char head[300];
+			snprintf(head, sizeof(head), "[%s: %s] ", attachment_label(ct), name ? name : "file");
+			if (b.len)
+				adds(&b, "\n");
+			adds(&b, head);
+			adds(&b, url);
+			if (h.len) {
+				adds(&h, "<br>");
+				add_escaped(&h, head, false);
+				add_escaped(&h, url, false);
+			}
+		}
+	}
+	if (b.overflow || h.overflow) {
+		cw_buf_free(&b);
+		cw_buf_free(&h);
+		say(why, whylen, "the message is too large for Matrix");
+		return false;
+	}
+	bool with_html = h.len > 0;
+	t->body = cw_buf_take(&b, NULL);
+	t->html = with_html ? cw_buf_take(&h, NULL) : NULL;
+	cw_buf_free(&h);
+	if (!t->body || (with_html && !t->html)) {
+		text_free(t);
+		say(why, whylen, "out of memory");
+		return false;
+	}
+	return true;
+}
+
+/* {msgtype, body[, format, formatted_body]} with prefix before both. */
+static json_t *text_content(const struct text *t, const char *prefix)
+{
+	json_t *c = json_object();
+	size_t pl = strlen(prefix);
+	char *body = malloc(pl + strlen(t->body) + 1);
+	if (!c || !body) {
+		free(body);
+		json_decref(c);
+		return NULL;
+	}
+	memcpy(body, prefix, pl);
+	strcpy(body + pl, t->body);
+	json_object_set_new(c, "msgtype", json_string(t->msgtype));
+	json_object_set_new(c, "body", json_string(body));
+	free(body);
+	if (t->html) {
+		char *fb = malloc(pl + strlen(t->html) + 1);
+		if (!fb) {
+			json_decref(c);
+			return NULL;
+		}
+		memcpy(fb, prefix, pl);
+		strcpy(fb + pl, t->html);
+		json_object_set_new(c, "format", json_string(HTML_FORMAT));
+		json_object_set_new(c, "formatted_body", json_string(fb));
+		free(fb);
+	}
+	return c;
+}
+
+/* A single mxc:// attachment: the media message's fields, into c. */
+static bool media_message(const json_t *content, bool caption, json_t *c)
+{
+	const json_t *atts = json_object_get(content, "attachments");
+	if (json_array_size(atts) != 1)
+		return false;
+	const json_t *a = json_array_get(atts, 0);
+	const char *ct = str_member(a, "content_type"), *url = str_member(a, "url");
+	const char *name = str_member(a, "filename");
+	if (!ct || !url || !mxc_ok(url))
+		return false;
+	static const char *const types[][2] = {
+		{ "image", "m.image" }, { "video", "m.video" }, { "audio", "m.audio" }, { "file", "m.file" },
+	};
+	const char *label = attachment_label(ct), *msgtype = "m.file";
+	for (size_t i = 0; i < CW_ARRAY_LEN(types); i++)
+		if (strcmp(label, types[i][0]) == 0)
+			msgtype = types[i][1];
+	if (!name)
+		name = label;
+	json_object_set_new(c, "msgtype", json_string(msgtype));
+	json_object_set_new(c, "url", json_string(url));
+	json_object_set_new(c, "filename", json_string(name));
+	json_t *info = json_pack("{s:s}", "mimetype", ct);
+	const json_t *size = json_object_get(a, "size");
+	if (json_is_integer(size))
+		json_object_set_new(info, "size", json_integer(json_integer_value(size)));
+	json_object_set_new(c, "info", info);
+	if (!caption) { /* body is the file name */
+		json_object_set_new(c, "body", json_string(name));
+		json_object_del(c, "format");
+		json_object_del(c, "formatted_body");
+	}
+	return true;
+}
+
+static void finish_send(struct mx_out *out, const char *type, json_t *c, const char *marker_key,
+			const char *marker_value)
+{
+	out->op = MX_OP_SEND;
+	snprintf(out->event_type, sizeof(out->event_type), "%s", type);
+	if (marker_key && marker_value)
+		json_object_set_new(c, marker_key, json_string(marker_value));
+	out->content = c;
+}
+
+static bool none(struct mx_out *out, char *why, size_t whylen, const char *what)
+{
+	out->op = MX_OP_NONE;
+	say(why, whylen, "%s", what);
+	return true;
+}
+
+static bool fail(struct mx_out *out, char *why, size_t whylen, const char *what)
+{
+	mx_out_clear(out);
+	say(why, whylen, "%s", what);
+	return false;
+}
+
+static bool out_message(const json_t *content, mx_lookup_fn to_native, void *ctx, const char *marker_key,
+			const char *marker_value, struct mx_out *out, char *why, size_t whylen)
+{
+	const json_t *atts = json_object_get(content, "attachments");
+	const json_t *a0 = json_array_get(atts, 0);
+	bool media = json_array_size(atts) == 1 && str_member(a0, "url") && mxc_ok(str_member(a0, "url")) &&
+		     str_member(a0, "content_type");
+	struct text t;
+	if (!neutral_text(content, !media, &t, why, whylen)) {
+		mx_out_clear(out);
+		return false;
+	}
+	bool caption = *t.body != '\0';
+	if (!caption && !media) {
+		text_free(&t);
+		return fail(out, why, whylen, "the message has no text and no attachment");
+	}
+	json_t *c = text_content(&t, "");
+	text_free(&t);
+	if (!c)
+		return fail(out, why, whylen, "out of memory");
+	if (media)
+		media_message(content, caption, c);
+	char target[MX_ID_MAX + 1];
+	const char *reply = str_member(content, "in_reply_to");
+	if (reply && lookup_event(to_native, ctx, reply, target, sizeof(target)))
+		json_object_set_new(c, "m.relates_to", json_pack("{s:{s:s}}", "m.in_reply_to", "event_id", target));
+	json_object_set_new(c, "m.mentions", json_object());
+	copy_extensions(content, c, marker_key);
+	finish_send(out, "m.room.message", c, marker_key, marker_value);
+	return true;
+}
+
+static bool out_edit(const json_t *content, mx_lookup_fn to_native, void *ctx, const char *marker_key,
+		     const char *marker_value, struct mx_out *out, char *why, size_t whylen)
+{
+	const char *replaces = str_member(content, "replaces");
+	if (!replaces)
+		return fail(out, why, whylen, "an edit needs replaces");
+	struct text t;
+	if (!neutral_text(content, true, &t, why, whylen)) {
+		mx_out_clear(out);
+		return false;
+	}
+	if (!*t.body) {
+		text_free(&t);
+		return fail(out, why, whylen, "the edit has no text");
+	}
+	json_t *c = text_content(&t, "* ");
+	json_t *nc = text_content(&t, "");
+	text_free(&t);
+	if (!c || !nc) {
+		json_decref(c);
+		json_decref(nc);
+		return fail(out, why, whylen, "out of memory");
+	}
+	char target[MX_ID_MAX + 1];
+	if (lookup_event(to_native, ctx, replaces, target, sizeof(target))) {
+		json_object_set_new(nc, "m.mentions", json_object());
+		copy_extensions(content, nc, marker_key);
+		json_object_set_new(c, "m.new_content", nc);
+		json_object_set_new(c, "m.relates_to", json_pack("{s:s, s:s}", "rel_type", "m.replace", "event_id", target));
+	} else {
+		json_decref(nc); /* the original never reached Matrix: a new message */
+	}
+	json_object_set_new(c, "m.mentions", json_object());
+	copy_extensions(content, c, marker_key);
+	finish_send(out, "m.room.message", c, marker_key, marker_value);
+	return true;
+}
+
+static bool out_reaction(const json_t *content, mx_lookup_fn to_native, void *ctx, const char *marker_key,
+			 const char *marker_value, struct mx_out *out, char *why, size_t whylen)
+{
+	const char *target_msg = str_member(content, "in_reply_to");
+	const char *key = str_member(json_array_get(json_object_get(content, "parts"), 0), "body");
+	if (!target_msg || !key || !*key)
+		return fail(out, why, whylen, "a reaction needs in_reply_to and one part");
+	char target[MX_ID_MAX + 1];
+	if (!lookup_event(to_native, ctx, target_msg, target, sizeof(target)))
+		return none(out, why, whylen, "a reaction to a message that is not in Matrix");
+	json_t *c = json_pack("{s:{s:s, s:s, s:s}}", "m.relates_to", "rel_type", "m.annotation", "event_id", target,
+			      "key", key);
+	if (!c)
+		return fail(out, why, whylen, "out of memory");
+	copy_extensions(content, c, marker_key);
+	finish_send(out, "m.reaction", c, marker_key, marker_value);
+	return true;
+}
+
+bool mx_from_neutral(const json_t *neutral, mx_lookup_fn to_native, void *ctx, const char *marker_key,
+		     const char *marker_value, struct mx_out *out, char *why, size_t whylen)
+{
+	memset(out, 0, sizeof(*out));
+	out->op = MX_OP_NONE;
+	if (why && whylen)
+		why[0] = '\0';
+	const char *type = str_member(neutral, "type");
+	const json_t *content = json_object_get(neutral, "content");
+	if (!type || !json_is_object(content))
+		return fail(out, why, whylen, "a neutral event needs a type and a content object");
+	char target[MX_ID_MAX + 1];
+	if (strcmp(type, "message") == 0)
+		return out_message(content, to_native, ctx, marker_key, marker_value, out, why, whylen);
+	if (strcmp(type, "edit") == 0)
+		return out_edit(content, to_native, ctx, marker_key, marker_value, out, why, whylen);
+	if (strcmp(type, "reaction") == 0)
+		return out_reaction(content, to_native, ctx, marker_key, marker_value, out, why, whylen);
+	if (strcmp(type, "delete") == 0) {
+		const char *replaces = str_member(content, "replaces");
+		if (!replaces)
+			return fail(out, why, whylen, "a delete needs replaces");
+		if (!lookup_event(to_native, ctx, replaces, target, sizeof(target)))
+			return none(out, why, whylen, "a delete of a message that is not in Matrix");
+		out->op = MX_OP_REDACT;
+		snprintf(out->target, sizeof(out->target), "%s", target);
+		out->content = json_object();
+		return true;
+	}
+	if (strcmp(type, "receipt") == 0) {
+		const char *kind = str_member(content, "receipt"), *msg = str_member(content, "in_reply_to");
+		if (!kind || !msg || (strcmp(kind, "read") != 0 && strcmp(kind, "delivered") != 0))
+			return fail(out, why, whylen, "a receipt needs in_reply_to and receipt read or delivered");
+		if (strcmp(kind, "delivered") == 0)
+			return none(out, why, whylen, "Matrix has no delivery receipts");
+		if (!lookup_event(to_native, ctx, msg, target, sizeof(target)))
+			return none(out, why, whylen, "a receipt for a message that is not in Matrix");
+		out->op = MX_OP_RECEIPT;
+		snprintf(out->target, sizeof(out->target), "%s", target);
+		return true;
+	}
+	if (strcmp(type, "typing") == 0) {
+		const char *state = str_member(content, "state");
+		if (!state || (strcmp(state, "start") != 0 && strcmp(state, "stop") != 0))
+			return fail(out, why, whylen, "typing needs state start or stop");
+		out->op = MX_OP_TYPING;
+		out->typing = strcmp(state, "start") == 0;
+		return true;
+	}
+	if (strcmp(type, "membership") == 0 || strcmp(type, "block") == 0)
+		return none(out, why, whylen, "memberships and blocks are handled by the adapter, not sent as events");
+	return fail(out, why, whylen, "unknown neutral event type");
+}
+
+/* ------------------------------------------------------------ media */
+
+bool mx_media_info(const json_t *ev, struct mx_media *out)
+{
+	memset(out, 0, sizeof(*out));
+	out->size = -1;
+	const char *type = str_member(ev, "type");
+	const json_t *c = json_object_get(ev, "content");
+	if (!type || !json_is_object(c))
+		return false;
+	const char *msgtype;
+	if (strcmp(type, "m.sticker") == 0)
+		msgtype = "m.sticker";
+	else if (strcmp(type, "m.room.message") == 0 && (msgtype = str_member(c, "msgtype")) && media_label(msgtype))
+		;
+	else
+		return false;
+	const char *url = str_member(c, "url");
+	if (!url || !mxc_ok(url) || strlen(url) >= sizeof(out->url))
+		return false;
+	snprintf(out->msgtype, sizeof(out->msgtype), "%s", msgtype);
+	snprintf(out->url, sizeof(out->url), "%s", url);
+	const json_t *info = json_object_get(c, "info");
+	const char *mime = str_member(info, "mimetype");
+	if (mime && strlen(mime) < sizeof(out->mimetype))
+		snprintf(out->mimetype, sizeof(out->mimetype), "%s", mime);
+	const json_t *size = json_object_get(info, "size");
+	if (json_is_integer(size) && json_integer_value(size) >= 0)
+		out->size = json_integer_value(size);
+	const char *name = str_member(c, "filename");
+	if (!name || !*name)
+		name = str_member(c, "body");
+	if (name && strlen(name) < sizeof(out->filename))
+		snprintf(out->filename, sizeof(out->filename), "%s", name);
+	return true;
+}

@@ -1,0 +1,225 @@
+/* Matrix events <-> neutral events (/work/shared/spec/interop-api.md; the
+ * neutral bodies are those event_parse() in peer/event.h accepts).  Pure
+ * code: no I/O, no database, no clock; what the mapping needs from storage
+ * (which neutral message a Matrix event id is, and back) comes from the
+ * caller's lookup function.  Safe from any thread (libxml2 is initialised
+ * once, on first use).
+ *
+ * Matrix -> neutral, room events (mx_to_neutral):
+ *
+ *   m.room.message m.text     message, parts [text/plain body, text/html
+ *     (+ format org.matrix.   sanitised formatted_body]; the HTML part only
+ *     custom.html)            with format "org.matrix.custom.html", left out
+ *                             when nothing remains after sanitising or when
+ *                             it is longer than a part may be
+ *   m.notice                  the same + content "x.matrix.msgtype":"m.notice"
+ *   m.emote                   the same + "x.matrix.msgtype":"m.emote", and the
+ *                             parts read "* <body>" (a readable text for
+ *                             networks without emotes; stripped again on the
+ *                             way back to Matrix)
+ *   m.image m.file m.video    a message whose text/plain part is a readable
+ *   m.audio m.location,       fallback: "[image: cat.png]", "[file: a.pdf]
+ *   m.sticker events,         caption" (caption: body when filename differs;
+ *   other msgtypes            its formatted_body gives an HTML part),
+ *                             "[location: Berlin geo:52.5,13.4]",
+ *                             "[sticker: body]", "[image]" without a name;
+ *                             unknown msgtypes: body as is.  The media itself
+ *                             is not carried (an mxc:// link is a link into a
+ *                             private store): mx_media_info() gives the caller
+ *                             what it needs to re-host it as an attachment.
+ *   m.key.verification.request IGNORE (device verification, not a message)
+ *   reply: m.relates_to.m.in_reply_to.event_id known to to_msg
+ *                             + "in_reply_to"; the reply fallback is stripped
+ *                             (leading lines "> <@…" / "> * <@…" and the
+ *                             "> " lines after them, then one blank line; the
+ *                             whole <mx-reply> element of formatted_body).
+ *                             Unknown target: a plain message, fallback kept
+ *                             (the <mx-reply> becomes its inner blockquote).
+ *   thread (rel_type m.thread) in_reply_to the m.in_reply_to target unless
+ *                             is_falling_back, else the thread root (if known)
+ *   edit: rel_type m.replace + m.new_content
+ *                             type "edit", "replaces": the target, parts from
+ *                             m.new_content (the "* " fallback of the outer
+ *                             content is not used); unknown target: IGNORE.
+ *                             Note: "replaces" is whatever to_msg gives for
+ *                             the target; Matrix edits name the original
+ *                             event, an edit of an edit is invalid Matrix.
+ *   m.reaction (m.annotation) type "reaction": {"parts":[{"type":"text/plain",
+ *                             "body":key}],"disposition":"reaction",
+ *                             "in_reply_to":target}; unknown target: IGNORE;
+ *                             a key longer than 64 bytes (the neutral limit):
+ *                             a message "[reaction: key]" in reply instead.
+ *   m.room.redaction          type "delete", "replaces": the redacted event
+ *                             ("redacts" at the top level, or in content from
+ *                             room version 11); unknown target: IGNORE.
+ *   m.room.member             type "membership" (join, invite; leave and ban
+ *                             -> leave) with "target": to_msg(ctx, state_key)
+ *                             must give the member's mimi:// user URI (NULL:
+ *                             IGNORE); profile changes (join after join) and
+ *                             knocks: IGNORE.
+ *   m.room.encryption, m.room.encrypted
+ *                             MX_IN_ENCRYPTED: the caller tells the room that
+ *                             the gateway cannot read it.
+ *   other state events (state_key present), other event types, redacted
+ *   events (unsigned.redacted_because)
+ *                             IGNORE.
+ *
+ * The output is {"type": ..., "ts": origin_server_ts, "content": {...}}
+ * without "sender" and "room" (the caller adds them); once they are added it
+ * passes event_parse() with event_limits_default().  A text longer than a
+ * part may be (16 KiB) is INVALID, not cut; an HTML part that is too long
+ * (or that would make the event's JSON too long) is left out, the text
+ * stays.  Members of the Matrix content other than the ones above (m.mentions,
+ * extensions) are not carried.
+ *
+ * Neutral -> Matrix (mx_from_neutral):
+ *
+ *   message   PUT send m.room.message: msgtype from "x.matrix.msgtype"
+ *             (m.notice, m.emote; anything else m.text); body from the
+ *             text/plain part, else text/markdown, else the text of the HTML;
+ *             the text/html part (sanitised again: peers are not trusted) as
+ *             formatted_body with format org.matrix.custom.html; emote: a
+ *             leading "* " is removed from both; in_reply_to known to
+ *             to_native: m.relates_to.m.in_reply_to (no fallback: spec 1.13
+ *             dropped them); unknown: sent as a plain message.  A single
+ *             attachment with an mxc:// url becomes m.image/m.video/m.audio/
+ *             m.file (by content_type) with the text as caption; other
+ *             attachments are listed in the body as "[image: a.jpg] <url>".
+ *   edit      m.room.message with "* "-prefixed fallback body (and
+ *             formatted_body), m.new_content, m.relates_to {m.replace,
+ *             target}; unknown target: sent as a new message, "* " kept.
+ *   reaction  m.reaction {m.relates_to: {m.annotation, target, key: body}};
+ *             unknown target: MX_OP_NONE.
+ *   delete    MX_OP_REDACT of the target (content {}); unknown: MX_OP_NONE.
+ *   receipt   "read": MX_OP_RECEIPT (m.read) on the target; "delivered"
+ *             (Matrix has none) and unknown targets: MX_OP_NONE.
+ *   typing    MX_OP_TYPING, typing = state == "start".
+ *   membership, block: MX_OP_NONE (rooms are managed by the adapter).
+ *
+ * Every send (m.room.message, m.reaction) carries "m.mentions": {} (a peer
+ * never pings anyone by accident) and marker_key: marker_value when
+ * marker_key is not NULL.  Unknown content members of the neutral event are
+ * copied under their own names when they are namespaced (hold a '.', only
+ * [a-z0-9._-], at most 255 bytes) and not in a namespace Matrix clients
+ * interpret ("m.", "org.matrix.", "im.vector.", "io.element.") nor
+ * "x.matrix." (this mapping's own) nor marker_key; others are dropped.
+ * "topic" and "expires" have no Matrix equivalent and are dropped.
+ */
+#ifndef CW_MX_MAP_H
+#define CW_MX_MAP_H
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* The extension member that keeps a Matrix msgtype in neutral content. */
+#define MX_MSGTYPE_KEY "x.matrix.msgtype"
+
+/* Maps an id to another, or NULL when unknown.  The returned string must stay
+ * valid until the next call (mx_* functions copy it at once). */
+typedef const char *(*mx_lookup_fn)(void *ctx, const char *id);
+
+/* The Matrix event ids a room event refers to (reply target, thread root,
+ * m.replace / m.annotation / m.reference target, redacts), deduplicated, for
+ * a batch lookup by the caller before mx_to_neutral().  ids[] point into ev.
+ * Returns how many (at most max).  Only well-formed event ids are listed. */
+size_t mx_event_refs(const json_t *ev, const char **ids, size_t max);
+
+enum mx_in_result {
+	MX_IN_OK,         /* *out holds the neutral body */
+	MX_IN_IGNORE,     /* not carried over (why says what) */
+	MX_IN_INVALID,    /* malformed (why says what is wrong) */
+	MX_IN_ENCRYPTED,  /* the room is (or turned) end-to-end encrypted */
+};
+
+/* One room event of a transaction (client event format) to a neutral event
+ * body.  to_msg(ctx, "$event") gives the neutral id ("msg_...") of a Matrix
+ * event; for m.room.member it is also asked for the member's user id
+ * ("@user:server") and must then give a mimi:// user URI.  Results that are
+ * not valid ids are taken as unknown.  On MX_IN_OK *out is a new reference
+ * (the caller decrefs it); otherwise *out is NULL and why (if not NULL) says
+ * why, in English, without the event's data. */
+enum mx_in_result mx_to_neutral(const json_t *ev, mx_lookup_fn to_msg, void *ctx, json_t **out, char *why,
+				size_t whylen);
+
+/* Ephemeral m.typing (content.user_ids) and m.receipt ({event_id: {"m.read":
+ * {user_id: {"ts": ...}}}}) events to neutral events: a new JSON array of
+ * {"sender_mxid": user_id, "event": {...neutral body without sender...}}, one
+ * per typing user (state "start": Matrix lists who types now; stops are the
+ * users who left the list, which only the caller's memory knows) and per
+ * (reader, known target) of an m.read receipt (receipt "read", "ts" the
+ * receipt's when valid).  Private receipts (m.read.private) are not
+ * forwarded.  Malformed entries are skipped; other event types give an
+ * empty array.  At most 1024 items.  NULL only when memory runs out. */
+json_t *mx_ephemeral_to_neutral(const json_t *ev, mx_lookup_fn to_msg, void *ctx);
+
+/* What the neutral event becomes on the Matrix side. */
+enum mx_op {
+	MX_OP_SEND,     /* PUT /rooms/{room}/send/{event_type}/{txn} with content */
+	MX_OP_REDACT,   /* PUT /rooms/{room}/redact/{target}/{txn} with content */
+	MX_OP_RECEIPT,  /* POST /rooms/{room}/receipt/m.read/{target} */
+	MX_OP_TYPING,   /* PUT /rooms/{room}/typing/{user} {typing} */
+	MX_OP_NONE,     /* nothing to send (why says why) */
+};
+
+struct mx_out {
+	enum mx_op op;
+	char event_type[64];   /* SEND: "m.room.message" or "m.reaction" */
+	json_t *content;       /* SEND, REDACT: owned; release with mx_out_clear() */
+	char target[256];      /* REDACT, RECEIPT: the Matrix event id */
+	bool typing;           /* TYPING: start (true) or stop */
+};
+
+/* A neutral event (as stored: type, content, ts, ...) to the Matrix request
+ * that carries it.  to_native(ctx, "msg_...") gives the Matrix event id of a
+ * neutral message, or NULL.  marker_key (may be NULL) and marker_value: the
+ * outbox id travels in the content of sends under this namespaced key, so
+ * that a re-send after a homeserver restart can be recognised.  false (out
+ * cleared, why says why) when the event is malformed or of an unknown type;
+ * true with MX_OP_NONE when there is nothing to send. */
+bool mx_from_neutral(const json_t *neutral, mx_lookup_fn to_native, void *ctx, const char *marker_key,
+		     const char *marker_value, struct mx_out *out, char *why, size_t whylen);
+/* Releases out->content and clears out; safe on a cleared struct. */
+void mx_out_clear(struct mx_out *o);
+
+/* The media of an m.image / m.file / m.video / m.audio / m.sticker event,
+ * for re-hosting: the mxc:// url, its mimetype and size (from info, when
+ * present and valid; "" and -1 otherwise) and the filename ("filename", else
+ * "body").  false for other events and media without a plain mxc:// url
+ * (encrypted files). */
+struct mx_media {
+	char msgtype[32];      /* "m.image", ..., or "m.sticker" */
+	char url[512];
+	char mimetype[256];
+	int64_t size;
+	char filename[256];
+};
+bool mx_media_info(const json_t *ev, struct mx_media *out);
+
+/* HTML to the subset the Matrix spec recommends (libxml2's HTML parser):
+ *   - allowed elements: del h1-h6 blockquote p a ul ol sup sub li b i u
+ *     strong em s code hr br div table thead tbody tr th td caption pre span
+ *     img details summary (font, deprecated, becomes span); others are dropped
+ *     with their text kept, except that the whole content of script, style,
+ *     head, title, template, iframe, object, embed, applet, noembed, noframes
+ *     and mx-reply is dropped; comments and processing instructions too;
+ *   - attributes per element: span data-mx-bg-color, data-mx-color ("#" + 6
+ *     hex digits), data-mx-spoiler, data-mx-maths; a name, target, href (an
+ *     absolute URL with scheme http, https, ftp, mailto, magnet or matrix);
+ *     img width, height (digits), alt, title, src (mxc:// only: an img
+ *     without one is replaced by its alt text); ol start (digits); code class
+ *     (only its language-* classes); div data-mx-maths; font color ->
+ *     data-mx-color;
+ *   - elements nested deeper than 100 keep only their text;
+ *   - invalid UTF-8, NUL and the control characters HTML forbids become
+ *     U+FFFD first; entities are decoded and the text re-escaped (& < > and
+ *     " in attributes); the document's own charset declarations are ignored.
+ * The output of well-nested input sanitises to itself again; libxml2 may
+ * re-nest some misnested markup (a table inside a link) on a second pass,
+ * which stays safe.  Returns a malloc'd NUL-terminated UTF-8 string (free()
+ * it), "" for empty or NULL input; NULL when memory runs out or len is over
+ * 1 MiB. */
+char *mx_sanitize_html(const char *html, size_t len);
+
+#endif

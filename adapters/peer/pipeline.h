@@ -1,0 +1,49 @@
+/* The write pipeline of events, shared by the neutral API (peer submits,
+ * POST /v1/batch) and the local adapters (Matrix transactions): validated
+ * events go through room resolution, the policy (per recipient) and one
+ * group-committed statement that writes events, outbox rows, idempotency
+ * keys, consent requests and audit records.  It runs as a pipelined store
+ * job in two rounds (read, write); a caller may put rounds of its own
+ * before them (see store_pipe_ops). */
+#ifndef CW_PIPELINE_H
+#define CW_PIPELINE_H
+
+#include "app.h"
+#include "event.h"
+
+#define MX_NATIVE_MAX 255 /* a native event id (Matrix event id) */
+
+enum submit_room_by {
+	SUBMIT_ROOM_BY_ID,      /* the room's public id (the URL's) */
+	SUBMIT_ROOM_BY_URI,     /* its mimi:// URI (a batch) */
+	SUBMIT_ROOM_BY_NATIVE,  /* its native id on the item's network (room_bindings) */
+};
+
+struct submit;
+struct msg_input;
+
+/* A job for n items (set each with submit_put). */
+struct submit *submit_new(size_t n);
+void submit_free(void *b);
+void submit_setup(struct submit *b, struct cw_app *app, enum submit_room_by room_by);
+size_t submit_count(const struct submit *b);
+
+/* An event of a local user from a local adapter: network is the adapter's
+ * ("matrix"), room its native room id, native_id the event's native id
+ * (the idempotency key: the same native id twice is stored once), sender
+ * the user's mimi:// URI; ev a validated event (event_parse), whose
+ * references (in_reply_to, replaces) are already neutral message ids.
+ * False when out of memory. */
+bool submit_put_local(struct submit *b, size_t i, struct cw_app *app, const char *network, const char *room,
+		      const char *native_id, const char *sender, const struct event *ev);
+
+/* The two rounds (round 0 reads, round 1 writes; *more as store_pipe_ops). */
+cw_err submit_send(PGconn *c, struct submit *b, int round, cw_errmsg *e);
+cw_err submit_recv(PGconn *c, struct submit *b, int round, bool *more, cw_errmsg *e);
+
+/* Item i's outcome after the job: 202 (accepted; also for a replay), or the
+ * HTTP status it was refused with (code and detail say why); 0 when the
+ * item was never set. */
+int submit_result(const struct submit *b, size_t i, const char **code, const char **detail);
+
+#endif

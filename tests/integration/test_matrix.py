@@ -1,0 +1,248 @@
+"""The Matrix adapter through the real daemon and the homeserver stand-in
+(tests/integration/homeserver.py): registration, the appservice API and its
+errors, transactions (dedupe, echoes), and messages both ways between a peer
+and a Matrix user in a direct room."""
+import base64
+import os
+import subprocess
+
+import pytest
+import requests
+import yaml
+
+from harness import CAUSEWAYD, free_port, wait_until
+from homeserver import Homeserver
+from peer import NotifyServer, PeerClient
+
+AS_TOKEN = "as-" + "a" * 40
+HS_TOKEN = "hs-" + "b" * 40
+ALICE_MX = "@alice:example.org"
+ALICE = "mimi://example.org/u/alice"
+
+
+def registration(url="http://127.0.0.1:1"):
+    return {"id": "causeway", "url": url, "as_token": AS_TOKEN, "hs_token": HS_TOKEN,
+            "sender_localpart": "_cw_bot", "rate_limited": False, "receive_ephemeral": True,
+            "de.sorunome.msc2409.push_ephemeral": True,
+            "namespaces": {"users": [{"exclusive": True, "regex": "@_cw_.*:example\\.org"}],
+                           "aliases": [{"exclusive": True, "regex": "#_cw_.*:example\\.org"}], "rooms": []}}
+
+
+@pytest.fixture
+def hs():
+    h = Homeserver(server_name="example.org", registration=registration())
+    h.start()
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def mx(make_daemon, db_url, hs):
+    """The daemon with the Matrix adapter, registered with the stand-in (its
+    port chosen first: the homeserver must reach it for the start-up ping)."""
+    port = free_port()
+    hs.registration["url"] = f"http://127.0.0.1:{port}"
+    d = make_daemon(db_url, options={"server": {"port": str(port)},
+                                     "matrix": {"homeserver_url": hs.url, "as_token": AS_TOKEN,
+                                                "hs_token": HS_TOKEN}})
+    return d.start()
+
+
+@pytest.fixture
+def gk(mx):
+    srv = NotifyServer()
+    directory = mx.get("/.well-known/mimi-protocol-directory").json()
+    srv.public_b64 = directory["public_key"]["key"]
+    client = PeerClient(mx.url, "gk", "wa.example")
+    r = mx.admin("POST", "/peers", json={"name": "gk", "domain": "wa.example", "mode": "push",
+                                        "push_url": srv.url, "public_key": client.signer.public_b64})
+    assert r.status_code == 201, r.text
+    client.token = r.json()["token"]
+    yield client, srv
+    srv.close()
+
+
+def consent_alice(mx, subject="mimi://wa.example/u/wally"):
+    assert mx.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
+    assert mx.admin("POST", "/consents", json={"user": ALICE, "subject_kind": "user", "subject": subject,
+                                               "state": "allowed"}).ok
+
+
+def as_put(mx, txn, body, token=HS_TOKEN, legacy=False, query_token=False):
+    path = f"/transactions/{txn}" if legacy else f"/_matrix/app/v1/transactions/{txn}"
+    headers = {} if query_token or token is None else {"Authorization": "Bearer " + token}
+    if query_token:
+        path += "?access_token=" + token
+    return requests.put(mx.url + path, json=body, headers=headers, timeout=10)
+
+
+def test_registration_yaml(tmp_path):
+    env = {"CAUSEWAY_SERVER_DOMAIN": "example.org", "CAUSEWAY_DATABASE_URL": "postgresql:///none"}
+    out = subprocess.run([CAUSEWAYD, "--matrix-registration"], capture_output=True, text=True, env=env, timeout=30)
+    assert out.returncode == 0, out.stderr
+    reg = yaml.safe_load(out.stdout)
+    assert set(reg) >= {"id", "url", "as_token", "hs_token", "sender_localpart", "namespaces", "rate_limited",
+                        "receive_ephemeral", "de.sorunome.msc2409.push_ephemeral"}
+    assert reg["rate_limited"] is False and reg["receive_ephemeral"] is True
+    assert reg["de.sorunome.msc2409.push_ephemeral"] is True
+    assert len(reg["as_token"]) == 64 and reg["as_token"] != reg["hs_token"]
+    assert "as_token and hs_token" in out.stdout  # the note to put them in the configuration
+    users = reg["namespaces"]["users"]
+    assert users == [{"exclusive": True, "regex": "@_cw_.*:example\\.org"}]
+    assert reg["namespaces"]["aliases"] == [{"exclusive": True, "regex": "#_cw_.*:example\\.org"}]
+    # With tokens configured, they are printed as they are.
+    env.update({"CAUSEWAY_MATRIX_AS_TOKEN": AS_TOKEN, "CAUSEWAY_MATRIX_HS_TOKEN": HS_TOKEN})
+    reg = yaml.safe_load(subprocess.run([CAUSEWAYD, "--matrix-registration"], capture_output=True, text=True,
+                                        env=env, timeout=30).stdout)
+    assert (reg["as_token"], reg["hs_token"]) == (AS_TOKEN, HS_TOKEN)
+
+
+def test_appservice_auth_and_errors(mx):
+    body = {"events": []}
+    r = as_put(mx, "1", body, token=None)
+    assert r.status_code == 401 and r.json()["errcode"] == "M_MISSING_TOKEN"
+    r = as_put(mx, "1", body, token="nope")
+    assert r.status_code == 403 and r.json()["errcode"] == "M_FORBIDDEN"
+    assert as_put(mx, "1", body).status_code == 200
+    assert as_put(mx, "2", body, legacy=True).status_code == 200
+    assert as_put(mx, "3", body, query_token=True).status_code == 200
+    r = requests.get(mx.url + "/_matrix/app/v1/nothing", headers={"Authorization": "Bearer " + HS_TOKEN})
+    assert r.status_code == 404 and r.json()["errcode"] == "M_UNRECOGNIZED"
+    r = requests.delete(mx.url + "/_matrix/app/v1/transactions/4", headers={"Authorization": "Bearer " + HS_TOKEN})
+    assert r.status_code == 405 and r.json()["errcode"] == "M_UNRECOGNIZED"
+    r = requests.put(mx.url + "/_matrix/app/v1/transactions/5", data=b"{not json",
+                     headers={"Authorization": "Bearer " + HS_TOKEN, "Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["errcode"] == "M_NOT_JSON"
+    r = as_put(mx, "6", {"events": {"a": 1}})
+    assert r.status_code == 400 and r.json()["errcode"] == "M_BAD_JSON"
+    # The ping answers with the homeserver's token only.
+    r = requests.post(mx.url + "/_matrix/app/v1/ping", json={"transaction_id": "x"},
+                      headers={"Authorization": "Bearer " + HS_TOKEN})
+    assert r.status_code == 200 and r.json() == {}
+
+
+def test_ping_at_start_is_reported(mx, hs):
+    wait_until(lambda: mx.get("/readyz").json()["adapters"]["matrix"]["ping"] != "pending", what="the ping")
+    health = mx.get("/readyz").json()["adapters"]["matrix"]
+    assert health["ping"] == "ok", health
+
+
+def test_peer_to_matrix_and_back(mx, hs, gk, pg, db_url):
+    a, srv = gk
+    consent_alice(mx)
+    alice_id, alice_token = hs.create_user("alice")
+    assert alice_id == ALICE_MX
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    r = a.send(room, a.user("wally"), "hello alice")
+    assert r.status_code == 202, r.text
+    ghost = "@_cw_gk_wally:example.org"
+    # The ghost made a direct room, invited alice, and said it there.
+    mx_room = wait_until(lambda: next((rid for rid in hs.rooms() if any(
+        e["type"] == "m.room.message" and e["sender"] == ghost for e in hs.events(rid))), None), what="delivery")
+    msgs = [e for e in hs.events(mx_room) if e["type"] == "m.room.message"]
+    assert [m["content"]["body"] for m in msgs] == ["hello alice"]
+    assert msgs[0]["content"]["org.causeway.outbox_id"] > 0
+    invite = [e for e in hs.events(mx_room) if e["type"] == "m.room.member" and e.get("state_key") == ALICE_MX]
+    assert invite and invite[0]["content"]["membership"] == "invite" and invite[0]["content"].get("is_direct")
+    assert hs.profile(ghost)["displayname"] == "wally (gk)"
+    wait_until(lambda: pg.psql("SELECT state FROM outbox o JOIN events e ON e.id = o.event_id "
+                               f"WHERE e.public_id = '{r.json()['id']}'", db_url) == "delivered", what="delivered")
+    st = a.call("GET", f"/v1/messages/{r.json()['id']}").json()
+    assert [x["status"] for x in st["recipients"]] == ["delivered"]
+
+    # Alice joins and answers: the peer gets it, from her, in its room.
+    alice = hs.as_user(alice_token)
+    alice.join(mx_room)
+    alice.send_text(mx_room, "hi wally")
+    got = srv.wait_events(1)
+    assert got[0]["sender"] == ALICE and got[0]["content"]["parts"][0]["body"] == "hi wally"
+    assert got[0]["room_id"] == room
+    # Her message came back to nobody else, and the ghost's own echo was dropped.
+    assert pg.psql("SELECT count(*) FROM events", db_url) == "2"
+
+
+def test_transactions_are_deduplicated_by_event_id(mx, hs, gk, pg, db_url):
+    a, srv = gk
+    consent_alice(mx)
+    _, alice_token = hs.create_user("alice")
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    a.send(room, a.user("wally"), "hello")
+    mx_room = wait_until(lambda: next(iter(hs.rooms()), None), what="the direct room")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM room_bindings", db_url) == "1", what="the binding")
+    ev = {"event_id": "$abc123", "room_id": mx_room, "sender": ALICE_MX, "type": "m.room.message",
+          "origin_server_ts": 1700000000000, "content": {"msgtype": "m.text", "body": "once"}}
+    assert as_put(mx, "100", {"events": [ev]}).status_code == 200
+    assert as_put(mx, "100", {"events": [ev]}).status_code == 200           # the same transaction
+    assert as_put(mx, "1", {"events": [ev]}).status_code == 200             # after a homeserver reset
+    bad = [{"event_id": 5}, {"event_id": "$x", "room_id": mx_room}, "junk",
+           dict(ev, event_id="$big", content={"msgtype": "m.text", "body": "x" * 70000}),
+           dict(ev, event_id="$typ", content={"msgtype": "m.text", "body": 7})]
+    good = dict(ev, event_id="$def456", content={"msgtype": "m.text", "body": "twice"})
+    assert as_put(mx, "101", {"events": bad + [good]}).status_code == 200  # bad ones never drop the others
+    assert pg.psql("SELECT count(*) FROM events WHERE origin_network = 'matrix'", db_url) == "2"
+    got = srv.wait_events(2)
+    assert [e["content"]["parts"][0]["body"] for e in got] == ["once", "twice"]
+
+
+def test_users_query_answers_for_known_remote_users(mx, gk):
+    a, _ = gk
+    a.create_room([a.user("wally"), ALICE])
+    h = {"Authorization": "Bearer " + HS_TOKEN}
+    r = requests.get(mx.url + "/_matrix/app/v1/users/@_cw_gk_wally:example.org", headers=h)
+    assert r.status_code == 200 and r.json() == {}
+    r = requests.get(mx.url + "/_matrix/app/v1/users/@_cw_gk_nobody:example.org", headers=h)
+    assert r.status_code == 404 and r.json()["errcode"] == "M_NOT_FOUND"
+    r = requests.get(mx.url + "/users/@someone:example.org", headers=h)
+    assert r.status_code == 404
+    r = requests.get(mx.url + "/_matrix/app/v1/rooms/%23_cw_x:example.org", headers=h)
+    assert r.status_code == 404 and r.json()["errcode"] == "M_NOT_FOUND"
+
+
+def test_management_room_consent_flow(mx, hs, gk, pg, db_url):
+    """A user invites the bot, opts in there, gets one consent request for a
+    new sender, accepts it: the held messages arrive in order."""
+    a, srv = gk
+    bot = "@_cw_bot:example.org"
+    _, alice_token = hs.create_user("alice")
+    alice = hs.as_user(alice_token)
+    mgmt = alice.create_dm(bot)
+    notices = lambda: [e["content"]["body"] for e in hs.events(mgmt)
+                       if e["type"] == "m.room.message" and e["sender"] == bot]
+    wait_until(lambda: any("Commands" in n for n in notices()), what="the bot's help")
+    alice.send_text(mgmt, "opt-in peer:gk")
+    wait_until(lambda: any("opted in for peer:gk" in n for n in notices()), what="opt-in")
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    ids = [a.send(room, a.user("wally"), f"first {i}").json()["id"] for i in range(3)]
+    # One request, shown once, however many messages.
+    wait_until(lambda: any("wants to write to you" in n for n in notices()), what="the consent request")
+    assert sum("wants to write to you" in n for n in notices()) == 1
+    assert pg.psql("SELECT count(*) FROM outbox WHERE state = 'held'", db_url) == "3"
+    alice.send_text(mgmt, "accept mimi://wa.example/u/wally")
+    wait_until(lambda: any("3 waiting message(s) released" in n for n in notices()), what="accept")
+    ghost = "@_cw_gk_wally:example.org"
+    dm = wait_until(lambda: next((rid for rid in hs.rooms() if any(
+        e["sender"] == ghost and e["type"] == "m.room.message" for e in hs.events(rid))), None), what="delivery")
+    wait_until(lambda: len([e for e in hs.events(dm) if e["type"] == "m.room.message"]) == 3, what="all three")
+    assert [e["content"]["body"] for e in hs.events(dm) if e["type"] == "m.room.message"] == \
+        ["first 0", "first 1", "first 2"]
+    # list shows the decision; block drops what comes next.
+    alice.send_text(mgmt, "list")
+    wait_until(lambda: any("allowed: mimi://wa.example/u/wally" in n for n in notices()), what="list")
+    alice.send_text(mgmt, "block mimi://wa.example/u/wally")
+    wait_until(lambda: any(n.startswith("Blocked mimi://wa.example/u/wally") for n in notices()), what="block")
+    assert len(ids) == 3
+
+
+def test_inviting_a_ghost_asks_the_appservice(mx, hs, gk):
+    """The homeserver asks GET /users/{id} on an invite of an unknown ghost:
+    a known remote user's ghost exists afterwards, an unknown one does not."""
+    a, _ = gk
+    a.create_room([a.user("wally"), ALICE])
+    _, alice_token = hs.create_user("alice")
+    alice = hs.as_user(alice_token)
+    room = alice.call("POST", "/_matrix/client/v3/createRoom", {})["room_id"]
+    r = alice.request("POST", f"/_matrix/client/v3/rooms/{room}/invite", {"user_id": "@_cw_gk_wally:example.org"})
+    assert r.status_code == 200, r.text
+    assert hs.user_exists("@_cw_gk_wally:example.org")
+    r = alice.request("POST", f"/_matrix/client/v3/rooms/{room}/invite", {"user_id": "@_cw_gk_nobody:example.org"})
+    assert r.status_code in (403, 404) and not hs.user_exists("@_cw_gk_nobody:example.org")
