@@ -378,21 +378,24 @@ static cw_err txn_lookup_send(PGconn *c, struct txn *t, cw_errmsg *e)
 	if (!ok)
 		return cw_fail(e, CW_EUNAVAIL, "cannot send: %s", PQerrorMessage(c));
 	/* The bot's share, stored for it in the same transaction: invites of
-	 * the bot by this provider's users, and what they say in their
-	 * management rooms. */
+	 * the bot or of a ghost by this provider's users, and what they say in
+	 * their management rooms. */
 	char *bot = json_dumps(t->bot, JSON_COMPACT);
 	if (!bot)
 		return cw_fail(e, CW_ENOMEM, "out of memory");
-	const char *p2[] = { bot, t->m->bot, mx_server_name(t->app->cfg) };
+	char ghosts[80];
+	snprintf(ghosts, sizeof(ghosts), "@%s", t->app->cfg->mx_user_prefix);
+	const char *p2[] = { bot, t->m->bot, mx_server_name(t->app->cfg), ghosts };
 	ok = PQsendQueryParams(c,
 		"WITH ins AS (INSERT INTO matrix_bot_inbox (event_id, event) "
 		" SELECT x->>'event_id', x FROM jsonb_array_elements($1::jsonb) AS x "
-		" WHERE x->>'sender' LIKE '%:' || $3 AND ((x->>'type' = 'm.room.member' AND x->>'state_key' = $2) "
+		" WHERE x->>'sender' LIKE '%:' || $3 AND ((x->>'type' = 'm.room.member' AND (x->>'state_key' = $2 "
+		"   OR (starts_with(x->>'state_key', $4) AND x->'content'->>'membership' = 'invite'))) "
 		"  OR (x->>'type' = 'm.room.message' AND EXISTS (SELECT 1 FROM matrix_mgmt_rooms m "
 		"   WHERE m.room_id = x->>'room_id' AND m.user_id = x->>'sender'))) "
 		" ON CONFLICT (event_id) DO NOTHING RETURNING 1) "
 		"SELECT count(*), CASE WHEN count(*) > 0 THEN pg_notify('causeway_matrix_bot', '') END FROM ins",
-		3, NULL, p2, NULL, NULL, 0);
+		4, NULL, p2, NULL, NULL, 0);
 	free(bot);
 	return ok ? CW_OK : cw_fail(e, CW_EUNAVAIL, "cannot send: %s", PQerrorMessage(c));
 }

@@ -222,6 +222,82 @@ static void invited(struct matrix *m, PGconn *c, const char *room, const char *s
 	say(m, room, help_text);
 }
 
+/* One of this provider's users invited a ghost: a new conversation with
+ * that remote user.  A neutral direct room is made with both as members and
+ * bound to this Matrix room, and the ghost joins; what the user writes there
+ * then goes to the peer (the policy decides, outbound). */
+static void ghost_invited(struct matrix *m, PGconn *c, const char *room, const char *sender, const char *ghost)
+{
+	char local_id[24], uri[600], net[64], remote_local[MX_ID_MAX + 1];
+	if (!local_identity(m, c, sender, local_id, sizeof(local_id), uri, sizeof(uri)) ||
+	    !mx_ghost_parse(m->cfg->mx_user_prefix, mx_server_name(m->cfg), ghost, net, sizeof(net), remote_local,
+			    sizeof(remote_local)))
+		return;
+	const char *pp[] = { net };
+	PGresult *r = PQexecParams(c, "SELECT id, domain FROM peers WHERE name = $1 AND enabled", 1, NULL, pp, NULL,
+				   NULL, 0);
+	if (PQresultStatus(r) != PGRES_TUPLES_OK || PQntuples(r) != 1) {
+		PQclear(r);
+		return;
+	}
+	char peer_id[24], remote_uri[800], network[80];
+	snprintf(peer_id, sizeof(peer_id), "%s", PQgetvalue(r, 0, 0));
+	snprintf(remote_uri, sizeof(remote_uri), "mimi://%s/u/%s", PQgetvalue(r, 0, 1), remote_local);
+	snprintf(network, sizeof(network), "peer:%s", net);
+	PQclear(r);
+	struct mimi_uri ru;
+	char remote_id[24];
+	cw_errmsg e;
+	if (mimi_uri_parse(remote_uri, &ru, &e) || ru.kind != MIMI_USER)
+		return;
+	cw_err rc = store_exec(c, "BEGIN", &e);
+	if (!rc)
+		rc = identity_id(c, &ru, false, network, peer_id, remote_id, sizeof(remote_id), &e);
+	bool made = false;
+	if (!rc) {
+		unsigned char raw[16];
+		char pub[40] = "r_", ruri[400];
+		cw_random(raw, sizeof(raw));
+		cw_b64url_encode(pub + 2, sizeof(pub) - 2, raw, sizeof(raw));
+		snprintf(ruri, sizeof(ruri), "mimi://%s/r/%s", m->cfg->domain ? m->cfg->domain : "", pub);
+		const char *params[] = { pub, ruri, m->cfg->domain ? m->cfg->domain : "", room, local_id, remote_id, ghost };
+		r = PQexecParams(c,
+			"WITH known AS (SELECT 1 FROM room_bindings WHERE network = 'matrix' AND (native_id = $4 OR "
+			"  (local_identity_id = $5::bigint AND remote_identity_id = $6::bigint))), "
+			"nr AS (INSERT INTO rooms (public_id, uri, hub_domain, kind) SELECT $1, $2, $3, 'direct' "
+			"  WHERE NOT EXISTS (SELECT 1 FROM known) RETURNING id), "
+			"mb AS (INSERT INTO room_members (room_id, identity_id, membership) "
+			"  SELECT nr.id, x.id, 'joined' FROM nr, (VALUES ($5::bigint), ($6::bigint)) AS x(id)), "
+			"rb AS (INSERT INTO room_bindings (room_id, network, native_id, local_identity_id, remote_identity_id) "
+			"  SELECT nr.id, 'matrix', $4, $5::bigint, $6::bigint FROM nr), "
+			"gb AS (INSERT INTO identity_bindings (identity_id, network, native_id) VALUES ($6::bigint, 'matrix', $7) "
+			"  ON CONFLICT DO NOTHING) "
+			"SELECT count(*) FROM nr",
+			7, NULL, params, NULL, NULL, 0);
+		rc = store_check(c, r, PGRES_TUPLES_OK, &e);
+		if (!rc) {
+			made = atoi(PQgetvalue(r, 0, 0)) > 0;
+			PQclear(r);
+		}
+	}
+	cw_errmsg e2;
+	store_exec(c, rc ? "ROLLBACK" : "COMMIT", rc ? &e2 : &e);
+	if (rc) {
+		LOG_KV(CW_LOG_WARN, "cannot start a conversation from Matrix", "detail", e.msg);
+		return;
+	}
+	char path[600];
+	char *rs = curl_easy_escape(NULL, room, 0);
+	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/join", rs ? rs : "");
+	curl_free(rs);
+	long status;
+	if (mx_call(m, "POST", path, ghost, NULL, json_object(), &status, NULL, &e))
+		LOG_KV(CW_LOG_WARN, "the ghost cannot join", "room", room, "detail", e.msg);
+	else if (!made)
+		LOG_KV(CW_LOG_INFO, "a ghost joined a room already bridged (or a second room with the same user)",
+		       "room", room);
+}
+
 /* Works off the inbox; false when it was empty. */
 static bool inbox(struct matrix *m, PGconn *c)
 {
@@ -241,10 +317,15 @@ static bool inbox(struct matrix *m, PGconn *c)
 		const char *room = json_string_value(json_object_get(ev, "room_id"));
 		const char *sender = json_string_value(json_object_get(ev, "sender"));
 		json_t *content = json_object_get(ev, "content");
-		if (type && room && sender && strcmp(type, "m.room.member") == 0 &&
+		const char *key = json_string_value(json_object_get(ev, "state_key"));
+		if (type && room && sender && key && strcmp(type, "m.room.member") == 0 &&
 		    json_is_string(json_object_get(content, "membership")) &&
-		    strcmp(json_string_value(json_object_get(content, "membership")), "invite") == 0)
-			invited(m, c, room, sender);
+		    strcmp(json_string_value(json_object_get(content, "membership")), "invite") == 0) {
+			if (strcmp(key, m->bot) == 0)
+				invited(m, c, room, sender);
+			else
+				ghost_invited(m, c, room, sender, key);
+		}
 		else if (type && room && sender && strcmp(type, "m.room.message") == 0 &&
 			 json_is_string(json_object_get(content, "body")))
 			command(m, c, room, sender, json_string_value(json_object_get(content, "body")));

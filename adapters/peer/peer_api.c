@@ -802,6 +802,7 @@ struct submit {
 	json_t **dests, **targets;  /* per item, for its outbox rows */
 	json_t **states;            /* per item: each row's state (pending, held, dropped) */
 	json_t **held;              /* per item: local users to ask for consent */
+	json_t **outbound;          /* per item: remote users a local sender wrote to (consent to their replies) */
 	bool *scrub;                /* per item: no recipient will get it: keep no content */
 	json_t *audit;              /* the policy decisions to record (round 1) */
 	enum submit_room_by room_by; /* how items name their rooms */
@@ -818,7 +819,8 @@ static void submit_clear_round(struct submit *b)
 		json_decref(b->targets[i]);
 		json_decref(b->states[i]);
 		json_decref(b->held[i]);
-		b->dests[i] = b->targets[i] = b->states[i] = b->held[i] = NULL;
+		json_decref(b->outbound[i]);
+		b->dests[i] = b->targets[i] = b->states[i] = b->held[i] = b->outbound[i] = NULL;
 		b->write[i] = false;
 		b->scrub[i] = false;
 	}
@@ -843,6 +845,7 @@ void submit_free(void *arg)
 	free(b->targets);
 	free(b->states);
 	free(b->held);
+	free(b->outbound);
 	free(b->scrub);
 	json_decref(b->audit);
 	json_decref(b->refused);
@@ -868,12 +871,13 @@ struct submit *submit_new(size_t n)
 	b->targets = calloc(m, sizeof(*b->targets));
 	b->states = calloc(m, sizeof(*b->states));
 	b->held = calloc(m, sizeof(*b->held));
+	b->outbound = calloc(m, sizeof(*b->outbound));
 	b->scrub = calloc(m, sizeof(*b->scrub));
 	b->audit = json_array();
 	b->refused = json_array();
 	b->keys = json_array();
 	if (!b->items || !b->res || !b->write || !b->room_id || !b->sender_id || !b->reply_id || !b->replaces_id ||
-	    !b->dests || !b->targets || !b->states || !b->held || !b->scrub || !b->audit) {
+	    !b->dests || !b->targets || !b->states || !b->held || !b->outbound || !b->scrub || !b->audit) {
 		submit_free(b);
 		return NULL;
 	}
@@ -914,7 +918,7 @@ struct submit *submit_new(size_t n)
 	"WITH it AS (SELECT * FROM jsonb_to_recordset($1::jsonb) AS x(n int, pid text, room bigint, sender bigint, " \
 	"  type text, content jsonb, replaces bigint, reply bigint, ts bigint, key text, hash text, " \
 	"  dests jsonb, targets jsonb, states jsonb, held jsonb, expiry bigint, win bigint, read boolean, " \
-	"  scope text, native text)), " \
+	"  scope text, native text, outbound jsonb)), " \
 	"ev AS (INSERT INTO events (public_id, room_id, sender_id, type, content, replaces_id, in_reply_to_id, " \
 	"  origin_network, origin_native_id, ts) SELECT pid, room, sender, type, content, replaces, reply, scope, " \
 	"  NULLIF(native, ''), ts FROM it ORDER BY n " \
@@ -938,11 +942,19 @@ struct submit *submit_new(size_t n)
 	"   WHERE q.local_identity_id = h.value::bigint AND q.remote_identity_id = it.sender " \
 	"   AND (q.state = 'pending' OR q.created_at > now() - make_interval(secs => it.win))) " \
 	"  ON CONFLICT DO NOTHING), " \
+	"oc AS (INSERT INTO consents (local_identity_id, subject_kind, subject, state, source) " \
+	"  SELECT DISTINCT it.sender, 'user', o.value->>0, 'allowed', 'outbound' " \
+	"  FROM it, jsonb_array_elements(it.outbound) AS o(value) ON CONFLICT DO NOTHING RETURNING 1), " \
+	"oo AS (INSERT INTO user_optin (identity_id, network, opted_in, updated_by) " \
+	"  SELECT DISTINCT it.sender, o.value->>1, true, 'outbound' " \
+	"  FROM it, jsonb_array_elements(it.outbound) AS o(value) ON CONFLICT DO NOTHING RETURNING 1), " \
+	"nt AS (SELECT pg_notify('causeway_policy', '') AS n WHERE EXISTS (SELECT 1 FROM oc) " \
+	"  OR EXISTS (SELECT 1 FROM oo)), " \
 	"au AS (INSERT INTO audit_log (actor, action, reason_code, rule_id, event_id, subject, details) " \
 	"  SELECT 'policy', a.action, a.reason, NULLIF(a.rule, 0), (SELECT id FROM ev WHERE ev.public_id = a.pid), " \
 	"  a.subject, a.details FROM jsonb_to_recordset($2::jsonb) " \
 	"  AS a(action text, reason text, rule bigint, pid text, subject text, details jsonb)) " \
-	"SELECT public_id, ms FROM ev"
+	"SELECT public_id, ms, (SELECT count(*) FROM nt) FROM ev"
 
 const struct store_stmt peer_api_statements[] = {
 	{ "submit_read_by_id", READ_ITEMS("public_id = it.room") },
@@ -1010,6 +1022,7 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 			json_object_set_new(o, "read", json_boolean(in->read_receipt));
 			json_object_set_new(o, "scope", json_string(in->scope));
 			json_object_set_new(o, "native", json_string(in->native_id));
+			json_object_set_new(o, "outbound", b->outbound[i] ? json_incref(b->outbound[i]) : json_array());
 			json_object_set_new(o, "replaces", b->replaces_id[i][0] ? json_string(b->replaces_id[i]) : json_null());
 			json_object_set_new(o, "reply", b->reply_id[i][0] ? json_string(b->reply_id[i]) : json_null());
 			json_array_append_new(doc, o);
@@ -1079,7 +1092,7 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 	struct policy_rate_memo memo;
 	policy_rate_memo_init(&memo, in->app->limits);
 	json_t *dests = json_array(), *targets = json_array(), *states = json_array(), *held = json_array();
-	json_t *audit = json_array();
+	json_t *audit = json_array(), *outbound = json_array();
 	bool any_open = false;
 	struct policy_decision limited = { .verdict = POLICY_ALLOW };
 	for (int k = first; k < first + nrows; k++) {
@@ -1127,6 +1140,11 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 				"type", in->type));
 		if (d.verdict == POLICY_HOLD)
 			json_array_append_new(held, json_string(PQgetvalue(r, k, 2)));
+		/* A local user's message to a remote one is consent to the
+		 * replies of that conversation (and opts them in to its network
+		 * unless they opted out). */
+		if (d.verdict == POLICY_ALLOW && in->local_sender && strcmp(in->type, "message") == 0)
+			json_array_append_new(outbound, json_pack("[s, s]", PQgetvalue(r, k, 3), PQgetvalue(r, k, 5)));
 		any_open |= d.verdict != POLICY_DENY;
 		if (peer_id) {
 			char dest[PEER_NAME_MAX + 8];
@@ -1149,6 +1167,7 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 		json_array_append_new(states, json_string(state));
 	}
 	policy_view_put(view);
+	b->outbound[i] = outbound;
 	if (limited.verdict == POLICY_LIMIT) {
 		/* Refused for now, nothing stored; a flood is recorded once
 		 * per bucket and episode, not once per refused message. */

@@ -246,3 +246,27 @@ def test_inviting_a_ghost_asks_the_appservice(mx, hs, gk):
     assert hs.user_exists("@_cw_gk_wally:example.org")
     r = alice.request("POST", f"/_matrix/client/v3/rooms/{room}/invite", {"user_id": "@_cw_gk_nobody:example.org"})
     assert r.status_code in (403, 404) and not hs.user_exists("@_cw_gk_nobody:example.org")
+
+
+def test_a_conversation_started_from_matrix(mx, hs, gk, pg, db_url):
+    """Alice invites the ghost of a known remote user: the ghost joins, her
+    message reaches the peer, and writing first is her consent to the reply
+    (no consent request, nothing held)."""
+    a, srv = gk
+    a.create_room([a.user("wally"), "mimi://example.org/u/someone"])  # the peer introduced wally
+    _, alice_token = hs.create_user("alice")
+    alice = hs.as_user(alice_token)
+    ghost = "@_cw_gk_wally:example.org"
+    room = alice.create_dm(ghost)
+    wait_until(lambda: hs.members(room).get(ghost) == "join", what="the ghost joins")
+    alice.send_text(room, "hi wally, it's alice")
+    got = srv.wait_events(1)
+    assert got[0]["sender"] == ALICE and got[0]["content"]["parts"][0]["body"] == "hi wally, it's alice"
+    assert pg.psql("SELECT state || ' ' || source FROM consents", db_url) == "allowed outbound"
+    wait_until(lambda: pg.psql("SELECT count(*) FROM user_optin WHERE opted_in", db_url) == "1", what="opt-in")
+    # The reply comes back into her room, at once.
+    r = a.send(got[0]["room_id"], a.user("wally"), "hello alice")
+    assert r.status_code == 202, r.text
+    wait_until(lambda: any(e["sender"] == ghost and e["type"] == "m.room.message" and
+                           e["content"]["body"] == "hello alice" for e in hs.events(room)), what="the reply")
+    assert pg.psql("SELECT count(*) FROM consent_requests", db_url) == "0"
