@@ -254,6 +254,30 @@ int main(int argc, char **argv)
 		LOG_KV(CW_LOG_ERROR, "cannot start the Matrix adapter", "detail", e.msg);
 		goto out_migrations;
 	}
+	if (app.matrix) {
+		/* This provider's users met before the adapter was configured
+		 * ("local": no adapter) are Matrix users now, and what waits for
+		 * them goes there. */
+		PGconn *c = connect_at_start(&cfg, &e);
+		PGresult *r = c ? PQexec(c, "WITH i AS (UPDATE identities SET network = 'matrix', updated_at = now() "
+					 "WHERE is_local AND network = 'local' RETURNING 1), "
+					 "o AS (UPDATE outbox SET destination = 'matrix' WHERE destination = 'local' "
+					 "AND state IN ('pending', 'held') RETURNING 1) "
+					 "SELECT (SELECT count(*) FROM i), (SELECT count(*) FROM o)")
+				: NULL;
+		if (!r || PQresultStatus(r) != PGRES_TUPLES_OK) {
+			LOG_KV(CW_LOG_ERROR, "cannot move local users to the Matrix adapter",
+			       "detail", c ? PQerrorMessage(c) : e.msg);
+			PQclear(r);
+			PQfinish(c);
+			goto out_migrations;
+		}
+		if (atoi(PQgetvalue(r, 0, 0)) || atoi(PQgetvalue(r, 0, 1)))
+			LOG_KV(CW_LOG_INFO, "local users now served by the Matrix adapter", "users", PQgetvalue(r, 0, 0),
+			       "waiting_rows", PQgetvalue(r, 0, 1));
+		PQclear(r);
+		PQfinish(c);
+	}
 
 	struct store_opts so = {
 		.url = cfg.db_url,

@@ -270,3 +270,28 @@ def test_a_conversation_started_from_matrix(mx, hs, gk, pg, db_url):
     wait_until(lambda: any(e["sender"] == ghost and e["type"] == "m.room.message" and
                            e["content"]["body"] == "hello alice" for e in hs.events(room)), what="the reply")
     assert pg.psql("SELECT count(*) FROM consent_requests", db_url) == "0"
+
+
+def test_users_met_before_the_adapter_move_to_it(make_daemon, db_url, hs, pg):
+    """Messages that waited for an adapter (destination "local") are
+    delivered once the Matrix adapter is configured."""
+    d = make_daemon(db_url).start()
+    client = PeerClient(d.url, "gk", "wa.example")
+    r = d.admin("POST", "/peers", json={"name": "gk", "domain": "wa.example", "mode": "pull",
+                                       "public_key": client.signer.public_b64})
+    client.token = r.json()["token"]
+    consent_alice(d)
+    room = client.create_room([client.user("wally"), ALICE]).json()["id"]
+    assert client.send(room, client.user("wally"), "waiting for an adapter").status_code == 202
+    wait_until(lambda: pg.psql("SELECT destination || ' ' || state FROM outbox", db_url) == "local pending",
+               what="the waiting row")
+    d.stop()
+    hs.create_user("alice")
+    port = free_port()
+    hs.registration["url"] = f"http://127.0.0.1:{port}"
+    make_daemon(db_url, options={"server": {"port": str(port)},
+                                 "matrix": {"homeserver_url": hs.url, "as_token": AS_TOKEN,
+                                            "hs_token": HS_TOKEN}}).start()
+    wait_until(lambda: any(e["type"] == "m.room.message" and e["content"]["body"] == "waiting for an adapter"
+                           for rid in hs.rooms() for e in hs.events(rid)), what="delivery after the move")
+    assert pg.psql("SELECT DISTINCT network FROM identities WHERE is_local", db_url) == "matrix"
