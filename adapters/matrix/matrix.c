@@ -391,6 +391,8 @@ static cw_err txn_lookup_send(PGconn *c, struct txn *t, cw_errmsg *e)
 		" SELECT x->>'event_id', x FROM jsonb_array_elements($1::jsonb) AS x "
 		" WHERE x->>'sender' LIKE '%:' || $3 AND ((x->>'type' = 'm.room.member' AND (x->>'state_key' = $2 "
 		"   OR (starts_with(x->>'state_key', $4) AND x->'content'->>'membership' = 'invite'))) "
+		"  OR (x->>'type' = 'm.room.encryption' AND EXISTS (SELECT 1 FROM room_bindings b "
+		"   WHERE b.network = 'matrix' AND b.native_id = x->>'room_id')) "
 		"  OR (x->>'type' = 'm.room.message' AND EXISTS (SELECT 1 FROM matrix_mgmt_rooms m "
 		"   WHERE m.room_id = x->>'room_id' AND m.user_id = x->>'sender'))) "
 		" ON CONFLICT (event_id) DO NOTHING RETURNING 1) "
@@ -418,8 +420,6 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 		json_t *neutral = NULL;
 		char why[200] = "";
 		enum mx_in_result res = mx_to_neutral(ev, lookup_map, t->map, &neutral, why, sizeof(why));
-		if (res == MX_IN_ENCRYPTED)
-			mx_encrypted_notice(t->m, room);
 		if (res != MX_IN_OK) {
 			if (res == MX_IN_INVALID) {
 				t->invalid++;
@@ -643,7 +643,8 @@ void matrix_as_transaction(struct cw_req *req, void *ctx)
 			t->ignored++;
 			continue;
 		}
-		if (strcmp(type, "m.room.member") == 0 || strcmp(type, "m.room.message") == 0)
+		if (strcmp(type, "m.room.member") == 0 || strcmp(type, "m.room.message") == 0 ||
+		    strcmp(type, "m.room.encryption") == 0)
 			json_array_append(t->bot, ev);
 		json_array_append(t->events, ev);
 	}

@@ -53,8 +53,6 @@ cw_err mx_ensure_ghost_id(struct matrix *m, const char *identity, const char *pe
 /* The bot's thread (mx_bot.c). */
 void mx_bot_start(struct matrix *m);
 void mx_bot_stop(struct matrix *m);
-/* A bridged room turned encrypted: say so there (best effort). */
-void mx_encrypted_notice(struct matrix *m, const char *room_id);
 
 /* One call to the homeserver's client-server API as the appservice
  * (as_token), acting as user_id (NULL: the bot).  path is already escaped;

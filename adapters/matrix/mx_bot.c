@@ -32,8 +32,8 @@ static const char help_text[] =
 	"<who> is an address such as mimi://wa.example/u/+4915112345678, the Matrix id of a bridged user, or a domain.\n"
 	"Messages crossing the gateway are not end-to-end encrypted beyond it.";
 
-/* Says text in room as the bot (a notice). */
-static void say(struct matrix *m, const char *room, const char *text)
+/* Says text in room as user (NULL: the bot), a notice. */
+static void say_as(struct matrix *m, const char *room, const char *user, const char *text)
 {
 	char path[600], txn[48];
 	unsigned long long n = (unsigned long long)cw_now_us();
@@ -43,9 +43,36 @@ static void say(struct matrix *m, const char *room, const char *text)
 	curl_free(r);
 	long status;
 	cw_errmsg e;
-	if (mx_call(m, "PUT", path, NULL, NULL, json_pack("{s:s, s:s}", "msgtype", "m.notice", "body", text), &status,
+	if (mx_call(m, "PUT", path, user, NULL, json_pack("{s:s, s:s}", "msgtype", "m.notice", "body", text), &status,
 		    NULL, &e))
-		LOG_KV(CW_LOG_WARN, "the bot cannot speak in its room", "room", room, "detail", e.msg);
+		LOG_KV(CW_LOG_WARN, "cannot post a notice", "room", room, "detail", e.msg);
+}
+
+static void say(struct matrix *m, const char *room, const char *text)
+{
+	say_as(m, room, NULL, text);
+}
+
+/* A bridged room turned end-to-end encrypted: the gateway cannot read what
+ * is said there from now on, and says so (as the remote user's ghost, who
+ * is in the room) instead of failing silently. */
+static void encrypted(struct matrix *m, PGconn *c, const char *room)
+{
+	const char *params[] = { room };
+	PGresult *r = PQexecParams(c,
+		"SELECT ib.native_id, ri.uri, ri.network FROM room_bindings b JOIN identities ri ON ri.id = b.remote_identity_id "
+		"JOIN identity_bindings ib ON ib.identity_id = ri.id AND ib.network = 'matrix' "
+		"WHERE b.network = 'matrix' AND b.native_id = $1", 1, NULL, params, NULL, NULL, 0);
+	if (PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1) {
+		char text[1200];
+		snprintf(text, sizeof(text),
+			 "This conversation is now end-to-end encrypted. The gateway to %s cannot read encrypted "
+			 "messages, so what is written here from now on will not reach %s. To go on talking with "
+			 "them, start a new conversation without encryption.", PQgetvalue(r, 0, 2), PQgetvalue(r, 0, 1));
+		say_as(m, room, PQgetvalue(r, 0, 0), text);
+		LOG_KV(CW_LOG_WARN, "a bridged Matrix room was encrypted", "room", room);
+	}
+	PQclear(r);
 }
 
 /* <who> as a consent subject: a mimi:// user URI, a ghost's Matrix id, or a
@@ -326,6 +353,8 @@ static bool inbox(struct matrix *m, PGconn *c)
 			else
 				ghost_invited(m, c, room, sender, key);
 		}
+		else if (type && room && strcmp(type, "m.room.encryption") == 0)
+			encrypted(m, c, room);
 		else if (type && room && sender && strcmp(type, "m.room.message") == 0 &&
 			 json_is_string(json_object_get(content, "body")))
 			command(m, c, room, sender, json_string_value(json_object_get(content, "body")));

@@ -212,13 +212,6 @@ json_t *matrix_health(struct matrix *m)
 	return o;
 }
 
-void mx_encrypted_notice(struct matrix *m, const char *room_id)
-{
-	/* Said by the bot would need it in the room; the ghost is there. */
-	LOG_KV(CW_LOG_WARN, "a bridged Matrix room was encrypted: the gateway cannot read it", "room", room_id);
-	(void)m;
-}
-
 /* ------------------------------------------------------------ delivery */
 
 struct lookup_ctx {

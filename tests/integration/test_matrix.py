@@ -295,3 +295,20 @@ def test_users_met_before_the_adapter_move_to_it(make_daemon, db_url, hs, pg):
     wait_until(lambda: any(e["type"] == "m.room.message" and e["content"]["body"] == "waiting for an adapter"
                            for rid in hs.rooms() for e in hs.events(rid)), what="delivery after the move")
     assert pg.psql("SELECT DISTINCT network FROM identities WHERE is_local", db_url) == "matrix"
+
+
+def test_a_bridged_room_turned_encrypted_gets_a_notice(mx, hs, gk, pg, db_url):
+    a, _ = gk
+    consent_alice(mx)
+    _, alice_token = hs.create_user("alice")
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    a.send(room, a.user("wally"), "hello")
+    ghost = "@_cw_gk_wally:example.org"
+    mx_room = wait_until(lambda: next((rid for rid in hs.rooms() if any(
+        e["sender"] == ghost and e["type"] == "m.room.message" for e in hs.events(rid))), None), what="delivery")
+    alice = hs.as_user(alice_token)
+    alice.join(mx_room)
+    alice.state(mx_room, "m.room.encryption", {"algorithm": "m.megolm.v1.aes-sha2"})
+    wait_until(lambda: any(e["sender"] == ghost and e["content"].get("msgtype") == "m.notice" and
+                           "end-to-end encrypted" in e["content"]["body"] for e in hs.events(mx_room)),
+               what="the notice")
