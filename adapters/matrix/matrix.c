@@ -42,7 +42,9 @@ cw_err matrix_new(struct matrix **out, struct cw_app *app, cw_errmsg *e)
 	pthread_mutex_init(&m->mu, NULL);
 	snprintf(m->ping_state, sizeof(m->ping_state), "pending");
 	snprintf(m->bot, sizeof(m->bot), "@%s:%s", cfg->mx_sender_localpart, mx_server_name(cfg));
-	if (pthread_key_create(&m->curl_key, mx_curl_release) != 0) {
+	m->typing = json_object();
+	if (!m->typing || pthread_key_create(&m->curl_key, mx_curl_release) != 0) {
+		json_decref(m->typing);
 		pthread_mutex_destroy(&m->mu);
 		free(m);
 		return cw_fail(e, CW_ENOMEM, "cannot make a thread key");
@@ -61,6 +63,7 @@ void matrix_free(struct matrix *m)
 	mx_curl_release(pthread_getspecific(m->curl_key)); /* this thread's, if any */
 	pthread_setspecific(m->curl_key, NULL);
 	pthread_key_delete(m->curl_key);
+	json_decref(m->typing);
 	pthread_mutex_destroy(&m->mu);
 	free(m);
 }
@@ -302,6 +305,7 @@ struct txn {
 	json_t *rooms;        /* Matrix room id -> true when bridged */
 	struct submit *b;
 	unsigned char key[32];
+	char txn_id[MX_ID_MAX + 1];
 	size_t invalid, ignored;
 };
 
@@ -348,9 +352,23 @@ static cw_err txn_lookup_send(PGconn *c, struct txn *t, cw_errmsg *e)
 		json_t *content = json_object_get(ev, "content");
 		const char *target;
 		json_t *readers;
-		json_object_foreach(content, target, readers) /* m.receipt: {event_id: ...} */
-			if (json_is_object(readers))
-				json_array_append_new(ids, json_string(target));
+		json_object_foreach(content, target, readers) { /* m.receipt: {event_id: {m.read: {user: ...}}} */
+			if (!json_is_object(readers))
+				continue;
+			json_array_append_new(ids, json_string(target));
+			const char *who;
+			json_t *x;
+			json_object_foreach(json_object_get(readers, "m.read"), who, x)
+				json_array_append_new(users, json_string(who));
+		}
+		size_t k;
+		json_t *u;
+		json_array_foreach(json_object_get(content, "user_ids"), k, u) /* m.typing */
+			json_array_append(users, u);
+		/* and those who were typing, whose stop this may be */
+		json_t *before = mx_typing_before(t->m, json_string_value(json_object_get(ev, "room_id")));
+		json_array_extend(users, before);
+		json_decref(before);
 	}
 	json_t *doc = json_pack("{s:o, s:o, s:o}", "ids", ids, "rooms", rooms, "users", users);
 	char *text = json_dumps(doc, JSON_COMPACT);
@@ -441,6 +459,20 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 		if (!room || !json_object_get(t->rooms, room))
 			continue;
 		json_t *list = mx_ephemeral_to_neutral(ev, lookup_map, t->map);
+		bool typing = strcmp(json_string_value(json_object_get(ev, "type")), "m.typing") == 0;
+		if (typing) {
+			/* m.typing lists who types now: who stopped is who is no
+			 * longer in the list. */
+			json_t *stopped = mx_typing_update(t->m, room, json_object_get(json_object_get(ev, "content"),
+									   "user_ids"));
+			size_t s2;
+			json_t *who;
+			json_array_foreach(stopped, s2, who)
+				json_array_append_new(list, json_pack("{s:O, s:{s:s, s:{s:s}}}", "sender_mxid", who,
+								      "event", "type", "typing", "content", "state",
+								      "stop"));
+			json_decref(stopped);
+		}
 		size_t k;
 		json_t *x;
 		json_array_foreach(list, k, x) {
@@ -451,11 +483,24 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 				continue;
 			neutral = json_deep_copy(neutral);
 			json_object_set_new(neutral, "sender", json_string(uri));
-			/* No event id: the same content is the same event. */
+			/* No event id: the same content is the same event (a
+			 * receipt); typing is the same only within one
+			 * transaction (its retry), or a second "start" later
+			 * would be lost. */
 			char *text = json_dumps(neutral, JSON_COMPACT | JSON_SORT_KEYS);
 			unsigned char h[32];
 			char hex[65], native[120];
-			cw_sha256(text ? text : "", text ? strlen(text) : 0, h);
+			size_t tl = text ? strlen(text) : 0, il = strlen(t->txn_id);
+			char *keyed = malloc(tl + il + 2);
+			if (keyed) {
+				memcpy(keyed, text ? text : "", tl);
+				keyed[tl] = '\n';
+				memcpy(keyed + tl + 1, typing ? t->txn_id : "", typing ? il + 1 : 1);
+				cw_sha256(keyed, strlen(keyed), h);
+			} else {
+				cw_sha256(text ? text : "", tl, h);
+			}
+			free(keyed);
 			free(text);
 			cw_hex(hex, h, 16);
 			snprintf(native, sizeof(native), "eph:%s", hex);
@@ -600,6 +645,7 @@ void matrix_as_transaction(struct cw_req *req, void *ctx)
 	}
 	t->app = app;
 	t->m = app->matrix;
+	snprintf(t->txn_id, sizeof(t->txn_id), "%s", txn_id);
 	/* The fast path: this very transaction was answered before.  The key
 	 * covers the body too: a homeserver whose database was reset starts
 	 * its txnIds again, with other events. */
@@ -670,6 +716,45 @@ void matrix_as_transaction(struct cw_req *req, void *ctx)
 	j->data_free = txn_free;
 	j->matrix_errors = true;
 	app_job_start_pipe(j, &txn_ops);
+}
+
+/* ------------------------------------------------------------ typing */
+
+json_t *mx_typing_before(struct matrix *m, const char *room)
+{
+	pthread_mutex_lock(&m->mu);
+	json_t *v = room ? json_object_get(m->typing, room) : NULL;
+	json_t *copy = json_is_array(v) ? json_copy(v) : json_array();
+	pthread_mutex_unlock(&m->mu);
+	return copy;
+}
+
+json_t *mx_typing_update(struct matrix *m, const char *room, json_t *now)
+{
+	json_t *stopped = json_array();
+	pthread_mutex_lock(&m->mu);
+	json_t *before = json_object_get(m->typing, room);
+	size_t i, k;
+	json_t *a, *b;
+	json_array_foreach(before, i, a) {
+		bool still = false;
+		json_array_foreach(now, k, b)
+			still |= json_equal(a, b);
+		if (!still)
+			json_array_append(stopped, a);
+	}
+	json_t *list = json_array();
+	json_array_foreach(now, k, b)
+		if (json_is_string(b))
+			json_array_append(list, b);
+	if (json_array_size(list) || json_object_get(m->typing, room))
+		json_object_set_new(m->typing, room, list);
+	else
+		json_decref(list);
+	if (json_object_size(m->typing) > 10000) /* bounded: forget the oldest knowledge wholesale */
+		json_object_clear(m->typing);
+	pthread_mutex_unlock(&m->mu);
+	return stopped;
 }
 
 /* ------------------------------------------------------------ recent transactions */

@@ -34,6 +34,7 @@ struct matrix {
 	char last_error[256];        /* the homeserver's last refusal (M_FORBIDDEN, M_UNKNOWN_TOKEN, ...) */
 	pthread_t ping_thread;
 	bool ping_started;
+	json_t *typing;              /* room -> who types there now (m.typing gives the whole list) */
 	pthread_t bot_thread;
 	bool bot_started;
 	atomic_bool bot_stop;
@@ -50,6 +51,10 @@ void mx_ping_heard(struct matrix *m, const char *txn);
 /* Registers (and names) the ghost of a remote user. */
 cw_err mx_ensure_ghost_id(struct matrix *m, const char *identity, const char *peer, const char *localpart,
 			  const char *display, const char *ghost, cw_errmsg *e);
+/* Who typed in room at the last m.typing (a copy); and the update to now's
+ * list, answering who stopped. */
+json_t *mx_typing_before(struct matrix *m, const char *room);
+json_t *mx_typing_update(struct matrix *m, const char *room, json_t *now);
 /* The bot's thread (mx_bot.c). */
 void mx_bot_start(struct matrix *m);
 void mx_bot_stop(struct matrix *m);

@@ -312,3 +312,25 @@ def test_a_bridged_room_turned_encrypted_gets_a_notice(mx, hs, gk, pg, db_url):
     wait_until(lambda: any(e["sender"] == ghost and e["content"].get("msgtype") == "m.notice" and
                            "end-to-end encrypted" in e["content"]["body"] for e in hs.events(mx_room)),
                what="the notice")
+
+
+def test_typing_and_read_receipts_reach_the_peer(mx, hs, gk, pg, db_url):
+    a, srv = gk
+    consent_alice(mx)
+    _, alice_token = hs.create_user("alice")
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    sent = a.send(room, a.user("wally"), "are you there?").json()["id"]
+    ghost = "@_cw_gk_wally:example.org"
+    mx_room = wait_until(lambda: next((rid for rid in hs.rooms() if any(
+        e["sender"] == ghost and e["type"] == "m.room.message" for e in hs.events(rid))), None), what="delivery")
+    mx_event = next(e["event_id"] for e in hs.events(mx_room) if e["sender"] == ghost and
+                    e["type"] == "m.room.message")
+    alice = hs.as_user(alice_token)
+    alice.join(mx_room)
+    alice.typing(mx_room, True)
+    alice.typing(mx_room, False)
+    alice.read_receipt(mx_room, mx_event)
+    got = srv.wait_events(3)
+    kinds = [(e["type"], e["content"].get("state") or e["content"].get("receipt")) for e in got]
+    assert kinds == [("typing", "start"), ("typing", "stop"), ("receipt", "read")], kinds
+    assert got[2]["content"]["in_reply_to"] == sent and all(e["sender"] == ALICE for e in got)
