@@ -1171,6 +1171,12 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 	if (limited.verdict == POLICY_LIMIT) {
 		/* Refused for now, nothing stored; a flood is recorded once
 		 * per bucket and episode, not once per refused message. */
+		if (memo.first_refusal) {
+			char ra[24];
+			snprintf(ra, sizeof(ra), "%lld", (long long)limited.retry_after_ms);
+			LOG_KV(CW_LOG_INFO, "policy limit", "reason", limited.reason, "sender", in->sender,
+			       "retry_after_ms", ra);
+		}
 		if (memo.first_refusal)
 			json_array_append_new(b->audit, json_pack("{s:s, s:s, s:I, s:n, s:s, s:{s:s, s:s, s:I}}",
 				"action", "policy.limit", "reason", limited.reason, "rule", (json_int_t)limited.rule_id,

@@ -206,8 +206,9 @@ def test_rate_limit_answers_429_with_retry_after(daemon, peers, pg, db_url):
     assert pg.psql("SELECT count(*) FROM events", db_url) == before  # nothing stored
     # Another user of the same domain has a bucket of their own.
     assert send(a, room2, "hi", sender="walter").status_code == 202
-    # A flood is recorded once per episode, not once per refusal.
+    # A flood is recorded once per episode, not once per refusal (audit and log).
     assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'policy.limit'", db_url) == "1"
+    assert len([r for r in daemon.records if r.get("msg") == "policy limit"]) == 1
     # In a batch the item is refused with its delay.
     uri = pg.psql(f"SELECT uri FROM rooms WHERE public_id = '{room}'", db_url)
     r = a.call("POST", "/v1/batch", {"events": [{"idempotency_key": "b1", "room": uri, "event": {
