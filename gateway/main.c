@@ -346,6 +346,7 @@ int main(int argc, char **argv)
 	LOG_KV(CW_LOG_INFO, "ready", "url", url, "port", port, "startup_ms", ms, "version", PACKAGE_VERSION,
 	       "pid", pid);
 
+	int stop_signal = SIGTERM;
 	for (;;) {
 		int sig = 0;
 		if (sigwait(&sigs, &sig) != 0)
@@ -357,15 +358,17 @@ int main(int argc, char **argv)
 				LOG_KV(CW_LOG_WARN, "SIGHUP ignored: no configuration file to reload");
 			continue;
 		}
-		LOG_KV(CW_LOG_INFO, "stopping", "signal", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+		stop_signal = sig;
 		break;
 	}
 
-	/* Stop taking connections, let the requests in flight finish, then
-	 * fail whatever still waits on the database so that every suspended
-	 * request is resumed before libmicrohttpd stops. */
+	/* Stop taking connections (before saying so: "stopping" in the log
+	 * means new connections are refused), let the requests in flight
+	 * finish, then fail whatever still waits on the database so that every
+	 * suspended request is resumed before libmicrohttpd stops. */
 	int64_t t_stop = cw_now_us();
 	cw_http_quiesce(app.http);
+	LOG_KV(CW_LOG_INFO, "stopping", "signal", stop_signal == SIGTERM ? "SIGTERM" : "SIGINT");
 	peer_pull_stop(app.pull); /* long-polls answer now: they would hold the drain */
 	bool idle = cw_http_drain(app.http, cfg.drain_timeout_ms);
 	dispatcher_stop(app.dispatcher);
