@@ -330,6 +330,14 @@ static const char *lookup_map(void *ctx, const char *id)
 	return json_is_string(v) ? json_string_value(v) : NULL;
 }
 
+/* The mapper's lookup: a Matrix event id (its neutral id), or a user id
+ * (a local user's URI, for membership changes). */
+static const char *lookup_ref_or_user(void *ctx, const char *id)
+{
+	struct txn *t = ctx;
+	return id[0] == '@' ? lookup_map(t->senders, id) : lookup_map(t->map, id);
+}
+
 /* Round 0 asks, in one statement, what the events need: the neutral ids of
  * the Matrix events they refer to (an edit stands for the message it edits:
  * references name first versions), which rooms are bridged, and the local
@@ -437,7 +445,7 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 		}
 		json_t *neutral = NULL;
 		char why[200] = "";
-		enum mx_in_result res = mx_to_neutral(ev, lookup_map, t->map, &neutral, why, sizeof(why));
+		enum mx_in_result res = mx_to_neutral(ev, lookup_ref_or_user, t, &neutral, why, sizeof(why));
 		if (res != MX_IN_OK) {
 			if (res == MX_IN_INVALID) {
 				t->invalid++;

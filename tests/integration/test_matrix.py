@@ -154,11 +154,12 @@ def test_peer_to_matrix_and_back(mx, hs, gk, pg, db_url):
     alice = hs.as_user(alice_token)
     alice.join(mx_room)
     alice.send_text(mx_room, "hi wally")
-    got = srv.wait_events(1)
-    assert got[0]["sender"] == ALICE and got[0]["content"]["parts"][0]["body"] == "hi wally"
-    assert got[0]["room_id"] == room
+    got = srv.wait_events(2)  # her joining, then her message
+    assert got[0]["type"] == "membership" and got[0]["content"]["membership"] == "join"
+    assert got[1]["sender"] == ALICE and got[1]["content"]["parts"][0]["body"] == "hi wally"
+    assert got[1]["room_id"] == room
     # Her message came back to nobody else, and the ghost's own echo was dropped.
-    assert pg.psql("SELECT count(*) FROM events", db_url) == "2"
+    assert pg.psql("SELECT count(*) FROM events", db_url) == "3"
 
 
 def test_transactions_are_deduplicated_by_event_id(mx, hs, gk, pg, db_url):
@@ -330,7 +331,25 @@ def test_typing_and_read_receipts_reach_the_peer(mx, hs, gk, pg, db_url):
     alice.typing(mx_room, True)
     alice.typing(mx_room, False)
     alice.read_receipt(mx_room, mx_event)
-    got = srv.wait_events(3)
+    got = [e for e in srv.wait_events(4) if e["type"] != "membership"]  # her joining comes first
     kinds = [(e["type"], e["content"].get("state") or e["content"].get("receipt")) for e in got]
     assert kinds == [("typing", "start"), ("typing", "stop"), ("receipt", "read")], kinds
     assert got[2]["content"]["in_reply_to"] == sent and all(e["sender"] == ALICE for e in got)
+
+
+def test_a_local_user_leaving_reaches_the_peer(mx, hs, gk):
+    a, srv = gk
+    consent_alice(mx)
+    _, alice_token = hs.create_user("alice")
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    a.send(room, a.user("wally"), "hello")
+    ghost = "@_cw_gk_wally:example.org"
+    mx_room = wait_until(lambda: next((rid for rid in hs.rooms() if any(
+        e["sender"] == ghost and e["type"] == "m.room.message" for e in hs.events(rid))), None), what="delivery")
+    alice = hs.as_user(alice_token)
+    alice.join(mx_room)
+    alice.leave(mx_room)
+    got = srv.wait_events(2)
+    kinds = [(e["type"], e["content"].get("membership")) for e in got]
+    assert kinds == [("membership", "join"), ("membership", "leave")], kinds
+    assert all(e["sender"] == ALICE and e["content"]["target"] == ALICE for e in got)
