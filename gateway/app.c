@@ -97,11 +97,8 @@ static void readyz_done(void *arg, cw_err rc, const cw_errmsg *e)
 		json_object_set_new(adapters, "matrix", matrix_health(j->app->matrix));
 	json_t *body = json_pack("{s:s, s:o, s:o, s:o}", "status", db_up && current ? "ready" : "not_ready",
 				 "database", db, "migrations", mig, "adapters", adapters);
-	if (!(db_up && current)) {
-		char ra[16];
-		snprintf(ra, sizeof(ra), "%ld", j->app->cfg->db_retry_after_s);
-		cw_req_add_header(j->req, "Retry-After", ra);
-	}
+	if (!(db_up && current))
+		app_retry_after(j->req, j->app->cfg->db_retry_after_s * 1000);
 	cw_req_reply_json(j->req, db_up && current ? 200 : 503, body);
 	cw_req_resume(j->req);
 	free(j);
@@ -348,12 +345,17 @@ const size_t app_nroutes = CW_ARRAY_LEN(app_routes);
 
 /* ------------------------------------------------------------------ jobs */
 
+void app_retry_after(struct cw_req *req, int64_t ms)
+{
+	char ra[24];
+	snprintf(ra, sizeof(ra), "%lld", (long long)((ms + 999) / 1000));
+	cw_req_add_header(req, "Retry-After", ra);
+}
+
 void app_reply_store_error(struct cw_app *app, struct cw_req *req, cw_err rc, const char *why)
 {
 	if (rc == CW_EUNAVAIL || rc == CW_ETIMEDOUT || rc == CW_ESHUTDOWN) {
-		char ra[16];
-		snprintf(ra, sizeof(ra), "%ld", app->cfg->db_retry_after_s);
-		cw_req_add_header(req, "Retry-After", ra);
+		app_retry_after(req, app->cfg->db_retry_after_s * 1000);
 		cw_req_problem(req, 503, "unavailable", "Service unavailable",
 			       rc == CW_ESHUTDOWN ? "the daemon is stopping" :
 			       rc == CW_ETIMEDOUT ? "the database did not answer in time" :
@@ -431,11 +433,8 @@ static void job_done(void *arg, cw_err rc, const cw_errmsg *e)
 {
 	struct app_job *j = arg;
 	if (j->matrix_errors && (rc || j->err_code)) {
-		if (rc) {
-			char ra[16];
-			snprintf(ra, sizeof(ra), "%ld", j->app->cfg->db_retry_after_s);
-			cw_req_add_header(j->req, "Retry-After", ra);
-		}
+		if (rc)
+			app_retry_after(j->req, j->app->cfg->db_retry_after_s * 1000);
 		cw_req_reply_json(j->req, rc ? 503 : j->err_status,
 				  json_pack("{s:s, s:s}", "errcode", rc ? "M_UNKNOWN" : j->err_code, "error",
 					    rc ? "the database is unavailable; try again" : j->err_detail));
@@ -505,6 +504,45 @@ void policy_count(struct cw_app *app, const struct policy_decision *d)
 {
 	if ((unsigned)d->verdict < 4)
 		atomic_fetch_add(&app->decisions[d->verdict], 1);
+}
+
+bool app_paging(struct cw_req *req, long long *after, long *limit)
+{
+	const char *a = cw_req_query(req, "after"), *l = cw_req_query(req, "limit");
+	char *end;
+	*after = 0;
+	*limit = 100;
+	if (a) {
+		*after = strtoll(a, &end, 10);
+		if (!*a || *end || *after < 0 || strlen(a) > 18) {
+			cw_req_problem(req, 400, "invalid_query", "Invalid query",
+				       "after must be a row id (a non-negative whole number)");
+			return false;
+		}
+	}
+	if (l) {
+		*limit = strtol(l, &end, 10);
+		if (!*l || *end || *limit < 1 || *limit > APP_PAGE_MAX) {
+			cw_req_problem(req, 400, "invalid_query", "Invalid query", "limit must be 1 to 500");
+			return false;
+		}
+	}
+	return true;
+}
+
+bool app_path_id(struct cw_req *req, const char *name, const char *what, char out[24])
+{
+	const char *id = cw_req_param(req, name);
+	char *end;
+	long long v = strtoll(id, &end, 10);
+	if (!*id || *end || v <= 0 || strlen(id) > 18) {
+		char d[80];
+		snprintf(d, sizeof(d), "no %s with that id", what);
+		cw_req_problem(req, 404, "not_found", "Not found", d);
+		return false;
+	}
+	snprintf(out, 24, "%lld", v);
+	return true;
 }
 
 const char *app_status_title(int status)

@@ -97,6 +97,16 @@ void app_job_fail(struct app_job *j, int status, const char *code, const char *f
 /* The HTTP front's authorize hook (see enum cw_auth). */
 bool app_authorize(struct cw_req *req, enum cw_auth auth, void *ctx);
 
+/* Admin lists: ?after= (a row id, 0 when absent) and ?limit= (1 to
+ * APP_PAGE_MAX, 100 when absent); false after answering 400. */
+#define APP_PAGE_MAX 500
+bool app_paging(struct cw_req *req, long long *after, long *limit);
+/* The path parameter name as a row id; false after answering 404 "no
+ * <what> with that id". */
+bool app_path_id(struct cw_req *req, const char *name, const char *what, char out[24]);
+
+/* Adds Retry-After: ms rounded up to whole seconds. */
+void app_retry_after(struct cw_req *req, int64_t ms);
 /* The answer for a store that refused or failed a job. */
 void app_reply_store_error(struct cw_app *app, struct cw_req *req, cw_err rc, const char *why);
 /* False after answering 415 when the body is not application/json. */

@@ -57,6 +57,15 @@ cw_err cw_random(void *buf, size_t n)
 	return RAND_bytes(buf, (int)n) == 1 ? CW_OK : CW_EIO;
 }
 
+void cw_new_id(char *out, size_t len, const char *prefix)
+{
+	unsigned char raw[16];
+	cw_random(raw, sizeof(raw));
+	size_t n = strlen(prefix);
+	memcpy(out, prefix, n);
+	cw_b64url_encode(out + n, len - n, raw, sizeof(raw));
+}
+
 void cw_hex(char *out, const unsigned char *in, size_t n)
 {
 	static const char digits[] = "0123456789abcdef";

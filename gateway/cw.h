@@ -38,6 +38,9 @@ int64_t cw_wall_ms(void);
 
 /* Fills buf with n cryptographically random bytes (OpenSSL). */
 cw_err cw_random(void *buf, size_t n);
+/* A new opaque id: prefix + 22 base64url characters (128 random bits);
+ * len must hold them and the NUL. */
+void cw_new_id(char *out, size_t len, const char *prefix);
 /* Writes 2*n lower-case hex digits and a NUL into out (size >= 2n+1). */
 void cw_hex(char *out, const unsigned char *in, size_t n);
 

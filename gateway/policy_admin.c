@@ -21,7 +21,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define PAGE_MAX 500
 #define MAXP 12
 #define COMMENT_MAX 1024
 
@@ -197,46 +196,6 @@ static void bad_body(struct cw_req *req, const char *detail)
 	cw_req_problem(req, 400, "invalid_body", "Invalid body", detail);
 }
 
-/* ?after=&limit=: false after answering 400. */
-static bool paging(struct cw_req *req, long long *after, long *limit)
-{
-	const char *a = cw_req_query(req, "after"), *l = cw_req_query(req, "limit");
-	char *end;
-	*after = 0;
-	*limit = 100;
-	if (a) {
-		*after = strtoll(a, &end, 10);
-		if (!*a || *end || *after < 0 || strlen(a) > 18) {
-			bad_query(req, "after must be a row id (a non-negative whole number)");
-			return false;
-		}
-	}
-	if (l) {
-		*limit = strtol(l, &end, 10);
-		if (!*l || *end || *limit < 1 || *limit > PAGE_MAX) {
-			bad_query(req, "limit must be 1 to 500");
-			return false;
-		}
-	}
-	return true;
-}
-
-/* A path id: false after answering 404. */
-static bool path_id(struct cw_req *req, const char *name, const char *what, char out[24])
-{
-	const char *id = cw_req_param(req, name);
-	char *end;
-	long long v = strtoll(id, &end, 10);
-	if (!*id || *end || v <= 0 || strlen(id) > 18) {
-		char d[80];
-		snprintf(d, sizeof(d), "no %s with that id", what);
-		cw_req_problem(req, 404, "not_found", "Not found", d);
-		return false;
-	}
-	snprintf(out, 24, "%lld", v);
-	return true;
-}
-
 /* A user URI; local: of this provider's domain.  NULL when valid. */
 static const char *user_uri_problem(struct cw_app *app, const char *s, bool local)
 {
@@ -321,7 +280,7 @@ void policy_admin_rules_list(struct cw_req *req, void *ctx)
 {
 	long long after;
 	long limit;
-	if (!paging(req, &after, &limit))
+	if (!app_paging(req, &after, &limit))
 		return;
 	const char *scope = cw_req_query(req, "scope");
 	enum policy_scope sc;
@@ -469,7 +428,7 @@ void policy_admin_rule_create(struct cw_req *req, void *ctx)
 void policy_admin_rule_get(struct cw_req *req, void *ctx)
 {
 	char id[24];
-	if (!path_id(req, "id", "rule", id))
+	if (!app_path_id(req, "id", "rule", id))
 		return;
 	struct aq *q = aq_new("SELECT " RULE_JSON "::text FROM rules WHERE id = $1::bigint");
 	if (q) {
@@ -482,7 +441,7 @@ void policy_admin_rule_get(struct cw_req *req, void *ctx)
 void policy_admin_rule_update(struct cw_req *req, void *ctx)
 {
 	char id[24];
-	if (!path_id(req, "id", "rule", id))
+	if (!app_path_id(req, "id", "rule", id))
 		return;
 	json_t *body = app_json_body(req);
 	if (!body)
@@ -527,7 +486,7 @@ void policy_admin_rule_update(struct cw_req *req, void *ctx)
 void policy_admin_rule_delete(struct cw_req *req, void *ctx)
 {
 	char id[24];
-	if (!path_id(req, "id", "rule", id))
+	if (!app_path_id(req, "id", "rule", id))
 		return;
 	struct aq *q = aq_new("DELETE FROM rules WHERE id = $1::bigint RETURNING " RULE_JSON "::text");
 	if (q) {
@@ -622,7 +581,7 @@ void policy_admin_users_list(struct cw_req *req, void *ctx)
 	struct cw_app *app = ctx;
 	long long after;
 	long limit;
-	if (!paging(req, &after, &limit))
+	if (!app_paging(req, &after, &limit))
 		return;
 	const char *user = cw_req_query(req, "user");
 	if (user && user_uri_problem(app, user, true)) {
@@ -741,7 +700,7 @@ void policy_admin_consent_requests(struct cw_req *req, void *ctx)
 	struct cw_app *app = ctx;
 	long long after;
 	long limit;
-	if (!paging(req, &after, &limit))
+	if (!app_paging(req, &after, &limit))
 		return;
 	const char *state = cw_req_query(req, "state"), *user = cw_req_query(req, "user");
 	if (state && strcmp(state, "pending") != 0 && strcmp(state, "accepted") != 0 && strcmp(state, "blocked") != 0 &&
@@ -775,7 +734,7 @@ void policy_admin_held_list(struct cw_req *req, void *ctx)
 	struct cw_app *app = ctx;
 	long long after;
 	long limit;
-	if (!paging(req, &after, &limit))
+	if (!app_paging(req, &after, &limit))
 		return;
 	const char *user = cw_req_query(req, "user");
 	if (user && user_uri_problem(app, user, true)) {
@@ -805,7 +764,7 @@ void policy_admin_reports_list(struct cw_req *req, void *ctx)
 {
 	long long after;
 	long limit;
-	if (!paging(req, &after, &limit))
+	if (!app_paging(req, &after, &limit))
 		return;
 	const char *open = cw_req_query(req, "open");
 	if (open && strcmp(open, "true") != 0 && strcmp(open, "false") != 0) {
@@ -910,7 +869,7 @@ void policy_admin_report_create(struct cw_req *req, void *ctx)
 void policy_admin_report_handle(struct cw_req *req, void *ctx)
 {
 	char id[24];
-	if (!path_id(req, "id", "report", id))
+	if (!app_path_id(req, "id", "report", id))
 		return;
 	struct aq *q = aq_new("UPDATE reports SET handled_at = now(), handled_by = 'admin' WHERE id = $1::bigint "
 			      "AND handled_at IS NULL RETURNING json_build_object('id', id, 'handled_at', handled_at, "
@@ -930,7 +889,7 @@ void policy_admin_audit_list(struct cw_req *req, void *ctx)
 {
 	long long after;
 	long limit;
-	if (!paging(req, &after, &limit))
+	if (!app_paging(req, &after, &limit))
 		return;
 	const char *action = cw_req_query(req, "action"), *message = cw_req_query(req, "message");
 	const char *actor = cw_req_query(req, "actor");

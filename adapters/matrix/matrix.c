@@ -6,7 +6,6 @@
 #include "pipeline.h"
 #include "store.h"
 
-#include <openssl/rand.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,6 +38,7 @@ cw_err matrix_new(struct matrix **out, struct cw_app *app, cw_errmsg *e)
 		return cw_fail(e, CW_ENOMEM, "out of memory");
 	m->app = app;
 	m->cfg = cfg;
+	cw_sha256(cfg->mx_hs_token, strlen(cfg->mx_hs_token), m->hs_token_hash); /* compared in constant time */
 	pthread_mutex_init(&m->mu, NULL);
 	snprintf(m->ping_state, sizeof(m->ping_state), "pending");
 	snprintf(m->bot, sizeof(m->bot), "@%s:%s", cfg->mx_sender_localpart, mx_server_name(cfg));
@@ -91,7 +91,7 @@ static void regex_quote(const char *s, char *out, size_t len)
 static void new_token(char out[65])
 {
 	unsigned char raw[32];
-	RAND_bytes(raw, sizeof(raw));
+	cw_random(raw, sizeof(raw));
 	cw_hex(out, raw, sizeof(raw));
 }
 
@@ -168,12 +168,9 @@ static bool hs_authorized(struct cw_req *req, struct cw_app *app)
 		mx_error(req, 401, "M_MISSING_TOKEN", "the homeserver's token is required");
 		return false;
 	}
-	const char *want = app->cfg->mx_hs_token;
-	size_t tl = strlen(token), wl = strlen(want);
-	unsigned char a[32], b[32];
-	cw_sha256(token, tl, a);
-	cw_sha256(want, wl, b);
-	if (!cw_ct_equal(a, b, 32)) {
+	unsigned char h[32];
+	cw_sha256(token, strlen(token), h);
+	if (!cw_ct_equal(h, app->matrix->hs_token_hash, 32)) {
 		mx_error(req, 403, "M_FORBIDDEN", "the homeserver's token does not match");
 		return false;
 	}
@@ -214,7 +211,6 @@ struct user_query {
 	char user_id[MX_ID_MAX + 1];
 	char network[64];
 	char local[MX_ID_MAX + 1];
-	char identity[24];
 	char display[300];
 };
 
@@ -225,7 +221,7 @@ static cw_err user_query_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	snprintf(peer, sizeof(peer), "%s", q->network);
 	const char *params[] = { peer, q->local };
 	PGresult *r = PQexecParams(c,
-		"SELECT i.id, coalesce(i.display_name, '') FROM identities i JOIN peers p ON p.id = i.peer_id "
+		"SELECT coalesce(i.display_name, '') FROM identities i JOIN peers p ON p.id = i.peer_id "
 		"WHERE p.name = $1 AND i.network = 'peer:' || p.name AND i.localpart = $2 AND i.domain = p.domain",
 		2, NULL, params, NULL, NULL, 0);
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
@@ -236,8 +232,7 @@ static cw_err user_query_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		app_job_fail(j, 404, "M_NOT_FOUND", "no such user");
 		return CW_OK;
 	}
-	snprintf(q->identity, sizeof(q->identity), "%s", PQgetvalue(r, 0, 0));
-	snprintf(q->display, sizeof(q->display), "%s", PQgetvalue(r, 0, 1));
+	snprintf(q->display, sizeof(q->display), "%s", PQgetvalue(r, 0, 0));
 	PQclear(r);
 	j->body = json_object();
 	return CW_OK;
@@ -249,7 +244,7 @@ static void user_query_after(struct app_job *j)
 {
 	struct user_query *q = j->data;
 	cw_errmsg e;
-	if (mx_ensure_ghost_id(q->m, q->identity, q->network, q->local, q->display, q->user_id, &e))
+	if (mx_register_ghost(q->m, q->network, q->local, q->display, q->user_id, &e))
 		LOG_KV(CW_LOG_WARN, "cannot register a ghost the homeserver asked for", "user", q->user_id,
 		       "detail", e.msg);
 }

@@ -21,6 +21,7 @@ struct matrix {
 	struct cw_app *app;
 	const struct cw_config *cfg;
 	char bot[MX_ID_MAX + 1];
+	unsigned char hs_token_hash[32]; /* sha256 of matrix.hs_token */
 	pthread_mutex_t mu;          /* the recent transactions, the health */
 	pthread_key_t curl_key;      /* each thread's HTTP client to the homeserver */
 	unsigned char recent[TXN_RECENT_MAX][32];
@@ -48,9 +49,10 @@ bool mx_txn_seen(struct matrix *m, const unsigned char key[32]);
 void mx_txn_remember(struct matrix *m, const unsigned char key[32]);
 /* The homeserver called our ping endpoint with this transaction id. */
 void mx_ping_heard(struct matrix *m, const char *txn);
-/* Registers (and names) the ghost of a remote user. */
-cw_err mx_ensure_ghost_id(struct matrix *m, const char *identity, const char *peer, const char *localpart,
-			  const char *display, const char *ghost, cw_errmsg *e);
+/* Registers (and names) the ghost of a remote user (its binding is written
+ * when it first delivers). */
+cw_err mx_register_ghost(struct matrix *m, const char *peer, const char *localpart, const char *display,
+			 const char *ghost, cw_errmsg *e);
 /* Who typed in room at the last m.typing (a copy); and the update to now's
  * list, answering who stopped. */
 json_t *mx_typing_before(struct matrix *m, const char *room);

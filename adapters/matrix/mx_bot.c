@@ -282,10 +282,8 @@ static void ghost_invited(struct matrix *m, PGconn *c, const char *room, const c
 		rc = identity_id(c, &ru, false, network, peer_id, remote_id, sizeof(remote_id), &e);
 	bool made = false;
 	if (!rc) {
-		unsigned char raw[16];
-		char pub[40] = "r_", ruri[400];
-		cw_random(raw, sizeof(raw));
-		cw_b64url_encode(pub + 2, sizeof(pub) - 2, raw, sizeof(raw));
+		char pub[40], ruri[400];
+		cw_new_id(pub, sizeof(pub), "r_");
 		snprintf(ruri, sizeof(ruri), "mimi://%s/r/%s", m->cfg->domain ? m->cfg->domain : "", pub);
 		const char *params[] = { pub, ruri, m->cfg->domain ? m->cfg->domain : "", room, local_id, remote_id, ghost };
 		r = PQexecParams(c,

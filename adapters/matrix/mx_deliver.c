@@ -5,7 +5,6 @@
 #include "log.h"
 #include "store.h"
 
-#include <openssl/rand.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -157,7 +156,7 @@ static void *ping_main(void *arg)
 	json_decref(ans);
 	char path[300], txn[40];
 	unsigned char raw[8];
-	RAND_bytes(raw, sizeof(raw));
+	cw_random(raw, sizeof(raw));
 	snprintf(txn, sizeof(txn), "cw-ping-");
 	cw_hex(txn + 8, raw, sizeof(raw));
 	pthread_mutex_lock(&m->mu);
@@ -239,8 +238,8 @@ static const char *to_native(void *arg, const char *msg_id)
 }
 
 /* Registers the ghost (M_USER_IN_USE is fine) and names it. */
-static cw_err register_ghost(struct matrix *m, const char *ghost, const char *peer, const char *localpart,
-			     const char *display, cw_errmsg *e)
+cw_err mx_register_ghost(struct matrix *m, const char *peer, const char *localpart, const char *display,
+			 const char *ghost, cw_errmsg *e)
 {
 	char *ghost_local = strndup(ghost + 1, strcspn(ghost + 1, ":"));
 	long status;
@@ -267,20 +266,13 @@ static cw_err register_ghost(struct matrix *m, const char *ghost, const char *pe
 	return CW_OK;
 }
 
-cw_err mx_ensure_ghost_id(struct matrix *m, const char *identity, const char *peer, const char *localpart,
-			  const char *display, const char *ghost, cw_errmsg *e)
-{
-	(void)identity; /* the binding is written when the ghost first delivers */
-	return register_ghost(m, ghost, peer, localpart, display, e);
-}
-
 /* The ghost of a remote user: registered (once) with a display name. */
 static cw_err ensure_ghost(struct matrix *m, PGconn *c, const char *sender_id, const char *peer,
 			   const char *localpart, const char *display, char *ghost, size_t glen, cw_errmsg *e)
 {
 	if (!mx_ghost_id(m->cfg->mx_user_prefix, peer, localpart, mx_server_name(m->cfg), ghost, glen))
 		return cw_fail(e, CW_EINVAL, "the remote user %s has no Matrix ghost id (too long)", localpart);
-	cw_err rc = register_ghost(m, ghost, peer, localpart, display, e);
+	cw_err rc = mx_register_ghost(m, peer, localpart, display, ghost, e);
 	if (rc)
 		return rc;
 	const char *params[] = { sender_id, ghost };

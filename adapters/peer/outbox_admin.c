@@ -9,8 +9,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define PAGE_MAX 500
-
 struct list_input {
 	char state[16];
 	char destination[300];
@@ -69,11 +67,12 @@ static cw_err list_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 
 void outbox_admin_list(struct cw_req *req, void *ctx)
 {
+	long long a;
+	long l;
+	if (!app_paging(req, &a, &l))
+		return;
 	struct list_input *in = calloc(1, sizeof(*in));
 	const char *state = cw_req_query(req, "state"), *dest = cw_req_query(req, "destination");
-	const char *after = cw_req_query(req, "after"), *limit = cw_req_query(req, "limit");
-	char *end;
-	long a = after ? strtol(after, &end, 10) : 0;
 	const char *bad = NULL;
 	if (!in)
 		bad = "out of memory";
@@ -81,14 +80,6 @@ void outbox_admin_list(struct cw_req *req, void *ctx)
 		bad = "state must be one of pending, held, in_flight, delivered, failed, dead, dropped, expired";
 	else if (dest && (strlen(dest) == 0 || strlen(dest) >= sizeof(in->destination)))
 		bad = "destination is empty or too long";
-	else if (after && (*after == '\0' || *end || a < 0))
-		bad = "after must be a row id (a non-negative whole number)";
-	long l = 100;
-	if (!bad && limit) {
-		l = strtol(limit, &end, 10);
-		if (*limit == '\0' || *end || l < 1 || l > PAGE_MAX)
-			bad = "limit must be 1 to 500";
-	}
 	if (bad) {
 		cw_req_problem(req, 400, "invalid_query", "Invalid query", bad);
 		free(in);
@@ -96,7 +87,7 @@ void outbox_admin_list(struct cw_req *req, void *ctx)
 	}
 	snprintf(in->state, sizeof(in->state), "%s", state ? state : "");
 	snprintf(in->destination, sizeof(in->destination), "%s", dest ? dest : "");
-	snprintf(in->after, sizeof(in->after), "%ld", a);
+	snprintf(in->after, sizeof(in->after), "%lld", a);
 	snprintf(in->limit, sizeof(in->limit), "%ld", l);
 	app_job_run(ctx, req, list_fn, in, free, false);
 }
@@ -143,12 +134,7 @@ static cw_err replay_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 
 void outbox_admin_replay(struct cw_req *req, void *ctx)
 {
-	const char *id = cw_req_param(req, "id");
-	char *end;
-	long long v = strtoll(id, &end, 10);
-	if (!*id || *end || v <= 0 || strlen(id) > 18) {
-		cw_req_problem(req, 404, "not_found", "Not found", "no outbox row with that id");
-		return;
-	}
-	app_job_run(ctx, req, replay_fn, strdup(id), free, true);
+	char id[24];
+	if (app_path_id(req, "id", "outbox row", id))
+		app_job_run(ctx, req, replay_fn, strdup(id), free, true);
 }

@@ -114,16 +114,6 @@ static void event_problem(struct cw_req *req, const struct event_error *err)
 	cw_req_problem(req, status, err->code, status == 413 ? "Too large" : "Invalid body", detail);
 }
 
-/* A new opaque id: prefix + 22 base64url characters (128 random bits). */
-static void new_id(char *out, size_t len, const char *prefix)
-{
-	unsigned char raw[16];
-	cw_random(raw, sizeof(raw));
-	size_t n = strlen(prefix);
-	memcpy(out, prefix, n);
-	cw_b64url_encode(out + n, len - n, raw, sizeof(raw));
-}
-
 static PGresult *exec(PGconn *c, const char *sql, int n, const char *const *params)
 {
 	return PQexecParams(c, sql, n, NULL, params, NULL, NULL, 0);
@@ -468,13 +458,9 @@ void peer_api_room_create(struct cw_req *req, void *ctx)
 	if (d.verdict == POLICY_LIMIT || d.verdict == POLICY_DENY) {
 		char detail[160];
 		if (d.verdict == POLICY_LIMIT) {
-			char ra[24];
-			snprintf(ra, sizeof(ra), "%lld", (long long)((d.retry_after_ms + 999) / 1000));
-			cw_req_add_header(req, "Retry-After", ra);
-		}
-		if (d.verdict == POLICY_LIMIT)
+			app_retry_after(req, d.retry_after_ms);
 			snprintf(detail, sizeof(detail), "too many new conversations from this sender; retry later");
-		else
+		} else
 			snprintf(detail, sizeof(detail),
 				 "this provider does not take conversations from the calling peer's users (%s)", d.reason);
 		cw_req_problem(req, d.verdict == POLICY_LIMIT ? 429 : 403,
@@ -490,7 +476,7 @@ void peer_api_room_create(struct cw_req *req, void *ctx)
 	size_t blen;
 	const char *raw = cw_req_body(req, &blen);
 	cw_sha256(raw, blen, in->hash);
-	new_id(in->public_id, sizeof(in->public_id), "r_");
+	cw_new_id(in->public_id, sizeof(in->public_id), "r_");
 	snprintf(in->domain, sizeof(in->domain), "%s", app->cfg->domain);
 	if (uri) { /* the peer hosts the room */
 		snprintf(in->uri, sizeof(in->uri), "%s", json_string_value(uri));
@@ -756,6 +742,27 @@ static void request_hash(const char *room, json_t *event, unsigned char out[32])
 	}
 	free(buf);
 	free(text);
+}
+
+/* What every item takes from its validated event: the room as the request
+ * names it (public id, URI or native id), the sender, and the event. */
+static void msg_input_from_event(struct msg_input *in, struct cw_app *app, const char *room, const char *sender,
+				 const struct event *ev)
+{
+	in->app = app;
+	snprintf(in->room, sizeof(in->room), "%s", room);
+	request_hash(room, ev->json, in->hash);
+	cw_new_id(in->msg_id, sizeof(in->msg_id), "msg_");
+	snprintf(in->sender, sizeof(in->sender), "%s", sender);
+	snprintf(in->type, sizeof(in->type), "%s", event_type_name(ev->type));
+	snprintf(in->in_reply_to, sizeof(in->in_reply_to), "%s", ev->in_reply_to ? ev->in_reply_to : "");
+	snprintf(in->replaces, sizeof(in->replaces), "%s", ev->replaces ? ev->replaces : "");
+	snprintf(in->ts, sizeof(in->ts), "%lld", (long long)(ev->ts ? ev->ts : cw_wall_ms()));
+	in->event = json_incref(ev->json);
+	in->body_bytes = ev->body_bytes;
+	in->attachment_bytes = ev->attachment_bytes;
+	in->kinds = ev->kinds;
+	in->read_receipt = ev->type == EVENT_RECEIPT && ev->receipt == EVENT_RECEIPT_READ;
 }
 
 /* ------------------------------------------------------------ submitting
@@ -1176,12 +1183,11 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 			snprintf(ra, sizeof(ra), "%lld", (long long)limited.retry_after_ms);
 			LOG_KV(CW_LOG_INFO, "policy limit", "reason", limited.reason, "sender", in->sender,
 			       "retry_after_ms", ra);
-		}
-		if (memo.first_refusal)
 			json_array_append_new(b->audit, json_pack("{s:s, s:s, s:I, s:n, s:s, s:{s:s, s:s, s:I}}",
 				"action", "policy.limit", "reason", limited.reason, "rule", (json_int_t)limited.rule_id,
 				"pid", "subject", in->sender, "details", "sender", in->sender, "type", in->type,
 				"retry_after_ms", (json_int_t)limited.retry_after_ms));
+		}
 		json_decref(dests);
 		json_decref(targets);
 		json_decref(states);
@@ -1321,19 +1327,7 @@ bool submit_put_local(struct submit *b, size_t i, struct cw_app *app, const char
 	snprintf(in->scope, sizeof(in->scope), "%s", network);
 	snprintf(in->native_id, sizeof(in->native_id), "%s", native_id);
 	in->idem_key = strdup(native_id);
-	snprintf(in->room, sizeof(in->room), "%s", room);
-	request_hash(room, ev->json, in->hash);
-	new_id(in->msg_id, sizeof(in->msg_id), "msg_");
-	snprintf(in->sender, sizeof(in->sender), "%s", sender);
-	snprintf(in->type, sizeof(in->type), "%s", event_type_name(ev->type));
-	snprintf(in->in_reply_to, sizeof(in->in_reply_to), "%s", ev->in_reply_to ? ev->in_reply_to : "");
-	snprintf(in->replaces, sizeof(in->replaces), "%s", ev->replaces ? ev->replaces : "");
-	snprintf(in->ts, sizeof(in->ts), "%lld", (long long)(ev->ts ? ev->ts : cw_wall_ms()));
-	in->event = json_incref(ev->json);
-	in->body_bytes = ev->body_bytes;
-	in->attachment_bytes = ev->attachment_bytes;
-	in->kinds = ev->kinds;
-	in->read_receipt = ev->type == EVENT_RECEIPT && ev->receipt == EVENT_RECEIPT_READ;
+	msg_input_from_event(in, app, room, sender, ev);
 	if (!in->idem_key) {
 		msg_input_free(in);
 		return false;
@@ -1412,11 +1406,8 @@ static void answer_item(struct cw_app *app, struct msg_input *in, const struct i
 	if (rc)
 		app_reply_store_error(app, req, rc, why);
 	else if (res->code) {
-		if (res->status == 429) {
-			char ra[24];
-			snprintf(ra, sizeof(ra), "%lld", (long long)((res->retry_after_ms + 999) / 1000));
-			cw_req_add_header(req, "Retry-After", ra);
-		}
+		if (res->status == 429)
+			app_retry_after(req, res->retry_after_ms);
 		cw_req_problem(req, res->status, res->code, app_status_title(res->status), res->detail);
 	}
 	else
@@ -1551,7 +1542,7 @@ static void submit_one(struct cw_req *req, struct cw_app *app, unsigned types, b
 	const char *key = cw_req_header(req, "Idempotency-Key");
 	char made_key[48];
 	if (!key && !key_required) {
-		new_id(made_key, sizeof(made_key), "auto-");
+		cw_new_id(made_key, sizeof(made_key), "auto-");
 		key = made_key;
 	}
 	if (!key || !idempotency_key_valid(key)) {
@@ -1589,22 +1580,9 @@ static void submit_one(struct cw_req *req, struct cw_app *app, unsigned types, b
 	struct msg_input *in = calloc(1, sizeof(*in));
 	msg_input_from_peer(in, p);
 	in->idem_key = strdup(key);
-	snprintf(in->room, sizeof(in->room), "%s", room);
-	request_hash(room, ev.json, in->hash);
+	msg_input_from_event(in, app, room, sender, &ev);
 	if (ev.has_room)
 		mimi_uri_format(&ev.room, in->body_room, sizeof(in->body_room), NULL);
-	new_id(in->msg_id, sizeof(in->msg_id), "msg_");
-	snprintf(in->sender, sizeof(in->sender), "%s", sender);
-	snprintf(in->type, sizeof(in->type), "%s", event_type_name(ev.type));
-	snprintf(in->in_reply_to, sizeof(in->in_reply_to), "%s", ev.in_reply_to ? ev.in_reply_to : "");
-	snprintf(in->replaces, sizeof(in->replaces), "%s", ev.replaces ? ev.replaces : "");
-	snprintf(in->ts, sizeof(in->ts), "%lld", (long long)(ev.ts ? ev.ts : cw_wall_ms()));
-	in->event = json_incref(ev.json);
-	in->app = app;
-	in->body_bytes = ev.body_bytes;
-	in->attachment_bytes = ev.attachment_bytes;
-	in->kinds = ev.kinds;
-	in->read_receipt = ev.type == EVENT_RECEIPT && ev.receipt == EVENT_RECEIPT_READ;
 	event_free(&ev);
 	submit_coalesced(app, req, in);
 }
@@ -1735,20 +1713,10 @@ void peer_api_batch(struct cw_req *req, void *ctx)
 		struct msg_input *in = calloc(1, sizeof(*in));
 		msg_input_from_peer(in, p);
 		in->idem_key = strdup(it->idempotency_key);
-		mimi_uri_format(&it->room, in->room, sizeof(in->room), NULL);
-		request_hash(in->room, it->ev.json, in->hash);
-		new_id(in->msg_id, sizeof(in->msg_id), "msg_");
-		mimi_uri_format(&it->ev.sender, in->sender, sizeof(in->sender), NULL);
-		snprintf(in->type, sizeof(in->type), "%s", event_type_name(it->ev.type));
-		snprintf(in->in_reply_to, sizeof(in->in_reply_to), "%s", it->ev.in_reply_to ? it->ev.in_reply_to : "");
-		snprintf(in->replaces, sizeof(in->replaces), "%s", it->ev.replaces ? it->ev.replaces : "");
-		snprintf(in->ts, sizeof(in->ts), "%lld", (long long)(it->ev.ts ? it->ev.ts : cw_wall_ms()));
-		in->event = json_incref(it->ev.json);
-		in->app = app;
-		in->body_bytes = it->ev.body_bytes;
-		in->attachment_bytes = it->ev.attachment_bytes;
-		in->kinds = it->ev.kinds;
-		in->read_receipt = it->ev.type == EVENT_RECEIPT && it->ev.receipt == EVENT_RECEIPT_READ;
+		char room[MIMI_URI_MAX + 1], sender[MIMI_URI_MAX + 1];
+		mimi_uri_format(&it->room, room, sizeof(room), NULL);
+		mimi_uri_format(&it->ev.sender, sender, sizeof(sender), NULL);
+		msg_input_from_event(in, app, room, sender, &it->ev);
 		b->items[i] = in;
 	}
 	batch_free(&bt);

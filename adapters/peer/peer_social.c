@@ -174,9 +174,7 @@ void peer_api_consent_request(struct cw_req *req, void *ctx)
 	in->expiry_s = v->set.held_expiry_s;
 	policy_view_put(v);
 	if (in->d.verdict == POLICY_LIMIT) {
-		char ra[24];
-		snprintf(ra, sizeof(ra), "%lld", (long long)((in->d.retry_after_ms + 999) / 1000));
-		cw_req_add_header(req, "Retry-After", ra);
+		app_retry_after(req, in->d.retry_after_ms);
 		cw_req_problem(req, 429, "rate_limited", "Too many requests",
 			       "too many consent requests from this sender; retry later");
 		social_free(in);
