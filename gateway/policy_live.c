@@ -238,6 +238,14 @@ static const char consent_sql[] =
 	"  AND (($2 = 'user' AND r.uri = $3) OR ($2 = 'domain' AND r.domain = $3)) RETURNING q.id) "
 	"SELECT count(*) FROM rq";
 
+const char POLICY_USER_SUMMARY_SQL[] =
+	"SELECT 'request from ' || i.uri || ' (' || i.network || ')' FROM consent_requests q "
+	" JOIN identities i ON i.id = q.remote_identity_id WHERE q.local_identity_id = $1::bigint "
+	" AND q.state = 'pending' "
+	"UNION ALL SELECT c.state || ': ' || c.subject FROM consents c WHERE c.local_identity_id = $1::bigint "
+	"UNION ALL SELECT CASE WHEN o.opted_in THEN 'opted in: ' ELSE 'opted out: ' END || o.network "
+	" FROM user_optin o WHERE o.identity_id = $1::bigint";
+
 cw_err policy_consent_apply(PGconn *c, const struct policy_settings *s, const char *local_id, const char *kind,
 			    const char *subject, const char *state, const char *source, long counts[3], long *decided,
 			    cw_errmsg *e)

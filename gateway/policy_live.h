@@ -59,6 +59,11 @@ cw_err policy_consent_apply(PGconn *c, const struct policy_settings *s, const ch
 			    const char *subject, const char *state, const char *source, long counts[3], long *decided,
 			    cw_errmsg *e);
 
+/* One line per fact of a local user's consent ($1: the identity id):
+ * pending requests, decisions, opt-ins; what a user's "list" command shows
+ * in any network. */
+extern const char POLICY_USER_SUMMARY_SQL[];
+
 struct policy_live;
 struct policy_live_opts {
 	const char *url;

@@ -133,14 +133,7 @@ static bool local_identity(struct matrix *m, PGconn *c, const char *mxid, char *
 static void cmd_list(struct matrix *m, PGconn *c, const char *room, const char *local_id)
 {
 	const char *params[] = { local_id };
-	PGresult *r = PQexecParams(c,
-		"SELECT 'request from ' || i.uri || ' (' || i.network || ')' FROM consent_requests q "
-		" JOIN identities i ON i.id = q.remote_identity_id WHERE q.local_identity_id = $1::bigint "
-		" AND q.state = 'pending' "
-		"UNION ALL SELECT c.state || ': ' || c.subject FROM consents c WHERE c.local_identity_id = $1::bigint "
-		"UNION ALL SELECT CASE WHEN o.opted_in THEN 'opted in: ' ELSE 'opted out: ' END || o.network "
-		" FROM user_optin o WHERE o.identity_id = $1::bigint",
-		1, NULL, params, NULL, NULL, 0);
+	PGresult *r = PQexecParams(c, POLICY_USER_SUMMARY_SQL, 1, NULL, params, NULL, NULL, 0);
 	char text[4000] = "";
 	size_t n = 0;
 	if (PQresultStatus(r) == PGRES_TUPLES_OK) {

@@ -6,57 +6,6 @@
 #include <stdint.h>
 #include <string.h>
 
-/* ------------------------------------------------------------ UTF-8 */
-
-size_t mx_utf8_seq(const unsigned char *s, size_t n)
-{
-	if (n == 0)
-		return 0;
-	unsigned char c = s[0];
-	if (c < 0x80)
-		return 1;
-	size_t len;
-	uint32_t cp, min;
-	if (c >= 0xC2 && c <= 0xDF) {
-		len = 2;
-		cp = c & 0x1Fu;
-		min = 0x80;
-	} else if (c >= 0xE0 && c <= 0xEF) {
-		len = 3;
-		cp = c & 0x0Fu;
-		min = 0x800;
-	} else if (c >= 0xF0 && c <= 0xF4) {
-		len = 4;
-		cp = c & 0x07u;
-		min = 0x10000;
-	} else {
-		return 0;
-	}
-	if (n < len)
-		return 0;
-	for (size_t i = 1; i < len; i++) {
-		if ((s[i] & 0xC0) != 0x80)
-			return 0;
-		cp = (cp << 6) | (s[i] & 0x3Fu);
-	}
-	if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
-		return 0;
-	return len;
-}
-
-bool mx_utf8_valid(const char *s, size_t n)
-{
-	const unsigned char *p = (const unsigned char *)s;
-	while (n) {
-		size_t l = mx_utf8_seq(p, n);
-		if (!l)
-			return false;
-		p += l;
-		n -= l;
-	}
-	return true;
-}
-
 /* ------------------------------------------------------------ server names */
 
 static bool is_digit(char c)
@@ -229,7 +178,7 @@ static bool split_id(const char *s, char sigil, bool allow_empty_local, const ch
 	if (!colon)
 		return false;
 	size_t ll = (size_t)(colon - s) - 1;
-	if ((!ll && !allow_empty_local) || !mx_utf8_valid(s + 1, ll))
+	if ((!ll && !allow_empty_local) || !cw_utf8_valid(s + 1, ll))
 		return false;
 	if (!server_name_valid_n(colon + 1, len - ll - 2))
 		return false;

@@ -11,15 +11,11 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+#include "utf8.h" /* cw_utf8_seq, cw_utf8_valid */
+
 /* Bytes of a user id, room id, room alias or event id, sigil and server
  * name included (the spec's limit for each of them). */
 #define MX_ID_MAX 255
-
-/* The length of the valid UTF-8 sequence at s (n bytes available): 1-4, or
- * 0 when s does not start with one (overlong forms, surrogates and code
- * points above U+10FFFF are not valid). */
-size_t mx_utf8_seq(const unsigned char *s, size_t n);
-bool mx_utf8_valid(const char *s, size_t n);
 
 /* A server name:  hostname [ ":" port ]  where hostname is a dotted-quad IPv4
  * literal (each number 0-255), "[" IPv6 literal "]" (RFC 3513), or a DNS name

@@ -109,7 +109,7 @@ static char *clean_input(const char *s, size_t n, size_t *outlen)
 	add(&b, head, sizeof(head) - 1);
 	const unsigned char *p = (const unsigned char *)s;
 	while (n) {
-		size_t l = mx_utf8_seq(p, n);
+		size_t l = cw_utf8_seq(p, n, NULL);
 		bool bad = l == 0 || (l == 1 && *p < 0x20 && *p != '\t' && *p != '\n' && *p != '\r') ||
 			   (l == 3 && p[0] == 0xEF && p[1] == 0xBF && (p[2] == 0xBE || p[2] == 0xBF));
 		if (bad) {

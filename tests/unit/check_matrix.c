@@ -253,13 +253,13 @@ START_TEST(id_null_and_buffers)
 	ck_assert(!mx_ghost_id(PREFIX, "wa", remote, SERVER, id, sizeof(id)));
 	ck_assert_str_eq(id, "");
 	/* UTF-8 sequences. */
-	ck_assert_uint_eq(mx_utf8_seq((const unsigned char *)"\xC3\xA9", 2), 2);
-	ck_assert_uint_eq(mx_utf8_seq((const unsigned char *)"\xC3\xA9", 1), 0);
-	ck_assert_uint_eq(mx_utf8_seq((const unsigned char *)"\xC0\x80", 2), 0);
-	ck_assert_uint_eq(mx_utf8_seq((const unsigned char *)"\xED\xA0\x80", 3), 0);
-	ck_assert_uint_eq(mx_utf8_seq((const unsigned char *)"\xF4\x90\x80\x80", 4), 0);
-	ck_assert_uint_eq(mx_utf8_seq((const unsigned char *)"\xF0\x9F\x91\x8D", 4), 4);
-	ck_assert(mx_utf8_valid("", 0));
+	ck_assert_uint_eq(cw_utf8_seq((const unsigned char *)"\xC3\xA9", 2, NULL), 2);
+	ck_assert_uint_eq(cw_utf8_seq((const unsigned char *)"\xC3\xA9", 1, NULL), 0);
+	ck_assert_uint_eq(cw_utf8_seq((const unsigned char *)"\xC0\x80", 2, NULL), 0);
+	ck_assert_uint_eq(cw_utf8_seq((const unsigned char *)"\xED\xA0\x80", 3, NULL), 0);
+	ck_assert_uint_eq(cw_utf8_seq((const unsigned char *)"\xF4\x90\x80\x80", 4, NULL), 0);
+	ck_assert_uint_eq(cw_utf8_seq((const unsigned char *)"\xF0\x9F\x91\x8D", 4, NULL), 4);
+	ck_assert(cw_utf8_valid("", 0));
 }
 END_TEST
 
@@ -309,26 +309,7 @@ static size_t random_bytes(unsigned char *buf, size_t max)
 		if (cp >= 0xD800 && cp <= 0xDFFF)
 			cp = 'q';
 		unsigned char tmp[4];
-		size_t l;
-		if (cp < 0x80) {
-			tmp[0] = (unsigned char)cp;
-			l = 1;
-		} else if (cp < 0x800) {
-			tmp[0] = (unsigned char)(0xC0 | (cp >> 6));
-			tmp[1] = (unsigned char)(0x80 | (cp & 0x3F));
-			l = 2;
-		} else if (cp < 0x10000) {
-			tmp[0] = (unsigned char)(0xE0 | (cp >> 12));
-			tmp[1] = (unsigned char)(0x80 | ((cp >> 6) & 0x3F));
-			tmp[2] = (unsigned char)(0x80 | (cp & 0x3F));
-			l = 3;
-		} else {
-			tmp[0] = (unsigned char)(0xF0 | (cp >> 18));
-			tmp[1] = (unsigned char)(0x80 | ((cp >> 12) & 0x3F));
-			tmp[2] = (unsigned char)(0x80 | ((cp >> 6) & 0x3F));
-			tmp[3] = (unsigned char)(0x80 | (cp & 0x3F));
-			l = 4;
-		}
+		size_t l = unit_utf8_put(cp, tmp);
 		if (i + l > n)
 			break;
 		memcpy(buf + i, tmp, l);
@@ -991,7 +972,7 @@ START_TEST(random_round_trip_property)
 		size_t n;
 		do {
 			n = random_bytes(text, 200);
-		} while (!mx_utf8_valid((char *)text, n) || text[0] == '>' || text[0] == '*');
+		} while (!cw_utf8_valid((char *)text, n) || text[0] == '>' || text[0] == '*');
 		for (size_t j = 0; j < n; j++)
 			if (text[j] < 0x20 && text[j] != '\n')
 				text[j] = ' ';
@@ -1004,7 +985,7 @@ START_TEST(random_round_trip_property)
 		if (strcmp(kind, "reaction") == 0) {
 			if (n > 64)
 				text[rnd_below(20) + 1] = '\0';
-			if (!mx_utf8_valid((char *)text, strlen((char *)text)))
+			if (!cw_utf8_valid((char *)text, strlen((char *)text)))
 				strcpy((char *)text, "\xf0\x9f\x91\x8d");
 			json_object_set_new(content, "parts",
 					    json_pack("[{s:s, s:s}]", "type", "text/plain", "body", (char *)text));
@@ -1055,7 +1036,7 @@ static void assert_safe_html(const char *h, const char *input)
 		"a target", "a href", "img width", "img height", "img alt", "img title", "img src", "ol start",
 		"code class", "div data-mx-maths",
 	};
-	ck_assert_msg(mx_utf8_valid(h, strlen(h)), "not UTF-8 for input %s", input);
+	ck_assert_msg(cw_utf8_valid(h, strlen(h)), "not UTF-8 for input %s", input);
 	for (const char *p = strchr(h, '<'); p; p = strchr(p + 1, '<')) {
 		const char *q = p + 1;
 		if (*q == '/')

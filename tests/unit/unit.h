@@ -17,6 +17,32 @@ static inline const char *unit_data_path(const char *name)
 	return path;
 }
 
+/* The UTF-8 bytes of code point cp (below U+110000, not a surrogate) in
+ * out; their count. */
+static inline size_t unit_utf8_put(unsigned cp, unsigned char out[4])
+{
+	if (cp < 0x80) {
+		out[0] = (unsigned char)cp;
+		return 1;
+	}
+	if (cp < 0x800) {
+		out[0] = (unsigned char)(0xC0 | (cp >> 6));
+		out[1] = (unsigned char)(0x80 | (cp & 0x3F));
+		return 2;
+	}
+	if (cp < 0x10000) {
+		out[0] = (unsigned char)(0xE0 | (cp >> 12));
+		out[1] = (unsigned char)(0x80 | ((cp >> 6) & 0x3F));
+		out[2] = (unsigned char)(0x80 | (cp & 0x3F));
+		return 3;
+	}
+	out[0] = (unsigned char)(0xF0 | (cp >> 18));
+	out[1] = (unsigned char)(0x80 | ((cp >> 12) & 0x3F));
+	out[2] = (unsigned char)(0x80 | ((cp >> 6) & 0x3F));
+	out[3] = (unsigned char)(0x80 | (cp & 0x3F));
+	return 4;
+}
+
 /* Decodes the case files' escapes (event and policy cases): \xNN is the byte NN, \R{N:text} is text
  * repeated N times; "\\" (JSON's escaped backslash) is copied as a pair so
  * that "\\x41" stays JSON text. Everything else is copied. Returns a malloc'd
