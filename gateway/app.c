@@ -12,6 +12,7 @@
 #include "peer_social.h"
 #include "peers.h"
 #include "matrix/matrix.h"
+#include "xmpp/xmpp.h"
 #include "policy_admin.h"
 #include "policy_live.h"
 
@@ -95,6 +96,8 @@ static void readyz_done(void *arg, cw_err rc, const cw_errmsg *e)
 	json_t *adapters = json_object();
 	if (j->app->matrix) /* reported, not a readiness condition: the homeserver may come later */
 		json_object_set_new(adapters, "matrix", matrix_health(j->app->matrix));
+	if (j->app->xmpp) /* reported, not a readiness condition: the XMPP server may come later */
+		json_object_set_new(adapters, "xmpp", xa_health(j->app->xmpp));
 	json_t *body = json_pack("{s:s, s:o, s:o, s:o}", "status", db_up && current ? "ready" : "not_ready",
 				 "database", db, "migrations", mig, "adapters", adapters);
 	if (!(db_up && current))
@@ -241,6 +244,8 @@ static void metrics_done(void *arg, cw_err rc, const cw_errmsg *e)
 			      (unsigned long long)ps.released, (unsigned long long)ps.dropped,
 			      (unsigned long long)ps.expired);
 	}
+	if (app->xmpp)
+		xa_metrics(app->xmpp, &b);
 	if (app->replay) {
 		cw_metrics_sample(&b, "causeway_signature_nonces", "gauge", "Request-signature nonces remembered.",
 				  NULL, (double)httpsig_replay_count(app->replay));
@@ -497,7 +502,7 @@ void app_job_start(struct app_job *j, bool write)
 
 const char *app_local_network(const struct cw_app *app)
 {
-	return app->matrix ? "matrix" : "local";
+	return app->matrix ? "matrix" : app->xmpp ? "xmpp" : "local";
 }
 
 void policy_count(struct cw_app *app, const struct policy_decision *d)

@@ -42,6 +42,7 @@ struct cw_app {
 	struct peer_pull *pull;         /* the long-poll thread of GET /v1/events */
 	struct submit_queue *submits;   /* coalesces single-event submits */
 	struct matrix *matrix;          /* the Matrix adapter, or NULL */
+	struct xmpp *xmpp;              /* the XMPP adapter, or NULL */
 };
 
 /* A database job on behalf of a request: the request is suspended, fn runs
@@ -119,7 +120,7 @@ json_t *app_json_body(struct cw_req *req);
 const char *app_bearer(struct cw_req *req);
 
 /* The network of this provider's users: the local adapter that serves
- * them ("matrix"), or "local" while there is none. */
+ * them ("matrix" or "xmpp"), or "local" while there is none. */
 const char *app_local_network(const struct cw_app *app);
 
 /* Counts a policy decision (metrics). */

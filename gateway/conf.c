@@ -102,6 +102,22 @@ const struct cfg_option cfg_options[] = {
 	{ "matrix", "alias_prefix", CFG_STR, OFF(mx_alias_prefix), "_cw_", 0, 0, false, false,
 	  "alias prefix of the gateway's rooms (an exclusive namespace)" },
 
+	{ "xmpp", "components", CFG_STR, OFF(xmpp_components), "", 0, 0, false, false,
+	  "external components (XEP-0114), one per remote network: DOMAIN=PEER pairs separated by spaces or commas "
+	  "(e.g. gk.example.org=gk); empty: the XMPP adapter is off" },
+	{ "xmpp", "server_host", CFG_STR, OFF(xmpp_server_host), "127.0.0.1", 0, 0, false, false,
+	  "host of the XMPP server's component port (keep it on loopback or a private link: XEP-0114 has no TLS)" },
+	{ "xmpp", "server_port", CFG_INT, OFF(xmpp_server_port), "5347", 1, 65535, false, false,
+	  "the XMPP server's component port" },
+	{ "xmpp", "secret", CFG_STR, OFF(xmpp_secret), "", 0, 0, false, true,
+	  "the components' shared secret (component_secret in Prosody, password in ejabberd)" },
+	{ "xmpp", "domain", CFG_STR, OFF(xmpp_domain), "", 0, 0, false, false,
+	  "the XMPP domain of this provider's users (alice@DOMAIN is mimi://server.domain/u/alice); default server.domain" },
+	{ "xmpp", "reconnect_max_ms", CFG_INT, OFF(xmpp_reconnect_max_ms), "30000", 100, 3600000, false, false,
+	  "upper bound of the exponential backoff between two connection attempts" },
+	{ "xmpp", "resend_window_ms", CFG_INT, OFF(xmpp_resend_window_ms), "10000", 0, 600000, false, false,
+	  "stanzas written this long before a stream broke are written again (same id) after the reconnect" },
+
 	{ "admin", "token_sha256", CFG_STR, OFF(admin_token_sha256), "", 0, 0, false, false,
 	  "hex SHA-256 of the admin API's bearer token (causewayd --new-admin-token makes one); empty: admin API off" },
 
@@ -316,6 +332,11 @@ cw_err cfg_load(struct cw_config *c, const char *path, const char *(*getenv_fn)(
 			cfg_free(c);
 			return cw_fail(e, CW_EINVAL, "admin.token_sha256 must be 64 lower-case hex digits");
 		}
+	}
+	if (c->xmpp_components && *c->xmpp_components && c->mx_homeserver_url && *c->mx_homeserver_url) {
+		cfg_free(c);
+		return cw_fail(e, CW_EINVAL, "matrix.homeserver_url and xmpp.components are both set: a daemon serves "
+			       "one local network (run one daemon per network; docs/xmpp.md)");
 	}
 	if (!c->listen_address || !*c->listen_address) {
 		cfg_free(c);

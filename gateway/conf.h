@@ -55,6 +55,14 @@ struct cw_config {
 	char *mx_sender_localpart;
 	char *mx_user_prefix;
 	char *mx_alias_prefix;
+	/* [xmpp] */
+	char *xmpp_components;
+	char *xmpp_server_host;
+	long xmpp_server_port;
+	char *xmpp_secret;
+	char *xmpp_domain;
+	long xmpp_reconnect_max_ms;
+	long xmpp_resend_window_ms;
 	/* [admin] */
 	char *admin_token_sha256;
 	/* [log] */

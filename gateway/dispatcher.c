@@ -156,9 +156,9 @@ static int claim(struct dispatcher *d, struct outbox_row **out)
 	if (store_exec(d->c, "UPDATE outbox SET state = 'pending', claimed_by = NULL, claimed_until = NULL "
 			     "WHERE state = 'in_flight' AND claimed_until < now()", &e))
 		goto fail;
-	PGresult *dr = PQexec(d->c, d->o.matrix_deliver
-		? "SELECT 'peer:' || name FROM peers WHERE mode = 'push' AND enabled UNION ALL SELECT 'matrix'"
-		: "SELECT 'peer:' || name FROM peers WHERE mode = 'push' AND enabled ORDER BY 1");
+	const char *lp[] = { d->o.local_deliver ? d->o.local_destination : "" };
+	PGresult *dr = PQexecParams(d->c, "SELECT 'peer:' || name FROM peers WHERE mode = 'push' AND enabled "
+				    "UNION ALL SELECT $1 WHERE $1 <> ''", 1, NULL, lp, NULL, NULL, 0);
 	if (PQresultStatus(dr) != PGRES_TUPLES_OK) {
 		store_result_err(d->c, dr, &e);
 		PQclear(dr);
@@ -261,9 +261,9 @@ static void deliver_all(struct dispatcher *d, struct outbox_row *rows, size_t n)
 		long code = 0;
 		cw_errmsg e = { { 0 } };
 		int64_t t0 = cw_wall_ms();
-		bool mx = strcmp(rows[i].destination, "matrix") == 0;
+		bool local = d->o.local_deliver && strcmp(rows[i].destination, d->o.local_destination) == 0;
 		size_t done = 0;
-		cw_err rc = mx ? d->o.matrix_deliver(d->o.matrix_ctx, d->c, rows[i].destination, batch, m, &done, &code, &e)
+		cw_err rc = local ? d->o.local_deliver(d->o.local_ctx, d->c, rows[i].destination, batch, m, &done, &code, &e)
 			       : d->o.peer_deliver(d->o.peer_ctx, d->c, rows[i].destination, batch, m, &done, &code, &e);
 		if (rc == CW_OK)
 			done = m;

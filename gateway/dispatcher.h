@@ -45,8 +45,9 @@ struct dispatcher_opts {
 	long claim_timeout_s;
 	deliver_fn peer_deliver;  /* destinations "peer:*" */
 	void *peer_ctx;
-	deliver_fn matrix_deliver; /* destination "matrix" (NULL: no Matrix adapter) */
-	void *matrix_ctx;
+	deliver_fn local_deliver;  /* destination local_destination: the local adapter (NULL: none) */
+	void *local_ctx;
+	const char *local_destination; /* "matrix" or "xmpp" */
 };
 
 cw_err dispatcher_start(struct dispatcher **out, const struct dispatcher_opts *o, cw_errmsg *e);

@@ -4,6 +4,7 @@
 #include "log.h"
 #include "dispatcher.h"
 #include "matrix/matrix.h"
+#include "xmpp/xmpp.h"
 #include "policy_live.h"
 #include "ratelimit.h"
 #include "httpsig.h"
@@ -254,26 +255,33 @@ int main(int argc, char **argv)
 		LOG_KV(CW_LOG_ERROR, "cannot start the Matrix adapter", "detail", e.msg);
 		goto out_migrations;
 	}
-	if (app.matrix) {
+	if (xa_new(&app.xmpp, &app, &e)) {
+		LOG_KV(CW_LOG_ERROR, "cannot start the XMPP adapter", "detail", e.msg);
+		goto out_migrations;
+	}
+	if (app.matrix || app.xmpp) {
 		/* This provider's users met before the adapter was configured
-		 * ("local": no adapter) are Matrix users now, and what waits for
+		 * ("local": no adapter) are its users now, and what waits for
 		 * them goes there. */
 		PGconn *c = connect_at_start(&cfg, &e);
-		PGresult *r = c ? PQexec(c, "WITH i AS (UPDATE identities SET network = 'matrix', updated_at = now() "
-					 "WHERE is_local AND network = 'local' RETURNING 1), "
-					 "o AS (UPDATE outbox SET destination = 'matrix' WHERE destination = 'local' "
-					 "AND state IN ('pending', 'held') RETURNING 1) "
-					 "SELECT (SELECT count(*) FROM i), (SELECT count(*) FROM o)")
+		const char *net[] = { app_local_network(&app) };
+		PGresult *r = c ? PQexecParams(c, "WITH i AS (UPDATE identities SET network = $1, updated_at = now() "
+					       "WHERE is_local AND network = 'local' RETURNING 1), "
+					       "o AS (UPDATE outbox SET destination = $1 WHERE destination = 'local' "
+					       "AND state IN ('pending', 'held') RETURNING 1) "
+					       "SELECT (SELECT count(*) FROM i), (SELECT count(*) FROM o)",
+					       1, NULL, net, NULL, NULL, 0)
 				: NULL;
 		if (!r || PQresultStatus(r) != PGRES_TUPLES_OK) {
-			LOG_KV(CW_LOG_ERROR, "cannot move local users to the Matrix adapter",
+			LOG_KV(CW_LOG_ERROR, "cannot move local users to the local adapter",
 			       "detail", c ? PQerrorMessage(c) : e.msg);
 			PQclear(r);
 			PQfinish(c);
 			goto out_migrations;
 		}
 		if (atoi(PQgetvalue(r, 0, 0)) || atoi(PQgetvalue(r, 0, 1)))
-			LOG_KV(CW_LOG_INFO, "local users now served by the Matrix adapter", "users", PQgetvalue(r, 0, 0),
+			LOG_KV(CW_LOG_INFO, "local users now served by the local adapter", "network", net[0],
+			       "users", PQgetvalue(r, 0, 0),
 			       "waiting_rows", PQgetvalue(r, 0, 1));
 		PQclear(r);
 		PQfinish(c);
@@ -293,6 +301,7 @@ int main(int argc, char **argv)
 		LOG_KV(CW_LOG_ERROR, "cannot start the store", "detail", e.msg);
 		goto out_migrations;
 	}
+	xa_start(app.xmpp); /* early: its sockets get low descriptors (libstrophe uses select()) */
 	if (peer_pull_start(&app.pull, cfg.db_url, cfg.db_statement_timeout_ms, app.peers, &e)) {
 		LOG_KV(CW_LOG_ERROR, "cannot start the pull stream", "detail", e.msg);
 		goto out_store;
@@ -307,7 +316,9 @@ int main(int argc, char **argv)
 		.retry_budget = (int)cfg.retry_budget, .retry_base_ms = cfg.retry_base_ms,
 		.retry_max_ms = cfg.retry_max_ms, .claim_timeout_s = cfg.claim_timeout_s,
 		.peer_deliver = peer_out_deliver, .peer_ctx = pout,
-		.matrix_deliver = app.matrix ? matrix_deliver : NULL, .matrix_ctx = app.matrix,
+		.local_deliver = app.matrix ? matrix_deliver : app.xmpp ? xa_deliver : NULL,
+		.local_ctx = app.matrix ? (void *)app.matrix : (void *)app.xmpp,
+		.local_destination = app_local_network(&app),
 	};
 	if (!pout || dispatcher_start(&app.dispatcher, &dopt, &e)) {
 		LOG_KV(CW_LOG_ERROR, "cannot start the dispatcher", "detail", pout ? e.msg : "out of memory");
@@ -372,6 +383,7 @@ int main(int argc, char **argv)
 	peer_pull_stop(app.pull); /* long-polls answer now: they would hold the drain */
 	bool idle = cw_http_drain(app.http, cfg.drain_timeout_ms);
 	dispatcher_stop(app.dispatcher);
+	xa_stop(app.xmpp);
 	policy_live_stop(app.policy);
 	peer_out_free(pout);
 	store_stop(app.store);
@@ -386,10 +398,12 @@ int main(int argc, char **argv)
 	       "shutdown_ms", ms);
 	exit_code = 0;
 out_store:
+	xa_stop(app.xmpp); /* its jobs use the store */
 	peer_pull_free(app.pull);
 	store_close(app.store);
 out_migrations:
 	matrix_free(app.matrix);
+	xa_free(app.xmpp);
 	policy_live_free(app.policy);
 	ratelimit_free(app.limits);
 	submit_queue_free(app.submits);

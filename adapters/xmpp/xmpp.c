@@ -1,0 +1,1016 @@
+/* The XMPP adapter's streams: one thread per component, holding the
+ * component's advisory lock and its XEP-0114 stream, with the queue other
+ * threads hand stanzas through; and the stanzas every component answers
+ * itself (disco, ping, version, errors). */
+#include "config.h"
+#include "xmpp_int.h"
+#include "buf.h"
+#include "log.h"
+#include "store.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <netinet/in.h>
+#include <sys/select.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define NS_DISCO_INFO "http://jabber.org/protocol/disco#info"
+#define NS_DISCO_ITEMS "http://jabber.org/protocol/disco#items"
+#define NS_PING "urn:xmpp:ping"
+#define NS_VERSION "jabber:iq:version"
+#define NS_COMMANDS "http://jabber.org/protocol/commands"
+#define NS_STANZAS "urn:ietf:params:xml:ns:xmpp-stanzas"
+
+#define QUEUE_MAX 20000         /* stanzas waiting for one component's thread */
+#define LOOP_TIMEOUT_MS 5       /* one turn of libstrophe's loop (the queue is drained between turns) */
+#define PING_EVERY_MS 60000     /* XEP-0199 keepalive to the server */
+#define PING_TIMEOUT_MS 30000
+#define HOUSEKEEPING_MS 1000    /* consent requests, the lock connection */
+#define STANDBY_RETRY_MS 2000
+
+static pthread_once_t strophe_once = PTHREAD_ONCE_INIT;
+static void strophe_init(void) { xmpp_initialize(); }
+
+static const char *state_name(enum xc_state s)
+{
+	switch (s) {
+	case XC_STARTING: return "starting";
+	case XC_STANDBY: return "standby";
+	case XC_CONNECTING: return "connecting";
+	case XC_UP: return "up";
+	case XC_DOWN: return "down";
+	case XC_AUTH_FAILED: return "auth_failed";
+	}
+	return "unknown";
+}
+
+static void strophe_log(void *userdata, xmpp_log_level_t level, const char *area, const char *msg)
+{
+	(void)userdata;
+	if (level == XMPP_LEVEL_ERROR)
+		LOG_KV(CW_LOG_WARN, "libstrophe", "area", area, "detail", msg);
+	else if (level == XMPP_LEVEL_DEBUG && cw_log_enabled(CW_LOG_DEBUG))
+		LOG_KV(CW_LOG_DEBUG, "libstrophe", "area", area, "detail", msg);
+}
+static const xmpp_log_t strophe_logger = { strophe_log, NULL };
+
+static void ctx_release(void *c) { xmpp_ctx_free(c); }
+
+xmpp_ctx_t *xa_thread_ctx(struct xmpp *x)
+{
+	xmpp_ctx_t *c = pthread_getspecific(x->ctx_key);
+	if (!c) {
+		c = xmpp_ctx_new(NULL, &strophe_logger);
+		if (c)
+			pthread_setspecific(x->ctx_key, c);
+	}
+	return c;
+}
+
+struct xcomp *xa_comp_by_domain(struct xmpp *x, const char *domain)
+{
+	for (int i = 0; i < x->ncomp; i++)
+		if (strcmp(x->comp[i].domain, domain) == 0)
+			return &x->comp[i];
+	return NULL;
+}
+
+struct xcomp *xa_comp_by_peer(struct xmpp *x, const char *peer)
+{
+	for (int i = 0; i < x->ncomp; i++)
+		if (strcmp(x->comp[i].peer, peer) == 0)
+			return &x->comp[i];
+	return NULL;
+}
+
+/* ------------------------------------------------------------ set-up */
+
+static bool peer_name_valid(const char *s)
+{
+	size_t n = strlen(s);
+	if (n < 1 || n > XMPP_PEER_MAX)
+		return false;
+	for (const char *p = s; *p; p++)
+		if (!(islower((unsigned char)*p) || isdigit((unsigned char)*p) || *p == '-' || *p == '_' || *p == '.'))
+			return false;
+	return true;
+}
+
+cw_err xa_new(struct xmpp **out, struct cw_app *app, cw_errmsg *e)
+{
+	*out = NULL;
+	const struct cw_config *cfg = app->cfg;
+	if (!cfg->xmpp_components || !*cfg->xmpp_components)
+		return CW_OK;
+	pthread_once(&strophe_once, strophe_init);
+	struct xmpp *x = calloc(1, sizeof(*x));
+	if (!x)
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	x->app = app;
+	x->cfg = cfg;
+	const char *dom = cfg->xmpp_domain && *cfg->xmpp_domain ? cfg->xmpp_domain : cfg->domain ? cfg->domain : "";
+	char l[8], r[8];
+	if (!*dom || !xj_split(dom, l, sizeof(l), x->local_domain, sizeof(x->local_domain), r, sizeof(r)) || l[0] ||
+	    r[0]) {
+		free(x);
+		return cw_fail(e, CW_EINVAL, "xmpp.domain (or server.domain) must be the XMPP domain of this provider's users");
+	}
+	if (!cfg->xmpp_secret || !*cfg->xmpp_secret) {
+		free(x);
+		return cw_fail(e, CW_EINVAL, "xmpp.secret is not set (the component secret of the XMPP server)");
+	}
+	char *list = strdup(cfg->xmpp_components), *save = NULL;
+	if (!list) {
+		free(x);
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	}
+	cw_err rc = CW_OK;
+	for (char *tok = strtok_r(list, " ,\t", &save); tok; tok = strtok_r(NULL, " ,\t", &save)) {
+		char *eq = strchr(tok, '=');
+		if (!eq) {
+			rc = cw_fail(e, CW_EINVAL, "xmpp.components: \"%.100s\" is not DOMAIN=PEER", tok);
+			break;
+		}
+		*eq = '\0';
+		const char *domain = tok, *peer = eq + 1;
+		char d[XJ_PART_MAX + 1];
+		if (!xj_split(domain, l, sizeof(l), d, sizeof(d), r, sizeof(r)) || l[0] || r[0]) {
+			rc = cw_fail(e, CW_EINVAL, "xmpp.components: \"%.100s\" is not a domain", domain);
+			break;
+		}
+		if (!peer_name_valid(peer)) {
+			rc = cw_fail(e, CW_EINVAL, "xmpp.components: \"%.100s\" is not a peer name", peer);
+			break;
+		}
+		if (strcmp(d, x->local_domain) == 0) {
+			rc = cw_fail(e, CW_EINVAL, "xmpp.components: %s is the users' own domain", d);
+			break;
+		}
+		if (xa_comp_by_domain(x, d) || xa_comp_by_peer(x, peer)) {
+			rc = cw_fail(e, CW_EINVAL, "xmpp.components: %s or %s named twice", d, peer);
+			break;
+		}
+		if (x->ncomp == XMPP_COMPONENTS_MAX) {
+			rc = cw_fail(e, CW_EINVAL, "xmpp.components: at most %d components", XMPP_COMPONENTS_MAX);
+			break;
+		}
+		struct xcomp *xc = &x->comp[x->ncomp];
+		xc->x = x;
+		xc->index = x->ncomp++;
+		snprintf(xc->domain, sizeof(xc->domain), "%s", d);
+		snprintf(xc->peer, sizeof(xc->peer), "%s", peer);
+		pthread_mutex_init(&xc->mu, NULL);
+		pthread_cond_init(&xc->written, NULL);
+		xc->next_seq = 1;
+		xc->wake_fd[0] = xc->wake_fd[1] = -1;
+		xc->reserve_fd = -1;
+	}
+	free(list);
+	if (!rc && x->ncomp == 0)
+		rc = cw_fail(e, CW_EINVAL, "xmpp.components names no component");
+	if (!rc && pthread_key_create(&x->ctx_key, ctx_release) != 0)
+		rc = cw_fail(e, CW_ENOMEM, "cannot create a thread key");
+	if (rc) {
+		for (int i = 0; i < x->ncomp; i++) {
+			pthread_mutex_destroy(&x->comp[i].mu);
+			pthread_cond_destroy(&x->comp[i].written);
+		}
+		free(x);
+		return rc;
+	}
+	*out = x;
+	return CW_OK;
+}
+
+/* ------------------------------------------------------------ the queue */
+
+bool xa_enqueue(struct xcomp *xc, const char *text, size_t len, uint64_t *seq)
+{
+	struct xq_item *it = malloc(sizeof(*it) + len + 1);
+	if (!it)
+		return false;
+	it->next = NULL;
+	it->len = len;
+	memcpy(it->text, text, len);
+	it->text[len] = '\0';
+	pthread_mutex_lock(&xc->mu);
+	if (atomic_load(&xc->x->stop) || xc->queued >= QUEUE_MAX) {
+		pthread_mutex_unlock(&xc->mu);
+		free(it);
+		return false;
+	}
+	it->seq = xc->next_seq++;
+	if (xc->tail)
+		xc->tail->next = it;
+	else
+		xc->head = it;
+	xc->tail = it;
+	xc->queued++;
+	if (seq)
+		*seq = it->seq;
+	pthread_mutex_unlock(&xc->mu);
+	if (xc->wake_fd[1] >= 0) {
+		char b = 1;
+		ssize_t w = write(xc->wake_fd[1], &b, 1);
+		(void)w;
+	}
+	return true;
+}
+
+bool xa_enqueue_stanza(struct xcomp *xc, xmpp_stanza_t *st)
+{
+	char *buf = NULL;
+	size_t len = 0;
+	bool ok = st && xmpp_stanza_to_text(st, &buf, &len) == XMPP_EOK;
+	xmpp_ctx_t *ctx = st ? xmpp_stanza_get_context(st) : NULL;
+	if (ok)
+		ok = xa_enqueue(xc, buf, len, NULL);
+	if (buf)
+		xmpp_free(ctx, buf);
+	if (st)
+		xmpp_stanza_release(st);
+	return ok;
+}
+
+bool xa_wait_written(struct xcomp *xc, uint64_t seq, long timeout_ms)
+{
+	struct timespec dl;
+	clock_gettime(CLOCK_REALTIME, &dl);
+	dl.tv_sec += timeout_ms / 1000;
+	dl.tv_nsec += (timeout_ms % 1000) * 1000000L;
+	if (dl.tv_nsec >= 1000000000L) {
+		dl.tv_sec++;
+		dl.tv_nsec -= 1000000000L;
+	}
+	pthread_mutex_lock(&xc->mu);
+	while (xc->written_seq < seq && xc->state == XC_UP && !atomic_load(&xc->x->stop))
+		if (pthread_cond_timedwait(&xc->written, &xc->mu, &dl) == ETIMEDOUT)
+			break;
+	bool ok = xc->written_seq >= seq;
+	for (unsigned i = 0; ok && i < 8 && i < xc->lost_n; i++)
+		if (seq >= xc->lost_from[i] && seq <= xc->lost_to[i])
+			ok = false;
+	pthread_mutex_unlock(&xc->mu);
+	return ok;
+}
+
+static void set_state(struct xcomp *xc, enum xc_state s, const char *why)
+{
+	pthread_mutex_lock(&xc->mu);
+	enum xc_state old = xc->state;
+	xc->state = s;
+	if (why)
+		snprintf(xc->last_error, sizeof(xc->last_error), "%s", why);
+	if (s == XC_UP) {
+		xc->connected_since_ms = cw_wall_ms();
+		xc->last_error[0] = '\0';
+	}
+	pthread_cond_broadcast(&xc->written);
+	pthread_mutex_unlock(&xc->mu);
+	if (old != s)
+		LOG_KV(s == XC_UP || s == XC_CONNECTING || s == XC_STANDBY ? CW_LOG_INFO : CW_LOG_WARN, "xmpp component",
+		       "component", xc->domain, "state", state_name(s), "detail", why ? why : "");
+}
+
+/* ------------------------------------------------------------ answers */
+
+xmpp_stanza_t *xa_error_reply(xmpp_stanza_t *st, const char *type, const char *condition, const char *text)
+{
+	xmpp_stanza_t *r = xmpp_stanza_reply_error(st, type, condition, text);
+	if (r && xmpp_stanza_get_to(st))
+		xmpp_stanza_set_from(r, xmpp_stanza_get_to(st));
+	return r;
+}
+
+/* xmpp_stanza_reply() keeps the request's type: an iq answer is a result. */
+xmpp_stanza_t *xa_iq_result(xmpp_stanza_t *iq)
+{
+	xmpp_stanza_t *r = xmpp_stanza_reply(iq);
+	if (r)
+		xmpp_stanza_set_type(r, "result");
+	return r;
+}
+
+void xa_send_now(struct xcomp *xc, xmpp_stanza_t *st)
+{
+	if (!st)
+		return;
+	if (xc->conn && xc->state == XC_UP) {
+		xmpp_send(xc->conn, st);
+		atomic_fetch_add(&xc->stanzas_out, 1);
+	}
+	xmpp_stanza_release(st);
+}
+
+static void answer_error(struct xcomp *xc, xmpp_stanza_t *st, const char *type, const char *condition)
+{
+	const char *t = xmpp_stanza_get_type(st);
+	if (t && strcmp(t, "error") == 0)
+		return; /* never answer an error with an error */
+	if (!xmpp_stanza_get_from(st))
+		return;
+	atomic_fetch_add(&xc->errors_out, 1);
+	xa_send_now(xc, xa_error_reply(st, type, condition, NULL));
+}
+
+xmpp_stanza_t *xa_child(xmpp_ctx_t *ctx, xmpp_stanza_t *parent, const char *name, const char *ns)
+{
+	xmpp_stanza_t *c = xmpp_stanza_new(ctx);
+	if (!c)
+		return NULL;
+	xmpp_stanza_set_name(c, name);
+	if (ns)
+		xmpp_stanza_set_ns(c, ns);
+	xmpp_stanza_add_child(parent, c);
+	xmpp_stanza_release(c); /* the parent holds it */
+	return c;
+}
+
+static const char *const user_features[] = {
+	NS_DISCO_INFO, NS_PING, "urn:xmpp:receipts", "urn:xmpp:chat-markers:0", "urn:xmpp:message-correct:0",
+	"urn:xmpp:message-retract:1", "urn:xmpp:reactions:0", "urn:xmpp:reply:0", "urn:xmpp:fallback:0",
+	"http://jabber.org/protocol/chatstates", "urn:xmpp:sid:0", "jabber:x:oob", NULL,
+};
+static const char *const component_features[] = {
+	NS_DISCO_INFO, NS_DISCO_ITEMS, NS_PING, NS_VERSION, NS_COMMANDS, NULL,
+};
+
+static void disco_info(struct xcomp *xc, xmpp_stanza_t *st, bool user, const char *remote_id)
+{
+	xmpp_ctx_t *ctx = xc->ctx;
+	xmpp_stanza_t *r = xa_iq_result(st);
+	if (!r)
+		return;
+	xmpp_stanza_set_from(r, xmpp_stanza_get_to(st));
+	xmpp_stanza_t *q = xa_child(ctx, r, "query", NS_DISCO_INFO);
+	xmpp_stanza_t *in = xmpp_stanza_get_child_by_name_and_ns(st, "query", NS_DISCO_INFO);
+	const char *node = in ? xmpp_stanza_get_attribute(in, "node") : NULL;
+	if (node && q)
+		xmpp_stanza_set_attribute(q, "node", node);
+	xmpp_stanza_t *id = q ? xa_child(ctx, q, "identity", NULL) : NULL;
+	if (id) {
+		char name[400];
+		if (user)
+			snprintf(name, sizeof(name), "%.250s (%.60s)", remote_id, xc->peer);
+		else
+			snprintf(name, sizeof(name), "Causeway gateway to %.60s", xc->peer);
+		xmpp_stanza_set_attribute(id, "category", "gateway");
+		xmpp_stanza_set_attribute(id, "type", "mimi");
+		xmpp_stanza_set_attribute(id, "name", name);
+	}
+	for (const char *const *f = user ? user_features : component_features; q && *f; f++) {
+		xmpp_stanza_t *fe = xa_child(ctx, q, "feature", NULL);
+		if (fe)
+			xmpp_stanza_set_attribute(fe, "var", *f);
+	}
+	xa_send_now(xc, r);
+}
+
+static void disco_items(struct xcomp *xc, xmpp_stanza_t *st, bool user)
+{
+	xmpp_stanza_t *r = xa_iq_result(st);
+	if (!r)
+		return;
+	xmpp_stanza_set_from(r, xmpp_stanza_get_to(st));
+	xmpp_stanza_t *q = xa_child(xc->ctx, r, "query", NS_DISCO_ITEMS);
+	xmpp_stanza_t *in = xmpp_stanza_get_child_by_name_and_ns(st, "query", NS_DISCO_ITEMS);
+	const char *node = in ? xmpp_stanza_get_attribute(in, "node") : NULL;
+	if (q && node)
+		xmpp_stanza_set_attribute(q, "node", node);
+	if (q && !user && node && strcmp(node, NS_COMMANDS) == 0)
+		xa_command_items(xc, q);
+	xa_send_now(xc, r);
+}
+
+static void version(struct xcomp *xc, xmpp_stanza_t *st)
+{
+	xmpp_stanza_t *r = xa_iq_result(st);
+	if (!r)
+		return;
+	xmpp_stanza_set_from(r, xmpp_stanza_get_to(st));
+	xmpp_stanza_t *q = xa_child(xc->ctx, r, "query", NS_VERSION);
+	const char *fields[][2] = { { "name", "Causeway" }, { "version", PACKAGE_VERSION } };
+	for (size_t i = 0; q && i < 2; i++) {
+		xmpp_stanza_t *f = xa_child(xc->ctx, q, fields[i][0], NULL);
+		xmpp_stanza_t *t = f ? xmpp_stanza_new(xc->ctx) : NULL;
+		if (t) {
+			xmpp_stanza_set_text(t, fields[i][1]);
+			xmpp_stanza_add_child(f, t);
+			xmpp_stanza_release(t);
+		}
+	}
+	xa_send_now(xc, r);
+}
+
+static void on_iq(struct xcomp *xc, xmpp_stanza_t *st)
+{
+	const char *type = xmpp_stanza_get_type(st), *to = xmpp_stanza_get_to(st), *id = xmpp_stanza_get_id(st);
+	if (!type)
+		return answer_error(xc, st, "modify", "bad-request");
+	if (strcmp(type, "result") == 0 || strcmp(type, "error") == 0) {
+		if (id && xc->ping_sent_ms && strcmp(id, xc->ping_id) == 0)
+			xc->ping_sent_ms = 0; /* the server answered our ping (an error answer proves it alive too) */
+		return;
+	}
+	if ((strcmp(type, "get") != 0 && strcmp(type, "set") != 0) || !id)
+		return answer_error(xc, st, "modify", "bad-request");
+	char local[XJ_PART_MAX + 1], domain[XJ_PART_MAX + 1], res[XJ_PART_MAX + 1];
+	if (!to || !xj_split(to, local, sizeof(local), domain, sizeof(domain), res, sizeof(res)))
+		return answer_error(xc, st, "modify", "jid-malformed");
+	bool user = local[0] != '\0';
+	char remote_id[300] = "";
+	if (user && !xj_unescape_local(local, remote_id, sizeof(remote_id)))
+		return answer_error(xc, st, "cancel", "item-not-found");
+	xmpp_stanza_t *q = xmpp_stanza_get_children(st);
+	while (q && !xmpp_stanza_is_tag(q))
+		q = xmpp_stanza_get_next(q);
+	const char *ns = q ? xmpp_stanza_get_ns(q) : NULL;
+	bool get = strcmp(type, "get") == 0;
+	if (ns && get && strcmp(ns, NS_DISCO_INFO) == 0)
+		disco_info(xc, st, user, remote_id);
+	else if (ns && get && strcmp(ns, NS_DISCO_ITEMS) == 0)
+		disco_items(xc, st, user);
+	else if (ns && get && strcmp(ns, NS_PING) == 0) {
+		xmpp_stanza_t *r = xa_iq_result(st);
+		if (r)
+			xmpp_stanza_set_from(r, to);
+		xa_send_now(xc, r);
+	} else if (ns && get && !user && strcmp(ns, NS_VERSION) == 0)
+		version(xc, st);
+	else if (ns && !get && !user && strcmp(ns, NS_COMMANDS) == 0 && xa_command(xc, st))
+		;
+	else
+		answer_error(xc, st, "cancel", "service-unavailable");
+}
+
+/* Every stanza of the stream. */
+static int on_stanza(xmpp_conn_t *conn, xmpp_stanza_t *st, void *arg)
+{
+	(void)conn;
+	struct xcomp *xc = arg;
+	atomic_fetch_add(&xc->stanzas_in, 1);
+	const char *name = xmpp_stanza_get_name(st);
+	if (!name)
+		return 1;
+	const char *to = xmpp_stanza_get_to(st), *from = xmpp_stanza_get_from(st);
+	if (!to || !from) {
+		/* The server stamps both; without them there is nobody to answer. */
+		LOG_KV(CW_LOG_INFO, "xmpp stanza without from or to dropped", "component", xc->domain, "name", name);
+		return 1;
+	}
+	if (strcmp(name, "iq") == 0)
+		on_iq(xc, st);
+	else if (strcmp(name, "message") == 0)
+		xa_in_message(xc, st);
+	else if (strcmp(name, "presence") == 0)
+		xa_presence(xc, st);
+	return 1;
+}
+
+static int check_fd(xmpp_conn_t *conn, void *sock)
+{
+	(void)conn;
+	int fd = *(int *)sock;
+	/* libstrophe waits with select(): a descriptor past FD_SETSIZE would be
+	 * written outside the set. */
+	if (fd >= FD_SETSIZE) {
+		LOG_KV(CW_LOG_ERROR, "xmpp: the component socket's descriptor is too high for libstrophe's select()");
+		return -1;
+	}
+	return 0;
+}
+
+static void on_conn(xmpp_conn_t *conn, xmpp_conn_event_t ev, int error, xmpp_stream_error_t *se, void *arg)
+{
+	(void)conn;
+	struct xcomp *xc = arg;
+	if (ev == XMPP_CONN_CONNECT || ev == XMPP_CONN_RAW_CONNECT) {
+		atomic_fetch_add(&xc->connects, 1);
+		xc->up_event = true;
+		return;
+	}
+	char why[200];
+	if (se && se->type == XMPP_SE_NOT_AUTHORIZED) {
+		snprintf(why, sizeof(why), "the XMPP server refused the component secret (not-authorized)");
+		xc->auth_failed = true;
+	} else if (se) {
+		snprintf(why, sizeof(why), "stream error %d%s%.120s", (int)se->type, se->text ? ": " : "",
+			 se->text ? se->text : "");
+	} else if (error) {
+		snprintf(why, sizeof(why), "connection: %s", strerror(error));
+	} else {
+		snprintf(why, sizeof(why), "the stream closed");
+	}
+	snprintf(xc->drop_reason, sizeof(xc->drop_reason), "%s", why);
+	xc->dropped = true;
+}
+
+/* ------------------------------------------------------------ the thread */
+
+static int64_t mono_ms(void) { return cw_now_us() / 1000; }
+
+/* Sleeps up to ms, or until something is queued. */
+static void nap(struct xcomp *xc, int ms)
+{
+	struct pollfd p = { .fd = xc->wake_fd[0], .events = POLLIN };
+	if (poll(&p, 1, ms) > 0) {
+		char buf[256];
+		while (read(xc->wake_fd[0], buf, sizeof(buf)) > 0)
+			;
+	}
+}
+
+static void recent_clear(struct xcomp *xc)
+{
+	for (size_t i = 0; i < xc->recent_n; i++) {
+		struct xr_item *r = &xc->recent[(xc->recent_head + i) % XMPP_RECENT_MAX];
+		free(r->text);
+		r->text = NULL;
+	}
+	xc->recent_head = xc->recent_n = 0;
+}
+
+/* Remembers a written stanza (takes text) and forgets those older than
+ * the re-send window. */
+static void recent_add(struct xcomp *xc, char *text, int64_t now_ms)
+{
+	int64_t window = xc->x->cfg->xmpp_resend_window_ms;
+	while (xc->recent_n && (xc->recent_n == XMPP_RECENT_MAX ||
+				xc->recent[xc->recent_head].at_ms < now_ms - window)) {
+		free(xc->recent[xc->recent_head].text);
+		xc->recent[xc->recent_head].text = NULL;
+		xc->recent_head = (xc->recent_head + 1) % XMPP_RECENT_MAX;
+		xc->recent_n--;
+	}
+	if (window <= 0) {
+		free(text);
+		return;
+	}
+	struct xr_item *r = &xc->recent[(xc->recent_head + xc->recent_n) % XMPP_RECENT_MAX];
+	r->at_ms = now_ms;
+	r->text = text;
+	xc->recent_n++;
+}
+
+/* After a reconnect: what was written in the window before the break goes
+ * again, with the same ids (XEP-0114 acknowledges nothing). */
+static void recent_resend(struct xcomp *xc, int64_t drop_ms)
+{
+	int64_t window = xc->x->cfg->xmpp_resend_window_ms;
+	size_t n = 0;
+	for (size_t i = 0; i < xc->recent_n; i++) {
+		struct xr_item *r = &xc->recent[(xc->recent_head + i) % XMPP_RECENT_MAX];
+		if (r->at_ms >= drop_ms - window) {
+			xmpp_send_raw(xc->conn, r->text, strlen(r->text));
+			n++;
+		}
+	}
+	recent_clear(xc);
+	if (n) {
+		char count[24];
+		snprintf(count, sizeof(count), "%zu", n);
+		LOG_KV(CW_LOG_INFO, "xmpp: stanzas of the seconds before the break written again", "component",
+		       xc->domain, "stanzas", count);
+	}
+}
+
+static void drain(struct xcomp *xc)
+{
+	pthread_mutex_lock(&xc->mu);
+	struct xq_item *it = xc->head;
+	xc->head = xc->tail = NULL;
+	xc->queued = 0;
+	pthread_mutex_unlock(&xc->mu);
+	if (!it)
+		return;
+	uint64_t last = 0;
+	int64_t now = cw_wall_ms();
+	while (it) {
+		struct xq_item *next = it->next;
+		xmpp_send_raw(xc->conn, it->text, it->len);
+		atomic_fetch_add(&xc->stanzas_out, 1);
+		last = it->seq;
+		/* the item's memory becomes the remembered text */
+		memmove(it, it->text, it->len + 1);
+		recent_add(xc, (char *)it, now);
+		it = next;
+	}
+	pthread_mutex_lock(&xc->mu);
+	xc->written_seq = last;
+	pthread_cond_broadcast(&xc->written);
+	pthread_mutex_unlock(&xc->mu);
+}
+
+/* The stream broke: what is queued never reached the wire.  Its senders
+ * learn it (their rows go again); the seqs are remembered as lost. */
+static void queue_drop(struct xcomp *xc)
+{
+	pthread_mutex_lock(&xc->mu);
+	struct xq_item *it = xc->head;
+	if (it) {
+		unsigned k = xc->lost_n++ % 8;
+		xc->lost_from[k] = it->seq;
+		xc->lost_to[k] = xc->tail->seq;
+		if (xc->written_seq < xc->tail->seq)
+			xc->written_seq = xc->tail->seq; /* later seqs are judged against the lost ranges */
+	}
+	xc->head = xc->tail = NULL;
+	xc->queued = 0;
+	pthread_cond_broadcast(&xc->written);
+	pthread_mutex_unlock(&xc->mu);
+	while (it) {
+		struct xq_item *n = it->next;
+		free(it);
+		it = n;
+	}
+}
+
+static bool lock_component(struct xcomp *xc, PGconn *c)
+{
+	char key[XJ_PART_MAX + 32];
+	snprintf(key, sizeof(key), "causeway.xmpp:%s", xc->domain);
+	const char *p[] = { key };
+	PGresult *r = PQexecParams(c, "SELECT pg_try_advisory_lock(hashtextextended($1, 0))", 1, NULL, p, NULL, NULL, 0);
+	bool ok = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1 && PQgetvalue(r, 0, 0)[0] == 't';
+	PQclear(r);
+	return ok;
+}
+
+/* Rows that waited for the stream are due now (their backoff may be long). */
+static void outbox_due_now(struct xcomp *xc, PGconn *c)
+{
+	const char *p[] = { xc->peer };
+	PGresult *r = PQexecParams(c,
+		"WITH u AS (UPDATE outbox o SET next_attempt_at = now() FROM events ev JOIN identities s ON s.id = ev.sender_id "
+		" JOIN peers p ON p.id = s.peer_id WHERE o.destination = 'xmpp' AND o.state = 'pending' "
+		" AND o.next_attempt_at > now() AND ev.id = o.event_id AND p.name = $1 RETURNING 1) "
+		"SELECT count(*), pg_notify('causeway_outbox', '') FROM u",
+		1, NULL, p, NULL, NULL, 0);
+	PQclear(r);
+}
+
+/* libstrophe waits with select(), which cannot watch a descriptor at or
+ * above FD_SETSIZE, and the HTTP front may hold a thousand connections.  A
+ * descriptor is taken at start, while they are all low, and given up just
+ * before the stream's socket is made, which then gets the lowest free one
+ * (POSIX): that one, unless another thread opens something in between.
+ * check_fd refuses a socket that still ends up too high (the stream is
+ * tried again later). */
+static void reserve_low_fd(struct xcomp *xc)
+{
+	if (xc->reserve_fd < 0)
+		xc->reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+}
+
+static void release_low_fd(struct xcomp *xc)
+{
+	if (xc->reserve_fd >= 0) {
+		close(xc->reserve_fd);
+		xc->reserve_fd = -1;
+	}
+}
+
+static void stream_close(struct xcomp *xc)
+{
+	if (!xc->conn)
+		return;
+	if (xmpp_conn_is_connected(xc->conn) || xmpp_conn_is_connecting(xc->conn)) {
+		xmpp_disconnect(xc->conn);
+		for (int i = 0; i < 50 && !xc->dropped; i++)
+			xmpp_run_once(xc->ctx, 10);
+	}
+	xmpp_conn_release(xc->conn);
+	xc->conn = NULL;
+	xc->dropped = false;
+	xc->up_event = false;
+	reserve_low_fd(xc);
+}
+
+static void send_ping(struct xcomp *xc, int64_t now)
+{
+	unsigned char raw[8];
+	cw_random(raw, sizeof(raw));
+	memcpy(xc->ping_id, "cw-ping-", 8);
+	cw_hex(xc->ping_id + 8, raw, sizeof(raw));
+	xmpp_stanza_t *iq = xmpp_iq_new(xc->ctx, "get", xc->ping_id);
+	if (!iq)
+		return;
+	xmpp_stanza_set_from(iq, xc->domain);
+	xmpp_stanza_set_to(iq, xc->x->local_domain);
+	xa_child(xc->ctx, iq, "ping", NS_PING);
+	xa_send_now(xc, iq);
+	xc->ping_sent_ms = now;
+	xc->ping_next_ms = now + PING_EVERY_MS;
+}
+
+/* libstrophe 0.12.2 (Debian 12) allocates a connection's stream
+ * management state only in xmpp_connect_client(), but reads it for every
+ * stanza a component receives too: a component connection without one
+ * crashes on its first stanza.  The state is taken from a client connection
+ * of the same context that is refused at once (a loopback port nobody
+ * listens on, found by binding and closing it) and handed to the component's
+ * connection with the public API.  A libstrophe that gives a connection its
+ * state by itself refuses the second one, which is then freed. */
+static void sm_scratch_event(xmpp_conn_t *conn, xmpp_conn_event_t ev, int error, xmpp_stream_error_t *se,
+			     void *arg)
+{
+	(void)conn;
+	(void)error;
+	(void)se;
+	if (ev == XMPP_CONN_DISCONNECT || ev == XMPP_CONN_FAIL)
+		*(bool *)arg = true;
+}
+
+static void give_sm_state(xmpp_ctx_t *ctx, xmpp_conn_t *conn)
+{
+	int s = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (s < 0)
+		return;
+	struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	socklen_t len = sizeof(a);
+	bool ok = bind(s, (struct sockaddr *)&a, sizeof(a)) == 0 && getsockname(s, (struct sockaddr *)&a, &len) == 0;
+	close(s);
+	if (!ok)
+		return;
+	xmpp_conn_t *scratch = xmpp_conn_new(ctx);
+	if (!scratch)
+		return;
+	bool over = false;
+	xmpp_conn_set_jid(scratch, "causeway@localhost");
+	xmpp_conn_set_flags(scratch, XMPP_CONN_FLAG_DISABLE_TLS);
+	if (xmpp_connect_client(scratch, "127.0.0.1", ntohs(a.sin_port), sm_scratch_event, &over) == XMPP_EOK)
+		for (int i = 0; i < 200 && !over; i++)
+			xmpp_run_once(ctx, 5);
+	xmpp_sm_state_t *sm = xmpp_conn_is_disconnected(scratch) ? xmpp_conn_get_sm_state(scratch) : NULL;
+	xmpp_conn_release(scratch);
+	if (sm && xmpp_conn_set_sm_state(conn, sm) != XMPP_EOK)
+		xmpp_free_sm_state(sm);
+}
+
+static void *comp_main(void *arg)
+{
+	struct xcomp *xc = arg;
+	struct xmpp *x = xc->x;
+	const struct cw_config *cfg = x->cfg;
+	PGconn *lock = NULL;
+	long backoff = 0;
+	int64_t next_try = 0, next_house = 0, drop_wall_ms = 0;
+	while (!atomic_load(&x->stop)) {
+		int64_t now = mono_ms();
+		if (!lock) {
+			if (now < next_try) {
+				nap(xc, 100);
+				continue;
+			}
+			cw_errmsg e;
+			lock = store_connect(cfg->db_url, cfg->db_statement_timeout_ms, &e);
+			if (!lock) {
+				set_state(xc, XC_DOWN, "the database is away: waiting for it to take the component's lock");
+				next_try = now + 1000;
+				continue;
+			}
+			if (!lock_component(xc, lock)) {
+				PQfinish(lock);
+				lock = NULL;
+				set_state(xc, XC_STANDBY, "another causewayd process holds this component");
+				next_try = now + STANDBY_RETRY_MS;
+				continue;
+			}
+			next_try = 0;
+		}
+		if (!xc->conn) {
+			if (now < next_try) {
+				nap(xc, 50);
+				continue;
+			}
+			xc->conn = xmpp_conn_new(xc->ctx);
+			if (!xc->conn) {
+				next_try = now + 1000;
+				continue;
+			}
+			give_sm_state(xc->ctx, xc->conn);
+			xmpp_conn_set_jid(xc->conn, xc->domain);
+			xmpp_conn_set_pass(xc->conn, cfg->xmpp_secret);
+			xmpp_conn_set_sockopt_callback(xc->conn, check_fd);
+			xmpp_handler_add(xc->conn, on_stanza, NULL, NULL, NULL, xc);
+			set_state(xc, XC_CONNECTING, NULL);
+			release_low_fd(xc);
+			if (xmpp_connect_component(xc->conn, cfg->xmpp_server_host, (unsigned short)cfg->xmpp_server_port,
+						   on_conn, xc) != XMPP_EOK) {
+				snprintf(xc->drop_reason, sizeof(xc->drop_reason), "cannot connect to %s:%ld",
+					 cfg->xmpp_server_host, cfg->xmpp_server_port);
+				xc->dropped = true;
+			}
+		}
+		if (!xc->dropped)
+			xmpp_run_once(xc->ctx, LOOP_TIMEOUT_MS);
+		now = mono_ms();
+		if (xc->up_event && !xc->dropped) {
+			xc->up_event = false;
+			set_state(xc, XC_UP, NULL);
+			backoff = 0;
+			recent_resend(xc, drop_wall_ms);
+			xc->resend_pending = true;
+			xc->ping_sent_ms = 0;
+			xc->ping_next_ms = now + PING_EVERY_MS;
+			next_house = 0;
+			outbox_due_now(xc, lock);
+		}
+		if (xc->dropped) {
+			bool auth = xc->auth_failed;
+			char why[200];
+			snprintf(why, sizeof(why), "%s", xc->drop_reason);
+			xc->auth_failed = false;
+			stream_close(xc);
+			queue_drop(xc);
+			drop_wall_ms = cw_wall_ms();
+			set_state(xc, auth ? XC_AUTH_FAILED : XC_DOWN, why);
+			backoff = backoff ? backoff * 2 : 250;
+			if (auth && backoff < 5000)
+				backoff = 5000;
+			if (backoff > cfg->xmpp_reconnect_max_ms)
+				backoff = cfg->xmpp_reconnect_max_ms;
+			unsigned char r;
+			cw_random(&r, 1);
+			next_try = now + backoff / 2 + (backoff / 2) * r / 255;
+			continue;
+		}
+		pthread_mutex_lock(&xc->mu);
+		bool up = xc->state == XC_UP;
+		pthread_mutex_unlock(&xc->mu);
+		if (up)
+			drain(xc);
+		if (now >= next_house) {
+			next_house = now + HOUSEKEEPING_MS;
+			PGresult *r = PQexec(lock, "SELECT 1");
+			bool db_ok = PQresultStatus(r) == PGRES_TUPLES_OK;
+			PQclear(r);
+			if (!db_ok) {
+				/* Without its connection the lock is gone: another
+				 * process may take the component now. */
+				stream_close(xc);
+				PQfinish(lock);
+				lock = NULL;
+				set_state(xc, XC_DOWN, "lost the database connection that holds the component's lock");
+				next_try = now + 1000;
+				continue;
+			}
+			if (up) {
+				xa_requests(xc, lock, xc->resend_pending);
+				xc->resend_pending = false;
+				if (xc->ping_sent_ms && now - xc->ping_sent_ms > PING_TIMEOUT_MS) {
+					snprintf(xc->drop_reason, sizeof(xc->drop_reason), "the server did not answer a ping");
+					xc->dropped = true;
+				} else if (!xc->ping_sent_ms && now >= xc->ping_next_ms) {
+					send_ping(xc, now);
+				}
+			}
+		}
+	}
+	stream_close(xc);
+	recent_clear(xc);
+	pthread_mutex_lock(&xc->mu);
+	xc->state = XC_DOWN;
+	while (xc->head) {
+		struct xq_item *n = xc->head->next;
+		free(xc->head);
+		xc->head = n;
+	}
+	xc->tail = NULL;
+	xc->queued = 0;
+	pthread_cond_broadcast(&xc->written);
+	pthread_mutex_unlock(&xc->mu);
+	PQfinish(lock);
+	release_low_fd(xc);
+	return NULL;
+}
+
+void xa_start(struct xmpp *x)
+{
+	if (!x)
+		return;
+	sigset_t all, old;
+	sigfillset(&all);
+	pthread_sigmask(SIG_BLOCK, &all, &old);
+	for (int i = 0; i < x->ncomp; i++) {
+		struct xcomp *xc = &x->comp[i];
+		if (pipe2(xc->wake_fd, O_NONBLOCK | O_CLOEXEC) != 0) {
+			xc->wake_fd[0] = xc->wake_fd[1] = -1;
+			LOG_KV(CW_LOG_ERROR, "xmpp: cannot make a pipe", "component", xc->domain);
+			continue;
+		}
+		reserve_low_fd(xc);
+		xc->ctx = xmpp_ctx_new(NULL, &strophe_logger);
+		if (xc->ctx && pthread_create(&xc->thread, NULL, comp_main, xc) == 0)
+			xc->started = true;
+		else
+			LOG_KV(CW_LOG_ERROR, "xmpp: cannot start the component's thread", "component", xc->domain);
+	}
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+}
+
+void xa_stop(struct xmpp *x)
+{
+	if (!x)
+		return;
+	atomic_store(&x->stop, true);
+	for (int i = 0; i < x->ncomp; i++) {
+		struct xcomp *xc = &x->comp[i];
+		if (xc->wake_fd[1] >= 0) {
+			char b = 1;
+			ssize_t w = write(xc->wake_fd[1], &b, 1);
+			(void)w;
+		}
+		pthread_mutex_lock(&xc->mu);
+		pthread_cond_broadcast(&xc->written);
+		pthread_mutex_unlock(&xc->mu);
+		if (xc->started) {
+			pthread_join(xc->thread, NULL);
+			xc->started = false;
+		}
+	}
+}
+
+void xa_free(struct xmpp *x)
+{
+	if (!x)
+		return;
+	xa_stop(x);
+	for (int i = 0; i < x->ncomp; i++) {
+		struct xcomp *xc = &x->comp[i];
+		if (xc->ctx)
+			xmpp_ctx_free(xc->ctx);
+		for (int k = 0; k < 2; k++)
+			if (xc->wake_fd[k] >= 0)
+				close(xc->wake_fd[k]);
+		pthread_mutex_destroy(&xc->mu);
+		pthread_cond_destroy(&xc->written);
+	}
+	xmpp_ctx_t *c = pthread_getspecific(x->ctx_key);
+	if (c) {
+		xmpp_ctx_free(c);
+		pthread_setspecific(x->ctx_key, NULL);
+	}
+	pthread_key_delete(x->ctx_key);
+	free(x);
+}
+
+/* ------------------------------------------------------------ health */
+
+json_t *xa_health(struct xmpp *x)
+{
+	json_t *comps = json_object();
+	for (int i = 0; i < x->ncomp; i++) {
+		struct xcomp *xc = &x->comp[i];
+		pthread_mutex_lock(&xc->mu);
+		json_t *o = json_pack("{s:s, s:s, s:s, s:I, s:I, s:I, s:I}", "state", state_name(xc->state), "peer",
+				      xc->peer, "last_error", xc->last_error, "connected_since_ms",
+				      (json_int_t)(xc->state == XC_UP ? xc->connected_since_ms : 0), "queued",
+				      (json_int_t)xc->queued, "stanzas_in", (json_int_t)atomic_load(&xc->stanzas_in),
+				      "stanzas_out", (json_int_t)atomic_load(&xc->stanzas_out));
+		pthread_mutex_unlock(&xc->mu);
+		json_object_set_new(comps, xc->domain, o);
+	}
+	return json_pack("{s:s, s:I, s:o}", "server", x->cfg->xmpp_server_host, "port",
+			 (json_int_t)x->cfg->xmpp_server_port, "components", comps);
+}
+
+bool xa_all_up(struct xmpp *x)
+{
+	bool up = true;
+	for (int i = 0; i < x->ncomp; i++) {
+		pthread_mutex_lock(&x->comp[i].mu);
+		up = up && x->comp[i].state == XC_UP;
+		pthread_mutex_unlock(&x->comp[i].mu);
+	}
+	return up;
+}
+
+void xa_metrics(struct xmpp *x, struct cw_buf *b)
+{
+	cw_buf_printf(b, "# HELP causeway_xmpp_stream_up 1 while the component's stream is up (0: down, standby, refused).\n"
+			 "# TYPE causeway_xmpp_stream_up gauge\n");
+	for (int i = 0; i < x->ncomp; i++) {
+		pthread_mutex_lock(&x->comp[i].mu);
+		int up = x->comp[i].state == XC_UP;
+		pthread_mutex_unlock(&x->comp[i].mu);
+		cw_buf_printf(b, "causeway_xmpp_stream_up{component=\"%s\"} %d\n", x->comp[i].domain, up);
+	}
+	static const char *const names[] = { "in", "out", "errors_out", "connects" };
+	cw_buf_printf(b, "# HELP causeway_xmpp_stanzas_total Stanzas read from and written to the streams; error answers; stream (re)connections.\n"
+			 "# TYPE causeway_xmpp_stanzas_total counter\n");
+	for (int i = 0; i < x->ncomp; i++) {
+		struct xcomp *xc = &x->comp[i];
+		unsigned long long v[] = { atomic_load(&xc->stanzas_in), atomic_load(&xc->stanzas_out),
+					   atomic_load(&xc->errors_out), atomic_load(&xc->connects) };
+		for (int k = 0; k < 4; k++)
+			cw_buf_printf(b, "causeway_xmpp_stanzas_total{component=\"%s\",kind=\"%s\"} %llu\n", xc->domain,
+				      names[k], v[k]);
+	}
+}

@@ -1,0 +1,47 @@
+/* The XMPP adapter: external components (XEP-0114) of the provider's XMPP
+ * server, one per remote network (../shared/spec/adapters.md, docs/xmpp.md).
+ *
+ * Each component has a thread of its own that holds the stream (libstrophe,
+ * its own xmpp_ctx_t and loop) while this daemon process holds the
+ * component's PostgreSQL advisory lock: exactly one process serves a
+ * component; another takes over when it dies.  Other threads never touch
+ * the stream: they hand the thread serialised stanzas through a queue it
+ * drains between loop turns.
+ *
+ * Inbound, a local user's <message/> to a remote user's JID becomes neutral
+ * events through the shared pipeline (policy, outbox); presence
+ * subscriptions and ad-hoc commands carry the user's consent.  Outbound,
+ * the dispatcher hands rows of destination "xmpp" to xa_deliver, which
+ * writes them as stanzas from the remote user's JID.  xj.h (JIDs) and xm.h
+ * (stanza mapping) are the pure parts. */
+#ifndef CW_XMPP_H
+#define CW_XMPP_H
+
+#include "app.h"
+#include "dispatcher.h"
+
+struct xmpp;
+
+/* NULL in *out (and CW_OK) when xmpp.components is empty; CW_EINVAL when
+ * the [xmpp] options are invalid. */
+cw_err xa_new(struct xmpp **out, struct cw_app *app, cw_errmsg *e);
+/* Starts the component threads (early: their sockets get low descriptors). */
+void xa_start(struct xmpp *x);
+/* Stops and joins the threads (idempotent); then xa_free. */
+void xa_stop(struct xmpp *x);
+void xa_free(struct xmpp *x);
+
+/* The dispatcher's delivery for destination "xmpp" (ctx: struct xmpp). */
+cw_err xa_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_row *rows, size_t n,
+		    size_t *done, long *code, cw_errmsg *e);
+
+/* {"components": {domain: {"state": ..., "peer": ..., "last_error": ...,
+ *  "connected_since_ms": ..., "stanzas_in": n, "stanzas_out": n}}}. */
+json_t *xa_health(struct xmpp *x);
+/* Whether every component's stream is up (readyz reports, does not fail). */
+bool xa_all_up(struct xmpp *x);
+/* The causeway_xmpp_* families, appended to the metrics text. */
+struct cw_buf;
+void xa_metrics(struct xmpp *x, struct cw_buf *b);
+
+#endif

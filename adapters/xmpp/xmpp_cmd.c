@@ -1,0 +1,486 @@
+/* The XMPP adapter's consent: a remote sender's first contact reaches the
+ * local user as a presence subscription from its JID plus one notice; the
+ * user's approval (subscribed) is accept, a refusal (unsubscribed) block;
+ * and the same as XEP-0050 ad-hoc commands on the component (list, accept,
+ * block, opt-in, opt-out, report), since a XEP-0191 block on the user's
+ * server is invisible to a component.  The user's own presence is never
+ * relayed anywhere. */
+#include "config.h"
+#include "xmpp_int.h"
+#include "log.h"
+#include "peer_api.h"
+#include "policy_live.h"
+#include "store.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#define NS_COMMANDS "http://jabber.org/protocol/commands"
+#define NS_DATA "jabber:x:data"
+#define NS_NICK "http://jabber.org/protocol/nick"
+
+static const struct {
+	const char *node, *name;
+} commands[] = {
+	{ "list", "List my contact requests and decisions" },
+	{ "accept", "Accept a contact (or a whole domain)" },
+	{ "block", "Block a contact (or a whole domain)" },
+	{ "opt-in", "Let strangers of this network send me contact requests" },
+	{ "opt-out", "Stop contact requests from this network" },
+	{ "report", "Report a contact to the operator" },
+};
+#define NCOMMANDS (sizeof(commands) / sizeof(commands[0]))
+
+void xa_command_items(struct xcomp *xc, xmpp_stanza_t *query)
+{
+	for (size_t i = 0; i < NCOMMANDS; i++) {
+		xmpp_stanza_t *it = xa_child(xc->ctx, query, "item", NULL);
+		if (!it)
+			return;
+		xmpp_stanza_set_attribute(it, "jid", xc->domain);
+		xmpp_stanza_set_attribute(it, "node", commands[i].node);
+		xmpp_stanza_set_attribute(it, "name", commands[i].name);
+	}
+}
+
+static void presence_to(struct xcomp *xc, bool now, const char *from, const char *to, const char *type,
+			const char *nick)
+{
+	xmpp_ctx_t *ctx = now ? xc->ctx : xa_thread_ctx(xc->x);
+	xmpp_stanza_t *p = ctx ? xmpp_presence_new(ctx) : NULL;
+	if (!p)
+		return;
+	xmpp_stanza_set_from(p, from);
+	xmpp_stanza_set_to(p, to);
+	if (type)
+		xmpp_stanza_set_type(p, type);
+	if (nick && *nick) {
+		xmpp_stanza_t *n = xa_child(ctx, p, "nick", NS_NICK);
+		xmpp_stanza_t *t = n ? xmpp_stanza_new(ctx) : NULL;
+		if (t) {
+			xmpp_stanza_set_text(t, nick);
+			xmpp_stanza_add_child(n, t);
+			xmpp_stanza_release(t);
+		}
+	}
+	if (now)
+		xa_send_now(xc, p);
+	else
+		xa_enqueue_stanza(xc, p);
+}
+
+/* ------------------------------------------------------------ the job */
+
+enum verb { V_LIST, V_ACCEPT, V_BLOCK, V_OPTIN, V_OPTOUT, V_REPORT };
+
+struct xconsent {
+	struct xcomp *xc;
+	enum verb verb;
+	char local[MIMI_LOCAL_MAX + 1], local_bare[1100];
+	char remote_id[MIMI_LOCAL_MAX + 1], remote_jid[1100];
+	bool whole_domain;               /* the subject is the peer's domain */
+	char reason[400];
+	char *iq;                        /* the command to answer, or NULL (a presence) */
+	char node[16];
+	/* outputs of the last run */
+	char note[3000];
+	bool done;
+};
+
+static cw_err consent_fn(PGconn *c, void *arg, cw_errmsg *e)
+{
+	struct xconsent *j = arg;
+	struct xmpp *x = j->xc->x;
+	j->note[0] = '\0';
+	j->done = false;
+	const char *dom = x->cfg->domain ? x->cfg->domain : "";
+	char uri[MIMI_URI_MAX + 1], local_id[24];
+	snprintf(uri, sizeof(uri), "mimi://%s/u/%s", dom, j->local);
+	struct mimi_uri u;
+	cw_err rc = mimi_uri_parse(uri, &u, e);
+	if (!rc)
+		rc = identity_id(c, &u, true, "xmpp", NULL, local_id, sizeof(local_id), e);
+	if (rc)
+		return rc;
+	const char *pp[] = { j->xc->peer };
+	PGresult *r = PQexecParams(c, "SELECT domain FROM peers WHERE name = $1", 1, NULL, pp, NULL, NULL, 0);
+	if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
+		return rc;
+	char peer_domain[300] = "";
+	if (PQntuples(r) == 1)
+		snprintf(peer_domain, sizeof(peer_domain), "%s", PQgetvalue(r, 0, 0));
+	PQclear(r);
+	char subject[MIMI_URI_MAX + 1];
+	if (j->whole_domain)
+		snprintf(subject, sizeof(subject), "%s", peer_domain);
+	else
+		snprintf(subject, sizeof(subject), "mimi://%s/u/%s", peer_domain, j->remote_id);
+	if (j->verb != V_LIST && j->verb != V_OPTIN && j->verb != V_OPTOUT && !peer_domain[0]) {
+		snprintf(j->note, sizeof(j->note), "This gateway's network is not configured yet.");
+		return CW_OK;
+	}
+	switch (j->verb) {
+	case V_ACCEPT:
+	case V_BLOCK: {
+		struct policy_view *v = policy_live_get(x->app->policy);
+		long counts[3] = { 0, 0, 0 }, decided = 0;
+		rc = policy_consent_apply(c, &v->set, local_id, j->whole_domain ? "domain" : "user", subject,
+					  j->verb == V_ACCEPT ? "allowed" : "blocked", "user", counts, &decided, e);
+		policy_view_put(v);
+		if (rc)
+			return rc;
+		const char *ap[] = { j->local_bare, j->verb == V_ACCEPT ? "consent.allow" : "consent.block", subject };
+		if ((rc = store_command(c, "INSERT INTO audit_log (actor, action, subject) VALUES ('user:' || $1, $2, $3)",
+					3, ap, e)))
+			return rc;
+		if (j->verb == V_ACCEPT)
+			snprintf(j->note, sizeof(j->note), "Accepted %s. %ld waiting message(s) released.", subject, counts[0]);
+		else
+			snprintf(j->note, sizeof(j->note), "Blocked %s. %ld waiting message(s) dropped.", subject, counts[1]);
+		break;
+	}
+	case V_OPTIN:
+	case V_OPTOUT: {
+		char net[80];
+		snprintf(net, sizeof(net), "peer:%s", j->xc->peer);
+		const char *params[] = { local_id, net, j->verb == V_OPTIN ? "t" : "f" };
+		rc = store_command(c, "INSERT INTO user_optin (identity_id, network, opted_in, updated_by) "
+				      "VALUES ($1::bigint, $2, $3::boolean, 'user') ON CONFLICT (identity_id, network) DO "
+				      "UPDATE SET opted_in = excluded.opted_in, updated_by = 'user', updated_at = now()",
+				   3, params, e);
+		if (!rc)
+			rc = store_exec(c, "NOTIFY causeway_policy", e);
+		if (rc)
+			return rc;
+		snprintf(j->note, sizeof(j->note), "You are now opted %s for %s.", j->verb == V_OPTIN ? "in" : "out", net);
+		break;
+	}
+	case V_REPORT: {
+		const char *params[] = { uri, subject, j->reason[0] ? j->reason : NULL };
+		rc = store_command(c, "INSERT INTO reports (reporter_kind, reporter, subject_uri, subject_identity_id, "
+				      "reason_code, comment) VALUES ('local_user', $1, $2, (SELECT id FROM identities "
+				      "WHERE uri = $2), 'abuse', $3)", 3, params, e);
+		if (rc)
+			return rc;
+		snprintf(j->note, sizeof(j->note), "Reported %s to the operator. Thank you.", subject);
+		break;
+	}
+	case V_LIST: {
+		const char *params[] = { local_id };
+		r = PQexecParams(c, POLICY_USER_SUMMARY_SQL, 1, NULL, params, NULL, NULL, 0);
+		if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
+			return rc;
+		size_t n = 0;
+		for (int i = 0; i < PQntuples(r) && n + 600 < sizeof(j->note); i++)
+			n += (size_t)snprintf(j->note + n, sizeof(j->note) - n, "%s%s", n ? "\n" : "", PQgetvalue(r, i, 0));
+		PQclear(r);
+		if (!n)
+			snprintf(j->note, sizeof(j->note), "Nothing yet: no requests, no decisions.");
+		break;
+	}
+	}
+	j->done = true;
+	return CW_OK;
+}
+
+/* <command status=... node sessionid><note type>text</note></command> as
+ * the answer to the iq text. */
+static void command_answer(struct xcomp *xc, const char *iq_text, const char *node, const char *note,
+			   const char *note_type)
+{
+	xmpp_ctx_t *ctx = xa_thread_ctx(xc->x);
+	xmpp_stanza_t *iq = ctx ? xmpp_stanza_new_from_string(ctx, iq_text) : NULL;
+	xmpp_stanza_t *r = iq ? xa_iq_result(iq) : NULL;
+	if (r) {
+		xmpp_stanza_set_from(r, xmpp_stanza_get_to(iq));
+		xmpp_stanza_t *cmd = xa_child(ctx, r, "command", NS_COMMANDS);
+		if (cmd) {
+			xmpp_stanza_set_attribute(cmd, "node", node);
+			xmpp_stanza_set_attribute(cmd, "status", "completed");
+			xmpp_stanza_t *in = xmpp_stanza_get_child_by_name_and_ns(iq, "command", NS_COMMANDS);
+			const char *sid = in ? xmpp_stanza_get_attribute(in, "sessionid") : NULL;
+			char fresh[40];
+			if (!sid) {
+				cw_new_id(fresh, sizeof(fresh), "s");
+				sid = fresh;
+			}
+			xmpp_stanza_set_attribute(cmd, "sessionid", sid);
+			xmpp_stanza_t *n = xa_child(ctx, cmd, "note", NULL);
+			xmpp_stanza_t *t = n ? xmpp_stanza_new(ctx) : NULL;
+			if (t) {
+				xmpp_stanza_set_attribute(n, "type", note_type);
+				xmpp_stanza_set_text(t, note);
+				xmpp_stanza_add_child(n, t);
+				xmpp_stanza_release(t);
+			}
+		}
+		xa_enqueue_stanza(xc, r);
+	}
+	if (iq)
+		xmpp_stanza_release(iq);
+}
+
+static void consent_done(void *arg, cw_err rc, const cw_errmsg *e)
+{
+	struct xconsent *j = arg;
+	if (rc)
+		LOG_KV(CW_LOG_WARN, "xmpp consent command failed", "component", j->xc->domain, "detail", e ? e->msg : "");
+	if (j->iq)
+		command_answer(j->xc, j->iq, j->node, rc ? "That did not work; try again in a moment." : j->note,
+			       rc || !j->done ? "error" : "info");
+	/* The roster follows a block: the remote contact unsubscribes both ways. */
+	if (!rc && j->done && j->verb == V_BLOCK && !j->whole_domain) {
+		presence_to(j->xc, false, j->remote_jid, j->local_bare, "unsubscribe", NULL);
+		presence_to(j->xc, false, j->remote_jid, j->local_bare, "unsubscribed", NULL);
+	}
+	free(j->iq);
+	free(j);
+}
+
+static void consent_start(struct xconsent *j)
+{
+	if (store_write(j->xc->x->app->store, consent_fn, consent_done, j) != CW_OK) {
+		if (j->iq)
+			command_answer(j->xc, j->iq, j->node, "The gateway's database is away; try again later.", "error");
+		free(j->iq);
+		free(j);
+	}
+}
+
+/* ------------------------------------------------------------ presence */
+
+void xa_presence(struct xcomp *xc, xmpp_stanza_t *st)
+{
+	const char *type = xmpp_stanza_get_type(st), *from = xmpp_stanza_get_from(st), *to = xmpp_stanza_get_to(st);
+	char bare[1100], local[MIMI_LOCAL_MAX + 1];
+	if (type && strcmp(type, "error") == 0)
+		return;
+	if (!xa_local_user(xc->x, from, bare, sizeof(bare), local, sizeof(local)))
+		return; /* presence of strangers is not answered */
+	if (strcmp(to, xc->domain) == 0) {
+		/* the gateway itself as a contact */
+		if (type && strcmp(type, "subscribe") == 0)
+			presence_to(xc, true, xc->domain, bare, "subscribed", NULL);
+		if (type && (strcmp(type, "subscribe") == 0 || strcmp(type, "probe") == 0))
+			presence_to(xc, true, xc->domain, bare, NULL, NULL);
+		return;
+	}
+	struct xconsent *j = calloc(1, sizeof(*j));
+	if (!j)
+		return;
+	if (!xa_remote_user(xc, to, j->remote_id, sizeof(j->remote_id), j->remote_jid, sizeof(j->remote_jid))) {
+		free(j);
+		return;
+	}
+	if (!type || strcmp(type, "unavailable") == 0 || strcmp(type, "unsubscribe") == 0) {
+		free(j); /* the user's own presence stays here; dropping a subscription is not a block */
+		return;
+	}
+	if (strcmp(type, "subscribe") == 0 || strcmp(type, "probe") == 0) {
+		/* The user adds the contact (or asks how it is): it is there. */
+		if (type[0] == 's')
+			presence_to(xc, true, j->remote_jid, bare, "subscribed", NULL);
+		presence_to(xc, true, j->remote_jid, bare, NULL, NULL);
+		free(j);
+		return;
+	}
+	if (strcmp(type, "subscribed") != 0 && strcmp(type, "unsubscribed") != 0) {
+		free(j);
+		return;
+	}
+	j->xc = xc;
+	j->verb = type[0] == 's' ? V_ACCEPT : V_BLOCK;
+	snprintf(j->local, sizeof(j->local), "%s", local);
+	snprintf(j->local_bare, sizeof(j->local_bare), "%s", bare);
+	consent_start(j);
+}
+
+/* ------------------------------------------------------------ commands */
+
+static const char *form_value(xmpp_stanza_t *x, const char *var, char *out, size_t len)
+{
+	out[0] = '\0';
+	for (xmpp_stanza_t *f = x ? xmpp_stanza_get_children(x) : NULL; f; f = xmpp_stanza_get_next(f)) {
+		const char *name = xmpp_stanza_get_name(f), *v = xmpp_stanza_get_attribute(f, "var");
+		if (!name || strcmp(name, "field") != 0 || !v || strcmp(v, var) != 0)
+			continue;
+		xmpp_stanza_t *val = xmpp_stanza_get_child_by_name(f, "value");
+		char *text = val ? xmpp_stanza_get_text(val) : NULL;
+		if (text) {
+			snprintf(out, len, "%s", text);
+			xmpp_free(xmpp_stanza_get_context(f), text);
+		}
+		return out;
+	}
+	return out;
+}
+
+/* The first stage of accept, block and report: the form. */
+static void command_form(struct xcomp *xc, xmpp_stanza_t *iq, const char *node, bool reason)
+{
+	xmpp_stanza_t *r = xa_iq_result(iq);
+	if (!r)
+		return;
+	xmpp_stanza_set_from(r, xmpp_stanza_get_to(iq));
+	xmpp_ctx_t *ctx = xc->ctx;
+	xmpp_stanza_t *cmd = xa_child(ctx, r, "command", NS_COMMANDS);
+	char sid[40];
+	cw_new_id(sid, sizeof(sid), "s");
+	if (cmd) {
+		xmpp_stanza_set_attribute(cmd, "node", node);
+		xmpp_stanza_set_attribute(cmd, "status", "executing");
+		xmpp_stanza_set_attribute(cmd, "sessionid", sid);
+		xmpp_stanza_t *actions = xa_child(ctx, cmd, "actions", NULL);
+		if (actions) {
+			xmpp_stanza_set_attribute(actions, "execute", "complete");
+			xa_child(ctx, actions, "complete", NULL);
+		}
+		xmpp_stanza_t *x = xa_child(ctx, cmd, "x", NS_DATA);
+		if (x) {
+			xmpp_stanza_set_type(x, "form");
+			xmpp_stanza_t *f = xa_child(ctx, x, "field", NULL);
+			if (f) {
+				char label[2 * XJ_PART_MAX + 100];
+				snprintf(label, sizeof(label), "Contact (name@%s), or %s for everyone of that network",
+					 xc->domain, xc->domain);
+				xmpp_stanza_set_attribute(f, "var", "jid");
+				xmpp_stanza_set_attribute(f, "type", "jid-single");
+				xmpp_stanza_set_attribute(f, "label", label);
+				xa_child(ctx, f, "required", NULL);
+			}
+			if (reason && (f = xa_child(ctx, x, "field", NULL))) {
+				xmpp_stanza_set_attribute(f, "var", "reason");
+				xmpp_stanza_set_attribute(f, "type", "text-single");
+				xmpp_stanza_set_attribute(f, "label", "What happened (optional)");
+			}
+		}
+	}
+	xa_send_now(xc, r);
+}
+
+bool xa_command(struct xcomp *xc, xmpp_stanza_t *iq)
+{
+	xmpp_stanza_t *cmd = xmpp_stanza_get_child_by_name_and_ns(iq, "command", NS_COMMANDS);
+	const char *node = cmd ? xmpp_stanza_get_attribute(cmd, "node") : NULL;
+	const char *action = cmd ? xmpp_stanza_get_attribute(cmd, "action") : NULL;
+	if (!node)
+		return false;
+	size_t k = 0;
+	while (k < NCOMMANDS && strcmp(commands[k].node, node) != 0)
+		k++;
+	if (k == NCOMMANDS) {
+		xa_send_now(xc, xa_error_reply(iq, "cancel", "item-not-found", NULL));
+		return true;
+	}
+	struct xconsent *j = calloc(1, sizeof(*j));
+	if (!j)
+		return false;
+	j->xc = xc;
+	if (!xa_local_user(xc->x, xmpp_stanza_get_from(iq), j->local_bare, sizeof(j->local_bare), j->local,
+			     sizeof(j->local))) {
+		free(j);
+		xa_send_now(xc, xa_error_reply(iq, "auth", "forbidden", NULL));
+		return true;
+	}
+	snprintf(j->node, sizeof(j->node), "%s", node);
+	if (action && strcmp(action, "cancel") == 0) {
+		free(j);
+		xmpp_stanza_t *r = xa_iq_result(iq);
+		xmpp_stanza_t *c = r ? xa_child(xc->ctx, r, "command", NS_COMMANDS) : NULL;
+		if (c) {
+			xmpp_stanza_set_from(r, xmpp_stanza_get_to(iq));
+			xmpp_stanza_set_attribute(c, "node", node);
+			xmpp_stanza_set_attribute(c, "status", "canceled");
+			const char *sid = xmpp_stanza_get_attribute(cmd, "sessionid");
+			if (sid)
+				xmpp_stanza_set_attribute(c, "sessionid", sid);
+		}
+		xa_send_now(xc, r);
+		return true;
+	}
+	static const enum verb verbs[] = { V_LIST, V_ACCEPT, V_BLOCK, V_OPTIN, V_OPTOUT, V_REPORT };
+	j->verb = verbs[k];
+	if (j->verb == V_ACCEPT || j->verb == V_BLOCK || j->verb == V_REPORT) {
+		xmpp_stanza_t *x = xmpp_stanza_get_child_by_name_and_ns(cmd, "x", NS_DATA);
+		const char *xt = x ? xmpp_stanza_get_type(x) : NULL;
+		if (!x || !xt || strcmp(xt, "submit") != 0) {
+			bool reason = j->verb == V_REPORT;
+			free(j);
+			command_form(xc, iq, node, reason);
+			return true;
+		}
+		char jid[1100];
+		form_value(x, "jid", jid, sizeof(jid));
+		form_value(x, "reason", j->reason, sizeof(j->reason));
+		if (strcmp(jid, xc->domain) == 0 && j->verb != V_REPORT) {
+			j->whole_domain = true;
+		} else if (!xa_remote_user(xc, jid, j->remote_id, sizeof(j->remote_id), j->remote_jid,
+					     sizeof(j->remote_jid))) {
+			free(j);
+			xmpp_stanza_t *r = xa_error_reply(iq, "modify", "bad-request", NULL);
+			xa_send_now(xc, r);
+			return true;
+		}
+	}
+	char *buf = NULL;
+	size_t len = 0;
+	if (xmpp_stanza_to_text(iq, &buf, &len) == XMPP_EOK && buf) {
+		j->iq = strdup(buf);
+		xmpp_free(xc->ctx, buf);
+	}
+	if (!j->iq) {
+		free(j);
+		return false;
+	}
+	consent_start(j);
+	return true;
+}
+
+/* ------------------------------------------------------------ requests */
+
+void xa_requests(struct xcomp *xc, PGconn *c, bool all)
+{
+	const char *params[] = { xc->peer, all ? "t" : "f", xc->x->local_domain };
+	PGresult *r = PQexecParams(c,
+		"SELECT q.id, coalesce(lb.native_id, li.localpart || '@' || $3), ri.localpart, coalesce(ri.display_name, ''), "
+		" ri.uri, q.notified_at IS NULL FROM consent_requests q "
+		" JOIN identities li ON li.id = q.local_identity_id AND li.is_local AND li.network = 'xmpp' "
+		" JOIN identities ri ON ri.id = q.remote_identity_id JOIN peers p ON p.id = ri.peer_id AND p.name = $1 "
+		" LEFT JOIN identity_bindings lb ON lb.identity_id = li.id AND lb.network = 'xmpp' "
+		"WHERE q.state = 'pending' AND ($2::boolean OR q.notified_at IS NULL) ORDER BY q.id LIMIT 100",
+		3, NULL, params, NULL, NULL, 0);
+	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+		PQclear(r);
+		return;
+	}
+	for (int i = 0; i < PQntuples(r); i++) {
+		char esc[4 * 255 + 1], remote[1100];
+		if (!xj_escape_local(PQgetvalue(r, i, 2), esc, sizeof(esc)))
+			continue;
+		int rn = snprintf(remote, sizeof(remote), "%s@%s", esc, xc->domain);
+		if (rn < 0 || (size_t)rn >= sizeof(remote))
+			continue;
+		const char *local = PQgetvalue(r, i, 1), *nick = PQgetvalue(r, i, 3);
+		presence_to(xc, true, remote, local, "subscribe", nick);
+		if (PQgetvalue(r, i, 5)[0] == 't') {
+			xmpp_stanza_t *m = xmpp_message_new(xc->ctx, "chat", local, NULL);
+			if (m) {
+				char text[1600];
+				snprintf(text, sizeof(text),
+					 "%s%s%s (%s, network %s) wants to write to you. Their messages wait until you answer: "
+					 "approve their contact request to accept them, deny it to block them (or use this "
+					 "gateway's commands). The conversation is bridged: end-to-end encryption ends at "
+					 "this gateway.",
+					 nick, *nick ? " " : "", remote, PQgetvalue(r, i, 4), xc->peer);
+				xmpp_stanza_set_from(m, xc->domain);
+				xmpp_message_set_body(m, text);
+				xa_send_now(xc, m);
+			}
+			const char *id[] = { PQgetvalue(r, i, 0) };
+			PGresult *u = PQexecParams(c, "UPDATE consent_requests SET notified_at = now() WHERE id = $1::bigint", 1,
+						   NULL, id, NULL, NULL, 0);
+			PQclear(u);
+		}
+	}
+	PQclear(r);
+}

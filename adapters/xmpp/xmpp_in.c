@@ -1,0 +1,512 @@
+/* The XMPP adapter, inbound: a local user's <message/> to a remote user's
+ * JID becomes neutral events through the shared pipeline.
+ *
+ * The stanza is checked on the component's thread (addresses), then
+ * serialised into a pipelined store job:
+ *   round 0   one statement: the conversation's room (found, or made on
+ *             first contact with both identities, their bindings and the
+ *             room binding), the neutral ids of the XMPP ids the stanza
+ *             refers to, and the sender's current reactions to them;
+ *             then the stanza is mapped (xm_to_neutral)
+ *   rounds    the pipeline's (policy, events, outbox)
+ *   last      the message's XMPP ids (id and origin-id), for references
+ * and answered with a stanza error when refused.  Stanza ids are only
+ * unique per sender, so they are stored as "<room id>/<id>". */
+#include "config.h"
+#include "xmpp_int.h"
+#include "log.h"
+#include "peer/event.h"
+#include "peer/pipeline.h"
+#include "store.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#define BARE_MAX 1100
+#define ROOM_NATIVE_MAX 500
+
+static bool mimi_local_valid(const char *s)
+{
+	size_t n = strlen(s);
+	if (n < 1 || n > MIMI_LOCAL_MAX || strcmp(s, ".") == 0 || strcmp(s, "..") == 0)
+		return false;
+	for (const char *p = s; *p; p++) {
+		char c = *p;
+		if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' || c == '.' ||
+		      c == '_' || c == '~' || c == '+' || c == '='))
+			return false;
+	}
+	return true;
+}
+
+bool xa_local_user(struct xmpp *x, const char *jid, char *bare, size_t blen, char *local, size_t llen)
+{
+	char l[XJ_PART_MAX + 1], d[XJ_PART_MAX + 1], r[XJ_PART_MAX + 1];
+	if (!xj_split(jid, l, sizeof(l), d, sizeof(d), r, sizeof(r)) || strcmp(d, x->local_domain) != 0 ||
+	    !mimi_local_valid(l))
+		return false;
+	int n = snprintf(bare, blen, "%s@%s", l, d);
+	return n > 0 && (size_t)n < blen && (size_t)snprintf(local, llen, "%s", l) < llen;
+}
+
+bool xa_remote_user(struct xcomp *xc, const char *jid, char *id, size_t idlen, char *bare, size_t blen)
+{
+	char l[XJ_PART_MAX + 1], d[XJ_PART_MAX + 1], r[XJ_PART_MAX + 1];
+	if (!xj_split(jid, l, sizeof(l), d, sizeof(d), r, sizeof(r)) || strcmp(d, xc->domain) != 0 || !l[0] ||
+	    !xj_unescape_local(l, id, idlen) || !mimi_local_valid(id))
+		return false;
+	int n = snprintf(bare, blen, "%s@%s", l, d);
+	return n > 0 && (size_t)n < blen;
+}
+
+/* The native id of the conversation (local user, remote user): readable
+ * when short, else a digest (the pipeline takes at most 512 bytes). */
+void xa_room_native(const char *local_bare, const char *remote_bare, char *out, size_t len)
+{
+	if (strlen(local_bare) + 1 + strlen(remote_bare) <= ROOM_NATIVE_MAX) {
+		snprintf(out, len, "%s %s", local_bare, remote_bare);
+		return;
+	}
+	char buf[2 * BARE_MAX + 2];
+	snprintf(buf, sizeof(buf), "%s %s", local_bare, remote_bare);
+	unsigned char h[32];
+	cw_sha256(buf, strlen(buf), h);
+	char hex[65];
+	cw_hex(hex, h, 32);
+	snprintf(out, len, "h:%s", hex);
+}
+
+struct xin {
+	struct xcomp *xc;
+	char *text;                      /* the stanza, serialised */
+	char local_bare[BARE_MAX], local[MIMI_LOCAL_MAX + 1];
+	char remote_id[MIMI_LOCAL_MAX + 1], remote_bare[BARE_MAX];
+	char room[ROOM_NATIVE_MAX + 1];
+	char uri[MIMI_URI_MAX + 1];      /* the local user's */
+	char new_room[40], new_room_uri[MIMI_URI_MAX + 1];
+	char sid[XM_ID_MAX + 1], oid[XM_ID_MAX + 1];
+	char base[40];                   /* the dedup key of the stanza */
+	bool record_ids;                 /* a message or correction with ids: they are kept */
+	json_t *refs;                    /* the XMPP ids it refers to */
+	int64_t ts;
+	/* one run's */
+	json_t *map;                     /* XMPP id -> msg id */
+	json_t *rx;                      /* msg id -> {key: reaction msg id} */
+	char room_id[24];
+	struct submit *b;
+	int final_round;                 /* the round after the pipeline: ids kept, drops seen */
+	const char *err_type, *err_cond;
+};
+
+static void xin_free(struct xin *in)
+{
+	free(in->text);
+	json_decref(in->refs);
+	json_decref(in->map);
+	json_decref(in->rx);
+	if (in->b)
+		submit_free(in->b);
+	free(in);
+}
+
+static const char *to_msg(void *ctx, const char *id)
+{
+	json_t *v = json_object_get(((struct xin *)ctx)->map, id);
+	return json_is_string(v) ? json_string_value(v) : NULL;
+}
+
+static const json_t *reactions(void *ctx, const char *msg)
+{
+	json_t *v = json_object_get(((struct xin *)ctx)->rx, msg);
+	return json_is_object(v) && json_object_size(v) ? v : NULL;
+}
+
+static cw_err in_lookup_send(PGconn *c, struct xin *in, cw_errmsg *e)
+{
+	char *refs = json_dumps(in->refs, JSON_COMPACT);
+	if (!refs)
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	const struct cw_config *cfg = in->xc->x->cfg;
+	const char *params[] = { in->uri, cfg->domain ? cfg->domain : "", in->local, in->local_bare, in->xc->peer,
+				 in->remote_id, in->remote_bare, in->room, in->new_room, in->new_room_uri, refs };
+	int ok = PQsendQueryParams(c,
+		"WITH rb AS (SELECT room_id FROM room_bindings WHERE network = 'xmpp' AND native_id = $8), "
+		"p AS (SELECT id, domain FROM peers WHERE name = $5 AND enabled AND NOT EXISTS (SELECT 1 FROM rb)), "
+		"li0 AS (SELECT i.id FROM identities i, p WHERE i.uri = $1 AND i.is_local), "
+		"li1 AS (INSERT INTO identities (uri, domain, localpart, is_local, network) "
+		"  SELECT $1, $2, $3, true, 'xmpp' FROM p WHERE NOT EXISTS (SELECT 1 FROM identities WHERE uri = $1) "
+		"  ON CONFLICT DO NOTHING RETURNING id), "
+		"li AS (SELECT id FROM li0 UNION ALL SELECT id FROM li1), "
+		"ri0 AS (SELECT i.id FROM identities i, p WHERE i.uri = 'mimi://' || p.domain || '/u/' || $6 AND NOT i.is_local), "
+		"ri1 AS (INSERT INTO identities (uri, domain, localpart, is_local, network, peer_id) "
+		"  SELECT 'mimi://' || p.domain || '/u/' || $6, p.domain, $6, false, 'peer:' || $5, p.id FROM p "
+		"  WHERE NOT EXISTS (SELECT 1 FROM identities WHERE uri = 'mimi://' || p.domain || '/u/' || $6) "
+		"  ON CONFLICT DO NOTHING RETURNING id), "
+		"ri AS (SELECT id FROM ri0 UNION ALL SELECT id FROM ri1), "
+		/* a direct room of the two made before (by the peer) is bound, not made again */
+		"ex AS (SELECT m1.room_id FROM li, ri, room_members m1 JOIN room_members m2 ON m2.room_id = m1.room_id "
+		"  JOIN rooms r ON r.id = m1.room_id AND r.kind = 'direct' WHERE m1.identity_id = li.id "
+		"  AND m2.identity_id = ri.id AND NOT EXISTS (SELECT 1 FROM room_bindings b WHERE b.room_id = r.id "
+		"  AND b.network = 'xmpp') ORDER BY m1.room_id LIMIT 1), "
+		"nr AS (INSERT INTO rooms (public_id, uri, hub_domain, kind) SELECT $9, $10, $2, 'direct' FROM li, ri "
+		"  WHERE NOT EXISTS (SELECT 1 FROM ex) RETURNING id), "
+		"mb AS (INSERT INTO room_members (room_id, identity_id, membership) SELECT nr.id, x.id, 'joined' "
+		"  FROM nr, (SELECT id FROM li UNION ALL SELECT id FROM ri) x ON CONFLICT DO NOTHING), "
+		"nb AS (INSERT INTO room_bindings (room_id, network, native_id, local_identity_id, remote_identity_id) "
+		"  SELECT coalesce((SELECT room_id FROM ex), (SELECT id FROM nr)), 'xmpp', $8, li.id, ri.id FROM li, ri "
+		"  ON CONFLICT DO NOTHING RETURNING room_id), "
+		"lb AS (INSERT INTO identity_bindings (identity_id, network, native_id) SELECT id, 'xmpp', $4 FROM li "
+		"  ON CONFLICT DO NOTHING), "
+		"rib AS (INSERT INTO identity_bindings (identity_id, network, native_id) SELECT id, 'xmpp', $7 FROM ri "
+		"  ON CONFLICT DO NOTHING), "
+		"room AS (SELECT room_id FROM rb UNION ALL SELECT room_id FROM nb LIMIT 1), "
+		"refs AS (SELECT x.id AS nid, (SELECT CASE WHEN e.type = 'edit' AND e.replaces_id IS NOT NULL "
+		"  THEN (SELECT f.public_id FROM events f WHERE f.id = e.replaces_id) ELSE e.public_id END FROM events e "
+		"  WHERE e.id = coalesce((SELECT n.event_id FROM event_native_ids n, room WHERE n.network = 'xmpp' "
+		"  AND n.kind IN ('id', 'origin_id') AND n.native_id = room.room_id || '/' || x.id LIMIT 1), "
+		"  (SELECT f.id FROM events f, room WHERE f.public_id = x.id AND f.room_id = room.room_id))) AS msg "
+		"  FROM jsonb_array_elements_text($11::jsonb) AS x(id)) "
+		"SELECT 'room', (SELECT room_id::text FROM room), NULL, NULL "
+		"UNION ALL SELECT 'ref', nid, msg, NULL FROM refs WHERE msg IS NOT NULL "
+		"UNION ALL SELECT 'rx', t.public_id, r.content->'content'->'parts'->0->>'body', r.public_id FROM refs "
+		"  JOIN events t ON t.public_id = refs.msg JOIN events r ON r.in_reply_to_id = t.id AND r.type = 'reaction' "
+		"  AND r.sender_id = (SELECT id FROM identities WHERE uri = $1) "
+		"  AND NOT EXISTS (SELECT 1 FROM events d WHERE d.type = 'delete' AND d.replaces_id = r.id)",
+		11, NULL, params, NULL, NULL, 0);
+	free(refs);
+	return ok ? CW_OK : cw_fail(e, CW_EUNAVAIL, "cannot send: %s", PQerrorMessage(c));
+}
+
+static void refuse(struct xin *in, const char *type, const char *cond)
+{
+	in->err_type = type;
+	in->err_cond = cond;
+}
+
+/* The stanza's events into the pipeline's items; false (with err set, or
+ * nothing to do) when there are none. */
+static cw_err in_convert(struct xin *in, bool *any, cw_errmsg *e)
+{
+	*any = false;
+	xmpp_ctx_t *ctx = xa_thread_ctx(in->xc->x);
+	xmpp_stanza_t *st = ctx ? xmpp_stanza_new_from_string(ctx, in->text) : NULL;
+	if (!st)
+		return cw_fail(e, CW_ENOMEM, "cannot parse a stanza again");
+	struct xm_in_lookup l = { to_msg, reactions, in };
+	json_t *events = NULL;
+	char why[200] = "";
+	enum xm_in_result res = xm_to_neutral(st, &l, in->ts, &events, why, sizeof(why));
+	xmpp_stanza_release(st);
+	if (res == XM_IN_INVALID) {
+		LOG_KV(CW_LOG_INFO, "xmpp message refused", "component", in->xc->domain, "detail", why);
+		refuse(in, "modify", "bad-request");
+		return CW_OK;
+	}
+	if (res != XM_IN_OK)
+		return CW_OK;
+	size_t n = json_array_size(events);
+	in->b = submit_new(n);
+	if (!in->b) {
+		json_decref(events);
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	}
+	submit_setup(in->b, in->xc->x->app, SUBMIT_ROOM_BY_NATIVE);
+	struct event_limits lim = event_limits_default();
+	size_t i;
+	json_t *ev;
+	json_array_foreach(events, i, ev) {
+		json_object_set_new(ev, "sender", json_string(in->uri));
+		char *text = json_dumps(ev, JSON_COMPACT);
+		struct event pev;
+		struct event_error err;
+		if (!text || event_parse(text, strlen(text), &lim, 0, &pev, &err)) {
+			LOG_KV(CW_LOG_INFO, "xmpp message not representable", "component", in->xc->domain, "detail",
+			       text ? err.detail : "out of memory");
+			free(text);
+			refuse(in, "modify", "not-acceptable");
+			json_decref(events);
+			return CW_OK;
+		}
+		free(text);
+		char native[48];
+		snprintf(native, sizeof(native), i ? "%s#%zu" : "%s", in->base, i);
+		bool ok = submit_put_local(in->b, i, in->xc->x->app, "xmpp", in->room, native, in->uri, &pev);
+		event_free(&pev);
+		if (!ok) {
+			json_decref(events);
+			return cw_fail(e, CW_ENOMEM, "out of memory");
+		}
+	}
+	/* The ids of a message or correction are what later stanzas refer to. */
+	const char *t0 = json_string_value(json_object_get(json_array_get(events, 0), "type"));
+	in->record_ids = t0 && (strcmp(t0, "message") == 0 || strcmp(t0, "edit") == 0) && (in->sid[0] || in->oid[0]);
+	in->final_round = -1;
+	json_decref(events);
+	*any = n > 0;
+	return CW_OK;
+}
+
+static cw_err in_send(PGconn *c, void *arg, int round, cw_errmsg *e)
+{
+	struct xin *in = arg;
+	if (round == 0)
+		return in_lookup_send(c, in, e);
+	if (round == in->final_round) {
+		/* The stanza's ids (what later stanzas refer to), and whether the
+		 * policy dropped the event for every recipient: then the sender
+		 * learns that it was not delivered, not why. */
+		const char *params[] = { in->base, in->room_id, in->sid, in->oid, in->record_ids ? "t" : "f" };
+		return PQsendQueryParams(c,
+			"WITH ins AS (INSERT INTO event_native_ids (event_id, network, kind, native_id) "
+			" SELECT e.id, 'xmpp', k.kind, $2 || '/' || k.nid FROM events e, "
+			" (VALUES ('id', $3), ('origin_id', $4)) AS k(kind, nid) WHERE $5::boolean "
+			" AND e.origin_network = 'xmpp' AND e.origin_native_id = $1 AND k.nid <> '' "
+			" ON CONFLICT DO NOTHING RETURNING 1) "
+			"SELECT count(*) > 0 AND count(*) FILTER (WHERE o.state <> 'dropped') = 0 FROM events e "
+			" JOIN outbox o ON o.event_id = e.id WHERE e.origin_network = 'xmpp' AND e.origin_native_id = $1",
+			5, NULL, params, NULL, NULL, 0)
+			       ? CW_OK
+			       : cw_fail(e, CW_EUNAVAIL, "cannot send: %s", PQerrorMessage(c));
+	}
+	return submit_send(c, in->b, round - 1, e);
+}
+
+static cw_err in_recv(PGconn *c, void *arg, int round, bool *more, cw_errmsg *e)
+{
+	struct xin *in = arg;
+	*more = false;
+	if (round == 0) {
+		PGresult *r;
+		cw_err rc = store_pipe_result(c, PGRES_TUPLES_OK, &r, e);
+		if (rc)
+			return rc;
+		/* a rerun starts again */
+		json_object_clear(in->map);
+		json_object_clear(in->rx);
+		if (in->b) {
+			submit_free(in->b);
+			in->b = NULL;
+		}
+		in->err_type = in->err_cond = NULL;
+		in->final_round = 0;
+		in->room_id[0] = '\0';
+		for (int i = 0; i < PQntuples(r); i++) {
+			const char *kind = PQgetvalue(r, i, 0), *k = PQgetvalue(r, i, 1);
+			if (strcmp(kind, "room") == 0 && !PQgetisnull(r, i, 1))
+				snprintf(in->room_id, sizeof(in->room_id), "%s", k);
+			else if (strcmp(kind, "ref") == 0)
+				json_object_set_new(in->map, k, json_string(PQgetvalue(r, i, 2)));
+			else if (strcmp(kind, "rx") == 0 && !PQgetisnull(r, i, 2)) {
+				json_t *set = json_object_get(in->rx, k);
+				if (!set)
+					json_object_set_new(in->rx, k, set = json_object());
+				json_object_set_new(set, PQgetvalue(r, i, 2), json_string(PQgetvalue(r, i, 3)));
+			}
+		}
+		PQclear(r);
+		if (!in->room_id[0]) {
+			/* the peer is unknown or disabled: as for an unknown account */
+			refuse(in, "cancel", "service-unavailable");
+			return CW_OK;
+		}
+		bool any;
+		if ((rc = in_convert(in, &any, e)))
+			return rc;
+		*more = any && !in->err_cond;
+		return CW_OK;
+	}
+	if (round == in->final_round) {
+		PGresult *r;
+		cw_err rc = store_pipe_result(c, PGRES_TUPLES_OK, &r, e);
+		if (!rc && PQntuples(r) == 1 && PQgetvalue(r, 0, 0)[0] == 't' && !in->err_cond)
+			refuse(in, "cancel", "service-unavailable");
+		PQclear(r);
+		return rc;
+	}
+	cw_err rc = submit_recv(c, in->b, round - 1, more, e);
+	if (rc || *more)
+		return rc;
+	for (size_t i = 0; i < submit_count(in->b); i++) {
+		const char *code, *detail;
+		int st = submit_result(in->b, i, &code, &detail);
+		if (st == 202 || st == 0)
+			continue;
+		LOG_KV(CW_LOG_INFO, "xmpp message not taken", "component", in->xc->domain, "code", code ? code : "",
+		       "detail", detail ? detail : "");
+		/* RFC 6120: a denial looks like an unknown account; limits are
+		 * resource-constraint. */
+		if (st == 429)
+			refuse(in, "wait", "resource-constraint");
+		else if (st == 403 || st == 404)
+			refuse(in, "cancel", "service-unavailable");
+		else if (st == 503)
+			refuse(in, "wait", "internal-server-error");
+		else
+			refuse(in, "modify", "bad-request");
+		break;
+	}
+	if (in->final_round == -1) {
+		in->final_round = round + 1;
+		*more = true;
+	}
+	return CW_OK;
+}
+
+static const struct store_pipe_ops in_ops = { in_send, in_recv };
+
+static void answer(struct xcomp *xc, const char *text, const char *type, const char *cond)
+{
+	xmpp_ctx_t *ctx = xa_thread_ctx(xc->x);
+	xmpp_stanza_t *st = ctx ? xmpp_stanza_new_from_string(ctx, text) : NULL;
+	if (!st)
+		return;
+	atomic_fetch_add(&xc->errors_out, 1);
+	xa_enqueue_stanza(xc, xa_error_reply(st, type, cond, NULL));
+	xmpp_stanza_release(st);
+}
+
+static void in_done(void *arg, cw_err rc, const cw_errmsg *e)
+{
+	struct xin *in = arg;
+	if (rc) {
+		LOG_KV(CW_LOG_WARN, "xmpp message not stored", "component", in->xc->domain, "detail", e ? e->msg : "");
+		answer(in->xc, in->text, "wait", "internal-server-error");
+	} else if (in->err_cond) {
+		answer(in->xc, in->text, in->err_type, in->err_cond);
+	}
+	xin_free(in);
+}
+
+static const char *no_msg(void *ctx, const char *id)
+{
+	(void)ctx;
+	(void)id;
+	return NULL;
+}
+
+static const json_t *no_reactions(void *ctx, const char *msg)
+{
+	(void)ctx;
+	(void)msg;
+	return NULL;
+}
+
+/* The component itself was written to: it only explains itself. */
+static void to_component(struct xcomp *xc, xmpp_stanza_t *st)
+{
+	xmpp_stanza_t *body = xmpp_stanza_get_child_by_name(st, "body");
+	if (!body)
+		return;
+	xmpp_stanza_t *m = xmpp_message_new(xc->ctx, "chat", xmpp_stanza_get_from(st), NULL);
+	if (!m)
+		return;
+	xmpp_stanza_set_from(m, xc->domain);
+	char text[3 * XJ_PART_MAX + 400];
+	snprintf(text, sizeof(text),
+		 "This is the Causeway gateway to %s. Write to a contact as <their id>@%s. Your consent list is in "
+		 "this service's commands (ad-hoc commands: list, accept, block, opt-in, opt-out, report).",
+		 xc->peer, xc->domain);
+	xmpp_message_set_body(m, text);
+	char *buf = NULL;
+	size_t len = 0;
+	if (xmpp_stanza_to_text(m, &buf, &len) == XMPP_EOK && xc->conn)
+		xmpp_send_raw(xc->conn, buf, len);
+	if (buf)
+		xmpp_free(xc->ctx, buf);
+	xmpp_stanza_release(m);
+}
+
+/* An error answer from the stream's own thread, at once. */
+static void refuse_now(struct xcomp *xc, xmpp_stanza_t *st, const char *type, const char *cond)
+{
+	atomic_fetch_add(&xc->errors_out, 1);
+	xa_send_now(xc, xa_error_reply(st, type, cond, NULL));
+}
+
+void xa_in_message(struct xcomp *xc, xmpp_stanza_t *st)
+{
+	struct xmpp *x = xc->x;
+	const char *type = xmpp_stanza_get_type(st), *from = xmpp_stanza_get_from(st), *to = xmpp_stanza_get_to(st);
+	if (type && strcmp(type, "error") == 0) {
+		/* A bounce of ours (an unknown or blocking account): the row was
+		 * written, and the server says no more. */
+		LOG_KV(CW_LOG_INFO, "xmpp: a stanza of ours bounced", "component", xc->domain, "to", from,
+		       "id", xmpp_stanza_get_id(st));
+		return;
+	}
+	struct xin *in = calloc(1, sizeof(*in));
+	if (!in)
+		return;
+	in->xc = xc;
+	if (!xa_local_user(x, from, in->local_bare, sizeof(in->local_bare), in->local, sizeof(in->local))) {
+		free(in);
+		/* not this provider's user (or a name the gateway cannot carry) */
+		refuse_now(xc, st, "cancel", "service-unavailable");
+		return;
+	}
+	if (strcmp(to, xc->domain) == 0) {
+		free(in);
+		to_component(xc, st);
+		return;
+	}
+	if (!xa_remote_user(xc, to, in->remote_id, sizeof(in->remote_id), in->remote_bare, sizeof(in->remote_bare))) {
+		free(in);
+		refuse_now(xc, st, "cancel", "service-unavailable");
+		return;
+	}
+	/* Malformed content is refused here, before anything is stored. */
+	static const struct xm_in_lookup none = { no_msg, no_reactions, NULL };
+	json_t *probe = NULL;
+	char why[200] = "";
+	enum xm_in_result pr = xm_to_neutral(st, &none, 1, &probe, why, sizeof(why));
+	json_decref(probe);
+	if (pr == XM_IN_INVALID || (type && (strcmp(type, "groupchat") == 0 || strcmp(type, "headline") == 0))) {
+		free(in);
+		if (pr == XM_IN_INVALID) {
+			LOG_KV(CW_LOG_INFO, "xmpp message refused", "component", xc->domain, "detail", why);
+			refuse_now(xc, st, "modify", "bad-request");
+		} else {
+			refuse_now(xc, st, "cancel", "service-unavailable");
+		}
+		return;
+	}
+	const struct cw_config *cfg = x->cfg;
+	snprintf(in->uri, sizeof(in->uri), "mimi://%s/u/%s", cfg->domain ? cfg->domain : "", in->local);
+	xa_room_native(in->local_bare, in->remote_bare, in->room, sizeof(in->room));
+	cw_new_id(in->new_room, sizeof(in->new_room), "r_");
+	snprintf(in->new_room_uri, sizeof(in->new_room_uri), "mimi://%s/r/%s", cfg->domain ? cfg->domain : "",
+		 in->new_room);
+	xm_message_ids(st, in->sid, in->oid);
+	/* The dedup key: the same stanza twice (a client's resend) is stored once. */
+	const char *key = in->oid[0] ? in->oid : in->sid;
+	unsigned char h[32];
+	char hex[65];
+	if (key[0]) {
+		char buf[ROOM_NATIVE_MAX + XM_ID_MAX + 2];
+		snprintf(buf, sizeof(buf), "%s\n%s", in->room, key);
+		cw_sha256(buf, strlen(buf), h);
+	} else {
+		cw_random(h, 16);
+	}
+	cw_hex(hex, h, 16);
+	snprintf(in->base, sizeof(in->base), "x%.32s", hex);
+	const char *refs[16];
+	size_t n = xm_message_refs(st, refs, 16);
+	in->refs = json_array();
+	for (size_t i = 0; i < n; i++)
+		json_array_append_new(in->refs, json_string(refs[i]));
+	in->map = json_object();
+	in->rx = json_object();
+	in->ts = cw_wall_ms();
+	char *buf = NULL;
+	size_t len = 0;
+	if (xmpp_stanza_to_text(st, &buf, &len) == XMPP_EOK && buf) {
+		in->text = strdup(buf);
+		xmpp_free(xc->ctx, buf);
+	}
+	if (!in->text || !in->refs || !in->map || !in->rx ||
+	    store_write_pipe(x->app->store, &in_ops, in_done, in) != CW_OK) {
+		refuse_now(xc, st, "wait", "internal-server-error");
+		xin_free(in);
+	}
+}

@@ -1,0 +1,129 @@
+/* The XMPP adapter's insides, shared by xmpp.c (streams, iq, presence),
+ * xmpp_in.c (inbound messages), xmpp_out.c (delivery) and xmpp_cmd.c
+ * (consent: subscriptions, ad-hoc commands, requests). */
+#ifndef CW_XMPP_INT_H
+#define CW_XMPP_INT_H
+
+#include "xmpp.h"
+#include "xmpp/xj.h"
+#include "xmpp/xm.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <strophe.h>
+
+#define XMPP_COMPONENTS_MAX 16
+#define XMPP_PEER_MAX 63
+
+enum xc_state {
+	XC_STARTING,     /* not tried yet */
+	XC_STANDBY,      /* another daemon process holds the component's lock */
+	XC_CONNECTING,
+	XC_UP,
+	XC_DOWN,         /* lost or refused; retrying with backoff */
+	XC_AUTH_FAILED,  /* the server refused the secret (retrying, slowly) */
+};
+
+/* A stanza waiting for the component's thread. */
+struct xq_item {
+	struct xq_item *next;
+	uint64_t seq;        /* order of queueing (per component) */
+	size_t len;
+	char text[];         /* serialised, NUL-terminated */
+};
+
+/* A stanza written recently: re-sent after a reconnect. */
+struct xr_item {
+	int64_t at_ms;
+	char *text;
+};
+#define XMPP_RECENT_MAX 4096
+
+struct xcomp {
+	struct xmpp *x;
+	char domain[XJ_PART_MAX + 1];   /* the component's JID */
+	char peer[XMPP_PEER_MAX + 1];   /* the peer whose users it stands for */
+	int index;
+	pthread_t thread;
+	bool started;
+	/* the queue (mu) */
+	pthread_mutex_t mu;
+	pthread_cond_t written;         /* signalled when the thread wrote up to written_seq */
+	struct xq_item *head, *tail;
+	size_t queued;
+	uint64_t next_seq, written_seq;
+	uint64_t lost_from[8], lost_to[8]; /* seqs dropped from the queue when a stream broke (a ring) */
+	unsigned lost_n;
+	enum xc_state state;
+	char last_error[256];
+	int64_t connected_since_ms;
+	int wake_fd[2];                 /* a pipe that wakes the thread (not polled by libstrophe: checked each turn) */
+	int reserve_fd;                 /* a low descriptor kept for the stream's socket (see reserve_low_fd) */
+	/* the thread's own */
+	xmpp_ctx_t *ctx;
+	xmpp_conn_t *conn;
+	struct xr_item recent[XMPP_RECENT_MAX];
+	size_t recent_head, recent_n;
+	bool resend_pending;            /* pending consent requests go out again after a (re)connect */
+	bool up_event, dropped, auth_failed; /* set by libstrophe's connection handler */
+	char drop_reason[200];
+	char ping_id[40];               /* the keepalive ping to the server */
+	int64_t ping_sent_ms, ping_next_ms;
+	/* counters */
+	atomic_ullong stanzas_in, stanzas_out, errors_out, connects;
+};
+
+struct xmpp {
+	struct cw_app *app;
+	const struct cw_config *cfg;
+	char local_domain[XJ_PART_MAX + 1]; /* the XMPP domain of this provider's users */
+	struct xcomp comp[XMPP_COMPONENTS_MAX];
+	int ncomp;
+	atomic_bool stop;
+	pthread_key_t ctx_key;          /* each thread's own xmpp_ctx_t (stanzas are built off the stream thread) */
+};
+
+/* This thread's libstrophe context (for building and parsing stanzas). */
+xmpp_ctx_t *xa_thread_ctx(struct xmpp *x);
+/* The component of a domain, or NULL. */
+struct xcomp *xa_comp_by_domain(struct xmpp *x, const char *domain);
+struct xcomp *xa_comp_by_peer(struct xmpp *x, const char *peer);
+/* Queues a serialised stanza for the component's thread; *seq (may be
+ * NULL) its place.  False when memory runs out or the component is
+ * stopping. */
+bool xa_enqueue(struct xcomp *xc, const char *text, size_t len, uint64_t *seq);
+/* Serialises and queues a stanza (released by the call). */
+bool xa_enqueue_stanza(struct xcomp *xc, xmpp_stanza_t *st);
+/* Waits until the thread wrote the stanza of seq, or timeout_ms passed,
+ * or the stream went down (what was queued is then dropped: it never
+ * reached the wire, and its rows go again): true when written. */
+bool xa_wait_written(struct xcomp *xc, uint64_t seq, long timeout_ms);
+/* On the component's thread: writes st now (released by the call). */
+void xa_send_now(struct xcomp *xc, xmpp_stanza_t *st);
+/* A new child element of parent (held by it; NULL when memory runs out). */
+xmpp_stanza_t *xa_child(xmpp_ctx_t *ctx, xmpp_stanza_t *parent, const char *name, const char *ns);
+/* A stanza error answering st (from and to swapped, from = to of st). */
+xmpp_stanza_t *xa_iq_result(xmpp_stanza_t *iq);
+xmpp_stanza_t *xa_error_reply(xmpp_stanza_t *st, const char *type, const char *condition, const char *text);
+
+/* The conversation's native id (room_bindings) of (local user, remote user). */
+void xa_room_native(const char *local_bare, const char *remote_bare, char *out, size_t len);
+
+/* xmpp_in.c: a <message/> of a local user to a remote user's JID (on the
+ * component's thread; the work is a store job). */
+void xa_in_message(struct xcomp *xc, xmpp_stanza_t *st);
+/* The local user's bare JID and localpart of a full JID of local_domain, or false. */
+bool xa_local_user(struct xmpp *x, const char *jid, char *bare, size_t blen, char *local, size_t llen);
+/* The remote user's id (unescaped localpart) of a JID of the component, or false. */
+bool xa_remote_user(struct xcomp *xc, const char *jid, char *id, size_t idlen, char *bare, size_t blen);
+
+/* xmpp_cmd.c */
+void xa_presence(struct xcomp *xc, xmpp_stanza_t *st);
+/* An iq set/get of XEP-0050 (ad-hoc commands) to the component: true when handled. */
+bool xa_command(struct xcomp *xc, xmpp_stanza_t *st);
+/* disco#items of the commands node. */
+void xa_command_items(struct xcomp *xc, xmpp_stanza_t *query);
+/* Sends the consent requests not yet shown (all pending ones when all). */
+void xa_requests(struct xcomp *xc, PGconn *c, bool all);
+
+#endif

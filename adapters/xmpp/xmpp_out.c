@@ -1,0 +1,233 @@
+/* The XMPP adapter, outbound: the dispatcher's rows of destination "xmpp"
+ * (events of remote users for local users) as stanzas from the remote
+ * user's JID.  One statement reads what every row of the batch needs (the
+ * two JIDs, the conversation, the target of a reply, edit, delete,
+ * reaction or receipt, with its XMPP ids); the stanzas are built here and
+ * handed to the components' threads; a row counts as delivered once its
+ * stanza is written (XEP-0114 acknowledges nothing: docs/xmpp.md). */
+#include "config.h"
+#include "xmpp_int.h"
+#include "log.h"
+#include "store.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#define WRITE_TIMEOUT_MS 5000
+
+static const char batch_sql[] =
+	"WITH x AS (SELECT (j->>0)::bigint AS i, (j->>1)::bigint AS ev_id, (j->>2)::bigint AS target "
+	"  FROM jsonb_array_elements($1::jsonb) AS j), "
+	"r AS (SELECT x.i, ev.id AS ev_id, ev.public_id, ev.room_id, ev.type, t.id AS t_id, t.localpart AS t_local, "
+	"  t.is_local AS t_is_local, s.id AS s_id, s.localpart AS s_local, s.is_local AS s_is_local, p.name AS peer, "
+	"  (SELECT native_id FROM identity_bindings WHERE identity_id = t.id AND network = 'xmpp') AS t_jid, "
+	"  (SELECT native_id FROM room_bindings b WHERE b.network = 'xmpp' AND b.local_identity_id = t.id "
+	"   AND b.remote_identity_id = s.id) AS room_native, "
+	"  tg.id AS tg_id, tg.type AS tg_type, tg.in_reply_to_id AS tg_reply, "
+	"  CASE WHEN ev.type = 'reaction' THEN ev.in_reply_to_id "
+	"       WHEN ev.type = 'delete' AND tg.type = 'reaction' THEN tg.in_reply_to_id END AS rt_id "
+	"  FROM x JOIN events ev ON ev.id = x.ev_id JOIN identities t ON t.id = x.target "
+	"  JOIN identities s ON s.id = ev.sender_id LEFT JOIN peers p ON p.id = s.peer_id "
+	"  LEFT JOIN events tg ON tg.id = coalesce(ev.replaces_id, CASE WHEN ev.type <> 'reaction' THEN ev.in_reply_to_id END)) "
+	"SELECT r.i, r.t_local, r.t_jid, r.s_local, r.peer, r.room_native, r.t_is_local, r.s_is_local, "
+	/* 8-13: the target (XMPP id, origin-id, is last of its sender, text, is a reaction) */
+	"  r.tg_id IS NOT NULL, "
+	"  coalesce((SELECT substr(n.native_id, length(r.room_id::text) + 2) FROM event_native_ids n "
+	"   WHERE n.event_id = r.tg_id AND n.network = 'xmpp' AND n.kind = 'id' "
+	"   AND starts_with(n.native_id, r.room_id::text || '/') LIMIT 1), tg.public_id), "
+	"  (SELECT substr(n.native_id, length(r.room_id::text) + 2) FROM event_native_ids n "
+	"   WHERE n.event_id = r.tg_id AND n.network = 'xmpp' AND n.kind = 'origin_id' "
+	"   AND starts_with(n.native_id, r.room_id::text || '/') LIMIT 1), "
+	"  NOT EXISTS (SELECT 1 FROM events l WHERE l.room_id = tg.room_id AND l.sender_id = tg.sender_id "
+	"   AND l.type = 'message' AND l.id > tg.id), "
+	"  (SELECT q->>'body' FROM jsonb_array_elements(tg.content->'content'->'parts') AS q WHERE q->>'type' = 'text/plain' LIMIT 1), "
+	"  r.tg_type = 'reaction', "
+	/* 14-16: the message reacted to (ids) and the sender's whole set on it */
+	"  r.rt_id IS NOT NULL, "
+	"  coalesce((SELECT substr(n.native_id, length(r.room_id::text) + 2) FROM event_native_ids n "
+	"   WHERE n.event_id = r.rt_id AND n.network = 'xmpp' AND n.kind = 'id' "
+	"   AND starts_with(n.native_id, r.room_id::text || '/') LIMIT 1), rt.public_id), "
+	"  (SELECT substr(n.native_id, length(r.room_id::text) + 2) FROM event_native_ids n "
+	"   WHERE n.event_id = r.rt_id AND n.network = 'xmpp' AND n.kind = 'origin_id' "
+	"   AND starts_with(n.native_id, r.room_id::text || '/') LIMIT 1), "
+	"  (SELECT coalesce(jsonb_agg(DISTINCT k.body), '[]'::jsonb)::text FROM (SELECT rr.content->'content'->'parts'->0->>'body' AS body "
+	"   FROM events rr WHERE rr.in_reply_to_id = r.rt_id AND rr.type = 'reaction' AND rr.sender_id = r.s_id "
+	"   AND NOT EXISTS (SELECT 1 FROM events d WHERE d.type = 'delete' AND d.replaces_id = rr.id)) AS k "
+	"   WHERE r.rt_id IS NOT NULL AND k.body IS NOT NULL), "
+	"  r.t_id, r.s_id, r.room_id "
+	"FROM r LEFT JOIN events tg ON tg.id = r.tg_id LEFT JOIN events rt ON rt.id = r.rt_id ORDER BY r.i";
+
+static const char *col(PGresult *r, int row, int c)
+{
+	return PQgetisnull(r, row, c) ? NULL : PQgetvalue(r, row, c);
+}
+
+/* A stanza for row i, or *none; false with e filled when it cannot be made. */
+static bool build(struct xmpp *x, struct outbox_row *row, PGresult *r, int k, struct xcomp **xc, char **text,
+		  size_t *len, json_t *bind, cw_errmsg *e)
+{
+	*text = NULL;
+	if (PQgetvalue(r, k, 6)[0] != 't' || PQgetvalue(r, k, 7)[0] == 't' || !col(r, k, 4)) {
+		cw_fail(e, CW_EINVAL, "only events of remote users for local users are delivered to XMPP");
+		return false;
+	}
+	*xc = xa_comp_by_peer(x, col(r, k, 4));
+	if (!*xc) {
+		cw_fail(e, CW_EINVAL, "no XMPP component stands for the peer %s (xmpp.components)", col(r, k, 4));
+		return false;
+	}
+	char local_jid[XJ_JID_MAX + 1], esc[4 * 255 + 1], remote_jid[XJ_JID_MAX + 1];
+	if (col(r, k, 2))
+		snprintf(local_jid, sizeof(local_jid), "%s", col(r, k, 2));
+	else
+		snprintf(local_jid, sizeof(local_jid), "%s@%s", col(r, k, 1), x->local_domain);
+	if (!xj_escape_local(col(r, k, 3), esc, sizeof(esc))) {
+		cw_fail(e, CW_EINVAL, "the remote user's id has no JID");
+		return false;
+	}
+	snprintf(remote_jid, sizeof(remote_jid), "%s@%s", esc, (*xc)->domain);
+	if (!col(r, k, 5) || !col(r, k, 2)) {
+		char room[600];
+		xa_room_native(local_jid, remote_jid, room, sizeof(room));
+		json_array_append_new(bind, json_pack("[s, s, s, s, s]", PQgetvalue(r, k, 20), PQgetvalue(r, k, 19),
+						      PQgetvalue(r, k, 18), room, local_jid));
+	}
+	const char *id = json_string_value(json_object_get(row->event, "id"));
+	char idbuf[40];
+	if (!id) {
+		snprintf(idbuf, sizeof(idbuf), "cw-%lld", (long long)row->id);
+		id = idbuf;
+	}
+	json_t *set = col(r, k, 17) ? json_loads(col(r, k, 17), 0, NULL) : NULL;
+	struct xm_out_info info = {
+		.from = remote_jid,
+		.to = local_jid,
+		.id = id,
+		.target = { .known = PQgetvalue(r, k, 8)[0] == 't', .id = col(r, k, 9), .origin_id = col(r, k, 10),
+			    .is_last = PQgetvalue(r, k, 11)[0] == 't', .text = col(r, k, 12),
+			    .is_reaction = PQgetvalue(r, k, 13)[0] == 't' },
+		.reacted = { .known = PQgetvalue(r, k, 14)[0] == 't', .id = col(r, k, 15), .origin_id = col(r, k, 16) },
+		.reaction_set = set,
+	};
+	xmpp_ctx_t *ctx = xa_thread_ctx(x);
+	xmpp_stanza_t *st = NULL;
+	char why[200] = "";
+	enum xm_out_result res = ctx ? xm_from_neutral(ctx, row->event, &info, &st, why, sizeof(why)) : XM_OUT_INVALID;
+	json_decref(set);
+	if (res == XM_OUT_NONE)
+		return true;
+	if (res != XM_OUT_STANZA) {
+		if (st)
+			xmpp_stanza_release(st);
+		cw_fail(e, CW_EINVAL, "not representable in XMPP: %s", ctx ? why : "out of memory");
+		return false;
+	}
+	char *buf = NULL;
+	bool ok = xmpp_stanza_to_text(st, &buf, len) == XMPP_EOK && buf;
+	if (ok) {
+		*text = strdup(buf);
+		ok = *text != NULL;
+	}
+	if (buf)
+		xmpp_free(ctx, buf);
+	xmpp_stanza_release(st);
+	if (!ok)
+		cw_fail(e, CW_ENOMEM, "out of memory");
+	return ok;
+}
+
+cw_err xa_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_row *rows, size_t n, size_t *done,
+		    long *code, cw_errmsg *e)
+{
+	(void)destination;
+	struct xmpp *x = ctx;
+	*done = 0;
+	*code = 0;
+	json_t *in = json_array();
+	for (size_t i = 0; i < n; i++)
+		json_array_append_new(in, json_pack("[I, I, I]", (json_int_t)i, (json_int_t)rows[i].event_id,
+						    (json_int_t)rows[i].target_id));
+	char *text = json_dumps(in, JSON_COMPACT);
+	json_decref(in);
+	if (!text)
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	const char *params[] = { text };
+	PGresult *r = PQexecParams(c, batch_sql, 1, NULL, params, NULL, NULL, 0);
+	free(text);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	/* rows without a target (a whole room) find no line: refused below */
+	int nr = PQntuples(r), k = 0;
+	uint64_t *seqs = calloc(n, sizeof(*seqs));
+	struct xcomp **comps = calloc(n, sizeof(*comps));
+	json_t *bind = json_array();
+	size_t built = 0;
+	if (!seqs || !comps || !bind) {
+		rc = cw_fail(e, CW_ENOMEM, "out of memory");
+		goto out;
+	}
+	for (size_t i = 0; i < n; i++) {
+		while (k < nr && (size_t)atol(PQgetvalue(r, k, 0)) < i)
+			k++;
+		if (k >= nr || (size_t)atol(PQgetvalue(r, k, 0)) != i) {
+			rc = cw_fail(e, CW_EINVAL, "group rooms are not bridged to XMPP yet (only direct rooms)");
+			break;
+		}
+		char *st = NULL;
+		size_t len = 0;
+		struct xcomp *xc = NULL;
+		if (!build(x, &rows[i], r, k, &xc, &st, &len, bind, e)) {
+			rc = CW_EINVAL;
+			break;
+		}
+		if (st) {
+			pthread_mutex_lock(&xc->mu);
+			bool up = xc->state == XC_UP;
+			pthread_mutex_unlock(&xc->mu);
+			bool ok = up && xa_enqueue(xc, st, len, &seqs[i]);
+			free(st);
+			if (!ok) {
+				rc = cw_fail(e, CW_EUNAVAIL, "the stream of component %s is %s", xc->domain,
+					     up ? "full" : "down");
+				break;
+			}
+			comps[i] = xc;
+		}
+		built++;
+	}
+	/* Written in order: the first row whose stanza did not reach the wire
+	 * ends what is done. */
+	for (size_t i = 0; i < built; i++) {
+		if (comps[i] && !xa_wait_written(comps[i], seqs[i], WRITE_TIMEOUT_MS)) {
+			rc = cw_fail(e, CW_EUNAVAIL, "the stream of component %s broke before the stanza was written",
+				     comps[i]->domain);
+			break;
+		}
+		(*done)++;
+	}
+	if (json_array_size(bind)) {
+		char *b = json_dumps(bind, JSON_COMPACT);
+		const char *p2[] = { b ? b : "[]" };
+		cw_errmsg e2;
+		if (store_command(c,
+				  "WITH j AS (SELECT x->>0 AS room, x->>1 AS remote, x->>2 AS local, x->>3 AS native, "
+				  " x->>4 AS jid FROM jsonb_array_elements($1::jsonb) AS x), "
+				  "rb AS (INSERT INTO room_bindings (room_id, network, native_id, local_identity_id, remote_identity_id) "
+				  " SELECT DISTINCT ON (native) room::bigint, 'xmpp', native, local::bigint, remote::bigint FROM j "
+				  " ON CONFLICT DO NOTHING) "
+				  "INSERT INTO identity_bindings (identity_id, network, native_id) "
+				  " SELECT DISTINCT ON (local) local::bigint, 'xmpp', jid FROM j ON CONFLICT DO NOTHING",
+				  1, p2, &e2))
+			LOG_KV(CW_LOG_WARN, "cannot record XMPP bindings", "detail", e2.msg);
+		free(b);
+	}
+out:
+	PQclear(r);
+	free(seqs);
+	free(comps);
+	json_decref(bind);
+	if (!rc && *done < n)
+		rc = cw_fail(e, CW_EIO, "not delivered");
+	return rc;
+}

@@ -1,0 +1,360 @@
+"""The XMPP adapter through the real daemon, a real Prosody (its component
+port, tests/integration/prosody.py) and real XMPP clients (slixmpp) logged in
+over c2s: messages both ways with replies, corrections, retractions,
+reactions, receipts, markers and chat states; consent by presence
+subscription and by ad-hoc commands; disco, ping and version; hostile
+stanzas; a Prosody restart mid-stream; a wrong secret."""
+import time
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from harness import wait_until
+from peer import NotifyServer, PeerClient
+from prosody import Prosody, XmppClient
+
+HOST = "xmpp.test"
+COMP = "gk.xmpp.test"
+SECRET = "component-secret-123"
+ALICE = "mimi://example.org/u/alice"
+ALICE_JID = "alice@" + HOST
+WALLY_JID = "wally@" + COMP
+NS_REPLY = "urn:xmpp:reply:0"
+
+
+def q(ns, name):
+    return "{%s}%s" % (ns, name)
+
+
+@pytest.fixture
+def prosody(tmp_path):
+    p = Prosody(tmp_path / "prosody", host=HOST, components={COMP: SECRET})
+    p.start()
+    p.register("alice", "pw-alice")
+    p.register("bob", "pw-bob")
+    yield p
+    p.stop()
+
+
+def daemon_options(prosody, secret=SECRET):
+    return {"server": {"domain": "example.org"},
+            "xmpp": {"components": f"{COMP}=gk", "server_port": str(prosody.component_port), "secret": secret,
+                     "domain": HOST, "reconnect_max_ms": "1000"}}
+
+
+def component_state(d):
+    return d.get("/readyz").json()["adapters"]["xmpp"]["components"][COMP]
+
+
+@pytest.fixture
+def xd(make_daemon, db_url, prosody):
+    d = make_daemon(db_url, options=daemon_options(prosody)).start()
+    try:
+        wait_until(lambda: component_state(d)["state"] == "up", what="the component's stream")
+    except AssertionError as ex:
+        raise AssertionError(f"{ex}; log:\n{d.log()}") from None
+    yield d
+    print("causewayd log:\n" + d.log())  # shown by pytest when the test failed
+
+
+@pytest.fixture
+def gk(xd):
+    srv = NotifyServer()
+    directory = xd.get("/.well-known/mimi-protocol-directory").json()
+    srv.public_b64 = directory["public_key"]["key"]
+    client = PeerClient(xd.url, "gk", "wa.example")
+    r = xd.admin("POST", "/peers", json={"name": "gk", "domain": "wa.example", "mode": "push",
+                                        "push_url": srv.url, "public_key": client.signer.public_b64})
+    assert r.status_code == 201, r.text
+    client.token = r.json()["token"]
+    yield client, srv
+    srv.close()
+
+
+@pytest.fixture
+def alice(prosody):
+    c = XmppClient(ALICE_JID, "pw-alice", port=prosody.c2s_port)
+    c.connect()
+    yield c
+    c.disconnect()
+
+
+def post(a, path, body):
+    return a.call("POST", path, body, idem="k" + str(time.monotonic_ns()))
+
+
+def consent_alice(d, subject="mimi://wa.example/u/wally"):
+    assert d.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
+    assert d.admin("POST", "/consents", json={"user": ALICE, "subject_kind": "user", "subject": subject,
+                                              "state": "allowed"}).ok
+
+
+def message_from(client, jid, pred=lambda el: True, timeout=10):
+    """The next <message/> from jid matching pred (an ElementTree element)."""
+    return client.wait_for_message(lambda el: el.get("from", "").split("/")[0] == jid and pred(el), timeout=timeout)
+
+
+def body(el):
+    b = el.find("{jabber:client}body")
+    return b.text if b is not None else None
+
+
+def test_component_state_and_disco(xd, alice):
+    st = component_state(xd)
+    assert st["state"] == "up" and st["peer"] == "gk" and st["connected_since_ms"] > 0
+    info = alice.iq("get", COMP, f"<query xmlns='http://jabber.org/protocol/disco#info'/>")
+    ident = info.find(".//{http://jabber.org/protocol/disco#info}identity")
+    assert ident is not None and ident.get("category") == "gateway"
+    feats = {f.get("var") for f in info.iter("{http://jabber.org/protocol/disco#info}feature")}
+    assert {"urn:xmpp:ping", "jabber:iq:version", "http://jabber.org/protocol/commands"} <= feats
+    user = alice.iq("get", WALLY_JID, "<query xmlns='http://jabber.org/protocol/disco#info'/>")
+    ufeats = {f.get("var") for f in user.iter("{http://jabber.org/protocol/disco#info}feature")}
+    assert {"urn:xmpp:receipts", "urn:xmpp:reactions:0", "urn:xmpp:message-correct:0"} <= ufeats
+    ver = alice.iq("get", COMP, "<query xmlns='jabber:iq:version'/>")
+    assert ver.find(".//{jabber:iq:version}name").text == "Causeway"
+    pong = alice.iq("get", COMP, "<ping xmlns='urn:xmpp:ping'/>")
+    assert pong.get("type") == "result"
+    items = alice.iq("get", COMP, "<query xmlns='http://jabber.org/protocol/disco#items' "
+                                  "node='http://jabber.org/protocol/commands'/>")
+    nodes = {i.get("node") for i in items.iter("{http://jabber.org/protocol/disco#items}item")}
+    assert nodes == {"list", "accept", "block", "opt-in", "opt-out", "report"}
+    err = alice.iq("get", COMP, "<query xmlns='urn:example:unknown'/>", expect_error=True)
+    assert err.find(".//{urn:ietf:params:xml:ns:xmpp-stanzas}service-unavailable") is not None
+    metrics = xd.get("/metrics").text
+    assert f'causeway_xmpp_stream_up{{component="{COMP}"}} 1' in metrics
+
+
+def test_wrong_secret_is_reported(make_daemon, db_url, prosody):
+    d = make_daemon(db_url, options=daemon_options(prosody, secret="wrong")).start()
+    wait_until(lambda: component_state(d)["state"] == "auth_failed", what="the refusal")
+    st = component_state(d)
+    assert "not-authorized" in st["last_error"]
+    assert d.get("/readyz").status_code == 200  # the daemon still serves (messages wait)
+    assert d.wait_for(lambda r: r.get("msg") == "xmpp component" and r.get("state") == "auth_failed")
+
+
+def test_peer_to_xmpp_and_back(xd, gk, alice, pg, db_url):
+    a, srv = gk
+    consent_alice(xd)
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    r = a.send(room, a.user("wally"), "hello alice")
+    assert r.status_code == 202, r.text
+    mid = r.json()["id"]
+    m = message_from(alice, WALLY_JID, lambda el: body(el) == "hello alice")
+    assert m.get("id") == mid and m.get("type") == "chat"
+    assert m.find("{urn:xmpp:sid:0}origin-id").get("id") == mid
+    assert m.find("{urn:xmpp:receipts}request") is not None
+    assert m.find("{urn:xmpp:chat-markers:0}markable") is not None
+    wait_until(lambda: pg.psql(f"SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id "
+                               f"WHERE e.public_id = '{mid}'", db_url) == "delivered", what="delivered")
+    # Alice answers; the peer gets it from her, in the same room.
+    sid = alice.send_message(WALLY_JID, "hi wally")
+    got = srv.wait_events(1)
+    assert got[0]["sender"] == ALICE and got[0]["content"]["parts"][0]["body"] == "hi wally"
+    assert got[0]["room_id"] == room
+    # The same stanza again (a client's resend) is stored once.
+    alice.send_raw(f"<message to='{WALLY_JID}' type='chat' id='{sid}'><body>hi wally</body>"
+                   f"<origin-id xmlns='urn:xmpp:sid:0' id='{sid}'/></message>")
+    time.sleep(0.5)
+    assert pg.psql("SELECT count(*) FROM events WHERE origin_network = 'xmpp'", db_url) == "1"
+
+
+def test_features_both_ways(xd, gk, alice, pg, db_url):
+    a, srv = gk
+    consent_alice(xd)
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    w1 = a.send(room, a.user("wally"), "first").json()["id"]
+    message_from(alice, WALLY_JID, lambda el: body(el) == "first")
+    # XMPP -> peer: a message, its correction, a reply, reactions, receipts, typing, a retraction.
+    s1 = alice.send_message(WALLY_JID, "typo")
+    e1 = srv.wait_events(1)[0]
+    alice.send_raw(f"<message to='{WALLY_JID}' type='chat' id='c1'><body>fixed</body>"
+                   f"<replace xmlns='urn:xmpp:message-correct:0' id='{s1}'/></message>")
+    ed = srv.wait_events(2)[1]
+    assert ed["type"] == "edit" and ed["content"]["replaces"] == e1["id"]
+    quote = "> first\n"
+    alice.send_raw(f"<message to='{WALLY_JID}' type='chat' id='r1'><body>{quote}yes</body>"
+                   f"<reply xmlns='{NS_REPLY}' id='{w1}'/>"
+                   f"<fallback xmlns='urn:xmpp:fallback:0' for='{NS_REPLY}'><body start='0' end='{len(quote)}'/>"
+                   f"</fallback></message>")
+    rep = srv.wait_events(3)[2]
+    assert rep["content"]["parts"][0]["body"] == "yes" and rep["content"]["in_reply_to"] == w1
+    alice.send_raw(f"<message to='{WALLY_JID}' type='chat' id='x1'><reactions xmlns='urn:xmpp:reactions:0' "
+                   f"id='{w1}'><reaction>\U0001F44D</reaction></reactions></message>")
+    rx = srv.wait_events(4)[3]
+    assert rx["type"] == "reaction" and rx["content"]["parts"][0]["body"] == "\U0001F44D"
+    alice.send_raw(f"<message to='{WALLY_JID}' type='chat' id='x2'><reactions xmlns='urn:xmpp:reactions:0' "
+                   f"id='{w1}'><reaction>\U0001F389</reaction></reactions></message>")
+    ev = srv.wait_events(6)
+    assert ev[4]["type"] == "reaction" and ev[4]["content"]["parts"][0]["body"] == "\U0001F389"
+    assert ev[5]["type"] == "delete" and ev[5]["content"]["replaces"] == rx["id"]
+    alice.send_raw(f"<message to='{WALLY_JID}' type='chat' id='m1'><received xmlns='urn:xmpp:receipts' "
+                   f"id='{w1}'/></message>")
+    alice.send_raw(f"<message to='{WALLY_JID}' type='chat' id='m2'><displayed xmlns='urn:xmpp:chat-markers:0' "
+                   f"id='{w1}'/></message>")
+    alice.send_raw(f"<message to='{WALLY_JID}' type='chat' id='t1'><composing "
+                   f"xmlns='http://jabber.org/protocol/chatstates'/></message>")
+    alice.send_raw(f"<message to='{WALLY_JID}' type='chat' id='d1'><retract xmlns='urn:xmpp:message-retract:1' "
+                   f"id='{s1}'/><body>retracted</body></message>")
+    ev = srv.wait_events(10)
+    assert [e["type"] for e in ev[6:10]] == ["receipt", "receipt", "typing", "delete"]
+    assert ev[6]["content"]["receipt"] == "delivered" and ev[7]["content"]["receipt"] == "read"
+    assert ev[8]["content"]["state"] == "start" and ev[9]["content"]["replaces"] == e1["id"]
+
+    # peer -> XMPP: an edit of the last message, a reaction, a read receipt, typing, a delete.
+    assert post(a, f"/v1/rooms/{room}/messages", {
+        "type": "edit", "sender": a.user("wally"), "content": {"replaces": w1, "parts": [
+            {"type": "text/plain", "body": "first!"}]}}).status_code == 202
+    m = message_from(alice, WALLY_JID, lambda el: body(el) == "first!")
+    assert m.find("{urn:xmpp:message-correct:0}replace").get("id") == w1
+    assert post(a, f"/v1/rooms/{room}/messages", {
+        "type": "reaction", "sender": a.user("wally"), "content": {"in_reply_to": e1["id"], "disposition": "reaction",
+                                                               "parts": [{"type": "text/plain", "body": "\u2764"}]}}
+                ).status_code == 202
+    m = message_from(alice, WALLY_JID, lambda el: el.find("{urn:xmpp:reactions:0}reactions") is not None)
+    rs = m.find("{urn:xmpp:reactions:0}reactions")
+    assert rs.get("id") == s1 and [x.text for x in rs] == ["\u2764"]
+    assert post(a, f"/v1/rooms/{room}/receipts", {
+        "type": "receipt", "sender": a.user("wally"), "content": {"receipt": "read", "in_reply_to": rep["id"]}}
+                ).status_code == 202
+    m = message_from(alice, WALLY_JID, lambda el: el.find("{urn:xmpp:chat-markers:0}displayed") is not None)
+    assert m.find("{urn:xmpp:chat-markers:0}displayed").get("id") == "r1"
+    assert post(a, f"/v1/rooms/{room}/typing", {
+        "type": "typing", "sender": a.user("wally"), "content": {"state": "start"}}).status_code == 202
+    message_from(alice, WALLY_JID, lambda el: el.find("{http://jabber.org/protocol/chatstates}composing") is not None)
+    assert post(a, f"/v1/rooms/{room}/messages", {
+        "type": "delete", "sender": a.user("wally"), "content": {"replaces": w1}}).status_code == 202
+    m = message_from(alice, WALLY_JID, lambda el: el.find("{urn:xmpp:message-retract:1}retract") is not None)
+    assert m.find("{urn:xmpp:message-retract:1}retract").get("id") == w1
+
+
+def test_consent_by_subscription(xd, gk, alice, pg, db_url):
+    a, srv = gk
+    assert xd.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    mid = a.send(room, a.user("wally"), "may I?").json()["id"]
+    # A subscription request from wally's JID, and one notice from the gateway.
+    alice.wait_for_presence(lambda el: el.get("from", "").startswith(WALLY_JID) and el.get("type") == "subscribe")
+    note = message_from(alice, COMP)
+    assert "wants to write to you" in body(note)
+    time.sleep(0.5)
+    assert pg.psql(f"SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id WHERE e.public_id = '{mid}'",
+                   db_url) == "held"
+    alice.send_presence(WALLY_JID, "subscribed")
+    message_from(alice, WALLY_JID, lambda el: body(el) == "may I?")
+    assert pg.psql(f"SELECT state FROM consents WHERE subject = 'mimi://wa.example/u/wally'", db_url) == "allowed"
+    # eve is refused: her message is dropped, and the roster follows.
+    room2 = a.create_room([a.user("eve"), ALICE]).json()["id"]
+    mid2 = a.send(room2, a.user("eve"), "buy now").json()["id"]
+    eve = "eve@" + COMP
+    alice.wait_for_presence(lambda el: el.get("from", "").startswith(eve) and el.get("type") == "subscribe")
+    alice.send_presence(eve, "unsubscribed")
+    wait_until(lambda: pg.psql(f"SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id "
+                               f"WHERE e.public_id = '{mid2}'", db_url) == "dropped", what="dropped")
+    assert pg.psql("SELECT state FROM consents WHERE subject = 'mimi://wa.example/u/eve'", db_url) == "blocked"
+
+
+def test_ad_hoc_commands(xd, gk, alice, pg, db_url):
+    a, srv = gk
+    cmd = "http://jabber.org/protocol/commands"
+    # alice has mallory as a contact (the gateway approves her request at once)...
+    mallory = "mallory@" + COMP
+    start = alice.count()
+    alice.send_presence(mallory, "subscribe")
+    alice.wait_for_presence(lambda el: el.get("from", "").startswith(mallory) and el.get("type") == "subscribed",
+                            start=start)
+    # ... until she blocks mallory: then the roster follows (an unsubscribed from mallory reaches her).
+    first = alice.iq("set", COMP, f"<command xmlns='{cmd}' node='block' action='execute'/>")
+    c = first.find(f"{{{cmd}}}command")
+    assert c.get("status") == "executing" and c.find("{jabber:x:data}x") is not None
+    done = alice.iq("set", COMP, f"<command xmlns='{cmd}' node='block' sessionid='{c.get('sessionid')}'>"
+                                 "<x xmlns='jabber:x:data' type='submit'><field var='jid'>"
+                                 f"<value>mallory@{COMP}</value></field></x></command>")
+    c = done.find(f"{{{cmd}}}command")
+    assert c.get("status") == "completed" and "Blocked mimi://wa.example/u/mallory" in c.find(f"{{{cmd}}}note").text
+    alice.wait_for_presence(lambda el: el.get("from", "").startswith(mallory) and el.get("type") == "unsubscribed",
+                            start=start)
+    opt = alice.iq("set", COMP, f"<command xmlns='{cmd}' node='opt-in' action='execute'/>")
+    assert "opted in for peer:gk" in opt.find(f".//{{{cmd}}}note").text
+    lst = alice.iq("set", COMP, f"<command xmlns='{cmd}' node='list' action='execute'/>")
+    text = lst.find(f".//{{{cmd}}}note").text
+    assert "blocked: mimi://wa.example/u/mallory" in text and "opted in: peer:gk" in text
+    bad = alice.iq("set", COMP, f"<command xmlns='{cmd}' node='accept'><x xmlns='jabber:x:data' type='submit'>"
+                                "<field var='jid'><value>not a jid</value></field></x></command>", expect_error=True)
+    assert bad.find(".//{urn:ietf:params:xml:ns:xmpp-stanzas}bad-request") is not None
+    assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'consent.block'", db_url) == "1"
+
+
+def test_hostile_stanzas_get_errors_and_store_nothing(xd, gk, alice, pg, db_url):
+    def err_of(stanza_id):
+        el = alice.wait_for_message(lambda m: m.get("id") == stanza_id and m.get("type") == "error")
+        e = el.find("{jabber:client}error")
+        return [c.tag.split("}")[1] for c in e if c.tag.endswith("}" + c.tag.split("}")[1]) and
+                "xmpp-stanzas" in c.tag]
+
+    # A JID that no escaping makes (an upper-case escape), and an unknown escape.
+    alice.send_raw(f"<message to='a\\\\4A@{COMP}' type='chat' id='h1'><body>x</body></message>")
+    assert err_of("h1") == ["service-unavailable"]
+    alice.send_raw(f"<message to='{WALLY_JID}' type='chat' id='h2'><body>{'x' * 20000}</body></message>")
+    assert err_of("h2") == ["bad-request"]
+    alice.send_raw(f"<message to='{WALLY_JID}' type='groupchat' id='h3'><body>x</body></message>")
+    assert err_of("h3") == ["service-unavailable"]
+    # Unknown namespaces only: nothing to carry, no answer, nothing stored.
+    alice.send_raw(f"<message to='{WALLY_JID}' type='chat' id='h4'><foo xmlns='urn:example:x'/></message>")
+    alice.iq("get", COMP, "<ping xmlns='urn:xmpp:ping'/>")  # a round trip after it
+    time.sleep(0.3)
+    assert pg.psql("SELECT count(*) FROM events", db_url) == "0"
+    # A policy denial looks like an unknown account.
+    assert xd.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example", "mode": "deny"}).ok
+    time.sleep(0.3)
+    alice.send_raw(f"<message to='{WALLY_JID}' type='chat' id='h5'><body>hello?</body></message>")
+    assert err_of("h5") == ["service-unavailable"]
+    assert pg.psql("SELECT count(*) FROM outbox WHERE state IN ('pending', 'delivered')", db_url) == "0"
+
+
+def test_prosody_restart_mid_stream(xd, gk, prosody, pg, db_url):
+    a, srv = gk
+    consent_alice(xd)
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    alice = XmppClient(ALICE_JID, "pw-alice", port=prosody.c2s_port)
+    alice.connect()
+    a.send(room, a.user("wally"), "before")
+    message_from(alice, WALLY_JID, lambda el: body(el) == "before")
+    alice.disconnect()
+    prosody.stop()
+    wait_until(lambda: component_state(xd)["state"] != "up", what="the stream to break")
+    ids = [a.send(room, a.user("wally"), f"while down {i}").json()["id"] for i in range(5)]
+    prosody.start()
+    wait_until(lambda: component_state(xd)["state"] == "up", timeout=30, what="the reconnect")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE destination = 'xmpp' AND state = 'delivered'",
+                               db_url) == "6", timeout=30, what="the queued rows")
+    alice = XmppClient(ALICE_JID, "pw-alice", port=prosody.c2s_port)
+    alice.connect()  # offline storage hands them over, in order
+    got = []
+    wait_until(lambda: (got.__setitem__(slice(None), [m for m in alice.messages()
+                                                      if body(m) and body(m).startswith("while down")])
+                        or len(got) >= 5), timeout=15, what="the messages")
+    time.sleep(0.5)
+    got = [m for m in alice.messages() if body(m) and body(m).startswith("while down")]
+    assert [m.get("id") for m in got] == ids  # in order, none doubled
+    alice.disconnect()
+
+
+def test_one_process_holds_the_stream_and_another_takes_over(xd, gk, alice, make_daemon, db_url, prosody, pg):
+    """Two processes on one database: one holds the component (the XMPP
+    server takes only one stream per component), the other stands by and
+    takes over when the holder is killed."""
+    a, srv = gk
+    consent_alice(xd)
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    second = make_daemon(db_url, options=daemon_options(prosody)).start()
+    wait_until(lambda: component_state(second)["state"] == "standby", what="the second process standing by")
+    assert component_state(xd)["state"] == "up"
+    assert f'causeway_xmpp_stream_up{{component="{COMP}"}} 0' in second.get("/metrics").text
+    xd.proc.kill()  # SIGKILL: its database session ends, and the lock with it
+    xd.proc.wait()
+    wait_until(lambda: component_state(second)["state"] == "up", timeout=20, what="the takeover")
+    a2 = PeerClient(second.url, "gk", "wa.example", token=a.token, signer=a.signer)
+    mid = a2.send(room, a.user("wally"), "after the takeover").json()["id"]
+    m = message_from(alice, WALLY_JID, lambda el: body(el) == "after the takeover", timeout=20)
+    assert m.get("id") == mid

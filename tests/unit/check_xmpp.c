@@ -1,0 +1,1348 @@
+/* The XMPP adapter's pure parts: JIDs and the remote-id escaping (xj.h, cases
+ * in tests/unit/data/xmpp_jids.txt) and the stanza mapping (xm.h, cases in
+ * tests/unit/data/xmpp_in.txt and xmpp_out.txt), plus property loops. */
+#include "config.h"
+#include "xmpp/xj.h"
+#include "xmpp/xm.h"
+#include "peer/event.h"
+#include "unit.h"
+
+#include <stdint.h>
+
+#define SENDER "mimi://example.org/u/alice"
+#define TS 1700000000000LL
+#define FROM "+4915112345678@wa.example.org"
+#define TO "alice@example.org"
+#define OUT_ID "cw-1"
+
+static xmpp_ctx_t *ctx;
+
+static void setup(void)
+{
+	ctx = xmpp_ctx_new(NULL, NULL);
+	ck_assert_ptr_nonnull(ctx);
+}
+
+static void teardown(void)
+{
+	xmpp_ctx_free(ctx);
+	ctx = NULL;
+}
+
+/* ------------------------------------------------------------ helpers */
+
+static void trim_newline(char *s)
+{
+	size_t n = strlen(s);
+	while (n && (s[n - 1] == '\n' || s[n - 1] == '\r'))
+		s[--n] = '\0';
+}
+
+/* Deterministic random numbers (xorshift64*), so failures repeat. */
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+
+static uint64_t rnd(void)
+{
+	rng_state ^= rng_state >> 12;
+	rng_state ^= rng_state << 25;
+	rng_state ^= rng_state >> 27;
+	return rng_state * 0x2545F4914F6CDD1Dull;
+}
+
+static unsigned rnd_below(unsigned n)
+{
+	return (unsigned)(rnd() % n);
+}
+
+/* A token of the case files: "" is the empty string, escapes decoded. */
+static char *token(const char *raw)
+{
+	size_t len;
+	if (strcmp(raw, "\"\"") == 0)
+		return strdup("");
+	return unit_decode(raw, &len);
+}
+
+static int split_words(char *line, char **tok, int max)
+{
+	int n = 0;
+	for (char *p = strtok(line, " "); p && n < max; p = strtok(NULL, " "))
+		tok[n++] = p;
+	return n;
+}
+
+/* Splits line in place at every occurrence of sep. */
+static int split_on(char *line, const char *sep, char **f, int max)
+{
+	int n = 0;
+	size_t sl = strlen(sep);
+	f[n++] = line;
+	for (char *p = strstr(line, sep); p && n < max; p = strstr(p, sep)) {
+		*p = '\0';
+		p += sl;
+		f[n++] = p;
+	}
+	return n;
+}
+
+static char *canon(const json_t *v)
+{
+	char *s = json_dumps(v, JSON_COMPACT | JSON_SORT_KEYS | JSON_ENCODE_ANY);
+	ck_assert_ptr_nonnull(s);
+	return s;
+}
+
+static void assert_json_eq(const json_t *got, const json_t *want, const char *what)
+{
+	char *g = canon(got), *w = canon(want);
+	ck_assert_msg(strcmp(g, w) == 0, "%s:\n  got  %.600s\n  want %.600s", what, g, w);
+	free(g);
+	free(w);
+}
+
+/* A neutral body from the mapping, with the sender added, must pass the
+ * neutral API's own validation. */
+static void assert_event_parses(const json_t *neutral, const char *what)
+{
+	json_t *full = json_deep_copy(neutral);
+	ck_assert_ptr_nonnull(full);
+	json_object_set_new(full, "sender", json_string(SENDER));
+	char *text = json_dumps(full, JSON_COMPACT);
+	ck_assert_ptr_nonnull(text);
+	struct event_limits lim = event_limits_default();
+	struct event ev;
+	struct event_error err;
+	cw_err rc = event_parse(text, strlen(text), &lim, 0, &ev, &err);
+	ck_assert_msg(rc == CW_OK, "%s: event_parse refused the mapping's output (%s %s: %s): %.300s", what, err.code,
+		      err.pointer, err.detail, text);
+	event_free(&ev);
+	free(text);
+	json_decref(full);
+}
+
+/* Every body of an XM_IN_OK array: ts as given, passes event_parse. */
+static void assert_events_parse(const json_t *list, const char *what)
+{
+	ck_assert_msg(json_is_array(list) && json_array_size(list) > 0, "%s: not a non-empty array", what);
+	size_t i;
+	json_t *ev;
+	json_array_foreach(list, i, ev) {
+		ck_assert(json_is_object(ev));
+		ck_assert_int_eq(json_integer_value(json_object_get(ev, "ts")), TS);
+		assert_event_parses(ev, what);
+	}
+}
+
+static xmpp_stanza_t *parse_stanza(const char *text, const char *what)
+{
+	xmpp_stanza_t *st = xmpp_stanza_new_from_string(ctx, text);
+	ck_assert_msg(st != NULL, "%s: libstrophe cannot read %.300s", what, text);
+	return st;
+}
+
+/* Serialises st and reads it back, as the other end of the stream would. */
+static xmpp_stanza_t *reparse(xmpp_stanza_t *st, const char *what)
+{
+	char *buf = NULL;
+	size_t len = 0;
+	ck_assert_int_eq(xmpp_stanza_to_text(st, &buf, &len), XMPP_EOK);
+	xmpp_stanza_t *back = xmpp_stanza_new_from_string(ctx, buf);
+	ck_assert_msg(back != NULL, "%s: the stanza is not well-formed XML: %.400s", what, buf);
+	xmpp_free(ctx, buf);
+	return back;
+}
+
+static const char *plain_of(const json_t *content)
+{
+	return json_string_value(json_object_get(json_array_get(json_object_get(content, "parts"), 0), "body"));
+}
+
+/* ------------------------------------------------------------ xj: cases */
+
+START_TEST(jid_cases)
+{
+	FILE *f = fopen(unit_data_path("xmpp_jids.txt"), "r");
+	ck_assert_msg(f != NULL, "cannot open %s", unit_data_path("xmpp_jids.txt"));
+	char *line = NULL;
+	size_t cap = 0;
+	int lineno = 0, splits = 0, escapes = 0, unescapes = 0;
+	static char l[XJ_PART_MAX + 1], d[XJ_PART_MAX + 1], r[XJ_PART_MAX + 1];
+	while (getline(&line, &cap, f) != -1) {
+		lineno++;
+		trim_newline(line);
+		if (line[0] == '#' || line[0] == '\0')
+			continue;
+		char *t[8];
+		int n = split_words(line, t, 8);
+		ck_assert_msg(n >= 3, "line %d: too short", lineno);
+		if (strcmp(t[0], "split") == 0) {
+			bool want = strcmp(t[1], "ok") == 0;
+			char *jid = token(t[2]);
+			bool got = xj_split(jid, l, sizeof(l), d, sizeof(d), r, sizeof(r));
+			ck_assert_msg(got == want, "line %d: split %s: got %s", lineno, t[2], got ? "ok" : "bad");
+			ck_assert(xj_split(jid, NULL, 0, NULL, 0, NULL, 0) == want);
+			if (want) {
+				ck_assert_msg(n == 7 && strcmp(t[3], "->") == 0, "line %d: expected -> local domain resource",
+					      lineno);
+				char *wl = token(t[4]), *wd = token(t[5]), *wr = token(t[6]);
+				ck_assert_msg(strcmp(l, wl) == 0, "line %d: local '%s'", lineno, l);
+				ck_assert_msg(strcmp(d, wd) == 0, "line %d: domain '%s'", lineno, d);
+				ck_assert_msg(strcmp(r, wr) == 0, "line %d: resource '%s'", lineno, r);
+				/* A buffer one byte short fails; NULL with 0 only validates. */
+				if (*wl)
+					ck_assert(!xj_split(jid, l, strlen(wl), NULL, 0, NULL, 0));
+				ck_assert(!xj_split(jid, NULL, 0, d, strlen(wd), NULL, 0));
+				if (*wr)
+					ck_assert(!xj_split(jid, NULL, 0, NULL, 0, r, strlen(wr)));
+				free(wl);
+				free(wd);
+				free(wr);
+			} else {
+				ck_assert_msg(n == 3, "line %d: a refused JID has no result", lineno);
+				ck_assert(l[0] == '\0' && d[0] == '\0' && r[0] == '\0');
+			}
+			free(jid);
+			splits++;
+		} else if (strcmp(t[0], "escape") == 0) {
+			char out[4 * 255 + 1], back[256];
+			if (strcmp(t[1], "bad") == 0) {
+				char *id = token(t[2]);
+				ck_assert_msg(!xj_escape_local(id, out, sizeof(out)), "line %d: escaped", lineno);
+				ck_assert_str_eq(out, "");
+				free(id);
+			} else {
+				ck_assert_msg(n == 4 && strcmp(t[2], "->") == 0, "line %d: escape <id> -> <local>", lineno);
+				char *id = token(t[1]), *want = token(t[3]);
+				ck_assert_msg(xj_escape_local(id, out, sizeof(out)), "line %d: refused", lineno);
+				ck_assert_msg(strcmp(out, want) == 0, "line %d: escaped to %s", lineno, out);
+				ck_assert(xj_escape_local(id, NULL, 0));
+				char small[4 * 255 + 1];
+				ck_assert(!xj_escape_local(id, small, strlen(want)));
+				ck_assert_str_eq(small, "");
+				ck_assert_msg(xj_unescape_local(out, back, sizeof(back)), "line %d: not unescaped", lineno);
+				ck_assert_msg(strcmp(back, id) == 0, "line %d: unescaped to %s", lineno, back);
+				ck_assert(!xj_unescape_local(out, back, strlen(id)));
+				/* The result is a localpart of a valid JID, kept as it is. */
+				char jid[4 * 255 + 32];
+				snprintf(jid, sizeof(jid), "%s@wa.example.org", out);
+				ck_assert_msg(xj_split(jid, l, sizeof(l), d, sizeof(d), NULL, 0), "line %d: %s", lineno, jid);
+				ck_assert_str_eq(l, out);
+				for (const char *p = out; *p; p++)
+					ck_assert_msg(!(*p >= 'A' && *p <= 'Z') && (unsigned char)*p > 0x20 &&
+							      (unsigned char)*p < 0x7f,
+						      "line %d: %s", lineno, out);
+				free(id);
+				free(want);
+			}
+			escapes++;
+		} else if (strcmp(t[0], "unescape") == 0) {
+			char out[300];
+			char *local = token(t[2]);
+			bool got = xj_unescape_local(local, out, sizeof(out));
+			if (strcmp(t[1], "bad") == 0) {
+				ck_assert_msg(!got, "line %d: %s unescaped to %s", lineno, t[2], out);
+				ck_assert_str_eq(out, "");
+				ck_assert(!xj_unescape_local(local, NULL, 0));
+			} else {
+				ck_assert_msg(n == 5 && strcmp(t[3], "->") == 0, "line %d: unescape ok <local> -> <id>", lineno);
+				char *want = token(t[4]);
+				ck_assert_msg(got, "line %d: refused", lineno);
+				ck_assert_str_eq(out, want);
+				char again[4 * 255 + 1];
+				ck_assert(xj_escape_local(out, again, sizeof(again)));
+				ck_assert_str_eq(again, local);
+				free(want);
+			}
+			free(local);
+			unescapes++;
+		} else {
+			ck_abort_msg("line %d: unknown kind %s", lineno, t[0]);
+		}
+	}
+	free(line);
+	fclose(f);
+	ck_assert_int_ge(splits, 70);
+	ck_assert_int_ge(escapes, 35);
+	ck_assert_int_ge(unescapes, 30);
+}
+END_TEST
+
+START_TEST(jid_null_and_buffers)
+{
+	char a[16], b[16], c[16];
+	ck_assert(!xj_split(NULL, a, sizeof(a), b, sizeof(b), c, sizeof(c)));
+	ck_assert(!xj_escape_local(NULL, a, sizeof(a)));
+	ck_assert(!xj_unescape_local(NULL, a, sizeof(a)));
+	/* A buffer of size 0 (not NULL) holds nothing, not even "". */
+	ck_assert(!xj_split("a@b.c", a, 0, NULL, 0, NULL, 0));
+	ck_assert(!xj_split("b.c", NULL, 0, b, sizeof(b), c, 0));
+	ck_assert(xj_split("b.c", a, 1, b, 4, c, 1));
+	ck_assert_str_eq(a, "");
+	ck_assert_str_eq(b, "b.c");
+	ck_assert(!xj_split("b.c", NULL, 0, b, 3, NULL, 0));
+	ck_assert_str_eq(b, "");
+	ck_assert(!xj_escape_local("Ab", a, 4));
+	ck_assert_str_eq(a, "");
+	ck_assert(xj_escape_local("Ab", a, 5));
+	ck_assert_str_eq(a, "\\41b");
+	ck_assert(!xj_unescape_local("\\41b", a, 2));
+	ck_assert(xj_unescape_local("\\41b", a, 3));
+	ck_assert_str_eq(a, "Ab");
+	ck_assert(xj_unescape_local("\\41b", NULL, 0));
+	/* The whole escaped range fits in 4 * 255 + 1 (3 * 255 + 1 in fact). */
+	char id[256], out[4 * 255 + 1];
+	memset(id, 0xff, 255);
+	id[255] = '\0';
+	ck_assert(xj_escape_local(id, out, 3 * 255 + 1));
+	ck_assert_uint_eq(strlen(out), 3 * 255);
+	ck_assert(!xj_escape_local(id, out, 3 * 255));
+	char back[256];
+	ck_assert(xj_unescape_local("\\ff", back, sizeof(back)));
+	ck_assert_str_eq(back, "\xff");
+}
+END_TEST
+
+/* Random byte strings (1-255 bytes, no NUL) escape to a localpart that
+ * xj_split accepts as it is, and unescape back to themselves. */
+START_TEST(escape_property)
+{
+	unsigned char id[256];
+	char esc[4 * 255 + 1], back[256], jid[4 * 255 + 32];
+	static char l[XJ_PART_MAX + 1], d[XJ_PART_MAX + 1], r[XJ_PART_MAX + 1];
+	for (int i = 0; i < 10000; i++) {
+		size_t n = 1 + rnd_below(i % 10 == 0 ? 255 : 24);
+		for (size_t k = 0; k < n; k++) {
+			switch (rnd_below(4)) {
+			case 0: id[k] = (unsigned char)(1 + rnd_below(255)); break;
+			case 1: id[k] = (unsigned char)" \"&'/:<>@\\AZaz09.+=~_-"[rnd_below(22)]; break;
+			default: id[k] = (unsigned char)(0x20 + rnd_below(0x60)); break;
+			}
+		}
+		id[n] = '\0';
+		/* An independent count of the escaped length. */
+		size_t want = 0;
+		for (size_t k = 0; k < n; k++) {
+			unsigned char ch = id[k];
+			bool plain = ch > 0x20 && ch < 0x7f && !(ch >= 'A' && ch <= 'Z') && !strchr("\"&'/:<>@\\", ch);
+			want += plain ? 1 : 3;
+		}
+		ck_assert_msg(xj_escape_local((char *)id, esc, sizeof(esc)), "case %d", i);
+		ck_assert_uint_eq(strlen(esc), want);
+		snprintf(jid, sizeof(jid), "%s@d.example", esc);
+		ck_assert_msg(xj_split(jid, l, sizeof(l), d, sizeof(d), r, sizeof(r)), "case %d: %s", i, jid);
+		ck_assert_str_eq(l, esc);
+		ck_assert_str_eq(d, "d.example");
+		ck_assert_str_eq(r, "");
+		ck_assert_msg(xj_unescape_local(l, back, sizeof(back)), "case %d: %s", i, l);
+		ck_assert_msg(strcmp(back, (char *)id) == 0, "case %d: %s", i, l);
+	}
+}
+END_TEST
+
+/* Random localparts: either refused, or the unescaped id escapes to exactly
+ * the same localpart (the mapping is one-to-one). */
+START_TEST(unescape_property)
+{
+	static const char alphabet[] = "\\\\\\0123456789abcdefABF@ x.+~\xc3\xa9";
+	char local[64], id[256], again[4 * 255 + 1];
+	int accepted = 0;
+	for (int i = 0; i < 40000; i++) {
+		size_t n = 1 + rnd_below(12);
+		for (size_t k = 0; k < n; k++)
+			local[k] = alphabet[rnd_below(sizeof(alphabet) - 1)];
+		local[n] = '\0';
+		if (xj_unescape_local(local, id, sizeof(id))) {
+			accepted++;
+			ck_assert_msg(xj_escape_local(id, again, sizeof(again)), "%s", local);
+			ck_assert_msg(strcmp(again, local) == 0, "%s escapes back as %s", local, again);
+		} else {
+			ck_assert_str_eq(id, "");
+		}
+	}
+	ck_assert_int_gt(accepted, 1000);
+}
+END_TEST
+
+/* ------------------------------------------------------------ xm: inbound */
+
+/* The fixed lookups of xmpp_in.txt. */
+struct in_tables {
+	json_t *ids;  /* XMPP id -> msg id */
+	json_t *rx;   /* msg id -> {key: msg id} */
+	int calls;
+};
+
+static const char *tbl_to_msg(void *c, const char *id)
+{
+	struct in_tables *t = c;
+	t->calls++;
+	ck_assert_ptr_nonnull(id);
+	ck_assert_msg(strlen(id) >= 1 && strlen(id) <= XM_ID_MAX, "an id of %zu bytes was looked up", strlen(id));
+	return json_string_value(json_object_get(t->ids, id));
+}
+
+static const json_t *tbl_reactions(void *c, const char *msg)
+{
+	struct in_tables *t = c;
+	ck_assert_msg(message_id_valid(msg), "reactions of %s", msg);
+	return json_object_get(t->rx, msg);
+}
+
+static void tables_init(struct in_tables *t)
+{
+	t->ids = json_loads("{\"m1\":\"msg_1\",\"o1\":\"msg_1\",\"m2\":\"msg_2\",\"o2\":\"msg_2\",\"m3\":\"msg_3\","
+			    "\"junk\":\"not a message id\"}",
+			    0, NULL);
+	t->rx = json_loads("{\"msg_1\":{\"\xf0\x9f\x91\x8d\":\"msg_r1\",\"\xe2\x9d\xa4\xef\xb8\x8f\":\"msg_r2\"},"
+			   "\"msg_3\":{\"b\":\"msg_rb\",\"a\":\"msg_ra\",\"c\":\"bad id\"}}",
+			   0, NULL);
+	ck_assert_ptr_nonnull(t->ids);
+	ck_assert_ptr_nonnull(t->rx);
+	t->calls = 0;
+}
+
+static void tables_free(struct in_tables *t)
+{
+	json_decref(t->ids);
+	json_decref(t->rx);
+}
+
+static const char *in_name(enum xm_in_result r)
+{
+	switch (r) {
+	case XM_IN_OK: return "ok";
+	case XM_IN_IGNORE: return "ignore";
+	case XM_IN_INVALID: return "invalid";
+	}
+	return "?";
+}
+
+START_TEST(in_cases)
+{
+	FILE *f = fopen(unit_data_path("xmpp_in.txt"), "r");
+	ck_assert_msg(f != NULL, "cannot open %s", unit_data_path("xmpp_in.txt"));
+	struct in_tables t;
+	tables_init(&t);
+	struct xm_in_lookup l = { tbl_to_msg, tbl_reactions, &t };
+	char *line = NULL;
+	size_t cap = 0;
+	int lineno = 0, cases = 0, oks = 0;
+	while (getline(&line, &cap, f) != -1) {
+		lineno++;
+		trim_newline(line);
+		if (line[0] == '#' || line[0] == '\0')
+			continue;
+		char *fl[6];
+		int n = split_on(line, " | ", fl, 6);
+		ck_assert_msg(n == 4, "line %d: expected 4 fields, got %d", lineno, n);
+		const char *name = fl[0], *expect = fl[1];
+		size_t len;
+		char *xml = unit_decode(fl[2], &len);
+		char *want_text = unit_decode(fl[3], &len);
+		xmpp_stanza_t *st = parse_stanza(xml, name);
+		json_t *out = (json_t *)1;
+		char why[200] = "x";
+		enum xm_in_result r = xm_to_neutral(st, &l, TS, &out, why, sizeof(why));
+		ck_assert_msg(strcmp(in_name(r), expect) == 0, "line %d (%s): got %s (%s)", lineno, name, in_name(r), why);
+		if (r == XM_IN_OK) {
+			oks++;
+			assert_events_parse(out, name);
+			/* Deterministic: the same stanza maps to the same events. */
+			json_t *again = NULL;
+			ck_assert_int_eq(xm_to_neutral(st, &l, TS, &again, NULL, 0), XM_IN_OK);
+			assert_json_eq(again, out, name);
+			json_decref(again);
+			size_t i;
+			json_t *ev;
+			json_array_foreach(out, i, ev)
+				json_object_del(ev, "ts");
+			json_error_t je;
+			json_t *want = json_loads(want_text, 0, &je);
+			ck_assert_msg(want != NULL, "line %d: bad JSON: %s", lineno, je.text);
+			assert_json_eq(out, want, name);
+			json_decref(want);
+			json_decref(out);
+		} else {
+			ck_assert_ptr_null(out);
+			ck_assert_msg(why[0], "line %d: no reason", lineno);
+			if (strcmp(want_text, "-") != 0)
+				ck_assert_msg(strstr(why, want_text) != NULL, "line %d (%s): reason '%s' lacks '%s'", lineno,
+					      name, why, want_text);
+		}
+		/* The references are the stored kind of id, each once. */
+		const char *ids[16];
+		size_t nref = xm_message_refs(st, ids, 16);
+		for (size_t i = 0; i < nref; i++) {
+			ck_assert(strlen(ids[i]) >= 1 && strlen(ids[i]) <= XM_ID_MAX);
+			for (size_t j = 0; j < i; j++)
+				ck_assert_str_ne(ids[i], ids[j]);
+		}
+		xmpp_stanza_release(st);
+		free(xml);
+		free(want_text);
+		cases++;
+	}
+	free(line);
+	fclose(f);
+	tables_free(&t);
+	ck_assert_int_ge(cases, 120);
+	ck_assert_int_ge(oks, 80);
+}
+END_TEST
+
+/* A <message/> with a body built by hand (any bytes, as libstrophe allows). */
+static xmpp_stanza_t *hand_message(const char *type, const char *body)
+{
+	xmpp_stanza_t *m = xmpp_message_new(ctx, type, "bob@wa.example.org", "h1");
+	ck_assert_ptr_nonnull(m);
+	if (body)
+		ck_assert_int_eq(xmpp_message_set_body(m, body), XMPP_EOK);
+	return m;
+}
+
+static xmpp_stanza_t *add_el(xmpp_stanza_t *parent, const char *name, const char *ns, const char *id)
+{
+	xmpp_stanza_t *e = xmpp_stanza_new(ctx);
+	xmpp_stanza_set_name(e, name);
+	if (ns)
+		xmpp_stanza_set_ns(e, ns);
+	if (id)
+		xmpp_stanza_set_attribute(e, "id", id);
+	xmpp_stanza_add_child_ex(parent, e, 0);
+	return e;
+}
+
+START_TEST(in_edges)
+{
+	struct in_tables t;
+	tables_init(&t);
+	struct xm_in_lookup l = { tbl_to_msg, tbl_reactions, &t };
+	json_t *out;
+	char why[200];
+	/* Not valid UTF-8 (a stanza built by hand; a parser refuses it). */
+	xmpp_stanza_t *m = hand_message("chat", "a\377b");
+	ck_assert_int_eq(xm_to_neutral(m, &l, TS, &out, why, sizeof(why)), XM_IN_INVALID);
+	ck_assert_ptr_null(out);
+	ck_assert_ptr_nonnull(strstr(why, "UTF-8"));
+	xmpp_stanza_release(m);
+	m = hand_message("chat", "\xed\xa0\x80");
+	ck_assert_int_eq(xm_to_neutral(m, &l, TS, &out, why, sizeof(why)), XM_IN_INVALID);
+	xmpp_stanza_release(m);
+	/* Control characters are text: carried, and still a valid event, even
+	 * 16 KiB of them (six bytes each in JSON). */
+	char *big = malloc(16385);
+	memset(big, 1, 16384);
+	big[16384] = '\0';
+	m = hand_message("chat", big);
+	enum xm_in_result r = xm_to_neutral(m, &l, TS, &out, why, sizeof(why));
+	ck_assert_msg(r == XM_IN_OK || r == XM_IN_INVALID, "%d", r);
+	if (r == XM_IN_OK) {
+		assert_events_parse(out, "control characters");
+		json_decref(out);
+	}
+	xmpp_stanza_release(m);
+	free(big);
+	m = hand_message("chat", "a\001b");
+	ck_assert_int_eq(xm_to_neutral(m, &l, TS, &out, why, sizeof(why)), XM_IN_OK);
+	assert_events_parse(out, "control character");
+	ck_assert_str_eq(plain_of(json_object_get(json_array_get(out, 0), "content")), "a\001b");
+	json_decref(out);
+	xmpp_stanza_release(m);
+	/* Children without a namespace inherit the extension's. */
+	m = hand_message("chat", NULL);
+	xmpp_stanza_t *rs = add_el(m, "reactions", "urn:xmpp:reactions:0", "m2");
+	xmpp_stanza_t *re = add_el(rs, "reaction", NULL, NULL);
+	xmpp_stanza_t *tx = xmpp_stanza_new(ctx);
+	xmpp_stanza_set_text(tx, "\xf0\x9f\x8e\x89");
+	xmpp_stanza_add_child_ex(re, tx, 0);
+	ck_assert_int_eq(xm_to_neutral(m, &l, TS, &out, why, sizeof(why)), XM_IN_OK);
+	ck_assert_str_eq(plain_of(json_object_get(json_array_get(out, 0), "content")), "\xf0\x9f\x8e\x89");
+	json_decref(out);
+	xmpp_stanza_release(m);
+	/* Ids with control characters are not ids. */
+	m = hand_message("chat", NULL);
+	add_el(m, "received", "urn:xmpp:receipts", "m1\x01");
+	int calls = t.calls;
+	ck_assert_int_eq(xm_to_neutral(m, &l, TS, &out, why, sizeof(why)), XM_IN_IGNORE);
+	ck_assert_int_eq(t.calls, calls);
+	xmpp_stanza_release(m);
+	/* No lookup, or lookups without functions: every reference unknown. */
+	m = parse_stanza("<message type='chat'><body>&gt; Hi\nyo</body><reply id='m1' xmlns='urn:xmpp:reply:0'/>"
+			 "<fallback xmlns='urn:xmpp:fallback:0' for='urn:xmpp:reply:0'><body start='0' end='5'/></fallback>"
+			 "</message>",
+			 "no lookup");
+	ck_assert_int_eq(xm_to_neutral(m, NULL, TS, &out, NULL, 0), XM_IN_OK);
+	ck_assert_str_eq(plain_of(json_object_get(json_array_get(out, 0), "content")), "> Hi\nyo");
+	json_decref(out);
+	struct xm_in_lookup empty = { NULL, NULL, NULL };
+	ck_assert_int_eq(xm_to_neutral(m, &empty, TS, &out, why, sizeof(why)), XM_IN_OK);
+	ck_assert_ptr_null(json_object_get(json_object_get(json_array_get(out, 0), "content"), "in_reply_to"));
+	json_decref(out);
+	/* ts: only 0 < ts < 2^53 is written. */
+	ck_assert_int_eq(xm_to_neutral(m, &l, 0, &out, why, sizeof(why)), XM_IN_OK);
+	ck_assert_ptr_null(json_object_get(json_array_get(out, 0), "ts"));
+	assert_event_parses(json_array_get(out, 0), "no ts");
+	json_decref(out);
+	ck_assert_int_eq(xm_to_neutral(m, &l, EVENT_TS_LIMIT, &out, why, sizeof(why)), XM_IN_OK);
+	ck_assert_ptr_null(json_object_get(json_array_get(out, 0), "ts"));
+	json_decref(out);
+	ck_assert_int_eq(xm_to_neutral(m, &l, -5, &out, why, sizeof(why)), XM_IN_OK);
+	ck_assert_ptr_null(json_object_get(json_array_get(out, 0), "ts"));
+	json_decref(out);
+	/* A reactions lookup without a reactions function: nothing stored. */
+	struct xm_in_lookup no_rx = { tbl_to_msg, NULL, &t };
+	xmpp_stanza_t *rm = parse_stanza("<message><reactions id='m1' xmlns='urn:xmpp:reactions:0'><reaction>x</reaction>"
+					 "</reactions></message>",
+					 "no reactions function");
+	ck_assert_int_eq(xm_to_neutral(rm, &no_rx, TS, &out, why, sizeof(why)), XM_IN_OK);
+	ck_assert_uint_eq(json_array_size(out), 1);
+	json_decref(out);
+	xmpp_stanza_release(rm);
+	/* NULL stanza, a text stanza, a NULL out. */
+	ck_assert_int_eq(xm_to_neutral(NULL, &l, TS, &out, why, sizeof(why)), XM_IN_INVALID);
+	ck_assert_ptr_null(out);
+	ck_assert_int_eq(xm_to_neutral(m, &l, TS, NULL, why, sizeof(why)), XM_IN_INVALID);
+	xmpp_stanza_t *text = xmpp_stanza_new(ctx);
+	xmpp_stanza_set_text(text, "message");
+	ck_assert_int_eq(xm_to_neutral(text, &l, TS, &out, why, sizeof(why)), XM_IN_INVALID);
+	xmpp_stanza_release(text);
+	xmpp_stanza_release(m);
+	/* Many children: bounded work, at most 32 reactions and 8 receipts. */
+	xmpp_stanza_t *many = hand_message("chat", NULL);
+	for (int i = 0; i < 20000; i++)
+		add_el(many, "received", "urn:xmpp:receipts", i % 2 ? "m1" : "m2");
+	ck_assert_int_eq(xm_to_neutral(many, &l, TS, &out, why, sizeof(why)), XM_IN_OK);
+	ck_assert_uint_eq(json_array_size(out), 2);
+	json_decref(out);
+	const char *ids[4];
+	ck_assert_uint_eq(xm_message_refs(many, ids, 4), 2);
+	xmpp_stanza_release(many);
+	/* Deep nesting inside an unknown element is never walked. */
+	size_t depth = 5000;
+	char *deep = malloc(depth * 8 + 64);
+	size_t n = (size_t)sprintf(deep, "<message><body>deep</body>");
+	for (size_t i = 0; i < depth; i++)
+		n += (size_t)sprintf(deep + n, "<a>");
+	for (size_t i = 0; i < depth; i++)
+		n += (size_t)sprintf(deep + n, "</a>");
+	sprintf(deep + n, "</message>");
+	xmpp_stanza_t *dm = xmpp_stanza_new_from_string(ctx, deep);
+	if (dm) {
+		ck_assert_int_eq(xm_to_neutral(dm, &l, TS, &out, why, sizeof(why)), XM_IN_OK);
+		json_decref(out);
+		xmpp_stanza_release(dm);
+	}
+	free(deep);
+	tables_free(&t);
+}
+END_TEST
+
+START_TEST(ids_and_refs)
+{
+	char id[XM_ID_MAX + 1], oid[XM_ID_MAX + 1];
+	xmpp_stanza_t *m = parse_stanza("<message id='abc'><origin-id xmlns='urn:xmpp:sid:0' id='o-1'/><body>x</body></message>",
+					"ids");
+	xm_message_ids(m, id, oid);
+	ck_assert_str_eq(id, "abc");
+	ck_assert_str_eq(oid, "o-1");
+	xmpp_stanza_release(m);
+	m = parse_stanza("<message><origin-id xmlns='urn:xmpp:sid:1' id='o-1'/><origin-id xmlns='urn:xmpp:sid:0'/></message>",
+			 "no ids");
+	xm_message_ids(m, id, oid);
+	ck_assert_str_eq(id, "");
+	ck_assert_str_eq(oid, "");
+	xmpp_stanza_release(m);
+	char buf[600];
+	snprintf(buf, sizeof(buf), "<message id='%0256d'><origin-id xmlns='urn:xmpp:sid:0' id='%0255d'/></message>", 0, 0);
+	m = parse_stanza(buf, "long ids");
+	xm_message_ids(m, id, oid);
+	ck_assert_str_eq(id, "");
+	ck_assert_uint_eq(strlen(oid), 255);
+	xmpp_stanza_release(m);
+	xm_message_ids(NULL, id, oid);
+	ck_assert_str_eq(id, "");
+
+	m = parse_stanza("<message><body>x</body><reply id='r' xmlns='urn:xmpp:reply:0'/>"
+			 "<replace id='c' xmlns='urn:xmpp:message-correct:0'/><retract id='d' xmlns='urn:xmpp:message-retract:1'/>"
+			 "<apply-to id='e' xmlns='urn:xmpp:fasten:0'><retract xmlns='urn:xmpp:message-retract:0'/></apply-to>"
+			 "<reactions id='f' xmlns='urn:xmpp:reactions:0'/><received xmlns='urn:xmpp:receipts' id='g'/>"
+			 "<displayed xmlns='urn:xmpp:chat-markers:0' id='r'/><acknowledged xmlns='urn:xmpp:chat-markers:0' id='h'/>"
+			 "<received xmlns='urn:xmpp:chat-markers:0' id='i'/><received xmlns='urn:example:x' id='j'/>"
+			 "<apply-to id='k' xmlns='urn:xmpp:fasten:0'/></message>",
+			 "refs");
+	const char *ids[16];
+	size_t n = xm_message_refs(m, ids, 16);
+	const char *want[] = { "d", "e", "f", "c", "r", "g", "h", "i" };
+	ck_assert_uint_eq(n, CW_ARRAY_LEN(want));
+	for (size_t i = 0; i < n; i++)
+		ck_assert_str_eq(ids[i], want[i]);
+	ck_assert_uint_eq(xm_message_refs(m, ids, 3), 3);
+	ck_assert_uint_eq(xm_message_refs(m, ids, 0), 0);
+	ck_assert_uint_eq(xm_message_refs(m, NULL, 4), 0);
+	ck_assert_uint_eq(xm_message_refs(NULL, ids, 4), 0);
+	xmpp_stanza_release(m);
+	snprintf(buf, sizeof(buf), "<message><reply id='%0256d' xmlns='urn:xmpp:reply:0'/><reply id='x' xmlns='urn:xmpp:reply:0'/></message>",
+		 0);
+	m = parse_stanza(buf, "long ref");
+	ck_assert_uint_eq(xm_message_refs(m, ids, 16), 0); /* the first reply only, and it is too long */
+	xmpp_stanza_release(m);
+}
+END_TEST
+
+/* ------------------------------------------------------------ xm: outbound */
+
+struct named_target {
+	const char *name;
+	struct xm_target t;
+};
+
+static const struct named_target targets[] = {
+	{ "-", { .known = false } },
+	{ "last", { true, "m-last", "o-last", true, "Earlier text", false } },
+	{ "last2", { true, "m-last2", NULL, true, NULL, false } },
+	{ "old", { true, "m-old", "o-old", false, "Line one\nLine two", false } },
+	{ "utf8", { true, "m-u", "o-u", false, "h\xc3\xa9llo \xf0\x9f\x91\x8d", false } },
+	{ "long", { true, "m-long", NULL, false,
+		    "\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9"
+		    "\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9"
+		    "\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9"
+		    "\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9"
+		    "\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9"
+		    "\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9"
+		    "\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9"
+		    "\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9"
+		    "\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9"
+		    "\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9"
+		    "\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9"
+		    "\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9"
+		    "\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9"
+		    "\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9"
+		    "\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9",
+		    false } },
+	{ "crlf", { true, "m-crlf", NULL, false, "a\r\nb\rc\r\n\r\n", false } },
+	{ "ctrl", { true, "m-ctrl", NULL, false, "a\001b", false } },
+	{ "badid", { true, "m\x01", NULL, true, "text", false } },
+	{ "rx", { true, "m-rx", NULL, false, NULL, true } },
+	{ "msg", { true, "m-msg", "o-msg", false, NULL, false } },
+	{ "msg2", { true, "m-msg2", NULL, false, NULL, false } },
+};
+
+static struct xm_target target_named(const char *name, int lineno)
+{
+	for (size_t i = 0; i < CW_ARRAY_LEN(targets); i++)
+		if (strcmp(targets[i].name, name) == 0)
+			return targets[i].t;
+	ck_abort_msg("line %d: unknown target %s", lineno, name);
+	return targets[0].t;
+}
+
+/* The first child element named name. */
+static xmpp_stanza_t *first_named(xmpp_stanza_t *st, const char *name)
+{
+	for (xmpp_stanza_t *c = xmpp_stanza_get_children(st); c; c = xmpp_stanza_get_next(c))
+		if (xmpp_stanza_is_tag(c) && strcmp(xmpp_stanza_get_name(c), name) == 0)
+			return c;
+	return NULL;
+}
+
+/* The element at path ("." or names joined by '/'), or NULL; with count,
+ * *count gets how many children of the last name its parent has. */
+static xmpp_stanza_t *at_path(xmpp_stanza_t *msg, const char *path, int *count)
+{
+	if (strcmp(path, ".") == 0)
+		return msg;
+	char buf[256];
+	snprintf(buf, sizeof(buf), "%s", path);
+	xmpp_stanza_t *cur = msg, *parent = msg;
+	char *save = NULL;
+	for (char *p = strtok_r(buf, "/", &save); p; p = strtok_r(NULL, "/", &save)) {
+		if (!cur) {
+			if (count)
+				*count = 0;
+			return NULL;
+		}
+		parent = cur;
+		if (count) {
+			*count = 0;
+			for (xmpp_stanza_t *c = xmpp_stanza_get_children(parent); c; c = xmpp_stanza_get_next(c))
+				*count += xmpp_stanza_is_tag(c) && strcmp(xmpp_stanza_get_name(c), p) == 0;
+		}
+		cur = first_named(parent, p);
+	}
+	return cur;
+}
+
+static void run_check(xmpp_stanza_t *msg, const char *check, const char *name, int lineno)
+{
+	char c[1024];
+	snprintf(c, sizeof(c), "%s", check);
+	size_t len = strlen(c);
+	ck_assert_msg(len > 0, "line %d: empty check", lineno);
+	if (c[len - 1] == '!' || c[len - 1] == '?') {
+		bool want = c[len - 1] == '?';
+		c[len - 1] = '\0';
+		char *at = strchr(c, '@');
+		if (at) {
+			*at = '\0';
+			xmpp_stanza_t *e = at_path(msg, c, NULL);
+			ck_assert_msg(e, "line %d (%s): no element %s", lineno, name, c);
+			bool has = xmpp_stanza_get_attribute(e, at + 1) != NULL;
+			ck_assert_msg(has == want, "line %d (%s): attribute %s@%s %s", lineno, name, c, at + 1,
+				      has ? "present" : "absent");
+		} else {
+			bool has = at_path(msg, c, NULL) != NULL;
+			ck_assert_msg(has == want, "line %d (%s): element %s %s", lineno, name, c, has ? "present" : "absent");
+		}
+		return;
+	}
+	char *eq = strchr(c, '=');
+	ck_assert_msg(eq, "line %d: bad check %s", lineno, check);
+	*eq = '\0';
+	size_t vl;
+	char *value = unit_decode(eq + 1, &vl);
+	if (c[0] == '#') {
+		int count = -1;
+		at_path(msg, c + 1, &count);
+		ck_assert_msg(count == atoi(value), "line %d (%s): %d elements %s, expected %s", lineno, name, count, c + 1,
+			      value);
+	} else {
+		char *at = strchr(c, '@');
+		if (at)
+			*at = '\0';
+		xmpp_stanza_t *e = at_path(msg, c, NULL);
+		ck_assert_msg(e, "line %d (%s): no element %s", lineno, name, c);
+		if (at) {
+			const char *v = strcmp(at + 1, "xmlns") == 0 ? xmpp_stanza_get_ns(e) : xmpp_stanza_get_attribute(e, at + 1);
+			ck_assert_msg(v && strcmp(v, value) == 0, "line %d (%s): %s@%s is '%s', expected '%s'", lineno, name, c,
+				      at + 1, v ? v : "(none)", value);
+		} else {
+			char *text = xmpp_stanza_get_text(e);
+			ck_assert_msg(text && strcmp(text, value) == 0, "line %d (%s): %s is '%s', expected '%s'", lineno, name,
+				      c, text ? text : "(none)", value);
+			xmpp_free(ctx, text);
+		}
+	}
+	free(value);
+}
+
+static const char *out_name(enum xm_out_result r)
+{
+	switch (r) {
+	case XM_OUT_STANZA: return "stanza";
+	case XM_OUT_NONE: return "none";
+	case XM_OUT_INVALID: return "invalid";
+	}
+	return "?";
+}
+
+/* What every outbound stanza is: <message type="chat" from to id/>. */
+static void check_envelope(xmpp_stanza_t *m, const struct xm_out_info *info, const char *name)
+{
+	ck_assert_str_eq(xmpp_stanza_get_name(m), "message");
+	ck_assert_msg(strcmp(xmpp_stanza_get_type(m), "chat") == 0, "%s: type", name);
+	ck_assert_str_eq(xmpp_stanza_get_from(m), info->from);
+	ck_assert_str_eq(xmpp_stanza_get_to(m), info->to);
+	ck_assert_str_eq(xmpp_stanza_get_id(m), info->id);
+}
+
+START_TEST(out_cases)
+{
+	FILE *f = fopen(unit_data_path("xmpp_out.txt"), "r");
+	ck_assert_msg(f != NULL, "cannot open %s", unit_data_path("xmpp_out.txt"));
+	char *line = NULL;
+	size_t cap = 0;
+	int lineno = 0, cases = 0, stanzas = 0;
+	while (getline(&line, &cap, f) != -1) {
+		lineno++;
+		trim_newline(line);
+		if (line[0] == '#' || line[0] == '\0')
+			continue;
+		char *fl[8];
+		int n = split_on(line, " | ", fl, 8);
+		ck_assert_msg(n == 7, "line %d: expected 7 fields, got %d", lineno, n);
+		const char *name = fl[0];
+		size_t len;
+		char *ev_text = unit_decode(fl[1], &len);
+		json_error_t je;
+		json_t *ev = json_loads(ev_text, JSON_DECODE_ANY, &je);
+		ck_assert_msg(ev != NULL, "line %d: bad JSON: %s", lineno, je.text);
+		json_t *set = NULL;
+		if (strcmp(fl[4], "-") != 0) {
+			char *set_text = unit_decode(fl[4], &len);
+			set = json_loads(set_text, JSON_DECODE_ANY, &je);
+			ck_assert_msg(set != NULL, "line %d: bad set JSON: %s", lineno, je.text);
+			free(set_text);
+		}
+		struct xm_out_info info = {
+			.from = FROM,
+			.to = TO,
+			.id = OUT_ID,
+			.target = target_named(fl[2], lineno),
+			.reacted = target_named(fl[3], lineno),
+			.reaction_set = set,
+		};
+		xmpp_stanza_t *st = (xmpp_stanza_t *)1;
+		char why[200] = "x";
+		enum xm_out_result r = xm_from_neutral(ctx, ev, &info, &st, why, sizeof(why));
+		ck_assert_msg(strcmp(out_name(r), fl[5]) == 0, "line %d (%s): got %s (%s)", lineno, name, out_name(r), why);
+		if (r == XM_OUT_STANZA) {
+			xmpp_stanza_t *back = reparse(st, name);
+			check_envelope(back, &info, name);
+			char *checks[40];
+			int nc = split_on(fl[6], " ; ", checks, 40);
+			for (int i = 0; i < nc; i++)
+				run_check(back, checks[i], name, lineno);
+			/* Deterministic: the same event gives the same text. */
+			xmpp_stanza_t *again = NULL;
+			ck_assert_int_eq(xm_from_neutral(ctx, ev, &info, &again, NULL, 0), XM_OUT_STANZA);
+			char *t1, *t2;
+			size_t l1, l2;
+			xmpp_stanza_to_text(st, &t1, &l1);
+			xmpp_stanza_to_text(again, &t2, &l2);
+			ck_assert_str_eq(t1, t2);
+			xmpp_free(ctx, t1);
+			xmpp_free(ctx, t2);
+			xmpp_stanza_release(again);
+			xmpp_stanza_release(back);
+			xmpp_stanza_release(st);
+			stanzas++;
+		} else {
+			ck_assert_ptr_null(st);
+			ck_assert_msg(why[0], "line %d: no reason", lineno);
+			if (strcmp(fl[6], "-") != 0)
+				ck_assert_msg(strstr(why, fl[6]) != NULL, "line %d (%s): reason '%s' lacks '%s'", lineno, name,
+					      why, fl[6]);
+		}
+		json_decref(set);
+		json_decref(ev);
+		free(ev_text);
+		cases++;
+	}
+	free(line);
+	fclose(f);
+	ck_assert_int_ge(cases, 65);
+	ck_assert_int_ge(stanzas, 45);
+}
+END_TEST
+
+START_TEST(out_edges)
+{
+	json_t *ev = json_loads("{\"type\":\"message\",\"content\":{\"parts\":[{\"type\":\"text/plain\",\"body\":\"x\"}]}}",
+				0, NULL);
+	struct xm_out_info info = { .from = FROM, .to = TO, .id = OUT_ID };
+	xmpp_stanza_t *st = (xmpp_stanza_t *)1;
+	char why[200];
+	ck_assert_int_eq(xm_from_neutral(NULL, ev, &info, &st, why, sizeof(why)), XM_OUT_INVALID);
+	ck_assert_ptr_null(st);
+	ck_assert_int_eq(xm_from_neutral(ctx, NULL, &info, &st, why, sizeof(why)), XM_OUT_INVALID);
+	ck_assert_int_eq(xm_from_neutral(ctx, ev, NULL, &st, why, sizeof(why)), XM_OUT_INVALID);
+	ck_assert_int_eq(xm_from_neutral(ctx, ev, &info, NULL, why, sizeof(why)), XM_OUT_INVALID);
+	/* Addresses and ids that would not make a valid stanza. */
+	static const char *const bad_jids[] = { NULL, "", "a@", "a b@wa.example.org", "a@WA.example.org", "a@x/\x01" };
+	for (size_t i = 0; i < CW_ARRAY_LEN(bad_jids); i++) {
+		info.from = bad_jids[i];
+		ck_assert_int_eq(xm_from_neutral(ctx, ev, &info, &st, why, sizeof(why)), XM_OUT_INVALID);
+		ck_assert_ptr_null(st);
+		info.from = FROM;
+		info.to = bad_jids[i];
+		ck_assert_int_eq(xm_from_neutral(ctx, ev, &info, &st, why, sizeof(why)), XM_OUT_INVALID);
+		info.to = TO;
+	}
+	char long_id[300];
+	memset(long_id, 'i', 256);
+	long_id[256] = '\0';
+	static const char *bad_ids[] = { NULL, "", "a\x01", "\xff", NULL };
+	bad_ids[4] = long_id;
+	for (size_t i = 0; i < CW_ARRAY_LEN(bad_ids); i++) {
+		info.id = bad_ids[i];
+		ck_assert_int_eq(xm_from_neutral(ctx, ev, &info, &st, why, sizeof(why)), XM_OUT_INVALID);
+		ck_assert_ptr_null(st);
+	}
+	long_id[255] = '\0';
+	info.id = long_id;
+	ck_assert_int_eq(xm_from_neutral(ctx, ev, &info, &st, NULL, 0), XM_OUT_STANZA);
+	ck_assert_str_eq(xmpp_stanza_get_id(st), long_id);
+	xmpp_stanza_release(st);
+	/* A full JID with a resource is a valid address too. */
+	info.id = OUT_ID;
+	info.to = "alice@example.org/phone";
+	ck_assert_int_eq(xm_from_neutral(ctx, ev, &info, &st, why, sizeof(why)), XM_OUT_STANZA);
+	xmpp_stanza_release(st);
+	json_decref(ev);
+	/* Special characters in ids and addresses are escaped by libstrophe. */
+	ev = json_loads("{\"type\":\"receipt\",\"content\":{\"receipt\":\"read\",\"in_reply_to\":\"msg_1\"}}", 0, NULL);
+	info.to = "a&b@example.org";
+	info.to = TO;
+	info.id = "a\"b<c>&'";
+	info.target = (struct xm_target){ true, "x\"y<z>&", NULL, true, NULL, false };
+	ck_assert_int_eq(xm_from_neutral(ctx, ev, &info, &st, why, sizeof(why)), XM_OUT_STANZA);
+	xmpp_stanza_t *back = reparse(st, "escapes");
+	ck_assert_str_eq(xmpp_stanza_get_id(back), "a\"b<c>&'");
+	ck_assert_str_eq(xmpp_stanza_get_attribute(first_named(back, "displayed"), "id"), "x\"y<z>&");
+	xmpp_stanza_release(back);
+	xmpp_stanza_release(st);
+	json_decref(ev);
+}
+END_TEST
+
+/* ------------------------------------------------------------ round trip */
+
+/* Random UTF-8 text the XML can carry as it is: no control characters but
+ * line feeds, no CR, no U+FFFE or U+FFFF. */
+static size_t random_text(char *buf, size_t max_bytes)
+{
+	size_t n = 0, want = 1 + rnd_below((unsigned)max_bytes);
+	while (n < want) {
+		unsigned cp;
+		switch (rnd_below(6)) {
+		case 0: cp = 0x20 + rnd_below(0x5F); break;
+		case 1: cp = "\n <>&\"'\\"[rnd_below(8)]; break;
+		case 2: cp = 0xA0 + rnd_below(0x700); break;
+		case 3: cp = 0x800 + rnd_below(0xF000); break;
+		case 4: cp = 0x1F300 + rnd_below(0x300); break;
+		default: cp = 'a' + rnd_below(26); break;
+		}
+		if ((cp >= 0xD800 && cp <= 0xDFFF) || cp == 0xFFFE || cp == 0xFFFF)
+			cp = 'q';
+		unsigned char tmp[4];
+		size_t l = unit_utf8_put(cp, tmp);
+		if (n + l > want)
+			break;
+		memcpy(buf + n, tmp, l);
+		n += l;
+	}
+	if (n == 0)
+		buf[n++] = 'x';
+	buf[n] = '\0';
+	return n;
+}
+
+/* The inbound side of the round trip: the outbound stanzas' references
+ * (m-a, o-a) are msg_a; the stored reactions are given per case. */
+struct rt_tables {
+	json_t *stored;
+};
+
+static const char *rt_to_msg(void *c, const char *id)
+{
+	(void)c;
+	return strcmp(id, "m-a") == 0 || strcmp(id, "o-a") == 0 ? "msg_a" : NULL;
+}
+
+static const json_t *rt_reactions(void *c, const char *msg)
+{
+	return strcmp(msg, "msg_a") == 0 ? ((struct rt_tables *)c)->stored : NULL;
+}
+
+START_TEST(round_trip_property)
+{
+	static const char *const kinds[] = { "message", "reply", "edit", "old-edit", "reaction", "unreact", "delete",
+					     "receipt", "typing" };
+	char text[1200], quoted[400], key[80];
+	int counts[CW_ARRAY_LEN(kinds)] = { 0 };
+	for (int i = 0; i < 4000; i++) {
+		size_t k = rnd_below(CW_ARRAY_LEN(kinds));
+		const char *kind = kinds[k];
+		counts[k]++;
+		random_text(text, i % 10 == 0 ? 1000 : 60);
+		random_text(quoted, 300);
+		do
+			random_text(key, 64);
+		while (strlen(key) > 64);
+		struct xm_target a = { true, "m-a", rnd() & 1 ? "o-a" : NULL, true, quoted, false };
+		struct xm_out_info info = { .from = FROM, .to = TO, .id = OUT_ID };
+		struct rt_tables rt = { NULL };
+		json_t *ev, *set = NULL;
+		if (strcmp(kind, "message") == 0) {
+			ev = json_pack("{s:s, s:{s:[{s:s, s:s}]}}", "type", "message", "content", "parts", "type", "text/plain",
+				       "body", text);
+		} else if (strcmp(kind, "reply") == 0) {
+			ev = json_pack("{s:s, s:{s:[{s:s, s:s}], s:s}}", "type", "message", "content", "parts", "type",
+				       "text/plain", "body", text, "in_reply_to", "msg_a");
+			info.target = a;
+		} else if (strcmp(kind, "edit") == 0 || strcmp(kind, "old-edit") == 0) {
+			ev = json_pack("{s:s, s:{s:[{s:s, s:s}], s:s}}", "type", "edit", "content", "parts", "type", "text/plain",
+				       "body", text, "replaces", "msg_a");
+			info.target = a;
+			info.target.is_last = strcmp(kind, "edit") == 0;
+		} else if (strcmp(kind, "reaction") == 0) {
+			ev = json_pack("{s:s, s:{s:[{s:s, s:s}], s:s, s:s}}", "type", "reaction", "content", "parts", "type",
+				       "text/plain", "body", key, "disposition", "reaction", "in_reply_to", "msg_a");
+			info.reacted = a;
+			set = json_pack("[s]", key);
+			info.reaction_set = set;
+		} else if (strcmp(kind, "unreact") == 0) {
+			ev = json_pack("{s:s, s:{s:s}}", "type", "delete", "content", "replaces", "msg_rk");
+			info.target = (struct xm_target){ true, "m-rk", NULL, false, NULL, true };
+			info.reacted = a;
+			set = json_array();
+			info.reaction_set = set;
+			rt.stored = json_pack("{s:s}", key, "msg_rk");
+		} else if (strcmp(kind, "delete") == 0) {
+			ev = json_pack("{s:s, s:{s:s}}", "type", "delete", "content", "replaces", "msg_a");
+			info.target = a;
+		} else if (strcmp(kind, "receipt") == 0) {
+			ev = json_pack("{s:s, s:{s:s, s:s}}", "type", "receipt", "content", "receipt",
+				       rnd() & 1 ? "read" : "delivered", "in_reply_to", "msg_a");
+			info.target = a;
+		} else {
+			ev = json_pack("{s:s, s:{s:s}}", "type", "typing", "content", "state", rnd() & 1 ? "start" : "stop");
+		}
+		ck_assert_ptr_nonnull(ev);
+		xmpp_stanza_t *st = NULL;
+		char why[200];
+		enum xm_out_result r = xm_from_neutral(ctx, ev, &info, &st, why, sizeof(why));
+		ck_assert_msg(r == XM_OUT_STANZA, "%s: %s", kind, why);
+		xmpp_stanza_t *back = reparse(st, kind);
+		struct xm_in_lookup l = { rt_to_msg, rt_reactions, &rt };
+		json_t *out = NULL;
+		enum xm_in_result ir = xm_to_neutral(back, &l, TS, &out, why, sizeof(why));
+		ck_assert_msg(ir == XM_IN_OK, "%s: back %s (%s)", kind, in_name(ir), why);
+		assert_events_parse(out, kind);
+		ck_assert_uint_eq(json_array_size(out), 1);
+		const json_t *b = json_array_get(out, 0), *bc = json_object_get(b, "content");
+		const char *bt = json_string_value(json_object_get(b, "type"));
+		const json_t *nc = json_object_get(ev, "content");
+		const char *want_type = strcmp(kind, "old-edit") == 0 ? "message" : json_string_value(json_object_get(ev, "type"));
+		ck_assert_msg(strcmp(bt, want_type) == 0, "%s: came back as %s", kind, bt);
+		if (strcmp(kind, "old-edit") == 0) {
+			char want[1300];
+			snprintf(want, sizeof(want), "Correction: %s", text);
+			ck_assert_str_eq(plain_of(bc), want);
+			ck_assert_str_eq(json_string_value(json_object_get(bc, "in_reply_to")), "msg_a");
+		} else if (strcmp(kind, "unreact") == 0) {
+			ck_assert_str_eq(json_string_value(json_object_get(bc, "replaces")), "msg_rk");
+		} else if (strcmp(kind, "typing") == 0 || strcmp(kind, "receipt") == 0 || strcmp(kind, "delete") == 0) {
+			assert_json_eq(bc, nc, kind);
+		} else {
+			/* text, in_reply_to, replaces, disposition: all of it */
+			assert_json_eq(bc, nc, kind);
+		}
+		json_decref(out);
+		xmpp_stanza_release(back);
+		xmpp_stanza_release(st);
+		json_decref(rt.stored);
+		json_decref(set);
+		json_decref(ev);
+	}
+	for (size_t k = 0; k < CW_ARRAY_LEN(kinds); k++)
+		ck_assert_int_gt(counts[k], 100);
+}
+END_TEST
+
+/* ------------------------------------------------------------ hostile input */
+
+/* pattern with its first "%s" replaced by text. */
+static void fill(char *out, size_t size, const char *pattern, const char *text)
+{
+	const char *slot = strstr(pattern, "%s");
+	if (!slot) {
+		snprintf(out, size, "%s", pattern);
+		return;
+	}
+	snprintf(out, size, "%.*s%s%s", (int)(slot - pattern), pattern, text, slot + 2);
+}
+
+START_TEST(hostile_stanzas_property)
+{
+	/* Whole elements ("%s": a random text), and a few loose pieces so that
+	 * some stanzas are not well-formed (they never reach the mapping). */
+	static const char *const pieces[] = {
+		"<body>%s</body>", "<body/>", "<body xml:lang='de'>%s</body>", "<body xmlns='urn:x'>%s</body>",
+		"<reply xmlns='urn:xmpp:reply:0' id='m1'/>", "<reply xmlns='urn:xmpp:reply:0'/>",
+		"<reply xmlns='urn:xmpp:reply:0' id='%s'/>",
+		"<fallback xmlns='urn:xmpp:fallback:0' for='urn:xmpp:reply:0'><body start='0' end='3'/></fallback>",
+		"<fallback xmlns='urn:xmpp:fallback:0' for='urn:xmpp:reply:0'><body start='2' end='1'/><body/></fallback>",
+		"<fallback xmlns='urn:xmpp:fallback:0' for='urn:xmpp:reply:0'><body start='%s' end='999'/></fallback>",
+		"<fallback xmlns='urn:xmpp:fallback:0' for='urn:xmpp:reply:0'><body start='1' end='%s'/></fallback>",
+		"<fallback xmlns='urn:xmpp:fallback:0' for='urn:xmpp:reply:0'/>",
+		"<fallback xmlns='urn:xmpp:fallback:0' for='urn:xmpp:message-retract:1'/>",
+		"<replace xmlns='urn:xmpp:message-correct:0' id='m2'/>", "<replace xmlns='urn:xmpp:message-correct:0'/>",
+		"<replace xmlns='urn:xmpp:message-correct:0' id='%s'/>",
+		"<retract xmlns='urn:xmpp:message-retract:1' id='m1'/>", "<retract xmlns='urn:xmpp:message-retract:1'/>",
+		"<apply-to xmlns='urn:xmpp:fasten:0' id='o1'><retract xmlns='urn:xmpp:message-retract:0'/></apply-to>",
+		"<apply-to xmlns='urn:xmpp:fasten:0' id='%s'><retract xmlns='urn:xmpp:message-retract:0'/></apply-to>",
+		"<reactions xmlns='urn:xmpp:reactions:0' id='m1'><reaction>%s</reaction><reaction>\xf0\x9f\x91\x8d</reaction></reactions>",
+		"<reactions xmlns='urn:xmpp:reactions:0' id='m3'><reaction>a</reaction><reaction/><reaction>%s</reaction></reactions>",
+		"<reactions xmlns='urn:xmpp:reactions:0' id='o2'/>", "<reactions xmlns='urn:xmpp:reactions:0'>%s</reactions>",
+		"<received xmlns='urn:xmpp:receipts' id='m1'/>", "<received xmlns='urn:xmpp:receipts'/>",
+		"<received xmlns='urn:xmpp:receipts' id='%s'/>", "<displayed xmlns='urn:xmpp:chat-markers:0' id='o2'/>",
+		"<acknowledged xmlns='urn:xmpp:chat-markers:0' id='q'/>", "<received xmlns='urn:xmpp:chat-markers:0' id='m3'/>",
+		"<composing xmlns='http://jabber.org/protocol/chatstates'/>", "<gone xmlns='http://jabber.org/protocol/chatstates'/>",
+		"<x xmlns='jabber:x:oob'><url>%s</url></x>", "<x xmlns='jabber:x:oob'><url>https://f.example/a</url></x>",
+		"<x xmlns='jabber:x:oob'/>", "<origin-id xmlns='urn:xmpp:sid:0' id='%s'/>", "<foo xmlns='urn:x'>%s<bar/></foo>",
+		"<store xmlns='urn:xmpp:hints'/>", "<error type='cancel'/>", "<subject>%s</subject>", "<thread>t</thread>",
+		"%s", "<body>", "</reactions>", "<reaction>",
+	};
+	static const char *const texts[] = {
+		"", "hello", "&gt; q\n", "\xc3\xa9", "\xf0\x9f\x91\x8d", "&amp;&lt;", " ", "m1", "o2", "zz", "0", "-1",
+		"99999999999", "https://f.example/x", "http://x", "https://f.example/a b", "\x0a\x0a", "\\R{70:k}",
+		"\\R{300:i}", "\\R{40:\xc3\xa9}", "&#x1F44D;", "&#10;&#9;", "a'b", "a&quot;b",
+	};
+	static const char *const types[] = { "", " type='chat'", " type='normal'", " type='groupchat'", " type='error'",
+					     " type='x'" };
+	struct in_tables t;
+	tables_init(&t);
+	struct xm_in_lookup l = { tbl_to_msg, tbl_reactions, &t };
+	int parsed = 0, ok = 0;
+	for (int i = 0; i < 6000; i++) {
+		char buf[8192];
+		size_t n = (size_t)snprintf(buf, sizeof(buf), "<message%s id='s%d'>", types[rnd_below(CW_ARRAY_LEN(types))], i);
+		int count = 1 + (int)rnd_below(10);
+		for (int k = 0; k < count; k++) {
+			const char *p = pieces[rnd_below(i % 20 ? CW_ARRAY_LEN(pieces) - 3 : CW_ARRAY_LEN(pieces))];
+			char piece[2048];
+			fill(piece, sizeof(piece), p, texts[rnd_below(CW_ARRAY_LEN(texts))]);
+			size_t pl = strlen(piece);
+			if (n + pl + 16 >= sizeof(buf))
+				break;
+			memcpy(buf + n, piece, pl);
+			n += pl;
+		}
+		snprintf(buf + n, sizeof(buf) - n, "</message>");
+		size_t len;
+		char *xml = unit_decode(buf, &len);
+		xmpp_stanza_t *st = xmpp_stanza_new_from_string(ctx, xml);
+		free(xml);
+		if (!st)
+			continue; /* not well-formed: never reaches the mapping */
+		parsed++;
+		json_t *out = (json_t *)1;
+		char why[200] = "";
+		enum xm_in_result r = xm_to_neutral(st, &l, TS, &out, why, sizeof(why));
+		if (r == XM_IN_OK) {
+			ok++;
+			assert_events_parse(out, buf);
+			json_decref(out);
+		} else {
+			ck_assert_ptr_null(out);
+			ck_assert_msg(why[0], "no reason for %s", buf);
+		}
+		const char *ids[8];
+		size_t nref = xm_message_refs(st, ids, 8);
+		ck_assert_uint_le(nref, 8);
+		char id[XM_ID_MAX + 1], oid[XM_ID_MAX + 1];
+		xm_message_ids(st, id, oid);
+		ck_assert_uint_le(strlen(oid), XM_ID_MAX);
+		xmpp_stanza_release(st);
+	}
+	ck_assert_int_gt(parsed, 4000);
+	ck_assert_int_gt(ok, 1500);
+	tables_free(&t);
+}
+END_TEST
+
+/* A random JSON value of bounded depth. */
+static json_t *random_value(int depth)
+{
+	static const char *const strs[] = { "", "x", "text/plain", "text/html", "text/markdown", "msg_1", "read",
+					    "delivered", "start", "stop", "reaction", "https://f.example/a", "<b>x</b>",
+					    "\xf0\x9f\x91\x8d", "a\001b", "mxc://m.example/x", "\r\n" };
+	switch (rnd_below(depth > 0 ? 7 : 4)) {
+	case 0: return json_string(strs[rnd_below(CW_ARRAY_LEN(strs))]);
+	case 1: return json_integer((json_int_t)rnd_below(100) - 5);
+	case 2: return json_null();
+	case 3: return rnd() & 1 ? json_true() : json_false();
+	case 4: {
+		json_t *a = json_array();
+		for (unsigned i = rnd_below(4); i > 0; i--)
+			json_array_append_new(a, random_value(depth - 1));
+		return a;
+	}
+	default: {
+		static const char *const keys[] = { "type", "body", "url", "content_type", "size", "parts", "attachments",
+						    "in_reply_to", "replaces", "receipt", "state", "disposition" };
+		json_t *o = json_object();
+		for (unsigned i = rnd_below(5); i > 0; i--)
+			json_object_set_new(o, keys[rnd_below(CW_ARRAY_LEN(keys))], random_value(depth - 1));
+		return o;
+	}
+	}
+}
+
+START_TEST(hostile_events_property)
+{
+	static const char *const types[] = { "message", "edit", "delete", "reaction", "receipt", "typing", "membership",
+					     "block", "other" };
+	int stanzas = 0;
+	for (int i = 0; i < 6000; i++) {
+		json_t *content = rnd_below(10) ? json_object() : random_value(2);
+		if (json_is_object(content)) {
+			static const char *const keys[] = { "parts", "attachments", "in_reply_to", "replaces", "receipt",
+							    "state", "disposition", "topic" };
+			for (unsigned k = rnd_below(5); k > 0; k--)
+				json_object_set_new(content, keys[rnd_below(CW_ARRAY_LEN(keys))], random_value(3));
+			/* mostly well-formed members, with random values inside */
+			if (rnd_below(3)) {
+				json_t *parts = json_array();
+				for (unsigned k = rnd_below(4); k > 0; k--)
+					json_array_append_new(parts, json_pack("{s:o, s:o}", "type", random_value(0), "body",
+									       random_value(0)));
+				if (rnd() & 1)
+					json_array_append_new(parts, json_pack("{s:s, s:s}", "type", "text/plain", "body",
+									       rnd() & 1 ? "text" : "a\x01\r\n<&>\xef\xbf\xbf"));
+				json_object_set_new(content, "parts", parts);
+			}
+			if (rnd_below(3) == 0) {
+				json_t *atts = json_array();
+				for (unsigned k = rnd_below(4); k > 0; k--)
+					json_array_append_new(atts, json_pack("{s:s, s:o}", "content_type", "image/png", "url",
+									      random_value(0)));
+				json_object_set_new(content, "attachments", atts);
+			}
+			static const char *const refs[] = { "in_reply_to", "replaces" };
+			if (rnd() & 1)
+				json_object_set_new(content, refs[rnd() & 1], json_string("msg_1"));
+			if (rnd() & 1)
+				json_object_set_new(content, rnd() & 1 ? "receipt" : "state",
+						    json_string((const char *[]){ "read", "delivered", "start", "stop" }[rnd_below(4)]));
+		}
+		json_t *ev = json_pack("{s:s, s:o}", "type", types[rnd_below(CW_ARRAY_LEN(types))], "content", content);
+		json_t *set = rnd() & 1 ? random_value(2) : NULL;
+		size_t ti = rnd_below(CW_ARRAY_LEN(targets)), ri = rnd_below(CW_ARRAY_LEN(targets));
+		struct xm_out_info info = { .from = FROM, .to = TO, .id = OUT_ID, .target = targets[ti].t,
+					    .reacted = targets[ri].t, .reaction_set = set };
+		xmpp_stanza_t *st = (xmpp_stanza_t *)1;
+		char why[200] = "";
+		enum xm_out_result r = xm_from_neutral(ctx, ev, &info, &st, why, sizeof(why));
+		if (r == XM_OUT_STANZA) {
+			stanzas++;
+			xmpp_stanza_t *back = reparse(st, "random event");
+			check_envelope(back, &info, "random event");
+			xmpp_stanza_release(back);
+			xmpp_stanza_release(st);
+		} else {
+			ck_assert_ptr_null(st);
+			ck_assert(why[0]);
+		}
+		json_decref(set);
+		json_decref(ev);
+	}
+	ck_assert_int_gt(stanzas, 500);
+}
+END_TEST
+
+int main(void)
+{
+	xmpp_initialize();
+	Suite *s = suite_create("xmpp");
+	TCase *tc = tcase_create("xmpp");
+	tcase_set_timeout(tc, 300);
+	tcase_add_checked_fixture(tc, setup, teardown);
+	tcase_add_test(tc, jid_cases);
+	tcase_add_test(tc, jid_null_and_buffers);
+	tcase_add_test(tc, escape_property);
+	tcase_add_test(tc, unescape_property);
+	tcase_add_test(tc, in_cases);
+	tcase_add_test(tc, in_edges);
+	tcase_add_test(tc, ids_and_refs);
+	tcase_add_test(tc, out_cases);
+	tcase_add_test(tc, out_edges);
+	tcase_add_test(tc, round_trip_property);
+	tcase_add_test(tc, hostile_stanzas_property);
+	tcase_add_test(tc, hostile_events_property);
+	suite_add_tcase(s, tc);
+	int rc = unit_run(s);
+	xmpp_shutdown();
+	return rc;
+}
