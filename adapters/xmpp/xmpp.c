@@ -28,7 +28,8 @@
 #define NS_STANZAS "urn:ietf:params:xml:ns:xmpp-stanzas"
 
 #define QUEUE_MAX 20000         /* stanzas waiting for one component's thread */
-#define LOOP_TIMEOUT_MS 5       /* one turn of libstrophe's loop (the queue is drained between turns) */
+#define LOOP_TIMEOUT_MS 5       /* one turn of libstrophe's loop while connecting */
+#define IDLE_WAIT_MS 200        /* longest sleep of an up stream with nothing to do */
 #define PING_EVERY_MS 60000     /* XEP-0199 keepalive to the server */
 #define PING_TIMEOUT_MS 30000
 #define HOUSEKEEPING_MS 1000    /* consent requests, the lock connection */
@@ -170,6 +171,7 @@ cw_err xa_new(struct xmpp **out, struct cw_app *app, cw_errmsg *e)
 		xc->next_seq = 1;
 		xc->wake_fd[0] = xc->wake_fd[1] = -1;
 		xc->reserve_fd = -1;
+		xc->sock_fd = -1;
 	}
 	free(list);
 	if (!rc && x->ncomp == 0)
@@ -206,6 +208,7 @@ bool xa_enqueue(struct xcomp *xc, const char *text, size_t len, uint64_t *seq)
 		return false;
 	}
 	it->seq = xc->next_seq++;
+	bool was_empty = !xc->head; /* the thread takes the whole list at once: one wake-up per list */
 	if (xc->tail)
 		xc->tail->next = it;
 	else
@@ -215,7 +218,7 @@ bool xa_enqueue(struct xcomp *xc, const char *text, size_t len, uint64_t *seq)
 	if (seq)
 		*seq = it->seq;
 	pthread_mutex_unlock(&xc->mu);
-	if (xc->wake_fd[1] >= 0) {
+	if (was_empty && xc->wake_fd[1] >= 0) {
 		char b = 1;
 		ssize_t w = write(xc->wake_fd[1], &b, 1);
 		(void)w;
@@ -473,10 +476,15 @@ static int on_stanza(xmpp_conn_t *conn, xmpp_stanza_t *st, void *arg)
 	return 1;
 }
 
+/* The component whose thread this is (libstrophe's callbacks run on it). */
+static __thread struct xcomp *this_comp;
+
 static int check_fd(xmpp_conn_t *conn, void *sock)
 {
 	(void)conn;
 	int fd = *(int *)sock;
+	if (this_comp)
+		this_comp->sock_fd = fd;
 	/* libstrophe waits with select(): a descriptor past FD_SETSIZE would be
 	 * written outside the set. */
 	if (fd >= FD_SETSIZE) {
@@ -689,6 +697,7 @@ static void stream_close(struct xcomp *xc)
 	xc->conn = NULL;
 	xc->dropped = false;
 	xc->up_event = false;
+	xc->sock_fd = -1;
 	reserve_low_fd(xc);
 }
 
@@ -753,9 +762,37 @@ static void give_sm_state(xmpp_ctx_t *ctx, xmpp_conn_t *conn)
 		xmpp_free_sm_state(sm);
 }
 
+/* One turn of the stream.  While it is up, the thread sleeps in poll() on
+ * the socket and the wake pipe (libstrophe's own select() cannot see the
+ * pipe), so a queued stanza goes out at once and an idle stream costs
+ * nothing; libstrophe then reads and writes what is ready without waiting.
+ * Connecting and the handshake use libstrophe's loop with short turns. */
+static void turn(struct xcomp *xc, int64_t next_house)
+{
+	if (xc->state != XC_UP || xc->sock_fd < 0) { /* state: only this thread writes it */
+		xmpp_run_once(xc->ctx, LOOP_TIMEOUT_MS);
+		return;
+	}
+	struct pollfd p[2] = { { .fd = xc->sock_fd, .events = POLLIN }, { .fd = xc->wake_fd[0], .events = POLLIN } };
+	if (xmpp_conn_send_queue_len(xc->conn) > 0)
+		p[0].events |= POLLOUT;
+	int64_t wait = next_house - mono_ms();
+	if (wait < 0)
+		wait = 0;
+	if (wait > IDLE_WAIT_MS)
+		wait = IDLE_WAIT_MS;
+	if (poll(p, 2, (int)wait) > 0 && (p[1].revents & POLLIN)) {
+		char buf[256];
+		while (read(xc->wake_fd[0], buf, sizeof(buf)) > 0)
+			;
+	}
+	xmpp_run_once(xc->ctx, 0);
+}
+
 static void *comp_main(void *arg)
 {
 	struct xcomp *xc = arg;
+	this_comp = xc;
 	struct xmpp *x = xc->x;
 	const struct cw_config *cfg = x->cfg;
 	PGconn *lock = NULL;
@@ -809,7 +846,7 @@ static void *comp_main(void *arg)
 			}
 		}
 		if (!xc->dropped)
-			xmpp_run_once(xc->ctx, LOOP_TIMEOUT_MS);
+			turn(xc, next_house);
 		now = mono_ms();
 		if (xc->up_event && !xc->dropped) {
 			xc->up_event = false;

@@ -58,6 +58,7 @@ struct xcomp {
 	char last_error[256];
 	int64_t connected_since_ms;
 	int wake_fd[2];                 /* a pipe that wakes the thread (not polled by libstrophe: checked each turn) */
+	int sock_fd;                    /* the stream's socket (from libstrophe's sockopt callback), or -1 */
 	int reserve_fd;                 /* a low descriptor kept for the stream's socket (see reserve_low_fd) */
 	/* the thread's own */
 	xmpp_ctx_t *ctx;
