@@ -57,6 +57,24 @@ static const char batch_sql[] =
 	"  r.t_id, r.s_id, r.room_id "
 	"FROM r LEFT JOIN events tg ON tg.id = r.tg_id LEFT JOIN events rt ON rt.id = r.rt_id ORDER BY r.i";
 
+/* The lookup is planned once per connection (planning it took longer than
+ * running it): prepared on the dispatcher's connection the first time it
+ * is missing there. */
+static PGresult *batch_lookup(PGconn *c, const char *const *params)
+{
+	static const char name[] = "causeway_xmpp_batch";
+	PGresult *r = PQexecPrepared(c, name, 1, params, NULL, NULL, 0);
+	const char *state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
+	if (PQresultStatus(r) != PGRES_FATAL_ERROR || !state || strcmp(state, "26000") != 0)
+		return r; /* 26000: no such prepared statement */
+	PQclear(r);
+	r = PQprepare(c, name, batch_sql, 1, NULL);
+	if (PQresultStatus(r) != PGRES_COMMAND_OK)
+		return r;
+	PQclear(r);
+	return PQexecPrepared(c, name, 1, params, NULL, NULL, 0);
+}
+
 static const char *col(PGresult *r, int row, int c)
 {
 	return PQgetisnull(r, row, c) ? NULL : PQgetvalue(r, row, c);
@@ -152,7 +170,7 @@ cw_err xa_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_r
 	if (!text)
 		return cw_fail(e, CW_ENOMEM, "out of memory");
 	const char *params[] = { text };
-	PGresult *r = PQexecParams(c, batch_sql, 1, NULL, params, NULL, NULL, 0);
+	PGresult *r = batch_lookup(c, params);
 	free(text);
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 	if (rc)
