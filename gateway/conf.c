@@ -42,8 +42,8 @@ const struct cfg_option cfg_options[] = {
 	{ "peer", "replay_cache_entries", CFG_INT, OFF(replay_cache_entries), "100000", 1000, 10000000, false, false,
 	  "signature nonces remembered to refuse replays (per daemon process)" },
 
-	{ "dispatcher", "batch_max", CFG_INT, OFF(dispatch_batch_max), "100", 1, 1000, false, false,
-	  "most outbox rows claimed at once and sent to one destination in one request" },
+	{ "dispatcher", "batch_max", CFG_INT, OFF(dispatch_batch_max), "250", 1, 1000, false, false,
+	  "most outbox rows claimed at once and sent to one destination in one request (peers take 256 a request)" },
 	{ "dispatcher", "retry_budget", CFG_INT, OFF(retry_budget), "12", 1, 1000, false, false,
 	  "delivery attempts before a row is dead-lettered" },
 	{ "dispatcher", "retry_base_ms", CFG_INT, OFF(retry_base_ms), "500", 10, 3600000, false, false,
