@@ -1,0 +1,84 @@
+"""The XMPP adapter with Debian's ejabberd 23.01 instead of Prosody
+(tests/integration/ejabberd.py): the component's handshake, disco and ping,
+consent by a subscription request, messages and a correction both ways, an
+oversize stanza refused, and a wrong secret reported. test_xmpp.py covers
+every feature against Prosody; this checks that the second server the issue
+names behaves the same on the paths where servers differ (handshake,
+routing of presence and errors)."""
+import pytest
+
+from ejabberd import Ejabberd
+from harness import wait_until
+from peer import NotifyServer, PeerClient
+from prosody import XmppClient
+
+HOST = "ej.test"
+COMP = "gk.example.net"
+SECRET = "ej-component-secret"
+ALICE = "mimi://example.org/u/alice"
+
+
+@pytest.fixture(scope="module")
+def ejabberd():
+    ej = Ejabberd(host=HOST, components={COMP: SECRET})
+    ej.start()
+    ej.register("alice", "pw-alice")
+    yield ej
+    ej.close()
+
+
+def options(ej, secret=SECRET):
+    return {"xmpp": {"components": f"{COMP}=gk", "server_port": str(ej.component_port), "secret": secret,
+                     "domain": HOST, "reconnect_max_ms": "1000"}}
+
+
+def state(d):
+    return d.get("/readyz").json()["adapters"]["xmpp"]["components"][COMP]
+
+
+def test_messages_and_consent_through_ejabberd(make_daemon, db_url, ejabberd):
+    d = make_daemon(db_url, options=options(ejabberd)).start()
+    wait_until(lambda: state(d)["state"] == "up", what="the component's stream with ejabberd")
+    srv = NotifyServer()
+    srv.public_b64 = d.get("/.well-known/mimi-protocol-directory").json()["public_key"]["key"]
+    a = PeerClient(d.url, "gk", "wa.example")
+    r = d.admin("POST", "/peers", json={"name": "gk", "domain": "wa.example", "mode": "push", "push_url": srv.url,
+                                       "public_key": a.signer.public_b64})
+    a.token = r.json()["token"]
+    alice = XmppClient("alice@" + HOST, "pw-alice", port=ejabberd.c2s_port)
+    alice.connect()
+    try:
+        info = alice.iq("get", COMP, "<query xmlns='http://jabber.org/protocol/disco#info'/>")
+        assert info.find(".//{http://jabber.org/protocol/disco#info}identity").get("category") == "gateway"
+        assert alice.iq("get", COMP, "<ping xmlns='urn:xmpp:ping'/>").get("type") == "result"
+        # A first contact waits for alice's answer to the subscription request.
+        assert d.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
+        room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+        mid = a.send(room, a.user("wally"), "held until alice answers").json()["id"]
+        wally = "wally@" + COMP
+        alice.wait_for_presence(lambda el: el.get("from", "").startswith(wally) and el.get("type") == "subscribe")
+        alice.send_presence(wally, "subscribed")
+        m = alice.wait_for_message(lambda el: el.get("id") == mid)
+        assert m.body == "held until alice answers"
+        # alice -> the peer: a message and its correction, in the same room.
+        sid = alice.send_message(wally, "hello from ejabberd")
+        ev = srv.wait_events(1)[0]
+        assert ev["sender"] == ALICE and ev["room_id"] == room
+        assert ev["content"]["parts"][0]["body"] == "hello from ejabberd"
+        alice.send_raw(f"<message to='{wally}' type='chat' id='c1'><body>hello from ejabberd!</body>"
+                       f"<replace xmlns='urn:xmpp:message-correct:0' id='{sid}'/></message>")
+        ed = srv.wait_events(2)[1]
+        assert ed["type"] == "edit" and ed["content"]["replaces"] == ev["id"]
+        # An oversize body is refused with a stanza error, through ejabberd's routing.
+        alice.send_raw(f"<message to='{wally}' type='chat' id='big'><body>{'x' * 20000}</body></message>")
+        err = alice.wait_for_message(lambda el: el.get("id") == "big" and el.get("type") == "error")
+        assert err.error_condition == "bad-request"
+    finally:
+        alice.disconnect()
+        srv.close()
+
+
+def test_wrong_secret_with_ejabberd(make_daemon, db_url, ejabberd):
+    d = make_daemon(db_url, options=options(ejabberd, secret="not-the-secret")).start()
+    wait_until(lambda: state(d)["state"] == "auth_failed", what="ejabberd's refusal")
+    assert "not-authorized" in state(d)["last_error"]
