@@ -172,6 +172,7 @@ cw_err xa_new(struct xmpp **out, struct cw_app *app, cw_errmsg *e)
 		xc->wake_fd[0] = xc->wake_fd[1] = -1;
 		xc->reserve_fd = -1;
 		xc->sock_fd = -1;
+		xc->audit_seen = -1;
 	}
 	free(list);
 	if (!rc && x->ncomp == 0)
@@ -900,6 +901,7 @@ static void *comp_main(void *arg)
 			}
 			if (up) {
 				xa_requests(xc, lock, xc->resend_pending);
+				xa_roster_sync(xc, lock);
 				xc->resend_pending = false;
 				if (xc->ping_sent_ms && now - xc->ping_sent_ms > PING_TIMEOUT_MS) {
 					snprintf(xc->drop_reason, sizeof(xc->drop_reason), "the server did not answer a ping");

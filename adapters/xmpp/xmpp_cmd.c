@@ -484,3 +484,51 @@ void xa_requests(struct xcomp *xc, PGconn *c, bool all)
 	}
 	PQclear(r);
 }
+
+void xa_roster_sync(struct xcomp *xc, PGconn *c)
+{
+	PGresult *r = PQexec(c, "SELECT coalesce(max(id), 0) FROM audit_log");
+	if (PQresultStatus(r) != PGRES_TUPLES_OK || PQntuples(r) != 1) {
+		PQclear(r);
+		return;
+	}
+	long long top = atoll(PQgetvalue(r, 0, 0));
+	PQclear(r);
+	if (xc->audit_seen < 0 || top <= xc->audit_seen) {
+		xc->audit_seen = top; /* from now on */
+		return;
+	}
+	char seen[24], upto[24];
+	snprintf(seen, sizeof(seen), "%lld", xc->audit_seen);
+	snprintf(upto, sizeof(upto), "%lld", top);
+	const struct cw_config *cfg = xc->x->cfg;
+	const char *params[] = { seen, upto, xc->peer, xc->x->local_domain, cfg->domain ? cfg->domain : "" };
+	/* By URI: the contact may be on the roster without ever having written. */
+	r = PQexecParams(c,
+		"SELECT coalesce(lb.native_id, substr(a.details->>'user', length('mimi://' || $5 || '/u/') + 1) "
+		" || '@' || $4), substr(a.details->>'subject', length('mimi://' || p.domain || '/u/') + 1) "
+		"FROM audit_log a JOIN peers p ON p.name = $3 "
+		" AND starts_with(a.details->>'subject', 'mimi://' || p.domain || '/u/') "
+		" LEFT JOIN identities li ON li.uri = a.details->>'user' AND li.is_local "
+		" LEFT JOIN identity_bindings lb ON lb.identity_id = li.id AND lb.network = 'xmpp' "
+		"WHERE a.id > $1::bigint AND a.id <= $2::bigint AND a.actor = 'admin' AND a.action = 'consent.set' "
+		" AND starts_with(a.details->>'user', 'mimi://' || $5 || '/u/') "
+		" AND a.details->>'subject_kind' = 'user' AND a.details->>'state' IN ('blocked', 'none') ORDER BY a.id",
+		5, NULL, params, NULL, NULL, 0);
+	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+		PQclear(r);
+		return; /* tried again in a second */
+	}
+	for (int i = 0; i < PQntuples(r); i++) {
+		char esc[4 * 255 + 1], remote[1100];
+		if (!xj_escape_local(PQgetvalue(r, i, 1), esc, sizeof(esc)))
+			continue;
+		int n = snprintf(remote, sizeof(remote), "%s@%s", esc, xc->domain);
+		if (n < 0 || (size_t)n >= sizeof(remote))
+			continue;
+		presence_to(xc, true, remote, PQgetvalue(r, i, 0), "unsubscribe", NULL);
+		presence_to(xc, true, remote, PQgetvalue(r, i, 0), "unsubscribed", NULL);
+	}
+	PQclear(r);
+	xc->audit_seen = top;
+}

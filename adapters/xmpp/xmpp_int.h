@@ -66,6 +66,7 @@ struct xcomp {
 	struct xr_item recent[XMPP_RECENT_MAX];
 	size_t recent_head, recent_n;
 	bool resend_pending;            /* pending consent requests go out again after a (re)connect */
+	long long audit_seen;           /* the operator's consent changes up to this audit_log id are done (-1: none yet) */
 	bool up_event, dropped, auth_failed; /* set by libstrophe's connection handler */
 	char drop_reason[200];
 	char ping_id[40];               /* the keepalive ping to the server */
@@ -126,5 +127,10 @@ bool xa_command(struct xcomp *xc, xmpp_stanza_t *st);
 void xa_command_items(struct xcomp *xc, xmpp_stanza_t *query);
 /* Sends the consent requests not yet shown (all pending ones when all). */
 void xa_requests(struct xcomp *xc, PGconn *c, bool all);
+/* The roster follows the operator: a block or revoke made through the
+ * admin API for a local user and a remote user of this component's peer
+ * gets the remote JID's unsubscribe and unsubscribed.  Changes made while
+ * this process did not hold the stream are not looked at. */
+void xa_roster_sync(struct xcomp *xc, PGconn *c);
 
 #endif

@@ -358,3 +358,17 @@ def test_one_process_holds_the_stream_and_another_takes_over(xd, gk, alice, make
     mid = a2.send(room, a.user("wally"), "after the takeover").json()["id"]
     m = message_from(alice, WALLY_JID, lambda el: body(el) == "after the takeover", timeout=20)
     assert m.get("id") == mid
+
+
+def test_operator_block_reaches_the_roster(xd, gk, alice):
+    """A block made by the operator (admin API), not by alice, also ends the
+    subscription alice has to that contact."""
+    wally = WALLY_JID
+    start = alice.count()
+    alice.send_presence(wally, "subscribe")
+    alice.wait_for_presence(lambda el: el.get("from", "").startswith(wally) and el.get("type") == "subscribed",
+                            start=start)
+    assert xd.admin("POST", "/consents", json={"user": ALICE, "subject_kind": "user",
+                                              "subject": "mimi://wa.example/u/wally", "state": "blocked"}).ok
+    alice.wait_for_presence(lambda el: el.get("from", "").startswith(wally) and el.get("type") == "unsubscribed",
+                            start=start)
