@@ -26,6 +26,7 @@
 #define NS_VERSION "jabber:iq:version"
 #define NS_COMMANDS "http://jabber.org/protocol/commands"
 #define NS_STANZAS "urn:ietf:params:xml:ns:xmpp-stanzas"
+#define NS_GATEWAY "jabber:iq:gateway"
 
 #define QUEUE_MAX 20000         /* stanzas waiting for one component's thread */
 #define LOOP_TIMEOUT_MS 5       /* one turn of libstrophe's loop while connecting */
@@ -342,7 +343,7 @@ static const char *const user_features[] = {
 	"http://jabber.org/protocol/chatstates", "urn:xmpp:sid:0", "jabber:x:oob", NULL,
 };
 static const char *const component_features[] = {
-	NS_DISCO_INFO, NS_DISCO_ITEMS, NS_PING, NS_VERSION, NS_COMMANDS, NULL,
+	NS_DISCO_INFO, NS_DISCO_ITEMS, NS_PING, NS_VERSION, NS_COMMANDS, NS_GATEWAY, NULL,
 };
 
 static void disco_info(struct xcomp *xc, xmpp_stanza_t *st, bool user, const char *remote_id)
@@ -392,6 +393,17 @@ static void disco_items(struct xcomp *xc, xmpp_stanza_t *st, bool user)
 	xa_send_now(xc, r);
 }
 
+static void add_text(xmpp_ctx_t *ctx, xmpp_stanza_t *parent, const char *name, const char *text)
+{
+	xmpp_stanza_t *f = xa_child(ctx, parent, name, NULL);
+	xmpp_stanza_t *t = f ? xmpp_stanza_new(ctx) : NULL;
+	if (t) {
+		xmpp_stanza_set_text(t, text);
+		xmpp_stanza_add_child(f, t);
+		xmpp_stanza_release(t);
+	}
+}
+
 static void version(struct xcomp *xc, xmpp_stanza_t *st)
 {
 	xmpp_stanza_t *r = xa_iq_result(st);
@@ -399,15 +411,45 @@ static void version(struct xcomp *xc, xmpp_stanza_t *st)
 		return;
 	xmpp_stanza_set_from(r, xmpp_stanza_get_to(st));
 	xmpp_stanza_t *q = xa_child(xc->ctx, r, "query", NS_VERSION);
-	const char *fields[][2] = { { "name", "Causeway" }, { "version", PACKAGE_VERSION } };
-	for (size_t i = 0; q && i < 2; i++) {
-		xmpp_stanza_t *f = xa_child(xc->ctx, q, fields[i][0], NULL);
-		xmpp_stanza_t *t = f ? xmpp_stanza_new(xc->ctx) : NULL;
-		if (t) {
-			xmpp_stanza_set_text(t, fields[i][1]);
-			xmpp_stanza_add_child(f, t);
-			xmpp_stanza_release(t);
+	if (q) {
+		add_text(xc->ctx, q, "name", "Causeway");
+		add_text(xc->ctx, q, "version", PACKAGE_VERSION);
+	}
+	xa_send_now(xc, r);
+}
+
+/* XEP-0100 jabber:iq:gateway: a client asks how to write to a contact
+ * (get: a description and a prompt) and turns the contact's id on the
+ * remote network into its JID (set: <prompt>id</prompt> -> <jid/>). */
+static void gateway_iq(struct xcomp *xc, xmpp_stanza_t *st, xmpp_stanza_t *q, bool get)
+{
+	char jid[XJ_JID_MAX + 1];
+	if (!get) {
+		xmpp_stanza_t *p = xmpp_stanza_get_child_by_name(q, "prompt");
+		char *id = p ? xmpp_stanza_get_text(p) : NULL;
+		char esc[4 * 255 + 1], rid[300], rbare[XJ_JID_MAX + 1];
+		bool ok = id && xj_escape_local(id, esc, sizeof(esc));
+		if (ok) {
+			int n = snprintf(jid, sizeof(jid), "%s@%s", esc, xc->domain);
+			ok = n > 0 && (size_t)n < sizeof(jid) && xa_remote_user(xc, jid, rid, sizeof(rid), rbare, sizeof(rbare));
 		}
+		if (id)
+			xmpp_free(xc->ctx, id);
+		if (!ok)
+			return answer_error(xc, st, "modify", "not-acceptable");
+	}
+	xmpp_stanza_t *r = xa_iq_result(st);
+	if (!r)
+		return;
+	xmpp_stanza_set_from(r, xmpp_stanza_get_to(st));
+	xmpp_stanza_t *rq = xa_child(xc->ctx, r, "query", NS_GATEWAY);
+	if (rq && get) {
+		char desc[XJ_PART_MAX + 200];
+		snprintf(desc, sizeof(desc), "The id of your contact on %s, as that network shows it", xc->peer);
+		add_text(xc->ctx, rq, "desc", desc);
+		add_text(xc->ctx, rq, "prompt", "Contact id");
+	} else if (rq) {
+		add_text(xc->ctx, rq, "jid", jid);
 	}
 	xa_send_now(xc, r);
 }
@@ -449,6 +491,8 @@ static void on_iq(struct xcomp *xc, xmpp_stanza_t *st)
 		version(xc, st);
 	else if (ns && !get && !user && strcmp(ns, NS_COMMANDS) == 0 && xa_command(xc, st))
 		;
+	else if (ns && !user && strcmp(ns, NS_GATEWAY) == 0)
+		gateway_iq(xc, st, q, get);
 	else
 		answer_error(xc, st, "cancel", "service-unavailable");
 }

@@ -122,6 +122,15 @@ def test_component_state_and_disco(xd, alice):
     assert err.find(".//{urn:ietf:params:xml:ns:xmpp-stanzas}service-unavailable") is not None
     metrics = xd.get("/metrics").text
     assert f'causeway_xmpp_stream_up{{component="{COMP}"}} 1' in metrics
+    # XEP-0100: a contact's id on the remote network -> its JID.
+    gw = "jabber:iq:gateway"
+    ask = alice.iq("get", COMP, f"<query xmlns='{gw}'/>")
+    assert ask.find(f".//{{{gw}}}prompt") is not None and "gk" in ask.find(f".//{{{gw}}}desc").text
+    for contact, jid in (("+4915112345678", "+4915112345678@" + COMP), ("Bob", "\\42ob@" + COMP)):
+        got = alice.iq("set", COMP, f"<query xmlns='{gw}'><prompt>{contact}</prompt></query>")
+        assert got.find(f".//{{{gw}}}jid").text == jid
+    bad = alice.iq("set", COMP, f"<query xmlns='{gw}'><prompt></prompt></query>", expect_error=True)
+    assert bad.error_condition == "not-acceptable"
 
 
 def test_wrong_secret_is_reported(make_daemon, db_url, prosody):
