@@ -644,9 +644,26 @@ static void drain(struct xcomp *xc)
 		return;
 	uint64_t last = 0;
 	int64_t now = cw_wall_ms();
+	/* One write for the whole list (libstrophe writes each queued piece
+	 * with a send() of its own): stanzas are only concatenated. */
+	size_t total = 0;
+	for (struct xq_item *x = it; x; x = x->next)
+		total += x->len;
+	char *all = malloc(total + 1);
+	if (all) {
+		size_t off = 0;
+		for (struct xq_item *x = it; x; x = x->next) {
+			memcpy(all + off, x->text, x->len);
+			off += x->len;
+		}
+		all[total] = '\0'; /* libstrophe reads what it is given as a C string too */
+		xmpp_send_raw(xc->conn, all, total);
+		free(all);
+	}
 	while (it) {
 		struct xq_item *next = it->next;
-		xmpp_send_raw(xc->conn, it->text, it->len);
+		if (!all)
+			xmpp_send_raw(xc->conn, it->text, it->len);
 		atomic_fetch_add(&xc->stanzas_out, 1);
 		last = it->seq;
 		/* the item's memory becomes the remembered text */
