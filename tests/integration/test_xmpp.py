@@ -4,12 +4,15 @@ over c2s: messages both ways with replies, corrections, retractions,
 reactions, receipts, markers and chat states; consent by presence
 subscription and by ad-hoc commands; disco, ping and version; hostile
 stanzas; a Prosody restart mid-stream; a wrong secret."""
+import hashlib
+import re
+import socket
 import time
 import xml.etree.ElementTree as ET
 
 import pytest
 
-from harness import wait_until
+from harness import free_port, wait_until
 from peer import NotifyServer, PeerClient
 from prosody import Prosody, XmppClient
 
@@ -381,3 +384,69 @@ def test_operator_block_reaches_the_roster(xd, gk, alice):
                                               "subject": "mimi://wa.example/u/wally", "state": "blocked"}).ok
     alice.wait_for_presence(lambda el: el.get("from", "").startswith(wally) and el.get("type") == "unsubscribed",
                             start=start)
+
+
+class HostileServer:
+    """The server side of XEP-0114 on a bare socket, for what no real XMPP
+    server sends (Prosody and ejabberd stamp from and to on every stanza):
+    it accepts the component's handshake, then writes what the test gives."""
+
+    def __init__(self, secret):
+        self.secret = secret
+        self.port = free_port()
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        self.conn = None
+        self.received = b""
+
+    def accept(self, timeout=15):
+        self.listener.settimeout(timeout)
+        self.conn, _ = self.listener.accept()
+        self.conn.settimeout(timeout)
+        self._until(b">")  # the component's stream header
+        self.conn.sendall(b"<?xml version='1.0'?><stream:stream xmlns:stream='http://etherx.jabber.org/streams' "
+                          b"xmlns='jabber:component:accept' id='hostile1' from='" + COMP.encode() + b"'>")
+        hs = self._until(b"</handshake>")
+        digest = re.search(rb"<handshake[^>]*>([0-9a-fA-F]+)</handshake>", hs).group(1).decode().lower()
+        assert digest == hashlib.sha1(b"hostile1" + self.secret.encode()).hexdigest()
+        self.conn.sendall(b"<handshake/>")
+
+    def _until(self, marker):
+        while marker not in self.received:
+            chunk = self.conn.recv(65536)
+            assert chunk, "the component closed the stream"
+            self.received += chunk
+        i = self.received.index(marker) + len(marker)
+        got, self.received = self.received[:i], self.received[i:]
+        return got
+
+    def send(self, xml):
+        self.conn.sendall(xml.encode())
+
+    def close(self):
+        for s in (self.conn, self.listener):
+            if s:
+                s.close()
+
+
+def test_stanzas_without_from_or_to_are_dropped(make_daemon, db_url, pg):
+    srv = HostileServer(SECRET)
+    try:
+        d = make_daemon(db_url, options={"server": {"domain": "example.org"}, "xmpp": {
+            "components": f"{COMP}=gk", "server_port": str(srv.port), "secret": SECRET, "domain": HOST}}).start()
+        srv.accept()
+        wait_until(lambda: component_state(d)["state"] == "up", what="the component's stream")
+        srv.send(f"<message to='{WALLY_JID}' type='chat' id='n1'><body>no from</body></message>")
+        srv.send(f"<message from='{ALICE_JID}/phone' type='chat' id='n2'><body>no to</body></message>")
+        srv.send(f"<iq type='get' id='n3' to='{COMP}'><ping xmlns='urn:xmpp:ping'/></iq>")
+        srv.send(f"<presence type='subscribed' to='{WALLY_JID}'/>")
+        # The stream is still up and answers a whole stanza.
+        srv.send(f"<iq type='get' id='ok1' from='{ALICE_JID}/phone' to='{COMP}'><ping xmlns='urn:xmpp:ping'/></iq>")
+        answer = srv._until(b"ok1") + srv._until(b">")
+        assert b"result" in answer, answer
+        wait_until(lambda: len([r for r in d.records if r.get("msg") == "xmpp stanza without from or to dropped"])
+                   == 4, what="four stanzas dropped and logged")
+        assert component_state(d)["state"] == "up"
+        assert pg.psql("SELECT count(*) FROM events", db_url) == "0"
+        assert pg.psql("SELECT count(*) FROM identities WHERE network = 'xmpp'", db_url) == "0"
+    finally:
+        srv.close()
