@@ -393,15 +393,17 @@ static void disco_items(struct xcomp *xc, xmpp_stanza_t *st, bool user)
 	xa_send_now(xc, r);
 }
 
-static void add_text(xmpp_ctx_t *ctx, xmpp_stanza_t *parent, const char *name, const char *text)
+xmpp_stanza_t *xa_text_child(xmpp_ctx_t *ctx, xmpp_stanza_t *parent, const char *name, const char *ns,
+			     const char *text)
 {
-	xmpp_stanza_t *f = xa_child(ctx, parent, name, NULL);
+	xmpp_stanza_t *f = xa_child(ctx, parent, name, ns);
 	xmpp_stanza_t *t = f ? xmpp_stanza_new(ctx) : NULL;
-	if (t) {
-		xmpp_stanza_set_text(t, text);
-		xmpp_stanza_add_child(f, t);
-		xmpp_stanza_release(t);
-	}
+	if (!t)
+		return NULL;
+	xmpp_stanza_set_text(t, text);
+	xmpp_stanza_add_child(f, t);
+	xmpp_stanza_release(t);
+	return f;
 }
 
 static void version(struct xcomp *xc, xmpp_stanza_t *st)
@@ -412,8 +414,8 @@ static void version(struct xcomp *xc, xmpp_stanza_t *st)
 	xmpp_stanza_set_from(r, xmpp_stanza_get_to(st));
 	xmpp_stanza_t *q = xa_child(xc->ctx, r, "query", NS_VERSION);
 	if (q) {
-		add_text(xc->ctx, q, "name", "Causeway");
-		add_text(xc->ctx, q, "version", PACKAGE_VERSION);
+		xa_text_child(xc->ctx, q, "name", NULL, "Causeway");
+		xa_text_child(xc->ctx, q, "version", NULL, PACKAGE_VERSION);
 	}
 	xa_send_now(xc, r);
 }
@@ -427,12 +429,9 @@ static void gateway_iq(struct xcomp *xc, xmpp_stanza_t *st, xmpp_stanza_t *q, bo
 	if (!get) {
 		xmpp_stanza_t *p = xmpp_stanza_get_child_by_name(q, "prompt");
 		char *id = p ? xmpp_stanza_get_text(p) : NULL;
-		char esc[4 * 255 + 1], rid[300], rbare[XJ_JID_MAX + 1];
-		bool ok = id && xj_escape_local(id, esc, sizeof(esc));
-		if (ok) {
-			int n = snprintf(jid, sizeof(jid), "%s@%s", esc, xc->domain);
-			ok = n > 0 && (size_t)n < sizeof(jid) && xa_remote_user(xc, jid, rid, sizeof(rid), rbare, sizeof(rbare));
-		}
+		char rid[300], rbare[XJ_JID_MAX + 1];
+		bool ok = id && xa_remote_jid(xc, id, jid, sizeof(jid)) &&
+			  xa_remote_user(xc, jid, rid, sizeof(rid), rbare, sizeof(rbare));
 		if (id)
 			xmpp_free(xc->ctx, id);
 		if (!ok)
@@ -446,10 +445,10 @@ static void gateway_iq(struct xcomp *xc, xmpp_stanza_t *st, xmpp_stanza_t *q, bo
 	if (rq && get) {
 		char desc[XJ_PART_MAX + 200];
 		snprintf(desc, sizeof(desc), "The id of your contact on %s, as that network shows it", xc->peer);
-		add_text(xc->ctx, rq, "desc", desc);
-		add_text(xc->ctx, rq, "prompt", "Contact id");
+		xa_text_child(xc->ctx, rq, "desc", NULL, desc);
+		xa_text_child(xc->ctx, rq, "prompt", NULL, "Contact id");
 	} else if (rq) {
-		add_text(xc->ctx, rq, "jid", jid);
+		xa_text_child(xc->ctx, rq, "jid", NULL, jid);
 	}
 	xa_send_now(xc, r);
 }

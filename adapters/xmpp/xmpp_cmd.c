@@ -54,15 +54,8 @@ static void presence_to(struct xcomp *xc, bool now, const char *from, const char
 	xmpp_stanza_set_to(p, to);
 	if (type)
 		xmpp_stanza_set_type(p, type);
-	if (nick && *nick) {
-		xmpp_stanza_t *n = xa_child(ctx, p, "nick", NS_NICK);
-		xmpp_stanza_t *t = n ? xmpp_stanza_new(ctx) : NULL;
-		if (t) {
-			xmpp_stanza_set_text(t, nick);
-			xmpp_stanza_add_child(n, t);
-			xmpp_stanza_release(t);
-		}
-	}
+	if (nick && *nick)
+		xa_text_child(ctx, p, "nick", NS_NICK, nick);
 	if (now)
 		xa_send_now(xc, p);
 	else
@@ -205,14 +198,9 @@ static void command_answer(struct xcomp *xc, const char *iq_text, const char *no
 				sid = fresh;
 			}
 			xmpp_stanza_set_attribute(cmd, "sessionid", sid);
-			xmpp_stanza_t *n = xa_child(ctx, cmd, "note", NULL);
-			xmpp_stanza_t *t = n ? xmpp_stanza_new(ctx) : NULL;
-			if (t) {
+			xmpp_stanza_t *n = xa_text_child(ctx, cmd, "note", NULL, note);
+			if (n)
 				xmpp_stanza_set_attribute(n, "type", note_type);
-				xmpp_stanza_set_text(t, note);
-				xmpp_stanza_add_child(n, t);
-				xmpp_stanza_release(t);
-			}
 		}
 		xa_enqueue_stanza(xc, r);
 	}
@@ -454,18 +442,15 @@ void xa_requests(struct xcomp *xc, PGconn *c, bool all)
 		return;
 	}
 	for (int i = 0; i < PQntuples(r); i++) {
-		char esc[4 * 255 + 1], remote[1100];
-		if (!xj_escape_local(PQgetvalue(r, i, 2), esc, sizeof(esc)))
-			continue;
-		int rn = snprintf(remote, sizeof(remote), "%s@%s", esc, xc->domain);
-		if (rn < 0 || (size_t)rn >= sizeof(remote))
+		char remote[XJ_JID_MAX + 1];
+		if (!xa_remote_jid(xc, PQgetvalue(r, i, 2), remote, sizeof(remote)))
 			continue;
 		const char *local = PQgetvalue(r, i, 1), *nick = PQgetvalue(r, i, 3);
 		presence_to(xc, true, remote, local, "subscribe", nick);
 		if (PQgetvalue(r, i, 5)[0] == 't') {
 			xmpp_stanza_t *m = xmpp_message_new(xc->ctx, "chat", local, NULL);
 			if (m) {
-				char text[1600];
+				char text[XJ_JID_MAX + 2 * 1024];
 				snprintf(text, sizeof(text),
 					 "%s%s%s (%s, network %s) wants to write to you. Their messages wait until you answer: "
 					 "approve their contact request to accept them, deny it to block them (or use this "
@@ -520,11 +505,8 @@ void xa_roster_sync(struct xcomp *xc, PGconn *c)
 		return; /* tried again in a second */
 	}
 	for (int i = 0; i < PQntuples(r); i++) {
-		char esc[4 * 255 + 1], remote[1100];
-		if (!xj_escape_local(PQgetvalue(r, i, 1), esc, sizeof(esc)))
-			continue;
-		int n = snprintf(remote, sizeof(remote), "%s@%s", esc, xc->domain);
-		if (n < 0 || (size_t)n >= sizeof(remote))
+		char remote[XJ_JID_MAX + 1];
+		if (!xa_remote_jid(xc, PQgetvalue(r, i, 1), remote, sizeof(remote)))
 			continue;
 		presence_to(xc, true, remote, PQgetvalue(r, i, 0), "unsubscribe", NULL);
 		presence_to(xc, true, remote, PQgetvalue(r, i, 0), "unsubscribed", NULL);

@@ -59,6 +59,15 @@ bool xa_remote_user(struct xcomp *xc, const char *jid, char *id, size_t idlen, c
 	return n > 0 && (size_t)n < blen;
 }
 
+bool xa_remote_jid(const struct xcomp *xc, const char *id, char *out, size_t len)
+{
+	char esc[4 * 255 + 1];
+	if (!xj_escape_local(id, esc, sizeof(esc)))
+		return false;
+	int n = snprintf(out, len, "%s@%s", esc, xc->domain);
+	return n > 0 && (size_t)n < len;
+}
+
 /* The native id of the conversation (local user, remote user): readable
  * when short, else a digest (the pipeline takes at most 512 bytes). */
 void xa_room_native(const char *local_bare, const char *remote_bare, char *out, size_t len)
@@ -407,13 +416,7 @@ static void to_component(struct xcomp *xc, xmpp_stanza_t *st)
 		 "this service's commands (ad-hoc commands: list, accept, block, opt-in, opt-out, report).",
 		 xc->peer, xc->domain);
 	xmpp_message_set_body(m, text);
-	char *buf = NULL;
-	size_t len = 0;
-	if (xmpp_stanza_to_text(m, &buf, &len) == XMPP_EOK && xc->conn)
-		xmpp_send_raw(xc->conn, buf, len);
-	if (buf)
-		xmpp_free(xc->ctx, buf);
-	xmpp_stanza_release(m);
+	xa_send_now(xc, m);
 }
 
 /* An error answer from the stream's own thread, at once. */

@@ -104,6 +104,10 @@ bool xa_wait_written(struct xcomp *xc, uint64_t seq, long timeout_ms);
 void xa_send_now(struct xcomp *xc, xmpp_stanza_t *st);
 /* A new child element of parent (held by it; NULL when memory runs out). */
 xmpp_stanza_t *xa_child(xmpp_ctx_t *ctx, xmpp_stanza_t *parent, const char *name, const char *ns);
+/* <name xmlns=ns>text</name> added to parent (ns may be NULL); the element,
+ * or NULL when memory runs out. */
+xmpp_stanza_t *xa_text_child(xmpp_ctx_t *ctx, xmpp_stanza_t *parent, const char *name, const char *ns,
+			     const char *text);
 /* A stanza error answering st (from and to swapped, from = to of st). */
 xmpp_stanza_t *xa_iq_result(xmpp_stanza_t *iq);
 xmpp_stanza_t *xa_error_reply(xmpp_stanza_t *st, const char *type, const char *condition, const char *text);
@@ -118,6 +122,9 @@ void xa_in_message(struct xcomp *xc, xmpp_stanza_t *st);
 bool xa_local_user(struct xmpp *x, const char *jid, char *bare, size_t blen, char *local, size_t llen);
 /* The remote user's id (unescaped localpart) of a JID of the component, or false. */
 bool xa_remote_user(struct xcomp *xc, const char *jid, char *id, size_t idlen, char *bare, size_t blen);
+/* The inverse: the bare JID of the peer's user id at this component
+ * (escaped localpart); false when the id has none or out is too small. */
+bool xa_remote_jid(const struct xcomp *xc, const char *id, char *out, size_t len);
 
 /* xmpp_cmd.c */
 void xa_presence(struct xcomp *xc, xmpp_stanza_t *st);

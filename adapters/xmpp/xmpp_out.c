@@ -94,16 +94,15 @@ static bool build(struct xmpp *x, struct outbox_row *row, PGresult *r, int k, st
 		cw_fail(e, CW_EINVAL, "no XMPP component stands for the peer %s (xmpp.components)", col(r, k, 4));
 		return false;
 	}
-	char local_jid[XJ_JID_MAX + 1], esc[4 * 255 + 1], remote_jid[XJ_JID_MAX + 1];
+	char local_jid[XJ_JID_MAX + 1], remote_jid[XJ_JID_MAX + 1];
 	if (col(r, k, 2))
 		snprintf(local_jid, sizeof(local_jid), "%s", col(r, k, 2));
 	else
 		snprintf(local_jid, sizeof(local_jid), "%s@%s", col(r, k, 1), x->local_domain);
-	if (!xj_escape_local(col(r, k, 3), esc, sizeof(esc))) {
+	if (!xa_remote_jid(*xc, col(r, k, 3), remote_jid, sizeof(remote_jid))) {
 		cw_fail(e, CW_EINVAL, "the remote user's id has no JID");
 		return false;
 	}
-	snprintf(remote_jid, sizeof(remote_jid), "%s@%s", esc, (*xc)->domain);
 	if (!col(r, k, 5) || !col(r, k, 2)) {
 		char room[600];
 		xa_room_native(local_jid, remote_jid, room, sizeof(room));
