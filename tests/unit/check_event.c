@@ -163,14 +163,6 @@ static json_t *resolve(json_t *root, const char *ptr)
 	return v;
 }
 
-/* The canonical text of a value, for whole-document comparison. */
-static char *canon(json_t *v)
-{
-	char *s = json_dumps(v, JSON_COMPACT | JSON_SORT_KEYS | JSON_ENCODE_ANY);
-	ck_assert_ptr_nonnull(s);
-	return s;
-}
-
 static void uri_text(bool has, const struct mimi_uri *u, char *buf, size_t size)
 {
 	snprintf(buf, size, "(none)");
@@ -279,7 +271,7 @@ START_TEST(event_cases)
 			/* Nothing dropped or changed: the kept object equals a plain parse. */
 			json_t *plain = json_loadb(body, len, 0, NULL);
 			ck_assert_ptr_nonnull(plain);
-			char *a = canon(ev.json), *b = canon(plain);
+			char *a = unit_json_canon(ev.json), *b = unit_json_canon(plain);
 			ck_assert_msg(strcmp(a, b) == 0, "case '%s': event.json differs from the body", k->name);
 			free(a);
 			free(b);

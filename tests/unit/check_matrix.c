@@ -40,21 +40,6 @@ static unsigned rnd_below(unsigned n)
 	return (unsigned)(rnd() % n);
 }
 
-static char *canon(const json_t *v)
-{
-	char *s = json_dumps(v, JSON_COMPACT | JSON_SORT_KEYS | JSON_ENCODE_ANY);
-	ck_assert_ptr_nonnull(s);
-	return s;
-}
-
-static void assert_json_eq(const json_t *got, const json_t *want, const char *what)
-{
-	char *g = canon(got), *w = canon(want);
-	ck_assert_msg(strcmp(g, w) == 0, "%s:\n  got  %s\n  want %s", what, g, w);
-	free(g);
-	free(w);
-}
-
 /* A neutral body from the mapping, with sender and room added, must pass the
  * neutral API's own validation. */
 static void assert_event_parses(const json_t *neutral, const char *what)
@@ -600,7 +585,7 @@ static void round_trip(const struct mcase *k, const json_t *neutral, const struc
 	if (!sent_as_new)
 		ck_assert_msg(strcmp(bt, type) == 0, "case '%s': round trip type %s", k->name, bt);
 	if (k->roundtrip_exact) {
-		assert_json_eq(bc, nc, k->name);
+		unit_assert_json_eq(bc, nc, k->name);
 	} else if (strcmp(type, "reaction") == 0) {
 		ck_assert_str_eq(plain_of(bc), plain_of(nc));
 	} else if (!json_object_get(nc, "attachments") && plain_of(nc) && !sent_as_new) {
@@ -653,7 +638,7 @@ START_TEST(map_cases)
 				ck_assert_ptr_nonnull(out);
 				if (k->output) {
 					json_t *want = load_json_text(k->output, k, "expected");
-					assert_json_eq(out, want, k->name);
+					unit_assert_json_eq(out, want, k->name);
 					json_decref(want);
 				}
 				assert_event_parses(out, k->name);
@@ -697,7 +682,7 @@ START_TEST(map_cases)
 				if (k->output) {
 					json_t *want = load_json_text(k->output, k, "expected");
 					ck_assert_msg(o.content != NULL, "case '%s': no content", k->name);
-					assert_json_eq(o.content, want, k->name);
+					unit_assert_json_eq(o.content, want, k->name);
 					json_decref(want);
 				}
 				const char *nt = json_string_value(json_object_get(neutral, "type"));
@@ -720,7 +705,7 @@ START_TEST(map_cases)
 			json_t *list = mx_ephemeral_to_neutral(ev, table_lookup, &t);
 			ck_assert_ptr_nonnull(list);
 			json_t *want = load_json_text(k->output, k, "expected");
-			assert_json_eq(list, want, k->name);
+			unit_assert_json_eq(list, want, k->name);
 			size_t j;
 			json_t *x;
 			json_array_foreach(list, j, x) {
@@ -755,7 +740,7 @@ START_TEST(map_cases)
 			for (size_t j = 0; j < cnt; j++)
 				json_array_append_new(got, json_string(ids[j]));
 			json_t *want = load_json_text(k->output, k, "expected");
-			assert_json_eq(got, want, k->name);
+			unit_assert_json_eq(got, want, k->name);
 			if (cnt > 1)
 				ck_assert_uint_eq(mx_event_refs(ev, ids, 1), 1);
 			json_decref(got);
@@ -1011,7 +996,7 @@ START_TEST(random_round_trip_property)
 		assert_event_parses(back, kind);
 		/* The marker is not content: it does not come back. */
 		json_t *want = json_deep_copy(content);
-		assert_json_eq(json_object_get(back, "content"), want, kind);
+		unit_assert_json_eq(json_object_get(back, "content"), want, kind);
 		ck_assert_str_eq(json_string_value(json_object_get(back, "type")), kind);
 		json_decref(want);
 		json_decref(back);

@@ -85,21 +85,6 @@ static int split_on(char *line, const char *sep, char **f, int max)
 	return n;
 }
 
-static char *canon(const json_t *v)
-{
-	char *s = json_dumps(v, JSON_COMPACT | JSON_SORT_KEYS | JSON_ENCODE_ANY);
-	ck_assert_ptr_nonnull(s);
-	return s;
-}
-
-static void assert_json_eq(const json_t *got, const json_t *want, const char *what)
-{
-	char *g = canon(got), *w = canon(want);
-	ck_assert_msg(strcmp(g, w) == 0, "%s:\n  got  %.600s\n  want %.600s", what, g, w);
-	free(g);
-	free(w);
-}
-
 /* A neutral body from the mapping, with the sender added, must pass the
  * neutral API's own validation. */
 static void assert_event_parses(const json_t *neutral, const char *what)
@@ -450,7 +435,7 @@ START_TEST(in_cases)
 			/* Deterministic: the same stanza maps to the same events. */
 			json_t *again = NULL;
 			ck_assert_int_eq(xm_to_neutral(st, &l, TS, &again, NULL, 0), XM_IN_OK);
-			assert_json_eq(again, out, name);
+			unit_assert_json_eq(again, out, name);
 			json_decref(again);
 			size_t i;
 			json_t *ev;
@@ -459,7 +444,7 @@ START_TEST(in_cases)
 			json_error_t je;
 			json_t *want = json_loads(want_text, 0, &je);
 			ck_assert_msg(want != NULL, "line %d: bad JSON: %s", lineno, je.text);
-			assert_json_eq(out, want, name);
+			unit_assert_json_eq(out, want, name);
 			json_decref(want);
 			json_decref(out);
 		} else {
@@ -1113,10 +1098,10 @@ START_TEST(round_trip_property)
 		} else if (strcmp(kind, "unreact") == 0) {
 			ck_assert_str_eq(json_string_value(json_object_get(bc, "replaces")), "msg_rk");
 		} else if (strcmp(kind, "typing") == 0 || strcmp(kind, "receipt") == 0 || strcmp(kind, "delete") == 0) {
-			assert_json_eq(bc, nc, kind);
+			unit_assert_json_eq(bc, nc, kind);
 		} else {
 			/* text, in_reply_to, replaces, disposition: all of it */
-			assert_json_eq(bc, nc, kind);
+			unit_assert_json_eq(bc, nc, kind);
 		}
 		json_decref(out);
 		xmpp_stanza_release(back);

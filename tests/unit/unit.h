@@ -3,6 +3,7 @@
 #define CW_UNIT_H
 
 #include <check.h>
+#include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,6 +16,23 @@ static inline const char *unit_data_path(const char *name)
 	const char *top = getenv("top_srcdir");
 	snprintf(path, sizeof(path), "%s/tests/unit/data/%s", top && *top ? top : ".", name);
 	return path;
+}
+
+/* The canonical text of a JSON value (sorted keys, compact), for
+ * whole-document comparison; the caller frees it. */
+static inline char *unit_json_canon(const json_t *v)
+{
+	char *s = json_dumps(v, JSON_COMPACT | JSON_SORT_KEYS | JSON_ENCODE_ANY);
+	ck_assert_ptr_nonnull(s);
+	return s;
+}
+
+static inline void unit_assert_json_eq(const json_t *got, const json_t *want, const char *what)
+{
+	char *g = unit_json_canon(got), *w = unit_json_canon(want);
+	ck_assert_msg(strcmp(g, w) == 0, "%s:\n  got  %s\n  want %s", what, g, w);
+	free(g);
+	free(w);
 }
 
 /* The UTF-8 bytes of code point cp (below U+110000, not a surrogate) in
