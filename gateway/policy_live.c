@@ -91,18 +91,8 @@ static cw_err load_all(PGconn *c, struct policy_builder *b, struct policy_settin
 			   "FROM rules WHERE enabled AND (expires_at IS NULL OR expires_at > now())", &r, e)))
 		return rc;
 	for (int i = 0; i < PQntuples(r); i++) {
-		enum policy_scope scope;
-		enum policy_mode mode = POLICY_MODE_NONE;
-		struct policy_limits lim;
-		char why[256];
-		json_t *limits = json_loads(PQgetvalue(r, i, 4), 0, NULL);
-		bool ok = policy_scope_parse(PQgetvalue(r, i, 1), &scope) &&
-			  (!*PQgetvalue(r, i, 3) || policy_mode_parse(PQgetvalue(r, i, 3), &mode)) &&
-			  policy_limits_from_json(limits, &lim, why, sizeof(why));
-		json_decref(limits);
-		int brc = ok ? policy_builder_rule(b, atoll(PQgetvalue(r, i, 0)), scope, PQgetvalue(r, i, 2), mode, &lim,
-						   atoll(PQgetvalue(r, i, 5)))
-			     : -1;
+		int brc = policy_builder_rule_row(b, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1), PQgetvalue(r, i, 2),
+						  PQgetvalue(r, i, 3), PQgetvalue(r, i, 4), PQgetvalue(r, i, 5));
 		if (brc == -2) {
 			PQclear(r);
 			return cw_fail(e, CW_ENOMEM, "out of memory");
@@ -384,6 +374,8 @@ static bool reload(struct policy_live *pl)
 		return false;
 	}
 	swap_in(pl, v);
+	if (pl->o.on_reload)
+		pl->o.on_reload(pl->c, pl->o.reload_arg);
 	pthread_mutex_lock(&pl->mu);
 	if (serving > pl->done)
 		pl->done = serving;

@@ -70,6 +70,10 @@ struct policy_live_opts {
 	long statement_timeout_ms;
 	long sweep_interval_ms;
 	long reload_interval_s;
+	/* Also run on each reload, on the thread's connection (other state
+	 * that must follow changes as the policy does: the admin tokens). */
+	void (*on_reload)(PGconn *c, void *arg);
+	void *reload_arg;
 };
 /* Loads the first snapshot (failing start-up if it cannot) and starts the
  * thread. */

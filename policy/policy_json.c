@@ -3,6 +3,7 @@
 #include "policy_json.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 struct limit_field {
@@ -114,4 +115,18 @@ json_t *policy_limits_to_json(const struct policy_limits *l)
 		json_object_set_new(o, "content_kinds", a);
 	}
 	return o;
+}
+
+int policy_builder_rule_row(struct policy_builder *b, const char *id, const char *scope, const char *pattern,
+			    const char *mode, const char *limits, const char *expires_ms)
+{
+	enum policy_scope sc;
+	enum policy_mode m = POLICY_MODE_NONE;
+	struct policy_limits lim;
+	char why[256];
+	json_t *lj = json_loads(limits, 0, NULL);
+	bool ok = lj && policy_scope_parse(scope, &sc) && (!*mode || policy_mode_parse(mode, &m)) &&
+		  policy_limits_from_json(lj, &lim, why, sizeof(why));
+	json_decref(lj);
+	return ok ? policy_builder_rule(b, atoll(id), sc, pattern, m, &lim, atoll(expires_ms)) : -1;
 }

@@ -16,4 +16,11 @@ bool policy_limits_from_json(const json_t *o, struct policy_limits *out, char *e
 /* The limits as a new JSON object (only the members that are set). */
 json_t *policy_limits_to_json(const struct policy_limits *l);
 
+/* Adds one row of the rules table, as the snapshot loader reads it (text):
+ * id, scope, pattern, mode ("" when the rule only sets limits), limits (JSON
+ * text) and expires_ms ("0": never).  policy_builder_rule's return codes;
+ * -1 also when a field is not understood (the loader skips such a row). */
+int policy_builder_rule_row(struct policy_builder *b, const char *id, const char *scope, const char *pattern,
+			    const char *mode, const char *limits, const char *expires_ms);
+
 #endif
