@@ -15,6 +15,9 @@
 #include "xmpp/xmpp.h"
 #include "policy_admin.h"
 #include "policy_live.h"
+#include "admin_auth.h"
+#include "admin_views.h"
+#include "console.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -30,15 +33,28 @@
 extern const char cw_openapi_json[];
 extern const size_t cw_openapi_json_len;
 
-static void h_openapi(struct cw_req *req, void *ctx)
+extern const char cw_admin_openapi_json[];
+extern const size_t cw_admin_openapi_json_len;
+
+static void reply_static(struct cw_req *req, const char *doc, size_t len)
 {
-	char *copy = malloc(cw_openapi_json_len);
+	char *copy = malloc(len);
 	if (!copy) {
 		cw_req_problem(req, 500, "internal", "Internal error", "out of memory");
 		return;
 	}
-	memcpy(copy, cw_openapi_json, cw_openapi_json_len);
-	cw_req_reply(req, 200, "application/json", copy, cw_openapi_json_len);
+	memcpy(copy, doc, len);
+	cw_req_reply(req, 200, "application/json", copy, len);
+}
+
+static void h_openapi(struct cw_req *req, void *ctx)
+{
+	reply_static(req, cw_openapi_json, cw_openapi_json_len);
+}
+
+static void h_admin_openapi(struct cw_req *req, void *ctx)
+{
+	reply_static(req, cw_admin_openapi_json, cw_admin_openapi_json_len);
 }
 
 /* ------------------------------------------------------------------ healthz */
@@ -345,6 +361,21 @@ const struct cw_route app_routes[] = {
 	{ "POST", "/admin/v1/reports/{id}/handle", policy_admin_report_handle, CW_AUTH_ADMIN, NULL },
 	{ "GET", "/admin/v1/audit", policy_admin_audit_list, CW_AUTH_ADMIN_READ, NULL },
 	{ "GET", "/admin/v1/messages/{id}/decision", policy_admin_decision, CW_AUTH_ADMIN_READ, NULL },
+	{ "GET", "/admin/v1/messages/{id}", outbox_admin_trace, CW_AUTH_ADMIN_READ, NULL },
+	{ "POST", "/admin/v1/outbox/{id}/discard", outbox_admin_discard, CW_AUTH_ADMIN, NULL },
+	{ "GET", "/admin/v1/whoami", admin_whoami, CW_AUTH_ADMIN_READ, NULL },
+	{ "GET", "/admin/v1/tokens", admin_tokens_list, CW_AUTH_ADMIN_READ, NULL },
+	{ "POST", "/admin/v1/tokens", admin_tokens_create, CW_AUTH_ADMIN, NULL },
+	{ "POST", "/admin/v1/tokens/{name}/revoke", admin_tokens_revoke, CW_AUTH_ADMIN, NULL },
+	{ "GET", "/admin/v1/rooms", admin_views_rooms_list, CW_AUTH_ADMIN_READ, NULL },
+	{ "GET", "/admin/v1/rooms/{id}", admin_views_room_get, CW_AUTH_ADMIN_READ, NULL },
+	{ "GET", "/admin/v1/adapters", admin_views_adapters, CW_AUTH_ADMIN_READ, NULL },
+	{ "GET", "/admin/v1/config", admin_views_config, CW_AUTH_ADMIN_READ, NULL },
+	{ "GET", "/admin/v1/stats", admin_views_stats, CW_AUTH_ADMIN_READ, NULL },
+	{ "GET", "/admin/v1/openapi.json", h_admin_openapi, CW_AUTH_NONE, NULL },
+	{ "GET", "/admin", console_redirect, CW_AUTH_NONE, NULL },
+	{ "GET", "/admin/", console_serve, CW_AUTH_NONE, NULL },
+	{ "GET", "/admin/{file}", console_serve, CW_AUTH_NONE, NULL },
 };
 const size_t app_nroutes = CW_ARRAY_LEN(app_routes);
 
@@ -618,6 +649,38 @@ static void unauthenticated(struct cw_req *req, const char *detail)
 	cw_req_problem(req, 401, "unauthenticated", "Unauthenticated", detail);
 }
 
+/* Records that a named admin token was used (at most once a minute per
+ * token and process): a write of its own, whose outcome nobody waits for. */
+static cw_err touch_fn(PGconn *c, void *arg, cw_errmsg *e)
+{
+	char id[24];
+	snprintf(id, sizeof(id), "%lld", (long long)*(int64_t *)arg);
+	const char *p[] = { id };
+	PGresult *r = PQexecParams(c, "UPDATE admin_tokens SET last_used_at = now() WHERE id = $1::bigint", 1, NULL, p,
+				   NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_COMMAND_OK, e);
+	if (!rc)
+		PQclear(r);
+	return rc;
+}
+
+static void touch_done(void *arg, cw_err rc, const cw_errmsg *e)
+{
+	(void)rc;
+	(void)e;
+	free(arg);
+}
+
+static void admin_touch(struct cw_app *app, int64_t id)
+{
+	int64_t *arg = malloc(sizeof(*arg));
+	if (!arg)
+		return;
+	*arg = id;
+	if (store_write(app->store, touch_fn, touch_done, arg))
+		free(arg);
+}
+
 bool app_authorize(struct cw_req *req, enum cw_auth auth, void *ctx)
 {
 	struct cw_app *app = ctx;
@@ -627,16 +690,26 @@ bool app_authorize(struct cw_req *req, enum cw_auth auth, void *ctx)
 		return true;
 	case CW_AUTH_ADMIN:
 	case CW_AUTH_ADMIN_READ: {
-		if (!app->admin_enabled) {
+		/* Admin answers are never kept by a cache. */
+		cw_req_add_header(req, "Cache-Control", "no-store");
+		if (!app->admins || !admin_tokens_any(app->admins)) {
 			cw_req_problem(req, 403, "admin_disabled", "Admin API disabled",
 				       "set admin.token_sha256 to enable the admin API");
 			return false;
 		}
-		unsigned char h[32];
-		if (token)
-			cw_sha256(token, strlen(token), h);
-		if (!token || !cw_ct_equal(h, app->admin_token_hash, 32)) {
+		int64_t touch = 0;
+		struct admin_principal *p = token && strlen(token) < 128 ? admin_tokens_check(app->admins, token, &touch)
+									 : NULL;
+		if (!p) {
 			unauthenticated(req, "a valid admin bearer token is required");
+			return false;
+		}
+		cw_req_set_principal(req, p, free);
+		if (touch)
+			admin_touch(app, touch);
+		if (auth == CW_AUTH_ADMIN && !p->can_change) {
+			cw_req_problem(req, 403, "forbidden", "Not allowed",
+				       "this token has the viewer role: it may read, not change");
 			return false;
 		}
 		return true;

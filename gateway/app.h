@@ -22,6 +22,8 @@ struct peer_pull;
 struct submit_queue;
 struct policy_live;
 struct ratelimit;
+struct admin_tokens;
+struct admin_views;
 
 struct cw_app {
 	struct cw_config *cfg;
@@ -30,8 +32,8 @@ struct cw_app {
 	struct migration_set migrations;
 	int64_t started_wall_ms;
 	struct peer_registry *peers;
-	unsigned char admin_token_hash[32];
-	bool admin_enabled;
+	struct admin_tokens *admins;    /* admin API credentials */
+	struct admin_views *views;      /* what the admin views keep */
 	EVP_PKEY *signing_key;          /* Causeway's own Ed25519 key */
 	char public_key_b64[64];
 	struct httpsig_replay *replay;  /* nonces of peer signatures */

@@ -118,8 +118,9 @@ const struct cfg_option cfg_options[] = {
 	{ "xmpp", "resend_window_ms", CFG_INT, OFF(xmpp_resend_window_ms), "10000", 0, 600000, false, false,
 	  "stanzas written this long before a stream broke are written again (same id) after the reconnect" },
 
-	{ "admin", "token_sha256", CFG_STR, OFF(admin_token_sha256), "", 0, 0, false, false,
-	  "hex SHA-256 of the admin API's bearer token (causewayd --new-admin-token makes one); empty: admin API off" },
+	{ "admin", "token_sha256", CFG_STR, OFF(admin_token_sha256), "", 0, 0, false, true,
+	  "hex SHA-256 of the bootstrap admin token, role admin, name config (causewayd --new-admin-token makes one); "
+	  "empty: only named tokens (docs/admin-api.md)" },
 
 	{ "log", "level", CFG_LOGLEVEL, OFF(log_level), "info", 0, 0, true, false,
 	  "error, warn, info or debug" },

@@ -216,7 +216,8 @@ static void record(struct dispatcher *d, const struct outbox_row *rows, size_t n
 	/* One statement: the attempts are recorded and the rows move on. */
 	PGresult *r = PQexecParams(d->c,
 		"WITH a AS (INSERT INTO delivery_attempts (outbox_id, attempt, started_at, finished_at, ok, code, error) "
-		" SELECT o.id, o.attempts, to_timestamp($8::bigint / 1000.0), now(), $2::boolean, "
+		" SELECT o.id, coalesce((SELECT max(x.attempt) FROM delivery_attempts x WHERE x.outbox_id = o.id), 0) + 1, "
+		"  to_timestamp($8::bigint / 1000.0), now(), $2::boolean, "
 		"  NULLIF($3::int, 0), $4 FROM outbox o WHERE o.id = ANY($1::bigint[]) "
 		" ON CONFLICT (outbox_id, attempt) DO NOTHING) "
 		"UPDATE outbox SET claimed_by = NULL, claimed_until = NULL, "

@@ -15,7 +15,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#define REQ_MAX_HEADERS 6
+#define REQ_MAX_HEADERS 10
 
 struct cw_http {
 	struct MHD_Daemon *d;

@@ -1,6 +1,8 @@
 /* causewayd: start-up, signals, reload and graceful shutdown. */
 #include "config.h"
 #include "app.h"
+#include "admin_auth.h"
+#include "admin_views.h"
 #include "log.h"
 #include "dispatcher.h"
 #include "matrix/matrix.h"
@@ -95,6 +97,14 @@ static int run_migrations(const struct cw_config *cfg, const struct migration_se
 	snprintf(n, sizeof(n), "%zu", set->n);
 	LOG_KV(CW_LOG_INFO, "schema current", "applied_now", a, "migrations", n);
 	return 0;
+}
+
+/* The policy thread's reload hook: the admin tokens follow the policy. */
+static void reload_admins(PGconn *c, void *arg)
+{
+	cw_errmsg e;
+	if (admin_tokens_load(arg, c, &e))
+		LOG_KV(CW_LOG_WARN, "admin token reload failed; the previous tokens stay in force", "detail", e.msg);
 }
 
 static void reload(struct cw_app *app, const char *path)
@@ -214,10 +224,16 @@ int main(int argc, char **argv)
 	int exit_code = 1;
 	if (run_migrations(&cfg, &app.migrations, true))
 		goto out_migrations;
-	if (cfg.admin_token_sha256 && *cfg.admin_token_sha256) {
-		for (int i = 0; i < 32; i++)
-			sscanf(cfg.admin_token_sha256 + 2 * i, "%2hhx", &app.admin_token_hash[i]);
-		app.admin_enabled = true;
+	{
+		unsigned char h[32];
+		bool set = cfg.admin_token_sha256 && *cfg.admin_token_sha256;
+		for (int i = 0; set && i < 32; i++)
+			sscanf(cfg.admin_token_sha256 + 2 * i, "%2hhx", &h[i]);
+		app.views = admin_views_new();
+		if (!(app.admins = admin_tokens_new(set ? h : NULL)) || !app.views) {
+			LOG_KV(CW_LOG_ERROR, "out of memory");
+			goto out_migrations;
+		}
 	}
 	if (httpsig_key_load_or_create(cfg.signing_key_file, &app.signing_key, &e)) {
 		LOG_KV(CW_LOG_ERROR, "cannot load or create the signing key", "file", cfg.signing_key_file,
@@ -233,8 +249,8 @@ int main(int argc, char **argv)
 	app.submits = submit_queue_new();
 	{
 		PGconn *c = connect_at_start(&cfg, &e);
-		if (!c || peer_registry_load(app.peers, c, &e)) {
-			LOG_KV(CW_LOG_ERROR, "cannot load the peers", "detail", e.msg);
+		if (!c || peer_registry_load(app.peers, c, &e) || admin_tokens_load(app.admins, c, &e)) {
+			LOG_KV(CW_LOG_ERROR, "cannot load the peers and admin tokens", "detail", e.msg);
 			PQfinish(c);
 			goto out_migrations;
 		}
@@ -244,6 +260,7 @@ int main(int argc, char **argv)
 	struct policy_live_opts po = {
 		.url = cfg.db_url, .statement_timeout_ms = cfg.db_statement_timeout_ms,
 		.sweep_interval_ms = cfg.policy_sweep_interval_ms, .reload_interval_s = cfg.policy_reload_interval_s,
+		.on_reload = reload_admins, .reload_arg = app.admins,
 	};
 	app.limits = ratelimit_new((size_t)cfg.policy_rate_buckets);
 	if (!app.limits || policy_live_start(&app.policy, &po, &e)) {
@@ -408,6 +425,8 @@ out_migrations:
 	ratelimit_free(app.limits);
 	submit_queue_free(app.submits);
 	peer_registry_free(app.peers);
+	admin_tokens_free(app.admins);
+	admin_views_free(app.views);
 	httpsig_replay_free(app.replay);
 	EVP_PKEY_free(app.signing_key);
 	migration_set_free(&app.migrations);

@@ -9,7 +9,9 @@
  * before the answer. */
 #include "config.h"
 #include "policy_admin.h"
+#include "outbox_admin.h"
 #include "app.h"
+#include "admin_auth.h"
 #include "event.h"
 #include "peer_api.h"
 #include "policy_json.h"
@@ -126,9 +128,10 @@ static cw_err aq_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	}
 	if (q->action) {
 		char *details = json_dumps(body, JSON_COMPACT);
-		const char *ap[] = { q->action, q->subject >= 0 ? q->p[q->subject] : NULL, details ? details : "{}" };
-		r = PQexecParams(c, "INSERT INTO audit_log (actor, action, subject, details) VALUES ('admin', $1, $2, "
-				    "$3::jsonb)", 3, NULL, ap, NULL, NULL, 0);
+		const char *ap[] = { q->action, q->subject >= 0 ? q->p[q->subject] : NULL, details ? details : "{}",
+				     admin_actor(j->req) };
+		r = PQexecParams(c, "INSERT INTO audit_log (actor, action, subject, details) VALUES ($4, $1, $2, "
+				    "$3::jsonb)", 4, NULL, ap, NULL, NULL, 0);
 		free(details);
 		if ((rc = store_check(c, r, PGRES_COMMAND_OK, e))) {
 			json_decref(body);
@@ -935,13 +938,14 @@ void policy_admin_decision(struct cw_req *req, void *ctx)
 		" 'accepted_at', e.accepted_at, 'content_deleted', e.content = '{}'::jsonb, "
 		" 'recipients', (SELECT coalesce(json_agg(json_build_object('destination', o.destination, "
 		"  'recipient', t.uri, 'state', o.state, 'attempts', o.attempts, 'last_error', o.last_error, "
-		"  'verdict', coalesce(split_part(a.action, '.', 2), CASE o.state WHEN 'dropped' THEN 'deny' "
-		"   WHEN 'held' THEN 'hold' WHEN 'expired' THEN 'hold' ELSE 'allow' END), 'reason', a.reason_code, "
+		"  'verdict', coalesce(split_part(a.action, '.', 2), "
+		"   CASE WHEN o.state = 'dropped' AND EXISTS (SELECT 1 FROM audit_log z WHERE z.action = 'outbox.discard' "
+		"    AND z.subject = o.id::text) THEN 'allow' WHEN o.state = 'dropped' THEN 'deny' ELSE CASE o.state "
+		"   WHEN 'held' THEN 'hold' WHEN 'expired' THEN 'hold' ELSE 'allow' END END), 'reason', a.reason_code, "
 		"  'rule_id', a.rule_id, 'decided_at', a.at) ORDER BY o.id), '[]'::json) "
 		"  FROM outbox o LEFT JOIN identities t ON t.id = o.target_identity_id "
 		"  LEFT JOIN LATERAL (SELECT * FROM audit_log a WHERE a.event_id = e.id AND a.actor = 'policy' "
-		"   AND a.subject = t.uri ORDER BY a.id DESC LIMIT 1) a "
-		"   ON o.target_identity_id IS NOT NULL "
+		"   AND " DELIVERY_DECISION " ORDER BY a.id DESC LIMIT 1) a ON true "
 		"  WHERE o.event_id = e.id), "
 		" 'decisions', (SELECT coalesce(json_agg(json_build_object('at', a.at, 'verdict', "
 		"  split_part(a.action, '.', 2), 'reason', a.reason_code, 'rule_id', a.rule_id, 'recipient', a.subject, "

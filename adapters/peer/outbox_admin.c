@@ -2,6 +2,8 @@
  * dead letter. */
 #include "config.h"
 #include "app.h"
+#include "admin_auth.h"
+#include "event.h"
 #include "log.h"
 #include "outbox_admin.h"
 
@@ -122,8 +124,9 @@ static cw_err replay_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	PQclear(r);
 	if (rc)
 		return rc;
-	r = PQexecParams(c, "INSERT INTO audit_log (actor, action, subject, details) VALUES ('admin', "
-			    "'outbox.replay', $1, '{}')", 1, NULL, params, NULL, NULL, 0);
+	const char *ap[] = { id, admin_actor(j->req) };
+	r = PQexecParams(c, "INSERT INTO audit_log (actor, action, subject, details) VALUES ($2, "
+			    "'outbox.replay', $1, '{}')", 2, NULL, ap, NULL, NULL, 0);
 	rc = PQresultStatus(r) == PGRES_COMMAND_OK ? CW_OK : store_result_err(c, r, e);
 	PQclear(r);
 	if (rc)
@@ -137,4 +140,99 @@ void outbox_admin_replay(struct cw_req *req, void *ctx)
 	char id[24];
 	if (app_path_id(req, "id", "outbox row", id))
 		app_job_run(ctx, req, replay_fn, strdup(id), free, true);
+}
+
+/* Discarding a dead letter: the operator gives up on it; the row stays,
+ * as dropped, so the message's status and trace still show it. */
+static cw_err discard_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
+{
+	const char *id = j->data;
+	const char *params[] = { id, admin_actor(j->req) };
+	PGresult *r = PQexecParams(c,
+		"WITH o AS (SELECT id, state FROM outbox WHERE id = $1::bigint FOR UPDATE), "
+		"u AS (UPDATE outbox x SET state = 'dropped', last_error = left('discarded by ' || $2 || "
+		"  coalesce('; ' || x.last_error, ''), 4096), claimed_by = NULL, claimed_until = NULL "
+		"  FROM o WHERE x.id = o.id AND o.state IN ('dead', 'failed') RETURNING x.id), "
+		"a AS (INSERT INTO audit_log (actor, action, subject, details) SELECT $2, 'outbox.discard', $1, "
+		"  json_build_object('state', o.state)::jsonb FROM o JOIN u ON u.id = o.id) "
+		"SELECT o.state, (SELECT count(*) FROM u) FROM o",
+		2, NULL, params, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	if (PQntuples(r) == 0) {
+		PQclear(r);
+		app_job_fail(j, 404, "not_found", "no outbox row with that id");
+		return CW_OK;
+	}
+	if (strcmp(PQgetvalue(r, 0, 1), "0") == 0) {
+		app_job_fail(j, 409, "conflict", "only a dead letter can be discarded; this row is %s", PQgetvalue(r, 0, 0));
+		PQclear(r);
+		return CW_OK;
+	}
+	PQclear(r);
+	j->body = json_pack("{s:I, s:s}", "id", (json_int_t)atoll(id), "state", "dropped");
+	return CW_OK;
+}
+
+void outbox_admin_discard(struct cw_req *req, void *ctx)
+{
+	char id[24];
+	if (app_path_id(req, "id", "outbox row", id))
+		app_job_run(ctx, req, discard_fn, strdup(id), free, true);
+}
+
+/* The message trace: where the message came from, every policy decision
+ * about it with its reason, and every delivery with each of its attempts,
+ * built in one statement. */
+static const char TRACE_SQL[] =
+	"SELECT json_build_object('message', e.public_id, 'room', r.public_id, 'sender', s.uri, 'type', e.type, "
+	" 'origin', json_build_object('network', e.origin_network, 'native_id', e.origin_native_id), "
+	" 'accepted_at', e.accepted_at, 'content_deleted', e.content = '{}'::jsonb, "
+	" 'decisions', (SELECT coalesce(json_agg(json_build_object('at', a.at, 'verdict', split_part(a.action, '.', 2), "
+	"  'reason', a.reason_code, 'rule_id', a.rule_id, 'recipient', a.subject, 'details', a.details) ORDER BY a.id), "
+	"  '[]'::json) FROM audit_log a WHERE a.event_id = e.id AND a.actor = 'policy'), "
+	" 'deliveries', (SELECT coalesce(json_agg(json_build_object('id', o.id, 'destination', o.destination, "
+	"  'recipient', t.uri, 'state', o.state, 'attempts', o.attempts, 'next_attempt_at', o.next_attempt_at, "
+	"  'last_error', o.last_error, 'remote_id', o.remote_id, 'created_at', o.created_at, "
+	"  'delivered_at', o.delivered_at, 'read_at', o.read_at, "
+	"  'verdict', coalesce(split_part(d.action, '.', 2), "
+	"   CASE WHEN o.state = 'dropped' AND EXISTS (SELECT 1 FROM audit_log z WHERE z.action = 'outbox.discard' "
+	"    AND z.subject = o.id::text) THEN 'allow' WHEN o.state = 'dropped' THEN 'deny' ELSE CASE o.state "
+	"   WHEN 'held' THEN 'hold' WHEN 'expired' THEN 'hold' ELSE 'allow' END END), 'reason', d.reason_code, "
+	"  'tries', (SELECT coalesce(json_agg(json_build_object('attempt', x.attempt, 'started_at', x.started_at, "
+	"   'finished_at', x.finished_at, 'ok', x.ok, 'code', x.code, 'error', x.error) ORDER BY x.attempt), "
+	"   '[]'::json) FROM delivery_attempts x WHERE x.outbox_id = o.id)) ORDER BY o.id), '[]'::json) "
+	"  FROM outbox o LEFT JOIN identities t ON t.id = o.target_identity_id "
+	"  LEFT JOIN LATERAL (SELECT * FROM audit_log a WHERE a.event_id = e.id AND a.actor = 'policy' "
+	"   AND " DELIVERY_DECISION " ORDER BY a.id DESC LIMIT 1) d ON true "
+	"  WHERE o.event_id = e.id))::text "
+	"FROM events e JOIN identities s ON s.id = e.sender_id JOIN rooms r ON r.id = e.room_id "
+	"WHERE e.public_id = $1";
+
+static cw_err trace_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
+{
+	const char *params[] = { j->data };
+	PGresult *r = PQexecParams(c, TRACE_SQL, 1, NULL, params, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	if (PQntuples(r) == 0) {
+		PQclear(r);
+		app_job_fail(j, 404, "not_found", "no message with that id");
+		return CW_OK;
+	}
+	j->body = json_loads(PQgetvalue(r, 0, 0), 0, NULL);
+	PQclear(r);
+	return j->body ? CW_OK : cw_fail(e, CW_EINTERNAL, "the database gave an answer that is not JSON");
+}
+
+void outbox_admin_trace(struct cw_req *req, void *ctx)
+{
+	const char *id = cw_req_param(req, "id");
+	if (!message_id_valid(id)) {
+		cw_req_problem(req, 404, "not_found", "Not found", "no message with that id");
+		return;
+	}
+	app_job_run(ctx, req, trace_fn, strdup(id), free, false);
 }

@@ -2,6 +2,7 @@
 #include "config.h"
 #include "peers.h"
 #include "app.h"
+#include "admin_auth.h"
 #include "log.h"
 
 #include <pthread.h>
@@ -354,14 +355,15 @@ static const char *str_field(json_t *body, const char *name)
 }
 
 /* Records the change and tells every daemon process to reload its peers. */
-static cw_err audit(PGconn *c, const char *action, const char *subject, const char *details, cw_errmsg *e)
+static cw_err audit(PGconn *c, struct app_job *j, const char *action, const char *subject, const char *details,
+		    cw_errmsg *e)
 {
 	cw_err nrc = store_exec(c, "NOTIFY causeway_peers", e);
 	if (nrc)
 		return nrc;
-	const char *params[] = { action, subject, details };
+	const char *params[] = { admin_actor(j->req), action, subject, details };
 	PGresult *r = PQexecParams(c, "INSERT INTO audit_log (actor, action, subject, details) "
-				      "VALUES ('admin', $1, $2, $3::jsonb)", 3, NULL, params, NULL, NULL, 0);
+				      "VALUES ($1, $2, $3, $4::jsonb)", 4, NULL, params, NULL, NULL, 0);
 	cw_err rc = PQresultStatus(r) == PGRES_COMMAND_OK ? CW_OK : store_result_err(c, r, e);
 	PQclear(r);
 	return rc;
@@ -452,7 +454,7 @@ static cw_err create_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	j->status = 201;
 	char details[512];
 	snprintf(details, sizeof(details), "{\"domain\": \"%s\", \"mode\": \"%s\"}", in->domain, in->mode);
-	return audit(c, "peer.create", in->name, details, e);
+	return audit(c, j, "peer.create", in->name, details, e);
 }
 
 void peer_admin_create(struct cw_req *req, void *ctx)
@@ -570,7 +572,7 @@ static cw_err update_fn(PGconn *c, struct app_job *j, cw_errmsg *e, const char *
 	j->body = peer_row_json(r, 0);
 	keep_entry(j, r);
 	PQclear(r);
-	return audit(c, action, in->name, "{}", e);
+	return audit(c, j, action, in->name, "{}", e);
 }
 
 static cw_err enable_fn(PGconn *c, struct app_job *j, cw_errmsg *e)

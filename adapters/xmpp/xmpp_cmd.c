@@ -496,7 +496,7 @@ void xa_roster_sync(struct xcomp *xc, PGconn *c)
 		" AND starts_with(a.details->>'subject', 'mimi://' || p.domain || '/u/') "
 		" LEFT JOIN identities li ON li.uri = a.details->>'user' AND li.is_local "
 		" LEFT JOIN identity_bindings lb ON lb.identity_id = li.id AND lb.network = 'xmpp' "
-		"WHERE a.id > $1::bigint AND a.id <= $2::bigint AND a.actor = 'admin' AND a.action = 'consent.set' "
+		"WHERE a.id > $1::bigint AND a.id <= $2::bigint AND (a.actor = 'admin' OR starts_with(a.actor, 'admin:')) AND a.action = 'consent.set' "
 		" AND starts_with(a.details->>'user', 'mimi://' || $5 || '/u/') "
 		" AND a.details->>'subject_kind' = 'user' AND a.details->>'state' IN ('blocked', 'none') ORDER BY a.id",
 		5, NULL, params, NULL, NULL, 0);

@@ -94,8 +94,11 @@ def free_port():
 class Daemon:
     """The real causewayd with a configuration file of its own."""
 
-    def __init__(self, db_url, workdir, options=None, env=None, schema_dir=SCHEMA_DIR):
+    def __init__(self, db_url, workdir, options=None, env=None, schema_dir=SCHEMA_DIR, wrapper=None,
+                 ready_timeout=30):
         self.workdir = workdir
+        self.wrapper = list(wrapper or [])  # e.g. valgrind and its options
+        self.ready_timeout = ready_timeout
         os.makedirs(workdir, exist_ok=True)
         self.config_path = os.path.join(workdir, "causeway.ini")
         self.options = {
@@ -131,13 +134,13 @@ class Daemon:
                     f.write(f"{k} = {v}\n")
 
     def start(self, wait_ready=True, args=None):
-        cmd = [CAUSEWAYD, "--config", self.config_path] + list(args or [])
+        cmd = self.wrapper + [CAUSEWAYD, "--config", self.config_path] + list(args or [])
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      env=self.env, text=True, errors="replace")
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         if wait_ready:
-            rec = self.wait_for(lambda r: r.get("msg") == "ready", timeout=30)
+            rec = self.wait_for(lambda r: r.get("msg") == "ready", timeout=self.ready_timeout)
             self.port = int(rec["port"])
         return self
 
@@ -199,7 +202,7 @@ class Daemon:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                return self.wait_exit(30)
+                return self.wait_exit(30 + (90 if self.wrapper else 0))
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()

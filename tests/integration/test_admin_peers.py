@@ -61,7 +61,7 @@ def test_create_shows_the_token_once_and_stores_only_its_hash(daemon, pg, db_url
     assert daemon.admin("GET", "/peers/nope").status_code == 404
     # The change is audited.
     assert pg.psql("SELECT actor || ' ' || action || ' ' || subject FROM audit_log", db_url) == \
-        "admin peer.create gk"
+        "admin:config peer.create gk"
 
 
 def test_duplicates_conflict(daemon):

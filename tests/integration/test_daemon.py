@@ -20,7 +20,7 @@ def test_readyz_reports_database_and_migrations(daemon):
     body = r.json()
     assert body["status"] == "ready"
     assert body["database"]["status"] == "up"
-    assert body["migrations"] == {"status": "current", "applied": 3, "expected": 3}
+    assert body["migrations"] == {"status": "current", "applied": 4, "expected": 4}
     assert body["adapters"] == {}
 
 

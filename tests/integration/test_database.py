@@ -14,7 +14,7 @@ def copy_schema(tmp_path):
 
 def test_migrations_are_recorded_with_checksums(daemon, pg, db_url):
     rows = pg.psql("SELECT version, name, length(checksum) FROM schema_migrations ORDER BY 1", db_url)
-    assert rows == "1|001_core.sql|64\n2|002_policy.sql|64\n3|003_matrix.sql|64"
+    assert rows == "1|001_core.sql|64\n2|002_policy.sql|64\n3|003_matrix.sql|64\n4|004_admin.sql|64"
     # The core tables are there.
     tables = pg.psql("SELECT count(*) FROM information_schema.tables WHERE table_name IN "
                      "('events','outbox','idempotency_keys','identities','identity_bindings','rooms',"
@@ -26,7 +26,7 @@ def test_migrate_command_is_idempotent(db_url, pg):
     env = {"CAUSEWAY_DATABASE_URL": db_url, "CAUSEWAY_DATABASE_SCHEMA_DIR": SCHEMA_DIR}
     r = run_causewayd(["--migrate"], env=env)
     assert r.returncode == 0, r.stderr
-    assert "applied_now=3" in r.stderr
+    assert "applied_now=4" in r.stderr
     r = run_causewayd(["--migrate"], env=env)
     assert r.returncode == 0 and "applied_now=0" in r.stderr
 
@@ -41,7 +41,7 @@ def test_a_changed_migration_refuses_start(make_daemon, db_url, tmp_path, pg):
     rec = d.wait_for(lambda r: r.get("level") == "error")
     assert "001_core.sql was changed after it was applied" in rec["detail"]
     # Nothing was changed by the refused start.
-    assert pg.psql("SELECT count(*) FROM schema_migrations", db_url) == "3"
+    assert pg.psql("SELECT count(*) FROM schema_migrations", db_url) == "4"
 
 
 def test_a_new_migration_is_applied_and_an_unknown_one_refused(make_daemon, db_url, tmp_path, pg):
@@ -51,7 +51,7 @@ def test_a_new_migration_is_applied_and_an_unknown_one_refused(make_daemon, db_u
         f.write("CREATE TABLE extra_test (id int);\n")
     d = make_daemon(db_url, schema_dir=schema).start()
     d.wait_for(lambda r: r.get("msg") == "migration applied" and r.get("file") == "900_extra.sql")
-    assert d.get("/readyz").json()["migrations"] == {"status": "current", "applied": 4, "expected": 4}
+    assert d.get("/readyz").json()["migrations"] == {"status": "current", "applied": 5, "expected": 5}
     d.stop()
     # An older build (without 002) refuses the newer database.
     os.remove(os.path.join(schema, "900_extra.sql"))
@@ -67,7 +67,7 @@ def test_a_broken_migration_is_rolled_back(make_daemon, db_url, tmp_path, pg):
     d = make_daemon(db_url, schema_dir=schema).start(wait_ready=False)
     assert d.wait_exit(30) == 1
     assert "900_broken.sql failed" in d.wait_for(lambda r: r.get("level") == "error")["detail"]
-    assert pg.psql("SELECT count(*) FROM schema_migrations", db_url) == "3"
+    assert pg.psql("SELECT count(*) FROM schema_migrations", db_url) == "4"
     assert pg.psql("SELECT to_regclass('half_done') IS NULL", db_url) == "t"
 
 

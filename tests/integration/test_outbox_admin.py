@@ -46,6 +46,10 @@ def test_dead_letters_are_listed_and_replayed(make_daemon, db_url, pg):
     got = sb.wait_events(3)
     assert [e["id"] for e in got] == ids
     wait_until(lambda: d.admin("GET", f"/outbox?state=delivered").json()["rows"], what="delivered")
+    # The trace keeps every attempt: the two before the replay and the one after.
+    tries = wait_until(lambda: (lambda t: t if len(t) == 3 else None)(
+        d.admin("GET", f"/messages/{ids[0]}").json()["deliveries"][0]["tries"]), what="three attempts")
+    assert [(x["attempt"], x["ok"]) for x in tries] == [(1, False), (2, False), (3, True)]
     assert d.admin("POST", f"/outbox/{rows[0]['id']}/replay").status_code == 409
     assert d.admin("POST", "/outbox/999999/replay").status_code == 404
     assert d.admin("POST", "/outbox/abc/replay").status_code == 404

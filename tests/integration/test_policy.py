@@ -94,7 +94,7 @@ def test_first_contact_held_one_request_then_accept_releases_in_order(daemon, pe
     wait_policy(daemon, lambda: states(pg, db_url, [send(a, room, "again").json()["id"]])[0][1] == "pending",
                 "the consent in force")
     audit = daemon.admin("GET", "/audit?action=consent.set").json()["rows"]
-    assert audit[-1]["actor"] == "admin" and audit[-1]["subject"] == ALICE
+    assert audit[-1]["actor"] == "admin:config" and audit[-1]["subject"] == ALICE
 
 
 def test_block_drops_held_and_sender_sees_only_not_delivered(daemon, peers, pg, db_url):

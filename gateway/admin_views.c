@@ -1,0 +1,347 @@
+/* /admin/v1 read-only views (see admin_views.h): rooms, adapters, the
+ * configuration in force and the last hour's statistics.
+ *
+ * The database views run one statement each on a store reader and build
+ * their JSON answer in PostgreSQL; the configuration needs no database and
+ * is answered at once.  Times are RFC 3339 in UTC whatever the session's
+ * TimeZone, so they are formatted here rather than left to json_build_object. */
+#include "config.h"
+#include "admin_views.h"
+#include "app.h"
+#include "conf.h"
+#include "dispatcher.h"
+#include "matrix/matrix.h"
+#include "xmpp/xmpp.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* "The last hour" of GET /admin/v1/stats. */
+#define STATS_WINDOW_S 3600
+/* The statistics scan an hour of the two biggest tables: one answer serves
+ * every console (and causewayctl) asking within this time, so that open
+ * dashboards do not keep the store's readers busy. */
+#define STATS_CACHE_US (5 * 1000000LL)
+
+struct admin_views {
+	pthread_mutex_t mu;
+	char *stats;        /* the last statistics, as JSON text */
+	int64_t stats_us;   /* when they were computed */
+};
+
+struct admin_views *admin_views_new(void)
+{
+	struct admin_views *av = calloc(1, sizeof(*av));
+	if (av)
+		pthread_mutex_init(&av->mu, NULL);
+	return av;
+}
+
+void admin_views_free(struct admin_views *av)
+{
+	if (!av)
+		return;
+	pthread_mutex_destroy(&av->mu);
+	free(av->stats);
+	free(av);
+}
+
+/* A timestamptz column as RFC 3339 UTC text with milliseconds. */
+#define TS(x) "to_char((" x ") AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
+
+/* ------------------------------------------------------- one-statement views */
+
+#define VIEW_PARAMS 2
+#define VIEW_PARAM_MAX 160
+
+/* A statement returning one row with the answer as JSON text; no row (or
+ * NULL) is a 404 saying "no <what> with that id". */
+struct view {
+	const char *sql;
+	int n;
+	char p[VIEW_PARAMS][VIEW_PARAM_MAX];
+	const char *what;
+	bool adapters; /* add what the process knows: dispatcher, Matrix, XMPP */
+	bool cache;    /* keep the answer as the statistics of the moment */
+};
+
+static struct view *view_new(const char *sql, const char *what)
+{
+	struct view *v = calloc(1, sizeof(*v));
+	if (v) {
+		v->sql = sql;
+		v->what = what;
+	}
+	return v;
+}
+
+static void view_param(struct view *v, const char *s)
+{
+	if (v && v->n < VIEW_PARAMS)
+		snprintf(v->p[v->n++], VIEW_PARAM_MAX, "%s", s);
+}
+
+static void view_num(struct view *v, long long n)
+{
+	char b[24];
+	snprintf(b, sizeof(b), "%lld", n);
+	view_param(v, b);
+}
+
+/* The process's own part of GET /admin/v1/adapters.  The counters are this
+ * process's since it started (as in /metrics), not the cluster's. */
+static void adapters_add_process(struct cw_app *app, json_t *body)
+{
+	json_t *d;
+	if (app->dispatcher) {
+		struct dispatcher_stats st;
+		dispatcher_get_stats(app->dispatcher, &st);
+		d = json_pack("{s:s, s:I, s:I, s:I, s:I, s:I, s:I}", "status",
+			      dispatcher_stopping(app->dispatcher) ? "stopping" : "up",
+			      "delivered", (json_int_t)st.delivered, "retried", (json_int_t)st.retried,
+			      "dead", (json_int_t)st.dead, "requests_ok", (json_int_t)st.requests_ok,
+			      "requests_failed", (json_int_t)st.requests_failed, "claims", (json_int_t)st.claims);
+	} else {
+		d = json_pack("{s:s}", "status", "off");
+	}
+	json_object_set_new(body, "dispatcher", d);
+	/* Both are safe from any thread (readyz calls them from a store callback). */
+	if (app->matrix)
+		json_object_set_new(body, "matrix", matrix_health(app->matrix));
+	if (app->xmpp)
+		json_object_set_new(body, "xmpp", xa_health(app->xmpp));
+}
+
+static cw_err view_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
+{
+	struct view *v = j->data;
+	const char *params[VIEW_PARAMS];
+	for (int i = 0; i < v->n; i++)
+		params[i] = v->p[i];
+	PGresult *r = PQexecParams(c, v->sql, v->n, NULL, params, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	if (PQntuples(r) == 0 || PQgetisnull(r, 0, 0)) {
+		PQclear(r);
+		app_job_fail(j, 404, "not_found", "no %s with that id", v->what);
+		return CW_OK;
+	}
+	j->body = json_loads(PQgetvalue(r, 0, 0), 0, NULL);
+	char *text = v->cache && j->body ? strdup(PQgetvalue(r, 0, 0)) : NULL;
+	PQclear(r);
+	if (!j->body)
+		return cw_fail(e, CW_EINTERNAL, "the database gave an answer that is not JSON");
+	struct admin_views *av = j->app->views;
+	if (text && av) {
+		pthread_mutex_lock(&av->mu);
+		free(av->stats);
+		av->stats = text;
+		av->stats_us = cw_now_us();
+		pthread_mutex_unlock(&av->mu);
+	} else {
+		free(text);
+	}
+	if (v->adapters)
+		adapters_add_process(j->app, j->body);
+	return CW_OK;
+}
+
+/* Answers 503 itself when v is NULL (out of memory). */
+static void view_run(struct cw_app *app, struct cw_req *req, struct view *v)
+{
+	app_job_run(app, req, view_fn, v, free, false);
+}
+
+/* ------------------------------------------------------------------ rooms */
+
+/* A room of x, as listed (the members counted are those joined now). */
+#define ROOM_FIELDS \
+	"'id', x.public_id, 'row', x.id, 'uri', x.uri, 'kind', x.kind, 'created_at', " TS("x.created_at") ", " \
+	"'member_count', (SELECT count(*) FROM room_members m WHERE m.room_id = x.id AND m.membership = 'joined'), " \
+	"'bindings', (SELECT coalesce(json_agg(json_build_object('network', b.network, 'native_id', b.native_id, " \
+	" 'created_at', " TS("b.created_at") ") ORDER BY b.network, b.id), '[]'::json) " \
+	" FROM room_bindings b WHERE b.room_id = x.id)"
+
+static const char ROOMS_SQL[] =
+	"SELECT json_build_object('rooms', coalesce(json_agg(json_build_object(" ROOM_FIELDS ") ORDER BY x.id), "
+	" '[]'::json), 'next_after', CASE WHEN count(*) = $2::int THEN max(x.id) END)::text "
+	"FROM (SELECT * FROM rooms WHERE id > $1::bigint ORDER BY id LIMIT $2::int) x";
+
+/* One room with every member, whatever its membership (left and banned too). */
+static const char ROOM_SQL[] =
+	"SELECT json_build_object(" ROOM_FIELDS ", "
+	" 'members', (SELECT coalesce(json_agg(json_build_object('uri', i.uri, 'role', m.role, "
+	"  'membership', m.membership) ORDER BY i.uri), '[]'::json) "
+	"  FROM room_members m JOIN identities i ON i.id = m.identity_id WHERE m.room_id = x.id))::text "
+	"FROM rooms x WHERE x.public_id = $1";
+
+void admin_views_rooms_list(struct cw_req *req, void *ctx)
+{
+	long long after;
+	long limit;
+	if (!app_paging(req, &after, &limit))
+		return;
+	struct view *v = view_new(ROOMS_SQL, "room");
+	view_num(v, after);
+	view_num(v, limit);
+	view_run(ctx, req, v);
+}
+
+/* The shape rooms.public_id is checked for: ^[A-Za-z0-9._~-]{1,128}$. */
+static bool room_id_valid(const char *s)
+{
+	size_t n = s ? strlen(s) : 0;
+	if (n < 1 || n > 128)
+		return false;
+	for (const char *p = s; *p; p++)
+		if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') || *p == '.' ||
+		      *p == '_' || *p == '~' || *p == '-'))
+			return false;
+	return true;
+}
+
+void admin_views_room_get(struct cw_req *req, void *ctx)
+{
+	const char *id = cw_req_param(req, "id");
+	if (!room_id_valid(id)) {
+		cw_req_problem(req, 404, "not_found", "Not found", "no room with that id");
+		return;
+	}
+	struct view *v = view_new(ROOM_SQL, "room");
+	view_param(v, id);
+	view_run(ctx, req, v);
+}
+
+/* --------------------------------------------------------------- adapters */
+
+/* The peers from the table (the registry of this process may lag a change
+ * by its reload); their queue from the outbox (outbox_state_dest_idx). */
+static const char ADAPTERS_SQL[] =
+	"SELECT json_build_object('peer', json_build_object("
+	" 'peers', (SELECT count(*) FROM peers), "
+	" 'enabled', (SELECT count(*) FROM peers WHERE enabled), "
+	" 'pending', (SELECT count(*) FROM outbox WHERE state = 'pending' AND destination LIKE 'peer:%'), "
+	" 'dead', (SELECT count(*) FROM outbox WHERE state = 'dead' AND destination LIKE 'peer:%')))::text";
+
+void admin_views_adapters(struct cw_req *req, void *ctx)
+{
+	struct view *v = view_new(ADAPTERS_SQL, "adapter");
+	if (v)
+		v->adapters = true;
+	view_run(ctx, req, v);
+}
+
+/* ----------------------------------------------------------------- config */
+
+/* The option's value as text, secrets masked, however long it is. */
+static char *option_text(const struct cw_config *cfg, const struct cfg_option *o)
+{
+	for (size_t len = 1024; len <= (1u << 20); len *= 4) {
+		char *b = malloc(len);
+		if (!b)
+			return NULL;
+		cfg_value_text(cfg, o, true, b, len);
+		if (strlen(b) < len - 1)
+			return b;
+		free(b);
+	}
+	return NULL;
+}
+
+/* Straight from the option table and the configuration in force; a secret
+ * shows "********" when set and "" when not, its default likewise. */
+void admin_views_config(struct cw_req *req, void *ctx)
+{
+	struct cw_app *app = ctx;
+	json_t *options = json_array();
+	bool ok = options != NULL;
+	for (size_t i = 0; ok && i < cfg_option_count; i++) {
+		const struct cfg_option *o = &cfg_options[i];
+		char *value = option_text(app->cfg, o);
+		const char *def = o->secret ? (*o->def ? "********" : "") : o->def;
+		json_t *x = value ? json_pack("{s:s, s:s, s:s, s:s, s:b, s:b, s:s}", "section", o->section, "name",
+					      o->name, "value", value, "default", def, "reloadable", o->reloadable,
+					      "secret", o->secret, "doc", o->doc)
+				  : NULL;
+		free(value);
+		ok = x && json_array_append_new(options, x) == 0;
+	}
+	if (!ok) {
+		json_decref(options);
+		cw_req_problem(req, 500, "internal", "Internal error", "out of memory");
+		return;
+	}
+	cw_req_reply_json(req, 200, json_pack("{s:o}", "options", options));
+}
+
+/* ------------------------------------------------------------------ stats */
+
+/* One statement over the window ($1 seconds):
+ * - in: events by accepted_at (BRIN events_accepted_at_brin), by the
+ *   adapter of their origin network (the part before ':': peer:gk -> peer);
+ * - out: outbox rows delivered in the window, by the adapter of their
+ *   destination (xmpp:<domain> -> xmpp); created_at bounds the scan through
+ *   BRIN outbox_created_at_brin (a row delivered more than a day after it
+ *   was made is left out); the same rows give the latency percentiles, so
+ *   they are materialized (dl) rather than scanned twice;
+ * - the queue now, by state (outbox_state_dest_idx: delivered rows, the
+ *   bulk of the table, are not in it);
+ * - policy decisions recorded in the audit log (audit_log_at_idx).
+ * The rows are grouped by the whole network name and a minute from
+ * date_bin (plain arithmetic, UTC-aligned); names are split only on the few
+ * groups (a third cheaper than splitting every row). */
+static const char STATS_SQL[] =
+	"WITH dl AS MATERIALIZED (SELECT date_bin('1 minute', o.delivered_at, timestamptz 'epoch') AS m, "
+	"   o.destination AS net, date_part('epoch', o.delivered_at - o.created_at) * 1000 AS ms FROM outbox o "
+	"  WHERE o.state = 'delivered' AND o.delivered_at >= now() - make_interval(secs => $1::int)), "
+	"tn AS (SELECT date_bin('1 minute', e.accepted_at, timestamptz 'epoch') AS m, e.origin_network AS net, "
+	"   'in' AS direction, count(*) AS n "
+	"  FROM events e WHERE e.accepted_at >= now() - make_interval(secs => $1::int) GROUP BY 1, 2 "
+	" UNION ALL SELECT dl.m, dl.net, 'out', count(*) FROM dl GROUP BY 1, 2), "
+	"tp AS (SELECT tn.m, split_part(tn.net, ':', 1) AS adapter, tn.direction, sum(tn.n)::bigint AS n FROM tn "
+	"  GROUP BY 1, 2, 3) "
+	"SELECT json_build_object('window_s', $1::int, 'now', " TS("now()") ", "
+	" 'throughput', (SELECT coalesce(json_agg(json_build_object("
+	"   'minute', to_char(tp.m AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), 'adapter', tp.adapter, "
+	"   'direction', tp.direction, 'count', tp.n) ORDER BY tp.m, tp.adapter, tp.direction), '[]'::json) FROM tp), "
+	" 'totals', (SELECT coalesce(json_agg(json_build_object('adapter', t.adapter, 'direction', t.direction, "
+	"   'count', t.n) ORDER BY t.adapter, t.direction), '[]'::json) "
+	"  FROM (SELECT adapter, direction, sum(n)::bigint AS n FROM tp GROUP BY 1, 2) t), "
+	" 'queue', (SELECT json_build_object('pending', count(*) FILTER (WHERE state = 'pending'), "
+	"   'in_flight', count(*) FILTER (WHERE state = 'in_flight'), 'held', count(*) FILTER (WHERE state = 'held'), "
+	"   'dead', count(*) FILTER (WHERE state = 'dead'), 'failed', count(*) FILTER (WHERE state = 'failed')) "
+	"  FROM outbox WHERE state IN ('pending', 'in_flight', 'held', 'dead', 'failed')), "
+	" 'latency_ms', (SELECT json_build_object('p50', round(p[1]::numeric, 1), 'p90', round(p[2]::numeric, 1), "
+	"   'p99', round(p[3]::numeric, 1), 'count', n) "
+	"  FROM (SELECT percentile_cont(ARRAY[0.5, 0.9, 0.99]) WITHIN GROUP (ORDER BY dl.ms) AS p, count(*) AS n "
+	"   FROM dl) l), "
+	" 'decisions', (SELECT coalesce(json_agg(json_build_object('verdict', d.verdict, 'reason', d.reason, "
+	"   'count', d.n) ORDER BY d.n DESC, d.verdict, d.reason), '[]'::json) "
+	"  FROM (SELECT split_part(a.action, '.', 2) AS verdict, a.reason_code AS reason, count(*) AS n "
+	"   FROM audit_log a WHERE a.at >= now() - make_interval(secs => $1::int) AND a.actor = 'policy' "
+	"   AND a.action LIKE 'policy.%' GROUP BY 1, 2) d))::text";
+
+void admin_views_stats(struct cw_req *req, void *ctx)
+{
+	struct cw_app *app = ctx;
+	struct admin_views *av = app->views;
+	char *fresh = NULL;
+	if (av) {
+		pthread_mutex_lock(&av->mu);
+		if (av->stats && cw_now_us() - av->stats_us < STATS_CACHE_US)
+			fresh = strdup(av->stats);
+		pthread_mutex_unlock(&av->mu);
+	}
+	if (fresh) {
+		cw_req_reply(req, 200, "application/json", fresh, strlen(fresh));
+		return;
+	}
+	struct view *v = view_new(STATS_SQL, "statistics");
+	if (v)
+		v->cache = true;
+	view_num(v, STATS_WINDOW_S);
+	view_run(ctx, req, v);
+}

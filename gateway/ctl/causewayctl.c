@@ -1,0 +1,1603 @@
+/* causewayctl: the operator's command-line client of /admin/v1 (docs/causewayctl.md). */
+#include "config.h"
+
+#include <curl/curl.h>
+#include <errno.h>
+#include <getopt.h>
+#include <ini.h>
+#include <jansson.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#define DEFAULT_URL "http://127.0.0.1:8480"
+#define CONNECT_TIMEOUT_S 5L
+#define TOTAL_TIMEOUT_S 30L
+#define BODY_MAX (16L * 1024 * 1024) /* an answer larger than this is refused, not read */
+#define PAGE_MAX 500                 /* the API's largest page */
+#define LIST_MAX 100000              /* rows one list command gathers when --limit is not given */
+#define CELL_MAX 64                  /* characters shown of one table cell (--json shows all) */
+#define TOKEN_LINE_MAX 512           /* a token file's first line; tokens are under 128 bytes */
+#define QUERY_MAX 8                  /* name=value pairs of one request */
+#define COLS_MAX 10
+#define KEY_WIDTH 13                 /* the key column of status and trace */
+/* The daemon writes reals with 6 significant digits; 15 prints every such
+ * number back as it came (jansson's default 17 turns 8.1 into 8.0999…). */
+#define JSON_OUT_FLAGS (JSON_INDENT(2) | JSON_REAL_PRECISION(15))
+
+/* Every fallible function returns the exit status it leads to, since that
+ * is what scripts read (docs/causewayctl.md); the reason goes into
+ * ctl->err, like cw_err and cw_errmsg in the daemon. */
+enum ctl_rc {
+	CTL_OK = 0,
+	CTL_EREFUSED = 1,    /* the API refused, or gave an answer that cannot be used */
+	CTL_EUSAGE = 2,      /* the command line, the environment or a settings file is wrong */
+	CTL_EUNREACHABLE = 3 /* no answer: refused connection, unknown host, timeout */
+};
+
+/* Options a command accepts besides the global ones. */
+enum {
+	OPT_ROLE = 1 << 0,   /* --role */
+	OPT_FILTER = 1 << 1, /* --action, --actor, --message */
+	OPT_PAGE = 1 << 2,   /* --limit, --after */
+};
+
+struct ctl {
+	char *url;       /* the base URL, without a trailing '/'; owned (curl_free) */
+	char *shown_url; /* the same without any user:password, for messages; owned (curl_free) */
+	char *token;     /* owned; never printed */
+	bool json;
+	unsigned given;  /* the command options given (OPT_*) */
+	const char *role, *action, *actor, *message;
+	long limit;      /* 0: every row (up to LIST_MAX) */
+	long long after;
+	CURL *curl;
+	char err[512];
+};
+
+/* An answer of the daemon, whatever its status. */
+struct answer {
+	long status;
+	json_t *body; /* NULL when the answer was empty; the caller frees with json_decref */
+};
+
+/* Formats the reason into c->err and returns rc.  Control characters
+ * become '?', as the reason may quote what the daemon said. */
+__attribute__((format(printf, 3, 4))) static enum ctl_rc fail(struct ctl *c, enum ctl_rc rc, const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(c->err, sizeof(c->err), fmt, ap);
+	va_end(ap);
+	for (unsigned char *p = (unsigned char *)c->err; *p; p++)
+		if (*p < 0x20 || *p == 0x7f)
+			*p = '?';
+	return rc;
+}
+
+/* ------------------------------------------------------------ settings */
+
+/* url, token and token_file from one source (flags, environment or file). */
+struct source {
+	char *url, *token, *token_file; /* owned */
+};
+
+static void source_free(struct source *s)
+{
+	free(s->url);
+	free(s->token);
+	free(s->token_file);
+}
+
+struct file_parse {
+	struct source *s;
+	char bad[160]; /* the first unknown setting */
+};
+
+static int ini_entry(void *user, const char *section, const char *name, const char *value)
+{
+	struct file_parse *f = user;
+	char **slot = NULL;
+	if (strcmp(section, "causewayctl") == 0) {
+		if (strcmp(name, "url") == 0)
+			slot = &f->s->url;
+		else if (strcmp(name, "token") == 0)
+			slot = &f->s->token;
+		else if (strcmp(name, "token_file") == 0)
+			slot = &f->s->token_file;
+	}
+	if (!slot) {
+		if (!f->bad[0])
+			snprintf(f->bad, sizeof(f->bad), "unknown setting '%.40s' in [%.40s] (known: [causewayctl] "
+				 "url, token, token_file)", name, section);
+		return 0;
+	}
+	free(*slot);
+	*slot = *value ? strdup(value) : NULL;
+	if (*value && !*slot)
+		snprintf(f->bad, sizeof(f->bad), "out of memory");
+	return !*value || *slot;
+}
+
+/* A secret should be the operator's alone; say so rather than refuse, as
+ * some setups share a group on purpose. */
+static void warn_if_shared(const char *path, const char *what)
+{
+	struct stat st;
+	if (stat(path, &st) == 0 && (st.st_mode & 077))
+		fprintf(stderr, "causewayctl: warning: %s holds %s and other users may read it (chmod 600 %s)\n", path,
+			what, path);
+}
+
+/* The settings file: the explicit one must exist; the default one may not. */
+static enum ctl_rc read_file(struct ctl *c, const char *path, bool explicit, struct source *s)
+{
+	struct stat st;
+	if (stat(path, &st) != 0) {
+		if (!explicit && errno == ENOENT)
+			return CTL_OK;
+		return fail(c, CTL_EUSAGE, "cannot read %s: %s", path, strerror(errno));
+	}
+	struct file_parse f = { .s = s };
+	int line = ini_parse(path, ini_entry, &f);
+	if (line < 0)
+		return fail(c, CTL_EUSAGE, "cannot read %s: %s", path, line == -1 ? strerror(errno) : "out of memory");
+	if (line > 0)
+		return fail(c, CTL_EUSAGE, "%s:%d: %s", path, line, f.bad[0] ? f.bad : "not an INI line");
+	if (s->token)
+		warn_if_shared(path, "a token");
+	return CTL_OK;
+}
+
+static enum ctl_rc default_config(struct ctl *c, char **out)
+{
+	const char *xdg = getenv("XDG_CONFIG_HOME"), *home = getenv("HOME");
+	*out = NULL;
+	/* The XDG base directory spec: a relative XDG_CONFIG_HOME is ignored. */
+	const char *base = xdg && xdg[0] == '/' ? xdg : home && *home ? home : NULL;
+	if (!base)
+		return CTL_OK;
+	const char *rest = base == xdg ? "/causeway/causewayctl.ini" : "/.config/causeway/causewayctl.ini";
+	size_t n = strlen(base) + strlen(rest) + 1;
+	if (!(*out = malloc(n)))
+		return fail(c, CTL_EREFUSED, "out of memory");
+	snprintf(*out, n, "%s%s", base, rest);
+	return CTL_OK;
+}
+
+/* The first line of path, without the line end and trailing blanks. */
+static enum ctl_rc read_token_file(struct ctl *c, const char *path, char **out)
+{
+	FILE *f = fopen(path, "r");
+	if (!f)
+		return fail(c, CTL_EUSAGE, "cannot read the token file %s: %s", path, strerror(errno));
+	char line[TOKEN_LINE_MAX];
+	bool got = fgets(line, sizeof(line), f) != NULL;
+	fclose(f);
+	size_t n = got ? strlen(line) : 0;
+	if (n == sizeof(line) - 1 && line[n - 1] != '\n')
+		return fail(c, CTL_EUSAGE, "the token file %s: the first line is too long for a token", path);
+	while (n && strchr(" \t\r\n", line[n - 1]))
+		line[--n] = '\0';
+	if (!n)
+		return fail(c, CTL_EUSAGE, "the token file %s holds no token on its first line", path);
+	warn_if_shared(path, "a token");
+	if (!(*out = strdup(line)))
+		return fail(c, CTL_EREFUSED, "out of memory");
+	return CTL_OK;
+}
+
+/* One source's token: the token itself or its file, not both. */
+static enum ctl_rc source_token(struct ctl *c, const struct source *s, const char *where, char **out)
+{
+	*out = NULL;
+	if (s->token && s->token_file)
+		return fail(c, CTL_EUSAGE, "%s gives both a token and a token file: keep one", where);
+	if (s->token_file)
+		return read_token_file(c, s->token_file, out);
+	if (s->token && !(*out = strdup(s->token)))
+		return fail(c, CTL_EREFUSED, "out of memory");
+	return CTL_OK;
+}
+
+/* A token goes into a header: it must be one visible ASCII word. */
+static bool token_valid(const char *t)
+{
+	for (; *t; t++)
+		if (*t < 0x21 || *t > 0x7e)
+			return false;
+	return true;
+}
+
+/* "http://h/base/" -> "http://h/base", as the API paths are appended. */
+static void chop_slashes(char *s)
+{
+	size_t n = s ? strlen(s) : 0;
+	while (n && s[n - 1] == '/')
+		s[--n] = '\0';
+}
+
+/* The base URL: http or https, no query or fragment. */
+static enum ctl_rc set_url(struct ctl *c, const char *url, const char *where)
+{
+	CURLU *u = curl_url();
+	char *scheme = NULL, *query = NULL, *frag = NULL;
+	enum ctl_rc rc = CTL_OK;
+	if (!u)
+		return fail(c, CTL_EREFUSED, "out of memory");
+	if (curl_url_set(u, CURLUPART_URL, url, 0) != CURLUE_OK ||
+	    curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) != CURLUE_OK ||
+	    (strcmp(scheme, "http") != 0 && strcmp(scheme, "https") != 0))
+		rc = fail(c, CTL_EUSAGE, "%s: '%.200s' is not an http:// or https:// URL", where, url);
+	else if (curl_url_get(u, CURLUPART_QUERY, &query, 0) == CURLUE_OK ||
+		 curl_url_get(u, CURLUPART_FRAGMENT, &frag, 0) == CURLUE_OK)
+		rc = fail(c, CTL_EUSAGE, "%s: the daemon's URL takes no ?query or #fragment", where);
+	else if (curl_url_get(u, CURLUPART_URL, &c->url, 0) != CURLUE_OK ||
+		 curl_url_set(u, CURLUPART_USER, NULL, 0) != CURLUE_OK ||
+		 curl_url_set(u, CURLUPART_PASSWORD, NULL, 0) != CURLUE_OK ||
+		 curl_url_get(u, CURLUPART_URL, &c->shown_url, 0) != CURLUE_OK)
+		rc = fail(c, CTL_EREFUSED, "out of memory");
+	curl_free(scheme);
+	curl_free(query);
+	curl_free(frag);
+	curl_url_cleanup(u);
+	chop_slashes(c->url);
+	chop_slashes(c->shown_url);
+	return rc;
+}
+
+/* The URL and the token: flags, else the environment, else the file. */
+static enum ctl_rc resolve(struct ctl *c, struct source *flags, const char *config)
+{
+	struct source env = { 0 }, file = { 0 };
+	char *path = NULL, *t_flag = NULL, *t_env = NULL, *t_file = NULL;
+	const char *e;
+	enum ctl_rc rc = CTL_OK;
+	if ((e = getenv("CAUSEWAY_URL")) && *e && !(env.url = strdup(e)))
+		rc = fail(c, CTL_EREFUSED, "out of memory");
+	if (!rc && (e = getenv("CAUSEWAY_ADMIN_TOKEN")) && *e && !(env.token = strdup(e)))
+		rc = fail(c, CTL_EREFUSED, "out of memory");
+	if (!rc && !config)
+		rc = default_config(c, &path);
+	if (!rc && (config || path))
+		rc = read_file(c, config ? config : path, config != NULL, &file);
+	const char *where = config ? config : path;
+	if (!rc)
+		rc = source_token(c, flags, "the command line", &t_flag);
+	if (!rc && !t_flag)
+		rc = source_token(c, &env, "the environment", &t_env);
+	if (!rc && !t_flag && !t_env)
+		rc = source_token(c, &file, where, &t_file);
+	if (!rc) {
+		const char *url = flags->url ? flags->url : env.url ? env.url : file.url ? file.url : DEFAULT_URL;
+		const char *from = flags->url ? "--url" : env.url ? "CAUSEWAY_URL" : file.url ? where : "the default";
+		rc = set_url(c, url, from);
+	}
+	if (!rc) {
+		char **chosen = t_flag ? &t_flag : t_env ? &t_env : &t_file;
+		c->token = *chosen; /* taken over; the others are freed below */
+		*chosen = NULL;
+		if (!c->token)
+			rc = fail(c, CTL_EUSAGE, "no admin token: give --token-file FILE (or --token), set "
+				  "CAUSEWAY_ADMIN_TOKEN, or put token_file = FILE in %s",
+				  where ? where : "~/.config/causeway/causewayctl.ini");
+		else if (!token_valid(c->token))
+			rc = fail(c, CTL_EUSAGE, "the admin token has characters no token has (blanks or control "
+				  "characters)");
+	}
+	free(t_flag);
+	free(t_env);
+	free(t_file);
+	free(path);
+	source_free(&env);
+	source_free(&file);
+	return rc;
+}
+
+/* ------------------------------------------------------------ HTTP */
+
+/* The answer's body, read up to BODY_MAX. */
+struct sink {
+	char *p;
+	size_t len, cap;
+	bool too_large, no_memory;
+};
+
+static size_t sink_write(char *data, size_t size, size_t n, void *arg)
+{
+	struct sink *s = arg;
+	size_t add = size * n; /* curl passes size 1 */
+	if (add > (size_t)BODY_MAX - s->len) {
+		s->too_large = true;
+		return 0;
+	}
+	if (s->len + add + 1 > s->cap) {
+		size_t cap = s->cap ? s->cap : 16384;
+		while (cap < s->len + add + 1)
+			cap *= 2;
+		char *p = realloc(s->p, cap);
+		if (!p) {
+			s->no_memory = true;
+			return 0;
+		}
+		s->p = p;
+		s->cap = cap;
+	}
+	memcpy(s->p + s->len, data, add);
+	s->len += add;
+	s->p[s->len] = '\0';
+	return add;
+}
+
+/* path (escaped already) under the base URL, with the query pairs of q
+ * (name, value, ..., NULL; a NULL value leaves its pair out) encoded by
+ * curl.  The caller frees *out with curl_free. */
+static enum ctl_rc make_url(struct ctl *c, const char *path, const char *const *q, char **out)
+{
+	*out = NULL;
+	size_t n = strlen(c->url) + strlen(path) + 1;
+	char *full = malloc(n);
+	CURLU *u = curl_url();
+	enum ctl_rc rc = CTL_OK;
+	if (!full || !u) {
+		rc = fail(c, CTL_EREFUSED, "out of memory");
+		goto out;
+	}
+	snprintf(full, n, "%s%s", c->url, path);
+	if (curl_url_set(u, CURLUPART_URL, full, 0) != CURLUE_OK) {
+		rc = fail(c, CTL_EUSAGE, "cannot make a URL of %s and %s", c->shown_url, path);
+		goto out;
+	}
+	for (int i = 0; q && q[i]; i += 2) {
+		if (!q[i + 1])
+			continue;
+		size_t m = strlen(q[i]) + strlen(q[i + 1]) + 2;
+		char *pair = malloc(m);
+		if (!pair) {
+			rc = fail(c, CTL_EREFUSED, "out of memory");
+			goto out;
+		}
+		snprintf(pair, m, "%s=%s", q[i], q[i + 1]);
+		CURLUcode uc = curl_url_set(u, CURLUPART_QUERY, pair, CURLU_APPENDQUERY | CURLU_URLENCODE);
+		free(pair);
+		if (uc != CURLUE_OK) {
+			rc = fail(c, CTL_EREFUSED, "cannot add %s to the URL: %s", q[i], curl_url_strerror(uc));
+			goto out;
+		}
+	}
+	if (curl_url_get(u, CURLUPART_URL, out, 0) != CURLUE_OK)
+		rc = fail(c, CTL_EREFUSED, "out of memory");
+out:
+	curl_url_cleanup(u);
+	free(full);
+	return rc;
+}
+
+/* One request: CTL_OK with the answer, whatever its status.  auth: send
+ * the bearer token (every route but /readyz). */
+static enum ctl_rc http_call(struct ctl *c, const char *method, const char *path, const char *const *q,
+			     const json_t *send, bool auth, struct answer *a)
+{
+	a->status = 0;
+	a->body = NULL;
+	char *url = NULL, *body = NULL;
+	struct curl_slist *headers = NULL, *h;
+	struct sink s = { 0 };
+	enum ctl_rc rc = make_url(c, path, q, &url);
+	if (rc)
+		return rc;
+	if (send && !(body = json_dumps(send, JSON_COMPACT))) {
+		rc = fail(c, CTL_EREFUSED, "out of memory");
+		goto out;
+	}
+	headers = curl_slist_append(NULL, "Accept: application/json, application/problem+json");
+	if (headers && send) {
+		/* NULL when out of memory, with the list left as it was */
+		if (!(h = curl_slist_append(headers, "Content-Type: application/json")))
+			curl_slist_free_all(headers);
+		headers = h;
+	}
+	if (!headers) {
+		rc = fail(c, CTL_EREFUSED, "out of memory");
+		goto out;
+	}
+	CURL *k = c->curl;
+	curl_easy_reset(k); /* keeps the connection for the next request */
+	curl_easy_setopt(k, CURLOPT_URL, url);
+#if LIBCURL_VERSION_NUM >= 0x075500
+	curl_easy_setopt(k, CURLOPT_PROTOCOLS_STR, "http,https");
+#else
+	curl_easy_setopt(k, CURLOPT_PROTOCOLS, (long)(CURLPROTO_HTTP | CURLPROTO_HTTPS));
+#endif
+	curl_easy_setopt(k, CURLOPT_NOSIGNAL, 1L);
+	curl_easy_setopt(k, CURLOPT_CONNECTTIMEOUT, CONNECT_TIMEOUT_S);
+	curl_easy_setopt(k, CURLOPT_TIMEOUT, TOTAL_TIMEOUT_S);
+	curl_easy_setopt(k, CURLOPT_USERAGENT, "causewayctl/" PACKAGE_VERSION);
+	curl_easy_setopt(k, CURLOPT_HTTPHEADER, headers);
+	curl_easy_setopt(k, CURLOPT_WRITEFUNCTION, sink_write);
+	curl_easy_setopt(k, CURLOPT_WRITEDATA, &s);
+	curl_easy_setopt(k, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)BODY_MAX);
+	if (auth) {
+		curl_easy_setopt(k, CURLOPT_HTTPAUTH, CURLAUTH_BEARER);
+		curl_easy_setopt(k, CURLOPT_XOAUTH2_BEARER, c->token);
+	}
+	if (strcmp(method, "POST") == 0) {
+		curl_easy_setopt(k, CURLOPT_POSTFIELDSIZE, body ? (long)strlen(body) : 0L);
+		curl_easy_setopt(k, CURLOPT_POSTFIELDS, body ? body : "");
+	} else if (strcmp(method, "GET") != 0) {
+		curl_easy_setopt(k, CURLOPT_CUSTOMREQUEST, method);
+	}
+	CURLcode cr = curl_easy_perform(k);
+	if (s.too_large || cr == CURLE_FILESIZE_EXCEEDED) {
+		rc = fail(c, CTL_EREFUSED, "the answer to %s %s is larger than %ld MiB", method, path, BODY_MAX >> 20);
+		goto out;
+	}
+	if (s.no_memory) {
+		rc = fail(c, CTL_EREFUSED, "out of memory");
+		goto out;
+	}
+	if (cr != CURLE_OK) {
+		rc = fail(c, CTL_EUNREACHABLE, "cannot reach %s: %s", c->shown_url, curl_easy_strerror(cr));
+		goto out;
+	}
+	curl_easy_getinfo(k, CURLINFO_RESPONSE_CODE, &a->status);
+	if (s.len) {
+		json_error_t je;
+		a->body = json_loadb(s.p, s.len, 0, &je);
+		if (!a->body || !json_is_object(a->body)) {
+			json_decref(a->body);
+			a->body = NULL;
+			/* A refusal without a problem document (a proxy's 502 page, say)
+			 * is still a refusal, described by its status. */
+			if (a->status >= 200 && a->status <= 299)
+				rc = fail(c, CTL_EREFUSED, "the answer to %s %s (HTTP %ld) is not a JSON object: is %s "
+					  "causewayd?", method, path, a->status, c->shown_url);
+		}
+	}
+out:
+	curl_slist_free_all(headers);
+	curl_free(url);
+	free(body);
+	free(s.p);
+	return rc;
+}
+
+static const char *jstr(const json_t *o, const char *key)
+{
+	return json_string_value(json_object_get(o, key));
+}
+
+/* The string member, or "?" when it is not one. */
+static const char *jstr_or(const json_t *o, const char *key)
+{
+	const char *s = jstr(o, key);
+	return s ? s : "?";
+}
+
+static void print_json(const json_t *j)
+{
+	char *s = json_dumps(j, JSON_OUT_FLAGS);
+	if (s)
+		puts(s);
+	free(s);
+}
+
+/* A refusal in one line: "401 unauthenticated: a valid admin bearer ...". */
+static void describe_refusal(const struct ctl *c, const struct answer *a, char *out, size_t len)
+{
+	const char *code = jstr(a->body, "code"), *detail = jstr(a->body, "detail");
+	if (code && detail)
+		snprintf(out, len, "%ld %s: %s", a->status, code, detail);
+	else
+		snprintf(out, len, "%ld without a problem document: is %s causewayd?", a->status, c->shown_url);
+}
+
+/* A call that must succeed: a refusal becomes CTL_EREFUSED with the
+ * problem's status, code and detail as the reason (and, with --json, the
+ * problem document on stdout for scripts).  *out is the answer's object;
+ * the caller frees it with json_decref. */
+static enum ctl_rc api(struct ctl *c, const char *method, const char *path, const char *const *q, const json_t *send,
+		       json_t **out)
+{
+	struct answer a;
+	*out = NULL;
+	enum ctl_rc rc = http_call(c, method, path, q, send, true, &a);
+	if (rc)
+		return rc;
+	if (a.status < 200 || a.status > 299) {
+		char why[400];
+		describe_refusal(c, &a, why, sizeof(why));
+		if (c->json && a.body)
+			print_json(a.body);
+		json_decref(a.body);
+		return fail(c, CTL_EREFUSED, "%s", why);
+	}
+	if (!a.body)
+		return fail(c, CTL_EREFUSED, "the answer to %s %s (HTTP %ld) is empty", method, path, a.status);
+	*out = a.body;
+	return CTL_OK;
+}
+
+/* The pages of a list from c->after on, following next_after until the
+ * last page or c->limit rows (LIST_MAX without --limit).  The result has
+ * the shape of one page: {"rows": every row, "next_after": the last page's},
+ * so that --json prints what the API would give for one large page. */
+static enum ctl_rc fetch_pages(struct ctl *c, const char *path, const char *const *filters, json_t **out)
+{
+	json_t *rows = json_array(), *next = json_null();
+	long long after = c->after;
+	long want = c->limit ? c->limit : LIST_MAX, got = 0;
+	enum ctl_rc rc = CTL_OK;
+	*out = NULL;
+	if (!rows)
+		return fail(c, CTL_EREFUSED, "out of memory");
+	for (;;) {
+		char a[24], l[24];
+		const char *q[2 * QUERY_MAX + 1];
+		int n = 0;
+		for (int i = 0; filters && filters[i] && n < 2 * (QUERY_MAX - 2); i += 2) {
+			q[n++] = filters[i];
+			q[n++] = filters[i + 1]; /* NULL: that filter is not given */
+		}
+		snprintf(a, sizeof(a), "%lld", after);
+		snprintf(l, sizeof(l), "%ld", want - got < PAGE_MAX ? want - got : PAGE_MAX);
+		q[n++] = "after";
+		q[n++] = a;
+		q[n++] = "limit";
+		q[n++] = l;
+		q[n] = NULL;
+		json_t *page;
+		if ((rc = api(c, "GET", path, q, NULL, &page)))
+			break;
+		json_t *r = json_object_get(page, "rows"), *na = json_object_get(page, "next_after");
+		if (!json_is_array(r)) {
+			json_decref(page);
+			rc = fail(c, CTL_EREFUSED, "the answer to GET %s has no rows", path);
+			break;
+		}
+		json_array_extend(rows, r);
+		got += (long)json_array_size(r);
+		json_decref(next);
+		next = na ? json_incref(na) : json_null();
+		json_decref(page);
+		/* A next_after that does not move on would loop for ever. */
+		if (!json_is_integer(next) || got >= want || json_integer_value(next) <= after)
+			break;
+		after = json_integer_value(next);
+	}
+	if (!rc && !c->limit && got >= LIST_MAX && json_is_integer(next))
+		fprintf(stderr, "causewayctl: showing the first %d rows; more may follow (--after %lld goes on)\n",
+			LIST_MAX, (long long)json_integer_value(next));
+	if (!rc && !(*out = json_pack("{s:O, s:O}", "rows", rows, "next_after", next)))
+		rc = fail(c, CTL_EREFUSED, "out of memory");
+	json_decref(rows);
+	json_decref(next);
+	return rc;
+}
+
+/* ------------------------------------------------------------ display */
+
+/* Replaces what could drive the terminal (C0 and C1 controls, DEL) or
+ * reorder what it shows (the bidirectional overrides) with '?': the daemon
+ * relays text from remote networks (errors, subjects, user ids). */
+static void defang(char *s)
+{
+	unsigned char *p = (unsigned char *)s;
+	while (*p) {
+		size_t bad = 0; /* bytes to replace from p; a short read stops at the NUL */
+		if (*p < 0x20 || *p == 0x7f)
+			bad = 1;
+		else if (p[0] == 0xc2 && p[1] >= 0x80 && p[1] <= 0x9f) /* U+0080..U+009F */
+			bad = 2;
+		else if (p[0] == 0xe2 && ((p[1] == 0x80 && p[2] >= 0xaa && p[2] <= 0xae) || /* U+202A..U+202E */
+					  (p[1] == 0x81 && p[2] >= 0xa6 && p[2] <= 0xa9)))  /* U+2066..U+2069 */
+			bad = 3;
+		if (bad == 1 && (*p == '\n' || *p == '\t'))
+			*p++ = ' ';
+		else if (bad)
+			p = (unsigned char *)memset(p, '?', bad) + bad;
+		else
+			p++;
+	}
+}
+
+/* Characters (not bytes) of a UTF-8 string: for the column widths. */
+static size_t width(const char *s)
+{
+	size_t n = 0;
+	for (; *s; s++)
+		n += ((unsigned char)*s & 0xc0) != 0x80;
+	return n;
+}
+
+/* Cuts s to max characters, the last three being "...". */
+static void clip(char *s, size_t max)
+{
+	if (width(s) <= max)
+		return;
+	size_t chars = 0;
+	char *p = s;
+	for (; *p; p++)
+		if (((unsigned char)*p & 0xc0) != 0x80 && chars++ == max - 3)
+			break;
+	strcpy(p, "...");
+}
+
+/* An RFC 3339 time as "2026-11-29 06:01:00Z" (ms: "06:01:00.123Z"), UTC
+ * as Z; what is not such a time is shown as it is. */
+static void short_time(const char *in, bool ms, char *out, size_t len)
+{
+	size_t n = strlen(in);
+	if (n < 19 || in[4] != '-' || in[10] != 'T' || in[13] != ':') {
+		snprintf(out, len, "%s", in);
+		return;
+	}
+	const char *zone = in + 19, *digits = in + 20;
+	int nd = 0; /* digits of the fraction of a second */
+	if (*zone == '.')
+		for (zone++; *zone >= '0' && *zone <= '9'; zone++)
+			nd++;
+	char frac[8] = "";
+	if (ms) /* three digits: those there are, then zeros */
+		snprintf(frac, sizeof(frac), ".%.*s%.*s", nd < 3 ? nd : 3, digits, nd < 3 ? 3 - nd : 0, "000");
+	if (strcmp(zone, "+00:00") == 0 || strcmp(zone, "Z") == 0)
+		zone = "Z";
+	snprintf(out, len, "%.10s %.8s%s%s", in, in + 11, frac, zone);
+}
+
+enum cell_kind {
+	CELL_TEXT,     /* a string, number, boolean (yes/no), null (-), or compact JSON */
+	CELL_TIME,     /* an RFC 3339 time, shortened to the second */
+	CELL_TIME_MS,  /* the same to the millisecond (attempts, which take milliseconds) */
+	CELL_OPTINS,   /* {"network": true, ...} */
+	CELL_CONSENTS, /* [{"subject", "state", ...}, ...] */
+};
+
+/* The text of one value, malloc'd (NULL: out of memory), defanged and
+ * clipped to max characters (0: not clipped). */
+static char *cell_text(const json_t *v, enum cell_kind kind, size_t max)
+{
+	char buf[64], *s = NULL;
+	if (!v || json_is_null(v) || (json_is_string(v) && !json_string_length(v))) {
+		s = strdup("-"); /* an empty cell would break the columns for the eye and for awk */
+	} else if ((kind == CELL_TIME || kind == CELL_TIME_MS) && json_is_string(v)) {
+		short_time(json_string_value(v), kind == CELL_TIME_MS, buf, sizeof(buf));
+		s = strdup(buf);
+	} else if (json_is_string(v)) {
+		s = strdup(json_string_value(v));
+	} else if (json_is_boolean(v)) {
+		s = strdup(json_is_true(v) ? "yes" : "no");
+	} else if (json_is_integer(v)) {
+		snprintf(buf, sizeof(buf), "%" JSON_INTEGER_FORMAT, json_integer_value(v));
+		s = strdup(buf);
+	} else if (json_is_real(v)) {
+		snprintf(buf, sizeof(buf), "%g", json_real_value(v));
+		s = strdup(buf);
+	} else if (kind == CELL_OPTINS && json_is_object(v)) {
+		const char *k;
+		json_t *x;
+		size_t n = 2;
+		json_object_foreach((json_t *)v, k, x)
+			n += strlen(k) + 6;
+		if ((s = malloc(n)))
+			s[0] = '\0';
+		json_object_foreach((json_t *)v, k, x)
+			if (s)
+				snprintf(s + strlen(s), n - strlen(s), "%s%s:%s", s[0] ? ", " : "", k,
+					 json_is_true(x) ? "in" : "out");
+		if (s && !s[0])
+			strcpy(s, "-");
+	} else if (kind == CELL_CONSENTS && json_is_array(v)) {
+		size_t n = 2, i;
+		json_t *x;
+		json_array_foreach(v, i, x)
+			n += strlen(jstr_or(x, "subject")) + strlen(jstr_or(x, "state")) + 4;
+		if ((s = malloc(n)))
+			s[0] = '\0';
+		json_array_foreach(v, i, x)
+			if (s)
+				snprintf(s + strlen(s), n - strlen(s), "%s%s %s", s[0] ? ", " : "",
+					 jstr_or(x, "subject"), jstr_or(x, "state"));
+		if (s && !s[0])
+			strcpy(s, "-");
+	} else {
+		s = json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY | JSON_REAL_PRECISION(15));
+	}
+	if (s) {
+		defang(s);
+		if (max)
+			clip(s, max);
+	}
+	return s;
+}
+
+/* Rows of cells printed in aligned columns. */
+struct table {
+	size_t ncols, nrows, cap;
+	const char *head[COLS_MAX];
+	char **cell; /* nrows * ncols, each owned */
+	bool no_memory;
+};
+
+static void table_free(struct table *t)
+{
+	for (size_t i = 0; i < t->nrows * t->ncols; i++)
+		free(t->cell[i]);
+	free(t->cell);
+}
+
+/* Takes ownership of vals[0..ncols-1] (NULL: out of memory, noted). */
+static void table_add(struct table *t, char **vals)
+{
+	bool ok = !t->no_memory;
+	for (size_t i = 0; i < t->ncols; i++)
+		ok = ok && vals[i];
+	if (ok && t->nrows == t->cap) {
+		size_t cap = t->cap ? t->cap * 2 : 32;
+		char **p = realloc(t->cell, cap * t->ncols * sizeof(*p));
+		if (p) {
+			t->cell = p;
+			t->cap = cap;
+		}
+		ok = p != NULL;
+	}
+	if (!ok) {
+		t->no_memory = true;
+		for (size_t i = 0; i < t->ncols; i++)
+			free(vals[i]);
+		return;
+	}
+	memcpy(t->cell + t->nrows * t->ncols, vals, t->ncols * sizeof(*vals));
+	t->nrows++;
+}
+
+static void pad(size_t n)
+{
+	while (n--)
+		putchar(' ');
+}
+
+static void table_print(const struct table *t, size_t indent)
+{
+	size_t w[COLS_MAX];
+	for (size_t j = 0; j < t->ncols; j++) {
+		w[j] = width(t->head[j]);
+		for (size_t i = 0; i < t->nrows; i++)
+			if (width(t->cell[i * t->ncols + j]) > w[j])
+				w[j] = width(t->cell[i * t->ncols + j]);
+	}
+	for (size_t i = 0; i <= t->nrows; i++) {
+		pad(indent);
+		for (size_t j = 0; j < t->ncols; j++) {
+			const char *s = i ? t->cell[(i - 1) * t->ncols + j] : t->head[j];
+			fputs(s, stdout);
+			if (j + 1 < t->ncols)
+				pad(w[j] - width(s) + 2);
+		}
+		putchar('\n');
+	}
+}
+
+/* A column of a list: its head and the member of each row it shows. */
+struct column {
+	const char *head;
+	const char *key;
+	enum cell_kind kind;
+};
+
+/* rows as a table of cols (NULL-terminated), or "none" if empty. */
+static enum ctl_rc print_rows(struct ctl *c, const json_t *rows, const struct column *cols, const char *none,
+			      size_t indent)
+{
+	struct table t = { 0 };
+	size_t i;
+	json_t *row;
+	for (; cols[t.ncols].head && t.ncols < COLS_MAX; t.ncols++)
+		t.head[t.ncols] = cols[t.ncols].head;
+	if (!json_array_size(rows)) {
+		pad(indent);
+		puts(none);
+		return CTL_OK;
+	}
+	json_array_foreach(rows, i, row) {
+		char *vals[COLS_MAX];
+		for (size_t j = 0; j < t.ncols; j++)
+			vals[j] = cell_text(json_object_get(row, cols[j].key), cols[j].kind, CELL_MAX);
+		table_add(&t, vals);
+	}
+	if (!t.no_memory)
+		table_print(&t, indent);
+	table_free(&t);
+	return t.no_memory ? fail(c, CTL_EREFUSED, "out of memory") : CTL_OK;
+}
+
+/* "key          value" lines of status and trace. */
+static void kv(const char *key, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void kv(const char *key, const char *fmt, ...)
+{
+	char v[1024];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(v, sizeof(v), fmt, ap);
+	va_end(ap);
+	defang(v);
+	printf("%-*s%s\n", KEY_WIDTH, key, v);
+}
+
+/* Buffers for the members one line shows: each tx() takes the next. */
+struct texts {
+	char b[8][300];
+	unsigned n;
+};
+
+/* A member of o as text (as in a table cell, not clipped) for kv and printf. */
+static const char *tx(struct texts *t, const json_t *o, const char *key, enum cell_kind kind)
+{
+	char *buf = t->b[t->n++ % 8], *s = cell_text(json_object_get(o, key), kind, 0);
+	snprintf(buf, sizeof(t->b[0]), "%s", s ? s : "?");
+	free(s);
+	return buf;
+}
+
+/* ------------------------------------------------------------ commands */
+
+static const struct column peer_cols[] = {
+	{ "NAME", "name", CELL_TEXT },       { "DOMAIN", "domain", CELL_TEXT },
+	{ "MODE", "mode", CELL_TEXT },       { "ENABLED", "enabled", CELL_TEXT },
+	{ "PUSH URL", "push_url", CELL_TEXT }, { "CREATED", "created_at", CELL_TIME },
+	{ NULL, NULL, CELL_TEXT },
+};
+
+static const struct column rule_cols[] = {
+	{ "ID", "id", CELL_TEXT },         { "SCOPE", "scope", CELL_TEXT },
+	{ "PATTERN", "pattern", CELL_TEXT }, { "MODE", "mode", CELL_TEXT },
+	{ "LIMITS", "limits", CELL_TEXT }, { "ENABLED", "enabled", CELL_TEXT },
+	{ "EXPIRES", "expires_at", CELL_TIME }, { "COMMENT", "comment", CELL_TEXT },
+	{ NULL, NULL, CELL_TEXT },
+};
+
+static const struct column user_cols[] = {
+	{ "ID", "id", CELL_TEXT },           { "USER", "user", CELL_TEXT },
+	{ "NETWORK", "network", CELL_TEXT }, { "OPT-INS", "optins", CELL_OPTINS },
+	{ "CONSENTS", "consents", CELL_CONSENTS }, { "HELD", "held", CELL_TEXT },
+	{ "REQUESTS", "pending_requests", CELL_TEXT },
+	{ NULL, NULL, CELL_TEXT },
+};
+
+static const struct column held_cols[] = {
+	{ "ID", "id", CELL_TEXT },         { "MESSAGE", "message", CELL_TEXT },
+	{ "USER", "user", CELL_TEXT },     { "SENDER", "sender", CELL_TEXT },
+	{ "TYPE", "type", CELL_TEXT },     { "HELD SINCE", "held_since", CELL_TIME },
+	{ "EXPIRES", "expires_at", CELL_TIME },
+	{ NULL, NULL, CELL_TEXT },
+};
+
+static const struct column dead_cols[] = {
+	{ "ID", "id", CELL_TEXT },             { "MESSAGE", "message", CELL_TEXT },
+	{ "DESTINATION", "destination", CELL_TEXT }, { "RECIPIENT", "recipient", CELL_TEXT },
+	{ "ATTEMPTS", "attempts", CELL_TEXT }, { "CREATED", "created_at", CELL_TIME },
+	{ "LAST ERROR", "last_error", CELL_TEXT },
+	{ NULL, NULL, CELL_TEXT },
+};
+
+static const struct column token_cols[] = {
+	{ "ID", "id", CELL_TEXT },              { "NAME", "name", CELL_TEXT },
+	{ "ROLE", "role", CELL_TEXT },          { "CREATED", "created_at", CELL_TIME },
+	{ "LAST USED", "last_used_at", CELL_TIME }, { "REVOKED", "revoked_at", CELL_TIME },
+	{ NULL, NULL, CELL_TEXT },
+};
+
+static const struct column audit_cols[] = {
+	{ "ID", "id", CELL_TEXT },           { "AT", "at", CELL_TIME },
+	{ "ACTOR", "actor", CELL_TEXT },     { "ACTION", "action", CELL_TEXT },
+	{ "SUBJECT", "subject", CELL_TEXT }, { "REASON", "reason", CELL_TEXT },
+	{ "MESSAGE", "message", CELL_TEXT }, { "DETAILS", "details", CELL_TEXT },
+	{ NULL, NULL, CELL_TEXT },
+};
+
+static const struct column decision_cols[] = {
+	{ "AT", "at", CELL_TIME },           { "VERDICT", "verdict", CELL_TEXT },
+	{ "REASON", "reason", CELL_TEXT },   { "RULE", "rule_id", CELL_TEXT },
+	{ "RECIPIENT", "recipient", CELL_TEXT },
+	{ NULL, NULL, CELL_TEXT },
+};
+
+static const struct column try_cols[] = {
+	{ "ATTEMPT", "attempt", CELL_TEXT }, { "STARTED", "started_at", CELL_TIME_MS },
+	{ "FINISHED", "finished_at", CELL_TIME_MS }, { "OK", "ok", CELL_TEXT },
+	{ "CODE", "code", CELL_TEXT },       { "ERROR", "error", CELL_TEXT },
+	{ NULL, NULL, CELL_TEXT },
+};
+
+/* A list the API answers in one document ({"peers": [...]}). */
+static enum ctl_rc show_whole(struct ctl *c, const char *path, const char *key, const struct column *cols,
+			      const char *none)
+{
+	json_t *body;
+	enum ctl_rc rc = api(c, "GET", path, NULL, NULL, &body);
+	if (rc)
+		return rc;
+	if (c->json)
+		print_json(body);
+	else if (!json_is_array(json_object_get(body, key)))
+		rc = fail(c, CTL_EREFUSED, "the answer to GET %s has no %s", path, key);
+	else
+		rc = print_rows(c, json_object_get(body, key), cols, none, 0);
+	json_decref(body);
+	return rc;
+}
+
+/* A list the API pages ({"rows": [...], "next_after"}). */
+static enum ctl_rc show_paged(struct ctl *c, const char *path, const char *const *filters, const struct column *cols,
+			      const char *none)
+{
+	json_t *body;
+	enum ctl_rc rc = fetch_pages(c, path, filters, &body);
+	if (rc)
+		return rc;
+	if (c->json)
+		print_json(body);
+	else
+		rc = print_rows(c, json_object_get(body, "rows"), cols, none, 0);
+	json_decref(body);
+	return rc;
+}
+
+static enum ctl_rc cmd_peers(struct ctl *c, char **argv)
+{
+	return show_whole(c, "/admin/v1/peers", "peers", peer_cols, "no peers");
+}
+
+static enum ctl_rc cmd_rules(struct ctl *c, char **argv)
+{
+	return show_paged(c, "/admin/v1/rules", NULL, rule_cols, "no rules");
+}
+
+static enum ctl_rc cmd_users(struct ctl *c, char **argv)
+{
+	return show_paged(c, "/admin/v1/users", NULL, user_cols, "no local users");
+}
+
+static enum ctl_rc cmd_held(struct ctl *c, char **argv)
+{
+	return show_paged(c, "/admin/v1/held", NULL, held_cols, "no held messages");
+}
+
+static enum ctl_rc cmd_deadletters(struct ctl *c, char **argv)
+{
+	static const char *const q[] = { "state", "dead", NULL };
+	return show_paged(c, "/admin/v1/outbox", q, dead_cols, "no dead letters");
+}
+
+static enum ctl_rc cmd_audit(struct ctl *c, char **argv)
+{
+	const char *q[] = { "action", c->action, "actor", c->actor, "message", c->message, NULL };
+	return show_paged(c, "/admin/v1/audit", q, audit_cols, "no audit records");
+}
+
+static enum ctl_rc cmd_token_list(struct ctl *c, char **argv)
+{
+	return show_whole(c, "/admin/v1/tokens", "tokens", token_cols, "no named tokens (only the configuration's)");
+}
+
+/* "/admin/v1/<a>/<escaped b><c>" into a malloc'd string. */
+static enum ctl_rc path_with(struct ctl *c, const char *a, const char *b, const char *rest, char **out)
+{
+	char *e = curl_easy_escape(c->curl, b, 0);
+	size_t n = e ? strlen(a) + strlen(e) + strlen(rest) + 1 : 0;
+	*out = e ? malloc(n) : NULL;
+	if (*out)
+		snprintf(*out, n, "%s%s%s", a, e, rest);
+	curl_free(e);
+	return *out ? CTL_OK : fail(c, CTL_EREFUSED, "out of memory");
+}
+
+/* An outbox row id as the API takes it. */
+static enum ctl_rc row_id(struct ctl *c, const char *s)
+{
+	char *end;
+	errno = 0;
+	long long v = strtoll(s, &end, 10);
+	if (!*s || *end || v <= 0 || errno)
+		return fail(c, CTL_EUSAGE, "'%.40s' is not an outbox row id (the ID column of causewayctl deadletters)",
+			    s);
+	return CTL_OK;
+}
+
+static enum ctl_rc outbox_change(struct ctl *c, const char *id, const char *verb, const char *what)
+{
+	char *path;
+	json_t *body;
+	enum ctl_rc rc = row_id(c, id);
+	if (!rc)
+		rc = path_with(c, "/admin/v1/outbox/", id, verb, &path);
+	if (rc)
+		return rc;
+	rc = api(c, "POST", path, NULL, NULL, &body);
+	free(path);
+	if (rc)
+		return rc;
+	if (c->json) {
+		print_json(body);
+	} else {
+		struct texts t = { .n = 0 };
+		printf("outbox row %s: %s (%s)\n", id, tx(&t, body, "state", CELL_TEXT), what);
+	}
+	json_decref(body);
+	return CTL_OK;
+}
+
+static enum ctl_rc cmd_replay(struct ctl *c, char **argv)
+{
+	return outbox_change(c, argv[0], "/replay", "it will be sent again");
+}
+
+static enum ctl_rc cmd_discard(struct ctl *c, char **argv)
+{
+	return outbox_change(c, argv[0], "/discard", "given up on; the trace keeps it");
+}
+
+static enum ctl_rc cmd_token_create(struct ctl *c, char **argv)
+{
+	/* Without --role the API's default (admin) applies. */
+	json_t *send = c->role ? json_pack("{s:s, s:s}", "name", argv[0], "role", c->role)
+			       : json_pack("{s:s}", "name", argv[0]), *body;
+	if (!send)
+		return fail(c, CTL_EREFUSED, "out of memory");
+	enum ctl_rc rc = api(c, "POST", "/admin/v1/tokens", NULL, send, &body);
+	json_decref(send);
+	if (rc)
+		return rc;
+	const char *token = jstr(body, "token");
+	if (c->json) {
+		print_json(body);
+	} else if (!token || !token_valid(token)) {
+		rc = fail(c, CTL_EREFUSED, "the answer to POST /admin/v1/tokens holds no token");
+	} else {
+		struct texts t = { .n = 0 };
+		printf("Made the token '%s' (role %s). Here it is, shown only this once:\n\n    %s\n\n"
+		       "Keep it now: the daemon stores only its SHA-256 and cannot show it again.\n",
+		       tx(&t, body, "name", CELL_TEXT), tx(&t, body, "role", CELL_TEXT), token);
+	}
+	json_decref(body);
+	return rc;
+}
+
+static enum ctl_rc cmd_token_revoke(struct ctl *c, char **argv)
+{
+	char *path;
+	json_t *body;
+	enum ctl_rc rc = path_with(c, "/admin/v1/tokens/", argv[0], "/revoke", &path);
+	if (rc)
+		return rc;
+	rc = api(c, "POST", path, NULL, NULL, &body);
+	free(path);
+	if (rc)
+		return rc;
+	if (c->json) {
+		print_json(body);
+	} else {
+		struct texts t = { .n = 0 };
+		printf("Revoked the token '%s' (at %s): it is refused from now on.\n",
+		       tx(&t, body, "name", CELL_TEXT), tx(&t, body, "revoked_at", CELL_TIME));
+	}
+	json_decref(body);
+	return CTL_OK;
+}
+
+static void print_delivery(struct ctl *c, const json_t *d, enum ctl_rc *rc)
+{
+	struct texts t = { .n = 0 };
+	/* A delivery to a peer is for the room (no recipient); a local one for a user. */
+	printf("  #%s  to %s%s%s\n", tx(&t, d, "id", CELL_TEXT), tx(&t, d, "destination", CELL_TEXT),
+	       jstr(d, "recipient") ? ", for " : "", jstr(d, "recipient") ? tx(&t, d, "recipient", CELL_TEXT) : "");
+	printf("      state %s after %s attempt(s); verdict %s, reason %s\n", tx(&t, d, "state", CELL_TEXT),
+	       tx(&t, d, "attempts", CELL_TEXT), tx(&t, d, "verdict", CELL_TEXT), tx(&t, d, "reason", CELL_TEXT));
+	printf("      created %s, delivered %s, read %s, remote id %s\n", tx(&t, d, "created_at", CELL_TIME),
+	       tx(&t, d, "delivered_at", CELL_TIME), tx(&t, d, "read_at", CELL_TIME),
+	       tx(&t, d, "remote_id", CELL_TEXT));
+	char *err = cell_text(json_object_get(d, "last_error"), CELL_TEXT, 0);
+	if (err && strcmp(err, "-") != 0)
+		printf("      last error: %s\n", err);
+	free(err);
+	json_t *tries = json_object_get(d, "tries");
+	if (json_array_size(tries) && !*rc)
+		*rc = print_rows(c, tries, try_cols, "", 6);
+}
+
+static enum ctl_rc cmd_trace(struct ctl *c, char **argv)
+{
+	char *path;
+	json_t *tr;
+	enum ctl_rc rc = path_with(c, "/admin/v1/messages/", argv[0], "", &path);
+	if (rc)
+		return rc;
+	rc = api(c, "GET", path, NULL, NULL, &tr);
+	free(path);
+	if (rc)
+		return rc;
+	if (c->json) {
+		print_json(tr);
+		json_decref(tr);
+		return CTL_OK;
+	}
+	struct texts t = { .n = 0 };
+	json_t *origin = json_object_get(tr, "origin");
+	kv("message", "%s", tx(&t, tr, "message", CELL_TEXT));
+	kv("room", "%s", tx(&t, tr, "room", CELL_TEXT));
+	kv("sender", "%s", tx(&t, tr, "sender", CELL_TEXT));
+	kv("type", "%s", tx(&t, tr, "type", CELL_TEXT));
+	kv("origin", "%s (native id %s)", tx(&t, origin, "network", CELL_TEXT), tx(&t, origin, "native_id", CELL_TEXT));
+	kv("accepted", "%s", tx(&t, tr, "accepted_at", CELL_TIME));
+	kv("content", "%s", json_is_true(json_object_get(tr, "content_deleted")) ? "deleted" : "kept");
+	json_t *decisions = json_object_get(tr, "decisions"), *deliveries = json_object_get(tr, "deliveries");
+	puts("\ndecisions");
+	rc = print_rows(c, decisions, decision_cols, "none recorded (the policy allowed it)", 2);
+	puts("\ndeliveries");
+	if (!json_array_size(deliveries))
+		puts("  none");
+	size_t i;
+	json_t *d;
+	json_array_foreach(deliveries, i, d)
+		print_delivery(c, d, &rc);
+	json_decref(tr);
+	return rc;
+}
+
+/* One line per adapter of readyz (matrix, xmpp), whose health shapes are
+ * their own: the well-known members, else the JSON as it is. */
+static void print_adapter(const char *name, const json_t *h)
+{
+	struct texts t = { .n = 0 };
+	if (strcmp(name, "matrix") == 0 && jstr(h, "homeserver")) {
+		const char *err = jstr(h, "last_error");
+		kv(name, "%s, ping %s%s%s", tx(&t, h, "homeserver", CELL_TEXT), tx(&t, h, "ping", CELL_TEXT),
+		   err && *err ? ", last error: " : "", err && *err ? err : "");
+	} else if (strcmp(name, "xmpp") == 0 && json_is_object(json_object_get(h, "components"))) {
+		char line[900];
+		const char *dom;
+		json_t *x;
+		snprintf(line, sizeof(line), "%s:%s", tx(&t, h, "server", CELL_TEXT), tx(&t, h, "port", CELL_TEXT));
+		json_object_foreach(json_object_get(h, "components"), dom, x) {
+			const char *err = jstr(x, "last_error");
+			snprintf(line + strlen(line), sizeof(line) - strlen(line), "; %s %s%s%s%s", dom,
+				 tx(&t, x, "state", CELL_TEXT), err && *err ? " (" : "", err && *err ? err : "",
+				 err && *err ? ")" : "");
+		}
+		kv(name, "%s", line);
+	} else {
+		char *s = cell_text(h, CELL_TEXT, 200);
+		kv(name, "%s", s ? s : "?");
+		free(s);
+	}
+}
+
+/* "peer in 42, peer out 40" of stats' totals, or "x rule_deny 7" of its decisions. */
+static void counts_line(const char *key, const json_t *arr, const char *a, const char *b, const char *none)
+{
+	struct texts t = { .n = 0 };
+	char line[900] = "";
+	size_t i;
+	json_t *e;
+	json_array_foreach(arr, i, e)
+		snprintf(line + strlen(line), sizeof(line) - strlen(line), "%s%s %s %s", i ? ", " : "",
+			 tx(&t, e, a, CELL_TEXT), tx(&t, e, b, CELL_TEXT), tx(&t, e, "count", CELL_TEXT));
+	kv(key, "%s", line[0] ? line : none);
+}
+
+static void print_status(const struct ctl *c, const json_t *ready, const json_t *adapters, const char *adapters_why,
+			 const json_t *stats, const char *stats_why)
+{
+	struct texts t = { .n = 0 };
+	json_t *db = json_object_get(ready, "database"), *mig = json_object_get(ready, "migrations");
+	kv("daemon", "%s: %s", c->shown_url, tx(&t, ready, "status", CELL_TEXT));
+	kv("database", "%s, %s ms%s%s", tx(&t, db, "status", CELL_TEXT), tx(&t, db, "latency_ms", CELL_TEXT),
+	   jstr(db, "detail") ? ": " : "", jstr(db, "detail") ? jstr(db, "detail") : "");
+	kv("migrations", "%s (%s of %s applied)", tx(&t, mig, "status", CELL_TEXT),
+	   tx(&t, mig, "applied", CELL_TEXT), tx(&t, mig, "expected", CELL_TEXT));
+	const char *name;
+	json_t *h;
+	json_object_foreach(json_object_get(ready, "adapters"), name, h)
+		print_adapter(name, json_object_get(adapters, name) ? json_object_get(adapters, name) : h);
+	if (adapters) {
+		json_t *p = json_object_get(adapters, "peer");
+		kv("dispatcher", "%s", tx(&t, json_object_get(adapters, "dispatcher"), "status", CELL_TEXT));
+		kv("peers", "%s (%s enabled), %s pending, %s dead", tx(&t, p, "peers", CELL_TEXT),
+		   tx(&t, p, "enabled", CELL_TEXT), tx(&t, p, "pending", CELL_TEXT), tx(&t, p, "dead", CELL_TEXT));
+	} else {
+		kv("adapters", "not shown: %s", adapters_why);
+	}
+	if (stats) {
+		json_t *q = json_object_get(stats, "queue"), *l = json_object_get(stats, "latency_ms");
+		kv("queue", "%s pending, %s in flight, %s held, %s dead, %s failed", tx(&t, q, "pending", CELL_TEXT),
+		   tx(&t, q, "in_flight", CELL_TEXT), tx(&t, q, "held", CELL_TEXT), tx(&t, q, "dead", CELL_TEXT),
+		   tx(&t, q, "failed", CELL_TEXT));
+		kv("latency", "p50 %s ms, p90 %s ms, p99 %s ms (%s deliveries)", tx(&t, l, "p50", CELL_TEXT),
+		   tx(&t, l, "p90", CELL_TEXT), tx(&t, l, "p99", CELL_TEXT), tx(&t, l, "count", CELL_TEXT));
+		counts_line("last hour", json_object_get(stats, "totals"), "adapter", "direction", "no traffic");
+		counts_line("decisions", json_object_get(stats, "decisions"), "verdict", "reason", "none");
+	} else {
+		kv("stats", "not shown: %s", stats_why);
+	}
+}
+
+/* /readyz (no token) with /admin/v1/adapters and /admin/v1/stats: what
+ * answers is shown even if another part is refused (then exit 1). */
+static enum ctl_rc cmd_status(struct ctl *c, char **argv)
+{
+	struct answer ready, parts[2] = { { 0, NULL }, { 0, NULL } };
+	static const char *const paths[2] = { "/admin/v1/adapters", "/admin/v1/stats" };
+	char why[2][400] = { "", "" };
+	enum ctl_rc rc = http_call(c, "GET", "/readyz", NULL, NULL, false, &ready);
+	if (rc)
+		return rc;
+	if (!json_is_object(ready.body)) {
+		json_decref(ready.body);
+		return fail(c, CTL_EREFUSED, "the answer to GET /readyz (HTTP %ld) is empty", ready.status);
+	}
+	for (int i = 0; i < 2 && !rc; i++) {
+		rc = http_call(c, "GET", paths[i], NULL, NULL, true, &parts[i]);
+		bool ok = !rc && parts[i].status >= 200 && parts[i].status <= 299 && parts[i].body;
+		if (!rc && !ok)
+			describe_refusal(c, &parts[i], why[i], sizeof(why[i]));
+	}
+	if (!rc && c->json) {
+		json_t *all = json_pack("{s:O, s:O?, s:O?}", "ready", ready.body, "adapters", parts[0].body, "stats",
+					parts[1].body);
+		if (all)
+			print_json(all);
+		else
+			rc = fail(c, CTL_EREFUSED, "out of memory");
+		json_decref(all);
+	} else if (!rc) {
+		print_status(c, ready.body, why[0][0] ? NULL : parts[0].body, why[0], why[1][0] ? NULL : parts[1].body,
+			     why[1]);
+	}
+	if (!rc && (why[0][0] || why[1][0])) {
+		/* One reason when both parts were refused alike (a wrong token). */
+		if (!why[0][0] || !why[1][0] || strcmp(why[0], why[1]) == 0)
+			rc = fail(c, CTL_EREFUSED, "%s", why[0][0] ? why[0] : why[1]);
+		else
+			rc = fail(c, CTL_EREFUSED, "adapters: %s; stats: %s", why[0], why[1]);
+	}
+	json_decref(ready.body);
+	json_decref(parts[0].body);
+	json_decref(parts[1].body);
+	return rc;
+}
+
+/* ------------------------------------------------------------ the command table */
+
+struct command {
+	const char *name;     /* one or two words */
+	const char *args;     /* the synopsis after the name */
+	int nargs;            /* positional arguments after the name */
+	unsigned opts;        /* OPT_* it accepts */
+	enum ctl_rc (*run)(struct ctl *, char **argv);
+	const char *summary;  /* for the command list */
+	const char *help;     /* for help COMMAND */
+};
+
+static const struct command commands[] = {
+	{ "status", "", 0, 0, cmd_status, "readiness, adapters, queue and the last hour",
+	  "Shows GET /readyz (asked without the token), GET /admin/v1/adapters and GET /admin/v1/stats\n"
+	  "as one summary. A part the API refuses is left out and named; the exit status is then 1.\n"
+	  "With --json: {\"ready\": ..., \"adapters\": ..., \"stats\": ...}, each as the API answered.\n"
+	  "\nexample: causewayctl status" },
+	{ "peers", "", 0, 0, cmd_peers, "the peer providers",
+	  "Lists the peers (GET /admin/v1/peers): name, domain, mode, enabled, push URL.\n"
+	  "\nexample: causewayctl peers" },
+	{ "rules", "", 0, OPT_PAGE, cmd_rules, "the server rules",
+	  "Lists the server rules (GET /admin/v1/rules), every page unless --limit.\n"
+	  "\nexample: causewayctl rules --limit 20" },
+	{ "users", "", 0, OPT_PAGE, cmd_users, "local users: opt-ins, consents, held",
+	  "Lists the local users (GET /admin/v1/users) with their opt-ins, consents, held messages\n"
+	  "and pending consent requests.\n"
+	  "\nexample: causewayctl users" },
+	{ "held", "", 0, OPT_PAGE, cmd_held, "messages held for consent",
+	  "Lists the messages held for consent (GET /admin/v1/held) and when each expires.\n"
+	  "\nexample: causewayctl held" },
+	{ "trace", "MESSAGE-ID", 1, 0, cmd_trace, "a message's origin, decisions and deliveries",
+	  "Shows where a message came from, each policy decision about it (verdict and reason),\n"
+	  "and each delivery with every attempt (GET /admin/v1/messages/MESSAGE-ID).\n"
+	  "\nexample: causewayctl trace msg_3q2fJ0bM1xk9W1p5f7YqAg" },
+	{ "deadletters", "", 0, OPT_PAGE, cmd_deadletters, "deliveries that gave up",
+	  "Lists the dead letters (GET /admin/v1/outbox?state=dead): deliveries that used up their\n"
+	  "retries. The ID column is what replay and discard take.\n"
+	  "\nexample: causewayctl deadletters" },
+	{ "deadletters replay", "OUTBOX-ID", 1, 0, cmd_replay, "send a dead letter again",
+	  "Sends a dead (or failed) delivery again from its first attempt\n"
+	  "(POST /admin/v1/outbox/OUTBOX-ID/replay). Needs an admin token.\n"
+	  "\nexample: causewayctl deadletters replay 12" },
+	{ "deadletters discard", "OUTBOX-ID", 1, 0, cmd_discard, "give up on a dead letter",
+	  "Gives up on a dead (or failed) delivery: it becomes dropped, and the trace keeps it\n"
+	  "(POST /admin/v1/outbox/OUTBOX-ID/discard). Needs an admin token.\n"
+	  "\nexample: causewayctl deadletters discard 12" },
+	{ "token list", "", 0, 0, cmd_token_list, "the named admin tokens",
+	  "Lists the named admin tokens (GET /admin/v1/tokens); never the tokens themselves.\n"
+	  "\nexample: causewayctl token list" },
+	{ "token create", "NAME [--role admin|viewer]", 1, OPT_ROLE, cmd_token_create, "make a token (shown once)",
+	  "Makes a named token (POST /admin/v1/tokens) with the role admin (the default) or viewer\n"
+	  "(may read everything, change nothing). The token is printed this once: keep it then.\n"
+	  "\nexample: causewayctl token create night-shift --role viewer" },
+	{ "token revoke", "NAME", 1, 0, cmd_token_revoke, "revoke a token at once",
+	  "Revokes a named token (POST /admin/v1/tokens/NAME/revoke): every daemon process refuses it\n"
+	  "within about a second. The name stays taken.\n"
+	  "\nexample: causewayctl token revoke night-shift" },
+	{ "audit", "[--action A] [--actor X] [--message MSG]", 0, OPT_FILTER | OPT_PAGE, cmd_audit, "the audit log",
+	  "Lists the audit log (GET /admin/v1/audit), oldest first. --action takes an action\n"
+	  "(token.create) or a prefix ending in a dot (policy.); --actor an actor (admin:night-shift);\n"
+	  "--message a message id.\n"
+	  "\nexample: causewayctl audit --action outbox. --limit 50" },
+};
+
+static const char global_help[] =
+	"options:\n"
+	"  --url URL          the daemon's URL (else CAUSEWAY_URL, else the file's, else " DEFAULT_URL ")\n"
+	"  --token TOKEN      the admin token (else CAUSEWAY_ADMIN_TOKEN, else the file);\n"
+	"                     other users can see it in ps: prefer --token-file\n"
+	"  --token-file FILE  read the token from the first line of FILE\n"
+	"  --config FILE      the settings file (default $XDG_CONFIG_HOME/causeway/causewayctl.ini\n"
+	"                     or ~/.config/causeway/causewayctl.ini): [causewayctl] url, token, token_file\n"
+	"  --json             print the API's JSON answer (pretty-printed) instead of a table\n"
+	"  --limit N          list commands: show at most N rows (default: every page)\n"
+	"  --after ID         list commands: start after the row ID\n"
+	"  -h, --help         this text; help COMMAND for one command\n"
+	"\n"
+	"exit status: 0 done, 1 the API refused (the reason is printed), 2 usage error,\n"
+	"3 the daemon cannot be reached.\n";
+
+static void usage(FILE *f)
+{
+	fputs("usage: causewayctl [options] COMMAND [ARGUMENTS]\n\n"
+	      "The operator's command-line client of causewayd's admin API (/admin/v1).\n\ncommands:\n", f);
+	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++) {
+		char syn[80];
+		const struct command *k = &commands[i];
+		snprintf(syn, sizeof(syn), "%s%s%s", k->name, k->args[0] ? " " : "", k->args);
+		if (strlen(syn) > 30) /* the summary on a line of its own */
+			fprintf(f, "  %s\n  %-30s %s\n", syn, "", k->summary);
+		else
+			fprintf(f, "  %-30s %s\n", syn, k->summary);
+	}
+	fprintf(f, "  %-30s %s\n\n%s", "help [COMMAND]", "this text, or one command's", global_help);
+}
+
+/* Prints the help of the commands named w1 (and w2): "help token" shows
+ * every token command.  Returns how many it printed. */
+static int command_help(const char *w1, const char *w2)
+{
+	int shown = 0;
+	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++) {
+		const struct command *k = &commands[i];
+		size_t n1 = strlen(w1);
+		bool first = strncmp(k->name, w1, n1) == 0 && (k->name[n1] == '\0' || k->name[n1] == ' ');
+		bool match = first && (!w2 || (k->name[n1] == ' ' && strcmp(k->name + n1 + 1, w2) == 0));
+		if (!match)
+			continue;
+		printf("%susage: causewayctl %s%s%s\n\n%s\n", shown++ ? "\n" : "", k->name, k->args[0] ? " " : "",
+		       k->args, k->help);
+	}
+	if (shown)
+		printf("\n%s", global_help);
+	return shown;
+}
+
+/* "replay, discard" for "deadletters": false if word has no subcommands. */
+static bool subcommands(const char *word, char *out, size_t len)
+{
+	size_t n1 = strlen(word);
+	out[0] = '\0';
+	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
+		if (strncmp(commands[i].name, word, n1) == 0 && commands[i].name[n1] == ' ')
+			snprintf(out + strlen(out), len - strlen(out), "%s%s", out[0] ? ", " : "",
+				 commands[i].name + n1 + 1);
+	return out[0] != '\0';
+}
+
+/* The command named by the first one or two words of args. */
+static const struct command *find_command(int n, char **args, int *words)
+{
+	for (size_t i = 0; n >= 2 && i < sizeof(commands) / sizeof(commands[0]); i++) {
+		size_t n1 = strlen(args[0]);
+		if (strncmp(commands[i].name, args[0], n1) == 0 && commands[i].name[n1] == ' ' &&
+		    strcmp(commands[i].name + n1 + 1, args[1]) == 0) {
+			*words = 2;
+			return &commands[i];
+		}
+	}
+	for (size_t i = 0; n >= 1 && i < sizeof(commands) / sizeof(commands[0]); i++)
+		if (strcmp(commands[i].name, args[0]) == 0) {
+			*words = 1;
+			return &commands[i];
+		}
+	return NULL;
+}
+
+static int usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static int usage_error(const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	fputs("causewayctl: ", stderr);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputs(" (see causewayctl --help)\n", stderr);
+	return CTL_EUSAGE;
+}
+
+static bool parse_number(const char *s, long long lo, long long hi, long long *out)
+{
+	char *end;
+	errno = 0;
+	*out = strtoll(s, &end, 10);
+	return *s && !*end && !errno && *out >= lo && *out <= hi;
+}
+
+int main(int argc, char **argv)
+{
+	enum { O_URL = 256, O_TOKEN, O_TOKEN_FILE, O_CONFIG, O_JSON, O_ROLE, O_ACTION, O_ACTOR, O_MESSAGE, O_LIMIT,
+	       O_AFTER };
+	static const struct option longopts[] = {
+		{ "url", required_argument, NULL, O_URL },
+		{ "token", required_argument, NULL, O_TOKEN },
+		{ "token-file", required_argument, NULL, O_TOKEN_FILE },
+		{ "config", required_argument, NULL, O_CONFIG },
+		{ "json", no_argument, NULL, O_JSON },
+		{ "role", required_argument, NULL, O_ROLE },
+		{ "action", required_argument, NULL, O_ACTION },
+		{ "actor", required_argument, NULL, O_ACTOR },
+		{ "message", required_argument, NULL, O_MESSAGE },
+		{ "limit", required_argument, NULL, O_LIMIT },
+		{ "after", required_argument, NULL, O_AFTER },
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct ctl c = { 0 };
+	struct source flags = { 0 };
+	const char *config = NULL;
+	bool help = false;
+	long long num;
+	int opt, rc = CTL_OK;
+	opterr = 0;
+	while ((opt = getopt_long(argc, argv, ":h", longopts, NULL)) != -1) {
+		char **slot = NULL;
+		switch (opt) {
+		case O_URL:
+			slot = &flags.url;
+			break;
+		case O_TOKEN:
+			slot = &flags.token;
+			break;
+		case O_TOKEN_FILE:
+			slot = &flags.token_file;
+			break;
+		case O_CONFIG:
+			config = optarg;
+			break;
+		case O_JSON:
+			c.json = true;
+			break;
+		case 'h':
+			help = true;
+			break;
+		case O_ROLE:
+			if (strcmp(optarg, "admin") != 0 && strcmp(optarg, "viewer") != 0)
+				rc = usage_error("--role takes admin or viewer, not '%.40s'", optarg);
+			c.role = optarg;
+			c.given |= OPT_ROLE;
+			break;
+		case O_ACTION:
+		case O_ACTOR:
+		case O_MESSAGE:
+			*(opt == O_ACTION ? &c.action : opt == O_ACTOR ? &c.actor : &c.message) = optarg;
+			c.given |= OPT_FILTER;
+			break;
+		case O_LIMIT:
+			if (!parse_number(optarg, 1, 10000000, &num))
+				rc = usage_error("--limit takes a number of rows from 1 on, not '%.40s'", optarg);
+			c.limit = (long)num;
+			c.given |= OPT_PAGE;
+			break;
+		case O_AFTER:
+			if (!parse_number(optarg, 0, 999999999999999999LL, &num))
+				rc = usage_error("--after takes a row id (0 or more), not '%.40s'", optarg);
+			c.after = num;
+			c.given |= OPT_PAGE;
+			break;
+		case ':':
+			rc = usage_error("%s needs a value", argv[optind - 1]);
+			break;
+		default:
+			if (optopt)
+				rc = usage_error("unknown option '-%c'", optopt);
+			else
+				rc = usage_error("unknown option '%s'", argv[optind - 1]);
+			break;
+		}
+		if (slot) {
+			free(*slot);
+			if (!(*slot = strdup(optarg)))
+				rc = usage_error("out of memory");
+			if (opt == O_TOKEN) /* out of ps's sight from now on (it was visible until here) */
+				memset(optarg, 'x', strlen(optarg));
+		}
+		if (rc)
+			goto out;
+	}
+	int n = argc - optind;
+	char **args = argv + optind;
+	const struct command *cmd = NULL;
+	int words = 0;
+	if (n >= 1 && strcmp(args[0], "help") == 0) {
+		if (n == 1) {
+			usage(stdout);
+		} else if (n > 3 || !command_help(args[1], n == 3 ? args[2] : NULL)) {
+			rc = usage_error("no command '%.40s%s%.40s'", args[1], n == 3 ? " " : "",
+					 n == 3 ? args[2] : "");
+		}
+		goto out;
+	}
+	if (n == 0) {
+		if (help)
+			usage(stdout);
+		else
+			rc = usage_error("no command given");
+		goto out;
+	}
+	if (!(cmd = find_command(n, args, &words))) {
+		char subs[200];
+		if (!subcommands(args[0], subs, sizeof(subs)))
+			rc = usage_error("no command '%.40s'", args[0]);
+		else if (n == 1)
+			rc = usage_error("%s needs a subcommand: %s", args[0], subs);
+		else
+			rc = usage_error("%s has no subcommand '%.40s' (it has %s)", args[0], args[1], subs);
+		goto out;
+	}
+	if (help) {
+		command_help(args[0], words == 2 ? args[1] : NULL);
+		goto out;
+	}
+	char subs[200];
+	if (n - words > cmd->nargs && words == 1 && subcommands(args[0], subs, sizeof(subs))) {
+		rc = usage_error("%s has no subcommand '%.40s' (it has %s)", args[0], args[1], subs);
+		goto out;
+	}
+	if (n - words != cmd->nargs) {
+		rc = usage_error("usage: causewayctl %s%s%s", cmd->name, cmd->args[0] ? " " : "", cmd->args);
+		goto out;
+	}
+	if (c.given & ~cmd->opts) {
+		unsigned extra = c.given & ~cmd->opts;
+		rc = usage_error("%s takes no %s", cmd->name, extra & OPT_ROLE ? "--role"
+							      : extra & OPT_FILTER ? "--action, --actor or --message"
+										   : "--limit or --after");
+		goto out;
+	}
+	if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK || !(c.curl = curl_easy_init())) {
+		fputs("causewayctl: cannot start libcurl\n", stderr);
+		rc = CTL_EREFUSED;
+		goto out;
+	}
+	rc = resolve(&c, &flags, config);
+	if (!rc)
+		rc = cmd->run(&c, args + words);
+	if (rc)
+		fprintf(stderr, "causewayctl: %s\n", c.err);
+	curl_easy_cleanup(c.curl);
+	curl_global_cleanup();
+out:
+	if (fflush(stdout) != 0 || ferror(stdout)) {
+		fprintf(stderr, "causewayctl: cannot write the output: %s\n", strerror(errno));
+		rc = rc ? rc : CTL_EREFUSED;
+	}
+	curl_free(c.url);
+	curl_free(c.shown_url);
+	free(c.token);
+	source_free(&flags);
+	return rc;
+}

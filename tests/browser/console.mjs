@@ -1,0 +1,393 @@
+// The web console in a real headless Chromium (Debian's chromium, driven by
+// playwright-core).  Run by tests/integration/test_console.py, which starts
+// the daemon, the peers and the data, and answers this script's requests on
+// stdin ("NEED <what>" on stdout, one line back).
+//
+// Environment: BASE_URL, ADMIN_TOKEN, VIEWER_TOKEN, SCREENSHOT_DIR,
+// CAUSEWAY_NODE_MODULES (where playwright-core is installed), CHROMIUM
+// (default /usr/bin/chromium).
+//
+// Output: one JSON line per check {"check", "ok", "detail"}; exit status 1
+// on the first failed check.
+import assert from 'node:assert/strict';
+import { mkdirSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import path from 'node:path';
+import readline from 'node:readline';
+
+const env = (k) => {
+  const v = process.env[k];
+  if (!v) throw new Error(`${k} is not set`);
+  return v;
+};
+const BASE = env('BASE_URL').replace(/\/$/, '') + '/admin/';
+const ADMIN = env('ADMIN_TOKEN');
+const VIEWER = env('VIEWER_TOKEN');
+const SHOTS = env('SCREENSHOT_DIR');
+const require = createRequire(env('CAUSEWAY_NODE_MODULES') + '/');
+const { chromium } = require('playwright-core');
+
+mkdirSync(SHOTS, { recursive: true });
+const PAGES = ['dashboard', 'peers', 'rules', 'users', 'held', 'trace', 'deadletters', 'reports', 'audit', 'rooms', 'config'];
+const WAIT = 15000;
+
+// ------------------------------------------------------------ protocol
+
+const lines = readline.createInterface({ input: process.stdin })[Symbol.asyncIterator]();
+async function ask(what) {
+  process.stdout.write(`NEED ${what}\n`);
+  const { value, done } = await lines.next();
+  if (done) throw new Error(`the harness closed stdin (asked: ${what})`);
+  return value.trim();
+}
+const report = (check, ok, detail) => process.stdout.write(JSON.stringify({ check, ok, detail }) + '\n');
+
+// Runs one named check; the page's visible text goes with a failure.
+let current = null;
+async function check(name, fn) {
+  try {
+    const detail = await fn();
+    report(name, true, detail === undefined ? null : detail);
+  } catch (e) {
+    let seen = '';
+    try { seen = current ? (await current.locator('body').innerText()).slice(0, 1500) : ''; } catch { /* closed */ }
+    report(name, false, `${e.message}\n--- page text ---\n${seen}`);
+    throw e;
+  }
+}
+
+// ------------------------------------------------------------ helpers
+
+const problems = []; // console errors (other than failed loads), CSP violations, page errors
+function watch(page, label) {
+  page.on('console', (m) => {
+    const t = m.text();
+    if (/Content.Security.Policy|Refused to/i.test(t) || (m.type() === 'error' && !/Failed to load resource/.test(t)))
+      problems.push(`${label}: console ${m.type()}: ${t}`);
+  });
+  page.on('pageerror', (e) => problems.push(`${label}: page error: ${e.message}`));
+  return page;
+}
+
+const shot = (page, name) => page.screenshot({ path: path.join(SHOTS, `${name}.png`), fullPage: true });
+
+// Waits until the page has loaded what it asked for (no busy region, no
+// "Loading…" placeholder).
+async function settled(page) {
+  await page.waitForFunction(() => !document.querySelector('main [aria-busy], main .loading'), null, { timeout: WAIT });
+}
+
+// No "null", "undefined" or "[object Object]" shown where a value belongs.
+async function noJunk(page) {
+  const junk = await page.evaluate(() => {
+    const out = [];
+    const walk = document.createTreeWalker(document.querySelector('main'), NodeFilter.SHOW_TEXT);
+    for (let n = walk.nextNode(); n; n = walk.nextNode())
+      if (/^(null|undefined|NaN|\[object Object\])$/.test(n.textContent.trim()) && !n.parentElement.closest('pre, code')) out.push(n.textContent);
+    return out;
+  });
+  assert.deepEqual(junk, [], 'placeholders of missing values shown');
+}
+
+async function go(page, hash) {
+  await page.evaluate((h) => { location.hash = h; }, hash);
+  await page.waitForFunction((h) => document.querySelector(`[data-page="${h.split('/')[1]}"]`), hash, { timeout: WAIT });
+  await settled(page);
+  await noJunk(page);
+}
+
+async function signIn(page, token, name, role) {
+  await page.getByLabel('Admin token').fill(token);
+  await page.getByRole('button', { name: 'Sign in' }).click();
+  await page.locator('#who').filter({ hasText: `${name} (${role})` }).waitFor({ timeout: WAIT });
+  await settled(page);
+}
+
+// Every button is marked as a change control or as a read-only one.
+async function buttonsMarked(page) {
+  const unmarked = await page.$$eval('button', (bs) => bs
+    .filter((b) => !b.hasAttribute('data-change') && !b.hasAttribute('data-read')).map((b) => b.textContent));
+  assert.deepEqual(unmarked, [], 'buttons neither data-change nor data-read');
+}
+
+const statNumber = async (page, key) => {
+  const el = page.locator(`[data-stat="${key}"]`);
+  if ((await el.count()) === 0) return null;
+  const n = Number((await el.first().textContent()).trim());
+  return Number.isFinite(n) ? n : null;
+};
+
+// ------------------------------------------------------------ the scenario
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+  headless: true,
+  args: ['--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage'],
+});
+let failed = false;
+try {
+  const ctx = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+  const page = current = watch(await ctx.newPage(), 'desktop');
+
+  await check('sign-in page', async () => {
+    const r = await page.goto(BASE);
+    assert.equal(r.status(), 200);
+    await page.getByLabel('Admin token').waitFor();
+    assert.equal(await page.locator('nav#nav').isVisible(), false, 'no navigation before signing in');
+    await shot(page, '01-sign-in');
+  });
+
+  await check('a wrong token is refused', async () => {
+    await page.getByLabel('Admin token').fill('cwa_not-a-token');
+    await page.getByRole('button', { name: 'Sign in' }).click();
+    await page.getByText('The token was refused').waitFor({ timeout: WAIT });
+    assert.equal(await page.evaluate(() => sessionStorage.length), 0, 'nothing kept');
+  });
+
+  await check('sign in as admin', async () => {
+    await signIn(page, ADMIN, 'config', 'admin');
+    assert.equal(await page.evaluate(() => location.hash), '#/dashboard');
+    const stored = await page.evaluate(() => Object.keys(sessionStorage));
+    assert.deepEqual(stored, ['causeway.admin_token']);
+    const cookies = await ctx.cookies();
+    assert.deepEqual(cookies, [], 'no cookies');
+  });
+
+  await check('dashboard shows live numbers', async () => {
+    await page.locator('[data-stat="queue.held"]').waitFor({ timeout: WAIT });
+    const before = (await statNumber(page, 'total.peer.in')) || 0;
+    const sent = Number(await ask('traffic'));
+    assert.ok(sent > 0);
+    // the page refreshes itself every 5 s: wait for the new messages to show
+    await page.waitForFunction(([b, n]) => {
+      const el = document.querySelector('[data-stat="total.peer.in"]');
+      return el && Number(el.textContent) >= b + n;
+    }, [before, sent], { timeout: 20000 });
+    const got = {
+      in: await statNumber(page, 'total.peer.in'), out: await statNumber(page, 'total.peer.out'),
+      held: await statNumber(page, 'queue.held'), dead: await statNumber(page, 'queue.dead'),
+    };
+    assert.ok(got.in > 0 && got.out > 0, `messages in and out: ${JSON.stringify(got)}`);
+    assert.ok(got.held >= 1, 'a held message');
+    assert.ok(got.dead >= 1, 'a dead letter');
+    assert.ok((await page.locator('svg.chart polyline').count()) >= 2, 'one line per adapter and direction');
+    assert.ok((await page.locator('.legend li').count()) >= 2, 'a legend');
+    assert.match(await page.locator('svg.chart').getAttribute('aria-label'), /Messages per minute/);
+    assert.ok((await page.locator('[data-adapter]').count()) >= 1, 'adapter health');
+    assert.equal(await page.locator('main .error').count(), 0, 'no error state');
+    await shot(page, '02-dashboard');
+    return got;
+  });
+
+  await check('keyboard reaches the navigation', async () => {
+    await page.keyboard.press('Tab'); // the skip link
+    let label = '';
+    for (let i = 0; i < 12 && label !== 'Peers'; i++) {
+      await page.keyboard.press('Tab');
+      label = await page.evaluate(() => document.activeElement && document.activeElement.textContent);
+    }
+    assert.equal(label, 'Peers', 'Tab reaches the Peers link');
+    await page.keyboard.press('Enter');
+    await page.waitForFunction(() => location.hash === '#/peers');
+    await settled(page);
+  });
+
+  await check('a destructive action asks first (cancelled)', async () => {
+    const row = page.locator('tr', { hasText: 'spam.example' });
+    await row.getByRole('button', { name: 'Disable' }).click();
+    const dlg = page.locator('dialog[open]');
+    await dlg.waitFor();
+    assert.match(await dlg.innerText(), /Disable peer sp\?/);
+    await shot(page, '03-peers-confirm');
+    await dlg.getByRole('button', { name: 'Cancel' }).click();
+    await dlg.waitFor({ state: 'detached' });
+    await settled(page);
+    assert.equal(await row.locator('.badge').innerText(), 'enabled');
+  });
+
+  let ruleId = null;
+  await check('add a deny rule', async () => {
+    await go(page, '#/rules');
+    const form = page.locator('form[aria-label="Add a rule"]');
+    await form.getByLabel('Scope').selectOption('domain');
+    await form.getByLabel('Pattern').fill('spam.example');
+    await form.getByLabel('Mode').selectOption('deny');
+    await form.getByLabel('Comment').fill('console test: no spam');
+    await form.getByRole('button', { name: 'Add rule' }).click();
+    const ok = page.locator('.note .ok', { hasText: 'added' });
+    await ok.waitFor({ timeout: WAIT });
+    ruleId = Number((await ok.innerText()).match(/Rule (\d+) added/)[1]);
+    await page.locator('tr', { hasText: 'console test: no spam' }).waitFor({ timeout: WAIT });
+    await shot(page, '04-rules');
+    return { rule: ruleId };
+  });
+
+  await check('a refused change shows the problem detail', async () => {
+    const form = page.locator('form[aria-label="Add a rule"]');
+    await form.getByLabel('Scope').selectOption('domain');
+    await form.getByLabel('Pattern').fill('spam.example');
+    await form.getByRole('button', { name: 'Add rule' }).click();
+    await page.locator('.note .error', { hasText: 'a rule with that scope and pattern exists' }).waitFor({ timeout: WAIT });
+    await form.getByLabel('Pattern').fill('Not A Domain');
+    await form.getByRole('button', { name: 'Add rule' }).click();
+    await page.locator('.note .error', { hasText: 'pattern must be a lower-case domain' }).waitFor({ timeout: WAIT });
+  });
+
+  await check('change a setting', async () => {
+    const form = page.locator('form[aria-label="Server-wide settings"]');
+    await form.getByLabel('policy.report_limit_threshold').fill('5');
+    await form.getByRole('button', { name: 'Save settings' }).click();
+    await page.locator('.note .ok', { hasText: 'Saved: policy.report_limit_threshold' }).waitFor({ timeout: WAIT });
+  });
+
+  await check('the next message is denied, and its trace says why', async () => {
+    const id = await ask('denied');
+    assert.match(id, /^msg_/);
+    await go(page, `#/trace/${id}`);
+    await page.locator('[data-verdict="deny"]').first().waitFor({ timeout: WAIT });
+    const why = await page.locator('main').innerText();
+    assert.ok((await page.locator('[data-reason="server_denied_domain"]').count()) >= 1, 'reason server_denied_domain');
+    assert.match(why, new RegExp(`rule ${ruleId}: domain spam\\.example → deny`));
+    assert.match(why, /console test: no spam/);
+    assert.match(why, /a server rule denies the remote party's domain/);
+    await shot(page, '05-trace-denied');
+    return { message: id };
+  });
+
+  let deadMsg = null;
+  await check('replay a dead letter and see it delivered', async () => {
+    await go(page, '#/deadletters');
+    deadMsg = await ask('heal');
+    const row = page.locator('tr', { hasText: deadMsg });
+    await row.waitFor({ timeout: WAIT });
+    assert.match(await row.innerText(), /dead/);
+    await shot(page, '06-deadletters');
+    await row.getByRole('button', { name: 'Replay' }).click();
+    await page.locator('.note .ok', { hasText: 'replayed' }).waitFor({ timeout: WAIT });
+    await page.getByRole('link', { name: 'Follow it in the trace' }).click();
+    await page.waitForFunction((m) => location.hash === `#/trace/${m}`, deadMsg);
+    await settled(page);
+    const delivery = page.locator('article.delivery', { hasText: 'peer:tg' });
+    const deadline = Date.now() + 20000;
+    while ((await delivery.getAttribute('data-state')) !== 'delivered') {
+      assert.ok(Date.now() < deadline, `still ${await delivery.getAttribute('data-state')}`);
+      await page.waitForTimeout(500);
+      await page.getByRole('button', { name: 'Refresh' }).click();
+      await settled(page);
+    }
+    assert.ok((await delivery.locator('.badge.b-ok').count()) >= 1, 'the successful try is listed');
+    await shot(page, '07-trace-delivered');
+    return { message: deadMsg };
+  });
+
+  await check('allow a held sender', async () => {
+    await go(page, '#/held');
+    const row = page.locator('tr', { hasText: 'mimi://wa.example/u/wally' });
+    await row.getByRole('button', { name: 'Allow sender' }).click();
+    await page.locator('.note .ok', { hasText: '1 released' }).waitFor({ timeout: WAIT });
+    await settled(page);
+    assert.equal(await page.locator('tr', { hasText: 'mimi://wa.example/u/wally' }).count(), 0, 'no longer held');
+    await page.locator('main .empty').waitFor();
+  });
+
+  await check('every page as admin: loads, no error state, every button marked', async () => {
+    for (const [i, p] of PAGES.entries()) {
+      await go(page, `#/${p}`);
+      await buttonsMarked(page);
+      const errors = await page.locator('main .error').allInnerTexts();
+      assert.deepEqual(errors, [], `error state on ${p}`);
+      await shot(page, `admin-${String(i).padStart(2, '0')}-${p}`);
+    }
+    await go(page, '#/rooms');
+    await page.locator('main table a').first().click();
+    await page.waitForFunction(() => /^#\/rooms\/./.test(location.hash));
+    await settled(page);
+    await noJunk(page);
+    assert.ok((await page.locator('section', { hasText: 'Members' }).locator('tbody tr').count()) >= 2, 'a room\'s members');
+    await shot(page, 'admin-11-room');
+    await go(page, '#/rules');
+    assert.ok((await page.locator('[data-change]').count()) > 0, 'an admin sees change controls');
+  });
+
+  await check('a failing call shows its problem as an error state', async () => {
+    const body = JSON.stringify({ type: 'about:blank', title: 'Service unavailable', status: 503,
+      detail: 'the database is not reachable', code: 'unavailable' });
+    const fail = (r) => r.fulfill({ status: 503, contentType: 'application/problem+json', body });
+    await page.route('**/admin/v1/stats', fail);
+    await go(page, '#/dashboard');
+    const err = page.locator('main .error[role="alert"]');
+    await err.first().waitFor({ timeout: WAIT });
+    assert.match(await err.first().innerText(), /Service unavailable the database is not reachable \(503 unavailable\)/);
+    assert.ok((await page.locator('[data-adapter]').count()) >= 1, 'the rest of the page still works');
+    await shot(page, 'admin-12-error-state');
+    await page.unroute('**/admin/v1/stats', fail);
+    await page.locator('[data-stat="queue.held"]').waitFor({ timeout: WAIT }); // the next refresh recovers
+  });
+
+  await check('sign out', async () => {
+    await page.getByRole('button', { name: 'Sign out' }).click();
+    await page.getByLabel('Admin token').waitFor();
+    assert.equal(await page.evaluate(() => sessionStorage.length), 0);
+  });
+
+  await check('a viewer sees no change controls on any page', async () => {
+    await signIn(page, VIEWER, 'night-viewer', 'viewer');
+    const seen = {};
+    for (const [i, p] of PAGES.entries()) {
+      await go(page, `#/${p}`);
+      await buttonsMarked(page);
+      const n = await page.locator('[data-change], form.change').count();
+      assert.equal(n, 0, `change controls on ${p} for a viewer`);
+      seen[p] = (await page.locator('main table tbody tr').count());
+      await shot(page, `viewer-${String(i).padStart(2, '0')}-${p}`);
+    }
+    for (const hash of [`#/trace/${deadMsg}`, '#/held', '#/deadletters']) {
+      await go(page, hash);
+      assert.equal(await page.locator('[data-change]').count(), 0, `change controls on ${hash}`);
+    }
+    const held = await page.evaluate(() => fetch('/admin/v1/held', { headers: { Authorization: 'Bearer ' + sessionStorage.getItem('causeway.admin_token') } }).then((r) => r.status));
+    assert.equal(held, 200, 'a viewer reads');
+    const refused = await page.evaluate(() => fetch('/admin/v1/rules', {
+      method: 'POST', headers: { Authorization: 'Bearer ' + sessionStorage.getItem('causeway.admin_token'), 'Content-Type': 'application/json' },
+      body: JSON.stringify({ scope: 'domain', pattern: 'viewer.example', mode: 'deny' }),
+    }).then((r) => r.status));
+    assert.equal(refused, 403, 'the API refuses a viewer');
+    return seen;
+  });
+
+  await check('phone width: dashboard and navigation', async () => {
+    const phone = await browser.newContext({ viewport: { width: 375, height: 700 }, isMobile: true, hasTouch: true });
+    const p = current = watch(await phone.newPage(), 'phone');
+    await p.goto(BASE);
+    await signIn(p, ADMIN, 'config', 'admin');
+    await p.locator('[data-stat="queue.held"]').waitFor({ timeout: WAIT });
+    const width = await p.evaluate(() => document.documentElement.scrollWidth);
+    assert.ok(width <= 376, `no sideways scrolling (${width}px)`);
+    assert.equal(await p.locator('#nav').isVisible(), false, 'the navigation is collapsed');
+    await shot(p, 'phone-01-dashboard');
+    await p.getByRole('button', { name: 'Menu' }).click();
+    assert.equal(await p.getByRole('button', { name: 'Menu' }).getAttribute('aria-expanded'), 'true');
+    await p.locator('#nav').getByRole('link', { name: 'Dead letters' }).waitFor({ state: 'visible' });
+    await shot(p, 'phone-02-menu');
+    await p.locator('#nav').getByRole('link', { name: 'Dead letters' }).click();
+    await p.waitForFunction(() => location.hash === '#/deadletters');
+    await settled(p);
+    assert.equal(await p.locator('#nav').isVisible(), false, 'the menu closes after choosing');
+    await shot(p, 'phone-03-deadletters');
+    await go(p, `#/trace/${deadMsg}`);
+    const w2 = await p.evaluate(() => document.documentElement.scrollWidth);
+    assert.ok(w2 <= 376, `trace fits (${w2}px)`);
+    await shot(p, 'phone-04-trace');
+    await phone.close();
+  });
+
+  await check('no CSP violation, console error or page error', async () => {
+    assert.deepEqual(problems, []);
+  });
+} catch (e) {
+  failed = true;
+  if (!(e instanceof assert.AssertionError) && !/Timeout|waiting/i.test(e.message)) console.error(e);
+} finally {
+  await browser.close();
+}
+process.exit(failed ? 1 : 0);

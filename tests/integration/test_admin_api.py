@@ -1,0 +1,295 @@
+"""/admin/v1 as a whole: every route's authentication (none, viewer,
+admin), named tokens with roles (made, shown once, revoked at once on every
+process), the actor in the audit log, the message trace, discarding a dead
+letter, the console's files and headers, and docs/admin-openapi.json
+against the routes the daemon really serves."""
+import json
+import os
+import re
+
+import pytest
+import requests
+
+from harness import ADMIN_TOKEN, TOP_SRCDIR, wait_until
+from peer import NotifyServer, PeerClient
+from test_openapi import METHODS, check_schema, deref, operations, resolve, route_table, walk
+
+DOC_PATH = os.path.join(TOP_SRCDIR, "docs", "admin-openapi.json")
+SELF = "/admin/v1/openapi.json"
+
+
+@pytest.fixture(scope="module")
+def doc():
+    with open(DOC_PATH, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def admin_routes():
+    return {(m, p): auth for m, p, auth in route_table() if p.startswith("/admin/v1/")}
+
+
+def concrete(path):
+    """A path of the route with its parameters filled in."""
+    return re.sub(r"\{(\w+)\}", lambda m: {"name": "nobody", "id": "999999"}.get(m.group(1), "x"), path)
+
+
+def call(d, method, path, token=None, **kw):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if method in ("POST", "PATCH", "PUT"):
+        kw.setdefault("json", {})
+    return d.request(method, path, headers=headers, **kw)
+
+
+def make_token(d, name, role, token=ADMIN_TOKEN):
+    r = call(d, "POST", "/admin/v1/tokens", token, json={"name": name, "role": role})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+# ------------------------------------------------------------ credentials
+
+def test_every_route_checks_the_token_and_the_role(daemon, pg, db_url):
+    viewer = make_token(daemon, "night-viewer", "viewer")["token"]
+    routes = admin_routes()
+    assert len(routes) >= 37
+    audit_before = pg.psql("SELECT count(*) FROM audit_log", db_url)
+    peers_before = pg.psql("SELECT count(*) FROM peers", db_url)
+    for (method, path), auth in sorted(routes.items()):
+        url = concrete(path)
+        if auth == "CW_AUTH_NONE":
+            assert call(daemon, method, url).status_code == 200, path
+            continue
+        for token in (None, "cwa_not-a-token", ADMIN_TOKEN + "x"):
+            r = call(daemon, method, url, token)
+            assert r.status_code == 401 and r.json()["code"] == "unauthenticated", (method, path, r.text)
+            assert r.headers["WWW-Authenticate"] == "Bearer"
+            assert r.headers["Cache-Control"] == "no-store"
+        r = call(daemon, method, url, viewer)
+        if auth == "CW_AUTH_ADMIN":
+            assert r.status_code == 403 and r.json()["code"] == "forbidden", (method, path, r.text)
+            assert "viewer" in r.json()["detail"]
+        else:
+            assert r.status_code not in (401, 403), (method, path, r.text)
+        r = call(daemon, method, url, ADMIN_TOKEN)
+        assert r.status_code not in (401, 403, 405, 500), (method, path, r.text)
+    # Nothing the refused calls tried was done or recorded.
+    assert pg.psql("SELECT count(*) FROM peers", db_url) == peers_before
+    assert pg.psql("SELECT count(*) FROM audit_log WHERE actor = 'admin:night-viewer'", db_url) == "0"
+    assert int(pg.psql("SELECT count(*) FROM audit_log", db_url)) >= int(audit_before)
+
+
+def test_tokens_are_made_shown_once_and_revoked(daemon, pg, db_url):
+    made = make_token(daemon, "ops.alice@example", "admin")
+    assert made["token"].startswith("cwa_") and len(made["token"]) >= 40
+    assert made["role"] == "admin" and made["revoked_at"] is None
+    # Only the hash is stored; the list never shows a token.
+    assert pg.psql("SELECT octet_length(token_hash) FROM admin_tokens", db_url) == "32"
+    assert made["token"] not in pg.psql("SELECT * FROM admin_tokens", db_url)
+    listed = daemon.admin("GET", "/tokens").json()["tokens"]
+    assert [t["name"] for t in listed] == ["ops.alice@example"] and "token" not in listed[0]
+    assert made["token"] not in pg.psql("SELECT details::text FROM audit_log", db_url)
+    # The new token works at once, under its own name.
+    who = call(daemon, "GET", "/admin/v1/whoami", made["token"]).json()
+    assert who == {"name": "ops.alice@example", "role": "admin"}
+    assert daemon.admin("GET", "/whoami").json() == {"name": "config", "role": "admin"}
+    # Its changes are audited with its name.
+    r = call(daemon, "POST", "/admin/v1/tokens", made["token"], json={"name": "ro", "role": "viewer"})
+    assert r.status_code == 201
+    assert pg.psql("SELECT actor || ' ' || action || ' ' || subject FROM audit_log ORDER BY id", db_url) == \
+        "admin:config token.create ops.alice@example\nadmin:ops.alice@example token.create ro"
+    # last_used_at is written (at most once a minute).
+    wait_until(lambda: pg.psql("SELECT last_used_at IS NOT NULL FROM admin_tokens WHERE name = "
+                               "'ops.alice@example'", db_url) == "t", what="last_used_at")
+    # Bad input: a clear 400 or 409, and nothing stored.
+    for body, code in (({"name": "ro", "role": "viewer"}, 409), ({"name": "", "role": "admin"}, 400),
+                       ({"name": "config"}, 400), ({"name": "x y"}, 400), ({"name": "a" * 65}, 400),
+                       ({"name": "ok", "role": "root"}, 400), ({"name": "ok", "extra": 1}, 400),
+                       ({"name": 5}, 400), ({"role": "admin"}, 400), ({"name": "-x"}, 400),
+                       ({"name": "x'; DROP TABLE admin_tokens; --"}, 400)):
+        r = daemon.admin("POST", "/tokens", json=body)
+        assert r.status_code == code, (body, r.text)
+        assert r.headers["Content-Type"] == "application/problem+json"
+    assert daemon.admin("POST", "/tokens", data="{", headers={"Content-Type": "application/json"}).status_code == 400
+    assert daemon.admin("POST", "/tokens", data="name=x").status_code == 415
+    assert pg.psql("SELECT count(*) FROM admin_tokens", db_url) == "2"
+    # Revoked: refused from the answer on; revoking twice keeps the first time.
+    r = daemon.admin("POST", "/tokens/ops.alice@example/revoke")
+    assert r.status_code == 200 and r.json()["revoked_at"], r.text
+    first = r.json()["revoked_at"]
+    r = call(daemon, "GET", "/admin/v1/whoami", made["token"])
+    assert r.status_code == 401, r.text
+    assert daemon.admin("POST", "/tokens/ops.alice@example/revoke").json()["revoked_at"] == first
+    assert daemon.admin("POST", "/tokens/nobody/revoke").status_code == 404
+    assert daemon.admin("POST", "/tokens/config/revoke").status_code == 404
+    # The name stays taken.
+    assert daemon.admin("POST", "/tokens", json={"name": "ops.alice@example"}).status_code == 409
+
+
+def test_a_revocation_reaches_every_process(make_daemon, db_url):
+    a = make_daemon(db_url).start()
+    b = make_daemon(db_url).start()
+    t = make_token(a, "shared", "viewer")["token"]
+    wait_until(lambda: call(b, "GET", "/admin/v1/whoami", t).status_code == 200, timeout=5,
+               what="the new token on the second process")
+    assert a.admin("POST", "/tokens/shared/revoke").status_code == 200
+    wait_until(lambda: call(b, "GET", "/admin/v1/whoami", t).status_code == 401, timeout=3,
+               what="the revocation on the second process")
+
+
+def test_named_tokens_work_without_a_configured_token(make_daemon, db_url, pg):
+    make_daemon(db_url).start()  # applies the schema
+    import hashlib
+    pg.psql("INSERT INTO admin_tokens (name, role, token_hash) VALUES ('db', 'admin', "
+            f"decode('{hashlib.sha256(b'cwa_from-the-db').hexdigest()}', 'hex'))", db_url)
+    d = make_daemon(db_url, options={"admin": {"token_sha256": ""}}).start()
+    assert call(d, "GET", "/admin/v1/whoami", "cwa_from-the-db").json() == {"name": "db", "role": "admin"}
+    assert call(d, "GET", "/admin/v1/whoami", ADMIN_TOKEN).status_code == 401
+
+
+# ------------------------------------------------------------ trace and dead letters
+
+def test_the_trace_shows_decisions_deliveries_and_attempts(make_daemon, db_url, pg):
+    d = make_daemon(db_url, options={"dispatcher": {"retry_budget": "2", "retry_base_ms": "20",
+                                                    "retry_max_ms": "50"}}).start()
+    key = d.get("/.well-known/mimi-protocol-directory").json()["public_key"]["key"]
+    peers = []
+    for name, domain in (("gk", "wa.example"), ("tg", "tg.example")):
+        srv = NotifyServer()
+        srv.public_b64 = key
+        c = PeerClient(d.url, name, domain)
+        c.token = d.admin("POST", "/peers", json={"name": name, "domain": domain, "push_url": srv.url,
+                                                  "public_key": c.signer.public_b64}).json()["token"]
+        peers.append((c, srv))
+    (a, _), (b, sb) = peers
+    room = a.create_room([a.user("alice"), b.user("bob")]).json()["id"]
+    sb.fail_next = 1000
+    dead_msg = a.send(room, a.user("alice"), "to a peer that is down").json()["id"]
+    row = wait_until(lambda: (d.admin("GET", "/outbox?state=dead").json()["rows"] or [None])[0],
+                     what="a dead letter")
+    t = d.admin("GET", f"/messages/{dead_msg}").json()
+    assert t["message"] == dead_msg and t["room"] == room and t["sender"] == a.user("alice")
+    assert t["origin"]["network"].startswith("peer") and t["type"] == "message"
+    [dv] = t["deliveries"]
+    assert dv["destination"] == "peer:tg" and dv["state"] == "dead" and dv["verdict"] == "allow"
+    assert [x["attempt"] for x in dv["tries"]] == [1, 2]
+    assert all(x["ok"] is False and x["code"] == 503 for x in dv["tries"])
+    # Discard: the operator gives up; the row stays, dropped, and audited.
+    assert d.admin("POST", f"/outbox/{row['id']}/discard").json() == {"id": row["id"], "state": "dropped"}
+    t = d.admin("GET", f"/messages/{dead_msg}").json()
+    assert t["deliveries"][0]["state"] == "dropped"
+    assert t["deliveries"][0]["last_error"].startswith("discarded by admin:config")
+    # Discarded by the operator, not denied by the policy.
+    assert t["deliveries"][0]["verdict"] == "allow" and t["decisions"] == []
+    assert d.admin("GET", f"/messages/{dead_msg}/decision").json()["recipients"][0]["verdict"] == "allow"
+    r = d.admin("POST", f"/outbox/{row['id']}/discard")
+    assert r.status_code == 409 and "dropped" in r.json()["detail"]
+    assert d.admin("POST", "/outbox/999999/discard").status_code == 404
+    assert d.admin("POST", "/outbox/0/discard").status_code == 404
+    assert pg.psql("SELECT actor || ' ' || action || ' ' || subject FROM audit_log "
+                   "WHERE action = 'outbox.discard'", db_url) == f"admin:config outbox.discard {row['id']}"
+    # A delivered message shows its successful attempt and the far side's id.
+    sb.fail_next = 0
+    ok_msg = a.send(room, a.user("alice"), "now it works").json()["id"]
+    sb.wait_events(1)
+    t = wait_until(lambda: (lambda t: t if t["deliveries"][0]["state"] == "delivered" else None)(
+        d.admin("GET", f"/messages/{ok_msg}").json()), what="delivered")
+    assert t["deliveries"][0]["tries"][-1]["ok"] is True and t["deliveries"][0]["delivered_at"]
+    # A deny rule: the decision and its reason are on the same screen.
+    dm = a.create_room([a.user("wally"), "mimi://example.org/u/alice"])
+    assert dm.status_code == 201, dm.text
+    dm = dm.json()["id"]
+    r = d.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example", "mode": "deny",
+                                         "comment": "abuse wave"})
+    assert r.status_code == 201, r.text
+    denied = a.send(dm, a.user("wally"), "denied").json()["id"]
+    t = d.admin("GET", f"/messages/{denied}").json()
+    [dv] = t["deliveries"]
+    assert (dv["verdict"], dv["reason"], dv["state"]) == ("deny", "server_denied_domain", "dropped"), t
+    assert [(x["verdict"], x["reason"], x["rule_id"]) for x in t["decisions"]] == \
+        [("deny", "server_denied_domain", r.json()["id"])]
+    # Unknown or malformed ids are 404, and the answer matches the document.
+    for bad in ("msg_nothere", "x", "msg_" + "a" * 300):
+        assert d.admin("GET", f"/messages/{bad}").status_code == 404
+    with open(DOC_PATH, encoding="utf-8") as f:
+        docj = json.load(f)
+    schema = docj["paths"]["/admin/v1/messages/{id}"]["get"]["responses"]["200"]["content"]["application/json"]
+    assert not check_schema(docj, schema["schema"], d.admin("GET", f"/messages/{dead_msg}").json())
+    for _, srv in peers:
+        srv.close()
+
+
+# ------------------------------------------------------------ the console's files
+
+def test_the_console_is_served_with_strict_headers(daemon):
+    r = daemon.request("GET", "/admin", allow_redirects=False)
+    assert r.status_code == 301 and r.headers["Location"] == "/admin/"
+    r = daemon.get("/admin/")
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/html")
+    csp = r.headers["Content-Security-Policy"]
+    assert "default-src 'none'" in csp and "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    assert "unsafe-inline" not in csp and "unsafe-eval" not in csp
+    assert r.headers["X-Content-Type-Options"] == "nosniff"
+    etag = r.headers["ETag"]
+    assert re.fullmatch(r'"[0-9a-f]{32}"', etag)
+    assert 'src="console.js"' in r.text and "<script>" not in r.text and "style=" not in r.text
+    r2 = daemon.get("/admin/", headers={"If-None-Match": etag})
+    assert r2.status_code == 304 and r2.content == b""
+    assert daemon.get("/admin/", headers={"If-None-Match": '"other"'}).status_code == 200
+    js = daemon.get("/admin/console.js")
+    assert js.status_code == 200 and js.headers["Content-Type"].startswith("text/javascript")
+    assert js.headers["ETag"] != etag
+    assert daemon.get("/admin/console.css").headers["Content-Type"].startswith("text/css")
+    for missing in ("/admin/nope.js", "/admin/..%2f..%2fetc%2fpasswd", "/admin/index.html.bak"):
+        assert daemon.get(missing).status_code == 404, missing
+    # The console's data comes only through the API: no CORS for other origins.
+    r = daemon.request("GET", "/admin/v1/whoami", headers={"Origin": "https://evil.example",
+                                                           "Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert r.status_code == 200 and "Access-Control-Allow-Origin" not in r.headers
+
+
+# ------------------------------------------------------------ the document
+
+def test_document_is_openapi_3_1_and_well_formed(doc):
+    assert re.fullmatch(r"3\.1\.\d+", doc["openapi"]) and doc["info"]["title"]
+    with open(DOC_PATH, encoding="utf-8") as f:
+        assert f.read() == json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+    for where, node in walk(doc):
+        if "$ref" in node:
+            resolve(doc, node["$ref"])
+    ops = list(operations(doc))
+    assert ops
+    for method, path, op in ops:
+        assert op.get("summary") and op.get("description") and op.get("responses"), (method, path)
+        for status, resp in op["responses"].items():
+            resp = deref(doc, resp)
+            assert resp.get("description")
+            if re.fullmatch(r"[45]\d\d", status):
+                assert list(resp["content"]) == ["application/problem+json"], (method, path, status)
+        names = set(re.findall(r"\{(\w+)\}", path))
+        params = [deref(doc, p) for p in doc["paths"][path].get("parameters", []) + op.get("parameters", [])]
+        assert {p["name"] for p in params if p["in"] == "path"} == names, (method, path)
+
+
+def test_document_lists_exactly_the_admin_routes(doc):
+    routes = admin_routes()
+    documented = {(m, p) for m, p, _ in operations(doc)}
+    assert documented == set(routes), {"undocumented": sorted(set(routes) - documented),
+                                       "not served": sorted(documented - set(routes))}
+    for method, path, op in operations(doc):
+        schemes = {n for req in op.get("security", []) for n in req}
+        assert (schemes == set()) == (routes[(method, path)] == "CW_AUTH_NONE"), (method, path)
+        change = routes[(method, path)] == "CW_AUTH_ADMIN"
+        forbidden = deref(doc, op["responses"].get("403", {}))
+        codes = [c for _, n in walk(forbidden) for c in n.get("code", {}).get("enum", [])]
+        assert ("forbidden" in codes) == change, (method, path, codes)
+
+
+def test_daemon_serves_the_document_and_answers_match_it(daemon, doc):
+    r = daemon.get(SELF)
+    assert r.status_code == 200 and r.json() == doc
+    make_token(daemon, "v", "viewer")
+    for path in ("/admin/v1/whoami", "/admin/v1/tokens"):
+        schema = doc["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+        faults = check_schema(doc, schema, daemon.request("GET", path, headers={
+            "Authorization": f"Bearer {ADMIN_TOKEN}"}).json())
+        assert not faults, (path, faults)

@@ -1,0 +1,262 @@
+"""/admin/v1's read-only views through the real daemon: rooms with their
+members and bindings (paged), adapters' health, the configuration in force
+with its secrets masked, and the last hour's statistics, all checked
+against real traffic between two peers."""
+import json
+import os
+import re
+
+from harness import TOP_SRCDIR, run_causewayd, wait_until
+from peer import NotifyServer, PeerClient
+from test_admin_api import make_token
+from test_openapi import check_schema
+from test_peer_api import peers  # noqa: F401  (the fixture)
+
+ALICE = "mimi://example.org/u/alice"
+TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+MINUTE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:00Z$")
+
+
+def get(d, path, token=None):
+    if token:
+        r = d.request("GET", "/admin/v1" + path, headers={"Authorization": "Bearer " + token})
+    else:
+        r = d.admin("GET", path)
+    assert r.status_code == 200, (path, r.text)
+    return r.json()
+
+
+def matches_doc(d, path, route):
+    """The answer to GET path checked against docs/admin-openapi.json."""
+    with open(os.path.join(TOP_SRCDIR, "docs", "admin-openapi.json"), encoding="utf-8") as f:
+        doc = json.load(f)
+    schema = doc["paths"][route]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    faults = check_schema(doc, schema, get(d, path))
+    assert not faults, (path, faults)
+
+
+def sums(stats, direction):
+    """{adapter: count} of the throughput rows and of the totals."""
+    rows, tot = {}, {}
+    for x in stats["throughput"]:
+        if x["direction"] == direction:
+            assert MINUTE.match(x["minute"]) and x["count"] > 0, x
+            rows[x["adapter"]] = rows.get(x["adapter"], 0) + x["count"]
+    for x in stats["totals"]:
+        if x["direction"] == direction:
+            tot[x["adapter"]] = x["count"]
+    assert rows == tot, (rows, tot)
+    return tot
+
+
+def test_views_after_real_traffic(daemon, peers, pg, db_url):  # noqa: F811
+    (a, sa), (b, sb) = peers
+    # Nothing yet: empty but complete answers.
+    s = get(daemon, "/stats")
+    assert s["window_s"] == 3600 and TS.match(s["now"])
+    assert s["throughput"] == [] and s["totals"] == [] and s["decisions"] == []
+    assert s["queue"] == {"pending": 0, "in_flight": 0, "held": 0, "dead": 0, "failed": 0}
+    assert s["latency_ms"] == {"p50": None, "p90": None, "p99": None, "count": 0}
+    assert get(daemon, "/rooms") == {"rooms": [], "next_after": None}
+
+    r = a.create_room([a.user("alice"), b.user("bob")])
+    assert r.status_code == 201, r.text
+    room = r.json()
+    ids = [a.send(room["id"], a.user("alice"), f"hello {i}").json()["id"] for i in range(5)]
+    assert [e["id"] for e in sb.wait_events(5)] == ids
+
+    def delivered():
+        st = get(daemon, "/stats")
+        return st if st["latency_ms"]["count"] == 5 else None
+    s = wait_until(delivered, what="five deliveries in the stats")
+    assert sums(s, "in") == {"peer": 5}
+    assert sums(s, "out") == {"peer": 5}
+    lat = s["latency_ms"]
+    assert 0 <= lat["p50"] <= lat["p90"] <= lat["p99"] < 10000, lat
+    assert s["queue"] == {"pending": 0, "in_flight": 0, "held": 0, "dead": 0, "failed": 0}
+    assert s["decisions"] == []
+    # The same numbers, straight from the tables.
+    assert pg.psql("SELECT count(*) FROM events WHERE accepted_at >= now() - interval '1 hour'", db_url) == "5"
+
+    # Rooms: the room with its two members; a binding shows with its network.
+    pg.psql(f"INSERT INTO room_bindings (room_id, network, native_id) SELECT id, 'matrix', '!abc:hs.example' "
+            f"FROM rooms WHERE public_id = '{room['id']}'", db_url)
+    rooms = get(daemon, "/rooms")
+    assert rooms["next_after"] is None and len(rooms["rooms"]) == 1
+    x = rooms["rooms"][0]
+    row = int(pg.psql(f"SELECT id FROM rooms WHERE public_id = '{room['id']}'", db_url))
+    assert (x["id"], x["row"], x["uri"], x["kind"], x["member_count"]) == (room["id"], row, room["uri"], "direct", 2)
+    assert TS.match(x["created_at"])
+    assert [(y["network"], y["native_id"]) for y in x["bindings"]] == [("matrix", "!abc:hs.example")]
+    assert TS.match(x["bindings"][0]["created_at"])
+    one = get(daemon, f"/rooms/{room['id']}")
+    members = one.pop("members")
+    assert one == x
+    assert sorted(m["uri"] for m in members) == sorted([a.user("alice"), b.user("bob")])
+    assert all(m["membership"] == "joined" and m["role"] for m in members), members
+    # A member who left still shows, but is not counted.
+    pg.psql(f"UPDATE room_members SET membership = 'left' WHERE room_id = {row} AND identity_id = "
+            f"(SELECT id FROM identities WHERE uri = '{b.user('bob')}')", db_url)
+    assert get(daemon, "/rooms")["rooms"][0]["member_count"] == 1
+    assert {m["uri"]: m["membership"] for m in get(daemon, f"/rooms/{room['id']}")["members"]} == \
+        {a.user("alice"): "joined", b.user("bob"): "left"}
+
+    # Adapters: the dispatcher of this process, the peers and their queue;
+    # no Matrix or XMPP here.
+    ad = get(daemon, "/adapters")
+    assert set(ad) == {"dispatcher", "peer"}
+    assert ad["dispatcher"]["status"] == "up" and ad["dispatcher"]["delivered"] == 5
+    assert ad["dispatcher"]["dead"] == 0 and ad["dispatcher"]["requests_ok"] >= 1
+    assert ad["peer"] == {"peers": 2, "enabled": 2, "pending": 0, "dead": 0}
+    assert daemon.admin("POST", "/peers/tg/disable").status_code == 200
+    assert get(daemon, "/adapters")["peer"]["enabled"] == 1
+
+    for path, route in (("/stats", "/stats"), ("/rooms", "/rooms"), (f"/rooms/{room['id']}", "/rooms/{id}"),
+                        ("/adapters", "/adapters"), ("/config", "/config")):
+        matches_doc(daemon, path, "/admin/v1" + route)
+
+    # A viewer may read all five; nobody without a token.
+    viewer = make_token(daemon, "watcher", "viewer")["token"]
+    for path in ("/rooms", f"/rooms/{room['id']}", "/adapters", "/config", "/stats"):
+        get(daemon, path, viewer)
+        assert daemon.request("GET", "/admin/v1" + path).status_code == 401, path
+
+
+def test_rooms_paging_and_not_found(daemon, peers):  # noqa: F811
+    (a, _), (b, _) = peers
+    made = [a.create_room([a.user(f"u{i}"), b.user("bob")]).json()["id"] for i in range(3)]
+    page = get(daemon, "/rooms?limit=1")
+    assert [x["id"] for x in page["rooms"]] == made[:1] and page["next_after"] == page["rooms"][0]["row"]
+    page = get(daemon, f"/rooms?limit=1&after={page['next_after']}")
+    assert [x["id"] for x in page["rooms"]] == made[1:2]
+    rest = get(daemon, f"/rooms?limit=5&after={page['next_after']}")
+    assert [x["id"] for x in rest["rooms"]] == made[2:] and rest["next_after"] is None
+    exact = get(daemon, "/rooms?limit=3")
+    assert [x["id"] for x in exact["rooms"]] == made and exact["next_after"] == exact["rooms"][-1]["row"]
+    assert get(daemon, f"/rooms?after={exact['next_after']}") == {"rooms": [], "next_after": None}
+    for q in ("limit=0", "limit=501", "limit=x", "after=-1", "after=x", "after="):
+        r = daemon.admin("GET", "/rooms?" + q)
+        assert r.status_code == 400 and r.json()["code"] == "invalid_query", q
+    for rid in ("r_nope", "x" * 129, "r_a%20b", "r_%C3%A9", "r_a'b", "r_a%25"):
+        r = daemon.admin("GET", f"/rooms/{rid}")
+        assert r.status_code == 404 and r.json()["code"] == "not_found", (rid, r.text)
+        assert r.headers["Content-Type"].startswith("application/problem+json")
+    assert get(daemon, f"/rooms/{made[1]}")["member_count"] == 2
+
+
+def test_stats_queue_dead_letters_and_decisions(make_daemon, db_url, pg):
+    d = make_daemon(db_url, options={"dispatcher": {"retry_budget": "2", "retry_base_ms": "20",
+                                                    "retry_max_ms": "50"}}).start()
+    directory = d.get("/.well-known/mimi-protocol-directory").json()
+    made = []
+    for name, domain in (("gk", "wa.example"), ("tg", "tg.example")):
+        srv = NotifyServer()
+        srv.public_b64 = directory["public_key"]["key"]
+        c = PeerClient(d.url, name, domain)
+        c.token = d.admin("POST", "/peers", json={"name": name, "domain": domain, "push_url": srv.url,
+                                                  "public_key": c.signer.public_b64}).json()["token"]
+        made.append((c, srv))
+    try:
+        (a, _), (b, sb) = made
+        sb.fail_next = 1000  # B is down: its deliveries die after two attempts
+        room = a.create_room([a.user("alice"), b.user("bob")]).json()["id"]
+        for i in range(3):
+            assert a.send(room, a.user("alice"), f"m{i}").status_code == 202
+        wait_until(lambda: get(d, "/stats")["queue"]["dead"] == 3, what="three dead letters")
+        ad = get(d, "/adapters")
+        assert ad["peer"]["dead"] == 3 and ad["peer"]["pending"] == 0
+        assert ad["dispatcher"]["dead"] == 3 and ad["dispatcher"]["requests_failed"] >= 2
+
+        # First contact with a local user who opted in: held for consent.
+        assert d.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk",
+                                                "opted_in": True}).status_code == 200
+        dm = a.create_room([a.user("wally"), ALICE]).json()["id"]
+        for i in range(2):
+            assert a.send(dm, a.user("wally"), f"hi {i}").status_code == 202
+        # Then a deny rule for the sender's domain.
+        assert d.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example",
+                                               "mode": "deny"}).status_code == 201
+        wait_until(lambda: a.send(dm, a.user("wally"), "denied?").status_code == 202 and
+                   pg.psql("SELECT count(*) FROM audit_log WHERE action = 'policy.deny'", db_url) != "0",
+                   what="the deny rule in force")
+        # One answer serves every caller for 5 s (docs/admin-api.md): wait for a fresh one.
+        s = wait_until(lambda: (lambda s: s if s["queue"]["held"] == 2 else None)(get(d, "/stats")),
+                       timeout=15, what="fresh statistics")
+        assert s["queue"] == {"pending": 0, "in_flight": 0, "held": 2, "dead": 3, "failed": 0}
+        dec = {(x["verdict"], x["reason"]): x["count"] for x in s["decisions"]}
+        assert dec == {("hold", "no_consent_yet"): 2, ("deny", "server_denied_domain"): 1}, s["decisions"]
+        assert s["decisions"][0]["count"] == 2  # most frequent first
+        assert sums(s, "in") == {"peer": 6}
+        assert sums(s, "out") == {} and s["latency_ms"]["count"] == 0
+        # Out of the window: older events and audit records are not counted.
+        pg.psql("UPDATE events SET accepted_at = accepted_at - interval '2 hours'; "
+                "UPDATE audit_log SET at = at - interval '2 hours'", db_url)
+        s = wait_until(lambda: (lambda s: s if s["totals"] == [] else None)(get(d, "/stats")),
+                       timeout=15, what="fresh statistics")
+        assert s["totals"] == [] and s["decisions"] == [] and s["queue"]["dead"] == 3
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
+SECRETS = {"xmpp": "xmpp-secret-do-not-show", "as": "as-token-do-not-show", "hs": "hs-token-do-not-show"}
+
+
+def test_config_in_force_with_secrets_masked(make_daemon, db_url, tmp_path):
+    d = make_daemon(db_url, options={
+        "xmpp": {"components": "gk.example.org=gk", "server_port": "1", "secret": SECRETS["xmpp"],
+                 "reconnect_max_ms": "200"},
+        "matrix": {"as_token": SECRETS["as"], "hs_token": SECRETS["hs"]},
+        "dispatcher": {"retry_budget": "7"},
+    }).start()
+    r = d.admin("GET", "/config")
+    assert r.status_code == 200
+    for s in list(SECRETS.values()) + [db_url]:
+        assert s not in r.text, s
+    opts = {(o["section"], o["name"]): o for o in r.json()["options"]}
+    assert opts[("xmpp", "secret")] == {"section": "xmpp", "name": "secret", "value": "********", "default": "",
+                                        "reloadable": False, "secret": True,
+                                        "doc": opts[("xmpp", "secret")]["doc"]}
+    for k in (("matrix", "as_token"), ("matrix", "hs_token"), ("database", "url")):
+        assert opts[k]["value"] == "********" and opts[k]["secret"] is True, k
+    assert opts[("dispatcher", "retry_budget")]["value"] == "7"
+    assert opts[("dispatcher", "retry_budget")]["default"] == "12"
+    assert opts[("xmpp", "components")]["value"] == "gk.example.org=gk"
+    assert opts[("log", "level")]["value"] == "info" and opts[("log", "level")]["reloadable"] is True
+    # Every option of the table, in its order, with its default and doc.
+    listed = [line.split("\t") for line in run_causewayd(["--list-options"]).stdout.splitlines() if line]
+    assert [f"{o['section']}.{o['name']}" for o in r.json()["options"]] == [x[0] for x in listed]
+    for x in listed:
+        o = opts[tuple(x[0].split(".", 1))]
+        assert (o["default"], o["reloadable"], o["doc"]) == (x[2], x[3] == "reloadable", x[5]), x
+    # The other answers do not leak them either; XMPP's health is there.
+    for path in ("/adapters", "/stats", "/rooms"):
+        body = d.admin("GET", path).text
+        for s in SECRETS.values():
+            assert s not in body, (path, s)
+    ad = d.admin("GET", "/adapters").json()
+    assert "gk.example.org" in ad["xmpp"]["components"] and "matrix" not in ad
+    assert SECRETS["xmpp"] not in d.log()
+
+
+def test_config_unset_secret_is_empty(daemon):
+    opts = {(o["section"], o["name"]): o for o in get(daemon, "/config")["options"]}
+    assert opts[("xmpp", "secret")]["value"] == "" and opts[("matrix", "as_token")]["value"] == ""
+    assert opts[("database", "url")]["value"] == "********"
+    assert all(o["value"] in ("", "********") for o in opts.values() if o["secret"])
+
+
+def test_adapters_with_matrix_configured(make_daemon, db_url):
+    # No homeserver listens there: the adapter is reported, not required.
+    d = make_daemon(db_url, options={"matrix": {"homeserver_url": "http://127.0.0.1:9", "as_token": SECRETS["as"],
+                                                "hs_token": SECRETS["hs"]}}).start()
+    r = d.admin("GET", "/adapters")
+    assert r.status_code == 200 and SECRETS["as"] not in r.text and SECRETS["hs"] not in r.text
+    ad = r.json()
+    assert set(ad) == {"dispatcher", "peer", "matrix"}
+    assert ad["matrix"]["homeserver"] == "http://127.0.0.1:9", ad
+    assert ad["matrix"]["ping"] in ("pending", "failed"), ad
+    assert set(ad["matrix"]) == set(d.get("/readyz").json()["adapters"]["matrix"])
+    opts = {(o["section"], o["name"]): o["value"] for o in get(d, "/config")["options"]}
+    assert opts[("matrix", "homeserver_url")] == "http://127.0.0.1:9"
+    assert opts[("matrix", "as_token")] == opts[("matrix", "hs_token")] == "********"

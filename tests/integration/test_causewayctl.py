@@ -1,0 +1,529 @@
+"""causewayctl, the operator's command-line client of /admin/v1, against the
+real daemon: every command's table and --json (compared with the API's own
+answer), paging, tokens and roles, the exit statuses and their messages,
+and where the URL and the token come from (flags > environment > file)."""
+import http.server
+import json
+import os
+import re
+import subprocess
+import threading
+import urllib.parse
+
+import pytest
+
+import harness
+from harness import ADMIN_TOKEN, free_port, wait_until
+from peer import NotifyServer, PeerClient
+
+CTL = os.path.join(harness.TOP_BUILDDIR, "causewayctl")
+ALICE = "mimi://example.org/u/alice"
+
+
+def ctl(*args, url=None, token=ADMIN_TOKEN, env=None, home=None, timeout=60):
+    """Runs causewayctl; returns (exit status, stdout, stderr).  The token is
+    given in the environment unless token=None; url likewise."""
+    e = {k: v for k, v in os.environ.items() if not k.startswith("CAUSEWAY_")}
+    # No settings file of the person running the tests may leak in.
+    e["HOME"] = home or "/nonexistent"
+    e.pop("XDG_CONFIG_HOME", None)
+    if url:
+        e["CAUSEWAY_URL"] = url
+    if token:
+        e["CAUSEWAY_ADMIN_TOKEN"] = token
+    e.update(env or {})
+    r = subprocess.run([CTL, *args], capture_output=True, text=True, env=e, timeout=timeout)
+    assert "Sanitizer" not in r.stderr, r.stderr
+    return r.returncode, r.stdout, r.stderr
+
+
+def ok(*args, **kw):
+    rc, out, err = ctl(*args, **kw)
+    assert rc == 0, (args, rc, out, err)
+    assert ADMIN_TOKEN not in out + err  # never printed
+    return out
+
+
+def refused(*args, **kw):
+    rc, out, err = ctl(*args, **kw)
+    assert rc == 1, (args, rc, out, err)
+    assert ADMIN_TOKEN not in out + err
+    return err
+
+
+def cells(out):
+    """The table's rows as lists of cells (columns are 2+ spaces apart)."""
+    return [re.split(r"\s{2,}", line.strip()) for line in out.splitlines()[1:] if line.strip()]
+
+
+@pytest.fixture
+def world(make_daemon, db_url):
+    """Two peers (gk up, tg down), one dead letter to tg, one message held for
+    alice, one rule."""
+    d = make_daemon(db_url, options={"dispatcher": {"retry_budget": "2", "retry_base_ms": "20",
+                                                    "retry_max_ms": "50"}}).start()
+    key = d.get("/.well-known/mimi-protocol-directory").json()["public_key"]["key"]
+    peers = []
+    for name, domain in (("gk", "wa.example"), ("tg", "tg.example")):
+        srv = NotifyServer()
+        srv.public_b64 = key
+        c = PeerClient(d.url, name, domain)
+        r = d.admin("POST", "/peers", json={"name": name, "domain": domain, "push_url": srv.url,
+                                            "public_key": c.signer.public_b64})
+        assert r.status_code == 201, r.text
+        c.token = r.json()["token"]
+        peers.append((c, srv))
+    (a, _), (b, sb) = peers
+    sb.fail_next = 1000  # tg is down
+    room = a.create_room([a.user("alice"), b.user("bob")]).json()["id"]
+    dead = a.send(room, a.user("alice"), "to a peer that is down").json()["id"]
+    wait_until(lambda: d.admin("GET", "/outbox?state=dead").json()["rows"], what="a dead letter")
+    r = d.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True})
+    assert r.status_code == 200, r.text
+    dm = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    held = a.send(dm, a.user("wally"), "first contact").json()["id"]
+    r = d.admin("POST", "/rules", json={"scope": "domain", "pattern": "spam.example", "mode": "deny",
+                                         "comment": "abuse wave"})
+    assert r.status_code == 201, r.text
+    w = type("World", (), {})()
+    w.d, w.url, w.a, w.b, w.sb = d, d.url, a, b, sb
+    w.room, w.dead, w.held, w.rule = room, dead, held, r.json()
+    yield w
+    for _, srv in peers:
+        srv.close()
+
+
+# ------------------------------------------------------------ usage
+
+def test_help_and_usage_errors():
+    rc, out, err = ctl("--help", token=None)
+    assert rc == 0 and err == ""
+    for command in ("status", "peers", "rules", "users", "held", "trace MESSAGE-ID", "deadletters replay OUTBOX-ID",
+                    "deadletters discard OUTBOX-ID", "token create NAME", "token revoke NAME", "token list", "audit"):
+        assert command in out, command
+    assert "exit status" in out
+    rc, out, _ = ctl("help", "trace", token=None)
+    assert rc == 0 and "usage: causewayctl trace MESSAGE-ID" in out and "/admin/v1/messages/" in out
+    rc, out, _ = ctl("token", "create", "--help", token=None)
+    assert rc == 0 and "--role admin|viewer" in out
+    for args, why in ((["frobnicate"], "no command 'frobnicate'"),
+                      ([], "no command given"),
+                      (["trace"], "usage: causewayctl trace MESSAGE-ID"),
+                      (["peers", "extra"], "usage: causewayctl peers"),
+                      (["token"], "token needs a subcommand: list, create, revoke"),
+                      (["deadletters", "resend", "3"], "no subcommand 'resend'"),
+                      (["peers", "--role", "viewer"], "peers takes no --role"),
+                      (["token", "create", "x", "--role", "root"], "--role takes admin or viewer"),
+                      (["audit", "--limit", "0"], "--limit takes a number"),
+                      (["rules", "--after", "-5"], "--after takes a row id"),
+                      (["peers", "--bogus"], "unknown option '--bogus'"),
+                      (["peers", "--url"], "--url needs a value"),
+                      (["help", "nothing"], "no command 'nothing'")):
+        rc, out, err = ctl(*args)
+        assert rc == 2 and why in err and out == "", (args, rc, out, err)
+    # Nothing to connect with: said before any request.
+    rc, _, err = ctl("peers", token=None)
+    assert rc == 2 and "no admin token" in err
+    rc, _, err = ctl("peers", "--url", "ftp://127.0.0.1/")
+    assert rc == 2 and "not an http:// or https:// URL" in err
+    rc, _, err = ctl("deadletters", "replay", "twelve", url="http://127.0.0.1:1")
+    assert rc == 2 and "not an outbox row id" in err
+
+
+def test_unreachable_daemon_exits_3():
+    port = free_port()  # nothing listens there
+    url = f"http://127.0.0.1:{port}"
+    rc, out, err = ctl("peers", url=url)
+    assert rc == 3 and out == ""
+    assert err == f"causewayctl: cannot reach {url}: Couldn't connect to server\n"
+    rc, _, err = ctl("status", "--url", url)
+    assert rc == 3 and f"cannot reach {url}" in err
+    # A password in the URL is not repeated in the message.
+    rc, _, err = ctl("peers", "--url", f"http://ops:hunter2@127.0.0.1:{port}/")
+    assert rc == 3 and "hunter2" not in err and f"cannot reach http://127.0.0.1:{port}:" in err
+
+
+def test_wrong_token_exits_1_naming_401(daemon):
+    rc, out, err = ctl("peers", url=daemon.url, token="cwa_wrong")
+    assert rc == 1 and out == ""
+    assert err == "causewayctl: 401 unauthenticated: a valid admin bearer token is required\n"
+    assert "cwa_wrong" not in err
+    # With --json the problem document comes on stdout too, for scripts.
+    rc, out, err = ctl("--json", "rules", url=daemon.url, token="cwa_wrong")
+    assert rc == 1 and json.loads(out)["code"] == "unauthenticated" and "401" in err
+    # A token with a line break cannot smuggle a header in: refused before sending.
+    rc, _, err = ctl("peers", url=daemon.url, token="cwa_x\r\nX-Evil: 1")
+    assert rc == 2 and "token has characters" in err
+
+
+# ------------------------------------------------------------ the lists
+
+def test_peers_table_and_json(world):
+    out = ok("peers", url=world.url)
+    rows = cells(out)
+    assert out.splitlines()[0].split()[:3] == ["NAME", "DOMAIN", "MODE"]
+    assert [r[:4] for r in rows] == [["gk", "wa.example", "push", "yes"], ["tg", "tg.example", "push", "yes"]]
+    got = json.loads(ok("peers", "--json", url=world.url))
+    assert got == world.d.admin("GET", "/peers").json()
+    assert all("token" not in p for p in got["peers"])
+
+
+def test_rules_users_held_tables_and_json(world):
+    out = ok("rules", url=world.url)
+    [row] = cells(out)
+    assert row[:4] == [str(world.rule["id"]), "domain", "spam.example", "deny"] and row[-1] == "abuse wave"
+    assert json.loads(ok("--json", "rules", url=world.url)) == world.d.admin("GET", "/rules").json()
+
+    out = ok("users", url=world.url)
+    [row] = [r for r in cells(out) if ALICE in r]
+    assert "peer:gk:in" in row and row[-2:] == ["1", "1"]  # one held message, one pending request
+    assert json.loads(ok("users", "--json", url=world.url)) == world.d.admin("GET", "/users").json()
+
+    out = ok("held", url=world.url)
+    [row] = cells(out)
+    assert row[1:5] == [world.held, ALICE, world.a.user("wally"), "message"]
+    api = world.d.admin("GET", "/held").json()
+    assert json.loads(ok("held", "--json", url=world.url)) == api and len(api["rows"]) == 1
+
+
+def test_deadletters_and_the_trace(world):
+    out = ok("deadletters", url=world.url)
+    [row] = cells(out)
+    dead = world.d.admin("GET", "/outbox?state=dead").json()
+    assert row[:5] == [str(dead["rows"][0]["id"]), world.dead, "peer:tg", "-", "2"]
+    assert "answered 503" in row[-1]
+    assert json.loads(ok("deadletters", "--json", url=world.url)) == dead
+
+    # The trace of the dead letter: origin, no policy decision, each attempt.
+    out = ok("trace", world.dead, url=world.url)
+    assert re.search(rf"^message\s+{world.dead}$", out, re.M)
+    assert re.search(rf"^room\s+{world.room}$", out, re.M)
+    assert re.search(r"^origin\s+peer:gk", out, re.M)
+    assert "none recorded" in out
+    assert re.search(r"#\d+\s+to peer:tg", out) and "state dead after 2 attempt(s); verdict allow" in out
+    tries = [line.split() for line in out.splitlines() if re.match(r"\s+[12]\s+\d{4}-", line)]
+    assert [t[0] for t in tries] == ["1", "2"] and all(t[5:7] == ["no", "503"] for t in tries), out
+    api = world.d.admin("GET", f"/messages/{world.dead}").json()
+    assert json.loads(ok("trace", "--json", world.dead, url=world.url)) == api
+
+    # The held message: the decision with its reason, and the delivery waiting.
+    out = ok("trace", world.held, url=world.url)
+    assert re.search(rf"hold\s+no_consent_yet\s+-\s+{re.escape(ALICE)}", out), out
+    assert f"to local, for {ALICE}" in out and "state held" in out
+
+    rc, out, err = ctl("trace", "msg_nothere", url=world.url)
+    assert rc == 1 and out == "" and err == "causewayctl: 404 not_found: no message with that id\n"
+
+
+def test_replay_and_discard(world):
+    [row] = world.d.admin("GET", "/outbox?state=dead").json()["rows"]
+    rid = str(row["id"])
+    # The peer is back: the dead letter is sent again, and arrives.
+    world.sb.fail_next = 0
+    out = ok("deadletters", "replay", rid, url=world.url)
+    assert out == f"outbox row {rid}: pending (it will be sent again)\n"
+    assert [e["id"] for e in world.sb.wait_events(1)] == [world.dead]
+    wait_until(lambda: world.d.admin("GET", f"/messages/{world.dead}").json()["deliveries"][0]["state"]
+               == "delivered", what="the replayed letter delivered")
+    assert "no dead letters" in ok("deadletters", url=world.url)
+    err = refused("deadletters", "replay", rid, url=world.url)
+    assert err == "causewayctl: 409 conflict: only a dead letter can be replayed; this row is delivered\n"
+    # A second dead letter, given up on.
+    world.sb.fail_next = 1000
+    msg = world.a.send(world.room, world.a.user("alice"), "again down").json()["id"]
+    row = wait_until(lambda: (world.d.admin("GET", "/outbox?state=dead").json()["rows"] or [None])[0],
+                     what="a second dead letter")
+    assert row["message"] == msg
+    got = json.loads(ok("--json", "deadletters", "discard", str(row["id"]), url=world.url))
+    assert got == {"id": row["id"], "state": "dropped"}
+    assert "discarded by admin:config" in ok("trace", msg, url=world.url)
+    err = refused("deadletters", "discard", str(row["id"]), url=world.url)
+    assert "409 conflict" in err and "dropped" in err
+    assert "404 not_found" in refused("deadletters", "discard", "999999", url=world.url)
+    out = ok("audit", "--action", "outbox.", url=world.url)
+    assert [r[3] for r in cells(out)] == ["outbox.replay", "outbox.discard"]
+
+
+def test_audit_filters_and_paging(world, pg, db_url):
+    # 600 records: more than the API's largest page (500).
+    pg.psql("INSERT INTO audit_log (actor, action, subject, details) SELECT 'test:bulk', 'test.bulk', 's' || g, "
+            "jsonb_build_object('n', g) FROM generate_series(1, 600) g", db_url)
+    ids = [int(x) for x in pg.psql("SELECT id FROM audit_log WHERE action = 'test.bulk' ORDER BY id",
+                                   db_url).split()]
+    got = json.loads(ok("--json", "audit", "--action", "test.bulk", url=world.url))
+    assert [r["id"] for r in got["rows"]] == ids and got["next_after"] is None
+    first = world.d.admin("GET", "/audit?action=test.bulk&limit=500").json()
+    assert got["rows"][:500] == first["rows"]
+    # --limit stops part-way; next_after says where to go on, and --after does.
+    got = json.loads(ok("--json", "audit", "--action", "test.bulk", "--limit", "550", url=world.url))
+    assert [r["id"] for r in got["rows"]] == ids[:550] and got["next_after"] == ids[549]
+    got = json.loads(ok("--json", "audit", "--action", "test.bulk", "--after", str(ids[549]), url=world.url))
+    assert [r["id"] for r in got["rows"]] == ids[550:] and got["next_after"] is None
+    rows = cells(ok("audit", "--action", "test.bulk", "--limit", "3", url=world.url))
+    assert [(r[0], r[2], r[3], r[4]) for r in rows] == [(str(i), "test:bulk", "test.bulk", f"s{n}")
+                                                        for n, i in enumerate(ids[:3], 1)]
+    # The other filters.
+    rows = cells(ok("audit", "--message", world.held, url=world.url))
+    assert [(r[2], r[3], r[5], r[6]) for r in rows] == [("policy", "policy.hold", "no_consent_yet", world.held)]
+    rows = cells(ok("audit", "--actor", "admin:config", "--action", "peer.create", url=world.url))
+    assert [r[4] for r in rows] == ["gk", "tg"]
+    assert "no audit records" in ok("audit", "--actor", "nobody", url=world.url)
+    err = refused("audit", "--message", "not-a-message", url=world.url)
+    assert err == "causewayctl: 400 invalid_query: message must be a message id (msg_...)\n"
+
+
+# ------------------------------------------------------------ tokens and roles
+
+def test_tokens_created_used_refused_and_revoked(world, pg, db_url):
+    out = ok("token", "create", "night-shift", "--role", "viewer", url=world.url)
+    m = re.search(r"^\s+(cwa_\S+)$", out, re.M)
+    assert m and "role viewer" in out and "shown only this once" in out, out
+    viewer = m.group(1)
+    r = world.d.request("GET", "/admin/v1/whoami", headers={"Authorization": f"Bearer {viewer}"})
+    assert r.json() == {"name": "night-shift", "role": "viewer"}
+    # The list names it and never shows a token.
+    out = ok("token", "list", url=world.url)
+    [row] = cells(out)
+    assert row[1:3] == ["night-shift", "viewer"] and viewer not in out
+    assert json.loads(ok("--json", "token", "list", url=world.url)) == world.d.admin("GET", "/tokens").json()
+    # A viewer reads, and is refused a change with a clear reason.
+    assert "tg.example" in ok("peers", url=world.url, token=viewer)
+    [row] = world.d.admin("GET", "/outbox?state=dead").json()["rows"]
+    rc, out, err = ctl("deadletters", "replay", str(row["id"]), url=world.url, token=viewer)
+    assert rc == 1 and out == ""
+    assert err == "causewayctl: 403 forbidden: this token has the viewer role: it may read, not change\n"
+    assert world.d.admin("GET", "/outbox?state=dead").json()["rows"] == [row]  # nothing was done
+    # --json: the API's answer with the token, once.
+    made = json.loads(ok("--json", "token", "create", "robot", url=world.url))
+    assert made["name"] == "robot" and made["role"] == "admin" and made["token"].startswith("cwa_")
+    assert "409 conflict: a token with that name exists" in refused("token", "create", "robot", url=world.url)
+    # Revoked: that token is refused at once, by the API and so by causewayctl.
+    out = ok("token", "revoke", "night-shift", url=world.url)
+    assert out.startswith("Revoked the token 'night-shift'")
+    r = world.d.request("GET", "/admin/v1/whoami", headers={"Authorization": f"Bearer {viewer}"})
+    assert r.status_code == 401
+    err = refused("peers", url=world.url, token=viewer)
+    assert err == "causewayctl: 401 unauthenticated: a valid admin bearer token is required\n"
+    rows = {r[1]: r for r in cells(ok("token", "list", url=world.url))}
+    assert rows["night-shift"][-1] != "-" and rows["robot"][-1] == "-"
+    assert "404 not_found: no token with that name" in refused("token", "revoke", "nobody", url=world.url)
+    assert pg.psql("SELECT string_agg(action || ' ' || subject, ',' ORDER BY id) FROM audit_log "
+                   "WHERE action LIKE 'token.%'", db_url) == \
+        "token.create night-shift,token.create robot,token.revoke night-shift"
+
+
+# ------------------------------------------------------------ status
+
+def test_status_summarizes_what_answers(world):
+    adapters = world.d.admin("GET", "/adapters")
+    stats = world.d.admin("GET", "/stats")
+    rc, out, err = ctl("status", url=world.url)
+    assert re.search(rf"^daemon\s+{world.url}: ready$", out, re.M), out
+    assert re.search(r"^database\s+up, [\d.]+ ms$", out, re.M)
+    assert re.search(r"^migrations\s+current \((\d+) of \1 applied\)$", out, re.M)
+    # Each admin part is shown if the API gives it, else named with the API's reason.
+    refusals = []
+    for key, r in (("adapters", adapters), ("stats", stats)):
+        if r.status_code == 200:
+            continue
+        p = r.json()
+        reason = f"{r.status_code} {p['code']}: {p['detail']}"
+        assert re.search(rf"^{key}\s+not shown: {re.escape(reason)}$", out, re.M), out
+        refusals.append(reason)
+    if adapters.status_code == 200:
+        a = adapters.json()
+        assert re.search(rf"^dispatcher\s+{a['dispatcher']['status']}$", out, re.M)
+        assert re.search(rf"^peers\s+{a['peer']['peers']} \({a['peer']['enabled']} enabled\)", out, re.M)
+    if stats.status_code == 200:
+        q = stats.json()["queue"]
+        assert re.search(rf"^queue\s+{q['pending']} pending, {q['in_flight']} in flight, {q['held']} held, "
+                         rf"{q['dead']} dead", out, re.M), out
+    assert rc == (1 if refusals else 0), (rc, err)
+    assert all(x in err for x in refusals)
+    # --json: the three answers as the API gave them.
+    rc2, out, _ = ctl("--json", "status", url=world.url)
+    got = json.loads(out)
+    ready = world.d.get("/readyz").json()
+    for x in (ready, got["ready"]):  # the one member that differs between two calls
+        assert isinstance(x["database"].pop("latency_ms"), (int, float))
+    assert rc2 == rc and got["ready"] == ready and ready["status"] == "ready"
+    for key, r in (("adapters", adapters), ("stats", stats)):
+        if r.status_code == 200:  # live numbers: the same members
+            assert set(got[key]) == set(r.json()), key
+        else:  # the problem document as the API gave it
+            assert got[key] == r.json(), key
+    # A wrong token: readiness still shows (it needs none); the refusal is said once.
+    rc, out, err = ctl("status", url=world.url, token="cwa_wrong")
+    assert rc == 1 and re.search(r"^daemon\s+.*: ready$", out, re.M)
+    assert err == "causewayctl: 401 unauthenticated: a valid admin bearer token is required\n"
+
+
+# ------------------------------------------------------------ settings
+
+def test_flags_beat_environment_beat_file(daemon, tmp_path):
+    home = tmp_path / "home"
+    conf_dir = home / ".config" / "causeway"
+    conf_dir.mkdir(parents=True)
+    dead_url = f"http://127.0.0.1:{free_port()}"
+    conf = conf_dir / "causewayctl.ini"
+
+    def write(text):
+        conf.write_text(text)
+        conf.chmod(0o600)
+
+    # The default file alone gives both.
+    write(f"[causewayctl]\nurl = {daemon.url}\ntoken = {ADMIN_TOKEN}\n")
+    assert "no peers" in ok("peers", token=None, home=str(home))
+    # XDG_CONFIG_HOME wins over ~/.config.
+    xdg = tmp_path / "xdg"
+    (xdg / "causeway").mkdir(parents=True)
+    (xdg / "causeway" / "causewayctl.ini").write_text(f"[causewayctl]\nurl = {dead_url}\n")
+    rc, _, err = ctl("peers", token=None, home=str(home), env={"XDG_CONFIG_HOME": str(xdg)})
+    assert rc == 2 and "no admin token" in err and str(xdg) in err
+    # The environment beats the file: URL and token each.
+    write(f"[causewayctl]\nurl = {dead_url}\ntoken = cwa_from-the-file\n")
+    assert "no peers" in ok("peers", url=daemon.url, home=str(home))
+    rc, _, err = ctl("peers", token=None, home=str(home))
+    assert rc == 3 and dead_url in err
+    # Flags beat the environment.
+    rc, _, err = ctl("peers", "--url", dead_url, url=daemon.url, home=str(home))
+    assert rc == 3 and dead_url in err
+    err = refused("peers", "--token", "cwa_from-the-flag", url=daemon.url, home=str(home))
+    assert "401 unauthenticated" in err and "cwa_from-the-flag" not in err
+    token_file = tmp_path / "token"
+    token_file.write_text(ADMIN_TOKEN + "\n")
+    token_file.chmod(0o600)
+    assert "no peers" in ok("peers", "--token-file", str(token_file), url=daemon.url,
+                            env={"CAUSEWAY_ADMIN_TOKEN": "cwa_from-the-env"})
+    rc, _, err = ctl("peers", "--token-file", str(token_file), "--token", "x", url=daemon.url)
+    assert rc == 2 and "keep one" in err
+    # --config names another file; token_file there; a shared token file is warned about.
+    other = tmp_path / "other.ini"
+    other.write_text(f"; the night shift's settings\n[causewayctl]\nurl = {daemon.url}\n"
+                     f"token_file = {token_file}\n")
+    assert "no peers" in ok("peers", "--config", str(other), token=None, home=str(home))
+    token_file.chmod(0o644)
+    rc, out, err = ctl("peers", "--config", str(other), token=None)
+    assert rc == 0 and "no peers" in out and f"warning: {token_file} holds a token" in err
+    # A missing or wrong file is a usage error that says where.
+    rc, _, err = ctl("peers", "--config", str(tmp_path / "missing.ini"))
+    assert rc == 2 and "missing.ini" in err
+    other.write_text("[causewayctl]\nurl = http://x\ntoekn = y\n")
+    rc, _, err = ctl("peers", "--config", str(other))
+    assert rc == 2 and f"{other}:3: unknown setting 'toekn'" in err
+
+
+# ------------------------------------------------------------ against a stand-in
+
+class StandIn:
+    """An HTTP server answering fixed documents per path, recording each
+    request: for what the real daemon cannot show yet (the documented shapes
+    of /admin/v1/adapters and /stats) or will not do (answer too much)."""
+
+    def __init__(self, routes):
+        self.routes = routes  # path -> (status, body bytes, send Content-Length)
+        self.seen = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                u = urllib.parse.urlsplit(self.path)
+                outer.seen.append((u.path, urllib.parse.parse_qs(u.query), dict(self.headers)))
+                status, body, length = outer.routes.get(u.path, (404, b"", True))
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                if length:
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()  # without a length: the body ends with the connection (HTTP/1.0)
+                try:
+                    self.wfile.write(body)
+                except OSError:  # the client stopped reading, as it should
+                    pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def doc(obj):
+    return (200, json.dumps(obj).encode(), True)
+
+
+READY = {"status": "ready", "database": {"status": "up", "latency_ms": 0.42},
+         "migrations": {"status": "current", "applied": 4, "expected": 4},
+         "adapters": {"matrix": {"homeserver": "http://hs.example", "ping": "ok", "last_error": ""},
+                      "xmpp": {"server": "xmpp.example", "port": 5347, "components": {
+                          "x.example.org": {"state": "up", "peer": "xmpp.example", "last_error": "",
+                                            "connected_since_ms": 1, "queued": 0, "stanzas_in": 5,
+                                            "stanzas_out": 6}}}}}
+ADAPTERS = {"dispatcher": {"status": "up"}, "peer": {"peers": 2, "enabled": 1, "pending": 4, "dead": 1},
+            "matrix": READY["adapters"]["matrix"], "xmpp": READY["adapters"]["xmpp"]}
+STATS = {"window_s": 3600, "now": "2026-11-29T06:02:00Z",
+         "throughput": [{"minute": "2026-11-29T06:01:00Z", "adapter": "peer", "direction": "in", "count": 42}],
+         "totals": [{"adapter": "peer", "direction": "in", "count": 4200},
+                    {"adapter": "matrix", "direction": "out", "count": 4100}],
+         "queue": {"pending": 0, "in_flight": 2, "held": 3, "dead": 1, "failed": 0},
+         "latency_ms": {"p50": 8.1, "p90": 12.0, "p99": 30.5, "count": 4100},
+         "decisions": [{"verdict": "deny", "reason": "rule_deny", "count": 7}]}
+
+
+def test_status_shows_the_documented_adapters_and_stats():
+    s = StandIn({"/readyz": doc(READY), "/admin/v1/adapters": doc(ADAPTERS), "/admin/v1/stats": doc(STATS)})
+    try:
+        out = ok("status", url=s.url)
+        for line in (f"daemon       {s.url}: ready", "database     up, 0.42 ms",
+                     "migrations   current (4 of 4 applied)", "matrix       http://hs.example, ping ok",
+                     "xmpp         xmpp.example:5347; x.example.org up", "dispatcher   up",
+                     "peers        2 (1 enabled), 4 pending, 1 dead",
+                     "queue        0 pending, 2 in flight, 3 held, 1 dead, 0 failed",
+                     "latency      p50 8.1 ms, p90 12 ms, p99 30.5 ms (4100 deliveries)",
+                     "last hour    peer in 4200, matrix out 4100", "decisions    deny rule_deny 7"):
+            assert line in out.splitlines(), (line, out)
+        # The token goes to /admin/v1 only, never to the unauthenticated /readyz.
+        auth = {path: h.get("Authorization") for path, _, h in s.seen}
+        assert auth == {"/readyz": None, "/admin/v1/adapters": f"Bearer {ADMIN_TOKEN}",
+                        "/admin/v1/stats": f"Bearer {ADMIN_TOKEN}"}
+        raw = ok("--json", "status", url=s.url)
+        assert json.loads(raw) == {"ready": READY, "adapters": ADAPTERS, "stats": STATS}
+        assert "8.1," in raw and "0.42" in raw  # reals printed as they came, not 8.0999...
+    finally:
+        s.close()
+
+
+def test_filters_are_encoded_and_answers_are_capped():
+    big = b'{"peers": ["' + b"x" * (17 << 20) + b'"]}'
+    s = StandIn({"/admin/v1/audit": doc({"rows": [], "next_after": None}),
+                 "/admin/v1/peers": (200, big, True),
+                 "/admin/v1/tokens": (200, big, False),
+                 "/admin/v1/users": (200, b"<html>hello</html>", True),
+                 "/admin/v1/held": (502, b"<html>bad gateway</html>", True),
+                 "/admin/v1/messages/msg_x": doc({
+                     "message": "msg_x", "sender": "mimi://evil.example/u/\u202eevil\x1b[2J", "deliveries": [],
+                     "decisions": [{"verdict": "deny", "reason": "x\u009b31m", "recipient": "a\nb"}]})})
+    try:
+        # What a remote network wrote cannot drive or reorder the terminal.
+        out = ok("trace", "msg_x", url=s.url)
+        assert "\x1b" not in out and "\u202e" not in out and "\u009b" not in out
+        assert "mimi://evil.example/u/???evil?[2J" in out and "x??31m" in out and "a b" in out
+        err = refused("held", url=s.url)
+        assert err == f"causewayctl: 502 without a problem document: is {s.url} causewayd?\n"
+        s.seen.clear()
+        ok("audit", "--actor", "admin:a b&c=d", "--action", "token.", "--limit", "7", url=s.url)
+        [(path, q, _)] = s.seen
+        assert q == {"actor": ["admin:a b&c=d"], "action": ["token."], "after": ["0"], "limit": ["7"]}
+        for cmd in (["peers"], ["token", "list"]):  # with and without Content-Length
+            err = refused(*cmd, url=s.url)
+            assert "is larger than 16 MiB" in err, err
+        err = refused("users", url=s.url)
+        assert "is not a JSON object" in err
+        err = refused("rules", url=s.url)  # a 404 with no problem document
+        assert err == f"causewayctl: 404 without a problem document: is {s.url} causewayd?\n"
+    finally:
+        s.close()

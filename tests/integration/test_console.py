@@ -1,0 +1,243 @@
+"""The web console at /admin/: its files and headers (CSP, nosniff, ETag),
+then the console itself in a real headless Chromium (Debian's chromium
+package driven by playwright-core, both installed by tools/dev test):
+tests/browser/console.mjs signs in, reads the dashboard while this test sends
+messages, adds a deny rule and reads the next message's trace, replays a dead
+letter, and finds no change control as a viewer.  Screenshots of every page
+go to $top_builddir/test-artefacts/console/."""
+import json
+import os
+import queue
+import re
+import shutil
+import subprocess
+import threading
+import time
+
+import pytest
+import requests
+
+from harness import ADMIN_TOKEN, TOP_BUILDDIR, TOP_SRCDIR, wait_until
+from peer import NotifyServer, PeerClient
+
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+       "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+CONSOLE_DIR = os.path.join(TOP_SRCDIR, "gateway", "console")
+SCRIPT = os.path.join(TOP_SRCDIR, "tests", "browser", "console.mjs")
+SHOTS = os.path.join(TOP_BUILDDIR, "test-artefacts", "console")
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+ALICE = "mimi://example.org/u/alice"
+TYPES = {"index.html": "text/html", "console.css": "text/css", "console.js": "text/javascript"}
+
+
+def test_console_files_and_headers(daemon):
+    r = daemon.get("/admin", allow_redirects=False)
+    assert r.status_code == 301 and r.headers["Location"] == "/admin/"
+    for path, name in (("/admin/", "index.html"), ("/admin/index.html", "index.html"),
+                       ("/admin/console.css", "console.css"), ("/admin/console.js", "console.js")):
+        r = daemon.get(path)
+        assert r.status_code == 200, path
+        assert r.headers["Content-Type"].startswith(TYPES[name]), (path, r.headers["Content-Type"])
+        assert r.headers["Content-Security-Policy"] == CSP, path
+        assert r.headers["X-Content-Type-Options"] == "nosniff", path
+        with open(os.path.join(CONSOLE_DIR, name), "rb") as f:
+            assert r.content == f.read(), f"{path} is not {name} as in the source tree"
+        etag = r.headers["ETag"]
+        assert re.fullmatch(r'"[0-9a-f]{16,}"', etag), etag
+        again = daemon.get(path, headers={"If-None-Match": etag})
+        assert again.status_code == 304 and again.content == b"", path
+        assert again.headers["ETag"] == etag
+        assert daemon.get(path, headers={"If-None-Match": '"other"'}).status_code == 200
+    for path in ("/admin/nope.js", "/admin/..%2Fconsole.js", "/admin/.env"):
+        assert daemon.get(path).status_code == 404, path
+    # The console's page needs no credentials; the API behind it does, and
+    # sends no CORS headers (no other origin may call it).
+    r = daemon.get("/admin/v1/whoami", headers={"Origin": "https://evil.example"})
+    assert r.status_code == 401 and "Access-Control-Allow-Origin" not in r.headers
+
+
+def test_console_sources_keep_to_the_csp():
+    """What the CSP would refuse (and the rules the console keeps) checked in
+    the sources, so that a mistake fails here with its line, not only as a
+    console error in the browser test."""
+    with open(os.path.join(CONSOLE_DIR, "index.html")) as f:
+        html = f.read()
+    with open(os.path.join(CONSOLE_DIR, "console.js")) as f:
+        js = f.read()
+    for s in re.findall(r"<script\b[^>]*>", html):
+        assert 'src="console.js"' in s, f"inline script: {s}"
+    assert "<style" not in html and "style=" not in html
+    assert not re.search(r"\son[a-z]+\s*=", html), "inline event handler"
+    assert not re.search(r"(src|href)=\"(https?:)?//", html), "nothing from another origin"
+    for bad in (".innerHTML", ".outerHTML", ".insertAdjacentHTML", "document.write", "eval(", "new Function",
+                "setAttribute(\"style\"", "setAttribute('style'", "localStorage", "document.cookie"):
+        assert bad not in js, f"console.js uses {bad}"
+    # tools/embed makes C string literals of these: keep out trigraphs.
+    for name in ("index.html", "console.css", "console.js"):
+        with open(os.path.join(CONSOLE_DIR, name)) as f:
+            assert "??" not in f.read(), f"{name}: '??' could make a C trigraph"
+
+
+# ------------------------------------------------------------ the browser test
+
+def browser_or_skip():
+    modules = os.environ.get("CAUSEWAY_NODE_MODULES")
+    node = shutil.which("node")
+    why = []
+    if not node:
+        why.append("node is not installed")
+    if not modules or not os.path.isdir(os.path.join(modules, "playwright-core")):
+        why.append("CAUSEWAY_NODE_MODULES does not name a node_modules with playwright-core")
+    if not os.access(CHROMIUM, os.X_OK):
+        why.append(f"{CHROMIUM} is missing (Debian package chromium)")
+    if why:
+        pytest.skip("; ".join(why) + ": run tools/dev test, which installs them")
+    return node, modules
+
+
+class Scenario:
+    """The daemon's world for the browser: three peers, traffic, a held
+    message and a dead letter; answers the script's NEED lines."""
+
+    def __init__(self, d):
+        self.d = d
+        directory = d.get("/.well-known/mimi-protocol-directory").json()
+        self.peers = {}
+        for name, domain in (("gk", "wa.example"), ("tg", "tg.example"), ("sp", "spam.example")):
+            srv = NotifyServer()
+            srv.public_b64 = directory["public_key"]["key"]
+            c = PeerClient(d.url, name, domain)
+            r = d.admin("POST", "/peers", json={"name": name, "domain": domain, "push_url": srv.url,
+                                                "public_key": c.signer.public_b64})
+            assert r.status_code == 201, r.text
+            c.token = r.json()["token"]
+            self.peers[name] = (c, srv)
+        gk, tg, sp = (self.peers[n][0] for n in ("gk", "tg", "sp"))
+        # gk <-> sp: the traffic (and, once the rule is in, the denied message)
+        self.chat = self.room(gk, [gk.user("alice"), sp.user("carol")])
+        self.sent = 0
+        self.traffic(3)
+        self.peers["sp"][1].wait_events(3)
+        # a first contact for a local user: held
+        r = d.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True})
+        assert r.status_code == 200, r.text
+        dm = self.room(gk, [gk.user("wally"), ALICE])
+        self.held = self.send(gk, dm, gk.user("wally"), "hello, do you know me?")
+        # gk -> tg while tg is down: a dead letter
+        self.peers["tg"][1].fail_next = 10 ** 6
+        down = self.room(gk, [gk.user("alice"), tg.user("bob")])
+        self.dead = self.send(gk, down, gk.user("alice"), "are you there?")
+
+        def dead_now():
+            rows = d.admin("GET", "/outbox?state=dead&destination=peer:tg").json()["rows"]
+            return [x for x in rows if x["message"] == self.dead]
+        wait_until(dead_now, timeout=20, what="the dead letter")
+
+    @staticmethod
+    def room(client, members):
+        r = client.create_room(members)
+        assert r.status_code == 201, r.text
+        return r.json()["id"]
+
+    @staticmethod
+    def send(client, room, sender, text):
+        r = client.send(room, sender, text)
+        assert r.status_code == 202, r.text
+        return r.json()["id"]
+
+    def traffic(self, n):
+        gk = self.peers["gk"][0]
+        for i in range(n):
+            self.send(gk, self.chat, gk.user("alice"), f"traffic {self.sent}")
+            self.sent += 1
+        return n
+
+    def answer(self, need):
+        if need == "traffic":
+            n = self.traffic(5)
+            self.peers["sp"][1].wait_events(self.sent)
+            return str(n)
+        if need == "denied":
+            sp = self.peers["sp"][0]
+            return self.send(sp, self.chat, sp.user("carol"), "buy now")
+        if need == "heal":
+            self.peers["tg"][1].fail_next = 0
+            return self.dead
+        raise AssertionError(f"the browser script asked for {need!r}")
+
+    def close(self):
+        for _, srv in self.peers.values():
+            srv.close()
+
+
+def run_script(node, modules, env, scenario, timeout=150):
+    """Runs console.mjs, answering its NEED lines; returns (exit code, results, other output)."""
+    proc = subprocess.Popen([node, SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, bufsize=1)
+    lines = queue.Queue()
+    threading.Thread(target=lambda: ([lines.put(x) for x in proc.stdout], lines.put(None)), daemon=True).start()
+    results, other = [], []
+    deadline = time.time() + timeout
+    try:
+        while True:
+            try:
+                line = lines.get(timeout=max(0.1, deadline - time.time()))
+            except queue.Empty:
+                raise AssertionError(f"console.mjs did not finish in {timeout}s; so far: {results} {other}")
+            if line is None:
+                break
+            line = line.rstrip("\n")
+            if line.startswith("NEED "):
+                proc.stdin.write(scenario.answer(line[5:].strip()) + "\n")
+                proc.stdin.flush()
+            elif line.startswith("{"):
+                results.append(json.loads(line))
+            elif line:
+                other.append(line)
+        return proc.wait(timeout=30), results, other
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_console_in_a_browser(make_daemon, db_url):
+    node, modules = browser_or_skip()
+    d = make_daemon(db_url, options={"dispatcher": {"retry_budget": "2", "retry_base_ms": "20",
+                                                    "retry_max_ms": "50"}}).start()
+    r = d.admin("POST", "/tokens", json={"name": "night-viewer", "role": "viewer"})
+    assert r.status_code == 201, r.text
+    viewer = r.json()["token"]
+    scenario = Scenario(d)
+    shutil.rmtree(SHOTS, ignore_errors=True)
+    os.makedirs(SHOTS)
+    env = dict(os.environ, BASE_URL=d.url, ADMIN_TOKEN=ADMIN_TOKEN, VIEWER_TOKEN=viewer,
+               SCREENSHOT_DIR=SHOTS, CAUSEWAY_NODE_MODULES=modules, CHROMIUM=CHROMIUM)
+    try:
+        rc, results, other = run_script(node, modules, env, scenario)
+    finally:
+        scenario.close()
+    failed = [x for x in results if not x["ok"]]
+    report = "\n".join(f"{'ok  ' if x['ok'] else 'FAIL'} {x['check']}: {x['detail']}" for x in results)
+    assert rc == 0 and not failed, f"console.mjs exited {rc}\n{report}\nother output:\n" + "\n".join(other[-40:])
+    checks = {x["check"] for x in results}
+    for must in ("sign in as admin", "dashboard shows live numbers", "add a deny rule",
+                 "the next message is denied, and its trace says why", "replay a dead letter and see it delivered",
+                 "allow a held sender", "a viewer sees no change controls on any page",
+                 "phone width: dashboard and navigation",
+                 "no CSP violation, console error or page error"):
+        assert must in checks, f"check not run: {must}\n{report}"
+    # What the browser did, seen from the API.
+    rules = d.admin("GET", "/rules").json()["rows"]
+    assert [(x["scope"], x["pattern"], x["mode"], x["comment"]) for x in rules] == \
+        [("domain", "spam.example", "deny", "console test: no spam")]
+    assert d.admin("GET", "/settings").json()["policy.report_limit_threshold"] == 5
+    trace = d.admin("GET", f"/messages/{scenario.dead}").json()
+    (tg,) = [x for x in trace["deliveries"] if x["destination"] == "peer:tg"]
+    assert tg["state"] == "delivered" and tg["tries"][-1]["ok"] and tg["tries"][-1]["code"] == 200, tg
+    audit = d.admin("GET", "/audit?actor=admin:config").json()["rows"]
+    assert {"rule.create", "settings.update", "outbox.replay", "consent.set"} <= {x["action"] for x in audit}
+    assert d.admin("GET", "/held").json()["rows"] == [], "the held message was released"
+    assert not d.admin("GET", "/audit?actor=admin:night-viewer").json()["rows"], "the viewer changed nothing"
+    shots = sorted(os.listdir(SHOTS))
+    assert len([s for s in shots if s.endswith(".png")]) >= 30, shots
