@@ -201,3 +201,24 @@ class PeerClient:
         body.update(extra)
         return self.call("POST", f"/v1/rooms/{room}/messages", body,
                          idem=idem or base64.urlsafe_b64encode(os.urandom(9)).decode())
+
+
+GK_TG = (("gk", "wa.example"), ("tg", "tg.example"))
+
+
+def push_peers(daemon, specs=GK_TG):
+    """Registers each (name, domain) as a push peer of the daemon, each with
+    a notify server of its own: [(client, server), ...] in that order (the
+    caller closes the servers)."""
+    key = daemon.get("/.well-known/mimi-protocol-directory").json()["public_key"]["key"]
+    made = []
+    for name, domain in specs:
+        srv = NotifyServer()
+        srv.public_b64 = key
+        client = PeerClient(daemon.url, name, domain)
+        r = daemon.admin("POST", "/peers", json={"name": name, "domain": domain, "mode": "push",
+                                                 "push_url": srv.url, "public_key": client.signer.public_b64})
+        assert r.status_code == 201, r.text
+        client.token = r.json()["token"]
+        made.append((client, srv))
+    return made

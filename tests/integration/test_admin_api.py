@@ -8,11 +8,10 @@ import os
 import re
 
 import pytest
-import requests
 
 from harness import ADMIN_TOKEN, TOP_SRCDIR, wait_until
-from peer import NotifyServer, PeerClient
-from test_openapi import METHODS, check_schema, deref, operations, resolve, route_table, walk
+from peer import push_peers
+from test_openapi import check_schema, deref, operations, resolve, route_table, walk
 
 DOC_PATH = os.path.join(TOP_SRCDIR, "docs", "admin-openapi.json")
 SELF = "/admin/v1/openapi.json"
@@ -151,15 +150,7 @@ def test_named_tokens_work_without_a_configured_token(make_daemon, db_url, pg):
 def test_the_trace_shows_decisions_deliveries_and_attempts(make_daemon, db_url, pg):
     d = make_daemon(db_url, options={"dispatcher": {"retry_budget": "2", "retry_base_ms": "20",
                                                     "retry_max_ms": "50"}}).start()
-    key = d.get("/.well-known/mimi-protocol-directory").json()["public_key"]["key"]
-    peers = []
-    for name, domain in (("gk", "wa.example"), ("tg", "tg.example")):
-        srv = NotifyServer()
-        srv.public_b64 = key
-        c = PeerClient(d.url, name, domain)
-        c.token = d.admin("POST", "/peers", json={"name": name, "domain": domain, "push_url": srv.url,
-                                                  "public_key": c.signer.public_b64}).json()["token"]
-        peers.append((c, srv))
+    peers = push_peers(d)
     (a, _), (b, sb) = peers
     room = a.create_room([a.user("alice"), b.user("bob")]).json()["id"]
     sb.fail_next = 1000

@@ -7,7 +7,7 @@ import os
 import re
 
 from harness import TOP_SRCDIR, run_causewayd, wait_until
-from peer import NotifyServer, PeerClient
+from peer import push_peers
 from test_admin_api import make_token
 from test_openapi import check_schema
 from test_peer_api import peers  # noqa: F401  (the fixture)
@@ -147,15 +147,7 @@ def test_rooms_paging_and_not_found(daemon, peers):  # noqa: F811
 def test_stats_queue_dead_letters_and_decisions(make_daemon, db_url, pg):
     d = make_daemon(db_url, options={"dispatcher": {"retry_budget": "2", "retry_base_ms": "20",
                                                     "retry_max_ms": "50"}}).start()
-    directory = d.get("/.well-known/mimi-protocol-directory").json()
-    made = []
-    for name, domain in (("gk", "wa.example"), ("tg", "tg.example")):
-        srv = NotifyServer()
-        srv.public_b64 = directory["public_key"]["key"]
-        c = PeerClient(d.url, name, domain)
-        c.token = d.admin("POST", "/peers", json={"name": name, "domain": domain, "push_url": srv.url,
-                                                  "public_key": c.signer.public_b64}).json()["token"]
-        made.append((c, srv))
+    made = push_peers(d)
     try:
         (a, _), (b, sb) = made
         sb.fail_next = 1000  # B is down: its deliveries die after two attempts

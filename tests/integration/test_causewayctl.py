@@ -14,7 +14,7 @@ import pytest
 
 import harness
 from harness import ADMIN_TOKEN, free_port, wait_until
-from peer import NotifyServer, PeerClient
+from peer import push_peers
 
 CTL = os.path.join(harness.TOP_BUILDDIR, "causewayctl")
 ALICE = "mimi://example.org/u/alice"
@@ -62,17 +62,7 @@ def world(make_daemon, db_url):
     alice, one rule."""
     d = make_daemon(db_url, options={"dispatcher": {"retry_budget": "2", "retry_base_ms": "20",
                                                     "retry_max_ms": "50"}}).start()
-    key = d.get("/.well-known/mimi-protocol-directory").json()["public_key"]["key"]
-    peers = []
-    for name, domain in (("gk", "wa.example"), ("tg", "tg.example")):
-        srv = NotifyServer()
-        srv.public_b64 = key
-        c = PeerClient(d.url, name, domain)
-        r = d.admin("POST", "/peers", json={"name": name, "domain": domain, "push_url": srv.url,
-                                            "public_key": c.signer.public_b64})
-        assert r.status_code == 201, r.text
-        c.token = r.json()["token"]
-        peers.append((c, srv))
+    peers = push_peers(d)
     (a, _), (b, sb) = peers
     sb.fail_next = 1000  # tg is down
     room = a.create_room([a.user("alice"), b.user("bob")]).json()["id"]

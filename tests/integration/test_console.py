@@ -15,10 +15,9 @@ import threading
 import time
 
 import pytest
-import requests
 
 from harness import ADMIN_TOKEN, TOP_BUILDDIR, TOP_SRCDIR, wait_until
-from peer import NotifyServer, PeerClient
+from peer import GK_TG, push_peers
 
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
@@ -101,17 +100,8 @@ class Scenario:
 
     def __init__(self, d):
         self.d = d
-        directory = d.get("/.well-known/mimi-protocol-directory").json()
-        self.peers = {}
-        for name, domain in (("gk", "wa.example"), ("tg", "tg.example"), ("sp", "spam.example")):
-            srv = NotifyServer()
-            srv.public_b64 = directory["public_key"]["key"]
-            c = PeerClient(d.url, name, domain)
-            r = d.admin("POST", "/peers", json={"name": name, "domain": domain, "push_url": srv.url,
-                                                "public_key": c.signer.public_b64})
-            assert r.status_code == 201, r.text
-            c.token = r.json()["token"]
-            self.peers[name] = (c, srv)
+        specs = GK_TG + (("sp", "spam.example"),)
+        self.peers = {name: made for (name, _), made in zip(specs, push_peers(d, specs))}
         gk, tg, sp = (self.peers[n][0] for n in ("gk", "tg", "sp"))
         # gk <-> sp: the traffic (and, once the rule is in, the denied message)
         self.chat = self.room(gk, [gk.user("alice"), sp.user("carol")])

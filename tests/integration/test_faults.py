@@ -9,22 +9,7 @@ import pytest
 import requests
 
 from harness import free_port, wait_until
-from peer import NotifyServer, PeerClient
-
-
-def setup_peers(d):
-    directory = d.get("/.well-known/mimi-protocol-directory").json()
-    out = []
-    for name, domain in (("gk", "wa.example"), ("tg", "tg.example")):
-        srv = NotifyServer()
-        srv.public_b64 = directory["public_key"]["key"]
-        client = PeerClient(d.url, name, domain)
-        r = d.admin("POST", "/peers", json={"name": name, "domain": domain, "mode": "push", "push_url": srv.url,
-                                             "public_key": client.signer.public_b64})
-        assert r.status_code == 201, r.text
-        client.token = r.json()["token"]
-        out.append((client, srv))
-    return out
+from peer import push_peers
 
 
 class Sender:
@@ -87,7 +72,7 @@ def fault_daemon(make_daemon, db_url, tmp_path):
 
 def test_sigkill_under_load_loses_nothing(fault_daemon):
     d = fault_daemon().start()
-    (a, _), (b, sb) = setup_peers(d)
+    (a, _), (b, sb) = push_peers(d)
     rooms = [a.create_room([a.user("alice"), b.user(f"bob{k}")]).json()["id"] for k in range(3)]
     s = Sender(a, rooms)
     s.thread.start()
@@ -114,7 +99,7 @@ def test_database_outage_under_load(fault_daemon, pg):
         d.options["database"]["url"] = own.url
         d.write_config()
         d.start()
-        (a, _), (b, sb) = setup_peers(d)
+        (a, _), (b, sb) = push_peers(d)
         rooms = [a.create_room([a.user("alice"), b.user(f"bob{k}")]).json()["id"] for k in range(2)]
         s = Sender(a, rooms)
         s.thread.start()

@@ -1,21 +1,13 @@
 """/admin/v1/outbox: rows by state, dead letters after the retry budget,
 and their replay."""
 from harness import wait_until
-from peer import NotifyServer, PeerClient
+from peer import push_peers
 
 
 def test_dead_letters_are_listed_and_replayed(make_daemon, db_url, pg):
     d = make_daemon(db_url, options={"dispatcher": {"retry_budget": "2", "retry_base_ms": "20",
                                                     "retry_max_ms": "50"}}).start()
-    directory = d.get("/.well-known/mimi-protocol-directory").json()
-    peers = []
-    for name, domain in (("gk", "wa.example"), ("tg", "tg.example")):
-        srv = NotifyServer()
-        srv.public_b64 = directory["public_key"]["key"]
-        c = PeerClient(d.url, name, domain)
-        c.token = d.admin("POST", "/peers", json={"name": name, "domain": domain, "push_url": srv.url,
-                                                  "public_key": c.signer.public_b64}).json()["token"]
-        peers.append((c, srv))
+    peers = push_peers(d)
     (a, _), (b, sb) = peers
     room = a.create_room([a.user("alice"), b.user("bob")]).json()["id"]
     sb.fail_next = 1000  # B is down

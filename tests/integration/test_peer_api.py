@@ -7,23 +7,13 @@ import time
 import pytest
 
 from harness import wait_until
-from peer import NotifyServer, PeerClient, Signer
+from peer import Signer, push_peers
 
 
 @pytest.fixture
 def peers(daemon):
     """Peer A (wa.example) and peer B (tg.example), each with a notify server."""
-    made = []
-    directory = daemon.get("/.well-known/mimi-protocol-directory").json()
-    for name, domain in (("gk", "wa.example"), ("tg", "tg.example")):
-        srv = NotifyServer()
-        srv.public_b64 = directory["public_key"]["key"]
-        client = PeerClient(daemon.url, name, domain)
-        r = daemon.admin("POST", "/peers", json={"name": name, "domain": domain, "mode": "push",
-                                                 "push_url": srv.url, "public_key": client.signer.public_b64})
-        assert r.status_code == 201, r.text
-        client.token = r.json()["token"]
-        made.append((client, srv))
+    made = push_peers(daemon)
     yield made
     for _, srv in made:
         srv.close()
