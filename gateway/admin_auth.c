@@ -89,6 +89,17 @@ cw_err admin_tokens_load(struct admin_tokens *t, PGconn *c, cw_errmsg *e)
 	return CW_OK;
 }
 
+void admin_tokens_forget(struct admin_tokens *t, const char *name)
+{
+	pthread_mutex_lock(&t->mu);
+	for (size_t i = 0; i < t->n; i++)
+		if (strcmp(t->e[i].name, name) == 0) {
+			t->e[i] = t->e[--t->n];
+			break;
+		}
+	pthread_mutex_unlock(&t->mu);
+}
+
 bool admin_tokens_any(struct admin_tokens *t)
 {
 	pthread_mutex_lock(&t->mu);
@@ -221,9 +232,14 @@ static cw_err tok_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 }
 
 /* A change answers once this process has it in force (the policy thread
- * reloads the tokens with the policy). */
+ * reloads the tokens with the policy).  A revoked token is dropped here
+ * first, so that a slow or failing reload cannot leave it working in the
+ * process that answered. */
 static void tok_after(struct app_job *j)
 {
+	struct tok_job *q = j->data;
+	if (q->action && strcmp(q->action, "token.revoke") == 0)
+		admin_tokens_forget(j->app->admins, q->buf[0]);
 	if (!policy_live_sync(j->app->policy, 2000))
 		LOG_KV(CW_LOG_WARN, "the token change is committed but not yet in force here (reload slow or failing)");
 }

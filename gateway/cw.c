@@ -4,6 +4,7 @@
 
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
+#include <stdlib.h>
 #include <string.h>
 #include <openssl/rand.h>
 #include <stdarg.h>
@@ -54,7 +55,14 @@ int64_t cw_wall_ms(void)
 
 cw_err cw_random(void *buf, size_t n)
 {
-	return RAND_bytes(buf, (int)n) == 1 ? CW_OK : CW_EIO;
+	/* Tokens, keys and ids come from here: if the CSPRNG fails, nothing
+	 * made from it can be trusted, so the process stops rather than hand
+	 * out a predictable token (as libsodium's randombytes does). */
+	if (RAND_bytes(buf, (int)n) != 1) {
+		fputs("causewayd: the random number generator failed; stopping\n", stderr);
+		abort();
+	}
+	return CW_OK;
 }
 
 void cw_new_id(char *out, size_t len, const char *prefix)

@@ -36,7 +36,8 @@ const char *cw_strerror(cw_err code);
 int64_t cw_now_us(void);
 int64_t cw_wall_ms(void);
 
-/* Fills buf with n cryptographically random bytes (OpenSSL). */
+/* Fills buf with n cryptographically random bytes (OpenSSL); aborts the
+ * process if the generator fails (always CW_OK otherwise). */
 cw_err cw_random(void *buf, size_t n);
 /* A new opaque id: prefix + 22 base64url characters (128 random bits);
  * len must hold them and the NUL. */

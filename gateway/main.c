@@ -62,6 +62,8 @@ static int new_admin_token(void)
  * database may start together. */
 static PGconn *connect_at_start(const struct cw_config *cfg, cw_errmsg *e)
 {
+	if (store_check_url(cfg->db_url, e))
+		return NULL; /* no use waiting */
 	int64_t until = cw_now_us() + cfg->db_startup_timeout_ms * 1000;
 	bool told = false;
 	for (;;) {

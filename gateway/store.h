@@ -103,6 +103,8 @@ size_t gc_plan(size_t queued, int64_t oldest_age_us, size_t batch_max, int64_t d
 
 /* Connects with the daemon's session settings; NULL and e filled on failure.
  * For start-up work (migrations) outside the pool. */
+/* CW_EINVAL when libpq cannot parse url (the message never quotes it). */
+cw_err store_check_url(const char *url, cw_errmsg *e);
 PGconn *store_connect(const char *url, long statement_timeout_ms, cw_errmsg *e);
 
 /* Runs a command without results; CW_EUNAVAIL if the connection is lost,

@@ -656,6 +656,17 @@ void peer_api_room_members(struct cw_req *req, void *ctx)
 		return;
 	}
 	in->p = cw_req_principal(req);
+	/* A peer takes its own users out of a room, nobody else's: not this
+	 * provider's, not another provider's (they leave through their own
+	 * provider). */
+	for (size_t i = 0; i < in->nremove; i++)
+		if (strcmp(in->remove[i].u.domain, in->p->domain) != 0) {
+			char d[MIMI_DOMAIN_MAX + 96];
+			snprintf(d, sizeof(d), "remove may only name users of your own domain (%s)", in->p->domain);
+			free(in);
+			cw_req_problem(req, 400, "invalid_body", "Invalid body", d);
+			return;
+		}
 	snprintf(in->public_id, sizeof(in->public_id), "%s", room);
 	snprintf(in->domain, sizeof(in->domain), "%s", app->cfg->domain);
 	app_job_run(app, req, members_fn, in, free, true);
@@ -904,7 +915,8 @@ struct submit *submit_new(size_t n)
 	" encode(k.request_hash, 'hex'), k.response_status, k.response::text, " \
 	" (SELECT CASE WHEN e.room_id = r.id THEN e.id END FROM events e WHERE e.public_id = it.reply), " \
 	" (SELECT CASE WHEN e.room_id = r.id THEN e.id END FROM events e WHERE e.public_id = it.replaces), " \
-	" r.uri " \
+	" r.uri, " \
+	" (SELECT s.uri FROM events e JOIN identities s ON s.id = e.sender_id WHERE e.public_id = it.replaces) " \
 	"FROM jsonb_to_recordset($1::jsonb) AS it(n int, room text, key text, reply text, replaces text, scope text) " \
 	" LEFT JOIN LATERAL (SELECT id, uri FROM rooms WHERE " ROOM_COND " LIMIT 1) r ON true " \
 	" LEFT JOIN LATERAL (SELECT request_hash, response_status, response FROM idempotency_keys " \
@@ -1084,6 +1096,13 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 	}
 	if (in->replaces[0] && PQgetisnull(r, first, 13)) {
 		item_fail(res, 400, "invalid_body", "content.replaces names no message of this room");
+		return;
+	}
+	/* An edit or a delete is its sender's alone: another member (a peer's
+	 * user, a local user through an adapter) may not rewrite or remove it. */
+	if (in->replaces[0] && strcmp(PQgetvalue(r, first, 15), in->sender) != 0) {
+		item_fail(res, 400, "invalid_body", "content.replaces names a message of another sender: "
+			  "only its sender may edit or delete it");
 		return;
 	}
 	snprintf(b->reply_id[i], sizeof(b->reply_id[i]), "%s", PQgetvalue(r, first, 12));

@@ -263,6 +263,25 @@ bool peer_name_valid(const char *s)
 	return true;
 }
 
+bool peer_domain_is_ours(const struct cw_config *cfg, const char *domain)
+{
+	const char *own[] = { cfg->domain, cfg->mx_server_name, cfg->xmpp_domain };
+	for (size_t i = 0; i < CW_ARRAY_LEN(own); i++)
+		if (own[i] && strcmp(own[i], domain) == 0)
+			return true;
+	/* Component domains: "gk.example.org=gk, tg.example.org=tg". */
+	const char *p = cfg->xmpp_components;
+	size_t n = strlen(domain);
+	while (p && *p) {
+		p += strspn(p, " ,");
+		size_t len = strcspn(p, "=, ");
+		if (len == n && strncmp(p, domain, n) == 0)
+			return true;
+		p += strcspn(p, ",");
+	}
+	return false;
+}
+
 bool peer_domain_valid(const char *s)
 {
 	size_t n = strlen(s), label = 0;
@@ -473,6 +492,9 @@ void peer_admin_create(struct cw_req *req, void *ctx)
 		bad = "name must be 1 to 32 of a-z, 0-9, '_' and '-', starting with a letter or digit";
 	else if (!domain || !peer_domain_valid(domain))
 		bad = "domain must be a lower-case DNS name such as wa.example";
+	else if (peer_domain_is_ours(app->cfg, domain))
+		bad = "domain is one of this provider's own (server.domain, the Matrix server name or an XMPP "
+		      "domain): a peer may not speak for local users";
 	else if (mode && strcmp(mode, "push") != 0 && strcmp(mode, "pull") != 0)
 		bad = "mode must be push or pull";
 	else if ((!mode || strcmp(mode, "push") == 0) && !url)

@@ -84,6 +84,7 @@ BAD = [
     ({"domain": "a..b"}, "domain"),
     ({"domain": "-a.b"}, "domain"),
     ({"domain": "a" * 64 + ".example"}, "domain"),
+    ({"domain": "example.org"}, "domain is one of this provider's own"),  # server.domain: no speaking for locals
     ({"mode": "carrier-pigeon"}, "mode"),
     ({"push_url": None}, "push_url"),
     ({"push_url": "ftp://x/y"}, "push_url"),

@@ -3,7 +3,7 @@ documentation kept in step with the option table."""
 import os
 import re
 
-from harness import TOP_SRCDIR, run_causewayd
+from harness import SCHEMA_DIR, TOP_SRCDIR, run_causewayd
 
 
 def options():
@@ -111,3 +111,10 @@ def test_example_config_is_valid(tmp_path):
         "CAUSEWAY_DATABASE_URL": "postgresql:///x",
         "CAUSEWAY_DATABASE_SCHEMA_DIR": os.path.join(TOP_SRCDIR, "schema")})
     assert r.returncode == 0, r.stderr
+
+
+def test_a_malformed_database_url_never_shows_its_password():
+    r = run_causewayd([], env={"CAUSEWAY_DATABASE_URL": "postgresql://causeway:s3cret%zzpw@localhost/causeway",
+                               "CAUSEWAY_DATABASE_SCHEMA_DIR": SCHEMA_DIR}, timeout=30)
+    assert r.returncode != 0
+    assert "not a valid PostgreSQL URL" in r.stderr and "s3cret" not in r.stderr + r.stdout, r.stderr

@@ -344,9 +344,13 @@ def test_members_add_and_remove(daemon, peers, pg, db_url):
     assert r.status_code == 200, r.text
     users = {m["user"]: m["membership"] for m in r.json()["members"]}
     assert users[b.user("carol")] == "joined" and users["mimi://example.org/u/dave"] == "joined"
-    r = a.call("POST", f"/v1/rooms/{rm['id']}/members", {"remove": [b.user("bob")]})
+    # A peer takes only its own users out: not another provider's, not a local user.
+    for other in (b.user("bob"), "mimi://example.org/u/dave"):
+        r = a.call("POST", f"/v1/rooms/{rm['id']}/members", {"remove": [other]})
+        assert r.status_code == 400 and "your own domain (wa.example)" in r.json()["detail"], r.text
+    r = b.call("POST", f"/v1/rooms/{rm['id']}/members", {"remove": [b.user("bob")]})
     users = {m["user"]: m["membership"] for m in r.json()["members"]}
-    assert users[b.user("bob")] == "left"
+    assert users[b.user("bob")] == "left" and users["mimi://example.org/u/dave"] == "joined"
     # A message now goes to tg once (carol), and to the local user's outbox row.
     mid = a.send(rm["id"], a.user("alice"), "hello all").json()["id"]
     sb.wait_events(1)
@@ -363,6 +367,23 @@ def test_members_add_and_remove(daemon, peers, pg, db_url):
     assert a.call("POST", "/v1/rooms/r_none/members", {"add": [b.user("x")]}).status_code == 404
     only_a = a.create_room([a.user("p"), a.user("q")]).json()
     assert b.call("POST", f"/v1/rooms/{only_a['id']}/members", {"add": [b.user("x")]}).status_code == 404
+
+
+def test_only_the_sender_edits_or_deletes_a_message(daemon, peers, pg, db_url):
+    (a, _), (b, sb) = peers
+    rm = room(a, b)["id"]
+    mine = a.send(rm, a.user("alice"), "alice's words").json()["id"]
+    sb.wait_events(1)
+    before = pg.psql("SELECT count(*) FROM events", db_url)
+    for typ, content in (("delete", {"replaces": mine}),
+                         ("edit", {"replaces": mine, "parts": [{"type": "text/plain", "body": "bob's words"}]})):
+        r = b.call("POST", f"/v1/rooms/{rm}/messages", {"type": typ, "sender": b.user("bob"), "content": content},
+                   idem=f"forge-{typ}")
+        assert r.status_code == 400 and "another sender" in r.json()["detail"], r.text
+    assert pg.psql("SELECT count(*) FROM events", db_url) == before
+    r = a.call("POST", f"/v1/rooms/{rm}/messages", {"type": "delete", "sender": a.user("alice"),
+                                                    "content": {"replaces": mine}}, idem="own-delete")
+    assert r.status_code == 202, r.text
 
 
 def test_dispatch_and_signature_metrics(daemon, peers):

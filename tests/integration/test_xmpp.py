@@ -145,6 +145,18 @@ def test_wrong_secret_is_reported(make_daemon, db_url, prosody):
     assert d.wait_for(lambda r: r.get("msg") == "xmpp component" and r.get("state") == "auth_failed")
 
 
+def test_debug_log_shows_no_traffic_and_no_handshake(make_daemon, db_url, prosody, alice):
+    opts = daemon_options(prosody)
+    opts["log"] = {"level": "debug"}
+    d = make_daemon(db_url, options=opts).start()
+    wait_until(lambda: component_state(d)["state"] == "up", what="the component's stream")
+    alice.send_message(WALLY_JID, "a private word")
+    d.wait_for(lambda r: r.get("msg") == "libstrophe")  # the debug lines are there
+    time.sleep(0.5)
+    log = d.log()
+    assert "<handshake" not in log and "a private word" not in log and "SENT:" not in log
+
+
 def test_peer_to_xmpp_and_back(xd, gk, alice, pg, db_url):
     a, srv = gk
     consent_alice(xd)
