@@ -288,9 +288,16 @@ static cw_err ensure_room(struct matrix *m, PGconn *c, const char *neutral_room,
 {
 	long status;
 	json_t *answer = NULL;
+	/* The preset makes the ghost an admin (100) like the user, and an
+	 * admin may redact anyone's events.  The redact level above every
+	 * member's keeps that from both: the ghost redacts only its own events
+	 * (deletes from its remote user), so the homeserver itself refuses it
+	 * the local user's messages, whatever the adapter were told.  Only the
+	 * one key is overridden: the creator's level stays as the preset has it,
+	 * so every homeserver can still send the room's initial state. */
 	cw_err rc = mx_call(m, "POST", "/_matrix/client/v3/createRoom", ghost, NULL,
-			    json_pack("{s:s, s:b, s:[s]}", "preset", "trusted_private_chat", "is_direct", 1, "invite",
-				      target_mxid),
+			    json_pack("{s:s, s:b, s:[s], s:{s:i}}", "preset", "trusted_private_chat", "is_direct", 1,
+				      "invite", target_mxid, "power_level_content_override", "redact", 101),
 			    &status, &answer, e);
 	const char *id = json_string_value(json_object_get(answer, "room_id"));
 	if (!rc && (!id || !mx_room_id_valid(id)))

@@ -145,6 +145,9 @@ def test_peer_to_matrix_and_back(mx, hs, gk, pg, db_url):
     invite = [e for e in hs.events(mx_room) if e["type"] == "m.room.member" and e.get("state_key") == ALICE_MX]
     assert invite and invite[0]["content"]["membership"] == "invite" and invite[0]["content"].get("is_direct")
     assert hs.profile(ghost)["displayname"] == "wally (gk)"
+    # Nobody's level reaches "redact": the ghost may redact only its own events, never alice's.
+    [pl] = [e["content"] for e in hs.events(mx_room) if e["type"] == "m.room.power_levels"]
+    assert pl["redact"] > max(pl["users"].values()), pl
     wait_until(lambda: pg.psql("SELECT state FROM outbox o JOIN events e ON e.id = o.event_id "
                                f"WHERE e.public_id = '{r.json()['id']}'", db_url) == "delivered", what="delivered")
     st = a.call("GET", f"/v1/messages/{r.json()['id']}").json()
@@ -160,6 +163,13 @@ def test_peer_to_matrix_and_back(mx, hs, gk, pg, db_url):
     assert got[1]["room_id"] == room
     # Her message came back to nobody else, and the ghost's own echo was dropped.
     assert pg.psql("SELECT count(*) FROM events", db_url) == "3"
+    # wally deletes his message: the ghost redacts its own event (allowed under the room's levels).
+    d = a.call("POST", f"/v1/rooms/{room}/messages", {"type": "delete", "sender": a.user("wally"),
+                                                      "content": {"replaces": r.json()["id"]}}, idem="del-1")
+    assert d.status_code == 202, d.text
+    red = wait_until(lambda: next((e for e in hs.events(mx_room) if e["type"] == "m.room.redaction"), None),
+                     what="the redaction")
+    assert red["sender"] == ghost and red.get("redacts", red["content"].get("redacts")) == msgs[0]["event_id"]
 
 
 def test_transactions_are_deduplicated_by_event_id(mx, hs, gk, pg, db_url):
