@@ -23,7 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define MAXP 12
+#define MAXP 16
 #define COMMENT_MAX 1024
 
 /* One statement, one row, one column: the answer as JSON text. */
@@ -387,7 +387,7 @@ void policy_admin_rule_create(struct cw_req *req, void *ctx)
 	struct aq *q = aq_new(
 		"INSERT INTO rules (scope, pattern, mode, limits, enabled, comment, created_by, expires_at) "
 		"SELECT $1, $2, $4, coalesce($6::jsonb, '{}'::jsonb), CASE WHEN $7::boolean THEN $8::boolean ELSE true END, "
-		" $10, 'admin', CASE WHEN $12::bigint IS NULL THEN NULL ELSE now() + make_interval(secs => $12::bigint) END "
+		" $10, $13, CASE WHEN $12::bigint IS NULL THEN NULL ELSE now() + make_interval(secs => $12::bigint) END "
 		"FROM (SELECT $3::boolean, $5::boolean, $9::boolean, $11::boolean) AS presence "
 		"ON CONFLICT (scope, pattern) DO NOTHING RETURNING " RULE_JSON "::text");
 	const char *scope = str(body, "scope"), *pattern = str(body, "pattern");
@@ -419,7 +419,8 @@ void policy_admin_rule_create(struct cw_req *req, void *ctx)
 			aq_free(q);
 		return;
 	}
-	/* the parameters: $1 scope, $2 pattern, then rule_fields' $3..$12 */
+	/* the parameters: $1 scope, $2 pattern, then rule_fields' $3..$12, $13 who */
+	aq_param(q, admin_actor(req));
 	q->status = 201;
 	q->none_status = 409;
 	q->none_detail = "a rule with that scope and pattern exists";
@@ -562,15 +563,16 @@ void policy_admin_settings_update(struct cw_req *req, void *ctx)
 		return;
 	}
 	struct aq *q = aq_new(
-		"WITH up AS (INSERT INTO settings (key, value, updated_by) SELECT key, value, 'admin' "
+		"WITH up AS (INSERT INTO settings (key, value, updated_by) SELECT key, value, $2 "
 		" FROM jsonb_each($1::jsonb) ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
-		" updated_by = 'admin', updated_at = now() RETURNING key, value) "
+		" updated_by = excluded.updated_by, updated_at = now() RETURNING key, value) "
 		"SELECT (SELECT jsonb_object_agg(key, value) FROM (SELECT key, value FROM settings WHERE key LIKE 'policy.%' "
 		" AND key NOT IN (SELECT key FROM up) UNION ALL SELECT key, value FROM up) s)::text");
 	char *text = json_dumps(body, JSON_COMPACT);
 	json_decref(body);
 	if (q) {
 		aq_param(q, text);
+		aq_param(q, admin_actor(req));
 		q->action = "settings.update";
 	}
 	free(text);
@@ -634,8 +636,9 @@ void policy_admin_optin_set(struct cw_req *req, void *ctx)
 		ok = true;
 	struct aq *q = ok ? aq_new(
 		"WITH up AS (INSERT INTO user_optin (identity_id, network, opted_in, updated_by) "
-		" VALUES ($1::bigint, $2, $3::boolean, 'admin') ON CONFLICT (identity_id, network) DO UPDATE "
-		" SET opted_in = excluded.opted_in, updated_by = 'admin', updated_at = now() RETURNING network, opted_in) "
+		" VALUES ($1::bigint, $2, $3::boolean, $5) ON CONFLICT (identity_id, network) DO UPDATE "
+		" SET opted_in = excluded.opted_in, updated_by = excluded.updated_by, updated_at = now() "
+		" RETURNING network, opted_in) "
 		"SELECT json_build_object('user', $4::text, 'network', network, 'opted_in', opted_in)::text FROM up")
 		: NULL;
 	if (q) {
@@ -643,6 +646,7 @@ void policy_admin_optin_set(struct cw_req *req, void *ctx)
 		aq_param(q, network);
 		aq_param(q, json_is_true(opted) ? "t" : "f");
 		aq_param(q, user);
+		aq_param(q, admin_actor(req));
 		q->local = 0;
 		q->action = "optin.set";
 		q->subject = 3;
@@ -833,7 +837,7 @@ void policy_admin_report_create(struct cw_req *req, void *ctx)
 	struct aq *q = ok ? aq_new(
 		"WITH rep AS (INSERT INTO reports (reporter_kind, reporter, subject_uri, subject_identity_id, reason_code, "
 		"  evidence_public_ids, comment) VALUES (CASE WHEN $1::text IS NULL THEN 'admin' ELSE 'local_user' END, "
-		"  coalesce($1, 'admin'), $2, (SELECT id FROM identities WHERE uri = $2), $3, "
+		"  coalesce($1, $11), $2, (SELECT id FROM identities WHERE uri = $2), $3, "
 		"  ARRAY(SELECT jsonb_array_elements_text($4::jsonb)), $5) RETURNING id), "
 		"cnt AS (SELECT count(*) + 1 AS n FROM reports WHERE subject_uri = $2 "
 		"  AND created_at > now() - make_interval(secs => $6::bigint)), "
@@ -858,6 +862,7 @@ void policy_admin_report_create(struct cw_req *req, void *ctx)
 		aq_num(q, (long long)v->set.report_limit_per_minute);
 		aq_num(q, (long long)v->set.report_limit_s);
 		aq_param(q, subject_local ? "t" : "f");
+		aq_param(q, admin_actor(req));
 		free(ev);
 		policy_view_put(v);
 		q->status = 201;
@@ -874,11 +879,12 @@ void policy_admin_report_handle(struct cw_req *req, void *ctx)
 	char id[24];
 	if (!app_path_id(req, "id", "report", id))
 		return;
-	struct aq *q = aq_new("UPDATE reports SET handled_at = now(), handled_by = 'admin' WHERE id = $1::bigint "
+	struct aq *q = aq_new("UPDATE reports SET handled_at = now(), handled_by = $2 WHERE id = $1::bigint "
 			      "AND handled_at IS NULL RETURNING json_build_object('id', id, 'handled_at', handled_at, "
 			      "'handled_by', handled_by)::text");
 	if (q) {
 		aq_param(q, id);
+		aq_param(q, admin_actor(req));
 		q->none_detail = "no open report with that id";
 		q->action = "report.handle";
 		q->subject = 0;

@@ -290,7 +290,7 @@ def test_reports_set_an_automatic_limit(daemon, peers, pg, db_url):
     reports = daemon.admin("GET", "/reports?open=true").json()["rows"]
     assert len(reports) == 3 and reports[0]["reports_against_subject"] == 3
     h = daemon.admin("POST", f"/reports/{reports[0]['id']}/handle")
-    assert h.status_code == 200 and h.json()["handled_by"] == "admin"
+    assert h.status_code == 200 and h.json()["handled_by"] == "admin:config"
     assert daemon.admin("POST", f"/reports/{reports[0]['id']}/handle").status_code == 404
     assert len(daemon.admin("GET", "/reports?open=true").json()["rows"]) == 2
 
