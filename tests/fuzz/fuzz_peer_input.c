@@ -1,9 +1,11 @@
 /* libFuzzer target: what a peer sends the neutral API before anything is
  * stored: an event body (event_parse), a batch body (batch_parse) and the
  * Signature-Input / Signature fields with the request's headers
- * (httpsig_verify, RFC 9421), chosen by the first byte.  Properties:
- * nothing crashes, overflows or leaks, and no forged signature verifies
- * (the key is random, so a CW_OK from httpsig_verify is a finding). */
+ * (httpsig_verify, RFC 9421), chosen by the first byte; the first branch
+ * also reads the body as a mimi:// URI.  Properties: nothing crashes,
+ * overflows or leaks, no forged signature verifies (the key is random, so a
+ * CW_OK from httpsig_verify is a finding), and a URI that parses formats
+ * back to exactly its text (the parser takes only the canonical spelling). */
 #include "config.h"
 #include "peer/event.h"
 #include "peer/httpsig.h"
@@ -73,6 +75,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		struct event ev;
 		if (event_parse(body, len, &lim, data[0] & 1 ? EVENT_REQUIRE_ROOM : 0, &ev, &err) == CW_OK)
 			event_free(&ev);
+		char uri[MIMI_URI_MAX + 2], back[MIMI_URI_MAX + 1];
+		struct mimi_uri u;
+		cw_errmsg e;
+		if (len < sizeof(uri)) {
+			memcpy(uri, body, len);
+			uri[len] = '\0';
+			if (mimi_uri_parse(uri, &u, &e) == CW_OK &&
+			    (mimi_uri_format(&u, back, sizeof(back), &e) != CW_OK || strcmp(back, uri) != 0))
+				abort(); /* not canonical, or not reversible */
+		}
 	} else if (data[0] < 170) {
 		struct batch b;
 		if (batch_parse(body, len, &lim, &b, &err) == CW_OK)
