@@ -70,9 +70,7 @@ cw_err admin_tokens_load(struct admin_tokens *t, PGconn *c, cw_errmsg *e)
 		fresh[i].id = atoll(PQgetvalue(r, i, 0));
 		snprintf(fresh[i].name, sizeof(fresh[i].name), "%s", PQgetvalue(r, i, 1));
 		fresh[i].can_change = strcmp(PQgetvalue(r, i, 2), "admin") == 0;
-		const char *hex = PQgetvalue(r, i, 3);
-		for (int k = 0; k < 32; k++)
-			sscanf(hex + 2 * k, "%2hhx", &fresh[i].hash[k]);
+		cw_unhex(PQgetvalue(r, i, 3), fresh[i].hash, 32); /* the table's check: 32 bytes */
 	}
 	PQclear(r);
 	pthread_mutex_lock(&t->mu);

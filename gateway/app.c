@@ -630,6 +630,17 @@ json_t *app_json_body(struct cw_req *req)
 	return j;
 }
 
+bool app_domain_is_ours(struct cw_app *app, const char *domain)
+{
+	const struct cw_config *cfg = app->cfg;
+	const char *own[] = { cfg->domain, cfg->mx_server_name, cfg->xmpp_domain };
+	for (size_t i = 0; i < CW_ARRAY_LEN(own); i++)
+		if (own[i] && strcmp(own[i], domain) == 0)
+			return true;
+	/* The components as the adapter read them from xmpp.components. */
+	return app->xmpp && xa_serves_domain(app->xmpp, domain);
+}
+
 const char *app_bearer(struct cw_req *req)
 {
 	const char *h = cw_req_header(req, "Authorization");
@@ -656,12 +667,7 @@ static cw_err touch_fn(PGconn *c, void *arg, cw_errmsg *e)
 	char id[24];
 	snprintf(id, sizeof(id), "%lld", (long long)*(int64_t *)arg);
 	const char *p[] = { id };
-	PGresult *r = PQexecParams(c, "UPDATE admin_tokens SET last_used_at = now() WHERE id = $1::bigint", 1, NULL, p,
-				   NULL, NULL, 0);
-	cw_err rc = store_check(c, r, PGRES_COMMAND_OK, e);
-	if (!rc)
-		PQclear(r);
-	return rc;
+	return store_command(c, "UPDATE admin_tokens SET last_used_at = now() WHERE id = $1::bigint", 1, p, e);
 }
 
 static void touch_done(void *arg, cw_err rc, const cw_errmsg *e)

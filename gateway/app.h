@@ -118,6 +118,10 @@ bool app_is_json(struct cw_req *req);
 const char *app_status_title(int status);
 /* The request body as a JSON object, or NULL after answering 400/415. */
 json_t *app_json_body(struct cw_req *req);
+/* Whether domain is one of this provider's own (server.domain, the Matrix
+ * server name, the XMPP domain or a component's), which no peer may speak
+ * for. */
+bool app_domain_is_ours(struct cw_app *app, const char *domain);
 /* The bearer token of the Authorization header, or NULL. */
 const char *app_bearer(struct cw_req *req);
 

@@ -84,6 +84,16 @@ void cw_hex(char *out, const unsigned char *in, size_t n)
 	out[2 * n] = '\0';
 }
 
+bool cw_unhex(const char *hex, unsigned char *out, size_t n)
+{
+	if (strlen(hex) != 2 * n)
+		return false;
+	for (size_t i = 0; i < n; i++)
+		if (sscanf(hex + 2 * i, "%2hhx", &out[i]) != 1)
+			return false;
+	return true;
+}
+
 bool cw_ct_equal(const void *a, const void *b, size_t n)
 {
 	return CRYPTO_memcmp(a, b, n) == 0;

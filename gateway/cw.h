@@ -44,6 +44,9 @@ cw_err cw_random(void *buf, size_t n);
 void cw_new_id(char *out, size_t len, const char *prefix);
 /* Writes 2*n lower-case hex digits and a NUL into out (size >= 2n+1). */
 void cw_hex(char *out, const unsigned char *in, size_t n);
+/* The reverse: exactly 2n hex digits into n bytes; false (out undefined)
+ * for any other text. */
+bool cw_unhex(const char *hex, unsigned char *out, size_t n);
 
 /* Base64 (RFC 4648 §4, padded) and base64url (§5, unpadded).  encode
  * writes a NUL-terminated string and returns its length, or 0 if out is too

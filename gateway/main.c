@@ -228,9 +228,8 @@ int main(int argc, char **argv)
 		goto out_migrations;
 	{
 		unsigned char h[32];
-		bool set = cfg.admin_token_sha256 && *cfg.admin_token_sha256;
-		for (int i = 0; set && i < 32; i++)
-			sscanf(cfg.admin_token_sha256 + 2 * i, "%2hhx", &h[i]);
+		/* conf.c checked it: empty, or 64 hex digits */
+		bool set = cfg.admin_token_sha256 && cw_unhex(cfg.admin_token_sha256, h, sizeof(h));
 		app.views = admin_views_new();
 		if (!(app.admins = admin_tokens_new(set ? h : NULL)) || !app.views) {
 			LOG_KV(CW_LOG_ERROR, "out of memory");

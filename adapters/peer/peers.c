@@ -222,16 +222,6 @@ static void registry_upsert(struct peer_registry *r, const struct peer_entry *in
 	snapshot_unref(r, old); /* the registry's reference to the old one */
 }
 
-static bool hex32(const char *hex, unsigned char out[32])
-{
-	if (strlen(hex) != 64)
-		return false;
-	for (int i = 0; i < 32; i++)
-		if (sscanf(hex + 2 * i, "%2hhx", &out[i]) != 1)
-			return false;
-	return true;
-}
-
 /* The registry entry of a row of PEER_COLUMNS. */
 static bool entry_from_row(PGresult *res, int i, struct peer_entry *p)
 {
@@ -241,7 +231,7 @@ static bool entry_from_row(PGresult *res, int i, struct peer_entry *p)
 	snprintf(p->name, sizeof(p->name), "%s", PQgetvalue(res, i, 0));
 	snprintf(p->domain, sizeof(p->domain), "%s", PQgetvalue(res, i, 1));
 	p->enabled = PQgetvalue(res, i, 5)[0] == 't';
-	if (!hex32(PQgetvalue(res, i, 10), p->token_hash) || !hex32(PQgetvalue(res, i, 11), key))
+	if (!cw_unhex(PQgetvalue(res, i, 10), p->token_hash, 32) || !cw_unhex(PQgetvalue(res, i, 11), key, 32))
 		return false;
 	p->key = EVP_PKEY_new_raw_public_key(EVP_PKEY_ED25519, NULL, key, 32);
 	return p->key != NULL;
@@ -261,25 +251,6 @@ bool peer_name_valid(const char *s)
 			return false;
 	}
 	return true;
-}
-
-bool peer_domain_is_ours(const struct cw_config *cfg, const char *domain)
-{
-	const char *own[] = { cfg->domain, cfg->mx_server_name, cfg->xmpp_domain };
-	for (size_t i = 0; i < CW_ARRAY_LEN(own); i++)
-		if (own[i] && strcmp(own[i], domain) == 0)
-			return true;
-	/* Component domains: "gk.example.org=gk, tg.example.org=tg". */
-	const char *p = cfg->xmpp_components;
-	size_t n = strlen(domain);
-	while (p && *p) {
-		p += strspn(p, " ,");
-		size_t len = strcspn(p, "=, ");
-		if (len == n && strncmp(p, domain, n) == 0)
-			return true;
-		p += strcspn(p, ",");
-	}
-	return false;
 }
 
 bool peer_domain_valid(const char *s)
@@ -492,7 +463,7 @@ void peer_admin_create(struct cw_req *req, void *ctx)
 		bad = "name must be 1 to 32 of a-z, 0-9, '_' and '-', starting with a letter or digit";
 	else if (!domain || !peer_domain_valid(domain))
 		bad = "domain must be a lower-case DNS name such as wa.example";
-	else if (peer_domain_is_ours(app->cfg, domain))
+	else if (app_domain_is_ours(app, domain))
 		bad = "domain is one of this provider's own (server.domain, the Matrix server name or an XMPP "
 		      "domain): a peer may not speak for local users";
 	else if (mode && strcmp(mode, "push") != 0 && strcmp(mode, "pull") != 0)

@@ -48,10 +48,6 @@ void peer_admin_rotate(struct cw_req *req, void *ctx);
 /* Validators, shared with the tests. */
 bool peer_name_valid(const char *s);
 bool peer_domain_valid(const char *s);
-/* Whether domain is one of this provider's own: server.domain, the Matrix
- * server name, the XMPP domain or a component's domain. */
-struct cw_config;
-bool peer_domain_is_ours(const struct cw_config *cfg, const char *domain);
 bool peer_url_valid(const char *s);
 
 #endif

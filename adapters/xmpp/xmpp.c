@@ -90,6 +90,11 @@ struct xcomp *xa_comp_by_domain(struct xmpp *x, const char *domain)
 	return NULL;
 }
 
+bool xa_serves_domain(struct xmpp *x, const char *domain)
+{
+	return strcmp(x->local_domain, domain) == 0 || xa_comp_by_domain(x, domain);
+}
+
 struct xcomp *xa_comp_by_peer(struct xmpp *x, const char *peer)
 {
 	for (int i = 0; i < x->ncomp; i++)

@@ -38,6 +38,8 @@ cw_err xa_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_r
 /* {"components": {domain: {"state": ..., "peer": ..., "last_error": ...,
  *  "connected_since_ms": ..., "stanzas_in": n, "stanzas_out": n}}}. */
 json_t *xa_health(struct xmpp *x);
+/* Whether domain is the users' XMPP domain or one of the components'. */
+bool xa_serves_domain(struct xmpp *x, const char *domain);
 /* Whether every component's stream is up (readyz reports, does not fail). */
 bool xa_all_up(struct xmpp *x);
 /* The causeway_xmpp_* families, appended to the metrics text. */

@@ -145,6 +145,13 @@ def test_wrong_secret_is_reported(make_daemon, db_url, prosody):
     assert d.wait_for(lambda r: r.get("msg") == "xmpp component" and r.get("state") == "auth_failed")
 
 
+def test_a_component_domain_is_not_a_peer_domain(xd):
+    for domain in (COMP, HOST):
+        r = xd.admin("POST", "/peers", json={"name": "x", "domain": domain, "mode": "pull",
+                                             "public_key": "A" * 43 + "="})
+        assert r.status_code == 400 and "this provider's own" in r.json()["detail"], (domain, r.text)
+
+
 def test_debug_log_shows_no_traffic_and_no_handshake(make_daemon, db_url, prosody, alice):
     opts = daemon_options(prosody)
     opts["log"] = {"level": "debug"}
