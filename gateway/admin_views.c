@@ -10,6 +10,7 @@
 #include "app.h"
 #include "conf.h"
 #include "dispatcher.h"
+#include "event.h"
 #include "matrix/matrix.h"
 #include "xmpp/xmpp.h"
 
@@ -190,23 +191,11 @@ void admin_views_rooms_list(struct cw_req *req, void *ctx)
 	view_run(ctx, req, v);
 }
 
-/* The shape rooms.public_id is checked for: ^[A-Za-z0-9._~-]{1,128}$. */
-static bool room_id_valid(const char *s)
-{
-	size_t n = s ? strlen(s) : 0;
-	if (n < 1 || n > 128)
-		return false;
-	for (const char *p = s; *p; p++)
-		if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') || *p == '.' ||
-		      *p == '_' || *p == '~' || *p == '-'))
-			return false;
-	return true;
-}
 
 void admin_views_room_get(struct cw_req *req, void *ctx)
 {
 	const char *id = cw_req_param(req, "id");
-	if (!room_id_valid(id)) {
+	if (!room_public_id_valid(id)) {
 		cw_req_problem(req, 404, "not_found", "Not found", "no room with that id");
 		return;
 	}
@@ -282,10 +271,9 @@ void admin_views_config(struct cw_req *req, void *ctx)
 /* One statement over the window ($1 seconds):
  * - in: events by accepted_at (BRIN events_accepted_at_brin), by the
  *   adapter of their origin network (the part before ':': peer:gk -> peer);
- * - out: outbox rows delivered in the window, by the adapter of their
- *   destination (xmpp:<domain> -> xmpp); created_at bounds the scan through
- *   BRIN outbox_created_at_brin (a row delivered more than a day after it
- *   was made is left out); the same rows give the latency percentiles, so
+ * - out: outbox rows delivered in the window (BRIN
+ *   outbox_delivered_at_brin), by the adapter of their destination
+ *   (xmpp:<domain> -> xmpp); the same rows give the latency percentiles, so
  *   they are materialized (dl) rather than scanned twice;
  * - the queue now, by state (outbox_state_dest_idx: delivered rows, the
  *   bulk of the table, are not in it);
