@@ -19,6 +19,8 @@ TOP_BUILDDIR = os.path.abspath(os.environ.get("top_builddir") or TOP_SRCDIR)
 PG_SH = os.path.join(TOP_SRCDIR, "tests", "pg.sh")
 CAUSEWAYD = os.path.join(TOP_BUILDDIR, "causewayd")
 SCHEMA_DIR = os.path.join(TOP_SRCDIR, "schema")
+# How many migrations this tree has (the daemon applies them all).
+N_MIGRATIONS = len([f for f in os.listdir(SCHEMA_DIR) if f.endswith(".sql")])
 
 
 import hashlib

@@ -3,7 +3,7 @@ import signal
 import socket
 import time
 
-from harness import parse_logfmt
+from harness import N_MIGRATIONS, parse_logfmt
 
 
 def test_healthz(daemon):
@@ -20,7 +20,8 @@ def test_readyz_reports_database_and_migrations(daemon):
     body = r.json()
     assert body["status"] == "ready"
     assert body["database"]["status"] == "up"
-    assert body["migrations"] == {"status": "current", "applied": 4, "expected": 4}
+    assert body["migrations"] == {"status": "current", "applied": N_MIGRATIONS,
+                                    "expected": N_MIGRATIONS}
     assert body["adapters"] == {}
 
 

@@ -1,9 +1,10 @@
 """Migrations and the database going away, with the real daemon."""
 import os
 import shutil
+import subprocess
 import time
 
-from harness import SCHEMA_DIR, run_causewayd, wait_until
+from harness import N_MIGRATIONS, SCHEMA_DIR, run_causewayd, wait_until
 
 
 def copy_schema(tmp_path):
@@ -14,7 +15,7 @@ def copy_schema(tmp_path):
 
 def test_migrations_are_recorded_with_checksums(daemon, pg, db_url):
     rows = pg.psql("SELECT version, name, length(checksum) FROM schema_migrations ORDER BY 1", db_url)
-    assert rows == "1|001_core.sql|64\n2|002_policy.sql|64\n3|003_matrix.sql|64\n4|004_admin.sql|64"
+    assert rows == "1|001_core.sql|64\n2|002_policy.sql|64\n3|003_matrix.sql|64\n4|004_admin.sql|64\n5|005_hot_path.sql|64"
     # The core tables are there.
     tables = pg.psql("SELECT count(*) FROM information_schema.tables WHERE table_name IN "
                      "('events','outbox','idempotency_keys','identities','identity_bindings','rooms',"
@@ -26,7 +27,7 @@ def test_migrate_command_is_idempotent(db_url, pg):
     env = {"CAUSEWAY_DATABASE_URL": db_url, "CAUSEWAY_DATABASE_SCHEMA_DIR": SCHEMA_DIR}
     r = run_causewayd(["--migrate"], env=env)
     assert r.returncode == 0, r.stderr
-    assert "applied_now=4" in r.stderr
+    assert f"applied_now={N_MIGRATIONS}" in r.stderr
     r = run_causewayd(["--migrate"], env=env)
     assert r.returncode == 0 and "applied_now=0" in r.stderr
 
@@ -41,7 +42,7 @@ def test_a_changed_migration_refuses_start(make_daemon, db_url, tmp_path, pg):
     rec = d.wait_for(lambda r: r.get("level") == "error")
     assert "001_core.sql was changed after it was applied" in rec["detail"]
     # Nothing was changed by the refused start.
-    assert pg.psql("SELECT count(*) FROM schema_migrations", db_url) == "4"
+    assert pg.psql("SELECT count(*) FROM schema_migrations", db_url) == str(N_MIGRATIONS)
 
 
 def test_a_new_migration_is_applied_and_an_unknown_one_refused(make_daemon, db_url, tmp_path, pg):
@@ -51,7 +52,8 @@ def test_a_new_migration_is_applied_and_an_unknown_one_refused(make_daemon, db_u
         f.write("CREATE TABLE extra_test (id int);\n")
     d = make_daemon(db_url, schema_dir=schema).start()
     d.wait_for(lambda r: r.get("msg") == "migration applied" and r.get("file") == "900_extra.sql")
-    assert d.get("/readyz").json()["migrations"] == {"status": "current", "applied": 5, "expected": 5}
+    assert d.get("/readyz").json()["migrations"] == {"status": "current", "applied": N_MIGRATIONS + 1,
+                                                         "expected": N_MIGRATIONS + 1}
     d.stop()
     # An older build (without 002) refuses the newer database.
     os.remove(os.path.join(schema, "900_extra.sql"))
@@ -67,7 +69,7 @@ def test_a_broken_migration_is_rolled_back(make_daemon, db_url, tmp_path, pg):
     d = make_daemon(db_url, schema_dir=schema).start(wait_ready=False)
     assert d.wait_exit(30) == 1
     assert "900_broken.sql failed" in d.wait_for(lambda r: r.get("level") == "error")["detail"]
-    assert pg.psql("SELECT count(*) FROM schema_migrations", db_url) == "4"
+    assert pg.psql("SELECT count(*) FROM schema_migrations", db_url) == str(N_MIGRATIONS)
     assert pg.psql("SELECT to_regclass('half_done') IS NULL", db_url) == "t"
 
 
@@ -112,3 +114,27 @@ def test_daemon_gives_up_on_an_absent_database(make_daemon, tmp_path):
     d.start(wait_ready=False)
     assert d.wait_exit(30) == 1
     assert d.wait_for(lambda r: r.get("msg") == "database unreachable")
+
+
+def test_hot_path_checks_still_refuse_what_they_refused(daemon, pg, db_url):
+    """005_hot_path.sql rewrote the CHECK constraints of the hot tables for
+    speed: the same values must still be refused, by the same constraint."""
+    bad = [
+        ("outbox_destination_check", "peer:" + "a" * 254),          # part after ':' over 253
+        ("outbox_destination_check", "p" * 33),                     # name over 32
+        ("outbox_destination_check", "Peer:gk"),                    # upper case name
+        ("outbox_destination_check", "peer:gk:x"),                  # two colons
+    ]
+    for name, dest in bad:
+        r = subprocess.run(["psql", db_url, "-qAtc",
+                            "INSERT INTO outbox (event_id, destination, room_id) VALUES (1, $$%s$$, 1)" % dest],
+                           capture_output=True, text=True)
+        assert r.returncode != 0 and name in r.stderr, (dest, r.stderr)
+    good = ["peer:" + "a" * 253, "p" * 32, "xmpp:wa.example.org", "matrix"]
+    for dest in good:
+        pg.psql("BEGIN; INSERT INTO outbox (event_id, destination, room_id) VALUES (1, $$%s$$, 1); ROLLBACK" % dest,
+                db_url)
+    r = subprocess.run(["psql", db_url, "-qAtc", "INSERT INTO events (public_id, room_id, sender_id, type, content, "
+                        "origin_network, ts) VALUES ('msg_%s', 1, 1, 'message', '{}', 'peer:gk', 0)" % ("a" * 65)],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "events_public_id_check" in r.stderr, r.stderr
