@@ -5,6 +5,7 @@
 #include "pipeline.h"
 #include "event.h"
 #include "httpsig.h"
+#include "buf.h"
 #include "log.h"
 
 #include <pthread.h>
@@ -705,7 +706,7 @@ struct msg_input {
 	char msg_id[80];
 	char sender[MIMI_URI_MAX + 1];
 	char type[16];
-	json_t *event;                /* the validated body, unknown members included */
+	char *event_text;             /* the validated body, unknown members included: compact JSON, keys sorted */
 	bool read_receipt;            /* a "read" receipt: marks the message read for its sender */
 	struct cw_req *req;           /* coalesced single submits: the request to answer */
 	struct msg_input *next;       /* in the coalescing queue */
@@ -731,16 +732,15 @@ static void msg_input_free(void *arg)
 {
 	struct msg_input *in = arg;
 	free(in->idem_key);
-	json_decref(in->event);
+	free(in->event_text);
 	free(in);
 }
 
 /* What an Idempotency-Key stands for: the room (as the request names it)
- * and the event, canonically serialised, so that the same key with the same
- * event sent to another room is a conflict, not a replay. */
-static void request_hash(const char *room, json_t *event, unsigned char out[32])
+ * and the event, canonically serialised (text), so that the same key with
+ * the same event sent to another room is a conflict, not a replay. */
+static void request_hash(const char *room, const char *text, unsigned char out[32])
 {
-	char *text = json_dumps(event, JSON_COMPACT | JSON_SORT_KEYS);
 	size_t rl = strlen(room), tl = text ? strlen(text) : 0;
 	char *buf = malloc(rl + 1 + tl + 1);
 	if (buf) {
@@ -752,7 +752,6 @@ static void request_hash(const char *room, json_t *event, unsigned char out[32])
 		memset(out, 0, 32);
 	}
 	free(buf);
-	free(text);
 }
 
 /* What every item takes from its validated event: the room as the request
@@ -762,14 +761,16 @@ static void msg_input_from_event(struct msg_input *in, struct cw_app *app, const
 {
 	in->app = app;
 	snprintf(in->room, sizeof(in->room), "%s", room);
-	request_hash(room, ev->json, in->hash);
+	/* Serialised here, on the HTTP thread: the writer only splices it into
+	 * its statement (NULL on allocation failure: the writer refuses it). */
+	in->event_text = json_dumps(ev->json, JSON_COMPACT | JSON_SORT_KEYS);
+	request_hash(room, in->event_text, in->hash);
 	cw_new_id(in->msg_id, sizeof(in->msg_id), "msg_");
 	snprintf(in->sender, sizeof(in->sender), "%s", sender);
 	snprintf(in->type, sizeof(in->type), "%s", event_type_name(ev->type));
 	snprintf(in->in_reply_to, sizeof(in->in_reply_to), "%s", ev->in_reply_to ? ev->in_reply_to : "");
 	snprintf(in->replaces, sizeof(in->replaces), "%s", ev->replaces ? ev->replaces : "");
 	snprintf(in->ts, sizeof(in->ts), "%lld", (long long)(ev->ts ? ev->ts : cw_wall_ms()));
-	in->event = json_incref(ev->json);
 	in->body_bytes = ev->body_bytes;
 	in->attachment_bytes = ev->attachment_bytes;
 	in->kinds = ev->kinds;
@@ -927,7 +928,9 @@ struct submit *submit_new(size_t n)
 	"ORDER BY it.n, mem.id"
 
 /* Round 1 writes every accepted event of the job in one statement: the
- * events (ids in item order), their outbox rows (ids in event order, so
+ * events (ids in item order; their contents are the array $3, each item
+ * naming its own by position, so that the writer splices the texts the
+ * HTTP threads serialised instead of building them again), their outbox rows (ids in event order, so
  * per-room order holds) in the state the policy gave each (pending, held
  * for consent, dropped), their idempotency keys with the answer, one
  * consent request per held (local user, sender) pair unless one is pending
@@ -935,12 +938,13 @@ struct submit *submit_new(size_t n)
  * ($2: they exist for refused items too). */
 #define WRITE_ITEMS \
 	"WITH it AS (SELECT * FROM jsonb_to_recordset($1::jsonb) AS x(n int, pid text, room bigint, sender bigint, " \
-	"  type text, content jsonb, replaces bigint, reply bigint, ts bigint, key text, hash text, " \
+	"  type text, ci bigint, replaces bigint, reply bigint, ts bigint, key text, hash text, " \
 	"  dests jsonb, targets jsonb, states jsonb, held jsonb, expiry bigint, win bigint, read boolean, " \
 	"  scope text, native text, outbound jsonb)), " \
+	"cs AS (SELECT c.value, c.ord FROM jsonb_array_elements($3::jsonb) WITH ORDINALITY AS c(value, ord)), " \
 	"ev AS (INSERT INTO events (public_id, room_id, sender_id, type, content, replaces_id, in_reply_to_id, " \
-	"  origin_network, origin_native_id, ts) SELECT pid, room, sender, type, content, replaces, reply, scope, " \
-	"  NULLIF(native, ''), ts FROM it ORDER BY n " \
+	"  origin_network, origin_native_id, ts) SELECT it.pid, it.room, it.sender, it.type, cs.value, it.replaces, " \
+	"  it.reply, it.scope, NULLIF(it.native, ''), it.ts FROM it JOIN cs ON cs.ord = it.ci ORDER BY it.n " \
 	"  RETURNING id, public_id, room_id, (extract(epoch FROM accepted_at) * 1000)::bigint AS ms), " \
 	"ob AS (INSERT INTO outbox (event_id, destination, target_identity_id, room_id, state) " \
 	"  SELECT ev.id, d.value, NULLIF(t.value::bigint, 0), ev.room_id, st.value FROM it " \
@@ -985,8 +989,8 @@ const struct store_stmt peer_api_statements[] = {
 };
 
 /* Sends a prepared statement whose parameters are JSON documents (doc2
- * may be NULL: one parameter). */
-static cw_err send_json(PGconn *c, const char *stmt, json_t *doc, json_t *doc2, cw_errmsg *e)
+ * may be NULL: one parameter) and, if extra is not NULL, that text last. */
+static cw_err send_json(PGconn *c, const char *stmt, json_t *doc, json_t *doc2, const char *extra, cw_errmsg *e)
 {
 	char *text = json_dumps(doc, JSON_COMPACT), *text2 = doc2 ? json_dumps(doc2, JSON_COMPACT) : NULL;
 	if (!text || (doc2 && !text2)) {
@@ -994,8 +998,8 @@ static cw_err send_json(PGconn *c, const char *stmt, json_t *doc, json_t *doc2, 
 		free(text2);
 		return cw_fail(e, CW_ENOMEM, "out of memory");
 	}
-	const char *params[] = { text, text2 };
-	int ok = PQsendQueryPrepared(c, stmt, doc2 ? 2 : 1, params, NULL, NULL, 0);
+	const char *params[] = { text, text2, extra };
+	int ok = PQsendQueryPrepared(c, stmt, doc2 ? (extra ? 3 : 2) : 1, params, NULL, NULL, 0);
 	free(text);
 	free(text2);
 	return ok ? CW_OK : cw_fail(e, CW_EUNAVAIL, "cannot send: %s", PQerrorMessage(c));
@@ -1018,7 +1022,12 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 		submit_clear_round(b);
 	struct policy_view *v = round == 1 ? policy_live_get(b->app->policy) : NULL;
 	json_t *doc = json_array();
-	for (size_t i = 0; i < b->n; i++) {
+	/* Round 1: the events' contents, a JSON array of the texts as they are. */
+	struct cw_buf contents;
+	cw_buf_init(&contents, SIZE_MAX / 2);
+	json_int_t ncontents = 0;
+	cw_err rc = round == 1 ? cw_buf_add(&contents, "[", 1) : CW_OK;
+	for (size_t i = 0; i < b->n && !rc; i++) {
 		struct msg_input *in = b->items[i];
 		if (!in || (round == 1 && !b->write[i]))
 			continue;
@@ -1029,10 +1038,15 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 		} else {
 			char hex[65];
 			cw_hex(hex, in->hash, 32);
-			json_t *o = json_pack("{s:I, s:s, s:s, s:s, s:s, s:o, s:s, s:s, s:O, s:O, s:O, s:O}",
+			const char *content = b->scrub[i] ? "{}" : in->event_text;
+			if (!content || (ncontents && cw_buf_add(&contents, ",", 1)) ||
+			    cw_buf_add(&contents, content, strlen(content))) {
+				rc = cw_fail(e, CW_ENOMEM, "out of memory");
+				break;
+			}
+			json_t *o = json_pack("{s:I, s:s, s:s, s:s, s:s, s:I, s:s, s:s, s:O, s:O, s:O, s:O}",
 					      "n", (json_int_t)i, "pid", in->msg_id, "room", b->room_id[i],
-					      "sender", b->sender_id[i], "type", in->type,
-					      "content", b->scrub[i] ? json_object() : json_incref(in->event),
+					      "sender", b->sender_id[i], "type", in->type, "ci", ++ncontents,
 					      "ts", in->ts, "hash", hex, "dests", b->dests[i], "targets", b->targets[i],
 					      "states", b->states[i], "held", b->held[i]);
 			json_object_set_new(o, "expiry", json_integer((json_int_t)v->set.held_expiry_s));
@@ -1048,14 +1062,16 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 		}
 	}
 	policy_view_put(v);
-	cw_err rc = CW_OK;
-	if (round == 0 && json_array_size(doc))
+	if (!rc && round == 1 && cw_buf_add(&contents, "]", 1))
+		rc = cw_fail(e, CW_ENOMEM, "out of memory");
+	if (!rc && round == 0 && json_array_size(doc))
 		rc = send_json(c, b->room_by == SUBMIT_ROOM_BY_URI	? "submit_read_by_uri"
 				  : b->room_by == SUBMIT_ROOM_BY_NATIVE ? "submit_read_by_native"
 									: "submit_read_by_id",
-			       doc, NULL, e);
-	else if (round == 1)
-		rc = send_json(c, "submit_write", doc, b->audit, e);
+			       doc, NULL, NULL, e);
+	else if (!rc && round == 1)
+		rc = send_json(c, "submit_write", doc, b->audit, contents.p, e);
+	cw_buf_free(&contents);
 	json_decref(doc);
 	if (!rc && round == 1 && !PQsendQueryParams(c, "SELECT pg_notify('causeway_outbox', '')", 0, NULL, NULL,
 						    NULL, NULL, 0))
