@@ -215,6 +215,7 @@ json_t *matrix_health(struct matrix *m)
 
 struct lookup_ctx {
 	PGconn *c;
+	json_t *sent; /* this batch's deliveries, not recorded yet: [{pid, eid, ...}] */
 	char out[MX_ID_MAX + 1];
 };
 
@@ -222,6 +223,15 @@ struct lookup_ctx {
 static const char *to_native(void *arg, const char *msg_id)
 {
 	struct lookup_ctx *l = arg;
+	size_t i;
+	json_t *s;
+	json_array_foreach(l->sent, i, s) {
+		const char *pid = json_string_value(json_object_get(s, "pid"));
+		if (pid && strcmp(pid, msg_id) == 0) {
+			snprintf(l->out, sizeof(l->out), "%s", json_string_value(json_object_get(s, "eid")));
+			return l->out;
+		}
+	}
 	const char *params[] = { msg_id };
 	PGresult *r = PQexecParams(l->c,
 		"SELECT coalesce((SELECT n.native_id FROM event_native_ids n WHERE n.event_id = e.id AND "
@@ -343,7 +353,8 @@ static bool already_sent(struct matrix *m, const char *room, const char *ghost, 
 	return found;
 }
 
-static cw_err deliver_one(struct matrix *m, PGconn *c, struct outbox_row *row, long *code, cw_errmsg *e)
+static cw_err deliver_one(struct matrix *m, PGconn *c, struct outbox_row *row, json_t *sent, long *code,
+			  cw_errmsg *e)
 {
 	if (!row->target_id)
 		return cw_fail(e, CW_EINVAL, "group rooms are not bridged to Matrix yet (only direct rooms)");
@@ -394,7 +405,7 @@ static cw_err deliver_one(struct matrix *m, PGconn *c, struct outbox_row *row, l
 					    sizeof(room), e)))
 		goto out;
 	{
-		struct lookup_ctx l = { .c = c };
+		struct lookup_ctx l = { .c = c, .sent = sent };
 		char marker[24];
 		snprintf(marker, sizeof(marker), "%lld", (long long)row->id);
 		struct mx_out out;
@@ -464,16 +475,10 @@ static cw_err deliver_one(struct matrix *m, PGconn *c, struct outbox_row *row, l
 		}
 		json_decref(answer);
 		mx_out_clear(&out);
-		if (!rc && eid[0]) {
-			char row_id[24];
-			snprintf(row_id, sizeof(row_id), "%lld", (long long)row->id);
-			const char *p2[] = { ev_id, eid, row_id };
-			cw_errmsg e2;
-			if (store_command(c, "WITH n AS (INSERT INTO event_native_ids (event_id, network, kind, native_id) "
-				       "VALUES ($1::bigint, 'matrix', 'event_id', $2) ON CONFLICT DO NOTHING) "
-				       "UPDATE outbox SET remote_id = $2 WHERE id = $3::bigint", 3, p2, &e2))
-				LOG_KV(CW_LOG_WARN, "cannot record a Matrix event id", "detail", e2.msg);
-		}
+		if (!rc && eid[0])
+			json_array_append_new(sent, json_pack("{s:I, s:s, s:I, s:s?}", "ev", (json_int_t)row->event_id,
+							      "eid", eid, "row", (json_int_t)row->id, "pid",
+							      json_string_value(json_object_get(row->event, "id"))));
 	}
 out:
 	return rc;
@@ -485,11 +490,28 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 	struct matrix *m = ctx;
 	*done = 0;
 	*code = 0;
-	for (size_t i = 0; i < n; i++) {
-		cw_err rc = deliver_one(m, c, &rows[i], code, e);
-		if (rc)
-			return rc;
-		(*done)++;
+	/* The Matrix event ids the homeserver gave, recorded for the whole
+	 * batch in one statement (one commit, not one per message).  Until
+	 * then a crash loses only the ids: the rows are still in flight, go
+	 * again, and already_sent() finds the events by the outbox id. */
+	json_t *sent = json_array();
+	cw_err rc = sent ? CW_OK : cw_fail(e, CW_ENOMEM, "out of memory");
+	for (size_t i = 0; i < n && !rc; i++) {
+		rc = deliver_one(m, c, &rows[i], sent, code, e);
+		if (!rc)
+			(*done)++;
 	}
-	return CW_OK;
+	char *doc = json_array_size(sent) ? json_dumps(sent, JSON_COMPACT) : NULL;
+	json_decref(sent);
+	if (doc) {
+		const char *p[] = { doc };
+		cw_errmsg e2;
+		if (store_command(c, "WITH v AS (SELECT * FROM jsonb_to_recordset($1::jsonb) AS v(ev bigint, eid text, row bigint)), "
+				  "n AS (INSERT INTO event_native_ids (event_id, network, kind, native_id) "
+				  " SELECT ev, 'matrix', 'event_id', eid FROM v ON CONFLICT DO NOTHING) "
+				  "UPDATE outbox o SET remote_id = v.eid FROM v WHERE o.id = v.row", 1, p, &e2))
+			LOG_KV(CW_LOG_WARN, "cannot record Matrix event ids", "detail", e2.msg);
+		free(doc);
+	}
+	return rc;
 }

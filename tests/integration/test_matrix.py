@@ -363,3 +363,44 @@ def test_a_local_user_leaving_reaches_the_peer(mx, hs, gk):
     kinds = [(e["type"], e["content"].get("membership")) for e in got]
     assert kinds == [("membership", "join"), ("membership", "leave")], kinds
     assert all(e["sender"] == ALICE and e["content"]["target"] == ALICE for e in got)
+
+
+def test_references_within_one_delivery_batch(mx, hs, gk, pg, db_url):
+    """A message, its edit and a reaction to it, held for consent and then
+    released together, go out in one dispatcher batch: the Matrix event ids
+    are recorded once per batch, so the edit and the reaction must find the
+    id the homeserver gave the message earlier in the same batch."""
+    a, _ = gk
+    assert mx.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
+    hs.create_user("alice")
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    m1 = a.send(room, a.user("wally"), "original").json()["id"]
+    ed = {"type": "edit", "sender": a.user("wally"),
+          "content": {"replaces": m1, "parts": [{"type": "text/plain", "body": "edited"}]}}
+    assert a.call("POST", f"/v1/rooms/{room}/messages", ed, idem="ed-1").status_code == 202
+    re = {"type": "reaction", "sender": a.user("wally"),
+          "content": {"in_reply_to": m1, "disposition": "reaction", "parts": [{"type": "text/plain", "body": "\u2764"}]}}
+    assert a.call("POST", f"/v1/rooms/{room}/messages", re, idem="re-1").status_code == 202
+    wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE destination = 'matrix' AND state = 'held'",
+                               db_url) == "3", what="three held rows")
+    assert mx.admin("POST", "/consents", json={"user": ALICE, "subject_kind": "domain", "subject": "wa.example",
+                                               "state": "allowed"}).ok
+    wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE destination = 'matrix' AND state = 'delivered'",
+                               db_url) == "3", what="three deliveries")
+    # One batch: the three rows share one delivery attempt's start time.
+    assert pg.psql("SELECT count(DISTINCT started_at) FROM delivery_attempts a JOIN outbox o ON o.id = a.outbox_id "
+                   "WHERE o.destination = 'matrix'", db_url) == "1"
+    ghost = "@_cw_gk_wally:example.org"
+    mx_room = next(rid for rid in hs.rooms() if any(e["sender"] == ghost and e["type"] == "m.room.message"
+                                                    for e in hs.events(rid)))
+    evs = [e for e in hs.events(mx_room) if e["sender"] == ghost and e["type"] in ("m.room.message", "m.reaction")]
+    assert [e["type"] for e in evs] == ["m.room.message", "m.room.message", "m.reaction"], evs
+    orig = evs[0]["event_id"]
+    assert evs[1]["content"]["m.relates_to"] == {"rel_type": "m.replace", "event_id": orig}
+    assert evs[1]["content"]["m.new_content"]["body"] == "edited"
+    assert evs[2]["content"]["m.relates_to"]["event_id"] == orig
+    # Every row got its Matrix event id, and the event its native id.
+    rows = pg.psql("SELECT o.remote_id FROM outbox o WHERE o.destination = 'matrix' ORDER BY o.id", db_url).split()
+    assert rows == [e["event_id"] for e in evs]
+    assert pg.psql("SELECT count(*) FROM event_native_ids WHERE network = 'matrix' AND kind = 'event_id' "
+                   f"AND native_id IN ('{orig}', '{evs[1]['event_id']}', '{evs[2]['event_id']}')", db_url) == "3"
