@@ -15,7 +15,9 @@ def copy_schema(tmp_path):
 
 def test_migrations_are_recorded_with_checksums(daemon, pg, db_url):
     rows = pg.psql("SELECT version, name, length(checksum) FROM schema_migrations ORDER BY 1", db_url)
-    assert rows == "1|001_core.sql|64\n2|002_policy.sql|64\n3|003_matrix.sql|64\n4|004_admin.sql|64\n5|005_hot_path.sql|64"
+    files = sorted(f for f in os.listdir(SCHEMA_DIR) if f.endswith(".sql"))
+    assert files[:4] == ["001_core.sql", "002_policy.sql", "003_matrix.sql", "004_admin.sql"]
+    assert rows == "\n".join(f"{int(f[:3])}|{f}|64" for f in files)
     # The core tables are there.
     tables = pg.psql("SELECT count(*) FROM information_schema.tables WHERE table_name IN "
                      "('events','outbox','idempotency_keys','identities','identity_bindings','rooms',"
@@ -138,3 +140,34 @@ def test_hot_path_checks_still_refuse_what_they_refused(daemon, pg, db_url):
                         "origin_network, ts) VALUES ('msg_%s', 1, 1, 'message', '{}', 'peer:gk', 0)" % ("a" * 65)],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "events_public_id_check" in r.stderr, r.stderr
+
+
+def test_event_keys_move_onto_their_events(db_url, pg, tmp_path):
+    """006_event_keys.sql: the idempotency keys of events accepted before it
+    move onto the events (the peer API then finds them there); room
+    creation keys stay."""
+    schema = copy_schema(tmp_path)
+    later = sorted(f for f in os.listdir(schema) if f.endswith(".sql") and f >= "006")
+    for f in later:
+        os.rename(os.path.join(schema, f), os.path.join(str(tmp_path), f))
+    env = {"CAUSEWAY_DATABASE_URL": db_url, "CAUSEWAY_DATABASE_SCHEMA_DIR": schema}
+    assert run_causewayd(["--migrate"], env=env).returncode == 0
+    pg.psql("INSERT INTO identities (uri, domain, localpart, network, is_local) "
+            "VALUES ('mimi://example.org/u/alice', 'example.org', 'alice', 'local', true); "
+            "INSERT INTO rooms (public_id, uri, hub_domain, kind) VALUES ('r1', 'mimi://example.org/r/r1', "
+            "'example.org', 'direct'); "
+            "INSERT INTO events (public_id, room_id, sender_id, type, content, origin_network, origin_native_id, ts) "
+            "VALUES ('msg_peer', 1, 1, 'message', '{}', 'peer:gk', NULL, 1), "
+            "('msg_mx', 1, 1, 'message', '{}', 'matrix', '$ev:example.org', 2); "
+            "INSERT INTO idempotency_keys (scope, key, request_hash, event_id, room_id, response_status, response) "
+            "SELECT e.origin_network, coalesce(e.origin_native_id, 'key-1'), sha256(e.public_id::bytea), e.id, 1, 202, "
+            "'{}' FROM events e; "
+            "INSERT INTO idempotency_keys (scope, key, request_hash, room_id, response_status, response) "
+            "VALUES ('peer:gk', 'room-key', sha256('r'::bytea), 1, 201, '{}')", db_url)
+    for f in later:
+        os.rename(os.path.join(str(tmp_path), f), os.path.join(schema, f))
+    assert run_causewayd(["--migrate"], env=env).returncode == 0
+    rows = pg.psql("SELECT public_id, origin_native_id, request_hash = sha256(public_id::bytea) FROM events "
+                   "ORDER BY id", db_url)
+    assert rows == "msg_peer|key-1|t\nmsg_mx|$ev:example.org|t"
+    assert pg.psql("SELECT key FROM idempotency_keys", db_url) == "room-key"
