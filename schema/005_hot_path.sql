@@ -71,17 +71,20 @@ ALTER TABLE audit_log DROP CONSTRAINT audit_log_reason_code_check,
 -- 2. No foreign keys on the rows written for every message.  A foreign key
 -- costs one trigger and one index probe with a row lock per inserted row:
 -- seven per event here (events -> rooms, identities; outbox -> events,
--- rooms, identities; idempotency_keys -> events, rooms).  These rows are
--- written by one statement from ids it has just read or inserted, and
--- Causeway never deletes rooms, identities or events, so the checks only
--- ever confirmed what the statement knew.  A retention job must delete
--- children first (outbox, delivery_attempts, idempotency_keys, then events);
--- docs/schema.md says so.  The columns keep their indexes.  Foreign keys
--- stay everywhere else (tables written by operators, users and adapters
--- now and then), events.replaces_id and events.in_reply_to_id included
--- (few rows carry them, and a reference must name a real event).
+-- rooms, identities; idempotency_keys -> events, rooms), and even a NULL
+-- reference (events.replaces_id, in_reply_to_id) queues a trigger call.
+-- These rows are written by one statement from ids it has just read or
+-- inserted (a reference is looked up in the same room first), and Causeway
+-- never deletes rooms, identities or events, so the checks only ever
+-- confirmed what the statement knew.  A retention job must delete children
+-- first (outbox, delivery_attempts, idempotency_keys, then events) and
+-- clear references to what it deletes; docs/schema.md says so.  The
+-- columns keep their indexes.  Foreign keys stay everywhere else (tables
+-- written by operators, users and adapters now and then).
 ALTER TABLE events DROP CONSTRAINT events_room_id_fkey,
-    DROP CONSTRAINT events_sender_id_fkey;
+    DROP CONSTRAINT events_sender_id_fkey,
+    DROP CONSTRAINT events_replaces_id_fkey,
+    DROP CONSTRAINT events_in_reply_to_id_fkey;
 
 ALTER TABLE outbox DROP CONSTRAINT outbox_event_id_fkey,
     DROP CONSTRAINT outbox_target_identity_id_fkey,
