@@ -1001,24 +1001,20 @@ const struct store_stmt peer_api_statements[] = {
 	{ NULL, NULL },
 };
 
-/* Sends a prepared statement whose parameters are the JSON document doc,
- * then the text mid if not NULL, then the document doc2 if not NULL. */
-static cw_err send_json(PGconn *c, const char *stmt, json_t *doc, const char *mid, json_t *doc2, cw_errmsg *e)
+/* Sends a prepared statement whose parameters are the texts first and mid
+ * (if not NULL), then the JSON document doc2 (if not NULL). */
+static cw_err send_text(PGconn *c, const char *stmt, const char *first, const char *mid, json_t *doc2, cw_errmsg *e)
 {
-	char *text = json_dumps(doc, JSON_COMPACT), *text2 = doc2 ? json_dumps(doc2, JSON_COMPACT) : NULL;
-	if (!text || (doc2 && !text2)) {
-		free(text);
-		free(text2);
+	char *text2 = doc2 ? json_dumps(doc2, JSON_COMPACT) : NULL;
+	if (doc2 && !text2)
 		return cw_fail(e, CW_ENOMEM, "out of memory");
-	}
-	const char *params[3] = { text };
+	const char *params[3] = { first };
 	int n = 1;
 	if (mid)
 		params[n++] = mid;
 	if (text2)
 		params[n++] = text2;
 	int ok = PQsendQueryPrepared(c, stmt, n, params, NULL, NULL, 0);
-	free(text);
 	free(text2);
 	return ok ? CW_OK : cw_fail(e, CW_EUNAVAIL, "cannot send: %s", PQerrorMessage(c));
 }
@@ -1034,94 +1030,129 @@ static bool round1_needed(const struct submit *b)
 	return false;
 }
 
-/* A JSON array of strings and integers as one string, comma-separated (a
- * new reference, NULL on failure): the statement splits it with
- * string_to_array(), cheaper than a jsonb array per column and item.  Its
- * values (destinations, identity ids, outbox states) have no commas. */
-static json_t *joined(json_t *arr)
+/* Appends s as a JSON string: as it is when no character needs escaping
+ * (the usual case: ids, names, digits), else encoded by jansson.
+ * CW_EINVAL: s is not UTF-8. */
+static cw_err add_json_string(struct cw_buf *b, const char *s)
 {
-	struct cw_buf buf;
-	cw_buf_init(&buf, 1 << 20);
-	size_t i;
-	json_t *v;
-	json_array_foreach(arr, i, v) {
-		if (i)
-			cw_buf_add(&buf, ",", 1);
-		if (json_is_integer(v))
-			cw_buf_printf(&buf, "%lld", (long long)json_integer_value(v));
-		else
-			cw_buf_add(&buf, json_string_value(v), strlen(json_string_value(v)));
-	}
-	json_t *out = buf.overflow ? NULL : json_stringn(buf.p ? buf.p : "", buf.len);
-	cw_buf_free(&buf);
-	return out;
+	size_t n = 0;
+	for (const unsigned char *p = (const unsigned char *)s; *p; p++, n++)
+		if (*p < 0x20 || *p == '"' || *p == '\\' || *p >= 0x7f)
+			break;
+	if (!s[n])
+		return cw_buf_add(b, "\"", 1) || cw_buf_add(b, s, n) || cw_buf_add(b, "\"", 1) ? CW_ENOMEM : CW_OK;
+	json_t *j = json_string(s);
+	char *t = j ? json_dumps(j, JSON_ENCODE_ANY) : NULL;
+	json_decref(j);
+	cw_err rc = !j ? CW_EINVAL : t ? cw_buf_add(b, t, strlen(t)) : CW_ENOMEM;
+	free(t);
+	return rc;
 }
 
+/* Appends a JSON array of strings and integers as one JSON string, its
+ * values comma-separated: the statement splits it with string_to_array(),
+ * cheaper than a jsonb array per column and item.  Its values
+ * (destinations, identity ids, outbox states) have no commas. */
+static cw_err add_joined(struct cw_buf *b, json_t *arr)
+{
+	char tmp[4096];
+	size_t len = 0, i;
+	json_t *v;
+	json_array_foreach(arr, i, v) {
+		int k = json_is_integer(v) ? snprintf(tmp + len, sizeof(tmp) - len, "%s%lld", i ? "," : "",
+						      (long long)json_integer_value(v))
+					   : snprintf(tmp + len, sizeof(tmp) - len, "%s%s", i ? "," : "",
+						      json_string_value(v) ? json_string_value(v) : "");
+		if (k < 0 || (size_t)k >= sizeof(tmp) - len)
+			return CW_EINVAL;
+		len += (size_t)k;
+	}
+	tmp[len] = '\0';
+	return add_json_string(b, tmp);
+}
+
+/* The documents of the two rounds are written as text straight into a
+ * buffer: every value is an id, a number or a name that needs no escaping
+ * (add_json_string checks, and lets jansson encode what does), and the
+ * event contents are the texts the HTTP threads made.  Building them as
+ * jansson trees and serialising those was most of the writer's time. */
 static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 {
 	if (round == 0)
 		submit_clear_round(b);
 	struct policy_view *v = round == 1 ? policy_live_get(b->app->policy) : NULL;
-	json_t *doc = json_array();
-	/* Round 1: the events' contents, a JSON array of the texts as they are. */
-	struct cw_buf contents;
+	struct cw_buf doc, contents;
+	cw_buf_init(&doc, SIZE_MAX / 2);
 	cw_buf_init(&contents, SIZE_MAX / 2);
-	json_int_t ncontents = 0;
+	size_t items = 0;
 	bool plain = json_array_size(b->audit) == 0; /* round 1: the plain statement will do */
-	cw_err rc = round == 1 ? cw_buf_add(&contents, "[", 1) : CW_OK;
+	cw_err rc = cw_buf_add(&doc, "[", 1) || (round == 1 && cw_buf_add(&contents, "[", 1)) ? CW_ENOMEM : CW_OK;
 	for (size_t i = 0; i < b->n && !rc; i++) {
 		struct msg_input *in = b->items[i];
 		if (!in || (round == 1 && !b->write[i]))
 			continue;
-		if (round == 0) {
-			json_array_append_new(doc, json_pack("{s:I, s:s, s:s, s:s, s:s, s:s}", "n", (json_int_t)i, "room",
-							     in->room, "key", in->idem_key, "reply", in->in_reply_to,
-							     "replaces", in->replaces, "scope", in->scope));
-		} else {
-			char hex[65];
-			cw_hex(hex, in->hash, 32);
-			const char *content = b->scrub[i] ? "{}" : in->event_text;
-			if (!content || (ncontents && cw_buf_add(&contents, ",", 1)) ||
-			    cw_buf_add(&contents, content, strlen(content))) {
-				rc = cw_fail(e, CW_ENOMEM, "out of memory");
-				break;
-			}
-			json_t *o = json_pack("{s:I, s:s, s:s, s:s, s:s, s:I, s:s, s:s, s:o, s:o, s:o, s:o}",
-					      "n", (json_int_t)i, "pid", in->msg_id, "room", b->room_id[i],
-					      "sender", b->sender_id[i], "type", in->type, "ci", ++ncontents,
-					      "ts", in->ts, "hash", hex, "dests", joined(b->dests[i]),
-					      "targets", joined(b->targets[i]), "states", joined(b->states[i]),
-					      "held", joined(b->held[i]));
-			if (!o) {
-				rc = cw_fail(e, CW_ENOMEM, "out of memory");
-				break;
-			}
-			json_object_set_new(o, "expiry", json_integer((json_int_t)v->set.held_expiry_s));
-			json_object_set_new(o, "win", json_integer((json_int_t)v->set.consent_window_s));
-			json_object_set_new(o, "key", json_string(in->idem_key));
-			json_object_set_new(o, "read", json_boolean(in->read_receipt));
-			json_object_set_new(o, "scope", json_string(in->scope));
-			json_object_set_new(o, "outbound", b->outbound[i] ? json_incref(b->outbound[i]) : json_array());
-			json_object_set_new(o, "replaces", b->replaces_id[i][0] ? json_string(b->replaces_id[i]) : json_null());
-			json_object_set_new(o, "reply", b->reply_id[i][0] ? json_string(b->reply_id[i]) : json_null());
-			json_array_append_new(doc, o);
-			plain = plain && !in->read_receipt && !json_array_size(b->held[i]) &&
-				!json_array_size(b->outbound[i]);
+		if (items && cw_buf_add(&doc, ",", 1)) {
+			rc = CW_ENOMEM;
+			break;
 		}
+		items++;
+		if (round == 0) {
+			rc = cw_buf_printf(&doc, "{\"n\":%zu,\"room\":", i) || add_json_string(&doc, in->room) ||
+				     cw_buf_add(&doc, ",\"key\":", 7) || add_json_string(&doc, in->idem_key) ||
+				     cw_buf_add(&doc, ",\"reply\":", 9) || add_json_string(&doc, in->in_reply_to) ||
+				     cw_buf_add(&doc, ",\"replaces\":", 12) || add_json_string(&doc, in->replaces) ||
+				     cw_buf_add(&doc, ",\"scope\":", 9) || add_json_string(&doc, in->scope) ||
+				     cw_buf_add(&doc, "}", 1)
+				     ? CW_EINVAL
+				     : CW_OK;
+			continue;
+		}
+		char hex[65];
+		cw_hex(hex, in->hash, 32);
+		const char *content = b->scrub[i] ? "{}" : in->event_text;
+		char *outbound = json_array_size(b->outbound[i]) ? json_dumps(b->outbound[i], JSON_COMPACT) : NULL;
+		rc = !content || (items > 1 && cw_buf_add(&contents, ",", 1)) ||
+				     cw_buf_add(&contents, content, strlen(content)) ||
+				     cw_buf_printf(&doc, "{\"n\":%zu,\"pid\":", i) || add_json_string(&doc, in->msg_id) ||
+				     cw_buf_add(&doc, ",\"room\":", 8) || add_json_string(&doc, b->room_id[i]) ||
+				     cw_buf_add(&doc, ",\"sender\":", 10) || add_json_string(&doc, b->sender_id[i]) ||
+				     cw_buf_add(&doc, ",\"type\":", 8) || add_json_string(&doc, in->type) ||
+				     cw_buf_printf(&doc, ",\"ci\":%zu,\"ts\":", items) || add_json_string(&doc, in->ts) ||
+				     cw_buf_printf(&doc, ",\"hash\":\"%s\",\"dests\":", hex) ||
+				     add_joined(&doc, b->dests[i]) || cw_buf_add(&doc, ",\"targets\":", 11) ||
+				     add_joined(&doc, b->targets[i]) || cw_buf_add(&doc, ",\"states\":", 10) ||
+				     add_joined(&doc, b->states[i]) || cw_buf_add(&doc, ",\"held\":", 8) ||
+				     add_joined(&doc, b->held[i]) ||
+				     cw_buf_printf(&doc, ",\"expiry\":%lld,\"win\":%lld,\"read\":%s,\"key\":",
+						   (long long)v->set.held_expiry_s, (long long)v->set.consent_window_s,
+						   in->read_receipt ? "true" : "false") ||
+				     add_json_string(&doc, in->idem_key) || cw_buf_add(&doc, ",\"scope\":", 9) ||
+				     add_json_string(&doc, in->scope) ||
+				     cw_buf_printf(&doc, ",\"outbound\":%s,\"replaces\":", outbound ? outbound : "[]") ||
+				     (b->replaces_id[i][0] ? add_json_string(&doc, b->replaces_id[i]) : cw_buf_add(&doc, "null", 4)) ||
+				     cw_buf_add(&doc, ",\"reply\":", 9) ||
+				     (b->reply_id[i][0] ? add_json_string(&doc, b->reply_id[i]) : cw_buf_add(&doc, "null", 4)) ||
+				     cw_buf_add(&doc, "}", 1)
+				     ? CW_EINVAL
+				     : CW_OK;
+		free(outbound);
+		plain = plain && !in->read_receipt && !json_array_size(b->held[i]) && !json_array_size(b->outbound[i]);
 	}
 	policy_view_put(v);
-	if (!rc && round == 1 && cw_buf_add(&contents, "]", 1))
-		rc = cw_fail(e, CW_ENOMEM, "out of memory");
-	if (!rc && round == 0 && json_array_size(doc))
-		rc = send_json(c, b->room_by == SUBMIT_ROOM_BY_URI	? "submit_read_by_uri"
+	if (!rc && (cw_buf_add(&doc, "]", 1) || (round == 1 && cw_buf_add(&contents, "]", 1))))
+		rc = CW_ENOMEM;
+	if (rc)
+		rc = cw_fail(e, rc, "cannot build the statement's parameters (out of memory, or an id not UTF-8)");
+	else if (round == 0 && items)
+		rc = send_text(c, b->room_by == SUBMIT_ROOM_BY_URI	? "submit_read_by_uri"
 				  : b->room_by == SUBMIT_ROOM_BY_NATIVE ? "submit_read_by_native"
 									: "submit_read_by_id",
-			       doc, NULL, NULL, e);
-	else if (!rc && round == 1)
-		rc = plain ? send_json(c, "submit_write_plain", doc, contents.p, NULL, e)
-			   : send_json(c, "submit_write", doc, contents.p, b->audit, e);
+			       doc.p, NULL, NULL, e);
+	else if (round == 1)
+		rc = plain ? send_text(c, "submit_write_plain", doc.p, contents.p, NULL, e)
+			   : send_text(c, "submit_write", doc.p, contents.p, b->audit, e);
+	cw_buf_free(&doc);
 	cw_buf_free(&contents);
-	json_decref(doc);
 	if (!rc && round == 1 && !PQsendQueryParams(c, "SELECT pg_notify('causeway_outbox', '')", 0, NULL, NULL,
 						    NULL, NULL, 0))
 		rc = cw_fail(e, CW_EUNAVAIL, "cannot send: %s", PQerrorMessage(c));
