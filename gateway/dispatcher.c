@@ -89,7 +89,11 @@ static bool claim_destination(struct dispatcher *d, const char *dest, struct out
 	 * a row in flight or backing off waits whole: rows of a room are only
 	 * ever claimed together and in order, and a failed batch backs off
 	 * together, so no earlier row of a room can be due behind a blocked
-	 * one (which keeps this a set lookup instead of a scan per row). */
+	 * one (which keeps this a set lookup instead of a scan per row).  A
+	 * row also waits while an earlier row of its room to the same user is
+	 * still held: a consent releases the held rows, but two sweeps at once
+	 * (SKIP LOCKED) or a message decided after the consent may make a
+	 * later row due first (a probe of the held rows' index, per row). */
 	PGresult *r = PQexecParams(d->c,
 		"WITH blocked AS ("
 		" SELECT room_id FROM outbox WHERE state = 'in_flight' AND destination = $4"
@@ -98,6 +102,9 @@ static bool claim_destination(struct dispatcher *d, const char *dest, struct out
 		" SELECT o.id FROM outbox o"
 		" WHERE o.state = 'pending' AND o.destination = $4 AND o.next_attempt_at <= now()"
 		"  AND o.room_id NOT IN (SELECT room_id FROM blocked)"
+		"  AND (o.target_identity_id IS NULL OR NOT EXISTS (SELECT 1 FROM outbox h WHERE h.state = 'held'"
+		"   AND h.target_identity_id = o.target_identity_id AND h.id < o.id AND h.room_id = o.room_id"
+		"   AND h.destination = o.destination))"
 		" ORDER BY o.id LIMIT $1::int FOR UPDATE OF o SKIP LOCKED) "
 		"UPDATE outbox o SET state = 'in_flight', claimed_by = $2, "
 		" claimed_until = now() + make_interval(secs => $3::int), attempts = o.attempts + 1 "
@@ -306,6 +313,7 @@ static void wait_notify(struct dispatcher *d, int timeout_ms)
 
 static void *dispatcher_main(void *arg)
 {
+	cw_thread_name("cw-dispatcher");
 	struct dispatcher *d = arg;
 	while (!atomic_load(&d->stop)) {
 		if (!ensure_conn(d)) {

@@ -200,19 +200,37 @@ static const char sweep_sql[] =
 	"SELECT count(*) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'dropped'), "
 	" count(*) FILTER (WHERE state = 'expired') FROM ch";
 
+/* Sweeps take turns (a transaction-level advisory lock): two at once would
+ * each release part of a user's backlog (SKIP LOCKED), and the part that
+ * commits first could be delivered before earlier messages still held by
+ * the other.  (The dispatcher also never claims a row behind a held one of
+ * the same room and user.)  In a transaction the caller's commit ends the
+ * turn; on an idle connection the sweep is its own transaction. */
+#define SWEEP_LOCK_KEY "7161132091431352699"
+
 cw_err policy_sweep(PGconn *c, const struct policy_settings *s, const char *target_id, long counts[3], cw_errmsg *e)
 {
 	char secs[24];
 	snprintf(secs, sizeof(secs), "%lld", (long long)s->held_expiry_s);
 	const char *params[] = { secs, target_id };
-	PGresult *r = PQexecParams(c, sweep_sql, 2, NULL, params, NULL, NULL, 0);
-	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
-	if (rc)
-		return rc;
-	for (int i = 0; i < 3; i++)
-		counts[i] = atol(PQgetvalue(r, 0, i));
-	PQclear(r);
-	return CW_OK;
+	bool own = PQtransactionStatus(c) == PQTRANS_IDLE;
+	cw_err rc = own ? store_exec(c, "BEGIN", e) : CW_OK;
+	if (!rc)
+		rc = store_exec(c, "SELECT pg_advisory_xact_lock(" SWEEP_LOCK_KEY ")", e);
+	PGresult *r = rc ? NULL : PQexecParams(c, sweep_sql, 2, NULL, params, NULL, NULL, 0);
+	if (!rc && !(rc = store_check(c, r, PGRES_TUPLES_OK, e))) {
+		for (int i = 0; i < 3; i++)
+			counts[i] = atol(PQgetvalue(r, 0, i));
+		PQclear(r);
+	}
+	if (own) {
+		cw_errmsg ignored;
+		if (rc)
+			store_exec(c, "ROLLBACK", &ignored);
+		else
+			rc = store_exec(c, "COMMIT", e);
+	}
+	return rc;
 }
 
 static const char consent_sql[] =
@@ -411,6 +429,7 @@ bool policy_live_sync(struct policy_live *pl, long timeout_ms)
 
 static void *live_main(void *arg)
 {
+	cw_thread_name("cw-policy");
 	struct policy_live *pl = arg;
 	int64_t next_reload = cw_now_us() + pl->o.reload_interval_s * 1000000LL;
 	int64_t next_sweep = cw_now_us();

@@ -5,6 +5,7 @@ and a Matrix user in a direct room."""
 import base64
 import os
 import subprocess
+import time
 
 import pytest
 import requests
@@ -404,3 +405,30 @@ def test_references_within_one_delivery_batch(mx, hs, gk, pg, db_url):
     assert rows == [e["event_id"] for e in evs]
     assert pg.psql("SELECT count(*) FROM event_native_ids WHERE network = 'matrix' AND kind = 'event_id' "
                    f"AND native_id IN ('{orig}', '{evs[1]['event_id']}', '{evs[2]['event_id']}')", db_url) == "3"
+
+
+def test_a_row_never_overtakes_a_held_one_of_its_room(mx, hs, gk, pg, db_url):
+    """Per-room order holds against the held rows too: a later message to
+    the same user that became due first (two consent sweeps at once, or a
+    message decided just after the consent) waits for the earlier one."""
+    a, _ = gk
+    assert mx.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
+    hs.create_user("alice")
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    first = a.send(room, a.user("wally"), "first").json()["id"]
+    second = a.send(room, a.user("wally"), "second").json()["id"]
+    wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE destination = 'matrix' AND state = 'held'",
+                               db_url) == "2", what="two held rows")
+    # The second alone made due, as a racing sweep would.
+    pg.psql("UPDATE outbox o SET state = 'pending' FROM events e WHERE e.id = o.event_id "
+            f"AND e.public_id = '{second}'; NOTIFY causeway_outbox", db_url)
+    time.sleep(1.5)
+    assert pg.psql("SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id "
+                   f"WHERE e.public_id = '{second}'", db_url) == "pending"
+    assert not any(e["type"] == "m.room.message" for rid in hs.rooms() for e in hs.events(rid))
+    assert mx.admin("POST", "/consents", json={"user": ALICE, "subject_kind": "user",
+                                               "subject": "mimi://wa.example/u/wally", "state": "allowed"}).ok
+    wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE destination = 'matrix' AND state = 'delivered'",
+                               db_url) == "2", what="both delivered")
+    bodies = [e["content"]["body"] for rid in hs.rooms() for e in hs.events(rid) if e["type"] == "m.room.message"]
+    assert bodies == ["first", "second"], (bodies, first)
