@@ -2,6 +2,8 @@
 #include "config.h"
 #include "cw.h"
 
+#include <pthread.h>
+
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <stdlib.h>
@@ -144,4 +146,9 @@ void cw_sha256(const void *in, size_t n, unsigned char out[32])
 {
 	unsigned int len = 0;
 	EVP_Digest(in, n, out, &len, EVP_sha256(), NULL);
+}
+
+void cw_thread_name(const char *name)
+{
+	pthread_setname_np(pthread_self(), name);
 }

@@ -63,4 +63,8 @@ bool cw_ct_equal(const void *a, const void *b, size_t n);
 
 #define CW_ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
 
+/* Names the calling thread (at most 15 characters), for top -H, ps -L,
+ * gdb and perf. */
+void cw_thread_name(const char *name);
+
 #endif

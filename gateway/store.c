@@ -518,6 +518,7 @@ static void deadline_ts(struct timespec *ts, int64_t wait_us)
 
 static void *writer_main(void *arg)
 {
+	cw_thread_name("cw-writer");
 	struct cw_store *s = arg;
 	pthread_mutex_lock(&s->mu);
 	for (;;) {
@@ -567,6 +568,7 @@ static void *writer_main(void *arg)
 
 static void *reader_main(void *arg)
 {
+	cw_thread_name("cw-reader");
 	struct reader *rd = arg;
 	struct cw_store *s = rd->s;
 	for (;;) {

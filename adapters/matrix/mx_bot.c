@@ -388,6 +388,7 @@ static void requests(struct matrix *m, PGconn *c)
 
 static void *bot_main(void *arg)
 {
+	cw_thread_name("cw-mx-bot");
 	struct matrix *m = arg;
 	PGconn *c = NULL;
 	while (!atomic_load(&m->bot_stop)) {

@@ -141,6 +141,7 @@ void mx_ping_heard(struct matrix *m, const char *txn)
 
 static void *ping_main(void *arg)
 {
+	cw_thread_name("cw-mx-ping");
 	struct matrix *m = arg;
 	/* The bot acts in management rooms: some homeservers (Conduit) want it
 	 * registered first, like any user of the namespace. */

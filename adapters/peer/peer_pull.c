@@ -115,6 +115,7 @@ static bool ensure_conn(struct peer_pull *p)
 
 static void *poller_main(void *arg)
 {
+	cw_thread_name("cw-pull");
 	struct peer_pull *p = arg;
 	struct waiter *waiting = NULL;
 	for (;;) {

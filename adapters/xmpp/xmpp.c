@@ -864,6 +864,7 @@ static void turn(struct xcomp *xc, int64_t next_house)
 
 static void *comp_main(void *arg)
 {
+	cw_thread_name("cw-xmpp");
 	struct xcomp *xc = arg;
 	this_comp = xc;
 	struct xmpp *x = xc->x;
