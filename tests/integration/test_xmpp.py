@@ -469,3 +469,32 @@ def test_stanzas_without_from_or_to_are_dropped(make_daemon, db_url, pg):
         assert pg.psql("SELECT count(*) FROM identities WHERE network = 'xmpp'", db_url) == "0"
     finally:
         srv.close()
+
+
+def test_ids_that_need_escaping(xd, gk, alice, pg, db_url):
+    """A client picks its stanza ids (quotes, backslashes, non-ASCII), and a
+    remote user with capitals has a JID with escapes (backslashes)
+    (backslashes), which name the conversation: both must survive the
+    writer's statement (which writes plain ids as they are and lets jansson
+    encode the others), deduplicate, and be found again."""
+    a, srv = gk
+    big = a.user("BigWally")
+    consent_alice(xd, subject=big)
+    room = a.create_room([big, ALICE]).json()["id"]
+    assert a.send(room, big, "hello").status_code == 202
+    m = alice.wait_for_message(lambda el: body(el) == "hello", timeout=10)
+    jid = m.get("from").split("/")[0]
+    assert "\\" in jid, jid  # escaped: the conversation's native id has backslashes
+    odd = 'q"uo\\te-\u00e9'
+    attr = odd.replace('"', "&quot;")
+    alice.send_raw(f"<message to='{jid}' type='chat' id=\"{attr}\"><body>odd id</body></message>")
+    e1 = srv.wait_events(1)[0]
+    assert e1["content"]["parts"][0]["body"] == "odd id" and e1["room_id"] == room and e1["sender"] == ALICE
+    # The same id again is the same message: nothing new reaches the peer.
+    alice.send_raw(f"<message to='{jid}' type='chat' id=\"{attr}\"><body>odd id</body></message>")
+    alice.send_raw(f"<message to='{jid}' type='chat' id='c2'><body>fixed</body>"
+                   f"<replace xmlns='urn:xmpp:message-correct:0' id=\"{attr}\"/></message>")
+    ed = srv.wait_events(2)[1]
+    assert ed["type"] == "edit" and ed["content"]["replaces"] == e1["id"], ed
+    assert pg.psql("SELECT count(*) FROM events WHERE origin_network LIKE 'xmpp%' AND type = 'message'",
+                   db_url) == "1"
