@@ -519,6 +519,36 @@ void app_job_start_pipe(struct app_job *j, const struct app_pipe_ops *ops)
 	}
 }
 
+/* The prepare step ran on a reader: on success the write follows. */
+static void prepared(void *arg, cw_err rc, const cw_errmsg *e)
+{
+	struct app_job *j = arg;
+	if (rc || j->err_code) {
+		job_done(j, rc, e);
+		return;
+	}
+	rc = store_write_pipe(j->app->store, &app_pipe, job_done, j);
+	if (rc) {
+		cw_errmsg e2;
+		cw_fail(&e2, rc, "%s", cw_strerror(rc));
+		job_done(j, rc, &e2);
+	}
+}
+
+void app_job_start_prepared_pipe(struct app_job *j, cw_err (*prepare)(PGconn *, struct app_job *, cw_errmsg *),
+				 const struct app_pipe_ops *ops)
+{
+	j->fn = prepare;
+	j->pipe = ops;
+	cw_req_suspend(j->req);
+	cw_err rc = store_read(j->app->store, job_run, prepared, j);
+	if (rc) {
+		cw_errmsg e;
+		cw_fail(&e, rc, "%s", cw_strerror(rc));
+		job_done(j, rc, &e);
+	}
+}
+
 void app_job_start(struct app_job *j, bool write)
 {
 	cw_req_suspend(j->req);

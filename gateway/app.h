@@ -87,6 +87,13 @@ struct app_job *app_job_new(struct cw_app *app, struct cw_req *req,
 void app_job_start(struct app_job *j, bool write);
 /* The same for a pipelined write. */
 void app_job_start_pipe(struct app_job *j, const struct app_pipe_ops *ops);
+/* A pipelined write whose inputs need reading and work first: prepare runs
+ * on a reader thread, off the group-commit writer (whose time every write
+ * waits for), and the write is queued when it succeeds.  What prepare read
+ * may be stale by the time the write runs: use it only where that is
+ * harmless (a reference not found yet is what a later arrival would see). */
+void app_job_start_prepared_pipe(struct app_job *j, cw_err (*prepare)(PGconn *, struct app_job *, cw_errmsg *),
+				 const struct app_pipe_ops *ops);
 /* app_job_new + data + app_job_start in one: takes ownership of data
  * (freed with data_free), and answers 503 itself when data is NULL or
  * memory runs out, so callers need not check their allocation. */

@@ -333,11 +333,12 @@ static const char *lookup_ref_or_user(void *ctx, const char *id)
 	return id[0] == '@' ? lookup_map(t->senders, id) : lookup_map(t->map, id);
 }
 
-/* Round 0 asks, in one statement, what the events need: the neutral ids of
- * the Matrix events they refer to (an edit stands for the message it edits:
+/* Asks, in one statement, what the events need: the neutral ids of the
+ * Matrix events they refer to (an edit stands for the message it edits:
  * references name first versions), which rooms are bridged, and the local
- * users who sent them. */
-static cw_err txn_lookup_send(PGconn *c, struct txn *t, cw_errmsg *e)
+ * users who sent them.  Runs on a reader, before the write (see
+ * txn_prepare). */
+static cw_err txn_lookup(PGconn *c, struct txn *t, cw_errmsg *e)
 {
 	json_t *ids = json_array(), *rooms = json_array(), *users = json_array();
 	size_t i;
@@ -379,7 +380,7 @@ static cw_err txn_lookup_send(PGconn *c, struct txn *t, cw_errmsg *e)
 	if (!text)
 		return cw_fail(e, CW_ENOMEM, "out of memory");
 	const char *params[] = { text, mx_server_name(t->app->cfg) };
-	int ok = PQsendQueryParams(c,
+	PGresult *r = PQexecParams(c,
 		"WITH d AS (SELECT $1::jsonb AS j) "
 		"SELECT 'ref', x.id, (SELECT CASE WHEN e.type = 'edit' AND e.replaces_id IS NOT NULL "
 		"  THEN (SELECT f.public_id FROM events f WHERE f.id = e.replaces_id) ELSE e.public_id END "
@@ -396,18 +397,35 @@ static cw_err txn_lookup_send(PGconn *c, struct txn *t, cw_errmsg *e)
 		" FROM d, jsonb_array_elements_text(d.j->'users') AS x(id)",
 		2, NULL, params, NULL, NULL, 0);
 	free(text);
-	if (!ok)
-		return cw_fail(e, CW_EUNAVAIL, "cannot send: %s", PQerrorMessage(c));
-	/* The bot's share, stored for it in the same transaction: invites of
-	 * the bot or of a ghost by this provider's users, and what they say in
-	 * their management rooms. */
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	json_object_clear(t->map);
+	json_object_clear(t->rooms);
+	json_object_clear(t->senders);
+	for (int k = 0; k < PQntuples(r); k++) {
+		const char *kind = PQgetvalue(r, k, 0), *id = PQgetvalue(r, k, 1);
+		if (PQgetisnull(r, k, 2))
+			continue;
+		json_t *dst = kind[0] == 'r' && kind[1] == 'e' ? t->map : kind[0] == 'r' ? t->rooms : t->senders;
+		json_object_set_new(dst, id, json_string(PQgetvalue(r, k, 2)));
+	}
+	PQclear(r);
+	return CW_OK;
+}
+
+/* The bot's share, stored for it in the write's transaction: invites of
+ * the bot or of a ghost by this provider's users, and what they say in
+ * their management rooms. */
+static cw_err txn_bot_send(PGconn *c, struct txn *t, cw_errmsg *e)
+{
 	char *bot = json_dumps(t->bot, JSON_COMPACT);
 	if (!bot)
 		return cw_fail(e, CW_ENOMEM, "out of memory");
 	char ghosts[80];
 	snprintf(ghosts, sizeof(ghosts), "@%s", t->app->cfg->mx_user_prefix);
 	const char *p2[] = { bot, t->m->bot, mx_server_name(t->app->cfg), ghosts };
-	ok = PQsendQueryParams(c,
+	int ok = PQsendQueryParams(c,
 		"WITH ins AS (INSERT INTO matrix_bot_inbox (event_id, event) "
 		" SELECT x->>'event_id', x FROM jsonb_array_elements($1::jsonb) AS x "
 		" WHERE x->>'sender' LIKE '%:' || $3 AND ((x->>'type' = 'm.room.member' AND (x->>'state_key' = $2 "
@@ -549,50 +567,48 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 	return CW_OK;
 }
 
+/* On a reader, before the write: the lookups, then the mapping of every
+ * event (HTML sanitising, validation), which used to run in the write's
+ * first round and so on the group-commit writer's thread, the one every
+ * write in the daemon waits for.  Synapse sends one transaction at a time,
+ * so what was read here is what the write would have read. */
+static cw_err txn_prepare(PGconn *c, struct app_job *j, cw_errmsg *e)
+{
+	struct txn *t = j->data;
+	if (t->b) {
+		submit_free(t->b);
+		t->b = NULL;
+	}
+	cw_err rc = txn_lookup(c, t, e);
+	return rc ? rc : txn_convert(t, e);
+}
+
+/* The write: round 0 stores the bot's share and reads for the events
+ * (submit's round 0), round 1 writes the events. */
 static cw_err txn_send(PGconn *c, struct app_job *j, int round, cw_errmsg *e)
 {
 	struct txn *t = j->data;
-	if (round == 0)
-		return txn_lookup_send(c, t, e);
-	return submit_send(c, t->b, round - 1, e);
+	cw_err rc = round == 0 ? txn_bot_send(c, t, e) : CW_OK;
+	if (!rc && submit_count(t->b) > 0)
+		rc = submit_send(c, t->b, round, e);
+	return rc;
 }
 
 static cw_err txn_recv(PGconn *c, struct app_job *j, int round, bool *more, cw_errmsg *e)
 {
 	struct txn *t = j->data;
+	cw_err rc;
+	*more = false;
 	if (round == 0) {
 		PGresult *r;
-		cw_err rc = store_pipe_result(c, PGRES_TUPLES_OK, &r, e);
-		if (rc)
-			return rc;
-		json_object_clear(t->map);
-		json_object_clear(t->rooms);
-		json_object_clear(t->senders);
-		for (int i = 0; i < PQntuples(r); i++) {
-			const char *kind = PQgetvalue(r, i, 0), *k = PQgetvalue(r, i, 1);
-			if (PQgetisnull(r, i, 2))
-				continue;
-			json_t *dst = kind[0] == 'r' && kind[1] == 'e' ? t->map : kind[0] == 'r' ? t->rooms : t->senders;
-			json_object_set_new(dst, k, json_string(PQgetvalue(r, i, 2)));
-		}
-		PQclear(r);
 		if ((rc = store_pipe_result(c, PGRES_TUPLES_OK, &r, e))) /* the bot's inbox */
 			return rc;
 		PQclear(r);
-		if (t->b) { /* a rerun of the job */
-			submit_free(t->b);
-			t->b = NULL;
-		}
-		if ((rc = txn_convert(t, e)))
-			return rc;
-		*more = submit_count(t->b) > 0;
-		if (!*more)
-			j->body = json_object();
-		return CW_OK;
 	}
-	cw_err rc = submit_recv(c, t->b, round - 1, more, e);
-	if (rc || *more)
+	if (submit_count(t->b) > 0 && (rc = submit_recv(c, t->b, round, more, e)))
 		return rc;
+	if (*more)
+		return CW_OK;
 	for (size_t i = 0; i < submit_count(t->b); i++) {
 		const char *code, *detail;
 		int st = submit_result(t->b, i, &code, &detail);
@@ -718,7 +734,7 @@ void matrix_as_transaction(struct cw_req *req, void *ctx)
 	j->data = t;
 	j->data_free = txn_free;
 	j->matrix_errors = true;
-	app_job_start_pipe(j, &txn_ops);
+	app_job_start_prepared_pipe(j, txn_prepare, &txn_ops);
 }
 
 /* ------------------------------------------------------------ typing */
