@@ -1450,7 +1450,7 @@ bool submit_put_local(struct submit *b, size_t i, struct cw_app *app, const char
 	snprintf(in->native_id, sizeof(in->native_id), "%s", native_id);
 	in->idem_key = strdup(native_id);
 	msg_input_from_event(in, app, room, sender, ev);
-	if (!in->idem_key) {
+	if (!in->idem_key || !in->event_text) {
 		msg_input_free(in);
 		return false;
 	}
@@ -1700,12 +1700,20 @@ static void submit_one(struct cw_req *req, struct cw_app *app, unsigned types, b
 	}
 	mimi_uri_format(&ev.sender, sender, sizeof(sender), NULL);
 	struct msg_input *in = calloc(1, sizeof(*in));
-	msg_input_from_peer(in, p);
-	in->idem_key = strdup(key);
-	msg_input_from_event(in, app, room, sender, &ev);
-	if (ev.has_room)
-		mimi_uri_format(&ev.room, in->body_room, sizeof(in->body_room), NULL);
+	if (in) {
+		msg_input_from_peer(in, p);
+		in->idem_key = strdup(key);
+		msg_input_from_event(in, app, room, sender, &ev);
+		if (ev.has_room)
+			mimi_uri_format(&ev.room, in->body_room, sizeof(in->body_room), NULL);
+	}
 	event_free(&ev);
+	if (!in || !in->idem_key || !in->event_text) {
+		if (in)
+			msg_input_free(in);
+		cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory; retry");
+		return;
+	}
 	submit_coalesced(app, req, in);
 }
 
@@ -1833,16 +1841,29 @@ void peer_api_batch(struct cw_req *req, void *ctx)
 		json_decref(key);
 		json_array_append_new(b->refused, json_null());
 		struct msg_input *in = calloc(1, sizeof(*in));
-		msg_input_from_peer(in, p);
-		in->idem_key = strdup(it->idempotency_key);
-		char room[MIMI_URI_MAX + 1], sender[MIMI_URI_MAX + 1];
-		mimi_uri_format(&it->room, room, sizeof(room), NULL);
-		mimi_uri_format(&it->ev.sender, sender, sizeof(sender), NULL);
-		msg_input_from_event(in, app, room, sender, &it->ev);
+		if (in) {
+			msg_input_from_peer(in, p);
+			in->idem_key = strdup(it->idempotency_key);
+			char room[MIMI_URI_MAX + 1], sender[MIMI_URI_MAX + 1];
+			mimi_uri_format(&it->room, room, sizeof(room), NULL);
+			mimi_uri_format(&it->ev.sender, sender, sizeof(sender), NULL);
+			msg_input_from_event(in, app, room, sender, &it->ev);
+		}
 		b->items[i] = in;
+		if (!in || !in->idem_key || !in->event_text) {
+			batch_free(&bt);
+			submit_free(b);
+			cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory; retry");
+			return;
+		}
 	}
 	batch_free(&bt);
 	struct app_job *j = app_job_new(app, req, NULL);
+	if (!j) {
+		submit_free(b);
+		cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory; retry");
+		return;
+	}
 	j->data = b;
 	j->data_free = submit_free;
 	app_job_start_pipe(j, &submit_ops);
