@@ -96,11 +96,17 @@ class Ejabberd:
         return self
 
     def register(self, user, password):
-        r = subprocess.run(self._cmd("register", user, self.host, password), capture_output=True, text=True,
-                           timeout=60, cwd=self.dir)
-        if r.returncode != 0:
-            raise RuntimeError(f"ejabberdctl register failed: {r.stdout}{r.stderr}")
-        return f"{user}@{self.host}"
+        # ejabberd opens its ports before its virtual hosts have started: a
+        # register right after start may be told "Unknown virtual host".
+        deadline = time.time() + self.start_timeout
+        while True:
+            r = subprocess.run(self._cmd("register", user, self.host, password), capture_output=True, text=True,
+                               timeout=60, cwd=self.dir)
+            if r.returncode == 0:
+                return f"{user}@{self.host}"
+            if "Unknown virtual host" not in r.stdout + r.stderr or time.time() > deadline:
+                raise RuntimeError(f"ejabberdctl register failed: {r.stdout}{r.stderr}")
+            time.sleep(0.2)
 
     def log(self):
         try:
