@@ -915,7 +915,7 @@ struct submit *submit_new(size_t n)
  * time (202, its id and acceptance time). */
 #define READ_ITEMS(ROOM_COND) \
 	"SELECT it.n, r.id, mem.id, mem.uri, mem.is_local, mem.network, mem.peer_id, mem.name, mem.domain, " \
-	" encode(k.request_hash, 'hex'), k.response_status, k.response::text, " \
+	" encode(k.request_hash, 'hex'), k.public_id, k.ms, " \
 	" CASE WHEN it.reply <> '' THEN (SELECT CASE WHEN e.room_id = r.id THEN e.id END FROM events e " \
 	"  WHERE e.public_id = it.reply) END, " \
 	" CASE WHEN it.replaces <> '' THEN (SELECT CASE WHEN e.room_id = r.id THEN e.id END FROM events e " \
@@ -925,9 +925,8 @@ struct submit *submit_new(size_t n)
 	"  WHERE e.public_id = it.replaces) END " \
 	"FROM jsonb_to_recordset($1::jsonb) AS it(n int, room text, key text, reply text, replaces text, scope text) " \
 	" LEFT JOIN LATERAL (SELECT id, uri FROM rooms WHERE " ROOM_COND " LIMIT 1) r ON true " \
-	" LEFT JOIN LATERAL (SELECT coalesce(request_hash, ''::bytea) AS request_hash, 202 AS response_status, " \
-	"  json_build_object('id', public_id, 'accepted_ts', (extract(epoch FROM accepted_at) * 1000)::bigint, " \
-	"  'status', 'accepted') AS response FROM events " \
+	" LEFT JOIN LATERAL (SELECT coalesce(request_hash, ''::bytea) AS request_hash, public_id, " \
+	"  (extract(epoch FROM accepted_at) * 1000)::bigint AS ms FROM events " \
 	"  WHERE origin_network = it.scope AND origin_native_id = it.key LIMIT 1) k ON true " \
 	" LEFT JOIN LATERAL (SELECT i.id, i.uri, i.is_local, i.network, i.peer_id, p.name, i.domain " \
 	"  FROM room_members m JOIN identities i ON i.id = m.identity_id LEFT JOIN peers p ON p.id = i.peer_id " \
@@ -1159,6 +1158,14 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 	return rc;
 }
 
+/* The answer to an accepted event: when it is written, and again to a
+ * retry with its idempotency key (made from the stored event). */
+static json_t *accepted_answer(const char *public_id, const char *accepted_ms)
+{
+	return json_pack("{s:s, s:I, s:s}", "id", public_id, "accepted_ts", (json_int_t)atoll(accepted_ms), "status",
+			 "accepted");
+}
+
 /* Round 0's answer for item i (rows first .. first+nrows-1 of r): the
  * refusals, or the recipients. */
 static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, int nrows)
@@ -1175,8 +1182,8 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 		if (strcmp(hex, PQgetvalue(r, first, 9)) != 0) {
 			item_fail(res, 409, "conflict", "this Idempotency-Key was used with a different request");
 		} else {
-			res->status = atoi(PQgetvalue(r, first, 10));
-			res->body = json_loads(PQgetvalue(r, first, 11), 0, NULL);
+			res->status = 202;
+			res->body = accepted_answer(PQgetvalue(r, first, 10), PQgetvalue(r, first, 11));
 		}
 		return;
 	}
@@ -1362,10 +1369,7 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 					size_t i = (from + s) % b->n;
 					if (b->write[i] && strcmp(b->items[i]->msg_id, PQgetvalue(r, k, 0)) == 0) {
 						b->res[i].status = 202;
-						b->res[i].body = json_pack("{s:s, s:I, s:s}", "id", b->items[i]->msg_id,
-									   "accepted_ts",
-									   (json_int_t)atoll(PQgetvalue(r, k, 1)),
-									   "status", "accepted");
+						b->res[i].body = accepted_answer(b->items[i]->msg_id, PQgetvalue(r, k, 1));
 						from = i + 1;
 						break;
 					}
