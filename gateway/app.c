@@ -491,6 +491,15 @@ static void job_done(void *arg, cw_err rc, const cw_errmsg *e)
 	free(j);
 }
 
+/* The store did not take the job (the database is away, or the daemon is
+ * stopping): it is answered at once. */
+static void job_refused(struct app_job *j, cw_err rc)
+{
+	cw_errmsg e;
+	cw_fail(&e, rc, "%s", cw_strerror(rc));
+	job_done(j, rc, &e);
+}
+
 static cw_err pipe_send(PGconn *c, void *arg, int round, cw_errmsg *e)
 {
 	struct app_job *j = arg;
@@ -512,11 +521,8 @@ void app_job_start_pipe(struct app_job *j, const struct app_pipe_ops *ops)
 	j->pipe = ops;
 	cw_req_suspend(j->req);
 	cw_err rc = store_write_pipe(j->app->store, &app_pipe, job_done, j);
-	if (rc) {
-		cw_errmsg e;
-		cw_fail(&e, rc, "%s", cw_strerror(rc));
-		job_done(j, rc, &e);
-	}
+	if (rc)
+		job_refused(j, rc);
 }
 
 /* The prepare step ran on a reader: on success the write follows. */
@@ -528,11 +534,8 @@ static void prepared(void *arg, cw_err rc, const cw_errmsg *e)
 		return;
 	}
 	rc = store_write_pipe(j->app->store, &app_pipe, job_done, j);
-	if (rc) {
-		cw_errmsg e2;
-		cw_fail(&e2, rc, "%s", cw_strerror(rc));
-		job_done(j, rc, &e2);
-	}
+	if (rc)
+		job_refused(j, rc);
 }
 
 void app_job_start_prepared_pipe(struct app_job *j, cw_err (*prepare)(PGconn *, struct app_job *, cw_errmsg *),
@@ -542,11 +545,8 @@ void app_job_start_prepared_pipe(struct app_job *j, cw_err (*prepare)(PGconn *, 
 	j->pipe = ops;
 	cw_req_suspend(j->req);
 	cw_err rc = store_read(j->app->store, job_run, prepared, j);
-	if (rc) {
-		cw_errmsg e;
-		cw_fail(&e, rc, "%s", cw_strerror(rc));
-		job_done(j, rc, &e);
-	}
+	if (rc)
+		job_refused(j, rc);
 }
 
 void app_job_start(struct app_job *j, bool write)
@@ -554,11 +554,8 @@ void app_job_start(struct app_job *j, bool write)
 	cw_req_suspend(j->req);
 	cw_err rc = write ? store_write(j->app->store, job_run, job_done, j)
 			  : store_read(j->app->store, job_run, job_done, j);
-	if (rc) {
-		cw_errmsg e;
-		cw_fail(&e, rc, "%s", cw_strerror(rc));
-		job_done(j, rc, &e);
-	}
+	if (rc)
+		job_refused(j, rc);
 }
 
 const char *app_local_network(const struct cw_app *app)
