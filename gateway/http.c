@@ -459,7 +459,17 @@ cw_err cw_http_start(struct cw_http **out, const struct cw_http_opts *o, cw_errm
 		return cw_fail(e, CW_EINVAL, "server.listen_address '%s' is not a numeric address: %s",
 			       o->listen_address, gai_strerror(gai));
 	}
-	unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME |
+	/* poll(), not epoll: libmicrohttpd 0.9.75 (Debian 12) can abort the
+	 * process in MHD_quiesce_daemon() on an epoll daemon with a thread
+	 * pool.  Quiescing and a worker's own loop both take the listen
+	 * socket out of the worker's epoll set, unlocked, and the loser's
+	 * EPOLL_CTL_DEL fails with ENOENT, which MHD_PANICs ("Failed to
+	 * remove listen FD from epoll set"): a SIGTERM killed the daemon with
+	 * SIGABRT about once in a few hundred stops.  With poll() the quiesce
+	 * goes through the inter-thread channel, which has no such race.  The
+	 * price: each wake-up of a worker walks all its connections (a peer
+	 * or homeserver keeps a few; server.connection_limit caps them). */
+	unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_POLL | MHD_ALLOW_SUSPEND_RESUME |
 			 MHD_USE_ERROR_LOG;
 	if (ai->ai_family == AF_INET6)
 		flags |= MHD_USE_IPv6;

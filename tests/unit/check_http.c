@@ -338,6 +338,52 @@ START_TEST(live_quiesce_finishes_in_flight)
 }
 END_TEST
 
+/* Stopping while clients keep connecting, many times over: no stop may
+ * abort the process.  (On epoll, libmicrohttpd 0.9.75's quiesce raced its
+ * workers and MHD_PANICked within a few hundred of these.) */
+static volatile int hammering;
+static char hammer_url[128];
+
+static void *hammer(void *arg)
+{
+	(void)arg;
+	CURL *c = curl_easy_init();
+	struct resp sink;
+	while (hammering) {
+		memset(&sink, 0, sizeof(sink));
+		curl_easy_setopt(c, CURLOPT_URL, hammer_url);
+		curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, 500L);
+		curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_body);
+		curl_easy_setopt(c, CURLOPT_WRITEDATA, &sink);
+		curl_easy_perform(c);
+	}
+	curl_easy_cleanup(c);
+	return NULL;
+}
+
+START_TEST(live_quiesce_under_load_never_aborts)
+{
+	int stops = 0;
+	for (int i = 0; i < 1000; i++) {
+		live_start();
+		snprintf(hammer_url, sizeof(hammer_url), "%s/hello", base);
+		hammering = 1;
+		pthread_t t[2];
+		for (int k = 0; k < 2; k++)
+			pthread_create(&t[k], NULL, hammer, NULL);
+		usleep(1000 + (unsigned)(i % 7) * 500);
+		cw_http_quiesce(live);
+		hammering = 0;
+		for (int k = 0; k < 2; k++)
+			pthread_join(t[k], NULL);
+		ck_assert(cw_http_drain(live, 2000));
+		live_stop();
+		stops++;
+	}
+	ck_assert_int_eq(stops, 1000);
+}
+END_TEST
+
 int main(void)
 {
 	curl_global_init(CURL_GLOBAL_DEFAULT);
@@ -352,6 +398,7 @@ int main(void)
 	tcase_add_test(live_tc, live_body_cap);
 	tcase_add_test(live_tc, live_suspend_resume_many);
 	tcase_add_test(live_tc, live_quiesce_finishes_in_flight);
+	tcase_add_test(live_tc, live_quiesce_under_load_never_aborts);
 	suite_add_tcase(s, live_tc);
 	int rc = unit_run(s);
 	curl_global_cleanup();
