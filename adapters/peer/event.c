@@ -959,8 +959,46 @@ cw_err event_parse(const char *body, size_t len, const struct event_limits *lim,
 	return CW_OK;
 }
 
+cw_err event_from_json(json_t *root, const struct event_limits *lim, unsigned flags, struct event *out,
+		       struct event_error *err)
+{
+	char *text = json_dumps(root, JSON_COMPACT | JSON_SORT_KEYS | JSON_ENCODE_ANY);
+	if (!text) {
+		memset(out, 0, sizeof(*out));
+		memset(err, 0, sizeof(*err));
+		snprintf(err->code, sizeof(err->code), "unavailable");
+		snprintf(err->detail, sizeof(err->detail), "Out of memory while serialising the event.");
+		return CW_ENOMEM;
+	}
+	size_t len = strlen(text);
+	cw_err rc;
+	if (strstr(text, "\\u0000")) {
+		/* A string holds a NUL (or the text "\u0000"): the parser
+		 * tells them apart and says what is wrong. */
+		rc = event_parse(text, len, lim, flags, out, err);
+	} else {
+		struct vctx c;
+		memset(out, 0, sizeof(*out));
+		memset(err, 0, sizeof(*err));
+		vctx_init(&c, lim, err);
+		if (len > lim->max_event_bytes)
+			rc = vfail(&c, EVENT_ERR_TOO_LARGE, "The event body is larger than %zu bytes.", lim->max_event_bytes);
+		else if ((rc = check_event(&c, root, flags, out)) == CW_OK)
+			out->json = json_incref(root);
+		if (rc)
+			memset(out, 0, sizeof(*out));
+	}
+	if (rc) {
+		free(text);
+		return rc;
+	}
+	out->text = text;
+	return CW_OK;
+}
+
 void event_free(struct event *ev)
 {
+	free(ev->text);
 	json_decref(ev->json);
 	memset(ev, 0, sizeof(*ev));
 }

@@ -204,6 +204,8 @@ enum event_membership {
 struct event {
 	json_t *json;               /* the whole validated object, unknown members
 	                               included; owned: release with event_free() */
+	char *text;                 /* NULL, or json as compact text with sorted
+	                               keys (event_from_json); owned */
 	enum event_type type;
 	bool has_sender, has_room, has_target;
 	struct mimi_uri sender;     /* valid when has_sender */
@@ -233,6 +235,12 @@ struct event {
  * "unavailable"). */
 cw_err event_parse(const char *body, size_t len, const struct event_limits *lim, unsigned flags,
 		   struct event *out, struct event_error *err);
+/* The same checks for an event an adapter built as JSON (no text to parse):
+ * root is serialised once (out->text, compact with sorted keys), its size
+ * checked against lim, and it is validated as event_parse would validate
+ * that text.  out->json is a new reference to root. */
+cw_err event_from_json(json_t *root, const struct event_limits *lim, unsigned flags, struct event *out,
+		       struct event_error *err);
 /* Drops the reference and clears ev; safe on a cleared or failed event. */
 void event_free(struct event *ev);
 

@@ -225,18 +225,20 @@ static cw_err in_convert(struct xin *in, bool *any, cw_errmsg *e)
 	json_t *ev;
 	json_array_foreach(events, i, ev) {
 		json_object_set_new(ev, "sender", json_string(in->uri));
-		char *text = json_dumps(ev, JSON_COMPACT);
 		struct event pev;
 		struct event_error err;
-		if (!text || event_parse(text, strlen(text), &lim, 0, &pev, &err)) {
+		cw_err rc = event_from_json(ev, &lim, 0, &pev, &err);
+		if (rc == CW_ENOMEM) {
+			json_decref(events);
+			return cw_fail(e, CW_ENOMEM, "out of memory");
+		}
+		if (rc) {
 			LOG_KV(CW_LOG_INFO, "xmpp message not representable", "component", in->xc->domain, "detail",
-			       text ? err.detail : "out of memory");
-			free(text);
+			       err.detail);
 			refuse(in, "modify", "not-acceptable");
 			json_decref(events);
 			return CW_OK;
 		}
-		free(text);
 		char native[48];
 		snprintf(native, sizeof(native), i ? "%s#%zu" : "%s", in->base, i);
 		bool ok = submit_put_local(in->b, i, in->xc->x->app, "xmpp", in->room, native, in->uri, &pev);

@@ -294,6 +294,76 @@ START_TEST(event_cases)
 }
 END_TEST
 
+/* event_from_json (adapters build events as JSON) decides exactly as
+ * event_parse decides on the same object as compact sorted text: same
+ * verdict, code, pointer and fields, and its text is that text.  Run over
+ * every case that is JSON at all (NULs in strings allowed, to reach the
+ * \u0000 rule), with its limits. */
+START_TEST(from_json_agrees_with_parse)
+{
+	static struct ecase cases[200];
+	int n = load_cases("event_cases.txt", cases, 200);
+	int compared = 0;
+	for (int i = 0; i < n; i++) {
+		struct ecase *k = &cases[i];
+		size_t len;
+		char *body = unit_decode(k->body, &len);
+		json_t *root = json_loadb(body, len, JSON_DECODE_ANY | JSON_ALLOW_NUL, NULL);
+		free(body);
+		if (!root)
+			continue;
+		char *text = json_dumps(root, JSON_COMPACT | JSON_SORT_KEYS | JSON_ENCODE_ANY);
+		ck_assert_ptr_nonnull(text);
+		struct event a, b;
+		struct event_error ea, eb;
+		cw_err ra = event_parse(text, strlen(text), &k->lim, k->flags, &a, &ea);
+		cw_err rb = event_from_json(root, &k->lim, k->flags, &b, &eb);
+		ck_assert_msg(ra == rb, "case '%s': parse %d, from_json %d (%s)", k->name, ra, rb, eb.detail);
+		if (ra == CW_OK) {
+			ck_assert_str_eq(b.text, text);
+			ck_assert(b.json == root);
+			ck_assert_int_eq(a.type, b.type);
+			ck_assert_int_eq(a.ts, b.ts);
+			ck_assert_uint_eq(a.nparts, b.nparts);
+			ck_assert_uint_eq(a.body_bytes, b.body_bytes);
+			ck_assert_uint_eq(a.kinds, b.kinds);
+			ck_assert_str_eq(a.in_reply_to ? a.in_reply_to : "-", b.in_reply_to ? b.in_reply_to : "-");
+			event_free(&a);
+			event_free(&b);
+			ck_assert_ptr_null(b.text);
+		} else {
+			ck_assert_str_eq(ea.code, eb.code);
+			ck_assert_str_eq(ea.pointer, eb.pointer);
+			ck_assert_ptr_null(b.json);
+			ck_assert_ptr_null(b.text);
+		}
+		compared++;
+		free(text);
+		json_decref(root);
+	}
+	ck_assert_int_ge(compared, 40);
+	free_cases(cases, n);
+
+	/* The text "\u0000" in a body is no NUL: kept.  A real NUL is
+	 * refused, as the parser refuses \u0000. */
+	struct event_limits lim = event_limits_default();
+	struct event ev;
+	struct event_error err;
+	json_t *ok = json_pack("{s:s, s:{s:[{s:s, s:s}]}}", "type", "message", "content", "parts", "type",
+			       "text/plain", "body", "a \\u0000 b");
+	ck_assert_int_eq(event_from_json(ok, &lim, 0, &ev, &err), CW_OK);
+	ck_assert_ptr_nonnull(strstr(ev.text, "a \\\\u0000 b"));
+	event_free(&ev);
+	json_decref(ok);
+	json_t *nul = json_pack("{s:s, s:{s:[{s:s, s:s%}]}}", "type", "message", "content", "parts", "type",
+				"text/plain", "body", "a\0b", (size_t)3);
+	ck_assert_int_eq(event_from_json(nul, &lim, 0, &ev, &err), CW_EINVAL);
+	ck_assert_ptr_nonnull(strstr(err.detail, "\\u0000"));
+	ck_assert_ptr_null(ev.text);
+	json_decref(nul);
+}
+END_TEST
+
 static const char valid_message[] =
 	"{\"type\":\"message\",\"sender\":\"mimi://wa.example/u/+4915112345678\","
 	"\"room\":\"mimi://example.org/r/8f3c\",\"ts\":1764300000000,\"x-extra\":{\"k\":[1,2,{\"a\":null}]},"
@@ -659,6 +729,7 @@ int main(void)
 	TCase *tc = tcase_create("event");
 	tcase_add_test(tc, event_cases);
 	tcase_add_test(tc, event_size_boundary);
+	tcase_add_test(tc, from_json_agrees_with_parse);
 	tcase_add_test(tc, event_mutations_never_crash);
 	tcase_add_test(tc, pointer_escaping_and_truncation);
 	tcase_add_test(tc, defaults_and_free);
