@@ -529,7 +529,7 @@ void app_job_start_pipe(struct app_job *j, const struct app_pipe_ops *ops)
 static void prepared(void *arg, cw_err rc, const cw_errmsg *e)
 {
 	struct app_job *j = arg;
-	if (rc || j->err_code) {
+	if (rc || j->err_code || j->no_write) {
 		job_done(j, rc, e);
 		return;
 	}

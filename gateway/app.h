@@ -73,6 +73,7 @@ struct app_job {
 	void *data;                 /* the handler's inputs */
 	void (*data_free)(void *);
 	bool matrix_errors;         /* answer errors as Matrix does ({"errcode", "error"}), not problem+json */
+	bool no_write;              /* set by a prepare step: the answer is ready, nothing to write */
 	/* outputs, reset before each run of fn */
 	int status;
 	json_t *body;

@@ -298,6 +298,9 @@ struct txn {
 	json_t *map;          /* Matrix event id -> msg_ id */
 	json_t *senders;      /* Matrix user id -> mimi URI (local users) */
 	json_t *rooms;        /* Matrix room id -> true when bridged */
+	json_t *mgmt;         /* Matrix room id -> the user whose management room it is */
+	json_t *bot_send;     /* of bot, those that are the bot's (txn_prepare) */
+	bool write;           /* the events need the write (submit_prepare said so) */
 	struct submit *b;
 	unsigned char key[32];
 	char txn_id[MX_ID_MAX + 1];
@@ -314,6 +317,8 @@ static void txn_free(void *arg)
 	json_decref(t->map);
 	json_decref(t->senders);
 	json_decref(t->rooms);
+	json_decref(t->mgmt);
+	json_decref(t->bot_send);
 	if (t->b)
 		submit_free(t->b);
 	free(t);
@@ -394,7 +399,9 @@ static cw_err txn_lookup(PGconn *c, struct txn *t, cw_errmsg *e)
 		"  ON i.id = ib.identity_id WHERE ib.network = 'matrix' AND ib.native_id = x.id AND i.is_local), "
 		"  (SELECT i.uri FROM identities i WHERE i.is_local AND i.localpart = split_part(substr(x.id, 2), ':', 1) "
 		"   AND x.id = '@' || i.localpart || ':' || $2)) "
-		" FROM d, jsonb_array_elements_text(d.j->'users') AS x(id)",
+		" FROM d, jsonb_array_elements_text(d.j->'users') AS x(id) "
+		"UNION ALL SELECT 'mgmt', m.room_id, m.user_id FROM matrix_mgmt_rooms m "
+		" WHERE m.room_id IN (SELECT jsonb_array_elements_text(d.j->'rooms') FROM d)",
 		2, NULL, params, NULL, NULL, 0);
 	free(text);
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
@@ -403,23 +410,58 @@ static cw_err txn_lookup(PGconn *c, struct txn *t, cw_errmsg *e)
 	json_object_clear(t->map);
 	json_object_clear(t->rooms);
 	json_object_clear(t->senders);
+	json_object_clear(t->mgmt);
 	for (int k = 0; k < PQntuples(r); k++) {
 		const char *kind = PQgetvalue(r, k, 0), *id = PQgetvalue(r, k, 1);
 		if (PQgetisnull(r, k, 2))
 			continue;
-		json_t *dst = kind[0] == 'r' && kind[1] == 'e' ? t->map : kind[0] == 'r' ? t->rooms : t->senders;
+		json_t *dst = kind[0] == 'm'                    ? t->mgmt
+			      : kind[0] == 'r' && kind[1] == 'e' ? t->map
+			      : kind[0] == 'r'                   ? t->rooms
+								 : t->senders;
 		json_object_set_new(dst, id, json_string(PQgetvalue(r, k, 2)));
 	}
 	PQclear(r);
 	return CW_OK;
 }
 
-/* The bot's share, stored for it in the write's transaction: invites of
- * the bot or of a ghost by this provider's users, and what they say in
- * their management rooms. */
+/* Whether a room event is the bot's: an invite of the bot or of a ghost by
+ * one of this provider's users, an encryption turned on in a bridged room,
+ * or what a user says in their management room.  Decided here, after the
+ * lookups, so that the write carries only these (the statement checks
+ * them again, against what is committed then). */
+static bool bot_wants(const struct txn *t, json_t *ev)
+{
+	const char *type = json_string_value(json_object_get(ev, "type"));
+	const char *sender = json_string_value(json_object_get(ev, "sender"));
+	const char *room = json_string_value(json_object_get(ev, "room_id"));
+	const char *server = mx_server_name(t->app->cfg);
+	size_t sl = sender ? strlen(sender) : 0, vl = strlen(server);
+	if (!type || !room || sl < vl + 2 || sender[sl - vl - 1] != ':' || strcmp(sender + sl - vl, server) != 0)
+		return false; /* not one of this homeserver's users */
+	if (strcmp(type, "m.room.member") == 0) {
+		const char *key = json_string_value(json_object_get(ev, "state_key"));
+		const char *ms = json_string_value(json_object_get(json_object_get(ev, "content"), "membership"));
+		const char *prefix = t->app->cfg->mx_user_prefix;
+		return key && (strcmp(key, t->m->bot) == 0 || (key[0] == '@' && strncmp(key + 1, prefix, strlen(prefix)) == 0 &&
+								ms && strcmp(ms, "invite") == 0));
+	}
+	if (strcmp(type, "m.room.encryption") == 0)
+		return json_object_get(t->rooms, room) != NULL;
+	if (strcmp(type, "m.room.message") == 0) {
+		const char *owner = json_string_value(json_object_get(t->mgmt, room));
+		return owner && strcmp(owner, sender) == 0;
+	}
+	return false;
+}
+
+/* The bot's share, stored for it in the write's transaction (the
+ * statement is sent only when there is one). */
 static cw_err txn_bot_send(PGconn *c, struct txn *t, cw_errmsg *e)
 {
-	char *bot = json_dumps(t->bot, JSON_COMPACT);
+	if (json_array_size(t->bot_send) == 0)
+		return CW_OK;
+	char *bot = json_dumps(t->bot_send, JSON_COMPACT);
 	if (!bot)
 		return cw_fail(e, CW_ENOMEM, "out of memory");
 	char ghosts[80];
@@ -543,17 +585,19 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 	json_t *x;
 	json_array_foreach(conv, i, x) {
 		json_t *neutral = json_array_get(x, 3);
-		char *text = json_dumps(neutral, JSON_COMPACT);
 		struct event pev;
 		struct event_error err;
-		if (!text || event_parse(text, strlen(text), &lim, 0, &pev, &err)) {
+		cw_err rc = event_from_json(neutral, &lim, 0, &pev, &err);
+		if (rc == CW_ENOMEM) {
+			json_decref(conv);
+			return cw_fail(e, CW_ENOMEM, "out of memory");
+		}
+		if (rc) {
 			LOG_KV(CW_LOG_INFO, "matrix event not representable", "event_id",
-			       json_string_value(json_array_get(x, 1)), "detail", text ? err.detail : "out of memory");
-			free(text);
+			       json_string_value(json_array_get(x, 1)), "detail", err.detail);
 			t->invalid++;
 			continue;
 		}
-		free(text);
 		bool ok = submit_put_local(t->b, i, t->app, "matrix", json_string_value(json_array_get(x, 0)),
 					   json_string_value(json_array_get(x, 1)), json_string_value(json_array_get(x, 2)),
 					   &pev);
@@ -566,6 +610,8 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 	json_decref(conv);
 	return CW_OK;
 }
+
+static void txn_answer(struct txn *t, struct app_job *j);
 
 /* On a reader, before the write: the lookups, then the mapping of every
  * event (HTML sanitising, validation), which used to run in the write's
@@ -580,17 +626,36 @@ static cw_err txn_prepare(PGconn *c, struct app_job *j, cw_errmsg *e)
 		t->b = NULL;
 	}
 	cw_err rc = txn_lookup(c, t, e);
-	return rc ? rc : txn_convert(t, e);
+	if (rc)
+		return rc;
+	json_array_clear(t->bot_send);
+	size_t i;
+	json_t *ev;
+	json_array_foreach(t->bot, i, ev)
+		if (bot_wants(t, ev))
+			json_array_append(t->bot_send, ev);
+	if ((rc = txn_convert(t, e)))
+		return rc;
+	/* The pipeline's reading round too, here: the writer only writes. */
+	t->write = false;
+	if (submit_count(t->b) > 0 && (rc = submit_prepare(c, t->b, &t->write, e)))
+		return rc;
+	if (!t->write && json_array_size(t->bot_send) == 0) {
+		txn_answer(t, j);
+		j->no_write = true;
+	}
+	return CW_OK;
 }
 
-/* The write: round 0 stores the bot's share and reads for the events
- * (submit's round 0), round 1 writes the events. */
+/* The write, one round: the bot's share and the events (submit's round
+ * 1; its round 0 ran in txn_prepare). */
 static cw_err txn_send(PGconn *c, struct app_job *j, int round, cw_errmsg *e)
 {
 	struct txn *t = j->data;
-	cw_err rc = round == 0 ? txn_bot_send(c, t, e) : CW_OK;
-	if (!rc && submit_count(t->b) > 0)
-		rc = submit_send(c, t->b, round, e);
+	(void)round;
+	cw_err rc = txn_bot_send(c, t, e);
+	if (!rc && t->write)
+		rc = submit_send(c, t->b, 1, e);
 	return rc;
 }
 
@@ -598,17 +663,24 @@ static cw_err txn_recv(PGconn *c, struct app_job *j, int round, bool *more, cw_e
 {
 	struct txn *t = j->data;
 	cw_err rc;
+	(void)round;
 	*more = false;
-	if (round == 0) {
+	if (json_array_size(t->bot_send) > 0) {
 		PGresult *r;
 		if ((rc = store_pipe_result(c, PGRES_TUPLES_OK, &r, e))) /* the bot's inbox */
 			return rc;
 		PQclear(r);
 	}
-	if (submit_count(t->b) > 0 && (rc = submit_recv(c, t->b, round, more, e)))
+	if (t->write && (rc = submit_recv(c, t->b, 1, more, e)))
 		return rc;
-	if (*more)
-		return CW_OK;
+	txn_answer(t, j);
+	return CW_OK;
+}
+
+/* What the homeserver hears once the events are durable (or when there
+ * was nothing to store): 200 and an empty object; refusals only logged. */
+static void txn_answer(struct txn *t, struct app_job *j)
+{
 	for (size_t i = 0; i < submit_count(t->b); i++) {
 		const char *code, *detail;
 		int st = submit_result(t->b, i, &code, &detail);
@@ -618,7 +690,6 @@ static cw_err txn_recv(PGconn *c, struct app_job *j, int round, bool *more, cw_e
 	mx_txn_remember(t->m, t->key);
 	j->status = 200;
 	j->body = json_object();
-	return CW_OK;
 }
 
 static const struct app_pipe_ops txn_ops = { txn_send, txn_recv };
@@ -667,18 +738,22 @@ void matrix_as_transaction(struct cw_req *req, void *ctx)
 	snprintf(t->txn_id, sizeof(t->txn_id), "%s", txn_id);
 	/* The fast path: this very transaction was answered before.  The key
 	 * covers the body too: a homeserver whose database was reset starts
-	 * its txnIds again, with other events. */
-	char *canon = json_dumps(doc, JSON_COMPACT | JSON_SORT_KEYS);
-	size_t tl = strlen(txn_id), cl = canon ? strlen(canon) : 0;
-	char *kb = malloc(tl + 1 + cl + 1);
-	if (kb) {
-		memcpy(kb, txn_id, tl);
-		kb[tl] = '\n';
-		memcpy(kb + tl + 1, canon ? canon : "", cl);
-		cw_sha256(kb, tl + 1 + cl, t->key);
+	 * its txnIds again, with other events.  The body's bytes as sent: a
+	 * retry that serialises the same events otherwise only misses this
+	 * path, and the events' own ids keep it a no-op in the store. */
+	size_t tl = strlen(txn_id);
+	char *kb = malloc(tl + 1 + len);
+	if (!kb) {
+		json_decref(doc);
+		free(t);
+		mx_error(req, 503, "M_UNKNOWN", "out of memory");
+		return;
 	}
+	memcpy(kb, txn_id, tl);
+	kb[tl] = '\n';
+	memcpy(kb + tl + 1, body, len);
+	cw_sha256(kb, tl + 1 + len, t->key);
 	free(kb);
-	free(canon);
 	if (mx_txn_seen(app->matrix, t->key)) {
 		json_decref(doc);
 		free(t);
@@ -692,6 +767,8 @@ void matrix_as_transaction(struct cw_req *req, void *ctx)
 	t->map = json_object();
 	t->rooms = json_object();
 	t->senders = json_object();
+	t->mgmt = json_object();
+	t->bot_send = json_array();
 	size_t i;
 	json_t *ev;
 	json_array_foreach(events, i, ev) {

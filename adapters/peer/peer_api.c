@@ -763,7 +763,7 @@ static void msg_input_from_event(struct msg_input *in, struct cw_app *app, const
 	snprintf(in->room, sizeof(in->room), "%s", room);
 	/* Serialised here, on the HTTP thread: the writer only splices it into
 	 * its statement (NULL on allocation failure: the writer refuses it). */
-	in->event_text = json_dumps(ev->json, JSON_COMPACT | JSON_SORT_KEYS);
+	in->event_text = ev->text ? strdup(ev->text) : json_dumps(ev->json, JSON_COMPACT | JSON_SORT_KEYS);
 	request_hash(room, in->event_text, in->hash);
 	cw_new_id(in->msg_id, sizeof(in->msg_id), "msg_");
 	snprintf(in->sender, sizeof(in->sender), "%s", sender);
@@ -1369,6 +1369,7 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 					size_t i = (from + s) % b->n;
 					if (b->write[i] && strcmp(b->items[i]->msg_id, PQgetvalue(r, k, 0)) == 0) {
 						b->res[i].status = 202;
+						json_decref(b->res[i].body); /* a rerun of the write */
 						b->res[i].body = accepted_answer(b->items[i]->msg_id, PQgetvalue(r, k, 1));
 						from = i + 1;
 						break;
@@ -1389,19 +1390,16 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 	return CW_OK;
 }
 
-/* POST /v1/batch: one job per request, answered with every item's result. */
-static cw_err batch_send(PGconn *c, struct app_job *j, int round, cw_errmsg *e)
+cw_err submit_prepare(PGconn *c, struct submit *b, bool *write, cw_errmsg *e)
 {
-	return items_send(c, j->data, round, e);
+	cw_err rc = items_send(c, b, 0, e);
+	return rc ? rc : items_recv(c, b, 0, write, e);
 }
 
-static cw_err batch_recv(PGconn *c, struct app_job *j, int round, bool *more, cw_errmsg *e)
+/* The answer to POST /v1/batch, one result per item. */
+static void batch_answer(struct app_job *j)
 {
 	struct submit *b = j->data;
-	cw_err rc = items_recv(c, b, round, more, e);
-	if (rc || *more)
-		return rc;
-	/* Done: the answer, one result per item. */
 	json_t *results = json_array();
 	for (size_t i = 0; i < b->n; i++) {
 		json_t *key = json_array_get(b->keys, i);
@@ -1422,7 +1420,33 @@ static cw_err batch_recv(PGconn *c, struct app_job *j, int round, bool *more, cw
 	}
 	j->status = 200;
 	j->body = json_pack("{s:o}", "results", results);
-	return CW_OK;
+}
+
+/* POST /v1/batch: one job per request.  The reading round runs on a
+ * reader (batch_prepare), so the group-commit writer only writes: its
+ * round 0 is the items' round 1. */
+static cw_err batch_prepare(PGconn *c, struct app_job *j, cw_errmsg *e)
+{
+	bool write = false;
+	cw_err rc = submit_prepare(c, j->data, &write, e);
+	if (!rc && !write) {
+		batch_answer(j);
+		j->no_write = true;
+	}
+	return rc;
+}
+
+static cw_err batch_send(PGconn *c, struct app_job *j, int round, cw_errmsg *e)
+{
+	return items_send(c, j->data, round + 1, e);
+}
+
+static cw_err batch_recv(PGconn *c, struct app_job *j, int round, bool *more, cw_errmsg *e)
+{
+	cw_err rc = items_recv(c, j->data, round + 1, more, e);
+	if (!rc && !*more)
+		batch_answer(j);
+	return rc;
 }
 
 static const struct app_pipe_ops submit_ops = { batch_send, batch_recv };
@@ -1870,5 +1894,5 @@ void peer_api_batch(struct cw_req *req, void *ctx)
 	}
 	j->data = b;
 	j->data_free = submit_free;
-	app_job_start_pipe(j, &submit_ops);
+	app_job_start_prepared_pipe(j, batch_prepare, &submit_ops);
 }

@@ -38,6 +38,13 @@ bool submit_put_local(struct submit *b, size_t i, struct cw_app *app, const char
 		      const char *native_id, const char *sender, const struct event *ev);
 
 /* The two rounds (round 0 reads, round 1 writes; *more as store_pipe_ops). */
+/* Round 0 on its own, on any connection (a reader's, outside a
+ * transaction): then only round 1 is left for the writer, and *write says
+ * whether it is needed.  What it read may be stale by the write: a key
+ * written meanwhile fails the write as a conflict (retry), a room or
+ * identity is never deleted, and a member or consent that changed in
+ * between is as if it changed just after. */
+cw_err submit_prepare(PGconn *c, struct submit *b, bool *write, cw_errmsg *e);
 cw_err submit_send(PGconn *c, struct submit *b, int round, cw_errmsg *e);
 cw_err submit_recv(PGconn *c, struct submit *b, int round, bool *more, cw_errmsg *e);
 
