@@ -354,57 +354,106 @@ static bool already_sent(struct matrix *m, const char *room, const char *ghost, 
 	return found;
 }
 
-static cw_err deliver_one(struct matrix *m, PGconn *c, struct outbox_row *row, json_t *sent, long *code,
-			  cw_errmsg *e)
+/* What the rows of a batch need, in one statement: per row (in the order
+ * given, k = its index), the recipient's localpart and Matrix id, the
+ * sender's identity, localpart, locality, peer, ghost and display name,
+ * the direct room, the neutral room and the event's ts. */
+static cw_err batch_info(PGconn *c, const struct outbox_row *rows, size_t n, PGresult **out, cw_errmsg *e)
 {
-	if (!row->target_id)
-		return cw_fail(e, CW_EINVAL, "group rooms are not bridged to Matrix yet (only direct rooms)");
-	char ev_id[24], target[24];
-	snprintf(ev_id, sizeof(ev_id), "%lld", (long long)row->event_id);
-	snprintf(target, sizeof(target), "%lld", (long long)row->target_id);
-	const char *params[] = { ev_id, target };
+	*out = NULL;
+	size_t cap = n * 42 + 8;
+	char *evs = malloc(cap), *tgs = malloc(cap);
+	if (!evs || !tgs) {
+		free(evs);
+		free(tgs);
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	}
+	size_t a = 0, b = 0;
+	evs[a++] = '{';
+	tgs[b++] = '{';
+	for (size_t i = 0; i < n; i++) {
+		a += (size_t)snprintf(evs + a, cap - a, "%s%lld", i ? "," : "", (long long)rows[i].event_id);
+		b += (size_t)snprintf(tgs + b, cap - b, "%s%lld", i ? "," : "", (long long)rows[i].target_id);
+	}
+	snprintf(evs + a, cap - a, "}");
+	snprintf(tgs + b, cap - b, "}");
+	const char *params[] = { evs, tgs };
 	PGresult *r = PQexecParams(c,
-		"SELECT t.localpart, (SELECT native_id FROM identity_bindings WHERE identity_id = t.id AND network = 'matrix'), "
+		"SELECT x.k - 1, t.localpart, (SELECT native_id FROM identity_bindings WHERE identity_id = t.id AND network = 'matrix'), "
 		" s.id, s.localpart, s.is_local, p.name, "
 		" (SELECT native_id FROM identity_bindings WHERE identity_id = s.id AND network = 'matrix'), "
 		" (SELECT native_id FROM room_bindings WHERE network = 'matrix' AND local_identity_id = t.id "
 		"  AND remote_identity_id = s.id), coalesce(s.display_name, ''), ev.room_id, ev.ts "
-		"FROM events ev JOIN identities s ON s.id = ev.sender_id JOIN identities t ON t.id = $2::bigint "
-		"LEFT JOIN peers p ON p.id = s.peer_id WHERE ev.id = $1::bigint",
+		"FROM unnest($1::bigint[], $2::bigint[]) WITH ORDINALITY AS x(ev, tg, k) "
+		"JOIN events ev ON ev.id = x.ev JOIN identities s ON s.id = ev.sender_id JOIN identities t ON t.id = x.tg "
+		"LEFT JOIN peers p ON p.id = s.peer_id ORDER BY x.k",
 		2, NULL, params, NULL, NULL, 0);
-	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
-	if (rc)
-		return rc;
-	if (PQntuples(r) != 1 || PQgetvalue(r, 0, 4)[0] == 't' || PQgetisnull(r, 0, 5)) {
-		PQclear(r);
+	free(evs);
+	free(tgs);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e); /* clears r on failure */
+	if (!rc)
+		*out = r;
+	return rc;
+}
+
+/* Row k of the batch's info, or -1. */
+static int info_row(PGresult *info, size_t k, int *from)
+{
+	for (int i = *from; i < PQntuples(info); i++)
+		if ((size_t)atoll(PQgetvalue(info, i, 0)) == k) {
+			*from = i + 1;
+			return i;
+		}
+	return -1;
+}
+
+static cw_err deliver_one(struct matrix *m, PGconn *c, struct outbox_row *row, PGresult *r, int i, json_t *made,
+			  json_t *sent, long *code, cw_errmsg *e)
+{
+	if (!row->target_id)
+		return cw_fail(e, CW_EINVAL, "group rooms are not bridged to Matrix yet (only direct rooms)");
+	if (i < 0 || PQgetvalue(r, i, 5)[0] == 't' || PQgetisnull(r, i, 6))
 		return cw_fail(e, CW_EINVAL, "only events of remote users are delivered to Matrix");
-	}
+	cw_err rc = CW_OK;
+	char target[24];
+	snprintf(target, sizeof(target), "%lld", (long long)row->target_id);
 	char target_mxid[MX_ID_MAX + 1], ghost[MX_ID_MAX + 1], room[MX_ID_MAX + 1] = "", sender_id[24], neutral_room[24];
 	char ts[24];
-	if (!PQgetisnull(r, 0, 1))
-		snprintf(target_mxid, sizeof(target_mxid), "%s", PQgetvalue(r, 0, 1));
+	if (!PQgetisnull(r, i, 2))
+		snprintf(target_mxid, sizeof(target_mxid), "%s", PQgetvalue(r, i, 2));
 	else
-		snprintf(target_mxid, sizeof(target_mxid), "@%s:%s", PQgetvalue(r, 0, 0), mx_server_name(m->cfg));
-	snprintf(sender_id, sizeof(sender_id), "%s", PQgetvalue(r, 0, 2));
-	snprintf(neutral_room, sizeof(neutral_room), "%s", PQgetvalue(r, 0, 9));
-	snprintf(ts, sizeof(ts), "%s", PQgetvalue(r, 0, 10));
-	bool have_ghost = !PQgetisnull(r, 0, 6), have_room = !PQgetisnull(r, 0, 7);
+		snprintf(target_mxid, sizeof(target_mxid), "@%s:%s", PQgetvalue(r, i, 1), mx_server_name(m->cfg));
+	snprintf(sender_id, sizeof(sender_id), "%s", PQgetvalue(r, i, 3));
+	snprintf(neutral_room, sizeof(neutral_room), "%s", PQgetvalue(r, i, 10));
+	snprintf(ts, sizeof(ts), "%s", PQgetvalue(r, i, 11));
+	/* A ghost or room made for an earlier row of this batch is not in
+	 * the info, read before: made remembers them. */
+	char gkey[40], rkey[64];
+	snprintf(gkey, sizeof(gkey), "g%s", sender_id);
+	snprintf(rkey, sizeof(rkey), "r%s/%s", target, sender_id);
+	const char *g_made = json_string_value(json_object_get(made, gkey));
+	const char *r_made = json_string_value(json_object_get(made, rkey));
+	bool have_ghost = !PQgetisnull(r, i, 7) || g_made, have_room = !PQgetisnull(r, i, 8) || r_made;
 	if (have_ghost)
-		snprintf(ghost, sizeof(ghost), "%s", PQgetvalue(r, 0, 6));
+		snprintf(ghost, sizeof(ghost), "%s", g_made ? g_made : PQgetvalue(r, i, 7));
 	if (have_room)
-		snprintf(room, sizeof(room), "%s", PQgetvalue(r, 0, 7));
+		snprintf(room, sizeof(room), "%s", r_made ? r_made : PQgetvalue(r, i, 8));
 	char peer[80], localpart[600], display[300];
-	snprintf(peer, sizeof(peer), "%s", PQgetvalue(r, 0, 5));
-	snprintf(localpart, sizeof(localpart), "%s", PQgetvalue(r, 0, 3));
-	snprintf(display, sizeof(display), "%s", PQgetvalue(r, 0, 8));
-	PQclear(r);
+	snprintf(peer, sizeof(peer), "%s", PQgetvalue(r, i, 6));
+	snprintf(localpart, sizeof(localpart), "%s", PQgetvalue(r, i, 4));
+	snprintf(display, sizeof(display), "%s", PQgetvalue(r, i, 9));
 	if (!mx_user_id_parse(target_mxid, NULL, 0, NULL, 0))
 		return cw_fail(e, CW_EINVAL, "the local user %s has no valid Matrix id", target_mxid);
-	if (!have_ghost && (rc = ensure_ghost(m, c, sender_id, peer, localpart, display, ghost, sizeof(ghost), e)))
-		goto out;
-	if (!have_room && (rc = ensure_room(m, c, neutral_room, target, sender_id, ghost, target_mxid, room,
-					    sizeof(room), e)))
-		goto out;
+	if (!have_ghost) {
+		if ((rc = ensure_ghost(m, c, sender_id, peer, localpart, display, ghost, sizeof(ghost), e)))
+			goto out;
+		json_object_set_new(made, gkey, json_string(ghost));
+	}
+	if (!have_room) {
+		if ((rc = ensure_room(m, c, neutral_room, target, sender_id, ghost, target_mxid, room, sizeof(room), e)))
+			goto out;
+		json_object_set_new(made, rkey, json_string(room));
+	}
 	{
 		struct lookup_ctx l = { .c = c, .sent = sent };
 		char marker[24];
@@ -495,13 +544,19 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 	 * batch in one statement (one commit, not one per message).  Until
 	 * then a crash loses only the ids: the rows are still in flight, go
 	 * again, and already_sent() finds the events by the outbox id. */
-	json_t *sent = json_array();
-	cw_err rc = sent ? CW_OK : cw_fail(e, CW_ENOMEM, "out of memory");
+	json_t *sent = json_array(), *made = json_object();
+	cw_err rc = sent && made ? CW_OK : cw_fail(e, CW_ENOMEM, "out of memory");
+	PGresult *info = NULL;
+	if (!rc)
+		rc = batch_info(c, rows, n, &info, e);
+	int from = 0;
 	for (size_t i = 0; i < n && !rc; i++) {
-		rc = deliver_one(m, c, &rows[i], sent, code, e);
+		rc = deliver_one(m, c, &rows[i], info, info_row(info, i, &from), made, sent, code, e);
 		if (!rc)
 			(*done)++;
 	}
+	PQclear(info);
+	json_decref(made);
 	char *doc = json_array_size(sent) ? json_dumps(sent, JSON_COMPACT) : NULL;
 	json_decref(sent);
 	if (doc) {
