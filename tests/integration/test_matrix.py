@@ -392,6 +392,9 @@ def test_references_within_one_delivery_batch(mx, hs, gk, pg, db_url):
     assert pg.psql("SELECT count(DISTINCT started_at) FROM delivery_attempts a JOIN outbox o ON o.id = a.outbox_id "
                    "WHERE o.destination = 'matrix'", db_url) == "1"
     ghost = "@_cw_gk_wally:example.org"
+    # The first row made the ghost and the direct room; the later rows of
+    # the batch used them, and made no second room.
+    assert sum(1 for rid in hs.rooms() if any(e["sender"] == ghost for e in hs.events(rid))) == 1
     mx_room = next(rid for rid in hs.rooms() if any(e["sender"] == ghost and e["type"] == "m.room.message"
                                                     for e in hs.events(rid)))
     evs = [e for e in hs.events(mx_room) if e["sender"] == ghost and e["type"] in ("m.room.message", "m.reaction")]
