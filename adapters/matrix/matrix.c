@@ -644,6 +644,16 @@ static cw_err txn_prepare(PGconn *c, struct app_job *j, cw_errmsg *e)
 		txn_answer(t, j);
 		j->no_write = true;
 	}
+	/* What was parsed is not needed any more (a prepare that succeeded
+	 * never runs again): freed here, not by the writer after its commit. */
+	json_decref(t->events);
+	json_decref(t->ephemeral);
+	json_decref(t->bot);
+	json_decref(t->map);
+	json_decref(t->senders);
+	json_decref(t->rooms);
+	json_decref(t->mgmt);
+	t->events = t->ephemeral = t->bot = t->map = t->senders = t->rooms = t->mgmt = NULL;
 	return CW_OK;
 }
 

@@ -825,6 +825,7 @@ struct submit {
 	bool *scrub;                /* per item: no recipient will get it: keep no content */
 	json_t *audit;              /* the policy decisions to record (round 1) */
 	enum submit_room_by room_by; /* how items name their rooms */
+	bool no_answers;            /* a local adapter: it reads statuses, not the accepted answers */
 	json_t *refused;            /* batch: per item, the problem object of a refused item, or null */
 	json_t *keys;               /* batch: per item, its idempotency key, or null */
 };
@@ -1370,7 +1371,8 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 					if (b->write[i] && strcmp(b->items[i]->msg_id, PQgetvalue(r, k, 0)) == 0) {
 						b->res[i].status = 202;
 						json_decref(b->res[i].body); /* a rerun of the write */
-						b->res[i].body = accepted_answer(b->items[i]->msg_id, PQgetvalue(r, k, 1));
+						b->res[i].body = b->no_answers ? NULL
+								 : accepted_answer(b->items[i]->msg_id, PQgetvalue(r, k, 1));
 						from = i + 1;
 						break;
 					}
@@ -1457,6 +1459,7 @@ void submit_setup(struct submit *b, struct cw_app *app, enum submit_room_by room
 {
 	b->app = app;
 	b->room_by = room_by;
+	b->no_answers = true;
 }
 
 size_t submit_count(const struct submit *b)
