@@ -252,6 +252,41 @@ static void record(struct dispatcher *d, const struct outbox_row *rows, size_t n
 	free(ids);
 }
 
+/* The rows' own outcomes: the delivered ones in one statement, the failed
+ * ones in one per reason (a room's rest shares its reason).  A row the
+ * adapter left at 0 was not tried: it goes again. */
+static void record_outcomes(struct dispatcher *d, struct outbox_row *rows, size_t n, int64_t t0)
+{
+	struct outbox_row *sel = malloc(n * sizeof(*sel));
+	bool *taken = calloc(n, sizeof(bool));
+	if (!sel || !taken) {
+		free(sel);
+		free(taken);
+		return; /* the claim runs out and the rows go again */
+	}
+	size_t k = 0;
+	for (size_t i = 0; i < n; i++)
+		if (rows[i].outcome == 1) {
+			sel[k++] = rows[i];
+			taken[i] = true;
+		}
+	if (k)
+		record(d, sel, k, true, 200, NULL, t0);
+	for (size_t i = 0; i < n; i++) {
+		if (taken[i])
+			continue;
+		k = 0;
+		for (size_t x = i; x < n; x++)
+			if (!taken[x] && rows[x].code == rows[i].code && strcmp(rows[x].why, rows[i].why) == 0) {
+				sel[k++] = rows[x];
+				taken[x] = true;
+			}
+		record(d, sel, k, false, rows[i].code, rows[i].why[0] ? rows[i].why : "not tried", t0);
+	}
+	free(sel);
+	free(taken);
+}
+
 static void deliver_all(struct dispatcher *d, struct outbox_row *rows, size_t n)
 {
 	struct outbox_row *batch = malloc(n * sizeof(*batch));
@@ -269,18 +304,27 @@ static void deliver_all(struct dispatcher *d, struct outbox_row *rows, size_t n)
 		long code = 0;
 		cw_errmsg e = { { 0 } };
 		int64_t t0 = cw_wall_ms();
+		for (size_t x = 0; x < m; x++)
+			batch[x].outcome = 0;
 		bool local = d->o.local_deliver && strcmp(rows[i].destination, d->o.local_destination) == 0;
 		size_t done = 0;
 		cw_err rc = local ? d->o.local_deliver(d->o.local_ctx, d->c, rows[i].destination, batch, m, &done, &code, &e)
 			       : d->o.peer_deliver(d->o.peer_ctx, d->c, rows[i].destination, batch, m, &done, &code, &e);
-		if (rc == CW_OK)
-			done = m;
-		if (done > m)
-			done = m;
-		if (done)
-			record(d, batch, done, true, rc ? 200 : code, NULL, t0);
-		if (done < m)
-			record(d, batch + done, m - done, false, code, e.msg, t0);
+		bool per_row = false;
+		for (size_t x = 0; x < m && !per_row; x++)
+			per_row = batch[x].outcome != 0;
+		if (per_row) {
+			record_outcomes(d, batch, m, t0);
+		} else {
+			if (rc == CW_OK)
+				done = m;
+			if (done > m)
+				done = m;
+			if (done)
+				record(d, batch, done, true, rc ? 200 : code, NULL, t0);
+			if (done < m)
+				record(d, batch + done, m - done, false, code, e.msg, t0);
+		}
 		atomic_fetch_add(rc == CW_OK ? &d->requests_ok : &d->requests_failed, 1);
 		char count[16], codes[16];
 		snprintf(count, sizeof(count), "%zu", m);

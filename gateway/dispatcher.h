@@ -19,6 +19,15 @@ struct outbox_row {
 	int64_t event_id;   /* events.id */
 	int64_t target_id;  /* the recipient's identity for a per-user row, else 0 */
 	json_t *event; /* the neutral event as the far side sees it (owned) */
+	/* An adapter that delivers rows out of their order (rooms at the same
+	 * time) says per row: 1 delivered, -1 not (code, why); 0 everywhere:
+	 * *done tells, as for any adapter.  A failed row's later rows of the
+	 * same room must fail too (the dispatcher never lets a room's row
+	 * overtake an earlier one). */
+	int outcome;
+	long code;
+	char why[512];  /* as long as a cw_errmsg */
+	int info;      /* the adapter's own use */
 };
 
 /* The event as a peer receives it (pushed or pulled), from row `row` of r

@@ -63,6 +63,8 @@ void matrix_free(struct matrix *m)
 	mx_curl_release(pthread_getspecific(m->curl_key)); /* this thread's, if any */
 	pthread_setspecific(m->curl_key, NULL);
 	pthread_key_delete(m->curl_key);
+	if (m->multi)
+		curl_multi_cleanup(m->multi); /* the dispatcher has stopped */
 	json_decref(m->typing);
 	pthread_mutex_destroy(&m->mu);
 	free(m);

@@ -24,6 +24,7 @@ struct matrix {
 	unsigned char hs_token_hash[32]; /* sha256 of matrix.hs_token */
 	pthread_mutex_t mu;          /* the recent transactions, the health */
 	pthread_key_t curl_key;      /* each thread's HTTP client to the homeserver */
+	CURLM *multi;                /* the dispatcher's deliveries, several rooms at a time (its thread only) */
 	unsigned char recent[TXN_RECENT_MAX][32];
 	bool recent_used[TXN_RECENT_MAX];
 	int recent_next;

@@ -11,6 +11,10 @@
 
 #define ANSWER_MAX (1 << 20)
 #define MX_TIMEOUT_MS 10000L
+/* Rooms delivered to at the same time (each with one request in flight):
+ * a homeserver answers a send in milliseconds, so one room after another
+ * would bound the whole gateway by that latency. */
+#define MX_ROOMS_IN_FLIGHT 16
 
 struct answer_buf {
 	char *p;
@@ -53,66 +57,77 @@ static void note_refusal(struct matrix *m, long status, json_t *answer)
 	}
 }
 
-cw_err mx_call(struct matrix *m, const char *method, const char *path, const char *user_id, const char *query,
-	       json_t *body, long *status, json_t **answer, cw_errmsg *e)
+/* One request to the homeserver, set up on an easy handle (mx_call runs
+ * it at once; the delivery runs several at a time on a multi handle). */
+struct mx_req {
+	struct curl_slist *h;
+	char *url, *text;
+	struct answer_buf buf;
+};
+
+static void req_free(struct mx_req *rq)
 {
-	*status = 0;
-	if (answer)
-		*answer = NULL;
-	char *text = body ? json_dumps(body, JSON_COMPACT) : NULL;
+	curl_slist_free_all(rq->h);
+	free(rq->url);
+	free(rq->text);
+	free(rq->buf.p);
+	memset(rq, 0, sizeof(*rq));
+}
+
+/* Sets c up for the call (see mx_call); body is taken. */
+static cw_err req_setup(struct matrix *m, CURL *c, struct mx_req *rq, const char *method, const char *path,
+			const char *user_id, const char *query, json_t *body, cw_errmsg *e)
+{
+	memset(rq, 0, sizeof(*rq));
+	rq->text = body ? json_dumps(body, JSON_COMPACT) : NULL;
 	json_decref(body);
-	/* One client per thread (kept alive between calls); no lock is held
-	 * while the homeserver answers: it may call us meanwhile (the ping). */
-	CURL *c = pthread_getspecific(m->curl_key);
-	if (!c) {
-		c = curl_easy_init();
-		if (c)
-			pthread_setspecific(m->curl_key, c);
-	}
 	char *uid = user_id && c ? curl_easy_escape(c, user_id, 0) : NULL;
 	size_t ulen = strlen(m->cfg->mx_homeserver_url) + strlen(path) + (query ? strlen(query) : 0) +
 		      (uid ? strlen(uid) : 0) + 32;
-	char *url = malloc(ulen);
-	if (!c || !url || (body && !text) || (user_id && !uid)) {
-		free(url);
-		free(text);
+	rq->url = malloc(ulen);
+	char auth[600];
+	snprintf(auth, sizeof(auth), "Authorization: Bearer %s", m->cfg->mx_as_token);
+	struct curl_slist *h1 = rq->url ? curl_slist_append(NULL, auth) : NULL;
+	rq->h = h1 ? curl_slist_append(h1, "Content-Type: application/json") : NULL;
+	if (!rq->h)
+		curl_slist_free_all(h1);
+	if (!c || !rq->url || !rq->h || (body && !rq->text) || (user_id && !uid)) {
 		curl_free(uid);
+		req_free(rq);
 		return cw_fail(e, CW_ENOMEM, "out of memory");
 	}
 	size_t hl = strlen(m->cfg->mx_homeserver_url);
 	while (hl && m->cfg->mx_homeserver_url[hl - 1] == '/')
 		hl--;
-	snprintf(url, ulen, "%.*s%s%s%s%s%s%s", (int)hl, m->cfg->mx_homeserver_url, path,
+	snprintf(rq->url, ulen, "%.*s%s%s%s%s%s%s", (int)hl, m->cfg->mx_homeserver_url, path,
 		 (uid || query) ? "?" : "", uid ? "user_id=" : "", uid ? uid : "", (uid && query) ? "&" : "",
 		 query ? query : "");
 	curl_free(uid);
 	curl_easy_reset(c);
-	struct curl_slist *h = NULL;
-	char auth[600];
-	snprintf(auth, sizeof(auth), "Authorization: Bearer %s", m->cfg->mx_as_token);
-	h = curl_slist_append(h, auth);
-	h = curl_slist_append(h, "Content-Type: application/json");
-	struct answer_buf buf = { 0 };
-	curl_easy_setopt(c, CURLOPT_URL, url);
+	curl_easy_setopt(c, CURLOPT_URL, rq->url);
 	curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, method);
-	curl_easy_setopt(c, CURLOPT_HTTPHEADER, h);
-	curl_easy_setopt(c, CURLOPT_POSTFIELDS, text ? text : (strcmp(method, "GET") == 0 ? NULL : "{}"));
+	curl_easy_setopt(c, CURLOPT_HTTPHEADER, rq->h);
+	curl_easy_setopt(c, CURLOPT_POSTFIELDS, rq->text ? rq->text : (strcmp(method, "GET") == 0 ? NULL : "{}"));
 	if (strcmp(method, "GET") == 0)
 		curl_easy_setopt(c, CURLOPT_HTTPGET, 1L);
 	curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_data);
-	curl_easy_setopt(c, CURLOPT_WRITEDATA, &buf);
+	curl_easy_setopt(c, CURLOPT_WRITEDATA, &rq->buf);
 	curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, MX_TIMEOUT_MS);
 	curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
 	curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
-	CURLcode cc = curl_easy_perform(c);
+	return CW_OK;
+}
+
+/* The outcome of a finished call; frees rq. */
+static cw_err req_done(struct matrix *m, CURL *c, struct mx_req *rq, CURLcode cc, long *status, json_t **answer,
+		       cw_errmsg *e)
+{
+	*status = 0;
 	curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, status);
-	curl_slist_free_all(h);
-	free(url);
-	free(text);
 	cw_err rc = CW_OK;
-	json_t *a = buf.p ? json_loads(buf.p, 0, NULL) : NULL;
+	json_t *a = rq->buf.p ? json_loads(rq->buf.p, 0, NULL) : NULL;
 	if (cc != CURLE_OK) {
-		rc = cw_fail(e, CW_EUNAVAIL, "homeserver: %s", buf.too_big ? "answer too large" : curl_easy_strerror(cc));
+		rc = cw_fail(e, CW_EUNAVAIL, "homeserver: %s", rq->buf.too_big ? "answer too large" : curl_easy_strerror(cc));
 		*status = 0;
 	} else if (*status < 200 || *status > 299) {
 		pthread_mutex_lock(&m->mu);
@@ -121,12 +136,33 @@ cw_err mx_call(struct matrix *m, const char *method, const char *path, const cha
 		const char *code = json_string_value(json_object_get(a, "errcode"));
 		rc = cw_fail(e, CW_EIO, "homeserver answered %ld %s", *status, code ? code : "");
 	}
-	free(buf.p);
+	req_free(rq);
 	if (answer)
 		*answer = a;
 	else
 		json_decref(a);
 	return rc;
+}
+
+cw_err mx_call(struct matrix *m, const char *method, const char *path, const char *user_id, const char *query,
+	       json_t *body, long *status, json_t **answer, cw_errmsg *e)
+{
+	*status = 0;
+	if (answer)
+		*answer = NULL;
+	/* One client per thread (kept alive between calls); no lock is held
+	 * while the homeserver answers: it may call us meanwhile (the ping). */
+	CURL *c = pthread_getspecific(m->curl_key);
+	if (!c) {
+		c = curl_easy_init();
+		if (c)
+			pthread_setspecific(m->curl_key, c);
+	}
+	struct mx_req rq;
+	cw_err rc = req_setup(m, c, &rq, method, path, user_id, query, body, e);
+	if (rc)
+		return rc;
+	return req_done(m, c, &rq, curl_easy_perform(c), status, answer, e);
 }
 
 /* ------------------------------------------------------------ ping */
@@ -407,14 +443,25 @@ static int info_row(PGresult *info, size_t k, int *from)
 	return -1;
 }
 
-static cw_err deliver_one(struct matrix *m, PGconn *c, struct outbox_row *row, PGresult *r, int i, json_t *made,
-			  json_t *sent, long *code, cw_errmsg *e)
+/* What one row needs to go out: the request made (1), nothing to send
+ * (0: a receipt Matrix has no form for, or a retry whose event is in the
+ * room already), or a failure (-1, e says why). */
+enum prep { PREP_FAIL = -1, PREP_NOTHING = 0, PREP_SEND = 1 };
+
+/* Resolves the row's ghost and direct room (making them the first time:
+ * calls to the homeserver and writes, here on the dispatcher's thread),
+ * maps the event, and sets up its request on h. */
+static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, PGresult *r, int i, json_t *made,
+			  json_t *sent, CURL *h, struct mx_req *rq, cw_errmsg *e)
 {
-	if (!row->target_id)
-		return cw_fail(e, CW_EINVAL, "group rooms are not bridged to Matrix yet (only direct rooms)");
-	if (i < 0 || PQgetvalue(r, i, 5)[0] == 't' || PQgetisnull(r, i, 6))
-		return cw_fail(e, CW_EINVAL, "only events of remote users are delivered to Matrix");
-	cw_err rc = CW_OK;
+	if (!row->target_id) {
+		cw_fail(e, CW_EINVAL, "group rooms are not bridged to Matrix yet (only direct rooms)");
+		return PREP_FAIL;
+	}
+	if (i < 0 || PQgetvalue(r, i, 5)[0] == 't' || PQgetisnull(r, i, 6)) {
+		cw_fail(e, CW_EINVAL, "only events of remote users are delivered to Matrix");
+		return PREP_FAIL;
+	}
 	char target[24];
 	snprintf(target, sizeof(target), "%lld", (long long)row->target_id);
 	char target_mxid[MX_ID_MAX + 1], ghost[MX_ID_MAX + 1], room[MX_ID_MAX + 1] = "", sender_id[24], neutral_room[24];
@@ -442,102 +489,138 @@ static cw_err deliver_one(struct matrix *m, PGconn *c, struct outbox_row *row, P
 	snprintf(peer, sizeof(peer), "%s", PQgetvalue(r, i, 6));
 	snprintf(localpart, sizeof(localpart), "%s", PQgetvalue(r, i, 4));
 	snprintf(display, sizeof(display), "%s", PQgetvalue(r, i, 9));
-	if (!mx_user_id_parse(target_mxid, NULL, 0, NULL, 0))
-		return cw_fail(e, CW_EINVAL, "the local user %s has no valid Matrix id", target_mxid);
+	if (!mx_user_id_parse(target_mxid, NULL, 0, NULL, 0)) {
+		cw_fail(e, CW_EINVAL, "the local user %s has no valid Matrix id", target_mxid);
+		return PREP_FAIL;
+	}
 	if (!have_ghost) {
-		if ((rc = ensure_ghost(m, c, sender_id, peer, localpart, display, ghost, sizeof(ghost), e)))
-			goto out;
+		if (ensure_ghost(m, c, sender_id, peer, localpart, display, ghost, sizeof(ghost), e))
+			return PREP_FAIL;
 		json_object_set_new(made, gkey, json_string(ghost));
 	}
 	if (!have_room) {
-		if ((rc = ensure_room(m, c, neutral_room, target, sender_id, ghost, target_mxid, room, sizeof(room), e)))
-			goto out;
+		if (ensure_room(m, c, neutral_room, target, sender_id, ghost, target_mxid, room, sizeof(room), e))
+			return PREP_FAIL;
 		json_object_set_new(made, rkey, json_string(room));
 	}
-	{
-		struct lookup_ctx l = { .c = c, .sent = sent };
-		char marker[24];
-		snprintf(marker, sizeof(marker), "%lld", (long long)row->id);
-		struct mx_out out;
-		char why[200] = "";
-		memset(&out, 0, sizeof(out));
-		if (!mx_from_neutral(row->event, to_native, &l, MX_OUTBOX_KEY, marker, &out, why, sizeof(why))) {
-			mx_out_clear(&out);
-			rc = cw_fail(e, CW_EINVAL, "not representable in Matrix: %s", why);
-			goto out;
-		}
-		if (out.content && json_is_object(out.content) && json_is_string(json_object_get(out.content, MX_OUTBOX_KEY)))
-			json_object_set_new(out.content, MX_OUTBOX_KEY, json_integer(row->id));
-		char path[1200], query[64], eid[MX_ID_MAX + 1] = "";
-		char *rs = seg(m, room), *ts_q = NULL;
-		char txn[48];
-		snprintf(txn, sizeof(txn), "cw-%lld", (long long)row->id);
-		long status = 0;
-		json_t *answer = NULL;
-		switch (out.op) {
-		case MX_OP_SEND: {
-			if (row->attempts > 1 && already_sent(m, room, ghost, row->id, eid, sizeof(eid)))
-				break;
-			char *ty = seg(m, out.event_type);
-			snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/send/%s/%s", rs ? rs : "", ty ? ty : "", txn);
-			curl_free(ty);
-			snprintf(query, sizeof(query), "ts=%s", ts);
-			ts_q = query;
-			rc = mx_call(m, "PUT", path, ghost, ts_q, json_incref(out.content), &status, &answer, e);
-			break;
-		}
-		case MX_OP_REDACT: {
-			char *tg = seg(m, out.target);
-			snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/redact/%s/%s", rs ? rs : "", tg ? tg : "", txn);
-			curl_free(tg);
-			rc = mx_call(m, "PUT", path, ghost, NULL, out.content ? json_incref(out.content) : json_object(),
-				     &status, &answer, e);
-			break;
-		}
-		case MX_OP_RECEIPT: {
-			char *tg = seg(m, out.target);
-			snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/receipt/m.read/%s", rs ? rs : "", tg ? tg : "");
-			curl_free(tg);
-			rc = mx_call(m, "POST", path, ghost, NULL, json_object(), &status, &answer, e);
-			break;
-		}
-		case MX_OP_TYPING: {
-			char *g = seg(m, ghost);
-			snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/typing/%s", rs ? rs : "", g ? g : "");
-			curl_free(g);
-			rc = mx_call(m, "PUT", path, ghost, NULL,
-				     out.typing ? json_pack("{s:b, s:i}", "typing", 1, "timeout", 30000)
-						: json_pack("{s:b}", "typing", 0),
-				     &status, &answer, e);
-			break;
-		}
-		case MX_OP_NONE:
-			break;
-		}
-		curl_free(rs);
-		*code = status;
-		if (!rc && !eid[0] && json_is_string(json_object_get(answer, "event_id")))
-			snprintf(eid, sizeof(eid), "%s", json_string_value(json_object_get(answer, "event_id")));
-		if (rc && status == 429) {
-			json_t *ra = json_object_get(answer, "retry_after_ms");
-			if (json_is_integer(ra))
-				cw_fail(e, CW_EIO, "homeserver rate limit: retry after %lld ms", (long long)json_integer_value(ra));
-		}
-		json_decref(answer);
+	struct lookup_ctx l = { .c = c, .sent = sent };
+	char marker[24];
+	snprintf(marker, sizeof(marker), "%lld", (long long)row->id);
+	struct mx_out out;
+	char why[200] = "";
+	memset(&out, 0, sizeof(out));
+	if (!mx_from_neutral(row->event, to_native, &l, MX_OUTBOX_KEY, marker, &out, why, sizeof(why))) {
 		mx_out_clear(&out);
-		if (!rc && eid[0])
+		cw_fail(e, CW_EINVAL, "not representable in Matrix: %s", why);
+		return PREP_FAIL;
+	}
+	if (out.content && json_is_object(out.content) && json_is_string(json_object_get(out.content, MX_OUTBOX_KEY)))
+		json_object_set_new(out.content, MX_OUTBOX_KEY, json_integer(row->id));
+	char path[1200], query[64], eid[MX_ID_MAX + 1] = "";
+	char *rs = seg(m, room);
+	char txn[48];
+	snprintf(txn, sizeof(txn), "cw-%lld", (long long)row->id);
+	enum prep res = PREP_SEND;
+	cw_err rc = CW_OK;
+	switch (out.op) {
+	case MX_OP_SEND: {
+		if (row->attempts > 1 && already_sent(m, room, ghost, row->id, eid, sizeof(eid))) {
 			json_array_append_new(sent, json_pack("{s:I, s:s, s:I, s:s?}", "ev", (json_int_t)row->event_id,
 							      "eid", eid, "row", (json_int_t)row->id, "pid",
 							      json_string_value(json_object_get(row->event, "id"))));
+			res = PREP_NOTHING;
+			break;
+		}
+		char *ty = seg(m, out.event_type);
+		snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/send/%s/%s", rs ? rs : "", ty ? ty : "", txn);
+		curl_free(ty);
+		snprintf(query, sizeof(query), "ts=%s", ts);
+		rc = req_setup(m, h, rq, "PUT", path, ghost, query, json_incref(out.content), e);
+		break;
 	}
-out:
+	case MX_OP_REDACT: {
+		char *tg = seg(m, out.target);
+		snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/redact/%s/%s", rs ? rs : "", tg ? tg : "", txn);
+		curl_free(tg);
+		rc = req_setup(m, h, rq, "PUT", path, ghost, NULL, out.content ? json_incref(out.content) : json_object(), e);
+		break;
+	}
+	case MX_OP_RECEIPT: {
+		char *tg = seg(m, out.target);
+		snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/receipt/m.read/%s", rs ? rs : "", tg ? tg : "");
+		curl_free(tg);
+		rc = req_setup(m, h, rq, "POST", path, ghost, NULL, json_object(), e);
+		break;
+	}
+	case MX_OP_TYPING: {
+		char *g = seg(m, ghost);
+		snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/typing/%s", rs ? rs : "", g ? g : "");
+		curl_free(g);
+		rc = req_setup(m, h, rq, "PUT", path, ghost, NULL,
+			       out.typing ? json_pack("{s:b, s:i}", "typing", 1, "timeout", 30000) : json_pack("{s:b}", "typing", 0),
+			       e);
+		break;
+	}
+	case MX_OP_NONE:
+		res = PREP_NOTHING;
+		break;
+	}
+	curl_free(rs);
+	mx_out_clear(&out);
+	return rc ? PREP_FAIL : res;
+}
+
+/* The answer to a row's request: its Matrix event id is noted in sent. */
+static cw_err finish_row(struct matrix *m, CURL *h, struct mx_req *rq, CURLcode cc, struct outbox_row *row,
+			 json_t *sent, long *code, cw_errmsg *e)
+{
+	long status = 0;
+	json_t *answer = NULL;
+	cw_err rc = req_done(m, h, rq, cc, &status, &answer, e);
+	*code = status;
+	const char *eid = json_string_value(json_object_get(answer, "event_id"));
+	if (!rc && eid)
+		json_array_append_new(sent, json_pack("{s:I, s:s, s:I, s:s?}", "ev", (json_int_t)row->event_id, "eid",
+						      eid, "row", (json_int_t)row->id, "pid",
+						      json_string_value(json_object_get(row->event, "id"))));
+	if (rc && status == 429) {
+		json_t *ra = json_object_get(answer, "retry_after_ms");
+		if (json_is_integer(ra))
+			cw_fail(e, CW_EIO, "homeserver rate limit: retry after %lld ms", (long long)json_integer_value(ra));
+	}
+	json_decref(answer);
 	return rc;
+}
+
+/* One neutral room's rows of the batch: sent one after the other (a row
+ * goes only once the one before it is acknowledged), while other rooms'
+ * rows are in flight at the same time. */
+struct room_run {
+	int64_t room_id;       /* events.room_id (0: the row had no info) */
+	size_t *idx;           /* the rows, in the batch's (id) order */
+	size_t n, next;
+	bool busy, failed;
+	CURL *h;
+	struct mx_req rq;
+};
+
+/* The rows of room r from its next one on fail with its error. */
+static void fail_rest(struct room_run *r, struct outbox_row *rows, long code, const char *why)
+{
+	r->failed = true;
+	for (size_t k = r->next; k < r->n; k++) {
+		struct outbox_row *row = &rows[r->idx[k]];
+		row->outcome = -1;
+		row->code = code;
+		snprintf(row->why, sizeof(row->why), "%s", why);
+	}
 }
 
 cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_row *rows, size_t n,
 		      size_t *done, long *code, cw_errmsg *e)
 {
 	struct matrix *m = ctx;
+	(void)destination;
 	*done = 0;
 	*code = 0;
 	/* The Matrix event ids the homeserver gave, recorded for the whole
@@ -545,18 +628,136 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 	 * then a crash loses only the ids: the rows are still in flight, go
 	 * again, and already_sent() finds the events by the outbox id. */
 	json_t *sent = json_array(), *made = json_object();
-	cw_err rc = sent && made ? CW_OK : cw_fail(e, CW_ENOMEM, "out of memory");
+	struct room_run *runs = calloc(n, sizeof(*runs));
+	size_t *idx = calloc(n, sizeof(*idx));
 	PGresult *info = NULL;
+	cw_err rc = sent && made && runs && idx ? CW_OK : cw_fail(e, CW_ENOMEM, "out of memory");
+	if (!rc && !m->multi) {
+		if (!(m->multi = curl_multi_init()))
+			rc = cw_fail(e, CW_ENOMEM, "out of memory");
+		else /* keep a connection per room in flight between batches */
+			curl_multi_setopt(m->multi, CURLMOPT_MAXCONNECTS, (long)MX_ROOMS_IN_FLIGHT * 2);
+	}
 	if (!rc)
 		rc = batch_info(c, rows, n, &info, e);
-	int from = 0;
-	for (size_t i = 0; i < n && !rc; i++) {
-		rc = deliver_one(m, c, &rows[i], info, info_row(info, i, &from), made, sent, code, e);
-		if (!rc)
-			(*done)++;
+	if (rc) {
+		json_decref(sent);
+		json_decref(made);
+		free(runs);
+		free(idx);
+		return rc;
 	}
+	/* Group the rows by room, keeping their order (rooms in the order of
+	 * their first row; a row without info is a room of its own, to fail). */
+	size_t nruns = 0;
+	int from = 0;
+	for (size_t k = 0; k < n; k++) {
+		int ir = info_row(info, k, &from);
+		int64_t room = ir < 0 ? 0 : atoll(PQgetvalue(info, ir, 10));
+		rows[k].outcome = 0;
+		rows[k].info = ir;
+		size_t r = 0;
+		while (r < nruns && (room == 0 || runs[r].room_id != room))
+			r++;
+		if (r == nruns)
+			runs[nruns++].room_id = room;
+		runs[r].n++;
+		idx[k] = r; /* for now: the row's run */
+	}
+	size_t *run_of = malloc(n * sizeof(*run_of));
+	if (!run_of) {
+		PQclear(info);
+		json_decref(sent);
+		json_decref(made);
+		free(runs);
+		free(idx);
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	}
+	memcpy(run_of, idx, n * sizeof(*run_of));
+	for (size_t r = 0, used = 0; r < nruns; r++) {
+		runs[r].idx = idx + used;
+		used += runs[r].n;
+		runs[r].n = 0;
+	}
+	for (size_t k = 0; k < n; k++) {
+		struct room_run *run = &runs[run_of[k]];
+		run->idx[run->n++] = k;
+	}
+	free(run_of);
+
+	int in_flight = 0;
+	for (;;) {
+		/* Start the next row of every idle room, up to the limit. */
+		for (size_t r = 0; r < nruns && in_flight < MX_ROOMS_IN_FLIGHT; r++) {
+			struct room_run *run = &runs[r];
+			while (!run->busy && !run->failed && run->next < run->n) {
+				struct outbox_row *row = &rows[run->idx[run->next]];
+				cw_errmsg pe = { { 0 } };
+				if (!run->h && !(run->h = curl_easy_init())) {
+					fail_rest(run, rows, 0, "out of memory");
+					break;
+				}
+				enum prep p = prep_row(m, c, row, info, row->info, made, sent, run->h, &run->rq, &pe);
+				if (p == PREP_FAIL) {
+					fail_rest(run, rows, 0, pe.msg);
+					break;
+				}
+				if (p == PREP_NOTHING) {
+					row->outcome = 1;
+					run->next++;
+					continue;
+				}
+				curl_easy_setopt(run->h, CURLOPT_PRIVATE, run);
+				if (curl_multi_add_handle(m->multi, run->h) != CURLM_OK) {
+					req_free(&run->rq);
+					fail_rest(run, rows, 0, "cannot start a request to the homeserver");
+					break;
+				}
+				run->busy = true;
+				in_flight++;
+			}
+		}
+		if (in_flight == 0)
+			break;
+		int running = 0;
+		curl_multi_perform(m->multi, &running);
+		CURLMsg *msg;
+		int left;
+		bool any = false;
+		while ((msg = curl_multi_info_read(m->multi, &left))) {
+			if (msg->msg != CURLMSG_DONE)
+				continue;
+			struct room_run *run = NULL;
+			curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&run);
+			CURLcode cc = msg->data.result;
+			curl_multi_remove_handle(m->multi, msg->easy_handle);
+			in_flight--;
+			any = true;
+			if (!run)
+				continue;
+			run->busy = false;
+			struct outbox_row *row = &rows[run->idx[run->next]];
+			long status = 0;
+			cw_errmsg fe = { { 0 } };
+			if (finish_row(m, run->h, &run->rq, cc, row, sent, &status, &fe) == CW_OK) {
+				row->outcome = 1;
+				row->code = status;
+				run->next++;
+			} else {
+				fail_rest(run, rows, status, fe.msg);
+			}
+		}
+		if (!any)
+			curl_multi_poll(m->multi, NULL, 0, 1000, NULL);
+	}
+	for (size_t r = 0; r < nruns; r++)
+		if (runs[r].h)
+			curl_easy_cleanup(runs[r].h);
 	PQclear(info);
 	json_decref(made);
+	free(runs);
+	free(idx);
+
 	char *doc = json_array_size(sent) ? json_dumps(sent, JSON_COMPACT) : NULL;
 	json_decref(sent);
 	if (doc) {
@@ -568,6 +769,15 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 				  "UPDATE outbox o SET remote_id = v.eid FROM v WHERE o.id = v.row", 1, p, &e2))
 			LOG_KV(CW_LOG_WARN, "cannot record Matrix event ids", "detail", e2.msg);
 		free(doc);
+	}
+	/* The outcome per row (rows[].outcome); *done and the return say the
+	 * same of the first rows, for the log. */
+	rc = CW_OK;
+	while (*done < n && rows[*done].outcome == 1)
+		(*done)++;
+	if (*done < n) {
+		*code = rows[*done].code;
+		rc = cw_fail(e, CW_EIO, "%s", rows[*done].why[0] ? rows[*done].why : "not delivered");
 	}
 	return rc;
 }

@@ -236,6 +236,11 @@ class Homeserver:
         self.query_timeout = query_timeout
         self.ping_timeout = ping_timeout
         self.ping_supported = (not (legacy_paths or token_in_query)) if ping_supported is None else ping_supported
+        # Seconds a send takes before it is answered (outside the lock, so
+        # sends to several rooms overlap): a real homeserver spends
+        # milliseconds on each (auth rules, persisting, fan-out); 0 here
+        # by default.
+        self.send_latency = 0.0
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._users = {}            # user_id -> profile dict
@@ -785,6 +790,8 @@ class Homeserver:
 
     def _h_send(self, req, room_id, etype, txn_id):
         key = (req.path, self._txn_scope(req))
+        if self.send_latency:
+            time.sleep(self.send_latency)
         with self._lock:
             if key in self._txn_memory:
                 return 200, {"event_id": self._txn_memory[key]}

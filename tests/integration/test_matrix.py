@@ -435,3 +435,41 @@ def test_a_row_never_overtakes_a_held_one_of_its_room(mx, hs, gk, pg, db_url):
                                db_url) == "2", what="both delivered")
     bodies = [e["content"]["body"] for rid in hs.rooms() for e in hs.events(rid) if e["type"] == "m.room.message"]
     assert bodies == ["first", "second"], (bodies, first)
+
+
+def test_rooms_are_delivered_side_by_side_and_a_failing_one_holds_no_other(mx, hs, gk, pg, db_url):
+    """The dispatcher delivers several rooms at once, each in order.  A room
+    whose rows fail (here: a sender whose ghost id would be too long for
+    Matrix) fails alone: the other room's rows, released in the same
+    batch, are delivered on their first attempt."""
+    a, _ = gk
+    assert mx.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
+    hs.create_user("alice")
+    long_sender = a.user("x" + "+" * 200)
+    room_a = a.create_room([long_sender, ALICE]).json()
+    room_b = a.create_room([a.user("wally"), ALICE]).json()
+    items = []
+    for i in range(3):
+        for room, sender, tag in ((room_a, long_sender, "a"), (room_b, a.user("wally"), "b")):
+            items.append({"idempotency_key": f"side-{tag}-{i}", "room": room["uri"],
+                          "event": {"type": "message", "sender": sender,
+                                    "content": {"parts": [{"type": "text/plain", "body": f"{tag}{i}"}]}}})
+    r = a.call("POST", "/v1/batch", {"events": items})
+    assert r.status_code == 200 and all(x["status"] == "accepted" for x in r.json()["results"]), r.text
+    wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE destination = 'matrix' AND state = 'held'",
+                               db_url) == "6", what="six held rows")
+    assert mx.admin("POST", "/consents", json={"user": ALICE, "subject_kind": "domain", "subject": "wa.example",
+                                               "state": "allowed"}).ok
+    b_rows = (f"SELECT {{}} FROM outbox o JOIN rooms r ON r.id = o.room_id WHERE o.destination = 'matrix' "
+              f"AND r.public_id = '{{}}'")
+    wait_until(lambda: pg.psql(b_rows.format("count(*) FILTER (WHERE o.state = 'delivered')", room_b["id"]),
+                               db_url) == "3", what="room b delivered")
+    assert pg.psql(b_rows.format("max(o.attempts)", room_b["id"]), db_url) == "1"
+    bodies = [e["content"]["body"] for rid in hs.rooms() for e in hs.events(rid) if e["type"] == "m.room.message"]
+    assert bodies == ["b0", "b1", "b2"], bodies
+    # Room a's rows failed, all three, and say why (in order: none
+    # delivered after a failed one).
+    wait_until(lambda: pg.psql(b_rows.format("count(*) FILTER (WHERE o.state <> 'in_flight' AND o.attempts >= 1)",
+                                             room_a["id"]), db_url) == "3", what="room a's attempts")
+    assert pg.psql(b_rows.format("count(*) FILTER (WHERE o.state = 'delivered')", room_a["id"]), db_url) == "0"
+    assert "ghost id" in pg.psql(b_rows.format("min(o.last_error)", room_a["id"]), db_url)
