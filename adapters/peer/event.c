@@ -1051,16 +1051,30 @@ static cw_err check_item(struct vctx *c, json_t *item, struct batch_item *it, co
 	jptr_mark m;
 	if ((rc = member(c, item, "event", JSON_OBJECT, M_REQUIRED, &ev, &m)))
 		return rc;
-	size_t size = json_dumpb(ev, NULL, 0, JSON_COMPACT);
-	if (size > c->lim->max_event_bytes)
+	/* Printed once, compact with sorted keys: its length is the size
+	 * checked (the same as any compact print's), and the text is what the
+	 * pipeline stores and hashes (ev.text). */
+	char *text = json_dumps(ev, JSON_COMPACT | JSON_SORT_KEYS);
+	if (!text) {
+		snprintf(c->err->code, sizeof(c->err->code), "unavailable");
+		snprintf(c->err->detail, sizeof(c->err->detail), "Out of memory while reading the batch.");
+		return CW_ENOMEM;
+	}
+	if (strlen(text) > c->lim->max_event_bytes) {
+		free(text);
 		return vfail(c, EVENT_ERR_TOO_LARGE, "The event is larger than %zu bytes.", c->lim->max_event_bytes);
-	if ((rc = check_event(c, ev, 0, &it->ev)))
+	}
+	if ((rc = check_event(c, ev, 0, &it->ev))) {
+		free(text);
 		return rc;
+	}
 	if (it->ev.has_room && !mimi_uri_equal(&it->ev.room, &it->room)) {
+		free(text);
 		jptr_push(&c->ptr, "room");
 		return vfail(c, EVENT_ERR_INVALID, "The event's room differs from the item's room.");
 	}
 	it->ev.json = json_incref(ev);
+	it->ev.text = text;
 	jptr_pop(&c->ptr, m);
 	return CW_OK;
 }

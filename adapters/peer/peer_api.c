@@ -1855,6 +1855,13 @@ void peer_api_batch(struct cw_req *req, void *ctx)
 		struct batch_item *it = &bt.items[i];
 		json_t *key = it->idempotency_key[0] ? json_string(it->idempotency_key) : json_null();
 		json_array_append(b->keys, key);
+		if (it->rc == CW_ENOMEM) {
+			json_decref(key);
+			batch_free(&bt);
+			submit_free(b);
+			cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory; retry");
+			return;
+		}
 		if (it->rc) {
 			char detail[420];
 			snprintf(detail, sizeof(detail), "%s (at %s)", it->err.detail, it->err.pointer);

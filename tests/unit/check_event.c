@@ -666,10 +666,16 @@ START_TEST(batch_cases)
 					ck_assert_ptr_eq(it->ev.json,
 							 json_object_get(json_array_get(json_object_get(b.json, "events"), j),
 									 "event"));
+					/* The stored text: the event printed compact with sorted keys. */
+					char *want = json_dumps(it->ev.json, JSON_COMPACT | JSON_SORT_KEYS);
+					ck_assert_ptr_nonnull(it->ev.text);
+					ck_assert_str_eq(it->ev.text, want);
+					free(want);
 				} else {
 					ck_assert_msg(it->rc == CW_EINVAL, "case '%s' item %zu: expected %s, got ok",
 						      k->name, j, code);
 					ck_assert_ptr_null(it->ev.json);
+					ck_assert_ptr_null(it->ev.text);
 					assert_error(k, it->err.code, it->err.pointer, &it->err, code, pointer);
 					failed++;
 				}
