@@ -171,3 +171,30 @@ def test_event_keys_move_onto_their_events(db_url, pg, tmp_path):
                    "ORDER BY id", db_url)
     assert rows == "msg_peer|key-1|t\nmsg_mx|$ev:example.org|t"
     assert pg.psql("SELECT key FROM idempotency_keys", db_url) == "room-key"
+
+
+def test_the_queue_queries_use_the_partial_indexes(daemon, pg, db_url):
+    """The pull cursor, its acknowledgement, the per-destination claim and
+    the dispatcher's "rooms backing off" find their rows through the partial
+    indexes of the open states, never by reading the table, whose bulk is
+    delivered rows."""
+    pg.psql("INSERT INTO outbox (event_id, destination, room_id, state, delivered_at) "
+            " SELECT g, (ARRAY['peer:tg','matrix','xmpp'])[g % 3 + 1], g % 50 + 1, 'delivered', now() "
+            " FROM generate_series(1, 60000) g; "
+            "INSERT INTO outbox (event_id, destination, room_id) "
+            " SELECT g, (ARRAY['peer:tg','matrix','xmpp'])[g % 3 + 1], g % 50 + 1 FROM generate_series(60001, 61000) g; "
+            "ANALYZE outbox", db_url)
+    partial = pg.psql("SELECT string_agg(indexname, ' ') FROM pg_indexes WHERE tablename = 'outbox' "
+                      "AND indexdef LIKE '%WHERE%'", db_url).split()
+    queries = [
+        "SELECT o.id FROM outbox o WHERE o.destination = 'peer:tg' AND o.state = 'pending' AND o.id > 60500 "
+        "ORDER BY o.id LIMIT 100",
+        "UPDATE outbox SET state = 'delivered', delivered_at = now() WHERE destination = 'peer:tg' "
+        "AND state = 'pending' AND id <= 60300",
+        "SELECT o.id FROM outbox o WHERE o.state = 'pending' AND o.destination = 'matrix' "
+        "AND o.next_attempt_at <= now() ORDER BY o.id LIMIT 100 FOR UPDATE OF o SKIP LOCKED",
+        "SELECT room_id FROM outbox WHERE state = 'pending' AND next_attempt_at > now() AND destination = 'matrix'",
+    ]
+    for q in queries:
+        plan = pg.psql("EXPLAIN " + q, db_url)
+        assert "Seq Scan" not in plan and any(ix in plan for ix in partial), (q, plan)
