@@ -141,6 +141,11 @@ cw_err store_result_err(PGconn *c, const PGresult *r, cw_errmsg *e)
 	if (state && (strncmp(state, "08", 2) == 0 || strncmp(state, "57P", 3) == 0 ||
 		      strncmp(state, "53", 2) == 0))
 		return cw_fail(e, CW_EUNAVAIL, "database unavailable: %s", msg);
+	/* No SQLSTATE: libpq's own error, not the server's ("server closed
+	 * the connection unexpectedly" comes before the connection is marked
+	 * bad when it is noticed on a write).  The database is away. */
+	if (!state)
+		return cw_fail(e, CW_EUNAVAIL, "database connection lost: %s", msg);
 	return cw_fail(e, CW_EIO, "database error %s: %s", state ? state : "", msg);
 }
 
@@ -591,7 +596,7 @@ static void *reader_main(void *arg)
 			j->rc = cw_fail(&j->err, CW_EUNAVAIL, "the database is unavailable");
 		} else {
 			j->rc = j->fn(rd->conn.c, j->arg, &j->err);
-			if (j->rc && PQstatus(rd->conn.c) != CONNECTION_OK) {
+			if (j->rc && (j->rc == CW_EUNAVAIL || PQstatus(rd->conn.c) != CONNECTION_OK)) {
 				/* Retry once on a fresh connection: a read has no side effect. */
 				conn_lost(s, &rd->conn);
 				rd->conn.retry_at_us = 0;
