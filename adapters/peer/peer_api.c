@@ -1415,7 +1415,7 @@ static void batch_answer(struct app_job *j)
 				json_object_set_new(o, "retry_after_ms", json_integer((json_int_t)b->res[i].retry_after_ms));
 			json_array_append_new(results, o);
 		} else {
-			json_t *o = json_deep_copy(b->res[i].body);
+			json_t *o = json_copy(b->res[i].body); /* shallow: only a key is added */
 			json_object_set(o, "idempotency_key", key);
 			json_array_append_new(results, o);
 		}
