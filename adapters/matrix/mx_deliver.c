@@ -2,6 +2,7 @@
  * users in direct rooms, the start-up ping, and health. */
 #include "config.h"
 #include "matrix_int.h"
+#include "dispatcher.h"
 #include "log.h"
 #include "store.h"
 
@@ -687,8 +688,11 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 
 	int in_flight = 0;
 	for (;;) {
-		/* Start the next row of every idle room, up to the limit. */
-		for (size_t r = 0; r < nruns && in_flight < MX_ROOMS_IN_FLIGHT; r++) {
+		/* Start the next row of every idle room, up to the limit; none
+		 * once the daemon is stopping (what is in flight finishes, the
+		 * rest is not tried and goes again). */
+		bool stopping = m->app && m->app->dispatcher && dispatcher_stopping(m->app->dispatcher);
+		for (size_t r = 0; r < nruns && in_flight < MX_ROOMS_IN_FLIGHT && !stopping; r++) {
 			struct room_run *run = &runs[r];
 			while (!run->busy && !run->failed && run->next < run->n) {
 				struct outbox_row *row = &rows[run->idx[run->next]];

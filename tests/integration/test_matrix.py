@@ -4,6 +4,7 @@ errors, transactions (dedupe, echoes), and messages both ways between a peer
 and a Matrix user in a direct room."""
 import base64
 import os
+import signal
 import subprocess
 import time
 
@@ -473,3 +474,32 @@ def test_rooms_are_delivered_side_by_side_and_a_failing_one_holds_no_other(mx, h
                                              room_a["id"]), db_url) == "3", what="room a's attempts")
     assert pg.psql(b_rows.format("count(*) FILTER (WHERE o.state = 'delivered')", room_a["id"]), db_url) == "0"
     assert "ghost id" in pg.psql(b_rows.format("min(o.last_error)", room_a["id"]), db_url)
+
+
+def test_sigterm_during_slow_delivery_stops_soon_and_nothing_is_lost(mx, hs, gk, pg, db_url):
+    """A homeserver that takes a second a send, ten messages for one room:
+    on SIGTERM the send in flight finishes and no other starts, so the
+    daemon exits in about a second, not ten; the rest goes out after the
+    restart, once each and in order."""
+    a, _ = gk
+    consent_alice(mx)
+    hs.create_user("alice")
+    room = a.create_room([a.user("wally"), ALICE]).json()
+    hs.send_latency = 1.0
+    items = [{"idempotency_key": f"slow-{i}", "room": room["uri"],
+              "event": {"type": "message", "sender": a.user("wally"),
+                        "content": {"parts": [{"type": "text/plain", "body": f"slow {i}"}]}}} for i in range(10)]
+    r = a.call("POST", "/v1/batch", {"events": items})
+    assert r.status_code == 200 and all(x["status"] == "accepted" for x in r.json()["results"]), r.text
+    wait_until(lambda: any(e["type"] == "m.room.message" for rid in hs.rooms() for e in hs.events(rid)),
+               timeout=15, what="the first slow send")
+    t0 = time.monotonic()
+    mx.signal(signal.SIGTERM)
+    assert mx.wait_exit(timeout=30) == 0
+    assert time.monotonic() - t0 < 5, "the daemon waited for the whole batch"
+    hs.send_latency = 0.0
+    mx.start()
+    wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE destination = 'matrix' AND state = 'delivered'",
+                               db_url) == "10", timeout=60, what="all ten delivered after the restart")
+    bodies = [e["content"]["body"] for rid in hs.rooms() for e in hs.events(rid) if e["type"] == "m.room.message"]
+    assert bodies == [f"slow {i}" for i in range(10)], bodies
