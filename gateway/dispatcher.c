@@ -252,9 +252,31 @@ static void record(struct dispatcher *d, const struct outbox_row *rows, size_t n
 	free(ids);
 }
 
+/* Rows the adapter did not try (the daemon is stopping): back to pending
+ * as they were, the attempt the claim counted taken back, due at once. */
+static void release(struct dispatcher *d, const struct outbox_row *rows, size_t n)
+{
+	char *ids = id_array(rows, n);
+	if (!ids)
+		return; /* the claim runs out and the rows go again */
+	const char *params[] = { ids };
+	PGresult *r = PQexecParams(d->c,
+		"UPDATE outbox SET state = 'pending', claimed_by = NULL, claimed_until = NULL, "
+		" attempts = greatest(attempts - 1, 0) WHERE id = ANY($1::bigint[]) AND state = 'in_flight'",
+		1, NULL, params, NULL, NULL, 0);
+	if (PQresultStatus(r) != PGRES_COMMAND_OK) {
+		cw_errmsg e;
+		store_result_err(d->c, r, &e);
+		LOG_KV(CW_LOG_WARN, "releasing untried rows failed; the claim will run out and the rows go again",
+		       "detail", e.msg);
+	}
+	PQclear(r);
+	free(ids);
+}
+
 /* The rows' own outcomes: the delivered ones in one statement, the failed
- * ones in one per reason (a room's rest shares its reason).  A row the
- * adapter left at 0 was not tried: it goes again. */
+ * ones in one per reason (a room's rest shares its reason), the untried
+ * ones (2) released. */
 static void record_outcomes(struct dispatcher *d, struct outbox_row *rows, size_t n, int64_t t0)
 {
 	struct outbox_row *sel = malloc(n * sizeof(*sel));
@@ -272,6 +294,14 @@ static void record_outcomes(struct dispatcher *d, struct outbox_row *rows, size_
 		}
 	if (k)
 		record(d, sel, k, true, 200, NULL, t0);
+	k = 0;
+	for (size_t i = 0; i < n; i++)
+		if (rows[i].outcome == 2) {
+			sel[k++] = rows[i];
+			taken[i] = true;
+		}
+	if (k)
+		release(d, sel, k);
 	for (size_t i = 0; i < n; i++) {
 		if (taken[i])
 			continue;
@@ -281,7 +311,7 @@ static void record_outcomes(struct dispatcher *d, struct outbox_row *rows, size_
 				sel[k++] = rows[x];
 				taken[x] = true;
 			}
-		record(d, sel, k, false, rows[i].code, rows[i].why[0] ? rows[i].why : "not tried", t0);
+		record(d, sel, k, false, rows[i].code, rows[i].why[0] ? rows[i].why : "not delivered", t0);
 	}
 	free(sel);
 	free(taken);

@@ -20,7 +20,8 @@ struct outbox_row {
 	int64_t target_id;  /* the recipient's identity for a per-user row, else 0 */
 	json_t *event; /* the neutral event as the far side sees it (owned) */
 	/* An adapter that delivers rows out of their order (rooms at the same
-	 * time) says per row: 1 delivered, -1 not (code, why); 0 everywhere:
+	 * time) says per row: 1 delivered, -1 not (code, why), 2 not tried
+	 * (released: pending again, the attempt not counted); 0 everywhere:
 	 * *done tells, as for any adapter.  A failed row's later rows of the
 	 * same room must fail too (the dispatcher never lets a room's row
 	 * overtake an earlier one). */

@@ -757,6 +757,9 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 	for (size_t r = 0; r < nruns; r++)
 		if (runs[r].h)
 			curl_easy_cleanup(runs[r].h);
+	for (size_t k = 0; k < n; k++)
+		if (rows[k].outcome == 0)
+			rows[k].outcome = 2; /* not tried: the daemon is stopping */
 	PQclear(info);
 	json_decref(made);
 	free(runs);

@@ -497,6 +497,11 @@ def test_sigterm_during_slow_delivery_stops_soon_and_nothing_is_lost(mx, hs, gk,
     mx.signal(signal.SIGTERM)
     assert mx.wait_exit(timeout=30) == 0
     assert time.monotonic() - t0 < 5, "the daemon waited for the whole batch"
+    # What was not tried is pending again, its attempt not counted.
+    left = pg.psql("SELECT count(*), count(*) FILTER (WHERE state = 'pending' AND attempts = 0 "
+                   "AND last_error IS NULL) FROM outbox WHERE destination = 'matrix' AND state <> 'delivered'",
+                   db_url).split("|")
+    assert int(left[0]) > 0 and left[0] == left[1], left
     hs.send_latency = 0.0
     mx.start()
     wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE destination = 'matrix' AND state = 'delivered'",
