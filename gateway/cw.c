@@ -161,6 +161,18 @@ void cw_sha256(const void *in, size_t n, unsigned char out[32])
 	EVP_Digest(in, n, out, &len, EVP_sha256(), NULL);
 }
 
+bool cw_sha256_pair(const char *a, size_t alen, const char *b, size_t blen, unsigned char out[32])
+{
+	unsigned int len = 0;
+	EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+	bool ok = ctx && EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) && EVP_DigestUpdate(ctx, a, alen) &&
+		  EVP_DigestUpdate(ctx, "\n", 1) && EVP_DigestUpdate(ctx, b, blen) && EVP_DigestFinal_ex(ctx, out, &len);
+	if (!ok)
+		memset(out, 0, 32);
+	EVP_MD_CTX_free(ctx);
+	return ok;
+}
+
 void cw_thread_name(const char *name)
 {
 	pthread_setname_np(pthread_self(), name);

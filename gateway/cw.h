@@ -57,6 +57,9 @@ long cw_b64_decode(unsigned char *out, size_t outlen, const char *in);
 
 /* SHA-256 of n bytes into out[32]. */
 void cw_sha256(const void *in, size_t n, unsigned char out[32]);
+/* SHA-256 of a, a newline, then b (two parts of a key, without joining
+ * them in memory first).  False (out zeroed) when OpenSSL fails (memory). */
+bool cw_sha256_pair(const char *a, size_t alen, const char *b, size_t blen, unsigned char out[32]);
 
 /* Constant-time equality of two byte strings of equal length. */
 bool cw_ct_equal(const void *a, const void *b, size_t n);

@@ -555,17 +555,8 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 			char *text = json_dumps(neutral, JSON_COMPACT | JSON_SORT_KEYS);
 			unsigned char h[32];
 			char hex[65], native[120];
-			size_t tl = text ? strlen(text) : 0, il = strlen(t->txn_id);
-			char *keyed = malloc(tl + il + 2);
-			if (keyed) {
-				memcpy(keyed, text ? text : "", tl);
-				keyed[tl] = '\n';
-				memcpy(keyed + tl + 1, typing ? t->txn_id : "", typing ? il + 1 : 1);
-				cw_sha256(keyed, strlen(keyed), h);
-			} else {
-				cw_sha256(text ? text : "", tl, h);
-			}
-			free(keyed);
+			cw_sha256_pair(text ? text : "", text ? strlen(text) : 0, typing ? t->txn_id : "",
+				       typing ? strlen(t->txn_id) : 0, h);
 			free(text);
 			cw_hex(hex, h, 16);
 			snprintf(native, sizeof(native), "eph:%s", hex);
@@ -753,19 +744,12 @@ void matrix_as_transaction(struct cw_req *req, void *ctx)
 	 * its txnIds again, with other events.  The body's bytes as sent: a
 	 * retry that serialises the same events otherwise only misses this
 	 * path, and the events' own ids keep it a no-op in the store. */
-	size_t tl = strlen(txn_id);
-	char *kb = malloc(tl + 1 + len);
-	if (!kb) {
+	if (!cw_sha256_pair(txn_id, strlen(txn_id), body, len, t->key)) {
 		json_decref(doc);
 		free(t);
 		mx_error(req, 503, "M_UNKNOWN", "out of memory");
 		return;
 	}
-	memcpy(kb, txn_id, tl);
-	kb[tl] = '\n';
-	memcpy(kb + tl + 1, body, len);
-	cw_sha256(kb, tl + 1 + len, t->key);
-	free(kb);
 	if (mx_txn_seen(app->matrix, t->key)) {
 		json_decref(doc);
 		free(t);

@@ -741,17 +741,7 @@ static void msg_input_free(void *arg)
  * the same event sent to another room is a conflict, not a replay. */
 static void request_hash(const char *room, const char *text, unsigned char out[32])
 {
-	size_t rl = strlen(room), tl = text ? strlen(text) : 0;
-	char *buf = malloc(rl + 1 + tl + 1);
-	if (buf) {
-		memcpy(buf, room, rl);
-		buf[rl] = '\n';
-		memcpy(buf + rl + 1, text ? text : "", tl);
-		cw_sha256(buf, rl + 1 + tl, out);
-	} else {
-		memset(out, 0, 32);
-	}
-	free(buf);
+	cw_sha256_pair(room, strlen(room), text ? text : "", text ? strlen(text) : 0, out);
 }
 
 /* What every item takes from its validated event: the room as the request
