@@ -28,7 +28,6 @@ struct outbox_row {
 	int outcome;
 	long code;
 	char why[512];  /* as long as a cw_errmsg */
-	int info;      /* the adapter's own use */
 };
 
 /* The event as a peer receives it (pushed or pulled), from row `row` of r

@@ -444,6 +444,15 @@ static int info_row(PGresult *info, size_t k, int *from)
 	return -1;
 }
 
+/* Notes the Matrix event id a row's event got, for the batch's record and
+ * for later rows that refer to it (to_native). */
+static void note_sent(json_t *sent, const struct outbox_row *row, const char *eid)
+{
+	json_array_append_new(sent, json_pack("{s:I, s:s, s:I, s:s?}", "ev", (json_int_t)row->event_id, "eid", eid,
+					      "row", (json_int_t)row->id, "pid",
+					      json_string_value(json_object_get(row->event, "id"))));
+}
+
 /* What one row needs to go out: the request made (1), nothing to send
  * (0: a receipt Matrix has no form for, or a retry whose event is in the
  * room already), or a failure (-1, e says why). */
@@ -526,9 +535,7 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 	switch (out.op) {
 	case MX_OP_SEND: {
 		if (row->attempts > 1 && already_sent(m, room, ghost, row->id, eid, sizeof(eid))) {
-			json_array_append_new(sent, json_pack("{s:I, s:s, s:I, s:s?}", "ev", (json_int_t)row->event_id,
-							      "eid", eid, "row", (json_int_t)row->id, "pid",
-							      json_string_value(json_object_get(row->event, "id"))));
+			note_sent(sent, row, eid);
 			res = PREP_NOTHING;
 			break;
 		}
@@ -581,9 +588,7 @@ static cw_err finish_row(struct matrix *m, CURL *h, struct mx_req *rq, CURLcode 
 	*code = status;
 	const char *eid = json_string_value(json_object_get(answer, "event_id"));
 	if (!rc && eid)
-		json_array_append_new(sent, json_pack("{s:I, s:s, s:I, s:s?}", "ev", (json_int_t)row->event_id, "eid",
-						      eid, "row", (json_int_t)row->id, "pid",
-						      json_string_value(json_object_get(row->event, "id"))));
+		note_sent(sent, row, eid);
 	if (rc && status == 429) {
 		json_t *ra = json_object_get(answer, "retry_after_ms");
 		if (json_is_integer(ra))
@@ -630,9 +635,10 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 	 * again, and already_sent() finds the events by the outbox id. */
 	json_t *sent = json_array(), *made = json_object();
 	struct room_run *runs = calloc(n, sizeof(*runs));
-	size_t *idx = calloc(n, sizeof(*idx));
+	size_t *idx = calloc(n, sizeof(*idx)), *run_of = calloc(n, sizeof(*run_of));
+	int *info_of = calloc(n, sizeof(*info_of)); /* row k's line of info, or -1 */
 	PGresult *info = NULL;
-	cw_err rc = sent && made && runs && idx ? CW_OK : cw_fail(e, CW_ENOMEM, "out of memory");
+	cw_err rc = sent && made && runs && idx && run_of && info_of ? CW_OK : cw_fail(e, CW_ENOMEM, "out of memory");
 	if (!rc && !m->multi) {
 		if (!(m->multi = curl_multi_init()))
 			rc = cw_fail(e, CW_ENOMEM, "out of memory");
@@ -646,6 +652,8 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 		json_decref(made);
 		free(runs);
 		free(idx);
+		free(run_of);
+		free(info_of);
 		return rc;
 	}
 	/* Group the rows by room, keeping their order (rooms in the order of
@@ -653,28 +661,16 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 	size_t nruns = 0;
 	int from = 0;
 	for (size_t k = 0; k < n; k++) {
-		int ir = info_row(info, k, &from);
-		int64_t room = ir < 0 ? 0 : atoll(PQgetvalue(info, ir, 10));
-		rows[k].outcome = 0;
-		rows[k].info = ir;
+		info_of[k] = info_row(info, k, &from);
+		int64_t room = info_of[k] < 0 ? 0 : atoll(PQgetvalue(info, info_of[k], 10));
 		size_t r = 0;
 		while (r < nruns && (room == 0 || runs[r].room_id != room))
 			r++;
 		if (r == nruns)
 			runs[nruns++].room_id = room;
 		runs[r].n++;
-		idx[k] = r; /* for now: the row's run */
+		run_of[k] = r;
 	}
-	size_t *run_of = malloc(n * sizeof(*run_of));
-	if (!run_of) {
-		PQclear(info);
-		json_decref(sent);
-		json_decref(made);
-		free(runs);
-		free(idx);
-		return cw_fail(e, CW_ENOMEM, "out of memory");
-	}
-	memcpy(run_of, idx, n * sizeof(*run_of));
 	for (size_t r = 0, used = 0; r < nruns; r++) {
 		runs[r].idx = idx + used;
 		used += runs[r].n;
@@ -684,7 +680,6 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 		struct room_run *run = &runs[run_of[k]];
 		run->idx[run->n++] = k;
 	}
-	free(run_of);
 
 	int in_flight = 0;
 	for (;;) {
@@ -695,19 +690,19 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 		for (size_t r = 0; r < nruns && in_flight < MX_ROOMS_IN_FLIGHT && !stopping; r++) {
 			struct room_run *run = &runs[r];
 			while (!run->busy && !run->failed && run->next < run->n) {
-				struct outbox_row *row = &rows[run->idx[run->next]];
+				size_t k = run->idx[run->next];
 				cw_errmsg pe = { { 0 } };
 				if (!run->h && !(run->h = curl_easy_init())) {
 					fail_rest(run, rows, 0, "out of memory");
 					break;
 				}
-				enum prep p = prep_row(m, c, row, info, row->info, made, sent, run->h, &run->rq, &pe);
+				enum prep p = prep_row(m, c, &rows[k], info, info_of[k], made, sent, run->h, &run->rq, &pe);
 				if (p == PREP_FAIL) {
 					fail_rest(run, rows, 0, pe.msg);
 					break;
 				}
 				if (p == PREP_NOTHING) {
-					row->outcome = 1;
+					rows[k].outcome = 1;
 					run->next++;
 					continue;
 				}
@@ -764,6 +759,8 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 	json_decref(made);
 	free(runs);
 	free(idx);
+	free(run_of);
+	free(info_of);
 
 	char *doc = json_array_size(sent) ? json_dumps(sent, JSON_COMPACT) : NULL;
 	json_decref(sent);
