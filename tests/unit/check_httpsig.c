@@ -812,7 +812,29 @@ START_TEST(table_driven_cases)
 }
 END_TEST
 
-/* Random bytes into every field: no crash, no leak, never CW_OK. */
+/* Whether two Signature fields ("sig1=:<base64>:") carry the same bytes:
+ * base64's last character has bits that decode to nothing, and RFC 8941
+ * (4.2.7) tells parsers not to fail on them, so a mutation there changes
+ * the text but not the signature. */
+static bool same_signature_bytes(const char *a, const char *b)
+{
+	const char *pa = strchr(a, ':'), *pb = strchr(b, ':');
+	if (!pa || !pb || pa - a != pb - b || strncmp(a, b, (size_t)(pa - a)) != 0)
+		return false;
+	char ta[HTTPSIG_MAX_FIELD], tb[HTTPSIG_MAX_FIELD];
+	snprintf(ta, sizeof(ta), "%s", pa + 1);
+	snprintf(tb, sizeof(tb), "%s", pb + 1);
+	char *ea = strchr(ta, ':'), *eb = strchr(tb, ':');
+	if (!ea || !eb || strcmp(ea, eb) != 0)
+		return false;
+	*ea = *eb = '\0';
+	unsigned char da[128], db[128];
+	long na = cw_b64_decode(da, sizeof(da), ta), nb = cw_b64_decode(db, sizeof(db), tb);
+	return na > 0 && na == nb && memcmp(da, db, (size_t)na) == 0;
+}
+
+/* Random bytes into every field: no crash, no leak, never CW_OK for a
+ * field that says anything else than the valid one. */
 START_TEST(random_garbage_never_verifies)
 {
 	EVP_PKEY *a = new_ed25519();
@@ -846,8 +868,10 @@ START_TEST(random_garbage_never_verifies)
 				target[rand() % (int)len] = alphabet[rand() % (int)(sizeof(alphabet) - 1)];
 		}
 		cw_err rc = httpsig_verify(&m, fuzz_si, fuzz_sig, &o, NULL, &e);
-		if (rc == CW_OK) /* only if the mutation changed nothing */
-			ck_assert(strcmp(fuzz_si, si) == 0 && strcmp(fuzz_sig, sig) == 0);
+		if (rc == CW_OK) /* only if the mutation changed nothing the fields carry */
+			ck_assert_msg(strcmp(fuzz_si, si) == 0 &&
+					      (strcmp(fuzz_sig, sig) == 0 || same_signature_bytes(fuzz_sig, sig)),
+				      "round %d verified: %s / %s", round, fuzz_si, fuzz_sig);
 		httpsig_check_content_digest(fuzz_si, r.body, r.body_len, &e);
 	}
 	ck_assert_int_eq(kr.lookups, kr.releases);
