@@ -926,6 +926,25 @@ void policy_decide(const struct policy_snapshot *s, const struct policy_request 
 
 /* ------------------------------------------------------------------ names */
 
+int policy_optin_fact(const struct policy_snapshot *s, const char *local_uri, const char *network)
+{
+	if (!s || !s->optins.count || !local_uri || !network)
+		return -1;
+	struct part k[2] = { mkpart(local_uri), mkpart(network) };
+	const struct slot *sl = table_find(&s->optins, s->arena, k, 2);
+	return sl ? (int)sl->val : -1;
+}
+
+int policy_consent_fact(const struct policy_snapshot *s, const char *local_uri, bool subject_is_domain,
+			const char *subject)
+{
+	if (!s || !local_uri || !subject)
+		return -1;
+	struct pparty l = { .present = true, .uri = mkpart(local_uri) };
+	struct part subj = mkpart(subject);
+	return consent(s, &l, subject_is_domain ? "d" : "u", &subj);
+}
+
 const char *policy_verdict_name(enum policy_verdict v)
 {
 	switch (v) {

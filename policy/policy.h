@@ -165,6 +165,12 @@ size_t policy_snapshot_fact_count(const struct policy_snapshot *s); /* opt-ins +
  * out). */
 void policy_decide(const struct policy_snapshot *s, const struct policy_request *r, struct policy_decision *d);
 
+/* The facts the snapshot holds, as loaded: -1 none, 0 opted out / blocked,
+ * 1 opted in / allowed.  s may be NULL (no facts). */
+int policy_optin_fact(const struct policy_snapshot *s, const char *local_uri, const char *network);
+int policy_consent_fact(const struct policy_snapshot *s, const char *local_uri, bool subject_is_domain,
+			const char *subject);
+
 const char *policy_verdict_name(enum policy_verdict v);
 const char *policy_mode_name(enum policy_mode m);
 const char *policy_scope_name(enum policy_scope s);

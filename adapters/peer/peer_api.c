@@ -1262,8 +1262,13 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 			json_array_append_new(held, json_string(PQgetvalue(r, k, 2)));
 		/* A local user's message to a remote one is consent to the
 		 * replies of that conversation (and opts them in to its network
-		 * unless they opted out). */
-		if (d.verdict == POLICY_ALLOW && in->local_sender && strcmp(in->type, "message") == 0)
+		 * unless they opted out).  Both are written only if missing, so a
+		 * pair whose consent and opt-in facts the policy already holds
+		 * (any state: an existing row is never overwritten) needs no
+		 * write: most messages of a conversation. */
+		if (d.verdict == POLICY_ALLOW && in->local_sender && strcmp(in->type, "message") == 0 &&
+		    (policy_consent_fact(view->snap, in->sender, false, PQgetvalue(r, k, 3)) < 0 ||
+		     policy_optin_fact(view->snap, in->sender, PQgetvalue(r, k, 5)) < 0))
 			json_array_append_new(outbound, json_pack("[s, s]", PQgetvalue(r, k, 3), PQgetvalue(r, k, 5)));
 		any_open |= d.verdict != POLICY_DENY;
 		if (peer_id) {

@@ -1056,6 +1056,20 @@ START_TEST(builder_facts_and_counts)
 	ck_assert_uint_eq(policy_snapshot_version(s), 42);
 	ck_assert_uint_eq(policy_snapshot_rule_count(s), 2);
 	ck_assert_uint_eq(policy_snapshot_fact_count(s), 5);
+	/* The facts as loaded, each by its own key. */
+	ck_assert_int_eq(policy_optin_fact(s, l, "matrix"), 0);
+	ck_assert_int_eq(policy_optin_fact(s, l, "peer:gk"), 1);
+	ck_assert_int_eq(policy_optin_fact(s, l, "peer:tg"), -1);
+	ck_assert_int_eq(policy_optin_fact(s, "mimi://hub.example/u/c", "matrix"), -1);
+	ck_assert_int_eq(policy_optin_fact(s, NULL, "matrix"), -1);
+	ck_assert_int_eq(policy_optin_fact(NULL, l, "matrix"), -1);
+	ck_assert_int_eq(policy_consent_fact(s, l, false, "mimi://x.example/u/b"), 1);
+	ck_assert_int_eq(policy_consent_fact(s, l, true, "mimi://x.example/u/b"), 0);
+	ck_assert_int_eq(policy_consent_fact(s, l, false, "mimi://x.example/u/c"), -1);
+	ck_assert_int_eq(policy_consent_fact(s, l, true, "x.example"), -1);
+	ck_assert_int_eq(policy_consent_fact(s, "mimi://x.example/u/b", false, l), -1); /* not the other way round */
+	ck_assert_int_eq(policy_consent_fact(s, l, false, NULL), -1);
+	ck_assert_int_eq(policy_consent_fact(NULL, l, false, "mimi://x.example/u/b"), -1);
 
 	struct policy_request r = {
 		.direction = POLICY_INBOUND, .action = POLICY_ACT_EVENT, .event_type = "message",
