@@ -191,6 +191,16 @@ class Daemon:
         headers.update(kw.pop("headers", {}))
         return self.request(method, "/admin/v1" + path, headers=headers, **kw)
 
+    def cpu_seconds(self):
+        """The daemon's user + system CPU time from its /metrics (getrusage:
+        microseconds, where /proc/PID/stat counts 10 ms ticks, too coarse for
+        a few thousand messages)."""
+        text = self.get("/metrics").text
+        m = re.search(r"^process_cpu_seconds_total (\S+)$", text, re.M)
+        if not m:
+            raise RuntimeError("no process_cpu_seconds_total in /metrics")
+        return float(m.group(1))
+
     def signal(self, sig):
         self.proc.send_signal(sig)
 
