@@ -5,8 +5,10 @@
  * generator spends no time signing while it measures.
  *
  *   loadgen get URL CONNS SECONDS
- *   loadgen messages BASE ROOM_ID TOKEN KEYFILE PEER SENDER CONNS COUNT
+ *   loadgen messages BASE ROOM_ID TOKEN KEYFILE PEER SENDER CONNS COUNT [RATE]
  *   loadgen batch BASE ROOM_URI TOKEN KEYFILE PEER SENDER CONNS COUNT PER_BATCH
+ * RATE: requests offered per second (open loop; latency from when each was
+ * due); without it, as fast as the server answers (closed loop).
  * Prints one line: "requests=… seconds=… rps=… events_per_s=… p50_ms=… p99_ms=… errors=…". */
 #include "config.h"
 #include "cw.h"
@@ -106,29 +108,43 @@ static void setup(CURL *h, struct req *r)
 	}
 }
 
-/* Runs reqs (or repeats reqs[0] for seconds when n is 0). */
-static void run(struct req *reqs, size_t n, int conns, double seconds)
+/* Runs reqs (or repeats reqs[0] for seconds when n is 0).  rate 0: each
+ * connection sends its next request as soon as the last is answered (closed
+ * loop).  rate > 0: request i is due at i / rate seconds (open loop, the
+ * offered load); it starts when due and a connection is free, and its
+ * latency runs from when it was due, so waiting for a connection counts. */
+static void run(struct req *reqs, size_t n, int conns, double seconds, double rate)
 {
 	CURLM *m = curl_multi_init();
 	curl_multi_setopt(m, CURLMOPT_MAXCONNECTS, (long)conns);
 	struct slot *slots = calloc((size_t)conns, sizeof(*slots));
+	struct slot **idle = calloc((size_t)conns, sizeof(*idle));
 	size_t cap = n ? n : 10000000, done = 0, next = 0, errors = 0, events = 0;
 	int64_t *lat = malloc(cap * sizeof(int64_t));
 	int64_t t0 = cw_now_us(), until = t0 + (int64_t)(seconds * 1e6);
-	int active = 0;
+	int active = 0, nidle = 0;
 	for (int i = 0; i < conns; i++) {
 		slots[i].h = curl_easy_init();
 		curl_easy_setopt(slots[i].h, CURLOPT_PRIVATE, &slots[i]);
-		if (n == 0 || next < n) {
-			slots[i].r = &reqs[n ? next : 0];
+		idle[nidle++] = &slots[conns - 1 - i];
+	}
+	for (;;) {
+		int64_t now = cw_now_us();
+		/* Start what is due on the idle connections. */
+		while (nidle > 0 && (n ? next < n : now < until)) {
+			int64_t due = rate > 0 ? t0 + (int64_t)((double)next * 1e6 / rate) : now;
+			if (due > now)
+				break;
+			struct slot *s = idle[--nidle];
+			s->r = &reqs[n ? next : 0];
 			next++;
-			setup(slots[i].h, slots[i].r);
-			slots[i].start_us = cw_now_us();
-			curl_multi_add_handle(m, slots[i].h);
+			setup(s->h, s->r);
+			s->start_us = due;
+			curl_multi_add_handle(m, s->h);
 			active++;
 		}
-	}
-	while (active > 0) {
+		if (active == 0 && !(n ? next < n : now < until))
+			break;
 		int running;
 		curl_multi_perform(m, &running);
 		CURLMsg *msg;
@@ -140,7 +156,7 @@ static void run(struct req *reqs, size_t n, int conns, double seconds)
 			curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&s);
 			long code = 0;
 			curl_easy_getinfo(s->h, CURLINFO_RESPONSE_CODE, &code);
-			int64_t now = cw_now_us();
+			int64_t end = cw_now_us();
 			if (msg->data.result != CURLE_OK || code < 200 || code > 299) {
 				if (errors++ < 5)
 					fprintf(stderr, "request failed: %s, status %ld\n",
@@ -149,21 +165,21 @@ static void run(struct req *reqs, size_t n, int conns, double seconds)
 				events += (size_t)s->r->events;
 			}
 			if (done < cap)
-				lat[done] = now - s->start_us;
+				lat[done] = end - s->start_us;
 			done++;
 			curl_multi_remove_handle(m, s->h);
 			active--;
-			bool more = n ? next < n : now < until;
-			if (more) {
-				s->r = &reqs[n ? next : 0];
-				next++;
-				setup(s->h, s->r);
-				s->start_us = cw_now_us();
-				curl_multi_add_handle(m, s->h);
-				active++;
-			}
+			idle[nidle++] = s;
 		}
-		curl_multi_poll(m, NULL, 0, 50, NULL);
+		int wait_ms = 50;
+		if (rate > 0 && nidle > 0 && (n ? next < n : now < until)) {
+			int64_t due = t0 + (int64_t)((double)next * 1e6 / rate), left_us = due - cw_now_us();
+			wait_ms = left_us <= 0 ? 0 : left_us < 50000 ? (int)((left_us + 999) / 1000) : 50;
+		} else if (nidle > 0 && rate <= 0 && (n ? next < n : now < until)) {
+			wait_ms = 0;
+		}
+		if (wait_ms > 0 || active > 0)
+			curl_multi_poll(m, NULL, 0, wait_ms, NULL);
 	}
 	double secs = (double)(cw_now_us() - t0) / 1e6;
 	size_t nl = done < cap ? done : cap;
@@ -175,6 +191,7 @@ static void run(struct req *reqs, size_t n, int conns, double seconds)
 		curl_easy_cleanup(slots[i].h);
 	curl_multi_cleanup(m);
 	free(slots);
+	free(idle);
 	free(lat);
 }
 
@@ -183,11 +200,11 @@ int main(int argc, char **argv)
 	curl_global_init(CURL_GLOBAL_DEFAULT);
 	if (argc == 5 && !strcmp(argv[1], "get")) {
 		struct req r = { .url = argv[2], .events = 1 };
-		run(&r, 0, atoi(argv[3]), atof(argv[4]));
+		run(&r, 0, atoi(argv[3]), atof(argv[4]), 0);
 		return 0;
 	}
 	bool batch = argc == 11 && !strcmp(argv[1], "batch");
-	if (!batch && !(argc == 10 && !strcmp(argv[1], "messages"))) {
+	if (!batch && !((argc == 10 || argc == 11) && !strcmp(argv[1], "messages"))) {
 		fprintf(stderr, "usage: see the top of tests/bench/loadgen.c\n");
 		return 2;
 	}
@@ -196,6 +213,7 @@ int main(int argc, char **argv)
 	int conns = atoi(argv[8]);
 	size_t count = (size_t)atol(argv[9]);
 	int per = batch ? atoi(argv[10]) : 1;
+	double rate = !batch && argc == 11 ? atof(argv[10]) : 0;
 	EVP_PKEY *key;
 	cw_errmsg e;
 	if (httpsig_key_load(keyfile, &key, &e)) {
@@ -230,7 +248,7 @@ int main(int argc, char **argv)
 			reqs[i] = make_signed(url, body, token, key, peer, NULL, per);
 		}
 	}
-	run(reqs, count, conns, 0);
+	run(reqs, count, conns, 0, rate);
 	EVP_PKEY_free(key);
 	curl_global_cleanup();
 	return 0;
