@@ -147,6 +147,58 @@ static bool claim_destination(struct dispatcher *d, const char *dest, struct out
 	return true;
 }
 
+/* The claim's opening, in one round trip: the transaction, the lock, the
+ * rows whose claim ran out (a daemon died mid-delivery) due again, and the
+ * push destinations (the local one is configuration: a literal).  Returns
+ * the destinations, or NULL with e set (the caller rolls back). */
+static PGresult *claim_open(struct dispatcher *d, cw_errmsg *e)
+{
+	const char *local = d->o.local_deliver ? d->o.local_destination : "";
+	char *lit = PQescapeLiteral(d->c, local, strlen(local));
+	if (!lit) {
+		cw_fail(e, CW_ENOMEM, "cannot quote the local destination: %s", PQerrorMessage(d->c));
+		return NULL;
+	}
+	char sql[1024];
+	int k = snprintf(sql, sizeof(sql),
+		"BEGIN; SET LOCAL synchronous_commit = off; SELECT pg_advisory_xact_lock(" CLAIM_LOCK_KEY "); "
+		"UPDATE outbox SET state = 'pending', claimed_by = NULL, claimed_until = NULL "
+		" WHERE state = 'in_flight' AND claimed_until < now(); "
+		"SELECT 'peer:' || name FROM peers WHERE mode = 'push' AND enabled UNION ALL SELECT %s WHERE %s <> ''",
+		lit, lit);
+	PQfreemem(lit);
+	if (k < 0 || (size_t)k >= sizeof(sql)) {
+		cw_fail(e, CW_EINVAL, "the local destination is too long");
+		return NULL;
+	}
+	if (!PQsendQuery(d->c, sql)) {
+		cw_fail(e, CW_EUNAVAIL, "cannot send: %s", PQerrorMessage(d->c));
+		return NULL;
+	}
+	/* One result per statement; after an error the server skips the rest. */
+	PGresult *r, *last = NULL;
+	bool failed = false;
+	while ((r = PQgetResult(d->c))) {
+		ExecStatusType st = PQresultStatus(r);
+		if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
+			if (!failed)
+				store_result_err(d->c, r, e);
+			failed = true;
+			PQclear(r);
+			continue;
+		}
+		PQclear(last);
+		last = r;
+	}
+	if (failed || !last || PQresultStatus(last) != PGRES_TUPLES_OK) {
+		if (!failed)
+			cw_fail(e, CW_EUNAVAIL, "the claim's opening answered nothing: %s", PQerrorMessage(d->c));
+		PQclear(last);
+		return NULL;
+	}
+	return last;
+}
+
 /* Claims due rows of every push destination; returns how many (rows are
  * the caller's), or -1. */
 static int claim(struct dispatcher *d, struct outbox_row **out)
@@ -155,22 +207,9 @@ static int claim(struct dispatcher *d, struct outbox_row **out)
 	cw_errmsg e;
 	struct outbox_row *rows = NULL;
 	int n = 0, cap = 0;
-	if (store_exec(d->c, "BEGIN", &e))
-		return -1;
-	if (store_exec(d->c, "SELECT pg_advisory_xact_lock(" CLAIM_LOCK_KEY ")", &e))
+	PGresult *dr = claim_open(d, &e);
+	if (!dr)
 		goto fail;
-	/* Rows whose claim ran out (a daemon died mid-delivery) are due again. */
-	if (store_exec(d->c, "UPDATE outbox SET state = 'pending', claimed_by = NULL, claimed_until = NULL "
-			     "WHERE state = 'in_flight' AND claimed_until < now()", &e))
-		goto fail;
-	const char *lp[] = { d->o.local_deliver ? d->o.local_destination : "" };
-	PGresult *dr = PQexecParams(d->c, "SELECT 'peer:' || name FROM peers WHERE mode = 'push' AND enabled "
-				    "UNION ALL SELECT $1 WHERE $1 <> ''", 1, NULL, lp, NULL, NULL, 0);
-	if (PQresultStatus(dr) != PGRES_TUPLES_OK) {
-		store_result_err(d->c, dr, &e);
-		PQclear(dr);
-		goto fail;
-	}
 	for (int i = 0; i < PQntuples(dr); i++)
 		if (!claim_destination(d, PQgetvalue(dr, i, 0), &rows, &n, &cap, &e)) {
 			PQclear(dr);
