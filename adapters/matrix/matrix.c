@@ -302,6 +302,7 @@ struct txn {
 	json_t *rooms;        /* Matrix room id -> true when bridged */
 	json_t *mgmt;         /* Matrix room id -> the user whose management room it is */
 	json_t *bot_send;     /* of bot, those that are the bot's (txn_prepare) */
+	json_t *typing;       /* room -> who types, as this transaction says (kept once it is durable) */
 	bool write;           /* the events need the write (submit_prepare said so) */
 	struct submit *b;
 	unsigned char key[32];
@@ -321,6 +322,7 @@ static void txn_free(void *arg)
 	json_decref(t->rooms);
 	json_decref(t->mgmt);
 	json_decref(t->bot_send);
+	json_decref(t->typing);
 	if (t->b)
 		submit_free(t->b);
 	free(t);
@@ -519,6 +521,7 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 						      json_string_value(json_object_get(ev, "event_id")), uri, neutral));
 	}
 	json_t *eph = json_array();
+	json_object_clear(t->typing); /* this step may run again: from the stored state each time */
 	json_array_foreach(t->ephemeral, i, ev) {
 		const char *room = json_string_value(json_object_get(ev, "room_id"));
 		if (!room || !json_object_get(t->rooms, room))
@@ -528,8 +531,8 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 		if (typing) {
 			/* m.typing lists who types now: who stopped is who is no
 			 * longer in the list. */
-			json_t *stopped = mx_typing_update(t->m, room, json_object_get(json_object_get(ev, "content"),
-									   "user_ids"));
+			json_t *stopped = mx_typing_diff(t->m, t->typing, room,
+							 json_object_get(json_object_get(ev, "content"), "user_ids"));
 			size_t s2;
 			json_t *who;
 			json_array_foreach(stopped, s2, who)
@@ -691,6 +694,7 @@ static void txn_answer(struct txn *t, struct app_job *j)
 			LOG_KV(CW_LOG_INFO, "matrix event not taken", "code", code ? code : "", "detail", detail ? detail : "");
 	}
 	mx_txn_remember(t->m, t->key);
+	mx_typing_keep(t->m, t->typing);
 	j->status = 200;
 	j->body = json_object();
 }
@@ -765,6 +769,7 @@ void matrix_as_transaction(struct cw_req *req, void *ctx)
 	t->senders = json_object();
 	t->mgmt = json_object();
 	t->bot_send = json_array();
+	t->typing = json_object();
 	size_t i;
 	json_t *ev;
 	json_array_foreach(events, i, ev) {
@@ -821,32 +826,43 @@ json_t *mx_typing_before(struct matrix *m, const char *room)
 	return copy;
 }
 
-json_t *mx_typing_update(struct matrix *m, const char *room, json_t *now)
+json_t *mx_typing_diff(struct matrix *m, json_t *seen, const char *room, json_t *now)
 {
 	json_t *stopped = json_array();
-	pthread_mutex_lock(&m->mu);
-	json_t *before = json_object_get(m->typing, room);
+	json_t *before = json_object_get(seen, room);
+	json_t *stored = before ? NULL : mx_typing_before(m, room);
 	size_t i, k;
 	json_t *a, *b;
-	json_array_foreach(before, i, a) {
+	json_array_foreach(before ? before : stored, i, a) {
 		bool still = false;
 		json_array_foreach(now, k, b)
 			still |= json_equal(a, b);
 		if (!still)
 			json_array_append(stopped, a);
 	}
+	json_decref(stored);
 	json_t *list = json_array();
 	json_array_foreach(now, k, b)
 		if (json_is_string(b))
 			json_array_append(list, b);
-	if (json_array_size(list) || json_object_get(m->typing, room))
-		json_object_set_new(m->typing, room, list);
-	else
-		json_decref(list);
+	json_object_set_new(seen, room, list);
+	return stopped;
+}
+
+void mx_typing_keep(struct matrix *m, json_t *seen)
+{
+	const char *room;
+	json_t *list;
+	pthread_mutex_lock(&m->mu);
+	json_object_foreach(seen, room, list) {
+		if (json_array_size(list))
+			json_object_set(m->typing, room, list);
+		else
+			json_object_del(m->typing, room);
+	}
 	if (json_object_size(m->typing) > 10000) /* bounded: forget the oldest knowledge wholesale */
 		json_object_clear(m->typing);
 	pthread_mutex_unlock(&m->mu);
-	return stopped;
 }
 
 /* ------------------------------------------------------------ recent transactions */

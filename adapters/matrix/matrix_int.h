@@ -54,10 +54,15 @@ void mx_ping_heard(struct matrix *m, const char *txn);
  * when it first delivers). */
 cw_err mx_register_ghost(struct matrix *m, const char *peer, const char *localpart, const char *display,
 			 const char *ghost, cw_errmsg *e);
-/* Who typed in room at the last m.typing (a copy); and the update to now's
- * list, answering who stopped. */
+/* Who typed in room at the last m.typing of a stored transaction (a copy).
+ * mx_typing_diff: who stopped, from the list in seen (room -> list: what
+ * this transaction saw so far) or else the stored one, to now's list, which
+ * it puts in seen; mx_typing_keep stores seen once the transaction is
+ * durable, so a transaction that fails, or a step that runs again, sees the
+ * same starting point. */
 json_t *mx_typing_before(struct matrix *m, const char *room);
-json_t *mx_typing_update(struct matrix *m, const char *room, json_t *now);
+json_t *mx_typing_diff(struct matrix *m, json_t *seen, const char *room, json_t *now);
+void mx_typing_keep(struct matrix *m, json_t *seen);
 /* The bot's thread (mx_bot.c). */
 void mx_bot_start(struct matrix *m);
 void mx_bot_stop(struct matrix *m);

@@ -349,6 +349,49 @@ def test_typing_and_read_receipts_reach_the_peer(mx, hs, gk, pg, db_url):
     assert got[2]["content"]["in_reply_to"] == sent and all(e["sender"] == ALICE for e in got)
 
 
+def test_a_typing_stop_lost_with_a_failed_transaction_is_not_forgotten(mx, hs, gk, pg, db_url):
+    """m.typing says who types now; who stopped is who was in the list before.
+    The list before is what the last durable transaction said: a transaction
+    whose write fails does not move it.  Synapse keeps no ephemeral data for a
+    retry, so the stop of the failed transaction is gone; the next m.typing
+    of the room (bob starts) then still tells the peer that alice stopped."""
+    a, srv = gk
+    consent_alice(mx)
+    _, alice_token = hs.create_user("alice")
+    _, bob_token = hs.create_user("bob")
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    a.send(room, a.user("wally"), "are you there?")
+    ghost = "@_cw_gk_wally:example.org"
+    mx_room = wait_until(lambda: next((rid for rid in hs.rooms() if any(
+        e["sender"] == ghost and e["type"] == "m.room.message" for e in hs.events(rid))), None), what="delivery")
+    alice = hs.as_user(alice_token)
+    alice.join(mx_room)
+    typing = lambda: [(e["sender"], e["content"]["state"]) for e in srv.events if e["type"] == "typing"]  # noqa: E731
+    alice.typing(mx_room, True)
+    wait_until(lambda: typing() == [(ALICE, "start")], what="alice's start at the peer")
+    # The next write of a typing stop fails once (a sequence: not undone by the rollback).
+    pg.psql("CREATE SEQUENCE test_fail_once; "
+            "CREATE FUNCTION test_fail_stop() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            " IF NEW.type = 'typing' AND NEW.content->'content'->>'state' = 'stop' "
+            "  AND nextval('test_fail_once') = 1 THEN RAISE EXCEPTION 'injected failure'; END IF; "
+            " RETURN NEW; END $$; "
+            "CREATE TRIGGER test_fail_stop BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION test_fail_stop()",
+            db_url)
+    n_txn = len(hs.transactions)
+    alice.typing(mx_room, False)
+    wait_until(lambda: len(hs.transactions) > n_txn and all(t["done"] for t in hs.transactions[n_txn:]),
+               what="the transaction taken after its retry")
+    failed = [t for t in hs.transactions[n_txn:] if t["tries"] > 1]
+    assert failed and failed[0]["attempts"][0]["status"] != 200, hs.transactions[n_txn:]
+    assert pg.psql("SELECT last_value FROM test_fail_once", db_url) == "1"
+    assert typing() == [(ALICE, "start")]  # the retry came without its ephemeral data
+    alice.invite(mx_room, "@bob:example.org")
+    bob = hs.as_user(bob_token)
+    bob.join(mx_room)
+    bob.typing(mx_room, True)
+    wait_until(lambda: typing() == [(ALICE, "start"), (ALICE, "stop")], what="alice's stop at the peer")
+
+
 def test_a_local_user_leaving_reaches_the_peer(mx, hs, gk):
     a, srv = gk
     consent_alice(mx)
