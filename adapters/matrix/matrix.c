@@ -693,10 +693,20 @@ static void txn_answer(struct txn *t, struct app_job *j)
 		if (st && st != 202)
 			LOG_KV(CW_LOG_INFO, "matrix event not taken", "code", code ? code : "", "detail", detail ? detail : "");
 	}
-	mx_txn_remember(t->m, t->key);
-	mx_typing_keep(t->m, t->typing);
 	j->status = 200;
 	j->body = json_object();
+}
+
+/* Once the transaction is durable (the job succeeded: after the commit; the
+ * answer above is made before it): a repeat is answered at once from now
+ * on, and its typing lists are the rooms' lists.  Remembered any earlier, a
+ * commit that failed would have the homeserver's retry answered 200 with
+ * nothing stored. */
+static void txn_after(struct app_job *j)
+{
+	struct txn *t = j->data;
+	mx_txn_remember(t->m, t->key);
+	mx_typing_keep(t->m, t->typing);
 }
 
 static const struct app_pipe_ops txn_ops = { txn_send, txn_recv };
@@ -811,6 +821,7 @@ void matrix_as_transaction(struct cw_req *req, void *ctx)
 	}
 	j->data = t;
 	j->data_free = txn_free;
+	j->after = txn_after;
 	j->matrix_errors = true;
 	app_job_start_prepared_pipe(j, txn_prepare, &txn_ops);
 }

@@ -58,7 +58,7 @@ cw_err mx_register_ghost(struct matrix *m, const char *peer, const char *localpa
  * mx_typing_diff: who stopped, from the list in seen (room -> list: what
  * this transaction saw so far) or else the stored one, to now's list, which
  * it puts in seen; mx_typing_keep stores seen once the transaction is
- * durable, so a transaction that fails, or a step that runs again, sees the
+ * durable (after its commit), so a transaction that fails, or a step that runs again, sees the
  * same starting point. */
 json_t *mx_typing_before(struct matrix *m, const char *room);
 json_t *mx_typing_diff(struct matrix *m, json_t *seen, const char *room, json_t *now);

@@ -197,6 +197,36 @@ def test_transactions_are_deduplicated_by_event_id(mx, hs, gk, pg, db_url):
     assert [e["content"]["parts"][0]["body"] for e in got] == ["once", "twice"]
 
 
+def test_a_transaction_whose_commit_fails_is_stored_when_retried(mx, hs, gk, pg, db_url):
+    """The answer is 200 only once the events are durable, and so is the
+    memory of answered transactions: after a commit that failed (503), the
+    homeserver's retry of the same transaction is stored, not waved through."""
+    a, srv = gk
+    consent_alice(mx)
+    hs.create_user("alice")
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    a.send(room, a.user("wally"), "hello")
+    mx_room = wait_until(lambda: next(iter(hs.rooms()), None), what="the direct room")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM room_bindings", db_url) == "1", what="the binding")
+    # The next commit with an event from Matrix fails, once (checked at commit: a deferred trigger).
+    pg.psql("CREATE SEQUENCE test_fail_once; "
+            "CREATE FUNCTION test_fail_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            " IF NEW.origin_network = 'matrix' AND nextval('test_fail_once') = 1 THEN "
+            "  RAISE EXCEPTION 'injected failure at commit'; END IF; RETURN NULL; END $$; "
+            "CREATE CONSTRAINT TRIGGER test_fail_commit AFTER INSERT ON events DEFERRABLE INITIALLY DEFERRED "
+            " FOR EACH ROW EXECUTE FUNCTION test_fail_commit()", db_url)
+    ev = {"event_id": "$commit1", "room_id": mx_room, "sender": ALICE_MX, "type": "m.room.message",
+          "origin_server_ts": 1700000000000, "content": {"msgtype": "m.text", "body": "after a failed commit"}}
+    r = as_put(mx, "300", {"events": [ev]})
+    assert r.status_code == 503 and r.json()["errcode"] == "M_UNKNOWN", r.text
+    assert pg.psql("SELECT count(*) FROM events WHERE origin_native_id = '$commit1'", db_url) == "0"
+    r = wait_until(lambda: (lambda x: x if x.status_code == 200 else None)(as_put(mx, "300", {"events": [ev]})),
+                   what="the retry taken")
+    assert pg.psql("SELECT count(*) FROM events WHERE origin_native_id = '$commit1'", db_url) == "1"
+    got = srv.wait_events(1)
+    assert got[-1]["content"]["parts"][0]["body"] == "after a failed commit"
+
+
 def test_users_query_answers_for_known_remote_users(mx, gk):
     a, _ = gk
     a.create_room([a.user("wally"), ALICE])
