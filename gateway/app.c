@@ -262,6 +262,8 @@ static void metrics_done(void *arg, cw_err rc, const cw_errmsg *e)
 	}
 	if (app->xmpp)
 		xa_metrics(app->xmpp, &b);
+	if (app->matrix)
+		matrix_metrics(app->matrix, &b);
 	if (app->replay) {
 		cw_metrics_sample(&b, "causeway_signature_nonces", "gauge", "Request-signature nonces remembered.",
 				  NULL, (double)httpsig_replay_count(app->replay));

@@ -2,6 +2,7 @@
 #include "config.h"
 #include "matrix.h"
 #include "matrix_int.h"
+#include "buf.h"
 #include "log.h"
 #include "pipeline.h"
 #include "store.h"
@@ -304,6 +305,7 @@ struct txn {
 	json_t *bot_send;     /* of bot, those that are the bot's (txn_prepare) */
 	json_t *typing;       /* room -> who types, as this transaction says (kept once it is durable) */
 	bool write;           /* the events need the write (submit_prepare said so) */
+	size_t conv_invalid, conv_ignored; /* txn_convert's own (it may run again: reset each time) */
 	struct submit *b;
 	unsigned char key[32];
 	char txn_id[MX_ID_MAX + 1];
@@ -490,6 +492,7 @@ static cw_err txn_bot_send(PGconn *c, struct txn *t, cw_errmsg *e)
 /* The events as neutral ones, into the pipeline's items. */
 static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 {
+	t->conv_invalid = t->conv_ignored = 0;
 	size_t n = json_array_size(t->events);
 	json_t *conv = json_array(); /* [ [room, event_id, sender uri, neutral body], ... ] */
 	size_t i;
@@ -499,7 +502,7 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 		const char *sender = json_string_value(json_object_get(ev, "sender"));
 		const char *uri = lookup_map(t->senders, sender);
 		if (!json_object_get(t->rooms, room) || !uri) {
-			t->ignored++; /* not a bridged room, or not one of this provider's users */
+			t->conv_ignored++; /* not a bridged room, or not one of this provider's users */
 			continue;
 		}
 		json_t *neutral = NULL;
@@ -507,11 +510,11 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 		enum mx_in_result res = mx_to_neutral(ev, lookup_ref_or_user, t, &neutral, why, sizeof(why));
 		if (res != MX_IN_OK) {
 			if (res == MX_IN_INVALID) {
-				t->invalid++;
+				t->conv_invalid++;
 				LOG_KV(CW_LOG_INFO, "matrix event refused", "event_id",
 				       json_string_value(json_object_get(ev, "event_id")), "detail", why);
 			} else {
-				t->ignored++;
+				t->conv_ignored++;
 			}
 			json_decref(neutral);
 			continue;
@@ -591,7 +594,7 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 		if (rc) {
 			LOG_KV(CW_LOG_INFO, "matrix event not representable", "event_id",
 			       json_string_value(json_array_get(x, 1)), "detail", err.detail);
-			t->invalid++;
+			t->conv_invalid++;
 			continue;
 		}
 		bool ok = submit_put_local(t->b, i, t->app, "matrix", json_string_value(json_array_get(x, 0)),
@@ -707,6 +710,44 @@ static void txn_after(struct app_job *j)
 	struct txn *t = j->data;
 	mx_txn_remember(t->m, t->key);
 	mx_typing_keep(t->m, t->typing);
+	unsigned long long n[4] = { 0, 0, t->invalid + t->conv_invalid, t->ignored + t->conv_ignored };
+	for (size_t i = 0; t->b && i < submit_count(t->b); i++) {
+		const char *code, *detail;
+		int st = submit_result(t->b, i, &code, &detail);
+		if (st == 202)
+			n[MX_EV_ACCEPTED]++;
+		else if (st)
+			n[MX_EV_REFUSED]++;
+	}
+	atomic_fetch_add(&t->m->txns, 1);
+	for (int k = 0; k < 4; k++)
+		atomic_fetch_add(&t->m->events[k], n[k]);
+}
+
+void matrix_metrics(struct matrix *m, struct cw_buf *b)
+{
+	char ping[16];
+	pthread_mutex_lock(&m->mu);
+	snprintf(ping, sizeof(ping), "%s", m->ping_state);
+	pthread_mutex_unlock(&m->mu);
+	static const char *const states[] = { "pending", "ok", "failed" };
+	cw_buf_printf(b, "# HELP causeway_matrix_ping The start-up ping of the homeserver (1: its state now).\n"
+			 "# TYPE causeway_matrix_ping gauge\n");
+	for (int i = 0; i < 3; i++)
+		cw_buf_printf(b, "causeway_matrix_ping{state=\"%s\"} %d\n", states[i], strcmp(ping, states[i]) == 0);
+	cw_buf_printf(b, "# HELP causeway_matrix_transactions_total Homeserver transactions answered: once durable "
+			 "(taken), or again from memory (repeat).\n"
+			 "# TYPE causeway_matrix_transactions_total counter\n"
+			 "causeway_matrix_transactions_total{result=\"taken\"} %llu\n"
+			 "causeway_matrix_transactions_total{result=\"repeat\"} %llu\n",
+		      (unsigned long long)atomic_load(&m->txns), (unsigned long long)atomic_load(&m->txn_repeats));
+	static const char *const results[] = { "accepted", "refused", "invalid", "ignored" };
+	cw_buf_printf(b, "# HELP causeway_matrix_events_total Events of taken transactions: accepted (stored, now or before), "
+			 "refused by the pipeline (policy, limits, unknown room), invalid, or ignored (not bridged, echoes).\n"
+			 "# TYPE causeway_matrix_events_total counter\n");
+	for (int k = 0; k < 4; k++)
+		cw_buf_printf(b, "causeway_matrix_events_total{result=\"%s\"} %llu\n", results[k],
+			      (unsigned long long)atomic_load(&m->events[k]));
 }
 
 static const struct app_pipe_ops txn_ops = { txn_send, txn_recv };
@@ -765,6 +806,7 @@ void matrix_as_transaction(struct cw_req *req, void *ctx)
 		return;
 	}
 	if (mx_txn_seen(app->matrix, t->key)) {
+		atomic_fetch_add(&app->matrix->txn_repeats, 1);
 		json_decref(doc);
 		free(t);
 		cw_req_reply_json(req, 200, json_object());

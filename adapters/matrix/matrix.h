@@ -44,6 +44,10 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 /* Pings the homeserver (POST /_matrix/client/v1/appservice/{id}/ping) in the
  * background; the outcome is in matrix_health. */
 void matrix_ping_start(struct matrix *m);
+/* The adapter's metrics (Prometheus text): the start-up ping's state,
+ * transactions and their events by outcome. */
+struct cw_buf;
+void matrix_metrics(struct matrix *m, struct cw_buf *b);
 /* {"homeserver": ..., "ping": "ok"|"failed"|"pending", "last_error": ...}. */
 json_t *matrix_health(struct matrix *m);
 

@@ -40,7 +40,12 @@ struct matrix {
 	pthread_t bot_thread;
 	bool bot_started;
 	atomic_bool bot_stop;
+	/* transactions answered once durable, and repeats answered from memory;
+	 * their events by outcome (MX_EV_*) */
+	atomic_ullong txns, txn_repeats, events[4];
 };
+
+enum { MX_EV_ACCEPTED, MX_EV_REFUSED, MX_EV_INVALID, MX_EV_IGNORED };
 
 const char *mx_server_name(const struct cw_config *cfg);
 /* The destructor of a thread's homeserver client. */

@@ -4,6 +4,7 @@ errors, transactions (dedupe, echoes), and messages both ways between a peer
 and a Matrix user in a direct room."""
 import base64
 import os
+import re
 import signal
 import subprocess
 import time
@@ -123,10 +124,17 @@ def test_appservice_auth_and_errors(mx):
     assert r.status_code == 200 and r.json() == {}
 
 
+def metrics(d, name):
+    """{labels: value} of one metric from /metrics."""
+    return {m.group(1): float(m.group(2))
+            for m in re.finditer(r"^" + name + r"\{([^}]*)\} (\S+)$", d.get("/metrics").text, re.M)}
+
+
 def test_ping_at_start_is_reported(mx, hs):
     wait_until(lambda: mx.get("/readyz").json()["adapters"]["matrix"]["ping"] != "pending", what="the ping")
     health = mx.get("/readyz").json()["adapters"]["matrix"]
     assert health["ping"] == "ok", health
+    assert metrics(mx, "causeway_matrix_ping") == {'state="pending"': 0, 'state="ok"': 1, 'state="failed"': 0}
 
 
 def test_peer_to_matrix_and_back(mx, hs, gk, pg, db_url):
@@ -184,6 +192,7 @@ def test_transactions_are_deduplicated_by_event_id(mx, hs, gk, pg, db_url):
     wait_until(lambda: pg.psql("SELECT count(*) FROM room_bindings", db_url) == "1", what="the binding")
     ev = {"event_id": "$abc123", "room_id": mx_room, "sender": ALICE_MX, "type": "m.room.message",
           "origin_server_ts": 1700000000000, "content": {"msgtype": "m.text", "body": "once"}}
+    txns0, events0 = metrics(mx, "causeway_matrix_transactions_total"), metrics(mx, "causeway_matrix_events_total")
     assert as_put(mx, "100", {"events": [ev]}).status_code == 200
     assert as_put(mx, "100", {"events": [ev]}).status_code == 200           # the same transaction
     assert as_put(mx, "1", {"events": [ev]}).status_code == 200             # after a homeserver reset
@@ -193,6 +202,12 @@ def test_transactions_are_deduplicated_by_event_id(mx, hs, gk, pg, db_url):
     good = dict(ev, event_id="$def456", content={"msgtype": "m.text", "body": "twice"})
     assert as_put(mx, "101", {"events": bad + [good]}).status_code == 200  # bad ones never drop the others
     assert pg.psql("SELECT count(*) FROM events WHERE origin_network = 'matrix'", db_url) == "2"
+    # Counted once each (the stand-in's own pushes in between carry only echoes, which are ignored).
+    txns, events = metrics(mx, "causeway_matrix_transactions_total"), metrics(mx, "causeway_matrix_events_total")
+    delta = lambda now, before, k: now[k] - before.get(k, 0)  # noqa: E731
+    assert delta(txns, txns0, 'result="repeat"') == 1 and delta(txns, txns0, 'result="taken"') >= 3, txns
+    assert delta(events, events0, 'result="accepted"') == 3, events  # once, the same again, twice
+    assert delta(events, events0, 'result="invalid"') == 5 and delta(events, events0, 'result="refused"') == 0, events
     got = srv.wait_events(2)
     assert [e["content"]["parts"][0]["body"] for e in got] == ["once", "twice"]
 
