@@ -259,9 +259,12 @@ static void record(struct dispatcher *d, const struct outbox_row *rows, size_t n
 	snprintf(max, sizeof(max), "%ld", d->o.retry_max_ms);
 	snprintf(started, sizeof(started), "%lld", (long long)started_ms);
 	const char *params[] = { ids, ok ? "t" : "f", codes, why, budget, base, max, started };
-	/* One statement: the attempts are recorded and the rows move on. */
+	/* One statement: the attempts are recorded and the rows move on.  Its
+	 * commit does not wait for the WAL flush (set_config(..., true) holds
+	 * for this statement's own transaction): see claim_open. */
 	PGresult *r = PQexecParams(d->c,
-		"WITH a AS (INSERT INTO delivery_attempts (outbox_id, attempt, started_at, finished_at, ok, code, error) "
+		"WITH cfg AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true) AS v), "
+		"a AS (INSERT INTO delivery_attempts (outbox_id, attempt, started_at, finished_at, ok, code, error) "
 		" SELECT o.id, coalesce((SELECT max(x.attempt) FROM delivery_attempts x WHERE x.outbox_id = o.id), 0) + 1, "
 		"  to_timestamp($8::bigint / 1000.0), now(), $2::boolean, "
 		"  NULLIF($3::int, 0), $4 FROM outbox o WHERE o.id = ANY($1::bigint[]) "
@@ -272,7 +275,7 @@ static void record(struct dispatcher *d, const struct outbox_row *rows, size_t n
 		" last_error = CASE WHEN $2::boolean THEN NULL ELSE $4 END, "
 		" next_attempt_at = CASE WHEN $2::boolean THEN next_attempt_at ELSE now() + make_interval(secs => "
 		"  least($7::bigint, $6::bigint * (1::bigint << least(attempts - 1, 30))) / 1000.0 * (0.5 + random() / 2)) END "
-		"WHERE id = ANY($1::bigint[]) AND state = 'in_flight' RETURNING state",
+		"FROM cfg WHERE id = ANY($1::bigint[]) AND state = 'in_flight' RETURNING state",
 		8, NULL, params, NULL, NULL, 0);
 	if (PQresultStatus(r) == PGRES_TUPLES_OK) {
 		for (int i = 0; i < PQntuples(r); i++) {
