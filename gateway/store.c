@@ -48,7 +48,7 @@ struct cw_store {
 	pthread_cond_t wcond;   /* the writer waits on it */
 	pthread_cond_t rcond;   /* the readers wait on it */
 	struct queue wq, rq;
-	size_t last_batch;      /* writes in the writer's last batch (under mu) */
+	size_t last_batch;      /* writes in the writer's last batch, 0 before the first (under mu) */
 	bool stopping;
 	pthread_t writer;
 	struct conn wconn;
@@ -536,12 +536,12 @@ static void *writer_main(void *arg)
 		}
 		int64_t now = cw_now_us();
 		int64_t wait_us;
-		/* The delay lets a batch fill only while writes come side by side
-		 * (the last batch had several): one write at a time, as a
-		 * homeserver's one transaction in flight, would only wait it out
-		 * every time. */
+		/* The delay lets a batch fill, except after a batch of a single
+		 * write: writes that come one at a time, as a homeserver's one
+		 * transaction in flight, would only wait it out every time.  (The
+		 * first batch waits: nothing is known yet.) */
 		size_t n = gc_plan((size_t)s->wq.n, s->wq.head ? now - s->wq.head->enqueued_us : 0,
-				   (size_t)s->o.batch_max, s->last_batch > 1 ? s->o.batch_delay_us : 0, &wait_us);
+				   (size_t)s->o.batch_max, s->last_batch != 1 ? s->o.batch_delay_us : 0, &wait_us);
 		if (n) {
 			s->last_batch = n;
 			struct job *batch = q_take(&s->wq, n);
