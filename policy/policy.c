@@ -679,6 +679,16 @@ static inline int consent(const struct policy_snapshot *s, const struct pparty *
 	return sl ? (int)sl->val : -1;
 }
 
+/* Opt-in fact (local, network): -1 none, 0 opted out, 1 opted in. */
+static inline int optin(const struct policy_snapshot *s, const struct part *local, const struct part *network)
+{
+	if (s->optins.count == 0 || local->n == 0 || network->n == 0)
+		return -1;
+	struct part k[2] = { *local, *network };
+	const struct slot *sl = table_find(&s->optins, s->arena, k, 2);
+	return sl ? (int)sl->val : -1;
+}
+
 /* Appends src to the key buffer, truncating at POLICY_RATE_KEY_MAX. */
 static inline size_t key_append(char *buf, size_t n, const char *src, size_t len)
 {
@@ -893,13 +903,8 @@ void policy_decide(const struct policy_snapshot *s, const struct policy_request 
 	/* Inbound from here on. */
 	if (local) {
 		/* 5. Opt-in to the sender's network. */
-		bool opted = s->optin_default;
-		if (s->optins.count && local->uri.n && snd.network.n) {
-			struct part k[2] = { local->uri, snd.network };
-			const struct slot *sl = table_find(&s->optins, s->arena, k, 2);
-			if (sl)
-				opted = sl->val != 0;
-		}
+		int fact = optin(s, &local->uri, &snd.network);
+		bool opted = fact < 0 ? s->optin_default : fact != 0;
 		if (!opted) {
 			set(d, POLICY_DENY, "user_not_opted_in", 0);
 			return;
@@ -924,15 +929,14 @@ void policy_decide(const struct policy_snapshot *s, const struct policy_request 
 		set(d, POLICY_HOLD, "no_consent_yet", 0);
 }
 
-/* ------------------------------------------------------------------ names */
+/* ------------------------------------------------------------------ facts */
 
 int policy_optin_fact(const struct policy_snapshot *s, const char *local_uri, const char *network)
 {
-	if (!s || !s->optins.count || !local_uri || !network)
+	if (!s || !local_uri || !network)
 		return -1;
-	struct part k[2] = { mkpart(local_uri), mkpart(network) };
-	const struct slot *sl = table_find(&s->optins, s->arena, k, 2);
-	return sl ? (int)sl->val : -1;
+	struct part l = mkpart(local_uri), n = mkpart(network);
+	return optin(s, &l, &n);
 }
 
 int policy_consent_fact(const struct policy_snapshot *s, const char *local_uri, bool subject_is_domain,
@@ -944,6 +948,8 @@ int policy_consent_fact(const struct policy_snapshot *s, const char *local_uri, 
 	struct part subj = mkpart(subject);
 	return consent(s, &l, subject_is_domain ? "d" : "u", &subj);
 }
+
+/* ------------------------------------------------------------------ names */
 
 const char *policy_verdict_name(enum policy_verdict v)
 {
