@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #define REQ_MAX_HEADERS 10
@@ -507,8 +508,15 @@ void cw_http_quiesce(struct cw_http *h)
 		return;
 	h->quiesced = true;
 	MHD_socket s = MHD_quiesce_daemon(h->d);
-	if (s != MHD_INVALID_SOCKET)
-		close(s);
+	if (s == MHD_INVALID_SOCKET)
+		return;
+	/* Quiescing only asks the workers to drop the socket from their next
+	 * poll(); one asleep in poll() holds a reference to it, so close()
+	 * alone leaves it listening, and the kernel completing handshakes,
+	 * until that worker wakes.  shutdown() stops the listening at once:
+	 * a connection after "stopping" is refused, never left unanswered. */
+	shutdown(s, SHUT_RDWR);
+	close(s);
 }
 
 bool cw_http_drain(struct cw_http *h, long timeout_ms)

@@ -124,6 +124,8 @@ def test_sigterm_finishes_the_request_in_flight(daemon):
     assert daemon.wait_exit(15) == 0
     stopped = daemon.wait_for(lambda r: r.get("msg") == "stopped")
     assert stopped["drained"] == "true" and stopped["abandoned_requests"] == "0"
+    # Shutting the listening socket down is quiet: no worker trips on it.
+    assert [r for r in daemon.records if r.get("msg") == "libmicrohttpd"] == []
 
 
 def test_sigterm_gives_up_after_the_drain_timeout(make_daemon, db_url):
