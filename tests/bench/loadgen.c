@@ -7,6 +7,10 @@
  *   loadgen get URL CONNS SECONDS
  *   loadgen messages BASE ROOM_ID TOKEN KEYFILE PEER SENDER CONNS COUNT [RATE]
  *   loadgen batch BASE ROOM_URI TOKEN KEYFILE PEER SENDER CONNS COUNT PER_BATCH
+ *   loadgen put URL_PREFIX FIRST_ID TOKEN CONNS FILE EVENTS_PER_BODY
+ * put: one PUT per line of FILE (a JSON body) to URL_PREFIX/<FIRST_ID + i>
+ * with "Authorization: Bearer TOKEN", as a Matrix homeserver pushes
+ * appservice transactions.
  * RATE: requests offered per second (open loop; latency from when each was
  * due); without it, as fast as the server answers (closed loop).
  * Prints one line: "requests=… seconds=… rps=… events_per_s=… p50_ms=… p99_ms=… errors=…". */
@@ -21,6 +25,7 @@
 
 struct req {
 	char *url;
+	const char *method; /* NULL: GET without a body, POST with one */
 	char *body;
 	struct curl_slist *headers;
 	int events;
@@ -103,6 +108,7 @@ static void setup(CURL *h, struct req *r)
 		curl_easy_setopt(h, CURLOPT_POSTFIELDS, r->body);
 		curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE, (long)strlen(r->body));
 		curl_easy_setopt(h, CURLOPT_HTTPHEADER, r->headers);
+		curl_easy_setopt(h, CURLOPT_CUSTOMREQUEST, r->method);
 	} else {
 		curl_easy_setopt(h, CURLOPT_HTTPGET, 1L);
 	}
@@ -195,6 +201,48 @@ static void run(struct req *reqs, size_t n, int conns, double seconds, double ra
 	free(lat);
 }
 
+static int put(const char *prefix, long first, const char *token, int conns, const char *file, int events)
+{
+	FILE *f = fopen(file, "r");
+	if (!f) {
+		perror(file);
+		return 1;
+	}
+	struct curl_slist *headers = curl_slist_append(NULL, "Expect:");
+	headers = curl_slist_append(headers, "Content-Type: application/json");
+	char auth[512];
+	snprintf(auth, sizeof(auth), "Authorization: Bearer %s", token);
+	headers = curl_slist_append(headers, auth);
+	size_t n = 0, cap = 0;
+	struct req *reqs = NULL;
+	char *line = NULL;
+	size_t linecap = 0;
+	ssize_t len;
+	while ((len = getline(&line, &linecap, f)) > 0) {
+		if (line[len - 1] == '\n')
+			line[--len] = '\0';
+		if (n == cap) {
+			cap = cap ? 2 * cap : 256;
+			reqs = realloc(reqs, cap * sizeof(*reqs));
+		}
+		char url[1024];
+		snprintf(url, sizeof(url), "%s/%ld", prefix, first + (long)n);
+		reqs[n++] = (struct req){ .url = strdup(url), .method = "PUT", .body = strdup(line),
+					  .headers = headers, .events = events };
+	}
+	free(line);
+	fclose(f);
+	run(reqs, n, conns, 0, 0);
+	for (size_t i = 0; i < n; i++) {
+		free(reqs[i].url);
+		free(reqs[i].body);
+	}
+	free(reqs);
+	curl_slist_free_all(headers);
+	curl_global_cleanup();
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	curl_global_init(CURL_GLOBAL_DEFAULT);
@@ -203,6 +251,8 @@ int main(int argc, char **argv)
 		run(&r, 0, atoi(argv[3]), atof(argv[4]), 0);
 		return 0;
 	}
+	if (argc == 8 && !strcmp(argv[1], "put"))
+		return put(argv[2], atol(argv[3]), argv[4], atoi(argv[5]), argv[6], atoi(argv[7]));
 	bool batch = argc == 11 && !strcmp(argv[1], "batch");
 	if (!batch && !((argc == 10 || argc == 11) && !strcmp(argv[1], "messages"))) {
 		fprintf(stderr, "usage: see the top of tests/bench/loadgen.c\n");
