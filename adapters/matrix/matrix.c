@@ -349,43 +349,72 @@ static const char *lookup_ref_or_user(void *ctx, const char *id)
  * references name first versions), which rooms are bridged, and the local
  * users who sent them.  Runs on a reader, before the write (see
  * txn_prepare). */
+struct id_set {
+	json_t *list; /* what the statement gets, each id once */
+	json_t *seen; /* the same ids as keys */
+};
+
+/* Adds id (a JSON string; anything else is not looked up) unless it is in
+ * already: a transaction's events are mostly from one sender in one room,
+ * and each lookup costs the statement as much as the first. */
+static void add_id(struct id_set *s, json_t *id)
+{
+	const char *v = json_string_value(id);
+	if (!v || json_object_get(s->seen, v))
+		return;
+	json_object_set(s->seen, v, json_true());
+	json_array_append(s->list, id);
+}
+
+static void add_id_text(struct id_set *s, const char *v)
+{
+	json_t *id = json_string(v);
+	add_id(s, id);
+	json_decref(id);
+}
+
 static cw_err txn_lookup(PGconn *c, struct txn *t, cw_errmsg *e)
 {
-	json_t *ids = json_array(), *rooms = json_array(), *users = json_array();
+	struct id_set ids = { json_array(), json_object() }, rooms = { json_array(), json_object() },
+		      users = { json_array(), json_object() };
 	size_t i;
 	json_t *ev;
 	json_array_foreach(t->events, i, ev) {
 		const char *refs[8];
 		size_t n = mx_event_refs(ev, refs, 8);
 		for (size_t k = 0; k < n; k++)
-			json_array_append_new(ids, json_string(refs[k]));
-		json_array_append(rooms, json_object_get(ev, "room_id"));
-		json_array_append(users, json_object_get(ev, "sender"));
+			add_id_text(&ids, refs[k]);
+		add_id(&rooms, json_object_get(ev, "room_id"));
+		add_id(&users, json_object_get(ev, "sender"));
 	}
 	json_array_foreach(t->ephemeral, i, ev) {
-		json_array_append(rooms, json_object_get(ev, "room_id"));
+		add_id(&rooms, json_object_get(ev, "room_id"));
 		json_t *content = json_object_get(ev, "content");
 		const char *target;
 		json_t *readers;
 		json_object_foreach(content, target, readers) { /* m.receipt: {event_id: {m.read: {user: ...}}} */
 			if (!json_is_object(readers))
 				continue;
-			json_array_append_new(ids, json_string(target));
+			add_id_text(&ids, target);
 			const char *who;
 			json_t *x;
 			json_object_foreach(json_object_get(readers, "m.read"), who, x)
-				json_array_append_new(users, json_string(who));
+				add_id_text(&users, who);
 		}
 		size_t k;
 		json_t *u;
 		json_array_foreach(json_object_get(content, "user_ids"), k, u) /* m.typing */
-			json_array_append(users, u);
+			add_id(&users, u);
 		/* and those who were typing, whose stop this may be */
 		json_t *before = mx_typing_before(t->m, json_string_value(json_object_get(ev, "room_id")));
-		json_array_extend(users, before);
+		json_array_foreach(before, k, u)
+			add_id(&users, u);
 		json_decref(before);
 	}
-	json_t *doc = json_pack("{s:o, s:o, s:o}", "ids", ids, "rooms", rooms, "users", users);
+	json_decref(ids.seen);
+	json_decref(rooms.seen);
+	json_decref(users.seen);
+	json_t *doc = json_pack("{s:o, s:o, s:o}", "ids", ids.list, "rooms", rooms.list, "users", users.list);
 	char *text = json_dumps(doc, JSON_COMPACT);
 	json_decref(doc);
 	if (!text)
