@@ -914,7 +914,7 @@ struct submit *submit_new(size_t n)
 	" r.uri, " \
 	" CASE WHEN it.replaces <> '' THEN (SELECT s.uri FROM events e JOIN identities s ON s.id = e.sender_id " \
 	"  WHERE e.public_id = it.replaces) END " \
-	"FROM jsonb_to_recordset($1::jsonb) AS it(n int, room text, key text, reply text, replaces text, scope text) " \
+	"FROM json_to_recordset($1::json) AS it(n int, room text, key text, reply text, replaces text, scope text) " \
 	" LEFT JOIN LATERAL (SELECT id, uri FROM rooms WHERE " ROOM_COND " LIMIT 1) r ON true " \
 	" LEFT JOIN LATERAL (SELECT coalesce(request_hash, ''::bytea) AS request_hash, public_id, " \
 	"  (extract(epoch FROM accepted_at) * 1000)::bigint AS ms FROM events " \
@@ -937,9 +937,13 @@ struct submit *submit_new(size_t n)
  * message implies, and writes the audit records of the decisions ($3: they
  * exist for refused items too); a job that needs none of that (the common
  * case: allowed messages) runs the plain statement, which is a third
- * cheaper. */
+ * cheaper.  The item documents ($1 here and in round 0) are json, not
+ * jsonb: a jsonb parameter is built into a sorted tree when it is bound,
+ * which json_to_recordset does not need (a 100-item document: 0.53 ms as
+ * json against 0.80 as jsonb, bind included); the contents ($2) stay jsonb,
+ * as they are stored. */
 #define WRITE_EVENTS \
-	"WITH it AS (SELECT * FROM jsonb_to_recordset($1::jsonb) AS x(n int, pid text, room bigint, sender bigint, " \
+	"WITH it AS (SELECT * FROM json_to_recordset($1::json) AS x(n int, pid text, room bigint, sender bigint, " \
 	"  type text, ci bigint, replaces bigint, reply bigint, ts bigint, key text, hash text, " \
 	"  dests text, targets text, states text, held text, expiry bigint, win bigint, read boolean, " \
 	"  scope text, outbound jsonb)), " \
