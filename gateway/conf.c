@@ -54,6 +54,8 @@ const struct cfg_option cfg_options[] = {
 	  "a claimed row not finished in this time (its daemon died) is due again" },
 	{ "dispatcher", "http_timeout_ms", CFG_INT, OFF(http_timeout_ms), "10000", 100, 600000, false, false,
 	  "timeout of one outbound HTTP request to a peer" },
+	{ "dispatcher", "lanes", CFG_INT, OFF(dispatch_lanes), "4", 1, 64, false, false,
+	  "destinations delivered to at once, each on a thread and a database connection of its own: a destination that answers slowly holds up only its lane" },
 
 	{ "policy", "sweep_interval_ms", CFG_INT, OFF(policy_sweep_interval_ms), "2000", 100, 600000, false, false,
 	  "how often held messages are released or dropped by the users' consent and expired ones deleted" },

@@ -30,6 +30,7 @@ struct cw_config {
 	long retry_max_ms;
 	long claim_timeout_s;
 	long http_timeout_ms;
+	long dispatch_lanes;
 	/* [policy] */
 	long policy_sweep_interval_ms;
 	long policy_reload_interval_s;

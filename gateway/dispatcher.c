@@ -1,4 +1,4 @@
-/* The outbox dispatcher thread. */
+/* The outbox dispatcher: its lanes, each a thread. */
 #include "config.h"
 #include "dispatcher.h"
 #include "log.h"
@@ -17,14 +17,73 @@
  * order however many processes dispatch. ("causeway" + 1) */
 #define CLAIM_LOCK_KEY "7161132091431352698"
 
+/* A lane delivers to one destination at a time, on a thread and a
+ * database connection of its own.  Lanes never hold the same destination
+ * at once (busy, below), so a destination's rows keep their order as with
+ * one thread, while a destination that answers slowly, or not at all until
+ * the request times out, holds up only its own lane. */
+struct lane {
+	struct dispatcher *d;
+	pthread_t thread;
+	PGconn *c;
+	unsigned next; /* where its next claim starts in the destination list */
+	bool started;
+};
+
 struct dispatcher {
 	struct dispatcher_opts o;
 	char *url, *name;
-	pthread_t thread;
 	atomic_bool stop;
-	PGconn *c;
+	struct lane *lanes;
+	int nlanes;
+	pthread_mutex_t mu;
+	char **busy; /* the destinations being claimed or delivered by a lane (under mu) */
+	int nbusy;
+	atomic_int ndest; /* push destinations at the last claim (0: none yet) */
 	atomic_uint_fast64_t delivered, retried, dead, requests_ok, requests_failed, claims;
 };
+
+/* Takes dest for the calling lane; false if another lane has it. */
+static bool take_destination(struct dispatcher *d, const char *dest)
+{
+	bool ok = true;
+	pthread_mutex_lock(&d->mu);
+	for (int i = 0; i < d->nbusy && ok; i++)
+		ok = strcmp(d->busy[i], dest) != 0;
+	if (ok) {
+		char *copy = strdup(dest);
+		if (copy)
+			d->busy[d->nbusy++] = copy; /* room for one per lane */
+		else
+			ok = false;
+	}
+	pthread_mutex_unlock(&d->mu);
+	return ok;
+}
+
+/* Whether every push destination is some lane's already: a claim could
+ * only find nothing, and each would cost the database a transaction (with
+ * one busy destination, every commit's notification woke all idle lanes). */
+static bool all_taken(struct dispatcher *d)
+{
+	int nd = atomic_load(&d->ndest);
+	pthread_mutex_lock(&d->mu);
+	bool all = nd > 0 && d->nbusy >= nd;
+	pthread_mutex_unlock(&d->mu);
+	return all;
+}
+
+static void give_destination(struct dispatcher *d, const char *dest)
+{
+	pthread_mutex_lock(&d->mu);
+	for (int i = 0; i < d->nbusy; i++)
+		if (strcmp(d->busy[i], dest) == 0) {
+			free(d->busy[i]);
+			d->busy[i] = d->busy[--d->nbusy];
+			break;
+		}
+	pthread_mutex_unlock(&d->mu);
+}
 
 void dispatcher_get_stats(struct dispatcher *d, struct dispatcher_stats *st)
 {
@@ -38,18 +97,19 @@ void dispatcher_get_stats(struct dispatcher *d, struct dispatcher_stats *st)
 
 bool dispatcher_stopping(const struct dispatcher *d) { return atomic_load(&((struct dispatcher *)d)->stop); }
 
-static bool ensure_conn(struct dispatcher *d)
+static bool ensure_conn(struct lane *l)
 {
-	if (d->c && PQstatus(d->c) == CONNECTION_OK)
+	struct dispatcher *d = l->d;
+	if (l->c && PQstatus(l->c) == CONNECTION_OK)
 		return true;
-	PQfinish(d->c);
+	PQfinish(l->c);
 	cw_errmsg e;
-	d->c = store_connect(d->url, 30000, &e);
-	if (!d->c)
+	l->c = store_connect(d->url, 30000, &e);
+	if (!l->c)
 		return false;
-	if (store_exec(d->c, "LISTEN causeway_outbox", &e)) {
-		PQfinish(d->c);
-		d->c = NULL;
+	if (store_exec(l->c, "LISTEN causeway_outbox", &e)) {
+		PQfinish(l->c);
+		l->c = NULL;
 		return false;
 	}
 	return true;
@@ -77,9 +137,10 @@ json_t *outbox_event_json(PGresult *r, int row, int col)
 }
 
 /* Claims due rows of one destination into rows[*n...]; false on failure. */
-static bool claim_destination(struct dispatcher *d, const char *dest, struct outbox_row **rows, int *n, int *cap,
+static bool claim_destination(struct lane *l, const char *dest, struct outbox_row **rows, int *n, int *cap,
 			      cw_errmsg *e)
 {
+	struct dispatcher *d = l->d;
 	char limit[16], timeout[16];
 	snprintf(limit, sizeof(limit), "%d", d->o.batch_max);
 	snprintf(timeout, sizeof(timeout), "%ld", d->o.claim_timeout_s);
@@ -94,7 +155,7 @@ static bool claim_destination(struct dispatcher *d, const char *dest, struct out
 	 * still held: a consent releases the held rows, but two sweeps at once
 	 * (SKIP LOCKED) or a message decided after the consent may make a
 	 * later row due first (a probe of the held rows' index, per row). */
-	PGresult *r = PQexecParams(d->c,
+	PGresult *r = PQexecParams(l->c,
 		"WITH blocked AS ("
 		" SELECT room_id FROM outbox WHERE state = 'in_flight' AND destination = $4"
 		" UNION SELECT room_id FROM outbox WHERE state = 'pending' AND next_attempt_at > now() AND destination = $4), "
@@ -115,7 +176,7 @@ static bool claim_destination(struct dispatcher *d, const char *dest, struct out
 		" coalesce(o.target_identity_id, 0), ev.type",
 		4, NULL, params, NULL, NULL, 0);
 	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
-		store_result_err(d->c, r, e);
+		store_result_err(l->c, r, e);
 		PQclear(r);
 		return false;
 	}
@@ -151,12 +212,13 @@ static bool claim_destination(struct dispatcher *d, const char *dest, struct out
  * rows whose claim ran out (a daemon died mid-delivery) due again, and the
  * push destinations (the local one is configuration: a literal).  Returns
  * the destinations, or NULL with e set (the caller rolls back). */
-static PGresult *claim_open(struct dispatcher *d, cw_errmsg *e)
+static PGresult *claim_open(struct lane *l, cw_errmsg *e)
 {
+	struct dispatcher *d = l->d;
 	const char *local = d->o.local_deliver ? d->o.local_destination : "";
-	char *lit = PQescapeLiteral(d->c, local, strlen(local));
+	char *lit = PQescapeLiteral(l->c, local, strlen(local));
 	if (!lit) {
-		cw_fail(e, CW_ENOMEM, "cannot quote the local destination: %s", PQerrorMessage(d->c));
+		cw_fail(e, CW_ENOMEM, "cannot quote the local destination: %s", PQerrorMessage(l->c));
 		return NULL;
 	}
 	char sql[1024];
@@ -171,18 +233,18 @@ static PGresult *claim_open(struct dispatcher *d, cw_errmsg *e)
 		cw_fail(e, CW_EINVAL, "the local destination is too long");
 		return NULL;
 	}
-	if (!PQsendQuery(d->c, sql)) {
-		cw_fail(e, CW_EUNAVAIL, "cannot send: %s", PQerrorMessage(d->c));
+	if (!PQsendQuery(l->c, sql)) {
+		cw_fail(e, CW_EUNAVAIL, "cannot send: %s", PQerrorMessage(l->c));
 		return NULL;
 	}
 	/* One result per statement; after an error the server skips the rest. */
 	PGresult *r, *last = NULL;
 	bool failed = false;
-	while ((r = PQgetResult(d->c))) {
+	while ((r = PQgetResult(l->c))) {
 		ExecStatusType st = PQresultStatus(r);
 		if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
 			if (!failed)
-				store_result_err(d->c, r, e);
+				store_result_err(l->c, r, e);
 			failed = true;
 			PQclear(r);
 			continue;
@@ -192,31 +254,49 @@ static PGresult *claim_open(struct dispatcher *d, cw_errmsg *e)
 	}
 	if (failed || !last || PQresultStatus(last) != PGRES_TUPLES_OK) {
 		if (!failed)
-			cw_fail(e, CW_EUNAVAIL, "the claim's opening answered nothing: %s", PQerrorMessage(d->c));
+			cw_fail(e, CW_EUNAVAIL, "the claim's opening answered nothing: %s", PQerrorMessage(l->c));
 		PQclear(last);
 		return NULL;
 	}
 	return last;
 }
 
-/* Claims due rows of every push destination; returns how many (rows are
- * the caller's), or -1. */
-static int claim(struct dispatcher *d, struct outbox_row **out)
+/* Claims the due rows of one push destination that no other lane has:
+ * the first, from where the lane's last claim left off, that has rows due.
+ * Returns how many (rows are the caller's, and the destination stays the
+ * lane's, in *dest, until it gives it back), or -1. */
+static int claim(struct lane *l, struct outbox_row **out, char *dest, size_t destlen)
 {
+	struct dispatcher *d = l->d;
 	*out = NULL;
+	dest[0] = '\0';
 	cw_errmsg e;
 	struct outbox_row *rows = NULL;
 	int n = 0, cap = 0;
-	PGresult *dr = claim_open(d, &e);
+	PGresult *dr = claim_open(l, &e);
 	if (!dr)
 		goto fail;
-	for (int i = 0; i < PQntuples(dr); i++)
-		if (!claim_destination(d, PQgetvalue(dr, i, 0), &rows, &n, &cap, &e)) {
+	int nd = PQntuples(dr);
+	atomic_store(&d->ndest, nd);
+	for (int k = 0; k < nd && n == 0; k++) {
+		unsigned i = (l->next + (unsigned)k) % (unsigned)nd;
+		const char *name = PQgetvalue(dr, (int)i, 0);
+		if (!take_destination(d, name))
+			continue;
+		if (!claim_destination(l, name, &rows, &n, &cap, &e)) {
+			give_destination(d, name);
 			PQclear(dr);
 			goto fail;
 		}
+		if (n) {
+			snprintf(dest, destlen, "%s", name);
+			l->next = i + 1;
+		} else {
+			give_destination(d, name);
+		}
+	}
 	PQclear(dr);
-	if (store_exec(d->c, "COMMIT", &e))
+	if (store_exec(l->c, "COMMIT", &e))
 		goto fail_rows;
 	if (n)
 		qsort(rows, (size_t)n, sizeof(*rows), cmp_row);
@@ -224,8 +304,12 @@ static int claim(struct dispatcher *d, struct outbox_row **out)
 	return n;
 fail:
 	LOG_KV(CW_LOG_WARN, "outbox claim failed", "detail", e.msg);
-	store_exec(d->c, "ROLLBACK", &e);
+	store_exec(l->c, "ROLLBACK", &e);
 fail_rows:
+	if (dest[0]) {
+		give_destination(d, dest);
+		dest[0] = '\0';
+	}
 	for (int i = 0; i < n; i++)
 		json_decref(rows[i].event);
 	free(rows);
@@ -246,9 +330,10 @@ static char *id_array(const struct outbox_row *rows, size_t n)
 	return s;
 }
 
-static void record(struct dispatcher *d, const struct outbox_row *rows, size_t n, bool ok, long code,
+static void record(struct lane *l, const struct outbox_row *rows, size_t n, bool ok, long code,
 		   const char *why, int64_t started_ms)
 {
+	struct dispatcher *d = l->d;
 	char *ids = id_array(rows, n);
 	if (!ids)
 		return;
@@ -262,7 +347,7 @@ static void record(struct dispatcher *d, const struct outbox_row *rows, size_t n
 	/* One statement: the attempts are recorded and the rows move on.  Its
 	 * commit does not wait for the WAL flush (set_config(..., true) holds
 	 * for this statement's own transaction): see claim_open. */
-	PGresult *r = PQexecParams(d->c,
+	PGresult *r = PQexecParams(l->c,
 		"WITH cfg AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true) AS v), "
 		"a AS (INSERT INTO delivery_attempts (outbox_id, attempt, started_at, finished_at, ok, code, error) "
 		" SELECT o.id, coalesce((SELECT max(x.attempt) FROM delivery_attempts x WHERE x.outbox_id = o.id), 0) + 1, "
@@ -286,7 +371,7 @@ static void record(struct dispatcher *d, const struct outbox_row *rows, size_t n
 		}
 	} else {
 		cw_errmsg e;
-		store_result_err(d->c, r, &e);
+		store_result_err(l->c, r, &e);
 		LOG_KV(CW_LOG_WARN, "recording a delivery failed; the claim will run out and the rows go again",
 		       "detail", e.msg);
 	}
@@ -296,19 +381,19 @@ static void record(struct dispatcher *d, const struct outbox_row *rows, size_t n
 
 /* Rows the adapter did not try (the daemon is stopping): back to pending
  * as they were, the attempt the claim counted taken back, due at once. */
-static void release(struct dispatcher *d, const struct outbox_row *rows, size_t n)
+static void release(struct lane *l, const struct outbox_row *rows, size_t n)
 {
 	char *ids = id_array(rows, n);
 	if (!ids)
 		return; /* the claim runs out and the rows go again */
 	const char *params[] = { ids };
-	PGresult *r = PQexecParams(d->c,
+	PGresult *r = PQexecParams(l->c,
 		"UPDATE outbox SET state = 'pending', claimed_by = NULL, claimed_until = NULL, "
 		" attempts = greatest(attempts - 1, 0) WHERE id = ANY($1::bigint[]) AND state = 'in_flight'",
 		1, NULL, params, NULL, NULL, 0);
 	if (PQresultStatus(r) != PGRES_COMMAND_OK) {
 		cw_errmsg e;
-		store_result_err(d->c, r, &e);
+		store_result_err(l->c, r, &e);
 		LOG_KV(CW_LOG_WARN, "releasing untried rows failed; the claim will run out and the rows go again",
 		       "detail", e.msg);
 	}
@@ -319,7 +404,7 @@ static void release(struct dispatcher *d, const struct outbox_row *rows, size_t 
 /* The rows' own outcomes: the delivered ones in one statement, the failed
  * ones in one per reason (a room's rest shares its reason), the untried
  * ones (2) released. */
-static void record_outcomes(struct dispatcher *d, struct outbox_row *rows, size_t n, int64_t t0)
+static void record_outcomes(struct lane *l, struct outbox_row *rows, size_t n, int64_t t0)
 {
 	struct outbox_row *sel = malloc(n * sizeof(*sel));
 	bool *taken = calloc(n, sizeof(bool));
@@ -335,7 +420,7 @@ static void record_outcomes(struct dispatcher *d, struct outbox_row *rows, size_
 			taken[i] = true;
 		}
 	if (k)
-		record(d, sel, k, true, 200, NULL, t0);
+		record(l, sel, k, true, 200, NULL, t0);
 	k = 0;
 	for (size_t i = 0; i < n; i++)
 		if (rows[i].outcome == 2) {
@@ -343,7 +428,7 @@ static void record_outcomes(struct dispatcher *d, struct outbox_row *rows, size_
 			taken[i] = true;
 		}
 	if (k)
-		release(d, sel, k);
+		release(l, sel, k);
 	for (size_t i = 0; i < n; i++) {
 		if (taken[i])
 			continue;
@@ -353,14 +438,15 @@ static void record_outcomes(struct dispatcher *d, struct outbox_row *rows, size_
 				sel[k++] = rows[x];
 				taken[x] = true;
 			}
-		record(d, sel, k, false, rows[i].code, rows[i].why[0] ? rows[i].why : "not delivered", t0);
+		record(l, sel, k, false, rows[i].code, rows[i].why[0] ? rows[i].why : "not delivered", t0);
 	}
 	free(sel);
 	free(taken);
 }
 
-static void deliver_all(struct dispatcher *d, struct outbox_row *rows, size_t n)
+static void deliver_all(struct lane *l, struct outbox_row *rows, size_t n)
 {
+	struct dispatcher *d = l->d;
 	struct outbox_row *batch = malloc(n * sizeof(*batch));
 	bool *taken = calloc(n, sizeof(bool));
 	for (size_t i = 0; batch && taken && i < n; i++) {
@@ -380,22 +466,22 @@ static void deliver_all(struct dispatcher *d, struct outbox_row *rows, size_t n)
 			batch[x].outcome = 0;
 		bool local = d->o.local_deliver && strcmp(rows[i].destination, d->o.local_destination) == 0;
 		size_t done = 0;
-		cw_err rc = local ? d->o.local_deliver(d->o.local_ctx, d->c, rows[i].destination, batch, m, &done, &code, &e)
-			       : d->o.peer_deliver(d->o.peer_ctx, d->c, rows[i].destination, batch, m, &done, &code, &e);
+		cw_err rc = local ? d->o.local_deliver(d->o.local_ctx, l->c, rows[i].destination, batch, m, &done, &code, &e)
+			       : d->o.peer_deliver(d->o.peer_ctx, l->c, rows[i].destination, batch, m, &done, &code, &e);
 		bool per_row = false;
 		for (size_t x = 0; x < m && !per_row; x++)
 			per_row = batch[x].outcome != 0;
 		if (per_row) {
-			record_outcomes(d, batch, m, t0);
+			record_outcomes(l, batch, m, t0);
 		} else {
 			if (rc == CW_OK)
 				done = m;
 			if (done > m)
 				done = m;
 			if (done)
-				record(d, batch, done, true, rc ? 200 : code, NULL, t0);
+				record(l, batch, done, true, rc ? 200 : code, NULL, t0);
 			if (done < m)
-				record(d, batch + done, m - done, false, code, e.msg, t0);
+				record(l, batch + done, m - done, false, code, e.msg, t0);
 		}
 		atomic_fetch_add(rc == CW_OK ? &d->requests_ok : &d->requests_failed, 1);
 		char count[16], codes[16];
@@ -414,15 +500,15 @@ static void deliver_all(struct dispatcher *d, struct outbox_row *rows, size_t n)
 }
 
 /* Waits for a NOTIFY or up to timeout_ms. */
-static void wait_notify(struct dispatcher *d, int timeout_ms)
+static void wait_notify(struct lane *l, int timeout_ms)
 {
-	struct pollfd p = { .fd = PQsocket(d->c), .events = POLLIN };
+	struct pollfd p = { .fd = PQsocket(l->c), .events = POLLIN };
 	if (p.fd < 0)
 		return;
 	if (poll(&p, 1, timeout_ms) > 0) {
-		PQconsumeInput(d->c);
+		PQconsumeInput(l->c);
 		PGnotify *n;
-		while ((n = PQnotifies(d->c)))
+		while ((n = PQnotifies(l->c)))
 			PQfreemem(n);
 	}
 }
@@ -430,29 +516,37 @@ static void wait_notify(struct dispatcher *d, int timeout_ms)
 static void *dispatcher_main(void *arg)
 {
 	cw_thread_name("cw-dispatcher");
-	struct dispatcher *d = arg;
+	struct lane *l = arg;
+	struct dispatcher *d = l->d;
 	while (!atomic_load(&d->stop)) {
-		if (!ensure_conn(d)) {
+		if (!ensure_conn(l)) {
 			for (int i = 0; i < 10 && !atomic_load(&d->stop); i++) {
 				struct timespec ts = { 0, 100 * 1000000L };
 				nanosleep(&ts, NULL);
 			}
 			continue;
 		}
-		struct outbox_row *rows;
-		int n = claim(d, &rows);
-		if (n > 0) {
-			atomic_fetch_add(&d->claims, 1);
-			deliver_all(d, rows, (size_t)n);
-			free(rows);
+		if (all_taken(d)) {
+			wait_notify(l, 200);
 			continue;
 		}
-		/* Nothing due: sleep until a new row is notified, or a while (rows
-		 * backing off become due without a notification). */
-		wait_notify(d, n < 0 ? 500 : 200);
+		struct outbox_row *rows;
+		char dest[sizeof(rows->destination)];
+		int n = claim(l, &rows, dest, sizeof(dest));
+		if (n > 0) {
+			atomic_fetch_add(&d->claims, 1);
+			deliver_all(l, rows, (size_t)n);
+			free(rows);
+			give_destination(d, dest);
+			continue;
+		}
+		/* Nothing due that no other lane has: sleep until a new row is
+		 * notified, or a while (rows backing off become due without a
+		 * notification, and a lane gives a destination back without one). */
+		wait_notify(l, n < 0 ? 500 : 200);
 	}
-	PQfinish(d->c);
-	d->c = NULL;
+	PQfinish(l->c);
+	l->c = NULL;
 	return NULL;
 }
 
@@ -462,13 +556,25 @@ cw_err dispatcher_start(struct dispatcher **out, const struct dispatcher_opts *o
 	if (!d)
 		return cw_fail(e, CW_ENOMEM, "out of memory");
 	d->o = *o;
+	d->nlanes = o->lanes > 0 ? o->lanes : 1;
 	d->url = strdup(o->url);
 	d->name = strdup(o->name);
-	if (!d->url || !d->name || pthread_create(&d->thread, NULL, dispatcher_main, d)) {
-		free(d->url);
-		free(d->name);
-		free(d);
-		return cw_fail(e, CW_EIO, "cannot start the dispatcher");
+	d->lanes = calloc((size_t)d->nlanes, sizeof(*d->lanes));
+	d->busy = calloc((size_t)d->nlanes, sizeof(*d->busy));
+	pthread_mutex_init(&d->mu, NULL);
+	if (!d->url || !d->name || !d->lanes || !d->busy) {
+		dispatcher_free(d);
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	}
+	for (int i = 0; i < d->nlanes; i++) {
+		struct lane *l = &d->lanes[i];
+		l->d = d;
+		l->next = (unsigned)i; /* lanes start their claims at different destinations */
+		if (pthread_create(&l->thread, NULL, dispatcher_main, l)) {
+			dispatcher_free(d);
+			return cw_fail(e, CW_EIO, "cannot start the dispatcher");
+		}
+		l->started = true;
 	}
 	*out = d;
 	return CW_OK;
@@ -478,7 +584,9 @@ void dispatcher_stop(struct dispatcher *d)
 {
 	if (!d || atomic_exchange(&d->stop, true))
 		return;
-	pthread_join(d->thread, NULL);
+	for (int i = 0; i < d->nlanes; i++)
+		if (d->lanes[i].started)
+			pthread_join(d->lanes[i].thread, NULL);
 }
 
 void dispatcher_free(struct dispatcher *d)
@@ -486,6 +594,11 @@ void dispatcher_free(struct dispatcher *d)
 	if (!d)
 		return;
 	dispatcher_stop(d);
+	for (int i = 0; i < d->nbusy; i++)
+		free(d->busy[i]);
+	free(d->busy);
+	free(d->lanes);
+	pthread_mutex_destroy(&d->mu);
 	free(d->url);
 	free(d->name);
 	free(d);

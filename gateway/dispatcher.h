@@ -39,8 +39,9 @@ json_t *outbox_event_json(PGresult *r, int row, int col);
 /* An adapter's delivery: rows are in order (per room) for one destination.
  * *done: how many rows, from the first, the far side acknowledged; CW_OK
  * when all of them, otherwise e says why the next one failed and *code
- * holds its HTTP status (0: no answer).  c is the dispatcher's own
- * connection (autocommit), for lookups and for recording remote ids. */
+ * holds its HTTP status (0: no answer).  c is the delivering lane's own
+ * connection (autocommit), for lookups and for recording remote ids.  Two
+ * lanes may call a deliver_fn at once, never for the same destination. */
 typedef cw_err (*deliver_fn)(void *ctx, PGconn *c, const char *destination, struct outbox_row *rows,
 			     size_t n, size_t *done, long *code, cw_errmsg *e);
 
@@ -48,6 +49,7 @@ struct dispatcher_opts {
 	const char *url;          /* database */
 	const char *name;         /* claimed_by: host:pid */
 	int batch_max;
+	int lanes;                /* destinations delivered to at once, each on a thread and a connection */
 	int retry_budget;
 	long retry_base_ms;
 	long retry_max_ms;
@@ -60,7 +62,7 @@ struct dispatcher_opts {
 };
 
 cw_err dispatcher_start(struct dispatcher **out, const struct dispatcher_opts *o, cw_errmsg *e);
-/* Stops and joins the thread (idempotent; NULL is fine).  The stats stay
+/* Stops and joins the lanes' threads (idempotent; NULL is fine).  The stats stay
  * readable until dispatcher_free. */
 void dispatcher_stop(struct dispatcher *d);
 void dispatcher_free(struct dispatcher *d);

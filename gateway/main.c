@@ -330,7 +330,7 @@ int main(int argc, char **argv)
 	gethostname(host, sizeof(host) - 1);
 	snprintf(dname, sizeof(dname), "%.200s:%d", host, (int)getpid());
 	struct dispatcher_opts dopt = {
-		.url = cfg.db_url, .name = dname, .batch_max = (int)cfg.dispatch_batch_max,
+		.url = cfg.db_url, .name = dname, .batch_max = (int)cfg.dispatch_batch_max, .lanes = (int)cfg.dispatch_lanes,
 		.retry_budget = (int)cfg.retry_budget, .retry_base_ms = cfg.retry_base_ms,
 		.retry_max_ms = cfg.retry_max_ms, .claim_timeout_s = cfg.claim_timeout_s,
 		.peer_deliver = peer_out_deliver, .peer_ctx = pout,

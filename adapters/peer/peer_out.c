@@ -5,18 +5,25 @@
 #include "store.h"
 
 #include <curl/curl.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
 #define RESPONSE_MAX 65536
+#define IDLE_MAX 16
 
 struct peer_out {
 	EVP_PKEY *key;
 	char *keyid, *tag;
 	long timeout_ms;
-	CURL *curl; /* one handle, reused: keep-alive to each peer (the dispatcher is one thread) */
+	/* Handles between requests, reused for keep-alive to each peer.  The
+	 * dispatcher's lanes deliver to different peers at once: each request
+	 * takes a handle of its own. */
+	pthread_mutex_t mu;
+	CURL *idle[IDLE_MAX];
+	int nidle;
 };
 
 struct peer_out *peer_out_new(EVP_PKEY *key, const char *keyid, const char *tag, long timeout_ms)
@@ -28,8 +35,8 @@ struct peer_out *peer_out_new(EVP_PKEY *key, const char *keyid, const char *tag,
 	p->keyid = strdup(keyid);
 	p->tag = strdup(tag);
 	p->timeout_ms = timeout_ms;
-	p->curl = curl_easy_init();
-	if (!p->keyid || !p->tag || !p->curl) {
+	pthread_mutex_init(&p->mu, NULL);
+	if (!p->keyid || !p->tag) {
 		peer_out_free(p);
 		return NULL;
 	}
@@ -40,8 +47,9 @@ void peer_out_free(struct peer_out *p)
 {
 	if (!p)
 		return;
-	if (p->curl)
-		curl_easy_cleanup(p->curl);
+	for (int i = 0; i < p->nidle; i++)
+		curl_easy_cleanup(p->idle[i]);
+	pthread_mutex_destroy(&p->mu);
 	free(p->keyid);
 	free(p->tag);
 	free(p);
@@ -59,6 +67,26 @@ static const char *sign_header(void *ctx, const char *name)
 	if (strcmp(name, "content-digest") == 0)
 		return h->digest;
 	return NULL;
+}
+
+static CURL *take_handle(struct peer_out *p)
+{
+	pthread_mutex_lock(&p->mu);
+	CURL *h = p->nidle ? p->idle[--p->nidle] : NULL;
+	pthread_mutex_unlock(&p->mu);
+	return h ? h : curl_easy_init();
+}
+
+static void give_handle(struct peer_out *p, CURL *h)
+{
+	pthread_mutex_lock(&p->mu);
+	if (p->nidle < IDLE_MAX) {
+		p->idle[p->nidle++] = h;
+		h = NULL;
+	}
+	pthread_mutex_unlock(&p->mu);
+	if (h)
+		curl_easy_cleanup(h);
 }
 
 static size_t discard(char *ptr, size_t size, size_t n, void *u)
@@ -121,7 +149,12 @@ cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct ou
 	for (int i = 0; i < 4; i++)
 		list = curl_slist_append(list, hd[i]);
 	size_t got = 0;
-	CURL *cu = p->curl;
+	CURL *cu = take_handle(p);
+	if (!cu) {
+		curl_slist_free_all(list);
+		free(text);
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	}
 	curl_easy_reset(cu);
 	curl_easy_setopt(cu, CURLOPT_URL, url);
 	curl_easy_setopt(cu, CURLOPT_POST, 1L);
@@ -137,9 +170,11 @@ cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct ou
 	CURLcode cc = curl_easy_perform(cu);
 	curl_slist_free_all(list);
 	free(text);
+	if (cc == CURLE_OK)
+		curl_easy_getinfo(cu, CURLINFO_RESPONSE_CODE, code);
+	give_handle(p, cu);
 	if (cc != CURLE_OK)
 		return cw_fail(e, CW_EUNAVAIL, "%s: %s", url, curl_easy_strerror(cc));
-	curl_easy_getinfo(cu, CURLINFO_RESPONSE_CODE, code);
 	if (*code < 200 || *code > 299)
 		return cw_fail(e, CW_EUNAVAIL, "%s answered %ld", url, *code);
 	return CW_OK;

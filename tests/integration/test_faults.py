@@ -2,6 +2,7 @@
 database stopped and started. Every message that got a 202 is delivered,
 none twice after the peer's deduplication, in order per room."""
 import signal
+import socket
 import threading
 import time
 
@@ -9,7 +10,7 @@ import pytest
 import requests
 
 from harness import free_port, wait_until
-from peer import push_peers
+from peer import Signer, push_peers
 
 
 class Sender:
@@ -121,3 +122,36 @@ def test_database_outage_under_load(fault_daemon, pg):
         if d.proc and d.proc.poll() is None:
             d.stop()
         own.destroy()
+
+
+def test_a_peer_that_never_answers_does_not_hold_up_the_others(make_daemon, db_url):
+    # A destination that takes connections and never answers (a hung
+    # gatekeeper, a black-holed proxy) costs each delivery attempt the whole
+    # request timeout.  The other destinations' messages must not wait it
+    # out behind it.
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(16)
+    d = make_daemon(db_url, options={"dispatcher": {"http_timeout_ms": "8000", "retry_base_ms": "100",
+                                                    "retry_max_ms": "200"}}).start()
+    try:
+        (a, sa), (b, sb) = push_peers(d)
+        r = d.admin("POST", "/peers", json={"name": "hx", "domain": "hx.example", "mode": "push",
+                                           "push_url": f"http://127.0.0.1:{hung.getsockname()[1]}",
+                                           "public_key": Signer("hx").public_b64})
+        assert r.status_code == 201, r.text
+        to_hung = a.create_room([a.user("alice"), "mimi://hx.example/u/carol"]).json()["id"]
+        to_tg = a.create_room([a.user("alice"), b.user("bob")]).json()["id"]
+        assert a.send(to_hung, a.user("alice"), "into the void").status_code == 202
+        time.sleep(0.5)  # the hung delivery has started
+        t0 = time.time()
+        ids = [a.send(to_tg, a.user("alice"), f"n{i}").json()["id"] for i in range(5)]
+        got = sb.wait_events(5, timeout=6)
+        took = time.time() - t0
+        assert [e["id"] for e in got] == ids
+        assert took < 4, f"the healthy peer waited {took:.1f} s behind the hung one"
+        sa.close()
+        sb.close()
+    finally:
+        d.stop()
+        hung.close()
