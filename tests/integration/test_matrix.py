@@ -212,6 +212,27 @@ def test_transactions_are_deduplicated_by_event_id(mx, hs, gk, pg, db_url):
     assert [e["content"]["parts"][0]["body"] for e in got] == ["once", "twice"]
 
 
+def test_a_transaction_of_echoes_only_is_answered_and_remembered(mx, pg, db_url):
+    """The homeserver pushes the gateway's own sends back: a transaction with
+    nothing but those (and invalid events) stores nothing, is answered 200,
+    counted, and a repeat of it is known."""
+    echo = {"event_id": "$echo1", "room_id": "!r:example.org", "sender": "@_cw_bot:example.org",
+            "type": "m.room.message", "origin_server_ts": 1700000000000,
+            "content": {"msgtype": "m.notice", "body": "from the bot"}}
+    stored0 = pg.psql("SELECT count(*) FROM events", db_url)
+    txns0, events0 = metrics(mx, "causeway_matrix_transactions_total"), metrics(mx, "causeway_matrix_events_total")
+    body = {"events": [echo, dict(echo, event_id="$echo2"), {"event_id": 5}]}
+    r = as_put(mx, "echo-1", body)
+    assert r.status_code == 200 and r.json() == {}
+    assert as_put(mx, "echo-1", body).status_code == 200
+    txns, events = metrics(mx, "causeway_matrix_transactions_total"), metrics(mx, "causeway_matrix_events_total")
+    delta = lambda now, before, k: now[k] - before.get(k, 0)  # noqa: E731
+    assert delta(txns, txns0, 'result="taken"') == 1 and delta(txns, txns0, 'result="repeat"') == 1, txns
+    assert delta(events, events0, 'result="ignored"') == 2 and delta(events, events0, 'result="invalid"') == 1, events
+    assert delta(events, events0, 'result="accepted"') == 0, events
+    assert pg.psql("SELECT count(*) FROM events", db_url) == stored0
+
+
 def test_a_transaction_whose_commit_fails_is_stored_when_retried(mx, hs, gk, pg, db_url):
     """The answer is 200 only once the events are durable, and so is the
     memory of answered transactions: after a commit that failed (503), the
