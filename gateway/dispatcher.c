@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 /* Serialises claims across daemon processes: together with the "no earlier
  * row of this room in flight or backing off" condition it keeps per-room
@@ -40,6 +41,8 @@ struct dispatcher {
 	char **busy; /* the destinations being claimed or delivered by a lane (under mu) */
 	int nbusy;
 	atomic_int ndest; /* push destinations at the last claim (0: none yet) */
+	int watcher;      /* the idle lane that waits for notifications, or -1 (under mu) */
+	pthread_cond_t idle; /* the other idle lanes sleep on it until the watcher takes a destination */
 	atomic_uint_fast64_t delivered, retried, dead, requests_ok, requests_failed, claims;
 };
 
@@ -71,6 +74,43 @@ static bool all_taken(struct dispatcher *d)
 	bool all = nd > 0 && d->nbusy >= nd;
 	pthread_mutex_unlock(&d->mu);
 	return all;
+}
+
+/* Whether the lane may be the one idle lane that waits for notifications
+ * and claims on them (each notification then costs one claim, however many
+ * lanes there are); if another lane is, sleeps until that one takes a
+ * destination (or a second passes) and answers false. */
+static bool watch(struct lane *l)
+{
+	struct dispatcher *d = l->d;
+	int me = (int)(l - d->lanes);
+	pthread_mutex_lock(&d->mu);
+	if (d->watcher >= 0 && d->watcher != me) {
+		if (!atomic_load(&d->stop)) {
+			struct timespec ts;
+			clock_gettime(CLOCK_REALTIME, &ts);
+			ts.tv_sec += 1;
+			pthread_cond_timedwait(&d->idle, &d->mu, &ts);
+		}
+		pthread_mutex_unlock(&d->mu);
+		return false;
+	}
+	d->watcher = me;
+	pthread_mutex_unlock(&d->mu);
+	return true;
+}
+
+/* The lane stops watching (it took a destination, or stops): another idle
+ * lane takes over. */
+static void unwatch(struct lane *l)
+{
+	struct dispatcher *d = l->d;
+	pthread_mutex_lock(&d->mu);
+	if (d->watcher == (int)(l - d->lanes)) {
+		d->watcher = -1;
+		pthread_cond_signal(&d->idle);
+	}
+	pthread_mutex_unlock(&d->mu);
 }
 
 static void give_destination(struct dispatcher *d, const char *dest)
@@ -518,6 +558,8 @@ static void *dispatcher_main(void *arg)
 	cw_thread_name("cw-dispatcher");
 	struct lane *l = arg;
 	struct dispatcher *d = l->d;
+	bool fresh = true; /* started, or delivered just now: claims before it waits */
+	bool failed = false;
 	while (!atomic_load(&d->stop)) {
 		if (!ensure_conn(l)) {
 			for (int i = 0; i < 10 && !atomic_load(&d->stop); i++) {
@@ -526,25 +568,32 @@ static void *dispatcher_main(void *arg)
 			}
 			continue;
 		}
-		if (all_taken(d)) {
-			wait_notify(l, 200);
-			continue;
+		if (!fresh) {
+			/* Nothing was due that no other lane has: the watcher
+			 * sleeps until a new row is notified, or a while (rows
+			 * backing off become due without a notification); the
+			 * other idle lanes until the watcher takes a destination. */
+			if (!watch(l))
+				continue;
+			wait_notify(l, failed ? 500 : 200);
 		}
+		fresh = false;
+		if (all_taken(d))
+			continue;
 		struct outbox_row *rows;
 		char dest[sizeof(rows->destination)];
 		int n = claim(l, &rows, dest, sizeof(dest));
+		failed = n < 0;
 		if (n > 0) {
+			unwatch(l);
 			atomic_fetch_add(&d->claims, 1);
 			deliver_all(l, rows, (size_t)n);
 			free(rows);
 			give_destination(d, dest);
-			continue;
+			fresh = true;
 		}
-		/* Nothing due that no other lane has: sleep until a new row is
-		 * notified, or a while (rows backing off become due without a
-		 * notification, and a lane gives a destination back without one). */
-		wait_notify(l, n < 0 ? 500 : 200);
 	}
+	unwatch(l);
 	PQfinish(l->c);
 	l->c = NULL;
 	return NULL;
@@ -562,6 +611,8 @@ cw_err dispatcher_start(struct dispatcher **out, const struct dispatcher_opts *o
 	d->lanes = calloc((size_t)d->nlanes, sizeof(*d->lanes));
 	d->busy = calloc((size_t)d->nlanes, sizeof(*d->busy));
 	pthread_mutex_init(&d->mu, NULL);
+	pthread_cond_init(&d->idle, NULL);
+	d->watcher = -1;
 	if (!d->url || !d->name || !d->lanes || !d->busy) {
 		dispatcher_free(d);
 		return cw_fail(e, CW_ENOMEM, "out of memory");
@@ -584,6 +635,9 @@ void dispatcher_stop(struct dispatcher *d)
 {
 	if (!d || atomic_exchange(&d->stop, true))
 		return;
+	pthread_mutex_lock(&d->mu);
+	pthread_cond_broadcast(&d->idle);
+	pthread_mutex_unlock(&d->mu);
 	for (int i = 0; i < d->nlanes; i++)
 		if (d->lanes[i].started)
 			pthread_join(d->lanes[i].thread, NULL);
@@ -598,6 +652,7 @@ void dispatcher_free(struct dispatcher *d)
 		free(d->busy[i]);
 	free(d->busy);
 	free(d->lanes);
+	pthread_cond_destroy(&d->idle);
 	pthread_mutex_destroy(&d->mu);
 	free(d->url);
 	free(d->name);
