@@ -539,14 +539,17 @@ static void deliver_all(struct lane *l, struct outbox_row *rows, size_t n)
 	free(taken);
 }
 
-/* Waits for a NOTIFY or up to timeout_ms. */
+/* Waits for a NOTIFY or up to timeout_ms, then reads every notification
+ * there is: libpq reads some 32 KB a call, and a listener that reads less
+ * than it is sent falls behind for good (see the sleeping lanes below). */
 static void wait_notify(struct lane *l, int timeout_ms)
 {
 	struct pollfd p = { .fd = PQsocket(l->c), .events = POLLIN };
 	if (p.fd < 0)
 		return;
-	if (poll(&p, 1, timeout_ms) > 0) {
-		PQconsumeInput(l->c);
+	for (int i = 0; i < 1024 && poll(&p, 1, i ? 0 : timeout_ms) > 0; i++) {
+		if (!PQconsumeInput(l->c))
+			break;
 		PGnotify *n;
 		while ((n = PQnotifies(l->c)))
 			PQfreemem(n);
@@ -573,8 +576,16 @@ static void *dispatcher_main(void *arg)
 			 * sleeps until a new row is notified, or a while (rows
 			 * backing off become due without a notification); the
 			 * other idle lanes until the watcher takes a destination. */
-			if (!watch(l))
+			if (!watch(l)) {
+				/* Read what was notified meanwhile: left unread, the
+				 * notifications fill the connection's buffers, its
+				 * backend then waits to write them, and PostgreSQL
+				 * cannot trim its notification queue past a listener
+				 * that has not read (the queue grows on disk until
+				 * every NOTIFY fails). */
+				wait_notify(l, 0);
 				continue;
+			}
 			wait_notify(l, failed ? 500 : 200);
 		}
 		fresh = false;

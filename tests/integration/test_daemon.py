@@ -3,7 +3,7 @@ import signal
 import socket
 import time
 
-from harness import N_MIGRATIONS, parse_logfmt
+from harness import N_MIGRATIONS, parse_logfmt, wait_until
 
 
 def test_healthz(daemon):
@@ -194,3 +194,22 @@ def test_malformed_requests_do_not_hold_shutdown(daemon):
     stopped = daemon.wait_for(lambda r: r.get("msg") == "stopped")
     assert stopped["drained"] == "true" and stopped["abandoned_requests"] == "0"
     assert time.time() - t0 < 3
+
+
+def test_listening_connections_keep_reading_their_notifications(daemon, pg, db_url):
+    # Every commit notifies the dispatcher.  A connection that LISTENs and
+    # stops reading fills its socket buffers; its backend then waits to
+    # write to it, and PostgreSQL cannot trim its notification queue past
+    # that listener: the queue grows on disk until every NOTIFY fails.
+    # After a flood of large notifications on every channel the daemon
+    # listens to, none of its connections may be left waiting to write.
+    pg.psql("SELECT pg_notify(c, repeat('x', 7900) || g) FROM generate_series(1, 100) g, "
+            "unnest(ARRAY['causeway_outbox', 'causeway_policy', 'causeway_peers', 'causeway_matrix_bot']) c",
+            db_url)
+    stuck = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'causewayd' AND wait_event = 'ClientWrite'"
+    try:
+        wait_until(lambda: pg.psql(stuck, db_url) == "0", timeout=15, what="every listener read its notifications")
+    except AssertionError:
+        raise AssertionError(pg.psql("SELECT string_agg(wait_event || ' ' || left(query, 60), E'\n') FROM pg_stat_activity "
+                                     "WHERE application_name = 'causewayd'", db_url))
+    assert daemon.get("/readyz").status_code == 200
