@@ -301,6 +301,9 @@ try {
     await go(page, '#/rooms');
     await page.locator('main table a').first().click();
     await page.waitForFunction(() => /^#\/rooms\/./.test(location.hash));
+    // The list stays, settled, until the room's page replaces it: wait for
+    // what only the room's page has before looking at it.
+    await page.getByRole('link', { name: 'All rooms' }).waitFor({ timeout: WAIT });
     await settled(page);
     await noJunk(page);
     assert.ok((await page.locator('section', { hasText: 'Members' }).locator('tbody tr').count()) >= 2, 'a room\'s members');
