@@ -20,7 +20,7 @@
 
 /* A lane delivers to one destination at a time, on a thread and a
  * database connection of its own.  Lanes never hold the same destination
- * at once (busy, below), so a destination's rows keep their order as with
+ * at once (held, below), so a destination's rows keep their order as with
  * one thread, while a destination that answers slowly, or not at all until
  * the request times out, holds up only its own lane. */
 struct lane {
@@ -29,6 +29,7 @@ struct lane {
 	PGconn *c;
 	unsigned next; /* where its next claim starts in the destination list */
 	bool started;
+	char held[sizeof(((struct outbox_row *)0)->destination)]; /* its destination, "" for none (under d->mu) */
 };
 
 struct dispatcher {
@@ -38,30 +39,31 @@ struct dispatcher {
 	struct lane *lanes;
 	int nlanes;
 	pthread_mutex_t mu;
-	char **busy; /* the destinations being claimed or delivered by a lane (under mu) */
-	int nbusy;
 	atomic_int ndest; /* push destinations at the last claim (0: none yet) */
 	int watcher;      /* the idle lane that waits for notifications, or -1 (under mu) */
 	pthread_cond_t idle; /* the other idle lanes sleep on it until the watcher takes a destination */
 	atomic_uint_fast64_t delivered, retried, dead, requests_ok, requests_failed, claims;
 };
 
-/* Takes dest for the calling lane; false if another lane has it. */
-static bool take_destination(struct dispatcher *d, const char *dest)
+/* Takes dest for lane l (which holds none); false if another lane has it. */
+static bool take_destination(struct lane *l, const char *dest)
 {
+	struct dispatcher *d = l->d;
 	bool ok = true;
 	pthread_mutex_lock(&d->mu);
-	for (int i = 0; i < d->nbusy && ok; i++)
-		ok = strcmp(d->busy[i], dest) != 0;
-	if (ok) {
-		char *copy = strdup(dest);
-		if (copy)
-			d->busy[d->nbusy++] = copy; /* room for one per lane */
-		else
-			ok = false;
-	}
+	for (int i = 0; i < d->nlanes && ok; i++)
+		ok = strcmp(d->lanes[i].held, dest) != 0;
+	if (ok)
+		snprintf(l->held, sizeof(l->held), "%s", dest);
 	pthread_mutex_unlock(&d->mu);
 	return ok;
+}
+
+static void give_destination(struct lane *l)
+{
+	pthread_mutex_lock(&l->d->mu);
+	l->held[0] = '\0';
+	pthread_mutex_unlock(&l->d->mu);
 }
 
 /* Whether every push destination is some lane's already: a claim could
@@ -69,11 +71,12 @@ static bool take_destination(struct dispatcher *d, const char *dest)
  * one busy destination, every commit's notification woke all idle lanes). */
 static bool all_taken(struct dispatcher *d)
 {
-	int nd = atomic_load(&d->ndest);
+	int nd = atomic_load(&d->ndest), held = 0;
 	pthread_mutex_lock(&d->mu);
-	bool all = nd > 0 && d->nbusy >= nd;
+	for (int i = 0; i < d->nlanes; i++)
+		held += d->lanes[i].held[0] != '\0';
 	pthread_mutex_unlock(&d->mu);
-	return all;
+	return nd > 0 && held >= nd;
 }
 
 /* Whether the lane may be the one idle lane that waits for notifications
@@ -110,18 +113,6 @@ static void unwatch(struct lane *l)
 		d->watcher = -1;
 		pthread_cond_signal(&d->idle);
 	}
-	pthread_mutex_unlock(&d->mu);
-}
-
-static void give_destination(struct dispatcher *d, const char *dest)
-{
-	pthread_mutex_lock(&d->mu);
-	for (int i = 0; i < d->nbusy; i++)
-		if (strcmp(d->busy[i], dest) == 0) {
-			free(d->busy[i]);
-			d->busy[i] = d->busy[--d->nbusy];
-			break;
-		}
 	pthread_mutex_unlock(&d->mu);
 }
 
@@ -304,12 +295,11 @@ static PGresult *claim_open(struct lane *l, cw_errmsg *e)
 /* Claims the due rows of one push destination that no other lane has:
  * the first, from where the lane's last claim left off, that has rows due.
  * Returns how many (rows are the caller's, and the destination stays the
- * lane's, in *dest, until it gives it back), or -1. */
-static int claim(struct lane *l, struct outbox_row **out, char *dest, size_t destlen)
+ * lane's, in l->held, until it gives it back), or -1. */
+static int claim(struct lane *l, struct outbox_row **out)
 {
 	struct dispatcher *d = l->d;
 	*out = NULL;
-	dest[0] = '\0';
 	cw_errmsg e;
 	struct outbox_row *rows = NULL;
 	int n = 0, cap = 0;
@@ -321,19 +311,16 @@ static int claim(struct lane *l, struct outbox_row **out, char *dest, size_t des
 	for (int k = 0; k < nd && n == 0; k++) {
 		unsigned i = (l->next + (unsigned)k) % (unsigned)nd;
 		const char *name = PQgetvalue(dr, (int)i, 0);
-		if (!take_destination(d, name))
+		if (!take_destination(l, name))
 			continue;
 		if (!claim_destination(l, name, &rows, &n, &cap, &e)) {
-			give_destination(d, name);
 			PQclear(dr);
 			goto fail;
 		}
-		if (n) {
-			snprintf(dest, destlen, "%s", name);
+		if (n)
 			l->next = i + 1;
-		} else {
-			give_destination(d, name);
-		}
+		else
+			give_destination(l);
 	}
 	PQclear(dr);
 	if (store_exec(l->c, "COMMIT", &e))
@@ -346,10 +333,7 @@ fail:
 	LOG_KV(CW_LOG_WARN, "outbox claim failed", "detail", e.msg);
 	store_exec(l->c, "ROLLBACK", &e);
 fail_rows:
-	if (dest[0]) {
-		give_destination(d, dest);
-		dest[0] = '\0';
-	}
+	give_destination(l);
 	for (int i = 0; i < n; i++)
 		json_decref(rows[i].event);
 	free(rows);
@@ -484,59 +468,47 @@ static void record_outcomes(struct lane *l, struct outbox_row *rows, size_t n, i
 	free(taken);
 }
 
-static void deliver_all(struct lane *l, struct outbox_row *rows, size_t n)
+/* Delivers the claimed rows (of the lane's destination, in id order, so in
+ * order per room) and records the outcome. */
+static void deliver(struct lane *l, struct outbox_row *rows, size_t n)
 {
 	struct dispatcher *d = l->d;
-	struct outbox_row *batch = malloc(n * sizeof(*batch));
-	bool *taken = calloc(n, sizeof(bool));
-	for (size_t i = 0; batch && taken && i < n; i++) {
-		if (taken[i])
-			continue;
-		/* The rows of one destination, in id order (so per room too). */
-		size_t m = 0;
-		for (size_t x = i; x < n; x++)
-			if (!taken[x] && strcmp(rows[x].destination, rows[i].destination) == 0) {
-				batch[m++] = rows[x];
-				taken[x] = true;
-			}
-		long code = 0;
-		cw_errmsg e = { { 0 } };
-		int64_t t0 = cw_wall_ms();
-		for (size_t x = 0; x < m; x++)
-			batch[x].outcome = 0;
-		bool local = d->o.local_deliver && strcmp(rows[i].destination, d->o.local_destination) == 0;
-		size_t done = 0;
-		cw_err rc = local ? d->o.local_deliver(d->o.local_ctx, l->c, rows[i].destination, batch, m, &done, &code, &e)
-			       : d->o.peer_deliver(d->o.peer_ctx, l->c, rows[i].destination, batch, m, &done, &code, &e);
-		bool per_row = false;
-		for (size_t x = 0; x < m && !per_row; x++)
-			per_row = batch[x].outcome != 0;
-		if (per_row) {
-			record_outcomes(l, batch, m, t0);
-		} else {
-			if (rc == CW_OK)
-				done = m;
-			if (done > m)
-				done = m;
-			if (done)
-				record(l, batch, done, true, rc ? 200 : code, NULL, t0);
-			if (done < m)
-				record(l, batch + done, m - done, false, code, e.msg, t0);
-		}
-		atomic_fetch_add(rc == CW_OK ? &d->requests_ok : &d->requests_failed, 1);
-		char count[16], codes[16];
-		snprintf(count, sizeof(count), "%zu", m);
-		snprintf(codes, sizeof(codes), "%ld", code);
-		if (rc)
-			LOG_KV(CW_LOG_WARN, "delivery failed; will retry", "destination", rows[i].destination,
-			       "events", count, "status", codes, "detail", e.msg);
-		else
-			LOG_KV(CW_LOG_DEBUG, "delivered", "destination", rows[i].destination, "events", count);
+	const char *dest = l->held;
+	long code = 0;
+	cw_errmsg e = { { 0 } };
+	int64_t t0 = cw_wall_ms();
+	for (size_t x = 0; x < n; x++)
+		rows[x].outcome = 0;
+	bool local = d->o.local_deliver && strcmp(dest, d->o.local_destination) == 0;
+	size_t done = 0;
+	cw_err rc = local ? d->o.local_deliver(d->o.local_ctx, l->c, dest, rows, n, &done, &code, &e)
+		       : d->o.peer_deliver(d->o.peer_ctx, l->c, dest, rows, n, &done, &code, &e);
+	bool per_row = false;
+	for (size_t x = 0; x < n && !per_row; x++)
+		per_row = rows[x].outcome != 0;
+	if (per_row) {
+		record_outcomes(l, rows, n, t0);
+	} else {
+		if (rc == CW_OK)
+			done = n;
+		if (done > n)
+			done = n;
+		if (done)
+			record(l, rows, done, true, rc ? 200 : code, NULL, t0);
+		if (done < n)
+			record(l, rows + done, n - done, false, code, e.msg, t0);
 	}
+	atomic_fetch_add(rc == CW_OK ? &d->requests_ok : &d->requests_failed, 1);
+	char count[16], codes[16];
+	snprintf(count, sizeof(count), "%zu", n);
+	snprintf(codes, sizeof(codes), "%ld", code);
+	if (rc)
+		LOG_KV(CW_LOG_WARN, "delivery failed; will retry", "destination", dest, "events", count, "status", codes,
+		       "detail", e.msg);
+	else
+		LOG_KV(CW_LOG_DEBUG, "delivered", "destination", dest, "events", count);
 	for (size_t i = 0; i < n; i++)
 		json_decref(rows[i].event);
-	free(batch);
-	free(taken);
 }
 
 /* Waits for a NOTIFY or up to timeout_ms, then reads every notification
@@ -592,15 +564,14 @@ static void *dispatcher_main(void *arg)
 		if (all_taken(d))
 			continue;
 		struct outbox_row *rows;
-		char dest[sizeof(rows->destination)];
-		int n = claim(l, &rows, dest, sizeof(dest));
+		int n = claim(l, &rows);
 		failed = n < 0;
 		if (n > 0) {
 			unwatch(l);
 			atomic_fetch_add(&d->claims, 1);
-			deliver_all(l, rows, (size_t)n);
+			deliver(l, rows, (size_t)n);
 			free(rows);
-			give_destination(d, dest);
+			give_destination(l);
 			fresh = true;
 		}
 	}
@@ -620,11 +591,10 @@ cw_err dispatcher_start(struct dispatcher **out, const struct dispatcher_opts *o
 	d->url = strdup(o->url);
 	d->name = strdup(o->name);
 	d->lanes = calloc((size_t)d->nlanes, sizeof(*d->lanes));
-	d->busy = calloc((size_t)d->nlanes, sizeof(*d->busy));
 	pthread_mutex_init(&d->mu, NULL);
 	pthread_cond_init(&d->idle, NULL);
 	d->watcher = -1;
-	if (!d->url || !d->name || !d->lanes || !d->busy) {
+	if (!d->url || !d->name || !d->lanes) {
 		dispatcher_free(d);
 		return cw_fail(e, CW_ENOMEM, "out of memory");
 	}
@@ -649,7 +619,7 @@ void dispatcher_stop(struct dispatcher *d)
 	pthread_mutex_lock(&d->mu);
 	pthread_cond_broadcast(&d->idle);
 	pthread_mutex_unlock(&d->mu);
-	for (int i = 0; i < d->nlanes; i++)
+	for (int i = 0; d->lanes && i < d->nlanes; i++)
 		if (d->lanes[i].started)
 			pthread_join(d->lanes[i].thread, NULL);
 }
@@ -659,9 +629,6 @@ void dispatcher_free(struct dispatcher *d)
 	if (!d)
 		return;
 	dispatcher_stop(d);
-	for (int i = 0; i < d->nbusy; i++)
-		free(d->busy[i]);
-	free(d->busy);
 	free(d->lanes);
 	pthread_cond_destroy(&d->idle);
 	pthread_mutex_destroy(&d->mu);
