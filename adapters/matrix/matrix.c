@@ -344,11 +344,6 @@ static const char *lookup_ref_or_user(void *ctx, const char *id)
 	return id[0] == '@' ? lookup_map(t->senders, id) : lookup_map(t->map, id);
 }
 
-/* Asks, in one statement, what the events need: the neutral ids of the
- * Matrix events they refer to (an edit stands for the message it edits:
- * references name first versions), which rooms are bridged, and the local
- * users who sent them.  Runs on a reader, before the write (see
- * txn_prepare). */
 struct id_set {
 	json_t *list; /* what the statement gets, each id once */
 	json_t *seen; /* the same ids as keys */
@@ -373,6 +368,11 @@ static void add_id_text(struct id_set *s, const char *v)
 	json_decref(id);
 }
 
+/* Asks, in one statement, what the events need: the neutral ids of the
+ * Matrix events they refer to (an edit stands for the message it edits:
+ * references name first versions), which rooms are bridged, and the local
+ * users who sent them.  Runs on a reader, before the write (see
+ * txn_prepare). */
 static cw_err txn_lookup(PGconn *c, struct txn *t, cw_errmsg *e)
 {
 	struct id_set ids = { json_array(), json_object() }, rooms = { json_array(), json_object() },
