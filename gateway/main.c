@@ -305,6 +305,7 @@ int main(int argc, char **argv)
 		PQfinish(c);
 	}
 
+	static const struct store_stmt *const stmt_lists[] = { peer_api_statements, matrix_statements, NULL };
 	struct store_opts so = {
 		.url = cfg.db_url,
 		.readers = (int)cfg.db_pool_size,
@@ -313,7 +314,7 @@ int main(int argc, char **argv)
 		.deadline_us = cfg.db_request_timeout_ms * 1000,
 		.statement_timeout_ms = cfg.db_statement_timeout_ms,
 		.reconnect_max_ms = cfg.db_reconnect_max_ms,
-		.stmts = peer_api_statements,
+		.stmts = stmt_lists,
 	};
 	if (store_open(&app.store, &so, &e)) {
 		LOG_KV(CW_LOG_ERROR, "cannot start the store", "detail", e.msg);

@@ -150,6 +150,22 @@ cw_err store_result_err(PGconn *c, const PGresult *r, cw_errmsg *e)
 	return cw_fail(e, CW_EIO, "database error %s: %s", state ? state : "", msg);
 }
 
+bool store_prepare_all(PGconn *c, const struct store_stmt *const *lists, cw_errmsg *e)
+{
+	for (; *lists; lists++)
+		for (const struct store_stmt *st = *lists; st->name; st++) {
+			PGresult *r = PQprepare(c, st->name, st->sql, 0, NULL);
+			if (PQresultStatus(r) != PGRES_COMMAND_OK) {
+				store_result_err(c, r, e);
+				PQclear(r);
+				LOG_KV(CW_LOG_ERROR, "cannot prepare a statement", "statement", st->name, "detail", e->msg);
+				return false;
+			}
+			PQclear(r);
+		}
+	return true;
+}
+
 cw_err store_command(PGconn *c, const char *sql, int n, const char *const *params, cw_errmsg *e)
 {
 	PGresult *r = PQexecParams(c, sql, n, NULL, params, NULL, NULL, 0);
@@ -262,15 +278,9 @@ static bool conn_ensure(struct cw_store *s, struct conn *sc, const char *who)
 		return false;
 	cw_errmsg e;
 	sc->c = store_connect(s->url, s->o.statement_timeout_ms, &e);
-	for (const struct store_stmt *st = s->o.stmts; sc->c && st && st->name; st++) {
-		PGresult *r = PQprepare(sc->c, st->name, st->sql, 0, NULL);
-		if (PQresultStatus(r) != PGRES_COMMAND_OK) {
-			store_result_err(sc->c, r, &e);
-			LOG_KV(CW_LOG_ERROR, "cannot prepare a statement", "statement", st->name, "detail", e.msg);
-			PQfinish(sc->c);
-			sc->c = NULL;
-		}
-		PQclear(r);
+	if (sc->c && s->o.stmts && !store_prepare_all(sc->c, s->o.stmts, &e)) {
+		PQfinish(sc->c);
+		sc->c = NULL;
 	}
 	if (!sc->c) {
 		int64_t backoff = 100000LL << (sc->failures < 10 ? sc->failures : 10);

@@ -33,7 +33,9 @@ struct store_opts {
 	int64_t deadline_us;      /* a job not started by then fails CW_ETIMEDOUT */
 	long statement_timeout_ms;
 	long reconnect_max_ms;
-	const struct store_stmt *stmts; /* NULL-terminated by name; may be NULL */
+	/* statements prepared on every connection: lists (each NULL-terminated
+	 * by name) in a NULL-terminated array; may be NULL */
+	const struct store_stmt *const *stmts;
 };
 
 /* A unit of work run on a connection.  A write runs inside the batch's
@@ -106,6 +108,10 @@ size_t gc_plan(size_t queued, int64_t oldest_age_us, size_t batch_max, int64_t d
 /* CW_EINVAL when libpq cannot parse url (the message never quotes it). */
 cw_err store_check_url(const char *url, cw_errmsg *e);
 PGconn *store_connect(const char *url, long statement_timeout_ms, cw_errmsg *e);
+
+/* Prepares every statement of lists (as store_opts.stmts) on c; false with
+ * e set (and logged) when one fails. */
+bool store_prepare_all(PGconn *c, const struct store_stmt *const *lists, cw_errmsg *e);
 
 /* Runs a command without results; CW_EUNAVAIL if the connection is lost,
  * CW_ECONFLICT for a constraint violation, CW_EIO otherwise. */

@@ -50,5 +50,7 @@ struct cw_buf;
 void matrix_metrics(struct matrix *m, struct cw_buf *b);
 /* {"homeserver": ..., "ping": "ok"|"failed"|"pending", "last_error": ...}. */
 json_t *matrix_health(struct matrix *m);
+/* The adapter's statements, prepared on every store connection. */
+extern const struct store_stmt matrix_statements[];
 
 #endif
