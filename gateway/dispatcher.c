@@ -32,6 +32,19 @@ struct lane {
 	char held[sizeof(((struct outbox_row *)0)->destination)]; /* its destination, "" for none (under d->mu) */
 };
 
+/* A destination whose last claim scanned long and found nothing: no lane
+ * claims it again before until_us (see claim). */
+struct pause {
+	char dest[sizeof(((struct outbox_row *)0)->destination)];
+	int64_t until_us;
+};
+
+/* A claim that finds nothing in at least this long pauses its destination
+ * for PAUSE_FACTOR times as long, at most PAUSE_MAX_US. */
+#define CLAIM_SLOW_US 2000
+#define PAUSE_FACTOR 10
+#define PAUSE_MAX_US 10000000
+
 struct dispatcher {
 	struct dispatcher_opts o;
 	char *url, *name;
@@ -42,15 +55,56 @@ struct dispatcher {
 	atomic_int ndest; /* push destinations at the last claim (0: none yet) */
 	int watcher;      /* the idle lane that waits for notifications, or -1 (under mu) */
 	pthread_cond_t idle; /* the other idle lanes sleep on it until the watcher takes a destination */
-	atomic_uint_fast64_t delivered, retried, dead, requests_ok, requests_failed, claims;
+	atomic_uint_fast64_t delivered, retried, dead, requests_ok, requests_failed, claims, npaused;
+	struct pause *pauses; /* under mu */
+	int npauses, pauses_cap;
 };
 
-/* Takes dest for lane l (which holds none); false if another lane has it. */
+/* Whether dest is paused now; drops the pauses that are over (under mu). */
+static bool paused(struct dispatcher *d, const char *dest)
+{
+	int64_t now = cw_now_us();
+	bool found = false;
+	for (int i = 0; i < d->npauses;) {
+		if (d->pauses[i].until_us <= now) {
+			d->pauses[i] = d->pauses[--d->npauses];
+			continue;
+		}
+		found = found || strcmp(d->pauses[i].dest, dest) == 0;
+		i++;
+	}
+	return found;
+}
+
+/* No lane claims dest for the next us microseconds (a pause that cannot be
+ * recorded, for want of memory, is skipped: the next claim scans again). */
+static void pause_destination(struct dispatcher *d, const char *dest, int64_t us)
+{
+	pthread_mutex_lock(&d->mu);
+	if (!paused(d, dest) && d->npauses == d->pauses_cap) {
+		int cap = d->pauses_cap ? d->pauses_cap * 2 : 8;
+		struct pause *p = realloc(d->pauses, (size_t)cap * sizeof(*p));
+		if (p) {
+			d->pauses = p;
+			d->pauses_cap = cap;
+		}
+	}
+	if (d->npauses < d->pauses_cap) {
+		struct pause *p = &d->pauses[d->npauses++];
+		snprintf(p->dest, sizeof(p->dest), "%s", dest);
+		p->until_us = cw_now_us() + us;
+		atomic_fetch_add(&d->npaused, 1);
+	}
+	pthread_mutex_unlock(&d->mu);
+}
+
+/* Takes dest for lane l (which holds none); false if another lane has it
+ * or it is paused. */
 static bool take_destination(struct lane *l, const char *dest)
 {
 	struct dispatcher *d = l->d;
-	bool ok = true;
 	pthread_mutex_lock(&d->mu);
+	bool ok = !paused(d, dest);
 	for (int i = 0; i < d->nlanes && ok; i++)
 		ok = strcmp(d->lanes[i].held, dest) != 0;
 	if (ok)
@@ -124,6 +178,7 @@ void dispatcher_get_stats(struct dispatcher *d, struct dispatcher_stats *st)
 	st->requests_ok = atomic_load(&d->requests_ok);
 	st->requests_failed = atomic_load(&d->requests_failed);
 	st->claims = atomic_load(&d->claims);
+	st->pauses = atomic_load(&d->npaused);
 }
 
 bool dispatcher_stopping(const struct dispatcher *d) { return atomic_load(&((struct dispatcher *)d)->stop); }
@@ -335,14 +390,26 @@ static int claim(struct lane *l, struct outbox_row **out)
 		const char *name = PQgetvalue(dr, (int)i, 0);
 		if (!take_destination(l, name))
 			continue;
+		int64_t t0 = cw_now_us();
 		if (!claim_destination(l, name, &rows, &n, &cap, &e)) {
 			PQclear(dr);
 			goto fail;
 		}
-		if (n)
+		int64_t took = cw_now_us() - t0;
+		if (n) {
 			l->next = i + 1;
-		else
+		} else {
 			give_destination(l);
+			/* Nothing due, found slowly: a big backlog whose rooms all
+			 * wait (a destination down for a while; the scan walks the
+			 * backlog).  Every commit's notification would scan it
+			 * again, a core of the database's spent on finding nothing,
+			 * under the claim lock that every lane takes.  Paused so
+			 * that such scans take at most a tenth of the time; new
+			 * rows of a room that does not wait wait that long more. */
+			if (took >= CLAIM_SLOW_US)
+				pause_destination(d, name, took * PAUSE_FACTOR < PAUSE_MAX_US ? took * PAUSE_FACTOR : PAUSE_MAX_US);
+		}
 	}
 	PQclear(dr);
 	if (store_exec(l->c, "COMMIT", &e))
@@ -638,6 +705,7 @@ void dispatcher_free(struct dispatcher *d)
 		return;
 	dispatcher_stop(d);
 	free(d->lanes);
+	free(d->pauses);
 	pthread_cond_destroy(&d->idle);
 	pthread_mutex_destroy(&d->mu);
 	free(d->url);

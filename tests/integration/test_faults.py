@@ -1,6 +1,7 @@
 """Faults under load: the daemon killed with SIGKILL and restarted, and the
 database stopped and started. Every message that got a 202 is delivered,
 none twice after the peer's deduplication, in order per room."""
+import re
 import signal
 import socket
 import threading
@@ -155,3 +156,44 @@ def test_a_peer_that_never_answers_does_not_hold_up_the_others(make_daemon, db_u
     finally:
         d.stop()
         hung.close()
+
+
+def test_a_backlog_that_all_waits_is_not_scanned_on_every_commit(make_daemon, db_url):
+    # A push peer that fails every delivery for a while: each of its rooms
+    # backs off, and a claim must walk the whole backlog to learn that
+    # nothing is due.  Every commit's notification used to start such a
+    # claim, a core of the database's spent on finding nothing.  A claim
+    # that finds nothing slowly now leaves the destination alone for a
+    # while (counted in the metrics), and when the peer is back everything
+    # is delivered, once and in order per room.
+    d = make_daemon(db_url, options={"server": {"max_body_bytes": "4MiB"},
+                                     "dispatcher": {"retry_base_ms": "300", "retry_max_ms": "1000",
+                                                    "batch_max": "500"}}).start()
+    try:
+        (a, sa), (b, sb) = push_peers(d)
+        sb.fail_next = 10 ** 9  # 503 to every delivery
+        rooms = [a.create_room([a.user("alice"), b.user(f"bob{k}")]).json() for k in range(4)]
+        accepted = {rm["id"]: [] for rm in rooms}
+        for i in range(150):
+            rm = rooms[i % len(rooms)]
+            items = [{"idempotency_key": f"w{i}-{k}", "room": rm["uri"],
+                      "event": {"type": "message", "sender": a.user("alice"),
+                                "content": {"parts": [{"type": "text/plain", "body": f"{i}.{k}"}]}}}
+                     for k in range(100)]
+            r = a.call("POST", "/v1/batch", {"events": items})
+            assert r.status_code == 200, r.text
+            accepted[rm["id"]] += [x["id"] for x in r.json()["results"]]
+
+        def pauses():
+            m = re.search(r"^causeway_dispatch_pauses_total (\d+)", d.get("/metrics").text, re.M)
+            return int(m.group(1))
+        wait_until(lambda: pauses() >= 1, timeout=60)
+        sb.fail_next = 0
+        got = sb.wait_events(15000, timeout=180)
+        for rm in rooms:
+            assert [e["id"] for e in got if e["room_id"] == rm["id"]] == accepted[rm["id"]]
+        assert sb.duplicates == 0 and sb.errors == []
+        sa.close()
+        sb.close()
+    finally:
+        d.stop()
