@@ -798,6 +798,10 @@ static void item_fail(struct item_result *res, int status, const char *code, con
 	va_end(ap);
 }
 
+/* Who an item's pending rows are for. */
+#define WAKE_DISPATCHER 0x1u /* push peers and local adapters */
+#define WAKE_PULL 0x2u       /* pull peers (GET /v1/events) */
+
 struct submit {
 	struct cw_app *app;
 	size_t n;
@@ -813,6 +817,8 @@ struct submit {
 	json_t **held;              /* per item: local users to ask for consent */
 	json_t **outbound;          /* per item: remote users a local sender wrote to (consent to their replies) */
 	bool *scrub;                /* per item: no recipient will get it: keep no content */
+	unsigned char *wake;        /* per item: who its pending rows are for (WAKE_*) */
+	bool notified;              /* round 1 sent a NOTIFY */
 	json_t *audit;              /* the policy decisions to record (round 1) */
 	enum submit_room_by room_by; /* how items name their rooms */
 	bool no_answers;            /* a local adapter: it reads statuses, not the accepted answers */
@@ -833,6 +839,7 @@ static void submit_clear_round(struct submit *b)
 		b->dests[i] = b->targets[i] = b->states[i] = b->held[i] = b->outbound[i] = NULL;
 		b->write[i] = false;
 		b->scrub[i] = false;
+		b->wake[i] = 0;
 	}
 	json_array_clear(b->audit);
 }
@@ -857,6 +864,7 @@ void submit_free(void *arg)
 	free(b->held);
 	free(b->outbound);
 	free(b->scrub);
+	free(b->wake);
 	json_decref(b->audit);
 	json_decref(b->refused);
 	json_decref(b->keys);
@@ -883,11 +891,13 @@ struct submit *submit_new(size_t n)
 	b->held = calloc(m, sizeof(*b->held));
 	b->outbound = calloc(m, sizeof(*b->outbound));
 	b->scrub = calloc(m, sizeof(*b->scrub));
+	b->wake = calloc(m, sizeof(*b->wake));
 	b->audit = json_array();
 	b->refused = json_array();
 	b->keys = json_array();
 	if (!b->items || !b->res || !b->write || !b->room_id || !b->sender_id || !b->reply_id || !b->replaces_id ||
-	    !b->dests || !b->targets || !b->states || !b->held || !b->outbound || !b->scrub || !b->audit) {
+	    !b->dests || !b->targets || !b->states || !b->held || !b->outbound || !b->scrub || !b->wake ||
+	    !b->audit) {
 		submit_free(b);
 		return NULL;
 	}
@@ -913,13 +923,14 @@ struct submit *submit_new(size_t n)
 	"  WHERE e.public_id = it.replaces) END, " \
 	" r.uri, " \
 	" CASE WHEN it.replaces <> '' THEN (SELECT s.uri FROM events e JOIN identities s ON s.id = e.sender_id " \
-	"  WHERE e.public_id = it.replaces) END " \
+	"  WHERE e.public_id = it.replaces) END, " \
+	" mem.mode " \
 	"FROM json_to_recordset($1::json) AS it(n int, room text, key text, reply text, replaces text, scope text) " \
 	" LEFT JOIN LATERAL (SELECT id, uri FROM rooms WHERE " ROOM_COND " LIMIT 1) r ON true " \
 	" LEFT JOIN LATERAL (SELECT coalesce(request_hash, ''::bytea) AS request_hash, public_id, " \
 	"  (extract(epoch FROM accepted_at) * 1000)::bigint AS ms FROM events " \
 	"  WHERE origin_network = it.scope AND origin_native_id = it.key LIMIT 1) k ON true " \
-	" LEFT JOIN LATERAL (SELECT i.id, i.uri, i.is_local, i.network, i.peer_id, p.name, i.domain " \
+	" LEFT JOIN LATERAL (SELECT i.id, i.uri, i.is_local, i.network, i.peer_id, p.name, i.domain, p.mode " \
 	"  FROM room_members m JOIN identities i ON i.id = m.identity_id LEFT JOIN peers p ON p.id = i.peer_id " \
 	"  WHERE m.room_id = r.id AND m.membership = 'joined' OFFSET 0) mem ON true " \
 	"ORDER BY it.n, mem.id"
@@ -1147,9 +1158,21 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 			   : send_text(c, "submit_write", doc.p, contents.p, b->audit, e);
 	cw_buf_free(&doc);
 	cw_buf_free(&contents);
-	if (!rc && round == 1 && !PQsendQueryParams(c, "SELECT pg_notify('causeway_outbox', '')", 0, NULL, NULL,
-						    NULL, NULL, 0))
-		rc = cw_fail(e, CW_EUNAVAIL, "cannot send: %s", PQerrorMessage(c));
+	/* Who has rows to deliver now: the dispatcher (its channel wakes the
+	 * pull stream too), or only the pull stream.  Held and dropped rows
+	 * wake no one: a consent releases held rows and notifies then. */
+	unsigned char wake = 0;
+	for (size_t i = 0; round == 1 && i < b->n; i++)
+		if (b->write[i])
+			wake |= b->wake[i];
+	b->notified = false;
+	if (!rc && wake) {
+		if (!PQsendQueryParams(c, wake & WAKE_DISPATCHER ? "SELECT pg_notify('causeway_outbox', '')"
+								 : "SELECT pg_notify('causeway_pull', '')",
+				       0, NULL, NULL, NULL, NULL, 0))
+			rc = cw_fail(e, CW_EUNAVAIL, "cannot send: %s", PQerrorMessage(c));
+		b->notified = true;
+	}
 	return rc;
 }
 
@@ -1218,6 +1241,7 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 	json_t *dests = json_array(), *targets = json_array(), *states = json_array(), *held = json_array();
 	json_t *audit = json_array(), *outbound = json_array();
 	bool any_open = false;
+	unsigned char wake = 0;
 	struct policy_decision limited = { .verdict = POLICY_ALLOW };
 	for (int k = first; k < first + nrows; k++) {
 		if (PQgetisnull(r, k, 2))
@@ -1236,6 +1260,7 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 			json_array_append_new(targets, json_integer(atoll(PQgetvalue(r, k, 2))));
 			json_array_append_new(states, json_string("pending"));
 			any_open = true;
+			wake |= WAKE_DISPATCHER;
 			continue;
 		}
 		struct policy_request preq = {
@@ -1275,6 +1300,8 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 		     policy_optin_fact(view->snap, in->sender, PQgetvalue(r, k, 5)) < 0))
 			json_array_append_new(outbound, json_pack("[s, s]", PQgetvalue(r, k, 3), PQgetvalue(r, k, 5)));
 		any_open |= d.verdict != POLICY_DENY;
+		if (d.verdict == POLICY_ALLOW)
+			wake |= peer_id && strcmp(PQgetvalue(r, k, 16), "pull") == 0 ? WAKE_PULL : WAKE_DISPATCHER;
 		if (peer_id) {
 			char dest[PEER_NAME_MAX + 8];
 			snprintf(dest, sizeof(dest), "peer:%s", PQgetvalue(r, k, 7));
@@ -1335,6 +1362,7 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 	b->states[i] = states;
 	b->held[i] = held;
 	b->scrub[i] = json_array_size(dests) > 0 && !any_open;
+	b->wake[i] = wake;
 	b->write[i] = true;
 }
 
@@ -1380,7 +1408,7 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 		}
 		PQclear(r);
 	}
-	if (round == 1 && sent) { /* the NOTIFY */
+	if (round == 1 && sent && b->notified) { /* the NOTIFY */
 		PGresult *r;
 		cw_err rc = store_pipe_result(c, PGRES_TUPLES_OK, &r, e);
 		if (rc)

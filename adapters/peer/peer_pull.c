@@ -104,7 +104,8 @@ static bool ensure_conn(struct peer_pull *p)
 	PQfinish(p->c);
 	cw_errmsg e;
 	p->c = store_connect(p->url, p->statement_timeout_ms, &e);
-	if (p->c && (store_exec(p->c, "LISTEN causeway_outbox", &e) || store_exec(p->c, "LISTEN causeway_peers", &e))) {
+	if (p->c && (store_exec(p->c, "LISTEN causeway_outbox", &e) || store_exec(p->c, "LISTEN causeway_pull", &e) ||
+		     store_exec(p->c, "LISTEN causeway_peers", &e))) {
 		PQfinish(p->c);
 		p->c = NULL;
 	}
