@@ -206,7 +206,16 @@ cw_err xa_new(struct xmpp **out, struct cw_app *app, cw_errmsg *e)
 
 /* ------------------------------------------------------------ the queue */
 
-bool xa_enqueue(struct xcomp *xc, const char *text, size_t len, uint64_t *seq)
+void xa_wake(struct xcomp *xc)
+{
+	if (xc->wake_fd[1] >= 0) {
+		char b = 1;
+		ssize_t w = write(xc->wake_fd[1], &b, 1);
+		(void)w;
+	}
+}
+
+bool xa_enqueue(struct xcomp *xc, const char *text, size_t len, uint64_t *seq, bool wake)
 {
 	struct xq_item *it = malloc(sizeof(*it) + len + 1);
 	if (!it)
@@ -232,11 +241,8 @@ bool xa_enqueue(struct xcomp *xc, const char *text, size_t len, uint64_t *seq)
 	if (seq)
 		*seq = it->seq;
 	pthread_mutex_unlock(&xc->mu);
-	if (was_empty && xc->wake_fd[1] >= 0) {
-		char b = 1;
-		ssize_t w = write(xc->wake_fd[1], &b, 1);
-		(void)w;
-	}
+	if (was_empty && wake)
+		xa_wake(xc);
 	return true;
 }
 
@@ -247,7 +253,7 @@ bool xa_enqueue_stanza(struct xcomp *xc, xmpp_stanza_t *st)
 	bool ok = st && xmpp_stanza_to_text(st, &buf, &len) == XMPP_EOK;
 	xmpp_ctx_t *ctx = st ? xmpp_stanza_get_context(st) : NULL;
 	if (ok)
-		ok = xa_enqueue(xc, buf, len, NULL);
+		ok = xa_enqueue(xc, buf, len, NULL, true);
 	if (buf)
 		xmpp_free(ctx, buf);
 	if (st)

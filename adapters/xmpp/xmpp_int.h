@@ -92,8 +92,11 @@ struct xcomp *xa_comp_by_domain(struct xmpp *x, const char *domain);
 struct xcomp *xa_comp_by_peer(struct xmpp *x, const char *peer);
 /* Queues a serialised stanza for the component's thread; *seq (may be
  * NULL) its place.  False when memory runs out or the component is
- * stopping. */
-bool xa_enqueue(struct xcomp *xc, const char *text, size_t len, uint64_t *seq);
+ * stopping.  With wake false the thread is left asleep: the caller queues
+ * more and then calls xa_wake() (one wake-up, and one context switch, for
+ * many stanzas instead of one each). */
+bool xa_enqueue(struct xcomp *xc, const char *text, size_t len, uint64_t *seq, bool wake);
+void xa_wake(struct xcomp *xc);
 /* Serialises and queues a stanza (released by the call). */
 bool xa_enqueue_stanza(struct xcomp *xc, xmpp_stanza_t *st);
 /* Waits until the thread wrote the stanza of seq, or timeout_ms passed,
