@@ -905,35 +905,45 @@ struct submit *submit_new(size_t n)
 }
 
 /* Round 0 reads every event of the job in one statement: its room, the
- * room's joined members, the event already stored under its idempotency key
- * (events.origin_native_id) if any, and the events it refers to; rows come
- * grouped by item (n) in order.  Shaped so that any plan, generic ones
- * included (prepared statements, a row count the planner cannot know), can
- * only use index lookups per item: the lookups are LATERAL subqueries
- * fenced with LIMIT/OFFSET so they are not flattened into hash joins over
- * whole tables, and a reference is found by its public id alone and its
- * room compared after.  A stored event is answered as it was the first
- * time (202, its id and acceptance time). */
+ * event already stored under its idempotency key (events.origin_native_id)
+ * if any, and the events it refers to, one row per item (n >= 0, in item
+ * order); and the joined members of each room named, once per room (n =
+ * -1, first, by room and member id), not once per item: a batch is mostly
+ * one room, and its members looked up and sent for each of its items were
+ * most of the statement.  Shaped so that any plan, generic ones included
+ * (prepared statements, a row count the planner cannot know), can only use
+ * index lookups: the lookups are LATERAL subqueries fenced with
+ * LIMIT/OFFSET so they are not flattened into hash joins over whole
+ * tables, and a reference is found by its public id alone and its room
+ * compared after.  A stored event is answered as it was the first time
+ * (202, its id and acceptance time). */
 #define READ_ITEMS(ROOM_COND) \
-	"SELECT it.n, r.id, mem.id, mem.uri, mem.is_local, mem.network, mem.peer_id, mem.name, mem.domain, " \
+	"WITH items AS (SELECT * FROM json_to_recordset($1::json) " \
+	"  AS x(n int, room text, key text, reply text, replaces text, scope text)), " \
+	"rm AS (SELECT it.room, it.scope, r.id, r.uri FROM (SELECT DISTINCT room, scope FROM items) AS it " \
+	"  LEFT JOIN LATERAL (SELECT id, uri FROM rooms WHERE " ROOM_COND " LIMIT 1) r ON true) " \
+	"SELECT it.n, rm.id, NULL::bigint, NULL, NULL::boolean, NULL, NULL::bigint, NULL, NULL, " \
 	" encode(k.request_hash, 'hex'), k.public_id, k.ms, " \
-	" CASE WHEN it.reply <> '' THEN (SELECT CASE WHEN e.room_id = r.id THEN e.id END FROM events e " \
+	" CASE WHEN it.reply <> '' THEN (SELECT CASE WHEN e.room_id = rm.id THEN e.id END FROM events e " \
 	"  WHERE e.public_id = it.reply) END, " \
-	" CASE WHEN it.replaces <> '' THEN (SELECT CASE WHEN e.room_id = r.id THEN e.id END FROM events e " \
+	" CASE WHEN it.replaces <> '' THEN (SELECT CASE WHEN e.room_id = rm.id THEN e.id END FROM events e " \
 	"  WHERE e.public_id = it.replaces) END, " \
-	" r.uri, " \
+	" rm.uri, " \
 	" CASE WHEN it.replaces <> '' THEN (SELECT s.uri FROM events e JOIN identities s ON s.id = e.sender_id " \
 	"  WHERE e.public_id = it.replaces) END, " \
-	" mem.mode " \
-	"FROM json_to_recordset($1::json) AS it(n int, room text, key text, reply text, replaces text, scope text) " \
-	" LEFT JOIN LATERAL (SELECT id, uri FROM rooms WHERE " ROOM_COND " LIMIT 1) r ON true " \
+	" NULL " \
+	"FROM items it JOIN rm ON rm.room = it.room AND rm.scope IS NOT DISTINCT FROM it.scope " \
 	" LEFT JOIN LATERAL (SELECT coalesce(request_hash, ''::bytea) AS request_hash, public_id, " \
 	"  (extract(epoch FROM accepted_at) * 1000)::bigint AS ms FROM events " \
 	"  WHERE origin_network = it.scope AND origin_native_id = it.key LIMIT 1) k ON true " \
-	" LEFT JOIN LATERAL (SELECT i.id, i.uri, i.is_local, i.network, i.peer_id, p.name, i.domain, p.mode " \
+	"UNION ALL " \
+	"SELECT -1, rm.id, mem.id, mem.uri, mem.is_local, mem.network, mem.peer_id, mem.name, mem.domain, " \
+	" NULL, NULL, NULL, NULL, NULL, NULL, NULL, mem.mode " \
+	"FROM (SELECT DISTINCT id FROM rm WHERE id IS NOT NULL) rm " \
+	" JOIN LATERAL (SELECT i.id, i.uri, i.is_local, i.network, i.peer_id, p.name, i.domain, p.mode " \
 	"  FROM room_members m JOIN identities i ON i.id = m.identity_id LEFT JOIN peers p ON p.id = i.peer_id " \
-	"  WHERE m.room_id = r.id AND m.membership = 'joined' OFFSET 0) mem ON true " \
-	"ORDER BY it.n, mem.id"
+	"  WHERE m.room_id = rm.id AND m.membership = 'joined' OFFSET 0) mem ON true " \
+	"ORDER BY 1, 2, 3"
 
 /* Round 1 writes every accepted event of the job in one statement: the
  * events (ids in item order) with their idempotency keys and request
@@ -1184,9 +1194,9 @@ static json_t *accepted_answer(const char *public_id, const char *accepted_ms)
 			 "accepted");
 }
 
-/* Round 0's answer for item i (rows first .. first+nrows-1 of r): the
- * refusals, or the recipients. */
-static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, int nrows)
+/* Round 0's answer for item i (row first of r; the members of its room are
+ * rows mfirst .. mfirst+nmembers-1): the refusals, or the recipients. */
+static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, int mfirst, int nmembers)
 {
 	struct msg_input *in = b->items[i];
 	struct item_result *res = &b->res[i];
@@ -1243,9 +1253,7 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 	bool any_open = false;
 	unsigned char wake = 0;
 	struct policy_decision limited = { .verdict = POLICY_ALLOW };
-	for (int k = first; k < first + nrows; k++) {
-		if (PQgetisnull(r, k, 2))
-			continue; /* a room without members */
+	for (int k = mfirst; k < mfirst + nmembers; k++) {
 		const char *peer_id = PQgetisnull(r, k, 6) ? NULL : PQgetvalue(r, k, 6);
 		if (strcmp(PQgetvalue(r, k, 3), in->sender) == 0) {
 			snprintf(b->sender_id[i], sizeof(b->sender_id[i]), "%s", PQgetvalue(r, k, 2));
@@ -1378,14 +1386,25 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 			return rc;
 		int rows = PQntuples(r);
 		if (round == 0) {
-			for (int k = 0; k < rows;) {
-				int n = atoi(PQgetvalue(r, k, 0)), end = k;
-				while (end < rows && atoi(PQgetvalue(r, end, 0)) == n)
-					end++;
-				if (n >= 0 && (size_t)n < b->n && b->items[n]) {
-					submit_decide(b, (size_t)n, r, k, end - k);
+			/* The members first (n = -1, by room), then one row per item. */
+			int members = 0;
+			while (members < rows && atoi(PQgetvalue(r, members, 0)) < 0)
+				members++;
+			const char *last = NULL; /* the room of the previous item, whose members are mfirst, nm */
+			int mfirst = 0, nm = 0;
+			for (int k = members; k < rows; k++) {
+				int n = atoi(PQgetvalue(r, k, 0));
+				if ((size_t)n >= b->n || !b->items[n])
+					continue;
+				const char *room = PQgetvalue(r, k, 1);
+				if (!last || strcmp(last, room) != 0) {
+					for (mfirst = 0; mfirst < members && strcmp(PQgetvalue(r, mfirst, 1), room) != 0;)
+						mfirst++;
+					for (nm = 0; mfirst + nm < members && strcmp(PQgetvalue(r, mfirst + nm, 1), room) == 0;)
+						nm++;
+					last = room;
 				}
-				k = end;
+				submit_decide(b, (size_t)n, r, k, mfirst, nm);
 			}
 			any_write = round1_needed(b);
 		} else {
