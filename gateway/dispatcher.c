@@ -185,7 +185,19 @@ bool dispatcher_stopping(const struct dispatcher *d) { return atomic_load(&((str
 
 /* The claim and the record of its outcome, prepared on each lane's
  * connection: sent whole, the claim was planned on every call, which took
- * longer than running it (0.6 ms of the backend's CPU on each wake-up). */
+ * longer than running it (0.6 ms of the backend's CPU on each wake-up).
+ *
+ * The claim takes one destination at a time, so the scan is the
+ * (destination, id) index of pending rows, in order, stopping at the
+ * limit.  A room with a row in flight or backing off waits whole: rows of a
+ * room are only ever claimed together and in order, and a failed batch
+ * backs off together, so no earlier row of a room can be due behind a
+ * blocked one (the blocked rooms are one set, not a probe per row; the
+ * rows of blocked rooms are still walked past, see claim's pause).  A row
+ * also waits while an earlier row of its room to the same user is still
+ * held: a consent releases the held rows, but two sweeps at once (SKIP
+ * LOCKED) or a message decided after the consent may make a later row due
+ * first (a probe of the held rows' index, per row). */
 static const struct store_stmt lane_stmts[] = {
 	{ "cw_claim",
 		"WITH blocked AS ("
@@ -272,16 +284,6 @@ static bool claim_destination(struct lane *l, const char *dest, struct outbox_ro
 	snprintf(limit, sizeof(limit), "%d", d->o.batch_max);
 	snprintf(timeout, sizeof(timeout), "%ld", d->o.claim_timeout_s);
 	const char *params[] = { limit, d->name, timeout, dest };
-	/* One destination at a time, so the scan is the (destination, id)
-	 * index of pending rows, in order, stopping at the limit.  A room with
-	 * a row in flight or backing off waits whole: rows of a room are only
-	 * ever claimed together and in order, and a failed batch backs off
-	 * together, so no earlier row of a room can be due behind a blocked
-	 * one (which keeps this a set lookup instead of a scan per row).  A
-	 * row also waits while an earlier row of its room to the same user is
-	 * still held: a consent releases the held rows, but two sweeps at once
-	 * (SKIP LOCKED) or a message decided after the consent may make a
-	 * later row due first (a probe of the held rows' index, per row). */
 	PGresult *r = PQexecPrepared(l->c, "cw_claim", 4, params, NULL, NULL, 0);
 	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
 		store_result_err(l->c, r, e);
