@@ -232,6 +232,9 @@ static void metrics_done(void *arg, cw_err rc, const cw_errmsg *e)
 				  "causeway_dispatch_requests_total{outcome=\"ok\"} %llu\n"
 				  "causeway_dispatch_requests_total{outcome=\"failed\"} %llu\n",
 			      (unsigned long long)ds.requests_ok, (unsigned long long)ds.requests_failed);
+		cw_metrics_sample(&b, "causeway_dispatch_claims_total", "counter",
+				  "Claim transactions of the dispatcher, whether they found rows or not.", NULL,
+				  (double)ds.claim_tries);
 		cw_metrics_sample(&b, "causeway_dispatch_pauses_total", "counter",
 				  "Destinations left alone for a while after a slow claim found nothing due (their backlog waits).",
 				  NULL, (double)ds.pauses);

@@ -55,7 +55,7 @@ struct dispatcher {
 	atomic_int ndest; /* push destinations at the last claim (0: none yet) */
 	int watcher;      /* the idle lane that waits for notifications, or -1 (under mu) */
 	pthread_cond_t idle; /* the other idle lanes sleep on it until the watcher takes a destination */
-	atomic_uint_fast64_t delivered, retried, dead, requests_ok, requests_failed, claims, npaused;
+	atomic_uint_fast64_t delivered, retried, dead, requests_ok, requests_failed, claims, claim_tries, npaused;
 	struct pause *pauses; /* under mu */
 	int npauses, pauses_cap;
 };
@@ -178,6 +178,7 @@ void dispatcher_get_stats(struct dispatcher *d, struct dispatcher_stats *st)
 	st->requests_ok = atomic_load(&d->requests_ok);
 	st->requests_failed = atomic_load(&d->requests_failed);
 	st->claims = atomic_load(&d->claims);
+	st->claim_tries = atomic_load(&d->claim_tries);
 	st->pauses = atomic_load(&d->npaused);
 }
 
@@ -382,6 +383,7 @@ static int claim(struct lane *l, struct outbox_row **out)
 	cw_errmsg e;
 	struct outbox_row *rows = NULL;
 	int n = 0, cap = 0;
+	atomic_fetch_add(&d->claim_tries, 1);
 	PGresult *dr = claim_open(l, &e);
 	if (!dr)
 		goto fail;

@@ -73,6 +73,7 @@ struct dispatcher_stats {
 	uint64_t requests_ok;    /* delivery requests answered 2xx */
 	uint64_t requests_failed;
 	uint64_t claims;         /* claim transactions that found rows */
+	uint64_t claim_tries;    /* claim transactions, whatever they found */
 	uint64_t pauses;         /* destinations paused after a slow claim that found nothing */
 };
 void dispatcher_get_stats(struct dispatcher *d, struct dispatcher_stats *st);

@@ -197,14 +197,15 @@ def test_malformed_requests_do_not_hold_shutdown(daemon):
 
 
 def test_listening_connections_keep_reading_their_notifications(daemon, pg, db_url):
-    # Every commit notifies the dispatcher.  A connection that LISTENs and
+    # Commits notify the dispatcher or the pull stream.  A connection that LISTENs and
     # stops reading fills its socket buffers; its backend then waits to
     # write to it, and PostgreSQL cannot trim its notification queue past
     # that listener: the queue grows on disk until every NOTIFY fails.
     # After a flood of large notifications on every channel the daemon
     # listens to, none of its connections may be left waiting to write.
     pg.psql("SELECT pg_notify(c, repeat('x', 7900) || g) FROM generate_series(1, 100) g, "
-            "unnest(ARRAY['causeway_outbox', 'causeway_policy', 'causeway_peers', 'causeway_matrix_bot']) c",
+            "unnest(ARRAY['causeway_outbox', 'causeway_pull', 'causeway_policy', 'causeway_peers', "
+            "'causeway_matrix_bot']) c",
             db_url)
     stuck = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'causewayd' AND wait_event = 'ClientWrite'"
     try:

@@ -1,5 +1,6 @@
 """GET /v1/events: delivery by pulling, acknowledged by the cursor, with
 long-poll."""
+import re
 import signal
 import threading
 import time
@@ -83,4 +84,26 @@ def test_sigterm_answers_waiting_long_polls(daemon):
     assert result["r"].status_code == 200 and result["r"].json()["events"] == []
     assert daemon.wait_exit(15) == 0
     assert time.time() - t0 < 5
+    srv.close()
+
+
+def test_messages_for_a_pull_peer_do_not_wake_the_dispatcher(daemon):
+    # The dispatcher delivers to push peers and local adapters; a pull peer
+    # fetches its own.  A write whose rows are for pull peers alone wakes
+    # the pull stream, not the dispatcher, which used to run a claim
+    # transaction, and find nothing, for every such commit.
+    a, b, rm, srv = make_peers(daemon)
+    r = a.create_room([a.user("carol"), b.user("dave")]).json()  # gk's user and tg's (pull) only
+
+    def claims():
+        m = re.search(r"^causeway_dispatch_claims_total (\d+)", daemon.get("/metrics").text, re.M)
+        return int(m.group(1))
+    before, t0 = claims(), time.time()
+    for i in range(40):
+        assert a.send(r["id"], a.user("carol"), f"q{i}").status_code == 202
+    took, tries = time.time() - t0, claims() - before
+    # an idle dispatcher claims every 200 ms on its own: that many, and a few more
+    assert tries <= took / 0.2 + 5, f"{tries} claims in {took:.1f} s for 40 messages to a pull peer"
+    got = b.call("GET", "/v1/events?after=0").json()["events"]
+    assert [e["content"]["parts"][0]["body"] for e in got if e["room"] == r["uri"]] == [f"q{i}" for i in range(40)]
     srv.close()
