@@ -7,6 +7,7 @@ import signal
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -55,6 +56,32 @@ class Postgres:
         os.chmod(self.dir, 0o755)  # the postgres user must reach it when we are root
         self._run("init", *(["--fast"] if fast else []))
         self.url = self._run("url").strip()
+        self.stats_path = os.environ.get("CAUSEWAY_PG_STATS")
+        if self.stats_path:
+            self._enable_stats(os.environ.get("CAUSEWAY_PG_EXPLAIN_MS"))
+
+    def _enable_stats(self, explain_ms):
+        """For profiling a benchmark: pg_stat_statements with planning times
+        (a statement sent whole is planned on every call, and its planning
+        is not in its execution time), and with explain_ms the plans of
+        statements slower than that in the server log."""
+        with open(os.path.join(self.dir, "data", "postgresql.conf"), "a") as f:
+            f.write("shared_preload_libraries = 'pg_stat_statements, auto_explain'\n"
+                    "pg_stat_statements.track = all\npg_stat_statements.track_planning = on\n")
+            if explain_ms:
+                f.write(f"auto_explain.log_min_duration = '{int(explain_ms)}ms'\nauto_explain.log_analyze = on\n"
+                        "auto_explain.log_nested_statements = on\n")
+        self.stop()
+        self.start()
+        self.psql("CREATE EXTENSION pg_stat_statements")
+
+    def _dump_stats(self):
+        out = self.psql("SELECT calls, plans, round(total_plan_time::numeric, 1), round(total_exec_time::numeric, 1), "
+                        "left(regexp_replace(query, '\\s+', ' ', 'g'), 160) FROM pg_stat_statements "
+                        "ORDER BY total_plan_time + total_exec_time DESC LIMIT 30")
+        with open(self.stats_path, "a") as f:
+            f.write("calls|plans|planning ms|running ms|statement\n" + out + "\n\n")
+        shutil.copy(os.path.join(self.dir, "postgresql.log"), self.stats_path + ".log")
 
     def _run(self, *args):
         r = subprocess.run([PG_SH, args[0], self.dir, *args[1:]], capture_output=True, text=True,
@@ -83,6 +110,11 @@ class Postgres:
         return self.url.replace("postgresql:///causeway?", f"postgresql:///{name}?")
 
     def destroy(self):
+        if self.stats_path:
+            try:
+                self._dump_stats()
+            except (RuntimeError, OSError) as ex:
+                print(f"pg stats: {ex}", file=sys.stderr)
         subprocess.run([PG_SH, "destroy", self.dir], capture_output=True, timeout=120)
         shutil.rmtree(self.dir, ignore_errors=True)
 
