@@ -206,13 +206,31 @@ cw_err xa_new(struct xmpp **out, struct cw_app *app, cw_errmsg *e)
 
 /* ------------------------------------------------------------ the queue */
 
+/* Writes to the wake-up pipe unless a wake-up is on its way already (the
+ * thread takes the whole queue when it wakes); call under mu, and write
+ * outside it when this answers true. */
+static bool wake_due(struct xcomp *xc)
+{
+	if (xc->woken || !xc->head || xc->wake_fd[1] < 0)
+		return false;
+	xc->woken = true;
+	return true;
+}
+
+static void wake_write(struct xcomp *xc)
+{
+	char b = 1;
+	ssize_t w = write(xc->wake_fd[1], &b, 1);
+	(void)w;
+}
+
 void xa_wake(struct xcomp *xc)
 {
-	if (xc->wake_fd[1] >= 0) {
-		char b = 1;
-		ssize_t w = write(xc->wake_fd[1], &b, 1);
-		(void)w;
-	}
+	pthread_mutex_lock(&xc->mu);
+	bool due = wake_due(xc);
+	pthread_mutex_unlock(&xc->mu);
+	if (due)
+		wake_write(xc);
 }
 
 bool xa_enqueue(struct xcomp *xc, const char *text, size_t len, uint64_t *seq, bool wake)
@@ -231,7 +249,6 @@ bool xa_enqueue(struct xcomp *xc, const char *text, size_t len, uint64_t *seq, b
 		return false;
 	}
 	it->seq = xc->next_seq++;
-	bool was_empty = !xc->head; /* the thread takes the whole list at once: one wake-up per list */
 	if (xc->tail)
 		xc->tail->next = it;
 	else
@@ -240,9 +257,10 @@ bool xa_enqueue(struct xcomp *xc, const char *text, size_t len, uint64_t *seq, b
 	xc->queued++;
 	if (seq)
 		*seq = it->seq;
+	bool due = wake && wake_due(xc);
 	pthread_mutex_unlock(&xc->mu);
-	if (was_empty && wake)
-		xa_wake(xc);
+	if (due)
+		wake_write(xc);
 	return true;
 }
 
@@ -656,6 +674,7 @@ static void drain(struct xcomp *xc)
 	struct xq_item *it = xc->head;
 	xc->head = xc->tail = NULL;
 	xc->queued = 0;
+	xc->woken = false;
 	pthread_mutex_unlock(&xc->mu);
 	if (!it)
 		return;
@@ -709,6 +728,7 @@ static void queue_drop(struct xcomp *xc)
 	}
 	xc->head = xc->tail = NULL;
 	xc->queued = 0;
+	xc->woken = false;
 	pthread_cond_broadcast(&xc->written);
 	pthread_mutex_unlock(&xc->mu);
 	while (it) {

@@ -51,6 +51,7 @@ struct xcomp {
 	pthread_cond_t written;         /* signalled when the thread wrote up to written_seq */
 	struct xq_item *head, *tail;
 	size_t queued;
+	bool woken;                     /* a wake-up was sent that the thread has not taken the queue for yet */
 	uint64_t next_seq, written_seq;
 	uint64_t lost_from[8], lost_to[8]; /* seqs dropped from the queue when a stream broke (a ring) */
 	unsigned lost_n;

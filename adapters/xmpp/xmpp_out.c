@@ -14,7 +14,6 @@
 #include <string.h>
 
 #define WRITE_TIMEOUT_MS 5000
-#define WAKE_EVERY 4 /* stanzas queued per wake-up of the component's thread */
 
 static const char batch_sql[] =
 	"WITH x AS (SELECT (j->>0)::bigint AS i, (j->>1)::bigint AS ev_id, (j->>2)::bigint AS target "
@@ -203,10 +202,9 @@ cw_err xa_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_r
 			pthread_mutex_lock(&xc->mu);
 			bool up = xc->state == XC_UP;
 			pthread_mutex_unlock(&xc->mu);
-			/* The thread is woken every WAKE_EVERY stanzas (and at
-			 * the end, below), not for each: it writes while the
-			 * rest are built, without a context switch per stanza. */
-			bool ok = up && xa_enqueue(xc, st, len, &seqs[i], (built + 1) % WAKE_EVERY == 0);
+			/* The thread is woken once, below, for the whole batch:
+			 * one wake-up and one write instead of one each. */
+			bool ok = up && xa_enqueue(xc, st, len, &seqs[i], false);
 			free(st);
 			if (!ok) {
 				rc = cw_fail(e, CW_EUNAVAIL, "the stream of component %s is %s", xc->domain,
