@@ -238,6 +238,10 @@ static void metrics_done(void *arg, cw_err rc, const cw_errmsg *e)
 		cw_metrics_sample(&b, "causeway_dispatch_pauses_total", "counter",
 				  "Destinations left alone for a while after a slow claim found nothing due (their backlog waits).",
 				  NULL, (double)ds.pauses);
+		cw_metrics_sample(&b, "causeway_dispatch_rate_limited_total", "counter",
+				  "Rows a destination answered 429 (too many requests): tried again after the wait it asked "
+				  "for, not counted against the retry budget.",
+				  NULL, (double)ds.rate_limited);
 	}
 	if (app->policy) {
 		struct policy_live_stats ps;

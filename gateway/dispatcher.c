@@ -44,6 +44,9 @@ struct pause {
 #define CLAIM_SLOW_US 2000
 #define PAUSE_FACTOR 10
 #define PAUSE_MAX_US 10000000
+/* The longest wait a far side's Retry-After gets (a longer one is read as
+ * this long: a mistaken or hostile answer does not park a backlog for days). */
+#define RETRY_AFTER_MAX_MS 3600000L
 
 struct dispatcher {
 	struct dispatcher_opts o;
@@ -55,7 +58,8 @@ struct dispatcher {
 	atomic_int ndest; /* push destinations at the last claim (0: none yet) */
 	int watcher;      /* the idle lane that waits for notifications, or -1 (under mu) */
 	pthread_cond_t idle; /* the other idle lanes sleep on it until the watcher takes a destination */
-	atomic_uint_fast64_t delivered, retried, dead, requests_ok, requests_failed, claims, claim_tries, npaused;
+	atomic_uint_fast64_t delivered, retried, dead, requests_ok, requests_failed, claims, claim_tries, npaused,
+		rate_limited;
 	struct pause *pauses; /* under mu */
 	int npauses, pauses_cap;
 };
@@ -93,7 +97,6 @@ static void pause_destination(struct dispatcher *d, const char *dest, int64_t us
 		struct pause *p = &d->pauses[d->npauses++];
 		snprintf(p->dest, sizeof(p->dest), "%s", dest);
 		p->until_us = cw_now_us() + us;
-		atomic_fetch_add(&d->npaused, 1);
 	}
 	pthread_mutex_unlock(&d->mu);
 }
@@ -180,6 +183,7 @@ void dispatcher_get_stats(struct dispatcher *d, struct dispatcher_stats *st)
 	st->claims = atomic_load(&d->claims);
 	st->claim_tries = atomic_load(&d->claim_tries);
 	st->pauses = atomic_load(&d->npaused);
+	st->rate_limited = atomic_load(&d->rate_limited);
 }
 
 bool dispatcher_stopping(const struct dispatcher *d) { return atomic_load(&((struct dispatcher *)d)->stop); }
@@ -227,11 +231,14 @@ static const struct store_stmt lane_stmts[] = {
 		"  NULLIF($3::int, 0), $4 FROM outbox o WHERE o.id = ANY($1::bigint[]) "
 		" ON CONFLICT (outbox_id, attempt) DO NOTHING) "
 		"UPDATE outbox SET claimed_by = NULL, claimed_until = NULL, "
-		" state = CASE WHEN $2::boolean THEN 'delivered' WHEN attempts >= $5::int THEN 'dead' ELSE 'pending' END, "
+		" attempts = CASE WHEN $2::boolean OR $10::boolean THEN attempts ELSE greatest(attempts - 1, 0) END, "
+		" state = CASE WHEN $2::boolean THEN 'delivered' WHEN $10::boolean AND attempts >= $5::int THEN 'dead' "
+		"  ELSE 'pending' END, "
 		" delivered_at = CASE WHEN $2::boolean THEN now() END, "
 		" last_error = CASE WHEN $2::boolean THEN NULL ELSE $4 END, "
 		" next_attempt_at = CASE WHEN $2::boolean THEN next_attempt_at ELSE now() + make_interval(secs => "
-		"  least($7::bigint, $6::bigint * (1::bigint << least(attempts - 1, 30))) / 1000.0 * (0.5 + random() / 2)) END "
+		"  greatest($9::bigint / 1000.0, least($7::bigint, $6::bigint * (1::bigint << least(attempts - 1, 30))) "
+		"  / 1000.0 * (0.5 + random() / 2))) END "
 		"FROM cfg WHERE id = ANY($1::bigint[]) AND state = 'in_flight' RETURNING state" },
 	{ NULL, NULL },
 };
@@ -411,8 +418,10 @@ static int claim(struct lane *l, struct outbox_row **out)
 			 * under the claim lock that every lane takes.  Paused so
 			 * that such scans take at most a tenth of the time; new
 			 * rows of a room that does not wait wait that long more. */
-			if (took >= CLAIM_SLOW_US)
+			if (took >= CLAIM_SLOW_US) {
 				pause_destination(d, name, took * PAUSE_FACTOR < PAUSE_MAX_US ? took * PAUSE_FACTOR : PAUSE_MAX_US);
+				atomic_fetch_add(&d->npaused, 1);
+			}
 		}
 	}
 	PQclear(dr);
@@ -447,25 +456,41 @@ static char *id_array(const struct outbox_row *rows, size_t n)
 	return s;
 }
 
+/* The wait a failed row gets at least: what the far side asked for, within
+ * reason. */
+static long retry_after(long ms)
+{
+	return ms < 0 ? 0 : ms > RETRY_AFTER_MAX_MS ? RETRY_AFTER_MAX_MS : ms;
+}
+
+/* Records the attempt of rows and moves them on: delivered, or pending
+ * again after the backoff (at least retry_after_ms), or dead once the retry
+ * budget is spent.  A 429 is not an attempt that counts: the far side is
+ * up and asked for a slower pace, which the wait gives it; counted, a long
+ * burst would send messages to the dead letters. */
 static void record(struct lane *l, const struct outbox_row *rows, size_t n, bool ok, long code,
-		   const char *why, int64_t started_ms)
+		   const char *why, int64_t started_ms, long retry_after_ms)
 {
 	struct dispatcher *d = l->d;
 	char *ids = id_array(rows, n);
 	if (!ids)
 		return;
-	char codes[16], budget[16], base[24], max[24], started[24];
+	char codes[16], budget[16], base[24], max[24], started[24], wait[24];
 	snprintf(codes, sizeof(codes), "%ld", code);
 	snprintf(budget, sizeof(budget), "%d", d->o.retry_budget);
 	snprintf(base, sizeof(base), "%ld", d->o.retry_base_ms);
 	snprintf(max, sizeof(max), "%ld", d->o.retry_max_ms);
 	snprintf(started, sizeof(started), "%lld", (long long)started_ms);
-	const char *params[] = { ids, ok ? "t" : "f", codes, why, budget, base, max, started };
+	snprintf(wait, sizeof(wait), "%ld", retry_after(retry_after_ms));
+	bool limited = !ok && code == 429;
+	const char *params[] = { ids, ok ? "t" : "f", codes, why, budget, base, max, started, wait, limited ? "f" : "t" };
 	/* One statement: the attempts are recorded and the rows move on.  Its
 	 * commit does not wait for the WAL flush (set_config(..., true) holds
 	 * for this statement's own transaction): see claim_open. */
-	PGresult *r = PQexecPrepared(l->c, "cw_record", 8, params, NULL, NULL, 0);
+	PGresult *r = PQexecPrepared(l->c, "cw_record", 10, params, NULL, NULL, 0);
 	if (PQresultStatus(r) == PGRES_TUPLES_OK) {
+		if (limited)
+			atomic_fetch_add(&d->rate_limited, (uint64_t)PQntuples(r));
 		for (int i = 0; i < PQntuples(r); i++) {
 			const char *st = PQgetvalue(r, i, 0);
 			atomic_fetch_add(strcmp(st, "delivered") == 0 ? &d->delivered
@@ -523,7 +548,7 @@ static void record_outcomes(struct lane *l, struct outbox_row *rows, size_t n, i
 			taken[i] = true;
 		}
 	if (k)
-		record(l, sel, k, true, 200, NULL, t0);
+		record(l, sel, k, true, 200, NULL, t0, 0);
 	k = 0;
 	for (size_t i = 0; i < n; i++)
 		if (rows[i].outcome == 2) {
@@ -537,11 +562,13 @@ static void record_outcomes(struct lane *l, struct outbox_row *rows, size_t n, i
 			continue;
 		k = 0;
 		for (size_t x = i; x < n; x++)
-			if (!taken[x] && rows[x].code == rows[i].code && strcmp(rows[x].why, rows[i].why) == 0) {
+			if (!taken[x] && rows[x].code == rows[i].code && rows[x].retry_after_ms == rows[i].retry_after_ms &&
+			    strcmp(rows[x].why, rows[i].why) == 0) {
 				sel[k++] = rows[x];
 				taken[x] = true;
 			}
-		record(l, sel, k, false, rows[i].code, rows[i].why[0] ? rows[i].why : "not delivered", t0);
+		record(l, sel, k, false, rows[i].code, rows[i].why[0] ? rows[i].why : "not delivered", t0,
+		       rows[i].retry_after_ms);
 	}
 	free(sel);
 	free(taken);
@@ -556,8 +583,10 @@ static void deliver(struct lane *l, struct outbox_row *rows, size_t n)
 	long code = 0;
 	cw_errmsg e = { { 0 } };
 	int64_t t0 = cw_wall_ms();
-	for (size_t x = 0; x < n; x++)
+	for (size_t x = 0; x < n; x++) {
 		rows[x].outcome = 0;
+		rows[x].retry_after_ms = 0;
+	}
 	bool local = d->o.local_deliver && strcmp(dest, d->o.local_destination) == 0;
 	size_t done = 0;
 	cw_err rc = local ? d->o.local_deliver(d->o.local_ctx, l->c, dest, rows, n, &done, &code, &e)
@@ -573,9 +602,20 @@ static void deliver(struct lane *l, struct outbox_row *rows, size_t n)
 		if (done > n)
 			done = n;
 		if (done)
-			record(l, rows, done, true, rc ? 200 : code, NULL, t0);
-		if (done < n)
-			record(l, rows + done, n - done, false, code, e.msg, t0);
+			record(l, rows, done, true, rc ? 200 : code, NULL, t0, 0);
+		if (done < n) {
+			/* The whole destination was told to wait (a peer's 429 or
+			 * 503 answers for all its rooms): no lane claims it until
+			 * then, so its other rooms' rows are not sent into the
+			 * same refusal one batch after the other. */
+			long wait = 0;
+			for (size_t x = done; x < n; x++)
+				wait = rows[x].retry_after_ms > wait ? rows[x].retry_after_ms : wait;
+			wait = retry_after(wait);
+			record(l, rows + done, n - done, false, code, e.msg, t0, wait);
+			if (wait > 0)
+				pause_destination(d, dest, (int64_t)wait * 1000);
+		}
 	}
 	atomic_fetch_add(rc == CW_OK ? &d->requests_ok : &d->requests_failed, 1);
 	char count[16], codes[16];

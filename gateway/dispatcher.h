@@ -28,6 +28,12 @@ struct outbox_row {
 	int outcome;
 	long code;
 	char why[512];  /* as long as a cw_errmsg */
+	/* Not delivered: how long the far side asked to be left alone first
+	 * (the Retry-After of a 429 or 503), in ms; 0: the usual backoff.  Set
+	 * on each failed row (a whole-batch failure: on the rows from *done
+	 * on).  A 429 (the far side is up and asks for less) is not counted
+	 * against the retry budget. */
+	long retry_after_ms;
 };
 
 /* The event as a peer receives it (pushed or pulled), from row `row` of r
@@ -75,6 +81,7 @@ struct dispatcher_stats {
 	uint64_t claims;         /* claim transactions that found rows */
 	uint64_t claim_tries;    /* claim transactions, whatever they found */
 	uint64_t pauses;         /* destinations paused after a slow claim that found nothing */
+	uint64_t rate_limited;   /* rows answered 429: tried again after the wait asked, not counted */
 };
 void dispatcher_get_stats(struct dispatcher *d, struct dispatcher_stats *st);
 

@@ -590,9 +590,19 @@ static cw_err finish_row(struct matrix *m, CURL *h, struct mx_req *rq, CURLcode 
 	if (!rc && eid)
 		note_sent(sent, row, eid);
 	if (rc && status == 429) {
+		/* M_LIMIT_EXCEEDED: the wait asked for is the body's retry_after_ms
+		 * or (Matrix 1.10 on) the Retry-After header: the longer of the
+		 * two.  The row's room waits that long; its other rooms go on. */
 		json_t *ra = json_object_get(answer, "retry_after_ms");
-		if (json_is_integer(ra))
-			cw_fail(e, CW_EIO, "homeserver rate limit: retry after %lld ms", (long long)json_integer_value(ra));
+		json_int_t ms = json_is_integer(ra) && json_integer_value(ra) > 0 ? json_integer_value(ra) : 0;
+		curl_off_t secs = 0;
+		if (curl_easy_getinfo(h, CURLINFO_RETRY_AFTER, &secs) == CURLE_OK && secs > 0 && secs < 86400 &&
+		    secs * 1000 > ms)
+			ms = (json_int_t)secs * 1000;
+		if (ms > 86400000)
+			ms = 86400000;
+		row->retry_after_ms = (long)ms;
+		cw_fail(e, CW_EIO, "homeserver rate limit (429 M_LIMIT_EXCEEDED): retry after %lld ms", (long long)ms);
 	}
 	json_decref(answer);
 	return rc;
@@ -614,10 +624,12 @@ struct room_run {
 static void fail_rest(struct room_run *r, struct outbox_row *rows, long code, const char *why)
 {
 	r->failed = true;
+	long wait = r->next < r->n ? rows[r->idx[r->next]].retry_after_ms : 0; /* the failed row's */
 	for (size_t k = r->next; k < r->n; k++) {
 		struct outbox_row *row = &rows[r->idx[k]];
 		row->outcome = -1;
 		row->code = code;
+		row->retry_after_ms = wait;
 		snprintf(row->why, sizeof(row->why), "%s", why);
 	}
 }

@@ -170,12 +170,24 @@ cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct ou
 	CURLcode cc = curl_easy_perform(cu);
 	curl_slist_free_all(list);
 	free(text);
-	if (cc == CURLE_OK)
+	/* A 429 or 503 may say when to come back (Retry-After, seconds or a
+	 * date: libcurl reads both): the batch waits at least that long. */
+	curl_off_t wait_s = 0;
+	if (cc == CURLE_OK) {
 		curl_easy_getinfo(cu, CURLINFO_RESPONSE_CODE, code);
+		if ((*code == 429 || *code == 503) && curl_easy_getinfo(cu, CURLINFO_RETRY_AFTER, &wait_s) != CURLE_OK)
+			wait_s = 0;
+	}
 	give_handle(p, cu);
 	if (cc != CURLE_OK)
 		return cw_fail(e, CW_EUNAVAIL, "%s: %s", url, curl_easy_strerror(cc));
-	if (*code < 200 || *code > 299)
+	if (*code < 200 || *code > 299) {
+		if (wait_s > 0) {
+			for (size_t i = 0; i < n; i++)
+				rows[i].retry_after_ms = wait_s > 86400 ? 86400000L : (long)wait_s * 1000;
+			return cw_fail(e, CW_EUNAVAIL, "%s answered %ld (retry after %lld s)", url, *code, (long long)wait_s);
+		}
 		return cw_fail(e, CW_EUNAVAIL, "%s answered %ld", url, *code);
+	}
 	return CW_OK;
 }

@@ -41,6 +41,13 @@ The choices made where the specification allows several behaviours:
 - Every POST and PUT needs a JSON object body (M_NOT_JSON / M_BAD_JSON);
   event content may not hold floats or integers beyond 2**53 (M_BAD_JSON);
   an event over 65536 bytes is refused with 413 M_TOO_LARGE.
+- Rate limits as Synapse's rc_message, when a test sets rc_message =
+  (per_second, burst_count): a token bucket per sender for PUT /send and
+  /redact (a repeated txnId is answered from memory first, unlimited). The
+  application service's own users are exempt when its registration says
+  rate_limited: false, and its sender_localpart always is. Over the limit:
+  429 M_LIMIT_EXCEEDED with retry_after_ms, and the Retry-After header (in
+  seconds, rounded up) that Matrix 1.10 asks servers to send as well.
 - Only /v3 client paths (not r0); room version 10 by default (redactions
   carry a top-level `redacts`; version 11 rooms carry it in content too).
 - An older homeserver (legacy_paths=True or token_in_query=True) does not
@@ -50,6 +57,7 @@ import base64
 import copy
 import http.server
 import json
+import math
 import os
 import re
 import threading
@@ -241,6 +249,8 @@ class Homeserver:
         # milliseconds on each (auth rules, persisting, fan-out); 0 here
         # by default.
         self.send_latency = 0.0
+        self.rc_message = None      # (per_second, burst_count): see the module's docstring
+        self._buckets = {}          # user_id -> (level, time): the rate limiter's
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._users = {}            # user_id -> profile dict
@@ -292,6 +302,8 @@ class Homeserver:
                 status, answer = outer._dispatch(self.command, self.path, self.headers, body)
                 data = json.dumps(answer).encode()
                 self.send_response(status)
+                if status == 429 and isinstance(answer.get("retry_after_ms"), int):
+                    self.send_header("Retry-After", str(math.ceil(answer["retry_after_ms"] / 1000)))
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.send_header("Access-Control-Allow-Origin", "*")
@@ -428,7 +440,8 @@ class Homeserver:
 
     @property
     def requests(self):
-        """Every request served: method, path, query, user (acting), appservice (bool), status, body."""
+        """Every request served: method, path, query, user (acting), appservice (bool), status, body,
+        answer, time (when it came)."""
         with self._lock:
             return list(self._requests)
 
@@ -541,7 +554,7 @@ class Homeserver:
         except Exception:  # the stand-in's own bug: recorded for the test to see
             self.errors.append(traceback.format_exc())
             status, answer = 500, {"errcode": "M_UNKNOWN", "error": "Internal server error"}
-        rec["status"] = status
+        rec["status"], rec["answer"] = status, answer
         with self._lock:
             self._requests.append(rec)
         return status, answer
@@ -795,6 +808,7 @@ class Homeserver:
         with self._lock:
             if key in self._txn_memory:
                 return 200, {"event_id": self._txn_memory[key]}
+            self._ratelimit(req)
             content = req.body
             ts = self._ts_param(req)
             room = self._room(room_id, status=403)
@@ -815,6 +829,22 @@ class Homeserver:
                 ev = self._emit(room, req.user_id, etype, copy.deepcopy(content), ts=ts)
             self._txn_memory[key] = ev["event_id"]
             return 200, {"event_id": ev["event_id"]}
+
+    def _ratelimit(self, req):
+        """Synapse's Ratelimiter for events (rc_message), a leaky bucket per sender."""
+        if self.rc_message is None or req.user_id == self.bot_id:
+            return
+        if req.is_as and not self.registration.get("rate_limited", True):
+            return
+        rate, burst = self.rc_message
+        now = time.monotonic()
+        level, then = self._buckets.get(req.user_id, (0.0, now))
+        level = max(0.0, level - (now - then) * rate)
+        if level + 1 > burst:
+            self._buckets[req.user_id] = (level, now)
+            wait_ms = int(math.ceil((level + 1 - burst) / rate * 1000))
+            raise MatrixError(429, "M_LIMIT_EXCEEDED", "Too Many Requests", retry_after_ms=wait_ms)
+        self._buckets[req.user_id] = (level + 1, now)
 
     def _check_annotation(self, room, sender, etype, content):
         rel = content.get("m.relates_to")
@@ -854,6 +884,7 @@ class Homeserver:
         with self._lock:
             if key in self._txn_memory:
                 return 200, {"event_id": self._txn_memory[key]}
+            self._ratelimit(req)
             reason = field(req.body, "reason", str)
             room = self._room(room_id, status=403)
             self._require_joined(room, req.user_id)

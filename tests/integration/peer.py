@@ -104,6 +104,8 @@ class NotifyServer:
         self.requests = 0
         self.duplicates = 0
         self.fail_next = 0        # answer 503 to that many requests
+        self.script = []          # (status, Retry-After seconds or None): the next answers, in order
+        self.answers = []         # (time the request came, status answered), in order
         self.errors = []
         self.public_b64 = None    # Causeway's key, from its directory
         self.lock = threading.Lock()
@@ -119,9 +121,11 @@ class NotifyServer:
 
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                status = outer.handle(self.command, self.path, dict(self.headers), body,
-                                      self.server.server_address[1])
+                status, retry_after = outer.handle(self.command, self.path, dict(self.headers), body,
+                                                   self.server.server_address[1])
                 self.send_response(status)
+                if retry_after is not None:
+                    self.send_header("Retry-After", str(retry_after))
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
@@ -132,27 +136,38 @@ class NotifyServer:
         self.thread.start()
 
     def handle(self, method, path, headers, body, port):
+        """The status to answer, and the Retry-After header's value (None: none)."""
         with self.lock:
-            self.requests += 1
-            if self.fail_next > 0:
-                self.fail_next -= 1
-                return 503
-            if path != "/v1/notify":
-                self.errors.append(f"unexpected path {path}")
-                return 404
-            try:
-                verify(method, f"http://127.0.0.1:{port}{path}", headers, body, self.public_b64)
-            except Exception as ex:  # record, and refuse as a real peer would
-                self.errors.append(f"signature: {ex!r}")
-                return 401
-            for ev in json.loads(body)["events"]:
-                if ev["id"] in self.seen:
-                    self.duplicates += 1
-                else:
-                    self.seen.add(ev["id"])
-                    self.events.append(ev)
-            self.cond.notify_all()
-            return 200
+            came = time.time()
+            if self.script:
+                self.requests += 1
+                status, retry_after = self.script.pop(0)
+            else:
+                status, retry_after = self._handle(method, path, headers, body, port), None
+            self.answers.append((came, status))
+            return status, retry_after
+
+    def _handle(self, method, path, headers, body, port):  # under self.lock
+        self.requests += 1
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            return 503
+        if path != "/v1/notify":
+            self.errors.append(f"unexpected path {path}")
+            return 404
+        try:
+            verify(method, f"http://127.0.0.1:{port}{path}", headers, body, self.public_b64)
+        except Exception as ex:  # record, and refuse as a real peer would
+            self.errors.append(f"signature: {ex!r}")
+            return 401
+        for ev in json.loads(body)["events"]:
+            if ev["id"] in self.seen:
+                self.duplicates += 1
+            else:
+                self.seen.add(ev["id"])
+                self.events.append(ev)
+        self.cond.notify_all()
+        return 200
 
     def wait_events(self, n, timeout=20):
         deadline = time.time() + timeout

@@ -585,6 +585,66 @@ def test_rooms_are_delivered_side_by_side_and_a_failing_one_holds_no_other(mx, h
     assert "ghost id" in pg.psql(b_rows.format("min(o.last_error)", room_a["id"]), db_url)
 
 
+def test_a_rate_limiting_homeserver_is_waited_for(make_daemon, db_url, pg):
+    """A homeserver that rate-limits the ghosts (a registration with
+    rate_limited: true, Synapse's rc_message at 4 a second with a burst of
+    2): each 429 M_LIMIT_EXCEEDED is waited out as long as it asks, the
+    messages arrive once and in order, and the 429s are not counted
+    against the retry budget (1 here: a counted failure is a dead letter)."""
+    reg = registration()
+    reg["rate_limited"] = True
+    hs = Homeserver(server_name="example.org", registration=reg)
+    hs.start()
+    srv = NotifyServer()
+    try:
+        hs.rc_message = (4.0, 2)
+        port = free_port()
+        hs.registration["url"] = f"http://127.0.0.1:{port}"
+        d = make_daemon(db_url, options={"server": {"port": str(port)},
+                                         "matrix": {"homeserver_url": hs.url, "as_token": AS_TOKEN,
+                                                    "hs_token": HS_TOKEN},
+                                         "dispatcher": {"retry_budget": "1", "retry_base_ms": "10",
+                                                        "retry_max_ms": "20"}}).start()
+        srv.public_b64 = d.get("/.well-known/mimi-protocol-directory").json()["public_key"]["key"]
+        a = PeerClient(d.url, "gk", "wa.example")
+        r = d.admin("POST", "/peers", json={"name": "gk", "domain": "wa.example", "mode": "push",
+                                           "push_url": srv.url, "public_key": a.signer.public_b64})
+        a.token = r.json()["token"]
+        consent_alice(d)
+        hs.create_user("alice")
+        room = a.create_room([a.user("wally"), ALICE]).json()
+        items = [{"idempotency_key": f"rl-{i}", "room": room["uri"],
+                  "event": {"type": "message", "sender": a.user("wally"),
+                            "content": {"parts": [{"type": "text/plain", "body": f"m{i}"}]}}} for i in range(6)]
+        assert a.call("POST", "/v1/batch", {"events": items}).status_code == 200
+        ghost = "@_cw_gk_wally:example.org"
+        sent = lambda: [e["content"]["body"] for rid in hs.rooms() for e in hs.events(rid)  # noqa: E731
+                        if e["type"] == "m.room.message" and e["sender"] == ghost]
+        wait_until(lambda: len(sent()) == 6, timeout=20, what="six messages")
+        assert sent() == [f"m{i}" for i in range(6)]
+        sends = [q for q in hs.requests if q["path"].startswith("/_matrix/client/v3/rooms/")
+                 and "/send/m.room.message/" in q["path"]]
+        limited = [k for k, q in enumerate(sends) if q["status"] == 429]
+        assert limited, "the homeserver never limited: the test shows nothing"
+        # After each 429, the next send came no sooner than the wait asked.
+        for k in limited:
+            asked = sends[k]["answer"]["retry_after_ms"] / 1000
+            assert asked > 0 and sends[k + 1]["time"] - sends[k]["time"] >= asked, \
+                (k, [(q["status"], q["time"], q["answer"]) for q in sends])
+        rows = pg.psql("SELECT state, attempts FROM outbox WHERE destination = 'matrix' ORDER BY id", db_url)
+        assert rows.splitlines() == ["delivered|1"] * 6, rows
+        assert metrics_plain(d, "causeway_dispatch_rate_limited_total") >= len(limited)
+        assert not hs.errors
+    finally:
+        srv.close()
+        hs.close()
+
+
+def metrics_plain(d, name):
+    m = re.search(r"^" + name + r" (\S+)$", d.get("/metrics").text, re.M)
+    return float(m.group(1)) if m else None
+
+
 def test_sigterm_during_slow_delivery_stops_soon_and_nothing_is_lost(mx, hs, gk, pg, db_url):
     """A homeserver that takes a second a send, ten messages for one room:
     on SIGTERM the send in flight finishes and no other starts, so the

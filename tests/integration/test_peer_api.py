@@ -2,6 +2,7 @@
 messages, signed both ways, in order, idempotently."""
 import base64
 import json
+import re
 import time
 
 import pytest
@@ -108,6 +109,48 @@ def test_peer_down_then_backlog_in_order(daemon, peers):
     assert sb.requests >= 4  # three refusals, then the backlog
     rec = daemon.wait_for(lambda r: r.get("msg") == "delivery failed; will retry")
     assert rec["status"] == "503"
+
+
+def test_a_peer_that_asks_to_wait_is_left_alone_that_long(make_daemon, db_url, pg):
+    """A peer answering 429 with Retry-After gets nothing more before that
+    time is up: neither the refused batch nor its other rooms' rows (the
+    destination waits whole); then it gets everything, once and in order.
+    The 429s do not count against the retry budget, the 503 does: with a
+    budget of 2, two counted refusals would have made dead letters."""
+    d = make_daemon(db_url, options={"dispatcher": {"retry_budget": "2", "retry_base_ms": "20",
+                                                   "retry_max_ms": "40"}}).start()
+    (a, _), (b, sb) = made = push_peers(d)
+    try:
+        sb.script = [(429, 1), (429, 1), (503, 1)]
+        rooms = [room(a, b), room(a, b)]
+        items = [{"idempotency_key": f"wait-{k}-{i}", "room": rooms[k]["uri"],
+                  "event": {"type": "message", "sender": a.user("alice"),
+                            "content": {"parts": [{"type": "text/plain", "body": f"r{k} m{i}"}]}}}
+                 for i in range(3) for k in range(2)]
+        r = a.call("POST", "/v1/batch", {"events": items})
+        assert r.status_code == 200, r.text
+        ids = [x["id"] for x in r.json()["results"]]
+        got = sb.wait_events(6, timeout=30)
+        for rm in rooms:
+            assert [e["id"] for e in got if e["room_id"] == rm["id"]] == \
+                [i for i, it in zip(ids, items) if it["room"] == rm["uri"]]
+        assert sb.duplicates == 0 and not sb.errors
+        statuses = [st for _, st in sb.answers]
+        assert statuses[:4] == [429, 429, 503, 200], sb.answers
+        # Each refusal was waited out (the next request came a second later
+        # at least), and nothing was sent meanwhile.
+        came = [t for t, _ in sb.answers]
+        assert all(later - earlier >= 0.99 for earlier, later in zip(came[:3], came[1:4])), sb.answers
+        rows = pg.psql("SELECT state, attempts FROM outbox WHERE destination = 'peer:tg' ORDER BY id", db_url)
+        assert rows.splitlines() == ["delivered|2"] * 6, rows  # the 503 and the success counted
+        text = d.get("/metrics").text
+        assert re.search(r"^causeway_dispatch_rate_limited_total 12$", text, re.M), text
+        codes = pg.psql("SELECT string_agg(code::text, ',' ORDER BY attempt) FROM delivery_attempts "
+                        "GROUP BY outbox_id ORDER BY outbox_id LIMIT 1", db_url)
+        assert codes == "429,429,503,200", codes
+    finally:
+        for _, srv in made:
+            srv.close()
 
 
 def test_room_get_members_and_visibility(daemon, peers):
