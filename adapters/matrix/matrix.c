@@ -890,6 +890,18 @@ void matrix_as_transaction(struct cw_req *req, void *ctx)
 		json_array_append(t->ephemeral, ev);
 	}
 	json_decref(doc);
+	if (json_array_size(t->events) == 0 && json_array_size(t->ephemeral) == 0) {
+		/* Nothing to store (the gateway's own echoes, the usual content of
+		 * a transaction while it delivers to Matrix, or events it does
+		 * not read): answered at once, with no trip to the database. */
+		mx_txn_remember(app->matrix, t->key);
+		atomic_fetch_add(&app->matrix->txns, 1);
+		atomic_fetch_add(&app->matrix->events[MX_EV_INVALID], t->invalid);
+		atomic_fetch_add(&app->matrix->events[MX_EV_IGNORED], t->ignored);
+		txn_free(t);
+		cw_req_reply_json(req, 200, json_object());
+		return;
+	}
 	struct app_job *j = app_job_new(app, req, NULL);
 	if (!j) {
 		txn_free(t);
