@@ -234,7 +234,9 @@ cw_err policy_sweep(PGconn *c, const struct policy_settings *s, const char *targ
 }
 
 static const char consent_sql[] =
-	"WITH del AS (DELETE FROM consents WHERE $4 = 'none' AND local_identity_id = $1::bigint "
+	"WITH old AS (SELECT state FROM consents WHERE local_identity_id = $1::bigint AND subject_kind = $2 "
+	"  AND subject = $3), "
+	"del AS (DELETE FROM consents WHERE $4 = 'none' AND local_identity_id = $1::bigint "
 	"  AND subject_kind = $2 AND subject = $3), "
 	"up AS (INSERT INTO consents (local_identity_id, subject_kind, subject, state, source) "
 	"  SELECT $1::bigint, $2, $3, $4, $5 WHERE $4 <> 'none' "
@@ -244,7 +246,35 @@ static const char consent_sql[] =
 	"  decided_at = now() FROM identities r WHERE $4 <> 'none' AND q.state = 'pending' "
 	"  AND q.local_identity_id = $1::bigint AND r.id = q.remote_identity_id "
 	"  AND (($2 = 'user' AND r.uri = $3) OR ($2 = 'domain' AND r.domain = $3)) RETURNING q.id) "
-	"SELECT count(*) FROM rq";
+	"SELECT count(*), coalesce((SELECT state FROM old), 'none') FROM rq";
+
+/* A local user's block (or its end) of a peer's user travels to that peer
+ * (spec: policy.md, "Blocks travel"): a block event from the local user,
+ * content {target, action: block or unblock} as POST /v1/blocks takes it,
+ * in each room the two share (stored as every event is: the whole event
+ * document), delivered to the peer (push or pull) like any
+ * event and in order with the room's messages.  No shared room, no event:
+ * the peer's user has no conversation to be told about (and a new one is
+ * refused by the policy meanwhile).  Ids as cw_new_id makes them (16 random
+ * bytes, base64url): gen_random_uuid() is PostgreSQL's strong random. */
+static const char block_event_sql[] =
+	"WITH r AS (SELECT i.id, i.uri, p.name, p.mode FROM identities i JOIN peers p ON p.id = i.peer_id "
+	"  WHERE i.uri = $2 AND NOT i.is_local), "
+	"l AS (SELECT id, uri, network, (extract(epoch FROM now()) * 1000)::bigint AS ts FROM identities "
+	"  WHERE id = $1::bigint AND is_local), "
+	"rm AS (SELECT DISTINCT a.room_id FROM room_members a JOIN room_members b ON b.room_id = a.room_id "
+	"  JOIN r ON b.identity_id = r.id WHERE a.identity_id = $1::bigint AND a.membership = 'joined' "
+	"  AND b.membership = 'joined'), "
+	"ev AS (INSERT INTO events (public_id, room_id, sender_id, type, content, origin_network, ts) "
+	"  SELECT 'msg_' || rtrim(translate(encode(uuid_send(gen_random_uuid()), 'base64'), '+/', '-_'), '='), "
+	"  rm.room_id, l.id, 'block', jsonb_build_object('type', 'block', 'sender', l.uri, 'ts', l.ts, "
+	"  'content', jsonb_build_object('target', r.uri, 'action', $3::text)), "
+	"  CASE WHEN l.network ~ '^[a-z][a-z0-9_-]*$' THEN l.network ELSE 'local' END, l.ts "
+	"  FROM rm, r, l ORDER BY rm.room_id RETURNING id, room_id), "
+	"ob AS (INSERT INTO outbox (event_id, destination, room_id, state) "
+	"  SELECT ev.id, 'peer:' || r.name, ev.room_id, 'pending' FROM ev, r ORDER BY ev.id RETURNING 1) "
+	"SELECT count(*), CASE WHEN count(*) > 0 THEN pg_notify(CASE WHEN (SELECT mode FROM r) = 'pull' "
+	"  THEN 'causeway_pull' ELSE 'causeway_outbox' END, '') END FROM ob";
 
 const char POLICY_USER_SUMMARY_SQL[] =
 	"SELECT 'request from ' || i.uri || ' (' || i.network || ')' FROM consent_requests q "
@@ -264,7 +294,15 @@ cw_err policy_consent_apply(PGconn *c, const struct policy_settings *s, const ch
 	if (rc)
 		return rc;
 	*decided = atol(PQgetvalue(r, 0, 0));
+	bool was_blocked = strcmp(PQgetvalue(r, 0, 1), "blocked") == 0, blocked = strcmp(state, "blocked") == 0;
 	PQclear(r);
+	if (strcmp(kind, "user") == 0 && was_blocked != blocked) {
+		const char *bp[] = { local_id, subject, blocked ? "block" : "unblock" };
+		PGresult *br = PQexecParams(c, block_event_sql, 3, NULL, bp, NULL, NULL, 0);
+		if ((rc = store_check(c, br, PGRES_TUPLES_OK, e)))
+			return rc;
+		PQclear(br);
+	}
 	if ((rc = policy_sweep(c, s, local_id, counts, e)))
 		return rc;
 	if (counts[0] && (rc = store_exec(c, "NOTIFY causeway_outbox", e)))

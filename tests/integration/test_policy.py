@@ -121,6 +121,35 @@ def test_block_drops_held_and_sender_sees_only_not_delivered(daemon, peers, pg, 
     assert why["reason"] == "user_blocked_sender" and why["subject"] == ALICE
 
 
+def test_a_block_and_its_end_travel_to_the_peer(daemon, peers, pg, db_url):
+    """spec/policy.md, "Blocks travel": a local user's block of a peer's
+    user reaches that peer as a block event from the local user in the room
+    they share ({target, action} as POST /v1/blocks takes it), its end as
+    an unblock; the same state twice sends nothing again, and neither do a
+    domain block nor a block of someone the user shares no room with."""
+    (a, sa), (b, sb) = peers
+    opt_in(daemon)
+    room = dm(a)
+    consent(daemon, a.user("wally"), "blocked")
+    [ev] = sa.wait_events(1)
+    assert ev["type"] == "block" and ev["sender"] == ALICE and ev["room_id"] == room, ev
+    assert ev["content"] == {"target": a.user("wally"), "action": "block"}, ev
+    assert ev["id"].startswith("msg_") and len(ev["id"]) == 26, ev
+    consent(daemon, a.user("wally"), "blocked")      # no change: nothing sent
+    consent(daemon, a.user("wally"), "allowed")
+    got = sa.wait_events(2)
+    assert got[1]["type"] == "block" and got[1]["content"]["action"] == "unblock" and got[1]["room_id"] == room
+    consent(daemon, "wa.example", "blocked", kind="domain")
+    consent(daemon, a.user("stranger"), "blocked")
+    consent(daemon, b.user("bob"), "blocked")          # tg's user, no shared room
+    assert consent(daemon, a.user("wally"), "none")    # allowed -> none: not a block's end
+    time.sleep(0.5)
+    assert len(sa.events) == 2 and not sb.events and not sa.errors
+    assert pg.psql("SELECT string_agg(o.state || ':' || o.destination, ',' ORDER BY o.id) FROM outbox o "
+                   "JOIN events e ON e.id = o.event_id WHERE e.type = 'block'", db_url) == \
+        "delivered:peer:gk,delivered:peer:gk"
+
+
 def test_held_messages_expire_and_are_deleted(daemon, peers, pg, db_url):
     (a, _), _ = peers
     opt_in(daemon)
