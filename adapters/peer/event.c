@@ -821,10 +821,18 @@ static cw_err check_type_rules(struct vctx *c, json_t *content, struct event *ev
 			return rc;
 		break;
 	}
-	case EVENT_BLOCK:
+	case EVENT_BLOCK: {
 		if ((rc = uri_member(c, content, "target", M_REQUIRED, MIMI_USER, &ev->target, &ev->has_target)))
 			return rc;
+		/* POST /v1/blocks's action, for a block sent as an event */
+		static const char *const actions[] = { "block", "unblock" };
+		int k = 0;
+		if (json_object_get(content, "action") &&
+		    (rc = enum_member(c, content, "action", actions, 2, "block, unblock", &k)))
+			return rc;
+		ev->unblock = k == 1;
 		break;
+	}
 	}
 	return CW_OK;
 }

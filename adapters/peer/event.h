@@ -147,7 +147,8 @@ struct event_limits event_limits_default(void);
  *   typing      state "start"|"stop"                       parts, attachments
  *   membership  membership "join"|"leave"|"invite",        parts, attachments
  *               target user URI (who joins, leaves or is invited)
- *   block       target user URI (the blocked user)         parts, attachments
+ *   block       target user URI (the blocked user);        parts, attachments
+ *               action "block" (the default) | "unblock"
  *
  * Removing a reaction is a delete whose replaces names the reaction event.
  * Unknown members, at the top level, in content, in parts and attachments,
@@ -226,6 +227,7 @@ struct event {
 	enum event_receipt receipt;
 	enum event_typing typing;
 	enum event_membership membership;
+	bool unblock;               /* block: content.action "unblock" (the end of a block) */
 };
 
 /* Parses and validates one event body of len bytes (body need not be

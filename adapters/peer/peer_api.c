@@ -708,6 +708,8 @@ struct msg_input {
 	char type[16];
 	char *event_text;             /* the validated body, unknown members included: compact JSON, keys sorted */
 	bool read_receipt;            /* a "read" receipt: marks the message read for its sender */
+	char block_target[MIMI_URI_MAX + 1]; /* a block: whom the sender blocks ("" for other types) */
+	bool unblock;                 /* ... or no longer blocks */
 	struct cw_req *req;           /* coalesced single submits: the request to answer */
 	struct msg_input *next;       /* in the coalescing queue */
 	char in_reply_to[80];
@@ -765,6 +767,12 @@ static void msg_input_from_event(struct msg_input *in, struct cw_app *app, const
 	in->attachment_bytes = ev->attachment_bytes;
 	in->kinds = ev->kinds;
 	in->read_receipt = ev->type == EVENT_RECEIPT && ev->receipt == EVENT_RECEIPT_READ;
+	in->block_target[0] = '\0';
+	cw_errmsg ignored;
+	if (ev->type == EVENT_BLOCK && ev->has_target &&
+	    mimi_uri_format(&ev->target, in->block_target, sizeof(in->block_target), &ignored) != CW_OK)
+		in->block_target[0] = '\0';
+	in->unblock = ev->unblock;
 }
 
 /* ------------------------------------------------------------ submitting
@@ -955,7 +963,10 @@ struct submit *submit_new(size_t n)
  * what a read receipt reads, asks for consent once per held (local user,
  * sender) pair unless a request is pending or was made within the window,
  * records the consent and opt-in that a local user's first outbound
- * message implies, and writes the audit records of the decisions ($3: they
+ * message implies, records a block (or its end) that a peer's user sends
+ * as a block event (the last one per pair in the job: all of the
+ * statement's parts see the same snapshot), and writes the audit records of
+ * the decisions ($3: they
  * exist for refused items too); a job that needs none of that (the common
  * case: allowed messages) runs the plain statement, which is a third
  * cheaper.  The item documents ($1 here and in round 0) are json, not
@@ -967,7 +978,7 @@ struct submit *submit_new(size_t n)
 	"WITH it AS (SELECT * FROM json_to_recordset($1::json) AS x(n int, pid text, room bigint, sender bigint, " \
 	"  type text, ci bigint, replaces bigint, reply bigint, ts bigint, key text, hash text, " \
 	"  dests text, targets text, states text, held text, expiry bigint, win bigint, read boolean, " \
-	"  scope text, outbound jsonb)), " \
+	"  scope text, outbound jsonb, bt text, ba text)), " \
 	"cs AS (SELECT c.value, c.ord FROM jsonb_array_elements($2::jsonb) WITH ORDINALITY AS c(value, ord)), " \
 	"ev AS (INSERT INTO events (public_id, room_id, sender_id, type, content, replaces_id, in_reply_to_id, " \
 	"  origin_network, origin_native_id, request_hash, ts) SELECT it.pid, it.room, it.sender, it.type, cs.value, " \
@@ -998,8 +1009,15 @@ struct submit *submit_new(size_t n)
 	"oo AS (INSERT INTO user_optin (identity_id, network, opted_in, updated_by) " \
 	"  SELECT DISTINCT it.sender, o.value->>1, true, 'outbound' " \
 	"  FROM it, jsonb_array_elements(it.outbound) AS o(value) ON CONFLICT DO NOTHING RETURNING 1), " \
+	"bl AS (SELECT DISTINCT ON (it.sender, it.bt) it.sender, it.bt, it.ba FROM it " \
+	"  JOIN identities s ON s.id = it.sender AND NOT s.is_local WHERE it.bt IS NOT NULL " \
+	"  ORDER BY it.sender, it.bt, it.n DESC), " \
+	"bk AS (INSERT INTO blocks (blocker_id, blocked_id) SELECT bl.sender, t.id FROM bl " \
+	"  JOIN identities t ON t.uri = bl.bt AND t.is_local WHERE bl.ba = 'block' ON CONFLICT DO NOTHING RETURNING 1), " \
+	"ub AS (DELETE FROM blocks x USING bl, identities t WHERE bl.ba = 'unblock' AND t.uri = bl.bt AND t.is_local " \
+	"  AND x.blocker_id = bl.sender AND x.blocked_id = t.id RETURNING 1), " \
 	"nt AS (SELECT pg_notify('causeway_policy', '') AS n WHERE EXISTS (SELECT 1 FROM oc) " \
-	"  OR EXISTS (SELECT 1 FROM oo)), " \
+	"  OR EXISTS (SELECT 1 FROM oo) OR EXISTS (SELECT 1 FROM bk) OR EXISTS (SELECT 1 FROM ub)), " \
 	"au AS (INSERT INTO audit_log (actor, action, reason_code, rule_id, event_id, subject, details) " \
 	"  SELECT 'policy', a.action, a.reason, NULLIF(a.rule, 0), (SELECT id FROM ev WHERE ev.public_id = a.pid), " \
 	"  a.subject, a.details FROM jsonb_to_recordset($3::jsonb) " \
@@ -1147,11 +1165,15 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 				     (b->replaces_id[i][0] ? add_json_string(&doc, b->replaces_id[i]) : cw_buf_add(&doc, "null", 4)) ||
 				     cw_buf_add(&doc, ",\"reply\":", 9) ||
 				     (b->reply_id[i][0] ? add_json_string(&doc, b->reply_id[i]) : cw_buf_add(&doc, "null", 4)) ||
+				     (in->block_target[0] &&
+				      (cw_buf_add(&doc, ",\"bt\":", 6) || add_json_string(&doc, in->block_target) ||
+				       cw_buf_printf(&doc, ",\"ba\":\"%s\"", in->unblock ? "unblock" : "block"))) ||
 				     cw_buf_add(&doc, "}", 1)
 				     ? CW_EINVAL
 				     : CW_OK;
 		free(outbound);
-		plain = plain && !in->read_receipt && !json_array_size(b->held[i]) && !json_array_size(b->outbound[i]);
+		plain = plain && !in->read_receipt && !json_array_size(b->held[i]) && !json_array_size(b->outbound[i]) &&
+			!in->block_target[0];
 	}
 	policy_view_put(v);
 	if (!rc && (cw_buf_add(&doc, "]", 1) || (round == 1 && cw_buf_add(&contents, "]", 1))))

@@ -1,5 +1,8 @@
 """Consent requests and updates, blocks, reports and discovery: stored,
 validated, and answered the same whether or not the local user exists."""
+import base64
+import os
+
 import pytest
 
 from peer import PeerClient
@@ -37,6 +40,43 @@ def test_consent_updates_and_blocks(daemon, peers, pg, db_url):
     assert pg.psql(q, db_url) == "1"
     assert a.call("POST", "/v1/blocks", dict(blk, action="unblock")).status_code == 202
     assert pg.psql(q, db_url) == "0"
+
+
+def test_a_block_sent_as_an_event_is_a_block(daemon, peers, pg, db_url):
+    """A peer's user may block a local user with a block event in their room
+    (as Causeway sends its own users' blocks, docs/policy.md): it counts as
+    POST /v1/blocks does, action unblock lifts it, and in one batch the last
+    event of a pair decides.  A block of someone not of this provider
+    records nothing; an unknown action is refused and stores nothing."""
+    (a, _), _ = peers
+    room = a.create_room([a.user("wally"), LOCAL + "alice"]).json()
+    q = ("SELECT count(*) FROM blocks b JOIN identities x ON x.id = b.blocker_id JOIN identities y "
+         "ON y.id = b.blocked_id WHERE x.uri = 'mimi://wa.example/u/wally' AND y.uri = 'mimi://example.org/u/alice'")
+
+    def block(action=None, target=LOCAL + "alice"):
+        content = {"target": target} if action is None else {"target": target, "action": action}
+        return {"type": "block", "sender": a.user("wally"), "content": content}
+
+    def post(ev):
+        return a.call("POST", f"/v1/rooms/{room['id']}/messages", ev, idem=base64.urlsafe_b64encode(
+            os.urandom(9)).decode())
+
+    assert post(block()).status_code == 202
+    assert pg.psql(q, db_url) == "1"
+    assert post(block("unblock")).status_code == 202
+    assert pg.psql(q, db_url) == "0"
+    for actions, want in ((("block", "unblock"), "0"), (("unblock", "block"), "1"), (("unblock",), "0")):
+        items = [{"idempotency_key": base64.urlsafe_b64encode(os.urandom(9)).decode(), "room": room["uri"],
+                  "event": block(x)} for x in actions]
+        r = a.call("POST", "/v1/batch", {"events": items})
+        assert r.status_code == 200 and all(x["status"] == "accepted" for x in r.json()["results"]), r.text
+        assert pg.psql(q, db_url) == want, actions
+    assert post(block(target=a.user("other"))).status_code == 202
+    assert pg.psql("SELECT count(*) FROM blocks", db_url) == "0"
+    before = pg.psql("SELECT count(*) FROM events", db_url)
+    r = post(block("maybe"))
+    assert r.status_code == 400 and r.json()["code"] == "invalid_body" and "action" in r.json()["detail"], r.text
+    assert pg.psql("SELECT count(*) FROM events", db_url) == before
 
 
 def test_reports_are_stored_with_evidence(daemon, peers, pg, db_url):

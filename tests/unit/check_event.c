@@ -199,6 +199,7 @@ static void field_text(const struct event *ev, const char *name, char *buf, size
 	else if (!strcmp(name, "receipt")) snprintf(buf, size, "%s", receipts[ev->receipt]);
 	else if (!strcmp(name, "typing")) snprintf(buf, size, "%s", typings[ev->typing]);
 	else if (!strcmp(name, "membership")) snprintf(buf, size, "%s", memberships[ev->membership]);
+	else if (!strcmp(name, "unblock")) snprintf(buf, size, "%s", ev->unblock ? "true" : "false");
 	else ck_abort_msg("no field %s", name);
 }
 
