@@ -954,6 +954,7 @@ static void *comp_main(void *arg)
 			backoff = 0;
 			recent_resend(xc, drop_wall_ms);
 			xc->resend_pending = true;
+			xc->audit_seen = -1; /* the roster sync goes on from the stored cursor */
 			xc->ping_sent_ms = 0;
 			xc->ping_next_ms = now + PING_EVERY_MS;
 			next_house = 0;

@@ -470,6 +470,32 @@ void xa_requests(struct xcomp *xc, PGconn *c, bool all)
 	PQclear(r);
 }
 
+/* Where the component's roster sync stands (xmpp_roster_sync), or -1 when
+ * it never ran; -2 when it cannot be read now. */
+static long long roster_cursor(struct xcomp *xc, PGconn *c)
+{
+	const char *params[] = { xc->domain };
+	PGresult *r = PQexecParams(c, "SELECT audit_id FROM xmpp_roster_sync WHERE component = $1", 1, NULL, params,
+				   NULL, NULL, 0);
+	long long at = PQresultStatus(r) != PGRES_TUPLES_OK ? -2 : PQntuples(r) ? atoll(PQgetvalue(r, 0, 0)) : -1;
+	PQclear(r);
+	return at;
+}
+
+static bool roster_cursor_set(struct xcomp *xc, PGconn *c, long long at)
+{
+	char v[24];
+	snprintf(v, sizeof(v), "%lld", at);
+	const char *params[] = { xc->domain, v };
+	PGresult *r = PQexecParams(c,
+		"INSERT INTO xmpp_roster_sync (component, audit_id) VALUES ($1, $2::bigint) "
+		"ON CONFLICT (component) DO UPDATE SET audit_id = excluded.audit_id, updated_at = now()",
+		2, NULL, params, NULL, NULL, 0);
+	bool ok = PQresultStatus(r) == PGRES_COMMAND_OK;
+	PQclear(r);
+	return ok;
+}
+
 void xa_roster_sync(struct xcomp *xc, PGconn *c)
 {
 	PGresult *r = PQexec(c, "SELECT coalesce(max(id), 0) FROM audit_log");
@@ -479,10 +505,22 @@ void xa_roster_sync(struct xcomp *xc, PGconn *c)
 	}
 	long long top = atoll(PQgetvalue(r, 0, 0));
 	PQclear(r);
-	if (xc->audit_seen < 0 || top <= xc->audit_seen) {
-		xc->audit_seen = top; /* from now on */
-		return;
+	if (xc->audit_seen < 0) {
+		/* This process just took the stream: it goes on from where the
+		 * last holder stopped (changes made while nobody held it are sent
+		 * now), or, the first time ever, from now on. */
+		long long at = roster_cursor(xc, c);
+		if (at == -2)
+			return; /* tried again in a second */
+		if (at == -1 || at > top) {
+			if (roster_cursor_set(xc, c, top))
+				xc->audit_seen = top;
+			return;
+		}
+		xc->audit_seen = at;
 	}
+	if (top <= xc->audit_seen)
+		return;
 	char seen[24], upto[24];
 	snprintf(seen, sizeof(seen), "%lld", xc->audit_seen);
 	snprintf(upto, sizeof(upto), "%lld", top);
@@ -512,5 +550,9 @@ void xa_roster_sync(struct xcomp *xc, PGconn *c)
 		presence_to(xc, true, remote, PQgetvalue(r, i, 0), "unsubscribed", NULL);
 	}
 	PQclear(r);
+	/* Kept for the next holder of the stream; if that fails, this process
+	 * goes on from memory and the next holder sends the pairs again
+	 * (harmless: the roster is already out of step with nothing). */
+	roster_cursor_set(xc, c, top);
 	xc->audit_seen = top;
 }

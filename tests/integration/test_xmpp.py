@@ -405,6 +405,32 @@ def test_operator_block_reaches_the_roster(xd, gk, alice):
                             start=start)
 
 
+def test_operator_block_made_while_no_process_holds_the_stream_reaches_the_roster(make_daemon, db_url, pg,
+                                                                                    prosody, xd, gk, alice):
+    """The operator's block reaches the roster even when it was made while
+    no process held the component's stream: the next holder goes on from
+    where the last one stopped (xmpp_roster_sync), and sends it then."""
+    wally = WALLY_JID
+    start = alice.count()
+    alice.send_presence(wally, "subscribe")
+    alice.wait_for_presence(lambda el: el.get("from", "").startswith(wally) and el.get("type") == "subscribed",
+                            start=start)
+    wait_until(lambda: pg.psql("SELECT count(*) FROM xmpp_roster_sync", db_url) == "1", what="the roster cursor")
+    xd.stop()
+    plain = make_daemon(db_url).start()  # no XMPP adapter: nobody holds the stream
+    assert plain.admin("POST", "/consents", json={"user": ALICE, "subject_kind": "user",
+                                                 "subject": "mimi://wa.example/u/wally", "state": "blocked"}).ok
+    plain.stop()
+    start = alice.count()
+    again = make_daemon(db_url, options=daemon_options(prosody)).start()
+    wait_until(lambda: component_state(again)["state"] == "up", what="the component's stream again")
+    alice.wait_for_presence(lambda el: el.get("from", "").startswith(wally) and el.get("type") == "unsubscribed",
+                            start=start)
+    top = pg.psql("SELECT max(id) FROM audit_log", db_url)
+    wait_until(lambda: pg.psql("SELECT audit_id FROM xmpp_roster_sync", db_url) == top, what="the cursor moved on")
+    again.stop()
+
+
 class HostileServer:
     """The server side of XEP-0114 on a bare socket, for what no real XMPP
     server sends (Prosody and ejabberd stamp from and to on every stanza):
