@@ -121,8 +121,9 @@ class NotifyServer:
 
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                status, retry_after = outer.handle(self.command, self.path, dict(self.headers), body,
-                                                   self.server.server_address[1])
+                got = outer.handle(self.command, self.path, dict(self.headers), body, self.server.server_address[1])
+                # (status, Retry-After), or a status alone (a subclass's handle)
+                status, retry_after = got if isinstance(got, tuple) else (got, None)
                 self.send_response(status)
                 if retry_after is not None:
                     self.send_header("Retry-After", str(retry_after))
