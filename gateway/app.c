@@ -224,9 +224,10 @@ static void metrics_done(void *arg, cw_err rc, const cw_errmsg *e)
 				  "# TYPE causeway_dispatch_rows_total counter\n"
 				  "causeway_dispatch_rows_total{outcome=\"delivered\"} %llu\n"
 				  "causeway_dispatch_rows_total{outcome=\"retry\"} %llu\n"
-				  "causeway_dispatch_rows_total{outcome=\"dead\"} %llu\n",
+				  "causeway_dispatch_rows_total{outcome=\"dead\"} %llu\n"
+				  "causeway_dispatch_rows_total{outcome=\"expired\"} %llu\n",
 			      (unsigned long long)ds.delivered, (unsigned long long)ds.retried,
-			      (unsigned long long)ds.dead);
+			      (unsigned long long)ds.dead, (unsigned long long)ds.expired);
 		cw_buf_printf(&b, "# HELP causeway_dispatch_requests_total Delivery requests to destinations, by outcome.\n"
 				  "# TYPE causeway_dispatch_requests_total counter\n"
 				  "causeway_dispatch_requests_total{outcome=\"ok\"} %llu\n"

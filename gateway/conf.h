@@ -28,6 +28,7 @@ struct cw_config {
 	long retry_budget;
 	long retry_base_ms;
 	long retry_max_ms;
+	long typing_stale_ms;
 	long claim_timeout_s;
 	long http_timeout_ms;
 	long dispatch_lanes;

@@ -59,7 +59,7 @@ struct dispatcher {
 	int watcher;      /* the idle lane that waits for notifications, or -1 (under mu) */
 	pthread_cond_t idle; /* the other idle lanes sleep on it until the watcher takes a destination */
 	atomic_uint_fast64_t delivered, retried, dead, requests_ok, requests_failed, claims, claim_tries, npaused,
-		rate_limited;
+		rate_limited, expired;
 	struct pause *pauses; /* under mu */
 	int npauses, pauses_cap;
 };
@@ -184,6 +184,7 @@ void dispatcher_get_stats(struct dispatcher *d, struct dispatcher_stats *st)
 	st->claim_tries = atomic_load(&d->claim_tries);
 	st->pauses = atomic_load(&d->npaused);
 	st->rate_limited = atomic_load(&d->rate_limited);
+	st->expired = atomic_load(&d->expired);
 }
 
 bool dispatcher_stopping(const struct dispatcher *d) { return atomic_load(&((struct dispatcher *)d)->stop); }
@@ -574,6 +575,72 @@ static void record_outcomes(struct lane *l, struct outbox_row *rows, size_t n, i
 	free(taken);
 }
 
+/* Typing is best-effort (spec/interop-api.md): a notification accepted
+ * longer ago than dispatcher.typing_stale_ms (its destination was down, a
+ * backlog, a consent that came later) would show someone typing who
+ * stopped long ago; it is expired instead of sent.  Matrix clients time
+ * typing out after 30 s; an XMPP chat state lasts until the next one, so a
+ * late "composing" would never end. */
+static bool stale_typing(const struct outbox_row *row, int64_t now_ms, long stale_ms)
+{
+	const char *type = json_string_value(json_object_get(row->event, "type"));
+	json_t *at = json_object_get(row->event, "accepted_ts");
+	return stale_ms > 0 && type && strcmp(type, "typing") == 0 && json_is_integer(at) &&
+	       now_ms - json_integer_value(at) > stale_ms;
+}
+
+/* Expires the claimed rows (see stale_typing). */
+static void expire(struct lane *l, const struct outbox_row *rows, size_t n)
+{
+	char *ids = id_array(rows, n);
+	if (!ids)
+		return; /* the claim runs out and the rows go again */
+	const char *params[] = { ids };
+	PGresult *r = PQexecParams(l->c,
+		"UPDATE outbox SET state = 'expired', claimed_by = NULL, claimed_until = NULL, "
+		" last_error = 'typing notification too old to be shown: not sent' "
+		"WHERE id = ANY($1::bigint[]) AND state = 'in_flight'",
+		1, NULL, params, NULL, NULL, 0);
+	if (PQresultStatus(r) == PGRES_COMMAND_OK) {
+		atomic_fetch_add(&l->d->expired, strtoull(PQcmdTuples(r), NULL, 10));
+	} else {
+		cw_errmsg e;
+		store_result_err(l->c, r, &e);
+		LOG_KV(CW_LOG_WARN, "expiring old typing rows failed; the claim will run out and the rows go again",
+		       "detail", e.msg);
+	}
+	PQclear(r);
+	free(ids);
+}
+
+/* Takes the stale typing rows out of rows (keeping the others' order) and
+ * expires them; the rows left. */
+static size_t drop_stale_typing(struct lane *l, struct outbox_row *rows, size_t n)
+{
+	int64_t now = cw_wall_ms();
+	long ms = l->d->o.typing_stale_ms;
+	size_t stale = 0;
+	for (size_t i = 0; i < n; i++)
+		stale += stale_typing(&rows[i], now, ms);
+	if (!stale)
+		return n;
+	struct outbox_row *old = malloc(stale * sizeof(*old));
+	if (!old)
+		return n; /* sent late rather than not at all */
+	size_t kept = 0, k = 0;
+	for (size_t i = 0; i < n; i++) {
+		if (stale_typing(&rows[i], now, ms))
+			old[k++] = rows[i];
+		else
+			rows[kept++] = rows[i];
+	}
+	expire(l, old, k);
+	for (size_t i = 0; i < k; i++)
+		json_decref(old[i].event);
+	free(old);
+	return kept;
+}
+
 /* Delivers the claimed rows (of the lane's destination, in id order, so in
  * order per room) and records the outcome. */
 static void deliver(struct lane *l, struct outbox_row *rows, size_t n)
@@ -583,6 +650,8 @@ static void deliver(struct lane *l, struct outbox_row *rows, size_t n)
 	long code = 0;
 	cw_errmsg e = { { 0 } };
 	int64_t t0 = cw_wall_ms();
+	if ((n = drop_stale_typing(l, rows, n)) == 0)
+		return;
 	for (size_t x = 0; x < n; x++) {
 		rows[x].outcome = 0;
 		rows[x].retry_after_ms = 0;
@@ -618,7 +687,7 @@ static void deliver(struct lane *l, struct outbox_row *rows, size_t n)
 		}
 	}
 	atomic_fetch_add(rc == CW_OK ? &d->requests_ok : &d->requests_failed, 1);
-	char count[16], codes[16];
+	char count[24], codes[24];
 	snprintf(count, sizeof(count), "%zu", n);
 	snprintf(codes, sizeof(codes), "%ld", code);
 	if (rc)

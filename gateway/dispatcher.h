@@ -59,6 +59,7 @@ struct dispatcher_opts {
 	int retry_budget;
 	long retry_base_ms;
 	long retry_max_ms;
+	long typing_stale_ms;     /* typing rows older than this are expired, not sent (0: never) */
 	long claim_timeout_s;
 	deliver_fn peer_deliver;  /* destinations "peer:*" */
 	void *peer_ctx;
@@ -76,6 +77,7 @@ struct dispatcher_stats {
 	uint64_t delivered;      /* outbox rows acknowledged by their destination */
 	uint64_t retried;        /* rows whose attempt failed and will be tried again */
 	uint64_t dead;           /* rows that ran out of attempts */
+	uint64_t expired;        /* typing rows too old to be sent (best-effort) */
 	uint64_t requests_ok;    /* delivery requests answered 2xx */
 	uint64_t requests_failed;
 	uint64_t claims;         /* claim transactions that found rows */

@@ -380,6 +380,34 @@ def test_receipts_and_typing(daemon, peers):
     assert b.call("POST", f"/v1/rooms/{rm['id']}/receipts", bad).status_code == 400
 
 
+def test_typing_too_old_to_be_shown_is_expired_not_sent_late(make_daemon, db_url, pg):
+    """Typing is best-effort: a notification that could not be sent within
+    dispatcher.typing_stale_ms (its peer was down) is expired, not shown
+    late; the messages around it are delivered once the peer is back."""
+    d = make_daemon(db_url, options={"dispatcher": {"typing_stale_ms": "300", "retry_base_ms": "20",
+                                                   "retry_max_ms": "50"}}).start()
+    (a, sa), (b, sb) = made = push_peers(d)
+    try:
+        rm = room(a, b)
+        sb.fail_next = 10 ** 6
+        typing = {"type": "typing", "sender": a.user("alice"), "content": {"state": "start"}}
+        assert a.call("POST", f"/v1/rooms/{rm['id']}/typing", typing).status_code == 202
+        mid = a.send(rm["id"], a.user("alice"), "after typing").json()["id"]
+        wait_until(lambda: sb.requests >= 2, what="attempts while the peer is down")
+        time.sleep(0.5)
+        sb.fail_next = 0
+        got = sb.wait_events(1)
+        time.sleep(0.3)
+        assert [e["id"] for e in sb.events] == [mid], sb.events
+        assert pg.psql("SELECT o.state || ' ' || o.last_error FROM outbox o JOIN events e ON e.id = o.event_id "
+                       "WHERE e.type = 'typing'", db_url).startswith("expired typing notification too old")
+        assert re.search(r'^causeway_dispatch_rows_total\{outcome="expired"\} 1$', d.get("/metrics").text, re.M)
+        assert got[0]["content"]["parts"][0]["body"] == "after typing"
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
 def test_members_add_and_remove(daemon, peers, pg, db_url):
     (a, _), (b, sb) = peers
     rm = a.create_room([a.user("alice"), b.user("bob")], kind="group").json()
