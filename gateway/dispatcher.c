@@ -508,26 +508,38 @@ static void record(struct lane *l, const struct outbox_row *rows, size_t n, bool
 	free(ids);
 }
 
+/* Runs sql, an UPDATE of claimed rows whose ids are $1; the rows it
+ * changed, or -1 after logging that what failed (the claim then runs out
+ * and the rows go again). */
+static long update_claimed(struct lane *l, const struct outbox_row *rows, size_t n, const char *sql,
+			   const char *what)
+{
+	char *ids = id_array(rows, n);
+	if (!ids)
+		return -1;
+	const char *params[] = { ids };
+	PGresult *r = PQexecParams(l->c, sql, 1, NULL, params, NULL, NULL, 0);
+	long changed = -1;
+	if (PQresultStatus(r) == PGRES_COMMAND_OK) {
+		changed = atol(PQcmdTuples(r));
+	} else {
+		cw_errmsg e;
+		store_result_err(l->c, r, &e);
+		LOG_KV(CW_LOG_WARN, what, "detail", e.msg);
+	}
+	PQclear(r);
+	free(ids);
+	return changed;
+}
+
 /* Rows the adapter did not try (the daemon is stopping): back to pending
  * as they were, the attempt the claim counted taken back, due at once. */
 static void release(struct lane *l, const struct outbox_row *rows, size_t n)
 {
-	char *ids = id_array(rows, n);
-	if (!ids)
-		return; /* the claim runs out and the rows go again */
-	const char *params[] = { ids };
-	PGresult *r = PQexecParams(l->c,
-		"UPDATE outbox SET state = 'pending', claimed_by = NULL, claimed_until = NULL, "
-		" attempts = greatest(attempts - 1, 0) WHERE id = ANY($1::bigint[]) AND state = 'in_flight'",
-		1, NULL, params, NULL, NULL, 0);
-	if (PQresultStatus(r) != PGRES_COMMAND_OK) {
-		cw_errmsg e;
-		store_result_err(l->c, r, &e);
-		LOG_KV(CW_LOG_WARN, "releasing untried rows failed; the claim will run out and the rows go again",
-		       "detail", e.msg);
-	}
-	PQclear(r);
-	free(ids);
+	update_claimed(l, rows, n,
+		       "UPDATE outbox SET state = 'pending', claimed_by = NULL, claimed_until = NULL, "
+		       " attempts = greatest(attempts - 1, 0) WHERE id = ANY($1::bigint[]) AND state = 'in_flight'",
+		       "releasing untried rows failed; the claim will run out and the rows go again");
 }
 
 /* The rows' own outcomes: the delivered ones in one statement, the failed
@@ -592,25 +604,13 @@ static bool stale_typing(const struct outbox_row *row, int64_t now_ms, long stal
 /* Expires the claimed rows (see stale_typing). */
 static void expire(struct lane *l, const struct outbox_row *rows, size_t n)
 {
-	char *ids = id_array(rows, n);
-	if (!ids)
-		return; /* the claim runs out and the rows go again */
-	const char *params[] = { ids };
-	PGresult *r = PQexecParams(l->c,
+	long changed = update_claimed(l, rows, n,
 		"UPDATE outbox SET state = 'expired', claimed_by = NULL, claimed_until = NULL, "
 		" last_error = 'typing notification too old to be shown: not sent' "
 		"WHERE id = ANY($1::bigint[]) AND state = 'in_flight'",
-		1, NULL, params, NULL, NULL, 0);
-	if (PQresultStatus(r) == PGRES_COMMAND_OK) {
-		atomic_fetch_add(&l->d->expired, strtoull(PQcmdTuples(r), NULL, 10));
-	} else {
-		cw_errmsg e;
-		store_result_err(l->c, r, &e);
-		LOG_KV(CW_LOG_WARN, "expiring old typing rows failed; the claim will run out and the rows go again",
-		       "detail", e.msg);
-	}
-	PQclear(r);
-	free(ids);
+		"expiring old typing rows failed; the claim will run out and the rows go again");
+	if (changed > 0)
+		atomic_fetch_add(&l->d->expired, (uint64_t)changed);
 }
 
 /* Takes the stale typing rows out of rows (keeping the others' order) and
