@@ -736,13 +736,13 @@ static void txn_answer(struct txn *t, struct app_job *j)
 }
 
 /* Once the transaction is durable (the job succeeded: after the commit; the
- * answer above is made before it): a repeat is answered at once from now
- * on, and its typing lists are the rooms' lists.  Remembered any earlier, a
+ * answer above is made before it), or at once when it has nothing to store:
+ * a repeat is answered at once from now on, and its typing lists are the
+ * rooms' lists; counted in the metrics.  Remembered any earlier, a
  * commit that failed would have the homeserver's retry answered 200 with
  * nothing stored. */
-static void txn_after(struct app_job *j)
+static void txn_taken(struct txn *t)
 {
-	struct txn *t = j->data;
 	mx_txn_remember(t->m, t->key);
 	mx_typing_keep(t->m, t->typing);
 	unsigned long long n[4] = { 0, 0, t->invalid + t->conv_invalid, t->ignored + t->conv_ignored };
@@ -757,6 +757,11 @@ static void txn_after(struct app_job *j)
 	atomic_fetch_add(&t->m->txns, 1);
 	for (int k = 0; k < 4; k++)
 		atomic_fetch_add(&t->m->events[k], n[k]);
+}
+
+static void txn_after(struct app_job *j)
+{
+	txn_taken(j->data);
 }
 
 void matrix_metrics(struct matrix *m, struct cw_buf *b)
@@ -894,10 +899,7 @@ void matrix_as_transaction(struct cw_req *req, void *ctx)
 		/* Nothing to store (the gateway's own echoes, the usual content of
 		 * a transaction while it delivers to Matrix, or events it does
 		 * not read): answered at once, with no trip to the database. */
-		mx_txn_remember(app->matrix, t->key);
-		atomic_fetch_add(&app->matrix->txns, 1);
-		atomic_fetch_add(&app->matrix->events[MX_EV_INVALID], t->invalid);
-		atomic_fetch_add(&app->matrix->events[MX_EV_IGNORED], t->ignored);
+		txn_taken(t);
 		txn_free(t);
 		cw_req_reply_json(req, 200, json_object());
 		return;
