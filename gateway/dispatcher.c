@@ -44,8 +44,7 @@ struct pause {
 #define CLAIM_SLOW_US 2000
 #define PAUSE_FACTOR 10
 #define PAUSE_MAX_US 10000000
-/* The longest wait a far side's Retry-After gets (a longer one is read as
- * this long: a mistaken or hostile answer does not park a backlog for days). */
+/* The longest wait a far side's Retry-After gets (outbox_retry_after_ms). */
 #define RETRY_AFTER_MAX_MS 3600000L
 
 struct dispatcher {
@@ -457,11 +456,13 @@ static char *id_array(const struct outbox_row *rows, size_t n)
 	return s;
 }
 
-/* The wait a failed row gets at least: what the far side asked for, within
- * reason. */
-static long retry_after(long ms)
+long outbox_retry_after_ms(int64_t secs, int64_t ms)
 {
-	return ms < 0 ? 0 : ms > RETRY_AFTER_MAX_MS ? RETRY_AFTER_MAX_MS : ms;
+	if (secs > RETRY_AFTER_MAX_MS / 1000)
+		return RETRY_AFTER_MAX_MS;
+	if (secs > 0 && secs * 1000 > ms)
+		ms = secs * 1000;
+	return ms <= 0 ? 0 : ms > RETRY_AFTER_MAX_MS ? RETRY_AFTER_MAX_MS : (long)ms;
 }
 
 /* Records the attempt of rows and moves them on: delivered, or pending
@@ -482,7 +483,7 @@ static void record(struct lane *l, const struct outbox_row *rows, size_t n, bool
 	snprintf(base, sizeof(base), "%ld", d->o.retry_base_ms);
 	snprintf(max, sizeof(max), "%ld", d->o.retry_max_ms);
 	snprintf(started, sizeof(started), "%lld", (long long)started_ms);
-	snprintf(wait, sizeof(wait), "%ld", retry_after(retry_after_ms));
+	snprintf(wait, sizeof(wait), "%ld", outbox_retry_after_ms(0, retry_after_ms));
 	bool limited = !ok && code == 429;
 	const char *params[] = { ids, ok ? "t" : "f", codes, why, budget, base, max, started, wait, limited ? "f" : "t" };
 	/* One statement: the attempts are recorded and the rows move on.  Its
@@ -680,7 +681,7 @@ static void deliver(struct lane *l, struct outbox_row *rows, size_t n)
 			long wait = 0;
 			for (size_t x = done; x < n; x++)
 				wait = rows[x].retry_after_ms > wait ? rows[x].retry_after_ms : wait;
-			wait = retry_after(wait);
+			wait = outbox_retry_after_ms(0, wait);
 			record(l, rows + done, n - done, false, code, e.msg, t0, wait);
 			if (wait > 0)
 				pause_destination(d, dest, (int64_t)wait * 1000);

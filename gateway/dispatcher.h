@@ -29,12 +29,18 @@ struct outbox_row {
 	long code;
 	char why[512];  /* as long as a cw_errmsg */
 	/* Not delivered: how long the far side asked to be left alone first
-	 * (the Retry-After of a 429 or 503), in ms; 0: the usual backoff.  Set
-	 * on each failed row (a whole-batch failure: on the rows from *done
-	 * on).  A 429 (the far side is up and asks for less) is not counted
-	 * against the retry budget. */
+	 * (the Retry-After of a 429 or 503: outbox_retry_after_ms), in ms; 0:
+	 * the usual backoff.  Set on each failed row (a whole-batch failure: on
+	 * the rows from *done on).  A 429 (the far side is up and asks for
+	 * less) is not counted against the retry budget. */
 	long retry_after_ms;
 };
+
+/* The wait a far side asked for, given in seconds (a Retry-After header),
+ * in milliseconds (Matrix's retry_after_ms), or both (the longer counts;
+ * 0 or less: not given), as a row's retry_after_ms: at most an hour, so
+ * that a mistaken or hostile answer does not park a backlog for days. */
+long outbox_retry_after_ms(int64_t secs, int64_t ms);
 
 /* The event as a peer receives it (pushed or pulled), from row `row` of r
  * whose columns from `col` on are: the event's public id, its content

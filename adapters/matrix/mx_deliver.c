@@ -594,15 +594,11 @@ static cw_err finish_row(struct matrix *m, CURL *h, struct mx_req *rq, CURLcode 
 		 * or (Matrix 1.10 on) the Retry-After header: the longer of the
 		 * two.  The row's room waits that long; its other rooms go on. */
 		json_t *ra = json_object_get(answer, "retry_after_ms");
-		json_int_t ms = json_is_integer(ra) && json_integer_value(ra) > 0 ? json_integer_value(ra) : 0;
 		curl_off_t secs = 0;
-		if (curl_easy_getinfo(h, CURLINFO_RETRY_AFTER, &secs) == CURLE_OK && secs > 0 && secs < 86400 &&
-		    secs * 1000 > ms)
-			ms = (json_int_t)secs * 1000;
-		if (ms > 86400000)
-			ms = 86400000;
-		row->retry_after_ms = (long)ms;
-		cw_fail(e, CW_EIO, "homeserver rate limit (429 M_LIMIT_EXCEEDED): retry after %lld ms", (long long)ms);
+		if (curl_easy_getinfo(h, CURLINFO_RETRY_AFTER, &secs) != CURLE_OK)
+			secs = 0;
+		row->retry_after_ms = outbox_retry_after_ms(secs, json_is_integer(ra) ? json_integer_value(ra) : 0);
+		cw_fail(e, CW_EIO, "homeserver rate limit (429 M_LIMIT_EXCEEDED): retry after %ld ms", row->retry_after_ms);
 	}
 	json_decref(answer);
 	return rc;

@@ -184,7 +184,7 @@ cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct ou
 	if (*code < 200 || *code > 299) {
 		if (wait_s > 0) {
 			for (size_t i = 0; i < n; i++)
-				rows[i].retry_after_ms = wait_s > 86400 ? 86400000L : (long)wait_s * 1000;
+				rows[i].retry_after_ms = outbox_retry_after_ms(wait_s, 0);
 			return cw_fail(e, CW_EUNAVAIL, "%s answered %ld (retry after %lld s)", url, *code, (long long)wait_s);
 		}
 		return cw_fail(e, CW_EUNAVAIL, "%s answered %ld", url, *code);
