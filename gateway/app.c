@@ -8,6 +8,7 @@
 #include "metrics.h"
 #include "outbox_admin.h"
 #include "peer_api.h"
+#include "peer_media.h"
 #include "peer_pull.h"
 #include "peer_social.h"
 #include "peers.h"
@@ -336,6 +337,7 @@ const struct cw_route app_routes[] = {
 	{ "POST", "/v1/rooms/{room}/typing", peer_api_typing_submit, CW_AUTH_PEER, NULL },
 	{ "GET", "/v1/messages/{id}", peer_api_message_status, CW_AUTH_PEER, NULL },
 	{ "GET", "/v1/events", peer_api_events, CW_AUTH_PEER, NULL },
+	{ "GET", "/v1/media/{token}", peer_api_media, CW_AUTH_PEER, NULL },
 	{ "POST", "/v1/consent/requests", peer_api_consent_request, CW_AUTH_PEER, NULL },
 	{ "POST", "/v1/consent/updates", peer_api_consent_update, CW_AUTH_PEER, NULL },
 	{ "POST", "/v1/blocks", peer_api_block, CW_AUTH_PEER, NULL },

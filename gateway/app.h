@@ -14,6 +14,7 @@
 #include <openssl/evp.h>
 
 #include "policy.h"
+#include "media.h"
 
 struct peer_registry;
 struct httpsig_replay;
@@ -45,6 +46,9 @@ struct cw_app {
 	struct submit_queue *submits;   /* coalesces single-event submits */
 	struct matrix *matrix;          /* the Matrix adapter, or NULL */
 	struct xmpp *xmpp;              /* the XMPP adapter, or NULL */
+	unsigned char media_key[32];    /* of the media tokens offered to peers (media.h) */
+	struct media_source media;      /* where local users' files come from (ctx NULL: nowhere) */
+	atomic_int media_fetches;       /* GET /v1/media fetches running now */
 };
 
 /* A database job on behalf of a request: the request is suspended, fn runs

@@ -32,6 +32,10 @@ const struct cfg_option cfg_options[] = {
 	  "URL peers and homeservers use to reach this daemon (empty: http://listen_address:port)" },
 	{ "server", "domain", CFG_STR, OFF(domain), "", 0, 0, false, false,
 	  "this provider's domain: local users are mimi://DOMAIN/u/...; the interop API is off while empty" },
+	{ "server", "media_max_bytes", CFG_SIZE, OFF(media_max_bytes), "20MiB", 1024, 512L << 20, false, false,
+	  "largest file carried across the gateway (re-hosted, or offered to a peer); larger ones become a text notice" },
+	{ "server", "ca_file", CFG_STR, OFF(ca_file), "", 0, 0, false, false,
+	  "CA bundle (PEM) trusted for outbound HTTPS to peers, the homeserver and media (empty: the system's)" },
 
 	{ "peer", "signing_key_file", CFG_STR, OFF(signing_key_file), CW_STATE_DIR "/signing.key", 0, 0, false, false,
 	  "Causeway's Ed25519 private key (PEM); created with mode 0600 on first start" },

@@ -18,6 +18,8 @@ struct cw_config {
 	long drain_timeout_ms;
 	char *public_url;
 	char *domain;
+	long media_max_bytes;
+	char *ca_file;
 	/* [peer] */
 	char *signing_key_file;
 	char *signature_tag;

@@ -102,7 +102,9 @@ void *cw_req_principal(const struct cw_req *r);
 /* The whole body (NUL-terminated; may contain NULs, use len). */
 const char *cw_req_body(const struct cw_req *r, size_t *len);
 
-/* Sets the reply.  Takes ownership of body (malloc'ed). */
+/* Sets the reply.  Takes ownership of body (malloc'ed); content_type is
+ * kept by pointer (a string literal; NULL: none, or one set with
+ * cw_req_add_header). */
 void cw_req_reply(struct cw_req *r, int status, const char *content_type, char *body, size_t len);
 /* Sets a JSON reply; steals the reference to j. */
 void cw_req_reply_json(struct cw_req *r, int status, json_t *j);

@@ -242,6 +242,11 @@ int main(int argc, char **argv)
 		goto out_migrations;
 	}
 	httpsig_ed25519_public_base64(app.signing_key, app.public_key_b64, sizeof(app.public_key_b64));
+	if (!media_key_derive(app.signing_key, app.media_key)) {
+		LOG_KV(CW_LOG_ERROR, "cannot derive the media token key from the signing key", "file",
+		       cfg.signing_key_file);
+		goto out_migrations;
+	}
 	/* The replay window covers a signature's whole life: twice the skew. */
 	app.replay = httpsig_replay_new((size_t)cfg.replay_cache_entries, 2 * cfg.max_clock_skew_s);
 	if (!cfg.domain || !*cfg.domain)
@@ -321,11 +326,11 @@ int main(int argc, char **argv)
 		goto out_migrations;
 	}
 	xa_start(app.xmpp); /* early: its sockets get low descriptors (libstrophe uses select()) */
-	if (peer_pull_start(&app.pull, cfg.db_url, cfg.db_statement_timeout_ms, app.peers, &e)) {
+	if (peer_pull_start(&app.pull, &app, cfg.db_url, cfg.db_statement_timeout_ms, app.peers, &e)) {
 		LOG_KV(CW_LOG_ERROR, "cannot start the pull stream", "detail", e.msg);
 		goto out_store;
 	}
-	struct peer_out *pout = peer_out_new(app.signing_key, cfg.domain ? cfg.domain : "", cfg.signature_tag,
+	struct peer_out *pout = peer_out_new(&app, app.signing_key, cfg.domain ? cfg.domain : "", cfg.signature_tag,
 					     cfg.http_timeout_ms);
 	char dname[300], host[256] = "localhost";
 	gethostname(host, sizeof(host) - 1);

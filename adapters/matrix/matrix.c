@@ -50,6 +50,7 @@ cw_err matrix_new(struct matrix **out, struct cw_app *app, cw_errmsg *e)
 		free(m);
 		return cw_fail(e, CW_ENOMEM, "cannot make a thread key");
 	}
+	app->media = (struct media_source){ .ctx = m, .owns = matrix_media_owns, .fetch = matrix_media_fetch };
 	*out = m;
 	return CW_OK;
 }

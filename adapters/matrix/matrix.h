@@ -50,6 +50,10 @@ struct cw_buf;
 void matrix_metrics(struct matrix *m, struct cw_buf *b);
 /* {"homeserver": ..., "ping": "ok"|"failed"|"pending", "last_error": ...}. */
 json_t *matrix_health(struct matrix *m);
+/* The media source of this provider's users (app->media, media.h):
+ * mxc:// URIs of the homeserver, fetched with the appservice's token. */
+bool matrix_media_owns(void *ctx, const char *url);
+cw_err matrix_media_fetch(void *ctx, const char *url, struct media_blob *b, long *status, cw_errmsg *e);
 /* The adapter's statements, prepared on every store connection. */
 extern const struct store_stmt matrix_statements[];
 

@@ -13,6 +13,16 @@
 
 #ifndef MX_ID_MAX
 #define MX_ID_MAX 255
+/* Media (mx_media.c). */
+enum mx_rehost { MX_REHOST_OK, MX_REHOST_NOTICE, MX_REHOST_RETRY };
+/* A peer's attachment (the neutral attachment object, https://) on the
+ * homeserver, uploaded as ghost once: its mxc:// URI into mxc (OK); or why
+ * it cannot be carried, for the text that goes instead (NOTICE: too large,
+ * gone, a wrong checksum); or RETRY, e says why (the peer's server or the
+ * homeserver is away: the row goes again later). */
+enum mx_rehost mx_rehost(struct matrix *m, PGconn *c, const char *ghost, const json_t *att, char *mxc,
+			 size_t len, char *why, size_t wlen, cw_errmsg *e);
+
 #endif
 #define TXN_RECENT_MAX 64
 #define MX_OUTBOX_KEY "org.causeway.outbox_id"
@@ -78,5 +88,15 @@ void mx_bot_stop(struct matrix *m);
  * answer); *answer the parsed JSON answer (may be NULL). */
 cw_err mx_call(struct matrix *m, const char *method, const char *path, const char *user_id, const char *query,
 	       json_t *body, long *status, json_t **answer, cw_errmsg *e);
+
+/* Media (mx_media.c). */
+enum mx_rehost { MX_REHOST_OK, MX_REHOST_NOTICE, MX_REHOST_RETRY };
+/* A peer's attachment (the neutral attachment object, https://) on the
+ * homeserver, uploaded as ghost once: its mxc:// URI into mxc (OK); or why
+ * it cannot be carried, for the text that goes instead (NOTICE: too large,
+ * gone, a wrong checksum); or RETRY, e says why (the peer's server or the
+ * homeserver is away: the row goes again later). */
+enum mx_rehost mx_rehost(struct matrix *m, PGconn *c, const char *ghost, const json_t *att, char *mxc,
+			 size_t len, char *why, size_t wlen, cw_errmsg *e);
 
 #endif

@@ -116,6 +116,8 @@ static cw_err req_setup(struct matrix *m, CURL *c, struct mx_req *rq, const char
 	curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, MX_TIMEOUT_MS);
 	curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
 	curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
+	if (m->cfg->ca_file && *m->cfg->ca_file)
+		curl_easy_setopt(c, CURLOPT_CAINFO, m->cfg->ca_file);
 	return CW_OK;
 }
 
@@ -513,13 +515,36 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 			return PREP_FAIL;
 		json_object_set_new(made, rkey, json_string(room));
 	}
+	/* A peer's file goes into the room re-hosted on the homeserver, not
+	 * as a link into the peer's store (one attachment: a media message;
+	 * several are listed in the text). */
+	json_t *ev = row->event, *copy = NULL;
+	const json_t *atts = json_object_get(json_object_get(ev, "content"), "attachments");
+	const char *aurl = json_string_value(json_object_get(json_array_get(atts, 0), "url"));
+	if (json_array_size(atts) == 1 && aurl && strncmp(aurl, "https://", 8) == 0) {
+		char mxc[300], awhy[160] = "", text[200];
+		enum mx_rehost rh = mx_rehost(m, c, ghost, json_array_get(atts, 0), mxc, sizeof(mxc), awhy,
+					      sizeof(awhy), e);
+		if (rh == MX_REHOST_RETRY)
+			return PREP_FAIL;
+		if (!(copy = json_deep_copy(ev))) {
+			cw_fail(e, CW_ENOMEM, "out of memory");
+			return PREP_FAIL;
+		}
+		snprintf(text, sizeof(text), "(not carried: %s)", awhy);
+		json_object_set_new(json_array_get(json_object_get(json_object_get(copy, "content"), "attachments"), 0),
+				    "url", json_string(rh == MX_REHOST_OK ? mxc : text));
+		ev = copy;
+	}
 	struct lookup_ctx l = { .c = c, .sent = sent };
 	char marker[24];
 	snprintf(marker, sizeof(marker), "%lld", (long long)row->id);
 	struct mx_out out;
 	char why[200] = "";
 	memset(&out, 0, sizeof(out));
-	if (!mx_from_neutral(row->event, to_native, &l, MX_OUTBOX_KEY, marker, &out, why, sizeof(why))) {
+	bool mapped = mx_from_neutral(ev, to_native, &l, MX_OUTBOX_KEY, marker, &out, why, sizeof(why));
+	json_decref(copy);
+	if (!mapped) {
 		mx_out_clear(&out);
 		cw_fail(e, CW_EINVAL, "not representable in Matrix: %s", why);
 		return PREP_FAIL;

@@ -4,6 +4,7 @@
 #include "matrix/mx_id.h"
 #include "buf.h"
 #include "peer/event.h"
+#include "media.h"
 
 #include <libxml/HTMLparser.h>
 #include <libxml/parserInternals.h>
@@ -671,6 +672,21 @@ static const char *media_label(const char *msgtype)
 	return NULL;
 }
 
+/* Whether name may be an attachment's filename (event.h). */
+static bool filename_ok(const char *name)
+{
+	size_t n = strlen(name);
+	if (n == 0 || n > EVENT_FILENAME_MAX || strcmp(name, ".") == 0 || strcmp(name, "..") == 0)
+		return false;
+	for (size_t i = 0; i < n; i++) {
+		unsigned char ch = (unsigned char)name[i];
+		if (ch < 0x20 || ch == 0x7f || ch == '/' || ch == '\\' ||
+		    (ch == 0xc2 && i + 1 < n && (unsigned char)name[i + 1] >= 0x80 && (unsigned char)name[i + 1] <= 0x9f))
+			return false;
+	}
+	return true;
+}
+
 /* Builds content.parts (and x.matrix.msgtype) from a message content c
  * (the event's content or an edit's m.new_content). */
 static enum mx_in_result text_parts(const json_t *c, const char *msgtype, bool sticker, bool strip_reply,
@@ -720,9 +736,33 @@ static enum mx_in_result text_parts(const json_t *c, const char *msgtype, bool s
 		adds(&html, "* ");
 	}
 	size_t empty = text.len;
-	bool with_html = false;
+	bool with_html = false, carried = false;
 	const char *label = sticker ? "sticker" : media_label(msgtype);
-	if (label) {
+	const char *url = str_member(c, "url"), *mime = str_member(json_object_get(c, "info"), "mimetype");
+	const json_t *size = json_object_get(json_object_get(c, "info"), "size");
+	if (label && !sticker && url && mxc_ok(url) && strlen(url) <= EVENT_URL_MAX && json_is_integer(size) &&
+	    json_integer_value(size) >= 0 && (uint64_t)json_integer_value(size) <= lim.max_attachment_bytes) {
+		/* The file itself goes as an attachment (its mxc:// URI, which
+		 * only the adapter can fetch: the peer adapter offers it under a
+		 * URL of Causeway's), and the text is the caption alone. */
+		const char *filename = str_member(c, "filename");
+		bool caption = filename && *filename && strcmp(filename, body) != 0 && *body;
+		const char *name = caption ? filename : body;
+		json_t *a = json_pack("{s:s, s:s, s:I}", "content_type", mime && media_type_ok(mime) ? mime :
+							     "application/octet-stream",
+				      "url", url, "size", (json_int_t)json_integer_value(size));
+		if (filename_ok(name))
+			json_object_set_new(a, "filename", json_string(name));
+		json_object_set_new(content, "attachments", json_pack("[o]", a));
+		carried = true;
+		if (caption) {
+			adds(&text, body);
+			if (clean) {
+				adds(&html, clean);
+				with_html = true;
+			}
+		}
+	} else if (label) {
 		/* Media: "[image: name]", and the caption when body is one. */
 		const char *filename = str_member(c, "filename");
 		bool caption = !sticker && filename && *filename && strcmp(filename, body) != 0 && *body;
@@ -774,6 +814,8 @@ static enum mx_in_result text_parts(const json_t *c, const char *msgtype, bool s
 	if (text.overflow) {
 		say(why, whylen, "the body is longer than %zu bytes", lim.max_body_bytes);
 		res = MX_IN_INVALID;
+	} else if (text.len == empty && carried) {
+		; /* a file without a caption: no parts */
 	} else if (text.len == empty) {
 		say(why, whylen, "the message is empty");
 		res = MX_IN_INVALID;

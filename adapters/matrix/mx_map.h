@@ -17,16 +17,19 @@
  *                             parts read "* <body>" (a readable text for
  *                             networks without emotes; stripped again on the
  *                             way back to Matrix)
- *   m.image m.file m.video    a message whose text/plain part is a readable
- *   m.audio m.location,       fallback: "[image: cat.png]", "[file: a.pdf]
- *   m.sticker events,         caption" (caption: body when filename differs;
- *   other msgtypes            its formatted_body gives an HTML part),
- *                             "[location: Berlin geo:52.5,13.4]",
- *                             "[sticker: body]", "[image]" without a name;
- *                             unknown msgtypes: body as is.  The media itself
- *                             is not carried (an mxc:// link is a link into a
- *                             private store): mx_media_info() gives the caller
- *                             what it needs to re-host it as an attachment.
+ *   m.image m.file m.video    with a plain mxc:// url and info.size: the file
+ *   m.audio                   as an attachment {content_type (info.mimetype,
+ *                             else application/octet-stream), url (the mxc://
+ *                             URI: the peer adapter offers it to peers under
+ *                             a URL of Causeway's, peer_media.h), size,
+ *                             filename}, and parts only for a caption (body
+ *                             when filename differs; formatted_body gives an
+ *                             HTML part).  Otherwise (no size, encrypted) a
+ *                             readable fallback: "[image: cat.png]", "[file:
+ *                             a.pdf] caption", "[image]" without a name.
+ *   m.location, m.sticker     "[location: Berlin geo:52.5,13.4]",
+ *   events, other msgtypes    "[sticker: body]"; unknown msgtypes: body as
+ *                             is.
  *   m.key.verification.request IGNORE (device verification, not a message)
  *   reply: m.relates_to.m.in_reply_to.event_id known to to_msg
  *                             + "in_reply_to"; the reply fallback is stripped

@@ -2,6 +2,7 @@
 #include "config.h"
 #include "peer_out.h"
 #include "httpsig.h"
+#include "peer_media.h"
 #include "store.h"
 
 #include <curl/curl.h>
@@ -15,6 +16,7 @@
 #define IDLE_MAX 16
 
 struct peer_out {
+	struct cw_app *app;
 	EVP_PKEY *key;
 	char *keyid, *tag;
 	long timeout_ms;
@@ -26,11 +28,13 @@ struct peer_out {
 	int nidle;
 };
 
-struct peer_out *peer_out_new(EVP_PKEY *key, const char *keyid, const char *tag, long timeout_ms)
+struct peer_out *peer_out_new(struct cw_app *app, EVP_PKEY *key, const char *keyid, const char *tag,
+			      long timeout_ms)
 {
 	struct peer_out *p = calloc(1, sizeof(*p));
 	if (!p)
 		return NULL;
+	p->app = app;
 	p->key = key;
 	p->keyid = strdup(keyid);
 	p->tag = strdup(tag);
@@ -119,7 +123,7 @@ cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct ou
 
 	json_t *events = json_array();
 	for (size_t i = 0; i < n; i++)
-		json_array_append(events, rows[i].event);
+		json_array_append_new(events, peer_media_offer(p->app, name, rows[i].event));
 	json_t *body = json_pack("{s:o}", "events", events);
 	char *text = json_dumps(body, JSON_COMPACT);
 	json_decref(body);
@@ -167,6 +171,8 @@ cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct ou
 	curl_easy_setopt(cu, CURLOPT_PROTOCOLS_STR, "http,https");
 	curl_easy_setopt(cu, CURLOPT_WRITEFUNCTION, discard);
 	curl_easy_setopt(cu, CURLOPT_WRITEDATA, &got);
+	if (p->app && p->app->cfg->ca_file && *p->app->cfg->ca_file)
+		curl_easy_setopt(cu, CURLOPT_CAINFO, p->app->cfg->ca_file);
 	CURLcode cc = curl_easy_perform(cu);
 	curl_slist_free_all(list);
 	free(text);

@@ -5,6 +5,7 @@
 #include "dispatcher.h"
 #include "log.h"
 #include "peers.h"
+#include "peer_media.h"
 #include "store.h"
 
 #include <fcntl.h>
@@ -38,6 +39,7 @@ struct peer_pull {
 	int wake[2];              /* a pipe: wakes the thread for incoming requests */
 	PGconn *c;
 	struct peer_registry *registry;
+	struct cw_app *app;
 	int64_t next_reload_us;
 };
 
@@ -77,7 +79,9 @@ static bool try_answer(struct peer_pull *p, struct waiter *w, bool final)
 	}
 	json_t *events = json_array();
 	for (int i = 0; i < n; i++) {
-		json_array_append_new(events, outbox_event_json(r, i, 1));
+		json_t *ev = outbox_event_json(r, i, 1);
+		json_array_append_new(events, p->app ? peer_media_offer(p->app, w->destination + 5, ev) : json_incref(ev));
+		json_decref(ev);
 	}
 	char next[24];
 	snprintf(next, sizeof(next), "%s", n ? PQgetvalue(r, n - 1, 0) : after);
@@ -188,12 +192,13 @@ static void *poller_main(void *arg)
 	return NULL;
 }
 
-cw_err peer_pull_start(struct peer_pull **out, const char *db_url, long statement_timeout_ms,
+cw_err peer_pull_start(struct peer_pull **out, struct cw_app *app, const char *db_url, long statement_timeout_ms,
 		       struct peer_registry *registry, cw_errmsg *e)
 {
 	struct peer_pull *p = calloc(1, sizeof(*p));
 	if (!p)
 		return cw_fail(e, CW_ENOMEM, "out of memory");
+	p->app = app;
 	p->registry = registry;
 	p->next_reload_us = cw_now_us() + REGISTRY_RELOAD_US;
 	p->url = strdup(db_url);

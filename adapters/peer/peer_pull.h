@@ -13,13 +13,15 @@
 #include "cw.h"
 #include "http.h"
 
+struct cw_app;
+
 struct peer_pull;
 
 struct peer_registry;
 
 /* registry: reloaded by the poller thread when another process (or this
  * one) changes the peers table (NOTIFY causeway_peers), and every 30 s. */
-cw_err peer_pull_start(struct peer_pull **out, const char *db_url, long statement_timeout_ms,
+cw_err peer_pull_start(struct peer_pull **out, struct cw_app *app, const char *db_url, long statement_timeout_ms,
 		       struct peer_registry *registry, cw_errmsg *e);
 /* Answers every waiting request (with what is there), then stops; later
  * requests are answered 503.  Idempotent. */

@@ -2,13 +2,15 @@
  * stored: an event body (event_parse), a batch body (batch_parse) and the
  * Signature-Input / Signature fields with the request's headers
  * (httpsig_verify, RFC 9421), chosen by the first byte; the first branch
- * also reads the body as a mimi:// URI.  Properties: nothing crashes,
- * overflows or leaks, no forged signature verifies (the key is random, so a
- * CW_OK from httpsig_verify is a finding), and a URI that parses formats
+ * also reads the body as a mimi:// URI and as a media token (GET
+ * /v1/media/{token}).  Properties: nothing crashes, overflows or leaks, no
+ * forged signature or token verifies (the keys are random, so a CW_OK from
+ * httpsig_verify or a token that opens is a finding), and a URI that parses formats
  * back to exactly its text (the parser takes only the canonical spelling). */
 #include "config.h"
 #include "peer/event.h"
 #include "peer/httpsig.h"
+#include "media.h"
 
 #include <openssl/evp.h>
 #include <stdint.h>
@@ -84,6 +86,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			if (mimi_uri_parse(uri, &u, &e) == CW_OK &&
 			    (mimi_uri_format(&u, back, sizeof(back), &e) != CW_OK || strcmp(back, uri) != 0))
 				abort(); /* not canonical, or not reversible */
+			static unsigned char mkey[32];
+			static bool mkey_set;
+			if (!mkey_set && cw_random(mkey, sizeof(mkey)) == CW_OK)
+				mkey_set = true;
+			char source[256];
+			if (media_token_open(mkey, "gk", uri, source, sizeof(source)))
+				abort(); /* a token made without the key opened */
 		}
 	} else if (data[0] < 170) {
 		struct batch b;

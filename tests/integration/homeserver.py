@@ -52,6 +52,14 @@ The choices made where the specification allows several behaviours:
   carry a top-level `redacts`; version 11 rooms carry it in content too).
 - An older homeserver (legacy_paths=True or token_in_query=True) does not
   have the ping endpoint (added in Matrix 1.7): 404 M_UNRECOGNIZED.
+- The content repository: POST /_matrix/media/v3/upload takes the raw body
+  with its Content-Type (required here) up to max_upload_size (413
+  M_TOO_LARGE); downloads are authenticated (Matrix 1.11,
+  GET /_matrix/client/v1/media/download/...), and the unauthenticated
+  /_matrix/media/v3/download answers 404 M_NOT_FOUND for them, as Synapse
+  does once authenticated media is enforced.  authenticated_media=False is a
+  homeserver from before 1.11: the /client/v1 path is unknown (404
+  M_UNRECOGNIZED) and the old path serves the file.
 """
 import base64
 import copy
@@ -100,6 +108,13 @@ REDACT_KEEP_V11 = dict(REDACT_KEEP, **{"m.room.create": None,  # None: everythin
                                       "m.room.redaction": ("redacts",)})
 PREJOIN_STATE = ("m.room.create", "m.room.join_rules", "m.room.canonical_alias", "m.room.avatar",
                  "m.room.encryption", "m.room.name", "m.room.topic")
+
+
+class RawBody:
+    """A non-JSON answer (a file of the content repository)."""
+
+    def __init__(self, data, content_type, disposition):
+        self.data, self.content_type, self.disposition = data, content_type, disposition
 
 
 def now_ms():
@@ -232,8 +247,12 @@ class Homeserver:
 
     def __init__(self, server_name="example.org", registration=None, legacy_paths=False, token_in_query=False,
                  unstable_ephemeral=False, retry_base=0.05, retry_max=2.0, push_timeout=10.0, query_timeout=5.0,
-                 ping_timeout=5.0, bot_exists=False, ping_supported=None):
+                 ping_timeout=5.0, bot_exists=False, ping_supported=None, authenticated_media=True,
+                 max_upload_size=50 * 1024 * 1024):
         self.server_name = server_name
+        self.authenticated_media = authenticated_media
+        self.max_upload_size = max_upload_size
+        self._media = {}            # media id -> {"content_type", "data", "filename", "user"}
         self.registration = registration if registration is not None else {}
         self.legacy_paths = legacy_paths
         self.token_in_query = token_in_query
@@ -300,6 +319,14 @@ class Homeserver:
                 else:
                     body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 status, answer = outer._dispatch(self.command, self.path, self.headers, body)
+                if isinstance(answer, RawBody):
+                    self.send_response(status)
+                    self.send_header("Content-Type", answer.content_type)
+                    self.send_header("Content-Disposition", answer.disposition)
+                    self.send_header("Content-Length", str(len(answer.data)))
+                    self.end_headers()
+                    self.wfile.write(answer.data)
+                    return
                 data = json.dumps(answer).encode()
                 self.send_response(status)
                 if status == 429 and isinstance(answer.get("retry_after_ms"), int):
@@ -475,6 +502,51 @@ class Homeserver:
         with self._lock:
             self._next_txn = 1
 
+    def upload(self, user_id, data, content_type, filename=None):
+        """A file uploaded by a user of this server (as its client would): its mxc:// URI."""
+        media_id = _random(24)
+        with self._lock:
+            self._media[media_id] = {"content_type": content_type, "data": bytes(data), "filename": filename,
+                                     "user": user_id}
+        return f"mxc://{self.server_name}/{media_id}"
+
+    def media(self, mxc):
+        """What the content repository keeps under an mxc:// URI of this server, or None."""
+        prefix = f"mxc://{self.server_name}/"
+        with self._lock:
+            m = self._media.get(mxc[len(prefix):]) if mxc.startswith(prefix) else None
+            return dict(m) if m else None
+
+    def delete_media(self, mxc):
+        with self._lock:
+            self._media.pop(mxc.rsplit("/", 1)[-1], None)
+
+    # ------------------------------------------------------------------ content repository
+    def _h_upload(self, req):
+        ctype = req.headers.get("Content-Type")
+        if not ctype or "/" not in ctype:
+            raise MatrixError(400, "M_INVALID_PARAM", "Content-Type is required")
+        if len(req.raw) > self.max_upload_size:
+            raise MatrixError(413, "M_TOO_LARGE", "Cannot upload files larger than the configured limit")
+        name = req.query.get("filename", [None])[0]
+        return 200, {"content_uri": self.upload(req.user_id, req.raw, ctype, name)}
+
+    def _serve(self, server, media_id):
+        with self._lock:
+            m = self._media.get(media_id) if server == self.server_name else None
+            if m is None:
+                raise MatrixError(404, "M_NOT_FOUND", "Not found")
+            name = m["filename"] or media_id
+            return 200, RawBody(m["data"], m["content_type"], f"attachment; filename={json.dumps(name)}")
+
+    def _h_download(self, req, server, media_id, filename=None):
+        return self._serve(server, media_id)
+
+    def _h_download_legacy(self, req, server, media_id, filename=None):
+        if self.authenticated_media:  # frozen: only media from before the switch would be served
+            raise MatrixError(404, "M_NOT_FOUND", "Not found")
+        return self._serve(server, media_id)
+
     # ------------------------------------------------------------------ HTTP dispatch
     def _make_routes(self):
         c3 = "/_matrix/client/v3"
@@ -508,7 +580,12 @@ class Homeserver:
             ("PUT", c3 + "/directory/room/" + seg, self._h_alias_put, "user"),
             ("DELETE", c3 + "/directory/room/" + seg, self._h_alias_delete, "user"),
             ("POST", "/_matrix/client/v1/appservice/" + seg + "/ping", self._h_ping, "as"),
+            ("POST", "/_matrix/media/v3/upload", self._h_upload, "user"),
+            ("GET", "/_matrix/media/v3/download/" + seg + "/" + seg + "(?:/([^/]+))?", self._h_download_legacy, None),
         ]
+        if self.authenticated_media:
+            table.append(("GET", "/_matrix/client/v1/media/download/" + seg + "/" + seg + "(?:/([^/]+))?",
+                          self._h_download, "user"))
         return [(m, re.compile(p), fn, auth) for m, p, fn, auth in table]
 
     def _dispatch(self, method, target, headers, body):
@@ -541,7 +618,9 @@ class Homeserver:
                     self._authenticate(req, auth)
                     rec["user"], rec["appservice"] = req.user_id, req.is_as
                 req.body = None
-                if method in ("POST", "PUT"):
+                if fn == self._h_upload:
+                    rec["body"] = {"bytes": len(body)}
+                elif method in ("POST", "PUT"):
                     req.body = parse_json(body)
                     rec["body"] = req.body
                     if not isinstance(req.body, dict):

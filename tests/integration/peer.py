@@ -238,3 +238,94 @@ def push_peers(daemon, specs=GK_TG):
         client.token = r.json()["token"]
         made.append((client, srv))
     return made
+
+
+def verify_get(method, url, headers, public_b64, tag=TAG, max_skew=300):
+    """Verifies Causeway's signature of a request without a body (@method and
+    @target-uri); raises AssertionError or InvalidSignature saying why."""
+    si, sg = headers.get("Signature-Input"), headers.get("Signature")
+    assert si and sg, "unsigned request"
+    params = si[len("sig1="):]
+    inner, _, rest = params[1:].partition(")")
+    components = [c.strip('"') for c in inner.split(" ") if c]
+    p = dict(kv.split("=", 1) for kv in rest.strip(";").split(";"))
+    assert p["tag"] == f'"{tag}"' and abs(int(p["created"]) - time.time()) <= max_skew, p
+    assert components == ["@method", "@target-uri"], components
+    key = Ed25519PublicKey.from_public_bytes(base64.b64decode(public_b64))
+    key.verify(base64.b64decode(sg[len("sig1=:"):-1]), signature_base(method, url, {}, components, params))
+
+
+class MediaServer:
+    """Where a peer keeps its users' files: HTTPS on 127.0.0.1 with a
+    certificate of its own (cert_file, for the daemon's server.ca_file);
+    files[path] = (content type, bytes); status[path] = an answer instead;
+    requests: (path, headers) in order."""
+
+    def __init__(self, directory):
+        import datetime
+        import ipaddress
+        import ssl
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "media.wa.example test CA")])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+                .not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                               critical=False)
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .sign(key, hashes.SHA256()))
+        self.cert_file = os.path.join(str(directory), "media-ca.pem")
+        key_file = os.path.join(str(directory), "media-key.pem")
+        with open(self.cert_file, "wb") as f:
+            f.write(cert.public_bytes(serialization.Encoding.PEM))
+        with open(key_file, "wb") as f:
+            f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+        self.files, self.status, self.requests = {}, {}, []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                outer.requests.append((self.path, dict(self.headers)))
+                status = outer.status.get(self.path)
+                found = outer.files.get(self.path)
+                if status is None and found is None:
+                    status = 404
+                if status is not None:
+                    self.send_response(status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                ctype, data = found
+                self.send_response(200)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(self.cert_file, key_file)
+        self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+        self.port = self.httpd.server_address[1]
+        self.url = f"https://127.0.0.1:{self.port}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def put(self, path, ctype, data):
+        self.files[path] = (ctype, data)
+        return self.url + path
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()

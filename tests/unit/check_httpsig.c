@@ -3,6 +3,7 @@
  * tests/unit/data/httpsig_cases.txt. */
 #include "config.h"
 #include "peer/httpsig.h"
+#include "media.h"
 #include "unit.h"
 
 #include <openssl/bio.h>
@@ -1076,6 +1077,47 @@ START_TEST(key_file_created_once_with_mode_0600)
 }
 END_TEST
 
+/* The capability tokens of GET /v1/media/{token} (media.h): made for one
+ * peer under a key derived from the signing key; every other peer, key,
+ * or changed character fails. */
+START_TEST(media_tokens_open_for_their_peer_only)
+{
+	EVP_PKEY *k1 = EVP_PKEY_Q_keygen(NULL, NULL, "ED25519"), *k2 = EVP_PKEY_Q_keygen(NULL, NULL, "ED25519");
+	unsigned char key[32], again[32], other[32];
+	ck_assert(k1 && k2);
+	ck_assert(media_key_derive(k1, key) && media_key_derive(k1, again) && media_key_derive(k2, other));
+	ck_assert(memcmp(key, again, 32) == 0 && memcmp(key, other, 32) != 0);
+	ck_assert(!media_key_derive(NULL, other));
+	const char *src = "mxc://example.org/AbC_d-9";
+	char tok[256], out[256];
+	ck_assert(media_token_make(key, "gk", src, tok, sizeof(tok)));
+	ck_assert_msg(strncmp(tok, "m1.", 3) == 0 && strlen(tok) < 120, "%s", tok);
+	ck_assert(media_token_open(key, "gk", tok, out, sizeof(out)));
+	ck_assert_str_eq(out, src);
+	ck_assert(!media_token_open(key, "tg", tok, out, sizeof(out)));    /* another peer */
+	ck_assert(!media_token_open(other, "gk", tok, out, sizeof(out)));  /* another key */
+	ck_assert(!media_token_open(key, "gk", tok, out, 10));             /* no room for the source */
+	/* Each character changed (to another of the alphabet) fails. */
+	for (size_t i = 0; tok[i]; i++) {
+		char t[256];
+		snprintf(t, sizeof(t), "%s", tok);
+		t[i] = t[i] == 'A' ? 'B' : 'A';
+		ck_assert_msg(!media_token_open(key, "gk", t, out, sizeof(out)), "changed at %zu: %s", i, t);
+	}
+	static const char *const junk[] = { "", "m1.", "m1..", "m1.a.b", "m2.bXhjOi8vYQ.AAAAAAAAAAAAAAAAAAAAAA",
+					    "m1.bXhjOi8vYQ", "m1.bXhjOi8vYQ.AAAA.AAAA", "m1.bXhj+i8vYQ.AAAAAAAAAAAAAAAAAAAAAA",
+					    "m1.AA.AAAAAAAAAAAAAAAAAAAAAA", "m1.A.AAAAAAAAAAAAAAAAAAAAAA" };
+	for (size_t i = 0; i < CW_ARRAY_LEN(junk); i++)
+		ck_assert_msg(!media_token_open(key, "gk", junk[i], out, sizeof(out)), "%s", junk[i]);
+	char big[300];
+	memset(big, 'a', sizeof(big) - 1);
+	big[sizeof(big) - 1] = '\0';
+	ck_assert(!media_token_make(key, "gk", big, tok, sizeof(tok))); /* too long for one path segment */
+	EVP_PKEY_free(k1);
+	EVP_PKEY_free(k2);
+}
+END_TEST
+
 START_TEST(public_key_from_bad_base64)
 {
 	ck_assert_ptr_null(httpsig_ed25519_public_from_base64(NULL));
@@ -1113,6 +1155,7 @@ int main(void)
 	tcase_add_test(tc, replay_table_stays_consistent);
 	tcase_add_test(tc, replay_is_thread_safe);
 	tcase_add_test(tc, key_file_created_once_with_mode_0600);
+	tcase_add_test(tc, media_tokens_open_for_their_peer_only);
 	tcase_add_test(tc, public_key_from_bad_base64);
 	suite_add_tcase(s, tc);
 	return unit_run(s);

@@ -1,0 +1,254 @@
+/* The Matrix adapter's media (docs/matrix.md "Media"): a local user's file
+ * (mxc:// of our homeserver) fetched with the appservice's token when a
+ * peer asks for it (GET /v1/media/{token}); a peer's file fetched and
+ * uploaded to the homeserver as the remote user's ghost before the message
+ * that carries it is sent. */
+#include "config.h"
+#include "matrix_int.h"
+#include "log.h"
+#include "media.h"
+#include "store.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#define MEDIA_TIMEOUT_MS 30000L
+
+/* mxc://<server>/<media id>: the media id into id (false when url is not
+ * of server, or the id has other characters than [A-Za-z0-9_-]). */
+static bool mxc_split(const char *url, const char *server, char *id, size_t len)
+{
+	size_t sl = strlen(server);
+	if (strncmp(url, "mxc://", 6) != 0 || strncmp(url + 6, server, sl) != 0 || url[6 + sl] != '/')
+		return false;
+	const char *p = url + 7 + sl;
+	size_t n = strlen(p);
+	if (n == 0 || n >= len || n > 255)
+		return false;
+	for (size_t i = 0; i < n; i++) {
+		char c = p[i];
+		if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '-'))
+			return false;
+	}
+	memcpy(id, p, n + 1);
+	return true;
+}
+
+bool matrix_media_owns(void *ctx, const char *url)
+{
+	struct matrix *m = ctx;
+	char id[256];
+	return url && mxc_split(url, mx_server_name(m->cfg), id, sizeof(id));
+}
+
+static size_t hs_base_len(const struct matrix *m)
+{
+	size_t hl = strlen(m->cfg->mx_homeserver_url);
+	while (hl && m->cfg->mx_homeserver_url[hl - 1] == '/')
+		hl--;
+	return hl;
+}
+
+/* One GET of the homeserver's media API into b. */
+static CURLcode hs_get(struct matrix *m, CURL *h, const char *path, struct media_blob *b, long *status)
+{
+	char url[1400], auth[600];
+	snprintf(url, sizeof(url), "%.*s%s", (int)hs_base_len(m), m->cfg->mx_homeserver_url, path);
+	snprintf(auth, sizeof(auth), "Authorization: Bearer %s", m->cfg->mx_as_token);
+	struct curl_slist *hd = curl_slist_append(NULL, auth);
+	media_blob_free(b);
+	b->too_big = false;
+	media_download_setup(h, url, hd, b, m->cfg->ca_file, MEDIA_TIMEOUT_MS);
+	CURLcode cc = hd ? curl_easy_perform(h) : CURLE_OUT_OF_MEMORY;
+	*status = 0;
+	if (cc == CURLE_OK) {
+		curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, status);
+		media_download_done(h, b);
+	}
+	curl_slist_free_all(hd);
+	return cc;
+}
+
+/* The errcode of a Matrix error answer in b, into code. */
+static void errcode_of(const struct media_blob *b, char *code, size_t len)
+{
+	code[0] = '\0';
+	json_t *j = b->p ? json_loadb((const char *)b->p, b->n, 0, NULL) : NULL;
+	const char *c = json_string_value(json_object_get(j, "errcode"));
+	if (c)
+		snprintf(code, len, "%s", c);
+	json_decref(j);
+}
+
+cw_err matrix_media_fetch(void *ctx, const char *url, struct media_blob *b, long *status, cw_errmsg *e)
+{
+	struct matrix *m = ctx;
+	const char *server = mx_server_name(m->cfg);
+	char id[256], path[800], code[64];
+	*status = 0;
+	if (!mxc_split(url, server, id, sizeof(id)))
+		return cw_fail(e, CW_EINVAL, "not a file of this homeserver");
+	CURL *h = curl_easy_init();
+	if (!h)
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	char *sv = curl_easy_escape(h, server, 0);
+	/* Authenticated media (Matrix 1.11); a homeserver older than that
+	 * does not know the path (404 M_UNRECOGNIZED) and serves the old one. */
+	snprintf(path, sizeof(path), "/_matrix/client/v1/media/download/%s/%s", sv ? sv : "", id);
+	CURLcode cc = hs_get(m, h, path, b, status);
+	if (cc == CURLE_OK && (*status == 404 || *status == 405)) {
+		errcode_of(b, code, sizeof(code));
+		if (strcmp(code, "M_UNRECOGNIZED") == 0 || *status == 405) {
+			snprintf(path, sizeof(path), "/_matrix/media/v3/download/%s/%s", sv ? sv : "", id);
+			cc = hs_get(m, h, path, b, status);
+		}
+	}
+	curl_free(sv);
+	curl_easy_cleanup(h);
+	if (cc == CURLE_FILESIZE_EXCEEDED)
+		b->too_big = true;
+	if (cc != CURLE_OK) {
+		media_blob_free(b);
+		return cw_fail(e, CW_EUNAVAIL, "homeserver: %s", b->too_big ? "the file is too large" : curl_easy_strerror(cc));
+	}
+	if (*status != 200) {
+		errcode_of(b, code, sizeof(code));
+		media_blob_free(b);
+		return cw_fail(e, CW_EIO, "homeserver answered %ld %s", *status, code);
+	}
+	return CW_OK;
+}
+
+/* Uploads b as ghost; its mxc:// URI into mxc. */
+static cw_err upload(struct matrix *m, const char *ghost, const struct media_blob *b, const char *ct,
+		     const char *filename, char *mxc, size_t len, long *status, cw_errmsg *e)
+{
+	*status = 0;
+	CURL *h = curl_easy_init();
+	char *g = h ? curl_easy_escape(h, ghost, 0) : NULL, *f = h ? curl_easy_escape(h, filename, 0) : NULL;
+	char url[1800], auth[600], ctype[200];
+	snprintf(url, sizeof(url), "%.*s/_matrix/media/v3/upload?user_id=%s&filename=%s", (int)hs_base_len(m),
+		 m->cfg->mx_homeserver_url, g ? g : "", f ? f : "");
+	snprintf(auth, sizeof(auth), "Authorization: Bearer %s", m->cfg->mx_as_token);
+	snprintf(ctype, sizeof(ctype), "Content-Type: %s", ct);
+	struct curl_slist *h1 = curl_slist_append(NULL, auth), *h2 = h1 ? curl_slist_append(h1, ctype) : NULL;
+	struct curl_slist *hd = h2 ? curl_slist_append(h2, "Expect:") : NULL;
+	struct media_blob answer = { .max = 64 * 1024 };
+	cw_err rc = CW_OK;
+	if (!h || !g || !f || !hd) {
+		curl_slist_free_all(h1); /* the list's head, whatever was appended */
+		rc = cw_fail(e, CW_ENOMEM, "out of memory");
+		goto out;
+	}
+	media_download_setup(h, url, hd, &answer, m->cfg->ca_file, MEDIA_TIMEOUT_MS);
+	curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 0L);
+	curl_easy_setopt(h, CURLOPT_POST, 1L);
+	curl_easy_setopt(h, CURLOPT_POSTFIELDS, b->p ? (const char *)b->p : "");
+	curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)b->n);
+	CURLcode cc = curl_easy_perform(h);
+	curl_slist_free_all(hd);
+	if (cc != CURLE_OK) {
+		rc = cw_fail(e, CW_EUNAVAIL, "homeserver: %s", curl_easy_strerror(cc));
+		goto out;
+	}
+	curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, status);
+	json_t *j = answer.p ? json_loadb((const char *)answer.p, answer.n, 0, NULL) : NULL;
+	const char *uri = json_string_value(json_object_get(j, "content_uri"));
+	const char *code = json_string_value(json_object_get(j, "errcode"));
+	if (*status != 200)
+		rc = cw_fail(e, CW_EIO, "homeserver answered the upload %ld %s", *status, code ? code : "");
+	else if (!uri || strncmp(uri, "mxc://", 6) != 0 || strlen(uri) >= len)
+		rc = cw_fail(e, CW_EIO, "homeserver answered the upload without a valid content_uri");
+	else
+		snprintf(mxc, len, "%s", uri);
+	json_decref(j);
+out:
+	media_blob_free(&answer);
+	curl_free(g);
+	curl_free(f);
+	if (h)
+		curl_easy_cleanup(h);
+	return rc;
+}
+
+enum mx_rehost mx_rehost(struct matrix *m, PGconn *c, const char *ghost, const json_t *att, char *mxc,
+			 size_t len, char *why, size_t wlen, cw_errmsg *e)
+{
+	const char *url = json_string_value(json_object_get(att, "url"));
+	const char *ct = json_string_value(json_object_get(att, "content_type"));
+	const char *want = json_string_value(json_object_get(att, "sha256"));
+	const char *name = json_string_value(json_object_get(att, "filename"));
+	json_int_t declared = json_integer_value(json_object_get(att, "size"));
+	size_t max = (size_t)m->cfg->media_max_bytes;
+	if (!url || !ct) {
+		snprintf(why, wlen, "no URL");
+		return MX_REHOST_NOTICE;
+	}
+	if (declared > (json_int_t)max) {
+		snprintf(why, wlen, "larger than this gateway carries");
+		return MX_REHOST_NOTICE;
+	}
+	const char *p[] = { url, want ? want : "" };
+	PGresult *r = PQexecParams(c, "SELECT native_uri FROM media_rehosted WHERE network = 'matrix' AND source = $1 "
+				      "AND ($2 = '' OR sha256 = $2) ORDER BY created_at DESC LIMIT 1",
+				   2, NULL, p, NULL, NULL, 0);
+	if (store_check(c, r, PGRES_TUPLES_OK, e))
+		return MX_REHOST_RETRY;
+	if (PQntuples(r) == 1 && strlen(PQgetvalue(r, 0, 0)) < len) {
+		snprintf(mxc, len, "%s", PQgetvalue(r, 0, 0));
+		PQclear(r);
+		return MX_REHOST_OK;
+	}
+	PQclear(r);
+
+	/* Fetched as every request to a peer is made: signed as Causeway. */
+	struct curl_slist *hd = media_signed_get(m->app->signing_key, m->cfg->domain ? m->cfg->domain : "",
+						 m->cfg->signature_tag, url, e);
+	CURL *h = hd ? curl_easy_init() : NULL;
+	if (!h) {
+		curl_slist_free_all(hd);
+		return MX_REHOST_RETRY;
+	}
+	struct media_blob b = { .max = max };
+	media_download_setup(h, url, hd, &b, m->cfg->ca_file, MEDIA_TIMEOUT_MS);
+	CURLcode cc = curl_easy_perform(h);
+	long status = 0;
+	if (cc == CURLE_OK)
+		curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
+	curl_easy_cleanup(h);
+	curl_slist_free_all(hd);
+	enum mx_rehost res = MX_REHOST_RETRY;
+	char got[65];
+	if (cc == CURLE_FILESIZE_EXCEEDED || b.too_big) {
+		snprintf(why, wlen, "larger than this gateway carries");
+		res = MX_REHOST_NOTICE;
+	} else if (cc != CURLE_OK) {
+		cw_fail(e, CW_EUNAVAIL, "cannot fetch the attachment %.200s: %s", url, curl_easy_strerror(cc));
+	} else if (status == 408 || status == 429 || status >= 500) {
+		cw_fail(e, CW_EUNAVAIL, "the attachment's server answered %ld", status);
+	} else if (status != 200) {
+		/* Gone, or not ours to have: the message goes with a notice. */
+		snprintf(why, wlen, "not available from the sender's network (%ld)", status);
+		res = MX_REHOST_NOTICE;
+	} else if (media_sha256_hex(&b, got), want && strcmp(got, want) != 0) {
+		snprintf(why, wlen, "it does not match its checksum");
+		res = MX_REHOST_NOTICE;
+	} else {
+		long up = 0;
+		if (upload(m, ghost, &b, ct, name && *name ? name : "file", mxc, len, &up, e) == CW_OK) {
+			char size[24];
+			snprintf(size, sizeof(size), "%zu", b.n);
+			const char *q[] = { url, got, mxc, size };
+			cw_errmsg e2;
+			if (store_command(c, "INSERT INTO media_rehosted (network, source, sha256, native_uri, size) "
+					  "VALUES ('matrix', $1, $2, $3, $4::bigint) ON CONFLICT DO NOTHING", 4, q, &e2))
+				LOG_KV(CW_LOG_WARN, "cannot remember a re-hosted file", "detail", e2.msg);
+			res = MX_REHOST_OK;
+		} else if (up == 413) {
+			snprintf(why, wlen, "larger than the homeserver takes");
+			res = MX_REHOST_NOTICE;
+		}
+	}
+	media_blob_free(&b);
+	return res;
+}

@@ -1,0 +1,168 @@
+/* Media for peers: see peer_media.h. */
+#include "config.h"
+#include "peer_media.h"
+#include "peers.h"
+#include "log.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#define MEDIA_URL_MAX 2048 /* what event validation allows an attachment URL */
+#define TOKEN_MAX 255      /* one path segment (CW_ROUTE_PARAM_LEN - 1) */
+
+/* Where peers reach this daemon: server.public_url, else the address it
+ * listens on; false when not known yet (the HTTP front not started). */
+static bool base_url(struct cw_app *app, char *out, size_t len)
+{
+	const char *pub = app->cfg->public_url;
+	if (pub && *pub) {
+		size_t n = strlen(pub);
+		while (n && pub[n - 1] == '/')
+			n--;
+		snprintf(out, len, "%.*s", (int)n, pub);
+		return true;
+	}
+	/* The port configured, or (port 0: any) the one bound, once bound. */
+	unsigned port = app->cfg->port ? (unsigned)app->cfg->port : app->http ? cw_http_port(app->http) : 0;
+	if (!port)
+		return false;
+	const char *a = app->cfg->listen_address;
+	bool v6 = strchr(a, ':') != NULL;
+	snprintf(out, len, "http://%s%s%s:%u", v6 ? "[" : "", a, v6 ? "]" : "", port);
+	return true;
+}
+
+json_t *peer_media_offer(struct cw_app *app, const char *peer, json_t *ev)
+{
+	const json_t *atts = json_object_get(json_object_get(ev, "content"), "attachments");
+	size_t i;
+	json_t *a;
+	bool any = false;
+	if (app->media.owns)
+		json_array_foreach(atts, i, a) {
+			const char *url = json_string_value(json_object_get(a, "url"));
+			if (url && app->media.owns(app->media.ctx, url))
+				any = true;
+		}
+	char base[600];
+	if (!any || !base_url(app, base, sizeof(base)))
+		return json_incref(ev);
+	json_t *copy = json_deep_copy(ev);
+	if (!copy)
+		return json_incref(ev);
+	json_array_foreach(json_object_get(json_object_get(copy, "content"), "attachments"), i, a) {
+		const char *url = json_string_value(json_object_get(a, "url"));
+		char token[TOKEN_MAX + 1], link[MEDIA_URL_MAX + 1];
+		if (!url || !app->media.owns(app->media.ctx, url))
+			continue;
+		/* A source too long for one path segment stays as it is (the
+		 * peer cannot fetch it): docs/interop-api.md says so. */
+		if (!media_token_make(app->media_key, peer, url, token, sizeof(token)))
+			continue;
+		snprintf(link, sizeof(link), "%s/v1/media/%s", base, token);
+		json_object_set_new(a, "url", json_string(link));
+	}
+	return copy;
+}
+
+struct media_job {
+	struct cw_app *app;
+	struct cw_req *req;
+	char source[TOKEN_MAX + 1];
+	struct media_blob b;
+	long status;
+	cw_err rc;
+	cw_errmsg err;
+};
+
+/* On a reader thread (its connection unused): the homeserver answers
+ * within the adapter's timeout, and at most pool size - 1 of these run at
+ * once, so the readers are never all taken. */
+static cw_err fetch(PGconn *c, void *arg, cw_errmsg *e)
+{
+	(void)c;
+	(void)e;
+	struct media_job *j = arg;
+	j->rc = j->app->media.fetch(j->app->media.ctx, j->source, &j->b, &j->status, &j->err);
+	return CW_OK; /* the store's outcome is the database's: this read has none */
+}
+
+static void fetched(void *arg, cw_err rc, const cw_errmsg *e)
+{
+	struct media_job *j = arg;
+	struct cw_req *req = j->req;
+	if (rc) {
+		app_reply_store_error(j->app, req, rc, e ? e->msg : "");
+	} else if (j->rc == CW_OK) {
+		unsigned char *body = j->b.p ? j->b.p : malloc(1);
+		j->b.p = NULL;
+		if (!body) {
+			app_retry_after(req, 1000);
+			cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory");
+		} else {
+			/* The type as a header (copied): cw_req_reply keeps its
+			 * content type by pointer, and j is gone before the answer
+			 * is queued. */
+			cw_req_add_header(req, "Content-Type",
+					  j->b.content_type[0] ? j->b.content_type : "application/octet-stream");
+			cw_req_add_header(req, "Cache-Control", "private, max-age=86400");
+			cw_req_add_header(req, "X-Content-Type-Options", "nosniff");
+			cw_req_reply(req, 200, NULL, (char *)body, j->b.n);
+		}
+	} else if (j->b.too_big) {
+		cw_req_problem(req, 413, "too_large", "Content too large",
+			       "the file is larger than this gateway carries (server.media_max_bytes)");
+	} else if (j->status == 404) {
+		cw_req_problem(req, 404, "unknown_media", "Not found", "no such file (it may have been deleted)");
+	} else {
+		LOG_KV(CW_LOG_WARN, "cannot fetch a file for a peer", "request_id", cw_req_id(req), "detail",
+		       j->err.msg);
+		app_retry_after(req, 5000);
+		cw_req_problem(req, 503, "unavailable", "Service unavailable",
+			       "the file cannot be fetched from where it is kept now; try again later");
+	}
+	atomic_fetch_sub(&j->app->media_fetches, 1);
+	media_blob_free(&j->b);
+	cw_req_resume(req);
+	free(j);
+}
+
+void peer_api_media(struct cw_req *req, void *ctx)
+{
+	struct cw_app *app = ctx;
+	struct peer_principal *p = cw_req_principal(req);
+	const char *token = cw_req_param(req, "token");
+	struct media_job *j = calloc(1, sizeof(*j));
+	if (!j) {
+		app_retry_after(req, 1000);
+		cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory");
+		return;
+	}
+	/* Every failure to open the token is the same 404: a token of another
+	 * peer's, a forged one and a source no longer served look alike. */
+	if (!p || !token || !app->media.fetch ||
+	    !media_token_open(app->media_key, p->name, token, j->source, sizeof(j->source)) ||
+	    !app->media.owns(app->media.ctx, j->source)) {
+		free(j);
+		cw_req_problem(req, 404, "unknown_media", "Not found", "no file with that token for this peer");
+		return;
+	}
+	long limit = app->cfg->db_pool_size > 1 ? app->cfg->db_pool_size - 1 : 1;
+	if (atomic_fetch_add(&app->media_fetches, 1) >= limit) {
+		atomic_fetch_sub(&app->media_fetches, 1);
+		free(j);
+		app_retry_after(req, 1000);
+		cw_req_problem(req, 503, "unavailable", "Service unavailable", "too many files are being fetched now");
+		return;
+	}
+	j->app = app;
+	j->req = req;
+	j->b.max = (size_t)app->cfg->media_max_bytes;
+	cw_req_suspend(req);
+	cw_err rc = store_read(app->store, fetch, fetched, j);
+	if (rc) {
+		cw_errmsg e = { { 0 } };
+		cw_fail(&e, rc, "the store is not taking work");
+		fetched(j, rc, &e);
+	}
+}

@@ -1,0 +1,214 @@
+/* Media that crosses the gateway: see media.h. */
+#include "config.h"
+#include "media.h"
+#include "peer/httpsig.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include <openssl/crypto.h>
+#include <openssl/hmac.h>
+
+#define TOKEN_MAC_LEN 16
+
+void media_blob_free(struct media_blob *b)
+{
+	free(b->p);
+	b->p = NULL;
+	b->n = 0;
+}
+
+static size_t on_data(char *ptr, size_t size, size_t nmemb, void *arg)
+{
+	struct media_blob *b = arg;
+	size_t n = size * nmemb;
+	if (n > b->max - b->n) {
+		b->too_big = true;
+		return 0; /* aborts the transfer */
+	}
+	unsigned char *q = realloc(b->p, b->n + n + 1);
+	if (!q)
+		return 0;
+	memcpy(q + b->n, ptr, n);
+	b->p = q;
+	b->n += n;
+	return n;
+}
+
+void media_download_setup(CURL *h, const char *url, struct curl_slist *headers, struct media_blob *b,
+			  const char *ca_file, long timeout_ms)
+{
+	curl_easy_reset(h);
+	curl_easy_setopt(h, CURLOPT_URL, url);
+	curl_easy_setopt(h, CURLOPT_HTTPGET, 1L);
+	if (headers)
+		curl_easy_setopt(h, CURLOPT_HTTPHEADER, headers);
+	curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, on_data);
+	curl_easy_setopt(h, CURLOPT_WRITEDATA, b);
+	curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, timeout_ms);
+	curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, timeout_ms < 5000 ? timeout_ms : 5000L);
+	curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+	curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "http,https");
+	curl_easy_setopt(h, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
+	curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 1L);
+	curl_easy_setopt(h, CURLOPT_MAXREDIRS, 3L);
+	/* A declared length over the cap ends the transfer before the body. */
+	curl_easy_setopt(h, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)b->max);
+	if (ca_file && *ca_file)
+		curl_easy_setopt(h, CURLOPT_CAINFO, ca_file);
+}
+
+bool media_type_ok(const char *s)
+{
+	/* RFC 6838 §4.2: restricted-name-chars, one slash. */
+	size_t n = strlen(s), slash = 0, at = 0;
+	if (n == 0 || n > 127)
+		return false;
+	for (size_t i = 0; i < n; i++) {
+		char c = s[i];
+		if (c == '/') {
+			slash++;
+			at = i;
+			continue;
+		}
+		bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+			  strchr("!#$&-^_.+", c) != NULL;
+		if (!ok)
+			return false;
+	}
+	return slash == 1 && at > 0 && at < n - 1;
+}
+
+void media_download_done(CURL *h, struct media_blob *b)
+{
+	char *ct = NULL;
+	b->content_type[0] = '\0';
+	if (curl_easy_getinfo(h, CURLINFO_CONTENT_TYPE, &ct) != CURLE_OK || !ct)
+		return;
+	size_t n = strcspn(ct, "; \t");
+	if (n >= sizeof(b->content_type))
+		return;
+	memcpy(b->content_type, ct, n);
+	b->content_type[n] = '\0';
+	if (!media_type_ok(b->content_type))
+		b->content_type[0] = '\0';
+}
+
+void media_sha256_hex(const struct media_blob *b, char out[65])
+{
+	unsigned char d[32];
+	cw_sha256(b->p ? (const void *)b->p : (const void *)"", b->n, d);
+	cw_hex(out, d, sizeof(d));
+}
+
+bool media_key_derive(EVP_PKEY *signing_key, unsigned char key[32])
+{
+	unsigned char raw[64];
+	size_t len = sizeof(raw);
+	unsigned int out = 0;
+	static const char label[] = "causeway media tokens v1";
+	bool ok = signing_key && EVP_PKEY_get_raw_private_key(signing_key, raw, &len) == 1 &&
+		  HMAC(EVP_sha256(), raw, (int)len, (const unsigned char *)label, sizeof(label) - 1, key, &out) &&
+		  out == 32;
+	OPENSSL_cleanse(raw, sizeof(raw));
+	return ok;
+}
+
+static bool token_mac(const unsigned char key[32], const char *peer, const char *source,
+		      unsigned char mac[32])
+{
+	size_t pl = strlen(peer), sl = strlen(source);
+	char *msg = malloc(pl + sl + 2);
+	if (!msg)
+		return false;
+	memcpy(msg, peer, pl);
+	msg[pl] = '\n';
+	memcpy(msg + pl + 1, source, sl + 1);
+	unsigned int out = 0;
+	bool ok = HMAC(EVP_sha256(), key, 32, (const unsigned char *)msg, pl + 1 + sl, mac, &out) && out == 32;
+	free(msg);
+	return ok;
+}
+
+bool media_token_make(const unsigned char key[32], const char *peer, const char *source, char *out, size_t len)
+{
+	unsigned char mac[32];
+	size_t sl = strlen(source);
+	if (!token_mac(key, peer, source, mac) || len < 4)
+		return false;
+	memcpy(out, "m1.", 3);
+	size_t a = cw_b64url_encode(out + 3, len - 3, (const unsigned char *)source, sl);
+	if (a == 0 || 3 + a + 1 + 23 > len)
+		return false;
+	out[3 + a] = '.';
+	return cw_b64url_encode(out + 4 + a, len - 4 - a, mac, TOKEN_MAC_LEN) != 0;
+}
+
+/* Unpadded base64url into bytes; -1 for bad text or no room. */
+static long b64url_decode(unsigned char *out, size_t outlen, const char *in, size_t n)
+{
+	if (n == 0 || n % 4 == 1 || n > 4096)
+		return -1;
+	char buf[4100];
+	for (size_t i = 0; i < n; i++) {
+		char c = in[i];
+		if (c == '+' || c == '/' || c == '=')
+			return -1;
+		buf[i] = c == '-' ? '+' : c == '_' ? '/' : c;
+	}
+	size_t m = n;
+	while (m % 4)
+		buf[m++] = '=';
+	buf[m] = '\0';
+	return cw_b64_decode(out, outlen, buf);
+}
+
+bool media_token_open(const unsigned char key[32], const char *peer, const char *token, char *source,
+		      size_t len)
+{
+	if (strncmp(token, "m1.", 3) != 0 || len < 2)
+		return false;
+	const char *s = token + 3, *dot = strchr(s, '.');
+	if (!dot || strchr(dot + 1, '.'))
+		return false;
+	unsigned char mac[TOKEN_MAC_LEN + 3], want[32];
+	long sl = b64url_decode((unsigned char *)source, len - 1, s, (size_t)(dot - s));
+	if (sl <= 0 || b64url_decode(mac, sizeof(mac), dot + 1, strlen(dot + 1)) != TOKEN_MAC_LEN)
+		return false;
+	source[sl] = '\0';
+	if (strlen(source) != (size_t)sl || !token_mac(key, peer, source, want) ||
+	    !cw_ct_equal(mac, want, TOKEN_MAC_LEN)) {
+		source[0] = '\0';
+		return false;
+	}
+	return true;
+}
+
+static const char *no_header(void *ctx, const char *name)
+{
+	(void)ctx;
+	(void)name;
+	return NULL;
+}
+
+struct curl_slist *media_signed_get(EVP_PKEY *key, const char *keyid, const char *tag, const char *url,
+				    cw_errmsg *e)
+{
+	char nonce[32], sig_input[1024], sig[256], hd[2][1300];
+	unsigned char rnd[16];
+	cw_random(rnd, sizeof(rnd));
+	cw_b64url_encode(nonce, sizeof(nonce), rnd, sizeof(rnd));
+	struct httpsig_msg m = { .method = "GET", .target_uri = url, .header = no_header };
+	static const char *const components[] = { "@method", "@target-uri", NULL };
+	struct httpsig_params sp = { .created = cw_wall_ms() / 1000, .keyid = keyid, .nonce = nonce, .tag = tag };
+	if (httpsig_sign(&m, components, key, &sp, sig_input, sizeof(sig_input), sig, sizeof(sig), e))
+		return NULL;
+	snprintf(hd[0], sizeof(hd[0]), "Signature-Input: %s", sig_input);
+	snprintf(hd[1], sizeof(hd[1]), "Signature: %s", sig);
+	struct curl_slist *l = curl_slist_append(NULL, hd[0]), *l2 = l ? curl_slist_append(l, hd[1]) : NULL;
+	if (!l2) {
+		curl_slist_free_all(l);
+		cw_fail(e, CW_ENOMEM, "out of memory");
+	}
+	return l2;
+}

@@ -1,0 +1,70 @@
+/* Media that crosses the gateway (spec/adapters.md: "media crosses the
+ * gateway re-hosted, never as a bare link into a private store"):
+ * a bounded download into memory, and the capability tokens under which
+ * Causeway offers a local user's media to one peer (GET /v1/media/{token},
+ * docs/interop-api.md "Media").  No protocol here: the adapters say where
+ * a file comes from and where it goes. */
+#ifndef CW_MEDIA_H
+#define CW_MEDIA_H
+
+#include "cw.h"
+
+#include <curl/curl.h>
+#include <openssl/evp.h>
+
+/* A file in memory, at most max bytes. */
+struct media_blob {
+	unsigned char *p;
+	size_t n, max;
+	bool too_big;           /* the far side sent more than max */
+	char content_type[128]; /* as answered, when it is a plain type/subtype */
+};
+
+void media_blob_free(struct media_blob *b);
+
+/* Sets h up (it is reset first) to GET url into b, with headers (may be
+ * NULL; kept by the caller until the transfer ends), timeout_ms, and
+ * ca_file (empty or NULL: the system's trust store).  At most 3
+ * redirects, http and https only. */
+void media_download_setup(CURL *h, const char *url, struct curl_slist *headers, struct media_blob *b,
+			  const char *ca_file, long timeout_ms);
+/* After the transfer: the answer's content type into b (when valid). */
+void media_download_done(CURL *h, struct media_blob *b);
+
+/* Whether s is a media type "type/subtype" of RFC 6838 characters, without
+ * parameters, at most 127 bytes. */
+bool media_type_ok(const char *s);
+
+/* Headers that sign a GET of url as Causeway (RFC 9421: @method and
+ * @target-uri, created, keyid, nonce, tag), as every request to a peer is:
+ * a peer's media store may check them.  NULL when out of memory. */
+struct curl_slist *media_signed_get(EVP_PKEY *key, const char *keyid, const char *tag, const char *url,
+				    cw_errmsg *e);
+
+/* Where the files of this provider's users come from (set by the local
+ * adapter that has them: Matrix's mxc:// of its homeserver): owns says
+ * whether it can fetch url; fetch gets it into b (b->max set by the
+ * caller; *status: the far side's HTTP status, 0 when none). */
+struct media_source {
+	void *ctx;
+	bool (*owns)(void *ctx, const char *url);
+	cw_err (*fetch)(void *ctx, const char *url, struct media_blob *b, long *status, cw_errmsg *e);
+};
+
+/* Lower-case hex SHA-256 of the blob. */
+void media_sha256_hex(const struct media_blob *b, char out[65]);
+
+/* The key of the tokens, derived from Causeway's Ed25519 private key (so
+ * every process with that key file makes and opens the same tokens). */
+bool media_key_derive(EVP_PKEY *signing_key, unsigned char key[32]);
+
+/* "m1.<base64url source>.<base64url of 16 bytes of HMAC-SHA256(key, peer
+ * LF source)>": the token of source offered to peer; false when it does
+ * not fit in len. */
+bool media_token_make(const unsigned char key[32], const char *peer, const char *source, char *out, size_t len);
+/* The source of a token made for peer, into source; false for any token
+ * not made by media_token_make with this key and peer. */
+bool media_token_open(const unsigned char key[32], const char *peer, const char *token, char *source,
+		      size_t len);
+
+#endif

@@ -1,0 +1,215 @@
+"""Files across the Matrix adapter (docs/matrix.md "Media"; spec/adapters.md:
+media crosses the gateway re-hosted, never as a bare link into a private
+store).  A peer's file is fetched (signed, as Causeway) from where the peer
+keeps it, over HTTPS, and uploaded to the homeserver as the remote user's
+ghost; a Matrix user's file reaches the peer under a Causeway URL made for
+that peer alone, fetched from the homeserver with the appservice's token."""
+import hashlib
+import json
+import os
+
+import pytest
+import requests
+
+from harness import free_port, wait_until
+from homeserver import Homeserver
+from peer import MediaServer, NotifyServer, PeerClient, verify_get
+from test_matrix import ALICE, ALICE_MX, AS_TOKEN, HS_TOKEN, as_put, consent_alice, registration
+
+MAX = 64 * 1024  # server.media_max_bytes of these tests
+GHOST = "@_cw_gk_wally:example.org"
+
+
+@pytest.fixture
+def hs(request):
+    h = Homeserver(server_name="example.org", registration=registration(),
+                   authenticated_media=getattr(request, "param", True))
+    h.start()
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def media(tmp_path):
+    m = MediaServer(tmp_path)
+    yield m
+    m.close()
+
+
+@pytest.fixture
+def mx(make_daemon, db_url, hs, media):
+    port = free_port()
+    hs.registration["url"] = f"http://127.0.0.1:{port}"
+    d = make_daemon(db_url, options={"server": {"port": str(port), "ca_file": media.cert_file,
+                                                "media_max_bytes": str(MAX)},
+                                     "matrix": {"homeserver_url": hs.url, "as_token": AS_TOKEN,
+                                                "hs_token": HS_TOKEN}})
+    return d.start()
+
+
+def add_peer(mx, name, domain):
+    srv = NotifyServer()
+    srv.public_b64 = mx.get("/.well-known/mimi-protocol-directory").json()["public_key"]["key"]
+    client = PeerClient(mx.url, name, domain)
+    r = mx.admin("POST", "/peers", json={"name": name, "domain": domain, "mode": "push", "push_url": srv.url,
+                                        "public_key": client.signer.public_b64})
+    assert r.status_code == 201, r.text
+    client.token = r.json()["token"]
+    return client, srv
+
+
+@pytest.fixture
+def gk(mx):
+    client, srv = add_peer(mx, "gk", "wa.example")
+    yield client, srv
+    srv.close()
+
+
+def attachment(url, data, ctype="image/png", name="cat.png", size=None, sha=None):
+    return {"content_type": ctype, "url": url, "size": len(data) if size is None else size,
+            "sha256": sha or hashlib.sha256(data).hexdigest(), "filename": name}
+
+
+def send_file(a, room, text, att, idem):
+    content = {"attachments": [att]}
+    if text:
+        content["parts"] = [{"type": "text/plain", "body": text}]
+    r = a.call("POST", f"/v1/rooms/{room}/messages", {"type": "message", "sender": a.user("wally"), "content": content},
+               idem=idem)
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def ghost_messages(hs, n):
+    def got():
+        for rid in hs.rooms():
+            ms = [e for e in hs.events(rid) if e["type"] == "m.room.message" and e["sender"] == GHOST]
+            if len(ms) >= n:
+                return ms
+        return None
+    return wait_until(got, timeout=20, what=f"{n} messages of the ghost")
+
+
+def test_a_peers_file_is_rehosted_on_the_homeserver(mx, hs, gk, media):
+    a, _ = gk
+    consent_alice(mx)
+    hs.create_user("alice")
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    cat = b"\x89PNG\r\n\x1a\n" + os.urandom(3000)
+    url = media.put("/f/cat.png", "image/png", cat)
+    send_file(a, room, "a cat", attachment(url, cat), "f1")
+    [m] = ghost_messages(hs, 1)
+    c = m["content"]
+    assert c["msgtype"] == "m.image" and c["body"] == "a cat" and c["filename"] == "cat.png", c
+    assert c["info"] == {"mimetype": "image/png", "size": len(cat)}, c
+    kept = hs.media(c["url"])
+    assert kept and kept["data"] == cat and kept["user"] == GHOST and kept["content_type"] == "image/png"
+    assert url not in json.dumps(m)  # no link into the peer's store
+    # Fetched signed as Causeway (a peer's store may check it).
+    key = mx.get("/.well-known/mimi-protocol-directory").json()["public_key"]["key"]
+    [(path, headers)] = media.requests
+    verify_get("GET", url, headers, key)
+    # The same file again is not fetched or uploaded again.
+    send_file(a, room, "", attachment(url, cat), "f2")
+    ms = ghost_messages(hs, 2)
+    assert ms[1]["content"]["url"] == c["url"] and ms[1]["content"]["body"] == "cat.png"
+    assert len(media.requests) == 1
+    assert sum(1 for q in hs.requests if q["path"] == "/_matrix/media/v3/upload") == 1
+
+
+def test_a_file_that_cannot_be_carried_becomes_a_notice_and_a_failing_store_is_retried(mx, hs, gk, media):
+    a, _ = gk
+    consent_alice(mx)
+    hs.create_user("alice")
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    small = os.urandom(2000)
+    big = os.urandom(MAX + 1)
+    cases = [
+        ("gone.png", media.url + "/f/gone.png", attachment(media.url + "/f/gone.png", small, name="gone.png"),
+         "not available from the sender's network (404)"),
+        ("bad.png", media.put("/f/bad.png", "image/png", small),
+         attachment(media.url + "/f/bad.png", small, name="bad.png", sha="0" * 64), "it does not match its checksum"),
+        ("big.bin", media.put("/f/big.bin", "application/octet-stream", big),
+         attachment(media.url + "/f/big.bin", big, ctype="application/octet-stream", name="big.bin"),
+         "larger than this gateway carries"),
+        ("lies.bin", media.put("/f/lies.bin", "application/octet-stream", big),
+         attachment(media.url + "/f/lies.bin", big, ctype="application/octet-stream", name="lies.bin", size=10),
+         "larger than this gateway carries"),
+    ]
+    for i, (_, _, att, _) in enumerate(cases):
+        send_file(a, room, f"file {i}", att, f"c{i}")
+    ms = ghost_messages(hs, len(cases))
+    for m, (name, _, _, why) in zip(ms, cases):
+        c = m["content"]
+        assert c["msgtype"] == "m.text" and "url" not in c, c
+        assert name in c["body"] and f"not carried: {why}" in c["body"], c["body"]
+    # The declared size over the limit was not even fetched.
+    assert "/f/big.bin" not in [p for p, _ in media.requests]
+    assert not [q for q in hs.requests if q["path"] == "/_matrix/media/v3/upload"]
+    # A store that fails for a while: the message waits (in order) and goes re-hosted.
+    ok = media.put("/f/later.png", "image/png", small)
+    media.status["/f/later.png"] = 503
+    send_file(a, room, "later", attachment(ok, small), "c-later")
+    wait_until(lambda: [p for p, _ in media.requests].count("/f/later.png") >= 2, timeout=20,
+               what="a retry of the fetch")
+    assert len(ghost_messages(hs, len(cases))) == len(cases)
+    del media.status["/f/later.png"]
+    m = ghost_messages(hs, len(cases) + 1)[-1]
+    assert m["content"]["msgtype"] == "m.image" and hs.media(m["content"]["url"])["data"] == small
+
+
+def matrix_dm(mx, hs, a, pg, db_url):
+    """alice's direct room with wally (made by a first message of his)."""
+    consent_alice(mx)
+    _, token = hs.create_user("alice")
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    a.send(room, a.user("wally"), "hello")
+    mx_room = wait_until(lambda: next(iter(hs.rooms()), None), what="the direct room")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM room_bindings", db_url) == "1", what="the binding")
+    hs.as_user(token).join(mx_room)
+    return room, mx_room
+
+
+@pytest.mark.parametrize("hs", [True, False], ids=["authenticated-media", "before-matrix-1.11"], indirect=True)
+def test_a_matrix_users_file_reaches_the_peer_under_a_causeway_url(mx, hs, gk, pg, db_url):
+    a, srv = gk
+    room, mx_room = matrix_dm(mx, hs, a, pg, db_url)
+    photo = b"\xff\xd8\xff\xe0" + os.urandom(5000)
+    mxc = hs.upload(ALICE_MX, photo, "image/jpeg", "photo.jpg")
+    ev = {"event_id": "$photo1", "room_id": mx_room, "sender": ALICE_MX, "type": "m.room.message",
+          "origin_server_ts": 1700000000000,
+          "content": {"msgtype": "m.image", "body": "photo.jpg", "url": mxc,
+                      "info": {"mimetype": "image/jpeg", "size": len(photo)}}}
+    assert as_put(mx, "m1", {"events": [ev]}).status_code == 200
+    got = wait_until(lambda: next((e for e in srv.events if e.get("content", {}).get("attachments")), None),
+                     what="the photo at the peer")
+    [att] = got["content"]["attachments"]
+    assert mxc not in json.dumps(got)  # no link into the homeserver's store
+    assert att["url"].startswith(mx.url + "/v1/media/m1."), att
+    assert att["content_type"] == "image/jpeg" and att["size"] == len(photo)
+    path = att["url"][len(mx.url):]
+    r = a.call("GET", path)
+    assert r.status_code == 200 and r.content == photo, (r.status_code, r.text[:200])
+    assert r.headers["Content-Type"] == "image/jpeg" and r.headers["X-Content-Type-Options"] == "nosniff"
+    fetches = [q for q in hs.requests if "/download/" in q["path"] and q["status"] == 200]
+    assert len(fetches) == 1 and fetches[0]["path"].startswith(
+        "/_matrix/client/v1/media/download/" if hs.authenticated_media else "/_matrix/media/v3/download/")
+    # Only that peer, signed, with that token.
+    tg, tg_srv = add_peer(mx, "tg", "tg.example")
+    try:
+        r = tg.call("GET", path)
+        assert r.status_code == 404 and r.json()["code"] == "unknown_media", r.text
+    finally:
+        tg_srv.close()
+    assert a.call("GET", path, sign=False).status_code == 401
+    token = path.rsplit("/", 1)[1]
+    forged = token[:-2] + ("AA" if token[-2:] != "AA" else "BB")
+    r = a.call("GET", "/v1/media/" + forged)
+    assert r.status_code == 404 and r.json()["code"] == "unknown_media"
+    for junk in ("m1.x.y", "nope", "m1." + "A" * 200 + ".B", "m1..", "m1.%00.AAAA"):
+        r = a.call("GET", "/v1/media/" + junk)
+        assert r.status_code == 404 and r.json()["code"] == "unknown_media", (junk, r.text)
+    # A file deleted from the homeserver is gone for the peer too.
+    hs.delete_media(mxc)
+    r = a.call("GET", path)
+    assert r.status_code == 404 and r.json()["code"] == "unknown_media"
