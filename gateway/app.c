@@ -350,6 +350,7 @@ const struct cw_route app_routes[] = {
 	{ "POST", "/admin/v1/peers/{name}/disable", peer_admin_disable, CW_AUTH_ADMIN, NULL },
 	{ "POST", "/admin/v1/peers/{name}/enable", peer_admin_enable, CW_AUTH_ADMIN, NULL },
 	{ "POST", "/admin/v1/peers/{name}/rotate", peer_admin_rotate, CW_AUTH_ADMIN, NULL },
+	{ "PATCH", "/admin/v1/peers/{name}", peer_admin_update, CW_AUTH_ADMIN, NULL },
 	{ "GET", "/admin/v1/outbox", outbox_admin_list, CW_AUTH_ADMIN_READ, NULL },
 	{ "POST", "/admin/v1/outbox/{id}/replay", outbox_admin_replay, CW_AUTH_ADMIN, NULL },
 	{ "PUT", "/_matrix/app/v1/transactions/{txn}", matrix_as_transaction, CW_AUTH_NONE, NULL },

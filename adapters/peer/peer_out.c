@@ -3,6 +3,7 @@
 #include "peer_out.h"
 #include "httpsig.h"
 #include "peer_media.h"
+#include "peers.h"
 #include "store.h"
 
 #include <curl/curl.h>
@@ -107,8 +108,8 @@ cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct ou
 	*code = 0;
 	*done = 0; /* all or nothing: the peer acknowledges the whole batch */
 	const char *name = destination + 5; /* "peer:" */
-	PGresult *r = PQexecParams(c, "SELECT push_url FROM peers WHERE name = $1 AND mode = 'push' AND enabled", 1,
-				   NULL, &name, NULL, NULL, 0);
+	PGresult *r = PQexecParams(c, "SELECT push_url, event_types::text FROM peers WHERE name = $1 AND mode = 'push' "
+				      "AND enabled", 1, NULL, &name, NULL, NULL, 0);
 	if (PQresultStatus(r) != PGRES_TUPLES_OK || PQntuples(r) != 1) {
 		PQclear(r);
 		return cw_fail(e, CW_ENOTFOUND, "peer %s has no push URL (disabled or pull mode)", name);
@@ -119,11 +120,25 @@ cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct ou
 	while (blen && base[blen - 1] == '/')
 		blen--;
 	snprintf(url, sizeof(url), "%.*s/v1/notify", (int)blen, base);
+	/* Events of a type the peer does not take are not sent (and count as
+	 * done: there is nothing to send them as), so that they never cost
+	 * the peer's refusal of a batch with messages in it. */
+	char types[160] = "";
+	bool all_types = PQgetisnull(r, 0, 1);
+	snprintf(types, sizeof(types), "%s", PQgetvalue(r, 0, 1));
 	PQclear(r);
 
 	json_t *events = json_array();
-	for (size_t i = 0; i < n; i++)
-		json_array_append_new(events, peer_media_offer(p->app, name, rows[i].event));
+	for (size_t i = 0; i < n; i++) {
+		const char *type = json_string_value(json_object_get(rows[i].event, "type"));
+		if (all_types || !type || peer_event_type_wanted(types, type))
+			json_array_append_new(events, peer_media_offer(p->app, name, rows[i].event));
+	}
+	if (json_array_size(events) == 0) {
+		json_decref(events);
+		*done = n;
+		return CW_OK;
+	}
 	json_t *body = json_pack("{s:o}", "events", events);
 	char *text = json_dumps(body, JSON_COMPACT);
 	json_decref(body);

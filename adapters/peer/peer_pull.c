@@ -63,7 +63,9 @@ static bool try_answer(struct peer_pull *p, struct waiter *w, bool final)
 		"WITH ack AS (UPDATE outbox SET state = 'delivered', delivered_at = now() "
 		" WHERE destination = $1 AND state = 'pending' AND id <= $2::bigint) "
 		"SELECT o.id, ev.public_id, ev.content::text, rm.uri, rm.public_id, s.uri, "
-		" (extract(epoch FROM ev.accepted_at) * 1000)::bigint, ev.ts "
+		" (extract(epoch FROM ev.accepted_at) * 1000)::bigint, ev.ts, "
+		" (SELECT p.event_types IS NULL OR ev.type = ANY (p.event_types) FROM peers p "
+		"  WHERE p.name = substr($1, 6)) "
 		"FROM outbox o JOIN events ev ON ev.id = o.event_id JOIN rooms rm ON rm.id = o.room_id "
 		"JOIN identities s ON s.id = ev.sender_id "
 		"WHERE o.destination = $1 AND o.state = 'pending' AND o.id > $2::bigint ORDER BY o.id LIMIT $3::int",
@@ -79,6 +81,10 @@ static bool try_answer(struct peer_pull *p, struct waiter *w, bool final)
 	}
 	json_t *events = json_array();
 	for (int i = 0; i < n; i++) {
+		/* A type the peer does not take is passed over (and acknowledged
+		 * with the rest by the next request's after). */
+		if (PQgetvalue(r, i, 8)[0] == 'f')
+			continue;
 		json_t *ev = outbox_event_json(r, i, 1);
 		json_array_append_new(events, p->app ? peer_media_offer(p->app, w->destination + 5, ev) : json_incref(ev));
 		json_decref(ev);

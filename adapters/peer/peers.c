@@ -301,7 +301,70 @@ struct peer_input {
 	char token[64];
 	unsigned char token_hash[32];
 	bool enable; /* for enable/disable */
+	char types[128];  /* event_types as a text[] literal, "{message,edit}" */
+	bool has_types;   /* event_types given (a list, or null: every type) */
+	bool types_null;
 };
+
+static const char *const EVENT_TYPES[] = { "message", "edit", "delete", "reaction", "receipt", "typing",
+					   "membership", "block" };
+
+bool peer_event_type_wanted(const char *types, const char *type)
+{
+	if (!types)
+		return true;
+	size_t n = strlen(type);
+	for (const char *t = types + (*types == '{'); *t && *t != '}';) {
+		size_t m = strcspn(t, ",}");
+		if (m == n && strncmp(t, type, n) == 0)
+			return true;
+		t += m + (t[m] == ',');
+	}
+	return false;
+}
+
+/* Reads event_types (absent: unchanged; null: every type; an array of
+ * known types, "message" among them, each once); false after answering
+ * 400. */
+static bool read_types(struct cw_req *req, json_t *body, struct peer_input *in)
+{
+	json_t *v = json_object_get(body, "event_types");
+	if (!v)
+		return true;
+	in->has_types = true;
+	if (json_is_null(v)) {
+		in->types_null = true;
+		return true;
+	}
+	bool seen[CW_ARRAY_LEN(EVENT_TYPES)] = { false };
+	size_t i, len = 0;
+	json_t *t;
+	const char *bad = json_is_array(v) && json_array_size(v) ? NULL : "event_types must be null or a non-empty array";
+	json_array_foreach(v, i, t) {
+		if (bad)
+			break;
+		size_t k = 0;
+		while (k < CW_ARRAY_LEN(EVENT_TYPES) && !(json_is_string(t) && strcmp(json_string_value(t), EVENT_TYPES[k]) == 0))
+			k++;
+		if (k == CW_ARRAY_LEN(EVENT_TYPES))
+			bad = "event_types may hold only message, edit, delete, reaction, receipt, typing, membership and block";
+		else if (seen[k])
+			bad = "event_types names a type twice";
+		else {
+			seen[k] = true;
+			len += (size_t)snprintf(in->types + len, sizeof(in->types) - len, "%s%s", len ? "," : "{",
+						EVENT_TYPES[k]);
+		}
+	}
+	if (!bad && !seen[0])
+		bad = "event_types must include message";
+	if (bad) {
+		cw_req_problem(req, 400, "invalid_body", "Invalid body", bad);
+		return false;
+	}
+	snprintf(in->types + len, sizeof(in->types) - len, "}");
+	return true;
+}
 
 static void new_token(struct peer_input *in)
 {
@@ -368,6 +431,18 @@ static json_t *peer_row_json(PGresult *r, int i)
 	json_object_set_new(o, "push_url", PQgetisnull(r, i, 3) ? json_null() : json_string(PQgetvalue(r, i, 3)));
 	json_object_set_new(o, "updated_at", json_string(PQgetvalue(r, i, 7)));
 	json_object_set_new(o, "disabled_at", PQgetisnull(r, i, 8) ? json_null() : json_string(PQgetvalue(r, i, 8)));
+	/* event_types: NULL (every type) or a text[] of bare words, "{a,b}". */
+	json_t *types = json_null();
+	if (!PQgetisnull(r, i, 12)) {
+		types = json_array();
+		const char *t = PQgetvalue(r, i, 12) + 1;
+		while (*t && *t != '}') {
+			size_t n = strcspn(t, ",}");
+			json_array_append_new(types, json_stringn(t, n));
+			t += n + (t[n] == ',');
+		}
+	}
+	json_object_set_new(o, "event_types", types);
 	return o;
 }
 
@@ -376,7 +451,7 @@ static json_t *peer_row_json(PGresult *r, int i)
 	"enabled, to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), " \
 	"to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), " \
 	"to_char(disabled_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), " \
-	"id, encode(token_hash, 'hex'), encode(ed25519_public_key, 'hex')"
+	"id, encode(token_hash, 'hex'), encode(ed25519_public_key, 'hex'), event_types::text"
 
 struct admin_change {
 	struct peer_input in;
@@ -420,12 +495,14 @@ static cw_err create_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct peer_input *in = &((struct admin_change *)j->data)->in;
 	const char *params[] = { in->name, in->domain, in->mode, in->has_url ? in->url : NULL,
-				 (const char *)in->key, (const char *)in->token_hash };
-	const int lens[] = { 0, 0, 0, 0, 32, 32 };
-	const int fmts[] = { 0, 0, 0, 0, 1, 1 };
-	PGresult *r = PQexecParams(c, "INSERT INTO peers (name, domain, mode, push_url, ed25519_public_key, token_hash) "
-				      "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING " PEER_COLUMNS,
-				   6, NULL, params, lens, fmts, 0);
+				 (const char *)in->key, (const char *)in->token_hash,
+				 in->has_types && !in->types_null ? in->types : NULL };
+	const int lens[] = { 0, 0, 0, 0, 32, 32, 0 };
+	const int fmts[] = { 0, 0, 0, 0, 1, 1, 0 };
+	PGresult *r = PQexecParams(c, "INSERT INTO peers (name, domain, mode, push_url, ed25519_public_key, token_hash, "
+				      "event_types) VALUES ($1, $2, $3, $4, $5, $6, $7::text[]) ON CONFLICT DO NOTHING "
+				      "RETURNING " PEER_COLUMNS,
+				   7, NULL, params, lens, fmts, 0);
 	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
 		cw_err rc = store_result_err(c, r, e);
 		PQclear(r);
@@ -479,7 +556,7 @@ void peer_admin_create(struct cw_req *req, void *ctx)
 		json_decref(body);
 		return;
 	}
-	if (!read_key(req, body, in, true)) {
+	if (!read_key(req, body, in, true) || !read_types(req, body, in)) {
 		free(in);
 		json_decref(body);
 		return;
@@ -636,6 +713,64 @@ void peer_admin_rotate(struct cw_req *req, void *ctx)
 	}
 	new_token(in);
 	struct app_job *j = app_job_new(ctx, req, rotate_fn);
+	j->data = in;
+	j->data_free = change_free;
+	j->after = reload_after;
+	app_job_start(j, true);
+}
+
+static cw_err change_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
+{
+	struct peer_input *in = &((struct admin_change *)j->data)->in;
+	const char *params[] = { in->name, in->has_types ? "t" : "f", in->types_null ? NULL : in->types,
+				 in->has_url ? in->url : NULL };
+	return update_fn(c, j, e,
+			 "UPDATE peers SET event_types = CASE WHEN $2::boolean THEN $3::text[] ELSE event_types END, "
+			 "push_url = coalesce($4, push_url), updated_at = now() WHERE name = $1 RETURNING " PEER_COLUMNS,
+			 "peer.update", 4, params, NULL, NULL);
+}
+
+void peer_admin_update(struct cw_req *req, void *ctx)
+{
+	const char *name = cw_req_param(req, "name");
+	if (!peer_name_valid(name)) {
+		cw_req_problem(req, 404, "not_found", "Not found", "no peer of that name");
+		return;
+	}
+	json_t *body = app_json_body(req);
+	if (!body)
+		return;
+	struct peer_input *in = new_change();
+	const char *key, *bad = NULL;
+	json_t *v;
+	json_object_foreach(body, key, v)
+		if (strcmp(key, "event_types") != 0 && strcmp(key, "push_url") != 0)
+			bad = "only event_types and push_url can be changed (credentials: /rotate)";
+	const char *url = str_field(body, "push_url");
+	if (!in)
+		bad = "out of memory";
+	else if (!bad && json_object_size(body) == 0)
+		bad = "nothing to change: give event_types or push_url";
+	else if (!bad && json_object_get(body, "push_url") && (!url || !peer_url_valid(url)))
+		bad = "push_url must be an http:// or https:// URL of at most 2048 bytes";
+	if (bad) {
+		cw_req_problem(req, 400, "invalid_body", "Invalid body", bad);
+		free(in);
+		json_decref(body);
+		return;
+	}
+	if (!read_types(req, body, in)) {
+		free(in);
+		json_decref(body);
+		return;
+	}
+	snprintf(in->name, sizeof(in->name), "%s", name);
+	if (url) {
+		snprintf(in->url, sizeof(in->url), "%s", url);
+		in->has_url = true;
+	}
+	json_decref(body);
+	struct app_job *j = app_job_new(ctx, req, change_fn);
 	j->data = in;
 	j->data_free = change_free;
 	j->after = reload_after;

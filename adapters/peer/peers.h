@@ -44,6 +44,11 @@ void peer_admin_get(struct cw_req *req, void *ctx);
 void peer_admin_disable(struct cw_req *req, void *ctx);
 void peer_admin_enable(struct cw_req *req, void *ctx);
 void peer_admin_rotate(struct cw_req *req, void *ctx);
+/* PATCH /admin/v1/peers/{name}: {event_types, push_url}. */
+void peer_admin_update(struct cw_req *req, void *ctx);
+/* Whether a peer whose event_types column reads types ("{message,edit}";
+ * NULL: every type) takes events of type. */
+bool peer_event_type_wanted(const char *types, const char *type);
 
 /* Validators, shared with the tests. */
 bool peer_name_valid(const char *s);

@@ -26,7 +26,7 @@ def peer_body(name="gk", domain="wa.example", **kw):
 
 def test_admin_routes_need_the_admin_token(daemon):
     for method, path in [("GET", "/peers"), ("POST", "/peers"), ("GET", "/peers/gk"),
-                         ("POST", "/peers/gk/disable"), ("POST", "/peers/gk/rotate")]:
+                         ("POST", "/peers/gk/disable"), ("POST", "/peers/gk/rotate"), ("PATCH", "/peers/gk")]:
         r = daemon.request(method, "/admin/v1" + path)
         assert r.status_code == 401, (method, path)
         assert r.json()["code"] == "unauthenticated"
@@ -153,3 +153,29 @@ def test_a_peer_change_reaches_every_daemon_process(make_daemon, db_url, tmp_pat
     wait_until(lambda: c.call("GET", "/v1/events?after=0").status_code == 200, timeout=5, what="peer known to d2")
     d1.admin("POST", "/peers/gk/disable")
     wait_until(lambda: c.call("GET", "/v1/events?after=0").status_code == 401, timeout=5, what="disable seen by d2")
+
+
+def test_event_types_and_push_url_are_set_checked_and_changed(daemon, pg, db_url):
+    r = daemon.admin("POST", "/peers", json=peer_body(event_types=["message", "receipt"]))
+    assert r.status_code == 201 and r.json()["event_types"] == ["message", "receipt"], r.text
+    assert daemon.admin("GET", "/peers/gk").json()["event_types"] == ["message", "receipt"]
+    r = daemon.admin("POST", "/peers", json=peer_body(name="tg", domain="tg.example"))
+    assert r.json()["event_types"] is None  # every type
+    before = pg.psql("SELECT row_to_json(peers)::text FROM peers WHERE name = 'gk'", db_url)
+    audits = pg.psql("SELECT count(*) FROM audit_log", db_url)
+    for body in [{"event_types": []}, {"event_types": ["receipt"]}, {"event_types": ["message", "message"]},
+                 {"event_types": ["message", "poll"]}, {"event_types": "message"}, {"event_types": [5]},
+                 {"event_types": ["message", None]}, {"name": "other"}, {"public_key": "x"}, {},
+                 {"push_url": "ftp://x/"}, {"push_url": None}]:
+        r = daemon.admin("PATCH", "/peers/gk", json=body)
+        assert r.status_code == 400 and r.json()["code"] == "invalid_body", (body, r.text)
+    r = daemon.admin("POST", "/peers", json=peer_body(name="x1", domain="x1.example", event_types=["edit"]))
+    assert r.status_code == 400 and "event_types" in r.json()["detail"]
+    assert pg.psql("SELECT row_to_json(peers)::text FROM peers WHERE name = 'gk'", db_url) == before
+    assert pg.psql("SELECT count(*) FROM audit_log", db_url) == audits
+    assert daemon.admin("PATCH", "/peers/nope", json={"event_types": None}).status_code == 404
+    r = daemon.admin("PATCH", "/peers/gk", json={"event_types": ["block", "message"], "push_url": "https://gk.example/x"})
+    assert r.status_code == 200, r.text
+    assert r.json()["event_types"] == ["block", "message"] and r.json()["push_url"] == "https://gk.example/x"
+    assert pg.psql("SELECT event_types::text FROM peers WHERE name = 'gk'", db_url) == "{block,message}"
+    assert pg.psql("SELECT action FROM audit_log ORDER BY id DESC LIMIT 1", db_url) == "peer.update"

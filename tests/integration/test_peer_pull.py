@@ -107,3 +107,33 @@ def test_messages_for_a_pull_peer_do_not_wake_the_dispatcher(daemon):
     got = b.call("GET", "/v1/events?after=0").json()["events"]
     assert [e["content"]["parts"][0]["body"] for e in got if e["room"] == r["uri"]] == [f"q{i}" for i in range(40)]
     srv.close()
+
+
+def test_a_pull_peer_gets_only_the_event_types_it_takes(daemon):
+    """A pull peer whose event_types leave out reactions and edits is
+    passed over them: the cursor moves past them (answered with fewer or no
+    events), and the push peer, which takes every type, gets them all."""
+    a, b, rm, srv = make_peers(daemon)
+    r = daemon.admin("PATCH", "/peers/tg", json={"event_types": ["message", "delete"]})
+    assert r.status_code == 200 and r.json()["event_types"] == ["message", "delete"], r.text
+    m1 = a.send(rm["id"], a.user("alice"), "one").json()["id"]
+    body = {"type": "reaction", "sender": a.user("alice"),
+            "content": {"parts": [{"type": "text/plain", "body": "+1"}], "in_reply_to": m1,
+                        "disposition": "reaction"}}
+    assert a.call("POST", f"/v1/rooms/{rm['id']}/messages", body, idem="re-1").status_code == 202
+    edit = {"type": "edit", "sender": a.user("alice"),
+            "content": {"parts": [{"type": "text/plain", "body": "one!"}], "replaces": m1}}
+    assert a.call("POST", f"/v1/rooms/{rm['id']}/messages", edit, idem="ed-1").status_code == 202
+    m2 = a.send(rm["id"], a.user("alice"), "two").json()["id"]
+    got = b.call("GET", "/v1/events?after=0").json()
+    assert [e["id"] for e in got["events"]] == [m1, m2], got
+    # Only a reaction left after m2's cursor... none: a poll with nothing it takes answers empty.
+    assert a.call("POST", f"/v1/rooms/{rm['id']}/messages", dict(body, content=dict(body["content"], in_reply_to=m2)),
+                  idem="re-2").status_code == 202
+    r = b.call("GET", f"/v1/events?after={got['next']}&wait=2").json()
+    assert r["events"] == [] and int(r["next"]) > int(got["next"]), r
+    b.call("GET", f"/v1/events?after={r['next']}")
+    # Everything the pull peer was sent or passed over is done.
+    st = a.call("GET", f"/v1/messages/{m2}").json()
+    assert st["recipients"] == [{"recipient": "mimi://tg.example", "status": "delivered"}]
+    srv.close()

@@ -426,3 +426,31 @@ def test_users_list_shows_opt_in_consent_and_held(daemon, peers, pg, db_url):
     assert u["optins"] == {"peer:gk": True} and u["held"] == 1 and u["pending_requests"] == 1
     assert u["consents"] == [{"subject_kind": "domain", "subject": "tg.example", "state": "blocked",
                               "source": "admin", "updated_at": u["consents"][0]["updated_at"]}]
+
+
+def test_a_peer_gets_only_the_event_types_it_takes(daemon, peers, pg, db_url):
+    """spec/policy.md: a block travels "where the peer supports it". A peer
+    whose event_types leave out block is sent none (so no batch of its is
+    refused for a type it does not know); the rows it does not take count
+    as done. PATCH gives it every type again. (Messages of local users and
+    pulled events: test_peer_pull.py.)"""
+    (a, sa), _ = peers
+    r = daemon.admin("PATCH", "/peers/gk", json={"event_types": ["message", "edit", "delete"]})
+    assert r.status_code == 200 and r.json()["event_types"] == ["message", "edit", "delete"], r.text
+    opt_in(daemon)
+    room = dm(a)
+    consent(daemon, a.user("wally"), "allowed")
+    consent(daemon, a.user("wally"), "blocked")
+    consent(daemon, a.user("wally"), "allowed")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE destination = 'peer:gk' AND state = 'delivered'",
+                               db_url) == "2", what="both rows done")
+    assert not sa.events and not sa.errors, sa.events  # the block, its end: not for this peer
+    assert pg.psql("SELECT string_agg(e.type || ':' || o.state, ',' ORDER BY o.id) FROM outbox o "
+                   "JOIN events e ON e.id = o.event_id WHERE o.destination = 'peer:gk'", db_url) == \
+        "block:delivered,block:delivered"
+    # Every type again: the next block goes.
+    r = daemon.admin("PATCH", "/peers/gk", json={"event_types": None})
+    assert r.status_code == 200 and r.json()["event_types"] is None
+    consent(daemon, a.user("wally"), "blocked")
+    [ev] = sa.wait_events(1)
+    assert ev["type"] == "block" and ev["content"]["action"] == "block"
