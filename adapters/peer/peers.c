@@ -491,6 +491,23 @@ static void reload_after(struct app_job *j)
 		registry_upsert(j->app->peers, &c->entry);
 }
 
+/* Queues a change's write (the registry is updated after it); answers 503
+ * itself when memory runs out. */
+static void start_change(struct cw_app *app, struct cw_req *req, struct peer_input *in,
+			 cw_err (*fn)(PGconn *, struct app_job *, cw_errmsg *))
+{
+	struct app_job *j = app_job_new(app, req, fn);
+	if (!j) {
+		change_free(in);
+		cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory; retry");
+		return;
+	}
+	j->data = in;
+	j->data_free = change_free;
+	j->after = reload_after;
+	app_job_start(j, true);
+}
+
 static cw_err create_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct peer_input *in = &((struct admin_change *)j->data)->in;
@@ -570,11 +587,7 @@ void peer_admin_create(struct cw_req *req, void *ctx)
 	}
 	json_decref(body);
 	new_token(in);
-	struct app_job *j = app_job_new(app, req, create_fn);
-	j->data = in;
-	j->data_free = change_free;
-	j->after = reload_after;
-	app_job_start(j, true);
+	start_change(app, req, in, create_fn);
 }
 
 static cw_err list_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
@@ -664,13 +677,13 @@ static void set_enabled(struct cw_req *req, void *ctx, bool enable)
 		return;
 	}
 	struct peer_input *in = new_change();
+	if (!in) {
+		cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory; retry");
+		return;
+	}
 	snprintf(in->name, sizeof(in->name), "%s", name);
 	in->enable = enable;
-	struct app_job *j = app_job_new(ctx, req, enable_fn);
-	j->data = in;
-	j->data_free = change_free;
-	j->after = reload_after;
-	app_job_start(j, true);
+	start_change(ctx, req, in, enable_fn);
 }
 
 void peer_admin_disable(struct cw_req *req, void *ctx) { set_enabled(req, ctx, false); }
@@ -699,6 +712,10 @@ void peer_admin_rotate(struct cw_req *req, void *ctx)
 		return;
 	}
 	struct peer_input *in = new_change();
+	if (!in) {
+		cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory; retry");
+		return;
+	}
 	snprintf(in->name, sizeof(in->name), "%s", name);
 	size_t len;
 	cw_req_body(req, &len);
@@ -712,11 +729,7 @@ void peer_admin_rotate(struct cw_req *req, void *ctx)
 		json_decref(body);
 	}
 	new_token(in);
-	struct app_job *j = app_job_new(ctx, req, rotate_fn);
-	j->data = in;
-	j->data_free = change_free;
-	j->after = reload_after;
-	app_job_start(j, true);
+	start_change(ctx, req, in, rotate_fn);
 }
 
 static cw_err change_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
@@ -770,9 +783,5 @@ void peer_admin_update(struct cw_req *req, void *ctx)
 		in->has_url = true;
 	}
 	json_decref(body);
-	struct app_job *j = app_job_new(ctx, req, change_fn);
-	j->data = in;
-	j->data_free = change_free;
-	j->after = reload_after;
-	app_job_start(j, true);
+	start_change(ctx, req, in, change_fn);
 }
