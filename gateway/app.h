@@ -49,6 +49,7 @@ struct cw_app {
 	unsigned char media_key[32];    /* of the media tokens offered to peers (media.h) */
 	struct media_source media;      /* where local users' files come from (ctx NULL: nowhere) */
 	atomic_int media_fetches;       /* GET /v1/media fetches running now */
+	atomic_bool stopping;           /* set once the HTTP front has drained: long transfers end */
 };
 
 /* A database job on behalf of a request: the request is suspended, fn runs

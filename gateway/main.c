@@ -407,6 +407,7 @@ int main(int argc, char **argv)
 	LOG_KV(CW_LOG_INFO, "stopping", "signal", stop_signal == SIGTERM ? "SIGTERM" : "SIGINT");
 	peer_pull_stop(app.pull); /* long-polls answer now: they would hold the drain */
 	bool idle = cw_http_drain(app.http, cfg.drain_timeout_ms);
+	atomic_store(&app.stopping, true); /* file transfers still running end now (media.h) */
 	dispatcher_stop(app.dispatcher);
 	xa_stop(app.xmpp);
 	policy_live_stop(app.policy);

@@ -35,6 +35,16 @@ static size_t on_data(char *ptr, size_t size, size_t nmemb, void *arg)
 	return n;
 }
 
+static int on_progress(void *arg, curl_off_t dt, curl_off_t dn, curl_off_t ut, curl_off_t un)
+{
+	(void)dt;
+	(void)dn;
+	(void)ut;
+	(void)un;
+	const struct media_blob *b = arg;
+	return atomic_load(b->cancel) ? 1 : 0;
+}
+
 void media_download_setup(CURL *h, const char *url, struct curl_slist *headers, struct media_blob *b,
 			  const char *ca_file, long timeout_ms)
 {
@@ -56,6 +66,11 @@ void media_download_setup(CURL *h, const char *url, struct curl_slist *headers, 
 	curl_easy_setopt(h, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)b->max);
 	if (ca_file && *ca_file)
 		curl_easy_setopt(h, CURLOPT_CAINFO, ca_file);
+	if (b->cancel) {
+		curl_easy_setopt(h, CURLOPT_NOPROGRESS, 0L);
+		curl_easy_setopt(h, CURLOPT_XFERINFOFUNCTION, on_progress);
+		curl_easy_setopt(h, CURLOPT_XFERINFODATA, b);
+	}
 }
 
 bool media_type_ok(const char *s)

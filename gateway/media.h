@@ -10,6 +10,7 @@
 #include "cw.h"
 
 #include <curl/curl.h>
+#include <stdatomic.h>
 #include <openssl/evp.h>
 
 /* A file in memory, at most max bytes. */
@@ -18,6 +19,7 @@ struct media_blob {
 	size_t n, max;
 	bool too_big;           /* the far side sent more than max */
 	char content_type[128]; /* as answered, when it is a plain type/subtype */
+	const atomic_bool *cancel; /* optional: the transfer ends when it turns true */
 };
 
 void media_blob_free(struct media_blob *b);
@@ -25,7 +27,8 @@ void media_blob_free(struct media_blob *b);
 /* Sets h up (it is reset first) to GET url into b, with headers (may be
  * NULL; kept by the caller until the transfer ends), timeout_ms, and
  * ca_file (empty or NULL: the system's trust store).  At most 3
- * redirects, http and https only. */
+ * redirects, http and https only; ended early when *b->cancel turns true
+ * (the daemon is stopping: CURLE_ABORTED_BY_CALLBACK). */
 void media_download_setup(CURL *h, const char *url, struct curl_slist *headers, struct media_blob *b,
 			  const char *ca_file, long timeout_ms);
 /* After the transfer: the answer's content type into b (when valid). */

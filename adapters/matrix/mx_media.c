@@ -58,6 +58,7 @@ static CURLcode hs_get(struct matrix *m, CURL *h, const char *path, struct media
 	struct curl_slist *hd = curl_slist_append(NULL, auth);
 	media_blob_free(b);
 	b->too_big = false;
+	b->cancel = &m->app->stopping;
 	media_download_setup(h, url, hd, b, m->cfg->ca_file, MEDIA_TIMEOUT_MS);
 	CURLcode cc = hd ? curl_easy_perform(h) : CURLE_OUT_OF_MEMORY;
 	*status = 0;
@@ -133,7 +134,7 @@ static cw_err upload(struct matrix *m, const char *ghost, const struct media_blo
 	snprintf(ctype, sizeof(ctype), "Content-Type: %s", ct);
 	struct curl_slist *h1 = curl_slist_append(NULL, auth), *h2 = h1 ? curl_slist_append(h1, ctype) : NULL;
 	struct curl_slist *hd = h2 ? curl_slist_append(h2, "Expect:") : NULL;
-	struct media_blob answer = { .max = 64 * 1024 };
+	struct media_blob answer = { .max = 64 * 1024, .cancel = &m->app->stopping };
 	cw_err rc = CW_OK;
 	if (!h || !g || !f || !hd) {
 		curl_slist_free_all(h1); /* the list's head, whatever was appended */
@@ -209,7 +210,7 @@ enum mx_rehost mx_rehost(struct matrix *m, PGconn *c, const char *ghost, const j
 		curl_slist_free_all(hd);
 		return MX_REHOST_RETRY;
 	}
-	struct media_blob b = { .max = max };
+	struct media_blob b = { .max = max, .cancel = &m->app->stopping };
 	media_download_setup(h, url, hd, &b, m->cfg->ca_file, MEDIA_TIMEOUT_MS);
 	CURLcode cc = curl_easy_perform(h);
 	long status = 0;

@@ -253,6 +253,8 @@ class Homeserver:
         self.authenticated_media = authenticated_media
         self.max_upload_size = max_upload_size
         self._media = {}            # media id -> {"content_type", "data", "filename", "user"}
+        self.media_latency = 0.0    # seconds a download takes before it is answered
+        self.downloads_started = 0  # downloads asked for (requests lists them once answered)
         self.registration = registration if registration is not None else {}
         self.legacy_paths = legacy_paths
         self.token_in_query = token_in_query
@@ -532,6 +534,10 @@ class Homeserver:
         return 200, {"content_uri": self.upload(req.user_id, req.raw, ctype, name)}
 
     def _serve(self, server, media_id):
+        with self._lock:
+            self.downloads_started += 1
+        if self.media_latency:
+            time.sleep(self.media_latency)
         with self._lock:
             m = self._media.get(media_id) if server == self.server_name else None
             if m is None:

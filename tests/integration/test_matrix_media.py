@@ -7,6 +7,9 @@ that peer alone, fetched from the homeserver with the appservice's token."""
 import hashlib
 import json
 import os
+import signal
+import threading
+import time
 
 import pytest
 import requests
@@ -213,3 +216,40 @@ def test_a_matrix_users_file_reaches_the_peer_under_a_causeway_url(mx, hs, gk, p
     hs.delete_media(mxc)
     r = a.call("GET", path)
     assert r.status_code == 404 and r.json()["code"] == "unknown_media"
+
+
+def test_a_slow_homeserver_does_not_hold_up_the_shutdown(make_daemon, db_url, hs, media, pg):
+    """A peer's fetch that the homeserver takes long to answer is cut off
+    once the HTTP front has drained (server.drain_timeout_ms): SIGTERM still
+    ends the daemon in bounded time, and the peer is answered 503."""
+    port = free_port()
+    hs.registration["url"] = f"http://127.0.0.1:{port}"
+    d = make_daemon(db_url, options={"server": {"port": str(port), "drain_timeout_ms": "1000"},
+                                     "matrix": {"homeserver_url": hs.url, "as_token": AS_TOKEN,
+                                                "hs_token": HS_TOKEN}}).start()
+    a, srv = add_peer(d, "gk", "wa.example")
+    try:
+        room, mx_room = matrix_dm(d, hs, a, pg, db_url)
+        mxc = hs.upload(ALICE_MX, b"x" * 1000, "application/pdf", "a.pdf")
+        ev = {"event_id": "$pdf", "room_id": mx_room, "sender": ALICE_MX, "type": "m.room.message",
+              "origin_server_ts": 1700000000000,
+              "content": {"msgtype": "m.file", "body": "a.pdf", "url": mxc, "info": {"size": 1000}}}
+        assert as_put(d, "s1", {"events": [ev]}).status_code == 200
+        got = wait_until(lambda: next((e for e in srv.events if e.get("content", {}).get("attachments")), None),
+                         what="the file at the peer")
+        hs.media_latency = 30
+        out = {}
+        t = threading.Thread(target=lambda: out.update(r=a.call("GET", got["content"]["attachments"][0]["url"][
+            len(d.url):])))
+        t.start()
+        wait_until(lambda: hs.downloads_started > 0, what="the fetch")
+        time.sleep(0.3)
+        t0 = time.time()
+        d.signal(signal.SIGTERM)
+        assert d.wait_exit(15) == 0
+        took = time.time() - t0
+        t.join(15)
+        assert took < 6, took  # drain (1 s) and the cut, not the homeserver's 30 s
+        assert out["r"].status_code == 503 and out["r"].json()["code"] == "unavailable", out
+    finally:
+        srv.close()
