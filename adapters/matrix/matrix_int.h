@@ -26,6 +26,8 @@ enum mx_rehost mx_rehost(struct matrix *m, PGconn *c, const char *ghost, const j
 #endif
 #define TXN_RECENT_MAX 64
 #define MX_OUTBOX_KEY "org.causeway.outbox_id"
+/* With MX_OUTBOX_KEY, on the extra events of a row with several files. */
+#define MX_PART_KEY "org.causeway.part"
 
 struct matrix {
 	struct cw_app *app;

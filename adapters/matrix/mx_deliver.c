@@ -365,9 +365,10 @@ static cw_err ensure_room(struct matrix *m, PGconn *c, const char *neutral_room,
 
 /* Whether an earlier attempt of this row reached the room after all (the
  * homeserver forgot the txnId after a restart): its outbox id is in the
- * content of one of the room's last events. */
-static bool already_sent(struct matrix *m, const char *room, const char *ghost, int64_t row_id, char *eid,
-			 size_t elen)
+ * content of one of the room's last events (part >= 0: the event of that
+ * extra attachment, with MX_PART_KEY; -1: the row's own event). */
+static bool already_sent(struct matrix *m, const char *room, const char *ghost, int64_t row_id, int part,
+			 char *eid, size_t elen)
 {
 	char path[600], *r = seg(m, room);
 	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/messages", r ? r : "");
@@ -381,7 +382,9 @@ static bool already_sent(struct matrix *m, const char *room, const char *ghost, 
 		json_t *ev;
 		json_array_foreach(json_object_get(answer, "chunk"), i, ev) {
 			json_t *mark = json_object_get(json_object_get(ev, "content"), MX_OUTBOX_KEY);
+			json_t *p = json_object_get(json_object_get(ev, "content"), MX_PART_KEY);
 			if (json_is_integer(mark) && json_integer_value(mark) == row_id &&
+			    (part < 0 ? !p : json_is_integer(p) && json_integer_value(p) == part) &&
 			    json_is_string(json_object_get(ev, "event_id"))) {
 				snprintf(eid, elen, "%s", json_string_value(json_object_get(ev, "event_id")));
 				found = true;
@@ -455,6 +458,86 @@ static void note_sent(json_t *sent, const struct outbox_row *row, const char *ei
 					      json_string_value(json_object_get(row->event, "id"))));
 }
 
+/* The row's attachments, re-hosted: each https:// file is fetched and
+ * uploaded (mx_rehost), one that cannot be carried becomes a line saying
+ * why.  A Matrix event holds one file, so with several the ones before
+ * the last go first as events of their own (sent here, in order, as the
+ * ghost: txnId cw-<row>-p<k>, MX_PART_KEY k, looked for before a retry
+ * sends them again), and the row's own event carries the last file with
+ * the text as its caption.  *out: the event to map instead of row->event
+ * (NULL: the row's event as it is). */
+static cw_err media_parts(struct matrix *m, PGconn *c, struct outbox_row *row, const char *room, const char *ghost,
+			  const char *ts, json_t **out, cw_errmsg *e)
+{
+	*out = NULL;
+	const json_t *atts = json_object_get(json_object_get(row->event, "content"), "attachments");
+	size_t n = json_array_size(atts);
+	bool any = false;
+	for (size_t k = 0; k < n; k++) {
+		const char *url = json_string_value(json_object_get(json_array_get(atts, k), "url"));
+		any = any || (url && strncmp(url, "https://", 8) == 0);
+	}
+	if (!any && n <= 1)
+		return CW_OK;
+	json_t *copy = json_deep_copy(row->event);
+	json_t *list = json_object_get(json_object_get(copy, "content"), "attachments");
+	if (!copy)
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	for (size_t k = 0; k < n; k++) {
+		json_t *a = json_array_get(list, k);
+		const char *url = json_string_value(json_object_get(a, "url"));
+		if (!url || strncmp(url, "https://", 8) != 0)
+			continue;
+		char mxc[300], why[160] = "", text[200];
+		enum mx_rehost rh = mx_rehost(m, c, ghost, a, mxc, sizeof(mxc), why, sizeof(why), e);
+		if (rh == MX_REHOST_RETRY) {
+			json_decref(copy);
+			return CW_EUNAVAIL;
+		}
+		snprintf(text, sizeof(text), "(not carried: %s)", why);
+		json_object_set_new(a, "url", json_string(rh == MX_REHOST_OK ? mxc : text));
+	}
+	char *rs = seg(m, room);
+	cw_err rc = rs ? CW_OK : cw_fail(e, CW_ENOMEM, "out of memory");
+	for (size_t k = 0; !rc && k + 1 < n; k++) {
+		char eid[MX_ID_MAX + 1];
+		if (row->attempts > 1 && already_sent(m, room, ghost, row->id, (int)k, eid, sizeof(eid)))
+			continue;
+		json_t *one = json_pack("{s:s, s:{s:[O]}}", "type", "message", "content", "attachments",
+					json_array_get(list, k));
+		struct mx_out o;
+		char why[200] = "";
+		memset(&o, 0, sizeof(o));
+		if (!one || !mx_from_neutral(one, NULL, NULL, NULL, NULL, &o, why, sizeof(why)) || o.op != MX_OP_SEND) {
+			rc = cw_fail(e, CW_EINVAL, "an attachment is not representable in Matrix: %s", why);
+		} else {
+			json_object_set_new(o.content, MX_OUTBOX_KEY, json_integer(row->id));
+			json_object_set_new(o.content, MX_PART_KEY, json_integer((json_int_t)k));
+			char path[1200], query[64];
+			snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/send/m.room.message/cw-%lld-p%zu", rs,
+				 (long long)row->id, k);
+			snprintf(query, sizeof(query), "ts=%s", ts);
+			long status;
+			rc = mx_call(m, "PUT", path, ghost, query, json_incref(o.content), &status, NULL, e);
+		}
+		mx_out_clear(&o);
+		json_decref(one);
+	}
+	curl_free(rs);
+	if (rc) {
+		json_decref(copy);
+		return rc;
+	}
+	/* The row's own event: the last file, and the text. */
+	if (n > 1) {
+		json_t *last = json_incref(json_array_get(list, n - 1));
+		json_array_clear(list);
+		json_array_append_new(list, last);
+	}
+	*out = copy;
+	return CW_OK;
+}
+
 /* What one row needs to go out: the request made (1), nothing to send
  * (0: a receipt Matrix has no form for, or a retry whose event is in the
  * room already), or a failure (-1, e says why). */
@@ -515,27 +598,12 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 			return PREP_FAIL;
 		json_object_set_new(made, rkey, json_string(room));
 	}
-	/* A peer's file goes into the room re-hosted on the homeserver, not
-	 * as a link into the peer's store (one attachment: a media message;
-	 * several are listed in the text). */
-	json_t *ev = row->event, *copy = NULL;
-	const json_t *atts = json_object_get(json_object_get(ev, "content"), "attachments");
-	const char *aurl = json_string_value(json_object_get(json_array_get(atts, 0), "url"));
-	if (json_array_size(atts) == 1 && aurl && strncmp(aurl, "https://", 8) == 0) {
-		char mxc[300], awhy[160] = "", text[200];
-		enum mx_rehost rh = mx_rehost(m, c, ghost, json_array_get(atts, 0), mxc, sizeof(mxc), awhy,
-					      sizeof(awhy), e);
-		if (rh == MX_REHOST_RETRY)
-			return PREP_FAIL;
-		if (!(copy = json_deep_copy(ev))) {
-			cw_fail(e, CW_ENOMEM, "out of memory");
-			return PREP_FAIL;
-		}
-		snprintf(text, sizeof(text), "(not carried: %s)", awhy);
-		json_object_set_new(json_array_get(json_object_get(json_object_get(copy, "content"), "attachments"), 0),
-				    "url", json_string(rh == MX_REHOST_OK ? mxc : text));
-		ev = copy;
-	}
+	/* A peer's files go into the room re-hosted on the homeserver, not as
+	 * links into the peer's store (media_parts). */
+	json_t *copy = NULL;
+	if (media_parts(m, c, row, room, ghost, ts, &copy, e))
+		return PREP_FAIL;
+	json_t *ev = copy ? copy : row->event;
 	struct lookup_ctx l = { .c = c, .sent = sent };
 	char marker[24];
 	snprintf(marker, sizeof(marker), "%lld", (long long)row->id);
@@ -559,7 +627,7 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 	cw_err rc = CW_OK;
 	switch (out.op) {
 	case MX_OP_SEND: {
-		if (row->attempts > 1 && already_sent(m, room, ghost, row->id, eid, sizeof(eid))) {
+		if (row->attempts > 1 && already_sent(m, room, ghost, row->id, -1, eid, sizeof(eid))) {
 			note_sent(sent, row, eid);
 			res = PREP_NOTHING;
 			break;

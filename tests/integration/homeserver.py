@@ -271,6 +271,7 @@ class Homeserver:
         # by default.
         self.send_latency = 0.0
         self.rc_message = None      # (per_second, burst_count): see the module's docstring
+        self.refuse_send = None     # a test's predicate on a send's path: True answers it 500 M_UNKNOWN
         self._buckets = {}          # user_id -> (level, time): the rate limiter's
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
@@ -887,6 +888,8 @@ class Homeserver:
             raise MatrixError(413, "M_TOO_LARGE", "Event too large")
 
     def _h_send(self, req, room_id, etype, txn_id):
+        if self.refuse_send and self.refuse_send(req.path):
+            raise MatrixError(500, "M_UNKNOWN", "Internal server error (a test's)")
         key = (req.path, self._txn_scope(req))
         if self.send_latency:
             time.sleep(self.send_latency)

@@ -7,6 +7,7 @@ that peer alone, fetched from the homeserver with the appservice's token."""
 import hashlib
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -81,6 +82,10 @@ def send_file(a, room, text, att, idem):
                idem=idem)
     assert r.status_code == 202, r.text
     return r.json()["id"]
+
+
+def ghost_messages_now(hs):
+    return [e for rid in hs.rooms() for e in hs.events(rid) if e["type"] == "m.room.message" and e["sender"] == GHOST]
 
 
 def ghost_messages(hs, n):
@@ -253,3 +258,48 @@ def test_a_slow_homeserver_does_not_hold_up_the_shutdown(make_daemon, db_url, hs
         assert out["r"].status_code == 503 and out["r"].json()["code"] == "unavailable", out
     finally:
         srv.close()
+
+
+def test_several_files_go_as_several_events_in_order_and_once(mx, hs, gk, media):
+    """A Matrix event holds one file: the files before the last go first,
+    each as an event of its own, and the row's event carries the last one
+    with the text as its caption. A row retried after some of them went
+    (the homeserver having forgotten its txnIds meanwhile) sends none
+    twice."""
+    a, _ = gk
+    consent_alice(mx)
+    hs.create_user("alice")
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    cat, dog = os.urandom(1500), os.urandom(1700)
+    atts = [attachment(media.put("/f/cat.png", "image/png", cat), cat),
+            attachment(media.url + "/f/gone.png", cat, name="gone.png"),
+            attachment(media.put("/f/dog.png", "image/png", dog), dog, name="dog.png")]
+    media.status["/f/dog.png"] = 503  # the last file's store is away at first
+    refused = []
+
+    def refuse(path):  # then the row's own event fails once, after the other two went
+        if re.search(r"/send/m\.room\.message/cw-\d+$", path) and not refused:
+            refused.append(path)
+            hs.forget_txn_ids()
+            return True
+        return False
+    hs.refuse_send = refuse
+    r = a.call("POST", f"/v1/rooms/{room}/messages",
+               {"type": "message", "sender": a.user("wally"),
+                "content": {"parts": [{"type": "text/plain", "body": "album"}], "attachments": atts}}, idem="al")
+    assert r.status_code == 202, r.text
+    wait_until(lambda: [p for p, _ in media.requests].count("/f/dog.png") >= 1, what="the first try")
+    time.sleep(0.3)
+    assert not ghost_messages_now(hs)  # nothing went while a file could not be fetched
+    del media.status["/f/dog.png"]
+    wait_until(lambda: refused, what="the refused send")
+    ms = ghost_messages(hs, 3)
+    time.sleep(1.0)  # nothing more comes
+    ms = ghost_messages(hs, 3)
+    assert len(ms) == 3, [m["content"] for m in ms]
+    first, second, last = (m["content"] for m in ms)
+    assert first["msgtype"] == "m.image" and hs.media(first["url"])["data"] == cat and first["body"] == "cat.png"
+    assert first["org.causeway.part"] == 0
+    assert second["msgtype"] == "m.text" and "gone.png" in second["body"] and "not carried" in second["body"]
+    assert last["msgtype"] == "m.image" and hs.media(last["url"])["data"] == dog and last["body"] == "album"
+    assert "org.causeway.part" not in last and last["filename"] == "dog.png"
