@@ -454,6 +454,7 @@
       return table([
         ["Name", (p) => h("strong", {}, p.name)], ["Domain", (p) => p.domain], ["Mode", (p) => p.mode],
         ["Push URL", (p) => h("span", { class: "mono" }, text(p.push_url))],
+        ["Event types", (p) => p.event_types ? p.event_types.join(", ") : "all"],
         ["State", (p) => p.enabled ? badge("enabled") : [badge("disabled"), " since ", when(p.disabled_at)]],
         ["Created", (p) => when(p.created_at)],
         ...(isAdmin() ? [["Actions", (p) => h("div", { class: "row" },

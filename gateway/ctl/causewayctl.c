@@ -847,8 +847,8 @@ static const char *tx(struct texts *t, const json_t *o, const char *key, enum ce
 static const struct column peer_cols[] = {
 	{ "NAME", "name", CELL_TEXT },       { "DOMAIN", "domain", CELL_TEXT },
 	{ "MODE", "mode", CELL_TEXT },       { "ENABLED", "enabled", CELL_TEXT },
-	{ "PUSH URL", "push_url", CELL_TEXT }, { "CREATED", "created_at", CELL_TIME },
-	{ NULL, NULL, CELL_TEXT },
+	{ "PUSH URL", "push_url", CELL_TEXT }, { "EVENT TYPES", "event_types", CELL_TEXT },
+	{ "CREATED", "created_at", CELL_TIME }, { NULL, NULL, CELL_TEXT },
 };
 
 static const struct column rule_cols[] = {
