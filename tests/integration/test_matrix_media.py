@@ -303,3 +303,29 @@ def test_several_files_go_as_several_events_in_order_and_once(mx, hs, gk, media)
     assert second["msgtype"] == "m.text" and "gone.png" in second["body"] and "not carried" in second["body"]
     assert last["msgtype"] == "m.image" and hs.media(last["url"])["data"] == dog and last["body"] == "album"
     assert "org.causeway.part" not in last and last["filename"] == "dog.png"
+
+
+def test_a_pull_peer_is_offered_the_file_too(mx, hs, pg, db_url):
+    """The same offer when the peer pulls (GET /v1/events), for that peer."""
+    a = PeerClient(mx.url, "gk", "wa.example")
+    r = mx.admin("POST", "/peers", json={"name": "gk", "domain": "wa.example", "mode": "pull",
+                                        "public_key": a.signer.public_b64})
+    assert r.status_code == 201, r.text
+    a.token = r.json()["token"]
+    room, mx_room = matrix_dm(mx, hs, a, pg, db_url)
+    doc = os.urandom(800)
+    mxc = hs.upload(ALICE_MX, doc, "application/pdf", "a.pdf")
+    ev = {"event_id": "$pdf1", "room_id": mx_room, "sender": ALICE_MX, "type": "m.room.message",
+          "origin_server_ts": 1700000000000,
+          "content": {"msgtype": "m.file", "body": "a.pdf", "url": mxc,
+                      "info": {"mimetype": "application/pdf", "size": len(doc)}}}
+    assert as_put(mx, "p1", {"events": [ev]}).status_code == 200
+
+    def pulled():
+        evs = a.call("GET", "/v1/events?after=0").json()["events"]
+        return next((e for e in evs if e.get("content", {}).get("attachments")), None)
+    got = wait_until(pulled, what="the file in the pull stream")
+    [att] = got["content"]["attachments"]
+    assert att["url"].startswith(mx.url + "/v1/media/m1.") and att["filename"] == "a.pdf", att
+    r = a.call("GET", att["url"][len(mx.url):])
+    assert r.status_code == 200 and r.content == doc and r.headers["Content-Type"] == "application/pdf"
