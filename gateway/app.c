@@ -338,6 +338,7 @@ const struct cw_route app_routes[] = {
 	{ "GET", "/v1/messages/{id}", peer_api_message_status, CW_AUTH_PEER, NULL },
 	{ "GET", "/v1/events", peer_api_events, CW_AUTH_PEER, NULL },
 	{ "GET", "/v1/media/{token}", peer_api_media, CW_AUTH_PEER, NULL },
+	{ "GET", "/media/{token}", media_public_get, CW_AUTH_NONE, NULL },
 	{ "POST", "/v1/consent/requests", peer_api_consent_request, CW_AUTH_PEER, NULL },
 	{ "POST", "/v1/consent/updates", peer_api_consent_update, CW_AUTH_PEER, NULL },
 	{ "POST", "/v1/blocks", peer_api_block, CW_AUTH_PEER, NULL },

@@ -227,3 +227,29 @@ struct curl_slist *media_signed_get(EVP_PKEY *key, const char *keyid, const char
 	}
 	return l2;
 }
+
+cw_err media_fetch_signed(EVP_PKEY *key, const char *keyid, const char *tag, const char *ca_file, const char *url,
+			  long timeout_ms, struct media_blob *b, long *status, cw_errmsg *e)
+{
+	*status = 0;
+	struct curl_slist *hd = media_signed_get(key, keyid, tag, url, e);
+	CURL *h = hd ? curl_easy_init() : NULL;
+	if (!h) {
+		curl_slist_free_all(hd);
+		return hd ? cw_fail(e, CW_ENOMEM, "out of memory") : CW_ENOMEM;
+	}
+	media_download_setup(h, url, hd, b, ca_file, timeout_ms);
+	CURLcode cc = curl_easy_perform(h);
+	if (cc == CURLE_OK) {
+		curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, status);
+		media_download_done(h, b);
+	} else if (cc == CURLE_FILESIZE_EXCEEDED) {
+		b->too_big = true;
+	}
+	curl_easy_cleanup(h);
+	curl_slist_free_all(hd);
+	if (cc != CURLE_OK)
+		return cw_fail(e, CW_EUNAVAIL, "cannot fetch %.200s: %s", url,
+			       b->too_big ? "larger than this gateway carries" : curl_easy_strerror(cc));
+	return CW_OK;
+}

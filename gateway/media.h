@@ -44,6 +44,14 @@ bool media_type_ok(const char *s);
 struct curl_slist *media_signed_get(EVP_PKEY *key, const char *keyid, const char *tag, const char *url,
 				    cw_errmsg *e);
 
+/* A GET of a peer's file (url: https://), signed as Causeway
+ * (media_signed_get), into b (b->max and b->cancel set by the caller).
+ * CW_OK with *status the far side's status (the body is in b, whatever
+ * the status); CW_EUNAVAIL when no answer came (e says why; b->too_big
+ * when the cap cut it off). */
+cw_err media_fetch_signed(EVP_PKEY *key, const char *keyid, const char *tag, const char *ca_file, const char *url,
+			  long timeout_ms, struct media_blob *b, long *status, cw_errmsg *e);
+
 /* Where the files of this provider's users come from (set by the local
  * adapter that has them: Matrix's mxc:// of its homeserver): owns says
  * whether it can fetch url; fetch gets it into b (b->max set by the

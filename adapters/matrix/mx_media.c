@@ -203,28 +203,17 @@ enum mx_rehost mx_rehost(struct matrix *m, PGconn *c, const char *ghost, const j
 	PQclear(r);
 
 	/* Fetched as every request to a peer is made: signed as Causeway. */
-	struct curl_slist *hd = media_signed_get(m->app->signing_key, m->cfg->domain ? m->cfg->domain : "",
-						 m->cfg->signature_tag, url, e);
-	CURL *h = hd ? curl_easy_init() : NULL;
-	if (!h) {
-		curl_slist_free_all(hd);
-		return MX_REHOST_RETRY;
-	}
 	struct media_blob b = { .max = max, .cancel = &m->app->stopping };
-	media_download_setup(h, url, hd, &b, m->cfg->ca_file, MEDIA_TIMEOUT_MS);
-	CURLcode cc = curl_easy_perform(h);
 	long status = 0;
-	if (cc == CURLE_OK)
-		curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
-	curl_easy_cleanup(h);
-	curl_slist_free_all(hd);
+	cw_err frc = media_fetch_signed(m->app->signing_key, m->cfg->domain ? m->cfg->domain : "",
+					m->cfg->signature_tag, m->cfg->ca_file, url, MEDIA_TIMEOUT_MS, &b, &status, e);
 	enum mx_rehost res = MX_REHOST_RETRY;
 	char got[65];
-	if (cc == CURLE_FILESIZE_EXCEEDED || b.too_big) {
+	if (b.too_big) {
 		snprintf(why, wlen, "larger than this gateway carries");
 		res = MX_REHOST_NOTICE;
-	} else if (cc != CURLE_OK) {
-		cw_fail(e, CW_EUNAVAIL, "cannot fetch the attachment %.200s: %s", url, curl_easy_strerror(cc));
+	} else if (frc) {
+		; /* e says why: the row goes again */
 	} else if (status == 408 || status == 429 || status >= 500) {
 		cw_fail(e, CW_EUNAVAIL, "the attachment's server answered %ld", status);
 	} else if (status != 200) {

@@ -32,6 +32,40 @@ static bool base_url(struct cw_app *app, char *out, size_t len)
 	return true;
 }
 
+/* The scope of public tokens: no peer name holds a line feed, so a token
+ * made for a peer never opens as public, nor the reverse. */
+#define PUBLIC_SCOPE "\npublic"
+#define FETCH_TIMEOUT_MS 30000L
+
+/* A peer's URL may be long (a CDN's signed link): the source goes in the
+ * query, the MAC in the path, /media/<MAC>?src=<base64url source>. */
+bool peer_media_public_url(struct cw_app *app, const char *url, char *out, size_t len)
+{
+	char base[600], token[3 * MEDIA_URL_MAX];
+	if (strncmp(url, "https://", 8) != 0 || !base_url(app, base, sizeof(base)) ||
+	    !media_token_make(app->media_key, PUBLIC_SCOPE, url, token, sizeof(token)))
+		return false;
+	char *dot = strrchr(token, '.');
+	*dot = '\0';
+	return (size_t)snprintf(out, len, "%s/media/%s?src=%s", base, dot + 1, token + 3) < len;
+}
+
+json_t *peer_media_public(struct cw_app *app, json_t *ev)
+{
+	const json_t *atts = json_object_get(json_object_get(ev, "content"), "attachments");
+	if (!json_array_size(atts))
+		return json_incref(ev);
+	json_t *copy = json_deep_copy(ev), *a;
+	size_t i;
+	json_array_foreach(json_object_get(json_object_get(copy, "content"), "attachments"), i, a) {
+		const char *url = json_string_value(json_object_get(a, "url"));
+		char link[MEDIA_URL_MAX + 1];
+		if (url && peer_media_public_url(app, url, link, sizeof(link)))
+			json_object_set_new(a, "url", json_string(link));
+	}
+	return copy ? copy : json_incref(ev);
+}
+
 json_t *peer_media_offer(struct cw_app *app, const char *peer, json_t *ev)
 {
 	const json_t *atts = json_object_get(json_object_get(ev, "content"), "attachments");
@@ -68,7 +102,8 @@ json_t *peer_media_offer(struct cw_app *app, const char *peer, json_t *ev)
 struct media_job {
 	struct cw_app *app;
 	struct cw_req *req;
-	char source[TOKEN_MAX + 1];
+	bool public;                /* a peer's file for a link (GET /media/...) */
+	char source[MEDIA_URL_MAX + 1];
 	struct media_blob b;
 	long status;
 	cw_err rc;
@@ -83,7 +118,16 @@ static cw_err fetch(PGconn *c, void *arg, cw_errmsg *e)
 	(void)c;
 	(void)e;
 	struct media_job *j = arg;
-	j->rc = j->app->media.fetch(j->app->media.ctx, j->source, &j->b, &j->status, &j->err);
+	struct cw_app *app = j->app;
+	if (!j->public) {
+		j->rc = app->media.fetch(app->media.ctx, j->source, &j->b, &j->status, &j->err);
+	} else {
+		j->rc = media_fetch_signed(app->signing_key, app->cfg->domain ? app->cfg->domain : "",
+					   app->cfg->signature_tag, app->cfg->ca_file, j->source, FETCH_TIMEOUT_MS, &j->b,
+					   &j->status, &j->err);
+		if (!j->rc && j->status != 200)
+			j->rc = cw_fail(&j->err, CW_EIO, "the peer's store answered %ld", j->status);
+	}
 	return CW_OK; /* the store's outcome is the database's: this read has none */
 }
 
@@ -107,12 +151,16 @@ static void fetched(void *arg, cw_err rc, const cw_errmsg *e)
 					  j->b.content_type[0] ? j->b.content_type : "application/octet-stream");
 			cw_req_add_header(req, "Cache-Control", "private, max-age=86400");
 			cw_req_add_header(req, "X-Content-Type-Options", "nosniff");
+			/* Someone else's file on this daemon's origin (the admin
+			 * console's too): never a page that runs there. */
+			cw_req_add_header(req, "Content-Security-Policy", "default-src 'none'; sandbox");
 			cw_req_reply(req, 200, NULL, (char *)body, j->b.n);
 		}
 	} else if (j->b.too_big) {
 		cw_req_problem(req, 413, "too_large", "Content too large",
 			       "the file is larger than this gateway carries (server.media_max_bytes)");
-	} else if (j->status == 404) {
+	} else if (j->status == 404 || j->status == 410 || (j->public && j->status >= 400 && j->status < 500 &&
+							       j->status != 408 && j->status != 429)) {
 		cw_req_problem(req, 404, "unknown_media", "Not found", "no such file (it may have been deleted)");
 	} else {
 		LOG_KV(CW_LOG_WARN, "cannot fetch a file for a peer", "request_id", cw_req_id(req), "detail",
@@ -126,6 +174,8 @@ static void fetched(void *arg, cw_err rc, const cw_errmsg *e)
 	cw_req_resume(req);
 	free(j);
 }
+
+static void start_fetch(struct cw_app *app, struct cw_req *req, struct media_job *j);
 
 void peer_api_media(struct cw_req *req, void *ctx)
 {
@@ -147,6 +197,12 @@ void peer_api_media(struct cw_req *req, void *ctx)
 		cw_req_problem(req, 404, "unknown_media", "Not found", "no file with that token for this peer");
 		return;
 	}
+	start_fetch(app, req, j);
+}
+
+/* Runs j's fetch on a store reader (at most pool size - 1 at once). */
+static void start_fetch(struct cw_app *app, struct cw_req *req, struct media_job *j)
+{
 	long limit = app->cfg->db_pool_size > 1 ? app->cfg->db_pool_size - 1 : 1;
 	if (atomic_fetch_add(&app->media_fetches, 1) >= limit) {
 		atomic_fetch_sub(&app->media_fetches, 1);
@@ -158,6 +214,7 @@ void peer_api_media(struct cw_req *req, void *ctx)
 	j->app = app;
 	j->req = req;
 	j->b.max = (size_t)app->cfg->media_max_bytes;
+	j->b.cancel = &app->stopping;
 	cw_req_suspend(req);
 	cw_err rc = store_read(app->store, fetch, fetched, j);
 	if (rc) {
@@ -165,4 +222,26 @@ void peer_api_media(struct cw_req *req, void *ctx)
 		cw_fail(&e, rc, "the store is not taking work");
 		fetched(j, rc, &e);
 	}
+}
+
+void media_public_get(struct cw_req *req, void *ctx)
+{
+	struct cw_app *app = ctx;
+	const char *mac = cw_req_param(req, "token"), *src = cw_req_query(req, "src");
+	char token[3 * MEDIA_URL_MAX];
+	struct media_job *j = calloc(1, sizeof(*j));
+	if (!j) {
+		app_retry_after(req, 1000);
+		cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory");
+		return;
+	}
+	if (!mac || !src || (size_t)snprintf(token, sizeof(token), "m1.%s.%s", src, mac) >= sizeof(token) ||
+	    !media_token_open(app->media_key, PUBLIC_SCOPE, token, j->source, sizeof(j->source)) ||
+	    strncmp(j->source, "https://", 8) != 0) {
+		free(j);
+		cw_req_problem(req, 404, "unknown_media", "Not found", "no file with that token");
+		return;
+	}
+	j->public = true;
+	start_fetch(app, req, j);
 }

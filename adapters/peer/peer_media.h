@@ -1,4 +1,5 @@
-/* Media for peers (docs/interop-api.md "Media"): a local user's file that
+/* Media for peers (docs/interop-api.md "Media"), and peers' files for
+ * local users who can only follow a link.  A local user's file that
  * only this provider can fetch (an mxc:// URI of its homeserver, which
  * wants the appservice's token) is offered to a peer under a capability
  * URL of Causeway's, GET /v1/media/{token}, made for that peer alone; the
@@ -17,5 +18,17 @@ json_t *peer_media_offer(struct cw_app *app, const char *peer, json_t *ev);
 
 /* GET /v1/media/{token}. */
 void peer_api_media(struct cw_req *req, void *ctx);
+
+/* A peer's file (url: https://) for a local user whose client can only
+ * follow a link (XMPP, XEP-0066): the capability URL
+ * {public_url}/media/{token} under which Causeway fetches it (signed, as
+ * every request to a peer) and answers it, as XEP-0363's GET URLs work;
+ * false when it cannot be made (then the url stays as it is). */
+bool peer_media_public_url(struct cw_app *app, const char *url, char *out, size_t len);
+/* The event with its https:// attachment URLs turned into such links (a
+ * new reference: ev itself when it has none). */
+json_t *peer_media_public(struct cw_app *app, json_t *ev);
+/* GET /media/{token}: the capability is the token (no other credential). */
+void media_public_get(struct cw_req *req, void *ctx);
 
 #endif

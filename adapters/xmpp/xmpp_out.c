@@ -8,6 +8,7 @@
 #include "config.h"
 #include "xmpp_int.h"
 #include "log.h"
+#include "peer/peer_media.h"
 #include "store.h"
 
 #include <stdlib.h>
@@ -129,7 +130,11 @@ static bool build(struct xmpp *x, struct outbox_row *row, PGresult *r, int k, st
 	xmpp_ctx_t *ctx = xa_thread_ctx(x);
 	xmpp_stanza_t *st = NULL;
 	char why[200] = "";
-	enum xm_out_result res = ctx ? xm_from_neutral(ctx, row->event, &info, &st, why, sizeof(why)) : XM_OUT_INVALID;
+	/* A peer's files reach the user as links of Causeway's, which fetches
+	 * them signed: the peer's store may not serve a bare link to anyone. */
+	json_t *ev = peer_media_public(x->app, row->event);
+	enum xm_out_result res = ctx ? xm_from_neutral(ctx, ev, &info, &st, why, sizeof(why)) : XM_OUT_INVALID;
+	json_decref(ev);
 	json_decref(set);
 	if (res == XM_OUT_NONE)
 		return true;

@@ -5,15 +5,17 @@ reactions, receipts, markers and chat states; consent by presence
 subscription and by ad-hoc commands; disco, ping and version; hostile
 stanzas; a Prosody restart mid-stream; a wrong secret."""
 import hashlib
+import os
 import re
 import socket
 import time
 import xml.etree.ElementTree as ET
 
 import pytest
+import requests
 
 from harness import free_port, wait_until
-from peer import NotifyServer, PeerClient
+from peer import MediaServer, NotifyServer, PeerClient, verify_get
 from prosody import Prosody, XmppClient
 
 HOST = "xmpp.test"
@@ -524,3 +526,56 @@ def test_ids_that_need_escaping(xd, gk, alice, pg, db_url):
     assert ed["type"] == "edit" and ed["content"]["replaces"] == e1["id"], ed
     assert pg.psql("SELECT count(*) FROM events WHERE origin_network LIKE 'xmpp%' AND type = 'message'",
                    db_url) == "1"
+
+
+def test_a_peers_file_reaches_xmpp_as_a_link_of_causeways(make_daemon, db_url, prosody, alice, tmp_path):
+    """XEP-0066 OOB is a link the client follows by itself, and a peer's
+    store may serve its files only to a signed request: the link alice gets
+    is Causeway's (/media/<MAC>?src=...), a capability like XEP-0363's GET
+    URLs, and Causeway fetches the file signed when it is followed."""
+    media = MediaServer(tmp_path)
+    opts = daemon_options(prosody)
+    opts["server"]["ca_file"] = media.cert_file
+    d = make_daemon(db_url, options=opts).start()
+    wait_until(lambda: component_state(d)["state"] == "up", what="the component's stream")
+    srv = NotifyServer()
+    try:
+        a = PeerClient(d.url, "gk", "wa.example")
+        r = d.admin("POST", "/peers", json={"name": "gk", "domain": "wa.example", "mode": "push",
+                                           "push_url": srv.url, "public_key": a.signer.public_b64})
+        a.token = r.json()["token"]
+        consent_alice(d)
+        room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+        data = os.urandom(2500)
+        long_path = "/f/" + "x" * 600 + ".jpg?sig=" + "s" * 200  # a CDN's signed link
+        url = media.put(long_path, "image/jpeg", data)
+        r = post(a, f"/v1/rooms/{room}/messages", {
+            "type": "message", "sender": a.user("wally"),
+            "content": {"parts": [{"type": "text/plain", "body": "a photo"}],
+                        "attachments": [{"content_type": "image/jpeg", "url": url, "size": len(data)}]}})
+        assert r.status_code == 202, r.text
+        m = message_from(alice, WALLY_JID, lambda el: el.find("{jabber:x:oob}x") is not None)
+        link = m.find("{jabber:x:oob}x").find("{jabber:x:oob}url").text
+        assert link.startswith(d.url + "/media/") and "?src=" in link and url not in ET.tostring(m).decode(), link
+        got = requests.get(link, timeout=10)
+        assert got.status_code == 200 and got.content == data, (got.status_code, got.text[:200])
+        assert got.headers["Content-Type"] == "image/jpeg"
+        assert "sandbox" in got.headers["Content-Security-Policy"]
+        key = d.get("/.well-known/mimi-protocol-directory").json()["public_key"]["key"]
+        [(path, headers)] = media.requests
+        assert path == long_path
+        verify_get("GET", url, headers, key)
+        # Only links Causeway made: a changed MAC, no source, another source.
+        mac = link.split("/media/")[1].split("?")[0]
+        bad_mac = mac[:-2] + ("AA" if mac[-2:] != "AA" else "BB")
+        for bad in (link.replace(mac, bad_mac), link.split("?")[0], d.url + "/media/" + mac + "?src=aHR0cHM6Ly9h"):
+            r = requests.get(bad, timeout=10)
+            assert r.status_code == 404 and r.json()["code"] == "unknown_media", (bad, r.text)
+        assert len(media.requests) == 1
+        # A file gone from the peer's store is gone here too.
+        media.files.clear()
+        r = requests.get(link, timeout=10)
+        assert r.status_code == 404 and r.json()["code"] == "unknown_media"
+    finally:
+        srv.close()
+        media.close()
