@@ -2,6 +2,7 @@
  * tests/unit/data/event_ids.txt, event_cases.txt and event_batch_cases.txt. */
 #include "config.h"
 #include "peer/event.h"
+#include "peer/peers.h"
 #include "unit.h"
 
 #include <stdint.h>
@@ -730,6 +731,21 @@ START_TEST(batch_count_boundary)
 }
 END_TEST
 
+/* A peer's event_types as PostgreSQL prints a text[] ("{a,b}"; NULL: all). */
+START_TEST(peer_event_types_match_whole_words)
+{
+	ck_assert(peer_event_type_wanted(NULL, "block"));
+	ck_assert(peer_event_type_wanted("{message,block}", "block"));
+	ck_assert(peer_event_type_wanted("{message,block}", "message"));
+	ck_assert(!peer_event_type_wanted("{message,block}", "typing"));
+	ck_assert(!peer_event_type_wanted("{message,blocks}", "block"));  /* whole words only */
+	ck_assert(!peer_event_type_wanted("{messages}", "message"));
+	ck_assert(!peer_event_type_wanted("{message}", "mess"));
+	ck_assert(!peer_event_type_wanted("{}", "message"));
+	ck_assert(!peer_event_type_wanted("{message}", ""));
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("event");
@@ -744,6 +760,7 @@ int main(void)
 	tcase_add_test(tc, uri_format_refuses_bad_components);
 	tcase_add_test(tc, batch_cases);
 	tcase_add_test(tc, batch_count_boundary);
+	tcase_add_test(tc, peer_event_types_match_whole_words);
 	suite_add_tcase(s, tc);
 	return unit_run(s);
 }
