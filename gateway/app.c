@@ -344,6 +344,7 @@ const struct cw_route app_routes[] = {
 	{ "POST", "/v1/blocks", peer_api_block, CW_AUTH_PEER, NULL },
 	{ "POST", "/v1/reports", peer_api_report, CW_AUTH_PEER, NULL },
 	{ "POST", "/v1/identifiers/query", peer_api_identifier_query, CW_AUTH_PEER, NULL },
+	{ "POST", "/v1/profiles", peer_api_profile, CW_AUTH_PEER, NULL },
 	{ "POST", "/v1/batch", peer_api_batch, CW_AUTH_PEER, NULL },
 	{ "POST", "/admin/v1/peers", peer_admin_create, CW_AUTH_ADMIN, NULL },
 	{ "GET", "/admin/v1/peers", peer_admin_list, CW_AUTH_ADMIN_READ, NULL },

@@ -399,7 +399,9 @@ static bool already_sent(struct matrix *m, const char *room, const char *ghost, 
 /* What the rows of a batch need, in one statement: per row (in the order
  * given, k = its index), the recipient's localpart and Matrix id, the
  * sender's identity, localpart, locality, peer, ghost and display name,
- * the direct room, the neutral room and the event's ts. */
+ * the direct room, the neutral room and the event's ts; the sender's
+ * avatar, whether its profile changed since its ghost's was last set, and
+ * when it changed. */
 static cw_err batch_info(PGconn *c, const struct outbox_row *rows, size_t n, PGresult **out, cw_errmsg *e)
 {
 	*out = NULL;
@@ -425,7 +427,10 @@ static cw_err batch_info(PGconn *c, const struct outbox_row *rows, size_t n, PGr
 		" s.id, s.localpart, s.is_local, p.name, "
 		" (SELECT native_id FROM identity_bindings WHERE identity_id = s.id AND network = 'matrix'), "
 		" (SELECT native_id FROM room_bindings WHERE network = 'matrix' AND local_identity_id = t.id "
-		"  AND remote_identity_id = s.id), coalesce(s.display_name, ''), ev.room_id, ev.ts "
+		"  AND remote_identity_id = s.id), coalesce(s.display_name, ''), ev.room_id, ev.ts, s.avatar::text, "
+		" s.profile_changed_at IS NOT NULL AND coalesce((SELECT profile_synced_at FROM identity_bindings "
+		"  WHERE identity_id = s.id AND network = 'matrix'), '-infinity') < s.profile_changed_at, "
+		" s.profile_changed_at::text "
 		"FROM unnest($1::bigint[], $2::bigint[]) WITH ORDINALITY AS x(ev, tg, k) "
 		"JOIN events ev ON ev.id = x.ev JOIN identities s ON s.id = ev.sender_id JOIN identities t ON t.id = x.tg "
 		"LEFT JOIN peers p ON p.id = s.peer_id ORDER BY x.k",
@@ -538,6 +543,50 @@ static cw_err media_parts(struct matrix *m, PGconn *c, struct outbox_row *row, c
 	return CW_OK;
 }
 
+/* Brings a ghost's display name and avatar to its remote user's profile
+ * (POST /v1/profiles) as of changed_at: the avatar re-hosted like any
+ * file.  Recorded only when done, so that a failure is tried again with
+ * the sender's next delivery; never fails the row (a name is not worth a
+ * message's delay). */
+static void sync_profile(struct matrix *m, PGconn *c, const char *sender_id, const char *peer, const char *localpart,
+			 const char *display, const char *avatar, const char *changed_at, const char *ghost)
+{
+	char name[400], path[600];
+	snprintf(name, sizeof(name), "%.300s (%.80s)", display && *display ? display : localpart, peer);
+	char *g = seg(m, ghost);
+	long status;
+	cw_errmsg e;
+	bool ok = g != NULL;
+	snprintf(path, sizeof(path), "/_matrix/client/v3/profile/%s/displayname", g ? g : "");
+	if (ok && mx_call(m, "PUT", path, ghost, NULL, json_pack("{s:s}", "displayname", name), &status, NULL, &e)) {
+		LOG_KV(CW_LOG_WARN, "cannot set a ghost's display name", "user", ghost, "detail", e.msg);
+		ok = false;
+	}
+	char mxc[300] = "", why[160];
+	json_t *att = avatar ? json_loads(avatar, 0, NULL) : NULL;
+	if (ok && att) {
+		enum mx_rehost rh = mx_rehost(m, c, ghost, att, mxc, sizeof(mxc), why, sizeof(why), &e);
+		if (rh == MX_REHOST_RETRY) {
+			LOG_KV(CW_LOG_WARN, "cannot fetch a ghost's avatar", "user", ghost, "detail", e.msg);
+			ok = false;
+		} else if (rh == MX_REHOST_NOTICE) {
+			LOG_KV(CW_LOG_INFO, "a ghost's avatar is not carried", "user", ghost, "why", why);
+			mxc[0] = '\0';
+		}
+	}
+	json_decref(att);
+	snprintf(path, sizeof(path), "/_matrix/client/v3/profile/%s/avatar_url", g ? g : "");
+	if (ok && mx_call(m, "PUT", path, ghost, NULL, json_pack("{s:s}", "avatar_url", mxc), &status, NULL, &e)) {
+		LOG_KV(CW_LOG_WARN, "cannot set a ghost's avatar", "user", ghost, "detail", e.msg);
+		ok = false;
+	}
+	curl_free(g);
+	const char *params[] = { sender_id, changed_at };
+	if (ok && store_command(c, "UPDATE identity_bindings SET profile_synced_at = $2::timestamptz "
+				   "WHERE identity_id = $1::bigint AND network = 'matrix'", 2, params, &e))
+		LOG_KV(CW_LOG_WARN, "cannot record a ghost's profile", "user", ghost, "detail", e.msg);
+}
+
 /* What one row needs to go out: the request made (1), nothing to send
  * (0: a receipt Matrix has no form for, or a retry whose event is in the
  * room already), or a failure (-1, e says why). */
@@ -597,6 +646,13 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 		if (ensure_room(m, c, neutral_room, target, sender_id, ghost, target_mxid, room, sizeof(room), e))
 			return PREP_FAIL;
 		json_object_set_new(made, rkey, json_string(room));
+	}
+	char pkey[40];
+	snprintf(pkey, sizeof(pkey), "p%s", sender_id);
+	if (PQgetvalue(r, i, 13)[0] == 't' && !json_object_get(made, pkey)) { /* once a batch */
+		sync_profile(m, c, sender_id, peer, localpart, display, PQgetisnull(r, i, 12) ? NULL : PQgetvalue(r, i, 12),
+			     PQgetvalue(r, i, 14), ghost);
+		json_object_set_new(made, pkey, json_true());
 	}
 	/* A peer's files go into the room re-hosted on the homeserver, not as
 	 * links into the peer's store (media_parts). */

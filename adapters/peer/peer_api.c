@@ -208,7 +208,7 @@ void peer_api_directory(struct cw_req *req, void *ctx)
 		return;
 	struct event_limits lim = event_limits_default();
 	json_t *d = json_pack(
-		"{s:s, s:s, s:{s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s},"
+		"{s:s, s:s, s:{s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s},"
 		" s:[s,s,s], s:[s,s,s,s,s,s,s,s],"
 		" s:{s:I, s:I, s:I, s:I, s:I, s:I}, s:{s:s, s:s, s:s}, s:{s:s, s:[s,s,s,s,s], s:I}}",
 		"profile", "causeway-mimi-json/1",
@@ -230,6 +230,7 @@ void peer_api_directory(struct cw_req *req, void *ctx)
 		"reports", "/v1/reports",
 		"identifiers", "/v1/identifiers/query",
 		"media", "/v1/media/{token}",
+		"profiles", "/v1/profiles",
 		"notify", "{push_url}/v1/notify",
 		"content_types", "text/plain", "text/markdown", "text/html",
 		"event_types", "message", "edit", "delete", "reaction", "receipt", "typing", "membership", "block",

@@ -31,6 +31,9 @@ struct social_input {
 	struct policy_decision d;       /* consent requests: the policy's */
 	char local_network[16];         /* the network of this provider's users */
 	int64_t window_s, expiry_s;
+	/* profiles: each given (has_), or null (a value of NULL: removed) */
+	bool has_display, has_avatar;
+	char *display, *avatar;
 };
 
 static void social_free(void *arg)
@@ -38,6 +41,8 @@ static void social_free(void *arg)
 	struct social_input *in = arg;
 	json_decref(in->evidence);
 	free(in->comment);
+	free(in->display);
+	free(in->avatar);
 	free(in);
 }
 
@@ -376,3 +381,108 @@ void peer_api_identifier_query(struct cw_req *req, void *ctx)
 	snprintf(in->local, sizeof(in->local), "%s", uri);
 	start(req, ctx, in, query_fn, false);
 }
+
+/* ------------------------------------------------------------ profiles */
+
+#define DISPLAY_NAME_MAX 256
+
+/* The peer's word on one of its users: name and avatar, as its local
+ * network shows them (a Matrix ghost's).  Stored on the user's identity;
+ * profile_changed_at moves only when something changed. */
+static cw_err profile_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
+{
+	struct social_input *in = j->data;
+	char pid[24], remote_id[24];
+	snprintf(pid, sizeof(pid), "%lld", (long long)in->peer_id);
+	cw_err rc = identity_id(c, &in->remote_u, false, in->peer_network, pid, remote_id, sizeof(remote_id), e);
+	if (rc)
+		return rc;
+	const char *params[] = { remote_id, in->has_display ? "t" : "f", in->display, in->has_avatar ? "t" : "f",
+				 in->avatar };
+	PGresult *r = PQexecParams(c,
+		"WITH n AS (SELECT CASE WHEN $2::boolean THEN $3 ELSE display_name END AS d, "
+		"  CASE WHEN $4::boolean THEN $5::jsonb ELSE avatar END AS a FROM identities WHERE id = $1::bigint), "
+		"u AS (UPDATE identities i SET display_name = n.d, avatar = n.a, profile_changed_at = now() FROM n "
+		"  WHERE i.id = $1::bigint AND (i.display_name IS DISTINCT FROM n.d OR i.avatar IS DISTINCT FROM n.a)) "
+		"SELECT n.d, n.a::text FROM n",
+		5, NULL, params, NULL, NULL, 0);
+	rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	j->status = 200;
+	j->body = json_pack("{s:s, s:o, s:o}", "user", in->remote,
+			    "display_name", PQgetisnull(r, 0, 0) ? json_null() : json_string(PQgetvalue(r, 0, 0)),
+			    "avatar", PQgetisnull(r, 0, 1) ? json_null() : json_loads(PQgetvalue(r, 0, 1), 0, NULL));
+	PQclear(r);
+	return CW_OK;
+}
+
+/* Why display_name cannot be one (NULL: it can). */
+static const char *display_bad(const json_t *v)
+{
+	if (!json_is_string(v) || json_string_length(v) < 1 || json_string_length(v) > DISPLAY_NAME_MAX)
+		return "display_name must be null or a string of 1 to 256 bytes";
+	const unsigned char *p = (const unsigned char *)json_string_value(v);
+	for (size_t i = 0; i < json_string_length(v); i++)
+		if (p[i] < 0x20 || p[i] == 0x7f || (p[i] == 0xc2 && i + 1 < json_string_length(v) && p[i + 1] >= 0x80 &&
+						     p[i + 1] <= 0x9f))
+			return "display_name may not hold control characters";
+	return NULL;
+}
+
+void peer_api_profile(struct cw_req *req, void *ctx)
+{
+	json_t *body;
+	struct social_input *in = begin(req, ctx, &body, "user", NULL);
+	if (!in)
+		return;
+	json_t *dn = json_object_get(body, "display_name"), *av = json_object_get(body, "avatar");
+	const char *bad = NULL, *key;
+	json_t *v;
+	char detail[300];
+	json_object_foreach(body, key, v)
+		if (strcmp(key, "user") != 0 && strcmp(key, "display_name") != 0 && strcmp(key, "avatar") != 0)
+			bad = "a profile has only user, display_name and avatar";
+	if (!bad && !dn && !av)
+		bad = "give display_name, avatar or both (null removes one)";
+	if (!bad && dn && !json_is_null(dn))
+		bad = display_bad(dn);
+	if (!bad && av && !json_is_null(av)) {
+		/* An avatar is an attachment (checked as one: the same limits)
+		 * that is an image at an https:// URL. */
+		struct event_limits lim = event_limits_default();
+		struct event ev;
+		struct event_error err;
+		json_t *probe = json_pack("{s:s, s:{s:[O]}}", "type", "message", "content", "attachments", av);
+		const char *ct = json_string_value(json_object_get(av, "content_type"));
+		const char *url = json_string_value(json_object_get(av, "url"));
+		if (!probe || event_from_json(probe, &lim, 0, &ev, &err) != CW_OK) {
+			snprintf(detail, sizeof(detail), "avatar must be an attachment object: %s", probe ? err.detail : "");
+			bad = detail;
+		} else {
+			event_free(&ev);
+			if (strncmp(ct, "image/", 6) != 0 || strncmp(url, "https://", 8) != 0)
+				bad = "avatar must be an image at an https:// URL";
+		}
+		json_decref(probe);
+	}
+	if (bad) {
+		cw_req_problem(req, 400, "invalid_body", "Invalid body", bad);
+		json_decref(body);
+		social_free(in);
+		return;
+	}
+	in->has_display = dn != NULL;
+	in->has_avatar = av != NULL;
+	in->display = dn && !json_is_null(dn) ? strdup(json_string_value(dn)) : NULL;
+	in->avatar = av && !json_is_null(av) ? json_dumps(av, JSON_COMPACT | JSON_SORT_KEYS) : NULL;
+	bool lost = (dn && !json_is_null(dn) && !in->display) || (av && !json_is_null(av) && !in->avatar);
+	json_decref(body); /* dn and av are gone with it */
+	if (lost) {
+		social_free(in);
+		cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory; retry");
+		return;
+	}
+	start(req, ctx, in, profile_fn, true);
+}
+

@@ -13,5 +13,7 @@ void peer_api_consent_update(struct cw_req *req, void *ctx);
 void peer_api_block(struct cw_req *req, void *ctx);
 void peer_api_report(struct cw_req *req, void *ctx);
 void peer_api_identifier_query(struct cw_req *req, void *ctx);
+/* POST /v1/profiles: {user, display_name, avatar} of the peer's user. */
+void peer_api_profile(struct cw_req *req, void *ctx);
 
 #endif

@@ -329,3 +329,61 @@ def test_a_pull_peer_is_offered_the_file_too(mx, hs, pg, db_url):
     assert att["url"].startswith(mx.url + "/v1/media/m1.") and att["filename"] == "a.pdf", att
     r = a.call("GET", att["url"][len(mx.url):])
     assert r.status_code == 200 and r.content == doc and r.headers["Content-Type"] == "application/pdf"
+
+
+def test_a_ghost_wears_its_users_profile(mx, hs, gk, media, pg, db_url):
+    """POST /v1/profiles: the peer says its user's name and avatar; the
+    ghost gets them (the avatar re-hosted) with its next delivery, the
+    network named; a change comes the same way, the same profile again
+    changes nothing; bad profiles are refused and store nothing."""
+    a, _ = gk
+    consent_alice(mx)
+    hs.create_user("alice")
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    face = b"\x89PNG\r\n\x1a\n" + os.urandom(900)
+    url = media.put("/u/wally.png", "image/png", face)
+    avatar = {"content_type": "image/png", "url": url, "size": len(face), "sha256": hashlib.sha256(face).hexdigest()}
+    r = a.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": "Wally Wonka", "avatar": avatar})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"user": a.user("wally"), "display_name": "Wally Wonka", "avatar": avatar}
+    a.send(room, a.user("wally"), "hi")
+    ghost_messages(hs, 1)
+    wait_until(lambda: (hs.profile(GHOST) or {}).get("avatar_url"), what="the avatar")
+    p = hs.profile(GHOST)
+    assert p["displayname"] == "Wally Wonka (gk)" and hs.media(p["avatar_url"])["data"] == face, p
+    # A new name: with the next message; the same profile again: nothing to do.
+    a.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": "Walter"})
+    a.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": "Walter"})
+    a.send(room, a.user("wally"), "again")
+    ghost_messages(hs, 2)
+    wait_until(lambda: hs.profile(GHOST)["displayname"] == "Walter (gk)", what="the new name")
+    a.send(room, a.user("wally"), "and again")
+    ghost_messages(hs, 3)
+    puts = [q for q in hs.requests if q["method"] == "PUT" and "/profile/" in q["path"]]
+    assert len([q for q in puts if q["path"].endswith("/displayname")]) == 3, puts  # register, first sync, change
+    assert len(media.requests) == 1  # the avatar fetched once
+    # Removing the avatar.
+    a.call("POST", "/v1/profiles", {"user": a.user("wally"), "avatar": None})
+    a.send(room, a.user("wally"), "no face")
+    wait_until(lambda: not hs.profile(GHOST).get("avatar_url"), what="the avatar removed")
+    # Bad profiles: refused, nothing stored.
+    before = pg.psql("SELECT display_name || ' ' || coalesce(avatar::text, '-') || ' ' || profile_changed_at "
+                     "FROM identities WHERE uri = 'mimi://wa.example/u/wally'", db_url)
+    for body, status in [({"user": "mimi://tg.example/u/x", "display_name": "x"}, 403),
+                         ({"user": a.user("wally")}, 400),
+                         ({"user": a.user("wally"), "display_name": ""}, 400),
+                         ({"user": a.user("wally"), "display_name": "x" * 257}, 400),
+                         ({"user": a.user("wally"), "display_name": "a\nb"}, 400),
+                         ({"user": a.user("wally"), "display_name": 5}, 400),
+                         ({"user": a.user("wally"), "nick": "w"}, 400),
+                         ({"user": a.user("wally"), "avatar": dict(avatar, content_type="text/html")}, 400),
+                         ({"user": a.user("wally"), "avatar": dict(avatar, url="mxc://a/b")}, 400),
+                         ({"user": a.user("wally"), "avatar": {"url": url}}, 400),
+                         ({"user": a.user("wally"), "avatar": "x"}, 400),
+                         ({"user": "alice", "display_name": "x"}, 400)]:
+        r = a.call("POST", "/v1/profiles", body)
+        assert r.status_code == status, (body, r.text)
+    after = pg.psql("SELECT display_name || ' ' || coalesce(avatar::text, '-') || ' ' || profile_changed_at "
+                    "FROM identities WHERE uri = 'mimi://wa.example/u/wally'", db_url)
+    assert after == before
+    assert pg.psql("SELECT count(*) FROM identities WHERE uri LIKE 'mimi://tg.example/%'", db_url) == "0"
