@@ -264,12 +264,15 @@ def test_features_both_ways(xd, gk, alice, pg, db_url):
 def test_consent_by_subscription(xd, gk, alice, pg, db_url):
     a, srv = gk
     assert xd.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
+    # The name the peer gives its user (POST /v1/profiles) is the request's nickname (XEP-0172).
+    assert a.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": "Wally Wonka"}).status_code == 200
     room = a.create_room([a.user("wally"), ALICE]).json()["id"]
     mid = a.send(room, a.user("wally"), "may I?").json()["id"]
     # A subscription request from wally's JID, and one notice from the gateway.
-    alice.wait_for_presence(lambda el: el.get("from", "").startswith(WALLY_JID) and el.get("type") == "subscribe")
+    sub = alice.wait_for_presence(lambda el: el.get("from", "").startswith(WALLY_JID) and el.get("type") == "subscribe")
+    assert sub.find("{http://jabber.org/protocol/nick}nick").text == "Wally Wonka", ET.tostring(sub)
     note = message_from(alice, COMP)
-    assert "wants to write to you" in body(note)
+    assert "wants to write to you" in body(note) and "Wally Wonka" in body(note)
     time.sleep(0.5)
     assert pg.psql(f"SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id WHERE e.public_id = '{mid}'",
                    db_url) == "held"
