@@ -485,8 +485,14 @@ static bool bot_wants(const struct txn *t, json_t *ev)
 		const char *key = json_string_value(json_object_get(ev, "state_key"));
 		const char *ms = json_string_value(json_object_get(json_object_get(ev, "content"), "membership"));
 		const char *prefix = t->app->cfg->mx_user_prefix;
-		return key && (strcmp(key, t->m->bot) == 0 || (key[0] == '@' && strncmp(key + 1, prefix, strlen(prefix)) == 0 &&
-								ms && strcmp(ms, "invite") == 0));
+		if (!key)
+			return false;
+		bool ghost = key[0] == '@' && strncmp(key + 1, prefix, strlen(prefix)) == 0;
+		/* A user leaving a bridged room (or removed from it): the bot
+		 * unbinds it (mx_bot.c, left). */
+		if (!ghost && strcmp(key, t->m->bot) != 0 && ms && (strcmp(ms, "leave") == 0 || strcmp(ms, "ban") == 0))
+			return json_object_get(t->rooms, room) != NULL;
+		return strcmp(key, t->m->bot) == 0 || (ghost && ms && strcmp(ms, "invite") == 0);
 	}
 	if (strcmp(type, "m.room.encryption") == 0)
 		return json_object_get(t->rooms, room) != NULL;
@@ -513,7 +519,9 @@ static cw_err txn_bot_send(PGconn *c, struct txn *t, cw_errmsg *e)
 		"WITH ins AS (INSERT INTO matrix_bot_inbox (event_id, event) "
 		" SELECT x->>'event_id', x FROM jsonb_array_elements($1::jsonb) AS x "
 		" WHERE x->>'sender' LIKE '%:' || $3 AND ((x->>'type' = 'm.room.member' AND (x->>'state_key' = $2 "
-		"   OR (starts_with(x->>'state_key', $4) AND x->'content'->>'membership' = 'invite'))) "
+		"   OR (starts_with(x->>'state_key', $4) AND x->'content'->>'membership' = 'invite') "
+		"   OR (NOT starts_with(x->>'state_key', $4) AND x->'content'->>'membership' IN ('leave', 'ban') "
+		"    AND EXISTS (SELECT 1 FROM room_bindings b WHERE b.network = 'matrix' AND b.native_id = x->>'room_id')))) "
 		"  OR (x->>'type' = 'm.room.encryption' AND EXISTS (SELECT 1 FROM room_bindings b "
 		"   WHERE b.network = 'matrix' AND b.native_id = x->>'room_id')) "
 		"  OR (x->>'type' = 'm.room.message' AND EXISTS (SELECT 1 FROM matrix_mgmt_rooms m "

@@ -316,6 +316,43 @@ static void ghost_invited(struct matrix *m, PGconn *c, const char *room, const c
 		       "room", room);
 }
 
+/* One of this provider's users left (or was removed from) a bridged direct
+ * room: the room is no longer theirs to read, so its binding goes and the
+ * ghost leaves it.  The remote user's next message opens a new direct room
+ * with a new invite (the consent given stays), instead of going where
+ * nobody reads it. */
+static void left(struct matrix *m, PGconn *c, const char *room, const char *who)
+{
+	char local_id[24], uri[600];
+	if (!local_identity(m, c, who, local_id, sizeof(local_id), uri, sizeof(uri)))
+		return;
+	const char *params[] = { room, local_id };
+	PGresult *r = PQexecParams(c,
+		"DELETE FROM room_bindings b WHERE b.network = 'matrix' AND b.native_id = $1 "
+		" AND b.local_identity_id = $2::bigint "
+		"RETURNING (SELECT native_id FROM identity_bindings WHERE identity_id = b.remote_identity_id "
+		" AND network = 'matrix')",
+		2, NULL, params, NULL, NULL, 0);
+	cw_errmsg e;
+	if (store_check(c, r, PGRES_TUPLES_OK, &e)) {
+		LOG_KV(CW_LOG_WARN, "cannot unbind a room its user left", "room", room, "detail", e.msg);
+		return;
+	}
+	if (PQntuples(r) == 1 && !PQgetisnull(r, 0, 0)) {
+		char ghost[MX_ID_MAX + 1], path[600];
+		snprintf(ghost, sizeof(ghost), "%s", PQgetvalue(r, 0, 0));
+		char *rs = curl_easy_escape(NULL, room, 0);
+		snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/leave", rs ? rs : "");
+		curl_free(rs);
+		long status;
+		if (mx_call(m, "POST", path, ghost, NULL, json_object(), &status, NULL, &e))
+			LOG_KV(CW_LOG_WARN, "the ghost cannot leave a room its user left", "room", room, "detail", e.msg);
+		LOG_KV(CW_LOG_INFO, "a user left a bridged room: the next message opens a new one", "room", room,
+		       "user", who);
+	}
+	PQclear(r);
+}
+
 /* Works off the inbox; false when it was empty. */
 static bool inbox(struct matrix *m, PGconn *c)
 {
@@ -344,6 +381,11 @@ static bool inbox(struct matrix *m, PGconn *c)
 			else
 				ghost_invited(m, c, room, sender, key);
 		}
+		else if (type && room && key && strcmp(type, "m.room.member") == 0 &&
+			 json_is_string(json_object_get(content, "membership")) &&
+			 (strcmp(json_string_value(json_object_get(content, "membership")), "leave") == 0 ||
+			  strcmp(json_string_value(json_object_get(content, "membership")), "ban") == 0))
+			left(m, c, room, key);
 		else if (type && room && strcmp(type, "m.room.encryption") == 0)
 			encrypted(m, c, room);
 		else if (type && room && sender && strcmp(type, "m.room.message") == 0 &&

@@ -474,6 +474,15 @@ def test_a_local_user_leaving_reaches_the_peer(mx, hs, gk):
     kinds = [(e["type"], e["content"].get("membership")) for e in got]
     assert kinds == [("membership", "join"), ("membership", "leave")], kinds
     assert all(e["sender"] == ALICE and e["content"]["target"] == ALICE for e in got)
+    # The room she left is no longer the conversation's: the ghost leaves it,
+    # and wally's next message opens a new direct room with a new invite.
+    wait_until(lambda: hs.members(mx_room).get(ghost) == "leave", what="the ghost leaving")
+    a.send(room, a.user("wally"), "still there?")
+    new_room = wait_until(lambda: next((rid for rid in hs.rooms() if rid != mx_room and any(
+        e["sender"] == ghost and e["type"] == "m.room.message" for e in hs.events(rid))), None), what="a new room")
+    assert hs.members(new_room).get(ALICE_MX) == "invite"
+    assert [e["content"]["body"] for e in hs.events(new_room) if e["type"] == "m.room.message"] == ["still there?"]
+    assert [e["content"]["body"] for e in hs.events(mx_room) if e["type"] == "m.room.message"] == ["hello"]
 
 
 def test_references_within_one_delivery_batch(mx, hs, gk, pg, db_url):
