@@ -490,8 +490,10 @@ static bool bot_wants(const struct txn *t, json_t *ev)
 		bool ghost = key[0] == '@' && strncmp(key + 1, prefix, strlen(prefix)) == 0;
 		/* A user leaving a bridged room (or removed from it): the bot
 		 * unbinds it (mx_bot.c, left). */
-		if (!ghost && strcmp(key, t->m->bot) != 0 && ms && (strcmp(ms, "leave") == 0 || strcmp(ms, "ban") == 0))
-			return json_object_get(t->rooms, room) != NULL;
+		if (!ghost && strcmp(key, t->m->bot) != 0 && ms && (strcmp(ms, "leave") == 0 || strcmp(ms, "ban") == 0)) {
+			const char *owner = json_string_value(json_object_get(t->mgmt, room));
+			return json_object_get(t->rooms, room) != NULL || (owner && strcmp(owner, key) == 0);
+		}
 		return strcmp(key, t->m->bot) == 0 || (ghost && ms && strcmp(ms, "invite") == 0);
 	}
 	if (strcmp(type, "m.room.encryption") == 0)
@@ -521,7 +523,9 @@ static cw_err txn_bot_send(PGconn *c, struct txn *t, cw_errmsg *e)
 		" WHERE x->>'sender' LIKE '%:' || $3 AND ((x->>'type' = 'm.room.member' AND (x->>'state_key' = $2 "
 		"   OR (starts_with(x->>'state_key', $4) AND x->'content'->>'membership' = 'invite') "
 		"   OR (NOT starts_with(x->>'state_key', $4) AND x->'content'->>'membership' IN ('leave', 'ban') "
-		"    AND EXISTS (SELECT 1 FROM room_bindings b WHERE b.network = 'matrix' AND b.native_id = x->>'room_id')))) "
+		"    AND (EXISTS (SELECT 1 FROM room_bindings b WHERE b.network = 'matrix' AND b.native_id = x->>'room_id') "
+		"     OR EXISTS (SELECT 1 FROM matrix_mgmt_rooms mm WHERE mm.room_id = x->>'room_id' "
+		"      AND mm.user_id = x->>'state_key'))))) "
 		"  OR (x->>'type' = 'm.room.encryption' AND EXISTS (SELECT 1 FROM room_bindings b "
 		"   WHERE b.network = 'matrix' AND b.native_id = x->>'room_id')) "
 		"  OR (x->>'type' = 'm.room.message' AND EXISTS (SELECT 1 FROM matrix_mgmt_rooms m "

@@ -317,8 +317,8 @@ static void ghost_invited(struct matrix *m, PGconn *c, const char *room, const c
 }
 
 /* One of this provider's users left (or was removed from) a bridged direct
- * room: the room is no longer theirs to read, so its binding goes and the
- * ghost leaves it.  The remote user's next message opens a new direct room
+ * room, or their management room: the room is no longer theirs to read,
+ * so its binding goes and the ghost (or the bot) leaves it.  The remote user's next message opens a new direct room
  * with a new invite (the consent given stays), instead of going where
  * nobody reads it. */
 static void left(struct matrix *m, PGconn *c, const char *room, const char *who)
@@ -326,6 +326,25 @@ static void left(struct matrix *m, PGconn *c, const char *room, const char *who)
 	char local_id[24], uri[600];
 	if (!local_identity(m, c, who, local_id, sizeof(local_id), uri, sizeof(uri)))
 		return;
+	/* Their management room: the bot leaves it too; consent requests
+	 * wait (not shown) until the user opens a new one. */
+	const char *mp[] = { room, who };
+	PGresult *mr = PQexecParams(c, "DELETE FROM matrix_mgmt_rooms WHERE room_id = $1 AND user_id = $2 RETURNING 1", 2,
+				    NULL, mp, NULL, NULL, 0);
+	bool was_mgmt = PQresultStatus(mr) == PGRES_TUPLES_OK && PQntuples(mr) == 1;
+	PQclear(mr);
+	if (was_mgmt) {
+		char path[600];
+		char *rs = curl_easy_escape(NULL, room, 0);
+		snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/leave", rs ? rs : "");
+		curl_free(rs);
+		long status;
+		cw_errmsg e;
+		if (mx_call(m, "POST", path, NULL, NULL, json_object(), &status, NULL, &e))
+			LOG_KV(CW_LOG_WARN, "the bot cannot leave a management room its user left", "room", room, "detail",
+			       e.msg);
+		return;
+	}
 	const char *params[] = { room, local_id };
 	PGresult *r = PQexecParams(c,
 		"DELETE FROM room_bindings b WHERE b.network = 'matrix' AND b.native_id = $1 "

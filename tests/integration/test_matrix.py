@@ -310,6 +310,20 @@ def test_management_room_consent_flow(mx, hs, gk, pg, db_url):
     alice.send_text(mgmt, "block mimi://wa.example/u/wally")
     wait_until(lambda: any(n.startswith("Blocked mimi://wa.example/u/wally") for n in notices()), what="block")
     assert len(ids) == 3
+    # She leaves the management room: the bot leaves too, and a new request
+    # waits for her next one instead of going to a room nobody reads.
+    alice.leave(mgmt)
+    wait_until(lambda: hs.members(mgmt).get(bot) == "leave", what="the bot leaving")
+    room2 = a.create_room([a.user("ed"), ALICE]).json()["id"]
+    a.send(room2, a.user("ed"), "hi alice")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM consent_requests WHERE state = 'pending'", db_url) == "1",
+               what="ed's request")
+    time.sleep(0.5)
+    assert not any("mimi://wa.example/u/ed" in n for n in notices())
+    mgmt2 = alice.create_dm(bot)
+    wait_until(lambda: any("mimi://wa.example/u/ed" in e["content"].get("body", "") and
+                           "wants to write to you" in e["content"]["body"]
+                           for e in hs.events(mgmt2) if e["sender"] == bot), what="ed's request in the new room")
 
 
 def test_inviting_a_ghost_asks_the_appservice(mx, hs, gk):
