@@ -475,8 +475,9 @@ static cw_err media_parts(struct matrix *m, PGconn *c, struct outbox_row *row, c
 			  const char *ts, json_t **out, cw_errmsg *e)
 {
 	*out = NULL;
+	const char *type = json_string_value(json_object_get(row->event, "type"));
 	const json_t *atts = json_object_get(json_object_get(row->event, "content"), "attachments");
-	size_t n = json_array_size(atts);
+	size_t n = type && strcmp(type, "message") == 0 ? json_array_size(atts) : 0;
 	bool any = false;
 	for (size_t k = 0; k < n; k++) {
 		const char *url = json_string_value(json_object_get(json_array_get(atts, k), "url"));
