@@ -59,7 +59,7 @@ json_t *peer_media_public(struct cw_app *app, json_t *ev)
 	size_t i;
 	json_array_foreach(json_object_get(json_object_get(copy, "content"), "attachments"), i, a) {
 		const char *url = json_string_value(json_object_get(a, "url"));
-		char link[MEDIA_URL_MAX + 1];
+		char link[3 * MEDIA_URL_MAX]; /* the source's base64 is 4/3 of it, with the base and the MAC */
 		if (url && peer_media_public_url(app, url, link, sizeof(link)))
 			json_object_set_new(a, "url", json_string(link));
 	}
@@ -103,7 +103,7 @@ struct media_job {
 	struct cw_app *app;
 	struct cw_req *req;
 	bool public;                /* a peer's file for a link (GET /media/...) */
-	char source[MEDIA_URL_MAX + 1];
+	char source[MEDIA_URL_MAX + 4]; /* + the room base64 decoding wants for its padding */
 	struct media_blob b;
 	long status;
 	cw_err rc;

@@ -550,7 +550,7 @@ def test_a_peers_file_reaches_xmpp_as_a_link_of_causeways(make_daemon, db_url, p
         consent_alice(d)
         room = a.create_room([a.user("wally"), ALICE]).json()["id"]
         data = os.urandom(2500)
-        long_path = "/f/" + "x" * 600 + ".jpg?sig=" + "s" * 200  # a CDN's signed link
+        long_path = "/f/" + "x" * 1500 + ".jpg?sig=" + "s" * 300  # a CDN's signed link, near the 2048 limit
         url = media.put(long_path, "image/jpeg", data)
         r = post(a, f"/v1/rooms/{room}/messages", {
             "type": "message", "sender": a.user("wally"),
