@@ -44,8 +44,10 @@ cw_err matrix_new(struct matrix **out, struct cw_app *app, cw_errmsg *e)
 	snprintf(m->ping_state, sizeof(m->ping_state), "pending");
 	snprintf(m->bot, sizeof(m->bot), "@%s:%s", cfg->mx_sender_localpart, mx_server_name(cfg));
 	m->typing = json_object();
-	if (!m->typing || pthread_key_create(&m->curl_key, mx_curl_release) != 0) {
+	m->profile_failed = json_object();
+	if (!m->typing || !m->profile_failed || pthread_key_create(&m->curl_key, mx_curl_release) != 0) {
 		json_decref(m->typing);
+		json_decref(m->profile_failed);
 		pthread_mutex_destroy(&m->mu);
 		free(m);
 		return cw_fail(e, CW_ENOMEM, "cannot make a thread key");
@@ -68,6 +70,7 @@ void matrix_free(struct matrix *m)
 	if (m->multi)
 		curl_multi_cleanup(m->multi); /* the dispatcher has stopped */
 	json_decref(m->typing);
+	json_decref(m->profile_failed);
 	pthread_mutex_destroy(&m->mu);
 	free(m);
 }

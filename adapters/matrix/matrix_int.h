@@ -49,6 +49,7 @@ struct matrix {
 	pthread_t ping_thread;
 	bool ping_started;
 	json_t *typing;              /* room -> who types there now (m.typing gives the whole list) */
+	json_t *profile_failed;      /* sender identity id -> when its ghost's profile last failed (ms), under mu */
 	pthread_t bot_thread;
 	bool bot_started;
 	atomic_bool bot_stop;

@@ -544,14 +544,26 @@ static cw_err media_parts(struct matrix *m, PGconn *c, struct outbox_row *row, c
 	return CW_OK;
 }
 
+/* After a failure, a ghost's profile is tried again no sooner than this
+ * (an avatar's store that hangs would otherwise cost every message of
+ * that sender the fetch's timeout). */
+#define PROFILE_RETRY_MS (10 * 60 * 1000LL)
+
 /* Brings a ghost's display name and avatar to its remote user's profile
  * (POST /v1/profiles) as of changed_at: the avatar re-hosted like any
- * file.  Recorded only when done, so that a failure is tried again with
- * the sender's next delivery; never fails the row (a name is not worth a
- * message's delay). */
+ * file.  Recorded only when done, so that a failure is tried again with a
+ * later delivery of the sender (PROFILE_RETRY_MS on); never fails the row
+ * (a name is not worth a message's delay). */
 static void sync_profile(struct matrix *m, PGconn *c, const char *sender_id, const char *peer, const char *localpart,
 			 const char *display, const char *avatar, const char *changed_at, const char *ghost)
 {
+	int64_t now = cw_wall_ms();
+	pthread_mutex_lock(&m->mu);
+	json_t *last = json_object_get(m->profile_failed, sender_id);
+	bool wait = last && now - json_integer_value(last) < PROFILE_RETRY_MS;
+	pthread_mutex_unlock(&m->mu);
+	if (wait)
+		return;
 	char name[400], path[600];
 	snprintf(name, sizeof(name), "%.300s (%.80s)", display && *display ? display : localpart, peer);
 	char *g = seg(m, ghost);
@@ -586,6 +598,12 @@ static void sync_profile(struct matrix *m, PGconn *c, const char *sender_id, con
 	if (ok && store_command(c, "UPDATE identity_bindings SET profile_synced_at = $2::timestamptz "
 				   "WHERE identity_id = $1::bigint AND network = 'matrix'", 2, params, &e))
 		LOG_KV(CW_LOG_WARN, "cannot record a ghost's profile", "user", ghost, "detail", e.msg);
+	pthread_mutex_lock(&m->mu);
+	if (ok)
+		json_object_del(m->profile_failed, sender_id);
+	else if (json_object_size(m->profile_failed) < 100000) /* bounded: a flood of failing senders */
+		json_object_set_new(m->profile_failed, sender_id, json_integer(now));
+	pthread_mutex_unlock(&m->mu);
 }
 
 /* What one row needs to go out: the request made (1), nothing to send

@@ -387,3 +387,24 @@ def test_a_ghost_wears_its_users_profile(mx, hs, gk, media, pg, db_url):
                     "FROM identities WHERE uri = 'mimi://wa.example/u/wally'", db_url)
     assert after == before
     assert pg.psql("SELECT count(*) FROM identities WHERE uri LIKE 'mimi://tg.example/%'", db_url) == "0"
+
+
+def test_an_avatar_store_that_fails_is_not_asked_with_every_message(mx, hs, gk, media):
+    """A ghost's profile that could not be set (its avatar's store answers
+    503) is tried again later, not with each message of the sender: the
+    messages go on at once, the store is asked once."""
+    a, _ = gk
+    consent_alice(mx)
+    hs.create_user("alice")
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    face = os.urandom(500)
+    url = media.put("/u/face.png", "image/png", face)
+    media.status["/u/face.png"] = 503
+    r = a.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": "Wally",
+                                        "avatar": {"content_type": "image/png", "url": url, "size": len(face)}})
+    assert r.status_code == 200, r.text
+    for i in range(3):
+        a.send(room, a.user("wally"), f"m{i}")
+        ghost_messages(hs, i + 1)
+    assert [p for p, _ in media.requests] == ["/u/face.png"]
+    assert hs.profile(GHOST)["displayname"] == "Wally (gk)" and not hs.profile(GHOST).get("avatar_url")
