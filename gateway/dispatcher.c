@@ -543,9 +543,33 @@ static void release(struct lane *l, const struct outbox_row *rows, size_t n)
 		       "releasing untried rows failed; the claim will run out and the rows go again");
 }
 
+/* Rows the adapter is getting something ready for (outcome 3): pending
+ * again, the attempt not counted, due after ms. */
+static void release_after(struct lane *l, const struct outbox_row *rows, size_t n, long ms)
+{
+	char *ids = id_array(rows, n), wait[24];
+	if (!ids)
+		return;
+	snprintf(wait, sizeof(wait), "%ld", ms);
+	const char *params[] = { ids, wait };
+	PGresult *r = PQexecParams(l->c,
+		"UPDATE outbox SET state = 'pending', claimed_by = NULL, claimed_until = NULL, "
+		" attempts = greatest(attempts - 1, 0), next_attempt_at = now() + make_interval(secs => $2::bigint / 1000.0) "
+		"WHERE id = ANY($1::bigint[]) AND state = 'in_flight'",
+		2, NULL, params, NULL, NULL, 0);
+	if (PQresultStatus(r) != PGRES_COMMAND_OK) {
+		cw_errmsg e;
+		store_result_err(l->c, r, &e);
+		LOG_KV(CW_LOG_WARN, "releasing waiting rows failed; the claim will run out and the rows go again", "detail",
+		       e.msg);
+	}
+	PQclear(r);
+	free(ids);
+}
+
 /* The rows' own outcomes: the delivered ones in one statement, the failed
  * ones in one per reason (a room's rest shares its reason), the untried
- * ones (2) released. */
+ * ones (2) released, the waiting ones (3) released for a while. */
 static void record_outcomes(struct lane *l, struct outbox_row *rows, size_t n, int64_t t0)
 {
 	struct outbox_row *sel = malloc(n * sizeof(*sel));
@@ -571,6 +595,16 @@ static void record_outcomes(struct lane *l, struct outbox_row *rows, size_t n, i
 		}
 	if (k)
 		release(l, sel, k);
+	k = 0;
+	long wait = 0;
+	for (size_t i = 0; i < n; i++)
+		if (rows[i].outcome == 3) {
+			sel[k++] = rows[i];
+			taken[i] = true;
+			wait = rows[i].retry_after_ms > wait ? rows[i].retry_after_ms : wait;
+		}
+	if (k)
+		release_after(l, sel, k, wait);
 	for (size_t i = 0; i < n; i++) {
 		if (taken[i])
 			continue;

@@ -21,7 +21,9 @@ struct outbox_row {
 	json_t *event; /* the neutral event as the far side sees it (owned) */
 	/* An adapter that delivers rows out of their order (rooms at the same
 	 * time) says per row: 1 delivered, -1 not (code, why), 2 not tried
-	 * (released: pending again, the attempt not counted); 0 everywhere:
+	 * (released: pending again, the attempt not counted), 3 not yet (the
+	 * same, due again after retry_after_ms: the adapter is getting
+	 * something ready for it); 0 everywhere:
 	 * *done tells, as for any adapter.  A failed row's later rows of the
 	 * same room must fail too (the dispatcher never lets a room's row
 	 * overtake an earlier one). */

@@ -45,9 +45,16 @@ cw_err matrix_new(struct matrix **out, struct cw_app *app, cw_errmsg *e)
 	snprintf(m->bot, sizeof(m->bot), "@%s:%s", cfg->mx_sender_localpart, mx_server_name(cfg));
 	m->typing = json_object();
 	m->profile_failed = json_object();
-	if (!m->typing || !m->profile_failed || pthread_key_create(&m->curl_key, mx_curl_release) != 0) {
+	m->media_queue = json_array();
+	m->media_state = json_object();
+	pthread_cond_init(&m->media_cond, NULL);
+	if (!m->typing || !m->profile_failed || !m->media_queue || !m->media_state ||
+	    pthread_key_create(&m->curl_key, mx_curl_release) != 0) {
 		json_decref(m->typing);
 		json_decref(m->profile_failed);
+		json_decref(m->media_queue);
+		json_decref(m->media_state);
+		pthread_cond_destroy(&m->media_cond);
 		pthread_mutex_destroy(&m->mu);
 		free(m);
 		return cw_fail(e, CW_ENOMEM, "cannot make a thread key");
@@ -62,6 +69,7 @@ void matrix_free(struct matrix *m)
 	if (!m)
 		return;
 	mx_bot_stop(m);
+	mx_media_stop(m);
 	if (m->ping_started)
 		pthread_join(m->ping_thread, NULL);
 	mx_curl_release(pthread_getspecific(m->curl_key)); /* this thread's, if any */
@@ -71,6 +79,9 @@ void matrix_free(struct matrix *m)
 		curl_multi_cleanup(m->multi); /* the dispatcher has stopped */
 	json_decref(m->typing);
 	json_decref(m->profile_failed);
+	json_decref(m->media_queue);
+	json_decref(m->media_state);
+	pthread_cond_destroy(&m->media_cond);
 	pthread_mutex_destroy(&m->mu);
 	free(m);
 }

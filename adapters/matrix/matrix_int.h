@@ -13,16 +13,6 @@
 
 #ifndef MX_ID_MAX
 #define MX_ID_MAX 255
-/* Media (mx_media.c). */
-enum mx_rehost { MX_REHOST_OK, MX_REHOST_NOTICE, MX_REHOST_RETRY };
-/* A peer's attachment (the neutral attachment object, https://) on the
- * homeserver, uploaded as ghost once: its mxc:// URI into mxc (OK); or why
- * it cannot be carried, for the text that goes instead (NOTICE: too large,
- * gone, a wrong checksum); or RETRY, e says why (the peer's server or the
- * homeserver is away: the row goes again later). */
-enum mx_rehost mx_rehost(struct matrix *m, PGconn *c, const char *ghost, const json_t *att, char *mxc,
-			 size_t len, char *why, size_t wlen, cw_errmsg *e);
-
 #endif
 #define TXN_RECENT_MAX 64
 #define MX_OUTBOX_KEY "org.causeway.outbox_id"
@@ -50,6 +40,14 @@ struct matrix {
 	bool ping_started;
 	json_t *typing;              /* room -> who types there now (m.typing gives the whole list) */
 	json_t *profile_failed;      /* sender identity id -> when its ghost's profile last failed (ms), under mu */
+	/* The media worker (mx_media.c): peers' files fetched and uploaded off
+	 * the delivery lane; its queue and what it knows, under mu. */
+	pthread_t media_thread;
+	bool media_started;
+	atomic_bool media_stop;
+	pthread_cond_t media_cond;
+	json_t *media_queue;         /* [[attachment, ghost], ...] */
+	json_t *media_state;         /* source URL -> {"s": "queued" | "notice" | "retry", "why"} */
 	pthread_t bot_thread;
 	bool bot_started;
 	atomic_bool bot_stop;
@@ -93,7 +91,7 @@ cw_err mx_call(struct matrix *m, const char *method, const char *path, const cha
 	       json_t *body, long *status, json_t **answer, cw_errmsg *e);
 
 /* Media (mx_media.c). */
-enum mx_rehost { MX_REHOST_OK, MX_REHOST_NOTICE, MX_REHOST_RETRY };
+enum mx_rehost { MX_REHOST_OK, MX_REHOST_NOTICE, MX_REHOST_RETRY, MX_REHOST_WAIT };
 /* A peer's attachment (the neutral attachment object, https://) on the
  * homeserver, uploaded as ghost once: its mxc:// URI into mxc (OK); or why
  * it cannot be carried, for the text that goes instead (NOTICE: too large,
@@ -101,5 +99,13 @@ enum mx_rehost { MX_REHOST_OK, MX_REHOST_NOTICE, MX_REHOST_RETRY };
  * homeserver is away: the row goes again later). */
 enum mx_rehost mx_rehost(struct matrix *m, PGconn *c, const char *ghost, const json_t *att, char *mxc,
 			 size_t len, char *why, size_t wlen, cw_errmsg *e);
+/* The same answer without waiting on a far side (for the delivery lane):
+ * OK when the file is on the homeserver already, NOTICE or RETRY when the
+ * worker found so (a RETRY is forgotten once told: the next asks again),
+ * WAIT when the worker has it queued now (and queues it if not). */
+enum mx_rehost mx_media_lookup(struct matrix *m, PGconn *c, const char *ghost, const json_t *att, char *mxc,
+			       size_t len, char *why, size_t wlen, cw_errmsg *e);
+void mx_media_start(struct matrix *m);
+void mx_media_stop(struct matrix *m);
 
 #endif

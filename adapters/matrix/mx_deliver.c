@@ -240,6 +240,7 @@ void matrix_ping_start(struct matrix *m)
 		m->ping_started = true;
 	pthread_sigmask(SIG_SETMASK, &old, NULL);
 	mx_bot_start(m);
+	mx_media_start(m);
 }
 
 json_t *matrix_health(struct matrix *m)
@@ -472,9 +473,10 @@ static void note_sent(json_t *sent, const struct outbox_row *row, const char *ei
  * the text as its caption.  *out: the event to map instead of row->event
  * (NULL: the row's event as it is). */
 static cw_err media_parts(struct matrix *m, PGconn *c, struct outbox_row *row, const char *room, const char *ghost,
-			  const char *ts, json_t **out, cw_errmsg *e)
+			  const char *ts, json_t **out, bool *wait, cw_errmsg *e)
 {
 	*out = NULL;
+	*wait = false;
 	const char *type = json_string_value(json_object_get(row->event, "type"));
 	const json_t *atts = json_object_get(json_object_get(row->event, "content"), "attachments");
 	size_t n = type && strcmp(type, "message") == 0 ? json_array_size(atts) : 0;
@@ -495,13 +497,21 @@ static cw_err media_parts(struct matrix *m, PGconn *c, struct outbox_row *row, c
 		if (!url || strncmp(url, "https://", 8) != 0)
 			continue;
 		char mxc[300], why[160] = "", text[200];
-		enum mx_rehost rh = mx_rehost(m, c, ghost, a, mxc, sizeof(mxc), why, sizeof(why), e);
+		enum mx_rehost rh = mx_media_lookup(m, c, ghost, a, mxc, sizeof(mxc), why, sizeof(why), e);
 		if (rh == MX_REHOST_RETRY) {
 			json_decref(copy);
 			return CW_EUNAVAIL;
 		}
+		if (rh == MX_REHOST_WAIT) { /* the worker fetches it: the room waits, the others go on */
+			*wait = true;
+			continue;
+		}
 		snprintf(text, sizeof(text), "(not carried: %s)", why);
 		json_object_set_new(a, "url", json_string(rh == MX_REHOST_OK ? mxc : text));
+	}
+	if (*wait) {
+		json_decref(copy);
+		return CW_OK;
 	}
 	char *rs = seg(m, room);
 	cw_err rc = rs ? CW_OK : cw_fail(e, CW_ENOMEM, "out of memory");
@@ -553,41 +563,48 @@ static cw_err media_parts(struct matrix *m, PGconn *c, struct outbox_row *row, c
  * (POST /v1/profiles) as of changed_at: the avatar re-hosted like any
  * file.  Recorded only when done, so that a failure is tried again with a
  * later delivery of the sender (PROFILE_RETRY_MS on); never fails the row
- * (a name is not worth a message's delay). */
-static void sync_profile(struct matrix *m, PGconn *c, const char *sender_id, const char *peer, const char *localpart,
+ * (a name is not worth a message's loss).  True when the avatar is being
+ * fetched (the media worker): the row waits for it, so that the ghost has
+ * its face when its message appears. */
+static bool sync_profile(struct matrix *m, PGconn *c, const char *sender_id, const char *peer, const char *localpart,
 			 const char *display, const char *avatar, const char *changed_at, const char *ghost)
 {
 	int64_t now = cw_wall_ms();
 	pthread_mutex_lock(&m->mu);
 	json_t *last = json_object_get(m->profile_failed, sender_id);
-	bool wait = last && now - json_integer_value(last) < PROFILE_RETRY_MS;
+	bool later = last && now - json_integer_value(last) < PROFILE_RETRY_MS;
 	pthread_mutex_unlock(&m->mu);
-	if (wait)
-		return;
+	if (later)
+		return false;
+	/* The avatar first: while the worker fetches it, nothing is set yet. */
+	char mxc[300] = "", why[160];
+	cw_errmsg e;
+	bool avatar_ok = true;
+	json_t *att = avatar ? json_loads(avatar, 0, NULL) : NULL;
+	if (att) {
+		enum mx_rehost rh = mx_media_lookup(m, c, ghost, att, mxc, sizeof(mxc), why, sizeof(why), &e);
+		json_decref(att);
+		if (rh == MX_REHOST_WAIT) /* the message waits for its face */
+			return true;
+		if (rh == MX_REHOST_RETRY) {
+			LOG_KV(CW_LOG_WARN, "cannot fetch a ghost's avatar", "user", ghost, "detail", e.msg);
+			avatar_ok = false;
+		} else if (rh == MX_REHOST_NOTICE) {
+			LOG_KV(CW_LOG_INFO, "a ghost's avatar is not carried", "user", ghost, "why", why);
+			mxc[0] = '\0';
+		}
+	}
 	char name[400], path[600];
 	snprintf(name, sizeof(name), "%.300s (%.80s)", display && *display ? display : localpart, peer);
 	char *g = seg(m, ghost);
 	long status;
-	cw_errmsg e;
 	bool ok = g != NULL;
 	snprintf(path, sizeof(path), "/_matrix/client/v3/profile/%s/displayname", g ? g : "");
 	if (ok && mx_call(m, "PUT", path, ghost, NULL, json_pack("{s:s}", "displayname", name), &status, NULL, &e)) {
 		LOG_KV(CW_LOG_WARN, "cannot set a ghost's display name", "user", ghost, "detail", e.msg);
 		ok = false;
 	}
-	char mxc[300] = "", why[160];
-	json_t *att = avatar ? json_loads(avatar, 0, NULL) : NULL;
-	if (ok && att) {
-		enum mx_rehost rh = mx_rehost(m, c, ghost, att, mxc, sizeof(mxc), why, sizeof(why), &e);
-		if (rh == MX_REHOST_RETRY) {
-			LOG_KV(CW_LOG_WARN, "cannot fetch a ghost's avatar", "user", ghost, "detail", e.msg);
-			ok = false;
-		} else if (rh == MX_REHOST_NOTICE) {
-			LOG_KV(CW_LOG_INFO, "a ghost's avatar is not carried", "user", ghost, "why", why);
-			mxc[0] = '\0';
-		}
-	}
-	json_decref(att);
+	ok = ok && avatar_ok;
 	snprintf(path, sizeof(path), "/_matrix/client/v3/profile/%s/avatar_url", g ? g : "");
 	if (ok && mx_call(m, "PUT", path, ghost, NULL, json_pack("{s:s}", "avatar_url", mxc), &status, NULL, &e)) {
 		LOG_KV(CW_LOG_WARN, "cannot set a ghost's avatar", "user", ghost, "detail", e.msg);
@@ -604,12 +621,14 @@ static void sync_profile(struct matrix *m, PGconn *c, const char *sender_id, con
 	else if (json_object_size(m->profile_failed) < 100000) /* bounded: a flood of failing senders */
 		json_object_set_new(m->profile_failed, sender_id, json_integer(now));
 	pthread_mutex_unlock(&m->mu);
+	return false;
 }
 
 /* What one row needs to go out: the request made (1), nothing to send
  * (0: a receipt Matrix has no form for, or a retry whose event is in the
- * room already), or a failure (-1, e says why). */
-enum prep { PREP_FAIL = -1, PREP_NOTHING = 0, PREP_SEND = 1 };
+ * room already), a file being made ready (2: the room waits a little), or
+ * a failure (-1, e says why). */
+enum prep { PREP_FAIL = -1, PREP_NOTHING = 0, PREP_SEND = 1, PREP_WAIT = 2 };
 
 /* Resolves the row's ghost and direct room (making them the first time:
  * calls to the homeserver and writes, here on the dispatcher's thread),
@@ -669,15 +688,19 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 	char pkey[40];
 	snprintf(pkey, sizeof(pkey), "p%s", sender_id);
 	if (PQgetvalue(r, i, 13)[0] == 't' && !json_object_get(made, pkey)) { /* once a batch */
-		sync_profile(m, c, sender_id, peer, localpart, display, PQgetisnull(r, i, 12) ? NULL : PQgetvalue(r, i, 12),
-			     PQgetvalue(r, i, 14), ghost);
+		if (sync_profile(m, c, sender_id, peer, localpart, display,
+				 PQgetisnull(r, i, 12) ? NULL : PQgetvalue(r, i, 12), PQgetvalue(r, i, 14), ghost))
+			return PREP_WAIT;
 		json_object_set_new(made, pkey, json_true());
 	}
 	/* A peer's files go into the room re-hosted on the homeserver, not as
 	 * links into the peer's store (media_parts). */
 	json_t *copy = NULL;
-	if (media_parts(m, c, row, room, ghost, ts, &copy, e))
+	bool wait;
+	if (media_parts(m, c, row, room, ghost, ts, &copy, &wait, e))
 		return PREP_FAIL;
+	if (wait)
+		return PREP_WAIT;
 	json_t *ev = copy ? copy : row->event;
 	struct lookup_ctx l = { .c = c, .sent = sent };
 	char marker[24];
@@ -784,6 +807,20 @@ struct room_run {
 	struct mx_req rq;
 };
 
+/* While the media worker fetches a file (mx_media_lookup), its row's room
+ * is released, the attempt not counted, and claimed again after this. */
+#define MX_MEDIA_WAIT_MS 300L
+
+/* The rows of room r from its next one on wait for a file. */
+static void wait_rest(struct room_run *r, struct outbox_row *rows)
+{
+	r->failed = true;
+	for (size_t k = r->next; k < r->n; k++) {
+		rows[r->idx[k]].outcome = 3;
+		rows[r->idx[k]].retry_after_ms = MX_MEDIA_WAIT_MS;
+	}
+}
+
 /* The rows of room r from its next one on fail with its error. */
 static void fail_rest(struct room_run *r, struct outbox_row *rows, long code, const char *why)
 {
@@ -875,6 +912,10 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 				enum prep p = prep_row(m, c, &rows[k], info, info_of[k], made, sent, run->h, &run->rq, &pe);
 				if (p == PREP_FAIL) {
 					fail_rest(run, rows, 0, pe.msg);
+					break;
+				}
+				if (p == PREP_WAIT) {
+					wait_rest(run, rows);
 					break;
 				}
 				if (p == PREP_NOTHING) {

@@ -9,6 +9,7 @@
 #include "media.h"
 #include "store.h"
 
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -172,6 +173,129 @@ out:
 	return rc;
 }
 
+/* The file's mxc:// URI when it is on the homeserver already. */
+static cw_err cached(PGconn *c, const char *url, const char *want, char *mxc, size_t len, bool *found, cw_errmsg *e)
+{
+	*found = false;
+	const char *p[] = { url, want ? want : "" };
+	PGresult *r = PQexecParams(c, "SELECT native_uri FROM media_rehosted WHERE network = 'matrix' AND source = $1 "
+				      "AND ($2 = '' OR sha256 = $2) ORDER BY created_at DESC LIMIT 1",
+				   2, NULL, p, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	if (PQntuples(r) == 1 && strlen(PQgetvalue(r, 0, 0)) < len) {
+		snprintf(mxc, len, "%s", PQgetvalue(r, 0, 0));
+		*found = true;
+	}
+	PQclear(r);
+	return CW_OK;
+}
+
+#define MEDIA_STATE_MAX 10000 /* what the worker remembers of files it could not carry */
+
+enum mx_rehost mx_media_lookup(struct matrix *m, PGconn *c, const char *ghost, const json_t *att, char *mxc,
+			       size_t len, char *why, size_t wlen, cw_errmsg *e)
+{
+	const char *url = json_string_value(json_object_get(att, "url"));
+	json_int_t declared = json_integer_value(json_object_get(att, "size"));
+	if (!url || !json_is_string(json_object_get(att, "content_type"))) {
+		snprintf(why, wlen, "no URL");
+		return MX_REHOST_NOTICE;
+	}
+	if (declared > (json_int_t)m->cfg->media_max_bytes) {
+		snprintf(why, wlen, "larger than this gateway carries");
+		return MX_REHOST_NOTICE;
+	}
+	bool found;
+	if (cached(c, url, json_string_value(json_object_get(att, "sha256")), mxc, len, &found, e))
+		return MX_REHOST_RETRY;
+	if (found)
+		return MX_REHOST_OK;
+	enum mx_rehost res = MX_REHOST_WAIT;
+	pthread_mutex_lock(&m->mu);
+	json_t *st = json_object_get(m->media_state, url);
+	const char *s = json_string_value(json_object_get(st, "s"));
+	const char *w = json_string_value(json_object_get(st, "why"));
+	if (s && strcmp(s, "notice") == 0) {
+		snprintf(why, wlen, "%s", w ? w : "not available");
+		res = MX_REHOST_NOTICE;
+	} else if (s && strcmp(s, "retry") == 0) {
+		cw_fail(e, CW_EUNAVAIL, "%s", w ? w : "the file could not be fetched");
+		json_object_del(m->media_state, url);
+		res = MX_REHOST_RETRY;
+	} else if (!s) {
+		if (json_object_size(m->media_state) >= MEDIA_STATE_MAX)
+			json_object_clear(m->media_state);
+		json_array_append_new(m->media_queue, json_pack("[O, s]", att, ghost));
+		json_object_set_new(m->media_state, url, json_pack("{s:s}", "s", "queued"));
+		pthread_cond_signal(&m->media_cond);
+	}
+	pthread_mutex_unlock(&m->mu);
+	return res;
+}
+
+static void *media_main(void *arg)
+{
+	cw_thread_name("cw-mx-media");
+	struct matrix *m = arg;
+	PGconn *c = NULL;
+	pthread_mutex_lock(&m->mu);
+	while (!atomic_load(&m->media_stop)) {
+		if (json_array_size(m->media_queue) == 0) {
+			pthread_cond_wait(&m->media_cond, &m->mu);
+			continue;
+		}
+		json_t *item = json_incref(json_array_get(m->media_queue, 0));
+		json_array_remove(m->media_queue, 0);
+		pthread_mutex_unlock(&m->mu);
+		const json_t *att = json_array_get(item, 0);
+		const char *url = json_string_value(json_object_get(att, "url"));
+		char mxc[300], why[160] = "";
+		cw_errmsg e = { { 0 } };
+		if (!c || PQstatus(c) != CONNECTION_OK) {
+			PQfinish(c);
+			c = store_connect(m->app->cfg->db_url, m->app->cfg->db_statement_timeout_ms, &e);
+		}
+		enum mx_rehost res = c ? mx_rehost(m, c, json_string_value(json_array_get(item, 1)), att, mxc, sizeof(mxc),
+						   why, sizeof(why), &e)
+				       : MX_REHOST_RETRY;
+		pthread_mutex_lock(&m->mu);
+		if (res == MX_REHOST_OK)
+			json_object_del(m->media_state, url);
+		else
+			json_object_set_new(m->media_state, url,
+					    json_pack("{s:s, s:s}", "s", res == MX_REHOST_NOTICE ? "notice" : "retry", "why",
+						      res == MX_REHOST_NOTICE ? why : e.msg));
+		json_decref(item);
+	}
+	pthread_mutex_unlock(&m->mu);
+	PQfinish(c);
+	return NULL;
+}
+
+void mx_media_start(struct matrix *m)
+{
+	sigset_t all, old;
+	sigfillset(&all);
+	pthread_sigmask(SIG_BLOCK, &all, &old);
+	if (pthread_create(&m->media_thread, NULL, media_main, m) == 0)
+		m->media_started = true;
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+}
+
+void mx_media_stop(struct matrix *m)
+{
+	if (!m->media_started)
+		return;
+	pthread_mutex_lock(&m->mu);
+	atomic_store(&m->media_stop, true);
+	pthread_cond_broadcast(&m->media_cond);
+	pthread_mutex_unlock(&m->mu);
+	pthread_join(m->media_thread, NULL);
+	m->media_started = false;
+}
+
 enum mx_rehost mx_rehost(struct matrix *m, PGconn *c, const char *ghost, const json_t *att, char *mxc,
 			 size_t len, char *why, size_t wlen, cw_errmsg *e)
 {
@@ -189,18 +313,11 @@ enum mx_rehost mx_rehost(struct matrix *m, PGconn *c, const char *ghost, const j
 		snprintf(why, wlen, "larger than this gateway carries");
 		return MX_REHOST_NOTICE;
 	}
-	const char *p[] = { url, want ? want : "" };
-	PGresult *r = PQexecParams(c, "SELECT native_uri FROM media_rehosted WHERE network = 'matrix' AND source = $1 "
-				      "AND ($2 = '' OR sha256 = $2) ORDER BY created_at DESC LIMIT 1",
-				   2, NULL, p, NULL, NULL, 0);
-	if (store_check(c, r, PGRES_TUPLES_OK, e))
+	bool found;
+	if (cached(c, url, want, mxc, len, &found, e))
 		return MX_REHOST_RETRY;
-	if (PQntuples(r) == 1 && strlen(PQgetvalue(r, 0, 0)) < len) {
-		snprintf(mxc, len, "%s", PQgetvalue(r, 0, 0));
-		PQclear(r);
+	if (found)
 		return MX_REHOST_OK;
-	}
-	PQclear(r);
 
 	/* Fetched as every request to a peer is made: signed as Causeway. */
 	struct media_blob b = { .max = max, .cancel = &m->app->stopping };

@@ -288,6 +288,7 @@ class MediaServer:
             f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                       serialization.NoEncryption()))
         self.files, self.status, self.requests = {}, {}, []
+        self.delay = {}  # path -> seconds before the answer
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -298,6 +299,8 @@ class MediaServer:
 
             def do_GET(self):
                 outer.requests.append((self.path, dict(self.headers)))
+                if self.path in outer.delay:
+                    time.sleep(outer.delay[self.path])
                 status = outer.status.get(self.path)
                 found = outer.files.get(self.path)
                 if status is None and found is None:

@@ -408,3 +408,31 @@ def test_an_avatar_store_that_fails_is_not_asked_with_every_message(mx, hs, gk, 
         ghost_messages(hs, i + 1)
     assert [p for p, _ in media.requests] == ["/u/face.png"]
     assert hs.profile(GHOST)["displayname"] == "Wally (gk)" and not hs.profile(GHOST).get("avatar_url")
+
+
+def test_a_slow_file_holds_only_its_own_room(mx, hs, gk, media):
+    """Files are fetched and uploaded by the adapter's media worker, off
+    the delivery lane: while wally's file takes seconds to come, ed's
+    messages to alice go on; wally's next message still comes after his
+    file."""
+    a, _ = gk
+    consent_alice(mx)
+    consent_alice(mx, subject="mimi://wa.example/u/ed")
+    hs.create_user("alice")
+    room_w = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    room_e = a.create_room([a.user("ed"), ALICE]).json()["id"]
+    big = os.urandom(4000)
+    media.delay["/f/slow.png"] = 3
+    send_file(a, room_w, "slow", attachment(media.put("/f/slow.png", "image/png", big), big), "s1")
+    a.send(room_w, a.user("wally"), "after the file")
+    a.send(room_e, a.user("ed"), "quick one")
+    ed = "@_cw_gk_ed:example.org"
+
+    def bodies(sender):
+        return [e["content"]["body"] for rid in hs.rooms() for e in hs.events(rid)
+                if e["type"] == "m.room.message" and e["sender"] == sender]
+    t0 = time.time()
+    wait_until(lambda: bodies(ed) == ["quick one"], what="ed's message")
+    assert time.time() - t0 < 2.5 and bodies(GHOST) == [], bodies(GHOST)  # not behind wally's file
+    wait_until(lambda: len(bodies(GHOST)) == 2, timeout=20, what="wally's two")
+    assert bodies(GHOST) == ["slow", "after the file"]
