@@ -3,6 +3,7 @@
 #include "cw.h"
 
 #include <pthread.h>
+#include <signal.h>
 
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
@@ -176,4 +177,14 @@ bool cw_sha256_pair(const char *a, size_t alen, const char *b, size_t blen, unsi
 void cw_thread_name(const char *name)
 {
 	pthread_setname_np(pthread_self(), name);
+}
+
+bool cw_thread_start(pthread_t *t, void *(*fn)(void *), void *arg)
+{
+	sigset_t all, old;
+	sigfillset(&all);
+	pthread_sigmask(SIG_BLOCK, &all, &old);
+	int rc = pthread_create(t, NULL, fn, arg);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	return rc == 0;
 }

@@ -70,4 +70,9 @@ bool cw_ct_equal(const void *a, const void *b, size_t n);
  * gdb and perf. */
 void cw_thread_name(const char *name);
 
+/* pthread_create with every signal blocked in the new thread (the main
+ * thread takes them with sigwait); true when it started. */
+#include <pthread.h>
+bool cw_thread_start(pthread_t *t, void *(*fn)(void *), void *arg);
+
 #endif

@@ -563,12 +563,7 @@ cw_err policy_live_start(struct policy_live **out, const struct policy_live_opts
 		return rc;
 	}
 	swap_in(pl, v);
-	sigset_t all, old;
-	sigfillset(&all);
-	pthread_sigmask(SIG_BLOCK, &all, &old);
-	int prc = pthread_create(&pl->thread, NULL, live_main, pl);
-	pthread_sigmask(SIG_SETMASK, &old, NULL);
-	if (prc != 0) {
+	if (!cw_thread_start(&pl->thread, live_main, pl)) {
 		policy_live_free(pl);
 		return cw_fail(e, CW_ENOMEM, "cannot start the policy thread");
 	}

@@ -482,12 +482,7 @@ static void *bot_main(void *arg)
 
 void mx_bot_start(struct matrix *m)
 {
-	sigset_t all, old;
-	sigfillset(&all);
-	pthread_sigmask(SIG_BLOCK, &all, &old);
-	if (pthread_create(&m->bot_thread, NULL, bot_main, m) == 0)
-		m->bot_started = true;
-	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	m->bot_started = cw_thread_start(&m->bot_thread, bot_main, m);
 }
 
 void mx_bot_stop(struct matrix *m)

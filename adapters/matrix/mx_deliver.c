@@ -233,12 +233,7 @@ void matrix_ping_start(struct matrix *m)
 {
 	if (!m)
 		return;
-	sigset_t all, old;
-	sigfillset(&all);
-	pthread_sigmask(SIG_BLOCK, &all, &old);
-	if (pthread_create(&m->ping_thread, NULL, ping_main, m) == 0)
-		m->ping_started = true;
-	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	m->ping_started = cw_thread_start(&m->ping_thread, ping_main, m);
 	mx_bot_start(m);
 	mx_media_start(m);
 }

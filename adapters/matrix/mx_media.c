@@ -276,12 +276,7 @@ static void *media_main(void *arg)
 
 void mx_media_start(struct matrix *m)
 {
-	sigset_t all, old;
-	sigfillset(&all);
-	pthread_sigmask(SIG_BLOCK, &all, &old);
-	if (pthread_create(&m->media_thread, NULL, media_main, m) == 0)
-		m->media_started = true;
-	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	m->media_started = cw_thread_start(&m->media_thread, media_main, m);
 }
 
 void mx_media_stop(struct matrix *m)
