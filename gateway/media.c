@@ -178,6 +178,18 @@ static long b64url_decode(unsigned char *out, size_t outlen, const char *in, siz
 	return cw_b64_decode(out, outlen, buf);
 }
 
+/* Whether text (n characters) is exactly the unpadded base64url of the
+ * bytes in (len). */
+static bool canonical(const char *text, size_t n, const char *in, size_t len)
+{
+	size_t cap = (len + 2) / 3 * 4 + 1; /* what cw_b64url_encode wants: room for the padded form */
+	char *enc = malloc(cap);
+	bool ok = enc && cw_b64url_encode(enc, cap, (const unsigned char *)in, len) == n &&
+		  memcmp(enc, text, n) == 0;
+	free(enc);
+	return ok;
+}
+
 bool media_token_open(const unsigned char key[32], const char *peer, const char *token, char *source,
 		      size_t len)
 {
@@ -191,8 +203,13 @@ bool media_token_open(const unsigned char key[32], const char *peer, const char 
 	if (sl <= 0 || b64url_decode(mac, sizeof(mac), dot + 1, strlen(dot + 1)) != TOKEN_MAC_LEN)
 		return false;
 	source[sl] = '\0';
-	if (strlen(source) != (size_t)sl || !token_mac(key, peer, source, want) ||
-	    !cw_ct_equal(mac, want, TOKEN_MAC_LEN)) {
+	/* Only the spelling media_token_make writes: base64url leaves the last
+	 * character's low bits unused, and a token that differs there must not
+	 * open as the same one. */
+	char again[32];
+	if (strlen(source) != (size_t)sl || !cw_b64url_encode(again, sizeof(again), mac, TOKEN_MAC_LEN) ||
+	    strcmp(again, dot + 1) != 0 || !canonical(s, (size_t)(dot - s), source, (size_t)sl) ||
+	    !token_mac(key, peer, source, want) || !cw_ct_equal(mac, want, TOKEN_MAC_LEN)) {
 		source[0] = '\0';
 		return false;
 	}
