@@ -97,15 +97,19 @@ class Ejabberd:
 
     def register(self, user, password):
         # ejabberd opens its ports before its virtual hosts have started: a
-        # register right after start may be told "Unknown virtual host".
+        # register right after start may be told "Unknown virtual host", or
+        # "Database failure" while its Mnesia tables are still loading (seen
+        # once in a clean-clone run on a loaded machine).
         deadline = time.time() + self.start_timeout
         while True:
             r = subprocess.run(self._cmd("register", user, self.host, password), capture_output=True, text=True,
                                timeout=60, cwd=self.dir)
             if r.returncode == 0:
                 return f"{user}@{self.host}"
-            if "Unknown virtual host" not in r.stdout + r.stderr or time.time() > deadline:
-                raise RuntimeError(f"ejabberdctl register failed: {r.stdout}{r.stderr}")
+            out = r.stdout + r.stderr
+            starting = "Unknown virtual host" in out or "Database failure" in out
+            if not starting or time.time() > deadline:
+                raise RuntimeError(f"ejabberdctl register failed: {out}")
             time.sleep(0.2)
 
     def log(self):
