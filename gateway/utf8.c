@@ -53,3 +53,12 @@ bool cw_utf8_valid(const char *s, size_t n)
 	}
 	return true;
 }
+
+bool cw_utf8_has_control(const char *s, size_t n)
+{
+	const unsigned char *p = (const unsigned char *)s;
+	for (size_t i = 0; i < n; i++)
+		if (p[i] < 0x20 || p[i] == 0x7f || (p[i] == 0xc2 && i + 1 < n && p[i + 1] >= 0x80 && p[i + 1] <= 0x9f))
+			return true;
+	return false;
+}

@@ -15,4 +15,8 @@ size_t cw_utf8_seq(const unsigned char *s, size_t n, unsigned *cp);
 /* Whether the n bytes at s are all valid UTF-8 (an empty string is). */
 bool cw_utf8_valid(const char *s, size_t n);
 
+/* Whether the n bytes of valid UTF-8 at s hold a control character: C0,
+ * DEL or C1 (U+0080-U+009F, 0xC2 0x80-0x9F). */
+bool cw_utf8_has_control(const char *s, size_t n);
+
 #endif

@@ -672,21 +672,6 @@ static const char *media_label(const char *msgtype)
 	return NULL;
 }
 
-/* Whether name may be an attachment's filename (event.h). */
-static bool filename_ok(const char *name)
-{
-	size_t n = strlen(name);
-	if (n == 0 || n > EVENT_FILENAME_MAX || strcmp(name, ".") == 0 || strcmp(name, "..") == 0)
-		return false;
-	for (size_t i = 0; i < n; i++) {
-		unsigned char ch = (unsigned char)name[i];
-		if (ch < 0x20 || ch == 0x7f || ch == '/' || ch == '\\' ||
-		    (ch == 0xc2 && i + 1 < n && (unsigned char)name[i + 1] >= 0x80 && (unsigned char)name[i + 1] <= 0x9f))
-			return false;
-	}
-	return true;
-}
-
 /* Builds content.parts (and x.matrix.msgtype) from a message content c
  * (the event's content or an edit's m.new_content). */
 static enum mx_in_result text_parts(const json_t *c, const char *msgtype, bool sticker, bool strip_reply,
@@ -751,7 +736,7 @@ static enum mx_in_result text_parts(const json_t *c, const char *msgtype, bool s
 		json_t *a = json_pack("{s:s, s:s, s:I}", "content_type", mime && media_type_ok(mime) ? mime :
 							     "application/octet-stream",
 				      "url", url, "size", (json_int_t)json_integer_value(size));
-		if (filename_ok(name))
+		if (event_filename_valid(name))
 			json_object_set_new(a, "filename", json_string(name));
 		json_object_set_new(content, "attachments", json_pack("[o]", a));
 		carried = true;

@@ -1,6 +1,7 @@
 /* Validation of the neutral API's inputs: identifiers, event bodies, batches. */
 #include "config.h"
 #include "peer/event.h"
+#include "utf8.h"
 
 #include <stdarg.h>
 #include <stdio.h>
@@ -611,19 +612,11 @@ static bool sha256_valid(const char *s)
 	return i == 64;
 }
 
-/* No path separators, no C0, DEL or C1 controls (U+0080-U+009F are
- * 0xC2 0x80-0x9F in UTF-8, which jansson has already checked). */
-static bool filename_valid(const char *s)
+bool event_filename_valid(const char *s)
 {
-	if (!*s || strcmp(s, ".") == 0 || strcmp(s, "..") == 0)
-		return false;
-	for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
-		if (*p < 0x20 || *p == 0x7f || *p == '/' || *p == '\\')
-			return false;
-		if (*p == 0xc2 && p[1] >= 0x80 && p[1] <= 0x9f)
-			return false;
-	}
-	return true;
+	size_t n = strlen(s);
+	return n > 0 && n <= EVENT_FILENAME_MAX && strcmp(s, ".") != 0 && strcmp(s, "..") != 0 &&
+	       !strpbrk(s, "/\\") && !cw_utf8_has_control(s, n);
 }
 
 static cw_err check_attachment(struct vctx *c, json_t *a, struct event *ev)
@@ -669,7 +662,7 @@ static cw_err check_attachment(struct vctx *c, json_t *a, struct event *ev)
 	rc = string_member(c, a, "filename", 0, EVENT_FILENAME_MAX, &s);
 	if (rc)
 		return rc;
-	if (s && !filename_valid(s)) {
+	if (s && !event_filename_valid(s)) {
 		jptr_push(&c->ptr, "filename");
 		return vfail(c, EVENT_ERR_INVALID,
 			     "filename must be a non-empty name without '/', '\\' or control characters, not . or ..");

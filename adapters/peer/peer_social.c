@@ -3,6 +3,7 @@
 #include "peer_social.h"
 #include "app.h"
 #include "event.h"
+#include "utf8.h"
 #include "peer_api.h"
 #include "peers.h"
 #include "store.h"
@@ -422,11 +423,8 @@ static const char *display_bad(const json_t *v)
 {
 	if (!json_is_string(v) || json_string_length(v) < 1 || json_string_length(v) > DISPLAY_NAME_MAX)
 		return "display_name must be null or a string of 1 to 256 bytes";
-	const unsigned char *p = (const unsigned char *)json_string_value(v);
-	for (size_t i = 0; i < json_string_length(v); i++)
-		if (p[i] < 0x20 || p[i] == 0x7f || (p[i] == 0xc2 && i + 1 < json_string_length(v) && p[i + 1] >= 0x80 &&
-						     p[i + 1] <= 0x9f))
-			return "display_name may not hold control characters";
+	if (cw_utf8_has_control(json_string_value(v), json_string_length(v)))
+		return "display_name may not hold control characters";
 	return NULL;
 }
 
