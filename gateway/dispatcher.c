@@ -5,7 +5,6 @@
 #include "store.h"
 
 #include <errno.h>
-#include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -735,20 +734,11 @@ static void deliver(struct lane *l, struct outbox_row *rows, size_t n)
 }
 
 /* Waits for a NOTIFY or up to timeout_ms, then reads every notification
- * there is: libpq reads some 32 KB a call, and a listener that reads less
- * than it is sent falls behind for good (see the sleeping lanes below). */
+ * there is (store_wait_notify: one that came while the claim ran returns at
+ * once; see the sleeping lanes below for why all are read). */
 static void wait_notify(struct lane *l, int timeout_ms)
 {
-	struct pollfd p = { .fd = PQsocket(l->c), .events = POLLIN };
-	if (p.fd < 0)
-		return;
-	for (int i = 0; i < 1024 && poll(&p, 1, i ? 0 : timeout_ms) > 0; i++) {
-		if (!PQconsumeInput(l->c))
-			break;
-		PGnotify *n;
-		while ((n = PQnotifies(l->c)))
-			PQfreemem(n);
-	}
+	store_wait_notify(l->c, -1, timeout_ms, NULL, NULL);
 }
 
 static void *dispatcher_main(void *arg)

@@ -482,12 +482,8 @@ static void *live_main(void *arg)
 		}
 		backoff_us = 0;
 		want = fresh || atomic_exchange(&pl->poked, false);
-		PQconsumeInput(pl->c);
-		PGnotify *nt;
-		while ((nt = PQnotifies(pl->c))) {
+		if (store_notifies(pl->c, NULL, NULL) > 0)
 			want = true;
-			PQfreemem(nt);
-		}
 		int64_t now = cw_now_us();
 		if (want || now >= next_reload) {
 			if (reload(pl))
@@ -524,13 +520,14 @@ static void *live_main(void *arg)
 			timeout = 0;
 		if (timeout > 1000)
 			timeout = 1000;
-		struct pollfd fds[2] = { { .fd = pl->wake[0], .events = POLLIN },
-					 { .fd = PQsocket(pl->c), .events = POLLIN } };
-		if (poll(fds, 2, timeout) > 0 && (fds[0].revents & POLLIN)) {
-			char buf[64];
-			while (read(pl->wake[0], buf, sizeof(buf)) > 0)
-				;
-		}
+		/* A change notified while the reload or the sweep ran is in
+		 * libpq's queue, not on the socket: it is taken here, and the
+		 * next turn reloads at once. */
+		if (store_wait_notify(pl->c, pl->wake[0], timeout, NULL, NULL) > 0)
+			atomic_store(&pl->poked, true);
+		char buf[64];
+		while (read(pl->wake[0], buf, sizeof(buf)) > 0)
+			;
 	}
 	PQfinish(pl->c);
 	pl->c = NULL;

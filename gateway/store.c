@@ -4,6 +4,7 @@
 #include "log.h"
 
 #include <errno.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -193,6 +194,42 @@ cw_err store_exec(PGconn *c, const char *sql, cw_errmsg *e)
 		rc = store_result_err(c, r, e);
 	PQclear(r);
 	return rc;
+}
+
+int store_notifies(PGconn *c, void (*each)(const char *channel, void *arg), void *arg)
+{
+	int n = 0;
+	for (int i = 0; i < 1024; i++) {
+		bool ok = PQconsumeInput(c);
+		PGnotify *nt;
+		while ((nt = PQnotifies(c))) {
+			if (each)
+				each(nt->relname, arg);
+			PQfreemem(nt);
+			n++;
+		}
+		if (!ok)
+			return n ? n : -1;
+		struct pollfd p = { .fd = PQsocket(c), .events = POLLIN };
+		if (p.fd < 0 || poll(&p, 1, 0) <= 0)
+			break;
+	}
+	return n;
+}
+
+int store_wait_notify(PGconn *c, int wake_fd, int timeout_ms, void (*each)(const char *channel, void *arg),
+		      void *arg)
+{
+	int n = store_notifies(c, each, arg);
+	if (n > 0)
+		return n;
+	/* A broken connection still waits (for wake_fd or the timeout): the
+	 * caller's loop reconnects at its own pace, it does not spin. */
+	struct pollfd fds[2] = { { .fd = n < 0 ? -1 : PQsocket(c), .events = POLLIN },
+				 { .fd = wake_fd, .events = POLLIN } };
+	if (poll(fds, 2, timeout_ms) > 0 && fds[0].fd >= 0 && fds[0].revents)
+		return store_notifies(c, each, arg);
+	return fds[0].fd < 0 ? -1 : 0;
 }
 
 /* Server notices ("table does not exist, skipping") go to the log, not to

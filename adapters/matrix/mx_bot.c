@@ -469,12 +469,7 @@ static void *bot_main(void *arg)
 		while (!atomic_load(&m->bot_stop) && inbox(m, c))
 			;
 		requests(m, c);
-		struct pollfd pf = { .fd = PQsocket(c), .events = POLLIN };
-		poll(&pf, 1, 500);
-		PQconsumeInput(c);
-		PGnotify *n;
-		while ((n = PQnotifies(c)))
-			PQfreemem(n);
+		store_wait_notify(c, -1, 500, NULL, NULL);
 	}
 	PQfinish(c);
 	return NULL;

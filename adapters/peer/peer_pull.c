@@ -124,11 +124,25 @@ static bool ensure_conn(struct peer_pull *p)
 	return p->c != NULL;
 }
 
+struct heard {
+	bool events, peers;
+};
+
+static void noted(const char *channel, void *arg)
+{
+	struct heard *h = arg;
+	if (strcmp(channel, "causeway_peers") == 0)
+		h->peers = true;
+	else
+		h->events = true;
+}
+
 static void *poller_main(void *arg)
 {
 	cw_thread_name("cw-pull");
 	struct peer_pull *p = arg;
 	struct waiter *waiting = NULL;
+	struct heard heard = { 0 };
 	for (;;) {
 		bool stopping = atomic_load(&p->stop);
 		ensure_conn(p);
@@ -148,18 +162,10 @@ static void *poller_main(void *arg)
 			in = next;
 		}
 		/* Waiting ones: on a notification, at their deadline, or at stop. */
-		bool notified = false, peers_changed = false;
-		if (p->c) {
-			PQconsumeInput(p->c);
-			PGnotify *nt;
-			while ((nt = PQnotifies(p->c))) {
-				if (strcmp(nt->relname, "causeway_peers") == 0)
-					peers_changed = true;
-				else
-					notified = true;
-				PQfreemem(nt);
-			}
-		}
+		if (p->c)
+			store_notifies(p->c, noted, &heard);
+		bool notified = heard.events, peers_changed = heard.peers;
+		heard = (struct heard){ 0 };
 		int64_t now = cw_now_us();
 		if (p->c && p->registry && (peers_changed || now >= p->next_reload_us)) {
 			cw_errmsg e;
@@ -185,13 +191,17 @@ static void *poller_main(void *arg)
 				break;
 			continue;
 		}
-		struct pollfd fds[2] = { { .fd = p->wake[0], .events = POLLIN },
-					 { .fd = p->c ? PQsocket(p->c) : -1, .events = POLLIN } };
-		if (poll(fds, 2, 250) > 0 && (fds[0].revents & POLLIN)) {
-			char buf[64];
-			while (read(p->wake[0], buf, sizeof(buf)) == (ssize_t)sizeof(buf))
-				;
+		/* What was notified while the answers' queries ran waits in
+		 * libpq's queue: store_wait_notify returns at once with it. */
+		if (p->c) {
+			store_wait_notify(p->c, p->wake[0], 250, noted, &heard);
+		} else {
+			struct pollfd fd = { .fd = p->wake[0], .events = POLLIN };
+			poll(&fd, 1, 250);
 		}
+		char buf[64];
+		while (read(p->wake[0], buf, sizeof(buf)) > 0)
+			;
 	}
 	PQfinish(p->c);
 	p->c = NULL;

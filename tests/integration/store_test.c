@@ -6,6 +6,7 @@
 #include "store.h"
 #include "../unit/unit.h"
 
+#include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <time.h>
@@ -256,6 +257,63 @@ START_TEST(unreachable_database_fails_fast)
 }
 END_TEST
 
+static void heard(const char *channel, void *arg)
+{
+	snprintf(arg, 64, "%s", channel);
+}
+
+/* A notification that libpq read while a statement ran is in its queue,
+ * not on the socket: store_wait_notify must return it at once, not sleep
+ * its timeout on a socket that has nothing more to say.  (The policy
+ * thread once did: a consent its own process had just written reached the
+ * snapshot up to a second late, and a reply was decided without it.) */
+START_TEST(a_notification_read_during_a_statement_is_not_slept_on)
+{
+	cw_errmsg e;
+	PGconn *c = store_connect(db_url(), 10000, &e);
+	ck_assert_ptr_nonnull(c);
+	ck_assert_int_eq(store_exec(c, "LISTEN store_test_chan", &e), CW_OK);
+	sql("NOTIFY store_test_chan");
+	usleep(100000);                      /* it is on c's socket now */
+	ck_assert_int_eq(store_exec(c, "SELECT 1", &e), CW_OK); /* and libpq read it with the result */
+	struct pollfd p = { .fd = PQsocket(c), .events = POLLIN };
+	ck_assert_int_eq(poll(&p, 1, 0), 0); /* the socket has nothing more */
+	char name[64] = "";
+	int64_t t0 = cw_now_us();
+	ck_assert_int_eq(store_wait_notify(c, -1, 5000, heard, name), 1);
+	ck_assert_int_lt(cw_now_us() - t0, 1000000);
+	ck_assert_str_eq(name, "store_test_chan");
+
+	/* Nothing queued: it waits for the timeout, */
+	t0 = cw_now_us();
+	ck_assert_int_eq(store_wait_notify(c, -1, 200, NULL, NULL), 0);
+	ck_assert_int_ge(cw_now_us() - t0, 150000);
+	/* or for the wake descriptor, */
+	int wake[2];
+	ck_assert_int_eq(pipe(wake), 0);
+	ck_assert_int_eq(write(wake[1], "x", 1), 1);
+	t0 = cw_now_us();
+	ck_assert_int_eq(store_wait_notify(c, wake[0], 5000, NULL, NULL), 0);
+	ck_assert_int_lt(cw_now_us() - t0, 1000000);
+	close(wake[0]);
+	close(wake[1]);
+	/* and takes every notification sent while it waited. */
+	sql("NOTIFY store_test_chan; NOTIFY store_test_chan, 'two'");
+	usleep(100000);
+	ck_assert_int_eq(store_wait_notify(c, -1, 5000, NULL, NULL), 2);
+	ck_assert_int_eq(store_notifies(c, NULL, NULL), 0);
+	PQfinish(c);
+	/* A broken connection: -1, after the wait all the same. */
+	c = store_connect(db_url(), 10000, &e);
+	ck_assert_ptr_nonnull(c);
+	ck_assert_int_ne(store_exec(c, "SELECT pg_terminate_backend(pg_backend_pid())", &e), CW_OK);
+	t0 = cw_now_us();
+	ck_assert_int_eq(store_wait_notify(c, -1, 200, NULL, NULL), -1);
+	ck_assert_int_ge(cw_now_us() - t0, 150000);
+	PQfinish(c);
+}
+END_TEST
+
 /* ------------------------------------------------------------- outage mode
  * Writes one row at a time for up to 60 s while the harness stops and
  * restarts PostgreSQL.  Passes when writes failed fast during the outage,
@@ -356,6 +414,7 @@ int main(int argc, char **argv)
 	tcase_add_test(tc, one_failing_write_does_not_fail_its_batch);
 	tcase_add_test(tc, reads_and_shutdown);
 	tcase_add_test(tc, unreachable_database_fails_fast);
+	tcase_add_test(tc, a_notification_read_during_a_statement_is_not_slept_on);
 	suite_add_tcase(s, tc);
 	return unit_run(s);
 }
