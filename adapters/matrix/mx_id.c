@@ -165,6 +165,25 @@ static bool copy_out(char *dst, size_t dlen, const char *src, size_t n)
 	return true;
 }
 
+bool mx_mxc_parse(const char *uri, char *server, size_t slen, const char **media_id)
+{
+	if (!uri || strncmp(uri, "mxc://", 6) != 0)
+		return false;
+	const char *srv = uri + 6, *slash = strchr(srv, '/');
+	if (!slash || !server_name_valid_n(srv, (size_t)(slash - srv)) ||
+	    !copy_out(server, slen, srv, (size_t)(slash - srv)))
+		return false;
+	size_t n = strlen(slash + 1);
+	if (n == 0 || n > 255)
+		return false;
+	for (const char *p = slash + 1; *p; p++)
+		if (!(is_lower(*p) || (*p >= 'A' && *p <= 'Z') || is_digit(*p) || *p == '_' || *p == '-'))
+			return false;
+	if (media_id)
+		*media_id = slash + 1;
+	return true;
+}
+
 /* sigil local ":" server with local valid UTF-8 (no ':' by construction). */
 static bool split_id(const char *s, char sigil, bool allow_empty_local, const char **local, size_t *local_len,
 		     const char **server)

@@ -23,6 +23,12 @@
  * digits, at most 65535.  Case-sensitive, as the spec says: no folding. */
 bool mx_server_name_valid(const char *s);
 
+/* A content URI  "mxc://" server_name "/" media_id  with a media id of 1 to
+ * 255 of [A-Za-z0-9_-] (the Client-Server API's "Matrix Content URI").
+ * Copies the server name into server; *media_id (may be NULL) points at
+ * the media id inside uri. */
+bool mx_mxc_parse(const char *uri, char *server, size_t slen, const char **media_id);
+
 /* A localpart of the current grammar (spec v1.8): 1 or more of
  * a-z 0-9 . _ = - / +.  What the gateway itself may create. */
 bool mx_localpart_compliant(const char *localpart);

@@ -204,22 +204,8 @@ static bool href_ok(const char *v)
 /* mxc://<server name>/<media id of [A-Za-z0-9_-]>. */
 static bool mxc_ok(const char *v)
 {
-	if (!starts_with(v, "mxc://"))
-		return false;
-	const char *srv = v + 6, *slash = strchr(srv, '/');
-	if (!slash || slash == srv || slash - srv > 255)
-		return false;
 	char server[256];
-	memcpy(server, srv, (size_t)(slash - srv));
-	server[slash - srv] = '\0';
-	if (!mx_server_name_valid(server) || !slash[1])
-		return false;
-	for (const char *p = slash + 1; *p; p++) {
-		char c = *p;
-		if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '-'))
-			return false;
-	}
-	return true;
+	return mx_mxc_parse(v, server, sizeof(server), NULL);
 }
 
 static char *attr_value(xmlAttr *a)

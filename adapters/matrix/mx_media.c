@@ -16,22 +16,14 @@
 #define MEDIA_TIMEOUT_MS 30000L
 
 /* mxc://<server>/<media id>: the media id into id (false when url is not
- * of server, or the id has other characters than [A-Za-z0-9_-]). */
+ * a content URI of server). */
 static bool mxc_split(const char *url, const char *server, char *id, size_t len)
 {
-	size_t sl = strlen(server);
-	if (strncmp(url, "mxc://", 6) != 0 || strncmp(url + 6, server, sl) != 0 || url[6 + sl] != '/')
+	char srv[256];
+	const char *mid;
+	if (!mx_mxc_parse(url, srv, sizeof(srv), &mid) || strcmp(srv, server) != 0 || strlen(mid) >= len)
 		return false;
-	const char *p = url + 7 + sl;
-	size_t n = strlen(p);
-	if (n == 0 || n >= len || n > 255)
-		return false;
-	for (size_t i = 0; i < n; i++) {
-		char c = p[i];
-		if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '-'))
-			return false;
-	}
-	memcpy(id, p, n + 1);
+	memcpy(id, mid, strlen(mid) + 1);
 	return true;
 }
 

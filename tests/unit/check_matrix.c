@@ -177,6 +177,12 @@ START_TEST(id_cases)
 				got = mx_server_name_valid(s);
 			else if (strcmp(kind, "compliant") == 0)
 				got = mx_localpart_compliant(s);
+			else if (strcmp(kind, "mxc") == 0) {
+				const char *mid = NULL;
+				got = mx_mxc_parse(s, server, sizeof(server), &mid);
+				if (got)
+					snprintf(local, sizeof(local), "%s", mid);
+			}
 			else
 				ck_abort_msg("line %d: unknown kind %s", lineno, kind);
 			ck_assert_msg(got == want, "line %d: %s %s: got %s", lineno, kind, t[2], got ? "ok" : "bad");
@@ -208,6 +214,9 @@ START_TEST(id_null_and_buffers)
 	ck_assert(!mx_room_alias_parse(NULL, NULL, 0, NULL, 0));
 	ck_assert(!mx_server_name_valid(NULL));
 	ck_assert(!mx_localpart_compliant(NULL));
+	ck_assert(!mx_mxc_parse(NULL, NULL, 0, NULL));
+	ck_assert(mx_mxc_parse("mxc://example.org/x", NULL, 0, NULL)); /* validation only */
+	ck_assert(!mx_mxc_parse("mxc://example.org/x", a, 8, NULL));   /* the server does not fit */
 	ck_assert(!mx_ghost_id(NULL, "wa", "x", SERVER, b, sizeof(b)));
 	ck_assert(!mx_ghost_id(PREFIX, NULL, "x", SERVER, b, sizeof(b)));
 	ck_assert(!mx_ghost_id(PREFIX, "wa", NULL, SERVER, b, sizeof(b)));
