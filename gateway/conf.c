@@ -242,6 +242,14 @@ void cfg_defaults(struct cw_config *c)
 	}
 }
 
+size_t cfg_public_url_len(const struct cw_config *c)
+{
+	size_t n = c->public_url ? strlen(c->public_url) : 0;
+	while (n && c->public_url[n - 1] == '/')
+		n--;
+	return n;
+}
+
 void cfg_free(struct cw_config *c)
 {
 	for (size_t i = 0; i < cfg_option_count; i++)

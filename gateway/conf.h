@@ -94,6 +94,9 @@ extern const size_t cfg_option_count;
 /* Sets every option to its default. Caller frees with cfg_free. */
 void cfg_defaults(struct cw_config *c);
 void cfg_free(struct cw_config *c);
+/* The length of server.public_url without its trailing slashes (0: not
+ * set): request targets and file links are appended to that prefix. */
+size_t cfg_public_url_len(const struct cw_config *c);
 
 /* Sets one option from its text form; "section", "name" as in the file. */
 cw_err cfg_set(struct cw_config *c, const char *section, const char *name,

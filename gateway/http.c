@@ -497,6 +497,13 @@ cw_err cw_http_start(struct cw_http **out, const struct cw_http_opts *o, cw_errm
 	return CW_OK;
 }
 
+void cw_http_local_url(const char *address, unsigned port, char *out, size_t len)
+{
+	const char *a = strcmp(address, "0.0.0.0") == 0 ? "127.0.0.1" : strcmp(address, "::") == 0 ? "::1" : address;
+	bool v6 = strchr(a, ':') != NULL;
+	snprintf(out, len, "http://%s%s%s:%u", v6 ? "[" : "", a, v6 ? "]" : "", port);
+}
+
 unsigned cw_http_port(const struct cw_http *h) { return h->port; }
 long cw_http_in_flight(const struct cw_http *h) { return atomic_load(&((struct cw_http *)h)->in_flight); }
 void cw_http_set_access_log(struct cw_http *h, bool on) { atomic_store(&h->access_log, on); }

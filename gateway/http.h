@@ -70,6 +70,10 @@ struct cw_http_opts {
 cw_err cw_http_start(struct cw_http **out, const struct cw_http_opts *o, cw_errmsg *e);
 /* The port really bound (useful with port 0). */
 unsigned cw_http_port(const struct cw_http *h);
+/* The URL of a front listening on address and port as this machine
+ * reaches it: "http://", an IPv6 address in brackets, a wildcard address
+ * (0.0.0.0, ::) as the loopback address; no trailing slash. */
+void cw_http_local_url(const char *address, unsigned port, char *out, size_t len);
 /* Stops accepting new connections; requests in flight go on. */
 void cw_http_quiesce(struct cw_http *h);
 /* Waits until no request is in flight or timeout_ms passed; true if idle. */

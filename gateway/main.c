@@ -373,9 +373,7 @@ int main(int argc, char **argv)
 	matrix_ping_start(app.matrix); /* the homeserver pings back: the HTTP front must be up */
 
 	char url[300], ms[32], port[16], pid[16];
-	bool v6 = strchr(cfg.listen_address, ':') != NULL;
-	snprintf(url, sizeof(url), "http://%s%s%s:%u/", v6 ? "[" : "", cfg.listen_address, v6 ? "]" : "",
-		 cw_http_port(app.http));
+	cw_http_local_url(cfg.listen_address, cw_http_port(app.http), url, sizeof(url));
 	snprintf(ms, sizeof(ms), "%.1f", (double)(cw_now_us() - t0) / 1000.0);
 	snprintf(port, sizeof(port), "%u", cw_http_port(app.http));
 	snprintf(pid, sizeof(pid), "%d", (int)getpid());

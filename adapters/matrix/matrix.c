@@ -23,6 +23,14 @@ const char *mx_server_name(const struct cw_config *cfg)
 	return or_default(cfg->mx_server_name, or_default(cfg->domain, "localhost"));
 }
 
+size_t mx_hs_base_len(const struct cw_config *cfg)
+{
+	size_t hl = strlen(cfg->mx_homeserver_url);
+	while (hl && cfg->mx_homeserver_url[hl - 1] == '/')
+		hl--;
+	return hl;
+}
+
 cw_err matrix_new(struct matrix **out, struct cw_app *app, cw_errmsg *e)
 {
 	*out = NULL;
@@ -135,8 +143,7 @@ int matrix_print_registration(const struct cw_config *cfg, FILE *out)
 	if (cfg->mx_url && *cfg->mx_url)
 		snprintf(url, sizeof(url), "%s", cfg->mx_url);
 	else
-		snprintf(url, sizeof(url), "http://%s:%ld", strcmp(cfg->listen_address, "0.0.0.0") == 0 ? "127.0.0.1"
-			 : cfg->listen_address, cfg->port);
+		cw_http_local_url(cfg->listen_address, (unsigned)cfg->port, url, sizeof(url));
 	fprintf(out, "# Causeway's application service registration (docs/matrix.md shows where each homeserver\n"
 		     "# reads it).%s\n", made ? "  New tokens were made: put them in causewayd's configuration as\n"
 						 "# [matrix] as_token and hs_token before starting it." : "");

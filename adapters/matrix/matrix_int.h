@@ -59,6 +59,9 @@ struct matrix {
 enum { MX_EV_ACCEPTED, MX_EV_REFUSED, MX_EV_INVALID, MX_EV_IGNORED };
 
 const char *mx_server_name(const struct cw_config *cfg);
+/* The length of matrix.homeserver_url without its trailing slashes: every
+ * request's URL is that prefix and an absolute path. */
+size_t mx_hs_base_len(const struct cw_config *cfg);
 /* The destructor of a thread's homeserver client. */
 void mx_curl_release(void *c);
 void mx_error(struct cw_req *req, int status, const char *errcode, const char *msg);

@@ -97,10 +97,7 @@ static cw_err req_setup(struct matrix *m, CURL *c, struct mx_req *rq, const char
 		req_free(rq);
 		return cw_fail(e, CW_ENOMEM, "out of memory");
 	}
-	size_t hl = strlen(m->cfg->mx_homeserver_url);
-	while (hl && m->cfg->mx_homeserver_url[hl - 1] == '/')
-		hl--;
-	snprintf(rq->url, ulen, "%.*s%s%s%s%s%s%s", (int)hl, m->cfg->mx_homeserver_url, path,
+	snprintf(rq->url, ulen, "%.*s%s%s%s%s%s%s", (int)mx_hs_base_len(m->cfg), m->cfg->mx_homeserver_url, path,
 		 (uid || query) ? "?" : "", uid ? "user_id=" : "", uid ? uid : "", (uid && query) ? "&" : "",
 		 query ? query : "");
 	curl_free(uid);

@@ -34,19 +34,11 @@ bool matrix_media_owns(void *ctx, const char *url)
 	return url && mxc_split(url, mx_server_name(m->cfg), id, sizeof(id));
 }
 
-static size_t hs_base_len(const struct matrix *m)
-{
-	size_t hl = strlen(m->cfg->mx_homeserver_url);
-	while (hl && m->cfg->mx_homeserver_url[hl - 1] == '/')
-		hl--;
-	return hl;
-}
-
 /* One GET of the homeserver's media API into b. */
 static CURLcode hs_get(struct matrix *m, CURL *h, const char *path, struct media_blob *b, long *status)
 {
 	char url[1400], auth[600];
-	snprintf(url, sizeof(url), "%.*s%s", (int)hs_base_len(m), m->cfg->mx_homeserver_url, path);
+	snprintf(url, sizeof(url), "%.*s%s", (int)mx_hs_base_len(m->cfg), m->cfg->mx_homeserver_url, path);
 	snprintf(auth, sizeof(auth), "Authorization: Bearer %s", m->cfg->mx_as_token);
 	struct curl_slist *hd = curl_slist_append(NULL, auth);
 	media_blob_free(b);
@@ -121,7 +113,7 @@ static cw_err upload(struct matrix *m, const char *ghost, const struct media_blo
 	CURL *h = curl_easy_init();
 	char *g = h ? curl_easy_escape(h, ghost, 0) : NULL, *f = h ? curl_easy_escape(h, filename, 0) : NULL;
 	char url[1800], auth[600], ctype[200];
-	snprintf(url, sizeof(url), "%.*s/_matrix/media/v3/upload?user_id=%s&filename=%s", (int)hs_base_len(m),
+	snprintf(url, sizeof(url), "%.*s/_matrix/media/v3/upload?user_id=%s&filename=%s", (int)mx_hs_base_len(m->cfg),
 		 m->cfg->mx_homeserver_url, g ? g : "", f ? f : "");
 	snprintf(auth, sizeof(auth), "Authorization: Bearer %s", m->cfg->mx_as_token);
 	snprintf(ctype, sizeof(ctype), "Content-Type: %s", ct);
@@ -151,7 +143,7 @@ static cw_err upload(struct matrix *m, const char *ghost, const struct media_blo
 	const char *code = json_string_value(json_object_get(j, "errcode"));
 	if (*status != 200)
 		rc = cw_fail(e, CW_EIO, "homeserver answered the upload %ld %s", *status, code ? code : "");
-	else if (!uri || strncmp(uri, "mxc://", 6) != 0 || strlen(uri) >= len)
+	else if (!uri || !mx_mxc_parse(uri, NULL, 0, NULL) || strlen(uri) >= len)
 		rc = cw_fail(e, CW_EIO, "homeserver answered the upload without a valid content_uri");
 	else
 		snprintf(mxc, len, "%s", uri);

@@ -21,12 +21,9 @@
 
 void peer_target_uri(struct cw_app *app, struct cw_req *req, char *buf, size_t len)
 {
-	const char *pub = app->cfg->public_url;
-	if (pub && *pub) {
-		size_t n = strlen(pub);
-		while (n && pub[n - 1] == '/')
-			n--;
-		snprintf(buf, len, "%.*s%s", (int)n, pub, cw_req_raw_target(req));
+	size_t n = cfg_public_url_len(app->cfg);
+	if (n) {
+		snprintf(buf, len, "%.*s%s", (int)n, app->cfg->public_url, cw_req_raw_target(req));
 	} else {
 		const char *host = cw_req_header(req, "Host");
 		snprintf(buf, len, "http://%s%s", host ? host : "", cw_req_raw_target(req));

@@ -14,21 +14,16 @@
  * listens on; false when not known yet (the HTTP front not started). */
 static bool base_url(struct cw_app *app, char *out, size_t len)
 {
-	const char *pub = app->cfg->public_url;
-	if (pub && *pub) {
-		size_t n = strlen(pub);
-		while (n && pub[n - 1] == '/')
-			n--;
-		snprintf(out, len, "%.*s", (int)n, pub);
+	size_t n = cfg_public_url_len(app->cfg);
+	if (n) {
+		snprintf(out, len, "%.*s", (int)n, app->cfg->public_url);
 		return true;
 	}
 	/* The port configured, or (port 0: any) the one bound, once bound. */
 	unsigned port = app->cfg->port ? (unsigned)app->cfg->port : app->http ? cw_http_port(app->http) : 0;
 	if (!port)
 		return false;
-	const char *a = app->cfg->listen_address;
-	bool v6 = strchr(a, ':') != NULL;
-	snprintf(out, len, "http://%s%s%s:%u", v6 ? "[" : "", a, v6 ? "]" : "", port);
+	cw_http_local_url(app->cfg->listen_address, port, out, len);
 	return true;
 }
 

@@ -384,6 +384,21 @@ START_TEST(live_quiesce_under_load_never_aborts)
 }
 END_TEST
 
+START_TEST(local_urls)
+{
+	static const char *const cases[][2] = {
+		{ "127.0.0.1", "http://127.0.0.1:8080" }, { "0.0.0.0", "http://127.0.0.1:8080" },
+		{ "::", "http://[::1]:8080" },             { "::1", "http://[::1]:8080" },
+		{ "fd00::5", "http://[fd00::5]:8080" },    { "10.1.2.3", "http://10.1.2.3:8080" },
+	};
+	char url[64];
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		cw_http_local_url(cases[i][0], 8080, url, sizeof(url));
+		ck_assert_str_eq(url, cases[i][1]);
+	}
+}
+END_TEST
+
 int main(void)
 {
 	curl_global_init(CURL_GLOBAL_DEFAULT);
@@ -391,6 +406,7 @@ int main(void)
 	TCase *tc = tcase_create("router");
 	tcase_add_test(tc, routing_table);
 	tcase_add_test(tc, overlong_segment_never_matches);
+	tcase_add_test(tc, local_urls);
 	suite_add_tcase(s, tc);
 	TCase *live_tc = tcase_create("live");
 	tcase_set_timeout(live_tc, 30);
