@@ -321,8 +321,10 @@ struct txn {
 	json_t *ephemeral;    /* typing and receipts */
 	json_t *refs;         /* Matrix event ids referred to, and local senders (round 0) */
 	json_t *map;          /* Matrix event id -> msg_ id */
+	json_t *ref_rooms;    /* Matrix event id -> the id of its neutral room */
+	const char *cur_room; /* the neutral room of the event being converted */
 	json_t *senders;      /* Matrix user id -> mimi URI (local users) */
-	json_t *rooms;        /* Matrix room id -> true when bridged */
+	json_t *rooms;        /* Matrix room id -> its neutral room's id when bridged */
 	json_t *mgmt;         /* Matrix room id -> the user whose management room it is */
 	json_t *bot_send;     /* of bot, those that are the bot's (txn_prepare) */
 	json_t *typing;       /* room -> who types, as this transaction says (kept once it is durable) */
@@ -342,6 +344,7 @@ static void txn_free(void *arg)
 	json_decref(t->ephemeral);
 	json_decref(t->refs);
 	json_decref(t->map);
+	json_decref(t->ref_rooms);
 	json_decref(t->senders);
 	json_decref(t->rooms);
 	json_decref(t->mgmt);
@@ -358,12 +361,18 @@ static const char *lookup_map(void *ctx, const char *id)
 	return json_is_string(v) ? json_string_value(v) : NULL;
 }
 
-/* The mapper's lookup: a Matrix event id (its neutral id), or a user id
- * (a local user's URI, for membership changes). */
+/* The mapper's lookup: a Matrix event id (its neutral id, when it is an
+ * event of the neutral room of the event converted: a group's message
+ * reaches the direct room with its sender, and a reply, reaction or
+ * receipt there names it, but refers to a message of another room), or a
+ * user id (a local user's URI, for membership changes). */
 static const char *lookup_ref_or_user(void *ctx, const char *id)
 {
 	struct txn *t = ctx;
-	return id[0] == '@' ? lookup_map(t->senders, id) : lookup_map(t->map, id);
+	if (id[0] == '@')
+		return lookup_map(t->senders, id);
+	const char *room = lookup_map(t->ref_rooms, id);
+	return room && t->cur_room && strcmp(room, t->cur_room) == 0 ? lookup_map(t->map, id) : NULL;
 }
 
 struct id_set {
@@ -395,20 +404,20 @@ static void add_id_text(struct id_set *s, const char *v)
 const struct store_stmt matrix_statements[] = {
 	{ "mx_txn_lookup",
 	  "WITH d AS (SELECT $1::jsonb AS j) "
-	  "SELECT 'ref', x.id, (SELECT CASE WHEN e.type = 'edit' AND e.replaces_id IS NOT NULL "
-	  "  THEN (SELECT f.public_id FROM events f WHERE f.id = e.replaces_id) ELSE e.public_id END "
-	  "  FROM events e WHERE e.id = coalesce((SELECT n.event_id FROM event_native_ids n "
+	  "SELECT 'ref', x.id, CASE WHEN e.type = 'edit' AND e.replaces_id IS NOT NULL "
+	  "  THEN (SELECT f.public_id FROM events f WHERE f.id = e.replaces_id) ELSE e.public_id END, e.room_id::text "
+	  " FROM d CROSS JOIN jsonb_array_elements_text(d.j->'ids') AS x(id) "
+	  " LEFT JOIN events e ON e.id = coalesce((SELECT n.event_id FROM event_native_ids n "
 	  "  WHERE n.network = 'matrix' AND n.kind = 'event_id' AND n.native_id = x.id LIMIT 1), "
-	  "  (SELECT f.id FROM events f WHERE f.origin_network = 'matrix' AND f.origin_native_id = x.id))) "
-	  " FROM d, jsonb_array_elements_text(d.j->'ids') AS x(id) "
-	  "UNION ALL SELECT 'room', x.id, 'y' FROM d, jsonb_array_elements_text(d.j->'rooms') AS x(id) "
-	  " WHERE EXISTS (SELECT 1 FROM room_bindings b WHERE b.network = 'matrix' AND b.native_id = x.id) "
+	  "  (SELECT f.id FROM events f WHERE f.origin_network = 'matrix' AND f.origin_native_id = x.id)) "
+	  "UNION ALL SELECT 'room', x.id, b.room_id::text, NULL FROM d CROSS JOIN jsonb_array_elements_text(d.j->'rooms') AS x(id) "
+	  " JOIN room_bindings b ON b.network = 'matrix' AND b.native_id = x.id "
 	  "UNION ALL SELECT 'user', x.id, coalesce((SELECT i.uri FROM identity_bindings ib JOIN identities i "
 	  "  ON i.id = ib.identity_id WHERE ib.network = 'matrix' AND ib.native_id = x.id AND i.is_local), "
 	  "  (SELECT i.uri FROM identities i WHERE i.is_local AND i.localpart = split_part(substr(x.id, 2), ':', 1) "
-	  "   AND x.id = '@' || i.localpart || ':' || $2)) "
+	  "   AND x.id = '@' || i.localpart || ':' || $2)), NULL "
 	  " FROM d, jsonb_array_elements_text(d.j->'users') AS x(id) "
-	  "UNION ALL SELECT 'mgmt', m.room_id, m.user_id FROM matrix_mgmt_rooms m "
+	  "UNION ALL SELECT 'mgmt', m.room_id, m.user_id, NULL FROM matrix_mgmt_rooms m "
 	  " WHERE m.room_id IN (SELECT jsonb_array_elements_text(d.j->'rooms') FROM d)" },
 	{ NULL, NULL },
 };
@@ -471,6 +480,7 @@ static cw_err txn_lookup(PGconn *c, struct txn *t, cw_errmsg *e)
 	if (rc)
 		return rc;
 	json_object_clear(t->map);
+	json_object_clear(t->ref_rooms);
 	json_object_clear(t->rooms);
 	json_object_clear(t->senders);
 	json_object_clear(t->mgmt);
@@ -483,6 +493,8 @@ static cw_err txn_lookup(PGconn *c, struct txn *t, cw_errmsg *e)
 			      : kind[0] == 'r'                   ? t->rooms
 								 : t->senders;
 		json_object_set_new(dst, id, json_string(PQgetvalue(r, k, 2)));
+		if (dst == t->map && !PQgetisnull(r, k, 3))
+			json_object_set_new(t->ref_rooms, id, json_string(PQgetvalue(r, k, 3)));
 	}
 	PQclear(r);
 	return CW_OK;
@@ -576,6 +588,7 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 		}
 		json_t *neutral = NULL;
 		char why[200] = "";
+		t->cur_room = json_string_value(json_object_get(t->rooms, room));
 		enum mx_in_result res = mx_to_neutral(ev, lookup_ref_or_user, t, &neutral, why, sizeof(why));
 		if (res != MX_IN_OK) {
 			if (res == MX_IN_INVALID) {
@@ -598,7 +611,8 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 		const char *room = json_string_value(json_object_get(ev, "room_id"));
 		if (!room || !json_object_get(t->rooms, room))
 			continue;
-		json_t *list = mx_ephemeral_to_neutral(ev, lookup_map, t->map);
+		t->cur_room = json_string_value(json_object_get(t->rooms, room));
+		json_t *list = mx_ephemeral_to_neutral(ev, lookup_ref_or_user, t);
 		bool typing = strcmp(json_string_value(json_object_get(ev, "type")), "m.typing") == 0;
 		if (typing) {
 			/* m.typing lists who types now: who stopped is who is no
@@ -718,10 +732,12 @@ static cw_err txn_prepare(PGconn *c, struct app_job *j, cw_errmsg *e)
 	json_decref(t->ephemeral);
 	json_decref(t->bot);
 	json_decref(t->map);
+	json_decref(t->ref_rooms);
 	json_decref(t->senders);
 	json_decref(t->rooms);
 	json_decref(t->mgmt);
-	t->events = t->ephemeral = t->bot = t->map = t->senders = t->rooms = t->mgmt = NULL;
+	t->events = t->ephemeral = t->bot = t->map = t->ref_rooms = t->senders = t->rooms = t->mgmt = NULL;
+	t->cur_room = NULL;
 	return CW_OK;
 }
 
@@ -891,6 +907,7 @@ void matrix_as_transaction(struct cw_req *req, void *ctx)
 	t->bot = json_array();
 	t->ephemeral = json_array();
 	t->map = json_object();
+	t->ref_rooms = json_object();
 	t->rooms = json_object();
 	t->senders = json_object();
 	t->mgmt = json_object();

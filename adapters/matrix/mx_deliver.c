@@ -3,6 +3,7 @@
 #include "config.h"
 #include "matrix_int.h"
 #include "dispatcher.h"
+#include "peer/event.h"
 #include "log.h"
 #include "store.h"
 
@@ -350,10 +351,14 @@ static cw_err ensure_room(struct matrix *m, PGconn *c, const char *neutral_room,
 	json_decref(answer);
 	if (rc)
 		return rc;
-	const char *params[] = { neutral_room, room, target_id, sender_id };
+	/* Bound to a direct room of the two: the row's, or (a group's row) the
+	 * pair's, made if need be (schema/012_direct_rooms.sql): what the
+	 * user writes here goes to that one person, as the client shows. */
+	const char *params[] = { neutral_room, room, target_id, sender_id, m->cfg->domain ? m->cfg->domain : "" };
 	return store_command(c, "INSERT INTO room_bindings (room_id, network, native_id, local_identity_id, remote_identity_id) "
-			  "VALUES ($1::bigint, 'matrix', $2, $3::bigint, $4::bigint) ON CONFLICT DO NOTHING",
-		       4, params, e);
+			  "SELECT CASE WHEN kind = 'direct' THEN id ELSE direct_room_of($3::bigint, $4::bigint, $5) END, "
+			  "'matrix', $2, $3::bigint, $4::bigint FROM rooms WHERE id = $1::bigint ON CONFLICT DO NOTHING",
+		       5, params, e);
 }
 
 /* Whether an earlier attempt of this row reached the room after all (the
@@ -394,7 +399,7 @@ static bool already_sent(struct matrix *m, const char *room, const char *ghost, 
  * sender's identity, localpart, locality, peer, ghost and display name,
  * the direct room, the neutral room and the event's ts; the sender's
  * avatar, whether its profile changed since its ghost's was last set, and
- * when it changed. */
+ * when it changed; the kind of the event's room. */
 static cw_err batch_info(PGconn *c, const struct outbox_row *rows, size_t n, PGresult **out, cw_errmsg *e)
 {
 	*out = NULL;
@@ -423,7 +428,7 @@ static cw_err batch_info(PGconn *c, const struct outbox_row *rows, size_t n, PGr
 		"  AND remote_identity_id = s.id), coalesce(s.display_name, ''), ev.room_id, ev.ts, s.avatar::text, "
 		" s.profile_changed_at IS NOT NULL AND coalesce((SELECT profile_synced_at FROM identity_bindings "
 		"  WHERE identity_id = s.id AND network = 'matrix'), '-infinity') < s.profile_changed_at, "
-		" s.profile_changed_at::text "
+		" s.profile_changed_at::text, (SELECT kind FROM rooms WHERE id = ev.room_id) "
 		"FROM unnest($1::bigint[], $2::bigint[]) WITH ORDINALITY AS x(ev, tg, k) "
 		"JOIN events ev ON ev.id = x.ev JOIN identities s ON s.id = ev.sender_id JOIN identities t ON t.id = x.tg "
 		"LEFT JOIN peers p ON p.id = s.peer_id ORDER BY x.k",
@@ -694,6 +699,9 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 	if (wait)
 		return PREP_WAIT;
 	json_t *ev = copy ? copy : row->event;
+	json_t *labelled = NULL; /* a group's message reaches the direct room with its sender */
+	if (strcmp(PQgetvalue(r, i, 15), "group") == 0)
+		ev = labelled = event_label_group(ev);
 	struct lookup_ctx l = { .c = c, .sent = sent };
 	char marker[24];
 	snprintf(marker, sizeof(marker), "%lld", (long long)row->id);
@@ -701,6 +709,7 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 	char why[200] = "";
 	memset(&out, 0, sizeof(out));
 	bool mapped = mx_from_neutral(ev, to_native, &l, MX_OUTBOX_KEY, marker, &out, why, sizeof(why));
+	json_decref(labelled);
 	json_decref(copy);
 	if (!mapped) {
 		mx_out_clear(&out);

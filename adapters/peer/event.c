@@ -1148,3 +1148,31 @@ void batch_free(struct batch *b)
 	json_decref(b->json);
 	memset(b, 0, sizeof(*b));
 }
+
+json_t *event_label_group(json_t *ev)
+{
+	const char *type = json_string_value(json_object_get(ev, "type"));
+	json_t *parts = json_object_get(json_object_get(ev, "content"), "parts");
+	if (!type || (strcmp(type, "message") != 0 && strcmp(type, "edit") != 0) || !json_array_size(parts))
+		return json_incref(ev);
+	json_t *copy = json_deep_copy(ev);
+	if (!copy)
+		return json_incref(ev);
+	size_t i;
+	json_t *p;
+	json_array_foreach(json_object_get(json_object_get(copy, "content"), "parts"), i, p) {
+		const char *pt = json_string_value(json_object_get(p, "type"));
+		const char *body = json_string_value(json_object_get(p, "body"));
+		if (!pt || !body || strncmp(pt, "text/", 5) != 0)
+			continue;
+		const char *label = strcmp(pt, "text/html") == 0 ? "<em>" EVENT_GROUP_LABEL "</em>" : EVENT_GROUP_LABEL;
+		size_t n = strlen(label) + strlen(body) + 1;
+		char *t = malloc(n);
+		if (t) {
+			snprintf(t, n, "%s%s", label, body);
+			json_object_set_new(p, "body", json_string(t));
+			free(t);
+		}
+	}
+	return copy;
+}

@@ -64,6 +64,15 @@ bool room_public_id_valid(const char *id);
 bool message_id_valid(const char *id);
 bool idempotency_key_valid(const char *key);
 
+/* Group rooms are not bridged as groups: a group's message reaches each
+ * local user in the direct conversation with its sender, its text after
+ * this label (docs/matrix.md, docs/xmpp.md).  event_label_group gives the
+ * event (a message or an edit; a stored event, {"type", "content": {...}})
+ * with the label in front of the body of each text part (in <em> for
+ * text/html): a new reference, ev itself when there is nothing to label. */
+#define EVENT_GROUP_LABEL "[group] "
+json_t *event_label_group(json_t *ev);
+
 /* ------------------------------------------------------------ limits */
 
 /* Part content types (a bit set in event_limits.part_types). */

@@ -7,6 +7,7 @@
  * stanza is written (XEP-0114 acknowledges nothing: docs/xmpp.md). */
 #include "config.h"
 #include "xmpp_int.h"
+#include "peer/event.h"
 #include "log.h"
 #include "peer/peer_media.h"
 #include "store.h"
@@ -55,7 +56,7 @@ static const char batch_sql[] =
 	"   FROM events rr WHERE rr.in_reply_to_id = r.rt_id AND rr.type = 'reaction' AND rr.sender_id = r.s_id "
 	"   AND NOT EXISTS (SELECT 1 FROM events d WHERE d.type = 'delete' AND d.replaces_id = rr.id)) AS k "
 	"   WHERE r.rt_id IS NOT NULL AND k.body IS NOT NULL), "
-	"  r.t_id, r.s_id, r.room_id "
+	"  r.t_id, r.s_id, r.room_id, (SELECT kind FROM rooms WHERE id = r.room_id) "
 	"FROM r LEFT JOIN events tg ON tg.id = r.tg_id LEFT JOIN events rt ON rt.id = r.rt_id ORDER BY r.i";
 
 /* The lookup is planned once per connection (planning it took longer than
@@ -133,6 +134,11 @@ static bool build(struct xmpp *x, struct outbox_row *row, PGresult *r, int k, st
 	/* A peer's files reach the user as links of Causeway's, which fetches
 	 * them signed: the peer's store may not serve a bare link to anyone. */
 	json_t *ev = peer_media_public(x->app, row->event);
+	if (strcmp(PQgetvalue(r, k, 21), "group") == 0) { /* it reaches the conversation with its sender */
+		json_t *labelled = event_label_group(ev);
+		json_decref(ev);
+		ev = labelled;
+	}
 	enum xm_out_result res = ctx ? xm_from_neutral(ctx, ev, &info, &st, why, sizeof(why)) : XM_OUT_INVALID;
 	json_decref(ev);
 	json_decref(set);
@@ -235,17 +241,21 @@ cw_err xa_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_r
 	}
 	if (json_array_size(bind)) {
 		char *b = json_dumps(bind, JSON_COMPACT);
-		const char *p2[] = { b ? b : "[]" };
+		/* Bound to a direct room of the two: the row's, or (a group's
+		 * row) the pair's, made if need be (schema/012_direct_rooms.sql):
+		 * what the user answers goes to that one person. */
+		const char *p2[] = { b ? b : "[]", x->cfg->domain ? x->cfg->domain : "" };
 		cw_errmsg e2;
 		if (store_command(c,
 				  "WITH j AS (SELECT x->>0 AS room, x->>1 AS remote, x->>2 AS local, x->>3 AS native, "
 				  " x->>4 AS jid FROM jsonb_array_elements($1::jsonb) AS x), "
 				  "rb AS (INSERT INTO room_bindings (room_id, network, native_id, local_identity_id, remote_identity_id) "
-				  " SELECT DISTINCT ON (native) room::bigint, 'xmpp', native, local::bigint, remote::bigint FROM j "
-				  " ON CONFLICT DO NOTHING) "
+				  " SELECT DISTINCT ON (native) CASE WHEN ro.kind = 'direct' THEN ro.id "
+				  "  ELSE direct_room_of(local::bigint, remote::bigint, $2) END, 'xmpp', native, local::bigint, "
+				  "  remote::bigint FROM j JOIN rooms ro ON ro.id = j.room::bigint ON CONFLICT DO NOTHING) "
 				  "INSERT INTO identity_bindings (identity_id, network, native_id) "
 				  " SELECT DISTINCT ON (local) local::bigint, 'xmpp', jid FROM j ON CONFLICT DO NOTHING",
-				  1, p2, &e2))
+				  2, p2, &e2))
 			LOG_KV(CW_LOG_WARN, "cannot record XMPP bindings", "detail", e2.msg);
 		free(b);
 	}

@@ -212,6 +212,12 @@ class PeerClient:
         body = {"kind": kind or ("direct" if len(members) == 2 else "group"), "members": members}
         return self.call("POST", "/v1/rooms", body, idem=idem)
 
+    def assert_direct_room_of(self, room_id, members):
+        """room_id is a direct room whose members are exactly members."""
+        room = self.call("GET", f"/v1/rooms/{room_id}").json()
+        assert room["kind"] == "direct", room
+        assert sorted(m["user"] if isinstance(m, dict) else m for m in room["members"]) == sorted(members), room
+
     def send(self, room, sender, text, idem=None, **extra):
         body = {"type": "message", "sender": sender, "content": {"parts": [{"type": "text/plain", "body": text}]}}
         body.update(extra)

@@ -13,6 +13,24 @@ def copy_schema(tmp_path):
     return str(d)
 
 
+def migrated_before(tmp_path, db_url, first):
+    """Migrates db_url up to the migration before file first; returns a
+    function that applies the rest (data written in between meets them as
+    a database made before them would)."""
+    schema = copy_schema(tmp_path)
+    later = sorted(f for f in os.listdir(schema) if f.endswith(".sql") and f >= first)
+    for f in later:
+        os.rename(os.path.join(schema, f), os.path.join(str(tmp_path), f))
+    env = {"CAUSEWAY_DATABASE_URL": db_url, "CAUSEWAY_DATABASE_SCHEMA_DIR": schema}
+    assert run_causewayd(["--migrate"], env=env).returncode == 0
+
+    def rest():
+        for f in later:
+            os.rename(os.path.join(str(tmp_path), f), os.path.join(schema, f))
+        assert run_causewayd(["--migrate"], env=env).returncode == 0
+    return rest
+
+
 def test_migrations_are_recorded_with_checksums(daemon, pg, db_url):
     rows = pg.psql("SELECT version, name, length(checksum) FROM schema_migrations ORDER BY 1", db_url)
     files = sorted(f for f in os.listdir(SCHEMA_DIR) if f.endswith(".sql"))
@@ -146,12 +164,7 @@ def test_event_keys_move_onto_their_events(db_url, pg, tmp_path):
     """006_event_keys.sql: the idempotency keys of events accepted before it
     move onto the events (the peer API then finds them there); room
     creation keys stay."""
-    schema = copy_schema(tmp_path)
-    later = sorted(f for f in os.listdir(schema) if f.endswith(".sql") and f >= "006")
-    for f in later:
-        os.rename(os.path.join(schema, f), os.path.join(str(tmp_path), f))
-    env = {"CAUSEWAY_DATABASE_URL": db_url, "CAUSEWAY_DATABASE_SCHEMA_DIR": schema}
-    assert run_causewayd(["--migrate"], env=env).returncode == 0
+    rest = migrated_before(tmp_path, db_url, "006")
     pg.psql("INSERT INTO identities (uri, domain, localpart, network, is_local) "
             "VALUES ('mimi://example.org/u/alice', 'example.org', 'alice', 'local', true); "
             "INSERT INTO rooms (public_id, uri, hub_domain, kind) VALUES ('r1', 'mimi://example.org/r/r1', "
@@ -164,9 +177,7 @@ def test_event_keys_move_onto_their_events(db_url, pg, tmp_path):
             "'{}' FROM events e; "
             "INSERT INTO idempotency_keys (scope, key, request_hash, room_id, response_status, response) "
             "VALUES ('peer:gk', 'room-key', sha256('r'::bytea), 1, 201, '{}')", db_url)
-    for f in later:
-        os.rename(os.path.join(str(tmp_path), f), os.path.join(schema, f))
-    assert run_causewayd(["--migrate"], env=env).returncode == 0
+    rest()
     rows = pg.psql("SELECT public_id, origin_native_id, request_hash = sha256(public_id::bytea) FROM events "
                    "ORDER BY id", db_url)
     assert rows == "msg_peer|key-1|t\nmsg_mx|$ev:example.org|t"
@@ -198,3 +209,36 @@ def test_the_queue_queries_use_the_partial_indexes(daemon, pg, db_url):
     for q in queries:
         plan = pg.psql("EXPLAIN " + q, db_url)
         assert "Seq Scan" not in plan and any(ix in plan for ix in partial), (q, plan)
+
+
+def test_bindings_made_with_a_group_move_onto_a_direct_room(db_url, pg, tmp_path):
+    """012_direct_rooms.sql: a native direct room bound to a group (what the
+    adapters did when a group's message was the first of a pair) is bound
+    to the pair's direct room instead: the one there is, else a new one
+    hosted here; a binding to a direct room stays."""
+    rest = migrated_before(tmp_path, db_url, "012")
+    pg.psql("INSERT INTO identities (id, uri, domain, localpart, network, is_local) VALUES "
+            "(101, 'mimi://example.org/u/alice', 'example.org', 'alice', 'matrix', true), "
+            "(102, 'mimi://wa.example/u/wally', 'wa.example', 'wally', 'wa', false), "
+            "(103, 'mimi://wa.example/u/bob', 'wa.example', 'bob', 'wa', false); "
+            "INSERT INTO rooms (id, public_id, uri, hub_domain, kind) VALUES "
+            "(201, 'r_g', 'mimi://wa.example/r/r_g', 'wa.example', 'group'), "
+            "(202, 'r_d', 'mimi://wa.example/r/r_d', 'wa.example', 'direct'); "
+            "INSERT INTO room_members (room_id, identity_id, membership) VALUES "
+            "(201, 101, 'joined'), (201, 102, 'joined'), (201, 103, 'joined'), (202, 101, 'joined'), "
+            "(202, 103, 'joined'); "
+            "INSERT INTO room_bindings (room_id, network, native_id, local_identity_id, remote_identity_id) VALUES "
+            "(201, 'matrix', '!wally:example.org', 101, 102), (201, 'matrix', '!bob:example.org', 101, 103), "
+            "(202, 'xmpp', 'x', 101, 103)", db_url)
+    rest()
+    rows = pg.psql("SELECT b.native_id, r.public_id, r.kind, r.hub_domain, "
+                   "(SELECT string_agg(identity_id::text, ',' ORDER BY identity_id) FROM room_members "
+                   " WHERE room_id = r.id) FROM room_bindings b JOIN rooms r ON r.id = b.room_id "
+                   "ORDER BY b.native_id", db_url).split("\n")
+    bob, wally, x = (r.split("|") for r in rows)
+    assert wally[0] == "!wally:example.org" and wally[2:] == ["direct", "example.org", "101,102"], wally
+    assert wally[1].startswith("r_") and len(wally[1]) == 24, wally
+    assert bob == ["!bob:example.org", "r_d", "direct", "wa.example", "101,103"], bob
+    assert x == ["x", "r_d", "direct", "wa.example", "101,103"], x
+    assert pg.psql("SELECT uri FROM rooms WHERE public_id = '%s'" % wally[1], db_url) == \
+        "mimi://example.org/r/" + wally[1]

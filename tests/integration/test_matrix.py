@@ -700,3 +700,49 @@ def test_sigterm_during_slow_delivery_stops_soon_and_nothing_is_lost(mx, hs, gk,
                                db_url) == "10", timeout=60, what="all ten delivered after the restart")
     bodies = [e["content"]["body"] for rid in hs.rooms() for e in hs.events(rid) if e["type"] == "m.room.message"]
     assert bodies == [f"slow {i}" for i in range(10)], bodies
+
+
+def test_a_group_rooms_message_reaches_a_dm_and_the_answer_stays_between_the_two(mx, hs, gk, pg, db_url):
+    """Group rooms are not bridged as groups: a peer's group message reaches
+    the local user in the direct room with its sender, labelled as from a
+    group; the user's answer there goes to that sender alone, in a direct
+    room of the two, never into the group (where others would read what
+    was written as a private message)."""
+    a, srv = gk
+    consent_alice(mx)
+    consent_alice(mx, "mimi://wa.example/u/bob")
+    _, alice_token = hs.create_user("alice")
+    alice = hs.as_user(alice_token)
+    group = a.create_room([a.user("wally"), a.user("bob"), ALICE], kind="group").json()["id"]
+    assert a.send(group, a.user("wally"), "lunch at noon, everyone?").status_code == 202
+    ghost = "@_cw_gk_wally:example.org"
+    dm = wait_until(lambda: next((rid for rid in hs.rooms() if any(
+        e["sender"] == ghost and e["type"] == "m.room.message" for e in hs.events(rid))), None), what="delivery")
+    first = [e for e in hs.events(dm) if e["type"] == "m.room.message"][0]
+    assert first["content"]["body"] == "[group] lunch at noon, everyone?", first
+    alice.join(dm)
+    # A reply there to the group's message is a plain message of the direct
+    # room (its reference is to another room), and a reaction to it has
+    # nowhere to go: neither is refused, neither reaches the group.
+    alice.react(dm, first["event_id"], "👍")
+    alice.send_text(dm, "just between us: I'll skip it", reply_to=first["event_id"])
+    got = wait_until(lambda: [e for e in list(srv.events) if e.get("type") == "message" and
+                              e["content"]["parts"][0]["body"] == "just between us: I'll skip it"] or None,
+                     what="the answer at the peer")
+    assert got[0]["room_id"] != group
+    a.assert_direct_room_of(got[0]["room_id"], [ALICE, a.user("wally")])
+    assert "in_reply_to" not in got[0]["content"], got[0]
+    assert not [e for e in list(srv.events) if e.get("type") == "reaction"]
+    assert pg.psql("SELECT count(*) FROM events e JOIN rooms r ON r.id = e.room_id WHERE r.public_id = "
+                   f"'{group}'", db_url) == "1"
+    # The peer's direct message from wally comes into the same Matrix room,
+    # and a reply to it there keeps its reference.
+    direct = got[0]["room_id"]
+    r = a.send(direct, a.user("wally"), "ok, see you later")
+    assert r.status_code == 202, r.text
+    later = wait_until(lambda: next((e for e in hs.events(dm) if e["type"] == "m.room.message" and
+                                     e["content"]["body"] == "ok, see you later"), None), what="the direct message")
+    alice.send_text(dm, "bye", reply_to=later["event_id"])
+    bye = wait_until(lambda: [e for e in list(srv.events) if e.get("type") == "message" and
+                              e["content"]["parts"][0]["body"] == "bye"] or None, what="bye")
+    assert bye[0]["room_id"] == direct and bye[0]["content"]["in_reply_to"] == r.json()["id"], bye

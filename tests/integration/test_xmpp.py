@@ -192,6 +192,35 @@ def test_peer_to_xmpp_and_back(xd, gk, alice, pg, db_url):
     assert pg.psql("SELECT count(*) FROM events WHERE origin_network = 'xmpp'", db_url) == "1"
 
 
+def test_a_group_rooms_message_reaches_the_chat_with_its_sender_and_the_answer_stays_there(
+        xd, gk, alice, pg, db_url):
+    """Group rooms are not bridged as groups (no MUC): a peer's group
+    message reaches alice in the chat with its sender, labelled; her answer
+    there goes to that sender alone, in a direct room of the two, not into
+    the group."""
+    a, srv = gk
+    consent_alice(xd)
+    consent_alice(xd, "mimi://wa.example/u/bob")
+    group = a.create_room([a.user("wally"), a.user("bob"), ALICE], kind="group").json()["id"]
+    r = a.send(group, a.user("wally"), "lunch at noon, everyone?")
+    assert r.status_code == 202, r.text
+    message_from(alice, WALLY_JID, lambda el: body(el) == "[group] lunch at noon, everyone?")
+    # A reply to it (XEP-0461) names a message of the group: a plain
+    # message of the direct room, its quote kept, not refused, not in the
+    # group.
+    quote = "> lunch\n"
+    alice.send_raw(f"<message to='{WALLY_JID}' type='chat' id='g1'><body>{quote}just between us: I'll skip it"
+                   f"</body><reply xmlns='{NS_REPLY}' id='{r.json()['id']}'/>"
+                   f"<fallback xmlns='urn:xmpp:fallback:0' for='{NS_REPLY}'><body start='0' end='{len(quote)}'/>"
+                   f"</fallback></message>")
+    got = wait_until(lambda: [e for e in list(srv.events) if e.get("type") == "message" and
+                              e["content"]["parts"][0]["body"] == "> lunch\njust between us: I'll skip it"] or None,
+                     what="the answer at the peer")
+    assert got[0]["room_id"] != group
+    a.assert_direct_room_of(got[0]["room_id"], [ALICE, a.user("wally")])
+    assert "in_reply_to" not in got[0]["content"], got[0]
+
+
 def test_features_both_ways(xd, gk, alice, pg, db_url):
     a, srv = gk
     consent_alice(xd)
