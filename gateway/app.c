@@ -264,6 +264,15 @@ static void metrics_done(void *arg, cw_err rc, const cw_errmsg *e)
 				  NULL, ps.last_load_ms);
 		cw_metrics_sample(&b, "causeway_policy_reload_failures_total", "counter", "Snapshot reloads that failed.",
 				  NULL, (double)ps.reload_failures);
+		cw_buf_printf(&b, "# HELP causeway_policy_reloads_total Snapshots loaded: whole, or the facts of some users "
+				  "over the last whole one.\n"
+				  "# TYPE causeway_policy_reloads_total counter\n"
+				  "causeway_policy_reloads_total{kind=\"whole\"} %llu\n"
+				  "causeway_policy_reloads_total{kind=\"users\"} %llu\n",
+			      (unsigned long long)(ps.reloads - ps.user_reloads), (unsigned long long)ps.user_reloads);
+		cw_metrics_sample(&b, "causeway_policy_overlay_users", "gauge",
+				  "Local users whose facts the snapshot in force holds over the last whole one.", NULL,
+				  (double)ps.overlay_users);
 		cw_buf_printf(&b, "# HELP causeway_policy_held_swept_total Held outbox rows changed by the sweep.\n"
 				  "# TYPE causeway_policy_held_swept_total counter\n"
 				  "causeway_policy_held_swept_total{outcome=\"released\"} %llu\n"

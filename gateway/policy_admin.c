@@ -40,6 +40,7 @@ struct aq {
 			         statement (-1: none); the identity is made if it does not exist */
 	bool consent;         /* a consent change (user $1, kind $2, subject $3, state $4): applied with
 			         policy_consent_apply before the statement, which only builds the answer */
+	char local_id[24];    /* the local user's id (local >= 0), once resolved */
 };
 
 static void aq_free(void *arg)
@@ -92,6 +93,7 @@ static cw_err aq_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		if (rc)
 			return rc;
 		params[q->local] = local_id;
+		snprintf(q->local_id, sizeof(q->local_id), "%s", local_id);
 	}
 	long counts[3] = { 0, 0, 0 }, decided = 0;
 	if (q->consent && local_id[0]) {
@@ -138,7 +140,9 @@ static cw_err aq_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 			return rc;
 		}
 		PQclear(r);
-		if ((rc = store_exec(c, "NOTIFY causeway_policy", e))) {
+		/* A change of one local user's facts (opt-in, consent): every
+		 * process reloads that user's alone; anything else, all. */
+		if ((rc = policy_notify_user(c, q->local >= 0 ? local_id : NULL, e))) {
 			json_decref(body);
 			return rc;
 		}
@@ -152,7 +156,11 @@ static cw_err aq_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
  * force (the others follow on the NOTIFY within milliseconds). */
 static void poke_after(struct app_job *j)
 {
-	if (!policy_live_sync(j->app->policy, 2000))
+	const struct aq *q = j->data;
+	/* A change of one user's facts: that user's alone (an overlay). */
+	bool ok = q && q->local_id[0] ? policy_live_sync_user(j->app->policy, atoll(q->local_id), 2000)
+				      : policy_live_sync(j->app->policy, 2000);
+	if (!ok)
 		LOG_KV(CW_LOG_WARN, "the policy change is committed but not yet in force here (reload slow or failing)");
 }
 

@@ -20,6 +20,8 @@ void policy_view_put(struct policy_view *v)
 {
 	if (v && atomic_fetch_sub(&v->refs, 1) == 1) {
 		policy_snapshot_free(v->snap);
+		policy_view_put(v->base); /* after: the overlay refers to it */
+		free(v->users);
 		free(v);
 	}
 }
@@ -75,6 +77,15 @@ static cw_err query(PGconn *c, const char *sql, PGresult **out, cw_errmsg *e)
 	return store_check(c, *out, PGRES_TUPLES_OK, e);
 }
 
+static cw_err query_ids(PGconn *c, const char *sql, const char *ids, PGresult **out, cw_errmsg *e)
+{
+	const char *p[] = { ids };
+	*out = PQexecParams(c, sql, 1, NULL, p, NULL, NULL, 0);
+	return store_check(c, *out, PGRES_TUPLES_OK, e);
+}
+
+static cw_err load_facts(PGconn *c, struct policy_builder *b, const char *ids, cw_errmsg *e);
+
 static cw_err load_all(PGconn *c, struct policy_builder *b, struct policy_settings *set, cw_errmsg *e)
 {
 	PGresult *r;
@@ -101,17 +112,27 @@ static cw_err load_all(PGconn *c, struct policy_builder *b, struct policy_settin
 			LOG_KV(CW_LOG_WARN, "policy rule ignored: not understood", "rule_id", PQgetvalue(r, i, 0));
 	}
 	PQclear(r);
+	return load_facts(c, b, NULL, e);
+}
 
-	if ((rc = query(c, "SELECT i.uri, o.network, o.opted_in FROM user_optin o "
-			   "JOIN identities i ON i.id = o.identity_id", &r, e)))
+/* The facts of the local users ids (a PostgreSQL array text), or of all
+ * (NULL). */
+static cw_err load_facts(PGconn *c, struct policy_builder *b, const char *ids, cw_errmsg *e)
+{
+	PGresult *r;
+	cw_err rc;
+	if ((rc = query_ids(c, "SELECT i.uri, o.network, o.opted_in FROM user_optin o "
+			   "JOIN identities i ON i.id = o.identity_id WHERE $1::bigint[] IS NULL "
+			   "OR o.identity_id = ANY($1::bigint[])", ids, &r, e)))
 		return rc;
 	for (int i = 0; i < PQntuples(r); i++)
 		if (policy_builder_optin(b, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1), PQgetvalue(r, i, 2)[0] == 't') == -2)
 			goto oom;
 	PQclear(r);
 
-	if ((rc = query(c, "SELECT i.uri, c.subject_kind = 'domain', c.subject, c.state = 'allowed' FROM consents c "
-			   "JOIN identities i ON i.id = c.local_identity_id", &r, e)))
+	if ((rc = query_ids(c, "SELECT i.uri, c.subject_kind = 'domain', c.subject, c.state = 'allowed' FROM consents c "
+			   "JOIN identities i ON i.id = c.local_identity_id WHERE $1::bigint[] IS NULL "
+			   "OR c.local_identity_id = ANY($1::bigint[])", ids, &r, e)))
 		return rc;
 	for (int i = 0; i < PQntuples(r); i++)
 		if (policy_builder_consent(b, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1)[0] == 't', PQgetvalue(r, i, 2),
@@ -119,8 +140,9 @@ static cw_err load_all(PGconn *c, struct policy_builder *b, struct policy_settin
 			goto oom;
 	PQclear(r);
 
-	if ((rc = query(c, "SELECT rb.uri, lb.uri FROM blocks b JOIN identities rb ON rb.id = b.blocker_id "
-			   "JOIN identities lb ON lb.id = b.blocked_id WHERE NOT rb.is_local AND lb.is_local", &r, e)))
+	if ((rc = query_ids(c, "SELECT rb.uri, lb.uri FROM blocks b JOIN identities rb ON rb.id = b.blocker_id "
+			   "JOIN identities lb ON lb.id = b.blocked_id WHERE NOT rb.is_local AND lb.is_local "
+			   "AND ($1::bigint[] IS NULL OR b.blocked_id = ANY($1::bigint[]))", ids, &r, e)))
 		return rc;
 	for (int i = 0; i < PQntuples(r); i++)
 		if (policy_builder_remote_block(b, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1)) == -2)
@@ -132,20 +154,22 @@ oom:
 	return cw_fail(e, CW_ENOMEM, "out of memory");
 }
 
-cw_err policy_load(PGconn *c, uint64_t version, struct policy_view **out, cw_errmsg *e)
+typedef cw_err (*fill_fn)(PGconn *c, struct policy_builder *b, void *arg, cw_errmsg *e);
+
+/* Runs fill in one read-only transaction on c and compiles b (taken) into
+ * a new view with one reference, timed from t0. */
+static cw_err load_view(PGconn *c, uint64_t version, struct policy_builder *b, fill_fn fill, void *arg, int64_t t0,
+			struct policy_view **out, cw_errmsg *e)
 {
-	int64_t t0 = cw_now_us();
 	struct policy_view *v = calloc(1, sizeof(*v));
-	struct policy_builder *b = policy_builder_new();
 	if (!v || !b) {
 		free(v);
 		policy_builder_free(b);
 		return cw_fail(e, CW_ENOMEM, "out of memory");
 	}
-	settings_defaults(&v->set);
 	cw_err rc = store_exec(c, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", e);
 	if (!rc) {
-		rc = load_all(c, b, &v->set, e);
+		rc = fill(c, b, arg, e);
 		cw_errmsg e2;
 		store_exec(c, rc ? "ROLLBACK" : "COMMIT", rc ? &e2 : e);
 	}
@@ -163,6 +187,70 @@ cw_err policy_load(PGconn *c, uint64_t version, struct policy_view **out, cw_err
 	v->load_ms = (double)(cw_now_us() - t0) / 1000.0;
 	atomic_init(&v->refs, 1);
 	*out = v;
+	return CW_OK;
+}
+
+static cw_err fill_all(PGconn *c, struct policy_builder *b, void *set, cw_errmsg *e)
+{
+	return load_all(c, b, set, e);
+}
+
+cw_err policy_load(PGconn *c, uint64_t version, struct policy_view **out, cw_errmsg *e)
+{
+	struct policy_settings set;
+	settings_defaults(&set);
+	cw_err rc = load_view(c, version, policy_builder_new(), fill_all, &set, cw_now_us(), out, e);
+	if (!rc)
+		(*out)->set = set;
+	return rc;
+}
+
+/* The users of the array text ids, named in the overlay, and their facts. */
+static cw_err fill_users(PGconn *c, struct policy_builder *b, void *ids, cw_errmsg *e)
+{
+	PGresult *r;
+	cw_err rc = query_ids(c, "SELECT uri FROM identities WHERE id = ANY($1::bigint[]) AND is_local", ids, &r, e);
+	if (rc)
+		return rc;
+	for (int i = 0; !rc && i < PQntuples(r); i++)
+		if (policy_builder_user(b, PQgetvalue(r, i, 0)) == -2)
+			rc = cw_fail(e, CW_ENOMEM, "out of memory");
+	PQclear(r);
+	return rc ? rc : load_facts(c, b, ids, e);
+}
+
+cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, const int64_t *ids, size_t n,
+			 struct policy_view **out, cw_errmsg *e)
+{
+	int64_t t0 = cw_now_us();
+	if (base->base)
+		base = base->base;
+	size_t cap = n * 21 + 3;
+	char *arr = malloc(cap);
+	int64_t *users = malloc((n ? n : 1) * sizeof(*users));
+	if (!arr || !users) {
+		free(arr);
+		free(users);
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	}
+	size_t len = 0;
+	arr[len++] = '{';
+	for (size_t i = 0; i < n; i++)
+		len += (size_t)snprintf(arr + len, cap - len, "%s%lld", i ? "," : "", (long long)ids[i]);
+	snprintf(arr + len, cap - len, "}");
+	memcpy(users, ids, n * sizeof(*users));
+	cw_err rc = load_view(c, version, policy_builder_overlay(base->snap), fill_users, arr, t0, out, e);
+	free(arr);
+	if (rc) {
+		free(users);
+		return rc;
+	}
+	struct policy_view *v = *out;
+	v->set = base->set;
+	atomic_fetch_add(&base->refs, 1);
+	v->base = base;
+	v->users = users;
+	v->nusers = n;
 	return CW_OK;
 }
 
@@ -284,6 +372,17 @@ const char POLICY_USER_SUMMARY_SQL[] =
 	"UNION ALL SELECT CASE WHEN o.opted_in THEN 'opted in: ' ELSE 'opted out: ' END || o.network "
 	" FROM user_optin o WHERE o.identity_id = $1::bigint";
 
+cw_err policy_notify_user(PGconn *c, const char *local_id, cw_errmsg *e)
+{
+	const char *np[] = { local_id && *local_id ? local_id : NULL };
+	PGresult *r = PQexecParams(c, "SELECT pg_notify('causeway_policy', coalesce('u:' || $1::bigint, ''))", 1,
+				   NULL, np, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (!rc)
+		PQclear(r);
+	return rc;
+}
+
 cw_err policy_consent_apply(PGconn *c, const struct policy_settings *s, const char *local_id, const char *kind,
 			    const char *subject, const char *state, const char *source, long counts[3], long *decided,
 			    cw_errmsg *e)
@@ -307,7 +406,7 @@ cw_err policy_consent_apply(PGconn *c, const struct policy_settings *s, const ch
 		return rc;
 	if (counts[0] && (rc = store_exec(c, "NOTIFY causeway_outbox", e)))
 		return rc;
-	return store_exec(c, "NOTIFY causeway_policy", e);
+	return policy_notify_user(c, local_id, e);
 }
 
 /* ------------------------------------------------------------ rate memo */
@@ -357,7 +456,53 @@ struct policy_live {
 	struct policy_live_stats st; /* under mu */
 	pthread_cond_t loaded;       /* signalled after each reload */
 	uint64_t requested, done;    /* reload generations, under mu */
+	/* Heard since the last reload (the thread's own): a change of these
+	 * users' facts only, or of more (want_full). */
+	int64_t pending[POLICY_OVERLAY_MAX];
+	size_t npending;
+	bool want_full;
+	/* Asked by policy_live_sync_user (under mu): a reload of these users,
+	 * or (asked_all) of everything. */
+	int64_t asked[POLICY_OVERLAY_MAX];
+	size_t nasked;
+	bool asked_all;
 };
+
+static void add_pending(struct policy_live *pl, int64_t id)
+{
+	for (size_t i = 0; i < pl->npending; i++)
+		if (pl->pending[i] == id)
+			return;
+	if (pl->npending == POLICY_OVERLAY_MAX)
+		pl->want_full = true;
+	else
+		pl->pending[pl->npending++] = id;
+}
+
+/* A NOTIFY causeway_policy: "u:<id>,..." names the local users whose facts
+ * changed; anything else (or more users than an overlay holds) asks for a
+ * whole reload. */
+static void heard(const char *channel, const char *payload, void *arg)
+{
+	(void)channel;
+	struct policy_live *pl = arg;
+	if (pl->want_full)
+		return;
+	if (strncmp(payload, "u:", 2) != 0) {
+		pl->want_full = true;
+		return;
+	}
+	for (const char *p = payload + 2; *p;) {
+		char *end;
+		long long id = strtoll(p, &end, 10);
+		if (end == p || id <= 0 || (*end && *end != ',')) {
+			pl->want_full = true;
+			return;
+		}
+		add_pending(pl, id);
+		p = *end ? end + 1 : end;
+	}
+}
 
 struct policy_view *policy_live_get(struct policy_live *pl)
 {
@@ -375,6 +520,8 @@ static void swap_in(struct policy_live *pl, struct policy_view *v)
 	pl->cur = v;
 	pl->st.version = policy_snapshot_version(v->snap);
 	pl->st.reloads++;
+	pl->st.user_reloads += v->base != NULL;
+	pl->st.overlay_users = v->nusers;
 	pl->st.rules = policy_snapshot_rule_count(v->snap);
 	pl->st.facts = policy_snapshot_fact_count(v->snap);
 	pl->st.last_load_ms = v->load_ms;
@@ -415,39 +562,77 @@ static bool ensure_conn(struct policy_live *pl, bool *fresh)
 	return pl->c != NULL;
 }
 
-static bool reload(struct policy_live *pl)
+/* A loaded view put in force; a failure logged and counted. */
+static bool put_in_force(struct policy_live *pl, cw_err rc, struct policy_view *v, const cw_errmsg *e)
 {
-	struct policy_view *v;
-	cw_errmsg e;
-	pthread_mutex_lock(&pl->mu);
-	uint64_t serving = pl->requested;
-	pthread_mutex_unlock(&pl->mu);
-	if (policy_load(pl->c, ++pl->version, &v, &e)) {
-		LOG_KV(CW_LOG_WARN, "policy reload failed; the previous rules stay in force", "detail", e.msg);
+	if (rc) {
+		LOG_KV(CW_LOG_WARN, "policy reload failed; the previous rules stay in force", "detail", e->msg);
 		pthread_mutex_lock(&pl->mu);
 		pl->st.reload_failures++;
 		pthread_mutex_unlock(&pl->mu);
 		return false;
 	}
 	swap_in(pl, v);
-	if (pl->o.on_reload)
-		pl->o.on_reload(pl->c, pl->o.reload_arg);
-	pthread_mutex_lock(&pl->mu);
-	if (serving > pl->done)
-		pl->done = serving;
-	pthread_cond_broadcast(&pl->loaded);
-	pthread_mutex_unlock(&pl->mu);
 	return true;
 }
 
-bool policy_live_sync(struct policy_live *pl, long timeout_ms)
+static bool reload(struct policy_live *pl)
+{
+	struct policy_view *v = NULL;
+	cw_errmsg e;
+	cw_err rc = policy_load(pl->c, ++pl->version, &v, &e);
+	if (!put_in_force(pl, rc, v, &e))
+		return false;
+	if (pl->o.on_reload)
+		pl->o.on_reload(pl->c, pl->o.reload_arg);
+	return true;
+}
+
+/* The facts of the pending users (and of those the overlay in force held)
+ * over the full view in force; false when a whole reload is due instead
+ * (too many users) or the load failed. */
+static bool reload_users(struct policy_live *pl)
+{
+	struct policy_view *cur = policy_live_get(pl);
+	int64_t ids[POLICY_OVERLAY_MAX];
+	size_t n = 0;
+	for (size_t i = 0; i < cur->nusers; i++)
+		ids[n++] = cur->users[i];
+	bool fits = true;
+	for (size_t i = 0; i < pl->npending && fits; i++) {
+		bool seen = false;
+		for (size_t k = 0; k < cur->nusers && !seen; k++)
+			seen = cur->users[k] == pl->pending[i];
+		if (!seen) {
+			if (n == POLICY_OVERLAY_MAX)
+				fits = false;
+			else
+				ids[n++] = pl->pending[i];
+		}
+	}
+	struct policy_view *v = NULL;
+	cw_errmsg e;
+	cw_err rc = fits ? policy_load_users(pl->c, ++pl->version, cur, ids, n, &v, &e) : CW_OK;
+	policy_view_put(cur);
+	return fits && put_in_force(pl, rc, v, &e);
+}
+
+/* local_id 0: everything. */
+static bool sync_request(struct policy_live *pl, int64_t local_id, long timeout_ms)
 {
 	if (!pl)
 		return false;
 	pthread_mutex_lock(&pl->mu);
 	uint64_t want = ++pl->requested;
+	if (local_id > 0 && pl->nasked < POLICY_OVERLAY_MAX)
+		pl->asked[pl->nasked++] = local_id;
+	else
+		pl->asked_all = true;
 	pthread_mutex_unlock(&pl->mu);
-	policy_live_poke(pl);
+	char b = 1;
+	if (write(pl->wake[1], &b, 1) < 0) {
+		/* full: the thread is awake anyway */
+	}
 	struct timespec until;
 	clock_gettime(CLOCK_REALTIME, &until);
 	until.tv_sec += timeout_ms / 1000;
@@ -463,6 +648,16 @@ bool policy_live_sync(struct policy_live *pl, long timeout_ms)
 	bool ok = pl->done >= want;
 	pthread_mutex_unlock(&pl->mu);
 	return ok;
+}
+
+bool policy_live_sync(struct policy_live *pl, long timeout_ms)
+{
+	return sync_request(pl, 0, timeout_ms);
+}
+
+bool policy_live_sync_user(struct policy_live *pl, int64_t local_id, long timeout_ms)
+{
+	return sync_request(pl, local_id > 0 ? local_id : 0, timeout_ms);
 }
 
 static void *live_main(void *arg)
@@ -481,16 +676,35 @@ static void *live_main(void *arg)
 			continue;
 		}
 		backoff_us = 0;
+		/* A poke (a change of this process: sync) or a new connection
+		 * (changes may have been missed) reloads everything, and so does
+		 * a change of anything but some users' facts; those alone load
+		 * an overlay of these users (policy_load_users). */
 		want = fresh || atomic_exchange(&pl->poked, false);
-		if (store_notifies(pl->c, NULL, NULL) > 0)
-			want = true;
+		pthread_mutex_lock(&pl->mu);
+		uint64_t serving = pl->requested; /* the syncs this turn's reload answers */
+		if (pl->asked_all)
+			pl->want_full = true;
+		for (size_t i = 0; i < pl->nasked; i++)
+			add_pending(pl, pl->asked[i]);
+		pl->nasked = 0;
+		pl->asked_all = false;
+		pthread_mutex_unlock(&pl->mu);
+		store_notifies(pl->c, heard, pl);
 		int64_t now = cw_now_us();
-		if (want || now >= next_reload) {
-			if (reload(pl))
-				next_reload = now + pl->o.reload_interval_s * 1000000LL;
-			else
-				next_reload = now + 1000000; /* try again soon */
+		bool users = pl->npending > 0 && !want && !pl->want_full && now < next_reload && reload_users(pl);
+		bool loaded = users;
+		if (!users && (want || pl->want_full || pl->npending || now >= next_reload)) {
+			loaded = reload(pl);
+			next_reload = now + (loaded ? pl->o.reload_interval_s * 1000000LL : 1000000); /* failed: soon */
 		}
+		pl->npending = 0;
+		pl->want_full = false;
+		pthread_mutex_lock(&pl->mu);
+		if (loaded && serving > pl->done)
+			pl->done = serving;
+		pthread_cond_broadcast(&pl->loaded);
+		pthread_mutex_unlock(&pl->mu);
 		if (now >= next_sweep) {
 			struct policy_view *v = policy_live_get(pl);
 			long counts[3];
@@ -516,6 +730,8 @@ static void *live_main(void *arg)
 		}
 		int64_t until = next_sweep < next_reload ? next_sweep : next_reload;
 		int timeout = (int)((until - cw_now_us()) / 1000);
+		if (pl->npending || pl->want_full)
+			timeout = 0; /* heard during the sweep */
 		if (timeout < 0)
 			timeout = 0;
 		if (timeout > 1000)
@@ -523,8 +739,7 @@ static void *live_main(void *arg)
 		/* A change notified while the reload or the sweep ran is in
 		 * libpq's queue, not on the socket: it is taken here, and the
 		 * next turn reloads at once. */
-		if (store_wait_notify(pl->c, pl->wake[0], timeout, NULL, NULL) > 0)
-			atomic_store(&pl->poked, true);
+		store_wait_notify(pl->c, pl->wake[0], timeout, heard, pl);
 		char buf[64];
 		while (read(pl->wake[0], buf, sizeof(buf)) > 0)
 			;

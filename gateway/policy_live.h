@@ -37,11 +37,32 @@ struct policy_view {
 	int64_t loaded_ms;
 	double load_ms;                  /* how long loading and compiling took */
 	atomic_int refs;
+	/* An overlay (policy_load_users): the full view its snapshot is made
+	 * over (a reference held) and the local users it holds the facts of;
+	 * NULL and 0 for a full view. */
+	struct policy_view *base;
+	int64_t *users;
+	size_t nusers;
 };
 
 /* Loads rules, settings and consent facts in one read-only transaction on
  * c and compiles them (a new view with one reference). */
 cw_err policy_load(PGconn *c, uint64_t version, struct policy_view **out, cw_errmsg *e);
+/* An overlay of base (a full view, or an overlay whose base is taken): the
+ * current facts of the n local users ids (identity ids) over everything
+ * else of base (a new view with one reference, holding one on base). */
+cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, const int64_t *ids, size_t n,
+			 struct policy_view **out, cw_errmsg *e);
+
+/* How many local users an overlay holds at most: a change of more users
+ * (or of anything else: rules, settings) reloads everything.  The NOTIFY
+ * causeway_policy of a change of some users' facts says whose: payload
+ * "u:<id>,<id>,...". */
+#define POLICY_OVERLAY_MAX 256
+/* Tells every process that local user local_id's facts changed (on c, in
+ * the caller's transaction: sent at its commit); local_id NULL or "":
+ * something else changed, reload everything. */
+cw_err policy_notify_user(PGconn *c, const char *local_id, cw_errmsg *e);
 void policy_view_put(struct policy_view *v);
 
 /* Applies consent to held rows (all local users, or only target_id when it
@@ -106,10 +127,15 @@ void policy_rate_memo_init(struct policy_rate_memo *m, struct ratelimit *rl);
  * in force (a change this process just committed is then in effect here);
  * false after timeout_ms. */
 bool policy_live_sync(struct policy_live *pl, long timeout_ms);
+/* The same when only local user local_id's facts changed: that user's are
+ * reloaded over the snapshot in force (an overlay), not everything. */
+bool policy_live_sync_user(struct policy_live *pl, int64_t local_id, long timeout_ms);
 
 struct policy_live_stats {
 	uint64_t version;
 	uint64_t reloads, reload_failures;
+	uint64_t user_reloads;               /* of those, overlays of some users' facts */
+	size_t overlay_users;                /* the users the overlay in force holds (0: a full snapshot) */
 	uint64_t released, dropped, expired; /* rows changed by sweeps */
 	size_t rules, facts;
 	double last_load_ms;

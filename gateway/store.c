@@ -196,7 +196,7 @@ cw_err store_exec(PGconn *c, const char *sql, cw_errmsg *e)
 	return rc;
 }
 
-int store_notifies(PGconn *c, void (*each)(const char *channel, void *arg), void *arg)
+int store_notifies(PGconn *c, void (*each)(const char *channel, const char *payload, void *arg), void *arg)
 {
 	int n = 0;
 	for (int i = 0; i < 1024; i++) {
@@ -204,7 +204,7 @@ int store_notifies(PGconn *c, void (*each)(const char *channel, void *arg), void
 		PGnotify *nt;
 		while ((nt = PQnotifies(c))) {
 			if (each)
-				each(nt->relname, arg);
+				each(nt->relname, nt->extra, arg);
 			PQfreemem(nt);
 			n++;
 		}
@@ -217,8 +217,8 @@ int store_notifies(PGconn *c, void (*each)(const char *channel, void *arg), void
 	return n;
 }
 
-int store_wait_notify(PGconn *c, int wake_fd, int timeout_ms, void (*each)(const char *channel, void *arg),
-		      void *arg)
+int store_wait_notify(PGconn *c, int wake_fd, int timeout_ms,
+		      void (*each)(const char *channel, const char *payload, void *arg), void *arg)
 {
 	int n = store_notifies(c, each, arg);
 	if (n > 0)

@@ -132,15 +132,15 @@ cw_err store_result_err(PGconn *c, const PGresult *r, cw_errmsg *e);
  * store_notifies takes every notification there is without waiting (the
  * queued ones and all the socket holds: libpq reads some 32 KB a call, and
  * a listener that reads less than it is sent falls behind for good); each
- * (may be NULL) sees each channel's name.  The count, or -1 when the
+ * (may be NULL) sees each one's channel and payload.  The count, or -1 when the
  * connection is broken and nothing was taken. */
-int store_notifies(PGconn *c, void (*each)(const char *channel, void *arg), void *arg);
+int store_notifies(PGconn *c, void (*each)(const char *channel, const char *payload, void *arg), void *arg);
 /* Returns at once with the queued notifications if there are any, else
  * waits up to timeout_ms for one on the socket or for wake_fd (-1: none)
  * to be readable (the caller empties it), and takes them: as above, 0 when
  * none came, -1 for a broken connection (after the wait all the same, so
  * that the caller's loop does not spin). */
-int store_wait_notify(PGconn *c, int wake_fd, int timeout_ms, void (*each)(const char *channel, void *arg),
-		      void *arg);
+int store_wait_notify(PGconn *c, int wake_fd, int timeout_ms,
+		      void (*each)(const char *channel, const char *payload, void *arg), void *arg);
 
 #endif

@@ -233,6 +233,10 @@ struct policy_snapshot {
 	struct table consents;     /* (local, "u"|"d", subject) -> allowed */
 	struct table blocks;       /* (remote, local) */
 	char *arena;
+	/* An overlay (policy_builder_overlay): rules, defaults and the facts
+	 * of the local users not in `users` are base's. */
+	const struct policy_snapshot *base;
+	struct table users;        /* (local): the users whose facts are here */
 };
 
 struct policy_builder {
@@ -262,6 +266,7 @@ static void snapshot_release(struct policy_snapshot *s)
 	for (int i = 0; i < T_RULES; i++)
 		free(s->rt[i].slots);
 	free(s->optins.slots);
+	free(s->users.slots);
 	free(s->consents.slots);
 	free(s->blocks.slots);
 }
@@ -501,6 +506,29 @@ int policy_builder_remote_block(struct policy_builder *b, const char *remote_uri
 	return put_fact(b, &b->s.blocks, p, 2, 1);
 }
 
+struct policy_builder *policy_builder_overlay(const struct policy_snapshot *base)
+{
+	if (!base)
+		return NULL;
+	struct policy_builder *b = policy_builder_new();
+	if (b) {
+		b->s.base = policy_snapshot_base(base);
+		b->s.default_mode = b->s.base->default_mode;
+		b->s.optin_default = b->s.base->optin_default;
+	}
+	return b;
+}
+
+int policy_builder_user(struct policy_builder *b, const char *local_uri)
+{
+	if (!b || !b->s.base)
+		return -2;
+	if (!valid_text(local_uri, MAX_USER_URI))
+		return -1;
+	struct part p[1] = { { local_uri, strlen(local_uri) } };
+	return put_fact(b, &b->s.users, p, 1, 1);
+}
+
 struct policy_snapshot *policy_builder_finish(struct policy_builder *b, uint64_t version)
 {
 	if (!b)
@@ -549,12 +577,26 @@ uint64_t policy_snapshot_version(const struct policy_snapshot *s)
 
 size_t policy_snapshot_rule_count(const struct policy_snapshot *s)
 {
-	return s ? s->nrules : 0;
+	return s ? policy_snapshot_base(s)->nrules : 0;
 }
 
 size_t policy_snapshot_fact_count(const struct policy_snapshot *s)
 {
-	return s ? s->optins.count + s->consents.count + s->blocks.count : 0;
+	return s ? s->optins.count + s->consents.count + s->blocks.count + policy_snapshot_fact_count(s->base) : 0;
+}
+
+const struct policy_snapshot *policy_snapshot_base(const struct policy_snapshot *s)
+{
+	return s && s->base ? s->base : s;
+}
+
+/* The snapshot that holds local user l's facts: an overlay for the users
+ * it names, else its base. */
+static inline const struct policy_snapshot *facts_of(const struct policy_snapshot *s, const struct part *l)
+{
+	if (!s->base)
+		return s;
+	return table_find(&s->users, s->arena, l, 1) ? s : s->base;
 }
 
 /* ------------------------------------------------------------------ decide */
@@ -795,10 +837,10 @@ static inline bool is(const char *s, const char *lit)
 	return s && strcmp(s, lit) == 0;
 }
 
-void policy_decide(const struct policy_snapshot *s, const struct policy_request *r, struct policy_decision *d)
+void policy_decide(const struct policy_snapshot *ov, const struct policy_request *r, struct policy_decision *d)
 {
-	if (!s)
-		s = &empty_snapshot;
+	/* s: the rules and defaults; f (below): the local user's facts. */
+	const struct policy_snapshot *s = ov ? policy_snapshot_base(ov) : &empty_snapshot;
 	struct pparty snd, rcp;
 	mkparty(&snd, &r->sender, true);
 	mkparty(&rcp, &r->recipient, r->recipient.uri != NULL);
@@ -846,21 +888,22 @@ void policy_decide(const struct policy_snapshot *s, const struct policy_request 
 	/* 2. The local user's blocks; outbound, the remote user's block.  The
 	 * consent facts found are kept for step 6. */
 	int cu = -1, cd = -1;
+	const struct policy_snapshot *f = local && ov ? facts_of(ov, &local->uri) : s;
 	if (local && dir != POLICY_TRANSIT && nremote == 1) {
 		const struct pparty *p = remote[0];
-		cu = consent(s, local, "u", &p->uri);
+		cu = consent(f, local, "u", &p->uri);
 		if (cu == 0) {
 			set(d, POLICY_DENY, dir == POLICY_INBOUND ? "user_blocked_sender" : "user_blocked_recipient", 0);
 			return;
 		}
-		cd = consent(s, local, "d", &p->domain);
+		cd = consent(f, local, "d", &p->domain);
 		if (cd == 0) {
 			set(d, POLICY_DENY, "user_blocked_domain", 0);
 			return;
 		}
-		if (dir == POLICY_OUTBOUND && s->blocks.count && p->uri.n && local->uri.n) {
+		if (dir == POLICY_OUTBOUND && f->blocks.count && p->uri.n && local->uri.n) {
 			struct part k[2] = { p->uri, local->uri };
-			if (table_find(&s->blocks, s->arena, k, 2)) {
+			if (table_find(&f->blocks, f->arena, k, 2)) {
 				set(d, POLICY_DENY, "recipient_blocked_sender", 0);
 				return;
 			}
@@ -903,7 +946,7 @@ void policy_decide(const struct policy_snapshot *s, const struct policy_request 
 	/* Inbound from here on. */
 	if (local) {
 		/* 5. Opt-in to the sender's network. */
-		int fact = optin(s, &local->uri, &snd.network);
+		int fact = optin(f, &local->uri, &snd.network);
 		bool opted = fact < 0 ? s->optin_default : fact != 0;
 		if (!opted) {
 			set(d, POLICY_DENY, "user_not_opted_in", 0);
@@ -936,7 +979,7 @@ int policy_optin_fact(const struct policy_snapshot *s, const char *local_uri, co
 	if (!s || !local_uri || !network)
 		return -1;
 	struct part l = mkpart(local_uri), n = mkpart(network);
-	return optin(s, &l, &n);
+	return optin(facts_of(s, &l), &l, &n);
 }
 
 int policy_consent_fact(const struct policy_snapshot *s, const char *local_uri, bool subject_is_domain,
@@ -946,7 +989,7 @@ int policy_consent_fact(const struct policy_snapshot *s, const char *local_uri, 
 		return -1;
 	struct pparty l = { .present = true, .uri = mkpart(local_uri) };
 	struct part subj = mkpart(subject);
-	return consent(s, &l, subject_is_domain ? "d" : "u", &subj);
+	return consent(facts_of(s, &l.uri), &l, subject_is_domain ? "d" : "u", &subj);
 }
 
 /* ------------------------------------------------------------------ names */

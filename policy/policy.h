@@ -152,6 +152,16 @@ int policy_builder_consent(struct policy_builder *b, const char *local_uri, bool
 /* A remote user does not want to be contacted by this local user (MIMI
  * updateConsent revoked, or a peer block). */
 int policy_builder_remote_block(struct policy_builder *b, const char *remote_uri, const char *local_uri);
+/* An overlay: a snapshot that holds the whole current facts of a few local
+ * users and takes everything else (rules, defaults, every other user's
+ * facts) from base, which must outlive it.  A change of one user's consent
+ * then costs a snapshot of that user's facts, not a rebuild of all (90 ms
+ * at 100,000 facts).  base is a full snapshot (an overlay's base is taken
+ * when an overlay is given).  Each local user whose facts it holds is
+ * named with policy_builder_user (with no facts: the user has none now);
+ * facts of users not named are ignored. */
+struct policy_builder *policy_builder_overlay(const struct policy_snapshot *base);
+int policy_builder_user(struct policy_builder *b, const char *local_uri);
 /* Compiles the snapshot and frees the builder (also on failure: NULL, out
  * of memory). */
 struct policy_snapshot *policy_builder_finish(struct policy_builder *b, uint64_t version);
@@ -159,7 +169,10 @@ struct policy_snapshot *policy_builder_finish(struct policy_builder *b, uint64_t
 void policy_snapshot_free(struct policy_snapshot *s);
 uint64_t policy_snapshot_version(const struct policy_snapshot *s);
 size_t policy_snapshot_rule_count(const struct policy_snapshot *s);
-size_t policy_snapshot_fact_count(const struct policy_snapshot *s); /* opt-ins + consents + remote blocks */
+/* opt-ins + consents + remote blocks (an overlay: its base's and its own) */
+size_t policy_snapshot_fact_count(const struct policy_snapshot *s);
+/* The full snapshot an overlay is made over; s itself when it is full. */
+const struct policy_snapshot *policy_snapshot_base(const struct policy_snapshot *s);
 
 /* The decision.  s may be NULL: an empty snapshot (defaults open, opted
  * out). */

@@ -196,7 +196,7 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *s
 				       "UPDATE SET opted_in = excluded.opted_in, updated_by = 'user', updated_at = now()",
 				    3, params, &e);
 		if (!rc)
-			rc = store_exec(c, "NOTIFY causeway_policy", &e);
+			rc = policy_notify_user(c, local_id, &e);
 		snprintf(reply, sizeof(reply), rc ? "That network name is not valid." : "You are now opted %s for %s.",
 			 verb[4] == 'i' ? "in" : "out", arg);
 		say(m, room, reply);

@@ -964,7 +964,9 @@ struct submit *submit_new(size_t n)
  * records the consent and opt-in that a local user's first outbound
  * message implies, records a block (or its end) that a peer's user sends
  * as a block event (the last one per pair in the job: all of the
- * statement's parts see the same snapshot), and writes the audit records of
+ * statement's parts see the same snapshot), tells every process whose
+ * facts changed (NOTIFY causeway_policy "u:<ids>": they reload those users'
+ * alone; a block: everything), and writes the audit records of
  * the decisions ($3: they
  * exist for refused items too); a job that needs none of that (the common
  * case: allowed messages) runs the plain statement, which is a third
@@ -1004,10 +1006,11 @@ struct submit *submit_new(size_t n)
 	"  ON CONFLICT DO NOTHING), " \
 	"oc AS (INSERT INTO consents (local_identity_id, subject_kind, subject, state, source) " \
 	"  SELECT DISTINCT it.sender, 'user', o.value->>0, 'allowed', 'outbound' " \
-	"  FROM it, jsonb_array_elements(it.outbound) AS o(value) ON CONFLICT DO NOTHING RETURNING 1), " \
+	"  FROM it, jsonb_array_elements(it.outbound) AS o(value) ON CONFLICT DO NOTHING RETURNING local_identity_id AS u), " \
 	"oo AS (INSERT INTO user_optin (identity_id, network, opted_in, updated_by) " \
 	"  SELECT DISTINCT it.sender, o.value->>1, true, 'outbound' " \
-	"  FROM it, jsonb_array_elements(it.outbound) AS o(value) ON CONFLICT DO NOTHING RETURNING 1), " \
+	"  FROM it, jsonb_array_elements(it.outbound) AS o(value) ON CONFLICT DO NOTHING RETURNING identity_id AS u), " \
+	"ou AS (SELECT DISTINCT u FROM oc UNION SELECT u FROM oo), " \
 	"bl AS (SELECT DISTINCT ON (it.sender, it.bt) it.sender, it.bt, it.ba FROM it " \
 	"  JOIN identities s ON s.id = it.sender AND NOT s.is_local WHERE it.bt IS NOT NULL " \
 	"  ORDER BY it.sender, it.bt, it.n DESC), " \
@@ -1015,8 +1018,10 @@ struct submit *submit_new(size_t n)
 	"  JOIN identities t ON t.uri = bl.bt AND t.is_local WHERE bl.ba = 'block' ON CONFLICT DO NOTHING RETURNING 1), " \
 	"ub AS (DELETE FROM blocks x USING bl, identities t WHERE bl.ba = 'unblock' AND t.uri = bl.bt AND t.is_local " \
 	"  AND x.blocker_id = bl.sender AND x.blocked_id = t.id RETURNING 1), " \
-	"nt AS (SELECT pg_notify('causeway_policy', '') AS n WHERE EXISTS (SELECT 1 FROM oc) " \
-	"  OR EXISTS (SELECT 1 FROM oo) OR EXISTS (SELECT 1 FROM bk) OR EXISTS (SELECT 1 FROM ub)), " \
+	"nt AS (SELECT pg_notify('causeway_policy', CASE WHEN EXISTS (SELECT 1 FROM bk) OR EXISTS (SELECT 1 FROM ub) " \
+	"  OR (SELECT count(*) FROM ou) > 64 THEN '' " \
+	"  ELSE 'u:' || (SELECT string_agg(u::text, ',') FROM ou) END) AS n WHERE EXISTS (SELECT 1 FROM ou) " \
+	"  OR EXISTS (SELECT 1 FROM bk) OR EXISTS (SELECT 1 FROM ub)), " \
 	"au AS (INSERT INTO audit_log (actor, action, reason_code, rule_id, event_id, subject, details) " \
 	"  SELECT 'policy', a.action, a.reason, NULLIF(a.rule, 0), (SELECT id FROM ev WHERE ev.public_id = a.pid), " \
 	"  a.subject, a.details FROM jsonb_to_recordset($3::jsonb) " \

@@ -128,8 +128,9 @@ struct heard {
 	bool events, peers;
 };
 
-static void noted(const char *channel, void *arg)
+static void noted(const char *channel, const char *payload, void *arg)
 {
+	(void)payload;
 	struct heard *h = arg;
 	if (strcmp(channel, "causeway_peers") == 0)
 		h->peers = true;

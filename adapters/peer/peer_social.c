@@ -204,7 +204,7 @@ static cw_err consent_update_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		      : store_command(c, "INSERT INTO blocks (blocker_id, blocked_id) VALUES ($1::bigint, $2::bigint) "
 			       "ON CONFLICT DO NOTHING", 2, params, e);
 	if (!rc) /* every daemon process takes the change into its policy */
-		rc = store_exec(c, "NOTIFY causeway_policy", e);
+		rc = policy_notify_user(c, lid, e);
 	if (!rc)
 		accepted(j);
 	return rc;

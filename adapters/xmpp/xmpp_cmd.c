@@ -142,7 +142,7 @@ static cw_err consent_fn(PGconn *c, void *arg, cw_errmsg *e)
 				      "UPDATE SET opted_in = excluded.opted_in, updated_by = 'user', updated_at = now()",
 				   3, params, e);
 		if (!rc)
-			rc = store_exec(c, "NOTIFY causeway_policy", e);
+			rc = policy_notify_user(c, local_id, e);
 		if (rc)
 			return rc;
 		snprintf(j->note, sizeof(j->note), "You are now opted %s for %s.", j->verb == V_OPTIN ? "in" : "out", net);

@@ -9,12 +9,15 @@
  *   D <direction i|o|t> <action e|n|c> <type> <sender uri> <sender domain>
  *     <sender network> <recipient uri> <recipient domain> <recipient network>
  *     <body bytes> <kinds>                    a decision to take
+ *   U <local uri>                             a user of the overlay
  *
  * Properties: nothing crashes or leaks; every decision names a known reason
  * and a verdict; when every row was taken, the snapshot built from the rows
  * in reverse order decides exactly the same (precedence is by specificity,
- * never by the order rows come from the database); limits that parse give
- * the same limits after policy_limits_to_json and back. */
+ * never by the order rows come from the database); an overlay holding the
+ * facts of the U users over a snapshot of the other rows decides exactly
+ * as the snapshot of all rows; limits that parse give the same limits after
+ * policy_limits_to_json and back. */
 #include "config.h"
 #include "policy.h"
 #include "policy_json.h"
@@ -78,19 +81,46 @@ static int split(char *text, struct line *lines)
 	return n;
 }
 
-/* Builds the snapshot from the rows, forward or backward; *all_taken: every
- * row was accepted by the builder. */
-static struct policy_snapshot *build(struct line *lines, int n, bool reverse, bool *all_taken)
+/* The local user a fact row is of (NULL: not a fact). */
+static const char *fact_user(const struct line *x)
 {
-	struct policy_builder *b = policy_builder_new();
+	char t = x->f[0][0];
+	return (t == 'O' && x->n >= 4) || (t == 'C' && x->n >= 5) ? x->f[1] : t == 'B' && x->n >= 3 ? x->f[2] : NULL;
+}
+
+static bool overlay_user(const struct line *lines, int n, const char *uri)
+{
+	for (int k = 0; uri && k < n; k++)
+		if (lines[k].f[0][0] == 'U' && lines[k].n >= 2 && strcmp(lines[k].f[1], uri) == 0)
+			return true;
+	return false;
+}
+
+enum part { ALL, NOT_OVERLAY, OVERLAY };
+
+/* Builds the snapshot from the rows, forward or backward (ALL), from the
+ * rows but the facts of the U users (NOT_OVERLAY), or (OVERLAY, over base)
+ * from the facts of the U users alone; *all_taken: every row was accepted
+ * by the builder. */
+static struct policy_snapshot *build(struct line *lines, int n, bool reverse, enum part part,
+				     const struct policy_snapshot *base, bool *all_taken)
+{
+	struct policy_builder *b = part == OVERLAY ? policy_builder_overlay(base) : policy_builder_new();
 	if (!b)
 		abort();
 	*all_taken = true;
+	for (int k = 0; part == OVERLAY && k < n; k++)
+		if (lines[k].f[0][0] == 'U' && lines[k].n >= 2 && policy_builder_user(b, lines[k].f[1]) == -1)
+			*all_taken = false;
 	for (int k = 0; k < n; k++) {
 		const struct line *x = &lines[reverse ? n - 1 - k : k];
 		const char *t = x->f[0];
 		int rc = 0;
 		if (x->skip)
+			continue;
+		if (part != ALL && overlay_user(lines, n, fact_user(x)) != (part == OVERLAY))
+			continue;
+		if (part == OVERLAY && !fact_user(x))
 			continue;
 		if (t[0] == 'M' && x->n >= 3) {
 			enum policy_mode m;
@@ -186,21 +216,29 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	}
 	static struct line lines[MAXL];
 	int n = split(text, lines);
-	bool taken_fwd, taken_back;
-	struct policy_snapshot *fwd = build(lines, n, false, &taken_fwd);
-	struct policy_snapshot *back = build(lines, n, true, &taken_back);
+	bool taken_fwd, taken_back, taken_base, taken_ov;
+	struct policy_snapshot *fwd = build(lines, n, false, ALL, NULL, &taken_fwd);
+	struct policy_snapshot *back = build(lines, n, true, ALL, NULL, &taken_back);
+	struct policy_snapshot *base = build(lines, n, false, NOT_OVERLAY, NULL, &taken_base);
+	struct policy_snapshot *ov = build(lines, n, false, OVERLAY, base, &taken_ov);
 	for (int k = 0; k < n; k++) {
 		const struct line *x = &lines[k];
 		if (x->f[0][0] != 'D' || x->n < 12)
 			continue;
-		struct policy_decision a, b;
+		struct policy_decision a, b, c;
 		decide(fwd, x, &a);
 		decide(back, x, &b);
+		decide(ov, x, &c);
 		if (taken_fwd && taken_back &&
 		    (a.verdict != b.verdict || strcmp(a.reason, b.reason) != 0 || a.rule_id != b.rule_id))
 			abort(); /* the order of rows changed a decision */
+		if (taken_fwd && taken_base && taken_ov &&
+		    (a.verdict != c.verdict || strcmp(a.reason, c.reason) != 0 || a.rule_id != c.rule_id))
+			abort(); /* the overlay decided otherwise than the whole */
 	}
 	limits_round_trip(lines, n);
+	policy_snapshot_free(ov);
+	policy_snapshot_free(base);
 	policy_snapshot_free(fwd);
 	policy_snapshot_free(back);
 	free(text);

@@ -257,8 +257,9 @@ START_TEST(unreachable_database_fails_fast)
 }
 END_TEST
 
-static void heard(const char *channel, void *arg)
+static void heard(const char *channel, const char *payload, void *arg)
 {
+	(void)payload;
 	snprintf(arg, 64, "%s", channel);
 }
 

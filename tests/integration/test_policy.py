@@ -4,6 +4,7 @@ changes in force without restart on every process, rate limits, abuse
 reports, and the admin API that runs it all."""
 import base64
 import os
+import re
 import time
 
 import pytest
@@ -213,6 +214,56 @@ def test_rule_change_is_in_force_on_every_process_without_restart(daemon, make_d
     assert daemon.admin("DELETE", f"/rules/{rule['id']}").status_code == 200
     wait_policy(other, lambda: not denied(a2), "the rule gone")
     print(f"rule in force on the second process after {took * 1000:.0f} ms")
+
+
+def gauge(d, name):
+    m = re.search(r"^" + name + r" (\S+)$", d.get("/metrics").text, re.M)
+    return float(m.group(1)) if m else None
+
+
+def reloads(d):
+    """{kind: count} of causeway_policy_reloads_total."""
+    text = d.get("/metrics").text
+    return {k: float(v) for k, v in re.findall(r'^causeway_policy_reloads_total\{kind="(\w+)"\} (\S+)$', text, re.M)}
+
+
+def test_a_users_consent_change_reloads_that_user_alone_on_every_process(daemon, make_daemon, peers, pg, db_url):
+    """A consent, opt-in or first outbound message changes one user's
+    facts: every process loads that user's facts over the snapshot it has
+    (NOTIFY "u:<id>"; the admin API's own process before it answers), not
+    every fact again; a rule still reloads everything, and the overlay
+    goes with it."""
+    (a, _), _ = peers
+    opt_in(daemon)
+    room = dm(a)
+    other = make_daemon(db_url).start()
+    a2 = PeerClient(other.url, a.name, a.domain, token=a.token, signer=a.signer)
+    wait_until(lambda: reloads(other).get("whole", 0) >= 1, what="the second daemon's first snapshot")
+    before, mine = reloads(other), reloads(daemon)
+    consent(daemon, a.user("wally"), "allowed")
+    # The process that made the change answered once it had the user's
+    # facts in force: an overlay there too.
+    assert reloads(daemon)["whole"] == mine["whole"] and reloads(daemon)["users"] > mine.get("users", 0)
+    wait_policy(other, lambda: states(pg, db_url, [send(a2, room, "hi").json()["id"]])[0][1] == "pending",
+                "the consent on the second daemon")
+    after = reloads(other)
+    assert after["users"] > before.get("users", 0) and after["whole"] == before["whole"], (before, after)
+    assert gauge(other, "causeway_policy_overlay_users") == 1
+    # Blocked on the first, dropped on the second; a second user's change
+    # joins the overlay.
+    consent(daemon, a.user("wally"), "blocked")
+    wait_policy(other, lambda: states(pg, db_url, [send(a2, room, "hey").json()["id"]])[0][1] == "dropped",
+                "the block on the second daemon")
+    opt_in(daemon, user="mimi://example.org/u/bob")
+    wait_until(lambda: gauge(other, "causeway_policy_overlay_users") == 2,
+               what="bob in the overlay")
+    assert reloads(other)["whole"] == before["whole"]
+    # A rule: everything again, no overlay.
+    assert daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "spam.example",
+                                                "mode": "deny"}).status_code == 201
+    wait_until(lambda: reloads(other)["whole"] > before["whole"], what="the whole reload")
+    assert gauge(other, "causeway_policy_overlay_users") == 0
+    assert states(pg, db_url, [send(a2, room, "still").json()["id"]])[0][1] == "dropped"
 
 
 def test_rate_limit_answers_429_with_retry_after(daemon, peers, pg, db_url):

@@ -571,7 +571,51 @@ static void gen_limits(struct policy_limits *l)
 }
 
 /* Random rules and facts; avoid_deny: no rule with mode deny. */
-static void gen_snapshot_body(struct policy_builder *b, bool avoid_deny, int64_t now)
+/* One consent fact of local user locals[local]: an opt-in, a decision
+ * about a remote user or domain, or a remote user's block. */
+struct gfact {
+	int kind; /* 0 opt-in, 1 consent, 2 remote block */
+	size_t local;
+	bool domain;
+	char subj[128];
+	bool val;
+};
+
+static void gen_fact(struct gfact *f, size_t local)
+{
+	memset(f, 0, sizeof(*f));
+	f->local = local;
+	switch (f->kind = (int)pick(3)) {
+	case 0:
+		snprintf(f->subj, sizeof(f->subj), "%s", networks[pick(NNET)]);
+		f->val = pick(2);
+		break;
+	case 1:
+		if (pick(2)) {
+			snprintf(f->subj, sizeof(f->subj), "mimi://%s/u/u%u", domains[pick(NDOM)], pick(NUSR));
+		} else {
+			f->domain = true;
+			snprintf(f->subj, sizeof(f->subj), "%s", domains[pick(NDOM)]);
+		}
+		f->val = pick(2);
+		break;
+	default:
+		snprintf(f->subj, sizeof(f->subj), "mimi://%s/u/u%u", domains[pick(NDOM)], pick(NUSR));
+		break;
+	}
+}
+
+static void put_gfact(struct policy_builder *b, const struct gfact *f)
+{
+	const char *l = locals[f->local];
+	int rc = f->kind == 0 ? policy_builder_optin(b, l, f->subj, f->val)
+		 : f->kind == 1 ? policy_builder_consent(b, l, f->domain, f->subj, f->val)
+				: policy_builder_remote_block(b, f->subj, l);
+	ck_assert_int_eq(rc, 0);
+}
+
+/* Defaults and up to 15 rules. */
+static void gen_rules(struct policy_builder *b, bool avoid_deny, int64_t now)
 {
 	policy_builder_defaults(b, modes[1 + pick(3)], pick(2));
 	int nrules = (int)pick(16);
@@ -602,27 +646,16 @@ static void gen_snapshot_body(struct policy_builder *b, bool avoid_deny, int64_t
 		int rc = policy_builder_rule(b, 100 + i, sc, pat, m, &l, exp);
 		ck_assert_int_ne(rc, -2);
 	}
+}
+
+static void gen_snapshot_body(struct policy_builder *b, bool avoid_deny, int64_t now)
+{
+	gen_rules(b, avoid_deny, now);
 	int nfacts = (int)pick(40);
 	for (int i = 0; i < nfacts; i++) {
-		const char *l = locals[pick(NLOC)];
-		char subj[128];
-		switch (pick(3)) {
-		case 0:
-			ck_assert_int_eq(policy_builder_optin(b, l, networks[pick(NNET)], pick(2)), 0);
-			break;
-		case 1:
-			if (pick(2)) {
-				snprintf(subj, sizeof(subj), "mimi://%s/u/u%u", domains[pick(NDOM)], pick(NUSR));
-				ck_assert_int_eq(policy_builder_consent(b, l, false, subj, pick(2)), 0);
-			} else {
-				ck_assert_int_eq(policy_builder_consent(b, l, true, domains[pick(NDOM)], pick(2)), 0);
-			}
-			break;
-		default:
-			snprintf(subj, sizeof(subj), "mimi://%s/u/u%u", domains[pick(NDOM)], pick(NUSR));
-			ck_assert_int_eq(policy_builder_remote_block(b, subj, l), 0);
-			break;
-		}
+		struct gfact f;
+		gen_fact(&f, pick(NLOC));
+		put_gfact(b, &f);
 	}
 }
 
@@ -828,6 +861,117 @@ START_TEST(prop_random_requests)
 		ck_assert_msg(counts[v] > 0, "no %s verdict generated", policy_verdict_name((enum policy_verdict)v));
 	ck_assert_int_gt(allowed_checked, 1000);
 	ratelimit_free(rl);
+}
+END_TEST
+
+/* An overlay (the current facts of some local users over a snapshot of
+ * older ones) decides every request exactly as a snapshot built whole from
+ * the same rules and facts, and reports the same facts. */
+START_TEST(prop_overlay_decides_as_a_whole_rebuild)
+{
+	rng_state = 0x452821e638d01377ull;
+	int compared = 0, differs_from_base = 0;
+	for (int snap = 0; snap < 300; snap++) {
+		struct policy_builder *bb = policy_builder_new(), *bw = policy_builder_new();
+		uint64_t seed = rng_state;
+		gen_rules(bb, false, DEFAULT_NOW);
+		rng_state = seed;
+		gen_rules(bw, false, DEFAULT_NOW); /* the same rules in both */
+		struct gfact old[40], now[40];
+		size_t nold = pick(40), nnow = pick(40);
+		bool changed[NLOC];
+		for (size_t l = 0; l < NLOC; l++)
+			changed[l] = pick(2);
+		for (size_t i = 0; i < nold; i++) {
+			gen_fact(&old[i], pick(NLOC));
+			put_gfact(bb, &old[i]);
+			if (!changed[old[i].local])
+				put_gfact(bw, &old[i]);
+		}
+		struct policy_snapshot *base = policy_builder_finish(bb, 1);
+		ck_assert_ptr_nonnull(base);
+		struct policy_builder *bo = policy_builder_overlay(base);
+		ck_assert_ptr_nonnull(bo);
+		for (size_t l = 0; l < NLOC; l++)
+			if (changed[l])
+				ck_assert_int_eq(policy_builder_user(bo, locals[l]), 0);
+		for (size_t i = 0; i < nnow; i++) {
+			size_t l = pick(NLOC);
+			gen_fact(&now[i], l);
+			if (changed[l]) {
+				put_gfact(bo, &now[i]);
+				put_gfact(bw, &now[i]);
+			}
+		}
+		struct policy_snapshot *ov = policy_builder_finish(bo, 2), *whole = policy_builder_finish(bw, 2);
+		ck_assert_ptr_nonnull(ov);
+		ck_assert_ptr_nonnull(whole);
+		ck_assert_ptr_eq(policy_snapshot_base(ov), base);
+		ck_assert_uint_eq(policy_snapshot_rule_count(ov), policy_snapshot_rule_count(whole));
+		for (int iter = 0; iter < 100; iter++) {
+			struct policy_request r;
+			struct gparty snd, rcp;
+			bool has_rcp;
+			gen_request(&r, &snd, &rcp, &has_rcp);
+			r.rate = NULL;
+			struct policy_decision d1, d2, d0;
+			policy_decide(ov, &r, &d1);
+			policy_decide(whole, &r, &d2);
+			policy_decide(base, &r, &d0);
+			ck_assert_msg(d1.verdict == d2.verdict && d1.reason == d2.reason && d1.rule_id == d2.rule_id,
+				      "snapshot %d: overlay %s %s, whole %s %s", snap, policy_verdict_name(d1.verdict),
+				      d1.reason, policy_verdict_name(d2.verdict), d2.reason);
+			differs_from_base += d0.verdict != d2.verdict || d0.reason != d2.reason;
+			compared++;
+		}
+		for (size_t l = 0; l < NLOC; l++)
+			for (size_t i = 0; i < nold + nnow; i++) {
+				const struct gfact *f = i < nold ? &old[i] : &now[i - nold];
+				if (f->kind == 0)
+					ck_assert_int_eq(policy_optin_fact(ov, locals[l], f->subj),
+							 policy_optin_fact(whole, locals[l], f->subj));
+				if (f->kind == 1)
+					ck_assert_int_eq(policy_consent_fact(ov, locals[l], f->domain, f->subj),
+							 policy_consent_fact(whole, locals[l], f->domain, f->subj));
+			}
+		policy_snapshot_free(ov);
+		policy_snapshot_free(whole);
+		policy_snapshot_free(base);
+	}
+	ck_assert_int_eq(compared, 30000);
+	/* The changes matter: decisions the base alone gets wrong were made. */
+	ck_assert_int_gt(differs_from_base, 500);
+}
+END_TEST
+
+START_TEST(overlay_edges)
+{
+	ck_assert_ptr_null(policy_builder_overlay(NULL));
+	ck_assert_int_eq(policy_builder_user(NULL, "mimi://hub.example/u/l0"), -2);
+	struct policy_builder *plain = policy_builder_new();
+	ck_assert_int_eq(policy_builder_user(plain, "mimi://hub.example/u/l0"), -2); /* not an overlay */
+	policy_builder_free(plain);
+	struct policy_builder *b = policy_builder_new();
+	policy_builder_consent(b, "mimi://hub.example/u/l0", false, "mimi://a.example/u/u1", true);
+	struct policy_snapshot *base = policy_builder_finish(b, 1);
+	/* A user named with no facts has none any more; a fact of a user not
+	 * named is ignored; an overlay of an overlay is made over its base. */
+	b = policy_builder_overlay(base);
+	ck_assert_int_eq(policy_builder_user(b, "mimi://hub.example/u/l0"), 0);
+	ck_assert_int_eq(policy_builder_user(b, ""), -1);
+	policy_builder_consent(b, "mimi://hub.example/u/l1", false, "mimi://a.example/u/u1", true);
+	struct policy_snapshot *ov = policy_builder_finish(b, 2);
+	ck_assert_int_eq(policy_consent_fact(base, "mimi://hub.example/u/l0", false, "mimi://a.example/u/u1"), 1);
+	ck_assert_int_eq(policy_consent_fact(ov, "mimi://hub.example/u/l0", false, "mimi://a.example/u/u1"), -1);
+	ck_assert_int_eq(policy_consent_fact(ov, "mimi://hub.example/u/l1", false, "mimi://a.example/u/u1"), -1);
+	b = policy_builder_overlay(ov);
+	struct policy_snapshot *ov2 = policy_builder_finish(b, 3);
+	ck_assert_ptr_eq(policy_snapshot_base(ov2), base);
+	ck_assert_int_eq(policy_consent_fact(ov2, "mimi://hub.example/u/l0", false, "mimi://a.example/u/u1"), 1);
+	ck_assert_uint_eq(policy_snapshot_fact_count(ov2), 1);
+	policy_snapshot_free(ov2);
+	policy_snapshot_free(ov);
+	policy_snapshot_free(base);
 }
 END_TEST
 
@@ -1417,6 +1561,8 @@ int main(void)
 	tcase_add_test(tc, builder_cases);
 	tcase_add_test(tc, prop_server_deny_always_denies);
 	tcase_add_test(tc, prop_random_requests);
+	tcase_add_test(tc, prop_overlay_decides_as_a_whole_rebuild);
+	tcase_add_test(tc, overlay_edges);
 	tcase_add_test(tc, null_snapshot_and_null_strings);
 	tcase_add_test(tc, bucket_keys);
 	tcase_add_test(tc, builder_facts_and_counts);
