@@ -242,10 +242,37 @@ static void invited(struct matrix *m, PGconn *c, const char *room, const char *s
 	say(m, room, help_text);
 }
 
-/* One of this provider's users invited a ghost: a new conversation with
- * that remote user.  A neutral direct room is made with both as members and
- * bound to this Matrix room, and the ghost joins; what the user writes there
- * then goes to the peer (the policy decides, outbound). */
+/* The ghost tells the old direct room that the conversation goes on in
+ * the new one, and leaves it. */
+static void ghost_moves_out(struct matrix *m, const char *room, const char *ghost)
+{
+	char path[800], txn[64], id[40];
+	char *rs = curl_easy_escape(NULL, room, 0);
+	cw_new_id(id, sizeof(id), "");
+	snprintf(txn, sizeof(txn), "cw-moved-%s", id);
+	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/send/m.room.message/%s", rs ? rs : "", txn);
+	long status;
+	cw_errmsg e;
+	if (mx_call(m, "PUT", path, ghost, NULL,
+		    json_pack("{s:s, s:s}", "msgtype", "m.notice", "body",
+			      "This conversation goes on in the new room you opened with me; what is written here "
+			      "from now on is not bridged."),
+		    &status, NULL, &e))
+		LOG_KV(CW_LOG_WARN, "the ghost cannot say it moved", "room", room, "detail", e.msg);
+	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/leave", rs ? rs : "");
+	curl_free(rs);
+	if (mx_call(m, "POST", path, ghost, NULL, json_object(), &status, NULL, &e))
+		LOG_KV(CW_LOG_WARN, "the ghost cannot leave the old room", "room", room, "detail", e.msg);
+}
+
+/* One of this provider's users invited a ghost: a conversation with that
+ * remote user.  This Matrix room is bound to the direct neutral room of the
+ * two (the one there is, else a new one: direct_room_of), and the ghost
+ * joins; what the user writes there then goes to the peer (the policy
+ * decides, outbound).  When the two had a direct room in Matrix already,
+ * the newest is where the user means to talk: the binding moves here, and
+ * the ghost says so in the old room and leaves it (else the user's words
+ * here would go nowhere, in silence). */
 static void ghost_invited(struct matrix *m, PGconn *c, const char *room, const char *sender, const char *ghost)
 {
 	char local_id[24], uri[600], net[64], remote_local[MX_ID_MAX + 1];
@@ -274,27 +301,29 @@ static void ghost_invited(struct matrix *m, PGconn *c, const char *room, const c
 	if (!rc)
 		rc = identity_id(c, &ru, false, network, peer_id, remote_id, sizeof(remote_id), &e);
 	bool made = false;
+	char old_room[MX_ID_MAX + 1] = "";
 	if (!rc) {
-		char pub[40], ruri[400];
-		cw_new_id(pub, sizeof(pub), "r_");
-		snprintf(ruri, sizeof(ruri), "mimi://%s/r/%s", m->cfg->domain ? m->cfg->domain : "", pub);
-		const char *params[] = { pub, ruri, m->cfg->domain ? m->cfg->domain : "", room, local_id, remote_id, ghost };
+		const char *params[] = { m->cfg->domain ? m->cfg->domain : "", room, local_id, remote_id, ghost };
 		r = PQexecParams(c,
-			"WITH known AS (SELECT 1 FROM room_bindings WHERE network = 'matrix' AND (native_id = $4 OR "
-			"  (local_identity_id = $5::bigint AND remote_identity_id = $6::bigint))), "
-			"nr AS (INSERT INTO rooms (public_id, uri, hub_domain, kind) SELECT $1, $2, $3, 'direct' "
-			"  WHERE NOT EXISTS (SELECT 1 FROM known) RETURNING id), "
-			"mb AS (INSERT INTO room_members (room_id, identity_id, membership) "
-			"  SELECT nr.id, x.id, 'joined' FROM nr, (VALUES ($5::bigint), ($6::bigint)) AS x(id)), "
+			"WITH same AS (SELECT 1 FROM room_bindings WHERE network = 'matrix' AND native_id = $2), "
+			"old AS (SELECT native_id FROM room_bindings WHERE network = 'matrix' "
+			"  AND local_identity_id = $3::bigint AND remote_identity_id = $4::bigint), "
+			"mv AS (UPDATE room_bindings SET native_id = $2 WHERE network = 'matrix' "
+			"  AND local_identity_id = $3::bigint AND remote_identity_id = $4::bigint "
+			"  AND NOT EXISTS (SELECT 1 FROM same) RETURNING 1), "
 			"rb AS (INSERT INTO room_bindings (room_id, network, native_id, local_identity_id, remote_identity_id) "
-			"  SELECT nr.id, 'matrix', $4, $5::bigint, $6::bigint FROM nr), "
-			"gb AS (INSERT INTO identity_bindings (identity_id, network, native_id) VALUES ($6::bigint, 'matrix', $7) "
+			"  SELECT direct_room_of($3::bigint, $4::bigint, $1), 'matrix', $2, $3::bigint, $4::bigint "
+			"  WHERE NOT EXISTS (SELECT 1 FROM same) AND NOT EXISTS (SELECT 1 FROM old) RETURNING 1), "
+			"gb AS (INSERT INTO identity_bindings (identity_id, network, native_id) VALUES ($4::bigint, 'matrix', $5) "
 			"  ON CONFLICT DO NOTHING) "
-			"SELECT count(*) FROM nr",
-			7, NULL, params, NULL, NULL, 0);
+			"SELECT (SELECT count(*) FROM rb) + (SELECT count(*) FROM mv), "
+			"  (SELECT native_id FROM old WHERE EXISTS (SELECT 1 FROM mv))",
+			5, NULL, params, NULL, NULL, 0);
 		rc = store_check(c, r, PGRES_TUPLES_OK, &e);
 		if (!rc) {
 			made = atoi(PQgetvalue(r, 0, 0)) > 0;
+			if (!PQgetisnull(r, 0, 1))
+				snprintf(old_room, sizeof(old_room), "%s", PQgetvalue(r, 0, 1));
 			PQclear(r);
 		}
 	}
@@ -312,8 +341,9 @@ static void ghost_invited(struct matrix *m, PGconn *c, const char *room, const c
 	if (mx_call(m, "POST", path, ghost, NULL, json_object(), &status, NULL, &e))
 		LOG_KV(CW_LOG_WARN, "the ghost cannot join", "room", room, "detail", e.msg);
 	else if (!made)
-		LOG_KV(CW_LOG_INFO, "a ghost joined a room already bridged (or a second room with the same user)",
-		       "room", room);
+		LOG_KV(CW_LOG_INFO, "a ghost joined a room already bridged to another conversation", "room", room);
+	if (old_room[0])
+		ghost_moves_out(m, old_room, ghost);
 }
 
 /* One of this provider's users left (or was removed from) a bridged direct

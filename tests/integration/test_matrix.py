@@ -365,6 +365,38 @@ def test_a_conversation_started_from_matrix(mx, hs, gk, pg, db_url):
     assert pg.psql("SELECT count(*) FROM consent_requests", db_url) == "0"
 
 
+def test_a_second_room_opened_with_the_same_ghost_takes_the_conversation_over(mx, hs, gk, pg, db_url):
+    """A user who opens a new direct room with a ghost she already has one
+    with (an old room forgotten, or left in another client) talks in the
+    new one: the conversation (the same neutral room) moves there, the
+    ghost says so in the old room and leaves it.  Before, the ghost joined
+    the new room and what she wrote there went nowhere, in silence."""
+    a, srv = gk
+    _, alice_token = hs.create_user("alice")
+    alice = hs.as_user(alice_token)
+    a.create_room([a.user("wally"), "mimi://example.org/u/someone"])  # the peer introduced wally
+    ghost = "@_cw_gk_wally:example.org"
+    first = alice.create_dm(ghost)
+    wait_until(lambda: hs.members(first).get(ghost) == "join", what="the ghost joins")
+    alice.send_text(first, "in the first room")
+    got = srv.wait_events(1)
+    conversation = got[0]["room_id"]
+    second = alice.create_dm(ghost)
+    wait_until(lambda: hs.members(second).get(ghost) == "join", what="the ghost joins the second room")
+    wait_until(lambda: hs.members(first).get(ghost) == "leave", what="the ghost leaves the first room")
+    notice = [e for e in hs.events(first) if e["type"] == "m.room.message" and e["sender"] == ghost]
+    assert notice and notice[-1]["content"]["msgtype"] == "m.notice" and "new room" in notice[-1]["content"]["body"]
+    alice.send_text(second, "in the second room")
+    got = wait_until(lambda: [e for e in list(srv.events) if e.get("type") == "message" and
+                              e["content"]["parts"][0]["body"] == "in the second room"] or None, what="the peer")
+    assert got[0]["room_id"] == conversation
+    # The reply comes into the second room.
+    assert a.send(conversation, a.user("wally"), "got both").status_code == 202
+    wait_until(lambda: any(e["sender"] == ghost and e["type"] == "m.room.message" and
+                           e["content"]["body"] == "got both" for e in hs.events(second)), what="the reply")
+    assert pg.psql("SELECT native_id FROM room_bindings WHERE network = 'matrix'", db_url) == second
+
+
 def test_users_met_before_the_adapter_move_to_it(make_daemon, db_url, hs, pg):
     """Messages that waited for an adapter (destination "local") are
     delivered once the Matrix adapter is configured."""
