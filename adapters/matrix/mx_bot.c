@@ -242,27 +242,23 @@ static void invited(struct matrix *m, PGconn *c, const char *room, const char *s
 	say(m, room, help_text);
 }
 
-/* The ghost tells the old direct room that the conversation goes on in
- * the new one, and leaves it. */
-static void ghost_moves_out(struct matrix *m, const char *room, const char *ghost)
+/* The ghost says why it goes (a notice), and leaves the room. */
+static void ghost_says_and_leaves(struct matrix *m, const char *room, const char *ghost, const char *why)
 {
 	char path[800], txn[64], id[40];
 	char *rs = curl_easy_escape(NULL, room, 0);
 	cw_new_id(id, sizeof(id), "");
-	snprintf(txn, sizeof(txn), "cw-moved-%s", id);
+	snprintf(txn, sizeof(txn), "cw-leave-%s", id);
 	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/send/m.room.message/%s", rs ? rs : "", txn);
 	long status;
 	cw_errmsg e;
-	if (mx_call(m, "PUT", path, ghost, NULL,
-		    json_pack("{s:s, s:s}", "msgtype", "m.notice", "body",
-			      "This conversation goes on in the new room you opened with me; what is written here "
-			      "from now on is not bridged."),
-		    &status, NULL, &e))
-		LOG_KV(CW_LOG_WARN, "the ghost cannot say it moved", "room", room, "detail", e.msg);
+	if (mx_call(m, "PUT", path, ghost, NULL, json_pack("{s:s, s:s}", "msgtype", "m.notice", "body", why), &status,
+		    NULL, &e))
+		LOG_KV(CW_LOG_WARN, "the ghost cannot say why it leaves", "room", room, "detail", e.msg);
 	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/leave", rs ? rs : "");
 	curl_free(rs);
 	if (mx_call(m, "POST", path, ghost, NULL, json_object(), &status, NULL, &e))
-		LOG_KV(CW_LOG_WARN, "the ghost cannot leave the old room", "room", room, "detail", e.msg);
+		LOG_KV(CW_LOG_WARN, "the ghost cannot leave", "room", room, "detail", e.msg);
 }
 
 /* One of this provider's users invited a ghost: a conversation with that
@@ -272,7 +268,9 @@ static void ghost_moves_out(struct matrix *m, const char *room, const char *ghos
  * decides, outbound).  When the two had a direct room in Matrix already,
  * the newest is where the user means to talk: the binding moves here, and
  * the ghost says so in the old room and leaves it (else the user's words
- * here would go nowhere, in silence). */
+ * here would go nowhere, in silence).  A ghost invited into a room that is
+ * already the conversation with someone else (a second ghost in a direct
+ * room: a group, which is not bridged) says so and leaves. */
 static void ghost_invited(struct matrix *m, PGconn *c, const char *room, const char *sender, const char *ghost)
 {
 	char local_id[24], uri[600], net[64], remote_local[MX_ID_MAX + 1];
@@ -300,7 +298,7 @@ static void ghost_invited(struct matrix *m, PGconn *c, const char *room, const c
 	cw_err rc = store_exec(c, "BEGIN", &e);
 	if (!rc)
 		rc = identity_id(c, &ru, false, network, peer_id, remote_id, sizeof(remote_id), &e);
-	bool made = false;
+	bool other = false;
 	char old_room[MX_ID_MAX + 1] = "";
 	if (!rc) {
 		const char *params[] = { m->cfg->domain ? m->cfg->domain : "", room, local_id, remote_id, ghost };
@@ -317,13 +315,15 @@ static void ghost_invited(struct matrix *m, PGconn *c, const char *room, const c
 			"gb AS (INSERT INTO identity_bindings (identity_id, network, native_id) VALUES ($4::bigint, 'matrix', $5) "
 			"  ON CONFLICT DO NOTHING) "
 			"SELECT (SELECT count(*) FROM rb) + (SELECT count(*) FROM mv), "
-			"  (SELECT native_id FROM old WHERE EXISTS (SELECT 1 FROM mv))",
+			"  (SELECT native_id FROM old WHERE EXISTS (SELECT 1 FROM mv)), "
+			"  EXISTS (SELECT 1 FROM room_bindings WHERE network = 'matrix' AND native_id = $2 "
+			"   AND (local_identity_id IS DISTINCT FROM $3::bigint OR remote_identity_id IS DISTINCT FROM $4::bigint))",
 			5, NULL, params, NULL, NULL, 0);
 		rc = store_check(c, r, PGRES_TUPLES_OK, &e);
 		if (!rc) {
-			made = atoi(PQgetvalue(r, 0, 0)) > 0;
 			if (!PQgetisnull(r, 0, 1))
 				snprintf(old_room, sizeof(old_room), "%s", PQgetvalue(r, 0, 1));
+			other = PQgetvalue(r, 0, 2)[0] == 't';
 			PQclear(r);
 		}
 	}
@@ -340,10 +340,14 @@ static void ghost_invited(struct matrix *m, PGconn *c, const char *room, const c
 	long status;
 	if (mx_call(m, "POST", path, ghost, NULL, json_object(), &status, NULL, &e))
 		LOG_KV(CW_LOG_WARN, "the ghost cannot join", "room", room, "detail", e.msg);
-	else if (!made)
-		LOG_KV(CW_LOG_INFO, "a ghost joined a room already bridged to another conversation", "room", room);
+	else if (other)
+		ghost_says_and_leaves(m, room, ghost,
+				      "Only direct conversations are bridged, and this room is already one with someone "
+				      "else: nothing written here reaches me. Open a direct room with me to write to me.");
 	if (old_room[0])
-		ghost_moves_out(m, old_room, ghost);
+		ghost_says_and_leaves(m, old_room, ghost,
+				      "This conversation goes on in the new room you opened with me; what is written here "
+				      "from now on is not bridged.");
 }
 
 /* One of this provider's users left (or was removed from) a bridged direct

@@ -365,7 +365,8 @@ def test_a_conversation_started_from_matrix(mx, hs, gk, pg, db_url):
     assert pg.psql("SELECT count(*) FROM consent_requests", db_url) == "0"
 
 
-def test_a_second_room_opened_with_the_same_ghost_takes_the_conversation_over(mx, hs, gk, pg, db_url):
+def test_a_second_room_with_a_ghost_takes_over_and_a_second_ghost_in_a_room_says_why_it_goes(
+        mx, hs, gk, pg, db_url):
     """A user who opens a new direct room with a ghost she already has one
     with (an old room forgotten, or left in another client) talks in the
     new one: the conversation (the same neutral room) moves there, the
@@ -394,6 +395,16 @@ def test_a_second_room_opened_with_the_same_ghost_takes_the_conversation_over(mx
     assert a.send(conversation, a.user("wally"), "got both").status_code == 202
     wait_until(lambda: any(e["sender"] == ghost and e["type"] == "m.room.message" and
                            e["content"]["body"] == "got both" for e in hs.events(second)), what="the reply")
+    assert pg.psql("SELECT native_id FROM room_bindings WHERE network = 'matrix'", db_url) == second
+    # A second ghost invited into that direct room cannot be bridged there
+    # (only direct conversations are): it says so and leaves, rather than
+    # sit in the room while nothing reaches its user.
+    a.create_room([a.user("bob"), "mimi://example.org/u/someone"])
+    bob = "@_cw_gk_bob:example.org"
+    alice.invite(second, bob)
+    wait_until(lambda: hs.members(second).get(bob) == "leave", what="bob's ghost leaves")
+    said = [e for e in hs.events(second) if e["type"] == "m.room.message" and e["sender"] == bob]
+    assert said and "Only direct conversations are bridged" in said[-1]["content"]["body"], said
     assert pg.psql("SELECT native_id FROM room_bindings WHERE network = 'matrix'", db_url) == second
 
 
