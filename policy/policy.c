@@ -994,6 +994,25 @@ int policy_consent_fact(const struct policy_snapshot *s, const char *local_uri, 
 
 /* ------------------------------------------------------------------ names */
 
+const char *policy_reason_text(const char *reason)
+{
+	static const char *const texts[][2] = {
+		{ "server_denied_user", "this server does not allow messages to this person" },
+		{ "server_denied_domain", "this server does not allow messages to their domain" },
+		{ "server_denied_network", "this server does not allow messages to their network" },
+		{ "user_blocked_recipient", "you blocked this person" },
+		{ "user_blocked_domain", "you blocked their domain" },
+		{ "too_large", "it is larger than this server allows to them" },
+		{ "content_kind_disabled", "this server does not allow this kind of content (files) to them" },
+		{ "server_closed", "this server does not exchange messages with their network" },
+		{ "server_not_allowlisted", "this server exchanges messages only with the networks it lists" },
+	};
+	for (size_t i = 0; reason && i < sizeof(texts) / sizeof(texts[0]); i++)
+		if (strcmp(reason, texts[i][0]) == 0)
+			return texts[i][1];
+	return NULL;
+}
+
 const char *policy_verdict_name(enum policy_verdict v)
 {
 	switch (v) {

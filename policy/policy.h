@@ -184,6 +184,12 @@ int policy_optin_fact(const struct policy_snapshot *s, const char *local_uri, co
 int policy_consent_fact(const struct policy_snapshot *s, const char *local_uri, bool subject_is_domain,
 			const char *subject);
 
+/* What a deny reason means to the local user whose message it stopped
+ * (outbound), as the end of "Not delivered: ...": this server's rules and
+ * the user's own decisions.  NULL for what is not theirs to learn (a
+ * remote user's block of them: errors stay uniform, as for an unknown
+ * account) and for a reason it does not know. */
+const char *policy_reason_text(const char *reason);
 const char *policy_verdict_name(enum policy_verdict v);
 const char *policy_mode_name(enum policy_mode m);
 const char *policy_scope_name(enum policy_scope s);

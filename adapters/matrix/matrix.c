@@ -55,13 +55,15 @@ cw_err matrix_new(struct matrix **out, struct cw_app *app, cw_errmsg *e)
 	m->profile_failed = json_object();
 	m->media_queue = json_array();
 	m->media_state = json_object();
+	m->notices = json_array();
 	pthread_cond_init(&m->media_cond, NULL);
-	if (!m->typing || !m->profile_failed || !m->media_queue || !m->media_state ||
+	if (!m->typing || !m->profile_failed || !m->media_queue || !m->media_state || !m->notices ||
 	    pthread_key_create(&m->curl_key, mx_curl_release) != 0) {
 		json_decref(m->typing);
 		json_decref(m->profile_failed);
 		json_decref(m->media_queue);
 		json_decref(m->media_state);
+		json_decref(m->notices);
 		pthread_cond_destroy(&m->media_cond);
 		pthread_mutex_destroy(&m->mu);
 		free(m);
@@ -89,6 +91,7 @@ void matrix_free(struct matrix *m)
 	json_decref(m->profile_failed);
 	json_decref(m->media_queue);
 	json_decref(m->media_state);
+	json_decref(m->notices);
 	pthread_cond_destroy(&m->media_cond);
 	pthread_mutex_destroy(&m->mu);
 	free(m);
@@ -328,6 +331,8 @@ struct txn {
 	json_t *mgmt;         /* Matrix room id -> the user whose management room it is */
 	json_t *bot_send;     /* of bot, those that are the bot's (txn_prepare) */
 	json_t *typing;       /* room -> who types, as this transaction says (kept once it is durable) */
+	json_t *item_rooms;   /* per pipeline item: [Matrix room, neutral type] (a refusal's notice goes there) */
+	json_t *refusals;     /* [[room, text], ...]: events refused before the pipeline, told once durable */
 	bool write;           /* the events need the write (submit_prepare said so) */
 	size_t conv_invalid, conv_ignored; /* txn_convert's own (it may run again: reset each time) */
 	struct submit *b;
@@ -350,6 +355,8 @@ static void txn_free(void *arg)
 	json_decref(t->mgmt);
 	json_decref(t->bot_send);
 	json_decref(t->typing);
+	json_decref(t->item_rooms);
+	json_decref(t->refusals);
 	if (t->b)
 		submit_free(t->b);
 	free(t);
@@ -571,9 +578,23 @@ static cw_err txn_bot_send(PGconn *c, struct txn *t, cw_errmsg *e)
 }
 
 /* The events as neutral ones, into the pipeline's items. */
+/* What a local user is told where an event of theirs was refused (why
+ * NULL: not why). */
+static void refusal(json_t *list, const char *room, const char *why)
+{
+	char text[400];
+	if (why)
+		snprintf(text, sizeof(text), "Not delivered: %s.", why);
+	else
+		snprintf(text, sizeof(text), "Not delivered.");
+	json_array_append_new(list, json_pack("[s, s]", room, text));
+}
+
 static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 {
 	t->conv_invalid = t->conv_ignored = 0;
+	json_array_clear(t->item_rooms);
+	json_array_clear(t->refusals);
 	size_t n = json_array_size(t->events);
 	json_t *conv = json_array(); /* [ [room, event_id, sender uri, neutral body], ... ] */
 	size_t i;
@@ -595,6 +616,7 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 				t->conv_invalid++;
 				LOG_KV(CW_LOG_INFO, "matrix event refused", "event_id",
 				       json_string_value(json_object_get(ev, "event_id")), "detail", why);
+				refusal(t->refusals, room, why);
 			} else {
 				t->conv_ignored++;
 			}
@@ -667,6 +689,8 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 	json_t *x;
 	json_array_foreach(conv, i, x) {
 		json_t *neutral = json_array_get(x, 3);
+		json_array_append_new(t->item_rooms, json_pack("[O, O]", json_array_get(x, 0), json_object_get(neutral,
+												       "type")));
 		struct event pev;
 		struct event_error err;
 		cw_err rc = event_from_json(neutral, &lim, 0, &pev, &err);
@@ -678,6 +702,7 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 			LOG_KV(CW_LOG_INFO, "matrix event not representable", "event_id",
 			       json_string_value(json_array_get(x, 1)), "detail", err.detail);
 			t->conv_invalid++;
+			refusal(t->refusals, json_string_value(json_array_get(x, 0)), err.detail);
 			continue;
 		}
 		bool ok = submit_put_local(t->b, i, t->app, "matrix", json_string_value(json_array_get(x, 0)),
@@ -796,14 +821,32 @@ static void txn_taken(struct txn *t)
 	mx_txn_remember(t->m, t->key);
 	mx_typing_keep(t->m, t->typing);
 	unsigned long long n[4] = { 0, 0, t->invalid + t->conv_invalid, t->ignored + t->conv_ignored };
+	/* The user hears of a message of theirs that goes nowhere: refused
+	 * here, or by the policy for every recipient (then stored as
+	 * dropped), rather than believe it sent.  Messages and edits only:
+	 * typing and receipts are not worth a notice. */
 	for (size_t i = 0; t->b && i < submit_count(t->b); i++) {
 		const char *code, *detail;
 		int st = submit_result(t->b, i, &code, &detail);
+		const char *denied = submit_denied(t->b, i);
 		if (st == 202)
 			n[MX_EV_ACCEPTED]++;
 		else if (st)
 			n[MX_EV_REFUSED]++;
+		json_t *ir = json_array_get(t->item_rooms, i);
+		const char *room = json_string_value(json_array_get(ir, 0));
+		const char *type = json_string_value(json_array_get(ir, 1));
+		if (!room || !type || (strcmp(type, "message") != 0 && strcmp(type, "edit") != 0))
+			continue;
+		if (denied)
+			refusal(t->refusals, room, policy_reason_text(denied));
+		else if (st && st != 202)
+			refusal(t->refusals, room, st == 429 ? "too many messages; write again in a moment" : detail);
 	}
+	size_t r;
+	json_t *x;
+	json_array_foreach(t->refusals, r, x)
+		mx_bot_notice(t->m, json_string_value(json_array_get(x, 0)), json_string_value(json_array_get(x, 1)));
 	atomic_fetch_add(&t->m->txns, 1);
 	for (int k = 0; k < 4; k++)
 		atomic_fetch_add(&t->m->events[k], n[k]);
@@ -913,6 +956,8 @@ void matrix_as_transaction(struct cw_req *req, void *ctx)
 	t->mgmt = json_object();
 	t->bot_send = json_array();
 	t->typing = json_object();
+	t->item_rooms = json_array();
+	t->refusals = json_array();
 	size_t i;
 	json_t *ev;
 	json_array_foreach(events, i, ev) {

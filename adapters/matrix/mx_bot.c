@@ -243,22 +243,66 @@ static void invited(struct matrix *m, PGconn *c, const char *room, const char *s
 }
 
 /* The ghost says why it goes (a notice), and leaves the room. */
-static void ghost_says_and_leaves(struct matrix *m, const char *room, const char *ghost, const char *why)
+/* An m.notice in room from ghost (NULL: the bot). */
+static bool notice_as(struct matrix *m, const char *room, const char *ghost, const char *text)
 {
-	char path[800], txn[64], id[40];
+	char path[800], id[40];
 	char *rs = curl_easy_escape(NULL, room, 0);
-	cw_new_id(id, sizeof(id), "");
-	snprintf(txn, sizeof(txn), "cw-leave-%s", id);
-	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/send/m.room.message/%s", rs ? rs : "", txn);
+	cw_new_id(id, sizeof(id), "cw-notice-");
+	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/send/m.room.message/%s", rs ? rs : "", id);
+	curl_free(rs);
 	long status;
 	cw_errmsg e;
-	if (mx_call(m, "PUT", path, ghost, NULL, json_pack("{s:s, s:s}", "msgtype", "m.notice", "body", why), &status,
-		    NULL, &e))
-		LOG_KV(CW_LOG_WARN, "the ghost cannot say why it leaves", "room", room, "detail", e.msg);
+	if (mx_call(m, "PUT", path, ghost, NULL, json_pack("{s:s, s:s}", "msgtype", "m.notice", "body", text), &status,
+		    NULL, &e)) {
+		LOG_KV(CW_LOG_WARN, "cannot send a notice", "room", room, "detail", e.msg);
+		return false;
+	}
+	return true;
+}
+
+static void ghost_says_and_leaves(struct matrix *m, const char *room, const char *ghost, const char *why)
+{
+	notice_as(m, room, ghost, why);
+	char path[800];
+	char *rs = curl_easy_escape(NULL, room, 0);
 	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/leave", rs ? rs : "");
 	curl_free(rs);
+	long status;
+	cw_errmsg e;
 	if (mx_call(m, "POST", path, ghost, NULL, json_object(), &status, NULL, &e))
 		LOG_KV(CW_LOG_WARN, "the ghost cannot leave", "room", room, "detail", e.msg);
+}
+
+void mx_bot_notice(struct matrix *m, const char *room, const char *text)
+{
+	pthread_mutex_lock(&m->mu);
+	if (json_array_size(m->notices) < 1000)
+		json_array_append_new(m->notices, json_pack("[s, s]", room, text));
+	pthread_mutex_unlock(&m->mu);
+}
+
+/* The notices waiting, each from the ghost of its room. */
+static void notices(struct matrix *m, PGconn *c)
+{
+	pthread_mutex_lock(&m->mu);
+	json_t *list = m->notices;
+	m->notices = json_array();
+	pthread_mutex_unlock(&m->mu);
+	size_t i;
+	json_t *n;
+	json_array_foreach(list, i, n) {
+		const char *room = json_string_value(json_array_get(n, 0));
+		const char *p[] = { room };
+		PGresult *r = PQexecParams(c, "SELECT ib.native_id FROM room_bindings b JOIN identity_bindings ib "
+					      "ON ib.identity_id = b.remote_identity_id AND ib.network = 'matrix' "
+					      "WHERE b.network = 'matrix' AND b.native_id = $1",
+					   1, NULL, p, NULL, NULL, 0);
+		bool one = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1;
+		notice_as(m, room, one ? PQgetvalue(r, 0, 0) : NULL, json_string_value(json_array_get(n, 1)));
+		PQclear(r);
+	}
+	json_decref(list);
 }
 
 /* One of this provider's users invited a ghost: a conversation with that
@@ -503,6 +547,7 @@ static void *bot_main(void *arg)
 		while (!atomic_load(&m->bot_stop) && inbox(m, c))
 			;
 		requests(m, c);
+		notices(m, c);
 		store_wait_notify(c, -1, 500, NULL, NULL);
 	}
 	PQfinish(c);

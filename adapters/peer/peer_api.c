@@ -791,6 +791,7 @@ struct item_result {
 	char detail[256];
 	json_t *body;      /* the accepted answer */
 	int64_t retry_after_ms; /* 429 */
+	const char *denied; /* a local user's item that reaches none of its recipients: the policy's reason */
 };
 
 static void item_fail(struct item_result *res, int status, const char *code, const char *fmt, ...)
@@ -1277,6 +1278,7 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 	json_t *dests = json_array(), *targets = json_array(), *states = json_array(), *held = json_array();
 	json_t *audit = json_array(), *outbound = json_array();
 	bool any_open = false;
+	const char *deny_reason = NULL;
 	unsigned char wake = 0;
 	struct policy_decision limited = { .verdict = POLICY_ALLOW };
 	for (int k = mfirst; k < mfirst + nmembers; k++) {
@@ -1334,6 +1336,8 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 		     policy_optin_fact(view->snap, in->sender, PQgetvalue(r, k, 5)) < 0))
 			json_array_append_new(outbound, json_pack("[s, s]", PQgetvalue(r, k, 3), PQgetvalue(r, k, 5)));
 		any_open |= d.verdict != POLICY_DENY;
+		if (d.verdict == POLICY_DENY && !deny_reason)
+			deny_reason = d.reason;
 		if (d.verdict == POLICY_ALLOW)
 			wake |= peer_id && strcmp(PQgetvalue(r, k, 16), "pull") == 0 ? WAKE_PULL : WAKE_DISPATCHER;
 		if (peer_id) {
@@ -1396,6 +1400,7 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 	b->states[i] = states;
 	b->held[i] = held;
 	b->scrub[i] = json_array_size(dests) > 0 && !any_open;
+	res->denied = in->local_sender && b->scrub[i] ? deny_reason : NULL;
 	b->wake[i] = wake;
 	b->write[i] = true;
 }
@@ -1571,6 +1576,11 @@ cw_err submit_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 cw_err submit_recv(PGconn *c, struct submit *b, int round, bool *more, cw_errmsg *e)
 {
 	return items_recv(c, b, round, more, e);
+}
+
+const char *submit_denied(const struct submit *b, size_t i)
+{
+	return b->items[i] && b->res[i].status == 202 ? b->res[i].denied : NULL;
 }
 
 int submit_result(const struct submit *b, size_t i, const char **code, const char **detail)

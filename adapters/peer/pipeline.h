@@ -52,5 +52,9 @@ cw_err submit_recv(PGconn *c, struct submit *b, int round, bool *more, cw_errmsg
  * HTTP status it was refused with (code and detail say why); 0 when the
  * item was never set. */
 int submit_result(const struct submit *b, size_t i, const char **code, const char **detail);
+/* Item i of a local user, accepted but refused by the policy for every
+ * recipient (stored as dropped): the first recipient's deny reason (a
+ * policy reason code, static); NULL otherwise. */
+const char *submit_denied(const struct submit *b, size_t i);
 
 #endif

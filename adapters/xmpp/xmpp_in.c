@@ -96,6 +96,7 @@ struct xin {
 	char sid[XM_ID_MAX + 1], oid[XM_ID_MAX + 1];
 	char base[40];                   /* the dedup key of the stanza */
 	bool record_ids;                 /* a message or correction with ids: they are kept */
+	bool texty;                      /* its first event is a message or a correction */
 	json_t *refs;                    /* the XMPP ids it refers to */
 	int64_t ts;
 	/* one run's */
@@ -105,6 +106,7 @@ struct xin {
 	struct submit *b;
 	int final_round;                 /* the round after the pipeline: ids kept, drops seen */
 	const char *err_type, *err_cond;
+	char err_text[300];              /* the error's text for the user ("" : none) */
 };
 
 static void xin_free(struct xin *in)
@@ -190,6 +192,7 @@ static void refuse(struct xin *in, const char *type, const char *cond)
 {
 	in->err_type = type;
 	in->err_cond = cond;
+	in->err_text[0] = '\0';
 }
 
 /* The stanza's events into the pipeline's items; false (with err set, or
@@ -236,6 +239,7 @@ static cw_err in_convert(struct xin *in, bool *any, cw_errmsg *e)
 			LOG_KV(CW_LOG_INFO, "xmpp message not representable", "component", in->xc->domain, "detail",
 			       err.detail);
 			refuse(in, "modify", "not-acceptable");
+			snprintf(in->err_text, sizeof(in->err_text), "Not delivered: %s.", err.detail);
 			json_decref(events);
 			return CW_OK;
 		}
@@ -250,7 +254,8 @@ static cw_err in_convert(struct xin *in, bool *any, cw_errmsg *e)
 	}
 	/* The ids of a message or correction are what later stanzas refer to. */
 	const char *t0 = json_string_value(json_object_get(json_array_get(events, 0), "type"));
-	in->record_ids = t0 && (strcmp(t0, "message") == 0 || strcmp(t0, "edit") == 0) && (in->sid[0] || in->oid[0]);
+	in->texty = t0 && (strcmp(t0, "message") == 0 || strcmp(t0, "edit") == 0);
+	in->record_ids = in->texty && (in->sid[0] || in->oid[0]);
 	in->final_round = -1;
 	json_decref(events);
 	*any = n > 0;
@@ -340,6 +345,18 @@ static cw_err in_recv(PGconn *c, void *arg, int round, bool *more, cw_errmsg *e)
 	for (size_t i = 0; i < submit_count(in->b); i++) {
 		const char *code, *detail;
 		int st = submit_result(in->b, i, &code, &detail);
+		const char *denied = submit_denied(in->b, i);
+		if (denied && i == 0 && in->texty) {
+			/* The local user's message reaches none of its recipients
+			 * (stored as dropped): the error stays the uniform one
+			 * (below), with why in its text where that is this
+			 * server's rule or the user's own decision. */
+			refuse(in, "cancel", "service-unavailable");
+			const char *why = policy_reason_text(denied);
+			if (why)
+				snprintf(in->err_text, sizeof(in->err_text), "Not delivered: %s.", why);
+			continue;
+		}
 		if (st == 202 || st == 0)
 			continue;
 		LOG_KV(CW_LOG_INFO, "xmpp message not taken", "component", in->xc->domain, "code", code ? code : "",
@@ -365,14 +382,14 @@ static cw_err in_recv(PGconn *c, void *arg, int round, bool *more, cw_errmsg *e)
 
 static const struct store_pipe_ops in_ops = { in_send, in_recv };
 
-static void answer(struct xcomp *xc, const char *text, const char *type, const char *cond)
+static void answer(struct xcomp *xc, const char *text, const char *type, const char *cond, const char *why)
 {
 	xmpp_ctx_t *ctx = xa_thread_ctx(xc->x);
 	xmpp_stanza_t *st = ctx ? xmpp_stanza_new_from_string(ctx, text) : NULL;
 	if (!st)
 		return;
 	atomic_fetch_add(&xc->errors_out, 1);
-	xa_enqueue_stanza(xc, xa_error_reply(st, type, cond, NULL));
+	xa_enqueue_stanza(xc, xa_error_reply(st, type, cond, why && *why ? why : NULL));
 	xmpp_stanza_release(st);
 }
 
@@ -381,9 +398,9 @@ static void in_done(void *arg, cw_err rc, const cw_errmsg *e)
 	struct xin *in = arg;
 	if (rc) {
 		LOG_KV(CW_LOG_WARN, "xmpp message not stored", "component", in->xc->domain, "detail", e ? e->msg : "");
-		answer(in->xc, in->text, "wait", "internal-server-error");
+		answer(in->xc, in->text, "wait", "internal-server-error", NULL);
 	} else if (in->err_cond) {
-		answer(in->xc, in->text, in->err_type, in->err_cond);
+		answer(in->xc, in->text, in->err_type, in->err_cond, in->err_text);
 	}
 	xin_free(in);
 }

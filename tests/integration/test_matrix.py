@@ -408,6 +408,39 @@ def test_a_second_room_with_a_ghost_takes_over_and_a_second_ghost_in_a_room_says
     assert pg.psql("SELECT native_id FROM room_bindings WHERE network = 'matrix'", db_url) == second
 
 
+def test_a_message_that_goes_nowhere_is_told_to_its_writer(mx, hs, gk, pg, db_url):
+    """A local user's message refused by this server's policy for every
+    recipient is stored as dropped and answered 202 like any (the
+    homeserver needs no more), but its writer is told in the room, by the
+    ghost, that it was not delivered and why; so is one too large to
+    carry.  A delivered one gets no notice."""
+    a, srv = gk
+    _, alice_token = hs.create_user("alice")
+    alice = hs.as_user(alice_token)
+    a.create_room([a.user("wally"), "mimi://example.org/u/someone"])
+    ghost = "@_cw_gk_wally:example.org"
+    room = alice.create_dm(ghost)
+    wait_until(lambda: hs.members(room).get(ghost) == "join", what="the ghost joins")
+    alice.send_text(room, "before the rule")
+    srv.wait_events(1)
+    assert mx.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example",
+                                            "mode": "deny"}).status_code == 201
+    alice.send_text(room, "after the rule")
+
+    def notices():
+        return [e["content"]["body"] for e in hs.events(room)
+                if e["sender"] == ghost and e["content"].get("msgtype") == "m.notice"]
+    wait_until(lambda: notices(), what="the notice")
+    assert notices() == ["Not delivered: this server does not allow messages to their domain."], notices()
+    assert pg.psql("SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id "
+                   "ORDER BY e.id DESC LIMIT 1", db_url) == "dropped"  # its content not kept
+    alice.send_text(room, "x" * 20000)
+    wait_until(lambda: len(notices()) == 2, what="the second notice")
+    assert notices()[1].startswith("Not delivered: ") and "16384" in notices()[1], notices()
+    time.sleep(0.5)
+    assert len(srv.events) == 1 and len(notices()) == 2
+
+
 def test_users_met_before_the_adapter_move_to_it(make_daemon, db_url, hs, pg):
     """Messages that waited for an adapter (destination "local") are
     delivered once the Matrix adapter is configured."""

@@ -1324,6 +1324,17 @@ START_TEST(names)
 		for (int k = 0; k < n; k++)
 			ck_assert_str_ne(policy_reason_codes[k], policy_reason_codes[n]);
 	ck_assert_int_eq(n, 24);
+	/* Every reason that can stop a local user's message (outbound: the
+	 * server's rules, the user's own blocks) is told in words; a remote
+	 * user's block is not (uniform errors), nor an unknown code. */
+	static const char *const told[] = { "server_denied_user", "server_denied_domain", "server_denied_network",
+					    "user_blocked_recipient", "user_blocked_domain", "too_large",
+					    "content_kind_disabled", "server_closed", "server_not_allowlisted" };
+	for (size_t i = 0; i < sizeof(told) / sizeof(told[0]); i++)
+		ck_assert_msg(policy_reason_text(told[i]) && *policy_reason_text(told[i]), "%s", told[i]);
+	ck_assert_ptr_null(policy_reason_text("recipient_blocked_sender"));
+	ck_assert_ptr_null(policy_reason_text("no_such_reason"));
+	ck_assert_ptr_null(policy_reason_text(NULL));
 }
 END_TEST
 
