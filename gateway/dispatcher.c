@@ -187,6 +187,39 @@ void dispatcher_get_stats(struct dispatcher *d, struct dispatcher_stats *st)
 
 bool dispatcher_stopping(const struct dispatcher *d) { return atomic_load(&((struct dispatcher *)d)->stop); }
 
+PGresult *dispatcher_dead_untold(PGconn *c, const char *network, const char *destination, cw_errmsg *e)
+{
+	const char *p[] = { network, destination };
+	PGresult *r = PQexecParams(c,
+		"WITH d AS (SELECT o.id, o.destination, o.attempts, e.id AS ev, e.room_id, e.sender_id, e.type, "
+		"  (SELECT CASE WHEN length(b) > 60 THEN left(b, 60) || '\u2026' ELSE b END "
+		"   FROM (SELECT e.content->'content'->'parts'->0->>'body' AS b) x) AS quote "
+		"  FROM outbox o JOIN events e ON e.id = o.event_id JOIN identities s ON s.id = e.sender_id "
+		"  WHERE o.state = 'dead' AND o.sender_told_at IS NULL AND s.is_local AND s.network = $1 "
+		"  AND ($2::text IS NULL OR o.destination = $2) ORDER BY o.id LIMIT 50 FOR UPDATE OF o SKIP LOCKED), "
+		"u AS (UPDATE outbox x SET sender_told_at = now() FROM d WHERE x.id = d.id) "
+		"SELECT d.id, d.destination, d.attempts, d.type, b.native_id, ri.localpart, "
+		"  (SELECT native_id FROM identity_bindings WHERE identity_id = d.sender_id AND network = $1), "
+		"  (SELECT substr(n.native_id, length(d.room_id::text) + 2) FROM event_native_ids n "
+		"   WHERE n.event_id = d.ev AND n.network = $1 AND n.kind = 'id' "
+		"   AND starts_with(n.native_id, d.room_id::text || '/') LIMIT 1), d.quote "
+		"FROM d LEFT JOIN room_bindings b ON b.room_id = d.room_id AND b.network = $1 "
+		"  AND b.local_identity_id = d.sender_id "
+		"LEFT JOIN identities ri ON ri.id = b.remote_identity_id ORDER BY d.id",
+		2, NULL, p, NULL, NULL, 0);
+	return store_check(c, r, PGRES_TUPLES_OK, e) ? NULL : r;
+}
+
+void dispatcher_dead_text(char *buf, size_t len, const char *destination, const char *attempts, const char *quote)
+{
+	const char *peer = strncmp(destination, "peer:", 5) == 0 ? destination + 5 : destination;
+	bool q = quote && *quote;
+	snprintf(buf, len,
+		 "Not delivered%s%s%s: %s could not be reached (%s tries over the retry budget). The operator can "
+		 "send it again.",
+		 q ? " \u201c" : "", q ? quote : "", q ? "\u201d" : "", peer, attempts);
+}
+
 /* The claim and the record of its outcome, prepared on each lane's
  * connection: sent whole, the claim was planned on every call, which took
  * longer than running it (0.6 ms of the backend's CPU on each wake-up).

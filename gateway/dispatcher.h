@@ -98,4 +98,17 @@ void dispatcher_get_stats(struct dispatcher *d, struct dispatcher_stats *st);
 /* True while asked to stop (adapters abort long transfers on it). */
 bool dispatcher_stopping(const struct dispatcher *d);
 
+/* Dead letters whose sender is a local user of network (matrix, xmpp) and
+ * was not told yet, to destination (NULL: any), at most 50: marked told
+ * in the same statement (told once, by one process).  Per row: outbox id,
+ * destination, attempts, event type, the sender's native room of the
+ * conversation (the binding of the event's room, NULL when there is
+ * none), the remote user's local part there, the sender's native id, and
+ * the event's native id on network (NULL: none), the first 60 characters
+ * of its text (NULL: none).  NULL result on failure (e set). */
+PGresult *dispatcher_dead_untold(PGconn *c, const char *network, const char *destination, cw_errmsg *e);
+/* "Not delivered ("quote"): ..." for such a row (into buf; quote may be
+ * NULL). */
+void dispatcher_dead_text(char *buf, size_t len, const char *destination, const char *attempts, const char *quote);
+
 #endif

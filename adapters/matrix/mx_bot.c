@@ -282,6 +282,28 @@ void mx_bot_notice(struct matrix *m, const char *room, const char *text)
 	pthread_mutex_unlock(&m->mu);
 }
 
+/* A Matrix user's message that became a dead letter (its peer unreachable
+ * for the whole retry budget) is told to them in its room. */
+static void dead_letters(struct matrix *m, PGconn *c)
+{
+	cw_errmsg e;
+	PGresult *r = dispatcher_dead_untold(c, "matrix", NULL, &e);
+	if (!r) {
+		LOG_KV(CW_LOG_WARN, "cannot look for dead letters to tell", "detail", e.msg);
+		return;
+	}
+	for (int i = 0; i < PQntuples(r); i++) {
+		const char *type = PQgetvalue(r, i, 3);
+		if ((strcmp(type, "message") != 0 && strcmp(type, "edit") != 0) || PQgetisnull(r, i, 4))
+			continue;
+		char text[600];
+		dispatcher_dead_text(text, sizeof(text), PQgetvalue(r, i, 1), PQgetvalue(r, i, 2),
+				     PQgetisnull(r, i, 8) ? NULL : PQgetvalue(r, i, 8));
+		mx_bot_notice(m, PQgetvalue(r, i, 4), text);
+	}
+	PQclear(r);
+}
+
 /* The notices waiting, each from the ghost of its room. */
 static void notices(struct matrix *m, PGconn *c)
 {
@@ -547,6 +569,7 @@ static void *bot_main(void *arg)
 		while (!atomic_load(&m->bot_stop) && inbox(m, c))
 			;
 		requests(m, c);
+		dead_letters(m, c);
 		notices(m, c);
 		store_wait_notify(c, -1, 500, NULL, NULL);
 	}

@@ -119,7 +119,8 @@ static cw_err replay_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		return CW_OK;
 	}
 	r = PQexecParams(c, "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = now(), "
-			    "claimed_by = NULL, claimed_until = NULL WHERE id = $1::bigint", 1, NULL, params, NULL, NULL, 0);
+			    "claimed_by = NULL, claimed_until = NULL, sender_told_at = NULL WHERE id = $1::bigint", 1, NULL,
+			 params, NULL, NULL, 0);
 	cw_err rc = PQresultStatus(r) == PGRES_COMMAND_OK ? CW_OK : store_result_err(c, r, e);
 	PQclear(r);
 	if (rc)

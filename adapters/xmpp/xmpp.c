@@ -1002,6 +1002,7 @@ static void *comp_main(void *arg)
 			if (up) {
 				xa_requests(xc, lock, xc->resend_pending);
 				xa_roster_sync(xc, lock);
+				xa_dead_letters(xc, lock);
 				xc->resend_pending = false;
 				if (xc->ping_sent_ms && now - xc->ping_sent_ms > PING_TIMEOUT_MS) {
 					snprintf(xc->drop_reason, sizeof(xc->drop_reason), "the server did not answer a ping");

@@ -143,5 +143,9 @@ void xa_requests(struct xcomp *xc, PGconn *c, bool all);
  * gets the remote JID's unsubscribe and unsubscribed.  Changes made while
  * this process did not hold the stream are not looked at. */
 void xa_roster_sync(struct xcomp *xc, PGconn *c);
+/* A local user's message to this component's peer that became a dead
+ * letter is told to them in a chat message from the component's domain
+ * (which remote user, what, why, what the operator can do). */
+void xa_dead_letters(struct xcomp *xc, PGconn *c);
 
 #endif

@@ -10,6 +10,7 @@
 #include "peer/event.h"
 #include "log.h"
 #include "peer/peer_media.h"
+#include "peer/peers.h"
 #include "store.h"
 
 #include <stdlib.h>
@@ -267,4 +268,39 @@ out:
 	if (!rc && *done < n)
 		rc = cw_fail(e, CW_EIO, "not delivered");
 	return rc;
+}
+
+void xa_dead_letters(struct xcomp *xc, PGconn *c)
+{
+	char dest[PEER_NAME_MAX + 8];
+	snprintf(dest, sizeof(dest), "peer:%s", xc->peer);
+	cw_errmsg e;
+	PGresult *r = dispatcher_dead_untold(c, "xmpp", dest, &e);
+	if (!r) {
+		LOG_KV(CW_LOG_WARN, "cannot look for dead letters to tell", "component", xc->domain, "detail", e.msg);
+		return;
+	}
+	for (int i = 0; i < PQntuples(r); i++) {
+		const char *type = PQgetvalue(r, i, 3);
+		if ((strcmp(type, "message") != 0 && strcmp(type, "edit") != 0) || PQgetisnull(r, i, 5) ||
+		    PQgetisnull(r, i, 6))
+			continue; /* not a message, or no conversation to say it about */
+		char remote[XJ_JID_MAX + 1], text[600], line[XJ_JID_MAX + 700];
+		if (!xa_remote_jid(xc, PQgetvalue(r, i, 5), remote, sizeof(remote)))
+			continue;
+		dispatcher_dead_text(text, sizeof(text), PQgetvalue(r, i, 1), PQgetvalue(r, i, 2),
+				     PQgetisnull(r, i, 8) ? NULL : PQgetvalue(r, i, 8));
+		/* From the component, as a chat message: an error stanza would
+		 * have to go to the full JID that sent the message (the server
+		 * drops an error to a bare JID, RFC 6121), and that resource may
+		 * be long gone. */
+		snprintf(line, sizeof(line), "To %s: %s", remote, text);
+		xmpp_stanza_t *m = xmpp_message_new(xc->ctx, "chat", PQgetvalue(r, i, 6), NULL);
+		if (!m)
+			continue;
+		xmpp_stanza_set_from(m, xc->domain);
+		xmpp_message_set_body(m, line);
+		xa_send_now(xc, m);
+	}
+	PQclear(r);
 }

@@ -41,28 +41,51 @@ def hs():
 
 @pytest.fixture
 def mx(make_daemon, db_url, hs):
+    return start_mx(make_daemon, db_url, hs)
+
+
+def start_mx(make_daemon, db_url, hs, **sections):
     """The daemon with the Matrix adapter, registered with the stand-in (its
-    port chosen first: the homeserver must reach it for the start-up ping)."""
+    port chosen first: the homeserver must reach it for the start-up ping);
+    sections: more configuration ({"dispatcher": {...}})."""
     port = free_port()
     hs.registration["url"] = f"http://127.0.0.1:{port}"
-    d = make_daemon(db_url, options={"server": {"port": str(port)},
-                                     "matrix": {"homeserver_url": hs.url, "as_token": AS_TOKEN,
-                                                "hs_token": HS_TOKEN}})
-    return d.start()
+    options = {"server": {"port": str(port)},
+               "matrix": {"homeserver_url": hs.url, "as_token": AS_TOKEN, "hs_token": HS_TOKEN}}
+    options.update(sections)
+    return make_daemon(db_url, options=options).start()
+
+
+def add_gk(d):
+    """The push peer gk of daemon d: (client, its notify server)."""
+    srv = NotifyServer()
+    directory = d.get("/.well-known/mimi-protocol-directory").json()
+    srv.public_b64 = directory["public_key"]["key"]
+    client = PeerClient(d.url, "gk", "wa.example")
+    r = d.admin("POST", "/peers", json={"name": "gk", "domain": "wa.example", "mode": "push",
+                                       "push_url": srv.url, "public_key": client.signer.public_b64})
+    assert r.status_code == 201, r.text
+    client.token = r.json()["token"]
+    return client, srv
 
 
 @pytest.fixture
 def gk(mx):
-    srv = NotifyServer()
-    directory = mx.get("/.well-known/mimi-protocol-directory").json()
-    srv.public_b64 = directory["public_key"]["key"]
-    client = PeerClient(mx.url, "gk", "wa.example")
-    r = mx.admin("POST", "/peers", json={"name": "gk", "domain": "wa.example", "mode": "push",
-                                        "push_url": srv.url, "public_key": client.signer.public_b64})
-    assert r.status_code == 201, r.text
-    client.token = r.json()["token"]
+    client, srv = add_gk(mx)
     yield client, srv
     srv.close()
+
+
+def alice_writes_to_wally(hs, a):
+    """Alice opens a direct room with the ghost of wally (whom the peer a
+    introduces): (her client, the room, the ghost), the ghost joined."""
+    _, alice_token = hs.create_user("alice")
+    alice = hs.as_user(alice_token)
+    a.create_room([a.user("wally"), "mimi://example.org/u/someone"])
+    ghost = "@_cw_gk_wally:example.org"
+    room = alice.create_dm(ghost)
+    wait_until(lambda: hs.members(room).get(ghost) == "join", what="the ghost joins")
+    return alice, room, ghost
 
 
 def consent_alice(mx, subject="mimi://wa.example/u/wally"):
@@ -415,12 +438,7 @@ def test_a_message_that_goes_nowhere_is_told_to_its_writer(mx, hs, gk, pg, db_ur
     ghost, that it was not delivered and why; so is one too large to
     carry.  A delivered one gets no notice."""
     a, srv = gk
-    _, alice_token = hs.create_user("alice")
-    alice = hs.as_user(alice_token)
-    a.create_room([a.user("wally"), "mimi://example.org/u/someone"])
-    ghost = "@_cw_gk_wally:example.org"
-    room = alice.create_dm(ghost)
-    wait_until(lambda: hs.members(room).get(ghost) == "join", what="the ghost joins")
+    alice, room, ghost = alice_writes_to_wally(hs, a)
     alice.send_text(room, "before the rule")
     srv.wait_events(1)
     assert mx.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example",
@@ -439,6 +457,38 @@ def test_a_message_that_goes_nowhere_is_told_to_its_writer(mx, hs, gk, pg, db_ur
     assert notices()[1].startswith("Not delivered: ") and "16384" in notices()[1], notices()
     time.sleep(0.5)
     assert len(srv.events) == 1 and len(notices()) == 2
+
+
+def test_a_dead_letter_is_told_to_its_matrix_writer(make_daemon, db_url, hs, pg):
+    """A message to a peer that stays down for the whole retry budget ends
+    a dead letter; its writer hears it in the room, once, with what the
+    operator can do.  Replayed and dead again, it is told again."""
+    d = start_mx(make_daemon, db_url, hs,
+                 dispatcher={"retry_budget": "2", "retry_base_ms": "20", "retry_max_ms": "50"})
+    a, srv = add_gk(d)
+    try:
+        alice, room, ghost = alice_writes_to_wally(hs, a)
+        srv.fail_next = 1000
+        alice.send_text(room, "into the void")
+
+        def notices():
+            return [e["content"]["body"] for e in hs.events(room)
+                    if e["sender"] == ghost and e["content"].get("msgtype") == "m.notice"]
+        wait_until(lambda: notices(), timeout=20, what="the notice")
+        assert notices() == ["Not delivered \u201cinto the void\u201d: gk could not be reached (2 tries over the "
+                             "retry budget). The operator can send it again."], notices()
+        row = d.admin("GET", "/outbox?state=dead").json()["rows"][0]
+        assert pg.psql(f"SELECT sender_told_at IS NOT NULL FROM outbox WHERE id = {row['id']}", db_url) == "t"
+        time.sleep(1.0)
+        assert len(notices()) == 1  # once
+        assert d.admin("POST", f"/outbox/{row['id']}/replay").status_code == 200
+        wait_until(lambda: len(notices()) == 2, timeout=20, what="told again after a second death")
+        srv.fail_next = 0
+        assert d.admin("POST", f"/outbox/{row['id']}/replay").status_code == 200
+        got = srv.wait_events(1)
+        assert got[0]["content"]["parts"][0]["body"] == "into the void"
+    finally:
+        srv.close()
 
 
 def test_users_met_before_the_adapter_move_to_it(make_daemon, db_url, hs, pg):
@@ -697,13 +747,8 @@ def test_a_rate_limiting_homeserver_is_waited_for(make_daemon, db_url, pg):
     srv = NotifyServer()
     try:
         hs.rc_message = (4.0, 2)
-        port = free_port()
-        hs.registration["url"] = f"http://127.0.0.1:{port}"
-        d = make_daemon(db_url, options={"server": {"port": str(port)},
-                                         "matrix": {"homeserver_url": hs.url, "as_token": AS_TOKEN,
-                                                    "hs_token": HS_TOKEN},
-                                         "dispatcher": {"retry_budget": "1", "retry_base_ms": "10",
-                                                        "retry_max_ms": "20"}}).start()
+        d = start_mx(make_daemon, db_url, hs,
+                     dispatcher={"retry_budget": "1", "retry_base_ms": "10", "retry_max_ms": "20"})
         srv.public_b64 = d.get("/.well-known/mimi-protocol-directory").json()["public_key"]["key"]
         a = PeerClient(d.url, "gk", "wa.example")
         r = d.admin("POST", "/peers", json={"name": "gk", "domain": "wa.example", "mode": "push",

@@ -221,6 +221,33 @@ def test_a_group_rooms_message_reaches_the_chat_with_its_sender_and_the_answer_s
     assert "in_reply_to" not in got[0]["content"], got[0]
 
 
+def test_a_dead_letter_is_told_to_its_xmpp_writer(make_daemon, db_url, prosody, alice, pg):
+    """A local user's message to a peer that stays down for the whole retry
+    budget is told to them, by the component (an error stanza would have
+    to reach the resource that sent it, which may be gone by then)."""
+    opts = daemon_options(prosody)
+    opts["dispatcher"] = {"retry_budget": "2", "retry_base_ms": "20", "retry_max_ms": "50"}
+    d = make_daemon(db_url, options=opts).start()
+    wait_until(lambda: component_state(d)["state"] == "up", what="the component's stream")
+    srv = NotifyServer()
+    srv.public_b64 = d.get("/.well-known/mimi-protocol-directory").json()["public_key"]["key"]
+    client = PeerClient(d.url, "gk", "wa.example")
+    r = d.admin("POST", "/peers", json={"name": "gk", "domain": "wa.example", "mode": "push",
+                                       "push_url": srv.url, "public_key": client.signer.public_b64})
+    assert r.status_code == 201, r.text
+    try:
+        srv.fail_next = 1000
+        alice.send_raw(f"<message to='{WALLY_JID}' type='chat' id='void1'><body>into the void</body>"
+                       f"<origin-id xmlns='urn:xmpp:sid:0' id='void1'/></message>")
+        el = alice.wait_for_message(lambda m: m.get("from") == COMP, timeout=20)
+        assert body(el) == (f"To {WALLY_JID}: Not delivered \u201cinto the void\u201d: gk could not be reached "
+                            "(2 tries over the retry budget). The operator can send it again."), body(el)
+        assert pg.psql("SELECT count(*) FROM outbox WHERE state = 'dead' AND sender_told_at IS NOT NULL",
+                       db_url) == "1"
+    finally:
+        srv.close()
+
+
 def test_features_both_ways(xd, gk, alice, pg, db_url):
     a, srv = gk
     consent_alice(xd)
