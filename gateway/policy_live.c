@@ -321,6 +321,54 @@ cw_err policy_sweep(PGconn *c, const struct policy_settings *s, const char *targ
 	return rc;
 }
 
+/* Messages whose content.expires has come (schema/014): the rows not yet
+ * delivered expire; where one was delivered to a local network (Matrix,
+ * XMPP), a delete event from the same sender goes to the same recipients,
+ * which the adapters turn into a redaction or a retraction; the stored
+ * content goes, the message's and its edits'.  A message with a row in
+ * flight waits for the next sweep (its delivery may yet succeed, and then
+ * needs the delete too).  Peers are sent nothing: the message came from
+ * one, whose own expiry applies there.  $1: now (ms). */
+static const char expiry_sql[] =
+	"WITH x AS (SELECT e.id, e.room_id, e.sender_id, e.public_id, e.content->>'sender' AS sender_uri "
+	"  FROM events e WHERE event_expires(e.content) IS NOT NULL AND event_expires(e.content) <= $1::bigint "
+	"  AND e.type = 'message' AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = e.id "
+	"   AND o.state = 'in_flight') ORDER BY e.id LIMIT 200 FOR UPDATE OF e SKIP LOCKED), "
+	"gone AS (UPDATE outbox o SET state = 'expired', claimed_by = NULL, claimed_until = NULL FROM x "
+	"  WHERE o.event_id = x.id AND o.state IN ('pending', 'held', 'failed', 'dead') RETURNING o.id), "
+	"loc AS (SELECT x.id, x.room_id, x.sender_id, x.public_id, x.sender_uri, o.destination, o.target_identity_id "
+	"  FROM x JOIN outbox o ON o.event_id = x.id AND o.state = 'delivered' AND o.destination NOT LIKE 'peer:%'), "
+	"dv AS (INSERT INTO events (public_id, room_id, sender_id, type, content, replaces_id, origin_network, ts) "
+	"  SELECT 'msg_' || rtrim(translate(encode(uuid_send(gen_random_uuid()), 'base64'), '+/', '-_'), '='), "
+	"  l.room_id, l.sender_id, 'delete', jsonb_build_object('type', 'delete', 'sender', l.sender_uri, "
+	"  'ts', $1::bigint, 'content', jsonb_build_object('replaces', l.public_id)), l.id, 'gateway', $1::bigint "
+	"  FROM (SELECT DISTINCT id, room_id, sender_id, public_id, sender_uri FROM loc) l ORDER BY l.id "
+	"  RETURNING id, replaces_id, room_id), "
+	"ob AS (INSERT INTO outbox (event_id, destination, target_identity_id, room_id, state) "
+	"  SELECT dv.id, loc.destination, loc.target_identity_id, dv.room_id, 'pending' FROM dv "
+	"  JOIN loc ON loc.id = dv.replaces_id ORDER BY dv.id RETURNING 1), "
+	"sc AS (UPDATE events e SET content = '{}'::jsonb FROM x "
+	"  WHERE e.id = x.id OR (e.type = 'edit' AND e.replaces_id = x.id) RETURNING 1) "
+	"SELECT (SELECT count(*) FROM x), (SELECT count(*) FROM ob), (SELECT count(*) FROM gone), "
+	"  (SELECT count(*) FROM sc)";
+
+/* counts: messages expired, delete rows made, rows that will not be
+ * delivered. */
+static cw_err expiry_sweep(PGconn *c, long counts[3], cw_errmsg *e)
+{
+	char now[24];
+	snprintf(now, sizeof(now), "%lld", (long long)cw_wall_ms());
+	const char *params[] = { now };
+	PGresult *r = PQexecParams(c, expiry_sql, 1, NULL, params, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	for (int i = 0; i < 3; i++)
+		counts[i] = atol(PQgetvalue(r, 0, i));
+	PQclear(r);
+	return CW_OK;
+}
+
 static const char consent_sql[] =
 	"WITH old AS (SELECT state FROM consents WHERE local_identity_id = $1::bigint AND subject_kind = $2 "
 	"  AND subject = $3), "
@@ -726,6 +774,18 @@ static void *live_main(void *arg)
 					LOG_KV(CW_LOG_WARN, "cannot notify the dispatchers", "detail", e.msg);
 			}
 			policy_view_put(v);
+			long ex[3];
+			if (expiry_sweep(pl->c, ex, &e)) {
+				LOG_KV(CW_LOG_WARN, "expiring messages sweep failed", "detail", e.msg);
+			} else if (ex[0]) {
+				char a[24], b[24], d[24];
+				snprintf(a, sizeof(a), "%ld", ex[0]);
+				snprintf(b, sizeof(b), "%ld", ex[1]);
+				snprintf(d, sizeof(d), "%ld", ex[2]);
+				LOG_KV(CW_LOG_INFO, "expired messages taken back", "messages", a, "deletes", b, "undelivered", d);
+				if (ex[1] && store_exec(pl->c, "NOTIFY causeway_outbox", &e))
+					LOG_KV(CW_LOG_WARN, "cannot notify the dispatchers", "detail", e.msg);
+			}
 			next_sweep = now + pl->o.sweep_interval_ms * 1000LL;
 		}
 		int64_t until = next_sweep < next_reload ? next_sweep : next_reload;

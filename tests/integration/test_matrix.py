@@ -491,6 +491,47 @@ def test_a_dead_letter_is_told_to_its_matrix_writer(make_daemon, db_url, hs, pg)
         srv.close()
 
 
+def test_an_expiring_message_is_taken_back_when_its_time_comes(mx, hs, gk, pg, db_url):
+    """A peer's message with content.expires (a gatekeeper's disappearing
+    message) reaches the room, and at its time the ghost redacts it and its
+    stored content is deleted; one still held for consent at its time is
+    never delivered, even once the user accepts."""
+    a, _ = gk
+    consent_alice(mx)
+    hs.create_user("alice")
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    soon = int(time.time() * 1000) + 2500
+    r = a.send(room, a.user("wally"), "this disappears", content={
+        "parts": [{"type": "text/plain", "body": "this disappears"}], "expires": soon})
+    assert r.status_code == 202, r.text
+    ghost = "@_cw_gk_wally:example.org"
+    mx_room = wait_until(lambda: next((rid for rid in hs.rooms() for e in hs.events(rid)
+                                       if e["type"] == "m.room.message" and e["sender"] == ghost), None),
+                         what="delivery")
+    msg = [e for e in hs.events(mx_room) if e["type"] == "m.room.message" and e["sender"] == ghost][0]
+    assert msg["content"]["body"] == "this disappears"
+    red = wait_until(lambda: next((e for e in hs.events(mx_room) if e["type"] == "m.room.redaction"), None),
+                     timeout=15, what="the redaction at its time")
+    assert red["sender"] == ghost and red["redacts"] == msg["event_id"]
+    assert red["origin_server_ts"] >= soon - 50
+    assert pg.psql(f"SELECT content::text FROM events WHERE public_id = '{r.json()['id']}'", db_url) == "{}"
+    # Held for bob's consent past its time: expired, not delivered on accept.
+    room2 = a.create_room([a.user("bob"), ALICE]).json()["id"]
+    r2 = a.send(room2, a.user("bob"), "gone before you say yes", content={
+        "parts": [{"type": "text/plain", "body": "gone before you say yes"}],
+        "expires": int(time.time() * 1000) + 500})
+    assert r2.status_code == 202, r2.text
+    wait_until(lambda: pg.psql(f"SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id "
+                               f"WHERE e.public_id = '{r2.json()['id']}'", db_url) == "expired",
+               timeout=15, what="expired while held")
+    consent_alice(mx, "mimi://wa.example/u/bob")
+    time.sleep(1.0)
+    assert not any(e["type"] == "m.room.message" and e["content"].get("body") == "gone before you say yes"
+                   for rid in hs.rooms() for e in hs.events(rid))
+    st = a.call("GET", f"/v1/messages/{r2.json()['id']}").json()
+    assert [x["status"] for x in st["recipients"]] == ["not_delivered"], st
+
+
 def test_users_met_before_the_adapter_move_to_it(make_daemon, db_url, hs, pg):
     """Messages that waited for an adapter (destination "local") are
     delivered once the Matrix adapter is configured."""

@@ -248,6 +248,22 @@ def test_a_dead_letter_is_told_to_its_xmpp_writer(make_daemon, db_url, prosody, 
         srv.close()
 
 
+def test_an_expiring_message_is_retracted_when_its_time_comes(xd, gk, alice, pg, db_url):
+    """A peer's message with content.expires reaches alice, and at its time
+    the remote JID retracts it (XEP-0424), as the sender deleting it would."""
+    a, _ = gk
+    consent_alice(xd)
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    r = a.send(room, a.user("wally"), "this disappears", content={
+        "parts": [{"type": "text/plain", "body": "this disappears"}], "expires": int(time.time() * 1000) + 2000})
+    assert r.status_code == 202, r.text
+    m = message_from(alice, WALLY_JID, lambda el: body(el) == "this disappears")
+    ret = message_from(alice, WALLY_JID, lambda el: el.find("{urn:xmpp:message-retract:1}retract") is not None,
+                       timeout=15)
+    assert ret.find("{urn:xmpp:message-retract:1}retract").get("id") == m.get("id")
+    assert pg.psql(f"SELECT content::text FROM events WHERE public_id = '{r.json()['id']}'", db_url) == "{}"
+
+
 def test_features_both_ways(xd, gk, alice, pg, db_url):
     a, srv = gk
     consent_alice(xd)
