@@ -718,6 +718,7 @@ struct msg_input {
 	size_t body_bytes;
 	uint64_t attachment_bytes;
 	unsigned kinds;
+	int64_t expires;              /* content.expires (ms), 0: none */
 };
 
 static void msg_input_from_peer(struct msg_input *in, struct peer_principal *p)
@@ -763,6 +764,7 @@ static void msg_input_from_event(struct msg_input *in, struct cw_app *app, const
 	snprintf(in->replaces, sizeof(in->replaces), "%s", ev->replaces ? ev->replaces : "");
 	snprintf(in->ts, sizeof(in->ts), "%lld", (long long)(ev->ts ? ev->ts : cw_wall_ms()));
 	in->body_bytes = ev->body_bytes;
+	in->expires = ev->type == EVENT_MESSAGE ? ev->expires : 0;
 	in->attachment_bytes = ev->attachment_bytes;
 	in->kinds = ev->kinds;
 	in->read_receipt = ev->type == EVENT_RECEIPT && ev->receipt == EVENT_RECEIPT_READ;
@@ -1279,6 +1281,7 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 	json_t *audit = json_array(), *outbound = json_array();
 	bool any_open = false;
 	const char *deny_reason = NULL;
+	bool expired = in->expires && in->expires <= cw_wall_ms();
 	unsigned char wake = 0;
 	struct policy_decision limited = { .verdict = POLICY_ALLOW };
 	for (int k = mfirst; k < mfirst + nmembers; k++) {
@@ -1316,6 +1319,10 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 			continue;
 		}
 		const char *state = d.verdict == POLICY_ALLOW ? "pending" : d.verdict == POLICY_HOLD ? "held" : "dropped";
+		/* Expired already (a disappearing message that came late): kept
+		 * for the record, never shown (the sweep deletes its content). */
+		if (expired && d.verdict != POLICY_DENY)
+			state = "expired";
 		if (d.verdict != POLICY_ALLOW)
 			json_array_append_new(audit, json_pack("{s:s, s:s, s:I, s:s, s:s, s:{s:s, s:s, s:s}}",
 				"action", d.verdict == POLICY_HOLD ? "policy.hold" : "policy.deny", "reason", d.reason,
@@ -1323,7 +1330,7 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 				"details", "sender", in->sender,
 				"direction", in->local_sender ? "outbound" : local ? "inbound" : "transit",
 				"type", in->type));
-		if (d.verdict == POLICY_HOLD)
+		if (d.verdict == POLICY_HOLD && !expired) /* no consent asked for what nobody will see */
 			json_array_append_new(held, json_string(PQgetvalue(r, k, 2)));
 		/* A local user's message to a remote one is consent to the
 		 * replies of that conversation (and opts them in to its network
@@ -1348,7 +1355,7 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 				if (strcmp(json_string_value(json_array_get(dests, x)), dest) == 0)
 					seen = x;
 			if (seen != SIZE_MAX) { /* one row per peer: open if any of its users may have it */
-				if (d.verdict == POLICY_ALLOW)
+				if (d.verdict == POLICY_ALLOW && !expired)
 					json_array_set_new(states, seen, json_string("pending"));
 				continue;
 			}

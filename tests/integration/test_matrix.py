@@ -530,6 +530,17 @@ def test_an_expiring_message_is_taken_back_when_its_time_comes(mx, hs, gk, pg, d
                    for rid in hs.rooms() for e in hs.events(rid))
     st = a.call("GET", f"/v1/messages/{r2.json()['id']}").json()
     assert [x["status"] for x in st["recipients"]] == ["not_delivered"], st
+    # Expired before it came: stored for the record, never shown, no
+    # consent asked.
+    r3 = a.send(room, a.user("wally"), "already gone", content={
+        "parts": [{"type": "text/plain", "body": "already gone"}], "expires": int(time.time() * 1000) - 1000})
+    assert r3.status_code == 202, r3.text
+    assert pg.psql(f"SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id "
+                   f"WHERE e.public_id = '{r3.json()['id']}'", db_url) == "expired"
+    wait_until(lambda: pg.psql(f"SELECT content::text FROM events WHERE public_id = '{r3.json()['id']}'",
+                               db_url) == "{}", what="its content deleted")
+    assert not any(e["type"] == "m.room.message" and e["content"].get("body") == "already gone"
+                   for e in hs.events(mx_room))
 
 
 def test_users_met_before_the_adapter_move_to_it(make_daemon, db_url, hs, pg):
