@@ -376,7 +376,7 @@ xmpp_stanza_t *xa_child(xmpp_ctx_t *ctx, xmpp_stanza_t *parent, const char *name
 static const char *const user_features[] = {
 	NS_DISCO_INFO, NS_PING, "urn:xmpp:receipts", "urn:xmpp:chat-markers:0", "urn:xmpp:message-correct:0",
 	"urn:xmpp:message-retract:1", "urn:xmpp:reactions:0", "urn:xmpp:reply:0", "urn:xmpp:fallback:0",
-	"http://jabber.org/protocol/chatstates", "urn:xmpp:sid:0", "jabber:x:oob", NULL,
+	"http://jabber.org/protocol/chatstates", "urn:xmpp:sid:0", "jabber:x:oob", "vcard-temp", NULL,
 };
 static const char *const component_features[] = {
 	NS_DISCO_INFO, NS_DISCO_ITEMS, NS_PING, NS_VERSION, NS_COMMANDS, NS_GATEWAY, NULL,
@@ -524,6 +524,8 @@ static void on_iq(struct xcomp *xc, xmpp_stanza_t *st)
 		xa_send_now(xc, r);
 	} else if (ns && get && !user && strcmp(ns, NS_VERSION) == 0)
 		version(xc, st);
+	else if (ns && get && user && strcmp(ns, "vcard-temp") == 0)
+		xa_vcard(xc, st, remote_id);
 	else if (ns && !get && !user && strcmp(ns, NS_COMMANDS) == 0 && xa_command(xc, st))
 		;
 	else if (ns && !user && strcmp(ns, NS_GATEWAY) == 0)
@@ -1091,6 +1093,7 @@ void xa_free(struct xmpp *x)
 				close(xc->wake_fd[k]);
 		pthread_mutex_destroy(&xc->mu);
 		pthread_cond_destroy(&xc->written);
+		json_decref(xc->vcards);
 	}
 	xmpp_ctx_t *c = pthread_getspecific(x->ctx_key);
 	if (c) {

@@ -62,6 +62,19 @@ static void presence_to(struct xcomp *xc, bool now, const char *from, const char
 		xa_enqueue_stanza(xc, p);
 }
 
+/* A remote user's available presence, with its avatar's hash when known
+ * (XEP-0153). */
+static void presence_available(struct xcomp *xc, const char *remote_id, const char *remote_jid, const char *to)
+{
+	xmpp_stanza_t *p = xmpp_presence_new(xc->ctx);
+	if (!p)
+		return;
+	xmpp_stanza_set_from(p, remote_jid);
+	xmpp_stanza_set_to(p, to);
+	xa_vcard_hash(xc, xc->ctx, p, remote_id, remote_jid, to);
+	xa_send_now(xc, p);
+}
+
 /* ------------------------------------------------------------ the job */
 
 enum verb { V_LIST, V_ACCEPT, V_BLOCK, V_OPTIN, V_OPTOUT, V_REPORT };
@@ -268,7 +281,7 @@ void xa_presence(struct xcomp *xc, xmpp_stanza_t *st)
 		/* The user adds the contact (or asks how it is): it is there. */
 		if (type[0] == 's')
 			presence_to(xc, true, j->remote_jid, bare, "subscribed", NULL);
-		presence_to(xc, true, j->remote_jid, bare, NULL, NULL);
+		presence_available(xc, j->remote_id, j->remote_jid, bare);
 		free(j);
 		return;
 	}

@@ -72,6 +72,10 @@ struct xcomp {
 	char drop_reason[200];
 	char ping_id[40];               /* the keepalive ping to the server */
 	int64_t ping_sent_ms, ping_next_ms;
+	/* Remote users' vCards (xmpp_vcard.c): remote id -> {url, type, b64,
+	 * sha1} of the avatar fetched last, under mu; fetches running. */
+	json_t *vcards;
+	atomic_int vcard_jobs;
 	/* counters */
 	atomic_ullong stanzas_in, stanzas_out, errors_out, connects;
 };
@@ -147,5 +151,15 @@ void xa_roster_sync(struct xcomp *xc, PGconn *c);
  * letter is told to them in a chat message from the component's domain
  * (which remote user, what, why, what the operator can do). */
 void xa_dead_letters(struct xcomp *xc, PGconn *c);
+
+/* XEP-0054 vcard-temp for a remote user's JID (an iq get, answered from a
+ * store reader: the name and avatar the peer gave, POST /v1/profiles, the
+ * avatar fetched signed).  XEP-0153: xa_vcard_hash puts the avatar's
+ * SHA-1 known for remote_id into a presence (<x xmlns='vcard-temp:x:update'>)
+ * and, when it is not known yet, looks (xa_vcard_presence: a presence with
+ * it follows to to when there is an avatar). */
+void xa_vcard(struct xcomp *xc, xmpp_stanza_t *iq, const char *remote_id);
+void xa_vcard_hash(struct xcomp *xc, xmpp_ctx_t *ctx, xmpp_stanza_t *presence, const char *remote_id,
+		   const char *remote_jid, const char *to);
 
 #endif

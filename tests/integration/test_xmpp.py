@@ -4,6 +4,7 @@ over c2s: messages both ways with replies, corrections, retractions,
 reactions, receipts, markers and chat states; consent by presence
 subscription and by ad-hoc commands; disco, ping and version; hostile
 stanzas; a Prosody restart mid-stream; a wrong secret."""
+import base64
 import hashlib
 import os
 import re
@@ -49,6 +50,25 @@ def daemon_options(prosody, secret=SECRET):
 
 def component_state(d):
     return d.get("/readyz").json()["adapters"]["xmpp"]["components"][COMP]
+
+
+def start_with_gk(make_daemon, db_url, prosody, **sections):
+    """A daemon with the component up (sections: more configuration, merged
+    into daemon_options) and the push peer gk: (daemon, gk's client, its
+    notify server)."""
+    opts = daemon_options(prosody)
+    for name, values in sections.items():
+        opts.setdefault(name, {}).update(values)
+    d = make_daemon(db_url, options=opts).start()
+    wait_until(lambda: component_state(d)["state"] == "up", what="the component's stream")
+    srv = NotifyServer()
+    srv.public_b64 = d.get("/.well-known/mimi-protocol-directory").json()["public_key"]["key"]
+    a = PeerClient(d.url, "gk", "wa.example")
+    r = d.admin("POST", "/peers", json={"name": "gk", "domain": "wa.example", "mode": "push",
+                                       "push_url": srv.url, "public_key": a.signer.public_b64})
+    assert r.status_code == 201, r.text
+    a.token = r.json()["token"]
+    return d, a, srv
 
 
 @pytest.fixture
@@ -225,16 +245,8 @@ def test_a_dead_letter_is_told_to_its_xmpp_writer(make_daemon, db_url, prosody, 
     """A local user's message to a peer that stays down for the whole retry
     budget is told to them, by the component (an error stanza would have
     to reach the resource that sent it, which may be gone by then)."""
-    opts = daemon_options(prosody)
-    opts["dispatcher"] = {"retry_budget": "2", "retry_base_ms": "20", "retry_max_ms": "50"}
-    d = make_daemon(db_url, options=opts).start()
-    wait_until(lambda: component_state(d)["state"] == "up", what="the component's stream")
-    srv = NotifyServer()
-    srv.public_b64 = d.get("/.well-known/mimi-protocol-directory").json()["public_key"]["key"]
-    client = PeerClient(d.url, "gk", "wa.example")
-    r = d.admin("POST", "/peers", json={"name": "gk", "domain": "wa.example", "mode": "push",
-                                       "push_url": srv.url, "public_key": client.signer.public_b64})
-    assert r.status_code == 201, r.text
+    d, _, srv = start_with_gk(make_daemon, db_url, prosody,
+                              dispatcher={"retry_budget": "2", "retry_base_ms": "20", "retry_max_ms": "50"})
     try:
         srv.fail_next = 1000
         alice.send_raw(f"<message to='{WALLY_JID}' type='chat' id='void1'><body>into the void</body>"
@@ -262,6 +274,40 @@ def test_an_expiring_message_is_retracted_when_its_time_comes(xd, gk, alice, pg,
                        timeout=15)
     assert ret.find("{urn:xmpp:message-retract:1}retract").get("id") == m.get("id")
     assert pg.psql(f"SELECT content::text FROM events WHERE public_id = '{r.json()['id']}'", db_url) == "{}"
+
+
+def test_a_remote_users_profile_is_their_vcard_and_avatar(make_daemon, db_url, prosody, alice, tmp_path):
+    """What the peer says of its user (POST /v1/profiles) is the remote
+    JID's vCard (XEP-0054): the name, the network, the avatar fetched
+    signed from the peer's store; its presence carries the avatar's SHA-1
+    (XEP-0153), so that clients fetch it."""
+    media = MediaServer(tmp_path)
+    d, a, srv = start_with_gk(make_daemon, db_url, prosody, server={"ca_file": media.cert_file})
+    try:
+        face = b"\x89PNG\r\n\x1a\n" + os.urandom(3000)
+        url = media.put("/u/wally.png", "image/png", face)
+        assert a.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": "Wally Wonka", "avatar": {
+            "content_type": "image/png", "url": url, "size": len(face),
+            "sha256": hashlib.sha256(face).hexdigest()}}).status_code == 200
+        start = len(alice.presences())
+        alice.send_presence(to=WALLY_JID, ptype="probe")
+        sha1 = hashlib.sha1(face).hexdigest()
+        p = alice.wait_for_presence(lambda el: el.get("from", "").startswith(WALLY_JID) and el.find(
+            "{vcard-temp:x:update}x/{vcard-temp:x:update}photo") is not None, start=start)
+        assert p.find("{vcard-temp:x:update}x/{vcard-temp:x:update}photo").text == sha1
+        v = alice.iq("get", WALLY_JID, "<vCard xmlns='vcard-temp'/>").find("{vcard-temp}vCard")
+        assert v.find("{vcard-temp}FN").text == "Wally Wonka (gk)"
+        assert v.find("{vcard-temp}NICKNAME").text == "Wally Wonka"
+        assert v.find("{vcard-temp}PHOTO/{vcard-temp}TYPE").text == "image/png"
+        assert base64.b64decode(v.find("{vcard-temp}PHOTO/{vcard-temp}BINVAL").text) == face
+        assert len(media.requests) == 1  # kept: asked twice, fetched once
+        verify_get("GET", url, media.requests[0][1], d.get("/.well-known/mimi-protocol-directory").json()[
+            "public_key"]["key"])
+        # A user without a profile: a vCard with the id and the network, no photo.
+        v = alice.iq("get", f"bob@{COMP}", "<vCard xmlns='vcard-temp'/>").find("{vcard-temp}vCard")
+        assert v.find("{vcard-temp}FN").text == "bob (gk)" and v.find("{vcard-temp}PHOTO") is None
+    finally:
+        srv.close()
 
 
 def test_features_both_ways(xd, gk, alice, pg, db_url):
@@ -614,16 +660,8 @@ def test_a_peers_file_reaches_xmpp_as_a_link_of_causeways(make_daemon, db_url, p
     is Causeway's (/media/<MAC>?src=...), a capability like XEP-0363's GET
     URLs, and Causeway fetches the file signed when it is followed."""
     media = MediaServer(tmp_path)
-    opts = daemon_options(prosody)
-    opts["server"]["ca_file"] = media.cert_file
-    d = make_daemon(db_url, options=opts).start()
-    wait_until(lambda: component_state(d)["state"] == "up", what="the component's stream")
-    srv = NotifyServer()
+    d, a, srv = start_with_gk(make_daemon, db_url, prosody, server={"ca_file": media.cert_file})
     try:
-        a = PeerClient(d.url, "gk", "wa.example")
-        r = d.admin("POST", "/peers", json={"name": "gk", "domain": "wa.example", "mode": "push",
-                                           "push_url": srv.url, "public_key": a.signer.public_b64})
-        a.token = r.json()["token"]
         consent_alice(d)
         room = a.create_room([a.user("wally"), ALICE]).json()["id"]
         data = os.urandom(2500)

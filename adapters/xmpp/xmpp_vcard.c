@@ -1,0 +1,246 @@
+/* Remote users' vCards (XEP-0054 vcard-temp) and avatars in presence
+ * (XEP-0153): what a peer says of its user (POST /v1/profiles: a display
+ * name and an avatar) shown to XMPP clients, as the Matrix adapter shows it
+ * on the ghost.  The avatar is fetched signed from the peer's store (as
+ * every file of a peer is), at most VCARD_PHOTO_MAX bytes, on a store
+ * reader, never on the stream's thread; the last one of each remote user is
+ * kept in memory (its URL, type, base64 and SHA-1), so a client's repeated
+ * asks cost nothing. */
+#include "config.h"
+#include "xmpp_int.h"
+#include "log.h"
+#include "media.h"
+#include "peer/event.h"
+#include "store.h"
+
+#include <openssl/evp.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define NS_VCARD "vcard-temp"
+#define NS_VCARD_UPDATE "vcard-temp:x:update"
+#define VCARD_PHOTO_MAX (192 * 1024) /* base64 in one stanza: under Prosody's 512 KiB for components */
+#define VCARD_CACHE_MAX 256
+#define VCARD_JOBS_MAX 2             /* fetches at once per component (they hold a store reader) */
+#define VCARD_TIMEOUT_MS 10000L
+
+struct vjob {
+	struct xcomp *xc;
+	char *iq;                        /* the request to answer, or NULL (a presence to follow) */
+	char remote_id[MIMI_LOCAL_MAX + 1], remote_jid[1100], to[1100];
+	/* found */
+	char name[1100];                 /* the display name the peer gave, or "" */
+	json_t *photo;                   /* {url, type, b64, sha1}; url "" and no b64: none */
+};
+
+/* The cached photo of remote_id whose source is url (NULL: any), with a
+ * reference, or NULL. */
+static json_t *cache_get(struct xcomp *xc, const char *remote_id, const char *url)
+{
+	pthread_mutex_lock(&xc->mu);
+	json_t *p = xc->vcards ? json_object_get(xc->vcards, remote_id) : NULL;
+	const char *had = json_string_value(json_object_get(p, "url"));
+	if (p && (!url || (had && strcmp(had, url) == 0)))
+		json_incref(p);
+	else
+		p = NULL;
+	pthread_mutex_unlock(&xc->mu);
+	return p;
+}
+
+static void cache_put(struct xcomp *xc, const char *remote_id, json_t *photo)
+{
+	pthread_mutex_lock(&xc->mu);
+	if (!xc->vcards || json_object_size(xc->vcards) >= VCARD_CACHE_MAX) {
+		json_decref(xc->vcards);
+		xc->vcards = json_object();
+	}
+	if (xc->vcards)
+		json_object_set(xc->vcards, remote_id, photo);
+	pthread_mutex_unlock(&xc->mu);
+}
+
+/* The avatar of the profile (JSON text) as a photo: from the cache when its
+ * URL is the same, else fetched; NULL when it cannot be had now (nothing is
+ * cached then: the next ask tries again). */
+static json_t *photo_of(struct vjob *j, const char *avatar_text)
+{
+	struct cw_app *app = j->xc->x->app;
+	json_t *av = avatar_text ? json_loads(avatar_text, 0, NULL) : NULL;
+	const char *url = json_string_value(json_object_get(av, "url"));
+	const char *type = json_string_value(json_object_get(av, "content_type"));
+	const char *want = json_string_value(json_object_get(av, "sha256"));
+	if (!url || strncmp(url, "https://", 8) != 0 || !type || strncmp(type, "image/", 6) != 0 ||
+	    !media_type_ok(type)) {
+		json_decref(av);
+		return json_pack("{s:s}", "url", ""); /* no avatar */
+	}
+	json_t *cached = cache_get(j->xc, j->remote_id, url);
+	if (cached) {
+		json_decref(av);
+		return cached;
+	}
+	struct media_blob b = { .max = VCARD_PHOTO_MAX, .cancel = &app->stopping };
+	long status = 0;
+	cw_errmsg e;
+	cw_err rc = media_fetch_signed(app->signing_key, app->cfg->domain ? app->cfg->domain : "",
+				       app->cfg->signature_tag, app->cfg->ca_file, url, VCARD_TIMEOUT_MS, &b, &status, &e);
+	char got[65];
+	json_t *photo = NULL;
+	if (rc || status != 200 || b.too_big || (media_sha256_hex(&b, got), want && strcmp(got, want) != 0)) {
+		LOG_KV(CW_LOG_INFO, "xmpp: an avatar could not be had", "component", j->xc->domain, "detail",
+		       rc ? e.msg : b.too_big ? "larger than a vCard carries" : status != 200 ? "not 200" : "checksum");
+		/* Too large, or not this file: as none (and kept so); away: later. */
+		if (!rc && (b.too_big || status == 200 || status == 404 || status == 410))
+			photo = json_pack("{s:s}", "url", url);
+	} else {
+		size_t n64 = 4 * ((b.n + 2) / 3) + 1;
+		char *b64 = malloc(n64);
+		unsigned char sha1[20];
+		char hex[41];
+		unsigned int sl = 0;
+		if (b64 && EVP_EncodeBlock((unsigned char *)b64, b.p, (int)b.n) >= 0 &&
+		    EVP_Digest(b.p, b.n, sha1, &sl, EVP_sha1(), NULL) == 1 && sl == 20) {
+			cw_hex(hex, sha1, 20);
+			photo = json_pack("{s:s, s:s, s:s, s:s}", "url", url, "type", type, "b64", b64, "sha1", hex);
+		}
+		free(b64);
+	}
+	media_blob_free(&b);
+	json_decref(av);
+	if (photo)
+		cache_put(j->xc, j->remote_id, photo);
+	return photo;
+}
+
+static cw_err vcard_fn(PGconn *c, void *arg, cw_errmsg *e)
+{
+	struct vjob *j = arg;
+	const char *p[] = { j->xc->peer, j->remote_id };
+	PGresult *r = PQexecParams(c, "SELECT coalesce(i.display_name, ''), i.avatar::text FROM identities i "
+				      "JOIN peers p ON p.id = i.peer_id WHERE p.name = $1 AND i.localpart = $2 "
+				      "AND NOT i.is_local",
+				   2, NULL, p, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	char *avatar = NULL;
+	if (PQntuples(r) == 1) {
+		snprintf(j->name, sizeof(j->name), "%s", PQgetvalue(r, 0, 0));
+		avatar = PQgetisnull(r, 0, 1) ? NULL : strdup(PQgetvalue(r, 0, 1));
+	}
+	PQclear(r);
+	j->photo = photo_of(j, avatar);
+	free(avatar);
+	return CW_OK;
+}
+
+/* <x xmlns='vcard-temp:x:update'><photo>SHA-1</photo></x>, or an empty
+ * photo for none. */
+static void add_update(xmpp_ctx_t *ctx, xmpp_stanza_t *presence, const json_t *photo)
+{
+	xmpp_stanza_t *x = xa_child(ctx, presence, "x", NS_VCARD_UPDATE);
+	const char *sha1 = json_string_value(json_object_get(photo, "sha1"));
+	if (x)
+		xa_text_child(ctx, x, "photo", NULL, sha1 ? sha1 : "");
+}
+
+static void vcard_done(void *arg, cw_err rc, const cw_errmsg *e)
+{
+	struct vjob *j = arg;
+	struct xcomp *xc = j->xc;
+	xmpp_ctx_t *ctx = xa_thread_ctx(xc->x);
+	if (rc)
+		LOG_KV(CW_LOG_WARN, "xmpp: a vCard could not be read", "component", xc->domain, "detail", e ? e->msg : "");
+	if (ctx && j->iq) {
+		xmpp_stanza_t *iq = xmpp_stanza_new_from_string(ctx, j->iq);
+		xmpp_stanza_t *r = iq ? (rc ? xa_error_reply(iq, "wait", "internal-server-error", NULL) : xa_iq_result(iq))
+				      : NULL;
+		if (r && !rc) {
+			xmpp_stanza_set_from(r, xmpp_stanza_get_to(iq));
+			xmpp_stanza_t *v = xa_child(ctx, r, "vCard", NS_VCARD);
+			char fn[1300];
+			snprintf(fn, sizeof(fn), "%s (%s)", j->name[0] ? j->name : j->remote_id, xc->peer);
+			if (v) {
+				xa_text_child(ctx, v, "FN", NULL, fn);
+				xa_text_child(ctx, v, "NICKNAME", NULL, j->name[0] ? j->name : j->remote_id);
+			}
+			const char *b64 = json_string_value(json_object_get(j->photo, "b64"));
+			xmpp_stanza_t *ph = v && b64 ? xa_child(ctx, v, "PHOTO", NULL) : NULL;
+			if (ph) {
+				xa_text_child(ctx, ph, "TYPE", NULL, json_string_value(json_object_get(j->photo, "type")));
+				xa_text_child(ctx, ph, "BINVAL", NULL, b64);
+			}
+		}
+		if (r)
+			xa_enqueue_stanza(xc, r);
+		if (iq)
+			xmpp_stanza_release(iq);
+	} else if (ctx && !rc && json_string_value(json_object_get(j->photo, "sha1"))) {
+		/* A presence that was sent without the hash: now with it. */
+		xmpp_stanza_t *p = xmpp_presence_new(ctx);
+		if (p) {
+			xmpp_stanza_set_from(p, j->remote_jid);
+			xmpp_stanza_set_to(p, j->to);
+			add_update(ctx, p, j->photo);
+			xa_enqueue_stanza(xc, p);
+		}
+	}
+	atomic_fetch_sub(&xc->vcard_jobs, 1);
+	json_decref(j->photo);
+	free(j->iq);
+	free(j);
+}
+
+static void vcard_start(struct vjob *j)
+{
+	atomic_fetch_add(&j->xc->vcard_jobs, 1);
+	if (store_read(j->xc->x->app->store, vcard_fn, vcard_done, j) != CW_OK)
+		vcard_done(j, CW_EUNAVAIL, NULL);
+}
+
+void xa_vcard(struct xcomp *xc, xmpp_stanza_t *iq, const char *remote_id)
+{
+	struct vjob *j = calloc(1, sizeof(*j));
+	char *text = NULL;
+	size_t len;
+	if (!j || xmpp_stanza_to_text(iq, &text, &len) != XMPP_EOK || !text) {
+		free(j);
+		return;
+	}
+	j->iq = strdup(text);
+	xmpp_free(xc->ctx, text);
+	if (!j->iq || atomic_load(&xc->vcard_jobs) >= VCARD_JOBS_MAX * 8) {
+		/* far more asks than fetches: the server is busy, say so */
+		xa_send_now(xc, xa_error_reply(iq, "wait", "resource-constraint", NULL));
+		free(j->iq);
+		free(j);
+		return;
+	}
+	j->xc = xc;
+	snprintf(j->remote_id, sizeof(j->remote_id), "%s", remote_id);
+	vcard_start(j);
+}
+
+void xa_vcard_hash(struct xcomp *xc, xmpp_ctx_t *ctx, xmpp_stanza_t *presence, const char *remote_id,
+		   const char *remote_jid, const char *to)
+{
+	json_t *photo = cache_get(xc, remote_id, NULL);
+	if (photo) {
+		add_update(ctx, presence, photo);
+		json_decref(photo);
+		return;
+	}
+	/* Not known yet: the presence goes without it (XEP-0153: no <x/>, not
+	 * ready to say), and one with it follows when there is an avatar. */
+	if (atomic_load(&xc->vcard_jobs) >= VCARD_JOBS_MAX)
+		return;
+	struct vjob *j = calloc(1, sizeof(*j));
+	if (!j)
+		return;
+	j->xc = xc;
+	snprintf(j->remote_id, sizeof(j->remote_id), "%s", remote_id);
+	snprintf(j->remote_jid, sizeof(j->remote_jid), "%s", remote_jid);
+	snprintf(j->to, sizeof(j->to), "%s", to);
+	vcard_start(j);
+}
