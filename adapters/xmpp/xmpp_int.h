@@ -73,9 +73,8 @@ struct xcomp {
 	char ping_id[40];               /* the keepalive ping to the server */
 	int64_t ping_sent_ms, ping_next_ms;
 	/* Remote users' vCards (xmpp_vcard.c): remote id -> {url, type, b64,
-	 * sha1} of the avatar fetched last, under mu; fetches running. */
+	 * sha1} of the avatar fetched last, under mu. */
 	json_t *vcards;
-	atomic_int vcard_jobs;
 	/* counters */
 	atomic_ullong stanzas_in, stanzas_out, errors_out, connects;
 };

@@ -3,9 +3,12 @@
  * name and an avatar) shown to XMPP clients, as the Matrix adapter shows it
  * on the ghost.  The avatar is fetched signed from the peer's store (as
  * every file of a peer is), at most VCARD_PHOTO_MAX bytes, on a store
- * reader, never on the stream's thread; the last one of each remote user is
- * kept in memory (its URL, type, base64 and SHA-1), so a client's repeated
- * asks cost nothing. */
+ * reader, never on the stream's thread.  A job counts against the same
+ * budget as the peers' file fetches (app->media_fetches: at most
+ * database.pool_size - 1 at once), so that a reader is always left for
+ * everything else; the last avatar of each remote user is kept in memory
+ * (its URL, type, base64 and SHA-1), so a client's repeated asks cost
+ * nothing. */
 #include "config.h"
 #include "xmpp_int.h"
 #include "log.h"
@@ -21,8 +24,7 @@
 #define NS_VCARD_UPDATE "vcard-temp:x:update"
 #define VCARD_PHOTO_MAX (192 * 1024) /* base64 in one stanza: under Prosody's 512 KiB for components */
 #define VCARD_CACHE_MAX 256
-#define VCARD_JOBS_MAX 2             /* fetches at once per component (they hold a store reader) */
-#define VCARD_TIMEOUT_MS 10000L
+#define VCARD_TIMEOUT_MS 5000L
 
 struct vjob {
 	struct xcomp *xc;
@@ -149,6 +151,7 @@ static void vcard_done(void *arg, cw_err rc, const cw_errmsg *e)
 {
 	struct vjob *j = arg;
 	struct xcomp *xc = j->xc;
+	atomic_fetch_sub(&xc->x->app->media_fetches, 1); /* before the answer: the next ask finds it free */
 	xmpp_ctx_t *ctx = xa_thread_ctx(xc->x);
 	if (rc)
 		LOG_KV(CW_LOG_WARN, "xmpp: a vCard could not be read", "component", xc->domain, "detail", e ? e->msg : "");
@@ -186,15 +189,24 @@ static void vcard_done(void *arg, cw_err rc, const cw_errmsg *e)
 			xa_enqueue_stanza(xc, p);
 		}
 	}
-	atomic_fetch_sub(&xc->vcard_jobs, 1);
 	json_decref(j->photo);
 	free(j->iq);
 	free(j);
 }
 
+/* A slot of the fetch budget (see above), or false. */
+static bool vcard_slot(struct cw_app *app)
+{
+	long limit = app->cfg->db_pool_size > 1 ? app->cfg->db_pool_size - 1 : 1;
+	if (atomic_fetch_add(&app->media_fetches, 1) < limit)
+		return true;
+	atomic_fetch_sub(&app->media_fetches, 1);
+	return false;
+}
+
+/* Runs j, which holds a slot (given back by vcard_done). */
 static void vcard_start(struct vjob *j)
 {
-	atomic_fetch_add(&j->xc->vcard_jobs, 1);
 	if (store_read(j->xc->x->app->store, vcard_fn, vcard_done, j) != CW_OK)
 		vcard_done(j, CW_EUNAVAIL, NULL);
 }
@@ -210,8 +222,8 @@ void xa_vcard(struct xcomp *xc, xmpp_stanza_t *iq, const char *remote_id)
 	}
 	j->iq = strdup(text);
 	xmpp_free(xc->ctx, text);
-	if (!j->iq || atomic_load(&xc->vcard_jobs) >= VCARD_JOBS_MAX * 8) {
-		/* far more asks than fetches: the server is busy, say so */
+	if (!j->iq || !vcard_slot(xc->x->app)) {
+		/* files are being fetched up to the budget: ask again later */
 		xa_send_now(xc, xa_error_reply(iq, "wait", "resource-constraint", NULL));
 		free(j->iq);
 		free(j);
@@ -233,11 +245,13 @@ void xa_vcard_hash(struct xcomp *xc, xmpp_ctx_t *ctx, xmpp_stanza_t *presence, c
 	}
 	/* Not known yet: the presence goes without it (XEP-0153: no <x/>, not
 	 * ready to say), and one with it follows when there is an avatar. */
-	if (atomic_load(&xc->vcard_jobs) >= VCARD_JOBS_MAX)
+	if (!vcard_slot(xc->x->app))
 		return;
 	struct vjob *j = calloc(1, sizeof(*j));
-	if (!j)
+	if (!j) {
+		atomic_fetch_sub(&xc->x->app->media_fetches, 1);
 		return;
+	}
 	j->xc = xc;
 	snprintf(j->remote_id, sizeof(j->remote_id), "%s", remote_id);
 	snprintf(j->remote_jid, sizeof(j->remote_jid), "%s", remote_jid);
