@@ -8,18 +8,22 @@
 -- delivered, so when that was a group, what the user then wrote there -- to
 -- one person, as far as their client showed -- went to the whole group.
 --
--- direct_room_of(local, remote, hub) is the pair's direct room: the oldest
--- room of kind direct with both as members, or a new one hosted here (hub:
--- this provider's domain) with both joined.  Two callers for the same pair
+-- direct_room_of(room, local, remote, hub) is room itself when it is a
+-- direct room (the room of the message being delivered), else the pair's
+-- direct room: the oldest room of kind direct with both as members, or a
+-- new one hosted here (hub: this provider's domain) with both joined.  Two callers for the same pair
 -- take turns (a transaction-level advisory lock; the two-key form, whose
 -- key space no single-key lock of the daemon shares).  The bindings made
 -- with a group before this migration are moved onto it.
-CREATE FUNCTION direct_room_of(l bigint, r bigint, hub text) RETURNS bigint
+CREATE FUNCTION direct_room_of(room bigint, l bigint, r bigint, hub text) RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
     rid bigint;
     pub text;
 BEGIN
+    IF EXISTS (SELECT 1 FROM rooms WHERE id = room AND kind = 'direct') THEN
+        RETURN room;
+    END IF;
     PERFORM pg_advisory_xact_lock(1667, hashtext(l::text || '/' || r::text));
     SELECT m1.room_id INTO rid FROM room_members m1
       JOIN room_members m2 ON m2.room_id = m1.room_id AND m2.identity_id = r
@@ -35,11 +39,11 @@ BEGIN
     RETURN rid;
 END
 $$;
-COMMENT ON FUNCTION direct_room_of(bigint, bigint, text) IS
-    'The direct room of a local and a remote user: the oldest one, or a new one hosted at hub.';
+COMMENT ON FUNCTION direct_room_of(bigint, bigint, bigint, text) IS
+    'room when direct, else the direct room of a local and a remote user: the oldest one, or a new one hosted at hub.';
 
 UPDATE room_bindings b
-   SET room_id = direct_room_of(b.local_identity_id, b.remote_identity_id, i.domain)
+   SET room_id = direct_room_of(NULL, b.local_identity_id, b.remote_identity_id, i.domain)
   FROM rooms x, identities i
  WHERE x.id = b.room_id AND x.kind <> 'direct' AND b.local_identity_id IS NOT NULL
    AND i.id = b.local_identity_id;

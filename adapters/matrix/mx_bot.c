@@ -376,7 +376,7 @@ static void ghost_invited(struct matrix *m, PGconn *c, const char *room, const c
 			"  AND local_identity_id = $3::bigint AND remote_identity_id = $4::bigint "
 			"  AND NOT EXISTS (SELECT 1 FROM same) RETURNING 1), "
 			"rb AS (INSERT INTO room_bindings (room_id, network, native_id, local_identity_id, remote_identity_id) "
-			"  SELECT direct_room_of($3::bigint, $4::bigint, $1), 'matrix', $2, $3::bigint, $4::bigint "
+			"  SELECT direct_room_of(NULL, $3::bigint, $4::bigint, $1), 'matrix', $2, $3::bigint, $4::bigint "
 			"  WHERE NOT EXISTS (SELECT 1 FROM same) AND NOT EXISTS (SELECT 1 FROM old) RETURNING 1), "
 			"gb AS (INSERT INTO identity_bindings (identity_id, network, native_id) VALUES ($4::bigint, 'matrix', $5) "
 			"  ON CONFLICT DO NOTHING) "

@@ -356,8 +356,8 @@ static cw_err ensure_room(struct matrix *m, PGconn *c, const char *neutral_room,
 	 * user writes here goes to that one person, as the client shows. */
 	const char *params[] = { neutral_room, room, target_id, sender_id, m->cfg->domain ? m->cfg->domain : "" };
 	return store_command(c, "INSERT INTO room_bindings (room_id, network, native_id, local_identity_id, remote_identity_id) "
-			  "SELECT CASE WHEN kind = 'direct' THEN id ELSE direct_room_of($3::bigint, $4::bigint, $5) END, "
-			  "'matrix', $2, $3::bigint, $4::bigint FROM rooms WHERE id = $1::bigint ON CONFLICT DO NOTHING",
+			  "VALUES (direct_room_of($1::bigint, $3::bigint, $4::bigint, $5), 'matrix', $2, $3::bigint, $4::bigint) "
+			  "ON CONFLICT DO NOTHING",
 		       5, params, e);
 }
 

@@ -251,9 +251,8 @@ cw_err xa_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_r
 				  "WITH j AS (SELECT x->>0 AS room, x->>1 AS remote, x->>2 AS local, x->>3 AS native, "
 				  " x->>4 AS jid FROM jsonb_array_elements($1::jsonb) AS x), "
 				  "rb AS (INSERT INTO room_bindings (room_id, network, native_id, local_identity_id, remote_identity_id) "
-				  " SELECT DISTINCT ON (native) CASE WHEN ro.kind = 'direct' THEN ro.id "
-				  "  ELSE direct_room_of(local::bigint, remote::bigint, $2) END, 'xmpp', native, local::bigint, "
-				  "  remote::bigint FROM j JOIN rooms ro ON ro.id = j.room::bigint ON CONFLICT DO NOTHING) "
+				  " SELECT DISTINCT ON (native) direct_room_of(room::bigint, local::bigint, remote::bigint, $2), "
+				  "  'xmpp', native, local::bigint, remote::bigint FROM j ON CONFLICT DO NOTHING) "
 				  "INSERT INTO identity_bindings (identity_id, network, native_id) "
 				  " SELECT DISTINCT ON (local) local::bigint, 'xmpp', jid FROM j ON CONFLICT DO NOTHING",
 				  2, p2, &e2))
