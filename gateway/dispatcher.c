@@ -766,14 +766,6 @@ static void deliver(struct lane *l, struct outbox_row *rows, size_t n)
 		json_decref(rows[i].event);
 }
 
-/* Waits for a NOTIFY or up to timeout_ms, then reads every notification
- * there is (store_wait_notify: one that came while the claim ran returns at
- * once; see the sleeping lanes below for why all are read). */
-static void wait_notify(struct lane *l, int timeout_ms)
-{
-	store_wait_notify(l->c, -1, timeout_ms, NULL, NULL);
-}
-
 static void *dispatcher_main(void *arg)
 {
 	cw_thread_name("cw-dispatcher");
@@ -801,10 +793,12 @@ static void *dispatcher_main(void *arg)
 				 * cannot trim its notification queue past a listener
 				 * that has not read (the queue grows on disk until
 				 * every NOTIFY fails). */
-				wait_notify(l, 0);
+				store_notifies(l->c, NULL, NULL);
 				continue;
 			}
-			wait_notify(l, failed ? 500 : 200);
+			/* Waits for a NOTIFY (one that came while the claim ran
+			 * returns at once), then reads every notification there is. */
+			store_wait_notify(l->c, -1, failed ? 500 : 200, NULL, NULL);
 		}
 		fresh = false;
 		if (all_taken(d))

@@ -86,8 +86,10 @@ static cw_err query_ids(PGconn *c, const char *sql, const char *ids, PGresult **
 
 static cw_err load_facts(PGconn *c, struct policy_builder *b, const char *ids, cw_errmsg *e);
 
-static cw_err load_all(PGconn *c, struct policy_builder *b, struct policy_settings *set, cw_errmsg *e)
+/* Settings (into arg, a struct policy_settings), rules and every fact. */
+static cw_err load_all(PGconn *c, struct policy_builder *b, void *arg, cw_errmsg *e)
 {
+	struct policy_settings *set = arg;
 	PGresult *r;
 	cw_err rc = query(c, "SELECT key, value::text FROM settings WHERE key LIKE 'policy.%'", &r, e);
 	if (rc)
@@ -190,16 +192,11 @@ static cw_err load_view(PGconn *c, uint64_t version, struct policy_builder *b, f
 	return CW_OK;
 }
 
-static cw_err fill_all(PGconn *c, struct policy_builder *b, void *set, cw_errmsg *e)
-{
-	return load_all(c, b, set, e);
-}
-
 cw_err policy_load(PGconn *c, uint64_t version, struct policy_view **out, cw_errmsg *e)
 {
 	struct policy_settings set;
 	settings_defaults(&set);
-	cw_err rc = load_view(c, version, policy_builder_new(), fill_all, &set, cw_now_us(), out, e);
+	cw_err rc = load_view(c, version, policy_builder_new(), load_all, &set, cw_now_us(), out, e);
 	if (!rc)
 		(*out)->set = set;
 	return rc;
@@ -348,9 +345,8 @@ static const char expiry_sql[] =
 	"  SELECT dv.id, loc.destination, loc.target_identity_id, dv.room_id, 'pending' FROM dv "
 	"  JOIN loc ON loc.id = dv.replaces_id ORDER BY dv.id RETURNING 1), "
 	"sc AS (UPDATE events e SET content = '{}'::jsonb FROM x "
-	"  WHERE e.id = x.id OR (e.type = 'edit' AND e.replaces_id = x.id) RETURNING 1) "
-	"SELECT (SELECT count(*) FROM x), (SELECT count(*) FROM ob), (SELECT count(*) FROM gone), "
-	"  (SELECT count(*) FROM sc)";
+	"  WHERE e.id = x.id OR (e.type = 'edit' AND e.replaces_id = x.id)) "
+	"SELECT (SELECT count(*) FROM x), (SELECT count(*) FROM ob), (SELECT count(*) FROM gone)";
 
 /* counts: messages expired, delete rows made, rows that will not be
  * delivered. */
@@ -577,15 +573,20 @@ static void swap_in(struct policy_live *pl, struct policy_view *v)
 	policy_view_put(old);
 }
 
+static void wake_thread(struct policy_live *pl)
+{
+	char b = 1;
+	if (write(pl->wake[1], &b, 1) < 0) {
+		/* full: the thread is awake anyway */
+	}
+}
+
 void policy_live_poke(struct policy_live *pl)
 {
 	if (!pl)
 		return;
 	atomic_store(&pl->poked, true);
-	char b = 1;
-	if (write(pl->wake[1], &b, 1) < 0) {
-		/* full: the thread is awake anyway */
-	}
+	wake_thread(pl);
 }
 
 void policy_live_get_stats(struct policy_live *pl, struct policy_live_stats *st)
@@ -642,27 +643,13 @@ static bool reload(struct policy_live *pl)
 static bool reload_users(struct policy_live *pl)
 {
 	struct policy_view *cur = policy_live_get(pl);
-	int64_t ids[POLICY_OVERLAY_MAX];
-	size_t n = 0;
 	for (size_t i = 0; i < cur->nusers; i++)
-		ids[n++] = cur->users[i];
-	bool fits = true;
-	for (size_t i = 0; i < pl->npending && fits; i++) {
-		bool seen = false;
-		for (size_t k = 0; k < cur->nusers && !seen; k++)
-			seen = cur->users[k] == pl->pending[i];
-		if (!seen) {
-			if (n == POLICY_OVERLAY_MAX)
-				fits = false;
-			else
-				ids[n++] = pl->pending[i];
-		}
-	}
+		add_pending(pl, cur->users[i]); /* too many: want_full */
 	struct policy_view *v = NULL;
 	cw_errmsg e;
-	cw_err rc = fits ? policy_load_users(pl->c, ++pl->version, cur, ids, n, &v, &e) : CW_OK;
+	cw_err rc = pl->want_full ? CW_OK : policy_load_users(pl->c, ++pl->version, cur, pl->pending, pl->npending, &v, &e);
 	policy_view_put(cur);
-	return fits && put_in_force(pl, rc, v, &e);
+	return !pl->want_full && put_in_force(pl, rc, v, &e);
 }
 
 /* local_id 0: everything. */
@@ -677,10 +664,7 @@ static bool sync_request(struct policy_live *pl, int64_t local_id, long timeout_
 	else
 		pl->asked_all = true;
 	pthread_mutex_unlock(&pl->mu);
-	char b = 1;
-	if (write(pl->wake[1], &b, 1) < 0) {
-		/* full: the thread is awake anyway */
-	}
+	wake_thread(pl);
 	struct timespec until;
 	clock_gettime(CLOCK_REALTIME, &until);
 	until.tv_sec += timeout_ms / 1000;

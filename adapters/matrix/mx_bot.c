@@ -243,27 +243,9 @@ static void invited(struct matrix *m, PGconn *c, const char *room, const char *s
 }
 
 /* The ghost says why it goes (a notice), and leaves the room. */
-/* An m.notice in room from ghost (NULL: the bot). */
-static bool notice_as(struct matrix *m, const char *room, const char *ghost, const char *text)
-{
-	char path[800], id[40];
-	char *rs = curl_easy_escape(NULL, room, 0);
-	cw_new_id(id, sizeof(id), "cw-notice-");
-	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/send/m.room.message/%s", rs ? rs : "", id);
-	curl_free(rs);
-	long status;
-	cw_errmsg e;
-	if (mx_call(m, "PUT", path, ghost, NULL, json_pack("{s:s, s:s}", "msgtype", "m.notice", "body", text), &status,
-		    NULL, &e)) {
-		LOG_KV(CW_LOG_WARN, "cannot send a notice", "room", room, "detail", e.msg);
-		return false;
-	}
-	return true;
-}
-
 static void ghost_says_and_leaves(struct matrix *m, const char *room, const char *ghost, const char *why)
 {
-	notice_as(m, room, ghost, why);
+	say_as(m, room, ghost, why);
 	char path[800];
 	char *rs = curl_easy_escape(NULL, room, 0);
 	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/leave", rs ? rs : "");
@@ -321,7 +303,7 @@ static void notices(struct matrix *m, PGconn *c)
 					      "WHERE b.network = 'matrix' AND b.native_id = $1",
 					   1, NULL, p, NULL, NULL, 0);
 		bool one = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1;
-		notice_as(m, room, one ? PQgetvalue(r, 0, 0) : NULL, json_string_value(json_array_get(n, 1)));
+		say_as(m, room, one ? PQgetvalue(r, 0, 0) : NULL, json_string_value(json_array_get(n, 1)));
 		PQclear(r);
 	}
 	json_decref(list);

@@ -1013,7 +1013,7 @@ struct submit *submit_new(size_t n)
 	"oo AS (INSERT INTO user_optin (identity_id, network, opted_in, updated_by) " \
 	"  SELECT DISTINCT it.sender, o.value->>1, true, 'outbound' " \
 	"  FROM it, jsonb_array_elements(it.outbound) AS o(value) ON CONFLICT DO NOTHING RETURNING identity_id AS u), " \
-	"ou AS (SELECT DISTINCT u FROM oc UNION SELECT u FROM oo), " \
+	"ou AS (SELECT u FROM oc UNION SELECT u FROM oo), " \
 	"bl AS (SELECT DISTINCT ON (it.sender, it.bt) it.sender, it.bt, it.ba FROM it " \
 	"  JOIN identities s ON s.id = it.sender AND NOT s.is_local WHERE it.bt IS NOT NULL " \
 	"  ORDER BY it.sender, it.bt, it.n DESC), " \

@@ -43,8 +43,12 @@ void xa_command_items(struct xcomp *xc, xmpp_stanza_t *query)
 	}
 }
 
+/* A presence from one of the component's JIDs to a local user: written now
+ * (on the stream's thread) or queued; nick (may be NULL): XEP-0172;
+ * avatar_of (may be NULL): the remote user whose avatar's hash goes in it
+ * (XEP-0153). */
 static void presence_to(struct xcomp *xc, bool now, const char *from, const char *to, const char *type,
-			const char *nick)
+			const char *nick, const char *avatar_of)
 {
 	xmpp_ctx_t *ctx = now ? xc->ctx : xa_thread_ctx(xc->x);
 	xmpp_stanza_t *p = ctx ? xmpp_presence_new(ctx) : NULL;
@@ -56,23 +60,12 @@ static void presence_to(struct xcomp *xc, bool now, const char *from, const char
 		xmpp_stanza_set_type(p, type);
 	if (nick && *nick)
 		xa_text_child(ctx, p, "nick", NS_NICK, nick);
+	if (avatar_of)
+		xa_vcard_hash(xc, ctx, p, avatar_of, from, to);
 	if (now)
 		xa_send_now(xc, p);
 	else
 		xa_enqueue_stanza(xc, p);
-}
-
-/* A remote user's available presence, with its avatar's hash when known
- * (XEP-0153). */
-static void presence_available(struct xcomp *xc, const char *remote_id, const char *remote_jid, const char *to)
-{
-	xmpp_stanza_t *p = xmpp_presence_new(xc->ctx);
-	if (!p)
-		return;
-	xmpp_stanza_set_from(p, remote_jid);
-	xmpp_stanza_set_to(p, to);
-	xa_vcard_hash(xc, xc->ctx, p, remote_id, remote_jid, to);
-	xa_send_now(xc, p);
 }
 
 /* ------------------------------------------------------------ the job */
@@ -231,8 +224,8 @@ static void consent_done(void *arg, cw_err rc, const cw_errmsg *e)
 			       rc || !j->done ? "error" : "info");
 	/* The roster follows a block: the remote contact unsubscribes both ways. */
 	if (!rc && j->done && j->verb == V_BLOCK && !j->whole_domain) {
-		presence_to(j->xc, false, j->remote_jid, j->local_bare, "unsubscribe", NULL);
-		presence_to(j->xc, false, j->remote_jid, j->local_bare, "unsubscribed", NULL);
+		presence_to(j->xc, false, j->remote_jid, j->local_bare, "unsubscribe", NULL, NULL);
+		presence_to(j->xc, false, j->remote_jid, j->local_bare, "unsubscribed", NULL, NULL);
 	}
 	free(j->iq);
 	free(j);
@@ -261,9 +254,9 @@ void xa_presence(struct xcomp *xc, xmpp_stanza_t *st)
 	if (strcmp(to, xc->domain) == 0) {
 		/* the gateway itself as a contact */
 		if (type && strcmp(type, "subscribe") == 0)
-			presence_to(xc, true, xc->domain, bare, "subscribed", NULL);
+			presence_to(xc, true, xc->domain, bare, "subscribed", NULL, NULL);
 		if (type && (strcmp(type, "subscribe") == 0 || strcmp(type, "probe") == 0))
-			presence_to(xc, true, xc->domain, bare, NULL, NULL);
+			presence_to(xc, true, xc->domain, bare, NULL, NULL, NULL);
 		return;
 	}
 	struct xconsent *j = calloc(1, sizeof(*j));
@@ -280,8 +273,8 @@ void xa_presence(struct xcomp *xc, xmpp_stanza_t *st)
 	if (strcmp(type, "subscribe") == 0 || strcmp(type, "probe") == 0) {
 		/* The user adds the contact (or asks how it is): it is there. */
 		if (type[0] == 's')
-			presence_to(xc, true, j->remote_jid, bare, "subscribed", NULL);
-		presence_available(xc, j->remote_id, j->remote_jid, bare);
+			presence_to(xc, true, j->remote_jid, bare, "subscribed", NULL, NULL);
+		presence_to(xc, true, j->remote_jid, bare, NULL, NULL, j->remote_id); /* available, with the avatar */
 		free(j);
 		return;
 	}
@@ -459,7 +452,7 @@ void xa_requests(struct xcomp *xc, PGconn *c, bool all)
 		if (!xa_remote_jid(xc, PQgetvalue(r, i, 2), remote, sizeof(remote)))
 			continue;
 		const char *local = PQgetvalue(r, i, 1), *nick = PQgetvalue(r, i, 3);
-		presence_to(xc, true, remote, local, "subscribe", nick);
+		presence_to(xc, true, remote, local, "subscribe", nick, NULL);
 		if (PQgetvalue(r, i, 5)[0] == 't') {
 			xmpp_stanza_t *m = xmpp_message_new(xc->ctx, "chat", local, NULL);
 			if (m) {
@@ -559,8 +552,8 @@ void xa_roster_sync(struct xcomp *xc, PGconn *c)
 		char remote[XJ_JID_MAX + 1];
 		if (!xa_remote_jid(xc, PQgetvalue(r, i, 1), remote, sizeof(remote)))
 			continue;
-		presence_to(xc, true, remote, PQgetvalue(r, i, 0), "unsubscribe", NULL);
-		presence_to(xc, true, remote, PQgetvalue(r, i, 0), "unsubscribed", NULL);
+		presence_to(xc, true, remote, PQgetvalue(r, i, 0), "unsubscribe", NULL, NULL);
+		presence_to(xc, true, remote, PQgetvalue(r, i, 0), "unsubscribed", NULL, NULL);
 	}
 	PQclear(r);
 	/* Kept for the next holder of the stream; if that fails, this process
