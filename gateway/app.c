@@ -273,6 +273,9 @@ static void metrics_done(void *arg, cw_err rc, const cw_errmsg *e)
 		cw_metrics_sample(&b, "causeway_policy_overlay_users", "gauge",
 				  "Local users whose facts the snapshot in force holds over the last whole one.", NULL,
 				  (double)ps.overlay_users);
+		cw_metrics_sample(&b, "causeway_policy_catch_ups_total", "counter",
+				  "Decisions that found a local user's facts newer in the database than in the snapshot "
+				  "and waited for them.", NULL, (double)ps.catch_ups);
 		cw_buf_printf(&b, "# HELP causeway_policy_held_swept_total Held outbox rows changed by the sweep.\n"
 				  "# TYPE causeway_policy_held_swept_total counter\n"
 				  "causeway_policy_held_swept_total{outcome=\"released\"} %llu\n"

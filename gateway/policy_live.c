@@ -652,17 +652,17 @@ static bool reload_users(struct policy_live *pl)
 	return !pl->want_full && put_in_force(pl, rc, v, &e);
 }
 
-/* local_id 0: everything. */
-static bool sync_request(struct policy_live *pl, int64_t local_id, long timeout_ms)
+/* n 0: everything. */
+static bool sync_request(struct policy_live *pl, const int64_t *ids, size_t n, long timeout_ms)
 {
 	if (!pl)
 		return false;
 	pthread_mutex_lock(&pl->mu);
 	uint64_t want = ++pl->requested;
-	if (local_id > 0 && pl->nasked < POLICY_OVERLAY_MAX)
-		pl->asked[pl->nasked++] = local_id;
-	else
+	if (n == 0 || pl->nasked + n > POLICY_OVERLAY_MAX)
 		pl->asked_all = true;
+	for (size_t i = 0; i < n && !pl->asked_all; i++)
+		pl->asked[pl->nasked++] = ids[i];
 	pthread_mutex_unlock(&pl->mu);
 	wake_thread(pl);
 	struct timespec until;
@@ -684,12 +684,22 @@ static bool sync_request(struct policy_live *pl, int64_t local_id, long timeout_
 
 bool policy_live_sync(struct policy_live *pl, long timeout_ms)
 {
-	return sync_request(pl, 0, timeout_ms);
+	return sync_request(pl, NULL, 0, timeout_ms);
 }
 
 bool policy_live_sync_user(struct policy_live *pl, int64_t local_id, long timeout_ms)
 {
-	return sync_request(pl, local_id > 0 ? local_id : 0, timeout_ms);
+	return sync_request(pl, &local_id, local_id > 0, timeout_ms);
+}
+
+bool policy_live_catch_up(struct policy_live *pl, const int64_t *ids, size_t n, long timeout_ms)
+{
+	if (!pl || n == 0)
+		return false;
+	pthread_mutex_lock(&pl->mu);
+	pl->st.catch_ups++;
+	pthread_mutex_unlock(&pl->mu);
+	return sync_request(pl, ids, n, timeout_ms);
 }
 
 static void *live_main(void *arg)

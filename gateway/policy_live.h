@@ -130,12 +130,18 @@ bool policy_live_sync(struct policy_live *pl, long timeout_ms);
 /* The same when only local user local_id's facts changed: that user's are
  * reloaded over the snapshot in force (an overlay), not everything. */
 bool policy_live_sync_user(struct policy_live *pl, int64_t local_id, long timeout_ms);
+/* The same for n local users (ids > 0) whose facts a reader found newer in
+ * the database than in the snapshot in force (a change committed at
+ * another process, or here, whose NOTIFY is not handled yet): counted in
+ * the stats as a catch-up.  n 0: nothing is asked, false. */
+bool policy_live_catch_up(struct policy_live *pl, const int64_t *ids, size_t n, long timeout_ms);
 
 struct policy_live_stats {
 	uint64_t version;
 	uint64_t reloads, reload_failures;
 	uint64_t user_reloads;               /* of those, overlays of some users' facts */
 	size_t overlay_users;                /* the users the overlay in force holds (0: a full snapshot) */
+	uint64_t catch_ups;                  /* decisions that waited for a snapshot behind the database */
 	uint64_t released, dropped, expired; /* rows changed by sweeps */
 	size_t rules, facts;
 	double last_load_ms;

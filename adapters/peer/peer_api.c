@@ -926,10 +926,13 @@ struct submit *submit_new(size_t n)
  * LIMIT/OFFSET so they are not flattened into hash joins over whole
  * tables, and a reference is found by its public id alone and its room
  * compared after.  A stored event is answered as it was the first time
- * (202, its id and acceptance time). */
+ * (202, its id and acceptance time).  For the items of remote senders it
+ * also reads each local member's opt-in to the sender's network and
+ * consent to the sender and its domain (n = -2, first), for
+ * facts_catch_up. */
 #define READ_ITEMS(ROOM_COND) \
 	"WITH items AS (SELECT * FROM json_to_recordset($1::json) " \
-	"  AS x(n int, room text, key text, reply text, replaces text, scope text)), " \
+	"  AS x(n int, room text, key text, reply text, replaces text, scope text, snd text, net text, dom text)), " \
 	"rm AS (SELECT it.room, it.scope, r.id, r.uri FROM (SELECT DISTINCT room, scope FROM items) AS it " \
 	"  LEFT JOIN LATERAL (SELECT id, uri FROM rooms WHERE " ROOM_COND " LIMIT 1) r ON true) " \
 	"SELECT it.n, rm.id, NULL::bigint, NULL, NULL::boolean, NULL, NULL::bigint, NULL, NULL, " \
@@ -953,6 +956,18 @@ struct submit *submit_new(size_t n)
 	" JOIN LATERAL (SELECT i.id, i.uri, i.is_local, i.network, i.peer_id, p.name, i.domain, p.mode " \
 	"  FROM room_members m JOIN identities i ON i.id = m.identity_id LEFT JOIN peers p ON p.id = i.peer_id " \
 	"  WHERE m.room_id = rm.id AND m.membership = 'joined' OFFSET 0) mem ON true " \
+	"UNION ALL " \
+	"SELECT -2, rm.id, f.id, it.snd, NULL::boolean, f.uri, NULL::bigint, it.net, it.dom, " \
+	" (SELECT CASE WHEN o.opted_in THEN 't' ELSE 'f' END FROM user_optin o " \
+	"  WHERE o.identity_id = f.id AND o.network = it.net), " \
+	" (SELECT c.state FROM consents c WHERE c.local_identity_id = f.id AND c.subject_kind = 'user' " \
+	"  AND c.subject = it.snd), NULL::bigint, NULL::bigint, NULL::bigint, NULL, NULL, " \
+	" (SELECT c.state FROM consents c WHERE c.local_identity_id = f.id AND c.subject_kind = 'domain' " \
+	"  AND c.subject = it.dom) " \
+	"FROM (SELECT DISTINCT room, scope, snd, net, dom FROM items WHERE snd IS NOT NULL) it " \
+	" JOIN rm ON rm.room = it.room AND rm.scope IS NOT DISTINCT FROM it.scope AND rm.id IS NOT NULL " \
+	" JOIN LATERAL (SELECT i.id, i.uri FROM room_members m JOIN identities i ON i.id = m.identity_id " \
+	"  WHERE m.room_id = rm.id AND m.membership = 'joined' AND i.is_local OFFSET 0) f ON true " \
 	"ORDER BY 1, 2, 3"
 
 /* Round 1 writes every accepted event of the job in one statement: the
@@ -1142,6 +1157,10 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 				     cw_buf_add(&doc, ",\"reply\":", 9) || add_json_string(&doc, in->in_reply_to) ||
 				     cw_buf_add(&doc, ",\"replaces\":", 12) || add_json_string(&doc, in->replaces) ||
 				     cw_buf_add(&doc, ",\"scope\":", 9) || add_json_string(&doc, in->scope) ||
+				     (!in->local_sender &&
+				      (cw_buf_add(&doc, ",\"snd\":", 7) || add_json_string(&doc, in->sender) ||
+				       cw_buf_add(&doc, ",\"net\":", 7) || add_json_string(&doc, in->sender_network) ||
+				       cw_buf_add(&doc, ",\"dom\":", 7) || add_json_string(&doc, in->sender_domain))) ||
 				     cw_buf_add(&doc, "}", 1)
 				     ? CW_EINVAL
 				     : CW_OK;
@@ -1412,6 +1431,50 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 	b->write[i] = true;
 }
 
+/* A consent or opt-in fact as round 0 read it from the database: -1 no
+ * row, 0 opted out / blocked, 1 opted in / allowed (policy_*_fact's). */
+static int fact_read(PGresult *r, int row, int col)
+{
+	if (PQgetisnull(r, row, col))
+		return -1;
+	const char *v = PQgetvalue(r, row, col);
+	return strcmp(v, "t") == 0 || strcmp(v, "allowed") == 0;
+}
+
+/* Round 0's facts rows (n = -2, the first nfacts): each local member's
+ * opt-in to a remote sender's network and consent to the sender and its
+ * domain, as committed before this request's read.  The snapshot in force
+ * can be older: a change made a moment ago at another process (or here,
+ * its NOTIFY not handled yet) — typically a local user's first message,
+ * whose consent and opt-in an automated peer's instant reply depends on.
+ * Where the two differ, the policy thread loads those users' facts now
+ * and the decisions wait for it (bounded), so nothing the database
+ * already says is decided against.  The facts agree on every other
+ * message: this costs a comparison. */
+static void facts_catch_up(struct submit *b, PGresult *r, int nfacts)
+{
+	int64_t stale[POLICY_MEMO_MAX];
+	size_t ns = 0;
+	struct policy_view *v = policy_live_get(b->app->policy);
+	for (int k = 0; k < nfacts && ns < POLICY_MEMO_MAX; k++) {
+		const char *local = PQgetvalue(r, k, 5), *sender = PQgetvalue(r, k, 3);
+		if (policy_optin_fact(v->snap, local, PQgetvalue(r, k, 7)) == fact_read(r, k, 9) &&
+		    policy_consent_fact(v->snap, local, false, sender) == fact_read(r, k, 10) &&
+		    policy_consent_fact(v->snap, local, true, PQgetvalue(r, k, 8)) == fact_read(r, k, 16))
+			continue;
+		int64_t id = atoll(PQgetvalue(r, k, 2));
+		size_t x = 0;
+		while (x < ns && stale[x] != id)
+			x++;
+		if (x == ns)
+			stale[ns++] = id;
+	}
+	policy_view_put(v);
+	if (ns && !policy_live_catch_up(b->app->policy, stale, ns, 1000))
+		log_warn("policy: a local user's facts changed and the snapshot did not follow within 1 s; "
+			 "deciding with the one in force");
+}
+
 static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_errmsg *e)
 {
 	bool sent = round == 1, any_write = false;
@@ -1424,9 +1487,13 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 			return rc;
 		int rows = PQntuples(r);
 		if (round == 0) {
-			/* The members first (n = -1, by room), then one row per item. */
-			int members = 0;
-			while (members < rows && atoi(PQgetvalue(r, members, 0)) < 0)
+			/* The facts first (n = -2), then the members (n = -1, by
+			 * room), then one row per item. */
+			int facts = 0, members;
+			while (facts < rows && atoi(PQgetvalue(r, facts, 0)) == -2)
+				facts++;
+			facts_catch_up(b, r, facts);
+			for (members = facts; members < rows && atoi(PQgetvalue(r, members, 0)) < 0;)
 				members++;
 			const char *last = NULL; /* the room of the previous item, whose members are mfirst, nm */
 			int mfirst = 0, nm = 0;
@@ -1436,7 +1503,7 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 					continue;
 				const char *room = PQgetvalue(r, k, 1);
 				if (!last || strcmp(last, room) != 0) {
-					for (mfirst = 0; mfirst < members && strcmp(PQgetvalue(r, mfirst, 1), room) != 0;)
+					for (mfirst = facts; mfirst < members && strcmp(PQgetvalue(r, mfirst, 1), room) != 0;)
 						mfirst++;
 					for (nm = 0; mfirst + nm < members && strcmp(PQgetvalue(r, mfirst + nm, 1), room) == 0;)
 						nm++;

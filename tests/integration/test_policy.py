@@ -298,6 +298,38 @@ def test_rate_limit_answers_429_with_retry_after(daemon, peers, pg, db_url):
     assert res["http_status"] == 429 and res["code"] == "rate_limited" and res["retry_after_ms"] > 0
 
 
+def test_a_fact_the_database_has_decides_before_the_snapshot_has_it(daemon, peers, pg, db_url):
+    """The instant after a local user's first message commits (its consent
+    and opt-in written), an automated peer may already answer, at a process
+    whose snapshot has not loaded them yet.  Here the facts are written with
+    no NOTIFY, which is how the database looks to that process then: the
+    reader sees the database ahead of the snapshot for that user, has the
+    user's facts loaded (a catch-up) and decides with them.  A block written
+    the same way drops the next message at once."""
+    (a, _), _ = peers
+    room = dm(a)
+    alice = pg.psql(f"SELECT id FROM identities WHERE uri = '{ALICE}'", db_url)
+    wally = a.user("wally")
+    pg.psql(f"INSERT INTO user_optin (identity_id, network, opted_in, updated_by) "
+            f"VALUES ({alice}, 'peer:gk', true, 'test'); "
+            f"INSERT INTO consents (local_identity_id, subject_kind, subject, state, source) "
+            f"VALUES ({alice}, 'user', '{wally}', 'allowed', 'outbound')", db_url)
+    before = gauge(daemon, "causeway_policy_catch_ups_total")
+    m = send(a, room, "an instant reply").json()["id"]
+    assert states(pg, db_url, [m])[0][1] == "pending"
+    assert gauge(daemon, "causeway_policy_catch_ups_total") == before + 1
+    # In force now: the next message costs no wait.
+    m = send(a, room, "and another").json()["id"]
+    assert states(pg, db_url, [m])[0][1] == "pending"
+    assert gauge(daemon, "causeway_policy_catch_ups_total") == before + 1
+    pg.psql(f"UPDATE consents SET state = 'blocked' WHERE local_identity_id = {alice} "
+            f"AND subject = '{wally}'", db_url)
+    m = send(a, room, "after the block").json()["id"]
+    assert states(pg, db_url, [m])[0][1] == "dropped"
+    assert decision(daemon, m)["recipients"][0]["reason"] == "user_blocked_sender"
+    assert gauge(daemon, "causeway_policy_catch_ups_total") == before + 2
+
+
 def test_server_modes_and_opt_in(daemon, peers, pg, db_url):
     (a, _), _ = peers
     room = dm(a)
