@@ -957,6 +957,7 @@ static void *comp_main(void *arg)
 			recent_resend(xc, drop_wall_ms);
 			xc->resend_pending = true;
 			xc->audit_seen = -1; /* the roster sync goes on from the stored cursor */
+			xc->profiles_at[0] = '\0'; /* and so do the profiles */
 			xc->ping_sent_ms = 0;
 			xc->ping_next_ms = now + PING_EVERY_MS;
 			next_house = 0;
@@ -1004,6 +1005,7 @@ static void *comp_main(void *arg)
 			if (up) {
 				xa_requests(xc, lock, xc->resend_pending);
 				xa_roster_sync(xc, lock);
+				xa_profiles(xc, lock);
 				xa_dead_letters(xc, lock);
 				xc->resend_pending = false;
 				if (xc->ping_sent_ms && now - xc->ping_sent_ms > PING_TIMEOUT_MS) {

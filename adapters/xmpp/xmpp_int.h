@@ -68,6 +68,10 @@ struct xcomp {
 	size_t recent_head, recent_n;
 	bool resend_pending;            /* pending consent requests go out again after a (re)connect */
 	long long audit_seen;           /* the operator's consent changes up to this audit_log id are done (-1: none yet) */
+	/* the remote users' profile changes sent to their contacts up to this
+	 * (profile_changed_at, id); profiles_at "" : not read yet */
+	char profiles_at[64];
+	long long profiles_id;
 	bool up_event, dropped, auth_failed; /* set by libstrophe's connection handler */
 	char drop_reason[200];
 	char ping_id[40];               /* the keepalive ping to the server */
@@ -160,5 +164,14 @@ void xa_dead_letters(struct xcomp *xc, PGconn *c);
 void xa_vcard(struct xcomp *xc, xmpp_stanza_t *iq, const char *remote_id);
 void xa_vcard_hash(struct xcomp *xc, xmpp_ctx_t *ctx, xmpp_stanza_t *presence, const char *remote_id,
 		   const char *remote_jid, const char *to);
+/* Housekeeping of the stream's holder: the peer's users whose profile
+ * changed (POST /v1/profiles) since the component's cursor get their avatar
+ * fetched again, and each local XMPP user who allowed them a presence with
+ * the new hash (or an empty one: no avatar now), so that clients fetch the
+ * vCard again.  Changes are taken once they are some seconds old (a
+ * change's time is its transaction's start, and one that commits later
+ * must not be passed over); a change left for want of a fetch slot is
+ * taken on the next turn. */
+void xa_profiles(struct xcomp *xc, PGconn *c);
 
 #endif

@@ -25,11 +25,14 @@
 #define VCARD_PHOTO_MAX (192 * 1024) /* base64 in one stanza: under Prosody's 512 KiB for components */
 #define VCARD_CACHE_MAX 256
 #define VCARD_TIMEOUT_MS 5000L
+#define XA_PROFILE_LAG "3 seconds"
 
 struct vjob {
 	struct xcomp *xc;
-	char *iq;                        /* the request to answer, or NULL (a presence to follow) */
-	char remote_id[MIMI_LOCAL_MAX + 1], remote_jid[1100], to[1100];
+	char *iq;                        /* the request to answer, or NULL (presences to follow) */
+	char remote_id[MIMI_LOCAL_MAX + 1], remote_jid[XJ_JID_MAX + 1];
+	json_t *to;                      /* the bare JIDs the presence goes to (iq NULL) */
+	bool changed;                    /* a profile change: the presence goes even without an avatar */
 	/* found */
 	char name[1100];                 /* the display name the peer gave, or "" */
 	json_t *photo;                   /* {url, type, b64, sha1}; url "" and no b64: none */
@@ -48,6 +51,14 @@ static json_t *cache_get(struct xcomp *xc, const char *remote_id, const char *ur
 		p = NULL;
 	pthread_mutex_unlock(&xc->mu);
 	return p;
+}
+
+static void cache_drop(struct xcomp *xc, const char *remote_id)
+{
+	pthread_mutex_lock(&xc->mu);
+	if (xc->vcards)
+		json_object_del(xc->vcards, remote_id);
+	pthread_mutex_unlock(&xc->mu);
 }
 
 static void cache_put(struct xcomp *xc, const char *remote_id, json_t *photo)
@@ -179,16 +190,22 @@ static void vcard_done(void *arg, cw_err rc, const cw_errmsg *e)
 			xa_enqueue_stanza(xc, r);
 		if (iq)
 			xmpp_stanza_release(iq);
-	} else if (ctx && !rc && json_string_value(json_object_get(j->photo, "sha1"))) {
-		/* A presence that was sent without the hash: now with it. */
-		xmpp_stanza_t *p = xmpp_presence_new(ctx);
-		if (p) {
+	} else if (ctx && !rc && j->photo && (j->changed || json_string_value(json_object_get(j->photo, "sha1")))) {
+		/* A presence that was sent without the hash: now with it.  A
+		 * changed profile: the new hash, or an empty one (no avatar). */
+		size_t i;
+		json_t *to;
+		json_array_foreach(j->to, i, to) {
+			xmpp_stanza_t *p = xmpp_presence_new(ctx);
+			if (!p)
+				break;
 			xmpp_stanza_set_from(p, j->remote_jid);
-			xmpp_stanza_set_to(p, j->to);
+			xmpp_stanza_set_to(p, json_string_value(to));
 			add_update(ctx, p, j->photo);
 			xa_enqueue_stanza(xc, p);
 		}
 	}
+	json_decref(j->to);
 	json_decref(j->photo);
 	free(j->iq);
 	free(j);
@@ -255,6 +272,95 @@ void xa_vcard_hash(struct xcomp *xc, xmpp_ctx_t *ctx, xmpp_stanza_t *presence, c
 	j->xc = xc;
 	snprintf(j->remote_id, sizeof(j->remote_id), "%s", remote_id);
 	snprintf(j->remote_jid, sizeof(j->remote_jid), "%s", remote_jid);
-	snprintf(j->to, sizeof(j->to), "%s", to);
+	j->to = json_pack("[s]", to);
 	vcard_start(j);
+}
+
+/* The stored cursor of the profiles (xmpp_roster_sync), or, the first
+ * time, a few seconds before now, stored at once (older changes were never
+ * announced: clients ask for the hash when they probe; later ones are
+ * announced by whichever process holds the stream next); false when it
+ * cannot be read. */
+static bool profiles_cursor(struct xcomp *xc, PGconn *c)
+{
+	const char *p[] = { xc->domain };
+	PGresult *r = PQexecParams(c,
+		"WITH u AS (UPDATE xmpp_roster_sync SET profiles_at = coalesce(profiles_at, "
+		"  now() - interval '" XA_PROFILE_LAG "'), profiles_id = coalesce(profiles_id, 0) "
+		"  WHERE component = $1 RETURNING profiles_at, profiles_id) "
+		"SELECT coalesce((SELECT profiles_at FROM u), now() - interval '" XA_PROFILE_LAG "')::text, "
+		" coalesce((SELECT profiles_id FROM u), 0)",
+		1, NULL, p, NULL, NULL, 0);
+	bool ok = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1;
+	if (ok) {
+		snprintf(xc->profiles_at, sizeof(xc->profiles_at), "%s", PQgetvalue(r, 0, 0));
+		xc->profiles_id = atoll(PQgetvalue(r, 0, 1));
+	}
+	PQclear(r);
+	return ok;
+}
+
+void xa_profiles(struct xcomp *xc, PGconn *c)
+{
+	if (!xc->profiles_at[0] && !profiles_cursor(xc, c))
+		return; /* tried again on the next turn */
+	char id[24];
+	snprintf(id, sizeof(id), "%lld", xc->profiles_id);
+	const char *p[] = { xc->peer, xc->profiles_at, id };
+	/* The contacts: the local users who allowed the remote user and have
+	 * used XMPP (their binding is their bare JID). */
+	PGresult *r = PQexecParams(c,
+		"SELECT i.localpart, i.profile_changed_at::text, i.id, "
+		" (SELECT coalesce(json_agg(lb.native_id), '[]') FROM consents k JOIN identity_bindings lb "
+		"  ON lb.identity_id = k.local_identity_id AND lb.network = 'xmpp' "
+		"  WHERE k.subject_kind = 'user' AND k.subject = i.uri AND k.state = 'allowed') "
+		"FROM identities i JOIN peers pe ON pe.id = i.peer_id AND pe.name = $1 "
+		"WHERE i.profile_changed_at IS NOT NULL AND NOT i.is_local "
+		" AND (i.profile_changed_at, i.id) > ($2::timestamptz, $3::bigint) "
+		" AND i.profile_changed_at <= now() - interval '" XA_PROFILE_LAG "' "
+		"ORDER BY i.profile_changed_at, i.id LIMIT 64",
+		3, NULL, p, NULL, NULL, 0);
+	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+		PQclear(r);
+		return;
+	}
+	int i, n = PQntuples(r);
+	for (i = 0; i < n; i++) {
+		const char *remote_id = PQgetvalue(r, i, 0);
+		char remote_jid[XJ_JID_MAX + 1];
+		json_t *to = json_loads(PQgetvalue(r, i, 3), 0, NULL);
+		cache_drop(xc, remote_id); /* whoever asks next gets the new one */
+		if (json_array_size(to) && xa_remote_jid(xc, remote_id, remote_jid, sizeof(remote_jid))) {
+			if (!vcard_slot(xc->x->app)) {
+				json_decref(to);
+				break; /* the fetches are busy: this one on the next turn */
+			}
+			struct vjob *j = calloc(1, sizeof(*j));
+			if (!j) {
+				atomic_fetch_sub(&xc->x->app->media_fetches, 1);
+				json_decref(to);
+				break;
+			}
+			j->xc = xc;
+			j->changed = true;
+			j->to = to;
+			to = NULL;
+			snprintf(j->remote_id, sizeof(j->remote_id), "%s", remote_id);
+			snprintf(j->remote_jid, sizeof(j->remote_jid), "%s", remote_jid);
+			vcard_start(j);
+		}
+		json_decref(to);
+		snprintf(xc->profiles_at, sizeof(xc->profiles_at), "%s", PQgetvalue(r, i, 1));
+		xc->profiles_id = atoll(PQgetvalue(r, i, 2));
+	}
+	PQclear(r);
+	if (i == 0)
+		return;
+	snprintf(id, sizeof(id), "%lld", xc->profiles_id);
+	const char *q[] = { xc->domain, xc->profiles_at, id };
+	/* Kept for the next holder of the stream; the roster sync made the
+	 * row (if that failed, this process goes on from memory). */
+	r = PQexecParams(c, "UPDATE xmpp_roster_sync SET profiles_at = $2::timestamptz, profiles_id = $3::bigint "
+			    "WHERE component = $1", 3, NULL, q, NULL, NULL, 0);
+	PQclear(r);
 }

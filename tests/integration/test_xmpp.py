@@ -289,7 +289,7 @@ def test_a_remote_users_profile_is_their_vcard_and_avatar(make_daemon, db_url, p
         assert a.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": "Wally Wonka", "avatar": {
             "content_type": "image/png", "url": url, "size": len(face),
             "sha256": hashlib.sha256(face).hexdigest()}}).status_code == 200
-        start = len(alice.presences())
+        start = alice.count()
         alice.send_presence(to=WALLY_JID, ptype="probe")
         sha1 = hashlib.sha1(face).hexdigest()
         p = alice.wait_for_presence(lambda el: el.get("from", "").startswith(WALLY_JID) and el.find(
@@ -306,6 +306,37 @@ def test_a_remote_users_profile_is_their_vcard_and_avatar(make_daemon, db_url, p
         # A user without a profile: a vCard with the id and the network, no photo.
         v = alice.iq("get", f"bob@{COMP}", "<vCard xmlns='vcard-temp'/>").find("{vcard-temp}vCard")
         assert v.find("{vcard-temp}FN").text == "bob (gk)" and v.find("{vcard-temp}PHOTO") is None
+
+        # Alice writes to wally (he is her contact now); then his avatar
+        # changes: her client is sent a presence with the new hash without
+        # asking, and the vCard has the new photo.
+        alice.send_message(WALLY_JID, "hello wally")
+        srv.wait_events(1)
+
+        def presence_with_photo(start):
+            return alice.wait_for_presence(lambda el: el.get("from", "").startswith(WALLY_JID) and el.find(
+                "{vcard-temp:x:update}x/{vcard-temp:x:update}photo") is not None, start=start, timeout=15)
+        new_face = b"\x89PNG\r\n\x1a\n" + os.urandom(2000)
+        new_url = media.put("/u/wally-2.png", "image/png", new_face)
+        start = alice.count()
+        assert a.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": "Wally Wonka", "avatar": {
+            "content_type": "image/png", "url": new_url, "size": len(new_face)}}).status_code == 200
+        p = presence_with_photo(start)
+        assert p.find("{vcard-temp:x:update}x/{vcard-temp:x:update}photo").text == hashlib.sha1(new_face).hexdigest()
+        assert p.get("type") is None  # available
+        v = alice.iq("get", WALLY_JID, "<vCard xmlns='vcard-temp'/>").find("{vcard-temp}vCard")
+        assert base64.b64decode(v.find("{vcard-temp}PHOTO/{vcard-temp}BINVAL").text) == new_face
+        # The avatar removed: an empty photo (XEP-0153: no avatar).
+        start = alice.count()
+        assert a.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": "Wally Wonka",
+                                               "avatar": None}).status_code == 200
+        p = presence_with_photo(start)
+        assert not p.find("{vcard-temp:x:update}x/{vcard-temp:x:update}photo").text
+        # Bob changes too, but alice never allowed him: nothing for her.
+        start = alice.count()
+        assert a.call("POST", "/v1/profiles", {"user": a.user("bob"), "display_name": "Bob"}).status_code == 200
+        time.sleep(5)
+        assert not [el for el in alice.stanzas()[start:] if el.get("from", "").startswith(f"bob@{COMP}")]
     finally:
         srv.close()
 
@@ -556,6 +587,30 @@ def test_operator_block_made_while_no_process_holds_the_stream_reaches_the_roste
                             start=start)
     top = pg.psql("SELECT max(id) FROM audit_log", db_url)
     wait_until(lambda: pg.psql("SELECT audit_id FROM xmpp_roster_sync", db_url) == top, what="the cursor moved on")
+    again.stop()
+
+
+def test_a_profile_changed_while_no_process_holds_the_stream_reaches_the_contacts(make_daemon, db_url, pg,
+                                                                                  prosody, xd, gk, alice):
+    """A remote user's profile changed while no process held the stream:
+    the next holder goes on from the component's stored cursor and sends
+    the contact the presence then."""
+    a, srv = gk
+    alice.send_message(WALLY_JID, "hello wally")
+    srv.wait_events(1)
+    wait_until(lambda: pg.psql("SELECT count(*) FROM xmpp_roster_sync WHERE profiles_at IS NOT NULL",
+                               db_url) == "1", what="the profiles' cursor")
+    xd.stop()
+    plain = make_daemon(db_url).start()  # no XMPP adapter: nobody holds the stream
+    a2 = PeerClient(plain.url, a.name, a.domain, token=a.token, signer=a.signer)
+    assert a2.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": "Wally"}).status_code == 200
+    plain.stop()
+    time.sleep(4)  # older than a new holder's first look back
+    start = alice.count()
+    again = make_daemon(db_url, options=daemon_options(prosody)).start()
+    p = alice.wait_for_presence(lambda el: el.get("from", "").startswith(WALLY_JID) and el.find(
+        "{vcard-temp:x:update}x/{vcard-temp:x:update}photo") is not None, start=start, timeout=15)
+    assert p.get("type") is None and not p.find("{vcard-temp:x:update}x/{vcard-temp:x:update}photo").text
     again.stop()
 
 
