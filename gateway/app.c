@@ -1,6 +1,7 @@
 /* Health, readiness and metrics endpoints, and the route table. */
 #include "config.h"
 #include "app.h"
+#include "workers.h"
 #include "buf.h"
 #include "log.h"
 #include "dispatcher.h"
@@ -210,6 +211,13 @@ static void metrics_done(void *arg, cw_err rc, const cw_errmsg *e)
 			  NULL, (double)st.writes_failed);
 	cw_metrics_sample(&b, "causeway_db_connects_total", "counter", "Database connections opened.",
 			  NULL, (double)st.reconnects);
+	struct cw_workers_stats ws;
+	cw_workers_get_stats(app->fetchers, &ws);
+	cw_metrics_sample(&b, "causeway_media_fetches_running", "gauge",
+			  "Files being fetched now (for peers, XMPP links, vCard photos).", NULL, ws.busy);
+	cw_metrics_sample(&b, "causeway_media_fetches_refused_total", "counter",
+			  "File fetches refused because server.media_fetches were running (answered: try again).", NULL,
+			  (double)ws.refused);
 	if (rc == CW_OK) {
 		cw_buf_printf(&b, "# HELP causeway_outbox_depth Outbox rows not yet delivered, by state.\n"
 				  "# TYPE causeway_outbox_depth gauge\n");

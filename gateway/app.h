@@ -48,7 +48,7 @@ struct cw_app {
 	struct xmpp *xmpp;              /* the XMPP adapter, or NULL */
 	unsigned char media_key[32];    /* of the media tokens offered to peers (media.h) */
 	struct media_source media;      /* where local users' files come from (ctx NULL: nowhere) */
-	atomic_int media_fetches;       /* GET /v1/media fetches running now */
+	struct cw_workers *fetchers;    /* the threads that fetch files (server.media_fetches; workers.h) */
 	atomic_bool stopping;           /* set once the HTTP front has drained: long transfers end */
 };
 

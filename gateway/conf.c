@@ -34,6 +34,8 @@ const struct cfg_option cfg_options[] = {
 	  "this provider's domain: local users are mimi://DOMAIN/u/...; the interop API is off while empty" },
 	{ "server", "media_max_bytes", CFG_SIZE, OFF(media_max_bytes), "20MiB", 1024, 512L << 20, false, false,
 	  "largest file carried across the gateway (re-hosted, or offered to a peer); larger ones become a text notice" },
+	{ "server", "media_fetches", CFG_INT, OFF(media_fetches), "4", 1, 64, false, false,
+	  "files fetched at once for peers, links in XMPP messages and vCard photos (more: 503 / resource-constraint, try again)" },
 	{ "server", "ca_file", CFG_STR, OFF(ca_file), "", 0, 0, false, false,
 	  "CA bundle (PEM) trusted for outbound HTTPS to peers, the homeserver and media (empty: the system's)" },
 

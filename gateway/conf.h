@@ -19,6 +19,7 @@ struct cw_config {
 	char *public_url;
 	char *domain;
 	long media_max_bytes;
+	long media_fetches;
 	char *ca_file;
 	/* [peer] */
 	char *signing_key_file;

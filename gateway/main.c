@@ -12,6 +12,7 @@
 #include "httpsig.h"
 #include "peer_out.h"
 #include "peer_pull.h"
+#include "workers.h"
 
 #include <curl/curl.h>
 #include "peer_api.h"
@@ -325,6 +326,10 @@ int main(int argc, char **argv)
 		LOG_KV(CW_LOG_ERROR, "cannot start the store", "detail", e.msg);
 		goto out_migrations;
 	}
+	if (cw_workers_start(&app.fetchers, (int)cfg.media_fetches, "cw-fetch", &e)) {
+		LOG_KV(CW_LOG_ERROR, "cannot start the file fetchers", "detail", e.msg);
+		goto out_store;
+	}
 	xa_start(app.xmpp); /* early: its sockets get low descriptors (libstrophe uses select()) */
 	if (peer_pull_start(&app.pull, &app, cfg.db_url, cfg.db_statement_timeout_ms, app.peers, &e)) {
 		LOG_KV(CW_LOG_ERROR, "cannot start the pull stream", "detail", e.msg);
@@ -408,6 +413,7 @@ int main(int argc, char **argv)
 	atomic_store(&app.stopping, true); /* file transfers still running end now (media.h) */
 	dispatcher_stop(app.dispatcher);
 	xa_stop(app.xmpp);
+	cw_workers_stop(app.fetchers); /* their requests are answered: before the HTTP front stops */
 	policy_live_stop(app.policy);
 	peer_out_free(pout);
 	store_stop(app.store);
@@ -423,6 +429,7 @@ int main(int argc, char **argv)
 	exit_code = 0;
 out_store:
 	xa_stop(app.xmpp); /* its jobs use the store */
+	cw_workers_free(app.fetchers); /* and so do the fetchers' */
 	peer_pull_free(app.pull);
 	store_close(app.store);
 out_migrations:

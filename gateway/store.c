@@ -720,6 +720,57 @@ cw_err store_read(struct cw_store *s, store_fn fn, store_done_fn done, void *arg
 	return enqueue(s, false, fn, NULL, done, arg);
 }
 
+struct read_wait {
+	store_fn fn;
+	void *arg;
+	pthread_mutex_t mu;
+	pthread_cond_t cv;
+	bool done;
+	cw_err rc;
+	cw_errmsg *e;
+};
+
+/* The job's one argument is the wait: fn gets the caller's. */
+static cw_err read_wait_fn(PGconn *c, void *arg, cw_errmsg *e)
+{
+	struct read_wait *w = arg;
+	return w->fn(c, w->arg, e);
+}
+
+static void read_waited(void *arg, cw_err rc, const cw_errmsg *e)
+{
+	struct read_wait *w = arg;
+	pthread_mutex_lock(&w->mu);
+	w->rc = rc;
+	if (rc && e)
+		*w->e = *e;
+	w->done = true;
+	pthread_cond_signal(&w->cv);
+	pthread_mutex_unlock(&w->mu);
+}
+
+cw_err store_read_wait(struct cw_store *s, store_fn fn, void *arg, cw_errmsg *e)
+{
+	struct read_wait w = { .fn = fn, .arg = arg, .e = e };
+	pthread_mutex_init(&w.mu, NULL);
+	pthread_cond_init(&w.cv, NULL);
+	cw_err rc = enqueue(s, false, read_wait_fn, NULL, read_waited, &w);
+	if (rc) {
+		cw_fail(e, rc, "the store is not taking work");
+	} else {
+		/* Every job is finished (its deadline, the store's stop): this
+		 * wait ends. */
+		pthread_mutex_lock(&w.mu);
+		while (!w.done)
+			pthread_cond_wait(&w.cv, &w.mu);
+		pthread_mutex_unlock(&w.mu);
+		rc = w.rc;
+	}
+	pthread_cond_destroy(&w.cv);
+	pthread_mutex_destroy(&w.mu);
+	return rc;
+}
+
 cw_err store_open(struct cw_store **out, const struct store_opts *o, cw_errmsg *e)
 {
 	struct cw_store *s = calloc(1, sizeof(*s));

@@ -81,6 +81,10 @@ void store_close(struct cw_store *s);
 cw_err store_write(struct cw_store *s, store_fn fn, store_done_fn done, void *arg);
 cw_err store_read(struct cw_store *s, store_fn fn, store_done_fn done, void *arg);
 cw_err store_write_pipe(struct cw_store *s, const struct store_pipe_ops *ops, store_done_fn done, void *arg);
+/* store_read, waiting for the outcome (fn's, or the store's: database away,
+ * deadline, stopping), for a thread of its own that may block (a worker,
+ * workers.h).  Never from a store thread or an HTTP thread. */
+cw_err store_read_wait(struct cw_store *s, store_fn fn, void *arg, cw_errmsg *e);
 
 struct store_stats {
 	bool db_up;

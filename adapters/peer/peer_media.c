@@ -3,6 +3,7 @@
 #include "peer_media.h"
 #include "peers.h"
 #include "log.h"
+#include "workers.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -105,13 +106,11 @@ struct media_job {
 	cw_errmsg err;
 };
 
-/* On a reader thread (its connection unused): the homeserver answers
- * within the adapter's timeout, and at most pool size - 1 of these run at
- * once, so the readers are never all taken. */
-static cw_err fetch(PGconn *c, void *arg, cw_errmsg *e)
+static void fetched(struct media_job *j);
+
+/* On a fetcher (workers.h): the far side answers within its timeout. */
+static void fetch(void *arg)
 {
-	(void)c;
-	(void)e;
 	struct media_job *j = arg;
 	struct cw_app *app = j->app;
 	if (!j->public) {
@@ -123,16 +122,13 @@ static cw_err fetch(PGconn *c, void *arg, cw_errmsg *e)
 		if (!j->rc && j->status != 200)
 			j->rc = cw_fail(&j->err, CW_EIO, "the peer's store answered %ld", j->status);
 	}
-	return CW_OK; /* the store's outcome is the database's: this read has none */
+	fetched(j);
 }
 
-static void fetched(void *arg, cw_err rc, const cw_errmsg *e)
+static void fetched(struct media_job *j)
 {
-	struct media_job *j = arg;
 	struct cw_req *req = j->req;
-	if (rc) {
-		app_reply_store_error(j->app, req, rc, e ? e->msg : "");
-	} else if (j->rc == CW_OK) {
+	if (j->rc == CW_OK) {
 		unsigned char *body = j->b.p ? j->b.p : malloc(1);
 		j->b.p = NULL;
 		if (!body) {
@@ -164,7 +160,6 @@ static void fetched(void *arg, cw_err rc, const cw_errmsg *e)
 		cw_req_problem(req, 503, "unavailable", "Service unavailable",
 			       "the file cannot be fetched from where it is kept now; try again later");
 	}
-	atomic_fetch_sub(&j->app->media_fetches, 1);
 	media_blob_free(&j->b);
 	cw_req_resume(req);
 	free(j);
@@ -195,27 +190,19 @@ void peer_api_media(struct cw_req *req, void *ctx)
 	start_fetch(app, req, j);
 }
 
-/* Runs j's fetch on a store reader (at most pool size - 1 at once). */
+/* Runs j's fetch on a fetcher (server.media_fetches at once). */
 static void start_fetch(struct cw_app *app, struct cw_req *req, struct media_job *j)
 {
-	long limit = app->cfg->db_pool_size > 1 ? app->cfg->db_pool_size - 1 : 1;
-	if (atomic_fetch_add(&app->media_fetches, 1) >= limit) {
-		atomic_fetch_sub(&app->media_fetches, 1);
-		free(j);
-		app_retry_after(req, 1000);
-		cw_req_problem(req, 503, "unavailable", "Service unavailable", "too many files are being fetched now");
-		return;
-	}
 	j->app = app;
 	j->req = req;
 	j->b.max = (size_t)app->cfg->media_max_bytes;
 	j->b.cancel = &app->stopping;
 	cw_req_suspend(req);
-	cw_err rc = store_read(app->store, fetch, fetched, j);
-	if (rc) {
-		cw_errmsg e = { { 0 } };
-		cw_fail(&e, rc, "the store is not taking work");
-		fetched(j, rc, &e);
+	if (!cw_workers_run(app->fetchers, fetch, j)) {
+		free(j);
+		app_retry_after(req, 1000);
+		cw_req_problem(req, 503, "unavailable", "Service unavailable", "too many files are being fetched now");
+		cw_req_resume(req);
 	}
 }
 

@@ -2,19 +2,19 @@
  * (XEP-0153): what a peer says of its user (POST /v1/profiles: a display
  * name and an avatar) shown to XMPP clients, as the Matrix adapter shows it
  * on the ghost.  The avatar is fetched signed from the peer's store (as
- * every file of a peer is), at most VCARD_PHOTO_MAX bytes, on a store
- * reader, never on the stream's thread.  A job counts against the same
- * budget as the peers' file fetches (app->media_fetches: at most
- * database.pool_size - 1 at once), so that a reader is always left for
- * everything else; the last avatar of each remote user is kept in memory
- * (its URL, type, base64 and SHA-1), so a client's repeated asks cost
- * nothing. */
+ * every file of a peer is), at most VCARD_PHOTO_MAX bytes, on one of the
+ * file fetchers (app->fetchers, server.media_fetches: shared with the
+ * peers' file fetches), never on the stream's thread; the profile is read
+ * from there on a store reader.  The last avatar of each remote user is
+ * kept in memory (its URL, type, base64 and SHA-1), so a client's repeated
+ * asks cost nothing. */
 #include "config.h"
 #include "xmpp_int.h"
 #include "log.h"
 #include "media.h"
 #include "peer/event.h"
 #include "store.h"
+#include "workers.h"
 
 #include <openssl/evp.h>
 #include <stdlib.h>
@@ -35,6 +35,7 @@ struct vjob {
 	bool changed;                    /* a profile change: the presence goes even without an avatar */
 	/* found */
 	char name[1100];                 /* the display name the peer gave, or "" */
+	char *avatar;                    /* the avatar object the peer gave (JSON text), or NULL */
 	json_t *photo;                   /* {url, type, b64, sha1}; url "" and no b64: none */
 };
 
@@ -137,14 +138,13 @@ static cw_err vcard_fn(PGconn *c, void *arg, cw_errmsg *e)
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 	if (rc)
 		return rc;
-	char *avatar = NULL;
+	free(j->avatar);
+	j->avatar = NULL;
 	if (PQntuples(r) == 1) {
 		snprintf(j->name, sizeof(j->name), "%s", PQgetvalue(r, 0, 0));
-		avatar = PQgetisnull(r, 0, 1) ? NULL : strdup(PQgetvalue(r, 0, 1));
+		j->avatar = PQgetisnull(r, 0, 1) ? NULL : strdup(PQgetvalue(r, 0, 1));
 	}
 	PQclear(r);
-	j->photo = photo_of(j, avatar);
-	free(avatar);
 	return CW_OK;
 }
 
@@ -158,11 +158,19 @@ static void add_update(xmpp_ctx_t *ctx, xmpp_stanza_t *presence, const json_t *p
 		xa_text_child(ctx, x, "photo", NULL, sha1 ? sha1 : "");
 }
 
+static void vjob_free(struct vjob *j)
+{
+	json_decref(j->to);
+	json_decref(j->photo);
+	free(j->avatar);
+	free(j->iq);
+	free(j);
+}
+
 static void vcard_done(void *arg, cw_err rc, const cw_errmsg *e)
 {
 	struct vjob *j = arg;
 	struct xcomp *xc = j->xc;
-	atomic_fetch_sub(&xc->x->app->media_fetches, 1); /* before the answer: the next ask finds it free */
 	xmpp_ctx_t *ctx = xa_thread_ctx(xc->x);
 	if (rc)
 		LOG_KV(CW_LOG_WARN, "xmpp: a vCard could not be read", "component", xc->domain, "detail", e ? e->msg : "");
@@ -205,27 +213,25 @@ static void vcard_done(void *arg, cw_err rc, const cw_errmsg *e)
 			xa_enqueue_stanza(xc, p);
 		}
 	}
-	json_decref(j->to);
-	json_decref(j->photo);
-	free(j->iq);
-	free(j);
+	vjob_free(j);
 }
 
-/* A slot of the fetch budget (see above), or false. */
-static bool vcard_slot(struct cw_app *app)
+/* On a fetcher: the profile (on a reader), the photo, the answer. */
+static void vcard_work(void *arg)
 {
-	long limit = app->cfg->db_pool_size > 1 ? app->cfg->db_pool_size - 1 : 1;
-	if (atomic_fetch_add(&app->media_fetches, 1) < limit)
-		return true;
-	atomic_fetch_sub(&app->media_fetches, 1);
-	return false;
+	struct vjob *j = arg;
+	cw_errmsg e = { { 0 } };
+	cw_err rc = store_read_wait(j->xc->x->app->store, vcard_fn, j, &e);
+	if (!rc)
+		j->photo = photo_of(j, j->avatar);
+	vcard_done(j, rc, &e);
 }
 
-/* Runs j, which holds a slot (given back by vcard_done). */
-static void vcard_start(struct vjob *j)
+/* Runs j on a fetcher; false (j left to the caller) when they are all
+ * busy. */
+static bool vcard_start(struct vjob *j)
 {
-	if (store_read(j->xc->x->app->store, vcard_fn, vcard_done, j) != CW_OK)
-		vcard_done(j, CW_EUNAVAIL, NULL);
+	return cw_workers_run(j->xc->x->app->fetchers, vcard_work, j);
 }
 
 void xa_vcard(struct xcomp *xc, xmpp_stanza_t *iq, const char *remote_id)
@@ -239,16 +245,13 @@ void xa_vcard(struct xcomp *xc, xmpp_stanza_t *iq, const char *remote_id)
 	}
 	j->iq = strdup(text);
 	xmpp_free(xc->ctx, text);
-	if (!j->iq || !vcard_slot(xc->x->app)) {
-		/* files are being fetched up to the budget: ask again later */
-		xa_send_now(xc, xa_error_reply(iq, "wait", "resource-constraint", NULL));
-		free(j->iq);
-		free(j);
-		return;
-	}
 	j->xc = xc;
 	snprintf(j->remote_id, sizeof(j->remote_id), "%s", remote_id);
-	vcard_start(j);
+	if (!j->iq || !vcard_start(j)) {
+		/* files are being fetched up to the budget: ask again later */
+		xa_send_now(xc, xa_error_reply(iq, "wait", "resource-constraint", NULL));
+		vjob_free(j);
+	}
 }
 
 void xa_vcard_hash(struct xcomp *xc, xmpp_ctx_t *ctx, xmpp_stanza_t *presence, const char *remote_id,
@@ -262,18 +265,15 @@ void xa_vcard_hash(struct xcomp *xc, xmpp_ctx_t *ctx, xmpp_stanza_t *presence, c
 	}
 	/* Not known yet: the presence goes without it (XEP-0153: no <x/>, not
 	 * ready to say), and one with it follows when there is an avatar. */
-	if (!vcard_slot(xc->x->app))
-		return;
 	struct vjob *j = calloc(1, sizeof(*j));
-	if (!j) {
-		atomic_fetch_sub(&xc->x->app->media_fetches, 1);
+	if (!j)
 		return;
-	}
 	j->xc = xc;
 	snprintf(j->remote_id, sizeof(j->remote_id), "%s", remote_id);
 	snprintf(j->remote_jid, sizeof(j->remote_jid), "%s", remote_jid);
 	j->to = json_pack("[s]", to);
-	vcard_start(j);
+	if (!vcard_start(j))
+		vjob_free(j); /* the fetchers are busy: the next probe asks again */
 }
 
 /* The stored cursor of the profiles (xmpp_roster_sync), or, the first
@@ -331,23 +331,21 @@ void xa_profiles(struct xcomp *xc, PGconn *c)
 		json_t *to = json_loads(PQgetvalue(r, i, 3), 0, NULL);
 		cache_drop(xc, remote_id); /* whoever asks next gets the new one */
 		if (json_array_size(to) && xa_remote_jid(xc, remote_id, remote_jid, sizeof(remote_jid))) {
-			if (!vcard_slot(xc->x->app)) {
-				json_decref(to);
-				break; /* the fetches are busy: this one on the next turn */
-			}
 			struct vjob *j = calloc(1, sizeof(*j));
 			if (!j) {
-				atomic_fetch_sub(&xc->x->app->media_fetches, 1);
 				json_decref(to);
 				break;
 			}
 			j->xc = xc;
 			j->changed = true;
 			j->to = to;
-			to = NULL;
 			snprintf(j->remote_id, sizeof(j->remote_id), "%s", remote_id);
 			snprintf(j->remote_jid, sizeof(j->remote_jid), "%s", remote_jid);
-			vcard_start(j);
+			if (!vcard_start(j)) {
+				vjob_free(j);
+				break; /* the fetchers are busy: this one on the next turn */
+			}
+			to = NULL;
 		}
 		json_decref(to);
 		snprintf(xc->profiles_at, sizeof(xc->profiles_at), "%s", PQgetvalue(r, i, 1));

@@ -231,7 +231,14 @@ START_TEST(reads_and_shutdown)
 		usleep(1000);
 	ck_assert_int_eq(r.rc, CW_OK);
 	ck_assert_int_eq(r.value, 42);
+	/* The same, waited for: fn gets the caller's argument, the outcome
+	 * is returned. */
+	struct rjob w = { 0 };
+	ck_assert_int_eq(store_read_wait(s, read_one, &w, &e), CW_OK);
+	ck_assert_int_eq(w.value, 42);
 	store_stop(s);
+	ck_assert_int_eq(store_read_wait(s, read_one, &w, &e), CW_ESHUTDOWN);
+	ck_assert_ptr_nonnull(strstr(e.msg, "not taking work"));
 	ck_assert_int_eq(store_read(s, read_one, rjob_done, &r), CW_ESHUTDOWN);
 	ck_assert_int_eq(store_write(s, insert_row, wjob_done, NULL), CW_ESHUTDOWN);
 	store_close(s);
@@ -252,6 +259,8 @@ START_TEST(unreachable_database_fails_fast)
 	while (!atomic_load(&r.done))
 		usleep(1000);
 	ck_assert_int_eq(r.rc, CW_EUNAVAIL);
+	ck_assert_int_eq(store_read_wait(s, read_one, &r, &e), CW_EUNAVAIL);
+	ck_assert_ptr_nonnull(strstr(e.msg, "unavailable"));
 	ck_assert_int_lt(cw_now_us() - t0, 2000000);
 	store_close(s);
 }

@@ -5,6 +5,7 @@ reactions, receipts, markers and chat states; consent by presence
 subscription and by ad-hoc commands; disco, ping and version; hostile
 stanzas; a Prosody restart mid-stream; a wrong secret."""
 import base64
+import concurrent.futures
 import hashlib
 import os
 import re
@@ -715,7 +716,8 @@ def test_a_peers_file_reaches_xmpp_as_a_link_of_causeways(make_daemon, db_url, p
     is Causeway's (/media/<MAC>?src=...), a capability like XEP-0363's GET
     URLs, and Causeway fetches the file signed when it is followed."""
     media = MediaServer(tmp_path)
-    d, a, srv = start_with_gk(make_daemon, db_url, prosody, server={"ca_file": media.cert_file})
+    d, a, srv = start_with_gk(make_daemon, db_url, prosody, server={"ca_file": media.cert_file,
+                                                                     "media_fetches": 2})
     try:
         consent_alice(d)
         room = a.create_room([a.user("wally"), ALICE]).json()["id"]
@@ -745,6 +747,19 @@ def test_a_peers_file_reaches_xmpp_as_a_link_of_causeways(make_daemon, db_url, p
             r = requests.get(bad, timeout=10)
             assert r.status_code == 404 and r.json()["code"] == "unknown_media", (bad, r.text)
         assert len(media.requests) == 1
+        # Files are fetched on server.media_fetches threads (2 here): two
+        # followed at once are both served, a third meanwhile is told to
+        # try again, and counted.
+        media.delay[long_path] = 1.5
+        with concurrent.futures.ThreadPoolExecutor(2) as ex:
+            both = [ex.submit(requests.get, link, timeout=10) for _ in range(2)]
+            wait_until(lambda: len(media.requests) == 3, what="two fetches running")
+            third = requests.get(link, timeout=10)
+            assert third.status_code == 503 and third.json()["code"] == "unavailable", third.text
+            assert int(third.headers["Retry-After"]) >= 1
+            assert [(f.result().status_code, f.result().content == data) for f in both] == [(200, True)] * 2
+        assert re.search(r"^causeway_media_fetches_refused_total 1$", d.get("/metrics").text, re.M)
+        media.delay.clear()
         # A file gone from the peer's store is gone here too.
         media.files.clear()
         r = requests.get(link, timeout=10)
