@@ -529,14 +529,29 @@ static void requests(struct matrix *m, PGconn *c)
 	PQclear(r);
 }
 
+/* One bot acts for all the processes that share a database: the holder of
+ * this session-level advisory lock (taken again by another process when
+ * the holder's connection ends).  Without it each process's bot would read
+ * the same inbox rows and pending requests and the user would be answered
+ * once per process. */
+static bool bot_lock(PGconn *c)
+{
+	PGresult *r = PQexec(c, "SELECT pg_try_advisory_lock(hashtextextended('causeway.matrix-bot', 0))");
+	bool ok = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1 && PQgetvalue(r, 0, 0)[0] == 't';
+	PQclear(r);
+	return ok;
+}
+
 static void *bot_main(void *arg)
 {
 	cw_thread_name("cw-mx-bot");
 	struct matrix *m = arg;
 	PGconn *c = NULL;
+	bool mine = false;
 	while (!atomic_load(&m->bot_stop)) {
 		if (!c || PQstatus(c) != CONNECTION_OK) {
 			PQfinish(c);
+			mine = false;
 			cw_errmsg e;
 			c = store_connect(m->app->cfg->db_url, m->app->cfg->db_statement_timeout_ms, &e);
 			if (c && store_exec(c, "LISTEN causeway_matrix_bot", &e)) {
@@ -548,11 +563,15 @@ static void *bot_main(void *arg)
 				continue;
 			}
 		}
-		while (!atomic_load(&m->bot_stop) && inbox(m, c))
-			;
-		requests(m, c);
-		dead_letters(m, c);
-		notices(m, c);
+		if (!mine)
+			mine = bot_lock(c);
+		if (mine) {
+			while (!atomic_load(&m->bot_stop) && inbox(m, c))
+				;
+			requests(m, c);
+			dead_letters(m, c);
+		}
+		notices(m, c); /* this process's own (the refusals of its transactions) */
 		store_wait_notify(c, -1, 500, NULL, NULL);
 	}
 	PQfinish(c);

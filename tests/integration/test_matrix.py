@@ -919,3 +919,35 @@ def test_a_group_rooms_message_reaches_a_dm_and_the_answer_stays_between_the_two
     bye = wait_until(lambda: [e for e in list(srv.events) if e.get("type") == "message" and
                               e["content"]["parts"][0]["body"] == "bye"] or None, what="bye")
     assert bye[0]["room_id"] == direct and bye[0]["content"]["in_reply_to"] == r.json()["id"], bye
+
+
+def test_one_bot_answers_for_every_process(make_daemon, db_url, hs):
+    """Two processes share the database: one bot acts (an advisory lock),
+    so a user who invites it is joined and answered once, not once per
+    process; when the holder stops, the other one's bot takes over."""
+    bot = "@_cw_bot:example.org"
+    first = start_mx(make_daemon, db_url, hs)
+    port = free_port()
+    second = make_daemon(db_url, options={
+        "server": {"port": str(port)},
+        "matrix": {"homeserver_url": hs.url, "as_token": AS_TOKEN, "hs_token": HS_TOKEN}}).start()
+    _, alice_token = hs.create_user("alice")
+    alice = hs.as_user(alice_token)
+    mgmt = alice.create_dm(bot)
+    said = lambda: [e["content"]["body"] for e in hs.events(mgmt)  # noqa: E731
+                    if e["type"] == "m.room.message" and e["sender"] == bot]
+    wait_until(lambda: any("Commands" in n for n in said()), what="the bot's help")
+    time.sleep(1.5)  # both bots heard the invite's NOTIFY by now
+    assert sum("Commands" in n for n in said()) == 1, said()
+    joins = [e for e in hs.events(mgmt) if e["type"] == "m.room.member" and e.get("state_key") == bot
+             and e["content"].get("membership") == "join"]
+    assert len(joins) == 1
+    # The holder (the first, started first) goes; the homeserver now
+    # reaches the second, whose bot answers.
+    first.stop()
+    hs.registration["url"] = f"http://127.0.0.1:{port}"
+    alice.send_text(mgmt, "list")
+    wait_until(lambda: len(said()) >= 2, timeout=15, what="an answer from the second process's bot")
+    time.sleep(1)
+    assert len(said()) == 2, said()
+    second.stop()
