@@ -554,6 +554,14 @@ static void in_body(struct in *in, xmpp_stanza_t *msg, char *text)
 		json_object_set_new(content, "in_reply_to", json_string(reply));
 	if (atts)
 		json_object_set_new(content, "attachments", atts);
+	/* XEP-0201: the thread the message belongs to is MIMI's topic.  A
+	 * malformed one (too long, not UTF-8) is metadata not worth refusing
+	 * the message for: left out. */
+	xmpp_stanza_t *th = child(msg, "thread", NULL);
+	char *topic = th ? text_of(th) : NULL;
+	if (topic && *topic && strlen(topic) <= EVENT_TOPIC_MAX && cw_utf8_valid(topic, strlen(topic)))
+		json_object_set_new(content, "topic", json_string(topic));
+	free(topic);
 	if (!text && !atts) {
 		json_decref(content);
 		note(in, "the message has no text and no usable attachment");
@@ -973,6 +981,16 @@ static enum xm_out_result out_message(struct ob *b, const json_t *content, const
 		}
 	}
 	free(quote);
+	/* MIMI's topic is the XEP-0201 thread. */
+	const char *topic = str_member(content, "topic");
+	if (topic && *topic) {
+		char *t = xml_text(topic);
+		if (!t)
+			b->oom = true;
+		else if (*t)
+			text_el(b, b->msg, "thread", NULL, t);
+		free(t);
+	}
 	if (oob) {
 		char *url = xml_text(oob);
 		if (!url)

@@ -156,8 +156,11 @@
  * XML 1.0: invalid UTF-8, control characters other than tab and line feed,
  * U+FFFE and U+FFFF become U+FFFD, and CR LF or a lone CR a line feed (what
  * a parser on the other side would make of them, so that the fallback
- * offsets stay right).  Content members the mapping does not name (topic,
- * expires, extensions) are not carried.  The same input always gives the
+ * offsets stay right).  content.topic is the message's XEP-0201 <thread>
+ * both ways (a message's only: a correction's thread is not read, and an
+ * inbound thread that is empty, over EVENT_TOPIC_MAX bytes or not UTF-8 is
+ * left out).  Content members the mapping does not name (expires,
+ * extensions) are not carried.  The same input always gives the
  * same stanza.
  */
 #ifndef CW_XM_H

@@ -211,6 +211,16 @@ def test_peer_to_xmpp_and_back(xd, gk, alice, pg, db_url):
                    f"<origin-id xmlns='urn:xmpp:sid:0' id='{sid}'/></message>")
     time.sleep(0.5)
     assert pg.psql("SELECT count(*) FROM events WHERE origin_network = 'xmpp'", db_url) == "1"
+    # MIMI's topic is the XEP-0201 thread, both ways.
+    r = post(a, f"/v1/rooms/{room}/messages", {
+        "type": "message", "sender": a.user("wally"),
+        "content": {"parts": [{"type": "text/plain", "body": "on topic"}], "topic": "t-7"}})
+    assert r.status_code == 202, r.text
+    m = message_from(alice, WALLY_JID, lambda el: body(el) == "on topic")
+    assert m.find("{jabber:client}thread").text == "t-7"
+    alice.send_message(WALLY_JID, "in the thread", thread="t-7")
+    got = srv.wait_events(2)
+    assert got[1]["content"]["parts"][0]["body"] == "in the thread" and got[1]["content"]["topic"] == "t-7"
 
 
 def test_a_group_rooms_message_reaches_the_chat_with_its_sender_and_the_answer_stays_there(
