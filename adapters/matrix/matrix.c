@@ -55,15 +55,13 @@ cw_err matrix_new(struct matrix **out, struct cw_app *app, cw_errmsg *e)
 	m->profile_failed = json_object();
 	m->media_queue = json_array();
 	m->media_state = json_object();
-	m->notices = json_array();
 	pthread_cond_init(&m->media_cond, NULL);
-	if (!m->typing || !m->profile_failed || !m->media_queue || !m->media_state || !m->notices ||
+	if (!m->typing || !m->profile_failed || !m->media_queue || !m->media_state ||
 	    pthread_key_create(&m->curl_key, mx_curl_release) != 0) {
 		json_decref(m->typing);
 		json_decref(m->profile_failed);
 		json_decref(m->media_queue);
 		json_decref(m->media_state);
-		json_decref(m->notices);
 		pthread_cond_destroy(&m->media_cond);
 		pthread_mutex_destroy(&m->mu);
 		free(m);
@@ -91,7 +89,6 @@ void matrix_free(struct matrix *m)
 	json_decref(m->profile_failed);
 	json_decref(m->media_queue);
 	json_decref(m->media_state);
-	json_decref(m->notices);
 	pthread_cond_destroy(&m->media_cond);
 	pthread_mutex_destroy(&m->mu);
 	free(m);

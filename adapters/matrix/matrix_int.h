@@ -51,7 +51,6 @@ struct matrix {
 	pthread_t bot_thread;
 	bool bot_started;
 	atomic_bool bot_stop;
-	json_t *notices;             /* [[room, text], ...]: "not delivered" notices the bot thread sends, under mu */
 	/* transactions answered once durable, and repeats answered from memory;
 	 * their events by outcome (MX_EV_*) */
 	atomic_ullong txns, txn_repeats, events[4];
@@ -86,9 +85,10 @@ void mx_typing_keep(struct matrix *m, json_t *seen);
 /* The bot's thread (mx_bot.c). */
 void mx_bot_start(struct matrix *m);
 void mx_bot_stop(struct matrix *m);
-/* A notice to a local user in a bridged room, from the room's ghost, sent
- * by the bot's thread (best effort: kept in memory, at most 1,000
- * waiting): what they wrote there was not delivered, and why. */
+/* A notice to a local user in a bridged room, from the room's ghost: what
+ * they wrote there was not delivered, and why.  Stored (matrix_notices,
+ * a write of its own) and sent by the bot's thread until the homeserver
+ * takes it. */
 void mx_bot_notice(struct matrix *m, const char *room, const char *text);
 
 /* One call to the homeserver's client-server API as the appservice

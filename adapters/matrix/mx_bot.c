@@ -32,20 +32,31 @@ static const char help_text[] =
 	"<who> is an address such as mimi://wa.example/u/+4915112345678, the Matrix id of a bridged user, or a domain.\n"
 	"Messages crossing the gateway are not end-to-end encrypted beyond it.";
 
-/* Says text in room as user (NULL: the bot), a notice. */
-static void say_as(struct matrix *m, const char *room, const char *user, const char *text)
+/* Says text in room as user (NULL: the bot), a notice, with transaction
+ * id txn (NULL: a new one); false when the homeserver did not take it. */
+static bool say_txn(struct matrix *m, const char *room, const char *user, const char *text, const char *txn)
 {
-	char path[600], txn[48];
-	unsigned long long n = (unsigned long long)cw_now_us();
+	char path[600], fresh[48];
+	if (!txn) {
+		snprintf(fresh, sizeof(fresh), "cwbot-%llx", (unsigned long long)cw_now_us());
+		txn = fresh;
+	}
 	char *r = curl_easy_escape(NULL, room, 0);
-	snprintf(txn, sizeof(txn), "cwbot-%llx", n);
 	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/send/m.room.message/%s", r ? r : "", txn);
 	curl_free(r);
 	long status;
 	cw_errmsg e;
 	if (mx_call(m, "PUT", path, user, NULL, json_pack("{s:s, s:s}", "msgtype", "m.notice", "body", text), &status,
-		    NULL, &e))
+		    NULL, &e)) {
 		LOG_KV(CW_LOG_WARN, "cannot post a notice", "room", room, "detail", e.msg);
+		return false;
+	}
+	return true;
+}
+
+static void say_as(struct matrix *m, const char *room, const char *user, const char *text)
+{
+	say_txn(m, room, user, text, NULL);
 }
 
 static void say(struct matrix *m, const char *room, const char *text)
@@ -256,12 +267,41 @@ static void ghost_says_and_leaves(struct matrix *m, const char *room, const char
 		LOG_KV(CW_LOG_WARN, "the ghost cannot leave", "room", room, "detail", e.msg);
 }
 
+struct notice_job {
+	char room[256];
+	char body[4096];
+};
+
+static cw_err notice_insert(PGconn *c, void *arg, cw_errmsg *e)
+{
+	struct notice_job *j = arg;
+	const char *p[] = { j->room, j->body };
+	cw_err rc = store_command(c, "INSERT INTO matrix_notices (room_id, body) VALUES ($1, $2)", 2, p, e);
+	return rc ? rc : store_command(c, "NOTIFY causeway_matrix_bot", 0, NULL, e);
+}
+
+static void notice_inserted(void *arg, cw_err rc, const cw_errmsg *e)
+{
+	struct notice_job *j = arg;
+	if (rc)
+		LOG_KV(CW_LOG_WARN, "a notice for a Matrix user is lost: the database did not take it", "room", j->room,
+		       "detail", e ? e->msg : "");
+	free(j);
+}
+
 void mx_bot_notice(struct matrix *m, const char *room, const char *text)
 {
-	pthread_mutex_lock(&m->mu);
-	if (json_array_size(m->notices) < 1000)
-		json_array_append_new(m->notices, json_pack("[s, s]", room, text));
-	pthread_mutex_unlock(&m->mu);
+	struct notice_job *j = calloc(1, sizeof(*j));
+	/* The texts are a few hundred bytes (refusal(), dispatcher_dead_text). */
+	if (!j || !room || !*room || !text || !*text || strlen(room) >= sizeof(j->room) ||
+	    strlen(text) >= sizeof(j->body)) {
+		free(j);
+		return;
+	}
+	snprintf(j->room, sizeof(j->room), "%s", room);
+	snprintf(j->body, sizeof(j->body), "%s", text);
+	if (store_write(m->app->store, notice_insert, notice_inserted, j) != CW_OK)
+		notice_inserted(j, CW_EUNAVAIL, NULL);
 }
 
 /* A Matrix user's message that became a dead letter (its peer unreachable
@@ -286,27 +326,40 @@ static void dead_letters(struct matrix *m, PGconn *c)
 	PQclear(r);
 }
 
-/* The notices waiting, each from the ghost of its room. */
+/* The notices due (matrix_notices), each from the ghost of its room (the
+ * bot where there is none): taken for a while (another try is due then,
+ * later after each failure), deleted once the homeserver has them, given
+ * up after a day. */
 static void notices(struct matrix *m, PGconn *c)
 {
-	pthread_mutex_lock(&m->mu);
-	json_t *list = m->notices;
-	m->notices = json_array();
-	pthread_mutex_unlock(&m->mu);
-	size_t i;
-	json_t *n;
-	json_array_foreach(list, i, n) {
-		const char *room = json_string_value(json_array_get(n, 0));
-		const char *p[] = { room };
-		PGresult *r = PQexecParams(c, "SELECT ib.native_id FROM room_bindings b JOIN identity_bindings ib "
-					      "ON ib.identity_id = b.remote_identity_id AND ib.network = 'matrix' "
-					      "WHERE b.network = 'matrix' AND b.native_id = $1",
-					   1, NULL, p, NULL, NULL, 0);
-		bool one = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1;
-		say_as(m, room, one ? PQgetvalue(r, 0, 0) : NULL, json_string_value(json_array_get(n, 1)));
+	PGresult *r = PQexec(c,
+		"WITH d AS (SELECT id FROM matrix_notices WHERE next_at <= now() ORDER BY id LIMIT 20 "
+		"  FOR UPDATE SKIP LOCKED), "
+		"t AS (UPDATE matrix_notices x SET tries = x.tries + 1, "
+		"  next_at = now() + least(power(2, x.tries + 1), 600) * interval '1 second' FROM d WHERE x.id = d.id "
+		"  RETURNING x.id, x.room_id, x.body, x.created_at < now() - interval '1 day' AS stale) "
+		"SELECT t.id, t.room_id, t.body, t.stale, (SELECT ib.native_id FROM room_bindings b "
+		"  JOIN identity_bindings ib ON ib.identity_id = b.remote_identity_id AND ib.network = 'matrix' "
+		"  WHERE b.network = 'matrix' AND b.native_id = t.room_id LIMIT 1) FROM t ORDER BY t.id");
+	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
 		PQclear(r);
+		return;
 	}
-	json_decref(list);
+	for (int i = 0; i < PQntuples(r); i++) {
+		const char *id = PQgetvalue(r, i, 0), *room = PQgetvalue(r, i, 1);
+		char txn[48];
+		snprintf(txn, sizeof(txn), "cwnotice-%s", id);
+		bool sent = say_txn(m, room, PQgetisnull(r, i, 4) ? NULL : PQgetvalue(r, i, 4), PQgetvalue(r, i, 2), txn);
+		if (!sent && PQgetvalue(r, i, 3)[0] == 't')
+			LOG_KV(CW_LOG_WARN, "a notice for a Matrix user is given up after a day of failed sends", "room",
+			       room);
+		if (sent || PQgetvalue(r, i, 3)[0] == 't') {
+			const char *p[] = { id };
+			cw_errmsg e;
+			store_command(c, "DELETE FROM matrix_notices WHERE id = $1::bigint", 1, p, &e);
+		}
+	}
+	PQclear(r);
 }
 
 /* One of this provider's users invited a ghost: a conversation with that
@@ -570,8 +623,8 @@ static void *bot_main(void *arg)
 				;
 			requests(m, c);
 			dead_letters(m, c);
+			notices(m, c);
 		}
-		notices(m, c); /* this process's own (the refusals of its transactions) */
 		store_wait_notify(c, -1, 500, NULL, NULL);
 	}
 	PQfinish(c);

@@ -457,6 +457,17 @@ def test_a_message_that_goes_nowhere_is_told_to_its_writer(mx, hs, gk, pg, db_ur
     assert notices()[1].startswith("Not delivered: ") and "16384" in notices()[1], notices()
     time.sleep(0.5)
     assert len(srv.events) == 1 and len(notices()) == 2
+    # A homeserver that fails the notice's send: the notice is kept
+    # (matrix_notices) and sent again later, once.
+    hs.refuse_send = lambda path: "/cwnotice-" in path
+    alice.send_text(room, "y" * 20000)
+    wait_until(lambda: pg.psql("SELECT tries FROM matrix_notices", db_url) == "1", what="a failed send")
+    assert len(notices()) == 2
+    hs.refuse_send = None
+    wait_until(lambda: len(notices()) == 3, timeout=10, what="the notice, sent again")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_notices", db_url) == "0", what="the row gone")
+    time.sleep(0.5)
+    assert len(notices()) == 3
 
 
 def test_a_dead_letter_is_told_to_its_matrix_writer(make_daemon, db_url, hs, pg):
