@@ -405,6 +405,12 @@ static void disco_info(struct xcomp *xc, xmpp_stanza_t *st, bool user, const cha
 		xmpp_stanza_set_attribute(id, "type", "mimi");
 		xmpp_stanza_set_attribute(id, "name", name);
 	}
+	/* A remote user's JID is the PEP service of their avatar (XEP-0084). */
+	xmpp_stanza_t *pep = q && user ? xa_child(ctx, q, "identity", NULL) : NULL;
+	if (pep) {
+		xmpp_stanza_set_attribute(pep, "category", "pubsub");
+		xmpp_stanza_set_attribute(pep, "type", "pep");
+	}
 	for (const char *const *f = user ? user_features : component_features; q && *f; f++) {
 		xmpp_stanza_t *fe = xa_child(ctx, q, "feature", NULL);
 		if (fe)
@@ -526,6 +532,8 @@ static void on_iq(struct xcomp *xc, xmpp_stanza_t *st)
 		version(xc, st);
 	else if (ns && get && user && strcmp(ns, "vcard-temp") == 0)
 		xa_vcard(xc, st, remote_id);
+	else if (ns && get && user && strcmp(ns, "http://jabber.org/protocol/pubsub") == 0)
+		xa_avatar_items(xc, st, q, remote_id);
 	else if (ns && !get && !user && strcmp(ns, NS_COMMANDS) == 0 && xa_command(xc, st))
 		;
 	else if (ns && !user && strcmp(ns, NS_GATEWAY) == 0)

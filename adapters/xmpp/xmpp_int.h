@@ -162,6 +162,12 @@ void xa_dead_letters(struct xcomp *xc, PGconn *c);
  * and, when it is not known yet, looks (xa_vcard_presence: a presence with
  * it follows to to when there is an avatar). */
 void xa_vcard(struct xcomp *xc, xmpp_stanza_t *iq, const char *remote_id);
+/* XEP-0084: a pubsub items ask (an iq get holding pubsub) of a remote JID's
+ * avatar nodes, urn:xmpp:avatar:metadata and urn:xmpp:avatar:data, answered
+ * from the same photo as the vCard; another node is item-not-found.  The
+ * presences that carry the hash are followed by the metadata as a PEP
+ * notification (a headline). */
+void xa_avatar_items(struct xcomp *xc, xmpp_stanza_t *iq, xmpp_stanza_t *pubsub, const char *remote_id);
 void xa_vcard_hash(struct xcomp *xc, xmpp_ctx_t *ctx, xmpp_stanza_t *presence, const char *remote_id,
 		   const char *remote_jid, const char *to);
 /* Housekeeping of the stream's holder: the peer's users whose profile

@@ -22,14 +22,24 @@
 
 #define NS_VCARD "vcard-temp"
 #define NS_VCARD_UPDATE "vcard-temp:x:update"
+#define NS_PUBSUB "http://jabber.org/protocol/pubsub"
+#define NS_PUBSUB_EVENT "http://jabber.org/protocol/pubsub#event"
+#define NS_AVATAR_META "urn:xmpp:avatar:metadata"
+#define NS_AVATAR_DATA "urn:xmpp:avatar:data"
 #define VCARD_PHOTO_MAX (192 * 1024) /* base64 in one stanza: under Prosody's 512 KiB for components */
 #define VCARD_CACHE_MAX 256
 #define VCARD_TIMEOUT_MS 5000L
 #define XA_PROFILE_LAG "3 seconds"
 
+/* What a job answers: a vCard, or (XEP-0084, the remote JID as its own
+ * PEP service) the avatar's metadata or data node. */
+enum vask { VASK_VCARD, VASK_META, VASK_DATA };
+
 struct vjob {
 	struct xcomp *xc;
 	char *iq;                        /* the request to answer, or NULL (presences to follow) */
+	enum vask ask;
+	char item[64];                   /* VASK_DATA: the item asked for ("": the current one) */
 	char remote_id[MIMI_LOCAL_MAX + 1], remote_jid[XJ_JID_MAX + 1];
 	json_t *to;                      /* the bare JIDs the presence goes to (iq NULL) */
 	bool changed;                    /* a profile change: the presence goes even without an avatar */
@@ -116,7 +126,8 @@ static json_t *photo_of(struct vjob *j, const char *avatar_text)
 		if (b64 && EVP_EncodeBlock((unsigned char *)b64, b.p, (int)b.n) >= 0 &&
 		    EVP_Digest(b.p, b.n, sha1, &sl, EVP_sha1(), NULL) == 1 && sl == 20) {
 			cw_hex(hex, sha1, 20);
-			photo = json_pack("{s:s, s:s, s:s, s:s}", "url", url, "type", type, "b64", b64, "sha1", hex);
+			photo = json_pack("{s:s, s:s, s:s, s:s, s:I}", "url", url, "type", type, "b64", b64, "sha1", hex,
+					  "bytes", (json_int_t)b.n);
 		}
 		free(b64);
 	}
@@ -167,6 +178,73 @@ static void vjob_free(struct vjob *j)
 	free(j);
 }
 
+/* XEP-0084's metadata item for photo (no avatar: an empty <metadata/>)
+ * under parent. */
+static void add_metadata(xmpp_ctx_t *ctx, xmpp_stanza_t *parent, const json_t *photo)
+{
+	const char *sha1 = json_string_value(json_object_get(photo, "sha1"));
+	xmpp_stanza_t *item = xa_child(ctx, parent, "item", NULL);
+	if (!item)
+		return;
+	xmpp_stanza_set_attribute(item, "id", sha1 ? sha1 : "none");
+	xmpp_stanza_t *md = xa_child(ctx, item, "metadata", NS_AVATAR_META);
+	xmpp_stanza_t *info = md && sha1 ? xa_child(ctx, md, "info", NULL) : NULL;
+	if (info) {
+		char n[24];
+		snprintf(n, sizeof(n), "%lld", (long long)json_integer_value(json_object_get(photo, "bytes")));
+		xmpp_stanza_set_attribute(info, "bytes", n);
+		xmpp_stanza_set_attribute(info, "id", sha1);
+		xmpp_stanza_set_attribute(info, "type", json_string_value(json_object_get(photo, "type")));
+	}
+}
+
+/* The remote user's avatar as a PEP notification (XEP-0084 4.3, a headline
+ * from their JID), so that clients that read avatars from PEP only fetch
+ * it: sent with the presences that carry the hash. */
+static void send_avatar_event(struct xcomp *xc, xmpp_ctx_t *ctx, const char *from, const char *to,
+			      const json_t *photo)
+{
+	xmpp_stanza_t *msg = xmpp_message_new(ctx, "headline", to, NULL);
+	if (!msg)
+		return;
+	xmpp_stanza_set_from(msg, from);
+	xmpp_stanza_t *ev = xa_child(ctx, msg, "event", NS_PUBSUB_EVENT);
+	xmpp_stanza_t *items = ev ? xa_child(ctx, ev, "items", NULL) : NULL;
+	if (items) {
+		xmpp_stanza_set_attribute(items, "node", NS_AVATAR_META);
+		add_metadata(ctx, items, photo);
+	}
+	xa_enqueue_stanza(xc, msg);
+}
+
+/* The answer to a pubsub items ask of the avatar's nodes (into r, a
+ * result), or an error stanza instead (the item asked for is not the
+ * current one). */
+static xmpp_stanza_t *pubsub_answer(struct vjob *j, xmpp_ctx_t *ctx, xmpp_stanza_t *iq, xmpp_stanza_t *r)
+{
+	const char *sha1 = json_string_value(json_object_get(j->photo, "sha1"));
+	const char *b64 = json_string_value(json_object_get(j->photo, "b64"));
+	if (j->ask == VASK_DATA && (!sha1 || !b64 || (j->item[0] && strcmp(j->item, sha1) != 0))) {
+		xmpp_stanza_release(r);
+		return xa_error_reply(iq, "cancel", "item-not-found", NULL);
+	}
+	xmpp_stanza_t *ps = xa_child(ctx, r, "pubsub", NS_PUBSUB);
+	xmpp_stanza_t *items = ps ? xa_child(ctx, ps, "items", NULL) : NULL;
+	if (!items)
+		return r;
+	xmpp_stanza_set_attribute(items, "node", j->ask == VASK_DATA ? NS_AVATAR_DATA : NS_AVATAR_META);
+	if (j->ask == VASK_META) {
+		add_metadata(ctx, items, j->photo);
+	} else {
+		xmpp_stanza_t *item = xa_child(ctx, items, "item", NULL);
+		if (item) {
+			xmpp_stanza_set_attribute(item, "id", sha1);
+			xa_text_child(ctx, item, "data", NS_AVATAR_DATA, b64);
+		}
+	}
+	return r;
+}
+
 static void vcard_done(void *arg, cw_err rc, const cw_errmsg *e)
 {
 	struct vjob *j = arg;
@@ -176,9 +254,15 @@ static void vcard_done(void *arg, cw_err rc, const cw_errmsg *e)
 		LOG_KV(CW_LOG_WARN, "xmpp: a vCard could not be read", "component", xc->domain, "detail", e ? e->msg : "");
 	if (ctx && j->iq) {
 		xmpp_stanza_t *iq = xmpp_stanza_new_from_string(ctx, j->iq);
-		xmpp_stanza_t *r = iq ? (rc ? xa_error_reply(iq, "wait", "internal-server-error", NULL) : xa_iq_result(iq))
+		/* A photo that cannot be had now: a vCard without it, a pubsub
+		 * ask answered "wait" (its hash is not known). */
+		bool fail = rc || (j->ask != VASK_VCARD && !j->photo);
+		xmpp_stanza_t *r = iq ? (fail ? xa_error_reply(iq, "wait", "internal-server-error", NULL) : xa_iq_result(iq))
 				      : NULL;
-		if (r && !rc) {
+		if (r && !fail && j->ask != VASK_VCARD) {
+			xmpp_stanza_set_from(r, xmpp_stanza_get_to(iq));
+			r = pubsub_answer(j, ctx, iq, r);
+		} else if (r && !fail) {
 			xmpp_stanza_set_from(r, xmpp_stanza_get_to(iq));
 			xmpp_stanza_t *v = xa_child(ctx, r, "vCard", NS_VCARD);
 			char fn[1300];
@@ -211,6 +295,7 @@ static void vcard_done(void *arg, cw_err rc, const cw_errmsg *e)
 			xmpp_stanza_set_to(p, json_string_value(to));
 			add_update(ctx, p, j->photo);
 			xa_enqueue_stanza(xc, p);
+			send_avatar_event(xc, ctx, j->remote_jid, json_string_value(to), j->photo);
 		}
 	}
 	vjob_free(j);
@@ -234,7 +319,9 @@ static bool vcard_start(struct vjob *j)
 	return cw_workers_run(j->xc->x->app->fetchers, vcard_work, j);
 }
 
-void xa_vcard(struct xcomp *xc, xmpp_stanza_t *iq, const char *remote_id)
+/* Answers iq (kept as text: the stanza is the stream thread's) from a
+ * fetcher. */
+static void ask_start(struct xcomp *xc, xmpp_stanza_t *iq, const char *remote_id, enum vask ask, const char *item)
 {
 	struct vjob *j = calloc(1, sizeof(*j));
 	char *text = NULL;
@@ -246,6 +333,8 @@ void xa_vcard(struct xcomp *xc, xmpp_stanza_t *iq, const char *remote_id)
 	j->iq = strdup(text);
 	xmpp_free(xc->ctx, text);
 	j->xc = xc;
+	j->ask = ask;
+	snprintf(j->item, sizeof(j->item), "%s", item ? item : "");
 	snprintf(j->remote_id, sizeof(j->remote_id), "%s", remote_id);
 	if (!j->iq || !vcard_start(j)) {
 		/* files are being fetched up to the budget: ask again later */
@@ -254,12 +343,38 @@ void xa_vcard(struct xcomp *xc, xmpp_stanza_t *iq, const char *remote_id)
 	}
 }
 
+void xa_vcard(struct xcomp *xc, xmpp_stanza_t *iq, const char *remote_id)
+{
+	ask_start(xc, iq, remote_id, VASK_VCARD, NULL);
+}
+
+void xa_avatar_items(struct xcomp *xc, xmpp_stanza_t *iq, xmpp_stanza_t *pubsub, const char *remote_id)
+{
+	xmpp_stanza_t *items = xmpp_stanza_get_child_by_name_and_ns(pubsub, "items", NS_PUBSUB);
+	if (!items)
+		items = xmpp_stanza_get_child_by_name(pubsub, "items");
+	const char *node = items ? xmpp_stanza_get_attribute(items, "node") : NULL;
+	xmpp_stanza_t *item = items ? xmpp_stanza_get_child_by_name(items, "item") : NULL;
+	const char *id = item ? xmpp_stanza_get_attribute(item, "id") : NULL;
+	if (!node) {
+		xa_send_now(xc, xa_error_reply(iq, "cancel", "feature-not-implemented", NULL));
+		return;
+	}
+	bool meta = strcmp(node, NS_AVATAR_META) == 0, data = strcmp(node, NS_AVATAR_DATA) == 0;
+	if ((!meta && !data) || (id && strlen(id) >= 64)) {
+		xa_send_now(xc, xa_error_reply(iq, "cancel", "item-not-found", NULL));
+		return;
+	}
+	ask_start(xc, iq, remote_id, meta ? VASK_META : VASK_DATA, id);
+}
+
 void xa_vcard_hash(struct xcomp *xc, xmpp_ctx_t *ctx, xmpp_stanza_t *presence, const char *remote_id,
 		   const char *remote_jid, const char *to)
 {
 	json_t *photo = cache_get(xc, remote_id, NULL);
 	if (photo) {
 		add_update(ctx, presence, photo);
+		send_avatar_event(xc, ctx, remote_jid, to, photo);
 		json_decref(photo);
 		return;
 	}

@@ -312,6 +312,25 @@ def test_a_remote_users_profile_is_their_vcard_and_avatar(make_daemon, db_url, p
         assert v.find("{vcard-temp}PHOTO/{vcard-temp}TYPE").text == "image/png"
         assert base64.b64decode(v.find("{vcard-temp}PHOTO/{vcard-temp}BINVAL").text) == face
         assert len(media.requests) == 1  # kept: asked twice, fetched once
+        # XEP-0084: the JID is the PEP service of the same avatar.
+        ps = "http://jabber.org/protocol/pubsub"
+        meta = alice.iq("get", WALLY_JID, f"<pubsub xmlns='{ps}'><items node='urn:xmpp:avatar:metadata'/></pubsub>")
+        info = meta.find(f".//{{{ps}}}item/{{urn:xmpp:avatar:metadata}}metadata/{{urn:xmpp:avatar:metadata}}info")
+        assert (info.get("id"), info.get("bytes"), info.get("type")) == (sha1, str(len(face)), "image/png")
+        got = alice.iq("get", WALLY_JID, f"<pubsub xmlns='{ps}'><items node='urn:xmpp:avatar:data'>"
+                                         f"<item id='{sha1}'/></items></pubsub>")
+        assert base64.b64decode(got.find(f".//{{{ps}}}item/{{urn:xmpp:avatar:data}}data").text) == face
+        for node, item in (("urn:xmpp:avatar:data", "0" * 40), ("urn:example:other", sha1)):
+            err = alice.iq("get", WALLY_JID, f"<pubsub xmlns='{ps}'><items node='{node}'><item id='{item}'/>"
+                                             f"</items></pubsub>", expect_error=True)
+            assert err.error_condition == "item-not-found"
+        assert len(media.requests) == 1
+        pep = alice.wait_for_message(lambda el: el.get("type") == "headline" and el.get("from") == WALLY_JID,
+                                     start=start)
+        ev_info = pep.find(".//{http://jabber.org/protocol/pubsub#event}items/"
+                           "{http://jabber.org/protocol/pubsub#event}item/{urn:xmpp:avatar:metadata}metadata/"
+                           "{urn:xmpp:avatar:metadata}info")
+        assert ev_info.get("id") == sha1
         verify_get("GET", url, media.requests[0][1], d.get("/.well-known/mimi-protocol-directory").json()[
             "public_key"]["key"])
         # A user without a profile: a vCard with the id and the network, no photo.
