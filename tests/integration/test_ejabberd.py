@@ -74,6 +74,7 @@ def test_messages_and_consent_through_ejabberd(make_daemon, db_url, ejabberd):
         err = alice.wait_for_message(lambda el: el.get("id") == "big" and el.get("type") == "error")
         assert err.error_condition == "bad-request"
     finally:
+        print("causewayd log:\n" + d.log())  # shown by pytest when the test failed
         alice.disconnect()
         srv.close()
 
