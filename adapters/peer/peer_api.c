@@ -1492,7 +1492,8 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 			int facts = 0, members;
 			while (facts < rows && atoi(PQgetvalue(r, facts, 0)) == -2)
 				facts++;
-			facts_catch_up(b, r, facts);
+			if (facts)
+				facts_catch_up(b, r, facts);
 			for (members = facts; members < rows && atoi(PQgetvalue(r, members, 0)) < 0;)
 				members++;
 			const char *last = NULL; /* the room of the previous item, whose members are mfirst, nm */
