@@ -428,11 +428,12 @@ void app_retry_after(struct cw_req *req, int64_t ms)
 
 void app_reply_store_error(struct cw_app *app, struct cw_req *req, cw_err rc, const char *why)
 {
-	if (rc == CW_EUNAVAIL || rc == CW_ETIMEDOUT || rc == CW_ESHUTDOWN) {
+	if (rc == CW_EUNAVAIL || rc == CW_ETIMEDOUT || rc == CW_ESHUTDOWN || rc == CW_ERETRY) {
 		app_retry_after(req, app->cfg->db_retry_after_s * 1000);
 		cw_req_problem(req, 503, "unavailable", "Service unavailable",
 			       rc == CW_ESHUTDOWN ? "the daemon is stopping" :
 			       rc == CW_ETIMEDOUT ? "the database did not answer in time" :
+			       rc == CW_ERETRY ? "the write kept colliding with others; nothing was stored" :
 			       "the database is unavailable; nothing was stored");
 		return;
 	}

@@ -38,6 +38,7 @@ const char *cw_strerror(cw_err code)
 	case CW_ESHUTDOWN: return "shutting down";
 	case CW_EIO: return "i/o error";
 	case CW_EINTERNAL: return "internal error";
+	case CW_ERETRY: return "transient conflict";
 	}
 	return "unknown error";
 }

@@ -20,6 +20,7 @@ typedef enum {
 	CW_ESHUTDOWN,  /* the daemon is stopping */
 	CW_EIO,        /* a system call or library failed */
 	CW_EINTERNAL,  /* a bug: an invariant did not hold */
+	CW_ERETRY,     /* two transactions collided (deadlock, serialization): run it again */
 } cw_err;
 
 typedef struct {

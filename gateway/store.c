@@ -21,8 +21,26 @@ struct job {
 	int64_t deadline_us;
 	cw_err rc;
 	cw_errmsg err;
+	int retries;                     /* runs again after a deadlock (CW_ERETRY) */
 	struct job *next;
 };
+
+/* How often a write that lost a deadlock is run again (with its batch)
+ * before it fails: two transactions that insert the same new keys in
+ * different orders (a user's first message and the first delivery to
+ * them, say) deadlock, PostgreSQL rolls one back, and its second run finds
+ * the other's rows. */
+#define STORE_RETRIES 3
+
+/* Whether j's failure rc is one to run again (counted). */
+static bool retry_job(struct job *j, cw_err rc)
+{
+	if (rc != CW_ERETRY || j->retries >= STORE_RETRIES)
+		return false;
+	j->retries++;
+	j->err.msg[0] = '\0';
+	return true;
+}
 
 struct queue {
 	struct job *head, *tail;
@@ -138,6 +156,11 @@ cw_err store_result_err(PGconn *c, const PGresult *r, cw_errmsg *e)
 	const char *msg = r ? PQresultErrorMessage(r) : PQerrorMessage(c);
 	if (state && strncmp(state, "23", 2) == 0)
 		return cw_fail(e, CW_ECONFLICT, "%s", msg);
+	/* 40P01 deadlock_detected, 40001 serialization_failure: the server
+	 * rolled this transaction back so that another could go on; the same
+	 * work run again succeeds (docs/architecture-decisions.md). */
+	if (state && (strcmp(state, "40P01") == 0 || strcmp(state, "40001") == 0))
+		return cw_fail(e, CW_ERETRY, "%s", msg);
 	/* 08: connection exception, 57P: operator intervention (shutdown),
 	 * 53: insufficient resources (disk full): the database is away. */
 	if (state && (strncmp(state, "08", 2) == 0 || strncmp(state, "57P", 3) == 0 ||
@@ -415,7 +438,8 @@ static enum pipe_outcome run_pipelined(PGconn *c, struct job *list, cw_errmsg *e
 				continue;
 			cw_err rc = j->pipe->send(c, j->arg, round, &j->err);
 			if (rc) {
-				j->rc = rc;
+				if (!retry_job(j, rc))
+					j->rc = rc;
 				out = PQstatus(c) == CONNECTION_OK ? PIPE_JOB_FAILED : PIPE_CONN_LOST;
 				break;
 			}
@@ -440,7 +464,8 @@ static enum pipe_outcome run_pipelined(PGconn *c, struct job *list, cw_errmsg *e
 					out = PIPE_CONN_LOST;
 					cw_fail(e, CW_EUNAVAIL, "%s", j->err.msg);
 				} else {
-					j->rc = rc;
+					if (!retry_job(j, rc))
+						j->rc = rc; /* else the batch runs again, this job with it */
 					out = PIPE_JOB_FAILED;
 				}
 				drained = pipe_drain(c);
@@ -478,7 +503,8 @@ static enum batch_outcome run_batch(struct cw_store *s, PGconn *c, struct job *l
 				cw_fail(e, CW_EUNAVAIL, "%s", j->err.msg);
 				return BATCH_CONN_LOST_BEFORE_COMMIT;
 			}
-			j->rc = rc;
+			if (!retry_job(j, rc))
+				j->rc = rc; /* else the batch runs again, this job with it */
 			failed = j;
 			break;
 		}
@@ -487,7 +513,7 @@ static enum batch_outcome run_batch(struct cw_store *s, PGconn *c, struct job *l
 			if (po == PIPE_CONN_LOST)
 				return BATCH_CONN_LOST_BEFORE_COMMIT;
 			if (po == PIPE_JOB_FAILED)
-				failed = list; /* any non-NULL: some job has its rc set */
+				failed = list; /* any non-NULL: a job has its rc set, or is to run again */
 		}
 		if (failed) {
 			cw_errmsg ignored;

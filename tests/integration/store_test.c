@@ -245,6 +245,65 @@ START_TEST(reads_and_shutdown)
 }
 END_TEST
 
+/* A write that inserts 1 then 2 (each if missing), as two transactions
+ * that insert the same new keys in different orders do. */
+static cw_err insert_one_then_two(PGconn *c, void *arg, cw_errmsg *e)
+{
+	struct wjob *j = arg;
+	j->runs++;
+	PGresult *r = PQexec(c, "INSERT INTO store_test_rows (id) VALUES (1) ON CONFLICT DO NOTHING; "
+				"INSERT INTO store_test_rows (id) VALUES (2) ON CONFLICT DO NOTHING");
+	cw_err rc = PQresultStatus(r) == PGRES_COMMAND_OK ? CW_OK : store_result_err(c, r, e);
+	PQclear(r);
+	return rc;
+}
+
+static bool store_waits_on_a_lock(PGconn *watch)
+{
+	PGresult *r = PQexec(watch, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+				    "AND application_name = 'causewayd' AND query LIKE '%store_test_rows%'");
+	bool waiting = PQresultStatus(r) == PGRES_TUPLES_OK && atoll(PQgetvalue(r, 0, 0)) > 0;
+	PQclear(r);
+	return waiting;
+}
+
+START_TEST(a_write_that_loses_a_deadlock_runs_again)
+{
+	reset_table();
+	cw_errmsg e;
+	PGconn *other = store_connect(db_url(), 10000, &e), *watch = store_connect(db_url(), 10000, &e);
+	ck_assert_ptr_nonnull(other);
+	ck_assert_ptr_nonnull(watch);
+	/* The other transaction has 2 and will want 1; the store's write takes
+	 * 1, then waits for 2: a deadlock, which PostgreSQL breaks by rolling
+	 * back the transaction that waited first (the store's) when its
+	 * deadlock_timeout passes. */
+	ck_assert_int_eq(store_exec(other, "BEGIN; INSERT INTO store_test_rows (id) VALUES (2)", &e), CW_OK);
+	struct cw_store *s;
+	struct store_opts o = opts(64, 1000);
+	ck_assert_int_eq(store_open(&s, &o, &e), CW_OK);
+	atomic_int left = 1;
+	pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+	pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+	struct wjob j = { .left = &left, .mu = &mu, .cv = &cv };
+	ck_assert_int_eq(store_write(s, insert_one_then_two, wjob_done, &j), CW_OK);
+	for (int i = 0; i < 500 && !store_waits_on_a_lock(watch); i++)
+		usleep(10000);
+	ck_assert(store_waits_on_a_lock(watch));
+	PGresult *r = PQexec(other, "INSERT INTO store_test_rows (id) VALUES (1) ON CONFLICT DO NOTHING");
+	ck_assert_int_eq(PQresultStatus(r), PGRES_COMMAND_OK); /* the store's rolled back, this one goes on */
+	PQclear(r);
+	ck_assert_int_eq(store_exec(other, "COMMIT", &e), CW_OK);
+	wait_all(&left, &mu, &cv);
+	ck_assert_int_eq(j.rc, CW_OK);
+	ck_assert_int_eq(j.runs, 2);
+	ck_assert_int_eq(count_rows("SELECT count(*) FROM store_test_rows"), 2);
+	store_close(s);
+	PQfinish(other);
+	PQfinish(watch);
+}
+END_TEST
+
 START_TEST(unreachable_database_fails_fast)
 {
 	struct store_opts o = opts(64, 1000);
@@ -423,6 +482,7 @@ int main(int argc, char **argv)
 	tcase_add_test(tc, group_commit_batches_concurrent_writes);
 	tcase_add_test(tc, one_failing_write_does_not_fail_its_batch);
 	tcase_add_test(tc, reads_and_shutdown);
+	tcase_add_test(tc, a_write_that_loses_a_deadlock_runs_again);
 	tcase_add_test(tc, unreachable_database_fails_fast);
 	tcase_add_test(tc, a_notification_read_during_a_statement_is_not_slept_on);
 	suite_add_tcase(s, tc);
