@@ -1453,10 +1453,12 @@ static int fact_read(PGresult *r, int row, int col)
  * message: this costs a comparison. */
 static void facts_catch_up(struct submit *b, PGresult *r, int nfacts)
 {
-	int64_t stale[POLICY_MEMO_MAX];
+	/* As many users as an overlay holds (more: the policy thread reloads
+	 * everything). */
+	int64_t stale[POLICY_OVERLAY_MAX];
 	size_t ns = 0;
 	struct policy_view *v = policy_live_get(b->app->policy);
-	for (int k = 0; k < nfacts && ns < POLICY_MEMO_MAX; k++) {
+	for (int k = 0; k < nfacts && ns < POLICY_OVERLAY_MAX; k++) {
 		const char *local = PQgetvalue(r, k, 5), *sender = PQgetvalue(r, k, 3);
 		if (policy_optin_fact(v->snap, local, PQgetvalue(r, k, 7)) == fact_read(r, k, 9) &&
 		    policy_consent_fact(v->snap, local, false, sender) == fact_read(r, k, 10) &&
