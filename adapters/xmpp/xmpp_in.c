@@ -177,7 +177,7 @@ static cw_err in_lookup_send(PGconn *c, struct xin *in, cw_errmsg *e)
 		"  AND n.kind IN ('id', 'origin_id') AND n.native_id = room.room_id || '/' || x.id LIMIT 1), "
 		"  (SELECT f.id FROM events f, room WHERE f.public_id = x.id AND f.room_id = room.room_id))) AS msg "
 		"  FROM jsonb_array_elements_text($11::jsonb) AS x(id)) "
-		"SELECT 'room', (SELECT room_id::text FROM room), NULL, NULL "
+		"SELECT 'room', (SELECT room_id::text FROM room), (SELECT 't' FROM p), NULL "
 		"UNION ALL SELECT 'ref', nid, msg, NULL FROM refs WHERE msg IS NOT NULL "
 		"UNION ALL SELECT 'rx', t.public_id, r.content->'content'->'parts'->0->>'body', r.public_id FROM refs "
 		"  JOIN events t ON t.public_id = refs.msg JOIN events r ON r.in_reply_to_id = t.id AND r.type = 'reaction' "
@@ -319,7 +319,16 @@ static cw_err in_recv(PGconn *c, void *arg, int round, bool *more, cw_errmsg *e)
 				json_object_set_new(set, PQgetvalue(r, i, 2), json_string(PQgetvalue(r, i, 3)));
 			}
 		}
+		bool peer_known = false;
+		for (int i = 0; i < PQntuples(r) && !peer_known; i++)
+			peer_known = strcmp(PQgetvalue(r, i, 0), "room") == 0 && !PQgetisnull(r, i, 2);
 		PQclear(r);
+		if (!in->room_id[0] && peer_known)
+			/* The chat's binding was made by a concurrent transaction (the
+			 * first delivery to this user) after this statement's
+			 * snapshot: ON CONFLICT left it out here.  Run again: the
+			 * rerun finds it (the store's retry, as for a deadlock). */
+			return cw_fail(e, CW_ERETRY, "the chat was bound by a concurrent delivery");
 		if (!in->room_id[0]) {
 			/* the peer is unknown or disabled: as for an unknown account */
 			refuse(in, "cancel", "service-unavailable");
