@@ -231,10 +231,12 @@ void dispatcher_dead_text(char *buf, size_t len, const char *destination, const 
  * backs off together, so no earlier row of a room can be due behind a
  * blocked one (the blocked rooms are one set, not a probe per row; the
  * rows of blocked rooms are still walked past, see claim's pause).  A row
- * also waits while an earlier row of its room to the same user is still
- * held: a consent releases the held rows, but two sweeps at once (SKIP
- * LOCKED) or a message decided after the consent may make a later row due
- * first (a probe of the held rows' index, per row). */
+ * also waits while an earlier row of its room from the same sender to the
+ * same user is still held: a consent releases the held rows, but two
+ * sweeps at once (SKIP LOCKED) or a message decided after the consent may
+ * make a later row due first (a probe of the held rows' index, per row).
+ * Only the same sender's: in a group, a member the user has not accepted
+ * yet holds back their own messages, not the whole group's. */
 static const struct store_stmt lane_stmts[] = {
 	{ "cw_claim",
 		"WITH blocked AS ("
@@ -244,9 +246,10 @@ static const struct store_stmt lane_stmts[] = {
 		" SELECT o.id FROM outbox o"
 		" WHERE o.state = 'pending' AND o.destination = $4 AND o.next_attempt_at <= now()"
 		"  AND o.room_id NOT IN (SELECT room_id FROM blocked)"
-		"  AND (o.target_identity_id IS NULL OR NOT EXISTS (SELECT 1 FROM outbox h WHERE h.state = 'held'"
-		"   AND h.target_identity_id = o.target_identity_id AND h.id < o.id AND h.room_id = o.room_id"
-		"   AND h.destination = o.destination))"
+		"  AND (o.target_identity_id IS NULL OR NOT EXISTS (SELECT 1 FROM outbox h JOIN events he ON he.id = h.event_id"
+		"   WHERE h.state = 'held' AND h.target_identity_id = o.target_identity_id AND h.id < o.id"
+		"   AND h.room_id = o.room_id AND h.destination = o.destination"
+		"   AND he.sender_id = (SELECT oe.sender_id FROM events oe WHERE oe.id = o.event_id)))"
 		" ORDER BY o.id LIMIT $1::int FOR UPDATE OF o SKIP LOCKED) "
 		"UPDATE outbox o SET state = 'in_flight', claimed_by = $2, "
 		" claimed_until = now() + make_interval(secs => $3::int), attempts = o.attempts + 1 "

@@ -371,7 +371,8 @@ static void notices(struct matrix *m, PGconn *c)
  * the ghost says so in the old room and leaves it (else the user's words
  * here would go nowhere, in silence).  A ghost invited into a room that is
  * already the conversation with someone else (a second ghost in a direct
- * room: a group, which is not bridged) says so and leaves. */
+ * room, or a stranger to a group in that group's room) says so and leaves;
+ * a member of a group invited into the user's room of it just joins. */
 static void ghost_invited(struct matrix *m, PGconn *c, const char *room, const char *sender, const char *ghost)
 {
 	char local_id[24], uri[600], net[64], remote_local[MX_ID_MAX + 1];
@@ -399,8 +400,8 @@ static void ghost_invited(struct matrix *m, PGconn *c, const char *room, const c
 	cw_err rc = store_exec(c, "BEGIN", &e);
 	if (!rc)
 		rc = identity_id(c, &ru, false, network, peer_id, remote_id, sizeof(remote_id), &e);
-	bool other = false;
-	char old_room[MX_ID_MAX + 1] = "";
+	bool other = false, group = false;
+	char old_room[MX_ID_MAX + 1] = "", portal[24] = "";
 	if (!rc) {
 		const char *params[] = { m->cfg->domain ? m->cfg->domain : "", room, local_id, remote_id, ghost };
 		r = PQexecParams(c,
@@ -418,13 +419,21 @@ static void ghost_invited(struct matrix *m, PGconn *c, const char *room, const c
 			"SELECT (SELECT count(*) FROM rb) + (SELECT count(*) FROM mv), "
 			"  (SELECT native_id FROM old WHERE EXISTS (SELECT 1 FROM mv)), "
 			"  EXISTS (SELECT 1 FROM room_bindings WHERE network = 'matrix' AND native_id = $2 "
-			"   AND (local_identity_id IS DISTINCT FROM $3::bigint OR remote_identity_id IS DISTINCT FROM $4::bigint))",
+			"   AND (local_identity_id IS DISTINCT FROM $3::bigint OR remote_identity_id IS DISTINCT FROM $4::bigint)), "
+			"  (SELECT b.id FROM room_bindings b WHERE b.network = 'matrix' AND b.native_id = $2 "
+			"   AND b.remote_identity_id IS NULL AND EXISTS (SELECT 1 FROM room_members x WHERE x.room_id = b.room_id "
+			"   AND x.identity_id = $4::bigint AND x.membership = 'joined')), "
+			"  EXISTS (SELECT 1 FROM room_bindings WHERE network = 'matrix' AND native_id = $2 "
+			"   AND remote_identity_id IS NULL)",
 			5, NULL, params, NULL, NULL, 0);
 		rc = store_check(c, r, PGRES_TUPLES_OK, &e);
 		if (!rc) {
 			if (!PQgetisnull(r, 0, 1))
 				snprintf(old_room, sizeof(old_room), "%s", PQgetvalue(r, 0, 1));
 			other = PQgetvalue(r, 0, 2)[0] == 't';
+			if (!PQgetisnull(r, 0, 3))
+				snprintf(portal, sizeof(portal), "%s", PQgetvalue(r, 0, 3));
+			group = PQgetvalue(r, 0, 4)[0] == 't';
 			PQclear(r);
 		}
 	}
@@ -439,12 +448,22 @@ static void ghost_invited(struct matrix *m, PGconn *c, const char *room, const c
 	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/join", rs ? rs : "");
 	curl_free(rs);
 	long status;
-	if (mx_call(m, "POST", path, ghost, NULL, json_object(), &status, NULL, &e))
+	if (mx_call(m, "POST", path, ghost, NULL, json_object(), &status, NULL, &e)) {
 		LOG_KV(CW_LOG_WARN, "the ghost cannot join", "room", room, "detail", e.msg);
-	else if (other)
+	} else if (portal[0]) { /* a member of the group, into the user's room of it */
+		const char *pp2[] = { portal, remote_id };
+		if (store_command(c, "INSERT INTO matrix_portal_members (binding_id, identity_id) "
+				     "VALUES ($1::bigint, $2::bigint) ON CONFLICT DO NOTHING", 2, pp2, &e))
+			LOG_KV(CW_LOG_WARN, "cannot record a ghost in a group's room", "room", room, "detail", e.msg);
+	} else if (group) {
+		ghost_says_and_leaves(m, room, ghost,
+				      "I am not a member of the group this room stands for: nothing written here reaches me. "
+				      "Open a direct room with me to write to me.");
+	} else if (other) {
 		ghost_says_and_leaves(m, room, ghost,
 				      "Only direct conversations are bridged, and this room is already one with someone "
 				      "else: nothing written here reaches me. Open a direct room with me to write to me.");
+	}
 	if (old_room[0])
 		ghost_says_and_leaves(m, old_room, ghost,
 				      "This conversation goes on in the new room you opened with me; what is written here "
@@ -452,10 +471,11 @@ static void ghost_invited(struct matrix *m, PGconn *c, const char *room, const c
 }
 
 /* One of this provider's users left (or was removed from) a bridged direct
- * room, or their management room: the room is no longer theirs to read,
- * so its binding goes and the ghost (or the bot) leaves it.  The remote user's next message opens a new direct room
- * with a new invite (the consent given stays), instead of going where
- * nobody reads it. */
+ * room, a group's portal, or their management room: the room is no longer
+ * theirs to read, so its binding goes and the ghost (or the bot) leaves
+ * it.  The remote user's next message opens a new direct room with a new
+ * invite (the consent given stays), instead of going where nobody reads
+ * it; a group's next message does not come: the user left the group. */
 static void left(struct matrix *m, PGconn *c, const char *room, const char *who)
 {
 	char local_id[24], uri[600];
@@ -480,30 +500,46 @@ static void left(struct matrix *m, PGconn *c, const char *room, const char *who)
 			       e.msg);
 		return;
 	}
+	/* A group's portal (no remote user in its binding): leaving it is
+	 * leaving the group (the peer hears of it from the leave event
+	 * itself); its ghosts and the bot leave too. */
 	const char *params[] = { room, local_id };
 	PGresult *r = PQexecParams(c,
-		"DELETE FROM room_bindings b WHERE b.network = 'matrix' AND b.native_id = $1 "
-		" AND b.local_identity_id = $2::bigint "
-		"RETURNING (SELECT native_id FROM identity_bindings WHERE identity_id = b.remote_identity_id "
-		" AND network = 'matrix')",
+		"WITH b AS (DELETE FROM room_bindings b WHERE b.network = 'matrix' AND b.native_id = $1 "
+		" AND b.local_identity_id = $2::bigint RETURNING b.id, b.room_id, b.remote_identity_id), "
+		"u AS (UPDATE room_members x SET membership = 'left', updated_at = now() FROM b "
+		" WHERE b.remote_identity_id IS NULL AND x.room_id = b.room_id AND x.identity_id = $2::bigint) "
+		"SELECT (SELECT native_id FROM identity_bindings WHERE identity_id = b.remote_identity_id "
+		" AND network = 'matrix'), b.remote_identity_id IS NULL FROM b "
+		"UNION ALL SELECT ib.native_id, true FROM b JOIN matrix_portal_members pm ON pm.binding_id = b.id "
+		" JOIN identity_bindings ib ON ib.identity_id = pm.identity_id AND ib.network = 'matrix'",
 		2, NULL, params, NULL, NULL, 0);
 	cw_errmsg e;
 	if (store_check(c, r, PGRES_TUPLES_OK, &e)) {
 		LOG_KV(CW_LOG_WARN, "cannot unbind a room its user left", "room", room, "detail", e.msg);
 		return;
 	}
-	if (PQntuples(r) == 1 && !PQgetisnull(r, 0, 0)) {
-		char ghost[MX_ID_MAX + 1], path[600];
-		snprintf(ghost, sizeof(ghost), "%s", PQgetvalue(r, 0, 0));
-		char *rs = curl_easy_escape(NULL, room, 0);
-		snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/leave", rs ? rs : "");
-		curl_free(rs);
+	char path[600];
+	char *rs = curl_easy_escape(NULL, room, 0);
+	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/leave", rs ? rs : "");
+	curl_free(rs);
+	bool portal = false;
+	for (int k = 0; k < PQntuples(r); k++) {
+		portal = portal || PQgetvalue(r, k, 1)[0] == 't';
+		if (PQgetisnull(r, k, 0))
+			continue;
 		long status;
-		if (mx_call(m, "POST", path, ghost, NULL, json_object(), &status, NULL, &e))
-			LOG_KV(CW_LOG_WARN, "the ghost cannot leave a room its user left", "room", room, "detail", e.msg);
+		if (mx_call(m, "POST", path, PQgetvalue(r, k, 0), NULL, json_object(), &status, NULL, &e))
+			LOG_KV(CW_LOG_WARN, "a ghost cannot leave a room its user left", "room", room, "detail", e.msg);
+	}
+	long status;
+	if (portal && mx_call(m, "POST", path, NULL, NULL, json_object(), &status, NULL, &e))
+		LOG_KV(CW_LOG_WARN, "the bot cannot leave a group its user left", "room", room, "detail", e.msg);
+	if (portal)
+		LOG_KV(CW_LOG_INFO, "a user left a group's room: they left the group", "room", room, "user", who);
+	else if (PQntuples(r) == 1)
 		LOG_KV(CW_LOG_INFO, "a user left a bridged room: the next message opens a new one", "room", room,
 		       "user", who);
-	}
 	PQclear(r);
 }
 

@@ -249,11 +249,14 @@ json_t *matrix_health(struct matrix *m)
 
 struct lookup_ctx {
 	PGconn *c;
-	json_t *sent; /* this batch's deliveries, not recorded yet: [{pid, eid, ...}] */
+	json_t *sent;  /* this batch's deliveries, not recorded yet: [{pid, eid, tg, ...}] */
+	int64_t target; /* the local user whose room the row goes to */
 	char out[MX_ID_MAX + 1];
 };
 
-/* msg_... -> its Matrix event id (delivered by us, or come from Matrix). */
+/* msg_... -> its Matrix event id in the room of the row's local user: the
+ * one it got when delivered to them (a group's message has one per
+ * member's portal), or its own when that user sent it from Matrix. */
 static const char *to_native(void *arg, const char *msg_id)
 {
 	struct lookup_ctx *l = arg;
@@ -261,17 +264,20 @@ static const char *to_native(void *arg, const char *msg_id)
 	json_t *s;
 	json_array_foreach(l->sent, i, s) {
 		const char *pid = json_string_value(json_object_get(s, "pid"));
-		if (pid && strcmp(pid, msg_id) == 0) {
+		if (pid && strcmp(pid, msg_id) == 0 && json_integer_value(json_object_get(s, "tg")) == l->target) {
 			snprintf(l->out, sizeof(l->out), "%s", json_string_value(json_object_get(s, "eid")));
 			return l->out;
 		}
 	}
-	const char *params[] = { msg_id };
+	char target[24];
+	snprintf(target, sizeof(target), "%lld", (long long)l->target);
+	const char *params[] = { msg_id, target };
 	PGresult *r = PQexecParams(l->c,
-		"SELECT coalesce((SELECT n.native_id FROM event_native_ids n WHERE n.event_id = e.id AND "
-		" n.network = 'matrix' AND n.kind = 'event_id' LIMIT 1), "
-		" CASE WHEN e.origin_network = 'matrix' THEN e.origin_native_id END) FROM events e WHERE e.public_id = $1",
-		1, NULL, params, NULL, NULL, 0);
+		"SELECT coalesce((SELECT o.remote_id FROM outbox o WHERE o.event_id = e.id AND o.destination = 'matrix' "
+		" AND o.target_identity_id = $2::bigint AND o.remote_id IS NOT NULL), "
+		" CASE WHEN e.origin_network = 'matrix' AND e.sender_id = $2::bigint THEN e.origin_native_id END) "
+		"FROM events e WHERE e.public_id = $1",
+		2, NULL, params, NULL, NULL, 0);
 	const char *res = NULL;
 	if (PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1 && !PQgetisnull(r, 0, 0)) {
 		snprintf(l->out, sizeof(l->out), "%s", PQgetvalue(r, 0, 0));
@@ -324,14 +330,28 @@ static cw_err ensure_ghost(struct matrix *m, PGconn *c, const char *sender_id, c
 			  "ON CONFLICT DO NOTHING", 2, params, e);
 }
 
+/* POST /createRoom as user (NULL: the bot) with body (taken): the new
+ * room's id into room. */
+static cw_err create_room(struct matrix *m, const char *user, json_t *body, char *room, size_t rlen, cw_errmsg *e)
+{
+	long status;
+	json_t *answer = NULL;
+	cw_err rc = mx_call(m, "POST", "/_matrix/client/v3/createRoom", user, NULL, body, &status, &answer, e);
+	const char *id = json_string_value(json_object_get(answer, "room_id"));
+	if (!rc && (!id || !mx_room_id_valid(id)))
+		rc = cw_fail(e, CW_EIO, "the homeserver made a room without a valid room_id");
+	if (!rc)
+		snprintf(room, rlen, "%s", id);
+	json_decref(answer);
+	return rc;
+}
+
 /* The direct room of (local user, remote user): made by the ghost, with the
  * local user invited, the first time. */
 static cw_err ensure_room(struct matrix *m, PGconn *c, const char *neutral_room, const char *target_id,
 			  const char *sender_id, const char *ghost, const char *target_mxid, char *room, size_t rlen,
 			  cw_errmsg *e)
 {
-	long status;
-	json_t *answer = NULL;
 	/* The preset makes the ghost an admin (100) like the user, and an
 	 * admin may redact anyone's events.  The redact level above every
 	 * member's keeps that from both: the ghost redacts only its own events
@@ -339,16 +359,10 @@ static cw_err ensure_room(struct matrix *m, PGconn *c, const char *neutral_room,
 	 * the local user's messages, whatever the adapter were told.  Only the
 	 * one key is overridden: the creator's level stays as the preset has it,
 	 * so every homeserver can still send the room's initial state. */
-	cw_err rc = mx_call(m, "POST", "/_matrix/client/v3/createRoom", ghost, NULL,
-			    json_pack("{s:s, s:b, s:[s], s:{s:i}}", "preset", "trusted_private_chat", "is_direct", 1,
-				      "invite", target_mxid, "power_level_content_override", "redact", 101),
-			    &status, &answer, e);
-	const char *id = json_string_value(json_object_get(answer, "room_id"));
-	if (!rc && (!id || !mx_room_id_valid(id)))
-		rc = cw_fail(e, CW_EIO, "the homeserver made a room without a valid room_id");
-	if (!rc)
-		snprintf(room, rlen, "%s", id);
-	json_decref(answer);
+	cw_err rc = create_room(m, ghost,
+				json_pack("{s:s, s:b, s:[s], s:{s:i}}", "preset", "trusted_private_chat", "is_direct", 1,
+					  "invite", target_mxid, "power_level_content_override", "redact", 101),
+				room, rlen, e);
 	if (rc)
 		return rc;
 	/* Bound to a direct room of the two: the row's, or (a group's row) the
@@ -359,6 +373,80 @@ static cw_err ensure_room(struct matrix *m, PGconn *c, const char *neutral_room,
 			  "VALUES (direct_room_of($1::bigint, $3::bigint, $4::bigint, $5), 'matrix', $2, $3::bigint, $4::bigint) "
 			  "ON CONFLICT DO NOTHING",
 		       5, params, e);
+}
+
+/* The portal of a group for one local user: a room made by the bot with
+ * the user invited, bound to the group (a room binding with no remote
+ * user, schema/017_group_portals.sql).  Per user, not one for all: the
+ * policy decides for each recipient, so each room holds what was let
+ * through for its user.  No name: clients name it after its members. */
+static cw_err ensure_portal(struct matrix *m, PGconn *c, const char *neutral_room, const char *target_id,
+			    const char *target_mxid, char *room, size_t rlen, char *binding, size_t blen, cw_errmsg *e)
+{
+	/* As in a direct room, nobody may redact another's events (the bot
+	 * included): a ghost deletes only its own remote user's messages. */
+	cw_err rc = create_room(m, NULL,
+				json_pack("{s:s, s:[s], s:s, s:{s:i}}", "preset", "private_chat", "invite", target_mxid,
+					  "topic",
+					  "A group chat bridged by Causeway: what is written here reaches its members on other "
+					  "networks, and encryption ends at the gateway.",
+					  "power_level_content_override", "redact", 101),
+				room, rlen, e);
+	if (rc)
+		return rc;
+	const char *params[] = { neutral_room, room, target_id };
+	PGresult *r = PQexecParams(c,
+		"WITH ins AS (INSERT INTO room_bindings (room_id, network, native_id, local_identity_id) "
+		" VALUES ($1::bigint, 'matrix', $2, $3::bigint) ON CONFLICT DO NOTHING RETURNING id, native_id) "
+		"SELECT id, native_id FROM ins UNION ALL SELECT id, native_id FROM room_bindings WHERE network = 'matrix' "
+		" AND room_id = $1::bigint AND local_identity_id = $3::bigint AND remote_identity_id IS NULL "
+		" AND NOT EXISTS (SELECT 1 FROM ins)",
+		3, NULL, params, NULL, NULL, 0);
+	if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
+		return rc;
+	if (PQntuples(r) != 1)
+		rc = cw_fail(e, CW_EIO, "the portal of a group could not be bound");
+	else
+		snprintf(binding, blen, "%s", PQgetvalue(r, 0, 0));
+	if (!rc && strcmp(room, PQgetvalue(r, 0, 1)) != 0) {
+		/* another process made one meanwhile: that one is the portal */
+		char path[600], *rs = seg(m, room);
+		long status;
+		cw_errmsg e2;
+		snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/leave", rs ? rs : "");
+		curl_free(rs);
+		if (mx_call(m, "POST", path, NULL, NULL, json_object(), &status, NULL, &e2))
+			LOG_KV(CW_LOG_WARN, "the bot cannot leave a spare room", "room", room, "detail", e2.msg);
+		snprintf(room, rlen, "%s", PQgetvalue(r, 0, 1));
+	}
+	PQclear(r);
+	return rc;
+}
+
+/* A remote member's ghost in a portal: invited by the bot, then joined
+ * (both idempotent on a homeserver: an invite of a member is refused, and
+ * the join that follows says whether it is in), and recorded. */
+static cw_err ensure_portal_member(struct matrix *m, PGconn *c, const char *room, const char *binding,
+				   const char *sender_id, const char *ghost, cw_errmsg *e)
+{
+	char path[600];
+	char *rs = seg(m, room);
+	if (!rs)
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	long status;
+	cw_errmsg e2;
+	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/invite", rs);
+	if (mx_call(m, "POST", path, NULL, NULL, json_pack("{s:s}", "user_id", ghost), &status, NULL, &e2) &&
+	    status != 403) /* 403: a member already (or the join below says why not) */
+		LOG_KV(CW_LOG_WARN, "the bot cannot invite a ghost to a group", "room", room, "detail", e2.msg);
+	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/join", rs);
+	curl_free(rs);
+	cw_err rc = mx_call(m, "POST", path, ghost, NULL, json_object(), &status, NULL, e);
+	if (rc)
+		return rc;
+	const char *params[] = { binding, sender_id };
+	return store_command(c, "INSERT INTO matrix_portal_members (binding_id, identity_id) VALUES ($1::bigint, $2::bigint) "
+			     "ON CONFLICT DO NOTHING", 2, params, e);
 }
 
 /* Whether an earlier attempt of this row reached the room after all (the
@@ -399,7 +487,9 @@ static bool already_sent(struct matrix *m, const char *room, const char *ghost, 
  * sender's identity, localpart, locality, peer, ghost and display name,
  * the direct room, the neutral room and the event's ts; the sender's
  * avatar, whether its profile changed since its ghost's was last set, and
- * when it changed; the kind of the event's room. */
+ * when it changed; the kind of the event's room; for a group, the
+ * recipient's portal (Matrix room, binding id) and whether the sender's
+ * ghost has joined it. */
 static cw_err batch_info(PGconn *c, const struct outbox_row *rows, size_t n, PGresult **out, cw_errmsg *e)
 {
 	*out = NULL;
@@ -428,10 +518,13 @@ static cw_err batch_info(PGconn *c, const struct outbox_row *rows, size_t n, PGr
 		"  AND remote_identity_id = s.id), coalesce(s.display_name, ''), ev.room_id, ev.ts, s.avatar::text, "
 		" s.profile_changed_at IS NOT NULL AND coalesce((SELECT profile_synced_at FROM identity_bindings "
 		"  WHERE identity_id = s.id AND network = 'matrix'), '-infinity') < s.profile_changed_at, "
-		" s.profile_changed_at::text, (SELECT kind FROM rooms WHERE id = ev.room_id) "
+		" s.profile_changed_at::text, rm.kind, pb.native_id, pb.id, "
+		" EXISTS (SELECT 1 FROM matrix_portal_members pm WHERE pm.binding_id = pb.id AND pm.identity_id = s.id) "
 		"FROM unnest($1::bigint[], $2::bigint[]) WITH ORDINALITY AS x(ev, tg, k) "
 		"JOIN events ev ON ev.id = x.ev JOIN identities s ON s.id = ev.sender_id JOIN identities t ON t.id = x.tg "
-		"LEFT JOIN peers p ON p.id = s.peer_id ORDER BY x.k",
+		"JOIN rooms rm ON rm.id = ev.room_id LEFT JOIN peers p ON p.id = s.peer_id "
+		"LEFT JOIN room_bindings pb ON rm.kind = 'group' AND pb.network = 'matrix' AND pb.room_id = ev.room_id "
+		" AND pb.local_identity_id = t.id AND pb.remote_identity_id IS NULL ORDER BY x.k",
 		2, NULL, params, NULL, NULL, 0);
 	free(evs);
 	free(tgs);
@@ -456,8 +549,8 @@ static int info_row(PGresult *info, size_t k, int *from)
  * for later rows that refer to it (to_native). */
 static void note_sent(json_t *sent, const struct outbox_row *row, const char *eid)
 {
-	json_array_append_new(sent, json_pack("{s:I, s:s, s:I, s:s?}", "ev", (json_int_t)row->event_id, "eid", eid,
-					      "row", (json_int_t)row->id, "pid",
+	json_array_append_new(sent, json_pack("{s:I, s:s, s:I, s:I, s:s?}", "ev", (json_int_t)row->event_id, "eid", eid,
+					      "row", (json_int_t)row->id, "tg", (json_int_t)row->target_id, "pid",
 					      json_string_value(json_object_get(row->event, "id"))));
 }
 
@@ -634,17 +727,25 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 			  json_t *sent, CURL *h, struct mx_req *rq, cw_errmsg *e)
 {
 	if (!row->target_id) {
-		cw_fail(e, CW_EINVAL, "group rooms are not bridged to Matrix yet (only direct rooms)");
+		cw_fail(e, CW_EINVAL, "a Matrix row names no local user");
 		return PREP_FAIL;
 	}
-	if (i < 0 || PQgetvalue(r, i, 5)[0] == 't' || PQgetisnull(r, i, 6)) {
-		cw_fail(e, CW_EINVAL, "only events of remote users are delivered to Matrix");
+	bool group = i >= 0 && strcmp(PQgetvalue(r, i, 15), "group") == 0;
+	/* Another user of this provider in the same group: relayed by the bot
+	 * (an appservice can act only as its own users), named in the text. */
+	bool relay = i >= 0 && PQgetvalue(r, i, 5)[0] == 't';
+	if (i < 0 || (relay && !group) || (!relay && PQgetisnull(r, i, 6))) {
+		cw_fail(e, CW_EINVAL, "only events of remote users (and, in a group, of its other members) are delivered "
+				      "to Matrix");
 		return PREP_FAIL;
 	}
+	const char *type = json_string_value(json_object_get(row->event, "type"));
+	if (relay && (!type || (strcmp(type, "message") != 0 && strcmp(type, "edit") != 0 && strcmp(type, "delete") != 0)))
+		return PREP_NOTHING; /* the bot reacting or typing would say nothing of who did */
 	char target[24];
 	snprintf(target, sizeof(target), "%lld", (long long)row->target_id);
-	char target_mxid[MX_ID_MAX + 1], ghost[MX_ID_MAX + 1], room[MX_ID_MAX + 1] = "", sender_id[24], neutral_room[24];
-	char ts[24];
+	char target_mxid[MX_ID_MAX + 1], ghost[MX_ID_MAX + 1] = "", room[MX_ID_MAX + 1] = "", sender_id[24];
+	char neutral_room[24], ts[24], binding[24] = "";
 	if (!PQgetisnull(r, i, 2))
 		snprintf(target_mxid, sizeof(target_mxid), "%s", PQgetvalue(r, i, 2));
 	else
@@ -654,16 +755,24 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 	snprintf(ts, sizeof(ts), "%s", PQgetvalue(r, i, 11));
 	/* A ghost or room made for an earlier row of this batch is not in
 	 * the info, read before: made remembers them. */
-	char gkey[40], rkey[64];
+	char gkey[40], rkey[64], bkey[64], jkey[80];
 	snprintf(gkey, sizeof(gkey), "g%s", sender_id);
-	snprintf(rkey, sizeof(rkey), "r%s/%s", target, sender_id);
+	if (group)
+		snprintf(rkey, sizeof(rkey), "p%s/%s", neutral_room, target);
+	else
+		snprintf(rkey, sizeof(rkey), "r%s/%s", target, sender_id);
+	snprintf(bkey, sizeof(bkey), "b%s/%s", neutral_room, target);
 	const char *g_made = json_string_value(json_object_get(made, gkey));
 	const char *r_made = json_string_value(json_object_get(made, rkey));
-	bool have_ghost = !PQgetisnull(r, i, 7) || g_made, have_room = !PQgetisnull(r, i, 8) || r_made;
-	if (have_ghost)
+	const char *b_made = json_string_value(json_object_get(made, bkey));
+	int room_col = group ? 16 : 8;
+	bool have_ghost = relay || !PQgetisnull(r, i, 7) || g_made, have_room = !PQgetisnull(r, i, room_col) || r_made;
+	if (have_ghost && !relay)
 		snprintf(ghost, sizeof(ghost), "%s", g_made ? g_made : PQgetvalue(r, i, 7));
 	if (have_room)
-		snprintf(room, sizeof(room), "%s", r_made ? r_made : PQgetvalue(r, i, 8));
+		snprintf(room, sizeof(room), "%s", r_made ? r_made : PQgetvalue(r, i, room_col));
+	if (group && (b_made || !PQgetisnull(r, i, 17)))
+		snprintf(binding, sizeof(binding), "%s", b_made ? b_made : PQgetvalue(r, i, 17));
 	char peer[80], localpart[600], display[300];
 	snprintf(peer, sizeof(peer), "%s", PQgetvalue(r, i, 6));
 	snprintf(localpart, sizeof(localpart), "%s", PQgetvalue(r, i, 4));
@@ -677,14 +786,28 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 			return PREP_FAIL;
 		json_object_set_new(made, gkey, json_string(ghost));
 	}
-	if (!have_room) {
+	if (!have_room && group) {
+		if (ensure_portal(m, c, neutral_room, target, target_mxid, room, sizeof(room), binding, sizeof(binding), e))
+			return PREP_FAIL;
+		json_object_set_new(made, rkey, json_string(room));
+		json_object_set_new(made, bkey, json_string(binding));
+	} else if (!have_room) {
 		if (ensure_room(m, c, neutral_room, target, sender_id, ghost, target_mxid, room, sizeof(room), e))
 			return PREP_FAIL;
 		json_object_set_new(made, rkey, json_string(room));
 	}
+	/* The ghost of a group's remote member joins the user's portal the
+	 * first time it has something for it. */
+	snprintf(jkey, sizeof(jkey), "j%s/%s", binding, sender_id);
+	if (group && !relay && !(have_room && PQgetvalue(r, i, 18)[0] == 't') && !json_object_get(made, jkey)) {
+		if (ensure_portal_member(m, c, room, binding, sender_id, ghost, e))
+			return PREP_FAIL;
+		json_object_set_new(made, jkey, json_true());
+	}
+	const char *actor = relay ? NULL : ghost; /* NULL: the bot */
 	char pkey[40];
 	snprintf(pkey, sizeof(pkey), "p%s", sender_id);
-	if (PQgetvalue(r, i, 13)[0] == 't' && !json_object_get(made, pkey)) { /* once a batch */
+	if (!relay && PQgetvalue(r, i, 13)[0] == 't' && !json_object_get(made, pkey)) { /* once a batch */
 		if (sync_profile(m, c, sender_id, peer, localpart, display,
 				 PQgetisnull(r, i, 12) ? NULL : PQgetvalue(r, i, 12), PQgetvalue(r, i, 14), ghost))
 			return PREP_WAIT;
@@ -694,15 +817,20 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 	 * links into the peer's store (media_parts). */
 	json_t *copy = NULL;
 	bool wait;
-	if (media_parts(m, c, row, room, ghost, ts, &copy, &wait, e))
+	if (media_parts(m, c, row, room, actor, ts, &copy, &wait, e))
 		return PREP_FAIL;
 	if (wait)
 		return PREP_WAIT;
 	json_t *ev = copy ? copy : row->event;
-	json_t *labelled = NULL; /* a group's message reaches the direct room with its sender */
-	if (strcmp(PQgetvalue(r, i, 15), "group") == 0)
-		ev = labelled = event_label_group(ev);
-	struct lookup_ctx l = { .c = c, .sent = sent };
+	json_t *labelled = NULL; /* a relayed member's text says whose it is */
+	if (relay) {
+		char text[660], html[700];
+		/* a local part has no character HTML would read (event.h) */
+		snprintf(text, sizeof(text), "%s: ", localpart);
+		snprintf(html, sizeof(html), "<b>%s</b>: ", localpart);
+		ev = labelled = event_label(ev, text, html);
+	}
+	struct lookup_ctx l = { .c = c, .sent = sent, .target = row->target_id };
 	char marker[24];
 	snprintf(marker, sizeof(marker), "%lld", (long long)row->id);
 	struct mx_out out;
@@ -726,7 +854,7 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 	cw_err rc = CW_OK;
 	switch (out.op) {
 	case MX_OP_SEND: {
-		if (row->attempts > 1 && already_sent(m, room, ghost, row->id, -1, eid, sizeof(eid))) {
+		if (row->attempts > 1 && already_sent(m, room, actor, row->id, -1, eid, sizeof(eid))) {
 			note_sent(sent, row, eid);
 			res = PREP_NOTHING;
 			break;
@@ -735,21 +863,21 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 		snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/send/%s/%s", rs ? rs : "", ty ? ty : "", txn);
 		curl_free(ty);
 		snprintf(query, sizeof(query), "ts=%s", ts);
-		rc = req_setup(m, h, rq, "PUT", path, ghost, query, json_incref(out.content), e);
+		rc = req_setup(m, h, rq, "PUT", path, actor, query, json_incref(out.content), e);
 		break;
 	}
 	case MX_OP_REDACT: {
 		char *tg = seg(m, out.target);
 		snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/redact/%s/%s", rs ? rs : "", tg ? tg : "", txn);
 		curl_free(tg);
-		rc = req_setup(m, h, rq, "PUT", path, ghost, NULL, out.content ? json_incref(out.content) : json_object(), e);
+		rc = req_setup(m, h, rq, "PUT", path, actor, NULL, out.content ? json_incref(out.content) : json_object(), e);
 		break;
 	}
 	case MX_OP_RECEIPT: {
 		char *tg = seg(m, out.target);
 		snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/receipt/m.read/%s", rs ? rs : "", tg ? tg : "");
 		curl_free(tg);
-		rc = req_setup(m, h, rq, "POST", path, ghost, NULL, json_object(), e);
+		rc = req_setup(m, h, rq, "POST", path, actor, NULL, json_object(), e);
 		break;
 	}
 	case MX_OP_TYPING: {

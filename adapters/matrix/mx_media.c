@@ -211,7 +211,7 @@ enum mx_rehost mx_media_lookup(struct matrix *m, PGconn *c, const char *ghost, c
 	} else if (!s) {
 		if (json_object_size(m->media_state) >= MEDIA_STATE_MAX)
 			json_object_clear(m->media_state);
-		json_array_append_new(m->media_queue, json_pack("[O, s]", att, ghost));
+		json_array_append_new(m->media_queue, json_pack("[O, s?]", att, ghost));
 		json_object_set_new(m->media_state, url, json_pack("{s:s}", "s", "queued"));
 		pthread_cond_signal(&m->media_cond);
 	}

@@ -1151,6 +1151,11 @@ void batch_free(struct batch *b)
 
 json_t *event_label_group(json_t *ev)
 {
+	return event_label(ev, EVENT_GROUP_LABEL, "<em>" EVENT_GROUP_LABEL "</em>");
+}
+
+json_t *event_label(json_t *ev, const char *text, const char *html)
+{
 	const char *type = json_string_value(json_object_get(ev, "type"));
 	json_t *parts = json_object_get(json_object_get(ev, "content"), "parts");
 	if (!type || (strcmp(type, "message") != 0 && strcmp(type, "edit") != 0) || !json_array_size(parts))
@@ -1165,7 +1170,7 @@ json_t *event_label_group(json_t *ev)
 		const char *body = json_string_value(json_object_get(p, "body"));
 		if (!pt || !body || strncmp(pt, "text/", 5) != 0)
 			continue;
-		const char *label = strcmp(pt, "text/html") == 0 ? "<em>" EVENT_GROUP_LABEL "</em>" : EVENT_GROUP_LABEL;
+		const char *label = strcmp(pt, "text/html") == 0 ? html : text;
 		size_t n = strlen(label) + strlen(body) + 1;
 		char *t = malloc(n);
 		if (t) {

@@ -886,50 +886,95 @@ def test_sigterm_during_slow_delivery_stops_soon_and_nothing_is_lost(mx, hs, gk,
     assert bodies == [f"slow {i}" for i in range(10)], bodies
 
 
-def test_a_group_rooms_message_reaches_a_dm_and_the_answer_stays_between_the_two(mx, hs, gk, pg, db_url):
-    """Group rooms are not bridged as groups: a peer's group message reaches
-    the local user in the direct room with its sender, labelled as from a
-    group; the user's answer there goes to that sender alone, in a direct
-    room of the two, never into the group (where others would read what
-    was written as a private message)."""
+def test_a_group_reaches_each_local_member_in_a_room_of_its_own(mx, hs, gk, pg, db_url):
+    """A peer's group room reaches each local Matrix member as a room of
+    their own (a portal, made by the bot): the remote members speak there
+    as their ghosts, unlabelled; what the user writes there (a reply, a
+    reaction) goes to the group; another local member's message is relayed
+    by the bot after their name.  The policy still decides per user: a
+    sender carol has not accepted waits for her, in her room only.
+    Leaving the room is leaving the group."""
     a, srv = gk
+    bot = "@_cw_bot:example.org"
+    carol_uri = "mimi://example.org/u/carol"
     consent_alice(mx)
     consent_alice(mx, "mimi://wa.example/u/bob")
+    assert mx.admin("POST", "/optins", json={"user": carol_uri, "network": "peer:gk", "opted_in": True}).ok
+    assert mx.admin("POST", "/consents", json={"user": carol_uri, "subject_kind": "user",
+                                               "subject": a.user("wally"), "state": "allowed"}).ok
     _, alice_token = hs.create_user("alice")
-    alice = hs.as_user(alice_token)
-    group = a.create_room([a.user("wally"), a.user("bob"), ALICE], kind="group").json()["id"]
-    assert a.send(group, a.user("wally"), "lunch at noon, everyone?").status_code == 202
-    ghost = "@_cw_gk_wally:example.org"
-    dm = wait_until(lambda: next((rid for rid in hs.rooms() if any(
-        e["sender"] == ghost and e["type"] == "m.room.message" for e in hs.events(rid))), None), what="delivery")
-    first = [e for e in hs.events(dm) if e["type"] == "m.room.message"][0]
-    assert first["content"]["body"] == "[group] lunch at noon, everyone?", first
-    alice.join(dm)
-    # A reply there to the group's message is a plain message of the direct
-    # room (its reference is to another room), and a reaction to it has
-    # nowhere to go: neither is refused, neither reaches the group.
-    alice.react(dm, first["event_id"], "👍")
-    alice.send_text(dm, "just between us: I'll skip it", reply_to=first["event_id"])
+    _, carol_token = hs.create_user("carol")
+    alice, carol = hs.as_user(alice_token), hs.as_user(carol_token)
+    group = a.create_room([a.user("wally"), a.user("bob"), ALICE, carol_uri], kind="group").json()
+    gid = group["id"]
+    assert a.send(gid, a.user("wally"), "lunch at noon, everyone?").status_code == 202
+    assert a.send(gid, a.user("bob"), "count me in").status_code == 202
+    wally, bob = "@_cw_gk_wally:example.org", "@_cw_gk_bob:example.org"
+
+    def portal(user):
+        return next((rid for rid in hs.rooms() if hs.state(rid, "m.room.create")
+                     and hs.state(rid, "m.room.create")["sender"] == bot
+                     and hs.members(rid).get(user) in ("invite", "join")), None)
+
+    def said(rid):
+        return [(e["sender"], e["content"]["body"]) for e in hs.events(rid) if e["type"] == "m.room.message"]
+
+    mine = wait_until(lambda: portal(ALICE_MX), what="alice's room of the group")
+    wait_until(lambda: len(said(mine)) == 2, what="both messages in alice's room")
+    assert said(mine) == [(wally, "lunch at noon, everyone?"), (bob, "count me in")]
+    assert hs.members(mine) == {bot: "join", ALICE_MX: "invite", wally: "join", bob: "join"}, hs.members(mine)
+    # carol has her own room; bob, whom she has not accepted, waits for her.
+    hers = wait_until(lambda: portal("@carol:example.org"), what="carol's room of the group")
+    assert hers != mine
+    wait_until(lambda: said(hers) == [(wally, "lunch at noon, everyone?")], what="carol's room")
+    assert bob not in hs.members(hers)
+    assert pg.psql("SELECT count(*) FROM room_bindings b JOIN rooms r ON r.id = b.room_id WHERE r.public_id = "
+                   f"'{gid}' AND b.remote_identity_id IS NULL", db_url) == "2"
+    # alice answers in her room: to the whole group, the reference kept.
+    alice.join(mine)
+    first = next(e for e in hs.events(mine) if e["type"] == "m.room.message")
+    alice.send_text(mine, "I'll be there", reply_to=first["event_id"])
+    alice.react(mine, first["event_id"], "👍")
     got = wait_until(lambda: [e for e in list(srv.events) if e.get("type") == "message" and
-                              e["content"]["parts"][0]["body"] == "just between us: I'll skip it"] or None,
-                     what="the answer at the peer")
-    assert got[0]["room_id"] != group
-    a.assert_direct_room_of(got[0]["room_id"], [ALICE, a.user("wally")])
-    assert "in_reply_to" not in got[0]["content"], got[0]
-    assert not [e for e in list(srv.events) if e.get("type") == "reaction"]
-    assert pg.psql("SELECT count(*) FROM events e JOIN rooms r ON r.id = e.room_id WHERE r.public_id = "
-                   f"'{group}'", db_url) == "1"
-    # The peer's direct message from wally comes into the same Matrix room,
-    # and a reply to it there keeps its reference.
-    direct = got[0]["room_id"]
-    r = a.send(direct, a.user("wally"), "ok, see you later")
-    assert r.status_code == 202, r.text
-    later = wait_until(lambda: next((e for e in hs.events(dm) if e["type"] == "m.room.message" and
-                                     e["content"]["body"] == "ok, see you later"), None), what="the direct message")
-    alice.send_text(dm, "bye", reply_to=later["event_id"])
-    bye = wait_until(lambda: [e for e in list(srv.events) if e.get("type") == "message" and
-                              e["content"]["parts"][0]["body"] == "bye"] or None, what="bye")
-    assert bye[0]["room_id"] == direct and bye[0]["content"]["in_reply_to"] == r.json()["id"], bye
+                              e["content"]["parts"][0]["body"] == "I'll be there"] or None,
+                     what="alice's answer at the peer")
+    wally_msg = pg.psql("SELECT e.public_id FROM events e JOIN rooms r ON r.id = e.room_id "
+                        f"WHERE r.public_id = '{gid}' ORDER BY e.id LIMIT 1", db_url)
+    assert got[0]["room_id"] == gid and got[0]["content"]["in_reply_to"] == wally_msg, got[0]
+    wait_until(lambda: [e for e in list(srv.events) if e.get("type") == "reaction"
+                        and e["content"].get("in_reply_to") == wally_msg], what="alice's reaction at the peer")
+    # carol reads it in her room, from the bot, after alice's name.
+    wait_until(lambda: (bot, "alice: I'll be there") in said(hers), what="alice's answer relayed to carol")
+    # Her edit follows there as the bot's edit of the relayed message.
+    relayed = next(e for e in hs.events(hers) if e["type"] == "m.room.message" and e["sender"] == bot)
+    mine_msg = next(e for e in hs.events(mine) if e["type"] == "m.room.message" and e["sender"] == ALICE_MX)
+    alice.edit(mine, mine_msg["event_id"], "I'll be there at noon")
+    edit = wait_until(lambda: next((e for e in hs.events(hers) if e["type"] == "m.room.message"
+                                    and "m.new_content" in e["content"]), None), what="the edit relayed to carol")
+    assert edit["sender"] == bot and edit["content"]["m.new_content"]["body"] == "alice: I'll be there at noon"
+    assert edit["content"]["m.relates_to"] == {"rel_type": "m.replace", "event_id": relayed["event_id"]}, edit
+    # carol invites bob, a member she has not accepted, into her room: he
+    # joins (his messages still wait for her); a stranger to the group
+    # invited there says so and leaves.
+    carol.join(hers)
+    carol.invite(hers, bob)
+    wait_until(lambda: hs.members(hers).get(bob) == "join", what="bob joining carol's room")
+    assert a.create_room([a.user("zed"), carol_uri]).status_code in (200, 201)
+    zed = "@_cw_gk_zed:example.org"
+    carol.invite(hers, zed)
+    wait_until(lambda: hs.members(hers).get(zed) == "leave", what="a stranger leaving carol's room")
+    assert any(who == zed and "not a member of the group" in body for who, body in said(hers)), said(hers)
+    assert hs.members(hers).get(bob) == "join" and (bob, "count me in") not in said(hers)
+    # alice leaves her room: she has left the group; the bot and ghosts go.
+    alice.leave(mine)
+    wait_until(lambda: hs.members(mine).get(bot) == "leave" and hs.members(mine).get(wally) == "leave",
+               what="the bot and ghosts leaving alice's room")
+    assert pg.psql("SELECT m.membership FROM room_members m JOIN rooms r ON r.id = m.room_id JOIN identities i "
+                   f"ON i.id = m.identity_id WHERE r.public_id = '{gid}' AND i.uri = '{ALICE}'", db_url) == "left"
+    assert a.send(gid, a.user("wally"), "see you all").status_code == 202
+    wait_until(lambda: (wally, "see you all") in said(hers), what="the next message in carol's room")
+    assert portal(ALICE_MX) is None
+    assert (wally, "see you all") not in said(mine)
 
 
 def test_one_bot_answers_for_every_process(make_daemon, db_url, hs):
