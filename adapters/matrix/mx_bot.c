@@ -631,6 +631,35 @@ static bool bot_lock(PGconn *c)
 	return ok;
 }
 
+/* The ghosts of members who are no longer in a group (the peer removed
+ * them: POST /v1/rooms/{room}/members) leave its rooms, so that the users
+ * see them go; one who comes back joins again with their next message. */
+static void portal_departures(struct matrix *m, PGconn *c)
+{
+	PGresult *r = PQexec(c,
+		"WITH d AS (DELETE FROM matrix_portal_members pm USING room_bindings b, room_members x "
+		" WHERE b.id = pm.binding_id AND x.room_id = b.room_id AND x.identity_id = pm.identity_id "
+		" AND x.membership <> 'joined' RETURNING b.native_id, pm.identity_id) "
+		"SELECT d.native_id, ib.native_id FROM d JOIN identity_bindings ib ON ib.identity_id = d.identity_id "
+		" AND ib.network = 'matrix'");
+	cw_errmsg e;
+	if (store_check(c, r, PGRES_TUPLES_OK, &e)) {
+		LOG_KV(CW_LOG_WARN, "cannot look for members who left a group", "detail", e.msg);
+		return;
+	}
+	for (int i = 0; i < PQntuples(r); i++) {
+		char path[600];
+		char *rs = curl_easy_escape(NULL, PQgetvalue(r, i, 0), 0);
+		snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/leave", rs ? rs : "");
+		curl_free(rs);
+		long status;
+		if (mx_call(m, "POST", path, PQgetvalue(r, i, 1), NULL, json_object(), &status, NULL, &e))
+			LOG_KV(CW_LOG_WARN, "a ghost cannot leave a group it left", "room", PQgetvalue(r, i, 0), "detail",
+			       e.msg);
+	}
+	PQclear(r);
+}
+
 static void *bot_main(void *arg)
 {
 	cw_thread_name("cw-mx-bot");
@@ -660,6 +689,7 @@ static void *bot_main(void *arg)
 			requests(m, c);
 			dead_letters(m, c);
 			notices(m, c);
+			portal_departures(m, c);
 		}
 		store_wait_notify(c, -1, 500, NULL, NULL);
 	}

@@ -965,6 +965,10 @@ def test_a_group_reaches_each_local_member_in_a_room_of_its_own(mx, hs, gk, pg, 
     wait_until(lambda: hs.members(hers).get(zed) == "leave", what="a stranger leaving carol's room")
     assert any(who == zed and "not a member of the group" in body for who, body in said(hers)), said(hers)
     assert hs.members(hers).get(bob) == "join" and (bob, "count me in") not in said(hers)
+    # The peer removes bob from the group: his ghost leaves the rooms.
+    assert a.call("POST", f"/v1/rooms/{gid}/members", {"remove": [a.user("bob")]}).status_code == 200
+    wait_until(lambda: hs.members(hers).get(bob) == "leave" and hs.members(mine).get(bob) == "leave",
+               what="bob's ghost leaving the group's rooms")
     # alice leaves her room: she has left the group; the bot and ghosts go.
     alice.leave(mine)
     wait_until(lambda: hs.members(mine).get(bot) == "leave" and hs.members(mine).get(wally) == "leave",
