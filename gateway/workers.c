@@ -31,8 +31,8 @@ static void *worker_main(void *arg)
 	pthread_mutex_lock(&w->mu);
 	int me = ++w->started;
 	pthread_mutex_unlock(&w->mu);
-	char tn[16];
-	snprintf(tn, sizeof(tn), "%s-%d", w->name, me);
+	char tn[16]; /* the kernel's limit: 15 bytes and the NUL */
+	snprintf(tn, sizeof(tn), "%.10s-%u", w->name, (unsigned)me % 1000u);
 	cw_thread_name(tn);
 	pthread_mutex_lock(&w->mu);
 	for (;;) {
