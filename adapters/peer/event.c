@@ -1149,11 +1149,6 @@ void batch_free(struct batch *b)
 	memset(b, 0, sizeof(*b));
 }
 
-json_t *event_label_group(json_t *ev)
-{
-	return event_label(ev, EVENT_GROUP_LABEL, "<em>" EVENT_GROUP_LABEL "</em>");
-}
-
 json_t *event_label(json_t *ev, const char *text, const char *html)
 {
 	const char *type = json_string_value(json_object_get(ev, "type"));

@@ -67,16 +67,10 @@ bool idempotency_key_valid(const char *key);
 /* event_label gives the event (a message or an edit; a stored event,
  * {"type", "content": {...}}) with a label in front of the body of each
  * text part (html for text/html, text for the others): a new reference,
- * ev itself when there is nothing to label.
- *
- * XMPP does not bridge group chats as groups: a group's message reaches
- * each local user in the direct chat with its sender, its text after the
- * label EVENT_GROUP_LABEL (event_label_group; docs/xmpp.md).  Matrix has a
- * room per group and user, where another local member's message is
- * relayed by the bot after the member's name (docs/matrix.md). */
-#define EVENT_GROUP_LABEL "[group] "
+ * ev itself when there is nothing to label.  In a group's Matrix room,
+ * another local member's message is relayed by the bot after the member's
+ * name (docs/matrix.md). */
 json_t *event_label(json_t *ev, const char *text, const char *html);
-json_t *event_label_group(json_t *ev);
 
 /* ------------------------------------------------------------ limits */
 

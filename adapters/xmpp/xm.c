@@ -628,8 +628,8 @@ enum xm_in_result xm_to_neutral(xmpp_stanza_t *msg, const struct xm_in_lookup *l
 		return XM_IN_INVALID;
 	}
 	const char *type = xmpp_stanza_get_type(msg);
-	if (eq(type, "error") || eq(type, "groupchat") || eq(type, "headline")) {
-		say(why, whylen, "messages of type error, groupchat and headline are not carried");
+	if (eq(type, "error") || eq(type, "headline")) {
+		say(why, whylen, "messages of type error and headline are not carried");
 		return XM_IN_IGNORE;
 	}
 	/* The body first: a malformed one refuses the whole stanza. */

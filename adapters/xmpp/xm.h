@@ -17,7 +17,8 @@
  *
  * XMPP -> neutral (xm_to_neutral), a <message/> of type chat or normal (or
  * none, or a type it does not know, which RFC 6121 section 5.2.2 says to
- * treat as normal) from a local user to a remote user's JID; the output is
+ * treat as normal) from a local user to a remote user's JID, or of type
+ * groupchat to a group's room (the caller checks which); the output is
  * an array of neutral bodies {"type", "ts", "content"} (no "sender", no
  * "room": the caller adds them; "ts" only when 0 < ts < 2^53), in the order
  * they are to be submitted:
@@ -98,7 +99,7 @@
  * after libstrophe, or an event whose JSON would not leave room for the
  * envelope within the API's 64 KiB, is XM_IN_INVALID, and so is anything
  * that is not a <message/>.  A <message/> of type error (the caller handles
- * those), groupchat or headline is XM_IN_IGNORE, and so is a stanza from
+ * those) or headline is XM_IN_IGNORE, and so is a stanza from
  * which nothing above comes (only unknown elements, unknown references,
  * an unchanged reaction set).
  *

@@ -510,15 +510,20 @@ static void on_iq(struct xcomp *xc, xmpp_stanza_t *st)
 	char local[XJ_PART_MAX + 1], domain[XJ_PART_MAX + 1], res[XJ_PART_MAX + 1];
 	if (!to || !xj_split(to, local, sizeof(local), domain, sizeof(domain), res, sizeof(res)))
 		return answer_error(xc, st, "modify", "jid-malformed");
-	bool user = local[0] != '\0';
-	char remote_id[300] = "";
-	if (user && !xj_unescape_local(local, remote_id, sizeof(remote_id)))
-		return answer_error(xc, st, "cancel", "item-not-found");
 	xmpp_stanza_t *q = xmpp_stanza_get_children(st);
 	while (q && !xmpp_stanza_is_tag(q))
 		q = xmpp_stanza_get_next(q);
 	const char *ns = q ? xmpp_stanza_get_ns(q) : NULL;
 	bool get = strcmp(type, "get") == 0;
+	if (local[0] == '#') { /* a group chat (xmpp_muc.c) */
+		if (!xa_muc_iq(xc, st, ns, get))
+			answer_error(xc, st, "cancel", "service-unavailable");
+		return;
+	}
+	bool user = local[0] != '\0';
+	char remote_id[300] = "";
+	if (user && !xj_unescape_local(local, remote_id, sizeof(remote_id)))
+		return answer_error(xc, st, "cancel", "item-not-found");
 	if (ns && get && strcmp(ns, NS_DISCO_INFO) == 0)
 		disco_info(xc, st, user, remote_id);
 	else if (ns && get && strcmp(ns, NS_DISCO_ITEMS) == 0)
@@ -1104,6 +1109,7 @@ void xa_free(struct xmpp *x)
 		pthread_mutex_destroy(&xc->mu);
 		pthread_cond_destroy(&xc->written);
 		json_decref(xc->vcards);
+		json_decref(xc->muc);
 	}
 	xmpp_ctx_t *c = pthread_getspecific(x->ctx_key);
 	if (c) {

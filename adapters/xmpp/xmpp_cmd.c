@@ -249,6 +249,8 @@ void xa_presence(struct xcomp *xc, xmpp_stanza_t *st)
 	char bare[1100], local[MIMI_LOCAL_MAX + 1];
 	if (type && strcmp(type, "error") == 0)
 		return;
+	if (to[0] == '#')
+		return xa_muc_presence(xc, st); /* a group chat's room */
 	if (!xa_local_user(xc->x, from, bare, sizeof(bare), local, sizeof(local)))
 		return; /* presence of strangers is not answered */
 	if (strcmp(to, xc->domain) == 0) {

@@ -95,6 +95,8 @@ struct xin {
 	char new_room[40], new_room_uri[MIMI_URI_MAX + 1];
 	char sid[XM_ID_MAX + 1], oid[XM_ID_MAX + 1];
 	char base[40];                   /* the dedup key of the stanza */
+	bool group;                      /* a groupchat message to a group's room (remote_bare: the room) */
+	char msg_id[EVENT_OPAQUE_ID_MAX + 1]; /* its first event's id, once stored */
 	bool record_ids;                 /* a message or correction with ids: they are kept */
 	bool texty;                      /* its first event is a message or a correction */
 	json_t *refs;                    /* the XMPP ids it refers to */
@@ -142,7 +144,7 @@ static cw_err in_lookup_send(PGconn *c, struct xin *in, cw_errmsg *e)
 				 in->remote_id, in->remote_bare, in->room, in->new_room, in->new_room_uri, refs };
 	int ok = PQsendQueryParams(c,
 		"WITH rb AS (SELECT room_id FROM room_bindings WHERE network = 'xmpp' AND native_id = $8), "
-		"p AS (SELECT id, domain FROM peers WHERE name = $5 AND enabled AND NOT EXISTS (SELECT 1 FROM rb)), "
+		"p AS (SELECT id, domain FROM peers WHERE name = $5 AND enabled AND $6 <> '' AND NOT EXISTS (SELECT 1 FROM rb)), "
 		"li0 AS (SELECT i.id FROM identities i, p WHERE i.uri = $1 AND i.is_local), "
 		"li1 AS (INSERT INTO identities (uri, domain, localpart, is_local, network) "
 		"  SELECT $1, $2, $3, true, 'xmpp' FROM p WHERE NOT EXISTS (SELECT 1 FROM identities WHERE uri = $1) "
@@ -278,7 +280,8 @@ static cw_err in_send(PGconn *c, void *arg, int round, cw_errmsg *e)
 			" (VALUES ('id', $3), ('origin_id', $4)) AS k(kind, nid) WHERE $5::boolean "
 			" AND e.origin_network = 'xmpp' AND e.origin_native_id = $1 AND k.nid <> '' "
 			" ON CONFLICT DO NOTHING RETURNING 1) "
-			"SELECT count(*) > 0 AND count(*) FILTER (WHERE o.state <> 'dropped') = 0 FROM events e "
+			"SELECT count(*) > 0 AND count(*) FILTER (WHERE o.state <> 'dropped') = 0, "
+			" (SELECT public_id FROM events WHERE origin_network = 'xmpp' AND origin_native_id = $1) FROM events e "
 			" JOIN outbox o ON o.event_id = e.id WHERE e.origin_network = 'xmpp' AND e.origin_native_id = $1",
 			5, NULL, params, NULL, NULL, 0)
 			       ? CW_OK
@@ -345,6 +348,8 @@ static cw_err in_recv(PGconn *c, void *arg, int round, bool *more, cw_errmsg *e)
 		cw_err rc = store_pipe_result(c, PGRES_TUPLES_OK, &r, e);
 		if (!rc && PQntuples(r) == 1 && PQgetvalue(r, 0, 0)[0] == 't' && !in->err_cond)
 			refuse(in, "cancel", "service-unavailable");
+		if (!rc && PQntuples(r) == 1 && !PQgetisnull(r, 0, 1))
+			snprintf(in->msg_id, sizeof(in->msg_id), "%s", PQgetvalue(r, 0, 1));
 		PQclear(r);
 		return rc;
 	}
@@ -410,6 +415,10 @@ static void in_done(void *arg, cw_err rc, const cw_errmsg *e)
 		answer(in->xc, in->text, "wait", "internal-server-error", NULL);
 	} else if (in->err_cond) {
 		answer(in->xc, in->text, in->err_type, in->err_cond, in->err_text);
+	} else if (in->group && in->texty && in->msg_id[0]) {
+		/* A room sends a message back to its sender's resources (XEP-0045
+		 * §7.4): the client's sign that it is in, with the room's id. */
+		xa_muc_reflect(in->xc, in->text, in->remote_bare, in->local_bare, in->msg_id);
 	}
 	xin_free(in);
 }
@@ -480,7 +489,20 @@ void xa_in_message(struct xcomp *xc, xmpp_stanza_t *st)
 		to_component(xc, st);
 		return;
 	}
-	if (!xa_remote_user(xc, to, in->remote_id, sizeof(in->remote_id), in->remote_bare, sizeof(in->remote_bare))) {
+	char public_id[EVENT_OPAQUE_ID_MAX + 1], nick[256];
+	if (type && strcmp(type, "groupchat") == 0 &&
+	    xa_muc_room(xc, to, public_id, sizeof(public_id), in->remote_bare, sizeof(in->remote_bare), nick,
+			sizeof(nick))) {
+		/* To a group's room: only from a resource that is in it
+		 * (XEP-0045 §7.4), to the room itself. */
+		if (nick[0] || !xa_muc_is_occupant(xc, in->remote_bare, from)) {
+			free(in);
+			refuse_now(xc, st, "modify", "not-acceptable");
+			return;
+		}
+		in->group = true;
+	} else if (!xa_remote_user(xc, to, in->remote_id, sizeof(in->remote_id), in->remote_bare,
+				   sizeof(in->remote_bare))) {
 		free(in);
 		refuse_now(xc, st, "cancel", "service-unavailable");
 		return;
@@ -491,7 +513,8 @@ void xa_in_message(struct xcomp *xc, xmpp_stanza_t *st)
 	char why[200] = "";
 	enum xm_in_result pr = xm_to_neutral(st, &none, 1, &probe, why, sizeof(why));
 	json_decref(probe);
-	if (pr == XM_IN_INVALID || (type && (strcmp(type, "groupchat") == 0 || strcmp(type, "headline") == 0))) {
+	if (pr == XM_IN_INVALID ||
+	    (type && ((!in->group && strcmp(type, "groupchat") == 0) || strcmp(type, "headline") == 0))) {
 		free(in);
 		if (pr == XM_IN_INVALID) {
 			LOG_KV(CW_LOG_INFO, "xmpp message refused", "component", xc->domain, "detail", why);

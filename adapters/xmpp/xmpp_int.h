@@ -79,6 +79,8 @@ struct xcomp {
 	/* Remote users' vCards (xmpp_vcard.c): remote id -> {url, type, b64,
 	 * sha1} of the avatar fetched last, under mu. */
 	json_t *vcards;
+	/* The group chats' occupants (xmpp_muc.c), under mu. */
+	json_t *muc;
 	/* counters */
 	atomic_ullong stanzas_in, stanzas_out, errors_out, connects;
 };
@@ -179,5 +181,32 @@ void xa_vcard_hash(struct xcomp *xc, xmpp_ctx_t *ctx, xmpp_stanza_t *presence, c
  * must not be passed over); a change left for want of a fetch slot is
  * taken on the next turn. */
 void xa_profiles(struct xcomp *xc, PGconn *c);
+
+/* xmpp_muc.c: group chats (XEP-0045).  A group is the room
+ * "#<escaped public id>@<component>"; each local member has a view of
+ * their own (docs/xmpp.md, "Group chats"). */
+/* The room JID of a group's public id; false when it has none. */
+bool xa_muc_room_jid(const struct xcomp *xc, const char *public_id, char *out, size_t len);
+/* Whether jid is a room of the component: its public id, bare JID and the
+ * resource (an occupant's nick, "" for the room itself). */
+bool xa_muc_room(const struct xcomp *xc, const char *jid, char *public_id, size_t plen, char *bare, size_t blen,
+		 char *nick, size_t nlen);
+/* A presence to a room (join, leave, nick). */
+void xa_muc_presence(struct xcomp *xc, xmpp_stanza_t *st);
+/* An iq to a room or an occupant (disco, ping, XEP-0410 self-ping): true
+ * when answered. */
+bool xa_muc_iq(struct xcomp *xc, xmpp_stanza_t *st, const char *ns, bool get);
+/* Whether full (a full JID) is in room. */
+bool xa_muc_is_occupant(struct xcomp *xc, const char *room, const char *full);
+/* [[full JID, nick]] of user's resources in room (a new reference). */
+json_t *xa_muc_occupants(struct xcomp *xc, const char *room, const char *user);
+/* The mediated invitation of user (bare JID) to room, serialised into
+ * *text (malloc'd). */
+bool xa_muc_invite(struct xcomp *xc, xmpp_ctx_t *ctx, const char *room, const char *user, const char *inviter,
+		   char **text, size_t *len);
+/* A local user's groupchat message (its text) sent back to each of their
+ * occupants, from their nick, with the room's stanza-id msg_id. */
+bool xa_muc_reflect(struct xcomp *xc, const char *stanza_text, const char *room, const char *user,
+		    const char *msg_id);
 
 #endif

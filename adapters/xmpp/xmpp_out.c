@@ -57,8 +57,14 @@ static const char batch_sql[] =
 	"   FROM events rr WHERE rr.in_reply_to_id = r.rt_id AND rr.type = 'reaction' AND rr.sender_id = r.s_id "
 	"   AND NOT EXISTS (SELECT 1 FROM events d WHERE d.type = 'delete' AND d.replaces_id = rr.id)) AS k "
 	"   WHERE r.rt_id IS NOT NULL AND k.body IS NOT NULL), "
-	"  r.t_id, r.s_id, r.room_id, (SELECT kind FROM rooms WHERE id = r.room_id) "
-	"FROM r LEFT JOIN events tg ON tg.id = r.tg_id LEFT JOIN events rt ON rt.id = r.rt_id ORDER BY r.i";
+	"  r.t_id, r.s_id, r.room_id, rm.kind, "
+	/* 22-26: a group's: its public id, the peer that made it, the public ids of
+	 * the target and the message reacted to, whether the user was invited */
+	"  rm.public_id, (SELECT name FROM peers WHERE id = rm.created_by_peer_id), tg.public_id, rt.public_id, "
+	"  rm.kind = 'group' AND EXISTS (SELECT 1 FROM room_bindings b WHERE b.network = 'xmpp' "
+	"   AND b.room_id = r.room_id AND b.local_identity_id = r.t_id AND b.remote_identity_id IS NULL) "
+	"FROM r JOIN rooms rm ON rm.id = r.room_id LEFT JOIN events tg ON tg.id = r.tg_id "
+	"LEFT JOIN events rt ON rt.id = r.rt_id ORDER BY r.i";
 
 /* The lookup is planned once per connection (planning it took longer than
  * running it): prepared on the dispatcher's connection the first time it
@@ -83,25 +89,182 @@ static const char *col(PGresult *r, int row, int c)
 	return PQgetisnull(r, row, c) ? NULL : PQgetvalue(r, row, c);
 }
 
+/* Appends the stanza's text to *text (malloc'd; *len its length). */
+static bool append_text(xmpp_ctx_t *ctx, xmpp_stanza_t *st, char **text, size_t *len)
+{
+	char *buf = NULL;
+	size_t n = 0;
+	bool ok = xmpp_stanza_to_text(st, &buf, &n) == XMPP_EOK && buf;
+	char *grown = ok ? realloc(*text, *len + n + 1) : NULL;
+	if (grown) {
+		memcpy(grown + *len, buf, n + 1);
+		*text = grown;
+		*len += n;
+	}
+	if (buf)
+		xmpp_free(ctx, buf);
+	return grown != NULL;
+}
+
+/* The component that stands for peer, and the local user's JID. */
+static bool comp_and_user(struct xmpp *x, PGresult *r, int k, const char *peer, struct xcomp **xc, char *jid,
+			  size_t len, cw_errmsg *e)
+{
+	*xc = peer ? xa_comp_by_peer(x, peer) : NULL;
+	if (!*xc) {
+		cw_fail(e, CW_EINVAL, "no XMPP component stands for the peer %s (xmpp.components)", peer ? peer : "");
+		return false;
+	}
+	if (col(r, k, 2))
+		snprintf(jid, len, "%s", col(r, k, 2));
+	else
+		snprintf(jid, len, "%s@%s", col(r, k, 1), x->local_domain);
+	return true;
+}
+
+/* The chat message st (released) as a groupchat: the same, without a
+ * receipt request (XEP-0184 §5.3: none in a room). */
+static xmpp_stanza_t *as_groupchat(xmpp_ctx_t *ctx, xmpp_stanza_t *st)
+{
+	xmpp_stanza_t *m = xmpp_message_new(ctx, "groupchat", xmpp_stanza_get_to(st), xmpp_stanza_get_id(st));
+	if (m)
+		xmpp_stanza_set_from(m, xmpp_stanza_get_from(st));
+	for (xmpp_stanza_t *c = xmpp_stanza_get_children(st); m && c; c = xmpp_stanza_get_next(c)) {
+		const char *name = xmpp_stanza_get_name(c), *ns = xmpp_stanza_get_ns(c);
+		if (name && ns && strcmp(name, "request") == 0 && strcmp(ns, "urn:xmpp:receipts") == 0)
+			continue;
+		xmpp_stanza_t *copy = xmpp_stanza_copy(c);
+		if (!copy || xmpp_stanza_add_child(m, copy) != XMPP_EOK) {
+			if (copy)
+				xmpp_stanza_release(copy);
+			xmpp_stanza_release(m);
+			m = NULL;
+			break;
+		}
+		xmpp_stanza_release(copy);
+	}
+	xmpp_stanza_release(st);
+	return m;
+}
+
+/* A group's row (xmpp_muc.c): the room speaks for its sender (a remote
+ * member, or another local one) to each resource of the local user that
+ * is in it, as a groupchat with the room's stanza-id (the message's id);
+ * none in it: nothing now (the history brings it when they join).  The
+ * user's first row of the group invites them instead (the binding made
+ * then). */
+static bool build_group(struct xmpp *x, struct outbox_row *row, PGresult *r, int k, struct xcomp **xc, char **text,
+			size_t *len, json_t *bind, cw_errmsg *e)
+{
+	char local_jid[XJ_JID_MAX + 1], room[XJ_JID_MAX + 1];
+	if (PQgetvalue(r, k, 6)[0] != 't') {
+		cw_fail(e, CW_EINVAL, "only local users get a group's events on XMPP");
+		return false;
+	}
+	if (!comp_and_user(x, r, k, col(r, k, 23) ? col(r, k, 23) : col(r, k, 4), xc, local_jid, sizeof(local_jid), e))
+		return false;
+	if (!xa_muc_room_jid(*xc, PQgetvalue(r, k, 22), room, sizeof(room))) {
+		cw_fail(e, CW_EINVAL, "the group has no room JID");
+		return false;
+	}
+	xmpp_ctx_t *ctx = xa_thread_ctx(x);
+	if (!ctx) {
+		cw_fail(e, CW_ENOMEM, "out of memory");
+		return false;
+	}
+	if (PQgetvalue(r, k, 26)[0] != 't') {
+		char native[600], inviter[XJ_JID_MAX + 1];
+		if (PQgetvalue(r, k, 7)[0] == 't' || !xa_remote_jid(*xc, col(r, k, 3), inviter, sizeof(inviter)))
+			snprintf(inviter, sizeof(inviter), "%s", room);
+		xa_room_native(local_jid, room, native, sizeof(native));
+		json_array_append_new(bind, json_pack("[s, n, s, s, s]", PQgetvalue(r, k, 20), PQgetvalue(r, k, 18),
+						      native, local_jid));
+		if (!xa_muc_invite(*xc, ctx, room, local_jid, inviter, text, len)) {
+			cw_fail(e, CW_ENOMEM, "out of memory");
+			return false;
+		}
+		return true;
+	}
+	const char *type = json_string_value(json_object_get(row->event, "type"));
+	if (type && strcmp(type, "receipt") == 0)
+		return true; /* markers in a room name the room's ids; not carried yet */
+	json_t *occ = xa_muc_occupants(*xc, room, local_jid);
+	const char *id = json_string_value(json_object_get(row->event, "id"));
+	json_t *set = col(r, k, 17) ? json_loads(col(r, k, 17), 0, NULL) : NULL;
+	json_t *ev = peer_media_public(x->app, row->event);
+	bool ok = occ != NULL;
+	size_t i;
+	json_t *o;
+	json_array_foreach(occ, i, o) {
+		char from[XJ_JID_MAX + 300];
+		snprintf(from, sizeof(from), "%s/%s", room, col(r, k, 3));
+		/* In a room, references name the room's ids (stanza-id): the
+		 * messages' own. */
+		struct xm_out_info info = {
+			.from = from,
+			.to = json_string_value(json_array_get(o, 0)),
+			.id = id,
+			.target = { .known = PQgetvalue(r, k, 8)[0] == 't', .id = col(r, k, 24), .origin_id = col(r, k, 24),
+				    .is_last = PQgetvalue(r, k, 11)[0] == 't', .text = col(r, k, 12),
+				    .is_reaction = PQgetvalue(r, k, 13)[0] == 't' },
+			.reacted = { .known = PQgetvalue(r, k, 14)[0] == 't', .id = col(r, k, 25), .origin_id = col(r, k, 25) },
+			.reaction_set = set,
+		};
+		xmpp_stanza_t *st = NULL;
+		char why[200] = "";
+		enum xm_out_result res = xm_from_neutral(ctx, ev, &info, &st, why, sizeof(why));
+		if (res == XM_OUT_NONE)
+			break;
+		if (res != XM_OUT_STANZA) {
+			if (st)
+				xmpp_stanza_release(st);
+			ok = false;
+			cw_fail(e, CW_EINVAL, "not representable in XMPP: %s", why);
+			break;
+		}
+		st = as_groupchat(ctx, st);
+		if (!st) {
+			ok = false;
+			cw_fail(e, CW_ENOMEM, "out of memory");
+			break;
+		}
+		xmpp_stanza_t *sid = id ? xa_child(ctx, st, "stanza-id", "urn:xmpp:sid:0") : NULL;
+		if (sid) {
+			xmpp_stanza_set_attribute(sid, "id", id);
+			xmpp_stanza_set_attribute(sid, "by", room);
+		}
+		ok = append_text(ctx, st, text, len);
+		xmpp_stanza_release(st);
+		if (!ok) {
+			cw_fail(e, CW_ENOMEM, "out of memory");
+			break;
+		}
+	}
+	json_decref(ev);
+	json_decref(set);
+	json_decref(occ);
+	if (!ok) {
+		free(*text);
+		*text = NULL;
+	}
+	return ok;
+}
+
 /* A stanza for row i, or *none; false with e filled when it cannot be made. */
 static bool build(struct xmpp *x, struct outbox_row *row, PGresult *r, int k, struct xcomp **xc, char **text,
 		  size_t *len, json_t *bind, cw_errmsg *e)
 {
 	*text = NULL;
+	*len = 0;
+	if (strcmp(PQgetvalue(r, k, 21), "group") == 0)
+		return build_group(x, row, r, k, xc, text, len, bind, e);
 	if (PQgetvalue(r, k, 6)[0] != 't' || PQgetvalue(r, k, 7)[0] == 't' || !col(r, k, 4)) {
 		cw_fail(e, CW_EINVAL, "only events of remote users for local users are delivered to XMPP");
 		return false;
 	}
-	*xc = xa_comp_by_peer(x, col(r, k, 4));
-	if (!*xc) {
-		cw_fail(e, CW_EINVAL, "no XMPP component stands for the peer %s (xmpp.components)", col(r, k, 4));
-		return false;
-	}
 	char local_jid[XJ_JID_MAX + 1], remote_jid[XJ_JID_MAX + 1];
-	if (col(r, k, 2))
-		snprintf(local_jid, sizeof(local_jid), "%s", col(r, k, 2));
-	else
-		snprintf(local_jid, sizeof(local_jid), "%s@%s", col(r, k, 1), x->local_domain);
+	if (!comp_and_user(x, r, k, col(r, k, 4), xc, local_jid, sizeof(local_jid), e))
+		return false;
 	if (!xa_remote_jid(*xc, col(r, k, 3), remote_jid, sizeof(remote_jid))) {
 		cw_fail(e, CW_EINVAL, "the remote user's id has no JID");
 		return false;
@@ -135,11 +298,6 @@ static bool build(struct xmpp *x, struct outbox_row *row, PGresult *r, int k, st
 	/* A peer's files reach the user as links of Causeway's, which fetches
 	 * them signed: the peer's store may not serve a bare link to anyone. */
 	json_t *ev = peer_media_public(x->app, row->event);
-	if (strcmp(PQgetvalue(r, k, 21), "group") == 0) { /* it reaches the conversation with its sender */
-		json_t *labelled = event_label_group(ev);
-		json_decref(ev);
-		ev = labelled;
-	}
 	enum xm_out_result res = ctx ? xm_from_neutral(ctx, ev, &info, &st, why, sizeof(why)) : XM_OUT_INVALID;
 	json_decref(ev);
 	json_decref(set);
@@ -200,7 +358,7 @@ cw_err xa_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_r
 		while (k < nr && (size_t)atol(PQgetvalue(r, k, 0)) < i)
 			k++;
 		if (k >= nr || (size_t)atol(PQgetvalue(r, k, 0)) != i) {
-			rc = cw_fail(e, CW_EINVAL, "group rooms are not bridged to XMPP yet (only direct rooms)");
+			rc = cw_fail(e, CW_EINVAL, "an XMPP row names no local user");
 			break;
 		}
 		char *st = NULL;
@@ -244,17 +402,19 @@ cw_err xa_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_r
 		char *b = json_dumps(bind, JSON_COMPACT);
 		/* Bound to a direct room of the two: the row's, or (a group's
 		 * row) the pair's, made if need be (schema/012_direct_rooms.sql):
-		 * what the user answers goes to that one person. */
+		 * what the user answers goes to that one person.  A group's
+		 * room for a user (no remote user) is bound to the group. */
 		const char *p2[] = { b ? b : "[]", x->cfg->domain ? x->cfg->domain : "" };
 		cw_errmsg e2;
 		if (store_command(c,
-				  "WITH j AS (SELECT x->>0 AS room, x->>1 AS remote, x->>2 AS local, x->>3 AS native, "
-				  " x->>4 AS jid FROM jsonb_array_elements($1::jsonb) AS x), "
+				  "WITH j AS (SELECT (x->>0)::bigint AS room, (x->>1)::bigint AS remote, (x->>2)::bigint AS local, "
+				  " x->>3 AS native, x->>4 AS jid FROM jsonb_array_elements($1::jsonb) AS x), "
 				  "rb AS (INSERT INTO room_bindings (room_id, network, native_id, local_identity_id, remote_identity_id) "
-				  " SELECT DISTINCT ON (native) direct_room_of(room::bigint, local::bigint, remote::bigint, $2), "
-				  "  'xmpp', native, local::bigint, remote::bigint FROM j ON CONFLICT DO NOTHING) "
+				  " SELECT DISTINCT ON (native) CASE WHEN remote IS NULL THEN room "
+				  "  ELSE direct_room_of(room, local, remote, $2) END, 'xmpp', native, local, remote "
+				  " FROM j ON CONFLICT DO NOTHING) "
 				  "INSERT INTO identity_bindings (identity_id, network, native_id) "
-				  " SELECT DISTINCT ON (local) local::bigint, 'xmpp', jid FROM j ON CONFLICT DO NOTHING",
+				  " SELECT DISTINCT ON (local) local, 'xmpp', jid FROM j ON CONFLICT DO NOTHING",
 				  2, p2, &e2))
 			LOG_KV(CW_LOG_WARN, "cannot record XMPP bindings", "detail", e2.msg);
 		free(b);

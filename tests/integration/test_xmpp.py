@@ -223,33 +223,116 @@ def test_peer_to_xmpp_and_back(xd, gk, alice, pg, db_url):
     assert got[1]["content"]["parts"][0]["body"] == "in the thread" and got[1]["content"]["topic"] == "t-7"
 
 
-def test_a_group_rooms_message_reaches_the_chat_with_its_sender_and_the_answer_stays_there(
-        xd, gk, alice, pg, db_url):
-    """Group rooms are not bridged as groups (no MUC): a peer's group
-    message reaches alice in the chat with its sender, labelled; her answer
-    there goes to that sender alone, in a direct room of the two, not into
-    the group."""
+MUC = "http://jabber.org/protocol/muc"
+MUC_USER = "http://jabber.org/protocol/muc#user"
+
+
+def test_a_group_is_a_room_of_the_component(xd, gk, alice, prosody, pg, db_url):
+    """A peer's group room is a multi-user chat (XEP-0045) served by the
+    component: alice is invited with its first message, joins, sees its
+    members, the history and the subject, gets the next messages live as
+    groupchat with the room's stanza-id, and writes to the whole group (her
+    message comes back to her, as a room does); a local user who is not a
+    member can neither join nor write; leaving is answered."""
     a, srv = gk
     consent_alice(xd)
-    consent_alice(xd, "mimi://wa.example/u/bob")
-    group = a.create_room([a.user("wally"), a.user("bob"), ALICE], kind="group").json()["id"]
-    r = a.send(group, a.user("wally"), "lunch at noon, everyone?")
-    assert r.status_code == 202, r.text
-    message_from(alice, WALLY_JID, lambda el: body(el) == "[group] lunch at noon, everyone?")
-    # A reply to it (XEP-0461) names a message of the group: a plain
-    # message of the direct room, its quote kept, not refused, not in the
-    # group.
-    quote = "> lunch\n"
-    alice.send_raw(f"<message to='{WALLY_JID}' type='chat' id='g1'><body>{quote}just between us: I'll skip it"
-                   f"</body><reply xmlns='{NS_REPLY}' id='{r.json()['id']}'/>"
-                   f"<fallback xmlns='urn:xmpp:fallback:0' for='{NS_REPLY}'><body start='0' end='{len(quote)}'/>"
-                   f"</fallback></message>")
-    got = wait_until(lambda: [e for e in list(srv.events) if e.get("type") == "message" and
-                              e["content"]["parts"][0]["body"] == "> lunch\njust between us: I'll skip it"] or None,
-                     what="the answer at the peer")
-    assert got[0]["room_id"] != group
-    a.assert_direct_room_of(got[0]["room_id"], [ALICE, a.user("wally")])
-    assert "in_reply_to" not in got[0]["content"], got[0]
+    consent_alice(xd, "mimi://wa.example/u/zoe")
+    gid = a.create_room([a.user("wally"), a.user("zoe"), ALICE], kind="group").json()["id"]
+    first = a.send(gid, a.user("wally"), "lunch at noon, everyone?")
+    assert first.status_code == 202, first.text
+    invite = alice.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None)
+    room = invite.get("from")
+    assert room.startswith("#") and room.endswith("@" + COMP), room
+    assert invite.find(q(MUC_USER, "x")).find(q(MUC_USER, "invite")).get("from") == WALLY_JID
+    identities, features = alice.disco_info(room)
+    assert ("conference", "text") in [(c, t) for c, t, _ in identities] and MUC in features
+    # alice joins: the members, herself (110), the history, the subject.
+    start = alice.count()
+    alice.send_presence(to=room + "/alice", payload=f"<x xmlns='{MUC}'><history maxstanzas='10'/></x>")
+    alice.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+    got = alice.stanzas()[start:]
+    occupants = [el.get("from").split("/", 1)[1] for el in got if el.tag == "{jabber:client}presence"]
+    assert occupants == ["wally", "zoe", "alice"], occupants
+    me = [el for el in got if el.tag == "{jabber:client}presence"][-1]
+    assert [c.get("code") for c in me.iter(q(MUC_USER, "status"))] == ["110"]
+    history = [el for el in got if el.tag == "{jabber:client}message" and body(el)]
+    assert [(el.get("from"), body(el), el.get("type")) for el in history] == [
+        (room + "/wally", "lunch at noon, everyone?", "groupchat")]
+    assert history[0].find("{urn:xmpp:delay}delay") is not None
+    assert history[0].find("{urn:xmpp:sid:0}stanza-id").get("id") == first.json()["id"]
+    # The next message comes live.
+    second = a.send(gid, a.user("zoe"), "count me in")
+    live = message_from(alice, room, lambda el: body(el) == "count me in")
+    assert live.get("from") == room + "/zoe" and live.get("type") == "groupchat"
+    assert live.find("{urn:xmpp:sid:0}stanza-id").get("id") == second.json()["id"]
+    assert alice.ping(room + "/alice")  # XEP-0410: still in
+    # alice writes to the group, replying to wally (by the room's id).
+    alice.send_raw(f"<message to='{room}' type='groupchat' id='g1'><body>I'll be there</body>"
+                   f"<reply xmlns='{NS_REPLY}' to='{room}/wally' id='{first.json()['id']}'/></message>")
+    echo = message_from(alice, room, lambda el: el.get("id") == "g1")
+    assert echo.get("from") == room + "/alice" and body(echo) == "I'll be there"
+    at_peer = wait_until(lambda: [e for e in list(srv.events) if e.get("type") == "message" and
+                                  e["content"]["parts"][0]["body"] == "I'll be there"] or None,
+                         what="alice's message at the peer")
+    assert at_peer[0]["room_id"] == gid and at_peer[0]["content"]["in_reply_to"] == first.json()["id"], at_peer
+    assert echo.find("{urn:xmpp:sid:0}stanza-id").get("id") == at_peer[0]["id"]
+    # bob is not a member: he can neither join nor write, nor is he in.
+    bob = prosody.client("bob", "pw-bob")
+    try:
+        start = bob.count()
+        bob.send_presence(to=room + "/bob", payload=f"<x xmlns='{MUC}'/>")
+        err = bob.wait_for_presence(lambda el: el.get("type") == "error", start=start)
+        assert err.find("{jabber:client}error").find(
+            "{urn:ietf:params:xml:ns:xmpp-stanzas}item-not-found") is not None
+        bob.send_message(room, "let me in", mtype="groupchat", id="b1")
+        message_from(bob, room, lambda el: el.get("type") == "error" and el.get("id") == "b1")
+        assert not bob.ping(room + "/bob")
+    finally:
+        bob.disconnect()
+    assert pg.psql("SELECT count(*) FROM events e JOIN identities s ON s.id = e.sender_id "
+                   "WHERE s.uri = 'mimi://example.org/u/bob'", db_url) == "0"
+    # alice leaves: answered; the group's next message waits for her next join.
+    start = alice.count()
+    alice.send_presence(to=room + "/alice", ptype="unavailable")
+    gone = alice.wait_for_presence(lambda el: el.get("type") == "unavailable", start=start)
+    assert [c.get("code") for c in gone.iter(q(MUC_USER, "status"))] == ["110"]
+    assert a.send(gid, a.user("wally"), "see you all").status_code == 202
+    wait_until(lambda: pg.psql("SELECT count(*) FROM outbox o JOIN events e ON e.id = o.event_id WHERE "
+                               "o.destination = 'xmpp' AND o.state = 'delivered' AND "
+                               "e.content->'content'->'parts'->0->>'body' = 'see you all'", db_url) == "1",
+               what="the row delivered (to the history)")
+    alice.expect_no_message(lambda el: body(el) == "see you all", start=start)
+
+
+def test_two_local_members_of_a_group_read_each_other(xd, gk, alice, prosody, pg, db_url):
+    """Two users of this server in one group: each has their own view of
+    the room (the policy decides per user), and what one writes reaches
+    the other's view from the room, under the writer's name, as well as
+    the peer."""
+    a, srv = gk
+    consent_alice(xd)
+    bob_uri = "mimi://example.org/u/bob"
+    assert xd.admin("POST", "/optins", json={"user": bob_uri, "network": "peer:gk", "opted_in": True}).ok
+    assert xd.admin("POST", "/consents", json={"user": bob_uri, "subject_kind": "user",
+                                              "subject": a.user("wally"), "state": "allowed"}).ok
+    bob = prosody.client("bob", "pw-bob")
+    try:
+        gid = a.create_room([a.user("wally"), ALICE, bob_uri], kind="group").json()["id"]
+        assert a.send(gid, a.user("wally"), "hello both").status_code == 202
+        room = alice.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None).get("from")
+        assert bob.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None).get("from") == room
+        for c, nick in ((alice, "alice"), (bob, "bobby")):
+            start = c.count()
+            c.send_presence(to=f"{room}/{nick}", payload=f"<x xmlns='{MUC}'/>")
+            c.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+        bob.send_message(room, "hi alice", mtype="groupchat", id="b1")
+        got = message_from(alice, room, lambda el: body(el) == "hi alice")
+        assert got.get("from") == room + "/bob" and got.get("type") == "groupchat"
+        message_from(bob, room, lambda el: el.get("id") == "b1" and el.get("from") == room + "/bobby")
+        wait_until(lambda: [e for e in list(srv.events) if e.get("type") == "message"
+                            and e["content"]["parts"][0]["body"] == "hi alice"], what="bob's message at the peer")
+    finally:
+        bob.disconnect()
 
 
 def test_a_dead_letter_is_told_to_its_xmpp_writer(make_daemon, db_url, prosody, alice, pg):

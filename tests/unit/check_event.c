@@ -746,17 +746,17 @@ START_TEST(peer_event_types_match_whole_words)
 }
 END_TEST
 
-START_TEST(group_label_goes_before_text_only)
+START_TEST(label_goes_before_text_only)
 {
 	json_t *ev = json_loads("{\"type\":\"message\",\"content\":{\"parts\":[{\"type\":\"text/plain\",\"body\":\"hi\"},"
 				"{\"type\":\"text/html\",\"body\":\"<b>hi</b>\"}],\"attachments\":[{\"url\":\"https://x\"}]}}",
 				0, NULL);
 	ck_assert_ptr_nonnull(ev);
-	json_t *l = event_label_group(ev);
+	json_t *l = event_label(ev, "bob: ", "<b>bob</b>: ");
 	ck_assert_ptr_ne(l, ev); /* a copy: the stored event stays as it is */
 	json_t *parts = json_object_get(json_object_get(l, "content"), "parts");
-	ck_assert_str_eq(json_string_value(json_object_get(json_array_get(parts, 0), "body")), "[group] hi");
-	ck_assert_str_eq(json_string_value(json_object_get(json_array_get(parts, 1), "body")), "<em>[group] </em><b>hi</b>");
+	ck_assert_str_eq(json_string_value(json_object_get(json_array_get(parts, 0), "body")), "bob: hi");
+	ck_assert_str_eq(json_string_value(json_object_get(json_array_get(parts, 1), "body")), "<b>bob</b>: <b>hi</b>");
 	parts = json_object_get(json_object_get(ev, "content"), "parts");
 	ck_assert_str_eq(json_string_value(json_object_get(json_array_get(parts, 0), "body")), "hi");
 	json_decref(l);
@@ -770,15 +770,15 @@ START_TEST(group_label_goes_before_text_only)
 	for (size_t i = 0; i < sizeof(same) / sizeof(same[0]); i++) {
 		ev = json_loads(same[i], 0, NULL);
 		ck_assert_ptr_nonnull(ev);
-		l = event_label_group(ev);
+		l = event_label(ev, "bob: ", "<b>bob</b>: ");
 		ck_assert_ptr_eq(l, ev);
 		json_decref(l);
 		json_decref(ev);
 	}
 	ev = json_loads("{\"type\":\"edit\",\"content\":{\"parts\":[{\"type\":\"text/markdown\",\"body\":\"*x*\"}]}}", 0, NULL);
-	l = event_label_group(ev);
+	l = event_label(ev, "bob: ", "<b>bob</b>: ");
 	ck_assert_str_eq(json_string_value(json_object_get(json_array_get(json_object_get(json_object_get(l, "content"),
-		"parts"), 0), "body")), "[group] *x*");
+		"parts"), 0), "body")), "bob: *x*");
 	json_decref(l);
 	json_decref(ev);
 }
@@ -799,7 +799,7 @@ int main(void)
 	tcase_add_test(tc, batch_cases);
 	tcase_add_test(tc, batch_count_boundary);
 	tcase_add_test(tc, peer_event_types_match_whole_words);
-	tcase_add_test(tc, group_label_goes_before_text_only);
+	tcase_add_test(tc, label_goes_before_text_only);
 	suite_add_tcase(s, tc);
 	return unit_run(s);
 }

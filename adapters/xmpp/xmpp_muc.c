@@ -1,0 +1,572 @@
+/* The XMPP adapter's group chats (XEP-0045): a peer's group room is a
+ * multi-user chat room served by the component, "#<escaped public id>@<component>"
+ * ('#' starts no remote user's JID: their ids have no '#').
+ *
+ * Each local member sees a view of their own, as in Matrix (docs/xmpp.md,
+ * docs/architecture-decisions.md §18): the policy decides per recipient,
+ * so what reaches alice's occupants is what was let through for alice.
+ * The room's other members are occupants the component speaks for (a
+ * remote member by their id, another local member by their local part);
+ * the local user's own resources are the only real occupants, and only
+ * they receive the room's presences and messages.
+ *
+ * The occupants (which full JIDs of which user are in which room, under
+ * which nick) live in memory, in xc->muc under xc->mu: after a restart of
+ * the daemon or a change of the stream's holder, the clients' self-ping
+ * (XEP-0410) is answered not-acceptable and they join again, and the
+ * history sent on joining brings what they missed.
+ *
+ * A local member is invited (a mediated invitation, XEP-0045 §7.8.2) with
+ * the group's first message for them; the room's binding for that user
+ * (room_bindings: the pair key of the user and the room JID, no remote
+ * user) is made then, or when they join first. */
+#include "config.h"
+#include "xmpp_int.h"
+#include "log.h"
+#include "peer/event.h"
+#include "store.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define NS_MUC "http://jabber.org/protocol/muc"
+#define NS_MUC_USER "http://jabber.org/protocol/muc#user"
+#define NS_DELAY "urn:xmpp:delay"
+#define NS_SID "urn:xmpp:sid:0"
+#define NS_DISCO_INFO "http://jabber.org/protocol/disco#info"
+#define NS_DISCO_ITEMS "http://jabber.org/protocol/disco#items"
+#define NS_PING "urn:xmpp:ping"
+
+#define HISTORY_DEFAULT 20
+#define HISTORY_MAX 50
+#define NICK_MAX 255
+#define OCCUPANTS_MAX 10000 /* of all rooms of a component: a bound on memory */
+
+bool xa_muc_room_jid(const struct xcomp *xc, const char *public_id, char *out, size_t len)
+{
+	char esc[4 * 128 + 1];
+	if (!room_public_id_valid(public_id) || !xj_escape_local(public_id, esc, sizeof(esc)))
+		return false;
+	int n = snprintf(out, len, "#%s@%s", esc, xc->domain);
+	return n > 0 && (size_t)n < len;
+}
+
+bool xa_muc_room(const struct xcomp *xc, const char *jid, char *public_id, size_t plen, char *bare, size_t blen,
+		 char *nick, size_t nlen)
+{
+	char l[XJ_PART_MAX + 1], d[XJ_PART_MAX + 1], r[XJ_PART_MAX + 1];
+	if (!xj_split(jid, l, sizeof(l), d, sizeof(d), r, sizeof(r)) || strcmp(d, xc->domain) != 0 || l[0] != '#' ||
+	    !xj_unescape_local(l + 1, public_id, plen) || !room_public_id_valid(public_id))
+		return false;
+	int n = snprintf(bare, blen, "%s@%s", l, d);
+	if (n <= 0 || (size_t)n >= blen || strlen(r) >= nlen)
+		return false;
+	snprintf(nick, nlen, "%s", r);
+	return true;
+}
+
+/* ------------------------------------------------------------ occupants
+ *
+ * xc->muc: {room bare JID: {full JID: {"nick": s, "user": local bare JID}}}. */
+
+static size_t occupants_count(json_t *muc)
+{
+	size_t n = 0;
+	const char *k;
+	json_t *v;
+	json_object_foreach(muc, k, v)
+		n += json_object_size(v);
+	return n;
+}
+
+static bool occupant_put(struct xcomp *xc, const char *room, const char *full, const char *nick, const char *user)
+{
+	bool ok = false;
+	pthread_mutex_lock(&xc->mu);
+	if (!xc->muc)
+		xc->muc = json_object();
+	json_t *r = xc->muc ? json_object_get(xc->muc, room) : NULL;
+	if (xc->muc && !r && json_object_set_new(xc->muc, room, json_object()) == 0)
+		r = json_object_get(xc->muc, room);
+	if (r && (json_object_get(r, full) || occupants_count(xc->muc) < OCCUPANTS_MAX))
+		ok = json_object_set_new(r, full, json_pack("{s:s, s:s}", "nick", nick, "user", user)) == 0;
+	pthread_mutex_unlock(&xc->mu);
+	return ok;
+}
+
+/* Whether full is an occupant of room (its nick into nick). */
+static bool occupant_get(struct xcomp *xc, const char *room, const char *full, char *nick, size_t nlen)
+{
+	pthread_mutex_lock(&xc->mu);
+	json_t *o = xc->muc ? json_object_get(json_object_get(xc->muc, room), full) : NULL;
+	if (o && nick)
+		snprintf(nick, nlen, "%s", json_string_value(json_object_get(o, "nick")));
+	pthread_mutex_unlock(&xc->mu);
+	return o != NULL;
+}
+
+static void occupant_del(struct xcomp *xc, const char *room, const char *full)
+{
+	pthread_mutex_lock(&xc->mu);
+	json_t *r = xc->muc ? json_object_get(xc->muc, room) : NULL;
+	if (r) {
+		json_object_del(r, full);
+		if (json_object_size(r) == 0)
+			json_object_del(xc->muc, room);
+	}
+	pthread_mutex_unlock(&xc->mu);
+}
+
+bool xa_muc_is_occupant(struct xcomp *xc, const char *room, const char *full)
+{
+	return occupant_get(xc, room, full, NULL, 0);
+}
+
+json_t *xa_muc_occupants(struct xcomp *xc, const char *room, const char *user)
+{
+	json_t *out = json_array();
+	pthread_mutex_lock(&xc->mu);
+	const char *full;
+	json_t *o;
+	json_object_foreach(xc->muc ? json_object_get(xc->muc, room) : NULL, full, o)
+		if (out && strcmp(json_string_value(json_object_get(o, "user")), user) == 0)
+			json_array_append_new(out, json_pack("[s, s]", full, json_string_value(json_object_get(o, "nick"))));
+	pthread_mutex_unlock(&xc->mu);
+	return out;
+}
+
+/* ------------------------------------------------------------ stanzas */
+
+/* <x xmlns='muc#user'><item affiliation='member' role=role/> + status codes. */
+static void add_muc_user(xmpp_ctx_t *ctx, xmpp_stanza_t *p, const char *role, bool self)
+{
+	xmpp_stanza_t *x = xa_child(ctx, p, "x", NS_MUC_USER);
+	xmpp_stanza_t *item = x ? xa_child(ctx, x, "item", NULL) : NULL;
+	if (item) {
+		xmpp_stanza_set_attribute(item, "affiliation", "member");
+		xmpp_stanza_set_attribute(item, "role", role);
+	}
+	xmpp_stanza_t *st = self && x ? xa_child(ctx, x, "status", NULL) : NULL;
+	if (st)
+		xmpp_stanza_set_attribute(st, "code", "110");
+}
+
+static xmpp_stanza_t *occupant_presence(xmpp_ctx_t *ctx, const char *room, const char *nick, const char *to,
+					bool self, bool gone)
+{
+	xmpp_stanza_t *p = xmpp_presence_new(ctx);
+	if (!p)
+		return NULL;
+	char from[XJ_JID_MAX + NICK_MAX + 2];
+	snprintf(from, sizeof(from), "%s/%s", room, nick);
+	xmpp_stanza_set_from(p, from);
+	xmpp_stanza_set_to(p, to);
+	if (gone)
+		xmpp_stanza_set_type(p, "unavailable");
+	add_muc_user(ctx, p, gone ? "none" : "participant", self);
+	return p;
+}
+
+/* A presence error answering a join (XEP-0045 §7.2.6: with the muc x). */
+static xmpp_stanza_t *join_error(xmpp_ctx_t *ctx, const char *text, const char *type, const char *cond)
+{
+	xmpp_stanza_t *st = xmpp_stanza_new_from_string(ctx, text);
+	xmpp_stanza_t *r = st ? xa_error_reply(st, type, cond, NULL) : NULL;
+	if (r)
+		xa_child(ctx, r, "x", NS_MUC);
+	if (st)
+		xmpp_stanza_release(st);
+	return r;
+}
+
+static void stamp_of(int64_t ms, char *out, size_t len)
+{
+	time_t t = (time_t)(ms / 1000);
+	struct tm tm;
+	gmtime_r(&t, &tm);
+	char base[32];
+	strftime(base, sizeof(base), "%Y-%m-%dT%H:%M:%S", &tm);
+	snprintf(out, len, "%s.%03dZ", base, (int)(ms % 1000));
+}
+
+/* The room's subject: what it is, sent last on joining (a client counts the
+ * join done when it comes). */
+static void send_subject(struct xcomp *xc, xmpp_ctx_t *ctx, const char *room, const char *to)
+{
+	xmpp_stanza_t *m = xmpp_message_new(ctx, "groupchat", to, NULL);
+	if (!m)
+		return;
+	xmpp_stanza_set_from(m, room);
+	char text[200];
+	snprintf(text, sizeof(text), "A group bridged from %.60s by Causeway (encryption ends at the gateway)", xc->peer);
+	xa_text_child(ctx, m, "subject", NULL, text);
+	xa_enqueue_stanza(xc, m);
+}
+
+/* ------------------------------------------------------------ joining */
+
+struct mjoin {
+	struct xcomp *xc;
+	char *text;                       /* the join presence, serialised */
+	char public_id[EVENT_OPAQUE_ID_MAX + 1];
+	char room[XJ_JID_MAX + 1];        /* the room's bare JID */
+	char full[XJ_JID_MAX + 1];        /* the joining resource */
+	char user[XJ_JID_MAX + 1];        /* its bare JID */
+	char uri[MIMI_URI_MAX + 1];       /* the user's */
+	char nick[NICK_MAX + 1];
+	char native[600];                 /* the binding's pair key */
+	int max;                          /* history: at most this many messages */
+	char since[40];                   /* history: newer than this (ISO 8601), "" for any */
+	/* the job's */
+	bool member;
+	json_t *members;                  /* [nick] of the others */
+	json_t *history;                  /* [[nick, body, ts ms, msg id]] oldest first */
+};
+
+static void mjoin_free(struct mjoin *j)
+{
+	free(j->text);
+	json_decref(j->members);
+	json_decref(j->history);
+	free(j);
+}
+
+/* On the writer: the member check, the binding (made on a first join), the
+ * other members and the history the user may read (what was delivered to
+ * them, and their own messages). */
+static cw_err join_fn(PGconn *c, void *arg, cw_errmsg *e)
+{
+	struct mjoin *j = arg;
+	char max[16];
+	snprintf(max, sizeof(max), "%d", j->max);
+	const char *params[] = { j->public_id, j->uri, j->xc->peer, j->native, j->user, max, j->since };
+	PGresult *r = PQexecParams(c,
+		"WITH r AS (SELECT id FROM rooms WHERE public_id = $1 AND kind = 'group'), "
+		"u AS (SELECT id FROM identities WHERE uri = $2 AND is_local), "
+		"ok AS (SELECT r.id AS room, u.id AS me FROM r, u WHERE EXISTS (SELECT 1 FROM room_members x "
+		"  WHERE x.room_id = r.id AND x.identity_id = u.id AND x.membership = 'joined') "
+		"  AND EXISTS (SELECT 1 FROM room_members x JOIN identities i ON i.id = x.identity_id "
+		"  JOIN peers p ON p.id = i.peer_id WHERE x.room_id = r.id AND p.name = $3)), "
+		"b AS (INSERT INTO room_bindings (room_id, network, native_id, local_identity_id) "
+		"  SELECT room, 'xmpp', $4, me FROM ok ON CONFLICT DO NOTHING), "
+		"ib AS (INSERT INTO identity_bindings (identity_id, network, native_id) SELECT me, 'xmpp', $5 FROM ok "
+		"  ON CONFLICT DO NOTHING), "
+		"h AS (SELECT e.id, e.public_id, CASE WHEN e.sender_id = ok.me THEN '' ELSE s.localpart END AS localpart, e.content->'content'->'parts' AS parts, e.ts "
+		"  FROM ok, events e JOIN identities s ON s.id = e.sender_id WHERE e.room_id = ok.room "
+		"  AND e.type = 'message' AND ($7 = '' OR e.accepted_at > $7::timestamptz) "
+		"  AND (e.sender_id = ok.me OR EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = e.id "
+		"  AND o.target_identity_id = ok.me AND o.state = 'delivered')) "
+		"  AND NOT EXISTS (SELECT 1 FROM events d WHERE d.type = 'delete' AND d.replaces_id = e.id) "
+		"  ORDER BY e.id DESC LIMIT $6::int) "
+		"SELECT 'ok', NULL, NULL, NULL FROM ok "
+		"UNION ALL SELECT 'member', i.localpart, NULL, NULL FROM ok, room_members x "
+		"  JOIN identities i ON i.id = x.identity_id WHERE x.room_id = ok.room AND x.membership = 'joined' "
+		"  AND i.id <> ok.me "
+		"UNION ALL SELECT 'h', h.localpart, (SELECT q->>'body' FROM jsonb_array_elements(h.parts) AS q "
+		"  WHERE q->>'type' = 'text/plain' LIMIT 1), h.ts::text || ' ' || h.public_id FROM (SELECT * FROM h "
+		"  ORDER BY id) AS h",
+		7, NULL, params, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	json_array_clear(j->members);
+	json_array_clear(j->history);
+	j->member = false;
+	for (int i = 0; i < PQntuples(r); i++) {
+		const char *kind = PQgetvalue(r, i, 0);
+		if (strcmp(kind, "ok") == 0) {
+			j->member = true;
+		} else if (strcmp(kind, "member") == 0) {
+			json_array_append_new(j->members, json_string(PQgetvalue(r, i, 1)));
+		} else if (!PQgetisnull(r, i, 2)) {
+			long long ts = atoll(PQgetvalue(r, i, 3));
+			const char *id = strchr(PQgetvalue(r, i, 3), ' ');
+			json_array_append_new(j->history, json_pack("[s, s, I, s]", PQgetvalue(r, i, 1), PQgetvalue(r, i, 2),
+								    (json_int_t)ts, id ? id + 1 : ""));
+		}
+	}
+	PQclear(r);
+	return CW_OK;
+}
+
+static void join_done(void *arg, cw_err rc, const cw_errmsg *e)
+{
+	struct mjoin *j = arg;
+	struct xcomp *xc = j->xc;
+	xmpp_ctx_t *ctx = xa_thread_ctx(xc->x);
+	if (!ctx) {
+		occupant_del(xc, j->room, j->full);
+		mjoin_free(j);
+		return;
+	}
+	bool taken = false;
+	for (size_t i = 0; i < json_array_size(j->members); i++)
+		taken = taken || strcmp(json_string_value(json_array_get(j->members, i)), j->nick) == 0;
+	if (rc || !j->member || taken) {
+		occupant_del(xc, j->room, j->full);
+		if (rc)
+			LOG_KV(CW_LOG_WARN, "xmpp: a join could not be looked at", "component", xc->domain, "detail",
+			       e ? e->msg : "");
+		/* Not a member (or no such group): the same answer, item-not-found. */
+		xmpp_stanza_t *err = join_error(ctx, j->text, rc ? "wait" : "cancel",
+						rc ? "internal-server-error" : taken ? "conflict" : "item-not-found");
+		if (err)
+			xa_enqueue_stanza(xc, err);
+		mjoin_free(j);
+		return;
+	}
+	size_t i;
+	json_t *v;
+	json_array_foreach(j->members, i, v)
+		xa_enqueue_stanza(xc, occupant_presence(ctx, j->room, json_string_value(v), j->full, false, false));
+	xa_enqueue_stanza(xc, occupant_presence(ctx, j->room, j->nick, j->full, true, false));
+	json_array_foreach(j->history, i, v) {
+		const char *nick = json_string_value(json_array_get(v, 0)); /* "": the user's own */
+		char from[XJ_JID_MAX + NICK_MAX + 2], stamp[40];
+		snprintf(from, sizeof(from), "%s/%s", j->room, nick[0] ? nick : j->nick);
+		xmpp_stanza_t *m = xmpp_message_new(ctx, "groupchat", j->full, json_string_value(json_array_get(v, 3)));
+		if (!m)
+			break;
+		xmpp_stanza_set_from(m, from);
+		xmpp_message_set_body(m, json_string_value(json_array_get(v, 1)));
+		xmpp_stanza_t *sid = xa_child(ctx, m, "stanza-id", NS_SID);
+		if (sid) {
+			xmpp_stanza_set_attribute(sid, "id", json_string_value(json_array_get(v, 3)));
+			xmpp_stanza_set_attribute(sid, "by", j->room);
+		}
+		stamp_of(json_integer_value(json_array_get(v, 2)), stamp, sizeof(stamp));
+		xmpp_stanza_t *d = xa_child(ctx, m, "delay", NS_DELAY);
+		if (d) {
+			xmpp_stanza_set_attribute(d, "stamp", stamp);
+			xmpp_stanza_set_attribute(d, "from", j->room);
+		}
+		xa_enqueue_stanza(xc, m);
+	}
+	send_subject(xc, ctx, j->room, j->full);
+	LOG_KV(CW_LOG_INFO, "xmpp: a user joined a group", "component", xc->domain, "room", j->room, "user", j->user);
+	mjoin_free(j);
+}
+
+/* The <history/> a join asks for (XEP-0045 §7.2.13): maxstanzas, seconds
+ * and since; maxchars is taken as "none" only when 0. */
+static void history_wanted(xmpp_stanza_t *st, struct mjoin *j)
+{
+	j->max = HISTORY_DEFAULT;
+	j->since[0] = '\0';
+	xmpp_stanza_t *x = xmpp_stanza_get_child_by_name_and_ns(st, "x", NS_MUC);
+	xmpp_stanza_t *h = x ? xmpp_stanza_get_child_by_name(x, "history") : NULL;
+	if (!h)
+		return;
+	const char *ms = xmpp_stanza_get_attribute(h, "maxstanzas");
+	const char *mc = xmpp_stanza_get_attribute(h, "maxchars");
+	const char *sec = xmpp_stanza_get_attribute(h, "seconds");
+	const char *since = xmpp_stanza_get_attribute(h, "since");
+	if (ms && strspn(ms, "0123456789") == strlen(ms) && strlen(ms) < 6)
+		j->max = atoi(ms);
+	if (mc && strcmp(mc, "0") == 0)
+		j->max = 0;
+	if (j->max > HISTORY_MAX)
+		j->max = HISTORY_MAX;
+	if (sec && strspn(sec, "0123456789") == strlen(sec) && strlen(sec) < 10) {
+		struct tm tm;
+		time_t t = time(NULL) - (time_t)atol(sec);
+		gmtime_r(&t, &tm);
+		strftime(j->since, sizeof(j->since), "%Y-%m-%dT%H:%M:%SZ", &tm);
+	} else if (since && strlen(since) < sizeof(j->since) && strspn(since, "0123456789-:.TZ+") == strlen(since) &&
+		   strlen(since) >= 20) {
+		snprintf(j->since, sizeof(j->since), "%s", since);
+	}
+}
+
+static void join(struct xcomp *xc, xmpp_stanza_t *st, const char *room, const char *public_id, const char *nick,
+		 const char *from, const char *user, const char *local)
+{
+	xmpp_ctx_t *ctx = xc->ctx;
+	char have[NICK_MAX + 1];
+	if (occupant_get(xc, room, from, have, sizeof(have))) {
+		/* in already: a presence update, or a new nick (taken as it is) */
+		occupant_put(xc, room, from, nick, user);
+		xa_send_now(xc, occupant_presence(ctx, room, nick, from, true, false));
+		return;
+	}
+	struct mjoin *j = calloc(1, sizeof(*j));
+	char *text = NULL;
+	size_t len;
+	if (!j || xmpp_stanza_to_text(st, &text, &len) != XMPP_EOK || !text) {
+		free(j);
+		xa_send_now(xc, xa_error_reply(st, "wait", "resource-constraint", NULL));
+		return;
+	}
+	j->text = strdup(text);
+	xmpp_free(ctx, text);
+	j->xc = xc;
+	snprintf(j->public_id, sizeof(j->public_id), "%s", public_id);
+	snprintf(j->room, sizeof(j->room), "%s", room);
+	snprintf(j->full, sizeof(j->full), "%s", from);
+	snprintf(j->user, sizeof(j->user), "%s", user);
+	snprintf(j->nick, sizeof(j->nick), "%s", nick);
+	snprintf(j->uri, sizeof(j->uri), "mimi://%s/u/%s", xc->x->cfg->domain ? xc->x->cfg->domain : "", local);
+	xa_room_native(user, room, j->native, sizeof(j->native));
+	history_wanted(st, j);
+	j->members = json_array();
+	j->history = json_array();
+	/* An occupant from now on: a message delivered while the join is
+	 * looked at reaches it (and may come again in the history: clients
+	 * drop a stanza-id they have). */
+	if (!j->text || !j->members || !j->history || !occupant_put(xc, room, from, nick, user) ||
+	    store_write(xc->x->app->store, join_fn, join_done, j) != CW_OK) {
+		occupant_del(xc, room, from);
+		mjoin_free(j);
+		xa_send_now(xc, xa_error_reply(st, "wait", "resource-constraint", NULL));
+	}
+}
+
+void xa_muc_presence(struct xcomp *xc, xmpp_stanza_t *st)
+{
+	const char *type = xmpp_stanza_get_type(st), *from = xmpp_stanza_get_from(st), *to = xmpp_stanza_get_to(st);
+	char user[1100], local[MIMI_LOCAL_MAX + 1], public_id[EVENT_OPAQUE_ID_MAX + 1], room[XJ_JID_MAX + 1];
+	char nick[NICK_MAX + 1];
+	if (type && strcmp(type, "error") == 0)
+		return;
+	if (!xa_muc_room(xc, to, public_id, sizeof(public_id), room, sizeof(room), nick, sizeof(nick)))
+		return;
+	if (!xa_local_user(xc->x, from, user, sizeof(user), local, sizeof(local))) {
+		if (!type)
+			xa_send_now(xc, xa_error_reply(st, "cancel", "item-not-found", NULL));
+		return;
+	}
+	if (type && strcmp(type, "unavailable") == 0) {
+		char had[NICK_MAX + 1];
+		if (occupant_get(xc, room, from, had, sizeof(had))) {
+			occupant_del(xc, room, from);
+			xa_send_now(xc, occupant_presence(xc->ctx, room, had, from, true, true));
+		}
+		return;
+	}
+	if (type)
+		return; /* subscriptions and probes of a room: not answered */
+	if (!nick[0]) { /* XEP-0045 §7.2.1: a join names a nick */
+		xmpp_stanza_t *err = xa_error_reply(st, "modify", "jid-malformed", NULL);
+		if (err)
+			xa_child(xc->ctx, err, "x", NS_MUC);
+		xa_send_now(xc, err);
+		return;
+	}
+	join(xc, st, room, public_id, nick, from, user, local);
+}
+
+/* ------------------------------------------------------------ iq */
+
+bool xa_muc_iq(struct xcomp *xc, xmpp_stanza_t *st, const char *ns, bool get)
+{
+	const char *to = xmpp_stanza_get_to(st), *from = xmpp_stanza_get_from(st);
+	char public_id[EVENT_OPAQUE_ID_MAX + 1], room[XJ_JID_MAX + 1], nick[NICK_MAX + 1];
+	if (!xa_muc_room(xc, to, public_id, sizeof(public_id), room, sizeof(room), nick, sizeof(nick)))
+		return false;
+	xmpp_ctx_t *ctx = xc->ctx;
+	if (ns && get && strcmp(ns, NS_PING) == 0 && nick[0]) {
+		/* XEP-0410: a client asks whether it is still in: only its own
+		 * nick, from its own resource, is. */
+		char have[NICK_MAX + 1];
+		if (occupant_get(xc, room, from, have, sizeof(have)) && strcmp(have, nick) == 0) {
+			xmpp_stanza_t *r = xa_iq_result(st);
+			if (r)
+				xmpp_stanza_set_from(r, to);
+			xa_send_now(xc, r);
+		} else {
+			xa_send_now(xc, xa_error_reply(st, "cancel", "not-acceptable", NULL));
+		}
+		return true;
+	}
+	if (nick[0])
+		return false; /* an occupant's: nothing else is served */
+	if (ns && get && strcmp(ns, NS_PING) == 0) {
+		xmpp_stanza_t *r = xa_iq_result(st);
+		if (r)
+			xmpp_stanza_set_from(r, to);
+		xa_send_now(xc, r);
+		return true;
+	}
+	if (ns && get && (strcmp(ns, NS_DISCO_INFO) == 0 || strcmp(ns, NS_DISCO_ITEMS) == 0)) {
+		xmpp_stanza_t *r = xa_iq_result(st);
+		if (!r)
+			return true;
+		xmpp_stanza_set_from(r, to);
+		bool info = strcmp(ns, NS_DISCO_INFO) == 0;
+		xmpp_stanza_t *q = xa_child(ctx, r, "query", ns);
+		xmpp_stanza_t *id = info && q ? xa_child(ctx, q, "identity", NULL) : NULL;
+		if (id) {
+			char name[120];
+			snprintf(name, sizeof(name), "A group on %.60s", xc->peer);
+			xmpp_stanza_set_attribute(id, "category", "conference");
+			xmpp_stanza_set_attribute(id, "type", "text");
+			xmpp_stanza_set_attribute(id, "name", name);
+		}
+		static const char *const features[] = {
+			NS_MUC, "muc_membersonly", "muc_persistent", "muc_hidden", "muc_semianonymous",
+			"muc_unmoderated", "muc_unsecured", NS_SID, NS_PING, NULL,
+		};
+		for (const char *const *f = features; info && q && *f; f++) {
+			xmpp_stanza_t *fe = xa_child(ctx, q, "feature", NULL);
+			if (fe)
+				xmpp_stanza_set_attribute(fe, "var", *f);
+		}
+		xa_send_now(xc, r);
+		return true;
+	}
+	return false;
+}
+
+/* ------------------------------------------------------------ messages */
+
+bool xa_muc_invite(struct xcomp *xc, xmpp_ctx_t *ctx, const char *room, const char *user, const char *inviter,
+		   char **text, size_t *len)
+{
+	xmpp_stanza_t *m = xmpp_message_new(ctx, NULL, user, NULL);
+	if (!m)
+		return false;
+	xmpp_stanza_set_from(m, room);
+	xmpp_stanza_t *x = xa_child(ctx, m, "x", NS_MUC_USER);
+	xmpp_stanza_t *inv = x ? xa_child(ctx, x, "invite", NULL) : NULL;
+	char reason[300];
+	snprintf(reason, sizeof(reason), "A group on %.60s that you are a member of (bridged by Causeway: encryption "
+				      "ends at the gateway)", xc->peer);
+	if (inv) {
+		xmpp_stanza_set_attribute(inv, "from", inviter);
+		xa_text_child(ctx, inv, "reason", NULL, reason);
+	}
+	char *buf = NULL;
+	bool ok = xmpp_stanza_to_text(m, &buf, len) == XMPP_EOK && buf;
+	*text = ok ? strdup(buf) : NULL;
+	if (buf)
+		xmpp_free(ctx, buf);
+	xmpp_stanza_release(m);
+	return *text != NULL;
+}
+
+bool xa_muc_reflect(struct xcomp *xc, const char *stanza_text, const char *room, const char *user,
+		    const char *msg_id)
+{
+	xmpp_ctx_t *ctx = xa_thread_ctx(xc->x);
+	json_t *occ = xa_muc_occupants(xc, room, user);
+	size_t i;
+	json_t *o;
+	json_array_foreach(occ, i, o) {
+		xmpp_stanza_t *m = ctx ? xmpp_stanza_new_from_string(ctx, stanza_text) : NULL;
+		if (!m)
+			break;
+		char from[XJ_JID_MAX + NICK_MAX + 2];
+		snprintf(from, sizeof(from), "%s/%s", room, json_string_value(json_array_get(o, 1)));
+		xmpp_stanza_set_from(m, from);
+		xmpp_stanza_set_to(m, json_string_value(json_array_get(o, 0)));
+		xmpp_stanza_t *sid = msg_id && *msg_id ? xa_child(ctx, m, "stanza-id", NS_SID) : NULL;
+		if (sid) {
+			xmpp_stanza_set_attribute(sid, "id", msg_id);
+			xmpp_stanza_set_attribute(sid, "by", room);
+		}
+		xa_enqueue_stanza(xc, m);
+	}
+	json_decref(occ);
+	return true;
+}
