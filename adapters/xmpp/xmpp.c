@@ -1020,6 +1020,7 @@ static void *comp_main(void *arg)
 				xa_roster_sync(xc, lock);
 				xa_profiles(xc, lock);
 				xa_dead_letters(xc, lock);
+				xa_muc_members(xc, lock);
 				xc->resend_pending = false;
 				if (xc->ping_sent_ms && now - xc->ping_sent_ms > PING_TIMEOUT_MS) {
 					snprintf(xc->drop_reason, sizeof(xc->drop_reason), "the server did not answer a ping");
@@ -1110,6 +1111,7 @@ void xa_free(struct xmpp *x)
 		pthread_cond_destroy(&xc->written);
 		json_decref(xc->vcards);
 		json_decref(xc->muc);
+		json_decref(xc->muc_members);
 	}
 	xmpp_ctx_t *c = pthread_getspecific(x->ctx_key);
 	if (c) {

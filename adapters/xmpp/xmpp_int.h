@@ -79,8 +79,9 @@ struct xcomp {
 	/* Remote users' vCards (xmpp_vcard.c): remote id -> {url, type, b64,
 	 * sha1} of the avatar fetched last, under mu. */
 	json_t *vcards;
-	/* The group chats' occupants (xmpp_muc.c), under mu. */
-	json_t *muc;
+	/* The group chats' occupants, and the members they were told of
+	 * (xmpp_muc.c), under mu. */
+	json_t *muc, *muc_members;
 	/* counters */
 	atomic_ullong stanzas_in, stanzas_out, errors_out, connects;
 };
@@ -204,6 +205,10 @@ json_t *xa_muc_occupants(struct xcomp *xc, const char *room, const char *user);
  * *text (malloc'd). */
 bool xa_muc_invite(struct xcomp *xc, xmpp_ctx_t *ctx, const char *room, const char *user, const char *inviter,
 		   char **text, size_t *len);
+/* Housekeeping of the stream's holder: members added to or removed from
+ * a group since its occupants were told come or go as presences; a user
+ * removed from the group is out of the room. */
+void xa_muc_members(struct xcomp *xc, PGconn *c);
 /* A local user's groupchat message (its text) sent back to each of their
  * occupants, from their nick, with the room's stanza-id msg_id. */
 bool xa_muc_reflect(struct xcomp *xc, const char *stanza_text, const char *room, const char *user,

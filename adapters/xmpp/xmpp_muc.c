@@ -290,6 +290,27 @@ static cw_err join_fn(PGconn *c, void *arg, cw_errmsg *e)
 	return CW_OK;
 }
 
+/* The room's members as its occupants were last told (xc->muc_members:
+ * {room: {local part: true}}, the joining user's own included), set by the
+ * first join; xa_muc_members follows the changes. */
+static void announce_first(struct xcomp *xc, const struct mjoin *j)
+{
+	pthread_mutex_lock(&xc->mu);
+	if (!xc->muc_members)
+		xc->muc_members = json_object();
+	if (xc->muc_members && !json_object_get(xc->muc_members, j->room)) {
+		json_t *set = json_object();
+		size_t i;
+		json_t *v;
+		json_array_foreach(j->members, i, v)
+			json_object_set_new(set, json_string_value(v), json_true());
+		const char *at = strchr(j->uri, '/') ? strrchr(j->uri, '/') + 1 : j->uri;
+		json_object_set_new(set, at, json_true());
+		json_object_set_new(xc->muc_members, j->room, set);
+	}
+	pthread_mutex_unlock(&xc->mu);
+}
+
 static void join_done(void *arg, cw_err rc, const cw_errmsg *e)
 {
 	struct mjoin *j = arg;
@@ -320,6 +341,7 @@ static void join_done(void *arg, cw_err rc, const cw_errmsg *e)
 	json_t *v;
 	json_array_foreach(j->members, i, v)
 		xa_enqueue_stanza(xc, occupant_presence(ctx, j->room, json_string_value(v), j->full, false, false));
+	announce_first(xc, j);
 	xa_enqueue_stanza(xc, occupant_presence(ctx, j->room, j->nick, j->full, true, false));
 	json_array_foreach(j->history, i, v) {
 		const char *nick = json_string_value(json_array_get(v, 0)); /* "": the user's own */
@@ -569,4 +591,101 @@ bool xa_muc_reflect(struct xcomp *xc, const char *stanza_text, const char *room,
 	}
 	json_decref(occ);
 	return true;
+}
+
+/* ------------------------------------------------------------ members */
+
+void xa_muc_members(struct xcomp *xc, PGconn *c)
+{
+	/* The rooms someone is in, and what their occupants were told. */
+	json_t *rooms = json_array(), *told = NULL;
+	pthread_mutex_lock(&xc->mu);
+	const char *room;
+	json_t *v;
+	json_object_foreach(xc->muc, room, v) {
+		char pid[EVENT_OPAQUE_ID_MAX + 1], bare[XJ_JID_MAX + 1], nick[8];
+		if (rooms && xa_muc_room(xc, room, pid, sizeof(pid), bare, sizeof(bare), nick, sizeof(nick)))
+			json_array_append_new(rooms, json_pack("[s, s]", pid, room));
+	}
+	told = xc->muc_members ? json_deep_copy(xc->muc_members) : json_object();
+	/* rooms nobody is in any more are forgotten */
+	json_t *keep = json_object();
+	json_object_foreach(told, room, v)
+		if (keep && xc->muc && json_object_get(xc->muc, room))
+			json_object_set(keep, room, v);
+	json_decref(xc->muc_members);
+	xc->muc_members = keep;
+	pthread_mutex_unlock(&xc->mu);
+	if (!rooms || json_array_size(rooms) == 0 || !told) {
+		json_decref(rooms);
+		json_decref(told);
+		return;
+	}
+	char *doc = json_dumps(rooms, JSON_COMPACT);
+	const char *params[] = { doc ? doc : "[]" };
+	PGresult *r = PQexecParams(c,
+		"SELECT x->>1, i.localpart FROM jsonb_array_elements($1::jsonb) AS x "
+		"JOIN rooms rm ON rm.public_id = x->>0 JOIN room_members m ON m.room_id = rm.id AND m.membership = 'joined' "
+		"JOIN identities i ON i.id = m.identity_id",
+		1, NULL, params, NULL, NULL, 0);
+	free(doc);
+	json_decref(rooms);
+	cw_errmsg e;
+	if (store_check(c, r, PGRES_TUPLES_OK, &e)) {
+		LOG_KV(CW_LOG_WARN, "xmpp: cannot read the groups' members", "component", xc->domain, "detail", e.msg);
+		json_decref(told);
+		return;
+	}
+	json_t *now = json_object();
+	for (int i = 0; now && i < PQntuples(r); i++) {
+		json_t *set = json_object_get(now, PQgetvalue(r, i, 0));
+		if (!set)
+			json_object_set_new(now, PQgetvalue(r, i, 0), set = json_object());
+		json_object_set_new(set, PQgetvalue(r, i, 1), json_true());
+	}
+	PQclear(r);
+	/* Each room told before: who came and who went, to each occupant. */
+	json_t *before;
+	json_object_foreach(told, room, before) {
+		json_t *after = json_object_get(now, room);
+		json_t *occ = json_array();
+		pthread_mutex_lock(&xc->mu);
+		const char *full;
+		json_t *o;
+		json_object_foreach(xc->muc ? json_object_get(xc->muc, room) : NULL, full, o)
+			json_array_append_new(occ, json_pack("[s, O, O]", full, json_object_get(o, "nick"),
+							     json_object_get(o, "user")));
+		if (xc->muc_members && json_object_get(xc->muc_members, room))
+			json_object_set(xc->muc_members, room, after ? after : json_object());
+		pthread_mutex_unlock(&xc->mu);
+		const char *who;
+		json_t *x;
+		size_t k;
+		json_t *oc;
+		json_array_foreach(occ, k, oc) {
+			const char *to = json_string_value(json_array_get(oc, 0));
+			const char *user = json_string_value(json_array_get(oc, 2));
+			size_t ul = strcspn(user, "@");
+			json_object_foreach(before, who, x) {
+				bool self = strlen(who) == ul && strncmp(who, user, ul) == 0;
+				if (after && json_object_get(after, who))
+					continue;
+				if (self) { /* the user is no longer a member: out of the room */
+					xa_send_now(xc, occupant_presence(xc->ctx, room, json_string_value(json_array_get(oc, 1)),
+									  to, true, true));
+					occupant_del(xc, room, to);
+				} else {
+					xa_send_now(xc, occupant_presence(xc->ctx, room, who, to, false, true));
+				}
+			}
+			json_object_foreach(after, who, x) {
+				bool self = strlen(who) == ul && strncmp(who, user, ul) == 0;
+				if (!self && !json_object_get(before, who))
+					xa_send_now(xc, occupant_presence(xc->ctx, room, who, to, false, false));
+			}
+		}
+		json_decref(occ);
+	}
+	json_decref(now);
+	json_decref(told);
 }

@@ -276,6 +276,13 @@ def test_a_group_is_a_room_of_the_component(xd, gk, alice, prosody, pg, db_url):
                          what="alice's message at the peer")
     assert at_peer[0]["room_id"] == gid and at_peer[0]["content"]["in_reply_to"] == first.json()["id"], at_peer
     assert echo.find("{urn:xmpp:sid:0}stanza-id").get("id") == at_peer[0]["id"]
+    # The peer adds yves and removes zoe: alice sees them come and go.
+    start = alice.count()
+    assert a.call("POST", f"/v1/rooms/{gid}/members",
+                  {"add": [a.user("yves")], "remove": [a.user("zoe")]}).status_code == 200
+    alice.wait_for_presence(lambda el: el.get("from") == room + "/yves" and el.get("type") is None, start=start)
+    alice.wait_for_presence(lambda el: el.get("from") == room + "/zoe" and el.get("type") == "unavailable",
+                            start=start)
     # bob is not a member: he can neither join nor write, nor is he in.
     bob = prosody.client("bob", "pw-bob")
     try:
