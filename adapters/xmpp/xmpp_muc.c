@@ -656,7 +656,7 @@ void xa_muc_members(struct xcomp *xc, PGconn *c)
 			json_array_append_new(occ, json_pack("[s, O, O]", full, json_object_get(o, "nick"),
 							     json_object_get(o, "user")));
 		if (xc->muc_members && json_object_get(xc->muc_members, room))
-			json_object_set(xc->muc_members, room, after ? after : json_object());
+			json_object_set_new(xc->muc_members, room, after ? json_incref(after) : json_object());
 		pthread_mutex_unlock(&xc->mu);
 		const char *who;
 		json_t *x;
