@@ -451,8 +451,11 @@ void xa_muc_presence(struct xcomp *xc, xmpp_stanza_t *st)
 	char nick[NICK_MAX + 1];
 	if (type && strcmp(type, "error") == 0)
 		return;
-	if (!xa_muc_room(xc, to, public_id, sizeof(public_id), room, sizeof(room), nick, sizeof(nick)))
+	if (!xa_muc_room(xc, to, public_id, sizeof(public_id), room, sizeof(room), nick, sizeof(nick))) {
+		if (!type) /* no group's JID, or a nick over 255 bytes */
+			xa_send_now(xc, xa_error_reply(st, "cancel", "item-not-found", NULL));
 		return;
+	}
 	if (!xa_local_user(xc->x, from, user, sizeof(user), local, sizeof(local))) {
 		if (!type)
 			xa_send_now(xc, xa_error_reply(st, "cancel", "item-not-found", NULL));

@@ -186,8 +186,9 @@ static bool build_group(struct xmpp *x, struct outbox_row *row, PGresult *r, int
 		return true;
 	}
 	const char *type = json_string_value(json_object_get(row->event, "type"));
-	if (type && strcmp(type, "receipt") == 0)
-		return true; /* markers in a room name the room's ids; not carried yet */
+	const char *rk = json_string_value(json_object_get(json_object_get(row->event, "content"), "receipt"));
+	if (type && strcmp(type, "receipt") == 0 && (!rk || strcmp(rk, "read") != 0))
+		return true; /* XEP-0184 receipts are not for rooms; a read one is a XEP-0333 marker */
 	json_t *occ = xa_muc_occupants(*xc, room, local_jid);
 	const char *id = json_string_value(json_object_get(row->event, "id"));
 	json_t *set = col(r, k, 17) ? json_loads(col(r, k, 17), 0, NULL) : NULL;

@@ -276,6 +276,17 @@ def test_a_group_is_a_room_of_the_component(xd, gk, alice, prosody, pg, db_url):
                          what="alice's message at the peer")
     assert at_peer[0]["room_id"] == gid and at_peer[0]["content"]["in_reply_to"] == first.json()["id"], at_peer
     assert echo.find("{urn:xmpp:sid:0}stanza-id").get("id") == at_peer[0]["id"]
+    # Read markers (XEP-0333) both ways, by the room's ids.
+    assert post(a, f"/v1/rooms/{gid}/receipts", {
+        "type": "receipt", "sender": a.user("wally"), "content": {"receipt": "read", "in_reply_to": at_peer[0]["id"]}}
+                ).status_code == 202
+    m = message_from(alice, room, lambda el: el.find("{urn:xmpp:chat-markers:0}displayed") is not None)
+    assert m.get("from") == room + "/wally" and m.get("type") == "groupchat"
+    assert m.find("{urn:xmpp:chat-markers:0}displayed").get("id") == at_peer[0]["id"]
+    alice.send_raw(f"<message to='{room}' type='groupchat' id='d1'>"
+                   f"<displayed xmlns='urn:xmpp:chat-markers:0' id='{second.json()['id']}'/></message>")
+    wait_until(lambda: [e for e in list(srv.events) if e.get("type") == "receipt" and e["room_id"] == gid
+                        and e["content"]["in_reply_to"] == second.json()["id"]], what="alice's marker at the peer")
     # The peer adds yves and removes zoe: alice sees them come and go.
     start = alice.count()
     assert a.call("POST", f"/v1/rooms/{gid}/members",
