@@ -8,6 +8,12 @@
 -- them.  The bot makes the portal and invites the user; each remote member
 -- that speaks there is invited by the bot and joins as its ghost.  A portal
 -- is a room binding with the local user and no remote one.
+--
+-- A group may have a name (POST /v1/rooms "name"): the portals' name, the
+-- XMPP room's subject.
+ALTER TABLE rooms ADD COLUMN name text;
+ALTER TABLE rooms ADD CONSTRAINT rooms_name_check CHECK (name IS NULL OR octet_length(name) BETWEEN 1 AND 255);
+COMMENT ON COLUMN rooms.name IS 'A group''s name as its creator gave it (NULL: none).';
 ALTER TABLE room_bindings DROP CONSTRAINT room_bindings_dm_pair;
 ALTER TABLE room_bindings ADD CONSTRAINT room_bindings_pair_or_portal
     CHECK (remote_identity_id IS NULL OR local_identity_id IS NOT NULL);

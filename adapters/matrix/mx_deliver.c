@@ -379,18 +379,20 @@ static cw_err ensure_room(struct matrix *m, PGconn *c, const char *neutral_room,
  * the user invited, bound to the group (a room binding with no remote
  * user, schema/017_group_portals.sql).  Per user, not one for all: the
  * policy decides for each recipient, so each room holds what was let
- * through for its user.  No name: clients name it after its members. */
-static cw_err ensure_portal(struct matrix *m, PGconn *c, const char *neutral_room, const char *target_id,
-			    const char *target_mxid, char *room, size_t rlen, char *binding, size_t blen, cw_errmsg *e)
+ * through for its user.  Named as the group is (POST /v1/rooms "name"),
+ * else not: clients name it after its members. */
+static cw_err ensure_portal(struct matrix *m, PGconn *c, const char *neutral_room, const char *name,
+			    const char *target_id, const char *target_mxid, char *room, size_t rlen, char *binding,
+			    size_t blen, cw_errmsg *e)
 {
 	/* As in a direct room, nobody may redact another's events (the bot
 	 * included): a ghost deletes only its own remote user's messages. */
 	cw_err rc = create_room(m, NULL,
-				json_pack("{s:s, s:[s], s:s, s:{s:i}}", "preset", "private_chat", "invite", target_mxid,
+				json_pack("{s:s, s:[s], s:s, s:{s:i}, s:s*}", "preset", "private_chat", "invite", target_mxid,
 					  "topic",
 					  "A group chat bridged by Causeway: what is written here reaches its members on other "
 					  "networks, and encryption ends at the gateway.",
-					  "power_level_content_override", "redact", 101),
+					  "power_level_content_override", "redact", 101, "name", name),
 				room, rlen, e);
 	if (rc)
 		return rc;
@@ -488,8 +490,8 @@ static bool already_sent(struct matrix *m, const char *room, const char *ghost, 
  * the direct room, the neutral room and the event's ts; the sender's
  * avatar, whether its profile changed since its ghost's was last set, and
  * when it changed; the kind of the event's room; for a group, the
- * recipient's portal (Matrix room, binding id) and whether the sender's
- * ghost has joined it. */
+ * recipient's portal (Matrix room, binding id), whether the sender's
+ * ghost has joined it, and the group's name. */
 static cw_err batch_info(PGconn *c, const struct outbox_row *rows, size_t n, PGresult **out, cw_errmsg *e)
 {
 	*out = NULL;
@@ -519,7 +521,8 @@ static cw_err batch_info(PGconn *c, const struct outbox_row *rows, size_t n, PGr
 		" s.profile_changed_at IS NOT NULL AND coalesce((SELECT profile_synced_at FROM identity_bindings "
 		"  WHERE identity_id = s.id AND network = 'matrix'), '-infinity') < s.profile_changed_at, "
 		" s.profile_changed_at::text, rm.kind, pb.native_id, pb.id, "
-		" EXISTS (SELECT 1 FROM matrix_portal_members pm WHERE pm.binding_id = pb.id AND pm.identity_id = s.id) "
+		" EXISTS (SELECT 1 FROM matrix_portal_members pm WHERE pm.binding_id = pb.id AND pm.identity_id = s.id), "
+		" rm.name "
 		"FROM unnest($1::bigint[], $2::bigint[]) WITH ORDINALITY AS x(ev, tg, k) "
 		"JOIN events ev ON ev.id = x.ev JOIN identities s ON s.id = ev.sender_id JOIN identities t ON t.id = x.tg "
 		"JOIN rooms rm ON rm.id = ev.room_id LEFT JOIN peers p ON p.id = s.peer_id "
@@ -787,7 +790,8 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 		json_object_set_new(made, gkey, json_string(ghost));
 	}
 	if (!have_room && group) {
-		if (ensure_portal(m, c, neutral_room, target, target_mxid, room, sizeof(room), binding, sizeof(binding), e))
+		if (ensure_portal(m, c, neutral_room, PQgetisnull(r, i, 19) ? NULL : PQgetvalue(r, i, 19), target,
+				  target_mxid, room, sizeof(room), binding, sizeof(binding), e))
 			return PREP_FAIL;
 		json_object_set_new(made, rkey, json_string(room));
 		json_object_set_new(made, bkey, json_string(binding));

@@ -16,6 +16,7 @@
 #include <strings.h>
 
 #define ROOM_MEMBERS_MAX 256
+#define ROOM_NAME_MAX 255 /* bytes of a group's name */
 
 /* ------------------------------------------------------------ signatures */
 
@@ -263,6 +264,7 @@ struct room_input {
 	char domain[MIMI_DOMAIN_MAX + 1];
 	const char *kind;
 	char *policy;
+	char *name;               /* a group's, or NULL */
 	size_t n;
 	struct room_member_in m[ROOM_MEMBERS_MAX];
 };
@@ -272,12 +274,27 @@ static void room_input_free(void *arg)
 	struct room_input *in = arg;
 	free(in->idem_key);
 	free(in->policy);
+	free(in->name);
 	free(in);
 }
 
-static json_t *room_json(const char *public_id, const char *uri, const char *kind, json_t *members)
+static json_t *room_json(const char *public_id, const char *uri, const char *kind, const char *name, json_t *members)
 {
-	return json_pack("{s:s, s:s, s:s, s:o}", "id", public_id, "uri", uri, "kind", kind, "members", members);
+	return json_pack("{s:s, s:s, s:s, s:s*, s:o}", "id", public_id, "uri", uri, "kind", kind, "name", name, "members",
+			 members);
+}
+
+/* A group's name: 1-255 bytes of UTF-8 (jansson's strings are) without
+ * control characters; shown as the room's name on the local networks. */
+static bool room_name_valid(const json_t *v)
+{
+	size_t n = json_string_length(v);
+	if (!json_is_string(v) || n < 1 || n > ROOM_NAME_MAX)
+		return false;
+	for (const unsigned char *p = (const unsigned char *)json_string_value(v); *p; p++)
+		if (*p < 0x20 || *p == 0x7f)
+			return false;
+	return strlen(json_string_value(v)) == n; /* no NUL inside */
 }
 
 /* Where a member lives: this provider (network "local"), the calling peer,
@@ -334,10 +351,10 @@ static cw_err room_create_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		return rc;
 	char caller_id[24];
 	snprintf(caller_id, sizeof(caller_id), "%lld", (long long)in->p->id);
-	const char *params[] = { in->public_id, in->uri, in->hub, in->kind, in->policy, caller_id };
-	PGresult *r = exec(c, "INSERT INTO rooms (public_id, uri, hub_domain, kind, policy, created_by_peer_id) "
-			      "VALUES ($1, $2, $3, $4, $5::jsonb, $6::bigint) ON CONFLICT (uri) DO NOTHING RETURNING id",
-			   6, params);
+	const char *params[] = { in->public_id, in->uri, in->hub, in->kind, in->policy, caller_id, in->name };
+	PGresult *r = exec(c, "INSERT INTO rooms (public_id, uri, hub_domain, kind, policy, created_by_peer_id, name) "
+			      "VALUES ($1, $2, $3, $4, $5::jsonb, $6::bigint, $7) ON CONFLICT (uri) DO NOTHING RETURNING id",
+			   7, params);
 	if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
 		return rc;
 	if (PQntuples(r) == 0) {
@@ -368,7 +385,7 @@ static cw_err room_create_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 							 "membership", "joined"));
 	}
 	j->status = 201;
-	j->body = room_json(in->public_id, in->uri, in->kind, members);
+	j->body = room_json(in->public_id, in->uri, in->kind, in->name, members);
 	return idem_store(c, in->scope, in->idem_key, in->hash, NULL, room_id, 201, j->body, e);
 }
 
@@ -391,6 +408,7 @@ void peer_api_room_create(struct cw_req *req, void *ctx)
 	const char *bad = NULL;
 	json_t *kind = json_object_get(body, "kind"), *members = json_object_get(body, "members");
 	json_t *policy = json_object_get(body, "policy"), *uri = json_object_get(body, "uri");
+	json_t *name = json_object_get(body, "name");
 	cw_errmsg e;
 	if (!in) {
 		bad = "out of memory";
@@ -404,6 +422,10 @@ void peer_api_room_create(struct cw_req *req, void *ctx)
 		bad = "a direct room has exactly two members";
 	} else if (policy && !json_is_object(policy)) {
 		bad = "policy must be an object";
+	} else if (name && !json_is_null(name) && strcmp(json_string_value(kind), "group") != 0) {
+		bad = "only a group has a name";
+	} else if (name && !json_is_null(name) && !room_name_valid(name)) {
+		bad = "name must be a string of 1 to 255 bytes without control characters";
 	}
 	bool caller_member = false;
 	for (size_t i = 0; !bad && i < json_array_size(members); i++) {
@@ -487,6 +509,7 @@ void peer_api_room_create(struct cw_req *req, void *ctx)
 	}
 	in->kind = strcmp(json_string_value(kind), "direct") == 0 ? "direct" : "group";
 	in->policy = policy ? json_dumps(policy, JSON_COMPACT) : strdup("{}");
+	in->name = json_is_string(name) ? strdup(json_string_value(name)) : NULL;
 	json_decref(body);
 	app_job_run(app, req, room_create_fn, in, room_input_free, true);
 }
@@ -505,7 +528,7 @@ static cw_err room_state(PGconn *c, struct app_job *j, const char *public_id, in
 	const char *params[] = { public_id, pid };
 	/* A peer sees the rooms its users are members of, nothing else. */
 	PGresult *r = exec(c,
-		"SELECT r.public_id, r.uri, r.kind, r.policy::text, i.uri, m.role, m.membership "
+		"SELECT r.public_id, r.uri, r.kind, r.policy::text, i.uri, m.role, m.membership, r.name "
 		"FROM rooms r JOIN room_members m ON m.room_id = r.id JOIN identities i ON i.id = m.identity_id "
 		"WHERE r.public_id = $1 AND EXISTS (SELECT 1 FROM room_members m2 JOIN identities i2 "
 		"ON i2.id = m2.identity_id WHERE m2.room_id = r.id AND i2.peer_id = $2::bigint) ORDER BY i.uri",
@@ -522,7 +545,8 @@ static cw_err room_state(PGconn *c, struct app_job *j, const char *public_id, in
 	for (int i = 0; i < PQntuples(r); i++)
 		json_array_append_new(members, json_pack("{s:s, s:s, s:s}", "user", PQgetvalue(r, i, 4), "role",
 							 PQgetvalue(r, i, 5), "membership", PQgetvalue(r, i, 6)));
-	j->body = room_json(PQgetvalue(r, 0, 0), PQgetvalue(r, 0, 1), PQgetvalue(r, 0, 2), members);
+	j->body = room_json(PQgetvalue(r, 0, 0), PQgetvalue(r, 0, 1), PQgetvalue(r, 0, 2),
+			    PQgetisnull(r, 0, 7) ? NULL : PQgetvalue(r, 0, 7), members);
 	json_object_set_new(j->body, "policy", json_loads(PQgetvalue(r, 0, 3), 0, NULL));
 	PQclear(r);
 	return CW_OK;

@@ -190,16 +190,21 @@ static void stamp_of(int64_t ms, char *out, size_t len)
 	snprintf(out, len, "%s.%03dZ", base, (int)(ms % 1000));
 }
 
-/* The room's subject: what it is, sent last on joining (a client counts the
- * join done when it comes). */
-static void send_subject(struct xcomp *xc, xmpp_ctx_t *ctx, const char *room, const char *to)
+/* The room's subject: the group's name and what it is, sent last on
+ * joining (a client counts the join done when it comes). */
+static void send_subject(struct xcomp *xc, xmpp_ctx_t *ctx, const char *room, const char *name, const char *to)
 {
 	xmpp_stanza_t *m = xmpp_message_new(ctx, "groupchat", to, NULL);
 	if (!m)
 		return;
 	xmpp_stanza_set_from(m, room);
-	char text[200];
-	snprintf(text, sizeof(text), "A group bridged from %.60s by Causeway (encryption ends at the gateway)", xc->peer);
+	char text[500];
+	if (*name)
+		snprintf(text, sizeof(text), "%s (bridged from %.60s by Causeway: encryption ends at the gateway)", name,
+			 xc->peer);
+	else
+		snprintf(text, sizeof(text), "A group bridged from %.60s by Causeway (encryption ends at the gateway)",
+			 xc->peer);
 	xa_text_child(ctx, m, "subject", NULL, text);
 	xa_enqueue_stanza(xc, m);
 }
@@ -215,6 +220,7 @@ struct mjoin {
 	char user[XJ_JID_MAX + 1];        /* its bare JID */
 	char uri[MIMI_URI_MAX + 1];       /* the user's */
 	char nick[NICK_MAX + 1];
+	char name[256];                   /* the group's, "" for none */
 	char native[600];                 /* the binding's pair key */
 	int max;                          /* history: at most this many messages */
 	char since[40];                   /* history: newer than this (ISO 8601), "" for any */
@@ -259,7 +265,7 @@ static cw_err join_fn(PGconn *c, void *arg, cw_errmsg *e)
 		"  AND o.target_identity_id = ok.me AND o.state = 'delivered')) "
 		"  AND NOT EXISTS (SELECT 1 FROM events d WHERE d.type = 'delete' AND d.replaces_id = e.id) "
 		"  ORDER BY e.id DESC LIMIT $6::int) "
-		"SELECT 'ok', NULL, NULL, NULL FROM ok "
+		"SELECT 'ok', (SELECT name FROM rooms WHERE id = ok.room), NULL, NULL FROM ok "
 		"UNION ALL SELECT 'member', i.localpart, NULL, NULL FROM ok, room_members x "
 		"  JOIN identities i ON i.id = x.identity_id WHERE x.room_id = ok.room AND x.membership = 'joined' "
 		"  AND i.id <> ok.me "
@@ -277,6 +283,8 @@ static cw_err join_fn(PGconn *c, void *arg, cw_errmsg *e)
 		const char *kind = PQgetvalue(r, i, 0);
 		if (strcmp(kind, "ok") == 0) {
 			j->member = true;
+			if (!PQgetisnull(r, i, 1))
+				snprintf(j->name, sizeof(j->name), "%s", PQgetvalue(r, i, 1));
 		} else if (strcmp(kind, "member") == 0) {
 			json_array_append_new(j->members, json_string(PQgetvalue(r, i, 1)));
 		} else if (!PQgetisnull(r, i, 2)) {
@@ -365,7 +373,7 @@ static void join_done(void *arg, cw_err rc, const cw_errmsg *e)
 		}
 		xa_enqueue_stanza(xc, m);
 	}
-	send_subject(xc, ctx, j->room, j->full);
+	send_subject(xc, ctx, j->room, j->name, j->full);
 	LOG_KV(CW_LOG_INFO, "xmpp: a user joined a group", "component", xc->domain, "room", j->room, "user", j->user);
 	mjoin_free(j);
 }

@@ -208,8 +208,10 @@ class PeerClient:
         h.update(headers or {})
         return requests.request(method, url, data=data, headers=h, timeout=10)
 
-    def create_room(self, members, kind=None, idem=None):
+    def create_room(self, members, kind=None, idem=None, name=None):
         body = {"kind": kind or ("direct" if len(members) == 2 else "group"), "members": members}
+        if name is not None:
+            body["name"] = name
         return self.call("POST", "/v1/rooms", body, idem=idem)
 
     def assert_direct_room_of(self, room_id, members):

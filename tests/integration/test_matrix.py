@@ -905,7 +905,7 @@ def test_a_group_reaches_each_local_member_in_a_room_of_its_own(mx, hs, gk, pg, 
     _, alice_token = hs.create_user("alice")
     _, carol_token = hs.create_user("carol")
     alice, carol = hs.as_user(alice_token), hs.as_user(carol_token)
-    group = a.create_room([a.user("wally"), a.user("bob"), ALICE, carol_uri], kind="group").json()
+    group = a.create_room([a.user("wally"), a.user("bob"), ALICE, carol_uri], kind="group", name="Lunch club").json()
     gid = group["id"]
     assert a.send(gid, a.user("wally"), "lunch at noon, everyone?").status_code == 202
     assert a.send(gid, a.user("bob"), "count me in").status_code == 202
@@ -923,6 +923,7 @@ def test_a_group_reaches_each_local_member_in_a_room_of_its_own(mx, hs, gk, pg, 
     wait_until(lambda: len(said(mine)) == 2, what="both messages in alice's room")
     assert said(mine) == [(wally, "lunch at noon, everyone?"), (bob, "count me in")]
     assert hs.members(mine) == {bot: "join", ALICE_MX: "invite", wally: "join", bob: "join"}, hs.members(mine)
+    assert hs.state(mine, "m.room.name")["content"]["name"] == "Lunch club"
     # carol has her own room; bob, whom she has not accepted, waits for her.
     hers = wait_until(lambda: portal("@carol:example.org"), what="carol's room of the group")
     assert hers != mine

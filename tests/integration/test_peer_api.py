@@ -282,6 +282,11 @@ def test_room_creation_errors(daemon, peers, pg, db_url):
         ({"kind": "group", "members": [b.user("x"), b.user("y")]}, "calling peer"),
         ({"kind": "group", "members": [a.user("x"), b.user("y")], "uri": "mimi://tg.example/r/abc"}, "uri"),
         ({"kind": "group", "members": [a.user("x"), b.user("y")], "policy": []}, "policy"),
+        ({"kind": "direct", "members": [a.user("x"), b.user("y")], "name": "us"}, "only a group"),
+        ({"kind": "group", "members": [a.user("x"), b.user("y")], "name": 7}, "name must be"),
+        ({"kind": "group", "members": [a.user("x"), b.user("y")], "name": ""}, "name must be"),
+        ({"kind": "group", "members": [a.user("x"), b.user("y")], "name": "x" * 256}, "name must be"),
+        ({"kind": "group", "members": [a.user("x"), b.user("y")], "name": "tab\there"}, "name must be"),
     ]
     for body, word in cases:
         r = a.call("POST", "/v1/rooms", body)
@@ -410,7 +415,9 @@ def test_typing_too_old_to_be_shown_is_expired_not_sent_late(make_daemon, db_url
 
 def test_members_add_and_remove(daemon, peers, pg, db_url):
     (a, _), (b, sb) = peers
-    rm = a.create_room([a.user("alice"), b.user("bob")], kind="group").json()
+    rm = a.create_room([a.user("alice"), b.user("bob")], kind="group", name="Lunch club \u2615").json()
+    assert rm["name"] == "Lunch club \u2615"
+    assert a.call("GET", f"/v1/rooms/{rm['id']}").json()["name"] == "Lunch club \u2615"
     r = a.call("POST", f"/v1/rooms/{rm['id']}/members", {"add": [b.user("carol"), "mimi://example.org/u/dave"]})
     assert r.status_code == 200, r.text
     users = {m["user"]: m["membership"] for m in r.json()["members"]}

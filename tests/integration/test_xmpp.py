@@ -237,7 +237,7 @@ def test_a_group_is_a_room_of_the_component(xd, gk, alice, prosody, pg, db_url):
     a, srv = gk
     consent_alice(xd)
     consent_alice(xd, "mimi://wa.example/u/zoe")
-    gid = a.create_room([a.user("wally"), a.user("zoe"), ALICE], kind="group").json()["id"]
+    gid = a.create_room([a.user("wally"), a.user("zoe"), ALICE], kind="group", name="Lunch club").json()["id"]
     first = a.send(gid, a.user("wally"), "lunch at noon, everyone?")
     assert first.status_code == 202, first.text
     invite = alice.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None)
@@ -249,7 +249,8 @@ def test_a_group_is_a_room_of_the_component(xd, gk, alice, prosody, pg, db_url):
     # alice joins: the members, herself (110), the history, the subject.
     start = alice.count()
     alice.send_presence(to=room + "/alice", payload=f"<x xmlns='{MUC}'><history maxstanzas='10'/></x>")
-    alice.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+    subject = alice.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+    assert subject.find("{jabber:client}subject").text.startswith("Lunch club (bridged from gk")
     got = alice.stanzas()[start:]
     occupants = [el.get("from").split("/", 1)[1] for el in got if el.tag == "{jabber:client}presence"]
     assert occupants == ["wally", "zoe", "alice"], occupants
