@@ -370,9 +370,11 @@ static void notices(struct matrix *m, PGconn *c)
  * the newest is where the user means to talk: the binding moves here, and
  * the ghost says so in the old room and leaves it (else the user's words
  * here would go nowhere, in silence).  A ghost invited into a room that is
- * already the conversation with someone else (a second ghost in a direct
- * room, or a stranger to a group in that group's room) says so and leaves;
- * a member of a group invited into the user's room of it just joins. */
+ * already the conversation with someone else (another user's direct room,
+ * or a stranger to a group a peer hosts, in that group's room) says so and
+ * leaves; a member of a group invited into the user's room of it just
+ * joins.  A second remote user invited into the user's own direct room
+ * makes it a group hosted here, which the user then grows by inviting. */
 static void ghost_invited(struct matrix *m, PGconn *c, const char *room, const char *sender, const char *ghost)
 {
 	char local_id[24], uri[600], net[64], remote_local[MX_ID_MAX + 1];
@@ -436,6 +438,41 @@ static void ghost_invited(struct matrix *m, PGconn *c, const char *room, const c
 			group = PQgetvalue(r, 0, 4)[0] == 't';
 			PQclear(r);
 		}
+	}
+	if (!rc && (other || (group && !portal[0]))) {
+		/* A second remote user invited into the user's direct room, or
+		 * another into a group the user made that way: a group hosted
+		 * here (made now from the direct room: its binding moves to it),
+		 * with the invited one a member. */
+		char pub[40];
+		cw_new_id(pub, sizeof(pub), "r_");
+		const char *params[] = { room, local_id, remote_id, pub, m->cfg->domain ? m->cfg->domain : "" };
+		r = PQexecParams(c,
+			"WITH b AS (SELECT b.id, b.room_id, b.remote_identity_id AS a FROM room_bindings b "
+			"  WHERE b.network = 'matrix' AND b.native_id = $1 AND b.local_identity_id = $2::bigint "
+			"  AND (b.remote_identity_id <> $3::bigint OR (b.remote_identity_id IS NULL AND EXISTS (SELECT 1 "
+			"  FROM rooms x WHERE x.id = b.room_id AND x.kind = 'group' AND x.hub_domain = $5))) FOR UPDATE), "
+			"nr AS (INSERT INTO rooms (public_id, uri, hub_domain, kind) "
+			"  SELECT $4, 'mimi://' || $5 || '/r/' || $4, $5, 'group' FROM b WHERE b.a IS NOT NULL RETURNING id), "
+			"g AS (SELECT coalesce((SELECT id FROM nr), b.room_id) AS room FROM b), "
+			"mb AS (INSERT INTO room_members (room_id, identity_id, membership) "
+			"  SELECT g.room, x, 'joined' FROM g, b, unnest(ARRAY[$2::bigint, b.a, $3::bigint]) AS x "
+			"  WHERE x IS NOT NULL ON CONFLICT (room_id, identity_id) DO UPDATE SET membership = 'joined', "
+			"  updated_at = now()), "
+			"up AS (UPDATE room_bindings rb SET room_id = g.room, remote_identity_id = NULL FROM g, b "
+			"  WHERE rb.id = b.id RETURNING rb.id), "
+			"pm AS (INSERT INTO matrix_portal_members (binding_id, identity_id) SELECT up.id, x FROM up, b, "
+			"  unnest(ARRAY[b.a, $3::bigint]) AS x WHERE x IS NOT NULL ON CONFLICT DO NOTHING) "
+			"SELECT id FROM up",
+			5, NULL, params, NULL, NULL, 0);
+		rc = store_check(c, r, PGRES_TUPLES_OK, &e);
+		if (!rc && PQntuples(r) == 1) {
+			snprintf(portal, sizeof(portal), "%s", PQgetvalue(r, 0, 0));
+			other = group = false;
+			LOG_KV(CW_LOG_INFO, "a Matrix user made a group with remote users", "room", room, "user", sender);
+		}
+		if (!rc)
+			PQclear(r);
 	}
 	cw_errmsg e2;
 	store_exec(c, rc ? "ROLLBACK" : "COMMIT", rc ? &e2 : &e);

@@ -388,13 +388,14 @@ def test_a_conversation_started_from_matrix(mx, hs, gk, pg, db_url):
     assert pg.psql("SELECT count(*) FROM consent_requests", db_url) == "0"
 
 
-def test_a_second_room_with_a_ghost_takes_over_and_a_second_ghost_in_a_room_says_why_it_goes(
+def test_a_second_room_with_a_ghost_takes_over_and_a_second_ghost_makes_it_a_group(
         mx, hs, gk, pg, db_url):
     """A user who opens a new direct room with a ghost she already has one
     with (an old room forgotten, or left in another client) talks in the
     new one: the conversation (the same neutral room) moves there, the
     ghost says so in the old room and leaves it.  Before, the ghost joined
-    the new room and what she wrote there went nowhere, in silence."""
+    the new room and what she wrote there went nowhere, in silence.  A
+    second ghost she invites there makes it a group (hosted here)."""
     a, srv = gk
     _, alice_token = hs.create_user("alice")
     alice = hs.as_user(alice_token)
@@ -419,16 +420,33 @@ def test_a_second_room_with_a_ghost_takes_over_and_a_second_ghost_in_a_room_says
     wait_until(lambda: any(e["sender"] == ghost and e["type"] == "m.room.message" and
                            e["content"]["body"] == "got both" for e in hs.events(second)), what="the reply")
     assert pg.psql("SELECT native_id FROM room_bindings WHERE network = 'matrix'", db_url) == second
-    # A second ghost invited into that direct room cannot be bridged there
-    # (only direct conversations are): it says so and leaves, rather than
-    # sit in the room while nothing reaches its user.
+    # A second ghost invited into that direct room makes it a group hosted
+    # here, of the three: what alice writes there reaches both, and the
+    # answers come back into it; a third joins the same way.
     a.create_room([a.user("bob"), "mimi://example.org/u/someone"])
-    bob = "@_cw_gk_bob:example.org"
+    a.create_room([a.user("zed"), "mimi://example.org/u/someone"])
+    bob, zed = "@_cw_gk_bob:example.org", "@_cw_gk_zed:example.org"
     alice.invite(second, bob)
-    wait_until(lambda: hs.members(second).get(bob) == "leave", what="bob's ghost leaves")
-    said = [e for e in hs.events(second) if e["type"] == "m.room.message" and e["sender"] == bob]
-    assert said and "Only direct conversations are bridged" in said[-1]["content"]["body"], said
-    assert pg.psql("SELECT native_id FROM room_bindings WHERE network = 'matrix'", db_url) == second
+    wait_until(lambda: hs.members(second).get(bob) == "join", what="bob's ghost joins")
+    wait_until(lambda: pg.psql("SELECT r.kind FROM room_bindings b JOIN rooms r ON r.id = b.room_id "
+                               "WHERE b.network = 'matrix'", db_url) == "group", what="the room bound to a group")
+    alice.send_text(second, "hello both")
+    got = wait_until(lambda: [e for e in list(srv.events) if e.get("type") == "message" and
+                              e["content"]["parts"][0]["body"] == "hello both"] or None, what="the group's message")
+    group = got[0]["room_id"]
+    assert group != conversation
+    state = a.call("GET", f"/v1/rooms/{group}").json()
+    assert state["kind"] == "group" and sorted(m["user"] for m in state["members"]) == sorted(
+        [ALICE, a.user("wally"), a.user("bob")]), state
+    assert a.send(group, a.user("bob"), "hi alice and wally").status_code == 202
+    wait_until(lambda: any(e["sender"] == bob and e["type"] == "m.room.message" and
+                           e["content"]["body"] == "hi alice and wally" for e in hs.events(second)),
+               what="bob's answer in the room")
+    alice.invite(second, zed)
+    wait_until(lambda: hs.members(second).get(zed) == "join", what="zed's ghost joins")
+    wait_until(lambda: a.user("zed") in [m["user"] for m in a.call("GET", f"/v1/rooms/{group}").json()["members"]],
+               what="zed in the group")
+    assert pg.psql("SELECT count(*) FROM rooms WHERE kind = 'group'", db_url) == "1"
 
 
 def test_a_message_that_goes_nowhere_is_told_to_its_writer(mx, hs, gk, pg, db_url):
