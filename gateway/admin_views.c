@@ -160,7 +160,8 @@ static void view_run(struct cw_app *app, struct cw_req *req, struct view *v)
 
 /* A room of x, as listed (the members counted are those joined now). */
 #define ROOM_FIELDS \
-	"'id', x.public_id, 'row', x.id, 'uri', x.uri, 'kind', x.kind, 'created_at', " TS("x.created_at") ", " \
+	"'id', x.public_id, 'row', x.id, 'uri', x.uri, 'kind', x.kind, 'name', x.name, " \
+	"'created_at', " TS("x.created_at") ", " \
 	"'member_count', (SELECT count(*) FROM room_members m WHERE m.room_id = x.id AND m.membership = 'joined'), " \
 	"'bindings', (SELECT coalesce(json_agg(json_build_object('network', b.network, 'native_id', b.native_id, " \
 	" 'created_at', " TS("b.created_at") ") ORDER BY b.network, b.id), '[]'::json) " \

@@ -86,6 +86,7 @@ def test_views_after_real_traffic(daemon, peers, pg, db_url):  # noqa: F811
     x = rooms["rooms"][0]
     row = int(pg.psql(f"SELECT id FROM rooms WHERE public_id = '{room['id']}'", db_url))
     assert (x["id"], x["row"], x["uri"], x["kind"], x["member_count"]) == (room["id"], row, room["uri"], "direct", 2)
+    assert x["name"] is None  # a group's name shows here (POST /v1/rooms "name")
     assert TS.match(x["created_at"])
     assert [(y["network"], y["native_id"]) for y in x["bindings"]] == [("matrix", "!abc:hs.example")]
     assert TS.match(x["bindings"][0]["created_at"])
