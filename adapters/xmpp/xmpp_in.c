@@ -489,6 +489,10 @@ void xa_in_message(struct xcomp *xc, xmpp_stanza_t *st)
 		to_component(xc, st);
 		return;
 	}
+	if (xa_muc_invites(xc, st)) {
+		free(in);
+		return;
+	}
 	char public_id[EVENT_OPAQUE_ID_MAX + 1], nick[256];
 	if (type && strcmp(type, "groupchat") == 0 &&
 	    xa_muc_room(xc, to, public_id, sizeof(public_id), in->remote_bare, sizeof(in->remote_bare), nick,

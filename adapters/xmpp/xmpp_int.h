@@ -205,6 +205,10 @@ json_t *xa_muc_occupants(struct xcomp *xc, const char *room, const char *user);
  * *text (malloc'd). */
 bool xa_muc_invite(struct xcomp *xc, xmpp_ctx_t *ctx, const char *room, const char *user, const char *inviter,
 		   char **text, size_t *len);
+/* A local user's invitations (XEP-0045 §7.8.2, a message to the room with
+ * <invite to=/>): the invited (remote users of this component, local
+ * users) become members of a group hosted here; true when st was one. */
+bool xa_muc_invites(struct xcomp *xc, xmpp_stanza_t *st);
 /* Housekeeping of the stream's holder: members added to or removed from
  * a group since its occupants were told come or go as presences; a user
  * removed from the group is out of the room. */

@@ -1,6 +1,8 @@
 /* The XMPP adapter's group chats (XEP-0045): a peer's group room is a
- * multi-user chat room served by the component, "#<escaped public id>@<component>"
- * ('#' starts no remote user's JID: their ids have no '#').
+ * multi-user chat room served by the component, "#<x>@<component>" for the
+ * public id "r_<x>", x escaped as a remote user's id is ('#' starts no
+ * remote user's JID: their ids have no '#').  A local user who joins a
+ * room nobody has makes a group hosted here ("#lunch" is "r_lunch").
  *
  * Each local member sees a view of their own, as in Matrix (docs/xmpp.md,
  * docs/architecture-decisions.md §18): the policy decides per recipient,
@@ -32,6 +34,7 @@
 
 #define NS_MUC "http://jabber.org/protocol/muc"
 #define NS_MUC_USER "http://jabber.org/protocol/muc#user"
+#define NS_MUC_OWNER "http://jabber.org/protocol/muc#owner"
 #define NS_DELAY "urn:xmpp:delay"
 #define NS_SID "urn:xmpp:sid:0"
 #define NS_DISCO_INFO "http://jabber.org/protocol/disco#info"
@@ -46,7 +49,8 @@
 bool xa_muc_room_jid(const struct xcomp *xc, const char *public_id, char *out, size_t len)
 {
 	char esc[4 * 128 + 1];
-	if (!room_public_id_valid(public_id) || !xj_escape_local(public_id, esc, sizeof(esc)))
+	/* a public id is "r_" and the room's own part: the JID holds the part */
+	if (!room_public_id_valid(public_id) || !xj_escape_local(public_id + 2, esc, sizeof(esc)))
 		return false;
 	int n = snprintf(out, len, "#%s@%s", esc, xc->domain);
 	return n > 0 && (size_t)n < len;
@@ -56,8 +60,10 @@ bool xa_muc_room(const struct xcomp *xc, const char *jid, char *public_id, size_
 		 char *nick, size_t nlen)
 {
 	char l[XJ_PART_MAX + 1], d[XJ_PART_MAX + 1], r[XJ_PART_MAX + 1];
+	char part[EVENT_OPAQUE_ID_MAX + 1];
 	if (!xj_split(jid, l, sizeof(l), d, sizeof(d), r, sizeof(r)) || strcmp(d, xc->domain) != 0 || l[0] != '#' ||
-	    !xj_unescape_local(l + 1, public_id, plen) || !room_public_id_valid(public_id))
+	    !xj_unescape_local(l + 1, part, sizeof(part)) || (size_t)snprintf(public_id, plen, "r_%s", part) >= plen ||
+	    !room_public_id_valid(public_id))
 		return false;
 	int n = snprintf(bare, blen, "%s@%s", l, d);
 	if (n <= 0 || (size_t)n >= blen || strlen(r) >= nlen)
@@ -219,13 +225,14 @@ struct mjoin {
 	char full[XJ_JID_MAX + 1];        /* the joining resource */
 	char user[XJ_JID_MAX + 1];        /* its bare JID */
 	char uri[MIMI_URI_MAX + 1];       /* the user's */
+	char local[MIMI_LOCAL_MAX + 1];   /* their local part */
 	char nick[NICK_MAX + 1];
 	char name[256];                   /* the group's, "" for none */
 	char native[600];                 /* the binding's pair key */
 	int max;                          /* history: at most this many messages */
 	char since[40];                   /* history: newer than this (ISO 8601), "" for any */
 	/* the job's */
-	bool member;
+	bool member, created;              /* created: the room is new (made by this join) */
 	json_t *members;                  /* [nick] of the others */
 	json_t *history;                  /* [[nick, body, ts ms, msg id]] oldest first */
 };
@@ -246,14 +253,25 @@ static cw_err join_fn(PGconn *c, void *arg, cw_errmsg *e)
 	struct mjoin *j = arg;
 	char max[16];
 	snprintf(max, sizeof(max), "%d", j->max);
-	const char *params[] = { j->public_id, j->uri, j->xc->peer, j->native, j->user, max, j->since };
+	const char *domain = j->xc->x->cfg->domain ? j->xc->x->cfg->domain : "";
+	const char *params[] = { j->public_id, j->uri, j->xc->peer, j->native, j->user, max, j->since, domain, j->local };
 	PGresult *r = PQexecParams(c,
-		"WITH r AS (SELECT id FROM rooms WHERE public_id = $1 AND kind = 'group'), "
-		"u AS (SELECT id FROM identities WHERE uri = $2 AND is_local), "
-		"ok AS (SELECT r.id AS room, u.id AS me FROM r, u WHERE EXISTS (SELECT 1 FROM room_members x "
-		"  WHERE x.room_id = r.id AND x.identity_id = u.id AND x.membership = 'joined') "
-		"  AND EXISTS (SELECT 1 FROM room_members x JOIN identities i ON i.id = x.identity_id "
-		"  JOIN peers p ON p.id = i.peer_id WHERE x.room_id = r.id AND p.name = $3)), "
+		/* a room nobody has is made, hosted here, the user its first member */
+		"WITH ex AS (SELECT id, kind FROM rooms WHERE public_id = $1), "
+		"nr AS (INSERT INTO rooms (public_id, uri, hub_domain, kind) SELECT $1, 'mimi://' || $8 || '/r/' || $1, $8, "
+		"  'group' WHERE NOT EXISTS (SELECT 1 FROM ex) ON CONFLICT DO NOTHING RETURNING id), "
+		"r AS (SELECT id FROM ex WHERE kind = 'group' UNION ALL SELECT id FROM nr), "
+		"u0 AS (SELECT id FROM identities WHERE uri = $2 AND is_local), "
+		"u1 AS (INSERT INTO identities (uri, domain, localpart, is_local, network) SELECT $2, $8, $9, true, 'xmpp' "
+		"  WHERE NOT EXISTS (SELECT 1 FROM u0) AND EXISTS (SELECT 1 FROM nr) ON CONFLICT DO NOTHING RETURNING id), "
+		"u AS (SELECT id FROM u0 UNION ALL SELECT id FROM u1), "
+		"nm AS (INSERT INTO room_members (room_id, identity_id, membership) SELECT nr.id, u.id, 'joined' FROM nr, u), "
+		/* else a member, of a group of this component's peer or hosted here */
+		"ok AS (SELECT r.id AS room, u.id AS me FROM r, u WHERE r.id IN (SELECT id FROM nr) OR (EXISTS (SELECT 1 "
+		"  FROM room_members x WHERE x.room_id = r.id AND x.identity_id = u.id AND x.membership = 'joined') "
+		"  AND (EXISTS (SELECT 1 FROM room_members x JOIN identities i ON i.id = x.identity_id "
+		"  JOIN peers p ON p.id = i.peer_id WHERE x.room_id = r.id AND p.name = $3) OR EXISTS (SELECT 1 FROM rooms x "
+		"  WHERE x.id = r.id AND x.hub_domain = $8 AND x.created_by_peer_id IS NULL)))), "
 		"b AS (INSERT INTO room_bindings (room_id, network, native_id, local_identity_id) "
 		"  SELECT room, 'xmpp', $4, me FROM ok ON CONFLICT DO NOTHING), "
 		"ib AS (INSERT INTO identity_bindings (identity_id, network, native_id) SELECT me, 'xmpp', $5 FROM ok "
@@ -265,17 +283,18 @@ static cw_err join_fn(PGconn *c, void *arg, cw_errmsg *e)
 		"  AND o.target_identity_id = ok.me AND o.state = 'delivered')) "
 		"  AND NOT EXISTS (SELECT 1 FROM events d WHERE d.type = 'delete' AND d.replaces_id = e.id) "
 		"  ORDER BY e.id DESC LIMIT $6::int) "
-		"SELECT 'ok', (SELECT name FROM rooms WHERE id = ok.room), NULL, NULL FROM ok "
+		"SELECT 'ok', (SELECT name FROM rooms WHERE id = ok.room), EXISTS (SELECT 1 FROM nr)::text, NULL FROM ok "
 		"UNION ALL SELECT 'member', i.localpart, NULL, NULL FROM ok, room_members x "
 		"  JOIN identities i ON i.id = x.identity_id WHERE x.room_id = ok.room AND x.membership = 'joined' "
 		"  AND i.id <> ok.me "
 		"UNION ALL SELECT 'h', h.localpart, (SELECT q->>'body' FROM jsonb_array_elements(h.parts) AS q "
 		"  WHERE q->>'type' = 'text/plain' LIMIT 1), h.ts::text || ' ' || h.public_id FROM (SELECT * FROM h "
 		"  ORDER BY id) AS h",
-		7, NULL, params, NULL, NULL, 0);
+		9, NULL, params, NULL, NULL, 0);
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 	if (rc)
 		return rc;
+	j->created = false;
 	json_array_clear(j->members);
 	json_array_clear(j->history);
 	j->member = false;
@@ -283,6 +302,7 @@ static cw_err join_fn(PGconn *c, void *arg, cw_errmsg *e)
 		const char *kind = PQgetvalue(r, i, 0);
 		if (strcmp(kind, "ok") == 0) {
 			j->member = true;
+			j->created = PQgetvalue(r, i, 2)[0] == 't';
 			if (!PQgetisnull(r, i, 1))
 				snprintf(j->name, sizeof(j->name), "%s", PQgetvalue(r, i, 1));
 		} else if (strcmp(kind, "member") == 0) {
@@ -350,7 +370,12 @@ static void join_done(void *arg, cw_err rc, const cw_errmsg *e)
 	json_array_foreach(j->members, i, v)
 		xa_enqueue_stanza(xc, occupant_presence(ctx, j->room, json_string_value(v), j->full, false, false));
 	announce_first(xc, j);
-	xa_enqueue_stanza(xc, occupant_presence(ctx, j->room, j->nick, j->full, true, false));
+	xmpp_stanza_t *me = occupant_presence(ctx, j->room, j->nick, j->full, true, false);
+	xmpp_stanza_t *ux = me ? xmpp_stanza_get_child_by_name_and_ns(me, "x", NS_MUC_USER) : NULL;
+	xmpp_stanza_t *created = j->created && ux ? xa_child(ctx, ux, "status", NULL) : NULL;
+	if (created) /* XEP-0045 §10.1.1: a new room */
+		xmpp_stanza_set_attribute(created, "code", "201");
+	xa_enqueue_stanza(xc, me);
 	json_array_foreach(j->history, i, v) {
 		const char *nick = json_string_value(json_array_get(v, 0)); /* "": the user's own */
 		char from[XJ_JID_MAX + NICK_MAX + 2], stamp[40];
@@ -437,6 +462,7 @@ static void join(struct xcomp *xc, xmpp_stanza_t *st, const char *room, const ch
 	snprintf(j->user, sizeof(j->user), "%s", user);
 	snprintf(j->nick, sizeof(j->nick), "%s", nick);
 	snprintf(j->uri, sizeof(j->uri), "mimi://%s/u/%s", xc->x->cfg->domain ? xc->x->cfg->domain : "", local);
+	snprintf(j->local, sizeof(j->local), "%s", local);
 	xa_room_native(user, room, j->native, sizeof(j->native));
 	history_wanted(st, j);
 	j->members = json_array();
@@ -514,6 +540,26 @@ bool xa_muc_iq(struct xcomp *xc, xmpp_stanza_t *st, const char *ns, bool get)
 	}
 	if (nick[0])
 		return false; /* an occupant's: nothing else is served */
+	if (ns && strcmp(ns, NS_MUC_OWNER) == 0) {
+		/* A new room's configuration (XEP-0045 §10.1.2): there is
+		 * nothing to configure; an instant room is accepted as it is. */
+		xmpp_stanza_t *r = xa_iq_result(st);
+		if (r)
+			xmpp_stanza_set_from(r, to);
+		xmpp_stanza_t *q = r && get ? xa_child(ctx, r, "query", NS_MUC_OWNER) : NULL;
+		xmpp_stanza_t *x = q ? xa_child(ctx, q, "x", "jabber:x:data") : NULL;
+		if (x) {
+			xmpp_stanza_set_attribute(x, "type", "form");
+			xmpp_stanza_t *f = xa_child(ctx, x, "field", NULL);
+			if (f) {
+				xmpp_stanza_set_attribute(f, "var", "FORM_TYPE");
+				xmpp_stanza_set_attribute(f, "type", "hidden");
+				xa_text_child(ctx, f, "value", NULL, "http://jabber.org/protocol/muc#roomconfig");
+			}
+		}
+		xa_send_now(xc, r);
+		return true;
+	}
 	if (ns && get && strcmp(ns, NS_PING) == 0) {
 		xmpp_stanza_t *r = xa_iq_result(st);
 		if (r)
@@ -699,4 +745,132 @@ void xa_muc_members(struct xcomp *xc, PGconn *c)
 	}
 	json_decref(now);
 	json_decref(told);
+}
+
+/* ------------------------------------------------------------ invitations */
+
+#define INVITES_MAX 16
+
+struct minvite {
+	struct xcomp *xc;
+	char *text;                      /* the message, serialised */
+	char public_id[EVENT_OPAQUE_ID_MAX + 1];
+	char uri[MIMI_URI_MAX + 1];      /* the inviter's */
+	json_t *who;                     /* [["r" remote | "l" local, local part]] */
+	bool added;
+};
+
+static cw_err invite_fn(PGconn *c, void *arg, cw_errmsg *e)
+{
+	struct minvite *v = arg;
+	char *who = json_dumps(v->who, JSON_COMPACT);
+	if (!who)
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	const char *domain = v->xc->x->cfg->domain ? v->xc->x->cfg->domain : "";
+	const char *params[] = { v->public_id, v->uri, v->xc->peer, domain, who };
+	/* Only into a group hosted here (a peer's group takes members from
+	 * the peer), by a member of it. */
+	PGresult *r = PQexecParams(c,
+		"WITH p AS (SELECT id, domain FROM peers WHERE name = $3 AND enabled), "
+		"r AS (SELECT g.id FROM rooms g WHERE g.public_id = $1 AND g.kind = 'group' AND g.hub_domain = $4 "
+		"  AND g.created_by_peer_id IS NULL AND EXISTS (SELECT 1 FROM room_members x JOIN identities i "
+		"  ON i.id = x.identity_id WHERE x.room_id = g.id AND i.uri = $2 AND x.membership = 'joined')), "
+		"inv AS (SELECT DISTINCT x->>0 AS kind, x->>1 AS local FROM jsonb_array_elements($5::jsonb) AS x), "
+		"want AS (SELECT CASE WHEN inv.kind = 'r' THEN 'mimi://' || p.domain || '/u/' || inv.local "
+		"  ELSE 'mimi://' || $4 || '/u/' || inv.local END AS uri, inv.kind, inv.local, p.id AS peer, p.domain "
+		"  FROM inv, p, r), "
+		"ni AS (INSERT INTO identities (uri, domain, localpart, is_local, network, peer_id) "
+		"  SELECT w.uri, CASE WHEN w.kind = 'r' THEN w.domain ELSE $4 END, w.local, w.kind = 'l', "
+		"  CASE WHEN w.kind = 'r' THEN 'peer:' || $3 ELSE 'xmpp' END, CASE WHEN w.kind = 'r' THEN w.peer END "
+		"  FROM want w ON CONFLICT DO NOTHING RETURNING id), "
+		"ids AS (SELECT id FROM ni UNION SELECT i.id FROM identities i JOIN want w ON w.uri = i.uri), "
+		"mb AS (INSERT INTO room_members (room_id, identity_id, membership) SELECT r.id, ids.id, 'joined' FROM r, ids "
+		"  ON CONFLICT (room_id, identity_id) DO UPDATE SET membership = 'joined', updated_at = now() RETURNING 1) "
+		"SELECT (SELECT count(*) FROM r), (SELECT count(*) FROM mb)",
+		5, NULL, params, NULL, NULL, 0);
+	free(who);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	v->added = PQgetvalue(r, 0, 0)[0] == '1';
+	PQclear(r);
+	return CW_OK;
+}
+
+static void invite_done(void *arg, cw_err rc, const cw_errmsg *e)
+{
+	struct minvite *v = arg;
+	if (rc || !v->added) {
+		if (rc)
+			LOG_KV(CW_LOG_WARN, "xmpp: an invitation could not be stored", "component", v->xc->domain, "detail",
+			       e ? e->msg : "");
+		xmpp_ctx_t *ctx = xa_thread_ctx(v->xc->x);
+		xmpp_stanza_t *st = ctx ? xmpp_stanza_new_from_string(ctx, v->text) : NULL;
+		if (st) {
+			/* a peer's group, or not the inviter's: the hub decides who is in */
+			xa_enqueue_stanza(v->xc, xa_error_reply(st, rc ? "wait" : "cancel",
+								  rc ? "internal-server-error" : "not-allowed", NULL));
+			xmpp_stanza_release(st);
+		}
+	}
+	/* The members' presences follow from the stream's housekeeping
+	 * (xa_muc_members); the group's next message invites a local user. */
+	free(v->text);
+	json_decref(v->who);
+	free(v);
+}
+
+bool xa_muc_invites(struct xcomp *xc, xmpp_stanza_t *st)
+{
+	const char *to = xmpp_stanza_get_to(st), *from = xmpp_stanza_get_from(st);
+	xmpp_stanza_t *x = xmpp_stanza_get_child_by_name_and_ns(st, "x", NS_MUC_USER);
+	char public_id[EVENT_OPAQUE_ID_MAX + 1], room[XJ_JID_MAX + 1], nick[NICK_MAX + 1];
+	char user[1100], local[MIMI_LOCAL_MAX + 1];
+	if (!x || !xmpp_stanza_get_child_by_name(x, "invite") ||
+	    !xa_muc_room(xc, to, public_id, sizeof(public_id), room, sizeof(room), nick, sizeof(nick)) || nick[0])
+		return false;
+	if (!xa_local_user(xc->x, from, user, sizeof(user), local, sizeof(local)) ||
+	    !xa_muc_is_occupant(xc, room, from)) {
+		xa_send_now(xc, xa_error_reply(st, "modify", "not-acceptable", NULL));
+		return true;
+	}
+	struct minvite *v = calloc(1, sizeof(*v));
+	json_t *who = json_array();
+	bool bad = !v || !who;
+	int n = 0;
+	for (xmpp_stanza_t *c = xmpp_stanza_get_children(x); c && !bad; c = xmpp_stanza_get_next(c)) {
+		const char *name = xmpp_stanza_get_name(c), *jid = xmpp_stanza_get_attribute(c, "to");
+		if (!name || strcmp(name, "invite") != 0)
+			continue;
+		char id[MIMI_LOCAL_MAX + 1], bare[XJ_JID_MAX + 1], l2[MIMI_LOCAL_MAX + 1];
+		if (!jid || ++n > INVITES_MAX)
+			bad = true;
+		else if (xa_remote_user(xc, jid, id, sizeof(id), bare, sizeof(bare)))
+			json_array_append_new(who, json_pack("[s, s]", "r", id));
+		else if (xa_local_user(xc->x, jid, bare, sizeof(bare), l2, sizeof(l2)))
+			json_array_append_new(who, json_pack("[s, s]", "l", l2));
+		else
+			bad = true; /* another component's users, or another server's */
+	}
+	char *text = NULL;
+	size_t len;
+	if (bad || xmpp_stanza_to_text(st, &text, &len) != XMPP_EOK || !text) {
+		free(v);
+		json_decref(who);
+		xa_send_now(xc, xa_error_reply(st, "modify", "bad-request", NULL));
+		return true;
+	}
+	v->text = strdup(text);
+	xmpp_free(xc->ctx, text);
+	v->xc = xc;
+	v->who = who;
+	snprintf(v->public_id, sizeof(v->public_id), "%s", public_id);
+	snprintf(v->uri, sizeof(v->uri), "mimi://%s/u/%s", xc->x->cfg->domain ? xc->x->cfg->domain : "", local);
+	if (!v->text || store_write(xc->x->app->store, invite_fn, invite_done, v) != CW_OK) {
+		free(v->text);
+		json_decref(who);
+		free(v);
+		xa_send_now(xc, xa_error_reply(st, "wait", "resource-constraint", NULL));
+	}
+	return true;
 }

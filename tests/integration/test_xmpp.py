@@ -354,6 +354,51 @@ def test_two_local_members_of_a_group_read_each_other(xd, gk, alice, prosody, pg
         bob.disconnect()
 
 
+def test_an_xmpp_user_makes_a_group(xd, gk, alice, pg, db_url):
+    """Joining a room nobody has makes a group hosted here (XEP-0045 room
+    creation, an instant room); invitations from its member add remote
+    users of the component; what they write to each other crosses. An
+    invitation into a peer's group is not the user's to make."""
+    a, srv = gk
+    room = "#lunch@" + COMP
+    start = alice.count()
+    alice.send_presence(to=room + "/alice", payload=f"<x xmlns='{MUC}'/>")
+    me = alice.wait_for_presence(lambda el: el.get("from") == room + "/alice", start=start)
+    assert sorted(c.get("code") for c in me.iter(q(MUC_USER, "status"))) == ["110", "201"], me.xml
+    alice.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+    alice.iq("set", room, "<query xmlns='http://jabber.org/protocol/muc#owner'>"
+                          "<x xmlns='jabber:x:data' type='submit'/></query>")
+    alice.send_raw(f"<message to='{room}'><x xmlns='{MUC_USER}'><invite to='{WALLY_JID}'/>"
+                   f"<invite to='zoe@{COMP}'/></x></message>")
+    for nick in ("wally", "zoe"):
+        alice.wait_for_presence(lambda el, n=nick: el.get("from") == f"{room}/{n}" and el.get("type") is None,
+                                start=start)
+    alice.send_message(room, "lunch at noon?", mtype="groupchat", id="l1")
+    message_from(alice, room, lambda el: el.get("id") == "l1")
+    got = wait_until(lambda: [e for e in list(srv.events) if e.get("type") == "message"
+                              and e["content"]["parts"][0]["body"] == "lunch at noon?"] or None, what="the peer")
+    assert got[0]["room_id"] == "r_lunch"
+    state = a.call("GET", "/v1/rooms/r_lunch").json()
+    assert state["kind"] == "group" and sorted(m["user"] for m in state["members"]) == sorted(
+        [ALICE, a.user("wally"), a.user("zoe")]), state
+    assert a.send("r_lunch", a.user("wally"), "yes!").status_code == 202
+    m = message_from(alice, room, lambda el: body(el) == "yes!")
+    assert m.get("from") == room + "/wally" and m.get("type") == "groupchat"
+    # A peer's group takes members from the peer only.
+    consent_alice(xd)
+    gid = a.create_room([a.user("wally"), a.user("zoe"), ALICE], kind="group").json()["id"]
+    assert a.send(gid, a.user("wally"), "theirs").status_code == 202
+    theirs = alice.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None
+                                    and el.get("from") != room).get("from")
+    start = alice.count()
+    alice.send_presence(to=theirs + "/alice", payload=f"<x xmlns='{MUC}'/>")
+    alice.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+    alice.send_raw(f"<message to='{theirs}' id='i2'><x xmlns='{MUC_USER}'><invite to='yves@{COMP}'/></x></message>")
+    err = message_from(alice, theirs, lambda el: el.get("type") == "error" and el.get("id") == "i2")
+    assert err.find("{jabber:client}error").find("{urn:ietf:params:xml:ns:xmpp-stanzas}not-allowed") is not None
+    assert pg.psql("SELECT count(*) FROM identities WHERE localpart = 'yves'", db_url) == "0"
+
+
 def test_a_dead_letter_is_told_to_its_xmpp_writer(make_daemon, db_url, prosody, alice, pg):
     """A local user's message to a peer that stays down for the whole retry
     budget is told to them, by the component (an error stanza would have
