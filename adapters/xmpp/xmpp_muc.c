@@ -439,8 +439,10 @@ static void join(struct xcomp *xc, xmpp_stanza_t *st, const char *room, const ch
 {
 	xmpp_ctx_t *ctx = xc->ctx;
 	char have[NICK_MAX + 1];
-	if (occupant_get(xc, room, from, have, sizeof(have))) {
-		/* in already: a presence update, or a new nick (taken as it is) */
+	if (occupant_get(xc, room, from, have, sizeof(have)) && !xmpp_stanza_get_child_by_name_and_ns(st, "x", NS_MUC)) {
+		/* in already: a presence update, or a new nick (taken as it is);
+		 * a join again (with the muc x: the client thinks it is out) is
+		 * answered in full, below */
 		occupant_put(xc, room, from, nick, user);
 		xa_send_now(xc, occupant_presence(ctx, room, nick, from, true, false));
 		return;

@@ -267,6 +267,11 @@ def test_a_group_is_a_room_of_the_component(xd, gk, alice, prosody, pg, db_url):
     assert live.get("from") == room + "/zoe" and live.get("type") == "groupchat"
     assert live.find("{urn:xmpp:sid:0}stanza-id").get("id") == second.json()["id"]
     assert alice.ping(room + "/alice")  # XEP-0410: still in
+    # A client that joins again (it thinks it is out) gets the whole join.
+    start = alice.count()
+    alice.send_presence(to=room + "/alice", payload=f"<x xmlns='{MUC}'><history maxstanzas='0'/></x>")
+    alice.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+    assert not [el for el in alice.stanzas()[start:] if el.tag == "{jabber:client}message" and body(el)]
     # alice writes to the group, replying to wally (by the room's id).
     alice.send_raw(f"<message to='{room}' type='groupchat' id='g1'><body>I'll be there</body>"
                    f"<reply xmlns='{NS_REPLY}' to='{room}/wally' id='{first.json()['id']}'/></message>")
