@@ -351,6 +351,7 @@ const struct cw_route app_routes[] = {
 	{ "GET", "/v1/openapi.json", h_openapi, CW_AUTH_NONE, NULL },
 	{ "POST", "/v1/rooms", peer_api_room_create, CW_AUTH_PEER, NULL },
 	{ "GET", "/v1/rooms/{room}", peer_api_room_get, CW_AUTH_PEER, NULL },
+	{ "PATCH", "/v1/rooms/{room}", peer_api_room_rename, CW_AUTH_PEER, NULL },
 	{ "POST", "/v1/rooms/{room}/members", peer_api_room_members, CW_AUTH_PEER, NULL },
 	{ "POST", "/v1/rooms/{room}/messages", peer_api_message_submit, CW_AUTH_PEER, NULL },
 	{ "POST", "/v1/rooms/{room}/receipts", peer_api_receipt_submit, CW_AUTH_PEER, NULL },

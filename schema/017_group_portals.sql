@@ -20,6 +20,9 @@ ALTER TABLE room_bindings ADD CONSTRAINT room_bindings_pair_or_portal
 -- delivery: (group, local user) -> their portal, one each
 CREATE UNIQUE INDEX room_bindings_portal_key ON room_bindings (network, room_id, local_identity_id)
     WHERE local_identity_id IS NOT NULL AND remote_identity_id IS NULL;
+-- the group's name as its portal was last given it (a rename reaches the
+-- portal with the group's next message)
+ALTER TABLE room_bindings ADD COLUMN name_synced text;
 COMMENT ON TABLE room_bindings IS 'Native room id of a room per network (Matrix room id, XMPP 1:1 pair): a direct room per (local user, remote user), a group portal per (group, local user) with no remote user.';
 
 -- The ghosts that joined a portal (invited by the bot, then joined), so

@@ -396,14 +396,14 @@ static cw_err ensure_portal(struct matrix *m, PGconn *c, const char *neutral_roo
 				room, rlen, e);
 	if (rc)
 		return rc;
-	const char *params[] = { neutral_room, room, target_id };
+	const char *params[] = { neutral_room, room, target_id, name };
 	PGresult *r = PQexecParams(c,
-		"WITH ins AS (INSERT INTO room_bindings (room_id, network, native_id, local_identity_id) "
-		" VALUES ($1::bigint, 'matrix', $2, $3::bigint) ON CONFLICT DO NOTHING RETURNING id, native_id) "
+		"WITH ins AS (INSERT INTO room_bindings (room_id, network, native_id, local_identity_id, name_synced) "
+		" VALUES ($1::bigint, 'matrix', $2, $3::bigint, $4) ON CONFLICT DO NOTHING RETURNING id, native_id) "
 		"SELECT id, native_id FROM ins UNION ALL SELECT id, native_id FROM room_bindings WHERE network = 'matrix' "
 		" AND room_id = $1::bigint AND local_identity_id = $3::bigint AND remote_identity_id IS NULL "
 		" AND NOT EXISTS (SELECT 1 FROM ins)",
-		3, NULL, params, NULL, NULL, 0);
+		4, NULL, params, NULL, NULL, 0);
 	if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
 		return rc;
 	if (PQntuples(r) != 1)
@@ -423,6 +423,24 @@ static cw_err ensure_portal(struct matrix *m, PGconn *c, const char *neutral_roo
 	}
 	PQclear(r);
 	return rc;
+}
+
+/* The portal's name, as the group's now is (NULL: none), set by the bot and
+ * recorded; a failure is logged (the next message tries again). */
+static void rename_portal(struct matrix *m, PGconn *c, const char *room, const char *binding, const char *name)
+{
+	char path[700], *rs = seg(m, room);
+	long status;
+	cw_errmsg e;
+	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/state/m.room.name/", rs ? rs : "");
+	curl_free(rs);
+	if (mx_call(m, "PUT", path, NULL, NULL, json_pack("{s:s}", "name", name ? name : ""), &status, NULL, &e)) {
+		LOG_KV(CW_LOG_WARN, "cannot rename a group's room", "room", room, "detail", e.msg);
+		return;
+	}
+	const char *params[] = { binding, name };
+	if (store_command(c, "UPDATE room_bindings SET name_synced = $2 WHERE id = $1::bigint", 2, params, &e))
+		LOG_KV(CW_LOG_WARN, "cannot record a group room's name", "room", room, "detail", e.msg);
 }
 
 /* A remote member's ghost in a portal: invited by the bot, then joined
@@ -491,7 +509,8 @@ static bool already_sent(struct matrix *m, const char *room, const char *ghost, 
  * avatar, whether its profile changed since its ghost's was last set, and
  * when it changed; the kind of the event's room; for a group, the
  * recipient's portal (Matrix room, binding id), whether the sender's
- * ghost has joined it, and the group's name. */
+ * ghost has joined it, the group's name and the name the portal was
+ * last given. */
 static cw_err batch_info(PGconn *c, const struct outbox_row *rows, size_t n, PGresult **out, cw_errmsg *e)
 {
 	*out = NULL;
@@ -522,7 +541,7 @@ static cw_err batch_info(PGconn *c, const struct outbox_row *rows, size_t n, PGr
 		"  WHERE identity_id = s.id AND network = 'matrix'), '-infinity') < s.profile_changed_at, "
 		" s.profile_changed_at::text, rm.kind, pb.native_id, pb.id, "
 		" EXISTS (SELECT 1 FROM matrix_portal_members pm WHERE pm.binding_id = pb.id AND pm.identity_id = s.id), "
-		" rm.name "
+		" rm.name, pb.name_synced "
 		"FROM unnest($1::bigint[], $2::bigint[]) WITH ORDINALITY AS x(ev, tg, k) "
 		"JOIN events ev ON ev.id = x.ev JOIN identities s ON s.id = ev.sender_id JOIN identities t ON t.id = x.tg "
 		"JOIN rooms rm ON rm.id = ev.room_id LEFT JOIN peers p ON p.id = s.peer_id "
@@ -807,6 +826,16 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 		if (ensure_portal_member(m, c, room, binding, sender_id, ghost, e))
 			return PREP_FAIL;
 		json_object_set_new(made, jkey, json_true());
+	}
+	/* A group renamed since its portal was named: the bot names it again
+	 * (once a batch; a failure is tried with the next message). */
+	char nkey[40];
+	snprintf(nkey, sizeof(nkey), "n%s", binding);
+	if (group && have_room && binding[0] && !json_object_get(made, nkey) &&
+	    (PQgetisnull(r, i, 19) != PQgetisnull(r, i, 20) ||
+	     (!PQgetisnull(r, i, 19) && strcmp(PQgetvalue(r, i, 19), PQgetvalue(r, i, 20)) != 0))) {
+		json_object_set_new(made, nkey, json_true());
+		rename_portal(m, c, room, binding, PQgetisnull(r, i, 19) ? NULL : PQgetvalue(r, i, 19));
 	}
 	const char *actor = relay ? NULL : ghost; /* NULL: the bot */
 	char pkey[40];

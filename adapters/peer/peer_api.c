@@ -648,17 +648,25 @@ static bool read_users(struct cw_req *req, json_t *arr, const char *what, struct
 	return true;
 }
 
+/* The body of a request about /v1/rooms/{room} (*room: its public id), or
+ * NULL when it was answered (the API off, no such room id, not JSON). */
+static json_t *room_request(struct cw_app *app, struct cw_req *req, const char **room)
+{
+	if (!peer_api_enabled(app, req))
+		return NULL;
+	*room = cw_req_param(req, "room");
+	if (!room_public_id_valid(*room)) {
+		cw_req_problem(req, 404, "unknown_room", "Unknown room", "no such room");
+		return NULL;
+	}
+	return app_json_body(req);
+}
+
 void peer_api_room_members(struct cw_req *req, void *ctx)
 {
 	struct cw_app *app = ctx;
-	if (!peer_api_enabled(app, req))
-		return;
-	const char *room = cw_req_param(req, "room");
-	if (!room_public_id_valid(room)) {
-		cw_req_problem(req, 404, "unknown_room", "Unknown room", "no such room");
-		return;
-	}
-	json_t *body = app_json_body(req);
+	const char *room;
+	json_t *body = room_request(app, req, &room);
 	if (!body)
 		return;
 	struct members_input *in = calloc(1, sizeof(*in));
@@ -710,6 +718,74 @@ void peer_api_room_get(struct cw_req *req, void *ctx)
 	snprintf(in->public_id, sizeof(in->public_id), "%s", room);
 	in->peer_id = ((struct peer_principal *)cw_req_principal(req))->id;
 	app_job_run(app, req, room_get_fn, in, free, false);
+}
+
+/* PATCH /v1/rooms/{room}: {"name": "..." | null}, a group's new name (or
+ * none), by a peer with a member in it; the local networks show it with
+ * the group's next message (Matrix) or at once to those in the room
+ * (XMPP). */
+struct rename_input {
+	char public_id[80];
+	int64_t peer_id;
+	char *name; /* NULL: none */
+};
+
+static void rename_input_free(void *arg)
+{
+	struct rename_input *in = arg;
+	free(in->name);
+	free(in);
+}
+
+static cw_err rename_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
+{
+	struct rename_input *in = j->data;
+	char pid[24];
+	snprintf(pid, sizeof(pid), "%lld", (long long)in->peer_id);
+	const char *params[] = { in->public_id, pid, in->name };
+	PGresult *r = exec(c,
+		"UPDATE rooms r SET name = $3, updated_at = now() WHERE r.public_id = $1 AND r.kind = 'group' "
+		"AND EXISTS (SELECT 1 FROM room_members m JOIN identities i ON i.id = m.identity_id "
+		"WHERE m.room_id = r.id AND i.peer_id = $2::bigint AND m.membership = 'joined') RETURNING 1",
+		3, params);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	bool done = PQntuples(r) == 1;
+	PQclear(r);
+	if (!done) {
+		app_job_fail(j, 404, "unknown_room", "no such group");
+		return CW_OK;
+	}
+	return room_state(c, j, in->public_id, in->peer_id, e);
+}
+
+void peer_api_room_rename(struct cw_req *req, void *ctx)
+{
+	struct cw_app *app = ctx;
+	const char *room;
+	json_t *body = room_request(app, req, &room);
+	if (!body)
+		return;
+	json_t *name = json_object_get(body, "name");
+	const char *bad = NULL;
+	if (!name)
+		bad = "name is required (a string, or null for none)";
+	else if (!json_is_null(name) && !room_name_valid(name))
+		bad = "name must be a string of 1 to 255 bytes without control characters, or null";
+	struct rename_input *in = bad ? NULL : calloc(1, sizeof(*in));
+	if (!bad && (!in || (json_is_string(name) && !(in->name = strdup(json_string_value(name))))))
+		bad = "out of memory";
+	json_decref(body);
+	if (bad) {
+		if (in)
+			rename_input_free(in);
+		cw_req_problem(req, 400, "invalid_body", "Invalid body", bad);
+		return;
+	}
+	snprintf(in->public_id, sizeof(in->public_id), "%s", room);
+	in->peer_id = ((struct peer_principal *)cw_req_principal(req))->id;
+	app_job_run(app, req, rename_fn, in, rename_input_free, true);
 }
 
 /* ------------------------------------------------------------ messages */

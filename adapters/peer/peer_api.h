@@ -39,6 +39,7 @@ void peer_api_directory(struct cw_req *req, void *ctx);
 void peer_api_room_create(struct cw_req *req, void *ctx);
 void peer_api_room_get(struct cw_req *req, void *ctx);
 void peer_api_room_members(struct cw_req *req, void *ctx);
+void peer_api_room_rename(struct cw_req *req, void *ctx);
 void peer_api_message_submit(struct cw_req *req, void *ctx);
 void peer_api_receipt_submit(struct cw_req *req, void *ctx);
 void peer_api_typing_submit(struct cw_req *req, void *ctx);

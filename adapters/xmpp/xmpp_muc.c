@@ -198,11 +198,11 @@ static void stamp_of(int64_t ms, char *out, size_t len)
 
 /* The room's subject: the group's name and what it is, sent last on
  * joining (a client counts the join done when it comes). */
-static void send_subject(struct xcomp *xc, xmpp_ctx_t *ctx, const char *room, const char *name, const char *to)
+static xmpp_stanza_t *subject(struct xcomp *xc, xmpp_ctx_t *ctx, const char *room, const char *name, const char *to)
 {
 	xmpp_stanza_t *m = xmpp_message_new(ctx, "groupchat", to, NULL);
 	if (!m)
-		return;
+		return NULL;
 	xmpp_stanza_set_from(m, room);
 	char text[500];
 	if (*name)
@@ -212,7 +212,18 @@ static void send_subject(struct xcomp *xc, xmpp_ctx_t *ctx, const char *room, co
 		snprintf(text, sizeof(text), "A group bridged from %.60s by Causeway (encryption ends at the gateway)",
 			 xc->peer);
 	xa_text_child(ctx, m, "subject", NULL, text);
-	xa_enqueue_stanza(xc, m);
+	return m;
+}
+
+static void send_subject(struct xcomp *xc, xmpp_ctx_t *ctx, const char *room, const char *name, const char *to)
+{
+	xa_enqueue_stanza(xc, subject(xc, ctx, room, name, to));
+}
+
+/* On the component's thread. */
+static void subject_now(struct xcomp *xc, const char *room, const char *name, const char *to)
+{
+	xa_send_now(xc, subject(xc, xc->ctx, room, name, to));
 }
 
 /* ------------------------------------------------------------ joining */
@@ -334,6 +345,7 @@ static void announce_first(struct xcomp *xc, const struct mjoin *j)
 			json_object_set_new(set, json_string_value(v), json_true());
 		const char *at = strchr(j->uri, '/') ? strrchr(j->uri, '/') + 1 : j->uri;
 		json_object_set_new(set, at, json_true());
+		json_object_set_new(set, "#name", json_string(j->name)); /* '#' begins no local part */
 		json_object_set_new(xc->muc_members, j->room, set);
 	}
 	pthread_mutex_unlock(&xc->mu);
@@ -683,7 +695,7 @@ void xa_muc_members(struct xcomp *xc, PGconn *c)
 	char *doc = json_dumps(rooms, JSON_COMPACT);
 	const char *params[] = { doc ? doc : "[]" };
 	PGresult *r = PQexecParams(c,
-		"SELECT x->>1, i.localpart FROM jsonb_array_elements($1::jsonb) AS x "
+		"SELECT x->>1, i.localpart, coalesce(rm.name, '') FROM jsonb_array_elements($1::jsonb) AS x "
 		"JOIN rooms rm ON rm.public_id = x->>0 JOIN room_members m ON m.room_id = rm.id AND m.membership = 'joined' "
 		"JOIN identities i ON i.id = m.identity_id",
 		1, NULL, params, NULL, NULL, 0);
@@ -701,6 +713,7 @@ void xa_muc_members(struct xcomp *xc, PGconn *c)
 		if (!set)
 			json_object_set_new(now, PQgetvalue(r, i, 0), set = json_object());
 		json_object_set_new(set, PQgetvalue(r, i, 1), json_true());
+		json_object_set_new(set, "#name", json_string(PQgetvalue(r, i, 2)));
 	}
 	PQclear(r);
 	/* Each room told before: who came and who went, to each occupant. */
@@ -721,11 +734,18 @@ void xa_muc_members(struct xcomp *xc, PGconn *c)
 		json_t *x;
 		size_t k;
 		json_t *oc;
+		const char *name0 = json_string_value(json_object_get(before, "#name"));
+		const char *name1 = json_string_value(json_object_get(after, "#name"));
+		bool renamed = name0 && name1 && strcmp(name0, name1) != 0;
 		json_array_foreach(occ, k, oc) {
 			const char *to = json_string_value(json_array_get(oc, 0));
 			const char *user = json_string_value(json_array_get(oc, 2));
 			size_t ul = strcspn(user, "@");
+			if (renamed) /* the group was renamed: its subject says so */
+				subject_now(xc, room, name1, to);
 			json_object_foreach(before, who, x) {
+				if (who[0] == '#')
+					continue;
 				bool self = strlen(who) == ul && strncmp(who, user, ul) == 0;
 				if (after && json_object_get(after, who))
 					continue;
@@ -738,6 +758,8 @@ void xa_muc_members(struct xcomp *xc, PGconn *c)
 				}
 			}
 			json_object_foreach(after, who, x) {
+				if (who[0] == '#')
+					continue;
 				bool self = strlen(who) == ul && strncmp(who, user, ul) == 0;
 				if (!self && !json_object_get(before, who))
 					xa_send_now(xc, occupant_presence(xc->ctx, room, who, to, false, false));

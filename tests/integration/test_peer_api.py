@@ -418,6 +418,16 @@ def test_members_add_and_remove(daemon, peers, pg, db_url):
     rm = a.create_room([a.user("alice"), b.user("bob")], kind="group", name="Lunch club \u2615").json()
     assert rm["name"] == "Lunch club \u2615"
     assert a.call("GET", f"/v1/rooms/{rm['id']}").json()["name"] == "Lunch club \u2615"
+    # Renamed by a peer with a member in it; bad names change nothing.
+    for bad in ({}, {"name": ""}, {"name": 3}, {"name": "a\nb"}, {"name": "x" * 256}):
+        r = a.call("PATCH", f"/v1/rooms/{rm['id']}", bad)
+        assert r.status_code == 400 and r.json()["code"] == "invalid_body", (bad, r.text)
+    r = b.call("PATCH", f"/v1/rooms/{rm['id']}", {"name": "Tea club"})
+    assert r.status_code == 200 and r.json()["name"] == "Tea club", r.text
+    assert "name" not in a.call("PATCH", f"/v1/rooms/{rm['id']}", {"name": None}).json()
+    direct = a.create_room([a.user("alice"), b.user("bob")]).json()
+    assert a.call("PATCH", f"/v1/rooms/{direct['id']}", {"name": "us"}).status_code == 404
+    assert pg.psql(f"SELECT count(*) FROM rooms WHERE name IS NOT NULL", db_url) == "0"
     r = a.call("POST", f"/v1/rooms/{rm['id']}/members", {"add": [b.user("carol"), "mimi://example.org/u/dave"]})
     assert r.status_code == 200, r.text
     users = {m["user"]: m["membership"] for m in r.json()["members"]}

@@ -293,6 +293,11 @@ def test_a_group_is_a_room_of_the_component(xd, gk, alice, prosody, pg, db_url):
                    f"<displayed xmlns='urn:xmpp:chat-markers:0' id='{second.json()['id']}'/></message>")
     wait_until(lambda: [e for e in list(srv.events) if e.get("type") == "receipt" and e["room_id"] == gid
                         and e["content"]["in_reply_to"] == second.json()["id"]], what="alice's marker at the peer")
+    # Renamed: those in the room get the new subject.
+    start = alice.count()
+    assert a.call("PATCH", f"/v1/rooms/{gid}", {"name": "Dinner club"}).status_code == 200
+    s2 = alice.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+    assert s2.find("{jabber:client}subject").text.startswith("Dinner club (bridged")
     # The peer adds yves and removes zoe: alice sees them come and go.
     start = alice.count()
     assert a.call("POST", f"/v1/rooms/{gid}/members",
