@@ -379,7 +379,8 @@ static const char *const user_features[] = {
 	"http://jabber.org/protocol/chatstates", "urn:xmpp:sid:0", "jabber:x:oob", "vcard-temp", NULL,
 };
 static const char *const component_features[] = {
-	NS_DISCO_INFO, NS_DISCO_ITEMS, NS_PING, NS_VERSION, NS_COMMANDS, NS_GATEWAY, NULL,
+	NS_DISCO_INFO, NS_DISCO_ITEMS, NS_PING, NS_VERSION, NS_COMMANDS, NS_GATEWAY, "http://jabber.org/protocol/muc",
+	NULL,
 };
 
 static void disco_info(struct xcomp *xc, xmpp_stanza_t *st, bool user, const char *remote_id)
@@ -404,6 +405,15 @@ static void disco_info(struct xcomp *xc, xmpp_stanza_t *st, bool user, const cha
 		xmpp_stanza_set_attribute(id, "category", "gateway");
 		xmpp_stanza_set_attribute(id, "type", "mimi");
 		xmpp_stanza_set_attribute(id, "name", name);
+	}
+	/* The component serves the groups' rooms too (XEP-0045, xmpp_muc.c). */
+	xmpp_stanza_t *conf = q && !user ? xa_child(ctx, q, "identity", NULL) : NULL;
+	if (conf) {
+		char name[200];
+		snprintf(name, sizeof(name), "Groups with %.60s", xc->peer);
+		xmpp_stanza_set_attribute(conf, "category", "conference");
+		xmpp_stanza_set_attribute(conf, "type", "text");
+		xmpp_stanza_set_attribute(conf, "name", name);
 	}
 	/* A remote user's JID is the PEP service of their avatar (XEP-0084). */
 	xmpp_stanza_t *pep = q && user ? xa_child(ctx, q, "identity", NULL) : NULL;

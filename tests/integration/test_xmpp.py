@@ -27,6 +27,8 @@ ALICE = "mimi://example.org/u/alice"
 ALICE_JID = "alice@" + HOST
 WALLY_JID = "wally@" + COMP
 NS_REPLY = "urn:xmpp:reply:0"
+MUC = "http://jabber.org/protocol/muc"
+MUC_USER = "http://jabber.org/protocol/muc#user"
 
 
 def q(ns, name):
@@ -132,7 +134,9 @@ def test_component_state_and_disco(xd, alice):
     ident = info.find(".//{http://jabber.org/protocol/disco#info}identity")
     assert ident is not None and ident.get("category") == "gateway"
     feats = {f.get("var") for f in info.iter("{http://jabber.org/protocol/disco#info}feature")}
-    assert {"urn:xmpp:ping", "jabber:iq:version", "http://jabber.org/protocol/commands"} <= feats
+    assert {"urn:xmpp:ping", "jabber:iq:version", "http://jabber.org/protocol/commands", MUC} <= feats
+    assert ("conference", "text") in [(i.get("category"), i.get("type")) for i in info.iter(
+        "{http://jabber.org/protocol/disco#info}identity")]  # it serves the groups' rooms
     user = alice.iq("get", WALLY_JID, "<query xmlns='http://jabber.org/protocol/disco#info'/>")
     ufeats = {f.get("var") for f in user.iter("{http://jabber.org/protocol/disco#info}feature")}
     assert {"urn:xmpp:receipts", "urn:xmpp:reactions:0", "urn:xmpp:message-correct:0"} <= ufeats
@@ -221,10 +225,6 @@ def test_peer_to_xmpp_and_back(xd, gk, alice, pg, db_url):
     alice.send_message(WALLY_JID, "in the thread", thread="t-7")
     got = srv.wait_events(2)
     assert got[1]["content"]["parts"][0]["body"] == "in the thread" and got[1]["content"]["topic"] == "t-7"
-
-
-MUC = "http://jabber.org/protocol/muc"
-MUC_USER = "http://jabber.org/protocol/muc#user"
 
 
 def test_a_group_is_a_room_of_the_component(xd, gk, alice, prosody, pg, db_url):
