@@ -69,6 +69,9 @@ bool mx_txn_seen(struct matrix *m, const unsigned char key[32]);
 void mx_txn_remember(struct matrix *m, const unsigned char key[32]);
 /* The homeserver called our ping endpoint with this transaction id. */
 void mx_ping_heard(struct matrix *m, const char *txn);
+/* POST /rooms/{room}/<action> ("join" or "leave", no body) as user (NULL:
+ * the bot). */
+cw_err mx_room_action(struct matrix *m, const char *room, const char *user, const char *action, cw_errmsg *e);
 /* Registers (and names) the ghost of a remote user (its binding is written
  * when it first delivers). */
 cw_err mx_register_ghost(struct matrix *m, const char *peer, const char *localpart, const char *display,

@@ -236,13 +236,8 @@ static void invited(struct matrix *m, PGconn *c, const char *room, const char *s
 	char local_id[24], uri[600];
 	if (!local_identity(m, c, sender, local_id, sizeof(local_id), uri, sizeof(uri)))
 		return;
-	char path[600];
-	char *r = curl_easy_escape(NULL, room, 0);
-	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/join", r ? r : "");
-	curl_free(r);
-	long status;
 	cw_errmsg e;
-	if (mx_call(m, "POST", path, NULL, NULL, json_object(), &status, NULL, &e)) {
+	if (mx_room_action(m, room, NULL, "join", &e)) {
 		LOG_KV(CW_LOG_WARN, "the bot cannot join", "room", room, "detail", e.msg);
 		return;
 	}
@@ -257,13 +252,8 @@ static void invited(struct matrix *m, PGconn *c, const char *room, const char *s
 static void ghost_says_and_leaves(struct matrix *m, const char *room, const char *ghost, const char *why)
 {
 	say_as(m, room, ghost, why);
-	char path[800];
-	char *rs = curl_easy_escape(NULL, room, 0);
-	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/leave", rs ? rs : "");
-	curl_free(rs);
-	long status;
 	cw_errmsg e;
-	if (mx_call(m, "POST", path, ghost, NULL, json_object(), &status, NULL, &e))
+	if (mx_room_action(m, room, ghost, "leave", &e))
 		LOG_KV(CW_LOG_WARN, "the ghost cannot leave", "room", room, "detail", e.msg);
 }
 
@@ -481,12 +471,7 @@ static void ghost_invited(struct matrix *m, PGconn *c, const char *room, const c
 		LOG_KV(CW_LOG_WARN, "cannot start a conversation from Matrix", "detail", e.msg);
 		return;
 	}
-	char path[600];
-	char *rs = curl_easy_escape(NULL, room, 0);
-	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/join", rs ? rs : "");
-	curl_free(rs);
-	long status;
-	if (mx_call(m, "POST", path, ghost, NULL, json_object(), &status, NULL, &e)) {
+	if (mx_room_action(m, room, ghost, "join", &e)) {
 		LOG_KV(CW_LOG_WARN, "the ghost cannot join", "room", room, "detail", e.msg);
 	} else if (portal[0]) { /* a member of the group, into the user's room of it */
 		const char *pp2[] = { portal, remote_id };
@@ -527,13 +512,8 @@ static void left(struct matrix *m, PGconn *c, const char *room, const char *who)
 	bool was_mgmt = PQresultStatus(mr) == PGRES_TUPLES_OK && PQntuples(mr) == 1;
 	PQclear(mr);
 	if (was_mgmt) {
-		char path[600];
-		char *rs = curl_easy_escape(NULL, room, 0);
-		snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/leave", rs ? rs : "");
-		curl_free(rs);
-		long status;
 		cw_errmsg e;
-		if (mx_call(m, "POST", path, NULL, NULL, json_object(), &status, NULL, &e))
+		if (mx_room_action(m, room, NULL, "leave", &e))
 			LOG_KV(CW_LOG_WARN, "the bot cannot leave a management room its user left", "room", room, "detail",
 			       e.msg);
 		return;
@@ -557,21 +537,15 @@ static void left(struct matrix *m, PGconn *c, const char *room, const char *who)
 		LOG_KV(CW_LOG_WARN, "cannot unbind a room its user left", "room", room, "detail", e.msg);
 		return;
 	}
-	char path[600];
-	char *rs = curl_easy_escape(NULL, room, 0);
-	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/leave", rs ? rs : "");
-	curl_free(rs);
 	bool portal = false;
 	for (int k = 0; k < PQntuples(r); k++) {
 		portal = portal || PQgetvalue(r, k, 1)[0] == 't';
 		if (PQgetisnull(r, k, 0))
 			continue;
-		long status;
-		if (mx_call(m, "POST", path, PQgetvalue(r, k, 0), NULL, json_object(), &status, NULL, &e))
+		if (mx_room_action(m, room, PQgetvalue(r, k, 0), "leave", &e))
 			LOG_KV(CW_LOG_WARN, "a ghost cannot leave a room its user left", "room", room, "detail", e.msg);
 	}
-	long status;
-	if (portal && mx_call(m, "POST", path, NULL, NULL, json_object(), &status, NULL, &e))
+	if (portal && mx_room_action(m, room, NULL, "leave", &e))
 		LOG_KV(CW_LOG_WARN, "the bot cannot leave a group its user left", "room", room, "detail", e.msg);
 	if (portal)
 		LOG_KV(CW_LOG_INFO, "a user left a group's room: they left the group", "room", room, "user", who);
@@ -686,12 +660,7 @@ static void portal_departures(struct matrix *m, PGconn *c)
 		return;
 	}
 	for (int i = 0; i < PQntuples(r); i++) {
-		char path[600];
-		char *rs = curl_easy_escape(NULL, PQgetvalue(r, i, 0), 0);
-		snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/leave", rs ? rs : "");
-		curl_free(rs);
-		long status;
-		if (mx_call(m, "POST", path, PQgetvalue(r, i, 1), NULL, json_object(), &status, NULL, &e))
+		if (mx_room_action(m, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1), "leave", &e))
 			LOG_KV(CW_LOG_WARN, "a ghost cannot leave a group it left", "room", PQgetvalue(r, i, 0), "detail",
 			       e.msg);
 	}

@@ -287,6 +287,17 @@ static const char *to_native(void *arg, const char *msg_id)
 	return res;
 }
 
+cw_err mx_room_action(struct matrix *m, const char *room, const char *user, const char *action, cw_errmsg *e)
+{
+	char path[700], *rs = seg(m, room);
+	if (!rs)
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/%s", rs, action);
+	curl_free(rs);
+	long status;
+	return mx_call(m, "POST", path, user, NULL, json_object(), &status, NULL, e);
+}
+
 /* Registers the ghost (M_USER_IN_USE is fine) and names it. */
 cw_err mx_register_ghost(struct matrix *m, const char *peer, const char *localpart, const char *display,
 			 const char *ghost, cw_errmsg *e)
@@ -412,12 +423,8 @@ static cw_err ensure_portal(struct matrix *m, PGconn *c, const char *neutral_roo
 		snprintf(binding, blen, "%s", PQgetvalue(r, 0, 0));
 	if (!rc && strcmp(room, PQgetvalue(r, 0, 1)) != 0) {
 		/* another process made one meanwhile: that one is the portal */
-		char path[600], *rs = seg(m, room);
-		long status;
 		cw_errmsg e2;
-		snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/leave", rs ? rs : "");
-		curl_free(rs);
-		if (mx_call(m, "POST", path, NULL, NULL, json_object(), &status, NULL, &e2))
+		if (mx_room_action(m, room, NULL, "leave", &e2))
 			LOG_KV(CW_LOG_WARN, "the bot cannot leave a spare room", "room", room, "detail", e2.msg);
 		snprintf(room, rlen, "%s", PQgetvalue(r, 0, 1));
 	}
@@ -459,9 +466,8 @@ static cw_err ensure_portal_member(struct matrix *m, PGconn *c, const char *room
 	if (mx_call(m, "POST", path, NULL, NULL, json_pack("{s:s}", "user_id", ghost), &status, NULL, &e2) &&
 	    status != 403) /* 403: a member already (or the join below says why not) */
 		LOG_KV(CW_LOG_WARN, "the bot cannot invite a ghost to a group", "room", room, "detail", e2.msg);
-	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/join", rs);
 	curl_free(rs);
-	cw_err rc = mx_call(m, "POST", path, ghost, NULL, json_object(), &status, NULL, e);
+	cw_err rc = mx_room_action(m, room, ghost, "join", e);
 	if (rc)
 		return rc;
 	const char *params[] = { binding, sender_id };
