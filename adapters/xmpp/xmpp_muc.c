@@ -144,6 +144,15 @@ json_t *xa_muc_occupants(struct xcomp *xc, const char *room, const char *user)
 
 /* ------------------------------------------------------------ stanzas */
 
+void xa_muc_stanza_id(xmpp_ctx_t *ctx, xmpp_stanza_t *st, const char *id, const char *room)
+{
+	xmpp_stanza_t *sid = id && *id ? xa_child(ctx, st, "stanza-id", NS_SID) : NULL;
+	if (sid) {
+		xmpp_stanza_set_attribute(sid, "id", id);
+		xmpp_stanza_set_attribute(sid, "by", room);
+	}
+}
+
 /* <x xmlns='muc#user'><item affiliation='member' role=role/> + status codes. */
 static void add_muc_user(xmpp_ctx_t *ctx, xmpp_stanza_t *p, const char *role, bool self)
 {
@@ -397,11 +406,7 @@ static void join_done(void *arg, cw_err rc, const cw_errmsg *e)
 			break;
 		xmpp_stanza_set_from(m, from);
 		xmpp_message_set_body(m, json_string_value(json_array_get(v, 1)));
-		xmpp_stanza_t *sid = xa_child(ctx, m, "stanza-id", NS_SID);
-		if (sid) {
-			xmpp_stanza_set_attribute(sid, "id", json_string_value(json_array_get(v, 3)));
-			xmpp_stanza_set_attribute(sid, "by", j->room);
-		}
+		xa_muc_stanza_id(ctx, m, json_string_value(json_array_get(v, 3)), j->room);
 		stamp_of(json_integer_value(json_array_get(v, 2)), stamp, sizeof(stamp));
 		xmpp_stanza_t *d = xa_child(ctx, m, "delay", NS_DELAY);
 		if (d) {
@@ -653,11 +658,7 @@ bool xa_muc_reflect(struct xcomp *xc, const char *stanza_text, const char *room,
 		snprintf(from, sizeof(from), "%s/%s", room, json_string_value(json_array_get(o, 1)));
 		xmpp_stanza_set_from(m, from);
 		xmpp_stanza_set_to(m, json_string_value(json_array_get(o, 0)));
-		xmpp_stanza_t *sid = msg_id && *msg_id ? xa_child(ctx, m, "stanza-id", NS_SID) : NULL;
-		if (sid) {
-			xmpp_stanza_set_attribute(sid, "id", msg_id);
-			xmpp_stanza_set_attribute(sid, "by", room);
-		}
+		xa_muc_stanza_id(ctx, m, msg_id, room);
 		xa_enqueue_stanza(xc, m);
 	}
 	json_decref(occ);

@@ -229,11 +229,7 @@ static bool build_group(struct xmpp *x, struct outbox_row *row, PGresult *r, int
 			cw_fail(e, CW_ENOMEM, "out of memory");
 			break;
 		}
-		xmpp_stanza_t *sid = id ? xa_child(ctx, st, "stanza-id", "urn:xmpp:sid:0") : NULL;
-		if (sid) {
-			xmpp_stanza_set_attribute(sid, "id", id);
-			xmpp_stanza_set_attribute(sid, "by", room);
-		}
+		xa_muc_stanza_id(ctx, st, id, room);
 		ok = append_text(ctx, st, text, len);
 		xmpp_stanza_release(st);
 		if (!ok) {
