@@ -69,6 +69,7 @@ bool mx_txn_seen(struct matrix *m, const unsigned char key[32]);
 void mx_txn_remember(struct matrix *m, const unsigned char key[32]);
 /* The homeserver called our ping endpoint with this transaction id. */
 void mx_ping_heard(struct matrix *m, const char *txn);
+void mx_rename_portal(struct matrix *m, PGconn *c, const char *room, const char *binding, const char *name);
 /* POST /rooms/{room}/<action> ("join" or "leave", no body) as user (NULL:
  * the bot). */
 cw_err mx_room_action(struct matrix *m, const char *room, const char *user, const char *action, cw_errmsg *e);

@@ -667,6 +667,28 @@ static void portal_departures(struct matrix *m, PGconn *c)
 	PQclear(r);
 }
 
+/* Portals whose group was renamed (PATCH /v1/rooms/{room}) since the bot
+ * last named them take the new name within a round of the bot's loop (half
+ * a second when idle); a rename that fails is tried again the next round. */
+static void portal_renames(struct matrix *m, PGconn *c)
+{
+	PGresult *r = PQexec(c,
+		"SELECT b.native_id, b.id, rm.name FROM room_bindings b JOIN rooms rm ON rm.id = b.room_id "
+		"JOIN room_members x ON x.room_id = b.room_id AND x.identity_id = b.local_identity_id "
+		"WHERE b.network = 'matrix' AND b.remote_identity_id IS NULL AND b.local_identity_id IS NOT NULL "
+		" AND rm.kind = 'group' AND x.membership = 'joined' AND rm.name IS DISTINCT FROM b.name_synced "
+		"ORDER BY b.id LIMIT 64");
+	cw_errmsg e;
+	if (store_check(c, r, PGRES_TUPLES_OK, &e)) {
+		LOG_KV(CW_LOG_WARN, "cannot look for renamed groups", "detail", e.msg);
+		return;
+	}
+	for (int i = 0; i < PQntuples(r); i++)
+		mx_rename_portal(m, c, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1),
+				 PQgetisnull(r, i, 2) ? NULL : PQgetvalue(r, i, 2));
+	PQclear(r);
+}
+
 static void *bot_main(void *arg)
 {
 	cw_thread_name("cw-mx-bot");
@@ -697,6 +719,7 @@ static void *bot_main(void *arg)
 			dead_letters(m, c);
 			notices(m, c);
 			portal_departures(m, c);
+			portal_renames(m, c);
 		}
 		store_wait_notify(c, -1, 500, NULL, NULL);
 	}

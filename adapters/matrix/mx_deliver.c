@@ -433,8 +433,9 @@ static cw_err ensure_portal(struct matrix *m, PGconn *c, const char *neutral_roo
 }
 
 /* The portal's name, as the group's now is (NULL: none), set by the bot and
- * recorded; a failure is logged (the next message tries again). */
-static void rename_portal(struct matrix *m, PGconn *c, const char *room, const char *binding, const char *name)
+ * recorded; a failure is logged, and tried again in the bot's next round
+ * unless the homeserver refused it. */
+void mx_rename_portal(struct matrix *m, PGconn *c, const char *room, const char *binding, const char *name)
 {
 	char path[700], *rs = seg(m, room);
 	long status;
@@ -443,7 +444,10 @@ static void rename_portal(struct matrix *m, PGconn *c, const char *room, const c
 	curl_free(rs);
 	if (mx_call(m, "PUT", path, NULL, NULL, json_pack("{s:s}", "name", name ? name : ""), &status, NULL, &e)) {
 		LOG_KV(CW_LOG_WARN, "cannot rename a group's room", "room", room, "detail", e.msg);
-		return;
+		/* refused (the user took the bot's power away, say): asking again
+		 * would be refused again, so the name counts as given */
+		if (status < 400 || status >= 500 || status == 429)
+			return;
 	}
 	const char *params[] = { binding, name };
 	if (store_command(c, "UPDATE room_bindings SET name_synced = $2 WHERE id = $1::bigint", 2, params, &e))
@@ -547,7 +551,7 @@ static cw_err batch_info(PGconn *c, const struct outbox_row *rows, size_t n, PGr
 		"  WHERE identity_id = s.id AND network = 'matrix'), '-infinity') < s.profile_changed_at, "
 		" s.profile_changed_at::text, rm.kind, pb.native_id, pb.id, "
 		" EXISTS (SELECT 1 FROM matrix_portal_members pm WHERE pm.binding_id = pb.id AND pm.identity_id = s.id), "
-		" rm.name, pb.name_synced "
+		" rm.name "
 		"FROM unnest($1::bigint[], $2::bigint[]) WITH ORDINALITY AS x(ev, tg, k) "
 		"JOIN events ev ON ev.id = x.ev JOIN identities s ON s.id = ev.sender_id JOIN identities t ON t.id = x.tg "
 		"JOIN rooms rm ON rm.id = ev.room_id LEFT JOIN peers p ON p.id = s.peer_id "
@@ -832,16 +836,6 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 		if (ensure_portal_member(m, c, room, binding, sender_id, ghost, e))
 			return PREP_FAIL;
 		json_object_set_new(made, jkey, json_true());
-	}
-	/* A group renamed since its portal was named: the bot names it again
-	 * (once a batch; a failure is tried with the next message). */
-	char nkey[40];
-	snprintf(nkey, sizeof(nkey), "n%s", binding);
-	if (group && have_room && binding[0] && !json_object_get(made, nkey) &&
-	    (PQgetisnull(r, i, 19) != PQgetisnull(r, i, 20) ||
-	     (!PQgetisnull(r, i, 19) && strcmp(PQgetvalue(r, i, 19), PQgetvalue(r, i, 20)) != 0))) {
-		json_object_set_new(made, nkey, json_true());
-		rename_portal(m, c, room, binding, PQgetisnull(r, i, 19) ? NULL : PQgetvalue(r, i, 19));
 	}
 	const char *actor = relay ? NULL : ghost; /* NULL: the bot */
 	char pkey[40];
