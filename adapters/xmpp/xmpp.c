@@ -812,6 +812,8 @@ static void stream_close(struct xcomp *xc)
 {
 	if (!xc->conn)
 		return;
+	if (xc->state == XC_UP && !xc->dropped)
+		xa_muc_shutdown(xc); /* the rooms' occupants learn that they are out */
 	if (xmpp_conn_is_connected(xc->conn) || xmpp_conn_is_connecting(xc->conn)) {
 		xmpp_disconnect(xc->conn);
 		for (int i = 0; i < 50 && !xc->dropped; i++)

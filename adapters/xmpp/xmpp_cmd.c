@@ -189,29 +189,62 @@ static void command_answer(struct xcomp *xc, const char *iq_text, const char *no
 {
 	xmpp_ctx_t *ctx = xa_thread_ctx(xc->x);
 	xmpp_stanza_t *iq = ctx ? xmpp_stanza_new_from_string(ctx, iq_text) : NULL;
-	xmpp_stanza_t *r = iq ? xa_iq_result(iq) : NULL;
-	if (r) {
-		xmpp_stanza_set_from(r, xmpp_stanza_get_to(iq));
-		xmpp_stanza_t *cmd = xa_child(ctx, r, "command", NS_COMMANDS);
-		if (cmd) {
-			xmpp_stanza_set_attribute(cmd, "node", node);
-			xmpp_stanza_set_attribute(cmd, "status", "completed");
-			xmpp_stanza_t *in = xmpp_stanza_get_child_by_name_and_ns(iq, "command", NS_COMMANDS);
-			const char *sid = in ? xmpp_stanza_get_attribute(in, "sessionid") : NULL;
-			char fresh[40];
-			if (!sid) {
-				cw_new_id(fresh, sizeof(fresh), "s");
-				sid = fresh;
-			}
-			xmpp_stanza_set_attribute(cmd, "sessionid", sid);
-			xmpp_stanza_t *n = xa_text_child(ctx, cmd, "note", NULL, note);
-			if (n)
-				xmpp_stanza_set_attribute(n, "type", note_type);
-		}
-		xa_enqueue_stanza(xc, r);
-	}
-	if (iq)
+	if (iq) {
+		xa_enqueue_stanza(xc, xa_command_end(ctx, iq, node, "completed", note, note_type));
 		xmpp_stanza_release(iq);
+	}
+}
+
+xmpp_stanza_t *xa_command_end(xmpp_ctx_t *ctx, xmpp_stanza_t *iq, const char *node, const char *status,
+			      const char *note, const char *note_type)
+{
+	xmpp_stanza_t *r = xa_iq_result(iq);
+	xmpp_stanza_t *cmd = r ? xa_child(ctx, r, "command", NS_COMMANDS) : NULL;
+	if (!cmd)
+		return r;
+	xmpp_stanza_set_from(r, xmpp_stanza_get_to(iq));
+	xmpp_stanza_set_attribute(cmd, "node", node);
+	xmpp_stanza_set_attribute(cmd, "status", status);
+	xmpp_stanza_t *in = xmpp_stanza_get_child_by_name_and_ns(iq, "command", NS_COMMANDS);
+	const char *sid = in ? xmpp_stanza_get_attribute(in, "sessionid") : NULL;
+	char fresh[40];
+	if (!sid) {
+		cw_new_id(fresh, sizeof(fresh), "s");
+		sid = fresh;
+	}
+	xmpp_stanza_set_attribute(cmd, "sessionid", sid);
+	xmpp_stanza_t *n = note ? xa_text_child(ctx, cmd, "note", NULL, note) : NULL;
+	if (n)
+		xmpp_stanza_set_attribute(n, "type", note_type);
+	return r;
+}
+
+xmpp_stanza_t *xa_command_stage(struct xcomp *xc, xmpp_stanza_t *iq, const char *node, xmpp_stanza_t **form)
+{
+	*form = NULL;
+	xmpp_stanza_t *r = xa_iq_result(iq);
+	if (!r)
+		return NULL;
+	xmpp_stanza_set_from(r, xmpp_stanza_get_to(iq));
+	xmpp_ctx_t *ctx = xc->ctx;
+	xmpp_stanza_t *cmd = xa_child(ctx, r, "command", NS_COMMANDS);
+	char sid[40];
+	cw_new_id(sid, sizeof(sid), "s");
+	if (cmd) {
+		xmpp_stanza_set_attribute(cmd, "node", node);
+		xmpp_stanza_set_attribute(cmd, "status", "executing");
+		xmpp_stanza_set_attribute(cmd, "sessionid", sid);
+		xmpp_stanza_t *actions = xa_child(ctx, cmd, "actions", NULL);
+		if (actions) {
+			xmpp_stanza_set_attribute(actions, "execute", "complete");
+			xa_child(ctx, actions, "complete", NULL);
+		}
+		xmpp_stanza_t *x = xa_child(ctx, cmd, "x", NS_DATA);
+		if (x)
+			xmpp_stanza_set_type(x, "form");
+		*form = x;
+	}
+	return r;
 }
 
 static void consent_done(void *arg, cw_err rc, const cw_errmsg *e)
@@ -314,42 +347,23 @@ static const char *form_value(xmpp_stanza_t *x, const char *var, char *out, size
 /* The first stage of accept, block and report: the form. */
 static void command_form(struct xcomp *xc, xmpp_stanza_t *iq, const char *node, bool reason)
 {
-	xmpp_stanza_t *r = xa_iq_result(iq);
-	if (!r)
-		return;
-	xmpp_stanza_set_from(r, xmpp_stanza_get_to(iq));
 	xmpp_ctx_t *ctx = xc->ctx;
-	xmpp_stanza_t *cmd = xa_child(ctx, r, "command", NS_COMMANDS);
-	char sid[40];
-	cw_new_id(sid, sizeof(sid), "s");
-	if (cmd) {
-		xmpp_stanza_set_attribute(cmd, "node", node);
-		xmpp_stanza_set_attribute(cmd, "status", "executing");
-		xmpp_stanza_set_attribute(cmd, "sessionid", sid);
-		xmpp_stanza_t *actions = xa_child(ctx, cmd, "actions", NULL);
-		if (actions) {
-			xmpp_stanza_set_attribute(actions, "execute", "complete");
-			xa_child(ctx, actions, "complete", NULL);
-		}
-		xmpp_stanza_t *x = xa_child(ctx, cmd, "x", NS_DATA);
-		if (x) {
-			xmpp_stanza_set_type(x, "form");
-			xmpp_stanza_t *f = xa_child(ctx, x, "field", NULL);
-			if (f) {
-				char label[2 * XJ_PART_MAX + 100];
-				snprintf(label, sizeof(label), "Contact (name@%s), or %s for everyone of that network",
-					 xc->domain, xc->domain);
-				xmpp_stanza_set_attribute(f, "var", "jid");
-				xmpp_stanza_set_attribute(f, "type", "jid-single");
-				xmpp_stanza_set_attribute(f, "label", label);
-				xa_child(ctx, f, "required", NULL);
-			}
-			if (reason && (f = xa_child(ctx, x, "field", NULL))) {
-				xmpp_stanza_set_attribute(f, "var", "reason");
-				xmpp_stanza_set_attribute(f, "type", "text-single");
-				xmpp_stanza_set_attribute(f, "label", "What happened (optional)");
-			}
-		}
+	xmpp_stanza_t *x;
+	xmpp_stanza_t *r = xa_command_stage(xc, iq, node, &x);
+	xmpp_stanza_t *f = x ? xa_child(ctx, x, "field", NULL) : NULL;
+	if (f) {
+		char label[2 * XJ_PART_MAX + 100];
+		snprintf(label, sizeof(label), "Contact (name@%s), or %s for everyone of that network", xc->domain,
+			 xc->domain);
+		xmpp_stanza_set_attribute(f, "var", "jid");
+		xmpp_stanza_set_attribute(f, "type", "jid-single");
+		xmpp_stanza_set_attribute(f, "label", label);
+		xa_child(ctx, f, "required", NULL);
+	}
+	if (x && reason && (f = xa_child(ctx, x, "field", NULL))) {
+		xmpp_stanza_set_attribute(f, "var", "reason");
+		xmpp_stanza_set_attribute(f, "type", "text-single");
+		xmpp_stanza_set_attribute(f, "label", "What happened (optional)");
 	}
 	xa_send_now(xc, r);
 }
@@ -381,17 +395,7 @@ bool xa_command(struct xcomp *xc, xmpp_stanza_t *iq)
 	snprintf(j->node, sizeof(j->node), "%s", node);
 	if (action && strcmp(action, "cancel") == 0) {
 		free(j);
-		xmpp_stanza_t *r = xa_iq_result(iq);
-		xmpp_stanza_t *c = r ? xa_child(xc->ctx, r, "command", NS_COMMANDS) : NULL;
-		if (c) {
-			xmpp_stanza_set_from(r, xmpp_stanza_get_to(iq));
-			xmpp_stanza_set_attribute(c, "node", node);
-			xmpp_stanza_set_attribute(c, "status", "canceled");
-			const char *sid = xmpp_stanza_get_attribute(cmd, "sessionid");
-			if (sid)
-				xmpp_stanza_set_attribute(c, "sessionid", sid);
-		}
-		xa_send_now(xc, r);
+		xa_send_now(xc, xa_command_end(xc->ctx, iq, node, "canceled", NULL, NULL));
 		return true;
 	}
 	static const enum verb verbs[] = { V_LIST, V_ACCEPT, V_BLOCK, V_OPTIN, V_OPTOUT, V_REPORT };

@@ -96,6 +96,7 @@ struct xin {
 	char sid[XM_ID_MAX + 1], oid[XM_ID_MAX + 1];
 	char base[40];                   /* the dedup key of the stanza */
 	bool group;                      /* a groupchat message to a group's room (remote_bare: the room) */
+	enum xa_leave leave;             /* not XA_LEAVE_NONE: text is an iq asking to leave the group */
 	char msg_id[EVENT_OPAQUE_ID_MAX + 1]; /* its first event's id, once stored */
 	bool record_ids;                 /* a message or correction with ids: they are kept */
 	bool texty;                      /* its first event is a message or a correction */
@@ -202,15 +203,24 @@ static void refuse(struct xin *in, const char *type, const char *cond)
 static cw_err in_convert(struct xin *in, bool *any, cw_errmsg *e)
 {
 	*any = false;
-	xmpp_ctx_t *ctx = xa_thread_ctx(in->xc->x);
-	xmpp_stanza_t *st = ctx ? xmpp_stanza_new_from_string(ctx, in->text) : NULL;
-	if (!st)
-		return cw_fail(e, CW_ENOMEM, "cannot parse a stanza again");
-	struct xm_in_lookup l = { to_msg, reactions, in };
 	json_t *events = NULL;
 	char why[200] = "";
-	enum xm_in_result res = xm_to_neutral(st, &l, in->ts, &events, why, sizeof(why));
-	xmpp_stanza_release(st);
+	enum xm_in_result res = XM_IN_OK;
+	if (in->leave) {
+		/* the user's leaving, for the group's other members */
+		events = json_pack("[{s:s, s:I, s:{s:s, s:s}}]", "type", "membership", "ts", (json_int_t)in->ts,
+				   "content", "membership", "leave", "target", in->uri);
+	} else {
+		xmpp_ctx_t *ctx = xa_thread_ctx(in->xc->x);
+		xmpp_stanza_t *st = ctx ? xmpp_stanza_new_from_string(ctx, in->text) : NULL;
+		if (!st)
+			return cw_fail(e, CW_ENOMEM, "cannot parse a stanza again");
+		struct xm_in_lookup l = { to_msg, reactions, in };
+		res = xm_to_neutral(st, &l, in->ts, &events, why, sizeof(why));
+		xmpp_stanza_release(st);
+	}
+	if (!events && res == XM_IN_OK)
+		return cw_fail(e, CW_ENOMEM, "out of memory");
 	if (res == XM_IN_INVALID) {
 		LOG_KV(CW_LOG_INFO, "xmpp message refused", "component", in->xc->domain, "detail", why);
 		refuse(in, "modify", "bad-request");
@@ -272,18 +282,23 @@ static cw_err in_send(PGconn *c, void *arg, int round, cw_errmsg *e)
 	if (round == in->final_round) {
 		/* The stanza's ids (what later stanzas refer to), and whether the
 		 * policy dropped the event for every recipient: then the sender
-		 * learns that it was not delivered, not why. */
-		const char *params[] = { in->base, in->room_id, in->sid, in->oid, in->record_ids ? "t" : "f" };
+		 * learns that it was not delivered, not why.  A user who leaves
+		 * a group is no longer its member, whoever heard of it. */
+		const char *params[] = { in->base, in->room_id, in->sid, in->oid, in->record_ids ? "t" : "f",
+					 in->leave ? "t" : "f", in->uri };
 		return PQsendQueryParams(c,
 			"WITH ins AS (INSERT INTO event_native_ids (event_id, network, kind, native_id) "
 			" SELECT e.id, 'xmpp', k.kind, $2 || '/' || k.nid FROM events e, "
 			" (VALUES ('id', $3), ('origin_id', $4)) AS k(kind, nid) WHERE $5::boolean "
 			" AND e.origin_network = 'xmpp' AND e.origin_native_id = $1 AND k.nid <> '' "
-			" ON CONFLICT DO NOTHING RETURNING 1) "
+			" ON CONFLICT DO NOTHING RETURNING 1), "
+			"lv AS (UPDATE room_members SET membership = 'left', updated_at = now() WHERE $6::boolean "
+			" AND room_id = $2::bigint AND identity_id = (SELECT id FROM identities WHERE uri = $7) "
+			" AND membership = 'joined' RETURNING 1) "
 			"SELECT count(*) > 0 AND count(*) FILTER (WHERE o.state <> 'dropped') = 0, "
 			" (SELECT public_id FROM events WHERE origin_network = 'xmpp' AND origin_native_id = $1) FROM events e "
 			" JOIN outbox o ON o.event_id = e.id WHERE e.origin_network = 'xmpp' AND e.origin_native_id = $1",
-			5, NULL, params, NULL, NULL, 0)
+			7, NULL, params, NULL, NULL, 0)
 			       ? CW_OK
 			       : cw_fail(e, CW_EUNAVAIL, "cannot send: %s", PQerrorMessage(c));
 	}
@@ -346,7 +361,7 @@ static cw_err in_recv(PGconn *c, void *arg, int round, bool *more, cw_errmsg *e)
 	if (round == in->final_round) {
 		PGresult *r;
 		cw_err rc = store_pipe_result(c, PGRES_TUPLES_OK, &r, e);
-		if (!rc && PQntuples(r) == 1 && PQgetvalue(r, 0, 0)[0] == 't' && !in->err_cond)
+		if (!rc && PQntuples(r) == 1 && PQgetvalue(r, 0, 0)[0] == 't' && !in->err_cond && !in->leave)
 			refuse(in, "cancel", "service-unavailable");
 		if (!rc && PQntuples(r) == 1 && !PQgetisnull(r, 0, 1))
 			snprintf(in->msg_id, sizeof(in->msg_id), "%s", PQgetvalue(r, 0, 1));
@@ -415,6 +430,8 @@ static void in_done(void *arg, cw_err rc, const cw_errmsg *e)
 		answer(in->xc, in->text, "wait", "internal-server-error", NULL);
 	} else if (in->err_cond) {
 		answer(in->xc, in->text, in->err_type, in->err_cond, in->err_text);
+	} else if (in->leave) {
+		xa_muc_left(in->xc, in->text, in->leave);
 	} else if (in->group && in->texty && in->msg_id[0]) {
 		/* A room sends a message back to its sender's resources (XEP-0045
 		 * §7.4): the client's sign that it is in, with the room's id. */
@@ -472,6 +489,7 @@ void xa_in_message(struct xcomp *xc, xmpp_stanza_t *st)
 		 * written, and the server says no more. */
 		LOG_KV(CW_LOG_INFO, "xmpp: a stanza of ours bounced", "component", xc->domain, "to", from,
 		       "id", xmpp_stanza_get_id(st));
+		xa_muc_bounced(xc, st);
 		return;
 	}
 	struct xin *in = calloc(1, sizeof(*in));
@@ -565,6 +583,45 @@ void xa_in_message(struct xcomp *xc, xmpp_stanza_t *st)
 	if (!in->text || !in->refs || !in->map || !in->rx ||
 	    store_write_pipe(x->app->store, &in_ops, in_done, in) != CW_OK) {
 		refuse_now(xc, st, "wait", "internal-server-error");
+		xin_free(in);
+	}
+}
+
+void xa_in_leave(struct xcomp *xc, xmpp_stanza_t *iq, enum xa_leave how, const char *room, const char *local_bare,
+		 const char *local)
+{
+	struct xin *in = calloc(1, sizeof(*in));
+	if (!in) {
+		xa_send_now(xc, xa_error_reply(iq, "wait", "resource-constraint", NULL));
+		return;
+	}
+	in->xc = xc;
+	in->leave = how;
+	in->group = true;
+	snprintf(in->local_bare, sizeof(in->local_bare), "%s", local_bare);
+	snprintf(in->local, sizeof(in->local), "%s", local);
+	snprintf(in->remote_bare, sizeof(in->remote_bare), "%s", room);
+	const struct cw_config *cfg = xc->x->cfg;
+	snprintf(in->uri, sizeof(in->uri), "mimi://%s/u/%s", cfg->domain ? cfg->domain : "", local);
+	xa_room_native(local_bare, room, in->room, sizeof(in->room));
+	unsigned char h[16];
+	char hex[33];
+	cw_random(h, sizeof(h));
+	cw_hex(hex, h, sizeof(h));
+	snprintf(in->base, sizeof(in->base), "x%s", hex);
+	in->refs = json_array();
+	in->map = json_object();
+	in->rx = json_object();
+	in->ts = cw_wall_ms();
+	char *buf = NULL;
+	size_t len = 0;
+	if (xmpp_stanza_to_text(iq, &buf, &len) == XMPP_EOK && buf) {
+		in->text = strdup(buf);
+		xmpp_free(xc->ctx, buf);
+	}
+	if (!in->text || !in->refs || !in->map || !in->rx ||
+	    store_write_pipe(xc->x->app->store, &in_ops, in_done, in) != CW_OK) {
+		xa_send_now(xc, xa_error_reply(iq, "wait", "internal-server-error", NULL));
 		xin_free(in);
 	}
 }

@@ -132,6 +132,14 @@ void xa_room_native(const char *local_bare, const char *remote_bare, char *out, 
 /* xmpp_in.c: a <message/> of a local user to a remote user's JID (on the
  * component's thread; the work is a store job). */
 void xa_in_message(struct xcomp *xc, xmpp_stanza_t *st);
+/* How a user asked to leave a group: XEP-0045's affiliation set to none
+ * (muc#admin), or the room's ad-hoc command (XEP-0050). */
+enum xa_leave { XA_LEAVE_NONE, XA_LEAVE_ADMIN, XA_LEAVE_COMMAND };
+/* Leaves the group of room (a room's bare JID) for the local user: their
+ * membership event to the group's other members and their membership
+ * ended, in one transaction; then xa_muc_left answers iq. */
+void xa_in_leave(struct xcomp *xc, xmpp_stanza_t *iq, enum xa_leave how, const char *room, const char *local_bare,
+		 const char *local);
 /* The local user's bare JID and localpart of a full JID of local_domain, or false. */
 bool xa_local_user(struct xmpp *x, const char *jid, char *bare, size_t blen, char *local, size_t llen);
 /* The remote user's id (unescaped localpart) of a JID of the component, or false. */
@@ -216,6 +224,21 @@ bool xa_muc_invites(struct xcomp *xc, xmpp_stanza_t *st);
  * a group since its occupants were told come or go as presences; a user
  * removed from the group is out of the room. */
 void xa_muc_members(struct xcomp *xc, PGconn *c);
+/* XEP-0050 answers to the command iq (from its 'to'; ctx: the calling
+ * thread's): the command ended (status completed or canceled; note: NULL
+ * or a note of note_type), or its first stage, executing, with a form
+ * (*form: where fields go; NULL without memory). */
+xmpp_stanza_t *xa_command_end(xmpp_ctx_t *ctx, xmpp_stanza_t *iq, const char *node, const char *status,
+			      const char *note, const char *note_type);
+xmpp_stanza_t *xa_command_stage(struct xcomp *xc, xmpp_stanza_t *iq, const char *node, xmpp_stanza_t **form);
+/* The answer to a user's iq that left a group (any thread). */
+void xa_muc_left(struct xcomp *xc, const char *iq_text, enum xa_leave how);
+/* Before the stream closes: each occupant is told the room is going (332)
+ * and forgotten (the stream's thread). */
+void xa_muc_shutdown(struct xcomp *xc);
+/* A stanza error from a local user's resource to a room: an occupant whose
+ * client is gone leaves the room (the stream's thread). */
+void xa_muc_bounced(struct xcomp *xc, xmpp_stanza_t *st);
 /* A local user's groupchat message (its text) sent back to each of their
  * occupants, from their nick, with the room's stanza-id msg_id. */
 bool xa_muc_reflect(struct xcomp *xc, const char *stanza_text, const char *room, const char *user,

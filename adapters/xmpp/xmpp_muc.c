@@ -35,6 +35,10 @@
 #define NS_MUC "http://jabber.org/protocol/muc"
 #define NS_MUC_USER "http://jabber.org/protocol/muc#user"
 #define NS_MUC_OWNER "http://jabber.org/protocol/muc#owner"
+#define NS_MUC_ADMIN "http://jabber.org/protocol/muc#admin"
+#define NS_COMMANDS "http://jabber.org/protocol/commands"
+#define NS_DATA "jabber:x:data"
+#define NS_STANZAS "urn:ietf:params:xml:ns:xmpp-stanzas"
 #define NS_DELAY "urn:xmpp:delay"
 #define NS_SID "urn:xmpp:sid:0"
 #define NS_DISCO_INFO "http://jabber.org/protocol/disco#info"
@@ -180,6 +184,24 @@ static xmpp_stanza_t *occupant_presence(xmpp_ctx_t *ctx, const char *room, const
 	if (gone)
 		xmpp_stanza_set_type(p, "unavailable");
 	add_muc_user(ctx, p, gone ? "none" : "participant", self);
+	return p;
+}
+
+/* An occupant's unavailable presence with a status code (XEP-0045's
+ * registry): 321, out of the room because no longer a member (their
+ * affiliation is none now); 332, because the service is shutting down
+ * (the client joins again later). */
+static xmpp_stanza_t *occupant_gone(xmpp_ctx_t *ctx, const char *room, const char *nick, const char *to, bool self,
+				    const char *code)
+{
+	xmpp_stanza_t *p = occupant_presence(ctx, room, nick, to, self, true);
+	xmpp_stanza_t *x = p ? xmpp_stanza_get_child_by_name_and_ns(p, "x", NS_MUC_USER) : NULL;
+	xmpp_stanza_t *item = x ? xmpp_stanza_get_child_by_name(x, "item") : NULL;
+	if (item && strcmp(code, "321") == 0)
+		xmpp_stanza_set_attribute(item, "affiliation", "none");
+	xmpp_stanza_t *st = x ? xa_child(ctx, x, "status", NULL) : NULL;
+	if (st)
+		xmpp_stanza_set_attribute(st, "code", code);
 	return p;
 }
 
@@ -534,6 +556,176 @@ void xa_muc_presence(struct xcomp *xc, xmpp_stanza_t *st)
 	join(xc, st, room, public_id, nick, from, user, local);
 }
 
+/* ------------------------------------------------------------ leaving */
+
+/* A client leaves a room whenever it goes offline, so leaving the room is
+ * not leaving the group.  A user leaves the group by giving up their
+ * membership: setting their own affiliation to none (the member list
+ * change of XEP-0045 §9.5, which only an admin may make for others), or
+ * with the room's ad-hoc command "leave" (XEP-0050), which clients offer
+ * in the room's menu. */
+#define LEAVE_NODE "leave"
+
+static void leave_disco(struct xcomp *xc, xmpp_stanza_t *q, const char *room, const char *node, bool info)
+{
+	xmpp_ctx_t *ctx = xc->ctx;
+	if (!q)
+		return;
+	if (!info && strcmp(node, NS_COMMANDS) == 0) {
+		xmpp_stanza_t *it = xa_child(ctx, q, "item", NULL);
+		if (it) {
+			xmpp_stanza_set_attribute(it, "jid", room);
+			xmpp_stanza_set_attribute(it, "node", LEAVE_NODE);
+			xmpp_stanza_set_attribute(it, "name", "Leave this group");
+		}
+	} else if (info && strcmp(node, LEAVE_NODE) == 0) {
+		xmpp_stanza_t *id = xa_child(ctx, q, "identity", NULL);
+		if (id) {
+			xmpp_stanza_set_attribute(id, "category", "automation");
+			xmpp_stanza_set_attribute(id, "type", "command-node");
+			xmpp_stanza_set_attribute(id, "name", "Leave this group");
+		}
+		static const char *const features[] = { NS_COMMANDS, NS_DATA, NULL };
+		for (const char *const *f = features; *f; f++) {
+			xmpp_stanza_t *fe = xa_child(ctx, q, "feature", NULL);
+			if (fe)
+				xmpp_stanza_set_attribute(fe, "var", *f);
+		}
+	}
+}
+
+/* The command's first stage: what leaving means, to confirm. */
+static void leave_form(struct xcomp *xc, xmpp_stanza_t *iq)
+{
+	xmpp_ctx_t *ctx = xc->ctx;
+	xmpp_stanza_t *x;
+	xmpp_stanza_t *r = xa_command_stage(xc, iq, LEAVE_NODE, &x);
+	if (x) {
+		xa_text_child(ctx, x, "title", NULL, "Leave this group");
+		xmpp_stanza_t *f = xa_child(ctx, x, "field", NULL);
+		if (f) {
+			xmpp_stanza_set_attribute(f, "type", "fixed");
+			xa_text_child(ctx, f, "value", NULL,
+				      "You will no longer be a member: its messages stop, the other members see you "
+				      "go, and only a member can add you again.");
+		}
+	}
+	xa_send_now(xc, r);
+}
+
+static void leave_request(struct xcomp *xc, xmpp_stanza_t *iq, const char *room, bool command)
+{
+	char user[1100], local[MIMI_LOCAL_MAX + 1];
+	const char *from = xmpp_stanza_get_from(iq);
+	if (!xa_local_user(xc->x, from, user, sizeof(user), local, sizeof(local))) {
+		xa_send_now(xc, xa_error_reply(iq, "auth", "forbidden", NULL));
+		return;
+	}
+	if (command) {
+		xmpp_stanza_t *cmd = xmpp_stanza_get_child_by_name_and_ns(iq, "command", NS_COMMANDS);
+		const char *node = cmd ? xmpp_stanza_get_attribute(cmd, "node") : NULL;
+		const char *action = cmd ? xmpp_stanza_get_attribute(cmd, "action") : NULL;
+		xmpp_stanza_t *x = cmd ? xmpp_stanza_get_child_by_name_and_ns(cmd, "x", NS_DATA) : NULL;
+		const char *xt = x ? xmpp_stanza_get_type(x) : NULL;
+		if (!node || strcmp(node, LEAVE_NODE) != 0) {
+			xa_send_now(xc, xa_error_reply(iq, "cancel", "item-not-found", NULL));
+			return;
+		}
+		if (action && strcmp(action, "cancel") == 0)
+			xa_send_now(xc, xa_command_end(xc->ctx, iq, LEAVE_NODE, "canceled", NULL, NULL));
+		else if ((xt && strcmp(xt, "submit") == 0) || (action && strcmp(action, "complete") == 0))
+			xa_in_leave(xc, iq, XA_LEAVE_COMMAND, room, user, local);
+		else
+			leave_form(xc, iq);
+		return;
+	}
+	/* muc#admin: one item, the user's own affiliation to none (by JID or
+	 * by their nick in the room); any other change is an admin's. */
+	xmpp_stanza_t *q = xmpp_stanza_get_child_by_name_and_ns(iq, "query", NS_MUC_ADMIN);
+	xmpp_stanza_t *item = q ? xmpp_stanza_get_child_by_name(q, "item") : NULL;
+	if (!item || xmpp_stanza_get_next(item)) {
+		xa_send_now(xc, xa_error_reply(iq, "modify", "bad-request", NULL));
+		return;
+	}
+	const char *aff = xmpp_stanza_get_attribute(item, "affiliation");
+	const char *jid = xmpp_stanza_get_attribute(item, "jid"), *nick = xmpp_stanza_get_attribute(item, "nick");
+	char their[1100], tl[MIMI_LOCAL_MAX + 1], have[NICK_MAX + 1];
+	bool self = false;
+	if (jid)
+		self = xa_local_user(xc->x, jid, their, sizeof(their), tl, sizeof(tl)) && strcmp(their, user) == 0;
+	else if (nick)
+		self = occupant_get(xc, room, from, have, sizeof(have)) && strcmp(have, nick) == 0;
+	if (!aff || strcmp(aff, "none") != 0 || !self) {
+		xa_send_now(xc, xa_error_reply(iq, "auth", "forbidden", NULL));
+		return;
+	}
+	xa_in_leave(xc, iq, XA_LEAVE_ADMIN, room, user, local);
+}
+
+void xa_muc_left(struct xcomp *xc, const char *iq_text, enum xa_leave how)
+{
+	xmpp_ctx_t *ctx = xa_thread_ctx(xc->x);
+	xmpp_stanza_t *iq = ctx ? xmpp_stanza_new_from_string(ctx, iq_text) : NULL;
+	if (!iq)
+		return;
+	xmpp_stanza_t *r;
+	if (how == XA_LEAVE_COMMAND) {
+		r = xa_command_end(ctx, iq, LEAVE_NODE, "completed", "You left the group.", "info");
+	} else if ((r = xa_iq_result(iq))) {
+		xmpp_stanza_set_from(r, xmpp_stanza_get_to(iq));
+	}
+	xa_enqueue_stanza(xc, r);
+	xmpp_stanza_release(iq);
+}
+
+/* The stream is closing (the daemon stops, or gives the component up):
+ * every occupant hears that the service is going (332), so that clients
+ * join again when it is back instead of thinking they are in. */
+void xa_muc_shutdown(struct xcomp *xc)
+{
+	pthread_mutex_lock(&xc->mu);
+	json_t *muc = xc->muc;
+	xc->muc = NULL;
+	json_decref(xc->muc_members);
+	xc->muc_members = NULL;
+	pthread_mutex_unlock(&xc->mu);
+	const char *room, *full;
+	json_t *occ, *o;
+	json_object_foreach(muc, room, occ)
+		json_object_foreach(occ, full, o)
+			xa_send_now(xc, occupant_gone(xc->ctx, room, json_string_value(json_object_get(o, "nick")), full,
+						      true, "332"));
+	json_decref(muc);
+}
+
+/* An error from an occupant's client to what the room sent it: the
+ * resource is gone (XEP-0045 §18.1's "ghost" occupants), so it is no
+ * longer in the room. */
+void xa_muc_bounced(struct xcomp *xc, xmpp_stanza_t *st)
+{
+	const char *from = xmpp_stanza_get_from(st), *to = xmpp_stanza_get_to(st);
+	char public_id[EVENT_OPAQUE_ID_MAX + 1], room[XJ_JID_MAX + 1], nick[NICK_MAX + 1];
+	if (!from || !xa_muc_room(xc, to, public_id, sizeof(public_id), room, sizeof(room), nick, sizeof(nick)))
+		return;
+	/* the conditions that say the resource is not there (as Prosody's
+	 * rooms count them); others say nothing of it */
+	static const char *const gone[] = { "gone", "item-not-found", "jid-malformed", "recipient-unavailable",
+					    "redirect", "remote-server-not-found", "remote-server-timeout",
+					    "service-unavailable", NULL };
+	xmpp_stanza_t *err = xmpp_stanza_get_child_by_name(st, "error");
+	bool is_gone = false;
+	for (xmpp_stanza_t *c = err ? xmpp_stanza_get_children(err) : NULL; c && !is_gone; c = xmpp_stanza_get_next(c)) {
+		const char *name = xmpp_stanza_is_tag(c) ? xmpp_stanza_get_name(c) : NULL;
+		const char *ns = name ? xmpp_stanza_get_ns(c) : NULL;
+		for (const char *const *g = gone; name && ns && strcmp(ns, NS_STANZAS) == 0 && *g && !is_gone; g++)
+			is_gone = strcmp(name, *g) == 0;
+	}
+	if (is_gone && occupant_get(xc, room, from, NULL, 0)) {
+		occupant_del(xc, room, from);
+		LOG_KV(CW_LOG_INFO, "xmpp: an occupant's client is gone", "room", room, "to", from);
+	}
+}
+
 /* ------------------------------------------------------------ iq */
 
 bool xa_muc_iq(struct xcomp *xc, xmpp_stanza_t *st, const char *ns, bool get)
@@ -559,6 +751,10 @@ bool xa_muc_iq(struct xcomp *xc, xmpp_stanza_t *st, const char *ns, bool get)
 	}
 	if (nick[0])
 		return false; /* an occupant's: nothing else is served */
+	if (ns && !get && (strcmp(ns, NS_MUC_ADMIN) == 0 || strcmp(ns, NS_COMMANDS) == 0)) {
+		leave_request(xc, st, room, strcmp(ns, NS_COMMANDS) == 0);
+		return true;
+	}
 	if (ns && strcmp(ns, NS_MUC_OWNER) == 0) {
 		/* A new room's configuration (XEP-0045 §10.1.2): there is
 		 * nothing to configure; an instant room is accepted as it is. */
@@ -593,6 +789,15 @@ bool xa_muc_iq(struct xcomp *xc, xmpp_stanza_t *st, const char *ns, bool get)
 		xmpp_stanza_set_from(r, to);
 		bool info = strcmp(ns, NS_DISCO_INFO) == 0;
 		xmpp_stanza_t *q = xa_child(ctx, r, "query", ns);
+		xmpp_stanza_t *asked = xmpp_stanza_get_child_by_name(st, "query");
+		const char *node = asked ? xmpp_stanza_get_attribute(asked, "node") : NULL;
+		if (node) { /* the room's command (XEP-0050 §2.2) */
+			if (q)
+				xmpp_stanza_set_attribute(q, "node", node);
+			leave_disco(xc, q, room, node, info);
+			xa_send_now(xc, r);
+			return true;
+		}
 		xmpp_stanza_t *id = info && q ? xa_child(ctx, q, "identity", NULL) : NULL;
 		if (id) {
 			char name[120];
@@ -603,7 +808,7 @@ bool xa_muc_iq(struct xcomp *xc, xmpp_stanza_t *st, const char *ns, bool get)
 		}
 		static const char *const features[] = {
 			NS_MUC, "muc_membersonly", "muc_persistent", "muc_hidden", "muc_semianonymous",
-			"muc_unmoderated", "muc_unsecured", NS_SID, NS_PING, NULL,
+			"muc_unmoderated", "muc_unsecured", NS_SID, NS_PING, NS_COMMANDS, NULL,
 		};
 		for (const char *const *f = features; info && q && *f; f++) {
 			xmpp_stanza_t *fe = xa_child(ctx, q, "feature", NULL);
@@ -751,11 +956,11 @@ void xa_muc_members(struct xcomp *xc, PGconn *c)
 				if (after && json_object_get(after, who))
 					continue;
 				if (self) { /* the user is no longer a member: out of the room */
-					xa_send_now(xc, occupant_presence(xc->ctx, room, json_string_value(json_array_get(oc, 1)),
-									  to, true, true));
+					xa_send_now(xc, occupant_gone(xc->ctx, room, json_string_value(json_array_get(oc, 1)),
+								      to, true, "321"));
 					occupant_del(xc, room, to);
 				} else {
-					xa_send_now(xc, occupant_presence(xc->ctx, room, who, to, false, true));
+					xa_send_now(xc, occupant_gone(xc->ctx, room, who, to, false, "321"));
 				}
 			}
 			json_object_foreach(after, who, x) {

@@ -111,9 +111,10 @@ def post(a, path, body):
     return a.call("POST", path, body, idem="k" + str(time.monotonic_ns()))
 
 
-def consent_alice(d, subject="mimi://wa.example/u/wally"):
-    assert d.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
-    assert d.admin("POST", "/consents", json={"user": ALICE, "subject_kind": "user", "subject": subject,
+def consent_alice(d, subject="mimi://wa.example/u/wally", user=ALICE):
+    """user (alice unless named) opted in to gk's network, subject allowed."""
+    assert d.admin("POST", "/optins", json={"user": user, "network": "peer:gk", "opted_in": True}).ok
+    assert d.admin("POST", "/consents", json={"user": user, "subject_kind": "user", "subject": subject,
                                               "state": "allowed"}).ok
 
 
@@ -341,9 +342,7 @@ def test_two_local_members_of_a_group_read_each_other(xd, gk, alice, prosody, pg
     a, srv = gk
     consent_alice(xd)
     bob_uri = "mimi://example.org/u/bob"
-    assert xd.admin("POST", "/optins", json={"user": bob_uri, "network": "peer:gk", "opted_in": True}).ok
-    assert xd.admin("POST", "/consents", json={"user": bob_uri, "subject_kind": "user",
-                                              "subject": a.user("wally"), "state": "allowed"}).ok
+    consent_alice(xd, user=bob_uri)
     bob = prosody.client("bob", "pw-bob")
     try:
         gid = a.create_room([a.user("wally"), ALICE, bob_uri], kind="group").json()["id"]
@@ -407,6 +406,119 @@ def test_an_xmpp_user_makes_a_group(xd, gk, alice, pg, db_url):
     err = message_from(alice, theirs, lambda el: el.get("type") == "error" and el.get("id") == "i2")
     assert err.find("{jabber:client}error").find("{urn:ietf:params:xml:ns:xmpp-stanzas}not-allowed") is not None
     assert pg.psql("SELECT count(*) FROM identities WHERE localpart = 'yves'", db_url) == "0"
+
+
+def test_an_xmpp_user_leaves_a_group(xd, gk, alice, prosody, pg, db_url):
+    """Leaving a room is not leaving the group (a client leaves its rooms
+    whenever it goes offline): a user gives up membership with the room's
+    ad-hoc command "leave" (XEP-0050) or by setting their own affiliation
+    to none (XEP-0045 muc#admin). The peer gets their membership event, the
+    room's other local members see them go, and they are out: no more
+    messages, no join. Nobody changes another's membership."""
+    a, srv = gk
+    consent_alice(xd)
+    bob_uri = "mimi://example.org/u/bob"
+    consent_alice(xd, user=bob_uri)
+    cmd = "http://jabber.org/protocol/commands"
+    admin = "http://jabber.org/protocol/muc#admin"
+    bob = prosody.client("bob", "pw-bob")
+    try:
+        gid = a.create_room([a.user("wally"), ALICE, bob_uri], kind="group").json()["id"]
+        assert a.send(gid, a.user("wally"), "hello both").status_code == 202
+        room = alice.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None).get("from")
+        bob.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None)
+        for c, nick in ((alice, "alice"), (bob, "bob")):
+            start = c.count()
+            c.send_presence(to=f"{room}/{nick}", payload=f"<x xmlns='{MUC}'/>")
+            c.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+        # The room offers the command.
+        assert cmd in alice.disco_info(room)[1]
+        items = alice.iq("get", room, f"<query xmlns='http://jabber.org/protocol/disco#items' node='{cmd}'/>")
+        assert [(i.get("jid"), i.get("node")) for i in items.iter("{http://jabber.org/protocol/disco#items}item")
+                ] == [(room, "leave")]
+        # alice may not take bob's membership away, nor may a stranger hers.
+        err = alice.iq("set", room, f"<query xmlns='{admin}'><item affiliation='none' jid='bob@{HOST}'/></query>",
+                       expect_error=True)
+        assert err.error_condition == "forbidden"
+        err = alice.iq("set", room, f"<query xmlns='{admin}'><item role='none' nick='bob'/></query>",
+                       expect_error=True)
+        assert err.error_condition == "forbidden"
+        assert alice.iq("set", room, f"<query xmlns='{admin}'/>", expect_error=True).error_condition == "bad-request"
+        # The command: a form saying what leaving means, then done.
+        form = alice.iq("set", room, f"<command xmlns='{cmd}' node='leave' action='execute'/>")
+        c = form.find(q(cmd, "command"))
+        assert c.get("status") == "executing" and c.find(q("jabber:x:data", "x")).get("type") == "form"
+        assert pg.psql(f"SELECT m.membership FROM room_members m JOIN rooms r ON r.id = m.room_id JOIN identities i "
+                       f"ON i.id = m.identity_id WHERE r.public_id = '{gid}' AND i.uri = '{ALICE}'", db_url) == "joined"
+        start, bstart = alice.count(), bob.count()
+        done = alice.iq("set", room, f"<command xmlns='{cmd}' node='leave' sessionid='{c.get('sessionid')}' "
+                                     f"action='complete'><x xmlns='jabber:x:data' type='submit'/></command>")
+        c = done.find(q(cmd, "command"))
+        assert c.get("status") == "completed" and c.find(q(cmd, "note")).text == "You left the group."
+        gone = alice.wait_for_presence(lambda el: el.get("from") == room + "/alice"
+                                       and el.get("type") == "unavailable", start=start)
+        assert sorted(s.get("code") for s in gone.iter(q(MUC_USER, "status"))) == ["110", "321"], gone.xml
+        bob.wait_for_presence(lambda el: el.get("from") == room + "/alice" and el.get("type") == "unavailable",
+                              start=bstart)
+        at_peer = wait_until(lambda: [e for e in list(srv.events) if e.get("type") == "membership"
+                                      and e["room_id"] == gid] or None, what="alice's leaving at the peer")
+        assert at_peer[0]["content"] == {"membership": "leave", "target": ALICE}, at_peer
+        assert at_peer[0]["sender"] == ALICE
+        assert pg.psql(f"SELECT m.membership FROM room_members m JOIN rooms r ON r.id = m.room_id JOIN identities i "
+                       f"ON i.id = m.identity_id WHERE r.public_id = '{gid}' AND i.uri = '{ALICE}'", db_url) == "left"
+        # She is out: the next message reaches bob, not her; she cannot join.
+        start = alice.count()
+        assert a.send(gid, a.user("wally"), "still here, bob?").status_code == 202
+        message_from(bob, room, lambda el: body(el) == "still here, bob?")
+        alice.send_presence(to=room + "/alice", payload=f"<x xmlns='{MUC}'/>")
+        err = alice.wait_for_presence(lambda el: el.get("type") == "error", start=start)
+        assert err.error_condition == "item-not-found"
+        assert not [el for el in alice.stanzas()[start:] if body(el) == "still here, bob?"]
+        # bob leaves by his affiliation, naming himself by his nick.
+        start = bob.count()
+        bob.iq("set", room, f"<query xmlns='{admin}'><item affiliation='none' nick='bob'/></query>")
+        bob.wait_for_presence(lambda el: el.get("from") == room + "/bob" and el.get("type") == "unavailable",
+                              start=start)
+        wait_until(lambda: [e for e in list(srv.events) if e.get("type") == "membership" and e["room_id"] == gid
+                            and e["sender"] == bob_uri], what="bob's leaving at the peer")
+        members = a.call("GET", f"/v1/rooms/{gid}").json()["members"]
+        assert sorted((m["user"], m["membership"]) for m in members) == [
+            (ALICE, "left"), (bob_uri, "left"), (a.user("wally"), "joined")], members
+    finally:
+        bob.disconnect()
+
+
+def test_a_stopping_daemon_tells_the_rooms_occupants(make_daemon, db_url, prosody, alice):
+    """When the daemon stops, the clients in its rooms are told that the
+    service is going (status 332), so that they join again when it is back
+    instead of thinking they are still in. A resource whose server answers
+    the room with an error saying it is gone is no longer in the room."""
+    d, a, srv = start_with_gk(make_daemon, db_url, prosody)
+    consent_alice(d)
+    gid = a.create_room([a.user("wally"), ALICE], kind="group").json()["id"]
+    assert a.send(gid, a.user("wally"), "hi").status_code == 202
+    room = alice.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None).get("from")
+
+    def join():
+        start = alice.count()
+        alice.send_presence(to=room + "/alice", payload=f"<x xmlns='{MUC}'/>")
+        alice.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+
+    def bounce(kind, condition):
+        alice.send_raw(f"<message to='{room}/wally' type='error' id='e-{condition}'><error type='{kind}'>"
+                       f"<{condition} xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>")
+
+    join()
+    bounce("wait", "resource-constraint")  # says nothing of the resource
+    assert alice.ping(room + "/alice")
+    bounce("cancel", "recipient-unavailable")
+    wait_until(lambda: not alice.ping(room + "/alice"), what="the gone resource out of the room")
+    join()
+    start = alice.count()
+    d.stop()
+    gone = alice.wait_for_presence(lambda el: el.get("from") == room + "/alice" and el.get("type") == "unavailable",
+                                   start=start)
+    assert sorted(s.get("code") for s in gone.iter(q(MUC_USER, "status"))) == ["110", "332"], gone.xml
 
 
 def test_a_dead_letter_is_told_to_its_xmpp_writer(make_daemon, db_url, prosody, alice, pg):
