@@ -210,6 +210,9 @@ bool xa_muc_is_occupant(struct xcomp *xc, const char *room, const char *full);
 /* The room's <stanza-id id by=room/> (XEP-0359) added to st (none when id
  * is NULL or ""): in a room, the message's neutral id. */
 void xa_muc_stanza_id(xmpp_ctx_t *ctx, xmpp_stanza_t *st, const char *id, const char *room);
+/* The chat message st (released) as a groupchat: the same, without a
+ * receipt request (XEP-0184 §5.3: none in a room); NULL without memory. */
+xmpp_stanza_t *xa_muc_groupchat(xmpp_ctx_t *ctx, xmpp_stanza_t *st);
 /* [[full JID, nick]] of user's resources in room (a new reference). */
 json_t *xa_muc_occupants(struct xcomp *xc, const char *room, const char *user);
 /* The mediated invitation of user (bare JID) to room, serialised into

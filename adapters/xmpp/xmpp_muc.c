@@ -26,6 +26,8 @@
 #include "xmpp_int.h"
 #include "log.h"
 #include "peer/event.h"
+#include "peer/peer_media.h"
+#include "xm.h"
 #include "store.h"
 
 #include <stdlib.h>
@@ -147,6 +149,29 @@ json_t *xa_muc_occupants(struct xcomp *xc, const char *room, const char *user)
 }
 
 /* ------------------------------------------------------------ stanzas */
+
+xmpp_stanza_t *xa_muc_groupchat(xmpp_ctx_t *ctx, xmpp_stanza_t *st)
+{
+	xmpp_stanza_t *m = xmpp_message_new(ctx, "groupchat", xmpp_stanza_get_to(st), xmpp_stanza_get_id(st));
+	if (m)
+		xmpp_stanza_set_from(m, xmpp_stanza_get_from(st));
+	for (xmpp_stanza_t *c = xmpp_stanza_get_children(st); m && c; c = xmpp_stanza_get_next(c)) {
+		const char *name = xmpp_stanza_get_name(c), *ns = xmpp_stanza_get_ns(c);
+		if (name && ns && strcmp(name, "request") == 0 && strcmp(ns, "urn:xmpp:receipts") == 0)
+			continue;
+		xmpp_stanza_t *copy = xmpp_stanza_copy(c);
+		if (!copy || xmpp_stanza_add_child(m, copy) != XMPP_EOK) {
+			if (copy)
+				xmpp_stanza_release(copy);
+			xmpp_stanza_release(m);
+			m = NULL;
+			break;
+		}
+		xmpp_stanza_release(copy);
+	}
+	xmpp_stanza_release(st);
+	return m;
+}
 
 void xa_muc_stanza_id(xmpp_ctx_t *ctx, xmpp_stanza_t *st, const char *id, const char *room)
 {
@@ -276,7 +301,8 @@ struct mjoin {
 	/* the job's */
 	bool member, created;              /* created: the room is new (made by this join) */
 	json_t *members;                  /* [nick] of the others */
-	json_t *history;                  /* [[nick, body, ts ms, msg id]] oldest first */
+	json_t *history;                  /* [[nick, event, ts ms, msg id]] oldest first (event: as
+					     stored, with its last correction's parts) */
 };
 
 static void mjoin_free(struct mjoin *j)
@@ -318,7 +344,10 @@ static cw_err join_fn(PGconn *c, void *arg, cw_errmsg *e)
 		"  SELECT room, 'xmpp', $4, me FROM ok ON CONFLICT DO NOTHING), "
 		"ib AS (INSERT INTO identity_bindings (identity_id, network, native_id) SELECT me, 'xmpp', $5 FROM ok "
 		"  ON CONFLICT DO NOTHING), "
-		"h AS (SELECT e.id, e.public_id, CASE WHEN e.sender_id = ok.me THEN '' ELSE s.localpart END AS localpart, e.content->'content'->'parts' AS parts, e.ts "
+		"h AS (SELECT e.id, e.public_id, CASE WHEN e.sender_id = ok.me THEN '' ELSE s.localpart END AS localpart, "
+		"  coalesce(jsonb_set(e.content, '{content,parts}', (SELECT x.content->'content'->'parts' FROM events x "
+		"  WHERE x.type = 'edit' AND x.replaces_id = e.id AND x.sender_id = e.sender_id ORDER BY x.id DESC LIMIT 1)), "
+		"  e.content) AS ev, e.ts "
 		"  FROM ok, events e JOIN identities s ON s.id = e.sender_id WHERE e.room_id = ok.room "
 		"  AND e.type = 'message' AND ($7 = '' OR e.accepted_at > $7::timestamptz) "
 		"  AND (e.sender_id = ok.me OR EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = e.id "
@@ -329,8 +358,7 @@ static cw_err join_fn(PGconn *c, void *arg, cw_errmsg *e)
 		"UNION ALL SELECT 'member', i.localpart, NULL, NULL FROM ok, room_members x "
 		"  JOIN identities i ON i.id = x.identity_id WHERE x.room_id = ok.room AND x.membership = 'joined' "
 		"  AND i.id <> ok.me "
-		"UNION ALL SELECT 'h', h.localpart, (SELECT q->>'body' FROM jsonb_array_elements(h.parts) AS q "
-		"  WHERE q->>'type' = 'text/plain' LIMIT 1), h.ts::text || ' ' || h.public_id FROM (SELECT * FROM h "
+		"UNION ALL SELECT 'h', h.localpart, h.ev::text, h.ts::text || ' ' || h.public_id FROM (SELECT * FROM h "
 		"  ORDER BY id) AS h",
 		9, NULL, params, NULL, NULL, 0);
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
@@ -352,8 +380,10 @@ static cw_err join_fn(PGconn *c, void *arg, cw_errmsg *e)
 		} else if (!PQgetisnull(r, i, 2)) {
 			long long ts = atoll(PQgetvalue(r, i, 3));
 			const char *id = strchr(PQgetvalue(r, i, 3), ' ');
-			json_array_append_new(j->history, json_pack("[s, s, I, s]", PQgetvalue(r, i, 1), PQgetvalue(r, i, 2),
-								    (json_int_t)ts, id ? id + 1 : ""));
+			json_t *ev = json_loads(PQgetvalue(r, i, 2), 0, NULL);
+			if (ev)
+				json_array_append_new(j->history, json_pack("[s, o, I, s]", PQgetvalue(r, i, 1), ev,
+									    (json_int_t)ts, id ? id + 1 : ""));
 		}
 	}
 	PQclear(r);
@@ -421,14 +451,26 @@ static void join_done(void *arg, cw_err rc, const cw_errmsg *e)
 	xa_enqueue_stanza(xc, me);
 	json_array_foreach(j->history, i, v) {
 		const char *nick = json_string_value(json_array_get(v, 0)); /* "": the user's own */
+		const char *id = json_string_value(json_array_get(v, 3));
 		char from[XJ_JID_MAX + NICK_MAX + 2], stamp[40];
 		snprintf(from, sizeof(from), "%s/%s", j->room, nick[0] ? nick : j->nick);
-		xmpp_stanza_t *m = xmpp_message_new(ctx, "groupchat", j->full, json_string_value(json_array_get(v, 3)));
-		if (!m)
+		/* as it was delivered (files as Causeway's links, a reply naming
+		 * the room's id), with its last correction's text */
+		json_t *ev = peer_media_public(xc->x->app, json_array_get(v, 1));
+		const char *reply = json_string_value(json_object_get(json_object_get(ev, "content"), "in_reply_to"));
+		struct xm_out_info info = { .from = from, .to = j->full, .id = id,
+					    .target = { .known = reply != NULL, .id = reply, .origin_id = reply } };
+		xmpp_stanza_t *m = NULL;
+		enum xm_out_result res = ev ? xm_from_neutral(ctx, ev, &info, &m, NULL, 0) : XM_OUT_INVALID;
+		json_decref(ev);
+		if (res != XM_OUT_STANZA) {
+			if (m)
+				xmpp_stanza_release(m);
+			continue; /* nothing a room shows */
+		}
+		if (!(m = xa_muc_groupchat(ctx, m)))
 			break;
-		xmpp_stanza_set_from(m, from);
-		xmpp_message_set_body(m, json_string_value(json_array_get(v, 1)));
-		xa_muc_stanza_id(ctx, m, json_string_value(json_array_get(v, 3)), j->room);
+		xa_muc_stanza_id(ctx, m, id, j->room);
 		stamp_of(json_integer_value(json_array_get(v, 2)), stamp, sizeof(stamp));
 		xmpp_stanza_t *d = xa_child(ctx, m, "delay", NS_DELAY);
 		if (d) {

@@ -122,31 +122,6 @@ static bool comp_and_user(struct xmpp *x, PGresult *r, int k, const char *peer, 
 	return true;
 }
 
-/* The chat message st (released) as a groupchat: the same, without a
- * receipt request (XEP-0184 §5.3: none in a room). */
-static xmpp_stanza_t *as_groupchat(xmpp_ctx_t *ctx, xmpp_stanza_t *st)
-{
-	xmpp_stanza_t *m = xmpp_message_new(ctx, "groupchat", xmpp_stanza_get_to(st), xmpp_stanza_get_id(st));
-	if (m)
-		xmpp_stanza_set_from(m, xmpp_stanza_get_from(st));
-	for (xmpp_stanza_t *c = xmpp_stanza_get_children(st); m && c; c = xmpp_stanza_get_next(c)) {
-		const char *name = xmpp_stanza_get_name(c), *ns = xmpp_stanza_get_ns(c);
-		if (name && ns && strcmp(name, "request") == 0 && strcmp(ns, "urn:xmpp:receipts") == 0)
-			continue;
-		xmpp_stanza_t *copy = xmpp_stanza_copy(c);
-		if (!copy || xmpp_stanza_add_child(m, copy) != XMPP_EOK) {
-			if (copy)
-				xmpp_stanza_release(copy);
-			xmpp_stanza_release(m);
-			m = NULL;
-			break;
-		}
-		xmpp_stanza_release(copy);
-	}
-	xmpp_stanza_release(st);
-	return m;
-}
-
 /* A group's row (xmpp_muc.c): the room speaks for its sender (a remote
  * member, or another local one) to each resource of the local user that
  * is in it, as a groupchat with the room's stanza-id (the message's id);
@@ -223,7 +198,7 @@ static bool build_group(struct xmpp *x, struct outbox_row *row, PGresult *r, int
 			cw_fail(e, CW_EINVAL, "not representable in XMPP: %s", why);
 			break;
 		}
-		st = as_groupchat(ctx, st);
+		st = xa_muc_groupchat(ctx, st);
 		if (!st) {
 			ok = false;
 			cw_fail(e, CW_ENOMEM, "out of memory");

@@ -247,6 +247,19 @@ def test_a_group_is_a_room_of_the_component(xd, gk, alice, prosody, pg, db_url):
     assert invite.find(q(MUC_USER, "x")).find(q(MUC_USER, "invite")).get("from") == WALLY_JID
     identities, features = alice.disco_info(room)
     assert ("conference", "text") in [(c, t) for c, t, _ in identities] and MUC in features
+    # Meanwhile wally corrects his message and sends a photo: the history
+    # has the message as corrected, and the photo as a link of Causeway's.
+    assert post(a, f"/v1/rooms/{gid}/messages", {
+        "type": "edit", "sender": a.user("wally"), "content": {
+            "parts": [{"type": "text/plain", "body": "lunch at one, everyone?"}], "replaces": first.json()["id"]}}
+                ).status_code == 202
+    photo = post(a, f"/v1/rooms/{gid}/messages", {
+        "type": "message", "sender": a.user("wally"), "content": {
+            "parts": [{"type": "text/plain", "body": "the place"}], "in_reply_to": first.json()["id"],
+            "attachments": [{"content_type": "image/jpeg", "url": "https://files.wa.example/p.jpg", "size": 1234}]}})
+    assert photo.status_code == 202, photo.text
+    wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE destination = 'xmpp' AND state = 'delivered'",
+                               db_url) == "3", what="the correction and the photo delivered (to the history)")
     # alice joins: the members, herself (110), the history, the subject.
     start = alice.count()
     alice.send_presence(to=room + "/alice", payload=f"<x xmlns='{MUC}'><history maxstanzas='10'/></x>")
@@ -258,10 +271,13 @@ def test_a_group_is_a_room_of_the_component(xd, gk, alice, prosody, pg, db_url):
     me = [el for el in got if el.tag == "{jabber:client}presence"][-1]
     assert [c.get("code") for c in me.iter(q(MUC_USER, "status"))] == ["110"]
     history = [el for el in got if el.tag == "{jabber:client}message" and body(el)]
-    assert [(el.get("from"), body(el), el.get("type")) for el in history] == [
-        (room + "/wally", "lunch at noon, everyone?", "groupchat")]
-    assert history[0].find("{urn:xmpp:delay}delay") is not None
-    assert history[0].find("{urn:xmpp:sid:0}stanza-id").get("id") == first.json()["id"]
+    assert [(el.get("from"), el.get("type")) for el in history] == [(room + "/wally", "groupchat")] * 2
+    assert body(history[0]) == "lunch at one, everyone?" and body(history[1]).startswith("the place")
+    assert all(el.find("{urn:xmpp:delay}delay") is not None for el in history)
+    assert [el.find("{urn:xmpp:sid:0}stanza-id").get("id") for el in history] == [
+        first.json()["id"], photo.json()["id"]]
+    assert history[1].find("{jabber:x:oob}x").find("{jabber:x:oob}url").text.startswith(xd.url + "/media/")
+    assert history[1].find("{urn:xmpp:reply:0}reply").get("id") == first.json()["id"]
     # The next message comes live.
     second = a.send(gid, a.user("zoe"), "count me in")
     live = message_from(alice, room, lambda el: body(el) == "count me in")
