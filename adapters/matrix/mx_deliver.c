@@ -545,8 +545,8 @@ static cw_err batch_info(PGconn *c, const struct outbox_row *rows, size_t n, PGr
 		"SELECT x.k - 1, t.localpart, (SELECT native_id FROM identity_bindings WHERE identity_id = t.id AND network = 'matrix'), "
 		" s.id, s.localpart, s.is_local, p.name, "
 		" (SELECT native_id FROM identity_bindings WHERE identity_id = s.id AND network = 'matrix'), "
-		" (SELECT native_id FROM room_bindings WHERE network = 'matrix' AND local_identity_id = t.id "
-		"  AND remote_identity_id = s.id), coalesce(s.display_name, ''), ev.room_id, ev.ts, s.avatar::text, "
+		" CASE WHEN rm.kind = 'direct' THEN (SELECT native_id FROM room_bindings WHERE network = 'matrix' "
+		"  AND local_identity_id = t.id AND remote_identity_id = s.id) END, coalesce(s.display_name, ''), ev.room_id, ev.ts, s.avatar::text, "
 		" s.profile_changed_at IS NOT NULL AND coalesce((SELECT profile_synced_at FROM identity_bindings "
 		"  WHERE identity_id = s.id AND network = 'matrix'), '-infinity') < s.profile_changed_at, "
 		" s.profile_changed_at::text, rm.kind, pb.native_id, pb.id, "
@@ -786,11 +786,13 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 	snprintf(neutral_room, sizeof(neutral_room), "%s", PQgetvalue(r, i, 10));
 	snprintf(ts, sizeof(ts), "%s", PQgetvalue(r, i, 11));
 	/* A ghost or room made for an earlier row of this batch is not in
-	 * the info, read before: made remembers them. */
+	 * the info, read before: made remembers them, each kind under a
+	 * letter of its own (g ghost, r direct room, o portal, b portal's
+	 * binding, j ghost joined to a portal, f profile synced). */
 	char gkey[40], rkey[64], bkey[64], jkey[80];
 	snprintf(gkey, sizeof(gkey), "g%s", sender_id);
 	if (group)
-		snprintf(rkey, sizeof(rkey), "p%s/%s", neutral_room, target);
+		snprintf(rkey, sizeof(rkey), "o%s/%s", neutral_room, target);
 	else
 		snprintf(rkey, sizeof(rkey), "r%s/%s", target, sender_id);
 	snprintf(bkey, sizeof(bkey), "b%s/%s", neutral_room, target);
@@ -839,7 +841,7 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 	}
 	const char *actor = relay ? NULL : ghost; /* NULL: the bot */
 	char pkey[40];
-	snprintf(pkey, sizeof(pkey), "p%s", sender_id);
+	snprintf(pkey, sizeof(pkey), "f%s", sender_id);
 	if (!relay && PQgetvalue(r, i, 13)[0] == 't' && !json_object_get(made, pkey)) { /* once a batch */
 		if (sync_profile(m, c, sender_id, peer, localpart, display,
 				 PQgetisnull(r, i, 12) ? NULL : PQgetvalue(r, i, 12), PQgetvalue(r, i, 14), ghost))

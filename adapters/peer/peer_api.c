@@ -98,10 +98,15 @@ bool peer_api_enabled(struct cw_app *app, struct cw_req *req)
 	return false;
 }
 
+static void out_of_memory(struct cw_req *req)
+{
+	cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory; retry");
+}
+
 static void event_problem(struct cw_req *req, const struct event_error *err)
 {
 	if (strcmp(err->code, EVENT_ERR_TOO_LARGE) != 0 && strcmp(err->code, EVENT_ERR_INVALID) != 0) {
-		cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory; retry");
+		out_of_memory(req);
 		return;
 	}
 	int status = strcmp(err->code, EVENT_ERR_TOO_LARGE) == 0 ? 413 : 400;
@@ -650,17 +655,26 @@ static bool read_users(struct cw_req *req, json_t *arr, const char *what, struct
 
 /* The body of a request about /v1/rooms/{room} (*room: its public id), or
  * NULL when it was answered (the API off, no such room id, not JSON). */
-static json_t *room_request(struct cw_app *app, struct cw_req *req, const char **room)
+/* The room a /v1/rooms/{room} request names (answered, NULL, when the API
+ * is off or the id is not one a room can have: as for an unknown room). */
+static const char *room_param(struct cw_app *app, struct cw_req *req)
 {
 	if (!peer_api_enabled(app, req))
 		return NULL;
-	*room = cw_req_param(req, "room");
-	if (!room_public_id_valid(*room)) {
+	const char *room = cw_req_param(req, "room");
+	if (!room_public_id_valid(room)) {
 		cw_req_problem(req, 404, "unknown_room", "Unknown room", "no such room");
 		return NULL;
 	}
-	return app_json_body(req);
+	return room;
 }
+
+static json_t *room_request(struct cw_app *app, struct cw_req *req, const char **room)
+{
+	*room = room_param(app, req);
+	return *room ? app_json_body(req) : NULL;
+}
+
 
 void peer_api_room_members(struct cw_req *req, void *ctx)
 {
@@ -672,7 +686,7 @@ void peer_api_room_members(struct cw_req *req, void *ctx)
 	struct members_input *in = calloc(1, sizeof(*in));
 	if (!in) {
 		json_decref(body);
-		cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory; retry");
+		out_of_memory(req);
 		return;
 	}
 	if (!read_users(req, json_object_get(body, "add"), "add", in->add, &in->nadd) ||
@@ -707,23 +721,23 @@ void peer_api_room_members(struct cw_req *req, void *ctx)
 void peer_api_room_get(struct cw_req *req, void *ctx)
 {
 	struct cw_app *app = ctx;
-	if (!peer_api_enabled(app, req))
+	const char *room = room_param(app, req);
+	if (!room)
 		return;
-	const char *room = cw_req_param(req, "room");
-	if (!room_public_id_valid(room)) {
-		cw_req_problem(req, 404, "unknown_room", "Unknown room", "no such room");
+	struct room_get_input *in = calloc(1, sizeof(*in));
+	if (!in) {
+		out_of_memory(req);
 		return;
 	}
-	struct room_get_input *in = calloc(1, sizeof(*in));
 	snprintf(in->public_id, sizeof(in->public_id), "%s", room);
 	in->peer_id = ((struct peer_principal *)cw_req_principal(req))->id;
 	app_job_run(app, req, room_get_fn, in, free, false);
 }
 
 /* PATCH /v1/rooms/{room}: {"name": "..." | null}, a group's new name (or
- * none), by a peer with a member in it; the local networks show it with
- * the group's next message (Matrix) or at once to those in the room
- * (XMPP). */
+ * none), by a peer with a member in it; the local networks show it within
+ * a second or so (the Matrix bot renames the portals, the XMPP rooms'
+ * occupants get a new subject). */
 struct rename_input {
 	char public_id[80];
 	int64_t peer_id;
@@ -774,13 +788,15 @@ void peer_api_room_rename(struct cw_req *req, void *ctx)
 	else if (!json_is_null(name) && !room_name_valid(name))
 		bad = "name must be a string of 1 to 255 bytes without control characters, or null";
 	struct rename_input *in = bad ? NULL : calloc(1, sizeof(*in));
-	if (!bad && (!in || (json_is_string(name) && !(in->name = strdup(json_string_value(name))))))
-		bad = "out of memory";
+	bool oom = !bad && (!in || (json_is_string(name) && !(in->name = strdup(json_string_value(name)))));
 	json_decref(body);
-	if (bad) {
+	if (bad || oom) {
 		if (in)
 			rename_input_free(in);
-		cw_req_problem(req, 400, "invalid_body", "Invalid body", bad);
+		if (oom)
+			out_of_memory(req);
+		else
+			cw_req_problem(req, 400, "invalid_body", "Invalid body", bad);
 		return;
 	}
 	snprintf(in->public_id, sizeof(in->public_id), "%s", room);
@@ -2001,7 +2017,7 @@ static void submit_one(struct cw_req *req, struct cw_app *app, unsigned types, b
 	if (!in || !in->idem_key || !in->event_text) {
 		if (in)
 			msg_input_free(in);
-		cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory; retry");
+		out_of_memory(req);
 		return;
 	}
 	submit_coalesced(app, req, in);
@@ -2118,7 +2134,7 @@ void peer_api_batch(struct cw_req *req, void *ctx)
 			json_decref(key);
 			batch_free(&bt);
 			submit_free(b);
-			cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory; retry");
+			out_of_memory(req);
 			return;
 		}
 		if (it->rc) {
@@ -2150,7 +2166,7 @@ void peer_api_batch(struct cw_req *req, void *ctx)
 		if (!in || !in->idem_key || !in->event_text) {
 			batch_free(&bt);
 			submit_free(b);
-			cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory; retry");
+			out_of_memory(req);
 			return;
 		}
 	}
@@ -2158,7 +2174,7 @@ void peer_api_batch(struct cw_req *req, void *ctx)
 	struct app_job *j = app_job_new(app, req, NULL);
 	if (!j) {
 		submit_free(b);
-		cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory; retry");
+		out_of_memory(req);
 		return;
 	}
 	j->data = b;
