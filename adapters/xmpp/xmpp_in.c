@@ -512,9 +512,27 @@ void xa_in_message(struct xcomp *xc, xmpp_stanza_t *st)
 		return;
 	}
 	char public_id[EVENT_OPAQUE_ID_MAX + 1], nick[256];
-	if (type && strcmp(type, "groupchat") == 0 &&
-	    xa_muc_room(xc, to, public_id, sizeof(public_id), in->remote_bare, sizeof(in->remote_bare), nick,
-			sizeof(nick))) {
+	bool to_room = xa_muc_room(xc, to, public_id, sizeof(public_id), in->remote_bare, sizeof(in->remote_bare),
+				   nick, sizeof(nick));
+	if (to_room && (!type || strcmp(type, "groupchat") != 0) && nick[0]) {
+		/* A private message to an occupant (XEP-0045 §7.5): not carried
+		 * (a member's own view is the only real room here), and said
+		 * so, with where to write instead; a chat state or marker
+		 * without a body is let go. */
+		free(in);
+		if (xmpp_stanza_get_child_by_name(st, "body")) {
+			char text[XJ_JID_MAX + 400], jid[XJ_JID_MAX + 1];
+			if (!xa_remote_jid(xc, nick, jid, sizeof(jid)))
+				snprintf(jid, sizeof(jid), "their address");
+			snprintf(text, sizeof(text),
+				 "Private messages are not carried in a bridged group: write to the member directly "
+				 "(%s for a member on %s).", jid, xc->peer);
+			atomic_fetch_add(&xc->errors_out, 1);
+			xa_send_now(xc, xa_error_reply(st, "cancel", "not-allowed", text));
+		}
+		return;
+	}
+	if (to_room && type && strcmp(type, "groupchat") == 0) {
 		/* To a group's room: only from a resource that is in it
 		 * (XEP-0045 §7.4), to the room itself. */
 		if (nick[0] || !xa_muc_is_occupant(xc, in->remote_bare, from)) {

@@ -284,6 +284,14 @@ def test_a_group_is_a_room_of_the_component(xd, gk, alice, prosody, pg, db_url):
     assert live.get("from") == room + "/zoe" and live.get("type") == "groupchat"
     assert live.find("{urn:xmpp:sid:0}stanza-id").get("id") == second.json()["id"]
     assert alice.ping(room + "/alice")  # XEP-0410: still in
+    # A private message to an occupant is not carried, and says where to
+    # write instead; a chat state alone is let go.
+    alice.send_raw(f"<message to='{room}/wally' type='chat' id='cs1'>"
+                   "<composing xmlns='http://jabber.org/protocol/chatstates'/></message>")
+    alice.send_message(room + "/wally", "psst", mtype="chat", id="pm1")
+    err = message_from(alice, room, lambda el: el.get("type") == "error")
+    assert err.get("id") == "pm1" and err.error_condition == "not-allowed", err.xml
+    assert WALLY_JID in err.xml
     # A client that joins again (it thinks it is out) gets the whole join.
     start = alice.count()
     alice.send_presence(to=room + "/alice", payload=f"<x xmlns='{MUC}'><history maxstanzas='0'/></x>")
