@@ -986,6 +986,7 @@ static void *comp_main(void *arg)
 			xc->ping_sent_ms = 0;
 			xc->ping_next_ms = now + PING_EVERY_MS;
 			next_house = 0;
+			xa_muc_load(xc, lock);
 			outbox_due_now(xc, lock);
 		}
 		if (xc->dropped) {
@@ -1033,6 +1034,7 @@ static void *comp_main(void *arg)
 				xa_profiles(xc, lock);
 				xa_dead_letters(xc, lock);
 				xa_muc_members(xc, lock);
+				xa_muc_sync(xc, lock);
 				xc->resend_pending = false;
 				if (xc->ping_sent_ms && now - xc->ping_sent_ms > PING_TIMEOUT_MS) {
 					snprintf(xc->drop_reason, sizeof(xc->drop_reason), "the server did not answer a ping");
@@ -1044,6 +1046,8 @@ static void *comp_main(void *arg)
 		}
 	}
 	stream_close(xc);
+	if (lock)
+		xa_muc_sync(xc, lock); /* nobody is in any more */
 	recent_clear(xc);
 	pthread_mutex_lock(&xc->mu);
 	xc->state = XC_DOWN;

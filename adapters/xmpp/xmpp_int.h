@@ -80,8 +80,10 @@ struct xcomp {
 	 * sha1} of the avatar fetched last, under mu. */
 	json_t *vcards;
 	/* The group chats' occupants, and the members they were told of
-	 * (xmpp_muc.c), under mu. */
+	 * (xmpp_muc.c), under mu; muc_dirty: occupants changed since they
+	 * were last written to xmpp_muc_occupants. */
 	json_t *muc, *muc_members;
+	bool muc_dirty;
 	/* counters */
 	atomic_ullong stanzas_in, stanzas_out, errors_out, connects;
 };
@@ -236,6 +238,12 @@ xmpp_stanza_t *xa_command_end(xmpp_ctx_t *ctx, xmpp_stanza_t *iq, const char *no
 xmpp_stanza_t *xa_command_stage(struct xcomp *xc, xmpp_stanza_t *iq, const char *node, xmpp_stanza_t **form);
 /* The answer to a user's iq that left a group (any thread). */
 void xa_muc_left(struct xcomp *xc, const char *iq_text, enum xa_leave how);
+/* The occupants into xmpp_muc_occupants, when they changed since the last
+ * time (the stream's thread, on the lock's connection). */
+void xa_muc_sync(struct xcomp *xc, PGconn *c);
+/* A process new to the stream (nobody in memory) takes the occupants the
+ * last holder wrote (the stream's thread). */
+void xa_muc_load(struct xcomp *xc, PGconn *c);
 /* Before the stream closes: each occupant is told the room is going (332)
  * and forgotten (the stream's thread). */
 void xa_muc_shutdown(struct xcomp *xc);

@@ -13,10 +13,11 @@
  * they receive the room's presences and messages.
  *
  * The occupants (which full JIDs of which user are in which room, under
- * which nick) live in memory, in xc->muc under xc->mu: after a restart of
- * the daemon or a change of the stream's holder, the clients' self-ping
- * (XEP-0410) is answered not-acceptable and they join again, and the
- * history sent on joining brings what they missed.
+ * which nick) live in memory, in xc->muc under xc->mu, and are written to
+ * xmpp_muc_occupants within a second of a change: a process that takes the
+ * stream over (the holder crashed) reads them back, and the clients stay
+ * in.  A daemon that stops tells them that the service is going (332);
+ * what they missed comes with the history when they join again.
  *
  * A local member is invited (a mediated invitation, XEP-0045 §7.8.2) with
  * the group's first message for them; the room's binding for that user
@@ -103,6 +104,7 @@ static bool occupant_put(struct xcomp *xc, const char *room, const char *full, c
 		r = json_object_get(xc->muc, room);
 	if (r && (json_object_get(r, full) || occupants_count(xc->muc) < OCCUPANTS_MAX))
 		ok = json_object_set_new(r, full, json_pack("{s:s, s:s}", "nick", nick, "user", user)) == 0;
+	xc->muc_dirty = xc->muc_dirty || ok;
 	pthread_mutex_unlock(&xc->mu);
 	return ok;
 }
@@ -122,10 +124,10 @@ static void occupant_del(struct xcomp *xc, const char *room, const char *full)
 {
 	pthread_mutex_lock(&xc->mu);
 	json_t *r = xc->muc ? json_object_get(xc->muc, room) : NULL;
-	if (r) {
-		json_object_del(r, full);
+	if (r && json_object_del(r, full) == 0) {
 		if (json_object_size(r) == 0)
 			json_object_del(xc->muc, room);
+		xc->muc_dirty = true;
 	}
 	pthread_mutex_unlock(&xc->mu);
 }
@@ -730,6 +732,7 @@ void xa_muc_shutdown(struct xcomp *xc)
 	xc->muc = NULL;
 	json_decref(xc->muc_members);
 	xc->muc_members = NULL;
+	xc->muc_dirty = xc->muc_dirty || muc != NULL;
 	pthread_mutex_unlock(&xc->mu);
 	const char *room, *full;
 	json_t *occ, *o;
@@ -738,6 +741,73 @@ void xa_muc_shutdown(struct xcomp *xc)
 			xa_send_now(xc, occupant_gone(xc->ctx, room, json_string_value(json_object_get(o, "nick")), full,
 						      true, "332"));
 	json_decref(muc);
+}
+
+void xa_muc_sync(struct xcomp *xc, PGconn *c)
+{
+	pthread_mutex_lock(&xc->mu);
+	if (!xc->muc_dirty) {
+		pthread_mutex_unlock(&xc->mu);
+		return;
+	}
+	json_t *rows = json_array();
+	const char *room, *full;
+	json_t *occ, *o;
+	json_object_foreach(xc->muc, room, occ)
+		json_object_foreach(occ, full, o)
+			json_array_append_new(rows, json_pack("[s, s, O, O]", room, full, json_object_get(o, "nick"),
+							      json_object_get(o, "user")));
+	xc->muc_dirty = false;
+	pthread_mutex_unlock(&xc->mu);
+	char *doc = rows ? json_dumps(rows, JSON_COMPACT) : NULL;
+	json_decref(rows);
+	const char *params[] = { xc->domain, doc };
+	cw_errmsg e;
+	cw_err rc = doc ? store_exec(c, "BEGIN", &e) : cw_fail(&e, CW_ENOMEM, "out of memory");
+	if (!rc)
+		rc = store_command(c, "DELETE FROM xmpp_muc_occupants WHERE component = $1", 1, params, &e);
+	if (!rc)
+		rc = store_command(c,
+				   "INSERT INTO xmpp_muc_occupants (component, room, full_jid, nick, user_jid) "
+				   "SELECT $1, x->>0, x->>1, x->>2, x->>3 FROM jsonb_array_elements($2::jsonb) AS x",
+				   2, params, &e);
+	if (!rc)
+		rc = store_exec(c, "COMMIT", &e);
+	free(doc);
+	if (rc) {
+		cw_errmsg e2;
+		store_exec(c, "ROLLBACK", &e2);
+		LOG_KV(CW_LOG_WARN, "xmpp: cannot write the rooms' occupants", "component", xc->domain, "detail", e.msg);
+		pthread_mutex_lock(&xc->mu);
+		xc->muc_dirty = true; /* the next round tries again */
+		pthread_mutex_unlock(&xc->mu);
+	}
+}
+
+void xa_muc_load(struct xcomp *xc, PGconn *c)
+{
+	pthread_mutex_lock(&xc->mu);
+	bool empty = occupants_count(xc->muc) == 0;
+	pthread_mutex_unlock(&xc->mu);
+	if (!empty)
+		return; /* this process had the stream: what it knows is newer */
+	const char *params[] = { xc->domain };
+	PGresult *r = PQexecParams(c, "SELECT room, full_jid, nick, user_jid FROM xmpp_muc_occupants WHERE component = $1 "
+				      "ORDER BY room, full_jid LIMIT 10000", 1, NULL, params, NULL, NULL, 0);
+	cw_errmsg e;
+	if (store_check(c, r, PGRES_TUPLES_OK, &e)) {
+		LOG_KV(CW_LOG_WARN, "xmpp: cannot read the rooms' occupants", "component", xc->domain, "detail", e.msg);
+		return;
+	}
+	int n = 0;
+	for (int i = 0; i < PQntuples(r); i++)
+		n += occupant_put(xc, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1), PQgetvalue(r, i, 2), PQgetvalue(r, i, 3));
+	PQclear(r);
+	if (n) {
+		char count[16];
+		snprintf(count, sizeof(count), "%d", n);
+		LOG_KV(CW_LOG_INFO, "xmpp: the rooms' occupants taken over", "component", xc->domain, "occupants", count);
+	}
 }
 
 /* An error from an occupant's client to what the room sent it: the
@@ -964,6 +1034,17 @@ void xa_muc_members(struct xcomp *xc, PGconn *c)
 		json_object_set_new(set, "#name", json_string(PQgetvalue(r, i, 2)));
 	}
 	PQclear(r);
+	/* A room not told before (its occupants taken over from the last
+	 * holder of the stream): as it is now, nothing to announce. */
+	pthread_mutex_lock(&xc->mu);
+	if (!xc->muc_members)
+		xc->muc_members = json_object();
+	json_object_foreach(xc->muc, room, v)
+		if (xc->muc_members && !json_object_get(xc->muc_members, room)) {
+			json_t *set = json_object_get(now, room);
+			json_object_set_new(xc->muc_members, room, set ? json_incref(set) : json_object());
+		}
+	pthread_mutex_unlock(&xc->mu);
 	/* Each room told before: who came and who went, to each occupant. */
 	json_t *before;
 	json_object_foreach(told, room, before) {

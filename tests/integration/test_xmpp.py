@@ -856,10 +856,18 @@ def test_prosody_restart_mid_stream(xd, gk, prosody, pg, db_url):
 def test_one_process_holds_the_stream_and_another_takes_over(xd, gk, alice, make_daemon, db_url, prosody, pg):
     """Two processes on one database: one holds the component (the XMPP
     server takes only one stream per component), the other stands by and
-    takes over when the holder is killed."""
+    takes over when the holder is killed; alice, in a group's room, stays
+    in (the occupants are in the database), without joining again."""
     a, srv = gk
     consent_alice(xd)
     room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    gid = a.create_room([a.user("wally"), a.user("zoe"), ALICE], kind="group").json()["id"]
+    assert a.send(gid, a.user("wally"), "in the group").status_code == 202
+    muc = alice.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None).get("from")
+    start = alice.count()
+    alice.send_presence(to=muc + "/alice", payload=f"<x xmlns='{MUC}'/>")
+    alice.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+    wait_until(lambda: pg.psql("SELECT nick FROM xmpp_muc_occupants", db_url) == "alice", what="the occupant written")
     second = make_daemon(db_url, options=daemon_options(prosody)).start()
     wait_until(lambda: component_state(second)["state"] == "standby", what="the second process standing by")
     assert component_state(xd)["state"] == "up"
@@ -871,6 +879,18 @@ def test_one_process_holds_the_stream_and_another_takes_over(xd, gk, alice, make
     mid = a2.send(room, a.user("wally"), "after the takeover").json()["id"]
     m = message_from(alice, WALLY_JID, lambda el: body(el) == "after the takeover", timeout=20)
     assert m.get("id") == mid
+    assert alice.ping(muc + "/alice")  # still in, as far as the new holder knows
+    start = alice.count()
+    assert a2.send(gid, a.user("wally"), "still there?").status_code == 202
+    m = message_from(alice, muc, lambda el: body(el) == "still there?", timeout=20)
+    assert m.get("from") == muc + "/wally" and m.get("type") == "groupchat"
+    assert not alice.stanzas("presence")[start:], "no presences: nothing changed for alice"
+    # The new holder stops: alice hears the service go, and nobody is left.
+    second.stop()
+    gone = alice.wait_for_presence(lambda el: el.get("from") == muc + "/alice" and el.get("type") == "unavailable",
+                                   start=start)
+    assert "332" in [c.get("code") for c in gone.iter(q(MUC_USER, "status"))]
+    assert pg.psql("SELECT count(*) FROM xmpp_muc_occupants", db_url) == "0"
 
 
 def test_operator_block_reaches_the_roster(xd, gk, alice):
