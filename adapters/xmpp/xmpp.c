@@ -1146,11 +1146,12 @@ json_t *xa_health(struct xmpp *x)
 	for (int i = 0; i < x->ncomp; i++) {
 		struct xcomp *xc = &x->comp[i];
 		pthread_mutex_lock(&xc->mu);
-		json_t *o = json_pack("{s:s, s:s, s:s, s:I, s:I, s:I, s:I}", "state", state_name(xc->state), "peer",
+		json_t *o = json_pack("{s:s, s:s, s:s, s:I, s:I, s:I, s:I, s:I}", "state", state_name(xc->state), "peer",
 				      xc->peer, "last_error", xc->last_error, "connected_since_ms",
 				      (json_int_t)(xc->state == XC_UP ? xc->connected_since_ms : 0), "queued",
 				      (json_int_t)xc->queued, "stanzas_in", (json_int_t)atomic_load(&xc->stanzas_in),
-				      "stanzas_out", (json_int_t)atomic_load(&xc->stanzas_out));
+				      "stanzas_out", (json_int_t)atomic_load(&xc->stanzas_out), "room_occupants",
+				      (json_int_t)xa_muc_count_locked(xc));
 		pthread_mutex_unlock(&xc->mu);
 		json_object_set_new(comps, xc->domain, o);
 	}
@@ -1178,6 +1179,14 @@ void xa_metrics(struct xmpp *x, struct cw_buf *b)
 		int up = x->comp[i].state == XC_UP;
 		pthread_mutex_unlock(&x->comp[i].mu);
 		cw_buf_printf(b, "causeway_xmpp_stream_up{component=\"%s\"} %d\n", x->comp[i].domain, up);
+	}
+	cw_buf_printf(b, "# HELP causeway_xmpp_room_occupants Resources of local users in the component's group rooms.\n"
+			 "# TYPE causeway_xmpp_room_occupants gauge\n");
+	for (int i = 0; i < x->ncomp; i++) {
+		pthread_mutex_lock(&x->comp[i].mu);
+		size_t n = xa_muc_count_locked(&x->comp[i]);
+		pthread_mutex_unlock(&x->comp[i].mu);
+		cw_buf_printf(b, "causeway_xmpp_room_occupants{component=\"%s\"} %zu\n", x->comp[i].domain, n);
 	}
 	static const char *const names[] = { "in", "out", "errors_out", "connects" };
 	cw_buf_printf(b, "# HELP causeway_xmpp_stanzas_total Stanzas read from and written to the streams; error answers; stream (re)connections.\n"

@@ -241,6 +241,8 @@ void xa_muc_left(struct xcomp *xc, const char *iq_text, enum xa_leave how);
 /* The occupants into xmpp_muc_occupants, when they changed since the last
  * time (the stream's thread, on the lock's connection). */
 void xa_muc_sync(struct xcomp *xc, PGconn *c);
+/* How many occupants the rooms have (the caller holds xc->mu). */
+size_t xa_muc_count_locked(const struct xcomp *xc);
 /* A process new to the stream (nobody in memory) takes the occupants the
  * last holder wrote (the stream's thread). */
 void xa_muc_load(struct xcomp *xc, PGconn *c);

@@ -93,6 +93,11 @@ static size_t occupants_count(json_t *muc)
 	return n;
 }
 
+size_t xa_muc_count_locked(const struct xcomp *xc)
+{
+	return occupants_count(xc->muc);
+}
+
 static bool occupant_put(struct xcomp *xc, const char *room, const char *full, const char *nick, const char *user)
 {
 	bool ok = false;

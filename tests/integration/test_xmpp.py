@@ -880,6 +880,8 @@ def test_one_process_holds_the_stream_and_another_takes_over(xd, gk, alice, make
     m = message_from(alice, WALLY_JID, lambda el: body(el) == "after the takeover", timeout=20)
     assert m.get("id") == mid
     assert alice.ping(muc + "/alice")  # still in, as far as the new holder knows
+    assert component_state(second)["room_occupants"] == 1
+    assert f'causeway_xmpp_room_occupants{{component="{COMP}"}} 1' in second.get("/metrics").text
     start = alice.count()
     assert a2.send(gid, a.user("wally"), "still there?").status_code == 202
     m = message_from(alice, muc, lambda el: body(el) == "still there?", timeout=20)
