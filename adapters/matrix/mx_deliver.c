@@ -772,7 +772,9 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 		return PREP_FAIL;
 	}
 	const char *type = json_string_value(json_object_get(row->event, "type"));
-	if (relay && (!type || (strcmp(type, "message") != 0 && strcmp(type, "edit") != 0 && strcmp(type, "delete") != 0)))
+	bool said = type && strcmp(type, "membership") == 0; /* a member came or went: the bot says so */
+	if (relay && !said &&
+	    (!type || (strcmp(type, "message") != 0 && strcmp(type, "edit") != 0 && strcmp(type, "delete") != 0)))
 		return PREP_NOTHING; /* the bot reacting or typing would say nothing of who did */
 	char target[24];
 	snprintf(target, sizeof(target), "%lld", (long long)row->target_id);
@@ -858,7 +860,22 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 		return PREP_WAIT;
 	json_t *ev = copy ? copy : row->event;
 	json_t *labelled = NULL; /* a relayed member's text says whose it is */
-	if (relay) {
+	if (relay && said) {
+		const json_t *mc = json_object_get(ev, "content");
+		const char *ms = json_string_value(json_object_get(mc, "membership"));
+		const char *who = json_string_value(json_object_get(mc, "target"));
+		const char *sender = json_string_value(json_object_get(ev, "sender"));
+		if (!ms || !who || !sender || strcmp(who, sender) != 0 ||
+		    (strcmp(ms, "join") != 0 && strcmp(ms, "leave") != 0)) {
+			json_decref(copy);
+			return PREP_NOTHING; /* an invite, or one member acting on another */
+		}
+		char text[700];
+		snprintf(text, sizeof(text), "%s %s the group.", localpart, strcmp(ms, "join") == 0 ? "joined" : "left");
+		ev = labelled = json_pack("{s:s, s:s, s:{s:[{s:s, s:s}], s:s}}", "type", "message", "sender", sender,
+					  "content", "parts", "type", "text/plain", "body", text, MX_MSGTYPE_KEY,
+					  "m.notice");
+	} else if (relay) {
 		char text[660], html[700];
 		/* a local part has no character HTML would read (event.h) */
 		snprintf(text, sizeof(text), "%s: ", localpart);

@@ -972,10 +972,13 @@ def test_a_group_reaches_each_local_member_in_a_room_of_its_own(mx, hs, gk, pg, 
     assert got[0]["room_id"] == gid and got[0]["content"]["in_reply_to"] == wally_msg, got[0]
     wait_until(lambda: [e for e in list(srv.events) if e.get("type") == "reaction"
                         and e["content"].get("in_reply_to") == wally_msg], what="alice's reaction at the peer")
-    # carol reads it in her room, from the bot, after alice's name.
+    # carol reads it in her room, from the bot, after alice's name; the bot
+    # said before that alice joined.
     wait_until(lambda: (bot, "alice: I'll be there") in said(hers), what="alice's answer relayed to carol")
+    assert said(hers).index((bot, "alice joined the group.")) < said(hers).index((bot, "alice: I'll be there"))
     # Her edit follows there as the bot's edit of the relayed message.
-    relayed = next(e for e in hs.events(hers) if e["type"] == "m.room.message" and e["sender"] == bot)
+    relayed = next(e for e in hs.events(hers) if e["type"] == "m.room.message" and e["sender"] == bot
+                   and e["content"]["body"] == "alice: I'll be there")
     mine_msg = next(e for e in hs.events(mine) if e["type"] == "m.room.message" and e["sender"] == ALICE_MX)
     alice.edit(mine, mine_msg["event_id"], "I'll be there at noon")
     edit = wait_until(lambda: next((e for e in hs.events(hers) if e["type"] == "m.room.message"
@@ -1012,6 +1015,9 @@ def test_a_group_reaches_each_local_member_in_a_room_of_its_own(mx, hs, gk, pg, 
                what="the bot and ghosts leaving alice's room")
     assert pg.psql("SELECT m.membership FROM room_members m JOIN rooms r ON r.id = m.room_id JOIN identities i "
                    f"ON i.id = m.identity_id WHERE r.public_id = '{gid}' AND i.uri = '{ALICE}'", db_url) == "left"
+    wait_until(lambda: (bot, "alice left the group.") in said(hers), what="the bot saying so to carol")
+    assert [e["content"]["msgtype"] for e in hs.events(hers) if e["type"] == "m.room.message"
+            and e["content"]["body"].startswith("alice ")] == ["m.notice", "m.notice"]
     assert a.send(gid, a.user("wally"), "see you all").status_code == 202
     wait_until(lambda: (wally, "see you all") in said(hers), what="the next message in carol's room")
     assert portal(ALICE_MX) is None
