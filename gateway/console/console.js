@@ -862,7 +862,7 @@
       fill(one, async () => {
         const r = await api("GET", "/rooms/" + enc(args[0]));
         return [section("Room " + r.id, dl([["URI", h("span", { class: "mono" }, text(r.uri))], ["Kind", text(r.kind)],
-          ["Created", when(r.created_at)], ["Members", text(r.member_count)]])),
+          ["Name", text(r.name)], ["Created", when(r.created_at)], ["Members", text(r.member_count)]])),
         section("Members", table([["Member", (x) => h("span", { class: "mono" }, x.uri)], ["Role", (x) => text(x.role)],
           ["Membership", (x) => text(x.membership)]], r.members, "No members.")),
         section("Bindings", bindings(r.bindings))];
@@ -871,7 +871,7 @@
     }
     add(root, paged("/rooms", "rooms", () => ({}), (rows) => table([
       ["Room", (r) => h("a", { href: "#/rooms/" + enc(r.id), class: "mono" }, r.id)], ["Kind", (r) => text(r.kind)],
-      ["URI", (r) => h("span", { class: "mono" }, text(r.uri))], ["Members", (r) => text(r.member_count)],
+      ["Name", (r) => text(r.name)], ["URI", (r) => h("span", { class: "mono" }, text(r.uri))], ["Members", (r) => text(r.member_count)],
       ["Bindings", (r) => (r.bindings || []).length ? h("ul", { class: "plain" }, r.bindings.map((b) =>
         h("li", {}, b.network + ": ", h("span", { class: "mono" }, text(b.native_id))))) : "—"],
       ["Created", (r) => when(r.created_at)],

@@ -299,6 +299,7 @@ try {
       await shot(page, `admin-${String(i).padStart(2, '0')}-${p}`);
     }
     await go(page, '#/rooms');
+    assert.ok((await page.locator('main td', { hasText: 'Book club' }).count()) === 1, 'a group\'s name in the list');
     await page.locator('main table a').first().click();
     await page.waitForFunction(() => /^#\/rooms\/./.test(location.hash));
     // The list stays, settled, until the room's page replaces it: wait for

@@ -105,6 +105,8 @@ class Scenario:
         gk, tg, sp = (self.peers[n][0] for n in ("gk", "tg", "sp"))
         # gk <-> sp: the traffic (and, once the rule is in, the denied message)
         self.chat = self.room(gk, [gk.user("alice"), sp.user("carol")])
+        r = gk.create_room([gk.user("alice"), sp.user("carol"), gk.user("dan")], kind="group", name="Book club")
+        assert r.status_code == 201, r.text
         self.sent = 0
         self.traffic(3)
         self.peers["sp"][1].wait_events(3)
