@@ -1,7 +1,8 @@
 """The XMPP adapter with Debian's ejabberd 23.01 instead of Prosody
 (tests/integration/ejabberd.py): the component's handshake, disco and ping,
 consent by a subscription request, messages and a correction both ways, an
-oversize stanza refused, and a wrong secret reported. test_xmpp.py covers
+oversize stanza refused, a group's room (join, groupchat, the leave command),
+and a wrong secret reported. test_xmpp.py covers
 every feature against Prosody; this checks that the second server the issue
 names behaves the same on the paths where servers differ (handshake,
 routing of presence and errors)."""
@@ -83,3 +84,56 @@ def test_wrong_secret_with_ejabberd(make_daemon, db_url, ejabberd):
     d = make_daemon(db_url, options=options(ejabberd, secret="not-the-secret")).start()
     wait_until(lambda: state(d)["state"] == "auth_failed", what="ejabberd's refusal")
     assert "not-authorized" in state(d)["last_error"]
+
+
+def test_a_group_room_through_ejabberd(make_daemon, db_url, ejabberd):
+    """A peer's group as the component's room, through ejabberd's routing of
+    directed presence, groupchat and commands: the invitation, the join
+    (members, self, subject), a live message, alice's groupchat to the
+    group reflected to her, and leaving the group with the room's
+    command."""
+    muc, muc_user = "http://jabber.org/protocol/muc", "http://jabber.org/protocol/muc#user"
+    d = make_daemon(db_url, options=options(ejabberd)).start()
+    wait_until(lambda: state(d)["state"] == "up", what="the component's stream with ejabberd")
+    srv = NotifyServer()
+    srv.public_b64 = d.get("/.well-known/mimi-protocol-directory").json()["public_key"]["key"]
+    a = PeerClient(d.url, "gk", "wa.example")
+    r = d.admin("POST", "/peers", json={"name": "gk", "domain": "wa.example", "mode": "push", "push_url": srv.url,
+                                       "public_key": a.signer.public_b64})
+    a.token = r.json()["token"]
+    assert d.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
+    assert d.admin("POST", "/consents", json={"user": ALICE, "subject_kind": "user", "subject": a.user("wally"),
+                                             "state": "allowed"}).ok
+    alice = XmppClient("alice@" + HOST, "pw-alice", port=ejabberd.c2s_port)
+    alice.connect()
+    try:
+        gid = a.create_room([a.user("wally"), ALICE], kind="group", name="Tea").json()["id"]
+        assert a.send(gid, a.user("wally"), "tea at four?").status_code == 202
+        room = alice.wait_for_message(lambda el: el.find("{%s}x" % muc_user) is not None).get("from")
+        assert room.startswith("#") and room.endswith("@" + COMP)
+        start = alice.count()
+        alice.send_presence(to=room + "/alice", payload=f"<x xmlns='{muc}'/>")
+        subject = alice.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+        assert subject.find("{jabber:client}subject").text.startswith("Tea (bridged")
+        got = alice.stanzas()[start:]
+        assert [el.get("from") for el in got if el.tag == "{jabber:client}presence"] == [room + "/wally",
+                                                                                          room + "/alice"]
+        assert [el.body for el in got if el.tag == "{jabber:client}message" and el.body] == ["tea at four?"]
+        assert a.send(gid, a.user("wally"), "green or black?").status_code == 202
+        live = alice.wait_for_message(lambda el: el.body == "green or black?" and el.get("type") == "groupchat")
+        assert live.get("from") == room + "/wally"
+        alice.send_message(room, "green", mtype="groupchat", id="g1")
+        alice.wait_for_message(lambda el: el.get("id") == "g1" and el.get("from") == room + "/alice")
+        ev = wait_until(lambda: [e for e in list(srv.events) if e.get("type") == "message"] or None,
+                        what="alice's message at the peer")
+        assert ev[0]["room_id"] == gid and ev[0]["content"]["parts"][0]["body"] == "green"
+        cmd = "http://jabber.org/protocol/commands"
+        done = alice.iq("set", room, f"<command xmlns='{cmd}' node='leave' action='complete'/>")
+        assert done.find("{%s}command" % cmd).get("status") == "completed"
+        wait_until(lambda: [e for e in list(srv.events) if e.get("type") == "membership"], what="the leave at the peer")
+        alice.wait_for_presence(lambda el: el.get("from") == room + "/alice" and el.get("type") == "unavailable",
+                                start=start)
+    finally:
+        print("causewayd log:\n" + d.log())  # shown by pytest when the test failed
+        alice.disconnect()
+        srv.close()
