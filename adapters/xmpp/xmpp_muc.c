@@ -1040,16 +1040,36 @@ void xa_muc_members(struct xcomp *xc, PGconn *c)
 	}
 	PQclear(r);
 	/* A room not told before (its occupants taken over from the last
-	 * holder of the stream): as it is now, nothing to announce. */
+	 * holder of the stream): as it is now, nothing to announce, but an
+	 * occupant whose user left the group meanwhile is out. */
+	json_t *out = json_array();
 	pthread_mutex_lock(&xc->mu);
 	if (!xc->muc_members)
 		xc->muc_members = json_object();
-	json_object_foreach(xc->muc, room, v)
-		if (xc->muc_members && !json_object_get(xc->muc_members, room)) {
-			json_t *set = json_object_get(now, room);
-			json_object_set_new(xc->muc_members, room, set ? json_incref(set) : json_object());
+	json_object_foreach(xc->muc, room, v) {
+		if (!xc->muc_members || json_object_get(xc->muc_members, room))
+			continue;
+		json_t *set = json_object_get(now, room);
+		json_object_set_new(xc->muc_members, room, set ? json_incref(set) : json_object());
+		const char *full;
+		json_t *o;
+		json_object_foreach(v, full, o) {
+			const char *user = json_string_value(json_object_get(o, "user"));
+			char local[XJ_JID_MAX + 1];
+			snprintf(local, sizeof(local), "%.*s", (int)strcspn(user, "@"), user);
+			if (!json_object_get(set, local))
+				json_array_append_new(out, json_pack("[s, s, O]", room, full, json_object_get(o, "nick")));
 		}
+	}
 	pthread_mutex_unlock(&xc->mu);
+	size_t oi;
+	json_t *ov;
+	json_array_foreach(out, oi, ov) {
+		const char *oroom = json_string_value(json_array_get(ov, 0)), *ofull = json_string_value(json_array_get(ov, 1));
+		xa_send_now(xc, occupant_gone(xc->ctx, oroom, json_string_value(json_array_get(ov, 2)), ofull, true, "321"));
+		occupant_del(xc, oroom, ofull);
+	}
+	json_decref(out);
 	/* Each room told before: who came and who went, to each occupant. */
 	json_t *before;
 	json_object_foreach(told, room, before) {

@@ -861,25 +861,40 @@ def test_one_process_holds_the_stream_and_another_takes_over(xd, gk, alice, make
     a, srv = gk
     consent_alice(xd)
     room = a.create_room([a.user("wally"), ALICE]).json()["id"]
-    gid = a.create_room([a.user("wally"), a.user("zoe"), ALICE], kind="group").json()["id"]
-    assert a.send(gid, a.user("wally"), "in the group").status_code == 202
-    muc = alice.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None).get("from")
-    start = alice.count()
-    alice.send_presence(to=muc + "/alice", payload=f"<x xmlns='{MUC}'/>")
-    alice.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
-    wait_until(lambda: pg.psql("SELECT nick FROM xmpp_muc_occupants", db_url) == "alice", what="the occupant written")
+    rooms = []
+    for name in ("first", "second"):
+        gid = a.create_room([a.user("wally"), a.user("zoe"), ALICE], kind="group").json()["id"]
+        assert a.send(gid, a.user("wally"), "in the " + name).status_code == 202
+        muc = alice.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None
+                                     and el.get("from") not in [m for _, m in rooms]).get("from")
+        start = alice.count()
+        alice.send_presence(to=muc + "/alice", payload=f"<x xmlns='{MUC}'/>")
+        alice.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+        rooms.append((gid, muc))
+    (gid, muc), (gid2, muc2) = rooms
+    wait_until(lambda: pg.psql("SELECT count(*) FROM xmpp_muc_occupants", db_url) == "2", what="the occupants written")
     second = make_daemon(db_url, options=daemon_options(prosody)).start()
     wait_until(lambda: component_state(second)["state"] == "standby", what="the second process standing by")
     assert component_state(xd)["state"] == "up"
     assert f'causeway_xmpp_stream_up{{component="{COMP}"}} 0' in second.get("/metrics").text
     xd.proc.kill()  # SIGKILL: its database session ends, and the lock with it
     xd.proc.wait()
-    wait_until(lambda: component_state(second)["state"] == "up", timeout=20, what="the takeover")
+    # While nobody holds the stream, alice's membership of the second group
+    # ends (as her leaving from another client would end it): the new
+    # holder finds her in its room, and tells her she is out.
+    start = alice.count()
+    pg.psql("UPDATE room_members SET membership = 'left' FROM rooms r, identities i WHERE r.id = room_id "
+            f"AND r.public_id = '{gid2}' AND i.id = identity_id AND i.uri = '{ALICE}'", db_url)
     a2 = PeerClient(second.url, "gk", "wa.example", token=a.token, signer=a.signer)
+    wait_until(lambda: component_state(second)["state"] == "up", timeout=20, what="the takeover")
+    out = alice.wait_for_presence(lambda el: el.get("from") == muc2 + "/alice" and el.get("type") == "unavailable",
+                                  start=start)
+    assert "321" in [c.get("code") for c in out.iter(q(MUC_USER, "status"))]
     mid = a2.send(room, a.user("wally"), "after the takeover").json()["id"]
     m = message_from(alice, WALLY_JID, lambda el: body(el) == "after the takeover", timeout=20)
     assert m.get("id") == mid
     assert alice.ping(muc + "/alice")  # still in, as far as the new holder knows
+    assert not alice.ping(muc2 + "/alice")
     assert component_state(second)["room_occupants"] == 1
     assert f'causeway_xmpp_room_occupants{{component="{COMP}"}} 1' in second.get("/metrics").text
     start = alice.count()
