@@ -531,6 +531,10 @@ static bool bot_wants(const struct txn *t, json_t *ev)
 			const char *owner = json_string_value(json_object_get(t->mgmt, room));
 			return json_object_get(t->rooms, room) != NULL || (owner && strcmp(owner, key) == 0);
 		}
+		/* Another user invited into a bridged room: the bot adds them
+		 * to the group or says why not (mx_bot.c, local_invited). */
+		if (!ghost && strcmp(key, t->m->bot) != 0 && ms && strcmp(ms, "invite") == 0)
+			return json_object_get(t->rooms, room) != NULL;
 		return strcmp(key, t->m->bot) == 0 || (ghost && ms && strcmp(ms, "invite") == 0);
 	}
 	if (strcmp(type, "m.room.encryption") == 0)
@@ -559,6 +563,8 @@ static cw_err txn_bot_send(PGconn *c, struct txn *t, cw_errmsg *e)
 		" SELECT x->>'event_id', x FROM jsonb_array_elements($1::jsonb) AS x "
 		" WHERE x->>'sender' LIKE '%:' || $3 AND ((x->>'type' = 'm.room.member' AND (x->>'state_key' = $2 "
 		"   OR (starts_with(x->>'state_key', $4) AND x->'content'->>'membership' = 'invite') "
+		"   OR (NOT starts_with(x->>'state_key', $4) AND x->'content'->>'membership' = 'invite' "
+		"    AND EXISTS (SELECT 1 FROM room_bindings b WHERE b.network = 'matrix' AND b.native_id = x->>'room_id')) "
 		"   OR (NOT starts_with(x->>'state_key', $4) AND x->'content'->>'membership' IN ('leave', 'ban') "
 		"    AND (EXISTS (SELECT 1 FROM room_bindings b WHERE b.network = 'matrix' AND b.native_id = x->>'room_id') "
 		"     OR EXISTS (SELECT 1 FROM matrix_mgmt_rooms mm WHERE mm.room_id = x->>'room_id' "

@@ -493,6 +493,88 @@ static void ghost_invited(struct matrix *m, PGconn *c, const char *room, const c
 				      "from now on is not bridged.");
 }
 
+/* Another user of the homeserver invited into a bridged room.  A room here
+ * is one user's view (a direct room, or their portal of a group: what the
+ * policy let through for them), so nobody else joins it: the bot takes the
+ * invitation back.  Into the portal of a group made here, by a member, the
+ * invitee becomes a member of the group and gets a portal of their own
+ * with the group's next message, as a second ghost invited makes a group
+ * (ghost_invited). */
+static void local_invited(struct matrix *m, PGconn *c, const char *room, const char *sender, const char *invitee)
+{
+	char inviter_id[24], invitee_id[24], uri[600], invitee_uri[600], localpart[MX_ID_MAX + 1];
+	if (!local_identity(m, c, sender, inviter_id, sizeof(inviter_id), uri, sizeof(uri)) ||
+	    !mx_user_id_parse(invitee, localpart, sizeof(localpart), NULL, 0))
+		return;
+	bool local = local_identity(m, c, invitee, invitee_id, sizeof(invitee_id), invitee_uri, sizeof(invitee_uri));
+	bool added = false;
+	if (local) {
+		const char *params[] = { room, inviter_id, invitee_id, m->cfg->domain ? m->cfg->domain : "" };
+		PGresult *r = PQexecParams(c,
+			"WITH b AS (SELECT b.room_id FROM room_bindings b JOIN rooms r ON r.id = b.room_id "
+			" WHERE b.network = 'matrix' AND b.native_id = $1 AND b.remote_identity_id IS NULL "
+			" AND b.local_identity_id = $2::bigint AND r.kind = 'group' AND r.created_by_peer_id IS NULL "
+			" AND r.hub_domain = $4 AND EXISTS (SELECT 1 FROM room_members x WHERE x.room_id = b.room_id "
+			" AND x.identity_id = $2::bigint AND x.membership = 'joined')), "
+			"ins AS (INSERT INTO room_members (room_id, identity_id, membership) SELECT room_id, $3::bigint, "
+			" 'joined' FROM b ON CONFLICT (room_id, identity_id) DO UPDATE SET membership = 'joined', "
+			" updated_at = now() RETURNING 1) "
+			"SELECT count(*) FROM ins",
+			4, NULL, params, NULL, NULL, 0);
+		cw_errmsg e;
+		if (!store_check(c, r, PGRES_TUPLES_OK, &e)) {
+			added = strcmp(PQgetvalue(r, 0, 0), "0") != 0;
+			PQclear(r);
+		} else {
+			LOG_KV(CW_LOG_WARN, "cannot add a member to a group", "room", room, "detail", e.msg);
+		}
+	}
+	char text[MX_ID_MAX + 400];
+	if (added)
+		snprintf(text, sizeof(text),
+			 "%s is a member of the group now, and gets a room of their own for it with its next message: "
+			 "each member's room shows what reaches them.", localpart);
+	else
+		snprintf(text, sizeof(text),
+			 "This room is %s's own view of a bridged conversation, so nobody else joins it. People are "
+			 "added to a group made here by inviting them into it; a group made elsewhere takes members "
+			 "from there.", sender);
+	/* Who may take the invitation back: in a direct room its ghost (the
+	 * bot is not in it); in a portal the bot, which made it, or, in one
+	 * the user made (a direct room that became a group), a ghost in it
+	 * (the creator's trusted invitees have the creator's power). */
+	const char *ap[] = { room };
+	PGresult *ar = PQexecParams(c,
+		"SELECT ib.native_id FROM room_bindings b JOIN identity_bindings ib ON ib.identity_id = b.remote_identity_id "
+		" AND ib.network = 'matrix' WHERE b.network = 'matrix' AND b.native_id = $1 "
+		"UNION ALL SELECT NULL FROM room_bindings b WHERE b.network = 'matrix' AND b.native_id = $1 "
+		" AND b.remote_identity_id IS NULL "
+		"UNION ALL SELECT * FROM (SELECT ib.native_id FROM room_bindings b JOIN matrix_portal_members pm "
+		" ON pm.binding_id = b.id JOIN identity_bindings ib ON ib.identity_id = pm.identity_id AND ib.network = 'matrix' "
+		" WHERE b.network = 'matrix' AND b.native_id = $1 ORDER BY pm.identity_id LIMIT 4) g",
+		1, NULL, ap, NULL, NULL, 0);
+	int n = PQresultStatus(ar) == PGRES_TUPLES_OK ? PQntuples(ar) : 0;
+	char path[700], *rs = curl_easy_escape(NULL, room, 0);
+	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/kick", rs ? rs : "");
+	curl_free(rs);
+	int k = 0;
+	cw_errmsg e;
+	for (; k < n; k++) {
+		long status;
+		const char *actor = PQgetisnull(ar, k, 0) ? NULL : PQgetvalue(ar, k, 0);
+		if (!mx_call(m, "POST", path, actor, NULL, json_pack("{s:s, s:s}", "user_id", invitee, "reason", text),
+			     &status, NULL, &e))
+			break;
+	}
+	if (k < n)
+		say_as(m, room, PQgetisnull(ar, k, 0) ? NULL : PQgetvalue(ar, k, 0), text);
+	else
+		LOG_KV(CW_LOG_WARN, "an invitation cannot be taken back", "room", room, "user", invitee);
+	PQclear(ar);
+	if (added)
+		LOG_KV(CW_LOG_INFO, "a Matrix user added a member to a group", "room", room, "user", sender);
+}
+
 /* One of this provider's users left (or was removed from) a bridged direct
  * room, a group's portal, or their management room: the room is no longer
  * theirs to read, so its binding goes and the ghost (or the bot) leaves
@@ -578,10 +660,13 @@ static bool inbox(struct matrix *m, PGconn *c)
 		if (type && room && sender && key && strcmp(type, "m.room.member") == 0 &&
 		    json_is_string(json_object_get(content, "membership")) &&
 		    strcmp(json_string_value(json_object_get(content, "membership")), "invite") == 0) {
+			const char *prefix = m->cfg->mx_user_prefix;
 			if (strcmp(key, m->bot) == 0)
 				invited(m, c, room, sender);
-			else
+			else if (key[0] == '@' && strncmp(key + 1, prefix, strlen(prefix)) == 0)
 				ghost_invited(m, c, room, sender, key);
+			else
+				local_invited(m, c, room, sender, key);
 		}
 		else if (type && room && key && strcmp(type, "m.room.member") == 0 &&
 			 json_is_string(json_object_get(content, "membership")) &&

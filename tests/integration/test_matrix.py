@@ -457,6 +457,26 @@ def test_a_second_room_with_a_ghost_takes_over_and_a_second_ghost_makes_it_a_gro
     # (the first would have named the direct room of alice and wally).
     assert not [e for e in list(srv.events) if e.get("type") == "membership"
                 and e["content"].get("membership") == "invite"], list(srv.events)
+    # carol, another user here, invited into alice's room of the group:
+    # a member now, the invitation taken back (the room is alice's view),
+    # and her own room comes with the group's next message.
+    hs.create_user("carol")
+    carol_uri, carol_mx = "mimi://example.org/u/carol", "@carol:example.org"
+    assert mx.admin("POST", "/optins", json={"user": carol_uri, "network": "peer:gk", "opted_in": True}).ok
+    assert mx.admin("POST", "/consents", json={"user": carol_uri, "subject_kind": "user", "subject": a.user("bob"),
+                                              "state": "allowed"}).ok
+    alice.invite(second, carol_mx)
+    wait_until(lambda: hs.members(second).get(carol_mx) == "leave", what="the invitation taken back")
+    # (said by a ghost: the room is alice's own, the bot is not in it)
+    assert any(e["type"] == "m.room.message" and e["sender"] in (ghost, bob, zed)
+               and e["content"]["body"].startswith("carol is a member of the group now") for e in hs.events(second))
+    assert carol_uri in [m["user"] for m in a.call("GET", f"/v1/rooms/{group}").json()["members"]]
+    assert a.send(group, a.user("bob"), "welcome, carol").status_code == 202
+    hers = wait_until(lambda: next((rid for rid in hs.rooms() if rid != second and hs.state(rid, "m.room.create")
+                                    and hs.state(rid, "m.room.create")["sender"] == "@_cw_bot:example.org"
+                                    and hs.members(rid).get(carol_mx) == "invite"), None), what="carol's room")
+    wait_until(lambda: any(e["type"] == "m.room.message" and e["sender"] == bob and e["content"]["body"] ==
+                           "welcome, carol" for e in hs.events(hers)), what="the message in carol's room")
 
 
 def test_a_message_that_goes_nowhere_is_told_to_its_writer(mx, hs, gk, pg, db_url):
@@ -997,6 +1017,14 @@ def test_a_group_reaches_each_local_member_in_a_room_of_its_own(mx, hs, gk, pg, 
     wait_until(lambda: hs.members(hers).get(zed) == "leave", what="a stranger leaving carol's room")
     assert any(who == zed and "not a member of the group" in body for who, body in said(hers)), said(hers)
     assert hs.members(hers).get(bob) == "join" and (bob, "count me in") not in said(hers)
+    # Another user of this server invited into alice's room: taken back by
+    # the bot (the room is alice's view; the peer's group takes members
+    # from the peer), and not a member.
+    hs.create_user("dave")
+    alice.invite(mine, "@dave:example.org")
+    wait_until(lambda: hs.members(mine).get("@dave:example.org") == "leave", what="dave's invitation taken back")
+    assert any(who == bot and "nobody else joins it" in body for who, body in said(mine)), said(mine)
+    assert "mimi://example.org/u/dave" not in [m["user"] for m in a.call("GET", f"/v1/rooms/{gid}").json()["members"]]
     # The peer removes bob from the group: his ghost leaves the rooms.
     assert a.call("POST", f"/v1/rooms/{gid}/members", {"remove": [a.user("bob")]}).status_code == 200
     wait_until(lambda: hs.members(hers).get(bob) == "leave" and hs.members(mine).get(bob) == "leave",
