@@ -365,6 +365,49 @@ static void notices(struct matrix *m, PGconn *c)
  * leaves; a member of a group invited into the user's room of it just
  * joins.  A second remote user invited into the user's own direct room
  * makes it a group hosted here, which the user then grows by inviting. */
+/* Someone invited into the user's direct room makes it a group hosted
+ * here of the three (made now: the room's binding moves onto it and it is
+ * the user's portal), or, into their portal of a group made here, joins
+ * the group; a remote member's ghost counts as joined to the portal (it
+ * joins it next).  *portal: the binding's id, left as it was when room is
+ * neither.  Runs in the caller's transaction. */
+static cw_err grow_group(struct matrix *m, PGconn *c, const char *room, const char *local_id, const char *new_id,
+			 bool ghost, char *portal, size_t plen, cw_errmsg *e)
+{
+	char pub[40];
+	cw_new_id(pub, sizeof(pub), "r_");
+	const char *params[] = { room, local_id, new_id, pub, m->cfg->domain ? m->cfg->domain : "", ghost ? "t" : "f" };
+	PGresult *r = PQexecParams(c,
+		"WITH b AS (SELECT b.id, b.room_id, b.remote_identity_id AS a FROM room_bindings b "
+		"  WHERE b.network = 'matrix' AND b.native_id = $1 AND b.local_identity_id = $2::bigint "
+		"  AND (b.remote_identity_id <> $3::bigint OR (b.remote_identity_id IS NULL AND EXISTS (SELECT 1 "
+		"  FROM rooms x WHERE x.id = b.room_id AND x.kind = 'group' AND x.hub_domain = $5 "
+		"  AND x.created_by_peer_id IS NULL))) FOR UPDATE), "
+		"nr AS (INSERT INTO rooms (public_id, uri, hub_domain, kind) "
+		"  SELECT $4, 'mimi://' || $5 || '/r/' || $4, $5, 'group' FROM b WHERE b.a IS NOT NULL RETURNING id), "
+		"g AS (SELECT coalesce((SELECT id FROM nr), b.room_id) AS room FROM b), "
+		"mb AS (INSERT INTO room_members (room_id, identity_id, membership) "
+		"  SELECT g.room, x, 'joined' FROM g, b, unnest(ARRAY[$2::bigint, b.a, $3::bigint]) AS x "
+		"  WHERE x IS NOT NULL ON CONFLICT (room_id, identity_id) DO UPDATE SET membership = 'joined', "
+		"  updated_at = now()), "
+		"up AS (UPDATE room_bindings rb SET room_id = g.room, remote_identity_id = NULL FROM g, b "
+		"  WHERE rb.id = b.id RETURNING rb.id), "
+		"pm AS (INSERT INTO matrix_portal_members (binding_id, identity_id) SELECT up.id, x FROM up, b, "
+		"  unnest(ARRAY[b.a, CASE WHEN $6::boolean THEN $3::bigint END]) AS x WHERE x IS NOT NULL "
+		"  ON CONFLICT DO NOTHING) "
+		"SELECT id FROM up",
+		6, NULL, params, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	if (PQntuples(r) == 1) {
+		snprintf(portal, plen, "%s", PQgetvalue(r, 0, 0));
+		LOG_KV(CW_LOG_INFO, "a Matrix user made a group, or added to one", "room", room);
+	}
+	PQclear(r);
+	return CW_OK;
+}
+
 static void ghost_invited(struct matrix *m, PGconn *c, const char *room, const char *sender, const char *ghost)
 {
 	char local_id[24], uri[600], net[64], remote_local[MX_ID_MAX + 1];
@@ -431,39 +474,10 @@ static void ghost_invited(struct matrix *m, PGconn *c, const char *room, const c
 	}
 	if (!rc && (other || (group && !portal[0]))) {
 		/* A second remote user invited into the user's direct room, or
-		 * another into a group the user made that way: a group hosted
-		 * here (made now from the direct room: its binding moves to it),
-		 * with the invited one a member. */
-		char pub[40];
-		cw_new_id(pub, sizeof(pub), "r_");
-		const char *params[] = { room, local_id, remote_id, pub, m->cfg->domain ? m->cfg->domain : "" };
-		r = PQexecParams(c,
-			"WITH b AS (SELECT b.id, b.room_id, b.remote_identity_id AS a FROM room_bindings b "
-			"  WHERE b.network = 'matrix' AND b.native_id = $1 AND b.local_identity_id = $2::bigint "
-			"  AND (b.remote_identity_id <> $3::bigint OR (b.remote_identity_id IS NULL AND EXISTS (SELECT 1 "
-			"  FROM rooms x WHERE x.id = b.room_id AND x.kind = 'group' AND x.hub_domain = $5 "
-			"  AND x.created_by_peer_id IS NULL))) FOR UPDATE), "
-			"nr AS (INSERT INTO rooms (public_id, uri, hub_domain, kind) "
-			"  SELECT $4, 'mimi://' || $5 || '/r/' || $4, $5, 'group' FROM b WHERE b.a IS NOT NULL RETURNING id), "
-			"g AS (SELECT coalesce((SELECT id FROM nr), b.room_id) AS room FROM b), "
-			"mb AS (INSERT INTO room_members (room_id, identity_id, membership) "
-			"  SELECT g.room, x, 'joined' FROM g, b, unnest(ARRAY[$2::bigint, b.a, $3::bigint]) AS x "
-			"  WHERE x IS NOT NULL ON CONFLICT (room_id, identity_id) DO UPDATE SET membership = 'joined', "
-			"  updated_at = now()), "
-			"up AS (UPDATE room_bindings rb SET room_id = g.room, remote_identity_id = NULL FROM g, b "
-			"  WHERE rb.id = b.id RETURNING rb.id), "
-			"pm AS (INSERT INTO matrix_portal_members (binding_id, identity_id) SELECT up.id, x FROM up, b, "
-			"  unnest(ARRAY[b.a, $3::bigint]) AS x WHERE x IS NOT NULL ON CONFLICT DO NOTHING) "
-			"SELECT id FROM up",
-			5, NULL, params, NULL, NULL, 0);
-		rc = store_check(c, r, PGRES_TUPLES_OK, &e);
-		if (!rc && PQntuples(r) == 1) {
-			snprintf(portal, sizeof(portal), "%s", PQgetvalue(r, 0, 0));
+		 * another into a group the user made that way. */
+		rc = grow_group(m, c, room, local_id, remote_id, true, portal, sizeof(portal), &e);
+		if (!rc && portal[0])
 			other = group = false;
-			LOG_KV(CW_LOG_INFO, "a Matrix user made a group with remote users", "room", room, "user", sender);
-		}
-		if (!rc)
-			PQclear(r);
 	}
 	cw_errmsg e2;
 	store_exec(c, rc ? "ROLLBACK" : "COMMIT", rc ? &e2 : &e);
@@ -495,11 +509,11 @@ static void ghost_invited(struct matrix *m, PGconn *c, const char *room, const c
 
 /* Another user of the homeserver invited into a bridged room.  A room here
  * is one user's view (a direct room, or their portal of a group: what the
- * policy let through for them), so nobody else joins it: the bot takes the
- * invitation back.  Into the portal of a group made here, by a member, the
- * invitee becomes a member of the group and gets a portal of their own
- * with the group's next message, as a second ghost invited makes a group
- * (ghost_invited). */
+ * policy let through for them), so nobody else joins it: the invitation is
+ * taken back.  Into the user's direct room, or their portal of a group
+ * made here, the invitee becomes a member of the group (made now from the
+ * direct room, as by a second ghost: grow_group) and gets a portal of
+ * their own with the group's next message. */
 static void local_invited(struct matrix *m, PGconn *c, const char *room, const char *sender, const char *invitee)
 {
 	char inviter_id[24], invitee_id[24], uri[600], invitee_uri[600], localpart[MX_ID_MAX + 1];
@@ -509,25 +523,16 @@ static void local_invited(struct matrix *m, PGconn *c, const char *room, const c
 	bool local = local_identity(m, c, invitee, invitee_id, sizeof(invitee_id), invitee_uri, sizeof(invitee_uri));
 	bool added = false;
 	if (local) {
-		const char *params[] = { room, inviter_id, invitee_id, m->cfg->domain ? m->cfg->domain : "" };
-		PGresult *r = PQexecParams(c,
-			"WITH b AS (SELECT b.room_id FROM room_bindings b JOIN rooms r ON r.id = b.room_id "
-			" WHERE b.network = 'matrix' AND b.native_id = $1 AND b.remote_identity_id IS NULL "
-			" AND b.local_identity_id = $2::bigint AND r.kind = 'group' AND r.created_by_peer_id IS NULL "
-			" AND r.hub_domain = $4 AND EXISTS (SELECT 1 FROM room_members x WHERE x.room_id = b.room_id "
-			" AND x.identity_id = $2::bigint AND x.membership = 'joined')), "
-			"ins AS (INSERT INTO room_members (room_id, identity_id, membership) SELECT room_id, $3::bigint, "
-			" 'joined' FROM b ON CONFLICT (room_id, identity_id) DO UPDATE SET membership = 'joined', "
-			" updated_at = now() RETURNING 1) "
-			"SELECT count(*) FROM ins",
-			4, NULL, params, NULL, NULL, 0);
+		char portal[24] = "";
 		cw_errmsg e;
-		if (!store_check(c, r, PGRES_TUPLES_OK, &e)) {
-			added = strcmp(PQgetvalue(r, 0, 0), "0") != 0;
-			PQclear(r);
-		} else {
+		cw_err rc = store_exec(c, "BEGIN", &e);
+		if (!rc)
+			rc = grow_group(m, c, room, inviter_id, invitee_id, false, portal, sizeof(portal), &e);
+		cw_errmsg e2;
+		store_exec(c, rc ? "ROLLBACK" : "COMMIT", rc ? &e2 : &e);
+		if (rc)
 			LOG_KV(CW_LOG_WARN, "cannot add a member to a group", "room", room, "detail", e.msg);
-		}
+		added = !rc && portal[0];
 	}
 	char text[MX_ID_MAX + 400];
 	if (added)

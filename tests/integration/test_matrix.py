@@ -479,6 +479,38 @@ def test_a_second_room_with_a_ghost_takes_over_and_a_second_ghost_makes_it_a_gro
                            "welcome, carol" for e in hs.events(hers)), what="the message in carol's room")
 
 
+
+def test_a_local_user_invited_into_a_direct_room_makes_a_group(mx, hs, gk, pg, db_url):
+    """alice invites carol, another user of this server, into her direct
+    room with wally: the room is alice's view, so the invitation is taken
+    back (by the ghost: the bot is not in it), and the three are a group
+    hosted here; what alice writes there reaches wally in the group, and
+    carol in a room of her own."""
+    a, srv = gk
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+    alice.send_text(room, "hi wally")
+    direct = srv.wait_events(1)[0]["room_id"]
+    hs.create_user("carol")
+    carol_mx, bot = "@carol:example.org", "@_cw_bot:example.org"
+    alice.invite(room, carol_mx)
+    wait_until(lambda: hs.members(room).get(carol_mx) == "leave", what="the invitation taken back")
+    assert any(e["type"] == "m.room.message" and e["sender"] == ghost and
+               e["content"]["body"].startswith("carol is a member of the group now") for e in hs.events(room))
+    alice.send_text(room, "carol is with us")
+    got = wait_until(lambda: [e for e in list(srv.events) if e.get("type") == "message"
+                              and e["content"]["parts"][0]["body"] == "carol is with us"] or None, what="the peer")
+    group = got[0]["room_id"]
+    assert group != direct
+    state = a.call("GET", f"/v1/rooms/{group}").json()
+    assert state["kind"] == "group" and sorted(m["user"] for m in state["members"]) == sorted(
+        [ALICE, a.user("wally"), "mimi://example.org/u/carol"]), state
+    hers = wait_until(lambda: next((rid for rid in hs.rooms() if hs.state(rid, "m.room.create")
+                                    and hs.state(rid, "m.room.create")["sender"] == bot
+                                    and hs.members(rid).get(carol_mx) == "invite"), None), what="carol's room")
+    wait_until(lambda: any(e["type"] == "m.room.message" and e["sender"] == bot and
+                           e["content"]["body"] == "alice: carol is with us" for e in hs.events(hers)),
+               what="alice's message in carol's room")
+
 def test_a_message_that_goes_nowhere_is_told_to_its_writer(mx, hs, gk, pg, db_url):
     """A local user's message refused by this server's policy for every
     recipient is stored as dropped and answered 202 like any (the
