@@ -73,6 +73,9 @@ void mx_rename_portal(struct matrix *m, PGconn *c, const char *room, const char 
 /* POST /rooms/{room}/<action> ("join" or "leave", no body) as user (NULL:
  * the bot). */
 cw_err mx_room_action(struct matrix *m, const char *room, const char *user, const char *action, cw_errmsg *e);
+/* The same with a body (taken) and the answer's status ("invite", "kick"). */
+cw_err mx_room_post(struct matrix *m, const char *room, const char *user, const char *action, json_t *body,
+		    long *status, cw_errmsg *e);
 /* Registers (and names) the ghost of a remote user (its binding is written
  * when it first delivers). */
 cw_err mx_register_ghost(struct matrix *m, const char *peer, const char *localpart, const char *display,

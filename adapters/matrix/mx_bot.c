@@ -559,16 +559,13 @@ static void local_invited(struct matrix *m, PGconn *c, const char *room, const c
 		" WHERE b.network = 'matrix' AND b.native_id = $1 ORDER BY pm.identity_id LIMIT 4) g",
 		1, NULL, ap, NULL, NULL, 0);
 	int n = PQresultStatus(ar) == PGRES_TUPLES_OK ? PQntuples(ar) : 0;
-	char path[700], *rs = curl_easy_escape(NULL, room, 0);
-	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/kick", rs ? rs : "");
-	curl_free(rs);
 	int k = 0;
 	cw_errmsg e;
 	for (; k < n; k++) {
 		long status;
 		const char *actor = PQgetisnull(ar, k, 0) ? NULL : PQgetvalue(ar, k, 0);
-		if (!mx_call(m, "POST", path, actor, NULL, json_pack("{s:s, s:s}", "user_id", invitee, "reason", text),
-			     &status, NULL, &e))
+		if (!mx_room_post(m, room, actor, "kick", json_pack("{s:s, s:s}", "user_id", invitee, "reason", text),
+				  &status, &e))
 			break;
 	}
 	if (k < n)

@@ -287,15 +287,24 @@ static const char *to_native(void *arg, const char *msg_id)
 	return res;
 }
 
-cw_err mx_room_action(struct matrix *m, const char *room, const char *user, const char *action, cw_errmsg *e)
+cw_err mx_room_post(struct matrix *m, const char *room, const char *user, const char *action, json_t *body,
+		    long *status, cw_errmsg *e)
 {
+	*status = 0;
 	char path[700], *rs = seg(m, room);
-	if (!rs)
+	if (!rs) {
+		json_decref(body);
 		return cw_fail(e, CW_ENOMEM, "out of memory");
+	}
 	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/%s", rs, action);
 	curl_free(rs);
+	return mx_call(m, "POST", path, user, NULL, body, status, NULL, e);
+}
+
+cw_err mx_room_action(struct matrix *m, const char *room, const char *user, const char *action, cw_errmsg *e)
+{
 	long status;
-	return mx_call(m, "POST", path, user, NULL, json_object(), &status, NULL, e);
+	return mx_room_post(m, room, user, action, json_object(), &status, e);
 }
 
 /* Registers the ghost (M_USER_IN_USE is fine) and names it. */
@@ -460,17 +469,11 @@ void mx_rename_portal(struct matrix *m, PGconn *c, const char *room, const char 
 static cw_err ensure_portal_member(struct matrix *m, PGconn *c, const char *room, const char *binding,
 				   const char *sender_id, const char *ghost, cw_errmsg *e)
 {
-	char path[600];
-	char *rs = seg(m, room);
-	if (!rs)
-		return cw_fail(e, CW_ENOMEM, "out of memory");
 	long status;
 	cw_errmsg e2;
-	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/invite", rs);
-	if (mx_call(m, "POST", path, NULL, NULL, json_pack("{s:s}", "user_id", ghost), &status, NULL, &e2) &&
+	if (mx_room_post(m, room, NULL, "invite", json_pack("{s:s}", "user_id", ghost), &status, &e2) &&
 	    status != 403) /* 403: a member already (or the join below says why not) */
 		LOG_KV(CW_LOG_WARN, "the bot cannot invite a ghost to a group", "room", room, "detail", e2.msg);
-	curl_free(rs);
 	cw_err rc = mx_room_action(m, room, ghost, "join", e);
 	if (rc)
 		return rc;
@@ -519,8 +522,7 @@ static bool already_sent(struct matrix *m, const char *room, const char *ghost, 
  * avatar, whether its profile changed since its ghost's was last set, and
  * when it changed; the kind of the event's room; for a group, the
  * recipient's portal (Matrix room, binding id), whether the sender's
- * ghost has joined it, the group's name and the name the portal was
- * last given. */
+ * ghost has joined it, and the group's name (for a portal made now). */
 static cw_err batch_info(PGconn *c, const struct outbox_row *rows, size_t n, PGresult **out, cw_errmsg *e)
 {
 	*out = NULL;
