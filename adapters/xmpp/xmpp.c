@@ -360,6 +360,26 @@ static void answer_error(struct xcomp *xc, xmpp_stanza_t *st, const char *type, 
 	xa_send_now(xc, xa_error_reply(st, type, condition, NULL));
 }
 
+void xa_disco_identity(xmpp_ctx_t *ctx, xmpp_stanza_t *q, const char *category, const char *type, const char *name)
+{
+	xmpp_stanza_t *id = q ? xa_child(ctx, q, "identity", NULL) : NULL;
+	if (!id)
+		return;
+	xmpp_stanza_set_attribute(id, "category", category);
+	xmpp_stanza_set_attribute(id, "type", type);
+	if (name)
+		xmpp_stanza_set_attribute(id, "name", name);
+}
+
+void xa_disco_features(xmpp_ctx_t *ctx, xmpp_stanza_t *q, const char *const *features)
+{
+	for (const char *const *f = features; q && *f; f++) {
+		xmpp_stanza_t *fe = xa_child(ctx, q, "feature", NULL);
+		if (fe)
+			xmpp_stanza_set_attribute(fe, "var", *f);
+	}
+}
+
 xmpp_stanza_t *xa_child(xmpp_ctx_t *ctx, xmpp_stanza_t *parent, const char *name, const char *ns)
 {
 	xmpp_stanza_t *c = xmpp_stanza_new(ctx);
@@ -395,37 +415,19 @@ static void disco_info(struct xcomp *xc, xmpp_stanza_t *st, bool user, const cha
 	const char *node = in ? xmpp_stanza_get_attribute(in, "node") : NULL;
 	if (node && q)
 		xmpp_stanza_set_attribute(q, "node", node);
-	xmpp_stanza_t *id = q ? xa_child(ctx, q, "identity", NULL) : NULL;
-	if (id) {
-		char name[400];
-		if (user)
-			snprintf(name, sizeof(name), "%.250s (%.60s)", remote_id, xc->peer);
-		else
-			snprintf(name, sizeof(name), "Causeway gateway to %.60s", xc->peer);
-		xmpp_stanza_set_attribute(id, "category", "gateway");
-		xmpp_stanza_set_attribute(id, "type", "mimi");
-		xmpp_stanza_set_attribute(id, "name", name);
-	}
-	/* The component serves the groups' rooms too (XEP-0045, xmpp_muc.c). */
-	xmpp_stanza_t *conf = q && !user ? xa_child(ctx, q, "identity", NULL) : NULL;
-	if (conf) {
-		char name[200];
+	char name[400];
+	if (user)
+		snprintf(name, sizeof(name), "%.250s (%.60s)", remote_id, xc->peer);
+	else
+		snprintf(name, sizeof(name), "Causeway gateway to %.60s", xc->peer);
+	xa_disco_identity(ctx, q, "gateway", "mimi", name);
+	if (!user) { /* the component serves the groups' rooms too (XEP-0045, xmpp_muc.c) */
 		snprintf(name, sizeof(name), "Groups with %.60s", xc->peer);
-		xmpp_stanza_set_attribute(conf, "category", "conference");
-		xmpp_stanza_set_attribute(conf, "type", "text");
-		xmpp_stanza_set_attribute(conf, "name", name);
+		xa_disco_identity(ctx, q, "conference", "text", name);
+	} else { /* a remote user's JID is the PEP service of their avatar (XEP-0084) */
+		xa_disco_identity(ctx, q, "pubsub", "pep", NULL);
 	}
-	/* A remote user's JID is the PEP service of their avatar (XEP-0084). */
-	xmpp_stanza_t *pep = q && user ? xa_child(ctx, q, "identity", NULL) : NULL;
-	if (pep) {
-		xmpp_stanza_set_attribute(pep, "category", "pubsub");
-		xmpp_stanza_set_attribute(pep, "type", "pep");
-	}
-	for (const char *const *f = user ? user_features : component_features; q && *f; f++) {
-		xmpp_stanza_t *fe = xa_child(ctx, q, "feature", NULL);
-		if (fe)
-			xmpp_stanza_set_attribute(fe, "var", *f);
-	}
+	xa_disco_features(ctx, q, user ? user_features : component_features);
 	xa_send_now(xc, r);
 }
 

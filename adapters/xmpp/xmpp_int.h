@@ -120,6 +120,10 @@ bool xa_wait_written(struct xcomp *xc, uint64_t seq, long timeout_ms);
 void xa_send_now(struct xcomp *xc, xmpp_stanza_t *st);
 /* A new child element of parent (held by it; NULL when memory runs out). */
 xmpp_stanza_t *xa_child(xmpp_ctx_t *ctx, xmpp_stanza_t *parent, const char *name, const char *ns);
+/* XEP-0030 disco#info: an identity (name may be NULL) and features (a
+ * NULL-terminated list) into the answer's query q (NULL: nothing). */
+void xa_disco_identity(xmpp_ctx_t *ctx, xmpp_stanza_t *q, const char *category, const char *type, const char *name);
+void xa_disco_features(xmpp_ctx_t *ctx, xmpp_stanza_t *q, const char *const *features);
 /* <name xmlns=ns>text</name> added to parent (ns may be NULL); the element,
  * or NULL when memory runs out. */
 xmpp_stanza_t *xa_text_child(xmpp_ctx_t *ctx, xmpp_stanza_t *parent, const char *name, const char *ns,

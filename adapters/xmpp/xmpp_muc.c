@@ -628,18 +628,9 @@ static void leave_disco(struct xcomp *xc, xmpp_stanza_t *q, const char *room, co
 			xmpp_stanza_set_attribute(it, "name", "Leave this group");
 		}
 	} else if (info && strcmp(node, LEAVE_NODE) == 0) {
-		xmpp_stanza_t *id = xa_child(ctx, q, "identity", NULL);
-		if (id) {
-			xmpp_stanza_set_attribute(id, "category", "automation");
-			xmpp_stanza_set_attribute(id, "type", "command-node");
-			xmpp_stanza_set_attribute(id, "name", "Leave this group");
-		}
 		static const char *const features[] = { NS_COMMANDS, NS_DATA, NULL };
-		for (const char *const *f = features; *f; f++) {
-			xmpp_stanza_t *fe = xa_child(ctx, q, "feature", NULL);
-			if (fe)
-				xmpp_stanza_set_attribute(fe, "var", *f);
-		}
+		xa_disco_identity(ctx, q, "automation", "command-node", "Leave this group");
+		xa_disco_features(ctx, q, features);
 	}
 }
 
@@ -915,22 +906,15 @@ bool xa_muc_iq(struct xcomp *xc, xmpp_stanza_t *st, const char *ns, bool get)
 			xa_send_now(xc, r);
 			return true;
 		}
-		xmpp_stanza_t *id = info && q ? xa_child(ctx, q, "identity", NULL) : NULL;
-		if (id) {
-			char name[120];
-			snprintf(name, sizeof(name), "A group on %.60s", xc->peer);
-			xmpp_stanza_set_attribute(id, "category", "conference");
-			xmpp_stanza_set_attribute(id, "type", "text");
-			xmpp_stanza_set_attribute(id, "name", name);
-		}
 		static const char *const features[] = {
 			NS_MUC, "muc_membersonly", "muc_persistent", "muc_hidden", "muc_semianonymous",
 			"muc_unmoderated", "muc_unsecured", NS_SID, NS_PING, NS_COMMANDS, NULL,
 		};
-		for (const char *const *f = features; info && q && *f; f++) {
-			xmpp_stanza_t *fe = xa_child(ctx, q, "feature", NULL);
-			if (fe)
-				xmpp_stanza_set_attribute(fe, "var", *f);
+		if (info) {
+			char name[120];
+			snprintf(name, sizeof(name), "A group on %.60s", xc->peer);
+			xa_disco_identity(ctx, q, "conference", "text", name);
+			xa_disco_features(ctx, q, features);
 		}
 		xa_send_now(xc, r);
 		return true;
