@@ -233,18 +233,22 @@ void xa_wake(struct xcomp *xc)
 		wake_write(xc);
 }
 
-bool xa_enqueue(struct xcomp *xc, const char *text, size_t len, uint64_t *seq, bool wake)
+static struct xq_item *item_new(const char *text, size_t len)
 {
 	struct xq_item *it = malloc(sizeof(*it) + len + 1);
 	if (!it)
-		return false;
+		return NULL;
 	it->next = NULL;
 	it->len = len;
 	memcpy(it->text, text, len);
 	it->text[len] = '\0';
-	pthread_mutex_lock(&xc->mu);
+	return it;
+}
+
+/* Under xc->mu: it at the queue's tail, or false (it freed). */
+static bool append_locked(struct xcomp *xc, struct xq_item *it, uint64_t *seq)
+{
 	if (atomic_load(&xc->x->stop) || xc->queued >= QUEUE_MAX) {
-		pthread_mutex_unlock(&xc->mu);
 		free(it);
 		return false;
 	}
@@ -257,11 +261,27 @@ bool xa_enqueue(struct xcomp *xc, const char *text, size_t len, uint64_t *seq, b
 	xc->queued++;
 	if (seq)
 		*seq = it->seq;
-	bool due = wake && wake_due(xc);
+	return true;
+}
+
+bool xa_enqueue(struct xcomp *xc, const char *text, size_t len, uint64_t *seq, bool wake)
+{
+	struct xq_item *it = item_new(text, len);
+	if (!it)
+		return false;
+	pthread_mutex_lock(&xc->mu);
+	bool ok = append_locked(xc, it, seq);
+	bool due = ok && wake && wake_due(xc);
 	pthread_mutex_unlock(&xc->mu);
 	if (due)
 		wake_write(xc);
-	return true;
+	return ok;
+}
+
+bool xa_enqueue_locked(struct xcomp *xc, const char *text, size_t len)
+{
+	struct xq_item *it = item_new(text, len);
+	return it && append_locked(xc, it, NULL);
 }
 
 bool xa_enqueue_stanza(struct xcomp *xc, xmpp_stanza_t *st)

@@ -110,6 +110,9 @@ struct xcomp *xa_comp_by_peer(struct xmpp *x, const char *peer);
  * many stanzas instead of one each). */
 bool xa_enqueue(struct xcomp *xc, const char *text, size_t len, uint64_t *seq, bool wake);
 void xa_wake(struct xcomp *xc);
+/* The same with xc->mu held by the caller (who calls xa_wake after
+ * unlocking): stanzas queued together with a change of the occupants. */
+bool xa_enqueue_locked(struct xcomp *xc, const char *text, size_t len);
 /* Serialises and queues a stanza (released by the call). */
 bool xa_enqueue_stanza(struct xcomp *xc, xmpp_stanza_t *st);
 /* Waits until the thread wrote the stanza of seq, or timeout_ms passed,
@@ -221,6 +224,14 @@ void xa_muc_stanza_id(xmpp_ctx_t *ctx, xmpp_stanza_t *st, const char *id, const 
 xmpp_stanza_t *xa_muc_groupchat(xmpp_ctx_t *ctx, xmpp_stanza_t *st);
 /* [[full JID, nick]] of user's resources in room (a new reference). */
 json_t *xa_muc_occupants(struct xcomp *xc, const char *room, const char *user);
+/* What becomes of a stanza (text, for the event id) to the occupant full
+ * of room: an occupant whose join is being looked at keeps it until its
+ * history has gone (XA_MUC_KEPT: it follows the history, unless the
+ * history had it); one whose history gave the event already, or no
+ * occupant, skips it; else it goes now (XA_MUC_NOW). */
+enum xa_muc_route { XA_MUC_NOW, XA_MUC_KEPT, XA_MUC_SKIP };
+enum xa_muc_route xa_muc_route(struct xcomp *xc, const char *room, const char *full, const char *id,
+			       const char *text, size_t len);
 /* The mediated invitation of user (bare JID) to room, serialised into
  * *text (malloc'd). */
 bool xa_muc_invite(struct xcomp *xc, xmpp_ctx_t *ctx, const char *room, const char *user, const char *inviter,

@@ -81,7 +81,12 @@ bool xa_muc_room(const struct xcomp *xc, const char *jid, char *public_id, size_
 
 /* ------------------------------------------------------------ occupants
  *
- * xc->muc: {room bare JID: {full JID: {"nick": s, "user": local bare JID}}}. */
+ * xc->muc: {room bare JID: {full JID: {"nick": s, "user": local bare JID,
+ * "joining": true while the join is looked at, "kept": [[event id, stanza]]
+ * meanwhile, "seen": {event id: true} of what the join's history gave
+ * while it was still on its way}}}. */
+
+#define KEPT_MAX 1000 /* stanzas kept for one occupant while its join is looked at */
 
 static size_t occupants_count(json_t *muc)
 {
@@ -98,7 +103,10 @@ size_t xa_muc_count_locked(const struct xcomp *xc)
 	return occupants_count(xc->muc);
 }
 
-static bool occupant_put(struct xcomp *xc, const char *room, const char *full, const char *nick, const char *user)
+/* full in room under nick; joining: its join is being looked at (what an
+ * occupant had before, joining, kept and seen, stays). */
+static bool occupant_put(struct xcomp *xc, const char *room, const char *full, const char *nick, const char *user,
+			 bool joining)
 {
 	bool ok = false;
 	pthread_mutex_lock(&xc->mu);
@@ -107,8 +115,17 @@ static bool occupant_put(struct xcomp *xc, const char *room, const char *full, c
 	json_t *r = xc->muc ? json_object_get(xc->muc, room) : NULL;
 	if (xc->muc && !r && json_object_set_new(xc->muc, room, json_object()) == 0)
 		r = json_object_get(xc->muc, room);
-	if (r && (json_object_get(r, full) || occupants_count(xc->muc) < OCCUPANTS_MAX))
-		ok = json_object_set_new(r, full, json_pack("{s:s, s:s}", "nick", nick, "user", user)) == 0;
+	json_t *had = r ? json_object_get(r, full) : NULL;
+	json_t *o = r && (had || occupants_count(xc->muc) < OCCUPANTS_MAX) ?
+			    json_pack("{s:s, s:s}", "nick", nick, "user", user) : NULL;
+	static const char *const keep[] = { "joining", "kept", "seen" };
+	for (size_t i = 0; o && had && i < sizeof(keep) / sizeof(keep[0]); i++)
+		if (json_object_get(had, keep[i]))
+			json_object_set(o, keep[i], json_object_get(had, keep[i]));
+	if (o && joining)
+		json_object_set_new(o, "joining", json_true());
+	if (o)
+		ok = json_object_set_new(r, full, o) == 0;
 	xc->muc_dirty = xc->muc_dirty || ok;
 	pthread_mutex_unlock(&xc->mu);
 	return ok;
@@ -140,6 +157,27 @@ static void occupant_del(struct xcomp *xc, const char *room, const char *full)
 bool xa_muc_is_occupant(struct xcomp *xc, const char *room, const char *full)
 {
 	return occupant_get(xc, room, full, NULL, 0);
+}
+
+enum xa_muc_route xa_muc_route(struct xcomp *xc, const char *room, const char *full, const char *id,
+			       const char *text, size_t len)
+{
+	enum xa_muc_route to = XA_MUC_SKIP;
+	pthread_mutex_lock(&xc->mu);
+	json_t *o = xc->muc ? json_object_get(json_object_get(xc->muc, room), full) : NULL;
+	if (o && json_is_true(json_object_get(o, "joining"))) {
+		json_t *kept = json_object_get(o, "kept");
+		if (!kept && json_object_set_new(o, "kept", json_array()) == 0)
+			kept = json_object_get(o, "kept");
+		/* past the bound (or without memory) it is left to the history */
+		if (kept && json_array_size(kept) < KEPT_MAX &&
+		    json_array_append_new(kept, json_pack("[s, s%]", id ? id : "", text, len)) == 0)
+			to = XA_MUC_KEPT;
+	} else if (o && !(id && json_object_get(json_object_get(o, "seen"), id))) {
+		to = XA_MUC_NOW;
+	}
+	pthread_mutex_unlock(&xc->mu);
+	return to;
 }
 
 json_t *xa_muc_occupants(struct xcomp *xc, const char *room, const char *user)
@@ -278,11 +316,6 @@ static xmpp_stanza_t *subject(struct xcomp *xc, xmpp_ctx_t *ctx, const char *roo
 	return m;
 }
 
-static void send_subject(struct xcomp *xc, xmpp_ctx_t *ctx, const char *room, const char *name, const char *to)
-{
-	xa_enqueue_stanza(xc, subject(xc, ctx, room, name, to));
-}
-
 /* On the component's thread. */
 static void subject_now(struct xcomp *xc, const char *room, const char *name, const char *to)
 {
@@ -308,8 +341,8 @@ struct mjoin {
 	/* the job's */
 	bool member, created;              /* created: the room is new (made by this join) */
 	json_t *members;                  /* [nick] of the others */
-	json_t *history;                  /* [[nick, event, ts ms, msg id]] oldest first (event: as
-					     stored, with its last correction's parts) */
+	json_t *history;                  /* [[nick, event, ts ms, msg id, on its way]] oldest first
+					     (event: as stored, with its last correction's parts) */
 };
 
 static void mjoin_free(struct mjoin *j)
@@ -322,7 +355,10 @@ static void mjoin_free(struct mjoin *j)
 
 /* On the writer: the member check, the binding (made on a first join), the
  * other members and the history the user may read (what was delivered to
- * them, and their own messages). */
+ * them, and their own messages).  A row to them still on its way counts
+ * as delivered: its stanza may have been made before they were in (the
+ * group's first message: their invitation), and reaches them here; if it
+ * is made after, xa_muc_route skips it. */
 static cw_err join_fn(PGconn *c, void *arg, cw_errmsg *e)
 {
 	struct mjoin *j = arg;
@@ -354,18 +390,19 @@ static cw_err join_fn(PGconn *c, void *arg, cw_errmsg *e)
 		"h AS (SELECT e.id, e.public_id, CASE WHEN e.sender_id = ok.me THEN '' ELSE s.localpart END AS localpart, "
 		"  coalesce(jsonb_set(e.content, '{content,parts}', (SELECT x.content->'content'->'parts' FROM events x "
 		"  WHERE x.type = 'edit' AND x.replaces_id = e.id AND x.sender_id = e.sender_id ORDER BY x.id DESC LIMIT 1)), "
-		"  e.content) AS ev, e.ts "
+		"  e.content) AS ev, e.ts, EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = e.id "
+		"  AND o.target_identity_id = ok.me AND o.state = 'in_flight') AS going "
 		"  FROM ok, events e JOIN identities s ON s.id = e.sender_id WHERE e.room_id = ok.room "
 		"  AND e.type = 'message' AND ($7 = '' OR e.accepted_at > $7::timestamptz) "
 		"  AND (e.sender_id = ok.me OR EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = e.id "
-		"  AND o.target_identity_id = ok.me AND o.state = 'delivered')) "
+		"  AND o.target_identity_id = ok.me AND o.state IN ('delivered', 'in_flight'))) "
 		"  AND NOT EXISTS (SELECT 1 FROM events d WHERE d.type = 'delete' AND d.replaces_id = e.id) "
 		"  ORDER BY e.id DESC LIMIT $6::int) "
-		"SELECT 'ok', (SELECT name FROM rooms WHERE id = ok.room), EXISTS (SELECT 1 FROM nr)::text, NULL FROM ok "
-		"UNION ALL SELECT 'member', i.localpart, NULL, NULL FROM ok, room_members x "
+		"SELECT 'ok', (SELECT name FROM rooms WHERE id = ok.room), EXISTS (SELECT 1 FROM nr)::text, NULL, NULL FROM ok "
+		"UNION ALL SELECT 'member', i.localpart, NULL, NULL, NULL FROM ok, room_members x "
 		"  JOIN identities i ON i.id = x.identity_id WHERE x.room_id = ok.room AND x.membership = 'joined' "
 		"  AND i.id <> ok.me "
-		"UNION ALL SELECT 'h', h.localpart, h.ev::text, h.ts::text || ' ' || h.public_id FROM (SELECT * FROM h "
+		"UNION ALL SELECT 'h', h.localpart, h.ev::text, h.ts::text || ' ' || h.public_id, h.going::text FROM (SELECT * FROM h "
 		"  ORDER BY id) AS h",
 		9, NULL, params, NULL, NULL, 0);
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
@@ -389,8 +426,9 @@ static cw_err join_fn(PGconn *c, void *arg, cw_errmsg *e)
 			const char *id = strchr(PQgetvalue(r, i, 3), ' ');
 			json_t *ev = json_loads(PQgetvalue(r, i, 2), 0, NULL);
 			if (ev)
-				json_array_append_new(j->history, json_pack("[s, o, I, s]", PQgetvalue(r, i, 1), ev,
-									    (json_int_t)ts, id ? id + 1 : ""));
+				json_array_append_new(j->history, json_pack("[s, o, I, s, b]", PQgetvalue(r, i, 1), ev,
+									    (json_int_t)ts, id ? id + 1 : "",
+									    PQgetvalue(r, i, 4)[0] == 't'));
 		}
 	}
 	PQclear(r);
@@ -419,6 +457,56 @@ static void announce_first(struct xcomp *xc, const struct mjoin *j)
 	pthread_mutex_unlock(&xc->mu);
 }
 
+/* st (released) serialised at the end of out. */
+static void add_text(json_t *out, xmpp_stanza_t *st)
+{
+	char *buf = NULL;
+	size_t len = 0;
+	if (st && xmpp_stanza_to_text(st, &buf, &len) == XMPP_EOK && buf)
+		json_array_append_new(out, json_stringn_nocheck(buf, len));
+	if (buf)
+		xmpp_free(xmpp_stanza_get_context(st), buf);
+	if (st)
+		xmpp_stanza_release(st);
+}
+
+/* The join's answer (out) is queued and the occupant is in, under one
+ * hold of xc->mu: what xa_muc_route lets go to it after is queued after
+ * the answer.  What it kept meanwhile follows, but for what the history
+ * gave (given); what the history gave while it was on its way (going) is
+ * skipped when its stanza is made later.  An occupant that went meanwhile
+ * gets nothing. */
+static void joined(struct xcomp *xc, const struct mjoin *j, json_t *out, json_t *given, json_t *going)
+{
+	bool queued = true;
+	pthread_mutex_lock(&xc->mu);
+	json_t *o = xc->muc ? json_object_get(json_object_get(xc->muc, j->room), j->full) : NULL;
+	json_t *kept = o ? json_incref(json_object_get(o, "kept")) : NULL;
+	if (o) {
+		json_object_del(o, "kept");
+		json_object_del(o, "joining");
+		json_t *seen = json_object_get(o, "seen");
+		if (json_object_size(going) && !seen && json_object_set_new(o, "seen", json_object()) == 0)
+			seen = json_object_get(o, "seen");
+		json_object_update(seen, going);
+		size_t i;
+		json_t *v;
+		json_array_foreach(out, i, v)
+			queued = queued && xa_enqueue_locked(xc, json_string_value(v), json_string_length(v));
+		json_array_foreach(kept, i, v) {
+			json_t *t = json_array_get(v, 1);
+			if (!json_object_get(given, json_string_value(json_array_get(v, 0))))
+				queued = queued && xa_enqueue_locked(xc, json_string_value(t), json_string_length(t));
+		}
+	}
+	pthread_mutex_unlock(&xc->mu);
+	json_decref(kept);
+	xa_wake(xc);
+	if (!queued)
+		LOG_KV(CW_LOG_WARN, "xmpp: a join's answer did not fit the queue", "component", xc->domain, "room",
+		       j->room);
+}
+
 static void join_done(void *arg, cw_err rc, const cw_errmsg *e)
 {
 	struct mjoin *j = arg;
@@ -445,17 +533,20 @@ static void join_done(void *arg, cw_err rc, const cw_errmsg *e)
 		mjoin_free(j);
 		return;
 	}
+	/* The answer, in order: the others, the user (110), the history, the
+	 * subject (XEP-0045 §7.2). */
+	json_t *out = json_array(), *given = json_object(), *going = json_object();
 	size_t i;
 	json_t *v;
 	json_array_foreach(j->members, i, v)
-		xa_enqueue_stanza(xc, occupant_presence(ctx, j->room, json_string_value(v), j->full, false, false));
+		add_text(out, occupant_presence(ctx, j->room, json_string_value(v), j->full, false, false));
 	announce_first(xc, j);
 	xmpp_stanza_t *me = occupant_presence(ctx, j->room, j->nick, j->full, true, false);
 	xmpp_stanza_t *ux = me ? xmpp_stanza_get_child_by_name_and_ns(me, "x", NS_MUC_USER) : NULL;
 	xmpp_stanza_t *created = j->created && ux ? xa_child(ctx, ux, "status", NULL) : NULL;
 	if (created) /* XEP-0045 §10.1.1: a new room */
 		xmpp_stanza_set_attribute(created, "code", "201");
-	xa_enqueue_stanza(xc, me);
+	add_text(out, me);
 	json_array_foreach(j->history, i, v) {
 		const char *nick = json_string_value(json_array_get(v, 0)); /* "": the user's own */
 		const char *id = json_string_value(json_array_get(v, 3));
@@ -470,6 +561,9 @@ static void join_done(void *arg, cw_err rc, const cw_errmsg *e)
 		xmpp_stanza_t *m = NULL;
 		enum xm_out_result res = ev ? xm_from_neutral(ctx, ev, &info, &m, NULL, 0) : XM_OUT_INVALID;
 		json_decref(ev);
+		json_object_set_new(given, id, json_true());
+		if (json_is_true(json_array_get(v, 4)))
+			json_object_set_new(going, id, json_true());
 		if (res != XM_OUT_STANZA) {
 			if (m)
 				xmpp_stanza_release(m);
@@ -484,9 +578,13 @@ static void join_done(void *arg, cw_err rc, const cw_errmsg *e)
 			xmpp_stanza_set_attribute(d, "stamp", stamp);
 			xmpp_stanza_set_attribute(d, "from", j->room);
 		}
-		xa_enqueue_stanza(xc, m);
+		add_text(out, m);
 	}
-	send_subject(xc, ctx, j->room, j->name, j->full);
+	add_text(out, subject(xc, ctx, j->room, j->name, j->full));
+	joined(xc, j, out, given, going);
+	json_decref(out);
+	json_decref(given);
+	json_decref(going);
 	LOG_KV(CW_LOG_INFO, "xmpp: a user joined a group", "component", xc->domain, "room", j->room, "user", j->user);
 	mjoin_free(j);
 }
@@ -531,7 +629,7 @@ static void join(struct xcomp *xc, xmpp_stanza_t *st, const char *room, const ch
 		/* in already: a presence update, or a new nick (taken as it is);
 		 * a join again (with the muc x: the client thinks it is out) is
 		 * answered in full, below */
-		occupant_put(xc, room, from, nick, user);
+		occupant_put(xc, room, from, nick, user, false);
 		xa_send_now(xc, occupant_presence(ctx, room, nick, from, true, false));
 		return;
 	}
@@ -557,10 +655,10 @@ static void join(struct xcomp *xc, xmpp_stanza_t *st, const char *room, const ch
 	history_wanted(st, j);
 	j->members = json_array();
 	j->history = json_array();
-	/* An occupant from now on: a message delivered while the join is
-	 * looked at reaches it (and may come again in the history: clients
-	 * drop a stanza-id they have). */
-	if (!j->text || !j->members || !j->history || !occupant_put(xc, room, from, nick, user) ||
+	/* An occupant from now on, joining: what is delivered to it while the
+	 * join is looked at is kept, and follows the join's answer
+	 * (xa_muc_route, joined). */
+	if (!j->text || !j->members || !j->history || !occupant_put(xc, room, from, nick, user, true) ||
 	    store_write(xc->x->app->store, join_fn, join_done, j) != CW_OK) {
 		occupant_del(xc, room, from);
 		mjoin_free(j);
@@ -797,7 +895,8 @@ void xa_muc_load(struct xcomp *xc, PGconn *c)
 	}
 	int n = 0;
 	for (int i = 0; i < PQntuples(r); i++)
-		n += occupant_put(xc, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1), PQgetvalue(r, i, 2), PQgetvalue(r, i, 3));
+		n += occupant_put(xc, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1), PQgetvalue(r, i, 2), PQgetvalue(r, i, 3),
+				  false);
 	PQclear(r);
 	if (n) {
 		char count[16];
@@ -965,7 +1064,14 @@ bool xa_muc_reflect(struct xcomp *xc, const char *stanza_text, const char *room,
 		xmpp_stanza_set_from(m, from);
 		xmpp_stanza_set_to(m, json_string_value(json_array_get(o, 0)));
 		xa_muc_stanza_id(ctx, m, msg_id, room);
-		xa_enqueue_stanza(xc, m);
+		char *buf = NULL;
+		size_t len = 0;
+		if (xmpp_stanza_to_text(m, &buf, &len) == XMPP_EOK && buf &&
+		    xa_muc_route(xc, room, json_string_value(json_array_get(o, 0)), msg_id, buf, len) == XA_MUC_NOW)
+			xa_enqueue(xc, buf, len, NULL, true);
+		if (buf)
+			xmpp_free(ctx, buf);
+		xmpp_stanza_release(m);
 	}
 	json_decref(occ);
 	return true;

@@ -89,20 +89,16 @@ static const char *col(PGresult *r, int row, int c)
 	return PQgetisnull(r, row, c) ? NULL : PQgetvalue(r, row, c);
 }
 
-/* Appends the stanza's text to *text (malloc'd; *len its length). */
-static bool append_text(xmpp_ctx_t *ctx, xmpp_stanza_t *st, char **text, size_t *len)
+/* Appends buf (n bytes) to *text (malloc'd; *len its length). */
+static bool append_bytes(const char *buf, size_t n, char **text, size_t *len)
 {
-	char *buf = NULL;
-	size_t n = 0;
-	bool ok = xmpp_stanza_to_text(st, &buf, &n) == XMPP_EOK && buf;
-	char *grown = ok ? realloc(*text, *len + n + 1) : NULL;
+	char *grown = realloc(*text, *len + n + 1);
 	if (grown) {
-		memcpy(grown + *len, buf, n + 1);
+		memcpy(grown + *len, buf, n);
+		grown[*len + n] = '\0';
 		*text = grown;
 		*len += n;
 	}
-	if (buf)
-		xmpp_free(ctx, buf);
 	return grown != NULL;
 }
 
@@ -205,7 +201,15 @@ static bool build_group(struct xmpp *x, struct outbox_row *row, PGresult *r, int
 			break;
 		}
 		xa_muc_stanza_id(ctx, st, id, room);
-		ok = append_text(ctx, st, text, len);
+		char *one = NULL;
+		size_t n = 0;
+		ok = xmpp_stanza_to_text(st, &one, &n) == XMPP_EOK && one;
+		/* an occupant whose join is being looked at keeps it (or its
+		 * history had it) */
+		if (ok && xa_muc_route(*xc, room, info.to, id, one, n) == XA_MUC_NOW)
+			ok = append_bytes(one, n, text, len);
+		if (one)
+			xmpp_free(ctx, one);
 		xmpp_stanza_release(st);
 		if (!ok) {
 			cw_fail(e, CW_ENOMEM, "out of memory");

@@ -358,6 +358,44 @@ def test_a_group_is_a_room_of_the_component(xd, gk, alice, prosody, pg, db_url):
     alice.expect_no_message(lambda el: body(el) == "see you all", start=start)
 
 
+def test_a_join_while_the_groups_rows_are_on_their_way(xd, gk, alice, pg, db_url):
+    """alice joins on her invitation before the row that invited her is
+    recorded delivered (the database made slow at that step), and her join
+    is looked at while the next row goes: the first message comes in her
+    history, the next one after her join's answer, each once."""
+    a, _ = gk
+    consent_alice(xd)
+    gid = a.create_room([a.user("wally"), ALICE], kind="group", name="Slow").json()["id"]
+    pg.psql("CREATE TABLE test_pause (what text); "
+            "CREATE FUNCTION test_slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            " IF TG_TABLE_NAME = 'outbox' THEN PERFORM pg_sleep(1.5); "
+            " ELSIF EXISTS (SELECT 1 FROM test_pause) THEN PERFORM pg_sleep(2); END IF; RETURN NEW; END $$; "
+            "CREATE TRIGGER test_slow_record BEFORE UPDATE ON outbox FOR EACH ROW WHEN (OLD.state = 'in_flight' "
+            " AND NEW.state = 'delivered' AND NEW.destination = 'xmpp') EXECUTE FUNCTION test_slow(); "
+            "CREATE TRIGGER test_slow_join BEFORE INSERT ON room_bindings FOR EACH ROW "
+            " WHEN (NEW.network = 'xmpp' AND NEW.remote_identity_id IS NULL) EXECUTE FUNCTION test_slow()", db_url)
+    one = a.send(gid, a.user("wally"), "one").json()["id"]
+    invite = alice.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None)
+    room = invite.get("from")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM room_bindings WHERE network = 'xmpp' "
+                               "AND remote_identity_id IS NULL", db_url) == "1", what="alice's binding")
+    pg.psql("INSERT INTO test_pause VALUES ('join')", db_url)  # from now on a join takes 2 s
+    assert pg.psql(f"SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id WHERE e.public_id = '{one}'",
+                   db_url) == "in_flight"
+    two = a.send(gid, a.user("wally"), "two").json()["id"]
+    start = alice.count()
+    alice.send_presence(to=room + "/alice", payload=f"<x xmlns='{MUC}'><history maxstanzas='10'/></x>")
+    message_from(alice, room, lambda el: body(el) == "two", timeout=15)
+    time.sleep(0.5)
+    got = [el for el in alice.stanzas()[start:] if el.get("from", "").startswith(room)]
+    kinds = [el.get("from").split("/", 1)[1] if el.tag.endswith("presence") else
+             "subject" if el.find("{jabber:client}subject") is not None else body(el) for el in got]
+    assert kinds == ["wally", "alice", "one", "subject", "two"], kinds
+    history, live = got[2], got[4]
+    assert history.find("{urn:xmpp:delay}delay") is not None and live.find("{urn:xmpp:delay}delay") is None
+    assert [el.find("{urn:xmpp:sid:0}stanza-id").get("id") for el in (history, live)] == [one, two]
+
+
 def test_two_local_members_of_a_group_read_each_other(xd, gk, alice, prosody, pg, db_url):
     """Two users of this server in one group: each has their own view of
     the room (the policy decides per user), and what one writes reaches
