@@ -521,10 +521,9 @@ static bool bot_wants(const struct txn *t, json_t *ev)
 	if (strcmp(type, "m.room.member") == 0) {
 		const char *key = json_string_value(json_object_get(ev, "state_key"));
 		const char *ms = json_string_value(json_object_get(json_object_get(ev, "content"), "membership"));
-		const char *prefix = t->app->cfg->mx_user_prefix;
 		if (!key)
 			return false;
-		bool ghost = key[0] == '@' && strncmp(key + 1, prefix, strlen(prefix)) == 0;
+		bool ghost = mx_in_ghost_namespace(t->app->cfg->mx_user_prefix, key);
 		/* A user leaving a bridged room (or removed from it): the bot
 		 * unbinds it (mx_bot.c, left). */
 		if (!ghost && strcmp(key, t->m->bot) != 0 && ms && (strcmp(ms, "leave") == 0 || strcmp(ms, "ban") == 0)) {

@@ -662,10 +662,9 @@ static bool inbox(struct matrix *m, PGconn *c)
 		if (type && room && sender && key && strcmp(type, "m.room.member") == 0 &&
 		    json_is_string(json_object_get(content, "membership")) &&
 		    strcmp(json_string_value(json_object_get(content, "membership")), "invite") == 0) {
-			const char *prefix = m->cfg->mx_user_prefix;
 			if (strcmp(key, m->bot) == 0)
 				invited(m, c, room, sender);
-			else if (key[0] == '@' && strncmp(key + 1, prefix, strlen(prefix)) == 0)
+			else if (mx_in_ghost_namespace(m->cfg->mx_user_prefix, key))
 				ghost_invited(m, c, room, sender, key);
 			else
 				local_invited(m, c, room, sender, key);

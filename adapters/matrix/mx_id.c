@@ -425,3 +425,8 @@ bool mx_ghost_parse(const char *prefix, const char *server, const char *user_id,
 		return false;
 	return copy_out(network, nlen, net, nn) && copy_out(remote_local, rlen, rem, rn);
 }
+
+bool mx_in_ghost_namespace(const char *prefix, const char *user_id)
+{
+	return user_id && user_id[0] == '@' && strncmp(user_id + 1, prefix, strlen(prefix)) == 0;
+}

@@ -962,6 +962,13 @@ bool xa_muc_iq(struct xcomp *xc, xmpp_stanza_t *st, const char *ns, bool get)
 		leave_request(xc, st, room, strcmp(ns, NS_COMMANDS) == 0);
 		return true;
 	}
+	if (ns && get && strcmp(ns, NS_MUC_ADMIN) == 0) {
+		/* An affiliation list is an admin's (XEP-0045 §9.5.1, §9.8):
+		 * nobody here is one; every member is an occupant (their
+		 * presences are the list). */
+		xa_send_now(xc, xa_error_reply(st, "auth", "forbidden", NULL));
+		return true;
+	}
 	if (ns && strcmp(ns, NS_MUC_OWNER) == 0) {
 		/* A new room's configuration (XEP-0045 §10.1.2): there is
 		 * nothing to configure; an instant room is accepted as it is. */

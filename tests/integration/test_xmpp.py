@@ -506,6 +506,9 @@ def test_an_xmpp_user_leaves_a_group(xd, gk, alice, prosody, pg, db_url):
                        expect_error=True)
         assert err.error_condition == "forbidden"
         assert alice.iq("set", room, f"<query xmlns='{admin}'/>", expect_error=True).error_condition == "bad-request"
+        # The member list is an admin's (XEP-0045 §9.5.1); the members are all occupants.
+        err = alice.iq("get", room, f"<query xmlns='{admin}'><item affiliation='member'/></query>", expect_error=True)
+        assert err.error_condition == "forbidden"
         # The command: a form saying what leaving means, then done.
         form = alice.iq("set", room, f"<command xmlns='{cmd}' node='leave' action='execute'/>")
         c = form.find(q(cmd, "command"))
