@@ -283,9 +283,10 @@ static cw_err in_send(PGconn *c, void *arg, int round, cw_errmsg *e)
 		/* The stanza's ids (what later stanzas refer to), and whether the
 		 * policy dropped the event for every recipient: then the sender
 		 * learns that it was not delivered, not why.  A user who leaves
-		 * a group is no longer its member, whoever heard of it. */
+		 * a group is no longer its member, whoever heard of it (but not
+		 * when the event was refused: a limit, the database away). */
 		const char *params[] = { in->base, in->room_id, in->sid, in->oid, in->record_ids ? "t" : "f",
-					 in->leave ? "t" : "f", in->uri };
+					 in->leave && !in->err_cond ? "t" : "f", in->uri };
 		return PQsendQueryParams(c,
 			"WITH ins AS (INSERT INTO event_native_ids (event_id, network, kind, native_id) "
 			" SELECT e.id, 'xmpp', k.kind, $2 || '/' || k.nid FROM events e, "

@@ -365,7 +365,8 @@ static cw_err join_fn(PGconn *c, void *arg, cw_errmsg *e)
 	char max[16];
 	snprintf(max, sizeof(max), "%d", j->max);
 	const char *domain = j->xc->x->cfg->domain ? j->xc->x->cfg->domain : "";
-	const char *params[] = { j->public_id, j->uri, j->xc->peer, j->native, j->user, max, j->since, domain, j->local };
+	const char *params[] = { j->public_id, j->uri, j->xc->peer, j->native, j->user, max, j->since, domain, j->local,
+				 j->xc->domain };
 	PGresult *r = PQexecParams(c,
 		/* a room nobody has is made, hosted here, the user its first member */
 		"WITH ex AS (SELECT id, kind FROM rooms WHERE public_id = $1), "
@@ -377,12 +378,16 @@ static cw_err join_fn(PGconn *c, void *arg, cw_errmsg *e)
 		"  WHERE NOT EXISTS (SELECT 1 FROM u0) AND EXISTS (SELECT 1 FROM nr) ON CONFLICT DO NOTHING RETURNING id), "
 		"u AS (SELECT id FROM u0 UNION ALL SELECT id FROM u1), "
 		"nm AS (INSERT INTO room_members (room_id, identity_id, membership) SELECT nr.id, u.id, 'joined' FROM nr, u), "
-		/* else a member, of a group of this component's peer or hosted here */
+		/* else a member, of a group of this component's peer, or of one
+		 * made here, on this component (the room JID its members have it
+		 * under: xmpp_out.c delivers there) */
 		"ok AS (SELECT r.id AS room, u.id AS me FROM r, u WHERE r.id IN (SELECT id FROM nr) OR (EXISTS (SELECT 1 "
 		"  FROM room_members x WHERE x.room_id = r.id AND x.identity_id = u.id AND x.membership = 'joined') "
-		"  AND (EXISTS (SELECT 1 FROM room_members x JOIN identities i ON i.id = x.identity_id "
-		"  JOIN peers p ON p.id = i.peer_id WHERE x.room_id = r.id AND p.name = $3) OR EXISTS (SELECT 1 FROM rooms x "
-		"  WHERE x.id = r.id AND x.hub_domain = $8 AND x.created_by_peer_id IS NULL)))), "
+		"  AND (EXISTS (SELECT 1 FROM rooms x JOIN peers p ON p.id = x.created_by_peer_id WHERE x.id = r.id "
+		"  AND p.name = $3) OR (EXISTS (SELECT 1 FROM rooms x WHERE x.id = r.id AND x.hub_domain = $8 "
+		"  AND x.created_by_peer_id IS NULL) AND NOT EXISTS (SELECT 1 FROM room_bindings b WHERE b.room_id = r.id "
+		"  AND b.network = 'xmpp' AND b.remote_identity_id IS NULL AND b.native_id NOT LIKE 'h:%' "
+		"  AND split_part(split_part(b.native_id, ' ', 2), '@', 2) <> $10))))), "
 		"b AS (INSERT INTO room_bindings (room_id, network, native_id, local_identity_id) "
 		"  SELECT room, 'xmpp', $4, me FROM ok ON CONFLICT DO NOTHING), "
 		"ib AS (INSERT INTO identity_bindings (identity_id, network, native_id) SELECT me, 'xmpp', $5 FROM ok "
@@ -404,7 +409,7 @@ static cw_err join_fn(PGconn *c, void *arg, cw_errmsg *e)
 		"  AND i.id <> ok.me "
 		"UNION ALL SELECT 'h', h.localpart, h.ev::text, h.ts::text || ' ' || h.public_id, h.going::text FROM (SELECT * FROM h "
 		"  ORDER BY id) AS h",
-		9, NULL, params, NULL, NULL, 0);
+		10, NULL, params, NULL, NULL, 0);
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 	if (rc)
 		return rc;
@@ -946,13 +951,17 @@ bool xa_muc_iq(struct xcomp *xc, xmpp_stanza_t *st, const char *ns, bool get)
 		/* XEP-0410: a client asks whether it is still in: only its own
 		 * nick, from its own resource, is. */
 		char have[NICK_MAX + 1];
-		if (occupant_get(xc, room, from, have, sizeof(have)) && strcmp(have, nick) == 0) {
+		bool in = occupant_get(xc, room, from, have, sizeof(have));
+		if (in && strcmp(have, nick) == 0) {
 			xmpp_stanza_t *r = xa_iq_result(st);
 			if (r)
 				xmpp_stanza_set_from(r, to);
 			xa_send_now(xc, r);
 		} else {
-			xa_send_now(xc, xa_error_reply(st, "cancel", "not-acceptable", NULL));
+			/* an occupant pinging another's nick is not told it is out
+			 * (XEP-0410 §3.1 reads not-acceptable so): iqs to the
+			 * members are not carried */
+			xa_send_now(xc, xa_error_reply(st, "cancel", in ? "service-unavailable" : "not-acceptable", NULL));
 		}
 		return true;
 	}
@@ -1138,7 +1147,10 @@ void xa_muc_members(struct xcomp *xc, PGconn *c)
 	PQclear(r);
 	/* A room not told before (its occupants taken over from the last
 	 * holder of the stream): as it is now, nothing to announce, but an
-	 * occupant whose user left the group meanwhile is out. */
+	 * occupant whose user left the group meanwhile is out.  An occupant
+	 * whose join is being looked at is the join's to answer (the room
+	 * may not even be stored yet: the join makes it); a room with only
+	 * such occupants is told by the join (announce_first). */
 	json_t *out = json_array();
 	pthread_mutex_lock(&xc->mu);
 	if (!xc->muc_members)
@@ -1146,11 +1158,18 @@ void xa_muc_members(struct xcomp *xc, PGconn *c)
 	json_object_foreach(xc->muc, room, v) {
 		if (!xc->muc_members || json_object_get(xc->muc_members, room))
 			continue;
-		json_t *set = json_object_get(now, room);
-		json_object_set_new(xc->muc_members, room, set ? json_incref(set) : json_object());
 		const char *full;
 		json_t *o;
+		bool settled = false;
+		json_object_foreach(v, full, o)
+			settled = settled || !json_is_true(json_object_get(o, "joining"));
+		if (!settled)
+			continue;
+		json_t *set = json_object_get(now, room);
+		json_object_set_new(xc->muc_members, room, set ? json_incref(set) : json_object());
 		json_object_foreach(v, full, o) {
+			if (json_is_true(json_object_get(o, "joining")))
+				continue;
 			const char *user = json_string_value(json_object_get(o, "user"));
 			char local[XJ_JID_MAX + 1];
 			snprintf(local, sizeof(local), "%.*s", (int)strcspn(user, "@"), user);
@@ -1176,8 +1195,9 @@ void xa_muc_members(struct xcomp *xc, PGconn *c)
 		const char *full;
 		json_t *o;
 		json_object_foreach(xc->muc ? json_object_get(xc->muc, room) : NULL, full, o)
-			json_array_append_new(occ, json_pack("[s, O, O]", full, json_object_get(o, "nick"),
-							     json_object_get(o, "user")));
+			if (!json_is_true(json_object_get(o, "joining"))) /* the join's answer tells it */
+				json_array_append_new(occ, json_pack("[s, O, O]", full, json_object_get(o, "nick"),
+								     json_object_get(o, "user")));
 		if (xc->muc_members && json_object_get(xc->muc_members, room))
 			json_object_set_new(xc->muc_members, room, after ? json_incref(after) : json_object());
 		pthread_mutex_unlock(&xc->mu);
@@ -1192,21 +1212,24 @@ void xa_muc_members(struct xcomp *xc, PGconn *c)
 			const char *to = json_string_value(json_array_get(oc, 0));
 			const char *user = json_string_value(json_array_get(oc, 2));
 			size_t ul = strcspn(user, "@");
+			bool gone = false;
+			json_object_foreach(before, who, x) {
+				bool self = strlen(who) == ul && strncmp(who, user, ul) == 0;
+				if (self && who[0] != '#' && !(after && json_object_get(after, who)))
+					gone = true;
+			}
+			if (gone) { /* the user is no longer a member: out of the room, and told nothing more */
+				xa_send_now(xc, occupant_gone(xc->ctx, room, json_string_value(json_array_get(oc, 1)), to,
+							      true, "321"));
+				occupant_del(xc, room, to);
+				continue;
+			}
 			if (renamed) /* the group was renamed: its subject says so */
 				subject_now(xc, room, name1, to);
 			json_object_foreach(before, who, x) {
-				if (who[0] == '#')
+				if (who[0] == '#' || (after && json_object_get(after, who)))
 					continue;
-				bool self = strlen(who) == ul && strncmp(who, user, ul) == 0;
-				if (after && json_object_get(after, who))
-					continue;
-				if (self) { /* the user is no longer a member: out of the room */
-					xa_send_now(xc, occupant_gone(xc->ctx, room, json_string_value(json_array_get(oc, 1)),
-								      to, true, "321"));
-					occupant_del(xc, room, to);
-				} else {
-					xa_send_now(xc, occupant_gone(xc->ctx, room, who, to, false, "321"));
-				}
+				xa_send_now(xc, occupant_gone(xc->ctx, room, who, to, false, "321"));
 			}
 			json_object_foreach(after, who, x) {
 				if (who[0] == '#')

@@ -62,7 +62,12 @@ static const char batch_sql[] =
 	 * the target and the message reacted to, whether the user was invited */
 	"  rm.public_id, (SELECT name FROM peers WHERE id = rm.created_by_peer_id), tg.public_id, rt.public_id, "
 	"  rm.kind = 'group' AND EXISTS (SELECT 1 FROM room_bindings b WHERE b.network = 'xmpp' "
-	"   AND b.room_id = r.room_id AND b.local_identity_id = r.t_id AND b.remote_identity_id IS NULL) "
+	"   AND b.room_id = r.room_id AND b.local_identity_id = r.t_id AND b.remote_identity_id IS NULL), "
+	/* 27: a group made here: the room JID its first member has it under
+	 * (the component it was made on) */
+	"  CASE WHEN rm.kind = 'group' AND rm.created_by_peer_id IS NULL THEN (SELECT split_part(b.native_id, ' ', 2) "
+	"   FROM room_bindings b WHERE b.network = 'xmpp' AND b.room_id = r.room_id AND b.remote_identity_id IS NULL "
+	"   AND b.native_id NOT LIKE 'h:%' ORDER BY b.id LIMIT 1) END "
 	"FROM r JOIN rooms rm ON rm.id = r.room_id LEFT JOIN events tg ON tg.id = r.tg_id "
 	"LEFT JOIN events rt ON rt.id = r.rt_id ORDER BY r.i";
 
@@ -102,11 +107,12 @@ static bool append_bytes(const char *buf, size_t n, char **text, size_t *len)
 	return grown != NULL;
 }
 
-/* The component that stands for peer, and the local user's JID. */
-static bool comp_and_user(struct xmpp *x, PGresult *r, int k, const char *peer, struct xcomp **xc, char *jid,
-			  size_t len, cw_errmsg *e)
+/* The component on (or, when NULL, the one that stands for peer), and
+ * the local user's JID. */
+static bool comp_and_user(struct xmpp *x, PGresult *r, int k, struct xcomp *on, const char *peer, struct xcomp **xc,
+			  char *jid, size_t len, cw_errmsg *e)
 {
-	*xc = peer ? xa_comp_by_peer(x, peer) : NULL;
+	*xc = on ? on : peer ? xa_comp_by_peer(x, peer) : NULL;
 	if (!*xc) {
 		cw_fail(e, CW_EINVAL, "no XMPP component stands for the peer %s (xmpp.components)", peer ? peer : "");
 		return false;
@@ -132,7 +138,15 @@ static bool build_group(struct xmpp *x, struct outbox_row *row, PGresult *r, int
 		cw_fail(e, CW_EINVAL, "only local users get a group's events on XMPP");
 		return false;
 	}
-	if (!comp_and_user(x, r, k, col(r, k, 23) ? col(r, k, 23) : col(r, k, 4), xc, local_jid, sizeof(local_jid), e))
+	/* The room's component: the peer's that made the group; for a group
+	 * made here, the one it was made on, else the sender's peer's (or the
+	 * only one). */
+	const char *made_on = col(r, k, 27) ? strchr(col(r, k, 27), '@') : NULL;
+	struct xcomp *on = made_on ? xa_comp_by_domain(x, made_on + 1) : NULL;
+	if (!col(r, k, 23) && !on && !col(r, k, 4) && x->ncomp == 1)
+		on = &x->comp[0];
+	if (!comp_and_user(x, r, k, on, col(r, k, 23) ? col(r, k, 23) : col(r, k, 4), xc, local_jid, sizeof(local_jid),
+			   e))
 		return false;
 	if (!xa_muc_room_jid(*xc, PQgetvalue(r, k, 22), room, sizeof(room))) {
 		cw_fail(e, CW_EINVAL, "the group has no room JID");
@@ -239,7 +253,7 @@ static bool build(struct xmpp *x, struct outbox_row *row, PGresult *r, int k, st
 		return false;
 	}
 	char local_jid[XJ_JID_MAX + 1], remote_jid[XJ_JID_MAX + 1];
-	if (!comp_and_user(x, r, k, col(r, k, 4), xc, local_jid, sizeof(local_jid), e))
+	if (!comp_and_user(x, r, k, NULL, col(r, k, 4), xc, local_jid, sizeof(local_jid), e))
 		return false;
 	if (!xa_remote_jid(*xc, col(r, k, 3), remote_jid, sizeof(remote_jid))) {
 		cw_fail(e, CW_EINVAL, "the remote user's id has no JID");
@@ -324,9 +338,10 @@ cw_err xa_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_r
 	int nr = PQntuples(r), k = 0;
 	uint64_t *seqs = calloc(n, sizeof(*seqs));
 	struct xcomp **comps = calloc(n, sizeof(*comps));
+	size_t *binds = calloc(n, sizeof(*binds)); /* the bindings made by rows 0..i */
 	json_t *bind = json_array();
 	size_t built = 0;
-	if (!seqs || !comps || !bind) {
+	if (!seqs || !comps || !binds || !bind) {
 		rc = cw_fail(e, CW_ENOMEM, "out of memory");
 		goto out;
 	}
@@ -340,7 +355,9 @@ cw_err xa_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_r
 		char *st = NULL;
 		size_t len = 0;
 		struct xcomp *xc = NULL;
-		if (!build(x, &rows[i], r, k, &xc, &st, &len, bind, e)) {
+		bool made = build(x, &rows[i], r, k, &xc, &st, &len, bind, e);
+		binds[i] = json_array_size(bind);
+		if (!made) {
 			rc = CW_EINVAL;
 			break;
 		}
@@ -374,6 +391,10 @@ cw_err xa_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_r
 		}
 		(*done)++;
 	}
+	/* Only what was written binds: an invitation that did not go out is
+	 * made again with the row's next attempt. */
+	while (json_array_size(bind) > (*done ? binds[*done - 1] : 0))
+		json_array_remove(bind, json_array_size(bind) - 1);
 	if (json_array_size(bind)) {
 		char *b = json_dumps(bind, JSON_COMPACT);
 		/* Bound to a direct room of the two: the row's, or (a group's
@@ -399,6 +420,7 @@ out:
 	PQclear(r);
 	free(seqs);
 	free(comps);
+	free(binds);
 	json_decref(bind);
 	if (!rc && *done < n)
 		rc = cw_fail(e, CW_EIO, "not delivered");

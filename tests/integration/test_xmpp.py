@@ -425,18 +425,25 @@ def test_two_local_members_of_a_group_read_each_other(xd, gk, alice, prosody, pg
         bob.disconnect()
 
 
-def test_an_xmpp_user_makes_a_group(xd, gk, alice, pg, db_url):
+def test_an_xmpp_user_makes_a_group(xd, gk, alice, prosody, pg, db_url):
     """Joining a room nobody has makes a group hosted here (XEP-0045 room
-    creation, an instant room); invitations from its member add remote
-    users of the component; what they write to each other crosses. An
+    creation, an instant room), even while the database is slow to store
+    it (the stream's holder looks at its rooms every second meanwhile);
+    invitations from its member add remote users of the component and
+    other users of this server; what they write to each other crosses. An
     invitation into a peer's group is not the user's to make."""
     a, srv = gk
     room = "#lunch@" + COMP
+    pg.psql("CREATE FUNCTION test_slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(2.5); "
+            "RETURN NEW; END $$; CREATE TRIGGER test_slow_room BEFORE INSERT ON rooms FOR EACH ROW "
+            "EXECUTE FUNCTION test_slow()", db_url)
     start = alice.count()
     alice.send_presence(to=room + "/alice", payload=f"<x xmlns='{MUC}'/>")
     me = alice.wait_for_presence(lambda el: el.get("from") == room + "/alice", start=start)
     assert sorted(c.get("code") for c in me.iter(q(MUC_USER, "status"))) == ["110", "201"], me.xml
     alice.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+    pg.psql("DROP TRIGGER test_slow_room ON rooms", db_url)
+    assert alice.ping(room + "/alice")  # in, not put out while the room was being made
     alice.iq("set", room, "<query xmlns='http://jabber.org/protocol/muc#owner'>"
                           "<x xmlns='jabber:x:data' type='submit'/></query>")
     alice.send_raw(f"<message to='{room}'><x xmlns='{MUC_USER}'><invite to='{WALLY_JID}'/>"
@@ -455,6 +462,26 @@ def test_an_xmpp_user_makes_a_group(xd, gk, alice, pg, db_url):
     assert a.send("r_lunch", a.user("wally"), "yes!").status_code == 202
     m = message_from(alice, room, lambda el: body(el) == "yes!")
     assert m.get("from") == room + "/wally" and m.get("type") == "groupchat"
+    # Another user of this server, invited: what alice writes reaches him
+    # (from a local member to a local member, through the room's component).
+    bob = prosody.client("bob", "pw-bob")
+    try:
+        alice.send_raw(f"<message to='{room}'><x xmlns='{MUC_USER}'><invite to='bob@{HOST}'/></x></message>")
+        wait_until(lambda: pg.psql("SELECT count(*) FROM room_members m JOIN identities i ON i.id = m.identity_id "
+                                   "JOIN rooms r ON r.id = m.room_id WHERE r.public_id = 'r_lunch' "
+                                   "AND i.localpart = 'bob'", db_url) == "1", what="bob a member")
+        alice.send_message(room, "bob, you too?", mtype="groupchat", id="l2")
+        inv = bob.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None)
+        assert inv.get("from") == room
+        start = bob.count()
+        bob.send_presence(to=room + "/bob", payload=f"<x xmlns='{MUC}'/>")
+        bob.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+        history = [el for el in bob.stanzas()[start:] if el.tag == "{jabber:client}message" and body(el)]
+        assert [(el.get("from"), body(el)) for el in history][-1] == (room + "/alice", "bob, you too?")
+        alice.send_message(room, "great", mtype="groupchat", id="l3")
+        assert message_from(bob, room, lambda el: body(el) == "great").get("from") == room + "/alice"
+    finally:
+        bob.disconnect()
     # A peer's group takes members from the peer only.
     consent_alice(xd)
     gid = a.create_room([a.user("wally"), a.user("zoe"), ALICE], kind="group").json()["id"]
@@ -877,11 +904,17 @@ def test_prosody_restart_mid_stream(xd, gk, prosody, pg, db_url):
     alice.disconnect()
     prosody.stop()
     wait_until(lambda: component_state(xd)["state"] != "up", what="the stream to break")
+    # A group's first message while down: its invitation is not taken as
+    # sent (the room's binding waits for it to go out).
+    gid = a.create_room([a.user("wally"), a.user("zoe"), ALICE], kind="group").json()["id"]
+    first = a.send(gid, a.user("wally"), "a group while down").json()["id"]
+    wait_until(lambda: pg.psql(f"SELECT o.attempts > 0 FROM outbox o JOIN events e ON e.id = o.event_id "
+                               f"WHERE e.public_id = '{first}'", db_url) == "t", what="an attempt while down")
     ids = [a.send(room, a.user("wally"), f"while down {i}").json()["id"] for i in range(5)]
     prosody.start()
     wait_until(lambda: component_state(xd)["state"] == "up", timeout=30, what="the reconnect")
     wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE destination = 'xmpp' AND state = 'delivered'",
-                               db_url) == "6", timeout=30, what="the queued rows")
+                               db_url) == "7", timeout=30, what="the queued rows")
     alice = XmppClient(ALICE_JID, "pw-alice", port=prosody.c2s_port)
     alice.connect()  # offline storage hands them over, in order
     got = []
@@ -891,6 +924,7 @@ def test_prosody_restart_mid_stream(xd, gk, prosody, pg, db_url):
     time.sleep(0.5)
     got = [m for m in alice.messages() if body(m) and body(m).startswith("while down")]
     assert [m.get("id") for m in got] == ids  # in order, none doubled
+    alice.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None)  # the group's invitation
     alice.disconnect()
 
 
