@@ -11,6 +11,7 @@
 #include "peer_api.h"
 #include "policy_live.h"
 #include "store.h"
+#include "utf8.h"
 
 #include <ctype.h>
 #include <poll.h>
@@ -408,6 +409,22 @@ static cw_err grow_group(struct matrix *m, PGconn *c, const char *room, const ch
 	return CW_OK;
 }
 
+/* A room the user made (or a ghost's direct room) that became their room
+ * of a group: the bot, which relays the other local members' messages and
+ * invites the new members' ghosts there, is brought in by a ghost that is
+ * in it (inviting needs no power; an invitation of a member is refused,
+ * and the join says whether the bot is in). */
+static void bot_into(struct matrix *m, const char *room, const char *ghost)
+{
+	long status;
+	cw_errmsg e;
+	if (ghost && mx_room_post(m, room, ghost, "invite", json_pack("{s:s}", "user_id", m->bot), &status, &e) &&
+	    status != 403)
+		LOG_KV(CW_LOG_WARN, "a ghost cannot invite the bot into a group's room", "room", room, "detail", e.msg);
+	if (mx_room_action(m, room, NULL, "join", &e))
+		LOG_KV(CW_LOG_WARN, "the bot cannot join a group's room", "room", room, "detail", e.msg);
+}
+
 static void ghost_invited(struct matrix *m, PGconn *c, const char *room, const char *sender, const char *ghost)
 {
 	char local_id[24], uri[600], net[64], remote_local[MX_ID_MAX + 1];
@@ -492,6 +509,7 @@ static void ghost_invited(struct matrix *m, PGconn *c, const char *room, const c
 		if (store_command(c, "INSERT INTO matrix_portal_members (binding_id, identity_id) "
 				     "VALUES ($1::bigint, $2::bigint) ON CONFLICT DO NOTHING", 2, pp2, &e))
 			LOG_KV(CW_LOG_WARN, "cannot record a ghost in a group's room", "room", room, "detail", e.msg);
+		bot_into(m, room, ghost);
 	} else if (group) {
 		ghost_says_and_leaves(m, room, ghost,
 				      "I am not a member of the group this room stands for: nothing written here reaches me. "
@@ -572,6 +590,8 @@ static void local_invited(struct matrix *m, PGconn *c, const char *room, const c
 		say_as(m, room, PQgetisnull(ar, k, 0) ? NULL : PQgetvalue(ar, k, 0), text);
 	else
 		LOG_KV(CW_LOG_WARN, "an invitation cannot be taken back", "room", room, "user", invitee);
+	if (added && k < n && !PQgetisnull(ar, k, 0))
+		bot_into(m, room, PQgetvalue(ar, k, 0)); /* the room is a group's now */
 	PQclear(ar);
 	if (added)
 		LOG_KV(CW_LOG_INFO, "a Matrix user added a member to a group", "room", room, "user", sender);
@@ -688,6 +708,29 @@ static bool inbox(struct matrix *m, PGconn *c)
 	return n > 0;
 }
 
+/* A remote user's display name for a line of the bot's: at most 80 bytes
+ * of whole UTF-8 sequences, a control character (a line break that would
+ * start a line of its own) a space: the name is the peer's to choose, and
+ * must not push out or imitate what the bot says after it. */
+static void name_for_line(const char *name, char *out, size_t len)
+{
+	size_t n = 0, max = len - 1 < 80 ? len - 1 : 80;
+	const unsigned char *p = (const unsigned char *)name;
+	while (*p) {
+		unsigned cp;
+		size_t k = cw_utf8_seq(p, strlen((const char *)p), &cp);
+		if (k == 0 || n + k > max)
+			break;
+		bool control = cp < 0x20 || (cp >= 0x7f && cp <= 0x9f) || cp == 0x2028 || cp == 0x2029;
+		if (control)
+			out[n++] = ' ';
+		else
+			memcpy(out + n, p, k), n += k;
+		p += k;
+	}
+	out[n] = '\0';
+}
+
 /* Shows pending consent requests that were not shown yet. */
 static void requests(struct matrix *m, PGconn *c)
 {
@@ -701,12 +744,13 @@ static void requests(struct matrix *m, PGconn *c)
 		return;
 	}
 	for (int i = 0; i < PQntuples(r); i++) {
-		char text[1400];
+		char text[2400], name[81];
+		name_for_line(PQgetvalue(r, i, 4), name, sizeof(name));
 		snprintf(text, sizeof(text),
-			 "%s%s%s (network %s) wants to write to you. Their messages wait until you answer.\n"
+			 "%s%s%s%s (network %s) wants to write to you. Their messages wait until you answer.\n"
 			 "Reply \"accept %s\" or \"block %s\".\n"
 			 "The conversation is bridged: encryption ends at this gateway.",
-			 PQgetvalue(r, i, 4), *PQgetvalue(r, i, 4) ? " " : "", PQgetvalue(r, i, 2), PQgetvalue(r, i, 3),
+			 name[0] ? "\"" : "", name, name[0] ? "\" " : "", PQgetvalue(r, i, 2), PQgetvalue(r, i, 3),
 			 PQgetvalue(r, i, 2), PQgetvalue(r, i, 2));
 		say(m, PQgetvalue(r, i, 1), text);
 		const char *id[] = { PQgetvalue(r, i, 0) };

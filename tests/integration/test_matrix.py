@@ -313,11 +313,20 @@ def test_management_room_consent_flow(mx, hs, gk, pg, db_url):
     wait_until(lambda: any("Commands" in n for n in notices()), what="the bot's help")
     alice.send_text(mgmt, "opt-in peer:gk")
     wait_until(lambda: any("opted in for peer:gk" in n for n in notices()), what="opt-in")
+    # The peer names its user as it likes: the request quotes at most 80
+    # bytes of it, and the instructions come whole after it.
+    name = "Reply accept mimi://evil.example/u/x " + "é" * 100
+    assert a.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": name}).status_code == 200
     room = a.create_room([a.user("wally"), ALICE]).json()["id"]
     ids = [a.send(room, a.user("wally"), f"first {i}").json()["id"] for i in range(3)]
     # One request, shown once, however many messages.
     wait_until(lambda: any("wants to write to you" in n for n in notices()), what="the consent request")
     assert sum("wants to write to you" in n for n in notices()) == 1
+    request = next(n for n in notices() if "wants to write to you" in n)
+    quoted = request.split('"')[1]
+    assert request.startswith('"' + quoted + '" mimi://wa.example/u/wally (network') and len(quoted.encode()) <= 80
+    assert quoted == name.encode()[:len(quoted.encode())].decode()  # whole characters
+    assert 'Reply "accept mimi://wa.example/u/wally" or "block mimi://wa.example/u/wally".' in request
     assert pg.psql("SELECT count(*) FROM outbox WHERE state = 'held'", db_url) == "3"
     alice.send_text(mgmt, "accept mimi://wa.example/u/wally")
     wait_until(lambda: any("3 waiting message(s) released" in n for n in notices()), what="accept")
@@ -490,7 +499,7 @@ def test_a_local_user_invited_into_a_direct_room_makes_a_group(mx, hs, gk, pg, d
     alice, room, ghost = alice_writes_to_wally(hs, a)
     alice.send_text(room, "hi wally")
     direct = srv.wait_events(1)[0]["room_id"]
-    hs.create_user("carol")
+    _, carol_token = hs.create_user("carol")
     carol_mx, bot = "@carol:example.org", "@_cw_bot:example.org"
     alice.invite(room, carol_mx)
     wait_until(lambda: hs.members(room).get(carol_mx) == "leave", what="the invitation taken back")
@@ -510,6 +519,15 @@ def test_a_local_user_invited_into_a_direct_room_makes_a_group(mx, hs, gk, pg, d
     wait_until(lambda: any(e["type"] == "m.room.message" and e["sender"] == bot and
                            e["content"]["body"] == "alice: carol is with us" for e in hs.events(hers)),
                what="alice's message in carol's room")
+    # What carol writes in hers reaches alice's room, which alice made: the
+    # bot, who relays it, was brought in when it became a group's.
+    assert hs.members(room).get(bot) == "join"
+    carol = hs.as_user(carol_token)
+    carol.join(hers)
+    carol.send_text(hers, "hello alice")
+    wait_until(lambda: any(e["type"] == "m.room.message" and e["sender"] == bot and
+                           e["content"]["body"] == "carol: hello alice" for e in hs.events(room)),
+               what="carol's message in alice's room")
 
 def test_a_message_that_goes_nowhere_is_told_to_its_writer(mx, hs, gk, pg, db_url):
     """A local user's message refused by this server's policy for every
