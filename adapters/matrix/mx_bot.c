@@ -425,6 +425,38 @@ static void bot_into(struct matrix *m, const char *room, const char *ghost)
 		LOG_KV(CW_LOG_WARN, "the bot cannot join a group's room", "room", room, "detail", e.msg);
 }
 
+/* Whether room (which ghost is in) holds, joined or invited, someone other
+ * than user, the bot and ghosts: true too when the homeserver does not
+ * say (a room is bridged only when it is known to be one user's). */
+static bool others_in(struct matrix *m, const char *room, const char *ghost, const char *user)
+{
+	char path[700], *rs = curl_easy_escape(NULL, room, 0);
+	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/members", rs ? rs : "");
+	curl_free(rs);
+	long status;
+	json_t *answer = NULL;
+	cw_errmsg e;
+	if (mx_call(m, "GET", path, ghost, "not_membership=leave", NULL, &status, &answer, &e)) {
+		LOG_KV(CW_LOG_WARN, "cannot read a room's members", "room", room, "detail", e.msg);
+		json_decref(answer);
+		return true;
+	}
+	bool others = !json_is_array(json_object_get(answer, "chunk"));
+	size_t i;
+	json_t *ev;
+	json_array_foreach(json_object_get(answer, "chunk"), i, ev) {
+		const char *who = json_string_value(json_object_get(ev, "state_key"));
+		const char *ms = json_string_value(json_object_get(json_object_get(ev, "content"), "membership"));
+		if (!who || !ms || (strcmp(ms, "join") != 0 && strcmp(ms, "invite") != 0))
+			continue;
+		if (strcmp(who, user) != 0 && strcmp(who, m->bot) != 0 &&
+		    !mx_in_ghost_namespace(m->cfg->mx_user_prefix, who))
+			others = true;
+	}
+	json_decref(answer);
+	return others;
+}
+
 static void ghost_invited(struct matrix *m, PGconn *c, const char *room, const char *sender, const char *ghost)
 {
 	char local_id[24], uri[600], net[64], remote_local[MX_ID_MAX + 1];
@@ -449,6 +481,21 @@ static void ghost_invited(struct matrix *m, PGconn *c, const char *room, const c
 	cw_errmsg e;
 	if (mimi_uri_parse(remote_uri, &ru, &e) || ru.kind != MIMI_USER)
 		return;
+	/* The ghost joins first: who else is in the room decides whether it
+	 * is bridged at all (a room here is one user's view: what the policy
+	 * let through for them), and a room the ghost could not join is
+	 * bound to nothing. */
+	if (mx_room_action(m, room, ghost, "join", &e)) {
+		LOG_KV(CW_LOG_WARN, "the ghost cannot join", "room", room, "detail", e.msg);
+		return;
+	}
+	if (others_in(m, room, ghost, sender)) {
+		ghost_says_and_leaves(m, room, ghost,
+				      "Other people of this server are in this room, and a bridged room shows one person "
+				      "what reaches them: nothing written here reaches me. Open a direct room with me to "
+				      "write to me; a group is made by inviting more of us into it.");
+		return;
+	}
 	cw_err rc = store_exec(c, "BEGIN", &e);
 	if (!rc)
 		rc = identity_id(c, &ru, false, network, peer_id, remote_id, sizeof(remote_id), &e);
@@ -500,11 +547,11 @@ static void ghost_invited(struct matrix *m, PGconn *c, const char *room, const c
 	store_exec(c, rc ? "ROLLBACK" : "COMMIT", rc ? &e2 : &e);
 	if (rc) {
 		LOG_KV(CW_LOG_WARN, "cannot start a conversation from Matrix", "detail", e.msg);
+		ghost_says_and_leaves(m, room, ghost, "This conversation could not be started here; invite me again "
+						      "in a while.");
 		return;
 	}
-	if (mx_room_action(m, room, ghost, "join", &e)) {
-		LOG_KV(CW_LOG_WARN, "the ghost cannot join", "room", room, "detail", e.msg);
-	} else if (portal[0]) { /* a member of the group, into the user's room of it */
+	if (portal[0]) { /* a member of the group, into the user's room of it */
 		const char *pp2[] = { portal, remote_id };
 		if (store_command(c, "INSERT INTO matrix_portal_members (binding_id, identity_id) "
 				     "VALUES ($1::bigint, $2::bigint) ON CONFLICT DO NOTHING", 2, pp2, &e))

@@ -581,6 +581,7 @@ class Homeserver:
             ("POST", c3 + "/rooms/" + seg + "/receipt/" + seg + "/" + seg, self._h_receipt, "user"),
             ("PUT", c3 + "/rooms/" + seg + "/typing/" + seg, self._h_typing, "user"),
             ("GET", c3 + "/rooms/" + seg + "/joined_members", self._h_joined_members, "user"),
+            ("GET", c3 + "/rooms/" + seg + "/members", self._h_members, "user"),
             ("GET", c3 + "/rooms/" + seg + "/messages", self._h_messages, "user"),
             ("GET", c3 + "/rooms/" + seg + "/event/" + seg, self._h_get_event, "user"),
             ("GET", c3 + "/directory/room/" + seg, self._h_alias_get, None),
@@ -1063,6 +1064,26 @@ class Homeserver:
                 joined[user] = {k2: c[k1] for k1, k2 in (("displayname", "display_name"), ("avatar_url", "avatar_url"))
                                 if c.get(k1) is not None}
             return 200, {"joined": joined}
+
+    def _h_members(self, req, room_id):
+        """GET /rooms/{roomId}/members: the m.room.member events of the room's current state, filtered by
+        membership (only those) and not_membership (all but those); the caller must be in the room (the
+        spec lets a user who left read the list as it was when they left: not needed here). `at` is not
+        supported: refused rather than ignored."""
+        kinds = ("join", "invite", "knock", "leave", "ban")
+        want, not_want = req.query.get("membership", [None])[0], req.query.get("not_membership", [None])[0]
+        for name, v in (("membership", want), ("not_membership", not_want)):
+            if v is not None and v not in kinds:
+                raise MatrixError(400, "M_INVALID_PARAM", f"{name} must be one of {', '.join(kinds)}")
+        if "at" in req.query:
+            raise MatrixError(400, "M_UNRECOGNIZED", "at is not supported by this stand-in")
+        with self._lock:
+            room = self._room(room_id, status=403)
+            self._require_joined(room, req.user_id)
+            chunk = [self._for_client(ev) for (t, _), ev in room.state.items() if t == "m.room.member"
+                     and (want is None or ev["content"].get("membership") == want)
+                     and (not_want is None or ev["content"].get("membership") != not_want)]
+            return 200, {"chunk": chunk}
 
     def _h_joined_rooms(self, req):
         with self._lock:

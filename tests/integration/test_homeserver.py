@@ -624,10 +624,20 @@ def test_dm_profile_redaction_and_reads(world):
     _, carol = hs.create_user("carol")
     c = hs.as_user(carol)
     assert err(c.request("GET", f"{C3}/rooms/{room}/joined_members")) == (403, "M_FORBIDDEN")
+    assert err(c.request("GET", f"{C3}/rooms/{room}/members")) == (403, "M_FORBIDDEN")
     assert err(c.request("GET", f"{C3}/rooms/{room}/messages", query={"dir": "b"})) == (403, "M_FORBIDDEN")
     chunk = a.call("GET", f"{C3}/rooms/{room}/messages", query={"dir": "b", "limit": "2"})["chunk"]
     assert [e["type"] for e in chunk] == ["m.room.redaction", "m.reaction"]
     hs.wait_for(lambda: red in [e["event_id"] for e in app.events()])
+    # The member events, filtered as asked: carol invited, then the lists.
+    a.invite(room, "@carol:example.org")
+    members = lambda **q: sorted((e["state_key"], e["content"]["membership"]) for e in a.call(
+        "GET", f"{C3}/rooms/{room}/members", query=q)["chunk"])
+    assert members() == sorted([("@_cw_g:example.org", "join"), ("@carol:example.org", "invite"), (alice_id, "join")])
+    assert members(membership="invite") == [("@carol:example.org", "invite")]
+    assert members(not_membership="join") == [("@carol:example.org", "invite")]
+    assert err(a.request("GET", f"{C3}/rooms/{room}/members", query={"membership": "joined"})) == \
+        (400, "M_INVALID_PARAM")
 
 
 def test_stop_resume_and_reset_of_txn_ids(world):

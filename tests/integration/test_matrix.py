@@ -397,6 +397,28 @@ def test_a_conversation_started_from_matrix(mx, hs, gk, pg, db_url):
     assert pg.psql("SELECT count(*) FROM consent_requests", db_url) == "0"
 
 
+def test_a_ghost_invited_into_a_room_shared_with_others_leaves_it(mx, hs, gk, pg, db_url):
+    """alice invites wally's ghost into a room bob is in (or is invited
+    to): what reaches the room would be what alice's consent let through,
+    read by bob, who may have blocked wally. The ghost says why and leaves;
+    nothing is bound, and wally's next message opens a room of alice's own."""
+    a, srv = gk
+    a.create_room([a.user("wally"), "mimi://example.org/u/someone"])  # the peer introduced wally
+    _, alice_token = hs.create_user("alice")
+    _, bob_token = hs.create_user("bob")
+    alice, bob = hs.as_user(alice_token), hs.as_user(bob_token)
+    ghost = "@_cw_gk_wally:example.org"
+    for invited in (["@bob:example.org", ghost], ["@bob:example.org"]):
+        room = alice.create_room(invite=invited)
+        if ghost not in invited:  # bob joins, then the ghost is invited
+            bob.join(room)
+            alice.invite(room, ghost)
+        wait_until(lambda: hs.members(room).get(ghost) == "leave", what="the ghost leaves")
+        said = [e["content"]["body"] for e in hs.events(room) if e["sender"] == ghost and e["type"] == "m.room.message"]
+        assert said and said[-1].startswith("Other people of this server are in this room"), said
+    assert pg.psql("SELECT count(*) FROM room_bindings WHERE network = 'matrix'", db_url) == "0"
+
+
 def test_a_second_room_with_a_ghost_takes_over_and_a_second_ghost_makes_it_a_group(
         mx, hs, gk, pg, db_url):
     """A user who opens a new direct room with a ghost she already has one
