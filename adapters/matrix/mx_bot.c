@@ -369,9 +369,10 @@ static void notices(struct matrix *m, PGconn *c)
 /* Someone invited into the user's direct room makes it a group hosted
  * here of the three (made now: the room's binding moves onto it and it is
  * the user's portal), or, into their portal of a group made here, joins
- * the group; a remote member's ghost counts as joined to the portal (it
- * joins it next).  *portal: the binding's id, left as it was when room is
- * neither.  Runs in the caller's transaction. */
+ * the group (when the user is still a member of it); a remote member's
+ * ghost counts as joined to the portal (it joins it next).  *portal: the
+ * binding's id, left as it was when room is neither.  Runs in the
+ * caller's transaction. */
 static cw_err grow_group(struct matrix *m, PGconn *c, const char *room, const char *local_id, const char *new_id,
 			 bool ghost, char *portal, size_t plen, cw_errmsg *e)
 {
@@ -383,7 +384,8 @@ static cw_err grow_group(struct matrix *m, PGconn *c, const char *room, const ch
 		"  WHERE b.network = 'matrix' AND b.native_id = $1 AND b.local_identity_id = $2::bigint "
 		"  AND (b.remote_identity_id <> $3::bigint OR (b.remote_identity_id IS NULL AND EXISTS (SELECT 1 "
 		"  FROM rooms x WHERE x.id = b.room_id AND x.kind = 'group' AND x.hub_domain = $5 "
-		"  AND x.created_by_peer_id IS NULL))) FOR UPDATE), "
+		"  AND x.created_by_peer_id IS NULL) AND EXISTS (SELECT 1 FROM room_members x WHERE x.room_id = b.room_id "
+		"  AND x.identity_id = $2::bigint AND x.membership = 'joined'))) FOR UPDATE), "
 		"nr AS (INSERT INTO rooms (public_id, uri, hub_domain, kind) "
 		"  SELECT $4, 'mimi://' || $5 || '/r/' || $4, $5, 'group' FROM b WHERE b.a IS NOT NULL RETURNING id), "
 		"g AS (SELECT coalesce((SELECT id FROM nr), b.room_id) AS room FROM b), "

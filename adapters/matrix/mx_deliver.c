@@ -553,7 +553,8 @@ static cw_err batch_info(PGconn *c, const struct outbox_row *rows, size_t n, PGr
 		"  WHERE identity_id = s.id AND network = 'matrix'), '-infinity') < s.profile_changed_at, "
 		" s.profile_changed_at::text, rm.kind, pb.native_id, pb.id, "
 		" EXISTS (SELECT 1 FROM matrix_portal_members pm WHERE pm.binding_id = pb.id AND pm.identity_id = s.id), "
-		" rm.name "
+		" rm.name, rm.kind = 'group' AND NOT EXISTS (SELECT 1 FROM room_members x WHERE x.room_id = ev.room_id "
+		"  AND x.identity_id = t.id AND x.membership = 'joined') "
 		"FROM unnest($1::bigint[], $2::bigint[]) WITH ORDINALITY AS x(ev, tg, k) "
 		"JOIN events ev ON ev.id = x.ev JOIN identities s ON s.id = ev.sender_id JOIN identities t ON t.id = x.tg "
 		"JOIN rooms rm ON rm.id = ev.room_id LEFT JOIN peers p ON p.id = s.peer_id "
@@ -773,6 +774,9 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 				      "to Matrix");
 		return PREP_FAIL;
 	}
+	if (group && PQgetvalue(r, i, 20)[0] == 't')
+		return PREP_NOTHING; /* written before the user left the group: it is no longer theirs (and
+					no new room of it is made for them) */
 	const char *type = json_string_value(json_object_get(row->event, "type"));
 	bool said = type && strcmp(type, "membership") == 0; /* a member came or went: the bot says so */
 	if (relay && !said &&

@@ -1108,6 +1108,12 @@ def test_a_group_reaches_each_local_member_in_a_room_of_its_own(mx, hs, gk, pg, 
                what="carol's room renamed")
     assert a.send(gid, a.user("wally"), "dinner instead?").status_code == 202
     wait_until(lambda: (wally, "dinner instead?") in said(mine), what="the message after the rename")
+    # yves joins; what he writes waits for alice's consent.
+    assert a.call("POST", f"/v1/rooms/{gid}/members", {"add": [a.user("yves")]}).status_code == 200
+    yves_said = a.send(gid, a.user("yves"), "hello from yves").json()["id"]
+    alices_row = (f"SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id JOIN identities t "
+                  f"ON t.id = o.target_identity_id WHERE e.public_id = '{yves_said}' AND t.uri = '{ALICE}'")
+    wait_until(lambda: pg.psql(alices_row, db_url) == "held", what="yves's message held for alice")
     # alice leaves her room: she has left the group; the bot and ghosts go.
     alice.leave(mine)
     wait_until(lambda: hs.members(mine).get(bot) == "leave" and hs.members(mine).get(wally) == "leave",
@@ -1121,6 +1127,12 @@ def test_a_group_reaches_each_local_member_in_a_room_of_its_own(mx, hs, gk, pg, 
     wait_until(lambda: (wally, "see you all") in said(hers), what="the next message in carol's room")
     assert portal(ALICE_MX) is None
     assert (wally, "see you all") not in said(mine)
+    # Her consent to yves comes after she left: what he wrote is not hers
+    # any more, and no room of the group is made for her again.
+    assert mx.admin("POST", "/consents", json={"user": ALICE, "subject_kind": "user", "subject": a.user("yves"),
+                                               "state": "allowed"}).ok
+    wait_until(lambda: pg.psql(alices_row, db_url) == "delivered", what="the row released, and done with")
+    assert portal(ALICE_MX) is None
 
 
 def test_one_bot_answers_for_every_process(make_daemon, db_url, hs):
