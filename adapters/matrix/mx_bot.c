@@ -232,6 +232,38 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *s
 
 /* An invitation of the bot by one of this provider's users: join, and
  * make the room that user's management room. */
+/* Whether room (which ghost is in) holds, joined or invited, someone other
+ * than user, the bot and ghosts: true too when the homeserver does not
+ * say (a room is bridged only when it is known to be one user's). */
+static bool others_in(struct matrix *m, const char *room, const char *ghost, const char *user)
+{
+	char path[700], *rs = curl_easy_escape(NULL, room, 0);
+	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/members", rs ? rs : "");
+	curl_free(rs);
+	long status;
+	json_t *answer = NULL;
+	cw_errmsg e;
+	if (mx_call(m, "GET", path, ghost, "not_membership=leave", NULL, &status, &answer, &e)) {
+		LOG_KV(CW_LOG_WARN, "cannot read a room's members", "room", room, "detail", e.msg);
+		json_decref(answer);
+		return true;
+	}
+	bool others = !json_is_array(json_object_get(answer, "chunk"));
+	size_t i;
+	json_t *ev;
+	json_array_foreach(json_object_get(answer, "chunk"), i, ev) {
+		const char *who = json_string_value(json_object_get(ev, "state_key"));
+		const char *ms = json_string_value(json_object_get(json_object_get(ev, "content"), "membership"));
+		if (!who || !ms || (strcmp(ms, "join") != 0 && strcmp(ms, "invite") != 0))
+			continue;
+		if (strcmp(who, user) != 0 && strcmp(who, m->bot) != 0 &&
+		    !mx_in_ghost_namespace(m->cfg->mx_user_prefix, who))
+			others = true;
+	}
+	json_decref(answer);
+	return others;
+}
+
 static void invited(struct matrix *m, PGconn *c, const char *room, const char *sender)
 {
 	char local_id[24], uri[600];
@@ -240,6 +272,23 @@ static void invited(struct matrix *m, PGconn *c, const char *room, const char *s
 	cw_errmsg e;
 	if (mx_room_action(m, room, NULL, "join", &e)) {
 		LOG_KV(CW_LOG_WARN, "the bot cannot join", "room", room, "detail", e.msg);
+		return;
+	}
+	/* A management room is the user's and the bot's alone: not a
+	 * bridged conversation (what the user writes there would be both a
+	 * message and a command), not a room others read (consent requests
+	 * say who wants to reach the user). */
+	const char *bp[] = { room };
+	PGresult *br = PQexecParams(c, "SELECT remote_identity_id IS NULL FROM room_bindings WHERE network = 'matrix' "
+				       "AND native_id = $1", 1, NULL, bp, NULL, NULL, 0);
+	bool failed = PQresultStatus(br) != PGRES_TUPLES_OK, bound = !failed && PQntuples(br) > 0;
+	bool group = bound && PQgetvalue(br, 0, 0)[0] == 't'; /* a room of a group: the bot relays there */
+	PQclear(br);
+	if (failed || bound || others_in(m, room, NULL, sender)) {
+		say(m, room, "I take commands in a room of your own with me (open a direct room with me there); "
+			     "this one is a bridged conversation, or others are in it.");
+		if (!group && mx_room_action(m, room, NULL, "leave", &e))
+			LOG_KV(CW_LOG_WARN, "the bot cannot leave", "room", room, "detail", e.msg);
 		return;
 	}
 	const char *params[] = { sender, room, local_id };
@@ -425,38 +474,6 @@ static void bot_into(struct matrix *m, const char *room, const char *ghost)
 		LOG_KV(CW_LOG_WARN, "a ghost cannot invite the bot into a group's room", "room", room, "detail", e.msg);
 	if (mx_room_action(m, room, NULL, "join", &e))
 		LOG_KV(CW_LOG_WARN, "the bot cannot join a group's room", "room", room, "detail", e.msg);
-}
-
-/* Whether room (which ghost is in) holds, joined or invited, someone other
- * than user, the bot and ghosts: true too when the homeserver does not
- * say (a room is bridged only when it is known to be one user's). */
-static bool others_in(struct matrix *m, const char *room, const char *ghost, const char *user)
-{
-	char path[700], *rs = curl_easy_escape(NULL, room, 0);
-	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/members", rs ? rs : "");
-	curl_free(rs);
-	long status;
-	json_t *answer = NULL;
-	cw_errmsg e;
-	if (mx_call(m, "GET", path, ghost, "not_membership=leave", NULL, &status, &answer, &e)) {
-		LOG_KV(CW_LOG_WARN, "cannot read a room's members", "room", room, "detail", e.msg);
-		json_decref(answer);
-		return true;
-	}
-	bool others = !json_is_array(json_object_get(answer, "chunk"));
-	size_t i;
-	json_t *ev;
-	json_array_foreach(json_object_get(answer, "chunk"), i, ev) {
-		const char *who = json_string_value(json_object_get(ev, "state_key"));
-		const char *ms = json_string_value(json_object_get(json_object_get(ev, "content"), "membership"));
-		if (!who || !ms || (strcmp(ms, "join") != 0 && strcmp(ms, "invite") != 0))
-			continue;
-		if (strcmp(who, user) != 0 && strcmp(who, m->bot) != 0 &&
-		    !mx_in_ghost_namespace(m->cfg->mx_user_prefix, who))
-			others = true;
-	}
-	json_decref(answer);
-	return others;
 }
 
 static void ghost_invited(struct matrix *m, PGconn *c, const char *room, const char *sender, const char *ghost)

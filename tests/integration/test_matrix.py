@@ -389,6 +389,14 @@ def test_a_conversation_started_from_matrix(mx, hs, gk, pg, db_url):
     assert got[0]["sender"] == ALICE and got[0]["content"]["parts"][0]["body"] == "hi wally, it's alice"
     assert pg.psql("SELECT state || ' ' || source FROM consents", db_url) == "allowed outbound"
     wait_until(lambda: pg.psql("SELECT count(*) FROM user_optin WHERE opted_in", db_url) == "1", what="opt-in")
+    # The bot invited into the conversation says where it takes commands
+    # and goes: what alice writes here is for wally, not a command.
+    bot = "@_cw_bot:example.org"
+    alice.invite(room, bot)
+    wait_until(lambda: hs.members(room).get(bot) == "leave", what="the bot leaving the conversation")
+    assert any(e["sender"] == bot and e["content"]["body"].startswith("I take commands in a room of your own")
+               for e in hs.events(room) if e["type"] == "m.room.message")
+    assert pg.psql("SELECT count(*) FROM matrix_mgmt_rooms", db_url) == "0"
     # The reply comes back into her room, at once.
     r = a.send(got[0]["room_id"], a.user("wally"), "hello alice")
     assert r.status_code == 202, r.text
