@@ -758,8 +758,18 @@ static bool inbox(struct matrix *m, PGconn *c)
 		else if (type && room && key && strcmp(type, "m.room.member") == 0 &&
 			 json_is_string(json_object_get(content, "membership")) &&
 			 (strcmp(json_string_value(json_object_get(content, "membership")), "leave") == 0 ||
-			  strcmp(json_string_value(json_object_get(content, "membership")), "ban") == 0))
-			left(m, c, room, key);
+			  strcmp(json_string_value(json_object_get(content, "membership")), "ban") == 0)) {
+			if (strcmp(key, m->bot) == 0) {
+				/* the bot put out of a room by its user: if it was their
+				 * management room, it is one no more (requests wait for
+				 * the next one they open) */
+				const char *bp[] = { room };
+				cw_errmsg e;
+				store_command(c, "DELETE FROM matrix_mgmt_rooms WHERE room_id = $1", 1, bp, &e);
+			} else {
+				left(m, c, room, key);
+			}
+		}
 		else if (type && room && strcmp(type, "m.room.encryption") == 0)
 			encrypted(m, c, room);
 		else if (type && room && sender && strcmp(type, "m.room.message") == 0 &&
@@ -797,9 +807,15 @@ static void name_for_line(const char *name, char *out, size_t len)
 	out[n] = '\0';
 }
 
-/* Shows pending consent requests that were not shown yet. */
-static void requests(struct matrix *m, PGconn *c)
+/* Shows pending consent requests that were not shown yet; one the
+ * homeserver did not take stays unshown (the user sees it in the
+ * management room they open next, if theirs is gone), and is tried again
+ * half a minute later (*after_us: when, on the monotonic clock), with the
+ * same transaction id. */
+static void requests(struct matrix *m, PGconn *c, int64_t *after_us)
 {
+	if (cw_now_us() < *after_us)
+		return;
 	PGresult *r = PQexec(c,
 		"SELECT q.id, mr.room_id, ri.uri, ri.network, coalesce(ri.display_name, '') FROM consent_requests q "
 		" JOIN matrix_mgmt_rooms mr ON mr.identity_id = q.local_identity_id "
@@ -818,7 +834,12 @@ static void requests(struct matrix *m, PGconn *c)
 			 "The conversation is bridged: encryption ends at this gateway.",
 			 name[0] ? "\"" : "", name, name[0] ? "\" " : "", PQgetvalue(r, i, 2), PQgetvalue(r, i, 3),
 			 PQgetvalue(r, i, 2), PQgetvalue(r, i, 2));
-		say(m, PQgetvalue(r, i, 1), text);
+		char txn[48];
+		snprintf(txn, sizeof(txn), "cwreq-%s", PQgetvalue(r, i, 0));
+		if (!say_txn(m, PQgetvalue(r, i, 1), NULL, text, txn)) {
+			*after_us = cw_now_us() + 30 * 1000000LL;
+			continue;
+		}
 		const char *id[] = { PQgetvalue(r, i, 0) };
 		cw_errmsg e;
 		store_command(c, "UPDATE consent_requests SET notified_at = now() WHERE id = $1::bigint", 1, id, &e);
@@ -891,6 +912,7 @@ static void *bot_main(void *arg)
 	struct matrix *m = arg;
 	PGconn *c = NULL;
 	bool mine = false;
+	int64_t requests_after = 0;
 	while (!atomic_load(&m->bot_stop)) {
 		if (!c || PQstatus(c) != CONNECTION_OK) {
 			PQfinish(c);
@@ -911,7 +933,7 @@ static void *bot_main(void *arg)
 		if (mine) {
 			while (!atomic_load(&m->bot_stop) && inbox(m, c))
 				;
-			requests(m, c);
+			requests(m, c, &requests_after);
 			dead_letters(m, c);
 			notices(m, c);
 			portal_departures(m, c);

@@ -786,10 +786,13 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 	snprintf(target, sizeof(target), "%lld", (long long)row->target_id);
 	char target_mxid[MX_ID_MAX + 1], ghost[MX_ID_MAX + 1] = "", room[MX_ID_MAX + 1] = "", sender_id[24];
 	char neutral_room[24], ts[24], binding[24] = "";
-	if (!PQgetisnull(r, i, 2))
-		snprintf(target_mxid, sizeof(target_mxid), "%s", PQgetvalue(r, i, 2));
-	else
-		snprintf(target_mxid, sizeof(target_mxid), "@%s:%s", PQgetvalue(r, i, 1), mx_server_name(m->cfg));
+	int tl = PQgetisnull(r, i, 2) ? snprintf(target_mxid, sizeof(target_mxid), "@%s:%s", PQgetvalue(r, i, 1),
+						 mx_server_name(m->cfg))
+				      : snprintf(target_mxid, sizeof(target_mxid), "%s", PQgetvalue(r, i, 2));
+	if (tl < 0 || (size_t)tl >= sizeof(target_mxid)) { /* cut short, it could name someone else */
+		cw_fail(e, CW_EINVAL, "the local user's Matrix id would be longer than %d bytes", MX_ID_MAX);
+		return PREP_FAIL;
+	}
 	snprintf(sender_id, sizeof(sender_id), "%s", PQgetvalue(r, i, 3));
 	snprintf(neutral_room, sizeof(neutral_room), "%s", PQgetvalue(r, i, 10));
 	snprintf(ts, sizeof(ts), "%s", PQgetvalue(r, i, 11));

@@ -352,10 +352,24 @@ def test_management_room_consent_flow(mx, hs, gk, pg, db_url):
                what="ed's request")
     time.sleep(0.5)
     assert not any("mimi://wa.example/u/ed" in n for n in notices())
-    mgmt2 = alice.create_dm(bot)
+    mgmt2 = alice.create_room(preset="private_chat", is_direct=True, invite=[bot])  # hers to kick in
     wait_until(lambda: any("mimi://wa.example/u/ed" in e["content"].get("body", "") and
                            "wants to write to you" in e["content"]["body"]
                            for e in hs.events(mgmt2) if e["sender"] == bot), what="ed's request in the new room")
+    # She puts the bot out of that one: the next request is not lost in a
+    # room the bot cannot write to, but waits for her next one.
+    r = alice.request("POST", f"/_matrix/client/v3/rooms/{mgmt2}/kick", {"user_id": bot})
+    assert r.status_code == 200, r.text
+    wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_mgmt_rooms", db_url) == "0", what="no management room")
+    room3 = a.create_room([a.user("fred"), ALICE]).json()["id"]
+    a.send(room3, a.user("fred"), "hi alice")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM consent_requests WHERE state = 'pending'", db_url) == "2",
+               what="fred's request")
+    mgmt3 = alice.create_dm(bot)
+    wait_until(lambda: any("mimi://wa.example/u/fred" in e["content"].get("body", "") and
+                           "wants to write to you" in e["content"]["body"]
+                           for e in hs.events(mgmt3) if e["sender"] == bot), what="fred's request in the new room")
+    assert pg.psql("SELECT count(*) FROM identities WHERE localpart = '_cw_bot'", db_url) == "0"
 
 
 def test_inviting_a_ghost_asks_the_appservice(mx, hs, gk):
