@@ -476,6 +476,65 @@ static void bot_into(struct matrix *m, const char *room, const char *ghost)
 		LOG_KV(CW_LOG_WARN, "the bot cannot join a group's room", "room", room, "detail", e.msg);
 }
 
+/* What the user wrote in a room between inviting the ghost and the room
+ * being bound never came, or came to a room not bound yet: a homeserver
+ * sends an appservice the events of rooms its users are joined to, not
+ * invited to (a client that makes a direct room with its first message
+ * sends it at once).  A second after the binding (the homeserver's
+ * transactions of that time are in), the ghost reads the room's last
+ * events and says how many of the user's messages since the invitation
+ * are not stored, so that the user writes them again. */
+static void missed_messages(struct matrix *m, PGconn *c, const char *room, const char *ghost, const char *user)
+{
+	poll(NULL, 0, 1000);
+	char path[700], *rs = curl_easy_escape(NULL, room, 0);
+	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/messages", rs ? rs : "");
+	curl_free(rs);
+	long status;
+	json_t *answer = NULL;
+	cw_errmsg e;
+	if (mx_call(m, "GET", path, ghost, "dir=b&limit=30", NULL, &status, &answer, &e)) {
+		LOG_KV(CW_LOG_WARN, "cannot read a room's last events", "room", room, "detail", e.msg);
+		json_decref(answer);
+		return;
+	}
+	json_t *ids = json_array();
+	size_t i;
+	json_t *ev;
+	json_array_foreach(json_object_get(answer, "chunk"), i, ev) { /* newest first, back to the invitation */
+		const char *type = json_string_value(json_object_get(ev, "type"));
+		const char *from = json_string_value(json_object_get(ev, "sender"));
+		const char *key = json_string_value(json_object_get(ev, "state_key"));
+		const char *ms = json_string_value(json_object_get(json_object_get(ev, "content"), "membership"));
+		if (type && strcmp(type, "m.room.member") == 0 && key && strcmp(key, ghost) == 0 && ms &&
+		    strcmp(ms, "invite") == 0)
+			break;
+		if (type && strcmp(type, "m.room.message") == 0 && from && strcmp(from, user) == 0 &&
+		    json_is_string(json_object_get(ev, "event_id")))
+			json_array_append(ids, json_object_get(ev, "event_id"));
+	}
+	json_decref(answer);
+	char *doc = json_array_size(ids) ? json_dumps(ids, JSON_COMPACT) : NULL;
+	json_decref(ids);
+	if (!doc)
+		return;
+	const char *params[] = { doc };
+	PGresult *r = PQexecParams(c,
+		"SELECT count(*) FROM jsonb_array_elements_text($1::jsonb) AS x(id) WHERE NOT EXISTS (SELECT 1 FROM events f "
+		" WHERE f.origin_network = 'matrix' AND f.origin_native_id = x.id)", 1, NULL, params, NULL, NULL, 0);
+	free(doc);
+	long lost = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1 ? atol(PQgetvalue(r, 0, 0)) : 0;
+	PQclear(r);
+	if (lost > 0) {
+		char text[300];
+		snprintf(text, sizeof(text),
+			 "%ld message%s you wrote here while I was joining did not reach me (a homeserver hands them "
+			 "over only once I am in): please write %s again.", lost, lost == 1 ? "" : "s",
+			 lost == 1 ? "it" : "them");
+		say_as(m, room, ghost, text);
+	}
+}
+
 static void ghost_invited(struct matrix *m, PGconn *c, const char *room, const char *sender, const char *ghost)
 {
 	char local_id[24], uri[600], net[64], remote_local[MX_ID_MAX + 1];
@@ -585,6 +644,8 @@ static void ghost_invited(struct matrix *m, PGconn *c, const char *room, const c
 				      "Only direct conversations are bridged, and this room is already one with someone "
 				      "else: nothing written here reaches me. Open a direct room with me to write to me.");
 	}
+	if (!portal[0] && !group && !other)
+		missed_messages(m, c, room, ghost, sender);
 	if (old_room[0])
 		ghost_says_and_leaves(m, old_room, ghost,
 				      "This conversation goes on in the new room you opened with me; what is written here "

@@ -419,6 +419,28 @@ def test_a_conversation_started_from_matrix(mx, hs, gk, pg, db_url):
     assert pg.psql("SELECT count(*) FROM consent_requests", db_url) == "0"
 
 
+def test_a_message_written_before_the_ghost_joined_is_asked_for_again(mx, hs, gk, pg, db_url):
+    """A client that makes a direct room with its first message sends that
+    message at once, while the ghost is only invited: the homeserver hands
+    an appservice the events of rooms its users are in, so it never comes.
+    The ghost, once in, says so, and what alice writes again arrives."""
+    a, srv = gk
+    a.create_room([a.user("wally"), "mimi://example.org/u/someone"])  # the peer introduced wally
+    _, alice_token = hs.create_user("alice")
+    alice = hs.as_user(alice_token)
+    ghost = "@_cw_gk_wally:example.org"
+    hs.stop_pushing()  # the invitation waits: the message is surely written before the ghost is in
+    room = alice.create_dm(ghost)
+    alice.send_text(room, "are you there?")
+    hs.resume_pushing()
+    wait_until(lambda: any(e["sender"] == ghost and e["type"] == "m.room.message" and
+                           e["content"]["body"].startswith("1 message you wrote here while I was joining")
+                           for e in hs.events(room)), what="the ghost asking for it again")
+    alice.send_text(room, "are you there? (again)")
+    got = srv.wait_events(1)
+    assert [e["content"]["parts"][0]["body"] for e in got] == ["are you there? (again)"]
+
+
 def test_a_ghost_invited_into_a_room_shared_with_others_leaves_it(mx, hs, gk, pg, db_url):
     """alice invites wally's ghost into a room bob is in (or is invited
     to): what reaches the room would be what alice's consent let through,
