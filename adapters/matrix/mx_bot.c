@@ -235,19 +235,27 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *s
 /* Whether room (which ghost is in) holds, joined or invited, someone other
  * than user, the bot and ghosts: true too when the homeserver does not
  * say (a room is bridged only when it is known to be one user's). */
-static bool others_in(struct matrix *m, const char *room, const char *ghost, const char *user)
+/* GET /rooms/{room}/<what>?query as user (NULL: the bot): the answer, or
+ * NULL (logged). */
+static json_t *room_get(struct matrix *m, const char *room, const char *what, const char *user, const char *query)
 {
 	char path[700], *rs = curl_easy_escape(NULL, room, 0);
-	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/members", rs ? rs : "");
+	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/%s", rs ? rs : "", what);
 	curl_free(rs);
 	long status;
 	json_t *answer = NULL;
 	cw_errmsg e;
-	if (mx_call(m, "GET", path, ghost, "not_membership=leave", NULL, &status, &answer, &e)) {
-		LOG_KV(CW_LOG_WARN, "cannot read a room's members", "room", room, "detail", e.msg);
+	if (mx_call(m, "GET", path, user, query, NULL, &status, &answer, &e)) {
+		LOG_KV(CW_LOG_WARN, "cannot read a room", "room", room, "what", what, "detail", e.msg);
 		json_decref(answer);
-		return true;
+		return NULL;
 	}
+	return answer;
+}
+
+static bool others_in(struct matrix *m, const char *room, const char *ghost, const char *user)
+{
+	json_t *answer = room_get(m, room, "members", ghost, "not_membership=leave");
 	bool others = !json_is_array(json_object_get(answer, "chunk"));
 	size_t i;
 	json_t *ev;
@@ -487,17 +495,9 @@ static void bot_into(struct matrix *m, const char *room, const char *ghost)
 static void missed_messages(struct matrix *m, PGconn *c, const char *room, const char *ghost, const char *user)
 {
 	poll(NULL, 0, 1000);
-	char path[700], *rs = curl_easy_escape(NULL, room, 0);
-	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/messages", rs ? rs : "");
-	curl_free(rs);
-	long status;
-	json_t *answer = NULL;
-	cw_errmsg e;
-	if (mx_call(m, "GET", path, ghost, "dir=b&limit=30", NULL, &status, &answer, &e)) {
-		LOG_KV(CW_LOG_WARN, "cannot read a room's last events", "room", room, "detail", e.msg);
-		json_decref(answer);
+	json_t *answer = room_get(m, room, "messages", ghost, "dir=b&limit=30");
+	if (!answer)
 		return;
-	}
 	json_t *ids = json_array();
 	size_t i;
 	json_t *ev;
