@@ -625,15 +625,45 @@ static void history_wanted(xmpp_stanza_t *st, struct mjoin *j)
 	}
 }
 
+/* An occupant's new nick (XEP-0045 §7.6): a member's local part (other
+ * than the user's own: the room speaks for the members under those) is a
+ * conflict; else the old nick goes with status 303 naming the new one,
+ * and the caller sends the new one's presence.  False when refused
+ * (answered). */
+static bool nick_change(struct xcomp *xc, xmpp_stanza_t *st, const char *room, const char *from, const char *local,
+			const char *had, const char *nick)
+{
+	pthread_mutex_lock(&xc->mu);
+	json_t *set = xc->muc_members ? json_object_get(xc->muc_members, room) : NULL;
+	bool taken = nick[0] == '#' || (json_object_get(set, nick) && strcmp(nick, local) != 0);
+	pthread_mutex_unlock(&xc->mu);
+	if (taken) {
+		xa_send_now(xc, xa_error_reply(st, "cancel", "conflict", NULL));
+		return false;
+	}
+	xmpp_stanza_t *p = occupant_presence(xc->ctx, room, had, from, true, true);
+	xmpp_stanza_t *x = p ? xmpp_stanza_get_child_by_name_and_ns(p, "x", NS_MUC_USER) : NULL;
+	xmpp_stanza_t *item = x ? xmpp_stanza_get_child_by_name(x, "item") : NULL;
+	if (item)
+		xmpp_stanza_set_attribute(item, "nick", nick);
+	xmpp_stanza_t *code = x ? xa_child(xc->ctx, x, "status", NULL) : NULL;
+	if (code)
+		xmpp_stanza_set_attribute(code, "code", "303");
+	xa_send_now(xc, p);
+	return true;
+}
+
 static void join(struct xcomp *xc, xmpp_stanza_t *st, const char *room, const char *public_id, const char *nick,
 		 const char *from, const char *user, const char *local)
 {
 	xmpp_ctx_t *ctx = xc->ctx;
 	char have[NICK_MAX + 1];
 	if (occupant_get(xc, room, from, have, sizeof(have)) && !xmpp_stanza_get_child_by_name_and_ns(st, "x", NS_MUC)) {
-		/* in already: a presence update, or a new nick (taken as it is);
-		 * a join again (with the muc x: the client thinks it is out) is
-		 * answered in full, below */
+		/* in already: a presence update, or a new nick; a join again
+		 * (with the muc x: the client thinks it is out) is answered in
+		 * full, below */
+		if (strcmp(have, nick) != 0 && !nick_change(xc, st, room, from, local, have, nick))
+			return;
 		occupant_put(xc, room, from, nick, user, false);
 		xa_send_now(xc, occupant_presence(ctx, room, nick, from, true, false));
 		return;

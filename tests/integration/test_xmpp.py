@@ -421,6 +421,22 @@ def test_two_local_members_of_a_group_read_each_other(xd, gk, alice, prosody, pg
         message_from(bob, room, lambda el: el.get("id") == "b1" and el.get("from") == room + "/bobby")
         wait_until(lambda: [e for e in list(srv.events) if e.get("type") == "message"
                             and e["content"]["parts"][0]["body"] == "hi alice"], what="bob's message at the peer")
+        # A new nick (XEP-0045 §7.6): a member's is a conflict; another
+        # goes as 303 from the old one, then the new one's presence.
+        start = bob.count()
+        bob.send_presence(to=f"{room}/wally")
+        err = bob.wait_for_presence(lambda el: el.get("type") == "error", start=start)
+        assert err.find("{jabber:client}error").find("{urn:ietf:params:xml:ns:xmpp-stanzas}conflict") is not None
+        start = bob.count()
+        bob.send_presence(to=f"{room}/robert")
+        gone = bob.wait_for_presence(lambda el: el.get("from") == f"{room}/bobby", start=start)
+        assert gone.get("type") == "unavailable"
+        assert sorted(c.get("code") for c in gone.iter(q(MUC_USER, "status"))) == ["110", "303"]
+        assert gone.find(q(MUC_USER, "x")).find(q(MUC_USER, "item")).get("nick") == "robert"
+        now = bob.wait_for_presence(lambda el: el.get("from") == f"{room}/robert", start=start)
+        assert now.get("type") is None and [c.get("code") for c in now.iter(q(MUC_USER, "status"))] == ["110"]
+        bob.send_message(room, "renamed", mtype="groupchat", id="b2")
+        message_from(bob, room, lambda el: el.get("id") == "b2" and el.get("from") == room + "/robert")
     finally:
         bob.disconnect()
 
