@@ -594,6 +594,34 @@ static void join_done(void *arg, cw_err rc, const cw_errmsg *e)
 	mjoin_free(j);
 }
 
+/* Whether s is a XEP-0082 DateTime, CCYY-MM-DDThh:mm:ss[.sss](Z|(+|-)hh:mm),
+ * with its fields in range (PostgreSQL would refuse a 13th month or a
+ * 25th hour, failing the join). */
+static bool datetime_valid(const char *s)
+{
+	static const char shape[] = "dddd-dd-ddTdd:dd:dd";
+	for (size_t i = 0; i < sizeof(shape) - 1; i++)
+		if (shape[i] == 'd' ? (s[i] < '0' || s[i] > '9') : s[i] != shape[i])
+			return false;
+	int y, mo, d, h, mi, sec, n = 0;
+	if (sscanf(s, "%4d-%2d-%2dT%2d:%2d:%2d%n", &y, &mo, &d, &h, &mi, &sec, &n) != 6 || n != 19 ||
+	    mo < 1 || mo > 12 || d < 1 || d > 31 || h > 23 || mi > 59 || sec > 60 || y < 1 || h < 0 || mi < 0 || sec < 0)
+		return false;
+	const char *p = s + 19;
+	if (*p == '.') {
+		size_t digits = strspn(p + 1, "0123456789");
+		if (digits == 0 || digits > 9)
+			return false;
+		p += 1 + digits;
+	}
+	if (strcmp(p, "Z") == 0)
+		return true;
+	int th, tm, m = 0;
+	return (*p == '+' || *p == '-') && p[1] >= '0' && p[1] <= '9' && p[2] >= '0' && p[2] <= '9' && p[3] == ':' &&
+	       p[4] >= '0' && p[4] <= '9' && p[5] >= '0' && p[5] <= '9' && !p[6] &&
+	       sscanf(p + 1, "%2d:%2d%n", &th, &tm, &m) == 2 && m == 5 && th <= 14 && tm <= 59;
+}
+
 /* The <history/> a join asks for (XEP-0045 §7.2.13): maxstanzas, seconds
  * and since; maxchars is taken as "none" only when 0. */
 static void history_wanted(xmpp_stanza_t *st, struct mjoin *j)
@@ -619,8 +647,7 @@ static void history_wanted(xmpp_stanza_t *st, struct mjoin *j)
 		time_t t = time(NULL) - (time_t)atol(sec);
 		gmtime_r(&t, &tm);
 		strftime(j->since, sizeof(j->since), "%Y-%m-%dT%H:%M:%SZ", &tm);
-	} else if (since && strlen(since) < sizeof(j->since) && strspn(since, "0123456789-:.TZ+") == strlen(since) &&
-		   strlen(since) >= 20) {
+	} else if (since && strlen(since) < sizeof(j->since) && datetime_valid(since)) {
 		snprintf(j->since, sizeof(j->since), "%s", since);
 	}
 }
