@@ -534,6 +534,11 @@ static bool bot_wants(const struct txn *t, json_t *ev)
 		 * to the group or says why not (mx_bot.c, local_invited). */
 		if (!ghost && strcmp(key, t->m->bot) != 0 && ms && strcmp(ms, "invite") == 0)
 			return json_object_get(t->rooms, room) != NULL;
+		/* A ghost put out of a bridged room by a user (a ghost leaving
+		 * by itself is an echo, dropped before): the bot forgets it
+		 * there (mx_bot.c, ghost_removed). */
+		if (ghost && ms && (strcmp(ms, "leave") == 0 || strcmp(ms, "ban") == 0))
+			return json_object_get(t->rooms, room) != NULL;
 		return strcmp(key, t->m->bot) == 0 || (ghost && ms && strcmp(ms, "invite") == 0);
 	}
 	if (strcmp(type, "m.room.encryption") == 0)
@@ -562,6 +567,8 @@ static cw_err txn_bot_send(PGconn *c, struct txn *t, cw_errmsg *e)
 		" SELECT x->>'event_id', x FROM jsonb_array_elements($1::jsonb) AS x "
 		" WHERE x->>'sender' LIKE '%:' || $3 AND ((x->>'type' = 'm.room.member' AND (x->>'state_key' = $2 "
 		"   OR (starts_with(x->>'state_key', $4) AND x->'content'->>'membership' = 'invite') "
+		"   OR (starts_with(x->>'state_key', $4) AND x->'content'->>'membership' IN ('leave', 'ban') "
+		"    AND EXISTS (SELECT 1 FROM room_bindings b WHERE b.network = 'matrix' AND b.native_id = x->>'room_id')) "
 		"   OR (NOT starts_with(x->>'state_key', $4) AND x->'content'->>'membership' = 'invite' "
 		"    AND EXISTS (SELECT 1 FROM room_bindings b WHERE b.network = 'matrix' AND b.native_id = x->>'room_id')) "
 		"   OR (NOT starts_with(x->>'state_key', $4) AND x->'content'->>'membership' IN ('leave', 'ban') "

@@ -786,6 +786,34 @@ static void left(struct matrix *m, PGconn *c, const char *room, const char *who)
 	PQclear(r);
 }
 
+/* A ghost put out of a bridged room by its user (kicked or banned): in
+ * their direct room, the conversation leaves the room (the binding goes,
+ * as when the user leaves: the remote user's next message opens a new
+ * one, and blocking is what stops them); in their room of a group, the
+ * ghost is no longer counted in (matrix_portal_members): its next message
+ * there invites it again (a ban refuses that: the user's to lift). */
+static void ghost_removed(PGconn *c, const char *room, const char *ghost)
+{
+	const char *params[] = { room, ghost };
+	PGresult *r = PQexecParams(c,
+		"WITH g AS (SELECT identity_id AS id FROM identity_bindings WHERE network = 'matrix' AND native_id = $2), "
+		"d AS (DELETE FROM room_bindings b USING g WHERE b.network = 'matrix' AND b.native_id = $1 "
+		" AND b.remote_identity_id = g.id RETURNING 1), "
+		"p AS (DELETE FROM matrix_portal_members pm USING room_bindings b, g WHERE pm.binding_id = b.id "
+		" AND b.network = 'matrix' AND b.native_id = $1 AND b.remote_identity_id IS NULL AND pm.identity_id = g.id "
+		" RETURNING 1) "
+		"SELECT (SELECT count(*) FROM d), (SELECT count(*) FROM p)", 2, NULL, params, NULL, NULL, 0);
+	cw_errmsg e;
+	if (store_check(c, r, PGRES_TUPLES_OK, &e)) {
+		LOG_KV(CW_LOG_WARN, "cannot forget a ghost put out of a room", "room", room, "detail", e.msg);
+		return;
+	}
+	if (PQgetvalue(r, 0, 0)[0] != '0')
+		LOG_KV(CW_LOG_INFO, "a ghost was put out of a direct room: the next message opens a new one", "room",
+		       room);
+	PQclear(r);
+}
+
 /* Works off the inbox; false when it was empty. */
 static bool inbox(struct matrix *m, PGconn *c)
 {
@@ -827,6 +855,8 @@ static bool inbox(struct matrix *m, PGconn *c)
 				const char *bp[] = { room };
 				cw_errmsg e;
 				store_command(c, "DELETE FROM matrix_mgmt_rooms WHERE room_id = $1", 1, bp, &e);
+			} else if (mx_in_ghost_namespace(m->cfg->mx_user_prefix, key)) {
+				ghost_removed(c, room, key);
 			} else {
 				left(m, c, room, key);
 			}

@@ -441,6 +441,36 @@ def test_a_message_written_before_the_ghost_joined_is_asked_for_again(mx, hs, gk
     assert [e["content"]["parts"][0]["body"] for e in got] == ["are you there? (again)"]
 
 
+def test_a_ghost_put_out_of_a_direct_room_closes_it(mx, hs, gk, pg, db_url):
+    """alice kicks wally's ghost out of the direct room she made with it:
+    the room is no longer the conversation (before, it stayed bound, and
+    every message to her was refused there until it was a dead letter);
+    wally's next message opens a new room."""
+    a, srv = gk
+    consent_alice(mx)
+    conv = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    _, alice_token = hs.create_user("alice")
+    alice = hs.as_user(alice_token)
+    ghost = "@_cw_gk_wally:example.org"
+    a.send(conv, a.user("wally"), "hello")  # the ghost exists
+    first = wait_until(lambda: next((rid for rid in hs.rooms() if hs.members(rid).get("@alice:example.org")
+                                     == "invite"), None), what="the ghost's room")
+    alice.join(first)
+    mine = alice.create_room(preset="private_chat", is_direct=True, invite=[ghost])  # alice's, hers to kick in
+    wait_until(lambda: hs.members(mine).get(ghost) == "join", what="the ghost joins alice's room")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM room_bindings WHERE network = 'matrix' "
+                               f"AND native_id = '{mine}'", db_url) == "1", what="her room bound")
+    r = alice.request("POST", f"/_matrix/client/v3/rooms/{mine}/kick", {"user_id": ghost})
+    assert r.status_code == 200, r.text
+    wait_until(lambda: pg.psql("SELECT count(*) FROM room_bindings WHERE network = 'matrix'", db_url) == "0",
+               what="the room no longer bound")
+    assert a.send(conv, a.user("wally"), "still there?").status_code == 202
+    new = wait_until(lambda: next((rid for rid in hs.rooms() if rid not in (first, mine) and
+                                   hs.members(rid).get("@alice:example.org") == "invite"), None), what="a new room")
+    wait_until(lambda: any(e["type"] == "m.room.message" and e["content"]["body"] == "still there?"
+                           for e in hs.events(new)), what="the message in it")
+
+
 def test_a_ghost_invited_into_a_room_shared_with_others_leaves_it(mx, hs, gk, pg, db_url):
     """alice invites wally's ghost into a room bob is in (or is invited
     to): what reaches the room would be what alice's consent let through,
