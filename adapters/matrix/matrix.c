@@ -537,7 +537,7 @@ static bool bot_wants(const struct txn *t, json_t *ev)
 		/* A ghost put out of a bridged room by a user (a ghost leaving
 		 * by itself is an echo, dropped before): the bot forgets it
 		 * there (mx_bot.c, ghost_removed). */
-		if (ghost && ms && (strcmp(ms, "leave") == 0 || strcmp(ms, "ban") == 0))
+		if (ghost && strcmp(key, t->m->bot) != 0 && ms && (strcmp(ms, "leave") == 0 || strcmp(ms, "ban") == 0))
 			return json_object_get(t->rooms, room) != NULL;
 		return strcmp(key, t->m->bot) == 0 || (ghost && ms && strcmp(ms, "invite") == 0);
 	}

@@ -366,6 +366,41 @@ static cw_err create_room(struct matrix *m, const char *user, json_t *body, char
 	return rc;
 }
 
+/* A room just made lost the race to be bound (the bot bound the user's
+ * own room with the ghost meanwhile, or another process made one): the
+ * binding that won, read in a statement of its own (one that tried the
+ * insert sees the snapshot from before the winner's commit), takes its
+ * place in room (its id into binding), and who made the spare one (ghost,
+ * NULL: the bot) leaves it. */
+static cw_err spare_room(struct matrix *m, PGconn *c, const char *ghost, bool portal, const char *local_id,
+			 const char *other, char *room, size_t rlen, char *binding, size_t blen, cw_errmsg *e)
+{
+	/* other: the remote user's identity (a direct room), or the group's
+	 * room (a portal) */
+	const char *params[] = { local_id, other };
+	PGresult *r = PQexecParams(c,
+		portal ? "SELECT native_id, id FROM room_bindings WHERE network = 'matrix' AND local_identity_id = $1::bigint "
+			 "AND room_id = $2::bigint AND remote_identity_id IS NULL"
+		       : "SELECT native_id, id FROM room_bindings WHERE network = 'matrix' AND local_identity_id = $1::bigint "
+			 "AND remote_identity_id = $2::bigint",
+		2, NULL, params, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	if (PQntuples(r) != 1) {
+		PQclear(r);
+		return cw_fail(e, CW_EIO, "a room was made, but neither it nor another could be bound");
+	}
+	cw_errmsg e2;
+	if (mx_room_action(m, room, ghost, "leave", &e2))
+		LOG_KV(CW_LOG_WARN, "cannot leave a spare room", "room", room, "detail", e2.msg);
+	snprintf(room, rlen, "%s", PQgetvalue(r, 0, 0));
+	if (binding)
+		snprintf(binding, blen, "%s", PQgetvalue(r, 0, 1));
+	PQclear(r);
+	return CW_OK;
+}
+
 /* The direct room of (local user, remote user): made by the ghost, with the
  * local user invited, the first time. */
 static cw_err ensure_room(struct matrix *m, PGconn *c, const char *neutral_room, const char *target_id,
@@ -389,10 +424,16 @@ static cw_err ensure_room(struct matrix *m, PGconn *c, const char *neutral_room,
 	 * pair's, made if need be (schema/012_direct_rooms.sql): what the
 	 * user writes here goes to that one person, as the client shows. */
 	const char *params[] = { neutral_room, room, target_id, sender_id, m->cfg->domain ? m->cfg->domain : "" };
-	return store_command(c, "INSERT INTO room_bindings (room_id, network, native_id, local_identity_id, remote_identity_id) "
-			  "VALUES (direct_room_of($1::bigint, $3::bigint, $4::bigint, $5), 'matrix', $2, $3::bigint, $4::bigint) "
-			  "ON CONFLICT DO NOTHING",
-		       5, params, e);
+	PGresult *r = PQexecParams(c,
+		"INSERT INTO room_bindings (room_id, network, native_id, local_identity_id, remote_identity_id) "
+		"VALUES (direct_room_of($1::bigint, $3::bigint, $4::bigint, $5), 'matrix', $2, $3::bigint, $4::bigint) "
+		"ON CONFLICT DO NOTHING RETURNING 1",
+		5, NULL, params, NULL, NULL, 0);
+	if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
+		return rc;
+	bool bound = PQntuples(r) == 1;
+	PQclear(r);
+	return bound ? CW_OK : spare_room(m, c, ghost, false, target_id, sender_id, room, rlen, NULL, 0, e);
 }
 
 /* The portal of a group for one local user: a room made by the bot with
@@ -418,26 +459,17 @@ static cw_err ensure_portal(struct matrix *m, PGconn *c, const char *neutral_roo
 		return rc;
 	const char *params[] = { neutral_room, room, target_id, name };
 	PGresult *r = PQexecParams(c,
-		"WITH ins AS (INSERT INTO room_bindings (room_id, network, native_id, local_identity_id, name_synced) "
-		" VALUES ($1::bigint, 'matrix', $2, $3::bigint, $4) ON CONFLICT DO NOTHING RETURNING id, native_id) "
-		"SELECT id, native_id FROM ins UNION ALL SELECT id, native_id FROM room_bindings WHERE network = 'matrix' "
-		" AND room_id = $1::bigint AND local_identity_id = $3::bigint AND remote_identity_id IS NULL "
-		" AND NOT EXISTS (SELECT 1 FROM ins)",
+		"INSERT INTO room_bindings (room_id, network, native_id, local_identity_id, name_synced) "
+		"VALUES ($1::bigint, 'matrix', $2, $3::bigint, $4) ON CONFLICT DO NOTHING RETURNING id",
 		4, NULL, params, NULL, NULL, 0);
 	if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
 		return rc;
-	if (PQntuples(r) != 1)
-		rc = cw_fail(e, CW_EIO, "the portal of a group could not be bound");
-	else
+	bool bound = PQntuples(r) == 1;
+	if (bound)
 		snprintf(binding, blen, "%s", PQgetvalue(r, 0, 0));
-	if (!rc && strcmp(room, PQgetvalue(r, 0, 1)) != 0) {
-		/* another process made one meanwhile: that one is the portal */
-		cw_errmsg e2;
-		if (mx_room_action(m, room, NULL, "leave", &e2))
-			LOG_KV(CW_LOG_WARN, "the bot cannot leave a spare room", "room", room, "detail", e2.msg);
-		snprintf(room, rlen, "%s", PQgetvalue(r, 0, 1));
-	}
 	PQclear(r);
+	if (!bound) /* another process made one meanwhile: that one is the portal */
+		rc = spare_room(m, c, NULL, true, target_id, neutral_room, room, rlen, binding, blen, e);
 	return rc;
 }
 
