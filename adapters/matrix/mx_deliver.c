@@ -401,6 +401,23 @@ static cw_err spare_room(struct matrix *m, PGconn *c, const char *ghost, bool po
 	return CW_OK;
 }
 
+/* A room just made, bound by sql (an insert of its binding that returns
+ * its id, or nothing on a conflict); a conflict: spare_room. */
+static cw_err bind_room(struct matrix *m, PGconn *c, const char *sql, int n, const char *const *params,
+			const char *ghost, bool portal, const char *local_id, const char *other, char *room, size_t rlen,
+			char *binding, size_t blen, cw_errmsg *e)
+{
+	PGresult *r = PQexecParams(c, sql, n, NULL, params, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	bool bound = PQntuples(r) == 1;
+	if (bound && binding)
+		snprintf(binding, blen, "%s", PQgetvalue(r, 0, 0));
+	PQclear(r);
+	return bound ? CW_OK : spare_room(m, c, ghost, portal, local_id, other, room, rlen, binding, blen, e);
+}
+
 /* The direct room of (local user, remote user): made by the ghost, with the
  * local user invited, the first time. */
 static cw_err ensure_room(struct matrix *m, PGconn *c, const char *neutral_room, const char *target_id,
@@ -424,16 +441,11 @@ static cw_err ensure_room(struct matrix *m, PGconn *c, const char *neutral_room,
 	 * pair's, made if need be (schema/012_direct_rooms.sql): what the
 	 * user writes here goes to that one person, as the client shows. */
 	const char *params[] = { neutral_room, room, target_id, sender_id, m->cfg->domain ? m->cfg->domain : "" };
-	PGresult *r = PQexecParams(c,
-		"INSERT INTO room_bindings (room_id, network, native_id, local_identity_id, remote_identity_id) "
-		"VALUES (direct_room_of($1::bigint, $3::bigint, $4::bigint, $5), 'matrix', $2, $3::bigint, $4::bigint) "
-		"ON CONFLICT DO NOTHING RETURNING 1",
-		5, NULL, params, NULL, NULL, 0);
-	if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
-		return rc;
-	bool bound = PQntuples(r) == 1;
-	PQclear(r);
-	return bound ? CW_OK : spare_room(m, c, ghost, false, target_id, sender_id, room, rlen, NULL, 0, e);
+	return bind_room(m, c,
+			 "INSERT INTO room_bindings (room_id, network, native_id, local_identity_id, remote_identity_id) "
+			 "VALUES (direct_room_of($1::bigint, $3::bigint, $4::bigint, $5), 'matrix', $2, $3::bigint, "
+			 "$4::bigint) ON CONFLICT DO NOTHING RETURNING id",
+			 5, params, ghost, false, target_id, sender_id, room, rlen, NULL, 0, e);
 }
 
 /* The portal of a group for one local user: a room made by the bot with
@@ -458,19 +470,10 @@ static cw_err ensure_portal(struct matrix *m, PGconn *c, const char *neutral_roo
 	if (rc)
 		return rc;
 	const char *params[] = { neutral_room, room, target_id, name };
-	PGresult *r = PQexecParams(c,
-		"INSERT INTO room_bindings (room_id, network, native_id, local_identity_id, name_synced) "
-		"VALUES ($1::bigint, 'matrix', $2, $3::bigint, $4) ON CONFLICT DO NOTHING RETURNING id",
-		4, NULL, params, NULL, NULL, 0);
-	if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
-		return rc;
-	bool bound = PQntuples(r) == 1;
-	if (bound)
-		snprintf(binding, blen, "%s", PQgetvalue(r, 0, 0));
-	PQclear(r);
-	if (!bound) /* another process made one meanwhile: that one is the portal */
-		rc = spare_room(m, c, NULL, true, target_id, neutral_room, room, rlen, binding, blen, e);
-	return rc;
+	return bind_room(m, c,
+			 "INSERT INTO room_bindings (room_id, network, native_id, local_identity_id, name_synced) "
+			 "VALUES ($1::bigint, 'matrix', $2, $3::bigint, $4) ON CONFLICT DO NOTHING RETURNING id",
+			 4, params, NULL, true, target_id, neutral_room, room, rlen, binding, blen, e);
 }
 
 /* The portal's name, as the group's now is (NULL: none), set by the bot and
