@@ -572,9 +572,11 @@ def test_a_second_room_with_a_ghost_takes_over_and_a_second_ghost_makes_it_a_gro
                                               "state": "allowed"}).ok
     alice.invite(second, carol_mx)
     wait_until(lambda: hs.members(second).get(carol_mx) == "leave", what="the invitation taken back")
-    # (said by a ghost: the room is alice's own, the bot is not in it)
-    assert any(e["type"] == "m.room.message" and e["sender"] in (ghost, bob, zed)
-               and e["content"]["body"].startswith("carol is a member of the group now") for e in hs.events(second))
+    # (said by a ghost: the room is alice's own, the bot was not in it; said
+    # just after the kick: waited for)
+    wait_until(lambda: any(e["type"] == "m.room.message" and e["sender"] in (ghost, bob, zed)
+                           and e["content"]["body"].startswith("carol is a member of the group now")
+                           for e in hs.events(second)), what="the notice")
     assert carol_uri in [m["user"] for m in a.call("GET", f"/v1/rooms/{group}").json()["members"]]
     assert a.send(group, a.user("bob"), "welcome, carol").status_code == 202
     hers = wait_until(lambda: next((rid for rid in hs.rooms() if rid != second and hs.state(rid, "m.room.create")
@@ -599,8 +601,9 @@ def test_a_local_user_invited_into_a_direct_room_makes_a_group(mx, hs, gk, pg, d
     carol_mx, bot = "@carol:example.org", "@_cw_bot:example.org"
     alice.invite(room, carol_mx)
     wait_until(lambda: hs.members(room).get(carol_mx) == "leave", what="the invitation taken back")
-    assert any(e["type"] == "m.room.message" and e["sender"] == ghost and
-               e["content"]["body"].startswith("carol is a member of the group now") for e in hs.events(room))
+    wait_until(lambda: any(e["type"] == "m.room.message" and e["sender"] == ghost and
+                           e["content"]["body"].startswith("carol is a member of the group now")
+                           for e in hs.events(room)), what="the notice, said after the kick")
     alice.send_text(room, "carol is with us")
     got = wait_until(lambda: [e for e in list(srv.events) if e.get("type") == "message"
                               and e["content"]["parts"][0]["body"] == "carol is with us"] or None, what="the peer")
