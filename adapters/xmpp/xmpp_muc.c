@@ -605,7 +605,11 @@ static bool datetime_valid(const char *s)
 			return false;
 	int y, mo, d, h, mi, sec, n = 0;
 	if (sscanf(s, "%4d-%2d-%2dT%2d:%2d:%2d%n", &y, &mo, &d, &h, &mi, &sec, &n) != 6 || n != 19 ||
-	    mo < 1 || mo > 12 || d < 1 || d > 31 || h > 23 || mi > 59 || sec > 60 || y < 1 || h < 0 || mi < 0 || sec < 0)
+	    mo < 1 || mo > 12 || d < 1 || h > 23 || mi > 59 || sec > 60 || y < 1 || h < 0 || mi < 0 || sec < 0)
+		return false;
+	static const int days[] = { 31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31 };
+	bool leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+	if (d > days[mo - 1] || (mo == 2 && d == 29 && !leap))
 		return false;
 	const char *p = s + 19;
 	if (*p == '.') {
