@@ -480,8 +480,28 @@ static void bot_into(struct matrix *m, const char *room, const char *ghost)
 	if (ghost && mx_room_post(m, room, ghost, "invite", json_pack("{s:s}", "user_id", m->bot), &status, &e) &&
 	    status != 403)
 		LOG_KV(CW_LOG_WARN, "a ghost cannot invite the bot into a group's room", "room", room, "detail", e.msg);
-	if (mx_room_action(m, room, NULL, "join", &e))
+	if (mx_room_action(m, room, NULL, "join", &e)) {
 		LOG_KV(CW_LOG_WARN, "the bot cannot join a group's room", "room", room, "detail", e.msg);
+		return;
+	}
+	/* The ghost's power, when it has more, to the bot too (a direct room
+	 * made with trusted_private_chat gives both its members the
+	 * creator's): the bot names the room as the group is, and takes
+	 * invitations back there. */
+	json_t *pl = ghost ? room_get(m, room, "state/m.room.power_levels/", ghost, NULL) : NULL;
+	json_t *users = json_object_get(pl, "users");
+	json_int_t mine = json_integer_value(json_object_get(users, ghost));
+	if (json_is_object(users) && mine > json_integer_value(json_object_get(users, m->bot)) &&
+	    json_object_set_new(users, m->bot, json_integer(mine)) == 0) {
+		char path[700], *rs = curl_easy_escape(NULL, room, 0);
+		snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/state/m.room.power_levels/", rs ? rs : "");
+		curl_free(rs);
+		if (mx_call(m, "PUT", path, ghost, NULL, pl, &status, NULL, &e))
+			LOG_KV(CW_LOG_WARN, "a ghost cannot give the bot power in a group's room", "room", room, "detail",
+			       e.msg);
+		pl = NULL; /* taken by the call */
+	}
+	json_decref(pl);
 }
 
 /* What the user wrote in a room between inviting the ghost and the room

@@ -619,8 +619,15 @@ def test_a_local_user_invited_into_a_direct_room_makes_a_group(mx, hs, gk, pg, d
                            e["content"]["body"] == "alice: carol is with us" for e in hs.events(hers)),
                what="alice's message in carol's room")
     # What carol writes in hers reaches alice's room, which alice made: the
-    # bot, who relays it, was brought in when it became a group's.
+    # bot, who relays it, was brought in when it became a group's, with
+    # the ghost's power (a trusted private chat's), so the group's name
+    # reaches the room too.
     assert hs.members(room).get(bot) == "join"
+    levels = hs.state(room, "m.room.power_levels")["content"]["users"]
+    assert levels[bot] == levels[ghost] == 100, levels
+    assert a.call("PATCH", f"/v1/rooms/{group}", {"name": "Trio"}).status_code == 200
+    wait_until(lambda: (hs.state(room, "m.room.name") or {}).get("content", {}).get("name") == "Trio",
+               what="alice's room named as the group")
     carol = hs.as_user(carol_token)
     carol.join(hers)
     carol.send_text(hers, "hello alice")
