@@ -375,8 +375,8 @@ def test_a_join_while_the_groups_rows_are_on_their_way(xd, gk, alice, pg, db_url
     gid = a.create_room([a.user("wally"), ALICE], kind="group", name="Slow").json()["id"]
     pg.psql("CREATE TABLE test_pause (what text); "
             "CREATE FUNCTION test_slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-            " IF TG_TABLE_NAME = 'outbox' THEN PERFORM pg_sleep(1.5); "
-            " ELSIF EXISTS (SELECT 1 FROM test_pause) THEN PERFORM pg_sleep(2); END IF; RETURN NEW; END $$; "
+            " IF TG_TABLE_NAME = 'outbox' THEN PERFORM pg_sleep(3); "
+            " ELSIF EXISTS (SELECT 1 FROM test_pause) THEN PERFORM pg_sleep(4); END IF; RETURN NEW; END $$; "
             "CREATE TRIGGER test_slow_record BEFORE UPDATE ON outbox FOR EACH ROW WHEN (OLD.state = 'in_flight' "
             " AND NEW.state = 'delivered' AND NEW.destination = 'xmpp') EXECUTE FUNCTION test_slow(); "
             "CREATE TRIGGER test_slow_join BEFORE INSERT ON room_bindings FOR EACH ROW "
@@ -386,13 +386,17 @@ def test_a_join_while_the_groups_rows_are_on_their_way(xd, gk, alice, pg, db_url
     room = invite.get("from")
     wait_until(lambda: pg.psql("SELECT count(*) FROM room_bindings WHERE network = 'xmpp' "
                                "AND remote_identity_id IS NULL", db_url) == "1", what="alice's binding")
-    pg.psql("INSERT INTO test_pause VALUES ('join')", db_url)  # from now on a join takes 2 s
+    # From now on a join takes 4 s; the first row's record 3 s from its
+    # invitation: time enough, even on a loaded machine, for what follows
+    # to happen while that row is in flight and the next one to be made
+    # while the join is looked at.
+    pg.psql("INSERT INTO test_pause VALUES ('join')", db_url)
     assert pg.psql(f"SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id WHERE e.public_id = '{one}'",
                    db_url) == "in_flight"
     two = a.send(gid, a.user("wally"), "two").json()["id"]
     start = alice.count()
     alice.send_presence(to=room + "/alice", payload=f"<x xmlns='{MUC}'><history maxstanzas='10'/></x>")
-    message_from(alice, room, lambda el: body(el) == "two", timeout=15)
+    message_from(alice, room, lambda el: body(el) == "two", timeout=20)
     time.sleep(0.5)
     got = [el for el in alice.stanzas()[start:] if el.get("from", "").startswith(room)]
     kinds = [el.get("from").split("/", 1)[1] if el.tag.endswith("presence") else
