@@ -76,6 +76,11 @@ cw_err mx_room_action(struct matrix *m, const char *room, const char *user, cons
 /* The same with a body (taken) and the answer's status ("invite", "kick"). */
 cw_err mx_room_post(struct matrix *m, const char *room, const char *user, const char *action, json_t *body,
 		    long *status, cw_errmsg *e);
+/* Any call on /rooms/{room}/<what> (e.g. "members", "state/m.room.name/"):
+ * method, query (may be NULL), body (may be NULL; taken), *answer (may be
+ * NULL) as mx_call's. */
+cw_err mx_room_call(struct matrix *m, const char *method, const char *room, const char *user, const char *what,
+		    const char *query, json_t *body, long *status, json_t **answer, cw_errmsg *e);
 /* Registers (and names) the ghost of a remote user (its binding is written
  * when it first delivers). */
 cw_err mx_register_ghost(struct matrix *m, const char *peer, const char *localpart, const char *display,

@@ -239,13 +239,10 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *s
  * NULL (logged). */
 static json_t *room_get(struct matrix *m, const char *room, const char *what, const char *user, const char *query)
 {
-	char path[700], *rs = curl_easy_escape(NULL, room, 0);
-	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/%s", rs ? rs : "", what);
-	curl_free(rs);
 	long status;
 	json_t *answer = NULL;
 	cw_errmsg e;
-	if (mx_call(m, "GET", path, user, query, NULL, &status, &answer, &e)) {
+	if (mx_room_call(m, "GET", room, user, what, query, NULL, &status, &answer, &e)) {
 		LOG_KV(CW_LOG_WARN, "cannot read a room", "room", room, "what", what, "detail", e.msg);
 		json_decref(answer);
 		return NULL;
@@ -493,10 +490,7 @@ static void bot_into(struct matrix *m, const char *room, const char *ghost)
 	json_int_t mine = json_integer_value(json_object_get(users, ghost));
 	if (json_is_object(users) && mine > json_integer_value(json_object_get(users, m->bot)) &&
 	    json_object_set_new(users, m->bot, json_integer(mine)) == 0) {
-		char path[700], *rs = curl_easy_escape(NULL, room, 0);
-		snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/state/m.room.power_levels/", rs ? rs : "");
-		curl_free(rs);
-		if (mx_call(m, "PUT", path, ghost, NULL, pl, &status, NULL, &e))
+		if (mx_room_call(m, "PUT", room, ghost, "state/m.room.power_levels/", NULL, pl, &status, NULL, &e))
 			LOG_KV(CW_LOG_WARN, "a ghost cannot give the bot power in a group's room", "room", room, "detail",
 			       e.msg);
 		pl = NULL; /* taken by the call */

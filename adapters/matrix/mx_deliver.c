@@ -287,8 +287,8 @@ static const char *to_native(void *arg, const char *msg_id)
 	return res;
 }
 
-cw_err mx_room_post(struct matrix *m, const char *room, const char *user, const char *action, json_t *body,
-		    long *status, cw_errmsg *e)
+cw_err mx_room_call(struct matrix *m, const char *method, const char *room, const char *user, const char *what,
+		    const char *query, json_t *body, long *status, json_t **answer, cw_errmsg *e)
 {
 	*status = 0;
 	char path[700], *rs = seg(m, room);
@@ -296,9 +296,15 @@ cw_err mx_room_post(struct matrix *m, const char *room, const char *user, const 
 		json_decref(body);
 		return cw_fail(e, CW_ENOMEM, "out of memory");
 	}
-	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/%s", rs, action);
+	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/%s", rs, what);
 	curl_free(rs);
-	return mx_call(m, "POST", path, user, NULL, body, status, NULL, e);
+	return mx_call(m, method, path, user, query, body, status, answer, e);
+}
+
+cw_err mx_room_post(struct matrix *m, const char *room, const char *user, const char *action, json_t *body,
+		    long *status, cw_errmsg *e)
+{
+	return mx_room_call(m, "POST", room, user, action, NULL, body, status, NULL, e);
 }
 
 cw_err mx_room_action(struct matrix *m, const char *room, const char *user, const char *action, cw_errmsg *e)
@@ -481,12 +487,10 @@ static cw_err ensure_portal(struct matrix *m, PGconn *c, const char *neutral_roo
  * unless the homeserver refused it. */
 void mx_rename_portal(struct matrix *m, PGconn *c, const char *room, const char *binding, const char *name)
 {
-	char path[700], *rs = seg(m, room);
 	long status;
 	cw_errmsg e;
-	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/state/m.room.name/", rs ? rs : "");
-	curl_free(rs);
-	if (mx_call(m, "PUT", path, NULL, NULL, json_pack("{s:s}", "name", name ? name : ""), &status, NULL, &e)) {
+	if (mx_room_call(m, "PUT", room, NULL, "state/m.room.name/", NULL, json_pack("{s:s}", "name", name ? name : ""),
+			 &status, NULL, &e)) {
 		LOG_KV(CW_LOG_WARN, "cannot rename a group's room", "room", room, "detail", e.msg);
 		/* refused (the user took the bot's power away, say): asking again
 		 * would be refused again, so the name counts as given */
