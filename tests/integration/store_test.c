@@ -275,12 +275,23 @@ START_TEST(a_write_that_loses_a_deadlock_runs_again)
 	ck_assert_ptr_nonnull(other);
 	ck_assert_ptr_nonnull(watch);
 	/* The other transaction has 2 and will want 1; the store's write takes
-	 * 1, then waits for 2: a deadlock, which PostgreSQL breaks by rolling
-	 * back the transaction that waited first (the store's) when its
-	 * deadlock_timeout passes. */
-	ck_assert_int_eq(store_exec(other, "BEGIN; INSERT INTO store_test_rows (id) VALUES (2)", &e), CW_OK);
+	 * 1, then waits for 2: a deadlock. PostgreSQL looks for one once, when
+	 * a waiter's deadlock_timeout has passed, and rolls back the waiter
+	 * that looked. With the default (1 s) for both, a loaded machine that
+	 * starts the second wait more than 1 s after the first had the store's
+	 * look find nothing and the other transaction lose (CI, 2026-11-30).
+	 * So the store's connections look after 4 s and the other one only
+	 * after a minute: the store's write is the one rolled back unless the
+	 * test needs more than 4 s to start the other wait. (The test's role
+	 * created the cluster, so it may set deadlock_timeout.) */
+	ck_assert_int_eq(store_exec(other, "SET deadlock_timeout = '60s'; "
+					  "BEGIN; INSERT INTO store_test_rows (id) VALUES (2)", &e), CW_OK);
+	char url[1024];
+	snprintf(url, sizeof(url), "%s%coptions=-c%%20deadlock_timeout%%3D4s", db_url(),
+		 strchr(db_url(), '?') ? '&' : '?');
 	struct cw_store *s;
 	struct store_opts o = opts(64, 1000);
+	o.url = url;
 	ck_assert_int_eq(store_open(&s, &o, &e), CW_OK);
 	atomic_int left = 1;
 	pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
