@@ -20,6 +20,8 @@
 #include <string.h>
 
 #define BOT_BATCH 20
+#define BOT_TRIES 12      /* an inbox row the homeserver could not take: tried this often */
+#define BOT_RETRY_MAX_S 600 /* the longest wait between two tries (2 s, 4 s, ... 10 min: 37 min in all) */
 
 static const char help_text[] =
 	"I am the gateway to other messaging networks. Commands:\n"
@@ -269,15 +271,26 @@ static bool others_in(struct matrix *m, const char *room, const char *ghost, con
 	return others;
 }
 
-static void invited(struct matrix *m, PGconn *c, const char *room, const char *sender)
+/* Whether a call's failure is the homeserver's of the moment (no answer,
+ * 429, 5xx): the work is tried again later (inbox). A 4xx is its answer
+ * (not invited any more, banned, no such room). */
+static bool for_now(long status)
+{
+	return status == 0 || status == 429 || status >= 500;
+}
+
+/* The bot invited into a room; true: the homeserver did not take its join
+ * for now, try again later. */
+static bool invited(struct matrix *m, PGconn *c, const char *room, const char *sender)
 {
 	char local_id[24], uri[600];
 	if (!local_identity(m, c, sender, local_id, sizeof(local_id), uri, sizeof(uri)))
-		return;
+		return false;
 	cw_errmsg e;
-	if (mx_room_action(m, room, NULL, "join", &e)) {
+	long status;
+	if (mx_room_post(m, room, NULL, "join", json_object(), &status, &e)) {
 		LOG_KV(CW_LOG_WARN, "the bot cannot join", "room", room, "detail", e.msg);
-		return;
+		return for_now(status);
 	}
 	/* A management room is the user's and the bot's alone: not a
 	 * bridged conversation (what the user writes there would be both a
@@ -294,13 +307,14 @@ static void invited(struct matrix *m, PGconn *c, const char *room, const char *s
 			     "this one is a bridged conversation, or others are in it.");
 		if (!group && mx_room_action(m, room, NULL, "leave", &e))
 			LOG_KV(CW_LOG_WARN, "the bot cannot leave", "room", room, "detail", e.msg);
-		return;
+		return false;
 	}
 	const char *params[] = { sender, room, local_id };
 	if (store_command(c, "INSERT INTO matrix_mgmt_rooms (user_id, room_id, identity_id) VALUES ($1, $2, $3::bigint) "
 		       "ON CONFLICT (user_id) DO UPDATE SET room_id = excluded.room_id", 3, params, &e))
 		LOG_KV(CW_LOG_WARN, "cannot record a management room", "detail", e.msg);
 	say(m, room, help_text);
+	return false;
 }
 
 /* The ghost says why it goes (a notice), and leaves the room. */
@@ -549,19 +563,21 @@ static void missed_messages(struct matrix *m, PGconn *c, const char *room, const
 	}
 }
 
-static void ghost_invited(struct matrix *m, PGconn *c, const char *room, const char *sender, const char *ghost)
+/* A ghost invited into a room; true: the homeserver did not take its
+ * join for now, try again later. */
+static bool ghost_invited(struct matrix *m, PGconn *c, const char *room, const char *sender, const char *ghost)
 {
 	char local_id[24], uri[600], net[64], remote_local[MX_ID_MAX + 1];
 	if (!local_identity(m, c, sender, local_id, sizeof(local_id), uri, sizeof(uri)) ||
 	    !mx_ghost_parse(m->cfg->mx_user_prefix, mx_server_name(m->cfg), ghost, net, sizeof(net), remote_local,
 			    sizeof(remote_local)))
-		return;
+		return false;
 	const char *pp[] = { net };
 	PGresult *r = PQexecParams(c, "SELECT id, domain FROM peers WHERE name = $1 AND enabled", 1, NULL, pp, NULL,
 				   NULL, 0);
 	if (PQresultStatus(r) != PGRES_TUPLES_OK || PQntuples(r) != 1) {
 		PQclear(r);
-		return;
+		return false;
 	}
 	char peer_id[24], remote_uri[800], network[80];
 	snprintf(peer_id, sizeof(peer_id), "%s", PQgetvalue(r, 0, 0));
@@ -572,21 +588,22 @@ static void ghost_invited(struct matrix *m, PGconn *c, const char *room, const c
 	char remote_id[24];
 	cw_errmsg e;
 	if (mimi_uri_parse(remote_uri, &ru, &e) || ru.kind != MIMI_USER)
-		return;
+		return false;
 	/* The ghost joins first: who else is in the room decides whether it
 	 * is bridged at all (a room here is one user's view: what the policy
 	 * let through for them), and a room the ghost could not join is
 	 * bound to nothing. */
-	if (mx_room_action(m, room, ghost, "join", &e)) {
+	long status;
+	if (mx_room_post(m, room, ghost, "join", json_object(), &status, &e)) {
 		LOG_KV(CW_LOG_WARN, "the ghost cannot join", "room", room, "detail", e.msg);
-		return;
+		return for_now(status);
 	}
 	if (others_in(m, room, ghost, sender)) {
 		ghost_says_and_leaves(m, room, ghost,
 				      "Other people of this server are in this room, and a bridged room shows one person "
 				      "what reaches them: nothing written here reaches me. Open a direct room with me to "
 				      "write to me; a group is made by inviting more of us into it.");
-		return;
+		return false;
 	}
 	cw_err rc = store_exec(c, "BEGIN", &e);
 	if (!rc)
@@ -641,7 +658,7 @@ static void ghost_invited(struct matrix *m, PGconn *c, const char *room, const c
 		LOG_KV(CW_LOG_WARN, "cannot start a conversation from Matrix", "detail", e.msg);
 		ghost_says_and_leaves(m, room, ghost, "This conversation could not be started here; invite me again "
 						      "in a while.");
-		return;
+		return false;
 	}
 	if (portal[0]) { /* a member of the group, into the user's room of it */
 		const char *pp2[] = { portal, remote_id };
@@ -664,6 +681,7 @@ static void ghost_invited(struct matrix *m, PGconn *c, const char *room, const c
 		ghost_says_and_leaves(m, old_room, ghost,
 				      "This conversation goes on in the new room you opened with me; what is written here "
 				      "from now on is not bridged.");
+	return false;
 }
 
 /* Another user of the homeserver invited into a bridged room.  A room here
@@ -828,13 +846,33 @@ static void ghost_removed(PGconn *c, const char *room, const char *ghost)
 	PQclear(r);
 }
 
-/* Works off the inbox; false when it was empty. */
+/* An inbox row whose work the homeserver did not take for now: due
+ * again after 2 s, 4 s, ... at most BOT_RETRY_MAX_S; after BOT_TRIES
+ * tries it goes (false). */
+static bool try_later(PGconn *c, const char *id)
+{
+	char tries[8], max[8];
+	snprintf(tries, sizeof(tries), "%d", BOT_TRIES);
+	snprintf(max, sizeof(max), "%d", BOT_RETRY_MAX_S);
+	const char *params[] = { id, tries, max };
+	PGresult *r = PQexecParams(c,
+		"UPDATE matrix_bot_inbox SET attempts = attempts + 1, "
+		" not_before = now() + least($3::int, 2 * power(2, attempts)) * interval '1 second' "
+		"WHERE id = $1::bigint AND attempts + 1 < $2::int RETURNING attempts",
+		3, NULL, params, NULL, NULL, 0);
+	bool kept = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1;
+	PQclear(r);
+	return kept;
+}
+
+/* Works off the inbox's due rows; false when there were none. */
 static bool inbox(struct matrix *m, PGconn *c)
 {
 	char lim[8];
 	snprintf(lim, sizeof(lim), "%d", BOT_BATCH);
 	const char *params[] = { lim };
-	PGresult *r = PQexecParams(c, "SELECT id, event::text FROM matrix_bot_inbox ORDER BY id LIMIT $1::int", 1, NULL,
+	PGresult *r = PQexecParams(c, "SELECT id, event::text FROM matrix_bot_inbox "
+				      "WHERE not_before IS NULL OR not_before <= now() ORDER BY id LIMIT $1::int", 1, NULL,
 				   params, NULL, NULL, 0);
 	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
 		PQclear(r);
@@ -848,13 +886,14 @@ static bool inbox(struct matrix *m, PGconn *c)
 		const char *sender = json_string_value(json_object_get(ev, "sender"));
 		json_t *content = json_object_get(ev, "content");
 		const char *key = json_string_value(json_object_get(ev, "state_key"));
+		bool again = false; /* the homeserver did not take it for now */
 		if (type && room && sender && key && strcmp(type, "m.room.member") == 0 &&
 		    json_is_string(json_object_get(content, "membership")) &&
 		    strcmp(json_string_value(json_object_get(content, "membership")), "invite") == 0) {
 			if (strcmp(key, m->bot) == 0)
-				invited(m, c, room, sender);
+				again = invited(m, c, room, sender);
 			else if (mx_in_ghost_namespace(m->cfg->mx_user_prefix, key))
-				ghost_invited(m, c, room, sender, key);
+				again = ghost_invited(m, c, room, sender, key);
 			else
 				local_invited(m, c, room, sender, key);
 		}
@@ -882,6 +921,11 @@ static bool inbox(struct matrix *m, PGconn *c)
 			command(m, c, room, sender, json_string_value(json_object_get(content, "body")));
 		json_decref(ev);
 		const char *id[] = { PQgetvalue(r, i, 0) };
+		if (again && try_later(c, id[0]))
+			continue;
+		if (again)
+			LOG_KV(CW_LOG_WARN, "the homeserver did not take the bot's work in 12 tries (some 40 minutes): "
+			       "given up", "inbox_row", PQgetvalue(r, i, 0));
 		cw_errmsg e;
 		store_command(c, "DELETE FROM matrix_bot_inbox WHERE id = $1::bigint", 1, id, &e);
 	}

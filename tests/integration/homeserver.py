@@ -272,6 +272,10 @@ class Homeserver:
         self.send_latency = 0.0
         self.rc_message = None      # (per_second, burst_count): see the module's docstring
         self.refuse_send = None     # a test's predicate on a send's path: True answers it 500 M_UNKNOWN
+        # A test's predicate on any authenticated call (method, path, user):
+        # True answers it 503 M_UNKNOWN (the homeserver unavailable for it,
+        # as behind a proxy while it restarts), 403 answers M_FORBIDDEN.
+        self.refuse = None
         self._buckets = {}          # user_id -> (level, time): the rate limiter's
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
@@ -634,6 +638,11 @@ class Homeserver:
                     if not isinstance(req.body, dict):
                         raise MatrixError(400, "M_BAD_JSON", "Content must be a JSON object.")
                 args = [urllib.parse.unquote(g) if g is not None else "" for g in groups]
+                refused = self.refuse(method, path, req.user_id) if self.refuse else False
+                if refused == 403:
+                    raise MatrixError(403, "M_FORBIDDEN", "Refused by the test")
+                if refused:
+                    raise MatrixError(503, "M_UNKNOWN", "Service unavailable")
                 status, answer = fn(req, *args)
                 rec["user"], rec["appservice"] = req.user_id, req.is_as
         except MatrixError as e:

@@ -441,6 +441,47 @@ def test_a_message_written_before_the_ghost_joined_is_asked_for_again(mx, hs, gk
     assert [e["content"]["parts"][0]["body"] for e in got] == ["are you there? (again)"]
 
 
+def test_a_join_the_homeserver_did_not_take_is_tried_again(mx, hs, gk, pg, db_url):
+    """The ghost's join on alice's invitation meets a homeserver that is
+    restarting (503): the invitation is tried again (2 s, then 4 s later)
+    and the conversation starts. Before, it was dropped, and alice's room
+    waited for a ghost that never came. The bot's join into a management
+    room likewise; a refusal (403) is an answer and is not tried again."""
+    a, srv = gk
+    a.create_room([a.user("wally"), "mimi://example.org/u/someone"])  # the peer introduced wally
+    _, alice_token = hs.create_user("alice")
+    alice = hs.as_user(alice_token)
+    ghost, bot = "@_cw_gk_wally:example.org", "@_cw_bot:example.org"
+    refused = []
+
+    def refuse(method, path, user):
+        if user in (ghost, bot) and path.endswith("/join") and sum(1 for u in refused if u == user) < 2:
+            refused.append(user)
+            return True
+        return False
+    hs.refuse = refuse
+    room = alice.create_dm(ghost)
+    mgmt = alice.create_room(preset="private_chat", is_direct=True, invite=[bot])
+    wait_until(lambda: hs.members(room).get(ghost) == "join", timeout=40, what="the ghost joins on its third try")
+    wait_until(lambda: hs.members(mgmt).get(bot) == "join", timeout=40, what="the bot joins on its third try")
+    assert refused.count(ghost) == 2 and refused.count(bot) == 2
+    wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_mgmt_rooms", db_url) == "1", what="the management room")
+    assert pg.psql("SELECT count(*) FROM matrix_bot_inbox", db_url) == "0"
+    alice.send_text(room, "hi wally")
+    got = srv.wait_events(1)
+    assert got[0]["content"]["parts"][0]["body"] == "hi wally"
+    # A refusal is the homeserver's answer: the invitation goes at once.
+    joins = lambda: sum(1 for r in hs.requests if r["user"] == bot and r["path"].endswith("/join"))
+    before = joins()
+    hs.refuse = lambda method, path, user: 403 if user == bot and path.endswith("/join") else False
+    other = alice.create_room(preset="private_chat", is_direct=True, invite=[bot])
+    wait_until(lambda: joins() == before + 1, what="the bot's refused join")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_bot_inbox", db_url) == "0", what="the inbox empty")
+    time.sleep(3)
+    assert joins() == before + 1 and hs.members(other).get(bot) == "invite"
+    hs.refuse = None
+
+
 def test_a_ghost_put_out_of_a_direct_room_closes_it(mx, hs, gk, pg, db_url):
     """alice kicks wally's ghost out of the direct room she made with it:
     the room is no longer the conversation (before, it stayed bound, and
