@@ -508,7 +508,12 @@ static cw_err job_run(PGconn *c, void *arg, cw_errmsg *e)
 static void job_done(void *arg, cw_err rc, const cw_errmsg *e)
 {
 	struct app_job *j = arg;
-	if (j->matrix_errors && (rc || j->err_code)) {
+	if (!j->req) {
+		if (!rc && !j->err_code && j->after)
+			j->after(j);
+		if (j->finished)
+			j->finished(j, rc ? rc : j->err_code ? CW_EINVAL : CW_OK);
+	} else if (j->matrix_errors && (rc || j->err_code)) {
 		if (rc)
 			app_retry_after(j->req, j->app->cfg->db_retry_after_s * 1000);
 		cw_req_reply_json(j->req, rc ? 503 : j->err_status,
@@ -524,7 +529,8 @@ static void job_done(void *arg, cw_err rc, const cw_errmsg *e)
 		cw_req_reply_json(j->req, j->status, j->body);
 		j->body = NULL;
 	}
-	cw_req_resume(j->req);
+	if (j->req)
+		cw_req_resume(j->req);
 	json_decref(j->body);
 	if (j->data_free)
 		j->data_free(j->data);
@@ -559,7 +565,8 @@ static const struct store_pipe_ops app_pipe = { pipe_send, pipe_recv };
 void app_job_start_pipe(struct app_job *j, const struct app_pipe_ops *ops)
 {
 	j->pipe = ops;
-	cw_req_suspend(j->req);
+	if (j->req)
+		cw_req_suspend(j->req);
 	cw_err rc = store_write_pipe(j->app->store, &app_pipe, job_done, j);
 	if (rc)
 		job_refused(j, rc);
@@ -583,7 +590,8 @@ void app_job_start_prepared_pipe(struct app_job *j, cw_err (*prepare)(PGconn *, 
 {
 	j->fn = prepare;
 	j->pipe = ops;
-	cw_req_suspend(j->req);
+	if (j->req)
+		cw_req_suspend(j->req);
 	cw_err rc = store_read(j->app->store, job_run, prepared, j);
 	if (rc)
 		job_refused(j, rc);
@@ -591,7 +599,8 @@ void app_job_start_prepared_pipe(struct app_job *j, cw_err (*prepare)(PGconn *, 
 
 void app_job_start(struct app_job *j, bool write)
 {
-	cw_req_suspend(j->req);
+	if (j->req)
+		cw_req_suspend(j->req);
 	cw_err rc = write ? store_write(j->app->store, job_run, job_done, j)
 			  : store_read(j->app->store, job_run, job_done, j);
 	if (rc)

@@ -79,6 +79,10 @@ struct app_job {
 	void (*data_free)(void *);
 	bool matrix_errors;         /* answer errors as Matrix does ({"errcode", "error"}), not problem+json */
 	bool no_write;              /* set by a prepare step: the answer is ready, nothing to write */
+	/* A job of the daemon's own, with no request (req NULL): told its
+	 * outcome (rc, or CW_EINVAL when fn set err_code) instead of an answer,
+	 * after after; the job is freed when it returns. */
+	void (*finished)(struct app_job *j, cw_err rc);
 	/* outputs, reset before each run of fn */
 	int status;
 	json_t *body;

@@ -330,6 +330,7 @@ struct txn {
 	json_t *typing;       /* room -> who types, as this transaction says (kept once it is durable) */
 	json_t *item_rooms;   /* per pipeline item: [Matrix room, neutral type] (a refusal's notice goes there) */
 	json_t *refusals;     /* [[room, text], ...]: events refused before the pipeline, told once durable */
+	struct backfill_wait *wait; /* mx_backfill's: told the outcome */
 	bool write;           /* the events need the write (submit_prepare said so) */
 	size_t conv_invalid, conv_ignored; /* txn_convert's own (it may run again: reset each time) */
 	struct submit *b;
@@ -633,8 +634,16 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 			continue;
 		}
 		json_object_set_new(neutral, "sender", json_string(uri));
-		json_array_append_new(conv, json_pack("[s, s, s, o]", room,
-						      json_string_value(json_object_get(ev, "event_id")), uri, neutral));
+		/* Its neutral id now: a later event of this transaction (a
+		 * reaction, an edit, a reply, a receipt) may name it. */
+		const char *event_id = json_string_value(json_object_get(ev, "event_id"));
+		char pid[80];
+		cw_new_id(pid, sizeof(pid), "msg_");
+		if (!json_object_get(t->map, event_id)) {
+			json_object_set_new(t->map, event_id, json_string(pid));
+			json_object_set_new(t->ref_rooms, event_id, json_string(t->cur_room));
+		}
+		json_array_append_new(conv, json_pack("[s, s, s, o, s]", room, event_id, uri, neutral, pid));
 	}
 	json_t *eph = json_array();
 	json_object_clear(t->typing); /* this step may run again: from the stored state each time */
@@ -716,7 +725,7 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 		}
 		bool ok = submit_put_local(t->b, i, t->app, "matrix", json_string_value(json_array_get(x, 0)),
 					   json_string_value(json_array_get(x, 1)), json_string_value(json_array_get(x, 2)),
-					   &pev);
+					   &pev, json_string_value(json_array_get(x, 4)));
 		event_free(&pev);
 		if (!ok) {
 			json_decref(conv);
@@ -903,58 +912,18 @@ static bool own_echo(struct cw_app *app, const char *sender)
 			      sizeof(local));
 }
 
-void matrix_as_transaction(struct cw_req *req, void *ctx)
+/* Events (and ephemeral data) of a transaction, checked one by one: one
+ * bad event never drops the others. NULL: out of memory. */
+static struct txn *txn_new(struct cw_app *app, const char *txn_id, const unsigned char key[32], json_t *events,
+			   json_t *eph)
 {
-	struct cw_app *app = ctx;
-	if (!hs_authorized(req, app))
-		return;
-	const char *txn_id = cw_req_param(req, "txn");
-	size_t len;
-	const char *body = cw_req_body(req, &len);
-	json_error_t jerr;
-	json_t *doc = json_loadb(body, len, JSON_REJECT_DUPLICATES, &jerr);
-	if (!json_is_object(doc)) {
-		json_decref(doc);
-		mx_error(req, 400, "M_NOT_JSON", "the body must be a JSON object");
-		return;
-	}
-	json_t *events = json_object_get(doc, "events");
-	json_t *eph = json_object_get(doc, "ephemeral");
-	if (!eph)
-		eph = json_object_get(doc, "de.sorunome.msc2409.ephemeral");
-	if (!json_is_array(events) || (eph && !json_is_array(eph))) {
-		json_decref(doc);
-		mx_error(req, 400, "M_BAD_JSON", "events (and ephemeral) must be arrays");
-		return;
-	}
 	struct txn *t = calloc(1, sizeof(*t));
-	if (!t) {
-		json_decref(doc);
-		mx_error(req, 503, "M_UNKNOWN", "out of memory");
-		return;
-	}
+	if (!t)
+		return NULL;
 	t->app = app;
 	t->m = app->matrix;
 	snprintf(t->txn_id, sizeof(t->txn_id), "%s", txn_id);
-	/* The fast path: this very transaction was answered before.  The key
-	 * covers the body too: a homeserver whose database was reset starts
-	 * its txnIds again, with other events.  The body's bytes as sent: a
-	 * retry that serialises the same events otherwise only misses this
-	 * path, and the events' own ids keep it a no-op in the store. */
-	if (!cw_sha256_pair(txn_id, strlen(txn_id), body, len, t->key)) {
-		json_decref(doc);
-		free(t);
-		mx_error(req, 503, "M_UNKNOWN", "out of memory");
-		return;
-	}
-	if (mx_txn_seen(app->matrix, t->key)) {
-		atomic_fetch_add(&app->matrix->txn_repeats, 1);
-		json_decref(doc);
-		free(t);
-		cw_req_reply_json(req, 200, json_object());
-		return;
-	}
-	/* One bad event never drops the others: each is checked on its own. */
+	memcpy(t->key, key, sizeof(t->key));
 	t->events = json_array();
 	t->bot = json_array();
 	t->ephemeral = json_array();
@@ -999,11 +968,65 @@ void matrix_as_transaction(struct cw_req *req, void *ctx)
 		}
 		json_array_append(t->ephemeral, ev);
 	}
+	return t;
+}
+
+/* Nothing to store (the gateway's own echoes, the usual content of a
+ * transaction while it delivers to Matrix, or events it does not read):
+ * no trip to the database. */
+static bool txn_empty(const struct txn *t)
+{
+	return json_array_size(t->events) == 0 && json_array_size(t->ephemeral) == 0;
+}
+
+void matrix_as_transaction(struct cw_req *req, void *ctx)
+{
+	struct cw_app *app = ctx;
+	if (!hs_authorized(req, app))
+		return;
+	const char *txn_id = cw_req_param(req, "txn");
+	size_t len;
+	const char *body = cw_req_body(req, &len);
+	json_error_t jerr;
+	json_t *doc = json_loadb(body, len, JSON_REJECT_DUPLICATES, &jerr);
+	if (!json_is_object(doc)) {
+		json_decref(doc);
+		mx_error(req, 400, "M_NOT_JSON", "the body must be a JSON object");
+		return;
+	}
+	json_t *events = json_object_get(doc, "events");
+	json_t *eph = json_object_get(doc, "ephemeral");
+	if (!eph)
+		eph = json_object_get(doc, "de.sorunome.msc2409.ephemeral");
+	if (!json_is_array(events) || (eph && !json_is_array(eph))) {
+		json_decref(doc);
+		mx_error(req, 400, "M_BAD_JSON", "events (and ephemeral) must be arrays");
+		return;
+	}
+	/* The fast path: this very transaction was answered before.  The key
+	 * covers the body too: a homeserver whose database was reset starts
+	 * its txnIds again, with other events.  The body's bytes as sent: a
+	 * retry that serialises the same events otherwise only misses this
+	 * path, and the events' own ids keep it a no-op in the store. */
+	unsigned char key[32];
+	if (!cw_sha256_pair(txn_id, strlen(txn_id), body, len, key)) {
+		json_decref(doc);
+		mx_error(req, 503, "M_UNKNOWN", "out of memory");
+		return;
+	}
+	if (mx_txn_seen(app->matrix, key)) {
+		atomic_fetch_add(&app->matrix->txn_repeats, 1);
+		json_decref(doc);
+		cw_req_reply_json(req, 200, json_object());
+		return;
+	}
+	struct txn *t = txn_new(app, txn_id, key, events, eph);
 	json_decref(doc);
-	if (json_array_size(t->events) == 0 && json_array_size(t->ephemeral) == 0) {
-		/* Nothing to store (the gateway's own echoes, the usual content of
-		 * a transaction while it delivers to Matrix, or events it does
-		 * not read): answered at once, with no trip to the database. */
+	if (!t) {
+		mx_error(req, 503, "M_UNKNOWN", "out of memory");
+		return;
+	}
+	if (txn_empty(t)) {
 		txn_taken(t);
 		txn_free(t);
 		cw_req_reply_json(req, 200, json_object());
@@ -1020,6 +1043,89 @@ void matrix_as_transaction(struct cw_req *req, void *ctx)
 	j->after = txn_after;
 	j->matrix_errors = true;
 	app_job_start_prepared_pipe(j, txn_prepare, &txn_ops);
+}
+
+/* Events the homeserver never pushed (mx_bot.c: what a user wrote while a
+ * ghost was joining), fetched by the bot: taken as a transaction of their
+ * own would be (an event stored before is a no-op).  The waiter and the
+ * job share the struct; the last one out frees it. */
+struct backfill_wait {
+	pthread_mutex_t mu;
+	pthread_cond_t cv;
+	int refs;
+	bool done;
+	cw_err rc;
+};
+
+static void backfill_release(struct backfill_wait *w)
+{
+	pthread_mutex_lock(&w->mu);
+	bool last = --w->refs == 0;
+	pthread_mutex_unlock(&w->mu);
+	if (last) {
+		pthread_cond_destroy(&w->cv);
+		pthread_mutex_destroy(&w->mu);
+		free(w);
+	}
+}
+
+static void backfill_finished(struct app_job *j, cw_err rc)
+{
+	struct txn *t = j->data;
+	struct backfill_wait *w = t->wait;
+	pthread_mutex_lock(&w->mu);
+	w->done = true;
+	w->rc = rc;
+	pthread_cond_signal(&w->cv);
+	pthread_mutex_unlock(&w->mu);
+	backfill_release(w);
+}
+
+cw_err mx_backfill(struct matrix *m, json_t *events, int timeout_ms, cw_errmsg *e)
+{
+	char *doc = json_dumps(events, JSON_COMPACT | JSON_SORT_KEYS);
+	unsigned char key[32];
+	bool keyed = doc && cw_sha256_pair("backfill", 8, doc, strlen(doc), key);
+	free(doc);
+	struct txn *t = keyed ? txn_new(m->app, "backfill", key, events, NULL) : NULL;
+	struct backfill_wait *w = t ? calloc(1, sizeof(*w)) : NULL;
+	struct app_job *j = w ? app_job_new(m->app, NULL, NULL) : NULL;
+	if (!j) {
+		free(w);
+		if (t)
+			txn_free(t);
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	}
+	if (txn_empty(t)) {
+		free(j);
+		free(w);
+		txn_free(t);
+		return CW_OK;
+	}
+	pthread_mutex_init(&w->mu, NULL);
+	pthread_cond_init(&w->cv, NULL);
+	w->refs = 2;
+	t->wait = w;
+	j->data = t;
+	j->data_free = txn_free;
+	j->after = txn_after;
+	j->finished = backfill_finished;
+	app_job_start_prepared_pipe(j, txn_prepare, &txn_ops);
+	struct timespec until;
+	clock_gettime(CLOCK_REALTIME, &until);
+	until.tv_sec += timeout_ms / 1000;
+	until.tv_nsec += (long)(timeout_ms % 1000) * 1000000;
+	if (until.tv_nsec >= 1000000000) {
+		until.tv_sec++;
+		until.tv_nsec -= 1000000000;
+	}
+	pthread_mutex_lock(&w->mu);
+	while (!w->done && pthread_cond_timedwait(&w->cv, &w->mu, &until) == 0)
+		;
+	cw_err rc = w->done ? w->rc : CW_ETIMEDOUT;
+	pthread_mutex_unlock(&w->mu);
+	backfill_release(w);
+	return rc ? cw_fail(e, rc, "the fetched events were not stored: %s", cw_strerror(rc)) : CW_OK;
 }
 
 /* ------------------------------------------------------------ typing */

@@ -94,6 +94,11 @@ cw_err mx_register_ghost(struct matrix *m, const char *peer, const char *localpa
 json_t *mx_typing_before(struct matrix *m, const char *room);
 json_t *mx_typing_diff(struct matrix *m, json_t *seen, const char *room, json_t *now);
 void mx_typing_keep(struct matrix *m, json_t *seen);
+/* Events the homeserver did not push, fetched from it (a room's
+ * /messages), taken as a transaction of them would be; waits at most
+ * timeout_ms for them to be stored (matrix.c). */
+cw_err mx_backfill(struct matrix *m, json_t *events, int timeout_ms, cw_errmsg *e);
+
 /* The bot's thread (mx_bot.c). */
 void mx_bot_start(struct matrix *m);
 void mx_bot_stop(struct matrix *m);

@@ -516,17 +516,18 @@ static void bot_into(struct matrix *m, const char *room, const char *ghost)
  * being bound never came, or came to a room not bound yet: a homeserver
  * sends an appservice the events of rooms its users are joined to, not
  * invited to (a client that makes a direct room with its first message
- * sends it at once).  A second after the binding (the homeserver's
- * transactions of that time are in), the ghost reads the room's last
- * events and says how many of the user's messages since the invitation
- * are not stored, so that the user writes them again. */
+ * sends it at once).  Once the room is bound, the ghost reads the room's
+ * last events back to its invitation and hands the user's to the
+ * transaction path, as if they had been pushed (one pushed meanwhile is
+ * stored once: events are deduplicated by id).  If that fails, the ghost
+ * says how many of the user's messages are not stored, so that the user
+ * writes them again. */
 static void missed_messages(struct matrix *m, PGconn *c, const char *room, const char *ghost, const char *user)
 {
-	poll(NULL, 0, 1000);
-	json_t *answer = room_get(m, room, "messages", ghost, "dir=b&limit=30");
+	json_t *answer = room_get(m, room, "messages", ghost, "dir=b&limit=50");
 	if (!answer)
 		return;
-	json_t *ids = json_array();
+	json_t *mine = json_array(); /* oldest first */
 	size_t i;
 	json_t *ev;
 	json_array_foreach(json_object_get(answer, "chunk"), i, ev) { /* newest first, back to the invitation */
@@ -537,11 +538,29 @@ static void missed_messages(struct matrix *m, PGconn *c, const char *room, const
 		if (type && strcmp(type, "m.room.member") == 0 && key && strcmp(key, ghost) == 0 && ms &&
 		    strcmp(ms, "invite") == 0)
 			break;
-		if (type && strcmp(type, "m.room.message") == 0 && from && strcmp(from, user) == 0 &&
-		    json_is_string(json_object_get(ev, "event_id")))
-			json_array_append(ids, json_object_get(ev, "event_id"));
+		if (type && from && strcmp(from, user) == 0 && json_is_string(json_object_get(ev, "event_id")) &&
+		    (strcmp(type, "m.room.message") == 0 || strcmp(type, "m.reaction") == 0 ||
+		     strcmp(type, "m.room.redaction") == 0))
+			json_array_insert(mine, 0, ev);
 	}
 	json_decref(answer);
+	if (json_array_size(mine) == 0) {
+		json_decref(mine);
+		return;
+	}
+	cw_errmsg e;
+	if (mx_backfill(m, mine, 30000, &e) == CW_OK) {
+		LOG_KV(CW_LOG_INFO, "what a user wrote while the ghost joined was fetched", "room", room);
+		json_decref(mine);
+		return;
+	}
+	LOG_KV(CW_LOG_WARN, "what a user wrote while the ghost joined could not be fetched", "room", room, "detail",
+	       e.msg);
+	json_t *ids = json_array();
+	json_array_foreach(mine, i, ev)
+		if (strcmp(json_string_value(json_object_get(ev, "type")), "m.room.message") == 0)
+			json_array_append(ids, json_object_get(ev, "event_id"));
+	json_decref(mine);
 	char *doc = json_array_size(ids) ? json_dumps(ids, JSON_COMPACT) : NULL;
 	json_decref(ids);
 	if (!doc)
@@ -556,9 +575,8 @@ static void missed_messages(struct matrix *m, PGconn *c, const char *room, const
 	if (lost > 0) {
 		char text[300];
 		snprintf(text, sizeof(text),
-			 "%ld message%s you wrote here while I was joining did not reach me (a homeserver hands them "
-			 "over only once I am in): please write %s again.", lost, lost == 1 ? "" : "s",
-			 lost == 1 ? "it" : "them");
+			 "%ld message%s you wrote here while I was joining did not reach me: please write %s again.",
+			 lost, lost == 1 ? "" : "s", lost == 1 ? "it" : "them");
 		say_as(m, room, ghost, text);
 	}
 }

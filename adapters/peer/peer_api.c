@@ -936,7 +936,7 @@ struct submit {
 	bool *write;                /* item i goes to round 1 */
 	char (*room_id)[24];
 	char (*sender_id)[24];
-	char (*reply_id)[24];
+	char (*reply_id)[24];       /* the events' ids of the references, or "#j": item j of this job */
 	char (*replaces_id)[24];
 	json_t **dests, **targets;  /* per item, for its outbox rows */
 	json_t **states;            /* per item: each row's state (pending, held, dropped) */
@@ -1109,15 +1109,19 @@ struct submit *submit_new(size_t n)
  * which json_to_recordset does not need (a 100-item document: 0.53 ms as
  * json against 0.80 as jsonb, bind included); the contents ($2) stay jsonb,
  * as they are stored. */
-#define WRITE_EVENTS \
-	"WITH it AS (SELECT * FROM json_to_recordset($1::json) AS x(n int, pid text, room bigint, sender bigint, " \
+#define IT_COLUMNS \
+	"n int, pid text, room bigint, sender bigint, " \
 	"  type text, ci bigint, replaces bigint, reply bigint, ts bigint, key text, hash text, " \
 	"  dests text, targets text, states text, held text, expiry bigint, win bigint, read boolean, " \
-	"  scope text, outbound jsonb, bt text, ba text)), " \
+	"  scope text, outbound jsonb, bt text, ba text"
+/* IT: the items; ID_COL, ID: the events' ids when the statement gives
+ * them; REPLACES, REPLY: the references' event ids. */
+#define WRITE_EVENTS_OF(IT, ID_COL, ID, REPLACES, REPLY) \
+	"WITH " IT ", " \
 	"cs AS (SELECT c.value, c.ord FROM jsonb_array_elements($2::jsonb) WITH ORDINALITY AS c(value, ord)), " \
-	"ev AS (INSERT INTO events (public_id, room_id, sender_id, type, content, replaces_id, in_reply_to_id, " \
-	"  origin_network, origin_native_id, request_hash, ts) SELECT it.pid, it.room, it.sender, it.type, cs.value, " \
-	"  it.replaces, it.reply, it.scope, it.key, decode(it.hash, 'hex'), it.ts FROM it JOIN cs ON cs.ord = it.ci " \
+	"ev AS (INSERT INTO events (" ID_COL "public_id, room_id, sender_id, type, content, replaces_id, in_reply_to_id, " \
+	"  origin_network, origin_native_id, request_hash, ts) SELECT " ID "it.pid, it.room, it.sender, it.type, cs.value, " \
+	"  " REPLACES ", " REPLY ", it.scope, it.key, decode(it.hash, 'hex'), it.ts FROM it JOIN cs ON cs.ord = it.ci " \
 	"  ORDER BY it.n RETURNING id, public_id, room_id, (extract(epoch FROM accepted_at) * 1000)::bigint AS ms), " \
 	"ob AS (INSERT INTO outbox (event_id, destination, target_identity_id, room_id, state) " \
 	"  SELECT ev.id, d.dest, NULLIF(d.target::bigint, 0), ev.room_id, d.state FROM it " \
@@ -1125,12 +1129,23 @@ struct submit *submit_new(size_t n)
 	"  unnest(string_to_array(it.dests, ','), string_to_array(it.targets, ','), " \
 	"   string_to_array(it.states, ',')) WITH ORDINALITY AS d(dest, target, state, dn) " \
 	"  ORDER BY ev.id, d.dn) "
+#define WRITE_EVENTS \
+	WRITE_EVENTS_OF("it AS (SELECT * FROM json_to_recordset($1::json) AS x(" IT_COLUMNS "))", "", "", "it.replaces", \
+			"it.reply")
+/* Items that name earlier items of the job (rpid, xpid: their public ids):
+ * each item's event id is drawn first, in the items' order (the column's
+ * own sequence, as its default would), so that a reference can take it. */
+#define WRITE_EVENTS_REFS \
+	WRITE_EVENTS_OF("it AS MATERIALIZED (SELECT y.*, nextval(pg_get_serial_sequence('events', 'id')) AS eid " \
+			"FROM (SELECT * FROM json_to_recordset($1::json) AS x(" IT_COLUMNS ", rpid text, xpid text) " \
+			"ORDER BY x.n) y)", \
+			"id, ", "it.eid, ", "coalesce(it.replaces, (SELECT i2.eid FROM it i2 WHERE i2.pid = it.xpid))", \
+			"coalesce(it.reply, (SELECT i2.eid FROM it i2 WHERE i2.pid = it.rpid))")
 
 #define WRITE_ITEMS_PLAIN WRITE_EVENTS "SELECT public_id, ms FROM ev"
 
-#define WRITE_ITEMS \
-	WRITE_EVENTS ", " \
-	"rd AS (UPDATE outbox o SET read_at = coalesce(o.read_at, now()) FROM it " \
+#define WRITE_ITEMS_TAIL \
+	", rd AS (UPDATE outbox o SET read_at = coalesce(o.read_at, now()) FROM it " \
 	"  WHERE it.read AND o.event_id = it.reply AND o.destination = it.scope AND o.state = 'delivered'), " \
 	"cr AS (INSERT INTO consent_requests (local_identity_id, remote_identity_id, expires_at) " \
 	"  SELECT DISTINCT h.value::bigint, it.sender, now() + make_interval(secs => it.expiry) " \
@@ -1161,6 +1176,8 @@ struct submit *submit_new(size_t n)
 	"  a.subject, a.details FROM jsonb_to_recordset($3::jsonb) " \
 	"  AS a(action text, reason text, rule bigint, pid text, subject text, details jsonb)) " \
 	"SELECT public_id, ms FROM ev, (SELECT count(*) FROM nt) AS n"
+#define WRITE_ITEMS WRITE_EVENTS WRITE_ITEMS_TAIL
+#define WRITE_ITEMS_REFS WRITE_EVENTS_REFS WRITE_ITEMS_TAIL
 
 const struct store_stmt peer_api_statements[] = {
 	{ "submit_read_by_id", READ_ITEMS("public_id = it.room") },
@@ -1169,6 +1186,7 @@ const struct store_stmt peer_api_statements[] = {
 					      "AND b.native_id = it.room LIMIT 1)") },
 	{ "submit_write", WRITE_ITEMS },
 	{ "submit_write_plain", WRITE_ITEMS_PLAIN },
+	{ "submit_write_refs", WRITE_ITEMS_REFS },
 	{ NULL, NULL },
 };
 
@@ -1242,6 +1260,19 @@ static cw_err add_joined(struct cw_buf *b, json_t *arr)
 	return add_json_string(b, tmp);
 }
 
+/* A reference in round 1's document: the event's id, null, or (the item
+ * names an earlier item of the job, "#j") null and key: that item's
+ * public id. */
+static cw_err ref_json(struct cw_buf *doc, const struct submit *b, const char *ref, const char *key)
+{
+	if (!ref[0])
+		return cw_buf_add(doc, "null", 4) ? CW_ENOMEM : CW_OK;
+	if (ref[0] != '#')
+		return add_json_string(doc, ref);
+	const struct msg_input *j = b->items[strtoul(ref + 1, NULL, 10)];
+	return cw_buf_printf(doc, "null,\"%s\":", key) ? CW_ENOMEM : add_json_string(doc, j->msg_id);
+}
+
 /* The documents of the two rounds are written as text straight into a
  * buffer: every value is an id, a number or a name that needs no escaping
  * (add_json_string checks, and lets jansson encode what does), and the
@@ -1257,6 +1288,7 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 	cw_buf_init(&contents, SIZE_MAX / 2);
 	size_t items = 0;
 	bool plain = json_array_size(b->audit) == 0; /* round 1: the plain statement will do */
+	bool refs = false;                           /* round 1: an item names an earlier one */
 	cw_err rc = cw_buf_add(&doc, "[", 1) || (round == 1 && cw_buf_add(&contents, "[", 1)) ? CW_ENOMEM : CW_OK;
 	for (size_t i = 0; i < b->n && !rc; i++) {
 		struct msg_input *in = b->items[i];
@@ -1304,9 +1336,8 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 				     add_json_string(&doc, in->idem_key) || cw_buf_add(&doc, ",\"scope\":", 9) ||
 				     add_json_string(&doc, in->scope) ||
 				     cw_buf_printf(&doc, ",\"outbound\":%s,\"replaces\":", outbound ? outbound : "[]") ||
-				     (b->replaces_id[i][0] ? add_json_string(&doc, b->replaces_id[i]) : cw_buf_add(&doc, "null", 4)) ||
-				     cw_buf_add(&doc, ",\"reply\":", 9) ||
-				     (b->reply_id[i][0] ? add_json_string(&doc, b->reply_id[i]) : cw_buf_add(&doc, "null", 4)) ||
+				     ref_json(&doc, b, b->replaces_id[i], "xpid") || cw_buf_add(&doc, ",\"reply\":", 9) ||
+				     ref_json(&doc, b, b->reply_id[i], "rpid") ||
 				     (in->block_target[0] &&
 				      (cw_buf_add(&doc, ",\"bt\":", 6) || add_json_string(&doc, in->block_target) ||
 				       cw_buf_printf(&doc, ",\"ba\":\"%s\"", in->unblock ? "unblock" : "block"))) ||
@@ -1314,6 +1345,7 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 				     ? CW_EINVAL
 				     : CW_OK;
 		free(outbound);
+		refs = refs || b->reply_id[i][0] == '#' || b->replaces_id[i][0] == '#';
 		plain = plain && !in->read_receipt && !json_array_size(b->held[i]) && !json_array_size(b->outbound[i]) &&
 			!in->block_target[0];
 	}
@@ -1328,8 +1360,9 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 									: "submit_read_by_id",
 			       doc.p, NULL, NULL, e);
 	else if (round == 1)
-		rc = plain ? send_text(c, "submit_write_plain", doc.p, contents.p, NULL, e)
-			   : send_text(c, "submit_write", doc.p, contents.p, b->audit, e);
+		rc = refs    ? send_text(c, "submit_write_refs", doc.p, contents.p, b->audit, e)
+		     : plain ? send_text(c, "submit_write_plain", doc.p, contents.p, NULL, e)
+			     : send_text(c, "submit_write", doc.p, contents.p, b->audit, e);
 	cw_buf_free(&doc);
 	cw_buf_free(&contents);
 	/* Who has rows to deliver now: the dispatcher (its channel wakes the
@@ -1360,6 +1393,44 @@ static json_t *accepted_answer(const char *public_id, const char *accepted_ms)
 
 /* Round 0's answer for item i (row first of r; the members of its room are
  * rows mfirst .. mfirst+nmembers-1): the refusals, or the recipients. */
+/* Whether an item before i was given msg_id (its index as "#j" into out). */
+static bool earlier_item(const struct submit *b, size_t i, const char *msg_id, char *out, size_t len)
+{
+	for (size_t j = 0; j < i; j++)
+		if (b->items[j] && strcmp(b->items[j]->msg_id, msg_id) == 0) {
+			snprintf(out, len, "#%zu", j);
+			return true;
+		}
+	return false;
+}
+
+/* An item's reference to an earlier item of the job holds if that one is
+ * written, in the same room, and (an edit or a delete) by the same
+ * sender; else the item fails as one naming an unknown message does. */
+static void intra_refs(struct submit *b)
+{
+	for (size_t i = 0; i < b->n; i++) {
+		if (!b->items[i] || !b->write[i] || (b->reply_id[i][0] != '#' && b->replaces_id[i][0] != '#'))
+			continue;
+		size_t rj = b->reply_id[i][0] == '#' ? strtoul(b->reply_id[i] + 1, NULL, 10) : i;
+		size_t xj = b->replaces_id[i][0] == '#' ? strtoul(b->replaces_id[i] + 1, NULL, 10) : i;
+		const char *why = NULL;
+		if (rj != i && (!b->write[rj] || strcmp(b->room_id[rj], b->room_id[i]) != 0))
+			why = "content.in_reply_to names no message of this room";
+		else if (xj != i && (!b->write[xj] || strcmp(b->room_id[xj], b->room_id[i]) != 0))
+			why = "content.replaces names no message of this room";
+		else if (xj != i && strcmp(b->items[xj]->sender, b->items[i]->sender) != 0)
+			why = "content.replaces names a message of another sender: only its sender may edit or delete it";
+		if (why) {
+			b->write[i] = false;
+			b->wake[i] = 0;
+			json_decref(b->res[i].body);
+			b->res[i].body = NULL;
+			item_fail(&b->res[i], 400, "invalid_body", "%s", why);
+		}
+	}
+}
+
 static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, int mfirst, int nmembers)
 {
 	struct msg_input *in = b->items[i];
@@ -1385,23 +1456,31 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 	}
 	snprintf(b->room_id[i], sizeof(b->room_id[i]), "%s", PQgetvalue(r, first, 1));
 	b->sender_id[i][0] = '\0';
-	if (in->in_reply_to[0] && PQgetisnull(r, first, 12)) {
+	/* A reference not stored may name an earlier item of this job
+	 * (intra_refs checks it once every item is decided). */
+	bool reply_here = in->in_reply_to[0] && PQgetisnull(r, first, 12) &&
+			  earlier_item(b, i, in->in_reply_to, b->reply_id[i], sizeof(b->reply_id[i]));
+	bool replaces_here = in->replaces[0] && PQgetisnull(r, first, 13) &&
+			     earlier_item(b, i, in->replaces, b->replaces_id[i], sizeof(b->replaces_id[i]));
+	if (in->in_reply_to[0] && PQgetisnull(r, first, 12) && !reply_here) {
 		item_fail(res, 400, "invalid_body", "content.in_reply_to names no message of this room");
 		return;
 	}
-	if (in->replaces[0] && PQgetisnull(r, first, 13)) {
+	if (in->replaces[0] && PQgetisnull(r, first, 13) && !replaces_here) {
 		item_fail(res, 400, "invalid_body", "content.replaces names no message of this room");
 		return;
 	}
 	/* An edit or a delete is its sender's alone: another member (a peer's
 	 * user, a local user through an adapter) may not rewrite or remove it. */
-	if (in->replaces[0] && strcmp(PQgetvalue(r, first, 15), in->sender) != 0) {
+	if (in->replaces[0] && !replaces_here && strcmp(PQgetvalue(r, first, 15), in->sender) != 0) {
 		item_fail(res, 400, "invalid_body", "content.replaces names a message of another sender: "
 			  "only its sender may edit or delete it");
 		return;
 	}
-	snprintf(b->reply_id[i], sizeof(b->reply_id[i]), "%s", PQgetvalue(r, first, 12));
-	snprintf(b->replaces_id[i], sizeof(b->replaces_id[i]), "%s", PQgetvalue(r, first, 13));
+	if (!reply_here)
+		snprintf(b->reply_id[i], sizeof(b->reply_id[i]), "%s", PQgetvalue(r, first, 12));
+	if (!replaces_here)
+		snprintf(b->replaces_id[i], sizeof(b->replaces_id[i]), "%s", PQgetvalue(r, first, 13));
 	/* The recipients: the members other than the sender, except the
 	 * sender's own peer (it has the message already).  The policy decides
 	 * for each: allowed rows are pending, held ones wait for the local
@@ -1630,6 +1709,7 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 				}
 				submit_decide(b, (size_t)n, r, k, mfirst, nm);
 			}
+			intra_refs(b);
 			any_write = round1_needed(b);
 		} else {
 			/* The rows come in item order: the search starts after
@@ -1738,7 +1818,7 @@ size_t submit_count(const struct submit *b)
 }
 
 bool submit_put_local(struct submit *b, size_t i, struct cw_app *app, const char *network, const char *room,
-		      const char *native_id, const char *sender, const struct event *ev)
+		      const char *native_id, const char *sender, const struct event *ev, const char *msg_id)
 {
 	struct msg_input *in = calloc(1, sizeof(*in));
 	if (!in)
@@ -1751,6 +1831,8 @@ bool submit_put_local(struct submit *b, size_t i, struct cw_app *app, const char
 	snprintf(in->native_id, sizeof(in->native_id), "%s", native_id);
 	in->idem_key = strdup(native_id);
 	msg_input_from_event(in, app, room, sender, ev);
+	if (msg_id)
+		snprintf(in->msg_id, sizeof(in->msg_id), "%s", msg_id);
 	if (!in->idem_key || !in->event_text) {
 		msg_input_free(in);
 		return false;

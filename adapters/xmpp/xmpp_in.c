@@ -257,7 +257,7 @@ static cw_err in_convert(struct xin *in, bool *any, cw_errmsg *e)
 		}
 		char native[48];
 		snprintf(native, sizeof(native), i ? "%s#%zu" : "%s", in->base, i);
-		bool ok = submit_put_local(in->b, i, in->xc->x->app, "xmpp", in->room, native, in->uri, &pev);
+		bool ok = submit_put_local(in->b, i, in->xc->x->app, "xmpp", in->room, native, in->uri, &pev, NULL);
 		event_free(&pev);
 		if (!ok) {
 			json_decref(events);

@@ -88,6 +88,18 @@ def alice_writes_to_wally(hs, a):
     return alice, room, ghost
 
 
+def wally_wrote_to_alice(mx, hs, a, pg, db_url):
+    """wally (of the peer a) wrote to alice, who consented: (the neutral
+    room, her Matrix room), bound."""
+    consent_alice(mx)
+    hs.create_user("alice")
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    a.send(room, a.user("wally"), "hello")
+    mx_room = wait_until(lambda: next(iter(hs.rooms()), None), what="the direct room")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM room_bindings", db_url) == "1", what="the binding")
+    return room, mx_room
+
+
 def consent_alice(mx, subject="mimi://wa.example/u/wally"):
     assert mx.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
     assert mx.admin("POST", "/consents", json={"user": ALICE, "subject_kind": "user", "subject": subject,
@@ -235,6 +247,48 @@ def test_transactions_are_deduplicated_by_event_id(mx, hs, gk, pg, db_url):
     assert [e["content"]["parts"][0]["body"] for e in got] == ["once", "twice"]
 
 
+def test_a_transaction_whose_events_name_each_other(mx, hs, gk, pg, db_url):
+    """A homeserver batches what came while its last transaction was in
+    flight: here a message and, in the same transaction, a reaction to it,
+    an edit, a reply and the reaction's redaction, each naming an event
+    before it by its Matrix id. Before the thirteenth session a reference
+    was found only among stored events: the reaction was dropped and the
+    rest refused."""
+    a, srv = gk
+    room, mx_room = wally_wrote_to_alice(mx, hs, a, pg, db_url)
+    base = {"room_id": mx_room, "sender": ALICE_MX, "origin_server_ts": 1700000000000}
+    evs = [dict(base, event_id="$m1", type="m.room.message", content={"msgtype": "m.text", "body": "frist"}),
+           dict(base, event_id="$r1", type="m.reaction",
+                content={"m.relates_to": {"rel_type": "m.annotation", "event_id": "$m1", "key": "\U0001F44D"}}),
+           dict(base, event_id="$e1", type="m.room.message",
+                content={"msgtype": "m.text", "body": "* first", "m.new_content": {"msgtype": "m.text", "body": "first"},
+                         "m.relates_to": {"rel_type": "m.replace", "event_id": "$m1"}}),
+           dict(base, event_id="$p1", type="m.room.message",
+                content={"msgtype": "m.text", "body": "and a reply", "m.relates_to": {"m.in_reply_to": {"event_id": "$m1"}}}),
+           dict(base, event_id="$x1", type="m.room.redaction", redacts="$r1", content={"redacts": "$r1"})]
+    assert as_put(mx, "200", {"events": evs}).status_code == 200
+    got = srv.wait_events(5)
+    assert [e["type"] for e in got] == ["message", "reaction", "edit", "message", "delete"]
+    m1 = got[0]["id"]
+    assert got[1]["content"]["in_reply_to"] == m1 and got[2]["content"]["replaces"] == m1
+    assert got[3]["content"]["in_reply_to"] == m1 and got[4]["content"]["replaces"] == got[1]["id"]
+    # stored with the references, in order
+    assert pg.psql("SELECT string_agg(coalesce(r.public_id, '-') || '/' || coalesce(x.public_id, '-'), ' ' ORDER BY e.id) "
+                   "FROM events e LEFT JOIN events r ON r.id = e.in_reply_to_id LEFT JOIN events x ON x.id = e.replaces_id "
+                   "WHERE e.origin_network = 'matrix'", db_url) == f"-/- {m1}/- -/{m1} {m1}/- -/{got[1]['id']}"
+    # The same transaction again changes nothing; a reference to an event of
+    # the transaction that could not be stored is refused, the rest goes on.
+    assert as_put(mx, "200", {"events": evs}).status_code == 200
+    bad = [dict(base, event_id="$m2", type="m.room.message", content={"msgtype": "m.text", "body": 7}),
+           dict(base, event_id="$r2", type="m.reaction",
+                content={"m.relates_to": {"rel_type": "m.annotation", "event_id": "$m2", "key": "x"}}),
+           dict(base, event_id="$m3", type="m.room.message", content={"msgtype": "m.text", "body": "still here"})]
+    assert as_put(mx, "201", {"events": bad}).status_code == 200
+    got = srv.wait_events(6)
+    assert got[5]["content"]["parts"][0]["body"] == "still here"
+    assert pg.psql("SELECT count(*) FROM events WHERE origin_network = 'matrix'", db_url) == "6"
+
+
 def test_a_transaction_of_echoes_only_is_answered_and_remembered(mx, pg, db_url):
     """The homeserver pushes the gateway's own sends back: a transaction with
     nothing but those (and invalid events) stores nothing, is answered 200,
@@ -261,12 +315,7 @@ def test_a_transaction_whose_commit_fails_is_stored_when_retried(mx, hs, gk, pg,
     memory of answered transactions: after a commit that failed (503), the
     homeserver's retry of the same transaction is stored, not waved through."""
     a, srv = gk
-    consent_alice(mx)
-    hs.create_user("alice")
-    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
-    a.send(room, a.user("wally"), "hello")
-    mx_room = wait_until(lambda: next(iter(hs.rooms()), None), what="the direct room")
-    wait_until(lambda: pg.psql("SELECT count(*) FROM room_bindings", db_url) == "1", what="the binding")
+    room, mx_room = wally_wrote_to_alice(mx, hs, a, pg, db_url)
     # The next commit with an event from Matrix fails, once (checked at commit: a deferred trigger).
     pg.psql("CREATE SEQUENCE test_fail_once; "
             "CREATE FUNCTION test_fail_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
@@ -419,23 +468,57 @@ def test_a_conversation_started_from_matrix(mx, hs, gk, pg, db_url):
     assert pg.psql("SELECT count(*) FROM consent_requests", db_url) == "0"
 
 
-def test_a_message_written_before_the_ghost_joined_is_asked_for_again(mx, hs, gk, pg, db_url):
+def test_what_was_written_before_the_ghost_joined_is_fetched(mx, hs, gk, pg, db_url):
     """A client that makes a direct room with its first message sends that
     message at once, while the ghost is only invited: the homeserver hands
     an appservice the events of rooms its users are in, so it never comes.
-    The ghost, once in, says so, and what alice writes again arrives."""
+    The ghost, once in, reads the room back to its invitation and the
+    messages go on as if pushed, in order, once each (before the
+    thirteenth session it asked alice to write them again)."""
     a, srv = gk
     a.create_room([a.user("wally"), "mimi://example.org/u/someone"])  # the peer introduced wally
     _, alice_token = hs.create_user("alice")
     alice = hs.as_user(alice_token)
     ghost = "@_cw_gk_wally:example.org"
-    hs.stop_pushing()  # the invitation waits: the message is surely written before the ghost is in
+    hs.stop_pushing()  # the invitation waits: the messages are surely written before the ghost is in
+    room = alice.create_dm(ghost)
+    first = alice.send_text(room, "are you there?")
+    alice.send_text(room, "it's alice")
+    alice.call("PUT", f"/_matrix/client/v3/rooms/{room}/send/m.reaction/r1",
+               {"m.relates_to": {"rel_type": "m.annotation", "event_id": first, "key": "👋"}})
+    hs.resume_pushing()
+    got = srv.wait_events(3)
+    assert [e["content"]["parts"][0]["body"] for e in got[:2]] == ["are you there?", "it's alice"]
+    assert got[2]["type"] == "reaction" and got[2]["content"]["in_reply_to"] == got[0]["id"]
+    alice.send_text(room, "and now?")
+    got = srv.wait_events(4)
+    assert got[3]["content"]["parts"][0]["body"] == "and now?"
+    time.sleep(1)
+    assert len(srv.events) == 4 and srv.duplicates == 0
+    assert pg.psql("SELECT count(*) FROM events WHERE origin_network = 'matrix'", db_url) == "4"  # none twice
+    assert not any(e["sender"] == ghost and e["type"] == "m.room.message" for e in hs.events(room))
+
+
+def test_what_could_not_be_fetched_is_asked_for_again(mx, hs, gk, pg, db_url):
+    """When the fetched messages cannot be stored (here a trigger of the
+    test's own database fails them), the ghost says how many did not reach
+    it, and what alice writes again arrives."""
+    a, srv = gk
+    a.create_room([a.user("wally"), "mimi://example.org/u/someone"])
+    _, alice_token = hs.create_user("alice")
+    alice = hs.as_user(alice_token)
+    ghost = "@_cw_gk_wally:example.org"
+    pg.psql("CREATE FUNCTION t_boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF NEW.content::text LIKE '%are you there?%' THEN RAISE EXCEPTION 'boom'; END IF; RETURN NEW; END $$; "
+            "CREATE TRIGGER t_boom BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION t_boom()", db_url)
+    hs.stop_pushing()
     room = alice.create_dm(ghost)
     alice.send_text(room, "are you there?")
     hs.resume_pushing()
     wait_until(lambda: any(e["sender"] == ghost and e["type"] == "m.room.message" and
                            e["content"]["body"].startswith("1 message you wrote here while I was joining")
-                           for e in hs.events(room)), what="the ghost asking for it again")
+                           for e in hs.events(room)), timeout=40, what="the ghost asking for it again")
+    pg.psql("DROP TRIGGER t_boom ON events", db_url)
     alice.send_text(room, "are you there? (again)")
     got = srv.wait_events(1)
     assert [e["content"]["parts"][0]["body"] for e in got] == ["are you there? (again)"]
