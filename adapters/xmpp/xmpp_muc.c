@@ -475,13 +475,46 @@ static void add_text(json_t *out, xmpp_stanza_t *st)
 		xmpp_stanza_release(st);
 }
 
+/* What the room's occupants were told of its members (told: the room's
+ * set in xc->muc_members) that the join's answer, made from its own
+ * snapshot, did not say: who came, who went, a new name. xa_muc_members
+ * tells every occupant but the joining ones the changes from that set on,
+ * so a change between the join's snapshot and its answer was missed by
+ * the joining resource until the next one.  (A snapshot newer than the
+ * set: the difference goes back to the set, and the next look brings the
+ * change to everyone.) Under xc->mu. */
+static json_t *members_since(struct xcomp *xc, xmpp_ctx_t *ctx, const struct mjoin *j, json_t *told)
+{
+	json_t *out = json_array();
+	const char *own = strrchr(j->uri, '/') ? strrchr(j->uri, '/') + 1 : j->uri;
+	const char *who;
+	json_t *x, *v;
+	size_t i;
+	json_object_foreach(told, who, x) {
+		bool had = false;
+		json_array_foreach(j->members, i, v)
+			had = had || strcmp(json_string_value(v), who) == 0;
+		if (who[0] != '#' && strcmp(who, own) != 0 && !had)
+			add_text(out, occupant_presence(ctx, j->room, who, j->full, false, false));
+	}
+	json_array_foreach(j->members, i, v)
+		if (!json_object_get(told, json_string_value(v)))
+			add_text(out, occupant_gone(ctx, j->room, json_string_value(v), j->full, false, "321"));
+	const char *name = json_string_value(json_object_get(told, "#name"));
+	if (name && strcmp(name, j->name) != 0)
+		add_text(out, subject(xc, ctx, j->room, name, j->full));
+	return out;
+}
+
 /* The join's answer (out) is queued and the occupant is in, under one
  * hold of xc->mu: what xa_muc_route lets go to it after is queued after
- * the answer.  What it kept meanwhile follows, but for what the history
- * gave (given); what the history gave while it was on its way (going) is
- * skipped when its stanza is made later.  An occupant that went meanwhile
- * gets nothing. */
-static void joined(struct xcomp *xc, const struct mjoin *j, json_t *out, json_t *given, json_t *going)
+ * the answer, and so are the member changes the others were told while
+ * the join was looked at (members_since).  What it kept meanwhile
+ * follows, but for what the history gave (given); what the history gave
+ * while it was on its way (going) is skipped when its stanza is made
+ * later.  An occupant that went meanwhile gets nothing. */
+static void joined(struct xcomp *xc, xmpp_ctx_t *ctx, const struct mjoin *j, json_t *out, json_t *given,
+		   json_t *going)
 {
 	bool queued = true;
 	pthread_mutex_lock(&xc->mu);
@@ -498,6 +531,11 @@ static void joined(struct xcomp *xc, const struct mjoin *j, json_t *out, json_t 
 		json_t *v;
 		json_array_foreach(out, i, v)
 			queued = queued && xa_enqueue_locked(xc, json_string_value(v), json_string_length(v));
+		json_t *told = xc->muc_members ? json_object_get(xc->muc_members, j->room) : NULL;
+		json_t *since = told ? members_since(xc, ctx, j, told) : NULL;
+		json_array_foreach(since, i, v)
+			queued = queued && xa_enqueue_locked(xc, json_string_value(v), json_string_length(v));
+		json_decref(since);
 		json_array_foreach(kept, i, v) {
 			json_t *t = json_array_get(v, 1);
 			if (!json_object_get(given, json_string_value(json_array_get(v, 0))))
@@ -586,7 +624,7 @@ static void join_done(void *arg, cw_err rc, const cw_errmsg *e)
 		add_text(out, m);
 	}
 	add_text(out, subject(xc, ctx, j->room, j->name, j->full));
-	joined(xc, j, out, given, going);
+	joined(xc, ctx, j, out, given, going);
 	json_decref(out);
 	json_decref(given);
 	json_decref(going);

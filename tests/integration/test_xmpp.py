@@ -5,6 +5,7 @@ reactions, receipts, markers and chat states; consent by presence
 subscription and by ad-hoc commands; disco, ping and version; hostile
 stanzas; a Prosody restart mid-stream; a wrong secret."""
 import base64
+import contextlib
 import concurrent.futures
 import hashlib
 import os
@@ -407,12 +408,11 @@ def test_a_join_while_the_groups_rows_are_on_their_way(xd, gk, alice, pg, db_url
     assert [el.find("{urn:xmpp:sid:0}stanza-id").get("id") for el in (history, live)] == [one, two]
 
 
-def test_two_local_members_of_a_group_read_each_other(xd, gk, alice, prosody, pg, db_url):
-    """Two users of this server in one group: each has their own view of
-    the room (the policy decides per user), and what one writes reaches
-    the other's view from the room, under the writer's name, as well as
-    the peer."""
-    a, srv = gk
+@contextlib.contextmanager
+def a_group_with_bob(xd, a, alice, prosody):
+    """wally's group with alice and bob, both of this server and both
+    consenting, its first message out to both: (bob's client, the group,
+    its room JID)."""
     consent_alice(xd)
     bob_uri = "mimi://example.org/u/bob"
     consent_alice(xd, user=bob_uri)
@@ -422,6 +422,58 @@ def test_two_local_members_of_a_group_read_each_other(xd, gk, alice, prosody, pg
         assert a.send(gid, a.user("wally"), "hello both").status_code == 202
         room = alice.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None).get("from")
         assert bob.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None).get("from") == room
+        yield bob, gid, room
+    finally:
+        bob.disconnect()
+
+
+def test_a_member_who_comes_while_a_join_is_looked_at_is_shown_to_the_joiner(xd, gk, alice, prosody, pg,
+                                                                             db_url):
+    """bob is in the room; alice's join is looked at slowly (the database
+    made slow at that step) and meanwhile yves becomes a member: bob is
+    told at once, and alice, whose answer was made from the join's older
+    snapshot, is told right after her answer (before, she missed yves until
+    the next change of members). Through this process's writer the change
+    could only come right after the join's commit; from another process of
+    the same server it comes any time."""
+    a, _ = gk
+    with a_group_with_bob(xd, a, alice, prosody) as (bob, gid, room):
+        start = bob.count()
+        bob.send_presence(to=f"{room}/bob", payload=f"<x xmlns='{MUC}'/>")
+        bob.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+        wait_until(lambda: pg.psql("SELECT count(*) FROM room_bindings WHERE network = 'xmpp' "
+                                   "AND remote_identity_id IS NULL", db_url) == "2", what="both bindings")
+        pg.psql("CREATE TABLE test_pause (what text); INSERT INTO test_pause VALUES ('join'); "
+                "CREATE FUNCTION test_slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                " IF EXISTS (SELECT 1 FROM test_pause) THEN PERFORM pg_sleep(4); END IF; RETURN NEW; END $$; "
+                "CREATE TRIGGER test_slow_join BEFORE INSERT ON room_bindings FOR EACH ROW "
+                " WHEN (NEW.network = 'xmpp' AND NEW.remote_identity_id IS NULL) EXECUTE FUNCTION test_slow()", db_url)
+        a_start, b_start = alice.count(), bob.count()
+        alice.send_presence(to=f"{room}/alice", payload=f"<x xmlns='{MUC}'><history maxstanzas='0'/></x>")
+        time.sleep(0.5)
+        # yves added by another process of this server (this one's writer is
+        # busy with the join): straight into the database
+        yves = a.user("yves")
+        pg.psql(f"INSERT INTO identities (uri, domain, localpart, is_local, network, peer_id) SELECT '{yves}', "
+                f"'{yves.split('/')[2]}', 'yves', false, 'peer:gk', id FROM peers WHERE name = 'gk'; "
+                "INSERT INTO room_members (room_id, identity_id, membership) SELECT r.id, i.id, 'joined' "
+                f"FROM rooms r, identities i WHERE r.public_id = '{gid}' AND i.uri = '{yves}'", db_url)
+        bob.wait_for_presence(lambda el: el.get("from") == room + "/yves", start=b_start)
+        alice.wait_for_presence(lambda el: el.get("from") == room + "/yves", start=a_start, timeout=20)
+        got = [el for el in alice.stanzas()[a_start:] if el.get("from", "").startswith(room + "/")
+               and el.tag.endswith("presence")]
+        nicks = [el.get("from").split("/", 1)[1] for el in got]
+        assert nicks.index("alice") < nicks.index("yves"), nicks  # the race happened: yves came after the answer
+        assert sorted(nicks[:nicks.index("alice")]) == ["bob", "wally"], nicks
+
+
+def test_two_local_members_of_a_group_read_each_other(xd, gk, alice, prosody, pg, db_url):
+    """Two users of this server in one group: each has their own view of
+    the room (the policy decides per user), and what one writes reaches
+    the other's view from the room, under the writer's name, as well as
+    the peer."""
+    a, srv = gk
+    with a_group_with_bob(xd, a, alice, prosody) as (bob, gid, room):
         for c, nick in ((alice, "alice"), (bob, "bobby")):
             start = c.count()
             c.send_presence(to=f"{room}/{nick}", payload=f"<x xmlns='{MUC}'/>")
@@ -448,8 +500,6 @@ def test_two_local_members_of_a_group_read_each_other(xd, gk, alice, prosody, pg
         assert now.get("type") is None and [c.get("code") for c in now.iter(q(MUC_USER, "status"))] == ["110"]
         bob.send_message(room, "renamed", mtype="groupchat", id="b2")
         message_from(bob, room, lambda el: el.get("id") == "b2" and el.get("from") == room + "/robert")
-    finally:
-        bob.disconnect()
 
 
 def test_an_xmpp_user_makes_a_group(xd, gk, alice, prosody, pg, db_url):
