@@ -51,6 +51,17 @@
 #define HISTORY_DEFAULT 20
 #define HISTORY_MAX 50
 #define NICK_MAX 255
+/* A member's nick in a room (the tail of a CASE; who: an identities row,
+ * room: the room's id): their local part, but a remote member's is
+ * "<local part>@<domain>" when another member has the same local part (a
+ * local user and a peer's user, or two peers' users, both "bob": one
+ * occupant, one name, before the thirteenth session).  Local users' local
+ * parts are unique, and theirs stay as they are.  xa_muc_members and
+ * xmpp_out.c (column 28) say the same in their own words. */
+#define MUC_NICK(WHO, ROOM) \
+	"WHEN NOT " WHO ".is_local AND EXISTS (SELECT 1 FROM room_members y JOIN identities o " \
+	"ON o.id = y.identity_id WHERE y.room_id = " ROOM " AND y.membership = 'joined' AND o.localpart = " WHO \
+	".localpart AND o.id <> " WHO ".id) THEN " WHO ".localpart || '@' || " WHO ".domain ELSE " WHO ".localpart END"
 #define OCCUPANTS_MAX 10000 /* of all rooms of a component: a bound on memory */
 
 bool xa_muc_room_jid(const struct xcomp *xc, const char *public_id, char *out, size_t len)
@@ -392,7 +403,7 @@ static cw_err join_fn(PGconn *c, void *arg, cw_errmsg *e)
 		"  SELECT room, 'xmpp', $4, me FROM ok ON CONFLICT DO NOTHING), "
 		"ib AS (INSERT INTO identity_bindings (identity_id, network, native_id) SELECT me, 'xmpp', $5 FROM ok "
 		"  ON CONFLICT DO NOTHING), "
-		"h AS (SELECT e.id, e.public_id, CASE WHEN e.sender_id = ok.me THEN '' ELSE s.localpart END AS localpart, "
+		"h AS (SELECT e.id, e.public_id, CASE WHEN e.sender_id = ok.me THEN '' " MUC_NICK("s", "ok.room") " AS localpart, "
 		"  coalesce(jsonb_set(e.content, '{content,parts}', (SELECT x.content->'content'->'parts' FROM events x "
 		"  WHERE x.type = 'edit' AND x.replaces_id = e.id AND x.sender_id = e.sender_id ORDER BY x.id DESC LIMIT 1)), "
 		"  e.content) AS ev, e.ts, EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = e.id "
@@ -404,7 +415,7 @@ static cw_err join_fn(PGconn *c, void *arg, cw_errmsg *e)
 		"  AND NOT EXISTS (SELECT 1 FROM events d WHERE d.type = 'delete' AND d.replaces_id = e.id) "
 		"  ORDER BY e.id DESC LIMIT $6::int) "
 		"SELECT 'ok', (SELECT name FROM rooms WHERE id = ok.room), EXISTS (SELECT 1 FROM nr)::text, NULL, NULL FROM ok "
-		"UNION ALL SELECT 'member', i.localpart, NULL, NULL, NULL FROM ok, room_members x "
+		"UNION ALL SELECT 'member', CASE " MUC_NICK("i", "ok.room") ", NULL, NULL, NULL FROM ok, room_members x "
 		"  JOIN identities i ON i.id = x.identity_id WHERE x.room_id = ok.room AND x.membership = 'joined' "
 		"  AND i.id <> ok.me "
 		"UNION ALL SELECT 'h', h.localpart, h.ev::text, h.ts::text || ' ' || h.public_id, h.going::text FROM (SELECT * FROM h "
@@ -1223,7 +1234,9 @@ void xa_muc_members(struct xcomp *xc, PGconn *c)
 	char *doc = json_dumps(rooms, JSON_COMPACT);
 	const char *params[] = { doc ? doc : "[]" };
 	PGresult *r = PQexecParams(c,
-		"SELECT x->>1, i.localpart, coalesce(rm.name, '') FROM jsonb_array_elements($1::jsonb) AS x "
+		"SELECT x->>1, CASE WHEN NOT i.is_local AND count(*) OVER (PARTITION BY rm.id, i.localpart) > 1 "
+		" THEN i.localpart || '@' || i.domain ELSE i.localpart END, coalesce(rm.name, '') "
+		"FROM jsonb_array_elements($1::jsonb) AS x "
 		"JOIN rooms rm ON rm.public_id = x->>0 JOIN room_members m ON m.room_id = rm.id AND m.membership = 'joined' "
 		"JOIN identities i ON i.id = m.identity_id",
 		1, NULL, params, NULL, NULL, 0);

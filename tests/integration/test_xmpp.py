@@ -409,16 +409,16 @@ def test_a_join_while_the_groups_rows_are_on_their_way(xd, gk, alice, pg, db_url
 
 
 @contextlib.contextmanager
-def a_group_with_bob(xd, a, alice, prosody):
-    """wally's group with alice and bob, both of this server and both
-    consenting, its first message out to both: (bob's client, the group,
-    its room JID)."""
+def a_group_with_bob(xd, a, alice, prosody, more=()):
+    """wally's group with alice and bob (and more), both of this server and
+    both consenting to wally, its first message out to both: (bob's client,
+    the group, its room JID)."""
     consent_alice(xd)
     bob_uri = "mimi://example.org/u/bob"
     consent_alice(xd, user=bob_uri)
     bob = prosody.client("bob", "pw-bob")
     try:
-        gid = a.create_room([a.user("wally"), ALICE, bob_uri], kind="group").json()["id"]
+        gid = a.create_room([a.user("wally"), ALICE, bob_uri, *more], kind="group").json()["id"]
         assert a.send(gid, a.user("wally"), "hello both").status_code == 202
         room = alice.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None).get("from")
         assert bob.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None).get("from") == room
@@ -465,6 +465,41 @@ def test_a_member_who_comes_while_a_join_is_looked_at_is_shown_to_the_joiner(xd,
         nicks = [el.get("from").split("/", 1)[1] for el in got]
         assert nicks.index("alice") < nicks.index("yves"), nicks  # the race happened: yves came after the answer
         assert sorted(nicks[:nicks.index("alice")]) == ["bob", "wally"], nicks
+
+
+def test_a_peers_user_named_as_a_local_member_is_an_occupant_of_their_own(xd, gk, alice, prosody):
+    """bob of this server and bob of the peer in one group: an occupant
+    each, the peer's named "bob@<its domain>". Before, both were "bob": one
+    occupant, and alice could not tell whose message was whose."""
+    a, _ = gk
+    their_bob = a.user("bob")
+    domain = their_bob.split("/")[2]
+    consent_alice(xd, subject=their_bob)
+    consent_alice(xd, subject=their_bob, user="mimi://example.org/u/bob")
+    with a_group_with_bob(xd, a, alice, prosody, more=[their_bob]) as (bob, gid, room):
+        for c, nick in ((bob, "bobby"), (alice, "alice")):
+            start = c.count()
+            c.send_presence(to=f"{room}/{nick}", payload=f"<x xmlns='{MUC}'><history maxstanzas='0'/></x>")
+            c.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+        nicks = [el.get("from").split("/", 1)[1] for el in alice.stanzas()[start:]
+                 if el.tag.endswith("presence") and el.get("from", "").startswith(room + "/")]
+        assert sorted(nicks) == sorted(["wally", "bob", f"bob@{domain}", "alice"]), nicks
+        assert a.send(gid, their_bob, "from the peer's bob").status_code == 202
+        m = message_from(alice, room, lambda el: body(el) == "from the peer's bob")
+        assert m.get("from") == f"{room}/bob@{domain}"
+        bob.send_message(room, "from our bob", mtype="groupchat", id="b1")
+        m = message_from(alice, room, lambda el: body(el) == "from our bob")
+        assert m.get("from") == f"{room}/bob"
+        # and the history says the same
+        start = alice.count()
+        alice.send_presence(to=f"{room}/alice", ptype="unavailable")
+        alice.wait_for_presence(lambda el: el.get("type") == "unavailable", start=start)
+        start = alice.count()
+        alice.send_presence(to=f"{room}/alice", payload=f"<x xmlns='{MUC}'><history maxstanzas='2'/></x>")
+        alice.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+        hist = [(el.get("from").split("/", 1)[1], body(el)) for el in alice.stanzas()[start:]
+                if el.tag.endswith("message") and body(el)]
+        assert hist == [(f"bob@{domain}", "from the peer's bob"), ("bob", "from our bob")], hist
 
 
 def test_two_local_members_of_a_group_read_each_other(xd, gk, alice, prosody, pg, db_url):
