@@ -544,17 +544,18 @@ static void record(struct lane *l, const struct outbox_row *rows, size_t n, bool
 	free(ids);
 }
 
-/* Runs sql, an UPDATE of claimed rows whose ids are $1; the rows it
+/* Runs sql, an UPDATE of claimed rows whose ids are $1 (and p2, when
+ * not NULL, $2); the rows it
  * changed, or -1 after logging that what failed (the claim then runs out
  * and the rows go again). */
 static long update_claimed(struct lane *l, const struct outbox_row *rows, size_t n, const char *sql,
-			   const char *what)
+			   const char *p2, const char *what)
 {
 	char *ids = id_array(rows, n);
 	if (!ids)
 		return -1;
-	const char *params[] = { ids };
-	PGresult *r = PQexecParams(l->c, sql, 1, NULL, params, NULL, NULL, 0);
+	const char *params[] = { ids, p2 };
+	PGresult *r = PQexecParams(l->c, sql, p2 ? 2 : 1, NULL, params, NULL, NULL, 0);
 	long changed = -1;
 	if (PQresultStatus(r) == PGRES_COMMAND_OK) {
 		changed = atol(PQcmdTuples(r));
@@ -574,7 +575,7 @@ static void release(struct lane *l, const struct outbox_row *rows, size_t n)
 {
 	update_claimed(l, rows, n,
 		       "UPDATE outbox SET state = 'pending', claimed_by = NULL, claimed_until = NULL, "
-		       " attempts = greatest(attempts - 1, 0) WHERE id = ANY($1::bigint[]) AND state = 'in_flight'",
+		       " attempts = greatest(attempts - 1, 0) WHERE id = ANY($1::bigint[]) AND state = 'in_flight'", NULL,
 		       "releasing untried rows failed; the claim will run out and the rows go again");
 }
 
@@ -582,29 +583,31 @@ static void release(struct lane *l, const struct outbox_row *rows, size_t n)
  * again, the attempt not counted, due after ms. */
 static void release_after(struct lane *l, const struct outbox_row *rows, size_t n, long ms)
 {
-	char *ids = id_array(rows, n), wait[24];
-	if (!ids)
-		return;
+	char wait[24];
 	snprintf(wait, sizeof(wait), "%ld", ms);
-	const char *params[] = { ids, wait };
-	PGresult *r = PQexecParams(l->c,
-		"UPDATE outbox SET state = 'pending', claimed_by = NULL, claimed_until = NULL, "
-		" attempts = greatest(attempts - 1, 0), next_attempt_at = now() + make_interval(secs => $2::bigint / 1000.0) "
-		"WHERE id = ANY($1::bigint[]) AND state = 'in_flight'",
-		2, NULL, params, NULL, NULL, 0);
-	if (PQresultStatus(r) != PGRES_COMMAND_OK) {
-		cw_errmsg e;
-		store_result_err(l->c, r, &e);
-		LOG_KV(CW_LOG_WARN, "releasing waiting rows failed; the claim will run out and the rows go again", "detail",
-		       e.msg);
-	}
-	PQclear(r);
-	free(ids);
+	update_claimed(l, rows, n,
+		       "UPDATE outbox SET state = 'pending', claimed_by = NULL, claimed_until = NULL, "
+		       " attempts = greatest(attempts - 1, 0), next_attempt_at = now() + make_interval(secs => $2::bigint "
+		       " / 1000.0) WHERE id = ANY($1::bigint[]) AND state = 'in_flight'", wait,
+		       "releasing waiting rows failed; the claim will run out and the rows go again");
+}
+
+/* Rows the recipient's side refused for good (outcome 4: a Matrix user
+ * banned the sender's ghost from their room): dropped, with why, as a
+ * row the policy denied is (the sender sees "not delivered"). */
+static void drop_refused(struct lane *l, const struct outbox_row *rows, size_t n)
+{
+	update_claimed(l, rows, n,
+		       "UPDATE outbox SET state = 'dropped', claimed_by = NULL, claimed_until = NULL, last_error = $2 "
+		       "WHERE id = ANY($1::bigint[]) AND state = 'in_flight'",
+		       rows[0].why[0] ? rows[0].why : "refused by the recipient's side",
+		       "dropping refused rows failed; the claim will run out and the rows go again");
 }
 
 /* The rows' own outcomes: the delivered ones in one statement, the failed
  * ones in one per reason (a room's rest shares its reason), the untried
- * ones (2) released, the waiting ones (3) released for a while. */
+ * ones (2) released, the waiting ones (3) released for a while, the
+ * refused ones (4) dropped. */
 static void record_outcomes(struct lane *l, struct outbox_row *rows, size_t n, int64_t t0)
 {
 	struct outbox_row *sel = malloc(n * sizeof(*sel));
@@ -640,6 +643,17 @@ static void record_outcomes(struct lane *l, struct outbox_row *rows, size_t n, i
 		}
 	if (k)
 		release_after(l, sel, k, wait);
+	for (size_t i = 0; i < n; i++) {
+		if (taken[i] || rows[i].outcome != 4)
+			continue;
+		k = 0;
+		for (size_t x = i; x < n; x++)
+			if (!taken[x] && rows[x].outcome == 4 && strcmp(rows[x].why, rows[i].why) == 0) {
+				sel[k++] = rows[x];
+				taken[x] = true;
+			}
+		drop_refused(l, sel, k);
+	}
 	for (size_t i = 0; i < n; i++) {
 		if (taken[i])
 			continue;
@@ -677,7 +691,7 @@ static void expire(struct lane *l, const struct outbox_row *rows, size_t n)
 	long changed = update_claimed(l, rows, n,
 		"UPDATE outbox SET state = 'expired', claimed_by = NULL, claimed_until = NULL, "
 		" last_error = 'typing notification too old to be shown: not sent' "
-		"WHERE id = ANY($1::bigint[]) AND state = 'in_flight'",
+		"WHERE id = ANY($1::bigint[]) AND state = 'in_flight'", NULL,
 		"expiring old typing rows failed; the claim will run out and the rows go again");
 	if (changed > 0)
 		atomic_fetch_add(&l->d->expired, (uint64_t)changed);

@@ -23,7 +23,9 @@ struct outbox_row {
 	 * time) says per row: 1 delivered, -1 not (code, why), 2 not tried
 	 * (released: pending again, the attempt not counted), 3 not yet (the
 	 * same, due again after retry_after_ms: the adapter is getting
-	 * something ready for it); 0 everywhere:
+	 * something ready for it), 4 refused for good by the recipient's side
+	 * (dropped now, why recorded, never tried again: the rows after it go
+	 * on); 0 everywhere:
 	 * *done tells, as for any adapter.  A failed row's later rows of the
 	 * same room must fail too (the dispatcher never lets a room's row
 	 * overtake an earlier one). */

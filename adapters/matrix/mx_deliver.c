@@ -504,16 +504,20 @@ void mx_rename_portal(struct matrix *m, PGconn *c, const char *room, const char 
 
 /* A remote member's ghost in a portal: invited by the bot, then joined
  * (both idempotent on a homeserver: an invite of a member is refused, and
- * the join that follows says whether it is in), and recorded. */
+ * the join that follows says whether it is in), and recorded.  *refused:
+ * the join was forbidden (403: the user banned the ghost from their room,
+ * or the room lets it in no more), an answer that holds. */
 static cw_err ensure_portal_member(struct matrix *m, PGconn *c, const char *room, const char *binding,
-				   const char *sender_id, const char *ghost, cw_errmsg *e)
+				   const char *sender_id, const char *ghost, bool *refused, cw_errmsg *e)
 {
 	long status;
 	cw_errmsg e2;
+	*refused = false;
 	if (mx_room_post(m, room, NULL, "invite", json_pack("{s:s}", "user_id", ghost), &status, &e2) &&
 	    status != 403) /* 403: a member already (or the join below says why not) */
 		LOG_KV(CW_LOG_WARN, "the bot cannot invite a ghost to a group", "room", room, "detail", e2.msg);
-	cw_err rc = mx_room_action(m, room, ghost, "join", e);
+	cw_err rc = mx_room_post(m, room, ghost, "join", json_object(), &status, e);
+	*refused = rc && status == 403;
 	if (rc)
 		return rc;
 	const char *params[] = { binding, sender_id };
@@ -792,7 +796,7 @@ static bool sync_profile(struct matrix *m, PGconn *c, const char *sender_id, con
  * (0: a receipt Matrix has no form for, or a retry whose event is in the
  * room already), a file being made ready (2: the room waits a little), or
  * a failure (-1, e says why). */
-enum prep { PREP_FAIL = -1, PREP_NOTHING = 0, PREP_SEND = 1, PREP_WAIT = 2 };
+enum prep { PREP_FAIL = -1, PREP_NOTHING = 0, PREP_SEND = 1, PREP_WAIT = 2, PREP_DROP = 3 };
 
 /* Resolves the row's ghost and direct room (making them the first time:
  * calls to the homeserver and writes, here on the dispatcher's thread),
@@ -885,8 +889,18 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 	 * first time it has something for it. */
 	snprintf(jkey, sizeof(jkey), "j%s/%s", binding, sender_id);
 	if (group && !relay && !(have_room && PQgetvalue(r, i, 18)[0] == 't') && !json_object_get(made, jkey)) {
-		if (ensure_portal_member(m, c, room, binding, sender_id, ghost, e))
-			return PREP_FAIL;
+		char xkey[90];
+		snprintf(xkey, sizeof(xkey), "x%s", jkey);
+		if (json_object_get(made, xkey)) { /* refused before in this batch */
+			cw_fail(e, CW_EIO, "homeserver answered 403 M_FORBIDDEN");
+			return PREP_DROP;
+		}
+		bool refused;
+		if (ensure_portal_member(m, c, room, binding, sender_id, ghost, &refused, e)) {
+			if (refused)
+				json_object_set_new(made, xkey, json_true());
+			return refused ? PREP_DROP : PREP_FAIL;
+		}
 		json_object_set_new(made, jkey, json_true());
 	}
 	const char *actor = relay ? NULL : ghost; /* NULL: the bot */
@@ -1152,6 +1166,16 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 					run->next++;
 					continue;
 				}
+				if (p == PREP_DROP) {
+					/* the user keeps that member out of their room:
+					 * its row goes as not delivered, the room's next
+					 * rows go on */
+					rows[k].outcome = 4;
+					snprintf(rows[k].why, sizeof(rows[k].why), "the recipient's room refuses the sender "
+						 "(banned there): %.400s", pe.msg);
+					run->next++;
+					continue;
+				}
 				curl_easy_setopt(run->h, CURLOPT_PRIVATE, run);
 				if (curl_multi_add_handle(m->multi, run->h) != CURLM_OK) {
 					req_free(&run->rq);
@@ -1223,7 +1247,7 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 	/* The outcome per row (rows[].outcome); *done and the return say the
 	 * same of the first rows, for the log. */
 	rc = CW_OK;
-	while (*done < n && rows[*done].outcome == 1)
+	while (*done < n && (rows[*done].outcome == 1 || rows[*done].outcome == 4))
 		(*done)++;
 	if (*done < n) {
 		*code = rows[*done].code;

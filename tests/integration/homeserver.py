@@ -577,6 +577,7 @@ class Homeserver:
             ("POST", c3 + "/join/" + seg, self._h_join, "user"),
             ("POST", c3 + "/rooms/" + seg + "/leave", self._h_leave, "user"),
             ("POST", c3 + "/rooms/" + seg + "/kick", self._h_kick, "user"),
+            ("POST", c3 + "/rooms/" + seg + "/ban", self._h_ban, "user"),
             ("PUT", c3 + "/rooms/" + seg + "/send/" + seg + "/" + seg, self._h_send, "user"),
             ("GET", c3 + "/rooms/" + seg + "/state", self._h_state_all, "user"),
             ("GET", c3 + "/rooms/" + seg + "/state/" + seg + "(?:/([^/]*))?", self._h_state_get, "user"),
@@ -1422,6 +1423,14 @@ class Homeserver:
             if room.membership(target) not in ("join", "invite"):
                 raise MatrixError(403, "M_FORBIDDEN", f"{target} is not in the room")
             self._membership(room, req.user_id, target, "leave", extra={"reason": reason} if reason else None)
+            return 200, {}
+
+    def _h_ban(self, req, room_id):
+        target = field(req.body, "user_id", str, required=True)
+        reason = field(req.body, "reason", str)
+        with self._lock:
+            room = self._room(room_id, status=403)
+            self._membership(room, req.user_id, target, "ban", extra={"reason": reason} if reason else None)
             return 200, {}
 
     # ------------------------------------------------------------------ directory

@@ -711,6 +711,42 @@ def test_a_second_room_with_a_ghost_takes_over_and_a_second_ghost_makes_it_a_gro
 
 
 
+def test_a_ghost_banned_from_a_users_room_of_a_group_is_not_delivered_there(mx, hs, gk, pg, db_url):
+    """alice makes a group of her room with wally's ghost by inviting bob's,
+    then bans bob's ghost (her room: hers to ban in). What bob writes to
+    the group is not delivered to her, at once (dropped, "not delivered"
+    for the peer), and what wally writes after it comes as before. Until
+    the thirteenth session bob's row failed on the refused join again and
+    again until it was dead, and the room's later rows waited behind it."""
+    a, srv = gk
+    consent_alice(mx)
+    consent_alice(mx, "mimi://wa.example/u/bob")
+    a.create_room([a.user("bob"), "mimi://example.org/u/someone"])  # the peer introduced bob
+    alice, room, wally = alice_writes_to_wally(hs, a)
+    bob = "@_cw_gk_bob:example.org"
+    alice.invite(room, bob)
+    wait_until(lambda: hs.members(room).get(bob) == "join", what="bob's ghost in")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_portal_members", db_url) == "2", what="a group")
+    alice.send_text(room, "hi both")
+    gid = wait_until(lambda: next((e["room_id"] for e in list(srv.events) if e.get("type") == "message"
+                                   and e["content"]["parts"][0]["body"] == "hi both"), None), what="the group")
+    r = alice.request("POST", f"/_matrix/client/v3/rooms/{room}/ban", {"user_id": bob, "reason": "spam"})
+    assert r.status_code == 200, r.text
+    wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_portal_members", db_url) == "1", what="bob's ghost out")
+    spam = a.send(gid, a.user("bob"), "let me back in")
+    assert spam.status_code == 202, spam.text
+    row = f"(SELECT o.state || ' ' || o.attempts FROM outbox o JOIN events e ON e.id = o.event_id " \
+          f"WHERE e.public_id = '{spam.json()['id']}' AND o.destination = 'matrix')"
+    wait_until(lambda: pg.psql(f"SELECT {row}", db_url) == "dropped 1", what="bob's row dropped at once")
+    st = a.call("GET", f"/v1/messages/{spam.json()['id']}").json()
+    assert [x["status"] for x in st["recipients"]] == ["not_delivered"], st
+    assert a.send(gid, a.user("wally"), "still here").status_code == 202
+    wait_until(lambda: any(e["sender"] == wally and e["type"] == "m.room.message"
+                           and e["content"]["body"] == "still here" for e in hs.events(room)), what="wally's message")
+    assert hs.members(room).get(bob) == "ban"
+    assert not any(e["type"] == "m.room.message" and e["content"]["body"] == "let me back in" for e in hs.events(room))
+
+
 def test_a_local_user_invited_into_a_direct_room_makes_a_group(mx, hs, gk, pg, db_url):
     """alice invites carol, another user of this server, into her direct
     room with wally: the room is alice's view, so the invitation is taken
