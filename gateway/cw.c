@@ -50,6 +50,17 @@ int64_t cw_now_us(void)
 	return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
+void cw_deadline_ts(struct timespec *ts, clockid_t clock, int64_t wait_us)
+{
+	clock_gettime(clock, ts);
+	ts->tv_sec += wait_us / 1000000;
+	ts->tv_nsec += (wait_us % 1000000) * 1000;
+	if (ts->tv_nsec >= 1000000000L) {
+		ts->tv_sec++;
+		ts->tv_nsec -= 1000000000L;
+	}
+}
+
 int64_t cw_wall_ms(void)
 {
 	struct timespec ts;

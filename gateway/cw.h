@@ -5,6 +5,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <time.h>
 
 /* Every fallible function returns a cw_err; CW_OK is 0, so `if (rc)` reads as
  * "on failure".  The human-readable reason goes into a cw_errmsg the caller
@@ -36,6 +37,9 @@ const char *cw_strerror(cw_err code);
 /* Monotonic and wall clocks, in microseconds. */
 int64_t cw_now_us(void);
 int64_t cw_wall_ms(void);
+/* *ts: wait_us from now on clock (the clock of the condition variable it
+ * is for: CLOCK_REALTIME by default), for pthread_cond_timedwait. */
+void cw_deadline_ts(struct timespec *ts, clockid_t clock, int64_t wait_us);
 
 /* Fills buf with n cryptographically random bytes (OpenSSL); aborts the
  * process if the generator fails (always CW_OK otherwise). */

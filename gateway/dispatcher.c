@@ -146,8 +146,7 @@ static bool watch(struct lane *l)
 	if (d->watcher >= 0 && d->watcher != me) {
 		if (!atomic_load(&d->stop)) {
 			struct timespec ts;
-			clock_gettime(CLOCK_REALTIME, &ts);
-			ts.tv_sec += 1;
+			cw_deadline_ts(&ts, CLOCK_REALTIME, 1000000);
 			pthread_cond_timedwait(&d->idle, &d->mu, &ts);
 		}
 		pthread_mutex_unlock(&d->mu);

@@ -529,13 +529,7 @@ void cw_http_quiesce(struct cw_http *h)
 bool cw_http_drain(struct cw_http *h, long timeout_ms)
 {
 	struct timespec until;
-	clock_gettime(CLOCK_REALTIME, &until);
-	until.tv_sec += timeout_ms / 1000;
-	until.tv_nsec += (timeout_ms % 1000) * 1000000L;
-	if (until.tv_nsec >= 1000000000L) {
-		until.tv_sec++;
-		until.tv_nsec -= 1000000000L;
-	}
+	cw_deadline_ts(&until, CLOCK_REALTIME, (int64_t)timeout_ms * 1000);
 	pthread_mutex_lock(&h->mu);
 	while (atomic_load(&h->in_flight) > 0)
 		if (pthread_cond_timedwait(&h->idle, &h->mu, &until) == ETIMEDOUT)

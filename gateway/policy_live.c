@@ -666,13 +666,7 @@ static bool sync_request(struct policy_live *pl, const int64_t *ids, size_t n, l
 	pthread_mutex_unlock(&pl->mu);
 	wake_thread(pl);
 	struct timespec until;
-	clock_gettime(CLOCK_REALTIME, &until);
-	until.tv_sec += timeout_ms / 1000;
-	until.tv_nsec += (timeout_ms % 1000) * 1000000L;
-	if (until.tv_nsec >= 1000000000L) {
-		until.tv_sec++;
-		until.tv_nsec -= 1000000000L;
-	}
+	cw_deadline_ts(&until, CLOCK_REALTIME, (int64_t)timeout_ms * 1000);
 	pthread_mutex_lock(&pl->mu);
 	int rc = 0;
 	while (pl->done < want && rc == 0)

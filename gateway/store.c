@@ -584,17 +584,6 @@ static void write_batch(struct cw_store *s, struct job *list)
 	finish_list(live);
 }
 
-static void deadline_ts(struct timespec *ts, int64_t wait_us)
-{
-	clock_gettime(CLOCK_MONOTONIC, ts);
-	ts->tv_sec += wait_us / 1000000;
-	ts->tv_nsec += (wait_us % 1000000) * 1000;
-	if (ts->tv_nsec >= 1000000000L) {
-		ts->tv_sec++;
-		ts->tv_nsec -= 1000000000L;
-	}
-}
-
 static void *writer_main(void *arg)
 {
 	cw_thread_name("cw-writer");
@@ -640,7 +629,7 @@ static void *writer_main(void *arg)
 			pthread_cond_wait(&s->wcond, &s->mu);
 		} else {
 			struct timespec ts;
-			deadline_ts(&ts, wait_us);
+			cw_deadline_ts(&ts, CLOCK_MONOTONIC, wait_us);
 			pthread_cond_timedwait(&s->wcond, &s->mu, &ts);
 		}
 	}

@@ -1112,13 +1112,7 @@ cw_err mx_backfill(struct matrix *m, json_t *events, int timeout_ms, cw_errmsg *
 	j->finished = backfill_finished;
 	app_job_start_prepared_pipe(j, txn_prepare, &txn_ops);
 	struct timespec until;
-	clock_gettime(CLOCK_REALTIME, &until);
-	until.tv_sec += timeout_ms / 1000;
-	until.tv_nsec += (long)(timeout_ms % 1000) * 1000000;
-	if (until.tv_nsec >= 1000000000) {
-		until.tv_sec++;
-		until.tv_nsec -= 1000000000;
-	}
+	cw_deadline_ts(&until, CLOCK_REALTIME, (int64_t)timeout_ms * 1000);
 	pthread_mutex_lock(&w->mu);
 	while (!w->done && pthread_cond_timedwait(&w->cv, &w->mu, &until) == 0)
 		;

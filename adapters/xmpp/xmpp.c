@@ -302,13 +302,7 @@ bool xa_enqueue_stanza(struct xcomp *xc, xmpp_stanza_t *st)
 bool xa_wait_written(struct xcomp *xc, uint64_t seq, long timeout_ms)
 {
 	struct timespec dl;
-	clock_gettime(CLOCK_REALTIME, &dl);
-	dl.tv_sec += timeout_ms / 1000;
-	dl.tv_nsec += (timeout_ms % 1000) * 1000000L;
-	if (dl.tv_nsec >= 1000000000L) {
-		dl.tv_sec++;
-		dl.tv_nsec -= 1000000000L;
-	}
+	cw_deadline_ts(&dl, CLOCK_REALTIME, (int64_t)timeout_ms * 1000);
 	pthread_mutex_lock(&xc->mu);
 	while (xc->written_seq < seq && xc->state == XC_UP && !atomic_load(&xc->x->stop))
 		if (pthread_cond_timedwait(&xc->written, &xc->mu, &dl) == ETIMEDOUT)
