@@ -1088,6 +1088,10 @@ cw_err mx_backfill(struct matrix *m, json_t *events, int timeout_ms, cw_errmsg *
 	bool keyed = doc && cw_sha256_pair("backfill", 8, doc, strlen(doc), key);
 	free(doc);
 	struct txn *t = keyed ? txn_new(m->app, "backfill", key, events, NULL) : NULL;
+	if (t && txn_empty(t)) {
+		txn_free(t);
+		return CW_OK;
+	}
 	struct backfill_wait *w = t ? calloc(1, sizeof(*w)) : NULL;
 	struct app_job *j = w ? app_job_new(m->app, NULL, NULL) : NULL;
 	if (!j) {
@@ -1095,12 +1099,6 @@ cw_err mx_backfill(struct matrix *m, json_t *events, int timeout_ms, cw_errmsg *
 		if (t)
 			txn_free(t);
 		return cw_fail(e, CW_ENOMEM, "out of memory");
-	}
-	if (txn_empty(t)) {
-		free(j);
-		free(w);
-		txn_free(t);
-		return CW_OK;
 	}
 	pthread_mutex_init(&w->mu, NULL);
 	pthread_cond_init(&w->cv, NULL);

@@ -232,11 +232,6 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *s
 	}
 }
 
-/* An invitation of the bot by one of this provider's users: join, and
- * make the room that user's management room. */
-/* Whether room (which ghost is in) holds, joined or invited, someone other
- * than user, the bot and ghosts: true too when the homeserver does not
- * say (a room is bridged only when it is known to be one user's). */
 /* GET /rooms/{room}/<what>?query as user (NULL: the bot): the answer, or
  * NULL (logged). */
 static json_t *room_get(struct matrix *m, const char *room, const char *what, const char *user, const char *query)
@@ -252,6 +247,10 @@ static json_t *room_get(struct matrix *m, const char *room, const char *what, co
 	return answer;
 }
 
+/* Whether room (which ghost is in; NULL: the bot) holds, joined or
+ * invited, someone other than user, the bot and ghosts: true too when the
+ * homeserver does not say (a room is bridged only when it is known to be
+ * one user's). */
 static bool others_in(struct matrix *m, const char *room, const char *ghost, const char *user)
 {
 	json_t *answer = room_get(m, room, "members", ghost, "not_membership=leave");
@@ -279,8 +278,10 @@ static bool for_now(long status)
 	return status == 0 || status == 429 || status >= 500;
 }
 
-/* The bot invited into a room; true: the homeserver did not take its join
- * for now, try again later. */
+/* An invitation of the bot by one of this provider's users: join, and
+ * make the room that user's management room (unless it is bridged or
+ * others are in it).  True: the homeserver did not take the join for
+ * now, try again later. */
 static bool invited(struct matrix *m, PGconn *c, const char *room, const char *sender)
 {
 	char local_id[24], uri[600];

@@ -794,8 +794,9 @@ static bool sync_profile(struct matrix *m, PGconn *c, const char *sender_id, con
 
 /* What one row needs to go out: the request made (1), nothing to send
  * (0: a receipt Matrix has no form for, or a retry whose event is in the
- * room already), a file being made ready (2: the room waits a little), or
- * a failure (-1, e says why). */
+ * room already), a file being made ready (2: the room waits a little),
+ * refused for good by the user's room (3: the sender's ghost is banned
+ * there; e says how), or a failure (-1, e says why). */
 enum prep { PREP_FAIL = -1, PREP_NOTHING = 0, PREP_SEND = 1, PREP_WAIT = 2, PREP_DROP = 3 };
 
 /* Resolves the row's ghost and direct room (making them the first time:
