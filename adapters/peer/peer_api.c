@@ -1391,8 +1391,6 @@ static json_t *accepted_answer(const char *public_id, const char *accepted_ms)
 			 "accepted");
 }
 
-/* Round 0's answer for item i (row first of r; the members of its room are
- * rows mfirst .. mfirst+nmembers-1): the refusals, or the recipients. */
 /* Whether an item before i was given msg_id (its index as "#j" into out). */
 static bool earlier_item(const struct submit *b, size_t i, const char *msg_id, char *out, size_t len)
 {
@@ -1431,6 +1429,8 @@ static void intra_refs(struct submit *b)
 	}
 }
 
+/* Round 0's answer for item i (row first of r; the members of its room are
+ * rows mfirst .. mfirst+nmembers-1): the refusals, or the recipients. */
 static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, int mfirst, int nmembers)
 {
 	struct msg_input *in = b->items[i];
@@ -1458,15 +1458,17 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 	b->sender_id[i][0] = '\0';
 	/* A reference not stored may name an earlier item of this job
 	 * (intra_refs checks it once every item is decided). */
-	bool reply_here = in->in_reply_to[0] && PQgetisnull(r, first, 12) &&
+	bool reply_unstored = in->in_reply_to[0] && PQgetisnull(r, first, 12);
+	bool replaces_unstored = in->replaces[0] && PQgetisnull(r, first, 13);
+	bool reply_here = reply_unstored &&
 			  earlier_item(b, i, in->in_reply_to, b->reply_id[i], sizeof(b->reply_id[i]));
-	bool replaces_here = in->replaces[0] && PQgetisnull(r, first, 13) &&
+	bool replaces_here = replaces_unstored &&
 			     earlier_item(b, i, in->replaces, b->replaces_id[i], sizeof(b->replaces_id[i]));
-	if (in->in_reply_to[0] && PQgetisnull(r, first, 12) && !reply_here) {
+	if (reply_unstored && !reply_here) {
 		item_fail(res, 400, "invalid_body", "content.in_reply_to names no message of this room");
 		return;
 	}
-	if (in->replaces[0] && PQgetisnull(r, first, 13) && !replaces_here) {
+	if (replaces_unstored && !replaces_here) {
 		item_fail(res, 400, "invalid_body", "content.replaces names no message of this room");
 		return;
 	}
