@@ -39,6 +39,23 @@ struct xr_item {
 };
 #define XMPP_RECENT_MAX 4096
 
+/* A member's nick in a group's room, as SQL: the tail of a CASE (after
+ * its WHEN clauses, if any) whose member is the identity with the columns
+ * IS_LOCAL, LOCALPART, DOMAIN and ID, in the room with id ROOM.  Their
+ * local part, but a remote member's is "<local part>@<domain>" when
+ * another member has the same local part (a local user and a peer's
+ * user, or two peers' users, both "bob": one occupant, one name, before
+ * the thirteenth session).  Local users' local parts are unique here, and
+ * theirs stay as they are.  The join's members and history, the holder's
+ * member look (xmpp_muc.c) and a group row's sender (xmpp_out.c) all say
+ * it with this. */
+#define MUC_NICK_OF(IS_LOCAL, LOCALPART, DOMAIN, ID, ROOM) \
+	"WHEN NOT " IS_LOCAL " AND EXISTS (SELECT 1 FROM room_members y JOIN identities o " \
+	"ON o.id = y.identity_id WHERE y.room_id = " ROOM " AND y.membership = 'joined' AND o.localpart = " LOCALPART \
+	" AND o.id <> " ID ") THEN " LOCALPART " || '@' || " DOMAIN " ELSE " LOCALPART " END"
+/* The same of an identities row named WHO. */
+#define MUC_NICK(WHO, ROOM) MUC_NICK_OF(WHO ".is_local", WHO ".localpart", WHO ".domain", WHO ".id", ROOM)
+
 struct xcomp {
 	struct xmpp *x;
 	char domain[XJ_PART_MAX + 1];   /* the component's JID */

@@ -51,17 +51,6 @@
 #define HISTORY_DEFAULT 20
 #define HISTORY_MAX 50
 #define NICK_MAX 255
-/* A member's nick in a room (the tail of a CASE; who: an identities row,
- * room: the room's id): their local part, but a remote member's is
- * "<local part>@<domain>" when another member has the same local part (a
- * local user and a peer's user, or two peers' users, both "bob": one
- * occupant, one name, before the thirteenth session).  Local users' local
- * parts are unique, and theirs stay as they are.  xa_muc_members and
- * xmpp_out.c (column 28) say the same in their own words. */
-#define MUC_NICK(WHO, ROOM) \
-	"WHEN NOT " WHO ".is_local AND EXISTS (SELECT 1 FROM room_members y JOIN identities o " \
-	"ON o.id = y.identity_id WHERE y.room_id = " ROOM " AND y.membership = 'joined' AND o.localpart = " WHO \
-	".localpart AND o.id <> " WHO ".id) THEN " WHO ".localpart || '@' || " WHO ".domain ELSE " WHO ".localpart END"
 #define OCCUPANTS_MAX 10000 /* of all rooms of a component: a bound on memory */
 
 bool xa_muc_room_jid(const struct xcomp *xc, const char *public_id, char *out, size_t len)
@@ -1234,8 +1223,7 @@ void xa_muc_members(struct xcomp *xc, PGconn *c)
 	char *doc = json_dumps(rooms, JSON_COMPACT);
 	const char *params[] = { doc ? doc : "[]" };
 	PGresult *r = PQexecParams(c,
-		"SELECT x->>1, CASE WHEN NOT i.is_local AND count(*) OVER (PARTITION BY rm.id, i.localpart) > 1 "
-		" THEN i.localpart || '@' || i.domain ELSE i.localpart END, coalesce(rm.name, '') "
+		"SELECT x->>1, CASE " MUC_NICK("i", "rm.id") ", coalesce(rm.name, '') "
 		"FROM jsonb_array_elements($1::jsonb) AS x "
 		"JOIN rooms rm ON rm.public_id = x->>0 JOIN room_members m ON m.room_id = rm.id AND m.membership = 'joined' "
 		"JOIN identities i ON i.id = m.identity_id",

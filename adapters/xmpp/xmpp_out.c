@@ -69,11 +69,9 @@ static const char batch_sql[] =
 	"  CASE WHEN rm.kind = 'group' AND rm.created_by_peer_id IS NULL THEN (SELECT split_part(b.native_id, ' ', 2) "
 	"   FROM room_bindings b WHERE b.network = 'xmpp' AND b.room_id = r.room_id AND b.remote_identity_id IS NULL "
 	"   AND b.native_id NOT LIKE 'h:%' ORDER BY b.id LIMIT 1) END, "
-	/* 28: a group's remote sender's nick when another member has their
-	 * local part: "<local part>@<domain>" (NULL: the local part) */
-	"  CASE WHEN rm.kind = 'group' AND NOT r.s_is_local AND EXISTS (SELECT 1 FROM room_members y "
-	"   JOIN identities o ON o.id = y.identity_id WHERE y.room_id = r.room_id AND y.membership = 'joined' "
-	"   AND o.localpart = r.s_local AND o.id <> r.s_id) THEN r.s_local || '@' || r.s_domain END "
+	/* 28: a group's sender's nick in its room (NULL: not a group) */
+	"  CASE WHEN rm.kind <> 'group' THEN NULL "
+	MUC_NICK_OF("r.s_is_local", "r.s_local", "r.s_domain", "r.s_id", "r.room_id") " "
 	"FROM r JOIN rooms rm ON rm.id = r.room_id LEFT JOIN events tg ON tg.id = r.tg_id "
 	"LEFT JOIN events rt ON rt.id = r.rt_id ORDER BY r.i";
 
@@ -189,7 +187,7 @@ static bool build_group(struct xmpp *x, struct outbox_row *row, PGresult *r, int
 	json_t *o;
 	json_array_foreach(occ, i, o) {
 		char from[XJ_JID_MAX + 300];
-		snprintf(from, sizeof(from), "%s/%s", room, col(r, k, 28) ? col(r, k, 28) : col(r, k, 3));
+		snprintf(from, sizeof(from), "%s/%s", room, PQgetvalue(r, k, 28));
 		/* In a room, references name the room's ids (stanza-id): the
 		 * messages' own. */
 		struct xm_out_info info = {
