@@ -206,6 +206,8 @@ void cw_req_add_header(struct cw_req *r, const char *name, const char *value)
 
 void cw_req_suspend(struct cw_req *r)
 {
+	if (r->suspended) /* a job parked before it started (matrix.c) */
+		return;
 	r->suspended = true;
 	MHD_suspend_connection(r->conn);
 }

@@ -409,6 +409,7 @@ int main(int argc, char **argv)
 	cw_http_quiesce(app.http);
 	LOG_KV(CW_LOG_INFO, "stopping", "signal", stop_signal == SIGTERM ? "SIGTERM" : "SIGINT");
 	peer_pull_stop(app.pull); /* long-polls answer now: they would hold the drain */
+	matrix_stop_parking(app.matrix); /* and so would transactions parked behind a ghost's join */
 	bool idle = cw_http_drain(app.http, cfg.drain_timeout_ms);
 	atomic_store(&app.stopping, true); /* file transfers still running end now (media.h) */
 	dispatcher_stop(app.dispatcher);
@@ -429,6 +430,7 @@ int main(int argc, char **argv)
 	exit_code = 0;
 out_store:
 	xa_stop(app.xmpp); /* its jobs use the store */
+	matrix_stop(app.matrix); /* and so do the bot's */
 	cw_workers_free(app.fetchers); /* and so do the fetchers' */
 	peer_pull_free(app.pull);
 	store_close(app.store);

@@ -55,9 +55,11 @@ cw_err matrix_new(struct matrix **out, struct cw_app *app, cw_errmsg *e)
 	m->profile_failed = json_object();
 	m->media_queue = json_array();
 	m->media_state = json_object();
+	m->catching_up = json_object();
 	pthread_cond_init(&m->media_cond, NULL);
-	if (!m->typing || !m->profile_failed || !m->media_queue || !m->media_state ||
+	if (!m->typing || !m->profile_failed || !m->media_queue || !m->media_state || !m->catching_up ||
 	    pthread_key_create(&m->curl_key, mx_curl_release) != 0) {
+		json_decref(m->catching_up);
 		json_decref(m->typing);
 		json_decref(m->profile_failed);
 		json_decref(m->media_queue);
@@ -70,6 +72,12 @@ cw_err matrix_new(struct matrix **out, struct cw_app *app, cw_errmsg *e)
 	app->media = (struct media_source){ .ctx = m, .owns = matrix_media_owns, .fetch = matrix_media_fetch };
 	*out = m;
 	return CW_OK;
+}
+
+void matrix_stop(struct matrix *m)
+{
+	if (m)
+		mx_bot_stop(m);
 }
 
 void matrix_free(struct matrix *m)
@@ -89,6 +97,7 @@ void matrix_free(struct matrix *m)
 	json_decref(m->profile_failed);
 	json_decref(m->media_queue);
 	json_decref(m->media_state);
+	json_decref(m->catching_up);
 	pthread_cond_destroy(&m->media_cond);
 	pthread_mutex_destroy(&m->mu);
 	free(m);
@@ -331,6 +340,7 @@ struct txn {
 	json_t *item_rooms;   /* per pipeline item: [Matrix room, neutral type] (a refusal's notice goes there) */
 	json_t *refusals;     /* [[room, text], ...]: events refused before the pipeline, told once durable */
 	struct backfill_wait *wait; /* mx_backfill's: told the outcome */
+	struct app_job *parked_next; /* the next transaction parked behind a catch-up */
 	bool write;           /* the events need the write (submit_prepare said so) */
 	size_t conv_invalid, conv_ignored; /* txn_convert's own (it may run again: reset each time) */
 	struct submit *b;
@@ -865,7 +875,8 @@ static void txn_taken(struct txn *t)
 	json_t *x;
 	json_array_foreach(t->refusals, r, x)
 		mx_bot_notice(t->m, json_string_value(json_array_get(x, 0)), json_string_value(json_array_get(x, 1)));
-	atomic_fetch_add(&t->m->txns, 1);
+	if (!t->wait) /* a backfill is no transaction of the homeserver's */
+		atomic_fetch_add(&t->m->txns, 1);
 	for (int k = 0; k < 4; k++)
 		atomic_fetch_add(&t->m->events[k], n[k]);
 }
@@ -893,7 +904,8 @@ void matrix_metrics(struct matrix *m, struct cw_buf *b)
 			 "causeway_matrix_transactions_total{result=\"repeat\"} %llu\n",
 		      (unsigned long long)atomic_load(&m->txns), (unsigned long long)atomic_load(&m->txn_repeats));
 	static const char *const results[] = { "accepted", "refused", "invalid", "ignored" };
-	cw_buf_printf(b, "# HELP causeway_matrix_events_total Events of taken transactions: accepted (stored, now or before), "
+	cw_buf_printf(b, "# HELP causeway_matrix_events_total Events of taken transactions (and of history read back "
+			 "while a ghost joined): accepted (stored, now or before), "
 			 "refused by the pipeline (policy, limits, unknown room), invalid, or ignored (not bridged, echoes).\n"
 			 "# TYPE causeway_matrix_events_total counter\n");
 	for (int k = 0; k < 4; k++)
@@ -979,6 +991,101 @@ static bool txn_empty(const struct txn *t)
 	return json_array_size(t->events) == 0 && json_array_size(t->ephemeral) == 0;
 }
 
+/* ------------------------------------------------------------ catching up */
+
+/* Whether t has events of a room being caught up with (under mu). */
+static bool txn_waits(struct matrix *m, const struct txn *t)
+{
+	if (json_object_size(m->catching_up) == 0)
+		return false;
+	json_t *lists[] = { t->events, t->ephemeral };
+	for (int k = 0; k < 2; k++) {
+		size_t i;
+		json_t *ev;
+		json_array_foreach(lists[k], i, ev) {
+			const char *room = json_string_value(json_object_get(ev, "room_id"));
+			if (room && json_object_get(m->catching_up, room))
+				return true;
+		}
+	}
+	return false;
+}
+
+/* Parks j (its request suspended) when its transaction waits; false: it
+ * does not, start it. */
+static bool txn_park(struct matrix *m, struct app_job *j)
+{
+	struct txn *t = j->data;
+	pthread_mutex_lock(&m->mu);
+	bool wait = !m->parking_closed && txn_waits(m, t);
+	if (wait) {
+		cw_req_suspend(j->req);
+		struct app_job **p = &m->parked;
+		while (*p)
+			p = &((struct txn *)(*p)->data)->parked_next;
+		*p = j;
+	}
+	pthread_mutex_unlock(&m->mu);
+	if (wait)
+		LOG_KV(CW_LOG_DEBUG, "a transaction waits for a ghost's join", "txn", t->txn_id);
+	return wait;
+}
+
+/* Takes out of the parked list the jobs that wait no more (all: every);
+ * under mu. */
+static struct app_job *unpark(struct matrix *m, bool every)
+{
+	struct app_job *go = NULL, **tail = &go;
+	for (struct app_job **p = &m->parked; *p;) {
+		struct txn *t = (*p)->data;
+		if (!every && txn_waits(m, t)) {
+			p = &t->parked_next;
+			continue;
+		}
+		struct app_job *j = *p;
+		*p = t->parked_next;
+		t->parked_next = NULL;
+		*tail = j;
+		tail = &t->parked_next;
+	}
+	return go;
+}
+
+static void start_parked(struct app_job *j)
+{
+	while (j) {
+		struct app_job *next = ((struct txn *)j->data)->parked_next;
+		app_job_start_prepared_pipe(j, txn_prepare, &txn_ops);
+		j = next;
+	}
+}
+
+void mx_catch_up(struct matrix *m, const char *room, bool begin)
+{
+	struct app_job *go = NULL;
+	pthread_mutex_lock(&m->mu);
+	json_int_t n = json_integer_value(json_object_get(m->catching_up, room)) + (begin ? 1 : -1);
+	if (n > 0)
+		json_object_set_new(m->catching_up, room, json_integer(n));
+	else
+		json_object_del(m->catching_up, room);
+	if (!begin)
+		go = unpark(m, false);
+	pthread_mutex_unlock(&m->mu);
+	start_parked(go);
+}
+
+void matrix_stop_parking(struct matrix *m)
+{
+	if (!m)
+		return;
+	pthread_mutex_lock(&m->mu);
+	m->parking_closed = true;
+	struct app_job *go = unpark(m, true);
+	pthread_mutex_unlock(&m->mu);
+	start_parked(go);
+}
+
 void matrix_as_transaction(struct cw_req *req, void *ctx)
 {
 	struct cw_app *app = ctx;
@@ -1042,7 +1149,8 @@ void matrix_as_transaction(struct cw_req *req, void *ctx)
 	j->data_free = txn_free;
 	j->after = txn_after;
 	j->matrix_errors = true;
-	app_job_start_prepared_pipe(j, txn_prepare, &txn_ops);
+	if (!txn_park(app->matrix, j))
+		app_job_start_prepared_pipe(j, txn_prepare, &txn_ops);
 }
 
 /* Events the homeserver never pushed (mx_bot.c: what a user wrote while a

@@ -22,6 +22,13 @@ struct matrix;
 /* NULL in *out (and CW_OK) when matrix.homeserver_url is empty. */
 cw_err matrix_new(struct matrix **out, struct cw_app *app, cw_errmsg *e);
 void matrix_free(struct matrix *m);
+/* The daemon is stopping: transactions parked behind a catch-up
+ * (matrix_int.h) are started now, and none is parked any more, so that
+ * none holds the drain or stays suspended when the HTTP front stops. */
+void matrix_stop_parking(struct matrix *m);
+/* Stops the bot's thread (matrix_free does too): before the store closes,
+ * since what the bot fetches is stored through the store's threads. */
+void matrix_stop(struct matrix *m);
 
 /* causewayd --matrix-registration: the registration YAML on out (tokens
  * made up when the configuration has none, with a note to set them). */

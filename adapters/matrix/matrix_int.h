@@ -51,6 +51,14 @@ struct matrix {
 	pthread_t bot_thread;
 	bool bot_started;
 	atomic_bool bot_stop;
+	/* Rooms a ghost is joining (mx_bot.c: what the user wrote meanwhile
+	 * is read back from the homeserver and stored): a transaction with
+	 * events of one is parked, its request suspended, until the
+	 * catch-up is over, so that what the user wrote later is stored
+	 * later.  Under mu. */
+	json_t *catching_up;         /* Matrix room -> how many catch-ups run there */
+	struct app_job *parked;      /* in arrival order (linked through their txn) */
+	bool parking_closed;         /* the daemon is stopping: nothing waits */
 	/* transactions answered once durable, and repeats answered from memory;
 	 * their events by outcome (MX_EV_*) */
 	atomic_ullong txns, txn_repeats, events[4];
@@ -98,6 +106,9 @@ void mx_typing_keep(struct matrix *m, json_t *seen);
  * /messages), taken as a transaction of them would be; waits at most
  * timeout_ms for them to be stored (matrix.c). */
 cw_err mx_backfill(struct matrix *m, json_t *events, int timeout_ms, cw_errmsg *e);
+/* A catch-up of room begins (begin) or ends; at its end the transactions
+ * parked for it are started (matrix.c). */
+void mx_catch_up(struct matrix *m, const char *room, bool begin);
 
 /* The bot's thread (mx_bot.c). */
 void mx_bot_start(struct matrix *m);

@@ -513,44 +513,78 @@ static void bot_into(struct matrix *m, const char *room, const char *ghost)
 	json_decref(pl);
 }
 
+/* How far back the ghost reads a room it joined: pages of the room's
+ * history (GET /messages), newest first. */
+#define MISSED_PAGES 5
+#define MISSED_PAGE_EVENTS 100
+
+/* Reads room back to ghost's invitation; the user's messages, reactions
+ * and redactions into mine, oldest first.  False: the invitation was not
+ * reached within MISSED_PAGES pages (some of the user's may be missing). */
+static bool read_back(struct matrix *m, const char *room, const char *ghost, const char *user, json_t *mine)
+{
+	char query[600];
+	snprintf(query, sizeof(query), "dir=b&limit=%d", MISSED_PAGE_EVENTS);
+	for (int page = 0; page < MISSED_PAGES; page++) {
+		json_t *answer = room_get(m, room, "messages", ghost, query);
+		json_t *chunk = json_object_get(answer, "chunk");
+		size_t i;
+		json_t *ev;
+		json_array_foreach(chunk, i, ev) { /* newest first, back to the invitation */
+			const char *type = json_string_value(json_object_get(ev, "type"));
+			const char *from = json_string_value(json_object_get(ev, "sender"));
+			const char *key = json_string_value(json_object_get(ev, "state_key"));
+			const char *ms = json_string_value(json_object_get(json_object_get(ev, "content"), "membership"));
+			if (type && strcmp(type, "m.room.member") == 0 && key && strcmp(key, ghost) == 0 && ms &&
+			    strcmp(ms, "invite") == 0) {
+				json_decref(answer);
+				return true;
+			}
+			if (type && from && strcmp(from, user) == 0 && json_is_string(json_object_get(ev, "event_id")) &&
+			    (strcmp(type, "m.room.message") == 0 || strcmp(type, "m.reaction") == 0 ||
+			     strcmp(type, "m.room.redaction") == 0))
+				json_array_insert(mine, 0, ev);
+		}
+		/* No end: the start of what the ghost may read (a room whose
+		 * history is hidden from before its join: nothing more to
+		 * find). */
+		const char *end = json_string_value(json_object_get(answer, "end"));
+		char *tok = end && json_array_size(chunk) ? curl_easy_escape(NULL, end, 0) : NULL;
+		bool read = answer != NULL, more = tok && strlen(tok) < sizeof(query) - 64;
+		if (more)
+			snprintf(query, sizeof(query), "dir=b&limit=%d&from=%s", MISSED_PAGE_EVENTS, tok);
+		curl_free(tok);
+		json_decref(answer);
+		if (!more)
+			return read && !tok; /* read to the start, or a failure (or a token too long to send) */
+	}
+	return false;
+}
+
 /* What the user wrote in a room between inviting the ghost and the room
  * being bound never came, or came to a room not bound yet: a homeserver
  * sends an appservice the events of rooms its users are joined to, not
  * invited to (a client that makes a direct room with its first message
- * sends it at once).  Once the room is bound, the ghost reads the room's
- * last events back to its invitation and hands the user's to the
- * transaction path, as if they had been pushed (one pushed meanwhile is
- * stored once: events are deduplicated by id).  If that fails, the ghost
- * says how many of the user's messages are not stored, so that the user
- * writes them again. */
+ * sends it at once).  Once the room is bound, the ghost reads the room
+ * back to its invitation and hands the user's events to the transaction
+ * path, as if they had been pushed (one pushed meanwhile is stored once:
+ * events are deduplicated by id; and what the homeserver pushes of the
+ * room while this runs waits for it: mx_catch_up).  If that fails, the
+ * ghost says how many of the user's messages are not stored, so that the
+ * user writes them again. */
 static void missed_messages(struct matrix *m, PGconn *c, const char *room, const char *ghost, const char *user)
 {
-	json_t *answer = room_get(m, room, "messages", ghost, "dir=b&limit=50");
-	if (!answer)
-		return;
 	json_t *mine = json_array(); /* oldest first */
+	if (!read_back(m, room, ghost, user, mine))
+		LOG_KV(CW_LOG_WARN, "a room was not read back to the ghost's invitation", "room", room);
 	size_t i;
 	json_t *ev;
-	json_array_foreach(json_object_get(answer, "chunk"), i, ev) { /* newest first, back to the invitation */
-		const char *type = json_string_value(json_object_get(ev, "type"));
-		const char *from = json_string_value(json_object_get(ev, "sender"));
-		const char *key = json_string_value(json_object_get(ev, "state_key"));
-		const char *ms = json_string_value(json_object_get(json_object_get(ev, "content"), "membership"));
-		if (type && strcmp(type, "m.room.member") == 0 && key && strcmp(key, ghost) == 0 && ms &&
-		    strcmp(ms, "invite") == 0)
-			break;
-		if (type && from && strcmp(from, user) == 0 && json_is_string(json_object_get(ev, "event_id")) &&
-		    (strcmp(type, "m.room.message") == 0 || strcmp(type, "m.reaction") == 0 ||
-		     strcmp(type, "m.room.redaction") == 0))
-			json_array_insert(mine, 0, ev);
-	}
-	json_decref(answer);
 	if (json_array_size(mine) == 0) {
 		json_decref(mine);
 		return;
 	}
 	cw_errmsg e;
-	if (mx_backfill(m, mine, 30000, &e) == CW_OK) {
+	if (mx_backfill(m, mine, 10000, &e) == CW_OK) {
 		LOG_KV(CW_LOG_INFO, "what a user wrote while the ghost joined was fetched", "room", room);
 		json_decref(mine);
 		return;
@@ -584,7 +618,7 @@ static void missed_messages(struct matrix *m, PGconn *c, const char *room, const
 
 /* A ghost invited into a room; true: the homeserver did not take its
  * join for now, try again later. */
-static bool ghost_invited(struct matrix *m, PGconn *c, const char *room, const char *sender, const char *ghost)
+static bool ghost_joins(struct matrix *m, PGconn *c, const char *room, const char *sender, const char *ghost)
 {
 	char local_id[24], uri[600], net[64], remote_local[MX_ID_MAX + 1];
 	if (!local_identity(m, c, sender, local_id, sizeof(local_id), uri, sizeof(uri)) ||
@@ -701,6 +735,17 @@ static bool ghost_invited(struct matrix *m, PGconn *c, const char *room, const c
 				      "This conversation goes on in the new room you opened with me; what is written here "
 				      "from now on is not bridged.");
 	return false;
+}
+
+/* The same, with what the homeserver pushes of the room meanwhile held
+ * back until it is done: what the user writes once the room is bound
+ * is stored after what missed_messages reads back from before. */
+static bool ghost_invited(struct matrix *m, PGconn *c, const char *room, const char *sender, const char *ghost)
+{
+	mx_catch_up(m, room, true);
+	bool again = ghost_joins(m, c, room, sender, ghost);
+	mx_catch_up(m, room, false);
+	return again;
 }
 
 /* Another user of the homeserver invited into a bridged room.  A room here

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -47,12 +48,13 @@ def mx(make_daemon, db_url, hs):
 def start_mx(make_daemon, db_url, hs, **sections):
     """The daemon with the Matrix adapter, registered with the stand-in (its
     port chosen first: the homeserver must reach it for the start-up ping);
-    sections: more configuration ({"dispatcher": {...}})."""
+    sections: more configuration ({"dispatcher": {...}}), merged."""
     port = free_port()
     hs.registration["url"] = f"http://127.0.0.1:{port}"
     options = {"server": {"port": str(port)},
                "matrix": {"homeserver_url": hs.url, "as_token": AS_TOKEN, "hs_token": HS_TOKEN}}
-    options.update(sections)
+    for section, values in sections.items():
+        options.setdefault(section, {}).update(values)
     return make_daemon(db_url, options=options).start()
 
 
@@ -468,6 +470,19 @@ def test_a_conversation_started_from_matrix(mx, hs, gk, pg, db_url):
     assert pg.psql("SELECT count(*) FROM consent_requests", db_url) == "0"
 
 
+def alice_invites_wally_unheard(hs, a):
+    """alice opens a direct room with wally's ghost (whom the peer
+    introduced) while the homeserver pushes nothing: whatever she writes
+    now is surely written before the ghost is in.  (alice, room, ghost);
+    the test resumes pushing."""
+    a.create_room([a.user("wally"), "mimi://example.org/u/someone"])
+    _, alice_token = hs.create_user("alice")
+    alice = hs.as_user(alice_token)
+    ghost = "@_cw_gk_wally:example.org"
+    hs.stop_pushing()
+    return alice, alice.create_dm(ghost), ghost
+
+
 def test_what_was_written_before_the_ghost_joined_is_fetched(mx, hs, gk, pg, db_url):
     """A client that makes a direct room with its first message sends that
     message at once, while the ghost is only invited: the homeserver hands
@@ -476,12 +491,7 @@ def test_what_was_written_before_the_ghost_joined_is_fetched(mx, hs, gk, pg, db_
     messages go on as if pushed, in order, once each (before the
     thirteenth session it asked alice to write them again)."""
     a, srv = gk
-    a.create_room([a.user("wally"), "mimi://example.org/u/someone"])  # the peer introduced wally
-    _, alice_token = hs.create_user("alice")
-    alice = hs.as_user(alice_token)
-    ghost = "@_cw_gk_wally:example.org"
-    hs.stop_pushing()  # the invitation waits: the messages are surely written before the ghost is in
-    room = alice.create_dm(ghost)
+    alice, room, ghost = alice_invites_wally_unheard(hs, a)
     first = alice.send_text(room, "are you there?")
     alice.send_text(room, "it's alice")
     alice.call("PUT", f"/_matrix/client/v3/rooms/{room}/send/m.reaction/r1",
@@ -497,6 +507,84 @@ def test_what_was_written_before_the_ghost_joined_is_fetched(mx, hs, gk, pg, db_
     assert len(srv.events) == 4 and srv.duplicates == 0
     assert pg.psql("SELECT count(*) FROM events WHERE origin_network = 'matrix'", db_url) == "4"  # none twice
     assert not any(e["sender"] == ghost and e["type"] == "m.room.message" for e in hs.events(room))
+
+
+def test_a_long_history_before_the_ghost_joined_is_read_back_page_by_page(mx, hs, gk, pg, db_url):
+    """alice writes 130 messages while the ghost is only invited: the
+    ghost reads the room back page by page to its invitation, and all of
+    them go on, in order, once each (before, it read the last 50 and
+    asked alice to write the other 80 again)."""
+    a, srv = gk
+    alice, room, ghost = alice_invites_wally_unheard(hs, a)
+    texts = [f"line {i}" for i in range(130)]
+    for text in texts:
+        alice.send_text(room, text)
+    hs.resume_pushing()
+    got = srv.wait_events(130, timeout=60)
+    assert [e["content"]["parts"][0]["body"] for e in got] == texts
+    pages = [r for r in hs.requests if r["user"] == ghost and r["path"].endswith("/messages")]
+    assert len(pages) == 2 and all(r["status"] == 200 for r in pages)
+    time.sleep(1)
+    assert len(srv.events) == 130 and srv.duplicates == 0
+    assert not any(e["sender"] == ghost and e["type"] == "m.room.message" for e in hs.events(room))
+
+
+def test_what_is_written_while_the_room_is_read_back_comes_after_it(mx, hs, gk, pg, db_url):
+    """alice writes once while the ghost is only invited, and again
+    while the ghost reads the room back (the homeserver pushes that one at
+    once, the room being bound by then): the pushed transaction waits for
+    the read-back, and the peer gets the two in the order written. Before,
+    the second was stored first."""
+    a, srv = gk
+    alice, room, ghost = alice_invites_wally_unheard(hs, a)
+    alice.send_text(room, "first")
+    held = []
+
+    def meanwhile(method, path, user):
+        if user == ghost and path.endswith("/messages") and not held:
+            held.append(alice.send_text(room, "second"))
+            time.sleep(1.5)  # the homeserver pushes "second" while this read is answered
+        return False
+    hs.refuse = meanwhile
+    hs.resume_pushing()
+    got = srv.wait_events(2)
+    hs.refuse = None
+    assert held and [e["content"]["parts"][0]["body"] for e in got] == ["first", "second"]
+    alice.send_text(room, "third")
+    got = srv.wait_events(3)
+    assert got[2]["content"]["parts"][0]["body"] == "third"
+    time.sleep(1)
+    assert len(srv.events) == 3 and srv.duplicates == 0
+
+
+def test_a_transaction_waiting_for_a_read_back_is_stored_when_the_daemon_stops(make_daemon, hs, pg, db_url):
+    """The daemon is stopped while a pushed transaction waits for a slow
+    read-back (longer than the drain may take): the transaction is taken
+    at once rather than left suspended when the HTTP front stops, and the
+    daemon stops cleanly."""
+    mx = start_mx(make_daemon, db_url, hs, server={"drain_timeout_ms": "300"})
+    a, srv = add_gk(mx)
+    alice, room, ghost = alice_invites_wally_unheard(hs, a)
+    reading = threading.Event()
+
+    def slow(method, path, user):
+        if user == ghost and path.endswith("/messages") and not reading.is_set():
+            alice.send_text(room, "while you read")
+            reading.set()
+            time.sleep(8)  # within the daemon's 10 s for a call
+        return False
+    hs.refuse = slow
+    hs.resume_pushing()
+    assert reading.wait(20)
+    stored = "SELECT count(*) FROM events WHERE content::text LIKE '%while you read%'"
+    time.sleep(1)
+    assert pg.psql(stored, db_url) == "0"  # it waits for the read-back
+    started = time.time()
+    assert mx.stop() == 0, mx.log()[-6000:]
+    assert time.time() - started < 20
+    hs.refuse = None
+    srv.close()
+    assert pg.psql(stored, db_url) == "1"
 
 
 def test_what_could_not_be_fetched_is_asked_for_again(mx, hs, gk, pg, db_url):
