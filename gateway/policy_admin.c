@@ -98,7 +98,7 @@ static cw_err aq_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	long counts[3] = { 0, 0, 0 }, decided = 0;
 	if (q->consent && local_id[0]) {
 		struct policy_view *v = policy_live_get(j->app->policy);
-		cw_err crc = policy_consent_apply(c, &v->set, local_id, params[1], params[2], params[3], "admin", counts,
+		cw_err crc = policy_consent_apply(c, v, local_id, params[1], params[2], params[3], "admin", counts,
 						  &decided, e);
 		policy_view_put(v);
 		if (crc)
@@ -853,7 +853,9 @@ void policy_admin_report_create(struct cw_req *req, void *ctx)
 		"  SELECT 'user', $2, jsonb_build_object('messages_per_minute', $8::int), 'system:reports', "
 		"  'automatic: ' || n || ' abuse reports', now() + make_interval(secs => $9::bigint) FROM cnt "
 		"  WHERE $7::bigint > 0 AND n >= $7::bigint AND NOT $10::boolean "
-		"  ON CONFLICT (scope, pattern) DO NOTHING RETURNING id) "
+		"  ON CONFLICT (scope, pattern) DO UPDATE SET limits = excluded.limits, comment = excluded.comment, "
+		"  enabled = true, updated_at = now(), expires_at = excluded.expires_at "
+		"  WHERE rules.created_by = 'system:reports' AND rules.expires_at <= now() RETURNING id) "
 		"SELECT json_build_object('id', (SELECT id FROM rep), 'subject', $2::text, "
 		" 'reports_in_window', (SELECT n FROM cnt), 'limit_rule_id', (SELECT id FROM lim))::text")
 		: NULL;
@@ -952,10 +954,7 @@ void policy_admin_decision(struct cw_req *req, void *ctx)
 		" 'accepted_at', e.accepted_at, 'content_deleted', e.content = '{}'::jsonb, "
 		" 'recipients', (SELECT coalesce(json_agg(json_build_object('destination', o.destination, "
 		"  'recipient', t.uri, 'state', o.state, 'attempts', o.attempts, 'last_error', o.last_error, "
-		"  'verdict', coalesce(split_part(a.action, '.', 2), "
-		"   CASE WHEN o.state = 'dropped' AND EXISTS (SELECT 1 FROM audit_log z WHERE z.action = 'outbox.discard' "
-		"    AND z.subject = o.id::text) THEN 'allow' WHEN o.state = 'dropped' THEN 'deny' ELSE CASE o.state "
-		"   WHEN 'held' THEN 'hold' WHEN 'expired' THEN 'hold' ELSE 'allow' END END), 'reason', a.reason_code, "
+		"  'verdict', " DELIVERY_VERDICT("a.action") ", 'reason', a.reason_code, "
 		"  'rule_id', a.rule_id, 'decided_at', a.at) ORDER BY o.id), '[]'::json) "
 		"  FROM outbox o LEFT JOIN identities t ON t.id = o.target_identity_id "
 		"  LEFT JOIN LATERAL (SELECT * FROM audit_log a WHERE a.event_id = e.id AND a.actor = 'policy' "

@@ -251,31 +251,63 @@ cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, 
 	return CW_OK;
 }
 
-/* Held rows whose local user has decided about the sender (or, for the
- * periodic sweep, whose user's consents changed in the last minutes: a
- * message decided with the snapshot of just before a change) are released
+/* The held rows a sweep looks at: one user's ($2), or (the periodic
+ * sweep) those held past the expiry ($1 seconds) and those whose user's
+ * consents changed in the last minutes (a message decided with the
+ * snapshot of just before a change). */
+#define SWEPT_ROWS                                                                                      \
+	"o.state = 'held' AND CASE WHEN $2::bigint IS NOT NULL THEN o.target_identity_id = $2::bigint "     \
+	" ELSE (o.created_at < now() - make_interval(secs => $1::bigint) OR o.target_identity_id IN "       \
+	"  (SELECT local_identity_id FROM consents WHERE updated_at > now() - interval '10 minutes')) END"
+
+/* Of those, the ones the sweep would release: their user allowed the
+ * sender or its domain and blocked neither (the rules are asked again
+ * first: policy_sweep). */
+static const char releasable_sql[] =
+	"SELECT o.id, s.uri, s.domain, s.network, t.uri, t.domain, t.network, e.type "
+	"FROM outbox o JOIN events e ON e.id = o.event_id JOIN identities s ON s.id = e.sender_id "
+	"JOIN identities t ON t.id = o.target_identity_id "
+	"WHERE " SWEPT_ROWS " AND EXISTS (SELECT 1 FROM consents c WHERE c.local_identity_id = o.target_identity_id "
+	" AND c.state = 'allowed' AND ((c.subject_kind = 'user' AND c.subject = s.uri) "
+	"  OR (c.subject_kind = 'domain' AND c.subject = s.domain))) "
+	"AND NOT EXISTS (SELECT 1 FROM consents c WHERE c.local_identity_id = o.target_identity_id "
+	" AND c.state = 'blocked' AND ((c.subject_kind = 'user' AND c.subject = s.uri) "
+	"  OR (c.subject_kind = 'domain' AND c.subject = s.domain)))";
+
+/* Held rows whose local user has decided about the sender are released
  * (allowed) or dropped (blocked: a block of the user or of the domain wins,
- * as in decide()); rows held past the expiry are expired.  Locks are taken
- * in id order and skipped when held by another sweep, so two daemons never
- * deadlock.  The content of an event that no one will now receive is
- * deleted; its rows stay, so its sender still sees "not delivered". */
+ * as in decide(); or a rule that now stops the sender, $3: [{id, reason,
+ * rule}]); rows held past the expiry are expired.  Each release or drop is
+ * a decision of the policy's in the audit log, so that "why" names it.
+ * Locks are taken in id order and skipped when held by another sweep, so
+ * two daemons never deadlock.  The content of an event that no one will
+ * now receive is deleted; its rows stay, so its sender still sees "not
+ * delivered". */
 static const char sweep_sql[] =
-	"WITH h AS (SELECT o.id, o.event_id, o.created_at, "
+	"WITH dn AS (SELECT * FROM jsonb_to_recordset($3::jsonb) AS d(id bigint, reason text, rule bigint)), "
+	"h AS (SELECT o.id, o.event_id, o.created_at, t.uri AS turi, "
 	"  (SELECT c.state FROM consents c WHERE c.local_identity_id = o.target_identity_id "
 	"    AND c.subject_kind = 'user' AND c.subject = s.uri) AS us, "
 	"  (SELECT c.state FROM consents c WHERE c.local_identity_id = o.target_identity_id "
 	"    AND c.subject_kind = 'domain' AND c.subject = s.domain) AS ds "
 	" FROM outbox o JOIN events e ON e.id = o.event_id JOIN identities s ON s.id = e.sender_id "
-	" WHERE o.state = 'held' AND CASE WHEN $2::bigint IS NOT NULL THEN o.target_identity_id = $2::bigint "
-	"  ELSE (o.created_at < now() - make_interval(secs => $1::bigint) OR o.target_identity_id IN "
-	"   (SELECT local_identity_id FROM consents WHERE updated_at > now() - interval '10 minutes')) END "
-	" ORDER BY o.id FOR UPDATE OF o SKIP LOCKED), "
-	"ch AS (UPDATE outbox o SET state = CASE WHEN h.us = 'blocked' OR h.ds = 'blocked' THEN 'dropped' "
-	"   WHEN h.us = 'allowed' OR h.ds = 'allowed' THEN 'pending' ELSE 'expired' END, "
+	" JOIN identities t ON t.id = o.target_identity_id "
+	" WHERE " SWEPT_ROWS " ORDER BY o.id FOR UPDATE OF o SKIP LOCKED), "
+	"hd AS (SELECT h.*, dn.reason AS rule_reason, NULLIF(dn.rule, 0) AS rule FROM h LEFT JOIN dn ON dn.id = h.id), "
+	"ch AS (UPDATE outbox o SET state = CASE WHEN hd.us = 'blocked' OR hd.ds = 'blocked' "
+	"   OR hd.rule_reason IS NOT NULL THEN 'dropped' "
+	"   WHEN hd.us = 'allowed' OR hd.ds = 'allowed' THEN 'pending' ELSE 'expired' END, "
 	"  next_attempt_at = now() "
-	" FROM h WHERE o.id = h.id AND (h.us IS NOT NULL OR h.ds IS NOT NULL "
-	"  OR h.created_at < now() - make_interval(secs => $1::bigint)) "
-	" RETURNING o.id, o.event_id, o.state), "
+	" FROM hd WHERE o.id = hd.id AND (hd.us IS NOT NULL OR hd.ds IS NOT NULL "
+	"  OR hd.created_at < now() - make_interval(secs => $1::bigint)) "
+	" RETURNING o.id, o.event_id, o.state, hd.turi, hd.rule, CASE WHEN hd.us = 'blocked' THEN 'user_blocked_sender' "
+	"  WHEN hd.ds = 'blocked' THEN 'user_blocked_domain' WHEN hd.rule_reason IS NOT NULL THEN hd.rule_reason "
+	"  WHEN hd.us = 'allowed' THEN 'user_allowed_sender' WHEN hd.ds = 'allowed' THEN 'user_allowed_domain' END "
+	"  AS reason), "
+	"au AS (INSERT INTO audit_log (actor, action, reason_code, rule_id, event_id, subject, details) "
+	" SELECT 'policy', CASE ch.state WHEN 'pending' THEN 'policy.allow' ELSE 'policy.deny' END, ch.reason, ch.rule, "
+	" ch.event_id, ch.turi, '{\"by\": \"sweep\"}'::jsonb FROM ch WHERE ch.state IN ('pending', 'dropped') "
+	" ORDER BY ch.id), "
 	"gone AS (UPDATE events e SET content = '{}'::jsonb "
 	" WHERE e.id IN (SELECT event_id FROM ch WHERE state <> 'pending') AND NOT EXISTS "
 	"  (SELECT 1 FROM outbox x WHERE x.event_id = e.id AND x.id NOT IN (SELECT id FROM ch) "
@@ -285,6 +317,46 @@ static const char sweep_sql[] =
 	"SELECT count(*) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'dropped'), "
 	" count(*) FILTER (WHERE state = 'expired') FROM ch";
 
+/* What the server's rules (and the user's opt-in) say now of the rows
+ * about to be released: those they stop, as sweep_sql's $3.  A row was
+ * held under the rules of its arrival; a rule added since (deny: abuse
+ * always wins; the server closed, or the sender's domain off the
+ * allowlist) or the user's opt-out applies to it as to a new message.
+ * The user's own consent is the database's (the snapshot may be a
+ * moment behind the change that runs this sweep); sizes and rate limits
+ * were decided at arrival. */
+static cw_err rule_denials(PGconn *c, const struct policy_view *v, const char *const params[2], char **out,
+			   cw_errmsg *e)
+{
+	*out = NULL;
+	PGresult *r = PQexecParams(c, releasable_sql, 2, NULL, params, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	json_t *list = json_array();
+	int64_t now = cw_wall_ms();
+	for (int i = 0; list && i < PQntuples(r); i++) {
+		struct policy_request q = {
+			.direction = POLICY_INBOUND,
+			.action = POLICY_ACT_EVENT,
+			.event_type = PQgetvalue(r, i, 7),
+			.sender = { PQgetvalue(r, i, 1), PQgetvalue(r, i, 2), PQgetvalue(r, i, 3) },
+			.recipient = { PQgetvalue(r, i, 4), PQgetvalue(r, i, 5), PQgetvalue(r, i, 6) },
+			.now_ms = now,
+		};
+		struct policy_decision d;
+		policy_decide(v->snap, &q, &d);
+		if (d.verdict == POLICY_DENY && policy_reason_is_servers(d.reason) &&
+		    json_array_append_new(list, json_pack("{s:s, s:s, s:I}", "id", PQgetvalue(r, i, 0), "reason",
+							  d.reason, "rule", (json_int_t)d.rule_id)))
+			break;
+	}
+	PQclear(r);
+	*out = list ? json_dumps(list, JSON_COMPACT) : NULL;
+	json_decref(list);
+	return *out ? CW_OK : cw_fail(e, CW_ENOMEM, "out of memory");
+}
+
 /* Sweeps take turns (a transaction-level advisory lock): two at once would
  * each release part of a user's backlog (SKIP LOCKED), and the part that
  * commits first could be delivered before earlier messages still held by
@@ -293,16 +365,21 @@ static const char sweep_sql[] =
  * turn; on an idle connection the sweep is its own transaction. */
 #define SWEEP_LOCK_KEY "7161132091431352699"
 
-cw_err policy_sweep(PGconn *c, const struct policy_settings *s, const char *target_id, long counts[3], cw_errmsg *e)
+cw_err policy_sweep(PGconn *c, const struct policy_view *v, const char *target_id, long counts[3], cw_errmsg *e)
 {
 	char secs[24];
-	snprintf(secs, sizeof(secs), "%lld", (long long)s->held_expiry_s);
-	const char *params[] = { secs, target_id };
+	snprintf(secs, sizeof(secs), "%lld", (long long)v->set.held_expiry_s);
+	char *denials = NULL;
+	const char *params[] = { secs, target_id, NULL };
 	bool own = PQtransactionStatus(c) == PQTRANS_IDLE;
 	cw_err rc = own ? store_exec(c, "BEGIN", e) : CW_OK;
 	if (!rc)
 		rc = store_exec(c, "SELECT pg_advisory_xact_lock(" SWEEP_LOCK_KEY ")", e);
-	PGresult *r = rc ? NULL : PQexecParams(c, sweep_sql, 2, NULL, params, NULL, NULL, 0);
+	if (!rc)
+		rc = rule_denials(c, v, params, &denials, e);
+	params[2] = denials;
+	PGresult *r = rc ? NULL : PQexecParams(c, sweep_sql, 3, NULL, params, NULL, NULL, 0);
+	free(denials);
 	if (!rc && !(rc = store_check(c, r, PGRES_TUPLES_OK, e))) {
 		for (int i = 0; i < 3; i++)
 			counts[i] = atol(PQgetvalue(r, 0, i));
@@ -427,7 +504,7 @@ cw_err policy_notify_user(PGconn *c, const char *local_id, cw_errmsg *e)
 	return rc;
 }
 
-cw_err policy_consent_apply(PGconn *c, const struct policy_settings *s, const char *local_id, const char *kind,
+cw_err policy_consent_apply(PGconn *c, const struct policy_view *v, const char *local_id, const char *kind,
 			    const char *subject, const char *state, const char *source, long counts[3], long *decided,
 			    cw_errmsg *e)
 {
@@ -446,7 +523,7 @@ cw_err policy_consent_apply(PGconn *c, const struct policy_settings *s, const ch
 			return rc;
 		PQclear(br);
 	}
-	if ((rc = policy_sweep(c, s, local_id, counts, e)))
+	if ((rc = policy_sweep(c, v, local_id, counts, e)))
 		return rc;
 	if (counts[0] && (rc = store_exec(c, "NOTIFY causeway_outbox", e)))
 		return rc;
@@ -745,7 +822,7 @@ static void *live_main(void *arg)
 			struct policy_view *v = policy_live_get(pl);
 			long counts[3];
 			cw_errmsg e;
-			if (policy_sweep(pl->c, &v->set, NULL, counts, &e)) {
+			if (policy_sweep(pl->c, v, NULL, counts, &e)) {
 				LOG_KV(CW_LOG_WARN, "policy sweep failed", "detail", e.msg);
 			} else if (counts[0] || counts[1] || counts[2]) {
 				char a[24], b[24], d[24];

@@ -66,9 +66,10 @@ cw_err policy_notify_user(PGconn *c, const char *local_id, cw_errmsg *e);
 void policy_view_put(struct policy_view *v);
 
 /* Applies consent to held rows (all local users, or only target_id when it
- * is not NULL) and expires old ones; the counts of rows changed. */
-cw_err policy_sweep(PGconn *c, const struct policy_settings *s, const char *target_id, long counts[3],
-		    cw_errmsg *e);
+ * is not NULL) and expires old ones; the counts of rows changed.  A row
+ * about to be released is first decided again by v's rules (a deny rule,
+ * the server's mode, the user's opt-in): one they now stop is dropped. */
+cw_err policy_sweep(PGconn *c, const struct policy_view *v, const char *target_id, long counts[3], cw_errmsg *e);
 
 /* A local user's decision (state allowed, blocked, or none: forget it)
  * about a remote user (kind "user", subject a URI) or domain, from source
@@ -76,7 +77,7 @@ cw_err policy_sweep(PGconn *c, const struct policy_settings *s, const char *targ
  * that pair decided; the user's held messages released in order or dropped
  * now; every process told (NOTIFY).  counts as policy_sweep's; *decided:
  * the consent requests decided. */
-cw_err policy_consent_apply(PGconn *c, const struct policy_settings *s, const char *local_id, const char *kind,
+cw_err policy_consent_apply(PGconn *c, const struct policy_view *v, const char *local_id, const char *kind,
 			    const char *subject, const char *state, const char *source, long counts[3], long *decided,
 			    cw_errmsg *e);
 

@@ -305,10 +305,11 @@ static bool lower_alnum(char c)
 	return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9');
 }
 
-/* Lower-case labels of [a-z0-9-] joined by single dots. */
+/* Lower-case labels of [a-z0-9-] joined by single dots, starting and
+ * ending with a letter or digit (as the rules table's check has it). */
 static bool valid_domain(const char *p, size_t n)
 {
-	if (n == 0 || n > MAX_DOMAIN)
+	if (n == 0 || n > MAX_DOMAIN || !lower_alnum(p[0]) || !lower_alnum(p[n - 1]))
 		return false;
 	size_t label = 0;
 	for (size_t i = 0; i < n; i++) {
@@ -1011,6 +1012,16 @@ const char *policy_reason_text(const char *reason)
 		if (strcmp(reason, texts[i][0]) == 0)
 			return texts[i][1];
 	return NULL;
+}
+
+bool policy_reason_is_servers(const char *reason)
+{
+	static const char *const servers[] = { "server_denied_user", "server_denied_domain", "server_denied_network",
+					       "server_closed", "server_not_allowlisted", "user_not_opted_in" };
+	for (size_t i = 0; reason && i < sizeof(servers) / sizeof(servers[0]); i++)
+		if (strcmp(reason, servers[i]) == 0)
+			return true;
+	return false;
 }
 
 const char *policy_verdict_name(enum policy_verdict v)

@@ -190,6 +190,10 @@ int policy_consent_fact(const struct policy_snapshot *s, const char *local_uri, 
  * remote user's block of them: errors stay uniform, as for an unknown
  * account) and for a reason it does not know. */
 const char *policy_reason_text(const char *reason);
+/* Whether a deny reason is the server's rules' or the local user's opt-in
+ * (not a consent fact, a size or a rate limit): what a held message's
+ * release asks again. */
+bool policy_reason_is_servers(const char *reason);
 const char *policy_verdict_name(enum policy_verdict v);
 const char *policy_mode_name(enum policy_mode m);
 const char *policy_scope_name(enum policy_scope s);

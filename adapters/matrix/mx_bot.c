@@ -179,7 +179,7 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *s
 		long counts[3] = { 0, 0, 0 }, decided = 0;
 		cw_err rc = store_exec(c, "BEGIN", &e);
 		if (!rc)
-			rc = policy_consent_apply(c, &v->set, local_id, kind, subject, verb[0] == 'a' ? "allowed" : "blocked",
+			rc = policy_consent_apply(c, v, local_id, kind, subject, verb[0] == 'a' ? "allowed" : "blocked",
 						  "user", counts, &decided, &e);
 		policy_view_put(v);
 		if (!rc) {

@@ -15,6 +15,12 @@
 	"(a.subject = t.uri OR (o.target_identity_id IS NULL AND o.state IN ('dropped', 'held', 'expired') " \
 	"AND EXISTS (SELECT 1 FROM identities ai WHERE ai.uri = a.subject AND ai.network = o.destination)))"
 
+/* A delivery's verdict: its last policy decision (DELIVERY_DECISION's
+ * action, ACTION), or with none recorded, allow (allow is recorded only
+ * when a held message is released) unless the row is held. */
+#define DELIVERY_VERDICT(ACTION) \
+	"coalesce(split_part(" ACTION ", '.', 2), CASE o.state WHEN 'held' THEN 'hold' ELSE 'allow' END)"
+
 void outbox_admin_list(struct cw_req *req, void *ctx);
 void outbox_admin_replay(struct cw_req *req, void *ctx);
 void outbox_admin_discard(struct cw_req *req, void *ctx);

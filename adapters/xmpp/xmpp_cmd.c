@@ -123,7 +123,7 @@ static cw_err consent_fn(PGconn *c, void *arg, cw_errmsg *e)
 	case V_BLOCK: {
 		struct policy_view *v = policy_live_get(x->app->policy);
 		long counts[3] = { 0, 0, 0 }, decided = 0;
-		rc = policy_consent_apply(c, &v->set, local_id, j->whole_domain ? "domain" : "user", subject,
+		rc = policy_consent_apply(c, v, local_id, j->whole_domain ? "domain" : "user", subject,
 					  j->verb == V_ACCEPT ? "allowed" : "blocked", "user", counts, &decided, e);
 		policy_view_put(v);
 		if (rc)
