@@ -130,16 +130,13 @@ cw_err mimi_uri_parse(const char *s, struct mimi_uri *out, cw_errmsg *e)
 	if (rc)
 		return rc;
 	const char *p = host + hlen;
-	unsigned port = 0;
-	if (*p == ':') {
-		p++;
-		size_t nd = 0;
-		while (p[nd] >= '0' && p[nd] <= '9' && nd < 6)
-			port = port * 10 + (unsigned)(p[nd++] - '0');
-		if (nd == 0 || nd > 5 || p[0] == '0' || port > 65535)
-			return cw_fail(e, CW_EINVAL, "the port is not a number from 1 to 65535 without leading zeros");
-		p += nd;
-	}
+	/* The spec's identifiers are mimi://<domain>/...: the domain alone
+	 * names a provider (where it answers is its directory's business),
+	 * and a stored identity or room is its URI without one.  A port was
+	 * parsed once and then failed the tables' checks (409, "retry"). */
+	if (*p == ':')
+		return cw_fail(e, CW_EINVAL, "the identifier names a port: identifiers are mimi://<domain>/u/<local> "
+					     "or mimi://<domain>/r/<id>, without one");
 	if (*p != '/')
 		return cw_fail(e, CW_EINVAL, "the identifier has no /u/<local> or /r/<id> path");
 	enum mimi_kind kind;
@@ -157,7 +154,6 @@ cw_err mimi_uri_parse(const char *s, struct mimi_uri *out, cw_errmsg *e)
 	out->kind = kind;
 	memcpy(out->domain, host, hlen);
 	out->domain[hlen] = '\0';
-	out->port = (uint16_t)port;
 	memcpy(out->id, id, idlen);
 	out->id[idlen] = '\0';
 	return CW_OK;
@@ -178,15 +174,14 @@ cw_err mimi_uri_format(const struct mimi_uri *u, char *buf, size_t size, cw_errm
 		     : cw_fail(e, CW_EINVAL, "the identifier is neither a user nor a room");
 	if (rc)
 		return rc;
-	char port[8] = "";
 	if (u->port)
-		snprintf(port, sizeof(port), ":%u", (unsigned)u->port);
-	size_t n = 7 + dlen + strlen(port) + 3 + idlen;
+		return cw_fail(e, CW_EINVAL, "the identifier names a port (identifiers name none)");
+	size_t n = 7 + dlen + 3 + idlen;
 	if (n > MIMI_URI_MAX)
 		return cw_fail(e, CW_EINVAL, "the identifier is longer than %d bytes", MIMI_URI_MAX);
 	if (n >= size)
 		return cw_fail(e, CW_EINVAL, "the identifier does not fit in %zu bytes", size);
-	snprintf(buf, size, "mimi://%s%s/%c/%s", u->domain, port, u->kind == MIMI_USER ? 'u' : 'r', u->id);
+	snprintf(buf, size, "mimi://%s/%c/%s", u->domain, u->kind == MIMI_USER ? 'u' : 'r', u->id);
 	return CW_OK;
 }
 

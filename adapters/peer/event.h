@@ -39,7 +39,7 @@ enum mimi_kind { MIMI_USER, MIMI_ROOM };
 struct mimi_uri {
 	enum mimi_kind kind;
 	char domain[MIMI_DOMAIN_MAX + 1]; /* host name without the port */
-	uint16_t port;                    /* 0 when the URI names none */
+	uint16_t port;                    /* always 0: identifiers name no port (the parser refuses one) */
 	char id[MIMI_LOCAL_MAX + 1];      /* user local part or room id */
 };
 

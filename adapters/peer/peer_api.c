@@ -177,12 +177,8 @@ static cw_err idem_store(PGconn *c, const char *scope, const char *key, const un
 cw_err identity_id(PGconn *c, const struct mimi_uri *u, bool local, const char *network,
 			  const char *peer_id, char *out, size_t outlen, cw_errmsg *e)
 {
-	char uri[MIMI_URI_MAX + 1], domain[MIMI_DOMAIN_MAX + 8];
+	char uri[MIMI_URI_MAX + 1];
 	mimi_uri_format(u, uri, sizeof(uri), NULL);
-	if (u->port)
-		snprintf(domain, sizeof(domain), "%s:%u", u->domain, u->port);
-	else
-		snprintf(domain, sizeof(domain), "%s", u->domain);
 	const char *params[] = { uri, u->domain, u->id, local ? "t" : "f", network, peer_id };
 	for (int attempt = 0; attempt < 2; attempt++) {
 		PGresult *r = exec(c,
@@ -1241,23 +1237,48 @@ static cw_err add_json_string(struct cw_buf *b, const char *s)
 /* Appends a JSON array of strings and integers as one JSON string, its
  * values comma-separated: the statement splits it with string_to_array(),
  * cheaper than a jsonb array per column and item.  Its values
- * (destinations, identity ids, outbox states) have no commas. */
+ * (destinations, identity ids, outbox states) have no commas.  On the
+ * stack as long as it fits (a room's few recipients), else on the heap: a
+ * fixed 4 KiB held some 500, and a room with more could take no message
+ * (and failed the requests merged with it). */
 static cw_err add_joined(struct cw_buf *b, json_t *arr)
 {
 	char tmp[4096];
+	struct cw_buf big;
+	cw_buf_init(&big, (size_t)64 << 20);
 	size_t len = 0, i;
 	json_t *v;
+	cw_err rc = CW_OK;
 	json_array_foreach(arr, i, v) {
-		int k = json_is_integer(v) ? snprintf(tmp + len, sizeof(tmp) - len, "%s%lld", i ? "," : "",
-						      (long long)json_integer_value(v))
-					   : snprintf(tmp + len, sizeof(tmp) - len, "%s%s", i ? "," : "",
-						      json_string_value(v) ? json_string_value(v) : "");
-		if (k < 0 || (size_t)k >= sizeof(tmp) - len)
-			return CW_EINVAL;
-		len += (size_t)k;
+		const char *sep = i ? "," : "", *s = json_string_value(v) ? json_string_value(v) : "";
+		long long n = (long long)json_integer_value(v);
+		if (big.p) {
+			rc = json_is_integer(v) ? cw_buf_printf(&big, "%s%lld", sep, n) : cw_buf_printf(&big, "%s%s", sep, s);
+			if (rc)
+				break;
+			continue;
+		}
+		int k = json_is_integer(v) ? snprintf(tmp + len, sizeof(tmp) - len, "%s%lld", sep, n)
+					   : snprintf(tmp + len, sizeof(tmp) - len, "%s%s", sep, s);
+		if (k < 0) {
+			rc = CW_EINVAL;
+			break;
+		}
+		if ((size_t)k < sizeof(tmp) - len) {
+			len += (size_t)k;
+			continue;
+		}
+		/* Too long for the stack: what fitted, and this value again. */
+		tmp[len] = '\0';
+		if ((rc = cw_buf_add(&big, tmp, len)) ||
+		    (rc = json_is_integer(v) ? cw_buf_printf(&big, "%s%lld", sep, n) : cw_buf_printf(&big, "%s%s", sep, s)))
+			break;
 	}
 	tmp[len] = '\0';
-	return add_json_string(b, tmp);
+	if (!rc)
+		rc = add_json_string(b, big.p ? big.p : tmp);
+	cw_buf_free(&big);
+	return rc;
 }
 
 /* A reference in round 1's document: the event's id, null, or (the item
