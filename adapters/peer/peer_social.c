@@ -8,6 +8,7 @@
 #include "peers.h"
 #include "store.h"
 #include "policy_live.h"
+#include "ratelimit.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -377,6 +378,24 @@ void peer_api_identifier_query(struct cw_req *req, void *ctx)
 		free(in);
 		cw_req_problem(req, 400, "invalid_body", "Invalid body",
 			       "the body is {\"handle\": \"<local part>\"}: a user name or an E.164 number such as +4915112345678");
+		return;
+	}
+	/* Each peer has policy.identifier_queries_per_minute: discovery by
+	 * exact match is a lookup a peer could otherwise run through every
+	 * phone number at the speed of its requests. */
+	struct peer_principal *p = cw_req_principal(req);
+	struct policy_view *v = policy_live_get(app->policy);
+	uint32_t per_minute = (uint32_t)v->set.identifier_queries_per_minute;
+	policy_view_put(v);
+	char key[PEER_NAME_MAX + 8];
+	snprintf(key, sizeof(key), "idq:%s", p->name);
+	bool first = false;
+	int64_t wait = ratelimit_take(app->limits, key, per_minute, 60000, cw_wall_ms(), &first);
+	if (wait > 0) {
+		free(in);
+		app_retry_after(req, wait);
+		cw_req_problem(req, 429, "rate_limited", "Too many requests",
+			       "too many identifier queries from this peer; retry later");
 		return;
 	}
 	snprintf(in->local, sizeof(in->local), "%s", uri);

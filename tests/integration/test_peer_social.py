@@ -102,6 +102,21 @@ def test_discovery_finds_only_discoverable_users(daemon, peers, pg, db_url):
     assert hidden.json() == unknown.json() == {"matches": []}
 
 
+def test_discovery_is_rate_limited_per_peer(daemon, peers, pg, db_url):
+    """A peer cannot run through every phone number: at most
+    policy.identifier_queries_per_minute queries (here 5), then 429 with
+    Retry-After, for that peer only (before, no limit at all)."""
+    (a, _), (b, _) = peers
+    r = daemon.admin("PATCH", "/settings", json={"policy.identifier_queries_per_minute": 5})
+    assert r.status_code == 200, r.text
+    answers = [a.call("POST", "/v1/identifiers/query", {"handle": f"+49151000000{i:02d}"}) for i in range(8)]
+    assert [x.status_code for x in answers[:5]] == [200] * 5
+    assert answers[-1].status_code == 429 and answers[-1].json()["code"] == "rate_limited"
+    assert 1 <= int(answers[-1].headers["Retry-After"]) <= 60
+    assert b.call("POST", "/v1/identifiers/query", {"handle": "+4915100000000"}).status_code == 200
+    assert daemon.admin("PATCH", "/settings", json={"policy.identifier_queries_per_minute": 0}).status_code == 400
+
+
 BAD = [
     ("/v1/consent/requests", {"requester": "mimi://wa.example/u/w"}, 400, "invalid_body"),
     ("/v1/consent/requests", {"requester": "mimi://tg.example/u/w", "target": LOCAL + "a"}, 403, "not_allowed"),
