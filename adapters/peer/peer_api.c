@@ -340,12 +340,51 @@ static cw_err classify_members(PGconn *c, struct app_job *j, const struct peer_p
 	return CW_OK;
 }
 
+/* A new conversation: server rules and the creator's rate limit (the
+ * creator is the first member of the calling peer's domain); true: refused
+ * (j's error set).  Asked after the idempotent replay, so that a retry of
+ * a room made gets it rather than a token less or a rule made since. */
+static bool new_room_refused(struct app_job *j, const struct room_input *in)
+{
+	const struct room_member_in *creator = NULL;
+	for (size_t i = 0; i < in->n && !creator; i++)
+		if (strcmp(in->m[i].u.domain, in->p->domain) == 0)
+			creator = &in->m[i];
+	char network[PEER_NAME_MAX + 8];
+	snprintf(network, sizeof(network), "peer:%s", in->p->name);
+	struct policy_view *view = policy_live_get(j->app->policy);
+	struct policy_rate_memo memo;
+	policy_rate_memo_init(&memo, j->app->limits);
+	struct policy_request preq = {
+		.direction = POLICY_INBOUND, .action = POLICY_ACT_NEW_ROOM,
+		.sender = { creator->uri, in->p->domain, network }, .now_ms = cw_wall_ms(), .rate = &memo.rate,
+	};
+	struct policy_decision d;
+	policy_decide(view->snap, &preq, &d);
+	policy_view_put(view);
+	policy_count(j->app, &d);
+	if (d.verdict == POLICY_LIMIT) {
+		app_retry_after(j->req, d.retry_after_ms);
+		j->err_status = 429;
+		j->err_code = "rate_limited";
+		snprintf(j->err_detail, sizeof(j->err_detail), "too many new conversations from this sender; retry later");
+	} else if (d.verdict == POLICY_DENY) {
+		j->err_status = 403;
+		j->err_code = "not_allowed";
+		snprintf(j->err_detail, sizeof(j->err_detail),
+			 "this provider does not take conversations from the calling peer's users (%s)", d.reason);
+	}
+	return j->err_code != NULL;
+}
+
 static cw_err room_create_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct room_input *in = j->data;
 	cw_err rc;
 	if (idem_replay(c, j, in->scope, in->idem_key, in->hash, &rc, e))
 		return rc;
+	if (new_room_refused(j, in))
+		return CW_OK;
 	/* Classify every member before writing anything. */
 	static _Thread_local struct member_class cls[ROOM_MEMBERS_MAX];
 	if ((rc = classify_members(c, j, in->p, in->domain, in->m, in->n, cls, e)) || j->err_code)
@@ -457,40 +496,6 @@ void peer_api_room_create(struct cw_req *req, void *ctx)
 		json_decref(body);
 		if (in)
 			room_input_free(in);
-		return;
-	}
-	/* A new conversation: server rules and the creator's rate limit (the
-	 * creator is the first member of the calling peer's domain). */
-	const struct room_member_in *creator = NULL;
-	for (size_t i = 0; i < in->n && !creator; i++)
-		if (strcmp(in->m[i].u.domain, p->domain) == 0)
-			creator = &in->m[i];
-	char network[PEER_NAME_MAX + 8];
-	snprintf(network, sizeof(network), "peer:%s", p->name);
-	struct policy_view *view = policy_live_get(app->policy);
-	struct policy_rate_memo memo;
-	policy_rate_memo_init(&memo, app->limits);
-	struct policy_request preq = {
-		.direction = POLICY_INBOUND, .action = POLICY_ACT_NEW_ROOM,
-		.sender = { creator->uri, p->domain, network }, .now_ms = cw_wall_ms(), .rate = &memo.rate,
-	};
-	struct policy_decision d;
-	policy_decide(view->snap, &preq, &d);
-	policy_view_put(view);
-	policy_count(app, &d);
-	if (d.verdict == POLICY_LIMIT || d.verdict == POLICY_DENY) {
-		char detail[160];
-		if (d.verdict == POLICY_LIMIT) {
-			app_retry_after(req, d.retry_after_ms);
-			snprintf(detail, sizeof(detail), "too many new conversations from this sender; retry later");
-		} else
-			snprintf(detail, sizeof(detail),
-				 "this provider does not take conversations from the calling peer's users (%s)", d.reason);
-		cw_req_problem(req, d.verdict == POLICY_LIMIT ? 429 : 403,
-			       d.verdict == POLICY_LIMIT ? "rate_limited" : "not_allowed",
-			       app_status_title(d.verdict == POLICY_LIMIT ? 429 : 403), detail);
-		json_decref(body);
-		room_input_free(in);
 		return;
 	}
 	in->p = p;

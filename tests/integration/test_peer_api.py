@@ -460,6 +460,23 @@ def test_members_add_and_remove(daemon, peers, pg, db_url):
     assert b.call("POST", f"/v1/rooms/{only_a['id']}/members", {"add": [b.user("x")]}).status_code == 404
 
 
+def test_a_retried_room_creation_gets_the_room_made(daemon, peers, pg, db_url):
+    """POST /v1/rooms with an Idempotency-Key is idempotent: its retry gets
+    the room made, even when a rule made since (or the creator's used-up
+    rate limit) would refuse a new one. Before, the policy was asked
+    before the replay: 403 for a room that exists."""
+    (a, _), _ = peers
+    r = a.create_room([a.user("x"), "mimi://example.org/u/alice"], kind="group", idem="room-once")
+    assert r.status_code == 201, r.text
+    r2 = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example", "mode": "deny"})
+    assert r2.status_code == 201
+    again = a.create_room([a.user("x"), "mimi://example.org/u/alice"], kind="group", idem="room-once")
+    assert again.status_code == 201 and again.json()["id"] == r.json()["id"], again.text
+    other = a.create_room([a.user("x"), "mimi://example.org/u/bob"], kind="group", idem="room-twice")
+    assert other.status_code == 403 and other.json()["code"] == "not_allowed"
+    assert pg.psql("SELECT count(*) FROM rooms", db_url) == "1"
+
+
 def test_a_room_of_hundreds_of_local_members_takes_messages(daemon, peers, pg, db_url):
     """A group of 700 local members (made up: they need not exist, as a
     peer cannot tell): a message to it gets one outbox row per member.
