@@ -887,19 +887,23 @@ void policy_decide(const struct policy_snapshot *ov, const struct policy_request
 	}
 
 	/* 2. The local user's blocks; outbound, the remote user's block.  The
-	 * consent facts found are kept for step 6. */
+	 * consent facts found are kept for step 6.  Inbound, the sender's rate
+	 * limits (3b) are charged and answered first: a block answered 202
+	 * where anyone else's answer is 429 would tell a sender with an
+	 * empty bucket who blocked them (the spec's rule that a peer cannot
+	 * tell a block from anything else wins over its order here; what
+	 * happens to the message is the same: nothing reaches the user). */
 	int cu = -1, cd = -1;
 	const struct policy_snapshot *f = local && ov ? facts_of(ov, &local->uri) : s;
 	if (local && dir != POLICY_TRANSIT && nremote == 1) {
 		const struct pparty *p = remote[0];
 		cu = consent(f, local, "u", &p->uri);
-		if (cu == 0) {
-			set(d, POLICY_DENY, dir == POLICY_INBOUND ? "user_blocked_sender" : "user_blocked_recipient", 0);
-			return;
-		}
-		cd = consent(f, local, "d", &p->domain);
-		if (cd == 0) {
-			set(d, POLICY_DENY, "user_blocked_domain", 0);
+		cd = cu == 0 ? -1 : consent(f, local, "d", &p->domain);
+		if (cu == 0 || cd == 0) {
+			if (dir == POLICY_INBOUND && r->rate && r->rate->take && rate_limits(r, &snd, &ev[0], d))
+				return;
+			set(d, POLICY_DENY, cu == 0 ? (dir == POLICY_INBOUND ? "user_blocked_sender" : "user_blocked_recipient")
+						    : "user_blocked_domain", 0);
 			return;
 		}
 		if (dir == POLICY_OUTBOUND && f->blocks.count && p->uri.n && local->uri.n) {

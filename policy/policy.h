@@ -12,6 +12,7 @@
  *      exact or wildcard, network exact or wildcard)    -> deny
  *   2. the local user's blocked (user, then domain); outbound also the
  *      remote user's block of the local user             -> deny
+ *      (inbound, an empty rate bucket first -> limit: docs/policy.md)
  *   3. size and content-kind limits                      -> deny
  *      rate limits (remote senders only)                 -> limit
  *   4. the remote party's effective mode (the most specific rule with a
