@@ -45,33 +45,107 @@ struct peer_pull {
 
 #define REGISTRY_RELOAD_US (30 * 1000000LL)
 
-/* Acknowledges up to after, then reads what follows; sets the answer and
- * returns true when there is something to say (rows, or a failure). */
+/* How long a handed-out row stays in flight without the peer coming back.
+ * A peer that pulls keeps its rows' claim fresh; one that stops (or was
+ * switched to push) has them put back to pending by any dispatcher's
+ * recovery of run-out claims, to be handed out (or pushed) again. */
+#define HANDOUT_S 600
+
+/* The pull's hand-out, in one statement under the peer's lock (below).
+ * A row handed out is in flight with claimed_by 'pull#<position>': the
+ * position is taken from the outbox id sequence when the row is first
+ * handed out, so positions grow in the order rows were handed out, and
+ * every one is above any outbox id an older cursor could be.  The cursor
+ * is a position, not an outbox id: ids are taken when a transaction
+ * writes, and a transaction that took a lower id may commit after a
+ * higher one was pulled; acknowledging by id would mark that row
+ * delivered without ever sending it.  after acknowledges the handed-out
+ * rows at or below it; those above it come again (the peer did not get
+ * that answer, or asks again from an older cursor), before any row not
+ * handed out yet, which follow in id order whatever their id.  An answer
+ * is so always the positions just after `after`, in order: a peer that
+ * keeps any cursor it was given acknowledges exactly what it got.
+ * $1 destination, $2 after, $3 limit, $4 claim seconds. */
+#define PULL_POS "CASE WHEN starts_with(claimed_by, 'pull#') THEN substr(claimed_by, 6)::bigint END"
+static const char pull_sql[] =
+	"WITH ack AS (UPDATE outbox SET state = 'delivered', delivered_at = now(), claimed_by = NULL, "
+	" claimed_until = NULL WHERE destination = $1 AND state = 'in_flight' AND " PULL_POS " <= $2::bigint), "
+	"sent AS (SELECT id, " PULL_POS " AS pos FROM outbox WHERE destination = $1 "
+	" AND state = 'in_flight' AND " PULL_POS " > $2::bigint), "
+	"kept AS (UPDATE outbox o SET claimed_until = now() + make_interval(secs => $4::int) FROM sent "
+	" WHERE o.id = sent.id AND o.state = 'in_flight' AND o.claimed_by = 'pull#' || sent.pos "
+	" RETURNING o.id, sent.pos, o.event_id, o.room_id), "
+	"fresh AS MATERIALIZED (SELECT f.id, nextval(pg_get_serial_sequence('outbox', 'id')) AS pos "
+	" FROM (SELECT id FROM outbox WHERE destination = $1 AND state = 'pending' ORDER BY id "
+	"  LIMIT greatest($3::int - (SELECT count(*) FROM sent), 0)) f), "
+	"took AS (UPDATE outbox o SET state = 'in_flight', claimed_by = 'pull#' || fresh.pos, "
+	" claimed_until = now() + make_interval(secs => $4::int) FROM fresh "
+	" WHERE o.id = fresh.id AND o.state = 'pending' RETURNING o.id, fresh.pos, o.event_id, o.room_id), "
+	"h AS (SELECT * FROM kept UNION ALL SELECT * FROM took) "
+	"SELECT h.pos, ev.public_id, ev.content::text, rm.uri, rm.public_id, s.uri, "
+	" (extract(epoch FROM ev.accepted_at) * 1000)::bigint, ev.ts, "
+	" (SELECT p.event_types IS NULL OR ev.type = ANY (p.event_types) FROM peers p "
+	"  WHERE p.name = substr($1, 6)) "
+	"FROM h JOIN events ev ON ev.id = h.event_id JOIN rooms rm ON rm.id = h.room_id "
+	"JOIN identities s ON s.id = ev.sender_id ORDER BY h.pos LIMIT $3::int";
+
+static const struct store_stmt pull_stmts[] = {
+	{ "cw_pull", pull_sql },
+	{ NULL, NULL },
+};
+static const struct store_stmt *const pull_stmt_lists[] = { pull_stmts, NULL };
+
+/* Acknowledges up to after, then hands out what follows; sets the answer
+ * and returns true when there is something to say (rows, or a failure).
+ * Pulls of one peer take turns (a transaction-level advisory lock named
+ * after it): two at once, in two daemon processes, would each hand out
+ * rows, and the peer could acknowledge the one answer's position while
+ * the other answer, with rows below it, was lost.  The lock and the
+ * hand-out go as one query string, one round trip and one implicit
+ * transaction (an error rolls it back); the hand-out's snapshot is taken
+ * after the lock, so it sees what the previous turn committed. */
 static bool try_answer(struct peer_pull *p, struct waiter *w, bool final)
 {
-	char after[24], limit[16];
+	char after[24];
 	snprintf(after, sizeof(after), "%lld", w->after);
-	snprintf(limit, sizeof(limit), "%d", w->limit);
-	const char *params[] = { w->destination, after, limit };
 	cw_errmsg e;
 	PGresult *r = NULL;
 	if (PQstatus(p->c) != CONNECTION_OK) {
 		cw_fail(&e, CW_EUNAVAIL, "the database is unavailable");
 		goto fail;
 	}
-	r = PQexecParams(p->c,
-		"WITH ack AS (UPDATE outbox SET state = 'delivered', delivered_at = now() "
-		" WHERE destination = $1 AND state = 'pending' AND id <= $2::bigint) "
-		"SELECT o.id, ev.public_id, ev.content::text, rm.uri, rm.public_id, s.uri, "
-		" (extract(epoch FROM ev.accepted_at) * 1000)::bigint, ev.ts, "
-		" (SELECT p.event_types IS NULL OR ev.type = ANY (p.event_types) FROM peers p "
-		"  WHERE p.name = substr($1, 6)) "
-		"FROM outbox o JOIN events ev ON ev.id = o.event_id JOIN rooms rm ON rm.id = o.room_id "
-		"JOIN identities s ON s.id = ev.sender_id "
-		"WHERE o.destination = $1 AND o.state = 'pending' AND o.id > $2::bigint ORDER BY o.id LIMIT $3::int",
-		3, NULL, params, NULL, NULL, 0);
-	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
-		store_result_err(p->c, r, &e);
+	char *lit = PQescapeLiteral(p->c, w->destination, strlen(w->destination));
+	if (!lit) {
+		cw_fail(&e, CW_ENOMEM, "cannot quote the destination: %s", PQerrorMessage(p->c));
+		goto fail;
+	}
+	char sql[512];
+	snprintf(sql, sizeof(sql),
+		 "SELECT pg_advisory_xact_lock(hashtextextended('causeway.pull:' || %s, 0)); "
+		 "EXECUTE cw_pull(%s, %s, %d, %d)",
+		 lit, lit, after, w->limit, HANDOUT_S);
+	PQfreemem(lit);
+	if (!PQsendQuery(p->c, sql)) {
+		cw_fail(&e, CW_EUNAVAIL, "cannot send: %s", PQerrorMessage(p->c));
+		goto fail;
+	}
+	/* One result per statement; after an error the server skips the rest. */
+	PGresult *x;
+	bool failed = false;
+	while ((x = PQgetResult(p->c))) {
+		if (PQresultStatus(x) != PGRES_TUPLES_OK) {
+			if (!failed)
+				store_result_err(p->c, x, &e);
+			failed = true;
+			PQclear(x);
+			continue;
+		}
+		PQclear(r);
+		r = x;
+	}
+	if (failed || !r || PQnfields(r) < 9) {
+		if (!failed)
+			cw_fail(&e, CW_EUNAVAIL, "the pull answered nothing: %s", PQerrorMessage(p->c));
 		goto fail;
 	}
 	int n = PQntuples(r);
@@ -115,7 +189,7 @@ static bool ensure_conn(struct peer_pull *p)
 	cw_errmsg e;
 	p->c = store_connect(p->url, p->statement_timeout_ms, &e);
 	if (p->c && (store_exec(p->c, "LISTEN causeway_outbox", &e) || store_exec(p->c, "LISTEN causeway_pull", &e) ||
-		     store_exec(p->c, "LISTEN causeway_peers", &e))) {
+		     store_exec(p->c, "LISTEN causeway_peers", &e) || !store_prepare_all(p->c, pull_stmt_lists, &e))) {
 		PQfinish(p->c);
 		p->c = NULL;
 	}

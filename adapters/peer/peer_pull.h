@@ -1,10 +1,13 @@
 /* GET /v1/events?after=CURSOR&wait=SECONDS&limit=N: delivery by pulling,
- * for peers in pull mode.  The cursor is the last event the peer has
- * processed: asking with it acknowledges everything up to it (those rows
- * become delivered) and returns what follows, in order.  With nothing to
- * return, the request waits (long-poll) up to `wait` seconds for new events;
- * waiting requests are held, suspended, by one poller thread that LISTENs
- * for new outbox rows, so they cost no pool thread and no pool connection.
+ * for peers in pull mode.  The cursor is a position in what was handed out
+ * to the peer (not an outbox id: a row with a lower id may commit after a
+ * higher one was pulled): asking with it acknowledges what was handed out
+ * up to it (those rows become delivered) and returns what follows: rows
+ * handed out after it and not acknowledged, then rows not handed out yet,
+ * whatever their id, in id order.  With nothing to return, the request
+ * waits (long-poll) up to `wait` seconds for new events; waiting requests
+ * are held, suspended, by one poller thread that LISTENs for new outbox
+ * rows, so they cost no pool thread and no pool connection.
  * The same thread keeps the peer registry of this process in step with the
  * peers table, which other daemon processes may change. */
 #ifndef CW_PEER_PULL_H

@@ -2,6 +2,7 @@
 long-poll."""
 import re
 import signal
+import subprocess
 import threading
 import time
 
@@ -136,4 +137,51 @@ def test_a_pull_peer_gets_only_the_event_types_it_takes(daemon):
     # Everything the pull peer was sent or passed over is done.
     st = a.call("GET", f"/v1/messages/{m2}").json()
     assert st["recipients"] == [{"recipient": "mimi://tg.example", "status": "delivered"}]
+    srv.close()
+
+
+def test_a_row_committed_late_is_pulled_not_acknowledged_unseen(daemon, pg, db_url):
+    """Outbox ids are taken when a transaction writes, not when it commits:
+    a row with a lower id can become visible after a higher one was pulled
+    (another daemon process, the policy sweep releasing held rows, a
+    replay).  The cursor of the pull that did not see it must not
+    acknowledge it: the next pull returns it."""
+    a, b, rm, srv = make_peers(daemon)
+    first = a.send(rm["id"], a.user("alice"), "first").json()["id"]
+    # A writer that takes its outbox id now and commits later.
+    held = subprocess.Popen(["psql", db_url, "-v", "ON_ERROR_STOP=1", "-qAt"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        held.stdin.write(
+            "BEGIN;\n"
+            "WITH e AS (INSERT INTO events (public_id, room_id, sender_id, type, content, origin_network, ts) "
+            " SELECT 'msg_late', room_id, sender_id, type, jsonb_set(content, '{content,parts,0,body}', '\"late\"'), "
+            f" origin_network, ts FROM events WHERE public_id = '{first}' RETURNING id, room_id) "
+            "INSERT INTO outbox (event_id, destination, room_id) SELECT id, 'peer:tg', room_id FROM e RETURNING id;\n")
+        held.stdin.flush()
+        late_row = int(held.stdout.readline())
+        second = a.send(rm["id"], a.user("alice"), "second").json()["id"]
+        second_row = pg.psql("SELECT o.id FROM outbox o JOIN events e ON e.id = o.event_id "
+                             f"WHERE o.destination = 'peer:tg' AND e.public_id = '{second}'", db_url)
+        assert int(second_row) > late_row  # taken later, committed first
+        got = b.call("GET", "/v1/events?after=0").json()
+        assert [e["id"] for e in got["events"]] == [first, second], got
+        held.stdin.write("COMMIT;\n")
+        held.stdin.close()
+        assert held.wait(30) == 0, held.stderr.read()
+    finally:
+        if held.poll() is None:
+            held.kill()
+            held.wait()
+    late = b.call("GET", f"/v1/events?after={got['next']}").json()
+    assert [(e["id"], e["content"]["parts"][0]["body"]) for e in late["events"]] == [("msg_late", "late")], late
+    assert pg.psql(f"SELECT state FROM outbox WHERE id = {late_row}", db_url) != "delivered"
+    # Asked again from the older cursor (its answer lost), it comes again.
+    again = b.call("GET", f"/v1/events?after={got['next']}").json()
+    assert [e["id"] for e in again["events"]] == ["msg_late"] and again["next"] == late["next"], again
+    # Its own cursor acknowledges it, and with it everything handed out.
+    end = b.call("GET", f"/v1/events?after={late['next']}").json()
+    assert end == {"events": [], "next": late["next"]}, end
+    assert pg.psql("SELECT string_agg(DISTINCT state, ',') FROM outbox WHERE destination = 'peer:tg'", db_url) == \
+        "delivered"
     srv.close()
