@@ -2140,14 +2140,25 @@ void peer_api_typing_submit(struct cw_req *req, void *ctx) { submit_one(req, ctx
 struct status_input {
 	char msg_id[80];
 	int64_t peer_id;
+	int64_t held_expiry_s;
 };
 
-/* What a peer may see of a delivery: never why it was not delivered. */
-static const char *peer_visible_status(const char *state, bool read)
+/* What a peer may see of a delivery: never why it was not delivered.  To
+ * a local user (local), a message that waits for their consent, one the
+ * policy stopped (they blocked the sender, are not opted in, do not exist:
+ * an unknown user is one not opted in) and one that expired unseen all
+ * look alike: accepted while a held message would still wait (young:
+ * younger than policy.held_expiry_seconds), then not_delivered.  Before,
+ * a denied message showed not_delivered at once and a held one accepted
+ * for days: "accepted" told that the user exists and is opted in. */
+static const char *peer_visible_status(const char *state, bool read, bool local, bool young)
 {
 	if (strcmp(state, "delivered") == 0)
 		return read ? "read" : "delivered";
-	if (strcmp(state, "dead") == 0 || strcmp(state, "dropped") == 0 || strcmp(state, "expired") == 0)
+	bool unseen = strcmp(state, "dropped") == 0 || strcmp(state, "expired") == 0 || strcmp(state, "held") == 0;
+	if (local && unseen)
+		return young ? "accepted" : "not_delivered";
+	if (unseen || strcmp(state, "dead") == 0)
 		return "not_delivered";
 	return "accepted";
 }
@@ -2157,14 +2168,17 @@ static cw_err message_status_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	struct status_input *in = j->data;
 	char pid[24];
 	snprintf(pid, sizeof(pid), "%lld", (long long)in->peer_id);
-	const char *params[] = { in->msg_id, pid };
+	char expiry[24];
+	snprintf(expiry, sizeof(expiry), "%lld", (long long)in->held_expiry_s);
+	const char *params[] = { in->msg_id, pid, expiry };
 	PGresult *r = exec(c,
 		"SELECT (extract(epoch FROM ev.accepted_at) * 1000)::bigint, o.state, o.read_at IS NOT NULL, "
-		"coalesce(t.uri, 'mimi://' || p.domain), r.public_id "
+		"coalesce(t.uri, 'mimi://' || p.domain), r.public_id, coalesce(t.is_local, false), "
+		"o.created_at > now() - make_interval(secs => $3::bigint) "
 		"FROM events ev JOIN identities s ON s.id = ev.sender_id JOIN rooms r ON r.id = ev.room_id "
 		"LEFT JOIN outbox o ON o.event_id = ev.id LEFT JOIN identities t ON t.id = o.target_identity_id "
 		"LEFT JOIN peers p ON o.destination = 'peer:' || p.name "
-		"WHERE ev.public_id = $1 AND s.peer_id = $2::bigint ORDER BY o.id", 2, params);
+		"WHERE ev.public_id = $1 AND s.peer_id = $2::bigint ORDER BY o.id", 3, params);
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 	if (rc)
 		return rc;
@@ -2177,9 +2191,11 @@ static cw_err message_status_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	for (int i = 0; i < PQntuples(r); i++) {
 		if (PQgetisnull(r, i, 1))
 			continue; /* no recipient (all of them were the sender's own users) */
-		json_array_append_new(recipients, json_pack("{s:s, s:s}", "recipient", PQgetvalue(r, i, 3), "status",
-							    peer_visible_status(PQgetvalue(r, i, 1),
-										PQgetvalue(r, i, 2)[0] == 't')));
+		json_array_append_new(recipients,
+				      json_pack("{s:s, s:s}", "recipient", PQgetvalue(r, i, 3), "status",
+						peer_visible_status(PQgetvalue(r, i, 1), PQgetvalue(r, i, 2)[0] == 't',
+								    PQgetvalue(r, i, 5)[0] == 't',
+								    PQgetvalue(r, i, 6)[0] == 't')));
 	}
 	j->body = json_pack("{s:s, s:s, s:I, s:o}", "id", in->msg_id, "room", PQgetvalue(r, 0, 4), "accepted_ts",
 			    (json_int_t)atoll(PQgetvalue(r, 0, 0)), "recipients", recipients);
@@ -2198,8 +2214,15 @@ void peer_api_message_status(struct cw_req *req, void *ctx)
 		return;
 	}
 	struct status_input *in = calloc(1, sizeof(*in));
+	if (!in) {
+		out_of_memory(req);
+		return;
+	}
 	snprintf(in->msg_id, sizeof(in->msg_id), "%s", id);
 	in->peer_id = ((struct peer_principal *)cw_req_principal(req))->id;
+	struct policy_view *v = policy_live_get(app->policy);
+	in->held_expiry_s = v->set.held_expiry_s;
+	policy_view_put(v);
 	app_job_run(app, req, message_status_fn, in, free, false);
 }
 

@@ -126,8 +126,8 @@ def test_a_rule_made_while_messages_wait_decides_them_when_they_are_accepted(dae
                    % ",".join("'%s'" % i for i in ids), db_url) == "0"
     why = decision(daemon, ids[0])["recipients"][0]
     assert (why["verdict"], why["reason"], why["rule_id"]) == ("deny", "server_denied_domain", rule)
-    for i in ids:
-        assert [x["status"] for x in a.call("GET", f"/v1/messages/{i}").json()["recipients"]] == ["not_delivered"]
+    for i in ids:  # as for any recipient, until a held message would expire
+        assert [x["status"] for x in a.call("GET", f"/v1/messages/{i}").json()["recipients"]] == ["accepted"]
 
     # The server closed while bob's messages from someone wait.
     assert daemon.admin("DELETE", f"/rules/{rule}").status_code == 200
@@ -173,9 +173,9 @@ def test_block_drops_held_and_sender_sees_only_not_delivered(daemon, peers, pg, 
     # The content is gone; the rows stay so the sender gets an answer.
     assert pg.psql("SELECT count(*) FROM events WHERE content <> '{}'::jsonb AND public_id IN (%s)"
                    % ",".join("'%s'" % i for i in ids), db_url) == "0"
-    for i in ids:
+    for i in ids:  # what any first contact shows until a held message would expire
         st = a.call("GET", f"/v1/messages/{i}")
-        assert st.status_code == 200 and [x["status"] for x in st.json()["recipients"]] == ["not_delivered"]
+        assert st.status_code == 200 and [x["status"] for x in st.json()["recipients"]] == ["accepted"]
     # New messages from the blocked sender: accepted (no leak), then dropped.
     def dropped_now():
         r = send(a, room, "more")
@@ -184,6 +184,53 @@ def test_block_drops_held_and_sender_sees_only_not_delivered(daemon, peers, pg, 
     wait_policy(daemon, dropped_now, "the block in force")
     why = daemon.admin("GET", "/audit?action=policy.deny").json()["rows"][-1]
     assert why["reason"] == "user_blocked_sender" and why["subject"] == ALICE
+
+
+def test_a_peer_cannot_tell_unknown_unconsented_blocking_and_denying_recipients_apart(daemon, peers, pg, db_url):
+    """What a peer sees of a message to an unknown local user, to one who
+    has not consented yet, to one who blocked the sender, and of a message
+    the policy denied is the same: 202 accepted, status accepted, later
+    (when a held message would expire) not_delivered. Before, a denied
+    message showed not_delivered at once and a held one accepted: a sender
+    learned which users exist and took first contact."""
+    (a, _), _ = peers
+    opt_in(daemon)  # alice: opted in, no decision about wally yet
+    opt_in(daemon, user=BOB)
+    consent(daemon, a.user("wally"), "blocked", user=BOB)
+    carol = "mimi://example.org/u/carol"
+    opt_in(daemon, user=carol)
+    consent(daemon, a.user("wally"), "allowed", user=carol)
+    assert daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example",
+                                                "limits": {"max_body_bytes": 100}}).status_code == 201
+    cases = {"unknown": ("mimi://example.org/u/nobody", "hello"), "not consented": (ALICE, "hello"),
+             "blocked": (BOB, "hello"), "denied": (carol, "x" * 200)}
+    sent = {}
+    for name, (user, text) in cases.items():
+        room = dm(a, local=user)
+        wait_policy(daemon, lambda: send(a, room, "probe").status_code == 202, "the rules in force")
+        r = send(a, room, text)
+        assert r.status_code == 202 and set(r.json()) == {"id", "status", "accepted_ts"} \
+            and r.json()["status"] == "accepted", (name, r.text)
+        sent[name] = r.json()["id"]
+    assert dict(states(pg, db_url, list(sent.values()))) == {
+        sent["unknown"]: "dropped", sent["not consented"]: "held", sent["blocked"]: "dropped",
+        sent["denied"]: "dropped"}
+
+    def seen():
+        out = {}
+        for name, mid in sent.items():
+            st = a.call("GET", f"/v1/messages/{mid}")
+            assert st.status_code == 200
+            body = st.json()
+            out[name] = [(x["recipient"] == cases[name][0], x["status"]) for x in body["recipients"]]
+        return out
+    assert seen() == {name: [(True, "accepted")] for name in cases}
+    # A week later (policy.held_expiry_seconds): the held one expires; all alike.
+    pg.psql("UPDATE outbox SET created_at = now() - interval '8 days' WHERE event_id IN "
+            "(SELECT id FROM events WHERE public_id IN (%s))" % ",".join("'%s'" % i for i in sent.values()), db_url)
+    assert seen() == {name: [(True, "not_delivered")] for name in cases}
+    wait_until(lambda: states(pg, db_url, [sent["not consented"]])[0][1] == "expired", timeout=10, what="expiry")
+    assert seen() == {name: [(True, "not_delivered")] for name in cases}
 
 
 def test_a_block_and_its_end_travel_to_the_peer(daemon, peers, pg, db_url):
