@@ -637,8 +637,11 @@ void policy_admin_optin_set(struct cw_req *req, void *ctx)
 		char d[120];
 		snprintf(d, sizeof(d), "user %s", p);
 		bad_body(req, d);
-	} else if (!network || !network_valid(network))
-		bad_body(req, "network must be a network name such as matrix, xmpp or peer:<name>");
+	} else if (!network || !network_valid(network) || strncmp(network, "peer:", 5) != 0 || strchr(network, '*'))
+		/* Senders come from peers: an opt-in for any other name (matrix,
+		 * a bare "peer") is never asked, and the user would believe
+		 * themselves reachable. */
+		bad_body(req, "network must be a peer's network, peer:<name> (messages from outside come from peers)");
 	else if (!json_is_boolean(opted))
 		bad_body(req, "opted_in must be true or false");
 	else

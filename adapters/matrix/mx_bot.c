@@ -204,7 +204,27 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *s
 			say(m, room, "Which network? For example: opt-in peer:gk");
 			return;
 		}
-		const char *params[] = { local_id, arg, verb[4] == 'i' ? "t" : "f" };
+		/* A peer's network, named with or without "peer:": an opt-in for
+		 * a name no sender has would be stored and never asked, and the
+		 * user would believe themselves reachable. */
+		char net[220];
+		snprintf(net, sizeof(net), "%s%s", strncmp(arg, "peer:", 5) == 0 ? "" : "peer:", arg);
+		const char *np[] = { net + 5 };
+		PGresult *pr = PQexecParams(c, "SELECT (SELECT 1 FROM peers WHERE name = $1), "
+					       "(SELECT string_agg('peer:' || name, ', ' ORDER BY name) FROM peers WHERE enabled)",
+					    1, NULL, np, NULL, NULL, 0);
+		bool known = PQresultStatus(pr) == PGRES_TUPLES_OK && PQntuples(pr) == 1 && !PQgetisnull(pr, 0, 0);
+		if (!known) {
+			bool listed = PQresultStatus(pr) == PGRES_TUPLES_OK && PQntuples(pr) == 1 && !PQgetisnull(pr, 0, 1);
+			snprintf(reply, sizeof(reply), "I know no network %s. %s%s", arg,
+				 listed ? "The networks here: " : "No network is connected here yet.",
+				 listed ? PQgetvalue(pr, 0, 1) : "");
+			PQclear(pr);
+			say(m, room, reply);
+			return;
+		}
+		PQclear(pr);
+		const char *params[] = { local_id, net, verb[4] == 'i' ? "t" : "f" };
 		cw_err rc = store_command(c, "INSERT INTO user_optin (identity_id, network, opted_in, updated_by) "
 				       "VALUES ($1::bigint, $2, $3::boolean, 'user') ON CONFLICT (identity_id, network) DO "
 				       "UPDATE SET opted_in = excluded.opted_in, updated_by = 'user', updated_at = now()",
@@ -212,7 +232,7 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *s
 		if (!rc)
 			rc = policy_notify_user(c, local_id, &e);
 		snprintf(reply, sizeof(reply), rc ? "That network name is not valid." : "You are now opted %s for %s.",
-			 verb[4] == 'i' ? "in" : "out", arg);
+			 verb[4] == 'i' ? "in" : "out", net);
 		say(m, room, reply);
 	} else if (strcmp(verb, "report") == 0) {
 		char kind[8], subject[700];

@@ -362,7 +362,12 @@ def test_management_room_consent_flow(mx, hs, gk, pg, db_url):
     notices = lambda: [e["content"]["body"] for e in hs.events(mgmt)
                        if e["type"] == "m.room.message" and e["sender"] == bot]
     wait_until(lambda: any("Commands" in n for n in notices()), what="the bot's help")
-    alice.send_text(mgmt, "opt-in peer:gk")
+    # A network no sender has is not stored as if it meant something.
+    alice.send_text(mgmt, "opt-in whatsapp")
+    wait_until(lambda: any("I know no network whatsapp. The networks here: peer:gk" in n for n in notices()),
+               what="the unknown network")
+    assert pg.psql("SELECT count(*) FROM user_optin", db_url) == "0"
+    alice.send_text(mgmt, "opt-in gk")  # a peer's name alone will do
     wait_until(lambda: any("opted in for peer:gk" in n for n in notices()), what="opt-in")
     # The peer names its user as it likes: the request quotes at most 80
     # bytes of it, and the instructions come whole after it.

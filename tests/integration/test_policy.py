@@ -587,6 +587,9 @@ BAD = [
     ("PATCH", "/settings", {"policy.nonsense": 5}, 400),
     ("POST", "/optins", {"user": "mimi://other.example/u/x", "network": "peer:gk", "opted_in": True}, 400),
     ("POST", "/optins", {"user": ALICE, "network": "Peer gk", "opted_in": True}, 400),
+    ("POST", "/optins", {"user": ALICE, "network": "peer", "opted_in": True}, 400),  # never asked: was stored
+    ("POST", "/optins", {"user": ALICE, "network": "matrix", "opted_in": True}, 400),
+    ("POST", "/optins", {"user": ALICE, "network": "peer:*", "opted_in": True}, 400),
     ("POST", "/optins", {"user": ALICE, "network": "peer:gk", "opted_in": "yes"}, 400),
     ("POST", "/consents", {"user": ALICE, "subject_kind": "user", "subject": "bob", "state": "allowed"}, 400),
     ("POST", "/consents", {"user": ALICE, "subject_kind": "domain", "subject": "A.example", "state": "allowed"}, 400),
