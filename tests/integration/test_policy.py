@@ -262,6 +262,32 @@ def test_a_block_and_its_end_travel_to_the_peer(daemon, peers, pg, db_url):
         "delivered:peer:gk,delivered:peer:gk"
 
 
+def test_a_sweep_that_releases_one_member_and_drops_another_keeps_the_content(daemon, peers, pg, db_url):
+    """wally writes to a group of alice and bob, held for both; alice then
+    allows wally and bob blocks him, and one periodic sweep decides both
+    rows: alice's is released with the message whole. Before, the sweep
+    deleted the content for bob's drop although alice's row, released in
+    the same statement, still needed it."""
+    (a, _), _ = peers
+    opt_in(daemon)
+    opt_in(daemon, user=BOB)
+    room = a.create_room([a.user("wally"), ALICE, BOB]).json()["id"]
+    mid = send(a, room, "hi both").json()["id"]
+    assert [s for _, s in states(pg, db_url, [mid])] == ["held", "held"]
+    # Both decisions in one transaction, as another process could write
+    # them: the periodic sweep takes the two rows together.
+    pg.psql("INSERT INTO consents (local_identity_id, subject_kind, subject, state, source) "
+            "SELECT id, 'user', '%s', CASE WHEN uri = '%s' THEN 'allowed' ELSE 'blocked' END, 'admin' "
+            "FROM identities WHERE uri IN ('%s', '%s')" % (a.user("wally"), ALICE, ALICE, BOB), db_url)
+    wait_until(lambda: "held" not in [s for _, s in states(pg, db_url, [mid])], timeout=10, what="the sweep")
+    rows = pg.psql("SELECT t.uri || ' ' || o.state FROM outbox o JOIN identities t ON t.id = o.target_identity_id "
+                   "JOIN events e ON e.id = o.event_id WHERE e.public_id = '%s' ORDER BY t.uri" % mid, db_url)
+    assert rows.splitlines() == [f"{ALICE} pending", f"{BOB} dropped"] or \
+        rows.splitlines() == [f"{ALICE} delivered", f"{BOB} dropped"], rows
+    assert pg.psql("SELECT content->'content'->'parts'->0->>'body' FROM events WHERE public_id = '%s'" % mid,
+                   db_url) == "hi both"
+
+
 def test_held_messages_expire_and_are_deleted(daemon, peers, pg, db_url):
     (a, _), _ = peers
     opt_in(daemon)
