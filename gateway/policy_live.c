@@ -270,7 +270,8 @@ static const char releasable_sql[] =
 	"SELECT o.id, s.uri, s.domain, s.network, t.uri, t.domain, t.network, e.type "
 	"FROM outbox o JOIN events e ON e.id = o.event_id JOIN identities s ON s.id = e.sender_id "
 	"JOIN identities t ON t.id = o.target_identity_id "
-	"WHERE " SWEPT_ROWS " AND EXISTS (SELECT 1 FROM consents c WHERE c.local_identity_id = o.target_identity_id "
+	"WHERE " SWEPT_ROWS " AND o.created_at >= now() - make_interval(secs => $1::bigint) "
+	"AND EXISTS (SELECT 1 FROM consents c WHERE c.local_identity_id = o.target_identity_id "
 	" AND c.state = 'allowed' AND ((c.subject_kind = 'user' AND c.subject = s.uri) "
 	"  OR (c.subject_kind = 'domain' AND c.subject = s.domain))) "
 	"AND NOT EXISTS (SELECT 1 FROM consents c WHERE c.local_identity_id = o.target_identity_id "
@@ -280,7 +281,9 @@ static const char releasable_sql[] =
 /* Held rows whose local user has decided about the sender are released
  * (allowed) or dropped (blocked: a block of the user or of the domain wins,
  * as in decide(); or a rule that now stops the sender, $3: [{id, reason,
- * rule}]); rows held past the expiry are expired.  Each release or drop is
+ * rule}]); rows held past the expiry are expired, also when the user's
+ * consent came after it but before a sweep saw it (the sender was shown
+ * not_delivered from the expiry on).  Each release or drop is
  * a decision of the policy's in the audit log, so that "why" names it.
  * Locks are taken in id order and skipped when held by another sweep, so
  * two daemons never deadlock.  The content of an event that no one will
@@ -299,12 +302,14 @@ static const char sweep_sql[] =
 	"hd AS (SELECT h.*, dn.reason AS rule_reason, NULLIF(dn.rule, 0) AS rule FROM h LEFT JOIN dn ON dn.id = h.id), "
 	"ch AS (UPDATE outbox o SET state = CASE WHEN hd.us = 'blocked' OR hd.ds = 'blocked' "
 	"   OR hd.rule_reason IS NOT NULL THEN 'dropped' "
+	"   WHEN hd.created_at < now() - make_interval(secs => $1::bigint) THEN 'expired' "
 	"   WHEN hd.us = 'allowed' OR hd.ds = 'allowed' THEN 'pending' ELSE 'expired' END, "
 	"  next_attempt_at = now() "
 	" FROM hd WHERE o.id = hd.id AND (hd.us IS NOT NULL OR hd.ds IS NOT NULL "
 	"  OR hd.created_at < now() - make_interval(secs => $1::bigint)) "
 	" RETURNING o.id, o.event_id, o.state, hd.turi, hd.rule, CASE WHEN hd.us = 'blocked' THEN 'user_blocked_sender' "
 	"  WHEN hd.ds = 'blocked' THEN 'user_blocked_domain' WHEN hd.rule_reason IS NOT NULL THEN hd.rule_reason "
+	"  WHEN o.state = 'expired' THEN NULL "
 	"  WHEN hd.us = 'allowed' THEN 'user_allowed_sender' WHEN hd.ds = 'allowed' THEN 'user_allowed_domain' END "
 	"  AS reason), "
 	"au AS (INSERT INTO audit_log (actor, action, reason_code, rule_id, event_id, subject, details) "

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from harness import wait_until
-from peer import PeerClient
+from peer import PeerClient, push_peers
 from test_peer_api import peers  # noqa: F401  (the fixture)
 
 ALICE = "mimi://example.org/u/alice"
@@ -304,6 +304,31 @@ def test_held_messages_expire_and_are_deleted(daemon, peers, pg, db_url):
     assert pg.psql("SELECT count(*) FROM events WHERE content = '{}'::jsonb AND public_id IN ('%s', '%s')"
                    % tuple(old), db_url) == "2"
     assert [x["status"] for x in a.call("GET", f"/v1/messages/{old[0]}").json()["recipients"]] == ["not_delivered"]
+
+
+def test_a_consent_after_the_expiry_does_not_release_what_expired(make_daemon, db_url, pg):
+    """A held message past policy.held_expiry_seconds that no sweep has
+    expired yet (here the periodic sweep is 10 minutes apart) is expired,
+    not released, by the user's consent: the sender was shown
+    not_delivered from the expiry on. Before, the consent released it."""
+    d = make_daemon(db_url, options={"policy": {"sweep_interval_ms": "600000"}}).start()
+    (a, srv), (_, srv2) = push_peers(d)
+    try:
+        opt_in(d)
+        assert d.admin("PATCH", "/settings", json={"policy.held_expiry_seconds": 3600}).status_code == 200
+        room = dm(a)
+        old = send(a, room, "from long ago").json()["id"]
+        new = send(a, room, "from now").json()["id"]
+        pg.psql("UPDATE outbox SET created_at = now() - interval '2 hours' WHERE event_id = "
+                "(SELECT id FROM events WHERE public_id = '%s')" % old, db_url)
+        assert [x["status"] for x in a.call("GET", f"/v1/messages/{old}").json()["recipients"]] == ["not_delivered"]
+        out = consent(d, a.user("wally"), "allowed")
+        assert out["released"] == 1
+        assert dict(states(pg, db_url, [old, new])) == {old: "expired", new: "pending"}
+        assert [x["status"] for x in a.call("GET", f"/v1/messages/{old}").json()["recipients"]] == ["not_delivered"]
+    finally:
+        srv.close()
+        srv2.close()
 
 
 def test_a_thousand_messages_from_a_new_sender_make_one_consent_request(daemon, peers, pg, db_url):
