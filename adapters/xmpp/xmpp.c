@@ -245,10 +245,15 @@ static struct xq_item *item_new(const char *text, size_t len)
 	return it;
 }
 
-/* Under xc->mu: it at the queue's tail, or false (it freed). */
+/* Under xc->mu: it at the queue's tail, or false (it freed).  A stanza
+ * whose write its sender waits for (seq: an outbox row's) is refused unless
+ * the stream is up, and that is judged under the same hold of mu in which
+ * the thread drops the queue and leaves UP (set_state): one queued while
+ * the stream is down would be written after the reconnect although its
+ * sender, told it was not written, had its row go again. */
 static bool append_locked(struct xcomp *xc, struct xq_item *it, uint64_t *seq)
 {
-	if (atomic_load(&xc->x->stop) || xc->queued >= QUEUE_MAX) {
+	if (atomic_load(&xc->x->stop) || xc->queued >= QUEUE_MAX || (seq && xc->state != XC_UP)) {
 		free(it);
 		return false;
 	}
@@ -315,7 +320,47 @@ bool xa_wait_written(struct xcomp *xc, uint64_t seq, long timeout_ms)
 	return ok;
 }
 
-static void set_state(struct xcomp *xc, enum xc_state s, const char *why)
+/* Under xc->mu: what is queued leaves the queue (the caller frees it with
+ * queue_free).  It never reached the wire: its senders learn it (their rows
+ * go again); the seqs are remembered as lost. */
+static struct xq_item *queue_take_lost_locked(struct xcomp *xc)
+{
+	struct xq_item *it = xc->head;
+	if (it) {
+		unsigned k = xc->lost_n++ % 8;
+		xc->lost_from[k] = it->seq;
+		xc->lost_to[k] = xc->tail->seq;
+		if (xc->written_seq < xc->tail->seq)
+			xc->written_seq = xc->tail->seq; /* later seqs are judged against the lost ranges */
+	}
+	xc->head = xc->tail = NULL;
+	xc->queued = 0;
+	xc->woken = false;
+	pthread_cond_broadcast(&xc->written);
+	return it;
+}
+
+static void queue_free(struct xq_item *it)
+{
+	while (it) {
+		struct xq_item *n = it->next;
+		free(it);
+		it = n;
+	}
+}
+
+/* The queue is dropped (see queue_take_lost_locked). */
+static void queue_drop(struct xcomp *xc)
+{
+	pthread_mutex_lock(&xc->mu);
+	struct xq_item *it = queue_take_lost_locked(xc);
+	pthread_mutex_unlock(&xc->mu);
+	queue_free(it);
+}
+
+/* drop: the queue is dropped in the same hold of mu, so that no outbox
+ * row's stanza is queued between the two (append_locked). */
+static void set_state(struct xcomp *xc, enum xc_state s, const char *why, bool drop)
 {
 	pthread_mutex_lock(&xc->mu);
 	enum xc_state old = xc->state;
@@ -326,11 +371,15 @@ static void set_state(struct xcomp *xc, enum xc_state s, const char *why)
 		xc->connected_since_ms = cw_wall_ms();
 		xc->last_error[0] = '\0';
 	}
+	struct xq_item *lost = drop ? queue_take_lost_locked(xc) : NULL;
 	pthread_cond_broadcast(&xc->written);
 	pthread_mutex_unlock(&xc->mu);
+	queue_free(lost);
+	/* a stream going because the daemon stops is no trouble */
+	bool calm = s == XC_UP || s == XC_CONNECTING || s == XC_STANDBY || atomic_load(&xc->x->stop);
 	if (old != s)
-		LOG_KV(s == XC_UP || s == XC_CONNECTING || s == XC_STANDBY ? CW_LOG_INFO : CW_LOG_WARN, "xmpp component",
-		       "component", xc->domain, "state", state_name(s), "detail", why ? why : "");
+		LOG_KV(calm ? CW_LOG_INFO : CW_LOG_WARN, "xmpp component", "component", xc->domain, "state",
+		       state_name(s), "detail", why ? why : "");
 }
 
 /* ------------------------------------------------------------ answers */
@@ -548,8 +597,10 @@ static void on_iq(struct xcomp *xc, xmpp_stanza_t *st)
 	}
 	bool user = local[0] != '\0';
 	char remote_id[300] = "";
+	/* A localpart that is no escape of a remote id names nobody: an
+	 * unknown recipient, as for a message (RFC 6121 §8.5.1). */
 	if (user && !xj_unescape_local(local, remote_id, sizeof(remote_id)))
-		return answer_error(xc, st, "cancel", "item-not-found");
+		return answer_error(xc, st, "cancel", "service-unavailable");
 	if (ns && get && strcmp(ns, NS_DISCO_INFO) == 0)
 		disco_info(xc, st, user, remote_id);
 	else if (ns && get && strcmp(ns, NS_DISCO_ITEMS) == 0)
@@ -754,31 +805,6 @@ static void drain(struct xcomp *xc)
 	pthread_mutex_unlock(&xc->mu);
 }
 
-/* The stream broke: what is queued never reached the wire.  Its senders
- * learn it (their rows go again); the seqs are remembered as lost. */
-static void queue_drop(struct xcomp *xc)
-{
-	pthread_mutex_lock(&xc->mu);
-	struct xq_item *it = xc->head;
-	if (it) {
-		unsigned k = xc->lost_n++ % 8;
-		xc->lost_from[k] = it->seq;
-		xc->lost_to[k] = xc->tail->seq;
-		if (xc->written_seq < xc->tail->seq)
-			xc->written_seq = xc->tail->seq; /* later seqs are judged against the lost ranges */
-	}
-	xc->head = xc->tail = NULL;
-	xc->queued = 0;
-	xc->woken = false;
-	pthread_cond_broadcast(&xc->written);
-	pthread_mutex_unlock(&xc->mu);
-	while (it) {
-		struct xq_item *n = it->next;
-		free(it);
-		it = n;
-	}
-}
-
 static bool lock_component(struct xcomp *xc, PGconn *c)
 {
 	char key[XJ_PART_MAX + 32];
@@ -841,6 +867,24 @@ static void stream_close(struct xcomp *xc)
 	xc->up_event = false;
 	xc->sock_fd = -1;
 	reserve_low_fd(xc);
+}
+
+/* The stream is given up, whichever way: a break, the connection that
+ * holds the lock lost, the daemon stopping.  The socket closes (the rooms'
+ * occupants told first when the stream is still good); what is queued never
+ * reached the wire and is dropped as the state leaves UP (set_state), its
+ * rows to go again; the time is kept for the re-send of the stanzas written
+ * just before.  keep_recent false: those are forgotten instead, since the
+ * stream may be another process's before this one holds it again, and they
+ * would come late and twice. */
+static void stream_give_up(struct xcomp *xc, enum xc_state s, const char *why, bool keep_recent,
+			   int64_t *drop_wall_ms)
+{
+	stream_close(xc);
+	set_state(xc, s, why, true);
+	*drop_wall_ms = cw_wall_ms();
+	if (!keep_recent)
+		recent_clear(xc);
 }
 
 static void send_ping(struct xcomp *xc, int64_t now)
@@ -951,17 +995,21 @@ static void *comp_main(void *arg)
 			cw_errmsg e;
 			lock = store_connect(cfg->db_url, cfg->db_statement_timeout_ms, &e);
 			if (!lock) {
-				set_state(xc, XC_DOWN, "the database is away: waiting for it to take the component's lock");
+				set_state(xc, XC_DOWN, "the database is away: waiting for it to take the component's lock",
+					  false);
 				next_try = now + 1000;
 				continue;
 			}
 			if (!lock_component(xc, lock)) {
 				PQfinish(lock);
 				lock = NULL;
-				set_state(xc, XC_STANDBY, "another causewayd process holds this component");
+				set_state(xc, XC_STANDBY, "another causewayd process holds this component", false);
 				next_try = now + STANDBY_RETRY_MS;
 				continue;
 			}
+			/* Stanzas queued while this process did not hold the
+			 * stream answer one that may have been another's since. */
+			queue_drop(xc);
 			next_try = 0;
 		}
 		if (!xc->conn) {
@@ -979,7 +1027,7 @@ static void *comp_main(void *arg)
 			xmpp_conn_set_pass(xc->conn, cfg->xmpp_secret);
 			xmpp_conn_set_sockopt_callback(xc->conn, check_fd);
 			xmpp_handler_add(xc->conn, on_stanza, NULL, NULL, NULL, xc);
-			set_state(xc, XC_CONNECTING, NULL);
+			set_state(xc, XC_CONNECTING, NULL, false);
 			release_low_fd(xc);
 			if (xmpp_connect_component(xc->conn, cfg->xmpp_server_host, (unsigned short)cfg->xmpp_server_port,
 						   on_conn, xc) != XMPP_EOK) {
@@ -993,10 +1041,11 @@ static void *comp_main(void *arg)
 		now = mono_ms();
 		if (xc->up_event && !xc->dropped) {
 			xc->up_event = false;
-			set_state(xc, XC_UP, NULL);
+			set_state(xc, XC_UP, NULL, false);
 			backoff = 0;
 			recent_resend(xc, drop_wall_ms);
 			xc->resend_pending = true;
+			xc->resend_after = 0;
 			xc->audit_seen = -1; /* the roster sync goes on from the stored cursor */
 			xc->profiles_at[0] = '\0'; /* and so do the profiles */
 			xc->ping_sent_ms = 0;
@@ -1010,10 +1059,7 @@ static void *comp_main(void *arg)
 			char why[200];
 			snprintf(why, sizeof(why), "%s", xc->drop_reason);
 			xc->auth_failed = false;
-			stream_close(xc);
-			queue_drop(xc);
-			drop_wall_ms = cw_wall_ms();
-			set_state(xc, auth ? XC_AUTH_FAILED : XC_DOWN, why);
+			stream_give_up(xc, auth ? XC_AUTH_FAILED : XC_DOWN, why, true, &drop_wall_ms);
 			backoff = backoff ? backoff * 2 : 250;
 			if (auth && backoff < 5000)
 				backoff = 5000;
@@ -1037,21 +1083,20 @@ static void *comp_main(void *arg)
 			if (!db_ok) {
 				/* Without its connection the lock is gone: another
 				 * process may take the component now. */
-				stream_close(xc);
+				stream_give_up(xc, XC_DOWN, "lost the database connection that holds the component's lock",
+					       false, &drop_wall_ms);
 				PQfinish(lock);
 				lock = NULL;
-				set_state(xc, XC_DOWN, "lost the database connection that holds the component's lock");
 				next_try = now + 1000;
 				continue;
 			}
 			if (up) {
-				xa_requests(xc, lock, xc->resend_pending);
+				xa_requests(xc, lock);
 				xa_roster_sync(xc, lock);
 				xa_profiles(xc, lock);
 				xa_dead_letters(xc, lock);
 				xa_muc_members(xc, lock);
 				xa_muc_sync(xc, lock);
-				xc->resend_pending = false;
 				if (xc->ping_sent_ms && now - xc->ping_sent_ms > PING_TIMEOUT_MS) {
 					snprintf(xc->drop_reason, sizeof(xc->drop_reason), "the server did not answer a ping");
 					xc->dropped = true;
@@ -1061,21 +1106,9 @@ static void *comp_main(void *arg)
 			}
 		}
 	}
-	stream_close(xc);
+	stream_give_up(xc, XC_DOWN, "the daemon is stopping", false, &drop_wall_ms);
 	if (lock)
 		xa_muc_sync(xc, lock); /* nobody is in any more */
-	recent_clear(xc);
-	pthread_mutex_lock(&xc->mu);
-	xc->state = XC_DOWN;
-	while (xc->head) {
-		struct xq_item *n = xc->head->next;
-		free(xc->head);
-		xc->head = n;
-	}
-	xc->tail = NULL;
-	xc->queued = 0;
-	pthread_cond_broadcast(&xc->written);
-	pthread_mutex_unlock(&xc->mu);
 	PQfinish(lock);
 	release_low_fd(xc);
 	return NULL;

@@ -438,20 +438,40 @@ bool xa_command(struct xcomp *xc, xmpp_stanza_t *iq)
 
 /* ------------------------------------------------------------ requests */
 
-void xa_requests(struct xcomp *xc, PGconn *c, bool all)
+#define REQUESTS_PAGE 100 /* consent requests sent in one housekeeping turn */
+
+void xa_requests(struct xcomp *xc, PGconn *c)
 {
-	const char *params[] = { xc->peer, all ? "t" : "f", xc->x->local_domain };
+	/* After a (re)connect every pending request goes again, a page a
+	 * turn (the thread's loop stays responsive), in the order of their
+	 * ids from resend_after on; new ones go whenever they come. */
+	char after[24], page[16];
+	snprintf(after, sizeof(after), "%lld", xc->resend_after);
+	snprintf(page, sizeof(page), "%d", REQUESTS_PAGE);
+	const char *params[] = { xc->peer, xc->resend_pending ? "t" : "f", xc->x->local_domain, after, page };
 	PGresult *r = PQexecParams(c,
 		"SELECT q.id, coalesce(lb.native_id, li.localpart || '@' || $3), ri.localpart, coalesce(ri.display_name, ''), "
 		" ri.uri, q.notified_at IS NULL FROM consent_requests q "
 		" JOIN identities li ON li.id = q.local_identity_id AND li.is_local AND li.network = 'xmpp' "
 		" JOIN identities ri ON ri.id = q.remote_identity_id JOIN peers p ON p.id = ri.peer_id AND p.name = $1 "
 		" LEFT JOIN identity_bindings lb ON lb.identity_id = li.id AND lb.network = 'xmpp' "
-		"WHERE q.state = 'pending' AND ($2::boolean OR q.notified_at IS NULL) ORDER BY q.id LIMIT 100",
-		3, NULL, params, NULL, NULL, 0);
+		"WHERE q.state = 'pending' AND (q.notified_at IS NULL OR ($2::boolean AND q.id > $4::bigint)) "
+		"ORDER BY q.id LIMIT $5::int",
+		5, NULL, params, NULL, NULL, 0);
 	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
 		PQclear(r);
 		return;
+	}
+	/* The page holds every pending request with an id above the cursor
+	 * up to its last one: the next page starts there (never back: new
+	 * requests of lower ids, not yet shown, may come first).  A short
+	 * page was the last. */
+	if (xc->resend_pending) {
+		long long last = PQntuples(r) ? atoll(PQgetvalue(r, PQntuples(r) - 1, 0)) : 0;
+		if (PQntuples(r) < REQUESTS_PAGE)
+			xc->resend_pending = false;
+		else if (last > xc->resend_after)
+			xc->resend_after = last;
 	}
 	for (int i = 0; i < PQntuples(r); i++) {
 		char remote[XJ_JID_MAX + 1];

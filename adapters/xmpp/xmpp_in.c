@@ -534,11 +534,12 @@ void xa_in_message(struct xcomp *xc, xmpp_stanza_t *st)
 		return;
 	}
 	if (to_room && type && strcmp(type, "groupchat") == 0) {
-		/* To a group's room: only from a resource that is in it
-		 * (XEP-0045 §7.4), to the room itself. */
+		/* To a group's room: to the room itself (a groupchat to an
+		 * occupant is bad-request, XEP-0045 §7.5), only from a
+		 * resource that is in it (§7.4). */
 		if (nick[0] || !xa_muc_is_occupant(xc, in->remote_bare, from)) {
 			free(in);
-			refuse_now(xc, st, "modify", "not-acceptable");
+			refuse_now(xc, st, "modify", nick[0] ? "bad-request" : "not-acceptable");
 			return;
 		}
 		in->group = true;

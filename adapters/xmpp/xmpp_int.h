@@ -83,7 +83,8 @@ struct xcomp {
 	xmpp_conn_t *conn;
 	struct xr_item recent[XMPP_RECENT_MAX];
 	size_t recent_head, recent_n;
-	bool resend_pending;            /* pending consent requests go out again after a (re)connect */
+	bool resend_pending;            /* pending consent requests go out again after a (re)connect, */
+	long long resend_after;         /* those with an id above this one still (xa_requests) */
 	long long audit_seen;           /* the operator's consent changes up to this audit_log id are done (-1: none yet) */
 	/* the remote users' profile changes sent to their contacts up to this
 	 * (profile_changed_at, id); profiles_at "" : not read yet */
@@ -122,9 +123,10 @@ struct xcomp *xa_comp_by_domain(struct xmpp *x, const char *domain);
 struct xcomp *xa_comp_by_peer(struct xmpp *x, const char *peer);
 /* Queues a serialised stanza for the component's thread; *seq (may be
  * NULL) its place.  False when memory runs out or the component is
- * stopping.  With wake false the thread is left asleep: the caller queues
- * more and then calls xa_wake() (one wake-up, and one context switch, for
- * many stanzas instead of one each). */
+ * stopping, and, when seq is asked for (an outbox row, whose write is
+ * waited for), when the stream is not up.  With wake false the thread is
+ * left asleep: the caller queues more and then calls xa_wake() (one
+ * wake-up, and one context switch, for many stanzas instead of one each). */
 bool xa_enqueue(struct xcomp *xc, const char *text, size_t len, uint64_t *seq, bool wake);
 void xa_wake(struct xcomp *xc);
 /* The same with xc->mu held by the caller (who calls xa_wake after
@@ -180,8 +182,9 @@ void xa_presence(struct xcomp *xc, xmpp_stanza_t *st);
 bool xa_command(struct xcomp *xc, xmpp_stanza_t *st);
 /* disco#items of the commands node. */
 void xa_command_items(struct xcomp *xc, xmpp_stanza_t *query);
-/* Sends the consent requests not yet shown (all pending ones when all). */
-void xa_requests(struct xcomp *xc, PGconn *c, bool all);
+/* Sends the consent requests not yet shown; while resend_pending, all
+ * pending ones too, a page a call, until the last page is sent. */
+void xa_requests(struct xcomp *xc, PGconn *c);
 /* The roster follows the operator: a block or revoke made through the
  * admin API for a local user and a remote user of this component's peer
  * gets the remote JID's unsubscribe and unsubscribed.  Changes made while

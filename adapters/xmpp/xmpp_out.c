@@ -366,14 +366,16 @@ cw_err xa_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_r
 			break;
 		}
 		if (st) {
-			pthread_mutex_lock(&xc->mu);
-			bool up = xc->state == XC_UP;
-			pthread_mutex_unlock(&xc->mu);
 			/* The thread is woken once, below, for the whole batch:
-			 * one wake-up and one write instead of one each. */
-			bool ok = up && xa_enqueue(xc, st, len, &seqs[i], false);
+			 * one wake-up and one write instead of one each.  A
+			 * stream that is not up refuses it (under the queue's
+			 * lock: none slips in while the stream is given up). */
+			bool ok = xa_enqueue(xc, st, len, &seqs[i], false);
 			free(st);
 			if (!ok) {
+				pthread_mutex_lock(&xc->mu);
+				bool up = xc->state == XC_UP;
+				pthread_mutex_unlock(&xc->mu);
 				rc = cw_fail(e, CW_EUNAVAIL, "the stream of component %s is %s", xc->domain,
 					     up ? "full" : "down");
 				break;

@@ -502,6 +502,31 @@ def test_a_peers_user_named_as_a_local_member_is_an_occupant_of_their_own(xd, gk
         assert hist == [(f"bob@{domain}", "from the peer's bob"), ("bob", "from our bob")], hist
 
 
+def test_wrong_addresses_get_the_errors_their_specifications_name(xd, gk, alice, prosody):
+    """A groupchat to an occupant is bad-request (XEP-0045 §7.5); one from a
+    resource that is not in the room not-acceptable (§7.4); an iq to a
+    remote JID whose localpart is no valid escape names nobody:
+    service-unavailable (RFC 6121 §8.5.1), as a message to it gets."""
+    a, _ = gk
+    with a_group_with_bob(xd, a, alice, prosody) as (bob, gid, room):
+        start = alice.count()
+        alice.send_presence(to=f"{room}/alice", payload=f"<x xmlns='{MUC}'><history maxstanzas='0'/></x>")
+        alice.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+        alice.send_message(f"{room}/wally", "to wally alone", mtype="groupchat", id="pm1")
+        err = alice.wait_for_message(lambda el: el.get("id") == "pm1" and el.get("type") == "error")
+        assert err.error_condition == "bad-request", err.xml
+        assert err.find("{jabber:client}error").get("type") == "modify", err.xml
+        bob.send_message(room, "not in yet", mtype="groupchat", id="b1")
+        err = bob.wait_for_message(lambda el: el.get("id") == "b1" and el.get("type") == "error")
+        assert err.error_condition == "not-acceptable", err.xml
+    nobody = "\\61lice@" + COMP  # an escape of a byte that stays as it is
+    err = alice.iq("get", nobody, "<query xmlns='http://jabber.org/protocol/disco#info'/>", expect_error=True)
+    assert err.error_condition == "service-unavailable", err.xml
+    alice.send_message(nobody, "hello?", id="n1")
+    err = alice.wait_for_message(lambda el: el.get("id") == "n1" and el.get("type") == "error")
+    assert err.error_condition == "service-unavailable", err.xml
+
+
 def test_two_local_members_of_a_group_read_each_other(xd, gk, alice, prosody, pg, db_url):
     """Two users of this server in one group: each has their own view of
     the room (the policy decides per user), and what one writes reaches
@@ -942,6 +967,37 @@ def test_consent_by_subscription(xd, gk, alice, pg, db_url):
     assert pg.psql("SELECT state FROM consents WHERE subject = 'mimi://wa.example/u/eve'", db_url) == "blocked"
 
 
+def test_every_pending_request_goes_again_after_a_reconnect(xd, gk, alice, pg, db_url):
+    """After a reconnect the pending consent requests are sent again (the
+    server may have lost them), all of them, not only the first page."""
+    a, srv = gk
+    assert xd.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    assert a.send(room, a.user("wally"), "may I?").status_code == 202
+    alice.wait_for_presence(lambda el: el.get("from", "").startswith(WALLY_JID) and el.get("type") == "subscribe")
+    # 150 more requests to alice, shown before (as far as the database
+    # knows), never seen by her server.
+    n = 150
+    pg.psql("INSERT INTO identities (uri, domain, localpart, is_local, network, peer_id) "
+            "SELECT 'mimi://' || w.domain || '/u/u' || g, w.domain, 'u' || g, false, w.network, w.peer_id "
+            f"FROM identities w, generate_series(1000, {999 + n}) g WHERE w.uri = 'mimi://wa.example/u/wally'; "
+            "INSERT INTO consent_requests (local_identity_id, remote_identity_id, notified_at, expires_at) "
+            "SELECT q.local_identity_id, i.id, now(), now() + interval '1 day' FROM consent_requests q "
+            "JOIN identities i ON i.localpart ~ '^u[0-9]{4}$' ORDER BY i.id", db_url)
+    assert pg.psql("SELECT count(*) FROM consent_requests WHERE state = 'pending'", db_url) == str(n + 1)
+    start = alice.count()
+    kill_lock_connection(xd, pg, db_url)
+    want = {f"u{1000 + k}@{COMP}" for k in range(n)}
+
+    def got():
+        return {p.get("from", "").split("/")[0] for p in alice.stanzas()[start:]
+                if p.tag == q("jabber:client", "presence") and p.get("type") == "subscribe"}
+    try:
+        wait_until(lambda: want <= got(), timeout=20, what="every request again")
+    except AssertionError:
+        raise AssertionError(f"{len(want - got())} of {n} requests not sent again") from None
+
+
 def test_ad_hoc_commands(xd, gk, alice, pg, db_url):
     a, srv = gk
     cmd = "http://jabber.org/protocol/commands"
@@ -1095,6 +1151,47 @@ def test_one_process_holds_the_stream_and_another_takes_over(xd, gk, alice, make
                                    start=start)
     assert "332" in [c.get("code") for c in gone.iter(q(MUC_USER, "status"))]
     assert pg.psql("SELECT count(*) FROM xmpp_muc_occupants", db_url) == "0"
+
+
+def connects(d):
+    m = re.search(r'causeway_xmpp_stanzas_total\{component="%s",kind="connects"\} (\d+)' % re.escape(COMP),
+                  d.get("/metrics").text)
+    return int(m.group(1))
+
+
+def kill_lock_connection(d, pg, db_url):
+    """Ends the database session that holds the component's advisory lock
+    (d runs on), and waits until d holds the lock and the stream again."""
+    before = connects(d)
+    killed = pg.psql("SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory' "
+                     "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+                     "AND ((classid::bigint << 32) | objid::bigint) = "
+                     f"hashtextextended('causeway.xmpp:{COMP}', 0)", db_url)
+    assert killed == "1"
+    wait_until(lambda: connects(d) == before + 1 and component_state(d)["state"] == "up", timeout=20,
+               what="the stream taken again")
+
+
+def test_a_lost_lock_connection_writes_nothing_twice(xd, gk, alice, pg, db_url):
+    """The database connection that holds the component's lock dies while
+    the daemon runs on: the stream is given up (another process may take it
+    now) and taken again once this process holds the lock again.  What was
+    written before is not written again then (the stream may have been
+    another's meanwhile, and it would come late, twice); a message sent
+    after comes once."""
+    a, srv = gk
+    consent_alice(xd)
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    before = a.send(room, a.user("wally"), "before the lock went").json()["id"]
+    message_from(alice, WALLY_JID, lambda el: body(el) == "before the lock went")
+    assert connects(xd) == 1
+    kill_lock_connection(xd, pg, db_url)
+    after = a.send(room, a.user("wally"), "after the lock came back").json()["id"]
+    message_from(alice, WALLY_JID, lambda el: body(el) == "after the lock came back", timeout=20)
+    time.sleep(0.5)
+    got = [m.get("id") for m in alice.messages() if m.get("from", "").split("/")[0] == WALLY_JID and body(m)]
+    assert got == [before, after], got
+    assert "lost the database connection that holds the component's lock" in xd.log()
 
 
 def test_operator_block_reaches_the_roster(xd, gk, alice):

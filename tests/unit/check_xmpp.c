@@ -1,9 +1,11 @@
 /* The XMPP adapter's pure parts: JIDs and the remote-id escaping (xj.h, cases
  * in tests/unit/data/xmpp_jids.txt) and the stanza mapping (xm.h, cases in
- * tests/unit/data/xmpp_in.txt and xmpp_out.txt), plus property loops. */
+ * tests/unit/data/xmpp_in.txt and xmpp_out.txt), plus property loops; and
+ * the rule of a component's queue that needs no stream (xmpp_int.h). */
 #include "config.h"
 #include "xmpp/xj.h"
 #include "xmpp/xm.h"
+#include "xmpp/xmpp_int.h"
 #include "peer/event.h"
 #include "unit.h"
 
@@ -1307,6 +1309,44 @@ START_TEST(hostile_events_property)
 }
 END_TEST
 
+/* An outbox row's stanza is queued only while the stream is up: one queued
+ * while it is down (in the moment the thread gives the stream up, say)
+ * would be written after the reconnect although its row, told it was not
+ * written, goes again: twice.  Stanzas nobody waits for are still taken. */
+START_TEST(queue_takes_rows_only_while_up)
+{
+	struct xmpp *x = calloc(1, sizeof(*x));
+	ck_assert_ptr_nonnull(x);
+	struct xcomp *xc = &x->comp[0];
+	xc->x = x;
+	pthread_mutex_init(&xc->mu, NULL);
+	pthread_cond_init(&xc->written, NULL);
+	xc->next_seq = 1;
+	xc->wake_fd[0] = xc->wake_fd[1] = -1;
+	static const enum xc_state not_up[] = { XC_STARTING, XC_STANDBY, XC_CONNECTING, XC_DOWN, XC_AUTH_FAILED };
+	uint64_t seq = 0;
+	for (size_t i = 0; i < sizeof(not_up) / sizeof(not_up[0]); i++) {
+		xc->state = not_up[i];
+		ck_assert_msg(!xa_enqueue(xc, "<message/>", 10, &seq, false), "a row queued in state %d", not_up[i]);
+		ck_assert_uint_eq(xc->queued, 0);
+	}
+	ck_assert(xa_enqueue(xc, "<presence/>", 11, NULL, true));
+	ck_assert_uint_eq(xc->queued, 1);
+	xc->state = XC_UP;
+	ck_assert(xa_enqueue(xc, "<message/>", 10, &seq, false));
+	ck_assert_uint_eq(xc->queued, 2);
+	ck_assert_uint_eq(seq, 2);
+	while (xc->head) {
+		struct xq_item *n = xc->head->next;
+		free(xc->head);
+		xc->head = n;
+	}
+	pthread_mutex_destroy(&xc->mu);
+	pthread_cond_destroy(&xc->written);
+	free(x);
+}
+END_TEST
+
 int main(void)
 {
 	xmpp_initialize();
@@ -1326,6 +1366,7 @@ int main(void)
 	tcase_add_test(tc, round_trip_property);
 	tcase_add_test(tc, hostile_stanzas_property);
 	tcase_add_test(tc, hostile_events_property);
+	tcase_add_test(tc, queue_takes_rows_only_while_up);
 	suite_add_tcase(s, tc);
 	int rc = unit_run(s);
 	xmpp_shutdown();
