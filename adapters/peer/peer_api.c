@@ -526,19 +526,24 @@ struct room_get_input {
 };
 
 /* Sets j's answer to the room's state as peer peer_id may see it (404 when
- * none of its users is a member). */
-static cw_err room_state(PGconn *c, struct app_job *j, const char *public_id, int64_t peer_id, cw_errmsg *e)
+ * none of its users is a member; joined: a member now, not one who left,
+ * for GET: a peer whose users all left sees the room no more, its members
+ * and renames included; the answer to a change of members, which may be
+ * the peer's last user leaving, still shows what it did). */
+static cw_err room_state(PGconn *c, struct app_job *j, const char *public_id, int64_t peer_id, bool joined,
+			 cw_errmsg *e)
 {
 	char pid[24];
 	snprintf(pid, sizeof(pid), "%lld", (long long)peer_id);
-	const char *params[] = { public_id, pid };
+	const char *params[] = { public_id, pid, joined ? "t" : "f" };
 	/* A peer sees the rooms its users are members of, nothing else. */
 	PGresult *r = exec(c,
 		"SELECT r.public_id, r.uri, r.kind, r.policy::text, i.uri, m.role, m.membership, r.name "
 		"FROM rooms r JOIN room_members m ON m.room_id = r.id JOIN identities i ON i.id = m.identity_id "
 		"WHERE r.public_id = $1 AND EXISTS (SELECT 1 FROM room_members m2 JOIN identities i2 "
-		"ON i2.id = m2.identity_id WHERE m2.room_id = r.id AND i2.peer_id = $2::bigint) ORDER BY i.uri",
-		2, params);
+		"ON i2.id = m2.identity_id WHERE m2.room_id = r.id AND i2.peer_id = $2::bigint "
+		"AND (NOT $3::boolean OR m2.membership = 'joined')) ORDER BY i.uri",
+		3, params);
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 	if (rc)
 		return rc;
@@ -561,7 +566,7 @@ static cw_err room_state(PGconn *c, struct app_job *j, const char *public_id, in
 static cw_err room_get_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct room_get_input *in = j->data;
-	return room_state(c, j, in->public_id, in->peer_id, e);
+	return room_state(c, j, in->public_id, in->peer_id, true, e);
 }
 
 /* POST /v1/rooms/{room}/members: {"add": [user URIs], "remove": [user URIs]}
@@ -624,7 +629,7 @@ static cw_err members_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 			return rc;
 		PQclear(r);
 	}
-	return room_state(c, j, in->public_id, in->p->id, e);
+	return room_state(c, j, in->public_id, in->p->id, false, e);
 }
 
 /* Reads a JSON array of user URIs into out; false after answering 400. */
@@ -772,7 +777,7 @@ static cw_err rename_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		app_job_fail(j, 404, "unknown_room", "no such group");
 		return CW_OK;
 	}
-	return room_state(c, j, in->public_id, in->peer_id, e);
+	return room_state(c, j, in->public_id, in->peer_id, false, e);
 }
 
 void peer_api_room_rename(struct cw_req *req, void *ctx)

@@ -458,6 +458,12 @@ def test_members_add_and_remove(daemon, peers, pg, db_url):
     assert a.call("POST", "/v1/rooms/r_none/members", {"add": [b.user("x")]}).status_code == 404
     only_a = a.create_room([a.user("p"), a.user("q")]).json()
     assert b.call("POST", f"/v1/rooms/{only_a['id']}/members", {"add": [b.user("x")]}).status_code == 404
+    # Its last user gone, tg no longer sees the room (nor who is in it);
+    # carol was its last one.
+    assert b.call("GET", f"/v1/rooms/{rm['id']}").status_code == 200
+    r = b.call("POST", f"/v1/rooms/{rm['id']}/members", {"remove": [b.user("carol")]})
+    assert r.status_code == 200 and {m["user"]: m["membership"] for m in r.json()["members"]}[b.user("carol")] == "left"
+    assert b.call("GET", f"/v1/rooms/{rm['id']}").status_code == 404
 
 
 def test_a_retried_room_creation_gets_the_room_made(daemon, peers, pg, db_url):
