@@ -173,6 +173,20 @@ static cw_err idem_store(PGconn *c, const char *scope, const char *key, const un
 	return rc;
 }
 
+void peer_local_fold(const struct cw_app *app, struct mimi_uri *u, char *uri)
+{
+	if (!app->xmpp || app->matrix || !app->cfg->domain || strcmp(u->domain, app->cfg->domain) != 0)
+		return;
+	bool folded = false;
+	for (char *p = u->id; *p; p++)
+		if (*p >= 'A' && *p <= 'Z') {
+			*p = (char)(*p - 'A' + 'a');
+			folded = true;
+		}
+	if (folded)
+		mimi_uri_format(u, uri, MIMI_URI_MAX + 1, NULL);
+}
+
 /* The identity row of a user URI, made on first contact. */
 cw_err identity_id(PGconn *c, const struct mimi_uri *u, bool local, const char *network,
 			  const char *peer_id, char *out, size_t outlen, cw_errmsg *e)
@@ -476,6 +490,7 @@ void peer_api_room_create(struct cw_req *req, void *ctx)
 			break;
 		}
 		snprintf(in->m[i].uri, sizeof(in->m[i].uri), "%s", json_string_value(m));
+		peer_local_fold(app, &in->m[i].u, in->m[i].uri);
 		for (size_t k = 0; k < i; k++)
 			if (strcmp(in->m[k].uri, in->m[i].uri) == 0)
 				bad = "a member is listed twice";
@@ -633,7 +648,8 @@ static cw_err members_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 }
 
 /* Reads a JSON array of user URIs into out; false after answering 400. */
-static bool read_users(struct cw_req *req, json_t *arr, const char *what, struct room_member_in *out, size_t *n)
+static bool read_users(const struct cw_app *app, struct cw_req *req, json_t *arr, const char *what,
+		       struct room_member_in *out, size_t *n)
 {
 	*n = 0;
 	if (!arr)
@@ -654,6 +670,7 @@ static bool read_users(struct cw_req *req, json_t *arr, const char *what, struct
 			return false;
 		}
 		snprintf(out[i].uri, sizeof(out[i].uri), "%s", json_string_value(v));
+		peer_local_fold(app, &out[i].u, out[i].uri);
 	}
 	*n = json_array_size(arr);
 	return true;
@@ -695,8 +712,8 @@ void peer_api_room_members(struct cw_req *req, void *ctx)
 		out_of_memory(req);
 		return;
 	}
-	if (!read_users(req, json_object_get(body, "add"), "add", in->add, &in->nadd) ||
-	    !read_users(req, json_object_get(body, "remove"), "remove", in->remove, &in->nremove)) {
+	if (!read_users(app, req, json_object_get(body, "add"), "add", in->add, &in->nadd) ||
+	    !read_users(app, req, json_object_get(body, "remove"), "remove", in->remove, &in->nremove)) {
 		json_decref(body);
 		free(in);
 		return;

@@ -25,6 +25,12 @@ void peer_target_uri(struct cw_app *app, struct cw_req *req, char *buf, size_t l
 /* The identity row (its id, as text, into out) of a user URI, made on
  * first contact with its network ("local", "peer:<name>") and peer id
  * (NULL for a local user). */
+/* A user URI of this provider's domain as its local network names the
+ * user: on XMPP, whose localparts are case-insensitive (RFC 7622: the
+ * server folds them), a peer's "mimi://<domain>/u/Alice" is alice (u's id
+ * and uri, MIMI_URI_MAX + 1 bytes, rewritten); else, and for other
+ * domains, nothing changes. */
+void peer_local_fold(const struct cw_app *app, struct mimi_uri *u, char *uri);
 cw_err identity_id(PGconn *c, const struct mimi_uri *u, bool local, const char *network, const char *peer_id,
 		   char *out, size_t outlen, cw_errmsg *e);
 

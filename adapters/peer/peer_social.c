@@ -65,8 +65,8 @@ static void accepted(struct app_job *j)
 
 /* Reads a user URI member; in the peer's domain (remote) or this
  * provider's (local).  False after answering 400/403. */
-static bool user_member(struct cw_req *req, json_t *body, const char *name, bool remote, const char *domain,
-			char *out, struct mimi_uri *u)
+static bool user_member(const struct cw_app *app, struct cw_req *req, json_t *body, const char *name, bool remote,
+			const char *domain, char *out, struct mimi_uri *u)
 {
 	json_t *v = json_object_get(body, name);
 	cw_errmsg e;
@@ -84,6 +84,8 @@ static bool user_member(struct cw_req *req, json_t *body, const char *name, bool
 		return false;
 	}
 	snprintf(out, MIMI_URI_MAX + 1, "%s", json_string_value(v));
+	if (!remote)
+		peer_local_fold(app, u, out);
 	return true;
 }
 
@@ -99,8 +101,9 @@ static struct social_input *begin(struct cw_req *req, struct cw_app *app, json_t
 	if (!*body)
 		return NULL;
 	struct social_input *in = calloc(1, sizeof(*in));
-	if (!in || !user_member(req, *body, remote_name, true, p->domain, in->remote, &in->remote_u) ||
-	    (local_name && !user_member(req, *body, local_name, false, app->cfg->domain, in->local, &in->local_u))) {
+	if (!in || !user_member(app, req, *body, remote_name, true, p->domain, in->remote, &in->remote_u) ||
+	    (local_name &&
+	     !user_member(app, req, *body, local_name, false, app->cfg->domain, in->local, &in->local_u))) {
 		if (!in)
 			cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory; retry");
 		free(in);
@@ -326,6 +329,7 @@ void peer_api_report(struct cw_req *req, void *ctx)
 		return;
 	}
 	snprintf(in->local, sizeof(in->local), "%s", json_string_value(subject));
+	peer_local_fold(app, &su, in->local);
 	snprintf(in->reason, sizeof(in->reason), "%s", json_string_value(reason));
 	in->evidence = evidence ? json_incref(evidence) : json_array();
 	in->comment = comment ? strdup(json_string_value(comment)) : NULL;
@@ -372,6 +376,8 @@ void peer_api_identifier_query(struct cw_req *req, void *ctx)
 		snprintf(uri, sizeof(uri), "mimi://%s/u/%s", app->cfg->domain, json_string_value(handle));
 		struct mimi_uri u;
 		ok = mimi_uri_parse(uri, &u, &e) == CW_OK;
+		if (ok)
+			peer_local_fold(app, &u, uri);
 	}
 	json_decref(body);
 	if (!ok) {

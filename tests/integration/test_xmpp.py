@@ -229,6 +229,29 @@ def test_peer_to_xmpp_and_back(xd, gk, alice, pg, db_url):
     assert got[1]["content"]["parts"][0]["body"] == "in the thread" and got[1]["content"]["topic"] == "t-7"
 
 
+def test_a_local_user_named_with_capitals_is_the_same_user(xd, gk, alice, pg, db_url):
+    """JID localparts are case-insensitive (RFC 7622: the server folds
+    them): a peer that writes to mimi://example.org/u/Alice reaches alice,
+    her consent is the one that counts and her answer comes from the same
+    user. Before, "Alice" was an identity of its own: the stanza reached
+    alice (Prosody folded the JID), but her consent and her replies were
+    another user's, and the held messages waited forever."""
+    a, srv = gk
+    consent_alice(xd)
+    shouted = ALICE.replace("/u/alice", "/u/Alice")
+    room = a.create_room([a.user("wally"), shouted]).json()
+    assert sorted(m["user"] for m in room["members"]) == sorted([a.user("wally"), ALICE]), room
+    r = a.send(room["id"], a.user("wally"), "hello Alice")
+    assert r.status_code == 202, r.text
+    message_from(alice, WALLY_JID, lambda el: body(el) == "hello Alice")
+    alice.send_message(WALLY_JID, "it's alice")
+    got = srv.wait_events(1)
+    assert got[0]["sender"] == ALICE and got[0]["room_id"] == room["id"]
+    r = a.call("POST", "/v1/consent/requests", {"requester": a.user("zed"), "target": shouted})
+    assert r.status_code == 202
+    assert pg.psql("SELECT count(*) FROM identities WHERE is_local AND localpart <> lower(localpart)", db_url) == "0"
+
+
 def test_a_group_is_a_room_of_the_component(xd, gk, alice, prosody, pg, db_url):
     """A peer's group room is a multi-user chat (XEP-0045) served by the
     component: alice is invited with its first message, joins, sees its
