@@ -180,6 +180,7 @@ cw_err xa_new(struct xmpp **out, struct cw_app *app, cw_errmsg *e)
 		snprintf(xc->domain, sizeof(xc->domain), "%s", d);
 		snprintf(xc->peer, sizeof(xc->peer), "%s", peer);
 		pthread_mutex_init(&xc->mu, NULL);
+		pthread_mutex_init(&xc->in_mu, NULL);
 		pthread_cond_init(&xc->written, NULL);
 		xc->next_seq = 1;
 		xc->wake_fd[0] = xc->wake_fd[1] = -1;
@@ -195,6 +196,7 @@ cw_err xa_new(struct xmpp **out, struct cw_app *app, cw_errmsg *e)
 	if (rc) {
 		for (int i = 0; i < x->ncomp; i++) {
 			pthread_mutex_destroy(&x->comp[i].mu);
+			pthread_mutex_destroy(&x->comp[i].in_mu);
 			pthread_cond_destroy(&x->comp[i].written);
 		}
 		free(x);
@@ -1173,6 +1175,8 @@ void xa_free(struct xmpp *x)
 			if (xc->wake_fd[k] >= 0)
 				close(xc->wake_fd[k]);
 		pthread_mutex_destroy(&xc->mu);
+		pthread_mutex_destroy(&xc->in_mu); /* nothing waits: every store job has finished (in_finished) */
+		json_decref(xc->in_flight);
 		pthread_cond_destroy(&xc->written);
 		json_decref(xc->vcards);
 		json_decref(xc->muc);

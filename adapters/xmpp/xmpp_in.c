@@ -110,6 +110,7 @@ struct xin {
 	int final_round;                 /* the round after the pipeline: ids kept, drops seen */
 	const char *err_type, *err_cond;
 	char err_text[300];              /* the error's text for the user ("" : none) */
+	struct xin *next_waiting;        /* xc->in_waiting's next */
 };
 
 static void xin_free(struct xin *in)
@@ -412,6 +413,70 @@ static cw_err in_recv(PGconn *c, void *arg, int round, bool *more, cw_errmsg *e)
 
 static const struct store_pipe_ops in_ops = { in_send, in_recv };
 
+static void in_done(void *arg, cw_err rc, const cw_errmsg *e);
+
+/* Under xc->in_mu: the stanzas of room being stored, one more or less. */
+static json_int_t in_flight_add(struct xcomp *xc, const char *room, json_int_t d)
+{
+	json_int_t n = json_integer_value(json_object_get(xc->in_flight, room)) + d;
+	if (n > 0)
+		json_object_set_new(xc->in_flight, room, json_integer(n));
+	else
+		json_object_del(xc->in_flight, room);
+	return n;
+}
+
+static void in_finished(struct xcomp *xc, const char *room);
+
+/* Hands in to the store now, or once the earlier stanzas of its
+ * conversation are stored (xcomp.in_waiting): when it names another
+ * message, or one before it waits.  False: the store refused it (in is
+ * the caller's still). */
+static bool in_start(struct xin *in)
+{
+	struct xcomp *xc = in->xc;
+	pthread_mutex_lock(&xc->in_mu);
+	if (!xc->in_flight)
+		xc->in_flight = json_object();
+	bool behind = false;
+	struct xin **tail = &xc->in_waiting;
+	for (; *tail; tail = &(*tail)->next_waiting)
+		behind |= strcmp((*tail)->room, in->room) == 0;
+	bool wait = behind || (json_array_size(in->refs) && json_object_get(xc->in_flight, in->room));
+	if (wait)
+		*tail = in;
+	else
+		in_flight_add(xc, in->room, 1);
+	pthread_mutex_unlock(&xc->in_mu);
+	if (wait || store_write_pipe(xc->x->app->store, &in_ops, in_done, in) == CW_OK)
+		return true;
+	pthread_mutex_lock(&xc->in_mu);
+	in_flight_add(xc, in->room, -1);
+	pthread_mutex_unlock(&xc->in_mu);
+	return false;
+}
+
+/* A stanza of room is stored (or failed): the next waiting one of that
+ * conversation goes when none is being stored any more. */
+static void in_finished(struct xcomp *xc, const char *room)
+{
+	pthread_mutex_lock(&xc->in_mu);
+	struct xin *next = NULL;
+	if (in_flight_add(xc, room, -1) <= 0) {
+		for (struct xin **p = &xc->in_waiting; *p; p = &(*p)->next_waiting)
+			if (strcmp((*p)->room, room) == 0) {
+				next = *p;
+				*p = next->next_waiting;
+				next->next_waiting = NULL;
+				in_flight_add(xc, room, 1);
+				break;
+			}
+	}
+	pthread_mutex_unlock(&xc->in_mu);
+	if (next && store_write_pipe(xc->x->app->store, &in_ops, in_done, next) != CW_OK)
+		in_done(next, CW_EUNAVAIL, NULL); /* answered, and the one after it goes */
+}
+
 static void answer(struct xcomp *xc, const char *text, const char *type, const char *cond, const char *why)
 {
 	xmpp_ctx_t *ctx = xa_thread_ctx(xc->x);
@@ -438,7 +503,11 @@ static void in_done(void *arg, cw_err rc, const cw_errmsg *e)
 		 * §7.4): the client's sign that it is in, with the room's id. */
 		xa_muc_reflect(in->xc, in->text, in->remote_bare, in->local_bare, in->msg_id);
 	}
+	struct xcomp *xc = in->xc;
+	char room[ROOM_NATIVE_MAX + 1];
+	snprintf(room, sizeof(room), "%s", in->room);
 	xin_free(in);
+	in_finished(xc, room);
 }
 
 static const char *no_msg(void *ctx, const char *id)
@@ -542,6 +611,18 @@ void xa_in_message(struct xcomp *xc, xmpp_stanza_t *st)
 			refuse_now(xc, st, "modify", nick[0] ? "bad-request" : "not-acceptable");
 			return;
 		}
+		/* The subject is the group's name, which only its peer sets
+		 * (there is no neutral rename event): a change is refused, as
+		 * XEP-0045 §8.1 has it for an occupant without the privilege,
+		 * rather than ignored. */
+		if (xmpp_stanza_get_child_by_name(st, "subject")) {
+			free(in);
+			atomic_fetch_add(&xc->errors_out, 1);
+			xa_send_now(xc, xa_error_reply(st, "auth", "forbidden",
+						       "The subject is the group's name: only the network the group "
+						       "lives on can change it."));
+			return;
+		}
 		in->group = true;
 	} else if (!xa_remote_user(xc, to, in->remote_id, sizeof(in->remote_id), in->remote_bare,
 				   sizeof(in->remote_bare))) {
@@ -600,8 +681,7 @@ void xa_in_message(struct xcomp *xc, xmpp_stanza_t *st)
 		in->text = strdup(buf);
 		xmpp_free(xc->ctx, buf);
 	}
-	if (!in->text || !in->refs || !in->map || !in->rx ||
-	    store_write_pipe(x->app->store, &in_ops, in_done, in) != CW_OK) {
+	if (!in->text || !in->refs || !in->map || !in->rx || !in_start(in)) {
 		refuse_now(xc, st, "wait", "internal-server-error");
 		xin_free(in);
 	}
@@ -639,8 +719,7 @@ void xa_in_leave(struct xcomp *xc, xmpp_stanza_t *iq, enum xa_leave how, const c
 		in->text = strdup(buf);
 		xmpp_free(xc->ctx, buf);
 	}
-	if (!in->text || !in->refs || !in->map || !in->rx ||
-	    store_write_pipe(xc->x->app->store, &in_ops, in_done, in) != CW_OK) {
+	if (!in->text || !in->refs || !in->map || !in->rx || !in_start(in)) {
 		xa_send_now(xc, xa_error_reply(iq, "wait", "internal-server-error", NULL));
 		xin_free(in);
 	}

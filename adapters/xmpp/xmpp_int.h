@@ -56,6 +56,8 @@ struct xr_item {
 /* The same of an identities row named WHO. */
 #define MUC_NICK(WHO, ROOM) MUC_NICK_OF(WHO ".is_local", WHO ".localpart", WHO ".domain", WHO ".id", ROOM)
 
+struct xin; /* xmpp_in.c */
+
 struct xcomp {
 	struct xmpp *x;
 	char domain[XJ_PART_MAX + 1];   /* the component's JID */
@@ -76,6 +78,15 @@ struct xcomp {
 	char last_error[256];
 	int64_t connected_since_ms;
 	int wake_fd[2];                 /* a pipe that wakes the thread (not polled by libstrophe: checked each turn) */
+	/* Inbound stanzas being stored (xmpp_in.c), under in_mu: the store
+	 * runs each round of a batch's jobs before the next round of any, so
+	 * a stanza that names another (a correction, a retraction, reactions,
+	 * a reply) would not see one of its conversation stored in the same
+	 * batch.  Such a stanza, and any after it in its conversation, waits
+	 * until the earlier ones of that conversation are stored. */
+	pthread_mutex_t in_mu;
+	json_t *in_flight;              /* conversation (room native id) -> its stanzas being stored */
+	struct xin *in_waiting;         /* those waiting, in arrival order */
 	int sock_fd;                    /* the stream's socket (from libstrophe's sockopt callback), or -1 */
 	int reserve_fd;                 /* a low descriptor kept for the stream's socket (see reserve_low_fd) */
 	/* the thread's own */

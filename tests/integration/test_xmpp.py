@@ -542,6 +542,12 @@ def test_wrong_addresses_get_the_errors_their_specifications_name(xd, gk, alice,
         bob.send_message(room, "not in yet", mtype="groupchat", id="b1")
         err = bob.wait_for_message(lambda el: el.get("id") == "b1" and el.get("type") == "error")
         assert err.error_condition == "not-acceptable", err.xml
+        # The subject is the group's name, set by its peer: a change is
+        # forbidden (§8.1), not ignored as before.
+        alice.send_raw(f"<message to='{room}' type='groupchat' id='s1'><subject>Ours now</subject></message>")
+        err = alice.wait_for_message(lambda el: el.get("id") == "s1" and el.get("type") == "error")
+        assert err.error_condition == "forbidden", err.xml
+        assert err.find("{jabber:client}error").get("type") == "auth", err.xml
     nobody = "\\61lice@" + COMP  # an escape of a byte that stays as it is
     err = alice.iq("get", nobody, "<query xmlns='http://jabber.org/protocol/disco#info'/>", expect_error=True)
     assert err.error_condition == "service-unavailable", err.xml
@@ -890,6 +896,32 @@ def test_a_remote_users_profile_is_their_vcard_and_avatar(make_daemon, db_url, p
         assert not [el for el in alice.stanzas()[start:] if el.get("from", "").startswith(f"bob@{COMP}")]
     finally:
         srv.close()
+
+
+def test_a_correction_written_with_its_message_names_it(xd, gk, alice, pg, db_url):
+    """A client flushing what it wrote offline sends a message and its
+    correction back to back; with the writer busy (here a trigger makes
+    an earlier message slow to store) both would go into one write batch,
+    whose jobs are looked up before any is written: the correction did not
+    find its message and went to the peer as a second message. A stanza
+    that names another now waits until the earlier ones of its
+    conversation are stored."""
+    a, srv = gk
+    consent_alice(xd)
+    a.create_room([a.user("wally"), ALICE])
+    pg.psql("CREATE FUNCTION t_slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF NEW.content::text LIKE '%slowly%' THEN PERFORM pg_sleep(1.5); END IF; RETURN NEW; END $$; "
+            "CREATE TRIGGER t_slow BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION t_slow()", db_url)
+    alice.send_message(WALLY_JID, "slowly")
+    time.sleep(0.3)  # its batch is being written
+    alice.send_raw(f"<message to='{WALLY_JID}' type='chat' id='m1'><body>teh typo</body>"
+                   f"<origin-id xmlns='urn:xmpp:sid:0' id='m1'/></message>"
+                   f"<message to='{WALLY_JID}' type='chat' id='m2'><body>the typo</body>"
+                   f"<origin-id xmlns='urn:xmpp:sid:0' id='m2'/>"
+                   f"<replace xmlns='urn:xmpp:message-correct:0' id='m1'/></message>")
+    got = srv.wait_events(3)
+    assert [e["type"] for e in got] == ["message", "message", "edit"], got
+    assert got[2]["content"]["replaces"] == got[1]["id"] and got[2]["content"]["parts"][0]["body"] == "the typo"
 
 
 def test_features_both_ways(xd, gk, alice, pg, db_url):
