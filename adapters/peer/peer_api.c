@@ -909,9 +909,13 @@ static void msg_input_from_event(struct msg_input *in, struct cw_app *app, const
 	in->read_receipt = ev->type == EVENT_RECEIPT && ev->receipt == EVENT_RECEIPT_READ;
 	in->block_target[0] = '\0';
 	cw_errmsg ignored;
-	if (ev->type == EVENT_BLOCK && ev->has_target &&
-	    mimi_uri_format(&ev->target, in->block_target, sizeof(in->block_target), &ignored) != CW_OK)
-		in->block_target[0] = '\0';
+	if (ev->type == EVENT_BLOCK && ev->has_target) {
+		struct mimi_uri target = ev->target;
+		if (mimi_uri_format(&target, in->block_target, sizeof(in->block_target), &ignored) != CW_OK)
+			in->block_target[0] = '\0';
+		else
+			peer_local_fold(app, &target, in->block_target); /* the content keeps the peer's spelling */
+	}
 	in->unblock = ev->unblock;
 }
 

@@ -249,6 +249,11 @@ def test_a_local_user_named_with_capitals_is_the_same_user(xd, gk, alice, pg, db
     assert got[0]["sender"] == ALICE and got[0]["room_id"] == room["id"]
     r = a.call("POST", "/v1/consent/requests", {"requester": a.user("zed"), "target": shouted})
     assert r.status_code == 202
+    # wally blocks "Alice" by an event in their room: it is alice he blocks.
+    r = a.call("POST", f"/v1/rooms/{room['id']}/messages", {"type": "block", "sender": a.user("wally"),
+                                                           "content": {"target": shouted}}, idem="blk1")
+    assert r.status_code == 202, r.text
+    assert pg.psql("SELECT i.uri FROM blocks b JOIN identities i ON i.id = b.blocked_id", db_url) == ALICE
     assert pg.psql("SELECT count(*) FROM identities WHERE is_local AND localpart <> lower(localpart)", db_url) == "0"
 
 
