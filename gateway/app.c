@@ -505,6 +505,29 @@ static cw_err job_run(PGconn *c, void *arg, cw_errmsg *e)
 	return j->fn(c, j, e);
 }
 
+/* A write on behalf of a peer: its signature's nonce is claimed for
+ * every daemon process first (peer_nonce_claim), so that a request
+ * replayed to another process behind a load balancer changes nothing.
+ * (Messages and batches are pipelined, not run here: their idempotency
+ * keys make a replay harmless.) */
+static cw_err job_write(PGconn *c, void *arg, cw_errmsg *e)
+{
+	struct app_job *j = arg;
+	if (!j->req || cw_req_auth(j->req) != CW_AUTH_PEER)
+		return job_run(c, arg, e);
+	job_reset(j);
+	bool fresh;
+	cw_err rc = peer_nonce_claim(c, cw_req_principal(j->req), cw_wall_ms() / 1000, j->app->cfg->max_clock_skew_s,
+				     &fresh, e);
+	if (rc)
+		return rc;
+	if (!fresh) {
+		app_job_fail(j, 401, "bad_signature", "this signature's nonce was seen before (a replay)");
+		return CW_OK;
+	}
+	return j->fn(c, j, e);
+}
+
 static void job_done(void *arg, cw_err rc, const cw_errmsg *e)
 {
 	struct app_job *j = arg;
@@ -522,6 +545,8 @@ static void job_done(void *arg, cw_err rc, const cw_errmsg *e)
 	} else if (rc) {
 		app_reply_store_error(j->app, j->req, rc, e ? e->msg : "");
 	} else if (j->err_code) {
+		if (j->err_status == 401)
+			cw_req_add_header(j->req, "WWW-Authenticate", "Bearer");
 		cw_req_problem(j->req, j->err_status, j->err_code, app_status_title(j->err_status), j->err_detail);
 	} else {
 		if (j->after)
@@ -601,7 +626,7 @@ void app_job_start(struct app_job *j, bool write)
 {
 	if (j->req)
 		cw_req_suspend(j->req);
-	cw_err rc = write ? store_write(j->app->store, job_run, job_done, j)
+	cw_err rc = write ? store_write(j->app->store, job_write, job_done, j)
 			  : store_read(j->app->store, job_run, job_done, j);
 	if (rc)
 		job_refused(j, rc);

@@ -121,6 +121,11 @@ const char *cw_req_id(const struct cw_req *r) { return r->id; }
 const char *cw_req_raw_target(const struct cw_req *r) { return r->raw_target ? r->raw_target : r->path; }
 void *cw_req_principal(const struct cw_req *r) { return r->principal; }
 
+enum cw_auth cw_req_auth(const struct cw_req *r)
+{
+	return r->route >= 0 ? r->h->o.routes[r->route].auth : CW_AUTH_NONE;
+}
+
 void cw_req_set_principal(struct cw_req *r, void *principal, void (*free_fn)(void *))
 {
 	if (r->principal && r->principal_free)

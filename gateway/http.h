@@ -102,6 +102,9 @@ const char *cw_req_raw_target(const struct cw_req *r);
  * request, freed with free_fn when the request ends. */
 void cw_req_set_principal(struct cw_req *r, void *principal, void (*free_fn)(void *));
 void *cw_req_principal(const struct cw_req *r);
+/* The authentication of the route the request matched (CW_AUTH_NONE
+ * when none matched). */
+enum cw_auth cw_req_auth(const struct cw_req *r);
 
 /* The whole body (NUL-terminated; may contain NULs, use len). */
 const char *cw_req_body(const struct cw_req *r, size_t *len);

@@ -74,6 +74,8 @@ bool peer_verify_request(struct cw_app *app, struct cw_req *req, struct peer_pri
 				   &res, &e);
 	if (rc == CW_OK) {
 		rc = httpsig_replay_check_and_add(app->replay, res.keyid, res.nonce, res.created, o.now);
+		snprintf(p->nonce, sizeof(p->nonce), "%s", res.nonce);
+		p->created = res.created;
 		if (rc == CW_ECONFLICT)
 			cw_fail(&e, rc, "this signature's nonce was seen before (a replay)");
 		else if (rc)

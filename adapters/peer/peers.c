@@ -81,6 +81,31 @@ void peer_principal_free(void *p)
 	free(pp);
 }
 
+cw_err peer_nonce_claim(PGconn *c, const struct peer_principal *p, int64_t now_s, int64_t skew_s, bool *fresh,
+			cw_errmsg *e)
+{
+	*fresh = true;
+	if (!p->nonce[0])
+		return CW_OK;
+	char pid[24], created[24], stale[24];
+	snprintf(pid, sizeof(pid), "%lld", (long long)p->id);
+	snprintf(created, sizeof(created), "%lld", (long long)p->created);
+	snprintf(stale, sizeof(stale), "%lld", (long long)(now_s - skew_s - 60));
+	const char *params[] = { pid, p->nonce, created, stale };
+	PGresult *r = PQexecParams(c,
+				   "WITH stale AS (DELETE FROM signature_nonces WHERE peer_id = $1::bigint "
+				   "AND created < $4::bigint) "
+				   "INSERT INTO signature_nonces (peer_id, nonce, created) "
+				   "VALUES ($1::bigint, $2, $3::bigint) ON CONFLICT DO NOTHING",
+				   4, NULL, params, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_COMMAND_OK, e);
+	if (rc)
+		return rc;
+	*fresh = strcmp(PQcmdTuples(r), "1") == 0;
+	PQclear(r);
+	return CW_OK;
+}
+
 static cw_err registry_load_once(struct peer_registry *r, PGconn *c, bool *raced, cw_errmsg *e)
 {
 	pthread_mutex_lock(&r->mu);

@@ -22,8 +22,21 @@ struct peer_principal {
 	char name[PEER_NAME_MAX];
 	char domain[PEER_DOMAIN_MAX];
 	EVP_PKEY *key; /* a reference of its own */
+	/* The request's verified signature: its nonce and created (set by
+	 * peer_verify_request), for peer_nonce_claim. */
+	char nonce[257];
+	int64_t created;
 };
 void peer_principal_free(void *p);
+
+/* Claims p's signature nonce for every daemon process (the table
+ * signature_nonces), inside the caller's write transaction: *fresh is
+ * false when another request claimed it before (a replay).  Rows of the
+ * peer older than now_s - skew_s - 60 are deleted on the way.  Used for
+ * the state-changing requests that no idempotency key makes repeatable;
+ * the in-memory replay cache stays the first check of every request. */
+cw_err peer_nonce_claim(PGconn *c, const struct peer_principal *p, int64_t now_s, int64_t skew_s, bool *fresh,
+			cw_errmsg *e);
 
 struct peer_registry;
 

@@ -1,11 +1,12 @@
 """Consent requests and updates, blocks, reports and discovery: stored,
 validated, and answered the same whether or not the local user exists."""
 import base64
+import json
 import os
 
 import pytest
 
-from peer import PeerClient
+from peer import PeerClient, push_peers
 from test_peer_api import peers  # noqa: F401  (the fixture)
 
 LOCAL = "mimi://example.org/u/"
@@ -40,6 +41,66 @@ def test_consent_updates_and_blocks(daemon, peers, pg, db_url):
     assert pg.psql(q, db_url) == "1"
     assert a.call("POST", "/v1/blocks", dict(blk, action="unblock")).status_code == 202
     assert pg.psql(q, db_url) == "0"
+
+
+def test_a_replay_to_another_process_changes_nothing(make_daemon, pg, db_url):
+    """Two daemon processes behind one public URL (a load balancer): a
+    signed request that changes something without an idempotency key,
+    captured on its way to one and replayed to the other, is refused there
+    (401 bad_signature) and changes nothing: the nonce is claimed in the
+    database with the write, not only in each process's memory."""
+    public = {"server": {"public_url": "https://gw.example.org"}}
+    d1 = make_daemon(db_url, options=public).start()
+    made = push_peers(d1)
+    d2 = make_daemon(db_url, options=public).start()
+    try:
+        (a, _), _ = made
+        a.base = "https://gw.example.org"
+        q = ("SELECT count(*) FROM blocks b JOIN identities x ON x.id = b.blocker_id JOIN identities y "
+             "ON y.id = b.blocked_id WHERE x.uri = 'mimi://wa.example/u/wally' "
+             "AND y.uri = 'mimi://example.org/u/alice'")
+
+        def signed(path, body):
+            raw = json.dumps(body).encode()
+            h = a.signer.headers("POST", a.base + path, raw)
+            h["Authorization"] = "Bearer " + a.token
+            return raw, h
+
+        grant = signed("/v1/consent/updates", {"user": a.user("wally"), "target": LOCAL + "alice",
+                                               "consent": "granted"})
+        revoke = signed("/v1/consent/updates", {"user": a.user("wally"), "target": LOCAL + "alice",
+                                                "consent": "revoked"})
+        assert d1.request("POST", "/v1/consent/updates", data=grant[0], headers=grant[1]).status_code == 202
+        assert d1.request("POST", "/v1/consent/updates", data=revoke[0], headers=revoke[1]).status_code == 202
+        assert pg.psql(q, db_url) == "1"
+        # The grant replayed: to the same process, and to the other one.
+        for d in (d1, d2):
+            r = d.request("POST", "/v1/consent/updates", data=grant[0], headers=grant[1])
+            assert r.status_code == 401 and r.json()["code"] == "bad_signature", r.text
+            assert "replay" in r.json()["detail"] and r.headers.get("WWW-Authenticate") == "Bearer"
+        assert pg.psql(q, db_url) == "1"  # still revoked
+        # A room made without an idempotency key is not made twice.
+        create = signed("/v1/rooms", {"kind": "group", "members": [a.user("wally"), LOCAL + "alice"]})
+        rooms = pg.psql("SELECT count(*) FROM rooms", db_url)
+        assert d2.request("POST", "/v1/rooms", data=create[0], headers=create[1]).status_code == 201
+        r = d1.request("POST", "/v1/rooms", data=create[0], headers=create[1])
+        assert r.status_code == 401 and r.json()["code"] == "bad_signature", r.text
+        assert int(pg.psql("SELECT count(*) FROM rooms", db_url)) == int(rooms) + 1
+        # A report is stored once.
+        rep = signed("/v1/reports", {"reporter": a.user("wally"), "subject": LOCAL + "alice", "reason": "spam"})
+        assert d1.request("POST", "/v1/reports", data=rep[0], headers=rep[1]).status_code == 202
+        assert d2.request("POST", "/v1/reports", data=rep[0], headers=rep[1]).status_code == 401
+        assert pg.psql("SELECT count(*) FROM reports", db_url) == "1"
+        # Fresh requests pass on either process; the claimed nonces are
+        # in the table, one per request that changed something.
+        again = signed("/v1/consent/updates", {"user": a.user("wally"), "target": LOCAL + "alice",
+                                               "consent": "granted"})
+        assert d2.request("POST", "/v1/consent/updates", data=again[0], headers=again[1]).status_code == 202
+        assert pg.psql(q, db_url) == "0"
+        assert pg.psql("SELECT count(*) FROM signature_nonces", db_url) == "5"
+    finally:
+        for _, srv in made:
+            srv.close()
 
 
 def test_a_block_sent_as_an_event_is_a_block(daemon, peers, pg, db_url):
