@@ -44,6 +44,7 @@ static void settings_defaults(struct policy_settings *s)
 	s->report_limit_per_minute = 1;
 	s->report_limit_s = 86400;
 	s->identifier_queries_per_minute = 60;
+	s->peer_updates_per_minute = 600;
 }
 
 /* One settings row (value is JSON text). */
@@ -71,6 +72,8 @@ static void setting_apply(struct policy_settings *s, const char *key, const char
 		s->report_limit_s = setting_int(value, s->report_limit_s, 1, 366 * 86400LL);
 	} else if (strcmp(key, "policy.identifier_queries_per_minute") == 0) {
 		s->identifier_queries_per_minute = setting_int(value, s->identifier_queries_per_minute, 1, 1000000);
+	} else if (strcmp(key, "policy.peer_updates_per_minute") == 0) {
+		s->peer_updates_per_minute = setting_int(value, s->peer_updates_per_minute, 1, 1000000);
 	}
 }
 

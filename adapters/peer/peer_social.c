@@ -26,6 +26,7 @@ struct social_input {
 	char local[MIMI_URI_MAX + 1];   /* this provider's user */
 	struct mimi_uri local_u;
 	bool flag;                      /* granted / blocked */
+	const char *action;             /* consent updates and blocks: the audit action */
 	char reason[72];
 	json_t *evidence;
 	char *comment;
@@ -122,6 +123,37 @@ static void start(struct cw_req *req, struct cw_app *app, struct social_input *i
 	app_job_run(app, req, fn, in, social_free, write);
 }
 
+/* Takes one from the calling peer's bucket prefix:<peer> of per_minute
+ * (one token bucket per peer in each daemon process); false after
+ * answering 429 with Retry-After. */
+static bool peer_bucket(struct cw_app *app, struct cw_req *req, const char *prefix, int64_t per_minute,
+			const char *what)
+{
+	struct peer_principal *p = cw_req_principal(req);
+	char key[PEER_NAME_MAX + 16];
+	snprintf(key, sizeof(key), "%s:%s", prefix, p->name);
+	bool first = false;
+	int64_t wait = ratelimit_take(app->limits, key, (uint32_t)per_minute, 60000, cw_wall_ms(), &first);
+	if (wait <= 0)
+		return true;
+	char d[160];
+	snprintf(d, sizeof(d), "too many %s from this peer; retry later", what);
+	app_retry_after(req, wait);
+	cw_req_problem(req, 429, "rate_limited", "Too many requests", d);
+	return false;
+}
+
+/* policy.peer_updates_per_minute: consent updates, blocks and reports,
+ * each of which changes what the policy holds (and makes every process
+ * reload a user's facts) or stores a row. */
+static bool peer_updates_allowed(struct cw_app *app, struct cw_req *req)
+{
+	struct policy_view *v = policy_live_get(app->policy);
+	int64_t per_minute = v->set.peer_updates_per_minute;
+	policy_view_put(v);
+	return peer_bucket(app, req, "pup", per_minute, "consent updates, blocks and reports");
+}
+
 /* ------------------------------------------------------------ consent */
 
 /* requestConsent: stored as a consent request for the local user when the
@@ -209,6 +241,11 @@ static cw_err consent_update_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 			       "ON CONFLICT DO NOTHING", 2, params, e);
 	if (!rc) /* every daemon process takes the change into its policy */
 		rc = policy_notify_user(c, lid, e);
+	if (!rc) { /* the operator sees who changed what */
+		const char *ap[] = { in->peer_network, in->action, in->local, in->remote };
+		rc = store_command(c, "INSERT INTO audit_log (actor, action, subject, details) "
+				   "VALUES ($1, $2, $3, jsonb_build_object('user', $4::text))", 4, ap, e);
+	}
 	if (!rc)
 		accepted(j);
 	return rc;
@@ -239,10 +276,11 @@ void peer_api_consent_update(struct cw_req *req, void *ctx)
 		return;
 	bool ok = read_choice(req, body, "consent", "granted", "revoked", &in->flag);
 	json_decref(body);
-	if (!ok) {
+	if (!ok || !peer_updates_allowed(ctx, req)) {
 		social_free(in);
 		return;
 	}
+	in->action = in->flag ? "peer.consent.grant" : "peer.consent.revoke";
 	start(req, ctx, in, consent_update_fn, true);
 }
 
@@ -265,10 +303,11 @@ void peer_api_block(struct cw_req *req, void *ctx)
 		return;
 	bool ok = read_choice(req, body, "action", "block", "unblock", &in->flag);
 	json_decref(body);
-	if (!ok) {
+	if (!ok || !peer_updates_allowed(ctx, req)) {
 		social_free(in);
 		return;
 	}
+	in->action = in->flag ? "peer.block" : "peer.unblock";
 	start(req, ctx, in, block_fn, true);
 }
 
@@ -322,8 +361,9 @@ void peer_api_report(struct cw_req *req, void *ctx)
 		if (!json_is_string(v) || !message_id_valid(json_string_value(v)))
 			bad = "every evidence entry must be a message id (msg_...)";
 	}
-	if (bad) {
+	if (bad)
 		cw_req_problem(req, 400, "invalid_body", "Invalid body", bad);
+	if (bad || !peer_updates_allowed(app, req)) {
 		json_decref(body);
 		social_free(in);
 		return;
@@ -389,19 +429,11 @@ void peer_api_identifier_query(struct cw_req *req, void *ctx)
 	/* Each peer has policy.identifier_queries_per_minute: discovery by
 	 * exact match is a lookup a peer could otherwise run through every
 	 * phone number at the speed of its requests. */
-	struct peer_principal *p = cw_req_principal(req);
 	struct policy_view *v = policy_live_get(app->policy);
-	uint32_t per_minute = (uint32_t)v->set.identifier_queries_per_minute;
+	int64_t per_minute = v->set.identifier_queries_per_minute;
 	policy_view_put(v);
-	char key[PEER_NAME_MAX + 8];
-	snprintf(key, sizeof(key), "idq:%s", p->name);
-	bool first = false;
-	int64_t wait = ratelimit_take(app->limits, key, per_minute, 60000, cw_wall_ms(), &first);
-	if (wait > 0) {
+	if (!peer_bucket(app, req, "idq", per_minute, "identifier queries")) {
 		free(in);
-		app_retry_after(req, wait);
-		cw_req_problem(req, 429, "rate_limited", "Too many requests",
-			       "too many identifier queries from this peer; retry later");
 		return;
 	}
 	snprintf(in->local, sizeof(in->local), "%s", uri);

@@ -178,6 +178,41 @@ def test_discovery_is_rate_limited_per_peer(daemon, peers, pg, db_url):
     assert daemon.admin("PATCH", "/settings", json={"policy.identifier_queries_per_minute": 0}).status_code == 400
 
 
+def test_consent_updates_blocks_and_reports_are_limited_per_peer_and_audited(daemon, peers, pg, db_url):
+    """A peer's consent updates, blocks and reports share one bucket of
+    policy.peer_updates_per_minute (here 4), then 429 with Retry-After and
+    nothing stored, for that peer only (before: no limit).  Each consent
+    update and block it made is in the audit log with the peer as actor."""
+    (a, _), (b, _) = peers
+    r = daemon.admin("PATCH", "/settings", json={"policy.peer_updates_per_minute": 4})
+    assert r.status_code == 200, r.text
+    upd = {"user": a.user("wally"), "target": LOCAL + "alice", "consent": "revoked"}
+    blk = {"blocker": a.user("wally"), "blocked": LOCAL + "bob", "action": "block"}
+    rep = {"reporter": a.user("wally"), "subject": LOCAL + "carol", "reason": "spam"}
+    answers = [a.call("POST", "/v1/consent/updates", upd), a.call("POST", "/v1/blocks", blk),
+               a.call("POST", "/v1/consent/updates", dict(upd, consent="granted")),
+               a.call("POST", "/v1/reports", rep)]
+    assert [x.status_code for x in answers] == [202] * 4, [x.text for x in answers]
+    audit = ("SELECT string_agg(actor || ' ' || action || ' ' || subject || ' ' || (details->>'user'), ', ' "
+             "ORDER BY id) FROM audit_log WHERE actor LIKE 'peer:%'")
+    trail = pg.psql(audit, db_url)
+    assert trail == ("peer:gk peer.consent.revoke mimi://example.org/u/alice mimi://wa.example/u/wally, "
+                     "peer:gk peer.block mimi://example.org/u/bob mimi://wa.example/u/wally, "
+                     "peer:gk peer.consent.grant mimi://example.org/u/alice mimi://wa.example/u/wally"), trail
+    stored = pg.psql("SELECT (SELECT count(*) FROM blocks) || ' ' || (SELECT count(*) FROM reports)", db_url)
+    for path, body in (("/v1/consent/updates", upd), ("/v1/blocks", dict(blk, blocked=LOCAL + "dave")),
+                       ("/v1/reports", rep)):
+        r = a.call("POST", path, body)
+        assert r.status_code == 429 and r.json()["code"] == "rate_limited", (path, r.status_code, r.text)
+        assert 1 <= int(r.headers["Retry-After"]) <= 60
+    assert pg.psql("SELECT (SELECT count(*) FROM blocks) || ' ' || (SELECT count(*) FROM reports)", db_url) == stored
+    assert pg.psql(audit, db_url) == trail
+    # Another peer has its own bucket; a bad value is refused.
+    assert b.call("POST", "/v1/blocks", {"blocker": b.user("tom"), "blocked": LOCAL + "bob",
+                                         "action": "block"}).status_code == 202
+    assert daemon.admin("PATCH", "/settings", json={"policy.peer_updates_per_minute": 0}).status_code == 400
+
+
 BAD = [
     ("/v1/consent/requests", {"requester": "mimi://wa.example/u/w"}, 400, "invalid_body"),
     ("/v1/consent/requests", {"requester": "mimi://tg.example/u/w", "target": LOCAL + "a"}, 403, "not_allowed"),
