@@ -597,6 +597,32 @@ struct members_input {
 	struct room_member_in remove[ROOM_MEMBERS_MAX];
 };
 
+/* A remote user added to a group is let in as a room's creator would be:
+ * the server's rules are asked as for a new conversation from that user
+ * (a deny rule, a closed server or an allowlist without the domain refuse
+ * it), rate limits are not (adding is not starting a conversation).
+ * True after setting the 403. */
+static bool member_refused(struct app_job *j, const struct members_input *in, const struct member_class *cls)
+{
+	struct policy_view *view = policy_live_get(j->app->policy);
+	for (size_t i = 0; i < in->nadd && !j->err_code; i++) {
+		if (cls[i].local)
+			continue;
+		struct policy_request preq = {
+			.direction = POLICY_INBOUND, .action = POLICY_ACT_NEW_ROOM,
+			.sender = { in->add[i].uri, in->add[i].u.domain, cls[i].network }, .now_ms = cw_wall_ms(),
+		};
+		struct policy_decision d;
+		policy_decide(view->snap, &preq, &d);
+		policy_count(j->app, &d);
+		if (d.verdict == POLICY_DENY)
+			app_job_fail(j, 403, "not_allowed", "this provider does not take conversations from %s (%s)",
+				     in->add[i].uri, d.reason);
+	}
+	policy_view_put(view);
+	return j->err_code != NULL;
+}
+
 static cw_err members_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct members_input *in = j->data;
@@ -625,6 +651,8 @@ static cw_err members_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	static _Thread_local struct member_class cls[ROOM_MEMBERS_MAX];
 	if ((rc = classify_members(c, j, in->p, in->domain, in->add, in->nadd, cls, e)) || j->err_code)
 		return rc;
+	if (member_refused(j, in, cls))
+		return CW_OK;
 	for (size_t i = 0; i < in->nadd; i++) {
 		char ident[24];
 		if ((rc = identity_id(c, &in->add[i].u, cls[i].local, cls[i].network,
@@ -646,7 +674,24 @@ static cw_err members_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 			return rc;
 		PQclear(r);
 	}
-	return room_state(c, j, in->public_id, in->p->id, false, e);
+	/* The operator sees who changed a room's members. */
+	json_t *add = json_array(), *remove = json_array();
+	for (size_t i = 0; i < in->nadd; i++)
+		json_array_append_new(add, json_string(in->add[i].uri));
+	for (size_t i = 0; i < in->nremove; i++)
+		json_array_append_new(remove, json_string(in->remove[i].uri));
+	json_t *details = json_pack("{s:o, s:o}", "add", add, "remove", remove);
+	char *dj = details ? json_dumps(details, JSON_COMPACT) : NULL;
+	json_decref(details);
+	if (!dj)
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	char actor[PEER_NAME_MAX + 8];
+	snprintf(actor, sizeof(actor), "peer:%s", in->p->name);
+	const char *ap[] = { actor, in->public_id, dj };
+	rc = store_command(c, "INSERT INTO audit_log (actor, action, subject, details) VALUES ($1, 'room.members', $2, "
+			   "$3::jsonb)", 3, ap, e);
+	free(dj);
+	return rc ? rc : room_state(c, j, in->public_id, in->p->id, false, e);
 }
 
 /* Reads a JSON array of user URIs into out; false after answering 400. */

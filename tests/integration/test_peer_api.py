@@ -416,6 +416,37 @@ def test_typing_too_old_to_be_shown_is_expired_not_sent_late(make_daemon, db_url
             srv.close()
 
 
+def test_member_changes_are_decided_and_audited(daemon, peers, pg, db_url):
+    """A remote user added to a group passes the server's rules as a room's
+    creator does: one a deny rule names (or of a domain the server closed)
+    is refused with 403 and the room's members stay as they were; a
+    change that passes is in the audit log with the peer as actor.
+    Before, any peer's user could be added, and nothing was recorded."""
+    (a, _), (b, _) = peers
+    rm = a.create_room([a.user("alice"), "mimi://example.org/u/dave"], kind="group").json()
+    members = f"SELECT string_agg(i.uri || ':' || m.membership, ',' ORDER BY i.uri) FROM room_members m " \
+              f"JOIN identities i ON i.id = m.identity_id JOIN rooms r ON r.id = m.room_id " \
+              f"WHERE r.public_id = '{rm['id']}'"
+    before = pg.psql(members, db_url)
+    assert daemon.admin("POST", "/rules", json={"scope": "user", "pattern": a.user("spammer"),
+                                                "mode": "deny"}).status_code == 201
+    assert daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "tg.example",
+                                                "mode": "closed"}).status_code == 201
+    for who in (a.user("spammer"), b.user("carol")):
+        r = a.call("POST", f"/v1/rooms/{rm['id']}/members", {"add": [a.user("bert"), who]})
+        assert r.status_code == 403 and r.json()["code"] == "not_allowed", (who, r.text)
+        assert who in r.json()["detail"]
+    assert pg.psql(members, db_url) == before
+    assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'room.members'", db_url) == "0"
+    r = a.call("POST", f"/v1/rooms/{rm['id']}/members", {"add": [a.user("bert"), "mimi://example.org/u/erin"],
+                                                          "remove": [a.user("alice")]})
+    assert r.status_code == 200, r.text
+    assert pg.psql("SELECT actor || ' ' || subject || ' ' || details::text FROM audit_log "
+                   "WHERE action = 'room.members'", db_url) == (
+        f'peer:gk {rm["id"]} {{"add": ["{a.user("bert")}", "mimi://example.org/u/erin"], '
+        f'"remove": ["{a.user("alice")}"]}}')
+
+
 def test_members_add_and_remove(daemon, peers, pg, db_url):
     (a, _), (b, sb) = peers
     rm = a.create_room([a.user("alice"), b.user("bob")], kind="group", name="Lunch club \u2615").json()
