@@ -1134,14 +1134,15 @@ struct submit *submit_new(size_t n)
 	" rm.uri, " \
 	" CASE WHEN it.replaces <> '' THEN (SELECT s.uri FROM events e JOIN identities s ON s.id = e.sender_id " \
 	"  WHERE e.public_id = it.replaces) END, " \
-	" NULL " \
+	" NULL, " \
+	" CASE WHEN it.replaces <> '' THEN (SELECT e.type FROM events e WHERE e.public_id = it.replaces) END " \
 	"FROM items it JOIN rm ON rm.room = it.room AND rm.scope IS NOT DISTINCT FROM it.scope " \
 	" LEFT JOIN LATERAL (SELECT coalesce(request_hash, ''::bytea) AS request_hash, public_id, " \
 	"  (extract(epoch FROM accepted_at) * 1000)::bigint AS ms FROM events " \
 	"  WHERE origin_network = it.scope AND origin_native_id = it.key LIMIT 1) k ON true " \
 	"UNION ALL " \
 	"SELECT -1, rm.id, mem.id, mem.uri, mem.is_local, mem.network, mem.peer_id, mem.name, mem.domain, " \
-	" NULL, NULL, NULL, NULL, NULL, NULL, NULL, mem.mode " \
+	" NULL, NULL, NULL, NULL, NULL, NULL, NULL, mem.mode, NULL " \
 	"FROM (SELECT DISTINCT id FROM rm WHERE id IS NOT NULL) rm " \
 	" JOIN LATERAL (SELECT i.id, i.uri, i.is_local, i.network, i.peer_id, p.name, i.domain, p.mode " \
 	"  FROM room_members m JOIN identities i ON i.id = m.identity_id LEFT JOIN peers p ON p.id = i.peer_id " \
@@ -1153,7 +1154,7 @@ struct submit *submit_new(size_t n)
 	" (SELECT c.state FROM consents c WHERE c.local_identity_id = f.id AND c.subject_kind = 'user' " \
 	"  AND c.subject = it.snd), NULL::bigint, NULL::bigint, NULL::bigint, NULL, NULL, " \
 	" (SELECT c.state FROM consents c WHERE c.local_identity_id = f.id AND c.subject_kind = 'domain' " \
-	"  AND c.subject = it.dom) " \
+	"  AND c.subject = it.dom), NULL " \
 	"FROM (SELECT DISTINCT room, scope, snd, net, dom FROM items WHERE snd IS NOT NULL) it " \
 	" JOIN rm ON rm.room = it.room AND rm.scope IS NOT DISTINCT FROM it.scope AND rm.id IS NOT NULL " \
 	" JOIN LATERAL (SELECT i.id, i.uri FROM room_members m JOIN identities i ON i.id = m.identity_id " \
@@ -1501,6 +1502,19 @@ static bool earlier_item(const struct submit *b, size_t i, const char *msg_id, c
 	return false;
 }
 
+/* What an edit or a delete may name (spec: "always the first version, as
+ * in MIMI"): an edit a message, a delete a message or a reaction.  NULL
+ * when target (an event type) is one of those, else why not. */
+static const char *replaces_refused(const char *type, const char *target)
+{
+	if (strcmp(target, "message") == 0 || (strcmp(type, "delete") == 0 && strcmp(target, "reaction") == 0))
+		return NULL;
+	return strcmp(type, "edit") == 0 ? "content.replaces must name the message's first version (an edit names "
+					   "a message, not another edit or event)"
+					 : "content.replaces must name a message or a reaction (its first version), "
+					   "not an edit or another event";
+}
+
 /* An item's reference to an earlier item of the job holds if that one is
  * written, in the same room, and (an edit or a delete) by the same
  * sender; else the item fails as one naming an unknown message does. */
@@ -1518,6 +1532,8 @@ static void intra_refs(struct submit *b)
 			why = "content.replaces names no message of this room";
 		else if (xj != i && strcmp(b->items[xj]->sender, b->items[i]->sender) != 0)
 			why = "content.replaces names a message of another sender: only its sender may edit or delete it";
+		else if (xj != i)
+			why = replaces_refused(b->items[i]->type, b->items[xj]->type);
 		if (why) {
 			b->write[i] = false;
 			b->wake[i] = 0;
@@ -1576,6 +1592,11 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 	if (in->replaces[0] && !replaces_here && strcmp(PQgetvalue(r, first, 15), in->sender) != 0) {
 		item_fail(res, 400, "invalid_body", "content.replaces names a message of another sender: "
 			  "only its sender may edit or delete it");
+		return;
+	}
+	const char *why = in->replaces[0] && !replaces_here ? replaces_refused(in->type, PQgetvalue(r, first, 17)) : NULL;
+	if (why) {
+		item_fail(res, 400, "invalid_body", "%s", why);
 		return;
 	}
 	if (!reply_here)

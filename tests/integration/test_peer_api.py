@@ -551,6 +551,44 @@ def test_only_the_sender_edits_or_deletes_a_message(daemon, peers, pg, db_url):
     assert r.status_code == 202, r.text
 
 
+def test_edits_and_deletes_name_the_first_version(daemon, peers, pg, db_url):
+    """An edit names the message's first version, a delete the message or
+    a reaction (spec: "always the first version, as in MIMI"): naming an
+    edit, a delete or a receipt is 400 and stores nothing.  Before, an edit
+    of an edit was taken and went to Matrix as an edit of an edit, which
+    homeservers and clients ignore."""
+    (a, _), (b, sb) = peers
+    rm = room(a, b)["id"]
+    alice = a.user("alice")
+
+    def post(typ, content, key):
+        return a.call("POST", f"/v1/rooms/{rm}/messages", {"type": typ, "sender": alice, "content": content}, idem=key)
+
+    text = lambda body: [{"type": "text/plain", "body": body}]
+    first = a.send(rm, alice, "first words").json()["id"]
+    ed = post("edit", {"replaces": first, "parts": text("second words")}, "e1").json()["id"]
+    rx = post("reaction", {"in_reply_to": first, "disposition": "reaction",
+                           "parts": [{"type": "text/plain", "body": "\U0001F44D"}]}, "r1")
+    assert rx.status_code == 202, rx.text
+    rc = a.call("POST", f"/v1/rooms/{rm}/receipts", {"type": "receipt", "sender": alice,
+                                                      "content": {"in_reply_to": first, "receipt": "read"}})
+    assert rc.status_code == 202, rc.text
+    receipt = pg.psql("SELECT public_id FROM events WHERE type = 'receipt'", db_url)
+    sb.wait_events(3)
+    before = pg.psql("SELECT count(*) FROM events", db_url)
+    for typ, target, key in (("edit", ed, "x1"), ("delete", ed, "x2"), ("edit", rx.json()["id"], "x3"),
+                             ("edit", receipt, "x4"), ("delete", receipt, "x5")):
+        content = {"replaces": target} if typ == "delete" else {"replaces": target, "parts": text("third")}
+        r = post(typ, content, key)
+        assert r.status_code == 400 and r.json()["code"] == "invalid_body", (typ, target, r.text)
+        assert "first version" in r.json()["detail"], r.text
+    assert pg.psql("SELECT count(*) FROM events", db_url) == before
+    # The first version may be edited again and deleted; a reaction deleted.
+    assert post("edit", {"replaces": first, "parts": text("third words")}, "e2").status_code == 202
+    assert post("delete", {"replaces": rx.json()["id"]}, "d1").status_code == 202
+    assert post("delete", {"replaces": first}, "d2").status_code == 202
+
+
 def test_dispatch_and_signature_metrics(daemon, peers):
     (a, _), (b, sb) = peers
     rm = room(a, b)
