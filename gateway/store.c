@@ -353,7 +353,14 @@ static bool conn_ensure(struct cw_store *s, struct conn *sc, const char *who)
 		sc->retry_at_us = now + backoff;
 		if (sc->failures++ == 0 || atomic_load(&s->db_up))
 			LOG_KV(CW_LOG_WARN, "database unreachable", "connection", who, "detail", e.msg);
-		atomic_store(&s->db_up, false);
+		if (atomic_exchange(&s->db_up, false) && sc != &s->wconn) {
+			/* Writes are refused from now on (enqueue): the writer,
+			 * perhaps idle, must come to check its own connection
+			 * and take them again once the database answers it. */
+			pthread_mutex_lock(&s->mu);
+			pthread_cond_signal(&s->wcond);
+			pthread_mutex_unlock(&s->mu);
+		}
 		return false;
 	}
 	if (sc->failures || atomic_load(&s->reconnects))
@@ -584,6 +591,26 @@ static void write_batch(struct cw_store *s, struct job *list)
 	finish_list(live);
 }
 
+/* While writes are refused (db_up false, set by whichever connection
+ * failed), the writer checks its own: reconnects it, or asks one that
+ * looks fine (a reader may have failed alone, or the server restarted
+ * under an idle connection) with a cheap query; a connection that answers
+ * takes writes again.  A failure leaves the backoff of conn_ensure. */
+static void writer_check(struct cw_store *s)
+{
+	bool had = s->wconn.c && PQstatus(s->wconn.c) == CONNECTION_OK;
+	if (!conn_ensure(s, &s->wconn, "writer"))
+		return;
+	cw_errmsg e;
+	if (had && store_exec(s->wconn.c, "SELECT 1", &e)) {
+		conn_lost(s, &s->wconn);
+		return;
+	}
+	if (had && !atomic_load(&s->db_up))
+		LOG_KV(CW_LOG_INFO, "database answers the writer again");
+	atomic_store(&s->db_up, true);
+}
+
 static void *writer_main(void *arg)
 {
 	cw_thread_name("cw-writer");
@@ -618,7 +645,7 @@ static void *writer_main(void *arg)
 			int64_t until = s->wconn.retry_at_us - now;
 			if (until <= 0) {
 				pthread_mutex_unlock(&s->mu);
-				conn_ensure(s, &s->wconn, "writer");
+				writer_check(s);
 				pthread_mutex_lock(&s->mu);
 				continue;
 			}

@@ -336,6 +336,83 @@ START_TEST(unreachable_database_fails_fast)
 }
 END_TEST
 
+/* db_url() as the role user: its parameters rebuilt as keyword=value. */
+static void url_as(const char *user, char *out, size_t len)
+{
+	char *err = NULL;
+	PQconninfoOption *opts = PQconninfoParse(db_url(), &err);
+	if (!opts)
+		die("conninfo", err ? err : "cannot parse");
+	size_t n = 0;
+	out[0] = '\0';
+	for (PQconninfoOption *o = opts; o->keyword; o++) {
+		const char *v = strcmp(o->keyword, "user") == 0 ? user : o->val;
+		if (v && *v)
+			n += (size_t)snprintf(out + n, n < len ? len - n : 0, "%s='%s' ", o->keyword, v);
+	}
+	PQconninfoFree(opts);
+	if (n >= len)
+		die("conninfo", "too long");
+}
+
+static cw_err sleep_a_little(PGconn *c, void *arg, cw_errmsg *e)
+{
+	(void)arg;
+	return store_exec(c, "SELECT pg_sleep(0.3)", e);
+}
+
+static double cpu_seconds(void)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+	return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
+}
+
+/* A reader that cannot connect (here: a role allowed one connection,
+ * which the writer holds) makes the store refuse writes at once; the
+ * writer must then check its own connection, which answers, and take
+ * writes again, idle.  It once spun a core on that connection instead,
+ * and writes stayed refused while the database was up. */
+START_TEST(a_reader_that_cannot_connect_does_not_stop_writes)
+{
+	reset_table();
+	sql("DROP ROLE IF EXISTS store_test_one; CREATE ROLE store_test_one LOGIN CONNECTION LIMIT 1; "
+	    "GRANT ALL ON TABLE store_test_rows TO store_test_one");
+	char url[2048];
+	url_as("store_test_one", url, sizeof(url));
+	struct store_opts o = opts(64, 1000);
+	o.url = url;
+	o.readers = 1;
+	struct cw_store *s;
+	cw_errmsg e;
+	ck_assert_int_eq(store_open(&s, &o, &e), CW_OK);
+	pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+	pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+	atomic_int left = 1;
+	struct wjob w = { .left = &left, .mu = &mu, .cv = &cv };
+	/* The writer busy with its connection while a read fails to get one. */
+	ck_assert_int_eq(store_write(s, sleep_a_little, wjob_done, &w), CW_OK);
+	usleep(50000);
+	struct rjob r = { 0 };
+	ck_assert_int_eq(store_read_wait(s, read_one, &r, &e), CW_EUNAVAIL);
+	wait_all(&left, &mu, &cv);
+	ck_assert_int_eq(w.rc, CW_OK);
+	usleep(300000);
+	double c0 = cpu_seconds();
+	usleep(1000000);
+	double used = cpu_seconds() - c0;
+	ck_assert_msg(used < 0.3, "the store used %.2f s of CPU in an idle second", used);
+	atomic_store(&left, 1);
+	struct wjob w2 = { .id = 7, .left = &left, .mu = &mu, .cv = &cv };
+	ck_assert_int_eq(store_write(s, insert_row, wjob_done, &w2), CW_OK);
+	wait_all(&left, &mu, &cv);
+	ck_assert_int_eq(w2.rc, CW_OK);
+	store_close(s);
+	ck_assert_int_eq(count_rows("SELECT count(*) FROM store_test_rows WHERE id = 7"), 1);
+	sql("DROP TABLE store_test_rows; DROP ROLE store_test_one");
+}
+END_TEST
+
 static void heard(const char *channel, const char *payload, void *arg)
 {
 	(void)payload;
@@ -496,6 +573,7 @@ int main(int argc, char **argv)
 	tcase_add_test(tc, a_write_that_loses_a_deadlock_runs_again);
 	tcase_add_test(tc, unreachable_database_fails_fast);
 	tcase_add_test(tc, a_notification_read_during_a_statement_is_not_slept_on);
+	tcase_add_test(tc, a_reader_that_cannot_connect_does_not_stop_writes);
 	suite_add_tcase(s, tc);
 	return unit_run(s);
 }

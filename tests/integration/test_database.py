@@ -5,6 +5,7 @@ import subprocess
 import time
 
 from harness import N_MIGRATIONS, SCHEMA_DIR, run_causewayd, wait_until
+from peer import push_peers
 
 
 def copy_schema(tmp_path):
@@ -117,6 +118,31 @@ def test_database_outage_gives_503_then_recovers(make_daemon, private_pg):
     wait_until(lambda: d.get("/readyz").status_code == 200, timeout=20, what="readyz 200 again")
     assert "causeway_database_up 1" in d.get("/metrics").text
     d.wait_for(lambda r: r.get("msg") == "database connection established")
+
+
+def test_writes_are_taken_again_after_an_outage_only_a_reader_saw(make_daemon, private_pg):
+    """PostgreSQL stopped and started while nothing was written: a read
+    (here /readyz) saw it away, and writes were refused from then on.
+    They must be taken again by themselves once it is back, without a
+    read to notice it: before, single submits stayed 503 until some read
+    happened to succeed (the idle writer was never told to look)."""
+    d = make_daemon(private_pg.url).start()
+    (a, sa), (b, sb) = push_peers(d)
+    try:
+        room = a.create_room([a.user("alice"), b.user("bob")]).json()["id"]
+        assert a.send(room, a.user("alice"), "before").status_code == 202
+        private_pg.stop()
+        wait_until(lambda: d.get("/readyz").status_code == 503, what="readyz 503")
+        r = a.send(room, a.user("alice"), "while away")
+        assert r.status_code == 503 and r.headers.get("Retry-After"), r.text
+        private_pg.start()
+        ok = wait_until(lambda: (lambda r: [r] if r.status_code == 202 else None)(
+            a.send(room, a.user("alice"), "after")), timeout=15, interval=0.5, what="a submit taken again")
+        assert ok[0].json()["status"] == "accepted"
+        sb.wait_events(2)
+    finally:
+        for x in (sa, sb):
+            x.close()
 
 
 def test_daemon_waits_for_a_database_that_comes_up(make_daemon, private_pg):
