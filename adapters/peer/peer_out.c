@@ -101,6 +101,16 @@ static size_t discard(char *ptr, size_t size, size_t n, void *u)
 	return *total > RESPONSE_MAX ? 0 : size * n; /* a huge answer aborts the transfer */
 }
 
+/* A push in flight when the daemon stops is cut off (its rows are
+ * released untried: the peer deduplicates if it took them), so that a
+ * slow peer cannot hold the stop for dispatcher.http_timeout_ms. */
+static int stop_check(void *u, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ultotal, curl_off_t ulnow)
+{
+	(void)dltotal, (void)dlnow, (void)ultotal, (void)ulnow;
+	const struct cw_app *app = u;
+	return app->dispatcher && dispatcher_stopping(app->dispatcher);
+}
+
 cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_row *rows, size_t n, size_t *done,
 			long *code, cw_errmsg *e)
 {
@@ -188,19 +198,32 @@ cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct ou
 	curl_easy_setopt(cu, CURLOPT_WRITEDATA, &got);
 	if (p->app && p->app->cfg->ca_file && *p->app->cfg->ca_file)
 		curl_easy_setopt(cu, CURLOPT_CAINFO, p->app->cfg->ca_file);
+	if (p->app) {
+		curl_easy_setopt(cu, CURLOPT_NOPROGRESS, 0L);
+		curl_easy_setopt(cu, CURLOPT_XFERINFOFUNCTION, stop_check);
+		curl_easy_setopt(cu, CURLOPT_XFERINFODATA, p->app);
+	}
 	CURLcode cc = curl_easy_perform(cu);
 	curl_slist_free_all(list);
 	free(text);
+	/* An answer cut off for its size still has its status: a 2xx is the
+	 * peer's acknowledgement, whatever it wrote after it. */
+	bool cut = cc == CURLE_WRITE_ERROR && got > RESPONSE_MAX;
 	/* A 429 or 503 may say when to come back (Retry-After, seconds or a
 	 * date: libcurl reads both): the batch waits at least that long. */
 	curl_off_t wait_s = 0;
-	if (cc == CURLE_OK) {
+	if (cc == CURLE_OK || cut) {
 		curl_easy_getinfo(cu, CURLINFO_RESPONSE_CODE, code);
 		if ((*code == 429 || *code == 503) && curl_easy_getinfo(cu, CURLINFO_RETRY_AFTER, &wait_s) != CURLE_OK)
 			wait_s = 0;
 	}
 	give_handle(p, cu);
-	if (cc != CURLE_OK)
+	if (cc == CURLE_ABORTED_BY_CALLBACK) {
+		for (size_t i = 0; i < n; i++)
+			rows[i].outcome = 2;
+		return cw_fail(e, CW_ESHUTDOWN, "%s: cut off, the daemon is stopping", url);
+	}
+	if (cc != CURLE_OK && !(cut && *code >= 200 && *code <= 299))
 		return cw_fail(e, CW_EUNAVAIL, "%s: %s", url, curl_easy_strerror(cc));
 	if (*code < 200 || *code > 299) {
 		if (wait_s > 0) {

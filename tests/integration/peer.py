@@ -104,6 +104,8 @@ class NotifyServer:
         self.requests = 0
         self.duplicates = 0
         self.fail_next = 0        # answer 503 to that many requests
+        self.answer_body = b""    # the body of every answer
+        self.delay = 0.0          # seconds to wait before answering (outside the lock)
         self.script = []          # (status, Retry-After seconds or None): the next answers, in order
         self.answers = []         # (time the request came, status answered), in order
         self.errors = []
@@ -124,11 +126,18 @@ class NotifyServer:
                 got = outer.handle(self.command, self.path, dict(self.headers), body, self.server.server_address[1])
                 # (status, Retry-After), or a status alone (a subclass's handle)
                 status, retry_after = got if isinstance(got, tuple) else (got, None)
+                if outer.delay:
+                    time.sleep(outer.delay)
+                answer = outer.answer_body
                 self.send_response(status)
                 if retry_after is not None:
                     self.send_header("Retry-After", str(retry_after))
-                self.send_header("Content-Length", "0")
+                self.send_header("Content-Length", str(len(answer)))
                 self.end_headers()
+                try:
+                    self.wfile.write(answer)
+                except OSError:  # the daemon stopped reading (a cut-off answer)
+                    pass
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self.httpd.server_address[1]

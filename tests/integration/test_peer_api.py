@@ -153,6 +153,52 @@ def test_a_peer_that_asks_to_wait_is_left_alone_that_long(make_daemon, db_url, p
             srv.close()
 
 
+def test_a_long_acknowledgement_is_an_acknowledgement(daemon, peers, pg, db_url):
+    """A peer that answers 200 with a body over the 64 KiB Causeway reads
+    took the batch: it is delivered once.  Before, the cut-off answer
+    counted as a failure, and the batch was sent again and again until it
+    became a dead letter."""
+    (a, _), (b, sb) = peers
+    sb.answer_body = b"x" * 200000
+    rm = room(a, b)
+    mid = a.send(rm["id"], a.user("alice"), "acknowledged at length").json()["id"]
+    sb.wait_events(1)
+    wait_until(lambda: pg.psql(f"SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id "
+                               f"WHERE e.public_id = '{mid}'", db_url) == "delivered", what="delivered")
+    time.sleep(1.0)  # a retry would come within retry_max_ms (1 s here)
+    assert sb.requests == 1 and sb.duplicates == 0, (sb.requests, sb.answers)
+
+
+def test_a_slow_peer_does_not_hold_the_stop(make_daemon, db_url, pg):
+    """SIGTERM while a push waits on a peer that takes long to answer:
+    the daemon stops within its drain time, not after
+    dispatcher.http_timeout_ms (here a minute), and the batch, released
+    untried, goes out after the restart (the peer deduplicates)."""
+    opts = {"dispatcher": {"http_timeout_ms": "60000"}}
+    d = make_daemon(db_url, options=opts).start()
+    (a, _), (b, sb) = made = push_peers(d)
+    try:
+        sb.delay = 12.0
+        rm = room(a, b)
+        assert a.send(rm["id"], a.user("alice"), "slowly").status_code == 202
+        wait_until(lambda: sb.requests >= 1, what="the push under way")
+        t0 = time.time()
+        assert d.stop() == 0
+        took = time.time() - t0
+        assert took < 8, f"the stop took {took:.1f} s"
+        assert pg.psql("SELECT state || ' ' || attempts FROM outbox WHERE destination = 'peer:tg'",
+                       db_url) == "pending 0"
+        sb.delay = 0
+        d2 = make_daemon(db_url, options=opts).start()  # a key of its own (a new work directory)
+        sb.public_b64 = d2.get("/.well-known/mimi-protocol-directory").json()["public_key"]["key"]
+        wait_until(lambda: pg.psql("SELECT state FROM outbox WHERE destination = 'peer:tg'", db_url) == "delivered",
+                   timeout=20, what="delivered after the restart")
+        assert sb.requests == 2 and sb.duplicates == 1  # the cut-off push's batch, again
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
 def test_room_get_members_and_visibility(daemon, peers):
     (a, _), (b, _) = peers
     rm = room(a, b)
