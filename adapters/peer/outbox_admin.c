@@ -94,12 +94,21 @@ void outbox_admin_list(struct cw_req *req, void *ctx)
 	app_job_run(ctx, req, list_fn, in, free, false);
 }
 
+/* Only a dead letter is locked (by the UPDATE that changes it): a lock on
+ * a pending row, held until the group commit's batch ends, would make the
+ * dispatchers' claim (SKIP LOCKED) pass it over and send the next row of
+ * its room first. */
 static cw_err replay_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	const char *id = j->data;
 	const char *params[] = { id };
-	PGresult *r = PQexecParams(c, "SELECT state FROM outbox WHERE id = $1::bigint FOR UPDATE", 1, NULL, params, NULL,
-				   NULL, 0);
+	PGresult *r = PQexecParams(c,
+				   "WITH u AS (UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = now(), "
+				   "claimed_by = NULL, claimed_until = NULL, sender_told_at = NULL WHERE id = $1::bigint "
+				   "AND state IN ('dead', 'failed') RETURNING id) "
+				   "SELECT CASE WHEN EXISTS (SELECT 1 FROM u) THEN 'dead' ELSE state END FROM outbox "
+				   "WHERE id = $1::bigint",
+				   1, NULL, params, NULL, NULL, 0);
 	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
 		cw_err rc = store_result_err(c, r, e);
 		PQclear(r);
@@ -110,7 +119,7 @@ static cw_err replay_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		app_job_fail(j, 404, "not_found", "no outbox row with that id");
 		return CW_OK;
 	}
-	bool dead = strcmp(PQgetvalue(r, 0, 0), "dead") == 0 || strcmp(PQgetvalue(r, 0, 0), "failed") == 0;
+	bool dead = strcmp(PQgetvalue(r, 0, 0), "dead") == 0;
 	char state[16];
 	snprintf(state, sizeof(state), "%s", PQgetvalue(r, 0, 0));
 	PQclear(r);
@@ -118,13 +127,7 @@ static cw_err replay_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		app_job_fail(j, 409, "conflict", "only a dead letter can be replayed; this row is %s", state);
 		return CW_OK;
 	}
-	r = PQexecParams(c, "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = now(), "
-			    "claimed_by = NULL, claimed_until = NULL, sender_told_at = NULL WHERE id = $1::bigint", 1, NULL,
-			 params, NULL, NULL, 0);
-	cw_err rc = PQresultStatus(r) == PGRES_COMMAND_OK ? CW_OK : store_result_err(c, r, e);
-	PQclear(r);
-	if (rc)
-		return rc;
+	cw_err rc;
 	const char *ap[] = { id, admin_actor(j->req) };
 	r = PQexecParams(c, "INSERT INTO audit_log (actor, action, subject, details) VALUES ($2, "
 			    "'outbox.replay', $1, '{}')", 2, NULL, ap, NULL, NULL, 0);
@@ -150,10 +153,10 @@ static cw_err discard_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	const char *id = j->data;
 	const char *params[] = { id, admin_actor(j->req) };
 	PGresult *r = PQexecParams(c,
-		"WITH o AS (SELECT id, state FROM outbox WHERE id = $1::bigint FOR UPDATE), "
+		"WITH o AS (SELECT id, state FROM outbox WHERE id = $1::bigint), "
 		"u AS (UPDATE outbox x SET state = 'dropped', last_error = left('discarded by ' || $2 || "
 		"  coalesce('; ' || x.last_error, ''), 4096), claimed_by = NULL, claimed_until = NULL "
-		"  FROM o WHERE x.id = o.id AND o.state IN ('dead', 'failed') RETURNING x.id), "
+		"  FROM o WHERE x.id = o.id AND x.state IN ('dead', 'failed') RETURNING x.id), "
 		"a AS (INSERT INTO audit_log (actor, action, subject, details) SELECT $2, 'outbox.discard', $1, "
 		"  json_build_object('state', o.state)::jsonb FROM o JOIN u ON u.id = o.id) "
 		"SELECT o.state, (SELECT count(*) FROM u) FROM o",
