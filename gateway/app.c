@@ -252,6 +252,10 @@ static void metrics_done(void *arg, cw_err rc, const cw_errmsg *e)
 				  "Rows a destination answered 429 (too many requests): tried again after the wait it asked "
 				  "for, not counted against the retry budget.",
 				  NULL, (double)ds.rate_limited);
+		cw_metrics_sample(&b, "causeway_dispatch_claim_renewals_total", "counter",
+				  "Renewals of this process's claims while a delivery outlasted a third of "
+				  "dispatcher.claim_timeout_s.",
+				  NULL, (double)ds.renewals);
 	}
 	if (app->policy) {
 		struct policy_live_stats ps;

@@ -60,6 +60,13 @@ struct dispatcher {
 		rate_limited, expired;
 	struct pause *pauses; /* under mu */
 	int npauses, pauses_cap;
+	/* The claims' keeper (keeper_main): renews this process's claims
+	 * while a lane delivers (busy lanes, under mu). */
+	pthread_t keeper;
+	bool keeper_started;
+	pthread_cond_t keeper_cv;
+	int busy;
+	atomic_uint_fast64_t renewals;
 };
 
 /* Whether dest is paused now; drops the pauses that are over (under mu). */
@@ -182,6 +189,7 @@ void dispatcher_get_stats(struct dispatcher *d, struct dispatcher_stats *st)
 	st->pauses = atomic_load(&d->npaused);
 	st->rate_limited = atomic_load(&d->rate_limited);
 	st->expired = atomic_load(&d->expired);
+	st->renewals = atomic_load(&d->renewals);
 }
 
 bool dispatcher_stopping(const struct dispatcher *d) { return atomic_load(&((struct dispatcher *)d)->stop); }
@@ -273,7 +281,8 @@ static const struct store_stmt lane_stmts[] = {
 		" next_attempt_at = CASE WHEN $2::boolean THEN next_attempt_at ELSE now() + make_interval(secs => "
 		"  greatest($9::bigint / 1000.0, least($7::bigint, $6::bigint * (1::bigint << least(attempts - 1, 30))) "
 		"  / 1000.0 * (0.5 + random() / 2))) END "
-		"FROM cfg WHERE id = ANY($1::bigint[]) AND state = 'in_flight' RETURNING state" },
+		"FROM cfg WHERE id = ANY($1::bigint[]) AND ((state = 'in_flight' AND claimed_by = $11) "
+		" OR ($2::boolean AND state = 'pending' AND claimed_by IS NULL)) RETURNING state" },
 	{ NULL, NULL },
 };
 static const struct store_stmt *const lane_stmt_lists[] = { lane_stmts, NULL };
@@ -519,11 +528,12 @@ static void record(struct lane *l, const struct outbox_row *rows, size_t n, bool
 	snprintf(started, sizeof(started), "%lld", (long long)started_ms);
 	snprintf(wait, sizeof(wait), "%ld", outbox_retry_after_ms(0, retry_after_ms));
 	bool limited = !ok && code == 429;
-	const char *params[] = { ids, ok ? "t" : "f", codes, why, budget, base, max, started, wait, limited ? "f" : "t" };
+	const char *params[] = { ids, ok ? "t" : "f", codes, why, budget, base, max, started, wait, limited ? "f" : "t",
+				 d->name };
 	/* One statement: the attempts are recorded and the rows move on.  Its
 	 * commit does not wait for the WAL flush (set_config(..., true) holds
 	 * for this statement's own transaction): see claim_open. */
-	PGresult *r = PQexecPrepared(l->c, "cw_record", 10, params, NULL, NULL, 0);
+	PGresult *r = PQexecPrepared(l->c, "cw_record", 11, params, NULL, NULL, 0);
 	if (PQresultStatus(r) == PGRES_TUPLES_OK) {
 		if (limited)
 			atomic_fetch_add(&d->rate_limited, (uint64_t)PQntuples(r));
@@ -553,8 +563,8 @@ static long update_claimed(struct lane *l, const struct outbox_row *rows, size_t
 	char *ids = id_array(rows, n);
 	if (!ids)
 		return -1;
-	const char *params[] = { ids, p2 };
-	PGresult *r = PQexecParams(l->c, sql, p2 ? 2 : 1, NULL, params, NULL, NULL, 0);
+	const char *params[] = { ids, l->d->name, p2 };
+	PGresult *r = PQexecParams(l->c, sql, p2 ? 3 : 2, NULL, params, NULL, NULL, 0);
 	long changed = -1;
 	if (PQresultStatus(r) == PGRES_COMMAND_OK) {
 		changed = atol(PQcmdTuples(r));
@@ -574,7 +584,8 @@ static void release(struct lane *l, const struct outbox_row *rows, size_t n)
 {
 	update_claimed(l, rows, n,
 		       "UPDATE outbox SET state = 'pending', claimed_by = NULL, claimed_until = NULL, "
-		       " attempts = greatest(attempts - 1, 0) WHERE id = ANY($1::bigint[]) AND state = 'in_flight'", NULL,
+		       " attempts = greatest(attempts - 1, 0) WHERE id = ANY($1::bigint[]) AND state = 'in_flight' "
+		       " AND claimed_by = $2", NULL,
 		       "releasing untried rows failed; the claim will run out and the rows go again");
 }
 
@@ -586,8 +597,8 @@ static void release_after(struct lane *l, const struct outbox_row *rows, size_t 
 	snprintf(wait, sizeof(wait), "%ld", ms);
 	update_claimed(l, rows, n,
 		       "UPDATE outbox SET state = 'pending', claimed_by = NULL, claimed_until = NULL, "
-		       " attempts = greatest(attempts - 1, 0), next_attempt_at = now() + make_interval(secs => $2::bigint "
-		       " / 1000.0) WHERE id = ANY($1::bigint[]) AND state = 'in_flight'", wait,
+		       " attempts = greatest(attempts - 1, 0), next_attempt_at = now() + make_interval(secs => $3::bigint "
+		       " / 1000.0) WHERE id = ANY($1::bigint[]) AND state = 'in_flight' AND claimed_by = $2", wait,
 		       "releasing waiting rows failed; the claim will run out and the rows go again");
 }
 
@@ -597,8 +608,8 @@ static void release_after(struct lane *l, const struct outbox_row *rows, size_t 
 static void drop_refused(struct lane *l, const struct outbox_row *rows, size_t n)
 {
 	update_claimed(l, rows, n,
-		       "UPDATE outbox SET state = 'dropped', claimed_by = NULL, claimed_until = NULL, last_error = $2 "
-		       "WHERE id = ANY($1::bigint[]) AND state = 'in_flight'",
+		       "UPDATE outbox SET state = 'dropped', claimed_by = NULL, claimed_until = NULL, last_error = $3 "
+		       "WHERE id = ANY($1::bigint[]) AND state = 'in_flight' AND claimed_by = $2",
 		       rows[0].why[0] ? rows[0].why : "refused by the recipient's side",
 		       "dropping refused rows failed; the claim will run out and the rows go again");
 }
@@ -690,7 +701,7 @@ static void expire(struct lane *l, const struct outbox_row *rows, size_t n)
 	long changed = update_claimed(l, rows, n,
 		"UPDATE outbox SET state = 'expired', claimed_by = NULL, claimed_until = NULL, "
 		" last_error = 'typing notification too old to be shown: not sent' "
-		"WHERE id = ANY($1::bigint[]) AND state = 'in_flight'", NULL,
+		"WHERE id = ANY($1::bigint[]) AND state = 'in_flight' AND claimed_by = $2", NULL,
 		"expiring old typing rows failed; the claim will run out and the rows go again");
 	if (changed > 0)
 		atomic_fetch_add(&l->d->expired, (uint64_t)changed);
@@ -825,7 +836,14 @@ static void *dispatcher_main(void *arg)
 		if (n > 0) {
 			unwatch(l);
 			atomic_fetch_add(&d->claims, 1);
+			pthread_mutex_lock(&d->mu);
+			if (d->busy++ == 0)
+				pthread_cond_signal(&d->keeper_cv);
+			pthread_mutex_unlock(&d->mu);
 			deliver(l, rows, (size_t)n);
+			pthread_mutex_lock(&d->mu);
+			d->busy--;
+			pthread_mutex_unlock(&d->mu);
 			free(rows);
 			give_destination(l);
 			fresh = true;
@@ -834,6 +852,57 @@ static void *dispatcher_main(void *arg)
 	unwatch(l);
 	PQfinish(l->c);
 	l->c = NULL;
+	return NULL;
+}
+
+/* A claim holds for claim_timeout_s, after which any process may take
+ * the rows back (claim_open): a delivery that takes longer (a slow peer,
+ * a Matrix batch of many rows of one room, each a request) would have its
+ * rows sent again by another lane while it still runs, and its outcome
+ * recorded on nothing, over and over.  While any lane delivers, this
+ * thread renews the process's claims every third of the timeout, on a
+ * connection of its own.  A process that dies renews nothing, so its
+ * rows still come back. */
+static void *keeper_main(void *arg)
+{
+	cw_thread_name("cw-claims");
+	struct dispatcher *d = arg;
+	PGconn *c = NULL;
+	int64_t period_us = d->o.claim_timeout_s * 1000000LL / 3;
+	char timeout[24];
+	snprintf(timeout, sizeof(timeout), "%ld", d->o.claim_timeout_s);
+	pthread_mutex_lock(&d->mu);
+	while (!atomic_load(&d->stop)) {
+		if (!d->busy) {
+			pthread_cond_wait(&d->keeper_cv, &d->mu);
+			continue;
+		}
+		struct timespec ts;
+		cw_deadline_ts(&ts, CLOCK_MONOTONIC, period_us);
+		if (pthread_cond_timedwait(&d->keeper_cv, &d->mu, &ts) != ETIMEDOUT || !d->busy ||
+		    atomic_load(&d->stop))
+			continue;
+		pthread_mutex_unlock(&d->mu);
+		cw_errmsg e;
+		if (!c || PQstatus(c) != CONNECTION_OK) {
+			PQfinish(c);
+			c = store_connect(d->url, 10000, &e);
+		}
+		const char *params[] = { d->name, timeout };
+		PGresult *r = c ? PQexecParams(c, "UPDATE outbox SET claimed_until = now() + make_interval(secs => "
+					      "$2::int) WHERE state = 'in_flight' AND claimed_by = $1", 2, NULL, params,
+					      NULL, NULL, 0)
+				: NULL;
+		if (r && PQresultStatus(r) == PGRES_COMMAND_OK)
+			atomic_fetch_add(&d->renewals, 1);
+		else
+			LOG_KV(CW_LOG_WARN, "cannot renew the dispatcher's claims", "detail",
+			       r ? PQresultErrorMessage(r) : e.msg);
+		PQclear(r);
+		pthread_mutex_lock(&d->mu);
+	}
+	pthread_mutex_unlock(&d->mu);
+	PQfinish(c);
 	return NULL;
 }
 
@@ -849,6 +918,11 @@ cw_err dispatcher_start(struct dispatcher **out, const struct dispatcher_opts *o
 	d->lanes = calloc((size_t)d->nlanes, sizeof(*d->lanes));
 	pthread_mutex_init(&d->mu, NULL);
 	pthread_cond_init(&d->idle, NULL);
+	pthread_condattr_t ca;
+	pthread_condattr_init(&ca);
+	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+	pthread_cond_init(&d->keeper_cv, &ca);
+	pthread_condattr_destroy(&ca);
 	d->watcher = -1;
 	if (!d->url || !d->name || !d->lanes) {
 		dispatcher_free(d);
@@ -864,6 +938,11 @@ cw_err dispatcher_start(struct dispatcher **out, const struct dispatcher_opts *o
 		}
 		l->started = true;
 	}
+	if (pthread_create(&d->keeper, NULL, keeper_main, d)) {
+		dispatcher_free(d);
+		return cw_fail(e, CW_EIO, "cannot start the dispatcher");
+	}
+	d->keeper_started = true;
 	*out = d;
 	return CW_OK;
 }
@@ -874,10 +953,13 @@ void dispatcher_stop(struct dispatcher *d)
 		return;
 	pthread_mutex_lock(&d->mu);
 	pthread_cond_broadcast(&d->idle);
+	pthread_cond_signal(&d->keeper_cv);
 	pthread_mutex_unlock(&d->mu);
 	for (int i = 0; d->lanes && i < d->nlanes; i++)
 		if (d->lanes[i].started)
 			pthread_join(d->lanes[i].thread, NULL);
+	if (d->keeper_started)
+		pthread_join(d->keeper, NULL);
 }
 
 void dispatcher_free(struct dispatcher *d)
@@ -888,6 +970,7 @@ void dispatcher_free(struct dispatcher *d)
 	free(d->lanes);
 	free(d->pauses);
 	pthread_cond_destroy(&d->idle);
+	pthread_cond_destroy(&d->keeper_cv);
 	pthread_mutex_destroy(&d->mu);
 	free(d->url);
 	free(d->name);

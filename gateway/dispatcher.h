@@ -93,6 +93,7 @@ struct dispatcher_stats {
 	uint64_t claims;         /* claim transactions that found rows */
 	uint64_t claim_tries;    /* claim transactions, whatever they found */
 	uint64_t pauses;         /* destinations paused after a slow claim that found nothing */
+	uint64_t renewals;       /* renewals of this process's claims during long deliveries */
 	uint64_t rate_limited;   /* rows answered 429: tried again after the wait asked, not counted */
 };
 void dispatcher_get_stats(struct dispatcher *d, struct dispatcher_stats *st);

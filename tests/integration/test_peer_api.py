@@ -169,6 +169,30 @@ def test_a_long_acknowledgement_is_an_acknowledgement(daemon, peers, pg, db_url)
     assert sb.requests == 1 and sb.duplicates == 0, (sb.requests, sb.answers)
 
 
+def test_a_delivery_longer_than_its_claim_is_sent_once(make_daemon, db_url, pg):
+    """A push that takes longer than dispatcher.claim_timeout_s (here 5 s;
+    the peer answers after 7) keeps its claim: the process renews it while
+    it delivers, so the rows are not taken back and sent again meanwhile,
+    and the acknowledgement is recorded.  Before, the batch was sent again
+    every few seconds, forever, each answer recorded on nothing."""
+    d = make_daemon(db_url, options={"dispatcher": {"claim_timeout_s": "5", "http_timeout_ms": "12000"}}).start()
+    (a, _), (b, sb) = made = push_peers(d)
+    try:
+        sb.delay = 7.0
+        rm = room(a, b)
+        assert a.send(rm["id"], a.user("alice"), "slow but sure").status_code == 202
+        wait_until(lambda: pg.psql("SELECT state FROM outbox WHERE destination = 'peer:tg'", db_url) == "delivered",
+                   timeout=20, what="delivered")
+        time.sleep(3.0)
+        assert sb.requests == 1 and sb.duplicates == 0, sb.answers
+        assert pg.psql("SELECT attempts FROM outbox WHERE destination = 'peer:tg'", db_url) == "1"
+        text = d.get("/metrics").text
+        assert re.search(r"^causeway_dispatch_claim_renewals_total [1-9]", text, re.M), text
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
 def test_a_slow_peer_does_not_hold_the_stop(make_daemon, db_url, pg):
     """SIGTERM while a push waits on a peer that takes long to answer:
     the daemon stops within its drain time, not after
