@@ -253,8 +253,10 @@ static void tok_run(struct cw_req *req, void *ctx, struct tok_job *q)
 	snprintf(q->actor, sizeof(q->actor), "%s", admin_actor(req));
 	j->data = q;
 	j->data_free = free;
-	if (q->action)
+	if (q->action) {
 		j->after = tok_after;
+		j->after_waits = true;
+	}
 	app_job_start(j, q->action != NULL);
 }
 

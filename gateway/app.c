@@ -21,6 +21,7 @@
 #include "admin_views.h"
 #include "console.h"
 
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -532,9 +533,31 @@ static cw_err job_write(PGconn *c, void *arg, cw_errmsg *e)
 	return j->fn(c, j, e);
 }
 
+static void job_done(void *arg, cw_err rc, const cw_errmsg *e);
+
+static void *after_thread(void *arg)
+{
+	cw_thread_name("cw-after");
+	job_done(arg, CW_OK, NULL);
+	return NULL;
+}
+
 static void job_done(void *arg, cw_err rc, const cw_errmsg *e)
 {
 	struct app_job *j = arg;
+	if (j->after_waits && j->req && !rc && !j->err_code && j->after) {
+		/* Rare (admin changes): a thread of its own, which the HTTP
+		 * front's drain waits for through the suspended request. */
+		j->after_waits = false;
+		pthread_t t;
+		pthread_attr_t a;
+		pthread_attr_init(&a);
+		pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+		bool started = pthread_create(&t, &a, after_thread, j) == 0;
+		pthread_attr_destroy(&a);
+		if (started)
+			return;
+	}
 	if (!j->req) {
 		if (!rc && !j->err_code && j->after)
 			j->after(j);

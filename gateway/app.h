@@ -79,6 +79,8 @@ struct app_job {
 	void (*data_free)(void *);
 	bool matrix_errors;         /* answer errors as Matrix does ({"errcode", "error"}), not problem+json */
 	bool no_write;              /* set by a prepare step: the answer is ready, nothing to write */
+	bool after_waits;           /* after may wait (for a policy reload): run it, and answer, off the
+	                             * store's thread (a writer held there would hold every write) */
 	/* A job of the daemon's own, with no request (req NULL): told its
 	 * outcome (rc, or CW_EINVAL when fn set err_code) instead of an answer,
 	 * after after; the job is freed when it returns. */

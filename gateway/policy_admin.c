@@ -179,8 +179,10 @@ static void aq_run(struct cw_app *app, struct cw_req *req, struct aq *q)
 	}
 	j->data = q;
 	j->data_free = aq_free;
-	if (write)
+	if (write) {
 		j->after = poke_after;
+		j->after_waits = true;
+	}
 	app_job_start(j, write);
 }
 

@@ -6,6 +6,9 @@ against the routes the daemon really serves."""
 import json
 import os
 import re
+import subprocess
+import threading
+import time
 
 import pytest
 
@@ -210,6 +213,43 @@ def test_the_trace_shows_decisions_deliveries_and_attempts(make_daemon, db_url, 
 
 
 # ------------------------------------------------------------ the console's files
+
+def test_an_admin_change_waiting_for_the_policy_does_not_hold_other_writes(daemon, pg, db_url):
+    """An admin change answers once its process has the change in force,
+    and may wait up to 2 s for the policy's reload (here held up by a lock
+    on the rules table).  That wait ran on the group-commit writer's
+    thread: every write of the process, a peer's message too, waited with
+    it.  It runs on a thread of its own now: the message is taken at
+    once."""
+    (a, sa), (b, sb) = made = push_peers(daemon)
+    try:
+        room = a.create_room([a.user("alice"), b.user("bob")]).json()["id"]
+        assert a.send(room, a.user("alice"), "warm up").status_code == 202
+        locker = subprocess.Popen(["psql", db_url, "-qAtc",
+                                   "BEGIN; LOCK TABLE rules IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(4); COMMIT"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_until(lambda: pg.psql("SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+                                   "WHERE c.relname = 'rules' AND l.mode = 'AccessExclusiveLock' AND l.granted",
+                                   db_url) == "1", what="the lock")
+        answers = []
+        change = threading.Thread(target=lambda: answers.append(
+            daemon.admin("PATCH", "/settings", json={"policy.held_expiry_seconds": 3600})))
+        t0 = time.time()
+        change.start()
+        time.sleep(0.5)  # the change is committed and waits for the reload
+        t1 = time.time()
+        r = a.send(room, a.user("alice"), "not held up")
+        took = time.time() - t1
+        change.join(10)
+        assert r.status_code == 202, r.text
+        assert answers and answers[0].status_code == 200, answers
+        assert time.time() - t0 >= 1.9  # the change did wait for the reload
+        assert took < 1.0, f"the message took {took:.2f} s"
+        locker.wait(10)
+    finally:
+        for _, srv in made:
+            srv.close()
+
 
 def test_the_console_is_served_with_strict_headers(daemon):
     r = daemon.request("GET", "/admin", allow_redirects=False)
