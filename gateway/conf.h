@@ -59,6 +59,7 @@ struct cw_config {
 	char *mx_hs_token;
 	char *mx_sender_localpart;
 	char *mx_user_prefix;
+	long mx_max_txn_bytes;
 	char *mx_alias_prefix;
 	/* [xmpp] */
 	char *xmpp_components;

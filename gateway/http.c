@@ -48,6 +48,7 @@ struct cw_req {
 	char *body;
 	size_t body_len, body_alloc;
 	bool too_large;
+	size_t limit;  /* the largest body its route takes */
 	/* state */
 	bool handled;
 	bool suspended;
@@ -295,7 +296,7 @@ static void dispatch(struct cw_req *r)
 	struct cw_http *h = r->h;
 	if (r->too_large) {
 		char detail[96];
-		snprintf(detail, sizeof(detail), "the body is larger than %zu bytes", h->o.max_body_bytes);
+		snprintf(detail, sizeof(detail), "the body is larger than %zu bytes", r->limit);
 		cw_req_problem(r, 413, "too_large", "Request body too large", detail);
 		return;
 	}
@@ -344,12 +345,17 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 		r->path = strdup(url);
 		if (!r->method || !r->path || !r->raw_target)
 			return MHD_NO;
+		r->limit = h->o.max_body_bytes;
+		int ri = cw_route_match(h->o.routes, h->o.nroutes, r->method, r->path, NULL, NULL);
+		for (const char *const *p = h->o.large_body_routes; ri >= 0 && p && *p; p++)
+			if (strcmp(*p, h->o.routes[ri].pattern) == 0 && h->o.max_large_body_bytes > r->limit)
+				r->limit = h->o.max_large_body_bytes;
 		const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
 		if (cl) {
 			char *end;
 			errno = 0;
 			unsigned long long n = strtoull(cl, &end, 10);
-			if (errno || *end || n > h->o.max_body_bytes) {
+			if (errno || *end || n > r->limit) {
 				/* Answer before reading the body; MHD closes the connection after. */
 				r->too_large = true;
 				r->handled = true;
@@ -362,7 +368,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 	if (*upload_data_size) {
 		size_t n = *upload_data_size;
 		*upload_data_size = 0;
-		if (r->too_large || n > h->o.max_body_bytes - r->body_len) {
+		if (r->too_large || n > r->limit - r->body_len) {
 			r->too_large = true;
 			free(r->body);
 			r->body = NULL;

@@ -55,6 +55,11 @@ struct cw_http_opts {
 	unsigned connection_limit;
 	unsigned connection_timeout_s;
 	size_t max_body_bytes;
+	/* The routes (by pattern, NULL-terminated) that take bodies up to
+	 * max_large_body_bytes instead (a homeserver's transactions); a
+	 * value below max_body_bytes counts as that. */
+	const char *const *large_body_routes;
+	size_t max_large_body_bytes;
 	const struct cw_route *routes;
 	size_t nroutes;
 	void *ctx;                 /* passed to every handler */

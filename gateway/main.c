@@ -362,6 +362,8 @@ int main(int argc, char **argv)
 		.connection_limit = (unsigned)cfg.connection_limit,
 		.connection_timeout_s = (unsigned)cfg.connection_timeout_s,
 		.max_body_bytes = (size_t)cfg.max_body_bytes,
+		.large_body_routes = matrix_transaction_routes,
+		.max_large_body_bytes = app.matrix ? (size_t)cfg.mx_max_txn_bytes : 0,
 		.routes = app_routes,
 		.nroutes = app_nroutes,
 		.ctx = &app,

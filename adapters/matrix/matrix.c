@@ -273,14 +273,22 @@ static cw_err user_query_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 }
 
 /* The spec: a user the appservice says exists must exist when it answers,
- * so the ghost is registered before the 200. */
+ * so the ghost is registered before the 200; one that could not be is
+ * not said to exist (503: the homeserver refuses the invitation now, and
+ * asks again with the next, rather than take one the ghost can never
+ * act on). */
 static void user_query_after(struct app_job *j)
 {
 	struct user_query *q = j->data;
 	cw_errmsg e;
-	if (mx_register_ghost(q->m, q->network, q->local, q->display, q->user_id, &e))
+	if (mx_register_ghost(q->m, q->network, q->local, q->display, q->user_id, &e)) {
 		LOG_KV(CW_LOG_WARN, "cannot register a ghost the homeserver asked for", "user", q->user_id,
 		       "detail", e.msg);
+		json_decref(j->body);
+		j->status = 503;
+		j->body = json_pack("{s:s, s:s}", "errcode", "M_UNKNOWN", "error",
+				    "the user could not be registered on the homeserver; try again");
+	}
 }
 
 void matrix_as_user(struct cw_req *req, void *ctx)
@@ -308,6 +316,7 @@ void matrix_as_user(struct cw_req *req, void *ctx)
 	j->data_free = free;
 	j->matrix_errors = true;
 	j->after = user_query_after;
+	j->after_waits = true; /* calls the homeserver: not on a store reader */
 	app_job_start(j, false);
 }
 
@@ -1085,6 +1094,8 @@ void matrix_stop_parking(struct matrix *m)
 	pthread_mutex_unlock(&m->mu);
 	start_parked(go);
 }
+
+const char *const matrix_transaction_routes[] = { "/_matrix/app/v1/transactions/{txn}", "/transactions/{txn}", NULL };
 
 void matrix_as_transaction(struct cw_req *req, void *ctx)
 {

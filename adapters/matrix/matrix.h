@@ -37,6 +37,10 @@ int matrix_print_registration(const struct cw_config *cfg, FILE *out);
 /* The appservice API (the handlers check the hs_token themselves, so that
  * every answer is a Matrix error). */
 void matrix_as_transaction(struct cw_req *req, void *ctx);
+/* The transaction routes' patterns (NULL-terminated): a homeserver's
+ * transaction holds up to 100 events of up to 64 KiB and ephemeral data,
+ * so they take bodies up to matrix.max_transaction_bytes. */
+extern const char *const matrix_transaction_routes[];
 void matrix_as_user(struct cw_req *req, void *ctx);
 void matrix_as_room_alias(struct cw_req *req, void *ctx);
 void matrix_as_ping(struct cw_req *req, void *ctx);

@@ -267,14 +267,30 @@ static json_t *room_get(struct matrix *m, const char *room, const char *what, co
 	return answer;
 }
 
-/* Whether room (which ghost is in; NULL: the bot) holds, joined or
- * invited, someone other than user, the bot and ghosts: true too when the
- * homeserver does not say (a room is bridged only when it is known to be
- * one user's). */
-static bool others_in(struct matrix *m, const char *room, const char *ghost, const char *user)
+/* Whether a call's failure is the homeserver's of the moment (no answer,
+ * 429, 5xx): the work is tried again later (inbox). A 4xx is its answer
+ * (not invited any more, banned, no such room). */
+static bool for_now(long status)
 {
-	json_t *answer = room_get(m, room, "members", ghost, "not_membership=leave");
-	bool others = !json_is_array(json_object_get(answer, "chunk"));
+	return status == 0 || status == 429 || status >= 500;
+}
+
+/* Whether room (which ghost is in; NULL: the bot) holds, joined or
+ * invited, someone other than user, the bot and ghosts: 1 yes, 0 no, -1
+ * the homeserver did not answer for now (ask again later).  A refusal
+ * to say counts as yes (a room is bridged only when it is known to be
+ * one user's). */
+static int others_in(struct matrix *m, const char *room, const char *ghost, const char *user)
+{
+	long status;
+	json_t *answer = NULL;
+	cw_errmsg e;
+	if (mx_room_call(m, "GET", room, ghost, "members", "not_membership=leave", NULL, &status, &answer, &e)) {
+		LOG_KV(CW_LOG_WARN, "cannot read a room", "room", room, "what", "members", "detail", e.msg);
+		json_decref(answer);
+		return for_now(status) ? -1 : 1;
+	}
+	int others = !json_is_array(json_object_get(answer, "chunk"));
 	size_t i;
 	json_t *ev;
 	json_array_foreach(json_object_get(answer, "chunk"), i, ev) {
@@ -284,18 +300,10 @@ static bool others_in(struct matrix *m, const char *room, const char *ghost, con
 			continue;
 		if (strcmp(who, user) != 0 && strcmp(who, m->bot) != 0 &&
 		    !mx_in_ghost_namespace(m->cfg->mx_user_prefix, who))
-			others = true;
+			others = 1;
 	}
 	json_decref(answer);
 	return others;
-}
-
-/* Whether a call's failure is the homeserver's of the moment (no answer,
- * 429, 5xx): the work is tried again later (inbox). A 4xx is its answer
- * (not invited any more, banned, no such room). */
-static bool for_now(long status)
-{
-	return status == 0 || status == 429 || status >= 500;
 }
 
 /* An invitation of the bot by one of this provider's users: join, and
@@ -323,7 +331,10 @@ static bool invited(struct matrix *m, PGconn *c, const char *room, const char *s
 	bool failed = PQresultStatus(br) != PGRES_TUPLES_OK, bound = !failed && PQntuples(br) > 0;
 	bool group = bound && PQgetvalue(br, 0, 0)[0] == 't'; /* a room of a group: the bot relays there */
 	PQclear(br);
-	if (failed || bound || others_in(m, room, NULL, sender)) {
+	int others = failed || bound ? 1 : others_in(m, room, NULL, sender);
+	if (others < 0)
+		return true;
+	if (others) {
 		say(m, room, "I take commands in a room of your own with me (open a direct room with me there); "
 			     "this one is a bridged conversation, or others are in it.");
 		if (!group && mx_room_action(m, room, NULL, "leave", &e))
@@ -538,8 +549,9 @@ static void bot_into(struct matrix *m, const char *room, const char *ghost)
 #define MISSED_PAGES 5
 #define MISSED_PAGE_EVENTS 100
 
-/* Reads room back to ghost's invitation; the user's messages, reactions
- * and redactions into mine, oldest first.  False: the invitation was not
+/* Reads room back to ghost's invitation; the user's events but state
+ * (messages, stickers, reactions, redactions, ...) into mine, oldest
+ * first.  False: the invitation was not
  * reached within MISSED_PAGES pages (some of the user's may be missing). */
 static bool read_back(struct matrix *m, const char *room, const char *ghost, const char *user, json_t *mine)
 {
@@ -560,9 +572,10 @@ static bool read_back(struct matrix *m, const char *room, const char *ghost, con
 				json_decref(answer);
 				return true;
 			}
+			/* Every event of the user's but state (the transaction
+			 * path carries what it can: stickers, polls, ...). */
 			if (type && from && strcmp(from, user) == 0 && json_is_string(json_object_get(ev, "event_id")) &&
-			    (strcmp(type, "m.room.message") == 0 || strcmp(type, "m.reaction") == 0 ||
-			     strcmp(type, "m.room.redaction") == 0))
+			    !json_object_get(ev, "state_key"))
 				json_array_insert(mine, 0, ev);
 		}
 		/* No end: the start of what the ghost may read (a room whose
@@ -636,6 +649,24 @@ static void missed_messages(struct matrix *m, PGconn *c, const char *room, const
 	}
 }
 
+/* Whether room is end-to-end encrypted (its state holds an
+ * m.room.encryption event), asked as user, who is in it: 1 yes, 0 no (or
+ * the homeserver refuses to say), -1 the homeserver did not answer for
+ * now. */
+static int room_encrypted(struct matrix *m, const char *room, const char *user)
+{
+	long status;
+	json_t *answer = NULL;
+	cw_errmsg e;
+	cw_err rc = mx_room_call(m, "GET", room, user, "state/m.room.encryption/", NULL, NULL, &status, &answer, &e);
+	json_decref(answer);
+	if (rc == CW_OK)
+		return 1;
+	if (status != 404)
+		LOG_KV(CW_LOG_WARN, "cannot tell whether a room is encrypted", "room", room, "detail", e.msg);
+	return for_now(status) ? -1 : 0;
+}
+
 /* A ghost invited into a room; true: the homeserver did not take its
  * join for now, try again later. */
 static bool ghost_joins(struct matrix *m, PGconn *c, const char *room, const char *sender, const char *ghost)
@@ -671,11 +702,31 @@ static bool ghost_joins(struct matrix *m, PGconn *c, const char *room, const cha
 		LOG_KV(CW_LOG_WARN, "the ghost cannot join", "room", room, "detail", e.msg);
 		return for_now(status);
 	}
-	if (others_in(m, room, ghost, sender)) {
+	int others = others_in(m, room, ghost, sender);
+	if (others < 0)
+		return true;
+	if (others) {
 		ghost_says_and_leaves(m, room, ghost,
 				      "Other people of this server are in this room, and a bridged room shows one person "
 				      "what reaches them: nothing written here reaches me. Open a direct room with me to "
 				      "write to me; a group is made by inviting more of us into it.");
+		return false;
+	}
+	/* A room encrypted from its start (clients on matrix-rust-sdk make
+	 * every direct room so): its m.room.encryption came before any ghost
+	 * was in, so no transaction carried it, and all the user writes is
+	 * m.room.encrypted, which the gateway cannot read.  Bound, it would
+	 * swallow every message in silence. */
+	int enc = room_encrypted(m, room, ghost);
+	if (enc < 0)
+		return true;
+	if (enc > 0) {
+		char text[600];
+		snprintf(text, sizeof(text),
+			 "This room is end-to-end encrypted, and the gateway to %s cannot read encrypted messages: "
+			 "nothing written here reaches me. To write to me, open a direct room with me without "
+			 "encryption.", network);
+		ghost_says_and_leaves(m, room, ghost, text);
 		return false;
 	}
 	cw_err rc = store_exec(c, "BEGIN", &e);

@@ -527,11 +527,15 @@ static cw_err ensure_portal_member(struct matrix *m, PGconn *c, const char *room
 
 /* Whether an earlier attempt of this row reached the room after all (the
  * homeserver forgot the txnId after a restart): its outbox id is in the
- * content of one of the room's last events (part >= 0: the event of that
- * extra attachment, with MX_PART_KEY; -1: the row's own event). */
+ * content of one of the room's last events sent by ghost (NULL: the bot),
+ * who sent the row (part >= 0: the event of that extra attachment, with
+ * MX_PART_KEY; -1: the row's own event).  Anyone in the room may write
+ * any key into their content (a client that forwards a message copies
+ * it): an event of someone else's is not the row's. */
 static bool already_sent(struct matrix *m, const char *room, const char *ghost, int64_t row_id, int part,
 			 char *eid, size_t elen)
 {
+	const char *actor = ghost ? ghost : m->bot;
 	char path[600], *r = seg(m, room);
 	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/messages", r ? r : "");
 	curl_free(r);
@@ -545,7 +549,8 @@ static bool already_sent(struct matrix *m, const char *room, const char *ghost, 
 		json_array_foreach(json_object_get(answer, "chunk"), i, ev) {
 			json_t *mark = json_object_get(json_object_get(ev, "content"), MX_OUTBOX_KEY);
 			json_t *p = json_object_get(json_object_get(ev, "content"), MX_PART_KEY);
-			if (json_is_integer(mark) && json_integer_value(mark) == row_id &&
+			const char *sender = json_string_value(json_object_get(ev, "sender"));
+			if (json_is_integer(mark) && json_integer_value(mark) == row_id && sender && strcmp(sender, actor) == 0 &&
 			    (part < 0 ? !p : json_is_integer(p) && json_integer_value(p) == part) &&
 			    json_is_string(json_object_get(ev, "event_id"))) {
 				snprintf(eid, elen, "%s", json_string_value(json_object_get(ev, "event_id")));

@@ -987,6 +987,45 @@ static enum mx_in_result from_member(const json_t *ev, const json_t *content, js
 	return MX_IN_OK;
 }
 
+/* An event type without a mapping of its own that carries a text
+ * fallback (extensible events, MSC1767: an m.text array of {body,
+ * mimetype}, the unstable org.matrix.msc1767.text string, or a plain
+ * body): a message of that text, so that a poll (m.poll.start, or
+ * Element's org.matrix.msc3381.poll.start) or a poll's end is not
+ * dropped in silence.  Without such a text: IGNORE. */
+static enum mx_in_result from_fallback(const json_t *content, json_int_t ts, json_t **out, char *why, size_t whylen)
+{
+	const char *text = NULL;
+	const json_t *b;
+	size_t i;
+	json_array_foreach(json_object_get(content, "m.text"), i, b) {
+		const char *mt = str_member(b, "mimetype");
+		if (str_member(b, "body") && (!mt || strcmp(mt, "text/plain") == 0)) {
+			text = str_member(b, "body");
+			break;
+		}
+	}
+	if (!text)
+		text = str_member(content, "org.matrix.msc1767.text");
+	if (!text)
+		text = str_member(content, "body");
+	if (!text || !*text) {
+		say(why, whylen, "events of this type are not carried");
+		return MX_IN_IGNORE;
+	}
+	json_t *plain = json_pack("{s:s, s:s}", "msgtype", "m.text", "body", text);
+	json_t *nc = json_object();
+	enum mx_in_result res = plain && nc ? text_parts(plain, "m.text", false, false, false, nc, why, whylen)
+					    : MX_IN_INVALID;
+	json_decref(plain);
+	if (res != MX_IN_OK) {
+		json_decref(nc);
+		return res;
+	}
+	*out = neutral_event("message", ts, nc);
+	return MX_IN_OK;
+}
+
 /* Drops the HTML parts of a neutral event that is too long as JSON text. */
 static enum mx_in_result fit(json_t *neutral, char *why, size_t whylen)
 {
@@ -1066,9 +1105,8 @@ enum mx_in_result mx_to_neutral(const json_t *ev, mx_lookup_fn to_msg, void *ctx
 		res = from_reaction(content, ts, to_msg, ctx, out, why, whylen);
 	} else if (strcmp(type, "m.room.redaction") == 0) {
 		res = from_redaction(ev, content, ts, to_msg, ctx, out, why, whylen);
-	} else {
-		say(why, whylen, "events of this type are not carried");
-		return MX_IN_IGNORE;
+	} else if ((res = from_fallback(content, ts, out, why, whylen)) == MX_IN_IGNORE) {
+		return res;
 	}
 	if (res == MX_IN_OK && !*out) {
 		say(why, whylen, "out of memory");
@@ -1152,7 +1190,11 @@ void mx_out_clear(struct mx_out *o)
 /* A key the mapping copies from neutral content into Matrix content. */
 static bool extension_key(const char *k, const char *marker_key)
 {
-	static const char *const reserved[] = { "m.", "org.matrix.", "im.vector.", "io.element.", "x.matrix.", NULL };
+	/* org.causeway.: the adapter's own marks (MX_OUTBOX_KEY and
+	 * MX_PART_KEY: a peer's copy of the latter would keep a retry from
+	 * finding the row's event, which is then sent twice). */
+	static const char *const reserved[] = { "m.", "org.matrix.", "im.vector.", "io.element.", "x.matrix.",
+						"org.causeway.", NULL };
 	size_t n = strlen(k);
 	if (n < 3 || n > 255 || !strchr(k, '.') || k[0] == '.' || k[n - 1] == '.' || strstr(k, ".."))
 		return false;

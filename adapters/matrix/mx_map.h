@@ -63,6 +63,10 @@
  *   m.room.encryption, m.room.encrypted
  *                             MX_IN_ENCRYPTED: the caller tells the room that
  *                             the gateway cannot read it.
+ *   other event types with a  message of that text (a poll, m.poll.start
+ *   text fallback: m.text     or org.matrix.msc3381.poll.start, and its
+ *   [{body}], org.matrix.     end carry one), never dropped in silence
+ *   msc1767.text, or body
  *   other state events (state_key present), other event types, redacted
  *   events (unsigned.redacted_because)
  *                             IGNORE.
@@ -105,7 +109,8 @@
  * copied under their own names when they are namespaced (hold a '.', only
  * [a-z0-9._-], at most 255 bytes) and not in a namespace Matrix clients
  * interpret ("m.", "org.matrix.", "im.vector.", "io.element.") nor
- * "x.matrix." (this mapping's own) nor marker_key; others are dropped.
+ * "x.matrix." (this mapping's own) nor "org.causeway." (the adapter's
+ * marks: marker_key, MX_PART_KEY); others are dropped.
  * "topic" and "expires" have no Matrix equivalent and are dropped.
  */
 #ifndef CW_MX_MAP_H

@@ -3,6 +3,7 @@
 errors, transactions (dedupe, echoes), and messages both ways between a peer
 and a Matrix user in a direct room."""
 import base64
+import json
 import os
 import re
 import signal
@@ -159,6 +160,27 @@ def test_appservice_auth_and_errors(mx):
     r = requests.post(mx.url + "/_matrix/app/v1/ping", json={"transaction_id": "x"},
                       headers={"Authorization": "Bearer " + HS_TOKEN})
     assert r.status_code == 200 and r.json() == {}
+
+
+def test_a_large_transaction_is_taken(mx):
+    """A homeserver's transaction may hold 100 events of up to 64 KiB: the
+    transaction routes take bodies up to matrix.max_transaction_bytes (16
+    MiB), past server.max_body_bytes (1 MiB), which still bounds the rest.
+    Before, one over 1 MiB was answered 413, and the homeserver would send
+    it again for ever, holding back every transaction after it."""
+    ev = lambda i: {"type": "m.room.message", "room_id": "!elsewhere:example.org", "sender": "@alice:example.org",
+                    "event_id": f"$big{i}", "origin_server_ts": 1764300000000 + i,
+                    "content": {"msgtype": "m.text", "body": "x" * 60000}}
+    big = {"events": [ev(i) for i in range(30)]}
+    assert len(json.dumps(big)) > 1_700_000
+    for legacy in (False, True):
+        r = as_put(mx, f"big-{legacy}", big, legacy=legacy)
+        assert r.status_code == 200, (legacy, r.status_code, r.text[:200])
+    r = requests.put(mx.url + "/_matrix/app/v1/transactions/huge", data=b" " * (17 << 20),
+                     headers={"Authorization": "Bearer " + HS_TOKEN, "Content-Type": "application/json"})
+    assert r.status_code == 413
+    r = requests.post(mx.url + "/v1/batch", data=b" " * (2 << 20), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413
 
 
 def metrics(d, name):
@@ -351,6 +373,25 @@ def test_users_query_answers_for_known_remote_users(mx, gk):
     assert r.status_code == 404 and r.json()["errcode"] == "M_NOT_FOUND"
 
 
+def test_a_ghost_that_could_not_be_registered_is_not_said_to_exist(mx, hs, gk):
+    """GET /users/{id}: the ghost is registered before the answer; when the
+    homeserver does not take the registration (503), the answer is no 200
+    (before, it was: the homeserver took the invitation of a user that
+    does not exist, and the ghost could never join). The next query
+    registers it."""
+    a, _ = gk
+    a.create_room([a.user("wally"), ALICE])
+    ghost = "@_cw_gk_wally:example.org"
+    hs.refuse = lambda method, path, user: path.endswith("/register")
+    h = {"Authorization": "Bearer " + HS_TOKEN}
+    r = requests.get(mx.url + "/_matrix/app/v1/users/" + ghost, headers=h, timeout=10)
+    assert r.status_code == 503 and r.json()["errcode"] == "M_UNKNOWN", r.text
+    assert not hs.user_exists(ghost)
+    hs.refuse = None
+    r = requests.get(mx.url + "/_matrix/app/v1/users/" + ghost, headers=h, timeout=10)
+    assert r.status_code == 200 and r.json() == {} and hs.user_exists(ghost)
+
+
 def test_management_room_consent_flow(mx, hs, gk, pg, db_url):
     """A user invites the bot, opts in there, gets one consent request for a
     new sender, accepts it: the held messages arrive in order."""
@@ -501,16 +542,20 @@ def test_what_was_written_before_the_ghost_joined_is_fetched(mx, hs, gk, pg, db_
     alice.send_text(room, "it's alice")
     alice.call("PUT", f"/_matrix/client/v3/rooms/{room}/send/m.reaction/r1",
                {"m.relates_to": {"rel_type": "m.annotation", "event_id": first, "key": "👋"}})
+    # A sticker too (until the fifteenth session only messages, reactions
+    # and redactions were read back: a sticker was lost without a word).
+    alice.send(room, "m.sticker", {"body": "a cat", "url": "mxc://example.org/cat", "info": {}})
     hs.resume_pushing()
-    got = srv.wait_events(3)
+    got = srv.wait_events(4)
     assert [e["content"]["parts"][0]["body"] for e in got[:2]] == ["are you there?", "it's alice"]
     assert got[2]["type"] == "reaction" and got[2]["content"]["in_reply_to"] == got[0]["id"]
+    assert got[3]["content"]["parts"][0]["body"] == "[sticker: a cat]"
     alice.send_text(room, "and now?")
-    got = srv.wait_events(4)
-    assert got[3]["content"]["parts"][0]["body"] == "and now?"
+    got = srv.wait_events(5)
+    assert got[4]["content"]["parts"][0]["body"] == "and now?"
     time.sleep(1)
-    assert len(srv.events) == 4 and srv.duplicates == 0
-    assert pg.psql("SELECT count(*) FROM events WHERE origin_network = 'matrix'", db_url) == "4"  # none twice
+    assert len(srv.events) == 5 and srv.duplicates == 0
+    assert pg.psql("SELECT count(*) FROM events WHERE origin_network = 'matrix'", db_url) == "5"  # none twice
     assert not any(e["sender"] == ghost and e["type"] == "m.room.message" for e in hs.events(room))
 
 
@@ -708,6 +753,36 @@ def test_a_ghost_invited_into_a_room_shared_with_others_leaves_it(mx, hs, gk, pg
         said = [e["content"]["body"] for e in hs.events(room) if e["sender"] == ghost and e["type"] == "m.room.message"]
         assert said and said[-1].startswith("Other people of this server are in this room"), said
     assert pg.psql("SELECT count(*) FROM room_bindings WHERE network = 'matrix'", db_url) == "0"
+
+
+def test_a_member_list_the_homeserver_did_not_give_is_asked_again(mx, hs, gk, pg, db_url):
+    """The ghost, joined on alice's invitation, asks who is in the room and
+    the homeserver answers 503 (restarting): the invitation is tried again
+    and the conversation starts. Before, no answer counted as "others are
+    here": the ghost said so, untruly, and left for good."""
+    a, srv = gk
+    a.create_room([a.user("wally"), "mimi://example.org/u/someone"])  # the peer introduced wally
+    _, alice_token = hs.create_user("alice")
+    alice = hs.as_user(alice_token)
+    ghost = "@_cw_gk_wally:example.org"
+    refused = []
+
+    def refuse(method, path, user):
+        if user == ghost and path.endswith("/members") and not refused:
+            refused.append(path)
+            return True
+        return False
+    hs.refuse = refuse
+    room = alice.create_dm(ghost)
+    wait_until(lambda: refused, what="the refused member list")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM room_bindings WHERE network = 'matrix'", db_url) == "1",
+               timeout=20, what="the room bound on the second try")
+    assert hs.members(room).get(ghost) == "join"
+    assert not any(e["sender"] == ghost and e["type"] == "m.room.message" for e in hs.events(room))
+    alice.send_text(room, "hi wally")
+    got = srv.wait_events(1)
+    assert got[0]["content"]["parts"][0]["body"] == "hi wally"
+    hs.refuse = None
 
 
 def test_a_second_room_with_a_ghost_takes_over_and_a_second_ghost_makes_it_a_group(
@@ -1051,6 +1126,121 @@ def test_a_bridged_room_turned_encrypted_gets_a_notice(mx, hs, gk, pg, db_url):
     wait_until(lambda: any(e["sender"] == ghost and e["content"].get("msgtype") == "m.notice" and
                            "end-to-end encrypted" in e["content"]["body"] for e in hs.events(mx_room)),
                what="the notice")
+
+
+def test_a_direct_room_encrypted_from_its_start_is_not_bridged_in_silence(mx, hs, gk, pg, db_url):
+    """Clients on matrix-rust-sdk (Element X) make every direct room with
+    m.room.encryption in its initial state: that event comes before any
+    ghost is in the room, so no transaction carries it, and all alice
+    writes is m.room.encrypted. The ghost, invited, says that the gateway
+    cannot read the room and leaves it, nothing bound (before, it joined,
+    the room was bound, and every message was dropped without a word)."""
+    a, srv = gk
+    a.create_room([a.user("wally"), "mimi://example.org/u/someone"])  # the peer introduced wally
+    _, alice_token = hs.create_user("alice")
+    alice = hs.as_user(alice_token)
+    ghost = "@_cw_gk_wally:example.org"
+    room = alice.create_dm(ghost, initial_state=[{"type": "m.room.encryption",
+                                                  "content": {"algorithm": "m.megolm.v1.aes-sha2"}}])
+    wait_until(lambda: hs.members(room).get(ghost) == "leave", what="the ghost leaves")
+    said = [e["content"]["body"] for e in hs.events(room) if e["sender"] == ghost and e["type"] == "m.room.message"]
+    assert said and said[-1].startswith("This room is end-to-end encrypted"), said
+    assert pg.psql("SELECT count(*) FROM room_bindings WHERE network = 'matrix'", db_url) == "0"
+    # The same without encryption is bridged as before.
+    room = alice.create_dm(ghost)
+    wait_until(lambda: hs.members(room).get(ghost) == "join", what="the ghost joins")
+    alice.send_text(room, "hi wally")
+    got = srv.wait_events(1)
+    assert got[0]["content"]["parts"][0]["body"] == "hi wally"
+
+
+def test_a_retry_is_not_taken_for_sent_by_someone_elses_event(mx, hs, gk, pg, db_url):
+    """A row tried before is looked for in the room by its outbox id: only
+    among the ghost's own events. An event of alice's that carries the same
+    key (a client that forwards or copies a message keeps its content;
+    anyone may write any key) is not the row's event: before, the row
+    counted as delivered and the ghost's message never came."""
+    a, srv = gk
+    consent_alice(mx)
+    _, alice_token = hs.create_user("alice")
+    alice = hs.as_user(alice_token)
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    a.send(room, a.user("wally"), "hello")
+    mx_room = wait_until(lambda: next(iter(hs.rooms()), None), what="the direct room")
+    alice.join(mx_room)
+    ghost = "@_cw_gk_wally:example.org"
+    refused, spoofed = [], threading.Event()
+
+    def refuse(method, path, user):
+        m = re.search(r"/send/m\.room\.message/cw-(\d+)$", path)
+        if user == ghost and m and not spoofed.is_set():
+            refused.append(int(m.group(1)))
+            return True
+        return False
+    hs.refuse = refuse
+    a.send(room, a.user("wally"), "second")
+    wait_until(lambda: refused, what="a refused send")
+    alice.send(mx_room, "m.room.message", {"msgtype": "m.text", "body": "quoting wally",
+                                           "org.causeway.outbox_id": refused[0]})
+    spoofed.set()
+    wait_until(lambda: any(e["sender"] == ghost and e["type"] == "m.room.message" and
+                           e["content"]["body"] == "second" for e in hs.events(mx_room)), what="the ghost's message")
+    hs.refuse = None
+
+
+def test_a_peer_cannot_set_the_adapters_own_marks(mx, hs, gk, pg, db_url):
+    """A peer's namespaced content members go into the Matrix content, but
+    not in the adapter's own namespace (org.causeway.): a peer's
+    org.causeway.part on a message made a retry of its row miss the event
+    it had sent (a row's own event has none), and send it again."""
+    a, _ = gk
+    consent_alice(mx)
+    hs.create_user("alice")
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    r = a.call("POST", f"/v1/rooms/{room}/messages",
+               {"type": "message", "sender": a.user("wally"),
+                "content": {"parts": [{"type": "text/plain", "body": "marked"}], "org.causeway.part": 0,
+                            "org.example.mood": "fine"}}, idem="mark-1")
+    assert r.status_code == 202, r.text
+    ghost = "@_cw_gk_wally:example.org"
+    [ev] = wait_until(lambda: [e for rid in hs.rooms() for e in hs.events(rid)
+                               if e["sender"] == ghost and e["type"] == "m.room.message"], what="delivery")
+    assert ev["content"]["body"] == "marked" and ev["content"]["org.example.mood"] == "fine", ev["content"]
+    assert "org.causeway.part" not in ev["content"] and ev["content"]["org.causeway.outbox_id"] > 0, ev["content"]
+
+
+def test_a_poll_reaches_the_peer_as_its_text_fallback(mx, hs, gk, pg, db_url):
+    """A poll (m.poll.start of Matrix 1.7, or Element's unstable
+    org.matrix.msc3381.poll.start) carries a text fallback: it reaches the
+    peer as a message of that text. Before, every event type without a
+    mapping of its own was dropped in silence. A call invite (no text)
+    still goes nowhere."""
+    a, srv = gk
+    consent_alice(mx)
+    _, alice_token = hs.create_user("alice")
+    alice = hs.as_user(alice_token)
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    a.send(room, a.user("wally"), "lunch?")
+    mx_room = wait_until(lambda: next(iter(hs.rooms()), None), what="the direct room")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM room_bindings", db_url) == "1", what="the binding")
+    alice.join(mx_room)
+    alice.send(mx_room, "org.matrix.msc3381.poll.start", {
+        "org.matrix.msc3381.poll.start": {"kind": "org.matrix.msc3381.poll.disclosed", "max_selections": 1,
+                                          "question": {"org.matrix.msc1767.text": "Where?"},
+                                          "answers": [{"id": "p", "org.matrix.msc1767.text": "Pizza"},
+                                                      {"id": "s", "org.matrix.msc1767.text": "Sushi"}]},
+        "org.matrix.msc1767.text": "Where?\n1. Pizza\n2. Sushi"})
+    alice.send(mx_room, "m.call.invite", {"call_id": "c1", "version": "1", "lifetime": 60000,
+                                          "offer": {"type": "offer", "sdp": "v=0"}})
+    alice.send(mx_room, "m.poll.start", {
+        "m.poll": {"kind": "m.disclosed", "max_selections": 1, "question": {"m.text": [{"body": "When?"}]},
+                   "answers": [{"m.id": "n", "m.text": [{"body": "Noon"}]}]},
+        "m.text": [{"mimetype": "text/html", "body": "<b>When?</b>"}, {"body": "When?\n1. Noon"}]})
+    got = srv.wait_events(3)  # her joining, then the two polls
+    assert [e["type"] for e in got] == ["membership", "message", "message"], got
+    assert [e["content"]["parts"][0]["body"] for e in got[1:]] == ["Where?\n1. Pizza\n2. Sushi", "When?\n1. Noon"]
+    time.sleep(1)
+    assert len(srv.events) == 3
 
 
 def test_typing_and_read_receipts_reach_the_peer(mx, hs, gk, pg, db_url):
