@@ -49,6 +49,7 @@ struct cw_req {
 	size_t body_len, body_alloc;
 	bool too_large;
 	size_t limit;  /* the largest body its route takes */
+	bool path_matched; /* no route, but the path is one's (405, not 404) */
 	/* state */
 	bool handled;
 	bool suspended;
@@ -300,8 +301,7 @@ static void dispatch(struct cw_req *r)
 		cw_req_problem(r, 413, "too_large", "Request body too large", detail);
 		return;
 	}
-	bool path_matched;
-	r->route = cw_route_match(h->o.routes, h->o.nroutes, r->method, r->path, &r->params, &path_matched);
+	bool path_matched = r->path_matched;
 	if (r->route < 0) {
 		if (h->o.unmatched && h->o.unmatched(r, path_matched, h->o.ctx))
 			return;
@@ -345,10 +345,12 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 		r->path = strdup(url);
 		if (!r->method || !r->path || !r->raw_target)
 			return MHD_NO;
+		/* The route is known with the headers: its body limit applies
+		 * before the body is read. */
+		r->route = cw_route_match(h->o.routes, h->o.nroutes, r->method, r->path, &r->params, &r->path_matched);
 		r->limit = h->o.max_body_bytes;
-		int ri = cw_route_match(h->o.routes, h->o.nroutes, r->method, r->path, NULL, NULL);
-		for (const char *const *p = h->o.large_body_routes; ri >= 0 && p && *p; p++)
-			if (strcmp(*p, h->o.routes[ri].pattern) == 0 && h->o.max_large_body_bytes > r->limit)
+		for (const char *const *p = h->o.large_body_routes; r->route >= 0 && p && *p; p++)
+			if (strcmp(*p, h->o.routes[r->route].pattern) == 0 && h->o.max_large_body_bytes > r->limit)
 				r->limit = h->o.max_large_body_bytes;
 		const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
 		if (cl) {
