@@ -480,6 +480,15 @@ static void disco_info(struct xcomp *xc, xmpp_stanza_t *st, bool user, const cha
 	const char *node = in ? xmpp_stanza_get_attribute(in, "node") : NULL;
 	if (node && q)
 		xmpp_stanza_set_attribute(q, "node", node);
+	if (node && !user) { /* the component's nodes are its commands' */
+		if (q && xa_command_info(xc, q, node)) {
+			xa_send_now(xc, r);
+		} else {
+			xmpp_stanza_release(r);
+			answer_error(xc, st, "cancel", "item-not-found");
+		}
+		return;
+	}
 	char name[400];
 	if (user)
 		snprintf(name, sizeof(name), "%.250s (%.60s)", remote_id, xc->peer);

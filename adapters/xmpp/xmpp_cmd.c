@@ -43,6 +43,22 @@ void xa_command_items(struct xcomp *xc, xmpp_stanza_t *query)
 	}
 }
 
+bool xa_command_info(struct xcomp *xc, xmpp_stanza_t *query, const char *node)
+{
+	static const char *const features[] = { NS_COMMANDS, NS_DATA, NULL };
+	if (strcmp(node, NS_COMMANDS) == 0) {
+		xa_disco_identity(xc->ctx, query, "automation", "command-list", "Commands");
+		return true;
+	}
+	for (size_t i = 0; i < NCOMMANDS; i++)
+		if (strcmp(commands[i].node, node) == 0) {
+			xa_disco_identity(xc->ctx, query, "automation", "command-node", commands[i].name);
+			xa_disco_features(xc->ctx, query, features);
+			return true;
+		}
+	return false;
+}
+
 /* A presence from one of the component's JIDs to a local user: written now
  * (on the stream's thread) or queued; nick (may be NULL): XEP-0172;
  * avatar_of (may be NULL): the remote user whose avatar's hash goes in it

@@ -498,10 +498,12 @@ static void in_done(void *arg, cw_err rc, const cw_errmsg *e)
 		answer(in->xc, in->text, in->err_type, in->err_cond, in->err_text);
 	} else if (in->leave) {
 		xa_muc_left(in->xc, in->text, in->leave);
-	} else if (in->group && in->texty && in->msg_id[0]) {
-		/* A room sends a message back to its sender's resources (XEP-0045
-		 * §7.4): the client's sign that it is in, with the room's id. */
-		xa_muc_reflect(in->xc, in->text, in->remote_bare, in->local_bare, in->msg_id);
+	} else if (in->group) {
+		/* A room sends every groupchat back to its sender's resources
+		 * (XEP-0045 §7.4): a message is the client's sign that it is in,
+		 * with the room's id; reactions, retractions, markers and chat
+		 * states too, or the user's other clients would not follow. */
+		xa_muc_reflect(in->xc, in->text, in->remote_bare, in->local_bare, in->msg_id[0] ? in->msg_id : NULL);
 	}
 	struct xcomp *xc = in->xc;
 	char room[ROOM_NATIVE_MAX + 1];

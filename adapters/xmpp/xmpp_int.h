@@ -193,6 +193,10 @@ void xa_presence(struct xcomp *xc, xmpp_stanza_t *st);
 bool xa_command(struct xcomp *xc, xmpp_stanza_t *st);
 /* disco#items of the commands node. */
 void xa_command_items(struct xcomp *xc, xmpp_stanza_t *query);
+/* disco#info of a node of the component (XEP-0050 §2.2, XEP-0030 §3.2):
+ * the commands node (command-list), or a command's (command-node, with
+ * the commands and data forms features); false for another node. */
+bool xa_command_info(struct xcomp *xc, xmpp_stanza_t *query, const char *node);
 /* Sends the consent requests not yet shown; while resend_pending, all
  * pending ones too, a page a call, until the last page is sent. */
 void xa_requests(struct xcomp *xc, PGconn *c);
@@ -298,8 +302,10 @@ void xa_muc_shutdown(struct xcomp *xc);
 /* A stanza error from a local user's resource to a room: an occupant whose
  * client is gone leaves the room (the stream's thread). */
 void xa_muc_bounced(struct xcomp *xc, xmpp_stanza_t *st);
-/* A local user's groupchat message (its text) sent back to each of their
- * occupants, from their nick, with the room's stanza-id msg_id. */
+/* A local user's groupchat message (its text: a message, a reaction, a
+ * retraction, a marker, a chat state) sent back to each of their
+ * occupants, from their nick, with the room's stanza-id msg_id (NULL:
+ * none). */
 bool xa_muc_reflect(struct xcomp *xc, const char *stanza_text, const char *room, const char *user,
 		    const char *msg_id);
 

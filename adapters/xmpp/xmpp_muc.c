@@ -713,8 +713,10 @@ static bool nick_change(struct xcomp *xc, xmpp_stanza_t *st, const char *room, c
 	xmpp_stanza_t *p = occupant_presence(xc->ctx, room, had, from, true, true);
 	xmpp_stanza_t *x = p ? xmpp_stanza_get_child_by_name_and_ns(p, "x", NS_MUC_USER) : NULL;
 	xmpp_stanza_t *item = x ? xmpp_stanza_get_child_by_name(x, "item") : NULL;
-	if (item)
+	if (item) { /* still in, under the new nick: its role stays (§7.6, example 53) */
 		xmpp_stanza_set_attribute(item, "nick", nick);
+		xmpp_stanza_set_attribute(item, "role", "participant");
+	}
 	xmpp_stanza_t *code = x ? xa_child(xc->ctx, x, "status", NULL) : NULL;
 	if (code)
 		xmpp_stanza_set_attribute(code, "code", "303");
@@ -817,12 +819,15 @@ void xa_muc_presence(struct xcomp *xc, xmpp_stanza_t *st)
  * in the room's menu. */
 #define LEAVE_NODE "leave"
 
-static void leave_disco(struct xcomp *xc, xmpp_stanza_t *q, const char *room, const char *node, bool info)
+/* disco of the room's nodes: false for a node it has not (info). */
+static bool leave_disco(struct xcomp *xc, xmpp_stanza_t *q, const char *room, const char *node, bool info)
 {
 	xmpp_ctx_t *ctx = xc->ctx;
 	if (!q)
-		return;
-	if (!info && strcmp(node, NS_COMMANDS) == 0) {
+		return true;
+	if (info && strcmp(node, NS_COMMANDS) == 0) {
+		xa_disco_identity(ctx, q, "automation", "command-list", "Commands");
+	} else if (!info && strcmp(node, NS_COMMANDS) == 0) {
 		xmpp_stanza_t *it = xa_child(ctx, q, "item", NULL);
 		if (it) {
 			xmpp_stanza_set_attribute(it, "jid", room);
@@ -833,7 +838,10 @@ static void leave_disco(struct xcomp *xc, xmpp_stanza_t *q, const char *room, co
 		static const char *const features[] = { NS_COMMANDS, NS_DATA, NULL };
 		xa_disco_identity(ctx, q, "automation", "command-node", "Leave this group");
 		xa_disco_features(ctx, q, features);
+	} else if (info) {
+		return false;
 	}
+	return true;
 }
 
 /* The command's first stage: what leaving means, to confirm. */
@@ -1116,8 +1124,12 @@ bool xa_muc_iq(struct xcomp *xc, xmpp_stanza_t *st, const char *ns, bool get)
 		if (node) { /* the room's command (XEP-0050 §2.2) */
 			if (q)
 				xmpp_stanza_set_attribute(q, "node", node);
-			leave_disco(xc, q, room, node, info);
-			xa_send_now(xc, r);
+			if (leave_disco(xc, q, room, node, info)) {
+				xa_send_now(xc, r);
+			} else {
+				xmpp_stanza_release(r);
+				xa_send_now(xc, xa_error_reply(st, "cancel", "item-not-found", NULL));
+			}
 			return true;
 		}
 		static const char *const features[] = {

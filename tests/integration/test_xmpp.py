@@ -589,11 +589,62 @@ def test_two_local_members_of_a_group_read_each_other(xd, gk, alice, prosody, pg
         gone = bob.wait_for_presence(lambda el: el.get("from") == f"{room}/bobby", start=start)
         assert gone.get("type") == "unavailable"
         assert sorted(c.get("code") for c in gone.iter(q(MUC_USER, "status"))) == ["110", "303"]
-        assert gone.find(q(MUC_USER, "x")).find(q(MUC_USER, "item")).get("nick") == "robert"
+        item = gone.find(q(MUC_USER, "x")).find(q(MUC_USER, "item"))
+        # still an occupant, under a new nick (XEP-0045 §7.6, example 53)
+        assert (item.get("nick"), item.get("role"), item.get("affiliation")) == ("robert", "participant", "member")
         now = bob.wait_for_presence(lambda el: el.get("from") == f"{room}/robert", start=start)
         assert now.get("type") is None and [c.get("code") for c in now.iter(q(MUC_USER, "status"))] == ["110"]
         bob.send_message(room, "renamed", mtype="groupchat", id="b2")
         message_from(bob, room, lambda el: el.get("id") == "b2" and el.get("from") == room + "/robert")
+
+
+def test_a_members_reactions_retractions_and_chat_states_come_back_from_the_room(xd, gk, alice, prosody):
+    """A room sends every groupchat message back to all its occupants, the
+    sender's own resources included (XEP-0045 §7.4), not only those with a
+    body: alice's reaction (XEP-0444), retraction (XEP-0424), read marker
+    (XEP-0333) and chat state (XEP-0085) reach both her clients from the
+    room under her nick, so her phone follows what her desktop did; bob,
+    another member of this server, sees them in his view of the room, and
+    the peer gets them."""
+    a, srv = gk
+    with a_group_with_bob(xd, a, alice, prosody) as (bob, gid, room):
+        phone = prosody.client("alice", "pw-alice", resource="phone")
+        try:
+            for c, nick in ((alice, "alice"), (phone, "alice"), (bob, "bob")):
+                start = c.count()
+                c.send_presence(to=f"{room}/{nick}", payload=f"<x xmlns='{MUC}'/>")
+                c.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+            wid = a.send(gid, a.user("wally"), "pizza?").json()["id"]
+            for c in (alice, phone, bob):
+                message_from(c, room, lambda el: body(el) == "pizza?")
+            alice.send_message(room, "oops", mtype="groupchat", id="a1")
+            mine = message_from(phone, room, lambda el: el.get("id") == "a1")
+            assert mine.get("from") == room + "/alice" and body(mine) == "oops"
+            mid = mine.find("{urn:xmpp:sid:0}stanza-id").get("id")
+            message_from(bob, room, lambda el: body(el) == "oops")
+            sent = [
+                ("r1", f"<reactions xmlns='urn:xmpp:reactions:0' id='{wid}'><reaction>\U0001F44D</reaction>"
+                       "</reactions>", q("urn:xmpp:reactions:0", "reactions"), wid),
+                ("x1", f"<retract xmlns='urn:xmpp:message-retract:1' id='{mid}'/>",
+                 q("urn:xmpp:message-retract:1", "retract"), mid),
+                ("m1", f"<displayed xmlns='urn:xmpp:chat-markers:0' id='{wid}'/>",
+                 q("urn:xmpp:chat-markers:0", "displayed"), wid),
+                ("c1", "<composing xmlns='http://jabber.org/protocol/chatstates'/>",
+                 q("http://jabber.org/protocol/chatstates", "composing"), None),
+            ]
+            for sid, payload, tag, ref in sent:
+                alice.send_raw(f"<message to='{room}' type='groupchat' id='{sid}'>{payload}</message>")
+                for c in (alice, phone):
+                    got = message_from(c, room, lambda el, s=sid: el.get("id") == s)
+                    assert got.get("from") == room + "/alice" and got.get("type") == "groupchat", got.xml
+                    assert got.find(tag) is not None and got.find(tag).get("id") == ref, got.xml
+                if sid != "m1":  # a marker is for the peer (bob's marks are his own)
+                    seen = message_from(bob, room, lambda el, t=tag: el.find(t) is not None)
+                    assert seen.get("from") == room + "/alice", seen.xml
+            wait_until(lambda: {e.get("type") for e in list(srv.events) if e.get("room_id") == gid}
+                       >= {"reaction", "delete", "receipt", "typing"}, what="all four at the peer")
+        finally:
+            phone.disconnect()
 
 
 def test_an_xmpp_user_makes_a_group(xd, gk, alice, prosody, pg, db_url):
@@ -696,6 +747,13 @@ def test_an_xmpp_user_leaves_a_group(xd, gk, alice, prosody, pg, db_url):
         items = alice.iq("get", room, f"<query xmlns='http://jabber.org/protocol/disco#items' node='{cmd}'/>")
         assert [(i.get("jid"), i.get("node")) for i in items.iter("{http://jabber.org/protocol/disco#items}item")
                 ] == [(room, "leave")]
+        identities, features = alice.disco_info(room, node="leave")
+        assert [(c, t) for c, t, _ in identities] == [("automation", "command-node")] and features == {
+            cmd, "jabber:x:data"}, (identities, features)
+        assert [(c, t) for c, t, _ in alice.disco_info(room, node=cmd)[0]] == [("automation", "command-list")]
+        err = alice.iq("get", room, "<query xmlns='http://jabber.org/protocol/disco#info' node='nope'/>",
+                       expect_error=True)
+        assert err.error_condition == "item-not-found"
         # alice may not take bob's membership away, nor may a stranger hers.
         err = alice.iq("set", room, f"<query xmlns='{admin}'><item affiliation='none' jid='bob@{HOST}'/></query>",
                        expect_error=True)
@@ -1087,6 +1145,18 @@ def test_ad_hoc_commands(xd, gk, alice, pg, db_url):
                                 "<field var='jid'><value>not a jid</value></field></x></command>", expect_error=True)
     assert bad.find(".//{urn:ietf:params:xml:ns:xmpp-stanzas}bad-request") is not None
     assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'consent.block'", db_url) == "1"
+    # disco#info of a command's node (XEP-0050 §2.2): a command node, with
+    # the commands and data forms features; the commands node is their
+    # list; a node the component has not is item-not-found (XEP-0030 §3.2).
+    for node in ("list", "accept", "block", "opt-in", "opt-out", "report"):
+        identities, features = alice.disco_info(COMP, node=node)
+        assert [(c, t) for c, t, _ in identities] == [("automation", "command-node")], (node, identities)
+        assert features == {cmd, "jabber:x:data"}, (node, features)
+    identities, features = alice.disco_info(COMP, node=cmd)
+    assert [(c, t) for c, t, _ in identities] == [("automation", "command-list")], identities
+    err = alice.iq("get", COMP, "<query xmlns='http://jabber.org/protocol/disco#info' node='nope'/>",
+                   expect_error=True)
+    assert err.error_condition == "item-not-found"
 
 
 def test_hostile_stanzas_get_errors_and_store_nothing(xd, gk, alice, pg, db_url):
