@@ -1141,6 +1141,27 @@ bool xa_muc_iq(struct xcomp *xc, xmpp_stanza_t *st, const char *ns, bool get)
 			snprintf(name, sizeof(name), "A group on %.60s", xc->peer);
 			xa_disco_identity(ctx, q, "conference", "text", name);
 			xa_disco_features(ctx, q, features);
+			/* Extended information (XEP-0128, the muc#roominfo form): in
+			 * a members-only room clients offer "invite" to a member
+			 * (not a moderator) only when the room says it allows
+			 * invitations, as Prosody's rooms say with this field; any
+			 * member may invite here (invite_fn). */
+			xmpp_stanza_t *x = q ? xa_child(ctx, q, "x", NS_DATA) : NULL;
+			if (x) {
+				xmpp_stanza_set_attribute(x, "type", "result");
+				xmpp_stanza_t *f = xa_child(ctx, x, "field", NULL);
+				if (f) {
+					xmpp_stanza_set_attribute(f, "var", "FORM_TYPE");
+					xmpp_stanza_set_attribute(f, "type", "hidden");
+					xa_text_child(ctx, f, "value", NULL, "http://jabber.org/protocol/muc#roominfo");
+				}
+				f = xa_child(ctx, x, "field", NULL);
+				if (f) {
+					xmpp_stanza_set_attribute(f, "var", "muc#roomconfig_allowinvites");
+					xmpp_stanza_set_attribute(f, "type", "boolean");
+					xa_text_child(ctx, f, "value", NULL, "1");
+				}
+			}
 		}
 		xa_send_now(xc, r);
 		return true;

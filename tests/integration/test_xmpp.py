@@ -276,6 +276,16 @@ def test_a_group_is_a_room_of_the_component(xd, gk, alice, prosody, pg, db_url):
     assert invite.find(q(MUC_USER, "x")).find(q(MUC_USER, "invite")).get("from") == WALLY_JID
     identities, features = alice.disco_info(room)
     assert ("conference", "text") in [(c, t) for c, t, _ in identities] and MUC in features
+    # The room says members may invite (muc#roominfo, XEP-0128): clients
+    # such as Conversations offer "invite" in a members-only room to a
+    # member who is not a moderator only then.
+    info = alice.iq("get", room, "<query xmlns='http://jabber.org/protocol/disco#info'/>")
+    form = info.find(".//{jabber:x:data}x")
+    assert form is not None and form.get("type") == "result", info
+    fields = {f.get("var"): [v.text for v in f.findall("{jabber:x:data}value")]
+              for f in form.findall("{jabber:x:data}field")}
+    assert fields == {"FORM_TYPE": ["http://jabber.org/protocol/muc#roominfo"],
+                      "muc#roomconfig_allowinvites": ["1"]}, fields
     # Meanwhile wally corrects his message and sends a photo: the history
     # has the message as corrected, and the photo as a link of Causeway's.
     assert post(a, f"/v1/rooms/{gid}/messages", {
