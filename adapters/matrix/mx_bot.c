@@ -36,8 +36,10 @@ static const char help_text[] =
 	"Messages crossing the gateway are not end-to-end encrypted beyond it.";
 
 /* Says text in room as user (NULL: the bot), a notice, with transaction
- * id txn (NULL: a new one); false when the homeserver did not take it. */
-static bool say_txn(struct matrix *m, const char *room, const char *user, const char *text, const char *txn)
+ * id txn (NULL: a new one); false when the homeserver did not take it
+ * (*status, unless NULL: its answer, 0 for none). */
+static bool say_txn(struct matrix *m, const char *room, const char *user, const char *text, const char *txn,
+		    long *status)
 {
 	char path[600], fresh[48];
 	if (!txn) {
@@ -47,9 +49,11 @@ static bool say_txn(struct matrix *m, const char *room, const char *user, const 
 	char *r = curl_easy_escape(NULL, room, 0);
 	snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/send/m.room.message/%s", r ? r : "", txn);
 	curl_free(r);
-	long status;
+	long st;
 	cw_errmsg e;
-	if (mx_call(m, "PUT", path, user, NULL, json_pack("{s:s, s:s}", "msgtype", "m.notice", "body", text), &status,
+	if (!status)
+		status = &st;
+	if (mx_call(m, "PUT", path, user, NULL, json_pack("{s:s, s:s}", "msgtype", "m.notice", "body", text), status,
 		    NULL, &e)) {
 		LOG_KV(CW_LOG_WARN, "cannot post a notice", "room", room, "detail", e.msg);
 		return false;
@@ -59,7 +63,7 @@ static bool say_txn(struct matrix *m, const char *room, const char *user, const 
 
 static void say_as(struct matrix *m, const char *room, const char *user, const char *text)
 {
-	say_txn(m, room, user, text, NULL);
+	say_txn(m, room, user, text, NULL, NULL);
 }
 
 static void say(struct matrix *m, const char *room, const char *text)
@@ -341,11 +345,29 @@ static bool invited(struct matrix *m, PGconn *c, const char *room, const char *s
 			LOG_KV(CW_LOG_WARN, "the bot cannot leave", "room", room, "detail", e.msg);
 		return false;
 	}
+	/* A user has one management room: a new one takes over.  The old
+	 * one would otherwise stay a room with the bot in it where commands
+	 * get no answer at all: the bot says where it went, and leaves. */
 	const char *params[] = { sender, room, local_id };
-	if (store_command(c, "INSERT INTO matrix_mgmt_rooms (user_id, room_id, identity_id) VALUES ($1, $2, $3::bigint) "
-		       "ON CONFLICT (user_id) DO UPDATE SET room_id = excluded.room_id", 3, params, &e))
+	PGresult *r = PQexecParams(c,
+		"WITH old AS (SELECT room_id FROM matrix_mgmt_rooms WHERE user_id = $1 AND room_id <> $2), "
+		"up AS (INSERT INTO matrix_mgmt_rooms (user_id, room_id, identity_id) VALUES ($1, $2, $3::bigint) "
+		" ON CONFLICT (user_id) DO UPDATE SET room_id = excluded.room_id) "
+		"SELECT room_id FROM old", 3, NULL, params, NULL, NULL, 0);
+	if (store_check(c, r, PGRES_TUPLES_OK, &e)) {
 		LOG_KV(CW_LOG_WARN, "cannot record a management room", "detail", e.msg);
+		return false;
+	}
 	say(m, room, help_text);
+	if (PQntuples(r) == 1) {
+		const char *old = PQgetvalue(r, 0, 0);
+		say(m, old, "You opened a new room with me: I take your commands there from now on, "
+			    "and leave this one.");
+		if (mx_room_action(m, old, NULL, "leave", &e))
+			LOG_KV(CW_LOG_WARN, "the bot cannot leave a management room taken over by a new one", "room",
+			       old, "detail", e.msg);
+	}
+	PQclear(r);
 	return false;
 }
 
@@ -420,7 +442,10 @@ static void dead_letters(struct matrix *m, PGconn *c)
 /* The notices due (matrix_notices), each from the ghost of its room (the
  * bot where there is none): taken for a while (another try is due then,
  * later after each failure), deleted once the homeserver has them, given
- * up after a day. */
+ * up after a day, or at once when the homeserver refuses it for good: a
+ * 403 (the room was unbound, and its ghost or the bot is out of it) or a
+ * 404 (no such room) is the same on every retry.  (A 401 is not final: a
+ * wrong as_token is the operator's to fix.) */
 static void notices(struct matrix *m, PGconn *c)
 {
 	PGresult *r = PQexec(c,
@@ -440,11 +465,17 @@ static void notices(struct matrix *m, PGconn *c)
 		const char *id = PQgetvalue(r, i, 0), *room = PQgetvalue(r, i, 1);
 		char txn[48];
 		snprintf(txn, sizeof(txn), "cwnotice-%s", id);
-		bool sent = say_txn(m, room, PQgetisnull(r, i, 4) ? NULL : PQgetvalue(r, i, 4), PQgetvalue(r, i, 2), txn);
-		if (!sent && PQgetvalue(r, i, 3)[0] == 't')
+		long status = 0;
+		bool sent = say_txn(m, room, PQgetisnull(r, i, 4) ? NULL : PQgetvalue(r, i, 4), PQgetvalue(r, i, 2), txn,
+				    &status);
+		bool refused = !sent && (status == 403 || status == 404);
+		if (refused)
+			LOG_KV(CW_LOG_WARN, "a notice for a Matrix user is given up: the homeserver refuses it", "room",
+			       room);
+		else if (!sent && PQgetvalue(r, i, 3)[0] == 't')
 			LOG_KV(CW_LOG_WARN, "a notice for a Matrix user is given up after a day of failed sends", "room",
 			       room);
-		if (sent || PQgetvalue(r, i, 3)[0] == 't') {
+		if (sent || refused || PQgetvalue(r, i, 3)[0] == 't') {
 			const char *p[] = { id };
 			cw_errmsg e;
 			store_command(c, "DELETE FROM matrix_notices WHERE id = $1::bigint", 1, p, &e);
@@ -1120,7 +1151,7 @@ static void requests(struct matrix *m, PGconn *c, int64_t *after_us)
 			 PQgetvalue(r, i, 2), PQgetvalue(r, i, 2));
 		char txn[48];
 		snprintf(txn, sizeof(txn), "cwreq-%s", PQgetvalue(r, i, 0));
-		if (!say_txn(m, PQgetvalue(r, i, 1), NULL, text, txn)) {
+		if (!say_txn(m, PQgetvalue(r, i, 1), NULL, text, txn, NULL)) {
 			*after_us = cw_now_us() + 30 * 1000000LL;
 			continue;
 		}

@@ -961,6 +961,7 @@ static enum mx_in_result from_member(const json_t *ev, const json_t *content, js
 		return MX_IN_INVALID;
 	}
 	const char *prev = str_member(json_object_get(json_object_get(ev, "unsigned"), "prev_content"), "membership");
+	const char *sender = str_member(ev, "sender");
 	const char *neutral;
 	if (strcmp(m, "join") == 0) {
 		if (prev && strcmp(prev, "join") == 0) {
@@ -970,6 +971,14 @@ static enum mx_in_result from_member(const json_t *ev, const json_t *content, js
 		neutral = "join";
 	} else if (strcmp(m, "invite") == 0) {
 		neutral = "invite";
+	} else if (strcmp(m, "leave") == 0 && prev && strcmp(prev, "invite") == 0 && sender &&
+		   strcmp(sender, who) == 0) {
+		/* An invitation turned down: what the invitee decided, which
+		 * the far side must not learn (to it, this user stays as
+		 * silent as one who does not exist).  A leave after a join,
+		 * or an invitation taken back by another, is carried. */
+		say(why, whylen, "a declined invitation is not carried");
+		return MX_IN_IGNORE;
 	} else if (strcmp(m, "leave") == 0 || strcmp(m, "ban") == 0) {
 		neutral = "leave";
 	} else {

@@ -469,6 +469,32 @@ def test_management_room_consent_flow(mx, hs, gk, pg, db_url):
     assert pg.psql("SELECT count(*) FROM identities WHERE localpart = '_cw_bot'", db_url) == "0"
 
 
+def test_a_second_management_room_takes_over_and_the_first_says_so(mx, hs, pg, db_url):
+    """A user who opens a second room with the bot gets her commands answered
+    there; the first one is not left as a room where commands go unanswered:
+    the bot says where it went, and leaves it."""
+    bot = "@_cw_bot:example.org"
+    _, alice_token = hs.create_user("alice")
+    alice = hs.as_user(alice_token)
+
+    def notices(room):
+        return [e["content"]["body"] for e in hs.events(room) if e["type"] == "m.room.message" and e["sender"] == bot]
+    first = alice.create_dm(bot)
+    wait_until(lambda: any("Commands" in n for n in notices(first)), what="the bot's help")
+    second = alice.create_room(preset="private_chat", is_direct=True, invite=[bot])
+    wait_until(lambda: any("Commands" in n for n in notices(second)), what="the bot's help in the second room")
+    assert pg.psql("SELECT room_id FROM matrix_mgmt_rooms", db_url) == second
+    wait_until(lambda: any("new room with me" in n for n in notices(first)), what="the move told in the first room")
+    wait_until(lambda: hs.members(first).get(bot) == "leave", what="the bot leaving the first room")
+    alice.send_text(second, "list")
+    wait_until(lambda: len(notices(second)) >= 2, what="an answer in the second room")
+    # She leaves the old room: the one she uses stays hers.
+    alice.leave(first)
+    time.sleep(0.5)
+    assert pg.psql("SELECT room_id FROM matrix_mgmt_rooms", db_url) == second
+    assert hs.members(second).get(bot) == "join"
+
+
 def test_inviting_a_ghost_asks_the_appservice(mx, hs, gk):
     """The homeserver asks GET /users/{id} on an invite of an unknown ghost:
     a known remote user's ghost exists afterwards, an unknown one does not."""
@@ -1332,6 +1358,78 @@ def test_a_local_user_leaving_reaches_the_peer(mx, hs, gk):
     assert hs.members(new_room).get(ALICE_MX) == "invite"
     assert [e["content"]["body"] for e in hs.events(new_room) if e["type"] == "m.room.message"] == ["still there?"]
     assert [e["content"]["body"] for e in hs.events(mx_room) if e["type"] == "m.room.message"] == ["hello"]
+
+
+def test_a_declined_invitation_does_not_reach_the_peer(mx, hs, gk):
+    """Alice turning down the ghost's invitation is her decision: the peer
+    must not hear of it (to wally she is as silent as an unknown user), while
+    a join, and a leave after it, still reach the peer."""
+    a, srv = gk
+    consent_alice(mx)
+    _, alice_token = hs.create_user("alice")
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    a.send(room, a.user("wally"), "hello")
+    ghost = "@_cw_gk_wally:example.org"
+    mx_room = wait_until(lambda: next((rid for rid in hs.rooms() if any(
+        e["sender"] == ghost and e["type"] == "m.room.message" for e in hs.events(rid))), None), what="delivery")
+    alice = hs.as_user(alice_token)
+    assert hs.members(mx_room).get(ALICE_MX) == "invite"
+    alice.leave(mx_room)  # declines
+    leave = [e for e in hs.events(mx_room) if e["type"] == "m.room.member" and e["state_key"] == ALICE_MX][-1]
+    assert leave["unsigned"]["prev_content"]["membership"] == "invite"
+    # The room is given up as after any leave: the ghost goes, and wally's
+    # next message opens a new room, which she joins this time.
+    wait_until(lambda: hs.members(mx_room).get(ghost) == "leave", what="the ghost leaving")
+    a.send(room, a.user("wally"), "still there?")
+    new_room = wait_until(lambda: next((rid for rid in hs.rooms() if rid != mx_room and any(
+        e["sender"] == ghost and e["type"] == "m.room.message" for e in hs.events(rid))), None), what="a new room")
+    alice.join(new_room)
+    alice.leave(new_room)
+
+    def memberships():
+        return [e["content"]["membership"] for e in srv.events if e["type"] == "membership"]
+    # (rows of one room reach the peer in order: had the decline gone out,
+    # it would come before the join)
+    wait_until(lambda: len(memberships()) >= 2, what="the join and the leave at the peer")
+    assert memberships() == ["join", "leave"], srv.events
+
+
+def test_a_notice_refused_for_good_is_not_tried_again(mx, hs, gk, pg, db_url):
+    """A notice for a room that was unbound (its user left, the ghost went)
+    gets 403 M_FORBIDDEN on every try: it is given up at once instead of
+    being tried for a day.  A homeserver that fails for now is still tried
+    again."""
+    a, _ = gk
+    consent_alice(mx)
+    _, alice_token = hs.create_user("alice")
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    a.send(room, a.user("wally"), "hello")
+    ghost = "@_cw_gk_wally:example.org"
+    mx_room = wait_until(lambda: next((rid for rid in hs.rooms() if any(
+        e["sender"] == ghost and e["type"] == "m.room.message" for e in hs.events(rid))), None), what="delivery")
+    alice = hs.as_user(alice_token)
+    alice.join(mx_room)
+    alice.leave(mx_room)
+    wait_until(lambda: hs.members(mx_room).get(ghost) == "leave", what="the ghost leaving")
+    assert pg.psql("SELECT count(*) FROM room_bindings", db_url) == "0"
+    # (a dead letter told late, say: the room was bound when it was written)
+    hs.refuse = lambda method, path, user: "elsewhere" in path
+    pg.psql(f"INSERT INTO matrix_notices (room_id, body) VALUES ('{mx_room}', 'Not delivered.'), "
+            "('!elsewhere:example.org', 'Not delivered.'); NOTIFY causeway_matrix_bot", db_url)
+
+    def sends(where):
+        return [r["status"] for r in hs.requests if r["method"] == "PUT" and where in r["path"] and
+                "/send/m.room.message/cwnotice-" in r["path"]]
+    unbound = mx_room.split(":")[0][1:]  # as it appears in the (escaped) path
+    wait_until(lambda: sends(unbound) and sends("elsewhere"), what="both tried")
+    assert sends(unbound)[0] == 403
+    wait_until(lambda: pg.psql(f"SELECT count(*) FROM matrix_notices WHERE room_id = '{mx_room}'", db_url) == "0",
+               timeout=5, what="the refused notice given up")
+    assert pg.psql("SELECT tries > 0 FROM matrix_notices WHERE room_id = '!elsewhere:example.org'", db_url) == "t"
+    time.sleep(3)  # its next try is due 2 s after the first
+    assert len(sends(unbound)) == 1
+    assert len(sends("elsewhere")) >= 2
+    assert pg.psql("SELECT count(*) FROM matrix_notices", db_url) == "1"
 
 
 def test_references_within_one_delivery_batch(mx, hs, gk, pg, db_url):
