@@ -281,8 +281,8 @@ static const struct store_stmt lane_stmts[] = {
 		" next_attempt_at = CASE WHEN $2::boolean THEN next_attempt_at ELSE now() + make_interval(secs => "
 		"  greatest($9::bigint / 1000.0, least($7::bigint, $6::bigint * (1::bigint << least(attempts - 1, 30))) "
 		"  / 1000.0 * (0.5 + random() / 2))) END "
-		"FROM cfg WHERE id = ANY($1::bigint[]) AND ((state = 'in_flight' AND claimed_by = $11) "
-		" OR ($2::boolean AND state = 'pending' AND claimed_by IS NULL)) RETURNING state" },
+		"FROM cfg WHERE id = ANY($1::bigint[]) AND state = 'in_flight' AND destination = $12 AND claimed_by = $11 "
+		"RETURNING state" },
 	{ NULL, NULL },
 };
 static const struct store_stmt *const lane_stmt_lists[] = { lane_stmts, NULL };
@@ -528,12 +528,16 @@ static void record(struct lane *l, const struct outbox_row *rows, size_t n, bool
 	snprintf(started, sizeof(started), "%lld", (long long)started_ms);
 	snprintf(wait, sizeof(wait), "%ld", outbox_retry_after_ms(0, retry_after_ms));
 	bool limited = !ok && code == 429;
+	/* The destination is named (every row of a lane's batch has it): a
+	 * generic plan may take the (state, destination, id) index, which
+	 * without it walks every row in flight once per id (100 ms and more
+	 * a batch of 500). */
 	const char *params[] = { ids, ok ? "t" : "f", codes, why, budget, base, max, started, wait, limited ? "f" : "t",
-				 d->name };
+				 d->name, rows[0].destination };
 	/* One statement: the attempts are recorded and the rows move on.  Its
 	 * commit does not wait for the WAL flush (set_config(..., true) holds
 	 * for this statement's own transaction): see claim_open. */
-	PGresult *r = PQexecPrepared(l->c, "cw_record", 11, params, NULL, NULL, 0);
+	PGresult *r = PQexecPrepared(l->c, "cw_record", 12, params, NULL, NULL, 0);
 	if (PQresultStatus(r) == PGRES_TUPLES_OK) {
 		if (limited)
 			atomic_fetch_add(&d->rate_limited, (uint64_t)PQntuples(r));
