@@ -21,11 +21,14 @@ struct peer_out {
 	EVP_PKEY *key;
 	char *keyid, *tag;
 	long timeout_ms;
-	/* Handles between requests, reused for keep-alive to each peer.  The
-	 * dispatcher's lanes deliver to different peers at once: each request
-	 * takes a handle of its own. */
+	/* Handles between requests, reused for keep-alive to each peer (the
+	 * multi handle keeps the connections).  The dispatcher's lanes deliver
+	 * to different peers at once: each request takes a pair of its own. */
 	pthread_mutex_t mu;
-	CURL *idle[IDLE_MAX];
+	struct handle {
+		CURL *e;
+		CURLM *m;
+	} idle[IDLE_MAX];
 	int nidle;
 };
 
@@ -52,8 +55,10 @@ void peer_out_free(struct peer_out *p)
 {
 	if (!p)
 		return;
-	for (int i = 0; i < p->nidle; i++)
-		curl_easy_cleanup(p->idle[i]);
+	for (int i = 0; i < p->nidle; i++) {
+		curl_multi_cleanup(p->idle[i].m);
+		curl_easy_cleanup(p->idle[i].e);
+	}
 	pthread_mutex_destroy(&p->mu);
 	free(p->keyid);
 	free(p->tag);
@@ -74,24 +79,35 @@ static const char *sign_header(void *ctx, const char *name)
 	return NULL;
 }
 
-static CURL *take_handle(struct peer_out *p)
+static bool take_handle(struct peer_out *p, struct handle *h)
 {
 	pthread_mutex_lock(&p->mu);
-	CURL *h = p->nidle ? p->idle[--p->nidle] : NULL;
+	bool had = p->nidle > 0;
+	if (had)
+		*h = p->idle[--p->nidle];
 	pthread_mutex_unlock(&p->mu);
-	return h ? h : curl_easy_init();
+	if (had)
+		return true;
+	h->e = curl_easy_init();
+	h->m = curl_multi_init();
+	if (h->e && h->m)
+		return true;
+	curl_easy_cleanup(h->e);
+	curl_multi_cleanup(h->m);
+	return false;
 }
 
-static void give_handle(struct peer_out *p, CURL *h)
+static void give_handle(struct peer_out *p, struct handle h)
 {
 	pthread_mutex_lock(&p->mu);
-	if (p->nidle < IDLE_MAX) {
+	bool kept = p->nidle < IDLE_MAX;
+	if (kept)
 		p->idle[p->nidle++] = h;
-		h = NULL;
-	}
 	pthread_mutex_unlock(&p->mu);
-	if (h)
-		curl_easy_cleanup(h);
+	if (!kept) {
+		curl_multi_cleanup(h.m);
+		curl_easy_cleanup(h.e);
+	}
 }
 
 static size_t discard(char *ptr, size_t size, size_t n, void *u)
@@ -101,14 +117,48 @@ static size_t discard(char *ptr, size_t size, size_t n, void *u)
 	return *total > RESPONSE_MAX ? 0 : size * n; /* a huge answer aborts the transfer */
 }
 
-/* A push in flight when the daemon stops is cut off (its rows are
- * released untried: the peer deduplicates if it took them), so that a
- * slow peer cannot hold the stop for dispatcher.http_timeout_ms. */
-static int stop_check(void *u, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ultotal, curl_off_t ulnow)
+/* Runs h's transfer on its multi handle, looking every STOP_POLL_MS
+ * whether the daemon is stopping: a push in flight then is cut off (*cut
+ * set; its rows are released untried, the peer deduplicates if it took
+ * them), so that a slow peer cannot hold the stop for
+ * dispatcher.http_timeout_ms.  (The architecture's "one multi handle per
+ * thread": here one per handle pair, so that a lane's next request to
+ * the same peer reuses the connection the multi handle keeps.) */
+#define STOP_POLL_MS 200
+static CURLcode perform(struct handle h, const struct cw_app *app, bool *cut)
 {
-	(void)dltotal, (void)dlnow, (void)ultotal, (void)ulnow;
-	const struct cw_app *app = u;
-	return app->dispatcher && dispatcher_stopping(app->dispatcher);
+	*cut = false;
+	if (curl_multi_add_handle(h.m, h.e) != CURLM_OK)
+		return CURLE_FAILED_INIT;
+	CURLcode cc = CURLE_OK;
+	bool done = false;
+	for (;;) {
+		int running = 0, left;
+		if (curl_multi_perform(h.m, &running) != CURLM_OK) {
+			cc = CURLE_FAILED_INIT;
+			break;
+		}
+		CURLMsg *msg;
+		while ((msg = curl_multi_info_read(h.m, &left)))
+			if (msg->msg == CURLMSG_DONE && msg->easy_handle == h.e) {
+				cc = msg->data.result;
+				done = true;
+			}
+		if (done || !running)
+			break;
+		if (app && app->dispatcher && dispatcher_stopping(app->dispatcher)) {
+			*cut = true;
+			break;
+		}
+		if (curl_multi_poll(h.m, NULL, 0, STOP_POLL_MS, NULL) != CURLM_OK) {
+			cc = CURLE_FAILED_INIT;
+			break;
+		}
+	}
+	if (!done && !*cut && cc == CURLE_OK)
+		cc = CURLE_GOT_NOTHING;
+	curl_multi_remove_handle(h.m, h.e);
+	return cc;
 }
 
 cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_row *rows, size_t n, size_t *done,
@@ -178,12 +228,13 @@ cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct ou
 	for (int i = 0; i < 4; i++)
 		list = curl_slist_append(list, hd[i]);
 	size_t got = 0;
-	CURL *cu = take_handle(p);
-	if (!cu) {
+	struct handle hh;
+	if (!take_handle(p, &hh)) {
 		curl_slist_free_all(list);
 		free(text);
 		return cw_fail(e, CW_ENOMEM, "out of memory");
 	}
+	CURL *cu = hh.e;
 	curl_easy_reset(cu);
 	curl_easy_setopt(cu, CURLOPT_URL, url);
 	curl_easy_setopt(cu, CURLOPT_POST, 1L);
@@ -198,12 +249,8 @@ cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct ou
 	curl_easy_setopt(cu, CURLOPT_WRITEDATA, &got);
 	if (p->app && p->app->cfg->ca_file && *p->app->cfg->ca_file)
 		curl_easy_setopt(cu, CURLOPT_CAINFO, p->app->cfg->ca_file);
-	if (p->app) {
-		curl_easy_setopt(cu, CURLOPT_NOPROGRESS, 0L);
-		curl_easy_setopt(cu, CURLOPT_XFERINFOFUNCTION, stop_check);
-		curl_easy_setopt(cu, CURLOPT_XFERINFODATA, p->app);
-	}
-	CURLcode cc = curl_easy_perform(cu);
+	bool stopped;
+	CURLcode cc = perform(hh, p->app, &stopped);
 	curl_slist_free_all(list);
 	free(text);
 	/* An answer cut off for its size still has its status: a 2xx is the
@@ -217,8 +264,8 @@ cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct ou
 		if ((*code == 429 || *code == 503) && curl_easy_getinfo(cu, CURLINFO_RETRY_AFTER, &wait_s) != CURLE_OK)
 			wait_s = 0;
 	}
-	give_handle(p, cu);
-	if (cc == CURLE_ABORTED_BY_CALLBACK) {
+	give_handle(p, hh);
+	if (stopped) {
 		for (size_t i = 0; i < n; i++)
 			rows[i].outcome = 2;
 		return cw_fail(e, CW_ESHUTDOWN, "%s: cut off, the daemon is stopping", url);
