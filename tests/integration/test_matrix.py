@@ -479,6 +479,9 @@ def test_a_second_management_room_takes_over_and_the_first_says_so(mx, hs, pg, d
 
     def notices(room):
         return [e["content"]["body"] for e in hs.events(room) if e["type"] == "m.room.message" and e["sender"] == bot]
+    # The daemon registers its bot at start (a real homeserver has it from
+    # the registration file already): an invitation before that is refused.
+    wait_until(lambda: hs.user_exists(bot), what="the bot registered")
     first = alice.create_dm(bot)
     wait_until(lambda: any("Commands" in n for n in notices(first)), what="the bot's help")
     second = alice.create_room(preset="private_chat", is_direct=True, invite=[bot])
