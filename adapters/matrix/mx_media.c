@@ -1,5 +1,7 @@
 /* The Matrix adapter's media (docs/matrix.md "Media"): a local user's file
- * (mxc:// of our homeserver) fetched with the appservice's token when a
+ * (mxc:// of our homeserver, or of another server whose file the user
+ * forwarded: our homeserver fetches it over federation) fetched through
+ * the homeserver with the appservice's token when a
  * peer asks for it (GET /v1/media/{token}); a peer's file fetched and
  * uploaded to the homeserver as the remote user's ghost before the message
  * that carries it is sent. */
@@ -15,13 +17,15 @@
 
 #define MEDIA_TIMEOUT_MS 30000L
 
-/* mxc://<server>/<media id>: the media id into id (false when url is not
- * a content URI of server). */
-static bool mxc_split(const char *url, const char *server, char *id, size_t len)
+/* mxc://<server>/<media id>: the server and the media id (false when url
+ * is not a content URI).  Any server's: a user's homeserver serves its
+ * own files and, to its users (and its appservice), other servers' too,
+ * which it fetches over federation; a file a user forwarded from another
+ * server is no bare link into a store the peer cannot reach. */
+static bool mxc_split(const char *url, char *server, size_t slen, char *id, size_t len)
 {
-	char srv[256];
 	const char *mid;
-	if (!mx_mxc_parse(url, srv, sizeof(srv), &mid) || strcmp(srv, server) != 0 || strlen(mid) >= len)
+	if (!mx_mxc_parse(url, server, slen, &mid) || strlen(mid) >= len)
 		return false;
 	memcpy(id, mid, strlen(mid) + 1);
 	return true;
@@ -29,9 +33,9 @@ static bool mxc_split(const char *url, const char *server, char *id, size_t len)
 
 bool matrix_media_owns(void *ctx, const char *url)
 {
-	struct matrix *m = ctx;
-	char id[256];
-	return url && mxc_split(url, mx_server_name(m->cfg), id, sizeof(id));
+	(void)ctx;
+	char server[256], id[256];
+	return url && mxc_split(url, server, sizeof(server), id, sizeof(id));
 }
 
 /* One GET of the homeserver's media API into b. */
@@ -69,11 +73,10 @@ static void errcode_of(const struct media_blob *b, char *code, size_t len)
 cw_err matrix_media_fetch(void *ctx, const char *url, struct media_blob *b, long *status, cw_errmsg *e)
 {
 	struct matrix *m = ctx;
-	const char *server = mx_server_name(m->cfg);
-	char id[256], path[800], code[64];
+	char server[256], id[256], path[800], code[64];
 	*status = 0;
-	if (!mxc_split(url, server, id, sizeof(id)))
-		return cw_fail(e, CW_EINVAL, "not a file of this homeserver");
+	if (!mxc_split(url, server, sizeof(server), id, sizeof(id)))
+		return cw_fail(e, CW_EINVAL, "not a content URI");
 	CURL *h = curl_easy_init();
 	if (!h)
 		return cw_fail(e, CW_ENOMEM, "out of memory");

@@ -11,9 +11,10 @@
 
 #include <jansson.h>
 
-/* The event as peer may see it (a new reference): ev itself when none of
- * its attachments is a local file, otherwise a copy whose attachment URLs
- * are Causeway's media URLs for peer. */
+/* The event as peer may see it (a new reference): ev itself when it is
+ * not a local user's or none of its attachments is a local network's
+ * file, otherwise a copy whose attachment URLs are Causeway's media URLs
+ * for peer. */
 json_t *peer_media_offer(struct cw_app *app, const char *peer, json_t *ev);
 
 /* GET /v1/media/{token}. */

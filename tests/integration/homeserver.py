@@ -59,7 +59,10 @@ The choices made where the specification allows several behaviours:
   /_matrix/media/v3/download answers 404 M_NOT_FOUND for them, as Synapse
   does once authenticated media is enforced.  authenticated_media=False is a
   homeserver from before 1.11: the /client/v1 path is unknown (404
-  M_UNRECOGNIZED) and the old path serves the file.
+  M_UNRECOGNIZED) and the old path serves the file.  A file of another
+  server (mxc://other.server/...) is served as a homeserver serves it
+  after fetching it over federation: the test puts it in with
+  remote_media(); one it has not is 404 M_NOT_FOUND.
 """
 import base64
 import copy
@@ -253,6 +256,7 @@ class Homeserver:
         self.authenticated_media = authenticated_media
         self.max_upload_size = max_upload_size
         self._media = {}            # media id -> {"content_type", "data", "filename", "user"}
+        self._remote = {}           # (server, media id) -> the same, other servers' files (remote_media)
         self.media_latency = 0.0    # seconds a download takes before it is answered
         self.downloads_started = 0  # downloads asked for (requests lists them once answered)
         self.registration = registration if registration is not None else {}
@@ -517,6 +521,14 @@ class Homeserver:
                                      "user": user_id}
         return f"mxc://{self.server_name}/{media_id}"
 
+    def remote_media(self, server, data, content_type, filename=None):
+        """A file of another server, as federation would bring it here: its mxc:// URI."""
+        media_id = _random(24)
+        with self._lock:
+            self._remote[(server, media_id)] = {"content_type": content_type, "data": bytes(data),
+                                                "filename": filename, "user": None}
+        return f"mxc://{server}/{media_id}"
+
     def media(self, mxc):
         """What the content repository keeps under an mxc:// URI of this server, or None."""
         prefix = f"mxc://{self.server_name}/"
@@ -544,7 +556,7 @@ class Homeserver:
         if self.media_latency:
             time.sleep(self.media_latency)
         with self._lock:
-            m = self._media.get(media_id) if server == self.server_name else None
+            m = self._media.get(media_id) if server == self.server_name else self._remote.get((server, media_id))
             if m is None:
                 raise MatrixError(404, "M_NOT_FOUND", "Not found")
             name = m["filename"] or media_id

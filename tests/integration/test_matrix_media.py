@@ -223,6 +223,45 @@ def test_a_matrix_users_file_reaches_the_peer_under_a_causeway_url(mx, hs, gk, p
     assert r.status_code == 404 and r.json()["code"] == "unknown_media"
 
 
+def test_a_file_forwarded_from_another_server_reaches_the_peer_too(mx, hs, gk, pg, db_url):
+    """A file a local user forwards from another Matrix server
+    (mxc://other.server/...) is fetched through the user's homeserver,
+    which serves other servers' files over federation, and offered to the
+    peer under a Causeway URL like the homeserver's own.  Before, the peer
+    got the bare mxc:// link, which it cannot fetch.  A content URI a peer
+    puts in its own event is not offered to another peer."""
+    a, srv = gk
+    room, mx_room = matrix_dm(mx, hs, a, pg, db_url)
+    photo = b"\x89PNG\r\n\x1a\n" + os.urandom(3000)
+    mxc = hs.remote_media("elsewhere.example", photo, "image/png", "cat.png")
+    ev = {"event_id": "$fwd1", "room_id": mx_room, "sender": ALICE_MX, "type": "m.room.message",
+          "origin_server_ts": 1700000000000,
+          "content": {"msgtype": "m.image", "body": "cat.png", "url": mxc,
+                      "info": {"mimetype": "image/png", "size": len(photo)}}}
+    assert as_put(mx, "fwd1", {"events": [ev]}).status_code == 200
+    got = wait_until(lambda: next((e for e in srv.events if e.get("content", {}).get("attachments")), None),
+                     what="the forwarded photo at the peer")
+    [att] = got["content"]["attachments"]
+    assert mxc not in json.dumps(got) and att["url"].startswith(mx.url + "/v1/media/"), att
+    r = a.call("GET", att["url"][len(mx.url):])
+    assert r.status_code == 200 and r.content == photo, (r.status_code, r.text[:200])
+    assert any(q["path"].endswith("/download/elsewhere.example/" + mxc.rsplit("/", 1)[1]) for q in hs.requests)
+    # A peer's own event naming a content URI: passed on as it is, never
+    # offered under a Causeway URL to another peer.
+    tg, tg_srv = add_peer(mx, "tg", "tg.example")
+    try:
+        grp = a.create_room([a.user("wally"), tg.user("tom")], kind="group").json()["id"]
+        r = a.call("POST", f"/v1/rooms/{grp}/messages", {
+            "type": "message", "sender": a.user("wally"), "content": {
+                "parts": [{"type": "text/plain", "body": "look"}],
+                "attachments": [{"content_type": "image/png", "url": mxc, "size": len(photo)}]}}, idem="peer-mxc")
+        assert r.status_code == 202, r.text
+        seen = tg_srv.wait_events(1)
+        assert seen[0]["content"]["attachments"][0]["url"] == mxc, seen
+    finally:
+        tg_srv.close()
+
+
 def test_a_slow_homeserver_does_not_hold_up_the_shutdown(make_daemon, db_url, hs, media, pg):
     """A peer's fetch that the homeserver takes long to answer is cut off
     once the HTTP front has drained (server.drain_timeout_ms): SIGTERM still
