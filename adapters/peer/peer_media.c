@@ -69,14 +69,6 @@ json_t *peer_media_offer(struct cw_app *app, const char *peer, json_t *ev)
 	size_t i;
 	json_t *a;
 	bool any = false;
-	/* Only a local user's files: a peer naming a content URI in its own
-	 * event must not have Causeway fetch it (through the homeserver,
-	 * which fetches other servers' files too) for another peer. */
-	const char *sender = json_string_value(json_object_get(ev, "sender"));
-	struct mimi_uri su;
-	cw_errmsg e;
-	if (!sender || mimi_uri_parse(sender, &su, &e) || strcmp(su.domain, app->cfg->domain) != 0)
-		return json_incref(ev);
 	if (app->media.owns)
 		json_array_foreach(atts, i, a) {
 			const char *url = json_string_value(json_object_get(a, "url"));
@@ -85,6 +77,15 @@ json_t *peer_media_offer(struct cw_app *app, const char *peer, json_t *ev)
 		}
 	char base[600];
 	if (!any || !base_url(app, base, sizeof(base)))
+		return json_incref(ev);
+	/* Only a local user's files (asked only of an event that has such a
+	 * file: most have none): a peer naming a content URI in its own
+	 * event must not have Causeway fetch it (through the homeserver,
+	 * which fetches other servers' files too) for another peer. */
+	const char *sender = json_string_value(json_object_get(ev, "sender"));
+	struct mimi_uri su;
+	cw_errmsg e;
+	if (!sender || mimi_uri_parse(sender, &su, &e) || strcmp(su.domain, app->cfg->domain) != 0)
 		return json_incref(ev);
 	json_t *copy = json_deep_copy(ev);
 	if (!copy)
