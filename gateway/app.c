@@ -518,19 +518,19 @@ static cw_err job_run(PGconn *c, void *arg, cw_errmsg *e)
 static cw_err job_write(PGconn *c, void *arg, cw_errmsg *e)
 {
 	struct app_job *j = arg;
-	if (!j->req || cw_req_auth(j->req) != CW_AUTH_PEER)
-		return job_run(c, arg, e);
-	job_reset(j);
-	bool fresh;
-	cw_err rc = peer_nonce_claim(c, cw_req_principal(j->req), cw_wall_ms() / 1000, j->app->cfg->max_clock_skew_s,
-				     &fresh, e);
-	if (rc)
-		return rc;
-	if (!fresh) {
-		app_job_fail(j, 401, "bad_signature", "this signature's nonce was seen before (a replay)");
-		return CW_OK;
+	if (j->req && cw_req_auth(j->req) == CW_AUTH_PEER) {
+		bool fresh;
+		cw_err rc = peer_nonce_claim(c, cw_req_principal(j->req), cw_wall_ms() / 1000,
+					     j->app->cfg->max_clock_skew_s, &fresh, e);
+		if (rc)
+			return rc;
+		if (!fresh) {
+			job_reset(j);
+			app_job_fail(j, 401, "bad_signature", "this signature's nonce was seen before (a replay)");
+			return CW_OK;
+		}
 	}
-	return j->fn(c, j, e);
+	return job_run(c, arg, e);
 }
 
 static void job_done(void *arg, cw_err rc, const cw_errmsg *e);

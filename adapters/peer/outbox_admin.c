@@ -127,11 +127,10 @@ static cw_err replay_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		app_job_fail(j, 409, "conflict", "only a dead letter can be replayed; this row is %s", state);
 		return CW_OK;
 	}
-	cw_err rc;
 	const char *ap[] = { id, admin_actor(j->req) };
 	r = PQexecParams(c, "INSERT INTO audit_log (actor, action, subject, details) VALUES ($2, "
 			    "'outbox.replay', $1, '{}')", 2, NULL, ap, NULL, NULL, 0);
-	rc = PQresultStatus(r) == PGRES_COMMAND_OK ? CW_OK : store_result_err(c, r, e);
+	cw_err rc = PQresultStatus(r) == PGRES_COMMAND_OK ? CW_OK : store_result_err(c, r, e);
 	PQclear(r);
 	if (rc)
 		return rc;
