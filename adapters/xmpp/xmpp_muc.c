@@ -1047,6 +1047,17 @@ void xa_muc_bounced(struct xcomp *xc, xmpp_stanza_t *st)
 
 /* ------------------------------------------------------------ iq */
 
+/* A field of a data form x (XEP-0004): its var, type and one value. */
+static void form_field(xmpp_ctx_t *ctx, xmpp_stanza_t *x, const char *var, const char *type, const char *value)
+{
+	xmpp_stanza_t *f = xa_child(ctx, x, "field", NULL);
+	if (!f)
+		return;
+	xmpp_stanza_set_attribute(f, "var", var);
+	xmpp_stanza_set_attribute(f, "type", type);
+	xa_text_child(ctx, f, "value", NULL, value);
+}
+
 bool xa_muc_iq(struct xcomp *xc, xmpp_stanza_t *st, const char *ns, bool get)
 {
 	const char *to = xmpp_stanza_get_to(st), *from = xmpp_stanza_get_from(st);
@@ -1095,12 +1106,7 @@ bool xa_muc_iq(struct xcomp *xc, xmpp_stanza_t *st, const char *ns, bool get)
 		xmpp_stanza_t *x = q ? xa_child(ctx, q, "x", "jabber:x:data") : NULL;
 		if (x) {
 			xmpp_stanza_set_attribute(x, "type", "form");
-			xmpp_stanza_t *f = xa_child(ctx, x, "field", NULL);
-			if (f) {
-				xmpp_stanza_set_attribute(f, "var", "FORM_TYPE");
-				xmpp_stanza_set_attribute(f, "type", "hidden");
-				xa_text_child(ctx, f, "value", NULL, "http://jabber.org/protocol/muc#roomconfig");
-			}
+			form_field(ctx, x, "FORM_TYPE", "hidden", "http://jabber.org/protocol/muc#roomconfig");
 		}
 		xa_send_now(xc, r);
 		return true;
@@ -1149,18 +1155,8 @@ bool xa_muc_iq(struct xcomp *xc, xmpp_stanza_t *st, const char *ns, bool get)
 			xmpp_stanza_t *x = q ? xa_child(ctx, q, "x", NS_DATA) : NULL;
 			if (x) {
 				xmpp_stanza_set_attribute(x, "type", "result");
-				xmpp_stanza_t *f = xa_child(ctx, x, "field", NULL);
-				if (f) {
-					xmpp_stanza_set_attribute(f, "var", "FORM_TYPE");
-					xmpp_stanza_set_attribute(f, "type", "hidden");
-					xa_text_child(ctx, f, "value", NULL, "http://jabber.org/protocol/muc#roominfo");
-				}
-				f = xa_child(ctx, x, "field", NULL);
-				if (f) {
-					xmpp_stanza_set_attribute(f, "var", "muc#roomconfig_allowinvites");
-					xmpp_stanza_set_attribute(f, "type", "boolean");
-					xa_text_child(ctx, f, "value", NULL, "1");
-				}
+				form_field(ctx, x, "FORM_TYPE", "hidden", "http://jabber.org/protocol/muc#roominfo");
+				form_field(ctx, x, "muc#roomconfig_allowinvites", "boolean", "1");
 			}
 		}
 		xa_send_now(xc, r);
