@@ -1020,6 +1020,7 @@ struct submit {
 	unsigned char *wake;        /* per item: who its pending rows are for (WAKE_*) */
 	bool notified;              /* round 1 sent a NOTIFY */
 	json_t *audit;              /* the policy decisions to record (round 1) */
+	int nfacts;                 /* round 0's result: its first nfacts rows are facts rows (n = -2) */
 	enum submit_room_by room_by; /* how items name their rooms */
 	bool no_answers;            /* a local adapter: it reads statuses, not the accepted answers */
 	json_t *refused;            /* batch: per item, the problem object of a refused item, or null */
@@ -1122,7 +1123,8 @@ struct submit *submit_new(size_t n)
  * facts_catch_up. */
 #define READ_ITEMS(ROOM_COND) \
 	"WITH items AS (SELECT * FROM json_to_recordset($1::json) " \
-	"  AS x(n int, room text, key text, reply text, replaces text, scope text, snd text, net text, dom text)), " \
+	"  AS x(n int, room text, key text, reply text, replaces text, scope text, snd text, net text, dom text, " \
+	"  win bigint)), " \
 	"rm AS (SELECT it.room, it.scope, r.id, r.uri FROM (SELECT DISTINCT room, scope FROM items) AS it " \
 	"  LEFT JOIN LATERAL (SELECT id, uri FROM rooms WHERE " ROOM_COND " LIMIT 1) r ON true) " \
 	"SELECT it.n, rm.id, NULL::bigint, NULL, NULL::boolean, NULL, NULL::bigint, NULL, NULL, " \
@@ -1154,8 +1156,11 @@ struct submit *submit_new(size_t n)
 	" (SELECT c.state FROM consents c WHERE c.local_identity_id = f.id AND c.subject_kind = 'user' " \
 	"  AND c.subject = it.snd), NULL::bigint, NULL::bigint, NULL::bigint, NULL, NULL, " \
 	" (SELECT c.state FROM consents c WHERE c.local_identity_id = f.id AND c.subject_kind = 'domain' " \
-	"  AND c.subject = it.dom), NULL " \
-	"FROM (SELECT DISTINCT room, scope, snd, net, dom FROM items WHERE snd IS NOT NULL) it " \
+	"  AND c.subject = it.dom), " \
+	" CASE WHEN EXISTS (SELECT 1 FROM consent_requests q JOIN identities s ON s.id = q.remote_identity_id " \
+	"  WHERE q.local_identity_id = f.id AND s.uri = it.snd " \
+	"  AND (q.state = 'pending' OR q.created_at > now() - make_interval(secs => it.win))) THEN 't' ELSE 'f' END " \
+	"FROM (SELECT DISTINCT room, scope, snd, net, dom, win FROM items WHERE snd IS NOT NULL) it " \
 	" JOIN rm ON rm.room = it.room AND rm.scope IS NOT DISTINCT FROM it.scope AND rm.id IS NOT NULL " \
 	" JOIN LATERAL (SELECT i.id, i.uri FROM room_members m JOIN identities i ON i.id = m.identity_id " \
 	"  WHERE m.room_id = rm.id AND m.membership = 'joined' AND i.is_local OFFSET 0) f ON true " \
@@ -1382,7 +1387,7 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 {
 	if (round == 0)
 		submit_clear_round(b);
-	struct policy_view *v = round == 1 ? policy_live_get(b->app->policy) : NULL;
+	struct policy_view *v = policy_live_get(b->app->policy);
 	struct cw_buf doc, contents;
 	cw_buf_init(&doc, SIZE_MAX / 2);
 	cw_buf_init(&contents, SIZE_MAX / 2);
@@ -1408,7 +1413,8 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 				     (!in->local_sender &&
 				      (cw_buf_add(&doc, ",\"snd\":", 7) || add_json_string(&doc, in->sender) ||
 				       cw_buf_add(&doc, ",\"net\":", 7) || add_json_string(&doc, in->sender_network) ||
-				       cw_buf_add(&doc, ",\"dom\":", 7) || add_json_string(&doc, in->sender_domain))) ||
+				       cw_buf_add(&doc, ",\"dom\":", 7) || add_json_string(&doc, in->sender_domain) ||
+				       cw_buf_printf(&doc, ",\"win\":%lld", (long long)v->set.consent_window_s))) ||
 				     cw_buf_add(&doc, "}", 1)
 				     ? CW_EINVAL
 				     : CW_OK;
@@ -1544,6 +1550,50 @@ static void intra_refs(struct submit *b)
 	}
 }
 
+/* Whether item i's message, held for local user local_id (its identity
+ * id), may ask that user for consent.  Yes where a request of its sender
+ * is pending or recent (the write asks once per window: this asks nothing
+ * new) or an earlier item of the job asks; else a new request would be
+ * made, and it takes a token of the sender's consent_requests_per_day
+ * (spec/policy.md: "consent requests per day", per remote user; each
+ * request its own token, as a group's first message may ask several
+ * users).  Without one the message is held unasked, as a held message
+ * for an unknown user is: the sender sees what any held message shows,
+ * and a later message asks once the bucket has refilled.  The refusal is
+ * audited once per episode. */
+static bool may_ask(struct submit *b, size_t i, PGresult *r, const struct policy_snapshot *snap,
+		    const struct policy_request *held_req, const char *local_id, json_t *audit)
+{
+	const struct msg_input *in = b->items[i];
+	for (int k = 0; k < b->nfacts; k++)
+		if (strcmp(PQgetvalue(r, k, 2), local_id) == 0 && strcmp(PQgetvalue(r, k, 3), in->sender) == 0) {
+			if (PQgetvalue(r, k, 17)[0] == 't')
+				return true;
+			break;
+		}
+	for (size_t j = 0; j < i; j++)
+		if (b->items[j] && b->held[j] && strcmp(b->items[j]->sender, in->sender) == 0)
+			for (size_t x = 0; x < json_array_size(b->held[j]); x++)
+				if (strcmp(json_string_value(json_array_get(b->held[j], x)), local_id) == 0)
+					return true;
+	struct policy_rate_memo memo;
+	policy_rate_memo_init(&memo, b->app->limits);
+	struct policy_request req = *held_req;
+	req.action = POLICY_ACT_CONSENT_REQUEST;
+	req.rate = &memo.rate;
+	struct policy_decision d;
+	policy_decide(snap, &req, &d);
+	if (d.verdict != POLICY_LIMIT)
+		return true;
+	policy_count(b->app, &d);
+	if (memo.first_refusal)
+		json_array_append_new(audit, json_pack("{s:s, s:s, s:I, s:s, s:s, s:{s:s, s:s, s:I}}", "action",
+			"policy.limit", "reason", d.reason, "rule", (json_int_t)d.rule_id, "pid", in->msg_id,
+			"subject", in->sender, "details", "user", req.recipient.uri, "type", "consent_request",
+			"retry_after_ms", (json_int_t)d.retry_after_ms));
+	return false;
+}
+
 /* Round 0's answer for item i (row first of r; the members of its room are
  * rows mfirst .. mfirst+nmembers-1): the refusals, or the recipients. */
 static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, int mfirst, int nmembers)
@@ -1666,7 +1716,8 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 				"details", "sender", in->sender,
 				"direction", in->local_sender ? "outbound" : local ? "inbound" : "transit",
 				"type", in->type));
-		if (d.verdict == POLICY_HOLD && !expired) /* no consent asked for what nobody will see */
+		if (d.verdict == POLICY_HOLD && !expired && /* no consent asked for what nobody will see */
+		    may_ask(b, i, r, view->snap, &preq, PQgetvalue(r, k, 2), audit))
 			json_array_append_new(held, json_string(PQgetvalue(r, k, 2)));
 		/* A local user's message to a remote one is consent to the
 		 * replies of that conversation (and opts them in to its network
@@ -1813,6 +1864,7 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 				facts++;
 			if (facts)
 				facts_catch_up(b, r, facts);
+			b->nfacts = facts;
 			for (members = facts; members < rows && atoi(PQgetvalue(r, members, 0)) < 0;)
 				members++;
 			const char *last = NULL; /* the room of the previous item, whose members are mfirst, nm */

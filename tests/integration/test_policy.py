@@ -347,6 +347,63 @@ def test_a_thousand_messages_from_a_new_sender_make_one_consent_request(daemon, 
     assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'policy.hold'", db_url) == "1000"
 
 
+def test_first_contacts_ask_no_more_users_a_day_than_the_senders_limit(daemon, peers, pg, db_url):
+    """consent_requests_per_day counts the requests a first contact makes,
+    not only MIMI's requestConsent: one remote user writing to many local
+    users asks at most that many of them a day.  Messages beyond the limit
+    are held unasked, answered as any held message is."""
+    (a, _), _ = peers
+    users = [f"mimi://example.org/u/{n}" for n in ("alice", "bob", "carol", "dave")]
+    for u in users:
+        opt_in(daemon, user=u)
+    daemon.admin("POST", "/rules", json={"scope": "network", "pattern": "peer:*",
+                                         "limits": {"consent_requests_per_day": 2}})
+    rooms = []
+    for u in users:
+        r = a.create_room([a.user("spam"), u])
+        assert r.status_code == 201, r.text
+        rooms.append(r.json()["id"])
+    # alice twice (one request), then bob: two requests, the limit.
+    ids = [send(a, rooms[0], "hi alice", sender="spam"), send(a, rooms[0], "hi again", sender="spam"),
+           send(a, rooms[1], "hi bob", sender="spam")]
+    # carol and dave in one batch, carol twice: no token left for either.
+    events = [{"idempotency_key": idem(), "room": a.call("GET", f"/v1/rooms/{rooms[k]}").json()["uri"],
+               "event": {"type": "message", "sender": a.user("spam"),
+                         "content": {"parts": [{"type": "text/plain", "body": f"hi {k}"}]}}}
+              for k in (2, 2, 3)]
+    r = a.call("POST", "/v1/batch", {"events": events})
+    assert r.status_code == 200, r.text
+    assert all(x["status"] == "accepted" for x in r.json()["results"]), r.json()
+    assert all(x.status_code == 202 for x in ids), [x.text for x in ids]
+    all_ids = [x.json()["id"] for x in ids] + [x["id"] for x in r.json()["results"]]
+    # Every message is held alike; the sender sees "accepted" for each.
+    assert [s for _, s in states(pg, db_url, all_ids)] == ["held"] * 6
+    for m in all_ids:
+        st = a.call("GET", f"/v1/messages/{m}").json()
+        assert [x["status"] for x in st["recipients"]] == ["accepted"], st
+    asked = pg.psql("SELECT i.uri FROM consent_requests q JOIN identities i ON i.id = q.local_identity_id "
+                    "ORDER BY q.id", db_url).splitlines()
+    assert asked == users[:2]
+    # The refusal is audited once (an episode), linked to carol's first message.
+    rows = pg.psql("SELECT e.public_id, a.reason_code, a.details->>'user' FROM audit_log a "
+                   "JOIN events e ON e.id = a.event_id WHERE a.action = 'policy.limit'", db_url).splitlines()
+    assert rows == [f"{all_ids[3]}|rate_limited_consent_requests|{users[2]}"]
+    # The operator sees why carol was not asked.
+    why = decision(daemon, all_ids[3])
+    assert ("limit", "rate_limited_consent_requests") in [(d["verdict"], d["reason"]) for d in why["decisions"]]
+    # Without the limit, carol's next message asks her (the held ones go with her answer).
+    rule = daemon.admin("GET", "/rules").json()["rows"][0]
+    assert daemon.admin("DELETE", f"/rules/{rule['id']}").status_code == 200
+
+    def carol_asked():
+        send(a, rooms[2], "still there?", sender="spam")
+        return pg.psql("SELECT count(*) FROM consent_requests q JOIN identities i ON i.id = q.local_identity_id "
+                       f"WHERE i.uri = '{users[2]}'", db_url) == "1"
+    wait_policy(daemon, carol_asked, "carol's consent request")
+    out = consent(daemon, a.user("spam"), "allowed", user=users[2])
+    assert out["released"] >= 3
+
+
 def test_rule_change_is_in_force_on_every_process_without_restart(daemon, make_daemon, peers, pg, db_url):
     (a, _), _ = peers
     opt_in(daemon)
