@@ -1,6 +1,7 @@
 /* The outbox dispatcher: its lanes, each a thread. */
 #include "config.h"
 #include "dispatcher.h"
+#include "buf.h"
 #include "log.h"
 #include "store.h"
 
@@ -29,6 +30,8 @@ struct lane {
 	unsigned next; /* where its next claim starts in the destination list */
 	bool started;
 	char held[sizeof(((struct outbox_row *)0)->destination)]; /* its destination, "" for none (under d->mu) */
+	const struct outbox_row *rows; /* the rows it delivers, for the keeper (under d->mu) */
+	size_t nrows;
 };
 
 /* A destination whose last claim scanned long and found nothing: no lane
@@ -841,11 +844,15 @@ static void *dispatcher_main(void *arg)
 			unwatch(l);
 			atomic_fetch_add(&d->claims, 1);
 			pthread_mutex_lock(&d->mu);
+			l->rows = rows;
+			l->nrows = (size_t)n;
 			if (d->busy++ == 0)
 				pthread_cond_signal(&d->keeper_cv);
 			pthread_mutex_unlock(&d->mu);
 			deliver(l, rows, (size_t)n);
 			pthread_mutex_lock(&d->mu);
+			l->rows = NULL;
+			l->nrows = 0;
 			d->busy--;
 			pthread_mutex_unlock(&d->mu);
 			free(rows);
@@ -864,9 +871,11 @@ static void *dispatcher_main(void *arg)
  * a Matrix batch of many rows of one room, each a request) would have its
  * rows sent again by another lane while it still runs, and its outcome
  * recorded on nothing, over and over.  While any lane delivers, this
- * thread renews the process's claims every third of the timeout, on a
- * connection of its own.  A process that dies renews nothing, so its
- * rows still come back. */
+ * thread renews the claims of the rows the lanes deliver (those alone:
+ * a row whose outcome could not be recorded, the database gone a moment,
+ * must still come back when its claim runs out) every third of the
+ * timeout, on a connection of its own.  A process that dies renews
+ * nothing, so its rows still come back. */
 static void *keeper_main(void *arg)
 {
 	cw_thread_name("cw-claims");
@@ -886,23 +895,32 @@ static void *keeper_main(void *arg)
 		if (pthread_cond_timedwait(&d->keeper_cv, &d->mu, &ts) != ETIMEDOUT || !d->busy ||
 		    atomic_load(&d->stop))
 			continue;
+		struct cw_buf ids;
+		cw_buf_init(&ids, SIZE_MAX / 2);
+		bool oom = cw_buf_add(&ids, "{", 1) != 0;
+		for (int i = 0; i < d->nlanes && !oom; i++)
+			for (size_t k = 0; k < d->lanes[i].nrows && !oom; k++)
+				oom = cw_buf_printf(&ids, "%s%lld", ids.len > 1 ? "," : "",
+						    (long long)d->lanes[i].rows[k].id) != 0;
+		oom = oom || cw_buf_add(&ids, "}", 1) != 0;
 		pthread_mutex_unlock(&d->mu);
 		cw_errmsg e;
 		if (!c || PQstatus(c) != CONNECTION_OK) {
 			PQfinish(c);
 			c = store_connect(d->url, 10000, &e);
 		}
-		const char *params[] = { d->name, timeout };
-		PGresult *r = c ? PQexecParams(c, "UPDATE outbox SET claimed_until = now() + make_interval(secs => "
-					      "$2::int) WHERE state = 'in_flight' AND claimed_by = $1", 2, NULL, params,
-					      NULL, NULL, 0)
-				: NULL;
+		const char *params[] = { d->name, timeout, oom ? NULL : ids.p };
+		PGresult *r = c && !oom ? PQexecParams(c, "UPDATE outbox SET claimed_until = now() + make_interval(secs => "
+						    "$2::int) WHERE id = ANY($3::bigint[]) AND state = 'in_flight' AND "
+						    "claimed_by = $1", 3, NULL, params, NULL, NULL, 0)
+				       : NULL;
 		if (r && PQresultStatus(r) == PGRES_COMMAND_OK)
 			atomic_fetch_add(&d->renewals, 1);
 		else
 			LOG_KV(CW_LOG_WARN, "cannot renew the dispatcher's claims", "detail",
-			       r ? PQresultErrorMessage(r) : e.msg);
+			       r ? PQresultErrorMessage(r) : oom ? "out of memory" : e.msg);
 		PQclear(r);
+		cw_buf_free(&ids);
 		pthread_mutex_lock(&d->mu);
 	}
 	pthread_mutex_unlock(&d->mu);

@@ -339,7 +339,12 @@ int main(int argc, char **argv)
 					     cfg.http_timeout_ms);
 	char dname[300], host[256] = "localhost";
 	gethostname(host, sizeof(host) - 1);
-	snprintf(dname, sizeof(dname), "%.200s:%d", host, (int)getpid());
+	/* host:pid and a random part: a process restarted in a container has
+	 * its predecessor's hostname and pid, and must not take the rows that
+	 * one claimed for its own (they come back when their claims run out). */
+	uint32_t nonce = 0;
+	cw_random(&nonce, sizeof(nonce));
+	snprintf(dname, sizeof(dname), "%.200s:%d:%08x", host, (int)getpid(), (unsigned)nonce);
 	struct dispatcher_opts dopt = {
 		.url = cfg.db_url, .name = dname, .batch_max = (int)cfg.dispatch_batch_max, .lanes = (int)cfg.dispatch_lanes,
 		.retry_budget = (int)cfg.retry_budget, .retry_base_ms = cfg.retry_base_ms,

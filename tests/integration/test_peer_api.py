@@ -193,6 +193,41 @@ def test_a_delivery_longer_than_its_claim_is_sent_once(make_daemon, db_url, pg):
             srv.close()
 
 
+def test_a_claim_whose_outcome_was_lost_comes_back_while_the_process_delivers(make_daemon, db_url, pg):
+    """The keeper renews the rows the lanes are delivering, not every row
+    the process claimed: a row whose outcome could not be recorded (the
+    database gone a moment) stays in flight, and must come back when its
+    claim runs out.  Here such a row (another room's, to peer gk) is made
+    by hand while a slow push to tg is under way; it goes out again before
+    that push ends.  Before, the keeper renewed it with the busy lane's
+    rows, and its room waited for as long as any lane was busy."""
+    d = make_daemon(db_url, options={"dispatcher": {"claim_timeout_s": "5", "http_timeout_ms": "20000"}}).start()
+    (a, sa), (b, sb) = made = push_peers(d)
+    try:
+        other = room(a, b)
+        assert b.send(other["id"], b.user("bob"), "already delivered").status_code == 202
+        wait_until(lambda: sa.requests == 1, what="bob's message at gk")
+        sb.delay = 14.0
+        slow = room(a, b)
+        assert a.send(slow["id"], a.user("alice"), "slow").status_code == 202
+        wait_until(lambda: sb.requests == 1, what="the slow push under way")
+        name = pg.psql("SELECT claimed_by FROM outbox WHERE destination = 'peer:tg' AND state = 'in_flight'",
+                       db_url)
+        assert name, "the slow row is in flight"
+        # bob's row, as if its delivery's outcome had not been recorded.
+        pg.psql(f"UPDATE outbox SET state = 'in_flight', claimed_by = '{name}', "
+                "claimed_until = now() + interval '5 seconds', delivered_at = NULL "
+                "WHERE destination = 'peer:gk'", db_url)
+        wait_until(lambda: sa.requests == 2, timeout=10, what="bob's row sent again when its claim ran out")
+        assert pg.psql("SELECT state FROM outbox WHERE destination = 'peer:tg'", db_url) == "in_flight"
+        wait_until(lambda: pg.psql("SELECT string_agg(state, ',') FROM outbox", db_url) == "delivered,delivered",
+                   timeout=20, what="both delivered")
+        assert sa.duplicates == 1 and sb.requests == 1
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
 def test_a_slow_peer_does_not_hold_the_stop(make_daemon, db_url, pg):
     """SIGTERM while a push waits on a peer that takes long to answer:
     the daemon stops within its drain time, not after
