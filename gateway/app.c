@@ -538,25 +538,38 @@ static void job_done(void *arg, cw_err rc, const cw_errmsg *e);
 static void *after_thread(void *arg)
 {
 	cw_thread_name("cw-after");
+	struct cw_app *app = ((struct app_job *)arg)->app;
 	job_done(arg, CW_OK, NULL);
+	atomic_fetch_sub(&app->afters, 1);
 	return NULL;
+}
+
+void app_afters_wait(struct cw_app *app)
+{
+	while (atomic_load(&app->afters) > 0) {
+		struct timespec ts = { 0, 10 * 1000000L };
+		nanosleep(&ts, NULL);
+	}
 }
 
 static void job_done(void *arg, cw_err rc, const cw_errmsg *e)
 {
 	struct app_job *j = arg;
 	if (j->after_waits && j->req && !rc && !j->err_code && j->after) {
-		/* Rare (admin changes): a thread of its own, which the HTTP
-		 * front's drain waits for through the suspended request. */
+		/* Rare (admin changes, a ghost's registration): a thread of
+		 * its own, counted, which the stop waits for (app_afters_wait)
+		 * however long the HTTP front's drain lasts. */
 		j->after_waits = false;
 		pthread_t t;
 		pthread_attr_t a;
 		pthread_attr_init(&a);
 		pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+		atomic_fetch_add(&j->app->afters, 1);
 		bool started = pthread_create(&t, &a, after_thread, j) == 0;
 		pthread_attr_destroy(&a);
 		if (started)
 			return;
+		atomic_fetch_sub(&j->app->afters, 1);
 	}
 	if (!j->req) {
 		if (!rc && !j->err_code && j->after)

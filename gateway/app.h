@@ -50,7 +50,14 @@ struct cw_app {
 	struct media_source media;      /* where local users' files come from (ctx NULL: nowhere) */
 	struct cw_workers *fetchers;    /* the threads that fetch files (server.media_fetches; workers.h) */
 	atomic_bool stopping;           /* set once the HTTP front has drained: long transfers end */
+	atomic_int afters;              /* after hooks running on threads of their own (app_afters_wait) */
 };
+
+/* Waits until no job's after hook runs on a thread of its own (they use
+ * the store, the policy and the adapters, and resume their requests):
+ * called at the stop, before any of those goes.  Each hook's waits are
+ * bounded by its own timeouts. */
+void app_afters_wait(struct cw_app *app);
 
 /* A database job on behalf of a request: the request is suspended, fn runs
  * on a store thread (inside the group-commit transaction for a write, and

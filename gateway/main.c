@@ -418,6 +418,7 @@ int main(int argc, char **argv)
 	peer_pull_stop(app.pull); /* long-polls answer now: they would hold the drain */
 	matrix_stop_parking(app.matrix); /* and so would transactions parked behind a ghost's join */
 	bool idle = cw_http_drain(app.http, cfg.drain_timeout_ms);
+	app_afters_wait(&app); /* the requests they resume are not abandoned: they use what stops below */
 	atomic_store(&app.stopping, true); /* file transfers still running end now (media.h) */
 	dispatcher_stop(app.dispatcher);
 	xa_stop(app.xmpp);

@@ -392,6 +392,46 @@ def test_a_ghost_that_could_not_be_registered_is_not_said_to_exist(mx, hs, gk):
     assert r.status_code == 200 and r.json() == {} and hs.user_exists(ghost)
 
 
+def test_a_stop_waits_for_a_ghost_registration_under_way(make_daemon, db_url, hs):
+    """SIGTERM while GET /users/{id} waits on a slow homeserver's POST
+    /register (3 s, longer than the drain of 1 s and its second second):
+    the daemon answers the query and exits cleanly.  The registration
+    runs on a thread of its own, which nothing waited for: the HTTP front
+    stopped under a suspended request (libmicrohttpd aborts the process
+    then) and the adapter was freed under the thread."""
+    d = start_mx(make_daemon, db_url, hs, server={"drain_timeout_ms": "1000"})
+    a, srv = add_gk(d)
+    try:
+        a.create_room([a.user("wally"), ALICE])
+        ghost = "@_cw_gk_wally:example.org"
+        started = threading.Event()
+
+        def slow(method, path, user):
+            if path.endswith("/register"):
+                started.set()
+                time.sleep(3.0)
+            return False
+        hs.refuse = slow
+        answer = {}
+
+        def ask():
+            try:
+                answer["r"] = requests.get(d.url + "/_matrix/app/v1/users/" + ghost,
+                                           headers={"Authorization": "Bearer " + HS_TOKEN}, timeout=20)
+            except requests.RequestException as ex:
+                answer["ex"] = ex
+        t = threading.Thread(target=ask)
+        t.start()
+        assert started.wait(10), "the registration under way"
+        assert d.stop() == 0, d.log()[-2000:]
+        t.join(20)
+        assert "r" in answer and answer["r"].status_code == 200, answer
+        assert hs.user_exists(ghost)
+    finally:
+        hs.refuse = None
+        srv.close()
+
+
 def test_management_room_consent_flow(mx, hs, gk, pg, db_url):
     """A user invites the bot, opts in there, gets one consent request for a
     new sender, accepts it: the held messages arrive in order."""
