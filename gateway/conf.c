@@ -112,8 +112,8 @@ const struct cfg_option cfg_options[] = {
 	{ "matrix", "alias_prefix", CFG_STR, OFF(mx_alias_prefix), "_cw_", 0, 0, false, false,
 	  "alias prefix of the gateway's rooms (an exclusive namespace)" },
 	{ "matrix", "max_transaction_bytes", CFG_SIZE, OFF(mx_max_txn_bytes), "16MiB", 1L << 20, 256L << 20, false, false,
-	  "largest homeserver transaction body taken (100 events of up to 64 KiB, and ephemeral data); "
-	  "server.max_body_bytes bounds every other request" },
+	  "largest homeserver transaction body taken (100 events of up to 64 KiB, and ephemeral data), "
+	  "for a request that carries the hs_token; server.max_body_bytes bounds every other request" },
 
 	{ "xmpp", "components", CFG_STR, OFF(xmpp_components), "", 0, 0, false, false,
 	  "external components (XEP-0114), one per remote network: DOMAIN=PEER pairs separated by spaces or commas "

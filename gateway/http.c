@@ -49,6 +49,7 @@ struct cw_req {
 	size_t body_len, body_alloc;
 	bool too_large;
 	size_t limit;  /* the largest body its route takes */
+	size_t expected; /* its Content-Length, or 0 */
 	bool path_matched; /* no route, but the path is one's (405, not 404) */
 	/* state */
 	bool handled;
@@ -350,7 +351,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 		r->route = cw_route_match(h->o.routes, h->o.nroutes, r->method, r->path, &r->params, &r->path_matched);
 		r->limit = h->o.max_body_bytes;
 		for (const char *const *p = h->o.large_body_routes; r->route >= 0 && p && *p; p++)
-			if (strcmp(*p, h->o.routes[r->route].pattern) == 0 && h->o.max_large_body_bytes > r->limit)
+			if (strcmp(*p, h->o.routes[r->route].pattern) == 0 && h->o.max_large_body_bytes > r->limit &&
+			    (!h->o.large_body_ok || h->o.large_body_ok(h->o.ctx, r)))
 				r->limit = h->o.max_large_body_bytes;
 		const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
 		if (cl) {
@@ -364,6 +366,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 				dispatch(r);
 				return queue_reply(r);
 			}
+			r->expected = (size_t)n; /* the buffer, at once and no larger */
 		}
 		return MHD_YES;
 	}
@@ -378,9 +381,13 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 			return MHD_YES;
 		}
 		if (r->body_len + n + 1 > r->body_alloc) {
-			size_t a = r->body_alloc ? r->body_alloc : 1024;
+			/* Doubling, but never past the limit: a body of 16 MiB
+			 * must not take 32. */
+			size_t a = r->body_alloc ? r->body_alloc : r->expected ? r->expected + 1 : 1024;
 			while (a < r->body_len + n + 1)
 				a *= 2;
+			if (a > r->limit + 1)
+				a = r->limit + 1;
 			char *p = realloc(r->body, a);
 			if (!p)
 				return MHD_NO;

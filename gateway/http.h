@@ -60,6 +60,9 @@ struct cw_http_opts {
 	 * value below max_body_bytes counts as that. */
 	const char *const *large_body_routes;
 	size_t max_large_body_bytes;
+	/* Whether this request of those routes may (its credentials, checked
+	 * with the headers before the body is read; ctx below); NULL: all. */
+	bool (*large_body_ok)(void *ctx, struct cw_req *r);
 	const struct cw_route *routes;
 	size_t nroutes;
 	void *ctx;                 /* passed to every handler */

@@ -368,6 +368,7 @@ int main(int argc, char **argv)
 		.connection_timeout_s = (unsigned)cfg.connection_timeout_s,
 		.max_body_bytes = (size_t)cfg.max_body_bytes,
 		.large_body_routes = matrix_transaction_routes,
+		.large_body_ok = matrix_large_body_ok,
 		.max_large_body_bytes = app.matrix ? (size_t)cfg.mx_max_txn_bytes : 0,
 		.routes = app_routes,
 		.nroutes = app_nroutes,

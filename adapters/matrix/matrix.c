@@ -189,26 +189,42 @@ bool matrix_unmatched(struct cw_req *req, bool method_mismatch, void *ctx)
 /* The homeserver's token: "Authorization: Bearer" or the legacy
  * ?access_token=.  False after answering 401/403 (or 404 with the adapter
  * off: then these paths do not exist). */
-static bool hs_authorized(struct cw_req *req, struct cw_app *app)
+/* The homeserver's token on req (Authorization: Bearer, or the legacy
+ * access_token parameter): 0 it is, 401 none, 403 another, 404 no adapter. */
+static int hs_token_check(struct cw_req *req, struct cw_app *app)
 {
-	if (!app->matrix) {
-		mx_error(req, 404, "M_UNRECOGNIZED", "the Matrix adapter is not configured");
-		return false;
-	}
+	if (!app->matrix)
+		return 404;
 	const char *token = app_bearer(req);
 	if (!token)
 		token = cw_req_query(req, "access_token");
-	if (!token) {
-		mx_error(req, 401, "M_MISSING_TOKEN", "the homeserver's token is required");
-		return false;
-	}
+	if (!token)
+		return 401;
 	unsigned char h[32];
 	cw_sha256(token, strlen(token), h);
-	if (!cw_ct_equal(h, app->matrix->hs_token_hash, 32)) {
+	return cw_ct_equal(h, app->matrix->hs_token_hash, 32) ? 0 : 403;
+}
+
+static bool hs_authorized(struct cw_req *req, struct cw_app *app)
+{
+	switch (hs_token_check(req, app)) {
+	case 0:
+		return true;
+	case 404:
+		mx_error(req, 404, "M_UNRECOGNIZED", "the Matrix adapter is not configured");
+		return false;
+	case 401:
+		mx_error(req, 401, "M_MISSING_TOKEN", "the homeserver's token is required");
+		return false;
+	default:
 		mx_error(req, 403, "M_FORBIDDEN", "the homeserver's token does not match");
 		return false;
 	}
-	return true;
+}
+
+bool matrix_large_body_ok(void *ctx, struct cw_req *req)
+{
+	return hs_token_check(req, ctx) == 0;
 }
 
 /* ------------------------------------------------------------ queries */

@@ -41,6 +41,10 @@ void matrix_as_transaction(struct cw_req *req, void *ctx);
  * transaction holds up to 100 events of up to 64 KiB and ephemeral data,
  * so they take bodies up to matrix.max_transaction_bytes. */
 extern const char *const matrix_transaction_routes[];
+/* Whether a request to those routes may send a body that large: only
+ * the homeserver's (its token checked with the headers, before the body
+ * is read). ctx: the cw_app. */
+bool matrix_large_body_ok(void *ctx, struct cw_req *req);
 void matrix_as_user(struct cw_req *req, void *ctx);
 void matrix_as_room_alias(struct cw_req *req, void *ctx);
 void matrix_as_ping(struct cw_req *req, void *ctx);

@@ -181,6 +181,20 @@ def test_a_large_transaction_is_taken(mx):
     assert r.status_code == 413
     r = requests.post(mx.url + "/v1/batch", data=b" " * (2 << 20), headers={"Content-Type": "application/json"})
     assert r.status_code == 413
+    # The large limit is the homeserver's alone, its token checked before
+    # the body is read: anyone else is held to server.max_body_bytes
+    # (before, anyone could make the daemon buffer 32 MiB a connection).
+    body = json.dumps(big).encode()
+    for auth in ({}, {"Authorization": "Bearer wrong"}):
+        r = requests.put(mx.url + "/_matrix/app/v1/transactions/nobody", data=body,
+                         headers=dict(auth, **{"Content-Type": "application/json"}))
+        assert r.status_code == 413, (auth, r.status_code, r.text[:200])
+    r = requests.put(mx.url + "/_matrix/app/v1/transactions/query-token", data=body,
+                     params={"access_token": HS_TOKEN}, headers={"Content-Type": "application/json"})
+    assert r.status_code == 200, r.text[:200]
+    # A small body without the token is still told why.
+    r = requests.put(mx.url + "/_matrix/app/v1/transactions/small", json={"events": []})
+    assert r.status_code == 401 and r.json()["errcode"] == "M_MISSING_TOKEN"
 
 
 def metrics(d, name):
