@@ -93,8 +93,9 @@ cw_err peer_nonce_claim(PGconn *c, const struct peer_principal *p, int64_t now_s
 	snprintf(stale, sizeof(stale), "%lld", (long long)(now_s - skew_s - 60));
 	const char *params[] = { pid, p->nonce, created, stale };
 	PGresult *r = PQexecParams(c,
-				   "WITH stale AS (DELETE FROM signature_nonces WHERE peer_id = $1::bigint "
-				   "AND created < $4::bigint) "
+				   "WITH stale AS (DELETE FROM signature_nonces WHERE ctid = ANY (ARRAY(SELECT ctid "
+				   "FROM signature_nonces WHERE peer_id = $1::bigint AND created < $4::bigint "
+				   "FOR UPDATE SKIP LOCKED))) "
 				   "INSERT INTO signature_nonces (peer_id, nonce, created) "
 				   "VALUES ($1::bigint, $2, $3::bigint) ON CONFLICT DO NOTHING",
 				   4, NULL, params, NULL, NULL, 0);

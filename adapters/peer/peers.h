@@ -32,7 +32,10 @@ void peer_principal_free(void *p);
 /* Claims p's signature nonce for every daemon process (the table
  * signature_nonces), inside the caller's write transaction: *fresh is
  * false when another request claimed it before (a replay).  Rows of the
- * peer older than now_s - skew_s - 60 are deleted on the way.  Used for
+ * peer older than now_s - skew_s - 60 are deleted on the way, those that
+ * no other transaction holds (SKIP LOCKED: two processes' batches that
+ * claim for two peers in opposite orders would otherwise wait on each
+ * other, a deadlock; a row skipped goes with a later claim).  Used for
  * the state-changing requests that no idempotency key makes repeatable;
  * the in-memory replay cache stays the first check of every request. */
 cw_err peer_nonce_claim(PGconn *c, const struct peer_principal *p, int64_t now_s, int64_t skew_s, bool *fresh,
