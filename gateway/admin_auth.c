@@ -185,12 +185,6 @@ static cw_err tok_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	struct tok_job *q = j->data;
 	PGresult *r = PQexecParams(c, q->sql, q->n, NULL, q->p, NULL, NULL, 0);
 	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
-		const char *state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
-		if (state && strcmp(state, "23505") == 0) { /* unique_violation: the name is taken */
-			PQclear(r);
-			app_job_fail(j, 409, "conflict", "a token with that name exists (revoked tokens keep their name)");
-			return CW_OK;
-		}
 		cw_err rc = store_result_err(c, r, e);
 		PQclear(r);
 		return rc;
@@ -317,8 +311,12 @@ void admin_tokens_create(struct cw_req *req, void *ctx)
 		json_decref(body);
 		return;
 	}
+	/* A name taken is no row, not an error: a failed statement would
+	 * abort the group commit's transaction under the other writes of its
+	 * batch. */
 	struct tok_job *q = tok_new("INSERT INTO admin_tokens (name, role, token_hash) "
-				    "VALUES ($1, $2, decode($3, 'hex')) RETURNING " TOKEN_JSON "::text");
+				    "VALUES ($1, $2, decode($3, 'hex')) ON CONFLICT (name) DO NOTHING "
+				    "RETURNING " TOKEN_JSON "::text");
 	if (q) {
 		unsigned char raw[32], h[32];
 		cw_random(raw, sizeof(raw));
@@ -335,6 +333,8 @@ void admin_tokens_create(struct cw_req *req, void *ctx)
 		q->n = 3;
 		q->status = 201;
 		q->action = "token.create";
+		q->none_status = 409;
+		q->none_detail = "a token with that name exists (revoked tokens keep their name)";
 	}
 	json_decref(body);
 	tok_run(req, ctx, q);

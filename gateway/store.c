@@ -504,6 +504,15 @@ static enum batch_outcome run_batch(struct cw_store *s, PGconn *c, struct job *l
 			if (j->rc || !j->fn)
 				continue;
 			cw_err rc = j->fn(c, j->arg, &j->err);
+			if (rc == CW_OK && PQtransactionStatus(c) == PQTRANS_INERROR) {
+				/* A job that took a failed statement for an answer
+				 * (a bug): the transaction is aborted, and the
+				 * other jobs' writes with it, which COMMIT would
+				 * turn into a silent ROLLBACK.  It fails alone. */
+				LOG_KV(CW_LOG_ERROR, "a write job left its transaction aborted; failing it",
+				       "detail", PQerrorMessage(c));
+				rc = cw_fail(&j->err, CW_EINTERNAL, "a statement of the write failed");
+			}
 			if (rc == CW_OK)
 				continue;
 			if (PQstatus(c) != CONNECTION_OK) {
@@ -528,8 +537,21 @@ static enum batch_outcome run_batch(struct cw_store *s, PGconn *c, struct job *l
 				return BATCH_CONN_LOST_BEFORE_COMMIT;
 			continue;
 		}
-		if (store_exec(c, "COMMIT", e))
+		PGresult *r = PQexec(c, "COMMIT");
+		if (PQresultStatus(r) != PGRES_COMMAND_OK) {
+			store_result_err(c, r, e);
+			PQclear(r);
 			return BATCH_CONN_LOST_AT_COMMIT;
+		}
+		if (strcmp(PQcmdStatus(r), "ROLLBACK") == 0) {
+			/* An aborted transaction that no job reported (a bug):
+			 * nothing was written, and no job may say it was. */
+			LOG_KV(CW_LOG_ERROR, "a write batch's COMMIT rolled back (a statement failed unreported)");
+			for (struct job *j = list; j; j = j->next)
+				if (!j->rc)
+					j->rc = cw_fail(&j->err, CW_EINTERNAL, "the write was rolled back");
+		}
+		PQclear(r);
 		return BATCH_DONE;
 	}
 }

@@ -3,6 +3,7 @@ admin), named tokens with roles (made, shown once, revoked at once on every
 process), the actor in the audit log, the message trace, discarding a dead
 letter, the console's files and headers, and docs/admin-openapi.json
 against the routes the daemon really serves."""
+import concurrent.futures
 import json
 import os
 import re
@@ -136,6 +137,28 @@ def test_a_revocation_reaches_every_process(make_daemon, db_url):
     assert a.admin("POST", "/tokens/shared/revoke").status_code == 200
     wait_until(lambda: call(b, "GET", "/admin/v1/whoami", t).status_code == 401, timeout=3,
                what="the revocation on the second process")
+
+
+def test_a_taken_token_name_spoils_no_other_write_of_its_batch(make_daemon, db_url, pg):
+    """A token made under a name that exists is 409, and the writes that
+    share its group commit are written as answered.  The failed INSERT
+    used to be taken for the 409 while it aborted the batch's
+    transaction: writes beside it answered 500, or 201 for a rule the
+    COMMIT (turned into a ROLLBACK) never stored."""
+    d = make_daemon(db_url, options={"database": {"batch_delay_us": "50000"}}).start()
+    assert d.admin("POST", "/tokens", json={"name": "alice"}).status_code == 201
+    for rnd in range(3):
+        calls = [("POST", "/rules", {"scope": "domain", "pattern": f"x{rnd}{k}.example", "mode": "deny"})
+                 for k in range(5)]
+        calls.insert(2, ("POST", "/tokens", {"name": "alice"}))
+        with concurrent.futures.ThreadPoolExecutor(len(calls)) as ex:
+            answers = list(ex.map(lambda c: d.admin(c[0], c[1], json=c[2]), calls))
+        token = answers.pop(2)
+        assert token.status_code == 409 and token.json()["code"] == "conflict", token.text
+        assert [a.status_code for a in answers] == [201] * 5, [a.text for a in answers]
+        stored = pg.psql(f"SELECT count(*) FROM rules WHERE pattern LIKE 'x{rnd}_.example'", db_url)
+        assert stored == "5", (rnd, stored)
+    assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'rule.create'", db_url) == "15"
 
 
 def test_named_tokens_work_without_a_configured_token(make_daemon, db_url, pg):
