@@ -230,10 +230,15 @@ static cw_err tok_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 static void tok_after(struct app_job *j)
 {
 	struct tok_job *q = j->data;
-	if (q->action && strcmp(q->action, "token.revoke") == 0)
+	bool revoke = q->action && strcmp(q->action, "token.revoke") == 0;
+	if (revoke)
 		admin_tokens_forget(j->app->admins, q->buf[0]);
 	if (!policy_live_sync(j->app->policy, 2000))
 		LOG_KV(CW_LOG_WARN, "the token change is committed but not yet in force here (reload slow or failing)");
+	/* Again: a reload that read the tokens before the revocation
+	 * committed may have put the token back meanwhile. */
+	if (revoke)
+		admin_tokens_forget(j->app->admins, q->buf[0]);
 }
 
 static void tok_run(struct cw_req *req, void *ctx, struct tok_job *q)

@@ -681,7 +681,18 @@ static cw_err update_fn(PGconn *c, struct app_job *j, cw_errmsg *e, const char *
 	j->body = peer_row_json(r, 0);
 	keep_entry(j, r);
 	PQclear(r);
-	return audit(c, j, action, in->name, "{}", e);
+	/* What the peer is now, so the log shows a push URL redirected or
+	 * a key replaced (never its token: that is added to a rotation's
+	 * answer later). */
+	json_t *d = json_pack("{s:O?, s:O?, s:O?, s:O?, s:O?}", "mode", json_object_get(j->body, "mode"), "push_url",
+			      json_object_get(j->body, "push_url"), "event_types",
+			      json_object_get(j->body, "event_types"), "enabled", json_object_get(j->body, "enabled"),
+			      "public_key", json_object_get(j->body, "public_key"));
+	char *details = d ? json_dumps(d, JSON_COMPACT) : NULL;
+	json_decref(d);
+	cw_err rc = audit(c, j, action, in->name, details ? details : "{}", e);
+	free(details);
+	return rc;
 }
 
 static cw_err enable_fn(PGconn *c, struct app_job *j, cw_errmsg *e)

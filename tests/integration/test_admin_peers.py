@@ -1,6 +1,7 @@
 """/admin/v1/peers: the operator creates, lists, disables and rotates peers."""
 import base64
 import hashlib
+import json
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -179,3 +180,7 @@ def test_event_types_and_push_url_are_set_checked_and_changed(daemon, pg, db_url
     assert r.json()["event_types"] == ["block", "message"] and r.json()["push_url"] == "https://gk.example/x"
     assert pg.psql("SELECT event_types::text FROM peers WHERE name = 'gk'", db_url) == "{block,message}"
     assert pg.psql("SELECT action FROM audit_log ORDER BY id DESC LIMIT 1", db_url) == "peer.update"
+    # The log says what the peer became (a redirected push URL is visible there).
+    details = json.loads(pg.psql("SELECT details FROM audit_log ORDER BY id DESC LIMIT 1", db_url))
+    assert details["push_url"] == "https://gk.example/x" and details["event_types"] == ["block", "message"]
+    assert "token" not in details
