@@ -129,7 +129,8 @@ const struct cfg_option cfg_options[] = {
 	{ "xmpp", "reconnect_max_ms", CFG_INT, OFF(xmpp_reconnect_max_ms), "30000", 100, 3600000, false, false,
 	  "upper bound of the exponential backoff between two connection attempts" },
 	{ "xmpp", "resend_window_ms", CFG_INT, OFF(xmpp_resend_window_ms), "10000", 0, 600000, false, false,
-	  "stanzas written this long before a stream broke are written again (same id) after the reconnect" },
+	  "stanzas written this long before a stream broke, or since the server last answered a ping if earlier, "
+	  "are written again (same id) after the reconnect" },
 
 	{ "admin", "token_sha256", CFG_STR, OFF(admin_token_sha256), "", 0, 0, false, true,
 	  "hex SHA-256 of the bootstrap admin token, role admin, name config (causewayd --new-admin-token makes one); "

@@ -379,7 +379,9 @@ static bool claim_destination(struct lane *l, const char *dest, struct outbox_ro
 static PGresult *claim_open(struct lane *l, cw_errmsg *e)
 {
 	struct dispatcher *d = l->d;
-	const char *local = d->o.local_deliver ? d->o.local_destination : "";
+	const char *local = d->o.local_deliver && (!d->o.local_ready || d->o.local_ready(d->o.local_ctx))
+				    ? d->o.local_destination
+				    : "";
 	char *lit = PQescapeLiteral(l->c, local, strlen(local));
 	if (!lit) {
 		cw_fail(e, CW_ENOMEM, "cannot quote the local destination: %s", PQerrorMessage(l->c));

@@ -76,6 +76,11 @@ struct dispatcher_opts {
 	deliver_fn local_deliver;  /* destination local_destination: the local adapter (NULL: none) */
 	void *local_ctx;
 	const char *local_destination; /* "matrix" or "xmpp" */
+	/* Whether the local adapter can deliver from this process now (NULL:
+	 * always): while not, its rows are left to other processes, not
+	 * claimed and refused (an XMPP process whose streams another process
+	 * holds, or whose streams are down). */
+	bool (*local_ready)(void *local_ctx);
 };
 
 cw_err dispatcher_start(struct dispatcher **out, const struct dispatcher_opts *o, cw_errmsg *e);

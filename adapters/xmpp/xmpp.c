@@ -587,8 +587,12 @@ static void on_iq(struct xcomp *xc, xmpp_stanza_t *st)
 	if (!type)
 		return answer_error(xc, st, "modify", "bad-request");
 	if (strcmp(type, "result") == 0 || strcmp(type, "error") == 0) {
-		if (id && xc->ping_sent_ms && strcmp(id, xc->ping_id) == 0)
-			xc->ping_sent_ms = 0; /* the server answered our ping (an error answer proves it alive too) */
+		if (id && xc->ping_sent_ms && strcmp(id, xc->ping_id) == 0) {
+			/* the server answered our ping (an error answer proves it
+			 * alive too): what was written before it got there */
+			xc->ping_sent_ms = 0;
+			xc->proven_ms = xc->ping_sent_wall_ms;
+		}
 		return;
 	}
 	if ((strcmp(type, "get") != 0 && strcmp(type, "set") != 0) || !id)
@@ -717,52 +721,85 @@ static void nap(struct xcomp *xc, int ms)
 	}
 }
 
-static void recent_clear(struct xcomp *xc)
+static void recent_drop_oldest(struct xcomp *xc)
 {
-	for (size_t i = 0; i < xc->recent_n; i++) {
-		struct xr_item *r = &xc->recent[(xc->recent_head + i) % XMPP_RECENT_MAX];
-		free(r->text);
-		r->text = NULL;
-	}
-	xc->recent_head = xc->recent_n = 0;
+	struct xr_item *r = &xc->recent[xc->recent_head];
+	xc->recent_bytes -= strlen(r->text);
+	free(r->text);
+	r->text = NULL;
+	xc->recent_head = (xc->recent_head + 1) % XMPP_RECENT_MAX;
+	xc->recent_n--;
 }
 
-/* Remembers a written stanza (takes text) and forgets those older than
- * the re-send window. */
+static void recent_clear(struct xcomp *xc)
+{
+	while (xc->recent_n)
+		recent_drop_oldest(xc);
+	xc->recent_head = 0;
+}
+
+/* Since when written stanzas must be kept for a re-send: the window
+ * before now, or, when earlier, the last time everything written was
+ * known to have reached the server (a break that only the ping's
+ * timeout finds, up to 90 s later, loses what was written since). */
+static int64_t recent_since(const struct xcomp *xc, int64_t now_ms)
+{
+	int64_t since = now_ms - xc->x->cfg->xmpp_resend_window_ms;
+	return xc->proven_ms && xc->proven_ms < since ? xc->proven_ms : since;
+}
+
+/* Remembers a written stanza (takes text) and forgets those no re-send
+ * needs (recent_since), and the oldest past XMPP_RECENT_MAX stanzas or
+ * XMPP_RECENT_BYTES.  An <iq/> is not kept: an answer to a request is
+ * asked for again, and a vCard with its avatar is large. */
 static void recent_add(struct xcomp *xc, char *text, int64_t now_ms)
 {
-	int64_t window = xc->x->cfg->xmpp_resend_window_ms;
-	while (xc->recent_n && (xc->recent_n == XMPP_RECENT_MAX ||
-				xc->recent[xc->recent_head].at_ms < now_ms - window)) {
-		free(xc->recent[xc->recent_head].text);
-		xc->recent[xc->recent_head].text = NULL;
-		xc->recent_head = (xc->recent_head + 1) % XMPP_RECENT_MAX;
-		xc->recent_n--;
-	}
-	if (window <= 0) {
+	size_t len = strlen(text);
+	if (xc->x->cfg->xmpp_resend_window_ms <= 0 || strncmp(text, "<iq", 3) == 0 || len > XMPP_RECENT_BYTES / 4) {
 		free(text);
 		return;
 	}
+	int64_t since = recent_since(xc, now_ms);
+	while (xc->recent_n && (xc->recent_n == XMPP_RECENT_MAX || xc->recent[xc->recent_head].at_ms < since ||
+				xc->recent_bytes + len > XMPP_RECENT_BYTES))
+		recent_drop_oldest(xc);
 	struct xr_item *r = &xc->recent[(xc->recent_head + xc->recent_n) % XMPP_RECENT_MAX];
 	r->at_ms = now_ms;
 	r->text = text;
 	xc->recent_n++;
+	xc->recent_bytes += len;
 }
 
-/* After a reconnect: what was written in the window before the break goes
- * again, with the same ids (XEP-0114 acknowledges nothing). */
+/* After a reconnect: what was written in the window before the break, or
+ * since the server last proved it had everything, goes again, with the
+ * same ids (XEP-0114 acknowledges nothing), and is kept as written now:
+ * a second break before the server proves it has them sends them again. */
 static void recent_resend(struct xcomp *xc, int64_t drop_ms)
 {
-	int64_t window = xc->x->cfg->xmpp_resend_window_ms;
-	size_t n = 0;
-	for (size_t i = 0; i < xc->recent_n; i++) {
-		struct xr_item *r = &xc->recent[(xc->recent_head + i) % XMPP_RECENT_MAX];
-		if (r->at_ms >= drop_ms - window) {
-			xmpp_send_raw(xc->conn, r->text, strlen(r->text));
-			n++;
-		}
+	int64_t since = recent_since(xc, drop_ms), now = cw_wall_ms();
+	size_t n = 0, total = xc->recent_n;
+	struct xr_item *all = malloc((total ? total : 1) * sizeof(*all));
+	if (!all) {
+		recent_clear(xc);
+		LOG_KV(CW_LOG_WARN, "xmpp: out of memory; the stanzas before the break are not written again",
+		       "component", xc->domain);
+		return;
 	}
-	recent_clear(xc);
+	for (size_t i = 0; i < total; i++) {
+		all[i] = xc->recent[(xc->recent_head + i) % XMPP_RECENT_MAX];
+		xc->recent[(xc->recent_head + i) % XMPP_RECENT_MAX].text = NULL;
+	}
+	xc->recent_head = xc->recent_n = xc->recent_bytes = 0;
+	for (size_t i = 0; i < total; i++) {
+		if (all[i].at_ms < since) {
+			free(all[i].text);
+			continue;
+		}
+		xmpp_send_raw(xc->conn, all[i].text, strlen(all[i].text));
+		recent_add(xc, all[i].text, now);
+		n++;
+	}
+	free(all);
 	if (n) {
 		char count[24];
 		snprintf(count, sizeof(count), "%zu", n);
@@ -912,6 +949,7 @@ static void send_ping(struct xcomp *xc, int64_t now)
 	xa_child(xc->ctx, iq, "ping", NS_PING);
 	xa_send_now(xc, iq);
 	xc->ping_sent_ms = now;
+	xc->ping_sent_wall_ms = cw_wall_ms();
 	xc->ping_next_ms = now + PING_EVERY_MS;
 }
 
@@ -1055,6 +1093,7 @@ static void *comp_main(void *arg)
 			set_state(xc, XC_UP, NULL, false);
 			backoff = 0;
 			recent_resend(xc, drop_wall_ms);
+			xc->proven_ms = cw_wall_ms(); /* what is written from now on: proven by the next ping */
 			xc->resend_pending = true;
 			xc->resend_after = 0;
 			xc->audit_seen = -1; /* the roster sync goes on from the stored cursor */
@@ -1201,6 +1240,18 @@ void xa_free(struct xmpp *x)
 }
 
 /* ------------------------------------------------------------ health */
+
+bool xa_ready(void *ctx)
+{
+	struct xmpp *x = ctx;
+	bool up = false;
+	for (int i = 0; x && i < x->ncomp && !up; i++) {
+		pthread_mutex_lock(&x->comp[i].mu);
+		up = x->comp[i].state == XC_UP;
+		pthread_mutex_unlock(&x->comp[i].mu);
+	}
+	return up;
+}
 
 json_t *xa_health(struct xmpp *x)
 {

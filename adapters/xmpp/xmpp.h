@@ -31,6 +31,9 @@ void xa_start(struct xmpp *x);
 void xa_stop(struct xmpp *x);
 void xa_free(struct xmpp *x);
 
+/* Whether a component's stream is up in this process (ctx: struct xmpp):
+ * the dispatcher claims rows for "xmpp" only then. */
+bool xa_ready(void *ctx);
 /* The dispatcher's delivery for destination "xmpp" (ctx: struct xmpp). */
 cw_err xa_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_row *rows, size_t n,
 		    size_t *done, long *code, cw_errmsg *e);

@@ -38,6 +38,7 @@ struct xr_item {
 	char *text;
 };
 #define XMPP_RECENT_MAX 4096
+#define XMPP_RECENT_BYTES (16u << 20)
 
 /* A member's nick in a group's room, as SQL: the tail of a CASE (after
  * its WHEN clauses, if any) whose member is the identity with the columns
@@ -94,6 +95,12 @@ struct xcomp {
 	xmpp_conn_t *conn;
 	struct xr_item recent[XMPP_RECENT_MAX];
 	size_t recent_head, recent_n;
+	size_t recent_bytes;            /* their texts' sizes (bounded: XMPP_RECENT_BYTES) */
+	/* The wall time before which everything written has reached the
+	 * server: the sending of the last ping it answered (TCP keeps order),
+	 * or the stream's start. */
+	int64_t proven_ms;
+	int64_t ping_sent_wall_ms;
 	bool resend_pending;            /* pending consent requests go out again after a (re)connect, */
 	long long resend_after;         /* those with an id above this one still (xa_requests) */
 	long long audit_seen;           /* the operator's consent changes up to this audit_log id are done (-1: none yet) */

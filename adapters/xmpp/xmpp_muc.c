@@ -1076,10 +1076,12 @@ bool xa_muc_iq(struct xcomp *xc, xmpp_stanza_t *st, const char *ns, bool get)
 				xmpp_stanza_set_from(r, to);
 			xa_send_now(xc, r);
 		} else {
-			/* an occupant pinging another's nick is not told it is out
-			 * (XEP-0410 §3.1 reads not-acceptable so): iqs to the
-			 * members are not carried */
-			xa_send_now(xc, xa_error_reply(st, "cancel", in ? "service-unavailable" : "not-acceptable", NULL));
+			/* Not in, or in under another nick: not-acceptable, which
+			 * XEP-0410 §3.1 reads as "not joined", so that a client
+			 * that missed its own nick change joins again (before, an
+			 * occupant pinging another nick got service-unavailable,
+			 * which reads as "joined"). */
+			xa_send_now(xc, xa_error_reply(st, "cancel", "not-acceptable", NULL));
 		}
 		return true;
 	}
@@ -1097,6 +1099,16 @@ bool xa_muc_iq(struct xcomp *xc, xmpp_stanza_t *st, const char *ns, bool get)
 		return true;
 	}
 	if (ns && strcmp(ns, NS_MUC_OWNER) == 0) {
+		/* Destroying the room (XEP-0045 §10.9) is not an owner's here:
+		 * a group ends on its network; a user leaves it (the room's
+		 * leave command).  Answered so, not acknowledged. */
+		xmpp_stanza_t *qy = xmpp_stanza_get_child_by_ns(st, NS_MUC_OWNER);
+		if (!get && qy && xmpp_stanza_get_child_by_name(qy, "destroy")) {
+			xa_send_now(xc, xa_error_reply(st, "auth", "forbidden",
+						       "a group ends on its network; to leave it, use the room's leave "
+						       "command"));
+			return true;
+		}
 		/* A new room's configuration (XEP-0045 §10.1.2): there is
 		 * nothing to configure; an instant room is accepted as it is. */
 		xmpp_stanza_t *r = xa_iq_result(st);

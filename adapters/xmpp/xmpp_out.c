@@ -317,6 +317,28 @@ static bool build(struct xmpp *x, struct outbox_row *row, PGresult *r, int k, st
 	return ok;
 }
 
+/* How soon a row whose component's stream is not up here is due again. */
+#define NOT_UP_RETRY_MS 2000
+
+/* Outcome 3 (dispatcher.h): not tried here, due again in a moment, the
+ * attempt not counted. */
+static void row_wait(struct outbox_row *row, const char *why)
+{
+	row->outcome = 3;
+	row->retry_after_ms = NOT_UP_RETRY_MS;
+	snprintf(row->why, sizeof(row->why), "%s", why);
+}
+
+/* Outcome -1: tried and failed, an attempt counted (backoff, then a dead
+ * letter the operator can replay). */
+static void row_fail(struct outbox_row *row, const char *why)
+{
+	row->outcome = -1;
+	row->code = 0;
+	row->retry_after_ms = 0;
+	snprintf(row->why, sizeof(row->why), "%s", why);
+}
+
 cw_err xa_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_row *rows, size_t n, size_t *done,
 		    long *code, cw_errmsg *e)
 {
@@ -344,27 +366,52 @@ cw_err xa_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_r
 	struct xcomp **comps = calloc(n, sizeof(*comps));
 	size_t *binds = calloc(n, sizeof(*binds)); /* the bindings made by rows 0..i */
 	json_t *bind = json_array();
-	size_t built = 0;
 	if (!seqs || !comps || !binds || !bind) {
 		rc = cw_fail(e, CW_ENOMEM, "out of memory");
 		goto out;
 	}
+	/* Each row has its own outcome (dispatcher.h): one that cannot be
+	 * made fails alone, one whose component's stream is not up here (down,
+	 * full, or held by another process) waits without losing an attempt,
+	 * and the other components' rows go on; a room with a row not
+	 * delivered keeps its later rows back, so none overtakes it.  Before,
+	 * the first such row failed the whole rest of the batch, each row an
+	 * attempt (a process on standby burned rows' budgets to dead letters). */
+	json_t *held_rooms = json_object();
+	if (!held_rooms) {
+		rc = cw_fail(e, CW_ENOMEM, "out of memory");
+		goto out;
+	}
 	for (size_t i = 0; i < n; i++) {
+		binds[i] = json_array_size(bind);
+		const char *room = json_string_value(json_object_get(rows[i].event, "room"));
+		if (room && json_object_get(held_rooms, room)) {
+			row_wait(&rows[i], "an earlier message of its room waits");
+			continue;
+		}
 		while (k < nr && (size_t)atol(PQgetvalue(r, k, 0)) < i)
 			k++;
 		if (k >= nr || (size_t)atol(PQgetvalue(r, k, 0)) != i) {
-			rc = cw_fail(e, CW_EINVAL, "an XMPP row names no local user");
-			break;
+			row_fail(&rows[i], "an XMPP row names no local user");
+			if (room)
+				json_object_set_new(held_rooms, room, json_true());
+			continue;
 		}
 		char *st = NULL;
 		size_t len = 0;
 		struct xcomp *xc = NULL;
-		bool made = build(x, &rows[i], r, k, &xc, &st, &len, bind, e);
-		binds[i] = json_array_size(bind);
+		cw_errmsg why = { { 0 } };
+		size_t before = json_array_size(bind);
+		bool made = build(x, &rows[i], r, k, &xc, &st, &len, bind, &why);
 		if (!made) {
-			rc = CW_EINVAL;
-			break;
+			while (json_array_size(bind) > before)
+				json_array_remove(bind, json_array_size(bind) - 1);
+			row_fail(&rows[i], why.msg);
+			if (room)
+				json_object_set_new(held_rooms, room, json_true());
+			continue;
 		}
+		binds[i] = json_array_size(bind);
 		if (st) {
 			/* The thread is woken once, below, for the whole batch:
 			 * one wake-up and one write instead of one each.  A
@@ -376,32 +423,62 @@ cw_err xa_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_r
 				pthread_mutex_lock(&xc->mu);
 				bool up = xc->state == XC_UP;
 				pthread_mutex_unlock(&xc->mu);
-				rc = cw_fail(e, CW_EUNAVAIL, "the stream of component %s is %s", xc->domain,
-					     up ? "full" : "down");
-				break;
+				char why_not[sizeof(rows[i].why)];
+				snprintf(why_not, sizeof(why_not), "the stream of component %.400s is %s", xc->domain,
+					 up ? "full" : "not up here");
+				row_wait(&rows[i], why_not);
+				while (json_array_size(bind) > before)
+					json_array_remove(bind, json_array_size(bind) - 1);
+				binds[i] = before;
+				if (room)
+					json_object_set_new(held_rooms, room, json_true());
+				continue;
 			}
 			comps[i] = xc;
+		} else {
+			rows[i].outcome = 1; /* nothing to send (XM_OUT_NONE): done */
 		}
-		built++;
 	}
-	for (size_t i = 0; i < built; i++)
-		if (comps[i] && (i + 1 == built || comps[i] != comps[i + 1]))
-			xa_wake(comps[i]); /* the last stanza of each run of one component's */
-	/* Written in order: the first row whose stanza did not reach the wire
-	 * ends what is done. */
-	for (size_t i = 0; i < built; i++) {
-		if (comps[i] && !xa_wait_written(comps[i], seqs[i], WRITE_TIMEOUT_MS)) {
-			rc = cw_fail(e, CW_EUNAVAIL, "the stream of component %s broke before the stanza was written",
-				     comps[i]->domain);
-			break;
+	json_decref(held_rooms);
+	struct xcomp *last = NULL;
+	for (size_t i = n; i-- > 0;)
+		if (comps[i] && comps[i] != last) {
+			xa_wake(comps[i]);
+			last = comps[i];
 		}
-		(*done)++;
+	/* Written in order per component: a stanza that did not reach the
+	 * wire (its stream broke) fails, and so does every later one of its
+	 * component and room. */
+	json_t *broke = json_object();
+	for (size_t i = 0; i < n; i++) {
+		if (!comps[i])
+			continue;
+		if ((broke && json_object_get(broke, comps[i]->domain)) ||
+		    !xa_wait_written(comps[i], seqs[i], WRITE_TIMEOUT_MS)) {
+			char why_not[sizeof(rows[i].why)];
+			snprintf(why_not, sizeof(why_not),
+				 "the stream of component %.400s broke before the stanza was written", comps[i]->domain);
+			row_fail(&rows[i], why_not);
+			if (broke)
+				json_object_set_new(broke, comps[i]->domain, json_true());
+			continue;
+		}
+		rows[i].outcome = 1;
 	}
+	json_decref(broke);
+	for (size_t i = 0; i < n; i++)
+		if (rows[i].outcome == 1)
+			(*done)++;
 	/* Only what was written binds: an invitation that did not go out is
 	 * made again with the row's next attempt. */
-	while (json_array_size(bind) > (*done ? binds[*done - 1] : 0))
-		json_array_remove(bind, json_array_size(bind) - 1);
-	if (json_array_size(bind)) {
+	json_t *sent = json_array();
+	for (size_t i = 0; sent && i < n; i++)
+		if (rows[i].outcome == 1)
+			for (size_t b = i ? binds[i - 1] : 0; b < binds[i]; b++)
+				json_array_append(sent, json_array_get(bind, b));
+	json_decref(bind);
+	bind = sent;
+	if (bind && json_array_size(bind)) {
 		char *b = json_dumps(bind, JSON_COMPACT);
 		/* Bound to a direct room of the two: the row's, or (a group's
 		 * row) the pair's, made if need be (schema/012_direct_rooms.sql):

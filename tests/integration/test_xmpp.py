@@ -678,6 +678,13 @@ def test_an_xmpp_user_makes_a_group(xd, gk, alice, prosody, pg, db_url):
     assert alice.ping(room + "/alice")  # in, not put out while the room was being made
     alice.iq("set", room, "<query xmlns='http://jabber.org/protocol/muc#owner'>"
                           "<x xmlns='jabber:x:data' type='submit'/></query>")
+    # Destroying it is refused, not acknowledged (a group ends on its network).
+    gone = alice.iq("set", room, "<query xmlns='http://jabber.org/protocol/muc#owner'><destroy/></query>",
+                    expect_error=True)
+    assert gone.find(".//{urn:ietf:params:xml:ns:xmpp-stanzas}forbidden") is not None, gone.xml
+    # A self-ping under a nick that is not alice's reads "not joined" (XEP-0410: not-acceptable).
+    other = alice.iq("get", room + "/someone", "<ping xmlns='urn:xmpp:ping'/>", expect_error=True)
+    assert other.find(".//{urn:ietf:params:xml:ns:xmpp-stanzas}not-acceptable") is not None, other.xml
     alice.send_raw(f"<message to='{room}'><x xmlns='{MUC_USER}'><invite to='{WALLY_JID}'/>"
                    f"<invite to='zoe@{COMP}'/></x></message>")
     for nick in ("wally", "zoe"):
@@ -1213,11 +1220,15 @@ def test_prosody_restart_mid_stream(xd, gk, prosody, pg, db_url):
     prosody.stop()
     wait_until(lambda: component_state(xd)["state"] != "up", what="the stream to break")
     # A group's first message while down: its invitation is not taken as
-    # sent (the room's binding waits for it to go out).
+    # sent (the room's binding waits for it to go out).  Rows wait in the
+    # outbox, untried: the dispatcher does not claim "xmpp" rows while no
+    # stream is up here, so none loses an attempt (before, each claim
+    # failed and counted, and a long outage made dead letters).
     gid = a.create_room([a.user("wally"), a.user("zoe"), ALICE], kind="group").json()["id"]
     first = a.send(gid, a.user("wally"), "a group while down").json()["id"]
-    wait_until(lambda: pg.psql(f"SELECT o.attempts > 0 FROM outbox o JOIN events e ON e.id = o.event_id "
-                               f"WHERE e.public_id = '{first}'", db_url) == "t", what="an attempt while down")
+    time.sleep(1.5)
+    assert pg.psql(f"SELECT o.state || ' ' || o.attempts FROM outbox o JOIN events e ON e.id = o.event_id "
+                   f"WHERE e.public_id = '{first}'", db_url) == "pending 0"
     ids = [a.send(room, a.user("wally"), f"while down {i}").json()["id"] for i in range(5)]
     prosody.start()
     wait_until(lambda: component_state(xd)["state"] == "up", timeout=30, what="the reconnect")
@@ -1234,6 +1245,37 @@ def test_prosody_restart_mid_stream(xd, gk, prosody, pg, db_url):
     assert [m.get("id") for m in got] == ids  # in order, none doubled
     alice.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None)  # the group's invitation
     alice.disconnect()
+
+
+def test_a_second_break_soon_after_a_reconnect_writes_the_stanzas_again(make_daemon, db_url, prosody, pg):
+    """XEP-0114 acknowledges nothing: the stanzas written before a break
+    are written again after the reconnect, and kept as written then, so a
+    second break before the server has proved it has them writes them a
+    third time.  Before, the re-sent ones were forgotten at once."""
+    d, a, srv = start_with_gk(make_daemon, db_url, prosody, xmpp={"resend_window_ms": "60000"})
+    try:
+        consent_alice(d)
+        room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+        assert a.send(room, a.user("wally"), "written before the breaks").status_code == 202
+        wait_until(lambda: pg.psql("SELECT state FROM outbox WHERE destination = 'xmpp'", db_url) == "delivered",
+                   what="the stanza written")
+        said = []
+        for _ in range(2):
+            start = len(d.records)
+            prosody.stop()
+            wait_until(lambda: component_state(d)["state"] != "up", what="the stream to break")
+            prosody.start()
+            wait_until(lambda: component_state(d)["state"] == "up", timeout=30, what="the reconnect")
+            rec = d.wait_for(lambda r: r.get("msg", "").startswith("xmpp: stanzas of the seconds before the break"),
+                             timeout=10, start=start)
+            said.append(int(rec["stanzas"]))
+        assert all(n >= 1 for n in said), said
+        alice = XmppClient(ALICE_JID, "pw-alice", port=prosody.c2s_port)
+        alice.connect()
+        message_from(alice, WALLY_JID, lambda el: body(el) == "written before the breaks")
+        alice.disconnect()
+    finally:
+        srv.close()
 
 
 def test_one_process_holds_the_stream_and_another_takes_over(xd, gk, alice, make_daemon, db_url, prosody, pg):
@@ -1260,6 +1302,15 @@ def test_one_process_holds_the_stream_and_another_takes_over(xd, gk, alice, make
     wait_until(lambda: component_state(second)["state"] == "standby", what="the second process standing by")
     assert component_state(xd)["state"] == "up"
     assert f'causeway_xmpp_stream_up{{component="{COMP}"}} 0' in second.get("/metrics").text
+    # While both run, every message reaches alice at its first attempt:
+    # the standby's dispatcher leaves "xmpp" rows to the holder (before, it
+    # claimed some, failed them and backed them off, each an attempt).
+    burst = [a.send(room, a.user("wally"), f"burst {i}").json()["id"] for i in range(20)]
+    for mid in burst:
+        message_from(alice, WALLY_JID, lambda el, mid=mid: el.get("id") == mid, timeout=20)
+    assert pg.psql("SELECT string_agg(DISTINCT o.state || ' ' || o.attempts, ',') FROM outbox o "
+                   "JOIN events e ON e.id = o.event_id WHERE e.public_id IN (%s)"
+                   % ",".join(f"'{m}'" for m in burst), db_url) == "delivered 1"
     xd.proc.kill()  # SIGKILL: its database session ends, and the lock with it
     xd.proc.wait()
     # While nobody holds the stream, alice's membership of the second group
