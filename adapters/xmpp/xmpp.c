@@ -581,6 +581,14 @@ static void gateway_iq(struct xcomp *xc, xmpp_stanza_t *st, xmpp_stanza_t *q, bo
 	xa_send_now(xc, r);
 }
 
+/* Whether st comes from a user of this XMPP server (any resource). */
+static bool from_local_user(struct xcomp *xc, xmpp_stanza_t *st)
+{
+	char bare[XJ_JID_MAX + 1], local[XJ_PART_MAX + 1];
+	const char *from = xmpp_stanza_get_from(st);
+	return from && xa_local_user(xc->x, from, bare, sizeof(bare), local, sizeof(local));
+}
+
 static void on_iq(struct xcomp *xc, xmpp_stanza_t *st)
 {
 	const char *type = xmpp_stanza_get_type(st), *to = xmpp_stanza_get_to(st), *id = xmpp_stanza_get_id(st);
@@ -627,6 +635,13 @@ static void on_iq(struct xcomp *xc, xmpp_stanza_t *st)
 		xa_send_now(xc, r);
 	} else if (ns && get && !user && strcmp(ns, NS_VERSION) == 0)
 		version(xc, st);
+	else if (ns && get && user && (strcmp(ns, "vcard-temp") == 0 || strcmp(ns, "http://jabber.org/protocol/pubsub") == 0) &&
+		 !from_local_user(xc, st))
+		/* A remote user's name and picture are for this server's
+		 * users: anyone else (another server's, over s2s) could
+		 * otherwise look up names by phone number.  The same answer as
+		 * for nobody. */
+		answer_error(xc, st, "cancel", "service-unavailable");
 	else if (ns && get && user && strcmp(ns, "vcard-temp") == 0)
 		xa_vcard(xc, st, remote_id);
 	else if (ns && get && user && strcmp(ns, "http://jabber.org/protocol/pubsub") == 0)

@@ -894,6 +894,41 @@ def test_an_expiring_message_is_retracted_when_its_time_comes(xd, gk, alice, pg,
     assert pg.psql(f"SELECT content::text FROM events WHERE public_id = '{r.json()['id']}'", db_url) == "{}"
 
 
+def test_a_remote_users_profile_is_for_this_servers_users_only(make_daemon, db_url, tmp_path):
+    """Another server's user (here a second VirtualHost of the same
+    Prosody, as one over s2s would be) asking a remote user's vCard or
+    avatar gets service-unavailable, as for nobody: otherwise anyone on
+    the XMPP network could look up a gatekeeper's users' names by phone
+    number.  This server's users get it."""
+    p = Prosody(tmp_path / "prosody", host=HOST, components={COMP: SECRET},
+                extra_config='VirtualHost "stranger.test"')
+    p.start()
+    try:
+        p.register("alice", "pw-alice")
+        p.prosodyctl("register", "eve", "stranger.test", "pw-eve")
+        d, a, srv = start_with_gk(make_daemon, db_url, p)
+        try:
+            assert a.call("POST", "/v1/profiles", {"user": a.user("wally"),
+                                                   "display_name": "Wally Wonka"}).status_code == 200
+            eve = XmppClient("eve@stranger.test", "pw-eve", port=p.c2s_port)
+            eve.connect()
+            ps = "http://jabber.org/protocol/pubsub"
+            for payload in ("<vCard xmlns='vcard-temp'/>",
+                            f"<pubsub xmlns='{ps}'><items node='urn:xmpp:avatar:metadata'/></pubsub>"):
+                err = eve.iq("get", WALLY_JID, payload, expect_error=True)
+                assert err.error_condition == "service-unavailable", err.xml
+            eve.disconnect()
+            alice = XmppClient(ALICE_JID, "pw-alice", port=p.c2s_port)
+            alice.connect()
+            v = alice.iq("get", WALLY_JID, "<vCard xmlns='vcard-temp'/>").find("{vcard-temp}vCard")
+            assert v.find("{vcard-temp}FN").text == "Wally Wonka (gk)"
+            alice.disconnect()
+        finally:
+            srv.close()
+    finally:
+        p.stop()
+
+
 def test_a_remote_users_profile_is_their_vcard_and_avatar(make_daemon, db_url, prosody, alice, tmp_path):
     """What the peer says of its user (POST /v1/profiles) is the remote
     JID's vCard (XEP-0054): the name, the network, the avatar fetched
