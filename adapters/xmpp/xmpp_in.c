@@ -427,6 +427,7 @@ static json_int_t in_flight_add(struct xcomp *xc, const char *room, json_int_t d
 }
 
 static void in_finished(struct xcomp *xc, const char *room);
+static void in_answer(struct xin *in, cw_err rc, const cw_errmsg *e);
 
 /* Hands in to the store now, or once the earlier stanzas of its
  * conversation are stored (xcomp.in_waiting): when it names another
@@ -460,21 +461,28 @@ static bool in_start(struct xin *in)
  * conversation goes when none is being stored any more. */
 static void in_finished(struct xcomp *xc, const char *room)
 {
-	pthread_mutex_lock(&xc->in_mu);
-	struct xin *next = NULL;
-	if (in_flight_add(xc, room, -1) <= 0) {
-		for (struct xin **p = &xc->in_waiting; *p; p = &(*p)->next_waiting)
-			if (strcmp((*p)->room, room) == 0) {
-				next = *p;
-				*p = next->next_waiting;
-				next->next_waiting = NULL;
-				in_flight_add(xc, room, 1);
-				break;
-			}
+	for (;;) {
+		pthread_mutex_lock(&xc->in_mu);
+		struct xin *next = NULL;
+		if (in_flight_add(xc, room, -1) <= 0) {
+			for (struct xin **p = &xc->in_waiting; *p; p = &(*p)->next_waiting)
+				if (strcmp((*p)->room, room) == 0) {
+					next = *p;
+					*p = next->next_waiting;
+					next->next_waiting = NULL;
+					in_flight_add(xc, room, 1);
+					break;
+				}
+		}
+		pthread_mutex_unlock(&xc->in_mu);
+		if (!next || store_write_pipe(xc->x->app->store, &in_ops, in_done, next) == CW_OK)
+			return;
+		/* Refused by the store: answered, and the one after it goes,
+		 * in this loop (through in_done it was a recursion as deep as
+		 * the conversation's queue). */
+		in_answer(next, CW_EUNAVAIL, NULL);
+		xin_free(next);
 	}
-	pthread_mutex_unlock(&xc->in_mu);
-	if (next && store_write_pipe(xc->x->app->store, &in_ops, in_done, next) != CW_OK)
-		in_done(next, CW_EUNAVAIL, NULL); /* answered, and the one after it goes */
 }
 
 static void answer(struct xcomp *xc, const char *text, const char *type, const char *cond, const char *why)
@@ -488,9 +496,9 @@ static void answer(struct xcomp *xc, const char *text, const char *type, const c
 	xmpp_stanza_release(st);
 }
 
-static void in_done(void *arg, cw_err rc, const cw_errmsg *e)
+/* What the user's client is told of in, and what follows its being taken. */
+static void in_answer(struct xin *in, cw_err rc, const cw_errmsg *e)
 {
-	struct xin *in = arg;
 	if (rc) {
 		LOG_KV(CW_LOG_WARN, "xmpp message not stored", "component", in->xc->domain, "detail", e ? e->msg : "");
 		answer(in->xc, in->text, "wait", "internal-server-error", NULL);
@@ -505,6 +513,12 @@ static void in_done(void *arg, cw_err rc, const cw_errmsg *e)
 		 * states too, or the user's other clients would not follow. */
 		xa_muc_reflect(in->xc, in->text, in->remote_bare, in->local_bare, in->msg_id[0] ? in->msg_id : NULL);
 	}
+}
+
+static void in_done(void *arg, cw_err rc, const cw_errmsg *e)
+{
+	struct xin *in = arg;
+	in_answer(in, rc, e);
 	struct xcomp *xc = in->xc;
 	char room[ROOM_NATIVE_MAX + 1];
 	snprintf(room, sizeof(room), "%s", in->room);
