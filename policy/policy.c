@@ -807,8 +807,10 @@ static bool rate_limits(const struct policy_request *r, const struct pparty *snd
 		       limited(d, take(r, "ncu", rule, &snd->uri, rule->lim.new_conversations_per_hour, 3600000),
 			       "rate_limited_new_conversations", rule);
 	case POLICY_ACT_CONSENT_REQUEST:
+	case POLICY_ACT_FIRST_CONTACT:
 		return (rule = e->lim[lim_index(POLICY_LIM_CONSENT_REQ_DAY)]) &&
-		       limited(d, take(r, "cru", rule, &snd->uri, rule->lim.consent_requests_per_day, 86400000),
+		       limited(d, take(r, r->action == POLICY_ACT_CONSENT_REQUEST ? "cru" : "crf", rule, &snd->uri,
+				       rule->lim.consent_requests_per_day, 86400000),
 			       "rate_limited_consent_requests", rule);
 	}
 	return false;
@@ -873,10 +875,14 @@ void policy_decide(const struct policy_snapshot *ov, const struct policy_request
 	for (int i = 0; i < nremote; i++)
 		evaluate(s, remote[i], r->now_ms, &ev[i]);
 
-	/* 1. Server deny rules. */
+	/* 1. Server deny rules.  Inbound, the sender's rate limits (3b) are
+	 * charged and answered first, as for a block (step 2): a denied
+	 * sender never limited would learn that it is denied. */
 	for (int i = 0; i < nremote; i++) {
 		const struct rule *rule = ev[i].deny;
 		if (rule) {
+			if (dir == POLICY_INBOUND && r->rate && r->rate->take && rate_limits(r, &snd, &ev[0], d))
+				return;
 			set(d, POLICY_DENY,
 			    rule->scope == POLICY_SCOPE_USER      ? "server_denied_user"
 			    : rule->scope == POLICY_SCOPE_NETWORK ? "server_denied_network"

@@ -37,9 +37,12 @@
 enum policy_direction { POLICY_INBOUND, POLICY_OUTBOUND, POLICY_TRANSIT };
 
 /* What is asked for: an event, a new conversation (room creation by a remote
- * party; no recipient), or a consent request (MIMI requestConsent) to a
- * local user. */
-enum policy_action { POLICY_ACT_EVENT, POLICY_ACT_NEW_ROOM, POLICY_ACT_CONSENT_REQUEST };
+ * party; no recipient), a consent request (MIMI requestConsent) to a local
+ * user, or the consent request a first contact's held message makes.  The
+ * last two draw on consent_requests_per_day in buckets of their own: the
+ * first is answered 429 to the peer, and must not tell it which users a
+ * first contact asked (which would say who exists and has not blocked). */
+enum policy_action { POLICY_ACT_EVENT, POLICY_ACT_NEW_ROOM, POLICY_ACT_CONSENT_REQUEST, POLICY_ACT_FIRST_CONTACT };
 
 /* HOLD: stored, waiting for the local user's consent (for a consent
  * request: store the request).  LIMIT: refused for now, retry after. */

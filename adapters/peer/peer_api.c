@@ -387,8 +387,11 @@ static bool new_room_refused(struct app_job *j, const struct room_input *in)
 	} else if (d.verdict == POLICY_DENY) {
 		j->err_status = 403;
 		j->err_code = "not_allowed";
-		snprintf(j->err_detail, sizeof(j->err_detail),
-			 "this provider does not take conversations from the calling peer's users (%s)", d.reason);
+		/* The reason is the operator's (spec: reasons only in the
+		 * admin API): the log has it, the peer gets one text. */
+		snprintf(j->err_detail, sizeof(j->err_detail), "this provider does not take this conversation");
+		LOG_KV(CW_LOG_INFO, "room creation refused by the server's rules", "reason", d.reason, "creator",
+		       creator->uri);
 	}
 	return j->err_code != NULL;
 }
@@ -615,9 +618,11 @@ static bool member_refused(struct app_job *j, const struct members_input *in, co
 		struct policy_decision d;
 		policy_decide(view->snap, &preq, &d);
 		policy_count(j->app, &d);
-		if (d.verdict == POLICY_DENY)
-			app_job_fail(j, 403, "not_allowed", "this provider does not take conversations from %s (%s)",
-				     in->add[i].uri, d.reason);
+		if (d.verdict == POLICY_DENY) { /* one text: the reason is the operator's */
+			app_job_fail(j, 403, "not_allowed", "this provider does not take this conversation");
+			LOG_KV(CW_LOG_INFO, "member add refused by the server's rules", "reason", d.reason, "member",
+			       in->add[i].uri);
+		}
 	}
 	policy_view_put(view);
 	return j->err_code != NULL;
@@ -1579,7 +1584,7 @@ static bool may_ask(struct submit *b, size_t i, PGresult *r, const struct policy
 	struct policy_rate_memo memo;
 	policy_rate_memo_init(&memo, b->app->limits);
 	struct policy_request req = *held_req;
-	req.action = POLICY_ACT_CONSENT_REQUEST;
+	req.action = POLICY_ACT_FIRST_CONTACT;
 	req.rate = &memo.rate;
 	struct policy_decision d;
 	policy_decide(snap, &req, &d);

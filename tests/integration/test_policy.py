@@ -233,6 +233,43 @@ def test_a_peer_cannot_tell_unknown_unconsented_blocking_and_denying_recipients_
     assert seen() == {name: [(True, "not_delivered")] for name in cases}
 
 
+def test_no_limit_tells_a_peer_who_exists_or_blocked_it(daemon, peers, pg, db_url):
+    """A review's probes (sixteenth session): a fresh sender writes to a
+    target once, then asks MIMI requestConsent twice under a limit of two
+    a day: the answers must not depend on the target (a user asked by the
+    first contact, one who blocked the sender, one not opted in, nobody).
+    A first contact's requests draw on a bucket of their own.  And a
+    server-denied sender is rate-limited like anyone, or its 202s where
+    others get 429 would tell it that it is denied."""
+    (a, _), _ = peers
+    opt_in(daemon)  # alice: opted in, no decision
+    opt_in(daemon, user=BOB)
+    consent(daemon, "mimi://wa.example/u/s-blocked", "blocked", user=BOB)
+    assert daemon.admin("POST", "/rules", json={"scope": "network", "pattern": "peer:*", "limits": {
+        "consent_requests_per_day": 2, "messages_per_minute_per_user": 2}}).status_code == 201
+    answers = {}
+    for name, target in (("asked", ALICE), ("blocked", BOB), ("not opted in", "mimi://example.org/u/carol"),
+                         ("nobody", "mimi://example.org/u/nobody")):
+        sender = "s-" + name.replace(" ", "-")
+        room = dm(a, local=target, remote=sender)
+        assert send(a, room, "hello", sender=sender).status_code == 202
+        answers[name] = [a.call("POST", "/v1/consent/requests", {"requester": a.user(sender),
+                                                                 "target": "mimi://example.org/u/zz%d" % k}).status_code
+                         for k in (1, 2)]
+    assert all(v == answers["asked"] for v in answers.values()), answers
+    # A user deny rule (made after eve's room): its sender meets the same
+    # message limit as anyone.
+    rooms = {sender: dm(a, remote=sender) for sender in ("eve", "frank")}
+    assert daemon.admin("POST", "/rules", json={"scope": "user", "pattern": a.user("eve"),
+                                                "mode": "deny"}).status_code == 201
+    codes = {sender: [send(a, room, f"m{k}", sender=sender).status_code for k in range(4)]
+             for sender, room in rooms.items()}
+    assert codes["eve"] == codes["frank"] == [202, 202, 429, 429], codes
+    # Room creation refused by a rule says nothing of which rule.
+    r = a.create_room([a.user("eve"), ALICE])
+    assert r.status_code == 403 and "server_denied" not in r.text, r.text
+
+
 def test_a_block_and_its_end_travel_to_the_peer(daemon, peers, pg, db_url):
     """spec/policy.md, "Blocks travel": a local user's block of a peer's
     user reaches that peer as a block event from the local user in the room
