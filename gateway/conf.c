@@ -36,6 +36,9 @@ const struct cfg_option cfg_options[] = {
 	  "largest file carried across the gateway (re-hosted, or offered to a peer); larger ones become a text notice" },
 	{ "server", "media_fetches", CFG_INT, OFF(media_fetches), "4", 1, 64, false, false,
 	  "files fetched at once for peers, links in XMPP messages and vCard photos (more: 503 / resource-constraint, try again)" },
+	{ "server", "media_private_addresses", CFG_BOOL, OFF(media_private_addresses), "false", 0, 0, false, false,
+	  "let fetches of URLs a peer names (its files, avatars) reach loopback, private and link-local addresses "
+	  "(a test set-up, or a peer's store on your private network); off, they are refused (SSRF)" },
 	{ "server", "ca_file", CFG_STR, OFF(ca_file), "", 0, 0, false, false,
 	  "CA bundle (PEM) trusted for outbound HTTPS to peers, the homeserver and media (empty: the system's)" },
 

@@ -20,6 +20,7 @@ struct cw_config {
 	char *domain;
 	long media_max_bytes;
 	long media_fetches;
+	bool media_private_addresses;
 	char *ca_file;
 	/* [peer] */
 	char *signing_key_file;

@@ -5,6 +5,8 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <netinet/in.h>
 
 #include <openssl/crypto.h>
 #include <openssl/hmac.h>
@@ -43,6 +45,45 @@ static int on_progress(void *arg, curl_off_t dt, curl_off_t dn, curl_off_t ut, c
 	(void)un;
 	const struct media_blob *b = arg;
 	return atomic_load(b->cancel) ? 1 : 0;
+}
+
+static bool v4_public(const unsigned char a[4])
+{
+	return !(a[0] == 0 || a[0] == 10 || a[0] == 127 || (a[0] == 100 && (a[1] & 0xc0) == 64) ||
+		 (a[0] == 169 && a[1] == 254) || (a[0] == 172 && (a[1] & 0xf0) == 16) ||
+		 (a[0] == 192 && a[1] == 168) || (a[0] == 192 && a[1] == 0 && a[2] == 0) ||
+		 (a[0] == 198 && (a[1] & 0xfe) == 18) || a[0] >= 224);
+}
+
+bool media_address_public(const struct sockaddr *sa)
+{
+	if (sa->sa_family == AF_INET)
+		return v4_public((const unsigned char *)&((const struct sockaddr_in *)(const void *)sa)->sin_addr);
+	if (sa->sa_family != AF_INET6)
+		return false;
+	const unsigned char *a = ((const struct sockaddr_in6 *)(const void *)sa)->sin6_addr.s6_addr;
+	static const unsigned char zero[16];
+	static const unsigned char mapped[12] = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff };
+	if (memcmp(a, mapped, 12) == 0 || memcmp(a, zero, 12) == 0) /* ::ffff:a.b.c.d, ::a.b.c.d, ::1, :: */
+		return v4_public(a + 12) && memcmp(a, zero, 12) != 0;
+	if (a[0] == 0 && a[1] == 0x64 && a[2] == 0xff && a[3] == 0x9b) /* NAT64 64:ff9b::/96 */
+		return v4_public(a + 12);
+	return !((a[0] & 0xfe) == 0xfc ||                  /* fc00::/7 unique local */
+		 (a[0] == 0xfe && (a[1] & 0xc0) == 0x80) || /* fe80::/10 link-local */
+		 (a[0] == 0xfe && (a[1] & 0xc0) == 0xc0) || /* fec0::/10 site-local */
+		 a[0] == 0xff ||                            /* multicast */
+		 (a[0] == 0x20 && a[1] == 0x01 && a[2] == 0x0d && a[3] == 0xb8)); /* documentation */
+}
+
+/* Every connection of a peer-named fetch, the redirects' too: refused
+ * when its address is not public (checked on the address connected to,
+ * so a name that resolves differently later changes nothing). */
+static curl_socket_t open_public(void *arg, curlsocktype purpose, struct curl_sockaddr *a)
+{
+	(void)arg;
+	if (purpose != CURLSOCKTYPE_IPCXN || !media_address_public(&a->addr))
+		return CURL_SOCKET_BAD;
+	return socket(a->family, a->socktype, a->protocol);
 }
 
 void media_download_setup(CURL *h, const char *url, struct curl_slist *headers, struct media_blob *b,
@@ -256,6 +297,12 @@ cw_err media_fetch_signed(EVP_PKEY *key, const char *keyid, const char *tag, con
 		return hd ? cw_fail(e, CW_ENOMEM, "out of memory") : CW_ENOMEM;
 	}
 	media_download_setup(h, url, hd, b, ca_file, timeout_ms);
+	/* A URL a peer chose: https only, also after a redirect, and never to
+	 * an address of this host or its private network (SSRF: the body
+	 * comes back to users the peer can reach). */
+	curl_easy_setopt(h, CURLOPT_REDIR_PROTOCOLS_STR, "https");
+	if (!b->private_ok)
+		curl_easy_setopt(h, CURLOPT_OPENSOCKETFUNCTION, open_public);
 	CURLcode cc = curl_easy_perform(h);
 	if (cc == CURLE_OK) {
 		curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, status);

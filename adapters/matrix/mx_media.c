@@ -302,7 +302,8 @@ enum mx_rehost mx_rehost(struct matrix *m, PGconn *c, const char *ghost, const j
 		return MX_REHOST_OK;
 
 	/* Fetched as every request to a peer is made: signed as Causeway. */
-	struct media_blob b = { .max = max, .cancel = &m->app->stopping };
+	struct media_blob b = { .max = max, .cancel = &m->app->stopping,
+				.private_ok = m->app->cfg->media_private_addresses };
 	long status = 0;
 	cw_err frc = media_fetch_signed(m->app->signing_key, m->cfg->domain ? m->cfg->domain : "",
 					m->cfg->signature_tag, m->cfg->ca_file, url, MEDIA_TIMEOUT_MS, &b, &status, e);

@@ -104,7 +104,8 @@ static json_t *photo_of(struct vjob *j, const char *avatar_text)
 		json_decref(av);
 		return cached;
 	}
-	struct media_blob b = { .max = VCARD_PHOTO_MAX, .cancel = &app->stopping };
+	struct media_blob b = { .max = VCARD_PHOTO_MAX, .cancel = &app->stopping,
+				.private_ok = app->cfg->media_private_addresses };
 	long status = 0;
 	cw_errmsg e;
 	cw_err rc = media_fetch_signed(app->signing_key, app->cfg->domain ? app->cfg->domain : "",

@@ -45,7 +45,7 @@ def mx(make_daemon, db_url, hs, media):
     port = free_port()
     hs.registration["url"] = f"http://127.0.0.1:{port}"
     d = make_daemon(db_url, options={"server": {"port": str(port), "ca_file": media.cert_file,
-                                                "media_max_bytes": str(MAX)},
+                                                "media_max_bytes": str(MAX), "media_private_addresses": "true"},
                                      "matrix": {"homeserver_url": hs.url, "as_token": AS_TOKEN,
                                                 "hs_token": HS_TOKEN}})
     return d.start()

@@ -935,7 +935,8 @@ def test_a_remote_users_profile_is_their_vcard_and_avatar(make_daemon, db_url, p
     signed from the peer's store; its presence carries the avatar's SHA-1
     (XEP-0153), so that clients fetch it."""
     media = MediaServer(tmp_path)
-    d, a, srv = start_with_gk(make_daemon, db_url, prosody, server={"ca_file": media.cert_file})
+    d, a, srv = start_with_gk(make_daemon, db_url, prosody, server={"ca_file": media.cert_file,
+                                                                     "media_private_addresses": "true"})
     try:
         face = b"\x89PNG\r\n\x1a\n" + os.urandom(3000)
         url = media.put("/u/wally.png", "image/png", face)
@@ -1579,6 +1580,41 @@ def test_ids_that_need_escaping(xd, gk, alice, pg, db_url):
                    db_url) == "1"
 
 
+def test_a_peers_file_on_a_private_address_is_not_fetched(make_daemon, db_url, prosody, alice, tmp_path):
+    """A URL a peer names is fetched only from a public address (SSRF: the
+    body would come back to users the peer can reach, through a link, a
+    re-hosted file or a vCard photo): a file on loopback, as the cloud's
+    metadata service or the daemon's own admin API are, is refused at the
+    connection, unless server.media_private_addresses says otherwise (the
+    other media tests, whose store is on loopback)."""
+    media = MediaServer(tmp_path)
+    d, a, srv = start_with_gk(make_daemon, db_url, prosody, server={"ca_file": media.cert_file})
+    try:
+        consent_alice(d)
+        room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+        data = os.urandom(500)
+        url = media.put("/secret.jpg", "image/jpeg", data)
+        assert "127.0.0.1" in url or "localhost" in url, url
+        r = post(a, f"/v1/rooms/{room}/messages", {
+            "type": "message", "sender": a.user("wally"),
+            "content": {"parts": [{"type": "text/plain", "body": "a photo"}],
+                        "attachments": [{"content_type": "image/jpeg", "url": url, "size": len(data)}]}})
+        assert r.status_code == 202, r.text
+        m = message_from(alice, WALLY_JID, lambda el: el.find("{jabber:x:oob}x") is not None)
+        link = m.find("{jabber:x:oob}x").find("{jabber:x:oob}url").text
+        got = requests.get(link, timeout=10)
+        assert got.status_code == 503 and got.content != data, (got.status_code, got.text[:200])
+        assert media.requests == []  # never connected to
+        # The same from a profile's avatar: no photo in the vCard.
+        assert a.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": "Wally", "avatar": {
+            "content_type": "image/jpeg", "url": url, "size": len(data)}}).status_code == 200
+        v = alice.iq("get", WALLY_JID, "<vCard xmlns='vcard-temp'/>").find("{vcard-temp}vCard")
+        assert v.find("{vcard-temp}PHOTO") is None and media.requests == []
+    finally:
+        srv.close()
+        media.close()
+
+
 def test_a_peers_file_reaches_xmpp_as_a_link_of_causeways(make_daemon, db_url, prosody, alice, tmp_path):
     """XEP-0066 OOB is a link the client follows by itself, and a peer's
     store may serve its files only to a signed request: the link alice gets
@@ -1586,7 +1622,8 @@ def test_a_peers_file_reaches_xmpp_as_a_link_of_causeways(make_daemon, db_url, p
     URLs, and Causeway fetches the file signed when it is followed."""
     media = MediaServer(tmp_path)
     d, a, srv = start_with_gk(make_daemon, db_url, prosody, server={"ca_file": media.cert_file,
-                                                                     "media_fetches": 2})
+                                                                     "media_fetches": 2,
+                                                                     "media_private_addresses": "true"})
     try:
         consent_alice(d)
         room = a.create_room([a.user("wally"), ALICE]).json()["id"]

@@ -3,7 +3,9 @@
 #include "config.h"
 #include "http.h"
 #include "log.h"
+#include "media.h"
 #include "unit.h"
+#include <arpa/inet.h>
 
 #include <curl/curl.h>
 #include <fcntl.h>
@@ -399,6 +401,42 @@ START_TEST(local_urls)
 }
 END_TEST
 
+/* The addresses a fetch of a peer-named URL may connect to (SSRF). */
+START_TEST(media_addresses)
+{
+	static const struct {
+		const char *addr;
+		bool public_;
+	} cases[] = {
+		{ "93.184.216.34", true },   { "8.8.8.8", true },         { "127.0.0.1", false },
+		{ "127.8.9.10", false },     { "10.1.2.3", false },       { "172.16.0.1", false },
+		{ "172.31.255.255", false }, { "172.32.0.1", true },      { "192.168.1.1", false },
+		{ "169.254.169.254", false }, { "100.64.0.1", false },    { "100.128.0.1", true },
+		{ "0.0.0.0", false },        { "224.0.0.1", false },      { "255.255.255.255", false },
+		{ "198.18.0.1", false },     { "192.0.0.8", false },      { "2606:4700::1111", true },
+		{ "::1", false },            { "::", false },             { "::ffff:127.0.0.1", false },
+		{ "::ffff:8.8.8.8", true },  { "::127.0.0.1", false },    { "fe80::1", false },
+		{ "fd00::1", false },        { "fc00::1", false },        { "ff02::1", false },
+		{ "64:ff9b::a9fe:a9fe", false }, { "64:ff9b::808:808", true }, { "2001:db8::1", false },
+	};
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		struct sockaddr_storage ss = { 0 };
+		if (strchr(cases[i].addr, ':')) {
+			struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)&ss;
+			a6->sin6_family = AF_INET6;
+			ck_assert_int_eq(inet_pton(AF_INET6, cases[i].addr, &a6->sin6_addr), 1);
+		} else {
+			struct sockaddr_in *a4 = (struct sockaddr_in *)&ss;
+			a4->sin_family = AF_INET;
+			ck_assert_int_eq(inet_pton(AF_INET, cases[i].addr, &a4->sin_addr), 1);
+		}
+		ck_assert_msg(media_address_public((struct sockaddr *)&ss) == cases[i].public_, "%s", cases[i].addr);
+	}
+	struct sockaddr unix_sa = { .sa_family = AF_UNIX };
+	ck_assert(!media_address_public(&unix_sa));
+}
+END_TEST
+
 int main(void)
 {
 	curl_global_init(CURL_GLOBAL_DEFAULT);
@@ -407,6 +445,7 @@ int main(void)
 	tcase_add_test(tc, routing_table);
 	tcase_add_test(tc, overlong_segment_never_matches);
 	tcase_add_test(tc, local_urls);
+	tcase_add_test(tc, media_addresses);
 	suite_add_tcase(s, tc);
 	TCase *live_tc = tcase_create("live");
 	tcase_set_timeout(live_tc, 30);
