@@ -1580,6 +1580,17 @@ def test_ids_that_need_escaping(xd, gk, alice, pg, db_url):
                    db_url) == "1"
 
 
+def photo_link(a, alice, room, url, data):
+    """wally sends alice a JPEG at url (data): (the message alice gets, its XEP-0066 link)."""
+    r = post(a, f"/v1/rooms/{room}/messages", {
+        "type": "message", "sender": a.user("wally"),
+        "content": {"parts": [{"type": "text/plain", "body": "a photo"}],
+                    "attachments": [{"content_type": "image/jpeg", "url": url, "size": len(data)}]}})
+    assert r.status_code == 202, r.text
+    m = message_from(alice, WALLY_JID, lambda el: el.find("{jabber:x:oob}x") is not None)
+    return m, m.find("{jabber:x:oob}x").find("{jabber:x:oob}url").text
+
+
 def test_a_peers_file_on_a_private_address_is_not_fetched(make_daemon, db_url, prosody, alice, tmp_path):
     """A URL a peer names is fetched only from a public address (SSRF: the
     body would come back to users the peer can reach, through a link, a
@@ -1595,13 +1606,7 @@ def test_a_peers_file_on_a_private_address_is_not_fetched(make_daemon, db_url, p
         data = os.urandom(500)
         url = media.put("/secret.jpg", "image/jpeg", data)
         assert "127.0.0.1" in url or "localhost" in url, url
-        r = post(a, f"/v1/rooms/{room}/messages", {
-            "type": "message", "sender": a.user("wally"),
-            "content": {"parts": [{"type": "text/plain", "body": "a photo"}],
-                        "attachments": [{"content_type": "image/jpeg", "url": url, "size": len(data)}]}})
-        assert r.status_code == 202, r.text
-        m = message_from(alice, WALLY_JID, lambda el: el.find("{jabber:x:oob}x") is not None)
-        link = m.find("{jabber:x:oob}x").find("{jabber:x:oob}url").text
+        m, link = photo_link(a, alice, room, url, data)
         got = requests.get(link, timeout=10)
         assert got.status_code == 503 and got.content != data, (got.status_code, got.text[:200])
         assert media.requests == []  # never connected to
@@ -1630,13 +1635,7 @@ def test_a_peers_file_reaches_xmpp_as_a_link_of_causeways(make_daemon, db_url, p
         data = os.urandom(2500)
         long_path = "/f/" + "x" * 1500 + ".jpg?sig=" + "s" * 300  # a CDN's signed link, near the 2048 limit
         url = media.put(long_path, "image/jpeg", data)
-        r = post(a, f"/v1/rooms/{room}/messages", {
-            "type": "message", "sender": a.user("wally"),
-            "content": {"parts": [{"type": "text/plain", "body": "a photo"}],
-                        "attachments": [{"content_type": "image/jpeg", "url": url, "size": len(data)}]}})
-        assert r.status_code == 202, r.text
-        m = message_from(alice, WALLY_JID, lambda el: el.find("{jabber:x:oob}x") is not None)
-        link = m.find("{jabber:x:oob}x").find("{jabber:x:oob}url").text
+        m, link = photo_link(a, alice, room, url, data)
         assert link.startswith(d.url + "/media/") and "?src=" in link and url not in ET.tostring(m).decode(), link
         got = requests.get(link, timeout=10)
         assert got.status_code == 200 and got.content == data, (got.status_code, got.text[:200])
