@@ -219,6 +219,10 @@ static void metrics_done(void *arg, cw_err rc, const cw_errmsg *e)
 	cw_metrics_sample(&b, "causeway_media_fetches_refused_total", "counter",
 			  "File fetches refused because server.media_fetches were running (answered: try again).", NULL,
 			  (double)ws.refused);
+	cw_metrics_sample(&b, "causeway_media_held_bytes", "gauge",
+			  "Bytes of fetched files whose answers are being sent (at most server.media_fetches x "
+			  "server.media_max_bytes; past it new fetches are answered 503).",
+			  NULL, (double)atomic_load(&app->media_held));
 	if (rc == CW_OK) {
 		cw_buf_printf(&b, "# HELP causeway_outbox_depth Outbox rows not yet delivered, by state.\n"
 				  "# TYPE causeway_outbox_depth gauge\n");

@@ -51,6 +51,7 @@ struct cw_app {
 	struct cw_workers *fetchers;    /* the threads that fetch files (server.media_fetches; workers.h) */
 	atomic_bool stopping;           /* set once the HTTP front has drained: long transfers end */
 	atomic_int afters;              /* after hooks running on threads of their own (app_afters_wait) */
+	atomic_size_t media_held;       /* bytes of fetched files whose answers are still being sent (peer_media.c) */
 };
 
 /* Waits until no job's after hook runs on a thread of its own (they use

@@ -60,6 +60,8 @@ struct cw_req {
 	const char *content_type;
 	char *rbody;
 	size_t rlen;
+	void (*rdone)(void *arg); /* called when rbody is gone (cw_req_reply_then) */
+	void *rdone_arg;
 	json_t *rjson; /* a JSON answer not serialised yet: the HTTP thread does it */
 	int nheaders;
 	char *headers[REQ_MAX_HEADERS][2];
@@ -163,9 +165,44 @@ const char *cw_req_body(const struct cw_req *r, size_t *len)
 	return r->body ? r->body : "";
 }
 
-void cw_req_reply(struct cw_req *r, int status, const char *content_type, char *body, size_t len)
+/* Frees the reply's body, and says so to whoever asked (cw_req_reply_then). */
+static void drop_rbody(struct cw_req *r)
 {
 	free(r->rbody);
+	r->rbody = NULL;
+	if (r->rdone) {
+		void (*done)(void *) = r->rdone;
+		r->rdone = NULL;
+		done(r->rdone_arg);
+	}
+}
+
+void cw_req_reply_then(struct cw_req *r, int status, const char *content_type, char *body, size_t len,
+		       void (*done)(void *arg), void *arg)
+{
+	cw_req_reply(r, status, content_type, body, len);
+	r->rdone = done;
+	r->rdone_arg = arg;
+}
+
+/* A body handed to libmicrohttpd with someone to tell when it is freed. */
+struct sent_body {
+	char *body;
+	void (*done)(void *arg);
+	void *arg;
+};
+
+static void sent_body_free(void *cls)
+{
+	struct sent_body *b = cls;
+	free(b->body);
+	b->done(b->arg);
+	free(b);
+}
+
+void cw_req_reply(struct cw_req *r, int status, const char *content_type, char *body, size_t len)
+{
+	drop_rbody(r);
 	json_decref(r->rjson);
 	r->rjson = NULL;
 	r->status = status;
@@ -234,7 +271,7 @@ static void free_req(struct cw_req *r)
 	free(r->method);
 	free(r->path);
 	free(r->body);
-	free(r->rbody);
+	drop_rbody(r);
 	json_decref(r->rjson);
 	for (int i = 0; i < r->nheaders; i++) {
 		free(r->headers[i][0]);
@@ -257,10 +294,22 @@ static enum MHD_Result queue_reply(struct cw_req *r)
 		else
 			cw_req_problem(r, 500, "internal", "Internal error", "could not encode the answer");
 	}
-	struct MHD_Response *resp =
-		MHD_create_response_from_buffer(r->rlen, r->rbody, MHD_RESPMEM_MUST_FREE);
-	if (!resp)
-		return MHD_NO;
+	struct MHD_Response *resp;
+	if (r->rdone) {
+		struct sent_body *b = malloc(sizeof(*b));
+		resp = b ? MHD_create_response_from_buffer_with_free_callback_cls(r->rlen, r->rbody, sent_body_free, b)
+			 : NULL;
+		if (!resp) {
+			free(b);
+			return MHD_NO; /* drop_rbody tells, when the request is freed */
+		}
+		*b = (struct sent_body){ r->rbody, r->rdone, r->rdone_arg };
+		r->rdone = NULL;
+	} else {
+		resp = MHD_create_response_from_buffer(r->rlen, r->rbody, MHD_RESPMEM_MUST_FREE);
+		if (!resp)
+			return MHD_NO;
+	}
 	r->rbody = NULL; /* now the response's */
 	if (r->content_type)
 		MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, r->content_type);

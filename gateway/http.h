@@ -121,6 +121,11 @@ const char *cw_req_body(const struct cw_req *r, size_t *len);
  * kept by pointer (a string literal; NULL: none, or one set with
  * cw_req_add_header). */
 void cw_req_reply(struct cw_req *r, int status, const char *content_type, char *body, size_t len);
+/* The same, and done(arg) is called once the body is gone: sent, or the
+ * connection closed, or replaced by another reply (a large body's bytes
+ * can be counted while a slow reader holds them). */
+void cw_req_reply_then(struct cw_req *r, int status, const char *content_type, char *body, size_t len,
+		       void (*done)(void *arg), void *arg);
 /* Sets a JSON reply; steals the reference to j. */
 void cw_req_reply_json(struct cw_req *r, int status, json_t *j);
 /* application/problem+json (RFC 9457) with a stable code. */

@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import time
+import urllib.parse
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -1615,6 +1616,40 @@ def test_a_peers_file_on_a_private_address_is_not_fetched(make_daemon, db_url, p
             "content_type": "image/jpeg", "url": url, "size": len(data)}}).status_code == 200
         v = alice.iq("get", WALLY_JID, "<vCard xmlns='vcard-temp'/>").find("{vcard-temp}vCard")
         assert v.find("{vcard-temp}PHOTO") is None and media.requests == []
+    finally:
+        srv.close()
+        media.close()
+
+
+def test_slow_readers_of_links_do_not_hold_unbounded_memory(make_daemon, db_url, prosody, alice, tmp_path):
+    """A file fetched for a link is held until its answer is sent: a reader
+    that never reads keeps it.  Those bytes are counted, and a fetch that
+    could take the total past server.media_fetches x server.media_max_bytes
+    is answered 503 (before, 24 such readers of a 19 MiB file took 485
+    MB); when the reader goes, the bytes are given back."""
+    media = MediaServer(tmp_path)
+    d, a, srv = start_with_gk(make_daemon, db_url, prosody, server={
+        "ca_file": media.cert_file, "media_private_addresses": "true", "media_fetches": "1",
+        "media_max_bytes": str(8 << 20)})
+    try:
+        consent_alice(d)
+        room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+        data = os.urandom(6 << 20)
+        _, link = photo_link(a, alice, room, media.put("/big.jpg", "image/jpeg", data), data)
+        u = urllib.parse.urlsplit(link)
+        slow = socket.socket()
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.connect((u.hostname, u.port))
+        slow.sendall(f"GET {u.path}?{u.query} HTTP/1.1\r\nHost: {u.netloc}\r\n\r\n".encode())
+        held = lambda: int(re.search(r"^causeway_media_held_bytes (\d+)", d.get("/metrics").text, re.M).group(1))
+        wait_until(lambda: held() == len(data), what="the slow reader's file held")
+        r = requests.get(link, timeout=10)
+        assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1, r.text[:200]
+        slow.close()
+        wait_until(lambda: held() == 0, what="the bytes given back")
+        r = requests.get(link, timeout=20)
+        assert r.status_code == 200 and r.content == data
+        wait_until(lambda: held() == 0, what="the bytes given back after a full read")
     finally:
         srv.close()
         media.close()
