@@ -115,6 +115,7 @@ struct xcomp {
 	/* Remote users' vCards (xmpp_vcard.c): remote id -> {url, type, b64,
 	 * sha1} of the avatar fetched last, under mu. */
 	json_t *vcards;
+	size_t vcard_bytes;             /* their photos' base64, bounded (xmpp_vcard.c), under mu */
 	/* The group chats' occupants, and the members they were told of
 	 * (xmpp_muc.c), under mu; muc_dirty: occupants changed since they
 	 * were last written to xmpp_muc_occupants. */

@@ -28,6 +28,7 @@
 #define NS_AVATAR_DATA "urn:xmpp:avatar:data"
 #define VCARD_PHOTO_MAX (192 * 1024) /* base64 in one stanza: under Prosody's 512 KiB for components */
 #define VCARD_CACHE_MAX 256
+#define VCARD_CACHE_BYTES (8u << 20) /* of base64: a peer's 256 large avatars would be 64 MiB */
 #define VCARD_TIMEOUT_MS 5000L
 #define XA_PROFILE_LAG "3 seconds"
 
@@ -64,23 +65,38 @@ static json_t *cache_get(struct xcomp *xc, const char *remote_id, const char *ur
 	return p;
 }
 
+static size_t photo_bytes(const json_t *photo)
+{
+	return json_string_length(json_object_get(photo, "b64"));
+}
+
 static void cache_drop(struct xcomp *xc, const char *remote_id)
 {
 	pthread_mutex_lock(&xc->mu);
-	if (xc->vcards)
+	if (xc->vcards) {
+		xc->vcard_bytes -= photo_bytes(json_object_get(xc->vcards, remote_id));
 		json_object_del(xc->vcards, remote_id);
+	}
 	pthread_mutex_unlock(&xc->mu);
 }
 
+/* At most VCARD_CACHE_MAX photos and VCARD_CACHE_BYTES: past either, the
+ * cache starts again (the photos are fetched again when asked for). */
 static void cache_put(struct xcomp *xc, const char *remote_id, json_t *photo)
 {
+	size_t n = photo_bytes(photo);
 	pthread_mutex_lock(&xc->mu);
-	if (!xc->vcards || json_object_size(xc->vcards) >= VCARD_CACHE_MAX) {
+	if (xc->vcards) {
+		xc->vcard_bytes -= photo_bytes(json_object_get(xc->vcards, remote_id));
+		json_object_del(xc->vcards, remote_id);
+	}
+	if (!xc->vcards || json_object_size(xc->vcards) >= VCARD_CACHE_MAX || xc->vcard_bytes + n > VCARD_CACHE_BYTES) {
 		json_decref(xc->vcards);
 		xc->vcards = json_object();
+		xc->vcard_bytes = 0;
 	}
-	if (xc->vcards)
-		json_object_set(xc->vcards, remote_id, photo);
+	if (xc->vcards && json_object_set(xc->vcards, remote_id, photo) == 0)
+		xc->vcard_bytes += n;
 	pthread_mutex_unlock(&xc->mu);
 }
 
