@@ -619,7 +619,8 @@ static bool member_refused(struct app_job *j, const struct members_input *in, co
 		policy_decide(view->snap, &preq, &d);
 		policy_count(j->app, &d);
 		if (d.verdict == POLICY_DENY) { /* one text: the reason is the operator's */
-			app_job_fail(j, 403, "not_allowed", "this provider does not take this conversation");
+			app_job_fail(j, 403, "not_allowed", "this provider takes no conversations with %s",
+				     in->add[i].uri);
 			LOG_KV(CW_LOG_INFO, "member add refused by the server's rules", "reason", d.reason, "member",
 			       in->add[i].uri);
 		}
