@@ -922,7 +922,9 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 	 * links into the peer's store (media_parts). */
 	json_t *copy = NULL;
 	bool wait;
-	if (media_parts(m, c, row, room, actor, ts, &copy, &wait, e))
+	/* The upload's owner: the ghost, or for a relay the bot (a NULL
+	 * user_id crashed the media worker, for ever: a wait is no attempt). */
+	if (media_parts(m, c, row, room, actor ? actor : m->bot, ts, &copy, &wait, e))
 		return PREP_FAIL;
 	if (wait)
 		return PREP_WAIT;

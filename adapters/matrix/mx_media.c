@@ -114,7 +114,8 @@ static cw_err upload(struct matrix *m, const char *ghost, const struct media_blo
 {
 	*status = 0;
 	CURL *h = curl_easy_init();
-	char *g = h ? curl_easy_escape(h, ghost, 0) : NULL, *f = h ? curl_easy_escape(h, filename, 0) : NULL;
+	char *g = h && ghost ? curl_easy_escape(h, ghost, 0) : NULL;
+	char *f = h && filename ? curl_easy_escape(h, filename, 0) : NULL;
 	char url[1800], auth[600], ctype[200];
 	snprintf(url, sizeof(url), "%.*s/_matrix/media/v3/upload?user_id=%s&filename=%s", (int)mx_hs_base_len(m->cfg),
 		 m->cfg->mx_homeserver_url, g ? g : "", f ? f : "");

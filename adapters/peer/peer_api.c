@@ -933,9 +933,14 @@ static void msg_input_free(void *arg)
 /* What an Idempotency-Key stands for: the room (as the request names it)
  * and the event, canonically serialised (text), so that the same key with
  * the same event sent to another room is a conflict, not a replay. */
-static void request_hash(const char *room, const char *text, unsigned char out[32])
+/* An item's request, for its Idempotency-Key: the event as sent (sorted,
+ * compact).  The room is compared apart, resolved (submit_decide): a
+ * request names it by public id (/messages) or URI (/batch), and the same
+ * event sent both ways is the same request (before the sixteenth session
+ * the room's spelling was in the hash, and that was a 409). */
+static void request_hash(const char *text, unsigned char out[32])
 {
-	cw_sha256_pair(room, strlen(room), text ? text : "", text ? strlen(text) : 0, out);
+	cw_sha256(text ? text : "", text ? strlen(text) : 0, out);
 }
 
 /* What every item takes from its validated event: the room as the request
@@ -948,7 +953,7 @@ static void msg_input_from_event(struct msg_input *in, struct cw_app *app, const
 	/* Serialised here, on the HTTP thread: the writer only splices it into
 	 * its statement (NULL on allocation failure: the writer refuses it). */
 	in->event_text = ev->text ? strdup(ev->text) : json_dumps(ev->json, JSON_COMPACT | JSON_SORT_KEYS);
-	request_hash(room, in->event_text, in->hash);
+	request_hash(in->event_text, in->hash);
 	cw_new_id(in->msg_id, sizeof(in->msg_id), "msg_");
 	snprintf(in->sender, sizeof(in->sender), "%s", sender);
 	snprintf(in->type, sizeof(in->type), "%s", event_type_name(ev->type));
@@ -1143,14 +1148,15 @@ struct submit *submit_new(size_t n)
 	" CASE WHEN it.replaces <> '' THEN (SELECT s.uri FROM events e JOIN identities s ON s.id = e.sender_id " \
 	"  WHERE e.public_id = it.replaces) END, " \
 	" NULL, " \
-	" CASE WHEN it.replaces <> '' THEN (SELECT e.type FROM events e WHERE e.public_id = it.replaces) END " \
+	" CASE WHEN it.replaces <> '' THEN (SELECT e.type FROM events e WHERE e.public_id = it.replaces) END, " \
+	" k.room_id " \
 	"FROM items it JOIN rm ON rm.room = it.room AND rm.scope IS NOT DISTINCT FROM it.scope " \
-	" LEFT JOIN LATERAL (SELECT coalesce(request_hash, ''::bytea) AS request_hash, public_id, " \
+	" LEFT JOIN LATERAL (SELECT coalesce(request_hash, ''::bytea) AS request_hash, public_id, room_id, " \
 	"  (extract(epoch FROM accepted_at) * 1000)::bigint AS ms FROM events " \
 	"  WHERE origin_network = it.scope AND origin_native_id = it.key LIMIT 1) k ON true " \
 	"UNION ALL " \
 	"SELECT -1, rm.id, mem.id, mem.uri, mem.is_local, mem.network, mem.peer_id, mem.name, mem.domain, " \
-	" NULL, NULL, NULL, NULL, NULL, NULL, NULL, mem.mode, NULL " \
+	" NULL, NULL, NULL, NULL, NULL, NULL, NULL, mem.mode, NULL, NULL::bigint " \
 	"FROM (SELECT DISTINCT id FROM rm WHERE id IS NOT NULL) rm " \
 	" JOIN LATERAL (SELECT i.id, i.uri, i.is_local, i.network, i.peer_id, p.name, i.domain, p.mode " \
 	"  FROM room_members m JOIN identities i ON i.id = m.identity_id LEFT JOIN peers p ON p.id = i.peer_id " \
@@ -1165,7 +1171,8 @@ struct submit *submit_new(size_t n)
 	"  AND c.subject = it.dom), " \
 	" CASE WHEN EXISTS (SELECT 1 FROM consent_requests q JOIN identities s ON s.id = q.remote_identity_id " \
 	"  WHERE q.local_identity_id = f.id AND s.uri = it.snd " \
-	"  AND (q.state = 'pending' OR q.created_at > now() - make_interval(secs => it.win))) THEN 't' ELSE 'f' END " \
+	"  AND (q.state = 'pending' OR q.created_at > now() - make_interval(secs => it.win))) THEN 't' ELSE 'f' END, " \
+	" NULL::bigint " \
 	"FROM (SELECT DISTINCT room, scope, snd, net, dom, win FROM items WHERE snd IS NOT NULL) it " \
 	" JOIN rm ON rm.room = it.room AND rm.scope IS NOT DISTINCT FROM it.scope AND rm.id IS NOT NULL " \
 	" JOIN LATERAL (SELECT i.id, i.uri FROM room_members m JOIN identities i ON i.id = m.identity_id " \
@@ -1208,7 +1215,8 @@ struct submit *submit_new(size_t n)
 	"ev AS (INSERT INTO events (" ID_COL "public_id, room_id, sender_id, type, content, replaces_id, in_reply_to_id, " \
 	"  origin_network, origin_native_id, request_hash, ts) SELECT " ID "it.pid, it.room, it.sender, it.type, cs.value, " \
 	"  " REPLACES ", " REPLY ", it.scope, it.key, decode(it.hash, 'hex'), it.ts FROM it JOIN cs ON cs.ord = it.ci " \
-	"  ORDER BY it.n RETURNING id, public_id, room_id, (extract(epoch FROM accepted_at) * 1000)::bigint AS ms), " \
+	"  ORDER BY it.n ON CONFLICT (origin_network, origin_native_id) WHERE origin_native_id IS NOT NULL DO NOTHING " \
+	"  RETURNING id, public_id, room_id, (extract(epoch FROM accepted_at) * 1000)::bigint AS ms), " \
 	"ob AS (INSERT INTO outbox (event_id, destination, target_identity_id, room_id, state) " \
 	"  SELECT ev.id, d.dest, NULLIF(d.target::bigint, 0), ev.room_id, d.state FROM it " \
 	"  JOIN ev ON ev.public_id = it.pid, " \
@@ -1231,22 +1239,24 @@ struct submit *submit_new(size_t n)
 #define WRITE_ITEMS_PLAIN WRITE_EVENTS "SELECT public_id, ms FROM ev"
 
 #define WRITE_ITEMS_TAIL \
-	", rd AS (UPDATE outbox o SET read_at = coalesce(o.read_at, now()) FROM it " \
+	", rd AS (UPDATE outbox o SET read_at = coalesce(o.read_at, now()) FROM it JOIN ev ON ev.public_id = it.pid " \
 	"  WHERE it.read AND o.event_id = it.reply AND o.destination = it.scope AND o.state = 'delivered'), " \
 	"cr AS (INSERT INTO consent_requests (local_identity_id, remote_identity_id, expires_at) " \
 	"  SELECT DISTINCT h.value::bigint, it.sender, now() + make_interval(secs => it.expiry) " \
-	"  FROM it, unnest(string_to_array(it.held, ',')) AS h(value) WHERE NOT EXISTS (SELECT 1 FROM consent_requests q " \
+	"  FROM it JOIN ev ON ev.public_id = it.pid, unnest(string_to_array(it.held, ',')) AS h(value) WHERE NOT EXISTS (SELECT 1 FROM consent_requests q " \
 	"   WHERE q.local_identity_id = h.value::bigint AND q.remote_identity_id = it.sender " \
 	"   AND (q.state = 'pending' OR q.created_at > now() - make_interval(secs => it.win))) " \
 	"  ON CONFLICT DO NOTHING), " \
 	"oc AS (INSERT INTO consents (local_identity_id, subject_kind, subject, state, source) " \
 	"  SELECT DISTINCT it.sender, 'user', o.value->>0, 'allowed', 'outbound' " \
-	"  FROM it, jsonb_array_elements(it.outbound) AS o(value) ON CONFLICT DO NOTHING RETURNING local_identity_id AS u), " \
+	"  FROM it JOIN ev ON ev.public_id = it.pid, jsonb_array_elements(it.outbound) AS o(value) " \
+	"  ON CONFLICT DO NOTHING RETURNING local_identity_id AS u), " \
 	"oo AS (INSERT INTO user_optin (identity_id, network, opted_in, updated_by) " \
 	"  SELECT DISTINCT it.sender, o.value->>1, true, 'outbound' " \
-	"  FROM it, jsonb_array_elements(it.outbound) AS o(value) ON CONFLICT DO NOTHING RETURNING identity_id AS u), " \
+	"  FROM it JOIN ev ON ev.public_id = it.pid, jsonb_array_elements(it.outbound) AS o(value) " \
+	"  ON CONFLICT DO NOTHING RETURNING identity_id AS u), " \
 	"ou AS (SELECT u FROM oc UNION SELECT u FROM oo), " \
-	"bl AS (SELECT DISTINCT ON (it.sender, it.bt) it.sender, it.bt, it.ba FROM it " \
+	"bl AS (SELECT DISTINCT ON (it.sender, it.bt) it.sender, it.bt, it.ba FROM it JOIN ev ON ev.public_id = it.pid " \
 	"  JOIN identities s ON s.id = it.sender AND NOT s.is_local WHERE it.bt IS NOT NULL " \
 	"  ORDER BY it.sender, it.bt, it.n DESC), " \
 	"bk AS (INSERT INTO blocks (blocker_id, blocked_id) SELECT bl.sender, t.id FROM bl " \
@@ -1613,7 +1623,7 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 	if (!PQgetisnull(r, first, 9)) { /* this key answered before */
 		char hex[65];
 		cw_hex(hex, in->hash, 32);
-		if (strcmp(hex, PQgetvalue(r, first, 9)) != 0) {
+		if (strcmp(hex, PQgetvalue(r, first, 9)) != 0 || strcmp(PQgetvalue(r, first, 18), PQgetvalue(r, first, 1)) != 0) {
 			item_fail(res, 409, "conflict", "this Idempotency-Key was used with a different request");
 		} else {
 			res->status = 202;
@@ -1893,7 +1903,15 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 			any_write = round1_needed(b);
 		} else {
 			/* The rows come in item order: the search starts after
-			 * the previous match, so it is one step each. */
+			 * the previous match, so it is one step each.  An item
+			 * with no row lost a race for its Idempotency-Key (the
+			 * insert does nothing on a key taken meanwhile, here or by
+			 * another process): 409, the others written as they are
+			 * (before, the unique violation failed the whole job, and
+			 * every request merged into it, other peers' too). */
+			for (size_t i = 0; i < b->n; i++)
+				if (b->write[i] && b->res[i].status == 202)
+					b->res[i].status = 0; /* a rerun of the write: answered again below */
 			size_t from = 0;
 			for (int k = 0; k < rows && b->n; k++)
 				for (size_t s = 0; s < b->n; s++) {
@@ -1906,6 +1924,14 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 						from = i + 1;
 						break;
 					}
+				}
+			for (size_t i = 0; i < b->n; i++)
+				if (b->write[i] && b->res[i].status != 202) {
+					json_decref(b->res[i].body);
+					b->res[i].body = NULL;
+					item_fail(&b->res[i], 409, "conflict",
+						  "a request with this Idempotency-Key was being written at the same time; "
+						  "retry it");
 				}
 			any_write = true;
 		}
