@@ -185,3 +185,30 @@ def test_a_row_committed_late_is_pulled_not_acknowledged_unseen(daemon, pg, db_u
     assert pg.psql("SELECT string_agg(DISTINCT state, ',') FROM outbox WHERE destination = 'peer:tg'", db_url) == \
         "delivered"
     srv.close()
+
+
+def test_a_push_peer_cannot_pull_its_rows_away_from_the_push(daemon, pg, db_url):
+    """GET /v1/events hands out rows only to a peer in pull mode: a push
+    peer that pulls gets nothing, and its rows go out by the push, in
+    order.  Before, it took them from under the dispatcher (a review saw
+    a row pulled while an earlier row of its room was being pushed)."""
+    a, b, rm, srv = make_peers(daemon)
+    srv.public_b64 = daemon.get("/.well-known/mimi-protocol-directory").json()["public_key"]["key"]
+    try:
+        ids = [b.send(rm["id"], b.user("bob"), f"to gk {i}").json()["id"] for i in range(3)]
+        r = a.call("GET", "/v1/events?after=0")
+        assert r.status_code == 200 and r.json()["events"] == [], r.text
+        got = srv.wait_events(3)
+        assert [e["id"] for e in got] == ids
+        # Switched to pull: a room with a row still being pushed waits for it.
+        pg.psql("UPDATE peers SET mode = 'pull', push_url = NULL WHERE name = 'gk'", db_url)
+        pg.psql(f"UPDATE outbox SET state = 'in_flight', claimed_by = 'host:1:ff', "
+                f"claimed_until = now() + interval '1 minute' WHERE destination = 'peer:gk' AND event_id = "
+                f"(SELECT id FROM events WHERE public_id = '{ids[0]}')", db_url)
+        later = b.send(rm["id"], b.user("bob"), "after the switch").json()["id"]
+        assert a.call("GET", "/v1/events?after=0").json()["events"] == []
+        pg.psql("UPDATE outbox SET state = 'delivered', claimed_by = NULL, claimed_until = NULL "
+                "WHERE destination = 'peer:gk' AND state = 'in_flight'", db_url)
+        assert [e["id"] for e in a.call("GET", "/v1/events?after=0").json()["events"]] == [later]
+    finally:
+        srv.close()
