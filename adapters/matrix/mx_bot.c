@@ -72,22 +72,31 @@ static void say(struct matrix *m, const char *room, const char *text)
 }
 
 /* A bridged room turned end-to-end encrypted: the gateway cannot read what
- * is said there from now on, and says so (as the remote user's ghost, who
- * is in the room) instead of failing silently. */
+ * is said there from now on, and says so (in a direct room as the remote
+ * user's ghost, who is in the room; in a group's portal, which has no one
+ * remote user, as the bot) instead of failing silently. */
 static void encrypted(struct matrix *m, PGconn *c, const char *room)
 {
 	const char *params[] = { room };
 	PGresult *r = PQexecParams(c,
-		"SELECT ib.native_id, ri.uri, ri.network FROM room_bindings b JOIN identities ri ON ri.id = b.remote_identity_id "
-		"JOIN identity_bindings ib ON ib.identity_id = ri.id AND ib.network = 'matrix' "
+		"SELECT ib.native_id, ri.uri, ri.network FROM room_bindings b "
+		"LEFT JOIN identities ri ON ri.id = b.remote_identity_id "
+		"LEFT JOIN identity_bindings ib ON ib.identity_id = ri.id AND ib.network = 'matrix' "
 		"WHERE b.network = 'matrix' AND b.native_id = $1", 1, NULL, params, NULL, NULL, 0);
 	if (PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1) {
 		char text[1200];
-		snprintf(text, sizeof(text),
-			 "This conversation is now end-to-end encrypted. The gateway to %s cannot read encrypted "
-			 "messages, so what is written here from now on will not reach %s. To go on talking with "
-			 "them, start a new conversation without encryption.", PQgetvalue(r, 0, 2), PQgetvalue(r, 0, 1));
-		say_as(m, room, PQgetvalue(r, 0, 0), text);
+		if (PQgetisnull(r, 0, 1))
+			snprintf(text, sizeof(text),
+				 "This group's room is now end-to-end encrypted. The gateway cannot read encrypted "
+				 "messages, so what is written here from now on will not reach the group's other "
+				 "members.");
+		else
+			snprintf(text, sizeof(text),
+				 "This conversation is now end-to-end encrypted. The gateway to %s cannot read "
+				 "encrypted messages, so what is written here from now on will not reach %s. To go on "
+				 "talking with them, start a new conversation without encryption.",
+				 PQgetvalue(r, 0, 2), PQgetvalue(r, 0, 1));
+		say_as(m, room, PQgetisnull(r, 0, 0) ? NULL : PQgetvalue(r, 0, 0), text);
 		LOG_KV(CW_LOG_WARN, "a bridged Matrix room was encrypted", "room", room);
 	}
 	PQclear(r);

@@ -377,9 +377,11 @@ static cw_err create_room(struct matrix *m, const char *user, json_t *body, char
  * binding that won, read in a statement of its own (one that tried the
  * insert sees the snapshot from before the winner's commit), takes its
  * place in room (its id into binding), and who made the spare one (ghost,
- * NULL: the bot) leaves it. */
+ * NULL: the bot) takes back its invitation of invitee (a /kick does: else
+ * the user keeps an invitation to an empty room) and leaves it. */
 static cw_err spare_room(struct matrix *m, PGconn *c, const char *ghost, bool portal, const char *local_id,
-			 const char *other, char *room, size_t rlen, char *binding, size_t blen, cw_errmsg *e)
+			 const char *other, const char *invitee, char *room, size_t rlen, char *binding, size_t blen,
+			 cw_errmsg *e)
 {
 	/* other: the remote user's identity (a direct room), or the group's
 	 * room (a portal) */
@@ -398,6 +400,11 @@ static cw_err spare_room(struct matrix *m, PGconn *c, const char *ghost, bool po
 		return cw_fail(e, CW_EIO, "a room was made, but neither it nor another could be bound");
 	}
 	cw_errmsg e2;
+	long status;
+	if (invitee && mx_room_post(m, room, ghost, "kick",
+				    json_pack("{s:s, s:s}", "user_id", invitee, "reason", "a room made twice"), &status,
+				    &e2))
+		LOG_KV(CW_LOG_WARN, "cannot take back the invitation to a spare room", "room", room, "detail", e2.msg);
 	if (mx_room_action(m, room, ghost, "leave", &e2))
 		LOG_KV(CW_LOG_WARN, "cannot leave a spare room", "room", room, "detail", e2.msg);
 	snprintf(room, rlen, "%s", PQgetvalue(r, 0, 0));
@@ -410,8 +417,8 @@ static cw_err spare_room(struct matrix *m, PGconn *c, const char *ghost, bool po
 /* A room just made, bound by sql (an insert of its binding that returns
  * its id, or nothing on a conflict); a conflict: spare_room. */
 static cw_err bind_room(struct matrix *m, PGconn *c, const char *sql, int n, const char *const *params,
-			const char *ghost, bool portal, const char *local_id, const char *other, char *room, size_t rlen,
-			char *binding, size_t blen, cw_errmsg *e)
+			const char *ghost, bool portal, const char *local_id, const char *other, const char *invitee,
+			char *room, size_t rlen, char *binding, size_t blen, cw_errmsg *e)
 {
 	PGresult *r = PQexecParams(c, sql, n, NULL, params, NULL, NULL, 0);
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
@@ -421,7 +428,7 @@ static cw_err bind_room(struct matrix *m, PGconn *c, const char *sql, int n, con
 	if (bound && binding)
 		snprintf(binding, blen, "%s", PQgetvalue(r, 0, 0));
 	PQclear(r);
-	return bound ? CW_OK : spare_room(m, c, ghost, portal, local_id, other, room, rlen, binding, blen, e);
+	return bound ? CW_OK : spare_room(m, c, ghost, portal, local_id, other, invitee, room, rlen, binding, blen, e);
 }
 
 /* The direct room of (local user, remote user): made by the ghost, with the
@@ -451,7 +458,7 @@ static cw_err ensure_room(struct matrix *m, PGconn *c, const char *neutral_room,
 			 "INSERT INTO room_bindings (room_id, network, native_id, local_identity_id, remote_identity_id) "
 			 "VALUES (direct_room_of($1::bigint, $3::bigint, $4::bigint, $5), 'matrix', $2, $3::bigint, "
 			 "$4::bigint) ON CONFLICT DO NOTHING RETURNING id",
-			 5, params, ghost, false, target_id, sender_id, room, rlen, NULL, 0, e);
+			 5, params, ghost, false, target_id, sender_id, target_mxid, room, rlen, NULL, 0, e);
 }
 
 /* The portal of a group for one local user: a room made by the bot with
@@ -479,7 +486,7 @@ static cw_err ensure_portal(struct matrix *m, PGconn *c, const char *neutral_roo
 	return bind_room(m, c,
 			 "INSERT INTO room_bindings (room_id, network, native_id, local_identity_id, name_synced) "
 			 "VALUES ($1::bigint, 'matrix', $2, $3::bigint, $4) ON CONFLICT DO NOTHING RETURNING id",
-			 4, params, NULL, true, target_id, neutral_room, room, rlen, binding, blen, e);
+			 4, params, NULL, true, target_id, neutral_room, target_mxid, room, rlen, binding, blen, e);
 }
 
 /* The portal's name, as the group's now is (NULL: none), set by the bot and

@@ -1211,6 +1211,25 @@ def test_a_bridged_room_turned_encrypted_gets_a_notice(mx, hs, gk, pg, db_url):
                what="the notice")
 
 
+def test_a_groups_room_turned_encrypted_gets_the_bots_notice(mx, hs, gk, pg, db_url):
+    """alice's room made a group (she invited a second ghost) has no one
+    remote user to speak for: when she turns encryption on there, the bot
+    says that what is written from now on will not reach the group.
+    Before, nobody said anything, and her messages vanished."""
+    a, _ = gk
+    consent_alice(mx)
+    consent_alice(mx, "mimi://wa.example/u/bob")
+    a.create_room([a.user("bob"), "mimi://example.org/u/someone"])  # the peer introduced bob
+    alice, room, _ = alice_writes_to_wally(hs, a)
+    alice.invite(room, "@_cw_gk_bob:example.org")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_portal_members", db_url) == "2", what="a group")
+    wait_until(lambda: hs.members(room).get("@_cw_bot:example.org") == "join", what="the bot in")
+    alice.state(room, "m.room.encryption", {"algorithm": "m.megolm.v1.aes-sha2"})
+    wait_until(lambda: any(e["sender"] == "@_cw_bot:example.org" and e["content"].get("msgtype") == "m.notice"
+                           and "group's room is now end-to-end encrypted" in e["content"].get("body", "")
+                           for e in hs.events(room)), what="the bot's notice")
+
+
 def test_a_direct_room_encrypted_from_its_start_is_not_bridged_in_silence(mx, hs, gk, pg, db_url):
     """Clients on matrix-rust-sdk (Element X) make every direct room with
     m.room.encryption in its initial state: that event comes before any
