@@ -541,7 +541,15 @@ static enum batch_outcome run_batch(struct cw_store *s, PGconn *c, struct job *l
 		if (PQresultStatus(r) != PGRES_COMMAND_OK) {
 			store_result_err(c, r, e);
 			PQclear(r);
-			return BATCH_CONN_LOST_AT_COMMIT;
+			if (PQstatus(c) != CONNECTION_OK)
+				return BATCH_CONN_LOST_AT_COMMIT; /* the outcome is unknown */
+			/* Refused at COMMIT (a deferred check) on a good
+			 * connection: rolled back, nothing stored. */
+			LOG_KV(CW_LOG_WARN, "a write batch's COMMIT was refused", "detail", e->msg);
+			for (struct job *j = list; j; j = j->next)
+				if (!j->rc)
+					j->rc = cw_fail(&j->err, CW_EUNAVAIL, "the commit was refused; nothing was stored");
+			return BATCH_DONE;
 		}
 		if (strcmp(PQcmdStatus(r), "ROLLBACK") == 0) {
 			/* An aborted transaction that no job reported (a bug):
@@ -598,7 +606,9 @@ static void write_batch(struct cw_store *s, struct job *list)
 			for (struct job *j = live; j; j = j->next)
 				if (j->rc == CW_OK) {
 					j->rc = CW_EUNAVAIL;
-					snprintf(j->err.msg, sizeof(j->err.msg), "the database connection was lost");
+					snprintf(j->err.msg, sizeof(j->err.msg), "%s",
+						 out == BATCH_CONN_LOST_AT_COMMIT ? STORE_OUTCOME_UNKNOWN
+										   : "the database connection was lost");
 				}
 			break;
 		}

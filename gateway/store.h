@@ -17,6 +17,12 @@
 
 struct cw_store;
 
+/* The reason (cw_errmsg) of a write whose connection was lost at COMMIT:
+ * it may have been stored; the caller says so, not "nothing was stored". */
+#define STORE_OUTCOME_UNKNOWN \
+	"the database connection was lost while the write was committed: it may have been stored; " \
+	"retry it (with the same Idempotency-Key, it is not done twice)"
+
 /* A statement prepared on every connection of the store when it connects,
  * so hot statements are parsed and planned once per connection rather than
  * once per call (PQsendQueryPrepared / PQexecPrepared by name). */
