@@ -521,9 +521,18 @@ void peer_api_room_create(struct cw_req *req, void *ctx)
 	in->p = p;
 	snprintf(in->scope, sizeof(in->scope), "peer:%s", p->name);
 	in->idem_key = key ? strdup(key) : NULL;
-	size_t blen;
-	const char *raw = cw_req_body(req, &blen);
-	cw_sha256(raw, blen, in->hash);
+	/* The request for its Idempotency-Key: the body as JSON, keys sorted
+	 * and compact, so that a retry serialised anew (another key order,
+	 * other spacing) is the same request, as an event's is. */
+	char *canon = json_dumps(body, JSON_COMPACT | JSON_SORT_KEYS);
+	if (!canon) {
+		json_decref(body);
+		room_input_free(in);
+		cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory; retry");
+		return;
+	}
+	cw_sha256(canon, strlen(canon), in->hash);
+	free(canon);
 	cw_new_id(in->public_id, sizeof(in->public_id), "r_");
 	snprintf(in->domain, sizeof(in->domain), "%s", app->cfg->domain);
 	if (uri) { /* the peer hosts the room */

@@ -104,6 +104,9 @@ def test_idempotency(daemon, peers, pg, db_url):
     r1 = a.create_room([a.user("x"), b.user("y")], idem="room-1")
     r2 = a.create_room([a.user("x"), b.user("y")], idem="room-1")
     assert r1.status_code == r2.status_code == 201 and r1.json()["id"] == r2.json()["id"]
+    # A retry serialised anew (other key order) is the same request.
+    r3 = a.call("POST", "/v1/rooms", {"members": [a.user("x"), b.user("y")], "kind": "direct"}, idem="room-1")
+    assert r3.status_code == 201 and r3.json()["id"] == r1.json()["id"], r3.text
 
 
 def test_peer_down_then_backlog_in_order(daemon, peers):
