@@ -1218,13 +1218,24 @@ struct submit *submit_new(size_t n)
 	"  scope text, outbound jsonb, bt text, ba text"
 /* IT: the items; ID_COL, ID: the events' ids when the statement gives
  * them; REPLACES, REPLY: the references' event ids. */
+/* lk: the items' rooms are locked first, in id order, until the commit
+ * (a transaction-level advisory lock per room, class ROOM_LOCK_CLASS): the
+ * outbox ids of one room's rows then follow the order in which they were
+ * committed, across daemon processes too, and the dispatcher's and the
+ * pull's id order is the room's order (before, two processes writing one
+ * room could commit a later id first, and a destination got the two
+ * events out of order).  ev's one-time filter runs it before any row is
+ * made or any outbox id drawn. */
+#define ROOM_LOCK_CLASS "1129796434" /* "CWRR" */
 #define WRITE_EVENTS_OF(IT, ID_COL, ID, REPLACES, REPLY) \
 	"WITH " IT ", " \
+	"lk AS MATERIALIZED (SELECT count(pg_advisory_xact_lock(" ROOM_LOCK_CLASS ", (y.r % 2147483647)::int)) AS n " \
+	"  FROM (SELECT DISTINCT it.room AS r FROM it ORDER BY 1) y), " \
 	"cs AS (SELECT c.value, c.ord FROM jsonb_array_elements($2::jsonb) WITH ORDINALITY AS c(value, ord)), " \
 	"ev AS (INSERT INTO events (" ID_COL "public_id, room_id, sender_id, type, content, replaces_id, in_reply_to_id, " \
 	"  origin_network, origin_native_id, request_hash, ts) SELECT " ID "it.pid, it.room, it.sender, it.type, cs.value, " \
 	"  " REPLACES ", " REPLY ", it.scope, it.key, decode(it.hash, 'hex'), it.ts FROM it JOIN cs ON cs.ord = it.ci " \
-	"  ORDER BY it.n ON CONFLICT (origin_network, origin_native_id) WHERE origin_native_id IS NOT NULL DO NOTHING " \
+	"  WHERE (SELECT n FROM lk) >= 0 ORDER BY it.n ON CONFLICT (origin_network, origin_native_id) WHERE origin_native_id IS NOT NULL DO NOTHING " \
 	"  RETURNING id, public_id, room_id, (extract(epoch FROM accepted_at) * 1000)::bigint AS ms), " \
 	"ob AS (INSERT INTO outbox (event_id, destination, target_identity_id, room_id, state) " \
 	"  SELECT ev.id, d.dest, NULLIF(d.target::bigint, 0), ev.room_id, d.state FROM it " \

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from harness import wait_until
-from peer import Signer, push_peers
+from peer import PeerClient, Signer, push_peers
 
 
 @pytest.fixture
@@ -275,6 +275,40 @@ def test_a_race_for_one_key_fails_no_other_request(make_daemon, db_url, pg):
         assert pg.psql("SELECT count(*) FROM events WHERE origin_native_id LIKE 'race-%'", db_url) == "10"
         assert pg.psql("SELECT count(*) FROM events WHERE origin_native_id LIKE 'o-%'", db_url) == "60"
     finally:
+        for _, srv in made:
+            srv.close()
+
+
+def test_one_rooms_events_written_by_two_processes_arrive_in_commit_order(make_daemon, db_url, pg):
+    """Two daemon processes on one database write one room's events: the
+    first commits slowly (a deferred check sleeping 1.5 s), the second is
+    sent meanwhile.  A room's writers take turns (a lock per room until the
+    commit), so the second's outbox rows come after the first's and the
+    destination gets them in that order.  Before, the second committed
+    first with the higher id, was delivered first, and the two arrived
+    out of order."""
+    d1 = make_daemon(db_url).start()
+    (a, _), (b, sb) = made = push_peers(d1)
+    d2 = make_daemon(db_url).start()
+    try:
+        a2 = PeerClient(d2.url, "gk", "wa.example", token=a.token, signer=a.signer)
+        rm = room(a, b)
+        assert a.send(rm["id"], a.user("alice"), "first").status_code == 202
+        sb.wait_events(1)
+        pg.psql("CREATE FUNCTION test_slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                " IF NEW.content::text LIKE '%\"slow\"%' THEN PERFORM pg_sleep(1.5); END IF; "
+                " RETURN NULL; END $$; "
+                "CREATE CONSTRAINT TRIGGER test_slow_commit AFTER INSERT ON events DEFERRABLE INITIALLY DEFERRED "
+                " FOR EACH ROW EXECUTE FUNCTION test_slow_commit()", db_url)
+        with concurrent.futures.ThreadPoolExecutor(2) as ex:
+            slow = ex.submit(a.send, rm["id"], a.user("alice"), "slow")
+            time.sleep(0.4)
+            fast = ex.submit(a2.send, rm["id"], a.user("alice"), "fast")
+            assert slow.result().status_code == 202 and fast.result().status_code == 202
+        got = sb.wait_events(3)
+        assert [e["content"]["parts"][0]["body"] for e in got] == ["first", "slow", "fast"], got
+    finally:
+        pg.psql("DROP TRIGGER IF EXISTS test_slow_commit ON events", db_url)
         for _, srv in made:
             srv.close()
 
