@@ -364,7 +364,7 @@ cw_err xa_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_r
 	int nr = PQntuples(r), k = 0;
 	uint64_t *seqs = calloc(n, sizeof(*seqs));
 	struct xcomp **comps = calloc(n, sizeof(*comps));
-	size_t *binds = calloc(n, sizeof(*binds)); /* the bindings made by rows 0..i */
+	size_t *binds = calloc(n, sizeof(*binds)); /* where row i's bindings start in bind (the next row's: end) */
 	json_t *bind = json_array();
 	if (!seqs || !comps || !binds || !bind) {
 		rc = cw_fail(e, CW_ENOMEM, "out of memory");
@@ -401,17 +401,13 @@ cw_err xa_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_r
 		size_t len = 0;
 		struct xcomp *xc = NULL;
 		cw_errmsg why = { { 0 } };
-		size_t before = json_array_size(bind);
 		bool made = build(x, &rows[i], r, k, &xc, &st, &len, bind, &why);
 		if (!made) {
-			while (json_array_size(bind) > before)
-				json_array_remove(bind, json_array_size(bind) - 1);
 			row_fail(&rows[i], why.msg);
 			if (room)
 				json_object_set_new(held_rooms, room, json_true());
 			continue;
 		}
-		binds[i] = json_array_size(bind);
 		if (st) {
 			/* The thread is woken once, below, for the whole batch:
 			 * one wake-up and one write instead of one each.  A
@@ -427,9 +423,6 @@ cw_err xa_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_r
 				snprintf(why_not, sizeof(why_not), "the stream of component %.400s is %s", xc->domain,
 					 up ? "full" : "not up here");
 				row_wait(&rows[i], why_not);
-				while (json_array_size(bind) > before)
-					json_array_remove(bind, json_array_size(bind) - 1);
-				binds[i] = before;
 				if (room)
 					json_object_set_new(held_rooms, room, json_true());
 				continue;
@@ -474,7 +467,7 @@ cw_err xa_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_r
 	json_t *sent = json_array();
 	for (size_t i = 0; sent && i < n; i++)
 		if (rows[i].outcome == 1)
-			for (size_t b = i ? binds[i - 1] : 0; b < binds[i]; b++)
+			for (size_t b = binds[i]; b < (i + 1 < n ? binds[i + 1] : json_array_size(bind)); b++)
 				json_array_append(sent, json_array_get(bind, b));
 	json_decref(bind);
 	bind = sent;
