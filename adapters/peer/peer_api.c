@@ -939,9 +939,6 @@ static void msg_input_free(void *arg)
 	free(in);
 }
 
-/* What an Idempotency-Key stands for: the room (as the request names it)
- * and the event, canonically serialised (text), so that the same key with
- * the same event sent to another room is a conflict, not a replay. */
 /* An item's request, for its Idempotency-Key: the event as sent (sorted,
  * compact).  The room is compared apart, resolved (submit_decide): a
  * request names it by public id (/messages) or URI (/batch), and the same
@@ -1216,8 +1213,6 @@ struct submit *submit_new(size_t n)
 	"  type text, ci bigint, replaces bigint, reply bigint, ts bigint, key text, hash text, " \
 	"  dests text, targets text, states text, held text, expiry bigint, win bigint, read boolean, " \
 	"  scope text, outbound jsonb, bt text, ba text"
-/* IT: the items; ID_COL, ID: the events' ids when the statement gives
- * them; REPLACES, REPLY: the references' event ids. */
 /* lk: the items' rooms are locked first, in id order, until the commit
  * (a transaction-level advisory lock per room, class ROOM_LOCK_CLASS): the
  * outbox ids of one room's rows then follow the order in which they were
@@ -1227,6 +1222,8 @@ struct submit *submit_new(size_t n)
  * events out of order).  ev's one-time filter runs it before any row is
  * made or any outbox id drawn. */
 #define ROOM_LOCK_CLASS "1129796434" /* "CWRR" */
+/* IT: the items; ID_COL, ID: the events' ids when the statement gives
+ * them; REPLACES, REPLY: the references' event ids. */
 #define WRITE_EVENTS_OF(IT, ID_COL, ID, REPLACES, REPLY) \
 	"WITH " IT ", " \
 	"lk AS MATERIALIZED (SELECT count(pg_advisory_xact_lock(" ROOM_LOCK_CLASS ", (y.r % 2147483647)::int)) AS n " \
