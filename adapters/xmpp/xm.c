@@ -970,6 +970,8 @@ static enum xm_out_result out_message(struct ob *b, const json_t *content, const
 	free(body);
 	if (reply) {
 		id_el(b, "reply", NS_REPLY, ref_id(target));
+		if (target->author)
+			set_attr(b, xmpp_stanza_get_child_by_ns(b->msg, NS_REPLY), "to", target->author);
 		if (quote) {
 			xmpp_stanza_t *f = el(b, b->msg, "fallback", NS_FALLBACK);
 			set_attr(b, f, "for", NS_REPLY);

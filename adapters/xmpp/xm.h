@@ -114,8 +114,8 @@
  *              <request xmlns='urn:xmpp:receipts'/>, <markable/>,
  *              <active/>; in_reply_to present and target known:
  *              <reply xmlns='urn:xmpp:reply:0'
- *              id=target's origin-id (or id)/> (no "to": optional in 1:1
- *              chat), and when target.text is given a
+ *              id=target's origin-id (or id) to=target.author (when
+ *              given: XEP-0461 §3 says SHOULD)/>, and when target.text is given a
  *              "> " quote of its first 200 bytes (cut on a UTF-8 boundary,
  *              "…" marking the cut; every line starts with "> ", white space
  *              at the end dropped, a line feed after it; no quote when
@@ -221,6 +221,8 @@ struct xm_target {
 	bool is_last;           /* the last message of its sender in the conversation */
 	const char *text;       /* its plain text (for quotes), or NULL */
 	bool is_reaction;       /* (delete) the target is a reaction event */
+	const char *author;     /* its sender's JID (bare in 1:1, room/nick in a
+				   group): a reply's "to", or NULL */
 };
 
 struct xm_out_info {

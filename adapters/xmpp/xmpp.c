@@ -480,8 +480,9 @@ static void disco_info(struct xcomp *xc, xmpp_stanza_t *st, bool user, const cha
 	const char *node = in ? xmpp_stanza_get_attribute(in, "node") : NULL;
 	if (node && q)
 		xmpp_stanza_set_attribute(q, "node", node);
-	if (node && !user) { /* the component's nodes are its commands' */
-		if (q && xa_command_info(xc, q, node)) {
+	if (node) { /* the component's nodes are its commands'; a user's JID has
+		     none (XEP-0030 §7: item-not-found) */
+		if (q && !user && xa_command_info(xc, q, node)) {
 			xa_send_now(xc, r);
 		} else {
 			xmpp_stanza_release(r);
@@ -516,7 +517,13 @@ static void disco_items(struct xcomp *xc, xmpp_stanza_t *st, bool user)
 	const char *node = in ? xmpp_stanza_get_attribute(in, "node") : NULL;
 	if (q && node)
 		xmpp_stanza_set_attribute(q, "node", node);
-	if (q && !user && node && strcmp(node, NS_COMMANDS) == 0)
+	if (node && (user || strcmp(node, NS_COMMANDS) != 0)) {
+		/* the only node is the component's commands' (XEP-0030 §7) */
+		xmpp_stanza_release(r);
+		answer_error(xc, st, "cancel", "item-not-found");
+		return;
+	}
+	if (q && node)
 		xa_command_items(xc, q);
 	xa_send_now(xc, r);
 }

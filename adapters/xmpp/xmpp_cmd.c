@@ -271,8 +271,11 @@ static void consent_done(void *arg, cw_err rc, const cw_errmsg *e)
 	if (j->iq)
 		command_answer(j->xc, j->iq, j->node, rc ? "That did not work; try again in a moment." : j->note,
 			       rc || !j->done ? "error" : "info");
-	/* The roster follows a block: the remote contact unsubscribes both ways. */
+	/* The roster follows a block: the remote contact goes offline (RFC 6121
+	 * §3.2.2: before the unsubscribed, or the user's client keeps showing
+	 * it online) and unsubscribes both ways. */
 	if (!rc && j->done && j->verb == V_BLOCK && !j->whole_domain) {
+		presence_to(j->xc, false, j->remote_jid, j->local_bare, "unavailable", NULL, NULL);
 		presence_to(j->xc, false, j->remote_jid, j->local_bare, "unsubscribe", NULL, NULL);
 		presence_to(j->xc, false, j->remote_jid, j->local_bare, "unsubscribed", NULL, NULL);
 	}
@@ -594,6 +597,7 @@ void xa_roster_sync(struct xcomp *xc, PGconn *c)
 		char remote[XJ_JID_MAX + 1];
 		if (!xa_remote_jid(xc, PQgetvalue(r, i, 1), remote, sizeof(remote)))
 			continue;
+		presence_to(xc, true, remote, PQgetvalue(r, i, 0), "unavailable", NULL, NULL);
 		presence_to(xc, true, remote, PQgetvalue(r, i, 0), "unsubscribe", NULL, NULL);
 		presence_to(xc, true, remote, PQgetvalue(r, i, 0), "unsubscribed", NULL, NULL);
 	}

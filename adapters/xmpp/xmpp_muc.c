@@ -599,8 +599,21 @@ static void join_done(void *arg, cw_err rc, const cw_errmsg *e)
 		 * the room's id), with its last correction's text */
 		json_t *ev = peer_media_public(xc->x->app, json_array_get(v, 1));
 		const char *reply = json_string_value(json_object_get(json_object_get(ev, "content"), "in_reply_to"));
+		/* a reply's "to" (XEP-0461 §3): its target's writer, when the
+		 * history holds the target */
+		char author[XJ_JID_MAX + NICK_MAX + 2] = "";
+		size_t t;
+		json_t *w;
+		json_array_foreach(j->history, t, w) {
+			const char *wnick = json_string_value(json_array_get(w, 0));
+			if (reply && t < i && strcmp(json_string_value(json_array_get(w, 3)), reply) == 0) {
+				snprintf(author, sizeof(author), "%s/%s", j->room, wnick[0] ? wnick : j->nick);
+				break;
+			}
+		}
 		struct xm_out_info info = { .from = from, .to = j->full, .id = id,
-					    .target = { .known = reply != NULL, .id = reply, .origin_id = reply } };
+					    .target = { .known = reply != NULL, .id = reply, .origin_id = reply,
+							.author = author[0] ? author : NULL } };
 		xmpp_stanza_t *m = NULL;
 		enum xm_out_result res = ev ? xm_from_neutral(ctx, ev, &info, &m, NULL, 0) : XM_OUT_INVALID;
 		json_decref(ev);

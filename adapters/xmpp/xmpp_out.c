@@ -71,8 +71,13 @@ static const char batch_sql[] =
 	"   AND b.native_id NOT LIKE 'h:%' ORDER BY b.id LIMIT 1) END, "
 	/* 28: a group's sender's nick in its room (NULL: not a group) */
 	"  CASE WHEN rm.kind <> 'group' THEN NULL "
-	MUC_NICK_OF("r.s_is_local", "r.s_local", "r.s_domain", "r.s_id", "r.room_id") " "
+	MUC_NICK_OF("r.s_is_local", "r.s_local", "r.s_domain", "r.s_id", "r.room_id") ", "
+	/* 29-30: who wrote the target (a reply's "to", XEP-0461 §3): the local
+	 * user (1:1), its writer's nick (a group) */
+	"  tg.sender_id = r.t_id, "
+	"  CASE WHEN rm.kind <> 'group' OR ts.id IS NULL THEN NULL " MUC_NICK("ts", "r.room_id") " "
 	"FROM r JOIN rooms rm ON rm.id = r.room_id LEFT JOIN events tg ON tg.id = r.tg_id "
+	"LEFT JOIN identities ts ON ts.id = tg.sender_id "
 	"LEFT JOIN events rt ON rt.id = r.rt_id ORDER BY r.i";
 
 /* The lookup is planned once per connection (planning it took longer than
@@ -186,8 +191,9 @@ static bool build_group(struct xmpp *x, struct outbox_row *row, PGresult *r, int
 	size_t i;
 	json_t *o;
 	json_array_foreach(occ, i, o) {
-		char from[XJ_JID_MAX + 300];
+		char from[XJ_JID_MAX + 300], author[XJ_JID_MAX + 300];
 		snprintf(from, sizeof(from), "%s/%s", room, PQgetvalue(r, k, 28));
+		snprintf(author, sizeof(author), "%s/%s", room, col(r, k, 30) ? col(r, k, 30) : "");
 		/* In a room, references name the room's ids (stanza-id): the
 		 * messages' own. */
 		struct xm_out_info info = {
@@ -196,7 +202,7 @@ static bool build_group(struct xmpp *x, struct outbox_row *row, PGresult *r, int
 			.id = id,
 			.target = { .known = PQgetvalue(r, k, 8)[0] == 't', .id = col(r, k, 24), .origin_id = col(r, k, 24),
 				    .is_last = PQgetvalue(r, k, 11)[0] == 't', .text = col(r, k, 12),
-				    .is_reaction = PQgetvalue(r, k, 13)[0] == 't' },
+				    .is_reaction = PQgetvalue(r, k, 13)[0] == 't', .author = col(r, k, 30) ? author : NULL },
 			.reacted = { .known = PQgetvalue(r, k, 14)[0] == 't', .id = col(r, k, 25), .origin_id = col(r, k, 25) },
 			.reaction_set = set,
 		};
@@ -282,7 +288,8 @@ static bool build(struct xmpp *x, struct outbox_row *row, PGresult *r, int k, st
 		.id = id,
 		.target = { .known = PQgetvalue(r, k, 8)[0] == 't', .id = col(r, k, 9), .origin_id = col(r, k, 10),
 			    .is_last = PQgetvalue(r, k, 11)[0] == 't', .text = col(r, k, 12),
-			    .is_reaction = PQgetvalue(r, k, 13)[0] == 't' },
+			    .is_reaction = PQgetvalue(r, k, 13)[0] == 't',
+			    .author = PQgetvalue(r, k, 29)[0] == 't' ? local_jid : remote_jid },
 		.reacted = { .known = PQgetvalue(r, k, 14)[0] == 't', .id = col(r, k, 15), .origin_id = col(r, k, 16) },
 		.reaction_set = set,
 	};

@@ -47,6 +47,12 @@ def prosody(tmp_path):
     p.stop()
 
 
+def presence_types(client, jid, start):
+    """The types of the presences from jid the client got since start (available: "available")."""
+    return [el.get("type", "available") for el in client.stanzas()[start:]
+            if el.tag == "{jabber:client}presence" and el.get("from", "").split("/")[0] == jid]
+
+
 def daemon_options(prosody, secret=SECRET):
     return {"server": {"domain": "example.org"},
             "xmpp": {"components": f"{COMP}=gk", "server_port": str(prosody.component_port), "secret": secret,
@@ -151,6 +157,11 @@ def test_component_state_and_disco(xd, alice):
                                   "node='http://jabber.org/protocol/commands'/>")
     nodes = {i.get("node") for i in items.iter("{http://jabber.org/protocol/disco#items}item")}
     assert nodes == {"list", "accept", "block", "opt-in", "opt-out", "report"}
+    # XEP-0030 §7: a node that is not there is item-not-found, on the component and on a user's JID
+    for to, q in ((WALLY_JID, "disco#info"), (WALLY_JID, "disco#items"), (COMP, "disco#items")):
+        err = alice.iq("get", to, f"<query xmlns='http://jabber.org/protocol/{q}' node='no-such-node'/>",
+                       expect_error=True)
+        assert err.error_condition == "item-not-found", (to, q)
     err = alice.iq("get", COMP, "<query xmlns='urn:example:unknown'/>", expect_error=True)
     assert err.find(".//{urn:ietf:params:xml:ns:xmpp-stanzas}service-unavailable") is not None
     metrics = xd.get("/metrics").text
@@ -318,11 +329,18 @@ def test_a_group_is_a_room_of_the_component(xd, gk, alice, prosody, pg, db_url):
         first.json()["id"], photo.json()["id"]]
     assert history[1].find("{jabber:x:oob}x").find("{jabber:x:oob}url").text.startswith(xd.url + "/media/")
     assert history[1].find("{urn:xmpp:reply:0}reply").get("id") == first.json()["id"]
+    assert history[1].find("{urn:xmpp:reply:0}reply").get("to") == room + "/wally"
     # The next message comes live.
     second = a.send(gid, a.user("zoe"), "count me in")
     live = message_from(alice, room, lambda el: body(el) == "count me in")
     assert live.get("from") == room + "/zoe" and live.get("type") == "groupchat"
     assert live.find("{urn:xmpp:sid:0}stanza-id").get("id") == second.json()["id"]
+    assert post(a, f"/v1/rooms/{gid}/messages", {
+        "type": "message", "sender": a.user("zoe"), "content": {
+            "in_reply_to": first.json()["id"], "parts": [{"type": "text/plain", "body": "at one then"}]}}
+                ).status_code == 202
+    live = message_from(alice, room, lambda el: (body(el) or "").endswith("at one then"))
+    assert live.find(f"{{{NS_REPLY}}}reply").get("to") == room + "/wally", ET.tostring(live)
     assert alice.ping(room + "/alice")  # XEP-0410: still in
     # A private message to an occupant is not carried, and says where to
     # write instead; a chat state alone is let go.
@@ -1101,6 +1119,13 @@ def test_features_both_ways(xd, gk, alice, pg, db_url):
                 ).status_code == 202
     m = message_from(alice, WALLY_JID, lambda el: el.find("{urn:xmpp:chat-markers:0}displayed") is not None)
     assert m.find("{urn:xmpp:chat-markers:0}displayed").get("id") == "r1"
+    # Replies name their target's writer (XEP-0461 §3: Dino shows no reply without "to").
+    for target, author, text in ((rep["id"], ALICE_JID, "to yours"), (w1, WALLY_JID, "to mine")):
+        assert post(a, f"/v1/rooms/{room}/messages", {
+            "type": "message", "sender": a.user("wally"), "content": {
+                "in_reply_to": target, "parts": [{"type": "text/plain", "body": text}]}}).status_code == 202
+        m = message_from(alice, WALLY_JID, lambda el: (body(el) or "").endswith(text))
+        assert m.find(f"{{{NS_REPLY}}}reply").get("to") == author, ET.tostring(m)
     assert post(a, f"/v1/rooms/{room}/typing", {
         "type": "typing", "sender": a.user("wally"), "content": {"state": "start"}}).status_code == 202
     message_from(alice, WALLY_JID, lambda el: el.find("{http://jabber.org/protocol/chatstates}composing") is not None)
@@ -1190,6 +1215,7 @@ def test_ad_hoc_commands(xd, gk, alice, pg, db_url):
     assert c.get("status") == "completed" and "Blocked mimi://wa.example/u/mallory" in c.find(f"{{{cmd}}}note").text
     alice.wait_for_presence(lambda el: el.get("from", "").startswith(mallory) and el.get("type") == "unsubscribed",
                             start=start)
+    assert presence_types(alice, mallory, start)[-2:] == ["unavailable", "unsubscribed"]  # offline first
     opt = alice.iq("set", COMP, f"<command xmlns='{cmd}' node='opt-in' action='execute'/>")
     assert "opted in for peer:gk" in opt.find(f".//{{{cmd}}}note").text
     lst = alice.iq("set", COMP, f"<command xmlns='{cmd}' node='list' action='execute'/>")
@@ -1434,6 +1460,8 @@ def test_operator_block_reaches_the_roster(xd, gk, alice):
                                               "subject": "mimi://wa.example/u/wally", "state": "blocked"}).ok
     alice.wait_for_presence(lambda el: el.get("from", "").startswith(wally) and el.get("type") == "unsubscribed",
                             start=start)
+    # RFC 6121 §3.2.2: offline first, or her client keeps showing wally online
+    assert presence_types(alice, wally, start)[-2:] == ["unavailable", "unsubscribed"]  # (Prosody keeps unsubscribe)
 
 
 def test_operator_block_made_while_no_process_holds_the_stream_reaches_the_roster(make_daemon, db_url, pg,

@@ -685,10 +685,10 @@ struct named_target {
 
 static const struct named_target targets[] = {
 	{ "-", { .known = false } },
-	{ "last", { true, "m-last", "o-last", true, "Earlier text", false } },
-	{ "last2", { true, "m-last2", NULL, true, NULL, false } },
-	{ "old", { true, "m-old", "o-old", false, "Line one\nLine two", false } },
-	{ "utf8", { true, "m-u", "o-u", false, "h\xc3\xa9llo \xf0\x9f\x91\x8d", false } },
+	{ "last", { true, "m-last", "o-last", true, "Earlier text", false, NULL } },
+	{ "last2", { true, "m-last2", NULL, true, NULL, false, "room@conf.example/Wally" } },
+	{ "old", { true, "m-old", "o-old", false, "Line one\nLine two", false, NULL } },
+	{ "utf8", { true, "m-u", "o-u", false, "h\xc3\xa9llo \xf0\x9f\x91\x8d", false, NULL } },
 	{ "long", { true, "m-long", NULL, false,
 		    "\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9"
 		    "\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9"
@@ -705,13 +705,13 @@ static const struct named_target targets[] = {
 		    "\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9"
 		    "\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9"
 		    "\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9",
-		    false } },
-	{ "crlf", { true, "m-crlf", NULL, false, "a\r\nb\rc\r\n\r\n", false } },
-	{ "ctrl", { true, "m-ctrl", NULL, false, "a\001b", false } },
-	{ "badid", { true, "m\x01", NULL, true, "text", false } },
-	{ "rx", { true, "m-rx", NULL, false, NULL, true } },
-	{ "msg", { true, "m-msg", "o-msg", false, NULL, false } },
-	{ "msg2", { true, "m-msg2", NULL, false, NULL, false } },
+		    false, NULL } },
+	{ "crlf", { true, "m-crlf", NULL, false, "a\r\nb\rc\r\n\r\n", false, NULL } },
+	{ "ctrl", { true, "m-ctrl", NULL, false, "a\001b", false, NULL } },
+	{ "badid", { true, "m\x01", NULL, true, "text", false, NULL } },
+	{ "rx", { true, "m-rx", NULL, false, NULL, true, NULL } },
+	{ "msg", { true, "m-msg", "o-msg", false, NULL, false, NULL } },
+	{ "msg2", { true, "m-msg2", NULL, false, NULL, false, NULL } },
 };
 
 static struct xm_target target_named(const char *name, int lineno)
@@ -961,7 +961,7 @@ START_TEST(out_edges)
 	info.to = "a&b@example.org";
 	info.to = TO;
 	info.id = "a\"b<c>&'";
-	info.target = (struct xm_target){ true, "x\"y<z>&", NULL, true, NULL, false };
+	info.target = (struct xm_target){ true, "x\"y<z>&", NULL, true, NULL, false, NULL };
 	ck_assert_int_eq(xm_from_neutral(ctx, ev, &info, &st, why, sizeof(why)), XM_OUT_STANZA);
 	xmpp_stanza_t *back = reparse(st, "escapes");
 	ck_assert_str_eq(xmpp_stanza_get_id(back), "a\"b<c>&'");
@@ -1036,7 +1036,7 @@ START_TEST(round_trip_property)
 		do
 			random_text(key, 64);
 		while (strlen(key) > 64);
-		struct xm_target a = { true, "m-a", rnd() & 1 ? "o-a" : NULL, true, quoted, false };
+		struct xm_target a = { true, "m-a", rnd() & 1 ? "o-a" : NULL, true, quoted, false, rnd() & 1 ? "w@x.example" : NULL };
 		struct xm_out_info info = { .from = FROM, .to = TO, .id = OUT_ID };
 		struct rt_tables rt = { NULL };
 		json_t *ev, *set = NULL;
@@ -1060,7 +1060,7 @@ START_TEST(round_trip_property)
 			info.reaction_set = set;
 		} else if (strcmp(kind, "unreact") == 0) {
 			ev = json_pack("{s:s, s:{s:s}}", "type", "delete", "content", "replaces", "msg_rk");
-			info.target = (struct xm_target){ true, "m-rk", NULL, false, NULL, true };
+			info.target = (struct xm_target){ true, "m-rk", NULL, false, NULL, true, NULL };
 			info.reacted = a;
 			set = json_array();
 			info.reaction_set = set;
