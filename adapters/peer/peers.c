@@ -772,7 +772,8 @@ void peer_admin_rotate(struct cw_req *req, void *ctx)
 static cw_err change_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct peer_input *in = &((struct admin_change *)j->data)->in;
-	const char *params[] = { in->name, in->has_types ? "t" : "f", in->types_null ? NULL : in->types,
+	/* without event_types, $3 is no array at all ("" is not one) */
+	const char *params[] = { in->name, in->has_types ? "t" : "f", in->has_types && !in->types_null ? in->types : NULL,
 				 in->has_url ? in->url : NULL };
 	return update_fn(c, j, e,
 			 "UPDATE peers SET event_types = CASE WHEN $2::boolean THEN $3::text[] ELSE event_types END, "

@@ -184,3 +184,8 @@ def test_event_types_and_push_url_are_set_checked_and_changed(daemon, pg, db_url
     details = json.loads(pg.psql("SELECT details FROM audit_log ORDER BY id DESC LIMIT 1", db_url))
     assert details["push_url"] == "https://gk.example/x" and details["event_types"] == ["block", "message"]
     assert "token" not in details
+    # Each alone: the push URL (the types stay), an unknown peer's 404 (neither was a 500 before).
+    assert daemon.admin("PATCH", "/peers/nope", json={"push_url": "https://gk.example/y"}).status_code == 404
+    r = daemon.admin("PATCH", "/peers/gk", json={"push_url": "https://gk.example/y"})
+    assert r.status_code == 200 and r.json()["push_url"] == "https://gk.example/y", r.text
+    assert r.json()["event_types"] == ["block", "message"]
