@@ -86,6 +86,9 @@ static void presence_to(struct xcomp *xc, bool now, const char *from, const char
 
 /* ------------------------------------------------------------ the job */
 
+/* A report's reason: as long as the peer API's comment (POST /v1/reports). */
+#define REASON_MAX 8192
+
 enum verb { V_LIST, V_ACCEPT, V_BLOCK, V_OPTIN, V_OPTOUT, V_REPORT };
 
 struct xconsent {
@@ -94,7 +97,7 @@ struct xconsent {
 	char local[MIMI_LOCAL_MAX + 1], local_bare[1100];
 	char remote_id[MIMI_LOCAL_MAX + 1], remote_jid[1100];
 	bool whole_domain;               /* the subject is the peer's domain */
-	char reason[400];
+	char reason[REASON_MAX + 1];
 	char *iq;                        /* the command to answer, or NULL (a presence) */
 	char node[16];
 	/* outputs of the last run */
@@ -345,7 +348,9 @@ void xa_presence(struct xcomp *xc, xmpp_stanza_t *st)
 
 /* ------------------------------------------------------------ commands */
 
-static const char *form_value(xmpp_stanza_t *x, const char *var, char *out, size_t len)
+/* The field's value in out; false when it does not fit (out is then empty:
+ * never a value cut inside a character). */
+static bool form_value(xmpp_stanza_t *x, const char *var, char *out, size_t len)
 {
 	out[0] = '\0';
 	for (xmpp_stanza_t *f = x ? xmpp_stanza_get_children(x) : NULL; f; f = xmpp_stanza_get_next(f)) {
@@ -354,13 +359,15 @@ static const char *form_value(xmpp_stanza_t *x, const char *var, char *out, size
 			continue;
 		xmpp_stanza_t *val = xmpp_stanza_get_child_by_name(f, "value");
 		char *text = val ? xmpp_stanza_get_text(val) : NULL;
+		bool fits = !text || strlen(text) < len;
 		if (text) {
-			snprintf(out, len, "%s", text);
+			if (fits)
+				memcpy(out, text, strlen(text) + 1);
 			xmpp_free(xmpp_stanza_get_context(f), text);
 		}
-		return out;
+		return fits;
 	}
-	return out;
+	return true;
 }
 
 /* The first stage of accept, block and report: the form. */
@@ -429,8 +436,14 @@ bool xa_command(struct xcomp *xc, xmpp_stanza_t *iq)
 			return true;
 		}
 		char jid[1100];
-		form_value(x, "jid", jid, sizeof(jid));
-		form_value(x, "reason", j->reason, sizeof(j->reason));
+		if (!form_value(x, "reason", j->reason, sizeof(j->reason))) {
+			free(j);
+			xa_send_now(xc, xa_error_reply(iq, "modify", "bad-request",
+						       "The reason is too long: at most 8192 bytes."));
+			return true;
+		}
+		if (!form_value(x, "jid", jid, sizeof(jid)))
+			jid[0] = '\0'; /* longer than any JID of the component's: refused below */
 		if (strcmp(jid, xc->domain) == 0 && j->verb != V_REPORT) {
 			j->whole_domain = true;
 		} else if (!xa_remote_user(xc, jid, j->remote_id, sizeof(j->remote_id), j->remote_jid,
