@@ -796,9 +796,9 @@ static void recent_add(struct xcomp *xc, char *text, int64_t now_ms)
  * since the server last proved it had everything, goes again, with the
  * same ids (XEP-0114 acknowledges nothing), and is kept as written now:
  * a second break before the server proves it has them sends them again. */
-static void recent_resend(struct xcomp *xc, int64_t drop_ms)
+static void recent_resend(struct xcomp *xc, int64_t drop_ms, int64_t now)
 {
-	int64_t since = recent_since(xc, drop_ms), now = cw_wall_ms();
+	int64_t since = recent_since(xc, drop_ms);
 	size_t n = 0, total = xc->recent_n;
 	struct xr_item *all = malloc((total ? total : 1) * sizeof(*all));
 	if (!all) {
@@ -1114,8 +1114,13 @@ static void *comp_main(void *arg)
 			xc->up_event = false;
 			set_state(xc, XC_UP, NULL, false);
 			backoff = 0;
-			recent_resend(xc, drop_wall_ms);
-			xc->proven_ms = cw_wall_ms(); /* what is written from now on: proven by the next ping */
+			/* What is written from now on, the stanzas written again
+			 * included (stamped with the same time: a later one would
+			 * count them as proven, and a second break would forget
+			 * them), is proven by the next ping. */
+			int64_t up_ms = cw_wall_ms();
+			recent_resend(xc, drop_wall_ms, up_ms);
+			xc->proven_ms = up_ms;
 			xc->resend_pending = true;
 			xc->resend_after = 0;
 			xc->audit_seen = -1; /* the roster sync goes on from the stored cursor */

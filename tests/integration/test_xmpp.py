@@ -1225,6 +1225,19 @@ def test_ad_hoc_commands(xd, gk, alice, pg, db_url):
                                 "<field var='jid'><value>not a jid</value></field></x></command>", expect_error=True)
     assert bad.find(".//{urn:ietf:params:xml:ns:xmpp-stanzas}bad-request") is not None
     assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'consent.block'", db_url) == "1"
+    # A report's reason is kept whole (it was cut at 399 bytes, inside a
+    # character, and the report then failed for ever); past the peer API's
+    # 8192 bytes it is refused, saying so.
+    def report(reason):
+        return (f"<command xmlns='{cmd}' node='report'><x xmlns='jabber:x:data' type='submit'>"
+                f"<field var='jid'><value>mallory@{COMP}</value></field>"
+                f"<field var='reason'><value>{reason}</value></field></x></command>")
+    done = alice.iq("set", COMP, report("\u00e9" * 300))
+    assert done.find(f"{{{cmd}}}command").get("status") == "completed", ET.tostring(done)
+    assert pg.psql("SELECT octet_length(comment) FROM reports", db_url) == "600"
+    bad = alice.iq("set", COMP, report("x" * 8193), expect_error=True)
+    assert bad.error_condition == "bad-request" and "8192" in ET.tostring(bad, encoding="unicode")
+    assert pg.psql("SELECT count(*) FROM reports", db_url) == "1"
     # disco#info of a command's node (XEP-0050 §2.2): a command node, with
     # the commands and data forms features; the commands node is their
     # list; a node the component has not is item-not-found (XEP-0030 §3.2).
@@ -1337,6 +1350,40 @@ def test_a_second_break_soon_after_a_reconnect_writes_the_stanzas_again(make_dae
         alice.connect()
         message_from(alice, WALLY_JID, lambda el: body(el) == "written before the breaks")
         alice.disconnect()
+    finally:
+        srv.close()
+
+
+def test_stanzas_written_again_stay_kept_past_the_window(make_daemon, db_url, prosody, pg):
+    """The stanzas written again after a reconnect are stamped with the
+    time the new stream was taken as unproven from: a second break found
+    after the window (by the ping, say) writes them again.  They were
+    stamped a little before it (writing 500 takes milliseconds), counted as
+    proven, and forgotten."""
+    d, a, srv = start_with_gk(make_daemon, db_url, prosody, xmpp={"resend_window_ms": "2000"})
+    try:
+        consent_alice(d)
+        room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+        uri = a.call("GET", f"/v1/rooms/{room}").json()["uri"]
+        for k in range(2):
+            assert a.call("POST", "/v1/batch", {"events": [{"idempotency_key": f"k{k}-{i}", "room": uri, "event": {
+                "type": "message", "sender": a.user("wally"),
+                "content": {"parts": [{"type": "text/plain", "body": f"m {k} {i} " + "x" * 200}]}}}
+                for i in range(250)]}).status_code == 200
+        wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE destination = 'xmpp' AND state = 'delivered'",
+                                   db_url) == "500", timeout=60, what="all written")
+        said = []
+        for _ in range(2):
+            start = len(d.records)
+            prosody.stop()
+            wait_until(lambda: component_state(d)["state"] != "up", what="the stream to break")
+            prosody.start()
+            wait_until(lambda: component_state(d)["state"] == "up", timeout=30, what="the reconnect")
+            rec = d.wait_for(lambda r: r.get("msg", "").startswith("xmpp: stanzas of the seconds before the break"),
+                             timeout=10, start=start)
+            said.append(int(rec["stanzas"]))
+            time.sleep(3)  # past the 2 s window, long before the first ping (60 s)
+        assert said == [500, 500], said
     finally:
         srv.close()
 
