@@ -480,6 +480,8 @@ void policy_admin_rule_update(struct cw_req *req, void *ctx)
 	bool has_mode, mode_null, has_limits, limits_empty, ok = false;
 	if (!q)
 		cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory");
+	else if (json_is_object(body) && json_object_size(body) == 0) /* as PATCH /settings and /peers/{name} answer it */
+		cw_req_problem(req, 400, "invalid_body", "Invalid body", "nothing to change");
 	else if (only_known(req, body, members)) {
 		aq_param(q, id);
 		ok = rule_fields(req, body, q, &has_mode, &mode_null, &has_limits, &limits_empty);

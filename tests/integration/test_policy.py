@@ -703,6 +703,8 @@ def test_admin_rules_crud_and_paging(daemon):
     assert r.status_code == 200 and r.json()["mode"] is None and r.json()["limits"] == {"max_body_bytes": 10}
     r = daemon.admin("PATCH", f"/rules/{made[0]}", json={"limits": {}})
     assert r.status_code == 409  # neither a mode nor a limit would be left
+    r = daemon.admin("PATCH", f"/rules/{made[0]}", json={})  # nothing asked: nothing written, nothing audited
+    assert r.status_code == 400 and r.json()["detail"] == "nothing to change", r.text
     assert daemon.admin("PATCH", "/rules/999999", json={"enabled": False}).status_code == 404
     assert daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "d1.example", "mode": "open"}
                         ).status_code == 409
