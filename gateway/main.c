@@ -428,6 +428,10 @@ int main(int argc, char **argv)
 	policy_live_stop(app.policy);
 	peer_out_free(pout);
 	store_stop(app.store);
+	/* A job the stop of the store finished may have started its after
+	 * hook only now (job_done): its request is answered before the HTTP
+	 * front stops, which it may not find suspended. */
+	app_afters_wait(&app);
 	if (!idle)
 		idle = cw_http_drain(app.http, 1000);
 	char left[16];

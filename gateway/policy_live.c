@@ -758,7 +758,8 @@ static bool sync_request(struct policy_live *pl, const int64_t *ids, size_t n, l
 	cw_deadline_ts(&until, CLOCK_REALTIME, (int64_t)timeout_ms * 1000);
 	pthread_mutex_lock(&pl->mu);
 	int rc = 0;
-	while (pl->done < want && rc == 0)
+	/* a stopped thread loads nothing more: no wait for it (the stop) */
+	while (pl->done < want && rc == 0 && !atomic_load(&pl->stop))
 		rc = pthread_cond_timedwait(&pl->loaded, &pl->mu, &until);
 	bool ok = pl->done >= want;
 	pthread_mutex_unlock(&pl->mu);
@@ -929,6 +930,9 @@ void policy_live_stop(struct policy_live *pl)
 	policy_live_poke(pl);
 	pthread_join(pl->thread, NULL);
 	pl->started = false;
+	pthread_mutex_lock(&pl->mu); /* whoever waits for a load waits no more */
+	pthread_cond_broadcast(&pl->loaded);
+	pthread_mutex_unlock(&pl->mu);
 }
 
 void policy_live_free(struct policy_live *pl)

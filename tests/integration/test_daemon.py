@@ -1,4 +1,5 @@
 """The real causewayd: health, readiness, metrics, errors, logs, signals."""
+import concurrent.futures
 import signal
 import socket
 import time
@@ -140,6 +141,25 @@ def test_sigterm_gives_up_after_the_drain_timeout(make_daemon, db_url):
     stopped = d.wait_for(lambda r: r.get("msg") == "stopped")
     assert stopped["drained"] == "false"
     s.close()
+
+
+def test_sigterm_answers_a_slow_admin_change_whose_after_hook_starts_late(make_daemon, db_url, pg):
+    """A write still on the database when the drain gives up finishes
+    while the store stops, and only then starts its after hook (the policy
+    reload an admin change asks for): the stop waits for it too, so its
+    request is answered and the daemon exits cleanly (it aborted:
+    libmicrohttpd stopped with the request still suspended)."""
+    d = make_daemon(db_url, options={"server": {"drain_timeout_ms": "300"}}).start()
+    pg.psql("CREATE FUNCTION test_slow_tok() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            " PERFORM pg_sleep(2); RETURN NULL; END $$; "
+            "CREATE TRIGGER test_slow_tok AFTER INSERT ON admin_tokens FOR EACH ROW EXECUTE FUNCTION test_slow_tok()",
+            db_url)
+    with concurrent.futures.ThreadPoolExecutor(1) as ex:
+        call = ex.submit(d.admin, "POST", "/tokens", json={"name": "late", "role": "viewer"}, timeout=20)
+        time.sleep(0.5)
+        d.signal(signal.SIGTERM)
+        assert d.wait_exit(20) == 0
+        assert call.result().status_code == 201
 
 
 def test_sighup_reloads_reloadable_options_only(daemon):
