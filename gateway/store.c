@@ -162,9 +162,11 @@ cw_err store_result_err(PGconn *c, const PGresult *r, cw_errmsg *e)
 	if (state && (strcmp(state, "40P01") == 0 || strcmp(state, "40001") == 0))
 		return cw_fail(e, CW_ERETRY, "%s", msg);
 	/* 08: connection exception, 57P: operator intervention (shutdown),
-	 * 53: insufficient resources (disk full): the database is away. */
+	 * 53: insufficient resources (disk full): the database is away; so it
+	 * is for this statement when it waited past statement_timeout (57014)
+	 * or lock_timeout (55P03): a lock held by a migration, say. */
 	if (state && (strncmp(state, "08", 2) == 0 || strncmp(state, "57P", 3) == 0 ||
-		      strncmp(state, "53", 2) == 0))
+		      strncmp(state, "53", 2) == 0 || strcmp(state, "57014") == 0 || strcmp(state, "55P03") == 0))
 		return cw_fail(e, CW_EUNAVAIL, "database unavailable: %s", msg);
 	/* No SQLSTATE: libpq's own error, not the server's ("server closed
 	 * the connection unexpectedly" comes before the connection is marked
@@ -497,6 +499,13 @@ static enum pipe_outcome run_pipelined(PGconn *c, struct job *list, cw_errmsg *e
 static enum batch_outcome run_batch(struct cw_store *s, PGconn *c, struct job *list, cw_errmsg *e)
 {
 	for (;;) {
+		/* A run again after a failed job (one that waited out its
+		 * statement timeout, say) does not take the others past their
+		 * deadline: they are answered (503) rather than run. */
+		int64_t now = cw_now_us();
+		for (struct job *j = list; j; j = j->next)
+			if (!j->rc && now > j->deadline_us)
+				j->rc = cw_fail(&j->err, CW_ETIMEDOUT, "the database did not take the write in time");
 		if (store_exec(c, "BEGIN", e))
 			return BATCH_CONN_LOST_BEFORE_COMMIT;
 		struct job *failed = NULL;

@@ -1,6 +1,7 @@
 """Faults under load: the daemon killed with SIGKILL and restarted, and the
 database stopped and started. Every message that got a 202 is delivered,
 none twice after the peer's deduplication, in order per room."""
+import concurrent.futures
 import re
 import signal
 import socket
@@ -197,3 +198,46 @@ def test_a_backlog_that_all_waits_is_not_scanned_on_every_commit(make_daemon, db
         sb.close()
     finally:
         d.stop()
+
+
+def test_writes_blocked_by_a_lock_are_answered_503_near_their_deadline(make_daemon, db_url, pg):
+    """A lock held on the outbox (a migration's ADD CONSTRAINT, say) blocks
+    every write: each request is answered 503 with Retry-After near its
+    deadline, nothing is stored, and the writes go once the lock goes.
+    Before, a statement that waited out statement_timeout (57014) was a
+    500, and the batch's other jobs, run again one after another, each
+    waited it out too, far past their deadline."""
+    import subprocess
+    d = make_daemon(db_url, options={"database": {"statement_timeout_ms": "1000",
+                                                  "request_timeout_ms": "3000"}}).start()
+    (a, _), (b, sb) = push_peers(d)
+    try:
+        room = a.create_room([a.user("alice"), b.user("bob")]).json()["id"]
+        assert a.send(room, a.user("alice"), "warm").status_code == 202
+        before = pg.psql("SELECT count(*) FROM events", db_url)
+        locker = subprocess.Popen(["psql", db_url, "-qAtc",
+                                   "BEGIN; LOCK TABLE outbox IN SHARE MODE; SELECT pg_sleep(30); COMMIT;"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: pg.psql("SELECT count(*) FROM pg_locks WHERE relation = 'outbox'::regclass "
+                                       "AND mode = 'ShareLock' AND granted", db_url) == "1", what="the lock")
+
+            def one(i):
+                t0 = time.time()
+                r = a.call("POST", f"/v1/rooms/{room}/messages", {
+                    "type": "message", "sender": a.user("alice"),
+                    "content": {"parts": [{"type": "text/plain", "body": f"m{i}"}]}}, idem=f"blk-{i}")
+                return r.status_code, r.headers.get("Retry-After"), time.time() - t0
+            with concurrent.futures.ThreadPoolExecutor(8) as ex:
+                got = list(ex.map(one, range(8)))
+            assert all(st == 503 and ra for st, ra, _ in got), got
+            assert max(t for _, _, t in got) < 6, got  # the deadline (3 s) and one statement's timeout
+            assert pg.psql("SELECT count(*) FROM events", db_url) == before
+        finally:
+            pg.psql("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE relation = 'outbox'::regclass "
+                    "AND mode = 'ShareLock'", db_url)  # the lock goes (a killed psql leaves its pg_sleep running)
+            locker.kill()
+            locker.wait()
+        wait_until(lambda: a.send(room, a.user("alice"), "after").status_code == 202, what="writes again")
+    finally:
+        sb.close()
