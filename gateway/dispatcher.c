@@ -224,10 +224,15 @@ void dispatcher_dead_text(char *buf, size_t len, const char *destination, const 
 {
 	const char *peer = strncmp(destination, "peer:", 5) == 0 ? destination + 5 : destination;
 	bool q = quote && *quote;
-	snprintf(buf, len,
-		 "Not delivered%s%s%s: %s could not be reached (%s tries over the retry budget). The operator can "
-		 "send it again.",
-		 q ? " \u201c" : "", q ? quote : "", q ? "\u201d" : "", peer, attempts);
+	/* a row never tried went dead behind an earlier one of its room */
+	bool tried = attempts && strcmp(attempts, "0") != 0;
+	char why[120];
+	if (tried)
+		snprintf(why, sizeof(why), "%s tries over the retry budget", attempts);
+	else
+		snprintf(why, sizeof(why), "an earlier message of the conversation ran out of retries");
+	snprintf(buf, len, "Not delivered%s%s%s: %s could not be reached (%s). The operator can send it again.",
+		 q ? " \u201c" : "", q ? quote : "", q ? "\u201d" : "", peer, why);
 }
 
 /* The claim and the record of its outcome, prepared on each lane's
@@ -274,18 +279,29 @@ static const struct store_stmt lane_stmts[] = {
 		" SELECT o.id, coalesce((SELECT max(x.attempt) FROM delivery_attempts x WHERE x.outbox_id = o.id), 0) + 1, "
 		"  to_timestamp($8::bigint / 1000.0), now(), $2::boolean, "
 		"  NULLIF($3::int, 0), $4 FROM outbox o WHERE o.id = ANY($1::bigint[]) "
-		" ON CONFLICT (outbox_id, attempt) DO NOTHING) "
-		"UPDATE outbox SET claimed_by = NULL, claimed_until = NULL, "
+		" ON CONFLICT (outbox_id, attempt) DO NOTHING), "
+		/* A row out of budget is dead, and so is every later row of its
+		 * room to this destination (in the batch, or waiting): let
+		 * through, they would arrive before it once it is replayed; dead
+		 * with it, a replay oldest first keeps the room's order. */
+		"up AS (UPDATE outbox SET claimed_by = NULL, claimed_until = NULL, "
 		" attempts = CASE WHEN $2::boolean OR $10::boolean THEN attempts ELSE greatest(attempts - 1, 0) END, "
-		" state = CASE WHEN $2::boolean THEN 'delivered' WHEN $10::boolean AND attempts >= $5::int THEN 'dead' "
-		"  ELSE 'pending' END, "
+		" state = CASE WHEN $2::boolean THEN 'delivered' WHEN $10::boolean AND (attempts >= $5::int OR EXISTS "
+		"  (SELECT 1 FROM outbox e WHERE e.id = ANY($1::bigint[]) AND e.room_id = outbox.room_id AND e.id < outbox.id "
+		"   AND e.attempts >= $5::int)) THEN 'dead' ELSE 'pending' END, "
 		" delivered_at = CASE WHEN $2::boolean THEN now() END, "
 		" last_error = CASE WHEN $2::boolean THEN NULL ELSE $4 END, "
 		" next_attempt_at = CASE WHEN $2::boolean THEN next_attempt_at ELSE now() + make_interval(secs => "
 		"  greatest($9::bigint / 1000.0, least($7::bigint, $6::bigint * (1::bigint << least(attempts - 1, 30))) "
 		"  / 1000.0 * (0.5 + random() / 2))) END "
 		"FROM cfg WHERE id = ANY($1::bigint[]) AND state = 'in_flight' AND destination = $12 AND claimed_by = $11 "
-		"RETURNING state" },
+		"RETURNING outbox.id, outbox.room_id, outbox.state), "
+		"behind AS (UPDATE outbox p SET state = 'dead', last_error = 'not sent: an earlier message of its room to '"
+		" || $12 || ' ran out of retries (replay them oldest first)' "
+		" FROM (SELECT room_id, min(id) AS id FROM up WHERE state = 'dead' GROUP BY room_id) d "
+		" WHERE p.room_id = d.room_id AND p.id > d.id AND p.destination = $12 AND p.state = 'pending' "
+		" AND p.id <> ALL($1::bigint[]) RETURNING p.state) "
+		"SELECT state FROM up UNION ALL SELECT state FROM behind" },
 	{ NULL, NULL },
 };
 static const struct store_stmt *const lane_stmt_lists[] = { lane_stmts, NULL };

@@ -48,3 +48,39 @@ def test_dead_letters_are_listed_and_replayed(make_daemon, db_url, pg):
     assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'outbox.replay'", db_url) == "3"
     for _, srv in peers:
         srv.close()
+
+
+def test_later_messages_go_dead_with_their_rooms_dead_letter(make_daemon, db_url, pg):
+    """Messages written while the peer is down start their retries later
+    than the room's first: when it runs out of them, the later ones of its
+    room go dead with it, so a replay oldest first keeps the room's order.
+    They went on pending and were delivered when the peer came back, and
+    the replayed first messages arrived after them (a review's finding)."""
+    import time
+    d = make_daemon(db_url, options={"dispatcher": {"retry_base_ms": "300", "retry_max_ms": "300",
+                                                    "retry_budget": "3"}}).start()
+    peers = push_peers(d)
+    (a, _), (b, sb) = peers
+    sb.fail_next = 10 ** 9  # B is down
+    room = a.create_room([a.user("alice"), b.user("bob")]).json()["id"]
+    other = a.create_room([a.user("carol"), b.user("bob")]).json()["id"]
+    ids = []
+    for i in range(6):
+        ids.append(a.send(room, a.user("alice"), f"m{i}").json()["id"])
+        time.sleep(0.25)
+
+    def dead():
+        rows = d.admin("GET", "/outbox?state=dead&destination=peer:tg").json()["rows"]
+        return rows if len(rows) == 6 else None
+    rows = wait_until(dead, timeout=30, what="the room's six messages dead")
+    assert [x["message"] for x in rows] == ids
+    assert rows[0]["attempts"] == 3 and rows[-1]["attempts"] < 3, rows  # dead with the first, not by their own
+    sb.fail_next = 0  # B is back: another room's message goes, this room's wait for the operator
+    elsewhere = a.send(other, a.user("carol"), "elsewhere").json()["id"]
+    assert [e["id"] for e in sb.wait_events(1)] == [elsewhere]
+    for x in rows:  # replayed oldest first (docs/operations.md)
+        assert d.admin("POST", f"/outbox/{x['id']}/replay").status_code == 200
+    got = sb.wait_events(7)
+    assert [e["id"] for e in got[1:]] == ids
+    for _, srv in peers:
+        srv.close()
