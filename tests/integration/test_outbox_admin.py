@@ -56,7 +56,6 @@ def test_later_messages_go_dead_with_their_rooms_dead_letter(make_daemon, db_url
     room go dead with it, so a replay oldest first keeps the room's order.
     They went on pending and were delivered when the peer came back, and
     the replayed first messages arrived after them (a review's finding)."""
-    import time
     d = make_daemon(db_url, options={"dispatcher": {"retry_base_ms": "300", "retry_max_ms": "300",
                                                     "retry_budget": "3"}}).start()
     peers = push_peers(d)
@@ -64,10 +63,11 @@ def test_later_messages_go_dead_with_their_rooms_dead_letter(make_daemon, db_url
     sb.fail_next = 10 ** 9  # B is down
     room = a.create_room([a.user("alice"), b.user("bob")]).json()["id"]
     other = a.create_room([a.user("carol"), b.user("bob")]).json()["id"]
-    ids = []
-    for i in range(6):
+    ids = [a.send(room, a.user("alice"), "m0").json()["id"]]
+    wait_until(lambda: pg.psql("SELECT attempts FROM outbox WHERE destination = 'peer:tg' ORDER BY id LIMIT 1",
+                               db_url) == "2", what="the first message tried twice")
+    for i in range(1, 6):  # written after: their tries start later
         ids.append(a.send(room, a.user("alice"), f"m{i}").json()["id"])
-        time.sleep(0.25)
 
     def dead():
         rows = d.admin("GET", "/outbox?state=dead&destination=peer:tg").json()["rows"]
