@@ -27,6 +27,7 @@ struct lane {
 	struct dispatcher *d;
 	pthread_t thread;
 	PGconn *c;
+	struct store_canceller cancel; /* c's statement, cancelled at a stop that waits for it */
 	unsigned next; /* where its next claim starts in the destination list */
 	bool started;
 	char held[sizeof(((struct outbox_row *)0)->destination)]; /* its destination, "" for none (under d->mu) */
@@ -311,12 +312,15 @@ static bool ensure_conn(struct lane *l)
 	struct dispatcher *d = l->d;
 	if (l->c && PQstatus(l->c) == CONNECTION_OK)
 		return true;
+	store_canceller_set(&l->cancel, NULL);
 	PQfinish(l->c);
 	cw_errmsg e;
 	l->c = store_connect(d->url, 30000, &e);
 	if (!l->c)
 		return false;
+	store_canceller_set(&l->cancel, l->c);
 	if (!store_prepare_all(l->c, lane_stmt_lists, &e) || store_exec(l->c, "LISTEN causeway_outbox", &e)) {
+		store_canceller_set(&l->cancel, NULL);
 		PQfinish(l->c);
 		l->c = NULL;
 		return false;
@@ -879,6 +883,7 @@ static void *dispatcher_main(void *arg)
 		}
 	}
 	unwatch(l);
+	store_canceller_set(&l->cancel, NULL);
 	PQfinish(l->c);
 	l->c = NULL;
 	return NULL;
@@ -956,6 +961,8 @@ cw_err dispatcher_start(struct dispatcher **out, const struct dispatcher_opts *o
 	d->url = strdup(o->url);
 	d->name = strdup(o->name);
 	d->lanes = calloc((size_t)d->nlanes, sizeof(*d->lanes));
+	for (int i = 0; d->lanes && i < d->nlanes; i++)
+		store_canceller_init(&d->lanes[i].cancel);
 	pthread_mutex_init(&d->mu, NULL);
 	pthread_cond_init(&d->idle, NULL);
 	pthread_condattr_t ca;
@@ -995,9 +1002,12 @@ void dispatcher_stop(struct dispatcher *d)
 	pthread_cond_broadcast(&d->idle);
 	pthread_cond_signal(&d->keeper_cv);
 	pthread_mutex_unlock(&d->mu);
+	/* A lane finishes its batch (its outcome recorded: not sent again by
+	 * the next start); one blocked in the database (a lock) for 2 s has
+	 * its statement cancelled, and its rows go again after their claim. */
 	for (int i = 0; d->lanes && i < d->nlanes; i++)
 		if (d->lanes[i].started)
-			pthread_join(d->lanes[i].thread, NULL);
+			store_join_cancelling(d->lanes[i].thread, &d->lanes[i].cancel, 2000);
 	if (d->keeper_started)
 		pthread_join(d->keeper, NULL);
 }
@@ -1007,6 +1017,8 @@ void dispatcher_free(struct dispatcher *d)
 	if (!d)
 		return;
 	dispatcher_stop(d);
+	for (int i = 0; d->lanes && i < d->nlanes; i++)
+		store_canceller_destroy(&d->lanes[i].cancel);
 	free(d->lanes);
 	free(d->pauses);
 	pthread_cond_destroy(&d->idle);

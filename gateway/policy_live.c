@@ -585,6 +585,7 @@ struct policy_live {
 	atomic_bool poked;
 	int wake[2];
 	PGconn *c;
+	struct store_canceller cancel; /* c's statement, cancelled at a stop that waits for it */
 	uint64_t version;
 	struct policy_live_stats st; /* under mu */
 	pthread_cond_t loaded;       /* signalled after each reload */
@@ -689,6 +690,7 @@ static bool ensure_conn(struct policy_live *pl, bool *fresh)
 {
 	if (pl->c && PQstatus(pl->c) == CONNECTION_OK)
 		return true;
+	store_canceller_set(&pl->cancel, NULL);
 	PQfinish(pl->c);
 	cw_errmsg e;
 	pl->c = store_connect(pl->url, pl->o.statement_timeout_ms, &e);
@@ -696,6 +698,7 @@ static bool ensure_conn(struct policy_live *pl, bool *fresh)
 		PQfinish(pl->c);
 		pl->c = NULL;
 	}
+	store_canceller_set(&pl->cancel, pl->c);
 	*fresh = pl->c != NULL; /* changes may have been missed while away */
 	return pl->c != NULL;
 }
@@ -882,6 +885,7 @@ static void *live_main(void *arg)
 		while (read(pl->wake[0], buf, sizeof(buf)) > 0)
 			;
 	}
+	store_canceller_set(&pl->cancel, NULL);
 	PQfinish(pl->c);
 	pl->c = NULL;
 	return NULL;
@@ -896,6 +900,7 @@ cw_err policy_live_start(struct policy_live **out, const struct policy_live_opts
 	pl->url = strdup(o->url);
 	pthread_mutex_init(&pl->mu, NULL);
 	pthread_cond_init(&pl->loaded, NULL);
+	store_canceller_init(&pl->cancel);
 	pl->wake[0] = pl->wake[1] = -1;
 	if (!pl->url || pipe2(pl->wake, O_NONBLOCK | O_CLOEXEC) != 0) {
 		policy_live_free(pl);
@@ -913,6 +918,7 @@ cw_err policy_live_start(struct policy_live **out, const struct policy_live_opts
 		return rc;
 	}
 	swap_in(pl, v);
+	store_canceller_set(&pl->cancel, pl->c);
 	if (!cw_thread_start(&pl->thread, live_main, pl)) {
 		policy_live_free(pl);
 		return cw_fail(e, CW_ENOMEM, "cannot start the policy thread");
@@ -928,7 +934,8 @@ void policy_live_stop(struct policy_live *pl)
 		return;
 	atomic_store(&pl->stop, true);
 	policy_live_poke(pl);
-	pthread_join(pl->thread, NULL);
+	/* a sweep blocked in the database (a lock) is cancelled after 2 s */
+	store_join_cancelling(pl->thread, &pl->cancel, 2000);
 	pl->started = false;
 	pthread_mutex_lock(&pl->mu); /* whoever waits for a load waits no more */
 	pthread_cond_broadcast(&pl->loaded);
@@ -940,6 +947,7 @@ void policy_live_free(struct policy_live *pl)
 	if (!pl)
 		return;
 	policy_live_stop(pl);
+	store_canceller_destroy(&pl->cancel);
 	PQfinish(pl->c);
 	policy_view_put(pl->cur);
 	if (pl->wake[0] >= 0)

@@ -49,6 +49,7 @@ struct queue {
 
 struct conn {
 	PGconn *c;
+	struct store_canceller cancel; /* c's statement, cancelled at a stop that waits for it */
 	int64_t retry_at_us;
 	int failures;
 	bool was_up;
@@ -320,6 +321,7 @@ PGconn *store_connect(const char *url, long statement_timeout_ms, cw_errmsg *e)
 static void conn_lost(struct cw_store *s, struct conn *sc)
 {
 	if (sc->c) {
+		store_canceller_set(&sc->cancel, NULL);
 		PQfinish(sc->c);
 		sc->c = NULL;
 	}
@@ -344,6 +346,7 @@ static bool conn_ensure(struct cw_store *s, struct conn *sc, const char *who)
 		PQfinish(sc->c);
 		sc->c = NULL;
 	}
+	store_canceller_set(&sc->cancel, sc->c);
 	if (!sc->c) {
 		int64_t backoff = 100000LL << (sc->failures < 10 ? sc->failures : 10);
 		int64_t max = (int64_t)s->o.reconnect_max_ms * 1000;
@@ -875,10 +878,16 @@ cw_err store_open(struct cw_store **out, const struct store_opts *o, cw_errmsg *
 	pthread_cond_init(&s->wcond, &ca);
 	pthread_cond_init(&s->rcond, &ca);
 	pthread_condattr_destroy(&ca);
+	store_canceller_init(&s->wconn.cancel);
+	for (int i = 0; i < o->readers; i++)
+		store_canceller_init(&s->readers[i].conn.cancel);
 
 	conn_ensure(s, &s->wconn, "writer"); /* so that db_up is true from the start */
 	if (pthread_create(&s->writer, NULL, writer_main, s)) {
 		conn_lost(s, &s->wconn);
+		store_canceller_destroy(&s->wconn.cancel);
+		for (int i = 0; i < o->readers; i++)
+			store_canceller_destroy(&s->readers[i].conn.cancel);
 		free(s->url);
 		free(s->readers);
 		free(s);
@@ -887,6 +896,8 @@ cw_err store_open(struct cw_store **out, const struct store_opts *o, cw_errmsg *
 	for (int i = 0; i < o->readers; i++) {
 		s->readers[i].s = s;
 		if (pthread_create(&s->readers[i].thread, NULL, reader_main, &s->readers[i])) {
+			for (int k = i; k < o->readers; k++)
+				store_canceller_destroy(&s->readers[k].conn.cancel);
 			s->o.readers = i;
 			store_close(s);
 			return cw_fail(e, CW_EIO, "cannot start a reader thread");
@@ -906,9 +917,11 @@ void store_stop(struct cw_store *s)
 	pthread_mutex_unlock(&s->mu);
 	if (was)
 		return;
-	pthread_join(s->writer, NULL);
+	/* A statement blocked in the database (a lock) is cancelled after 2 s:
+	 * its jobs answer 503, nothing half-stored (docs/faults.md). */
+	store_join_cancelling(s->writer, &s->wconn.cancel, 2000);
 	for (int i = 0; i < s->o.readers; i++)
-		pthread_join(s->readers[i].thread, NULL);
+		store_join_cancelling(s->readers[i].thread, &s->readers[i].conn.cancel, 2000);
 }
 
 void store_close(struct cw_store *s)
@@ -916,6 +929,9 @@ void store_close(struct cw_store *s)
 	if (!s)
 		return;
 	store_stop(s);
+	store_canceller_destroy(&s->wconn.cancel);
+	for (int i = 0; i < s->o.readers; i++)
+		store_canceller_destroy(&s->readers[i].conn.cancel);
 	pthread_cond_destroy(&s->wcond);
 	pthread_cond_destroy(&s->rcond);
 	pthread_mutex_destroy(&s->mu);
@@ -939,4 +955,49 @@ void store_get_stats(struct cw_store *s, struct store_stats *st)
 	st->writes_failed = atomic_load(&s->writes_failed);
 	st->reads_done = atomic_load(&s->reads_done);
 	st->reconnects = atomic_load(&s->reconnects);
+}
+
+/* ------------------------------------------------------------ cancelling */
+
+void store_canceller_init(struct store_canceller *k)
+{
+	pthread_mutex_init(&k->mu, NULL);
+	k->cancel = NULL;
+}
+
+void store_canceller_set(struct store_canceller *k, PGconn *c)
+{
+	PGcancel *next = c ? PQgetCancel(c) : NULL;
+	pthread_mutex_lock(&k->mu);
+	PGcancel *old = k->cancel;
+	k->cancel = next;
+	pthread_mutex_unlock(&k->mu);
+	if (old)
+		PQfreeCancel(old);
+}
+
+void store_canceller_destroy(struct store_canceller *k)
+{
+	store_canceller_set(k, NULL);
+	pthread_mutex_destroy(&k->mu);
+}
+
+void store_join_cancelling(pthread_t t, struct store_canceller *k, long grace_ms)
+{
+	struct timespec until;
+	cw_deadline_ts(&until, CLOCK_REALTIME, (int64_t)grace_ms * 1000);
+	/* Cancelled, a thread may still have a statement or two to run before
+	 * it sees the stop (each blocked the same way): cancelled again. */
+	for (int round = 0; pthread_timedjoin_np(t, NULL, &until) != 0; round++) {
+		pthread_mutex_lock(&k->mu);
+		if (k->cancel) {
+			char err[256];
+			if (!PQcancel(k->cancel, err, sizeof(err)))
+				LOG_KV(CW_LOG_WARN, "cannot cancel a statement at the stop", "detail", err);
+			else if (round == 0)
+				LOG_KV(CW_LOG_INFO, "a statement still running at the stop was cancelled");
+		}
+		pthread_mutex_unlock(&k->mu);
+		cw_deadline_ts(&until, CLOCK_REALTIME, 200 * 1000);
+	}
 }

@@ -14,6 +14,7 @@
 
 #include "cw.h"
 #include <libpq-fe.h>
+#include <pthread.h>
 
 struct cw_store;
 
@@ -152,5 +153,20 @@ int store_notifies(PGconn *c, void (*each)(const char *channel, const char *payl
  * that the caller's loop does not spin). */
 int store_wait_notify(PGconn *c, int wake_fd, int timeout_ms,
 		      void (*each)(const char *channel, const char *payload, void *arg), void *arg);
+
+/* What stops a thread's statement from another thread: a background thread
+ * (a dispatcher lane, the policy thread) blocked in the database (a lock a
+ * migration holds) would hold the daemon's stop for its statement_timeout.
+ * store_canceller_set names the thread's connection (NULL before it
+ * finishes it); store_join_cancelling joins the thread, and past grace_ms
+ * cancels its statement (PQcancel), then joins. */
+struct store_canceller {
+	pthread_mutex_t mu;
+	PGcancel *cancel;
+};
+void store_canceller_init(struct store_canceller *k);
+void store_canceller_set(struct store_canceller *k, PGconn *c);
+void store_canceller_destroy(struct store_canceller *k);
+void store_join_cancelling(pthread_t t, struct store_canceller *k, long grace_ms);
 
 #endif

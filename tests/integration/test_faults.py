@@ -241,3 +241,42 @@ def test_writes_blocked_by_a_lock_are_answered_503_near_their_deadline(make_daem
         wait_until(lambda: a.send(room, a.user("alice"), "after").status_code == 202, what="writes again")
     finally:
         sb.close()
+
+
+def test_sigterm_while_the_database_blocks_writes_exits_in_bounded_time(make_daemon, db_url, pg):
+    """The stop cancels the statements of threads blocked in the database
+    (a lock on outbox): the dispatcher's lanes, the policy's sweeps, the
+    writer. Before, each waited out its statement timeout (30 s, 10 s) in
+    turn, and the stop took some 37 s, past systemd's TimeoutStopSec."""
+    import subprocess
+    d = make_daemon(db_url, options={"server": {"drain_timeout_ms": "1000"}}).start()
+    (a, _), (b, sb) = push_peers(d)
+    try:
+        room = a.create_room([a.user("alice"), b.user("bob")]).json()["id"]
+        assert a.send(room, a.user("alice"), "warm").status_code == 202
+        locker = subprocess.Popen(["psql", db_url, "-qAtc",
+                                   "BEGIN; LOCK TABLE outbox IN SHARE MODE; SELECT pg_sleep(60); COMMIT;"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: pg.psql("SELECT count(*) FROM pg_locks WHERE relation = 'outbox'::regclass "
+                                       "AND mode = 'ShareLock' AND granted", db_url) == "1", what="the lock")
+            with concurrent.futures.ThreadPoolExecutor(4) as ex:
+                calls = [ex.submit(a.call, "POST", f"/v1/rooms/{room}/messages", {
+                    "type": "message", "sender": a.user("alice"),
+                    "content": {"parts": [{"type": "text/plain", "body": f"m{i}"}]}}, idem=f"stop-{i}")
+                    for i in range(4)]
+                time.sleep(1.5)  # blocked: the writer, and the sweeps and claims that write
+                t0 = time.time()
+                d.signal(signal.SIGTERM)
+                assert d.wait_exit(30) == 0
+                took = time.time() - t0
+                statuses = [c.result().status_code for c in calls]
+            assert took < 12, took
+            assert set(statuses) <= {503}, statuses  # answered, and nothing taken that was not stored
+        finally:
+            pg.psql("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE relation = 'outbox'::regclass "
+                    "AND mode = 'ShareLock'", db_url)
+            locker.kill()
+            locker.wait()
+    finally:
+        sb.close()
