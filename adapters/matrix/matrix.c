@@ -31,6 +31,33 @@ size_t mx_hs_base_len(const struct cw_config *cfg)
 	return hl;
 }
 
+/* The longest token taken: each request's Authorization header is made in
+ * a buffer of 600 bytes. */
+#define MX_TOKEN_MAX 512
+
+/* Whether token can be a bearer token: it travels in an Authorization
+ * header (and the homeserver splits that header at its spaces). */
+static cw_err check_token(const char *name, const char *token, cw_errmsg *e)
+{
+	if (strlen(token) > MX_TOKEN_MAX)
+		return cw_fail(e, CW_EINVAL, "%s is longer than %d bytes", name, MX_TOKEN_MAX);
+	for (const unsigned char *p = (const unsigned char *)token; *p; p++)
+		if (*p <= 0x20 || *p >= 0x7f)
+			return cw_fail(e, CW_EINVAL, "%s has a %s: it cannot travel in an Authorization header", name,
+				       *p == ' ' ? "space" : *p < 0x20 || *p == 0x7f ? "control character" : "non-ASCII byte");
+	return CW_OK;
+}
+
+static cw_err check_tokens(const char *as, const char *hs, cw_errmsg *e)
+{
+	cw_err rc = check_token("matrix.as_token", as, e);
+	if (!rc)
+		rc = check_token("matrix.hs_token", hs, e);
+	if (!rc && strcmp(as, hs) == 0)
+		rc = cw_fail(e, CW_EINVAL, "matrix.as_token and matrix.hs_token must differ");
+	return rc;
+}
+
 cw_err matrix_new(struct matrix **out, struct cw_app *app, cw_errmsg *e)
 {
 	*out = NULL;
@@ -40,8 +67,8 @@ cw_err matrix_new(struct matrix **out, struct cw_app *app, cw_errmsg *e)
 	if (!cfg->mx_as_token || !*cfg->mx_as_token || !cfg->mx_hs_token || !*cfg->mx_hs_token)
 		return cw_fail(e, CW_EINVAL, "matrix.homeserver_url is set but matrix.as_token or matrix.hs_token is "
 					     "not (causewayd --matrix-registration makes both)");
-	if (strcmp(cfg->mx_as_token, cfg->mx_hs_token) == 0)
-		return cw_fail(e, CW_EINVAL, "matrix.as_token and matrix.hs_token must differ");
+	if (check_tokens(cfg->mx_as_token, cfg->mx_hs_token, e))
+		return CW_EINVAL;
 	struct matrix *m = calloc(1, sizeof(*m));
 	if (!m)
 		return cw_fail(e, CW_ENOMEM, "out of memory");
@@ -130,21 +157,42 @@ static void new_token(char out[65])
 	cw_hex(out, raw, sizeof(raw));
 }
 
+/* s in YAML's double quotes (its escapes: the tokens are the operator's
+ * strings, any printable character may be in them). */
+static void yaml_quoted(FILE *out, const char *s)
+{
+	fputc('"', out);
+	for (; *s; s++) {
+		unsigned char c = (unsigned char)*s;
+		if (c == '"' || c == '\\')
+			fprintf(out, "\\%c", c);
+		else if (c < 0x20 || c == 0x7f)
+			fprintf(out, "\\x%02x", c);
+		else
+			fputc(c, out);
+	}
+	fputc('"', out);
+}
+
 int matrix_print_registration(const struct cw_config *cfg, FILE *out)
 {
-	char as[65], hs[65], server[600], user[300], alias[300], url[600];
+	char made_as[65], made_hs[65], server[600], user[300], alias[300], url[600];
+	const char *as = cfg->mx_as_token, *hs = cfg->mx_hs_token;
 	bool made = false;
-	if (cfg->mx_as_token && *cfg->mx_as_token)
-		snprintf(as, sizeof(as), "%.64s", cfg->mx_as_token);
-	else {
-		new_token(as);
+	if (!as || !*as) {
+		new_token(made_as);
+		as = made_as;
 		made = true;
 	}
-	if (cfg->mx_hs_token && *cfg->mx_hs_token)
-		snprintf(hs, sizeof(hs), "%.64s", cfg->mx_hs_token);
-	else {
-		new_token(hs);
+	if (!hs || !*hs) {
+		new_token(made_hs);
+		hs = made_hs;
 		made = true;
+	}
+	cw_errmsg e;
+	if (check_tokens(as, hs, &e)) {
+		fprintf(stderr, "causewayd: %s\n", e.msg);
+		return 1;
 	}
 	regex_quote(mx_server_name(cfg), server, sizeof(server));
 	regex_quote(cfg->mx_user_prefix, user, sizeof(user));
@@ -157,8 +205,13 @@ int matrix_print_registration(const struct cw_config *cfg, FILE *out)
 		     "# reads it).%s\n", made ? "  New tokens were made: put them in causewayd's configuration as\n"
 						 "# [matrix] as_token and hs_token before starting it." : "");
 	/* Every value is quoted: YAML reads the tokens and the URL as strings. */
-	fprintf(out, "id: \"%s\"\nurl: \"%s\"\nas_token: \"%s\"\nhs_token: \"%s\"\nsender_localpart: \"%s\"\n",
-		cfg->mx_id, url, as, hs, cfg->mx_sender_localpart);
+	const char *keys[] = { "id", "url", "as_token", "hs_token", "sender_localpart" };
+	const char *values[] = { cfg->mx_id, url, as, hs, cfg->mx_sender_localpart };
+	for (size_t i = 0; i < sizeof(keys) / sizeof(*keys); i++) {
+		fprintf(out, "%s: ", keys[i]);
+		yaml_quoted(out, values[i]);
+		fputc('\n', out);
+	}
 	fprintf(out, "rate_limited: false\nreceive_ephemeral: true\nde.sorunome.msc2409.push_ephemeral: true\n");
 	fprintf(out, "namespaces:\n  users:\n    - exclusive: true\n      regex: '@%s.*:%s'\n"
 		     "  aliases:\n    - exclusive: true\n      regex: '#%s.*:%s'\n  rooms: []\n",
@@ -186,25 +239,35 @@ bool matrix_unmatched(struct cw_req *req, bool method_mismatch, void *ctx)
 	return true;
 }
 
-/* The homeserver's token: "Authorization: Bearer" or the legacy
- * ?access_token=.  False after answering 401/403 (or 404 with the adapter
- * off: then these paths do not exist). */
+/* Whether token is the homeserver's (compared in constant time). */
+static bool is_hs_token(struct cw_app *app, const char *token)
+{
+	unsigned char h[32];
+	cw_sha256(token, strlen(token), h);
+	return cw_ct_equal(h, app->matrix->hs_token_hash, 32);
+}
+
 /* The homeserver's token on req (Authorization: Bearer, or the legacy
- * access_token parameter): 0 it is, 401 none, 403 another, 404 no adapter. */
+ * access_token parameter): 0 it is, 401 none, 403 another, 404 no adapter.
+ * With both, both must be it: the specification asks the appservice to
+ * check that they match. */
 static int hs_token_check(struct cw_req *req, struct cw_app *app)
 {
 	if (!app->matrix)
 		return 404;
-	const char *token = app_bearer(req);
-	if (!token)
-		token = cw_req_query(req, "access_token");
-	if (!token)
+	const char *header = app_bearer(req), *query = cw_req_query(req, "access_token");
+	if (!header && !query)
 		return 401;
-	unsigned char h[32];
-	cw_sha256(token, strlen(token), h);
-	return cw_ct_equal(h, app->matrix->hs_token_hash, 32) ? 0 : 403;
+	bool ok = true;
+	if (header)
+		ok = is_hs_token(app, header) && ok;
+	if (query)
+		ok = is_hs_token(app, query) && ok;
+	return ok ? 0 : 403;
 }
 
+/* False after answering 401/403 (or 404 with the adapter off: then these
+ * paths do not exist). */
 static bool hs_authorized(struct cw_req *req, struct cw_app *app)
 {
 	switch (hs_token_check(req, app)) {

@@ -3,6 +3,7 @@
 errors, transactions (dedupe, echoes), and messages both ways between a peer
 and a Matrix user in a direct room."""
 import base64
+import hashlib
 import json
 import os
 import re
@@ -17,7 +18,7 @@ import yaml
 
 from harness import CAUSEWAYD, free_port, wait_until
 from homeserver import Homeserver
-from peer import NotifyServer, PeerClient
+from peer import MediaServer, NotifyServer, PeerClient
 
 AS_TOKEN = "as-" + "a" * 40
 HS_TOKEN = "hs-" + "b" * 40
@@ -136,6 +137,20 @@ def test_registration_yaml(tmp_path):
     reg = yaml.safe_load(subprocess.run([CAUSEWAYD, "--matrix-registration"], capture_output=True, text=True,
                                         env=env, timeout=30).stdout)
     assert (reg["as_token"], reg["hs_token"]) == (AS_TOKEN, HS_TOKEN)
+    # Tokens of any length, with characters YAML escapes inside quotes, are
+    # printed whole (until the seventeenth session they were cut at 64).
+    long_as, long_hs = "as-" + "x" * 200 + '"\\', "hs-" + "y" * 100 + "'#:{z}"
+    env.update({"CAUSEWAY_MATRIX_AS_TOKEN": long_as, "CAUSEWAY_MATRIX_HS_TOKEN": long_hs})
+    out = subprocess.run([CAUSEWAYD, "--matrix-registration"], capture_output=True, text=True, env=env, timeout=30)
+    assert out.returncode == 0, out.stderr
+    reg = yaml.safe_load(out.stdout)
+    assert (reg["as_token"], reg["hs_token"]) == (long_as, long_hs)
+    # A token no Authorization header can carry (a space, a control
+    # character) is refused with the reason.
+    env["CAUSEWAY_MATRIX_HS_TOKEN"] = "hs token"
+    out = subprocess.run([CAUSEWAYD, "--matrix-registration"], capture_output=True, text=True, env=env, timeout=30)
+    assert out.returncode != 0 and not out.stdout
+    assert "matrix.hs_token" in out.stderr and "space" in out.stderr, out.stderr
 
 
 def test_appservice_auth_and_errors(mx):
@@ -147,6 +162,18 @@ def test_appservice_auth_and_errors(mx):
     assert as_put(mx, "1", body).status_code == 200
     assert as_put(mx, "2", body, legacy=True).status_code == 200
     assert as_put(mx, "3", body, query_token=True).status_code == 200
+    # Both the header and the legacy parameter: they must match (the
+    # specification's Authorization section).
+    for path in ("/_matrix/app/v1/transactions/3b", "/_matrix/app/v1/users/%40_cw_gk_x%3Aexample.org"):
+        r = requests.request("PUT" if "transactions" in path else "GET", mx.url + path + "?access_token=wrong",
+                             json=body, headers={"Authorization": "Bearer " + HS_TOKEN}, timeout=10)
+        assert r.status_code == 403 and r.json()["errcode"] == "M_FORBIDDEN", (path, r.text)
+        r = requests.request("PUT" if "transactions" in path else "GET", mx.url + path + "?access_token=" + HS_TOKEN,
+                             json=body, headers={"Authorization": "Bearer wrong"}, timeout=10)
+        assert r.status_code == 403 and r.json()["errcode"] == "M_FORBIDDEN", (path, r.text)
+    r = requests.put(mx.url + "/_matrix/app/v1/transactions/3c?access_token=" + HS_TOKEN, json=body,
+                     headers={"Authorization": "Bearer " + HS_TOKEN}, timeout=10)
+    assert r.status_code == 200
     r = requests.get(mx.url + "/_matrix/app/v1/nothing", headers={"Authorization": "Bearer " + HS_TOKEN})
     assert r.status_code == 404 and r.json()["errcode"] == "M_UNRECOGNIZED"
     r = requests.delete(mx.url + "/_matrix/app/v1/transactions/4", headers={"Authorization": "Bearer " + HS_TOKEN})
@@ -208,6 +235,73 @@ def test_ping_at_start_is_reported(mx, hs):
     health = mx.get("/readyz").json()["adapters"]["matrix"]
     assert health["ping"] == "ok", health
     assert metrics(mx, "causeway_matrix_ping") == {'state="pending"': 0, 'state="ok"': 1, 'state="failed"': 0}
+
+
+def test_a_homeserver_that_comes_up_later_is_pinged_and_has_the_bot(make_daemon, db_url, hs):
+    """The homeserver answers 503 while causewayd starts (restarting behind
+    its proxy): the bot's registration and the ping are tried again until
+    they succeed (until the seventeenth session, once at start only)."""
+    hs.refuse = lambda method, path, user: True
+    d = start_mx(make_daemon, db_url, hs)
+    wait_until(lambda: d.get("/readyz").json()["adapters"]["matrix"]["ping"] == "failed", what="the failed ping")
+    assert not hs.user_exists("@_cw_bot:example.org")
+    hs.refuse = None  # the homeserver is up now
+    wait_until(lambda: d.get("/readyz").json()["adapters"]["matrix"]["ping"] == "ok", timeout=20,
+               what="the ping once the homeserver is up")
+    assert hs.user_exists("@_cw_bot:example.org")
+    # Done: nothing more is asked.
+    time.sleep(2.5)
+    pings = [q for q in hs.requests if q["path"].endswith("/ping")]
+    assert pings[-1]["status"] == 200 and len([q for q in pings if q["status"] == 200]) == 1
+
+
+def test_a_ping_answered_by_another_process_is_ok(make_daemon, db_url, hs):
+    """Several processes behind one registration URL: the homeserver's ping
+    reaches one of them; its 200 (with the duration) tells every pinging
+    process that the homeserver reaches the appservice."""
+    port_b, port_a = free_port(), free_port()
+    hs.registration["url"] = f"http://127.0.0.1:{port_b}"  # the balancer sends the pings to b
+    opts = lambda p: {"server": {"port": str(p)},  # noqa: E731
+                      "matrix": {"homeserver_url": hs.url, "as_token": AS_TOKEN, "hs_token": HS_TOKEN}}
+    b = make_daemon(db_url, options=opts(port_b)).start()
+    a = make_daemon(db_url, options=opts(port_a)).start()
+    for d in (a, b):
+        wait_until(lambda: d.get("/readyz").json()["adapters"]["matrix"]["ping"] != "pending", what="the ping")
+        health = d.get("/readyz").json()["adapters"]["matrix"]
+        assert health["ping"] == "ok", health
+
+
+def test_a_display_name_as_long_as_a_peer_may_give_is_shortened(make_daemon, db_url, hs, tmp_path):
+    """The peer API takes names of 256 bytes; the ghost's name (with its
+    network after it) is cut to the 256 characters Synapse takes, at a
+    character's boundary, and the avatar is set whatever became of the name
+    (until the seventeenth session both were refused, again and again)."""
+    media = MediaServer(tmp_path)
+    try:
+        mx = start_mx(make_daemon, db_url, hs, server={"ca_file": media.cert_file,
+                                                      "media_private_addresses": "true"})
+        a, srv = add_gk(mx)
+        consent_alice(mx)
+        hs.create_user("alice")
+        ghost = "@_cw_gk_wally:example.org"
+        face = b"\x89PNG\r\n\x1a\n" + os.urandom(900)
+        url = media.put("/u/wally.png", "image/png", face)
+        avatar = {"content_type": "image/png", "url": url, "size": len(face),
+                  "sha256": hashlib.sha256(face).hexdigest()}
+        name = "W" * 250 + "é" * 3  # 256 bytes, 253 characters
+        assert len(name.encode()) == 256
+        r = a.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": name, "avatar": avatar})
+        assert r.status_code == 200, r.text
+        room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+        a.send(room, a.user("wally"), "hi")
+        wait_until(lambda: hs.profile(ghost).get("avatar_url"), what="the ghost's avatar")
+        assert hs.profile(ghost)["displayname"] == "W" * 250 + "é" + " (gk)"
+        # Nor is the name refused when the ghost is made: every PUT was taken.
+        puts = [q for q in hs.requests if q["method"] == "PUT" and "/profile/" in q["path"]]
+        assert puts and all(q["status"] == 200 for q in puts), puts
+        srv.close()
+    finally:
+        media.close()
 
 
 def test_peer_to_matrix_and_back(mx, hs, gk, pg, db_url):
