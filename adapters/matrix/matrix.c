@@ -84,6 +84,7 @@ cw_err matrix_new(struct matrix **out, struct cw_app *app, cw_errmsg *e)
 	m->media_state = json_object();
 	m->catching_up = json_object();
 	pthread_cond_init(&m->media_cond, NULL);
+	pthread_cond_init(&m->ping_cond, NULL);
 	if (!m->typing || !m->profile_failed || !m->media_queue || !m->media_state || !m->catching_up ||
 	    pthread_key_create(&m->curl_key, mx_curl_release) != 0) {
 		json_decref(m->catching_up);
@@ -92,6 +93,7 @@ cw_err matrix_new(struct matrix **out, struct cw_app *app, cw_errmsg *e)
 		json_decref(m->media_queue);
 		json_decref(m->media_state);
 		pthread_cond_destroy(&m->media_cond);
+		pthread_cond_destroy(&m->ping_cond);
 		pthread_mutex_destroy(&m->mu);
 		free(m);
 		return cw_fail(e, CW_ENOMEM, "cannot make a thread key");
@@ -103,8 +105,10 @@ cw_err matrix_new(struct matrix **out, struct cw_app *app, cw_errmsg *e)
 
 void matrix_stop(struct matrix *m)
 {
-	if (m)
+	if (m) {
+		mx_ping_stop(m);
 		mx_bot_stop(m);
+	}
 }
 
 void matrix_free(struct matrix *m)
@@ -113,8 +117,7 @@ void matrix_free(struct matrix *m)
 		return;
 	mx_bot_stop(m);
 	mx_media_stop(m);
-	if (m->ping_started)
-		pthread_join(m->ping_thread, NULL);
+	mx_ping_stop(m);
 	mx_curl_release(pthread_getspecific(m->curl_key)); /* this thread's, if any */
 	pthread_setspecific(m->curl_key, NULL);
 	pthread_key_delete(m->curl_key);
@@ -126,6 +129,7 @@ void matrix_free(struct matrix *m)
 	json_decref(m->media_state);
 	json_decref(m->catching_up);
 	pthread_cond_destroy(&m->media_cond);
+	pthread_cond_destroy(&m->ping_cond);
 	pthread_mutex_destroy(&m->mu);
 	free(m);
 }
@@ -311,8 +315,6 @@ void matrix_as_ping(struct cw_req *req, void *ctx)
 		mx_error(req, 400, "M_BAD_JSON", "transaction_id must be a string");
 		return;
 	}
-	if (tid)
-		mx_ping_heard(app->matrix, json_string_value(tid));
 	json_decref(j);
 	cw_req_reply_json(req, 200, json_object());
 }

@@ -32,12 +32,12 @@ struct matrix {
 	int recent_next;
 	/* health */
 	char ping_state[16];         /* pending, ok, failed */
-	char ping_txn[40];
-	bool ping_heard;
 	long ping_ms;
 	char last_error[256];        /* the homeserver's last refusal (M_FORBIDDEN, M_UNKNOWN_TOKEN, ...) */
 	pthread_t ping_thread;
 	bool ping_started;
+	bool ping_stop;              /* under mu: the daemon is stopping, nothing is tried again */
+	pthread_cond_t ping_cond;    /* signalled with ping_stop */
 	json_t *typing;              /* room -> who types there now (m.typing gives the whole list) */
 	json_t *profile_failed;      /* sender identity id -> when its ghost's profile last failed (ms), under mu */
 	/* The media worker (mx_media.c): peers' files fetched and uploaded off
@@ -75,8 +75,9 @@ void mx_curl_release(void *c);
 void mx_error(struct cw_req *req, int status, const char *errcode, const char *msg);
 bool mx_txn_seen(struct matrix *m, const unsigned char key[32]);
 void mx_txn_remember(struct matrix *m, const unsigned char key[32]);
-/* The homeserver called our ping endpoint with this transaction id. */
-void mx_ping_heard(struct matrix *m, const char *txn);
+/* Stops the thread registering the bot and pinging the homeserver (which
+ * tries again until both are done); waits for it. */
+void mx_ping_stop(struct matrix *m);
 void mx_rename_portal(struct matrix *m, PGconn *c, const char *room, const char *binding, const char *name);
 /* POST /rooms/{room}/<action> ("join" or "leave", no body) as user (NULL:
  * the bot). */

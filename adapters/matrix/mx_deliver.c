@@ -168,38 +168,44 @@ cw_err mx_call(struct matrix *m, const char *method, const char *path, const cha
 
 /* ------------------------------------------------------------ ping */
 
-void mx_ping_heard(struct matrix *m, const char *txn)
-{
-	pthread_mutex_lock(&m->mu);
-	if (strcmp(txn, m->ping_txn) == 0)
-		m->ping_heard = true;
-	pthread_mutex_unlock(&m->mu);
-}
+/* The first wait before trying the bot's registration and the ping again,
+ * and the longest: the homeserver may come up after causewayd (the
+ * specification asks the appservice not to fail entirely then). */
+#define PING_RETRY_FIRST_MS 1000
+#define PING_RETRY_MAX_MS 60000
 
-static void *ping_main(void *arg)
+/* The bot acts in management rooms: some homeservers (Conduit) want it
+ * registered first, like any user of the namespace.  True when it is
+ * (M_USER_IN_USE: it was before). */
+static bool register_bot(struct matrix *m)
 {
-	cw_thread_name("cw-mx-ping");
-	struct matrix *m = arg;
-	/* The bot acts in management rooms: some homeservers (Conduit) want it
-	 * registered first, like any user of the namespace. */
 	long st;
 	json_t *ans = NULL;
-	cw_errmsg re;
-	if (mx_call(m, "POST", "/_matrix/client/v3/register", NULL, NULL,
-		    json_pack("{s:s, s:s, s:b}", "type", "m.login.application_service", "username",
-			      m->cfg->mx_sender_localpart, "inhibit_login", 1), &st, &ans, &re) &&
-	    !(st == 400 && json_is_string(json_object_get(ans, "errcode")) &&
-	      strcmp(json_string_value(json_object_get(ans, "errcode")), "M_USER_IN_USE") == 0))
-		LOG_KV(CW_LOG_WARN, "cannot register the bot", "detail", re.msg);
+	cw_errmsg e;
+	cw_err rc = mx_call(m, "POST", "/_matrix/client/v3/register", NULL, NULL,
+			    json_pack("{s:s, s:s, s:b}", "type", "m.login.application_service", "username",
+				      m->cfg->mx_sender_localpart, "inhibit_login", 1), &st, &ans, &e);
+	const char *code = json_string_value(json_object_get(ans, "errcode"));
+	if (rc && st == 400 && code && strcmp(code, "M_USER_IN_USE") == 0)
+		rc = CW_OK;
 	json_decref(ans);
+	if (rc)
+		LOG_KV(CW_LOG_WARN, "cannot register the bot", "detail", e.msg);
+	return rc == CW_OK;
+}
+
+/* POST /_matrix/client/v1/appservice/{id}/ping.  Its 200 says that the
+ * homeserver reached an appservice with the right hs_token at the
+ * registration's url: this process or, behind one URL, another one.
+ * True when nothing is to be tried again: it answered 200, or it has no
+ * ping (404 M_UNRECOGNIZED, before Matrix 1.7). */
+static bool ping_once(struct matrix *m)
+{
 	char path[300], txn[40];
 	unsigned char raw[8];
 	cw_random(raw, sizeof(raw));
 	snprintf(txn, sizeof(txn), "cw-ping-");
 	cw_hex(txn + 8, raw, sizeof(raw));
-	pthread_mutex_lock(&m->mu);
-	snprintf(m->ping_txn, sizeof(m->ping_txn), "%s", txn);
-	pthread_mutex_unlock(&m->mu);
 	char *id = curl_easy_escape(NULL, m->cfg->mx_id, 0);
 	snprintf(path, sizeof(path), "/_matrix/client/v1/appservice/%s/ping", id ? id : "");
 	curl_free(id);
@@ -207,23 +213,47 @@ static void *ping_main(void *arg)
 	json_t *answer;
 	cw_errmsg e;
 	cw_err rc = mx_call(m, "POST", path, NULL, NULL, json_pack("{s:s}", "transaction_id", txn), &status, &answer, &e);
+	const char *code = json_string_value(json_object_get(answer, "errcode"));
 	pthread_mutex_lock(&m->mu);
-	bool heard = m->ping_heard;
 	if (rc == CW_OK) {
-		snprintf(m->ping_state, sizeof(m->ping_state), "%s", heard ? "ok" : "failed");
+		snprintf(m->ping_state, sizeof(m->ping_state), "ok");
 		m->ping_ms = (long)json_integer_value(json_object_get(answer, "duration_ms"));
-		if (!heard)
-			snprintf(m->last_error, sizeof(m->last_error), "the homeserver's ping never reached causewayd");
 	} else {
 		snprintf(m->ping_state, sizeof(m->ping_state), "failed");
-		const char *code = json_string_value(json_object_get(answer, "errcode"));
 		snprintf(m->last_error, sizeof(m->last_error), "ping: %.180s%s%.60s", e.msg, code ? " " : "",
 			 code ? code : "");
 	}
 	pthread_mutex_unlock(&m->mu);
 	LOG_KV(rc ? CW_LOG_WARN : CW_LOG_INFO, "matrix homeserver ping", "result", rc ? "failed" : "ok",
 	       "detail", rc ? e.msg : "");
+	bool done = rc == CW_OK || (status == 404 && code && strcmp(code, "M_UNRECOGNIZED") == 0);
 	json_decref(answer);
+	return done;
+}
+
+static void *ping_main(void *arg)
+{
+	cw_thread_name("cw-mx-ping");
+	struct matrix *m = arg;
+	bool registered = false, pinged = false;
+	int64_t wait_ms = PING_RETRY_FIRST_MS;
+	pthread_mutex_lock(&m->mu);
+	while (!m->ping_stop) {
+		pthread_mutex_unlock(&m->mu);
+		if (!registered)
+			registered = register_bot(m);
+		if (!pinged)
+			pinged = ping_once(m);
+		pthread_mutex_lock(&m->mu);
+		if (registered && pinged)
+			break;
+		struct timespec until;
+		cw_deadline_ts(&until, CLOCK_REALTIME, wait_ms * 1000);
+		while (!m->ping_stop && pthread_cond_timedwait(&m->ping_cond, &m->mu, &until) == 0)
+			;
+		wait_ms = wait_ms * 2 < PING_RETRY_MAX_MS ? wait_ms * 2 : PING_RETRY_MAX_MS;
+	}
+	pthread_mutex_unlock(&m->mu);
 	return NULL;
 }
 
@@ -234,6 +264,18 @@ void matrix_ping_start(struct matrix *m)
 	m->ping_started = cw_thread_start(&m->ping_thread, ping_main, m);
 	mx_bot_start(m);
 	mx_media_start(m);
+}
+
+void mx_ping_stop(struct matrix *m)
+{
+	if (!m->ping_started)
+		return;
+	pthread_mutex_lock(&m->mu);
+	m->ping_stop = true;
+	pthread_cond_broadcast(&m->ping_cond);
+	pthread_mutex_unlock(&m->mu);
+	pthread_join(m->ping_thread, NULL);
+	m->ping_started = false;
 }
 
 json_t *matrix_health(struct matrix *m)

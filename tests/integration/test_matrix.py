@@ -255,6 +255,18 @@ def test_a_homeserver_that_comes_up_later_is_pinged_and_has_the_bot(make_daemon,
     assert pings[-1]["status"] == 200 and len([q for q in pings if q["status"] == 200]) == 1
 
 
+def test_a_stop_does_not_wait_for_the_next_ping(make_daemon, db_url, hs):
+    """While the homeserver stays away, the next try is up to a minute
+    away: a stop does not wait for it."""
+    hs.refuse = lambda method, path, user: True
+    d = start_mx(make_daemon, db_url, hs)
+    wait_until(lambda: len([q for q in hs.requests if q["path"].endswith("/ping")]) >= 3, timeout=20,
+               what="three pings")  # the wait before the next one is 4 s now, then 8 s
+    t0 = time.time()
+    assert d.stop() == 0
+    assert time.time() - t0 < 3
+
+
 def test_a_ping_answered_by_another_process_is_ok(make_daemon, db_url, hs):
     """Several processes behind one registration URL: the homeserver's ping
     reaches one of them; its 200 (with the duration) tells every pinging
