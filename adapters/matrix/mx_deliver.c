@@ -355,6 +355,35 @@ cw_err mx_room_action(struct matrix *m, const char *room, const char *user, cons
 	return mx_room_post(m, room, user, action, json_object(), &status, e);
 }
 
+/* Synapse's longest display name, in characters (Python's: code points);
+ * a longer one is refused with 400. */
+#define MX_DISPLAYNAME_MAX 256
+
+/* The length in bytes of s's first max characters (whole UTF-8 sequences;
+ * s is valid UTF-8, as JSON gave it); *chars: how many those are. */
+static size_t utf8_prefix(const char *s, size_t max, size_t *chars)
+{
+	size_t i = 0, n = 0;
+	for (; s[i]; i++)
+		if (((unsigned char)s[i] & 0xC0) != 0x80 && n++ == max)
+			break;
+	if (chars)
+		*chars = n > max ? max : n;
+	return i;
+}
+
+/* A ghost's display name, "<name> (<peer>)": the name (a peer may give 256
+ * bytes of it) cut at a character's boundary so that the whole is at most
+ * MX_DISPLAYNAME_MAX characters.  out: 4 * MX_DISPLAYNAME_MAX + 1 bytes. */
+static void ghost_name(char *out, size_t len, const char *display, const char *localpart, const char *peer)
+{
+	const char *name = display && *display ? display : localpart;
+	size_t peer_chars;
+	size_t pb = utf8_prefix(peer, 80, &peer_chars);
+	size_t nb = utf8_prefix(name, MX_DISPLAYNAME_MAX - 3 - peer_chars, NULL);
+	snprintf(out, len, "%.*s (%.*s)", (int)nb, name, (int)pb, peer);
+}
+
 /* Registers the ghost (M_USER_IN_USE is fine) and names it. */
 cw_err mx_register_ghost(struct matrix *m, const char *peer, const char *localpart, const char *display,
 			 const char *ghost, cw_errmsg *e)
@@ -373,8 +402,8 @@ cw_err mx_register_ghost(struct matrix *m, const char *peer, const char *localpa
 	json_decref(answer);
 	if (rc)
 		return rc;
-	char name[400], path[600];
-	snprintf(name, sizeof(name), "%.300s (%.80s)", display && *display ? display : localpart, peer);
+	char name[4 * MX_DISPLAYNAME_MAX + 1], path[600];
+	ghost_name(name, sizeof(name), display, localpart, peer);
 	char *g = seg(m, ghost);
 	snprintf(path, sizeof(path), "/_matrix/client/v3/profile/%s/displayname", g ? g : "");
 	curl_free(g);
@@ -816,23 +845,26 @@ static bool sync_profile(struct matrix *m, PGconn *c, const char *sender_id, con
 			mxc[0] = '\0';
 		}
 	}
-	char name[400], path[600];
-	snprintf(name, sizeof(name), "%.300s (%.80s)", display && *display ? display : localpart, peer);
+	char name[4 * MX_DISPLAYNAME_MAX + 1], path[600];
+	ghost_name(name, sizeof(name), display, localpart, peer);
 	char *g = seg(m, ghost);
 	long status;
-	bool ok = g != NULL;
+	/* Each is set whatever became of the other: a name refused does not
+	 * cost the ghost its face, nor the other way round. */
+	bool name_ok = g != NULL;
 	snprintf(path, sizeof(path), "/_matrix/client/v3/profile/%s/displayname", g ? g : "");
-	if (ok && mx_call(m, "PUT", path, ghost, NULL, json_pack("{s:s}", "displayname", name), &status, NULL, &e)) {
+	if (name_ok && mx_call(m, "PUT", path, ghost, NULL, json_pack("{s:s}", "displayname", name), &status, NULL, &e)) {
 		LOG_KV(CW_LOG_WARN, "cannot set a ghost's display name", "user", ghost, "detail", e.msg);
-		ok = false;
+		name_ok = false;
 	}
-	ok = ok && avatar_ok;
+	avatar_ok = avatar_ok && g != NULL;
 	snprintf(path, sizeof(path), "/_matrix/client/v3/profile/%s/avatar_url", g ? g : "");
-	if (ok && mx_call(m, "PUT", path, ghost, NULL, json_pack("{s:s}", "avatar_url", mxc), &status, NULL, &e)) {
+	if (avatar_ok && mx_call(m, "PUT", path, ghost, NULL, json_pack("{s:s}", "avatar_url", mxc), &status, NULL, &e)) {
 		LOG_KV(CW_LOG_WARN, "cannot set a ghost's avatar", "user", ghost, "detail", e.msg);
-		ok = false;
+		avatar_ok = false;
 	}
 	curl_free(g);
+	bool ok = name_ok && avatar_ok;
 	const char *params[] = { sender_id, changed_at };
 	if (ok && store_command(c, "UPDATE identity_bindings SET profile_synced_at = $2::timestamptz "
 				   "WHERE identity_id = $1::bigint AND network = 'matrix'", 2, params, &e))

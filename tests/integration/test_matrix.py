@@ -311,6 +311,14 @@ def test_a_display_name_as_long_as_a_peer_may_give_is_shortened(make_daemon, db_
         # Nor is the name refused when the ghost is made: every PUT was taken.
         puts = [q for q in hs.requests if q["method"] == "PUT" and "/profile/" in q["path"]]
         assert puts and all(q["status"] == 200 for q in puts), puts
+        # A name the homeserver refuses does not keep the avatar from being set.
+        hs.refuse = lambda method, path, user: method == "PUT" and path.endswith("/displayname")
+        consent_alice(mx, "mimi://wa.example/u/vera")
+        r = a.call("POST", "/v1/profiles", {"user": a.user("vera"), "display_name": "Vera", "avatar": avatar})
+        assert r.status_code == 200, r.text
+        room = a.create_room([a.user("vera"), ALICE]).json()["id"]
+        a.send(room, a.user("vera"), "hi")
+        wait_until(lambda: hs.profile("@_cw_gk_vera:example.org").get("avatar_url"), what="vera's avatar")
         srv.close()
     finally:
         media.close()
