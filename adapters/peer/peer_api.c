@@ -129,7 +129,7 @@ static PGresult *exec(PGconn *c, const char *sql, int n, const char *const *para
 /* Idempotency: a stored answer for (scope, key) is replayed when the request
  * is the same and refused when it differs.  Returns true when j is answered. */
 static bool idem_replay(PGconn *c, struct app_job *j, const char *scope, const char *key,
-			const unsigned char hash[32], cw_err *rc, cw_errmsg *e)
+			const unsigned char hash[32], const unsigned char hash_old[32], cw_err *rc, cw_errmsg *e)
 {
 	*rc = CW_OK;
 	if (!key)
@@ -143,9 +143,10 @@ static bool idem_replay(PGconn *c, struct app_job *j, const char *scope, const c
 		PQclear(r);
 		return false;
 	}
-	char hex[65];
+	char hex[65], hex_old[65];
 	cw_hex(hex, hash, 32);
-	if (strcmp(hex, PQgetvalue(r, 0, 0)) != 0) {
+	cw_hex(hex_old, hash_old, 32);
+	if (strcmp(hex, PQgetvalue(r, 0, 0)) != 0 && strcmp(hex_old, PQgetvalue(r, 0, 0)) != 0) {
 		app_job_fail(j, 409, "conflict", "this Idempotency-Key was used with a different request");
 	} else {
 		j->status = atoi(PQgetvalue(r, 0, 1));
@@ -275,6 +276,7 @@ struct room_input {
 	char scope[PEER_NAME_MAX + 8];
 	char *idem_key;
 	unsigned char hash[32];
+	unsigned char hash_old[32]; /* the same request as stored before the sixteenth session */
 	char public_id[80];
 	char uri[MIMI_URI_MAX + 1];
 	char hub[MIMI_DOMAIN_MAX + 1];
@@ -400,7 +402,7 @@ static cw_err room_create_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct room_input *in = j->data;
 	cw_err rc;
-	if (idem_replay(c, j, in->scope, in->idem_key, in->hash, &rc, e))
+	if (idem_replay(c, j, in->scope, in->idem_key, in->hash, in->hash_old, &rc, e))
 		return rc;
 	if (new_room_refused(j, in))
 		return CW_OK;
@@ -533,6 +535,12 @@ void peer_api_room_create(struct cw_req *req, void *ctx)
 	}
 	cw_sha256(canon, strlen(canon), in->hash);
 	free(canon);
+	/* A key stored before the sixteenth session holds the hash of the raw
+	 * body: a retry across the upgrade (a restart, a 503: when retries
+	 * happen) is the same request in that form too, not a 409. */
+	size_t blen;
+	const char *raw = cw_req_body(req, &blen);
+	cw_sha256(raw, blen, in->hash_old);
 	cw_new_id(in->public_id, sizeof(in->public_id), "r_");
 	snprintf(in->domain, sizeof(in->domain), "%s", app->cfg->domain);
 	if (uri) { /* the peer hosts the room */
@@ -901,6 +909,7 @@ struct msg_input {
 	char scope[PEER_NAME_MAX + 8];
 	char *idem_key;
 	unsigned char hash[32];
+	unsigned char hash_old[32];   /* the same request as stored before the sixteenth session */
 	char room[MIMI_URI_MAX + 1]; /* public id, or URI in a batch */
 	char body_room[MIMI_URI_MAX + 1]; /* the room the body names, if any */
 	char msg_id[80];
@@ -949,6 +958,14 @@ static void request_hash(const char *text, unsigned char out[32])
 	cw_sha256(text ? text : "", text ? strlen(text) : 0, out);
 }
 
+/* The same request as a key stored before the sixteenth session holds it
+ * (the room as spelled, then the event): no migration rewrote those, and a
+ * retry across the upgrade is the same request, not a 409. */
+static void request_hash_old(const char *room, const char *text, unsigned char out[32])
+{
+	cw_sha256_pair(room, strlen(room), text ? text : "", text ? strlen(text) : 0, out);
+}
+
 /* What every item takes from its validated event: the room as the request
  * names it (public id, URI or native id), the sender, and the event. */
 static void msg_input_from_event(struct msg_input *in, struct cw_app *app, const char *room, const char *sender,
@@ -960,6 +977,7 @@ static void msg_input_from_event(struct msg_input *in, struct cw_app *app, const
 	 * its statement (NULL on allocation failure: the writer refuses it). */
 	in->event_text = ev->text ? strdup(ev->text) : json_dumps(ev->json, JSON_COMPACT | JSON_SORT_KEYS);
 	request_hash(in->event_text, in->hash);
+	request_hash_old(room, in->event_text, in->hash_old);
 	cw_new_id(in->msg_id, sizeof(in->msg_id), "msg_");
 	snprintf(in->sender, sizeof(in->sender), "%s", sender);
 	snprintf(in->type, sizeof(in->type), "%s", event_type_name(ev->type));
@@ -1638,9 +1656,11 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 		return;
 	}
 	if (!PQgetisnull(r, first, 9)) { /* this key answered before */
-		char hex[65];
+		char hex[65], hex_old[65];
 		cw_hex(hex, in->hash, 32);
-		if (strcmp(hex, PQgetvalue(r, first, 9)) != 0 || strcmp(PQgetvalue(r, first, 18), PQgetvalue(r, first, 1)) != 0) {
+		cw_hex(hex_old, in->hash_old, 32);
+		if ((strcmp(hex, PQgetvalue(r, first, 9)) != 0 && strcmp(hex_old, PQgetvalue(r, first, 9)) != 0) ||
+		    strcmp(PQgetvalue(r, first, 18), PQgetvalue(r, first, 1)) != 0) {
 			item_fail(res, 409, "conflict", "this Idempotency-Key was used with a different request");
 		} else {
 			res->status = 202;

@@ -109,6 +109,44 @@ def test_idempotency(daemon, peers, pg, db_url):
     assert r3.status_code == 201 and r3.json()["id"] == r1.json()["id"], r3.text
 
 
+def test_a_retry_across_the_upgrade_is_the_same_request(daemon, peers, pg, db_url):
+    """Keys stored before the sixteenth session hold the request's hash in
+    its old form (a message's: the room as spelled, a newline, the event; a
+    room's: the raw body), and no migration rewrote them: a peer retrying
+    across the upgrade (a restart, a 503: when retries happen) gets the
+    stored answer, not a 409."""
+    import hashlib
+    (a, _), (b, _) = peers
+    rm = room(a, b)
+    first = a.send(rm["id"], a.user("alice"), "before the upgrade", idem="msg-up")
+    assert first.status_code == 202, first.text
+    ev = {"type": "message", "sender": a.user("alice"),
+          "content": {"parts": [{"type": "text/plain", "body": "before the upgrade"}]}}
+    text = json.dumps(ev, sort_keys=True, separators=(",", ":")).encode()
+    where = "origin_network = 'peer:gk' AND origin_native_id = 'msg-up'"
+    assert pg.psql(f"SELECT encode(request_hash, 'hex') FROM events WHERE {where}", db_url) == \
+        hashlib.sha256(text).hexdigest()
+    old = hashlib.sha256(rm["id"].encode() + b"\n" + text).hexdigest()
+    pg.psql(f"UPDATE events SET request_hash = decode('{old}', 'hex') WHERE {where}", db_url)
+    body = {"kind": "direct", "members": [a.user("x"), b.user("y")]}
+    r1 = a.call("POST", "/v1/rooms", body, idem="room-up")
+    assert r1.status_code == 201, r1.text
+    raw = hashlib.sha256(json.dumps(body).encode()).hexdigest()
+    pg.psql(f"UPDATE idempotency_keys SET request_hash = decode('{raw}', 'hex') "
+            "WHERE scope = 'peer:gk' AND key = 'room-up'", db_url)
+
+    again = a.send(rm["id"], a.user("alice"), "before the upgrade", idem="msg-up")
+    assert again.status_code == 202 and again.json()["id"] == first.json()["id"], again.text
+    r2 = a.call("POST", "/v1/rooms", body, idem="room-up")
+    assert r2.status_code == 201 and r2.json()["id"] == r1.json()["id"], r2.text
+    # Another request with the key is still a conflict.
+    other = a.send(rm["id"], a.user("alice"), "after the upgrade", idem="msg-up")
+    assert other.status_code == 409, other.text
+    r3 = a.call("POST", "/v1/rooms", {"kind": "direct", "members": [a.user("z"), b.user("y")]}, idem="room-up")
+    assert r3.status_code == 409, r3.text
+    assert pg.psql("SELECT count(*) FROM events", db_url) == "1"
+
+
 def test_peer_down_then_backlog_in_order(daemon, peers):
     (a, _), (b, sb) = peers
     rm = room(a, b)
