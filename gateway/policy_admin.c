@@ -950,7 +950,10 @@ void policy_admin_audit_list(struct cw_req *req, void *ctx)
 }
 
 /* "Why was this message held or denied?": each recipient's delivery with
- * the decision recorded for it (no record: allowed), and the record. */
+ * the decision recorded for it (no record: allowed), and the record.  A
+ * decision's recipient is its subject, or the local user it names in
+ * details.user: a first contact's consent request refused by the limit is
+ * the sender's (its subject, as a flood's), about that user. */
 void policy_admin_decision(struct cw_req *req, void *ctx)
 {
 	const char *id = cw_req_param(req, "id");
@@ -970,7 +973,8 @@ void policy_admin_decision(struct cw_req *req, void *ctx)
 		"   AND " DELIVERY_DECISION " ORDER BY a.id DESC LIMIT 1) a ON true "
 		"  WHERE o.event_id = e.id), "
 		" 'decisions', (SELECT coalesce(json_agg(json_build_object('at', a.at, 'verdict', "
-		"  split_part(a.action, '.', 2), 'reason', a.reason_code, 'rule_id', a.rule_id, 'recipient', a.subject, "
+		"  split_part(a.action, '.', 2), 'reason', a.reason_code, 'rule_id', a.rule_id, "
+		"  'recipient', coalesce(a.details->>'user', a.subject), "
 		"  'details', a.details) ORDER BY a.id), '[]'::json) FROM audit_log a WHERE a.event_id = e.id "
 		"  AND a.actor = 'policy'))::text "
 		"FROM events e JOIN identities s ON s.id = e.sender_id WHERE e.public_id = $1");

@@ -187,13 +187,15 @@ void outbox_admin_discard(struct cw_req *req, void *ctx)
 
 /* The message trace: where the message came from, every policy decision
  * about it with its reason, and every delivery with each of its attempts,
- * built in one statement. */
+ * built in one statement.  A decision's recipient as in the decision view
+ * (policy_admin_decision): details.user when the row names one. */
 static const char TRACE_SQL[] =
 	"SELECT json_build_object('message', e.public_id, 'room', r.public_id, 'sender', s.uri, 'type', e.type, "
 	" 'origin', json_build_object('network', e.origin_network, 'native_id', e.origin_native_id), "
 	" 'accepted_at', e.accepted_at, 'content_deleted', e.content = '{}'::jsonb, "
 	" 'decisions', (SELECT coalesce(json_agg(json_build_object('at', a.at, 'verdict', split_part(a.action, '.', 2), "
-	"  'reason', a.reason_code, 'rule_id', a.rule_id, 'recipient', a.subject, 'details', a.details) ORDER BY a.id), "
+	"  'reason', a.reason_code, 'rule_id', a.rule_id, 'recipient', coalesce(a.details->>'user', a.subject), "
+	"  'details', a.details) ORDER BY a.id), "
 	"  '[]'::json) FROM audit_log a WHERE a.event_id = e.id AND a.actor = 'policy'), "
 	" 'deliveries', (SELECT coalesce(json_agg(json_build_object('id', o.id, 'destination', o.destination, "
 	"  'recipient', t.uri, 'state', o.state, 'attempts', o.attempts, 'next_attempt_at', o.next_attempt_at, "

@@ -428,6 +428,13 @@ def test_first_contacts_ask_no_more_users_a_day_than_the_senders_limit(daemon, p
     # The operator sees why carol was not asked.
     why = decision(daemon, all_ids[3])
     assert ("limit", "rate_limited_consent_requests") in [(d["verdict"], d["reason"]) for d in why["decisions"]]
+    # ... and whom: the local user not asked is the recipient (not the
+    # sender, the row's subject), in the decision view and the trace alike.
+    trace = daemon.admin("GET", f"/messages/{all_ids[3]}").json()
+    for view in (why, trace):
+        lim = [d for d in view["decisions"] if d["verdict"] == "limit"]
+        assert [d["recipient"] for d in lim] == [users[2]], view
+    assert [r["verdict"] for r in why["recipients"]] == ["hold"], why
     # Without the limit, carol's next message asks her (the held ones go with her answer).
     rule = daemon.admin("GET", "/rules").json()["rows"][0]
     assert daemon.admin("DELETE", f"/rules/{rule['id']}").status_code == 200
