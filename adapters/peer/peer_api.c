@@ -176,6 +176,31 @@ static cw_err idem_store(PGconn *c, const char *scope, const char *key, const un
 	return rc;
 }
 
+json_t *peer_audit_record(const struct policy_decision *d, const char *pid, const char *subject, json_t *details)
+{
+	char action[24];
+	snprintf(action, sizeof(action), "policy.%s", policy_verdict_name(d->verdict));
+	return json_pack("{s:s, s:s, s:I, s:s*, s:s, s:o}", "action", action, "reason", d->reason, "rule",
+			 (json_int_t)d->rule_id, "pid", pid, "subject", subject, "details", details);
+}
+
+cw_err peer_audit_write(PGconn *c, const struct policy_decision *d, const char *subject, json_t *details,
+			cw_errmsg *e)
+{
+	json_t *rec = peer_audit_record(d, NULL, subject, details);
+	char *text = rec ? json_dumps(rec, JSON_COMPACT) : NULL;
+	json_decref(rec);
+	if (!text)
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	const char *params[] = { text };
+	cw_err rc = store_command(c, "INSERT INTO audit_log (actor, action, reason_code, rule_id, subject, details) "
+				     "SELECT 'policy', a.action, a.reason, NULLIF(a.rule, 0), a.subject, a.details "
+				     "FROM jsonb_to_record($1::jsonb) AS a(action text, reason text, rule bigint, "
+				     "subject text, details jsonb)", 1, params, e);
+	free(text);
+	return rc;
+}
+
 void peer_local_fold(const struct cw_app *app, struct mimi_uri *u, char *uri)
 {
 	if (!app->xmpp || app->matrix || !app->cfg->domain || strcmp(u->domain, app->cfg->domain) != 0)
@@ -358,16 +383,24 @@ static cw_err classify_members(PGconn *c, struct app_job *j, const struct peer_p
 	return CW_OK;
 }
 
-/* A new conversation: server rules and the creator's rate limit (the
- * creator is the first member of the calling peer's domain); true: refused
- * (j's error set).  Asked after the idempotent replay, so that a retry of
- * a room made gets it rather than a token less or a rule made since. */
-static bool new_room_refused(struct app_job *j, const struct room_input *in)
+/* A new room's creator: its first member of the calling peer's domain
+ * (peer_api_room_create makes sure there is one). */
+static const struct room_member_in *room_creator(const struct room_input *in)
 {
-	const struct room_member_in *creator = NULL;
-	for (size_t i = 0; i < in->n && !creator; i++)
+	for (size_t i = 0; i < in->n; i++)
 		if (strcmp(in->m[i].u.domain, in->p->domain) == 0)
-			creator = &in->m[i];
+			return &in->m[i];
+	return NULL;
+}
+
+/* A new conversation: server rules and the creator's rate limit; j's error
+ * is set when refused, and the refusal audited (a limit once per episode,
+ * as a message's).  Asked after the idempotent replay, so that a retry of
+ * a room made gets it rather than a token less or a rule made since.  The
+ * other remote members are asked by members_decide. */
+static cw_err new_room_decide(PGconn *c, struct app_job *j, const struct room_input *in, cw_errmsg *e)
+{
+	const struct room_member_in *creator = room_creator(in);
 	char network[PEER_NAME_MAX + 8];
 	snprintf(network, sizeof(network), "peer:%s", in->p->name);
 	struct policy_view *view = policy_live_get(j->app->policy);
@@ -386,16 +419,64 @@ static bool new_room_refused(struct app_job *j, const struct room_input *in)
 		j->err_status = 429;
 		j->err_code = "rate_limited";
 		snprintf(j->err_detail, sizeof(j->err_detail), "too many new conversations from this sender; retry later");
+		if (memo.first_refusal)
+			return peer_audit_write(c, &d, creator->uri,
+						json_pack("{s:s, s:s, s:s, s:I}", "sender", creator->uri, "direction",
+							  "inbound", "type", "new_room", "retry_after_ms",
+							  (json_int_t)d.retry_after_ms), e);
 	} else if (d.verdict == POLICY_DENY) {
 		j->err_status = 403;
 		j->err_code = "not_allowed";
 		/* The reason is the operator's (spec: reasons only in the
-		 * admin API): the log has it, the peer gets one text. */
+		 * admin API): the log and the audit log have it, the peer gets
+		 * one text. */
 		snprintf(j->err_detail, sizeof(j->err_detail), "this provider does not take this conversation");
 		LOG_KV(CW_LOG_INFO, "room creation refused by the server's rules", "reason", d.reason, "creator",
 		       creator->uri);
+		return peer_audit_write(c, &d, creator->uri,
+					json_pack("{s:s, s:s, s:s}", "sender", creator->uri, "direction", "inbound",
+						  "type", "new_room"), e);
 	}
-	return j->err_code != NULL;
+	return CW_OK;
+}
+
+/* A remote user in a room, new or added to a group, is let in as a room's
+ * creator would be: the server's rules are asked as for a new conversation
+ * from that user (a deny rule, a closed server or an allowlist without the
+ * domain refuse it; spec: a server deny always wins), rate limits are not
+ * (being in a room is not starting a conversation).  skip: a member
+ * already asked (a new room's creator), or NULL; room: the room's public
+ * id for the audit, or NULL (a room not made).  j's error is set, with one
+ * text (the reason is the operator's, in the log and the audit log), and
+ * the refusal audited.  Before the seventeenth session a new room asked
+ * about its creator only, and a denied user got into a new group. */
+static cw_err members_decide(PGconn *c, struct app_job *j, const struct room_member_in *m, size_t n,
+			     const struct member_class *cls, const struct room_member_in *skip, const char *room,
+			     cw_errmsg *e)
+{
+	struct policy_view *view = policy_live_get(j->app->policy);
+	struct policy_decision d = { .verdict = POLICY_ALLOW };
+	size_t i;
+	for (i = 0; i < n; i++) {
+		if (cls[i].local || &m[i] == skip)
+			continue;
+		struct policy_request preq = {
+			.direction = POLICY_INBOUND, .action = POLICY_ACT_NEW_ROOM,
+			.sender = { m[i].uri, m[i].u.domain, cls[i].network }, .now_ms = cw_wall_ms(),
+		};
+		policy_decide(view->snap, &preq, &d);
+		policy_count(j->app, &d);
+		if (d.verdict == POLICY_DENY)
+			break;
+	}
+	policy_view_put(view);
+	if (d.verdict != POLICY_DENY)
+		return CW_OK;
+	app_job_fail(j, 403, "not_allowed", "this provider takes no conversations with %s", m[i].uri);
+	LOG_KV(CW_LOG_INFO, "member refused by the server's rules", "reason", d.reason, "member", m[i].uri);
+	return peer_audit_write(c, &d, m[i].uri,
+				json_pack("{s:s, s:s, s:s, s:s*}", "sender", m[i].uri, "direction", "inbound", "type",
+					  room ? "member_add" : "new_room", "room", room), e);
 }
 
 static cw_err room_create_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
@@ -404,11 +485,13 @@ static cw_err room_create_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	cw_err rc;
 	if (idem_replay(c, j, in->scope, in->idem_key, in->hash, in->hash_old, &rc, e))
 		return rc;
-	if (new_room_refused(j, in))
-		return CW_OK;
+	if ((rc = new_room_decide(c, j, in, e)) || j->err_code)
+		return rc;
 	/* Classify every member before writing anything. */
 	static _Thread_local struct member_class cls[ROOM_MEMBERS_MAX];
 	if ((rc = classify_members(c, j, in->p, in->domain, in->m, in->n, cls, e)) || j->err_code)
+		return rc;
+	if ((rc = members_decide(c, j, in->m, in->n, cls, room_creator(in), NULL, e)) || j->err_code)
 		return rc;
 	char caller_id[24];
 	snprintf(caller_id, sizeof(caller_id), "%lld", (long long)in->p->id);
@@ -617,35 +700,6 @@ struct members_input {
 	struct room_member_in remove[ROOM_MEMBERS_MAX];
 };
 
-/* A remote user added to a group is let in as a room's creator would be:
- * the server's rules are asked as for a new conversation from that user
- * (a deny rule, a closed server or an allowlist without the domain refuse
- * it), rate limits are not (adding is not starting a conversation).
- * True after setting the 403. */
-static bool member_refused(struct app_job *j, const struct members_input *in, const struct member_class *cls)
-{
-	struct policy_view *view = policy_live_get(j->app->policy);
-	for (size_t i = 0; i < in->nadd && !j->err_code; i++) {
-		if (cls[i].local)
-			continue;
-		struct policy_request preq = {
-			.direction = POLICY_INBOUND, .action = POLICY_ACT_NEW_ROOM,
-			.sender = { in->add[i].uri, in->add[i].u.domain, cls[i].network }, .now_ms = cw_wall_ms(),
-		};
-		struct policy_decision d;
-		policy_decide(view->snap, &preq, &d);
-		policy_count(j->app, &d);
-		if (d.verdict == POLICY_DENY) { /* one text: the reason is the operator's */
-			app_job_fail(j, 403, "not_allowed", "this provider takes no conversations with %s",
-				     in->add[i].uri);
-			LOG_KV(CW_LOG_INFO, "member add refused by the server's rules", "reason", d.reason, "member",
-			       in->add[i].uri);
-		}
-	}
-	policy_view_put(view);
-	return j->err_code != NULL;
-}
-
 static cw_err members_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct members_input *in = j->data;
@@ -674,8 +728,8 @@ static cw_err members_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	static _Thread_local struct member_class cls[ROOM_MEMBERS_MAX];
 	if ((rc = classify_members(c, j, in->p, in->domain, in->add, in->nadd, cls, e)) || j->err_code)
 		return rc;
-	if (member_refused(j, in, cls))
-		return CW_OK;
+	if ((rc = members_decide(c, j, in->add, in->nadd, cls, NULL, in->public_id, e)) || j->err_code)
+		return rc;
 	for (size_t i = 0; i < in->nadd; i++) {
 		char ident[24];
 		if ((rc = identity_id(c, &in->add[i].u, cls[i].local, cls[i].network,
@@ -1638,10 +1692,9 @@ static bool may_ask(struct submit *b, size_t i, PGresult *r, const struct policy
 		return true;
 	policy_count(b->app, &d);
 	if (memo.first_refusal)
-		json_array_append_new(audit, json_pack("{s:s, s:s, s:I, s:s, s:s, s:{s:s, s:s, s:I}}", "action",
-			"policy.limit", "reason", d.reason, "rule", (json_int_t)d.rule_id, "pid", in->msg_id,
-			"subject", in->sender, "details", "user", req.recipient.uri, "type", "consent_request",
-			"retry_after_ms", (json_int_t)d.retry_after_ms));
+		json_array_append_new(audit, peer_audit_record(&d, in->msg_id, in->sender,
+			json_pack("{s:s, s:s, s:I}", "user", req.recipient.uri, "type", "consent_request",
+				  "retry_after_ms", (json_int_t)d.retry_after_ms)));
 	return false;
 }
 
@@ -1763,12 +1816,10 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 		if (expired && d.verdict != POLICY_DENY)
 			state = "expired";
 		if (d.verdict != POLICY_ALLOW)
-			json_array_append_new(audit, json_pack("{s:s, s:s, s:I, s:s, s:s, s:{s:s, s:s, s:s}}",
-				"action", d.verdict == POLICY_HOLD ? "policy.hold" : "policy.deny", "reason", d.reason,
-				"rule", (json_int_t)d.rule_id, "pid", in->msg_id, "subject", PQgetvalue(r, k, 3),
-				"details", "sender", in->sender,
-				"direction", in->local_sender ? "outbound" : local ? "inbound" : "transit",
-				"type", in->type));
+			json_array_append_new(audit, peer_audit_record(&d, in->msg_id, PQgetvalue(r, k, 3),
+				json_pack("{s:s, s:s, s:s}", "sender", in->sender,
+					  "direction", in->local_sender ? "outbound" : local ? "inbound" : "transit",
+					  "type", in->type)));
 		if (d.verdict == POLICY_HOLD && !expired && /* no consent asked for what nobody will see */
 		    may_ask(b, i, r, view->snap, &preq, PQgetvalue(r, k, 2), audit))
 			json_array_append_new(held, json_string(PQgetvalue(r, k, 2)));
@@ -1817,10 +1868,9 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 			snprintf(ra, sizeof(ra), "%lld", (long long)limited.retry_after_ms);
 			LOG_KV(CW_LOG_INFO, "policy limit", "reason", limited.reason, "sender", in->sender,
 			       "retry_after_ms", ra);
-			json_array_append_new(b->audit, json_pack("{s:s, s:s, s:I, s:n, s:s, s:{s:s, s:s, s:I}}",
-				"action", "policy.limit", "reason", limited.reason, "rule", (json_int_t)limited.rule_id,
-				"pid", "subject", in->sender, "details", "sender", in->sender, "type", in->type,
-				"retry_after_ms", (json_int_t)limited.retry_after_ms));
+			json_array_append_new(b->audit, peer_audit_record(&limited, NULL, in->sender,
+				json_pack("{s:s, s:s, s:I}", "sender", in->sender, "type", in->type,
+					  "retry_after_ms", (json_int_t)limited.retry_after_ms)));
 		}
 		json_decref(dests);
 		json_decref(targets);

@@ -5,6 +5,7 @@
 #include "event.h"
 #include "utf8.h"
 #include "peer_api.h"
+#include "pipeline.h"
 #include "peers.h"
 #include "store.h"
 #include "policy_live.h"
@@ -161,18 +162,29 @@ static bool peer_updates_allowed(struct cw_app *app, struct cw_req *req)
  * recorded in the audit log, and one from a sender the user allowed
  * changes nothing.  The peer gets the same answer in every case: whether
  * the user exists, blocks the requester or is not opted in is not its
- * business. */
+ * business.  Every decision but an allow is in the audit log, as a
+ * message's is (the hold too; a limit once per episode: until the
+ * seventeenth session only the deny was). */
 static cw_err consent_request_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct social_input *in = j->data;
+	json_t *details = json_pack("{s:s, s:s, s:s}", "sender", in->remote, "direction", "inbound", "type",
+				    "consent_request");
+	if (in->d.verdict == POLICY_LIMIT) { /* nothing stored but the record */
+		app_retry_after(j->req, in->d.retry_after_ms);
+		app_job_fail(j, 429, "rate_limited", "too many consent requests from this sender; retry later");
+		json_object_set_new(details, "retry_after_ms", json_integer(in->d.retry_after_ms));
+		return peer_audit_write(c, &in->d, in->local, details, e);
+	}
 	char rid[24], lid[24];
 	cw_err rc = both(c, in, rid, lid, e);
-	if (rc)
+	if (rc) {
+		json_decref(details);
 		return rc;
-	char win[24], exp[24], rule[24];
+	}
+	char win[24], exp[24];
 	snprintf(win, sizeof(win), "%lld", (long long)in->window_s);
 	snprintf(exp, sizeof(exp), "%lld", (long long)in->expiry_s);
-	snprintf(rule, sizeof(rule), "%lld", (long long)in->d.rule_id);
 	if (in->d.verdict == POLICY_HOLD) {
 		/* One request per pair and window: asking again changes nothing. */
 		const char *params[] = { lid, rid, exp, win };
@@ -182,12 +194,12 @@ static cw_err consent_request_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 			    "q.remote_identity_id = $2::bigint AND (q.state = 'pending' OR "
 			    "q.created_at > now() - make_interval(secs => $4::bigint))) ON CONFLICT DO NOTHING",
 			 4, params, e);
-	} else if (in->d.verdict == POLICY_DENY) {
-		const char *params[] = { in->d.reason, rule, in->local, in->remote };
-		rc = store_command(c, "INSERT INTO audit_log (actor, action, reason_code, rule_id, subject, details) VALUES "
-			    "('policy', 'policy.deny', $1, NULLIF($2::bigint, 0), $3, "
-			    "jsonb_build_object('sender', $4::text, 'type', 'consent_request'))", 4, params, e);
 	}
+	if (!rc && in->d.verdict != POLICY_ALLOW) {
+		rc = peer_audit_write(c, &in->d, in->local, details, e);
+		details = NULL; /* taken */
+	}
+	json_decref(details);
 	if (!rc)
 		accepted(j);
 	return rc;
@@ -215,7 +227,9 @@ void peer_api_consent_request(struct cw_req *req, void *ctx)
 	in->window_s = v->set.consent_window_s;
 	in->expiry_s = v->set.held_expiry_s;
 	policy_view_put(v);
-	if (in->d.verdict == POLICY_LIMIT) {
+	/* A limit's refusals after the first of an episode are answered
+	 * here: only the first is recorded (consent_request_fn). */
+	if (in->d.verdict == POLICY_LIMIT && !memo.first_refusal) {
 		app_retry_after(req, in->d.retry_after_ms);
 		cw_req_problem(req, 429, "rate_limited", "Too many requests",
 			       "too many consent requests from this sender; retry later");

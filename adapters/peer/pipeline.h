@@ -60,4 +60,18 @@ int submit_result(const struct submit *b, size_t i, const char **code, const cha
  * policy reason code, static); NULL otherwise. */
 const char *submit_denied(const struct submit *b, size_t i);
 
+/* A policy decision that is not a plain allow, as the audit log keeps it
+ * (actor 'policy'): action policy.<verdict>, the reason and the deciding
+ * rule, the message it is about (pid: its msg_ id, or NULL), the subject
+ * (the local user it was for; with none, the remote party) and details,
+ * which it takes (sender, direction, type; retry_after_ms for a limit).
+ * The write pipeline records its items' decisions in this shape; NULL when
+ * out of memory. */
+struct policy_decision;
+json_t *peer_audit_record(const struct policy_decision *d, const char *pid, const char *subject, json_t *details);
+/* One such record written on its own (a room, a member, a consent
+ * request: decisions outside the write pipeline); takes details. */
+cw_err peer_audit_write(PGconn *c, const struct policy_decision *d, const char *subject, json_t *details,
+			cw_errmsg *e);
+
 #endif

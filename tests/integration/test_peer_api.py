@@ -666,6 +666,11 @@ def test_member_changes_are_decided_and_audited(daemon, peers, pg, db_url):
         assert who in r.json()["detail"]
     assert pg.psql(members, db_url) == before
     assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'room.members'", db_url) == "0"
+    # Each refusal is the policy's decision in the audit log, its reason
+    # there and not in the answer (before the seventeenth session, nowhere).
+    assert pg.psql("SELECT string_agg(reason_code || ' ' || subject || ' ' || (details->>'room'), ',' "
+                   "ORDER BY id) FROM audit_log WHERE action = 'policy.deny'", db_url) == (
+        f"server_denied_user {a.user('spammer')} {rm['id']},server_closed {b.user('carol')} {rm['id']}")
     r = a.call("POST", f"/v1/rooms/{rm['id']}/members", {"add": [a.user("bert"), "mimi://example.org/u/erin"],
                                                           "remove": [a.user("alice")]})
     assert r.status_code == 200, r.text

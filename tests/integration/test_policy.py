@@ -629,6 +629,11 @@ def test_peer_consent_request_takes_effect_and_is_uniform(daemon, peers, pg, db_
     # alice is opted in: one request; nobody is not: none (and an audit record).
     assert pg.psql("SELECT count(*) FROM consent_requests WHERE state = 'pending'", db_url) == "1"
     assert pg.psql("SELECT reason_code FROM audit_log WHERE action = 'policy.deny'", db_url) == "user_not_opted_in"
+    # Each hold is a decision in the audit log too, as a held message's is
+    # (before the seventeenth session only the deny was).
+    assert pg.psql("SELECT string_agg(reason_code || ' ' || subject || ' ' || (details->>'sender') || ' ' || "
+                   "(details->>'type'), ',') FROM audit_log WHERE action = 'policy.hold'", db_url) == \
+        ",".join([f"no_consent_yet {ALICE} {a.user('zed')} consent_request"] * 2)
     # The user accepts through the operator: the requester may write.
     consent(daemon, a.user("zed"), "allowed")
     room = dm(a, remote="zed")
@@ -642,6 +647,11 @@ def test_peer_consent_request_takes_effect_and_is_uniform(daemon, peers, pg, db_
         r = a.call("POST", "/v1/consent/requests", {"requester": a.user("yan"), "target": ALICE})
         return r.status_code == 429 and int(r.headers["Retry-After"]) > 0
     wait_policy(daemon, limited, "the consent request limit")
+    assert limited()
+    # The refusal is audited once per episode, as a flood of messages is.
+    assert pg.psql("SELECT string_agg(reason_code || ' ' || subject || ' ' || (details->>'sender') || ' ' || "
+                   "(details->>'type'), ',') FROM audit_log WHERE action = 'policy.limit'", db_url) == \
+        f"rate_limited_consent_requests {ALICE} {a.user('yan')} consent_request"
 
 
 def test_reports_set_an_automatic_limit(daemon, peers, pg, db_url):
@@ -692,8 +702,42 @@ def test_room_creation_denied_and_limited(daemon, peers, pg, db_url):
                 codes[-1] == 429, "the room limit")
     r = a.create_room([a.user("nina"), BOB])
     assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0
+    # Audited once per episode (before the seventeenth session, not at all).
+    assert pg.psql("SELECT string_agg(reason_code || ' ' || subject || ' ' || (details->>'type'), ',') "
+                   "FROM audit_log WHERE action = 'policy.limit'", db_url) == \
+        f"rate_limited_new_conversations {a.user('nina')} new_room"
     daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example", "mode": "deny"})
     wait_policy(daemon, lambda: a.create_room([a.user("olga"), ALICE]).status_code == 403, "the deny")
+    assert pg.psql("SELECT DISTINCT reason_code || ' ' || subject || ' ' || (details->>'type') "
+                   "FROM audit_log WHERE action = 'policy.deny'", db_url) == \
+        f"server_denied_domain {a.user('olga')} new_room"
+
+
+def test_room_creation_asks_the_rules_about_every_remote_member(daemon, peers, pg, db_url):
+    """A new room's remote members pass the server's rules as a member
+    added later does (spec: a server deny always wins): one a deny rule
+    names, or of a denied domain, refuses the room with 403 and the same
+    text as an add, the reason in the log and the audit log only.  Until
+    the seventeenth session only the creator was asked, and a denied user
+    got into a new group that adding them later refused."""
+    (a, _), (b, _) = peers
+    assert daemon.admin("POST", "/rules", json={"scope": "user", "pattern": a.user("eve"),
+                                                "mode": "deny"}).status_code == 201
+    assert daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "tg.example",
+                                                "mode": "deny"}).status_code == 201
+    wait_policy(daemon, lambda: a.create_room([a.user("eve"), ALICE]).status_code == 403, "the deny")
+    rooms = pg.psql("SELECT count(*) FROM rooms", db_url)
+    group = a.create_room([a.user("wally"), ALICE, BOB]).json()["id"]
+    audited = "SELECT count(*) FROM audit_log WHERE action = 'policy.deny' AND reason_code = '{}' AND subject = '{}'"
+    for who, reason in ((a.user("eve"), "server_denied_user"), (b.user("bob"), "server_denied_domain")):
+        before = int(pg.psql(audited.format(reason, who), db_url))
+        r = a.create_room([a.user("wally"), who, ALICE])
+        add = a.call("POST", f"/v1/rooms/{group}/members", {"add": [who]})
+        assert r.status_code == add.status_code == 403, (who, r.text, add.text)
+        assert r.json()["code"] == add.json()["code"] == "not_allowed"
+        assert r.json()["detail"] == add.json()["detail"] and reason not in r.json()["detail"], r.text
+        assert pg.psql(audited.format(reason, who), db_url) == str(before + 2), who
+    assert pg.psql("SELECT count(*) FROM rooms", db_url) == str(int(rooms) + 1)
 
 
 def test_admin_rules_crud_and_paging(daemon):
