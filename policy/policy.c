@@ -216,7 +216,7 @@ enum { T_USER, T_DOMAIN, T_DOMAIN_WILD, T_NETWORK, T_NETWORK_WILD, T_RULES };
 struct rule {
 	int64_t id;
 	int64_t expires_ms;
-	char *pattern;      /* as given: the subject of a "messages_per_minute" bucket */
+	char *pattern;      /* as given: the subject of its buckets (all but the per-user one) */
 	struct policy_limits lim;
 	enum policy_scope scope;
 	enum policy_mode mode;
@@ -779,18 +779,21 @@ static inline bool limited(struct policy_decision *d, int64_t wait, const char *
 	return true;
 }
 
-/* Step 3b: the sender's rate limits. */
+/* Step 3b: the sender's rate limits.  Every limit but
+ * messages_per_minute_per_user has one bucket for the rule's whole subject
+ * (its pattern): every user of a domain, every subdomain of a wildcard,
+ * every peer of "peer:*", the user of a user rule; rotating user names or
+ * subdomains does not escape it (the spec's limits are per remote domain
+ * and per remote user, and a domain's limit must bound the domain). */
 static bool rate_limits(const struct policy_request *r, const struct pparty *snd, const struct peval *e,
 			struct policy_decision *d)
 {
 	const struct rule *rule;
+	struct part subj;
 	switch (r->action) {
 	case POLICY_ACT_EVENT:
 		if ((rule = e->lim[lim_index(POLICY_LIM_MSG_MINUTE)])) {
-			/* One bucket for the rule's whole subject: every user of
-			 * a domain, every subdomain of a wildcard, every peer
-			 * of "peer:*" (rotating names does not escape it). */
-			const struct part subj = { rule->pattern, strlen(rule->pattern) };
+			subj = (struct part){ rule->pattern, strlen(rule->pattern) };
 			const char *reason = rule->scope == POLICY_SCOPE_USER      ? "rate_limited_user"
 					     : rule->scope == POLICY_SCOPE_NETWORK ? "rate_limited_network"
 										   : "rate_limited_domain";
@@ -803,13 +806,19 @@ static bool rate_limits(const struct policy_request *r, const struct pparty *snd
 			return true;
 		return false;
 	case POLICY_ACT_NEW_ROOM:
-		return (rule = e->lim[lim_index(POLICY_LIM_NEW_CONV_HOUR)]) &&
-		       limited(d, take(r, "ncu", rule, &snd->uri, rule->lim.new_conversations_per_hour, 3600000),
+		if (!(rule = e->lim[lim_index(POLICY_LIM_NEW_CONV_HOUR)]))
+			return false;
+		subj = (struct part){ rule->pattern, strlen(rule->pattern) };
+		return limited(d, take(r, "ncu", rule, &subj, rule->lim.new_conversations_per_hour, 3600000),
 			       "rate_limited_new_conversations", rule);
 	case POLICY_ACT_CONSENT_REQUEST:
 	case POLICY_ACT_FIRST_CONTACT:
-		return (rule = e->lim[lim_index(POLICY_LIM_CONSENT_REQ_DAY)]) &&
-		       limited(d, take(r, r->action == POLICY_ACT_CONSENT_REQUEST ? "cru" : "crf", rule, &snd->uri,
+		if (!(rule = e->lim[lim_index(POLICY_LIM_CONSENT_REQ_DAY)]))
+			return false;
+		subj = (struct part){ rule->pattern, strlen(rule->pattern) };
+		/* Two buckets, not one: a shared one would tell a peer, from
+		 * requestConsent's 429, which users its first contacts asked. */
+		return limited(d, take(r, r->action == POLICY_ACT_CONSENT_REQUEST ? "cru" : "crf", rule, &subj,
 				       rule->lim.consent_requests_per_day, 86400000),
 			       "rate_limited_consent_requests", rule);
 	}

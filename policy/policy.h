@@ -59,8 +59,8 @@ enum policy_scope { POLICY_SCOPE_DOMAIN, POLICY_SCOPE_NETWORK, POLICY_SCOPE_USER
  * For each limit the most specific matching rule that sets it applies. */
 #define POLICY_LIM_MSG_MINUTE       0x01u /* messages_per_minute: the rule's subject as a whole */
 #define POLICY_LIM_MSG_MINUTE_USER  0x02u /* messages_per_minute_per_user: each remote user */
-#define POLICY_LIM_NEW_CONV_HOUR    0x04u /* new_conversations_per_hour: each remote user */
-#define POLICY_LIM_CONSENT_REQ_DAY  0x08u /* consent_requests_per_day: each remote user */
+#define POLICY_LIM_NEW_CONV_HOUR    0x04u /* new_conversations_per_hour: the rule's subject as a whole */
+#define POLICY_LIM_CONSENT_REQ_DAY  0x08u /* consent_requests_per_day: the rule's subject as a whole */
 #define POLICY_LIM_MAX_BODY         0x10u /* max_body_bytes */
 #define POLICY_LIM_MAX_ATTACH       0x20u /* max_attachment_bytes (sum of an event's attachments) */
 #define POLICY_LIM_CONTENT_KINDS    0x40u /* content_kinds: the kinds allowed */
@@ -81,10 +81,12 @@ struct policy_limits {
  * at most capacity tokens and refills capacity tokens per period_ms; it
  * returns 0 when a token was taken, else the milliseconds until one will be
  * available (> 0).  Keys: "<limit>:<rule id>:<subject>", limit one of mpm
- * (messages_per_minute, subject the rule's pattern: one bucket for all that
- * the rule matches, so that rotating user names or subdomains does not
- * escape it), mpu (per user, subject the sender's URI), ncu (new
- * conversations), cru (consent requests), the last three per sender URI. */
+ * (messages_per_minute), mpu (messages_per_minute_per_user), ncu (new
+ * conversations), cru (MIMI consent requests), crf (first contacts' consent
+ * requests).  The subject is the sender's URI for mpu, else the rule's
+ * pattern: one bucket for all that the rule matches, so that rotating user
+ * names or subdomains does not escape a domain's or network's limit (a user
+ * rule's pattern is the user). */
 #define POLICY_RATE_KEY_MAX 2200
 struct policy_rate {
 	int64_t (*take)(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms);

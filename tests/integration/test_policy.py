@@ -246,10 +246,16 @@ def test_no_limit_tells_a_peer_who_exists_or_blocked_it(daemon, peers, pg, db_ur
     opt_in(daemon, user=BOB)
     consent(daemon, "mimi://wa.example/u/s-blocked", "blocked", user=BOB)
     assert daemon.admin("POST", "/rules", json={"scope": "network", "pattern": "peer:*", "limits": {
-        "consent_requests_per_day": 2, "messages_per_minute_per_user": 2}}).status_code == 201
+        "messages_per_minute_per_user": 2}}).status_code == 201
+    probes = (("asked", ALICE), ("blocked", BOB), ("not opted in", "mimi://example.org/u/carol"),
+              ("nobody", "mimi://example.org/u/nobody"))
+    # Each sender's own limit: a network rule's would be the network's, shared
+    # by the four (seventeenth session), and the answers would follow the order.
+    for name, _ in probes:
+        assert daemon.admin("POST", "/rules", json={"scope": "user", "pattern": a.user("s-" + name.replace(" ", "-")),
+                                                    "limits": {"consent_requests_per_day": 2}}).status_code == 201
     answers = {}
-    for name, target in (("asked", ALICE), ("blocked", BOB), ("not opted in", "mimi://example.org/u/carol"),
-                         ("nobody", "mimi://example.org/u/nobody")):
+    for name, target in probes:
         sender = "s-" + name.replace(" ", "-")
         room = dm(a, local=target, remote=sender)
         assert send(a, room, "hello", sender=sender).status_code == 202
@@ -695,8 +701,8 @@ def test_reports_set_an_automatic_limit(daemon, peers, pg, db_url):
 
 def test_room_creation_denied_and_limited(daemon, peers, pg, db_url):
     (a, _), _ = peers
-    daemon.admin("POST", "/rules", json={"scope": "network", "pattern": "peer:gk",
-                                         "limits": {"new_conversations_per_hour": 2}})
+    limit = daemon.admin("POST", "/rules", json={"scope": "network", "pattern": "peer:gk",
+                                                 "limits": {"new_conversations_per_hour": 2}})
     codes = []
     wait_policy(daemon, lambda: codes.append(a.create_room([a.user("nina"), ALICE]).status_code) or
                 codes[-1] == 429, "the room limit")
@@ -706,6 +712,11 @@ def test_room_creation_denied_and_limited(daemon, peers, pg, db_url):
     assert pg.psql("SELECT string_agg(reason_code || ' ' || subject || ' ' || (details->>'type'), ',') "
                    "FROM audit_log WHERE action = 'policy.limit'", db_url) == \
         f"rate_limited_new_conversations {a.user('nina')} new_room"
+    # The limit is the network's: a fresh user name does not escape it
+    # (until the seventeenth session each user had a bucket of its own).
+    r = a.create_room([a.user("nina2"), ALICE])
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0
+    assert daemon.admin("DELETE", f"/rules/{limit.json()['id']}").status_code == 200
     daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example", "mode": "deny"})
     wait_policy(daemon, lambda: a.create_room([a.user("olga"), ALICE]).status_code == 403, "the deny")
     assert pg.psql("SELECT DISTINCT reason_code || ' ' || subject || ' ' || (details->>'type') "

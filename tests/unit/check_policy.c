@@ -340,6 +340,8 @@ static bool run_case(const struct policy_snapshot *s, const struct env *env, con
 		r.action = POLICY_ACT_NEW_ROOM;
 	} else if (!strcmp(t[1], "consent_request")) {
 		r.action = POLICY_ACT_CONSENT_REQUEST;
+	} else if (!strcmp(t[1], "first_contact")) {
+		r.action = POLICY_ACT_FIRST_CONTACT;
 	} else {
 		r.action = POLICY_ACT_EVENT;
 		r.event_type = t[1];
@@ -1116,7 +1118,9 @@ START_TEST(bucket_keys)
 	r.recipient.uri = NULL;
 	policy_decide(s, &r, &d);
 	ck_assert_int_eq(kl.n, 1);
-	ck_assert_str_eq(kl.keys[0], "ncu:12:mimi://rooms.example/u/r");
+	/* Like mpm: a domain rule's new conversations and consent requests
+	 * are the domain's, whatever user names it rotates through. */
+	ck_assert_str_eq(kl.keys[0], "ncu:12:rooms.example");
 	ck_assert_int_eq(kl.caps[0], 4);
 	ck_assert_int_eq(kl.periods[0], 3600000);
 	kl.n = 0;
@@ -1124,7 +1128,15 @@ START_TEST(bucket_keys)
 	r.recipient.uri = "mimi://hub.example/u/l";
 	policy_decide(s, &r, &d);
 	ck_assert_int_eq(kl.n, 1);
-	ck_assert_str_eq(kl.keys[0], "cru:12:mimi://rooms.example/u/r");
+	ck_assert_str_eq(kl.keys[0], "cru:12:rooms.example");
+	ck_assert_int_eq(kl.caps[0], 5);
+	ck_assert_int_eq(kl.periods[0], 86400000);
+	/* A first contact's request: the same limit, a bucket of its own. */
+	kl.n = 0;
+	r.action = POLICY_ACT_FIRST_CONTACT;
+	policy_decide(s, &r, &d);
+	ck_assert_int_eq(kl.n, 1);
+	ck_assert_str_eq(kl.keys[0], "crf:12:rooms.example");
 	ck_assert_int_eq(kl.caps[0], 5);
 	ck_assert_int_eq(kl.periods[0], 86400000);
 
@@ -1566,6 +1578,58 @@ START_TEST(decide_with_ratelimit_refill)
 }
 END_TEST
 
+/* A domain rule's consent_requests_per_day bounds the domain, in two
+ * buckets: MIMI requestConsent's (answered 429) and its first contacts'
+ * (held without asking), so that emptying one tells nothing of the other. */
+START_TEST(domain_consent_buckets_shared_by_users_kept_apart_by_kind)
+{
+	struct policy_builder *b = policy_builder_new();
+	policy_builder_defaults(b, POLICY_MODE_OPEN, true);
+	struct policy_limits l = { .set = POLICY_LIM_CONSENT_REQ_DAY | POLICY_LIM_NEW_CONV_HOUR,
+				   .consent_requests_per_day = 1, .new_conversations_per_hour = 1 };
+	ck_assert_int_eq(policy_builder_rule(b, 7, POLICY_SCOPE_DOMAIN, "rot.example", POLICY_MODE_NONE, &l, 0), 0);
+	struct policy_snapshot *s = policy_builder_finish(b, 1);
+	struct ratelimit *rl = ratelimit_new(512);
+	struct policy_rate rate = { ratelimit_policy_take, rl };
+	struct policy_request r = {
+		.direction = POLICY_INBOUND, .action = POLICY_ACT_CONSENT_REQUEST,
+		.sender = { "mimi://rot.example/u/a", "rot.example", "matrix" },
+		.recipient = { "mimi://hub.example/u/l", "hub.example", "local" }, .now_ms = 0, .rate = &rate,
+	};
+	struct policy_decision d;
+	policy_decide(s, &r, &d);
+	ck_assert_int_eq(d.verdict, POLICY_HOLD);
+	/* Another user name of the domain: the domain's bucket is empty. */
+	r.sender.uri = "mimi://rot.example/u/b";
+	policy_decide(s, &r, &d);
+	ck_assert_int_eq(d.verdict, POLICY_LIMIT);
+	ck_assert_str_eq(d.reason, "rate_limited_consent_requests");
+	ck_assert_int_eq(d.rule_id, 7);
+	/* A first contact draws on its own bucket, also the domain's. */
+	r.action = POLICY_ACT_FIRST_CONTACT;
+	r.sender.uri = "mimi://rot.example/u/c";
+	policy_decide(s, &r, &d);
+	ck_assert_int_eq(d.verdict, POLICY_HOLD);
+	r.sender.uri = "mimi://rot.example/u/d";
+	policy_decide(s, &r, &d);
+	ck_assert_int_eq(d.verdict, POLICY_LIMIT);
+	ck_assert_str_eq(d.reason, "rate_limited_consent_requests");
+	/* New conversations: one bucket for the domain too. */
+	r.action = POLICY_ACT_NEW_ROOM;
+	r.recipient.uri = NULL;
+	r.sender.uri = "mimi://rot.example/u/e";
+	policy_decide(s, &r, &d);
+	ck_assert_int_eq(d.verdict, POLICY_ALLOW);
+	r.sender.uri = "mimi://rot.example/u/f";
+	policy_decide(s, &r, &d);
+	ck_assert_int_eq(d.verdict, POLICY_LIMIT);
+	ck_assert_str_eq(d.reason, "rate_limited_new_conversations");
+	ck_assert_int_eq(d.retry_after_ms, 3600000);
+	ratelimit_free(rl);
+	policy_snapshot_free(s);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("policy");
@@ -1583,6 +1647,7 @@ int main(void)
 	tcase_add_test(tc, large_tables);
 	tcase_add_test(tc, names);
 	tcase_add_test(tc, decide_with_ratelimit_refill);
+	tcase_add_test(tc, domain_consent_buckets_shared_by_users_kept_apart_by_kind);
 	suite_add_tcase(s, tc);
 	TCase *rt = tcase_create("ratelimit");
 	tcase_set_timeout(rt, 120);
