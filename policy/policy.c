@@ -18,8 +18,8 @@
 #define SEP '\x1f'
 #define MAX_USER_URI 2048
 #define MAX_DOMAIN 253
-#define NLIMITS 7 /* the POLICY_LIM_* bits */
-#define LIM_ALL 0x7fu
+#define NLIMITS 9 /* the POLICY_LIM_* bits */
+#define LIM_ALL 0x1ffu
 
 /* ------------------------------------------------------------------ hash */
 
@@ -216,7 +216,7 @@ enum { T_USER, T_DOMAIN, T_DOMAIN_WILD, T_NETWORK, T_NETWORK_WILD, T_RULES };
 struct rule {
 	int64_t id;
 	int64_t expires_ms;
-	char *pattern;      /* as given: the subject of its buckets (all but the per-user one) */
+	char *pattern;      /* as given: the subject of its buckets (all but the per-user ones) */
 	struct policy_limits lim;
 	enum policy_scope scope;
 	enum policy_mode mode;
@@ -610,7 +610,8 @@ const char *const policy_reason_codes[] = {
 	"no_consent_yet",
 	"rate_limited_domain", "rate_limited_network", "rate_limited_user",
 	"rate_limited_sender", "rate_limited_new_conversations",
-	"rate_limited_consent_requests",
+	"rate_limited_sender_new_conversations", "rate_limited_consent_requests",
+	"rate_limited_sender_consent_requests",
 	"user_allowed_sender", "user_allowed_domain", "outbound", "transit",
 	"new_room",
 	NULL,
@@ -779,12 +780,13 @@ static inline bool limited(struct policy_decision *d, int64_t wait, const char *
 	return true;
 }
 
-/* Step 3b: the sender's rate limits.  Every limit but
- * messages_per_minute_per_user has one bucket for the rule's whole subject
- * (its pattern): every user of a domain, every subdomain of a wildcard,
- * every peer of "peer:*", the user of a user rule; rotating user names or
- * subdomains does not escape it (the spec's limits are per remote domain
- * and per remote user, and a domain's limit must bound the domain). */
+/* Step 3b: the sender's rate limits.  Each limit has one bucket for the
+ * rule's whole subject (its pattern): every user of a domain, every
+ * subdomain of a wildcard, every peer of "peer:*", the user of a user rule;
+ * rotating user names or subdomains does not escape it (the spec's limits
+ * are per remote domain and per remote user, and a domain's limit must
+ * bound the domain).  Its "_per_user" variant has one bucket per sender
+ * URI under whatever rule sets it.  The whole subject's is taken first. */
 static bool rate_limits(const struct policy_request *r, const struct pparty *snd, const struct peval *e,
 			struct policy_decision *d)
 {
@@ -806,21 +808,37 @@ static bool rate_limits(const struct policy_request *r, const struct pparty *snd
 			return true;
 		return false;
 	case POLICY_ACT_NEW_ROOM:
-		if (!(rule = e->lim[lim_index(POLICY_LIM_NEW_CONV_HOUR)]))
-			return false;
-		subj = (struct part){ rule->pattern, strlen(rule->pattern) };
-		return limited(d, take(r, "ncu", rule, &subj, rule->lim.new_conversations_per_hour, 3600000),
-			       "rate_limited_new_conversations", rule);
+		if ((rule = e->lim[lim_index(POLICY_LIM_NEW_CONV_HOUR)])) {
+			subj = (struct part){ rule->pattern, strlen(rule->pattern) };
+			if (limited(d, take(r, "ncu", rule, &subj, rule->lim.new_conversations_per_hour, 3600000),
+				    "rate_limited_new_conversations", rule))
+				return true;
+		}
+		if ((rule = e->lim[lim_index(POLICY_LIM_NEW_CONV_HOUR_USER)]) &&
+		    limited(d, take(r, "ncp", rule, &snd->uri, rule->lim.new_conversations_per_hour_per_user, 3600000),
+			    "rate_limited_sender_new_conversations", rule))
+			return true;
+		return false;
 	case POLICY_ACT_CONSENT_REQUEST:
-	case POLICY_ACT_FIRST_CONTACT:
-		if (!(rule = e->lim[lim_index(POLICY_LIM_CONSENT_REQ_DAY)]))
-			return false;
-		subj = (struct part){ rule->pattern, strlen(rule->pattern) };
-		/* Two buckets, not one: a shared one would tell a peer, from
-		 * requestConsent's 429, which users its first contacts asked. */
-		return limited(d, take(r, r->action == POLICY_ACT_CONSENT_REQUEST ? "cru" : "crf", rule, &subj,
-				       rule->lim.consent_requests_per_day, 86400000),
-			       "rate_limited_consent_requests", rule);
+	case POLICY_ACT_FIRST_CONTACT: {
+		/* Two buckets of each, not one: a shared one would tell a
+		 * peer, from requestConsent's 429, which users its first
+		 * contacts asked. */
+		bool mimi = r->action == POLICY_ACT_CONSENT_REQUEST;
+		if ((rule = e->lim[lim_index(POLICY_LIM_CONSENT_REQ_DAY)])) {
+			subj = (struct part){ rule->pattern, strlen(rule->pattern) };
+			if (limited(d, take(r, mimi ? "cru" : "crf", rule, &subj, rule->lim.consent_requests_per_day,
+					    86400000),
+				    "rate_limited_consent_requests", rule))
+				return true;
+		}
+		if ((rule = e->lim[lim_index(POLICY_LIM_CONSENT_REQ_DAY_USER)]) &&
+		    limited(d, take(r, mimi ? "crp" : "cfp", rule, &snd->uri, rule->lim.consent_requests_per_day_per_user,
+				    86400000),
+			    "rate_limited_sender_consent_requests", rule))
+			return true;
+		return false;
+	}
 	}
 	return false;
 }

@@ -64,6 +64,8 @@ enum policy_scope { POLICY_SCOPE_DOMAIN, POLICY_SCOPE_NETWORK, POLICY_SCOPE_USER
 #define POLICY_LIM_MAX_BODY         0x10u /* max_body_bytes */
 #define POLICY_LIM_MAX_ATTACH       0x20u /* max_attachment_bytes (sum of an event's attachments) */
 #define POLICY_LIM_CONTENT_KINDS    0x40u /* content_kinds: the kinds allowed */
+#define POLICY_LIM_NEW_CONV_HOUR_USER   0x80u  /* new_conversations_per_hour_per_user: each remote user */
+#define POLICY_LIM_CONSENT_REQ_DAY_USER 0x100u /* consent_requests_per_day_per_user: each remote user */
 
 struct policy_limits {
 	unsigned set;
@@ -74,6 +76,8 @@ struct policy_limits {
 	uint64_t max_body_bytes;
 	uint64_t max_attachment_bytes;
 	unsigned content_kinds;       /* POLICY_KIND_* allowed */
+	uint32_t new_conversations_per_hour_per_user;
+	uint32_t consent_requests_per_day_per_user;
 };
 
 /* Token buckets, kept by the caller.  take() takes one token from the bucket
@@ -82,11 +86,13 @@ struct policy_limits {
  * returns 0 when a token was taken, else the milliseconds until one will be
  * available (> 0).  Keys: "<limit>:<rule id>:<subject>", limit one of mpm
  * (messages_per_minute), mpu (messages_per_minute_per_user), ncu (new
- * conversations), cru (MIMI consent requests), crf (first contacts' consent
- * requests).  The subject is the sender's URI for mpu, else the rule's
- * pattern: one bucket for all that the rule matches, so that rotating user
- * names or subdomains does not escape a domain's or network's limit (a user
- * rule's pattern is the user). */
+ * conversations), ncp (new conversations per user), cru (MIMI consent
+ * requests), crp (MIMI consent requests per user), crf (first contacts'
+ * consent requests), cfp (first contacts' consent requests per user).  The
+ * subject is the sender's URI for the per-user ones (mpu, ncp, crp, cfp),
+ * else the rule's pattern: one bucket for all that the rule matches, so
+ * that rotating user names or subdomains does not escape a domain's or
+ * network's limit (a user rule's pattern is the user). */
 #define POLICY_RATE_KEY_MAX 2200
 struct policy_rate {
 	int64_t (*take)(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms);
@@ -130,7 +136,9 @@ struct policy_decision {
  *        no_consent_yet (typing/receipt that cannot be held)
  * limit: rate_limited_domain, rate_limited_network, rate_limited_user,
  *        rate_limited_sender, rate_limited_new_conversations,
- *        rate_limited_consent_requests
+ *        rate_limited_sender_new_conversations,
+ *        rate_limited_consent_requests,
+ *        rate_limited_sender_consent_requests
  * hold:  no_consent_yet
  * allow: user_allowed_sender, user_allowed_domain, outbound, transit,
  *        new_room */

@@ -17,6 +17,8 @@ static const struct limit_field fields[] = {
 	{ "messages_per_minute_per_user", POLICY_LIM_MSG_MINUTE_USER, 1000000 },
 	{ "new_conversations_per_hour", POLICY_LIM_NEW_CONV_HOUR, 1000000 },
 	{ "consent_requests_per_day", POLICY_LIM_CONSENT_REQ_DAY, 1000000 },
+	{ "new_conversations_per_hour_per_user", POLICY_LIM_NEW_CONV_HOUR_USER, 1000000 },
+	{ "consent_requests_per_day_per_user", POLICY_LIM_CONSENT_REQ_DAY_USER, 1000000 },
 	{ "max_body_bytes", POLICY_LIM_MAX_BODY, (uint64_t)1 << 40 },
 	{ "max_attachment_bytes", POLICY_LIM_MAX_ATTACH, (uint64_t)1 << 50 },
 };
@@ -28,6 +30,8 @@ static void set_value(struct policy_limits *l, unsigned bit, uint64_t v)
 	case POLICY_LIM_MSG_MINUTE_USER: l->messages_per_minute_per_user = (uint32_t)v; break;
 	case POLICY_LIM_NEW_CONV_HOUR: l->new_conversations_per_hour = (uint32_t)v; break;
 	case POLICY_LIM_CONSENT_REQ_DAY: l->consent_requests_per_day = (uint32_t)v; break;
+	case POLICY_LIM_NEW_CONV_HOUR_USER: l->new_conversations_per_hour_per_user = (uint32_t)v; break;
+	case POLICY_LIM_CONSENT_REQ_DAY_USER: l->consent_requests_per_day_per_user = (uint32_t)v; break;
 	case POLICY_LIM_MAX_BODY: l->max_body_bytes = v; break;
 	case POLICY_LIM_MAX_ATTACH: l->max_attachment_bytes = v; break;
 	}
@@ -41,6 +45,8 @@ static uint64_t get_value(const struct policy_limits *l, unsigned bit)
 	case POLICY_LIM_MSG_MINUTE_USER: return l->messages_per_minute_per_user;
 	case POLICY_LIM_NEW_CONV_HOUR: return l->new_conversations_per_hour;
 	case POLICY_LIM_CONSENT_REQ_DAY: return l->consent_requests_per_day;
+	case POLICY_LIM_NEW_CONV_HOUR_USER: return l->new_conversations_per_hour_per_user;
+	case POLICY_LIM_CONSENT_REQ_DAY_USER: return l->consent_requests_per_day_per_user;
 	case POLICY_LIM_MAX_BODY: return l->max_body_bytes;
 	case POLICY_LIM_MAX_ATTACH: return l->max_attachment_bytes;
 	}
@@ -92,8 +98,10 @@ bool policy_limits_from_json(const json_t *o, struct policy_limits *out, char *e
 		} else {
 			snprintf(err, errlen,
 				 "limits has an unknown member '%.64s' (known: messages_per_minute, "
-				 "messages_per_minute_per_user, new_conversations_per_hour, consent_requests_per_day, "
-				 "max_body_bytes, max_attachment_bytes, content_kinds)", key);
+				 "messages_per_minute_per_user, new_conversations_per_hour, "
+				 "new_conversations_per_hour_per_user, consent_requests_per_day, "
+				 "consent_requests_per_day_per_user, max_body_bytes, max_attachment_bytes, "
+				 "content_kinds)", key);
 			return false;
 		}
 	}

@@ -268,3 +268,34 @@ def test_bindings_made_with_a_group_move_onto_a_direct_room(db_url, pg, tmp_path
     assert x == ["x", "r_d", "direct", "wa.example", "101,103"], x
     assert pg.psql("SELECT uri FROM rooms WHERE public_id = '%s'" % wally[1], db_url) == \
         "mimi://example.org/r/" + wally[1]
+
+
+def test_domain_and_network_rules_keep_their_limits_per_user(db_url, pg, tmp_path):
+    """021_limits_per_user.sql: until then new_conversations_per_hour and
+    consent_requests_per_day were per remote user under any rule; they now
+    bound a domain or network rule's whole subject, so a domain or network
+    rule's move to their _per_user names (a gatekeeper's 3 consent requests
+    a day stay 3 per user, not 3 for all). A user rule's stay: per user and
+    the whole subject are the same there. Other limits are not touched."""
+    rest = migrated_before(tmp_path, db_url, "021")
+    pg.psql("INSERT INTO rules (id, scope, pattern, mode, limits, created_by) VALUES "
+            "(1, 'domain', 'gk.example', NULL, '{\"consent_requests_per_day\": 3, \"messages_per_minute\": 60}', "
+            "'admin:t'), "
+            "(2, 'network', 'peer:*', 'open', '{\"new_conversations_per_hour\": 2, \"consent_requests_per_day\": 5, "
+            "\"messages_per_minute_per_user\": 7}', 'admin:t'), "
+            "(3, 'domain', '*.wild.example', NULL, '{\"new_conversations_per_hour\": 4}', 'admin:t'), "
+            "(4, 'user', 'mimi://gk.example/u/x', NULL, '{\"new_conversations_per_hour\": 1, "
+            "\"consent_requests_per_day\": 1}', 'admin:t'), "
+            "(5, 'domain', 'other.example', 'deny', '{}', 'admin:t'), "
+            "(6, 'network', 'matrix', NULL, '{\"max_body_bytes\": 100}', 'admin:t')", db_url)
+    rest()
+    rows = pg.psql("SELECT id, limits FROM rules ORDER BY id", db_url).split("\n")
+    assert rows == [
+        '1|{"messages_per_minute": 60, "consent_requests_per_day_per_user": 3}',
+        '2|{"messages_per_minute_per_user": 7, "consent_requests_per_day_per_user": 5, '
+        '"new_conversations_per_hour_per_user": 2}',
+        '3|{"new_conversations_per_hour_per_user": 4}',
+        '4|{"consent_requests_per_day": 1, "new_conversations_per_hour": 1}',
+        '5|{}',
+        '6|{"max_body_bytes": 100}',
+    ], rows

@@ -751,6 +751,42 @@ def test_room_creation_asks_the_rules_about_every_remote_member(daemon, peers, p
     assert pg.psql("SELECT count(*) FROM rooms", db_url) == str(int(rooms) + 1)
 
 
+def test_a_domain_rule_bounds_each_user_per_user_and_the_domain_as_a_whole(daemon, peers, pg, db_url):
+    """new_conversations_per_hour_per_user and consent_requests_per_day_per_user:
+    a bucket per remote user under a domain rule; new_conversations_per_hour
+    and consent_requests_per_day: one for the whole domain (as
+    messages_per_minute_per_user and messages_per_minute). Until the
+    seventeenth session a domain rule could not say "so many per user"."""
+    (a, _), _ = peers
+    opt_in(daemon)
+    limits = {"new_conversations_per_hour_per_user": 2, "new_conversations_per_hour": 5,
+              "consent_requests_per_day_per_user": 1, "consent_requests_per_day": 3}
+    r = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example", "limits": limits})
+    assert r.status_code == 201, r.text
+    assert r.json()["limits"] == limits
+    codes = []
+    wait_policy(daemon, lambda: codes.append(a.create_room([a.user("pia"), ALICE]).status_code) or
+                codes[-1] == 429, "the limit in force")
+    assert codes[-3:] == [201, 201, 429], codes
+    # Another user of the domain has a bucket of their own.
+    assert a.create_room([a.user("pib"), ALICE]).status_code == 201
+    assert a.create_room([a.user("pib"), BOB]).status_code == 201
+    # The domain's: five rooms taken (a refusal of pia's own limit takes
+    # one too, as for messages), so a user with no room yet is refused.
+    r = a.create_room([a.user("pic"), ALICE])
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0
+
+    def ask(requester):
+        return a.call("POST", "/v1/consent/requests", {"requester": a.user(requester), "target": ALICE})
+    # MIMI consent requests alike: one a day per user, three for the domain.
+    assert ask("yan").status_code == 202
+    r = ask("yan")
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0
+    assert ask("yam").status_code == 202
+    r = ask("yao")
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0
+
+
 def test_admin_rules_crud_and_paging(daemon):
     made = []
     for i in range(5):
@@ -786,6 +822,8 @@ BAD = [
     ("POST", "/rules", {"scope": "domain", "pattern": "a.example"}, 400),
     ("POST", "/rules", {"scope": "domain", "pattern": "a.example", "limits": {"messages_per_minute": 0}}, 400),
     ("POST", "/rules", {"scope": "domain", "pattern": "a.example", "limits": {"msgs": 3}}, 400),
+    ("POST", "/rules", {"scope": "domain", "pattern": "a.example",
+                        "limits": {"consent_requests_per_day_per_user": 0}}, 400),
     ("POST", "/rules", {"scope": "domain", "pattern": "a.example", "limits": {"content_kinds": ["audio"]}}, 400),
     ("POST", "/rules", {"scope": "network", "pattern": "peer:", "mode": "deny"}, 400),
     ("POST", "/rules", {"scope": "user", "pattern": "mimi://a.example/r/room", "mode": "deny"}, 400),

@@ -179,6 +179,12 @@ static void parse_limit(const char *opt, struct policy_limits *l, int64_t *expir
 	} else if (!strcmp(name, "cru")) {
 		l->consent_requests_per_day = (uint32_t)n;
 		l->set |= POLICY_LIM_CONSENT_REQ_DAY;
+	} else if (!strcmp(name, "ncp")) {
+		l->new_conversations_per_hour_per_user = (uint32_t)n;
+		l->set |= POLICY_LIM_NEW_CONV_HOUR_USER;
+	} else if (!strcmp(name, "crp")) {
+		l->consent_requests_per_day_per_user = (uint32_t)n;
+		l->set |= POLICY_LIM_CONSENT_REQ_DAY_USER;
 	} else if (!strcmp(name, "body")) {
 		l->max_body_bytes = n;
 		l->set |= POLICY_LIM_MAX_BODY;
@@ -562,11 +568,13 @@ static const enum policy_mode modes[] = { POLICY_MODE_NONE, POLICY_MODE_OPEN, PO
 static void gen_limits(struct policy_limits *l)
 {
 	memset(l, 0, sizeof(*l));
-	l->set = (unsigned)rnd() & 0x7f & (unsigned)rnd();
+	l->set = (unsigned)rnd() & 0x1ff & (unsigned)rnd();
 	l->messages_per_minute = 1 + pick(3);
 	l->messages_per_minute_per_user = 1 + pick(3);
 	l->new_conversations_per_hour = 1 + pick(3);
 	l->consent_requests_per_day = 1 + pick(3);
+	l->new_conversations_per_hour_per_user = 1 + pick(3);
+	l->consent_requests_per_day_per_user = 1 + pick(3);
 	l->max_body_bytes = pick(2000);
 	l->max_attachment_bytes = pick(2000);
 	l->content_kinds = pick(4);
@@ -1012,8 +1020,9 @@ START_TEST(null_snapshot_and_null_strings)
 	/* A snapshot with rules and facts, and requests made of NULLs. */
 	struct policy_builder *b = policy_builder_new();
 	policy_builder_defaults(b, POLICY_MODE_OPEN, true);
-	struct policy_limits l = { .set = 0x7f, .messages_per_minute = 1, .messages_per_minute_per_user = 1,
+	struct policy_limits l = { .set = 0x1ff, .messages_per_minute = 1, .messages_per_minute_per_user = 1,
 				   .new_conversations_per_hour = 1, .consent_requests_per_day = 1,
+				   .new_conversations_per_hour_per_user = 1, .consent_requests_per_day_per_user = 1,
 				   .max_body_bytes = 10, .max_attachment_bytes = 10, .content_kinds = POLICY_KIND_TEXT };
 	ck_assert_int_eq(policy_builder_rule(b, 1, POLICY_SCOPE_NETWORK, "peer:*", POLICY_MODE_NONE, &l, 0), 0);
 	ck_assert_int_eq(policy_builder_rule(b, 2, POLICY_SCOPE_DOMAIN, "*.example", POLICY_MODE_NONE, &l, 0), 0);
@@ -1075,11 +1084,17 @@ START_TEST(bucket_keys)
 	struct policy_limits conv = { .set = POLICY_LIM_NEW_CONV_HOUR | POLICY_LIM_CONSENT_REQ_DAY,
 				      .new_conversations_per_hour = 4, .consent_requests_per_day = 5 };
 	struct policy_limits one = { .set = POLICY_LIM_MSG_MINUTE, .messages_per_minute = 7 };
+	struct policy_limits both = { .set = POLICY_LIM_NEW_CONV_HOUR | POLICY_LIM_CONSENT_REQ_DAY |
+						 POLICY_LIM_NEW_CONV_HOUR_USER | POLICY_LIM_CONSENT_REQ_DAY_USER,
+				      .new_conversations_per_hour = 6, .consent_requests_per_day = 8,
+				      .new_conversations_per_hour_per_user = 2,
+				      .consent_requests_per_day_per_user = 3 };
 	ck_assert_int_eq(policy_builder_rule(b, 31, POLICY_SCOPE_DOMAIN, "*.lim.example", POLICY_MODE_NONE, &mpm, 0), 0);
 	ck_assert_int_eq(policy_builder_rule(b, -5, POLICY_SCOPE_NETWORK, "peer:*", POLICY_MODE_NONE, &one, 0), 0);
 	ck_assert_int_eq(policy_builder_rule(b, 9, POLICY_SCOPE_USER, "mimi://u.example/u/x", POLICY_MODE_NONE, &one, 0),
 			 0);
 	ck_assert_int_eq(policy_builder_rule(b, 12, POLICY_SCOPE_DOMAIN, "rooms.example", POLICY_MODE_OPEN, &conv, 0), 0);
+	ck_assert_int_eq(policy_builder_rule(b, 13, POLICY_SCOPE_DOMAIN, "pu.example", POLICY_MODE_OPEN, &both, 0), 0);
 	struct policy_snapshot *s = policy_builder_finish(b, 1);
 	struct key_log kl = { .answer = 0 };
 	struct policy_rate rate = { log_take, &kl };
@@ -1139,6 +1154,39 @@ START_TEST(bucket_keys)
 	ck_assert_str_eq(kl.keys[0], "crf:12:rooms.example");
 	ck_assert_int_eq(kl.caps[0], 5);
 	ck_assert_int_eq(kl.periods[0], 86400000);
+
+	/* The per-user variants: the domain's bucket, then the sender's, as
+	 * mpm's and mpu's; a first contact's apart from requestConsent's in
+	 * both. */
+	kl.n = 0;
+	r.sender = (struct policy_party){ "mimi://pu.example/u/p", "pu.example", "matrix" };
+	r.action = POLICY_ACT_NEW_ROOM;
+	r.recipient.uri = NULL;
+	policy_decide(s, &r, &d);
+	ck_assert_int_eq(kl.n, 2);
+	ck_assert_str_eq(kl.keys[0], "ncu:13:pu.example");
+	ck_assert_int_eq(kl.caps[0], 6);
+	ck_assert_str_eq(kl.keys[1], "ncp:13:mimi://pu.example/u/p");
+	ck_assert_int_eq(kl.caps[1], 2);
+	ck_assert_int_eq(kl.periods[1], 3600000);
+	kl.n = 0;
+	r.action = POLICY_ACT_CONSENT_REQUEST;
+	r.recipient.uri = "mimi://hub.example/u/l";
+	policy_decide(s, &r, &d);
+	ck_assert_int_eq(kl.n, 2);
+	ck_assert_str_eq(kl.keys[0], "cru:13:pu.example");
+	ck_assert_int_eq(kl.caps[0], 8);
+	ck_assert_str_eq(kl.keys[1], "crp:13:mimi://pu.example/u/p");
+	ck_assert_int_eq(kl.caps[1], 3);
+	ck_assert_int_eq(kl.periods[1], 86400000);
+	kl.n = 0;
+	r.action = POLICY_ACT_FIRST_CONTACT;
+	policy_decide(s, &r, &d);
+	ck_assert_int_eq(kl.n, 2);
+	ck_assert_str_eq(kl.keys[0], "crf:13:pu.example");
+	ck_assert_str_eq(kl.keys[1], "cfp:13:mimi://pu.example/u/p");
+	ck_assert_int_eq(kl.caps[1], 3);
+	ck_assert_int_eq(kl.periods[1], 86400000);
 
 	/* A refusal is passed on as is; a zero or negative answer is a grant. */
 	kl.n = 0;
@@ -1333,12 +1381,12 @@ START_TEST(names)
 	ck_assert_str_eq(policy_scope_name(POLICY_SCOPE_NETWORK), "network");
 	ck_assert_str_eq(policy_verdict_name(POLICY_HOLD), "hold");
 	ck_assert_str_eq(policy_mode_name((enum policy_mode)99), "?");
-	/* The reason list: no duplicates, 24 codes. */
+	/* The reason list: no duplicates, 26 codes. */
 	int n = 0;
 	for (; policy_reason_codes[n]; n++)
 		for (int k = 0; k < n; k++)
 			ck_assert_str_ne(policy_reason_codes[k], policy_reason_codes[n]);
-	ck_assert_int_eq(n, 24);
+	ck_assert_int_eq(n, 26);
 	/* Every reason that can stop a local user's message (outbound: the
 	 * server's rules, the user's own blocks) is told in words; a remote
 	 * user's block is not (uniform errors), nor an unknown code. */
@@ -1630,6 +1678,49 @@ START_TEST(domain_consent_buckets_shared_by_users_kept_apart_by_kind)
 }
 END_TEST
 
+/* A domain rule's consent_requests_per_day_per_user bounds each user of the
+ * domain, in two buckets as the domain's limit: emptying a user's
+ * requestConsent bucket tells nothing of that user's first contacts. */
+START_TEST(per_user_consent_buckets_kept_apart_by_kind)
+{
+	struct policy_builder *b = policy_builder_new();
+	policy_builder_defaults(b, POLICY_MODE_OPEN, true);
+	struct policy_limits l = { .set = POLICY_LIM_CONSENT_REQ_DAY_USER, .consent_requests_per_day_per_user = 1 };
+	ck_assert_int_eq(policy_builder_rule(b, 8, POLICY_SCOPE_DOMAIN, "pu.example", POLICY_MODE_NONE, &l, 0), 0);
+	struct policy_snapshot *s = policy_builder_finish(b, 1);
+	struct ratelimit *rl = ratelimit_new(512);
+	struct policy_rate rate = { ratelimit_policy_take, rl };
+	struct policy_request r = {
+		.direction = POLICY_INBOUND, .action = POLICY_ACT_CONSENT_REQUEST,
+		.sender = { "mimi://pu.example/u/a", "pu.example", "matrix" },
+		.recipient = { "mimi://hub.example/u/l", "hub.example", "local" }, .now_ms = 0, .rate = &rate,
+	};
+	struct policy_decision d;
+	policy_decide(s, &r, &d);
+	ck_assert_int_eq(d.verdict, POLICY_HOLD);
+	policy_decide(s, &r, &d);
+	ck_assert_int_eq(d.verdict, POLICY_LIMIT);
+	ck_assert_str_eq(d.reason, "rate_limited_sender_consent_requests");
+	ck_assert_int_eq(d.rule_id, 8);
+	ck_assert_int_eq(d.retry_after_ms, 86400000);
+	/* Another user of the domain: a bucket of its own. */
+	r.sender.uri = "mimi://pu.example/u/b";
+	policy_decide(s, &r, &d);
+	ck_assert_int_eq(d.verdict, POLICY_HOLD);
+	/* The first user's first contacts: not the requestConsent bucket. */
+	r.action = POLICY_ACT_FIRST_CONTACT;
+	r.sender.uri = "mimi://pu.example/u/a";
+	policy_decide(s, &r, &d);
+	ck_assert_int_eq(d.verdict, POLICY_HOLD);
+	ck_assert_str_eq(d.reason, "no_consent_yet");
+	policy_decide(s, &r, &d);
+	ck_assert_int_eq(d.verdict, POLICY_LIMIT);
+	ck_assert_str_eq(d.reason, "rate_limited_sender_consent_requests");
+	ratelimit_free(rl);
+	policy_snapshot_free(s);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("policy");
@@ -1648,6 +1739,7 @@ int main(void)
 	tcase_add_test(tc, names);
 	tcase_add_test(tc, decide_with_ratelimit_refill);
 	tcase_add_test(tc, domain_consent_buckets_shared_by_users_kept_apart_by_kind);
+	tcase_add_test(tc, per_user_consent_buckets_kept_apart_by_kind);
 	suite_add_tcase(s, tc);
 	TCase *rt = tcase_create("ratelimit");
 	tcase_set_timeout(rt, 120);
