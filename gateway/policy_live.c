@@ -376,6 +376,10 @@ static cw_err rule_denials(PGconn *c, const struct policy_view *v, const char *c
  * the same room and user.)  In a transaction the caller's commit ends the
  * turn; on an idle connection the sweep is its own transaction. */
 #define SWEEP_LOCK_KEY "7161132091431352699"
+/* The class of the per-room advisory lock every write of events takes,
+ * in room id order, until its commit (adapters/peer/peer_api.c,
+ * ROOM_LOCK_CLASS: the same number, "CWRR"). */
+#define ROOM_LOCK_CLASS "1129796434"
 
 cw_err policy_sweep(PGconn *c, const struct policy_view *v, const char *target_id, long counts[3], cw_errmsg *e)
 {
@@ -414,11 +418,23 @@ cw_err policy_sweep(PGconn *c, const struct policy_view *v, const char *target_i
  * content goes, the message's and its edits'.  A message with a row in
  * flight waits for the next sweep (its delivery may yet succeed, and then
  * needs the delete too).  Peers are sent nothing: the message came from
- * one, whose own expiry applies there.  $1: now (ms). */
+ * one, whose own expiry applies there.  The delete events are a write of
+ * events like any other: their rooms are locked first (rm, lk: the rooms
+ * of the messages due, in id order, before any row is locked or any id
+ * drawn), so that their outbox ids follow the commit order of the rooms'
+ * other events across processes (until the seventeenth session they took
+ * no lock, and a later message of another process could go first).
+ * $1: now (ms). */
 static const char expiry_sql[] =
-	"WITH x AS (SELECT e.id, e.room_id, e.sender_id, e.public_id, e.content->>'sender' AS sender_uri "
+	"WITH rm AS MATERIALIZED (SELECT DISTINCT q.room_id FROM (SELECT e.room_id FROM events e "
+	"  WHERE event_expires(e.content) IS NOT NULL AND event_expires(e.content) <= $1::bigint "
+	"  AND e.type = 'message' ORDER BY e.id LIMIT 200) q), "
+	"lk AS MATERIALIZED (SELECT count(pg_advisory_xact_lock(" ROOM_LOCK_CLASS ", (y.room_id % 2147483647)::int)) AS n "
+	"  FROM (SELECT room_id FROM rm ORDER BY 1) y), "
+	"x AS (SELECT e.id, e.room_id, e.sender_id, e.public_id, e.content->>'sender' AS sender_uri "
 	"  FROM events e WHERE event_expires(e.content) IS NOT NULL AND event_expires(e.content) <= $1::bigint "
-	"  AND e.type = 'message' AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = e.id "
+	"  AND e.type = 'message' AND e.room_id IN (SELECT room_id FROM rm) AND (SELECT n FROM lk) >= 0 "
+	"  AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = e.id "
 	"   AND o.state = 'in_flight') ORDER BY e.id LIMIT 200 FOR UPDATE OF e SKIP LOCKED), "
 	"gone AS (UPDATE outbox o SET state = 'expired', claimed_by = NULL, claimed_until = NULL FROM x "
 	"  WHERE o.event_id = x.id AND o.state IN ('pending', 'held', 'failed', 'dead') RETURNING o.id), "
@@ -476,8 +492,13 @@ static const char consent_sql[] =
  * document), delivered to the peer (push or pull) like any
  * event and in order with the room's messages.  No shared room, no event:
  * the peer's user has no conversation to be told about (and a new one is
- * refused by the policy meanwhile).  Ids as cw_new_id makes them (16 random
- * bytes, base64url): gen_random_uuid() is PostgreSQL's strong random. */
+ * refused by the policy meanwhile).  The rooms are locked first (lk, as
+ * every write of events does): in order with the room's messages means in
+ * outbox id order across processes too (until the seventeenth session the
+ * block took no lock, and a message of another process committed after it
+ * could draw a smaller id and reach the peer first).  Ids as cw_new_id
+ * makes them (16 random bytes, base64url): gen_random_uuid() is
+ * PostgreSQL's strong random. */
 static const char block_event_sql[] =
 	"WITH r AS (SELECT i.id, i.uri, p.name, p.mode FROM identities i JOIN peers p ON p.id = i.peer_id "
 	"  WHERE i.uri = $2 AND NOT i.is_local), "
@@ -486,12 +507,14 @@ static const char block_event_sql[] =
 	"rm AS (SELECT DISTINCT a.room_id FROM room_members a JOIN room_members b ON b.room_id = a.room_id "
 	"  JOIN r ON b.identity_id = r.id WHERE a.identity_id = $1::bigint AND a.membership = 'joined' "
 	"  AND b.membership = 'joined'), "
+	"lk AS MATERIALIZED (SELECT count(pg_advisory_xact_lock(" ROOM_LOCK_CLASS ", (y.room_id % 2147483647)::int)) AS n "
+	"  FROM (SELECT room_id FROM rm ORDER BY 1) y), "
 	"ev AS (INSERT INTO events (public_id, room_id, sender_id, type, content, origin_network, ts) "
 	"  SELECT 'msg_' || rtrim(translate(encode(uuid_send(gen_random_uuid()), 'base64'), '+/', '-_'), '='), "
 	"  rm.room_id, l.id, 'block', jsonb_build_object('type', 'block', 'sender', l.uri, 'ts', l.ts, "
 	"  'content', jsonb_build_object('target', r.uri, 'action', $3::text)), "
 	"  CASE WHEN l.network ~ '^[a-z][a-z0-9_-]*$' THEN l.network ELSE 'local' END, l.ts "
-	"  FROM rm, r, l ORDER BY rm.room_id RETURNING id, room_id), "
+	"  FROM rm, r, l WHERE (SELECT n FROM lk) >= 0 ORDER BY rm.room_id RETURNING id, room_id), "
 	"ob AS (INSERT INTO outbox (event_id, destination, room_id, state) "
 	"  SELECT ev.id, 'peer:' || r.name, ev.room_id, 'pending' FROM ev, r ORDER BY ev.id RETURNING 1) "
 	"SELECT count(*), CASE WHEN count(*) > 0 THEN pg_notify(CASE WHEN (SELECT mode FROM r) = 'pull' "

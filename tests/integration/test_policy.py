@@ -3,6 +3,7 @@ consent request, accept releases in order, block drops, expiry deletes, rule
 changes in force without restart on every process, rate limits, abuse
 reports, and the admin API that runs it all."""
 import base64
+import concurrent.futures
 import os
 import re
 import time
@@ -303,6 +304,44 @@ def test_a_block_and_its_end_travel_to_the_peer(daemon, peers, pg, db_url):
     assert pg.psql("SELECT string_agg(o.state || ':' || o.destination, ',' ORDER BY o.id) FROM outbox o "
                    "JOIN events e ON e.id = o.event_id WHERE e.type = 'block'", db_url) == \
         "delivered:peer:gk,delivered:peer:gk"
+
+
+def test_a_block_travels_in_order_with_a_message_of_another_process(make_daemon, db_url, pg):
+    """Two daemons on one database: alice blocks wally through the first
+    while bob's message to the same room comes in through the second, and
+    the block's commit is slowed (a deferred trigger): the message waits
+    for the room's lock, so it comes after the block in the outbox and at
+    the peer. Until the seventeenth session the block event took no room
+    lock, and the later message drew a smaller outbox id and went first."""
+    d1 = make_daemon(db_url).start()
+    (a, sa), (b, sb) = made = push_peers(d1)
+    d2 = make_daemon(db_url).start()
+    try:
+        b2 = PeerClient(d2.url, "tg", b.domain, token=b.token, signer=b.signer)
+        opt_in(d1)
+        rm = a.create_room([a.user("wally"), ALICE, b.user("bob")])
+        assert rm.status_code == 201, rm.text
+        room = rm.json()["id"]
+        assert b.send(room, b.user("bob"), "first").status_code == 202
+        sa.wait_events(1)
+        pg.psql("CREATE FUNCTION test_slow_block() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                " IF NEW.type = 'block' THEN PERFORM pg_sleep(1.5); END IF; RETURN NULL; END $$; "
+                "CREATE CONSTRAINT TRIGGER test_slow_block AFTER INSERT ON events DEFERRABLE INITIALLY DEFERRED "
+                " FOR EACH ROW EXECUTE FUNCTION test_slow_block()", db_url)
+        with concurrent.futures.ThreadPoolExecutor(2) as ex:
+            blk = ex.submit(d1.admin, "POST", "/consents", json={
+                "user": ALICE, "subject_kind": "user", "subject": a.user("wally"), "state": "blocked"})
+            time.sleep(0.4)
+            fast = ex.submit(b2.send, room, b.user("bob"), "fast")
+            assert blk.result().status_code == 200 and fast.result().status_code == 202
+        got = sa.wait_events(3)
+        kinds = [e["type"] + ":" + (e["content"]["parts"][0]["body"] if e["type"] == "message" else "") for e in got]
+        assert kinds == ["message:first", "block:", "message:fast"], kinds
+    finally:
+        pg.psql("DROP TRIGGER IF EXISTS test_slow_block ON events; DROP FUNCTION IF EXISTS test_slow_block()",
+                db_url)
+        for _, srv in made:
+            srv.close()
 
 
 def test_a_sweep_that_releases_one_member_and_drops_another_keeps_the_content(daemon, peers, pg, db_url):
