@@ -111,18 +111,31 @@ struct media_job {
 	bool public;                /* a peer's file for a link (GET /media/...) */
 	char source[MEDIA_URL_MAX + 4]; /* + the room base64 decoding wants for its padding */
 	struct media_blob b;
+	size_t reserved;            /* of app->media_held, from the start of the transfer */
+	bool over;                  /* no room for it in the budget: not fetched */
 	long status;
 	cw_err rc;
 	cw_errmsg err;
 };
 
 static void fetched(struct media_job *j);
+static bool reserve(struct cw_app *app, size_t n);
 
-/* On a fetcher (workers.h): the far side answers within its timeout. */
+/* On a fetcher (workers.h): the far side answers within its timeout.  The
+ * budget is taken here, on the fetcher: a fetch refused because every
+ * fetcher is busy is still counted as such (workers.h), not as over the
+ * budget that those busy fetchers reserved. */
 static void fetch(void *arg)
 {
 	struct media_job *j = arg;
 	struct cw_app *app = j->app;
+	if (!reserve(app, j->b.max)) { /* this one may take up to max */
+		j->over = true;
+		j->rc = CW_EUNAVAIL;
+		fetched(j);
+		return;
+	}
+	j->reserved = j->b.max;
 	if (!j->public) {
 		j->rc = app->media.fetch(app->media.ctx, j->source, &j->b, &j->status, &j->err);
 	} else {
@@ -140,7 +153,10 @@ static void fetch(void *arg)
  * keeps them): counted, so that the fetches' memory stays within
  * server.media_fetches x server.media_max_bytes however slowly the
  * answers are read (before, a reader that never read kept its file:
- * 24 such readers of a 19 MiB file took 485 MB). */
+ * 24 such readers of a 19 MiB file took 485 MB).  A fetch reserves its
+ * cap when it starts (reserve) and keeps its file's real size once it has
+ * it: until the seventeenth session fetches running reserved nothing, and
+ * fetches that started together all passed the check. */
 struct held {
 	struct cw_app *app;
 	size_t n;
@@ -156,6 +172,19 @@ static void released(void *arg)
 static size_t held_budget(const struct cw_app *app)
 {
 	return (size_t)app->cfg->media_fetches * (size_t)app->cfg->media_max_bytes;
+}
+
+/* Adds n to the bytes held unless that takes them past the budget
+ * (compare-and-swap: two fetches starting at once cannot both take the
+ * last room). */
+static bool reserve(struct cw_app *app, size_t n)
+{
+	size_t budget = held_budget(app), cur = atomic_load(&app->media_held);
+	do {
+		if (n > budget || cur > budget - n)
+			return false;
+	} while (!atomic_compare_exchange_weak(&app->media_held, &cur, cur + n));
+	return true;
 }
 
 static void fetched(struct media_job *j)
@@ -183,11 +212,18 @@ static void fetched(struct media_job *j)
 			/* Someone else's file on this daemon's origin (the admin
 			 * console's too): never a page that runs there. */
 			cw_req_add_header(req, "Content-Security-Policy", "default-src 'none'; sandbox");
+			/* The reservation becomes the file's size (n <= max):
+			 * what released gives back. */
 			*h = (struct held){ j->app, j->b.n };
-			atomic_fetch_add(&j->app->media_held, h->n);
+			atomic_fetch_sub(&j->app->media_held, j->reserved - h->n);
+			j->reserved = 0;
 			cw_req_reply_then(req, 200, NULL, (char *)body, j->b.n, released, h);
 			h = NULL;
 		}
+	} else if (j->over) {
+		app_retry_after(req, 5000);
+		cw_req_problem(req, 503, "unavailable", "Service unavailable",
+			       "too many files are being sent now; try again later");
 	} else if (j->b.too_big) {
 		cw_req_problem(req, 413, "too_large", "Content too large",
 			       "the file is larger than this gateway carries (server.media_max_bytes)");
@@ -201,6 +237,7 @@ static void fetched(struct media_job *j)
 		cw_req_problem(req, 503, "unavailable", "Service unavailable",
 			       "the file cannot be fetched from where it is kept now; try again later");
 	}
+	atomic_fetch_sub(&j->app->media_held, j->reserved); /* no answer holds it */
 	free(h);
 	media_blob_free(&j->b);
 	cw_req_resume(req);
@@ -239,13 +276,6 @@ static void start_fetch(struct cw_app *app, struct cw_req *req, struct media_job
 	j->req = req;
 	j->b.max = (size_t)app->cfg->media_max_bytes;
 	j->b.cancel = &app->stopping;
-	if (atomic_load(&app->media_held) > held_budget(app) - j->b.max) { /* this one may take up to max */
-		free(j);
-		app_retry_after(req, 5000);
-		cw_req_problem(req, 503, "unavailable", "Service unavailable",
-			       "too many files are being sent now; try again later");
-		return;
-	}
 	cw_req_suspend(req);
 	if (!cw_workers_run(app->fetchers, fetch, j)) {
 		free(j);

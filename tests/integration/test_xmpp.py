@@ -1782,3 +1782,45 @@ def test_a_peers_file_reaches_xmpp_as_a_link_of_causeways(make_daemon, db_url, p
     finally:
         srv.close()
         media.close()
+
+
+def test_fetches_started_together_stay_within_the_held_budget(make_daemon, db_url, prosody, alice, tmp_path):
+    """A fetch for a link reserves server.media_max_bytes when it starts
+    (its file may be that large) and keeps only the real size once it has
+    it: with one file held by a slow reader, two links followed at once
+    cannot both be fetched within media_fetches x media_max_bytes, so one
+    is answered 503. Until the seventeenth session the budget was checked
+    against the bytes held when a fetch started, fetches running reserved
+    nothing, and both went (18 MiB held against a budget of 16)."""
+    media = MediaServer(tmp_path)
+    mx = 8 << 20
+    d, a, srv = start_with_gk(make_daemon, db_url, prosody, server={
+        "ca_file": media.cert_file, "media_private_addresses": "true", "media_fetches": "2",
+        "media_max_bytes": str(mx)})
+    try:
+        consent_alice(d)
+        room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+        data = os.urandom(6 << 20)
+        path = "/big.jpg"
+        _, link = photo_link(a, alice, room, media.put(path, "image/jpeg", data), data)
+        u = urllib.parse.urlsplit(link)
+        slow = socket.socket()
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.connect((u.hostname, u.port))
+        slow.sendall(f"GET {u.path}?{u.query} HTTP/1.1\r\nHost: {u.netloc}\r\n\r\n".encode())
+        held = lambda: int(re.search(r"^causeway_media_held_bytes (\d+)", d.get("/metrics").text, re.M).group(1))
+        wait_until(lambda: held() == len(data), what="the slow reader's file held")
+        media.delay[path] = 1.5
+        with concurrent.futures.ThreadPoolExecutor(2) as ex:
+            both = [ex.submit(requests.get, link, timeout=20) for _ in range(2)]
+            codes = sorted(f.result().status_code for f in both)
+        assert codes == [200, 503], codes
+        slow.close()
+        wait_until(lambda: held() == 0, what="the bytes given back")
+        # A fetch that fails gives its reservation back too.
+        media.files.clear()
+        assert requests.get(link, timeout=10).status_code == 404
+        assert held() == 0
+    finally:
+        srv.close()
+        media.close()
