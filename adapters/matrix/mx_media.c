@@ -161,14 +161,28 @@ out:
 	return rc;
 }
 
-/* The file's mxc:// URI when it is on the homeserver already. */
-static cw_err cached(PGconn *c, const char *url, const char *want, char *mxc, size_t len, bool *found, cw_errmsg *e)
+/* The size an attachment declares; server.media_max_bytes (max) when it
+ * declares none (a peer's always does: adapters/peer/event.c). */
+static json_int_t declared_size(const json_t *att, size_t max)
+{
+	const json_t *s = json_object_get(att, "size");
+	return json_is_integer(s) && json_integer_value(s) >= 0 ? json_integer_value(s) : (json_int_t)max;
+}
+
+/* The file's mxc:// URI when it is on the homeserver already, and no
+ * larger than the attachment declares (declared: its size; the policy's
+ * max_attachment_bytes judged that, so a file re-hosted for an honest
+ * declaration is not reused for a smaller one). */
+static cw_err cached(PGconn *c, const char *url, const char *want, json_int_t declared, char *mxc, size_t len,
+		     bool *found, cw_errmsg *e)
 {
 	*found = false;
-	const char *p[] = { url, want ? want : "" };
+	char size[24];
+	snprintf(size, sizeof(size), "%lld", (long long)declared);
+	const char *p[] = { url, want ? want : "", size };
 	PGresult *r = PQexecParams(c, "SELECT native_uri FROM media_rehosted WHERE network = 'matrix' AND source = $1 "
-				      "AND ($2 = '' OR sha256 = $2) ORDER BY created_at DESC LIMIT 1",
-				   2, NULL, p, NULL, NULL, 0);
+				      "AND ($2 = '' OR sha256 = $2) AND size <= $3::bigint ORDER BY created_at DESC LIMIT 1",
+				   3, NULL, p, NULL, NULL, 0);
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 	if (rc)
 		return rc;
@@ -186,7 +200,7 @@ enum mx_rehost mx_media_lookup(struct matrix *m, PGconn *c, const char *ghost, c
 			       size_t len, char *why, size_t wlen, cw_errmsg *e)
 {
 	const char *url = json_string_value(json_object_get(att, "url"));
-	json_int_t declared = json_integer_value(json_object_get(att, "size"));
+	json_int_t declared = declared_size(att, (size_t)m->cfg->media_max_bytes);
 	if (!url || !json_is_string(json_object_get(att, "content_type"))) {
 		snprintf(why, wlen, "no URL");
 		return MX_REHOST_NOTICE;
@@ -196,7 +210,7 @@ enum mx_rehost mx_media_lookup(struct matrix *m, PGconn *c, const char *ghost, c
 		return MX_REHOST_NOTICE;
 	}
 	bool found;
-	if (cached(c, url, json_string_value(json_object_get(att, "sha256")), mxc, len, &found, e))
+	if (cached(c, url, json_string_value(json_object_get(att, "sha256")), declared, mxc, len, &found, e))
 		return MX_REHOST_RETRY;
 	if (found)
 		return MX_REHOST_OK;
@@ -286,8 +300,8 @@ enum mx_rehost mx_rehost(struct matrix *m, PGconn *c, const char *ghost, const j
 	const char *ct = json_string_value(json_object_get(att, "content_type"));
 	const char *want = json_string_value(json_object_get(att, "sha256"));
 	const char *name = json_string_value(json_object_get(att, "filename"));
-	json_int_t declared = json_integer_value(json_object_get(att, "size"));
 	size_t max = (size_t)m->cfg->media_max_bytes;
+	json_int_t declared = declared_size(att, max);
 	if (!url || !ct) {
 		snprintf(why, wlen, "no URL");
 		return MX_REHOST_NOTICE;
@@ -297,13 +311,19 @@ enum mx_rehost mx_rehost(struct matrix *m, PGconn *c, const char *ghost, const j
 		return MX_REHOST_NOTICE;
 	}
 	bool found;
-	if (cached(c, url, want, mxc, len, &found, e))
+	if (cached(c, url, want, declared, mxc, len, &found, e))
 		return MX_REHOST_RETRY;
 	if (found)
 		return MX_REHOST_OK;
 
-	/* Fetched as every request to a peer is made: signed as Causeway. */
-	struct media_blob b = { .max = max, .cancel = &m->app->stopping,
+	/* Fetched as every request to a peer is made: signed as Causeway.  At
+	 * most the declared size: the policy's max_attachment_bytes judged
+	 * that, and a longer file is refused as one that does not match its
+	 * checksum is (until the seventeenth session the fetch took up to
+	 * server.media_max_bytes whatever was declared, and a file declared
+	 * 10 bytes passed a 1000-byte rule and was uploaded whole). */
+	bool capped = declared < (json_int_t)max;
+	struct media_blob b = { .max = capped ? (size_t)declared : max, .cancel = &m->app->stopping,
 				.private_ok = m->app->cfg->media_private_addresses };
 	long status = 0;
 	cw_err frc = media_fetch_signed(m->app->signing_key, m->cfg->domain ? m->cfg->domain : "",
@@ -311,7 +331,7 @@ enum mx_rehost mx_rehost(struct matrix *m, PGconn *c, const char *ghost, const j
 	enum mx_rehost res = MX_REHOST_RETRY;
 	char got[65];
 	if (b.too_big) {
-		snprintf(why, wlen, "larger than this gateway carries");
+		snprintf(why, wlen, capped ? "larger than its declared size" : "larger than this gateway carries");
 		res = MX_REHOST_NOTICE;
 	} else if (frc) {
 		; /* e says why: the row goes again */

@@ -34,17 +34,33 @@ static bool base_url(struct cw_app *app, char *out, size_t len)
 #define PUBLIC_SCOPE "\npublic"
 #define FETCH_TIMEOUT_MS 30000L
 
-/* A peer's URL may be long (a CDN's signed link): the source goes in the
- * query, the MAC in the path, /media/<MAC>?src=<base64url source>. */
-bool peer_media_public_url(struct cw_app *app, const char *url, char *out, size_t len)
+/* The scope of a public token for a file of a declared size (size: its
+ * decimal digits): the MAC covers the size too, so the link caps the
+ * fetch at what the policy's max_attachment_bytes judged.  The digits
+ * hold no line feed, so this scope is no peer's nor another size's. */
+static bool public_scope(const char *size, char *out, size_t len)
 {
-	char base[600], token[3 * MEDIA_URL_MAX];
+	if (!size)
+		return (size_t)snprintf(out, len, "%s", PUBLIC_SCOPE) < len;
+	return strspn(size, "0123456789") == strlen(size) && *size && strlen(size) <= 19 &&
+	       (size_t)snprintf(out, len, "%s\n%s", PUBLIC_SCOPE, size) < len;
+}
+
+/* A peer's URL may be long (a CDN's signed link): the source goes in the
+ * query, the MAC in the path, /media/<MAC>?src=<base64url source>&size=<n>. */
+bool peer_media_public_url(struct cw_app *app, const char *url, long long size, char *out, size_t len)
+{
+	char base[600], token[3 * MEDIA_URL_MAX], digits[24], scope[48];
+	snprintf(digits, sizeof(digits), "%lld", size);
 	if (strncmp(url, "https://", 8) != 0 || !base_url(app, base, sizeof(base)) ||
-	    !media_token_make(app->media_key, PUBLIC_SCOPE, url, token, sizeof(token)))
+	    !public_scope(size >= 0 ? digits : NULL, scope, sizeof(scope)) ||
+	    !media_token_make(app->media_key, scope, url, token, sizeof(token)))
 		return false;
 	char *dot = strrchr(token, '.');
 	*dot = '\0';
-	return (size_t)snprintf(out, len, "%s/media/%s?src=%s", base, dot + 1, token + 3) < len;
+	if (size < 0)
+		return (size_t)snprintf(out, len, "%s/media/%s?src=%s", base, dot + 1, token + 3) < len;
+	return (size_t)snprintf(out, len, "%s/media/%s?src=%s&size=%s", base, dot + 1, token + 3, digits) < len;
 }
 
 json_t *peer_media_public(struct cw_app *app, json_t *ev)
@@ -56,8 +72,10 @@ json_t *peer_media_public(struct cw_app *app, json_t *ev)
 	size_t i;
 	json_array_foreach(json_object_get(json_object_get(copy, "content"), "attachments"), i, a) {
 		const char *url = json_string_value(json_object_get(a, "url"));
+		const json_t *size = json_object_get(a, "size");
 		char link[3 * MEDIA_URL_MAX]; /* the source's base64 is 4/3 of it, with the base and the MAC */
-		if (url && peer_media_public_url(app, url, link, sizeof(link)))
+		if (url && peer_media_public_url(app, url, json_is_integer(size) ? (long long)json_integer_value(size) : -1,
+						 link, sizeof(link)))
 			json_object_set_new(a, "url", json_string(link));
 	}
 	return copy ? copy : json_incref(ev);
@@ -113,6 +131,7 @@ struct media_job {
 	struct media_blob b;
 	size_t reserved;            /* of app->media_held, from the start of the transfer */
 	bool over;                  /* no room for it in the budget: not fetched */
+	bool capped;                /* b.max is the declared size, under server.media_max_bytes */
 	long status;
 	cw_err rc;
 	cw_errmsg err;
@@ -226,7 +245,8 @@ static void fetched(struct media_job *j)
 			       "too many files are being sent now; try again later");
 	} else if (j->b.too_big) {
 		cw_req_problem(req, 413, "too_large", "Content too large",
-			       "the file is larger than this gateway carries (server.media_max_bytes)");
+			       j->capped ? "the file is larger than its declared size"
+					 : "the file is larger than this gateway carries (server.media_max_bytes)");
 	} else if (j->status == 404 || j->status == 410 || (j->public && j->status >= 400 && j->status < 500 &&
 							       j->status != 408 && j->status != 429)) {
 		cw_req_problem(req, 404, "unknown_media", "Not found", "no such file (it may have been deleted)");
@@ -244,7 +264,7 @@ static void fetched(struct media_job *j)
 	free(j);
 }
 
-static void start_fetch(struct cw_app *app, struct cw_req *req, struct media_job *j);
+static void start_fetch(struct cw_app *app, struct cw_req *req, struct media_job *j, size_t max);
 
 void peer_api_media(struct cw_req *req, void *ctx)
 {
@@ -266,15 +286,17 @@ void peer_api_media(struct cw_req *req, void *ctx)
 		cw_req_problem(req, 404, "unknown_media", "Not found", "no file with that token for this peer");
 		return;
 	}
-	start_fetch(app, req, j);
+	start_fetch(app, req, j, (size_t)app->cfg->media_max_bytes);
 }
 
-/* Runs j's fetch on a fetcher (server.media_fetches at once). */
-static void start_fetch(struct cw_app *app, struct cw_req *req, struct media_job *j)
+/* Runs j's fetch on a fetcher (server.media_fetches at once), at most max
+ * bytes (at most server.media_max_bytes). */
+static void start_fetch(struct cw_app *app, struct cw_req *req, struct media_job *j, size_t max)
 {
 	j->app = app;
 	j->req = req;
-	j->b.max = (size_t)app->cfg->media_max_bytes;
+	j->b.max = max < (size_t)app->cfg->media_max_bytes ? max : (size_t)app->cfg->media_max_bytes;
+	j->capped = j->b.max < (size_t)app->cfg->media_max_bytes;
 	j->b.cancel = &app->stopping;
 	cw_req_suspend(req);
 	if (!cw_workers_run(app->fetchers, fetch, j)) {
@@ -288,21 +310,27 @@ static void start_fetch(struct cw_app *app, struct cw_req *req, struct media_job
 void media_public_get(struct cw_req *req, void *ctx)
 {
 	struct cw_app *app = ctx;
-	const char *mac = cw_req_param(req, "token"), *src = cw_req_query(req, "src");
-	char token[3 * MEDIA_URL_MAX];
+	const char *mac = cw_req_param(req, "token"), *src = cw_req_query(req, "src"), *size = cw_req_query(req, "size");
+	char token[3 * MEDIA_URL_MAX], scope[48];
 	struct media_job *j = calloc(1, sizeof(*j));
 	if (!j) {
 		app_retry_after(req, 1000);
 		cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory");
 		return;
 	}
+	/* A link without a size is one made before the seventeenth session
+	 * (still followed, at most server.media_max_bytes). */
 	if (!mac || !src || (size_t)snprintf(token, sizeof(token), "m1.%s.%s", src, mac) >= sizeof(token) ||
-	    !media_token_open(app->media_key, PUBLIC_SCOPE, token, j->source, sizeof(j->source)) ||
+	    !public_scope(size, scope, sizeof(scope)) ||
+	    !media_token_open(app->media_key, scope, token, j->source, sizeof(j->source)) ||
 	    strncmp(j->source, "https://", 8) != 0) {
 		free(j);
 		cw_req_problem(req, 404, "unknown_media", "Not found", "no file with that token");
 		return;
 	}
 	j->public = true;
-	start_fetch(app, req, j);
+	/* The declared size, as the MAC vouches for it: a longer file is
+	 * refused (413) as it is on Matrix (until the seventeenth session the
+	 * link fetched up to server.media_max_bytes whatever was declared). */
+	start_fetch(app, req, j, size ? (size_t)strtoull(size, NULL, 10) : (size_t)app->cfg->media_max_bytes);
 }

@@ -23,9 +23,11 @@ void peer_api_media(struct cw_req *req, void *ctx);
 /* A peer's file (url: https://) for a local user whose client can only
  * follow a link (XMPP, XEP-0066): the capability URL
  * {public_url}/media/{token} under which Causeway fetches it (signed, as
- * every request to a peer) and answers it, as XEP-0363's GET URLs work;
- * false when it cannot be made (then the url stays as it is). */
-bool peer_media_public_url(struct cw_app *app, const char *url, char *out, size_t len);
+ * every request to a peer) and answers it, as XEP-0363's GET URLs work,
+ * at most size bytes (the size its attachment declares; negative: none
+ * declared, at most server.media_max_bytes); false when it cannot be made
+ * (then the url stays as it is). */
+bool peer_media_public_url(struct cw_app *app, const char *url, long long size, char *out, size_t len);
 /* The event with its https:// attachment URLs turned into such links (a
  * new reference: ev itself when it has none). */
 json_t *peer_media_public(struct cw_app *app, json_t *ev);

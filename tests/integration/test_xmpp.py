@@ -1824,3 +1824,40 @@ def test_fetches_started_together_stay_within_the_held_budget(make_daemon, db_ur
     finally:
         srv.close()
         media.close()
+
+
+def test_a_link_fetches_no_more_than_the_declared_size(make_daemon, db_url, prosody, alice, tmp_path):
+    """A peer's file reaches XMPP as a link whose MAC covers the size its
+    attachment declares (what a rule's max_attachment_bytes judged): a
+    file longer than that is answered 413, not sent, and the size in the
+    link cannot be changed. Until the seventeenth session the link fetched
+    up to server.media_max_bytes whatever was declared."""
+    media = MediaServer(tmp_path)
+    d, a, srv = start_with_gk(make_daemon, db_url, prosody, server={"ca_file": media.cert_file,
+                                                                     "media_private_addresses": "true"})
+    try:
+        consent_alice(d)
+        room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+        data = os.urandom(30008)
+        url = media.put("/f/lies.jpg", "image/jpeg", data)
+        _, link = photo_link(a, alice, room, url, data[:10])  # declares 10 bytes
+        r = requests.get(link, timeout=10)
+        assert r.status_code == 413 and r.json()["code"] == "too_large", (r.status_code, r.text[:200])
+        assert "declared size" in r.json()["detail"]
+        bigger = link.replace("size=10", "size=30008")
+        assert bigger != link and link.endswith("&size=10")
+        for bad in (bigger, link[:-len("&size=10")]):  # nor can the size be left out
+            r = requests.get(bad, timeout=10)
+            assert r.status_code == 404 and r.json()["code"] == "unknown_media", (bad, r.text[:200])
+        r = post(a, f"/v1/rooms/{room}/messages", {
+            "type": "message", "sender": a.user("wally"),
+            "content": {"attachments": [{"content_type": "image/jpeg", "url": url, "size": len(data)}]}})
+        assert r.status_code == 202, r.text
+        oob = lambda el: el.find("{jabber:x:oob}x") is not None and \
+            el.find("{jabber:x:oob}x").find("{jabber:x:oob}url").text.endswith("&size=30008")
+        honest = message_from(alice, WALLY_JID, oob).find("{jabber:x:oob}x").find("{jabber:x:oob}url").text
+        r = requests.get(honest, timeout=10)
+        assert r.status_code == 200 and r.content == data
+    finally:
+        srv.close()
+        media.close()
