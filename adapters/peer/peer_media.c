@@ -148,13 +148,17 @@ static void fetch(void *arg)
 {
 	struct media_job *j = arg;
 	struct cw_app *app = j->app;
-	if (!reserve(app, j->b.max)) { /* this one may take up to max */
+	/* As much as any fetch may take, server.media_max_bytes (a link's cap,
+	 * its declared size, may be smaller; reserving it would make the gauge
+	 * show a file as held before it has come, and the sizes are alike). */
+	size_t most = (size_t)app->cfg->media_max_bytes;
+	if (!reserve(app, most)) {
 		j->over = true;
 		j->rc = CW_EUNAVAIL;
 		fetched(j);
 		return;
 	}
-	j->reserved = j->b.max;
+	j->reserved = most;
 	if (!j->public) {
 		j->rc = app->media.fetch(app->media.ctx, j->source, &j->b, &j->status, &j->err);
 	} else {
@@ -172,9 +176,9 @@ static void fetch(void *arg)
  * keeps them): counted, so that the fetches' memory stays within
  * server.media_fetches x server.media_max_bytes however slowly the
  * answers are read (before, a reader that never read kept its file:
- * 24 such readers of a 19 MiB file took 485 MB).  A fetch reserves its
- * cap when it starts (reserve) and keeps its file's real size once it has
- * it: until the seventeenth session fetches running reserved nothing, and
+ * 24 such readers of a 19 MiB file took 485 MB).  A fetch reserves
+ * server.media_max_bytes when it starts (reserve) and keeps its file's
+ * real size once it has it: until the seventeenth session fetches running reserved nothing, and
  * fetches that started together all passed the check. */
 struct held {
 	struct cw_app *app;

@@ -1812,7 +1812,7 @@ def test_fetches_started_together_stay_within_the_held_budget(make_daemon, db_ur
         wait_until(lambda: held() == len(data), what="the slow reader's file held")
         media.delay[path] = 1.5
         with concurrent.futures.ThreadPoolExecutor(2) as ex:
-            both = [ex.submit(requests.get, link, timeout=20) for _ in range(2)]
+            both = [ex.submit(requests.get, link, timeout=60) for _ in range(2)]
             codes = sorted(f.result().status_code for f in both)
         assert codes == [200, 503], codes
         slow.close()
