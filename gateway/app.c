@@ -220,7 +220,8 @@ static void metrics_done(void *arg, cw_err rc, const cw_errmsg *e)
 			  "File fetches refused because server.media_fetches were running (answered: try again).", NULL,
 			  (double)ws.refused);
 	cw_metrics_sample(&b, "causeway_media_held_bytes", "gauge",
-			  "Bytes of fetched files whose answers are being sent (at most server.media_fetches x "
+			  "Bytes held for file links: server.media_max_bytes reserved by each fetch running, the size "
+			  "of each fetched file whose answer is being sent (at most server.media_fetches x "
 			  "server.media_max_bytes; past it new fetches are answered 503).",
 			  NULL, (double)atomic_load(&app->media_held));
 	if (rc == CW_OK) {
