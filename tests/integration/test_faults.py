@@ -231,7 +231,8 @@ def test_writes_blocked_by_a_lock_are_answered_503_near_their_deadline(make_daem
             with concurrent.futures.ThreadPoolExecutor(8) as ex:
                 got = list(ex.map(one, range(8)))
             assert all(st == 503 and ra for st, ra, _ in got), got
-            assert max(t for _, _, t in got) < 6, got  # the deadline (3 s) and one statement's timeout
+            # the deadline (3 s) and one statement's timeout (1 s), with room for a loaded machine
+            assert max(t for _, _, t in got) < 8, got
             assert pg.psql("SELECT count(*) FROM events", db_url) == before
         finally:
             pg.psql("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE relation = 'outbox'::regclass "
@@ -271,7 +272,7 @@ def test_sigterm_while_the_database_blocks_writes_exits_in_bounded_time(make_dae
                 assert d.wait_exit(30) == 0
                 took = time.time() - t0
                 statuses = [c.result().status_code for c in calls]
-            assert took < 12, took
+            assert took < 20, took  # some 7 s here; it was over 30 (systemd's TimeoutStopSec)
             assert set(statuses) <= {503}, statuses  # answered, and nothing taken that was not stored
         finally:
             pg.psql("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE relation = 'outbox'::regclass "
