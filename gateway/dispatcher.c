@@ -1005,9 +1005,11 @@ void dispatcher_stop(struct dispatcher *d)
 	/* A lane finishes its batch (its outcome recorded: not sent again by
 	 * the next start); one blocked in the database (a lock) for 2 s has
 	 * its statement cancelled, and its rows go again after their claim. */
+	struct timespec grace; /* one for all the lanes: blocked ones do not add up */
+	store_grace(&grace, 2000);
 	for (int i = 0; d->lanes && i < d->nlanes; i++)
 		if (d->lanes[i].started)
-			store_join_cancelling(d->lanes[i].thread, &d->lanes[i].cancel, 2000);
+			store_join_cancelling(d->lanes[i].thread, &d->lanes[i].cancel, &grace);
 	if (d->keeper_started)
 		pthread_join(d->keeper, NULL);
 }

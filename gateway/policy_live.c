@@ -958,7 +958,9 @@ void policy_live_stop(struct policy_live *pl)
 	atomic_store(&pl->stop, true);
 	policy_live_poke(pl);
 	/* a sweep blocked in the database (a lock) is cancelled after 2 s */
-	store_join_cancelling(pl->thread, &pl->cancel, 2000);
+	struct timespec grace;
+	store_grace(&grace, 2000);
+	store_join_cancelling(pl->thread, &pl->cancel, &grace);
 	pl->started = false;
 	pthread_mutex_lock(&pl->mu); /* whoever waits for a load waits no more */
 	pthread_cond_broadcast(&pl->loaded);

@@ -163,12 +163,17 @@ cw_err store_result_err(PGconn *c, const PGresult *r, cw_errmsg *e)
 	if (state && (strcmp(state, "40P01") == 0 || strcmp(state, "40001") == 0))
 		return cw_fail(e, CW_ERETRY, "%s", msg);
 	/* 08: connection exception, 57P: operator intervention (shutdown),
-	 * 53: insufficient resources (disk full): the database is away; so it
-	 * is for this statement when it waited past statement_timeout (57014)
-	 * or lock_timeout (55P03): a lock held by a migration, say. */
+	 * 53: insufficient resources (disk full): the database is away. */
 	if (state && (strncmp(state, "08", 2) == 0 || strncmp(state, "57P", 3) == 0 ||
-		      strncmp(state, "53", 2) == 0 || strcmp(state, "57014") == 0 || strcmp(state, "55P03") == 0))
+		      strncmp(state, "53", 2) == 0))
 		return cw_fail(e, CW_EUNAVAIL, "database unavailable: %s", msg);
+	/* The statement waited past statement_timeout (57014) or lock_timeout
+	 * (55P03): a lock held by a migration, say.  Answered 503 as for a
+	 * database away, but the connection is good: not dropped, not tried
+	 * again on a fresh one (a reader does that for CW_EUNAVAIL), and the
+	 * database not reported down. */
+	if (state && (strcmp(state, "57014") == 0 || strcmp(state, "55P03") == 0))
+		return cw_fail(e, CW_ETIMEDOUT, "the database did not answer in time: %s", msg);
 	/* No SQLSTATE: libpq's own error, not the server's ("server closed
 	 * the connection unexpectedly" comes before the connection is marked
 	 * bad when it is noticed on a write).  The database is away. */
@@ -919,9 +924,11 @@ void store_stop(struct cw_store *s)
 		return;
 	/* A statement blocked in the database (a lock) is cancelled after 2 s:
 	 * its jobs answer 503, nothing half-stored (docs/faults.md). */
-	store_join_cancelling(s->writer, &s->wconn.cancel, 2000);
+	struct timespec grace;
+	store_grace(&grace, 2000);
+	store_join_cancelling(s->writer, &s->wconn.cancel, &grace);
 	for (int i = 0; i < s->o.readers; i++)
-		store_join_cancelling(s->readers[i].thread, &s->readers[i].conn.cancel, 2000);
+		store_join_cancelling(s->readers[i].thread, &s->readers[i].conn.cancel, &grace);
 }
 
 void store_close(struct cw_store *s)
@@ -982,10 +989,14 @@ void store_canceller_destroy(struct store_canceller *k)
 	pthread_mutex_destroy(&k->mu);
 }
 
-void store_join_cancelling(pthread_t t, struct store_canceller *k, long grace_ms)
+void store_grace(struct timespec *until, long grace_ms)
 {
-	struct timespec until;
-	cw_deadline_ts(&until, CLOCK_REALTIME, (int64_t)grace_ms * 1000);
+	cw_deadline_ts(until, CLOCK_REALTIME, (int64_t)grace_ms * 1000);
+}
+
+void store_join_cancelling(pthread_t t, struct store_canceller *k, const struct timespec *grace_until)
+{
+	struct timespec until = *grace_until;
 	/* Cancelled, a thread may still have a statement or two to run before
 	 * it sees the stop (each blocked the same way): cancelled again. */
 	for (int round = 0; pthread_timedjoin_np(t, NULL, &until) != 0; round++) {

@@ -158,8 +158,10 @@ int store_wait_notify(PGconn *c, int wake_fd, int timeout_ms,
  * (a dispatcher lane, the policy thread) blocked in the database (a lock a
  * migration holds) would hold the daemon's stop for its statement_timeout.
  * store_canceller_set names the thread's connection (NULL before it
- * finishes it); store_join_cancelling joins the thread, and past grace_ms
- * cancels its statement (PQcancel), then joins. */
+ * finishes it); store_join_cancelling joins the thread, and past grace_until
+ * (CLOCK_REALTIME; one deadline for all the threads a stop joins, so that
+ * blocked threads do not add up their grace) cancels its statement
+ * (PQcancel), then joins.  store_grace sets a deadline grace_ms from now. */
 struct store_canceller {
 	pthread_mutex_t mu;
 	PGcancel *cancel;
@@ -167,6 +169,7 @@ struct store_canceller {
 void store_canceller_init(struct store_canceller *k);
 void store_canceller_set(struct store_canceller *k, PGconn *c);
 void store_canceller_destroy(struct store_canceller *k);
-void store_join_cancelling(pthread_t t, struct store_canceller *k, long grace_ms);
+void store_grace(struct timespec *until, long grace_ms);
+void store_join_cancelling(pthread_t t, struct store_canceller *k, const struct timespec *grace_until);
 
 #endif

@@ -2,6 +2,7 @@
 database stopped and started. Every message that got a 202 is delivered,
 none twice after the peer's deduplication, in order per room."""
 import concurrent.futures
+import contextlib
 import re
 import signal
 import socket
@@ -200,6 +201,27 @@ def test_a_backlog_that_all_waits_is_not_scanned_on_every_commit(make_daemon, db
         d.stop()
 
 
+@contextlib.contextmanager
+def outbox_locked(pg, db_url, mode):
+    """outbox locked IN mode by another session (as a migration's ALTER
+    TABLE locks it) for as long as the block runs; the lock goes at its end
+    (the session is terminated: a killed psql would leave its sleep on)."""
+    import subprocess
+    locker = subprocess.Popen(["psql", db_url, "-qAtc",
+                               f"BEGIN; LOCK TABLE outbox IN {mode} MODE; SELECT pg_sleep(120); COMMIT;"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    held = "".join(w.capitalize() for w in mode.lower().split()) + "Lock"
+    try:
+        wait_until(lambda: pg.psql("SELECT count(*) FROM pg_locks WHERE relation = 'outbox'::regclass "
+                                   f"AND mode = '{held}' AND granted", db_url) == "1", what="the lock")
+        yield
+    finally:
+        pg.psql("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE relation = 'outbox'::regclass "
+                f"AND mode = '{held}'", db_url)
+        locker.kill()
+        locker.wait()
+
+
 def test_writes_blocked_by_a_lock_are_answered_503_near_their_deadline(make_daemon, db_url, pg):
     """A lock held on the outbox (a migration's ADD CONSTRAINT, say) blocks
     every write: each request is answered 503 with Retry-After near its
@@ -207,7 +229,6 @@ def test_writes_blocked_by_a_lock_are_answered_503_near_their_deadline(make_daem
     Before, a statement that waited out statement_timeout (57014) was a
     500, and the batch's other jobs, run again one after another, each
     waited it out too, far past their deadline."""
-    import subprocess
     d = make_daemon(db_url, options={"database": {"statement_timeout_ms": "1000",
                                                   "request_timeout_ms": "3000"}}).start()
     (a, _), (b, sb) = push_peers(d)
@@ -215,13 +236,7 @@ def test_writes_blocked_by_a_lock_are_answered_503_near_their_deadline(make_daem
         room = a.create_room([a.user("alice"), b.user("bob")]).json()["id"]
         assert a.send(room, a.user("alice"), "warm").status_code == 202
         before = pg.psql("SELECT count(*) FROM events", db_url)
-        locker = subprocess.Popen(["psql", db_url, "-qAtc",
-                                   "BEGIN; LOCK TABLE outbox IN SHARE MODE; SELECT pg_sleep(30); COMMIT;"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_until(lambda: pg.psql("SELECT count(*) FROM pg_locks WHERE relation = 'outbox'::regclass "
-                                       "AND mode = 'ShareLock' AND granted", db_url) == "1", what="the lock")
-
+        with outbox_locked(pg, db_url, "SHARE"):
             def one(i):
                 t0 = time.time()
                 r = a.call("POST", f"/v1/rooms/{room}/messages", {
@@ -234,11 +249,6 @@ def test_writes_blocked_by_a_lock_are_answered_503_near_their_deadline(make_daem
             # the deadline (3 s) and one statement's timeout (1 s), with room for a loaded machine
             assert max(t for _, _, t in got) < 8, got
             assert pg.psql("SELECT count(*) FROM events", db_url) == before
-        finally:
-            pg.psql("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE relation = 'outbox'::regclass "
-                    "AND mode = 'ShareLock'", db_url)  # the lock goes (a killed psql leaves its pg_sleep running)
-            locker.kill()
-            locker.wait()
         wait_until(lambda: a.send(room, a.user("alice"), "after").status_code == 202, what="writes again")
     finally:
         sb.close()
@@ -249,18 +259,12 @@ def test_sigterm_while_the_database_blocks_writes_exits_in_bounded_time(make_dae
     (a lock on outbox): the dispatcher's lanes, the policy's sweeps, the
     writer. Before, each waited out its statement timeout (30 s, 10 s) in
     turn, and the stop took some 37 s, past systemd's TimeoutStopSec."""
-    import subprocess
     d = make_daemon(db_url, options={"server": {"drain_timeout_ms": "1000"}}).start()
     (a, _), (b, sb) = push_peers(d)
     try:
         room = a.create_room([a.user("alice"), b.user("bob")]).json()["id"]
         assert a.send(room, a.user("alice"), "warm").status_code == 202
-        locker = subprocess.Popen(["psql", db_url, "-qAtc",
-                                   "BEGIN; LOCK TABLE outbox IN SHARE MODE; SELECT pg_sleep(60); COMMIT;"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_until(lambda: pg.psql("SELECT count(*) FROM pg_locks WHERE relation = 'outbox'::regclass "
-                                       "AND mode = 'ShareLock' AND granted", db_url) == "1", what="the lock")
+        with outbox_locked(pg, db_url, "SHARE"):
             with concurrent.futures.ThreadPoolExecutor(4) as ex:
                 calls = [ex.submit(a.call, "POST", f"/v1/rooms/{room}/messages", {
                     "type": "message", "sender": a.user("alice"),
@@ -274,10 +278,24 @@ def test_sigterm_while_the_database_blocks_writes_exits_in_bounded_time(make_dae
                 statuses = [c.result().status_code for c in calls]
             assert took < 20, took  # some 7 s here; it was over 30 (systemd's TimeoutStopSec)
             assert set(statuses) <= {503}, statuses  # answered, and nothing taken that was not stored
-        finally:
-            pg.psql("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE relation = 'outbox'::regclass "
-                    "AND mode = 'ShareLock'", db_url)
-            locker.kill()
-            locker.wait()
     finally:
         sb.close()
+
+
+def test_a_read_that_waits_out_a_lock_is_503_and_the_database_stays_up(make_daemon, db_url, pg):
+    """A read blocked by a lock (a migration's on outbox) answers 503 after
+    one statement timeout, on the same connection: the daemon does not take
+    the database for gone. A review found the first fix of this session
+    treating the timeout as a lost connection: the read ran twice, the
+    reader reconnected and /readyz said the database was down."""
+    d = make_daemon(db_url, options={"database": {"statement_timeout_ms": "1500", "request_timeout_ms": "10000",
+                                                  "pool_size": "1"}}).start()
+    assert d.admin("GET", "/outbox?state=dead").status_code == 200
+    with outbox_locked(pg, db_url, "ACCESS EXCLUSIVE"):
+        t0 = time.time()
+        r = d.admin("GET", "/outbox?state=dead")
+        took = time.time() - t0
+        assert r.status_code == 503 and r.headers.get("Retry-After"), r.text
+        assert took < 2.5, took  # one statement timeout (1.5 s), not two
+        assert d.get("/readyz").status_code == 200
+        assert not [x for x in d.records if x.get("msg") == "database unreachable"]
