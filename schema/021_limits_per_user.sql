@@ -9,8 +9,18 @@
 -- A gatekeeper's domain rule of 3 consent requests a day meant 3 per user:
 -- read the new way it would allow 3 for the whole gatekeeper, so the limits
 -- of rules that are not about one user move to their per-user names.  A
--- user rule's stay as they are: per user and the whole subject are the same
--- there.
+-- user rule's stay as they are and are copied to the per-user names too
+-- (per user and the whole subject are the same there): each limit comes
+-- from the most specific rule that sets it, and a user rule that lifted
+-- its domain's limit for one user (10 new rooms an hour where the domain
+-- allows 1) must lift the domain's per-user limit as well.
+UPDATE rules
+   SET limits = limits ||
+                jsonb_strip_nulls(jsonb_build_object(
+                    'new_conversations_per_hour_per_user', limits -> 'new_conversations_per_hour',
+                    'consent_requests_per_day_per_user', limits -> 'consent_requests_per_day'))
+ WHERE scope = 'user'
+   AND (limits ? 'new_conversations_per_hour' OR limits ? 'consent_requests_per_day');
 UPDATE rules
    SET limits = (limits - 'new_conversations_per_hour' - 'consent_requests_per_day') ||
                 jsonb_strip_nulls(jsonb_build_object(

@@ -275,8 +275,10 @@ def test_domain_and_network_rules_keep_their_limits_per_user(db_url, pg, tmp_pat
     consent_requests_per_day were per remote user under any rule; they now
     bound a domain or network rule's whole subject, so a domain or network
     rule's move to their _per_user names (a gatekeeper's 3 consent requests
-    a day stay 3 per user, not 3 for all). A user rule's stay: per user and
-    the whole subject are the same there. Other limits are not touched."""
+    a day stay 3 per user, not 3 for all). A user rule's stay, and are
+    copied to the _per_user names (the same there): a user rule that lifted
+    its domain's limit for one user lifts the domain's per-user limit too.
+    Other limits are not touched."""
     rest = migrated_before(tmp_path, db_url, "021")
     pg.psql("INSERT INTO rules (id, scope, pattern, mode, limits, created_by) VALUES "
             "(1, 'domain', 'gk.example', NULL, '{\"consent_requests_per_day\": 3, \"messages_per_minute\": 60}', "
@@ -295,7 +297,8 @@ def test_domain_and_network_rules_keep_their_limits_per_user(db_url, pg, tmp_pat
         '2|{"messages_per_minute_per_user": 7, "consent_requests_per_day_per_user": 5, '
         '"new_conversations_per_hour_per_user": 2}',
         '3|{"new_conversations_per_hour_per_user": 4}',
-        '4|{"consent_requests_per_day": 1, "new_conversations_per_hour": 1}',
+        '4|{"consent_requests_per_day": 1, "new_conversations_per_hour": 1, '
+        '"consent_requests_per_day_per_user": 1, "new_conversations_per_hour_per_user": 1}',
         '5|{}',
         '6|{"max_body_bytes": 100}',
     ], rows
