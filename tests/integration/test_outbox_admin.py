@@ -19,7 +19,11 @@ def test_dead_letters_are_listed_and_replayed(make_daemon, db_url, pg):
         return r.json()["rows"] if len(r.json()["rows"]) == 3 else None
     rows = wait_until(dead_rows, what="three dead letters")
     assert [x["message"] for x in rows] == ids
-    assert all(x["attempts"] == 2 and "503" in x["last_error"] for x in rows)
+    # the first ran out of tries; the later ones ran out too, or went dead
+    # with it having tried less (when written after its first try)
+    assert rows[0]["attempts"] == 2 and "503" in rows[0]["last_error"], rows
+    assert all(x["attempts"] <= 2 and ("503" in x["last_error"] or "earlier message" in x["last_error"])
+               for x in rows), rows
     # Paging.
     page = d.admin("GET", "/outbox?state=dead&limit=2").json()
     assert len(page["rows"]) == 2 and page["next_after"] == rows[1]["id"]
