@@ -7,7 +7,8 @@
  *             first contact with both identities, their bindings and the
  *             room binding), the neutral ids of the XMPP ids the stanza
  *             refers to, and the sender's current reactions to them;
- *             then the stanza is mapped (xm_to_neutral)
+ *             then the stanza is mapped (xm_to_neutral); first-contact
+ *             rows are rolled back when it is refused or carries nothing
  *   rounds    the pipeline's (policy, events, outbox)
  *   last      the message's XMPP ids (id and origin-id), for references
  * and answered with a stanza error when refused.  Stanza ids are only
@@ -110,6 +111,8 @@ struct xin {
 	int final_round;                 /* the round after the pipeline: ids kept, drops seen */
 	const char *err_type, *err_cond;
 	char err_text[300];              /* the error's text for the user ("" : none) */
+	bool fresh;                      /* this run's round 0 made the chat's rows (first contact) */
+	bool undone;                     /* refused at first contact: its transaction undone on purpose */
 	struct xin *next_waiting;        /* xc->in_waiting's next */
 };
 
@@ -181,7 +184,7 @@ static cw_err in_lookup_send(PGconn *c, struct xin *in, cw_errmsg *e)
 		"  AND n.kind IN ('id', 'origin_id') AND n.native_id = room.room_id || '/' || x.id LIMIT 1), "
 		"  (SELECT f.id FROM events f, room WHERE f.public_id = x.id AND f.room_id = room.room_id))) AS msg "
 		"  FROM jsonb_array_elements_text($11::jsonb) AS x(id)) "
-		"SELECT 'room', (SELECT room_id::text FROM room), (SELECT 't' FROM p), NULL "
+		"SELECT 'room', (SELECT room_id::text FROM room), (SELECT 't' FROM p), (SELECT 't'::text FROM nb) "
 		"UNION ALL SELECT 'ref', nid, msg, NULL FROM refs WHERE msg IS NOT NULL "
 		"UNION ALL SELECT 'rx', t.public_id, r.content->'content'->'parts'->0->>'body', r.public_id FROM refs "
 		"  JOIN events t ON t.public_id = refs.msg JOIN events r ON r.in_reply_to_id = t.id AND r.type = 'reaction' "
@@ -197,6 +200,16 @@ static void refuse(struct xin *in, const char *type, const char *cond)
 	in->err_type = type;
 	in->err_cond = cond;
 	in->err_text[0] = '\0';
+}
+
+/* A stanza refused (or carrying nothing) on first contact stores nothing:
+ * failing the job rolls its writes back, the identities and the chat's
+ * rows round 0 made with them (until the eighteenth session they stayed).
+ * in_answer tells this failure from the database's. */
+static cw_err undo_first_contact(struct xin *in, cw_errmsg *e)
+{
+	in->undone = true;
+	return cw_fail(e, CW_EINVAL, "refused on first contact: nothing stored");
 }
 
 /* The stanza's events into the pipeline's items; false (with err set, or
@@ -326,10 +339,13 @@ static cw_err in_recv(PGconn *c, void *arg, int round, bool *more, cw_errmsg *e)
 		in->err_type = in->err_cond = NULL;
 		in->final_round = 0;
 		in->room_id[0] = '\0';
+		in->fresh = in->undone = false;
 		for (int i = 0; i < PQntuples(r); i++) {
 			const char *kind = PQgetvalue(r, i, 0), *k = PQgetvalue(r, i, 1);
-			if (strcmp(kind, "room") == 0 && !PQgetisnull(r, i, 1))
+			if (strcmp(kind, "room") == 0 && !PQgetisnull(r, i, 1)) {
 				snprintf(in->room_id, sizeof(in->room_id), "%s", k);
+				in->fresh = !PQgetisnull(r, i, 3);
+			}
 			else if (strcmp(kind, "ref") == 0)
 				json_object_set_new(in->map, k, json_string(PQgetvalue(r, i, 2)));
 			else if (strcmp(kind, "rx") == 0 && !PQgetisnull(r, i, 2)) {
@@ -357,6 +373,8 @@ static cw_err in_recv(PGconn *c, void *arg, int round, bool *more, cw_errmsg *e)
 		bool any;
 		if ((rc = in_convert(in, &any, e)))
 			return rc;
+		if (in->fresh && (!any || in->err_cond))
+			return undo_first_contact(in, e);
 		*more = any && !in->err_cond;
 		return CW_OK;
 	}
@@ -373,6 +391,7 @@ static cw_err in_recv(PGconn *c, void *arg, int round, bool *more, cw_errmsg *e)
 	cw_err rc = submit_recv(c, in->b, round - 1, more, e);
 	if (rc || *more)
 		return rc;
+	bool taken = true; /* no event refused outright (one the policy drops is stored) */
 	for (size_t i = 0; i < submit_count(in->b); i++) {
 		const char *code, *detail;
 		int st = submit_result(in->b, i, &code, &detail);
@@ -402,8 +421,11 @@ static cw_err in_recv(PGconn *c, void *arg, int round, bool *more, cw_errmsg *e)
 			refuse(in, "wait", "internal-server-error");
 		else
 			refuse(in, "modify", "bad-request");
+		taken = false;
 		break;
 	}
+	if (!taken && in->fresh)
+		return undo_first_contact(in, e);
 	if (in->final_round == -1) {
 		in->final_round = round + 1;
 		*more = true;
@@ -499,9 +521,11 @@ static void answer(struct xcomp *xc, const char *text, const char *type, const c
 /* What the user's client is told of in, and what follows its being taken. */
 static void in_answer(struct xin *in, cw_err rc, const cw_errmsg *e)
 {
-	if (rc) {
+	if (rc && !(rc == CW_EINVAL && in->undone)) {
 		LOG_KV(CW_LOG_WARN, "xmpp message not stored", "component", in->xc->domain, "detail", e ? e->msg : "");
 		answer(in->xc, in->text, "wait", "internal-server-error", NULL);
+	} else if (rc && !in->err_cond) {
+		/* nothing to carry, nothing stored: no answer, as for a known chat */
 	} else if (in->err_cond) {
 		answer(in->xc, in->text, in->err_type, in->err_cond, in->err_text);
 	} else if (in->leave) {

@@ -281,7 +281,8 @@ bool xa_muc_invite(struct xcomp *xc, xmpp_ctx_t *ctx, const char *room, const ch
 		   char **text, size_t *len);
 /* A local user's invitations (XEP-0045 §7.8.2, a message to the room with
  * <invite to=/>): the invited (remote users of this component, local
- * users) become members of a group hosted here; true when st was one. */
+ * users) become members of a group hosted here; true when st was one, or
+ * an invitation sent elsewhere than to a room (refused: bad-request). */
 bool xa_muc_invites(struct xcomp *xc, xmpp_stanza_t *st);
 /* Housekeeping of the stream's holder: members added to or removed from
  * a group since its occupants were told come or go as presences; a user

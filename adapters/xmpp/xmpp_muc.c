@@ -1478,9 +1478,16 @@ bool xa_muc_invites(struct xcomp *xc, xmpp_stanza_t *st)
 	xmpp_stanza_t *x = xmpp_stanza_get_child_by_name_and_ns(st, "x", NS_MUC_USER);
 	char public_id[EVENT_OPAQUE_ID_MAX + 1], room[XJ_JID_MAX + 1], nick[NICK_MAX + 1];
 	char user[1100], local[MIMI_LOCAL_MAX + 1];
-	if (!x || !xmpp_stanza_get_child_by_name(x, "invite") ||
-	    !xa_muc_room(xc, to, public_id, sizeof(public_id), room, sizeof(room), nick, sizeof(nick)) || nick[0])
+	if (!x || !xmpp_stanza_get_child_by_name(x, "invite"))
 		return false;
+	if (!xa_muc_room(xc, to, public_id, sizeof(public_id), room, sizeof(room), nick, sizeof(nick)) || nick[0]) {
+		/* A mediated invitation goes to the room (XEP-0045 §7.8.2): one
+		 * to a user or an occupant is malformed, and refused before
+		 * anything is stored (until the eighteenth session it passed
+		 * as a message carrying nothing, unanswered). */
+		xa_send_now(xc, xa_error_reply(st, "modify", "bad-request", NULL));
+		return true;
+	}
 	if (!xa_local_user(xc->x, from, user, sizeof(user), local, sizeof(local)) ||
 	    !xa_muc_is_occupant(xc, room, from)) {
 		xa_send_now(xc, xa_error_reply(st, "modify", "not-acceptable", NULL));

@@ -1284,6 +1284,39 @@ def test_hostile_stanzas_get_errors_and_store_nothing(xd, gk, alice, pg, db_url)
     assert pg.psql("SELECT count(*) FROM outbox WHERE state IN ('pending', 'delivered')", db_url) == "0"
 
 
+def test_a_refused_first_stanza_to_a_contact_stores_nothing(xd, gk, alice, pg, db_url):
+    """A first stanza to a remote user that is refused, or carries nothing,
+    leaves no identity, binding or room behind; a malformed one is answered
+    with a stanza error."""
+    tables = ("identities", "identity_bindings", "rooms", "room_members", "room_bindings")
+
+    def counts():
+        return [pg.psql(f"SELECT count(*) FROM {t}", db_url) for t in tables]
+
+    before = counts()
+    # A mediated invitation sent to a user, not to a room (XEP-0045 §7.8.2).
+    alice.send_raw(f"<message to='{WALLY_JID}' id='f1'><x xmlns='{MUC_USER}'>"
+                   f"<invite to='bob@{HOST}'/></x></message>")
+    el = alice.wait_for_message(lambda m: m.get("id") == "f1" and m.get("type") == "error")
+    assert el.find("{jabber:client}error/{urn:ietf:params:xml:ns:xmpp-stanzas}bad-request") is not None, \
+        ET.tostring(el, encoding="unicode")
+    # Nothing the gateway maps, to another new contact: no answer (as in a
+    # known chat), and nothing made for it.
+    def failed_writes():
+        return int(re.search(r"^causeway_db_writes_failed_total (\d+)", xd.get("/metrics").text, re.M).group(1))
+
+    failed = failed_writes()
+    alice.send_raw(f"<message to='zed@{COMP}' type='chat' id='f2'><foo xmlns='urn:example:x'/></message>")
+    # Its write is undone: a failed write, the only one here.
+    wait_until(lambda: failed_writes() == failed + 1, what="the first contact's write undone")
+    assert counts() == before
+    # A message that is carried still makes the chat on first contact.
+    consent_alice(xd)
+    alice.send_raw(f"<message to='{WALLY_JID}' type='chat' id='f3'><body>hi</body></message>")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM room_bindings WHERE network = 'xmpp'", db_url) == "1",
+               what="the chat's binding")
+
+
 def test_prosody_restart_mid_stream(xd, gk, prosody, pg, db_url):
     a, srv = gk
     consent_alice(xd)
