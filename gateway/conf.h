@@ -20,6 +20,7 @@ struct cw_config {
 	char *domain;
 	long media_max_bytes;
 	long media_fetches;
+	long media_link_lifetime_s;
 	bool media_private_addresses;
 	char *ca_file;
 	/* [peer] */

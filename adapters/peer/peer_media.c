@@ -34,33 +34,46 @@ static bool base_url(struct cw_app *app, char *out, size_t len)
 #define PUBLIC_SCOPE "\npublic"
 #define FETCH_TIMEOUT_MS 30000L
 
-/* The scope of a public token for a file of a declared size (size: its
- * decimal digits): the MAC covers the size too, so the link caps the
- * fetch at what the policy's max_attachment_bytes judged.  The digits
- * hold no line feed, so this scope is no peer's nor another size's. */
-static bool public_scope(const char *size, char *out, size_t len)
+static bool decimal(const char *s)
 {
-	if (!size)
-		return (size_t)snprintf(out, len, "%s", PUBLIC_SCOPE) < len;
-	return strspn(size, "0123456789") == strlen(size) && *size && strlen(size) <= 19 &&
-	       (size_t)snprintf(out, len, "%s\n%s", PUBLIC_SCOPE, size) < len;
+	return *s && strlen(s) <= 19 && strspn(s, "0123456789") == strlen(s);
+}
+
+/* The scope of a public token for a file of a declared size (size: its
+ * decimal digits; NULL: none declared) that may be followed until exp
+ * (unix seconds, decimal): the MAC covers both, so the link caps the
+ * fetch at what the policy's max_attachment_bytes judged and ends after
+ * server.media_link_lifetime_s.  exp NULL: the scope of a link made before
+ * the eighteenth session (no expiry; "\npublic" or "\npublic\n<size>"),
+ * only to tell such a link from a forged one.  The digits hold no line
+ * feed, so this scope is no peer's nor another size's or time's. */
+static bool public_scope(const char *size, const char *exp, char *out, size_t len)
+{
+	if ((size && !decimal(size)) || (exp && !decimal(exp)))
+		return false;
+	if (!exp)
+		return (size_t)snprintf(out, len, "%s%s%s", PUBLIC_SCOPE, size ? "\n" : "", size ? size : "") < len;
+	return (size_t)snprintf(out, len, "%s\n%s\n%s", PUBLIC_SCOPE, size ? size : "", exp) < len;
 }
 
 /* A peer's URL may be long (a CDN's signed link): the source goes in the
- * query, the MAC in the path, /media/<MAC>?src=<base64url source>&size=<n>. */
+ * query, the MAC in the path,
+ * /media/<MAC>?src=<base64url source>[&size=<n>]&exp=<unix seconds>. */
 bool peer_media_public_url(struct cw_app *app, const char *url, long long size, char *out, size_t len)
 {
-	char base[600], token[3 * MEDIA_URL_MAX], digits[24], scope[48];
+	char base[600], token[3 * MEDIA_URL_MAX], digits[24], exp[24], scope[64];
 	snprintf(digits, sizeof(digits), "%lld", size);
+	snprintf(exp, sizeof(exp), "%lld", (long long)(cw_wall_ms() / 1000) + (long long)app->cfg->media_link_lifetime_s);
 	if (strncmp(url, "https://", 8) != 0 || !base_url(app, base, sizeof(base)) ||
-	    !public_scope(size >= 0 ? digits : NULL, scope, sizeof(scope)) ||
+	    !public_scope(size >= 0 ? digits : NULL, exp, scope, sizeof(scope)) ||
 	    !media_token_make(app->media_key, scope, url, token, sizeof(token)))
 		return false;
 	char *dot = strrchr(token, '.');
 	*dot = '\0';
 	if (size < 0)
-		return (size_t)snprintf(out, len, "%s/media/%s?src=%s", base, dot + 1, token + 3) < len;
-	return (size_t)snprintf(out, len, "%s/media/%s?src=%s&size=%s", base, dot + 1, token + 3, digits) < len;
+		return (size_t)snprintf(out, len, "%s/media/%s?src=%s&exp=%s", base, dot + 1, token + 3, exp) < len;
+	return (size_t)snprintf(out, len, "%s/media/%s?src=%s&size=%s&exp=%s", base, dot + 1, token + 3, digits,
+				exp) < len;
 }
 
 json_t *peer_media_public(struct cw_app *app, json_t *ev)
@@ -315,21 +328,33 @@ void media_public_get(struct cw_req *req, void *ctx)
 {
 	struct cw_app *app = ctx;
 	const char *mac = cw_req_param(req, "token"), *src = cw_req_query(req, "src"), *size = cw_req_query(req, "size");
-	char token[3 * MEDIA_URL_MAX], scope[48];
+	const char *exp = cw_req_query(req, "exp");
+	char token[3 * MEDIA_URL_MAX], scope[64];
 	struct media_job *j = calloc(1, sizeof(*j));
 	if (!j) {
 		app_retry_after(req, 1000);
 		cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory");
 		return;
 	}
-	/* A link without a size is one made before the seventeenth session
-	 * (still followed, at most server.media_max_bytes). */
+	/* A link without a size is one of a file that declared none (at most
+	 * server.media_max_bytes).  The MAC is checked first: a changed size
+	 * or time is the same 404 as a made-up link. */
 	if (!mac || !src || (size_t)snprintf(token, sizeof(token), "m1.%s.%s", src, mac) >= sizeof(token) ||
-	    !public_scope(size, scope, sizeof(scope)) ||
+	    !public_scope(size, exp, scope, sizeof(scope)) ||
 	    !media_token_open(app->media_key, scope, token, j->source, sizeof(j->source)) ||
 	    strncmp(j->source, "https://", 8) != 0) {
 		free(j);
 		cw_req_problem(req, 404, "unknown_media", "Not found", "no file with that token");
+		return;
+	}
+	/* A link is a capability anyone who sees it holds (a chat's archive, a
+	 * forwarded message): it ends after server.media_link_lifetime_s.  One
+	 * made before the eighteenth session has no end written in it and is
+	 * refused alike (docs/security.md), rather than followed forever. */
+	if (!exp || strtoll(exp, NULL, 10) < cw_wall_ms() / 1000) {
+		free(j);
+		cw_req_problem(req, 410, "expired_media", "Gone",
+			       exp ? "the link has expired" : "the link was made without an expiry and is no longer served");
 		return;
 	}
 	j->public = true;

@@ -25,13 +25,15 @@ void peer_api_media(struct cw_req *req, void *ctx);
  * {public_url}/media/{token} under which Causeway fetches it (signed, as
  * every request to a peer) and answers it, as XEP-0363's GET URLs work,
  * at most size bytes (the size its attachment declares; negative: none
- * declared, at most server.media_max_bytes); false when it cannot be made
+ * declared, at most server.media_max_bytes), until
+ * server.media_link_lifetime_s from now; false when it cannot be made
  * (then the url stays as it is). */
 bool peer_media_public_url(struct cw_app *app, const char *url, long long size, char *out, size_t len);
 /* The event with its https:// attachment URLs turned into such links (a
  * new reference: ev itself when it has none). */
 json_t *peer_media_public(struct cw_app *app, json_t *ev);
-/* GET /media/{token}: the capability is the token (no other credential). */
+/* GET /media/{token}: the capability is the token (no other credential);
+ * 410 once its time has passed. */
 void media_public_get(struct cw_req *req, void *ctx);
 
 #endif

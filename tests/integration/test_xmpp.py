@@ -8,6 +8,7 @@ import base64
 import contextlib
 import concurrent.futures
 import hashlib
+import hmac
 import os
 import re
 import socket
@@ -17,6 +18,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 import requests
+from cryptography.hazmat.primitives import serialization
 
 from harness import free_port, wait_until
 from peer import MediaServer, NotifyServer, PeerClient, verify_get
@@ -1877,9 +1879,9 @@ def test_a_link_fetches_no_more_than_the_declared_size(make_daemon, db_url, pros
         r = requests.get(link, timeout=10)
         assert r.status_code == 413 and r.json()["code"] == "too_large", (r.status_code, r.text[:200])
         assert "declared size" in r.json()["detail"]
-        bigger = link.replace("size=10", "size=30008")
-        assert bigger != link and link.endswith("&size=10")
-        for bad in (bigger, link[:-len("&size=10")]):  # nor can the size be left out
+        bigger = link.replace("&size=10&", "&size=30008&")
+        assert bigger != link
+        for bad in (bigger, link.replace("&size=10&", "&")):  # nor can the size be left out
             r = requests.get(bad, timeout=10)
             assert r.status_code == 404 and r.json()["code"] == "unknown_media", (bad, r.text[:200])
         r = post(a, f"/v1/rooms/{room}/messages", {
@@ -1887,10 +1889,71 @@ def test_a_link_fetches_no_more_than_the_declared_size(make_daemon, db_url, pros
             "content": {"attachments": [{"content_type": "image/jpeg", "url": url, "size": len(data)}]}})
         assert r.status_code == 202, r.text
         oob = lambda el: el.find("{jabber:x:oob}x") is not None and \
-            el.find("{jabber:x:oob}x").find("{jabber:x:oob}url").text.endswith("&size=30008")
+            "&size=30008&" in el.find("{jabber:x:oob}x").find("{jabber:x:oob}url").text
         honest = message_from(alice, WALLY_JID, oob).find("{jabber:x:oob}x").find("{jabber:x:oob}url").text
         r = requests.get(honest, timeout=10)
         assert r.status_code == 200 and r.content == data
+    finally:
+        srv.close()
+        media.close()
+
+
+def link_mac(d, scope, source):
+    """The MAC of a /media/ link, made as Causeway makes it (media.c
+    media_key_derive, media_token_make) with the daemon's own key."""
+    with open(d.options["peer"]["signing_key_file"], "rb") as f:
+        raw = serialization.load_pem_private_key(f.read(), None).private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    key = hmac.new(raw, b"causeway media tokens v1", hashlib.sha256).digest()
+    mac = hmac.new(key, (scope + "\n" + source).encode(), hashlib.sha256).digest()[:16]
+    return base64.urlsafe_b64encode(mac).decode().rstrip("=")
+
+
+def test_a_link_expires(make_daemon, db_url, prosody, alice, tmp_path):
+    """A link is a capability anyone who sees it holds (an archive, a
+    forwarded message), so it ends: the MAC covers an exp (unix seconds,
+    server.media_link_lifetime_s from when it was made); past it the link
+    is 410, a changed exp is 404 like any forged link, and a link made
+    before the eighteenth session (no exp) is 410 too. Until then links
+    worked forever."""
+    media = MediaServer(tmp_path)
+    d, a, srv = start_with_gk(make_daemon, db_url, prosody, server={
+        "ca_file": media.cert_file, "media_private_addresses": "true", "media_link_lifetime_s": "3600"})
+    try:
+        consent_alice(d)
+        room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+        data = os.urandom(3000)
+        url = media.put("/f/old.jpg", "image/jpeg", data)
+        _, link = photo_link(a, alice, room, url, data)
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(link).query)
+        exp = int(query["exp"][0])
+        assert abs(exp - (time.time() + 3600)) < 120, (exp, link)
+        base, mac = link.split("?")[0].rsplit("/", 1)
+        src = query["src"][0]
+        size = str(len(data))
+        assert link_mac(d, f"\npublic\n{size}\n{exp}", url) == mac  # the test's MAC is Causeway's
+        r = requests.get(link, timeout=10)
+        assert r.status_code == 200 and r.content == data, (r.status_code, r.text[:200])
+
+        def follow(scope, params):
+            return requests.get(f"{base}/{link_mac(d, scope, url)}?src={src}" + params, timeout=10)
+
+        # Made an hour ago with a lifetime of a minute: gone.
+        past = int(time.time()) - 3540
+        r = follow(f"\npublic\n{size}\n{past}", f"&size={size}&exp={past}")
+        assert r.status_code == 410 and r.json()["code"] == "expired_media", r.text[:200]
+        assert r.headers["Content-Type"].startswith("application/problem+json")
+        # Made before the eighteenth session (no exp, with or without a size).
+        r = follow(f"\npublic\n{size}", f"&size={size}")
+        assert r.status_code == 410 and r.json()["code"] == "expired_media", r.text[:200]
+        r = follow("\npublic", "")
+        assert r.status_code == 410 and r.json()["code"] == "expired_media", r.text[:200]
+        # A later exp (or none) under the fresh link's MAC is a forged link.
+        for bad in (link.replace(f"exp={exp}", f"exp={exp + 86400}"), link.replace(f"&exp={exp}", "")):
+            assert bad != link
+            r = requests.get(bad, timeout=10)
+            assert r.status_code == 404 and r.json()["code"] == "unknown_media", (bad, r.text[:200])
+        assert len(media.requests) == 1
     finally:
         srv.close()
         media.close()
