@@ -2,6 +2,8 @@
 #include "config.h"
 #include "utf8.h"
 
+#include <string.h>
+
 size_t cw_utf8_seq(const unsigned char *s, size_t n, unsigned *cp)
 {
 	if (n == 0)
@@ -61,4 +63,39 @@ bool cw_utf8_has_control(const char *s, size_t n)
 		if (p[i] < 0x20 || p[i] == 0x7f || (p[i] == 0xc2 && i + 1 < n && p[i + 1] >= 0x80 && p[i + 1] <= 0x9f))
 			return true;
 	return false;
+}
+
+/* Whether byte c starts a character (is not a continuation byte). */
+static bool starts(char c)
+{
+	return ((unsigned char)c & 0xC0) != 0x80;
+}
+
+size_t cw_utf8_count(const char *s)
+{
+	size_t n = 0;
+	for (; *s; s++)
+		n += starts(*s);
+	return n;
+}
+
+size_t cw_utf8_prefix(const char *s, size_t max, size_t *chars)
+{
+	size_t i = 0, n = 0;
+	for (; s[i]; i++)
+		if (starts(s[i]) && n++ == max)
+			break;
+	if (chars)
+		*chars = n > max ? max : n;
+	return i;
+}
+
+size_t cw_utf8_cut(const char *s, size_t max)
+{
+	size_t n = strnlen(s, max);
+	/* s[n] is the NUL or the byte after the limit: a continuation there
+	 * means the last character would be split. */
+	while (n && !starts(s[n]))
+		n--;
+	return n;
 }

@@ -19,4 +19,19 @@ bool cw_utf8_valid(const char *s, size_t n);
  * DEL or C1 (U+0080-U+009F, 0xC2 0x80-0x9F). */
 bool cw_utf8_has_control(const char *s, size_t n);
 
+/* Characters are counted here as the bytes that do not continue a sequence
+ * (not 10xxxxxx): for valid UTF-8 these are its code points, and a cut
+ * before one never splits a character.  s is NUL-terminated. */
+
+/* The code points of s. */
+size_t cw_utf8_count(const char *s);
+
+/* The length in bytes of s's first max characters (all of s when it has no
+ * more); *chars, when chars is not NULL, gets how many those are. */
+size_t cw_utf8_prefix(const char *s, size_t max, size_t *chars);
+
+/* The length in bytes of the longest start of s that is at most max bytes
+ * and does not end inside a character. */
+size_t cw_utf8_cut(const char *s, size_t max);
+
 #endif

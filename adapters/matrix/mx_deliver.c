@@ -6,6 +6,7 @@
 #include "peer/event.h"
 #include "log.h"
 #include "store.h"
+#include "utf8.h"
 
 #include <signal.h>
 #include <stdlib.h>
@@ -359,19 +360,6 @@ cw_err mx_room_action(struct matrix *m, const char *room, const char *user, cons
  * a longer one is refused with 400. */
 #define MX_DISPLAYNAME_MAX 256
 
-/* The length in bytes of s's first max characters (whole UTF-8 sequences;
- * s is valid UTF-8, as JSON gave it); *chars: how many those are. */
-static size_t utf8_prefix(const char *s, size_t max, size_t *chars)
-{
-	size_t i = 0, n = 0;
-	for (; s[i]; i++)
-		if (((unsigned char)s[i] & 0xC0) != 0x80 && n++ == max)
-			break;
-	if (chars)
-		*chars = n > max ? max : n;
-	return i;
-}
-
 /* A ghost's display name, "<name> (<peer>)": the name (a peer may give 256
  * bytes of it) cut at a character's boundary so that the whole is at most
  * MX_DISPLAYNAME_MAX characters.  out: 4 * MX_DISPLAYNAME_MAX + 1 bytes. */
@@ -379,8 +367,8 @@ static void ghost_name(char *out, size_t len, const char *display, const char *l
 {
 	const char *name = display && *display ? display : localpart;
 	size_t peer_chars;
-	size_t pb = utf8_prefix(peer, 80, &peer_chars);
-	size_t nb = utf8_prefix(name, MX_DISPLAYNAME_MAX - 3 - peer_chars, NULL);
+	size_t pb = cw_utf8_prefix(peer, 80, &peer_chars);
+	size_t nb = cw_utf8_prefix(name, MX_DISPLAYNAME_MAX - 3 - peer_chars, NULL);
 	snprintf(out, len, "%.*s (%.*s)", (int)nb, name, (int)pb, peer);
 }
 

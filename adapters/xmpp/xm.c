@@ -58,16 +58,6 @@ static bool eq(const char *a, const char *b)
 	return a && b && strcmp(a, b) == 0;
 }
 
-/* Code points of valid UTF-8. */
-static size_t cp_count(const char *s)
-{
-	size_t n = 0;
-	for (const unsigned char *p = (const unsigned char *)s; *p; p++)
-		if ((*p & 0xC0) != 0x80)
-			n++;
-	return n;
-}
-
 /* An id the adapter stores and writes back into attributes: 1..XM_ID_MAX
  * bytes of UTF-8 without control characters (nor U+FFFE, U+FFFF). */
 static bool id_ok(const char *s)
@@ -417,7 +407,7 @@ static void strip_fallback(xmpp_stanza_t *msg, const char *ns, char *text)
 {
 	long range[RANGES_MAX][2];
 	size_t nr = 0;
-	long total = (long)cp_count(text);
+	long total = (long)cw_utf8_count(text);
 	for (xmpp_stanza_t *f = xmpp_stanza_get_children(msg); f; f = xmpp_stanza_get_next(f)) {
 		if (!xmpp_stanza_is_tag(f) || !eq(xmpp_stanza_get_name(f), "fallback") || !eq(xmpp_stanza_get_ns(f), NS_FALLBACK) ||
 		    !eq(xmpp_stanza_get_attribute(f, "for"), ns))
@@ -461,9 +451,7 @@ static void strip_fallback(xmpp_stanza_t *msg, const char *ns, char *text)
 	size_t o = 0;
 	long i = 0;
 	for (size_t p = 0; text[p]; i++) {
-		size_t l = 1;
-		while (((unsigned char)text[p + l] & 0xC0) == 0x80)
-			l++;
+		size_t l = cw_utf8_prefix(text + p, 1, NULL);
 		bool drop = false;
 		for (size_t r = 0; r < nr && !drop; r++)
 			drop = i >= range[r][0] && i < range[r][1];
@@ -835,9 +823,7 @@ static char *quote_of(const char *text)
 	size_t n = strlen(t);
 	bool cut = false;
 	if (n > QUOTE_MAX) {
-		n = QUOTE_MAX;
-		while (n && ((unsigned char)t[n] & 0xC0) == 0x80)
-			n--;
+		n = cw_utf8_cut(t, QUOTE_MAX);
 		cut = true;
 	}
 	while (n && strchr(" \t\n", t[n - 1]))
@@ -977,7 +963,7 @@ static enum xm_out_result out_message(struct ob *b, const json_t *content, const
 			set_attr(b, f, "for", NS_REPLY);
 			xmpp_stanza_t *r = el(b, f, "body", NULL);
 			char end[24];
-			snprintf(end, sizeof(end), "%zu", cp_count(quote));
+			snprintf(end, sizeof(end), "%zu", cw_utf8_count(quote));
 			set_attr(b, r, "start", "0");
 			set_attr(b, r, "end", end);
 		}

@@ -1,5 +1,6 @@
 /* causewayctl: the operator's command-line client of /admin/v1 (docs/causewayctl.md). */
 #include "config.h"
+#include "utf8.h"
 
 #include <curl/curl.h>
 #include <errno.h>
@@ -604,26 +605,13 @@ static void defang(char *s)
 	}
 }
 
-/* Characters (not bytes) of a UTF-8 string: for the column widths. */
-static size_t width(const char *s)
-{
-	size_t n = 0;
-	for (; *s; s++)
-		n += ((unsigned char)*s & 0xc0) != 0x80;
-	return n;
-}
-
-/* Cuts s to max characters, the last three being "...". */
+/* Cuts s to max characters (the column widths count characters, not
+ * bytes), the last three being "...". */
 static void clip(char *s, size_t max)
 {
-	if (width(s) <= max)
+	if (cw_utf8_count(s) <= max)
 		return;
-	size_t chars = 0;
-	char *p = s;
-	for (; *p; p++)
-		if (((unsigned char)*p & 0xc0) != 0x80 && chars++ == max - 3)
-			break;
-	strcpy(p, "...");
+	strcpy(s + cw_utf8_prefix(s, max - 3, NULL), "...");
 }
 
 /* An RFC 3339 time as "2026-11-29 06:01:00Z" (ms: "06:01:00.123Z"), UTC
@@ -764,10 +752,10 @@ static void table_print(const struct table *t, size_t indent)
 {
 	size_t w[COLS_MAX];
 	for (size_t j = 0; j < t->ncols; j++) {
-		w[j] = width(t->head[j]);
+		w[j] = cw_utf8_count(t->head[j]);
 		for (size_t i = 0; i < t->nrows; i++)
-			if (width(t->cell[i * t->ncols + j]) > w[j])
-				w[j] = width(t->cell[i * t->ncols + j]);
+			if (cw_utf8_count(t->cell[i * t->ncols + j]) > w[j])
+				w[j] = cw_utf8_count(t->cell[i * t->ncols + j]);
 	}
 	for (size_t i = 0; i <= t->nrows; i++) {
 		pad(indent);
@@ -775,7 +763,7 @@ static void table_print(const struct table *t, size_t indent)
 			const char *s = i ? t->cell[(i - 1) * t->ncols + j] : t->head[j];
 			fputs(s, stdout);
 			if (j + 1 < t->ncols)
-				pad(w[j] - width(s) + 2);
+				pad(w[j] - cw_utf8_count(s) + 2);
 		}
 		putchar('\n');
 	}

@@ -1,0 +1,116 @@
+/* The shared UTF-8 cutting and counting of gateway/utf8.h (Matrix display
+ * names, XMPP quotes and fallbacks, causewayctl's columns), by cases and
+ * against a reference built from random code points. */
+#include "config.h"
+#include "utf8.h"
+#include "unit.h"
+
+#include <stdint.h>
+
+/* "aé€👍": characters of 1, 2, 3 and 4 bytes. */
+#define MIXED "a\xC3\xA9\xE2\x82\xAC\xF0\x9F\x91\x8D"
+
+START_TEST(count_cases)
+{
+	ck_assert_uint_eq(cw_utf8_count(""), 0);
+	ck_assert_uint_eq(cw_utf8_count("abc"), 3);
+	ck_assert_uint_eq(cw_utf8_count(MIXED), 4);
+	ck_assert_uint_eq(strlen(MIXED), 10);
+}
+END_TEST
+
+START_TEST(prefix_cases)
+{
+	size_t chars = 99;
+	ck_assert_uint_eq(cw_utf8_prefix("", 5, &chars), 0);
+	ck_assert_uint_eq(chars, 0);
+	ck_assert_uint_eq(cw_utf8_prefix("abc", 0, &chars), 0);
+	ck_assert_uint_eq(chars, 0);
+	ck_assert_uint_eq(cw_utf8_prefix("abc", 2, &chars), 2);
+	ck_assert_uint_eq(chars, 2);
+	ck_assert_uint_eq(cw_utf8_prefix("abc", 3, &chars), 3);
+	ck_assert_uint_eq(chars, 3);
+	ck_assert_uint_eq(cw_utf8_prefix("abc", 80, &chars), 3);
+	ck_assert_uint_eq(chars, 3);
+	/* Whole sequences only. */
+	size_t want[] = {0, 1, 3, 6, 10, 10};
+	for (size_t max = 0; max < sizeof(want) / sizeof(want[0]); max++) {
+		ck_assert_uint_eq(cw_utf8_prefix(MIXED, max, &chars), want[max]);
+		ck_assert_uint_eq(chars, max < 4 ? max : 4);
+	}
+	ck_assert_uint_eq(cw_utf8_prefix(MIXED, 2, NULL), 3);
+	/* One character: the length of the first sequence. */
+	ck_assert_uint_eq(cw_utf8_prefix(MIXED + 1, 1, NULL), 2);
+	ck_assert_uint_eq(cw_utf8_prefix(MIXED + 6, 1, NULL), 4);
+}
+END_TEST
+
+START_TEST(cut_cases)
+{
+	/* Byte limits inside each sequence fall back to its start. */
+	size_t want[] = {0, 1, 1, 3, 3, 3, 6, 6, 6, 6, 10, 10, 10};
+	for (size_t max = 0; max < sizeof(want) / sizeof(want[0]); max++)
+		ck_assert_msg(cw_utf8_cut(MIXED, max) == want[max], "max %zu: %zu", max, cw_utf8_cut(MIXED, max));
+	ck_assert_uint_eq(cw_utf8_cut("", 0), 0);
+	ck_assert_uint_eq(cw_utf8_cut("", 4), 0);
+	ck_assert_uint_eq(cw_utf8_cut("abc", 2), 2);
+	ck_assert_uint_eq(cw_utf8_cut("abc", SIZE_MAX), 3);
+}
+END_TEST
+
+/* Deterministic (an LCG), so a failure repeats. */
+static unsigned next(uint32_t *state)
+{
+	*state = *state * 1103515245u + 12345u;
+	return *state >> 8;
+}
+
+/* Random valid UTF-8 strings: the functions agree with the character
+ * boundaries the string was built from. */
+START_TEST(reference_property)
+{
+	uint32_t state = 1;
+	for (int round = 0; round < 5000; round++) {
+		char s[4 * 64 + 1];
+		size_t at[64 + 1]; /* at[k]: the byte offset of character k */
+		size_t nc = next(&state) % 64, len = 0;
+		for (size_t k = 0; k < nc; k++) {
+			static const unsigned base[] = {1, 0x80, 0x800, 0x10000};
+			static const unsigned span[] = {0x7F, 0x780, 0xF800, 0x100000};
+			unsigned w = next(&state) % 4, cp = base[w] + next(&state) % span[w];
+			if (cp >= 0xD800 && cp <= 0xDFFF)
+				cp = 'q';
+			at[k] = len;
+			len += unit_utf8_put(cp, (unsigned char *)s + len);
+		}
+		at[nc] = len;
+		s[len] = '\0';
+		ck_assert(cw_utf8_valid(s, len));
+		ck_assert_uint_eq(cw_utf8_count(s), nc);
+		for (size_t max = 0; max <= nc + 2; max++) {
+			size_t chars;
+			size_t want = max < nc ? at[max] : len;
+			ck_assert_uint_eq(cw_utf8_prefix(s, max, &chars), want);
+			ck_assert_uint_eq(chars, max < nc ? max : nc);
+		}
+		for (size_t max = 0; max <= len + 2; max++) {
+			size_t want = 0; /* the last boundary at or before max */
+			for (size_t k = 0; k <= nc && at[k] <= max; k++)
+				want = at[k];
+			ck_assert_uint_eq(cw_utf8_cut(s, max), want);
+		}
+	}
+}
+END_TEST
+
+int main(void)
+{
+	Suite *s = suite_create("utf8");
+	TCase *tc = tcase_create("utf8");
+	tcase_add_test(tc, count_cases);
+	tcase_add_test(tc, prefix_cases);
+	tcase_add_test(tc, cut_cases);
+	tcase_add_test(tc, reference_property);
+	suite_add_tcase(s, tc);
+	return unit_run(s);
+}
