@@ -376,10 +376,6 @@ static cw_err rule_denials(PGconn *c, const struct policy_view *v, const char *c
  * the same room and user.)  In a transaction the caller's commit ends the
  * turn; on an idle connection the sweep is its own transaction. */
 #define SWEEP_LOCK_KEY "7161132091431352699"
-/* The class of the per-room advisory lock every write of events takes,
- * in room id order, until its commit (adapters/peer/peer_api.c,
- * ROOM_LOCK_CLASS: the same number, "CWRR"). */
-#define ROOM_LOCK_CLASS "1129796434"
 
 cw_err policy_sweep(PGconn *c, const struct policy_view *v, const char *target_id, long counts[3], cw_errmsg *e)
 {
@@ -429,7 +425,7 @@ static const char expiry_sql[] =
 	"WITH rm AS MATERIALIZED (SELECT DISTINCT q.room_id FROM (SELECT e.room_id FROM events e "
 	"  WHERE event_expires(e.content) IS NOT NULL AND event_expires(e.content) <= $1::bigint "
 	"  AND e.type = 'message' ORDER BY e.id LIMIT 200) q), "
-	"lk AS MATERIALIZED (SELECT count(pg_advisory_xact_lock(" ROOM_LOCK_CLASS ", (y.room_id % 2147483647)::int)) AS n "
+	"lk AS MATERIALIZED (SELECT count(" ROOM_LOCK_SQL("y.room_id") ") AS n "
 	"  FROM (SELECT room_id FROM rm ORDER BY 1) y), "
 	"x AS (SELECT e.id, e.room_id, e.sender_id, e.public_id, e.content->>'sender' AS sender_uri "
 	"  FROM events e WHERE event_expires(e.content) IS NOT NULL AND event_expires(e.content) <= $1::bigint "
@@ -507,7 +503,7 @@ static const char block_event_sql[] =
 	"rm AS (SELECT DISTINCT a.room_id FROM room_members a JOIN room_members b ON b.room_id = a.room_id "
 	"  JOIN r ON b.identity_id = r.id WHERE a.identity_id = $1::bigint AND a.membership = 'joined' "
 	"  AND b.membership = 'joined'), "
-	"lk AS MATERIALIZED (SELECT count(pg_advisory_xact_lock(" ROOM_LOCK_CLASS ", (y.room_id % 2147483647)::int)) AS n "
+	"lk AS MATERIALIZED (SELECT count(" ROOM_LOCK_SQL("y.room_id") ") AS n "
 	"  FROM (SELECT room_id FROM rm ORDER BY 1) y), "
 	"ev AS (INSERT INTO events (public_id, room_id, sender_id, type, content, origin_network, ts) "
 	"  SELECT 'msg_' || rtrim(translate(encode(uuid_send(gen_random_uuid()), 'base64'), '+/', '-_'), '='), "

@@ -24,6 +24,16 @@ struct cw_store;
 	"the database connection was lost while the write was committed: it may have been stored; " \
 	"retry it (with the same Idempotency-Key, it is not done twice)"
 
+/* Every write of events takes, in room id order and until its commit, a
+ * transaction-level advisory lock per room (class ROOM_LOCK_CLASS, "CWRR"):
+ * the outbox ids of one room's rows then follow the order in which they
+ * were committed, across daemon processes too.  ROOM_LOCK_SQL(room) takes
+ * the lock of one room, room being an SQL expression of its id (bigint,
+ * folded into the int key); the statements share it so that their keys
+ * cannot drift apart. */
+#define ROOM_LOCK_CLASS "1129796434"
+#define ROOM_LOCK_SQL(room) "pg_advisory_xact_lock(" ROOM_LOCK_CLASS ", (" room " % 2147483647)::int)"
+
 /* A statement prepared on every connection of the store when it connects,
  * so hot statements are parsed and planned once per connection rather than
  * once per call (PQsendQueryPrepared / PQexecPrepared by name). */

@@ -1286,19 +1286,18 @@ struct submit *submit_new(size_t n)
 	"  dests text, targets text, states text, held text, expiry bigint, win bigint, read boolean, " \
 	"  scope text, outbound jsonb, bt text, ba text"
 /* lk: the items' rooms are locked first, in id order, until the commit
- * (a transaction-level advisory lock per room, class ROOM_LOCK_CLASS): the
+ * (a transaction-level advisory lock per room, ROOM_LOCK_SQL of store.h): the
  * outbox ids of one room's rows then follow the order in which they were
  * committed, across daemon processes too, and the dispatcher's and the
  * pull's id order is the room's order (before, two processes writing one
  * room could commit a later id first, and a destination got the two
  * events out of order).  ev's one-time filter runs it before any row is
  * made or any outbox id drawn. */
-#define ROOM_LOCK_CLASS "1129796434" /* "CWRR" */
 /* IT: the items; ID_COL, ID: the events' ids when the statement gives
  * them; REPLACES, REPLY: the references' event ids. */
 #define WRITE_EVENTS_OF(IT, ID_COL, ID, REPLACES, REPLY) \
 	"WITH " IT ", " \
-	"lk AS MATERIALIZED (SELECT count(pg_advisory_xact_lock(" ROOM_LOCK_CLASS ", (y.r % 2147483647)::int)) AS n " \
+	"lk AS MATERIALIZED (SELECT count(" ROOM_LOCK_SQL("y.r") ") AS n " \
 	"  FROM (SELECT DISTINCT it.room AS r FROM it ORDER BY 1) y), " \
 	"cs AS (SELECT c.value, c.ord FROM jsonb_array_elements($2::jsonb) WITH ORDINALITY AS c(value, ord)), " \
 	"ev AS (INSERT INTO events (" ID_COL "public_id, room_id, sender_id, type, content, replaces_id, in_reply_to_id, " \
