@@ -1,6 +1,7 @@
 /* Media that crosses the gateway: see media.h. */
 #include "config.h"
 #include "media.h"
+#include "app.h"
 #include "peer/httpsig.h"
 
 #include <stdlib.h>
@@ -291,22 +292,24 @@ struct curl_slist *media_signed_get(EVP_PKEY *key, const char *keyid, const char
 	return l2;
 }
 
-cw_err media_fetch_signed(EVP_PKEY *key, const char *keyid, const char *tag, const char *ca_file, const char *url,
-			  long timeout_ms, struct media_blob *b, long *status, cw_errmsg *e)
+cw_err media_fetch_signed(const struct cw_app *app, const char *url, long timeout_ms, struct media_blob *b,
+			  long *status, cw_errmsg *e)
 {
 	*status = 0;
-	struct curl_slist *hd = media_signed_get(key, keyid, tag, url, e);
+	const struct cw_config *cfg = app->cfg;
+	struct curl_slist *hd =
+		media_signed_get(app->signing_key, cfg->domain ? cfg->domain : "", cfg->signature_tag, url, e);
 	CURL *h = hd ? curl_easy_init() : NULL;
 	if (!h) {
 		curl_slist_free_all(hd);
 		return hd ? cw_fail(e, CW_ENOMEM, "out of memory") : CW_ENOMEM;
 	}
-	media_download_setup(h, url, hd, b, ca_file, timeout_ms);
+	media_download_setup(h, url, hd, b, cfg->ca_file, timeout_ms);
 	/* A URL a peer chose: https only, also after a redirect, and never to
 	 * an address of this host or its private network (SSRF: the body
 	 * comes back to users the peer can reach). */
 	curl_easy_setopt(h, CURLOPT_REDIR_PROTOCOLS_STR, "https");
-	if (!b->private_ok)
+	if (!cfg->media_private_addresses)
 		curl_easy_setopt(h, CURLOPT_OPENSOCKETFUNCTION, open_public);
 	CURLcode cc = curl_easy_perform(h);
 	if (cc == CURLE_OK) {

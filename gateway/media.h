@@ -20,12 +20,9 @@ struct media_blob {
 	bool too_big;           /* the far side sent more than max */
 	char content_type[128]; /* as answered, when it is a plain type/subtype */
 	const atomic_bool *cancel; /* optional: the transfer ends when it turns true */
-	/* media_fetch_signed (a URL a peer named): whether it may reach
-	 * loopback, private, link-local and other non-public addresses
-	 * (server.media_private_addresses); false: refused, at each
-	 * connection, redirects included. */
-	bool private_ok;
 };
+
+struct cw_app;
 
 void media_blob_free(struct media_blob *b);
 
@@ -50,14 +47,18 @@ struct curl_slist *media_signed_get(EVP_PKEY *key, const char *keyid, const char
 				    cw_errmsg *e);
 
 /* A GET of a peer's file (url: https://), signed as Causeway
- * (media_signed_get), into b (b->max, b->cancel and b->private_ok set by
- * the caller).  Redirects: https only, at most 3; every connection's
- * address is checked (media_address_public) unless b->private_ok.
- * CW_OK with *status the far side's status (the body is in b, whatever
- * the status); CW_EUNAVAIL when no answer came (e says why; b->too_big
- * when the cap cut it off). */
-cw_err media_fetch_signed(EVP_PKEY *key, const char *keyid, const char *tag, const char *ca_file, const char *url,
-			  long timeout_ms, struct media_blob *b, long *status, cw_errmsg *e);
+ * (media_signed_get: app's key, keyid its server.domain, its
+ * server.signature_tag), trusting server.ca_file, into b (b->max and
+ * b->cancel set by the caller).  Redirects: https only, at most 3; every
+ * connection's address is checked (media_address_public) unless
+ * server.media_private_addresses (loopback, private, link-local and other
+ * non-public addresses then pass: the setting is read here, not by each
+ * caller, so that no fetch a peer chose can miss it).  CW_OK with *status
+ * the far side's status (the body is in b, whatever the status);
+ * CW_EUNAVAIL when no answer came (e says why; b->too_big when the cap cut
+ * it off). */
+cw_err media_fetch_signed(const struct cw_app *app, const char *url, long timeout_ms, struct media_blob *b,
+			  long *status, cw_errmsg *e);
 
 /* Whether a fetch a peer chose may connect to sa: not loopback,
  * unspecified, private (RFC 1918, RFC 4193), link-local (cloud metadata

@@ -323,11 +323,9 @@ enum mx_rehost mx_rehost(struct matrix *m, PGconn *c, const char *ghost, const j
 	 * server.media_max_bytes whatever was declared, and a file declared
 	 * 10 bytes passed a 1000-byte rule and was uploaded whole). */
 	bool capped = declared < (json_int_t)max;
-	struct media_blob b = { .max = capped ? (size_t)declared : max, .cancel = &m->app->stopping,
-				.private_ok = m->app->cfg->media_private_addresses };
+	struct media_blob b = { .max = capped ? (size_t)declared : max, .cancel = &m->app->stopping };
 	long status = 0;
-	cw_err frc = media_fetch_signed(m->app->signing_key, m->cfg->domain ? m->cfg->domain : "",
-					m->cfg->signature_tag, m->cfg->ca_file, url, MEDIA_TIMEOUT_MS, &b, &status, e);
+	cw_err frc = media_fetch_signed(m->app, url, MEDIA_TIMEOUT_MS, &b, &status, e);
 	enum mx_rehost res = MX_REHOST_RETRY;
 	char got[65];
 	if (b.too_big) {

@@ -175,10 +175,7 @@ static void fetch(void *arg)
 	if (!j->public) {
 		j->rc = app->media.fetch(app->media.ctx, j->source, &j->b, &j->status, &j->err);
 	} else {
-		j->b.private_ok = app->cfg->media_private_addresses;
-		j->rc = media_fetch_signed(app->signing_key, app->cfg->domain ? app->cfg->domain : "",
-					   app->cfg->signature_tag, app->cfg->ca_file, j->source, FETCH_TIMEOUT_MS, &j->b,
-					   &j->status, &j->err);
+		j->rc = media_fetch_signed(app, j->source, FETCH_TIMEOUT_MS, &j->b, &j->status, &j->err);
 		if (!j->rc && j->status != 200)
 			j->rc = cw_fail(&j->err, CW_EIO, "the peer's store answered %ld", j->status);
 	}

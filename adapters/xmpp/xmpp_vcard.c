@@ -120,12 +120,10 @@ static json_t *photo_of(struct vjob *j, const char *avatar_text)
 		json_decref(av);
 		return cached;
 	}
-	struct media_blob b = { .max = VCARD_PHOTO_MAX, .cancel = &app->stopping,
-				.private_ok = app->cfg->media_private_addresses };
+	struct media_blob b = { .max = VCARD_PHOTO_MAX, .cancel = &app->stopping };
 	long status = 0;
 	cw_errmsg e;
-	cw_err rc = media_fetch_signed(app->signing_key, app->cfg->domain ? app->cfg->domain : "",
-				       app->cfg->signature_tag, app->cfg->ca_file, url, VCARD_TIMEOUT_MS, &b, &status, &e);
+	cw_err rc = media_fetch_signed(app, url, VCARD_TIMEOUT_MS, &b, &status, &e);
 	char got[65];
 	json_t *photo = NULL;
 	if (rc || status != 200 || b.too_big || (media_sha256_hex(&b, got), want && strcmp(got, want) != 0)) {
