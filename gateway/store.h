@@ -34,6 +34,14 @@ struct cw_store;
 #define ROOM_LOCK_CLASS "1129796434"
 #define ROOM_LOCK_SQL(room) "pg_advisory_xact_lock(" ROOM_LOCK_CLASS ", (" room " % 2147483647)::int)"
 
+/* Whether consent_requests row q (its alias) still stands for its pair:
+ * pending, or made within the last win seconds (an SQL expression, the
+ * policy's consent_window).  One request per pair and window: the
+ * statements that make one and the one that tells the policy whether one
+ * would be made (a new request takes a rate-limit token) share it. */
+#define CONSENT_REQUEST_STANDS_SQL(q, win) \
+	"(" q ".state = 'pending' OR " q ".created_at > now() - make_interval(secs => " win "))"
+
 /* A statement prepared on every connection of the store when it connects,
  * so hot statements are parsed and planned once per connection rather than
  * once per call (PQsendQueryPrepared / PQexecPrepared by name). */

@@ -1249,7 +1249,7 @@ struct submit *submit_new(size_t n)
 	"  AND c.subject = it.dom), " \
 	" CASE WHEN EXISTS (SELECT 1 FROM consent_requests q JOIN identities s ON s.id = q.remote_identity_id " \
 	"  WHERE q.local_identity_id = f.id AND s.uri = it.snd " \
-	"  AND (q.state = 'pending' OR q.created_at > now() - make_interval(secs => it.win))) THEN 't' ELSE 'f' END, " \
+	"  AND " CONSENT_REQUEST_STANDS_SQL("q", "it.win") ") THEN 't' ELSE 'f' END, " \
 	" NULL::bigint " \
 	"FROM (SELECT DISTINCT room, scope, snd, net, dom, win FROM items WHERE snd IS NOT NULL) it " \
 	" JOIN rm ON rm.room = it.room AND rm.scope IS NOT DISTINCT FROM it.scope AND rm.id IS NOT NULL " \
@@ -1333,7 +1333,7 @@ struct submit *submit_new(size_t n)
 	"  SELECT DISTINCT h.value::bigint, it.sender, now() + make_interval(secs => it.expiry) " \
 	"  FROM it JOIN ev ON ev.public_id = it.pid, unnest(string_to_array(it.held, ',')) AS h(value) WHERE NOT EXISTS (SELECT 1 FROM consent_requests q " \
 	"   WHERE q.local_identity_id = h.value::bigint AND q.remote_identity_id = it.sender " \
-	"   AND (q.state = 'pending' OR q.created_at > now() - make_interval(secs => it.win))) " \
+	"   AND " CONSENT_REQUEST_STANDS_SQL("q", "it.win") ") " \
 	"  ON CONFLICT DO NOTHING), " \
 	"oc AS (INSERT INTO consents (local_identity_id, subject_kind, subject, state, source) " \
 	"  SELECT DISTINCT it.sender, 'user', o.value->>0, 'allowed', 'outbound' " \

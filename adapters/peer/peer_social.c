@@ -191,8 +191,8 @@ static cw_err consent_request_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		rc = store_command(c, "INSERT INTO consent_requests (local_identity_id, remote_identity_id, expires_at) "
 			    "SELECT $1::bigint, $2::bigint, now() + make_interval(secs => $3::bigint) WHERE NOT EXISTS "
 			    "(SELECT 1 FROM consent_requests q WHERE q.local_identity_id = $1::bigint AND "
-			    "q.remote_identity_id = $2::bigint AND (q.state = 'pending' OR "
-			    "q.created_at > now() - make_interval(secs => $4::bigint))) ON CONFLICT DO NOTHING",
+			    "q.remote_identity_id = $2::bigint AND " CONSENT_REQUEST_STANDS_SQL("q", "$4::bigint")
+			    ") ON CONFLICT DO NOTHING",
 			 4, params, e);
 	}
 	if (!rc && in->d.verdict != POLICY_ALLOW) {
