@@ -6,6 +6,7 @@ import base64
 import concurrent.futures
 import os
 import re
+import subprocess
 import time
 
 import pytest
@@ -340,6 +341,55 @@ def test_a_block_travels_in_order_with_a_message_of_another_process(make_daemon,
     finally:
         pg.psql("DROP TRIGGER IF EXISTS test_slow_block ON events; DROP FUNCTION IF EXISTS test_slow_block()",
                 db_url)
+        for _, srv in made:
+            srv.close()
+
+
+def test_the_expiry_of_a_message_waits_for_a_writer_holding_its_rooms_lock(make_daemon, db_url, pg):
+    """The expiry of messages whose content.expires has come writes events
+    (the deletes for local networks) like any write: it takes the room's
+    lock first (ROOM_LOCK_SQL of gateway/store.h), so while another writer
+    of the room (here a psql session) holds the lock it waits, and takes
+    the message back only once the writer has committed. Until the
+    seventeenth session it took no lock, and its deletes could draw outbox
+    ids ahead of a writer of the room committing later."""
+    d = make_daemon(db_url, options={"policy": {"sweep_interval_ms": "200"}}).start()
+    made = push_peers(d)
+    (a, _) = made[0]
+    locker = None
+    try:
+        opt_in(d)
+        room = dm(a)
+        far = int(time.time() * 1000) + 3600 * 1000
+        r = a.send(room, a.user("wally"), "expires later",
+                   content={"parts": [{"type": "text/plain", "body": "expires later"}], "expires": far})
+        assert r.status_code == 202, r.text
+        mid = r.json()["id"]
+        assert states(pg, db_url, [mid]) == [(mid, "held")]
+        key = int(pg.psql(f"SELECT room_id % 2147483647 FROM events WHERE public_id = '{mid}'", db_url))
+        locker = subprocess.Popen(["psql", db_url, "-v", "ON_ERROR_STOP=1", "-qAt"], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        locker.stdin.write(f"BEGIN;\nSELECT pg_advisory_xact_lock(1129796434, {key}), 'locked';\n")
+        locker.stdin.flush()
+        assert locker.stdout.readline().strip() == "|locked"
+        # Due now: the next sweep finds it and waits for the room's lock.
+        pg.psql("UPDATE events SET content = jsonb_set(content, '{content,expires}', "
+                f"to_jsonb((extract(epoch FROM now()) * 1000)::bigint)) WHERE public_id = '{mid}'", db_url)
+        wait_until(lambda: pg.psql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                                   f"AND classid = 1129796434 AND objid = {key} AND objsubid = 2 AND NOT granted",
+                                   db_url) == "1", timeout=15, what="the expiry waiting for the room's lock")
+        assert states(pg, db_url, [mid]) == [(mid, "held")]
+        assert pg.psql(f"SELECT content->'content'->'parts'->0->>'body' FROM events WHERE public_id = '{mid}'",
+                       db_url) == "expires later"
+        locker.stdin.write("COMMIT;\n")
+        locker.stdin.close()
+        assert locker.wait(30) == 0, locker.stderr.read()
+        wait_until(lambda: states(pg, db_url, [mid]) == [(mid, "expired")], timeout=15, what="the expiry")
+        assert pg.psql(f"SELECT content::text FROM events WHERE public_id = '{mid}'", db_url) == "{}"
+    finally:
+        if locker and locker.poll() is None:
+            locker.kill()
+            locker.wait()
         for _, srv in made:
             srv.close()
 
