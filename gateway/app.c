@@ -507,6 +507,7 @@ static void job_reset(struct app_job *j)
 	j->status = 200;
 	j->err_code = NULL;
 	j->err_detail[0] = '\0';
+	j->retry_after_ms = 0;
 }
 
 static cw_err job_run(PGconn *c, void *arg, cw_errmsg *e)
@@ -585,12 +586,16 @@ static void job_done(void *arg, cw_err rc, const cw_errmsg *e)
 	} else if (j->matrix_errors && (rc || j->err_code)) {
 		if (rc)
 			app_retry_after(j->req, j->app->cfg->db_retry_after_s * 1000);
+		else if (j->retry_after_ms > 0)
+			app_retry_after(j->req, j->retry_after_ms);
 		cw_req_reply_json(j->req, rc ? 503 : j->err_status,
 				  json_pack("{s:s, s:s}", "errcode", rc ? "M_UNKNOWN" : j->err_code, "error",
 					    rc ? "the database is unavailable; try again" : j->err_detail));
 	} else if (rc) {
 		app_reply_store_error(j->app, j->req, rc, e ? e->msg : "");
 	} else if (j->err_code) {
+		if (j->retry_after_ms > 0)
+			app_retry_after(j->req, j->retry_after_ms);
 		if (j->err_status == 401)
 			cw_req_add_header(j->req, "WWW-Authenticate", "Bearer");
 		cw_req_problem(j->req, j->err_status, j->err_code, app_status_title(j->err_status), j->err_detail);

@@ -99,6 +99,8 @@ struct app_job {
 	int err_status;
 	const char *err_code;
 	char err_detail[256];
+	int64_t retry_after_ms;     /* with err_code: the answer's Retry-After (set here, not on
+	                             * the request: fn may run again, and headers add up) */
 };
 
 struct app_job *app_job_new(struct cw_app *app, struct cw_req *req,

@@ -415,7 +415,7 @@ static cw_err new_room_decide(PGconn *c, struct app_job *j, const struct room_in
 	policy_view_put(view);
 	policy_count(j->app, &d);
 	if (d.verdict == POLICY_LIMIT) {
-		app_retry_after(j->req, d.retry_after_ms);
+		j->retry_after_ms = d.retry_after_ms; /* not on j->req: this may run again */
 		j->err_status = 429;
 		j->err_code = "rate_limited";
 		snprintf(j->err_detail, sizeof(j->err_detail), "too many new conversations from this sender; retry later");

@@ -171,7 +171,7 @@ static cw_err consent_request_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	json_t *details = json_pack("{s:s, s:s, s:s}", "sender", in->remote, "direction", "inbound", "type",
 				    "consent_request");
 	if (in->d.verdict == POLICY_LIMIT) { /* nothing stored but the record */
-		app_retry_after(j->req, in->d.retry_after_ms);
+		j->retry_after_ms = in->d.retry_after_ms; /* not on j->req: this may run again */
 		app_job_fail(j, 429, "rate_limited", "too many consent requests from this sender; retry later");
 		json_object_set_new(details, "retry_after_ms", json_integer(in->d.retry_after_ms));
 		return peer_audit_write(c, &in->d, in->local, details, e);

@@ -749,6 +749,44 @@ def test_peer_consent_request_takes_effect_and_is_uniform(daemon, peers, pg, db_
         f"rate_limited_consent_requests {ALICE} {a.user('yan')} consent_request"
 
 
+@pytest.mark.parametrize("what", ["consent_request", "new_room"])
+def test_a_limited_write_that_runs_again_says_retry_after_once(daemon, peers, pg, db_url, what):
+    """The first refusal of a limit episode (a consent request's, a new
+    room's) is written (its audit record) by the group-commit writer, which
+    runs a batch again after a deadlock or serialization failure. The
+    answer's Retry-After is set once however often the write runs (it was
+    added on each run: two headers)."""
+    (a, _), _ = peers
+    opt_in(daemon)
+    # The limit's audit record fails once as a serialization failure does:
+    # the writer runs the job again.
+    pg.psql("CREATE SEQUENCE test_limit_once; "
+            "CREATE FUNCTION test_limit_once() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            " IF nextval('test_limit_once') = 1 THEN "
+            "  RAISE EXCEPTION 'test: run again' USING ERRCODE = '40001'; END IF; RETURN NEW; END $$; "
+            "CREATE TRIGGER test_limit_once BEFORE INSERT ON audit_log FOR EACH ROW "
+            "WHEN (NEW.action = 'policy.limit') EXECUTE FUNCTION test_limit_once()", db_url)
+    limits = {"consent_requests_per_day": 1} if what == "consent_request" else {"new_conversations_per_hour": 1}
+    r = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example", "limits": limits})
+    assert r.status_code == 201, r.text
+    refused = []
+
+    def limited():
+        if what == "consent_request":
+            r = a.call("POST", "/v1/consent/requests", {"requester": a.user("yan"), "target": ALICE})
+        else:
+            r = a.create_room([a.user("yan"), ALICE])
+        if r.status_code == 429:
+            refused.append(r)
+        return bool(refused)
+    wait_policy(daemon, limited, "the limit")
+    assert pg.psql("SELECT is_called FROM test_limit_once", db_url) == "t"  # the write ran again
+    values = refused[0].raw.headers.getlist("Retry-After")
+    assert len(values) == 1 and int(values[0]) > 0, values
+    if what == "consent_request":  # (a new room decides again when run again: not recorded then)
+        assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'policy.limit'", db_url) == "1"
+
+
 def test_reports_set_an_automatic_limit(daemon, peers, pg, db_url):
     (a, _), _ = peers
     opt_in(daemon)
