@@ -64,8 +64,16 @@ struct peer_pull {
  * that answer, or asks again from an older cursor), before any row not
  * handed out yet, which follow in id order whatever their id.  An answer
  * is so always the positions just after `after`, in order: a peer that
- * keeps any cursor it was given acknowledges exactly what it got.
- * $1 destination, $2 after, $3 limit, $4 claim seconds. */
+ * keeps any cursor it was given acknowledges exactly what it got.  It
+ * ends, too, where its events' size would pass $5 bytes (but has at least
+ * one): the rows handed out past that are in flight above the answer's
+ * cursor, so the next answer starts with them.  The size is the stored
+ * content's plus PULL_EVENT_OVERHEAD for what the answer adds (ids, room,
+ * sender, times): without the bound, one answer of 1000 events of 64 KiB
+ * was 64 MiB, held in memory several times over (the query result, the
+ * JSON, its text).
+ * $1 destination, $2 after, $3 limit, $4 claim seconds, $5 bytes. */
+#define PULL_EVENT_OVERHEAD "512"
 #define PULL_POS "CASE WHEN starts_with(claimed_by, 'pull#') THEN substr(claimed_by, 6)::bigint END"
 static const char pull_sql[] =
 	"WITH ack AS (UPDATE outbox SET state = 'delivered', delivered_at = now(), claimed_by = NULL, "
@@ -85,12 +93,16 @@ static const char pull_sql[] =
 	" claimed_until = now() + make_interval(secs => $4::int) FROM fresh "
 	" WHERE o.id = fresh.id AND o.state = 'pending' RETURNING o.id, fresh.pos, o.event_id, o.room_id), "
 	"h AS (SELECT * FROM kept UNION ALL SELECT * FROM took) "
-	"SELECT h.pos, ev.public_id, ev.content::text, rm.uri, rm.public_id, s.uri, "
+	"SELECT * FROM (SELECT h.pos, ev.public_id, t.content, rm.uri, rm.public_id, s.uri, "
 	" (extract(epoch FROM ev.accepted_at) * 1000)::bigint, ev.ts, "
 	" (SELECT p.event_types IS NULL OR ev.type = ANY (p.event_types) FROM peers p "
-	"  WHERE p.name = substr($1, 6)) "
-	"FROM h JOIN events ev ON ev.id = h.event_id JOIN rooms rm ON rm.id = h.room_id "
-	"JOIN identities s ON s.id = ev.sender_id ORDER BY h.pos LIMIT $3::int";
+	"  WHERE p.name = substr($1, 6)), "
+	" sum(octet_length(t.content) + " PULL_EVENT_OVERHEAD ") OVER (ORDER BY h.pos) AS upto, "
+	" row_number() OVER (ORDER BY h.pos) AS n "
+	"FROM h JOIN events ev ON ev.id = h.event_id CROSS JOIN LATERAL (SELECT ev.content::text AS content) t "
+	"JOIN rooms rm ON rm.id = h.room_id "
+	"JOIN identities s ON s.id = ev.sender_id ORDER BY h.pos LIMIT $3::int) a "
+	"WHERE a.upto <= $5::bigint OR a.n = 1 ORDER BY a.pos";
 
 static const struct store_stmt pull_stmts[] = {
 	{ "cw_pull", pull_sql },
@@ -107,6 +119,13 @@ static const struct store_stmt *const pull_stmt_lists[] = { pull_stmts, NULL };
  * hand-out go as one query string, one round trip and one implicit
  * transaction (an error rolls it back); the hand-out's snapshot is taken
  * after the lock, so it sees what the previous turn committed. */
+/* An answer is no larger than a request this daemon takes (about: see
+ * pull_sql), so that a peer sized alike can hold it. */
+static long answer_bytes(const struct peer_pull *p)
+{
+	return p->app ? p->app->cfg->max_body_bytes : 1024L * 1024;
+}
+
 static bool try_answer(struct peer_pull *p, struct waiter *w, bool final)
 {
 	char after[24];
@@ -125,8 +144,8 @@ static bool try_answer(struct peer_pull *p, struct waiter *w, bool final)
 	char sql[512];
 	snprintf(sql, sizeof(sql),
 		 "SELECT pg_advisory_xact_lock(hashtextextended('causeway.pull:' || %s, 0)); "
-		 "EXECUTE cw_pull(%s, %s, %d, %d)",
-		 lit, lit, after, w->limit, HANDOUT_S);
+		 "EXECUTE cw_pull(%s, %s, %d, %d, %ld)",
+		 lit, lit, after, w->limit, HANDOUT_S, answer_bytes(p));
 	PQfreemem(lit);
 	if (!PQsendQuery(p->c, sql)) {
 		cw_fail(&e, CW_EUNAVAIL, "cannot send: %s", PQerrorMessage(p->c));

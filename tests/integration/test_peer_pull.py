@@ -212,3 +212,36 @@ def test_a_push_peer_cannot_pull_its_rows_away_from_the_push(daemon, pg, db_url)
         assert [e["id"] for e in a.call("GET", "/v1/events?after=0").json()["events"]] == [later]
     finally:
         srv.close()
+
+
+def test_a_backlog_of_large_events_comes_in_several_bounded_answers(make_daemon, db_url):
+    """An answer holds events up to about server.max_body_bytes (at least
+    one): a backlog of large events comes in several pulls, in order, none
+    lost. Before, one answer took up to `limit` events whatever their size
+    (1000 of 64 KiB: 64 MiB held for one long-poll)."""
+    budget = 256 * 1024
+    d = make_daemon(db_url, options={"server": {"max_body_bytes": "256KiB"}}).start()
+    a, b, rm, srv = make_peers(d)
+    ids = []
+    for i in range(16):  # 16 events of 60 kB (4 parts of 15 kB: near the largest a peer may send)
+        parts = [{"type": "text/plain", "body": f"{i:03d}{j}" + "x" * 15000} for j in range(4)]
+        r = a.call("POST", f"/v1/rooms/{rm['id']}/messages",
+                   {"type": "message", "sender": a.user("alice"), "content": {"parts": parts}}, idem=f"big-{i}")
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["id"])
+    got, sizes, cursor = [], [], "0"
+    for _ in range(len(ids) + 1):
+        r = b.call("GET", f"/v1/events?after={cursor}&limit=1000")
+        assert r.status_code == 200, r.text
+        body = r.json()
+        if not body["events"]:
+            break
+        sizes.append(len(r.content))
+        got += [e["id"] for e in body["events"]]
+        cursor = body["next"]
+    assert got == ids
+    assert len(sizes) >= 3 and max(sizes) <= budget, sizes
+    # The last cursor acknowledged them all.
+    st = a.call("GET", f"/v1/messages/{ids[-1]}").json()
+    assert st["recipients"] == [{"recipient": "mimi://tg.example", "status": "delivered"}]
+    srv.close()
