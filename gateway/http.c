@@ -6,6 +6,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <microhttpd.h>
 #include <netdb.h>
 #include <pthread.h>
@@ -24,6 +25,7 @@ struct cw_http {
 	struct cw_metrics *metrics;
 	unsigned port;
 	atomic_long in_flight;
+	atomic_long unread;      /* connections open with no request begun (struct conn_state) */
 	atomic_bool access_log;
 	atomic_uint_fast64_t next_id;
 	char id_prefix[9];
@@ -322,12 +324,52 @@ static enum MHD_Result queue_reply(struct cw_req *r)
 	return ret;
 }
 
+/* A connection's socket context: whether it has begun a request yet.  The
+ * stop's drain waits for such connections too (cw_http_drain): one taken
+ * from the accept queue at the stop (cw_http_quiesce) has its request in
+ * its socket buffer, unread, and closing it then would reset it. */
+struct conn_state {
+	bool unread;
+};
+
+static void unread_done(struct cw_http *h, struct conn_state *cs)
+{
+	if (!cs || !cs->unread)
+		return;
+	cs->unread = false;
+	pthread_mutex_lock(&h->mu);
+	if (atomic_fetch_sub(&h->unread, 1) == 1)
+		pthread_cond_broadcast(&h->idle);
+	pthread_mutex_unlock(&h->mu);
+}
+
+static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_context,
+			  enum MHD_ConnectionNotificationCode code)
+{
+	(void)conn;
+	struct cw_http *h = cls;
+	if (code == MHD_CONNECTION_NOTIFY_STARTED) {
+		struct conn_state *cs = calloc(1, sizeof(*cs)); /* none: not waited for */
+		if (cs) {
+			cs->unread = true;
+			atomic_fetch_add(&h->unread, 1);
+		}
+		*socket_context = cs;
+	} else if (code == MHD_CONNECTION_NOTIFY_CLOSED) {
+		unread_done(h, *socket_context);
+		free(*socket_context);
+		*socket_context = NULL;
+	}
+}
+
 /* libmicrohttpd calls this once per request, before the headers are read,
  * with the raw request target; what it returns becomes the request's
  * con_cls, so the request object is made here. */
 static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn)
 {
 	struct cw_http *h = cls;
+	const union MHD_ConnectionInfo *ci = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+	unread_done(h, ci ? ci->socket_context : NULL);
 	struct cw_req *r = calloc(1, sizeof(*r));
 	if (!r)
 		return NULL;
@@ -552,6 +594,7 @@ cw_err cw_http_start(struct cw_http **out, const struct cw_http_opts *o, cw_errm
 				MHD_OPTION_CONNECTION_LIMIT, (unsigned)o->connection_limit,
 				MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)o->connection_timeout_s,
 				MHD_OPTION_NOTIFY_COMPLETED, on_completed, h,
+				MHD_OPTION_NOTIFY_CONNECTION, on_connection, h,
 				MHD_OPTION_URI_LOG_CALLBACK, on_uri, h,
 				MHD_OPTION_LISTENING_ADDRESS_REUSE, (unsigned)1,
 				MHD_OPTION_END);
@@ -588,6 +631,37 @@ void cw_http_quiesce(struct cw_http *h)
 	MHD_socket s = MHD_quiesce_daemon(h->d);
 	if (s == MHD_INVALID_SOCKET)
 		return;
+	/* The connections the kernel completed and queued on the socket
+	 * are clients that connected before the stop: closing the socket
+	 * would reset them.  They are taken now and handed to the workers
+	 * (which may still take one of them themselves, until their poll()
+	 * sees the quiesce), and the drain waits for their requests. */
+	int fl = fcntl(s, F_GETFL);
+	if (fl >= 0 && !(fl & O_NONBLOCK))
+		fcntl(s, F_SETFL, fl | O_NONBLOCK);
+	unsigned taken = 0, refused = 0;
+	for (;;) {
+		struct sockaddr_storage ss;
+		socklen_t sl = sizeof(ss);
+		int c = accept4(s, (struct sockaddr *)&ss, &sl, SOCK_CLOEXEC);
+		if (c < 0) {
+			if (errno == EINTR || errno == ECONNABORTED)
+				continue;
+			break; /* EAGAIN: the queue is empty (or out of descriptors) */
+		}
+		/* Closed by libmicrohttpd when refused (past connection_limit). */
+		if (MHD_add_connection(h->d, c, (struct sockaddr *)&ss, sl) == MHD_YES)
+			taken++;
+		else
+			refused++;
+	}
+	if (refused) {
+		char t[16], r[16];
+		snprintf(t, sizeof(t), "%u", taken);
+		snprintf(r, sizeof(r), "%u", refused);
+		LOG_KV(CW_LOG_WARN, "connections queued at the stop were refused (server.connection_limit)",
+		       "taken", t, "refused", r);
+	}
 	/* Quiescing only asks the workers to drop the socket from their next
 	 * poll(); one asleep in poll() holds a reference to it, so close()
 	 * alone leaves it listening, and the kernel completing handshakes,
@@ -602,10 +676,10 @@ bool cw_http_drain(struct cw_http *h, long timeout_ms)
 	struct timespec until;
 	cw_deadline_ts(&until, CLOCK_REALTIME, (int64_t)timeout_ms * 1000);
 	pthread_mutex_lock(&h->mu);
-	while (atomic_load(&h->in_flight) > 0)
+	while (atomic_load(&h->in_flight) > 0 || atomic_load(&h->unread) > 0)
 		if (pthread_cond_timedwait(&h->idle, &h->mu, &until) == ETIMEDOUT)
 			break;
-	bool idle = atomic_load(&h->in_flight) == 0;
+	bool idle = atomic_load(&h->in_flight) == 0 && atomic_load(&h->unread) == 0;
 	pthread_mutex_unlock(&h->mu);
 	return idle;
 }
