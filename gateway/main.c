@@ -102,6 +102,37 @@ static int run_migrations(const struct cw_config *cfg, const struct migration_se
 	return 0;
 }
 
+/* Every process of one database must sign with the same key: peers pin
+ * the one the directory shows, and a file link made by one process opens
+ * only in a process of the same key (its MAC key is derived from it).  A
+ * process started with a key of its own (a second host without a copy of
+ * peer.signing_key_file) would have its pushes refused by every peer, and
+ * retried until another process took them.  The key last started with is
+ * kept in settings (peer.signing_public_key); a different one is told in
+ * the log, not refused: replacing the key on purpose looks the same. */
+static void key_compare(PGconn *c, const char *public_b64)
+{
+	const char *params[] = { public_b64 };
+	PGresult *r = PQexecParams(c,
+				   "WITH old AS (SELECT value #>> '{}' AS k FROM settings WHERE key = 'peer.signing_public_key'), "
+				   "up AS (INSERT INTO settings (key, value, updated_by) "
+				   " VALUES ('peer.signing_public_key', to_jsonb($1::text), 'causewayd') "
+				   " ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_by = excluded.updated_by, "
+				   " updated_at = now() WHERE settings.value IS DISTINCT FROM excluded.value RETURNING 1) "
+				   "SELECT (SELECT k FROM old), (SELECT count(*) FROM up)",
+				   1, NULL, params, NULL, NULL, 0);
+	if (PQresultStatus(r) != PGRES_TUPLES_OK)
+		LOG_KV(CW_LOG_WARN, "cannot compare the signing key with the other processes'", "detail",
+		       PQresultErrorMessage(r));
+	else if (!PQgetisnull(r, 0, 0) && strcmp(PQgetvalue(r, 0, 0), public_b64) != 0)
+		LOG_KV(CW_LOG_WARN,
+		       "this process signs with another key than the last one started on this database: peers "
+		       "refuse what it signs until they are told its key; give every process the same "
+		       "peer.signing_key_file (a key replaced on purpose: tell every peer, docs/operations.md)",
+		       "public_key", public_b64, "previous_key", PQgetvalue(r, 0, 0));
+	PQclear(r);
+}
+
 /* The policy thread's reload hook: the admin tokens follow the policy. */
 static void reload_admins(PGconn *c, void *arg)
 {
@@ -261,6 +292,7 @@ int main(int argc, char **argv)
 			PQfinish(c);
 			goto out_migrations;
 		}
+		key_compare(c, app.public_key_b64);
 		PQfinish(c);
 	}
 

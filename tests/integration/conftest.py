@@ -38,7 +38,11 @@ def make_daemon(tmp_path):
     made = []
 
     def make(db_url, **kw):
-        d = Daemon(db_url, str(tmp_path / f"d{len(made)}"), **kw)
+        # The daemons of one test share one signing key, as every process of
+        # one database must (docs/operations.md): peers pin one key.
+        opts = {k: dict(v) for k, v in (kw.pop("options", None) or {}).items()}
+        opts.setdefault("peer", {}).setdefault("signing_key_file", str(tmp_path / "signing.key"))
+        d = Daemon(db_url, str(tmp_path / f"d{len(made)}"), options=opts, **kw)
         made.append(d)
         return d
 

@@ -156,6 +156,28 @@ def test_a_peer_change_reaches_every_daemon_process(make_daemon, db_url, tmp_pat
     wait_until(lambda: c.call("GET", "/v1/events?after=0").status_code == 401, timeout=5, what="disable seen by d2")
 
 
+def test_a_process_with_another_signing_key_is_told_in_the_log(make_daemon, db_url, pg, tmp_path):
+    """Every process of one database must sign with the same key (peers pin
+    the directory's one, and file links are keyed on it): a process started
+    with a key of its own says so in its log, naming both keys, and starts
+    (a key replaced on purpose looks the same); one with the shared key
+    says nothing."""
+    warning = "signs with another key than the last one started on this database"
+    d1 = make_daemon(db_url).start()
+    k1 = d1.get("/.well-known/mimi-protocol-directory").json()["public_key"]["key"]
+    d2 = make_daemon(db_url).start()  # make_daemon's shared key
+    assert warning not in d1.log() and warning not in d2.log()
+    d3 = make_daemon(db_url, options={"peer": {"signing_key_file": str(tmp_path / "own.key")}}).start()
+    k3 = d3.get("/.well-known/mimi-protocol-directory").json()["public_key"]["key"]
+    assert k3 != k1
+    line = next(x for x in d3.log().splitlines() if warning in x)
+    assert k1 in line and k3 in line, line
+    assert d3.get("/readyz").status_code == 200
+    assert pg.psql("SELECT value #>> '{}' FROM settings WHERE key = 'peer.signing_public_key'", db_url) == k3
+    # Not among the policy's settings of the admin API.
+    assert "peer.signing_public_key" not in d1.admin("GET", "/settings").json()
+
+
 def test_event_types_and_push_url_are_set_checked_and_changed(daemon, pg, db_url):
     r = daemon.admin("POST", "/peers", json=peer_body(event_types=["message", "receipt"]))
     assert r.status_code == 201 and r.json()["event_types"] == ["message", "receipt"], r.text

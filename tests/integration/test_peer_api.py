@@ -371,7 +371,7 @@ def test_a_slow_peer_does_not_hold_the_stop(make_daemon, db_url, pg):
         assert pg.psql("SELECT state || ' ' || attempts FROM outbox WHERE destination = 'peer:tg'",
                        db_url) == "pending 0"
         sb.delay = 0
-        d2 = make_daemon(db_url, options=opts).start()  # a key of its own (a new work directory)
+        d2 = make_daemon(db_url, options=opts).start()  # the test's key (make_daemon shares it)
         sb.public_b64 = d2.get("/.well-known/mimi-protocol-directory").json()["public_key"]["key"]
         wait_until(lambda: pg.psql("SELECT state FROM outbox WHERE destination = 'peer:tg'", db_url) == "delivered",
                    timeout=20, what="delivered after the restart")
