@@ -311,6 +311,12 @@ struct room_input {
 	char *name;               /* a group's, or NULL */
 	size_t n;
 	struct room_member_in m[ROOM_MEMBERS_MAX];
+	/* The policy's answer about the creator, from the job's first run: a
+	 * run again (after a deadlock or serialization failure) neither
+	 * charges the limits a second time nor loses the first refusal's
+	 * audit record with the rolled-back transaction. */
+	bool decided, first_refusal;
+	struct policy_decision d;
 };
 
 static void room_input_free(void *arg)
@@ -398,28 +404,32 @@ static const struct room_member_in *room_creator(const struct room_input *in)
  * as a message's).  Asked after the idempotent replay, so that a retry of
  * a room made gets it rather than a token less or a rule made since.  The
  * other remote members are asked by members_decide. */
-static cw_err new_room_decide(PGconn *c, struct app_job *j, const struct room_input *in, cw_errmsg *e)
+static cw_err new_room_decide(PGconn *c, struct app_job *j, struct room_input *in, cw_errmsg *e)
 {
 	const struct room_member_in *creator = room_creator(in);
-	char network[PEER_NAME_MAX + 8];
-	snprintf(network, sizeof(network), "peer:%s", in->p->name);
-	struct policy_view *view = policy_live_get(j->app->policy);
-	struct policy_rate_memo memo;
-	policy_rate_memo_init(&memo, j->app->limits);
-	struct policy_request preq = {
-		.direction = POLICY_INBOUND, .action = POLICY_ACT_NEW_ROOM,
-		.sender = { creator->uri, in->p->domain, network }, .now_ms = cw_wall_ms(), .rate = &memo.rate,
-	};
-	struct policy_decision d;
-	policy_decide(view->snap, &preq, &d);
-	policy_view_put(view);
-	policy_count(j->app, &d);
+	if (!in->decided) {
+		char network[PEER_NAME_MAX + 8];
+		snprintf(network, sizeof(network), "peer:%s", in->p->name);
+		struct policy_view *view = policy_live_get(j->app->policy);
+		struct policy_rate_memo memo;
+		policy_rate_memo_init(&memo, j->app->limits);
+		struct policy_request preq = {
+			.direction = POLICY_INBOUND, .action = POLICY_ACT_NEW_ROOM,
+			.sender = { creator->uri, in->p->domain, network }, .now_ms = cw_wall_ms(), .rate = &memo.rate,
+		};
+		policy_decide(view->snap, &preq, &in->d);
+		policy_view_put(view);
+		policy_count(j->app, &in->d);
+		in->first_refusal = memo.first_refusal;
+		in->decided = true;
+	}
+	const struct policy_decision d = in->d;
 	if (d.verdict == POLICY_LIMIT) {
 		j->retry_after_ms = d.retry_after_ms; /* not on j->req: this may run again */
 		j->err_status = 429;
 		j->err_code = "rate_limited";
 		snprintf(j->err_detail, sizeof(j->err_detail), "too many new conversations from this sender; retry later");
-		if (memo.first_refusal)
+		if (in->first_refusal)
 			return peer_audit_write(c, &d, creator->uri,
 						json_pack("{s:s, s:s, s:s, s:I}", "sender", creator->uri, "direction",
 							  "inbound", "type", "new_room", "retry_after_ms",
