@@ -22,6 +22,7 @@
 #define BOT_BATCH 20
 #define BOT_TRIES 12      /* an inbox row the homeserver could not take: tried this often */
 #define BOT_RETRY_MAX_S 600 /* the longest wait between two tries (2 s, 4 s, ... 10 min: 37 min in all) */
+#define BOT_HANDLED_KEEP_DAYS 7 /* a handled event's id is kept this long against the homeserver's resends */
 
 static const char help_text[] =
 	"I am the gateway to other messaging networks. Commands:\n"
@@ -157,7 +158,16 @@ static bool local_identity(struct matrix *m, PGconn *c, const char *mxid, char *
 	return true;
 }
 
-static void cmd_list(struct matrix *m, PGconn *c, const char *room, const char *local_id)
+/* A command's answer, sent with the transaction id made from the command's
+ * event (inbox, below): a command run again after a crash between its
+ * effect and its inbox row's mark is answered once, the homeserver
+ * answering the repeated txnId with its first event. */
+static void answer(struct matrix *m, const char *room, const char *txn, const char *text)
+{
+	say_txn(m, room, NULL, text, txn, NULL);
+}
+
+static void cmd_list(struct matrix *m, PGconn *c, const char *room, const char *txn, const char *local_id)
 {
 	const char *params[] = { local_id };
 	PGresult *r = PQexecParams(c, POLICY_USER_SUMMARY_SQL, 1, NULL, params, NULL, NULL, 0);
@@ -168,10 +178,11 @@ static void cmd_list(struct matrix *m, PGconn *c, const char *room, const char *
 			n += (size_t)snprintf(text + n, sizeof(text) - n, "%s%s", n ? "\n" : "", PQgetvalue(r, i, 0));
 	}
 	PQclear(r);
-	say(m, room, n ? text : "Nothing yet: no requests, no decisions.");
+	answer(m, room, txn, n ? text : "Nothing yet: no requests, no decisions.");
 }
 
-static void command(struct matrix *m, PGconn *c, const char *room, const char *sender, const char *body)
+static void command(struct matrix *m, PGconn *c, const char *room, const char *txn, const char *sender,
+		    const char *body)
 {
 	char local_id[24], uri[600];
 	if (!local_identity(m, c, sender, local_id, sizeof(local_id), uri, sizeof(uri)))
@@ -185,7 +196,7 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *s
 	if (strcmp(verb, "accept") == 0 || strcmp(verb, "block") == 0) {
 		char kind[8], subject[700];
 		if (!subject_of(m, c, arg, kind, subject, sizeof(subject))) {
-			say(m, room, "Whom? Give an address (mimi://...), a bridged user's Matrix id, or a domain.");
+			answer(m, room, txn, "Whom? Give an address (mimi://...), a bridged user's Matrix id, or a domain.");
 			return;
 		}
 		struct policy_view *v = policy_live_get(m->app->policy);
@@ -203,7 +214,7 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *s
 		cw_errmsg e2;
 		store_exec(c, rc ? "ROLLBACK" : "COMMIT", rc ? &e2 : &e);
 		if (rc) {
-			say(m, room, "That did not work; try again in a moment.");
+			answer(m, room, txn, "That did not work; try again in a moment.");
 			LOG_KV(CW_LOG_WARN, "a bot command failed", "detail", e.msg);
 			return;
 		}
@@ -211,10 +222,10 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *s
 			snprintf(reply, sizeof(reply), "Accepted %s. %ld waiting message(s) released.", subject, counts[0]);
 		else
 			snprintf(reply, sizeof(reply), "Blocked %s. %ld waiting message(s) dropped.", subject, counts[1]);
-		say(m, room, reply);
+		answer(m, room, txn, reply);
 	} else if (strcmp(verb, "opt-in") == 0 || strcmp(verb, "opt-out") == 0) {
 		if (!arg[0] || strlen(arg) > 200) {
-			say(m, room, "Which network? For example: opt-in peer:gk");
+			answer(m, room, txn, "Which network? For example: opt-in peer:gk");
 			return;
 		}
 		/* A peer's network, named with or without "peer:": an opt-in for
@@ -233,7 +244,7 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *s
 				 listed ? "The networks here: " : "No network is connected here yet.",
 				 listed ? PQgetvalue(pr, 0, 1) : "");
 			PQclear(pr);
-			say(m, room, reply);
+			answer(m, room, txn, reply);
 			return;
 		}
 		PQclear(pr);
@@ -246,22 +257,22 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *s
 			rc = policy_notify_user(c, local_id, &e);
 		snprintf(reply, sizeof(reply), rc ? "That network name is not valid." : "You are now opted %s for %s.",
 			 verb[4] == 'i' ? "in" : "out", net);
-		say(m, room, reply);
+		answer(m, room, txn, reply);
 	} else if (strcmp(verb, "report") == 0) {
 		char kind[8], subject[700];
 		if (!subject_of(m, c, arg, kind, subject, sizeof(subject)) || strcmp(kind, "user") != 0) {
-			say(m, room, "Whom? Give the address (mimi://...) or the bridged user's Matrix id.");
+			answer(m, room, txn, "Whom? Give the address (mimi://...) or the bridged user's Matrix id.");
 			return;
 		}
 		const char *params[] = { uri, subject, rest[0] ? rest : NULL };
 		cw_err rc = store_command(c, "INSERT INTO reports (reporter_kind, reporter, subject_uri, subject_identity_id, "
 				       "reason_code, comment) VALUES ('local_user', $1, $2, (SELECT id FROM identities "
 				       "WHERE uri = $2), 'abuse', $3)", 3, params, &e);
-		say(m, room, rc ? "The report could not be stored; try again." : "Reported to the operator. Thank you.");
+		answer(m, room, txn, rc ? "The report could not be stored; try again." : "Reported to the operator. Thank you.");
 	} else if (strcmp(verb, "list") == 0) {
-		cmd_list(m, c, room, local_id);
+		cmd_list(m, c, room, txn, local_id);
 	} else {
-		say(m, room, help_text);
+		answer(m, room, txn, help_text);
 	}
 }
 
@@ -1046,8 +1057,8 @@ static bool inbox(struct matrix *m, PGconn *c)
 	char lim[8];
 	snprintf(lim, sizeof(lim), "%d", BOT_BATCH);
 	const char *params[] = { lim };
-	PGresult *r = PQexecParams(c, "SELECT id, event::text FROM matrix_bot_inbox "
-				      "WHERE not_before IS NULL OR not_before <= now() ORDER BY id LIMIT $1::int", 1, NULL,
+	PGresult *r = PQexecParams(c, "SELECT id, event::text FROM matrix_bot_inbox WHERE handled_at IS NULL "
+				      "AND (not_before IS NULL OR not_before <= now()) ORDER BY id LIMIT $1::int", 1, NULL,
 				   params, NULL, NULL, 0);
 	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
 		PQclear(r);
@@ -1092,8 +1103,15 @@ static bool inbox(struct matrix *m, PGconn *c)
 		else if (type && room && strcmp(type, "m.room.encryption") == 0)
 			encrypted(m, c, room);
 		else if (type && room && sender && strcmp(type, "m.room.message") == 0 &&
-			 json_is_string(json_object_get(content, "body")))
-			command(m, c, room, sender, json_string_value(json_object_get(content, "body")));
+			 json_is_string(json_object_get(content, "body"))) {
+			const char *eid = json_string_value(json_object_get(ev, "event_id"));
+			unsigned char h[32];
+			char hex[33], txn[48];
+			cw_sha256_pair("cwcmd", 5, eid ? eid : "", eid ? strlen(eid) : 0, h);
+			cw_hex(hex, h, 16);
+			snprintf(txn, sizeof(txn), "cwcmd-%s", hex);
+			command(m, c, room, txn, sender, json_string_value(json_object_get(content, "body")));
+		}
 		json_decref(ev);
 		const char *id[] = { PQgetvalue(r, i, 0) };
 		if (again && try_later(c, id[0]))
@@ -1101,8 +1119,14 @@ static bool inbox(struct matrix *m, PGconn *c)
 		if (again)
 			LOG_KV(CW_LOG_WARN, "the homeserver did not take the bot's work in 12 tries (some 40 minutes): "
 			       "given up", "inbox_row", PQgetvalue(r, i, 0));
+		/* Marked, not deleted: the homeserver sends a transaction whose
+		 * answer it did not get again, and the event id kept here stops
+		 * its events coming back into the inbox (the insert's ON
+		 * CONFLICT) and a command running twice.  Its content is not
+		 * needed for that. */
 		cw_errmsg e;
-		store_command(c, "DELETE FROM matrix_bot_inbox WHERE id = $1::bigint", 1, id, &e);
+		store_command(c, "UPDATE matrix_bot_inbox SET handled_at = now(), event = '{}' WHERE id = $1::bigint", 1,
+			      id, &e);
 	}
 	PQclear(r);
 	return n > 0;
@@ -1230,13 +1254,31 @@ static void portal_renames(struct matrix *m, PGconn *c)
 	PQclear(r);
 }
 
+/* Handled inbox rows are kept BOT_HANDLED_KEEP_DAYS (a homeserver sends a
+ * transaction again until it gets an answer: after a crash, once the
+ * daemon is back), then forgotten; looked for once an hour. */
+static void forget_handled(PGconn *c, int64_t *next_us)
+{
+	int64_t now = cw_now_us();
+	if (now < *next_us)
+		return;
+	*next_us = now + 3600 * (int64_t)1000000;
+	char days[8];
+	snprintf(days, sizeof(days), "%d", BOT_HANDLED_KEEP_DAYS);
+	const char *params[] = { days };
+	cw_errmsg e;
+	if (store_command(c, "DELETE FROM matrix_bot_inbox WHERE handled_at < now() - $1::int * interval '1 day'", 1,
+			  params, &e))
+		LOG_KV(CW_LOG_WARN, "cannot forget the bot's handled events", "detail", e.msg);
+}
+
 static void *bot_main(void *arg)
 {
 	cw_thread_name("cw-mx-bot");
 	struct matrix *m = arg;
 	PGconn *c = NULL;
 	bool mine = false;
-	int64_t requests_after = 0;
+	int64_t requests_after = 0, forget_after = 0;
 	while (!atomic_load(&m->bot_stop)) {
 		if (!c || PQstatus(c) != CONNECTION_OK) {
 			PQfinish(c);
@@ -1262,6 +1304,7 @@ static void *bot_main(void *arg)
 			notices(m, c);
 			portal_departures(m, c);
 			portal_renames(m, c);
+			forget_handled(c, &forget_after);
 		}
 		store_wait_notify(c, -1, 500, NULL, NULL);
 	}

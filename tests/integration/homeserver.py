@@ -28,8 +28,8 @@ The choices made where the specification allows several behaviours:
   is, on the request path and the access token: for the application service
   that is its as_token alone, whatever ?user_id= says, so two ghosts reusing
   one txnId in the same room and event type get the first one's event.
-- A transaction that failed is retried as it was (same txnId, same events)
-  but without its ephemeral data, and ephemeral data arriving while the
+- A transaction that failed is retried as it was (same txnId, same events,
+  each event's unsigned.age as it is then) but without its ephemeral data, and ephemeral data arriving while the
   application service is failing is dropped: Synapse keeps neither. A 2xx
   answer whose body is not a JSON object counts as a failure.
 - Before an invite of an unknown user in the namespace (or of the bot), the
@@ -280,6 +280,11 @@ class Homeserver:
         # True answers it 503 M_UNKNOWN (the homeserver unavailable for it,
         # as behind a proxy while it restarts), 403 answers M_FORBIDDEN.
         self.refuse = None
+        # A test's predicate on a transaction pushed (its dict, as in
+        # transactions, after the application service answered): True
+        # takes the answer as lost (a connection dropped, a timeout), and
+        # the same txnId is sent again, as the specification asks.
+        self.lose_answer = None
         self._buckets = {}          # user_id -> (level, time): the rate limiter's
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
@@ -1587,6 +1592,8 @@ class Homeserver:
                 txn["url"] = r.request.url
             except requests.RequestException as ex:
                 status, error = None, f"{type(ex).__name__}: {ex}"
+            if ok and self.lose_answer and self.lose_answer(dict(txn, attempts=list(txn["attempts"]))):
+                ok, error = False, "answer lost"
             with self._cond:
                 attempt.update(end=time.time(), status=status, error=error)
                 txn["status"] = status if status is not None else error

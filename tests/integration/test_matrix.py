@@ -104,6 +104,19 @@ def wally_wrote_to_alice(mx, hs, a, pg, db_url):
     return room, mx_room
 
 
+def alice_and_the_bot(hs):
+    """Alice opens a room with the bot: (her client, the room, a function
+    giving what the bot said there), once the bot has said its help."""
+    bot = "@_cw_bot:example.org"
+    _, alice_token = hs.create_user("alice")
+    alice = hs.as_user(alice_token)
+    mgmt = alice.create_dm(bot)
+    said = lambda: [e["content"]["body"] for e in hs.events(mgmt)  # noqa: E731
+                    if e["type"] == "m.room.message" and e["sender"] == bot]
+    wait_until(lambda: any("Commands" in n for n in said()), what="the bot's help")
+    return alice, mgmt, said
+
+
 def consent_alice(mx, subject="mimi://wa.example/u/wally"):
     assert mx.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
     assert mx.admin("POST", "/consents", json={"user": ALICE, "subject_kind": "user", "subject": subject,
@@ -666,6 +679,38 @@ def test_a_second_management_room_takes_over_and_the_first_says_so(mx, hs, pg, d
     assert hs.members(second).get(bot) == "join"
 
 
+def test_a_command_in_a_transaction_sent_again_runs_once(mx, hs, gk, pg, db_url):
+    """The homeserver does not get the answer to the transaction that
+    carried alice's command (a dropped connection), and sends the same
+    txnId again (each event's age changed, as a retry has it): the command
+    does not run a second time. Until the eighteenth session the retry put
+    the command back into the bot's inbox, whose row had gone once
+    handled: a second report, a second answer."""
+    alice, mgmt, notices = alice_and_the_bot(hs)
+    lost = []
+
+    def lose_answer(txn):
+        # The first answer to the command's transaction is lost once the
+        # bot has run the command (the row it had is gone by then).
+        if txn["tries"] == 1 and any(e["type"] == "m.room.message" and e["sender"] == ALICE_MX and
+                                     e["content"].get("body", "").startswith("report ") for e in txn["events"]):
+            wait_until(lambda: any(n.startswith("Reported") for n in notices()), what="the report's answer")
+            lost.append(txn["txn_id"])
+            return True
+        return False
+    hs.lose_answer = lose_answer
+    alice.send_text(mgmt, "report mimi://wa.example/u/wally spam")
+    wait_until(lambda: lost and any(t["txn_id"] == lost[0] and t["done"] for t in hs.transactions),
+               what="the transaction taken on its second try")
+    hs.lose_answer = None
+    # The bot works its inbox in order: once it answered a later command,
+    # a second run of the first would have happened.
+    alice.send_text(mgmt, "help")
+    wait_until(lambda: sum("Commands" in n for n in notices()) == 2, what="the answer to help")
+    assert sum(n.startswith("Reported") for n in notices()) == 1, notices()
+    assert pg.psql("SELECT count(*) FROM reports", db_url) == "1"
+
+
 def test_inviting_a_ghost_asks_the_appservice(mx, hs, gk):
     """The homeserver asks GET /users/{id} on an invite of an unknown ghost:
     a known remote user's ghost exists afterwards, an unknown one does not."""
@@ -884,7 +929,7 @@ def test_a_join_the_homeserver_did_not_take_is_tried_again(mx, hs, gk, pg, db_ur
     wait_until(lambda: hs.members(mgmt).get(bot) == "join", timeout=40, what="the bot joins on its third try")
     assert refused.count(ghost) == 2 and refused.count(bot) == 2
     wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_mgmt_rooms", db_url) == "1", what="the management room")
-    assert pg.psql("SELECT count(*) FROM matrix_bot_inbox", db_url) == "0"
+    assert pg.psql("SELECT count(*) FROM matrix_bot_inbox WHERE handled_at IS NULL", db_url) == "0"
     alice.send_text(room, "hi wally")
     got = srv.wait_events(1)
     assert got[0]["content"]["parts"][0]["body"] == "hi wally"
@@ -894,7 +939,8 @@ def test_a_join_the_homeserver_did_not_take_is_tried_again(mx, hs, gk, pg, db_ur
     hs.refuse = lambda method, path, user: 403 if user == bot and path.endswith("/join") else False
     other = alice.create_room(preset="private_chat", is_direct=True, invite=[bot])
     wait_until(lambda: joins() == before + 1, what="the bot's refused join")
-    wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_bot_inbox", db_url) == "0", what="the inbox empty")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_bot_inbox WHERE handled_at IS NULL", db_url) == "0",
+               what="the inbox empty")
     time.sleep(3)
     assert joins() == before + 1 and hs.members(other).get(bot) == "invite"
     hs.refuse = None
@@ -1960,12 +2006,7 @@ def test_one_bot_answers_for_every_process(make_daemon, db_url, hs):
     second = make_daemon(db_url, options={
         "server": {"port": str(port)},
         "matrix": {"homeserver_url": hs.url, "as_token": AS_TOKEN, "hs_token": HS_TOKEN}}).start()
-    _, alice_token = hs.create_user("alice")
-    alice = hs.as_user(alice_token)
-    mgmt = alice.create_dm(bot)
-    said = lambda: [e["content"]["body"] for e in hs.events(mgmt)  # noqa: E731
-                    if e["type"] == "m.room.message" and e["sender"] == bot]
-    wait_until(lambda: any("Commands" in n for n in said()), what="the bot's help")
+    alice, mgmt, said = alice_and_the_bot(hs)
     time.sleep(1.5)  # both bots heard the invite's NOTIFY by now
     assert sum("Commands" in n for n in said()) == 1, said()
     joins = [e for e in hs.events(mgmt) if e["type"] == "m.room.member" and e.get("state_key") == bot
