@@ -838,6 +838,49 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 
 static void txn_answer(struct txn *t, struct app_job *j);
 
+/* A local user joining their portal of a group they were invited to
+ * (mx_bot.c, local_invited and portal_invitations) is the group's member
+ * from now on: invited, the peer saw them as invited, not as a member.
+ * Marked here, on the reader and before the pipeline reads who is a
+ * member, so that the join itself and what they write in the same
+ * transaction count as a member's; the homeserver's event is the truth,
+ * so a write of the transaction that fails after this leaves them
+ * joined, as they are (and its retry marks nothing more). */
+static cw_err joins_of_invitees(PGconn *c, struct txn *t, cw_errmsg *e)
+{
+	json_t *joins = json_array();
+	size_t i;
+	json_t *ev;
+	json_array_foreach(t->events, i, ev) {
+		const char *room = json_string_value(json_object_get(ev, "room_id"));
+		const char *sender = json_string_value(json_object_get(ev, "sender"));
+		const char *key = json_string_value(json_object_get(ev, "state_key"));
+		const char *ms = json_string_value(json_object_get(json_object_get(ev, "content"), "membership"));
+		if (strcmp(json_string_value(json_object_get(ev, "type")), "m.room.member") == 0 && key && ms &&
+		    strcmp(ms, "join") == 0 && strcmp(key, sender) == 0 && json_object_get(t->rooms, room) &&
+		    json_object_get(t->senders, sender))
+			json_array_append_new(joins, json_pack("[s, s]", room, sender));
+	}
+	if (json_array_size(joins) == 0) {
+		json_decref(joins);
+		return CW_OK;
+	}
+	char *text = json_dumps(joins, JSON_COMPACT);
+	json_decref(joins);
+	if (!text)
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	const char *params[] = { text };
+	cw_err rc = store_command(c,
+		"UPDATE room_members x SET membership = 'joined', updated_at = now() "
+		"FROM jsonb_array_elements($1::jsonb) AS j, room_bindings b, identity_bindings ib "
+		"WHERE b.network = 'matrix' AND b.native_id = j->>0 AND b.remote_identity_id IS NULL "
+		" AND ib.identity_id = b.local_identity_id AND ib.network = 'matrix' AND ib.native_id = j->>1 "
+		" AND x.room_id = b.room_id AND x.identity_id = b.local_identity_id AND x.membership = 'invited'",
+		1, params, e);
+	free(text);
+	return rc;
+}
+
 /* On a reader, before the write: the lookups, then the mapping of every
  * event (HTML sanitising, validation), which used to run in the write's
  * first round and so on the group-commit writer's thread, the one every
@@ -851,6 +894,8 @@ static cw_err txn_prepare(PGconn *c, struct app_job *j, cw_errmsg *e)
 		t->b = NULL;
 	}
 	cw_err rc = txn_lookup(c, t, e);
+	if (!rc)
+		rc = joins_of_invitees(c, t, e);
 	if (rc)
 		return rc;
 	json_array_clear(t->bot_send);

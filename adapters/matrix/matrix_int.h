@@ -79,6 +79,13 @@ void mx_txn_remember(struct matrix *m, const unsigned char key[32]);
  * tries again until both are done); waits for it. */
 void mx_ping_stop(struct matrix *m);
 void mx_rename_portal(struct matrix *m, PGconn *c, const char *room, const char *binding, const char *name);
+/* The portal of group neutral_room (its id) for the local user target_id
+ * (Matrix id target_mxid): made by the bot with the user invited, bound;
+ * its room id and binding id out.  Made once: a portal bound meanwhile
+ * takes the new one's place. */
+cw_err mx_ensure_portal(struct matrix *m, PGconn *c, const char *neutral_room, const char *name,
+			const char *target_id, const char *target_mxid, char *room, size_t rlen, char *binding,
+			size_t blen, cw_errmsg *e);
 /* POST /rooms/{room}/<action> ("join" or "leave", no body) as user (NULL:
  * the bot). */
 cw_err mx_room_action(struct matrix *m, const char *room, const char *user, const char *action, cw_errmsg *e);

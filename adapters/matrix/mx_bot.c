@@ -521,7 +521,9 @@ static void notices(struct matrix *m, PGconn *c)
  * here of the three (made now: the room's binding moves onto it and it is
  * the user's portal), or, into their portal of a group made here, joins
  * the group (when the user is still a member of it); a remote member's
- * ghost counts as joined to the portal (it joins it next).  *portal: the
+ * ghost counts as joined to the portal (it joins it next), another local
+ * user is invited to the group (joined once they join the portal the bot
+ * makes them: portal_invitations; matrix.c, joins_of_invitees).  *portal: the
  * binding's id, left as it was when room is neither.  Runs in the
  * caller's transaction. */
 static cw_err grow_group(struct matrix *m, PGconn *c, const char *room, const char *local_id, const char *new_id,
@@ -541,8 +543,10 @@ static cw_err grow_group(struct matrix *m, PGconn *c, const char *room, const ch
 		"  SELECT $4, 'mimi://' || $5 || '/r/' || $4, $5, 'group' FROM b WHERE b.a IS NOT NULL RETURNING id), "
 		"g AS (SELECT coalesce((SELECT id FROM nr), b.room_id) AS room FROM b), "
 		"mb AS (INSERT INTO room_members (room_id, identity_id, membership) "
-		"  SELECT g.room, x, 'joined' FROM g, b, unnest(ARRAY[$2::bigint, b.a, $3::bigint]) AS x "
-		"  WHERE x IS NOT NULL ON CONFLICT (room_id, identity_id) DO UPDATE SET membership = 'joined', "
+		"  SELECT g.room, x, CASE WHEN x = $3::bigint AND NOT $6::boolean THEN 'invited' ELSE 'joined' END "
+		"  FROM g, b, unnest(ARRAY[$2::bigint, b.a, $3::bigint]) AS x "
+		"  WHERE x IS NOT NULL ON CONFLICT (room_id, identity_id) DO UPDATE SET membership = "
+		"  CASE WHEN room_members.membership = 'joined' THEN 'joined' ELSE excluded.membership END, "
 		"  updated_at = now()), "
 		"up AS (UPDATE room_bindings rb SET room_id = g.room, remote_identity_id = NULL FROM g, b "
 		"  WHERE rb.id = b.id RETURNING rb.id), "
@@ -874,9 +878,9 @@ static bool ghost_invited(struct matrix *m, PGconn *c, const char *room, const c
  * is one user's view (a direct room, or their portal of a group: what the
  * policy let through for them), so nobody else joins it: the invitation is
  * taken back.  Into the user's direct room, or their portal of a group
- * made here, the invitee becomes a member of the group (made now from the
- * direct room, as by a second ghost: grow_group) and gets a portal of
- * their own with the group's next message. */
+ * made here, the invitee is invited to the group (made now from the
+ * direct room, as by a second ghost: grow_group) and to a portal of their
+ * own (portal_invitations, right after). */
 static void local_invited(struct matrix *m, PGconn *c, const char *room, const char *sender, const char *invitee)
 {
 	char inviter_id[24], invitee_id[24], uri[600], invitee_uri[600], localpart[MX_ID_MAX + 1];
@@ -900,8 +904,8 @@ static void local_invited(struct matrix *m, PGconn *c, const char *room, const c
 	char text[MX_ID_MAX + 400];
 	if (added)
 		snprintf(text, sizeof(text),
-			 "%s is a member of the group now, and gets a room of their own for it with its next message: "
-			 "each member's room shows what reaches them.", localpart);
+			 "%s is invited to the group, in a room of their own for it (each member's room shows what "
+			 "reaches them), and is a member once they join it.", localpart);
 	else
 		snprintf(text, sizeof(text),
 			 "This room is %s's own view of a bridged conversation, so nobody else joins it. People are "
@@ -1208,22 +1212,33 @@ static bool bot_lock(PGconn *c)
 	return ok;
 }
 
+/* The rows of one of the bot's rounds of looking for work (sql: for what);
+ * NULL, logged, when the database did not answer. */
+static PGresult *look_for(PGconn *c, const char *sql, const char *what)
+{
+	PGresult *r = PQexec(c, sql);
+	cw_errmsg e;
+	if (store_check(c, r, PGRES_TUPLES_OK, &e)) {
+		LOG_KV(CW_LOG_WARN, "the bot cannot look for its work", "what", what, "detail", e.msg);
+		return NULL;
+	}
+	return r;
+}
+
 /* The ghosts of members who are no longer in a group (the peer removed
  * them: POST /v1/rooms/{room}/members) leave its rooms, so that the users
  * see them go; one who comes back joins again with their next message. */
 static void portal_departures(struct matrix *m, PGconn *c)
 {
-	PGresult *r = PQexec(c,
+	PGresult *r = look_for(c,
 		"WITH d AS (DELETE FROM matrix_portal_members pm USING room_bindings b, room_members x "
 		" WHERE b.id = pm.binding_id AND x.room_id = b.room_id AND x.identity_id = pm.identity_id "
 		" AND x.membership <> 'joined' RETURNING b.native_id, pm.identity_id) "
 		"SELECT d.native_id, ib.native_id FROM d JOIN identity_bindings ib ON ib.identity_id = d.identity_id "
-		" AND ib.network = 'matrix'");
-	cw_errmsg e;
-	if (store_check(c, r, PGRES_TUPLES_OK, &e)) {
-		LOG_KV(CW_LOG_WARN, "cannot look for members who left a group", "detail", e.msg);
+		" AND ib.network = 'matrix'", "members who left a group");
+	if (!r)
 		return;
-	}
+	cw_errmsg e;
 	for (int i = 0; i < PQntuples(r); i++) {
 		if (mx_room_action(m, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1), "leave", &e))
 			LOG_KV(CW_LOG_WARN, "a ghost cannot leave a group it left", "room", PQgetvalue(r, i, 0), "detail",
@@ -1237,17 +1252,14 @@ static void portal_departures(struct matrix *m, PGconn *c)
  * a second when idle); a rename that fails is tried again the next round. */
 static void portal_renames(struct matrix *m, PGconn *c)
 {
-	PGresult *r = PQexec(c,
+	PGresult *r = look_for(c,
 		"SELECT b.native_id, b.id, rm.name FROM room_bindings b JOIN rooms rm ON rm.id = b.room_id "
 		"JOIN room_members x ON x.room_id = b.room_id AND x.identity_id = b.local_identity_id "
 		"WHERE b.network = 'matrix' AND b.remote_identity_id IS NULL AND b.local_identity_id IS NOT NULL "
 		" AND rm.kind = 'group' AND x.membership = 'joined' AND rm.name IS DISTINCT FROM b.name_synced "
-		"ORDER BY b.id LIMIT 64");
-	cw_errmsg e;
-	if (store_check(c, r, PGRES_TUPLES_OK, &e)) {
-		LOG_KV(CW_LOG_WARN, "cannot look for renamed groups", "detail", e.msg);
+		"ORDER BY b.id LIMIT 64", "renamed groups");
+	if (!r)
 		return;
-	}
 	for (int i = 0; i < PQntuples(r); i++)
 		mx_rename_portal(m, c, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1),
 				 PQgetisnull(r, i, 2) ? NULL : PQgetvalue(r, i, 2));
@@ -1272,13 +1284,56 @@ static void forget_handled(PGconn *c, int64_t *next_us)
 		LOG_KV(CW_LOG_WARN, "cannot forget the bot's handled events", "detail", e.msg);
 }
 
+/* A local user invited to a group (local_invited) is invited to a portal
+ * of their own, made by the bot; they are the group's member once they
+ * join it.  One that could not be made (the homeserver away) is tried
+ * again 2 s, 4 s, ... (at most 10 minutes) later: a homeserver may have
+ * made the room before it failed, and a room each round would pile up. */
+static void portal_invitations(struct matrix *m, PGconn *c, int64_t *next_us, int64_t *delay_us)
+{
+	int64_t now = cw_now_us();
+	if (now < *next_us)
+		return;
+	PGresult *r = look_for(c,
+		"SELECT x.room_id, rm.name, x.identity_id, ib.native_id FROM room_members x "
+		"JOIN rooms rm ON rm.id = x.room_id AND rm.kind = 'group' "
+		"JOIN identities i ON i.id = x.identity_id AND i.is_local "
+		"JOIN identity_bindings ib ON ib.identity_id = i.id AND ib.network = 'matrix' "
+		"WHERE x.membership = 'invited' AND NOT EXISTS (SELECT 1 FROM room_bindings b "
+		" WHERE b.network = 'matrix' AND b.room_id = x.room_id AND b.local_identity_id = x.identity_id) "
+		"ORDER BY x.room_id, x.identity_id LIMIT 16", "users invited to a group");
+	if (!r)
+		return;
+	cw_errmsg e;
+	bool failed = false;
+	for (int i = 0; i < PQntuples(r); i++) {
+		char room[MX_ID_MAX + 1], binding[24];
+		if (mx_ensure_portal(m, c, PQgetvalue(r, i, 0), PQgetisnull(r, i, 1) ? NULL : PQgetvalue(r, i, 1),
+				     PQgetvalue(r, i, 2), PQgetvalue(r, i, 3), room, sizeof(room), binding, sizeof(binding),
+				     &e)) {
+			failed = true;
+			LOG_KV(CW_LOG_WARN, "cannot make the room of a user invited to a group", "user",
+			       PQgetvalue(r, i, 3), "detail", e.msg);
+		}
+	}
+	PQclear(r);
+	if (failed) {
+		*delay_us = *delay_us ? *delay_us * 2 : 2000000;
+		if (*delay_us > (int64_t)BOT_RETRY_MAX_S * 1000000)
+			*delay_us = (int64_t)BOT_RETRY_MAX_S * 1000000;
+		*next_us = now + *delay_us;
+	} else {
+		*delay_us = 0;
+	}
+}
+
 static void *bot_main(void *arg)
 {
 	cw_thread_name("cw-mx-bot");
 	struct matrix *m = arg;
 	PGconn *c = NULL;
 	bool mine = false;
-	int64_t requests_after = 0, forget_after = 0;
+	int64_t requests_after = 0, forget_after = 0, invite_after = 0, invite_delay = 0;
 	while (!atomic_load(&m->bot_stop)) {
 		if (!c || PQstatus(c) != CONNECTION_OK) {
 			PQfinish(c);
@@ -1304,6 +1359,7 @@ static void *bot_main(void *arg)
 			notices(m, c);
 			portal_departures(m, c);
 			portal_renames(m, c);
+			portal_invitations(m, c, &invite_after, &invite_delay);
 			forget_handled(c, &forget_after);
 		}
 		store_wait_notify(c, -1, 500, NULL, NULL);

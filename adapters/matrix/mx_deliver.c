@@ -526,9 +526,9 @@ static cw_err ensure_room(struct matrix *m, PGconn *c, const char *neutral_room,
  * policy decides for each recipient, so each room holds what was let
  * through for its user.  Named as the group is (POST /v1/rooms "name"),
  * else not: clients name it after its members. */
-static cw_err ensure_portal(struct matrix *m, PGconn *c, const char *neutral_room, const char *name,
-			    const char *target_id, const char *target_mxid, char *room, size_t rlen, char *binding,
-			    size_t blen, cw_errmsg *e)
+cw_err mx_ensure_portal(struct matrix *m, PGconn *c, const char *neutral_room, const char *name,
+			const char *target_id, const char *target_mxid, char *room, size_t rlen, char *binding,
+			size_t blen, cw_errmsg *e)
 {
 	/* As in a direct room, nobody may redact another's events (the bot
 	 * included): a ghost deletes only its own remote user's messages. */
@@ -950,8 +950,8 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 		json_object_set_new(made, gkey, json_string(ghost));
 	}
 	if (!have_room && group) {
-		if (ensure_portal(m, c, neutral_room, PQgetisnull(r, i, 19) ? NULL : PQgetvalue(r, i, 19), target,
-				  target_mxid, room, sizeof(room), binding, sizeof(binding), e))
+		if (mx_ensure_portal(m, c, neutral_room, PQgetisnull(r, i, 19) ? NULL : PQgetvalue(r, i, 19), target,
+				     target_mxid, room, sizeof(room), binding, sizeof(binding), e))
 			return PREP_FAIL;
 		json_object_set_new(made, rkey, json_string(room));
 		json_object_set_new(made, bkey, json_string(binding));

@@ -1098,9 +1098,9 @@ def test_a_second_room_with_a_ghost_takes_over_and_a_second_ghost_makes_it_a_gro
     assert not [e for e in list(srv.events) if e.get("type") == "membership"
                 and e["content"].get("membership") == "invite"], list(srv.events)
     # carol, another user here, invited into alice's room of the group:
-    # a member now, the invitation taken back (the room is alice's view),
-    # and her own room comes with the group's next message.
-    hs.create_user("carol")
+    # invited to the group, the invitation taken back (the room is alice's
+    # view), and to a room of her own at once: a member once she joins it.
+    carol = hs.as_user(hs.create_user("carol")[1])
     carol_uri, carol_mx = "mimi://example.org/u/carol", "@carol:example.org"
     assert mx.admin("POST", "/optins", json={"user": carol_uri, "network": "peer:gk", "opted_in": True}).ok
     assert mx.admin("POST", "/consents", json={"user": carol_uri, "subject_kind": "user", "subject": a.user("bob"),
@@ -1110,13 +1110,17 @@ def test_a_second_room_with_a_ghost_takes_over_and_a_second_ghost_makes_it_a_gro
     # (said by a ghost: the room is alice's own, the bot was not in it; said
     # just after the kick: waited for)
     wait_until(lambda: any(e["type"] == "m.room.message" and e["sender"] in (ghost, bob, zed)
-                           and e["content"]["body"].startswith("carol is a member of the group now")
+                           and e["content"]["body"].startswith("carol is invited to the group")
                            for e in hs.events(second)), what="the notice")
-    assert carol_uri in [m["user"] for m in a.call("GET", f"/v1/rooms/{group}").json()["members"]]
-    assert a.send(group, a.user("bob"), "welcome, carol").status_code == 202
+    membership = lambda: {m["user"]: m["membership"]  # noqa: E731
+                          for m in a.call("GET", f"/v1/rooms/{group}").json()["members"]}.get(carol_uri)
+    assert membership() == "invited"
     hers = wait_until(lambda: next((rid for rid in hs.rooms() if rid != second and hs.state(rid, "m.room.create")
                                     and hs.state(rid, "m.room.create")["sender"] == "@_cw_bot:example.org"
                                     and hs.members(rid).get(carol_mx) == "invite"), None), what="carol's room")
+    carol.join(hers)
+    wait_until(lambda: membership() == "joined", what="carol a member")
+    assert a.send(group, a.user("bob"), "welcome, carol").status_code == 202
     wait_until(lambda: any(e["type"] == "m.room.message" and e["sender"] == bob and e["content"]["body"] ==
                            "welcome, carol" for e in hs.events(hers)), what="the message in carol's room")
 
@@ -1162,30 +1166,41 @@ def test_a_local_user_invited_into_a_direct_room_makes_a_group(mx, hs, gk, pg, d
     """alice invites carol, another user of this server, into her direct
     room with wally: the room is alice's view, so the invitation is taken
     back (by the ghost: the bot is not in it), and the three are a group
-    hosted here; what alice writes there reaches wally in the group, and
-    carol in a room of her own."""
+    hosted here; carol is invited to a room of her own for it, and is the
+    group's member once she joins it (invited until then: until the
+    eighteenth session the peer saw her joined before she had accepted
+    anything); what alice writes there reaches wally in the group, and
+    carol in her room."""
     a, srv = gk
     alice, room, ghost = alice_writes_to_wally(hs, a)
     alice.send_text(room, "hi wally")
     direct = srv.wait_events(1)[0]["room_id"]
-    _, carol_token = hs.create_user("carol")
+    carol = hs.as_user(hs.create_user("carol")[1])
     carol_mx, bot = "@carol:example.org", "@_cw_bot:example.org"
     alice.invite(room, carol_mx)
     wait_until(lambda: hs.members(room).get(carol_mx) == "leave", what="the invitation taken back")
     wait_until(lambda: any(e["type"] == "m.room.message" and e["sender"] == ghost and
-                           e["content"]["body"].startswith("carol is a member of the group now")
+                           e["content"]["body"].startswith("carol is invited to the group")
                            for e in hs.events(room)), what="the notice, said after the kick")
-    alice.send_text(room, "carol is with us")
-    got = wait_until(lambda: [e for e in list(srv.events) if e.get("type") == "message"
-                              and e["content"]["parts"][0]["body"] == "carol is with us"] or None, what="the peer")
-    group = got[0]["room_id"]
+    group = wait_until(lambda: pg.psql("SELECT public_id FROM rooms WHERE kind = 'group'", db_url), what="the group")
     assert group != direct
-    state = a.call("GET", f"/v1/rooms/{group}").json()
-    assert state["kind"] == "group" and sorted(m["user"] for m in state["members"]) == sorted(
-        [ALICE, a.user("wally"), "mimi://example.org/u/carol"]), state
+    members = lambda: {m["user"]: m["membership"] for m in a.call("GET", f"/v1/rooms/{group}").json()["members"]}  # noqa: E731
+    assert members() == {ALICE: "joined", a.user("wally"): "joined", "mimi://example.org/u/carol": "invited"}
     hers = wait_until(lambda: next((rid for rid in hs.rooms() if hs.state(rid, "m.room.create")
                                     and hs.state(rid, "m.room.create")["sender"] == bot
                                     and hs.members(rid).get(carol_mx) == "invite"), None), what="carol's room")
+    carol.join(hers)
+    wait_until(lambda: members()["mimi://example.org/u/carol"] == "joined", what="carol joined")
+    wait_until(lambda: any(e.get("type") == "membership" and e["room_id"] == group and
+                           e["content"]["membership"] == "join" and e["sender"] == "mimi://example.org/u/carol"
+                           for e in list(srv.events)), what="her join, a member's, reaching the peer")
+    alice.send_text(room, "carol is with us")
+    got = wait_until(lambda: [e for e in list(srv.events) if e.get("type") == "message"
+                              and e["content"]["parts"][0]["body"] == "carol is with us"] or None, what="the peer")
+    assert got[0]["room_id"] == group
+    state = a.call("GET", f"/v1/rooms/{group}").json()
+    assert state["kind"] == "group" and sorted(m["user"] for m in state["members"]) == sorted(
+        [ALICE, a.user("wally"), "mimi://example.org/u/carol"]), state
     wait_until(lambda: any(e["type"] == "m.room.message" and e["sender"] == bot and
                            e["content"]["body"] == "alice: carol is with us" for e in hs.events(hers)),
                what="alice's message in carol's room")
@@ -1199,8 +1214,6 @@ def test_a_local_user_invited_into_a_direct_room_makes_a_group(mx, hs, gk, pg, d
     assert a.call("PATCH", f"/v1/rooms/{group}", {"name": "Trio"}).status_code == 200
     wait_until(lambda: (hs.state(room, "m.room.name") or {}).get("content", {}).get("name") == "Trio",
                what="alice's room named as the group")
-    carol = hs.as_user(carol_token)
-    carol.join(hers)
     carol.send_text(hers, "hello alice")
     wait_until(lambda: any(e["type"] == "m.room.message" and e["sender"] == bot and
                            e["content"]["body"] == "carol: hello alice" for e in hs.events(room)),

@@ -1,0 +1,11 @@
+-- 024_group_invitations.sql: a Matrix user invited into a group is
+-- invited, not joined, until they join.
+--
+-- A local user one of the group's Matrix members invites (mx_bot.c,
+-- local_invited) used to be listed joined at once, and the peer saw a
+-- member who had accepted nothing.  They are now listed 'invited' (the
+-- state room_members always had), the bot makes them a portal of their
+-- own and invites them to it, and their join there makes them 'joined'.
+-- The bot looks for invited members without a portal every round: this
+-- index keeps that look to the few invited rows.
+CREATE INDEX room_members_invited_idx ON room_members (room_id, identity_id) WHERE membership = 'invited';
