@@ -415,13 +415,118 @@ static cw_err ensure_ghost(struct matrix *m, PGconn *c, const char *sender_id, c
 			  "ON CONFLICT DO NOTHING", 2, params, e);
 }
 
-/* POST /createRoom as user (NULL: the bot) with body (taken): the new
- * room's id into room. */
-static cw_err create_room(struct matrix *m, const char *user, json_t *body, char *room, size_t rlen, cw_errmsg *e)
+enum alias_room { ALIAS_ROOM, ALIAS_STALE, ALIAS_UNKNOWN };
+
+/* The room an alias of the appservice's names (into room), when invitee is
+ * still invited to it or has joined it.  ALIAS_STALE: the homeserver says
+ * they are out of it (declined, left: a room made long ago and never
+ * bound), or that the alias names nothing; the alias is deleted then.
+ * ALIAS_UNKNOWN: no answer that says (it is tried again later). */
+static enum alias_room room_of_alias(struct matrix *m, const char *user, const char *alias, const char *invitee,
+				     char *room, size_t rlen)
 {
+	char dir[900], path[900];
 	long status;
 	json_t *answer = NULL;
-	cw_err rc = mx_call(m, "POST", "/_matrix/client/v3/createRoom", user, NULL, body, &status, &answer, e);
+	cw_errmsg e;
+	char *a = seg(m, alias);
+	snprintf(dir, sizeof(dir), "/_matrix/client/v3/directory/room/%s", a ? a : "");
+	curl_free(a);
+	cw_err rc = mx_call(m, "GET", dir, user, NULL, NULL, &status, &answer, &e);
+	const char *id = json_string_value(json_object_get(answer, "room_id"));
+	enum alias_room res = rc ? (status == 404 ? ALIAS_STALE : ALIAS_UNKNOWN)
+				 : id && mx_room_id_valid(id) && strlen(id) < rlen ? ALIAS_ROOM : ALIAS_UNKNOWN;
+	if (res == ALIAS_ROOM)
+		snprintf(room, rlen, "%s", id);
+	json_decref(answer);
+	answer = NULL;
+	if (res == ALIAS_ROOM) {
+		char *r = seg(m, room), *u = seg(m, invitee);
+		snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/state/m.room.member/%s", r ? r : "", u ? u : "");
+		curl_free(r);
+		curl_free(u);
+		rc = mx_call(m, "GET", path, user, NULL, NULL, &status, &answer, &e);
+		const char *ms = json_string_value(json_object_get(answer, "membership"));
+		if (rc)
+			res = status == 404 ? ALIAS_STALE : ALIAS_UNKNOWN; /* 404: never invited */
+		else if (!ms || (strcmp(ms, "invite") != 0 && strcmp(ms, "join") != 0))
+			res = ALIAS_STALE;
+		json_decref(answer);
+	}
+	if (res == ALIAS_STALE && mx_call(m, "DELETE", dir, user, NULL, NULL, &status, NULL, &e) && status != 404) {
+		LOG_KV(CW_LOG_WARN, "cannot delete a stale room alias", "alias", alias, "detail", e.msg);
+		res = ALIAS_UNKNOWN;
+	}
+	return res;
+}
+
+/* The alias a room made for key (who makes it for whom) is given while it
+ * is not bound yet (forget_alias then), in the appservice's exclusive
+ * namespace (matrix.alias_prefix): its localpart into local, the alias
+ * into alias. */
+static void alias_of(struct matrix *m, const char *key, char *local, size_t llen, char *alias, size_t alen)
+{
+	unsigned char h[32];
+	char hex[33];
+	cw_sha256(key, strlen(key), h);
+	cw_hex(hex, h, 16);
+	snprintf(local, llen, "%sroom_%s", m->cfg->mx_alias_prefix, hex);
+	snprintf(alias, alen, "#%s:%s", local, mx_server_name(m->cfg));
+}
+
+/* POST /createRoom as user (NULL: the bot) with body (taken), inviting
+ * invitee: the new room's id into room.  When the homeserver made the room
+ * but its answer was lost (a timeout, a dropped connection), the retry
+ * must not make a second one (a second invitation for the user): the room
+ * gets an alias made from key, and a making refused because the alias is
+ * taken (M_ROOM_IN_USE) is the earlier one's, found by it.  The alias is
+ * the room's only until it is bound (forget_alias): it is not made its
+ * canonical alias, which clients would show as its name. */
+static cw_err create_room(struct matrix *m, const char *user, json_t *body, const char *key, const char *invitee,
+			  char *room, size_t rlen, cw_errmsg *e)
+{
+	char local[MX_ID_MAX + 1], alias[MX_ID_MAX + 1];
+	alias_of(m, key, local, sizeof(local), alias, sizeof(alias));
+	json_t *state = json_object_get(body, "initial_state");
+	if (!state) {
+		state = json_array();
+		json_object_set_new(body, "initial_state", state);
+	}
+	if (json_object_set_new(body, "room_alias_name", json_string(local)) ||
+	    json_array_append_new(state, json_pack("{s:s, s:s, s:{}}", "type", "m.room.canonical_alias", "state_key",
+						   "", "content"))) {
+		json_decref(body);
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	}
+	long status;
+	json_t *answer = NULL;
+	cw_err rc = mx_call(m, "POST", "/_matrix/client/v3/createRoom", user, NULL, json_incref(body), &status, &answer, e);
+	const char *code = json_string_value(json_object_get(answer, "errcode"));
+	if (rc && status == 400 && code && strcmp(code, "M_ROOM_IN_USE") == 0) {
+		enum alias_room found = room_of_alias(m, user, alias, invitee, room, rlen);
+		json_decref(answer);
+		if (found != ALIAS_STALE) {
+			json_decref(body);
+			if (found == ALIAS_ROOM)
+				LOG_KV(CW_LOG_INFO, "a room made before, its answer lost, is taken", "room", room);
+			return found == ALIAS_ROOM ? CW_OK
+						   : cw_fail(e, CW_EUNAVAIL, "a room was made before, and cannot be found");
+		}
+		answer = NULL; /* a stale alias, deleted: made again */
+		rc = mx_call(m, "POST", "/_matrix/client/v3/createRoom", user, NULL, json_incref(body), &status, &answer,
+			     e);
+	} else if (rc && status == 400 && code && strcmp(code, "M_EXCLUSIVE") == 0) {
+		/* A registration from before the alias namespace: rooms are
+		 * made as they were, without the alias. */
+		LOG_KV(CW_LOG_WARN, "the registration reserves no room aliases (matrix.alias_prefix): a room whose "
+		       "answer is lost may be made twice", "alias", alias);
+		json_decref(answer);
+		answer = NULL;
+		json_object_del(body, "room_alias_name");
+		rc = mx_call(m, "POST", "/_matrix/client/v3/createRoom", user, NULL, json_incref(body), &status, &answer,
+			     e);
+	}
+	json_decref(body);
 	const char *id = json_string_value(json_object_get(answer, "room_id"));
 	if (!rc && (!id || !mx_room_id_valid(id)))
 		rc = cw_fail(e, CW_EIO, "the homeserver made a room without a valid room_id");
@@ -429,6 +534,22 @@ static cw_err create_room(struct matrix *m, const char *user, json_t *body, char
 		snprintf(room, rlen, "%s", id);
 	json_decref(answer);
 	return rc;
+}
+
+/* The alias of a room made for key goes once the room is bound (or given
+ * up as a spare): the next room for the same users, after this one is
+ * left, gets it afresh. */
+static void forget_alias(struct matrix *m, const char *user, const char *key)
+{
+	char local[MX_ID_MAX + 1], alias[MX_ID_MAX + 1], path[900];
+	alias_of(m, key, local, sizeof(local), alias, sizeof(alias));
+	char *a = seg(m, alias);
+	snprintf(path, sizeof(path), "/_matrix/client/v3/directory/room/%s", a ? a : "");
+	curl_free(a);
+	long status;
+	cw_errmsg e;
+	if (mx_call(m, "DELETE", path, user, NULL, NULL, &status, NULL, &e) && status != 404) /* 404: made without */
+		LOG_KV(CW_LOG_WARN, "cannot delete the alias of a room made", "alias", alias, "detail", e.msg);
 }
 
 /* A room just made lost the race to be bound (the bot bound the user's
@@ -460,6 +581,14 @@ static cw_err spare_room(struct matrix *m, PGconn *c, const char *ghost, bool po
 	}
 	cw_errmsg e2;
 	long status;
+	if (strcmp(PQgetvalue(r, 0, 0), room) == 0) {
+		/* the same room, found by its alias (create_room) by another
+		 * delivery that bound it first: no spare */
+		if (binding)
+			snprintf(binding, blen, "%s", PQgetvalue(r, 0, 1));
+		PQclear(r);
+		return CW_OK;
+	}
 	if (invitee && mx_room_post(m, room, ghost, "kick",
 				    json_pack("{s:s, s:s}", "user_id", invitee, "reason", "a room made twice"), &status,
 				    &e2))
@@ -503,21 +632,26 @@ static cw_err ensure_room(struct matrix *m, PGconn *c, const char *neutral_room,
 	 * the local user's messages, whatever the adapter were told.  Only the
 	 * one key is overridden: the creator's level stays as the preset has it,
 	 * so every homeserver can still send the room's initial state. */
+	char key[2 * MX_ID_MAX + 8];
+	snprintf(key, sizeof(key), "dm|%s|%s", ghost, target_mxid);
 	cw_err rc = create_room(m, ghost,
 				json_pack("{s:s, s:b, s:[s], s:{s:i}}", "preset", "trusted_private_chat", "is_direct", 1,
 					  "invite", target_mxid, "power_level_content_override", "redact", 101),
-				room, rlen, e);
+				key, target_mxid, room, rlen, e);
 	if (rc)
 		return rc;
 	/* Bound to a direct room of the two: the row's, or (a group's row) the
 	 * pair's, made if need be (schema/012_direct_rooms.sql): what the
 	 * user writes here goes to that one person, as the client shows. */
 	const char *params[] = { neutral_room, room, target_id, sender_id, m->cfg->domain ? m->cfg->domain : "" };
-	return bind_room(m, c,
-			 "INSERT INTO room_bindings (room_id, network, native_id, local_identity_id, remote_identity_id) "
-			 "VALUES (direct_room_of($1::bigint, $3::bigint, $4::bigint, $5), 'matrix', $2, $3::bigint, "
-			 "$4::bigint) ON CONFLICT DO NOTHING RETURNING id",
-			 5, params, ghost, false, target_id, sender_id, target_mxid, room, rlen, NULL, 0, e);
+	rc = bind_room(m, c,
+		       "INSERT INTO room_bindings (room_id, network, native_id, local_identity_id, remote_identity_id) "
+		       "VALUES (direct_room_of($1::bigint, $3::bigint, $4::bigint, $5), 'matrix', $2, $3::bigint, "
+		       "$4::bigint) ON CONFLICT DO NOTHING RETURNING id",
+		       5, params, ghost, false, target_id, sender_id, target_mxid, room, rlen, NULL, 0, e);
+	if (!rc)
+		forget_alias(m, ghost, key);
+	return rc;
 }
 
 /* The portal of a group for one local user: a room made by the bot with
@@ -532,20 +666,25 @@ cw_err mx_ensure_portal(struct matrix *m, PGconn *c, const char *neutral_room, c
 {
 	/* As in a direct room, nobody may redact another's events (the bot
 	 * included): a ghost deletes only its own remote user's messages. */
+	char key[MX_ID_MAX + 64];
+	snprintf(key, sizeof(key), "portal|%s|%s", neutral_room, target_mxid);
 	cw_err rc = create_room(m, NULL,
 				json_pack("{s:s, s:[s], s:s, s:{s:i}, s:s*}", "preset", "private_chat", "invite", target_mxid,
 					  "topic",
 					  "A group chat bridged by Causeway: what is written here reaches its members on other "
 					  "networks, and encryption ends at the gateway.",
 					  "power_level_content_override", "redact", 101, "name", name),
-				room, rlen, e);
+				key, target_mxid, room, rlen, e);
 	if (rc)
 		return rc;
 	const char *params[] = { neutral_room, room, target_id, name };
-	return bind_room(m, c,
-			 "INSERT INTO room_bindings (room_id, network, native_id, local_identity_id, name_synced) "
-			 "VALUES ($1::bigint, 'matrix', $2, $3::bigint, $4) ON CONFLICT DO NOTHING RETURNING id",
-			 4, params, NULL, true, target_id, neutral_room, target_mxid, room, rlen, binding, blen, e);
+	rc = bind_room(m, c,
+		       "INSERT INTO room_bindings (room_id, network, native_id, local_identity_id, name_synced) "
+		       "VALUES ($1::bigint, 'matrix', $2, $3::bigint, $4) ON CONFLICT DO NOTHING RETURNING id",
+		       4, params, NULL, true, target_id, neutral_room, target_mxid, room, rlen, binding, blen, e);
+	if (!rc)
+		forget_alias(m, NULL, key);
+	return rc;
 }
 
 /* The portal's name, as the group's now is (NULL: none), set by the bot and

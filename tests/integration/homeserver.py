@@ -113,6 +113,9 @@ PREJOIN_STATE = ("m.room.create", "m.room.join_rules", "m.room.canonical_alias",
                  "m.room.encryption", "m.room.name", "m.room.topic")
 
 
+LOST = object()  # _dispatch's answer when the reply is to be lost (lose_reply)
+
+
 class RawBody:
     """A non-JSON answer (a file of the content repository)."""
 
@@ -285,6 +288,11 @@ class Homeserver:
         # takes the answer as lost (a connection dropped, a timeout), and
         # the same txnId is sent again, as the specification asks.
         self.lose_answer = None
+        # A test's predicate on a request served (method, path, user): True
+        # closes the connection instead of answering, once the request has
+        # been carried out (an answer lost on its way: the client cannot
+        # tell it from a request that never arrived).
+        self.lose_reply = None
         self._buckets = {}          # user_id -> (level, time): the rate limiter's
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
@@ -335,6 +343,9 @@ class Homeserver:
                 else:
                     body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 status, answer = outer._dispatch(self.command, self.path, self.headers, body)
+                if answer is LOST:
+                    self.close_connection = True
+                    return
                 if isinstance(answer, RawBody):
                     self.send_response(status)
                     self.send_header("Content-Type", answer.content_type)
@@ -484,7 +495,7 @@ class Homeserver:
     @property
     def requests(self):
         """Every request served: method, path, query, user (acting), appservice (bool), status, body,
-        answer, time (when it came)."""
+        answer, time (when it came), lost (its reply not sent: lose_reply)."""
         with self._lock:
             return list(self._requests)
 
@@ -669,9 +680,11 @@ class Homeserver:
             self.errors.append(traceback.format_exc())
             status, answer = 500, {"errcode": "M_UNKNOWN", "error": "Internal server error"}
         rec["status"], rec["answer"] = status, answer
+        lost = self.lose_reply is not None and self.lose_reply(method, path, rec["user"])
+        rec["lost"] = bool(lost)
         with self._lock:
             self._requests.append(rec)
-        return status, answer
+        return (status, LOST) if lost else (status, answer)
 
     def _token(self, req):
         """The access token of a request (header or query, never both), or None."""

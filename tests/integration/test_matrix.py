@@ -11,6 +11,7 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.parse
 
 import pytest
 import requests
@@ -380,6 +381,74 @@ def test_peer_to_matrix_and_back(mx, hs, gk, pg, db_url):
     red = wait_until(lambda: next((e for e in hs.events(mx_room) if e["type"] == "m.room.redaction"), None),
                      what="the redaction")
     assert red["sender"] == ghost and red.get("redacts", red["content"].get("redacts")) == msgs[0]["event_id"]
+
+
+def wally_says_hello_losing(hs, a, pg, db_url, lose):
+    """wally (of the peer a) writes to alice while the stand-in loses the
+    replies lose(method, path, user) says: her Matrix room once bound and
+    the message in it."""
+    hs.lose_reply = lose
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    a.send(room, a.user("wally"), "hello")
+    mx_room = wait_until(lambda: pg.psql("SELECT native_id FROM room_bindings", db_url), timeout=30,
+                         what="the binding")
+    wait_until(lambda: any(e["type"] == "m.room.message" and e["content"].get("body") == "hello"
+                           for e in hs.events(mx_room)), what="the message")
+    hs.lose_reply = None
+    return mx_room
+
+
+def test_a_room_whose_making_was_not_answered_is_made_once(mx, hs, gk, pg, db_url):
+    """The homeserver makes the ghost's direct room with alice, but its
+    answer is lost (the connection drops): the delivery is tried again and
+    finds the room made, by the alias in the appservice's namespace given
+    at its making, instead of making a second room with a second
+    invitation (as until the eighteenth session). The alias goes once the
+    room is bound, and was never the room's name (canonical alias)."""
+    a, srv = gk
+    consent_alice(mx)
+    hs.create_user("alice")
+    ghost = "@_cw_gk_wally:example.org"
+    lost = []
+
+    def lose(method, path, user):
+        if method == "POST" and path.endswith("/createRoom") and not lost:
+            lost.append(user)
+            return True
+        return False
+    mx_room = wally_says_hello_losing(hs, a, pg, db_url, lose)
+    assert lost == [ghost]
+    assert hs.rooms() == [mx_room], [r for r in hs.requests if r["path"].endswith("/createRoom")]
+    assert [u for u, ms in hs.members(mx_room).items() if ms == "invite"] == [ALICE_MX]
+    assert not (hs.state(mx_room, "m.room.canonical_alias") or {}).get("content", {}).get("alias")
+    deleted = [r for r in hs.requests if r["method"] == "DELETE" and "/directory/room/" in r["path"]]
+    assert deleted and deleted[-1]["status"] == 200 and hs.alias(urllib.parse.unquote(
+        deleted[-1]["path"].rsplit("/", 1)[1])) is None, deleted
+
+
+def test_a_room_made_unanswered_and_declined_is_not_taken(mx, hs, gk, pg, db_url):
+    """The same lost answer, but alice declines the room's invitation
+    before the delivery is tried again: the room the alias names is not
+    hers any more, so the alias is deleted and a new room made (with a
+    new invitation), rather than the message going to a room she left."""
+    a, srv = gk
+    consent_alice(mx)
+    _, alice_token = hs.create_user("alice")
+    alice = hs.as_user(alice_token)
+    declined = []
+
+    def lose(method, path, user):
+        if method == "POST" and path.endswith("/createRoom") and not declined:
+            declined.append(hs.rooms()[-1])
+            alice.leave(declined[0])
+            return True
+        return False
+    mx_room = wally_says_hello_losing(hs, a, pg, db_url, lose)
+    assert declined and mx_room != declined[0] and sorted(hs.rooms()) == sorted([declined[0], mx_room])
+    assert hs.members(mx_room).get(ALICE_MX) == "invite" and hs.members(declined[0]).get(ALICE_MX) == "leave"
+    # deleted twice: the stale one, and the new room's once bound
+    assert [r["status"] for r in hs.requests if r["method"] == "DELETE" and "/directory/room/" in r["path"]] == \
+        [200, 200]
 
 
 def test_transactions_are_deduplicated_by_event_id(mx, hs, gk, pg, db_url):
