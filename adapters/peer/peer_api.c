@@ -2339,8 +2339,10 @@ static void submit_coalesced(struct cw_app *app, struct cw_req *req, struct msg_
 #define TYPES_TYPING (1u << EVENT_TYPING)
 
 /* Submits one event to the room of the URL.  key_required: the request
- * must carry an Idempotency-Key (otherwise one is made up: typing is best
- * effort and a repeated receipt says nothing new). */
+ * must carry an Idempotency-Key (otherwise one is made from the request's
+ * signature, its created and nonce: a captured request replayed to another
+ * daemon process, which has not seen the nonce, is then the same request
+ * again and changes nothing, while each fresh signature is a new event). */
 static void submit_one(struct cw_req *req, struct cw_app *app, unsigned types, bool key_required)
 {
 	if (!peer_api_enabled(app, req))
@@ -2352,9 +2354,17 @@ static void submit_one(struct cw_req *req, struct cw_app *app, unsigned types, b
 		return;
 	}
 	const char *key = cw_req_header(req, "Idempotency-Key");
-	char made_key[48];
+	char made_key[64]; /* "sig-", then 43 of base64url (the padded form is encoded first) */
 	if (!key && !key_required) {
-		cw_new_id(made_key, sizeof(made_key), "auto-");
+		char created[24];
+		unsigned char md[32];
+		snprintf(created, sizeof(created), "%lld", (long long)p->created);
+		if (!cw_sha256_pair(created, strlen(created), p->nonce, strlen(p->nonce), md)) {
+			out_of_memory(req);
+			return;
+		}
+		memcpy(made_key, "sig-", 4);
+		cw_b64url_encode(made_key + 4, sizeof(made_key) - 4, md, sizeof(md));
 		key = made_key;
 	}
 	if (!key || !idempotency_key_valid(key)) {

@@ -103,6 +103,62 @@ def test_a_replay_to_another_process_changes_nothing(make_daemon, pg, db_url):
             srv.close()
 
 
+@pytest.mark.parametrize("kind", ["receipts", "typing"])
+def test_a_receipt_or_typing_replayed_to_another_process_is_stored_once(make_daemon, pg, db_url, kind):
+    """Receipts and typing need no Idempotency-Key: one sent without, captured
+    on its way to one daemon process and replayed to another behind the
+    same public URL, is stored and delivered once (its key is made from the
+    signature's nonce, so the replay is the same request again).  Until the
+    eighteenth session each process made up a random key and the replay was
+    a second event with a second delivery."""
+    public = {"server": {"public_url": "https://gw.example.org"}}
+    d1 = make_daemon(db_url, options=public).start()
+    made = push_peers(d1)
+    d2 = make_daemon(db_url, options=public).start()
+    try:
+        (a, _), (b, sb) = made
+        a.base = b.base = "https://gw.example.org"
+
+        def signed(peer, path, body, idem=None):
+            raw = json.dumps(body).encode()
+            h = peer.signer.headers("POST", peer.base + path, raw, idem=idem)
+            h["Authorization"] = "Bearer " + peer.token
+            return raw, h
+
+        raw, h = signed(a, "/v1/rooms", {"kind": "direct", "members": [a.user("alice"), b.user("bob")]})
+        r = d1.request("POST", "/v1/rooms", data=raw, headers=h)
+        assert r.status_code == 201, r.text
+        rm = r.json()["id"]
+        raw, h = signed(a, f"/v1/rooms/{rm}/messages", {"type": "message", "sender": a.user("alice"), "content": {
+            "parts": [{"type": "text/plain", "body": "read me"}]}}, idem="k-read-me")
+        r = d1.request("POST", f"/v1/rooms/{rm}/messages", data=raw, headers=h)
+        assert r.status_code == 202, r.text
+        mid = r.json()["id"]
+        sb.wait_events(1)
+        ev = ({"type": "receipt", "sender": b.user("bob"), "content": {"in_reply_to": mid, "receipt": "read"}}
+              if kind == "receipts" else {"type": "typing", "sender": b.user("bob"), "content": {"state": "start"}})
+        raw, h = signed(b, f"/v1/rooms/{rm}/{kind}", ev)
+        first = d1.request("POST", f"/v1/rooms/{rm}/{kind}", data=raw, headers=h)
+        assert first.status_code == 202, first.text
+        # The same process remembers the nonce; the other answers the
+        # request it already has (the same id) and stores nothing.
+        r = d1.request("POST", f"/v1/rooms/{rm}/{kind}", data=raw, headers=h)
+        assert r.status_code == 401 and r.json()["code"] == "bad_signature", r.text
+        r = d2.request("POST", f"/v1/rooms/{rm}/{kind}", data=raw, headers=h)
+        assert (r.status_code, r.json().get("id")) == (202, first.json()["id"]), r.text
+        q = (f"SELECT count(DISTINCT e.id) || ' ' || count(o.id) FROM events e LEFT JOIN outbox o "
+             f"ON o.event_id = e.id WHERE e.type = '{ev['type']}'")
+        assert pg.psql(q, db_url) == "1 1"
+        # A fresh one (a new nonce) is a new event on either process.
+        raw, h = signed(b, f"/v1/rooms/{rm}/{kind}", ev)
+        r = d2.request("POST", f"/v1/rooms/{rm}/{kind}", data=raw, headers=h)
+        assert r.status_code == 202 and r.json()["id"] != first.json()["id"], r.text
+        assert pg.psql(q, db_url) == "2 2"
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
 def test_a_block_sent_as_an_event_is_a_block(daemon, peers, pg, db_url):
     """A peer's user may block a local user with a block event in their room
     (as Causeway sends its own users' blocks, docs/policy.md): it counts as
