@@ -2,7 +2,9 @@
  * (XEP-0153): what a peer says of its user (POST /v1/profiles: a display
  * name and an avatar) shown to XMPP clients, as the Matrix adapter shows it
  * on the ghost.  The avatar is fetched signed from the peer's store (as
- * every file of a peer is), at most VCARD_PHOTO_MAX bytes, on one of the
+ * every file of a peer is), at most VCARD_PHOTO_MAX bytes and
+ * server.media_max_bytes (until the eighteenth session that setting was not
+ * heeded here), on one of the
  * file fetchers (app->fetchers, server.media_fetches: shared with the
  * peers' file fetches), never on the stream's thread; the profile is read
  * from there on a store reader.  The last avatar of each remote user is
@@ -120,7 +122,10 @@ static json_t *photo_of(struct vjob *j, const char *avatar_text)
 		json_decref(av);
 		return cached;
 	}
-	struct media_blob b = { .max = VCARD_PHOTO_MAX, .cancel = &app->stopping };
+	/* No more than any file of a peer this gateway carries (an operator's
+	 * server.media_max_bytes may be below a vCard's own cap). */
+	size_t most = (size_t)app->cfg->media_max_bytes;
+	struct media_blob b = { .max = most < VCARD_PHOTO_MAX ? most : VCARD_PHOTO_MAX, .cancel = &app->stopping };
 	long status = 0;
 	cw_errmsg e;
 	cw_err rc = media_fetch_signed(app, url, VCARD_TIMEOUT_MS, &b, &status, &e);
@@ -128,9 +133,11 @@ static json_t *photo_of(struct vjob *j, const char *avatar_text)
 	json_t *photo = NULL;
 	if (rc || status != 200 || b.too_big || (media_sha256_hex(&b, got), want && strcmp(got, want) != 0)) {
 		LOG_KV(CW_LOG_INFO, "xmpp: an avatar could not be had", "component", j->xc->domain, "detail",
-		       rc ? e.msg : b.too_big ? "larger than a vCard carries" : status != 200 ? "not 200" : "checksum");
-		/* Too large, or not this file: as none (and kept so); away: later. */
-		if (!rc && (b.too_big || status == 200 || status == 404 || status == 410))
+		       b.too_big ? "larger than a vCard carries" : rc ? e.msg : status != 200 ? "not 200" : "checksum");
+		/* Too large, or not this file: as none (and kept so); away: later.
+		 * A fetch cut short as too large fails (rc): until the eighteenth
+		 * session such a photo was fetched again at every ask. */
+		if (b.too_big || (!rc && (status == 200 || status == 404 || status == 410)))
 			photo = json_pack("{s:s}", "url", url);
 	} else {
 		size_t n64 = 4 * ((b.n + 2) / 3) + 1;

@@ -1035,6 +1035,34 @@ def test_a_remote_users_profile_is_their_vcard_and_avatar(make_daemon, db_url, p
         srv.close()
 
 
+def test_an_avatar_over_media_max_bytes_is_not_fetched_whole(make_daemon, db_url, prosody, alice, tmp_path):
+    """The avatar is fetched for a vCard up to server.media_max_bytes when
+    that is below the vCard's own cap (192 KiB): an avatar larger than it
+    is as one too large for a vCard, a vCard with the name and no photo,
+    and the daemon goes on (until the eighteenth session 192 KiB were
+    fetched whatever the operator set)."""
+    media = MediaServer(tmp_path)
+    d, a, srv = start_with_gk(make_daemon, db_url, prosody, server={
+        "ca_file": media.cert_file, "media_private_addresses": "true", "media_max_bytes": "4096"})
+    try:
+        face = b"\x89PNG\r\n\x1a\n" + os.urandom(20000)
+        url = media.put("/u/wally.png", "image/png", face)
+        assert a.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": "Wally Wonka", "avatar": {
+            "content_type": "image/png", "url": url, "size": len(face),
+            "sha256": hashlib.sha256(face).hexdigest()}}).status_code == 200
+        v = alice.iq("get", WALLY_JID, "<vCard xmlns='vcard-temp'/>").find("{vcard-temp}vCard")
+        assert v.find("{vcard-temp}FN").text == "Wally Wonka (gk)"
+        assert v.find("{vcard-temp}PHOTO") is None
+        assert len(media.requests) == 1
+        # Kept as none: asked again, not fetched again.
+        v = alice.iq("get", WALLY_JID, "<vCard xmlns='vcard-temp'/>").find("{vcard-temp}vCard")
+        assert v.find("{vcard-temp}PHOTO") is None and len(media.requests) == 1
+        assert "larger than a vCard carries" in d.log()
+        assert component_state(d)["state"] == "up"
+    finally:
+        srv.close()
+
+
 def test_a_correction_written_with_its_message_names_it(xd, gk, alice, pg, db_url):
     """A client flushing what it wrote offline sends a message and its
     correction back to back; with the writer busy (here a trigger makes
