@@ -193,6 +193,29 @@ json_t *xa_muc_occupants(struct xcomp *xc, const char *room, const char *user)
 	return out;
 }
 
+/* st (released) to full, an occupant of room (id: the room's message it
+ * is, or NULL), in its turn after its join's
+ * answer (XEP-0045 §7.2: the others, the user's own presence, the history,
+ * the subject, then what happens in the room): kept while the join is
+ * looked at, as the room's messages are (xa_muc_route, joined), else
+ * queued, behind an answer that may still be queued.  Until the
+ * eighteenth session these were sent at once, ahead of the queue: a
+ * presence the client sent while joining was answered before the others'
+ * presences, and a member change could pass an answer not yet written. */
+static void to_occupant(struct xcomp *xc, const char *room, const char *full, const char *id, xmpp_stanza_t *st)
+{
+	char *buf = NULL;
+	size_t len = 0;
+	xmpp_ctx_t *ctx = st ? xmpp_stanza_get_context(st) : NULL;
+	if (st && xmpp_stanza_to_text(st, &buf, &len) == XMPP_EOK && buf &&
+	    xa_muc_route(xc, room, full, id, buf, len) == XA_MUC_NOW)
+		xa_enqueue(xc, buf, len, NULL, true);
+	if (buf)
+		xmpp_free(ctx, buf);
+	if (st)
+		xmpp_stanza_release(st);
+}
+
 /* ------------------------------------------------------------ stanzas */
 
 xmpp_stanza_t *xa_muc_groupchat(xmpp_ctx_t *ctx, xmpp_stanza_t *st)
@@ -319,7 +342,7 @@ static xmpp_stanza_t *subject(struct xcomp *xc, xmpp_ctx_t *ctx, const char *roo
 /* On the component's thread. */
 static void subject_now(struct xcomp *xc, const char *room, const char *name, const char *to)
 {
-	xa_send_now(xc, subject(xc, xc->ctx, room, name, to));
+	to_occupant(xc, room, to, NULL, subject(xc, xc->ctx, room, name, to));
 }
 
 /* ------------------------------------------------------------ joining */
@@ -720,7 +743,7 @@ static bool nick_change(struct xcomp *xc, xmpp_stanza_t *st, const char *room, c
 	bool taken = nick[0] == '#' || (json_object_get(set, nick) && strcmp(nick, local) != 0);
 	pthread_mutex_unlock(&xc->mu);
 	if (taken) {
-		xa_send_now(xc, xa_error_reply(st, "cancel", "conflict", NULL));
+		to_occupant(xc, room, from, NULL, xa_error_reply(st, "cancel", "conflict", NULL));
 		return false;
 	}
 	xmpp_stanza_t *p = occupant_presence(xc->ctx, room, had, from, true, true);
@@ -733,7 +756,7 @@ static bool nick_change(struct xcomp *xc, xmpp_stanza_t *st, const char *room, c
 	xmpp_stanza_t *code = x ? xa_child(xc->ctx, x, "status", NULL) : NULL;
 	if (code)
 		xmpp_stanza_set_attribute(code, "code", "303");
-	xa_send_now(xc, p);
+	to_occupant(xc, room, from, NULL, p);
 	return true;
 }
 
@@ -749,7 +772,7 @@ static void join(struct xcomp *xc, xmpp_stanza_t *st, const char *room, const ch
 		if (strcmp(have, nick) != 0 && !nick_change(xc, st, room, from, local, have, nick))
 			return;
 		occupant_put(xc, room, from, nick, user, false);
-		xa_send_now(xc, occupant_presence(ctx, room, nick, from, true, false));
+		to_occupant(xc, room, from, NULL, occupant_presence(ctx, room, nick, from, true, false));
 		return;
 	}
 	struct mjoin *j = calloc(1, sizeof(*j));
@@ -806,7 +829,8 @@ void xa_muc_presence(struct xcomp *xc, xmpp_stanza_t *st)
 		char had[NICK_MAX + 1];
 		if (occupant_get(xc, room, from, had, sizeof(had))) {
 			occupant_del(xc, room, from);
-			xa_send_now(xc, occupant_presence(xc->ctx, room, had, from, true, true));
+			/* behind a join's answer that may still be queued */
+			xa_enqueue_stanza(xc, occupant_presence(xc->ctx, room, had, from, true, true));
 		}
 		return;
 	}
@@ -1233,14 +1257,7 @@ bool xa_muc_reflect(struct xcomp *xc, const char *stanza_text, const char *room,
 		xmpp_stanza_set_from(m, from);
 		xmpp_stanza_set_to(m, json_string_value(json_array_get(o, 0)));
 		xa_muc_stanza_id(ctx, m, msg_id, room);
-		char *buf = NULL;
-		size_t len = 0;
-		if (xmpp_stanza_to_text(m, &buf, &len) == XMPP_EOK && buf &&
-		    xa_muc_route(xc, room, json_string_value(json_array_get(o, 0)), msg_id, buf, len) == XA_MUC_NOW)
-			xa_enqueue(xc, buf, len, NULL, true);
-		if (buf)
-			xmpp_free(ctx, buf);
-		xmpp_stanza_release(m);
+		to_occupant(xc, room, json_string_value(json_array_get(o, 0)), msg_id, m);
 	}
 	json_decref(occ);
 	return true;
@@ -1336,7 +1353,9 @@ void xa_muc_members(struct xcomp *xc, PGconn *c)
 	json_t *ov;
 	json_array_foreach(out, oi, ov) {
 		const char *oroom = json_string_value(json_array_get(ov, 0)), *ofull = json_string_value(json_array_get(ov, 1));
-		xa_send_now(xc, occupant_gone(xc->ctx, oroom, json_string_value(json_array_get(ov, 2)), ofull, true, "321"));
+		/* queued (not kept: the occupant goes, and what it kept with it) */
+		xa_enqueue_stanza(xc, occupant_gone(xc->ctx, oroom, json_string_value(json_array_get(ov, 2)), ofull,
+						    true, "321"));
 		occupant_del(xc, oroom, ofull);
 	}
 	json_decref(out);
@@ -1373,8 +1392,8 @@ void xa_muc_members(struct xcomp *xc, PGconn *c)
 					gone = true;
 			}
 			if (gone) { /* the user is no longer a member: out of the room, and told nothing more */
-				xa_send_now(xc, occupant_gone(xc->ctx, room, json_string_value(json_array_get(oc, 1)), to,
-							      true, "321"));
+				xa_enqueue_stanza(xc, occupant_gone(xc->ctx, room, json_string_value(json_array_get(oc, 1)),
+								    to, true, "321"));
 				occupant_del(xc, room, to);
 				continue;
 			}
@@ -1383,14 +1402,14 @@ void xa_muc_members(struct xcomp *xc, PGconn *c)
 			json_object_foreach(before, who, x) {
 				if (who[0] == '#' || (after && json_object_get(after, who)))
 					continue;
-				xa_send_now(xc, occupant_gone(xc->ctx, room, who, to, false, "321"));
+				to_occupant(xc, room, to, NULL, occupant_gone(xc->ctx, room, who, to, false, "321"));
 			}
 			json_object_foreach(after, who, x) {
 				if (who[0] == '#')
 					continue;
 				bool self = strlen(who) == ul && strncmp(who, user, ul) == 0;
 				if (!self && !json_object_get(before, who))
-					xa_send_now(xc, occupant_presence(xc->ctx, room, who, to, false, false));
+					to_occupant(xc, room, to, NULL, occupant_presence(xc->ctx, room, who, to, false, false));
 			}
 		}
 		json_decref(occ);

@@ -467,6 +467,47 @@ def test_a_join_while_the_groups_rows_are_on_their_way(xd, gk, alice, pg, db_url
     assert [el.find("{urn:xmpp:sid:0}stanza-id").get("id") for el in (history, live)] == [one, two]
 
 
+def test_what_comes_while_a_join_is_looked_at_follows_its_answer(xd, gk, alice, pg, db_url):
+    """alice's client joins and, before the answer, sends the room a
+    presence of hers (a status change: a client that broadcasts its
+    presence to the rooms it is joining), while the group's next message
+    comes: she sees XEP-0045 §7.2's order, the others, herself (110), the
+    history, the subject, and only then the answer to her change and the
+    live message.  Until the eighteenth session the change was answered at
+    once, her own presence before the others' (the join looked done to her
+    client with no occupants)."""
+    a, _ = gk
+    consent_alice(xd)
+    consent_alice(xd, "mimi://wa.example/u/zoe")
+    gid = a.create_room([a.user("wally"), a.user("zoe"), ALICE], kind="group", name="Order").json()["id"]
+    assert a.send(gid, a.user("wally"), "one").status_code == 202
+    room = alice.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None).get("from")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE destination = 'xmpp' AND state = 'delivered'",
+                               db_url) == "1", what="the invitation delivered")
+    pg.psql("CREATE TABLE test_pause (what text); INSERT INTO test_pause VALUES ('join'); "
+            "CREATE FUNCTION test_slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            " IF EXISTS (SELECT 1 FROM test_pause) THEN PERFORM pg_sleep(3); END IF; RETURN NEW; END $$; "
+            "CREATE TRIGGER test_slow_join BEFORE INSERT ON room_bindings FOR EACH ROW "
+            " WHEN (NEW.network = 'xmpp' AND NEW.remote_identity_id IS NULL) EXECUTE FUNCTION test_slow()", db_url)
+    start = alice.count()
+    alice.send_presence(to=room + "/alice", payload=f"<x xmlns='{MUC}'><history maxstanzas='10'/></x>")
+    alice.send_presence(to=room + "/alice", show="away")
+    assert a.send(gid, a.user("zoe"), "two").status_code == 202
+
+    def mine():
+        return [el for el in alice.stanzas()[start:] if el.get("from", "").startswith(room)]
+    wait_until(lambda: any(body(el) == "two" for el in mine()) and len(
+        [el for el in mine() if el.tag.endswith("presence") and el.get("from") == room + "/alice"]) == 2,
+               what="the join's answer, the change's and the live message", timeout=30)
+    got = mine()
+    kinds = [el.get("from").split("/", 1)[1] if el.tag.endswith("presence") else
+             "subject" if el.find("{jabber:client}subject") is not None else body(el) for el in got]
+    assert kinds[:5] == ["wally", "zoe", "alice", "one", "subject"], kinds
+    assert sorted(kinds[5:]) == ["alice", "two"], kinds
+    assert [c.get("code") for c in got[2].iter(q(MUC_USER, "status"))] == ["110"]
+    assert got[3].find("{urn:xmpp:delay}delay") is not None
+
+
 @contextlib.contextmanager
 def a_group_with_bob(xd, a, alice, prosody, more=()):
     """wally's group with alice and bob (and more), both of this server and
