@@ -421,7 +421,12 @@ enum alias_room { ALIAS_ROOM, ALIAS_STALE, ALIAS_UNKNOWN };
  * still invited to it or has joined it.  ALIAS_STALE: the homeserver says
  * they are out of it (declined, left: a room made long ago and never
  * bound), or that the alias names nothing; the alias is deleted then.
- * ALIAS_UNKNOWN: no answer that says (it is tried again later). */
+ * ALIAS_UNKNOWN: no answer that says (it is tried again later), or the
+ * invitee has no membership there yet: Synapse gives the alias to a new
+ * room before it sends the room's events and the invitations last, so a
+ * retry after a createRoom that is slow (past MX_TIMEOUT_MS) finds the
+ * room before the invitation (until the eighteenth session that was taken
+ * for stale: the alias deleted and a second room made). */
 static enum alias_room room_of_alias(struct matrix *m, const char *user, const char *alias, const char *invitee,
 				     char *room, size_t rlen)
 {
@@ -448,7 +453,7 @@ static enum alias_room room_of_alias(struct matrix *m, const char *user, const c
 		rc = mx_call(m, "GET", path, user, NULL, NULL, &status, &answer, &e);
 		const char *ms = json_string_value(json_object_get(answer, "membership"));
 		if (rc)
-			res = status == 404 ? ALIAS_STALE : ALIAS_UNKNOWN; /* 404: never invited */
+			res = ALIAS_UNKNOWN; /* 404: not invited yet, or never: asked again later */
 		else if (!ms || (strcmp(ms, "invite") != 0 && strcmp(ms, "join") != 0))
 			res = ALIAS_STALE;
 		json_decref(answer);
@@ -660,6 +665,41 @@ static cw_err ensure_room(struct matrix *m, PGconn *c, const char *neutral_room,
  * policy decides for each recipient, so each room holds what was let
  * through for its user.  Named as the group is (POST /v1/rooms "name"),
  * else not: clients name it after its members. */
+/* An invited user's join of their portal marks them joined when it comes
+ * (matrix.c, joins_of_invitees), but only in a bound room: one who joined
+ * before the portal was bound (an auto-joining client, faster than the
+ * bot's write of the binding, or a createRoom answer lost and the room
+ * found by its alias on the retry) would have stayed invited, listed so to
+ * the peer and sent nothing.  Once bound, the homeserver is asked.  The
+ * peer is not sent that join as an event (the view of the group's members
+ * says joined): the event came when there was no room to carry it to. */
+static void joined_before_bound(struct matrix *m, PGconn *c, const char *room, const char *neutral_room,
+				const char *target_id, const char *target_mxid)
+{
+	char what[600];
+	char *u = seg(m, target_mxid);
+	snprintf(what, sizeof(what), "state/m.room.member/%s", u ? u : "");
+	curl_free(u);
+	long status;
+	json_t *answer = NULL;
+	cw_errmsg e;
+	if (mx_room_call(m, "GET", room, NULL, what, NULL, NULL, &status, &answer, &e)) {
+		json_decref(answer);
+		return; /* not joined (404), or no answer: the join, when it comes, marks it */
+	}
+	const char *ms = json_string_value(json_object_get(answer, "membership"));
+	bool joined = ms && strcmp(ms, "join") == 0;
+	json_decref(answer);
+	if (!joined)
+		return;
+	const char *params[] = { neutral_room, target_id };
+	if (store_command(c, "UPDATE room_members SET membership = 'joined', updated_at = now() "
+			  "WHERE room_id = $1::bigint AND identity_id = $2::bigint AND membership = 'invited'",
+			  2, params, &e))
+		LOG_KV(CW_LOG_WARN, "cannot mark a user who joined their group's room before it was bound", "room",
+		       room, "detail", e.msg);
+}
+
 cw_err mx_ensure_portal(struct matrix *m, PGconn *c, const char *neutral_room, const char *name,
 			const char *target_id, const char *target_mxid, char *room, size_t rlen, char *binding,
 			size_t blen, cw_errmsg *e)
@@ -682,8 +722,10 @@ cw_err mx_ensure_portal(struct matrix *m, PGconn *c, const char *neutral_room, c
 		       "INSERT INTO room_bindings (room_id, network, native_id, local_identity_id, name_synced) "
 		       "VALUES ($1::bigint, 'matrix', $2, $3::bigint, $4) ON CONFLICT DO NOTHING RETURNING id",
 		       4, params, NULL, true, target_id, neutral_room, target_mxid, room, rlen, binding, blen, e);
-	if (!rc)
+	if (!rc) {
 		forget_alias(m, NULL, key);
+		joined_before_bound(m, c, room, neutral_room, target_id, target_mxid);
+	}
 	return rc;
 }
 

@@ -293,6 +293,13 @@ class Homeserver:
         # been carried out (an answer lost on its way: the client cannot
         # tell it from a request that never arrived).
         self.lose_reply = None
+        # Seconds by which createRoom's invitations come after the rest of
+        # the room (None: with it, at once). Synapse makes a room's alias
+        # before it sends the room's events and sends the invitations last
+        # (handlers/room.py, create_room), so another client can find a
+        # room by its alias before the invitees are in it; here a room is
+        # otherwise made whole under one lock.
+        self.defer_invites = None
         self._buckets = {}          # user_id -> (level, time): the rate limiter's
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
@@ -1389,8 +1396,17 @@ class Homeserver:
                 self._emit(room, user, "m.room.name", {"name": name}, state_key="")
             if topic is not None:
                 self._emit(room, user, "m.room.topic", {"topic": topic}, state_key="")
-            for u in invite:
-                self._membership(room, user, u, "invite", extra={"is_direct": True} if is_direct else None)
+            extra = {"is_direct": True} if is_direct else None
+            if self.defer_invites is None:
+                for u in invite:
+                    self._membership(room, user, u, "invite", extra=extra)
+            else:
+                def invite_later():
+                    with self._lock:
+                        for u in invite:
+                            self._membership(room, user, u, "invite", extra=extra)
+                        self._cond.notify_all()
+                threading.Timer(self.defer_invites, invite_later).start()
             return 200, {"room_id": room.room_id}
 
     def _check_alias_creation(self, req, alias):

@@ -426,6 +426,37 @@ def test_a_room_whose_making_was_not_answered_is_made_once(mx, hs, gk, pg, db_ur
         deleted[-1]["path"].rsplit("/", 1)[1])) is None, deleted
 
 
+def test_a_room_found_by_its_alias_before_its_invitation_is_waited_for(mx, hs, gk, pg, db_url):
+    """As Synapse does, the stand-in gives the new room its alias before the
+    invitations, which come seconds later here: the delivery, tried again
+    after the createRoom answer was lost, finds the room by its alias while
+    alice has no membership in it yet. It waits for her invitation and
+    takes that room; it does not take it for a stale one, delete its alias
+    and make a second room (as this session's first version did, when the
+    createRoom was slower than the daemon's timeout)."""
+    a, srv = gk
+    consent_alice(mx)
+    hs.create_user("alice")
+    lost = []
+
+    def lose(method, path, user):
+        if method == "POST" and path.endswith("/createRoom") and not lost:
+            lost.append(user)
+            return True
+        return False
+    hs.defer_invites = 3
+    try:
+        mx_room = wally_says_hello_losing(hs, a, pg, db_url, lose)
+    finally:
+        hs.defer_invites = None
+    assert len(lost) == 1
+    assert hs.rooms() == [mx_room], [r for r in hs.requests if r["path"].endswith("/createRoom")]
+    assert [u for u, ms in hs.members(mx_room).items() if ms == "invite"] == [ALICE_MX]
+    # One alias deleted, once the room was bound; none taken for stale.
+    deleted = [r for r in hs.requests if r["method"] == "DELETE" and "/directory/room/" in r["path"]]
+    assert len(deleted) == 1 and deleted[0]["status"] == 200, deleted
+
+
 def test_a_room_made_unanswered_and_declined_is_not_taken(mx, hs, gk, pg, db_url):
     """The same lost answer, but alice declines the room's invitation
     before the delivery is tried again: the room the alias names is not
@@ -1287,6 +1318,46 @@ def test_a_local_user_invited_into_a_direct_room_makes_a_group(mx, hs, gk, pg, d
     wait_until(lambda: any(e["type"] == "m.room.message" and e["sender"] == bot and
                            e["content"]["body"] == "carol: hello alice" for e in hs.events(room)),
                what="carol's message in alice's room")
+
+def test_an_invited_user_who_joins_before_their_room_is_bound_is_joined(mx, hs, gk, pg, db_url):
+    """carol, invited into alice's direct room with wally (so a group), gets
+    a room of her own from the bot; her client joins it at once, but the
+    answer to the bot's createRoom is lost, so the room is bound only when
+    the bot tries again and finds it by its alias. Her join came while the
+    room was bound to nothing: she is the group's member all the same
+    (until the eighteenth session she stayed invited, so listed to the
+    peer, and got nothing of the group)."""
+    a, srv = gk
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+    alice.send_text(room, "hi wally")
+    srv.wait_events(1)
+    carol = hs.as_user(hs.create_user("carol")[1])
+    carol_mx, bot = "@carol:example.org", "@_cw_bot:example.org"
+    carol_uri = "mimi://example.org/u/carol"
+    hers = []
+
+    def lose(method, path, user):
+        if method == "POST" and path.endswith("/createRoom") and user == bot and not hers:
+            hers.append(hs.rooms()[-1])
+            carol.join(hers[0])
+            return True
+        return False
+    hs.lose_reply = lose
+    try:
+        alice.invite(room, carol_mx)
+        group = wait_until(lambda: pg.psql("SELECT public_id FROM rooms WHERE kind = 'group'", db_url),
+                           what="the group")
+        members = lambda: {m["user"]: m["membership"] for m in a.call("GET", f"/v1/rooms/{group}").json()["members"]}  # noqa: E731
+        wait_until(lambda: members().get(carol_uri) == "joined", timeout=30, what="carol a member")
+    finally:
+        hs.lose_reply = None
+    assert pg.psql("SELECT b.native_id FROM room_bindings b JOIN identities i ON i.id = b.local_identity_id "
+                   "WHERE i.uri = 'mimi://example.org/u/carol'", db_url) == hers[0]
+    alice.send_text(room, "carol, are you there?")
+    wait_until(lambda: any(e["type"] == "m.room.message" and e["sender"] == bot and
+                           e["content"]["body"] == "alice: carol, are you there?" for e in hs.events(hers[0])),
+               what="alice's message in carol's room")
+
 
 def test_a_message_that_goes_nowhere_is_told_to_its_writer(mx, hs, gk, pg, db_url):
     """A local user's message refused by this server's policy for every
