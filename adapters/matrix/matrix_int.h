@@ -79,6 +79,11 @@ void mx_txn_remember(struct matrix *m, const unsigned char key[32]);
  * tries again until both are done); waits for it. */
 void mx_ping_stop(struct matrix *m);
 void mx_rename_portal(struct matrix *m, PGconn *c, const char *room, const char *binding, const char *name);
+/* Whether target (an invited member of the group neutral_room, bound to
+ * their portal room) has joined it, as the homeserver says: marked joined
+ * then (true). */
+bool mx_mark_if_joined(struct matrix *m, PGconn *c, const char *room, const char *neutral_room,
+		       const char *target_id, const char *target_mxid);
 /* The portal of group neutral_room (its id) for the local user target_id
  * (Matrix id target_mxid): made by the bot with the user invited, bound;
  * its room id and binding id out.  Made once: a portal bound meanwhile

@@ -1327,6 +1327,35 @@ static void portal_invitations(struct matrix *m, PGconn *c, int64_t *next_us, in
 	}
 }
 
+/* Invited members whose portal is bound, still invited a minute after
+ * their last look: the homeserver is asked whether they joined
+ * (mx_mark_if_joined: a join the daemon missed, taken by an older daemon
+ * during a rolling restart, say); one not joined is looked at again a
+ * minute later (updated_at). */
+static void invitees_joined(struct matrix *m, PGconn *c)
+{
+	PGresult *r = look_for(c,
+		"SELECT x.room_id, x.identity_id, b.native_id, ib.native_id FROM room_members x "
+		"JOIN room_bindings b ON b.network = 'matrix' AND b.room_id = x.room_id "
+		" AND b.local_identity_id = x.identity_id AND b.remote_identity_id IS NULL "
+		"JOIN identity_bindings ib ON ib.identity_id = x.identity_id AND ib.network = 'matrix' "
+		"WHERE x.membership = 'invited' AND x.updated_at < now() - interval '1 minute' "
+		"ORDER BY x.updated_at LIMIT 16", "invited members who may have joined");
+	if (!r)
+		return;
+	cw_errmsg e;
+	for (int i = 0; i < PQntuples(r); i++) {
+		if (mx_mark_if_joined(m, c, PQgetvalue(r, i, 2), PQgetvalue(r, i, 0), PQgetvalue(r, i, 1),
+				      PQgetvalue(r, i, 3)))
+			continue;
+		const char *params[] = { PQgetvalue(r, i, 0), PQgetvalue(r, i, 1) };
+		if (store_command(c, "UPDATE room_members SET updated_at = now() WHERE room_id = $1::bigint "
+				  "AND identity_id = $2::bigint AND membership = 'invited'", 2, params, &e))
+			LOG_KV(CW_LOG_WARN, "cannot note a look at an invited member", "detail", e.msg);
+	}
+	PQclear(r);
+}
+
 static void *bot_main(void *arg)
 {
 	cw_thread_name("cw-mx-bot");
@@ -1360,6 +1389,7 @@ static void *bot_main(void *arg)
 			portal_departures(m, c);
 			portal_renames(m, c);
 			portal_invitations(m, c, &invite_after, &invite_delay);
+			invitees_joined(m, c);
 			forget_handled(c, &forget_after);
 		}
 		store_wait_notify(c, -1, 500, NULL, NULL);

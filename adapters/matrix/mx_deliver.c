@@ -666,15 +666,18 @@ static cw_err ensure_room(struct matrix *m, PGconn *c, const char *neutral_room,
  * through for its user.  Named as the group is (POST /v1/rooms "name"),
  * else not: clients name it after its members. */
 /* An invited user's join of their portal marks them joined when it comes
- * (matrix.c, joins_of_invitees), but only in a bound room: one who joined
- * before the portal was bound (an auto-joining client, faster than the
- * bot's write of the binding, or a createRoom answer lost and the room
- * found by its alias on the retry) would have stayed invited, listed so to
- * the peer and sent nothing.  Once bound, the homeserver is asked.  The
- * peer is not sent that join as an event (the view of the group's members
- * says joined): the event came when there was no room to carry it to. */
-static void joined_before_bound(struct matrix *m, PGconn *c, const char *room, const char *neutral_room,
-				const char *target_id, const char *target_mxid)
+ * (matrix.c, joins_of_invitees), but only in a bound room, and only in a
+ * daemon that knows invited members: one who joined before the portal was
+ * bound (an auto-joining client, faster than the bot's write of the
+ * binding, or a createRoom answer lost and the room found by its alias on
+ * the retry), or whose join an older daemon took during a rolling restart,
+ * would have stayed invited, listed so to the peer and sent nothing.  The
+ * homeserver is asked at the binding, and by the bot now and then while
+ * they stay invited (mx_bot.c, invitees_joined).  The peer is not sent
+ * that join as an event (the view of the group's members says joined):
+ * the event came when there was no room to carry it to.  True: joined. */
+bool mx_mark_if_joined(struct matrix *m, PGconn *c, const char *room, const char *neutral_room,
+		       const char *target_id, const char *target_mxid)
 {
 	char what[600];
 	char *u = seg(m, target_mxid);
@@ -685,19 +688,21 @@ static void joined_before_bound(struct matrix *m, PGconn *c, const char *room, c
 	cw_errmsg e;
 	if (mx_room_call(m, "GET", room, NULL, what, NULL, NULL, &status, &answer, &e)) {
 		json_decref(answer);
-		return; /* not joined (404), or no answer: the join, when it comes, marks it */
+		return false; /* not joined (404), or no answer: the join, when it comes, marks it */
 	}
 	const char *ms = json_string_value(json_object_get(answer, "membership"));
 	bool joined = ms && strcmp(ms, "join") == 0;
 	json_decref(answer);
 	if (!joined)
-		return;
+		return false;
 	const char *params[] = { neutral_room, target_id };
 	if (store_command(c, "UPDATE room_members SET membership = 'joined', updated_at = now() "
 			  "WHERE room_id = $1::bigint AND identity_id = $2::bigint AND membership = 'invited'",
-			  2, params, &e))
-		LOG_KV(CW_LOG_WARN, "cannot mark a user who joined their group's room before it was bound", "room",
-		       room, "detail", e.msg);
+			  2, params, &e)) {
+		LOG_KV(CW_LOG_WARN, "cannot mark a user who joined their group's room", "room", room, "detail", e.msg);
+		return false;
+	}
+	return true;
 }
 
 cw_err mx_ensure_portal(struct matrix *m, PGconn *c, const char *neutral_room, const char *name,
@@ -724,7 +729,7 @@ cw_err mx_ensure_portal(struct matrix *m, PGconn *c, const char *neutral_room, c
 		       4, params, NULL, true, target_id, neutral_room, target_mxid, room, rlen, binding, blen, e);
 	if (!rc) {
 		forget_alias(m, NULL, key);
-		joined_before_bound(m, c, room, neutral_room, target_id, target_mxid);
+		mx_mark_if_joined(m, c, room, neutral_room, target_id, target_mxid);
 	}
 	return rc;
 }
