@@ -129,6 +129,28 @@ def test_sigterm_finishes_the_request_in_flight(daemon):
     assert [r for r in daemon.records if r.get("msg") == "libmicrohttpd"] == []
 
 
+def test_a_connection_that_sends_nothing_does_not_hold_the_stop(make_daemon, db_url):
+    """The drain waits for connections that have sent no request yet (one
+    taken from the accept queue at the stop has its request on the way),
+    but only a second: one that connected to send nothing (a browser's
+    preconnect) does not hold the stop for the whole drain timeout (5 s
+    here; a review measured 6.2 s before), and is no request left
+    undrained."""
+    d = make_daemon(db_url).start()
+    s = socket.create_connection(("127.0.0.1", d.port))
+    try:
+        time.sleep(0.3)
+        t0 = time.time()
+        d.signal(signal.SIGTERM)
+        assert d.wait_exit(30) == 0
+        took = time.time() - t0
+        stopped = d.wait_for(lambda r: r.get("msg") == "stopped")
+    finally:
+        s.close()
+    assert took < 3, f"the stop took {took:.1f} s"
+    assert stopped["drained"] == "true", stopped
+
+
 def test_sigterm_answers_the_connections_waiting_to_be_accepted(make_daemon, db_url):
     """Connections the kernel completed but the daemon had not accepted yet
     when SIGTERM came (a busy daemon: here a stopped one) are answered, not
