@@ -415,6 +415,24 @@ static cw_err ensure_ghost(struct matrix *m, PGconn *c, const char *sender_id, c
 			  "ON CONFLICT DO NOTHING", 2, params, e);
 }
 
+/* target's membership of room ("invite", "join", "leave", ...; "" when the
+ * event has none) as user (NULL: the bot) sees it, into ms.  Fails with
+ * *status 404 when target has no membership there at all. */
+static cw_err member_state(struct matrix *m, const char *user, const char *room, const char *target, char *ms,
+			   size_t mslen, long *status, cw_errmsg *e)
+{
+	char what[600];
+	char *u = seg(m, target);
+	snprintf(what, sizeof(what), "state/m.room.member/%s", u ? u : "");
+	curl_free(u);
+	json_t *answer = NULL;
+	cw_err rc = mx_room_call(m, "GET", room, user, what, NULL, NULL, status, &answer, e);
+	const char *v = json_string_value(json_object_get(answer, "membership"));
+	snprintf(ms, mslen, "%s", !rc && v ? v : "");
+	json_decref(answer);
+	return rc;
+}
+
 enum alias_room { ALIAS_ROOM, ALIAS_STALE, ALIAS_UNKNOWN };
 
 /* The room an alias of the appservice's names (into room), when invitee is
@@ -430,7 +448,7 @@ enum alias_room { ALIAS_ROOM, ALIAS_STALE, ALIAS_UNKNOWN };
 static enum alias_room room_of_alias(struct matrix *m, const char *user, const char *alias, const char *invitee,
 				     char *room, size_t rlen)
 {
-	char dir[900], path[900];
+	char dir[900], ms[16];
 	long status;
 	json_t *answer = NULL;
 	cw_errmsg e;
@@ -444,19 +462,11 @@ static enum alias_room room_of_alias(struct matrix *m, const char *user, const c
 	if (res == ALIAS_ROOM)
 		snprintf(room, rlen, "%s", id);
 	json_decref(answer);
-	answer = NULL;
 	if (res == ALIAS_ROOM) {
-		char *r = seg(m, room), *u = seg(m, invitee);
-		snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/state/m.room.member/%s", r ? r : "", u ? u : "");
-		curl_free(r);
-		curl_free(u);
-		rc = mx_call(m, "GET", path, user, NULL, NULL, &status, &answer, &e);
-		const char *ms = json_string_value(json_object_get(answer, "membership"));
-		if (rc)
+		if (member_state(m, user, room, invitee, ms, sizeof(ms), &status, &e))
 			res = ALIAS_UNKNOWN; /* 404: not invited yet, or never: asked again later */
-		else if (!ms || (strcmp(ms, "invite") != 0 && strcmp(ms, "join") != 0))
+		else if (strcmp(ms, "invite") != 0 && strcmp(ms, "join") != 0)
 			res = ALIAS_STALE;
-		json_decref(answer);
 	}
 	if (res == ALIAS_STALE && mx_call(m, "DELETE", dir, user, NULL, NULL, &status, NULL, &e) && status != 404) {
 		LOG_KV(CW_LOG_WARN, "cannot delete a stale room alias", "alias", alias, "detail", e.msg);
@@ -659,12 +669,6 @@ static cw_err ensure_room(struct matrix *m, PGconn *c, const char *neutral_room,
 	return rc;
 }
 
-/* The portal of a group for one local user: a room made by the bot with
- * the user invited, bound to the group (a room binding with no remote
- * user, schema/017_group_portals.sql).  Per user, not one for all: the
- * policy decides for each recipient, so each room holds what was let
- * through for its user.  Named as the group is (POST /v1/rooms "name"),
- * else not: clients name it after its members. */
 /* An invited user's join of their portal marks them joined when it comes
  * (matrix.c, joins_of_invitees), but only in a bound room, and only in a
  * daemon that knows invited members: one who joined before the portal was
@@ -672,28 +676,19 @@ static cw_err ensure_room(struct matrix *m, PGconn *c, const char *neutral_room,
  * binding, or a createRoom answer lost and the room found by its alias on
  * the retry), or whose join an older daemon took during a rolling restart,
  * would have stayed invited, listed so to the peer and sent nothing.  The
- * homeserver is asked at the binding, and by the bot now and then while
- * they stay invited (mx_bot.c, invitees_joined).  The peer is not sent
+ * homeserver is asked once their portal is bound, and by the bot now and
+ * then while they stay invited (mx_bot.c, portal_invitations and
+ * invitees_joined).  The peer is not sent
  * that join as an event (the view of the group's members says joined):
  * the event came when there was no room to carry it to.  True: joined. */
 bool mx_mark_if_joined(struct matrix *m, PGconn *c, const char *room, const char *neutral_room,
 		       const char *target_id, const char *target_mxid)
 {
-	char what[600];
-	char *u = seg(m, target_mxid);
-	snprintf(what, sizeof(what), "state/m.room.member/%s", u ? u : "");
-	curl_free(u);
+	char ms[16];
 	long status;
-	json_t *answer = NULL;
 	cw_errmsg e;
-	if (mx_room_call(m, "GET", room, NULL, what, NULL, NULL, &status, &answer, &e)) {
-		json_decref(answer);
-		return false; /* not joined (404), or no answer: the join, when it comes, marks it */
-	}
-	const char *ms = json_string_value(json_object_get(answer, "membership"));
-	bool joined = ms && strcmp(ms, "join") == 0;
-	json_decref(answer);
-	if (!joined)
+	/* not joined (404: no membership), or no answer: the join, when it comes, marks it */
+	if (member_state(m, NULL, room, target_mxid, ms, sizeof(ms), &status, &e) || strcmp(ms, "join") != 0)
 		return false;
 	const char *params[] = { neutral_room, target_id };
 	if (store_command(c, "UPDATE room_members SET membership = 'joined', updated_at = now() "
@@ -705,6 +700,12 @@ bool mx_mark_if_joined(struct matrix *m, PGconn *c, const char *room, const char
 	return true;
 }
 
+/* The portal of a group for one local user: a room made by the bot with
+ * the user invited, bound to the group (a room binding with no remote
+ * user, schema/017_group_portals.sql).  Per user, not one for all: the
+ * policy decides for each recipient, so each room holds what was let
+ * through for its user.  Named as the group is (POST /v1/rooms "name"),
+ * else not: clients name it after its members. */
 cw_err mx_ensure_portal(struct matrix *m, PGconn *c, const char *neutral_room, const char *name,
 			const char *target_id, const char *target_mxid, char *room, size_t rlen, char *binding,
 			size_t blen, cw_errmsg *e)
@@ -727,10 +728,8 @@ cw_err mx_ensure_portal(struct matrix *m, PGconn *c, const char *neutral_room, c
 		       "INSERT INTO room_bindings (room_id, network, native_id, local_identity_id, name_synced) "
 		       "VALUES ($1::bigint, 'matrix', $2, $3::bigint, $4) ON CONFLICT DO NOTHING RETURNING id",
 		       4, params, NULL, true, target_id, neutral_room, target_mxid, room, rlen, binding, blen, e);
-	if (!rc) {
+	if (!rc)
 		forget_alias(m, NULL, key);
-		mx_mark_if_joined(m, c, room, neutral_room, target_id, target_mxid);
-	}
 	return rc;
 }
 
