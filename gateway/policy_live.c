@@ -420,6 +420,11 @@ cw_err policy_sweep(PGconn *c, const struct policy_view *v, const char *target_i
  * drawn), so that their outbox ids follow the commit order of the rooms'
  * other events across processes (until the seventeenth session they took
  * no lock, and a later message of another process could go first).
+ * loc looks up the rows of each message due by its event id (the LATERAL
+ * subquery with OFFSET 0 is not flattened into a join): as a join, the
+ * planner scanned the whole outbox, delivered rows and all, on every
+ * sweep that found nothing due (12 ms at 22,500 rows; until the
+ * nineteenth session).
  * $1: now (ms). */
 static const char expiry_sql[] =
 	"WITH rm AS MATERIALIZED (SELECT DISTINCT q.room_id FROM (SELECT e.room_id FROM events e "
@@ -435,7 +440,8 @@ static const char expiry_sql[] =
 	"gone AS (UPDATE outbox o SET state = 'expired', claimed_by = NULL, claimed_until = NULL FROM x "
 	"  WHERE o.event_id = x.id AND o.state IN ('pending', 'held', 'failed', 'dead') RETURNING o.id), "
 	"loc AS (SELECT x.id, x.room_id, x.sender_id, x.public_id, x.sender_uri, o.destination, o.target_identity_id "
-	"  FROM x JOIN outbox o ON o.event_id = x.id AND o.state = 'delivered' AND o.destination NOT LIKE 'peer:%'), "
+	"  FROM x CROSS JOIN LATERAL (SELECT d.destination, d.target_identity_id FROM outbox d "
+	"   WHERE d.event_id = x.id AND d.state = 'delivered' AND d.destination NOT LIKE 'peer:%' OFFSET 0) o), "
 	"dv AS (INSERT INTO events (public_id, room_id, sender_id, type, content, replaces_id, origin_network, ts) "
 	"  SELECT 'msg_' || rtrim(translate(encode(uuid_send(gen_random_uuid()), 'base64'), '+/', '-_'), '='), "
 	"  l.room_id, l.sender_id, 'delete', jsonb_build_object('type', 'delete', 'sender', l.sender_uri, "
