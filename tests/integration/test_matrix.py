@@ -1456,11 +1456,17 @@ def test_an_expiring_message_is_taken_back_when_its_time_comes(mx, hs, gk, pg, d
                          what="delivery")
     msg = [e for e in hs.events(mx_room) if e["type"] == "m.room.message" and e["sender"] == ghost][0]
     assert msg["content"]["body"] == "this disappears"
+    # an edit of it: its stored text goes with the message's
+    ed = {"type": "edit", "sender": a.user("wally"),
+          "content": {"replaces": r.json()["id"], "parts": [{"type": "text/plain", "body": "this too"}]}}
+    r_ed = a.call("POST", f"/v1/rooms/{room}/messages", ed, idem="exp-ed-1")
+    assert r_ed.status_code == 202, r_ed.text
     red = wait_until(lambda: next((e for e in hs.events(mx_room) if e["type"] == "m.room.redaction"), None),
                      timeout=15, what="the redaction at its time")
     assert red["sender"] == ghost and red["redacts"] == msg["event_id"]
     assert red["origin_server_ts"] >= soon - 50
     assert pg.psql(f"SELECT content::text FROM events WHERE public_id = '{r.json()['id']}'", db_url) == "{}"
+    assert pg.psql(f"SELECT content::text FROM events WHERE public_id = '{r_ed.json()['id']}'", db_url) == "{}"
     # Held for bob's consent past its time: expired, not delivered on accept.
     room2 = a.create_room([a.user("bob"), ALICE]).json()["id"]
     r2 = a.send(room2, a.user("bob"), "gone before you say yes", content={
