@@ -284,7 +284,12 @@ static const struct store_stmt lane_stmts[] = {
 		/* A row out of budget is dead, and so is every later row of its
 		 * room to this destination (in the batch, or waiting): let
 		 * through, they would arrive before it once it is replayed; dead
-		 * with it, a replay oldest first keeps the room's order. */
+		 * with it, a replay oldest first keeps the room's order.  No row
+		 * can die of a delivery or of a failure that spends no budget:
+		 * behind's test of $10 and $2 is a one-time filter, without which
+		 * every record read all of the destination's waiting rows (5 ms
+		 * a batch of 500 with 1,000 waiting; until the nineteenth
+		 * session). */
 		"up AS (UPDATE outbox SET claimed_by = NULL, claimed_until = NULL, "
 		" attempts = CASE WHEN $2::boolean OR $10::boolean THEN attempts ELSE greatest(attempts - 1, 0) END, "
 		" state = CASE WHEN $2::boolean THEN 'delivered' WHEN $10::boolean AND (attempts >= $5::int OR EXISTS "
@@ -301,7 +306,7 @@ static const struct store_stmt lane_stmts[] = {
 		" || $12 || ' ran out of retries (replay them oldest first)' "
 		" FROM (SELECT room_id, min(id) AS id FROM up WHERE state = 'dead' GROUP BY room_id) d "
 		" WHERE p.room_id = d.room_id AND p.id > d.id AND p.destination = $12 AND p.state = 'pending' "
-		" AND p.id <> ALL($1::bigint[]) RETURNING p.state) "
+		" AND p.id <> ALL($1::bigint[]) AND $10::boolean AND NOT $2::boolean RETURNING p.state) "
 		"SELECT state FROM up UNION ALL SELECT state FROM behind" },
 	{ NULL, NULL },
 };
