@@ -452,9 +452,8 @@ static enum alias_room room_of_alias(struct matrix *m, const char *user, const c
 	long status;
 	json_t *answer = NULL;
 	cw_errmsg e;
-	char *a = seg(m, alias);
-	snprintf(dir, sizeof(dir), "/_matrix/client/v3/directory/room/%s", a ? a : "");
-	curl_free(a);
+	if (!mx_alias_directory_path(alias, dir, sizeof(dir)))
+		return ALIAS_UNKNOWN;
 	cw_err rc = mx_call(m, "GET", dir, user, NULL, NULL, &status, &answer, &e);
 	const char *id = json_string_value(json_object_get(answer, "room_id"));
 	enum alias_room res = rc ? (status == 404 ? ALIAS_STALE : ALIAS_UNKNOWN)
@@ -558,11 +557,10 @@ static void forget_alias(struct matrix *m, const char *user, const char *key)
 {
 	char local[MX_ID_MAX + 1], alias[MX_ID_MAX + 1], path[900];
 	alias_of(m, key, local, sizeof(local), alias, sizeof(alias));
-	char *a = seg(m, alias);
-	snprintf(path, sizeof(path), "/_matrix/client/v3/directory/room/%s", a ? a : "");
-	curl_free(a);
 	long status;
 	cw_errmsg e;
+	if (!mx_alias_directory_path(alias, path, sizeof(path)))
+		return; /* cannot be: an alias is at most 255 bytes, escaped 765 */
 	if (mx_call(m, "DELETE", path, user, NULL, NULL, &status, NULL, &e) && status != 404) /* 404: made without */
 		LOG_KV(CW_LOG_WARN, "cannot delete the alias of a room made", "alias", alias, "detail", e.msg);
 }

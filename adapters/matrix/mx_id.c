@@ -3,6 +3,7 @@
 #include "matrix/mx_id.h"
 
 #include <arpa/inet.h>
+#include <curl/curl.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -223,6 +224,17 @@ bool mx_room_alias_parse(const char *s, char *localpart, size_t llen, char *serv
 	if (!split_id(s, '#', false, &local, &ll, &srv))
 		return false;
 	return copy_out(localpart, llen, local, ll) && copy_out(server, slen, srv, strlen(srv));
+}
+
+bool mx_alias_directory_path(const char *alias, char *out, size_t outlen)
+{
+	char *a = alias ? curl_easy_escape(NULL, alias, 0) : NULL;
+	int n = a ? snprintf(out, outlen, "/_matrix/client/v3/directory/room/%s", a) : -1;
+	curl_free(a);
+	bool ok = n >= 0 && (size_t)n < outlen;
+	if (!ok && outlen)
+		out[0] = '\0';
+	return ok;
 }
 
 static bool b64_char(char c)

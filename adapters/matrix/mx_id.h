@@ -56,6 +56,12 @@ bool mx_event_id_valid(const char *s);
  * valid UTF-8 without ':'; at most 255 bytes. */
 bool mx_room_alias_parse(const char *s, char *localpart, size_t llen, char *server, size_t slen);
 
+/* The room directory's path of alias (GET it to resolve the alias, DELETE
+ * it to remove it): "/_matrix/client/v3/directory/room/" and the alias
+ * URL-escaped ('#' and ':' too: one path segment), into out.  False when
+ * it does not fit (out is "" then) or out of memory. */
+bool mx_alias_directory_path(const char *alias, char *out, size_t outlen);
+
 /* ------------------------------------------------------------ ghosts
  *
  * The ghost of remote user R of network N (a peer name) on this homeserver:

@@ -205,6 +205,24 @@ START_TEST(id_cases)
 }
 END_TEST
 
+/* The room directory's path of an alias: the alias one escaped segment
+ * ('#', ':' and '/' too), or nothing when it does not fit. */
+START_TEST(alias_directory_path)
+{
+	char p[128];
+	ck_assert(mx_alias_directory_path("#_cw_room_ab:example.org", p, sizeof(p)));
+	ck_assert_str_eq(p, "/_matrix/client/v3/directory/room/%23_cw_room_ab%3Aexample.org");
+	ck_assert(mx_alias_directory_path("#a/b c:example.org:8448", p, sizeof(p)));
+	ck_assert_str_eq(p, "/_matrix/client/v3/directory/room/%23a%2Fb%20c%3Aexample.org%3A8448");
+	size_t need = strlen("/_matrix/client/v3/directory/room/%23x%3Ay") + 1;
+	ck_assert(mx_alias_directory_path("#x:y", p, need));
+	ck_assert(!mx_alias_directory_path("#x:y", p, need - 1));
+	ck_assert_str_eq(p, "");
+	ck_assert(!mx_alias_directory_path(NULL, p, sizeof(p)));
+	ck_assert_str_eq(p, "");
+}
+END_TEST
+
 START_TEST(id_null_and_buffers)
 {
 	char a[8], b[64];
@@ -1269,6 +1287,7 @@ int main(void)
 	tcase_set_timeout(tc, 300);
 	tcase_add_test(tc, id_cases);
 	tcase_add_test(tc, id_null_and_buffers);
+	tcase_add_test(tc, alias_directory_path);
 	tcase_add_test(tc, ghost_round_trip_property);
 	tcase_add_test(tc, ghost_parse_property);
 	tcase_add_test(tc, map_cases);
