@@ -80,8 +80,9 @@ void mx_txn_remember(struct matrix *m, const unsigned char key[32]);
 void mx_ping_stop(struct matrix *m);
 void mx_rename_portal(struct matrix *m, PGconn *c, const char *room, const char *binding, const char *name);
 /* Whether target (an invited member of the group neutral_room, bound to
- * their portal room) has joined it, as the homeserver says: marked joined
- * then (true). */
+ * their portal room) has joined it, as the homeserver says: their join
+ * event taken as a pushed one (mx_backfill: marked joined, the peer told
+ * once), true then. */
 bool mx_mark_if_joined(struct matrix *m, PGconn *c, const char *room, const char *neutral_room,
 		       const char *target_id, const char *target_mxid);
 /* The portal of group neutral_room (its id) for the local user target_id

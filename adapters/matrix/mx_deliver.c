@@ -676,18 +676,51 @@ static cw_err ensure_room(struct matrix *m, PGconn *c, const char *neutral_room,
  * would have stayed invited, listed so to the peer and sent nothing.  The
  * homeserver is asked once their portal is bound, and by the bot now and
  * then while they stay invited (mx_bot.c, portal_invitations and
- * invitees_joined).  The peer is not sent
- * that join as an event (the view of the group's members says joined):
- * the event came when there was no room to carry it to.  True: joined. */
+ * invitees_joined).  Their join event, read from the room's members, is
+ * taken as a transaction of the homeserver's would be (mx_backfill): it
+ * marks them joined and reaches the peer as the membership event a pushed
+ * join makes (until the nineteenth session only the member was marked, and
+ * the peer never heard of the join).  Once only: the event is stored under
+ * its Matrix event id, so the same join pushed too, or found again, is
+ * not sent twice.  False (still invited: asked again a minute later): not
+ * joined, or not stored.  True: joined. */
 bool mx_mark_if_joined(struct matrix *m, PGconn *c, const char *room, const char *neutral_room,
 		       const char *target_id, const char *target_mxid)
 {
-	char ms[16];
 	long status;
 	cw_errmsg e;
-	/* not joined (404: no membership), or no answer: the join, when it comes, marks it */
-	if (member_state(m, NULL, room, target_mxid, ms, sizeof(ms), &status, &e) || strcmp(ms, "join") != 0)
+	json_t *answer = NULL;
+	/* not joined, or no answer: the join, when it comes, marks it */
+	if (mx_room_call(m, "GET", room, NULL, "members", "membership=join", NULL, &status, &answer, &e)) {
+		json_decref(answer);
 		return false;
+	}
+	json_t *join = NULL;
+	size_t i;
+	json_t *ev;
+	json_array_foreach(json_object_get(answer, "chunk"), i, ev) {
+		const char *key = json_string_value(json_object_get(ev, "state_key"));
+		if (json_is_object(ev) && key && strcmp(key, target_mxid) == 0) {
+			join = json_deep_copy(ev);
+			break;
+		}
+	}
+	json_decref(answer);
+	if (!join)
+		return false;
+	/* the room asked about is the event's (txn_new checks the rest) */
+	json_object_set_new(join, "room_id", json_string(room));
+	json_t *events = json_array();
+	json_array_append_new(events, join);
+	cw_err rc = mx_backfill(m, events, MX_TIMEOUT_MS, &e);
+	json_decref(events);
+	if (rc) {
+		LOG_KV(CW_LOG_WARN, "cannot store the join of a user to their group's room", "room", room, "detail", e.msg);
+		return false;
+	}
+	/* The transaction path marked them (this finds nothing then); one
+	 * whose join it did not take (its bindings changed meanwhile) is
+	 * marked all the same, or the bot would ask about them every minute. */
 	const char *params[] = { neutral_room, target_id };
 	if (store_command(c, "UPDATE room_members SET membership = 'joined', updated_at = now() "
 			  "WHERE room_id = $1::bigint AND identity_id = $2::bigint AND membership = 'invited'",

@@ -1319,22 +1319,19 @@ def test_a_local_user_invited_into_a_direct_room_makes_a_group(mx, hs, gk, pg, d
                            e["content"]["body"] == "carol: hello alice" for e in hs.events(room)),
                what="carol's message in alice's room")
 
-def test_an_invited_user_who_joins_before_their_room_is_bound_is_joined(mx, hs, gk, pg, db_url):
-    """carol, invited into alice's direct room with wally (so a group), gets
-    a room of her own from the bot; her client joins it at once, but the
-    answer to the bot's createRoom is lost, so the room is bound only when
-    the bot tries again and finds it by its alias. Her join came while the
-    room was bound to nothing: she is the group's member all the same
-    (until the eighteenth session she stayed invited, so listed to the
-    peer, and got nothing of the group). So is one whose join an older
-    daemon took, found by the bot's look at members still invited."""
+def carol_joins_before_her_room_is_bound(hs, gk, pg, db_url, until, what):
+    """alice invites carol into her direct room with wally (so a group); the
+    bot makes carol a room of her own, which her client joins at once, but
+    the answer to the bot's createRoom is lost, so the room is bound only
+    when the bot tries again and finds it by its alias: (alice, her room,
+    carol's room, the group), once until(group) holds (the answer lost
+    until then)."""
     a, srv = gk
     alice, room, ghost = alice_writes_to_wally(hs, a)
     alice.send_text(room, "hi wally")
     srv.wait_events(1)
     carol = hs.as_user(hs.create_user("carol")[1])
-    carol_mx, bot = "@carol:example.org", "@_cw_bot:example.org"
-    carol_uri = "mimi://example.org/u/carol"
+    bot = "@_cw_bot:example.org"
     hers = []
 
     def lose(method, path, user):
@@ -1345,25 +1342,84 @@ def test_an_invited_user_who_joins_before_their_room_is_bound_is_joined(mx, hs, 
         return False
     hs.lose_reply = lose
     try:
-        alice.invite(room, carol_mx)
+        alice.invite(room, "@carol:example.org")
         group = wait_until(lambda: pg.psql("SELECT public_id FROM rooms WHERE kind = 'group'", db_url),
                            what="the group")
-        members = lambda: {m["user"]: m["membership"] for m in a.call("GET", f"/v1/rooms/{group}").json()["members"]}  # noqa: E731
-        wait_until(lambda: members().get(carol_uri) == "joined", timeout=30, what="carol a member")
+        wait_until(lambda: until(group), timeout=30, what=what)
     finally:
         hs.lose_reply = None
+    return alice, room, hers[0], group
+
+
+def group_members(a, group):
+    return {m["user"]: m["membership"] for m in a.call("GET", f"/v1/rooms/{group}").json()["members"]}
+
+
+def test_an_invited_user_who_joins_before_their_room_is_bound_is_joined(mx, hs, gk, pg, db_url):
+    """carol, invited into alice's direct room with wally (so a group), gets
+    a room of her own from the bot; her client joins it at once, but the
+    answer to the bot's createRoom is lost, so the room is bound only when
+    the bot tries again and finds it by its alias. Her join came while the
+    room was bound to nothing: she is the group's member all the same
+    (until the eighteenth session she stayed invited, so listed to the
+    peer, and got nothing of the group). So is one whose join an older
+    daemon took, found by the bot's look at members still invited."""
+    a, srv = gk
+    carol_uri, bot = "mimi://example.org/u/carol", "@_cw_bot:example.org"
+    alice, room, hers, group = carol_joins_before_her_room_is_bound(
+        hs, gk, pg, db_url, lambda group: group_members(a, group).get(carol_uri) == "joined", "carol a member")
     assert pg.psql("SELECT b.native_id FROM room_bindings b JOIN identities i ON i.id = b.local_identity_id "
-                   "WHERE i.uri = 'mimi://example.org/u/carol'", db_url) == hers[0]
+                   "WHERE i.uri = 'mimi://example.org/u/carol'", db_url) == hers
     alice.send_text(room, "carol, are you there?")
     wait_until(lambda: any(e["type"] == "m.room.message" and e["sender"] == bot and
-                           e["content"]["body"] == "alice: carol, are you there?" for e in hs.events(hers[0])),
+                           e["content"]["body"] == "alice: carol, are you there?" for e in hs.events(hers)),
                what="alice's message in carol's room")
     # A join an older daemon took (a rolling restart: it knows no invited
     # members) marked nothing: the bot asks the homeserver about members
     # still invited a minute after its last look.
     pg.psql("UPDATE room_members x SET membership = 'invited', updated_at = now() - interval '2 minutes' "
             "FROM identities i WHERE i.id = x.identity_id AND i.uri = 'mimi://example.org/u/carol'", db_url)
-    wait_until(lambda: members().get(carol_uri) == "joined", timeout=15, what="carol's join found by the bot")
+    wait_until(lambda: group_members(a, group).get(carol_uri) == "joined", timeout=15,
+               what="carol's join found by the bot")
+
+
+def test_a_join_found_late_reaches_the_peer_once(mx, hs, gk, pg, db_url):
+    """carol joins her room of the group before it is bound (the bot's
+    createRoom answer lost, as above): the bot finds her join when it binds
+    the room, and the peer gets it as the membership event a pushed join
+    makes (until the nineteenth session the peer heard nothing: only the
+    group's member list said joined). The bot's later look at members
+    still invited finds the same join again: the peer still has it once
+    (it is the same Matrix event, stored once)."""
+    a, srv = gk
+    carol_uri = "mimi://example.org/u/carol"
+
+    def joins(group):
+        return [e for e in list(srv.events) if e.get("type") == "membership" and e["room_id"] == group
+                and e["content"]["membership"] == "join" and e["sender"] == carol_uri]
+
+    def stored():
+        return pg.psql("SELECT count(*) FROM events e JOIN rooms r ON r.id = e.room_id JOIN identities i "
+                       "ON i.id = e.sender_id WHERE e.type = 'membership' "
+                       "AND e.content->'content'->>'membership' = 'join' "
+                       f"AND r.public_id = '{group}' AND i.uri = '{carol_uri}'", db_url)
+    alice, room, hers, group = carol_joins_before_her_room_is_bound(hs, gk, pg, db_url, joins,
+                                                                    "carol's join at the peer")
+    [join] = joins(group)
+    assert join["content"]["target"] == carol_uri and stored() == "1"
+    # The bot's look at members still invited (a join an older daemon took)
+    # finds it once more: nothing new is stored or sent.
+    accepted = lambda: metrics(mx, "causeway_matrix_events_total")['result="accepted"']  # noqa: E731
+    before = accepted()
+    pg.psql("UPDATE room_members x SET membership = 'invited', updated_at = now() - interval '2 minutes' "
+            "FROM identities i WHERE i.id = x.identity_id AND i.uri = 'mimi://example.org/u/carol'", db_url)
+    wait_until(lambda: group_members(a, group).get(carol_uri) == "joined" and accepted() > before, timeout=30,
+               what="carol's join found again by the bot")
+    assert stored() == "1"
+    alice.send_text(room, "after the look")
+    wait_until(lambda: any(e.get("type") == "message" and e["content"]["parts"][0]["body"] == "after the look"
+                           for e in list(srv.events)), what="a later message at the peer")
+    assert len(joins(group)) == 1, joins(group)
 
 
 def test_a_message_that_goes_nowhere_is_told_to_its_writer(mx, hs, gk, pg, db_url):
