@@ -415,6 +415,15 @@ static cw_err ensure_ghost(struct matrix *m, PGconn *c, const char *sender_id, c
 			  "ON CONFLICT DO NOTHING", 2, params, e);
 }
 
+/* The room's path (under /rooms/{roomId}/) of target's m.room.member
+ * state event, into what. */
+static void member_event(struct matrix *m, const char *target, char *what, size_t len)
+{
+	char *u = seg(m, target);
+	snprintf(what, len, "state/m.room.member/%s", u ? u : "");
+	curl_free(u);
+}
+
 /* target's membership of room ("invite", "join", "leave", ...; "" when the
  * event has none) as user (NULL: the bot) sees it, into ms.  Fails with
  * *status 404 when target has no membership there at all. */
@@ -422,9 +431,7 @@ static cw_err member_state(struct matrix *m, const char *user, const char *room,
 			   size_t mslen, long *status, cw_errmsg *e)
 {
 	char what[600];
-	char *u = seg(m, target);
-	snprintf(what, sizeof(what), "state/m.room.member/%s", u ? u : "");
-	curl_free(u);
+	member_event(m, target, what, sizeof(what));
 	json_t *answer = NULL;
 	cw_err rc = mx_room_call(m, "GET", room, user, what, NULL, NULL, status, &answer, e);
 	const char *v = json_string_value(json_object_get(answer, "membership"));
@@ -435,18 +442,50 @@ static cw_err member_state(struct matrix *m, const char *user, const char *room,
 
 enum alias_room { ALIAS_ROOM, ALIAS_STALE, ALIAS_UNKNOWN };
 
+/* A room found by its alias while invitee has no membership there: its
+ * making has not reached, or never will reach, the invitations, which
+ * createRoom sends last (after the room's state, as the specification
+ * orders it; Synapse gives the alias to the room before all that).  Its
+ * maker (user) finishes it: it sends the invitation createRoom would have
+ * (is_direct in a direct room, which POST /invite cannot carry, hence the
+ * state event).  One the homeserver still sends afterwards repeats it
+ * and changes nothing, the user stays invited (inviting someone invited
+ * is allowed: only a member or someone banned is refused, and Synapse
+ * takes a repeat from the same sender with the same content as a no-op).
+ * A room made anew instead would have left the first one's late
+ * invitation to the user.  Until the nineteenth session
+ * the retry waited for an invitation that never came when the making had
+ * stopped half way, and the delivery held until its retries were spent.
+ * ALIAS_STALE: refused for good (403: the maker may not invite there), the
+ * room cannot be finished and is made anew. */
+static enum alias_room finish_room(struct matrix *m, const char *user, const char *room, const char *invitee,
+				   bool direct)
+{
+	char what[600];
+	member_event(m, invitee, what, sizeof(what));
+	long status;
+	cw_errmsg e;
+	if (!mx_room_call(m, "PUT", room, user, what, NULL,
+			  json_pack("{s:s, s:o*}", "membership", "invite", "is_direct", direct ? json_true() : NULL),
+			  &status, NULL, &e)) {
+		LOG_KV(CW_LOG_INFO, "a room found by its alias without its invitation is finished", "room", room);
+		return ALIAS_ROOM;
+	}
+	LOG_KV(CW_LOG_WARN, "cannot invite to a room found by its alias", "room", room, "detail", e.msg);
+	return status == 403 ? ALIAS_STALE : ALIAS_UNKNOWN;
+}
+
 /* The room an alias of the appservice's names (into room), when invitee is
- * still invited to it or has joined it.  ALIAS_STALE: the homeserver says
- * they are out of it (declined, left: a room made long ago and never
+ * still invited to it or has joined it, or once invited to it (finish_room)
+ * when they have no membership there yet.  ALIAS_STALE: the homeserver
+ * says they are out of it (declined, left: a room made long ago and never
  * bound), or that the alias names nothing; the alias is deleted then.
- * ALIAS_UNKNOWN: no answer that says (it is tried again later), or the
- * invitee has no membership there yet: Synapse gives the alias to a new
- * room before it sends the room's events and the invitations last, so a
- * retry after a createRoom that is slow (past MX_TIMEOUT_MS) finds the
- * room before the invitation (until the eighteenth session that was taken
- * for stale: the alias deleted and a second room made). */
+ * ALIAS_UNKNOWN: no answer that says (it is tried again later).  A retry
+ * after a createRoom that is slow (past MX_TIMEOUT_MS) finds the room
+ * before its invitation: until the eighteenth session that was taken for
+ * stale (the alias deleted and a second room made). */
 static enum alias_room room_of_alias(struct matrix *m, const char *user, const char *alias, const char *invitee,
-				     char *room, size_t rlen)
+				     bool direct, char *room, size_t rlen)
 {
 	char dir[900], ms[16];
 	long status;
@@ -462,8 +501,9 @@ static enum alias_room room_of_alias(struct matrix *m, const char *user, const c
 		snprintf(room, rlen, "%s", id);
 	json_decref(answer);
 	if (res == ALIAS_ROOM) {
+		/* 404: no membership there (another failure: asked again later) */
 		if (member_state(m, user, room, invitee, ms, sizeof(ms), &status, &e))
-			res = ALIAS_UNKNOWN; /* 404: not invited yet, or never: asked again later */
+			res = status == 404 ? finish_room(m, user, room, invitee, direct) : ALIAS_UNKNOWN;
 		else if (strcmp(ms, "invite") != 0 && strcmp(ms, "join") != 0)
 			res = ALIAS_STALE;
 	}
@@ -517,7 +557,8 @@ static cw_err create_room(struct matrix *m, const char *user, json_t *body, cons
 	cw_err rc = mx_call(m, "POST", "/_matrix/client/v3/createRoom", user, NULL, json_incref(body), &status, &answer, e);
 	const char *code = json_string_value(json_object_get(answer, "errcode"));
 	if (rc && status == 400 && code && strcmp(code, "M_ROOM_IN_USE") == 0) {
-		enum alias_room found = room_of_alias(m, user, alias, invitee, room, rlen);
+		enum alias_room found = room_of_alias(m, user, alias, invitee,
+						      json_is_true(json_object_get(body, "is_direct")), room, rlen);
 		json_decref(answer);
 		if (found != ALIAS_STALE) {
 			json_decref(body);

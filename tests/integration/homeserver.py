@@ -300,6 +300,11 @@ class Homeserver:
         # room by its alias before the invitees are in it; here a room is
         # otherwise made whole under one lock.
         self.defer_invites = None
+        # A test's predicate on a createRoom (the user making it): True
+        # makes the room, its state and its alias as usual, then fails the
+        # request (500 M_UNKNOWN) before the invitations, which are never
+        # sent: a homeserver whose making of a room stopped half way.
+        self.fail_invites = None
         self._buckets = {}          # user_id -> (level, time): the rate limiter's
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
@@ -1397,6 +1402,8 @@ class Homeserver:
             if topic is not None:
                 self._emit(room, user, "m.room.topic", {"topic": topic}, state_key="")
             extra = {"is_direct": True} if is_direct else None
+            if self.fail_invites is not None and self.fail_invites(user):
+                raise MatrixError(500, "M_UNKNOWN", "Internal server error (the room is made, not its invitations)")
             if self.defer_invites is None:
                 for u in invite:
                     self._membership(room, user, u, "invite", extra=extra)

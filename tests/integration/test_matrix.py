@@ -430,10 +430,12 @@ def test_a_room_found_by_its_alias_before_its_invitation_is_waited_for(mx, hs, g
     """As Synapse does, the stand-in gives the new room its alias before the
     invitations, which come seconds later here: the delivery, tried again
     after the createRoom answer was lost, finds the room by its alias while
-    alice has no membership in it yet. It waits for her invitation and
-    takes that room; it does not take it for a stale one, delete its alias
-    and make a second room (as this session's first version did, when the
-    createRoom was slower than the daemon's timeout)."""
+    alice has no membership in it yet. It takes that room (inviting her
+    itself since the nineteenth session: the homeserver's own invitation,
+    when it comes, repeats it); it does not take it for a stale one,
+    delete its alias and make a second room (as the eighteenth session's
+    first version did, when the createRoom was slower than the daemon's
+    timeout)."""
     a, srv = gk
     consent_alice(mx)
     hs.create_user("alice")
@@ -455,6 +457,42 @@ def test_a_room_found_by_its_alias_before_its_invitation_is_waited_for(mx, hs, g
     # One alias deleted, once the room was bound; none taken for stale.
     deleted = [r for r in hs.requests if r["method"] == "DELETE" and "/directory/room/" in r["path"]]
     assert len(deleted) == 1 and deleted[0]["status"] == 200, deleted
+
+
+def test_a_room_whose_making_stopped_before_its_invitations_is_finished(mx, hs, gk, pg, db_url):
+    """The homeserver makes the ghost's direct room with alice and its alias,
+    then fails before the invitations (createRoom answered 500, alice never
+    invited). The delivery, tried again, finds the room by its alias with
+    alice not in it, and the ghost finishes it: it invites her as the
+    createRoom would have (is_direct), then delivers there. One room, one
+    invitation, the message once; until the nineteenth session the row
+    waited for an invitation that never came until its retries were spent."""
+    a, srv = gk
+    consent_alice(mx)
+    hs.create_user("alice")
+    ghost = "@_cw_gk_wally:example.org"
+    failed = []
+
+    def fail(user):
+        if failed:
+            return False
+        failed.append(user)
+        return True
+    hs.fail_invites = fail
+    try:
+        mx_room = wally_says_hello_losing(hs, a, pg, db_url, lambda *_: False)
+    finally:
+        hs.fail_invites = None
+    assert failed == [ghost]
+    assert hs.rooms() == [mx_room], [r for r in hs.requests if r["path"].endswith("/createRoom")]
+    invites = [e for e in hs.events(mx_room) if e["type"] == "m.room.member" and e["state_key"] == ALICE_MX]
+    assert len(invites) == 1 and invites[0]["sender"] == ghost, invites
+    assert invites[0]["content"]["membership"] == "invite" and invites[0]["content"].get("is_direct"), invites
+    assert [e["content"]["body"] for e in hs.events(mx_room) if e["type"] == "m.room.message"] == ["hello"]
+    wait_until(lambda: pg.psql("SELECT string_agg(state, ',') FROM outbox", db_url) == "delivered",
+               what="the row delivered")
+    deleted = [r for r in hs.requests if r["method"] == "DELETE" and "/directory/room/" in r["path"]]
+    assert [r["status"] for r in deleted] == [200], deleted
 
 
 def test_a_room_made_unanswered_and_declined_is_not_taken(mx, hs, gk, pg, db_url):
