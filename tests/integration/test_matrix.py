@@ -1527,6 +1527,18 @@ def test_a_dead_letter_is_told_to_its_matrix_writer(make_daemon, db_url, hs, pg)
         assert d.admin("POST", f"/outbox/{row['id']}/replay").status_code == 200
         got = srv.wait_events(1)
         assert got[0]["content"]["parts"][0]["body"] == "into the void"
+        # A dead letter of a peer's user has no one here to tell: the look
+        # marks it told as it passes, or it would walk it every turn forever.
+        tg = PeerClient(d.url, "tg", "tg.example")
+        tg.token = d.admin("POST", "/peers", json={"name": "tg", "domain": "tg.example", "mode": "push",
+                                                   "push_url": "https://127.0.0.1:9/v1", "public_key":
+                                                   tg.signer.public_b64}).json()["token"]
+        pp = a.create_room([a.user("wally"), tg.user("tom")]).json()["id"]
+        assert a.send(pp, a.user("wally"), "to a peer that is down").status_code == 202
+        wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE destination = 'peer:tg' AND state = 'dead' "
+                                   "AND sender_told_at IS NOT NULL", db_url) == "1",
+                   timeout=20, what="the peer's dead letter passed over")
+        assert len(notices()) == 2
     finally:
         srv.close()
 
