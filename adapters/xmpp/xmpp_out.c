@@ -34,7 +34,13 @@ static const char batch_sql[] =
 	"  JOIN identities s ON s.id = ev.sender_id LEFT JOIN peers p ON p.id = s.peer_id "
 	"  LEFT JOIN events tg ON tg.id = coalesce(ev.replaces_id, CASE WHEN ev.type <> 'reaction' THEN ev.in_reply_to_id END)) "
 	"SELECT r.i, r.t_local, r.t_jid, r.s_local, r.peer, r.room_native, r.t_is_local, r.s_is_local, "
-	/* 8-13: the target (XMPP id, origin-id, is last of its sender, text, is a reaction) */
+	/* 8-13: the target (XMPP id, origin-id, is last of its sender, text, is a
+	 * reaction).  "Is last" only for an edit (a correction of the last
+	 * message; others are quoted), and read from at most the room's next
+	 * thousand events (more: taken as not last): until the nineteenth
+	 * session every reply, edit and delete walked the room's events after
+	 * its target, all of them when its writer had written nothing since
+	 * (1.9 s in a room of 61,000 events, a review measured). */
 	"  r.tg_id IS NOT NULL, "
 	"  coalesce((SELECT substr(n.native_id, length(r.room_id::text) + 2) FROM event_native_ids n "
 	"   WHERE n.event_id = r.tg_id AND n.network = 'xmpp' AND n.kind = 'id' "
@@ -42,8 +48,10 @@ static const char batch_sql[] =
 	"  (SELECT substr(n.native_id, length(r.room_id::text) + 2) FROM event_native_ids n "
 	"   WHERE n.event_id = r.tg_id AND n.network = 'xmpp' AND n.kind = 'origin_id' "
 	"   AND starts_with(n.native_id, r.room_id::text || '/') LIMIT 1), "
-	"  NOT EXISTS (SELECT 1 FROM events l WHERE l.room_id = tg.room_id AND l.sender_id = tg.sender_id "
-	"   AND l.type = 'message' AND l.id > tg.id), "
+	"  CASE WHEN r.type = 'edit' THEN (SELECT count(*) < 1000 "
+	"   AND coalesce(NOT bool_or(w.sender_id = tg.sender_id AND w.type = 'message'), true) "
+	"   FROM (SELECT l.sender_id, l.type FROM events l WHERE l.room_id = tg.room_id AND l.id > tg.id "
+	"   ORDER BY l.id LIMIT 1000) w) END, "
 	"  (SELECT q->>'body' FROM jsonb_array_elements(tg.content->'content'->'parts') AS q WHERE q->>'type' = 'text/plain' LIMIT 1), "
 	"  r.tg_type = 'reaction', "
 	/* 14-16: the message reacted to (ids) and the sender's whole set on it */

@@ -1178,6 +1178,17 @@ def test_features_both_ways(xd, gk, alice, pg, db_url):
             {"type": "text/plain", "body": "first!"}]}}).status_code == 202
     m = message_from(alice, WALLY_JID, lambda el: body(el) == "first!")
     assert m.find("{urn:xmpp:message-correct:0}replace").get("id") == w1
+    # ... and of one that is no longer his last: quoted, not a <replace/>
+    # (clients correct only the last message).
+    assert post(a, f"/v1/rooms/{room}/messages", {"type": "message", "sender": a.user("wally"), "content": {
+        "parts": [{"type": "text/plain", "body": "second"}]}}).status_code == 202
+    message_from(alice, WALLY_JID, lambda el: body(el) == "second")
+    assert post(a, f"/v1/rooms/{room}/messages", {
+        "type": "edit", "sender": a.user("wally"), "content": {"replaces": w1, "parts": [
+            {"type": "text/plain", "body": "first!!"}]}}).status_code == 202
+    m = message_from(alice, WALLY_JID, lambda el: "first!!" in (body(el) or ""))
+    assert body(m).endswith("Correction: first!!") and m.find("{urn:xmpp:message-correct:0}replace") is None, \
+        ET.tostring(m)
     assert post(a, f"/v1/rooms/{room}/messages", {
         "type": "reaction", "sender": a.user("wally"), "content": {"in_reply_to": e1["id"], "disposition": "reaction",
                                                                "parts": [{"type": "text/plain", "body": "\u2764"}]}}
