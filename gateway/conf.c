@@ -79,6 +79,17 @@ const struct cfg_option cfg_options[] = {
 	{ "policy", "rate_buckets", CFG_INT, OFF(policy_rate_buckets), "65536", 1024, 16777216, false, false,
 	  "token buckets kept for rate limits (per daemon process; the least recently used is reused)" },
 
+	{ "retention", "content_days", CFG_INT, OFF(retention_content_days), "30", 0, 3650, false, false,
+	  "an event's content is erased this many days after its acceptance once no delivery of it is open "
+	  "(pending, held, in flight, failed, dead); rows and ids stay (0: kept for ever)" },
+	{ "retention", "idempotency_days", CFG_INT, OFF(retention_idempotency_days), "7", 0, 3650, false, false,
+	  "the idempotency keys of room creations are forgotten after this many days (0: kept for ever); "
+	  "an event's key stays with the event" },
+	{ "retention", "attempts_days", CFG_INT, OFF(retention_attempts_days), "30", 0, 3650, false, false,
+	  "delivery attempts (the admin message trace) are deleted after this many days (0: kept for ever)" },
+	{ "retention", "interval_s", CFG_INT, OFF(retention_interval_s), "60", 1, 86400, false, false,
+	  "how often the retention sweep runs (at once again while it finds a full batch of 1000 due)" },
+
 	{ "database", "url", CFG_STR, OFF(db_url), "", 0, 0, false, true,
 	  "libpq connection URL or key=value string of the PostgreSQL database (required)" },
 	{ "database", "schema_dir", CFG_STR, OFF(schema_dir), CW_SCHEMA_DIR, 0, 0, false, false,

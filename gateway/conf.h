@@ -41,6 +41,11 @@ struct cw_config {
 	long policy_sweep_interval_ms;
 	long policy_reload_interval_s;
 	long policy_rate_buckets;
+	/* [retention] */
+	long retention_content_days;
+	long retention_idempotency_days;
+	long retention_attempts_days;
+	long retention_interval_s;
 	/* [database] */
 	char *db_url;
 	char *schema_dir;

@@ -299,7 +299,7 @@ int main(int argc, char **argv)
 	struct policy_live_opts po = {
 		.url = cfg.db_url, .statement_timeout_ms = cfg.db_statement_timeout_ms,
 		.sweep_interval_ms = cfg.policy_sweep_interval_ms, .reload_interval_s = cfg.policy_reload_interval_s,
-		.on_reload = reload_admins, .reload_arg = app.admins,
+		.retention = &cfg, .on_reload = reload_admins, .reload_arg = app.admins,
 	};
 	app.limits = ratelimit_new((size_t)cfg.policy_rate_buckets);
 	if (!app.limits || policy_live_start(&app.policy, &po, &e)) {

@@ -4,6 +4,7 @@
 #include "log.h"
 #include "policy_json.h"
 #include "ratelimit.h"
+#include "retention.h"
 #include "store.h"
 
 #include <fcntl.h>
@@ -826,6 +827,7 @@ static void *live_main(void *arg)
 	struct policy_live *pl = arg;
 	int64_t next_reload = cw_now_us() + pl->o.reload_interval_s * 1000000LL;
 	int64_t next_sweep = cw_now_us();
+	int64_t next_retention = cw_now_us();
 	int64_t backoff_us = 0;
 	while (!atomic_load(&pl->stop)) {
 		bool fresh = false, want = false;
@@ -900,7 +902,30 @@ static void *live_main(void *arg)
 			}
 			next_sweep = now + pl->o.sweep_interval_ms * 1000LL;
 		}
+		/* Its own cadence: old data waits a minute more at no cost.  A
+		 * full batch means a backlog (the first run after an upgrade, a
+		 * setting lowered): the next turn runs it again at once, and
+		 * reloads and sweeps still get their turns in between. */
+		if (pl->o.retention && now >= next_retention) {
+			long rt[3];
+			cw_errmsg e;
+			bool more = false;
+			if (retention_sweep(pl->c, pl->o.retention, rt, &e)) {
+				LOG_KV(CW_LOG_WARN, "retention sweep failed", "detail", e.msg);
+			} else if (rt[0] || rt[1] || rt[2]) {
+				char a[24], b[24], d[24];
+				snprintf(a, sizeof(a), "%ld", rt[0]);
+				snprintf(b, sizeof(b), "%ld", rt[1]);
+				snprintf(d, sizeof(d), "%ld", rt[2]);
+				LOG_KV(CW_LOG_INFO, "old data removed", "contents_erased", a, "idempotency_keys", b,
+				       "delivery_attempts", d);
+				more = rt[0] == RETENTION_BATCH || rt[1] == RETENTION_BATCH || rt[2] == RETENTION_BATCH;
+			}
+			next_retention = more ? now : now + pl->o.retention->retention_interval_s * 1000000LL;
+		}
 		int64_t until = next_sweep < next_reload ? next_sweep : next_reload;
+		if (pl->o.retention && next_retention < until)
+			until = next_retention;
 		int timeout = (int)((until - cw_now_us()) / 1000);
 		if (pl->npending || pl->want_full)
 			timeout = 0; /* heard during the sweep */

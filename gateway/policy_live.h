@@ -89,11 +89,15 @@ cw_err policy_consent_apply(PGconn *c, const struct policy_view *v, const char *
 extern const char POLICY_USER_SUMMARY_SQL[];
 
 struct policy_live;
+struct cw_config;
 struct policy_live_opts {
 	const char *url;
 	long statement_timeout_ms;
 	long sweep_interval_ms;
 	long reload_interval_s;
+	/* The retention settings (retention.*), run on this thread's sweep
+	 * loop (gateway/retention.h); NULL: no retention sweep. */
+	const struct cw_config *retention;
 	/* Also run on each reload, on the thread's connection (other state
 	 * that must follow changes as the policy does: the admin tokens). */
 	void (*on_reload)(PGconn *c, void *arg);

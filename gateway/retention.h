@@ -1,0 +1,29 @@
+/* Retention: what a transit keeps no longer than it must (docs/operations.md,
+ * "Retention").
+ *
+ * The content of an event accepted more than retention.content_days ago is
+ * erased once no delivery of it is still open (pending, held, in flight,
+ * failed or dead: a dead letter may still be replayed); its row, ids and
+ * native ids stay, so replies, edits, statuses and traces still resolve.
+ * Idempotency keys older than retention.idempotency_days and delivery
+ * attempts older than retention.attempts_days are deleted.  A setting of 0
+ * keeps that kind of data for ever. */
+#ifndef CW_RETENTION_H
+#define CW_RETENTION_H
+
+#include "conf.h"
+#include "cw.h"
+
+#include <libpq-fe.h>
+
+/* Rows one statement of a sweep changes at most. */
+#define RETENTION_BATCH 1000
+
+/* One bounded round on c (an idle connection): each statement its own
+ * short transaction, rows chosen with SKIP LOCKED (two daemons on one
+ * database never wait for each other).  counts: events whose content was
+ * erased, idempotency keys deleted, delivery attempts deleted; one equal
+ * to RETENTION_BATCH means more are due (run again). */
+cw_err retention_sweep(PGconn *c, const struct cw_config *cfg, long counts[3], cw_errmsg *e);
+
+#endif
