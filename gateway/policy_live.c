@@ -904,8 +904,10 @@ static void *live_main(void *arg)
 		}
 		/* Its own cadence: old data waits a minute more at no cost.  A
 		 * full batch means a backlog (the first run after an upgrade, a
-		 * setting lowered): the next turn runs it again at once, and
-		 * reloads and sweeps still get their turns in between. */
+		 * setting lowered): it runs again a second later, a batch a
+		 * second, so that months of backlog do not keep a backend busy
+		 * for minutes on end; reloads and sweeps get their turns in
+		 * between. */
 		if (pl->o.retention && now >= next_retention) {
 			long rt[3];
 			cw_errmsg e;
@@ -921,7 +923,7 @@ static void *live_main(void *arg)
 				       "delivery_attempts", d);
 				more = rt[0] == RETENTION_BATCH || rt[1] == RETENTION_BATCH || rt[2] == RETENTION_BATCH;
 			}
-			next_retention = more ? now : now + pl->o.retention->retention_interval_s * 1000000LL;
+			next_retention = now + (more ? 1000000LL : pl->o.retention->retention_interval_s * 1000000LL);
 		}
 		int64_t until = next_sweep < next_reload ? next_sweep : next_reload;
 		if (pl->o.retention && next_retention < until)
