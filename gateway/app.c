@@ -162,8 +162,14 @@ struct metrics_job {
 static cw_err metrics_query(PGconn *c, void *arg, cw_errmsg *e)
 {
 	struct metrics_job *j = arg;
-	/* Delivered rows pile up; the gauge is about what is still to do. */
-	PGresult *r = PQexec(c, "SELECT state, count(*) FROM outbox WHERE state <> 'delivered' GROUP BY state");
+	/* The gauge is about what is still to do (or waits for the operator):
+	 * delivered, dropped and expired rows pile up, and counting them on
+	 * every scrape grew with every message ever refused (0.27 s on both
+	 * cores at 300,000 such rows, a review measured; until the nineteenth
+	 * session).  The open states are each a range of
+	 * outbox_state_dest_idx. */
+	PGresult *r = PQexec(c, "SELECT state, count(*) FROM outbox "
+				"WHERE state IN ('pending', 'held', 'in_flight', 'failed', 'dead') GROUP BY state");
 	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
 		cw_err rc = store_result_err(c, r, e);
 		PQclear(r);
@@ -225,10 +231,11 @@ static void metrics_done(void *arg, cw_err rc, const cw_errmsg *e)
 			  "server.media_max_bytes; past it new fetches are answered 503).",
 			  NULL, (double)atomic_load(&app->media_held));
 	if (rc == CW_OK) {
-		cw_buf_printf(&b, "# HELP causeway_outbox_depth Outbox rows not yet delivered, by state.\n"
+		cw_buf_printf(&b, "# HELP causeway_outbox_depth Outbox rows still to deliver or dead, by state.\n"
 				  "# TYPE causeway_outbox_depth gauge\n");
 		for (int k = 0; k < OUTBOX_STATES; k++)
-			if (strcmp(outbox_states[k], "delivered") != 0)
+			if (strcmp(outbox_states[k], "delivered") != 0 && strcmp(outbox_states[k], "dropped") != 0 &&
+			    strcmp(outbox_states[k], "expired") != 0)
 				cw_buf_printf(&b, "causeway_outbox_depth{state=\"%s\"} %lld\n", outbox_states[k],
 					      j->outbox[k]);
 	}

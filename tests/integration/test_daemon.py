@@ -88,6 +88,8 @@ def test_metrics_count_requests_pool_and_outbox(daemon):
     assert metric(t, "causeway_database_up") == 1
     assert metric(t, "causeway_db_pool_connections") == 3
     assert metric(t, "causeway_outbox_depth", 'state="pending"') == 0
+    assert metric(t, "causeway_outbox_depth", 'state="dead"') == 0
+    assert 'causeway_outbox_depth{state="dropped"}' not in t  # final states only grow: not scraped
     assert "# TYPE causeway_http_request_duration_seconds histogram" in t
     # Every sample line is "name{labels} value" with a number.
     for line in t.splitlines():
