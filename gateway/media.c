@@ -6,6 +6,7 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <netinet/in.h>
 
@@ -292,36 +293,106 @@ struct curl_slist *media_signed_get(EVP_PKEY *key, const char *keyid, const char
 	return l2;
 }
 
-cw_err media_fetch_signed(const struct cw_app *app, const char *url, long timeout_ms, struct media_blob *b,
-			  long *status, cw_errmsg *e)
+bool media_host_in_domain(const char *url, const char *domain)
+{
+	if (!url || !domain || !*domain)
+		return false;
+	/* The host as libcurl reads it to connect: the parser that decides
+	 * where the request goes decides whether it is signed. */
+	CURLU *u = curl_url();
+	char *host = NULL;
+	bool in = false;
+	if (u && curl_url_set(u, CURLUPART_URL, url, 0) == CURLUE_OK &&
+	    curl_url_get(u, CURLUPART_HOST, &host, 0) == CURLUE_OK && host) {
+		size_t hn = strlen(host), dn = strlen(domain);
+		/* The domain itself, or a name under it: on a label boundary,
+		 * so that evil-wa.example is not under wa.example. */
+		in = hn == dn ? strcasecmp(host, domain) == 0
+			      : hn > dn && host[hn - dn - 1] == '.' && strcasecmp(host + hn - dn, domain) == 0;
+	}
+	curl_free(host);
+	curl_url_cleanup(u);
+	return in;
+}
+
+#define MEDIA_REDIRECTS 3
+
+cw_err media_fetch_peer(const struct cw_app *app, const char *url, const char *signer_domain, long timeout_ms,
+			struct media_blob *b, long *status, cw_errmsg *e)
 {
 	*status = 0;
 	const struct cw_config *cfg = app->cfg;
-	struct curl_slist *hd =
-		media_signed_get(app->signing_key, cfg->domain ? cfg->domain : "", cfg->signature_tag, url, e);
-	CURL *h = hd ? curl_easy_init() : NULL;
-	if (!h) {
+	CURL *h = curl_easy_init();
+	char *at = strdup(url); /* where this hop goes */
+	if (!h || !at) {
+		curl_easy_cleanup(h);
+		free(at);
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	}
+	int64_t deadline_us = cw_now_us() + (int64_t)timeout_ms * 1000;
+	CURLcode cc = CURLE_OK;
+	cw_err rc = CW_OK;
+	/* Redirects are followed here, not by libcurl: each hop is signed
+	 * only when its own host is in signer_domain (a signature is
+	 * Causeway's credential: a peer's URL must not lend it to another
+	 * host, nor its redirect carry it there), over its own URL. */
+	for (int hop = 0;; hop++) {
+		struct curl_slist *hd = NULL;
+		if (media_host_in_domain(at, signer_domain)) {
+			hd = media_signed_get(app->signing_key, cfg->domain ? cfg->domain : "", cfg->signature_tag, at,
+					      e);
+			if (!hd) {
+				rc = CW_ENOMEM;
+				break;
+			}
+		}
+		long left_ms = (long)((deadline_us - cw_now_us()) / 1000);
+		if (left_ms <= 0) {
+			curl_slist_free_all(hd);
+			cc = CURLE_OPERATION_TIMEDOUT;
+			break;
+		}
+		media_blob_free(b); /* a redirect's own body */
+		b->too_big = false;
+		media_download_setup(h, at, hd, b, cfg->ca_file, left_ms);
+		/* A URL a peer chose: https only, redirects included, and never
+		 * to an address of this host or its private network (SSRF: the
+		 * body comes back to users the peer can reach). */
+		curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "https");
+		curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 0L);
+		if (!cfg->media_private_addresses)
+			curl_easy_setopt(h, CURLOPT_OPENSOCKETFUNCTION, open_public);
+		cc = curl_easy_perform(h);
 		curl_slist_free_all(hd);
-		return hd ? cw_fail(e, CW_ENOMEM, "out of memory") : CW_ENOMEM;
-	}
-	media_download_setup(h, url, hd, b, cfg->ca_file, timeout_ms);
-	/* A URL a peer chose: https only, also after a redirect, and never to
-	 * an address of this host or its private network (SSRF: the body
-	 * comes back to users the peer can reach). */
-	curl_easy_setopt(h, CURLOPT_REDIR_PROTOCOLS_STR, "https");
-	if (!cfg->media_private_addresses)
-		curl_easy_setopt(h, CURLOPT_OPENSOCKETFUNCTION, open_public);
-	CURLcode cc = curl_easy_perform(h);
-	if (cc == CURLE_OK) {
+		if (cc != CURLE_OK)
+			break;
+		char *next = NULL;
 		curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, status);
-		media_download_done(h, b);
-	} else if (cc == CURLE_FILESIZE_EXCEEDED) {
-		b->too_big = true;
+		if (*status / 100 != 3 || curl_easy_getinfo(h, CURLINFO_REDIRECT_URL, &next) != CURLE_OK || !next) {
+			media_download_done(h, b);
+			break;
+		}
+		if (hop == MEDIA_REDIRECTS) {
+			cc = CURLE_TOO_MANY_REDIRECTS;
+			break;
+		}
+		free(at);
+		at = strdup(next);
+		if (!at) {
+			rc = cw_fail(e, CW_ENOMEM, "out of memory");
+			break;
+		}
 	}
+	if (cc == CURLE_FILESIZE_EXCEEDED)
+		b->too_big = true;
 	curl_easy_cleanup(h);
-	curl_slist_free_all(hd);
-	if (cc != CURLE_OK)
+	free(at);
+	if (rc)
+		return rc;
+	if (cc != CURLE_OK) {
+		*status = 0;
 		return cw_fail(e, CW_EUNAVAIL, "cannot fetch %.200s: %s", url,
 			       b->too_big ? "larger than this gateway carries" : curl_easy_strerror(cc));
+	}
 	return CW_OK;
 }

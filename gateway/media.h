@@ -46,19 +46,31 @@ bool media_type_ok(const char *s);
 struct curl_slist *media_signed_get(EVP_PKEY *key, const char *keyid, const char *tag, const char *url,
 				    cw_errmsg *e);
 
-/* A GET of a peer's file (url: https://), signed as Causeway
+/* Whether url's host (as libcurl parses it) is domain or a name under it,
+ * compared case-insensitively on a label boundary (media.wa.example is
+ * under wa.example, evil-wa.example is not); false for a NULL or empty
+ * domain, or a URL libcurl cannot parse. */
+bool media_host_in_domain(const char *url, const char *domain);
+
+/* A GET of a file a peer named (url: https://), trusting server.ca_file,
+ * into b (b->max and b->cancel set by the caller).  Signed as Causeway
  * (media_signed_get: app's key, keyid its server.domain, its
- * server.signature_tag), trusting server.ca_file, into b (b->max and
- * b->cancel set by the caller).  Redirects: https only, at most 3; every
- * connection's address is checked (media_address_public) unless
- * server.media_private_addresses (loopback, private, link-local and other
- * non-public addresses then pass: the setting is read here, not by each
- * caller, so that no fetch a peer chose can miss it).  CW_OK with *status
- * the far side's status (the body is in b, whatever the status);
- * CW_EUNAVAIL when no answer came (e says why; b->too_big when the cap cut
- * it off). */
-cw_err media_fetch_signed(const struct cw_app *app, const char *url, long timeout_ms, struct media_blob *b,
-			  long *status, cw_errmsg *e);
+ * server.signature_tag) only when the URL's host is under signer_domain
+ * (media_host_in_domain), the domain of the peer that named the URL;
+ * plain otherwise, and always when signer_domain is NULL: Causeway's
+ * signature is its credential at every peer, and a peer must not have it
+ * lent to another's store (until the nineteenth session every such fetch
+ * was signed, whatever its host).  Redirects: https only, at most 3,
+ * each hop signed or not by its own host; every connection's address is
+ * checked (media_address_public) unless server.media_private_addresses
+ * (loopback, private, link-local and other non-public addresses then
+ * pass: the setting is read here, not by each caller, so that no fetch a
+ * peer chose can miss it); timeout_ms covers every hop.  CW_OK with
+ * *status the far side's status (the body is in b, whatever the status);
+ * CW_EUNAVAIL when no answer came (e says why; b->too_big when the cap
+ * cut it off). */
+cw_err media_fetch_peer(const struct cw_app *app, const char *url, const char *signer_domain, long timeout_ms,
+			struct media_blob *b, long *status, cw_errmsg *e);
 
 /* Whether a fetch a peer chose may connect to sa: not loopback,
  * unspecified, private (RFC 1918, RFC 4193), link-local (cloud metadata

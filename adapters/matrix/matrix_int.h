@@ -143,18 +143,20 @@ cw_err mx_call(struct matrix *m, const char *method, const char *path, const cha
 /* Media (mx_media.c). */
 enum mx_rehost { MX_REHOST_OK, MX_REHOST_NOTICE, MX_REHOST_RETRY, MX_REHOST_WAIT };
 /* A peer's attachment (the neutral attachment object, https://) on the
- * homeserver, uploaded as ghost once: its mxc:// URI into mxc (OK); or why
+ * homeserver, uploaded as ghost once, fetched signed only when its host is
+ * under signer, the domain of the peer whose user sent it (NULL: never;
+ * media_fetch_peer): its mxc:// URI into mxc (OK); or why
  * it cannot be carried, for the text that goes instead (NOTICE: too large,
  * gone, a wrong checksum); or RETRY, e says why (the peer's server or the
  * homeserver is away: the row goes again later). */
-enum mx_rehost mx_rehost(struct matrix *m, PGconn *c, const char *ghost, const json_t *att, char *mxc,
-			 size_t len, char *why, size_t wlen, cw_errmsg *e);
+enum mx_rehost mx_rehost(struct matrix *m, PGconn *c, const char *ghost, const char *signer, const json_t *att,
+			 char *mxc, size_t len, char *why, size_t wlen, cw_errmsg *e);
 /* The same answer without waiting on a far side (for the delivery lane):
  * OK when the file is on the homeserver already, NOTICE or RETRY when the
  * worker found so (a RETRY is forgotten once told: the next asks again),
  * WAIT when the worker has it queued now (and queues it if not). */
-enum mx_rehost mx_media_lookup(struct matrix *m, PGconn *c, const char *ghost, const json_t *att, char *mxc,
-			       size_t len, char *why, size_t wlen, cw_errmsg *e);
+enum mx_rehost mx_media_lookup(struct matrix *m, PGconn *c, const char *ghost, const char *signer, const json_t *att,
+			       char *mxc, size_t len, char *why, size_t wlen, cw_errmsg *e);
 void mx_media_start(struct matrix *m);
 void mx_media_stop(struct matrix *m);
 

@@ -925,7 +925,7 @@ static cw_err batch_info(PGconn *c, const struct outbox_row *rows, size_t n, PGr
 		" s.profile_changed_at::text, rm.kind, pb.native_id, pb.id, "
 		" EXISTS (SELECT 1 FROM matrix_portal_members pm WHERE pm.binding_id = pb.id AND pm.identity_id = s.id), "
 		" rm.name, rm.kind = 'group' AND NOT EXISTS (SELECT 1 FROM room_members x WHERE x.room_id = ev.room_id "
-		"  AND x.identity_id = t.id AND x.membership = 'joined') "
+		"  AND x.identity_id = t.id AND x.membership = 'joined'), p.domain "
 		"FROM unnest($1::bigint[], $2::bigint[]) WITH ORDINALITY AS x(ev, tg, k) "
 		"JOIN events ev ON ev.id = x.ev JOIN identities s ON s.id = ev.sender_id JOIN identities t ON t.id = x.tg "
 		"JOIN rooms rm ON rm.id = ev.room_id LEFT JOIN peers p ON p.id = s.peer_id "
@@ -969,7 +969,7 @@ static void note_sent(json_t *sent, const struct outbox_row *row, const char *ei
  * the text as its caption.  *out: the event to map instead of row->event
  * (NULL: the row's event as it is). */
 static cw_err media_parts(struct matrix *m, PGconn *c, struct outbox_row *row, const char *room, const char *ghost,
-			  const char *ts, json_t **out, bool *wait, cw_errmsg *e)
+			  const char *signer, const char *ts, json_t **out, bool *wait, cw_errmsg *e)
 {
 	*out = NULL;
 	*wait = false;
@@ -993,7 +993,7 @@ static cw_err media_parts(struct matrix *m, PGconn *c, struct outbox_row *row, c
 		if (!url || strncmp(url, "https://", 8) != 0)
 			continue;
 		char mxc[300], why[160] = "", text[200];
-		enum mx_rehost rh = mx_media_lookup(m, c, ghost, a, mxc, sizeof(mxc), why, sizeof(why), e);
+		enum mx_rehost rh = mx_media_lookup(m, c, ghost, signer, a, mxc, sizeof(mxc), why, sizeof(why), e);
 		if (rh == MX_REHOST_RETRY) {
 			json_decref(copy);
 			return CW_EUNAVAIL;
@@ -1062,8 +1062,9 @@ static cw_err media_parts(struct matrix *m, PGconn *c, struct outbox_row *row, c
  * (a name is not worth a message's loss).  True when the avatar is being
  * fetched (the media worker): the row waits for it, so that the ghost has
  * its face when its message appears. */
-static bool sync_profile(struct matrix *m, PGconn *c, const char *sender_id, const char *peer, const char *localpart,
-			 const char *display, const char *avatar, const char *changed_at, const char *ghost)
+static bool sync_profile(struct matrix *m, PGconn *c, const char *sender_id, const char *peer, const char *signer,
+			 const char *localpart, const char *display, const char *avatar, const char *changed_at,
+			 const char *ghost)
 {
 	int64_t now = cw_wall_ms();
 	pthread_mutex_lock(&m->mu);
@@ -1078,7 +1079,7 @@ static bool sync_profile(struct matrix *m, PGconn *c, const char *sender_id, con
 	bool avatar_ok = true;
 	json_t *att = avatar ? json_loads(avatar, 0, NULL) : NULL;
 	if (att) {
-		enum mx_rehost rh = mx_media_lookup(m, c, ghost, att, mxc, sizeof(mxc), why, sizeof(why), &e);
+		enum mx_rehost rh = mx_media_lookup(m, c, ghost, signer, att, mxc, sizeof(mxc), why, sizeof(why), &e);
 		json_decref(att);
 		if (rh == MX_REHOST_WAIT) /* the message waits for its face */
 			return true;
@@ -1195,6 +1196,9 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 		snprintf(binding, sizeof(binding), "%s", b_made ? b_made : PQgetvalue(r, i, 17));
 	char peer[80], localpart[600], display[300];
 	snprintf(peer, sizeof(peer), "%s", PQgetvalue(r, i, 6));
+	/* The sender's peer's domain (NULL for a local sender): only its
+	 * hosts get a file's fetch signed (mx_rehost). */
+	const char *signer = PQgetisnull(r, i, 21) ? NULL : PQgetvalue(r, i, 21);
 	snprintf(localpart, sizeof(localpart), "%s", PQgetvalue(r, i, 4));
 	snprintf(display, sizeof(display), "%s", PQgetvalue(r, i, 9));
 	if (!mx_user_id_parse(target_mxid, NULL, 0, NULL, 0)) {
@@ -1239,7 +1243,7 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 	char pkey[40];
 	snprintf(pkey, sizeof(pkey), "f%s", sender_id);
 	if (!relay && PQgetvalue(r, i, 13)[0] == 't' && !json_object_get(made, pkey)) { /* once a batch */
-		if (sync_profile(m, c, sender_id, peer, localpart, display,
+		if (sync_profile(m, c, sender_id, peer, signer, localpart, display,
 				 PQgetisnull(r, i, 12) ? NULL : PQgetvalue(r, i, 12), PQgetvalue(r, i, 14), ghost))
 			return PREP_WAIT;
 		json_object_set_new(made, pkey, json_true());
@@ -1250,7 +1254,7 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 	bool wait;
 	/* The upload's owner: the ghost, or for a relay the bot (a NULL
 	 * user_id crashed the media worker, for ever: a wait is no attempt). */
-	if (media_parts(m, c, row, room, actor ? actor : m->bot, ts, &copy, &wait, e))
+	if (media_parts(m, c, row, room, actor ? actor : m->bot, signer, ts, &copy, &wait, e))
 		return PREP_FAIL;
 	if (wait)
 		return PREP_WAIT;

@@ -196,8 +196,17 @@ static cw_err cached(PGconn *c, const char *url, const char *want, json_int_t de
 
 #define MEDIA_STATE_MAX 10000 /* what the worker remembers of files it could not carry */
 
-enum mx_rehost mx_media_lookup(struct matrix *m, PGconn *c, const char *ghost, const json_t *att, char *mxc,
-			       size_t len, char *why, size_t wlen, cw_errmsg *e)
+/* What the worker remembers of a file, by its URL and the domain that
+ * may have it signed: a file fetched for one peer's user is not taken as
+ * fetched (nor as unavailable) for another's, whose fetch is signed
+ * differently. */
+static void state_key(const char *signer, const char *url, char *key, size_t len)
+{
+	snprintf(key, len, "%s\n%s", signer ? signer : "", url); /* no domain holds a line feed */
+}
+
+enum mx_rehost mx_media_lookup(struct matrix *m, PGconn *c, const char *ghost, const char *signer, const json_t *att,
+			       char *mxc, size_t len, char *why, size_t wlen, cw_errmsg *e)
 {
 	const char *url = json_string_value(json_object_get(att, "url"));
 	json_int_t declared = declared_size(att, (size_t)m->cfg->media_max_bytes);
@@ -215,8 +224,10 @@ enum mx_rehost mx_media_lookup(struct matrix *m, PGconn *c, const char *ghost, c
 	if (found)
 		return MX_REHOST_OK;
 	enum mx_rehost res = MX_REHOST_WAIT;
+	char key[2400];
+	state_key(signer, url, key, sizeof(key));
 	pthread_mutex_lock(&m->mu);
-	json_t *st = json_object_get(m->media_state, url);
+	json_t *st = json_object_get(m->media_state, key);
 	const char *s = json_string_value(json_object_get(st, "s"));
 	const char *w = json_string_value(json_object_get(st, "why"));
 	if (s && strcmp(s, "notice") == 0) {
@@ -224,13 +235,13 @@ enum mx_rehost mx_media_lookup(struct matrix *m, PGconn *c, const char *ghost, c
 		res = MX_REHOST_NOTICE;
 	} else if (s && strcmp(s, "retry") == 0) {
 		cw_fail(e, CW_EUNAVAIL, "%s", w ? w : "the file could not be fetched");
-		json_object_del(m->media_state, url);
+		json_object_del(m->media_state, key);
 		res = MX_REHOST_RETRY;
 	} else if (!s) {
 		if (json_object_size(m->media_state) >= MEDIA_STATE_MAX)
 			json_object_clear(m->media_state);
-		json_array_append_new(m->media_queue, json_pack("[O, s?]", att, ghost));
-		json_object_set_new(m->media_state, url, json_pack("{s:s}", "s", "queued"));
+		json_array_append_new(m->media_queue, json_pack("[O, s?, s?]", att, ghost, signer));
+		json_object_set_new(m->media_state, key, json_pack("{s:s}", "s", "queued"));
 		pthread_cond_signal(&m->media_cond);
 	}
 	pthread_mutex_unlock(&m->mu);
@@ -253,20 +264,22 @@ static void *media_main(void *arg)
 		pthread_mutex_unlock(&m->mu);
 		const json_t *att = json_array_get(item, 0);
 		const char *url = json_string_value(json_object_get(att, "url"));
-		char mxc[300], why[160] = "";
+		const char *signer = json_string_value(json_array_get(item, 2));
+		char mxc[300], why[160] = "", key[2400];
+		state_key(signer, url, key, sizeof(key));
 		cw_errmsg e = { { 0 } };
 		if (!c || PQstatus(c) != CONNECTION_OK) {
 			PQfinish(c);
 			c = store_connect(m->app->cfg->db_url, m->app->cfg->db_statement_timeout_ms, &e);
 		}
-		enum mx_rehost res = c ? mx_rehost(m, c, json_string_value(json_array_get(item, 1)), att, mxc, sizeof(mxc),
-						   why, sizeof(why), &e)
+		enum mx_rehost res = c ? mx_rehost(m, c, json_string_value(json_array_get(item, 1)), signer, att, mxc,
+						   sizeof(mxc), why, sizeof(why), &e)
 				       : MX_REHOST_RETRY;
 		pthread_mutex_lock(&m->mu);
 		if (res == MX_REHOST_OK)
-			json_object_del(m->media_state, url);
+			json_object_del(m->media_state, key);
 		else
-			json_object_set_new(m->media_state, url,
+			json_object_set_new(m->media_state, key,
 					    json_pack("{s:s, s:s}", "s", res == MX_REHOST_NOTICE ? "notice" : "retry", "why",
 						      res == MX_REHOST_NOTICE ? why : e.msg));
 		json_decref(item);
@@ -293,8 +306,8 @@ void mx_media_stop(struct matrix *m)
 	m->media_started = false;
 }
 
-enum mx_rehost mx_rehost(struct matrix *m, PGconn *c, const char *ghost, const json_t *att, char *mxc,
-			 size_t len, char *why, size_t wlen, cw_errmsg *e)
+enum mx_rehost mx_rehost(struct matrix *m, PGconn *c, const char *ghost, const char *signer, const json_t *att,
+			 char *mxc, size_t len, char *why, size_t wlen, cw_errmsg *e)
 {
 	const char *url = json_string_value(json_object_get(att, "url"));
 	const char *ct = json_string_value(json_object_get(att, "content_type"));
@@ -316,7 +329,10 @@ enum mx_rehost mx_rehost(struct matrix *m, PGconn *c, const char *ghost, const j
 	if (found)
 		return MX_REHOST_OK;
 
-	/* Fetched as every request to a peer is made: signed as Causeway.  At
+	/* Signed as Causeway, as every request to a peer is, when the file is
+	 * on a host of the sender's peer (signer); another host's file is
+	 * fetched plain: the peer must not lend Causeway's signature to it
+	 * (until the nineteenth session every such fetch was signed).  At
 	 * most the declared size: the policy's max_attachment_bytes judged
 	 * that, and a longer file is refused as one that does not match its
 	 * checksum is (until the seventeenth session the fetch took up to
@@ -325,7 +341,7 @@ enum mx_rehost mx_rehost(struct matrix *m, PGconn *c, const char *ghost, const j
 	bool capped = declared < (json_int_t)max;
 	struct media_blob b = { .max = capped ? (size_t)declared : max, .cancel = &m->app->stopping };
 	long status = 0;
-	cw_err frc = media_fetch_signed(m->app, url, MEDIA_TIMEOUT_MS, &b, &status, e);
+	cw_err frc = media_fetch_peer(m->app, url, signer, MEDIA_TIMEOUT_MS, &b, &status, e);
 	enum mx_rehost res = MX_REHOST_RETRY;
 	char got[65];
 	if (b.too_big) {

@@ -41,39 +41,47 @@ static bool decimal(const char *s)
 
 /* The scope of a public token for a file of a declared size (size: its
  * decimal digits; NULL: none declared) that may be followed until exp
- * (unix seconds, decimal): the MAC covers both, so the link caps the
- * fetch at what the policy's max_attachment_bytes judged and ends after
- * server.media_link_lifetime_s.  exp NULL: the scope of a link made before
- * the eighteenth session (no expiry; "\npublic" or "\npublic\n<size>"),
- * only to tell such a link from a forged one.  The digits hold no line
- * feed, so this scope is no peer's nor another size's or time's. */
-static bool public_scope(const char *size, const char *exp, char *out, size_t len)
+ * (unix seconds, decimal), named by the peer of domain by (NULL: none,
+ * the fetch is never signed): the MAC covers all three, so the link caps
+ * the fetch at what the policy's max_attachment_bytes judged, ends after
+ * server.media_link_lifetime_s, and lends Causeway's signature to no
+ * other host than by's (media_fetch_peer).  A link made before the
+ * nineteenth session has no by and opens as one with none.  exp NULL: the
+ * scope of a link made before the eighteenth session (no expiry;
+ * "\npublic" or "\npublic\n<size>"), only to tell such a link from a
+ * forged one.  The digits and a domain hold no line feed, so this scope
+ * is no peer's nor another size's, time's or domain's. */
+static bool public_scope(const char *size, const char *exp, const char *by, char *out, size_t len)
 {
-	if ((size && !decimal(size)) || (exp && !decimal(exp)))
+	if ((size && !decimal(size)) || (exp && !decimal(exp)) || (by && (!exp || !peer_domain_valid(by))))
 		return false;
 	if (!exp)
 		return (size_t)snprintf(out, len, "%s%s%s", PUBLIC_SCOPE, size ? "\n" : "", size ? size : "") < len;
-	return (size_t)snprintf(out, len, "%s\n%s\n%s", PUBLIC_SCOPE, size ? size : "", exp) < len;
+	return (size_t)snprintf(out, len, "%s\n%s\n%s%s%s", PUBLIC_SCOPE, size ? size : "", exp, by ? "\n" : "",
+				by ? by : "") < len;
 }
 
 /* A peer's URL may be long (a CDN's signed link): the source goes in the
  * query, the MAC in the path,
- * /media/<MAC>?src=<base64url source>[&size=<n>]&exp=<unix seconds>. */
-bool peer_media_public_url(struct cw_app *app, const char *url, long long size, char *out, size_t len)
+ * /media/<MAC>?src=<base64url source>[&size=<n>]&exp=<unix seconds>[&by=<domain>]. */
+bool peer_media_public_url(struct cw_app *app, const char *url, long long size, const char *by, char *out,
+			   size_t len)
 {
-	char base[600], token[3 * MEDIA_URL_MAX], digits[24], exp[24], scope[64];
+	char base[600], token[3 * MEDIA_URL_MAX], digits[24], exp[24], scope[340], tail[300];
 	snprintf(digits, sizeof(digits), "%lld", size);
 	snprintf(exp, sizeof(exp), "%lld", (long long)(cw_wall_ms() / 1000) + (long long)app->cfg->media_link_lifetime_s);
 	if (strncmp(url, "https://", 8) != 0 || !base_url(app, base, sizeof(base)) ||
-	    !public_scope(size >= 0 ? digits : NULL, exp, scope, sizeof(scope)) ||
+	    !public_scope(size >= 0 ? digits : NULL, exp, by, scope, sizeof(scope)) ||
 	    !media_token_make(app->media_key, scope, url, token, sizeof(token)))
 		return false;
 	char *dot = strrchr(token, '.');
 	*dot = '\0';
+	/* A domain is of URL-safe characters (peer_domain_valid). */
+	snprintf(tail, sizeof(tail), "exp=%s%s%s", exp, by ? "&by=" : "", by ? by : "");
 	if (size < 0)
-		return (size_t)snprintf(out, len, "%s/media/%s?src=%s&exp=%s", base, dot + 1, token + 3, exp) < len;
-	return (size_t)snprintf(out, len, "%s/media/%s?src=%s&size=%s&exp=%s", base, dot + 1, token + 3, digits,
-				exp) < len;
+		return (size_t)snprintf(out, len, "%s/media/%s?src=%s&%s", base, dot + 1, token + 3, tail) < len;
+	return (size_t)snprintf(out, len, "%s/media/%s?src=%s&size=%s&%s", base, dot + 1, token + 3, digits,
+				tail) < len;
 }
 
 json_t *peer_media_public(struct cw_app *app, json_t *ev)
@@ -81,6 +89,18 @@ json_t *peer_media_public(struct cw_app *app, json_t *ev)
 	const json_t *atts = json_object_get(json_object_get(ev, "content"), "attachments");
 	if (!json_array_size(atts))
 		return json_incref(ev);
+	/* The peer that named the files: the sender's domain, which the peer
+	 * API makes the calling peer's (peer_api.c refuses "sender must be a
+	 * user of the calling peer's domain" on every way an event of a peer
+	 * comes in).  A local user's files (the domain is ours) or an event
+	 * without a sender: no peer, never signed. */
+	const char *sender = json_string_value(json_object_get(ev, "sender"));
+	struct mimi_uri su;
+	cw_errmsg e;
+	const char *by = sender && !mimi_uri_parse(sender, &su, &e) && !app_domain_is_ours(app, su.domain) &&
+				 peer_domain_valid(su.domain)
+			 ? su.domain
+			 : NULL;
 	json_t *copy = json_deep_copy(ev), *a;
 	size_t i;
 	json_array_foreach(json_object_get(json_object_get(copy, "content"), "attachments"), i, a) {
@@ -88,7 +108,7 @@ json_t *peer_media_public(struct cw_app *app, json_t *ev)
 		const json_t *size = json_object_get(a, "size");
 		char link[3 * MEDIA_URL_MAX]; /* the source's base64 is 4/3 of it, with the base and the MAC */
 		if (url && peer_media_public_url(app, url, json_is_integer(size) ? (long long)json_integer_value(size) : -1,
-						 link, sizeof(link)))
+						 by, link, sizeof(link)))
 			json_object_set_new(a, "url", json_string(link));
 	}
 	return copy ? copy : json_incref(ev);
@@ -141,6 +161,7 @@ struct media_job {
 	struct cw_req *req;
 	bool public;                /* a peer's file for a link (GET /media/...) */
 	char source[MEDIA_URL_MAX + 4]; /* + the room base64 decoding wants for its padding */
+	char signer[256];           /* a link's by: the domain whose hosts get the fetch signed ("": none) */
 	struct media_blob b;
 	size_t reserved;            /* of app->media_held, from the start of the transfer */
 	bool over;                  /* no room for it in the budget: not fetched */
@@ -175,7 +196,8 @@ static void fetch(void *arg)
 	if (!j->public) {
 		j->rc = app->media.fetch(app->media.ctx, j->source, &j->b, &j->status, &j->err);
 	} else {
-		j->rc = media_fetch_signed(app, j->source, FETCH_TIMEOUT_MS, &j->b, &j->status, &j->err);
+		j->rc = media_fetch_peer(app, j->source, j->signer[0] ? j->signer : NULL, FETCH_TIMEOUT_MS, &j->b,
+					 &j->status, &j->err);
 		if (!j->rc && j->status != 200)
 			j->rc = cw_fail(&j->err, CW_EIO, "the peer's store answered %ld", j->status);
 	}
@@ -325,8 +347,8 @@ void media_public_get(struct cw_req *req, void *ctx)
 {
 	struct cw_app *app = ctx;
 	const char *mac = cw_req_param(req, "token"), *src = cw_req_query(req, "src"), *size = cw_req_query(req, "size");
-	const char *exp = cw_req_query(req, "exp");
-	char token[3 * MEDIA_URL_MAX], scope[64];
+	const char *exp = cw_req_query(req, "exp"), *by = cw_req_query(req, "by");
+	char token[3 * MEDIA_URL_MAX], scope[340];
 	struct media_job *j = calloc(1, sizeof(*j));
 	if (!j) {
 		app_retry_after(req, 1000);
@@ -337,7 +359,7 @@ void media_public_get(struct cw_req *req, void *ctx)
 	 * server.media_max_bytes).  The MAC is checked first: a changed size
 	 * or time is the same 404 as a made-up link. */
 	if (!mac || !src || (size_t)snprintf(token, sizeof(token), "m1.%s.%s", src, mac) >= sizeof(token) ||
-	    !public_scope(size, exp, scope, sizeof(scope)) ||
+	    !public_scope(size, exp, by, scope, sizeof(scope)) ||
 	    !media_token_open(app->media_key, scope, token, j->source, sizeof(j->source)) ||
 	    strncmp(j->source, "https://", 8) != 0) {
 		free(j);
@@ -355,6 +377,7 @@ void media_public_get(struct cw_req *req, void *ctx)
 		return;
 	}
 	j->public = true;
+	snprintf(j->signer, sizeof(j->signer), "%s", by ? by : "");
 	/* The declared size, as the MAC vouches for it: a longer file is
 	 * refused (413) as it is on Matrix (until the seventeenth session the
 	 * link fetched up to server.media_max_bytes whatever was declared). */

@@ -22,15 +22,18 @@ void peer_api_media(struct cw_req *req, void *ctx);
 
 /* A peer's file (url: https://) for a local user whose client can only
  * follow a link (XMPP, XEP-0066): the capability URL
- * {public_url}/media/{token} under which Causeway fetches it (signed, as
- * every request to a peer) and answers it, as XEP-0363's GET URLs work,
- * at most size bytes (the size its attachment declares; negative: none
- * declared, at most server.media_max_bytes), until
- * server.media_link_lifetime_s from now; false when it cannot be made
- * (then the url stays as it is). */
-bool peer_media_public_url(struct cw_app *app, const char *url, long long size, char *out, size_t len);
+ * {public_url}/media/{token} under which Causeway fetches it and answers
+ * it, as XEP-0363's GET URLs work, at most size bytes (the size its
+ * attachment declares; negative: none declared, at most
+ * server.media_max_bytes), until server.media_link_lifetime_s from now;
+ * signed as Causeway only when its host is under by, the domain of the
+ * peer that named it (NULL: never; media_fetch_peer); false when it
+ * cannot be made (then the url stays as it is). */
+bool peer_media_public_url(struct cw_app *app, const char *url, long long size, const char *by, char *out,
+			   size_t len);
 /* The event with its https:// attachment URLs turned into such links (a
- * new reference: ev itself when it has none). */
+ * new reference: ev itself when it has none), by the domain of its
+ * sender when that is a peer's. */
 json_t *peer_media_public(struct cw_app *app, json_t *ev);
 /* GET /media/{token}: the capability is the token (no other credential);
  * 410 once its time has passed. */

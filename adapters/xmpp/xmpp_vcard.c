@@ -1,8 +1,9 @@
 /* Remote users' vCards (XEP-0054 vcard-temp) and avatars in presence
  * (XEP-0153): what a peer says of its user (POST /v1/profiles: a display
  * name and an avatar) shown to XMPP clients, as the Matrix adapter shows it
- * on the ghost.  The avatar is fetched signed from the peer's store (as
- * every file of a peer is), at most VCARD_PHOTO_MAX bytes and
+ * on the ghost.  The avatar is fetched from the peer's store (signed only
+ * when its host is in the domain of the peer the user belongs to, as
+ * every file of a peer is: media_fetch_peer), at most VCARD_PHOTO_MAX bytes and
  * server.media_max_bytes (until the eighteenth session that setting was not
  * heeded here), on one of the
  * file fetchers (app->fetchers, server.media_fetches: shared with the
@@ -49,6 +50,7 @@ struct vjob {
 	/* found */
 	char name[1100];                 /* the display name the peer gave, or "" */
 	char *avatar;                    /* the avatar object the peer gave (JSON text), or NULL */
+	char peer_domain[256];           /* the domain of that peer (peers table): its hosts get the fetch signed */
 	json_t *photo;                   /* {url, type, b64, sha1}; url "" and no b64: none */
 };
 
@@ -128,7 +130,8 @@ static json_t *photo_of(struct vjob *j, const char *avatar_text)
 	struct media_blob b = { .max = most < VCARD_PHOTO_MAX ? most : VCARD_PHOTO_MAX, .cancel = &app->stopping };
 	long status = 0;
 	cw_errmsg e;
-	cw_err rc = media_fetch_signed(app, url, VCARD_TIMEOUT_MS, &b, &status, &e);
+	cw_err rc = media_fetch_peer(app, url, j->peer_domain[0] ? j->peer_domain : NULL, VCARD_TIMEOUT_MS, &b,
+				     &status, &e);
 	char got[65];
 	json_t *photo = NULL;
 	if (rc || status != 200 || b.too_big || (media_sha256_hex(&b, got), want && strcmp(got, want) != 0)) {
@@ -164,7 +167,7 @@ static cw_err vcard_fn(PGconn *c, void *arg, cw_errmsg *e)
 {
 	struct vjob *j = arg;
 	const char *p[] = { j->xc->peer, j->remote_id };
-	PGresult *r = PQexecParams(c, "SELECT coalesce(i.display_name, ''), i.avatar::text FROM identities i "
+	PGresult *r = PQexecParams(c, "SELECT coalesce(i.display_name, ''), i.avatar::text, p.domain FROM identities i "
 				      "JOIN peers p ON p.id = i.peer_id WHERE p.name = $1 AND i.localpart = $2 "
 				      "AND NOT i.is_local",
 				   2, NULL, p, NULL, NULL, 0);
@@ -176,6 +179,7 @@ static cw_err vcard_fn(PGconn *c, void *arg, cw_errmsg *e)
 	if (PQntuples(r) == 1) {
 		snprintf(j->name, sizeof(j->name), "%s", PQgetvalue(r, 0, 0));
 		j->avatar = PQgetisnull(r, 0, 1) ? NULL : strdup(PQgetvalue(r, 0, 1));
+		snprintf(j->peer_domain, sizeof(j->peer_domain), "%s", PQgetvalue(r, 0, 2));
 	}
 	PQclear(r);
 	return CW_OK;

@@ -274,11 +274,14 @@ def verify_get(method, url, headers, public_b64, tag=TAG, max_skew=300):
 
 class MediaServer:
     """Where a peer keeps its users' files: HTTPS on 127.0.0.1 with a
-    certificate of its own (cert_file, for the daemon's server.ca_file);
-    files[path] = (content type, bytes); status[path] = an answer instead;
-    requests: (path, headers) in order."""
+    certificate of its own (cert_file, for the daemon's server.ca_file),
+    for 127.0.0.1 and for each of hosts, names under "localhost" (which
+    libcurl resolves to loopback by itself: a peer of domain wa.localhost
+    keeps its files at media.wa.localhost); files[path] = (content type,
+    bytes); status[path] = an answer instead; redirect[path] = a URL
+    answered with a 302; requests: (path, headers) in order."""
 
-    def __init__(self, directory):
+    def __init__(self, directory, hosts=()):
         import datetime
         import ipaddress
         import ssl
@@ -288,13 +291,13 @@ class MediaServer:
         from cryptography.x509.oid import NameOID
 
         key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "media.wa.example test CA")])
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "peer media store test CA")])
         now = datetime.datetime.now(datetime.timezone.utc)
         cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
                 .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
                 .not_valid_after(now + datetime.timedelta(days=1))
-                .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                               critical=False)
+                .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))] +
+                                                           [x509.DNSName(h) for h in hosts]), critical=False)
                 .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
                 .sign(key, hashes.SHA256()))
         self.cert_file = os.path.join(str(directory), "media-ca.pem")
@@ -304,7 +307,7 @@ class MediaServer:
         with open(key_file, "wb") as f:
             f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                       serialization.NoEncryption()))
-        self.files, self.status, self.requests = {}, {}, []
+        self.files, self.status, self.redirect, self.requests = {}, {}, {}, []
         self.delay = {}  # path -> seconds before the answer
         outer = self
 
@@ -318,6 +321,12 @@ class MediaServer:
                 outer.requests.append((self.path, dict(self.headers)))
                 if self.path in outer.delay:
                     time.sleep(outer.delay[self.path])
+                if self.path in outer.redirect:
+                    self.send_response(302)
+                    self.send_header("Location", outer.redirect[self.path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 status = outer.status.get(self.path)
                 found = outer.files.get(self.path)
                 if status is None and found is None:
@@ -342,9 +351,10 @@ class MediaServer:
         self.url = f"https://127.0.0.1:{self.port}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
-    def put(self, path, ctype, data):
+    def put(self, path, ctype, data, host=None):
+        """The file's URL: at 127.0.0.1, or at host (one of hosts)."""
         self.files[path] = (ctype, data)
-        return self.url + path
+        return (f"https://{host}:{self.port}" if host else self.url) + path
 
     def close(self):
         self.httpd.shutdown()

@@ -1,7 +1,8 @@
 """Files across the Matrix adapter (docs/matrix.md "Media"; spec/adapters.md:
 media crosses the gateway re-hosted, never as a bare link into a private
-store).  A peer's file is fetched (signed, as Causeway) from where the peer
-keeps it, over HTTPS, and uploaded to the homeserver as the remote user's
+store).  A peer's file is fetched from where the peer keeps it, over HTTPS
+(signed as Causeway when that is a host of the peer's own domain, plain
+from any other), and uploaded to the homeserver as the remote user's
 ghost; a Matrix user's file reaches the peer under a Causeway URL made for
 that peer alone, fetched from the homeserver with the appservice's token."""
 import hashlib
@@ -22,6 +23,10 @@ from test_matrix import ALICE, ALICE_MX, AS_TOKEN, HS_TOKEN, as_put, consent_ali
 
 MAX = 64 * 1024  # server.media_max_bytes of these tests
 GHOST = "@_cw_gk_wally:example.org"
+# The stores' names: libcurl resolves names under "localhost" to loopback
+# by itself, so a peer of domain wa.localhost keeps its files at
+# media.wa.localhost (gk_local).
+HOSTS = ("media.wa.localhost", "media.evil-wa.localhost", "media.tg.localhost")
 
 
 @pytest.fixture
@@ -35,7 +40,7 @@ def hs(request):
 
 @pytest.fixture
 def media(tmp_path):
-    m = MediaServer(tmp_path)
+    m = MediaServer(tmp_path, hosts=HOSTS)
     yield m
     m.close()
 
@@ -69,6 +74,23 @@ def gk(mx):
     srv.close()
 
 
+@pytest.fixture
+def gk_local(mx):
+    """gk of domain wa.localhost: its stores' names resolve to loopback."""
+    client, srv = add_peer(mx, "gk", "wa.localhost")
+    yield client, srv
+    srv.close()
+
+
+@pytest.fixture
+def wally_room(mx, hs, gk_local):
+    """A room of gk_local's wally and alice (she allowed him): (gk's client, the room)."""
+    a, _ = gk_local
+    consent_alice(mx, subject="mimi://wa.localhost/u/wally")
+    hs.create_user("alice")
+    return a, a.create_room([a.user("wally"), ALICE]).json()["id"]
+
+
 def attachment(url, data, ctype="image/png", name="cat.png", size=None, sha=None):
     return {"content_type": ctype, "url": url, "size": len(data) if size is None else size,
             "sha256": sha or hashlib.sha256(data).hexdigest(), "filename": name}
@@ -98,13 +120,10 @@ def ghost_messages(hs, n):
     return wait_until(got, timeout=20, what=f"{n} messages of the ghost")
 
 
-def test_a_peers_file_is_rehosted_on_the_homeserver(mx, hs, gk, media):
-    a, _ = gk
-    consent_alice(mx)
-    hs.create_user("alice")
-    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+def test_a_peers_file_is_rehosted_on_the_homeserver(mx, hs, wally_room, media):
+    a, room = wally_room
     cat = b"\x89PNG\r\n\x1a\n" + os.urandom(3000)
-    url = media.put("/f/cat.png", "image/png", cat)
+    url = media.put("/f/cat.png", "image/png", cat, host="media.wa.localhost")
     send_file(a, room, "a cat", attachment(url, cat), "f1")
     [m] = ghost_messages(hs, 1)
     c = m["content"]
@@ -113,7 +132,8 @@ def test_a_peers_file_is_rehosted_on_the_homeserver(mx, hs, gk, media):
     kept = hs.media(c["url"])
     assert kept and kept["data"] == cat and kept["user"] == GHOST and kept["content_type"] == "image/png"
     assert url not in json.dumps(m)  # no link into the peer's store
-    # Fetched signed as Causeway (a peer's store may check it).
+    # Fetched signed as Causeway (a peer's store may check it): the file is
+    # on a host of the peer's domain.
     key = mx.get("/.well-known/mimi-protocol-directory").json()["public_key"]["key"]
     [(path, headers)] = media.requests
     verify_get("GET", url, headers, key)
@@ -123,6 +143,32 @@ def test_a_peers_file_is_rehosted_on_the_homeserver(mx, hs, gk, media):
     assert ms[1]["content"]["url"] == c["url"] and ms[1]["content"]["body"] == "cat.png"
     assert len(media.requests) == 1
     assert sum(1 for q in hs.requests if q["path"] == "/_matrix/media/v3/upload") == 1
+
+
+def test_a_file_or_avatar_on_another_host_is_fetched_unsigned(mx, hs, wally_room, media):
+    """Causeway's signature is its credential at every peer's store: a file
+    the peer names on a host outside its own domain (another peer's, a
+    look-alike: evil-wa.localhost is not under wa.localhost) is fetched
+    without it, and re-hosted all the same; so is a ghost's avatar.  Until
+    the nineteenth session every such fetch was signed."""
+    a, room = wally_room
+    face = b"\x89PNG\r\n\x1a\n" + os.urandom(700)
+    face_url = media.put("/u/wally.png", "image/png", face, host="media.tg.localhost")
+    assert a.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": "Wally", "avatar": {
+        "content_type": "image/png", "url": face_url, "size": len(face)}}).status_code == 200
+    files = []
+    for i, host in enumerate(("media.evil-wa.localhost", "media.tg.localhost")):
+        data = b"\x89PNG\r\n\x1a\n" + os.urandom(1000 + i)
+        url = media.put(f"/f/{i}.png", "image/png", data, host=host)
+        send_file(a, room, f"file {i}", attachment(url, data), f"o{i}")
+        files.append(data)
+    ms = ghost_messages(hs, 2)
+    assert [hs.media(m["content"]["url"])["data"] for m in ms] == files
+    wait_until(lambda: (hs.profile(GHOST) or {}).get("avatar_url"), what="the avatar")
+    assert hs.media(hs.profile(GHOST)["avatar_url"])["data"] == face
+    assert sorted(p for p, _ in media.requests) == ["/f/0.png", "/f/1.png", "/u/wally.png"]
+    for path, headers in media.requests:
+        assert "Signature" not in headers and "Signature-Input" not in headers, (path, headers)
 
 
 def test_a_file_that_cannot_be_carried_becomes_a_notice_and_a_failing_store_is_retried(mx, hs, gk, media):

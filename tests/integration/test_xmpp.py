@@ -65,10 +65,10 @@ def component_state(d):
     return d.get("/readyz").json()["adapters"]["xmpp"]["components"][COMP]
 
 
-def start_with_gk(make_daemon, db_url, prosody, **sections):
+def start_with_gk(make_daemon, db_url, prosody, domain="wa.example", **sections):
     """A daemon with the component up (sections: more configuration, merged
-    into daemon_options) and the push peer gk: (daemon, gk's client, its
-    notify server)."""
+    into daemon_options) and the push peer gk of domain: (daemon, gk's
+    client, its notify server)."""
     opts = daemon_options(prosody)
     for name, values in sections.items():
         opts.setdefault(name, {}).update(values)
@@ -76,8 +76,8 @@ def start_with_gk(make_daemon, db_url, prosody, **sections):
     wait_until(lambda: component_state(d)["state"] == "up", what="the component's stream")
     srv = NotifyServer()
     srv.public_b64 = d.get("/.well-known/mimi-protocol-directory").json()["public_key"]["key"]
-    a = PeerClient(d.url, "gk", "wa.example")
-    r = d.admin("POST", "/peers", json={"name": "gk", "domain": "wa.example", "mode": "push",
+    a = PeerClient(d.url, "gk", domain)
+    r = d.admin("POST", "/peers", json={"name": "gk", "domain": domain, "mode": "push",
                                        "push_url": srv.url, "public_key": a.signer.public_b64})
     assert r.status_code == 201, r.text
     a.token = r.json()["token"]
@@ -994,14 +994,14 @@ def test_a_remote_users_profile_is_for_this_servers_users_only(make_daemon, db_u
 def test_a_remote_users_profile_is_their_vcard_and_avatar(make_daemon, db_url, prosody, alice, tmp_path):
     """What the peer says of its user (POST /v1/profiles) is the remote
     JID's vCard (XEP-0054): the name, the network, the avatar fetched
-    signed from the peer's store; its presence carries the avatar's SHA-1
-    (XEP-0153), so that clients fetch it."""
-    media = MediaServer(tmp_path)
-    d, a, srv = start_with_gk(make_daemon, db_url, prosody, server={"ca_file": media.cert_file,
-                                                                     "media_private_addresses": "true"})
+    signed from the peer's store (a host of its domain); its presence
+    carries the avatar's SHA-1 (XEP-0153), so that clients fetch it."""
+    media = MediaServer(tmp_path, hosts=("media.wa.localhost",))
+    d, a, srv = start_with_gk(make_daemon, db_url, prosody, domain="wa.localhost",
+                              server={"ca_file": media.cert_file, "media_private_addresses": "true"})
     try:
         face = b"\x89PNG\r\n\x1a\n" + os.urandom(3000)
-        url = media.put("/u/wally.png", "image/png", face)
+        url = media.put("/u/wally.png", "image/png", face, host="media.wa.localhost")
         assert a.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": "Wally Wonka", "avatar": {
             "content_type": "image/png", "url": url, "size": len(face),
             "sha256": hashlib.sha256(face).hexdigest()}}).status_code == 200
@@ -1052,7 +1052,7 @@ def test_a_remote_users_profile_is_their_vcard_and_avatar(make_daemon, db_url, p
             return alice.wait_for_presence(lambda el: el.get("from", "").startswith(WALLY_JID) and el.find(
                 "{vcard-temp:x:update}x/{vcard-temp:x:update}photo") is not None, start=start, timeout=15)
         new_face = b"\x89PNG\r\n\x1a\n" + os.urandom(2000)
-        new_url = media.put("/u/wally-2.png", "image/png", new_face)
+        new_url = media.put("/u/wally-2.png", "image/png", new_face, host="media.wa.localhost")
         start = alice.count()
         assert a.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": "Wally Wonka", "avatar": {
             "content_type": "image/png", "url": new_url, "size": len(new_face)}}).status_code == 200
@@ -1773,12 +1773,14 @@ def test_ids_that_need_escaping(xd, gk, alice, pg, db_url):
 
 def photo_link(a, alice, room, url, data):
     """wally sends alice a JPEG at url (data): (the message alice gets, its XEP-0066 link)."""
+    start = alice.count()  # this message's, not an earlier one's
     r = post(a, f"/v1/rooms/{room}/messages", {
         "type": "message", "sender": a.user("wally"),
         "content": {"parts": [{"type": "text/plain", "body": "a photo"}],
                     "attachments": [{"content_type": "image/jpeg", "url": url, "size": len(data)}]}})
     assert r.status_code == 202, r.text
-    m = message_from(alice, WALLY_JID, lambda el: el.find("{jabber:x:oob}x") is not None)
+    m = alice.wait_for_message(lambda el: el.get("from", "").split("/")[0] == WALLY_JID and el.find(
+        "{jabber:x:oob}x") is not None, timeout=10, start=start)
     return m, m.find("{jabber:x:oob}x").find("{jabber:x:oob}url").text
 
 
@@ -1849,17 +1851,18 @@ def test_a_peers_file_reaches_xmpp_as_a_link_of_causeways(make_daemon, db_url, p
     """XEP-0066 OOB is a link the client follows by itself, and a peer's
     store may serve its files only to a signed request: the link alice gets
     is Causeway's (/media/<MAC>?src=...), a capability like XEP-0363's GET
-    URLs, and Causeway fetches the file signed when it is followed."""
-    media = MediaServer(tmp_path)
-    d, a, srv = start_with_gk(make_daemon, db_url, prosody, server={"ca_file": media.cert_file,
-                                                                     "media_fetches": 2,
-                                                                     "media_private_addresses": "true"})
+    URLs, and Causeway fetches the file signed (it is on a host of the
+    peer's domain) when it is followed."""
+    media = MediaServer(tmp_path, hosts=("media.wa.localhost",))
+    d, a, srv = start_with_gk(make_daemon, db_url, prosody, domain="wa.localhost",
+                              server={"ca_file": media.cert_file, "media_fetches": 2,
+                                      "media_private_addresses": "true"})
     try:
-        consent_alice(d)
+        consent_alice(d, "mimi://wa.localhost/u/wally")
         room = a.create_room([a.user("wally"), ALICE]).json()["id"]
         data = os.urandom(2500)
         long_path = "/f/" + "x" * 1500 + ".jpg?sig=" + "s" * 300  # a CDN's signed link, near the 2048 limit
-        url = media.put(long_path, "image/jpeg", data)
+        url = media.put(long_path, "image/jpeg", data, host="media.wa.localhost")
         m, link = photo_link(a, alice, room, url, data)
         assert link.startswith(d.url + "/media/") and "?src=" in link and url not in ET.tostring(m).decode(), link
         got = requests.get(link, timeout=10)
@@ -2011,7 +2014,8 @@ def test_a_link_expires(make_daemon, db_url, prosody, alice, tmp_path):
         base, mac = link.split("?")[0].rsplit("/", 1)
         src = query["src"][0]
         size = str(len(data))
-        assert link_mac(d, f"\npublic\n{size}\n{exp}", url) == mac  # the test's MAC is Causeway's
+        # the test's MAC is Causeway's (the scope names the sender's peer's domain, by)
+        assert link_mac(d, f"\npublic\n{size}\n{exp}\nwa.example", url) == mac
         r = requests.get(link, timeout=10)
         assert r.status_code == 200 and r.content == data, (r.status_code, r.text[:200])
 

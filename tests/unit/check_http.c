@@ -402,6 +402,41 @@ START_TEST(local_urls)
 END_TEST
 
 /* The addresses a fetch of a peer-named URL may connect to (SSRF). */
+/* Only a host of the naming peer's domain gets Causeway's signature
+ * (media_fetch_peer): the domain itself or a name under it, on a label
+ * boundary, case aside. */
+START_TEST(media_hosts_in_a_domain)
+{
+	static const struct {
+		const char *url, *domain;
+		bool in;
+	} cases[] = {
+		{ "https://wa.example/f/1", "wa.example", true },
+		{ "https://media.wa.example/f/1", "wa.example", true },
+		{ "https://a.b.media.wa.example:8443/f/1?x=1", "wa.example", true },
+		{ "https://MEDIA.WA.Example/f/1", "wa.example", true },
+		{ "https://user:pw@media.wa.example/f", "wa.example", true },
+		{ "https://evil-wa.example/f/1", "wa.example", false },
+		{ "https://media.evilwa.example/f/1", "wa.example", false },
+		{ "https://tg.example/f/1", "wa.example", false },
+		{ "https://wa.example.evil.test/f/1", "wa.example", false },
+		{ "https://example/f/1", "wa.example", false },
+		{ "https://wa.example@evil.test/f/1", "wa.example", false },
+		{ "https://evil.test/wa.example", "wa.example", false },
+		{ "https://evil.test/?h=media.wa.example", "wa.example", false },
+		{ "https://evil.test#.wa.example", "wa.example", false },
+		{ "https://127.0.0.1/f/1", "wa.example", false },
+		{ "https://media.wa.example/f/1", "", false },
+		{ "https://media.wa.example/f/1", NULL, false },
+		{ "not a url", "wa.example", false },
+		{ NULL, "wa.example", false },
+	};
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
+		ck_assert_msg(media_host_in_domain(cases[i].url, cases[i].domain) == cases[i].in, "%s in %s",
+			      cases[i].url ? cases[i].url : "(null)", cases[i].domain ? cases[i].domain : "(null)");
+}
+END_TEST
+
 START_TEST(media_addresses)
 {
 	static const struct {
@@ -446,6 +481,7 @@ int main(void)
 	tcase_add_test(tc, overlong_segment_never_matches);
 	tcase_add_test(tc, local_urls);
 	tcase_add_test(tc, media_addresses);
+	tcase_add_test(tc, media_hosts_in_a_domain);
 	suite_add_tcase(s, tc);
 	TCase *live_tc = tcase_create("live");
 	tcase_set_timeout(live_tc, 30);

@@ -1,0 +1,160 @@
+"""Which fetches of a peer's files carry Causeway's signature (docs/security.md
+"Media"): Causeway's signature is its credential at every peer's store, so
+a file a peer names is fetched signed only from a host of that peer's own
+domain (or under it); any other host, another peer's or a look-alike, gets
+a plain GET.  Until the nineteenth session every such fetch was signed,
+whatever its host: a peer could have Causeway fetch another peer's private
+file with Causeway's credentials and hand it to the users it reaches.
+
+The stores here are names under "localhost", which libcurl resolves to
+loopback by itself: the peer gk is of domain wa.localhost."""
+import base64
+import os
+import urllib.parse
+
+import requests
+
+from harness import wait_until
+from peer import MediaServer, verify_get
+from test_xmpp import ALICE, WALLY_JID, alice, consent_alice, link_mac, photo_link, prosody, start_with_gk  # noqa: F401
+
+DOMAIN = "wa.localhost"
+HOSTS = ("wa.localhost", "media.wa.localhost", "cdn.media.wa.localhost", "media.evil-wa.localhost",
+         "evilwa.localhost", "media.tg.localhost")
+SIGNED = ("wa.localhost", "media.wa.localhost", "cdn.media.wa.localhost")
+PLAIN = ("media.evil-wa.localhost", "evilwa.localhost", "media.tg.localhost")
+
+
+def signed(headers):
+    return "Signature" in headers or "Signature-Input" in headers
+
+
+def start(make_daemon, db_url, prosody, tmp_path):
+    """The stores, the daemon with gk, and a room of wally's and alice's
+    (she allowed him): (media, daemon, gk's client, its notify server,
+    Causeway's public key, the room)."""
+    media = MediaServer(tmp_path, hosts=HOSTS)
+    d, a, srv = start_with_gk(make_daemon, db_url, prosody, domain=DOMAIN,
+                              server={"ca_file": media.cert_file, "media_private_addresses": "true"})
+    key = d.get("/.well-known/mimi-protocol-directory").json()["public_key"]["key"]
+    consent_alice(d, f"mimi://{DOMAIN}/u/wally")
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    return media, d, a, srv, key, room
+
+
+def test_a_link_is_fetched_signed_only_from_the_peers_own_hosts(make_daemon, db_url, prosody, alice, tmp_path):
+    """An XMPP link (XEP-0066) to a file of the peer's domain or a name under
+    it is followed with Causeway's signature; one to another peer's host or
+    to a look-alike (evil-wa.localhost is not under wa.localhost) with none,
+    and still served (a CDN's file needs no signature).  The link names the
+    peer's domain (by=) under its MAC."""
+    media, d, a, srv, key, room = start(make_daemon, db_url, prosody, tmp_path)
+    try:
+        for i, host in enumerate(SIGNED + PLAIN):
+            data = os.urandom(700 + i)
+            url = media.put(f"/f/{i}.jpg", "image/jpeg", data, host=host)
+            _, link = photo_link(a, alice, room, url, data)
+            assert urllib.parse.parse_qs(urllib.parse.urlsplit(link).query)["by"] == [DOMAIN], link
+            got = requests.get(link, timeout=10)
+            assert got.status_code == 200 and got.content == data, (host, got.status_code, got.text[:200])
+            path, headers = media.requests[-1]
+            assert path == f"/f/{i}.jpg" and headers["Host"].startswith(host + ":"), (host, headers)
+            if host in SIGNED:
+                verify_get("GET", url, headers, key)
+            else:
+                assert not signed(headers), (host, headers)
+        assert len(media.requests) == len(SIGNED + PLAIN)
+        # by= is under the MAC: another domain there is a forged link.
+        forged = link.replace(f"by={DOMAIN}", "by=tg.localhost")
+        r = requests.get(forged, timeout=10)
+        assert r.status_code == 404 and r.json()["code"] == "unknown_media", r.text[:200]
+        assert len(media.requests) == len(SIGNED + PLAIN)
+    finally:
+        srv.close()
+        media.close()
+
+
+def test_a_redirect_carries_the_signature_only_to_the_peers_own_hosts(make_daemon, db_url, prosody, alice,
+                                                                      tmp_path):
+    """Redirects are followed hop by hop, each signed (over its own URL) only
+    when its host is the peer's: a file of the peer's store that redirects
+    to another peer's host reaches that host unsigned."""
+    media, d, a, srv, key, room = start(make_daemon, db_url, prosody, tmp_path)
+    try:
+        data = os.urandom(900)
+        there = media.put("/tg/file.jpg", "image/jpeg", data, host="media.tg.localhost")
+        back = media.put("/wa/back.jpg", "image/jpeg", data, host="cdn.media.wa.localhost")
+        media.redirect["/wa/file.jpg"] = there
+        media.redirect["/tg/next.jpg"] = back
+        url = f"https://media.wa.localhost:{media.port}/wa/file.jpg"
+        _, link = photo_link(a, alice, room, url, data)
+        got = requests.get(link, timeout=10)
+        assert got.status_code == 200 and got.content == data, (got.status_code, got.text[:200])
+        [(p1, h1), (p2, h2)] = media.requests
+        assert (p1, p2) == ("/wa/file.jpg", "/tg/file.jpg")
+        verify_get("GET", url, h1, key)
+        assert not signed(h2), h2
+        # Another host's redirect back to the peer's: that hop is the
+        # peer's, signed over its own URL.
+        media.requests.clear()
+        _, link2 = photo_link(a, alice, room, f"https://media.tg.localhost:{media.port}/tg/next.jpg", data)
+        got = requests.get(link2, timeout=10)
+        assert got.status_code == 200 and got.content == data, (got.status_code, got.text[:200])
+        [(q1, g1), (q2, g2)] = media.requests
+        assert (q1, q2) == ("/tg/next.jpg", "/wa/back.jpg") and not signed(g1), g1
+        verify_get("GET", back, g2, key)
+    finally:
+        srv.close()
+        media.close()
+
+
+def test_a_link_made_before_it_named_its_peer_is_fetched_unsigned(make_daemon, db_url, prosody, alice, tmp_path):
+    """A link made before the nineteenth session has no by=: its MAC still
+    holds, and it is followed, but without a signature (nothing says which
+    peer named it)."""
+    media, d, a, srv, key, room = start(make_daemon, db_url, prosody, tmp_path)
+    try:
+        data = os.urandom(800)
+        url = media.put("/f/old.jpg", "image/jpeg", data, host="media.wa.localhost")
+        _, link = photo_link(a, alice, room, url, data)
+        requests.get(link, timeout=10)
+        verify_get("GET", url, media.requests[-1][1], key)
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(link).query)
+        base = link.split("?")[0].rsplit("/", 1)[0]
+        exp, size = query["exp"][0], str(len(data))
+        scope = f"\npublic\n{size}\n{exp}"  # no by
+        old = f"{base}/{link_mac(d, scope, url)}?src={query['src'][0]}&size={size}&exp={exp}"
+        got = requests.get(old, timeout=10)
+        assert got.status_code == 200 and got.content == data, (got.status_code, got.text[:200])
+        assert len(media.requests) == 2 and not signed(media.requests[-1][1]), media.requests[-1]
+    finally:
+        srv.close()
+        media.close()
+
+
+def test_an_avatar_is_fetched_signed_only_from_the_peers_own_hosts(make_daemon, db_url, prosody, alice, tmp_path):
+    """A remote user's avatar (the vCard's photo) is fetched as any file of
+    its peer: signed from a host of the peer's domain (peers table), plain
+    from another's."""
+    media, d, a, srv, key, _ = start(make_daemon, db_url, prosody, tmp_path)
+    try:
+        for i, host in enumerate(("media.wa.localhost", "media.evil-wa.localhost", "media.tg.localhost")):
+            face = b"\x89PNG\r\n\x1a\n" + os.urandom(1000 + i)
+            url = media.put(f"/u/wally-{i}.png", "image/png", face, host=host)
+            assert a.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": "Wally", "avatar": {
+                "content_type": "image/png", "url": url, "size": len(face)}}).status_code == 200
+
+            def photo():
+                v = alice.iq("get", WALLY_JID, "<vCard xmlns='vcard-temp'/>").find("{vcard-temp}vCard")
+                binval = v.find("{vcard-temp}PHOTO/{vcard-temp}BINVAL")
+                return binval is not None and base64.b64decode(binval.text) == face
+            wait_until(photo, timeout=20, what=f"the avatar at {host} in the vCard")
+            path, headers = media.requests[-1]
+            assert path == f"/u/wally-{i}.png", media.requests
+            if i == 0:
+                verify_get("GET", url, headers, key)
+            else:
+                assert not signed(headers), (host, headers)
+    finally:
+        srv.close()
+        media.close()
