@@ -264,6 +264,22 @@ bool media_token_open(const unsigned char key[32], const char *peer, const char 
 	return true;
 }
 
+bool media_held_reserve(struct cw_app *app, size_t n)
+{
+	size_t budget = (size_t)app->cfg->media_fetches * (size_t)app->cfg->media_max_bytes;
+	size_t cur = atomic_load(&app->media_held);
+	do {
+		if (n > budget || cur > budget - n)
+			return false;
+	} while (!atomic_compare_exchange_weak(&app->media_held, &cur, cur + n));
+	return true;
+}
+
+void media_held_release(struct cw_app *app, size_t n)
+{
+	atomic_fetch_sub(&app->media_held, n);
+}
+
 static const char *no_header(void *ctx, const char *name)
 {
 	(void)ctx;

@@ -78,6 +78,16 @@ cw_err media_fetch_peer(const struct cw_app *app, const char *url, const char *s
  * IPv4-mapped or -compatible IPv6 form of those. */
 bool media_address_public(const struct sockaddr *sa);
 
+/* The bytes of fetched files held in memory (app->media_held: a fetch's
+ * cap from its start, then its file's size until its answer is sent),
+ * within server.media_fetches x server.media_max_bytes: reserve adds n
+ * unless that takes them past it (false: nothing added; compare-and-swap,
+ * so two fetches starting at once cannot both take the last room);
+ * release gives n back.  Every fetch of a file for a peer or a local
+ * user reserves before it starts (peer_media.c, xmpp_vcard.c). */
+bool media_held_reserve(struct cw_app *app, size_t n);
+void media_held_release(struct cw_app *app, size_t n);
+
 /* Where the files of this provider's users come from (set by the local
  * adapter that has them: Matrix's mxc:// of its homeserver): owns says
  * whether it can fetch url; fetch gets it into b (b->max set by the

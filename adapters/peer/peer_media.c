@@ -172,7 +172,6 @@ struct media_job {
 };
 
 static void fetched(struct media_job *j);
-static bool reserve(struct cw_app *app, size_t n);
 
 /* On a fetcher (workers.h): the far side answers within its timeout.  The
  * budget is taken here, on the fetcher: a fetch refused because every
@@ -186,7 +185,7 @@ static void fetch(void *arg)
 	 * its declared size, may be smaller; reserving it would make the gauge
 	 * show a file as held before it has come, and the sizes are alike). */
 	size_t most = (size_t)app->cfg->media_max_bytes;
-	if (!reserve(app, most)) {
+	if (!media_held_reserve(app, most)) {
 		j->over = true;
 		j->rc = CW_EUNAVAIL;
 		fetched(j);
@@ -209,7 +208,7 @@ static void fetch(void *arg)
  * server.media_fetches x server.media_max_bytes however slowly the
  * answers are read (before, a reader that never read kept its file:
  * 24 such readers of a 19 MiB file took 485 MB).  A fetch reserves
- * server.media_max_bytes when it starts (reserve) and keeps its file's
+ * server.media_max_bytes when it starts (media_held_reserve) and keeps its file's
  * real size once it has it: until the seventeenth session fetches running reserved nothing, and
  * fetches that started together all passed the check. */
 struct held {
@@ -220,26 +219,8 @@ struct held {
 static void released(void *arg)
 {
 	struct held *h = arg;
-	atomic_fetch_sub(&h->app->media_held, h->n);
+	media_held_release(h->app, h->n);
 	free(h);
-}
-
-static size_t held_budget(const struct cw_app *app)
-{
-	return (size_t)app->cfg->media_fetches * (size_t)app->cfg->media_max_bytes;
-}
-
-/* Adds n to the bytes held unless that takes them past the budget
- * (compare-and-swap: two fetches starting at once cannot both take the
- * last room). */
-static bool reserve(struct cw_app *app, size_t n)
-{
-	size_t budget = held_budget(app), cur = atomic_load(&app->media_held);
-	do {
-		if (n > budget || cur > budget - n)
-			return false;
-	} while (!atomic_compare_exchange_weak(&app->media_held, &cur, cur + n));
-	return true;
 }
 
 static void fetched(struct media_job *j)
@@ -270,7 +251,7 @@ static void fetched(struct media_job *j)
 			/* The reservation becomes the file's size (n <= max):
 			 * what released gives back. */
 			*h = (struct held){ j->app, j->b.n };
-			atomic_fetch_sub(&j->app->media_held, j->reserved - h->n);
+			media_held_release(j->app, j->reserved - h->n);
 			j->reserved = 0;
 			cw_req_reply_then(req, 200, NULL, (char *)body, j->b.n, released, h);
 			h = NULL;
@@ -293,7 +274,7 @@ static void fetched(struct media_job *j)
 		cw_req_problem(req, 503, "unavailable", "Service unavailable",
 			       "the file cannot be fetched from where it is kept now; try again later");
 	}
-	atomic_fetch_sub(&j->app->media_held, j->reserved); /* no answer holds it */
+	media_held_release(j->app, j->reserved); /* no answer holds it */
 	free(h);
 	media_blob_free(&j->b);
 	cw_req_resume(req);

@@ -128,6 +128,17 @@ static json_t *photo_of(struct vjob *j, const char *avatar_text)
 	 * server.media_max_bytes may be below a vCard's own cap). */
 	size_t most = (size_t)app->cfg->media_max_bytes;
 	struct media_blob b = { .max = most < VCARD_PHOTO_MAX ? most : VCARD_PHOTO_MAX, .cancel = &app->stopping };
+	/* Counted with the other fetches' files (media_held_reserve), for as
+	 * long as its bytes are held here: the fetchers are shared, and until
+	 * the nineteenth session an avatar's fetch took memory past the
+	 * budget the others kept to.  No room now: as away, asked again
+	 * later. */
+	if (!media_held_reserve(app, b.max)) {
+		LOG_KV(CW_LOG_INFO, "xmpp: an avatar could not be had", "component", j->xc->domain, "detail",
+		       "too many files are being fetched now");
+		json_decref(av);
+		return NULL;
+	}
 	long status = 0;
 	cw_errmsg e;
 	cw_err rc = media_fetch_peer(app, url, j->peer_domain[0] ? j->peer_domain : NULL, VCARD_TIMEOUT_MS, &b,
@@ -157,6 +168,7 @@ static json_t *photo_of(struct vjob *j, const char *avatar_text)
 		free(b64);
 	}
 	media_blob_free(&b);
+	media_held_release(app, b.max);
 	json_decref(av);
 	if (photo)
 		cache_put(j->xc, j->remote_id, photo);

@@ -1784,6 +1784,21 @@ def photo_link(a, alice, room, url, data):
     return m, m.find("{jabber:x:oob}x").find("{jabber:x:oob}url").text
 
 
+def slow_reader(link):
+    """A reader of link that never reads, so that its file stays held: its socket."""
+    u = urllib.parse.urlsplit(link)
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.connect((u.hostname, u.port))
+    slow.sendall(f"GET {u.path}?{u.query} HTTP/1.1\r\nHost: {u.netloc}\r\n\r\n".encode())
+    return slow
+
+
+def held_bytes(d):
+    """The daemon's causeway_media_held_bytes now."""
+    return int(re.search(r"^causeway_media_held_bytes (\d+)", d.get("/metrics").text, re.M).group(1))
+
+
 def test_a_peers_file_on_a_private_address_is_not_fetched(make_daemon, db_url, prosody, alice, tmp_path):
     """A URL a peer names is fetched only from a public address (SSRF: the
     body would come back to users the peer can reach, through a link, a
@@ -1828,13 +1843,9 @@ def test_slow_readers_of_links_do_not_hold_unbounded_memory(make_daemon, db_url,
         room = a.create_room([a.user("wally"), ALICE]).json()["id"]
         data = os.urandom(6 << 20)
         _, link = photo_link(a, alice, room, media.put("/big.jpg", "image/jpeg", data), data)
-        u = urllib.parse.urlsplit(link)
-        slow = socket.socket()
-        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        slow.connect((u.hostname, u.port))
-        slow.sendall(f"GET {u.path}?{u.query} HTTP/1.1\r\nHost: {u.netloc}\r\n\r\n".encode())
-        held = lambda: int(re.search(r"^causeway_media_held_bytes (\d+)", d.get("/metrics").text, re.M).group(1))
-        wait_until(lambda: held() == len(data), what="the slow reader's file held")
+        slow = slow_reader(link)
+        held = lambda: held_bytes(d)
+        wait_until(lambda: held() == len(data), timeout=60, what="the slow reader's file held")
         r = requests.get(link, timeout=10)
         assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1, r.text[:200]
         slow.close()
@@ -1921,13 +1932,9 @@ def test_fetches_started_together_stay_within_the_held_budget(make_daemon, db_ur
         data = os.urandom(6 << 20)
         path = "/big.jpg"
         _, link = photo_link(a, alice, room, media.put(path, "image/jpeg", data), data)
-        u = urllib.parse.urlsplit(link)
-        slow = socket.socket()
-        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        slow.connect((u.hostname, u.port))
-        slow.sendall(f"GET {u.path}?{u.query} HTTP/1.1\r\nHost: {u.netloc}\r\n\r\n".encode())
-        held = lambda: int(re.search(r"^causeway_media_held_bytes (\d+)", d.get("/metrics").text, re.M).group(1))
-        wait_until(lambda: held() == len(data), what="the slow reader's file held")
+        slow = slow_reader(link)
+        held = lambda: held_bytes(d)
+        wait_until(lambda: held() == len(data), timeout=60, what="the slow reader's file held")
         media.delay[path] = 1.5
         with concurrent.futures.ThreadPoolExecutor(2) as ex:
             both = [ex.submit(requests.get, link, timeout=60) for _ in range(2)]

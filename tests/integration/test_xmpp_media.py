@@ -16,7 +16,8 @@ import requests
 
 from harness import wait_until
 from peer import MediaServer, verify_get
-from test_xmpp import ALICE, WALLY_JID, alice, consent_alice, link_mac, photo_link, prosody, start_with_gk  # noqa: F401
+from test_xmpp import (ALICE, WALLY_JID, alice, consent_alice, held_bytes, link_mac, photo_link, prosody,  # noqa: F401
+                       slow_reader, start_with_gk)
 
 DOMAIN = "wa.localhost"
 HOSTS = ("wa.localhost", "media.wa.localhost", "cdn.media.wa.localhost", "media.evil-wa.localhost",
@@ -155,6 +156,47 @@ def test_an_avatar_is_fetched_signed_only_from_the_peers_own_hosts(make_daemon, 
                 verify_get("GET", url, headers, key)
             else:
                 assert not signed(headers), (host, headers)
+    finally:
+        srv.close()
+        media.close()
+
+
+def test_an_avatar_fetch_counts_against_the_held_budget(make_daemon, db_url, prosody, alice, tmp_path):
+    """An avatar's fetch reserves its cap (192 KiB here) from the bytes of
+    fetched files held (server.media_fetches x server.media_max_bytes), as
+    a link's fetch does: while a reader that never reads holds nearly all
+    of it, the vCard comes without the photo, not fetched; once those bytes
+    are given back, the next ask fetches it, and its bytes are given back
+    too.  Until the nineteenth session the avatar's fetch reserved nothing."""
+    media = MediaServer(tmp_path, hosts=HOSTS)
+    d, a, srv = start_with_gk(make_daemon, db_url, prosody, domain=DOMAIN, server={
+        "ca_file": media.cert_file, "media_private_addresses": "true", "media_fetches": "1",
+        "media_max_bytes": str((6 << 20) + (64 << 10))})
+    try:
+        consent_alice(d, f"mimi://{DOMAIN}/u/wally")
+        room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+        data = os.urandom(6 << 20)  # leaves 64 KiB, under an avatar's cap
+        _, link = photo_link(a, alice, room, media.put("/big.jpg", "image/jpeg", data, host="media.wa.localhost"),
+                             data)
+        slow = slow_reader(link)
+        held = lambda: held_bytes(d)
+        wait_until(lambda: held() == len(data), timeout=60, what="the slow reader's file held")
+        # The avatar given now: nothing fetched it before the bytes were held.
+        face = b"\x89PNG\r\n\x1a\n" + os.urandom(1500)
+        url = media.put("/u/wally.png", "image/png", face, host="media.wa.localhost")
+        assert a.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": "Wally", "avatar": {
+            "content_type": "image/png", "url": url, "size": len(face)}}).status_code == 200
+
+        def photo():
+            v = alice.iq("get", WALLY_JID, "<vCard xmlns='vcard-temp'/>").find("{vcard-temp}vCard")
+            return v.find("{vcard-temp}PHOTO/{vcard-temp}BINVAL")
+        assert photo() is None
+        assert [p for p, _ in media.requests] == ["/big.jpg"]  # the avatar not fetched
+        slow.close()
+        wait_until(lambda: held() == 0, what="the bytes given back")
+        wait_until(lambda: photo() is not None, what="the avatar once there is room")
+        assert base64.b64decode(photo().text) == face
+        wait_until(lambda: held() == 0, what="the avatar's bytes given back")
     finally:
         srv.close()
         media.close()

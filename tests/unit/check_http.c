@@ -1,6 +1,7 @@
 /* The router (table-driven from tests/unit/data/route_cases.txt) and the
  * HTTP front on a real libmicrohttpd daemon, driven by libcurl. */
 #include "config.h"
+#include "app.h"
 #include "http.h"
 #include "log.h"
 #include "media.h"
@@ -437,6 +438,28 @@ START_TEST(media_hosts_in_a_domain)
 }
 END_TEST
 
+/* The held-bytes budget every fetch of a file reserves from (peer_media.c,
+ * xmpp_vcard.c): server.media_fetches x server.media_max_bytes, never
+ * passed, given back as released. */
+START_TEST(media_held_budget)
+{
+	struct cw_config cfg = { .media_fetches = 2, .media_max_bytes = 100 };
+	struct cw_app app = { .cfg = &cfg };
+	atomic_init(&app.media_held, 0);
+	ck_assert(media_held_reserve(&app, 150));
+	ck_assert(!media_held_reserve(&app, 51));
+	ck_assert(media_held_reserve(&app, 50));
+	ck_assert_uint_eq(atomic_load(&app.media_held), 200);
+	ck_assert(!media_held_reserve(&app, 1));
+	media_held_release(&app, 150);
+	ck_assert(!media_held_reserve(&app, 201));
+	ck_assert(!media_held_reserve(&app, (size_t)-1)); /* no wrap-around */
+	ck_assert(media_held_reserve(&app, 150));
+	media_held_release(&app, 200);
+	ck_assert_uint_eq(atomic_load(&app.media_held), 0);
+}
+END_TEST
+
 START_TEST(media_addresses)
 {
 	static const struct {
@@ -482,6 +505,7 @@ int main(void)
 	tcase_add_test(tc, local_urls);
 	tcase_add_test(tc, media_addresses);
 	tcase_add_test(tc, media_hosts_in_a_domain);
+	tcase_add_test(tc, media_held_budget);
 	suite_add_tcase(s, tc);
 	TCase *live_tc = tcase_create("live");
 	tcase_set_timeout(live_tc, 30);
