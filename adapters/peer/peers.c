@@ -534,9 +534,37 @@ static void start_change(struct cw_app *app, struct cw_req *req, struct peer_inp
 	app_job_start(j, true);
 }
 
+/* A peer's domain covers the names under it: Causeway signs its fetch of
+ * a file a peer names only on a host in that peer's domain
+ * (media_host_in_domain), so a peer whose domain were under another's
+ * (eu.wa.example under wa.example) would have its store's files fetched
+ * with Causeway's signature at the other's word.  Domains never change
+ * after creation: refused here, one under or above another cannot be
+ * registered (until the nineteenth session it could). */
+static const char nested_sql[] =
+	"SELECT name, domain FROM peers WHERE right($1, length(domain) + 1) = '.' || domain "
+	"OR right(domain, length($1) + 1) = '.' || $1 LIMIT 1";
+
 static cw_err create_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct peer_input *in = &((struct admin_change *)j->data)->in;
+	const char *dp[] = { in->domain };
+	PGresult *nr = PQexecParams(c, nested_sql, 1, NULL, dp, NULL, NULL, 0);
+	if (PQresultStatus(nr) != PGRES_TUPLES_OK) {
+		cw_err rc = store_result_err(c, nr, e);
+		PQclear(nr);
+		return rc;
+	}
+	if (PQntuples(nr) == 1) {
+		app_job_fail(j, 409, "conflict",
+			     "domain %s is %s peer %s's domain %s: a peer's domain covers the names under it "
+			     "(docs/security.md, media fetches)",
+			     in->domain, strlen(in->domain) > strlen(PQgetvalue(nr, 0, 1)) ? "under" : "above",
+			     PQgetvalue(nr, 0, 0), PQgetvalue(nr, 0, 1));
+		PQclear(nr);
+		return CW_OK;
+	}
+	PQclear(nr);
 	const char *params[] = { in->name, in->domain, in->mode, in->has_url ? in->url : NULL,
 				 (const char *)in->key, (const char *)in->token_hash,
 				 in->has_types && !in->types_null ? in->types : NULL };

@@ -71,6 +71,16 @@ def test_duplicates_conflict(daemon):
     assert r.status_code == 409 and r.json()["code"] == "conflict"
     r = daemon.admin("POST", "/peers", json=peer_body(name="other"))  # same domain
     assert r.status_code == 409
+    # A domain under or above another peer's: a peer's domain covers the
+    # names under it (Causeway signs its fetches there), so none may nest.
+    for name, domain, where in (("eu", "eu.wa.example", "under"), ("deep", "a.b.wa.example", "under")):
+        r = daemon.admin("POST", "/peers", json=peer_body(name=name, domain=domain))
+        assert r.status_code == 409 and f"is {where} peer gk's domain wa.example" in r.json()["detail"], r.text
+    assert daemon.admin("POST", "/peers", json=peer_body(name="deep", domain="x.zz.example")).status_code == 201
+    r = daemon.admin("POST", "/peers", json=peer_body(name="zz", domain="zz.example"))
+    assert r.status_code == 409 and "is above peer deep's domain x.zz.example" in r.json()["detail"], r.text
+    # on a label boundary only: awa.example is not under wa.example
+    assert daemon.admin("POST", "/peers", json=peer_body(name="look", domain="awa.example")).status_code == 201
 
 
 BAD = [
