@@ -12,6 +12,11 @@
  * one will receive (policy_live.c).  A message whose content.expires is
  * still to come keeps it: the expiry sweep (policy_live.c) finds it by
  * that content, takes it back from the local networks and erases it then.
+ * A reaction keeps its emoji (a few bytes): XEP-0444 sends a user's whole
+ * set of reactions to a message, which the XMPP adapter makes from the
+ * stored reactions both ways; erased, an old one would drop out of the set
+ * (removed from XMPP clients, never deleted at the peer: a review's
+ * finding).
  * events_content_kept_idx (schema/025) holds only the events that still
  * have content, in accepted_at order: an erased event leaves it, so a run
  * reads the events due and those kept, never the erased bulk of the
@@ -21,7 +26,7 @@
 static const char content_sql[] =
 	"WITH x AS (SELECT e.id FROM events e "
 	"  WHERE e.content <> '{}'::jsonb AND e.accepted_at < now() - make_interval(days => $1::int) "
-	"  AND NOT (e.type = 'message' AND event_expires(e.content) IS NOT NULL) "
+	"  AND NOT (e.type = 'message' AND event_expires(e.content) IS NOT NULL) AND e.type <> 'reaction' "
 	"  AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = e.id "
 	"   AND o.state IN ('pending', 'held', 'in_flight', 'failed', 'dead')) "
 	"  ORDER BY e.accepted_at LIMIT $2::int FOR UPDATE OF e SKIP LOCKED) "

@@ -97,8 +97,15 @@ def test_old_delivered_content_is_erased_and_what_is_owed_is_kept(make_daemon, d
     # To the push peer: delivered, with a delivery attempt each.
     old_pushed = b.send(rm["id"], bob, "old, pushed").json()["id"]
     young_pushed = b.send(rm["id"], bob, "young, pushed").json()["id"]
-    srv.wait_events(2)
+    # A reaction: its emoji is the sender's set on XMPP (XEP-0444 sends the
+    # whole set, made from the stored reactions): kept while it stands.
+    old_reaction = b.call("POST", f"/v1/rooms/{rm['id']}/messages", {
+        "type": "reaction", "sender": bob, "content": {
+            "in_reply_to": old_pushed, "disposition": "reaction",
+            "parts": [{"type": "text/plain", "body": "\u2764"}]}}, idem="old-reaction").json()["id"]
+    srv.wait_events(3)
     wait_until(lambda: delivered(pg, db_url, old_pushed) and delivered(pg, db_url, young_pushed)
+               and delivered(pg, db_url, old_reaction)
                and attempts_of(pg, db_url, young_pushed) == 1, what="the pushes")
     assert attempts_of(pg, db_url, old_pushed) == 1
     # Room creations keep their idempotency keys.
@@ -106,10 +113,11 @@ def test_old_delivered_content_is_erased_and_what_is_owed_is_kept(make_daemon, d
     assert a.create_room([a.user("z"), b.user("w")], idem="room-young").status_code == 201
     assert {"room-old", "room-young"} <= keys(pg, db_url)
     before = contents(pg, db_url, [old_done, young_done, old_expiring, old_open, old_dead, old_pushed,
-                                   young_pushed])
+                                   young_pushed, old_reaction])
     assert all(c != "{}" for c in before.values()), before
 
-    age(pg, db_url, events=[old_done, old_expiring, old_open, old_dead, old_pushed], keys=["room-old"],
+    age(pg, db_url, events=[old_done, old_expiring, old_open, old_dead, old_pushed, old_reaction],
+        keys=["room-old"],
         attempts_of=[old_pushed])
 
     def swept():
@@ -118,12 +126,12 @@ def test_old_delivered_content_is_erased_and_what_is_owed_is_kept(make_daemon, d
                 and attempts_of(pg, db_url, old_pushed) == 0)
     wait_until(swept, timeout=30, interval=0.2, what="the retention sweep")
     # The same statements kept what is young or still owed.
-    after = contents(pg, db_url, [young_done, old_expiring, old_open, old_dead, young_pushed])
+    after = contents(pg, db_url, [young_done, old_expiring, old_open, old_dead, young_pushed, old_reaction])
     assert after == {k: before[k] for k in after}
     assert "room-young" in keys(pg, db_url)
     assert attempts_of(pg, db_url, young_pushed) == 1
     # Rows stay: the senders still see the status, the trace resolves.
-    assert pg.psql("SELECT count(*) FROM events", db_url) == "7"
+    assert pg.psql("SELECT count(*) FROM events", db_url) == "8"
     st = a.call("GET", f"/v1/messages/{old_done}")
     assert st.status_code == 200, st.text
     assert st.json()["recipients"] == [{"recipient": "mimi://tg.example", "status": "delivered"}]
