@@ -751,6 +751,15 @@ bool mx_mark_if_joined(struct matrix *m, PGconn *c, const char *room, const char
 		return false;
 	/* the room asked about is the event's (txn_new checks the rest) */
 	json_object_set_new(join, "room_id", json_string(room));
+	/* Their member event now: after a change of their name or avatar it
+	 * is a join whose previous content is a join, which a transaction
+	 * takes for a profile change and carries not; here it stands for the
+	 * join itself, which no transaction carried (until the nineteenth
+	 * session the member was marked and the peer told nothing: a
+	 * review's finding). */
+	json_t *uns = json_object_get(join, "unsigned");
+	if (json_is_object(uns))
+		json_object_del(uns, "prev_content");
 	json_t *events = json_array();
 	json_array_append_new(events, join);
 	cw_err rc = mx_backfill(m, events, MX_TIMEOUT_MS, &e);

@@ -1357,13 +1357,13 @@ def test_a_local_user_invited_into_a_direct_room_makes_a_group(mx, hs, gk, pg, d
                            e["content"]["body"] == "carol: hello alice" for e in hs.events(room)),
                what="carol's message in alice's room")
 
-def carol_joins_before_her_room_is_bound(hs, gk, pg, db_url, until, what):
+def carol_joins_before_her_room_is_bound(hs, gk, pg, db_url, until, what, then=None):
     """alice invites carol into her direct room with wally (so a group); the
-    bot makes carol a room of her own, which her client joins at once, but
-    the answer to the bot's createRoom is lost, so the room is bound only
-    when the bot tries again and finds it by its alias: (alice, her room,
-    carol's room, the group), once until(group) holds (the answer lost
-    until then)."""
+    bot makes carol a room of her own, which her client joins at once (and
+    then(carol) does, when given), but the answer to the bot's createRoom
+    is lost, so the room is bound only when the bot tries again and finds
+    it by its alias: (alice, her room, carol's room, the group), once
+    until(group) holds (the answer lost until then)."""
     a, srv = gk
     alice, room, ghost = alice_writes_to_wally(hs, a)
     alice.send_text(room, "hi wally")
@@ -1376,6 +1376,8 @@ def carol_joins_before_her_room_is_bound(hs, gk, pg, db_url, until, what):
         if method == "POST" and path.endswith("/createRoom") and user == bot and not hers:
             hers.append(hs.rooms()[-1])
             carol.join(hers[0])
+            if then:
+                then(carol)
             return True
         return False
     hs.lose_reply = lose
@@ -1421,14 +1423,17 @@ def test_an_invited_user_who_joins_before_their_room_is_bound_is_joined(mx, hs, 
                what="carol's join found by the bot")
 
 
-def test_a_join_found_late_reaches_the_peer_once(mx, hs, gk, pg, db_url):
+@pytest.mark.parametrize("renamed", [False, True])
+def test_a_join_found_late_reaches_the_peer_once(mx, hs, gk, pg, db_url, renamed):
     """carol joins her room of the group before it is bound (the bot's
     createRoom answer lost, as above): the bot finds her join when it binds
     the room, and the peer gets it as the membership event a pushed join
     makes (until the nineteenth session the peer heard nothing: only the
     group's member list said joined). The bot's later look at members
     still invited finds the same join again: the peer still has it once
-    (it is the same Matrix event, stored once)."""
+    (it is the same Matrix event, stored once). So also when her client
+    set her display name right after joining: her member event then is a
+    join after a join, which a transaction takes for a profile change."""
     a, srv = gk
     carol_uri = "mimi://example.org/u/carol"
 
@@ -1441,8 +1446,9 @@ def test_a_join_found_late_reaches_the_peer_once(mx, hs, gk, pg, db_url):
                        "ON i.id = e.sender_id WHERE e.type = 'membership' "
                        "AND e.content->'content'->>'membership' = 'join' "
                        f"AND r.public_id = '{group}' AND i.uri = '{carol_uri}'", db_url)
-    alice, room, hers, group = carol_joins_before_her_room_is_bound(hs, gk, pg, db_url, joins,
-                                                                    "carol's join at the peer")
+    alice, room, hers, group = carol_joins_before_her_room_is_bound(
+        hs, gk, pg, db_url, joins, "carol's join at the peer",
+        then=(lambda carol: carol.set_displayname("Carol C")) if renamed else None)
     [join] = joins(group)
     assert join["content"]["target"] == carol_uri and stored() == "1"
     # The bot's look at members still invited (a join an older daemon took)
