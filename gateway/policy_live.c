@@ -821,6 +821,16 @@ bool policy_live_catch_up(struct policy_live *pl, const int64_t *ids, size_t n, 
 	return sync_request(pl, ids, n, timeout_ms);
 }
 
+/* An INFO line of a sweep's three counts, named k0, k1, k2. */
+static void log_counts(const char *msg, const char *k0, const char *k1, const char *k2, const long n[3])
+{
+	char a[24], b[24], d[24];
+	snprintf(a, sizeof(a), "%ld", n[0]);
+	snprintf(b, sizeof(b), "%ld", n[1]);
+	snprintf(d, sizeof(d), "%ld", n[2]);
+	LOG_KV(CW_LOG_INFO, msg, k0, a, k1, b, k2, d);
+}
+
 static void *live_main(void *arg)
 {
 	cw_thread_name("cw-policy");
@@ -874,11 +884,7 @@ static void *live_main(void *arg)
 			if (policy_sweep(pl->c, v, NULL, counts, &e)) {
 				LOG_KV(CW_LOG_WARN, "policy sweep failed", "detail", e.msg);
 			} else if (counts[0] || counts[1] || counts[2]) {
-				char a[24], b[24], d[24];
-				snprintf(a, sizeof(a), "%ld", counts[0]);
-				snprintf(b, sizeof(b), "%ld", counts[1]);
-				snprintf(d, sizeof(d), "%ld", counts[2]);
-				LOG_KV(CW_LOG_INFO, "held messages swept", "released", a, "dropped", b, "expired", d);
+				log_counts("held messages swept", "released", "dropped", "expired", counts);
 				pthread_mutex_lock(&pl->mu);
 				pl->st.released += (uint64_t)counts[0];
 				pl->st.dropped += (uint64_t)counts[1];
@@ -892,11 +898,7 @@ static void *live_main(void *arg)
 			if (expiry_sweep(pl->c, ex, &e)) {
 				LOG_KV(CW_LOG_WARN, "expiring messages sweep failed", "detail", e.msg);
 			} else if (ex[0]) {
-				char a[24], b[24], d[24];
-				snprintf(a, sizeof(a), "%ld", ex[0]);
-				snprintf(b, sizeof(b), "%ld", ex[1]);
-				snprintf(d, sizeof(d), "%ld", ex[2]);
-				LOG_KV(CW_LOG_INFO, "expired messages taken back", "messages", a, "deletes", b, "undelivered", d);
+				log_counts("expired messages taken back", "messages", "deletes", "undelivered", ex);
 				if (ex[1] && store_exec(pl->c, "NOTIFY causeway_outbox", &e))
 					LOG_KV(CW_LOG_WARN, "cannot notify the dispatchers", "detail", e.msg);
 			}
@@ -915,12 +917,7 @@ static void *live_main(void *arg)
 			if (retention_sweep(pl->c, pl->o.retention, rt, &e)) {
 				LOG_KV(CW_LOG_WARN, "retention sweep failed", "detail", e.msg);
 			} else if (rt[0] || rt[1] || rt[2]) {
-				char a[24], b[24], d[24];
-				snprintf(a, sizeof(a), "%ld", rt[0]);
-				snprintf(b, sizeof(b), "%ld", rt[1]);
-				snprintf(d, sizeof(d), "%ld", rt[2]);
-				LOG_KV(CW_LOG_INFO, "old data removed", "contents_erased", a, "idempotency_keys", b,
-				       "delivery_attempts", d);
+				log_counts("old data removed", "contents_erased", "idempotency_keys", "delivery_attempts", rt);
 				more = rt[0] == RETENTION_BATCH || rt[1] == RETENTION_BATCH || rt[2] == RETENTION_BATCH;
 			}
 			next_retention = now + (more ? 1000000LL : pl->o.retention->retention_interval_s * 1000000LL);
