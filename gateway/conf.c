@@ -88,7 +88,7 @@ const struct cfg_option cfg_options[] = {
 	{ "retention", "attempts_days", CFG_INT, OFF(retention_attempts_days), "30", 0, 3650, false, false,
 	  "delivery attempts (the admin message trace) are deleted after this many days (0: kept for ever)" },
 	{ "retention", "interval_s", CFG_INT, OFF(retention_interval_s), "60", 1, 86400, false, false,
-	  "how often the retention sweep runs (at once again while it finds a full batch of 1000 due)" },
+	  "how often the retention sweep runs (every second while it finds a full batch of 1000 due)" },
 
 	{ "database", "url", CFG_STR, OFF(db_url), "", 0, 0, false, true,
 	  "libpq connection URL or key=value string of the PostgreSQL database (required)" },
