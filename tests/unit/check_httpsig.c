@@ -1036,9 +1036,16 @@ START_TEST(key_file_created_once_with_mode_0600)
 	ck_assert_int_eq(httpsig_key_load(path, &k2, &e), CW_EINVAL);
 	ck_assert_ptr_nonnull(strstr(e.msg, "mode 0644"));
 	ck_assert_ptr_null(k2);
+	/* So is one that its group can read (spec/quality.md: readable only
+	 * by the daemon). */
 	ck_assert_int_eq(chmod(path, 0640), 0);
+	ck_assert_int_eq(httpsig_key_load(path, &k2, &e), CW_EINVAL);
+	ck_assert_ptr_nonnull(strstr(e.msg, "mode 0640"));
+	ck_assert_ptr_null(k2);
+	ck_assert_int_eq(chmod(path, 0400), 0);
 	ck_assert_int_eq(httpsig_key_load(path, &k2, &e), CW_OK);
 	EVP_PKEY_free(k2);
+	ck_assert_int_eq(chmod(path, 0600), 0);
 
 	/* Something that is not a key. */
 	char junk[256];
