@@ -409,32 +409,21 @@ static bool claim_destination(struct lane *l, const char *dest, struct outbox_ro
 
 /* The claim's opening, in one round trip: the transaction, the lock, the
  * rows whose claim ran out (a daemon died mid-delivery) due again, and the
- * push destinations (the local one is configuration: a literal).  Returns
- * the destinations, or NULL with e set (the caller rolls back). */
-static PGresult *claim_open(struct lane *l, cw_errmsg *e)
+ * peers' push destinations.  The statements are constant text (several
+ * in one simple query take no parameters): the local destination, which
+ * is configuration, is added by the caller (*local, "" for none; until
+ * the twentieth session it was quoted into the text).  Returns the peers'
+ * destinations, or NULL with e set (the caller rolls back). */
+static PGresult *claim_open(struct lane *l, const char **local, cw_errmsg *e)
 {
 	struct dispatcher *d = l->d;
-	const char *local = d->o.local_deliver && (!d->o.local_ready || d->o.local_ready(d->o.local_ctx))
-				    ? d->o.local_destination
-				    : "";
-	char *lit = PQescapeLiteral(l->c, local, strlen(local));
-	if (!lit) {
-		cw_fail(e, CW_ENOMEM, "cannot quote the local destination: %s", PQerrorMessage(l->c));
-		return NULL;
-	}
-	char sql[1024];
-	int k = snprintf(sql, sizeof(sql),
-		"BEGIN; SET LOCAL synchronous_commit = off; SELECT pg_advisory_xact_lock(" CLAIM_LOCK_KEY "); "
-		"UPDATE outbox SET state = 'pending', claimed_by = NULL, claimed_until = NULL "
-		" WHERE state = 'in_flight' AND claimed_until < now(); "
-		"SELECT 'peer:' || name FROM peers WHERE mode = 'push' AND enabled UNION ALL SELECT %s WHERE %s <> ''",
-		lit, lit);
-	PQfreemem(lit);
-	if (k < 0 || (size_t)k >= sizeof(sql)) {
-		cw_fail(e, CW_EINVAL, "the local destination is too long");
-		return NULL;
-	}
-	if (!PQsendQuery(l->c, sql)) {
+	*local = d->o.local_deliver && (!d->o.local_ready || d->o.local_ready(d->o.local_ctx)) ? d->o.local_destination
+												 : "";
+	if (!PQsendQuery(l->c, "BEGIN; SET LOCAL synchronous_commit = off; SELECT pg_advisory_xact_lock("
+			       CLAIM_LOCK_KEY "); "
+			       "UPDATE outbox SET state = 'pending', claimed_by = NULL, claimed_until = NULL "
+			       " WHERE state = 'in_flight' AND claimed_until < now(); "
+			       "SELECT 'peer:' || name FROM peers WHERE mode = 'push' AND enabled")) {
 		cw_fail(e, CW_EUNAVAIL, "cannot send: %s", PQerrorMessage(l->c));
 		return NULL;
 	}
@@ -474,14 +463,15 @@ static int claim(struct lane *l, struct outbox_row **out)
 	struct outbox_row *rows = NULL;
 	int n = 0, cap = 0;
 	atomic_fetch_add(&d->claim_tries, 1);
-	PGresult *dr = claim_open(l, &e);
+	const char *local;
+	PGresult *dr = claim_open(l, &local, &e);
 	if (!dr)
 		goto fail;
-	int nd = PQntuples(dr);
+	int npeers = PQntuples(dr), nd = npeers + (local[0] != '\0');
 	atomic_store(&d->ndest, nd);
 	for (int k = 0; k < nd && n == 0; k++) {
 		unsigned i = (l->next + (unsigned)k) % (unsigned)nd;
-		const char *name = PQgetvalue(dr, (int)i, 0);
+		const char *name = (int)i < npeers ? PQgetvalue(dr, (int)i, 0) : local;
 		if (!take_destination(l, name))
 			continue;
 		int64_t t0 = cw_now_us();

@@ -411,8 +411,7 @@ cw_err store_pipe_result(PGconn *c, ExecStatusType want, PGresult **out, cw_errm
 	return CW_OK;
 }
 
-/* Reads what is left up to the pipeline's sync point. */
-static bool pipe_drain(PGconn *c)
+bool store_pipe_drain(PGconn *c)
 {
 	for (int nulls = 0; nulls < 100000;) {
 		PGresult *r = PQgetResult(c);
@@ -466,7 +465,7 @@ static enum pipe_outcome run_pipelined(PGconn *c, struct job *list, cw_errmsg *e
 			break;
 		}
 		if (out != PIPE_OK) {
-			pipe_drain(c);
+			store_pipe_drain(c);
 			break;
 		}
 		any = false;
@@ -485,13 +484,13 @@ static enum pipe_outcome run_pipelined(PGconn *c, struct job *list, cw_errmsg *e
 						j->rc = rc; /* else the batch runs again, this job with it */
 					out = PIPE_JOB_FAILED;
 				}
-				drained = pipe_drain(c);
+				drained = store_pipe_drain(c);
 				break;
 			}
 			j->going = more;
 			any |= more;
 		}
-		if (out == PIPE_OK && !drained && !pipe_drain(c))
+		if (out == PIPE_OK && !drained && !store_pipe_drain(c))
 			out = PIPE_CONN_LOST;
 	}
 	if (!PQexitPipelineMode(c) && out == PIPE_OK)

@@ -92,6 +92,9 @@ struct store_pipe_ops {
  * PQclear()s it); an error (and *out NULL) if it failed or its status is not
  * want: CW_ECONFLICT for a constraint, CW_EUNAVAIL for a lost connection. */
 cw_err store_pipe_result(PGconn *c, ExecStatusType want, PGresult **out, cw_errmsg *e);
+/* Reads what is left up to the pipeline's sync point (PQpipelineSync);
+ * false if the connection was lost first. */
+bool store_pipe_drain(PGconn *c);
 
 /* Starts the threads; does not need the database to be up. */
 cw_err store_open(struct cw_store **out, const struct store_opts *o, cw_errmsg *e);

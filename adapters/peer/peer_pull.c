@@ -116,9 +116,10 @@ static const struct store_stmt *const pull_stmt_lists[] = { pull_stmts, NULL };
  * after it): two at once, in two daemon processes, would each hand out
  * rows, and the peer could acknowledge the one answer's position while
  * the other answer, with rows below it, was lost.  The lock and the
- * hand-out go as one query string, one round trip and one implicit
- * transaction (an error rolls it back); the hand-out's snapshot is taken
- * after the lock, so it sees what the previous turn committed. */
+ * hand-out go as one pipeline, one round trip and one implicit
+ * transaction up to the sync (an error rolls it back); the hand-out's
+ * snapshot is taken after the lock, so it sees what the previous turn
+ * committed. */
 /* An answer is no larger than a request this daemon takes (about: see
  * pull_sql), so that a peer sized alike can hold it. */
 static long answer_bytes(const struct peer_pull *p)
@@ -136,38 +137,47 @@ static bool try_answer(struct peer_pull *p, struct waiter *w, bool final)
 		cw_fail(&e, CW_EUNAVAIL, "the database is unavailable");
 		goto fail;
 	}
-	char *lit = PQescapeLiteral(p->c, w->destination, strlen(w->destination));
-	if (!lit) {
-		cw_fail(&e, CW_ENOMEM, "cannot quote the destination: %s", PQerrorMessage(p->c));
-		goto fail;
-	}
-	char sql[512];
-	snprintf(sql, sizeof(sql),
-		 "SELECT pg_advisory_xact_lock(hashtextextended('causeway.pull:' || %s, 0)); "
-		 "EXECUTE cw_pull(%s, %s, %d, %d, %ld)",
-		 lit, lit, after, w->limit, HANDOUT_S, answer_bytes(p));
-	PQfreemem(lit);
-	if (!PQsendQuery(p->c, sql)) {
+	char limit[16], secs[16], bytes[24];
+	snprintf(limit, sizeof(limit), "%d", w->limit);
+	snprintf(secs, sizeof(secs), "%d", HANDOUT_S);
+	snprintf(bytes, sizeof(bytes), "%ld", answer_bytes(p));
+	const char *lp[] = { w->destination };
+	const char *pp[] = { w->destination, after, limit, secs, bytes };
+	/* Pipeline mode: two parameterized statements in one round trip, one
+	 * implicit transaction up to the sync (until the twentieth session one
+	 * query string with the destination quoted into it). */
+	bool entered = PQenterPipelineMode(p->c);
+	bool synced = entered &&
+		      PQsendQueryParams(p->c, "SELECT pg_advisory_xact_lock(hashtextextended('causeway.pull:' || $1, 0))",
+					1, NULL, lp, NULL, NULL, 0) &&
+		      PQsendQueryPrepared(p->c, "cw_pull", 5, pp, NULL, NULL, 0) && PQpipelineSync(p->c);
+	bool failed = !synced;
+	if (failed) {
 		cw_fail(&e, CW_EUNAVAIL, "cannot send: %s", PQerrorMessage(p->c));
-		goto fail;
-	}
-	/* One result per statement; after an error the server skips the rest. */
-	PGresult *x;
-	bool failed = false;
-	while ((x = PQgetResult(p->c))) {
-		if (PQresultStatus(x) != PGRES_TUPLES_OK) {
-			if (!failed)
-				store_result_err(p->c, x, &e);
+	} else {
+		PGresult *lock = NULL, *rest = NULL;
+		cw_errmsg ignored;
+		if (store_pipe_result(p->c, PGRES_TUPLES_OK, &lock, &e)) {
 			failed = true;
-			PQclear(x);
-			continue;
+			store_pipe_result(p->c, PGRES_TUPLES_OK, &rest, &ignored); /* aborted */
+		} else if (store_pipe_result(p->c, PGRES_TUPLES_OK, &r, &e)) {
+			failed = true;
 		}
-		PQclear(r);
-		r = x;
+		PQclear(lock);
+		PQclear(rest);
+		synced = store_pipe_drain(p->c);
+	}
+	if (entered && (!synced || !PQexitPipelineMode(p->c))) {
+		/* Results left unread: the connection cannot be used again. */
+		PQfinish(p->c);
+		p->c = NULL;
+		if (!failed)
+			cw_fail(&e, CW_EUNAVAIL, "the database connection was lost");
+		failed = true;
 	}
 	if (failed || !r || PQnfields(r) < 9) {
 		if (!failed)
-			cw_fail(&e, CW_EUNAVAIL, "the pull answered nothing: %s", PQerrorMessage(p->c));
+			cw_fail(&e, CW_EUNAVAIL, "the pull answered nothing");
 		goto fail;
 	}
 	int n = PQntuples(r);

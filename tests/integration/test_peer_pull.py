@@ -245,3 +245,44 @@ def test_a_backlog_of_large_events_comes_in_several_bounded_answers(make_daemon,
     st = a.call("GET", f"/v1/messages/{ids[-1]}").json()
     assert st["recipients"] == [{"recipient": "mimi://tg.example", "status": "delivered"}]
     srv.close()
+
+
+def test_a_pull_that_the_database_fails_is_503_and_the_next_one_works(make_daemon, db_url, pg):
+    """The pull's lock and hand-out go as one pipeline: when either
+    statement fails (here each waits out its statement timeout behind a
+    lock of another session), the answer is 503 with Retry-After, nothing
+    is handed out or acknowledged, and the connection serves the next pull."""
+    d = make_daemon(db_url, options={"database": {"statement_timeout_ms": "1000"}}).start()
+    a, b, rm, srv = make_peers(d)
+    one = a.send(rm["id"], a.user("alice"), "one").json()["id"]
+    wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE destination = 'peer:tg' AND state = 'pending'",
+                               db_url) == "1", what="the row for tg")
+    lockers = {
+        # the hand-out (the second statement) waits on the table
+        "hand-out": ("BEGIN; LOCK TABLE outbox IN SHARE MODE; SELECT pg_sleep(60); COMMIT;",
+                     "relation = 'outbox'::regclass AND mode = 'ShareLock'"),
+        # the peer's pull lock (the first) is held: the hand-out is aborted
+        "lock": ("SELECT pg_advisory_lock(hashtextextended('causeway.pull:peer:tg', 0)); SELECT pg_sleep(60);",
+                 "locktype = 'advisory'"),
+    }
+    for what, (sql, lock) in lockers.items():
+        locker = subprocess.Popen(["psql", db_url, "-qAtc", sql], stdout=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: pg.psql(f"SELECT count(*) FROM pg_locks WHERE {lock} AND granted", db_url) == "1",
+                       what=f"the {what} lock")
+            r = b.call("GET", "/v1/events?after=0")
+            assert r.status_code == 503 and r.headers.get("Retry-After"), (what, r.status_code, r.text)
+            assert r.json()["code"] == "unavailable", r.text
+            assert pg.psql("SELECT state FROM outbox WHERE destination = 'peer:tg'", db_url) == "pending", what
+        finally:
+            locker.kill()
+            locker.wait()
+            pg.psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(60)%' "
+                    "AND pid <> pg_backend_pid()", db_url)
+    got = wait_until(lambda: (lambda r: r.status_code == 200 and r.json())(b.call("GET", "/v1/events?after=0")),
+                     what="a pull that works")
+    assert [e["id"] for e in got["events"]] == [one], got
+    end = b.call("GET", f"/v1/events?after={got['next']}").json()
+    assert end["events"] == [] and pg.psql("SELECT state FROM outbox WHERE destination = 'peer:tg'", db_url) == \
+        "delivered"
+    srv.close()
