@@ -473,6 +473,41 @@ def test_a_join_while_the_groups_rows_are_on_their_way(xd, gk, alice, pg, db_url
     assert [el.find("{urn:xmpp:sid:0}stanza-id").get("id") for el in (history, live)] == [one, two]
 
 
+def test_a_joins_history_is_looked_for_among_the_rooms_last_1000_events(xd, gk, alice, pg, db_url):
+    """A join's history is looked for among the room's last 1000 events
+    only (its cost bounded whatever the room's size: for a member the room
+    sent nothing lately, a new one, it read all the room's events before).
+    alice got a message long ago, then 1000 events passed that were not
+    hers (written here by SQL, as a busy room's): her join gets no
+    history, not the old message; the next message she gets is her
+    history, alone."""
+    a, _ = gk
+    consent_alice(xd)
+    gid = a.create_room([a.user("wally"), ALICE], kind="group", name="Busy").json()["id"]
+    old = a.send(gid, a.user("wally"), "long ago").json()["id"]
+    invite = alice.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None)
+    room = invite.get("from")
+    wait_until(lambda: pg.psql(f"SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id "
+                               f"WHERE e.public_id = '{old}'", db_url) == "delivered", what="the old message delivered")
+    pg.psql("INSERT INTO events (public_id, room_id, sender_id, type, content, origin_network, ts) "
+            "SELECT 'msg_busy' || g, e.room_id, e.sender_id, 'message', e.content, e.origin_network, e.ts "
+            f"FROM events e, generate_series(1, 1000) g WHERE e.public_id = '{old}' ORDER BY g", db_url)
+
+    def join():
+        start = alice.count()
+        alice.send_presence(to=room + "/alice", payload=f"<x xmlns='{MUC}'><history maxstanzas='10'/></x>")
+        alice.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start, timeout=20)
+        return [el.find("{urn:xmpp:sid:0}stanza-id").get("id") for el in alice.stanzas()[start:]
+                if el.tag == "{jabber:client}message" and body(el)]
+
+    assert join() == []
+    new = a.send(gid, a.user("wally"), "just now").json()["id"]
+    message_from(alice, room, lambda el: body(el) == "just now")
+    wait_until(lambda: pg.psql(f"SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id "
+                               f"WHERE e.public_id = '{new}'", db_url) == "delivered", what="the new message delivered")
+    assert join() == [new]
+
+
 def test_what_comes_while_a_join_is_looked_at_follows_its_answer(xd, gk, alice, pg, db_url):
     """alice's client joins and, before the answer, sends the room a
     presence of hers (a status change: a client that broadcasts its
