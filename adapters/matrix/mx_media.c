@@ -169,20 +169,26 @@ static json_int_t declared_size(const json_t *att, size_t max)
 	return json_is_integer(s) && json_integer_value(s) >= 0 ? json_integer_value(s) : (json_int_t)max;
 }
 
-/* The file's mxc:// URI when it is on the homeserver already, and no
- * larger than the attachment declares (declared: its size; the policy's
- * max_attachment_bytes judged that, so a file re-hosted for an honest
- * declaration is not reused for a smaller one). */
-static cw_err cached(PGconn *c, const char *url, const char *want, json_int_t declared, char *mxc, size_t len,
-		     bool *found, cw_errmsg *e)
+/* The file's mxc:// URI when it is on the homeserver already, fetched
+ * for the same signer (the sending peer's domain, NULL for a sender of no
+ * peer: media_rehosted.fetched_for ''), and no larger than the attachment
+ * declares (declared: its size; the policy's max_attachment_bytes judged
+ * that, so a file re-hosted for an honest declaration is not reused for a
+ * smaller one).  By signer: a file a store gave Causeway on one peer's
+ * behalf (a signed fetch) is not another peer's to have by naming its
+ * URL (until the twentieth session the lookup was by URL alone); rows
+ * from before schema/027 (fetched_for NULL) match nothing. */
+static cw_err cached(PGconn *c, const char *url, const char *signer, const char *want, json_int_t declared,
+		     char *mxc, size_t len, bool *found, cw_errmsg *e)
 {
 	*found = false;
 	char size[24];
 	snprintf(size, sizeof(size), "%lld", (long long)declared);
-	const char *p[] = { url, want ? want : "", size };
+	const char *p[] = { url, want ? want : "", size, signer ? signer : "" };
 	PGresult *r = PQexecParams(c, "SELECT native_uri FROM media_rehosted WHERE network = 'matrix' AND source = $1 "
-				      "AND ($2 = '' OR sha256 = $2) AND size <= $3::bigint ORDER BY created_at DESC LIMIT 1",
-				   3, NULL, p, NULL, NULL, 0);
+				      "AND fetched_for = $4 AND ($2 = '' OR sha256 = $2) AND size <= $3::bigint "
+				      "ORDER BY created_at DESC LIMIT 1",
+				   4, NULL, p, NULL, NULL, 0);
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 	if (rc)
 		return rc;
@@ -219,7 +225,7 @@ enum mx_rehost mx_media_lookup(struct matrix *m, PGconn *c, const char *ghost, c
 		return MX_REHOST_NOTICE;
 	}
 	bool found;
-	if (cached(c, url, json_string_value(json_object_get(att, "sha256")), declared, mxc, len, &found, e))
+	if (cached(c, url, signer, json_string_value(json_object_get(att, "sha256")), declared, mxc, len, &found, e))
 		return MX_REHOST_RETRY;
 	if (found)
 		return MX_REHOST_OK;
@@ -324,7 +330,7 @@ enum mx_rehost mx_rehost(struct matrix *m, PGconn *c, const char *ghost, const c
 		return MX_REHOST_NOTICE;
 	}
 	bool found;
-	if (cached(c, url, want, declared, mxc, len, &found, e))
+	if (cached(c, url, signer, want, declared, mxc, len, &found, e))
 		return MX_REHOST_RETRY;
 	if (found)
 		return MX_REHOST_OK;
@@ -363,10 +369,11 @@ enum mx_rehost mx_rehost(struct matrix *m, PGconn *c, const char *ghost, const c
 		if (upload(m, ghost, &b, ct, name && *name ? name : "file", mxc, len, &up, e) == CW_OK) {
 			char size[24];
 			snprintf(size, sizeof(size), "%zu", b.n);
-			const char *q[] = { url, got, mxc, size };
+			const char *q[] = { url, got, mxc, size, signer ? signer : "" };
 			cw_errmsg e2;
-			if (store_command(c, "INSERT INTO media_rehosted (network, source, sha256, native_uri, size) "
-					  "VALUES ('matrix', $1, $2, $3, $4::bigint) ON CONFLICT DO NOTHING", 4, q, &e2))
+			if (store_command(c, "INSERT INTO media_rehosted (network, source, sha256, native_uri, size, "
+					  "fetched_for) VALUES ('matrix', $1, $2, $3, $4::bigint, $5) ON CONFLICT DO NOTHING",
+					  5, q, &e2))
 				LOG_KV(CW_LOG_WARN, "cannot remember a re-hosted file", "detail", e2.msg);
 			res = MX_REHOST_OK;
 		} else if (up == 413) {

@@ -171,6 +171,66 @@ def test_a_file_or_avatar_on_another_host_is_fetched_unsigned(mx, hs, wally_room
         assert "Signature" not in headers and "Signature-Input" not in headers, (path, headers)
 
 
+def test_a_file_rehosted_for_one_peer_is_not_given_to_another_naming_its_url(mx, hs, wally_room, media):
+    """A file re-hosted on the homeserver is remembered by who it was
+    fetched for (the domain that had the fetch signed): another peer naming
+    the very URL of a file fetched, signed, for the first peer's user gets
+    no mxc:// of it; its own fetch is made (unsigned: the host is not in
+    its domain) and fails as the private store refuses it, and its message
+    goes with the notice.  Until the twentieth session media_rehosted was
+    looked up by URL alone and the second peer got the first one's file
+    through the gateway."""
+    a, room = wally_room
+    secret = b"\x89PNG\r\n\x1a\n" + os.urandom(2000)
+    url = media.put("/f/private.png", "image/png", secret, host="media.wa.localhost")
+    send_file(a, room, "mine", attachment(url, secret), "p1")
+    [mine] = ghost_messages(hs, 1)
+    assert hs.media(mine["content"]["url"])["data"] == secret
+    assert [p for p, _ in media.requests] == ["/f/private.png"]
+    # A's store gives the file only to a fetch signed for A, which B's is not.
+    media.status["/f/private.png"] = 403
+    b, srv = add_peer(mx, "tg", "tg.localhost")
+    try:
+        assert mx.admin("POST", "/optins", json={"user": ALICE, "network": "peer:tg", "opted_in": True}).ok
+        assert mx.admin("POST", "/consents", json={"user": ALICE, "subject_kind": "user",
+                                                   "subject": b.user("wally"), "state": "allowed"}).ok
+        b_room = b.create_room([b.user("wally"), ALICE]).json()["id"]
+        send_file(b, b_room, "yours?", attachment(url, secret), "p2")
+        b_ghost = "@_cw_tg_wally:example.org"
+
+        def b_messages():
+            ms = [e for rid in hs.rooms() for e in hs.events(rid)
+                  if e["type"] == "m.room.message" and e["sender"] == b_ghost]
+            return ms or None
+        [theirs] = wait_until(b_messages, timeout=20, what="the message of B's user")
+    finally:
+        srv.close()
+    c = theirs["content"]
+    assert c["msgtype"] == "m.text" and "url" not in c, c
+    assert mine["content"]["url"] not in json.dumps(theirs)
+    assert "not carried: not available from the sender's network (403)" in c["body"], c["body"]
+    # B's fetch was made, unsigned: B cannot lend Causeway's signature to A's host.
+    assert [p for p, _ in media.requests] == ["/f/private.png", "/f/private.png"]
+    assert "Signature" not in media.requests[1][1]
+    assert sum(1 for q in hs.requests if q["path"] == "/_matrix/media/v3/upload") == 1
+
+
+def test_a_file_rehosted_before_its_signer_was_remembered_is_fetched_again(mx, hs, wally_room, media, pg, db_url):
+    """A row of media_rehosted from before schema/027 does not say whom
+    its file was fetched for (until the nineteenth session every fetch was
+    signed): it is reused for no one, and the file is fetched again."""
+    a, room = wally_room
+    data = b"\x89PNG\r\n\x1a\n" + os.urandom(1500)
+    url = media.put("/f/old.png", "image/png", data, host="media.wa.localhost")
+    pg.psql("INSERT INTO media_rehosted (network, source, sha256, native_uri, size) VALUES "
+            f"('matrix', '{url}', '{hashlib.sha256(data).hexdigest()}', 'mxc://example.org/old', {len(data)})",
+            db_url)
+    send_file(a, room, "again", attachment(url, data), "old1")
+    [m] = ghost_messages(hs, 1)
+    assert m["content"]["url"] != "mxc://example.org/old" and hs.media(m["content"]["url"])["data"] == data
+    assert [p for p, _ in media.requests] == ["/f/old.png"]
+
+
 def test_a_file_that_cannot_be_carried_becomes_a_notice_and_a_failing_store_is_retried(mx, hs, gk, media):
     a, _ = gk
     consent_alice(mx)
