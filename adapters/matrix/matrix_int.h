@@ -46,8 +46,8 @@ struct matrix {
 	bool media_started;
 	atomic_bool media_stop;
 	pthread_cond_t media_cond;
-	json_t *media_queue;         /* [[attachment, ghost], ...] */
-	json_t *media_state;         /* source URL -> {"s": "queued" | "notice" | "retry", "why"} */
+	json_t *media_queue;         /* [[attachment, ghost, signer], ...], at most MX_MEDIA_QUEUE_MAX */
+	json_t *media_state;         /* signer "\n" source URL -> {"s": "queued" | "notice" | "retry", "why"} */
 	pthread_t bot_thread;
 	bool bot_started;
 	atomic_bool bot_stop;
@@ -142,6 +142,8 @@ cw_err mx_call(struct matrix *m, const char *method, const char *path, const cha
 
 /* Media (mx_media.c). */
 enum mx_rehost { MX_REHOST_OK, MX_REHOST_NOTICE, MX_REHOST_RETRY, MX_REHOST_WAIT };
+#define MX_MEDIA_STATE_MAX 10000 /* what the worker remembers of files (media_state) */
+#define MX_MEDIA_QUEUE_MAX 1000  /* files queued for the worker (media_queue); below MX_MEDIA_STATE_MAX */
 /* A peer's attachment (the neutral attachment object, https://) on the
  * homeserver, uploaded as ghost once, fetched signed only when its host is
  * under signer, the domain of the peer whose user sent it (NULL: never;
@@ -154,9 +156,15 @@ enum mx_rehost mx_rehost(struct matrix *m, PGconn *c, const char *ghost, const c
 /* The same answer without waiting on a far side (for the delivery lane):
  * OK when the file is on the homeserver already, NOTICE or RETRY when the
  * worker found so (a RETRY is forgotten once told: the next asks again),
- * WAIT when the worker has it queued now (and queues it if not). */
+ * or when its queue is full (MX_MEDIA_QUEUE_MAX), WAIT when the worker
+ * has it queued now (and queues it if not). */
 enum mx_rehost mx_media_lookup(struct matrix *m, PGconn *c, const char *ghost, const char *signer, const json_t *att,
 			       char *mxc, size_t len, char *why, size_t wlen, cw_errmsg *e);
+/* mx_media_lookup's answer for a file not on the homeserver: what the
+ * worker found of att (an https:// URL), or WAIT when it has it queued
+ * now (and queues it if not).  Under no lock; takes mu. */
+enum mx_rehost mx_media_ask(struct matrix *m, const char *ghost, const char *signer, const json_t *att, char *why,
+			    size_t wlen, cw_errmsg *e);
 void mx_media_start(struct matrix *m);
 void mx_media_stop(struct matrix *m);
 

@@ -200,8 +200,6 @@ static cw_err cached(PGconn *c, const char *url, const char *signer, const char 
 	return CW_OK;
 }
 
-#define MEDIA_STATE_MAX 10000 /* what the worker remembers of files it could not carry */
-
 /* What the worker remembers of a file, by its URL and the domain that
  * may have it signed: a file fetched for one peer's user is not taken as
  * fetched (nor as unavailable) for another's, whose fetch is signed
@@ -209,6 +207,23 @@ static cw_err cached(PGconn *c, const char *url, const char *signer, const char 
 static void state_key(const char *signer, const char *url, char *key, size_t len)
 {
 	snprintf(key, len, "%s\n%s", signer ? signer : "", url); /* no domain holds a line feed */
+}
+
+/* Empties the memo of what the worker found (files it could not carry):
+ * each is asked for again when next sent.  The files queued or in the
+ * worker's hands stay: forgotten, they would be queued again (until the
+ * twentieth session the whole memo was cleared, and each reset queued
+ * the same files anew).  They are at most MX_MEDIA_QUEUE_MAX and the one
+ * the worker holds, below MX_MEDIA_STATE_MAX. */
+static void forget_answers(json_t *state)
+{
+	const char *key;
+	json_t *v, *tmp;
+	json_object_foreach_safe(state, tmp, key, v) {
+		const char *s = json_string_value(json_object_get(v, "s"));
+		if (!s || strcmp(s, "queued") != 0)
+			json_object_del(state, key);
+	}
 }
 
 enum mx_rehost mx_media_lookup(struct matrix *m, PGconn *c, const char *ghost, const char *signer, const json_t *att,
@@ -229,6 +244,13 @@ enum mx_rehost mx_media_lookup(struct matrix *m, PGconn *c, const char *ghost, c
 		return MX_REHOST_RETRY;
 	if (found)
 		return MX_REHOST_OK;
+	return mx_media_ask(m, ghost, signer, att, why, wlen, e);
+}
+
+enum mx_rehost mx_media_ask(struct matrix *m, const char *ghost, const char *signer, const json_t *att, char *why,
+			    size_t wlen, cw_errmsg *e)
+{
+	const char *url = json_string_value(json_object_get(att, "url"));
 	enum mx_rehost res = MX_REHOST_WAIT;
 	char key[2400];
 	state_key(signer, url, key, sizeof(key));
@@ -243,9 +265,15 @@ enum mx_rehost mx_media_lookup(struct matrix *m, PGconn *c, const char *ghost, c
 		cw_fail(e, CW_EUNAVAIL, "%s", w ? w : "the file could not be fetched");
 		json_object_del(m->media_state, key);
 		res = MX_REHOST_RETRY;
+	} else if (!s && json_array_size(m->media_queue) >= MX_MEDIA_QUEUE_MAX) {
+		/* A slow store must not grow the queue without bound: the row
+		 * goes again later (counted, with its backoff), when the worker
+		 * has caught up; until the twentieth session it had no cap. */
+		cw_fail(e, CW_EUNAVAIL, "the media worker's queue is full (%d files)", MX_MEDIA_QUEUE_MAX);
+		res = MX_REHOST_RETRY;
 	} else if (!s) {
-		if (json_object_size(m->media_state) >= MEDIA_STATE_MAX)
-			json_object_clear(m->media_state);
+		if (json_object_size(m->media_state) >= MX_MEDIA_STATE_MAX)
+			forget_answers(m->media_state);
 		json_array_append_new(m->media_queue, json_pack("[O, s?, s?]", att, ghost, signer));
 		json_object_set_new(m->media_state, key, json_pack("{s:s}", "s", "queued"));
 		pthread_cond_signal(&m->media_cond);

@@ -2,6 +2,7 @@
  * tests/unit/data/matrix_ids.txt) and the content mapping (mx_map.h, cases in
  * tests/unit/data/matrix_map.txt), plus property loops over random input. */
 #include "config.h"
+#include "matrix/matrix_int.h"
 #include "matrix/mx_id.h"
 #include "matrix/mx_map.h"
 #include "peer/event.h"
@@ -1280,6 +1281,75 @@ START_TEST(ephemeral_cap)
 }
 END_TEST
 
+/* ------------------------------------------------------------ media worker's queue */
+
+/* A struct matrix with only what mx_media_ask touches: the queue, the
+ * memo, their lock and the worker's signal (no worker runs). */
+static void media_init(struct matrix *m)
+{
+	memset(m, 0, sizeof(*m));
+	pthread_mutex_init(&m->mu, NULL);
+	pthread_cond_init(&m->media_cond, NULL);
+	m->media_queue = json_array();
+	m->media_state = json_object();
+	ck_assert_ptr_nonnull(m->media_queue);
+	ck_assert_ptr_nonnull(m->media_state);
+}
+
+static enum mx_rehost media_ask(struct matrix *m, int i, cw_errmsg *e)
+{
+	char url[64];
+	snprintf(url, sizeof(url), "https://media.wa.example/f/%d", i);
+	json_t *att = json_pack("{s:s, s:s}", "url", url, "content_type", "image/png");
+	char why[160] = "";
+	enum mx_rehost r = mx_media_ask(m, "@_cw_gk_wally:example.org", "wa.example", att, why, sizeof(why), e);
+	json_decref(att);
+	return r;
+}
+
+/* style.md: every growable buffer has a cap.  The queue holds at most
+ * MX_MEDIA_QUEUE_MAX files (one more is asked for again later, the row
+ * told why), a file is never queued twice, and the memo's reset at
+ * MX_MEDIA_STATE_MAX keeps what is still queued (until the twentieth
+ * session it forgot it, and each reset queued the same files again, the
+ * queue growing without bound behind a slow store). */
+START_TEST(media_queue_is_bounded)
+{
+	struct matrix m;
+	media_init(&m);
+	cw_errmsg e = { { 0 } };
+	for (int i = 0; i < MX_MEDIA_QUEUE_MAX; i++)
+		ck_assert_int_eq(media_ask(&m, i, &e), MX_REHOST_WAIT);
+	ck_assert_uint_eq(json_array_size(m.media_queue), MX_MEDIA_QUEUE_MAX);
+	/* Full: the next file is not queued, the row goes again later. */
+	ck_assert_int_eq(media_ask(&m, MX_MEDIA_QUEUE_MAX, &e), MX_REHOST_RETRY);
+	ck_assert_msg(strstr(e.msg, "queue") != NULL, "%s", e.msg);
+	ck_assert_uint_eq(json_array_size(m.media_queue), MX_MEDIA_QUEUE_MAX);
+	/* A file queued already waits, not queued twice. */
+	ck_assert_int_eq(media_ask(&m, 0, &e), MX_REHOST_WAIT);
+	ck_assert_uint_eq(json_array_size(m.media_queue), MX_MEDIA_QUEUE_MAX);
+	/* The worker takes two; the memo fills up with files it could not
+	 * carry, and a new file resets it: what is queued stays known. */
+	json_array_remove(m.media_queue, 0);
+	json_array_remove(m.media_queue, 0);
+	for (int i = 0; json_object_size(m.media_state) < MX_MEDIA_STATE_MAX; i++) {
+		char key[64];
+		snprintf(key, sizeof(key), "wa.example\nhttps://gone.example/%d", i);
+		json_object_set_new(m.media_state, key, json_pack("{s:s, s:s}", "s", "notice", "why", "gone"));
+	}
+	ck_assert_int_eq(media_ask(&m, MX_MEDIA_QUEUE_MAX + 1, &e), MX_REHOST_WAIT);
+	ck_assert_uint_eq(json_array_size(m.media_queue), MX_MEDIA_QUEUE_MAX - 1);
+	ck_assert_uint_le(json_object_size(m.media_state), MX_MEDIA_STATE_MAX);
+	for (int i = 2; i < MX_MEDIA_QUEUE_MAX; i++)
+		ck_assert_int_eq(media_ask(&m, i, &e), MX_REHOST_WAIT);
+	ck_assert_uint_eq(json_array_size(m.media_queue), MX_MEDIA_QUEUE_MAX - 1);
+	json_decref(m.media_queue);
+	json_decref(m.media_state);
+	pthread_cond_destroy(&m.media_cond);
+	pthread_mutex_destroy(&m.mu);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("matrix");
@@ -1298,6 +1368,7 @@ int main(void)
 	tcase_add_test(tc, media_info);
 	tcase_add_test(tc, from_neutral_edges);
 	tcase_add_test(tc, ephemeral_cap);
+	tcase_add_test(tc, media_queue_is_bounded);
 	suite_add_tcase(s, tc);
 	return unit_run(s);
 }
