@@ -913,6 +913,16 @@ void policy_admin_report_handle(struct cw_req *req, void *ctx)
 
 /* ------------------------------------------------------------ audit */
 
+#define AUDIT_JSON \
+	"json_build_object('id', x.id, 'at', x.at, 'actor', x.actor, 'action', x.action, 'reason', x.reason_code, " \
+	" 'rule_id', x.rule_id, 'message', (SELECT public_id FROM events WHERE id = x.event_id), " \
+	" 'subject', x.subject, 'details', x.details)"
+
+/* The audit list's other filters: $4 message, $5 actor. */
+#define AUDIT_MORE \
+	"($4::text IS NULL OR event_id = (SELECT id FROM events WHERE public_id = $4)) " \
+	" AND ($5::text IS NULL OR actor = $5)"
+
 void policy_admin_audit_list(struct cw_req *req, void *ctx)
 {
 	long long after;
@@ -933,14 +943,29 @@ void policy_admin_audit_list(struct cw_req *req, void *ctx)
 		bad_query(req, "actor must be 1 to 512 bytes");
 		return;
 	}
-	struct aq *q = aq_page(after, limit, PAGE(
-		"json_build_object('id', x.id, 'at', x.at, 'actor', x.actor, 'action', x.action, 'reason', x.reason_code, "
-		" 'rule_id', x.rule_id, 'message', (SELECT public_id FROM events WHERE id = x.event_id), "
-		" 'subject', x.subject, 'details', x.details)",
-		"(SELECT * FROM audit_log WHERE id > $1::bigint AND ($3::text IS NULL OR action = $3 "
-		" OR (right($3, 1) = '.' AND starts_with(action, $3))) "
-		" AND ($4::text IS NULL OR event_id = (SELECT id FROM events WHERE public_id = $4)) "
-		" AND ($5::text IS NULL OR actor = $5) ORDER BY id LIMIT $2::int) x"));
+	/* With an action or an actor, audit_log_action_id_idx or
+	 * audit_log_actor_id_idx (028) gives its records in id order from the
+	 * cursor on.  A prefix (policy.) matches a few actions: acts lists the
+	 * log's distinct actions, one index probe each (all of them: the
+	 * actions of a prefix are not a range in every collation), and each
+	 * matching one gives its first records after the cursor; the page is
+	 * the first of those by id.  Each action is compared as the range
+	 * [action, action] and read in (action, id) order: for an equality
+	 * with a value known only while running, the planner guesses an
+	 * action's records from the number of actions, finds the primary key
+	 * in id order cheaper, and walked the whole log for a rare action. */
+	bool prefix = action && action[strlen(action) - 1] == '.';
+	struct aq *q = aq_page(after, limit, prefix ? PAGE(AUDIT_JSON,
+		"(WITH RECURSIVE acts(action) AS ("
+		"  SELECT min(action) FROM audit_log "
+		"  UNION ALL "
+		"  SELECT (SELECT min(a.action) FROM audit_log a WHERE a.action > acts.action) "
+		"  FROM acts WHERE acts.action IS NOT NULL) "
+		" SELECT l.* FROM acts CROSS JOIN LATERAL (SELECT * FROM audit_log WHERE action >= acts.action "
+		"  AND action <= acts.action AND id > $1::bigint AND " AUDIT_MORE " ORDER BY action, id LIMIT $2::int) l "
+		" WHERE starts_with(acts.action, $3) ORDER BY l.id LIMIT $2::int) x")
+		: PAGE(AUDIT_JSON, "(SELECT * FROM audit_log WHERE id > $1::bigint AND ($3::text IS NULL OR action = $3) "
+				   " AND " AUDIT_MORE " ORDER BY id LIMIT $2::int) x"));
 	if (q) {
 		aq_param(q, action);
 		aq_param(q, message);
