@@ -81,6 +81,28 @@ def test_every_route_checks_the_token_and_the_role(daemon, pg, db_url):
     assert int(pg.psql("SELECT count(*) FROM audit_log", db_url)) >= int(audit_before)
 
 
+def test_query_values_that_are_not_utf8_are_400_and_change_nothing(daemon, pg, db_url):
+    """Query values are percent-decoded to bytes: %FF is no UTF-8, which
+    the database refuses for text (a 500 until the twentieth session), and
+    %00 would cut a value short. Every authenticated route answers 400."""
+    (a, sa), (b, srv) = push_peers(daemon)
+    before = pg.psql("SELECT (SELECT count(*) FROM audit_log) || ' ' || (SELECT count(*) FROM events)", db_url)
+    for path in ["/audit?actor=%FF", "/audit?action=%FF", "/audit?action=policy.%C3%28", "/outbox?destination=%FF",
+                 "/outbox?destination=peer:gk%00x", "/audit?%FF=1", "/outbox?state=pending&destination=%ED%A0%80"]:
+        r = daemon.admin("GET", path)
+        assert r.status_code == 400 and r.json()["code"] == "invalid_query", (path, r.status_code, r.text)
+        assert "UTF-8" in r.json()["detail"]
+    r = b.call("GET", "/v1/events?after=%FF")
+    assert r.status_code == 400, r.text
+    # the same routes with good values still answer
+    assert daemon.admin("GET", "/audit?actor=caf%C3%A9").status_code == 200
+    assert daemon.admin("GET", "/outbox?destination=peer:gk").status_code == 200
+    assert pg.psql("SELECT (SELECT count(*) FROM audit_log) || ' ' || (SELECT count(*) FROM events)", db_url) == \
+        before
+    srv.close()
+    sa.close()
+
+
 def test_tokens_are_made_shown_once_and_revoked(daemon, pg, db_url):
     made = make_token(daemon, "ops.alice@example", "admin")
     assert made["token"].startswith("cwa_") and len(made["token"]) >= 40
