@@ -120,6 +120,18 @@ static cw_err req_setup(struct matrix *m, CURL *c, struct mx_req *rq, const char
 	return CW_OK;
 }
 
+/* The last 429 M_LIMIT_EXCEEDED this thread was answered (req_done sets
+ * it; a delivery clears it before preparing a row): a row whose
+ * preparation met one (createRoom, a join, an upload: Synapse limits
+ * them as it limits sends) waits as long as asked and is not counted
+ * against the retry budget, as a send's 429 is (until the twentieth
+ * session it failed as any error, and a limited homeserver made dead
+ * letters: a review's finding). */
+static _Thread_local struct {
+	bool seen;
+	long wait_ms; /* outbox_retry_after_ms */
+} rate_limited;
+
 /* The outcome of a finished call; frees rq. */
 static cw_err req_done(struct matrix *m, CURL *c, struct mx_req *rq, CURLcode cc, long *status, json_t **answer,
 		       cw_errmsg *e)
@@ -137,6 +149,16 @@ static cw_err req_done(struct matrix *m, CURL *c, struct mx_req *rq, CURLcode cc
 		pthread_mutex_unlock(&m->mu);
 		const char *code = json_string_value(json_object_get(a, "errcode"));
 		rc = cw_fail(e, CW_EIO, "homeserver answered %ld %s", *status, code ? code : "");
+		if (*status == 429) {
+			/* the wait asked for is the body's retry_after_ms or
+			 * (Matrix 1.10 on) the Retry-After header: the longer */
+			json_t *ra = json_object_get(a, "retry_after_ms");
+			curl_off_t secs = 0;
+			if (curl_easy_getinfo(c, CURLINFO_RETRY_AFTER, &secs) != CURLE_OK)
+				secs = 0;
+			rate_limited.seen = true;
+			rate_limited.wait_ms = outbox_retry_after_ms(secs, json_is_integer(ra) ? json_integer_value(ra) : 0);
+		}
 	}
 	req_free(rq);
 	if (answer)
@@ -740,8 +762,13 @@ bool mx_mark_if_joined(struct matrix *m, PGconn *c, const char *room, const char
 	size_t i;
 	json_t *ev;
 	json_array_foreach(json_object_get(answer, "chunk"), i, ev) {
+		/* membership=join is a filter a homeserver may ignore (Conduit
+		 * answers every member event): an invitation read as the join
+		 * marked an invited user joined (until the twentieth session, a
+		 * review's finding) */
 		const char *key = json_string_value(json_object_get(ev, "state_key"));
-		if (json_is_object(ev) && key && strcmp(key, target_mxid) == 0) {
+		const char *ms = json_string_value(json_object_get(json_object_get(ev, "content"), "membership"));
+		if (json_is_object(ev) && key && strcmp(key, target_mxid) == 0 && ms && strcmp(ms, "join") == 0) {
 			join = json_deep_copy(ev);
 			break;
 		}
@@ -1371,14 +1398,9 @@ static cw_err finish_row(struct matrix *m, CURL *h, struct mx_req *rq, CURLcode 
 	if (!rc && eid)
 		note_sent(sent, row, eid);
 	if (rc && status == 429) {
-		/* M_LIMIT_EXCEEDED: the wait asked for is the body's retry_after_ms
-		 * or (Matrix 1.10 on) the Retry-After header: the longer of the
-		 * two.  The row's room waits that long; its other rooms go on. */
-		json_t *ra = json_object_get(answer, "retry_after_ms");
-		curl_off_t secs = 0;
-		if (curl_easy_getinfo(h, CURLINFO_RETRY_AFTER, &secs) != CURLE_OK)
-			secs = 0;
-		row->retry_after_ms = outbox_retry_after_ms(secs, json_is_integer(ra) ? json_integer_value(ra) : 0);
+		/* M_LIMIT_EXCEEDED (rate_limited, set by req_done): the row's
+		 * room waits that long; its other rooms go on. */
+		row->retry_after_ms = rate_limited.wait_ms;
 		cw_fail(e, CW_EIO, "homeserver rate limit (429 M_LIMIT_EXCEEDED): retry after %ld ms", row->retry_after_ms);
 	}
 	json_decref(answer);
@@ -1499,7 +1521,17 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 					fail_rest(run, rows, 0, "out of memory");
 					break;
 				}
+				rate_limited.seen = false;
 				enum prep p = prep_row(m, c, &rows[k], info, info_of[k], made, sent, run->h, &run->rq, &pe);
+				if (p == PREP_FAIL && rate_limited.seen) {
+					/* a call of the preparation was limited: waited out,
+					 * not counted */
+					rows[k].retry_after_ms = rate_limited.wait_ms;
+					char why[sizeof(pe.msg) + 64];
+					snprintf(why, sizeof(why), "homeserver rate limit (429 M_LIMIT_EXCEEDED): %s", pe.msg);
+					fail_rest(run, rows, 429, why);
+					break;
+				}
 				if (p == PREP_FAIL) {
 					fail_rest(run, rows, 0, pe.msg);
 					break;

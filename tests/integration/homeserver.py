@@ -42,12 +42,18 @@ The choices made where the specification allows several behaviours:
   event content may not hold floats or integers beyond 2**53 (M_BAD_JSON);
   an event over 65536 bytes is refused with 413 M_TOO_LARGE.
 - Rate limits as Synapse's rc_message, when a test sets rc_message =
-  (per_second, burst_count): a token bucket per sender for PUT /send and
-  /redact (a repeated txnId is answered from memory first, unlimited). The
+  (per_second, burst_count): a token bucket per sender for PUT /send,
+  /redact and POST /createRoom (Synapse's RoomCreationHandler.create_room
+  takes from the same limiter; a repeated txnId is answered from memory
+  first, unlimited). The
   application service's own users are exempt when its registration says
   rate_limited: false, and its sender_localpart always is. Over the limit:
   429 M_LIMIT_EXCEEDED with retry_after_ms, and the Retry-After header (in
   seconds, rounded up) that Matrix 1.10 asks servers to send as well.
+- GET /rooms/{id}/members applies its membership and not_membership
+  filters, as Synapse does; members_filters = False answers every member
+  event whatever they ask, as Conduit does (its get_member_events_route
+  ignores them: the specification makes them filters, not promises).
 - Only /v3 client paths (not r0); room version 10 by default (redactions
   carry a top-level `redacts`; version 11 rooms carry it in content too).
 - An older homeserver (legacy_paths=True or token_in_query=True) does not
@@ -278,6 +284,7 @@ class Homeserver:
         # by default.
         self.send_latency = 0.0
         self.rc_message = None      # (per_second, burst_count): see the module's docstring
+        self.members_filters = True  # False: GET /members ignores its filters (Conduit)
         self.refuse_send = None     # a test's predicate on a send's path: True answers it 500 M_UNKNOWN
         # A test's predicate on any authenticated call (method, path, user):
         # True answers it 503 M_UNKNOWN (the homeserver unavailable for it,
@@ -1124,6 +1131,8 @@ class Homeserver:
         supported: refused rather than ignored."""
         kinds = ("join", "invite", "knock", "leave", "ban")
         want, not_want = req.query.get("membership", [None])[0], req.query.get("not_membership", [None])[0]
+        if not self.members_filters:
+            want = not_want = None
         for name, v in (("membership", want), ("not_membership", not_want)):
             if v is not None and v not in kinds:
                 raise MatrixError(400, "M_INVALID_PARAM", f"{name} must be one of {', '.join(kinds)}")
@@ -1331,6 +1340,8 @@ class Homeserver:
         raise MatrixError(404, "M_NOT_FOUND", f"Room alias {alias} not found.")
 
     def _h_create_room(self, req):
+        with self._lock:
+            self._ratelimit(req)  # Synapse: request_ratelimiter.ratelimit(requester), first
         body = req.body
         preset = field(body, "preset", str)
         visibility = field(body, "visibility", str, default="private")

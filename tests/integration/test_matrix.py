@@ -1300,7 +1300,8 @@ def test_a_ghost_banned_from_a_users_room_of_a_group_is_not_delivered_there(mx, 
     assert not any(e["type"] == "m.room.message" and e["content"]["body"] == "let me back in" for e in hs.events(room))
 
 
-def test_a_local_user_invited_into_a_direct_room_makes_a_group(mx, hs, gk, pg, db_url):
+@pytest.mark.parametrize("members_filters", [True, False], ids=["synapse", "conduit"])
+def test_a_local_user_invited_into_a_direct_room_makes_a_group(mx, hs, gk, pg, db_url, members_filters):
     """alice invites carol, another user of this server, into her direct
     room with wally: the room is alice's view, so the invitation is taken
     back (by the ghost: the bot is not in it), and the three are a group
@@ -1308,7 +1309,10 @@ def test_a_local_user_invited_into_a_direct_room_makes_a_group(mx, hs, gk, pg, d
     group's member once she joins it (invited until then: until the
     eighteenth session the peer saw her joined before she had accepted
     anything); what alice writes there reaches wally in the group, and
-    carol in her room."""
+    carol in her room.  With a homeserver that answers GET /members
+    whatever its membership filter (Conduit), her invitation is not taken
+    for her join (until the twentieth session it was)."""
+    hs.members_filters = members_filters
     a, srv = gk
     alice, room, ghost = alice_writes_to_wally(hs, a)
     alice.send_text(room, "hi wally")
@@ -1327,6 +1331,13 @@ def test_a_local_user_invited_into_a_direct_room_makes_a_group(mx, hs, gk, pg, d
     hers = wait_until(lambda: next((rid for rid in hs.rooms() if hs.state(rid, "m.room.create")
                                     and hs.state(rid, "m.room.create")["sender"] == bot
                                     and hs.members(rid).get(carol_mx) == "invite"), None), what="carol's room")
+    # The bot asked the homeserver whether she joined once her room was
+    # bound: she had not.
+    wait_until(lambda: any(urllib.parse.unquote(q["path"]).endswith(f"/rooms/{hers}/members")
+                           and q["status"] == 200 for q in hs.requests),
+               what="the bot's look at her room's members")
+    time.sleep(1)  # what it makes of the answer (a wrong mark came within milliseconds)
+    assert members()["mimi://example.org/u/carol"] == "invited"
     carol.join(hers)
     wait_until(lambda: members()["mimi://example.org/u/carol"] == "joined", what="carol joined")
     wait_until(lambda: any(e.get("type") == "membership" and e["room_id"] == group and
@@ -2100,6 +2111,50 @@ def test_a_rate_limiting_homeserver_is_waited_for(make_daemon, db_url, pg):
         assert rows.splitlines() == ["delivered|1"] * 6, rows
         assert metrics_plain(d, "causeway_dispatch_rate_limited_total") >= len(limited)
         assert not hs.errors
+    finally:
+        srv.close()
+        hs.close()
+
+
+def test_a_rate_limited_room_creation_is_waited_for(make_daemon, db_url, pg):
+    """Synapse limits POST /createRoom with the limiter of sends
+    (rc_message): wally writes to alice and to bob, a new direct room
+    each, made by wally's ghost in turn; the 429 on the second room's
+    making is waited out as asked and not counted against the retry
+    budget (1: a counted failure is a dead letter).  Until the twentieth
+    session only a send's 429 was, and this one made a dead letter (a
+    review's finding)."""
+    reg = registration()
+    reg["rate_limited"] = True
+    hs = Homeserver(server_name="example.org", registration=reg)
+    hs.start()
+    srv = NotifyServer()
+    try:
+        hs.rc_message = (0.5, 1)  # one event, then one every two seconds
+        d = start_mx(make_daemon, db_url, hs,
+                     dispatcher={"retry_budget": "1", "retry_base_ms": "10", "retry_max_ms": "20"})
+        srv.public_b64 = d.get("/.well-known/mimi-protocol-directory").json()["public_key"]["key"]
+        a = PeerClient(d.url, "gk", "wa.example")
+        r = d.admin("POST", "/peers", json={"name": "gk", "domain": "wa.example", "mode": "push",
+                                           "push_url": srv.url, "public_key": a.signer.public_b64})
+        a.token = r.json()["token"]
+        for who in ("alice", "bob"):
+            uri = f"mimi://example.org/u/{who}"
+            assert d.admin("POST", "/optins", json={"user": uri, "network": "peer:gk", "opted_in": True}).ok
+            assert d.admin("POST", "/consents", json={"user": uri, "subject_kind": "user",
+                                                      "subject": a.user("wally"), "state": "allowed"}).ok
+            hs.create_user(who)
+        for who in ("alice", "bob"):
+            room = a.create_room([a.user("wally"), f"mimi://example.org/u/{who}"]).json()["id"]
+            assert a.send(room, a.user("wally"), f"hello {who}").status_code == 202
+        rows = lambda: pg.psql("SELECT state, attempts FROM outbox WHERE destination = 'matrix' "  # noqa: E731
+                               "ORDER BY id", db_url).splitlines()
+        wait_until(lambda: rows() and all(r.split("|")[0] in ("delivered", "dead") for r in rows()),
+                   timeout=30, what="both deliveries done")
+        creates = [q["status"] for q in hs.requests if q["path"].endswith("/createRoom")]
+        assert 429 in creates, f"the homeserver never limited a room's making: the test shows nothing ({creates})"
+        assert rows() == ["delivered|1"] * 2, rows()
+        assert metrics_plain(d, "causeway_dispatch_rate_limited_total") >= 1
     finally:
         srv.close()
         hs.close()
