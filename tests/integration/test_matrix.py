@@ -2066,26 +2066,40 @@ def test_rooms_are_delivered_side_by_side_and_a_failing_one_holds_no_other(mx, h
     assert "ghost id" in pg.psql(b_rows.format("min(o.last_error)", room_a["id"]), db_url)
 
 
+def rate_limited_homeserver():
+    """A stand-in whose registration says rate_limited: true, and a notify
+    server (the caller closes both)."""
+    reg = registration()
+    reg["rate_limited"] = True
+    hs = Homeserver(server_name="example.org", registration=reg)
+    hs.start()
+    return hs, NotifyServer()
+
+
+def limited_gateway(make_daemon, db_url, hs, srv, rc_message):
+    """The daemon on hs, limited as Synapse's rc_message = (per second,
+    burst), with a retry budget of 1 (a counted failure is a dead letter),
+    and the push peer gk: (daemon, gk's client)."""
+    hs.rc_message = rc_message
+    d = start_mx(make_daemon, db_url, hs, dispatcher={"retry_budget": "1", "retry_base_ms": "10",
+                                                      "retry_max_ms": "20"})
+    srv.public_b64 = d.get("/.well-known/mimi-protocol-directory").json()["public_key"]["key"]
+    a = PeerClient(d.url, "gk", "wa.example")
+    r = d.admin("POST", "/peers", json={"name": "gk", "domain": "wa.example", "mode": "push",
+                                       "push_url": srv.url, "public_key": a.signer.public_b64})
+    a.token = r.json()["token"]
+    return d, a
+
+
 def test_a_rate_limiting_homeserver_is_waited_for(make_daemon, db_url, pg):
     """A homeserver that rate-limits the ghosts (a registration with
     rate_limited: true, Synapse's rc_message at 4 a second with a burst of
     2): each 429 M_LIMIT_EXCEEDED is waited out as long as it asks, the
     messages arrive once and in order, and the 429s are not counted
     against the retry budget (1 here: a counted failure is a dead letter)."""
-    reg = registration()
-    reg["rate_limited"] = True
-    hs = Homeserver(server_name="example.org", registration=reg)
-    hs.start()
-    srv = NotifyServer()
+    hs, srv = rate_limited_homeserver()
     try:
-        hs.rc_message = (4.0, 2)
-        d = start_mx(make_daemon, db_url, hs,
-                     dispatcher={"retry_budget": "1", "retry_base_ms": "10", "retry_max_ms": "20"})
-        srv.public_b64 = d.get("/.well-known/mimi-protocol-directory").json()["public_key"]["key"]
-        a = PeerClient(d.url, "gk", "wa.example")
-        r = d.admin("POST", "/peers", json={"name": "gk", "domain": "wa.example", "mode": "push",
-                                           "push_url": srv.url, "public_key": a.signer.public_b64})
-        a.token = r.json()["token"]
+        d, a = limited_gateway(make_daemon, db_url, hs, srv, (4.0, 2))
         consent_alice(d)
         hs.create_user("alice")
         room = a.create_room([a.user("wally"), ALICE]).json()
@@ -2124,20 +2138,9 @@ def test_a_rate_limited_room_creation_is_waited_for(make_daemon, db_url, pg):
     budget (1: a counted failure is a dead letter).  Until the twentieth
     session only a send's 429 was, and this one made a dead letter (a
     review's finding)."""
-    reg = registration()
-    reg["rate_limited"] = True
-    hs = Homeserver(server_name="example.org", registration=reg)
-    hs.start()
-    srv = NotifyServer()
+    hs, srv = rate_limited_homeserver()
     try:
-        hs.rc_message = (0.5, 1)  # one event, then one every two seconds
-        d = start_mx(make_daemon, db_url, hs,
-                     dispatcher={"retry_budget": "1", "retry_base_ms": "10", "retry_max_ms": "20"})
-        srv.public_b64 = d.get("/.well-known/mimi-protocol-directory").json()["public_key"]["key"]
-        a = PeerClient(d.url, "gk", "wa.example")
-        r = d.admin("POST", "/peers", json={"name": "gk", "domain": "wa.example", "mode": "push",
-                                           "push_url": srv.url, "public_key": a.signer.public_b64})
-        a.token = r.json()["token"]
+        d, a = limited_gateway(make_daemon, db_url, hs, srv, (0.5, 1))  # one event, then one every 2 s
         for who in ("alice", "bob"):
             uri = f"mimi://example.org/u/{who}"
             assert d.admin("POST", "/optins", json={"user": uri, "network": "peer:gk", "opted_in": True}).ok
