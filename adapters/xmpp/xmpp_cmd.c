@@ -314,6 +314,8 @@ void xa_presence(struct xcomp *xc, xmpp_stanza_t *st)
 			presence_to(xc, true, xc->domain, bare, "subscribed", NULL, NULL);
 		if (type && (strcmp(type, "subscribe") == 0 || strcmp(type, "probe") == 0))
 			presence_to(xc, true, xc->domain, bare, NULL, NULL, NULL);
+		if (type && strcmp(type, "unsubscribe") == 0)
+			presence_to(xc, true, xc->domain, bare, "unavailable", NULL, NULL); /* gone: see below */
 		return;
 	}
 	struct xconsent *j = calloc(1, sizeof(*j));
@@ -323,8 +325,18 @@ void xa_presence(struct xcomp *xc, xmpp_stanza_t *st)
 		free(j);
 		return;
 	}
-	if (!type || strcmp(type, "unavailable") == 0 || strcmp(type, "unsubscribe") == 0) {
-		free(j); /* the user's own presence stays here; dropping a subscription is not a block */
+	if (type && strcmp(type, "unsubscribe") == 0) {
+		/* The user drops the contact (not a block): as the contact's
+		 * server, the component says it is gone (RFC 6121 §3.3.3 step 3:
+		 * "unavailable" from each of the contact's available resources to
+		 * the user), or the user's clients keep showing it online (until
+		 * the twentieth session they did: a review's finding). */
+		presence_to(xc, true, j->remote_jid, bare, "unavailable", NULL, NULL);
+		free(j);
+		return;
+	}
+	if (!type || strcmp(type, "unavailable") == 0) {
+		free(j); /* the user's own presence stays here */
 		return;
 	}
 	if (strcmp(type, "subscribe") == 0 || strcmp(type, "probe") == 0) {
@@ -394,6 +406,26 @@ static void command_form(struct xcomp *xc, xmpp_stanza_t *iq, const char *node, 
 	xa_send_now(xc, r);
 }
 
+/* XEP-0050: action is execute, cancel, prev, next or complete; no
+ * command here has a stage that offers prev (a form's only action is
+ * complete).  Until the twentieth session any other value ran the
+ * command (a review's finding). */
+bool xa_command_bad_action(struct xcomp *xc, xmpp_stanza_t *iq, const char *action)
+{
+	static const char *const actions[] = { "execute", "cancel", "next", "complete", NULL };
+	if (!action)
+		return false;
+	for (int i = 0; actions[i]; i++)
+		if (strcmp(action, actions[i]) == 0)
+			return false;
+	xmpp_stanza_t *r = xa_error_reply(iq, "modify", "bad-request", NULL);
+	xmpp_stanza_t *err = r ? xmpp_stanza_get_child_by_name(r, "error") : NULL;
+	if (err)
+		xa_child(xc->ctx, err, strcmp(action, "prev") == 0 ? "bad-action" : "malformed-action", NS_COMMANDS);
+	xa_send_now(xc, r);
+	return true;
+}
+
 bool xa_command(struct xcomp *xc, xmpp_stanza_t *iq)
 {
 	xmpp_stanza_t *cmd = xmpp_stanza_get_child_by_name_and_ns(iq, "command", NS_COMMANDS);
@@ -419,6 +451,10 @@ bool xa_command(struct xcomp *xc, xmpp_stanza_t *iq)
 		return true;
 	}
 	snprintf(j->node, sizeof(j->node), "%s", node);
+	if (xa_command_bad_action(xc, iq, action)) {
+		free(j);
+		return true;
+	}
 	if (action && strcmp(action, "cancel") == 0) {
 		free(j);
 		xa_send_now(xc, xa_command_end(xc->ctx, iq, node, "canceled", NULL, NULL));

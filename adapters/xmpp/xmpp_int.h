@@ -288,6 +288,10 @@ bool xa_muc_invites(struct xcomp *xc, xmpp_stanza_t *st);
  * a group since its occupants were told come or go as presences; a user
  * removed from the group is out of the room. */
 void xa_muc_members(struct xcomp *xc, PGconn *c);
+/* An ad-hoc command's action XEP-0050 does not define (malformed-action)
+ * or that no stage here offers (prev: bad-action): answered with the
+ * error, true; else false. */
+bool xa_command_bad_action(struct xcomp *xc, xmpp_stanza_t *iq, const char *action);
 /* XEP-0050 answers to the command iq (from its 'to'; ctx: the calling
  * thread's): the command ended (status completed or canceled; note: NULL
  * or a note of note_type), or its first stage, executing, with a form

@@ -1318,6 +1318,23 @@ def test_every_pending_request_goes_again_after_a_reconnect(xd, gk, alice, pg, d
         raise AssertionError(f"{len(want - got())} of {n} requests not sent again") from None
 
 
+@pytest.mark.parametrize("contact", ["mallory@" + COMP, COMP])
+def test_dropping_a_contact_shows_it_offline(xd, gk, alice, contact):
+    """A user who drops a remote contact (or the gateway itself) from
+    their roster, unsubscribe, gets its unavailable presence: the
+    component is the contact's server (RFC 6121 §3.3.3, step 3), and
+    without it the user's clients kept showing the contact online (until
+    the twentieth session: a review's finding)."""
+    start = alice.count()
+    alice.send_presence(contact, "subscribe")
+    alice.wait_for_presence(lambda el: el.get("from", "").split("/")[0] == contact and el.get("type") is None,
+                            start=start)
+    start = alice.count()
+    alice.send_presence(contact, "unsubscribe")
+    alice.wait_for_presence(lambda el: el.get("from", "").split("/")[0] == contact
+                            and el.get("type") == "unavailable", start=start)
+
+
 def test_ad_hoc_commands(xd, gk, alice, pg, db_url):
     a, srv = gk
     cmd = "http://jabber.org/protocol/commands"
@@ -1348,6 +1365,15 @@ def test_ad_hoc_commands(xd, gk, alice, pg, db_url):
                                 "<field var='jid'><value>not a jid</value></field></x></command>", expect_error=True)
     assert bad.find(".//{urn:ietf:params:xml:ns:xmpp-stanzas}bad-request") is not None
     assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'consent.block'", db_url) == "1"
+    # An action XEP-0050 does not define is malformed-action, and prev,
+    # which no stage here offers, bad-action; neither runs the command
+    # (until the twentieth session both did).
+    for action, why in (("bogus", "malformed-action"), ("prev", "bad-action")):
+        bad = alice.iq("set", COMP, f"<command xmlns='{cmd}' node='opt-out' action='{action}'/>", expect_error=True)
+        assert bad.error_condition == "bad-request" and bad.find(f".//{{{cmd}}}{why}") is not None, \
+            ET.tostring(bad)
+    lst = alice.iq("set", COMP, f"<command xmlns='{cmd}' node='list' action='execute'/>")
+    assert "opted in: peer:gk" in lst.find(f".//{{{cmd}}}note").text  # still opted in
     # A report's reason is kept whole (it was cut at 399 bytes, inside a
     # character, and the report then failed for ever); past the peer API's
     # 8192 bytes it is refused, saying so.
