@@ -276,6 +276,73 @@ def test_a_claim_whose_outcome_was_lost_comes_back_while_the_process_delivers(ma
             srv.close()
 
 
+def claims(d):
+    return int(re.search(r"^causeway_dispatch_claims_total (\d+)", d.get("/metrics").text, re.M).group(1))
+
+
+def test_an_idle_dispatcher_does_not_claim_five_times_a_second(daemon, peers, pg, db_url):
+    """Idle, the dispatcher claims when a row can have become due without a
+    notification (a backoff or a claim that runs out), at the latest every
+    two seconds (the safety net), not every 200 ms: each claim is a
+    transaction of the database's (until the twentieth session, five a
+    second of an idle gateway)."""
+    (a, _), (b, sb) = peers
+    rm = room(a, b)
+    assert a.send(rm["id"], a.user("alice"), "then nothing").status_code == 202
+    sb.wait_events(1)
+    wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE state <> 'delivered'", db_url) == "0",
+               what="all delivered")
+    before, t0 = claims(daemon), time.time()
+    time.sleep(6)
+    tries, took = claims(daemon) - before, time.time() - t0
+    assert tries <= took / 2 + 3, f"{tries} claims in {took:.1f} s idle"
+
+
+def test_a_retry_comes_when_its_backoff_ends(make_daemon, db_url, pg):
+    """A batch the peer refused (503 once) goes again when its backoff
+    ends, though nothing is notified meanwhile: the idle dispatcher wakes
+    at the row's due time, not at its two-second safety net.  The backoff
+    is 0.3-0.6 s here; the retry starts within a second of it."""
+    d = make_daemon(db_url, options={"dispatcher": {"retry_base_ms": "600", "retry_max_ms": "600"}}).start()
+    (a, _), (b, sb) = made = push_peers(d)
+    try:
+        rm = room(a, b)
+        sb.script = [(503, None)]
+        mid = a.send(rm["id"], a.user("alice"), "503 once").json()["id"]
+        sb.wait_events(1)
+        late = pg.psql("SELECT extract(epoch FROM x.started_at - o.next_attempt_at) FROM outbox o "
+                       "JOIN events e ON e.id = o.event_id JOIN delivery_attempts x ON x.outbox_id = o.id "
+                       f"WHERE e.public_id = '{mid}' AND x.attempt = 2 AND x.ok", db_url)
+        assert late and -0.05 <= float(late) <= 1.0, (late, sb.answers)
+        assert [st for _, st in sb.answers][-2:] == [503, 200], sb.answers
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
+def test_a_dead_processs_claim_comes_back_when_it_runs_out(daemon, peers, pg, db_url):
+    """A row claimed by a process that died comes back when its claim runs
+    out, announced by nothing: the idle dispatcher wakes then (the claim's
+    end is among the times it waits for) and sends it again within a
+    second."""
+    (a, _), (b, sb) = peers
+    rm = room(a, b)
+    mid = a.send(rm["id"], a.user("alice"), "claimed by the dead").json()["id"]
+    sb.wait_events(1)
+    wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE state <> 'delivered'", db_url) == "0",
+               what="all delivered")
+    n = sb.requests
+    until = float(pg.psql("UPDATE outbox o SET state = 'in_flight', claimed_by = 'a-dead-process', "
+                          "claimed_until = now() + interval '3 seconds', delivered_at = NULL FROM events e "
+                          f"WHERE e.id = o.event_id AND e.public_id = '{mid}' "
+                          "RETURNING extract(epoch FROM o.claimed_until)", db_url))
+    wait_until(lambda: sb.requests > n, timeout=15, what="the row sent again")
+    came = sb.answers[n][0]
+    assert -0.05 <= came - until <= 1.0, (came - until, sb.answers)
+    wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE state <> 'delivered'", db_url) == "0",
+               what="delivered again")
+
+
 def test_a_race_for_one_key_fails_no_other_request(make_daemon, db_url, pg):
     """Two requests with one Idempotency-Key written at the same moment
     (merged into one group commit, or in two processes): one is written,
