@@ -330,6 +330,31 @@ static const char sweep_sql[] =
 	"SELECT count(*) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'dropped'), "
 	" count(*) FILTER (WHERE state = 'expired') FROM ch";
 
+/* The periodic sweep's statements, prepared on the policy thread's
+ * connection: sent whole, they were planned on every sweep, 1 ms each
+ * (until the twentieth session).  Their generic plans are the periodic
+ * sweep's custom plans ($2 NULL): both walk the held rows in an index of
+ * them (EXPLAIN at 5,000 and 205,000 held rows).  A consent's sweep, on
+ * a request's connection, sends them whole: only a custom plan folds
+ * SWEPT_ROWS's CASE into a probe of the user's held rows.  expiry_sql
+ * stays unprepared too: its generic plan takes every message due from a
+ * bitmap and sorts them, where the custom plan walks the expiry index in
+ * order and stops at its LIMIT (a backlog of expired messages would be
+ * read whole on every sweep). */
+static const struct store_stmt sweep_stmts[] = {
+	{ "cw_releasable", releasable_sql },
+	{ "cw_sweep", sweep_sql },
+	{ NULL, NULL },
+};
+static const struct store_stmt *const sweep_stmt_lists[] = { sweep_stmts, NULL };
+
+/* Runs sweep_stmts[k], prepared on c or sent whole. */
+static PGresult *sweep_exec(PGconn *c, bool prepared, int k, int n, const char *const *params)
+{
+	return prepared ? PQexecPrepared(c, sweep_stmts[k].name, n, params, NULL, NULL, 0)
+			: PQexecParams(c, sweep_stmts[k].sql, n, NULL, params, NULL, NULL, 0);
+}
+
 /* What the server's rules (and the user's opt-in) say now of the rows
  * about to be released: those they stop, as sweep_sql's $3.  A row was
  * held under the rules of its arrival; a rule added since (deny: abuse
@@ -338,11 +363,11 @@ static const char sweep_sql[] =
  * The user's own consent is the database's (the snapshot may be a
  * moment behind the change that runs this sweep); sizes and rate limits
  * were decided at arrival. */
-static cw_err rule_denials(PGconn *c, const struct policy_view *v, const char *const params[2], char **out,
-			   cw_errmsg *e)
+static cw_err rule_denials(PGconn *c, bool prepared, const struct policy_view *v, const char *const params[2],
+			   char **out, cw_errmsg *e)
 {
 	*out = NULL;
-	PGresult *r = PQexecParams(c, releasable_sql, 2, NULL, params, NULL, NULL, 0);
+	PGresult *r = sweep_exec(c, prepared, 0, 2, params);
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 	if (rc)
 		return rc;
@@ -378,7 +403,9 @@ static cw_err rule_denials(PGconn *c, const struct policy_view *v, const char *c
  * turn; on an idle connection the sweep is its own transaction. */
 #define SWEEP_LOCK_KEY "7161132091431352699"
 
-cw_err policy_sweep(PGconn *c, const struct policy_view *v, const char *target_id, long counts[3], cw_errmsg *e)
+/* policy_sweep, its statements prepared on c (sweep_stmts) or not. */
+static cw_err sweep(PGconn *c, bool prepared, const struct policy_view *v, const char *target_id, long counts[3],
+		    cw_errmsg *e)
 {
 	char secs[24];
 	snprintf(secs, sizeof(secs), "%lld", (long long)v->set.held_expiry_s);
@@ -389,9 +416,9 @@ cw_err policy_sweep(PGconn *c, const struct policy_view *v, const char *target_i
 	if (!rc)
 		rc = store_exec(c, "SELECT pg_advisory_xact_lock(" SWEEP_LOCK_KEY ")", e);
 	if (!rc)
-		rc = rule_denials(c, v, params, &denials, e);
+		rc = rule_denials(c, prepared, v, params, &denials, e);
 	params[2] = denials;
-	PGresult *r = rc ? NULL : PQexecParams(c, sweep_sql, 3, NULL, params, NULL, NULL, 0);
+	PGresult *r = rc ? NULL : sweep_exec(c, prepared, 1, 3, params);
 	free(denials);
 	if (!rc && !(rc = store_check(c, r, PGRES_TUPLES_OK, e))) {
 		for (int i = 0; i < 3; i++)
@@ -406,6 +433,11 @@ cw_err policy_sweep(PGconn *c, const struct policy_view *v, const char *target_i
 			rc = store_exec(c, "COMMIT", e);
 	}
 	return rc;
+}
+
+cw_err policy_sweep(PGconn *c, const struct policy_view *v, const char *target_id, long counts[3], cw_errmsg *e)
+{
+	return sweep(c, false, v, target_id, counts, e);
 }
 
 /* Messages whose content.expires has come (schema/014): the rows not yet
@@ -730,7 +762,8 @@ static bool ensure_conn(struct policy_live *pl, bool *fresh)
 	PQfinish(pl->c);
 	cw_errmsg e;
 	pl->c = store_connect(pl->url, pl->o.statement_timeout_ms, &e);
-	if (pl->c && store_exec(pl->c, "LISTEN causeway_policy", &e)) {
+	if (pl->c &&
+	    (store_exec(pl->c, "LISTEN causeway_policy", &e) || !store_prepare_all(pl->c, sweep_stmt_lists, &e))) {
 		PQfinish(pl->c);
 		pl->c = NULL;
 	}
@@ -885,7 +918,7 @@ static void *live_main(void *arg)
 			struct policy_view *v = policy_live_get(pl);
 			long counts[3];
 			cw_errmsg e;
-			if (policy_sweep(pl->c, v, NULL, counts, &e)) {
+			if (sweep(pl->c, true, v, NULL, counts, &e)) {
 				LOG_KV(CW_LOG_WARN, "policy sweep failed", "detail", e.msg);
 			} else if (counts[0] || counts[1] || counts[2]) {
 				log_counts("held messages swept", "released", "dropped", "expired", counts);
@@ -968,7 +1001,8 @@ cw_err policy_live_start(struct policy_live **out, const struct policy_live_opts
 		return cw_fail(e, CW_ENOMEM, "out of resources");
 	}
 	pl->c = store_connect(pl->url, o->statement_timeout_ms, e);
-	if (!pl->c || store_exec(pl->c, "LISTEN causeway_policy", e)) {
+	if (!pl->c || store_exec(pl->c, "LISTEN causeway_policy", e) ||
+	    !store_prepare_all(pl->c, sweep_stmt_lists, e)) {
 		policy_live_free(pl);
 		return CW_EUNAVAIL;
 	}
