@@ -780,7 +780,7 @@ static inline bool limited(struct policy_decision *d, int64_t wait, const char *
 	return true;
 }
 
-/* Step 3b: the sender's rate limits.  Each limit has one bucket for the
+/* Step 3a: the sender's rate limits.  Each limit has one bucket for the
  * rule's whole subject (its pattern): every user of a domain, every
  * subdomain of a wildcard, every peer of "peer:*", the user of a user rule;
  * rotating user names or subdomains does not escape it (the spec's limits
@@ -843,7 +843,7 @@ static bool rate_limits(const struct policy_request *r, const struct pparty *snd
 	return false;
 }
 
-/* Step 3a: size and content kinds against one party's limits. */
+/* Step 3b: size and content kinds against one party's limits. */
 static bool size_limits(const struct policy_request *r, const struct peval *e, struct policy_decision *d)
 {
 	const struct rule *rule;
@@ -902,7 +902,7 @@ void policy_decide(const struct policy_snapshot *ov, const struct policy_request
 	for (int i = 0; i < nremote; i++)
 		evaluate(s, remote[i], r->now_ms, &ev[i]);
 
-	/* 1. Server deny rules.  Inbound, the sender's rate limits (3b) are
+	/* 1. Server deny rules.  Inbound, the sender's rate limits (3a) are
 	 * charged and answered first, as for a block (step 2): a denied
 	 * sender never limited would learn that it is denied. */
 	for (int i = 0; i < nremote; i++) {
@@ -921,7 +921,7 @@ void policy_decide(const struct policy_snapshot *ov, const struct policy_request
 
 	/* 2. The local user's blocks; outbound, the remote user's block.  The
 	 * consent facts found are kept for step 6.  Inbound, the sender's rate
-	 * limits (3b) are charged and answered first: a block answered 202
+	 * limits (3a) are charged and answered first: a block answered 202
 	 * where anyone else's answer is 429 would tell a sender with an
 	 * empty bucket who blocked them (the spec's rule that a peer cannot
 	 * tell a block from anything else wins over its order here; what
@@ -948,15 +948,21 @@ void policy_decide(const struct policy_snapshot *ov, const struct policy_request
 		}
 	}
 
-	/* 3a. Size and content kinds. */
+	/* 3a. Rate limits of a remote sender, charged before the size and
+	 * content limits judge the message (3b): a message those deny takes
+	 * a token whoever it is for, as one to a user who blocked the sender
+	 * does (step 2).  Until the twentieth session it took none unless the
+	 * user had blocked the sender or the server denied them, so a peer
+	 * sending oversized messages met 429 only there, and learnt who
+	 * blocked it (a review's finding). */
+	if (r->rate && r->rate->take && dir != POLICY_OUTBOUND && rate_limits(r, &snd, &ev[0], d))
+		return;
+
+	/* 3b. Size and content kinds. */
 	if (r->action == POLICY_ACT_EVENT)
 		for (int i = 0; i < nremote; i++)
 			if (size_limits(r, &ev[i], d))
 				return;
-
-	/* 3b. Rate limits of a remote sender. */
-	if (r->rate && r->rate->take && dir != POLICY_OUTBOUND && rate_limits(r, &snd, &ev[0], d))
-		return;
 
 	/* 4. The remote parties' effective modes. */
 	for (int i = 0; i < nremote; i++) {

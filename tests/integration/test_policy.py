@@ -279,6 +279,33 @@ def test_no_limit_tells_a_peer_who_exists_or_blocked_it(daemon, peers, pg, db_ur
     assert r.status_code == 403 and "server_denied" not in r.text, r.text
 
 
+def test_oversized_messages_tell_no_one_apart_by_429(daemon, peers, pg, db_url):
+    """A review's probe (twentieth session): under a size limit and a
+    per-user message limit, a sender writes oversized messages to each
+    kind of target; a sender the server denies does too.  The size
+    limit denies them all (the peer sees 202), and the rate limit must
+    be charged for all alike: it was charged only where the recipient
+    had blocked the sender or the server denied them (their 429s told
+    them so)."""
+    (a, _), _ = peers
+    opt_in(daemon)  # alice: opted in, no decision
+    opt_in(daemon, user=BOB)
+    consent(daemon, a.user("s-blocked"), "blocked", user=BOB)
+    targets = {"held": ALICE, "blocked": BOB, "not-opted-in": "mimi://example.org/u/carol",
+               "unknown": "mimi://example.org/u/nobody", "denied": ALICE}
+    rooms = {name: dm(a, local=t, remote="s-" + name) for name, t in targets.items()}
+    assert daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example", "limits": {
+        "max_body_bytes": 100, "messages_per_minute_per_user": 2}}).status_code == 201
+    assert daemon.admin("POST", "/rules", json={"scope": "user", "pattern": a.user("s-denied"),
+                                                "mode": "deny"}).status_code == 201
+    probe = dm(a, remote="probe")
+    wait_policy(daemon, lambda: states(pg, db_url, [send(a, probe, "y" * 200, sender="probe").json()["id"]])[0][1]
+                == "dropped", "the rules in force")
+    codes = {name: [send(a, room, "x" * 200, sender="s-" + name).status_code for _ in range(4)]
+             for name, room in rooms.items()}
+    assert all(v == [202, 202, 429, 429] for v in codes.values()), codes
+
+
 def test_a_block_and_its_end_travel_to_the_peer(daemon, peers, pg, db_url):
     """spec/policy.md, "Blocks travel": a local user's block of a peer's
     user reaches that peer as a block event from the local user in the room
