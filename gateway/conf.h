@@ -45,6 +45,7 @@ struct cw_config {
 	long retention_content_days;
 	long retention_idempotency_days;
 	long retention_attempts_days;
+	long retention_rows_days;
 	long retention_interval_s;
 	/* [database] */
 	char *db_url;

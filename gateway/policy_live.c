@@ -950,14 +950,19 @@ static void *live_main(void *arg)
 		 * for minutes on end; reloads and sweeps get their turns in
 		 * between. */
 		if (pl->o.retention && now >= next_retention) {
-			long rt[3];
+			long rt[4];
 			cw_errmsg e;
 			bool more = false;
 			if (retention_sweep(pl->c, pl->o.retention, rt, &e)) {
 				LOG_KV(CW_LOG_WARN, "retention sweep failed", "detail", e.msg);
-			} else if (rt[0] || rt[1] || rt[2]) {
-				log_counts("old data removed", "contents_erased", "idempotency_keys", "delivery_attempts", rt);
-				more = rt[0] == RETENTION_BATCH || rt[1] == RETENTION_BATCH || rt[2] == RETENTION_BATCH;
+			} else if (rt[0] || rt[1] || rt[2] || rt[3]) {
+				char n[4][24];
+				for (int i = 0; i < 4; i++) {
+					snprintf(n[i], sizeof(n[i]), "%ld", rt[i]);
+					more = more || rt[i] == RETENTION_BATCH;
+				}
+				LOG_KV(CW_LOG_INFO, "old data removed", "contents_erased", n[0], "idempotency_keys", n[1],
+				       "delivery_attempts", n[2], "events_deleted", n[3]);
 			}
 			next_retention = now + (more ? 1000000LL : pl->o.retention->retention_interval_s * 1000000LL);
 		}

@@ -1,6 +1,7 @@
 """Retention through the real daemon: the content of old messages whose
 deliveries are all done is erased (ids, rows and statuses stay), old
-idempotency keys and delivery attempts are deleted, what is still owed to
+idempotency keys and delivery attempts are deleted, older events whose
+deliveries are all done are deleted with their rows, what is still owed to
 someone is kept, and a setting of 0 keeps that kind for ever.  Data is made
 through the peer API and made old with SQL; retention.interval_s is 1 here
 (60 by default)."""
@@ -13,6 +14,7 @@ from test_peer_pull import make_peers
 
 OLD = "now() - interval '40 days'"  # past retention.content_days and attempts_days (30)
 OLD_KEY = "now() - interval '8 days'"  # past retention.idempotency_days (7)
+OLDER = "now() - interval '400 days'"  # past retention.rows_days (365)
 
 
 def start(make_daemon, db_url, **retention):
@@ -27,6 +29,11 @@ def peers(d):
     a, b, rm, srv = make_peers(d)
     srv.public_b64 = d.get("/.well-known/mimi-protocol-directory").json()["public_key"]["key"]
     return a, b, rm, srv
+
+
+def started_with_peers(make_daemon, db_url):
+    d = start(make_daemon, db_url)
+    return (d, *peers(d))
 
 
 def contents(pg, db_url, ids):
@@ -57,12 +64,13 @@ def attempts_of(pg, db_url, msg):
                        f"JOIN events e ON e.id = o.event_id WHERE e.public_id = '{msg}'", db_url))
 
 
-def age(pg, db_url, events=(), keys=(), attempts_of=()):
+def age(pg, db_url, events=(), keys=(), attempts_of=(), older=()):
     """In one transaction: a sweep sees all of it or none."""
     sql = []
-    if events:
-        sql.append(f"UPDATE events SET accepted_at = {OLD} WHERE public_id IN (%s)"
-                   % ",".join("'%s'" % i for i in events))
+    for ids, when in ((events, OLD), (older, OLDER)):
+        if ids:
+            sql.append(f"UPDATE events SET accepted_at = {when} WHERE public_id IN (%s)"
+                       % ",".join("'%s'" % i for i in ids))
     if keys:
         sql.append(f"UPDATE idempotency_keys SET created_at = {OLD_KEY} WHERE key IN (%s)"
                    % ",".join("'%s'" % k for k in keys))
@@ -75,8 +83,7 @@ def age(pg, db_url, events=(), keys=(), attempts_of=()):
 
 
 def test_old_delivered_content_is_erased_and_what_is_owed_is_kept(make_daemon, db_url, pg):
-    d = start(make_daemon, db_url)
-    a, b, rm, srv = peers(d)
+    d, a, b, rm, srv = started_with_peers(make_daemon, db_url)
     alice, bob = a.user("alice"), b.user("bob")
     # To the pull peer: pulled and acknowledged (delivered).
     old_done = a.send(rm["id"], alice, "old, delivered").json()["id"]
@@ -152,6 +159,96 @@ def test_old_delivered_content_is_erased_and_what_is_owed_is_kept(make_daemon, d
     srv.close()
 
 
+def rows_of(pg, db_url, msg):
+    """The event's rows: itself, its outbox rows, their attempts, its native ids."""
+    return [int(pg.psql(q % msg, db_url)) for q in (
+        "SELECT count(*) FROM events WHERE public_id = '%s'",
+        "SELECT count(*) FROM outbox o JOIN events e ON e.id = o.event_id WHERE e.public_id = '%s'",
+        "SELECT count(*) FROM delivery_attempts d JOIN outbox o ON o.id = d.outbox_id "
+        "JOIN events e ON e.id = o.event_id WHERE e.public_id = '%s'",
+        "SELECT count(*) FROM event_native_ids n JOIN events e ON e.id = n.event_id WHERE e.public_id = '%s'")]
+
+
+def test_old_done_events_are_deleted_with_their_rows_and_what_is_owed_is_kept(make_daemon, db_url, pg):
+    d, a, b, rm, srv = started_with_peers(make_daemon, db_url)
+    alice, bob = a.user("alice"), b.user("bob")
+    # To the pull peer, pulled and acknowledged: a message, one that a
+    # younger reply names, and one with an old reply still owed.
+    done = a.send(rm["id"], alice, "old, delivered").json()["id"]
+    replied = a.send(rm["id"], alice, "old, replied to").json()["id"]
+    reply = a.send(rm["id"], alice, "young reply", content={
+        "parts": [{"type": "text/plain", "body": "young reply"}], "in_reply_to": replied}).json()["id"]
+    owed_reply_to = a.send(rm["id"], alice, "old, its reply not pulled yet").json()["id"]
+    cursor = pull_and_ack(b)["next"]
+    wait_until(lambda: all(delivered(pg, db_url, m) for m in (done, replied, reply, owed_reply_to)),
+               what="the pull ack")
+    owed_reply = a.send(rm["id"], alice, "old reply, not pulled yet", content={
+        "parts": [{"type": "text/plain", "body": "old reply, not pulled yet"}],
+        "in_reply_to": owed_reply_to}).json()["id"]
+    # Still owed: not pulled yet (pending), held, dead.
+    pending = a.send(rm["id"], alice, "old, not pulled yet").json()["id"]
+    held = a.send(rm["id"], alice, "old, held").json()["id"]
+    dead = a.send(rm["id"], alice, "old, dead letter").json()["id"]
+    for m, state in ((held, "held"), (dead, "dead")):
+        pg.psql(f"UPDATE outbox SET state = '{state}' WHERE event_id = "
+                f"(SELECT id FROM events WHERE public_id = '{m}')", db_url)
+    # To the push peer: a message with a delivery attempt (younger than
+    # attempts_days: it goes with its row), a reaction to it and an edit of
+    # it (each kept while its target is: XMPP's sets of reactions and a
+    # message's latest version are made from them).
+    pushed = b.send(rm["id"], bob, "old, pushed").json()["id"]
+    reaction = b.call("POST", f"/v1/rooms/{rm['id']}/messages", {
+        "type": "reaction", "sender": bob, "content": {
+            "in_reply_to": pushed, "disposition": "reaction",
+            "parts": [{"type": "text/plain", "body": "\u2764"}]}}, idem="old-reaction").json()["id"]
+    edit = b.call("POST", f"/v1/rooms/{rm['id']}/messages", {
+        "type": "edit", "sender": bob, "content": {
+            "replaces": pushed, "parts": [{"type": "text/plain", "body": "old, pushed (edited)"}]}},
+        idem="old-edit").json()["id"]
+    srv.wait_events(3)
+    wait_until(lambda: all(delivered(pg, db_url, m) for m in (pushed, reaction, edit))
+               and attempts_of(pg, db_url, pushed) == 1, what="the pushes")
+    # A native id, as the Matrix adapter keeps one for a message it sent.
+    pg.psql("INSERT INTO event_native_ids (event_id, network, kind, native_id) "
+            f"SELECT id, 'matrix', 'event_id', '$old:hs.example' FROM events WHERE public_id = '{done}'", db_url)
+    assert rows_of(pg, db_url, done) == [1, 1, 0, 1]
+    assert rows_of(pg, db_url, pushed) == [1, 1, 1, 0]
+    kept = [pending, held, dead, owed_reply, owed_reply_to]
+    age(pg, db_url, older=[done, replied, owed_reply_to, owed_reply, pending, held, dead, pushed, reaction, edit])
+
+    # The message, its reaction and its edit go (the reaction and the edit
+    # once their target has gone), with their rows.
+    wait_until(lambda: all(rows_of(pg, db_url, m) == [0, 0, 0, 0] for m in (done, replied, pushed, reaction, edit)),
+               timeout=30, interval=0.2, what="the old events deleted")
+    rec = d.wait_for(lambda r: r.get("msg") == "old data removed" and int(r.get("events_deleted", 0)) > 0)
+    assert int(rec["events_deleted"]) >= 1
+    # What is owed stays, with its rows; so does the message an owed reply names.
+    for m in kept:
+        assert rows_of(pg, db_url, m)[:2] == [1, 1], m
+    assert pg.psql(f"SELECT string_agg(o.state, ',' ORDER BY o.id) FROM outbox o JOIN events e ON e.id = o.event_id "
+                   f"WHERE e.public_id IN ('{pending}', '{held}', '{dead}')", db_url) == "pending,held,dead"
+    # The young reply stays; its reference to the deleted message is cleared.
+    assert pg.psql(f"SELECT in_reply_to_id IS NULL FROM events WHERE public_id = '{reply}'", db_url) == "t"
+    assert pg.psql("SELECT count(*) FROM events WHERE id NOT IN (SELECT id FROM events) "
+                   "OR replaces_id NOT IN (SELECT id FROM events) OR in_reply_to_id NOT IN (SELECT id FROM events)",
+                   db_url) == "0"
+    # A deleted message is as unknown as one never sent: to its sender, in
+    # the trace, and as the target of a reply.
+    st = a.call("GET", f"/v1/messages/{done}")
+    assert st.status_code == 404 and st.json()["code"] == "unknown_message", st.text
+    assert d.admin("GET", f"/messages/{done}").status_code == 404
+    r = a.send(rm["id"], alice, "", content={"parts": [{"type": "text/plain", "body": "late reply"}],
+                                             "in_reply_to": done})
+    assert r.status_code == 400 and "in_reply_to names no message" in r.text, r.text
+    # Once pulled, the owed messages are done, and go too.
+    got = pull_and_ack(b, cursor)
+    assert {pending, owed_reply} <= {e["id"] for e in got["events"]}
+    wait_until(lambda: all(rows_of(pg, db_url, m)[0] == 0 for m in (pending, owed_reply, owed_reply_to)),
+               timeout=30, interval=0.2, what="the pulled messages deleted")
+    assert rows_of(pg, db_url, dead)[:2] == [1, 1] and rows_of(pg, db_url, held)[:2] == [1, 1]
+    srv.close()
+
+
 def add_old_attempt(pg, db_url):
     pg.psql("INSERT INTO delivery_attempts (outbox_id, attempt, started_at, finished_at, ok) "
             f"SELECT min(id), 99, {OLD}, {OLD}, true FROM outbox", db_url)
@@ -166,7 +263,7 @@ def add_old_key(pg, db_url):
             f"VALUES ('peer:gk', 'witness', sha256('w'::bytea), {OLD_KEY})", db_url)
 
 
-@pytest.mark.parametrize("kept", ["content", "idempotency", "attempts"])
+@pytest.mark.parametrize("kept", ["content", "idempotency", "attempts", "rows"])
 def test_a_setting_of_zero_keeps_that_kind_for_ever(make_daemon, db_url, pg, kept):
     d = start(make_daemon, db_url, **{f"{kept}_days": 0})
     a, b, rm, srv = peers(d)
@@ -178,12 +275,16 @@ def test_a_setting_of_zero_keeps_that_kind_for_ever(make_daemon, db_url, pg, kep
                what="the deliveries")
     assert a.create_room([a.user("x"), b.user("y")], idem="room-old").status_code == 201
     before = contents(pg, db_url, [pulled, pushed])
-    age(pg, db_url, events=[pulled, pushed], keys=["room-old"], attempts_of=[pushed])
+    # Rows: past retention.rows_days too (which would delete them, and
+    # their contents, keys and attempts with them, but for the 0).
+    when = "older" if kept == "rows" else "events"
+    age(pg, db_url, keys=["room-old"], attempts_of=[pushed], **{when: [pulled, pushed]})
     # The other kinds go ...
     gone = {"content": lambda: set(contents(pg, db_url, [pulled, pushed]).values()) == {"{}"},
             "idempotency": lambda: "room-old" not in keys(pg, db_url),
-            "attempts": lambda: attempts_of(pg, db_url, pushed) == 0}
-    wait_until(lambda: all(f() for k, f in gone.items() if k != kept), timeout=30, interval=0.2,
+            "attempts": lambda: attempts_of(pg, db_url, pushed) == 0,
+            "rows": lambda: contents(pg, db_url, [pulled, pushed]) == {}}
+    wait_until(lambda: all(f() for k, f in gone.items() if k not in (kept, "rows")), timeout=30, interval=0.2,
                what="the other kinds removed")
     # ... and a witness made old after that goes too: a whole sweep ran
     # after the aging, and it kept the kind set to 0.
@@ -196,4 +297,7 @@ def test_a_setting_of_zero_keeps_that_kind_for_ever(make_daemon, db_url, pg, kep
     assert not gone[kept]()
     if kept == "content":
         assert contents(pg, db_url, [pulled, pushed]) == before
+    if kept == "rows":
+        assert pg.psql("SELECT count(*) FROM outbox o JOIN events e ON e.id = o.event_id "
+                       f"WHERE e.public_id IN ('{pulled}', '{pushed}')", db_url) == "2"
     srv.close()

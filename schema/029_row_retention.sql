@@ -1,0 +1,22 @@
+-- 029_row_retention.sql: the index of the retention sweep's event deletion
+-- (retention.rows_days, gateway/retention.c).
+--
+-- The sweep deletes old events, oldest first, a batch at a time, and must
+-- find them without reading the table.  Old enough, an event's content was
+-- erased long before (retention.content_days): the old events with
+-- content are in events_content_kept_idx (025), the erased ones in this
+-- index.  The brin index on accepted_at (004) does not do: it hands back
+-- every old page on every run, and once deleted rows' space is reused by
+-- new events a page range's summary spans old and new for good, so in time
+-- every range matches and each run reads the whole table.
+--
+-- Its cost: nothing on the insert path (an event is written with its
+-- content; a denied or blocked one, erased at once, is rare); one more
+-- entry when the content sweep erases an event, whose update is not HOT
+-- already (content is in 025's predicate).
+--
+-- The build reads the whole table and blocks the writers of events for as
+-- long as it runs; on a large table build it first with CREATE INDEX
+-- CONCURRENTLY under this name (docs/operations.md), and this file then
+-- does nothing.
+CREATE INDEX IF NOT EXISTS events_erased_idx ON events (accepted_at) WHERE content = '{}'::jsonb;
