@@ -292,15 +292,32 @@ struct ini_ctx {
 	cw_errmsg *e;
 	int errors;
 	int line; /* of the last line read: Debian's inih has no line numbers in its handler */
+	int overlong; /* the first line longer than inih's buffer, 0: none */
+	int max;      /* that buffer's size (INI_MAX_LINE of the library's build) */
 	FILE *f;
 };
 
+/* inih reads a line into a buffer of its build's INI_MAX_LINE (200 in
+ * Debian's) and parses what did not fit as a line of its own: a long
+ * database.url was a syntax error on the wrong line, and the end of a
+ * long comment was read as an option, and taken if it named one (until
+ * the twentieth session).  Such a line stops the parse here, and the
+ * caller says so. */
 static char *ini_read_line(char *str, int num, void *stream)
 {
 	struct ini_ctx *x = stream;
 	char *s = fgets(str, num, x->f);
-	if (s)
-		x->line++;
+	if (!s)
+		return NULL;
+	x->line++;
+	if (!strchr(s, '\n')) {
+		int ch = fgetc(x->f);
+		if (ch != EOF && ch != '\n') {
+			x->overlong = x->line;
+			x->max = num;
+			return NULL;
+		}
+	}
 	return s;
 }
 
@@ -360,6 +377,13 @@ cw_err cfg_load(struct cw_config *c, const char *path, const char *(*getenv_fn)(
 		struct ini_ctx x = { .c = c, .path = path, .e = e, .f = f };
 		int rc = ini_parse_stream(ini_read_line, &x, on_ini_pair, &x);
 		fclose(f);
+		if (x.overlong && !x.errors) {
+			cfg_free(c);
+			return cw_fail(e, CW_EINVAL,
+				       "%s:%d: line longer than %d bytes, which the INI parser (libinih) cannot read "
+				       "whole; set a long value by the environment (CAUSEWAY_<SECTION>_<NAME>)",
+				       path, x.overlong, x.max - 1);
+		}
 		if (rc != 0 || x.errors) {
 			if (!x.errors) /* a syntax error inih found itself */
 				cw_fail(e, CW_EINVAL, "%s:%d: syntax error (expected [section] or name = value)", path, rc);

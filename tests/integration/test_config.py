@@ -42,6 +42,23 @@ def test_check_config_rejects_unknown_options(tmp_path):
     assert "database.user: unknown option" in r.stderr
 
 
+def test_a_line_longer_than_the_ini_parser_reads_is_refused_by_its_number(tmp_path):
+    """libinih (Debian's build) reads a line into 200 bytes and parsed the
+    rest as a line of its own: a long database.url was a syntax error on
+    the wrong line, and the end of a long comment an option, taken when it
+    named one (until the twentieth session)."""
+    schema = os.path.join(TOP_SRCDIR, "schema")
+    ok = "; " + "c" * 197 + "\n"  # 199 bytes: read whole
+    comment = "; " + "c" * 198 + "port = 1\n"  # its end was read as server.port = 1
+    for text, line in ((f"[server]\n{comment}[database]\nurl = postgresql:///x\n", 2),
+                       (f"[database]\nurl = postgresql:///x?application_name={'a' * 200}\n", 2)):
+        r = run_causewayd(["--check-config", write(tmp_path, text)])
+        assert r.returncode == 1 and f"c.ini:{line}: line longer than 199 bytes" in r.stderr, r.stderr
+    r = run_causewayd(["--check-config", write(tmp_path, f"[server]\n{ok}[database]\nurl = postgresql:///x\n"
+                                                         f"schema_dir = {schema}\n")])
+    assert r.returncode == 0, r.stderr
+
+
 def test_environment_overrides_and_is_validated(tmp_path):
     p = write(tmp_path, "[database]\nurl = x\n")
     r = run_causewayd(["--check-config", p], env={"CAUSEWAY_SERVER_PORT": "-5"})
