@@ -32,7 +32,7 @@ static bool is_local_char(unsigned char ch)
 	return is_alnum(ch) || ch == '-' || ch == '.' || ch == '_' || ch == '~' || ch == '+' || ch == '=';
 }
 
-static cw_err check_domain(const char *d, size_t len, cw_errmsg *e)
+cw_err mimi_domain_check(const char *d, size_t len, cw_errmsg *e)
 {
 	if (len == 0)
 		return cw_fail(e, CW_EINVAL, "the domain is empty");
@@ -126,7 +126,7 @@ cw_err mimi_uri_parse(const char *s, struct mimi_uri *out, cw_errmsg *e)
 		return cw_fail(e, CW_EINVAL, "the identifier does not start with mimi://");
 	const char *host = s + 7;
 	size_t hlen = strcspn(host, ":/?#");
-	cw_err rc = check_domain(host, hlen, e);
+	cw_err rc = mimi_domain_check(host, hlen, e);
 	if (rc)
 		return rc;
 	const char *p = host + hlen;
@@ -167,7 +167,7 @@ cw_err mimi_uri_format(const struct mimi_uri *u, char *buf, size_t size, cw_errm
 	size_t idlen = strnlen(u->id, sizeof(u->id));
 	if (dlen == sizeof(u->domain) || idlen == sizeof(u->id))
 		return cw_fail(e, CW_EINVAL, "the identifier's components are not terminated");
-	cw_err rc = check_domain(u->domain, dlen, e);
+	cw_err rc = mimi_domain_check(u->domain, dlen, e);
 	if (!rc)
 		rc = u->kind == MIMI_USER ? check_local(u->id, idlen, e)
 		     : u->kind == MIMI_ROOM ? check_room_id(u->id, idlen, e)

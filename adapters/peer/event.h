@@ -51,6 +51,10 @@ cw_err mimi_uri_parse(const char *s, struct mimi_uri *out, cw_errmsg *e);
  * parser would refuse; CW_EINVAL too when buf is too small. */
 cw_err mimi_uri_format(const struct mimi_uri *u, char *buf, size_t size, cw_errmsg *e);
 bool mimi_uri_equal(const struct mimi_uri *a, const struct mimi_uri *b);
+/* A domain as mimi:// URIs hold it (d: len bytes): lower-case DNS labels,
+ * at least one dot, the last label not all digits (an IP address is no
+ * identifier).  CW_EINVAL with the reason in e. */
+cw_err mimi_domain_check(const char *d, size_t len, cw_errmsg *e);
 
 /* Opaque ids used in URL paths and bodies (never decoded or escaped):
  *   room public id   "r_"   + 1-64 of [A-Za-z0-9_-]   (/v1/rooms/{room})
