@@ -14,11 +14,13 @@ from test_peer_pull import make_peers
 
 OLD = "now() - interval '40 days'"  # past retention.content_days and attempts_days (30)
 OLD_KEY = "now() - interval '8 days'"  # past retention.idempotency_days (7)
-OLDER = "now() - interval '400 days'"  # past retention.rows_days (365)
+OLDER = "now() - interval '400 days'"  # past retention.rows_days (365 here)
 
 
 def start(make_daemon, db_url, **retention):
-    opts = {"interval_s": "1"}
+    # rows_days is off by default (not yet safe: docs/operations.md); on
+    # here, at the value it is meant to have, unless a test sets it.
+    opts = {"interval_s": "1", "rows_days": "365"}
     opts.update({k: str(v) for k, v in retention.items()})
     return make_daemon(db_url, options={"retention": opts}).start()
 
