@@ -40,7 +40,6 @@ struct lane {
 struct pause {
 	char dest[sizeof(((struct outbox_row *)0)->destination)];
 	int64_t until_us;
-	bool skipped; /* a claim passed it over: its end may find rows due (until_due) */
 };
 
 /* A claim that finds nothing in at least this long pauses its destination
@@ -50,18 +49,6 @@ struct pause {
 #define PAUSE_MAX_US 10000000
 /* The longest wait a far side's Retry-After gets (outbox_retry_after_ms). */
 #define RETRY_AFTER_MAX_MS 3600000L
-
-/* The idle watcher claims on a notification, or when a row can have
- * become due without one (see until_due): at the earliest WATCH_MIN_MS
- * after a claim that found nothing (WATCH_FAILED_MS after one that
- * failed), at the latest WATCH_MAX_MS after it, a safety net for whatever
- * makes a row due unannounced that the due times do not cover.  It looks
- * at the time again every WATCH_TICK_MS: another lane's claim may bring it
- * nearer, and a stop is seen. */
-#define WATCH_MIN_MS 200
-#define WATCH_FAILED_MS 500
-#define WATCH_MAX_MS 2000
-#define WATCH_TICK_MS 200
 
 struct dispatcher {
 	struct dispatcher_opts o;
@@ -77,10 +64,6 @@ struct dispatcher {
 		rate_limited, expired;
 	struct pause *pauses; /* under mu */
 	int npauses, pauses_cap;
-	/* When the watcher claims even without a notification (under mu):
-	 * the earliest time that the lanes' claims found something can become
-	 * due unannounced (post_due), or the safety net. */
-	int64_t due_us;
 	/* The claims' keeper (keeper_main): renews this process's claims
 	 * while a lane delivers (busy lanes, under mu). */
 	pthread_t keeper;
@@ -90,9 +73,8 @@ struct dispatcher {
 	atomic_uint_fast64_t renewals;
 };
 
-/* Whether dest is paused now, marked skipped if skip; drops the pauses
- * that are over (under mu). */
-static bool paused(struct dispatcher *d, const char *dest, bool skip)
+/* Whether dest is paused now; drops the pauses that are over (under mu). */
+static bool paused(struct dispatcher *d, const char *dest)
 {
 	int64_t now = cw_now_us();
 	bool found = false;
@@ -101,10 +83,7 @@ static bool paused(struct dispatcher *d, const char *dest, bool skip)
 			d->pauses[i] = d->pauses[--d->npauses];
 			continue;
 		}
-		if (strcmp(d->pauses[i].dest, dest) == 0) {
-			found = true;
-			d->pauses[i].skipped = d->pauses[i].skipped || skip;
-		}
+		found = found || strcmp(d->pauses[i].dest, dest) == 0;
 		i++;
 	}
 	return found;
@@ -115,7 +94,7 @@ static bool paused(struct dispatcher *d, const char *dest, bool skip)
 static void pause_destination(struct dispatcher *d, const char *dest, int64_t us)
 {
 	pthread_mutex_lock(&d->mu);
-	if (!paused(d, dest, false) && d->npauses == d->pauses_cap) {
+	if (!paused(d, dest) && d->npauses == d->pauses_cap) {
 		int cap = d->pauses_cap ? d->pauses_cap * 2 : 8;
 		struct pause *p = realloc(d->pauses, (size_t)cap * sizeof(*p));
 		if (p) {
@@ -127,7 +106,6 @@ static void pause_destination(struct dispatcher *d, const char *dest, int64_t us
 		struct pause *p = &d->pauses[d->npauses++];
 		snprintf(p->dest, sizeof(p->dest), "%s", dest);
 		p->until_us = cw_now_us() + us;
-		p->skipped = false;
 	}
 	pthread_mutex_unlock(&d->mu);
 }
@@ -138,7 +116,7 @@ static bool take_destination(struct lane *l, const char *dest)
 {
 	struct dispatcher *d = l->d;
 	pthread_mutex_lock(&d->mu);
-	bool ok = !paused(d, dest, true);
+	bool ok = !paused(d, dest);
 	for (int i = 0; i < d->nlanes && ok; i++)
 		ok = strcmp(d->lanes[i].held, dest) != 0;
 	if (ok)
@@ -201,44 +179,6 @@ static void unwatch(struct lane *l)
 		pthread_cond_signal(&d->idle);
 	}
 	pthread_mutex_unlock(&d->mu);
-}
-
-/* A claim's finding: something may be due at at_us (the earliest finding
- * of all the lanes counts). */
-static void post_due(struct dispatcher *d, int64_t at_us)
-{
-	pthread_mutex_lock(&d->mu);
-	if (at_us < d->due_us)
-		d->due_us = at_us;
-	pthread_mutex_unlock(&d->mu);
-}
-
-/* Microseconds until the watcher claims without a notification: until the
- * due time or the end of a pause that a claim passed over (its rows may
- * have been due; one that no claim met hid nothing, and one after every
- * slow claim that found nothing would wake the next), 0 or less when that
- * has come; then the next due time is the safety net's until a claim
- * finds an earlier one, and the pauses that ended are dropped (each is
- * claimed on once). */
-static int64_t until_due(struct dispatcher *d)
-{
-	pthread_mutex_lock(&d->mu);
-	int64_t now = cw_now_us(), at = d->due_us;
-	for (int i = 0; i < d->npauses;) {
-		if (d->pauses[i].until_us <= now) {
-			if (d->pauses[i].skipped)
-				at = now;
-			d->pauses[i] = d->pauses[--d->npauses];
-			continue;
-		}
-		if (d->pauses[i].skipped && d->pauses[i].until_us < at)
-			at = d->pauses[i].until_us;
-		i++;
-	}
-	if (at <= now)
-		d->due_us = now + WATCH_MAX_MS * 1000LL;
-	pthread_mutex_unlock(&d->mu);
-	return at - now;
 }
 
 void dispatcher_get_stats(struct dispatcher *d, struct dispatcher_stats *st)
@@ -378,18 +318,6 @@ static const struct store_stmt lane_stmts[] = {
 		" WHERE p.room_id = d.room_id AND p.id > d.id AND p.destination = $12 AND p.state = 'pending' "
 		" AND p.id <> ALL($1::bigint[]) AND $10::boolean AND NOT $2::boolean RETURNING p.state) "
 		"SELECT state FROM up UNION ALL SELECT state FROM behind" },
-	/* Milliseconds until a row can become due without a notification
-	 * (NULL: none can): a backoff's end, a claim's end (a process that
-	 * died: claim_open takes the row back), whoever's rows they are (the
-	 * outbox is every process's).  Two probes, each the first entry of a
-	 * partial index (outbox_due_idx, outbox_claim_expiry_idx) past now:
-	 * both predicates are constants, so the generic plan is the custom
-	 * one. */
-	{ "cw_next_due",
-		"SELECT (extract(epoch FROM least("
-		" (SELECT min(next_attempt_at) FROM outbox WHERE state = 'pending' AND next_attempt_at > now()), "
-		" (SELECT min(claimed_until) FROM outbox WHERE state = 'in_flight')) - clock_timestamp()) * 1000)"
-		"::bigint" },
 	{ NULL, NULL },
 };
 static const struct store_stmt *const lane_stmt_lists[] = { lane_stmts, NULL };
@@ -406,10 +334,7 @@ static bool ensure_conn(struct lane *l)
 	if (!l->c)
 		return false;
 	store_canceller_set(&l->cancel, l->c);
-	/* causeway_peers: a push peer enabled or added may have rows waiting,
-	 * due without a notification of the outbox. */
-	if (!store_prepare_all(l->c, lane_stmt_lists, &e) ||
-	    store_exec(l->c, "LISTEN causeway_outbox; LISTEN causeway_peers", &e)) {
+	if (!store_prepare_all(l->c, lane_stmt_lists, &e) || store_exec(l->c, "LISTEN causeway_outbox", &e)) {
 		store_canceller_set(&l->cancel, NULL);
 		PQfinish(l->c);
 		l->c = NULL;
@@ -526,39 +451,6 @@ static PGresult *claim_open(struct lane *l, const char **local, cw_errmsg *e)
 	return last;
 }
 
-/* Ends the claim's transaction.  One that found nothing asks in the same
- * round trip when a row can next become due without a notification
- * (cw_next_due, after the commit: not under the claim lock) and posts it
- * for the watcher, WATCH_MIN_MS to WATCH_MAX_MS from now.  One that found
- * rows posts WATCH_MIN_MS from now: other destinations may have rows due
- * already, which the next watcher then claims as soon as before. */
-static cw_err claim_commit(struct lane *l, bool found, cw_errmsg *e)
-{
-	struct dispatcher *d = l->d;
-	if (found) {
-		post_due(d, cw_now_us() + WATCH_MIN_MS * 1000LL);
-		return store_exec(l->c, "COMMIT", e);
-	}
-	if (!PQsendQuery(l->c, "COMMIT; EXECUTE cw_next_due"))
-		return cw_fail(e, CW_EUNAVAIL, "cannot send: %s", PQerrorMessage(l->c));
-	cw_err rc = CW_OK;
-	long long ms = WATCH_MAX_MS; /* nothing can become due unannounced */
-	PGresult *r;
-	while ((r = PQgetResult(l->c))) {
-		ExecStatusType st = PQresultStatus(r);
-		if (st == PGRES_TUPLES_OK && PQntuples(r) == 1 && !PQgetisnull(r, 0, 0))
-			ms = atoll(PQgetvalue(r, 0, 0));
-		else if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK && !rc)
-			rc = store_result_err(l->c, r, e);
-		PQclear(r);
-	}
-	if (!rc) {
-		ms = ms < WATCH_MIN_MS ? WATCH_MIN_MS : ms > WATCH_MAX_MS ? WATCH_MAX_MS : ms;
-		post_due(d, cw_now_us() + ms * 1000LL);
-	}
-	return rc;
-}
-
 /* Claims the due rows of one push destination that no other lane has:
  * the first, from where the lane's last claim left off, that has rows due.
  * Returns how many (rows are the caller's, and the destination stays the
@@ -606,7 +498,7 @@ static int claim(struct lane *l, struct outbox_row **out)
 		}
 	}
 	PQclear(dr);
-	if (claim_commit(l, n > 0, &e))
+	if (store_exec(l->c, "COMMIT", &e))
 		goto fail_rows;
 	if (n)
 		qsort(rows, (size_t)n, sizeof(*rows), cmp_row);
@@ -616,7 +508,6 @@ fail:
 	LOG_KV(CW_LOG_WARN, "outbox claim failed", "detail", e.msg);
 	store_exec(l->c, "ROLLBACK", &e);
 fail_rows:
-	post_due(d, cw_now_us() + WATCH_FAILED_MS * 1000LL);
 	give_destination(l);
 	for (int i = 0; i < n; i++)
 		json_decref(rows[i].event);
@@ -722,19 +613,14 @@ static long update_claimed(struct lane *l, const struct outbox_row *rows, size_t
 }
 
 /* Rows the adapter did not try (the daemon is stopping): back to pending
- * as they were, the attempt the claim counted taken back, due at once;
- * the other processes' dispatchers are told (they do not look without a
- * notification before their safety net, WATCH_MAX_MS). */
+ * as they were, the attempt the claim counted taken back, due at once. */
 static void release(struct lane *l, const struct outbox_row *rows, size_t n)
 {
-	cw_errmsg e;
-	if (update_claimed(l, rows, n,
-			   "UPDATE outbox SET state = 'pending', claimed_by = NULL, claimed_until = NULL, "
-			   " attempts = greatest(attempts - 1, 0) WHERE id = ANY($1::bigint[]) AND state = 'in_flight' "
-			   " AND claimed_by = $2", NULL,
-			   "releasing untried rows failed; the claim will run out and the rows go again") > 0 &&
-	    store_exec(l->c, "NOTIFY causeway_outbox", &e))
-		LOG_KV(CW_LOG_WARN, "cannot notify the dispatchers", "detail", e.msg);
+	update_claimed(l, rows, n,
+		       "UPDATE outbox SET state = 'pending', claimed_by = NULL, claimed_until = NULL, "
+		       " attempts = greatest(attempts - 1, 0) WHERE id = ANY($1::bigint[]) AND state = 'in_flight' "
+		       " AND claimed_by = $2", NULL,
+		       "releasing untried rows failed; the claim will run out and the rows go again");
 }
 
 /* Rows the adapter is getting something ready for (outcome 3): pending
@@ -947,6 +833,7 @@ static void *dispatcher_main(void *arg)
 	struct lane *l = arg;
 	struct dispatcher *d = l->d;
 	bool fresh = true; /* started, or delivered just now: claims before it waits */
+	bool failed = false;
 	while (!atomic_load(&d->stop)) {
 		if (!ensure_conn(l)) {
 			for (int i = 0; i < 10 && !atomic_load(&d->stop); i++) {
@@ -957,10 +844,8 @@ static void *dispatcher_main(void *arg)
 		}
 		if (!fresh) {
 			/* Nothing was due that no other lane has: the watcher
-			 * sleeps until a new row is notified, or until a row can
-			 * have become due without a notification (until_due; until
-			 * the twentieth session it claimed every 200 ms, a
-			 * transaction five times a second of an idle gateway); the
+			 * sleeps until a new row is notified, or a while (rows
+			 * backing off become due without a notification); the
 			 * other idle lanes until the watcher takes a destination. */
 			if (!watch(l)) {
 				/* Read what was notified meanwhile: left unread, the
@@ -973,21 +858,15 @@ static void *dispatcher_main(void *arg)
 				continue;
 			}
 			/* Waits for a NOTIFY (one that came while the claim ran
-			 * returns at once), then reads every notification there
-			 * is; not notified, it looks at the due time again. */
-			int64_t wait = until_due(d);
-			if (wait <= 0)
-				store_notifies(l->c, NULL, NULL);
-			else if (store_wait_notify(l->c, -1, wait < WATCH_TICK_MS * 1000LL ? (int)((wait + 999) / 1000)
-										 : WATCH_TICK_MS,
-						   NULL, NULL) == 0)
-				continue;
+			 * returns at once), then reads every notification there is. */
+			store_wait_notify(l->c, -1, failed ? 500 : 200, NULL, NULL);
 		}
 		fresh = false;
 		if (all_taken(d))
 			continue;
 		struct outbox_row *rows;
 		int n = claim(l, &rows);
+		failed = n < 0;
 		if (n > 0) {
 			unwatch(l);
 			atomic_fetch_add(&d->claims, 1);
@@ -1097,7 +976,6 @@ cw_err dispatcher_start(struct dispatcher **out, const struct dispatcher_opts *o
 	pthread_cond_init(&d->keeper_cv, &ca);
 	pthread_condattr_destroy(&ca);
 	d->watcher = -1;
-	d->due_us = cw_now_us() + WATCH_MAX_MS * 1000LL;
 	if (!d->url || !d->name || !d->lanes) {
 		dispatcher_free(d);
 		return cw_fail(e, CW_ENOMEM, "out of memory");

@@ -601,11 +601,7 @@ cw_err policy_consent_apply(PGconn *c, const struct policy_view *v, const char *
 	}
 	if ((rc = policy_sweep(c, v, local_id, counts, e)))
 		return rc;
-	/* Released rows are due; so may be the later rows of a room whose
-	 * held rows went (the dispatcher does not claim a row behind a held
-	 * one), and the dispatchers do not look again unannounced before
-	 * their safety net (dispatcher.c, WATCH_MAX_MS). */
-	if ((counts[0] || counts[1] || counts[2]) && (rc = store_exec(c, "NOTIFY causeway_outbox", e)))
+	if (counts[0] && (rc = store_exec(c, "NOTIFY causeway_outbox", e)))
 		return rc;
 	return policy_notify_user(c, local_id, e);
 }
@@ -927,7 +923,7 @@ static void *live_main(void *arg)
 				pl->st.dropped += (uint64_t)counts[1];
 				pl->st.expired += (uint64_t)counts[2];
 				pthread_mutex_unlock(&pl->mu);
-				if (store_exec(pl->c, "NOTIFY causeway_outbox", &e)) /* as in policy_consent_apply */
+				if (counts[0] && store_exec(pl->c, "NOTIFY causeway_outbox", &e))
 					LOG_KV(CW_LOG_WARN, "cannot notify the dispatchers", "detail", e.msg);
 			}
 			policy_view_put(v);
@@ -936,9 +932,7 @@ static void *live_main(void *arg)
 				LOG_KV(CW_LOG_WARN, "expiring messages sweep failed", "detail", e.msg);
 			} else if (ex[0]) {
 				log_counts("expired messages taken back", "messages", "deletes", "undelivered", ex);
-				/* new delete rows are due, and so may be the rows of a
-				 * room behind an expired one that was backing off */
-				if ((ex[1] || ex[2]) && store_exec(pl->c, "NOTIFY causeway_outbox", &e))
+				if (ex[1] && store_exec(pl->c, "NOTIFY causeway_outbox", &e))
 					LOG_KV(CW_LOG_WARN, "cannot notify the dispatchers", "detail", e.msg);
 			}
 			next_sweep = now + pl->o.sweep_interval_ms * 1000LL;
