@@ -1,7 +1,7 @@
 /* The option table and the INI (libinih) + environment loader. */
 #include "config.h"
 #include "conf.h"
-#include "event.h"
+#include "peer/event.h"
 #include "log.h"
 
 #include <ctype.h>
