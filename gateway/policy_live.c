@@ -750,6 +750,13 @@ void policy_live_get_stats(struct policy_live *pl, struct policy_live_stats *st)
 	pthread_mutex_unlock(&pl->mu);
 }
 
+/* A fresh connection of the policy thread made ready: it listens for
+ * changes and has the periodic sweep's statements prepared. */
+static bool conn_ready(PGconn *c, cw_errmsg *e)
+{
+	return !store_exec(c, "LISTEN causeway_policy", e) && store_prepare_all(c, sweep_stmt_lists, e);
+}
+
 static bool ensure_conn(struct policy_live *pl, bool *fresh)
 {
 	if (pl->c && PQstatus(pl->c) == CONNECTION_OK)
@@ -758,8 +765,7 @@ static bool ensure_conn(struct policy_live *pl, bool *fresh)
 	PQfinish(pl->c);
 	cw_errmsg e;
 	pl->c = store_connect(pl->url, pl->o.statement_timeout_ms, &e);
-	if (pl->c &&
-	    (store_exec(pl->c, "LISTEN causeway_policy", &e) || !store_prepare_all(pl->c, sweep_stmt_lists, &e))) {
+	if (pl->c && !conn_ready(pl->c, &e)) {
 		PQfinish(pl->c);
 		pl->c = NULL;
 	}
@@ -1000,8 +1006,7 @@ cw_err policy_live_start(struct policy_live **out, const struct policy_live_opts
 		return cw_fail(e, CW_ENOMEM, "out of resources");
 	}
 	pl->c = store_connect(pl->url, o->statement_timeout_ms, e);
-	if (!pl->c || store_exec(pl->c, "LISTEN causeway_policy", e) ||
-	    !store_prepare_all(pl->c, sweep_stmt_lists, e)) {
+	if (!pl->c || !conn_ready(pl->c, e)) {
 		policy_live_free(pl);
 		return CW_EUNAVAIL;
 	}
