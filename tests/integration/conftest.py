@@ -33,6 +33,14 @@ def db_url(pg, request):
 
 
 @pytest.fixture
+def empty_db_url(pg, request):
+    """A fresh database without the schema: for the tests of the migrations
+    (db_url's copy is migrated already)."""
+    name = "e_" + re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:50]
+    return pg.new_database(name, migrated=False)
+
+
+@pytest.fixture
 def make_daemon(tmp_path):
     """Builds daemons that are stopped (and checked for a clean exit) at the end."""
     made = []

@@ -103,11 +103,33 @@ class Postgres:
             raise RuntimeError(f"psql failed: {r.stderr}")
         return r.stdout.strip()
 
-    def new_database(self, name):
-        """A fresh database in this cluster; returns its URL."""
+    def new_database(self, name, migrated=True):
+        """A fresh database in this cluster; returns its URL.  migrated: a
+        copy of a database the daemon migrated once for the whole cluster
+        (a daemon finds the schema current and applies nothing); else empty,
+        for the tests of the migrations themselves.  Every test of the suite
+        starting on an empty database applied all the migrations again, a
+        second of a sanitized daemon's start each."""
+        template = self._migrated_template() if migrated else "template0"
+        self.psql(f'DROP DATABASE IF EXISTS "{name}"')
+        self.psql(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        return self._url_of(name)
+
+    def _url_of(self, name):
+        return self.url.replace("postgresql:///causeway?", f"postgresql:///{name}?")
+
+    def _migrated_template(self):
+        name = "cw_migrated"
+        if getattr(self, "_template_made", False):
+            return name
         self.psql(f'DROP DATABASE IF EXISTS "{name}"')
         self.psql(f'CREATE DATABASE "{name}" TEMPLATE template0')
-        return self.url.replace("postgresql:///causeway?", f"postgresql:///{name}?")
+        r = run_causewayd(["--migrate"], env={"CAUSEWAY_DATABASE_URL": self._url_of(name),
+                                              "CAUSEWAY_DATABASE_SCHEMA_DIR": SCHEMA_DIR})
+        if r.returncode != 0:
+            raise RuntimeError(f"causewayd --migrate of the template database failed:\n{r.stderr}")
+        self._template_made = True
+        return name
 
     def destroy(self):
         if self.stats_path:

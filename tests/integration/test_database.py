@@ -32,7 +32,10 @@ def migrated_before(tmp_path, db_url, first):
     return rest
 
 
-def test_migrations_are_recorded_with_checksums(daemon, pg, db_url):
+def test_migrations_are_recorded_with_checksums(make_daemon, pg, empty_db_url):
+    """A daemon started on an empty database applies every migration."""
+    db_url = empty_db_url
+    make_daemon(db_url).start()
     rows = pg.psql("SELECT version, name, length(checksum) FROM schema_migrations ORDER BY 1", db_url)
     files = sorted(f for f in os.listdir(SCHEMA_DIR) if f.endswith(".sql"))
     assert files[:4] == ["001_core.sql", "002_policy.sql", "003_matrix.sql", "004_admin.sql"]
@@ -44,8 +47,8 @@ def test_migrations_are_recorded_with_checksums(daemon, pg, db_url):
     assert tables == "11"
 
 
-def test_migrate_command_is_idempotent(db_url, pg):
-    env = {"CAUSEWAY_DATABASE_URL": db_url, "CAUSEWAY_DATABASE_SCHEMA_DIR": SCHEMA_DIR}
+def test_migrate_command_is_idempotent(empty_db_url, pg):
+    env = {"CAUSEWAY_DATABASE_URL": empty_db_url, "CAUSEWAY_DATABASE_SCHEMA_DIR": SCHEMA_DIR}
     r = run_causewayd(["--migrate"], env=env)
     assert r.returncode == 0, r.stderr
     assert f"applied_now={N_MIGRATIONS}" in r.stderr
@@ -186,11 +189,11 @@ def test_hot_path_checks_still_refuse_what_they_refused(daemon, pg, db_url):
     assert r.returncode != 0 and "events_public_id_check" in r.stderr, r.stderr
 
 
-def test_event_keys_move_onto_their_events(db_url, pg, tmp_path):
+def test_event_keys_move_onto_their_events(empty_db_url, pg, tmp_path):
     """006_event_keys.sql: the idempotency keys of events accepted before it
     move onto the events (the peer API then finds them there); room
     creation keys stay."""
-    rest = migrated_before(tmp_path, db_url, "006")
+    rest = migrated_before(tmp_path, empty_db_url, "006")
     pg.psql("INSERT INTO identities (uri, domain, localpart, network, is_local) "
             "VALUES ('mimi://example.org/u/alice', 'example.org', 'alice', 'local', true); "
             "INSERT INTO rooms (public_id, uri, hub_domain, kind) VALUES ('r1', 'mimi://example.org/r/r1', "
@@ -202,12 +205,12 @@ def test_event_keys_move_onto_their_events(db_url, pg, tmp_path):
             "SELECT e.origin_network, coalesce(e.origin_native_id, 'key-1'), sha256(e.public_id::bytea), e.id, 1, 202, "
             "'{}' FROM events e; "
             "INSERT INTO idempotency_keys (scope, key, request_hash, room_id, response_status, response) "
-            "VALUES ('peer:gk', 'room-key', sha256('r'::bytea), 1, 201, '{}')", db_url)
+            "VALUES ('peer:gk', 'room-key', sha256('r'::bytea), 1, 201, '{}')", empty_db_url)
     rest()
     rows = pg.psql("SELECT public_id, origin_native_id, request_hash = sha256(public_id::bytea) FROM events "
-                   "ORDER BY id", db_url)
+                   "ORDER BY id", empty_db_url)
     assert rows == "msg_peer|key-1|t\nmsg_mx|$ev:example.org|t"
-    assert pg.psql("SELECT key FROM idempotency_keys", db_url) == "room-key"
+    assert pg.psql("SELECT key FROM idempotency_keys", empty_db_url) == "room-key"
 
 
 def test_the_queue_queries_use_the_partial_indexes(daemon, pg, db_url):
@@ -237,12 +240,12 @@ def test_the_queue_queries_use_the_partial_indexes(daemon, pg, db_url):
         assert "Seq Scan" not in plan and any(ix in plan for ix in partial), (q, plan)
 
 
-def test_bindings_made_with_a_group_move_onto_a_direct_room(db_url, pg, tmp_path):
+def test_bindings_made_with_a_group_move_onto_a_direct_room(empty_db_url, pg, tmp_path):
     """012_direct_rooms.sql: a native direct room bound to a group (what the
     adapters did when a group's message was the first of a pair) is bound
     to the pair's direct room instead: the one there is, else a new one
     hosted here; a binding to a direct room stays."""
-    rest = migrated_before(tmp_path, db_url, "012")
+    rest = migrated_before(tmp_path, empty_db_url, "012")
     pg.psql("INSERT INTO identities (id, uri, domain, localpart, network, is_local) VALUES "
             "(101, 'mimi://example.org/u/alice', 'example.org', 'alice', 'matrix', true), "
             "(102, 'mimi://wa.example/u/wally', 'wa.example', 'wally', 'wa', false), "
@@ -255,22 +258,22 @@ def test_bindings_made_with_a_group_move_onto_a_direct_room(db_url, pg, tmp_path
             "(202, 103, 'joined'); "
             "INSERT INTO room_bindings (room_id, network, native_id, local_identity_id, remote_identity_id) VALUES "
             "(201, 'matrix', '!wally:example.org', 101, 102), (201, 'matrix', '!bob:example.org', 101, 103), "
-            "(202, 'xmpp', 'x', 101, 103)", db_url)
+            "(202, 'xmpp', 'x', 101, 103)", empty_db_url)
     rest()
     rows = pg.psql("SELECT b.native_id, r.public_id, r.kind, r.hub_domain, "
                    "(SELECT string_agg(identity_id::text, ',' ORDER BY identity_id) FROM room_members "
                    " WHERE room_id = r.id) FROM room_bindings b JOIN rooms r ON r.id = b.room_id "
-                   "ORDER BY b.native_id", db_url).split("\n")
+                   "ORDER BY b.native_id", empty_db_url).split("\n")
     bob, wally, x = (r.split("|") for r in rows)
     assert wally[0] == "!wally:example.org" and wally[2:] == ["direct", "example.org", "101,102"], wally
     assert wally[1].startswith("r_") and len(wally[1]) == 24, wally
     assert bob == ["!bob:example.org", "r_d", "direct", "wa.example", "101,103"], bob
     assert x == ["x", "r_d", "direct", "wa.example", "101,103"], x
-    assert pg.psql("SELECT uri FROM rooms WHERE public_id = '%s'" % wally[1], db_url) == \
+    assert pg.psql("SELECT uri FROM rooms WHERE public_id = '%s'" % wally[1], empty_db_url) == \
         "mimi://example.org/r/" + wally[1]
 
 
-def test_domain_and_network_rules_keep_their_limits_per_user(db_url, pg, tmp_path):
+def test_domain_and_network_rules_keep_their_limits_per_user(empty_db_url, pg, tmp_path):
     """021_limits_per_user.sql: until then new_conversations_per_hour and
     consent_requests_per_day were per remote user under any rule; they now
     bound a domain or network rule's whole subject, so a domain or network
@@ -279,7 +282,7 @@ def test_domain_and_network_rules_keep_their_limits_per_user(db_url, pg, tmp_pat
     copied to the _per_user names (the same there): a user rule that lifted
     its domain's limit for one user lifts the domain's per-user limit too.
     Other limits are not touched."""
-    rest = migrated_before(tmp_path, db_url, "021")
+    rest = migrated_before(tmp_path, empty_db_url, "021")
     pg.psql("INSERT INTO rules (id, scope, pattern, mode, limits, created_by) VALUES "
             "(1, 'domain', 'gk.example', NULL, '{\"consent_requests_per_day\": 3, \"messages_per_minute\": 60}', "
             "'admin:t'), "
@@ -289,9 +292,9 @@ def test_domain_and_network_rules_keep_their_limits_per_user(db_url, pg, tmp_pat
             "(4, 'user', 'mimi://gk.example/u/x', NULL, '{\"new_conversations_per_hour\": 1, "
             "\"consent_requests_per_day\": 1}', 'admin:t'), "
             "(5, 'domain', 'other.example', 'deny', '{}', 'admin:t'), "
-            "(6, 'network', 'matrix', NULL, '{\"max_body_bytes\": 100}', 'admin:t')", db_url)
+            "(6, 'network', 'matrix', NULL, '{\"max_body_bytes\": 100}', 'admin:t')", empty_db_url)
     rest()
-    rows = pg.psql("SELECT id, limits FROM rules ORDER BY id", db_url).split("\n")
+    rows = pg.psql("SELECT id, limits FROM rules ORDER BY id", empty_db_url).split("\n")
     assert rows == [
         '1|{"messages_per_minute": 60, "consent_requests_per_day_per_user": 3}',
         '2|{"messages_per_minute_per_user": 7, "consent_requests_per_day_per_user": 5, '
