@@ -29,6 +29,7 @@ struct lane {
 	PGconn *c;
 	struct store_canceller cancel; /* c's statement, cancelled at a stop that waits for it */
 	unsigned next; /* where its next claim starts in the destination list */
+	int64_t claimed_us; /* when its last claim began (cw_now_us): its rows are its own for claim_timeout_s after */
 	bool started;
 	char held[sizeof(((struct outbox_row *)0)->destination)]; /* its destination, "" for none (under d->mu) */
 	const struct outbox_row *rows; /* the rows it delivers, for the keeper (under d->mu) */
@@ -322,25 +323,81 @@ static const struct store_stmt lane_stmts[] = {
 };
 static const struct store_stmt *const lane_stmt_lists[] = { lane_stmts, NULL };
 
+static void drop_conn(struct lane *l)
+{
+	store_canceller_set(&l->cancel, NULL);
+	PQfinish(l->c);
+	l->c = NULL;
+}
+
 static bool ensure_conn(struct lane *l)
 {
 	struct dispatcher *d = l->d;
 	if (l->c && PQstatus(l->c) == CONNECTION_OK)
 		return true;
-	store_canceller_set(&l->cancel, NULL);
-	PQfinish(l->c);
+	drop_conn(l);
 	cw_errmsg e;
 	l->c = store_connect(d->url, 30000, &e);
 	if (!l->c)
 		return false;
 	store_canceller_set(&l->cancel, l->c);
 	if (!store_prepare_all(l->c, lane_stmt_lists, &e) || store_exec(l->c, "LISTEN causeway_outbox", &e)) {
-		store_canceller_set(&l->cancel, NULL);
-		PQfinish(l->c);
-		l->c = NULL;
+		drop_conn(l);
 		return false;
 	}
 	return true;
+}
+
+/* The pace of a lane without a database: a second, cut short by a stop. */
+static void nap(struct dispatcher *d)
+{
+	for (int i = 0; i < 10 && !atomic_load(&d->stop); i++) {
+		struct timespec ts = { 0, 100 * 1000000L };
+		nanosleep(&ts, NULL);
+	}
+}
+
+/* A new connection for the lane, tried at its pace for as long as its
+ * claim holds (the rows of its last claim are still its own); false if the
+ * claim ran out first or the daemon stops. */
+static bool reconnect_within_claim(struct lane *l)
+{
+	struct dispatcher *d = l->d;
+	int64_t until = l->claimed_us + (int64_t)d->o.claim_timeout_s * 1000000;
+	drop_conn(l);
+	while (!atomic_load(&d->stop) && cw_now_us() < until) {
+		nap(d);
+		if (!atomic_load(&d->stop) && ensure_conn(l))
+			return cw_now_us() < until;
+	}
+	return false;
+}
+
+/* Runs an outcome statement on the lane's claimed rows (stmt, prepared,
+ * or sql) expecting want; the result, or NULL with e set.  The database
+ * away (restarted while the rows were out), it runs again on a new
+ * connection once it is back, as long as the claim holds: left unrecorded,
+ * the rows stayed in flight until their claim ran out (a minute by
+ * default), and every later row of their rooms waited behind them (until
+ * the twenty-first session).  Running one twice (its commit came through,
+ * its answer did not) changes nothing: every outcome statement changes
+ * only rows still in flight under this process's claim. */
+static PGresult *exec_claimed(struct lane *l, const char *stmt, const char *sql, int n, const char *const *params,
+			      ExecStatusType want, cw_errmsg *e)
+{
+	for (;;) {
+		if (!l->c && !reconnect_within_claim(l)) {
+			cw_fail(e, CW_EUNAVAIL, "no database connection before the claim ran out");
+			return NULL;
+		}
+		PGresult *r = stmt ? PQexecPrepared(l->c, stmt, n, params, NULL, NULL, 0)
+				   : PQexecParams(l->c, sql, n, NULL, params, NULL, NULL, 0);
+		cw_err rc = store_check(l->c, r, want, e);
+		if (rc == CW_OK)
+			return r;
+		if (rc != CW_EUNAVAIL || !reconnect_within_claim(l))
+			return NULL;
+	}
 }
 
 static int cmp_row(const void *a, const void *b)
@@ -463,6 +520,7 @@ static int claim(struct lane *l, struct outbox_row **out)
 	struct outbox_row *rows = NULL;
 	int n = 0, cap = 0;
 	atomic_fetch_add(&d->claim_tries, 1);
+	l->claimed_us = cw_now_us(); /* before the claim's own now(): its rows are ours at least until this + timeout */
 	const char *local;
 	PGresult *dr = claim_open(l, &local, &e);
 	if (!dr)
@@ -567,8 +625,9 @@ static void record(struct lane *l, const struct outbox_row *rows, size_t n, bool
 	/* One statement: the attempts are recorded and the rows move on.  Its
 	 * commit does not wait for the WAL flush (set_config(..., true) holds
 	 * for this statement's own transaction): see claim_open. */
-	PGresult *r = PQexecPrepared(l->c, "cw_record", 12, params, NULL, NULL, 0);
-	if (PQresultStatus(r) == PGRES_TUPLES_OK) {
+	cw_errmsg e;
+	PGresult *r = exec_claimed(l, "cw_record", NULL, 12, params, PGRES_TUPLES_OK, &e);
+	if (r) {
 		if (limited)
 			atomic_fetch_add(&d->rate_limited, (uint64_t)PQntuples(r));
 		for (int i = 0; i < PQntuples(r); i++) {
@@ -578,8 +637,6 @@ static void record(struct lane *l, const struct outbox_row *rows, size_t n, bool
 								      : &d->retried, 1);
 		}
 	} else {
-		cw_errmsg e;
-		store_result_err(l->c, r, &e);
 		LOG_KV(CW_LOG_WARN, "recording a delivery failed; the claim will run out and the rows go again",
 		       "detail", e.msg);
 	}
@@ -598,15 +655,13 @@ static long update_claimed(struct lane *l, const struct outbox_row *rows, size_t
 	if (!ids)
 		return -1;
 	const char *params[] = { ids, l->d->name, p2 };
-	PGresult *r = PQexecParams(l->c, sql, p2 ? 3 : 2, NULL, params, NULL, NULL, 0);
+	cw_errmsg e;
+	PGresult *r = exec_claimed(l, NULL, sql, p2 ? 3 : 2, params, PGRES_COMMAND_OK, &e);
 	long changed = -1;
-	if (PQresultStatus(r) == PGRES_COMMAND_OK) {
+	if (r)
 		changed = atol(PQcmdTuples(r));
-	} else {
-		cw_errmsg e;
-		store_result_err(l->c, r, &e);
+	else
 		LOG_KV(CW_LOG_WARN, what, "detail", e.msg);
-	}
 	PQclear(r);
 	free(ids);
 	return changed;
@@ -836,10 +891,7 @@ static void *dispatcher_main(void *arg)
 	bool failed = false;
 	while (!atomic_load(&d->stop)) {
 		if (!ensure_conn(l)) {
-			for (int i = 0; i < 10 && !atomic_load(&d->stop); i++) {
-				struct timespec ts = { 0, 100 * 1000000L };
-				nanosleep(&ts, NULL);
-			}
+			nap(d);
 			continue;
 		}
 		if (!fresh) {
@@ -888,9 +940,7 @@ static void *dispatcher_main(void *arg)
 		}
 	}
 	unwatch(l);
-	store_canceller_set(&l->cancel, NULL);
-	PQfinish(l->c);
-	l->c = NULL;
+	drop_conn(l);
 	return NULL;
 }
 

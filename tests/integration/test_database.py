@@ -2,6 +2,7 @@
 import os
 import shutil
 import subprocess
+import threading
 import time
 
 from harness import N_MIGRATIONS, SCHEMA_DIR, run_causewayd, wait_until
@@ -144,6 +145,44 @@ def test_writes_are_taken_again_after_an_outage_only_a_reader_saw(make_daemon, p
         assert ok[0].json()["status"] == "accepted"
         sb.wait_events(2)
     finally:
+        for x in (sa, sb):
+            x.close()
+
+
+def test_an_outcome_the_outage_kept_unrecorded_is_recorded_when_it_is_back(make_daemon, private_pg):
+    """A delivery in flight when PostgreSQL went away: the peer took the
+    message, but its outcome could not be recorded.  Before, the row stayed
+    in flight until its claim ran out (dispatcher.claim_timeout_s, a
+    minute), and every later message of its room waited behind it; now
+    the outcome is recorded once the database is back (the first message
+    is not sent twice, the next one goes at once).  The delivery of the
+    test above raced the outage the same way now and then."""
+    # The peer answers only once PostgreSQL is down, however long its stop
+    # takes: the push does not time out meanwhile.
+    d = make_daemon(private_pg.url, options={"dispatcher": {"http_timeout_ms": "90000"}}).start()
+    (a, sa), (b, sb) = push_peers(d)
+    answer = threading.Event()
+    took = sb.handle
+
+    def held(*args):  # the peer takes the events, and answers when told
+        got = took(*args)
+        answer.wait(90)
+        return got
+    sb.handle = held
+    try:
+        room = a.create_room([a.user("alice"), b.user("bob")]).json()["id"]
+        assert a.send(room, a.user("alice"), "before").status_code == 202
+        sb.wait_events(1)
+        private_pg.stop()
+        answer.set()
+        private_pg.start()
+        ok = wait_until(lambda: (lambda r: [r] if r.status_code == 202 else None)(
+            a.send(room, a.user("alice"), "after")), timeout=15, interval=0.5, what="a submit taken again")
+        assert ok[0].json()["status"] == "accepted"
+        bodies = [e["content"]["parts"][0]["body"] for e in sb.wait_events(2)]
+        assert bodies == ["before", "after"] and sb.duplicates == 0, (bodies, sb.duplicates)
+    finally:
+        answer.set()
         for x in (sa, sb):
             x.close()
 
