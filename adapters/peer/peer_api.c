@@ -1303,17 +1303,40 @@ struct submit *submit_new(size_t n)
  * room could commit a later id first, and a destination got the two
  * events out of order).  ev's one-time filter runs it before any row is
  * made or any outbox id drawn. */
-/* IT: the items; ID_COL, ID: the events' ids when the statement gives
- * them; REPLACES, REPLY: the references' event ids. */
-#define WRITE_EVENTS_OF(IT, ID_COL, ID, REPLACES, REPLY) \
-	"WITH " IT ", " \
+/* rt: the stored events the items name, locked until the commit (FOR KEY
+ * SHARE, as a foreign key's check would lock them: the keys of events'
+ * references were dropped for speed, schema/005); gn: the items whose
+ * reference is not among them, refused (their pid, and which reference).
+ * Round 0 found the references by their public ids, before this
+ * transaction: the retention sweep (gateway/retention.c) may have deleted
+ * one since, and an item stored with it would name no event (before the
+ * twenty-first session it was, and was accepted).  The sweep passes over a
+ * row so locked (SKIP LOCKED), and a target it holds is waited for, then,
+ * deleted, not returned.  A lookup by primary key per distinct target, in
+ * the same statement: no round trip more. */
+#define REF_GONE(col) "(it." col " IS NOT NULL AND it." col " NOT IN (SELECT id FROM rt))"
+#define REFS_LOCKED(GONE_MORE) \
+	"rt AS MATERIALIZED (SELECT t.id FROM (SELECT it.replaces AS r FROM it UNION SELECT it.reply FROM it) y " \
+	"  JOIN LATERAL (SELECT e.id FROM events e WHERE e.id = y.r FOR KEY SHARE) t ON true), " \
+	"gn AS (SELECT it.pid, CASE WHEN " REF_GONE("reply") " THEN 'in_reply_to' ELSE 'replaces' END AS ref " \
+	"  FROM it WHERE " REF_GONE("replaces") " OR " REF_GONE("reply") GONE_MORE "), "
+/* The answer's rows: each written event (public id, acceptance time), and
+ * each item refused in gn (its pid, NULL, the reference gone). */
+#define GONE_ROWS " UNION ALL SELECT pid, NULL::bigint, ref FROM gn"
+/* WITH: "WITH" or "WITH RECURSIVE" (for GONE_MORE); IT: the items;
+ * GONE_MORE: more items of gn (naming one of gn); ID_COL, ID: the events'
+ * ids when the statement gives them; REPLACES, REPLY: the references'
+ * event ids. */
+#define WRITE_EVENTS_OF(WITH, IT, GONE_MORE, ID_COL, ID, REPLACES, REPLY) \
+	WITH " " IT ", " \
 	"lk AS MATERIALIZED (SELECT count(" ROOM_LOCK_SQL("y.r") ") AS n " \
 	"  FROM (SELECT DISTINCT it.room AS r FROM it ORDER BY 1) y), " \
+	REFS_LOCKED(GONE_MORE) \
 	"cs AS (SELECT c.value, c.ord FROM jsonb_array_elements($2::jsonb) WITH ORDINALITY AS c(value, ord)), " \
 	"ev AS (INSERT INTO events (" ID_COL "public_id, room_id, sender_id, type, content, replaces_id, in_reply_to_id, " \
 	"  origin_network, origin_native_id, request_hash, ts) SELECT " ID "it.pid, it.room, it.sender, it.type, cs.value, " \
 	"  " REPLACES ", " REPLY ", it.scope, it.key, decode(it.hash, 'hex'), it.ts FROM it JOIN cs ON cs.ord = it.ci " \
-	"  WHERE (SELECT n FROM lk) >= 0 ORDER BY it.n ON CONFLICT (origin_network, origin_native_id) WHERE origin_native_id IS NOT NULL DO NOTHING " \
+	"  WHERE (SELECT n FROM lk) >= 0 AND it.pid NOT IN (SELECT pid FROM gn) ORDER BY it.n ON CONFLICT (origin_network, origin_native_id) WHERE origin_native_id IS NOT NULL DO NOTHING " \
 	"  RETURNING id, public_id, room_id, (extract(epoch FROM accepted_at) * 1000)::bigint AS ms), " \
 	"ob AS (INSERT INTO outbox (event_id, destination, target_identity_id, room_id, state) " \
 	"  SELECT ev.id, d.dest, NULLIF(d.target::bigint, 0), ev.room_id, d.state FROM it " \
@@ -1322,19 +1345,24 @@ struct submit *submit_new(size_t n)
 	"   string_to_array(it.states, ',')) WITH ORDINALITY AS d(dest, target, state, dn) " \
 	"  ORDER BY ev.id, d.dn) "
 #define WRITE_EVENTS \
-	WRITE_EVENTS_OF("it AS (SELECT * FROM json_to_recordset($1::json) AS x(" IT_COLUMNS "))", "", "", "it.replaces", \
-			"it.reply")
+	WRITE_EVENTS_OF("WITH", "it AS (SELECT * FROM json_to_recordset($1::json) AS x(" IT_COLUMNS "))", "", "", "", \
+			"it.replaces", "it.reply")
 /* Items that name earlier items of the job (rpid, xpid: their public ids):
  * each item's event id is drawn first, in the items' order (the column's
- * own sequence, as its default would), so that a reference can take it. */
+ * own sequence, as its default would), so that a reference can take it.
+ * An item naming one refused in gn is refused too, and so on down the
+ * chain (it would name an event never written). */
 #define WRITE_EVENTS_REFS \
-	WRITE_EVENTS_OF("it AS MATERIALIZED (SELECT y.*, nextval(pg_get_serial_sequence('events', 'id')) AS eid " \
+	WRITE_EVENTS_OF("WITH RECURSIVE", \
+			"it AS MATERIALIZED (SELECT y.*, nextval(pg_get_serial_sequence('events', 'id')) AS eid " \
 			"FROM (SELECT * FROM json_to_recordset($1::json) AS x(" IT_COLUMNS ", rpid text, xpid text) " \
 			"ORDER BY x.n) y)", \
+			" UNION SELECT it.pid, CASE WHEN it.rpid = gn.pid THEN 'in_reply_to' ELSE 'replaces' END " \
+			"FROM it JOIN gn ON gn.pid IN (it.rpid, it.xpid)", \
 			"id, ", "it.eid, ", "coalesce(it.replaces, (SELECT i2.eid FROM it i2 WHERE i2.pid = it.xpid))", \
 			"coalesce(it.reply, (SELECT i2.eid FROM it i2 WHERE i2.pid = it.rpid))")
 
-#define WRITE_ITEMS_PLAIN WRITE_EVENTS "SELECT public_id, ms FROM ev"
+#define WRITE_ITEMS_PLAIN WRITE_EVENTS "SELECT public_id, ms, NULL::text FROM ev" GONE_ROWS
 
 #define WRITE_ITEMS_TAIL \
 	", rd AS (UPDATE outbox o SET read_at = coalesce(o.read_at, now()) FROM it JOIN ev ON ev.public_id = it.pid " \
@@ -1369,7 +1397,7 @@ struct submit *submit_new(size_t n)
 	"  SELECT 'policy', a.action, a.reason, NULLIF(a.rule, 0), (SELECT id FROM ev WHERE ev.public_id = a.pid), " \
 	"  a.subject, a.details FROM jsonb_to_recordset($3::jsonb) " \
 	"  AS a(action text, reason text, rule bigint, pid text, subject text, details jsonb)) " \
-	"SELECT public_id, ms FROM ev, (SELECT count(*) FROM nt) AS n"
+	"SELECT public_id, ms, NULL::text FROM ev, (SELECT count(*) FROM nt) AS n" GONE_ROWS
 #define WRITE_ITEMS WRITE_EVENTS WRITE_ITEMS_TAIL
 #define WRITE_ITEMS_REFS WRITE_EVENTS_REFS WRITE_ITEMS_TAIL
 
@@ -1999,7 +2027,8 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 			any_write = round1_needed(b);
 		} else {
 			/* The rows come in item order: the search starts after
-			 * the previous match, so it is one step each.  An item
+			 * the previous match, so it is one step each (the items
+			 * refused for a reference gone come last).  An item
 			 * with no row lost a race for its Idempotency-Key (the
 			 * insert does nothing on a key taken meanwhile, here or by
 			 * another process): 409, the others written as they are
@@ -2013,10 +2042,23 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 				for (size_t s = 0; s < b->n; s++) {
 					size_t i = (from + s) % b->n;
 					if (b->write[i] && strcmp(b->items[i]->msg_id, PQgetvalue(r, k, 0)) == 0) {
-						b->res[i].status = 202;
 						json_decref(b->res[i].body); /* a rerun of the write */
-						b->res[i].body = b->no_answers ? NULL
-								 : accepted_answer(b->items[i]->msg_id, PQgetvalue(r, k, 1));
+						b->res[i].body = NULL;
+						if (!PQgetisnull(r, k, 2)) {
+							/* Its reference is gone (deleted since
+							 * round 0): refused as one naming an
+							 * unknown message is, and for good. */
+							b->write[i] = false;
+							b->wake[i] = 0;
+							item_fail(&b->res[i], 400, "invalid_body",
+								  "content.%s names no message of this room",
+								  PQgetvalue(r, k, 2));
+						} else {
+							b->res[i].status = 202;
+							b->res[i].body = b->no_answers ? NULL
+									 : accepted_answer(b->items[i]->msg_id,
+											   PQgetvalue(r, k, 1));
+						}
 						from = i + 1;
 						break;
 					}

@@ -20,6 +20,7 @@ import yaml
 from harness import CAUSEWAYD, free_port, wait_until
 from homeserver import Homeserver
 from peer import MediaServer, NotifyServer, PeerClient
+from test_retention import dangling, written_while_deleted
 
 AS_TOKEN = "as-" + "a" * 40
 HS_TOKEN = "hs-" + "b" * 40
@@ -590,6 +591,32 @@ def test_a_transaction_whose_events_name_each_other(mx, hs, gk, pg, db_url):
     got = srv.wait_events(6)
     assert got[5]["content"]["parts"][0]["body"] == "still here"
     assert pg.psql("SELECT count(*) FROM events WHERE origin_network = 'matrix'", db_url) == "6"
+
+
+def test_references_to_an_event_being_deleted_are_refused_down_the_chain(mx, hs, gk, pg, db_url):
+    """A reply from Matrix to a message the retention sweep deletes while
+    the reply is being written is refused (its sender told), not stored
+    naming the deleted event; so is a reaction, in the same transaction,
+    to that reply (it would name an event never written); docs/operations.md,
+    "Retention"."""
+    a, srv = gk
+    room, mx_room = wally_wrote_to_alice(mx, hs, a, pg, db_url)
+    hello = pg.psql("SELECT public_id FROM events WHERE origin_network = 'peer:gk' AND type = 'message'", db_url)
+    native = wait_until(lambda: pg.psql("SELECT n.native_id FROM event_native_ids n JOIN events e ON e.id = n.event_id "
+                                        f"WHERE e.public_id = '{hello}' AND n.kind = 'event_id'", db_url),
+                        what="the message's Matrix id")
+    base = {"room_id": mx_room, "sender": ALICE_MX, "origin_server_ts": 1700000000000}
+    evs = [dict(base, event_id="$p1", type="m.room.message",
+                content={"msgtype": "m.text", "body": "a reply", "m.relates_to": {"m.in_reply_to": {"event_id": native}}}),
+           dict(base, event_id="$q1", type="m.reaction",
+                content={"m.relates_to": {"rel_type": "m.annotation", "event_id": "$p1", "key": "x"}})]
+    r = written_while_deleted(pg, db_url, hello, lambda: as_put(mx, "300", {"events": evs}))
+    assert r.status_code == 200
+    assert pg.psql("SELECT count(*) FROM events WHERE origin_network = 'matrix'", db_url) == "0"
+    assert dangling(pg, db_url) == 0
+    # alice is told that her reply went nowhere.
+    wait_until(lambda: any("names no message" in e["content"].get("body", "") for rid in hs.rooms()
+                           for e in hs.events(rid) if e["type"] == "m.room.message"), what="the notice")
 
 
 def test_a_transaction_of_echoes_only_is_answered_and_remembered(mx, pg, db_url):

@@ -5,6 +5,8 @@ deliveries are all done are deleted with their rows, what is still owed to
 someone is kept, and a setting of 0 keeps that kind for ever.  Data is made
 through the peer API and made old with SQL; retention.interval_s is 1 here
 (60 by default)."""
+import subprocess
+import threading
 import time
 
 import pytest
@@ -248,6 +250,83 @@ def test_old_done_events_are_deleted_with_their_rows_and_what_is_owed_is_kept(ma
     wait_until(lambda: all(rows_of(pg, db_url, m)[0] == 0 for m in (pending, owed_reply, owed_reply_to)),
                timeout=30, interval=0.2, what="the pulled messages deleted")
     assert rows_of(pg, db_url, dead)[:2] == [1, 1] and rows_of(pg, db_url, held)[:2] == [1, 1]
+    srv.close()
+
+
+def dangling(pg, db_url):
+    """Events whose reference names an event that is not there."""
+    return int(pg.psql("SELECT count(*) FROM events e WHERE (e.replaces_id IS NOT NULL AND NOT EXISTS "
+                       "(SELECT 1 FROM events t WHERE t.id = e.replaces_id)) OR (e.in_reply_to_id IS NOT NULL "
+                       "AND NOT EXISTS (SELECT 1 FROM events t WHERE t.id = e.in_reply_to_id))", db_url))
+
+
+def written_while_deleted(pg, db_url, target, write):
+    """write() (a request that writes events naming the event whose public
+    id is target) while the retention sweep deletes target, as its answer.
+    The sweep's transaction is played by a psql session, deterministically:
+    it locks target as the sweep does (FOR UPDATE), write comes and, the
+    writer locking what it names, waits for it; the session deletes target
+    and commits."""
+    sweep = subprocess.Popen(["psql", db_url, "-v", "ON_ERROR_STOP=1", "-qAt"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    done = {}
+    writer = None
+    try:
+        sweep.stdin.write(f"BEGIN;\nSELECT 'locked' FROM events WHERE public_id = '{target}' FOR UPDATE;\n")
+        sweep.stdin.flush()
+        assert sweep.stdout.readline().strip() == "locked"
+        writer = threading.Thread(target=lambda: done.update(r=write()))
+        writer.start()
+        # The writer waits for the target's lock (without that lock, it
+        # has answered already).
+        wait_until(lambda: not writer.is_alive() or pg.psql(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock'", db_url) != "0", timeout=15, what="the writer")
+        sweep.stdin.write(f"DELETE FROM outbox WHERE event_id = (SELECT id FROM events WHERE public_id = '{target}');\n"
+                          f"DELETE FROM events WHERE public_id = '{target}';\nCOMMIT;\n")
+        sweep.stdin.close()
+        assert sweep.wait(30) == 0, sweep.stderr.read()
+        writer.join(30)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+            sweep.wait()
+        if writer:
+            writer.join(30)
+    return done["r"]
+
+
+def test_a_reference_to_an_event_being_deleted_is_refused(make_daemon, db_url, pg):
+    """A reply, edit or reaction written while the sweep deletes the event
+    it names is refused as one naming an unknown message is (and so from
+    Matrix and XMPP, which write through the same statement), not stored
+    with a reference to the deleted event; the other items of its job are
+    written.  The writer locks the target it names (FOR KEY SHARE): the
+    sweep passes over a target so locked, and a writer that comes while
+    the sweep holds the target waits for it and finds it gone.  Before,
+    the writer took the target's id as it had read it earlier and stored
+    it after the deletion (a review's finding)."""
+    d, a, b, rm, srv = started_with_peers(make_daemon, db_url)
+    alice = a.user("alice")
+    target = a.send(rm["id"], alice, "old, being deleted").json()["id"]
+    text = [{"type": "text/plain", "body": "late"}]
+    items = [{"idempotency_key": f"late-{k}", "room": rm["uri"], "event": {"sender": alice, **ev}}
+             for k, ev in enumerate([
+                 {"type": "message", "content": {"parts": text, "in_reply_to": target}},
+                 {"type": "edit", "content": {"parts": text, "replaces": target}},
+                 {"type": "reaction", "content": {"parts": [{"type": "text/plain", "body": "\u2764"}],
+                                                  "in_reply_to": target, "disposition": "reaction"}},
+                 {"type": "message", "content": {"parts": text}}])]
+    r = written_while_deleted(pg, db_url, target, lambda: a.call("POST", "/v1/batch", {"events": items}))
+    assert r.status_code == 200, r.text
+    got = r.json()["results"]
+    assert [(x["status"], x.get("http_status"), x.get("code"), x.get("detail")) for x in got[:3]] == [
+        ("refused", 400, "invalid_body", "content.in_reply_to names no message of this room"),
+        ("refused", 400, "invalid_body", "content.replaces names no message of this room"),
+        ("refused", 400, "invalid_body", "content.in_reply_to names no message of this room")], got
+    assert got[3]["status"] == "accepted", got
+    assert pg.psql("SELECT count(*) FROM events", db_url) == "1"
+    assert dangling(pg, db_url) == 0
     srv.close()
 
 
