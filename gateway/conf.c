@@ -89,8 +89,9 @@ const struct cfg_option cfg_options[] = {
 	{ "retention", "attempts_days", CFG_INT, OFF(retention_attempts_days), "30", 0, 3650, false, false,
 	  "delivery attempts (the admin message trace) are deleted after this many days (0: kept for ever)" },
 	{ "retention", "rows_days", CFG_INT, OFF(retention_rows_days), "0", 0, 3650, false, false,
-	  "an event is deleted with its deliveries and native ids this many days after its acceptance once no "
-	  "delivery of it or of a reference to it is open (0: kept for ever; see docs/operations.md first)" },
+	  "an event is deleted with its deliveries and native ids, a message with its edits, deletes and reactions, "
+	  "once all of them are this many days old and no delivery of them or of a reply to them is open "
+	  "(0: kept for ever; 365 is a reasonable setting, docs/operations.md)" },
 	{ "retention", "interval_s", CFG_INT, OFF(retention_interval_s), "60", 1, 86400, false, false,
 	  "how often the retention sweep runs (every second while it finds a full batch of 1000 due)" },
 

@@ -959,7 +959,7 @@ static void *live_main(void *arg)
 				char n[4][24];
 				for (int i = 0; i < 4; i++) {
 					snprintf(n[i], sizeof(n[i]), "%ld", rt[i]);
-					more = more || rt[i] == RETENTION_BATCH;
+					more = more || rt[i] >= RETENTION_BATCH;
 				}
 				LOG_KV(CW_LOG_INFO, "old data removed", "contents_erased", n[0], "idempotency_keys", n[1],
 				       "delivery_attempts", n[2], "events_deleted", n[3]);

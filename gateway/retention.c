@@ -49,52 +49,92 @@ static const char attempts_sql[] =
 	"  FOR UPDATE SKIP LOCKED) "
 	"DELETE FROM delivery_attempts d USING x WHERE d.id = x.id";
 
-/* The candidates of one kind of content (c: "<>" or "=" '{}'), oldest
- * first, by that kind's partial index. */
-#define ROWS_OF(c) \
-	"(SELECT e.id, e.accepted_at FROM events e WHERE e.content " c " '{}'::jsonb " \
-	"  AND e.accepted_at < now() - make_interval(days => $1::int) " \
-	"  AND NOT (e.type = 'message' AND event_expires(e.content) IS NOT NULL) " \
+/* Old enough for rows_days ($1). */
+#define OLD_ROW(at) at " < now() - make_interval(days => $1::int)"
+
+/* The members of a family, one step down from the events of f (a
+ * recursive query's own name: f(id, at)): the edits and deletes that
+ * name one (replaces_id) and its reactions (in_reply_to_id, reaction).
+ * Down again from those: a reaction's removals. */
+#define MEMBERS_OF(f) \
+	"SELECT m.id, m.at FROM " f " JOIN LATERAL (SELECT r.id, r.accepted_at AS at FROM events r " \
+	"  WHERE r.replaces_id = " f ".id UNION ALL SELECT r.id, r.accepted_at FROM events r " \
+	"  WHERE r.in_reply_to_id = " f ".id AND r.type = 'reaction') m ON true"
+
+/* Whether e (a family's first event: no event it replaces or reacts to
+ * is there) may go with its family: itself and every member old enough,
+ * none with an open outbox row, nor any reply to one of them (a reply
+ * still owed to someone needs its target's native ids to be translated).
+ * NOT_HELD: what else keeps a member (SQL starting with OR; "" for none). */
+#define DUE(NOT_HELD) \
+	OLD_ROW("e.accepted_at") " AND NOT (e.type = 'message' AND event_expires(e.content) IS NOT NULL) " \
 	"  AND NOT EXISTS (SELECT 1 FROM events t WHERE t.id = e.replaces_id) " \
 	"  AND NOT (e.type = 'reaction' AND EXISTS (SELECT 1 FROM events t WHERE t.id = e.in_reply_to_id)) " \
-	"  AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = e.id " OPEN ") " \
-	"  AND NOT EXISTS (SELECT 1 FROM events r JOIN outbox o ON o.event_id = r.id " \
-	"   WHERE r.replaces_id = e.id " OPEN ") " \
-	"  AND NOT EXISTS (SELECT 1 FROM events r JOIN outbox o ON o.event_id = r.id " \
-	"   WHERE r.in_reply_to_id = e.id " OPEN ") " \
+	"  AND NOT EXISTS (WITH RECURSIVE f(id, at) AS (SELECT e.id, e.accepted_at UNION " MEMBERS_OF("f") ") " \
+	"   SELECT 1 FROM f WHERE NOT " OLD_ROW("f.at") NOT_HELD \
+	"   OR EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = f.id " OPEN ") " \
+	"   OR EXISTS (SELECT 1 FROM events r JOIN outbox o ON o.event_id = r.id WHERE r.in_reply_to_id = f.id " OPEN "))"
+
+/* The families due of one kind of content of their first event (c: "<>"
+ * or "=" '{}'), oldest first, by that kind's partial index. */
+#define ROWS_OF(c) \
+	"(SELECT e.id, e.accepted_at FROM events e WHERE e.content " c " '{}'::jsonb AND " DUE("") \
 	"  ORDER BY e.accepted_at LIMIT $2::int)"
 
-/* Old events whose deliveries are all closed, and whose every referrer's
- * are too (a reply still owed to someone needs its target's native ids to
- * be translated), deleted with their outbox rows (delivery_attempts and
+/* Old events whose deliveries are all closed go as families: a message
+ * (or any event that names none it depends on) with its edits and
+ * deletes, its reactions and their removals, deleted in one statement,
+ * once every one of them is due (DUE): a message's latest version and
+ * whether it was deleted are made from its edits and deletes, and XMPP's
+ * reactions are whole sets named by the message's id (XEP-0444), made
+ * from the stored reactions (above): a message deleted before its family
+ * was done would have a reaction removed later, or a removal still owed
+ * (a dead letter replayed), never reach XMPP, though its row is marked
+ * delivered (before the twenty-first session it was: a review's finding).
+ * With the events go their outbox rows (delivery_attempts and
  * event_native_ids follow by their foreign keys' cascade).  The foreign
  * keys from outbox, idempotency_keys and events' own references were
- * dropped (schema/005): the statement deletes and clears them itself.
- * An edit, a delete or a reaction goes only once its target has gone (a
- * later run: the references are cleared then): a message's latest version
- * and whether it was deleted are made from its edits and deletes, and
- * XMPP's whole sets of reactions from the stored reactions (above);
- * deleted before the message, they would change what it shows.  A reply
- * to a message that goes stays, its reference cleared (rf: not a row the
- * statement deletes, which one statement must not change twice).  Nothing
- * derived is lost: consent given by writing first is a row of consents
- * (the writer records it), not read from old events.  A message whose
- * content.expires is still to come is kept for the expiry sweep, which
- * finds it by that content.
+ * dropped (schema/005): the statement deletes and clears them itself.  A
+ * reply to a message that goes stays, its reference cleared (rf: not a
+ * row the statement deletes, which one statement must not change twice).
+ * Nothing derived is lost: consent given by writing first is a row of
+ * consents (the writer records it), not read from old events.  A message
+ * whose content.expires is still to come is kept for the expiry sweep,
+ * which finds it by that content.
+ *
+ * Two statements in one transaction, the families first locked, then
+ * checked again and deleted.  A writer storing an event that names one
+ * (a reply, an edit, a reaction) locks it until its commit (FOR KEY
+ * SHARE, adapters/peer/peer_api.c), which this lock (FOR UPDATE SKIP
+ * LOCKED) passes over; a writer that comes later waits for this
+ * transaction and finds the event gone.  But one that committed between
+ * the first statement's snapshot and its lock is not in that snapshot,
+ * and its event would be left naming a deleted one: the second
+ * statement, with a snapshot taken after the locks, sees it, and keeps
+ * the family (the new event's delivery is open).  It deletes a family
+ * only if the first locked every member of it (a member another
+ * statement holds, or one written since, keeps it for the next run).
+ *
  * Found oldest first by two partial indexes, merged: events_erased_idx
  * (schema/029; old enough, an event's content is erased already) and
  * events_content_kept_idx (025), so a run reads the events due and those
  * kept, never the young bulk (the brin index of 004 hands back every old
- * page, and every page once deleted rows' space is reused).  The
- * references by events_replaces_idx, events_in_reply_to_idx and
- * idempotency_keys_event_idx, the outbox rows by outbox_event_dest_key.
- * The candidates are locked by their primary key (SKIP LOCKED): a row
- * another statement holds is left for the next run.
- * $1: days, $2: batch. */
+ * page, and every page once deleted rows' space is reused).  The members
+ * and replies by events_replaces_idx and events_in_reply_to_idx, the
+ * idempotency keys by idempotency_keys_event_idx, the outbox rows by
+ * outbox_event_dest_key.  At most $2 families a run.
+ * rows_lock_sql: $1: days, $2: batch; the ids locked, as an array.
+ * rows_sql: $1: days, $2: those ids. */
+static const char rows_lock_sql[] =
+	"WITH RECURSIVE c AS (" ROWS_OF("=") " UNION ALL " ROWS_OF("<>") "), "
+	"fam(id, at) AS (SELECT id, accepted_at FROM (SELECT id, accepted_at FROM c ORDER BY accepted_at "
+	"  LIMIT $2::int) y UNION " MEMBERS_OF("fam") ") "
+	"SELECT array_agg(l.id)::text FROM (SELECT e.id FROM events e WHERE e.id IN (SELECT id FROM fam) "
+	"  FOR UPDATE OF e SKIP LOCKED) l";
 static const char rows_sql[] =
-	"WITH c AS (" ROWS_OF("=") " UNION ALL " ROWS_OF("<>") "), "
-	"x AS MATERIALIZED (SELECT e.id FROM events e WHERE e.id IN (SELECT id FROM c ORDER BY accepted_at "
-	"  LIMIT $2::int) FOR UPDATE OF e SKIP LOCKED), "
+	"WITH RECURSIVE fam(id, at) AS (SELECT e.id, e.accepted_at FROM events e WHERE e.id = ANY($2::bigint[]) "
+	"  AND " DUE(" OR f.id <> ALL($2::bigint[])") " UNION " MEMBERS_OF("fam") "), "
+	"x AS MATERIALIZED (SELECT l.id FROM unnest($2::bigint[]) AS l(id) WHERE l.id IN (SELECT id FROM fam)), "
 	"ob AS (DELETE FROM outbox o USING x WHERE o.event_id = x.id), "
 	"rf AS (UPDATE events r SET "
 	"  replaces_id = CASE WHEN r.replaces_id IN (SELECT id FROM x) THEN NULL ELSE r.replaces_id END, "
@@ -104,6 +144,44 @@ static const char rows_sql[] =
 	"  WHERE r.id = y.id AND NOT EXISTS (SELECT 1 FROM x WHERE x.id = y.id)), "
 	"ik AS (UPDATE idempotency_keys k SET event_id = NULL FROM x WHERE k.event_id = x.id) "
 	"DELETE FROM events e USING x WHERE e.id = x.id";
+
+/* rows_lock_sql, then rows_sql, in one transaction on the idle
+ * connection (above).  count: the events deleted. */
+static cw_err run_rows(PGconn *c, long days, long *count, cw_errmsg *e)
+{
+	*count = 0;
+	if (days <= 0)
+		return CW_OK;
+	char d[24], n[24];
+	snprintf(d, sizeof(d), "%ld", days);
+	snprintf(n, sizeof(n), "%d", RETENTION_BATCH);
+	cw_err rc = store_exec(c, "BEGIN; SET LOCAL jit = off", e);
+	if (rc)
+		return rc;
+	const char *params[] = { d, n };
+	PGresult *r = PQexecParams(c, rows_lock_sql, 2, NULL, params, NULL, NULL, 0);
+	rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (!rc) {
+		if (!PQgetisnull(r, 0, 0)) {
+			params[1] = PQgetvalue(r, 0, 0);
+			PGresult *x = PQexecParams(c, rows_sql, 2, NULL, params, NULL, NULL, 0);
+			rc = store_check(c, x, PGRES_COMMAND_OK, e);
+			if (!rc) {
+				*count = atol(PQcmdTuples(x));
+				PQclear(x);
+			}
+		}
+		PQclear(r);
+	}
+	if (!rc)
+		rc = store_exec(c, "COMMIT", e);
+	if (rc) {
+		*count = 0;
+		cw_errmsg ignored;
+		store_exec(c, "ROLLBACK", &ignored); /* out of the failed transaction; on a lost connection, moot */
+	}
+	return rc;
+}
 
 /* One statement, its own transaction on the idle connection: its locks
  * last as long as it runs.  days 0: kept for ever, nothing run. */
@@ -129,7 +207,7 @@ cw_err retention_sweep(PGconn *c, const struct cw_config *cfg, long counts[4], c
 {
 	counts[0] = counts[1] = counts[2] = counts[3] = 0;
 	/* Rows first: the content of what they delete is not erased first. */
-	cw_err rc = run(c, rows_sql, cfg->retention_rows_days, &counts[3], e);
+	cw_err rc = run_rows(c, cfg->retention_rows_days, &counts[3], e);
 	if (!rc)
 		rc = run(c, content_sql, cfg->retention_content_days, &counts[0], e);
 	if (!rc)

@@ -6,12 +6,12 @@
  * failed or dead: a dead letter may still be replayed); its row, ids and
  * native ids stay, so replies, edits, statuses and traces still resolve.
  * Idempotency keys older than retention.idempotency_days and delivery
- * attempts older than retention.attempts_days are deleted.  An event
- * accepted more than retention.rows_days ago is deleted with its outbox
- * rows, their attempts and its native ids once no delivery of it, nor of
- * an event that refers to it, is open; an edit, delete or reaction only
- * once its target has gone.  A setting of 0 keeps that kind of data for
- * ever. */
+ * attempts older than retention.attempts_days are deleted.  Events are
+ * deleted as families (a message with its edits, deletes, reactions and
+ * the reactions' removals), each with its outbox rows, their attempts and
+ * its native ids, once every member was accepted more than
+ * retention.rows_days ago and no delivery of one, nor of a reply to one,
+ * is open.  A setting of 0 keeps that kind of data for ever. */
 #ifndef CW_RETENTION_H
 #define CW_RETENTION_H
 
@@ -27,7 +27,9 @@
  * short transaction, rows chosen with SKIP LOCKED (two daemons on one
  * database never wait for each other).  counts: events whose content was
  * erased, idempotency keys deleted, delivery attempts deleted, events
- * deleted; one equal to RETENTION_BATCH means more are due (run again). */
+ * deleted; one of RETENTION_BATCH or more means more may be due (run
+ * again: events come in families of any size, up to RETENTION_BATCH
+ * families a run). */
 cw_err retention_sweep(PGconn *c, const struct cw_config *cfg, long counts[4], cw_errmsg *e);
 
 #endif
