@@ -5,6 +5,7 @@
 #include "log.h"
 
 #include <ctype.h>
+#include <curl/curl.h>
 #include <errno.h>
 #include <ini.h>
 #include <limits.h>
@@ -46,6 +47,12 @@ const struct cfg_option cfg_options[] = {
 	  "(a test set-up, or a peer's store on your private network); off, they are refused (SSRF)" },
 	{ "server", "ca_file", CFG_STR, OFF(ca_file), "", 0, 0, false, false,
 	  "CA bundle (PEM) trusted for outbound HTTPS to peers, the homeserver and media (empty: the system's)" },
+	{ "server", "policy_url", CFG_STR, OFF(policy_url), "", 0, 0, false, false,
+	  "an https URL of this provider's interop policy, published in the peers' directory "
+	  "(/.well-known/mimi-protocol-directory); empty: not published" },
+	{ "server", "abuse_contact", CFG_STR, OFF(abuse_contact), "", 0, 0, false, false,
+	  "where abuse is reported to this provider, published in the peers' directory: an https URL or a "
+	  "mailto: address (mailto:abuse@example.org); empty: not published" },
 
 	{ "peer", "signing_key_file", CFG_STR, OFF(signing_key_file), CW_STATE_DIR "/signing.key", 0, 0, false, false,
 	  "Causeway's Ed25519 private key (PEM); created with mode 0600 on first start" },
@@ -345,6 +352,55 @@ void cfg_env_name(const struct cfg_option *o, char *buf, size_t len)
 
 static const char *plain_getenv(const char *name) { return getenv(name); }
 
+/* Whether u has no such part (none: the code libcurl answers then). */
+static bool url_lacks(CURLU *u, CURLUPart part, CURLUcode none)
+{
+	char *v = NULL;
+	CURLUcode rc = curl_url_get(u, part, &v, 0);
+	curl_free(v);
+	return rc == none;
+}
+
+/* Whether s is an absolute https URL with a host and without a user or
+ * password; libcurl's parser, which the daemon's fetches use too. */
+static bool https_url_ok(const char *s)
+{
+	CURLU *u = curl_url();
+	char *scheme = NULL, *host = NULL;
+	bool ok = u && curl_url_set(u, CURLUPART_URL, s, 0) == CURLUE_OK &&
+		  curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) == CURLUE_OK && strcmp(scheme, "https") == 0 &&
+		  curl_url_get(u, CURLUPART_HOST, &host, 0) == CURLUE_OK && *host &&
+		  url_lacks(u, CURLUPART_USER, CURLUE_NO_USER);
+	curl_free(scheme);
+	curl_free(host);
+	curl_url_cleanup(u);
+	return ok;
+}
+
+/* Whether s is mailto: and one address (RFC 6068, no header fields).
+ * libcurl does not parse mailto:, but an address is a URL's userinfo@host
+ * with the same percent-encoding, so it is read as https://ADDRESS: a
+ * user, a host, and nothing else. */
+static bool mailto_ok(const char *s)
+{
+	if (strncmp(s, "mailto:", 7) != 0 || strchr(s + 7, '/'))
+		return false;
+	char url[1024];
+	if ((size_t)snprintf(url, sizeof(url), "https://%s", s + 7) >= sizeof(url))
+		return false;
+	CURLU *u = curl_url();
+	char *user = NULL, *host = NULL;
+	bool ok = u && curl_url_set(u, CURLUPART_URL, url, 0) == CURLUE_OK &&
+		  curl_url_get(u, CURLUPART_USER, &user, 0) == CURLUE_OK && *user &&
+		  curl_url_get(u, CURLUPART_HOST, &host, 0) == CURLUE_OK && *host &&
+		  url_lacks(u, CURLUPART_PASSWORD, CURLUE_NO_PASSWORD) && url_lacks(u, CURLUPART_PORT, CURLUE_NO_PORT) &&
+		  url_lacks(u, CURLUPART_QUERY, CURLUE_NO_QUERY) && url_lacks(u, CURLUPART_FRAGMENT, CURLUE_NO_FRAGMENT);
+	curl_free(user);
+	curl_free(host);
+	curl_url_cleanup(u);
+	return ok;
+}
+
 cw_err cfg_load(struct cw_config *c, const char *path, const char *(*getenv_fn)(const char *), cw_errmsg *e)
 {
 	cfg_defaults(c);
@@ -421,6 +477,20 @@ cw_err cfg_load(struct cw_config *c, const char *path, const char *(*getenv_fn)(
 	if (c->domain && *c->domain && mimi_domain_check(c->domain, strlen(c->domain), &de)) {
 		cw_fail(e, CW_EINVAL, "server.domain must be a lower-case DNS name with a dot and without a port "
 			"(such as example.org), not \"%.100s\": %s", c->domain, de.msg);
+		cfg_free(c);
+		return CW_EINVAL;
+	}
+	/* Both are shown to every peer as they are: a value a peer cannot
+	 * follow is refused at start, not found out by the peer. */
+	if (c->policy_url && *c->policy_url && !https_url_ok(c->policy_url)) {
+		cw_fail(e, CW_EINVAL, "server.policy_url must be an https URL with a host, not \"%.200s\"",
+			c->policy_url);
+		cfg_free(c);
+		return CW_EINVAL;
+	}
+	if (c->abuse_contact && *c->abuse_contact && !https_url_ok(c->abuse_contact) && !mailto_ok(c->abuse_contact)) {
+		cw_fail(e, CW_EINVAL, "server.abuse_contact must be an https URL or a mailto: address, not \"%.200s\"",
+			c->abuse_contact);
 		cfg_free(c);
 		return CW_EINVAL;
 	}

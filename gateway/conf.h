@@ -23,6 +23,8 @@ struct cw_config {
 	long media_link_lifetime_s;
 	bool media_private_addresses;
 	char *ca_file;
+	char *policy_url;    /* https, or empty: both published in the directory */
+	char *abuse_contact; /* https or mailto:, or empty */
 	/* [peer] */
 	char *signing_key_file;
 	char *signature_tag;

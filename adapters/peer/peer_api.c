@@ -248,9 +248,11 @@ void peer_api_directory(struct cw_req *req, void *ctx)
 	if (!peer_api_enabled(app, req))
 		return;
 	struct event_limits lim = event_limits_default();
+	/* features: what this profile does beyond submitting messages, one
+	 * name per endpoint (or delivery mode) that does it. */
 	json_t *d = json_pack(
 		"{s:s, s:s, s:{s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s},"
-		" s:[s,s,s], s:[s,s,s,s,s,s,s,s],"
+		" s:[s,s,s], s:[s,s,s,s,s,s,s,s], s:[s,s,s,s,s,s,s,s,s,s,s],"
 		" s:{s:I, s:I, s:I, s:I, s:I, s:I}, s:{s:s, s:s, s:s}, s:{s:s, s:[s,s,s,s,s], s:I}}",
 		"profile", "causeway-mimi-json/1",
 		"domain", app->cfg->domain,
@@ -275,6 +277,8 @@ void peer_api_directory(struct cw_req *req, void *ctx)
 		"notify", "{push_url}/v1/notify",
 		"content_types", "text/plain", "text/markdown", "text/html",
 		"event_types", "message", "edit", "delete", "reaction", "receipt", "typing", "membership", "block",
+		"features", "push", "pull", "batch", "receipts", "typing", "media", "consent", "blocks", "reports",
+		"identifiers", "profiles",
 		"limits",
 		"max_event_bytes", (json_int_t)lim.max_event_bytes,
 		"max_body_bytes", (json_int_t)lim.max_body_bytes,
@@ -286,6 +290,11 @@ void peer_api_directory(struct cw_req *req, void *ctx)
 		"signatures", "tag", app->cfg->signature_tag,
 		"components", "@method", "@target-uri", "content-digest", "content-type", "idempotency-key",
 		"max_clock_skew_s", (json_int_t)app->cfg->max_clock_skew_s);
+	/* Published only when the operator set them: no made-up address. */
+	if (d && app->cfg->policy_url && *app->cfg->policy_url)
+		json_object_set_new(d, "policy_url", json_string(app->cfg->policy_url));
+	if (d && app->cfg->abuse_contact && *app->cfg->abuse_contact)
+		json_object_set_new(d, "abuse_contact", json_string(app->cfg->abuse_contact));
 	cw_req_reply_json(req, 200, d);
 }
 

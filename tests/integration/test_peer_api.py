@@ -36,6 +36,21 @@ def test_directory(daemon):
     assert d["public_key"]["alg"] == "ed25519" and d["public_key"]["keyid"] == "example.org"
     assert d["signatures"]["tag"] == "causeway-interop"
     assert "message" in d["event_types"] and d["limits"]["max_parts"] >= 1
+    # Nothing configured: no policy or abuse-contact URL (until the
+    # twenty-first session there were no such settings), the default batch.
+    assert "policy_url" not in d and "abuse_contact" not in d
+    assert d["limits"]["max_batch_events"] == 256
+    # What this profile does, one name per feature with an endpoint behind it.
+    assert d["features"] == ["push", "pull", "batch", "receipts", "typing", "media", "consent", "blocks",
+                             "reports", "identifiers", "profiles"]
+
+
+def test_directory_names_the_configured_policy_and_abuse_contact(make_daemon, db_url):
+    d = make_daemon(db_url, options={"server": {"policy_url": "https://example.org/interop-policy",
+                                                "abuse_contact": "mailto:abuse@example.org"}}).start()
+    doc = d.get("/.well-known/mimi-protocol-directory").json()
+    assert doc["policy_url"] == "https://example.org/interop-policy"
+    assert doc["abuse_contact"] == "mailto:abuse@example.org"
 
 
 def test_round_trip_in_order_both_ways(daemon, peers):
