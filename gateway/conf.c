@@ -62,6 +62,9 @@ const struct cfg_option cfg_options[] = {
 	  "a signature's created time may differ this much from ours" },
 	{ "peer", "replay_cache_entries", CFG_INT, OFF(replay_cache_entries), "100000", 1000, 10000000, false, false,
 	  "signature nonces remembered to refuse replays (per daemon process)" },
+	{ "peer", "max_batch", CFG_INT, OFF(peer_max_batch), "256", 1, 1024, false, false,
+	  "most events a peer submits in one POST /v1/batch (more: 413), published in the directory; "
+	  "the body is also bounded by server.max_body_bytes" },
 
 	{ "dispatcher", "batch_max", CFG_INT, OFF(dispatch_batch_max), "250", 1, 1000, false, false,
 	  "most outbox rows claimed at once and sent to one destination in one request (peers take 256 a request)" },

@@ -30,6 +30,7 @@ struct cw_config {
 	char *signature_tag;
 	long max_clock_skew_s;
 	long replay_cache_entries;
+	long peer_max_batch;
 	/* [dispatcher] */
 	long dispatch_batch_max;
 	long retry_budget;

@@ -239,7 +239,7 @@ struct event_limits event_limits_default(void)
 		.max_parts = 4,
 		.max_attachments = 8,
 		.max_attachment_bytes = 100ull * 1024 * 1024,
-		.max_batch = 256,
+		.max_batch = 256, /* the batch route and the directory take peer.max_batch */
 		.max_batch_bytes = 256 * 64 * 1024,
 		.part_types = EVENT_PART_ALL,
 	};

@@ -242,12 +242,23 @@ cw_err identity_id(PGconn *c, const struct mimi_uri *u, bool local, const char *
 
 /* ------------------------------------------------------------ directory */
 
+/* The event limits of a batch: the operator's peer.max_batch events (256
+ * by default; a constant until the twenty-first session), each up to
+ * max_event_bytes. */
+static struct event_limits batch_limits(const struct cw_app *app)
+{
+	struct event_limits lim = event_limits_default();
+	lim.max_batch = (size_t)app->cfg->peer_max_batch;
+	lim.max_batch_bytes = lim.max_batch * lim.max_event_bytes;
+	return lim;
+}
+
 void peer_api_directory(struct cw_req *req, void *ctx)
 {
 	struct cw_app *app = ctx;
 	if (!peer_api_enabled(app, req))
 		return;
-	struct event_limits lim = event_limits_default();
+	struct event_limits lim = batch_limits(app);
 	/* features: what this profile does beyond submitting messages, one
 	 * name per endpoint (or delivery mode) that does it. */
 	json_t *d = json_pack(
@@ -2579,7 +2590,7 @@ void peer_api_batch(struct cw_req *req, void *ctx)
 		return;
 	size_t blen;
 	const char *body = cw_req_body(req, &blen);
-	struct event_limits lim = event_limits_default();
+	struct event_limits lim = batch_limits(app);
 	struct batch bt;
 	struct event_error err;
 	if (batch_parse(body, blen, &lim, &bt, &err)) {

@@ -53,6 +53,26 @@ def test_directory_names_the_configured_policy_and_abuse_contact(make_daemon, db
     assert doc["abuse_contact"] == "mailto:abuse@example.org"
 
 
+def test_the_batch_size_is_configured(make_daemon, db_url):
+    d = make_daemon(db_url, options={"peer": {"max_batch": "3"}}).start()
+    assert d.get("/.well-known/mimi-protocol-directory").json()["limits"]["max_batch_events"] == 3
+    # The batch route takes what the directory says, and no more.
+    made = push_peers(d)
+    try:
+        (a, _), (b, _) = made
+        rm = room(a, b)
+        ev = lambda i: {"idempotency_key": f"m{i}", "room": rm["uri"],
+                        "event": {"type": "message", "sender": a.user("alice"),
+                                  "content": {"parts": [{"type": "text/plain", "body": f"b{i}"}]}}}
+        r = a.call("POST", "/v1/batch", {"events": [ev(i) for i in range(4)]})
+        assert r.status_code == 413 and "more than 3 events" in r.json()["detail"], r.text
+        r = a.call("POST", "/v1/batch", {"events": [ev(i) for i in range(3)]})
+        assert r.status_code == 200 and [x["status"] for x in r.json()["results"]] == ["accepted"] * 3, r.text
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
 def test_round_trip_in_order_both_ways(daemon, peers):
     (a, sa), (b, sb) = peers
     rm = room(a, b)
