@@ -400,6 +400,14 @@ static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn)
 	return r;
 }
 
+/* Appends method to an Allow header's list (dropped if it does not fit). */
+static void allow_add(char *allow, size_t size, const char *method)
+{
+	size_t n = strlen(allow);
+	if (n + 2 + strlen(method) < size)
+		snprintf(allow + n, size - n, "%s%s", n ? ", " : "", method);
+}
+
 static void dispatch(struct cw_req *r)
 {
 	struct cw_http *h = r->h;
@@ -417,11 +425,10 @@ static void dispatch(struct cw_req *r)
 			char allow[128] = "";
 			for (size_t i = 0; i < h->o.nroutes; i++) {
 				bool m;
-				if (cw_route_match(&h->o.routes[i], 1, "", r->path, NULL, &m) < 0 && m &&
-				    strlen(allow) + strlen(h->o.routes[i].method) + 3 < sizeof(allow)) {
-					if (*allow)
-						strcat(allow, ", ");
-					strcat(allow, h->o.routes[i].method);
+				if (cw_route_match(&h->o.routes[i], 1, "", r->path, NULL, &m) < 0 && m) {
+					allow_add(allow, sizeof(allow), h->o.routes[i].method);
+					if (strcmp(h->o.routes[i].method, "GET") == 0)
+						allow_add(allow, sizeof(allow), "HEAD"); /* taken as GET */
 				}
 			}
 			cw_req_add_header(r, "Allow", allow);
@@ -469,6 +476,14 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 		/* The route is known with the headers: its body limit applies
 		 * before the body is read. */
 		r->route = cw_route_match(h->o.routes, h->o.nroutes, r->method, r->path, &r->params, &r->path_matched);
+		/* HEAD, which a server MUST support as it does GET (RFC 9110
+		 * 9.1), is the GET of the path (a 405 until the twenty-first
+		 * session): its handler answers as to a GET and libmicrohttpd
+		 * sends the answer's headers without its body.  The method
+		 * stays HEAD: a signature covers the method sent. */
+		if (r->route < 0 && strcmp(r->method, "HEAD") == 0)
+			r->route = cw_route_match(h->o.routes, h->o.nroutes, "GET", r->path, &r->params,
+						  &r->path_matched);
 		r->limit = h->o.max_body_bytes;
 		for (const char *const *p = h->o.large_body_routes; r->route >= 0 && p && *p; p++)
 			if (strcmp(*p, h->o.routes[r->route].pattern) == 0 && h->o.max_large_body_bytes > r->limit &&

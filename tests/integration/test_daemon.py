@@ -43,7 +43,7 @@ def test_unknown_path_and_method_are_problem_json(daemon):
     assert p["status"] == 404 and p["code"] == "not_found" and p["title"]
     r = daemon.request("DELETE", "/healthz")
     assert r.status_code == 405
-    assert r.headers["Allow"] == "GET"
+    assert r.headers["Allow"] == "GET, HEAD"
     assert r.json()["code"] == "method_not_allowed"
 
 

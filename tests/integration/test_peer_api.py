@@ -73,6 +73,30 @@ def test_the_batch_size_is_configured(make_daemon, db_url):
             srv.close()
 
 
+def test_head_is_answered_as_get_without_a_body(daemon, peers):
+    (a, _), (b, _) = peers
+    rm = room(a, b)
+    for path in ("/.well-known/mimi-protocol-directory", "/healthz", "/v1/openapi.json"):
+        g = daemon.get(path)
+        h = daemon.request("HEAD", path)
+        assert h.status_code == 200, (path, h.status_code, h.text)
+        assert h.content == b"" and h.headers["Content-Type"] == g.headers["Content-Type"], path
+        assert h.headers["Content-Length"] == g.headers["Content-Length"], path
+    # A signed route verifies the signature over the method sent: HEAD.
+    path = f"/v1/rooms/{rm['id']}"
+    r = a.call("HEAD", path)
+    assert r.status_code == 200 and r.content == b"", r.status_code
+    assert int(r.headers["Content-Length"]) == len(a.call("GET", path).content)
+    h = dict(a.signer.headers("GET", a.base + path), Authorization="Bearer " + a.token)
+    r = daemon.request("HEAD", path, headers=h)
+    assert r.status_code == 401 and r.content == b""
+    # HEAD is allowed wherever GET is.
+    r = daemon.request("DELETE", path)
+    assert r.status_code == 405 and r.headers["Allow"] == "GET, HEAD, PATCH", r.headers
+    r = daemon.request("PUT", "/v1/batch")
+    assert r.status_code == 405 and r.headers["Allow"] == "POST", r.headers
+
+
 def test_round_trip_in_order_both_ways(daemon, peers):
     (a, sa), (b, sb) = peers
     rm = room(a, b)
