@@ -243,15 +243,21 @@ void cw_req_reply_json(struct cw_req *r, int status, json_t *j)
 	r->rjson = j;
 }
 
-void cw_req_problem(struct cw_req *r, int status, const char *code, const char *title, const char *detail)
+/* With type about:blank the title is the status's phrase, the same for
+ * every problem of that status (RFC 9457 4.2.1, 3.1.3); what went wrong
+ * is in detail and code.  Until the twenty-first session each caller's
+ * summary was the title, and one status had several ("Unauthenticated",
+ * "Bad signature"). */
+void cw_req_problem(struct cw_req *r, int status, const char *code, const char *summary, const char *detail)
 {
 	json_t *j = json_pack("{s:s, s:s, s:i, s:s, s:s}",
-			      "type", "about:blank", "title", title, "status", status,
-			      "detail", detail ? detail : title, "code", code);
+			      "type", "about:blank", "title", MHD_get_reason_phrase_for((unsigned)status),
+			      "status", status, "detail", detail ? detail : summary, "code", code);
 	char *s = j ? json_dumps(j, JSON_COMPACT) : NULL;
 	json_decref(j);
 	if (!s) {
-		static const char fallback[] = "{\"title\":\"Internal error\",\"status\":500,\"code\":\"internal\"}";
+		static const char fallback[] = "{\"type\":\"about:blank\",\"title\":\"Internal Server Error\","
+					       "\"status\":500,\"code\":\"internal\"}";
 		s = strdup(fallback);
 		status = 500;
 	}

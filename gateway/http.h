@@ -128,8 +128,9 @@ void cw_req_reply_then(struct cw_req *r, int status, const char *content_type, c
 		       void (*done)(void *arg), void *arg);
 /* Sets a JSON reply; steals the reference to j. */
 void cw_req_reply_json(struct cw_req *r, int status, json_t *j);
-/* application/problem+json (RFC 9457) with a stable code. */
-void cw_req_problem(struct cw_req *r, int status, const char *code, const char *title,
+/* application/problem+json (RFC 9457) with a stable code; its title is
+ * the status's HTTP phrase, summary the detail when detail is NULL. */
+void cw_req_problem(struct cw_req *r, int status, const char *code, const char *summary,
 		    const char *detail);
 /* An extra response header (copied); at most a few per reply. */
 void cw_req_add_header(struct cw_req *r, const char *name, const char *value);

@@ -625,6 +625,39 @@ def test_batch_shape_errors(daemon, peers, pg, db_url):
     assert pg.psql("SELECT count(*) FROM events", db_url) == "0"
 
 
+def test_problem_titles_are_the_status_phrases(daemon, peers):
+    """RFC 9457: with type about:blank the title is the status's phrase and
+    does not vary; what went wrong is in detail and code (until the
+    twenty-first session each caller made up a title of its own)."""
+    (a, _), (b, _) = peers
+    rm = room(a, b)
+    path = f"/v1/rooms/{rm['id']}/messages"
+    raw = json.dumps({"type": "message", "sender": a.user("alice"),
+                      "content": {"parts": [{"type": "text/plain", "body": "x"}]}}).encode()
+    answers = [
+        daemon.request("POST", path, data=raw, headers={"Content-Type": "application/json"}),
+        a.call("POST", path, raw=raw, idem="t1", sign=False),
+        a.call("POST", path, raw=raw, idem="t2", tag="other"),
+        a.call("POST", path, {"type": "poke"}, idem="t3"),
+        a.call("POST", path, raw=raw, idem="t4", content_type="text/plain"),
+        a.call("GET", "/v1/rooms/r_nope"),
+        daemon.get("/nowhere"),
+        daemon.request("DELETE", path),
+        daemon.request("POST", path, data=b"x" * (2 << 20)),
+        daemon.admin("GET", "/peers", headers={"Authorization": "Bearer wrong"}),
+    ]
+    seen = {}
+    for r in answers:
+        p = r.json()
+        assert r.headers["Content-Type"] == "application/problem+json", r.text
+        assert p["type"] == "about:blank" and p["status"] == r.status_code, p
+        assert p["title"] == r.reason, (p, r.reason)
+        assert seen.setdefault(r.status_code, p["title"]) == p["title"], (seen, p)
+        assert p["detail"] and p["code"], p
+    assert sorted(seen) == [400, 401, 404, 405, 413, 415], seen
+    assert seen[401] == "Unauthorized" and seen[404] == "Not Found"
+
+
 def test_idempotency_key_covers_the_room_and_the_body_room_must_match(daemon, peers):
     (a, _), (b, _) = peers
     r1, r2 = room(a, b), room(a, b, [a.user("alice"), b.user("carol")])

@@ -237,6 +237,7 @@ START_TEST(live_sync_and_errors)
 	ck_assert_int_eq(r.status, 404);
 	ck_assert_str_eq(r.ctype, "application/problem+json");
 	ck_assert_ptr_nonnull(strstr(r.body, "\"code\":\"not_found\""));
+	ck_assert_ptr_nonnull(strstr(r.body, "\"title\":\"Not Found\"")); /* the status phrase (RFC 9457) */
 
 	r = request("DELETE", "/echo", NULL, 0, false);
 	ck_assert_int_eq(r.status, 405);
