@@ -785,6 +785,24 @@ json_t *app_json_body(struct cw_req *req)
 	return j;
 }
 
+bool app_json_only_known(struct cw_req *req, json_t *body, const char *const *known)
+{
+	const char *k;
+	json_t *v;
+	json_object_foreach(body, k, v) {
+		bool ok = false;
+		for (int i = 0; known[i] && !ok; i++)
+			ok = strcmp(known[i], k) == 0;
+		if (!ok) {
+			char d[120];
+			snprintf(d, sizeof(d), "unknown member '%.64s'", k);
+			cw_req_problem(req, 400, "invalid_body", "Invalid body", d);
+			return false;
+		}
+	}
+	return true;
+}
+
 bool app_domain_is_ours(struct cw_app *app, const char *domain)
 {
 	const struct cw_config *cfg = app->cfg;

@@ -147,6 +147,10 @@ bool app_is_json(struct cw_req *req);
 const char *app_status_title(int status);
 /* The request body as a JSON object, or NULL after answering 400/415. */
 json_t *app_json_body(struct cw_req *req);
+/* False after answering 400 invalid_body when body has a member not in
+ * known (NULL-terminated): a misspelt member would otherwise be ignored
+ * and the change done without it. */
+bool app_json_only_known(struct cw_req *req, json_t *body, const char *const *known);
 /* Whether domain is one of this provider's own (server.domain, the Matrix
  * server name, the XMPP domain or a component's), which no peer may speak
  * for. */

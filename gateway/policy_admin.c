@@ -258,25 +258,6 @@ static const char *str(json_t *o, const char *k)
 	return json_is_string(v) ? json_string_value(v) : NULL;
 }
 
-/* Refuses members of body not in known (NULL-terminated). */
-static bool only_known(struct cw_req *req, json_t *body, const char *const *known)
-{
-	const char *k;
-	json_t *v;
-	json_object_foreach(body, k, v) {
-		bool ok = false;
-		for (int i = 0; known[i] && !ok; i++)
-			ok = strcmp(known[i], k) == 0;
-		if (!ok) {
-			char d[120];
-			snprintf(d, sizeof(d), "unknown member '%.64s'", k);
-			bad_body(req, d);
-			return false;
-		}
-	}
-	return true;
-}
-
 /* ------------------------------------------------------------ rules */
 
 #define RULE_JSON \
@@ -406,7 +387,7 @@ void policy_admin_rule_create(struct cw_req *req, void *ctx)
 	bool ok = false;
 	if (!q)
 		cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory");
-	else if (!only_known(req, body, rule_members))
+	else if (!app_json_only_known(req, body, rule_members))
 		;
 	else if (!scope || !policy_scope_parse(scope, &sc))
 		bad_body(req, "scope must be domain, network or user");
@@ -482,7 +463,7 @@ void policy_admin_rule_update(struct cw_req *req, void *ctx)
 		cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory");
 	else if (json_is_object(body) && json_object_size(body) == 0) /* as PATCH /settings and /peers/{name} answer it */
 		cw_req_problem(req, 400, "invalid_body", "Invalid body", "nothing to change");
-	else if (only_known(req, body, members)) {
+	else if (app_json_only_known(req, body, members)) {
 		aq_param(q, id);
 		ok = rule_fields(req, body, q, &has_mode, &mode_null, &has_limits, &limits_empty);
 	}
@@ -636,7 +617,7 @@ void policy_admin_optin_set(struct cw_req *req, void *ctx)
 	json_t *opted = json_object_get(body, "opted_in");
 	const char *p;
 	bool ok = false;
-	if (!only_known(req, body, members))
+	if (!app_json_only_known(req, body, members))
 		;
 	else if ((p = user_uri_problem(app, user, true))) {
 		char d[120];
@@ -684,7 +665,7 @@ void policy_admin_consent_set(struct cw_req *req, void *ctx)
 	const char *state = str(body, "state");
 	const char *p;
 	bool ok = false;
-	if (!only_known(req, body, members))
+	if (!app_json_only_known(req, body, members))
 		;
 	else if ((p = user_uri_problem(app, user, true))) {
 		char d[120];
@@ -824,7 +805,7 @@ void policy_admin_report_create(struct cw_req *req, void *ctx)
 	const char *reporter = str(body, "reporter"), *subject = str(body, "subject"), *reason = str(body, "reason");
 	json_t *evidence = json_object_get(body, "evidence"), *comment = json_object_get(body, "comment");
 	bool ok = false, subject_local = false;
-	if (!only_known(req, body, members))
+	if (!app_json_only_known(req, body, members))
 		;
 	else if (json_object_get(body, "reporter") && user_uri_problem(app, reporter, true))
 		bad_body(req, "reporter must be a user URI of this provider (or absent: the operator reports)");

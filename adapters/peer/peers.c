@@ -605,6 +605,16 @@ void peer_admin_create(struct cw_req *req, void *ctx)
 	const char *name = str_field(body, "name"), *domain = str_field(body, "domain");
 	const char *mode = str_field(body, "mode"), *url = str_field(body, "push_url");
 	const char *bad = NULL;
+	/* A misspelt member or a mode of another type was ignored until the
+	 * twenty-first session: "event_type" made a peer of every type, a
+	 * "mode" of 7 a push peer. */
+	static const char *const members[] = { "name", "domain", "mode", "push_url", "public_key", "event_types",
+					       NULL };
+	if (!app_json_only_known(req, body, members)) {
+		free(in);
+		json_decref(body);
+		return;
+	}
 	if (!in)
 		bad = "out of memory";
 	else if (!name || !peer_name_valid(name))
@@ -614,7 +624,8 @@ void peer_admin_create(struct cw_req *req, void *ctx)
 	else if (app_domain_is_ours(app, domain))
 		bad = "domain is one of this provider's own (server.domain, the Matrix server name or an XMPP "
 		      "domain): a peer may not speak for local users";
-	else if (mode && strcmp(mode, "push") != 0 && strcmp(mode, "pull") != 0)
+	else if (json_object_get(body, "mode") &&
+		 (!mode || (strcmp(mode, "push") != 0 && strcmp(mode, "pull") != 0)))
 		bad = "mode must be push or pull";
 	else if ((!mode || strcmp(mode, "push") == 0) && !url)
 		bad = "a push peer needs push_url";
@@ -785,8 +796,9 @@ void peer_admin_rotate(struct cw_req *req, void *ctx)
 	size_t len;
 	cw_req_body(req, &len);
 	if (len) { /* a new public key is optional */
+		static const char *const members[] = { "public_key", NULL };
 		json_t *body = app_json_body(req);
-		if (!body || !read_key(req, body, in, false)) {
+		if (!body || !app_json_only_known(req, body, members) || !read_key(req, body, in, false)) {
 			json_decref(body);
 			free(in);
 			return;

@@ -97,6 +97,10 @@ BAD = [
     ({"domain": "a" * 64 + ".example"}, "domain"),
     ({"domain": "example.org"}, "domain is one of this provider's own"),  # server.domain: no speaking for locals
     ({"mode": "carrier-pigeon"}, "mode"),
+    ({"mode": 7}, "mode"),  # not taken as absent (a push peer) since the twenty-first session
+    ({"mode": None}, "mode"),
+    ({"event_type": ["message"]}, "unknown member 'event_type'"),  # misspelt: would take every type
+    ({"publicKey": "x"}, "unknown member 'publicKey'"),
     ({"push_url": None}, "push_url"),
     ({"push_url": "ftp://x/y"}, "push_url"),
     ({"push_url": "http://"}, "push_url"),
@@ -150,6 +154,25 @@ def test_disable_enable_and_rotate(daemon, pg, db_url):
     assert daemon.admin("POST", "/peers/none/rotate").status_code == 404
     assert pg.psql("SELECT string_agg(action, ',' ORDER BY id) FROM audit_log", db_url) == \
         "peer.create,peer.disable,peer.enable,peer.rotate,peer.rotate"
+
+
+def test_a_rotation_with_a_bad_body_issues_nothing(daemon, pg, db_url):
+    """A misspelt public_key was ignored until the twenty-first session: the
+    rotation answered 200 with a new token and the old key, which the
+    operator believed replaced."""
+    first = daemon.admin("POST", "/peers", json=peer_body()).json()
+    before = pg.psql("SELECT encode(token_hash, 'hex') || encode(ed25519_public_key, 'base64') FROM peers", db_url)
+    _, pub2 = new_key()
+    for body, words in (({"publicKey": pub2}, "unknown member 'publicKey'"),
+                        ({"public_key": pub2, "token": "cwp_x"}, "unknown member 'token'"),
+                        ({"public_key": 7}, "public_key"), ({"public_key": None}, "public_key")):
+        r = daemon.admin("POST", "/peers/gk/rotate", json=body)
+        assert r.status_code == 400 and r.json()["code"] == "invalid_body", (body, r.text)
+        assert words in r.json()["detail"] and "token" not in r.json(), (body, r.text)
+    assert pg.psql("SELECT encode(token_hash, 'hex') || encode(ed25519_public_key, 'base64') FROM peers",
+                   db_url) == before
+    assert before == hashlib.sha256(first["token"].encode()).hexdigest() + first["public_key"]
+    assert pg.psql("SELECT string_agg(action, ',' ORDER BY id) FROM audit_log", db_url) == "peer.create"
 
 
 def test_a_peer_change_reaches_every_daemon_process(make_daemon, db_url, tmp_path):
