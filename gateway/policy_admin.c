@@ -221,15 +221,23 @@ static const char *user_uri_problem(struct cw_app *app, const char *s, bool loca
 	return NULL;
 }
 
-static bool domain_valid(const char *s)
+/* A domain pattern of a rule, or a domain subject of a consent (no
+ * wildcard), as an address's domain can be (mimi_domain_check); until the
+ * twenty-first session "gk..example" and a name without a dot were stored
+ * as subjects, and patterns no address can match as rules.  A wildcard
+ * *.x covers the names <label>.x: x need be a domain only with a label
+ * before it (*.example covers a.example). */
+static bool domain_valid(const char *s, bool wildcard)
 {
 	size_t n = strlen(s);
-	if (n < 1 || n > 253 || s[0] == '.' || s[0] == '-' || s[n - 1] == '.' || s[n - 1] == '-')
+	if (n > MIMI_DOMAIN_MAX)
 		return false;
-	for (const char *p = s; *p; p++)
-		if (!((*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9') || *p == '.' || *p == '-'))
-			return false;
-	return true;
+	char d[MIMI_DOMAIN_MAX + 1];
+	memcpy(d, s, n + 1);
+	if (wildcard && n >= 2 && s[0] == '*' && s[1] == '.')
+		d[0] = 'a';
+	cw_errmsg e;
+	return mimi_domain_check(d, n, &e) == CW_OK;
 }
 
 static bool network_valid(const char *s)
@@ -304,6 +312,8 @@ static bool pattern_valid(enum policy_scope scope, const char *pattern)
 	policy_builder_free(b);
 	if (rc != 0)
 		return false;
+	if (scope == POLICY_SCOPE_DOMAIN)
+		return domain_valid(pattern, true);
 	if (scope == POLICY_SCOPE_USER) {
 		struct mimi_uri u;
 		cw_errmsg e;
@@ -675,7 +685,7 @@ void policy_admin_consent_set(struct cw_req *req, void *ctx)
 		bad_body(req, "subject_kind must be user or domain");
 	else if (strcmp(kind, "user") == 0 && user_uri_problem(app, subject, false))
 		bad_body(req, "subject must be a user URI mimi://<domain>/u/<local>");
-	else if (strcmp(kind, "domain") == 0 && (!subject || !domain_valid(subject)))
+	else if (strcmp(kind, "domain") == 0 && (!subject || !domain_valid(subject, false)))
 		bad_body(req, "subject must be a lower-case domain such as gk.example");
 	else if (!state || (strcmp(state, "allowed") != 0 && strcmp(state, "blocked") != 0 && strcmp(state, "none") != 0))
 		bad_body(req, "state must be allowed, blocked or none (forget the decision)");

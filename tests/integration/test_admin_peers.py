@@ -94,6 +94,7 @@ BAD = [
     ({"domain": "nodot"}, "domain"),
     ({"domain": "a..b"}, "domain"),
     ({"domain": "-a.b"}, "domain"),
+    ({"domain": "192.0.2.1"}, "domain"),  # no mimi:// URI has it (stored until the twenty-first session)
     ({"domain": "a" * 64 + ".example"}, "domain"),
     ({"domain": "example.org"}, "domain is one of this provider's own"),  # server.domain: no speaking for locals
     ({"mode": "carrier-pigeon"}, "mode"),

@@ -1006,6 +1006,14 @@ BAD = [
     ("POST", "/rules", {"scope": "domain", "pattern": "-bad.example", "mode": "deny"}, 400),  # was 409
     ("POST", "/rules", {"scope": "domain", "pattern": "bad.example-", "mode": "deny"}, 400),
     ("POST", "/rules", {"scope": "domain", "pattern": "*.-bad.example", "mode": "deny"}, 400),
+    # A pattern no address's domain can match (mimi_domain_check; until the
+    # twenty-first session each was stored): no dot, a label ending in '-',
+    # an IP address.  A wildcard's suffix may be a single label (*.example).
+    ("POST", "/rules", {"scope": "domain", "pattern": "example", "mode": "deny"}, 400),
+    ("POST", "/rules", {"scope": "domain", "pattern": "bad-.example", "mode": "deny"}, 400),
+    ("POST", "/rules", {"scope": "domain", "pattern": "10.0.0.1", "mode": "deny"}, 400),
+    ("POST", "/rules", {"scope": "domain", "pattern": "*.10", "mode": "deny"}, 400),
+    ("POST", "/rules", {"scope": "domain", "pattern": "*." + "a" * 64 + ".example", "mode": "deny"}, 400),
     ("POST", "/rules", {"scope": "domain", "pattern": "a.example", "mode": "maybe"}, 400),
     ("POST", "/rules", {"scope": "domain", "pattern": "a.example"}, 400),
     ("POST", "/rules", {"scope": "domain", "pattern": "a.example", "limits": {"messages_per_minute": 0}}, 400),
@@ -1028,6 +1036,14 @@ BAD = [
     ("POST", "/optins", {"user": ALICE, "network": "peer:gk", "opted_in": "yes"}, 400),
     ("POST", "/consents", {"user": ALICE, "subject_kind": "user", "subject": "bob", "state": "allowed"}, 400),
     ("POST", "/consents", {"user": ALICE, "subject_kind": "domain", "subject": "A.example", "state": "allowed"}, 400),
+    # subjects no address can have (until the twenty-first session stored)
+    ("POST", "/consents", {"user": ALICE, "subject_kind": "domain", "subject": "gk..example", "state": "allowed"},
+     400),
+    ("POST", "/consents", {"user": ALICE, "subject_kind": "domain", "subject": "example", "state": "blocked"}, 400),
+    ("POST", "/consents", {"user": ALICE, "subject_kind": "domain", "subject": "gk-.example", "state": "blocked"},
+     400),
+    ("POST", "/consents", {"user": ALICE, "subject_kind": "domain", "subject": "192.0.2.1", "state": "blocked"}, 400),
+    ("POST", "/consents", {"user": ALICE, "subject_kind": "domain", "subject": 7, "state": "blocked"}, 400),
     ("POST", "/consents", {"user": ALICE, "subject_kind": "user", "subject": "mimi://wa.example/u/w",
                            "state": "maybe"}, 400),
     ("POST", "/reports", {"subject": "mimi://wa.example/u/w", "reason": "Spam!"}, 400),
