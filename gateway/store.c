@@ -313,9 +313,15 @@ PGconn *store_connect(const char *url, long statement_timeout_ms, cw_errmsg *e)
 	PQsetNoticeProcessor(c, on_notice, NULL);
 	/* No JIT: its compile time (tens of ms for the adapters' batched
 	 * lookups, whose estimated cost passes jit_above_cost) dwarfs the
-	 * millisecond statements of a message path. */
-	char sql[96];
-	snprintf(sql, sizeof(sql), "SET statement_timeout = %ld; SET jit = off", statement_timeout_ms);
+	 * millisecond statements of a message path.  TimeZone UTC: the admin
+	 * API's times are UTC (docs/admin-api.md), and json_build_object
+	 * writes a timestamptz in the session's zone, which is the database's
+	 * or the server's (the host's since initdb) unless set; until the
+	 * twenty-first session such a database's answers had its offset.
+	 * Every connection of the daemon is made here. */
+	char sql[128];
+	snprintf(sql, sizeof(sql), "SET statement_timeout = %ld; SET jit = off; SET TimeZone = 'UTC'",
+		 statement_timeout_ms);
 	if (store_exec(c, sql, e)) {
 		PQfinish(c);
 		return NULL;

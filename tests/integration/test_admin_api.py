@@ -10,6 +10,7 @@ import re
 import subprocess
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -159,6 +160,37 @@ def test_a_revocation_reaches_every_process(make_daemon, db_url):
     assert a.admin("POST", "/tokens/shared/revoke").status_code == 200
     wait_until(lambda: call(b, "GET", "/admin/v1/whoami", t).status_code == 401, timeout=3,
                what="the revocation on the second process")
+
+
+def test_times_are_utc_whatever_the_time_zone_of_the_database(make_daemon, pg, db_url):
+    """docs/admin-api.md: times are RFC 3339 in UTC.  Until the twenty-first
+    session a database whose TimeZone was not UTC (initdb takes the host's)
+    made most of them that zone's (+05:45 here): the daemon's connections
+    now set it."""
+    pg.psql("DO $$BEGIN EXECUTE format('ALTER DATABASE %I SET timezone TO ''Asia/Kathmandu''', "
+            "current_database()); END$$", db_url)
+    assert pg.psql("SELECT now()::text", db_url).endswith("+05:45")
+    d = make_daemon(db_url).start()
+    answers = [make_token(d, "tz", "viewer")]
+    r = d.admin("POST", "/rules", json={"scope": "domain", "pattern": "bad.example", "mode": "deny",
+                                        "expires_in_s": 3600})
+    assert r.status_code == 201, r.text
+    answers += [r.json()] + [d.admin("GET", p).json() for p in ("/tokens", "/rules", "/audit", "/stats")]
+
+    def strings(node):
+        if isinstance(node, dict):
+            node = list(node.values())
+        if isinstance(node, list):
+            for v in node:
+                yield from strings(v)
+        elif isinstance(node, str):
+            yield node
+    times = [t for a in answers for t in strings(a) if re.match(r"\d{4}-\d\d-\d\dT\d\d:", t)]
+    assert len(times) >= 8, answers
+    now = datetime.now(timezone.utc)
+    for t in times:
+        assert t.endswith(("Z", "+00:00")), (t, answers)
+        assert abs(datetime.fromisoformat(t) - now) < timedelta(hours=2), t
 
 
 def test_a_taken_token_name_spoils_no_other_write_of_its_batch(make_daemon, db_url, pg):
