@@ -110,6 +110,19 @@ def check_schema(doc, schema, value, where="$"):
     return faults
 
 
+def query_400_faults(doc, authenticated):
+    """The operations of doc that authenticated(method, path) says check
+    credentials but that do not document the 400 invalid_query each of
+    them answers to a query that is not UTF-8 (gateway/http.c)."""
+    faults = []
+    for method, path, op in operations(doc):
+        if authenticated(method, path):
+            resp = deref(doc, op["responses"].get("400", {}))
+            if "invalid_query" not in [c for _, n in walk(resp) for c in n.get("code", {}).get("enum", [])]:
+                faults.append((method, path))
+    return faults
+
+
 # ------------------------------------------------------------ the document
 
 def test_is_openapi_3_1(doc):
