@@ -164,14 +164,11 @@ static void poke_after(struct app_job *j)
 		LOG_KV(CW_LOG_WARN, "the policy change is committed but not yet in force here (reload slow or failing)");
 }
 
-static void aq_run(struct cw_app *app, struct cw_req *req, struct aq *q)
+/* Runs fn on q (a change when write: answered once in force here). */
+static void aq_start(struct cw_app *app, struct cw_req *req, struct aq *q,
+		     cw_err (*fn)(PGconn *, struct app_job *, cw_errmsg *), bool write)
 {
-	if (!q) {
-		app_job_run(app, req, aq_fn, NULL, NULL, false);
-		return;
-	}
-	bool write = q->action != NULL;
-	struct app_job *j = app_job_new(app, req, aq_fn);
+	struct app_job *j = app_job_new(app, req, fn);
 	if (!j) {
 		aq_free(q);
 		app_job_run(app, req, aq_fn, NULL, NULL, false); /* answers 503 */
@@ -184,6 +181,14 @@ static void aq_run(struct cw_app *app, struct cw_req *req, struct aq *q)
 		j->after_waits = true;
 	}
 	app_job_start(j, write);
+}
+
+static void aq_run(struct cw_app *app, struct cw_req *req, struct aq *q)
+{
+	if (!q)
+		app_job_run(app, req, aq_fn, NULL, NULL, false);
+	else
+		aq_start(app, req, q, aq_fn, q->action != NULL);
 }
 
 /* A page of a list: $1 after, $2 limit. */
@@ -800,11 +805,81 @@ void policy_admin_reports_list(struct cw_req *req, void *ctx)
 	aq_run(ctx, req, q);
 }
 
-/* A report made by the operator, or by the operator for a local user.
- * Reports against a remote sender reaching policy.report_limit_threshold
- * within policy.report_window_seconds set an automatic limit on them: a
- * user rule of policy.report_limit_messages_per_minute, for
- * policy.report_limit_seconds (unless a rule for that user exists). */
+/* Every report, however it arrives, in one statement (so that a bot's
+ * connection, outside any transaction, stores it whole): the report; the
+ * reports against the subject within policy.report_window_seconds ($8)
+ * counted; at policy.report_limit_threshold ($9) against a remote user
+ * ($12 false) the automatic user rule (policy.report_limit_*, $10 and
+ * $11), made again over an expired one of its own and never over an
+ * operator's; the audit record (report.create, the answer as its
+ * details); and, when a rule was made, NOTIFY causeway_policy (every
+ * process reloads).  The answer: {id, subject, reports_in_window,
+ * limit_rule_id}. */
+static const char report_sql[] =
+	"WITH rep AS (INSERT INTO reports (reporter_kind, reporter, peer_id, subject_uri, subject_identity_id, "
+	"  reason_code, evidence_public_ids, comment) VALUES ($1, $2, $3::bigint, $4, "
+	"  (SELECT id FROM identities WHERE uri = $4), $5, ARRAY(SELECT jsonb_array_elements_text($6::jsonb)), $7) "
+	"  RETURNING id), "
+	"cnt AS (SELECT count(*) + 1 AS n FROM reports WHERE subject_uri = $4 "
+	"  AND created_at > now() - make_interval(secs => $8::bigint)), "
+	"lim AS (INSERT INTO rules (scope, pattern, limits, created_by, comment, expires_at) "
+	"  SELECT 'user', $4, jsonb_build_object('messages_per_minute', $10::int), "
+	"  'system:reports', 'automatic: ' || n || ' abuse reports', now() + make_interval(secs => $11::bigint) "
+	"  FROM cnt WHERE $9::bigint > 0 AND n >= $9::bigint AND NOT $12::boolean "
+	"  ON CONFLICT (scope, pattern) DO UPDATE SET limits = excluded.limits, comment = excluded.comment, "
+	"  enabled = true, updated_at = now(), expires_at = excluded.expires_at "
+	"  WHERE rules.created_by = 'system:reports' AND rules.expires_at <= now() RETURNING id), "
+	"ans AS (SELECT json_build_object('id', (SELECT id FROM rep), 'subject', $4::text, "
+	"  'reports_in_window', (SELECT n FROM cnt), 'limit_rule_id', (SELECT id FROM lim)) AS a), "
+	"aud AS (INSERT INTO audit_log (actor, action, subject, details) "
+	"  SELECT $13, 'report.create', $4, a::jsonb FROM ans) "
+	"SELECT a::text, (SELECT count(pg_notify('causeway_policy', '')) FROM lim) FROM ans";
+
+cw_err policy_report_store(PGconn *c, struct cw_app *app, const struct policy_report *rep, json_t **answer,
+			   cw_errmsg *e)
+{
+	struct mimi_uri u;
+	if (mimi_uri_parse(rep->subject, &u, e) || u.kind != MIMI_USER)
+		return cw_fail(e, CW_EINVAL, "a report's subject must be a user URI");
+	/* Only remote senders are rate limited: no rule for a local user. */
+	bool local = strcmp(u.domain, app->cfg->domain ? app->cfg->domain : "") == 0;
+	struct policy_view *v = policy_live_get(app->policy);
+	char nums[4][24];
+	snprintf(nums[0], sizeof(nums[0]), "%lld", (long long)v->set.report_window_s);
+	snprintf(nums[1], sizeof(nums[1]), "%lld", (long long)v->set.report_threshold);
+	snprintf(nums[2], sizeof(nums[2]), "%lld", (long long)v->set.report_limit_per_minute);
+	snprintf(nums[3], sizeof(nums[3]), "%lld", (long long)v->set.report_limit_s);
+	policy_view_put(v);
+	const char *params[] = { rep->reporter_kind, rep->reporter, rep->peer_id, rep->subject, rep->reason,
+				 rep->evidence ? rep->evidence : "[]", rep->comment, nums[0], nums[1], nums[2], nums[3],
+				 local ? "t" : "f", rep->actor };
+	PGresult *r = PQexecParams(c, report_sql, 13, NULL, params, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	if (answer) {
+		*answer = PQntuples(r) == 1 ? json_loads(PQgetvalue(r, 0, 0), 0, NULL) : NULL;
+		if (!*answer)
+			rc = cw_fail(e, CW_EINTERNAL, "the database gave an answer that is not JSON");
+	}
+	PQclear(r);
+	return rc;
+}
+
+static cw_err report_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
+{
+	const struct aq *q = j->data;
+	const struct policy_report rep = { .reporter_kind = q->p[0], .reporter = q->p[1], .subject = q->p[2],
+					   .reason = q->p[3], .evidence = q->p[4], .comment = q->p[5],
+					   .actor = q->p[6] };
+	cw_err rc = policy_report_store(c, j->app, &rep, &j->body, e);
+	if (!rc)
+		j->status = 201;
+	return rc;
+}
+
+/* A report made by the operator, or by the operator for a local user
+ * (policy_report_store: the automatic limit). */
 void policy_admin_report_create(struct cw_req *req, void *ctx)
 {
 	struct cw_app *app = ctx;
@@ -814,7 +889,7 @@ void policy_admin_report_create(struct cw_req *req, void *ctx)
 	static const char *const members[] = { "reporter", "subject", "reason", "evidence", "comment", NULL };
 	const char *reporter = str(body, "reporter"), *subject = str(body, "subject"), *reason = str(body, "reason");
 	json_t *evidence = json_object_get(body, "evidence"), *comment = json_object_get(body, "comment");
-	bool ok = false, subject_local = false;
+	bool ok = false;
 	if (!app_json_only_known(req, body, members))
 		;
 	else if (json_object_get(body, "reporter") && user_uri_problem(app, reporter, true))
@@ -840,48 +915,25 @@ void policy_admin_report_create(struct cw_req *req, void *ctx)
 				ok = false;
 			}
 		}
-		subject_local = ok && !user_uri_problem(app, subject, true);
 	}
-	struct aq *q = ok ? aq_new(
-		"WITH rep AS (INSERT INTO reports (reporter_kind, reporter, subject_uri, subject_identity_id, reason_code, "
-		"  evidence_public_ids, comment) VALUES (CASE WHEN $1::text IS NULL THEN 'admin' ELSE 'local_user' END, "
-		"  coalesce($1, $11), $2, (SELECT id FROM identities WHERE uri = $2), $3, "
-		"  ARRAY(SELECT jsonb_array_elements_text($4::jsonb)), $5) RETURNING id), "
-		"cnt AS (SELECT count(*) + 1 AS n FROM reports WHERE subject_uri = $2 "
-		"  AND created_at > now() - make_interval(secs => $6::bigint)), "
-		"lim AS (INSERT INTO rules (scope, pattern, limits, created_by, comment, expires_at) "
-		"  SELECT 'user', $2, jsonb_build_object('messages_per_minute', $8::int), 'system:reports', "
-		"  'automatic: ' || n || ' abuse reports', now() + make_interval(secs => $9::bigint) FROM cnt "
-		"  WHERE $7::bigint > 0 AND n >= $7::bigint AND NOT $10::boolean "
-		"  ON CONFLICT (scope, pattern) DO UPDATE SET limits = excluded.limits, comment = excluded.comment, "
-		"  enabled = true, updated_at = now(), expires_at = excluded.expires_at "
-		"  WHERE rules.created_by = 'system:reports' AND rules.expires_at <= now() RETURNING id) "
-		"SELECT json_build_object('id', (SELECT id FROM rep), 'subject', $2::text, "
-		" 'reports_in_window', (SELECT n FROM cnt), 'limit_rule_id', (SELECT id FROM lim))::text")
-		: NULL;
+	/* No statement: the job's parameters (report_fn). */
+	struct aq *q = ok ? aq_new(NULL) : NULL;
 	if (q) {
-		struct policy_view *v = policy_live_get(app->policy);
 		char *ev = evidence ? json_dumps(evidence, JSON_COMPACT) : NULL;
-		aq_param(q, reporter);
+		aq_param(q, reporter ? "local_user" : "admin");
+		aq_param(q, reporter ? reporter : admin_actor(req));
 		aq_param(q, subject);
 		aq_param(q, reason);
-		aq_param(q, ev ? ev : "[]");
+		aq_param(q, ev);
 		aq_param(q, json_is_string(comment) ? json_string_value(comment) : NULL);
-		aq_num(q, (long long)v->set.report_window_s);
-		aq_num(q, (long long)v->set.report_threshold);
-		aq_num(q, (long long)v->set.report_limit_per_minute);
-		aq_num(q, (long long)v->set.report_limit_s);
-		aq_param(q, subject_local ? "t" : "f");
 		aq_param(q, admin_actor(req));
 		free(ev);
-		policy_view_put(v);
-		q->status = 201;
-		q->action = "report.create";
-		q->subject = 1;
 	}
 	json_decref(body);
-	if (ok)
-		aq_run(ctx, req, q);
+	if (q)
+		aq_start(app, req, q, report_fn, true);
+	else if (ok)
+		aq_run(ctx, req, NULL); /* answers 503 */
 }
 
 void policy_admin_report_handle(struct cw_req *req, void *ctx)

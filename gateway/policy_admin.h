@@ -8,6 +8,9 @@
 
 #include "http.h"
 
+#include <jansson.h>
+#include <libpq-fe.h>
+
 void policy_admin_rules_list(struct cw_req *req, void *ctx);
 void policy_admin_rule_create(struct cw_req *req, void *ctx);
 void policy_admin_rule_get(struct cw_req *req, void *ctx);
@@ -23,6 +26,27 @@ void policy_admin_held_list(struct cw_req *req, void *ctx);
 void policy_admin_reports_list(struct cw_req *req, void *ctx);
 void policy_admin_report_create(struct cw_req *req, void *ctx);
 void policy_admin_report_handle(struct cw_req *req, void *ctx);
+
+/* An abuse report, however it arrives: the admin API, a bot command, a
+ * peer (POST /v1/reports). */
+struct policy_report {
+	const char *reporter_kind; /* admin, local_user or peer */
+	const char *reporter;      /* a user URI (the operator: the admin actor) */
+	const char *peer_id;       /* a peer's report: the peer's id; else NULL */
+	const char *subject;       /* the user reported: a user URI */
+	const char *reason;        /* a reason code */
+	const char *evidence;      /* a JSON array of message ids, or NULL: none */
+	const char *comment;       /* or NULL */
+	const char *actor;         /* the audit log's actor */
+};
+struct cw_app;
+/* Stores rep on c with its audit record, and sets the automatic limit on
+ * a remote subject that reached policy.report_limit_threshold reports in
+ * policy.report_window_seconds (every process told).  Every report path
+ * calls it, so the threshold holds however reports arrive.  answer (NULL:
+ * not wanted): {id, subject, reports_in_window, limit_rule_id}. */
+cw_err policy_report_store(PGconn *c, struct cw_app *app, const struct policy_report *rep, json_t **answer,
+			   cw_errmsg *e);
 void policy_admin_audit_list(struct cw_req *req, void *ctx);
 void policy_admin_decision(struct cw_req *req, void *ctx);
 

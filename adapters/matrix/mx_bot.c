@@ -9,6 +9,7 @@
 #include "matrix_int.h"
 #include "log.h"
 #include "peer_api.h"
+#include "policy_admin.h"
 #include "policy_live.h"
 #include "store.h"
 #include "utf8.h"
@@ -264,10 +265,11 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 			answer(m, room, txn, "Whom? Give the address (mimi://...) or the bridged user's Matrix id.");
 			return;
 		}
-		const char *params[] = { uri, subject, rest[0] ? rest : NULL };
-		cw_err rc = store_command(c, "INSERT INTO reports (reporter_kind, reporter, subject_uri, subject_identity_id, "
-				       "reason_code, comment) VALUES ('local_user', $1, $2, (SELECT id FROM identities "
-				       "WHERE uri = $2), 'abuse', $3)", 3, params, &e);
+		char actor[sizeof(uri) + 8];
+		snprintf(actor, sizeof(actor), "user:%s", uri);
+		const struct policy_report rep = { .reporter_kind = "local_user", .reporter = uri, .subject = subject,
+						   .reason = "abuse", .comment = rest[0] ? rest : NULL, .actor = actor };
+		cw_err rc = policy_report_store(c, m->app, &rep, NULL, &e);
 		answer(m, room, txn, rc ? "The report could not be stored; try again." : "Reported to the operator. Thank you.");
 	} else if (strcmp(verb, "list") == 0) {
 		cmd_list(m, c, room, txn, local_id);

@@ -8,6 +8,7 @@
 #include "pipeline.h"
 #include "peers.h"
 #include "store.h"
+#include "policy_admin.h"
 #include "policy_live.h"
 #include "ratelimit.h"
 
@@ -333,11 +334,10 @@ static cw_err report_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	char pid[24];
 	snprintf(pid, sizeof(pid), "%lld", (long long)in->peer_id);
 	char *evidence = json_dumps(in->evidence, JSON_COMPACT);
-	const char *params[] = { in->remote, pid, in->local, in->reason, evidence, in->comment };
-	cw_err rc = store_command(c, "INSERT INTO reports (reporter_kind, reporter, peer_id, subject_uri, subject_identity_id, "
-			   "reason_code, evidence_public_ids, comment) SELECT 'peer', $1, $2::bigint, $3, "
-			   "(SELECT id FROM identities WHERE uri = $3), $4, "
-			   "ARRAY(SELECT jsonb_array_elements_text($5::jsonb)), $6", 6, params, e);
+	const struct policy_report rep = { .reporter_kind = "peer", .reporter = in->remote, .peer_id = pid,
+					   .subject = in->local, .reason = in->reason, .evidence = evidence,
+					   .comment = in->comment, .actor = in->peer_network };
+	cw_err rc = evidence ? policy_report_store(c, j->app, &rep, NULL, e) : cw_fail(e, CW_ENOMEM, "out of memory");
 	free(evidence);
 	if (!rc)
 		accepted(j);

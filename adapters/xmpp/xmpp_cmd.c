@@ -9,6 +9,7 @@
 #include "xmpp_int.h"
 #include "log.h"
 #include "peer_api.h"
+#include "policy_admin.h"
 #include "policy_live.h"
 #include "store.h"
 
@@ -174,10 +175,12 @@ static cw_err consent_fn(PGconn *c, void *arg, cw_errmsg *e)
 		break;
 	}
 	case V_REPORT: {
-		const char *params[] = { uri, subject, j->reason[0] ? j->reason : NULL };
-		rc = store_command(c, "INSERT INTO reports (reporter_kind, reporter, subject_uri, subject_identity_id, "
-				      "reason_code, comment) VALUES ('local_user', $1, $2, (SELECT id FROM identities "
-				      "WHERE uri = $2), 'abuse', $3)", 3, params, e);
+		char actor[sizeof(uri) + 8];
+		snprintf(actor, sizeof(actor), "user:%s", uri);
+		const struct policy_report rep = { .reporter_kind = "local_user", .reporter = uri, .subject = subject,
+						   .reason = "abuse", .comment = j->reason[0] ? j->reason : NULL,
+						   .actor = actor };
+		rc = policy_report_store(c, x->app, &rep, NULL, e);
 		if (rc)
 			return rc;
 		snprintf(j->note, sizeof(j->note), "Reported %s to the operator. Thank you.", subject);

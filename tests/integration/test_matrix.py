@@ -876,6 +876,29 @@ def test_a_command_in_a_transaction_sent_again_runs_once(mx, hs, gk, pg, db_url)
     assert pg.psql("SELECT count(*) FROM reports", db_url) == "1"
 
 
+def test_reports_to_the_bot_set_the_automatic_limit(mx, hs, gk, pg, db_url):
+    """policy.report_limit_threshold (3) reports against a remote user set
+    the automatic limit however they arrive: three `report` commands to
+    the bot make the rule POST /admin/v1/reports makes, each audited as a
+    report.create by alice.  Until the twenty-first session only the admin
+    API's reports counted: the bot's were stored and never limited anyone."""
+    a, _ = gk
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    alice, mgmt, notices = alice_and_the_bot(hs)
+    for i in range(3):
+        alice.send_text(mgmt, f"report {a.user('wally')} spam {i}")
+        wait_until(lambda: sum(n.startswith("Reported") for n in notices()) == i + 1, what="the report's answer")
+    assert pg.psql("SELECT string_agg(reporter_kind || ' ' || reporter || ' ' || subject_uri, ',') FROM reports",
+                   db_url) == ",".join([f"local_user {ALICE} {a.user('wally')}"] * 3)
+    assert pg.psql("SELECT scope || ' ' || pattern || ' ' || created_by || ' ' || (expires_at > now())::text "
+                   "FROM rules", db_url) == f"user {a.user('wally')} system:reports true"
+    assert pg.psql("SELECT string_agg(actor || ' ' || subject || ' ' || (details->>'reports_in_window'), ',' "
+                   "ORDER BY id) FROM audit_log WHERE action = 'report.create'", db_url) == \
+        ",".join(f"user:{ALICE} {a.user('wally')} {n}" for n in (1, 2, 3))
+    # In force in the daemon (every process told, not at its next reload).
+    wait_until(lambda: a.send(room, a.user("wally"), "more").status_code == 429, what="the automatic limit")
+
+
 def test_inviting_a_ghost_asks_the_appservice(mx, hs, gk):
     """The homeserver asks GET /users/{id} on an invite of an unknown ghost:
     a known remote user's ghost exists afterwards, an unknown one does not."""

@@ -854,6 +854,17 @@ def test_reports_set_an_automatic_limit(daemon, peers, pg, db_url):
     assert h.status_code == 200 and h.json()["handled_by"] == "admin:config"
     assert daemon.admin("POST", f"/reports/{reports[0]['id']}/handle").status_code == 404
     assert len(daemon.admin("GET", "/reports?open=true").json()["rows"]) == 6
+    # A peer's report (POST /v1/reports, about a local user, whom no rule
+    # limits) is stored and audited as the others are (until the
+    # twenty-first session it was not audited).
+    r = a.call("POST", "/v1/reports", {"reporter": a.user("wally"), "subject": ALICE, "reason": "spam",
+                                       "evidence": ["msg_x2"]})
+    assert r.status_code == 202, r.text
+    assert pg.psql("SELECT actor || ' ' || subject || ' ' || (details->>'reports_in_window') || ' ' || "
+                   "coalesce(details->>'limit_rule_id', 'none') FROM audit_log WHERE action = 'report.create' "
+                   "ORDER BY id DESC LIMIT 1", db_url) == f"peer:gk {ALICE} 1 none"
+    assert pg.psql("SELECT reporter_kind || ' ' || reporter || ' ' || array_to_string(evidence_public_ids, ',') "
+                   "FROM reports ORDER BY id DESC LIMIT 1", db_url) == f"peer {a.user('wally')} msg_x2"
 
 
 def test_room_creation_denied_and_limited(daemon, peers, pg, db_url):

@@ -1401,6 +1401,28 @@ def test_ad_hoc_commands(xd, gk, alice, pg, db_url):
     assert err.error_condition == "item-not-found"
 
 
+def test_reports_by_command_set_the_automatic_limit(xd, gk, alice, pg, db_url):
+    """policy.report_limit_threshold (3) reports against a remote user set
+    the automatic limit however they arrive: three report commands make
+    the rule POST /admin/v1/reports makes, each audited as a report.create
+    by alice.  Until the twenty-first session only the admin API's reports
+    counted: the commands' were stored and never limited anyone."""
+    cmd = "http://jabber.org/protocol/commands"
+    for i in range(3):
+        done = alice.iq("set", COMP, f"<command xmlns='{cmd}' node='report'><x xmlns='jabber:x:data' "
+                                     f"type='submit'><field var='jid'><value>{WALLY_JID}</value></field>"
+                                     f"<field var='reason'><value>spam {i}</value></field></x></command>")
+        assert done.find(f"{{{cmd}}}command").get("status") == "completed", ET.tostring(done)
+    wally = "mimi://wa.example/u/wally"
+    assert pg.psql("SELECT string_agg(reporter_kind || ' ' || subject_uri || ' ' || comment, ',' ORDER BY id) "
+                   "FROM reports", db_url) == ",".join(f"local_user {wally} spam {i}" for i in range(3))
+    assert pg.psql("SELECT scope || ' ' || pattern || ' ' || created_by || ' ' || (expires_at > now())::text "
+                   "FROM rules", db_url) == f"user {wally} system:reports true"
+    assert pg.psql("SELECT string_agg(actor || ' ' || subject || ' ' || (details->>'reports_in_window'), ',' "
+                   "ORDER BY id) FROM audit_log WHERE action = 'report.create'", db_url) == \
+        ",".join(f"user:{ALICE} {wally} {n}" for n in (1, 2, 3))
+
+
 def test_hostile_stanzas_get_errors_and_store_nothing(xd, gk, alice, pg, db_url):
     def err_of(stanza_id):
         el = alice.wait_for_message(lambda m: m.get("id") == stanza_id and m.get("type") == "error")
