@@ -814,7 +814,9 @@ void policy_admin_reports_list(struct cw_req *req, void *ctx)
  * operator's; the audit record (report.create, the answer as its
  * details); and, when a rule was made, NOTIFY causeway_policy (every
  * process reloads).  The answer: {id, subject, reports_in_window,
- * limit_rule_id}. */
+ * limit_rule_id}.  The rule is "in_addition" (docs/policy.md): charged on
+ * top of what the sender's domain or network allows, so that a report
+ * only ever tightens. */
 static const char report_sql[] =
 	"WITH rep AS (INSERT INTO reports (reporter_kind, reporter, peer_id, subject_uri, subject_identity_id, "
 	"  reason_code, evidence_public_ids, comment) VALUES ($1, $2, $3::bigint, $4, "
@@ -823,7 +825,7 @@ static const char report_sql[] =
 	"cnt AS (SELECT count(*) + 1 AS n FROM reports WHERE subject_uri = $4 "
 	"  AND created_at > now() - make_interval(secs => $8::bigint)), "
 	"lim AS (INSERT INTO rules (scope, pattern, limits, created_by, comment, expires_at) "
-	"  SELECT 'user', $4, jsonb_build_object('messages_per_minute', $10::int), "
+	"  SELECT 'user', $4, jsonb_build_object('messages_per_minute', $10::int, 'in_addition', true), "
 	"  'system:reports', 'automatic: ' || n || ' abuse reports', now() + make_interval(secs => $11::bigint) "
 	"  FROM cnt WHERE $9::bigint > 0 AND n >= $9::bigint AND NOT $12::boolean "
 	"  ON CONFLICT (scope, pattern) DO UPDATE SET limits = excluded.limits, comment = excluded.comment, "

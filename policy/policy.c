@@ -624,12 +624,15 @@ struct pparty {
 };
 
 /* What the rules matching one remote party say: each the most specific
- * non-expired matching rule that denies, has a mode, sets each limit. */
+ * non-expired matching rule that denies, has a mode, sets each limit (of
+ * the ordinary rules: lim; of the in_addition ones: add, charged too). */
 struct peval {
 	const struct rule *deny;
 	const struct rule *mode;
 	const struct rule *lim[NLIMITS];
 	unsigned lim_set;
+	const struct rule *add[NLIMITS];
+	unsigned add_set;
 };
 
 static inline struct part mkpart(const char *s)
@@ -663,12 +666,16 @@ static inline void consider(const struct policy_snapshot *s, int t, const struct
 	} else if (r->mode != POLICY_MODE_NONE && !e->mode) {
 		e->mode = r;
 	}
-	unsigned fresh = r->lim.set & ~e->lim_set;
+	/* An in_addition rule does not stand in for the less specific
+	 * ordinary rules: they still set the party's own limits. */
+	const struct rule **lim = r->lim.in_addition ? e->add : e->lim;
+	unsigned *lim_set = r->lim.in_addition ? &e->add_set : &e->lim_set;
+	unsigned fresh = r->lim.set & ~*lim_set;
 	if (fresh) {
 		for (int i = 0; i < NLIMITS; i++)
 			if (fresh & (1u << i))
-				e->lim[i] = r;
-		e->lim_set |= fresh;
+				lim[i] = r;
+		*lim_set |= fresh;
 	}
 }
 
@@ -787,14 +794,14 @@ static inline bool limited(struct policy_decision *d, int64_t wait, const char *
  * are per remote domain and per remote user, and a domain's limit must
  * bound the domain).  Its "_per_user" variant has one bucket per sender
  * URI under whatever rule sets it.  The whole subject's is taken first. */
-static bool rate_limits(const struct policy_request *r, const struct pparty *snd, const struct peval *e,
-			struct policy_decision *d)
+static bool rate_limits_of(const struct policy_request *r, const struct pparty *snd,
+			   const struct rule *const lim[NLIMITS], struct policy_decision *d)
 {
 	const struct rule *rule;
 	struct part subj;
 	switch (r->action) {
 	case POLICY_ACT_EVENT:
-		if ((rule = e->lim[lim_index(POLICY_LIM_MSG_MINUTE)])) {
+		if ((rule = lim[lim_index(POLICY_LIM_MSG_MINUTE)])) {
 			subj = (struct part){ rule->pattern, strlen(rule->pattern) };
 			const char *reason = rule->scope == POLICY_SCOPE_USER      ? "rate_limited_user"
 					     : rule->scope == POLICY_SCOPE_NETWORK ? "rate_limited_network"
@@ -802,19 +809,19 @@ static bool rate_limits(const struct policy_request *r, const struct pparty *snd
 			if (limited(d, take(r, "mpm", rule, &subj, rule->lim.messages_per_minute, 60000), reason, rule))
 				return true;
 		}
-		if ((rule = e->lim[lim_index(POLICY_LIM_MSG_MINUTE_USER)]) &&
+		if ((rule = lim[lim_index(POLICY_LIM_MSG_MINUTE_USER)]) &&
 		    limited(d, take(r, "mpu", rule, &snd->uri, rule->lim.messages_per_minute_per_user, 60000),
 			    "rate_limited_sender", rule))
 			return true;
 		return false;
 	case POLICY_ACT_NEW_ROOM:
-		if ((rule = e->lim[lim_index(POLICY_LIM_NEW_CONV_HOUR)])) {
+		if ((rule = lim[lim_index(POLICY_LIM_NEW_CONV_HOUR)])) {
 			subj = (struct part){ rule->pattern, strlen(rule->pattern) };
 			if (limited(d, take(r, "ncu", rule, &subj, rule->lim.new_conversations_per_hour, 3600000),
 				    "rate_limited_new_conversations", rule))
 				return true;
 		}
-		if ((rule = e->lim[lim_index(POLICY_LIM_NEW_CONV_HOUR_USER)]) &&
+		if ((rule = lim[lim_index(POLICY_LIM_NEW_CONV_HOUR_USER)]) &&
 		    limited(d, take(r, "ncp", rule, &snd->uri, rule->lim.new_conversations_per_hour_per_user, 3600000),
 			    "rate_limited_sender_new_conversations", rule))
 			return true;
@@ -825,14 +832,14 @@ static bool rate_limits(const struct policy_request *r, const struct pparty *snd
 		 * peer, from requestConsent's 429, which users its first
 		 * contacts asked. */
 		bool mimi = r->action == POLICY_ACT_CONSENT_REQUEST;
-		if ((rule = e->lim[lim_index(POLICY_LIM_CONSENT_REQ_DAY)])) {
+		if ((rule = lim[lim_index(POLICY_LIM_CONSENT_REQ_DAY)])) {
 			subj = (struct part){ rule->pattern, strlen(rule->pattern) };
 			if (limited(d, take(r, mimi ? "cru" : "crf", rule, &subj, rule->lim.consent_requests_per_day,
 					    86400000),
 				    "rate_limited_consent_requests", rule))
 				return true;
 		}
-		if ((rule = e->lim[lim_index(POLICY_LIM_CONSENT_REQ_DAY_USER)]) &&
+		if ((rule = lim[lim_index(POLICY_LIM_CONSENT_REQ_DAY_USER)]) &&
 		    limited(d, take(r, mimi ? "crp" : "cfp", rule, &snd->uri, rule->lim.consent_requests_per_day_per_user,
 				    86400000),
 			    "rate_limited_sender_consent_requests", rule))
@@ -843,23 +850,39 @@ static bool rate_limits(const struct policy_request *r, const struct pparty *snd
 	return false;
 }
 
+/* The in_addition rules' buckets first, then the ordinary ones: a sender
+ * an in_addition rule stops (a reported user) then takes nothing from the
+ * buckets they share with others (their domain's), which they would
+ * otherwise drain for everyone with messages refused anyway. */
+static bool rate_limits(const struct policy_request *r, const struct pparty *snd, const struct peval *e,
+			struct policy_decision *d)
+{
+	return (e->add_set && rate_limits_of(r, snd, e->add, d)) || rate_limits_of(r, snd, e->lim, d);
+}
+
 /* Step 3b: size and content kinds against one party's limits. */
-static bool size_limits(const struct policy_request *r, const struct peval *e, struct policy_decision *d)
+static bool size_limits_of(const struct policy_request *r, const struct rule *const lim[NLIMITS],
+			   struct policy_decision *d)
 {
 	const struct rule *rule;
-	if ((rule = e->lim[lim_index(POLICY_LIM_MAX_BODY)]) && r->body_bytes > rule->lim.max_body_bytes) {
+	if ((rule = lim[lim_index(POLICY_LIM_MAX_BODY)]) && r->body_bytes > rule->lim.max_body_bytes) {
 		set(d, POLICY_DENY, "too_large", rule->id);
 		return true;
 	}
-	if ((rule = e->lim[lim_index(POLICY_LIM_MAX_ATTACH)]) && r->attachment_bytes > rule->lim.max_attachment_bytes) {
+	if ((rule = lim[lim_index(POLICY_LIM_MAX_ATTACH)]) && r->attachment_bytes > rule->lim.max_attachment_bytes) {
 		set(d, POLICY_DENY, "too_large", rule->id);
 		return true;
 	}
-	if ((rule = e->lim[lim_index(POLICY_LIM_CONTENT_KINDS)]) && (r->content_kinds & ~rule->lim.content_kinds)) {
+	if ((rule = lim[lim_index(POLICY_LIM_CONTENT_KINDS)]) && (r->content_kinds & ~rule->lim.content_kinds)) {
 		set(d, POLICY_DENY, "content_kind_disabled", rule->id);
 		return true;
 	}
 	return false;
+}
+
+static bool size_limits(const struct policy_request *r, const struct peval *e, struct policy_decision *d)
+{
+	return (e->add_set && size_limits_of(r, e->add, d)) || size_limits_of(r, e->lim, d);
 }
 
 static inline bool is(const char *s, const char *lit)

@@ -56,7 +56,8 @@ enum policy_scope { POLICY_SCOPE_DOMAIN, POLICY_SCOPE_NETWORK, POLICY_SCOPE_USER
 #define POLICY_KIND_MEDIA 0x2u
 
 /* Limits a rule sets; `set` says which members are set (POLICY_LIM_*).
- * For each limit the most specific matching rule that sets it applies. */
+ * For each limit the most specific matching rule that sets it applies
+ * (and the most specific in_addition rule that sets it, as well). */
 #define POLICY_LIM_MSG_MINUTE       0x01u /* messages_per_minute: the rule's subject as a whole */
 #define POLICY_LIM_MSG_MINUTE_USER  0x02u /* messages_per_minute_per_user: each remote user */
 #define POLICY_LIM_NEW_CONV_HOUR    0x04u /* new_conversations_per_hour: the rule's subject as a whole */
@@ -78,6 +79,12 @@ struct policy_limits {
 	unsigned content_kinds;       /* POLICY_KIND_* allowed */
 	uint32_t new_conversations_per_hour_per_user;
 	uint32_t consent_requests_per_day_per_user;
+	/* The rule's limits are applied in addition to those of the ordinary
+	 * rules (the most specific that sets each), never instead: they only
+	 * ever tighten.  Among such rules, too, the most specific that sets a
+	 * limit applies.  The automatic limit after abuse reports is one, so
+	 * that a reported user stays in their domain's shared buckets. */
+	bool in_addition;
 };
 
 /* Token buckets, kept by the caller.  take() takes one token from the bucket

@@ -95,13 +95,19 @@ bool policy_limits_from_json(const json_t *o, struct policy_limits *out, char *e
 				}
 			}
 			out->set |= POLICY_LIM_CONTENT_KINDS;
+		} else if (strcmp(key, "in_addition") == 0) {
+			if (!json_is_boolean(v)) {
+				snprintf(err, errlen, "limits.in_addition must be true or false");
+				return false;
+			}
+			out->in_addition = json_is_true(v);
 		} else {
 			snprintf(err, errlen,
 				 "limits has an unknown member '%.64s' (known: messages_per_minute, "
 				 "messages_per_minute_per_user, new_conversations_per_hour, "
 				 "new_conversations_per_hour_per_user, consent_requests_per_day, "
 				 "consent_requests_per_day_per_user, max_body_bytes, max_attachment_bytes, "
-				 "content_kinds)", key);
+				 "content_kinds, in_addition)", key);
 			return false;
 		}
 	}
@@ -122,6 +128,8 @@ json_t *policy_limits_to_json(const struct policy_limits *l)
 			json_array_append_new(a, json_string("media"));
 		json_object_set_new(o, "content_kinds", a);
 	}
+	if (l->in_addition)
+		json_object_set_new(o, "in_addition", json_true());
 	return o;
 }
 

@@ -3,8 +3,10 @@
  *  "new_conversations_per_hour": 20, "new_conversations_per_hour_per_user": 4,
  *  "consent_requests_per_day": 50, "consent_requests_per_day_per_user": 5,
  *  "max_body_bytes": 4096, "max_attachment_bytes": 1048576,
- *  "content_kinds": ["text", "media"]}.  Every member is optional; unknown
- * members are refused (a typo must not silently mean "no limit"). */
+ *  "content_kinds": ["text", "media"], "in_addition": true}.  Every member
+ * is optional; unknown members are refused (a typo must not silently mean
+ * "no limit").  in_addition: policy_limits.in_addition (these limits only
+ * tighten those the ordinary rules set). */
 #ifndef CW_POLICY_JSON_H
 #define CW_POLICY_JSON_H
 

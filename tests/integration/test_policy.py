@@ -831,7 +831,8 @@ def test_reports_set_an_automatic_limit(daemon, peers, pg, db_url):
         assert r.json()["reports_in_window"] == i + 1
     assert r.json()["limit_rule_id"] is not None
     rule = daemon.admin("GET", f"/rules/{r.json()['limit_rule_id']}").json()
-    assert rule["created_by"] == "system:reports" and rule["limits"] == {"messages_per_minute": 1}
+    assert rule["created_by"] == "system:reports"
+    assert rule["limits"] == {"messages_per_minute": 1, "in_addition": True}
     assert rule["expires_at"] is not None
     room = dm(a, remote="spammer")
     wait_policy(daemon, lambda: send(a, room, "x", sender="spammer").status_code == 429, "the automatic limit")
@@ -865,6 +866,37 @@ def test_reports_set_an_automatic_limit(daemon, peers, pg, db_url):
                    "ORDER BY id DESC LIMIT 1", db_url) == f"peer:gk {ALICE} 1 none"
     assert pg.psql("SELECT reporter_kind || ' ' || reporter || ' ' || array_to_string(evidence_public_ids, ',') "
                    "FROM reports ORDER BY id DESC LIMIT 1", db_url) == f"peer {a.user('wally')} msg_x2"
+
+
+def test_an_automatic_report_limit_only_tightens(daemon, peers, pg, db_url):
+    """The automatic limit after abuse reports is charged on top of the
+    reported user's domain's limit, never instead: wa.example may send 3
+    messages a minute as a whole, the reports' limit is set above that
+    (10), and once walter has used the domain's three, the reported wally
+    is refused with them.  Until the twenty-first session the automatic
+    rule was an ordinary user rule, which took him out of his domain's
+    bucket (and gave him up to 10 a minute)."""
+    (a, _), _ = peers
+    opt_in(daemon)
+    consent(daemon, "wa.example", "allowed", kind="domain")
+    assert daemon.admin("PATCH", "/settings", json={"policy.report_limit_messages_per_minute": 10}).status_code == 200
+    r = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example",
+                                             "limits": {"messages_per_minute": 3}})
+    assert r.status_code == 201, r.text
+    domain_rule = r.json()["id"]
+    room, room2 = dm(a), dm(a, remote="walter")
+    for _ in range(3):
+        r = daemon.admin("POST", "/reports", json={"subject": a.user("wally"), "reason": "spam"})
+        assert r.status_code == 201, r.text
+    rule = daemon.admin("GET", f"/rules/{r.json()['limit_rule_id']}").json()
+    assert rule["limits"] == {"messages_per_minute": 10, "in_addition": True}
+    assert [send(a, room2, f"w{i}", sender="walter").status_code for i in range(4)] == [202, 202, 202, 429]
+    # wally has not used his own ten: the domain's empty bucket refuses him.
+    limited = send(a, room, "the domain's bucket is empty")
+    assert limited.status_code == 429, limited.text
+    # The episode's first refusal is the one audited (walter's).
+    assert pg.psql("SELECT reason_code || ' ' || rule_id FROM audit_log WHERE action = 'policy.limit'",
+                   db_url) == f"rate_limited_domain {domain_rule}"
 
 
 def test_room_creation_denied_and_limited(daemon, peers, pg, db_url):

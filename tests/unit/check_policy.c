@@ -4,6 +4,7 @@
  * snapshots and requests, builder validation, and the bucket table. */
 #include "config.h"
 #include "policy.h"
+#include "policy_json.h"
 #include "ratelimit.h"
 #include "unit.h"
 
@@ -196,6 +197,8 @@ static void parse_limit(const char *opt, struct policy_limits *l, int64_t *expir
 		l->set |= POLICY_LIM_CONTENT_KINDS;
 	} else if (!strcmp(name, "expires")) {
 		*expires = (int64_t)strtoll(v, NULL, 10);
+	} else if (!strcmp(name, "in_addition")) {
+		l->in_addition = n != 0;
 	} else {
 		ck_abort_msg("line %d: unknown rule option %s", no, opt);
 	}
@@ -1721,6 +1724,73 @@ START_TEST(per_user_consent_buckets_kept_apart_by_kind)
 }
 END_TEST
 
+/* An in_addition rule (the automatic limit after abuse reports), as the
+ * loader reads it: its bucket is charged before the domain's, so that the
+ * messages it refuses take nothing from the bucket the domain's other
+ * users share; its member is refused unless a boolean, and written back
+ * only when true. */
+START_TEST(in_addition_rule_charged_first)
+{
+	struct policy_builder *b = policy_builder_new();
+	policy_builder_defaults(b, POLICY_MODE_OPEN, true);
+	ck_assert_int_eq(policy_builder_rule_row(b, "1", "domain", "gk.example", "", "{\"messages_per_minute\": 2}", "0"),
+			 0);
+	ck_assert_int_eq(policy_builder_rule_row(b, "2", "user", "mimi://gk.example/u/troll", "",
+						 "{\"messages_per_minute\": 1, \"in_addition\": true}", "0"),
+			 0);
+	ck_assert_int_eq(policy_builder_rule_row(b, "3", "user", "mimi://gk.example/u/x", "", "{\"in_addition\": 1}", "0"),
+			 -1);
+	struct policy_snapshot *s = policy_builder_finish(b, 1);
+	ck_assert_ptr_nonnull(s);
+	struct ratelimit *rl = ratelimit_new(512);
+	struct policy_rate rate = { ratelimit_policy_take, rl };
+	struct policy_request r = {
+		.direction = POLICY_INBOUND, .action = POLICY_ACT_EVENT, .event_type = "message",
+		.sender = { "mimi://gk.example/u/troll", "gk.example", "peer:gk" },
+		.recipient = { "mimi://hub.example/u/l", "hub.example", "local" }, .content_kinds = POLICY_KIND_TEXT,
+		.now_ms = 0, .rate = &rate,
+	};
+	/* verdict, reason, rule of each message in turn: troll's, then nice's */
+	static const struct {
+		enum policy_verdict v;
+		const char *reason;
+		int64_t rule;
+	} want[] = {
+		{ POLICY_HOLD, "no_consent_yet", 0 },       { POLICY_LIMIT, "rate_limited_user", 2 },
+		{ POLICY_LIMIT, "rate_limited_user", 2 },   { POLICY_LIMIT, "rate_limited_user", 2 },
+		/* The domain's second token is still there for another user. */
+		{ POLICY_HOLD, "no_consent_yet", 0 },       { POLICY_LIMIT, "rate_limited_domain", 1 },
+	};
+	for (size_t i = 0; i < sizeof(want) / sizeof(want[0]); i++) {
+		struct policy_decision d;
+		if (i == 4)
+			r.sender.uri = "mimi://gk.example/u/nice";
+		policy_decide(s, &r, &d);
+		ck_assert_msg(d.verdict == want[i].v && strcmp(d.reason, want[i].reason) == 0 && d.rule_id == want[i].rule,
+			      "message %zu: %s %s %" PRId64, i, policy_verdict_name(d.verdict), d.reason, d.rule_id);
+	}
+	ratelimit_free(rl);
+	policy_snapshot_free(s);
+
+	struct policy_limits l;
+	char err[400];
+	json_t *in = json_pack("{s:i, s:b}", "messages_per_minute", 1, "in_addition", 1);
+	ck_assert(policy_limits_from_json(in, &l, err, sizeof(err)) && l.in_addition);
+	json_t *out = policy_limits_to_json(&l);
+	ck_assert(json_equal(in, out));
+	json_decref(out);
+	json_object_set_new(in, "in_addition", json_false());
+	ck_assert(policy_limits_from_json(in, &l, err, sizeof(err)) && !l.in_addition);
+	out = policy_limits_to_json(&l);
+	ck_assert_ptr_null(json_object_get(out, "in_addition"));
+	json_decref(out);
+	json_object_set_new(in, "in_addition", json_string("yes"));
+	ck_assert(!policy_limits_from_json(in, &l, err, sizeof(err)));
+	ck_assert_str_eq(err, "limits.in_addition must be true or false");
+	json_decref(in);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("policy");
@@ -1740,6 +1810,7 @@ int main(void)
 	tcase_add_test(tc, decide_with_ratelimit_refill);
 	tcase_add_test(tc, domain_consent_buckets_shared_by_users_kept_apart_by_kind);
 	tcase_add_test(tc, per_user_consent_buckets_kept_apart_by_kind);
+	tcase_add_test(tc, in_addition_rule_charged_first);
 	suite_add_tcase(s, tc);
 	TCase *rt = tcase_create("ratelimit");
 	tcase_set_timeout(rt, 120);
