@@ -1827,8 +1827,7 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 	struct policy_rate_memo memo;
 	policy_rate_memo_init(&memo, in->app->limits);
 	json_t *dests = json_array(), *targets = json_array(), *states = json_array(), *held = json_array();
-	json_t *audit = json_array(), *outbound = json_array();
-	bool any_open = false;
+	json_t *audit = json_array(), *outbound = json_array(), *refused = json_array();
 	const char *deny_reason = NULL;
 	bool expired = in->expires && in->expires <= cw_wall_ms();
 	unsigned char wake = 0;
@@ -1847,7 +1846,6 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 			json_array_append_new(dests, json_string(PQgetvalue(r, k, 5)));
 			json_array_append_new(targets, json_integer(atoll(PQgetvalue(r, k, 2))));
 			json_array_append_new(states, json_string("pending"));
-			any_open = true;
 			wake |= WAKE_DISPATCHER;
 			continue;
 		}
@@ -1872,11 +1870,18 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 		 * for the record, never shown (the sweep deletes its content). */
 		if (expired && d.verdict != POLICY_DENY)
 			state = "expired";
-		if (d.verdict != POLICY_ALLOW)
-			json_array_append_new(audit, peer_audit_record(&d, in->msg_id, PQgetvalue(r, k, 3),
-				json_pack("{s:s, s:s, s:s}", "sender", in->sender,
-					  "direction", in->local_sender ? "outbound" : local ? "inbound" : "transit",
-					  "type", in->type)));
+		/* A peer's users share its one row: the server's deny of one of
+		 * them (a user or domain rule, precedence 1: abuse) refuses the
+		 * row, or they would read the room through the others'. */
+		bool refuses_row = peer_id && d.verdict == POLICY_DENY && strncmp(d.reason, "server_denied_", 14) == 0;
+		if (d.verdict != POLICY_ALLOW) {
+			json_t *details = json_pack("{s:s, s:s, s:s}", "sender", in->sender,
+						"direction", in->local_sender ? "outbound" : local ? "inbound" : "transit",
+						"type", in->type);
+			if (refuses_row) /* whose deny kept the message from that peer's other users */
+				json_object_set_new(details, "refuses_peer", json_string(PQgetvalue(r, k, 7)));
+			json_array_append_new(audit, peer_audit_record(&d, in->msg_id, PQgetvalue(r, k, 3), details));
+		}
 		if (d.verdict == POLICY_HOLD && !expired && /* no consent asked for what nobody will see */
 		    may_ask(b, i, r, view->snap, &preq, PQgetvalue(r, k, 2), audit))
 			json_array_append_new(held, json_string(PQgetvalue(r, k, 2)));
@@ -1890,7 +1895,6 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 		    (policy_consent_fact(view->snap, in->sender, false, PQgetvalue(r, k, 3)) < 0 ||
 		     policy_optin_fact(view->snap, in->sender, PQgetvalue(r, k, 5)) < 0))
 			json_array_append_new(outbound, json_pack("[s, s]", PQgetvalue(r, k, 3), PQgetvalue(r, k, 5)));
-		any_open |= d.verdict != POLICY_DENY;
 		if (d.verdict == POLICY_DENY && !deny_reason)
 			deny_reason = d.reason;
 		if (d.verdict == POLICY_ALLOW)
@@ -1898,12 +1902,21 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 		if (peer_id) {
 			char dest[PEER_NAME_MAX + 8];
 			snprintf(dest, sizeof(dest), "peer:%s", PQgetvalue(r, k, 7));
-			size_t seen = SIZE_MAX;
+			size_t seen = SIZE_MAX, denied = SIZE_MAX;
 			for (size_t x = 0; x < json_array_size(dests); x++)
 				if (strcmp(json_string_value(json_array_get(dests, x)), dest) == 0)
 					seen = x;
-			if (seen != SIZE_MAX) { /* one row per peer: open if any of its users may have it */
-				if (d.verdict == POLICY_ALLOW && !expired)
+			for (size_t x = 0; x < json_array_size(refused); x++)
+				if (strcmp(json_string_value(json_array_get(refused, x)), dest) == 0)
+					denied = x;
+			if (refuses_row && denied == SIZE_MAX)
+				json_array_append_new(refused, json_string(dest));
+			if (seen != SIZE_MAX) {
+				/* one row per peer: refused by a server deny of any of
+				 * its users, else open if any of them may have it */
+				if (refuses_row)
+					json_array_set_new(states, seen, json_string("dropped"));
+				else if (d.verdict == POLICY_ALLOW && !expired && denied == SIZE_MAX)
 					json_array_set_new(states, seen, json_string("pending"));
 				continue;
 			}
@@ -1916,6 +1929,10 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 		json_array_append_new(states, json_string(state));
 	}
 	policy_view_put(view);
+	json_decref(refused);
+	bool any_open = false;
+	for (size_t x = 0; x < json_array_size(states); x++)
+		any_open |= strcmp(json_string_value(json_array_get(states, x)), "dropped") != 0;
 	b->outbound[i] = outbound;
 	if (limited.verdict == POLICY_LIMIT) {
 		/* Refused for now, nothing stored; a flood is recorded once

@@ -951,6 +951,48 @@ def test_room_creation_asks_the_rules_about_every_remote_member(daemon, peers, p
     assert pg.psql("SELECT count(*) FROM rooms", db_url) == str(int(rooms) + 1)
 
 
+def test_a_server_deny_of_one_of_a_peers_members_keeps_the_group_from_that_peer(daemon, peers, pg, db_url):
+    """A peer gets a group's message in one row for all its users, who all
+    read it. A server deny of one of them (abuse) refuses that row: the
+    message does not reach the peer, its recipients show what a denied
+    recipient shows, and the audit names whose deny refused it. Until the
+    twenty-first session the row went as soon as one of the peer's users
+    was allowed, and the denied user read the group through it."""
+    (a, _), (b, sb) = peers
+    opt_in(daemon)
+    consent(daemon, a.user("wally"), "allowed")
+    group = a.create_room([a.user("wally"), b.user("bob"), b.user("eve"), ALICE]).json()["id"]
+    first = send(a, group, "before the rule")
+    assert first.status_code == 202, first.text
+    [ev] = sb.wait_events(1)
+    assert ev["id"] == first.json()["id"]
+    assert daemon.admin("POST", "/rules", json={"scope": "user", "pattern": b.user("eve"),
+                                                "mode": "deny"}).status_code == 201
+    sent = []
+
+    def refused_now():
+        r = send(a, group, "after the rule")
+        assert r.status_code == 202, r.text
+        sent.append(r.json()["id"])
+        return pg.psql("SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id "
+                       f"WHERE e.public_id = '{sent[-1]}' AND o.destination = 'peer:tg'", db_url) == "dropped"
+    wait_policy(daemon, refused_now, "the deny in force")
+    mid = sent[-1]
+    rows = pg.psql("SELECT o.destination, o.state FROM outbox o JOIN events e ON e.id = o.event_id "
+                   f"WHERE e.public_id = '{mid}' ORDER BY o.id", db_url)
+    # alice has it; tg's row is dropped although bob may have it.
+    assert dict(x.split("|") for x in rows.splitlines())["peer:tg"] == "dropped", rows
+    assert any(x.split("|")[1] != "dropped" for x in rows.splitlines() if x.split("|")[0] != "peer:tg"), rows
+    st = a.call("GET", f"/v1/messages/{mid}")
+    assert st.status_code == 200
+    assert {x["recipient"]: x["status"] for x in st.json()["recipients"]}["mimi://tg.example"] == "not_delivered"
+    view = decision(daemon, mid)
+    [row] = [x for x in view["recipients"] if x["destination"] == "peer:tg"]
+    assert row["state"] == "dropped" and row["verdict"] == "deny" and row["reason"] == "server_denied_user", row
+    [why] = [x for x in view["decisions"] if x["recipient"] == b.user("eve")]
+    assert why["reason"] == "server_denied_user" and why["details"]["refuses_peer"] == "tg", why
+
+
 def test_a_domain_rule_bounds_each_user_per_user_and_the_domain_as_a_whole(daemon, peers, pg, db_url):
     """new_conversations_per_hour_per_user and consent_requests_per_day_per_user:
     a bucket per remote user under a domain rule; new_conversations_per_hour
