@@ -612,7 +612,7 @@ const char *const policy_reason_codes[] = {
 	"rate_limited_sender", "rate_limited_new_conversations",
 	"rate_limited_sender_new_conversations", "rate_limited_consent_requests",
 	"rate_limited_sender_consent_requests",
-	"user_allowed_sender", "user_allowed_domain", "outbound", "transit",
+	"user_allowed_sender", "user_allowed_domain", "user_wrote_in_group", "outbound", "transit",
 	"new_room",
 	NULL,
 };
@@ -1014,7 +1014,9 @@ void policy_decide(const struct policy_snapshot *ov, const struct policy_request
 	if (local) {
 		/* 5. Opt-in to the sender's network. */
 		int fact = optin(f, &local->uri, &snd.network);
-		bool opted = fact < 0 ? s->optin_default : fact != 0;
+		/* Writing in a group opts in to its members' network as a
+		 * direct message's outbound opt-in does, an opt-out stays. */
+		bool opted = fact < 0 ? s->optin_default || r->recipient_wrote_here : fact != 0;
 		if (!opted) {
 			set(d, POLICY_DENY, "user_not_opted_in", 0);
 			return;
@@ -1026,6 +1028,12 @@ void policy_decide(const struct policy_snapshot *ov, const struct policy_request
 		}
 		if (cd == 1) {
 			set(d, POLICY_ALLOW, "user_allowed_domain", 0);
+			return;
+		}
+		/* The recipient wrote in this group: consent "for that
+		 * conversation" (spec), to its members, in it only. */
+		if (r->recipient_wrote_here) {
+			set(d, POLICY_ALLOW, "user_wrote_in_group", 0);
 			return;
 		}
 	}

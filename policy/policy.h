@@ -126,6 +126,10 @@ struct policy_request {
 	unsigned content_kinds;       /* POLICY_KIND_* */
 	int64_t now_ms;               /* wall clock, for rule expiry and buckets */
 	const struct policy_rate *rate; /* NULL: rate limits are not applied */
+	bool recipient_wrote_here;    /* inbound: the local recipient has written a message in
+	                                 this group (the event's room) since the sender became
+	                                 a member: consent to them there, and an opt-in unless
+	                                 they opted out */
 };
 
 struct policy_decision {
@@ -147,7 +151,7 @@ struct policy_decision {
  *        rate_limited_consent_requests,
  *        rate_limited_sender_consent_requests
  * hold:  no_consent_yet
- * allow: user_allowed_sender, user_allowed_domain, outbound, transit,
+ * allow: user_allowed_sender, user_allowed_domain, user_wrote_in_group, outbound, transit,
  *        new_room */
 extern const char *const policy_reason_codes[];
 

@@ -1135,6 +1135,7 @@ struct submit {
 	json_t **states;            /* per item: each row's state (pending, held, dropped) */
 	json_t **held;              /* per item: local users to ask for consent */
 	json_t **outbound;          /* per item: remote users a local sender wrote to (consent to their replies) */
+	bool *wrote;                /* per item: a local sender's message to members of a group new to them (they may reply there) */
 	bool *scrub;                /* per item: no recipient will get it: keep no content */
 	unsigned char *wake;        /* per item: who its pending rows are for (WAKE_*) */
 	bool notified;              /* round 1 sent a NOTIFY */
@@ -1159,6 +1160,7 @@ static void submit_clear_round(struct submit *b)
 		b->dests[i] = b->targets[i] = b->states[i] = b->held[i] = b->outbound[i] = NULL;
 		b->write[i] = false;
 		b->scrub[i] = false;
+		b->wrote[i] = false;
 		b->wake[i] = 0;
 	}
 	json_array_clear(b->audit);
@@ -1184,6 +1186,7 @@ void submit_free(void *arg)
 	free(b->held);
 	free(b->outbound);
 	free(b->scrub);
+	free(b->wrote);
 	free(b->wake);
 	json_decref(b->audit);
 	json_decref(b->refused);
@@ -1211,12 +1214,13 @@ struct submit *submit_new(size_t n)
 	b->held = calloc(m, sizeof(*b->held));
 	b->outbound = calloc(m, sizeof(*b->outbound));
 	b->scrub = calloc(m, sizeof(*b->scrub));
+	b->wrote = calloc(m, sizeof(*b->wrote));
 	b->wake = calloc(m, sizeof(*b->wake));
 	b->audit = json_array();
 	b->refused = json_array();
 	b->keys = json_array();
 	if (!b->items || !b->res || !b->write || !b->room_id || !b->sender_id || !b->reply_id || !b->replaces_id ||
-	    !b->dests || !b->targets || !b->states || !b->held || !b->outbound || !b->scrub || !b->wake ||
+	    !b->dests || !b->targets || !b->states || !b->held || !b->outbound || !b->scrub || !b->wrote || !b->wake ||
 	    !b->audit) {
 		submit_free(b);
 		return NULL;
@@ -1239,13 +1243,15 @@ struct submit *submit_new(size_t n)
  * (202, its id and acceptance time).  For the items of remote senders it
  * also reads each local member's opt-in to the sender's network and
  * consent to the sender and its domain (n = -2, first), for
- * facts_catch_up. */
+ * facts_catch_up.  A member's row (n = -1) says since when they are a
+ * member and, in a group, when they last wrote to members new to them
+ * (room_members.wrote_at: the policy's recipient_wrote_here). */
 #define READ_ITEMS(ROOM_COND) \
 	"WITH items AS (SELECT * FROM json_to_recordset($1::json) " \
 	"  AS x(n int, room text, key text, reply text, replaces text, scope text, snd text, net text, dom text, " \
 	"  win bigint)), " \
-	"rm AS (SELECT it.room, it.scope, r.id, r.uri FROM (SELECT DISTINCT room, scope FROM items) AS it " \
-	"  LEFT JOIN LATERAL (SELECT id, uri FROM rooms WHERE " ROOM_COND " LIMIT 1) r ON true) " \
+	"rm AS (SELECT it.room, it.scope, r.id, r.uri, r.kind FROM (SELECT DISTINCT room, scope FROM items) AS it " \
+	"  LEFT JOIN LATERAL (SELECT id, uri, kind FROM rooms WHERE " ROOM_COND " LIMIT 1) r ON true) " \
 	"SELECT it.n, rm.id, NULL::bigint, NULL, NULL::boolean, NULL, NULL::bigint, NULL, NULL, " \
 	" encode(k.request_hash, 'hex'), k.public_id, k.ms, " \
 	" CASE WHEN it.reply <> '' THEN (SELECT CASE WHEN e.room_id = rm.id THEN e.id END FROM events e " \
@@ -1264,9 +1270,11 @@ struct submit *submit_new(size_t n)
 	"  WHERE origin_network = it.scope AND origin_native_id = it.key LIMIT 1) k ON true " \
 	"UNION ALL " \
 	"SELECT -1, rm.id, mem.id, mem.uri, mem.is_local, mem.network, mem.peer_id, mem.name, mem.domain, " \
-	" NULL, NULL, NULL, NULL, NULL, NULL, NULL, mem.mode, NULL, NULL::bigint " \
-	"FROM (SELECT DISTINCT id FROM rm WHERE id IS NOT NULL) rm " \
-	" JOIN LATERAL (SELECT i.id, i.uri, i.is_local, i.network, i.peer_id, p.name, i.domain, p.mode " \
+	" NULL, NULL, (extract(epoch FROM mem.updated_at) * 1000)::bigint, NULL, NULL, NULL, NULL, mem.mode, " \
+	" CASE WHEN rm.kind = 'group' THEN coalesce(((extract(epoch FROM mem.wrote_at) * 1000)::bigint)::text, '') END, " \
+	" NULL::bigint " \
+	"FROM (SELECT DISTINCT id, kind FROM rm WHERE id IS NOT NULL) rm " \
+	" JOIN LATERAL (SELECT i.id, i.uri, i.is_local, i.network, i.peer_id, p.name, i.domain, p.mode, m.updated_at, m.wrote_at " \
 	"  FROM room_members m JOIN identities i ON i.id = m.identity_id LEFT JOIN peers p ON p.id = i.peer_id " \
 	"  WHERE m.room_id = rm.id AND m.membership = 'joined' OFFSET 0) mem ON true " \
 	"UNION ALL " \
@@ -1314,7 +1322,7 @@ struct submit *submit_new(size_t n)
 	"n int, pid text, room bigint, sender bigint, " \
 	"  type text, ci bigint, replaces bigint, reply bigint, ts bigint, key text, hash text, " \
 	"  dests text, targets text, states text, held text, expiry bigint, win bigint, read boolean, " \
-	"  scope text, outbound jsonb, bt text, ba text"
+	"  scope text, outbound jsonb, wrote boolean, bt text, ba text"
 /* lk: the items' rooms are locked first, in id order, until the commit
  * (a transaction-level advisory lock per room, ROOM_LOCK_SQL of store.h): the
  * outbox ids of one room's rows then follow the order in which they were
@@ -1402,6 +1410,8 @@ struct submit *submit_new(size_t n)
 	"  FROM it JOIN ev ON ev.public_id = it.pid, jsonb_array_elements(it.outbound) AS o(value) " \
 	"  ON CONFLICT DO NOTHING RETURNING identity_id AS u), " \
 	"ou AS (SELECT u FROM oc UNION SELECT u FROM oo), " \
+	"ow AS (UPDATE room_members m SET wrote_at = now() FROM it JOIN ev ON ev.public_id = it.pid " \
+	"  WHERE it.wrote AND m.room_id = it.room AND m.identity_id = it.sender), " \
 	"bl AS (SELECT DISTINCT ON (it.sender, it.bt) it.sender, it.bt, it.ba FROM it JOIN ev ON ev.public_id = it.pid " \
 	"  JOIN identities s ON s.id = it.sender AND NOT s.is_local WHERE it.bt IS NOT NULL " \
 	"  ORDER BY it.sender, it.bt, it.n DESC), " \
@@ -1603,7 +1613,8 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 						   in->read_receipt ? "true" : "false") ||
 				     add_json_string(&doc, in->idem_key) || cw_buf_add(&doc, ",\"scope\":", 9) ||
 				     add_json_string(&doc, in->scope) ||
-				     cw_buf_printf(&doc, ",\"outbound\":%s,\"replaces\":", outbound ? outbound : "[]") ||
+				     cw_buf_printf(&doc, ",\"outbound\":%s,\"wrote\":%s,\"replaces\":", outbound ? outbound : "[]",
+						   b->wrote[i] ? "true" : "false") ||
 				     ref_json(&doc, b, b->replaces_id[i], "xpid") || cw_buf_add(&doc, ",\"reply\":", 9) ||
 				     ref_json(&doc, b, b->reply_id[i], "rpid") ||
 				     (in->block_target[0] &&
@@ -1615,7 +1626,7 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 		free(outbound);
 		refs = refs || b->reply_id[i][0] == '#' || b->replaces_id[i][0] == '#';
 		plain = plain && !in->read_receipt && !json_array_size(b->held[i]) && !json_array_size(b->outbound[i]) &&
-			!in->block_target[0];
+			!b->wrote[i] && !in->block_target[0];
 	}
 	policy_view_put(v);
 	if (!rc && (cw_buf_add(&doc, "]", 1) || (round == 1 && cw_buf_add(&contents, "]", 1))))
@@ -1826,6 +1837,19 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 	struct policy_view *view = policy_live_get(in->app->policy);
 	struct policy_rate_memo memo;
 	policy_rate_memo_init(&memo, in->app->limits);
+	/* A group's member rows say when each member last wrote to members
+	 * new to them ('' never; a direct room's: NULL), and since when each
+	 * is a member: writing is consent to those the writer wrote to, not
+	 * to whoever a peer adds later. */
+	bool group = nmembers > 0 && !PQgetisnull(r, mfirst, 17);
+	long long sender_since = -1, newest_remote = 0;
+	for (int k = mfirst; k < mfirst + nmembers; k++) {
+		long long since = atoll(PQgetvalue(r, k, 11));
+		if (strcmp(PQgetvalue(r, k, 3), in->sender) == 0)
+			sender_since = since;
+		else if (PQgetvalue(r, k, 4)[0] != 't' && since > newest_remote)
+			newest_remote = since;
+	}
 	json_t *dests = json_array(), *targets = json_array(), *states = json_array(), *held = json_array();
 	json_t *audit = json_array(), *outbound = json_array(), *refused = json_array();
 	const char *deny_reason = NULL;
@@ -1836,6 +1860,11 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 		const char *peer_id = PQgetisnull(r, k, 6) ? NULL : PQgetvalue(r, k, 6);
 		if (strcmp(PQgetvalue(r, k, 3), in->sender) == 0) {
 			snprintf(b->sender_id[i], sizeof(b->sender_id[i]), "%s", PQgetvalue(r, k, 2));
+			/* A local member's message in a group to members it has
+			 * not written to yet: from now on their messages reach
+			 * them there (not elsewhere). */
+			b->wrote[i] = in->local_sender && group && strcmp(in->type, "message") == 0 &&
+				      (!PQgetvalue(r, k, 17)[0] || atoll(PQgetvalue(r, k, 17)) < newest_remote);
 			continue;
 		}
 		if (peer_id && strcmp(peer_id, caller) == 0)
@@ -1856,6 +1885,8 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 			.recipient = { PQgetvalue(r, k, 3), PQgetvalue(r, k, 8), PQgetvalue(r, k, 5) },
 			.body_bytes = in->body_bytes, .attachment_bytes = in->attachment_bytes,
 			.content_kinds = in->kinds, .now_ms = cw_wall_ms(), .rate = &memo.rate,
+			.recipient_wrote_here = local && group && PQgetvalue(r, k, 17)[0] && sender_since >= 0 &&
+						sender_since <= atoll(PQgetvalue(r, k, 17)),
 		};
 		struct policy_decision d;
 		policy_decide(view->snap, &preq, &d);
@@ -1885,13 +1916,15 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 		if (d.verdict == POLICY_HOLD && !expired && /* no consent asked for what nobody will see */
 		    may_ask(b, i, r, view->snap, &preq, PQgetvalue(r, k, 2), audit))
 			json_array_append_new(held, json_string(PQgetvalue(r, k, 2)));
-		/* A local user's message to a remote one is consent to the
-		 * replies of that conversation (and opts them in to its network
-		 * unless they opted out).  Both are written only if missing, so a
-		 * pair whose consent and opt-in facts the policy already holds
-		 * (any state: an existing row is never overwritten) needs no
-		 * write: most messages of a conversation. */
-		if (d.verdict == POLICY_ALLOW && in->local_sender && strcmp(in->type, "message") == 0 &&
+		/* A local user's message to a remote one in a direct room is
+		 * consent to the replies of that conversation (and opts them in
+		 * to its network unless they opted out).  Both are written only
+		 * if missing, so a pair whose consent and opt-in facts the policy
+		 * already holds (any state: an existing row is never overwritten)
+		 * needs no write: most messages of a conversation.  In a group
+		 * it is consent to its members there only (b->wrote), not a
+		 * consent to each of them everywhere. */
+		if (d.verdict == POLICY_ALLOW && in->local_sender && !group && strcmp(in->type, "message") == 0 &&
 		    (policy_consent_fact(view->snap, in->sender, false, PQgetvalue(r, k, 3)) < 0 ||
 		     policy_optin_fact(view->snap, in->sender, PQgetvalue(r, k, 5)) < 0))
 			json_array_append_new(outbound, json_pack("[s, s]", PQgetvalue(r, k, 3), PQgetvalue(r, k, 5)));

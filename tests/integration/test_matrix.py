@@ -2382,6 +2382,57 @@ def test_a_group_reaches_each_local_member_in_a_room_of_its_own(mx, hs, gk, pg, 
     assert portal(ALICE_MX) is None
 
 
+def test_writing_in_a_group_lets_its_members_reach_the_writer_there_only(mx, hs, gk, pg, db_url):
+    """spec/policy.md: a local user's message is consent to the remote user
+    "for that conversation". alice (who allowed wally, not ed) writes in a
+    group wally made with ed in it: from then on ed's messages in that
+    group reach her (user_wrote_in_group), and it is no consent to ed: his
+    first message in a direct room waits for her. Until the twenty-first session writing once in a
+    group stored a consent and an opt-in for every remote member, good
+    everywhere (a review's finding)."""
+    a, srv = gk
+    consent_alice(mx)
+    _, alice_token = hs.create_user("alice")
+    ed = a.user("ed")
+    group = a.create_room([a.user("wally"), ed, ALICE], kind="group").json()["id"]
+    assert a.send(group, a.user("wally"), "hello group").status_code == 202
+    wally_ghost, ed_ghost = "@_cw_gk_wally:example.org", "@_cw_gk_ed:example.org"
+
+    def said(rid):
+        return [(e["sender"], e["content"]["body"]) for e in hs.events(rid) if e["type"] == "m.room.message"]
+    mine = wait_until(lambda: next((rid for rid in hs.rooms() if (wally_ghost, "hello group") in said(rid)), None),
+                      what="alice's room of the group")
+
+    def state_to_alice(mid):
+        return pg.psql("SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id JOIN identities t "
+                       f"ON t.id = o.target_identity_id WHERE e.public_id = '{mid}' AND t.uri = '{ALICE}'", db_url)
+    alice = hs.as_user(alice_token)
+    alice.join(mine)
+    alice.send_text(mine, "hi all")
+    wait_until(lambda: any(e.get("type") == "message" and e["content"]["parts"][0]["body"] == "hi all"
+                           for e in list(srv.events)), what="alice's message at the peer")
+    # No consent to anyone, no opt-in: the fact is her membership's.
+    assert pg.psql(f"SELECT count(*) FROM consents WHERE subject = '{ed}'", db_url) == "0"
+    assert pg.psql("SELECT count(*) FROM consents WHERE source = 'outbound'", db_url) == "0"
+    assert pg.psql("SELECT m.wrote_at IS NOT NULL FROM room_members m JOIN rooms r ON r.id = m.room_id JOIN "
+                   f"identities i ON i.id = m.identity_id WHERE r.public_id = '{group}' AND i.uri = '{ALICE}'",
+                   db_url) == "t"
+    later = a.send(group, ed, "ed, after alice wrote").json()["id"]
+    assert state_to_alice(later) != "held"
+    wait_until(lambda: (ed_ghost, "ed, after alice wrote") in said(mine), what="ed's later message in her room")
+    # Elsewhere ed is a first contact still; so is yves, whom gk adds to
+    # the group after she wrote, until she writes there again.
+    dm = a.create_room([ed, ALICE]).json()["id"]
+    first = a.send(dm, ed, "psst, just us").json()["id"]
+    assert state_to_alice(first) == "held"
+    assert a.call("POST", f"/v1/rooms/{group}/members", {"add": [a.user("yves")]}).status_code == 200
+    assert state_to_alice(a.send(group, a.user("yves"), "yves here").json()["id"]) == "held"
+    alice.send_text(mine, "welcome yves")
+    wait_until(lambda: any(e.get("type") == "message" and e["content"]["parts"][0]["body"] == "welcome yves"
+                           for e in list(srv.events)), what="her welcome at the peer")
+    assert state_to_alice(a.send(group, a.user("yves"), "thanks").json()["id"]) != "held"
+
+
 def test_one_bot_answers_for_every_process(make_daemon, db_url, hs):
     """Two processes share the database: one bot acts (an advisory lock),
     so a user who invites it is joined and answered once, not once per

@@ -711,6 +711,34 @@ def test_two_local_members_of_a_group_read_each_other(xd, gk, alice, prosody, pg
         message_from(bob, room, lambda el: el.get("id") == "b2" and el.get("from") == room + "/robert")
 
 
+def test_writing_in_a_group_lets_its_members_reach_the_writer_there_only(xd, gk, alice, pg, db_url):
+    """As from Matrix (test_matrix.py, the test of the same name): alice,
+    who allowed wally and not ed, writes in the group's room; ed's next
+    message there reaches her, and his first one in a direct room waits
+    for her consent: no consent to ed was stored. Until the twenty-first
+    session her groupchat stored a consent to every remote member."""
+    a, srv = gk
+    consent_alice(xd)
+    ed = a.user("ed")
+    gid = a.create_room([a.user("wally"), ed, ALICE], kind="group").json()["id"]
+    assert a.send(gid, a.user("wally"), "hello group").status_code == 202
+    room = alice.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None).get("from")
+    start = alice.count()
+    alice.send_presence(to=f"{room}/alice", payload=f"<x xmlns='{MUC}'/>")
+    alice.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+    alice.send_message(room, "hi all", mtype="groupchat", id="a1")
+    wait_until(lambda: any(e.get("type") == "message" and e["content"]["parts"][0]["body"] == "hi all"
+                           for e in list(srv.events)), what="alice's message at the peer")
+    assert pg.psql("SELECT count(*) FROM consents WHERE source = 'outbound'", db_url) == "0"
+    assert a.send(gid, ed, "ed, after alice wrote").status_code == 202
+    got = message_from(alice, room, lambda el: body(el) == "ed, after alice wrote")
+    assert got.get("type") == "groupchat"
+    dm = a.create_room([ed, ALICE]).json()["id"]
+    first = a.send(dm, ed, "psst, just us").json()["id"]
+    assert pg.psql("SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id "
+                   f"WHERE e.public_id = '{first}'", db_url) == "held"
+
+
 def test_a_members_reactions_retractions_and_chat_states_come_back_from_the_room(xd, gk, alice, prosody):
     """A room sends every groupchat message back to all its occupants, the
     sender's own resources included (XEP-0045 §7.4), not only those with a

@@ -381,6 +381,8 @@ static bool run_case(const struct policy_snapshot *s, const struct env *env, con
 			others = atoi(t[k] + 7);
 		else if (!strcmp(t[k], "norate"))
 			rate_on = false;
+		else if (!strcmp(t[k], "wrote"))
+			r.recipient_wrote_here = true;
 		else
 			ck_abort_msg("line %d: unknown option %s", ln->no, t[k]);
 	}
@@ -697,6 +699,7 @@ static void gen_request(struct policy_request *r, struct gparty *snd, struct gpa
 	r->attachment_bytes = pick(3) ? 0 : pick(3000);
 	r->content_kinds = 1 + pick(3);
 	r->now_ms = DEFAULT_NOW;
+	r->recipient_wrote_here = pick(4) == 0;
 }
 
 static bool known_reason(const char *reason)
@@ -729,7 +732,7 @@ static void check_consistent(const struct policy_request *r, const struct policy
 		break;
 	case POLICY_ALLOW:
 		ck_assert_msg(!strcmp(d->reason, "user_allowed_sender") || !strcmp(d->reason, "user_allowed_domain") ||
-				      !strcmp(d->reason, "outbound") || !strcmp(d->reason, "transit") ||
+				      !strcmp(d->reason, "user_wrote_in_group") || !strcmp(d->reason, "outbound") || !strcmp(d->reason, "transit") ||
 				      !strcmp(d->reason, "new_room"),
 			      "%s: allow %s", what, d->reason);
 		ck_assert_int_eq(d->retry_after_ms, 0);
@@ -737,7 +740,7 @@ static void check_consistent(const struct policy_request *r, const struct policy
 	case POLICY_DENY:
 		ck_assert_msg(!starts(d->reason, "rate_limited_") && strcmp(d->reason, "outbound") &&
 				      strcmp(d->reason, "transit") && strcmp(d->reason, "new_room") &&
-				      !starts(d->reason, "user_allowed_"),
+				      !starts(d->reason, "user_allowed_") && strcmp(d->reason, "user_wrote_in_group"),
 			      "%s: deny %s", what, d->reason);
 		ck_assert_int_eq(d->retry_after_ms, 0);
 		if (starts(d->reason, "server_denied_") || !strcmp(d->reason, "too_large") ||
@@ -1015,8 +1018,8 @@ START_TEST(null_snapshot_and_null_strings)
 		check_consistent(&r, &d1, "NULL snapshot");
 		ck_assert(d1.verdict == d2.verdict && d1.reason == d2.reason && d1.rule_id == 0 && d2.rule_id == 0);
 		bool local = r.direction == POLICY_INBOUND && r.recipient.uri;
-		if (local)
-			ck_assert_str_eq(d1.reason, "user_not_opted_in");
+		if (local) /* no facts: opted out by default, unless the recipient wrote in the group */
+			ck_assert_str_eq(d1.reason, r.recipient_wrote_here ? "user_wrote_in_group" : "user_not_opted_in");
 		else
 			ck_assert_int_eq(d1.verdict, POLICY_ALLOW);
 	}
@@ -1384,12 +1387,12 @@ START_TEST(names)
 	ck_assert_str_eq(policy_scope_name(POLICY_SCOPE_NETWORK), "network");
 	ck_assert_str_eq(policy_verdict_name(POLICY_HOLD), "hold");
 	ck_assert_str_eq(policy_mode_name((enum policy_mode)99), "?");
-	/* The reason list: no duplicates, 26 codes. */
+	/* The reason list: no duplicates, 27 codes. */
 	int n = 0;
 	for (; policy_reason_codes[n]; n++)
 		for (int k = 0; k < n; k++)
 			ck_assert_str_ne(policy_reason_codes[k], policy_reason_codes[n]);
-	ck_assert_int_eq(n, 26);
+	ck_assert_int_eq(n, 27);
 	/* Every reason that can stop a local user's message (outbound: the
 	 * server's rules, the user's own blocks) is told in words; a remote
 	 * user's block is not (uniform errors), nor an unknown code. */
