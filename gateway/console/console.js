@@ -699,6 +699,7 @@
     user_not_opted_in: "the local recipient has not opted in to the sender's network",
     user_allowed_sender: "the local recipient allowed the sender",
     user_allowed_domain: "the local recipient allowed the sender's domain",
+    user_wrote_in_group: "the local recipient wrote in this group since the sender joined it",
     no_consent_yet: "first contact: the recipient has not allowed or blocked the sender yet",
     new_room: "a new conversation", outbound: "a local user writing is itself consent",
     transit: "remote to remote through this hub: only server rules apply",
