@@ -155,7 +155,7 @@ static cw_err run_rows(PGconn *c, long days, long *count, cw_errmsg *e)
 	char d[24], n[24];
 	snprintf(d, sizeof(d), "%ld", days);
 	snprintf(n, sizeof(n), "%d", RETENTION_BATCH);
-	cw_err rc = store_exec(c, "BEGIN; SET LOCAL jit = off", e);
+	cw_err rc = store_exec(c, "BEGIN", e);
 	if (rc)
 		return rc;
 	const char *params[] = { d, n };
