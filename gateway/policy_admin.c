@@ -834,17 +834,16 @@ static const char report_sql[] =
 	"ans AS (SELECT json_build_object('id', (SELECT id FROM rep), 'subject', $4::text, "
 	"  'reports_in_window', (SELECT n FROM cnt), 'limit_rule_id', (SELECT id FROM lim)) AS a), "
 	"aud AS (INSERT INTO audit_log (actor, action, subject, details) "
-	"  SELECT $13, 'report.create', $4, a::jsonb FROM ans) "
+	"  SELECT coalesce($13, 'user:' || $2), 'report.create', $4, a::jsonb FROM ans) "
 	"SELECT a::text, (SELECT count(pg_notify('causeway_policy', '')) FROM lim) FROM ans";
 
 cw_err policy_report_store(PGconn *c, struct cw_app *app, const struct policy_report *rep, json_t **answer,
 			   cw_errmsg *e)
 {
-	struct mimi_uri u;
-	if (mimi_uri_parse(rep->subject, &u, e) || u.kind != MIMI_USER)
+	if (user_uri_problem(app, rep->subject, false))
 		return cw_fail(e, CW_EINVAL, "a report's subject must be a user URI");
 	/* Only remote senders are rate limited: no rule for a local user. */
-	bool local = strcmp(u.domain, app->cfg->domain ? app->cfg->domain : "") == 0;
+	bool local = !user_uri_problem(app, rep->subject, true);
 	struct policy_view *v = policy_live_get(app->policy);
 	char nums[4][24];
 	snprintf(nums[0], sizeof(nums[0]), "%lld", (long long)v->set.report_window_s);

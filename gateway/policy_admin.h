@@ -37,7 +37,7 @@ struct policy_report {
 	const char *reason;        /* a reason code */
 	const char *evidence;      /* a JSON array of message ids, or NULL: none */
 	const char *comment;       /* or NULL */
-	const char *actor;         /* the audit log's actor */
+	const char *actor;         /* the audit log's actor; NULL: user:<reporter> (a local user's own) */
 };
 struct cw_app;
 /* Stores rep on c with its audit record, and sets the automatic limit on

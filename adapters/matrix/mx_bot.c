@@ -265,10 +265,8 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 			answer(m, room, txn, "Whom? Give the address (mimi://...) or the bridged user's Matrix id.");
 			return;
 		}
-		char actor[sizeof(uri) + 8];
-		snprintf(actor, sizeof(actor), "user:%s", uri);
 		const struct policy_report rep = { .reporter_kind = "local_user", .reporter = uri, .subject = subject,
-						   .reason = "abuse", .comment = rest[0] ? rest : NULL, .actor = actor };
+						   .reason = "abuse", .comment = rest[0] ? rest : NULL };
 		cw_err rc = policy_report_store(c, m->app, &rep, NULL, &e);
 		answer(m, room, txn, rc ? "The report could not be stored; try again." : "Reported to the operator. Thank you.");
 	} else if (strcmp(verb, "list") == 0) {

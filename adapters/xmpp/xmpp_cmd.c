@@ -175,11 +175,8 @@ static cw_err consent_fn(PGconn *c, void *arg, cw_errmsg *e)
 		break;
 	}
 	case V_REPORT: {
-		char actor[sizeof(uri) + 8];
-		snprintf(actor, sizeof(actor), "user:%s", uri);
 		const struct policy_report rep = { .reporter_kind = "local_user", .reporter = uri, .subject = subject,
-						   .reason = "abuse", .comment = j->reason[0] ? j->reason : NULL,
-						   .actor = actor };
+						   .reason = "abuse", .comment = j->reason[0] ? j->reason : NULL };
 		rc = policy_report_store(c, x->app, &rep, NULL, e);
 		if (rc)
 			return rc;
