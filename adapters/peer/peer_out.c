@@ -161,6 +161,9 @@ static CURLcode perform(struct handle h, const struct cw_app *app, bool *cut)
 	return cc;
 }
 
+/* How long rows wait when the peer's address could not be read. */
+#define DB_RETRY_MS 1000L
+
 cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_row *rows, size_t n, size_t *done,
 			long *code, cw_errmsg *e)
 {
@@ -170,7 +173,20 @@ cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct ou
 	const char *name = destination + 5; /* "peer:" */
 	PGresult *r = PQexecParams(c, "SELECT push_url, event_types::text FROM peers WHERE name = $1 AND mode = 'push' "
 				      "AND enabled", 1, NULL, &name, NULL, NULL, 0);
-	if (PQresultStatus(r) != PGRES_TUPLES_OK || PQntuples(r) != 1) {
+	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+		/* The database failed, not the peer: nothing was tried, so the
+		 * rows go back untried for a second (the attempt not counted,
+		 * the dispatcher's statements reconnect within the claim).  It
+		 * used to be recorded as an attempt that found no push URL. */
+		cw_fail(e, CW_EUNAVAIL, "cannot read peer %s: %s", name, r ? PQresultErrorMessage(r) : PQerrorMessage(c));
+		PQclear(r);
+		for (size_t i = 0; i < n; i++) {
+			rows[i].outcome = 3;
+			rows[i].retry_after_ms = DB_RETRY_MS;
+		}
+		return CW_EUNAVAIL;
+	}
+	if (PQntuples(r) != 1) {
 		PQclear(r);
 		return cw_fail(e, CW_ENOTFOUND, "peer %s has no push URL (disabled or pull mode)", name);
 	}

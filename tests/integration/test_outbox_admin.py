@@ -150,3 +150,45 @@ def test_a_state_without_a_destination_pages_across_destinations(make_daemon, db
     assert admin_pages(d, "/outbox?state=pending&destination=nowhere", 3) == []
     for _, srv in peers:
         srv.close()
+
+
+
+def test_a_database_failure_reading_the_peer_is_no_attempt(make_daemon, db_url, pg):
+    """The database failing when the dispatcher reads where a peer is
+    pushed to is not the peer's failure: the rows go back untried and are
+    delivered once the database answers again.  It used to be recorded as
+    an attempt that found "no push URL", spending the retry budget (here:
+    the whole of it).  The failure is made by taking the daemon's right to
+    read the column (the daemon runs as a role that is not a superuser):
+    the claim, which reads the peers' names, goes on; the read of the
+    address fails, every time until the right is back."""
+    role = "cw_lim_peer_read"
+    pg.psql(f"DO $$BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{role}') THEN "
+            f"CREATE ROLE {role} LOGIN; END IF; END$$", db_url)
+    pg.psql(f"GRANT CREATE ON SCHEMA public TO {role}; GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}; "
+            f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role}", db_url)
+    d = make_daemon(db_url + f"&user={role}", options={"dispatcher": {"retry_budget": "1", "retry_base_ms": "20",
+                                                                      "retry_max_ms": "50"}}).start()
+    peers = push_peers(d)
+    (a, _), (b, sb) = peers
+    room = a.create_room([a.user("alice"), b.user("bob")]).json()["id"]
+    sb.fail_next = 1000  # B is down: the message goes dead after its one try
+    mid = a.send(room, a.user("alice"), "m").json()["id"]
+    row = wait_until(lambda: (lambda r: r[0] if r else None)(
+        d.admin("GET", "/outbox?state=dead&destination=peer:tg").json()["rows"]), what="a dead letter")
+    sb.fail_next = 0
+    others = pg.psql("SELECT string_agg(quote_ident(column_name), ', ') FROM information_schema.columns "
+                     "WHERE table_name = 'peers' AND column_name <> 'push_url'", db_url)
+    pg.psql(f"REVOKE SELECT ON peers FROM {role}; GRANT SELECT ({others}) ON peers TO {role}", db_url)
+    assert d.admin("POST", f"/outbox/{row['id']}/replay").status_code == 200
+    # Tried twice at least (the row came back, its budget not spent), then the right is back.
+    wait_until(lambda: d.log().count("cannot read peer tg") >= 2, what="two failed reads")
+    pg.psql(f"GRANT SELECT ON peers TO {role}", db_url)
+    assert [e["id"] for e in sb.wait_events(1)] == [mid]
+    tries = wait_until(lambda: (lambda t: t if t and t[-1]["ok"] else None)(
+        d.admin("GET", f"/messages/{mid}").json()["deliveries"][0]["tries"]), what="the delivery recorded")
+    # The failed reads were no attempts: the try before the replay, then the one that delivered.
+    assert [(x["attempt"], x["ok"]) for x in tries] == [(1, False), (2, True)], tries
+    assert not any("push URL" in (x["error"] or "") for x in tries), tries
+    for _, srv in peers:
+        srv.close()
