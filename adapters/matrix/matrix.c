@@ -425,6 +425,7 @@ struct txn {
 	json_t *senders;      /* Matrix user id -> mimi URI (local users) */
 	json_t *rooms;        /* Matrix room id -> its neutral room's id when bridged */
 	json_t *mgmt;         /* Matrix room id -> the user whose management room it is */
+	json_t *rejoins;      /* "<Matrix room> <user>": their join is no change (joins_of_invitees) */
 	json_t *bot_send;     /* of bot, those that are the bot's (txn_prepare) */
 	json_t *typing;       /* room -> who types, as this transaction says (kept once it is durable) */
 	json_t *item_rooms;   /* per pipeline item: [Matrix room, neutral type] (a refusal's notice goes there) */
@@ -451,6 +452,7 @@ static void txn_free(void *arg)
 	json_decref(t->senders);
 	json_decref(t->rooms);
 	json_decref(t->mgmt);
+	json_decref(t->rejoins);
 	json_decref(t->bot_send);
 	json_decref(t->typing);
 	json_decref(t->item_rooms);
@@ -700,6 +702,26 @@ static void refusal(json_t *list, const char *room, const char *why)
 	json_array_append_new(list, json_pack("[s, s]", room, text));
 }
 
+/* Whether ev is a join joins_of_invitees found no change.  A leave (or
+ * any other membership) of the same member before it in the transaction
+ * makes their next join a change again. */
+static bool is_rejoin(struct txn *t, json_t *ev)
+{
+	const char *key = json_string_value(json_object_get(ev, "state_key"));
+	const char *sender = json_string_value(json_object_get(ev, "sender"));
+	const char *ms = json_string_value(json_object_get(json_object_get(ev, "content"), "membership"));
+	if (!key || !ms || strcmp(json_string_value(json_object_get(ev, "type")), "m.room.member") != 0 ||
+	    json_object_size(t->rejoins) == 0)
+		return false;
+	char k[2 * MX_ID_MAX + 2];
+	snprintf(k, sizeof(k), "%s %s", json_string_value(json_object_get(ev, "room_id")), key);
+	if (strcmp(ms, "join") != 0) {
+		json_object_del(t->rejoins, k);
+		return false;
+	}
+	return sender && strcmp(sender, key) == 0 && json_object_get(t->rejoins, k) != NULL;
+}
+
 static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 {
 	t->conv_invalid = t->conv_ignored = 0;
@@ -715,6 +737,10 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 		const char *uri = lookup_map(t->senders, sender);
 		if (!json_object_get(t->rooms, room) || !uri) {
 			t->conv_ignored++; /* not a bridged room, or not one of this provider's users */
+			continue;
+		}
+		if (is_rejoin(t, ev)) {
+			t->conv_ignored++;
 			continue;
 		}
 		json_t *neutral = NULL;
@@ -848,6 +874,7 @@ static void txn_answer(struct txn *t, struct app_job *j);
  * joined, as they are (and its retry marks nothing more). */
 static cw_err joins_of_invitees(PGconn *c, struct txn *t, cw_errmsg *e)
 {
+	json_object_clear(t->rejoins); /* this step may run again: from the stored state each time */
 	json_t *joins = json_array();
 	size_t i;
 	json_t *ev;
@@ -859,7 +886,9 @@ static cw_err joins_of_invitees(PGconn *c, struct txn *t, cw_errmsg *e)
 		if (strcmp(json_string_value(json_object_get(ev, "type")), "m.room.member") == 0 && key && ms &&
 		    strcmp(ms, "join") == 0 && strcmp(key, sender) == 0 && json_object_get(t->rooms, room) &&
 		    json_object_get(t->senders, sender))
-			json_array_append_new(joins, json_pack("[s, s]", room, sender));
+			json_array_append_new(joins, json_pack("[s, s, s, s]", room, sender,
+							       json_string_value(json_object_get(t->rooms, room)),
+							       lookup_map(t->senders, sender)));
 	}
 	if (json_array_size(joins) == 0) {
 		json_decref(joins);
@@ -877,8 +906,34 @@ static cw_err joins_of_invitees(PGconn *c, struct txn *t, cw_errmsg *e)
 		" AND ib.identity_id = b.local_identity_id AND ib.network = 'matrix' AND ib.native_id = j->>1 "
 		" AND x.room_id = b.room_id AND x.identity_id = b.local_identity_id AND x.membership = 'invited'",
 		1, params, e);
+	/* A join whose member's last membership event stored in the room is
+	 * a join is no change: the far side has their join already.  So when
+	 * the same join reaches the pipeline as two Matrix events: the bot
+	 * finds a join late and stores the member event it finds then (after
+	 * a change of name, a join after the join, mx_deliver.c), and the
+	 * homeserver's transaction brings the first join too.  Each was
+	 * carried, and the peer got the join twice (a flaky test showed it).
+	 * Decided on what is stored, not on room_members (which this function
+	 * marks before the write: a retry after a failed write would find the
+	 * member joined and carry their join never).  Two such events read at
+	 * the same moment on two readers are both carried still. */
+	PGresult *r = rc ? NULL
+		     : PQexecParams(c,
+				    "SELECT j->>0, j->>1 FROM jsonb_array_elements($1::jsonb) AS j "
+				    "WHERE (SELECT e.content->'content'->>'membership' FROM events e "
+				    " WHERE e.room_id = (j->>2)::bigint AND e.type = 'membership' "
+				    " AND e.content->'content'->>'target' = j->>3 ORDER BY e.id DESC LIMIT 1) = 'join'",
+				    1, NULL, params, NULL, NULL, 0);
 	free(text);
-	return rc;
+	if (rc || (rc = store_check(c, r, PGRES_TUPLES_OK, e))) /* store_check cleared r */
+		return rc;
+	for (int k = 0; k < PQntuples(r); k++) {
+		char key[2 * MX_ID_MAX + 2];
+		snprintf(key, sizeof(key), "%s %s", PQgetvalue(r, k, 0), PQgetvalue(r, k, 1));
+		json_object_set_new(t->rejoins, key, json_true());
+	}
+	PQclear(r);
+	return CW_OK;
 }
 
 /* On a reader, before the write: the lookups, then the mapping of every
@@ -924,7 +979,9 @@ static cw_err txn_prepare(PGconn *c, struct app_job *j, cw_errmsg *e)
 	json_decref(t->senders);
 	json_decref(t->rooms);
 	json_decref(t->mgmt);
+	json_decref(t->rejoins);
 	t->events = t->ephemeral = t->bot = t->map = t->ref_rooms = t->senders = t->rooms = t->mgmt = NULL;
+	t->rejoins = NULL;
 	t->cur_room = NULL;
 	return CW_OK;
 }
@@ -1079,6 +1136,7 @@ static struct txn *txn_new(struct cw_app *app, const char *txn_id, const unsigne
 	t->rooms = json_object();
 	t->senders = json_object();
 	t->mgmt = json_object();
+	t->rejoins = json_object();
 	t->bot_send = json_array();
 	t->typing = json_object();
 	t->item_rooms = json_array();
