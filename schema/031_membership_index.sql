@@ -1,0 +1,13 @@
+-- 031_membership_index.sql: a room's membership events, found without
+-- walking its messages.
+--
+-- The Matrix adapter asks, for each local user's join it is given, what the
+-- user's last membership event stored in that room was (a join after a join
+-- is no change: docs/matrix.md, the group portals).  Found through
+-- events_room_idx that walks the room's events newest first until it meets
+-- one, which for a user with none is every event of the room.  Membership
+-- events are few next to messages: this index holds only them, and costs a
+-- message nothing but its predicate's test.  Built once on upgrade (a pass
+-- over events; writes to events wait for it: docs/operations.md says how
+-- to build it beforehand, CONCURRENTLY).
+CREATE INDEX IF NOT EXISTS events_membership_idx ON events (room_id, id) WHERE type = 'membership';
