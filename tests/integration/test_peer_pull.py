@@ -262,8 +262,12 @@ def test_a_pull_that_the_database_fails_is_503_and_the_next_one_works(make_daemo
         "hand-out": ("BEGIN; LOCK TABLE outbox IN SHARE MODE; SELECT pg_sleep(60); COMMIT;",
                      "relation = 'outbox'::regclass AND mode = 'ShareLock'"),
         # the peer's pull lock (the first) is held: the hand-out is aborted
+        # (the locker's own: the daemon takes advisory locks of its own, a
+        # claim's for one, and a test that counted any advisory lock pulled
+        # before the locker had its lock, under load)
         "lock": ("SELECT pg_advisory_lock(hashtextextended('causeway.pull:peer:tg', 0)); SELECT pg_sleep(60);",
-                 "locktype = 'advisory'"),
+                 "locktype = 'advisory' AND pid IN (SELECT pid FROM pg_stat_activity "
+                 "WHERE query LIKE '%causeway.pull:peer:tg%' AND pid <> pg_backend_pid())"),
     }
     for what, (sql, lock) in lockers.items():
         locker = subprocess.Popen(["psql", db_url, "-qAtc", sql], stdout=subprocess.DEVNULL)
