@@ -259,36 +259,54 @@ cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, 
 }
 
 /* The held rows a sweep looks at: one user's ($2), or (the periodic
- * sweep) those held past the expiry ($1 seconds) and those whose user's
+ * sweep) those held past the expiry ($1 seconds), those whose user's
  * consents changed in the last minutes (a message decided with the
- * snapshot of just before a change). */
+ * snapshot of just before a change) and those of a group whose user
+ * wrote there in the last minutes (WROTE_IN_GROUP: the write stamps
+ * room_members.wrote_at, found in room_members_wrote_idx, so the next
+ * periodic sweep releases what waited; one that arrived as she wrote is
+ * seen by a later one). */
 #define SWEPT_ROWS                                                                                      \
 	"o.state = 'held' AND CASE WHEN $2::bigint IS NOT NULL THEN o.target_identity_id = $2::bigint "     \
 	" ELSE (o.created_at < now() - make_interval(secs => $1::bigint) OR o.target_identity_id IN "       \
-	"  (SELECT local_identity_id FROM consents WHERE updated_at > now() - interval '10 minutes')) END"
+	"  (SELECT local_identity_id FROM consents WHERE updated_at > now() - interval '10 minutes') "      \
+	"  OR (o.target_identity_id, o.room_id) IN (SELECT identity_id, room_id FROM room_members "         \
+	"   WHERE wrote_at > now() - interval '10 minutes')) END"
+
+/* The held row o, of the event e, is to a user who wrote in its group
+ * since the sender became a member: what the policy's step 6
+ * (user_wrote_in_group, recipient_wrote_here) lets through at arrival.
+ * Both joined members; the row's room a group. */
+#define WROTE_IN_GROUP                                                                                  \
+	"EXISTS (SELECT 1 FROM rooms r JOIN room_members w ON w.room_id = r.id "                            \
+	" JOIN room_members sm ON sm.room_id = r.id WHERE r.id = o.room_id AND r.kind = 'group' "           \
+	" AND w.identity_id = o.target_identity_id AND w.membership = 'joined' "                            \
+	" AND sm.identity_id = e.sender_id AND sm.membership = 'joined' AND sm.updated_at <= w.wrote_at)"
 
 /* Of those, the ones the sweep would release: their user allowed the
- * sender or its domain and blocked neither (the rules are asked again
- * first: policy_sweep). */
+ * sender or its domain, or wrote in its group (column 8), and blocked
+ * neither (the rules are asked again first: policy_sweep). */
 static const char releasable_sql[] =
-	"SELECT o.id, s.uri, s.domain, s.network, t.uri, t.domain, t.network, e.type "
+	"SELECT o.id, s.uri, s.domain, s.network, t.uri, t.domain, t.network, e.type, g.gw "
 	"FROM outbox o JOIN events e ON e.id = o.event_id JOIN identities s ON s.id = e.sender_id "
 	"JOIN identities t ON t.id = o.target_identity_id "
+	"CROSS JOIN LATERAL (SELECT " WROTE_IN_GROUP " AS gw) g "
 	"WHERE " SWEPT_ROWS " AND o.created_at >= now() - make_interval(secs => $1::bigint) "
-	"AND EXISTS (SELECT 1 FROM consents c WHERE c.local_identity_id = o.target_identity_id "
+	"AND (g.gw OR EXISTS (SELECT 1 FROM consents c WHERE c.local_identity_id = o.target_identity_id "
 	" AND c.state = 'allowed' AND ((c.subject_kind = 'user' AND c.subject = s.uri) "
-	"  OR (c.subject_kind = 'domain' AND c.subject = s.domain))) "
+	"  OR (c.subject_kind = 'domain' AND c.subject = s.domain)))) "
 	"AND NOT EXISTS (SELECT 1 FROM consents c WHERE c.local_identity_id = o.target_identity_id "
 	" AND c.state = 'blocked' AND ((c.subject_kind = 'user' AND c.subject = s.uri) "
 	"  OR (c.subject_kind = 'domain' AND c.subject = s.domain)))";
 
 /* Held rows whose local user has decided about the sender are released
- * (allowed) or dropped (blocked: a block of the user or of the domain wins,
- * as in decide(); or a rule that now stops the sender, $3: [{id, reason,
- * rule}]); rows held past the expiry are expired, also when the user's
- * consent came after it but before a sweep saw it (the sender was shown
- * not_delivered from the expiry on).  Each release or drop is
- * a decision of the policy's in the audit log, so that "why" names it.
+ * (allowed, or the user wrote in the row's group since: gw) or dropped
+ * (blocked: a block of the user or of the domain wins, as in decide(); or
+ * a rule that now stops the sender, $3: [{id, reason, rule}]); rows held
+ * past the expiry are expired, also when the user's consent came after it
+ * but before a sweep saw it (the sender was shown not_delivered from the
+ * expiry on).  Each release or drop is a decision of the policy's in the
+ * audit log, so that "why" names it.
  * Locks are taken in id order and skipped when held by another sweep, so
  * two daemons never deadlock.  The content of an event that no one will
  * now receive is deleted; its rows stay, so its sender still sees "not
@@ -299,7 +317,8 @@ static const char sweep_sql[] =
 	"  (SELECT c.state FROM consents c WHERE c.local_identity_id = o.target_identity_id "
 	"    AND c.subject_kind = 'user' AND c.subject = s.uri) AS us, "
 	"  (SELECT c.state FROM consents c WHERE c.local_identity_id = o.target_identity_id "
-	"    AND c.subject_kind = 'domain' AND c.subject = s.domain) AS ds "
+	"    AND c.subject_kind = 'domain' AND c.subject = s.domain) AS ds, "
+	"  " WROTE_IN_GROUP " AS gw "
 	" FROM outbox o JOIN events e ON e.id = o.event_id JOIN identities s ON s.id = e.sender_id "
 	" JOIN identities t ON t.id = o.target_identity_id "
 	" WHERE " SWEPT_ROWS " ORDER BY o.id FOR UPDATE OF o SKIP LOCKED), "
@@ -307,14 +326,15 @@ static const char sweep_sql[] =
 	"ch AS (UPDATE outbox o SET state = CASE WHEN hd.us = 'blocked' OR hd.ds = 'blocked' "
 	"   OR hd.rule_reason IS NOT NULL THEN 'dropped' "
 	"   WHEN hd.created_at < now() - make_interval(secs => $1::bigint) THEN 'expired' "
-	"   WHEN hd.us = 'allowed' OR hd.ds = 'allowed' THEN 'pending' ELSE 'expired' END, "
+	"   WHEN hd.us = 'allowed' OR hd.ds = 'allowed' OR hd.gw THEN 'pending' ELSE 'expired' END, "
 	"  next_attempt_at = now() "
-	" FROM hd WHERE o.id = hd.id AND (hd.us IS NOT NULL OR hd.ds IS NOT NULL "
+	" FROM hd WHERE o.id = hd.id AND (hd.us IS NOT NULL OR hd.ds IS NOT NULL OR hd.gw "
 	"  OR hd.created_at < now() - make_interval(secs => $1::bigint)) "
 	" RETURNING o.id, o.event_id, o.state, hd.turi, hd.rule, CASE WHEN hd.us = 'blocked' THEN 'user_blocked_sender' "
 	"  WHEN hd.ds = 'blocked' THEN 'user_blocked_domain' WHEN hd.rule_reason IS NOT NULL THEN hd.rule_reason "
 	"  WHEN o.state = 'expired' THEN NULL "
-	"  WHEN hd.us = 'allowed' THEN 'user_allowed_sender' WHEN hd.ds = 'allowed' THEN 'user_allowed_domain' END "
+	"  WHEN hd.us = 'allowed' THEN 'user_allowed_sender' WHEN hd.ds = 'allowed' THEN 'user_allowed_domain' "
+	"  WHEN hd.gw THEN 'user_wrote_in_group' END "
 	"  AS reason), "
 	"au AS (INSERT INTO audit_log (actor, action, reason_code, rule_id, event_id, subject, details) "
 	" SELECT 'policy', CASE ch.state WHEN 'pending' THEN 'policy.allow' ELSE 'policy.deny' END, ch.reason, ch.rule, "
@@ -381,6 +401,8 @@ static cw_err rule_denials(PGconn *c, bool prepared, const struct policy_view *v
 			.sender = { PQgetvalue(r, i, 1), PQgetvalue(r, i, 2), PQgetvalue(r, i, 3) },
 			.recipient = { PQgetvalue(r, i, 4), PQgetvalue(r, i, 5), PQgetvalue(r, i, 6) },
 			.now_ms = now,
+			/* as at arrival: writing in the group is an opt-in there */
+			.recipient_wrote_here = PQgetvalue(r, i, 8)[0] == 't',
 		};
 		struct policy_decision d;
 		policy_decide(v->snap, &q, &d);

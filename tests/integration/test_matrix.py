@@ -2397,6 +2397,34 @@ def test_a_group_reaches_each_local_member_in_a_room_of_its_own(mx, hs, gk, pg, 
     assert portal(ALICE_MX) is None
 
 
+def alice_in_wallys_group(mx, hs, gk, pg, db_url, others):
+    """A group of wally's with alice (who allowed wally) and others in it,
+    wally's "hello group" in alice's room of it: alice (her client), her
+    room, said(room) and state_to_alice(message id)."""
+    a, _ = gk
+    consent_alice(mx)
+    _, alice_token = hs.create_user("alice")
+    group = a.create_room([a.user("wally")] + others + [ALICE], kind="group").json()["id"]
+    assert a.send(group, a.user("wally"), "hello group").status_code == 202
+
+    def said(rid):
+        return [(e["sender"], e["content"]["body"]) for e in hs.events(rid) if e["type"] == "m.room.message"]
+    mine = wait_until(lambda: next((rid for rid in hs.rooms()
+                                    if ("@_cw_gk_wally:example.org", "hello group") in said(rid)), None),
+                      what="alice's room of the group")
+
+    def state_to_alice(mid):
+        return pg.psql("SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id JOIN identities t "
+                       f"ON t.id = o.target_identity_id WHERE e.public_id = '{mid}' AND t.uri = '{ALICE}'", db_url)
+    return group, hs.as_user(alice_token), mine, said, state_to_alice
+
+
+def alice_writes(alice, mine, srv, text):
+    alice.send_text(mine, text)
+    wait_until(lambda: any(e.get("type") == "message" and e["content"]["parts"][0]["body"] == text
+                           for e in list(srv.events)), what=f"alice's {text!r} at the peer")
+
+
 def test_writing_in_a_group_lets_its_members_reach_the_writer_there_only(mx, hs, gk, pg, db_url):
     """spec/policy.md: a local user's message is consent to the remote user
     "for that conversation". alice (who allowed wally, not ed) writes in a
@@ -2406,26 +2434,11 @@ def test_writing_in_a_group_lets_its_members_reach_the_writer_there_only(mx, hs,
     group stored a consent and an opt-in for every remote member, good
     everywhere (a review's finding)."""
     a, srv = gk
-    consent_alice(mx)
-    _, alice_token = hs.create_user("alice")
     ed = a.user("ed")
-    group = a.create_room([a.user("wally"), ed, ALICE], kind="group").json()["id"]
-    assert a.send(group, a.user("wally"), "hello group").status_code == 202
-    wally_ghost, ed_ghost = "@_cw_gk_wally:example.org", "@_cw_gk_ed:example.org"
-
-    def said(rid):
-        return [(e["sender"], e["content"]["body"]) for e in hs.events(rid) if e["type"] == "m.room.message"]
-    mine = wait_until(lambda: next((rid for rid in hs.rooms() if (wally_ghost, "hello group") in said(rid)), None),
-                      what="alice's room of the group")
-
-    def state_to_alice(mid):
-        return pg.psql("SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id JOIN identities t "
-                       f"ON t.id = o.target_identity_id WHERE e.public_id = '{mid}' AND t.uri = '{ALICE}'", db_url)
-    alice = hs.as_user(alice_token)
+    group, alice, mine, said, state_to_alice = alice_in_wallys_group(mx, hs, gk, pg, db_url, [ed])
+    ed_ghost = "@_cw_gk_ed:example.org"
     alice.join(mine)
-    alice.send_text(mine, "hi all")
-    wait_until(lambda: any(e.get("type") == "message" and e["content"]["parts"][0]["body"] == "hi all"
-                           for e in list(srv.events)), what="alice's message at the peer")
+    alice_writes(alice, mine, srv, "hi all")
     # No consent to anyone, no opt-in: the fact is her membership's.
     assert pg.psql(f"SELECT count(*) FROM consents WHERE subject = '{ed}'", db_url) == "0"
     assert pg.psql("SELECT count(*) FROM consents WHERE source = 'outbound'", db_url) == "0"
@@ -2442,10 +2455,51 @@ def test_writing_in_a_group_lets_its_members_reach_the_writer_there_only(mx, hs,
     assert state_to_alice(first) == "held"
     assert a.call("POST", f"/v1/rooms/{group}/members", {"add": [a.user("yves")]}).status_code == 200
     assert state_to_alice(a.send(group, a.user("yves"), "yves here").json()["id"]) == "held"
-    alice.send_text(mine, "welcome yves")
-    wait_until(lambda: any(e.get("type") == "message" and e["content"]["parts"][0]["body"] == "welcome yves"
-                           for e in list(srv.events)), what="her welcome at the peer")
+    alice_writes(alice, mine, srv, "welcome yves")
     assert state_to_alice(a.send(group, a.user("yves"), "thanks").json()["id"]) != "held"
+
+
+def test_writing_in_a_group_releases_what_its_members_sent_before(mx, hs, gk, pg, db_url):
+    """What ed sent in the group before alice wrote there waited for her
+    (a first contact); her writing there is her consent to him in that
+    group, so the sweep releases it (user_wrote_in_group, within
+    policy.sweep_interval_ms) and what he sent after follows it, in order.
+    Until the twenty-second session it waited for her answer to its
+    consent request, and held his later messages to her behind it (per
+    sender order). Her block of mal still wins: his held message is
+    dropped, never shown."""
+    a, srv = gk
+    ed, mal = a.user("ed"), a.user("mal")
+    group, alice, mine, said, state_to_alice = alice_in_wallys_group(mx, hs, gk, pg, db_url, [ed, mal])
+    ed_ghost, mal_ghost = "@_cw_gk_ed:example.org", "@_cw_gk_mal:example.org"
+    before = a.send(group, ed, "ed, before alice wrote").json()["id"]
+    blocked = a.send(group, mal, "mal, before alice wrote").json()["id"]
+    assert state_to_alice(before) == "held" and state_to_alice(blocked) == "held"
+    # Her block of mal, and her consents, older than the periodic sweep's
+    # ten minutes: the sweep that looks at her held rows now is the one of
+    # her writing in the group.
+    pg.psql("INSERT INTO consents (local_identity_id, subject_kind, subject, state, source) "
+            f"SELECT id, 'user', '{mal}', 'blocked', 'admin' FROM identities WHERE uri = '{ALICE}'", db_url)
+    pg.psql("UPDATE consents SET updated_at = now() - interval '1 hour'", db_url)
+    alice.join(mine)
+    alice_writes(alice, mine, srv, "hi all")
+    after = a.send(group, ed, "ed, after alice wrote").json()["id"]
+    wait_until(lambda: (ed_ghost, "ed, after alice wrote") in said(mine), timeout=30,
+               what="ed's messages in her room")
+    assert [m for m in said(mine) if m[0] == ed_ghost] == [(ed_ghost, "ed, before alice wrote"),
+                                                           (ed_ghost, "ed, after alice wrote")], said(mine)
+    why = mx.admin("GET", f"/messages/{before}/decision").json()
+    hers = [r for r in why["recipients"] if r["recipient"] == ALICE]
+    assert [(r["verdict"], r["reason"]) for r in hers] == [("allow", "user_wrote_in_group")], why
+    assert [(d["verdict"], d["reason"], d["details"].get("by")) for d in why["decisions"]
+            if d["recipient"] == ALICE][-1] == ("allow", "user_wrote_in_group", "sweep"), why
+    # Her consent request for ed stays for her to answer: writing in the
+    # group is no consent to him elsewhere.
+    assert pg.psql("SELECT q.state FROM consent_requests q JOIN identities s ON s.id = q.remote_identity_id "
+                   f"WHERE s.uri = '{ed}'", db_url) == "pending"
+    wait_until(lambda: state_to_alice(blocked) == "dropped", what="mal's message dropped")
+    assert mal_ghost not in [who for who, _ in said(mine)]
+    wait_until(lambda: state_to_alice(after) == "delivered", what="ed's later message delivered")
 
 
 def test_one_bot_answers_for_every_process(make_daemon, db_url, hs):

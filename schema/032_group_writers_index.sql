@@ -1,0 +1,12 @@
+-- 032_group_writers_index.sql: the periodic consent sweep finds the users
+-- who wrote in a group lately without reading every membership.
+--
+-- A local member's message in a group sets wrote_at of their membership
+-- (030) when a remote member joined since; what those members sent before
+-- and waits for the writer (held) is then released by the next periodic
+-- sweep (docs/policy.md, "Writing is consent").  Every sweep
+-- (policy.sweep_interval_ms, 2 s by default) asks for the memberships
+-- stamped in the last ten minutes: this index holds only the stamped ones,
+-- newest last.  Small (a membership gets a stamp when its user writes to
+-- members new to them), built once on upgrade.
+CREATE INDEX IF NOT EXISTS room_members_wrote_idx ON room_members (wrote_at) WHERE wrote_at IS NOT NULL;
