@@ -808,31 +808,39 @@ void policy_admin_reports_list(struct cw_req *req, void *ctx)
 /* Every report, however it arrives, in one statement (so that a bot's
  * connection, outside any transaction, stores it whole): the report; the
  * reports against the subject within policy.report_window_seconds ($8)
- * counted; at policy.report_limit_threshold ($9) against a remote user
+ * counted, and their distinct reporters (this one included: the insert
+ * is not visible to the other parts of the statement); at
+ * policy.report_limit_threshold ($9) reporters against a remote user
  * ($12 false) the automatic user rule (policy.report_limit_*, $10 and
  * $11), made again over an expired one of its own and never over an
  * operator's; the audit record (report.create, the answer as its
  * details); and, when a rule was made, NOTIFY causeway_policy (every
- * process reloads).  The answer: {id, subject, reports_in_window,
- * limit_rule_id}.  The rule is "in_addition" (docs/policy.md): charged on
- * top of what the sender's domain or network allows, so that a report
+ * process reloads).  Reporters, not reports, reach the threshold: one
+ * user reporting again and again must not be able to limit anyone.  The
+ * answer: {id, subject, reports_in_window, reporters_in_window,
+ * limit_rule_id}.  The rule is "in_addition" (docs/policy.md): charged
+ * on top of what the sender's domain or network allows, so that a report
  * only ever tightens. */
 static const char report_sql[] =
 	"WITH rep AS (INSERT INTO reports (reporter_kind, reporter, peer_id, subject_uri, subject_identity_id, "
 	"  reason_code, evidence_public_ids, comment) VALUES ($1, $2, $3::bigint, $4, "
 	"  (SELECT id FROM identities WHERE uri = $4), $5, ARRAY(SELECT jsonb_array_elements_text($6::jsonb)), $7) "
 	"  RETURNING id), "
-	"cnt AS (SELECT count(*) + 1 AS n FROM reports WHERE subject_uri = $4 "
-	"  AND created_at > now() - make_interval(secs => $8::bigint)), "
+	"cnt AS (SELECT count(*) AS n, count(DISTINCT (k, who)) AS who_n FROM ("
+	"  SELECT reporter_kind AS k, reporter AS who FROM reports WHERE subject_uri = $4 "
+	"  AND created_at > now() - make_interval(secs => $8::bigint) "
+	"  UNION ALL SELECT $1::text, $2::text) w), "
 	"lim AS (INSERT INTO rules (scope, pattern, limits, created_by, comment, expires_at) "
 	"  SELECT 'user', $4, jsonb_build_object('messages_per_minute', $10::int, 'in_addition', true), "
-	"  'system:reports', 'automatic: ' || n || ' abuse reports', now() + make_interval(secs => $11::bigint) "
-	"  FROM cnt WHERE $9::bigint > 0 AND n >= $9::bigint AND NOT $12::boolean "
+	"  'system:reports', 'automatic: abuse reports by ' || who_n || ' reporters', "
+	"  now() + make_interval(secs => $11::bigint) "
+	"  FROM cnt WHERE $9::bigint > 0 AND who_n >= $9::bigint AND NOT $12::boolean "
 	"  ON CONFLICT (scope, pattern) DO UPDATE SET limits = excluded.limits, comment = excluded.comment, "
 	"  enabled = true, updated_at = now(), expires_at = excluded.expires_at "
 	"  WHERE rules.created_by = 'system:reports' AND rules.expires_at <= now() RETURNING id), "
 	"ans AS (SELECT json_build_object('id', (SELECT id FROM rep), 'subject', $4::text, "
-	"  'reports_in_window', (SELECT n FROM cnt), 'limit_rule_id', (SELECT id FROM lim)) AS a), "
+	"  'reports_in_window', (SELECT n FROM cnt), 'reporters_in_window', (SELECT who_n FROM cnt), "
+	"  'limit_rule_id', (SELECT id FROM lim)) AS a), "
 	"aud AS (INSERT INTO audit_log (actor, action, subject, details) "
 	"  SELECT coalesce($13, 'user:' || $2), 'report.create', $4, a::jsonb FROM ans) "
 	"SELECT a::text, (SELECT count(pg_notify('causeway_policy', '')) FROM lim) FROM ans";

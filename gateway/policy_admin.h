@@ -41,10 +41,11 @@ struct policy_report {
 };
 struct cw_app;
 /* Stores rep on c with its audit record, and sets the automatic limit on
- * a remote subject that reached policy.report_limit_threshold reports in
- * policy.report_window_seconds (every process told).  Every report path
- * calls it, so the threshold holds however reports arrive.  answer (NULL:
- * not wanted): {id, subject, reports_in_window, limit_rule_id}. */
+ * a remote subject reported by policy.report_limit_threshold distinct
+ * reporters in policy.report_window_seconds (every process told).  Every
+ * report path calls it, so the threshold holds however reports arrive.
+ * answer (NULL: not wanted): {id, subject, reports_in_window,
+ * reporters_in_window, limit_rule_id}. */
 cw_err policy_report_store(PGconn *c, struct cw_app *app, const struct policy_report *rep, json_t **answer,
 			   cw_errmsg *e);
 void policy_admin_audit_list(struct cw_req *req, void *ctx);

@@ -824,7 +824,7 @@
       if (v.comment) body.comment = v.comment;
       const r = await api("POST", "/reports", body);
       list.reload();
-      return "Report " + r.id + " filed (" + r.reports_in_window + " in the window" + (r.limit_rule_id ? "; limit rule " + r.limit_rule_id + " made" : "") + ").";
+      return "Report " + r.id + " filed (" + r.reports_in_window + " in the window, by " + r.reporters_in_window + " reporters" + (r.limit_rule_id ? "; limit rule " + r.limit_rule_id + " made" : "") + ").";
     }));
   }];
 

@@ -106,11 +106,12 @@ def wally_wrote_to_alice(mx, hs, a, pg, db_url):
     return room, mx_room
 
 
-def alice_and_the_bot(hs):
-    """Alice opens a room with the bot: (her client, the room, a function
-    giving what the bot said there), once the bot has said its help."""
+def alice_and_the_bot(hs, name="alice"):
+    """Alice (or the user name) opens a room with the bot: (her client, the
+    room, a function giving what the bot said there), once the bot has said
+    its help."""
     bot = "@_cw_bot:example.org"
-    _, alice_token = hs.create_user("alice")
+    _, alice_token = hs.create_user(name)
     alice = hs.as_user(alice_token)
     mgmt = alice.create_dm(bot)
     said = lambda: [e["content"]["body"] for e in hs.events(mgmt)  # noqa: E731
@@ -877,24 +878,41 @@ def test_a_command_in_a_transaction_sent_again_runs_once(mx, hs, gk, pg, db_url)
 
 
 def test_reports_to_the_bot_set_the_automatic_limit(mx, hs, gk, pg, db_url):
-    """policy.report_limit_threshold (3) reports against a remote user set
-    the automatic limit however they arrive: three `report` commands to
-    the bot make the rule POST /admin/v1/reports makes, each audited as a
-    report.create by alice.  Until the twenty-first session only the admin
-    API's reports counted: the bot's were stored and never limited anyone."""
+    """Reports against a remote user by policy.report_limit_threshold (3)
+    reporters set the automatic limit however they arrive: `report`
+    commands to the bot by alice, bob and carol make the rule POST
+    /admin/v1/reports makes, each audited as a report.create by its
+    reporter.  Alice's three reports alone make none: until the
+    twenty-second session the threshold counted reports, and one user
+    could have anyone limited.  Until the twenty-first session only the
+    admin API's reports counted: the bot's were stored and never limited
+    anyone."""
     a, _ = gk
-    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
-    alice, mgmt, notices = alice_and_the_bot(hs)
+    wally = a.user("wally")
+    room = a.create_room([wally, ALICE]).json()["id"]
+
+    def report(client, mgmt, notices, text):
+        before = sum(n.startswith("Reported") for n in notices())
+        client.send_text(mgmt, f"report {wally} {text}")
+        wait_until(lambda: sum(n.startswith("Reported") for n in notices()) == before + 1,
+                   what="the report's answer")
+    alice_bot = alice_and_the_bot(hs)
     for i in range(3):
-        alice.send_text(mgmt, f"report {a.user('wally')} spam {i}")
-        wait_until(lambda: sum(n.startswith("Reported") for n in notices()) == i + 1, what="the report's answer")
-    assert pg.psql("SELECT string_agg(reporter_kind || ' ' || reporter || ' ' || subject_uri, ',') FROM reports",
-                   db_url) == ",".join([f"local_user {ALICE} {a.user('wally')}"] * 3)
+        report(*alice_bot, f"spam {i}")
+    assert pg.psql("SELECT count(*) FROM rules", db_url) == "0"
+    reporters = [ALICE] * 3
+    for name in ("bob", "carol"):
+        report(*alice_and_the_bot(hs, name), "spam")
+        reporters.append(f"mimi://example.org/u/{name}")
+    assert pg.psql("SELECT string_agg(reporter_kind || ' ' || reporter || ' ' || subject_uri, ',' ORDER BY id) "
+                   "FROM reports", db_url) == ",".join(f"local_user {r} {wally}" for r in reporters)
     assert pg.psql("SELECT scope || ' ' || pattern || ' ' || created_by || ' ' || (expires_at > now())::text "
-                   "FROM rules", db_url) == f"user {a.user('wally')} system:reports true"
-    assert pg.psql("SELECT string_agg(actor || ' ' || subject || ' ' || (details->>'reports_in_window'), ',' "
+                   "FROM rules", db_url) == f"user {wally} system:reports true"
+    assert pg.psql("SELECT string_agg(actor || ' ' || subject || ' ' || (details->>'reports_in_window') || ' ' || "
+                   "(details->>'reporters_in_window') || ' ' || (details->>'limit_rule_id' IS NOT NULL), ',' "
                    "ORDER BY id) FROM audit_log WHERE action = 'report.create'", db_url) == \
-        ",".join(f"user:{ALICE} {a.user('wally')} {n}" for n in (1, 2, 3))
+        ",".join(f"user:{r} {wally} {n} {k} {str(n == 5).lower()}"
+                 for r, n, k in zip(reporters, (1, 2, 3, 4, 5), (1, 1, 1, 2, 3)))
     # In force in the daemon (every process told, not at its next reload).
     wait_until(lambda: a.send(room, a.user("wally"), "more").status_code == 429, what="the automatic limit")
 

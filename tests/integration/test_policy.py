@@ -822,19 +822,34 @@ def test_reports_set_an_automatic_limit(daemon, peers, pg, db_url):
     opt_in(daemon)
     consent(daemon, "wa.example", "allowed", kind="domain")
     spammer = a.user("spammer")
-    for i, reporter in enumerate((ALICE, BOB, None)):
-        body = {"subject": spammer, "reason": "spam", "evidence": ["msg_x1"]}
+    room = dm(a, remote="spammer")
+
+    def report(reporter, subject=spammer):
+        body = {"subject": subject, "reason": "spam", "evidence": ["msg_x1"]}
         if reporter:
             body["reporter"] = reporter
         r = daemon.admin("POST", "/reports", json=body)
         assert r.status_code == 201, r.text
-        assert r.json()["reports_in_window"] == i + 1
-    assert r.json()["limit_rule_id"] is not None
-    rule = daemon.admin("GET", f"/rules/{r.json()['limit_rule_id']}").json()
+        return r.json()
+    # The threshold counts reporters, not reports: one user reporting the
+    # same sender again and again limits nobody (until the twenty-second
+    # session three reports by alice alone made the rule: one person could
+    # have anyone limited).
+    for i in range(4):
+        r = report(ALICE)
+        assert (r["reports_in_window"], r["reporters_in_window"], r["limit_rule_id"]) == (i + 1, 1, None)
+    assert pg.psql("SELECT count(*) FROM rules", db_url) == "0"
+    assert send(a, room, "still here", sender="spammer").status_code == 202
+    # Bob is the second reporter, the operator the third: the threshold.
+    for i, reporter in enumerate((BOB, None)):
+        r = report(reporter)
+        assert (r["reports_in_window"], r["reporters_in_window"]) == (i + 5, i + 2)
+        assert (r["limit_rule_id"] is None) == (reporter is not None)
+    assert "3 reporters" in pg.psql("SELECT comment FROM rules WHERE id = %d" % r["limit_rule_id"], db_url)
+    rule = daemon.admin("GET", f"/rules/{r['limit_rule_id']}").json()
     assert rule["created_by"] == "system:reports"
     assert rule["limits"] == {"messages_per_minute": 1, "in_addition": True}
     assert rule["expires_at"] is not None
-    room = dm(a, remote="spammer")
     wait_policy(daemon, lambda: send(a, room, "x", sender="spammer").status_code == 429, "the automatic limit")
     # Expired, the automatic rule is made again by the next reports (before,
     # the expired row stood in the way and the sender was never limited again).
@@ -846,15 +861,15 @@ def test_reports_set_an_automatic_limit(daemon, peers, pg, db_url):
                    db_url) == "t"
     op = daemon.admin("POST", "/rules", json={"scope": "user", "pattern": a.user("other"), "mode": "open"})
     pg.psql("UPDATE rules SET expires_at = now() - interval '1 second' WHERE id = %d" % op.json()["id"], db_url)
-    for _ in range(3):  # an operator's rule, even expired, is not taken over
-        last = daemon.admin("POST", "/reports", json={"subject": a.user("other"), "reason": "spam"})
-    assert last.status_code == 201 and last.json()["limit_rule_id"] is None
+    for reporter in (ALICE, BOB, None):  # an operator's rule, even expired, is not taken over
+        last = report(reporter, subject=a.user("other"))
+    assert last["reporters_in_window"] == 3 and last["limit_rule_id"] is None
     reports = daemon.admin("GET", "/reports?open=true").json()["rows"]
-    assert len(reports) == 7 and reports[0]["reports_against_subject"] == 4
+    assert len(reports) == 10 and reports[0]["reports_against_subject"] == 7
     h = daemon.admin("POST", f"/reports/{reports[0]['id']}/handle")
     assert h.status_code == 200 and h.json()["handled_by"] == "admin:config"
     assert daemon.admin("POST", f"/reports/{reports[0]['id']}/handle").status_code == 404
-    assert len(daemon.admin("GET", "/reports?open=true").json()["rows"]) == 6
+    assert len(daemon.admin("GET", "/reports?open=true").json()["rows"]) == 9
     # A peer's report (POST /v1/reports, about a local user, whom no rule
     # limits) is stored and audited as the others are (until the
     # twenty-first session it was not audited).
@@ -862,8 +877,9 @@ def test_reports_set_an_automatic_limit(daemon, peers, pg, db_url):
                                        "evidence": ["msg_x2"]})
     assert r.status_code == 202, r.text
     assert pg.psql("SELECT actor || ' ' || subject || ' ' || (details->>'reports_in_window') || ' ' || "
-                   "coalesce(details->>'limit_rule_id', 'none') FROM audit_log WHERE action = 'report.create' "
-                   "ORDER BY id DESC LIMIT 1", db_url) == f"peer:gk {ALICE} 1 none"
+                   "(details->>'reporters_in_window') || ' ' || coalesce(details->>'limit_rule_id', 'none') "
+                   "FROM audit_log WHERE action = 'report.create' ORDER BY id DESC LIMIT 1", db_url) == \
+        f"peer:gk {ALICE} 1 1 none"
     assert pg.psql("SELECT reporter_kind || ' ' || reporter || ' ' || array_to_string(evidence_public_ids, ',') "
                    "FROM reports ORDER BY id DESC LIMIT 1", db_url) == f"peer {a.user('wally')} msg_x2"
 
@@ -885,8 +901,11 @@ def test_an_automatic_report_limit_only_tightens(daemon, peers, pg, db_url):
     assert r.status_code == 201, r.text
     domain_rule = r.json()["id"]
     room, room2 = dm(a), dm(a, remote="walter")
-    for _ in range(3):
-        r = daemon.admin("POST", "/reports", json={"subject": a.user("wally"), "reason": "spam"})
+    for reporter in (ALICE, BOB, None):  # three reporters: the threshold
+        body = {"subject": a.user("wally"), "reason": "spam"}
+        if reporter:
+            body["reporter"] = reporter
+        r = daemon.admin("POST", "/reports", json=body)
         assert r.status_code == 201, r.text
     rule = daemon.admin("GET", f"/rules/{r.json()['limit_rule_id']}").json()
     assert rule["limits"] == {"messages_per_minute": 10, "in_addition": True}

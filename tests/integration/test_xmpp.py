@@ -1429,26 +1429,47 @@ def test_ad_hoc_commands(xd, gk, alice, pg, db_url):
     assert err.error_condition == "item-not-found"
 
 
-def test_reports_by_command_set_the_automatic_limit(xd, gk, alice, pg, db_url):
-    """policy.report_limit_threshold (3) reports against a remote user set
-    the automatic limit however they arrive: three report commands make
-    the rule POST /admin/v1/reports makes, each audited as a report.create
-    by alice.  Until the twenty-first session only the admin API's reports
-    counted: the commands' were stored and never limited anyone."""
+def test_reports_by_command_set_the_automatic_limit(xd, gk, alice, prosody, pg, db_url):
+    """Reports against a remote user by policy.report_limit_threshold (3)
+    reporters set the automatic limit however they arrive: report commands
+    by alice, bob and carol make the rule POST /admin/v1/reports makes,
+    each audited as a report.create by its reporter.  Alice's three
+    reports alone make none: until the twenty-second session the threshold
+    counted reports, and one user could have anyone limited.  Until the
+    twenty-first session only the admin API's reports counted: the
+    commands' were stored and never limited anyone."""
     cmd = "http://jabber.org/protocol/commands"
-    for i in range(3):
-        done = alice.iq("set", COMP, f"<command xmlns='{cmd}' node='report'><x xmlns='jabber:x:data' "
-                                     f"type='submit'><field var='jid'><value>{WALLY_JID}</value></field>"
-                                     f"<field var='reason'><value>spam {i}</value></field></x></command>")
+
+    def report(client, text):
+        done = client.iq("set", COMP, f"<command xmlns='{cmd}' node='report'><x xmlns='jabber:x:data' "
+                                      f"type='submit'><field var='jid'><value>{WALLY_JID}</value></field>"
+                                      f"<field var='reason'><value>{text}</value></field></x></command>")
         assert done.find(f"{{{cmd}}}command").get("status") == "completed", ET.tostring(done)
+    for i in range(3):
+        report(alice, f"spam {i}")
+    assert pg.psql("SELECT count(*) FROM rules", db_url) == "0"
+    reporters = [ALICE] * 3
+    prosody.register("carol", "pw-carol")
+    for name in ("bob", "carol"):
+        c = XmppClient(f"{name}@{HOST}", f"pw-{name}", port=prosody.c2s_port)
+        c.connect()
+        try:
+            report(c, f"spam by {name}")
+        finally:
+            c.disconnect()
+        reporters.append(f"mimi://example.org/u/{name}")
     wally = "mimi://wa.example/u/wally"
-    assert pg.psql("SELECT string_agg(reporter_kind || ' ' || subject_uri || ' ' || comment, ',' ORDER BY id) "
-                   "FROM reports", db_url) == ",".join(f"local_user {wally} spam {i}" for i in range(3))
+    assert pg.psql("SELECT string_agg(reporter_kind || ' ' || reporter || ' ' || subject_uri || ' ' || comment, "
+                   "',' ORDER BY id) FROM reports", db_url) == \
+        ",".join(f"local_user {r} {wally} {c}"
+                 for r, c in zip(reporters, ("spam 0", "spam 1", "spam 2", "spam by bob", "spam by carol")))
     assert pg.psql("SELECT scope || ' ' || pattern || ' ' || created_by || ' ' || (expires_at > now())::text "
                    "FROM rules", db_url) == f"user {wally} system:reports true"
-    assert pg.psql("SELECT string_agg(actor || ' ' || subject || ' ' || (details->>'reports_in_window'), ',' "
+    assert pg.psql("SELECT string_agg(actor || ' ' || subject || ' ' || (details->>'reports_in_window') || ' ' || "
+                   "(details->>'reporters_in_window') || ' ' || (details->>'limit_rule_id' IS NOT NULL), ',' "
                    "ORDER BY id) FROM audit_log WHERE action = 'report.create'", db_url) == \
-        ",".join(f"user:{ALICE} {wally} {n}" for n in (1, 2, 3))
+        ",".join(f"user:{r} {wally} {n} {k} {str(n == 5).lower()}"
+                 for r, n, k in zip(reporters, (1, 2, 3, 4, 5), (1, 1, 1, 2, 3)))
 
 
 def test_hostile_stanzas_get_errors_and_store_nothing(xd, gk, alice, pg, db_url):
