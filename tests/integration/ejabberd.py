@@ -31,6 +31,10 @@ class Ejabberd:
         self.c2s_port = _free_port()
         self.component_port = _free_port()
         self.node = f"cwtest{self.component_port}@localhost"
+        # A port mapper (epmd) of its own: the tier's workers each run an
+        # ejabberd, and one host-wide epmd, killed at one's close (below),
+        # took the other's down while it started (a review's finding).
+        self.epmd_port = _free_port()
         self.start_timeout = start_timeout
         self.dir = tempfile.mkdtemp(prefix="causeway-ejabberd-", dir="/tmp")
         os.chmod(self.dir, 0o755)
@@ -75,7 +79,7 @@ class Ejabberd:
     def _cmd(self, *args):
         argv = [EJABBERDCTL, "--config-dir", self.dir, "--spool", os.path.join(self.dir, "db"),
                 "--logs", os.path.join(self.dir, "log"), "--node", self.node, *args]
-        env = ["env", "HOME=" + self.dir]
+        env = ["env", "HOME=" + self.dir, f"ERL_EPMD_PORT={self.epmd_port}"]
         if self._as_root:
             return ["setpriv", "--reuid=" + EJABBERD_USER, "--regid=" + EJABBERD_USER, "--init-groups",
                     "--"] + env + argv
@@ -135,6 +139,8 @@ class Ejabberd:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
         # Erlang's port mapper outlives the node; it refuses to go while any node lives.
+        # This instance's own (ERL_EPMD_PORT): another worker's is left alone.
         epmd = shutil.which("epmd") or "/usr/bin/epmd"
         if os.path.exists(epmd):
-            subprocess.run([epmd, "-kill"], capture_output=True, timeout=10)
+            subprocess.run([epmd, "-kill"], capture_output=True, timeout=10,
+                           env={**os.environ, "ERL_EPMD_PORT": str(self.epmd_port)})
