@@ -702,6 +702,14 @@ static void refusal(json_t *list, const char *room, const char *why)
 	json_array_append_new(list, json_pack("[s, s]", room, text));
 }
 
+/* The key of t->rejoins: a Matrix room and a user. */
+#define REJOIN_KEY_MAX (2 * MX_ID_MAX + 2)
+static const char *rejoin_key(char out[REJOIN_KEY_MAX], const char *room, const char *user)
+{
+	snprintf(out, REJOIN_KEY_MAX, "%s %s", room, user);
+	return out;
+}
+
 /* Whether ev is a join joins_of_invitees found no change.  A leave (or
  * any other membership) of the same member before it in the transaction
  * makes their next join a change again. */
@@ -713,8 +721,8 @@ static bool is_rejoin(struct txn *t, json_t *ev)
 	if (!key || !ms || strcmp(json_string_value(json_object_get(ev, "type")), "m.room.member") != 0 ||
 	    json_object_size(t->rejoins) == 0)
 		return false;
-	char k[2 * MX_ID_MAX + 2];
-	snprintf(k, sizeof(k), "%s %s", json_string_value(json_object_get(ev, "room_id")), key);
+	char k[REJOIN_KEY_MAX];
+	rejoin_key(k, json_string_value(json_object_get(ev, "room_id")), key);
 	if (strcmp(ms, "join") != 0) {
 		json_object_del(t->rejoins, k);
 		return false;
@@ -899,14 +907,7 @@ static cw_err joins_of_invitees(PGconn *c, struct txn *t, cw_errmsg *e)
 	if (!text)
 		return cw_fail(e, CW_ENOMEM, "out of memory");
 	const char *params[] = { text };
-	cw_err rc = store_command(c,
-		"UPDATE room_members x SET membership = 'joined', updated_at = now() "
-		"FROM jsonb_array_elements($1::jsonb) AS j, room_bindings b, identity_bindings ib "
-		"WHERE b.network = 'matrix' AND b.native_id = j->>0 AND b.remote_identity_id IS NULL "
-		" AND ib.identity_id = b.local_identity_id AND ib.network = 'matrix' AND ib.native_id = j->>1 "
-		" AND x.room_id = b.room_id AND x.identity_id = b.local_identity_id AND x.membership = 'invited'",
-		1, params, e);
-	/* A join whose member's last membership event stored in the room is
+	/* mk marks the invitees joined (above).  The rest: a join whose member's last membership event stored in the room is
 	 * a join is no change: the far side has their join already.  So when
 	 * the same join reaches the pipeline as two Matrix events: the bot
 	 * finds a join late and stores the member event it finds then (after
@@ -916,21 +917,26 @@ static cw_err joins_of_invitees(PGconn *c, struct txn *t, cw_errmsg *e)
 	 * Decided on what is stored, not on room_members (which this function
 	 * marks before the write: a retry after a failed write would find the
 	 * member joined and carry their join never).  Two such events read at
-	 * the same moment on two readers are both carried still. */
-	PGresult *r = rc ? NULL
-		     : PQexecParams(c,
-				    "SELECT j->>0, j->>1 FROM jsonb_array_elements($1::jsonb) AS j "
-				    "WHERE (SELECT e.content->'content'->>'membership' FROM events e "
-				    " WHERE e.room_id = (j->>2)::bigint AND e.type = 'membership' "
-				    " AND e.content->'content'->>'target' = j->>3 ORDER BY e.id DESC LIMIT 1) = 'join'",
-				    1, NULL, params, NULL, NULL, 0);
+	 * the same moment on two readers are both carried still.  One
+	 * statement: the events it reads are not what mk changes. */
+	PGresult *r = PQexecParams(c,
+		"WITH mk AS (UPDATE room_members x SET membership = 'joined', updated_at = now() "
+		" FROM jsonb_array_elements($1::jsonb) AS j, room_bindings b, identity_bindings ib "
+		" WHERE b.network = 'matrix' AND b.native_id = j->>0 AND b.remote_identity_id IS NULL "
+		" AND ib.identity_id = b.local_identity_id AND ib.network = 'matrix' AND ib.native_id = j->>1 "
+		" AND x.room_id = b.room_id AND x.identity_id = b.local_identity_id AND x.membership = 'invited') "
+		"SELECT j->>0, j->>1 FROM jsonb_array_elements($1::jsonb) AS j "
+		"WHERE (SELECT e.content->'content'->>'membership' FROM events e "
+		" WHERE e.room_id = (j->>2)::bigint AND e.type = 'membership' "
+		" AND e.content->'content'->>'target' = j->>3 ORDER BY e.id DESC LIMIT 1) = 'join'",
+		1, NULL, params, NULL, NULL, 0);
 	free(text);
-	if (rc || (rc = store_check(c, r, PGRES_TUPLES_OK, e))) /* store_check cleared r */
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e); /* on failure r is cleared */
+	if (rc)
 		return rc;
 	for (int k = 0; k < PQntuples(r); k++) {
-		char key[2 * MX_ID_MAX + 2];
-		snprintf(key, sizeof(key), "%s %s", PQgetvalue(r, k, 0), PQgetvalue(r, k, 1));
-		json_object_set_new(t->rejoins, key, json_true());
+		char key[REJOIN_KEY_MAX];
+		json_object_set_new(t->rejoins, rejoin_key(key, PQgetvalue(r, k, 0), PQgetvalue(r, k, 1)), json_true());
 	}
 	PQclear(r);
 	return CW_OK;

@@ -1399,6 +1399,7 @@ struct submit *submit_new(size_t n)
 
 #define WRITE_ITEMS_PLAIN_ROWS "SELECT public_id, ms, NULL::text FROM ev" GONE_ROWS
 #define WRITE_ITEMS_PLAIN WRITE_EVENTS WRITE_ITEMS_PLAIN_ROWS
+#define WRITE_ITEMS_PLAIN_NOREFS WRITE_EVENTS_NOREFS WRITE_ITEMS_PLAIN_ROWS
 
 #define WRITE_ITEMS_TAIL \
 	", rd AS (UPDATE outbox o SET read_at = coalesce(o.read_at, now()) FROM it JOIN ev ON ev.public_id = it.pid " \
@@ -1448,7 +1449,7 @@ const struct store_stmt peer_api_statements[] = {
 	{ "submit_write", WRITE_ITEMS },
 	{ "submit_write_plain", WRITE_ITEMS_PLAIN },
 	{ "submit_write_norefs", WRITE_ITEMS_NOREFS },
-	{ "submit_write_plain_norefs", WRITE_EVENTS_NOREFS WRITE_ITEMS_PLAIN_ROWS },
+	{ "submit_write_plain_norefs", WRITE_ITEMS_PLAIN_NOREFS },
 	{ "submit_write_refs", WRITE_ITEMS_REFS },
 	{ NULL, NULL },
 };
