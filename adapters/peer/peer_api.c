@@ -1900,6 +1900,8 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 			.recipient = { PQgetvalue(r, k, 3), PQgetvalue(r, k, 8), PQgetvalue(r, k, 5) },
 			.body_bytes = in->body_bytes, .attachment_bytes = in->attachment_bytes,
 			.content_kinds = in->kinds, .now_ms = cw_wall_ms(), .rate = &memo.rate,
+			/* the same condition as the sweep's WROTE_IN_GROUP
+			 * (gateway/policy_live.c): change both or neither */
 			.recipient_wrote_here = local && group && PQgetvalue(r, k, 17)[0] && sender_since >= 0 &&
 						sender_since <= atoll(PQgetvalue(r, k, 17)),
 		};
