@@ -533,6 +533,12 @@ def test_what_comes_while_a_join_is_looked_at_follows_its_answer(xd, gk, alice, 
     start = alice.count()
     alice.send_presence(to=room + "/alice", payload=f"<x xmlns='{MUC}'><history maxstanzas='10'/></x>")
     alice.send_presence(to=room + "/alice", show="away")
+    # "two" once the join is on the writer (asleep in the trigger): sent at
+    # once, it could reach the writer first on a busy machine, and was then
+    # history, not the live message that follows the answer (seen with two
+    # test workers on two cores).
+    wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'", db_url) == "1",
+               what="the join on the writer")
     assert a.send(gid, a.user("zoe"), "two").status_code == 202
 
     def mine():
