@@ -31,6 +31,14 @@ struct lane {
 	unsigned next; /* where its next claim starts in the destination list */
 	int64_t claimed_us; /* when its last claim began (cw_now_us): its rows are its own for claim_timeout_s after */
 	bool started;
+	/* claimed_by of its rows: the process's name and the lane's number,
+	 * so that rows claimed by this lane alone can be told apart (see
+	 * orphans) */
+	char name[320];
+	/* The ids of rows its last claim may have taken without knowing it
+	 * (the claim's COMMIT sent, its answer lost: "{...}"), released before
+	 * its next claim; NULL for none. */
+	char *orphans;
 	char held[sizeof(((struct outbox_row *)0)->destination)]; /* its destination, "" for none (under d->mu) */
 	const struct outbox_row *rows; /* the rows it delivers, for the keeper (under d->mu) */
 	size_t nrows;
@@ -429,7 +437,7 @@ static bool claim_destination(struct lane *l, const char *dest, struct outbox_ro
 	char limit[16], timeout[16];
 	snprintf(limit, sizeof(limit), "%d", d->o.batch_max);
 	snprintf(timeout, sizeof(timeout), "%ld", d->o.claim_timeout_s);
-	const char *params[] = { limit, d->name, timeout, dest };
+	const char *params[] = { limit, l->name, timeout, dest };
 	PGresult *r = PQexecPrepared(l->c, "cw_claim", 4, params, NULL, NULL, 0);
 	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
 		store_result_err(l->c, r, e);
@@ -508,6 +516,45 @@ static PGresult *claim_open(struct lane *l, const char **local, cw_errmsg *e)
 	return last;
 }
 
+static char *id_array(const struct outbox_row *rows, size_t n)
+{
+	size_t cap = 2 + n * 21;
+	char *s = malloc(cap), *p = s;
+	if (!s)
+		return NULL;
+	*p++ = '{';
+	for (size_t i = 0; i < n; i++)
+		p += snprintf(p, cap - (size_t)(p - s), "%s%lld", i ? "," : "", (long long)rows[i].id);
+	*p++ = '}';
+	*p = '\0';
+	return s;
+}
+
+/* Puts back the rows of l->orphans still in flight under the lane's own
+ * name: the lane delivers nothing between its claims, so they are no
+ * one's (another lane's claim of them, once theirs ran out, bears another
+ * name).  Due at once, their attempt not counted: none was made.  False
+ * with e set if it could not (kept for the next claim). */
+static bool release_orphans(struct lane *l, cw_errmsg *e)
+{
+	const char *params[] = { l->orphans, l->name };
+	PGresult *r = PQexecParams(l->c,
+				   "UPDATE outbox SET state = 'pending', claimed_by = NULL, claimed_until = NULL, "
+				   " attempts = greatest(attempts - 1, 0) WHERE id = ANY($1::bigint[]) "
+				   " AND state = 'in_flight' AND claimed_by = $2",
+				   2, NULL, params, NULL, NULL, 0);
+	bool ok = store_check(l->c, r, PGRES_COMMAND_OK, e) == CW_OK;
+	if (ok) {
+		if (atol(PQcmdTuples(r)) > 0)
+			LOG_KV(CW_LOG_INFO, "rows of a claim whose commit was not answered are due again", "rows",
+			       PQcmdTuples(r));
+		free(l->orphans);
+		l->orphans = NULL;
+	}
+	PQclear(r);
+	return ok;
+}
+
 /* Claims the due rows of one push destination that no other lane has:
  * the first, from where the lane's last claim left off, that has rows due.
  * Returns how many (rows are the caller's, and the destination stays the
@@ -520,6 +567,8 @@ static int claim(struct lane *l, struct outbox_row **out)
 	struct outbox_row *rows = NULL;
 	int n = 0, cap = 0;
 	atomic_fetch_add(&d->claim_tries, 1);
+	if (l->orphans && !release_orphans(l, &e))
+		goto fail_rows;
 	l->claimed_us = cw_now_us(); /* before the claim's own now(): its rows are ours at least until this + timeout */
 	const char *local;
 	PGresult *dr = claim_open(l, &local, &e);
@@ -556,8 +605,16 @@ static int claim(struct lane *l, struct outbox_row **out)
 		}
 	}
 	PQclear(dr);
-	if (store_exec(l->c, "COMMIT", &e))
+	if (store_exec(l->c, "COMMIT", &e)) {
+		/* Committed or not, the answer lost with the connection: if it
+		 * was, the rows are in flight under this lane's name, and no
+		 * one would send them before their claim ran out (a minute by
+		 * default) while the rest of their rooms waited behind them. */
+		if (n)
+			l->orphans = id_array(rows, (size_t)n);
+		LOG_KV(CW_LOG_WARN, "outbox claim failed", "detail", e.msg);
 		goto fail_rows;
+	}
 	if (n)
 		qsort(rows, (size_t)n, sizeof(*rows), cmp_row);
 	*out = rows;
@@ -571,20 +628,6 @@ fail_rows:
 		json_decref(rows[i].event);
 	free(rows);
 	return -1;
-}
-
-static char *id_array(const struct outbox_row *rows, size_t n)
-{
-	size_t cap = 2 + n * 21;
-	char *s = malloc(cap), *p = s;
-	if (!s)
-		return NULL;
-	*p++ = '{';
-	for (size_t i = 0; i < n; i++)
-		p += snprintf(p, cap - (size_t)(p - s), "%s%lld", i ? "," : "", (long long)rows[i].id);
-	*p++ = '}';
-	*p = '\0';
-	return s;
 }
 
 long outbox_retry_after_ms(int64_t secs, int64_t ms)
@@ -621,7 +664,7 @@ static void record(struct lane *l, const struct outbox_row *rows, size_t n, bool
 	 * without it walks every row in flight once per id (100 ms and more
 	 * a batch of 500). */
 	const char *params[] = { ids, ok ? "t" : "f", codes, why, budget, base, max, started, wait, limited ? "f" : "t",
-				 d->name, rows[0].destination };
+				 l->name, rows[0].destination };
 	/* One statement: the attempts are recorded and the rows move on.  Its
 	 * commit does not wait for the WAL flush (set_config(..., true) holds
 	 * for this statement's own transaction): see claim_open. */
@@ -654,7 +697,7 @@ static long update_claimed(struct lane *l, const struct outbox_row *rows, size_t
 	char *ids = id_array(rows, n);
 	if (!ids)
 		return -1;
-	const char *params[] = { ids, l->d->name, p2 };
+	const char *params[] = { ids, l->name, p2 };
 	cw_errmsg e;
 	PGresult *r = exec_claimed(l, NULL, sql, p2 ? 3 : 2, params, PGRES_COMMAND_OK, &e);
 	long changed = -1;
@@ -960,8 +1003,9 @@ static void *keeper_main(void *arg)
 	struct dispatcher *d = arg;
 	PGconn *c = NULL;
 	int64_t period_us = d->o.claim_timeout_s * 1000000LL / 3;
-	char timeout[24];
+	char timeout[24], prefix[sizeof(d->lanes[0].name)]; /* every lane's name begins with it */
 	snprintf(timeout, sizeof(timeout), "%ld", d->o.claim_timeout_s);
+	snprintf(prefix, sizeof(prefix), "%s/", d->name);
 	pthread_mutex_lock(&d->mu);
 	while (!atomic_load(&d->stop)) {
 		if (!d->busy) {
@@ -987,10 +1031,10 @@ static void *keeper_main(void *arg)
 			PQfinish(c);
 			c = store_connect(d->url, 10000, &e);
 		}
-		const char *params[] = { d->name, timeout, oom ? NULL : ids.p };
+		const char *params[] = { prefix, timeout, oom ? NULL : ids.p };
 		PGresult *r = c && !oom ? PQexecParams(c, "UPDATE outbox SET claimed_until = now() + make_interval(secs => "
 						    "$2::int) WHERE id = ANY($3::bigint[]) AND state = 'in_flight' AND "
-						    "claimed_by = $1", 3, NULL, params, NULL, NULL, 0)
+						    "starts_with(claimed_by, $1)", 3, NULL, params, NULL, NULL, 0)
 				       : NULL;
 		if (r && PQresultStatus(r) == PGRES_COMMAND_OK)
 			atomic_fetch_add(&d->renewals, 1);
@@ -1033,6 +1077,7 @@ cw_err dispatcher_start(struct dispatcher **out, const struct dispatcher_opts *o
 	for (int i = 0; i < d->nlanes; i++) {
 		struct lane *l = &d->lanes[i];
 		l->d = d;
+		snprintf(l->name, sizeof(l->name), "%s/%d", d->name, i);
 		l->next = (unsigned)i; /* lanes start their claims at different destinations */
 		if (pthread_create(&l->thread, NULL, dispatcher_main, l)) {
 			dispatcher_free(d);
@@ -1074,8 +1119,10 @@ void dispatcher_free(struct dispatcher *d)
 	if (!d)
 		return;
 	dispatcher_stop(d);
-	for (int i = 0; d->lanes && i < d->nlanes; i++)
+	for (int i = 0; d->lanes && i < d->nlanes; i++) {
 		store_canceller_destroy(&d->lanes[i].cancel);
+		free(d->lanes[i].orphans);
+	}
 	free(d->lanes);
 	free(d->pauses);
 	pthread_cond_destroy(&d->idle);

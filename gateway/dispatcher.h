@@ -63,7 +63,7 @@ typedef cw_err (*deliver_fn)(void *ctx, PGconn *c, const char *destination, stru
 
 struct dispatcher_opts {
 	const char *url;          /* database */
-	const char *name;         /* claimed_by: host:pid */
+	const char *name;         /* host:pid:random; a lane's claimed_by adds /N */
 	int batch_max;
 	int lanes;                /* destinations delivered to at once, each on a thread and a connection */
 	int retry_budget;

@@ -10,6 +10,7 @@ import pytest
 
 from harness import wait_until
 from peer import PeerClient, Signer, push_peers
+from pgproxy import PgProxy
 
 
 @pytest.fixture
@@ -298,6 +299,37 @@ def test_a_delivery_longer_than_its_claim_is_sent_once(make_daemon, db_url, pg):
     finally:
         for _, srv in made:
             srv.close()
+
+
+def test_a_claim_whose_commit_was_not_answered_goes_out_at_once(make_daemon, db_url, pg):
+    """A claim's COMMIT reached the server and ran, and its answer was lost
+    with the connection (a network cut): the rows are in flight under the
+    lane's name and the lane does not know it.  It puts them back before its
+    next claim, so they go out at once, once, their attempt not counted.
+    Until the twenty-third session they waited for their claim to run out
+    (a minute by default), and every later message of their room with them."""
+    with PgProxy(db_url) as px:
+        d = make_daemon(px.url).start()
+        (a, sa), (b, sb) = made = push_peers(d)
+        try:
+            r = room(a, b)
+            wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE state NOT IN ('delivered', 'dropped')",
+                                       db_url) == "0", what="the room's making delivered")
+            before = sb.requests
+            px.cut_commit_after("cw_claim")
+            assert a.send(r["id"], a.user("alice"), "after the cut").status_code == 202
+            wait_until(lambda: px.cuts == 1, what="a claim's COMMIT run and its answer dropped")
+            # The default claim lasts 60 s: only the lane's own release is this quick.
+            wait_until(lambda: sb.requests == before + 1, timeout=20, what="the message delivered after the cut")
+            row = pg.psql("SELECT state || ' ' || attempts FROM outbox o JOIN events e ON e.id = o.event_id "
+                          "WHERE o.destination = 'peer:tg' AND e.content->'content'->'parts'->0->>'body' = 'after the cut'",
+                          db_url)
+            assert row == "delivered 1", row
+            assert sb.duplicates == 0
+            assert "rows of a claim whose commit was not answered are due again" in d.log()
+        finally:
+            for _, srv in made:
+                srv.close()
 
 
 def test_a_claim_whose_outcome_was_lost_comes_back_while_the_process_delivers(make_daemon, db_url, pg):

@@ -1,0 +1,148 @@
+"""A PostgreSQL wire-protocol proxy on a Unix socket, for a fault a real
+network has and a stopped server does not: a connection cut after a
+statement reached the server and ran, before its answer came back.
+
+The daemon is given `proxy.url` instead of the database's URL; every
+connection is relayed byte for byte (protocol 3, the server's Unix socket,
+so no TLS to negotiate) while the proxy reads the message boundaries
+(a type byte and a length, after the untyped start-up message) to know
+which statement a transaction ran.
+"""
+import os
+import shutil
+import socket
+import struct
+import tempfile
+import threading
+import urllib.parse
+
+
+def _exact(sock, n):
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise EOFError
+        buf += chunk
+    return buf
+
+
+def _message(sock):
+    """One typed message: (type, whole bytes)."""
+    head = _exact(sock, 5)
+    (length,) = struct.unpack("!I", head[1:])
+    return head[:1], head + _exact(sock, length - 4)
+
+
+class _Conn:
+    def __init__(self, client, server):
+        self.client, self.server = client, server
+        self.counting = False   # the armed statement's rows are coming
+        self.rows = 0           # rows it returned in this transaction
+        self.cut = False        # the COMMIT went; drop its answer and close
+
+
+class PgProxy:
+    def __init__(self, db_url):
+        u = urllib.parse.urlsplit(db_url)
+        q = urllib.parse.parse_qs(u.query)
+        host, port = q["host"][0], q["port"][0]
+        self.target = os.path.join(host, f".s.PGSQL.{port}")
+        self.dir = tempfile.mkdtemp(prefix="pgproxy")
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(os.path.join(self.dir, f".s.PGSQL.{port}"))
+        self.listener.listen(64)
+        query = "&".join("host=" + urllib.parse.quote(self.dir, safe="") if kv.startswith("host=") else kv
+                         for kv in u.query.split("&"))
+        self.url = db_url.split("?", 1)[0] + "?" + query   # urlunsplit would drop the empty authority's //
+        self.lock = threading.Lock()
+        self.statement = None   # arms the cut: see cut_commit_after
+        self.cuts = 0
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut_commit_after(self, statement):
+        """The next COMMIT, sent as a simple query, of a transaction in which
+        the prepared statement named `statement` returned a row reaches the
+        server; its answer is dropped and the connection closed (once)."""
+        with self.lock:
+            self.statement = statement
+
+    def close(self):
+        self.closed = True
+        self.listener.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _accept(self):
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.socket(socket.AF_UNIX)
+            try:
+                server.connect(self.target)
+            except OSError:
+                client.close()
+                continue
+            c = _Conn(client, server)
+            threading.Thread(target=self._frontend, args=(c,), daemon=True).start()
+            threading.Thread(target=self._backend, args=(c,), daemon=True).start()
+
+    @staticmethod
+    def _close(c):
+        for s in (c.client, c.server):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def _frontend(self, c):
+        try:
+            (length,) = struct.unpack("!I", _exact(c.client, 4))
+            c.server.sendall(struct.pack("!I", length) + _exact(c.client, length - 4))
+            while True:
+                kind, msg = _message(c.client)
+                body = msg[5:]
+                with self.lock:
+                    if kind == b"B":   # Bind: portal name, statement name, ...
+                        stmt = body.split(b"\0", 2)[1].decode()
+                        c.counting = self.statement is not None and stmt == self.statement
+                    elif kind == b"Q":
+                        text = body.rstrip(b"\0").decode(errors="replace").strip().upper()
+                        if text == "COMMIT" and c.rows and self.statement is not None:
+                            c.cut = True
+                            self.statement = None
+                        elif text.startswith("BEGIN"):
+                            c.rows = 0
+                c.server.sendall(msg)
+        except (EOFError, OSError):
+            self._close(c)
+
+    def _backend(self, c):
+        try:
+            while True:
+                kind, msg = _message(c.server)
+                with self.lock:
+                    if c.counting and kind == b"D":
+                        c.rows += 1
+                    elif c.counting and kind in (b"C", b"E"):
+                        c.counting = False
+                    cut = c.cut
+                if cut:
+                    if kind == b"Z":   # the COMMIT ran; its answer goes nowhere
+                        with self.lock:
+                            self.cuts += 1
+                        self._close(c)
+                        return
+                    continue
+                c.client.sendall(msg)
+        except (EOFError, OSError):
+            self._close(c)
