@@ -1012,11 +1012,12 @@ void policy_decide(const struct policy_snapshot *ov, const struct policy_request
 
 	/* Inbound from here on. */
 	if (local) {
-		/* 5. Opt-in to the sender's network. */
+		/* 5. Opt-in to the sender's network.  Without a fact for it,
+		 * the user's own consent to this sender (she wrote to them
+		 * first, or accepted them) or her writing in this group counts
+		 * as one for that conversation only; an opt-out stays. */
 		int fact = optin(f, &local->uri, &snd.network);
-		/* Writing in a group opts in to its members' network as a
-		 * direct message's outbound opt-in does, an opt-out stays. */
-		bool opted = fact < 0 ? s->optin_default || r->recipient_wrote_here : fact != 0;
+		bool opted = fact < 0 ? s->optin_default || r->recipient_wrote_here || cu == 1 : fact != 0;
 		if (!opted) {
 			set(d, POLICY_DENY, "user_not_opted_in", 0);
 			return;

@@ -1304,7 +1304,7 @@ struct submit *submit_new(size_t n)
  * (pending, held for consent, dropped).  The full statement also marks
  * what a read receipt reads, asks for consent once per held (local user,
  * sender) pair unless a request is pending or was made within the window,
- * records the consent and opt-in that a local user's first outbound
+ * records the consent that a local user's first outbound
  * message implies, records a block (or its end) that a peer's user sends
  * as a block event (the last one per pair in the job: all of the
  * statement's parts see the same snapshot), tells every process whose
@@ -1411,14 +1411,10 @@ struct submit *submit_new(size_t n)
 	"   AND " CONSENT_REQUEST_STANDS_SQL("q", "it.win") ") " \
 	"  ON CONFLICT DO NOTHING), " \
 	"oc AS (INSERT INTO consents (local_identity_id, subject_kind, subject, state, source) " \
-	"  SELECT DISTINCT it.sender, 'user', o.value->>0, 'allowed', 'outbound' " \
-	"  FROM it JOIN ev ON ev.public_id = it.pid, jsonb_array_elements(it.outbound) AS o(value) " \
+	"  SELECT DISTINCT it.sender, 'user', o.value, 'allowed', 'outbound' " \
+	"  FROM it JOIN ev ON ev.public_id = it.pid, jsonb_array_elements_text(it.outbound) AS o(value) " \
 	"  ON CONFLICT DO NOTHING RETURNING local_identity_id AS u), " \
-	"oo AS (INSERT INTO user_optin (identity_id, network, opted_in, updated_by) " \
-	"  SELECT DISTINCT it.sender, o.value->>1, true, 'outbound' " \
-	"  FROM it JOIN ev ON ev.public_id = it.pid, jsonb_array_elements(it.outbound) AS o(value) " \
-	"  ON CONFLICT DO NOTHING RETURNING identity_id AS u), " \
-	"ou AS (SELECT u FROM oc UNION SELECT u FROM oo), " \
+	"ou AS (SELECT u FROM oc), " \
 	"ow AS (UPDATE room_members m SET wrote_at = now() FROM it JOIN ev ON ev.public_id = it.pid " \
 	"  WHERE it.wrote AND m.room_id = it.room AND m.identity_id = it.sender), " \
 	"bl AS (SELECT DISTINCT ON (it.sender, it.bt) it.sender, it.bt, it.ba FROM it JOIN ev ON ev.public_id = it.pid " \
@@ -1934,17 +1930,17 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 		    may_ask(b, i, r, view->snap, &preq, PQgetvalue(r, k, 2), audit))
 			json_array_append_new(held, json_string(PQgetvalue(r, k, 2)));
 		/* A local user's message to a remote one in a direct room is
-		 * consent to the replies of that conversation (and opts them in
-		 * to its network unless they opted out).  Both are written only
-		 * if missing, so a pair whose consent and opt-in facts the policy
-		 * already holds (any state: an existing row is never overwritten)
-		 * needs no write: most messages of a conversation.  In a group
-		 * it is consent to its members there only (b->wrote), not a
-		 * consent to each of them everywhere. */
+		 * consent to the replies of that conversation, which also lets
+		 * them past her missing opt-in to their network (policy.c, step
+		 * 5; until the twenty-third session it also opted her in to the
+		 * whole network).  Written only if missing, so a pair whose
+		 * consent fact the policy already holds (any state: an existing
+		 * row is never overwritten) needs no write: most messages of a
+		 * conversation.  In a group it is consent to its members there
+		 * only (b->wrote), not a consent to each of them everywhere. */
 		if (d.verdict == POLICY_ALLOW && in->local_sender && !group && strcmp(in->type, "message") == 0 &&
-		    (policy_consent_fact(view->snap, in->sender, false, PQgetvalue(r, k, 3)) < 0 ||
-		     policy_optin_fact(view->snap, in->sender, PQgetvalue(r, k, 5)) < 0))
-			json_array_append_new(outbound, json_pack("[s, s]", PQgetvalue(r, k, 3), PQgetvalue(r, k, 5)));
+		    policy_consent_fact(view->snap, in->sender, false, PQgetvalue(r, k, 3)) < 0)
+			json_array_append_new(outbound, json_string(PQgetvalue(r, k, 3)));
 		if (d.verdict == POLICY_DENY && !deny_reason)
 			deny_reason = d.reason;
 		if (d.verdict == POLICY_ALLOW)

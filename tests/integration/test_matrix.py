@@ -935,7 +935,9 @@ def test_inviting_a_ghost_asks_the_appservice(mx, hs, gk):
 def test_a_conversation_started_from_matrix(mx, hs, gk, pg, db_url):
     """Alice invites the ghost of a known remote user: the ghost joins, her
     message reaches the peer, and writing first is her consent to the reply
-    (no consent request, nothing held)."""
+    (no consent request, nothing held), not an opt-in to the whole network:
+    a stranger there is still refused (until the twenty-third session her
+    message opted her in, and the stranger's became a message request)."""
     a, srv = gk
     a.create_room([a.user("wally"), "mimi://example.org/u/someone"])  # the peer introduced wally
     _, alice_token = hs.create_user("alice")
@@ -947,7 +949,6 @@ def test_a_conversation_started_from_matrix(mx, hs, gk, pg, db_url):
     got = srv.wait_events(1)
     assert got[0]["sender"] == ALICE and got[0]["content"]["parts"][0]["body"] == "hi wally, it's alice"
     assert pg.psql("SELECT state || ' ' || source FROM consents", db_url) == "allowed outbound"
-    wait_until(lambda: pg.psql("SELECT count(*) FROM user_optin WHERE opted_in", db_url) == "1", what="opt-in")
     # The bot invited into the conversation says where it takes commands
     # and goes: what alice writes here is for wally, not a command.
     bot = "@_cw_bot:example.org"
@@ -961,6 +962,13 @@ def test_a_conversation_started_from_matrix(mx, hs, gk, pg, db_url):
     assert r.status_code == 202, r.text
     wait_until(lambda: any(e["sender"] == ghost and e["type"] == "m.room.message" and
                            e["content"]["body"] == "hello alice" for e in hs.events(room)), what="the reply")
+    assert pg.psql("SELECT count(*) FROM consent_requests", db_url) == "0"
+    assert pg.psql("SELECT count(*) FROM user_optin", db_url) == "0"
+    ed = a.create_room([a.user("ed"), ALICE]).json()["id"]
+    r = a.send(ed, a.user("ed"), "hello alice, it's a stranger")
+    assert r.status_code == 202, r.text
+    why = mx.admin("GET", f"/messages/{r.json()['id']}/decision").json()
+    assert why["recipients"][0]["reason"] == "user_not_opted_in", why
     assert pg.psql("SELECT count(*) FROM consent_requests", db_url) == "0"
 
 
