@@ -102,6 +102,10 @@ const struct cfg_option cfg_options[] = {
 	  "an event is deleted with its deliveries and native ids, a message with its edits, deletes and reactions, "
 	  "once all of them are this many days old and no delivery of them or of a reply to them is open "
 	  "(0: kept for ever; 365 is a reasonable setting, docs/operations.md)" },
+	{ "retention", "audit_days", CFG_INT, OFF(retention_audit_days), "0", 0, 3650, false, false,
+	  "audit log records (policy decisions, administrative changes) are deleted this many days after they were "
+	  "written, but an operator's consent change an XMPP component has not yet sent to its rosters "
+	  "(0: kept for ever; a year, like rows_days, is a reasonable setting, docs/operations.md)" },
 	{ "retention", "interval_s", CFG_INT, OFF(retention_interval_s), "60", 1, 86400, false, false,
 	  "how often the retention sweep runs (every second while it finds a full batch of 1000 due)" },
 

@@ -49,6 +49,7 @@ struct cw_config {
 	long retention_idempotency_days;
 	long retention_attempts_days;
 	long retention_rows_days;
+	long retention_audit_days;
 	long retention_interval_s;
 	/* [database] */
 	char *db_url;

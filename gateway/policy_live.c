@@ -972,19 +972,22 @@ static void *live_main(void *arg)
 		 * for minutes on end; reloads and sweeps get their turns in
 		 * between. */
 		if (pl->o.retention && now >= next_retention) {
-			long rt[4];
+			long rt[RETENTION_KINDS];
 			cw_errmsg e;
-			bool more = false;
+			bool more = false, any = false;
 			if (retention_sweep(pl->c, pl->o.retention, rt, &e)) {
 				LOG_KV(CW_LOG_WARN, "retention sweep failed", "detail", e.msg);
-			} else if (rt[0] || rt[1] || rt[2] || rt[3]) {
-				char n[4][24];
-				for (int i = 0; i < 4; i++) {
+			} else {
+				char n[RETENTION_KINDS][24];
+				for (int i = 0; i < RETENTION_KINDS; i++) {
 					snprintf(n[i], sizeof(n[i]), "%ld", rt[i]);
+					any = any || rt[i];
 					more = more || rt[i] >= RETENTION_BATCH;
 				}
-				LOG_KV(CW_LOG_INFO, "old data removed", "contents_erased", n[0], "idempotency_keys", n[1],
-				       "delivery_attempts", n[2], "events_deleted", n[3]);
+				if (any)
+					LOG_KV(CW_LOG_INFO, "old data removed", "contents_erased", n[0],
+					       "idempotency_keys", n[1], "delivery_attempts", n[2],
+					       "events_deleted", n[3], "audit_records", n[4]);
 			}
 			next_retention = now + (more ? 1000000LL : pl->o.retention->retention_interval_s * 1000000LL);
 		}

@@ -1,5 +1,5 @@
-/* Retention: old content erased, old idempotency keys, delivery attempts
- * and events deleted, a bounded batch at a time. */
+/* Retention: old content erased, old idempotency keys, delivery attempts,
+ * events and audit records deleted, a bounded batch at a time. */
 #include "config.h"
 #include "retention.h"
 #include "store.h"
@@ -48,6 +48,24 @@ static const char attempts_sql[] =
 	"  WHERE started_at < now() - make_interval(days => $1::int) ORDER BY started_at LIMIT $2::int "
 	"  FOR UPDATE SKIP LOCKED) "
 	"DELETE FROM delivery_attempts d USING x WHERE d.id = x.id";
+
+/* By audit_log_at_idx (schema/001), oldest first.  No decision is made
+ * from an old record: the policy decides by rules, opt-ins, consents,
+ * blocks and reports (their own tables; the report limit counts reports).
+ * The one reader that acts on records is the XMPP roster sync
+ * (adapters/xmpp/xmpp_cmd.c), which sends the unsubscribes of the
+ * operator's consent changes (consent.set) past its component's cursor
+ * (xmpp_roster_sync): a change made while the component's stream was
+ * down is sent when it is back, so a record some component has not yet
+ * passed is kept until it has (the probe: a row per component).  The
+ * views (the audit list, a message's "why", the hour's statistics) show
+ * what is left.  $1: days, $2: batch. */
+static const char audit_sql[] =
+	"WITH x AS (SELECT a.id FROM audit_log a "
+	"  WHERE a.at < now() - make_interval(days => $1::int) "
+	"  AND NOT (a.action = 'consent.set' AND EXISTS (SELECT 1 FROM xmpp_roster_sync s WHERE s.audit_id < a.id)) "
+	"  ORDER BY a.at LIMIT $2::int FOR UPDATE SKIP LOCKED) "
+	"DELETE FROM audit_log d USING x WHERE d.id = x.id";
 
 /* Old enough for rows_days ($1). */
 #define OLD_ROW(at) at " < now() - make_interval(days => $1::int)"
@@ -203,9 +221,10 @@ static cw_err run(PGconn *c, const char *sql, long days, long *count, cw_errmsg 
 	return CW_OK;
 }
 
-cw_err retention_sweep(PGconn *c, const struct cw_config *cfg, long counts[4], cw_errmsg *e)
+cw_err retention_sweep(PGconn *c, const struct cw_config *cfg, long counts[RETENTION_KINDS], cw_errmsg *e)
 {
-	counts[0] = counts[1] = counts[2] = counts[3] = 0;
+	for (int i = 0; i < RETENTION_KINDS; i++)
+		counts[i] = 0;
 	/* Rows first: the content of what they delete is not erased first. */
 	cw_err rc = run_rows(c, cfg->retention_rows_days, &counts[3], e);
 	if (!rc)
@@ -214,5 +233,7 @@ cw_err retention_sweep(PGconn *c, const struct cw_config *cfg, long counts[4], c
 		rc = run(c, keys_sql, cfg->retention_idempotency_days, &counts[1], e);
 	if (!rc)
 		rc = run(c, attempts_sql, cfg->retention_attempts_days, &counts[2], e);
+	if (!rc)
+		rc = run(c, audit_sql, cfg->retention_audit_days, &counts[4], e);
 	return rc;
 }

@@ -11,7 +11,9 @@
  * the reactions' removals), each with its outbox rows, their attempts and
  * its native ids, once every member was accepted more than
  * retention.rows_days ago and no delivery of one, nor of a reply to one,
- * is open.  A setting of 0 keeps that kind of data for ever. */
+ * is open.  Audit records older than retention.audit_days are deleted,
+ * but a consent change an XMPP component has not yet followed into its
+ * rosters.  A setting of 0 keeps that kind of data for ever. */
 #ifndef CW_RETENTION_H
 #define CW_RETENTION_H
 
@@ -23,13 +25,16 @@
 /* Rows one statement of a sweep changes at most. */
 #define RETENTION_BATCH 1000
 
+/* The kinds a sweep counts (below). */
+#define RETENTION_KINDS 5
+
 /* One bounded round on c (an idle connection): each statement its own
  * short transaction, rows chosen with SKIP LOCKED (two daemons on one
  * database never wait for each other).  counts: events whose content was
  * erased, idempotency keys deleted, delivery attempts deleted, events
- * deleted; one of RETENTION_BATCH or more means more may be due (run
- * again: events come in families of any size, up to RETENTION_BATCH
- * families a run). */
-cw_err retention_sweep(PGconn *c, const struct cw_config *cfg, long counts[4], cw_errmsg *e);
+ * deleted, audit records deleted; one of RETENTION_BATCH or more means
+ * more may be due (run again: events come in families of any size, up to
+ * RETENTION_BATCH families a run). */
+cw_err retention_sweep(PGconn *c, const struct cw_config *cfg, long counts[RETENTION_KINDS], cw_errmsg *e);
 
 #endif

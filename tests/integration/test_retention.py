@@ -1,8 +1,9 @@
 """Retention through the real daemon: the content of old messages whose
 deliveries are all done is erased (ids, rows and statuses stay), old
 idempotency keys and delivery attempts are deleted, older events whose
-deliveries are all done are deleted with their rows, what is still owed to
-someone is kept, and a setting of 0 keeps that kind for ever.  Data is made
+deliveries are all done are deleted with their rows, old audit records are
+deleted, what is still owed to someone is kept, and a setting of 0 keeps
+that kind for ever.  Data is made
 through the peer API and made old with SQL; retention.interval_s is 1 here
 (60 by default)."""
 import subprocess
@@ -455,4 +456,52 @@ def test_a_setting_of_zero_keeps_that_kind_for_ever(make_daemon, db_url, pg, kep
     if kept == "rows":
         assert pg.psql("SELECT count(*) FROM outbox o JOIN events e ON e.id = o.event_id "
                        f"WHERE e.public_id IN ('{pulled}', '{pushed}')", db_url) == "2"
+    srv.close()
+
+
+def audit_ids(pg, db_url):
+    return {int(i) for i in pg.psql("SELECT id FROM audit_log", db_url).split()}
+
+
+def consent(d, peer, remote):
+    r = d.admin("POST", "/consents", json={"user": "mimi://example.org/u/alice", "subject_kind": "user",
+                                          "subject": peer.user(remote), "state": "blocked"})
+    assert r.ok, r.text
+    return int(d.admin("GET", "/audit?action=consent.set").json()["rows"][-1]["id"])
+
+
+@pytest.mark.parametrize("days", [1, 0])
+def test_old_audit_records_are_deleted(make_daemon, db_url, pg, days):
+    """retention.audit_days: records older than that go, younger ones stay;
+    a consent change an XMPP component has not yet followed into its
+    rosters (its cursor in xmpp_roster_sync below the record) stays until
+    it has; 0 (the default) keeps the log for ever."""
+    d = start(make_daemon, db_url, audit_days=days)
+    a, b, rm, srv = peers(d)  # peer.create, twice
+    assert d.admin("POST", "/rules", json={"scope": "domain", "pattern": "bad.example", "mode": "deny"}).ok
+    followed = consent(d, a, "mallory")
+    owed = consent(d, a, "trent")
+    # A component that sent the first change's unsubscribes, not yet the
+    # second's (its stream is down).
+    pg.psql(f"INSERT INTO xmpp_roster_sync (component, audit_id) VALUES ('xmpp.example.org', {followed})", db_url)
+    old = audit_ids(pg, db_url)
+    assert {followed, owed} <= old and len(old) >= 5
+    pg.psql("UPDATE audit_log SET at = now() - interval '2 days' WHERE id IN (%s)"
+            % ",".join(str(i) for i in old), db_url)
+    assert d.admin("POST", "/rules", json={"scope": "domain", "pattern": "worse.example", "mode": "deny"}).ok
+    young = audit_ids(pg, db_url) - old
+    assert len(young) == 1
+    if days:
+        wait_until(lambda: audit_ids(pg, db_url) == young | {owed}, timeout=30, interval=0.2,
+                   what="the old records deleted")
+        assert int(d.wait_for(lambda r: r.get("msg") == "old data removed")["audit_records"]) == len(old) - 1
+        # Followed now: the change goes too.
+        pg.psql(f"UPDATE xmpp_roster_sync SET audit_id = {owed}", db_url)
+        wait_until(lambda: audit_ids(pg, db_url) == young, timeout=30, interval=0.2,
+                   what="the followed change deleted")
+    else:
+        # A witness made old after the aging goes: a whole sweep ran since.
+        add_old_key(pg, db_url)
+        wait_until(lambda: "witness" not in keys(pg, db_url), timeout=30, interval=0.2, what="the witness")
+        assert audit_ids(pg, db_url) == old | young
     srv.close()
