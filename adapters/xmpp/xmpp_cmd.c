@@ -98,6 +98,7 @@ struct xconsent {
 	char local[MIMI_LOCAL_MAX + 1], local_bare[1100];
 	char remote_id[MIMI_LOCAL_MAX + 1], remote_jid[1100];
 	bool whole_domain;               /* the subject is the peer's domain */
+	bool cancel_if_allowed;          /* an `unsubscribed`: see xa_presence */
 	char reason[REASON_MAX + 1];
 	char *iq;                        /* the command to answer, or NULL (a presence) */
 	char node[16];
@@ -141,6 +142,22 @@ static cw_err consent_fn(PGconn *c, void *arg, cw_errmsg *e)
 	switch (j->verb) {
 	case V_ACCEPT:
 	case V_BLOCK: {
+		if (j->cancel_if_allowed) {
+			/* The contact's own decision, else its domain's, as the
+			 * policy reads them. */
+			const char *cp[] = { local_id, subject, peer_domain };
+			r = PQexecParams(c, "SELECT coalesce((SELECT state FROM consents WHERE local_identity_id = "
+					    "$1::bigint AND subject_kind = 'user' AND subject = $2), (SELECT state FROM "
+					    "consents WHERE local_identity_id = $1::bigint AND subject_kind = 'domain' AND "
+					    "subject = $3)) = 'allowed'",
+					 3, NULL, cp, NULL, NULL, 0);
+			if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
+				return rc;
+			bool allowed = strcmp(PQgetvalue(r, 0, 0), "t") == 0;
+			PQclear(r);
+			if (allowed)
+				return CW_OK; /* not done: nothing changes, the roster needs nothing */
+		}
 		struct policy_view *v = policy_live_get(x->app->policy);
 		long counts[3] = { 0, 0, 0 }, decided = 0;
 		rc = policy_consent_apply(c, v, local_id, j->whole_domain ? "domain" : "user", subject,
@@ -351,8 +368,17 @@ void xa_presence(struct xcomp *xc, xmpp_stanza_t *st)
 		free(j);
 		return;
 	}
+	/* `unsubscribed` denies a request (RFC 6121 §3.1.4), or cancels a
+	 * subscription the user had approved (§3.2), which is also what the
+	 * user's server sends when the user removes the contact from the roster
+	 * (§2.5.2; Prosody sends only that when the user had not subscribed to
+	 * the contact too). Only a denial is a block: a contact the user
+	 * allowed stays allowed (the `block` command blocks it). Until the
+	 * twenty-third session every `unsubscribed` blocked, and tidying the
+	 * roster silently dropped the contact's next messages. */
 	j->xc = xc;
 	j->verb = type[0] == 's' ? V_ACCEPT : V_BLOCK;
+	j->cancel_if_allowed = j->verb == V_BLOCK;
 	snprintf(j->local, sizeof(j->local), "%s", local);
 	snprintf(j->local_bare, sizeof(j->local_bare), "%s", bare);
 	consent_start(j);

@@ -1321,6 +1321,37 @@ def test_consent_by_subscription(xd, gk, alice, pg, db_url):
     assert pg.psql("SELECT state FROM consents WHERE subject = 'mimi://wa.example/u/eve'", db_url) == "blocked"
 
 
+def test_removing_an_allowed_contact_from_the_roster_does_not_block_it(xd, gk, alice, pg, db_url):
+    """A roster remove (RFC 6121 §2.5.2) makes the user's server send the
+    contact `unsubscribed`, which cancels the subscription the user had
+    approved (§3.2): it is not a denial, and the contact stays allowed.
+    Until the twenty-third session every `unsubscribed` blocked (a
+    review's finding). Denying a request still blocks."""
+    a, srv = gk
+    assert xd.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
+    eve = "eve@" + COMP
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    room2 = a.create_room([a.user("eve"), ALICE]).json()["id"]
+    a.send(room, a.user("wally"), "may I?")
+    a.send(room2, a.user("eve"), "buy now")
+    for who in (WALLY_JID, eve):
+        alice.wait_for_presence(lambda el: el.get("from", "").startswith(who) and el.get("type") == "subscribe")
+    alice.send_presence(WALLY_JID, "subscribed")
+    message_from(alice, WALLY_JID, lambda el: body(el) == "may I?")
+    assert alice.roster()[WALLY_JID]["subscription"] == "from"
+    alice.roster_remove(WALLY_JID)  # Prosody sends wally `unsubscribed`
+    # eve's request is denied after it: the component takes the two in
+    # order (one stream, one writer), so eve blocked means wally's is done.
+    alice.send_presence(eve, "unsubscribed")
+    wait_until(lambda: pg.psql("SELECT state FROM consents WHERE subject = 'mimi://wa.example/u/eve'", db_url)
+               == "blocked", what="eve's request denied")
+    assert pg.psql("SELECT state FROM consents WHERE subject = 'mimi://wa.example/u/wally'", db_url) == "allowed"
+    assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'consent.block' "
+                   "AND subject = 'mimi://wa.example/u/wally'", db_url) == "0"
+    a.send(room, a.user("wally"), "still there?")
+    message_from(alice, WALLY_JID, lambda el: body(el) == "still there?")
+
+
 def test_every_pending_request_goes_again_after_a_reconnect(xd, gk, alice, pg, db_url):
     """After a reconnect the pending consent requests are sent again (the
     server may have lost them), all of them, not only the first page."""
