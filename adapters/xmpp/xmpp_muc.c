@@ -1177,6 +1177,17 @@ bool xa_muc_iq(struct xcomp *xc, xmpp_stanza_t *st, const char *ns, bool get)
 						       "command"));
 			return true;
 		}
+		/* The configuration is an owner's (XEP-0045 §10.2: anyone
+		 * else's request is forbidden). Nobody is one here, but the
+		 * creator's client asks for it right after the join (§10.1.2),
+		 * so an occupant is answered; anyone else is forbidden, in a
+		 * room that does not exist too (as a join does not say which
+		 * groups exist). Until the twenty-third session anyone got a
+		 * result. */
+		if (!occupant_get(xc, room, from, NULL, 0)) {
+			xa_send_now(xc, xa_error_reply(st, "auth", "forbidden", NULL));
+			return true;
+		}
 		/* A new room's configuration (XEP-0045 §10.1.2): there is
 		 * nothing to configure; an instant room is accepted as it is. */
 		xmpp_stanza_t *r = xa_iq_result(st);

@@ -680,6 +680,30 @@ def test_wrong_addresses_get_the_errors_their_specifications_name(xd, gk, alice,
     assert err.error_condition == "service-unavailable", err.xml
 
 
+def test_a_rooms_configuration_is_for_its_occupants_only(xd, gk, alice, prosody):
+    """muc#owner (XEP-0045 §10): an occupant (the creator of an instant
+    room is one) gets the room's empty configuration and may submit it; a
+    request by anyone else is forbidden (§10.2), a member not in the room
+    and a room that does not exist alike (the join does not say which
+    groups exist either). Until the twenty-third session anyone got a
+    result (a review's finding)."""
+    a, _ = gk
+    own = "http://jabber.org/protocol/muc#owner"
+    submit = f"<query xmlns='{own}'><x xmlns='jabber:x:data' type='submit'/></query>"
+    with a_group_with_bob(xd, a, alice, prosody) as (bob, gid, room):
+        start = alice.count()
+        alice.send_presence(to=f"{room}/alice", payload=f"<x xmlns='{MUC}'><history maxstanzas='0'/></x>")
+        alice.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+        form = alice.iq("get", room, f"<query xmlns='{own}'/>")
+        assert form.find(f".//{{{own}}}query/{{jabber:x:data}}x") is not None, form.xml
+        alice.iq("set", room, submit)
+        for target in (room, "#nosuch@" + COMP):
+            for itype, payload in (("get", f"<query xmlns='{own}'/>"), ("set", submit)):
+                err = bob.iq(itype, target, payload, expect_error=True)
+                assert err.error_condition == "forbidden", err.xml
+                assert err.find("{jabber:client}error").get("type") == "auth", err.xml
+
+
 def test_two_local_members_of_a_group_read_each_other(xd, gk, alice, prosody, pg, db_url):
     """Two users of this server in one group: each has their own view of
     the room (the policy decides per user), and what one writes reaches
