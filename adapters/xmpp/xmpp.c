@@ -619,10 +619,17 @@ static void on_iq(struct xcomp *xc, xmpp_stanza_t *st)
 	char local[XJ_PART_MAX + 1], domain[XJ_PART_MAX + 1], res[XJ_PART_MAX + 1];
 	if (!to || !xj_split(to, local, sizeof(local), domain, sizeof(domain), res, sizeof(res)))
 		return answer_error(xc, st, "modify", "jid-malformed");
-	xmpp_stanza_t *q = xmpp_stanza_get_children(st);
-	while (q && !xmpp_stanza_is_tag(q))
-		q = xmpp_stanza_get_next(q);
-	const char *ns = q ? xmpp_stanza_get_ns(q) : NULL;
+	/* A get or set holds exactly one child element (RFC 6120 §8.2.3):
+	 * Prosody refuses others from its clients, but not over s2s. Until the
+	 * twenty-third session the first child was served, the rest ignored. */
+	xmpp_stanza_t *q = NULL;
+	int children = 0;
+	for (xmpp_stanza_t *c = xmpp_stanza_get_children(st); c; c = xmpp_stanza_get_next(c))
+		if (xmpp_stanza_is_tag(c) && !children++)
+			q = c;
+	if (children != 1)
+		return answer_error(xc, st, "modify", "bad-request");
+	const char *ns = xmpp_stanza_get_ns(q);
 	bool get = strcmp(type, "get") == 0;
 	if (local[0] == '#') { /* a group chat (xmpp_muc.c) */
 		if (!xa_muc_iq(xc, st, ns, get))

@@ -1941,6 +1941,39 @@ def test_stanzas_without_from_or_to_are_dropped(make_daemon, db_url, pg):
         srv.close()
 
 
+def test_an_iq_without_exactly_one_child_is_a_bad_request(make_daemon, db_url):
+    """An iq get or set holds exactly one child element (RFC 6120 §8.2.3);
+    one with none or two is bad-request, whoever it is for (the component,
+    a remote user, a room), as Prosody answers its clients; over s2s
+    nothing filters them. Until the twenty-third session the first child
+    was served and the rest ignored (a review's finding)."""
+    srv = HostileServer(SECRET)
+    try:
+        d = make_daemon(db_url, options={"server": {"domain": "example.org"}, "xmpp": {
+            "components": f"{COMP}=gk", "server_port": str(srv.port), "secret": SECRET, "domain": HOST}}).start()
+        srv.accept()
+        wait_until(lambda: component_state(d)["state"] == "up", what="the component's stream")
+        f = f"from='{ALICE_JID}/phone'"
+        two = "<ping xmlns='urn:xmpp:ping'/><query xmlns='http://jabber.org/protocol/disco#info'/>"
+        srv.send(f"<iq type='get' id='c0' {f} to='{COMP}'/>")
+        srv.send(f"<iq type='set' id='c1' {f} to='{COMP}'>text only</iq>")
+        srv.send(f"<iq type='get' id='c2' {f} to='{COMP}'>{two}</iq>")
+        srv.send(f"<iq type='get' id='c3' {f} to='{WALLY_JID}'>{two}</iq>")
+        srv.send(f"<iq type='get' id='c4' {f} to='#lunch@{COMP}'>{two}</iq>")
+        srv.send(f"<iq type='get' id='ok1' {f} to='{COMP}'><ping xmlns='urn:xmpp:ping'/></iq>")
+        got = srv._until(b"ok1") + srv._until(b">")
+        answers = {el.get("id"): el for el in ET.fromstring(b"<r>" + got + b"</r>")}
+        assert answers["ok1"].get("type") == "result", got
+        for sid in ("c0", "c1", "c2", "c3", "c4"):
+            el = answers.get(sid)
+            assert el is not None and el.get("type") == "error", (sid, got)
+            err = el.find("{*}error")  # the stream's namespace, undeclared here
+            assert err is not None and err.get("type") == "modify", (sid, got)
+            assert err.find("{urn:ietf:params:xml:ns:xmpp-stanzas}bad-request") is not None, (sid, got)
+    finally:
+        srv.close()
+
+
 def test_ids_that_need_escaping(xd, gk, alice, pg, db_url):
     """A client picks its stanza ids (quotes, backslashes, non-ASCII), and a
     remote user with capitals has a JID with escapes (backslashes)
