@@ -602,6 +602,17 @@ static void joined(struct xcomp *xc, xmpp_ctx_t *ctx, const struct mjoin *j, jso
 		       j->room);
 }
 
+/* Whether a nick is refused as taken (conflict), on joining and on a
+ * nick change alike: one beginning with '#' (no member's local part does,
+ * and the room's member sets keep the group's name under "#name"), or a
+ * member's (a_members; the room speaks for the members under their local
+ * parts) other than the user's own local part.  Until the twenty-third
+ * session a join took a '#' nick, which a nick change refused. */
+static bool nick_taken(const char *nick, const char *local, bool a_members)
+{
+	return nick[0] == '#' || (a_members && strcmp(nick, local) != 0);
+}
+
 static void join_done(void *arg, cw_err rc, const cw_errmsg *e)
 {
 	struct mjoin *j = arg;
@@ -612,9 +623,10 @@ static void join_done(void *arg, cw_err rc, const cw_errmsg *e)
 		mjoin_free(j);
 		return;
 	}
-	bool taken = false;
+	bool a_members = false;
 	for (size_t i = 0; i < json_array_size(j->members); i++)
-		taken = taken || strcmp(json_string_value(json_array_get(j->members, i)), j->nick) == 0;
+		a_members = a_members || strcmp(json_string_value(json_array_get(j->members, i)), j->nick) == 0;
+	bool taken = nick_taken(j->nick, j->local, a_members);
 	if (rc || !j->member || taken) {
 		occupant_del(xc, j->room, j->full);
 		if (rc)
@@ -769,7 +781,7 @@ static bool nick_change(struct xcomp *xc, xmpp_stanza_t *st, const char *room, c
 {
 	pthread_mutex_lock(&xc->mu);
 	json_t *set = xc->muc_members ? json_object_get(xc->muc_members, room) : NULL;
-	bool taken = nick[0] == '#' || (json_object_get(set, nick) && strcmp(nick, local) != 0);
+	bool taken = nick_taken(nick, local, json_object_get(set, nick) != NULL);
 	pthread_mutex_unlock(&xc->mu);
 	if (taken) {
 		to_occupant(xc, room, from, NULL, xa_error_reply(st, "cancel", "conflict", NULL));
@@ -802,6 +814,15 @@ static void join(struct xcomp *xc, xmpp_stanza_t *st, const char *room, const ch
 			return;
 		occupant_put(xc, room, from, nick, user, false);
 		to_occupant(xc, room, from, NULL, occupant_presence(ctx, room, nick, from, true, false));
+		return;
+	}
+	if (nick_taken(nick, local, false)) {
+		/* refused before the join is looked at, which may make the
+		 * group (the members' nicks are checked with its answer) */
+		xmpp_stanza_t *err = xa_error_reply(st, "cancel", "conflict", NULL);
+		if (err)
+			xa_child(ctx, err, "x", NS_MUC);
+		xa_enqueue_stanza(xc, err); /* behind a join's answer that may still be queued */
 		return;
 	}
 	struct mjoin *j = calloc(1, sizeof(*j));

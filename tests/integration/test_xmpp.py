@@ -897,6 +897,28 @@ def test_an_xmpp_user_makes_a_group(xd, gk, alice, prosody, pg, db_url):
     assert pg.psql("SELECT count(*) FROM identities WHERE localpart = 'yves'", db_url) == "0"
 
 
+def test_a_nick_beginning_with_a_hash_is_refused_on_joining_too(xd, gk, alice, pg, db_url):
+    """A nick beginning with '#' is a conflict on joining, as on a nick
+    change (no member's local part begins so; the room's member sets keep
+    its name under "#name"), and the join that would have made the group
+    makes nothing. Until the twenty-third session the join took it, and
+    made the group (a review's finding)."""
+    room = "#nope@" + COMP
+    start = alice.count()
+    alice.send_presence(to=room + "/#x", payload=f"<x xmlns='{MUC}'/>")
+    got = alice.wait_for_presence(lambda el: el.get("from", "").startswith(room), start=start)
+    assert got.get("type") == "error" and got.error_condition == "conflict", got.xml
+    assert pg.psql("SELECT count(*) FROM rooms WHERE public_id = 'r_nope'", db_url) == "0"
+    # The same user joins under a nick of theirs, and may not change it to one.
+    start = alice.count()
+    alice.send_presence(to=room + "/alice", payload=f"<x xmlns='{MUC}'/>")
+    alice.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+    start = alice.count()
+    alice.send_presence(to=room + "/#y")
+    got = alice.wait_for_presence(lambda el: el.get("from", "").startswith(room), start=start)
+    assert got.get("type") == "error" and got.error_condition == "conflict", got.xml
+
+
 def test_an_xmpp_user_leaves_a_group(xd, gk, alice, prosody, pg, db_url):
     """Leaving a room is not leaving the group (a client leaves its rooms
     whenever it goes offline): a user gives up membership with the room's
