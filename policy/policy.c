@@ -623,16 +623,25 @@ struct pparty {
 	bool present;
 };
 
+/* The in_addition rules that can match one party: one in each table but
+ * the domain wildcards', one per suffix there.  A wildcard's suffix is a
+ * valid domain (at most MAX_DOMAIN bytes, a letter or digit after each
+ * dot), so the suffixes of one domain that can match start at least two
+ * bytes apart: at most (MAX_DOMAIN + 1) / 2 of them. */
+#define ADD_MAX (T_RULES - 1 + (MAX_DOMAIN + 1) / 2)
+
 /* What the rules matching one remote party say: each the most specific
  * non-expired matching rule that denies, has a mode, sets each limit (of
- * the ordinary rules: lim; of the in_addition ones: add, charged too). */
+ * the ordinary rules: lim); and every non-expired matching in_addition
+ * rule with limits, most specific first (add; nadd of them, all applied).
+ * add is last and not cleared: only its first nadd are ever read. */
 struct peval {
 	const struct rule *deny;
 	const struct rule *mode;
 	const struct rule *lim[NLIMITS];
 	unsigned lim_set;
-	const struct rule *add[NLIMITS];
-	unsigned add_set;
+	int nadd;
+	const struct rule *add[ADD_MAX];
 };
 
 static inline struct part mkpart(const char *s)
@@ -667,22 +676,28 @@ static inline void consider(const struct policy_snapshot *s, int t, const struct
 		e->mode = r;
 	}
 	/* An in_addition rule does not stand in for the less specific
-	 * ordinary rules: they still set the party's own limits. */
-	const struct rule **lim = r->lim.in_addition ? e->add : e->lim;
-	unsigned *lim_set = r->lim.in_addition ? &e->add_set : &e->lim_set;
-	unsigned fresh = r->lim.set & ~*lim_set;
+	 * ordinary rules: they still set the party's own limits.  Nor for
+	 * the less specific in_addition rules: each of them only tightens,
+	 * so each applies (a reported user's automatic rule must not lift
+	 * their domain's in_addition limit). */
+	if (r->lim.in_addition) {
+		if (r->lim.set && e->nadd < ADD_MAX) /* always: ADD_MAX bounds the matches */
+			e->add[e->nadd++] = r;
+		return;
+	}
+	unsigned fresh = r->lim.set & ~e->lim_set;
 	if (fresh) {
 		for (int i = 0; i < NLIMITS; i++)
 			if (fresh & (1u << i))
-				lim[i] = r;
-		*lim_set |= fresh;
+				e->lim[i] = r;
+		e->lim_set |= fresh;
 	}
 }
 
 /* Visits the rules that can match the party, most specific first. */
 static void evaluate(const struct policy_snapshot *s, const struct pparty *p, int64_t now, struct peval *e)
 {
-	memset(e, 0, sizeof(*e));
+	memset(e, 0, offsetof(struct peval, add));
 	if (s->nrules == 0)
 		return;
 	consider(s, T_USER, &p->uri, now, e);
@@ -850,14 +865,37 @@ static bool rate_limits_of(const struct policy_request *r, const struct pparty *
 	return false;
 }
 
-/* The in_addition rules' buckets first, then the ordinary ones: a sender
- * an in_addition rule stops (a reported user) then takes nothing from the
- * buckets they share with others (their domain's), which they would
- * otherwise drain for everyone with messages refused anyway. */
-static bool rate_limits(const struct policy_request *r, const struct pparty *snd, const struct peval *e,
-			struct policy_decision *d)
+/* An in_addition rule's limits in the form of peval's lim: itself for each
+ * limit it sets. */
+static void rule_limits(const struct rule *rule, const struct rule *lim[NLIMITS])
 {
-	return (e->add_set && rate_limits_of(r, snd, e->add, d)) || rate_limits_of(r, snd, e->lim, d);
+	for (int i = 0; i < NLIMITS; i++)
+		lim[i] = rule->lim.set & (1u << i) ? rule : NULL;
+}
+
+static bool add_rate_limits(const struct policy_request *r, const struct pparty *snd, const struct peval *e,
+			    struct policy_decision *d)
+{
+	for (int i = 0; i < e->nadd; i++) {
+		const struct rule *lim[NLIMITS];
+		rule_limits(e->add[i], lim);
+		if (rate_limits_of(r, snd, lim, d))
+			return true;
+	}
+	return false;
+}
+
+/* The in_addition rules' buckets first, most specific first, then the
+ * ordinary ones; the first refusal ends it (take() has no refund: the
+ * buckets before it keep the token they gave, those after it are not
+ * asked).  A sender an in_addition rule stops (a reported user) then
+ * takes nothing from the buckets they share with others (their domain's),
+ * which they would otherwise drain for everyone with messages refused
+ * anyway.  Inline, with the loop apart: no cost without in_addition rules. */
+static inline bool rate_limits(const struct policy_request *r, const struct pparty *snd, const struct peval *e,
+			       struct policy_decision *d)
+{
+	return (e->nadd && add_rate_limits(r, snd, e, d)) || rate_limits_of(r, snd, e->lim, d);
 }
 
 /* Step 3b: size and content kinds against one party's limits. */
@@ -880,9 +918,20 @@ static bool size_limits_of(const struct policy_request *r, const struct rule *co
 	return false;
 }
 
-static bool size_limits(const struct policy_request *r, const struct peval *e, struct policy_decision *d)
+static bool add_size_limits(const struct policy_request *r, const struct peval *e, struct policy_decision *d)
 {
-	return (e->add_set && size_limits_of(r, e->add, d)) || size_limits_of(r, e->lim, d);
+	for (int i = 0; i < e->nadd; i++) {
+		const struct rule *lim[NLIMITS];
+		rule_limits(e->add[i], lim);
+		if (size_limits_of(r, lim, d))
+			return true;
+	}
+	return false;
+}
+
+static inline bool size_limits(const struct policy_request *r, const struct peval *e, struct policy_decision *d)
+{
+	return (e->nadd && add_size_limits(r, e, d)) || size_limits_of(r, e->lim, d);
 }
 
 static inline bool is(const char *s, const char *lit)

@@ -56,8 +56,8 @@ enum policy_scope { POLICY_SCOPE_DOMAIN, POLICY_SCOPE_NETWORK, POLICY_SCOPE_USER
 #define POLICY_KIND_MEDIA 0x2u
 
 /* Limits a rule sets; `set` says which members are set (POLICY_LIM_*).
- * For each limit the most specific matching rule that sets it applies
- * (and the most specific in_addition rule that sets it, as well). */
+ * For each limit the most specific matching ordinary rule that sets it
+ * applies, and every matching in_addition rule that sets it as well. */
 #define POLICY_LIM_MSG_MINUTE       0x01u /* messages_per_minute: the rule's subject as a whole */
 #define POLICY_LIM_MSG_MINUTE_USER  0x02u /* messages_per_minute_per_user: each remote user */
 #define POLICY_LIM_NEW_CONV_HOUR    0x04u /* new_conversations_per_hour: the rule's subject as a whole */
@@ -81,9 +81,10 @@ struct policy_limits {
 	uint32_t consent_requests_per_day_per_user;
 	/* The rule's limits are applied in addition to those of the ordinary
 	 * rules (the most specific that sets each), never instead: they only
-	 * ever tighten.  Among such rules, too, the most specific that sets a
-	 * limit applies.  The automatic limit after abuse reports is one, so
-	 * that a reported user stays in their domain's shared buckets. */
+	 * ever tighten.  So every matching one applies, not only the most
+	 * specific.  The automatic limit after abuse reports is one, so that
+	 * a reported user stays in their domain's shared buckets, ordinary
+	 * and in_addition alike. */
 	bool in_addition;
 };
 

@@ -884,6 +884,20 @@ def test_reports_set_an_automatic_limit(daemon, peers, pg, db_url):
                    "FROM reports ORDER BY id DESC LIMIT 1", db_url) == f"peer {a.user('wally')} msg_x2"
 
 
+def report_wally(daemon, a):
+    """Three reporters (the threshold) report wally: his automatic rule
+    (policy.report_limit_messages_per_minute set to 10), in force here
+    once the last report's answer has come."""
+    for reporter in (ALICE, BOB, None):
+        body = {"subject": a.user("wally"), "reason": "spam"}
+        if reporter:
+            body["reporter"] = reporter
+        r = daemon.admin("POST", "/reports", json=body)
+        assert r.status_code == 201, r.text
+    rule = daemon.admin("GET", f"/rules/{r.json()['limit_rule_id']}").json()
+    assert rule["limits"] == {"messages_per_minute": 10, "in_addition": True}
+
+
 def test_an_automatic_report_limit_only_tightens(daemon, peers, pg, db_url):
     """The automatic limit after abuse reports is charged on top of the
     reported user's domain's limit, never instead: wa.example may send 3
@@ -901,19 +915,35 @@ def test_an_automatic_report_limit_only_tightens(daemon, peers, pg, db_url):
     assert r.status_code == 201, r.text
     domain_rule = r.json()["id"]
     room, room2 = dm(a), dm(a, remote="walter")
-    for reporter in (ALICE, BOB, None):  # three reporters: the threshold
-        body = {"subject": a.user("wally"), "reason": "spam"}
-        if reporter:
-            body["reporter"] = reporter
-        r = daemon.admin("POST", "/reports", json=body)
-        assert r.status_code == 201, r.text
-    rule = daemon.admin("GET", f"/rules/{r.json()['limit_rule_id']}").json()
-    assert rule["limits"] == {"messages_per_minute": 10, "in_addition": True}
+    report_wally(daemon, a)
     assert [send(a, room2, f"w{i}", sender="walter").status_code for i in range(4)] == [202, 202, 202, 429]
     # wally has not used his own ten: the domain's empty bucket refuses him.
     limited = send(a, room, "the domain's bucket is empty")
     assert limited.status_code == 429, limited.text
     # The episode's first refusal is the one audited (walter's).
+    assert pg.psql("SELECT reason_code || ' ' || rule_id FROM audit_log WHERE action = 'policy.limit'",
+                   db_url) == f"rate_limited_domain {domain_rule}"
+
+
+def test_an_automatic_report_limit_does_not_lift_a_domain_in_addition_limit(daemon, peers, pg, db_url):
+    """Every in_addition rule that matches applies: wa.example's in_addition
+    limit (2 a minute) still holds the reported wally once the reports
+    give him an in_addition rule of his own (10 a minute); the third
+    message is refused by the domain's rule, which the audit record (and
+    so the admin API's decision view) names.  Until the twenty-third
+    session only the most specific in_addition rule that set a limit
+    applied, and the automatic rule lifted the domain's to 10."""
+    (a, _), _ = peers
+    opt_in(daemon)
+    consent(daemon, "wa.example", "allowed", kind="domain")
+    assert daemon.admin("PATCH", "/settings", json={"policy.report_limit_messages_per_minute": 10}).status_code == 200
+    r = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example",
+                                             "limits": {"messages_per_minute": 2, "in_addition": True}})
+    assert r.status_code == 201, r.text
+    domain_rule = r.json()["id"]
+    room = dm(a)
+    report_wally(daemon, a)
+    assert [send(a, room, f"m{i}").status_code for i in range(3)] == [202, 202, 429]
     assert pg.psql("SELECT reason_code || ' ' || rule_id FROM audit_log WHERE action = 'policy.limit'",
                    db_url) == f"rate_limited_domain {domain_rule}"
 

@@ -1727,6 +1727,86 @@ START_TEST(per_user_consent_buckets_kept_apart_by_kind)
 }
 END_TEST
 
+/* Every matching in_addition rule is charged, most specific first, then
+ * the ordinary rules; the first refusal ends it, so that a refused
+ * message takes nothing from the buckets after it (a reported user
+ * refused by their own limit takes nothing from their domain's).  Until
+ * the twenty-third session only the most specific in_addition rule that
+ * set a limit applied: a user's lifted their domain's. */
+/* A message from gk.example's troll to a local user, at time 0. */
+static struct policy_request troll_message(const struct policy_rate *rate)
+{
+	return (struct policy_request){
+		.direction = POLICY_INBOUND, .action = POLICY_ACT_EVENT, .event_type = "message",
+		.sender = { "mimi://gk.example/u/troll", "gk.example", "peer:gk" },
+		.recipient = { "mimi://hub.example/u/l", "hub.example", "local" }, .content_kinds = POLICY_KIND_TEXT,
+		.now_ms = 0, .rate = rate,
+	};
+}
+
+struct logged_rate {
+	struct key_log log;
+	struct ratelimit *rl;
+};
+
+static int64_t logged_take(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms)
+{
+	struct logged_rate *lr = ctx;
+	lr->log.answer = ratelimit_policy_take(lr->rl, key, capacity, period_ms, now_ms);
+	return log_take(&lr->log, key, capacity, period_ms, now_ms);
+}
+
+START_TEST(in_addition_rules_all_charged_most_specific_first)
+{
+	struct policy_builder *b = policy_builder_new();
+	policy_builder_defaults(b, POLICY_MODE_OPEN, true);
+	struct policy_limits add1 = { .set = POLICY_LIM_MSG_MINUTE, .messages_per_minute = 1, .in_addition = true };
+	struct policy_limits add2 = { .set = POLICY_LIM_MSG_MINUTE, .messages_per_minute = 2, .in_addition = true };
+	struct policy_limits add5 = { .set = POLICY_LIM_MSG_MINUTE, .messages_per_minute = 5, .in_addition = true };
+	struct policy_limits ord = { .set = POLICY_LIM_MSG_MINUTE, .messages_per_minute = 3 };
+	ck_assert_int_eq(policy_builder_rule(b, 1, POLICY_SCOPE_DOMAIN, "gk.example", POLICY_MODE_NONE, &add2, 0), 0);
+	ck_assert_int_eq(policy_builder_rule(b, 2, POLICY_SCOPE_USER, "mimi://gk.example/u/troll", POLICY_MODE_NONE,
+					     &add1, 0),
+			 0);
+	ck_assert_int_eq(policy_builder_rule(b, 3, POLICY_SCOPE_NETWORK, "peer:gk", POLICY_MODE_NONE, &ord, 0), 0);
+	ck_assert_int_eq(policy_builder_rule(b, 4, POLICY_SCOPE_DOMAIN, "*.example", POLICY_MODE_NONE, &add5, 0), 0);
+	struct policy_snapshot *s = policy_builder_finish(b, 1);
+	ck_assert_ptr_nonnull(s);
+	struct logged_rate lr = { .rl = ratelimit_new(512) };
+	struct policy_rate rate = { logged_take, &lr };
+	struct policy_request r = troll_message(&rate);
+	/* each message in turn (troll's, then nice's): the verdict, the rule,
+	 * the buckets charged in order */
+	static const struct {
+		enum policy_verdict v;
+		int64_t rule;
+		const char *keys[4];
+	} want[] = {
+		{ POLICY_HOLD, 0, { "mpm:2:mimi://gk.example/u/troll", "mpm:1:gk.example", "mpm:4:*.example", "mpm:3:peer:gk" } },
+		{ POLICY_LIMIT, 2, { "mpm:2:mimi://gk.example/u/troll" } },
+		{ POLICY_HOLD, 0, { "mpm:1:gk.example", "mpm:4:*.example", "mpm:3:peer:gk" } },
+		{ POLICY_LIMIT, 1, { "mpm:1:gk.example" } },
+	};
+	for (size_t i = 0; i < sizeof(want) / sizeof(want[0]); i++) {
+		struct policy_decision d;
+		if (i == 2)
+			r.sender.uri = "mimi://gk.example/u/nice";
+		lr.log.n = 0;
+		policy_decide(s, &r, &d);
+		ck_assert_msg(d.verdict == want[i].v && d.rule_id == want[i].rule, "message %zu: %s %s %" PRId64, i,
+			      policy_verdict_name(d.verdict), d.reason, d.rule_id);
+		int n = 0;
+		while (n < 4 && want[i].keys[n])
+			n++;
+		ck_assert_int_eq(lr.log.n, n);
+		for (int k = 0; k < n; k++)
+			ck_assert_str_eq(lr.log.keys[k], want[i].keys[k]);
+	}
+	ratelimit_free(lr.rl);
+	policy_snapshot_free(s);
+}
+END_TEST
+
 /* An in_addition rule (the automatic limit after abuse reports), as the
  * loader reads it: its bucket is charged before the domain's, so that the
  * messages it refuses take nothing from the bucket the domain's other
@@ -1747,12 +1827,7 @@ START_TEST(in_addition_rule_charged_first)
 	ck_assert_ptr_nonnull(s);
 	struct ratelimit *rl = ratelimit_new(512);
 	struct policy_rate rate = { ratelimit_policy_take, rl };
-	struct policy_request r = {
-		.direction = POLICY_INBOUND, .action = POLICY_ACT_EVENT, .event_type = "message",
-		.sender = { "mimi://gk.example/u/troll", "gk.example", "peer:gk" },
-		.recipient = { "mimi://hub.example/u/l", "hub.example", "local" }, .content_kinds = POLICY_KIND_TEXT,
-		.now_ms = 0, .rate = &rate,
-	};
+	struct policy_request r = troll_message(&rate);
 	/* verdict, reason, rule of each message in turn: troll's, then nice's */
 	static const struct {
 		enum policy_verdict v;
@@ -1814,6 +1889,7 @@ int main(void)
 	tcase_add_test(tc, domain_consent_buckets_shared_by_users_kept_apart_by_kind);
 	tcase_add_test(tc, per_user_consent_buckets_kept_apart_by_kind);
 	tcase_add_test(tc, in_addition_rule_charged_first);
+	tcase_add_test(tc, in_addition_rules_all_charged_most_specific_first);
 	suite_add_tcase(s, tc);
 	TCase *rt = tcase_create("ratelimit");
 	tcase_set_timeout(rt, 120);
