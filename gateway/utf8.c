@@ -2,6 +2,7 @@
 #include "config.h"
 #include "utf8.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 size_t cw_utf8_seq(const unsigned char *s, size_t n, unsigned *cp)
@@ -98,4 +99,29 @@ size_t cw_utf8_cut(const char *s, size_t max)
 	while (n && !starts(s[n]))
 		n--;
 	return n;
+}
+
+char *cw_utf8_scrub(const char *s)
+{
+	size_t n = strlen(s);
+	char *out = malloc(n * 3 + 1); /* each byte at most U+FFFD's three */
+	if (!out)
+		return NULL;
+	size_t o = 0;
+	const unsigned char *p = (const unsigned char *)s;
+	while (n) {
+		size_t l = cw_utf8_seq(p, n, NULL);
+		if (l) {
+			memcpy(out + o, p, l);
+			o += l;
+		} else {
+			memcpy(out + o, "\xEF\xBF\xBD", 3);
+			o += 3;
+			l = 1;
+		}
+		p += l;
+		n -= l;
+	}
+	out[o] = '\0';
+	return out;
 }

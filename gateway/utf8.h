@@ -34,4 +34,10 @@ size_t cw_utf8_prefix(const char *s, size_t max, size_t *chars);
  * and does not end inside a character. */
 size_t cw_utf8_cut(const char *s, size_t max);
 
+/* A copy of s (NUL-terminated) in which every byte that does not start a
+ * valid sequence is U+FFFD: text that must be UTF-8 (a JSON string) from
+ * text that may hold outside bytes or a character cut in two.  malloc'd,
+ * NULL without memory. */
+char *cw_utf8_scrub(const char *s);
+
 #endif

@@ -102,6 +102,9 @@ BAD = [
     ({"mode": None}, "mode"),
     ({"event_type": ["message"]}, "unknown member 'event_type'"),  # misspelt: would take every type
     ({"publicKey": "x"}, "unknown member 'publicKey'"),
+    # a name cut at 64 bytes inside a character in the detail (a bare 500
+    # until the twenty-third session)
+    ({"a" * 63 + "\u00e9": 1}, "unknown member '" + "a" * 63),
     ({"push_url": None}, "push_url"),
     ({"push_url": "ftp://x/y"}, "push_url"),
     ({"push_url": "http://"}, "push_url"),
@@ -166,6 +169,7 @@ def test_a_rotation_with_a_bad_body_issues_nothing(daemon, pg, db_url):
     _, pub2 = new_key()
     for body, words in (({"publicKey": pub2}, "unknown member 'publicKey'"),
                         ({"public_key": pub2, "token": "cwp_x"}, "unknown member 'token'"),
+                        ({"a" * 63 + "\u00e9": pub2}, "unknown member '" + "a" * 63),
                         ({"public_key": 7}, "public_key"), ({"public_key": None}, "public_key")):
         r = daemon.admin("POST", "/peers/gk/rotate", json=body)
         assert r.status_code == 400 and r.json()["code"] == "invalid_body", (body, r.text)

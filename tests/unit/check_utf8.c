@@ -6,6 +6,8 @@
 #include "unit.h"
 
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 /* "aé€👍": characters of 1, 2, 3 and 4 bytes. */
 #define MIXED "a\xC3\xA9\xE2\x82\xAC\xF0\x9F\x91\x8D"
@@ -55,6 +57,41 @@ START_TEST(cut_cases)
 	ck_assert_uint_eq(cw_utf8_cut("", 4), 0);
 	ck_assert_uint_eq(cw_utf8_cut("abc", 2), 2);
 	ck_assert_uint_eq(cw_utf8_cut("abc", SIZE_MAX), 3);
+}
+END_TEST
+
+/* Checks that scrubbing s gives want and valid UTF-8. */
+static void scrubs_to(const char *s, const char *want)
+{
+	char *got = cw_utf8_scrub(s);
+	ck_assert_ptr_nonnull(got);
+	ck_assert_str_eq(got, want);
+	ck_assert(cw_utf8_valid(got, strlen(got)));
+	free(got);
+}
+
+#define FFFD "\xEF\xBF\xBD"
+
+START_TEST(scrub_cases)
+{
+	scrubs_to("", "");
+	scrubs_to(MIXED, MIXED); /* valid text is kept as it is */
+	/* A character cut in two at the end, as '%.64s' leaves it. */
+	scrubs_to("member 'a\xC3'", "member 'a" FFFD "'");
+	scrubs_to("\xF0\x9F\x91", FFFD FFFD FFFD);
+	/* Bytes no UTF-8 has, overlong forms and surrogates, byte by byte. */
+	scrubs_to("a\xFF" "b\x80", "a" FFFD "b" FFFD);
+	scrubs_to("\xC0\x80", FFFD FFFD);
+	scrubs_to("\xED\xA0\x80x", FFFD FFFD FFFD "x");
+	/* A bad byte before a good sequence keeps the sequence. */
+	scrubs_to("\xE2\xC3\xA9", FFFD "\xC3\xA9");
+	/* The worst case: three bytes out for every byte in. */
+	char bad[65], want[3 * 64 + 1] = "";
+	memset(bad, 0xFE, 64);
+	bad[64] = '\0';
+	for (int i = 0; i < 64; i++)
+		strcat(want, FFFD);
+	scrubs_to(bad, want);
 }
 END_TEST
 
@@ -110,6 +147,7 @@ int main(void)
 	tcase_add_test(tc, count_cases);
 	tcase_add_test(tc, prefix_cases);
 	tcase_add_test(tc, cut_cases);
+	tcase_add_test(tc, scrub_cases);
 	tcase_add_test(tc, reference_property);
 	suite_add_tcase(s, tc);
 	return unit_run(s);
