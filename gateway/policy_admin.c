@@ -14,6 +14,7 @@
 #include "admin_auth.h"
 #include "event.h"
 #include "peer_api.h"
+#include "peers.h"
 #include "policy_json.h"
 #include "policy_live.h"
 #include "store.h"
@@ -243,26 +244,6 @@ static bool domain_valid(const char *s, bool wildcard)
 		d[0] = 'a';
 	cw_errmsg e;
 	return mimi_domain_check(d, n, &e) == CW_OK;
-}
-
-static bool network_valid(const char *s)
-{
-	size_t n = strlen(s), i = 0;
-	if (n < 1 || n > 287 || s[0] < 'a' || s[0] > 'z')
-		return false;
-	for (i = 1; s[i] && s[i] != ':'; i++)
-		if (!((s[i] >= 'a' && s[i] <= 'z') || (s[i] >= '0' && s[i] <= '9') || s[i] == '_' || s[i] == '-') ||
-		    i > 31)
-			return false;
-	if (!s[i])
-		return true;
-	if (!s[i + 1] || strlen(s + i + 1) > 253)
-		return false;
-	for (const char *p = s + i + 1; *p; p++)
-		if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') || *p == '.' ||
-		      *p == '_' || *p == '-'))
-			return false;
-	return true;
 }
 
 static const char *str(json_t *o, const char *k)
@@ -638,10 +619,12 @@ void policy_admin_optin_set(struct cw_req *req, void *ctx)
 		char d[120];
 		snprintf(d, sizeof(d), "user %s", p);
 		bad_body(req, d);
-	} else if (!network || !network_valid(network) || strncmp(network, "peer:", 5) != 0 || strchr(network, '*'))
+	} else if (!network || strncmp(network, "peer:", 5) != 0 || !peer_name_valid(network + 5))
 		/* Senders come from peers: an opt-in for any other name (matrix,
 		 * a bare "peer") is never asked, and the user would believe
-		 * themselves reachable. */
+		 * themselves reachable.  The name is one a peer can have (until
+		 * the twenty-third session peer:GK or peer:gk.example were
+		 * stored, and never matched). */
 		bad_body(req, "network must be a peer's network, peer:<name> (messages from outside come from peers)");
 	else if (!json_is_boolean(opted))
 		bad_body(req, "opted_in must be true or false");

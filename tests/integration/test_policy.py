@@ -1179,6 +1179,13 @@ BAD = [
     ("POST", "/optins", {"user": ALICE, "network": "peer", "opted_in": True}, 400),  # never asked: was stored
     ("POST", "/optins", {"user": ALICE, "network": "matrix", "opted_in": True}, 400),
     ("POST", "/optins", {"user": ALICE, "network": "peer:*", "opted_in": True}, 400),
+    # names no peer can have (peer_name_valid; until the twenty-third session
+    # stored, audited and never matched)
+    ("POST", "/optins", {"user": ALICE, "network": "peer:GK", "opted_in": True}, 400),
+    ("POST", "/optins", {"user": ALICE, "network": "peer:gk.example", "opted_in": True}, 400),
+    ("POST", "/optins", {"user": ALICE, "network": "peer:-gk", "opted_in": True}, 400),
+    ("POST", "/optins", {"user": ALICE, "network": "peer:" + "a" * 33, "opted_in": True}, 400),
+    ("POST", "/optins", {"user": ALICE, "network": "peer:" + "a" * 250, "opted_in": True}, 400),
     ("POST", "/optins", {"user": ALICE, "network": "peer:gk", "opted_in": "yes"}, 400),
     ("POST", "/consents", {"user": ALICE, "subject_kind": "user", "subject": "bob", "state": "allowed"}, 400),
     ("POST", "/consents", {"user": ALICE, "subject_kind": "domain", "subject": "A.example", "state": "allowed"}, 400),
