@@ -422,6 +422,31 @@ static void allow_add(char *allow, size_t size, const char *method)
 		snprintf(allow + n, size - n, "%s%s", n ? ", " : "", method);
 }
 
+/* Whether the body of a route that takes none is empty or {}; false
+ * after answering 400.  A member sent to such a route (a name to revoke,
+ * "dry_run") was ignored until the twenty-third session, and the change
+ * was made as if it had not been sent. */
+static bool body_none(struct cw_req *r)
+{
+	size_t len;
+	const char *body = cw_req_body(r, &len);
+	if (len == 0)
+		return true;
+	json_t *j = json_loadb(body, len, JSON_REJECT_DUPLICATES, NULL);
+	bool ok = json_is_object(j) && json_object_size(j) == 0;
+	if (!ok) {
+		char d[160];
+		if (json_is_object(j))
+			snprintf(d, sizeof(d), "unknown member '%.64s' (this route takes no body)",
+				 json_object_iter_key(json_object_iter(j)));
+		else
+			snprintf(d, sizeof(d), "this route takes no body (none, or {})");
+		cw_req_problem(r, 400, "invalid_body", "Invalid body", d);
+	}
+	json_decref(j);
+	return ok;
+}
+
 static void dispatch(struct cw_req *r)
 {
 	struct cw_http *h = r->h;
@@ -464,11 +489,11 @@ static void dispatch(struct cw_req *r)
 		bool ok = true;
 		if (route->auth != CW_AUTH_NONE)
 			MHD_get_connection_values_n(r->conn, MHD_GET_ARGUMENT_KIND, query_arg_ok, &ok);
-		if (ok)
-			route->handler(r, h->o.ctx);
-		else
+		if (!ok)
 			cw_req_problem(r, 400, "invalid_query", "Invalid query",
 				       "a query parameter is not valid UTF-8 or holds a NUL byte");
+		else if (!route->no_body || body_none(r))
+			route->handler(r, h->o.ctx);
 	} else if (!r->replied)
 		cw_req_problem(r, 401, "unauthenticated", "Unauthenticated", "credentials are required");
 	cw_log_set_request_id(NULL);

@@ -29,6 +29,10 @@ struct cw_route {
 	cw_handler handler;
 	enum cw_auth auth;
 	const char *name;    /* metrics label; defaults to the pattern */
+	/* The route takes no body: one with a member (or that is not a
+	 * JSON object) is refused with 400 invalid_body before the handler,
+	 * which would otherwise ignore it; none, or {}, is taken. */
+	bool no_body;
 };
 
 #define CW_ROUTE_PARAMS_MAX 4

@@ -156,6 +156,34 @@ def test_tokens_are_made_shown_once_and_revoked(daemon, pg, db_url):
     assert daemon.admin("POST", "/tokens", json={"name": "ops.alice@example"}).status_code == 409
 
 
+def test_a_change_that_takes_no_body_refuses_a_member_and_changes_nothing(daemon, pg, db_url):
+    """docs/admin-api.md: a member a route does not know is 400 and nothing
+    is changed.  The change routes without a body ignored theirs until the
+    twenty-third session: revoking "other" with {"name": "keep"} revoked
+    "other"."""
+    make_token(daemon, "keep", "viewer")
+    make_token(daemon, "other", "viewer")
+    rule = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "nb.example", "mode": "deny"}).json()
+    report = daemon.admin("POST", "/reports", json={"subject": "mimi://wa.example/u/w", "reason": "spam"}).json()
+    before = pg.psql("SELECT count(*) FROM audit_log", db_url)
+    for method, path, body in (("POST", "/tokens/other/revoke", {"name": "keep", "dry_run": True}),
+                               ("POST", "/tokens/other/revoke", []),
+                               ("POST", f"/reports/{report['id']}/handle", {"note": "done"}),
+                               ("DELETE", f"/rules/{rule['id']}", {"id": rule["id"]})):
+        r = daemon.admin(method, path, json=body)
+        assert r.status_code == 400 and r.json()["code"] == "invalid_body", (path, body, r.text)
+        assert "takes no body" in r.json()["detail"], r.text
+    assert pg.psql("SELECT count(*) FROM admin_tokens WHERE revoked_at IS NOT NULL", db_url) == "0"
+    assert daemon.admin("GET", f"/rules/{rule['id']}").status_code == 200
+    assert pg.psql("SELECT count(*) FROM reports WHERE handled_at IS NOT NULL", db_url) == "0"
+    assert pg.psql("SELECT count(*) FROM audit_log", db_url) == before
+    # None, or an empty object, is still taken.
+    assert daemon.admin("POST", "/tokens/other/revoke", json={}).status_code == 200
+    assert daemon.admin("POST", f"/reports/{report['id']}/handle").status_code == 200
+    assert daemon.admin("DELETE", f"/rules/{rule['id']}", data=" {} ").status_code == 200
+    assert pg.psql("SELECT string_agg(name, ',') FROM admin_tokens WHERE revoked_at IS NOT NULL", db_url) == "other"
+
+
 def test_a_revocation_reaches_every_process(make_daemon, db_url):
     a = make_daemon(db_url).start()
     b = make_daemon(db_url).start()
@@ -249,6 +277,13 @@ def test_the_trace_shows_decisions_deliveries_and_attempts(make_daemon, db_url, 
     assert dv["destination"] == "peer:tg" and dv["state"] == "dead" and dv["verdict"] == "allow"
     assert [x["attempt"] for x in dv["tries"]] == [1, 2]
     assert all(x["ok"] is False and x["code"] == 503 for x in dv["tries"])
+    # Neither takes a body: one with a member is refused and the letter
+    # stays dead (until the twenty-third session the member was ignored).
+    for verb in ("replay", "discard"):
+        r = d.admin("POST", f"/outbox/{row['id']}/{verb}", json={"reason": "gone"})
+        assert r.status_code == 400 and r.json()["code"] == "invalid_body", (verb, r.text)
+        assert "unknown member 'reason'" in r.json()["detail"]
+    assert d.admin("GET", "/outbox?state=dead").json()["rows"][0]["id"] == row["id"]
     # Discard: the operator gives up; the row stays, dropped, and audited.
     assert d.admin("POST", f"/outbox/{row['id']}/discard").json() == {"id": row["id"], "state": "dropped"}
     t = d.admin("GET", f"/messages/{dead_msg}").json()

@@ -145,6 +145,12 @@ def test_disable_enable_and_rotate(daemon, pg, db_url):
     assert r.status_code == 200 and r.json()["enabled"] is False and r.json()["disabled_at"]
     r = daemon.admin("POST", "/peers/gk/enable")
     assert r.json()["enabled"] is True and r.json()["disabled_at"] is None
+    # Neither takes a body: a member is refused, not ignored (until the
+    # twenty-third session {"name": "other"} disabled gk).
+    for verb in ("disable", "enable"):
+        r = daemon.admin("POST", f"/peers/gk/{verb}", json={"name": "other"})
+        assert r.status_code == 400 and "unknown member 'name'" in r.json()["detail"], r.text
+    assert daemon.admin("GET", "/peers/gk").json()["enabled"] is True
     _, pub2 = new_key()
     r = daemon.admin("POST", "/peers/gk/rotate", json={"public_key": pub2})
     assert r.status_code == 200

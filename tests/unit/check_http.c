@@ -17,12 +17,12 @@
 static void noop(struct cw_req *r, void *ctx) { (void)r; (void)ctx; }
 
 static const struct cw_route table[] = {
-	{ "GET", "/healthz", noop, CW_AUTH_NONE, NULL },
-	{ "GET", "/v1/rooms/{room}", noop, CW_AUTH_NONE, NULL },
-	{ "POST", "/v1/rooms/{room}/messages", noop, CW_AUTH_NONE, NULL },
-	{ "GET", "/v1/messages/{id}", noop, CW_AUTH_NONE, NULL },
-	{ "POST", "/v1/rooms", noop, CW_AUTH_NONE, NULL },
-	{ "GET", "/v1/rooms/{room}/members/{member}", noop, CW_AUTH_NONE, NULL },
+	{ "GET", "/healthz", noop, CW_AUTH_NONE, NULL, false },
+	{ "GET", "/v1/rooms/{room}", noop, CW_AUTH_NONE, NULL, false },
+	{ "POST", "/v1/rooms/{room}/messages", noop, CW_AUTH_NONE, NULL, false },
+	{ "GET", "/v1/messages/{id}", noop, CW_AUTH_NONE, NULL, false },
+	{ "POST", "/v1/rooms", noop, CW_AUTH_NONE, NULL, false },
+	{ "GET", "/v1/rooms/{room}/members/{member}", noop, CW_AUTH_NONE, NULL, false },
 };
 
 START_TEST(routing_table)
@@ -114,10 +114,11 @@ static void h_async(struct cw_req *r, void *ctx)
 static void h_silent(struct cw_req *r, void *ctx) { (void)r; }
 
 static const struct cw_route live_routes[] = {
-	{ "GET", "/hello", h_hello, CW_AUTH_NONE, NULL },
-	{ "POST", "/echo", h_echo, CW_AUTH_NONE, NULL },
-	{ "GET", "/async", h_async, CW_AUTH_NONE, NULL },
-	{ "GET", "/silent", h_silent, CW_AUTH_NONE, NULL },
+	{ "GET", "/hello", h_hello, CW_AUTH_NONE, NULL, false },
+	{ "POST", "/echo", h_echo, CW_AUTH_NONE, NULL, false },
+	{ "GET", "/async", h_async, CW_AUTH_NONE, NULL, false },
+	{ "GET", "/silent", h_silent, CW_AUTH_NONE, NULL, false },
+	{ "POST", "/bare", h_hello, CW_AUTH_NONE, NULL, true },
 };
 
 static struct cw_http *live;
@@ -271,6 +272,32 @@ START_TEST(live_body_cap)
 	r = request("POST", "/echo", "small", -1, true);
 	ck_assert_int_eq(r.status, 201);
 	ck_assert_str_eq(r.body, "small");
+	live_stop();
+}
+END_TEST
+
+/* A route declared without a body takes none or {}; anything else is
+ * refused before its handler runs. */
+START_TEST(live_route_without_a_body)
+{
+	live_start();
+	static const char *const taken[] = { "", "{}", " { } " };
+	for (size_t i = 0; i < CW_ARRAY_LEN(taken); i++) {
+		struct resp r = request("POST", "/bare", taken[i], (long)strlen(taken[i]), false);
+		ck_assert_msg(r.status == 200, "'%s': %ld", taken[i], r.status);
+	}
+	static const char *const refused[] = { "{\"name\":\"keep\"}", "[]", "null", "{", "x", "{\"a\":1,\"a\":2}" };
+	for (size_t i = 0; i < CW_ARRAY_LEN(refused); i++) {
+		struct resp r = request("POST", "/bare", refused[i], (long)strlen(refused[i]), false);
+		ck_assert_msg(r.status == 400, "'%s': %ld", refused[i], r.status);
+		ck_assert_ptr_nonnull(strstr(r.body, "\"code\":\"invalid_body\""));
+		ck_assert_ptr_nonnull(strstr(r.body, "takes no body"));
+	}
+	struct resp r = request("POST", "/bare", "{\"name\":\"keep\"}", -1, false);
+	ck_assert_ptr_nonnull(strstr(r.body, "unknown member 'name'"));
+	/* A route with a body is not concerned. */
+	r = request("POST", "/echo", "{\"name\":\"keep\"}", -1, false);
+	ck_assert_int_eq(r.status, 201);
 	live_stop();
 }
 END_TEST
@@ -512,6 +539,7 @@ int main(void)
 	tcase_set_timeout(live_tc, 30);
 	tcase_add_test(live_tc, live_sync_and_errors);
 	tcase_add_test(live_tc, live_body_cap);
+	tcase_add_test(live_tc, live_route_without_a_body);
 	tcase_add_test(live_tc, live_suspend_resume_many);
 	tcase_add_test(live_tc, live_quiesce_finishes_in_flight);
 	tcase_add_test(live_tc, live_quiesce_under_load_never_aborts);
