@@ -266,12 +266,54 @@ cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, 
  * room_members.wrote_at, found in room_members_wrote_idx, so the next
  * periodic sweep releases what waited; one that arrived as she wrote is
  * seen by a later one). */
-#define SWEPT_ROWS                                                                                      \
+#define SWEPT_HELD                                                                                      \
 	"o.state = 'held' AND CASE WHEN $2::bigint IS NOT NULL THEN o.target_identity_id = $2::bigint "     \
 	" ELSE (o.created_at < now() - make_interval(secs => $1::bigint) OR o.target_identity_id IN "       \
 	"  (SELECT local_identity_id FROM consents WHERE updated_at > now() - interval '10 minutes') "      \
 	"  OR (o.target_identity_id, o.room_id) IN (SELECT identity_id, room_id FROM room_members "         \
 	"   WHERE wrote_at > now() - interval '10 minutes')) END"
+
+/* The row o's user (who) blocked the sender s or its domain. */
+#define BLOCKED_SENDER(who)                                                                             \
+	"EXISTS (SELECT 1 FROM consents c WHERE c.local_identity_id = " who " AND c.state = 'blocked' "    \
+	" AND ((c.subject_kind = 'user' AND c.subject = s.uri) OR (c.subject_kind = 'domain' "              \
+	"  AND c.subject = s.domain)))"
+
+/* The local users whose blocks a sweep applies to rows not held: $2 if it
+ * blocks anyone, or (the periodic sweep) those whose block is of the last
+ * minutes (a message let through with the snapshot of just before it).
+ * An array, so that a row's probe of it is an index condition; most
+ * sweeps find no one, and then no row either. */
+#define BLOCKERS                                                                                        \
+	"ARRAY(SELECT b.local_identity_id FROM consents b WHERE b.state = 'blocked' "                       \
+	" AND (b.local_identity_id = $2::bigint OR ($2::bigint IS NULL "                                    \
+	"  AND b.updated_at > now() - interval '10 minutes')))"
+
+/* A row of such a user, from a remote sender they blocked (or its
+ * domain), not the expiry's taking back of what they were shown (origin
+ * gateway: it is the gateway's, after their block as before it).  A row
+ * between two local users is not the policy's at arrival, nor here. */
+#define TO_BLOCKER                                                                                      \
+	"o.target_identity_id = ANY(" BLOCKERS ") AND NOT s.is_local AND e.origin_network <> 'gateway' "   \
+	" AND " BLOCKED_SENDER("o.target_identity_id")
+
+/* The rows a sweep decides: the held ones (SWEPT_HELD), and those not
+ * handed to their destination yet whose user has since blocked their
+ * sender (TO_BLOCKER): pending ones (due, or backing off), and dead
+ * letters and failures, which the operator could send again.  Until the
+ * twenty-third session only held rows were swept, and a block let what
+ * waited for delivery through (a review's finding).  A row in flight is
+ * not recalled: the far side may have it already.  Only a row with a
+ * target is a user's (a local user's rows are theirs alone, also in a
+ * group: a portal or chat room per member; a peer's row, no target, is
+ * its users'); one user's block takes nothing from another.  Each kind
+ * of row is found by index: pending ones in the rows of the blockers'
+ * rooms (outbox_room_order_idx: no index more for every row written),
+ * dead and failed ones in outbox_dead_target_idx (schema/033). */
+#define SWEPT_ROWS                                                                                      \
+	"((" SWEPT_HELD ") OR (o.state = 'pending' AND o.room_id = ANY(ARRAY(SELECT m.room_id "             \
+	"  FROM room_members m WHERE m.identity_id = ANY(" BLOCKERS "))) AND " TO_BLOCKER ") "             \
+	" OR (o.state IN ('dead', 'failed') AND " TO_BLOCKER "))"
 
 /* The held row o, of the event e, is to a user who wrote in its group
  * since the sender became a member: what the policy's step 6
@@ -283,7 +325,7 @@ cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, 
 	" AND w.identity_id = o.target_identity_id AND w.membership = 'joined' "                            \
 	" AND sm.identity_id = e.sender_id AND sm.membership = 'joined' AND sm.updated_at <= w.wrote_at)"
 
-/* Of those, the ones the sweep would release: their user allowed the
+/* Of the held rows, the ones the sweep would release: their user allowed the
  * sender or its domain, or wrote in its group (column 8), and blocked
  * neither (the rules are asked again first: policy_sweep). */
 static const char releasable_sql[] =
@@ -291,15 +333,15 @@ static const char releasable_sql[] =
 	"FROM outbox o JOIN events e ON e.id = o.event_id JOIN identities s ON s.id = e.sender_id "
 	"JOIN identities t ON t.id = o.target_identity_id "
 	"CROSS JOIN LATERAL (SELECT " WROTE_IN_GROUP " AS gw) g "
-	"WHERE " SWEPT_ROWS " AND o.created_at >= now() - make_interval(secs => $1::bigint) "
+	"WHERE " SWEPT_HELD " AND o.created_at >= now() - make_interval(secs => $1::bigint) "
 	"AND (g.gw OR EXISTS (SELECT 1 FROM consents c WHERE c.local_identity_id = o.target_identity_id "
 	" AND c.state = 'allowed' AND ((c.subject_kind = 'user' AND c.subject = s.uri) "
 	"  OR (c.subject_kind = 'domain' AND c.subject = s.domain)))) "
-	"AND NOT EXISTS (SELECT 1 FROM consents c WHERE c.local_identity_id = o.target_identity_id "
-	" AND c.state = 'blocked' AND ((c.subject_kind = 'user' AND c.subject = s.uri) "
-	"  OR (c.subject_kind = 'domain' AND c.subject = s.domain)))";
+	"AND NOT " BLOCKED_SENDER("o.target_identity_id");
 
-/* Held rows whose local user has decided about the sender are released
+/* Rows not held that a block now stops (SWEPT_ROWS) are dropped as held
+ * ones are, with the same reason and record.
+ * Held rows whose local user has decided about the sender are released
  * (allowed, or the user wrote in the row's group since: gw) or dropped
  * (blocked: a block of the user or of the domain wins, as in decide(); or
  * a rule that now stops the sender, $3: [{id, reason, rule}]); rows held
@@ -308,9 +350,14 @@ static const char releasable_sql[] =
  * expiry on).  Each release or drop is a decision of the policy's in the
  * audit log, so that "why" names it.
  * Locks are taken in id order and skipped when held by another sweep, so
- * two daemons never deadlock.  The content of an event that no one will
- * now receive is deleted; its rows stay, so its sender still sees "not
- * delivered". */
+ * two daemons never deadlock.  A pending row a dispatcher is claiming is
+ * skipped too: it goes in flight (not recalled); one skipped for another
+ * reason is seen by a periodic sweep of the next ten minutes.  A pending
+ * row is locked only if it is dropped (TO_BLOCKER), so a claim that passes
+ * over it (SKIP LOCKED) and sends a later row of its room passes over a
+ * row that is not sent (unless the sweep's transaction fails).  The
+ * content of an event that no one will now receive is deleted; its rows
+ * stay, so its sender still sees "not delivered". */
 static const char sweep_sql[] =
 	"WITH dn AS (SELECT * FROM jsonb_to_recordset($3::jsonb) AS d(id bigint, reason text, rule bigint)), "
 	"h AS (SELECT o.id, o.event_id, o.created_at, t.uri AS turi, "

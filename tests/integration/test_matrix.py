@@ -816,6 +816,38 @@ def test_management_room_consent_flow(mx, hs, gk, pg, db_url):
     assert pg.psql("SELECT count(*) FROM identities WHERE localpart = '_cw_bot'", db_url) == "0"
 
 
+def test_a_block_from_the_bot_drops_what_waits_for_delivery(mx, hs, gk, pg, db_url):
+    """alice allowed wally; the delivery of his first message backs off (as
+    after a failed delivery to the homeserver: its row pending again, due
+    in an hour) and three more wait behind it. Her block, from the bot,
+    drops all four and says so: before, only held messages were dropped,
+    and these were delivered after her block."""
+    a, srv = gk
+
+    def states(pg, db_url, ids):  # of the rows to Matrix, in the messages' order
+        rows = pg.psql("SELECT e.public_id, o.state FROM outbox o JOIN events e ON e.id = o.event_id "
+                       "WHERE o.destination = 'matrix' AND e.public_id IN (%s)" % ",".join("'%s'" % i for i in ids),
+                       db_url)
+        got = dict(r.split("|") for r in rows.splitlines())
+        return [got.get(i) for i in ids]
+    consent_alice(mx)
+    alice, mgmt, notices = alice_and_the_bot(hs)
+    ghost = "@_cw_gk_wally:example.org"
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    first = a.send(room, a.user("wally"), "hello").json()["id"]
+    dm = wait_until(lambda: next((rid for rid in hs.rooms() if any(
+        e["sender"] == ghost and e["type"] == "m.room.message" for e in hs.events(rid))), None), what="hello")
+    wait_until(lambda: states(pg, db_url, [first]) == ["delivered"], what="hello recorded")
+    pg.psql("UPDATE outbox o SET state = 'pending', next_attempt_at = now() + interval '1 hour' FROM events e "
+            "WHERE e.id = o.event_id AND e.public_id = '%s'" % first, db_url)
+    ids = [first] + [a.send(room, a.user("wally"), f"spam {i}").json()["id"] for i in range(3)]
+    assert states(pg, db_url, ids) == ["pending"] * 4
+    alice.send_text(mgmt, "block mimi://wa.example/u/wally")
+    wait_until(lambda: any(n.startswith("Blocked mimi://wa.example/u/wally. 4 waiting message(s) dropped")
+                           for n in notices()), what="the block")
+    assert states(pg, db_url, ids) == ["dropped"] * 4
+    assert [e["content"]["body"] for e in hs.events(dm) if e["type"] == "m.room.message"] == ["hello"]
+
 def test_a_second_management_room_takes_over_and_the_first_says_so(mx, hs, pg, db_url):
     """A user who opens a second room with the bot gets her commands answered
     there; the first one is not left as a room where commands go unanswered:

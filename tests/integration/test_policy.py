@@ -189,6 +189,75 @@ def test_block_drops_held_and_sender_sees_only_not_delivered(daemon, peers, pg, 
     assert why["reason"] == "user_blocked_sender" and why["subject"] == ALICE
 
 
+def test_a_block_drops_what_waits_for_delivery_from_that_sender(daemon, peers, pg, db_url):
+    """alice allowed wally; his messages to her wait for delivery (pending,
+    her destination backing off; one a dead letter the operator could
+    replay). Her block drops them, as it drops held ones: before, only
+    held rows were swept, and the rest were delivered after the block."""
+    (a, _), _ = peers
+    opt_in(daemon)
+    consent(daemon, a.user("wally"), "allowed")
+    consent(daemon, a.user("ed"), "allowed")
+    room, ed_room = dm(a), dm(a, remote="ed")
+    wait_policy(daemon, lambda: states(pg, db_url, [send(a, room, "probe").json()["id"]])[0][1] == "pending",
+                "the consent in force")
+    ids = [send(a, room, f"spam {i}").json()["id"] for i in range(4)]
+    wait_policy(daemon, lambda: states(pg, db_url, [send(a, ed_room, "hi", sender="ed").json()["id"]])[0][1]
+                == "pending", "ed's consent in force")
+    ed = send(a, ed_room, "from ed", sender="ed").json()["id"]  # someone else's: stays
+    pg.psql("UPDATE outbox SET next_attempt_at = now() + interval '1 hour'", db_url)
+    pg.psql("UPDATE outbox o SET state = 'dead' FROM events e WHERE e.id = o.event_id "
+            "AND e.public_id = '%s'" % ids[3], db_url)
+    out = consent(daemon, a.user("wally"), "blocked")
+    assert out["dropped"] == 5 and out["released"] == 0, out  # the probe too
+    assert [s for _, s in states(pg, db_url, ids)] == ["dropped"] * 4
+    assert states(pg, db_url, [ed]) == [(ed, "pending")]
+    assert pg.psql("SELECT count(*) FROM events WHERE content <> '{}'::jsonb AND public_id IN (%s)"
+                   % ",".join("'%s'" % i for i in ids), db_url) == "0"
+    why = decision(daemon, ids[0])
+    assert why["recipients"][0]["verdict"] == "deny" and why["recipients"][0]["reason"] == "user_blocked_sender"
+    denies = [r for r in daemon.admin("GET", "/audit?action=policy.deny").json()["rows"]
+              if r["reason"] == "user_blocked_sender"]
+    assert len(denies) == 5 and all(r["subject"] == ALICE and r["details"] == {"by": "sweep"} for r in denies)
+    for i in ids[:3]:  # the sender is told what a held message dropped shows
+        st = a.call("GET", f"/v1/messages/{i}")
+        assert st.status_code == 200 and [x["status"] for x in st.json()["recipients"]] == ["accepted"]
+
+
+def test_a_block_by_one_member_of_a_group_leaves_the_others_rows(daemon, peers, pg, db_url):
+    """wally's message to a group of alice and bob waits for delivery to
+    both (each local member has a row of their own); alice blocks his
+    domain: her row is dropped, bob's stays and the content with it. bob's
+    block of wally written by another process (straight to the database)
+    drops his row at the next periodic sweep."""
+    (a, _), _ = peers
+    for user in (ALICE, BOB):
+        opt_in(daemon, user=user)
+        consent(daemon, a.user("wally"), "allowed", user=user)
+    room = a.create_room([a.user("wally"), ALICE, BOB], kind="group").json()["id"]
+    wait_policy(daemon, lambda: [s for _, s in states(pg, db_url, [send(a, room, "probe").json()["id"]])]
+                == ["pending", "pending"], "the consents in force")
+    pg.psql("UPDATE outbox SET next_attempt_at = now() + interval '1 hour'", db_url)
+    mid = send(a, room, "hi both").json()["id"]
+    out = consent(daemon, "wa.example", "blocked", kind="domain")
+    assert out["dropped"] == 2, out  # the probe's row and this one's, alice's alone
+
+    def by_user():
+        return pg.psql("SELECT t.uri || ' ' || o.state FROM outbox o JOIN identities t ON t.id = o.target_identity_id "
+                       "JOIN events e ON e.id = o.event_id WHERE e.public_id = '%s' ORDER BY t.uri" % mid,
+                       db_url).splitlines()
+    assert by_user() == [f"{ALICE} dropped", f"{BOB} pending"]
+    assert decision(daemon, mid)["recipients"][0]["reason"] == "user_blocked_domain"
+    assert pg.psql("SELECT content->'content'->'parts'->0->>'body' FROM events WHERE public_id = '%s'" % mid,
+                   db_url) == "hi both"
+    pg.psql("INSERT INTO consents (local_identity_id, subject_kind, subject, state, source) "
+            "SELECT id, 'user', '%s', 'blocked', 'admin' FROM identities WHERE uri = '%s' "
+            "ON CONFLICT (local_identity_id, subject_kind, subject) DO UPDATE SET state = 'blocked', "
+            "updated_at = now()" % (a.user("wally"), BOB), db_url)
+    wait_until(lambda: by_user() == [f"{ALICE} dropped", f"{BOB} dropped"], timeout=10, what="the periodic sweep")
+    assert pg.psql("SELECT count(*) FROM events WHERE content <> '{}'::jsonb AND public_id = '%s'" % mid,
+                   db_url) == "0"
+
 def test_a_peer_cannot_tell_unknown_unconsented_blocking_and_denying_recipients_apart(daemon, peers, pg, db_url):
     """What a peer sees of a message to an unknown local user, to one who
     has not consented yet, to one who blocked the sender, and of a message
