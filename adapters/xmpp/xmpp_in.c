@@ -12,7 +12,9 @@
  *   rounds    the pipeline's (policy, events, outbox)
  *   last      the message's XMPP ids (id and origin-id), for references
  * and answered with a stanza error when refused.  Stanza ids are only
- * unique per sender, so they are stored as "<room id>/<id>". */
+ * unique per sender (and stream), so they are stored as "<room id>/<id>"
+ * for each message that has them, and a reference finds the sender's
+ * own: another member of a group cannot take them over. */
 #include "config.h"
 #include "xmpp_int.h"
 #include "log.h"
@@ -178,11 +180,18 @@ static cw_err in_lookup_send(PGconn *c, struct xin *in, cw_errmsg *e)
 		"rib AS (INSERT INTO identity_bindings (identity_id, network, native_id) SELECT id, 'xmpp', $7 FROM ri "
 		"  ON CONFLICT DO NOTHING), "
 		"room AS (SELECT room_id FROM rb UNION ALL SELECT room_id FROM nb LIMIT 1), "
+		/* a neutral id (a room's stanza-id, the id of what the gateway
+		 * sent) is its own event's; else the sender's own XMPP id, its
+		 * newest message with it (ids are only unique per sender, and
+		 * per stream: until the twenty-third session any member's id
+		 * came first, so a member could take another's message over) */
 		"refs AS (SELECT x.id AS nid, (SELECT CASE WHEN e.type = 'edit' AND e.replaces_id IS NOT NULL "
 		"  THEN (SELECT f.public_id FROM events f WHERE f.id = e.replaces_id) ELSE e.public_id END FROM events e "
-		"  WHERE e.id = coalesce((SELECT n.event_id FROM event_native_ids n, room WHERE n.network = 'xmpp' "
-		"  AND n.kind IN ('id', 'origin_id') AND n.native_id = room.room_id || '/' || x.id LIMIT 1), "
-		"  (SELECT f.id FROM events f, room WHERE f.public_id = x.id AND f.room_id = room.room_id))) AS msg "
+		"  WHERE e.id = coalesce((SELECT f.id FROM events f, room WHERE f.public_id = x.id "
+		"  AND f.room_id = room.room_id), (SELECT n.event_id FROM event_native_ids n JOIN events w "
+		"  ON w.id = n.event_id, room WHERE n.network = 'xmpp' AND n.kind IN ('id', 'origin_id') "
+		"  AND n.native_id = room.room_id || '/' || x.id AND w.sender_id = (SELECT id FROM identities "
+		"  WHERE uri = $1) ORDER BY n.event_id DESC LIMIT 1))) AS msg "
 		"  FROM jsonb_array_elements_text($11::jsonb) AS x(id)) "
 		"SELECT 'room', (SELECT room_id::text FROM room), (SELECT 't' FROM p), (SELECT 't'::text FROM nb) "
 		"UNION ALL SELECT 'ref', nid, msg, NULL FROM refs WHERE msg IS NOT NULL "

@@ -574,6 +574,14 @@ def a_group_with_bob(xd, a, alice, prosody, more=()):
         bob.disconnect()
 
 
+def join_room(room, *members):
+    """Each (client, nick) joins the room and has its subject (the join done)."""
+    for c, nick in members:
+        start = c.count()
+        c.send_presence(to=f"{room}/{nick}", payload=f"<x xmlns='{MUC}'/>")
+        c.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+
+
 def test_a_member_who_comes_while_a_join_is_looked_at_is_shown_to_the_joiner(xd, gk, alice, prosody, pg,
                                                                              db_url):
     """bob is in the room; alice's join is looked at slowly (the database
@@ -816,6 +824,49 @@ def test_a_members_reactions_retractions_and_chat_states_come_back_from_the_room
                        >= {"reaction", "delete", "receipt", "typing"}, what="all four at the peer")
         finally:
             phone.disconnect()
+
+
+def test_a_members_ids_do_not_take_over_another_members_message(xd, gk, alice, prosody, pg, db_url):
+    """In a room, references name stanza-ids, the neutral ids every member
+    sees; a message's own XMPP id is only its sender's (ids are unique per
+    sender). bob writes messages whose ids are wally's and alice's neutral
+    ids, and one with alice's own id: alice's reaction to wally's message
+    still names wally's, her retraction by stanza-id still retracts her
+    own, and her correction of her id corrects hers. Until the
+    twenty-third session the first id stored for the room won, for any
+    sender, and was looked at before the neutral ids: bob's messages took
+    the ids over (alice's reaction went to bob's message, her retraction
+    was refused as another sender's)."""
+    a, srv = gk
+    with a_group_with_bob(xd, a, alice, prosody) as (bob, gid, room):
+        join_room(room, (alice, "alice"), (bob, "bob"))
+        wid = a.send(gid, a.user("wally"), "pizza?").json()["id"]
+        message_from(alice, room, lambda el: body(el) == "pizza?")
+        alice.send_message(room, "oops", mtype="groupchat", id="a1", origin_id=False)
+        mine = message_from(alice, room, lambda el: el.get("id") == "a1")
+        mid = mine.find("{urn:xmpp:sid:0}stanza-id").get("id")
+        alice.send_message(room, "teh typo", mtype="groupchat", id="a2", origin_id=False)
+        typo = message_from(alice, room, lambda el: el.get("id") == "a2").find("{urn:xmpp:sid:0}stanza-id").get("id")
+        for i, sid in enumerate((wid, mid, "a2")):
+            bob.send_message(room, f"bob {i}", mtype="groupchat", id=sid, origin_id=False)
+            message_from(bob, room, lambda el, t=f"bob {i}": body(el) == t)
+        start = alice.count()
+        alice.send_raw(f"<message to='{room}' type='groupchat' id='r1'><reactions xmlns='urn:xmpp:reactions:0' "
+                       f"id='{wid}'><reaction>\U0001F44D</reaction></reactions></message>")
+        alice.send_raw(f"<message to='{room}' type='groupchat' id='x1'><retract "
+                       f"xmlns='urn:xmpp:message-retract:1' id='{mid}'/></message>")
+        alice.send_raw(f"<message to='{room}' type='groupchat' id='c1'><body>the typo</body>"
+                       f"<replace xmlns='urn:xmpp:message-correct:0' id='a2'/></message>")
+        for sid in ("r1", "x1", "c1"):
+            got = message_from(alice, room, lambda el, s=sid: el.get("id") == s)
+            assert got.get("type") == "groupchat", got.xml
+        assert not [el for el in alice.stanzas()[start:] if el.get("type") == "error"]
+        by_type = wait_until(lambda: (lambda d: d if {"reaction", "delete", "edit"} <= set(d) else None)(
+            {e["type"]: e for e in list(srv.events) if e.get("room_id") == gid and e.get("sender") == ALICE}),
+            what="alice's reaction, retraction and correction at the peer")
+        assert by_type["reaction"]["content"]["in_reply_to"] == wid, by_type["reaction"]
+        assert by_type["delete"]["content"]["replaces"] == mid, by_type["delete"]
+        assert by_type["edit"]["content"]["replaces"] == typo, by_type["edit"]
 
 
 def test_an_xmpp_user_makes_a_group(xd, gk, alice, prosody, pg, db_url):
@@ -1249,6 +1300,7 @@ def test_a_correction_written_with_its_message_names_it(xd, gk, alice, pg, db_ur
     got = srv.wait_events(3)
     assert [e["type"] for e in got] == ["message", "message", "edit"], got
     assert got[2]["content"]["replaces"] == got[1]["id"] and got[2]["content"]["parts"][0]["body"] == "the typo"
+
 
 
 def test_features_both_ways(xd, gk, alice, pg, db_url):
