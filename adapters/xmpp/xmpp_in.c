@@ -22,6 +22,7 @@
 #include "peer/pipeline.h"
 #include "store.h"
 
+#include <openssl/evp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -416,7 +417,11 @@ static cw_err in_recv(PGconn *c, void *arg, int round, bool *more, cw_errmsg *e)
 				snprintf(in->err_text, sizeof(in->err_text), "Not delivered: %s.", why);
 			continue;
 		}
-		if (st == 202 || st == 0)
+		/* The key is the stanza's digest (dedup_key): a conflict is the
+		 * same stanza again, stored before (only its time, read on
+		 * arrival, differs); until the twenty-third session a resend
+		 * was answered with bad-request. */
+		if (st == 202 || st == 0 || (st == 409 && code && strcmp(code, "conflict") == 0))
 			continue;
 		LOG_KV(CW_LOG_INFO, "xmpp message not taken", "component", in->xc->domain, "code", code ? code : "",
 		       "detail", detail ? detail : "");
@@ -599,6 +604,33 @@ static void refuse_now(struct xcomp *xc, xmpp_stanza_t *st, const char *type, co
 	xa_send_now(xc, xa_error_reply(st, type, cond, NULL));
 }
 
+/* The digest of (conversation, id, content): ids are unique only within
+ * a stream (RFC 6120 §8.1.3), so the same id with other content is a new
+ * message (until the twenty-third session it was refused with
+ * bad-request and lost), while a resend of the same stanza, from another
+ * resource or stamped with when it was first sent (XEP-0203), is the
+ * same.  False: out of memory. */
+static bool dedup_key(struct xcomp *xc, xmpp_stanza_t *st, const char *room, const char *id, unsigned char h[32])
+{
+	EVP_MD_CTX *md = EVP_MD_CTX_new();
+	unsigned int len;
+	bool ok = md && EVP_DigestInit_ex(md, EVP_sha256(), NULL) && EVP_DigestUpdate(md, room, strlen(room) + 1) &&
+		  EVP_DigestUpdate(md, id, strlen(id) + 1);
+	for (xmpp_stanza_t *c = xmpp_stanza_get_children(st); ok && c; c = xmpp_stanza_get_next(c)) {
+		const char *name = xmpp_stanza_get_name(c), *ns = xmpp_stanza_get_ns(c);
+		if (name && ns && strcmp(name, "delay") == 0 && strcmp(ns, "urn:xmpp:delay") == 0)
+			continue;
+		char *text = NULL;
+		size_t n = 0;
+		ok = xmpp_stanza_to_text(c, &text, &n) == XMPP_EOK && text && EVP_DigestUpdate(md, text, n + 1);
+		if (text)
+			xmpp_free(xc->ctx, text);
+	}
+	ok = ok && EVP_DigestFinal_ex(md, h, &len);
+	EVP_MD_CTX_free(md);
+	return ok;
+}
+
 void xa_in_message(struct xcomp *xc, xmpp_stanza_t *st)
 {
 	struct xmpp *x = xc->x;
@@ -707,13 +739,8 @@ void xa_in_message(struct xcomp *xc, xmpp_stanza_t *st)
 	const char *key = in->oid[0] ? in->oid : in->sid;
 	unsigned char h[32];
 	char hex[65];
-	if (key[0]) {
-		char buf[ROOM_NATIVE_MAX + XM_ID_MAX + 2];
-		snprintf(buf, sizeof(buf), "%s\n%s", in->room, key);
-		cw_sha256(buf, strlen(buf), h);
-	} else {
+	if (!key[0] || !dedup_key(xc, st, in->room, key, h))
 		cw_random(h, 16);
-	}
 	cw_hex(hex, h, 16);
 	snprintf(in->base, sizeof(in->base), "x%.32s", hex);
 	const char *refs[16];

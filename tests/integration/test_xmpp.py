@@ -1302,6 +1302,35 @@ def test_a_correction_written_with_its_message_names_it(xd, gk, alice, pg, db_ur
     assert got[2]["content"]["replaces"] == got[1]["id"] and got[2]["content"]["parts"][0]["body"] == "the typo"
 
 
+def test_an_id_used_again_for_a_new_message_is_a_new_message(xd, gk, alice, pg, db_url):
+    """A client need only keep its ids unique within a stream (RFC 6120
+    §8.1.3): after a reconnect, id '1' can be a new message. The same
+    stanza again (a resend, XEP-0198) is still stored once, silently; the
+    same id with other content is delivered as the new message it is, and
+    a correction naming the id corrects the newest message with it (its
+    sender's last, XEP-0308). Until the twenty-third session the dedup key
+    was the id alone: the new message was refused with bad-request and
+    lost."""
+    a, srv = gk
+    consent_alice(xd)
+    first = f"<message to='{WALLY_JID}' type='chat' id='1'><body>first</body></message>"
+    alice.send_raw(first)
+    got = srv.wait_events(1)
+    assert got[0]["content"]["parts"][0]["body"] == "first"
+    start = alice.count()
+    alice.send_raw(first)  # a resend: nothing new
+    alice.send_raw(f"<message to='{WALLY_JID}' type='chat' id='1'><body>second, a new message</body></message>")
+    alice.send_raw(f"<message to='{WALLY_JID}' type='chat' id='2'><body>second, corrected</body>"
+                   f"<replace xmlns='urn:xmpp:message-correct:0' id='1'/></message>")
+    got = srv.wait_events(3)
+    assert [(e["type"], e["content"]["parts"][0]["body"]) for e in got] == [
+        ("message", "first"), ("message", "second, a new message"), ("edit", "second, corrected")], got
+    assert got[2]["content"]["replaces"] == got[1]["id"], got
+    # the correction waited for what came before it: the resend is behind us
+    assert pg.psql("SELECT count(*) FROM events WHERE origin_network = 'xmpp'", db_url) == "3"
+    assert not [el for el in alice.stanzas()[start:] if el.get("type") == "error"]
+    assert len(srv.events) == 3
+
 
 def test_features_both_ways(xd, gk, alice, pg, db_url):
     a, srv = gk
