@@ -10,7 +10,8 @@
  *             then the stanza is mapped (xm_to_neutral); first-contact
  *             rows are rolled back when it is refused or carries nothing
  *   rounds    the pipeline's (policy, events, outbox)
- *   last      the message's XMPP ids (id and origin-id), for references
+ *   last      the message's XMPP ids (id and origin-id), for references;
+ *             a leave's membership ended (undone if it was already)
  * and answered with a stanza error when refused.  Stanza ids are only
  * unique per sender (and stream), so they are stored as "<room id>/<id>"
  * for each message that has them, and a reference finds the sender's
@@ -115,7 +116,7 @@ struct xin {
 	const char *err_type, *err_cond;
 	char err_text[300];              /* the error's text for the user ("" : none) */
 	bool fresh;                      /* this run's round 0 made the chat's rows (first contact) */
-	bool undone;                     /* refused at first contact: its transaction undone on purpose */
+	bool undone;                     /* refused at first contact, or a leave of one who left: undone on purpose */
 	struct xin *next_waiting;        /* xc->in_waiting's next */
 };
 
@@ -321,7 +322,8 @@ static cw_err in_send(PGconn *c, void *arg, int round, cw_errmsg *e)
 			" AND room_id = $2::bigint AND identity_id = (SELECT id FROM identities WHERE uri = $7) "
 			" AND membership = 'joined' RETURNING 1) "
 			"SELECT count(*) > 0 AND count(*) FILTER (WHERE o.state <> 'dropped') = 0, "
-			" (SELECT public_id FROM events WHERE origin_network = 'xmpp' AND origin_native_id = $1) FROM events e "
+			" (SELECT public_id FROM events WHERE origin_network = 'xmpp' AND origin_native_id = $1), "
+			" (SELECT count(*) FROM lv) FROM events e "
 			" JOIN outbox o ON o.event_id = e.id WHERE e.origin_network = 'xmpp' AND e.origin_native_id = $1",
 			7, NULL, params, NULL, NULL, 0)
 			       ? CW_OK
@@ -395,7 +397,20 @@ static cw_err in_recv(PGconn *c, void *arg, int round, bool *more, cw_errmsg *e)
 			refuse(in, "cancel", "service-unavailable");
 		if (!rc && PQntuples(r) == 1 && !PQgetisnull(r, 0, 1))
 			snprintf(in->msg_id, sizeof(in->msg_id), "%s", PQgetvalue(r, 0, 1));
+		/* The membership ends in the statement that checks it (its row
+		 * locked): a second request to leave, written with the first
+		 * (one batch, or one waiting for the other's lock), finds it
+		 * ended and is undone, answered as one made after it is; until
+		 * the twenty-third session both passed the pipeline's check of
+		 * membership and two leave events were stored. */
+		bool gone = !rc && in->leave && !in->err_cond && PQntuples(r) == 1 &&
+			    strcmp(PQgetvalue(r, 0, 2), "0") == 0;
 		PQclear(r);
+		if (gone) {
+			refuse(in, "cancel", "service-unavailable");
+			in->undone = true;
+			return cw_fail(e, CW_EINVAL, "no longer a member: the leave is not stored");
+		}
 		return rc;
 	}
 	cw_err rc = submit_recv(c, in->b, round - 1, more, e);

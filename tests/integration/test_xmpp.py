@@ -1060,6 +1060,37 @@ def test_an_xmpp_user_leaves_a_group(xd, gk, alice, prosody, pg, db_url):
         bob.disconnect()
 
 
+def test_two_leave_requests_at_once_make_one_leaving(xd, gk, alice, prosody, pg, db_url):
+    """A user who asks to leave twice back to back (muc#admin and the
+    room's command) leaves once: the second request finds them no longer
+    a member (service-unavailable, as when sent after the first is done)
+    and one membership event exists. Until the twenty-third session both
+    passed the membership check before either ended it: both answered
+    success, two leave events stored and sent."""
+    a, srv = gk
+    consent_alice(xd)
+    gid = a.create_room([a.user("wally"), ALICE], kind="group").json()["id"]
+    assert a.send(gid, a.user("wally"), "hello").status_code == 202
+    room = alice.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None).get("from")
+    # her binding to the room is written just after her invitation is sent
+    wait_until(lambda: pg.psql("SELECT count(*) FROM room_bindings WHERE network = 'xmpp' "
+                               "AND remote_identity_id IS NULL", db_url) == "1", what="alice's binding")
+    start = alice.count()
+    alice.send_raw(f"<iq type='set' to='{room}' id='l1'><query xmlns='http://jabber.org/protocol/muc#admin'>"
+                   f"<item affiliation='none' jid='{ALICE_JID}'/></query></iq>"
+                   f"<iq type='set' to='{room}' id='l2'><command xmlns='http://jabber.org/protocol/commands' "
+                   f"node='leave' action='complete'/></iq>")
+    answers = {i: alice.wait_for_stanza(lambda el, i=i: el.tag == q("jabber:client", "iq") and el.get("id") == i,
+                                        start=start) for i in ("l1", "l2")}
+    assert sorted(el.get("type") for el in answers.values()) == ["error", "result"], answers
+    err = next(el for el in answers.values() if el.get("type") == "error")
+    assert err.error_condition == "service-unavailable", err.xml
+    assert pg.psql(f"SELECT count(*) FROM events e JOIN rooms r ON r.id = e.room_id WHERE r.public_id = '{gid}' "
+                   f"AND e.type = 'membership'", db_url) == "1"
+    assert pg.psql(f"SELECT m.membership FROM room_members m JOIN rooms r ON r.id = m.room_id JOIN identities i "
+                   f"ON i.id = m.identity_id WHERE r.public_id = '{gid}' AND i.uri = '{ALICE}'", db_url) == "left"
+
+
 def test_a_stopping_daemon_tells_the_rooms_occupants(make_daemon, db_url, prosody, alice):
     """When the daemon stops, the clients in its rooms are told that the
     service is going (status 332), so that they join again when it is back
