@@ -1,4 +1,4 @@
--- 033_xmpp_ids_per_sender.sql: an XMPP id may name several events.
+-- 034_xmpp_ids_per_sender.sql: an XMPP id may name several events.
 --
 -- XMPP stanza ids are unique only per sender (RFC 6120 §8.1.3: per
 -- stream even), and the XMPP adapter stores them as "<room id>/<id>"
