@@ -450,7 +450,8 @@ void app_reply_store_error(struct cw_app *app, struct cw_req *req, cw_err rc, co
 			       rc == CW_ESHUTDOWN ? "the daemon is stopping" :
 			       rc == CW_ETIMEDOUT ? "the database did not answer in time" :
 			       rc == CW_ERETRY ? "the write kept colliding with others; nothing was stored" :
-			       why && strcmp(why, STORE_OUTCOME_UNKNOWN) == 0 ? STORE_OUTCOME_UNKNOWN :
+			       why && strcmp(why, STORE_OUTCOME_UNKNOWN) == 0
+				       ? (cw_req_retry_safe(req) ? STORE_OUTCOME_RETRY : STORE_OUTCOME_LOOK) :
 			       "the database is unavailable; nothing was stored");
 		return;
 	}

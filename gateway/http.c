@@ -56,6 +56,7 @@ struct cw_req {
 	bool path_matched; /* no route, but the path is one's (405, not 404) */
 	/* state */
 	bool handled;
+	bool retry_safe; /* cw_req_set_retry_safe */
 	bool suspended;
 	/* reply */
 	bool replied;
@@ -143,6 +144,10 @@ const char *cw_req_path(const struct cw_req *r) { return r->path; }
 const char *cw_req_id(const struct cw_req *r) { return r->id; }
 const char *cw_req_raw_target(const struct cw_req *r) { return r->raw_target ? r->raw_target : r->path; }
 void *cw_req_principal(const struct cw_req *r) { return r->principal; }
+
+void cw_req_set_retry_safe(struct cw_req *r) { r->retry_safe = true; }
+
+bool cw_req_retry_safe(const struct cw_req *r) { return r->retry_safe; }
 
 enum cw_auth cw_req_auth(const struct cw_req *r)
 {

@@ -114,6 +114,10 @@ const char *cw_req_raw_target(const struct cw_req *r);
  * request, freed with free_fn when the request ends. */
 void cw_req_set_principal(struct cw_req *r, void *principal, void (*free_fn)(void *));
 void *cw_req_principal(const struct cw_req *r);
+/* The handler honours the request's idempotency key(s): the same request
+ * again is not done twice, which an answer of an unknown outcome may say. */
+void cw_req_set_retry_safe(struct cw_req *r);
+bool cw_req_retry_safe(const struct cw_req *r);
 /* The authentication of the route the request matched (CW_AUTH_NONE
  * when none matched). */
 enum cw_auth cw_req_auth(const struct cw_req *r);

@@ -19,10 +19,15 @@
 struct cw_store;
 
 /* The reason (cw_errmsg) of a write whose connection was lost at COMMIT:
- * it may have been stored; the caller says so, not "nothing was stored". */
+ * it may have been stored; the caller says so, not "nothing was stored"
+ * (and, answering a request, how to retry it: STORE_OUTCOME_RETRY or
+ * STORE_OUTCOME_LOOK). */
 #define STORE_OUTCOME_UNKNOWN \
-	"the database connection was lost while the write was committed: it may have been stored; " \
-	"retry it (with the same Idempotency-Key, it is not done twice)"
+	"the database connection was lost while the write was committed: it may have been stored"
+#define STORE_OUTCOME_RETRY STORE_OUTCOME_UNKNOWN "; retry it (with the same Idempotency-Key, it is not done twice)"
+#define STORE_OUTCOME_LOOK \
+	STORE_OUTCOME_UNKNOWN "; look before you repeat it: no Idempotency-Key of this request makes a repeat " \
+			      "safe (it may be refused as existing, or done twice)"
 
 /* Every write of events takes, in room id order and until its commit, a
  * transaction-level advisory lock per room (class ROOM_LOCK_CLASS, "CWRR"):

@@ -636,6 +636,8 @@ void peer_api_room_create(struct cw_req *req, void *ctx)
 	in->p = p;
 	snprintf(in->scope, sizeof(in->scope), "peer:%s", p->name);
 	in->idem_key = key ? strdup(key) : NULL;
+	if (key)
+		cw_req_set_retry_safe(req);
 	/* The request for its Idempotency-Key: the body as JSON, keys sorted
 	 * and compact, so that a retry serialised anew (another key order,
 	 * other spacing) is the same request, as an event's is. */
@@ -2479,6 +2481,8 @@ static void submit_one(struct cw_req *req, struct cw_app *app, unsigned types, b
 		return;
 	}
 	const char *key = cw_req_header(req, "Idempotency-Key");
+	if (key)
+		cw_req_set_retry_safe(req); /* a key made of the signature is not: a retry is signed anew */
 	char made_key[64]; /* "sig-", then 43 of base64url (the padded form is encoded first) */
 	if (!key && !key_required) {
 		char created[24];
@@ -2721,5 +2725,6 @@ void peer_api_batch(struct cw_req *req, void *ctx)
 	}
 	j->data = b;
 	j->data_free = submit_free;
+	cw_req_set_retry_safe(req); /* every item has its key */
 	app_job_start_prepared_pipe(j, batch_prepare, &submit_ops);
 }
