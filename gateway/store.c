@@ -22,6 +22,7 @@ struct job {
 	cw_err rc;
 	cw_errmsg err;
 	int retries;                     /* runs again after a deadlock (CW_ERETRY) */
+	bool patient;                    /* a read that waits for the database (store_read_patient) */
 	struct job *next;
 };
 
@@ -720,6 +721,42 @@ static void *writer_main(void *arg)
 
 /* ------------------------------------------------------------ the readers */
 
+static void read_once(struct cw_store *s, struct reader *rd, struct job *j)
+{
+	if (!conn_ensure(s, &rd->conn, "reader")) {
+		j->rc = cw_fail(&j->err, CW_EUNAVAIL, "the database is unavailable");
+		return;
+	}
+	j->rc = j->fn(rd->conn.c, j->arg, &j->err);
+	if (j->rc && (j->rc == CW_EUNAVAIL || PQstatus(rd->conn.c) != CONNECTION_OK)) {
+		/* Retry once on a fresh connection: a read has no side effect. */
+		conn_lost(s, &rd->conn);
+		rd->conn.retry_at_us = 0;
+		if (conn_ensure(s, &rd->conn, "reader")) {
+			j->err.msg[0] = '\0';
+			j->rc = j->fn(rd->conn.c, j->arg, &j->err);
+		} else {
+			j->rc = cw_fail(&j->err, CW_EUNAVAIL, "the database is unavailable");
+		}
+	}
+}
+
+/* A patient read's pause before it tries again (the reconnection's
+ * backoff decides whether a try connects): false once its deadline has
+ * passed or the store stops. */
+static bool patient_nap(struct cw_store *s, int64_t deadline_us)
+{
+	int64_t left = deadline_us - cw_now_us();
+	if (left <= 0)
+		return false;
+	struct timespec ts = { 0, (long)(left < 100000 ? left : 100000) * 1000L };
+	nanosleep(&ts, NULL);
+	pthread_mutex_lock(&s->mu);
+	bool stopping = s->stopping;
+	pthread_mutex_unlock(&s->mu);
+	return !stopping && cw_now_us() < deadline_us;
+}
+
 static void *reader_main(void *arg)
 {
 	cw_thread_name("cw-reader");
@@ -741,20 +778,11 @@ static void *reader_main(void *arg)
 		atomic_fetch_add(&s->readers_busy, 1);
 		if (cw_now_us() > j->deadline_us) {
 			j->rc = cw_fail(&j->err, CW_ETIMEDOUT, "the database did not take the read in time");
-		} else if (!conn_ensure(s, &rd->conn, "reader")) {
-			j->rc = cw_fail(&j->err, CW_EUNAVAIL, "the database is unavailable");
 		} else {
-			j->rc = j->fn(rd->conn.c, j->arg, &j->err);
-			if (j->rc && (j->rc == CW_EUNAVAIL || PQstatus(rd->conn.c) != CONNECTION_OK)) {
-				/* Retry once on a fresh connection: a read has no side effect. */
-				conn_lost(s, &rd->conn);
-				rd->conn.retry_at_us = 0;
-				if (conn_ensure(s, &rd->conn, "reader")) {
-					j->err.msg[0] = '\0';
-					j->rc = j->fn(rd->conn.c, j->arg, &j->err);
-				} else {
-					j->rc = cw_fail(&j->err, CW_EUNAVAIL, "the database is unavailable");
-				}
+			read_once(s, rd, j);
+			while (j->patient && j->rc == CW_EUNAVAIL && patient_nap(s, j->deadline_us)) {
+				j->err.msg[0] = '\0';
+				read_once(s, rd, j);
 			}
 		}
 		atomic_fetch_sub(&s->readers_busy, 1);
@@ -768,7 +796,7 @@ static void *reader_main(void *arg)
 /* -------------------------------------------------------------- public API */
 
 static cw_err enqueue(struct cw_store *s, bool write, store_fn fn, const struct store_pipe_ops *pipe,
-		      store_done_fn done, void *arg)
+		      store_done_fn done, void *arg, bool patient)
 {
 	if (write && !atomic_load(&s->db_up))
 		return CW_EUNAVAIL;
@@ -779,6 +807,7 @@ static cw_err enqueue(struct cw_store *s, bool write, store_fn fn, const struct 
 	j->pipe = pipe;
 	j->done = done;
 	j->arg = arg;
+	j->patient = patient;
 	j->enqueued_us = cw_now_us();
 	j->deadline_us = j->enqueued_us + s->o.deadline_us;
 	pthread_mutex_lock(&s->mu);
@@ -803,17 +832,22 @@ static cw_err enqueue(struct cw_store *s, bool write, store_fn fn, const struct 
 
 cw_err store_write(struct cw_store *s, store_fn fn, store_done_fn done, void *arg)
 {
-	return enqueue(s, true, fn, NULL, done, arg);
+	return enqueue(s, true, fn, NULL, done, arg, false);
 }
 
 cw_err store_write_pipe(struct cw_store *s, const struct store_pipe_ops *ops, store_done_fn done, void *arg)
 {
-	return enqueue(s, true, NULL, ops, done, arg);
+	return enqueue(s, true, NULL, ops, done, arg, false);
 }
 
 cw_err store_read(struct cw_store *s, store_fn fn, store_done_fn done, void *arg)
 {
-	return enqueue(s, false, fn, NULL, done, arg);
+	return enqueue(s, false, fn, NULL, done, arg, false);
+}
+
+cw_err store_read_patient(struct cw_store *s, store_fn fn, store_done_fn done, void *arg)
+{
+	return enqueue(s, false, fn, NULL, done, arg, true);
 }
 
 struct read_wait {
@@ -850,7 +884,7 @@ cw_err store_read_wait(struct cw_store *s, store_fn fn, void *arg, cw_errmsg *e)
 	struct read_wait w = { .fn = fn, .arg = arg, .e = e };
 	pthread_mutex_init(&w.mu, NULL);
 	pthread_cond_init(&w.cv, NULL);
-	cw_err rc = enqueue(s, false, read_wait_fn, NULL, read_waited, &w);
+	cw_err rc = enqueue(s, false, read_wait_fn, NULL, read_waited, &w, false);
 	if (rc) {
 		cw_fail(e, rc, "the store is not taking work");
 	} else {

@@ -114,6 +114,13 @@ void store_close(struct cw_store *s);
 cw_err store_write(struct cw_store *s, store_fn fn, store_done_fn done, void *arg);
 cw_err store_read(struct cw_store *s, store_fn fn, store_done_fn done, void *arg);
 cw_err store_write_pipe(struct cw_store *s, const struct store_pipe_ops *ops, store_done_fn done, void *arg);
+/* store_read for a look-up after a write whose outcome is unknown
+ * (STORE_OUTCOME_UNKNOWN: its connection lost at COMMIT): while the
+ * database is away, the read is tried again at the reconnection's pace
+ * until the job's deadline (database.request_timeout_ms from now) rather
+ * than failing at once, since the answer (was it stored?) is only there
+ * once the database answers.  It holds its reader meanwhile. */
+cw_err store_read_patient(struct cw_store *s, store_fn fn, store_done_fn done, void *arg);
 /* store_read, waiting for the outcome (fn's, or the store's: database away,
  * deadline, stopping), for a thread of its own that may block (a worker,
  * workers.h).  Never from a store thread or an HTTP thread. */

@@ -12,7 +12,8 @@
  *   rounds    the pipeline's (policy, events, outbox)
  *   last      the message's XMPP ids (id and origin-id), for references;
  *             a leave's membership ended (undone if it was already)
- * and answered with a stanza error when refused.  Stanza ids are only
+ * and answered with a stanza error when refused (when the COMMIT's answer
+ * was lost, by what a look-up finds stored: in_done).  Stanza ids are only
  * unique per sender (and stream), so they are stored as "<room id>/<id>"
  * for each message that has them, and a reference finds the sender's
  * own: another member of a group cannot take them over. */
@@ -117,6 +118,7 @@ struct xin {
 	char err_text[300];              /* the error's text for the user ("" : none) */
 	bool fresh;                      /* this run's round 0 made the chat's rows (first contact) */
 	bool undone;                     /* refused at first contact, or a leave of one who left: undone on purpose */
+	bool stored;                     /* looked up after an unknown outcome: its first event is stored */
 	struct xin *next_waiting;        /* xc->in_waiting's next */
 };
 
@@ -568,14 +570,61 @@ static void in_answer(struct xin *in, cw_err rc, const cw_errmsg *e)
 	}
 }
 
+/* Whether the write's first event is stored, by the key it was written
+ * with (its message's id for a groupchat's reflection). */
+static cw_err in_stored_fn(PGconn *c, void *arg, cw_errmsg *e)
+{
+	struct xin *in = arg;
+	const char *params[] = { in->base };
+	PGresult *r = PQexecParams(c,
+				   "SELECT public_id FROM events WHERE origin_network = 'xmpp' AND origin_native_id = $1",
+				   1, NULL, params, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	in->stored = PQntuples(r) == 1;
+	if (in->stored)
+		snprintf(in->msg_id, sizeof(in->msg_id), "%s", PQgetvalue(r, 0, 0));
+	PQclear(r);
+	return CW_OK;
+}
+
+/* The look-up's answer: stored, the stanza is answered as its last run
+ * (the one committed) had it, its refusal or reflection included;
+ * otherwise, or when the database stayed away past the look-up's
+ * deadline, as a write that failed. */
+static void in_looked_up(void *arg, cw_err rc, const cw_errmsg *e)
+{
+	struct xin *in = arg;
+	if (!rc && in->stored) {
+		LOG_KV(CW_LOG_INFO, "xmpp message stored: its commit's answer was lost", "component", in->xc->domain,
+		       "id", in->msg_id);
+		in_answer(in, CW_OK, NULL);
+	} else {
+		cw_errmsg why;
+		snprintf(why.msg, sizeof(why.msg), "%s",
+			 rc ? (e ? e->msg : "the database is unavailable") : "its commit's answer was lost: not stored");
+		in_answer(in, CW_EUNAVAIL, &why);
+	}
+	xin_free(in);
+}
+
 static void in_done(void *arg, cw_err rc, const cw_errmsg *e)
 {
 	struct xin *in = arg;
-	in_answer(in, rc, e);
 	struct xcomp *xc = in->xc;
 	char room[ROOM_NATIVE_MAX + 1];
 	snprintf(room, sizeof(room), "%s", in->room);
-	xin_free(in);
+	/* The COMMIT's answer lost with the connection: the stanza may well
+	 * be stored and delivered, and its sender has no other way to learn
+	 * it (a resend gets a new id, and the peer would get it twice): what
+	 * is stored decides the answer, once the database answers.  Until
+	 * the twenty-third session it was internal-server-error. */
+	bool unknown = rc == CW_EUNAVAIL && e && strcmp(e->msg, STORE_OUTCOME_UNKNOWN) == 0;
+	if (!unknown || store_read_patient(xc->x->app->store, in_stored_fn, in_looked_up, in) != CW_OK) {
+		in_answer(in, rc, e);
+		xin_free(in);
+	}
 	in_finished(xc, room);
 }
 

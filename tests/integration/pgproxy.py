@@ -6,7 +6,10 @@ The daemon is given `proxy.url` instead of the database's URL; every
 connection is relayed byte for byte (protocol 3, the server's Unix socket,
 so no TLS to negotiate) while the proxy reads the message boundaries
 (a type byte and a length, after the untyped start-up message) to know
-which statement a transaction ran.
+which statement a transaction ran.  Bind messages are matched with the
+server's BindComplete answers in order, so that a statement of a pipeline
+(libpq pipeline mode: many Binds before the first answer) counts its own
+rows only.
 """
 import os
 import shutil
@@ -38,6 +41,8 @@ class _Conn:
     def __init__(self, client, server):
         self.client, self.server = client, server
         self.counting = False   # the armed statement's rows are coming
+        self.binds = []         # per Bind sent and not yet answered: whether it is the armed statement's
+        self.unnamed = ""       # the text of the unnamed prepared statement (Parse with no name)
         self.rows = 0           # rows it returned in this transaction
         self.cut = False        # the COMMIT went; drop its answer and close
 
@@ -67,6 +72,18 @@ class PgProxy:
         server; its answer is dropped and the connection closed (once)."""
         with self.lock:
             self.statement = statement
+
+    def cut_commit_matching(self, pred):
+        """As cut_commit_after, for any statement whose name pred(name)
+        accepts (the text, for the unnamed statement): a job of the
+        writer's pipelined batch (submit_write...) is one of many Binds
+        sent before the first answer."""
+        with self.lock:
+            self.statement = pred
+
+    def _armed(self, stmt):
+        return self.statement is not None and (
+            self.statement(stmt) if callable(self.statement) else stmt == self.statement)
 
     def close(self):
         self.closed = True
@@ -113,8 +130,12 @@ class PgProxy:
                 body = msg[5:]
                 with self.lock:
                     if kind == b"B":   # Bind: portal name, statement name, ...
-                        stmt = body.split(b"\0", 2)[1].decode()
-                        c.counting = self.statement is not None and stmt == self.statement
+                        stmt = body.split(b"\0", 2)[1].decode(errors="replace")
+                        c.binds.append(self._armed(stmt or c.unnamed))
+                    elif kind == b"P":   # Parse: statement name, text, ...
+                        name, text = [x.decode(errors="replace") for x in body.split(b"\0", 2)[:2]]
+                        if not name:
+                            c.unnamed = text
                     elif kind == b"Q":
                         text = body.rstrip(b"\0").decode(errors="replace").strip().upper()
                         if text == "COMMIT" and c.rows and self.statement is not None:
@@ -131,6 +152,10 @@ class PgProxy:
             while True:
                 kind, msg = _message(c.server)
                 with self.lock:
+                    if kind == b"2" and c.binds:   # BindComplete: the Binds' answers come in order
+                        c.counting = c.binds.pop(0)
+                    elif kind == b"E":   # an error skips the rest of a pipeline, to its Sync
+                        c.binds.clear()
                     if c.counting and kind == b"D":
                         c.rows += 1
                     elif c.counting and kind in (b"C", b"E"):

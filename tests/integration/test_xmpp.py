@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 
 from harness import free_port, wait_until
 from peer import MediaServer, NotifyServer, PeerClient, verify_get
+from pgproxy import PgProxy
 from prosody import Prosody, XmppClient
 
 HOST = "xmpp.test"
@@ -1361,6 +1362,69 @@ def test_an_id_used_again_for_a_new_message_is_a_new_message(xd, gk, alice, pg, 
     assert pg.psql("SELECT count(*) FROM events WHERE origin_network = 'xmpp'", db_url) == "3"
     assert not [el for el in alice.stanzas()[start:] if el.get("type") == "error"]
     assert len(srv.events) == 3
+
+
+def answered_after_unknown_outcome(d, client, sid):
+    """Waits until the daemon answered the stanza sid whose COMMIT's answer
+    was lost (looked up, or an error to the client); the errors to it."""
+    def seen():
+        errs = [el for el in client.stanzas() if el.get("type") == "error" and el.get("id") == sid]
+        return errs or "stored: its commit's answer was lost" in d.log()
+    wait_until(seen, timeout=30, what="the stanza answered")
+    return [el for el in client.stanzas() if el.get("type") == "error" and el.get("id") == sid]
+
+
+def test_a_message_whose_commit_was_not_answered_is_looked_up(make_daemon, db_url, prosody, alice, pg):
+    """The COMMIT of alice's message runs and its answer is lost with the
+    connection (tests/integration/pgproxy.py): the message is stored and
+    delivered, so the adapter looks it up by its dedup key once the
+    database answers, and tells alice no error.  Until the twenty-third
+    session she was told internal-server-error, and a resend (a new id)
+    reached the peer twice."""
+    with PgProxy(db_url) as px:
+        d, a, srv = start_with_gk(make_daemon, px.url, prosody)
+        try:
+            consent_alice(d)
+            alice.send_message(WALLY_JID, "first")
+            srv.wait_events(1)
+            px.cut_commit_matching(lambda s: s.startswith("submit_write"))
+            sid = alice.send_message(WALLY_JID, "cut one")
+            wait_until(lambda: px.cuts == 1, what="the commit's answer cut")
+            assert answered_after_unknown_outcome(d, alice, sid) == []
+            room = pg.psql("SELECT public_id FROM rooms", db_url)
+            wait_until(lambda: a.send(room, a.user("wally"), "after", idem="k-after").status_code == 202,
+                       what="writes taken again")
+            message_from(alice, WALLY_JID, lambda el: body(el) == "after")  # behind any answer to "cut one"
+            assert not [el for el in alice.stanzas() if el.get("type") == "error" and el.get("id") == sid]
+            wait_until(lambda: len(srv.events) >= 2, what="the message at the peer")
+            assert [e["content"]["parts"][0]["body"] for e in srv.events] == ["first", "cut one"]
+            assert pg.psql("SELECT count(*) FROM events WHERE origin_network = 'xmpp'", db_url) == "2"
+        finally:
+            srv.close()
+
+
+def test_a_groupchat_whose_commit_was_not_answered_is_reflected(make_daemon, db_url, prosody, alice, pg):
+    """As above, in a group: alice gets her message back from the room
+    (XEP-0045 §7.4), with its stanza-id, not an error."""
+    with PgProxy(db_url) as px:
+        d, a, srv = start_with_gk(make_daemon, px.url, prosody)
+        try:
+            with a_group_with_bob(d, a, alice, prosody) as (bob, gid, room):
+                join_room(room, (alice, "alice"))
+                px.cut_commit_matching(lambda s: s.startswith("submit_write"))
+                alice.send_message(room, "cut in the group", mtype="groupchat", id="g1")
+                wait_until(lambda: px.cuts == 1, what="the commit's answer cut")
+                assert answered_after_unknown_outcome(d, alice, "g1") == []
+                mine = message_from(alice, room, lambda el: el.get("id") == "g1", timeout=20)
+                assert body(mine) == "cut in the group" and mine.get("from") == room + "/alice"
+                stored = pg.psql("SELECT public_id FROM events WHERE origin_network = 'xmpp' AND type = 'message'", db_url)
+                assert mine.find("{urn:xmpp:sid:0}stanza-id").get("id") == stored
+                wait_until(lambda: [e for e in srv.events if e.get("room_id") == gid and e["type"] == "message"],
+                           what="the message at the peer")
+                assert [e["content"]["parts"][0]["body"] for e in srv.events
+                        if e.get("room_id") == gid and e["type"] == "message"] == ["cut in the group"]
+        finally:
+            srv.close()
 
 
 def test_features_both_ways(xd, gk, alice, pg, db_url):
