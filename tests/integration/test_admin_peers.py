@@ -9,6 +9,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from harness import wait_until
 from peer import PeerClient
+from pgproxy import PgProxy
 
 
 def new_key():
@@ -63,6 +64,27 @@ def test_create_shows_the_token_once_and_stores_only_its_hash(daemon, pg, db_url
     # The change is audited.
     assert pg.psql("SELECT actor || ' ' || action || ' ' || subject FROM audit_log", db_url) == \
         "admin:config peer.create gk"
+
+
+def test_a_creation_whose_commit_was_not_answered_says_to_look_first(make_daemon, db_url, pg):
+    """The commit of a peer's creation ran and its answer was lost: 503,
+    "it may have been stored", and no advice to retry with an
+    Idempotency-Key, which no admin route takes: the peer was stored, and
+    a repeat is 409.  Until the twenty-third session the answer said a
+    retry with the same key was not done twice (a review's finding)."""
+    with PgProxy(db_url) as px:
+        d = make_daemon(px.url).start()
+        px.cut_commit_matching(lambda s: s.startswith("INSERT INTO peers"))
+        r = d.admin("POST", "/peers", json=peer_body(), headers={"Idempotency-Key": "k1"})
+        assert px.cuts == 1
+        assert r.status_code == 503 and r.headers.get("Retry-After"), r.text
+        detail = r.json()["detail"]
+        assert "may have been stored" in detail and "look before you repeat it" in detail, detail
+        assert "is not done twice" not in detail
+        assert pg.psql("SELECT name FROM peers", db_url) == "gk"
+        wait_until(lambda: d.admin("POST", "/peers", json=peer_body(),
+                                   headers={"Idempotency-Key": "k1"}).status_code == 409,
+                   what="the repeat refused as existing")
 
 
 def test_duplicates_conflict(daemon):

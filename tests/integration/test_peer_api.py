@@ -332,6 +332,50 @@ def test_a_claim_whose_commit_was_not_answered_goes_out_at_once(make_daemon, db_
                 srv.close()
 
 
+@pytest.mark.parametrize("keyed", [True, False])
+def test_a_submit_whose_commit_was_not_answered_says_whether_a_retry_is_safe(make_daemon, db_url, pg, keyed):
+    """A submit whose commit ran, its answer lost: 503 "it may have been
+    stored".  With an Idempotency-Key it is told to retry with it, and the
+    retry gets the stored message; without one (typing takes none: the key
+    is made of the signature, which a retry signs anew) it is told that no
+    key of it makes a repeat safe.  Until the twenty-third session both
+    were told to retry."""
+    with PgProxy(db_url) as px:
+        d = make_daemon(px.url).start()
+        (a, sa), (b, sb) = made = push_peers(d)
+        try:
+            r = room(a, b)
+            px.cut_commit_matching(lambda s: s.startswith("submit_write"))
+            if keyed:
+                path, idem = f"/v1/rooms/{r['id']}/messages", "cut-1"
+                body = {"type": "message", "sender": a.user("alice"),
+                        "content": {"parts": [{"type": "text/plain", "body": "cut"}]}}
+            else:
+                path, idem = f"/v1/rooms/{r['id']}/typing", None
+                body = {"type": "typing", "sender": a.user("alice"), "content": {"state": "start"}}
+            got = a.call("POST", path, body, idem=idem)
+            assert px.cuts == 1, got.text
+            assert got.status_code == 503, got.text
+            detail = got.json()["detail"]
+            assert "may have been stored" in detail, detail
+            assert ("retry it (with the same Idempotency-Key" in detail) == keyed, detail
+            assert ("no Idempotency-Key of this request makes a repeat safe" in detail) != keyed, detail
+            if keyed:
+                again = None
+                for _ in range(50):
+                    again = a.call("POST", path, body, idem=idem)
+                    if again.status_code != 503:
+                        break
+                    time.sleep(0.1)
+                assert again.status_code == 202, again.text
+                stored = pg.psql("SELECT public_id FROM events e WHERE e.content->'content'->'parts'->0->>'body' "
+                                 "= 'cut'", db_url)
+                assert again.json()["id"] == stored
+        finally:
+            for _, srv in made:
+                srv.close()
+
+
 def test_a_claim_whose_outcome_was_lost_comes_back_while_the_process_delivers(make_daemon, db_url, pg):
     """The keeper renews the rows the lanes are delivering, not every row
     the process claimed: a row whose outcome could not be recorded (the
