@@ -293,12 +293,18 @@ static const struct store_stmt lane_stmts[] = {
 		"RETURNING o.id, o.destination, o.attempts, ev.public_id, ev.content::text, r.uri, r.public_id, "
 		" s.uri, (extract(epoch FROM ev.accepted_at) * 1000)::bigint, ev.ts, ev.id, "
 		" coalesce(o.target_identity_id, 0), ev.type" },
+	/* The attempts are logged for the rows still in flight under this
+	 * claim, as up moves only those (both CTEs see the rows as they were
+	 * before the statement): run again after its answer was lost
+	 * (exec_claimed), it logs nothing (until the twenty-third session it
+	 * logged every row's attempt a second time). */
 	{ "cw_record",
 		"WITH cfg AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true) AS v), "
 		"a AS (INSERT INTO delivery_attempts (outbox_id, attempt, started_at, finished_at, ok, code, error) "
 		" SELECT o.id, coalesce((SELECT max(x.attempt) FROM delivery_attempts x WHERE x.outbox_id = o.id), 0) + 1, "
 		"  to_timestamp($8::bigint / 1000.0), now(), $2::boolean, "
 		"  NULLIF($3::int, 0), $4 FROM outbox o WHERE o.id = ANY($1::bigint[]) "
+		"  AND o.state = 'in_flight' AND o.destination = $12 AND o.claimed_by = $11 "
 		" ON CONFLICT (outbox_id, attempt) DO NOTHING), "
 		/* A row out of budget is dead, and so is every later row of its
 		 * room to this destination (in the batch, or waiting): let

@@ -6,10 +6,10 @@ The daemon is given `proxy.url` instead of the database's URL; every
 connection is relayed byte for byte (protocol 3, the server's Unix socket,
 so no TLS to negotiate) while the proxy reads the message boundaries
 (a type byte and a length, after the untyped start-up message) to know
-which statement a transaction ran.  Bind messages are matched with the
-server's BindComplete answers in order, so that a statement of a pipeline
-(libpq pipeline mode: many Binds before the first answer) counts its own
-rows only.
+which statement a transaction ran.  Armed, it cuts once: a COMMIT after
+a given statement returned a row (cut_commit_after, cut_commit_matching),
+or one statement run outside a transaction block (cut_statement, and
+cut_statement_with_rows for a run that returned a row).
 """
 import os
 import shutil
@@ -41,10 +41,13 @@ class _Conn:
     def __init__(self, client, server):
         self.client, self.server = client, server
         self.counting = False   # the armed statement's rows are coming
-        self.binds = []         # per Bind sent and not yet answered: whether it is the armed statement's
-        self.unnamed = ""       # the text of the unnamed prepared statement (Parse with no name)
         self.rows = 0           # rows it returned in this transaction
         self.cut = False        # the COMMIT went; drop its answer and close
+        self.binds = []         # per Bind sent, whether armed (pipelines: answered in order)
+        self.buffering = False  # rows_pred armed: hold the answer until Z
+        self.buf = []
+        self.buf_rows = 0
+        self.auto = False       # an autocommit statement armed: drop its answer and close
 
 
 class PgProxy:
@@ -74,16 +77,28 @@ class PgProxy:
             self.statement = statement
 
     def cut_commit_matching(self, pred):
-        """As cut_commit_after, for any statement whose name pred(name)
-        accepts (the text, for the unnamed statement): a job of the
-        writer's pipelined batch (submit_write...) is one of many Binds
-        sent before the first answer."""
+        """as cut_commit_after, for any prepared statement whose name
+        pred(name) accepts."""
         with self.lock:
             self.statement = pred
 
-    def _armed(self, stmt):
-        return self.statement is not None and (
-            self.statement(stmt) if callable(self.statement) else stmt == self.statement)
+    def cut_statement_with_rows(self, pred):
+        """as cut_statement, but only a run that returned a row is cut;
+        runs that returned none go through and the cut stays armed."""
+        with self.lock:
+            self.rows_pred = pred
+
+    rows_pred = None
+    on_complete = False   # cut_commit_matching counts a statement that completed, rows or not
+
+    def cut_statement(self, pred):
+        """the next statement (Bind of a prepared one whose name, or
+        Parse/Query whose text, pred accepts), outside a transaction block:
+        it runs, its answer is dropped and the connection closed (once)."""
+        with self.lock:
+            self.auto_pred = pred
+
+    auto_pred = None
 
     def close(self):
         self.closed = True
@@ -130,14 +145,31 @@ class PgProxy:
                 body = msg[5:]
                 with self.lock:
                     if kind == b"B":   # Bind: portal name, statement name, ...
-                        stmt = body.split(b"\0", 2)[1].decode(errors="replace")
-                        c.binds.append(self._armed(stmt or c.unnamed))
-                    elif kind == b"P":   # Parse: statement name, text, ...
+                        stmt = body.split(b"\0", 2)[1].decode()
+                        if not stmt:   # the unnamed statement: its text
+                            stmt = getattr(c, "unnamed", "")
+                        c.binds.append(self.statement is not None and (
+                            self.statement(stmt) if callable(self.statement) else stmt == self.statement))
+                        if self.auto_pred is not None and self.auto_pred(stmt):
+                            c.auto = True
+                            self.auto_pred = None
+                    elif kind == b"P":
                         name, text = [x.decode(errors="replace") for x in body.split(b"\0", 2)[:2]]
                         if not name:
                             c.unnamed = text
+                    if self.rows_pred is not None and kind in (b"P", b"B") and not c.auto:
+                        t = text if kind == b"P" else stmt
+                        if self.rows_pred(t):
+                            c.buffering = True
+                    if kind == b"P" and self.auto_pred is not None:
+                        if self.auto_pred(text):
+                            c.auto = True
+                            self.auto_pred = None
                     elif kind == b"Q":
                         text = body.rstrip(b"\0").decode(errors="replace").strip().upper()
+                        if self.auto_pred is not None and self.auto_pred(body.rstrip(b"\0").decode(errors="replace")):
+                            c.auto = True
+                            self.auto_pred = None
                         if text == "COMMIT" and c.rows and self.statement is not None:
                             c.cut = True
                             self.statement = None
@@ -152,15 +184,41 @@ class PgProxy:
             while True:
                 kind, msg = _message(c.server)
                 with self.lock:
-                    if kind == b"2" and c.binds:   # BindComplete: the Binds' answers come in order
+                    if kind == b"2" and c.binds:   # BindComplete, in the order of the Binds
                         c.counting = c.binds.pop(0)
-                    elif kind == b"E":   # an error skips the rest of a pipeline, to its Sync
-                        c.binds.clear()
-                    if c.counting and kind == b"D":
+                    elif c.counting and kind == b"D":
                         c.rows += 1
                     elif c.counting and kind in (b"C", b"E"):
+                        if kind == b"C" and self.on_complete:
+                            c.rows += 1
                         c.counting = False
-                    cut = c.cut
+                    if kind == b"E":   # the pipeline's rest is skipped until its Sync
+                        c.binds.clear()
+                    cut = c.cut or c.auto
+                    held = None
+                    if not cut and c.buffering:
+                        c.buf.append(msg)
+                        c.buf_rows += kind == b"D"
+                        if kind == b"Z":
+                            if c.buf_rows and self.rows_pred is not None:
+                                self.rows_pred = None
+                                self.cuts += 1
+                                c.buffering = False
+                                held = "cut"
+                            else:
+                                held = c.buf
+                            c.buf, c.buf_rows, c.buffering = [], 0, False
+                        else:
+                            held = "wait"
+                if held == "cut":
+                    self._close(c)
+                    return
+                if held == "wait":
+                    continue
+                if held is not None:
+                    for m in held:
+                        c.client.sendall(m)
+                    continue
                 if cut:
                     if kind == b"Z":   # the COMMIT ran; its answer goes nowhere
                         with self.lock:

@@ -376,6 +376,37 @@ def test_a_submit_whose_commit_was_not_answered_says_whether_a_retry_is_safe(mak
                 srv.close()
 
 
+def test_a_record_whose_answer_was_lost_counts_one_attempt(make_daemon, db_url, pg):
+    """A delivery's record (cw_record) ran and its answer was lost with the
+    connection: the lane runs it again on a new connection.  The second run
+    finds the row no longer in flight under its claim and changes nothing,
+    so the admin trace shows the one attempt there was.  Until the
+    twenty-third session the second run logged a second attempt."""
+    with PgProxy(db_url) as px:
+        d = make_daemon(px.url).start()
+        (a, sa), (b, sb) = made = push_peers(d)
+        try:
+            r = room(a, b)
+            wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE state NOT IN ('delivered', 'dropped')",
+                                       db_url) == "0", what="the room's making delivered")
+            before = sb.requests
+            px.cut_statement(lambda s: s == "cw_record")
+            assert a.send(r["id"], a.user("alice"), "recorded once", idem="k-rec-once").status_code == 202
+            wait_until(lambda: px.cuts == 1, what="a record run and its answer dropped")
+            # The destination is its lane's until the record has run again:
+            # a later message delivered means the second run is over.
+            assert a.send(r["id"], a.user("alice"), "after it", idem="k-rec-after").status_code == 202
+            wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE state NOT IN ('delivered', 'dropped')",
+                                       db_url) == "0", timeout=30, what="both delivered")
+            assert sb.requests - before == 2 and sb.duplicates == 0
+            mid = pg.psql("SELECT public_id FROM events WHERE origin_native_id = 'k-rec-once'", db_url)
+            [dv] = [x for x in d.admin("GET", f"/messages/{mid}").json()["deliveries"] if x["destination"] == "peer:tg"]
+            assert [x["attempt"] for x in dv["tries"]] == [1], dv
+        finally:
+            for _, srv in made:
+                srv.close()
+
+
 def test_a_claim_whose_outcome_was_lost_comes_back_while_the_process_delivers(make_daemon, db_url, pg):
     """The keeper renews the rows the lanes are delivering, not every row
     the process claimed: a row whose outcome could not be recorded (the
