@@ -212,9 +212,16 @@ bool dispatcher_stopping(const struct dispatcher *d) { return atomic_load(&((str
  * it told as it passes (nl, a thousand a call), or every look of every
  * adapter would walk it again, forever (until the nineteenth session: 50,000
  * such rows, left by one long outage of a peer, cost 0.3 s a look, twice a
- * second, a review measured). */
+ * second, a review measured).
+ *
+ * The rows are marked told in a transaction the caller ends once it has
+ * told them (dispatcher_dead_told): marked in a statement of their own,
+ * a lost answer left them told and nobody telling (until the twenty-third
+ * session).  Locked until then, they are still told by one process. */
 PGresult *dispatcher_dead_untold(PGconn *c, const char *network, const char *destination, cw_errmsg *e)
 {
+	if (store_exec(c, "BEGIN", e))
+		return NULL;
 	const char *p[] = { network, destination };
 	PGresult *r = PQexecParams(c,
 		"WITH d AS (SELECT o.id, o.destination, o.attempts, e.id AS ev, e.room_id, e.sender_id, e.type, "
@@ -237,7 +244,16 @@ PGresult *dispatcher_dead_untold(PGconn *c, const char *network, const char *des
 		"  AND b.local_identity_id = d.sender_id "
 		"LEFT JOIN identities ri ON ri.id = b.remote_identity_id ORDER BY d.id",
 		2, NULL, p, NULL, NULL, 0);
-	return store_check(c, r, PGRES_TUPLES_OK, e) ? NULL : r;
+	if (store_check(c, r, PGRES_TUPLES_OK, e) == CW_OK)
+		return r;
+	cw_errmsg ignored;
+	store_exec(c, "ROLLBACK", &ignored);
+	return NULL;
+}
+
+cw_err dispatcher_dead_told(PGconn *c, bool told, cw_errmsg *e)
+{
+	return store_exec(c, told ? "COMMIT" : "ROLLBACK", e);
 }
 
 void dispatcher_dead_text(char *buf, size_t len, const char *destination, const char *attempts, const char *quote)

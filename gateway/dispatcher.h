@@ -108,13 +108,18 @@ bool dispatcher_stopping(const struct dispatcher *d);
 
 /* Dead letters whose sender is a local user of network (matrix, xmpp) and
  * was not told yet, to destination (NULL: any), at most 50: marked told
- * in the same statement (told once, by one process).  Per row: outbox id,
+ * in a transaction this begins, and locked, which the caller ends with
+ * dispatcher_dead_told once it has told them (told at least once, by one
+ * process: a lost answer leaves them to tell again).  Per row: outbox id,
  * destination, attempts, event type, the sender's native room of the
  * conversation (the binding of the event's room, NULL when there is
  * none), the remote user's local part there, the sender's native id, and
  * the event's native id on network (NULL: none), the first 60 characters
  * of its text (NULL: none).  NULL result on failure (e set). */
 PGresult *dispatcher_dead_untold(PGconn *c, const char *network, const char *destination, cw_errmsg *e);
+/* Ends dispatcher_dead_untold's transaction: commits the rows' marks when
+ * told (the telling queued or sent), else rolls them back. */
+cw_err dispatcher_dead_told(PGconn *c, bool told, cw_errmsg *e);
 /* "Not delivered ("quote"): ..." for such a row (into buf; quote may be
  * NULL). */
 void dispatcher_dead_text(char *buf, size_t len, const char *destination, const char *attempts, const char *quote);

@@ -405,12 +405,18 @@ struct notice_job {
 	char body[4096];
 };
 
+/* Queues a notice on c (in its transaction, if one is open). */
+static cw_err notice_queue(PGconn *c, const char *room, const char *body, cw_errmsg *e)
+{
+	const char *p[] = { room, body };
+	cw_err rc = store_command(c, "INSERT INTO matrix_notices (room_id, body) VALUES ($1, $2)", 2, p, e);
+	return rc ? rc : store_command(c, "NOTIFY causeway_matrix_bot", 0, NULL, e);
+}
+
 static cw_err notice_insert(PGconn *c, void *arg, cw_errmsg *e)
 {
 	struct notice_job *j = arg;
-	const char *p[] = { j->room, j->body };
-	cw_err rc = store_command(c, "INSERT INTO matrix_notices (room_id, body) VALUES ($1, $2)", 2, p, e);
-	return rc ? rc : store_command(c, "NOTIFY causeway_matrix_bot", 0, NULL, e);
+	return notice_queue(c, j->room, j->body, e);
 }
 
 static void notice_inserted(void *arg, cw_err rc, const cw_errmsg *e)
@@ -438,8 +444,10 @@ void mx_bot_notice(struct matrix *m, const char *room, const char *text)
 }
 
 /* A Matrix user's message that became a dead letter (its peer unreachable
- * for the whole retry budget) is told to them in its room. */
-static void dead_letters(struct matrix *m, PGconn *c)
+ * for the whole retry budget) is told to them in its room: the notice is
+ * queued in the transaction that marks the row told, so either both are
+ * kept or neither (the row is told at the next look). */
+static void dead_letters(PGconn *c)
 {
 	cw_errmsg e;
 	PGresult *r = dispatcher_dead_untold(c, "matrix", NULL, &e);
@@ -447,16 +455,26 @@ static void dead_letters(struct matrix *m, PGconn *c)
 		LOG_KV(CW_LOG_WARN, "cannot look for dead letters to tell", "detail", e.msg);
 		return;
 	}
-	for (int i = 0; i < PQntuples(r); i++) {
+	cw_err rc = CW_OK;
+	for (int i = 0; i < PQntuples(r) && !rc; i++) {
 		const char *type = PQgetvalue(r, i, 3);
-		if ((strcmp(type, "message") != 0 && strcmp(type, "edit") != 0) || PQgetisnull(r, i, 4))
+		/* a room id longer than matrix_notices takes (none is, in
+		 * Matrix) is passed over: refused, it would keep every other
+		 * row from being told */
+		if ((strcmp(type, "message") != 0 && strcmp(type, "edit") != 0) || PQgetisnull(r, i, 4) ||
+		    PQgetlength(r, i, 4) > 255)
 			continue;
 		char text[600];
 		dispatcher_dead_text(text, sizeof(text), PQgetvalue(r, i, 1), PQgetvalue(r, i, 2),
 				     PQgetisnull(r, i, 8) ? NULL : PQgetvalue(r, i, 8));
-		mx_bot_notice(m, PQgetvalue(r, i, 4), text);
+		rc = notice_queue(c, PQgetvalue(r, i, 4), text, &e);
 	}
 	PQclear(r);
+	cw_errmsg e2;
+	cw_err end = dispatcher_dead_told(c, !rc, &e2);
+	if (rc || end)
+		LOG_KV(CW_LOG_WARN, "cannot tell dead letters now: told at the next look", "detail",
+		       rc ? e.msg : e2.msg);
 }
 
 /* The notices due (matrix_notices), each from the ghost of its room (the
@@ -1386,7 +1404,7 @@ static void *bot_main(void *arg)
 			while (!atomic_load(&m->bot_stop) && inbox(m, c))
 				;
 			requests(m, c, &requests_after);
-			dead_letters(m, c);
+			dead_letters(c);
 			notices(m, c);
 			portal_departures(m, c);
 			portal_renames(m, c);

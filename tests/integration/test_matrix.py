@@ -20,6 +20,7 @@ import yaml
 from harness import CAUSEWAYD, free_port, wait_until
 from homeserver import Homeserver
 from peer import MediaServer, NotifyServer, PeerClient
+from pgproxy import PgProxy
 from test_retention import dangling, written_while_deleted
 
 AS_TOKEN = "as-" + "a" * 40
@@ -1681,6 +1682,43 @@ def test_a_dead_letter_is_told_to_its_matrix_writer(make_daemon, db_url, hs, pg)
         assert len(notices()) == 2
     finally:
         srv.close()
+
+
+@pytest.mark.parametrize("lost", ["look", "commit"])
+def test_a_dead_letter_whose_telling_lost_its_answer_is_told(make_daemon, db_url, hs, pg, lost):
+    """The look that marks dead letters told ran and its answer was lost
+    with the connection (a network cut), or the commit that keeps the mark
+    did: the writer is told all the same, once.  The notice is queued in
+    the transaction that marks the row, so a look whose answer was lost
+    marked nothing and the next one tells, and a commit that ran kept the
+    notice with the mark.  Until the twenty-third session the look marked
+    the rows in a statement of its own, and a lost answer left them marked
+    told and nobody telling."""
+    with PgProxy(db_url) as px:
+        d = start_mx(make_daemon, px.url, hs,
+                     dispatcher={"retry_budget": "2", "retry_base_ms": "20", "retry_max_ms": "50"})
+        a, srv = add_gk(d)
+        try:
+            alice, room, ghost = alice_writes_to_wally(hs, a)
+            look = lambda t: "sender_told_at IS NULL AND s.is_local" in t  # noqa: E731
+            if lost == "look":
+                px.cut_statement_with_rows(look)
+            else:
+                px.cut_commit_matching(look)
+            srv.fail_next = 1000
+            alice.send_text(room, "into the void")
+
+            def notices():
+                return [e["content"]["body"] for e in hs.events(room)
+                        if e["sender"] == ghost and e["content"].get("msgtype") == "m.notice"]
+            wait_until(lambda: px.cuts == 1, timeout=20, what="the telling's answer lost")
+            wait_until(lambda: notices(), timeout=20, what="the notice")
+            wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE state = 'dead' AND sender_told_at IS NULL",
+                                       db_url) == "0" and pg.psql("SELECT count(*) FROM matrix_notices", db_url) == "0",
+                       timeout=20, what="told and the notice sent")
+            assert len(notices()) == 1, notices()
+        finally:
+            srv.close()
 
 
 def test_an_expiring_message_is_taken_back_when_its_time_comes(mx, hs, gk, pg, db_url):
