@@ -182,8 +182,26 @@ static void cmd_list(struct matrix *m, PGconn *c, const char *room, const char *
 	answer(m, room, txn, n ? text : "Nothing yet: no requests, no decisions.");
 }
 
+/* Queues a notice on c (in its transaction, if one is open): the bot's
+ * thread sends it (notices). */
+static cw_err notice_queue(PGconn *c, const char *room, const char *body, cw_errmsg *e)
+{
+	const char *p[] = { room, body };
+	cw_err rc = store_command(c, "INSERT INTO matrix_notices (room_id, body) VALUES ($1, $2)", 2, p, e);
+	return rc ? rc : store_command(c, "NOTIFY causeway_matrix_bot", 0, NULL, e);
+}
+
+/* Marks the bot's inbox row id handled (see inbox). */
+static cw_err inbox_handled(PGconn *c, const char *id, cw_errmsg *e)
+{
+	const char *p[] = { id };
+	return store_command(c, "UPDATE matrix_bot_inbox SET handled_at = now(), event = '{}' WHERE id = $1::bigint", 1,
+			     p, e);
+}
+
+/* The command body of sender in room, from the bot's inbox row inbox_id. */
 static void command(struct matrix *m, PGconn *c, const char *room, const char *txn, const char *sender,
-		    const char *body)
+		    const char *body, const char *inbox_id)
 {
 	char local_id[24], uri[600];
 	if (!local_identity(m, c, sender, local_id, sizeof(local_id), uri, sizeof(uri)))
@@ -267,8 +285,28 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 		}
 		const struct policy_report rep = { .reporter_kind = "local_user", .reporter = uri, .subject = subject,
 						   .reason = "abuse", .comment = rest[0] ? rest : NULL };
-		cw_err rc = policy_report_store(c, m->app, &rep, NULL, &e);
-		answer(m, room, txn, rc ? "The report could not be stored; try again." : "Reported to the operator. Thank you.");
+		/* The report, the command's handled mark and the answer (a
+		 * notice) are kept together or not at all: a report whose
+		 * answer was lost with the connection is then one report, told
+		 * by its notice when it was kept, else stored and told when
+		 * the command runs again after the reconnect (until the
+		 * twenty-third session alice was told it could not be stored,
+		 * and the rerun stored a second one). */
+		cw_err rc = store_exec(c, "BEGIN", &e);
+		if (!rc)
+			rc = policy_report_store(c, m->app, &rep, NULL, &e);
+		if (!rc)
+			rc = inbox_handled(c, inbox_id, &e);
+		if (!rc)
+			rc = notice_queue(c, room, "Reported to the operator. Thank you.", &e);
+		if (!rc)
+			rc = store_exec(c, "COMMIT", &e);
+		if (!rc)
+			return;
+		cw_errmsg ignored;
+		store_exec(c, "ROLLBACK", &ignored);
+		if (PQstatus(c) == CONNECTION_OK) /* else the command runs again, or its notice tells */
+			answer(m, room, txn, "The report could not be stored; try again.");
 	} else if (strcmp(verb, "list") == 0) {
 		cmd_list(m, c, room, txn, local_id);
 	} else {
@@ -404,14 +442,6 @@ struct notice_job {
 	char room[256];
 	char body[4096];
 };
-
-/* Queues a notice on c (in its transaction, if one is open). */
-static cw_err notice_queue(PGconn *c, const char *room, const char *body, cw_errmsg *e)
-{
-	const char *p[] = { room, body };
-	cw_err rc = store_command(c, "INSERT INTO matrix_notices (room_id, body) VALUES ($1, $2)", 2, p, e);
-	return rc ? rc : store_command(c, "NOTIFY causeway_matrix_bot", 0, NULL, e);
-}
 
 static cw_err notice_insert(PGconn *c, void *arg, cw_errmsg *e)
 {
@@ -1132,7 +1162,8 @@ static bool inbox(struct matrix *m, PGconn *c)
 			cw_sha256_pair("cwcmd", 5, eid ? eid : "", eid ? strlen(eid) : 0, h);
 			cw_hex(hex, h, 16);
 			snprintf(txn, sizeof(txn), "cwcmd-%s", hex);
-			command(m, c, room, txn, sender, json_string_value(json_object_get(content, "body")));
+			command(m, c, room, txn, sender, json_string_value(json_object_get(content, "body")),
+				PQgetvalue(r, i, 0));
 		}
 		json_decref(ev);
 		const char *id[] = { PQgetvalue(r, i, 0) };
@@ -1147,8 +1178,7 @@ static bool inbox(struct matrix *m, PGconn *c)
 		 * CONFLICT) and a command running twice.  Its content is not
 		 * needed for that. */
 		cw_errmsg e;
-		store_command(c, "UPDATE matrix_bot_inbox SET handled_at = now(), event = '{}' WHERE id = $1::bigint", 1,
-			      id, &e);
+		inbox_handled(c, id[0], &e);
 	}
 	PQclear(r);
 	return n > 0;

@@ -910,6 +910,42 @@ def test_a_command_in_a_transaction_sent_again_runs_once(mx, hs, gk, pg, db_url)
     assert pg.psql("SELECT count(*) FROM reports", db_url) == "1"
 
 
+@pytest.mark.parametrize("lost", ["report", "commit"])
+def test_a_report_whose_answer_was_lost_is_stored_once_and_answered(make_daemon, db_url, hs, pg, lost):
+    """The database ran alice's report, or the commit that keeps it, and
+    its answer was lost with the connection (a network cut): there is one
+    report and alice is told it was reported.  The report, the command's
+    handled mark and the answer (a notice) are kept together or not at
+    all: the command runs again after the reconnect only when none was
+    kept.  Until the twenty-third session the bot told alice the report
+    could not be stored, then ran the command again and stored a second."""
+    with PgProxy(db_url) as px:
+        mx = start_mx(make_daemon, px.url, hs)
+        a, srv = add_gk(mx)
+        try:
+            wally = a.user("wally")
+            a.create_room([wally, ALICE])
+            alice, mgmt, said = alice_and_the_bot(hs)
+            stored = lambda t: "INSERT INTO reports" in t  # noqa: E731
+            if lost == "report":
+                px.cut_statement(stored)
+            else:
+                px.cut_commit_matching(stored)
+            n0 = len(said())
+            alice.send_text(mgmt, f"report {wally} spam")
+            wait_until(lambda: px.cuts == 1, timeout=20, what="the report's answer lost")
+            wait_until(lambda: any(n.startswith("Reported") for n in said()[n0:]), timeout=20,
+                       what="the report's answer")
+            # The bot works its inbox in order: once it answered a later
+            # command, a second run of the report would have happened.
+            alice.send_text(mgmt, "help")
+            wait_until(lambda: any("Commands" in n for n in said()[n0:]), timeout=20, what="the answer to help")
+            assert [n for n in said()[n0:] if "Commands" not in n] == ["Reported to the operator. Thank you."]
+            assert pg.psql("SELECT count(*) FROM reports", db_url) == "1"
+        finally:
+            srv.close()
+
+
 def test_reports_to_the_bot_set_the_automatic_limit(mx, hs, gk, pg, db_url):
     """Reports against a remote user by policy.report_limit_threshold (3)
     reporters set the automatic limit however they arrive: `report`
