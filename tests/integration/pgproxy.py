@@ -44,6 +44,7 @@ class _Conn:
         self.rows = 0           # rows it returned in this transaction
         self.cut = False        # the COMMIT went; drop its answer and close
         self.binds = []         # per Bind sent, whether armed (pipelines: answered in order)
+        self.unnamed = ""       # the text of the unnamed prepared statement (a Parse with no name)
         self.buffering = False  # rows_pred armed: hold the answer until Z
         self.buf = []
         self.buf_rows = 0
@@ -77,13 +78,17 @@ class PgProxy:
             self.statement = statement
 
     def cut_commit_matching(self, pred):
-        """as cut_commit_after, for any prepared statement whose name
-        pred(name) accepts."""
+        """As cut_commit_after, for any prepared statement whose name
+        pred(name) accepts (its text, for the unnamed statement of
+        PQexecParams).  Bind messages are matched with the server's
+        BindComplete answers in order, so that one statement of a pipeline
+        (the writer's batch: many Binds before the first answer) counts its
+        own rows only."""
         with self.lock:
             self.statement = pred
 
     def cut_statement_with_rows(self, pred):
-        """as cut_statement, but only a run that returned a row is cut;
+        """As cut_statement, but only a run that returned a row is cut;
         runs that returned none go through and the cut stays armed."""
         with self.lock:
             self.rows_pred = pred
@@ -92,7 +97,7 @@ class PgProxy:
     on_complete = False   # cut_commit_matching counts a statement that completed, rows or not
 
     def cut_statement(self, pred):
-        """the next statement (Bind of a prepared one whose name, or
+        """The next statement (Bind of a prepared one whose name, or
         Parse/Query whose text, pred accepts), outside a transaction block:
         it runs, its answer is dropped and the connection closed (once)."""
         with self.lock:
@@ -147,7 +152,7 @@ class PgProxy:
                     if kind == b"B":   # Bind: portal name, statement name, ...
                         stmt = body.split(b"\0", 2)[1].decode()
                         if not stmt:   # the unnamed statement: its text
-                            stmt = getattr(c, "unnamed", "")
+                            stmt = c.unnamed
                         c.binds.append(self.statement is not None and (
                             self.statement(stmt) if callable(self.statement) else stmt == self.statement))
                         if self.auto_pred is not None and self.auto_pred(stmt):
