@@ -538,6 +538,14 @@ static PGresult *claim_open(struct lane *l, const char **local, cw_errmsg *e)
 	return last;
 }
 
+/* Rows $1 of the lane's claim ($2) back to pending, due at once, the
+ * attempt the claim counted taken back: untried (release) or never known
+ * to be claimed (release_orphans). */
+#define RELEASE_SQL \
+	"UPDATE outbox SET state = 'pending', claimed_by = NULL, claimed_until = NULL, " \
+	" attempts = greatest(attempts - 1, 0) WHERE id = ANY($1::bigint[]) AND state = 'in_flight' " \
+	" AND claimed_by = $2"
+
 static char *id_array(const struct outbox_row *rows, size_t n)
 {
 	size_t cap = 2 + n * 21;
@@ -561,10 +569,7 @@ static bool release_orphans(struct lane *l, cw_errmsg *e)
 {
 	const char *params[] = { l->orphans, l->name };
 	PGresult *r = PQexecParams(l->c,
-				   "UPDATE outbox SET state = 'pending', claimed_by = NULL, claimed_until = NULL, "
-				   " attempts = greatest(attempts - 1, 0) WHERE id = ANY($1::bigint[]) "
-				   " AND state = 'in_flight' AND claimed_by = $2",
-				   2, NULL, params, NULL, NULL, 0);
+				   RELEASE_SQL, 2, NULL, params, NULL, NULL, 0);
 	bool ok = store_check(l->c, r, PGRES_COMMAND_OK, e) == CW_OK;
 	if (ok) {
 		if (atol(PQcmdTuples(r)) > 0)
@@ -737,9 +742,7 @@ static long update_claimed(struct lane *l, const struct outbox_row *rows, size_t
 static void release(struct lane *l, const struct outbox_row *rows, size_t n)
 {
 	update_claimed(l, rows, n,
-		       "UPDATE outbox SET state = 'pending', claimed_by = NULL, claimed_until = NULL, "
-		       " attempts = greatest(attempts - 1, 0) WHERE id = ANY($1::bigint[]) AND state = 'in_flight' "
-		       " AND claimed_by = $2", NULL,
+		       RELEASE_SQL, NULL,
 		       "releasing untried rows failed; the claim will run out and the rows go again");
 }
 
