@@ -2,6 +2,7 @@
 #include "config.h"
 #include "conf.h"
 #include "peer/event.h"
+#include "xmpp/xmpp.h"
 #include "log.h"
 
 #include <ctype.h>
@@ -470,6 +471,13 @@ cw_err cfg_load(struct cw_config *c, const char *path, const char *(*getenv_fn)(
 		cfg_free(c);
 		return cw_fail(e, CW_EINVAL, "matrix.homeserver_url and xmpp.components are both set: a daemon serves "
 			       "one local network (run one daemon per network; docs/xmpp.md)");
+	}
+	/* The XMPP adapter's own reading of it, so that --check-config
+	 * refuses what the start would (until the twenty-fourth session it
+	 * was read only there). */
+	if (c->xmpp_components && *c->xmpp_components && xa_components_parse(c->xmpp_components, NULL, NULL, e)) {
+		cfg_free(c);
+		return CW_EINVAL;
 	}
 	if (!c->listen_address || !*c->listen_address) {
 		cfg_free(c);

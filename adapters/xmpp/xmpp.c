@@ -6,6 +6,7 @@
 #include "xmpp_int.h"
 #include "buf.h"
 #include "log.h"
+#include "peers.h"
 #include "store.h"
 
 #include <ctype.h>
@@ -109,15 +110,63 @@ struct xcomp *xa_comp_by_peer(struct xmpp *x, const char *peer)
 
 /* ------------------------------------------------------------ set-up */
 
-static bool peer_name_valid(const char *s)
+cw_err xa_components_parse(const char *list, xa_component_fn each, void *arg, cw_errmsg *e)
 {
-	size_t n = strlen(s);
-	if (n < 1 || n > XMPP_PEER_MAX)
-		return false;
-	for (const char *p = s; *p; p++)
-		if (!(islower((unsigned char)*p) || isdigit((unsigned char)*p) || *p == '-' || *p == '_' || *p == '.'))
-			return false;
-	return true;
+	char *copy = strdup(list ? list : ""), *save = NULL;
+	if (!copy)
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	cw_err rc = CW_OK;
+	for (char *tok = strtok_r(copy, " ,\t", &save); tok && !rc; tok = strtok_r(NULL, " ,\t", &save)) {
+		char *eq = strchr(tok, '=');
+		if (!eq) {
+			rc = cw_fail(e, CW_EINVAL, "xmpp.components: \"%.100s\" is not DOMAIN=PEER", tok);
+			break;
+		}
+		*eq = '\0';
+		const char *domain = tok, *peer = eq + 1;
+		char l[8], d[XJ_PART_MAX + 1], r[8];
+		if (!xj_split(domain, l, sizeof(l), d, sizeof(d), r, sizeof(r)) || l[0] || r[0])
+			rc = cw_fail(e, CW_EINVAL, "xmpp.components: \"%.100s\" is not a domain", domain);
+		/* The peer's own rule (POST /admin/v1/peers): until the
+		 * twenty-fourth session a looser copy of it here took names no
+		 * peer can have (gk.example, -gk), and the component never
+		 * matched one. */
+		else if (!peer_name_valid(peer))
+			rc = cw_fail(e, CW_EINVAL,
+				     "xmpp.components: \"%.100s\" is not a peer name (1 to 32 of a-z, 0-9, '_' and '-', "
+				     "starting with a letter or digit, as POST /admin/v1/peers takes it)",
+				     peer);
+		else if (each)
+			rc = each(arg, d, peer, e);
+	}
+	free(copy);
+	return rc;
+}
+
+/* One component of xa_new's (x: arg). */
+static cw_err component_add(void *arg, const char *d, const char *peer, cw_errmsg *e)
+{
+	struct xmpp *x = arg;
+	if (strcmp(d, x->local_domain) == 0)
+		return cw_fail(e, CW_EINVAL, "xmpp.components: %s is the users' own domain", d);
+	if (xa_comp_by_domain(x, d) || xa_comp_by_peer(x, peer))
+		return cw_fail(e, CW_EINVAL, "xmpp.components: %s or %s named twice", d, peer);
+	if (x->ncomp == XMPP_COMPONENTS_MAX)
+		return cw_fail(e, CW_EINVAL, "xmpp.components: at most %d components", XMPP_COMPONENTS_MAX);
+	struct xcomp *xc = &x->comp[x->ncomp];
+	xc->x = x;
+	xc->index = x->ncomp++;
+	snprintf(xc->domain, sizeof(xc->domain), "%s", d);
+	snprintf(xc->peer, sizeof(xc->peer), "%s", peer);
+	pthread_mutex_init(&xc->mu, NULL);
+	pthread_mutex_init(&xc->in_mu, NULL);
+	pthread_cond_init(&xc->written, NULL);
+	xc->next_seq = 1;
+	xc->wake_fd[0] = xc->wake_fd[1] = -1;
+	xc->reserve_fd = -1;
+	xc->sock_fd = -1;
+	xc->audit_seen = -1;
+	return CW_OK;
 }
 
 cw_err xa_new(struct xmpp **out, struct cw_app *app, cw_errmsg *e)
@@ -143,56 +192,7 @@ cw_err xa_new(struct xmpp **out, struct cw_app *app, cw_errmsg *e)
 		free(x);
 		return cw_fail(e, CW_EINVAL, "xmpp.secret is not set (the component secret of the XMPP server)");
 	}
-	char *list = strdup(cfg->xmpp_components), *save = NULL;
-	if (!list) {
-		free(x);
-		return cw_fail(e, CW_ENOMEM, "out of memory");
-	}
-	cw_err rc = CW_OK;
-	for (char *tok = strtok_r(list, " ,\t", &save); tok; tok = strtok_r(NULL, " ,\t", &save)) {
-		char *eq = strchr(tok, '=');
-		if (!eq) {
-			rc = cw_fail(e, CW_EINVAL, "xmpp.components: \"%.100s\" is not DOMAIN=PEER", tok);
-			break;
-		}
-		*eq = '\0';
-		const char *domain = tok, *peer = eq + 1;
-		char d[XJ_PART_MAX + 1];
-		if (!xj_split(domain, l, sizeof(l), d, sizeof(d), r, sizeof(r)) || l[0] || r[0]) {
-			rc = cw_fail(e, CW_EINVAL, "xmpp.components: \"%.100s\" is not a domain", domain);
-			break;
-		}
-		if (!peer_name_valid(peer)) {
-			rc = cw_fail(e, CW_EINVAL, "xmpp.components: \"%.100s\" is not a peer name", peer);
-			break;
-		}
-		if (strcmp(d, x->local_domain) == 0) {
-			rc = cw_fail(e, CW_EINVAL, "xmpp.components: %s is the users' own domain", d);
-			break;
-		}
-		if (xa_comp_by_domain(x, d) || xa_comp_by_peer(x, peer)) {
-			rc = cw_fail(e, CW_EINVAL, "xmpp.components: %s or %s named twice", d, peer);
-			break;
-		}
-		if (x->ncomp == XMPP_COMPONENTS_MAX) {
-			rc = cw_fail(e, CW_EINVAL, "xmpp.components: at most %d components", XMPP_COMPONENTS_MAX);
-			break;
-		}
-		struct xcomp *xc = &x->comp[x->ncomp];
-		xc->x = x;
-		xc->index = x->ncomp++;
-		snprintf(xc->domain, sizeof(xc->domain), "%s", d);
-		snprintf(xc->peer, sizeof(xc->peer), "%s", peer);
-		pthread_mutex_init(&xc->mu, NULL);
-		pthread_mutex_init(&xc->in_mu, NULL);
-		pthread_cond_init(&xc->written, NULL);
-		xc->next_seq = 1;
-		xc->wake_fd[0] = xc->wake_fd[1] = -1;
-		xc->reserve_fd = -1;
-		xc->sock_fd = -1;
-		xc->audit_seen = -1;
-	}
-	free(list);
+	cw_err rc = xa_components_parse(cfg->xmpp_components, component_add, x, e);
 	if (!rc && x->ncomp == 0)
 		rc = cw_fail(e, CW_EINVAL, "xmpp.components names no component");
 	if (!rc && pthread_key_create(&x->ctx_key, ctx_release) != 0)

@@ -22,6 +22,15 @@
 
 struct xmpp;
 
+/* Reads xmpp.components, DOMAIN=PEER pairs apart by spaces, commas or
+ * tabs: each DOMAIN a JID's domain, each PEER a name a peer can have
+ * (peer_name_valid, the rule of POST /admin/v1/peers).  Hands each pair
+ * to each when it is not NULL, in order; CW_EINVAL naming the first bad
+ * pair, or each's error.  cfg_load checks the setting with it (each
+ * NULL), so that --check-config refuses what xa_new would. */
+typedef cw_err (*xa_component_fn)(void *arg, const char *domain, const char *peer, cw_errmsg *e);
+cw_err xa_components_parse(const char *list, xa_component_fn each, void *arg, cw_errmsg *e);
+
 /* NULL in *out (and CW_OK) when xmpp.components is empty; CW_EINVAL when
  * the [xmpp] options are invalid. */
 cw_err xa_new(struct xmpp **out, struct cw_app *app, cw_errmsg *e);

@@ -59,6 +59,30 @@ def test_a_line_longer_than_the_ini_parser_reads_is_refused_by_its_number(tmp_pa
     assert r.returncode == 0, r.stderr
 
 
+def test_xmpp_components_name_peers_a_peer_can_be(tmp_path):
+    """Each PEER of xmpp.components is a name POST /admin/v1/peers takes
+    (peer_name_valid): until the twenty-fourth session --check-config passed
+    any, and the adapter's looser rule of its own let a daemon start with
+    a component for a peer no peer can be (gk.example, -gk), which never
+    matched."""
+    schema = os.path.join(TOP_SRCDIR, "schema")
+    head = f"[database]\nurl = postgresql:///x\nschema_dir = {schema}\n[xmpp]\n"
+    for bad in ("gk.example", "-gk", "GK", "a" * 33):
+        p = write(tmp_path, f"{head}components = gk.localhost={bad}\n")
+        r = run_causewayd(["--check-config", p])
+        assert r.returncode == 1 and f'xmpp.components: "{bad}" is not a peer name' in r.stderr, r.stderr
+    for bad, what in (("gk.localhost", "is not DOMAIN=PEER"), ("gk..localhost=gk", "is not a domain")):
+        r = run_causewayd(["--check-config", write(tmp_path, f"{head}components = {bad}\n")])
+        assert r.returncode == 1 and what in r.stderr, r.stderr
+    # the daemon refuses it as it starts, before reaching the database
+    r = run_causewayd(["--config", write(tmp_path, f"{head}components = gk.localhost=gk.example\n")])
+    assert r.returncode == 1 and "configuration invalid" in r.stdout + r.stderr
+    assert 'xmpp.components: \\"gk.example\\" is not a peer name' in r.stdout + r.stderr, r.stdout + r.stderr
+    p = write(tmp_path, f"{head}components = gk.localhost=gk, wa.localhost=wa_2,tg.localhost=" + "a" * 32 + "\n")
+    r = run_causewayd(["--check-config", p])
+    assert r.returncode == 0, r.stderr
+
+
 def test_environment_overrides_and_is_validated(tmp_path):
     p = write(tmp_path, "[database]\nurl = x\n")
     r = run_causewayd(["--check-config", p], env={"CAUSEWAY_SERVER_PORT": "-5"})

@@ -6,7 +6,9 @@
 #include "xmpp/xj.h"
 #include "xmpp/xm.h"
 #include "xmpp/xmpp_int.h"
+#include "xmpp/xmpp.h"
 #include "peer/event.h"
+#include "peers.h"
 #include "unit.h"
 
 #include <stdint.h>
@@ -1347,6 +1349,45 @@ START_TEST(queue_takes_rows_only_while_up)
 }
 END_TEST
 
+/* xmpp.components: each pair's PEER is checked by the peers' own rule
+ * (until the twenty-fourth session a looser copy took gk.example). */
+static cw_err count_pair(void *arg, const char *domain, const char *peer, cw_errmsg *e)
+{
+	(void)e;
+	ck_assert(peer_name_valid(peer));
+	ck_assert_ptr_nonnull(strchr(domain, '.'));
+	++*(int *)arg;
+	return CW_OK;
+}
+
+START_TEST(components_take_the_peers_rule)
+{
+	cw_errmsg e;
+	int n = 0;
+	ck_assert_int_eq(xa_components_parse("gk.localhost=gk, wa.localhost=wa_2\ttg.localhost=t-9", count_pair, &n,
+					     &e), CW_OK);
+	ck_assert_int_eq(n, 3);
+	ck_assert_int_eq(xa_components_parse("", NULL, NULL, &e), CW_OK);
+	const char *bad[] = { "gk.localhost=gk.example", "gk.localhost=-gk", "gk.localhost=_gk", "gk.localhost=GK",
+			      "gk.localhost=aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "gk.localhost=", "gk.localhost",
+			      "gk..localhost=gk", "a@gk.localhost=gk", "gk.localhost=gk,wa.localhost=w.a", NULL };
+	for (int i = 0; bad[i]; i++) {
+		n = 0;
+		ck_assert_msg(xa_components_parse(bad[i], count_pair, &n, &e) == CW_EINVAL, "%s", bad[i]);
+		ck_assert_msg(strstr(e.msg, "xmpp.components: ") == e.msg, "%s", e.msg);
+	}
+	ck_assert_int_eq(n, 1); /* the pairs before the bad one were handed on */
+	/* every name the peers' rule takes is taken */
+	for (int c = 0; c < 256; c++) {
+		char list[64], name[3] = { 'g', (char)c, '\0' };
+		if (c == 0 || c == ' ' || c == ',' || c == '\t')
+			continue;
+		snprintf(list, sizeof(list), "gk.localhost=%s", name);
+		ck_assert_int_eq(xa_components_parse(list, NULL, NULL, &e) == CW_OK, peer_name_valid(name));
+	}
+}
+END_TEST
+
 int main(void)
 {
 	xmpp_initialize();
@@ -1367,6 +1408,7 @@ int main(void)
 	tcase_add_test(tc, hostile_stanzas_property);
 	tcase_add_test(tc, hostile_events_property);
 	tcase_add_test(tc, queue_takes_rows_only_while_up);
+	tcase_add_test(tc, components_take_the_peers_rule);
 	suite_add_tcase(s, tc);
 	int rc = unit_run(s);
 	xmpp_shutdown();
