@@ -1230,6 +1230,12 @@ BAD = [
                         "limits": {"consent_requests_per_day_per_user": 0}}, 400),
     ("POST", "/rules", {"scope": "domain", "pattern": "a.example", "limits": {"content_kinds": ["audio"]}}, 400),
     ("POST", "/rules", {"scope": "network", "pattern": "peer:", "mode": "deny"}, 400),
+    # a peer's network whose name no peer can have (peer_name_valid, as for
+    # opt-ins below; until the twenty-fourth session stored, and never matched)
+    ("POST", "/rules", {"scope": "network", "pattern": "peer:GK", "mode": "deny"}, 400),
+    ("POST", "/rules", {"scope": "network", "pattern": "peer:gk.example", "mode": "deny"}, 400),
+    ("POST", "/rules", {"scope": "network", "pattern": "peer:-gk", "mode": "deny"}, 400),
+    ("POST", "/rules", {"scope": "network", "pattern": "peer:" + "a" * 33, "mode": "deny"}, 400),
     ("POST", "/rules", {"scope": "user", "pattern": "mimi://a.example/r/room", "mode": "deny"}, 400),
     ("POST", "/rules", {"scope": "domain", "pattern": "a.example", "mode": "deny", "extra": 1}, 400),
     ("POST", "/rules", {"scope": "domain", "pattern": "a.example", "mode": "deny", CUT_KEY: 1}, 400),
