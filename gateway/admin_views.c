@@ -1,5 +1,6 @@
-/* /admin/v1 read-only views (see admin_views.h): rooms, adapters, the
- * configuration in force and the last hour's statistics.
+/* /admin/v1 views (see admin_views.h): rooms, adapters, the configuration
+ * in force and the last hour's statistics; and the one change to a room,
+ * removing remote members.
  *
  * The database views run one statement each on a store reader and build
  * their JSON answer in PostgreSQL; the configuration needs no database and
@@ -7,11 +8,13 @@
  * TimeZone, so they are formatted here rather than left to json_build_object. */
 #include "config.h"
 #include "admin_views.h"
+#include "admin_auth.h"
 #include "app.h"
 #include "conf.h"
 #include "dispatcher.h"
 #include "event.h"
 #include "matrix/matrix.h"
+#include "peer_api.h"
 #include "xmpp/xmpp.h"
 
 #include <pthread.h>
@@ -203,6 +206,105 @@ void admin_views_room_get(struct cw_req *req, void *ctx)
 	struct view *v = view_new(ROOM_SQL, "room");
 	view_param(v, id);
 	view_run(ctx, req, v);
+}
+
+/* POST /admin/v1/rooms/{id}/members {"remove": [user URIs]}: the
+ * operator takes remote members out of a group, as their peer would
+ * (docs/policy.md: the remedy when a deny of one member keeps a group's
+ * messages from the others of that peer).  Local users leave through
+ * their own client: their leave is more than the row (the adapter that
+ * sees it sends the group's members, the peers included, a membership
+ * event), and changing the row alone would leave them in a room the
+ * group no longer writes to, the others not told. */
+struct remove_input {
+	char public_id[80];
+	char actor[ADMIN_NAME_MAX + 8];
+	size_t n;
+	struct room_member_in m[ROOM_MEMBERS_MAX];
+};
+
+static cw_err members_remove_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
+{
+	struct remove_input *in = j->data;
+	const char *rp[] = { in->public_id };
+	PGresult *r = PQexecParams(c, "SELECT id, kind FROM rooms WHERE public_id = $1 FOR UPDATE", 1, NULL, rp, NULL,
+				   NULL, 0);
+	char room_id[24];
+	cw_err rc = room_members_target(c, j, r, "not_found", "no room with that id", room_id, e);
+	if (rc || j->err_code)
+		return rc;
+	/* Every one named is checked before anything changes: the request is
+	 * done whole or not at all. */
+	for (size_t i = 0; i < in->n; i++) {
+		const char *mp[] = { room_id, in->m[i].uri };
+		r = PQexecParams(c, "SELECT 1 FROM room_members m JOIN identities i ON i.id = m.identity_id "
+				    "WHERE m.room_id = $1::bigint AND i.uri = $2 AND m.membership = 'joined'",
+				 2, NULL, mp, NULL, NULL, 0);
+		if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
+			return rc;
+		bool joined = PQntuples(r) > 0;
+		PQclear(r);
+		if (!joined) {
+			app_job_fail(j, 400, "invalid_body", "%.160s is not a member of the room", in->m[i].uri);
+			return CW_OK;
+		}
+	}
+	if ((rc = room_members_remove(c, room_id, in->m, in->n, e)) ||
+	    (rc = room_members_audit(c, in->actor, in->public_id, NULL, 0, in->m, in->n, e)))
+		return rc;
+	/* The answer is the room as GET /admin/v1/rooms/{id} shows it now. */
+	r = PQexecParams(c, ROOM_SQL, 1, NULL, rp, NULL, NULL, 0);
+	if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
+		return rc;
+	j->body = PQntuples(r) == 1 ? json_loads(PQgetvalue(r, 0, 0), 0, NULL) : NULL;
+	PQclear(r);
+	return j->body ? CW_OK : cw_fail(e, CW_EINTERNAL, "the database gave an answer that is not JSON");
+}
+
+void admin_views_room_members(struct cw_req *req, void *ctx)
+{
+	struct cw_app *app = ctx;
+	const char *id = cw_req_param(req, "id");
+	if (!room_public_id_valid(id)) {
+		cw_req_problem(req, 404, "not_found", "Not found", "no room with that id");
+		return;
+	}
+	json_t *body = app_json_body(req);
+	if (!body)
+		return;
+	static const char *const known[] = { "remove", NULL };
+	struct remove_input *in = NULL;
+	if (!app_json_only_known(req, body, known))
+		goto out;
+	in = calloc(1, sizeof(*in));
+	if (!in) {
+		app_job_run(app, req, members_remove_fn, NULL, NULL, true); /* answers 503 */
+		goto out;
+	}
+	json_t *remove = json_object_get(body, "remove");
+	if (!peer_read_users(app, req, remove, "remove", in->m, &in->n))
+		goto out;
+	if (in->n == 0) {
+		char d[96];
+		snprintf(d, sizeof(d), "remove must name 1 to %d user URIs", ROOM_MEMBERS_MAX);
+		cw_req_problem(req, 400, "invalid_body", "Invalid body", d);
+		goto out;
+	}
+	for (size_t i = 0; i < in->n; i++)
+		if (app_domain_is_ours(app, in->m[i].u.domain)) {
+			char d[MIMI_URI_MAX + 96];
+			snprintf(d, sizeof(d), "%s is a user of this server: local users leave through their own client",
+				 in->m[i].uri);
+			cw_req_problem(req, 400, "invalid_body", "Invalid body", d);
+			goto out;
+		}
+	snprintf(in->public_id, sizeof(in->public_id), "%s", id);
+	snprintf(in->actor, sizeof(in->actor), "%s", admin_actor(req));
+	app_job_run(app, req, members_remove_fn, in, free, true);
+	in = NULL;
+out:
+	free(in);
+	json_decref(body);
 }
 
 /* --------------------------------------------------------------- adapters */

@@ -423,6 +423,7 @@ const struct cw_route app_routes[] = {
 	{ "POST", "/admin/v1/tokens/{name}/revoke", admin_tokens_revoke, CW_AUTH_ADMIN, NULL, true },
 	{ "GET", "/admin/v1/rooms", admin_views_rooms_list, CW_AUTH_ADMIN_READ, NULL, false },
 	{ "GET", "/admin/v1/rooms/{id}", admin_views_room_get, CW_AUTH_ADMIN_READ, NULL, false },
+	{ "POST", "/admin/v1/rooms/{id}/members", admin_views_room_members, CW_AUTH_ADMIN, NULL, false },
 	{ "GET", "/admin/v1/adapters", admin_views_adapters, CW_AUTH_ADMIN_READ, NULL, false },
 	{ "GET", "/admin/v1/config", admin_views_config, CW_AUTH_ADMIN_READ, NULL, false },
 	{ "GET", "/admin/v1/stats", admin_views_stats, CW_AUTH_ADMIN_READ, NULL, false },

@@ -15,7 +15,6 @@
 #include <string.h>
 #include <strings.h>
 
-#define ROOM_MEMBERS_MAX 256
 #define ROOM_NAME_MAX 255 /* bytes of a group's name */
 
 /* ------------------------------------------------------------ signatures */
@@ -310,11 +309,6 @@ void peer_api_directory(struct cw_req *req, void *ctx)
 }
 
 /* ------------------------------------------------------------ rooms */
-
-struct room_member_in {
-	struct mimi_uri u;
-	char uri[MIMI_URI_MAX + 1];
-};
 
 struct room_input {
 	struct peer_principal *p; /* borrowed from the request, which outlives the job */
@@ -732,6 +726,60 @@ struct members_input {
 	struct room_member_in remove[ROOM_MEMBERS_MAX];
 };
 
+cw_err room_members_target(PGconn *c, struct app_job *j, PGresult *r, const char *code, const char *detail,
+			   char room_id[24], cw_errmsg *e)
+{
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	if (PQntuples(r) == 0) {
+		PQclear(r);
+		app_job_fail(j, 404, code, "%s", detail);
+		return CW_OK;
+	}
+	snprintf(room_id, 24, "%s", PQgetvalue(r, 0, 0));
+	bool direct = strcmp(PQgetvalue(r, 0, 1), "direct") == 0;
+	PQclear(r);
+	if (direct)
+		app_job_fail(j, 400, "invalid_body", "a direct room keeps its two members");
+	return CW_OK;
+}
+
+cw_err room_members_remove(PGconn *c, const char *room_id, const struct room_member_in *m, size_t n, cw_errmsg *e)
+{
+	for (size_t i = 0; i < n; i++) {
+		const char *mp[] = { room_id, m[i].uri };
+		PGresult *r = exec(c, "UPDATE room_members SET membership = 'left', updated_at = now() WHERE room_id = "
+				      "$1::bigint AND identity_id = (SELECT id FROM identities WHERE uri = $2)", 2, mp);
+		cw_err rc = store_check(c, r, PGRES_COMMAND_OK, e);
+		if (rc)
+			return rc;
+		PQclear(r);
+	}
+	return CW_OK;
+}
+
+cw_err room_members_audit(PGconn *c, const char *actor, const char *public_id, const struct room_member_in *add,
+			  size_t nadd, const struct room_member_in *remove, size_t nremove, cw_errmsg *e)
+{
+	/* The operator sees who changed a room's members. */
+	json_t *a = json_array(), *rm = json_array();
+	for (size_t i = 0; i < nadd; i++)
+		json_array_append_new(a, json_string(add[i].uri));
+	for (size_t i = 0; i < nremove; i++)
+		json_array_append_new(rm, json_string(remove[i].uri));
+	json_t *details = json_pack("{s:o, s:o}", "add", a, "remove", rm);
+	char *dj = details ? json_dumps(details, JSON_COMPACT) : NULL;
+	json_decref(details);
+	if (!dj)
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	const char *ap[] = { actor, public_id, dj };
+	cw_err rc = store_command(c, "INSERT INTO audit_log (actor, action, subject, details) VALUES ($1, "
+				     "'room.members', $2, $3::jsonb)", 3, ap, e);
+	free(dj);
+	return rc;
+}
+
 static cw_err members_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct members_input *in = j->data;
@@ -741,22 +789,10 @@ static cw_err members_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	PGresult *r = exec(c, "SELECT r.id, r.kind FROM rooms r WHERE r.public_id = $1 AND EXISTS (SELECT 1 FROM "
 			      "room_members m JOIN identities i ON i.id = m.identity_id WHERE m.room_id = r.id AND "
 			      "i.peer_id = $2::bigint AND m.membership = 'joined') FOR UPDATE", 2, rp);
-	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
-	if (rc)
-		return rc;
-	if (PQntuples(r) == 0) {
-		PQclear(r);
-		app_job_fail(j, 404, "unknown_room", "no such room");
-		return CW_OK;
-	}
 	char room_id[24];
-	snprintf(room_id, sizeof(room_id), "%s", PQgetvalue(r, 0, 0));
-	bool direct = strcmp(PQgetvalue(r, 0, 1), "direct") == 0;
-	PQclear(r);
-	if (direct) {
-		app_job_fail(j, 400, "invalid_body", "a direct room keeps its two members");
-		return CW_OK;
-	}
+	cw_err rc = room_members_target(c, j, r, "unknown_room", "no such room", room_id, e);
+	if (rc || j->err_code)
+		return rc;
 	static _Thread_local struct member_class cls[ROOM_MEMBERS_MAX];
 	if ((rc = classify_members(c, j, in->p, in->domain, in->add, in->nadd, cls, e)) || j->err_code)
 		return rc;
@@ -775,37 +811,16 @@ static cw_err members_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 			return rc;
 		PQclear(r);
 	}
-	for (size_t i = 0; i < in->nremove; i++) {
-		const char *mp[] = { room_id, in->remove[i].uri };
-		r = exec(c, "UPDATE room_members SET membership = 'left', updated_at = now() WHERE room_id = $1::bigint "
-			    "AND identity_id = (SELECT id FROM identities WHERE uri = $2)", 2, mp);
-		if ((rc = store_check(c, r, PGRES_COMMAND_OK, e)))
-			return rc;
-		PQclear(r);
-	}
-	/* The operator sees who changed a room's members. */
-	json_t *add = json_array(), *remove = json_array();
-	for (size_t i = 0; i < in->nadd; i++)
-		json_array_append_new(add, json_string(in->add[i].uri));
-	for (size_t i = 0; i < in->nremove; i++)
-		json_array_append_new(remove, json_string(in->remove[i].uri));
-	json_t *details = json_pack("{s:o, s:o}", "add", add, "remove", remove);
-	char *dj = details ? json_dumps(details, JSON_COMPACT) : NULL;
-	json_decref(details);
-	if (!dj)
-		return cw_fail(e, CW_ENOMEM, "out of memory");
+	if ((rc = room_members_remove(c, room_id, in->remove, in->nremove, e)))
+		return rc;
 	char actor[PEER_NAME_MAX + 8];
 	snprintf(actor, sizeof(actor), "peer:%s", in->p->name);
-	const char *ap[] = { actor, in->public_id, dj };
-	rc = store_command(c, "INSERT INTO audit_log (actor, action, subject, details) VALUES ($1, 'room.members', $2, "
-			   "$3::jsonb)", 3, ap, e);
-	free(dj);
+	rc = room_members_audit(c, actor, in->public_id, in->add, in->nadd, in->remove, in->nremove, e);
 	return rc ? rc : room_state(c, j, in->public_id, in->p->id, false, e);
 }
 
-/* Reads a JSON array of user URIs into out; false after answering 400. */
-static bool read_users(const struct cw_app *app, struct cw_req *req, json_t *arr, const char *what,
-		       struct room_member_in *out, size_t *n)
+bool peer_read_users(const struct cw_app *app, struct cw_req *req, json_t *arr, const char *what,
+		     struct room_member_in *out, size_t *n)
 {
 	*n = 0;
 	if (!arr)
@@ -868,8 +883,8 @@ void peer_api_room_members(struct cw_req *req, void *ctx)
 		out_of_memory(req);
 		return;
 	}
-	if (!read_users(app, req, json_object_get(body, "add"), "add", in->add, &in->nadd) ||
-	    !read_users(app, req, json_object_get(body, "remove"), "remove", in->remove, &in->nremove)) {
+	if (!peer_read_users(app, req, json_object_get(body, "add"), "add", in->add, &in->nadd) ||
+	    !peer_read_users(app, req, json_object_get(body, "remove"), "remove", in->remove, &in->nremove)) {
 		json_decref(body);
 		free(in);
 		return;

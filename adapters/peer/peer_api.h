@@ -34,6 +34,39 @@ void peer_local_fold(const struct cw_app *app, struct mimi_uri *u, char *uri);
 cw_err identity_id(PGconn *c, const struct mimi_uri *u, bool local, const char *network, const char *peer_id,
 		   char *out, size_t outlen, cw_errmsg *e);
 
+/* A room's membership update names at most this many users per list. */
+#define ROOM_MEMBERS_MAX 256
+
+/* A user named in a membership update, as parsed and folded. */
+struct room_member_in {
+	struct mimi_uri u;
+	char uri[MIMI_URI_MAX + 1];
+};
+
+/* Reads arr, a JSON array of at most ROOM_MEMBERS_MAX user URIs (NULL: no
+ * users), into out (each folded by peer_local_fold); what names the list
+ * in the answer.  False after answering 400 invalid_body. */
+bool peer_read_users(const struct cw_app *app, struct cw_req *req, json_t *arr, const char *what,
+		     struct room_member_in *out, size_t *n);
+
+/* The room of a membership update from r, the result (owned) of a
+ * SELECT id, kind of at most one room locked FOR UPDATE: its row id into
+ * room_id; or, with j->err_code set, 404 (code, detail) when r has no row,
+ * 400 for a direct room, which keeps its two members. */
+cw_err room_members_target(PGconn *c, struct app_job *j, PGresult *r, const char *code, const char *detail,
+			   char room_id[24], cw_errmsg *e);
+
+/* The n users of m leave the room of row room_id: their membership
+ * becomes 'left', which the Matrix and XMPP adapters act on (their ghosts
+ * leave; no more rows are written to them).  The one removal of the peer
+ * API's and the admin API's member updates. */
+cw_err room_members_remove(PGconn *c, const char *room_id, const struct room_member_in *m, size_t n, cw_errmsg *e);
+
+/* The audit record room.members of a membership update of the room
+ * public_id by actor ("peer:<name>", "admin:<name>"). */
+cw_err room_members_audit(PGconn *c, const char *actor, const char *public_id, const struct room_member_in *add,
+			  size_t nadd, const struct room_member_in *remove, size_t nremove, cw_errmsg *e);
+
 /* The queue that coalesces single-event submits (one per daemon). */
 struct submit_queue *submit_queue_new(void);
 void submit_queue_free(struct submit_queue *q);

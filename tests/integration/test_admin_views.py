@@ -1,7 +1,8 @@
-"""/admin/v1's read-only views through the real daemon: rooms with their
-members and bindings (paged), adapters' health, the configuration in force
-with its secrets masked, and the last hour's statistics, all checked
-against real traffic between two peers."""
+"""/admin/v1's views through the real daemon: rooms with their members and
+bindings (paged), adapters' health, the configuration in force with its
+secrets masked, and the last hour's statistics, all checked against real
+traffic between two peers; and the operator's one change to a room, the
+removal of a remote member."""
 import json
 import os
 import re
@@ -11,6 +12,7 @@ from peer import push_peers
 from test_admin_api import make_token
 from test_openapi import check_schema
 from test_peer_api import peers  # noqa: F401  (the fixture)
+from test_policy import consent, opt_in, send, wait_policy
 
 ALICE = "mimi://example.org/u/alice"
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -143,6 +145,89 @@ def test_rooms_paging_and_not_found(daemon, peers):  # noqa: F811
         assert r.status_code == 404 and r.json()["code"] == "not_found", (rid, r.text)
         assert r.headers["Content-Type"].startswith("application/problem+json")
     assert get(daemon, f"/rooms/{made[1]}")["member_count"] == 2
+
+
+def test_the_operator_removes_a_remote_member_of_a_group(daemon, peers, pg, db_url):  # noqa: F811
+    """POST /admin/v1/rooms/{id}/members {"remove": [...]}: the remedy of
+    docs/policy.md for a group whose row to a peer a server deny of one of
+    its members drops. The member leaves as when their peer removes them
+    (the same change), audited under the admin's name; after it the row
+    goes to the peer's other members again. Until the twenty-fourth
+    session the admin API had no member removal."""
+    (a, _), (b, sb) = peers
+    opt_in(daemon)
+    consent(daemon, a.user("wally"), "allowed")
+    bob, eve = b.user("bob"), b.user("eve")
+    gid = a.create_room([a.user("wally"), bob, eve, ALICE]).json()["id"]
+    assert daemon.admin("POST", "/rules", json={"scope": "user", "pattern": eve, "mode": "deny"}).status_code == 201
+    sent = []
+
+    def tg_row(mid):
+        return pg.psql("SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id "
+                       f"WHERE e.public_id = '{mid}' AND o.destination = 'peer:tg'", db_url)
+
+    def refused_now():
+        r = send(a, gid, "while eve is denied")
+        assert r.status_code == 202, r.text
+        sent.append(r.json()["id"])
+        return tg_row(sent[-1]) == "dropped"
+    wait_policy(daemon, refused_now, "the deny in force")
+
+    def remove(room, body, token=None):
+        headers = {"Authorization": "Bearer " + token} if token else {}
+        if token:
+            return daemon.request("POST", f"/admin/v1/rooms/{room}/members", json=body, headers=headers)
+        return daemon.admin("POST", f"/rooms/{room}/members", json=body)
+
+    def membership():
+        return {m["uri"]: m["membership"] for m in get(daemon, f"/rooms/{gid}")["members"]}
+    audited = "SELECT count(*) FROM audit_log WHERE action = 'room.members'"
+    before = pg.psql(audited, db_url)
+    # Refused, nothing changed: a bad body, a direct room, an unknown room,
+    # a user not in the room (named), a local user, a viewer.
+    direct = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    nobody = b.user("nobody")
+    for room, body, status, says in (
+            (gid, {}, 400, "remove"), (gid, {"remove": []}, 400, "remove"),
+            (gid, {"remove": eve}, 400, "remove"), (gid, {"remove": ["mimi://tg.example/r/x"]}, 400, "user URI"),
+            (gid, {"remove": [eve] * 257}, 400, "256"), (gid, {"remove": [eve], "add": [nobody]}, 400, "add"),
+            (gid, {"remove": [eve, nobody]}, 400, nobody), (gid, {"remove": [eve, ALICE]}, 400, "their own client"),
+            (direct, {"remove": [a.user("wally")]}, 400, "a direct room keeps its two members"),
+            ("r_nope", {"remove": [eve]}, 404, "no room")):
+        r = remove(room, body)
+        assert r.status_code == status, (body, r.text)
+        assert r.headers["Content-Type"].startswith("application/problem+json")
+        assert r.json()["code"] == ("not_found" if status == 404 else "invalid_body"), r.text
+        assert says in r.json()["detail"], (body, r.text)
+    viewer = make_token(daemon, "room-watcher", "viewer")["token"]
+    assert remove(gid, {"remove": [eve]}, viewer).status_code == 403
+    assert membership() == {a.user("wally"): "joined", bob: "joined", eve: "joined", ALICE: "joined"}
+    assert pg.psql(audited, db_url) == before
+
+    # eve removed: she has left (as her peer's removal leaves her), the
+    # answer is the room as GET shows it, and the audit names the admin.
+    r = remove(gid, {"remove": [eve]})
+    assert r.status_code == 200, r.text
+    assert r.json() == get(daemon, f"/rooms/{gid}")
+    assert membership() == {a.user("wally"): "joined", bob: "joined", eve: "left", ALICE: "joined"}
+    assert r.json()["member_count"] == 3
+    assert pg.psql("SELECT actor || ' ' || subject || ' ' || details::text FROM audit_log "
+                   "WHERE action = 'room.members' ORDER BY id DESC LIMIT 1", db_url) == \
+        f'admin:config {gid} {{"add": [], "remove": ["{eve}"]}}'
+    # The next message goes to tg's other member again.
+    n = len(sb.events)
+    after = send(a, gid, "eve is out").json()["id"]
+    wait_until(lambda: tg_row(after) == "delivered", what="the row to tg delivered")
+    assert after in [e["id"] for e in sb.wait_events(n + 1)]
+    assert [e["id"] for e in sb.events if e["id"] in sent] == []
+    # Once out, not a member to remove; bob removed too: tg has no row.
+    r = remove(gid, {"remove": [eve]})
+    assert r.status_code == 400 and eve in r.json()["detail"], r.text
+    assert remove(gid, {"remove": [bob]}).status_code == 200
+    last = send(a, gid, "tg has nobody here").json()["id"]
+    rows = pg.psql("SELECT o.destination FROM outbox o JOIN events e ON e.id = o.event_id "
+                   f"WHERE e.public_id = '{last}'", db_url)
+    assert "peer:tg" not in rows.splitlines(), rows
 
 
 def test_stats_queue_dead_letters_and_decisions(make_daemon, db_url, pg):

@@ -2557,6 +2557,28 @@ def alice_writes(alice, mine, srv, text):
                            for e in list(srv.events)), what=f"alice's {text!r} at the peer")
 
 
+def test_a_member_the_operator_removes_leaves_as_one_their_peer_removes(mx, hs, gk, pg, db_url):
+    """POST /admin/v1/rooms/{id}/members with remove makes the same change
+    as the peer's own removal: the ghost of the member leaves alice's room
+    of the group, and the group goes on there without them. Until the
+    twenty-fourth session the admin API had no member removal."""
+    a, _ = gk
+    ed = a.user("ed")
+    consent_alice(mx, ed)
+    group, _, mine, said, _ = alice_in_wallys_group(mx, hs, gk, pg, db_url, [ed])
+    ed_ghost, wally = "@_cw_gk_ed:example.org", "@_cw_gk_wally:example.org"
+    assert a.send(group, ed, "ed here").status_code == 202
+    wait_until(lambda: (ed_ghost, "ed here") in said(mine), what="ed's message in alice's room")
+    assert hs.members(mine).get(ed_ghost) == "join"
+    r = mx.admin("POST", f"/rooms/{group}/members", json={"remove": [ed]})
+    assert r.status_code == 200, r.text
+    assert {m["uri"]: m["membership"] for m in r.json()["members"]}[ed] == "left"
+    wait_until(lambda: hs.members(mine).get(ed_ghost) == "leave", what="ed's ghost leaving alice's room")
+    assert a.send(group, a.user("wally"), "without ed").status_code == 202
+    wait_until(lambda: (wally, "without ed") in said(mine), what="the next message in alice's room")
+    assert hs.members(mine).get(ed_ghost) == "leave"
+
+
 def test_writing_in_a_group_lets_its_members_reach_the_writer_there_only(mx, hs, gk, pg, db_url):
     """spec/policy.md: a local user's message is consent to the remote user
     "for that conversation". alice (who allowed wally, not ed) writes in a
