@@ -13,6 +13,8 @@
 #include "policy_live.h"
 #include "store.h"
 
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -218,6 +220,86 @@ static cw_err consent_fn(PGconn *c, void *arg, cw_errmsg *e)
 	return CW_OK;
 }
 
+/* ------------------------------------------------------------ sessions */
+
+/* A stage's sessionid is the component's to give: it remembers the ones it
+ * gave (in the stream thread's memory: only the process that holds the
+ * component's stream is asked) and refuses any other (XEP-0050's
+ * bad-sessionid).  Until the twenty-fourth session it remembered none,
+ * and a submit with a sessionid it never gave ran as a new session. */
+
+enum session_state { SESSION_OK, SESSION_UNKNOWN, SESSION_EXPIRED };
+
+/* Whose a session is: owner, the requester's full JID with the command's
+ * JID (the component, or a group's room) and node; user, the requester's
+ * bare JID (one user's sessions are bounded, so that they cannot push
+ * everyone else's out).  False when the iq lacks one or hashing failed. */
+static bool session_owner(xmpp_stanza_t *iq, const char *node, unsigned char owner[32], unsigned char user[32])
+{
+	const char *from = xmpp_stanza_get_from(iq), *to = xmpp_stanza_get_to(iq);
+	if (!from || !to || !node)
+		return false;
+	EVP_MD_CTX *md = EVP_MD_CTX_new();
+	unsigned int n1 = 0, n2 = 0;
+	bool ok = md && EVP_DigestInit_ex(md, EVP_sha256(), NULL) && EVP_DigestUpdate(md, from, strlen(from) + 1) &&
+		  EVP_DigestUpdate(md, to, strlen(to) + 1) && EVP_DigestUpdate(md, node, strlen(node) + 1) &&
+		  EVP_DigestFinal_ex(md, owner, &n1) && EVP_DigestInit_ex(md, EVP_sha256(), NULL) &&
+		  EVP_DigestUpdate(md, from, strcspn(from, "/")) && EVP_DigestFinal_ex(md, user, &n2);
+	EVP_MD_CTX_free(md);
+	return ok && n1 == 32 && n2 == 32;
+}
+
+/* A new session's id into sid (32 hex digits of 128 random bits, not to be
+ * guessed), remembered for the requester of iq and node.  Its slot is a
+ * free one, else an expired one, else the oldest session's, or the
+ * requester's own oldest when they have XA_SESSIONS_PER_USER. */
+static void session_give(struct xcomp *xc, xmpp_stanza_t *iq, const char *node, char sid[33])
+{
+	unsigned char raw[16], owner[32], user[32];
+	cw_random(raw, sizeof(raw));
+	cw_hex(sid, raw, sizeof(raw));
+	if (!session_owner(iq, node, owner, user))
+		return; /* not remembered: its next stage is refused, and the user starts again */
+	int64_t now = cw_now_us();
+	struct xa_session *use = NULL, *theirs = NULL;
+	int mine = 0;
+	for (size_t i = 0; i < XA_SESSIONS_MAX; i++) {
+		struct xa_session *s = &xc->sessions[i];
+		if (s->until_us > now && memcmp(s->user, user, sizeof(user)) == 0) {
+			mine++;
+			if (!theirs || s->until_us < theirs->until_us)
+				theirs = s;
+		}
+		if (!use || s->until_us < use->until_us)
+			use = s; /* a free slot's is 0 */
+	}
+	if (mine >= XA_SESSIONS_PER_USER)
+		use = theirs;
+	memcpy(use->id, sid, sizeof(use->id));
+	memcpy(use->owner, owner, sizeof(owner));
+	memcpy(use->user, user, sizeof(user));
+	use->until_us = now + XA_SESSION_US;
+}
+
+/* The session sid of the requester of iq and node, ended (each stage
+ * after the first ends it, or starts a new one).  Another user's session
+ * is unknown to this one and stays. */
+static enum session_state session_take(struct xcomp *xc, xmpp_stanza_t *iq, const char *node, const char *sid)
+{
+	unsigned char owner[32], user[32];
+	if (strlen(sid) != 32 || !session_owner(iq, node, owner, user))
+		return SESSION_UNKNOWN;
+	for (size_t i = 0; i < XA_SESSIONS_MAX; i++) {
+		struct xa_session *s = &xc->sessions[i];
+		if (!s->id[0] || CRYPTO_memcmp(s->id, sid, 32) != 0 || CRYPTO_memcmp(s->owner, owner, sizeof(owner)) != 0)
+			continue;
+		bool expired = s->until_us <= cw_now_us();
+		memset(s, 0, sizeof(*s));
+		return expired ? SESSION_EXPIRED : SESSION_OK;
+	}
+	return SESSION_UNKNOWN;
+}
+
 /* <command status=... node sessionid><note type>text</note></command> as
  * the answer to the iq text. */
 static void command_answer(struct xcomp *xc, const char *iq_text, const char *node, const char *note,
@@ -264,8 +346,8 @@ xmpp_stanza_t *xa_command_stage(struct xcomp *xc, xmpp_stanza_t *iq, const char 
 	xmpp_stanza_set_from(r, xmpp_stanza_get_to(iq));
 	xmpp_ctx_t *ctx = xc->ctx;
 	xmpp_stanza_t *cmd = xa_child(ctx, r, "command", NS_COMMANDS);
-	char sid[40];
-	cw_new_id(sid, sizeof(sid), "s");
+	char sid[33];
+	session_give(xc, iq, node, sid);
 	if (cmd) {
 		xmpp_stanza_set_attribute(cmd, "node", node);
 		xmpp_stanza_set_attribute(cmd, "status", "executing");
@@ -435,19 +517,30 @@ static void command_form(struct xcomp *xc, xmpp_stanza_t *iq, const char *node, 
 /* XEP-0050: action is execute, cancel, prev, next or complete; no
  * command here has a stage that offers prev (a form's only action is
  * complete).  Until the twentieth session any other value ran the
- * command (a review's finding). */
+ * command (a review's finding).  Then the session (see above): XEP-0050
+ * errors bad-sessionid and session-expired. */
 bool xa_command_bad_action(struct xcomp *xc, xmpp_stanza_t *iq, const char *action)
 {
 	static const char *const actions[] = { "execute", "cancel", "next", "complete", NULL };
-	if (!action)
+	const char *why = NULL;
+	if (action) {
+		why = strcmp(action, "prev") == 0 ? "bad-action" : "malformed-action";
+		for (int i = 0; actions[i]; i++)
+			if (strcmp(action, actions[i]) == 0)
+				why = NULL;
+	}
+	xmpp_stanza_t *cmd = xmpp_stanza_get_child_by_name_and_ns(iq, "command", NS_COMMANDS);
+	const char *sid = cmd ? xmpp_stanza_get_attribute(cmd, "sessionid") : NULL;
+	enum session_state state = SESSION_OK;
+	if (!why && sid)
+		state = session_take(xc, iq, xmpp_stanza_get_attribute(cmd, "node"), sid);
+	if (!why && state == SESSION_OK)
 		return false;
-	for (int i = 0; actions[i]; i++)
-		if (strcmp(action, actions[i]) == 0)
-			return false;
-	xmpp_stanza_t *r = xa_error_reply(iq, "modify", "bad-request", NULL);
+	bool expired = state == SESSION_EXPIRED;
+	xmpp_stanza_t *r = xa_error_reply(iq, expired ? "cancel" : "modify", expired ? "not-allowed" : "bad-request", NULL);
 	xmpp_stanza_t *err = r ? xmpp_stanza_get_child_by_name(r, "error") : NULL;
 	if (err)
-		xa_child(xc->ctx, err, strcmp(action, "prev") == 0 ? "bad-action" : "malformed-action", NS_COMMANDS);
+		xa_child(xc->ctx, err, why ? why : expired ? "session-expired" : "bad-sessionid", NS_COMMANDS);
 	xa_send_now(xc, r);
 	return true;
 }

@@ -59,6 +59,19 @@ struct xr_item {
 
 struct xin; /* xmpp_in.c */
 
+/* XEP-0050 sessions the component gave (xmpp_cmd.c), at most this many
+ * at once (the oldest goes first), this many of them one user's, each for
+ * this long. */
+#define XA_SESSIONS_MAX 256
+#define XA_SESSIONS_PER_USER 8
+#define XA_SESSION_US (10 * 60 * 1000000LL)
+struct xa_session {
+	char id[33];                    /* 32 hex digits; "" : a free slot */
+	unsigned char owner[32];        /* SHA-256 of the requester's full JID, the command's JID and node */
+	unsigned char user[32];         /* SHA-256 of the requester's bare JID */
+	int64_t until_us;               /* cw_now_us() when it expires */
+};
+
 struct xcomp {
 	struct xmpp *x;
 	char domain[XJ_PART_MAX + 1];   /* the component's JID */
@@ -121,6 +134,8 @@ struct xcomp {
 	 * were last written to xmpp_muc_occupants. */
 	json_t *muc, *muc_members;
 	bool muc_dirty;
+	/* The ad-hoc commands' sessions, the stream thread's own (xmpp_cmd.c). */
+	struct xa_session sessions[XA_SESSIONS_MAX];
 	/* counters */
 	atomic_ullong stanzas_in, stanzas_out, errors_out, connects;
 };
@@ -289,13 +304,17 @@ bool xa_muc_invites(struct xcomp *xc, xmpp_stanza_t *st);
  * removed from the group is out of the room. */
 void xa_muc_members(struct xcomp *xc, PGconn *c);
 /* An ad-hoc command's action XEP-0050 does not define (malformed-action)
- * or that no stage here offers (prev: bad-action): answered with the
- * error, true; else false. */
+ * or that no stage here offers (prev: bad-action), or a sessionid that is
+ * not one of this requester's for this command (bad-sessionid; its own
+ * but expired: session-expired): answered with the error, true; else
+ * false.  A sessionid that passes has ended (each stage after the first
+ * ends the session, or starts a new one).  The stream's thread. */
 bool xa_command_bad_action(struct xcomp *xc, xmpp_stanza_t *iq, const char *action);
 /* XEP-0050 answers to the command iq (from its 'to'; ctx: the calling
  * thread's): the command ended (status completed or canceled; note: NULL
  * or a note of note_type), or its first stage, executing, with a form
- * (*form: where fields go; NULL without memory). */
+ * (*form: where fields go; NULL without memory) and a new session,
+ * remembered (the stream's thread). */
 xmpp_stanza_t *xa_command_end(xmpp_ctx_t *ctx, xmpp_stanza_t *iq, const char *node, const char *status,
 			      const char *note, const char *note_type);
 xmpp_stanza_t *xa_command_stage(struct xcomp *xc, xmpp_stanza_t *iq, const char *node, xmpp_stanza_t **form);

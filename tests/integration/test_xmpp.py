@@ -1021,6 +1021,15 @@ def test_an_xmpp_user_leaves_a_group(xd, gk, alice, prosody, pg, db_url):
         form = alice.iq("set", room, f"<command xmlns='{cmd}' node='leave' action='execute'/>")
         c = form.find(q(cmd, "command"))
         assert c.get("status") == "executing" and c.find(q("jabber:x:data", "x")).get("type") == "form"
+        # A sessionid the room never gave, or bob's, is refused
+        # (bad-sessionid) and leaves nobody (until the twenty-fourth
+        # session it did).
+        bobs = bob.iq("set", room, f"<command xmlns='{cmd}' node='leave' action='execute'/>").find(
+            q(cmd, "command")).get("sessionid")
+        for sid in ("0" * 32, bobs):
+            err = alice.iq("set", room, f"<command xmlns='{cmd}' node='leave' sessionid='{sid}' action='complete'>"
+                                        f"<x xmlns='jabber:x:data' type='submit'/></command>", expect_error=True)
+            assert err.error_condition == "bad-request" and err.find(f".//{{{cmd}}}bad-sessionid") is not None
         assert pg.psql(f"SELECT m.membership FROM room_members m JOIN rooms r ON r.id = m.room_id JOIN identities i "
                        f"ON i.id = m.identity_id WHERE r.public_id = '{gid}' AND i.uri = '{ALICE}'", db_url) == "joined"
         start, bstart = alice.count(), bob.count()
@@ -1686,6 +1695,74 @@ def test_ad_hoc_commands(xd, gk, alice, pg, db_url):
     err = alice.iq("get", COMP, "<query xmlns='http://jabber.org/protocol/disco#info' node='nope'/>",
                    expect_error=True)
     assert err.error_condition == "item-not-found"
+
+
+def test_ad_hoc_command_sessions_are_remembered(xd, gk, alice, prosody, pg, db_url):
+    """A stage's sessionid is the component's to give (XEP-0050): a
+    submit with one it never gave, one it gave another user or for another
+    command, or one whose session ended is bad-request with bad-sessionid
+    and does nothing. Until the twenty-fourth session session ids were not
+    remembered, and such a submit ran as a new session."""
+    cmd = "http://jabber.org/protocol/commands"
+
+    def execute(client, node="block"):
+        c = client.iq("set", COMP, f"<command xmlns='{cmd}' node='{node}' action='execute'/>").find(
+            f"{{{cmd}}}command")
+        assert c.get("status") == "executing" and c.get("sessionid"), ET.tostring(c)
+        return c.get("sessionid")
+
+    def submit(client, sid, who, **kw):
+        return client.iq("set", COMP, f"<command xmlns='{cmd}' node='block' action='complete' sessionid='{sid}'>"
+                                      "<x xmlns='jabber:x:data' type='submit'><field var='jid'>"
+                                      f"<value>{who}@{COMP}</value></field></x></command>", **kw)
+
+    def refused(client, sid, who):
+        bad = submit(client, sid, who, expect_error=True)
+        assert bad.error_condition == "bad-request" and bad.find(f".//{{{cmd}}}bad-sessionid") is not None, \
+            ET.tostring(bad)
+
+    def blocks():
+        return pg.psql("SELECT count(*) FROM audit_log WHERE action = 'consent.block'", db_url)
+    # A made-up sessionid, of the form the component gives or not.
+    sid = execute(alice)
+    refused(alice, "0" * len(sid), "mallory")
+    refused(alice, "forged", "mallory")
+    assert blocks() == "0"
+    # Bob's session is not alice's.
+    bob = prosody.client("bob", "pw-bob")
+    try:
+        bobs = execute(bob)
+        refused(alice, bobs, "mallory")
+        assert blocks() == "0"
+        done = submit(bob, bobs, "wally").find(f"{{{cmd}}}command")
+        assert done.get("status") == "completed" and done.get("sessionid") == bobs, ET.tostring(done)
+    finally:
+        bob.disconnect()
+    assert blocks() == "1"
+    # Nor one of another command's.
+    other = execute(alice, "report")
+    refused(alice, other, "mallory")
+    # Alice's own session runs once; then it has ended.
+    done = submit(alice, sid, "mallory").find(f"{{{cmd}}}command")
+    assert done.get("status") == "completed" and done.get("sessionid") == sid, ET.tostring(done)
+    assert "Blocked mimi://wa.example/u/mallory" in done.find(f"{{{cmd}}}note").text
+    refused(alice, sid, "wally")
+    assert blocks() == "2"
+    # A canceled session has ended too.
+    sid = execute(alice)
+    c = alice.iq("set", COMP, f"<command xmlns='{cmd}' node='block' action='cancel' sessionid='{sid}'/>").find(
+        f"{{{cmd}}}command")
+    assert c.get("status") == "canceled" and c.get("sessionid") == sid, ET.tostring(c)
+    refused(alice, sid, "wally")
+    bad = alice.iq("set", COMP, f"<command xmlns='{cmd}' node='block' action='cancel' sessionid='{sid}'/>",
+                   expect_error=True)
+    assert bad.find(f".//{{{cmd}}}bad-sessionid") is not None, ET.tostring(bad)
+    assert blocks() == "2"
+    # A user's open sessions are bounded (8): a new one pushes out their oldest.
+    sids = [execute(alice) for _ in range(9)]
+    refused(alice, sids[0], "wally")
+    assert submit(alice, sids[1], "wally").find(f"{{{cmd}}}command").get("status") == "completed"
+    assert blocks() == "3"
 
 
 def test_reports_by_command_set_the_automatic_limit(xd, gk, alice, prosody, pg, db_url):
