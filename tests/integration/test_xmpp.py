@@ -1153,6 +1153,43 @@ def test_a_dead_letter_is_told_to_its_xmpp_writer(make_daemon, db_url, prosody, 
         srv.close()
 
 
+@pytest.mark.parametrize("lost", ["look", "commit"])
+def test_a_dead_letter_whose_telling_lost_its_answer_is_told(make_daemon, db_url, prosody, alice, pg, lost):
+    """As for Matrix (test_matrix.py): the look that marks dead letters
+    told ran and its answer was lost with the connection (a network cut),
+    or the commit that keeps the mark did: alice is told all the same,
+    once.  The rows are marked in the transaction that the component ends
+    once it has sent the telling, so a look whose answer was lost marked
+    nothing and the next one tells."""
+    with PgProxy(db_url) as px:
+        d, _, srv = start_with_gk(make_daemon, px.url, prosody,
+                                  dispatcher={"retry_budget": "2", "retry_base_ms": "20", "retry_max_ms": "50"})
+        try:
+            look = lambda t: "sender_told_at IS NULL AND s.is_local" in t  # noqa: E731
+            if lost == "look":
+                px.cut_statement_with_rows(look)
+            else:
+                px.cut_commit_matching(look)
+            srv.fail_next = 1000
+            start = alice.count()
+            alice.send_raw(f"<message to='{WALLY_JID}' type='chat' id='void2'><body>into the void</body>"
+                           f"<origin-id xmlns='urn:xmpp:sid:0' id='void2'/></message>")
+
+            def told():
+                return [body(el) for el in alice.stanzas()[start:] if el.tag == q("jabber:client", "message")
+                        and el.get("from") == COMP and "Not delivered" in (body(el) or "")]
+            wait_until(lambda: px.cuts == 1, timeout=20, what="the telling's answer lost")
+            wait_until(told, timeout=30, what="the telling")
+            wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE state = 'dead' AND sender_told_at IS NULL",
+                                       db_url) == "0", timeout=30, what="marked told")
+            wait_until(lambda: component_state(d)["state"] == "up", timeout=30, what="the component's stream")
+            alice.iq("get", COMP, "<ping xmlns='urn:xmpp:ping'/>")  # a round trip after any second telling
+            assert told() == [f"To {WALLY_JID}: Not delivered \u201cinto the void\u201d: gk could not be reached "
+                              "(2 tries over the retry budget). The operator can send it again."], told()
+        finally:
+            srv.close()
+
+
 def test_an_expiring_message_is_retracted_when_its_time_comes(xd, gk, alice, pg, db_url):
     """A peer's message with content.expires reaches alice, and at its time
     the remote JID retracts it (XEP-0424), as the sender deleting it would."""
