@@ -554,6 +554,8 @@ void xa_dead_letters(struct xcomp *xc, PGconn *c)
 	/* Marked told once sent: a mark that did not commit leaves them to
 	 * be told again (at least once, dispatcher_dead_untold). */
 	if (dispatcher_dead_told(c, true, &e))
-		LOG_KV(CW_LOG_WARN, "cannot mark dead letters told: told again at the next look", "component",
-		       xc->domain, "detail", e.msg);
+		LOG_KV(CW_LOG_WARN,
+		       "the mark of dead letters told was not confirmed: if it did not commit, they are told again "
+		       "at the next look",
+		       "component", xc->domain, "detail", e.msg);
 }
