@@ -319,7 +319,13 @@ struct ini_ctx {
  * database.url was a syntax error on the wrong line, and the end of a
  * long comment was read as an option, and taken if it named one (until
  * the twentieth session).  Such a line stops the parse here, and the
- * caller says so. */
+ * caller says so.
+ * Debian's inih also reads a line with leading whitespace as the
+ * continuation of the option above (INI_ALLOW_MULTILINE), whose value it
+ * replaced: an indented "hs_token = ..." became matrix.id (until the
+ * twenty-fourth session).  The spec's INI is pgbouncer.ini's, where an
+ * indented line is a line like any other, so the whitespace goes before
+ * inih sees the line. */
 static char *ini_read_line(char *str, int num, void *stream)
 {
 	struct ini_ctx *x = stream;
@@ -335,6 +341,10 @@ static char *ini_read_line(char *str, int num, void *stream)
 			return NULL;
 		}
 	}
+	size_t indent = 0;
+	while (isspace((unsigned char)s[indent]))
+		indent++;
+	memmove(s, s + indent, strlen(s + indent) + 1);
 	return s;
 }
 

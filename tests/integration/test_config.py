@@ -159,3 +159,30 @@ def test_a_malformed_database_url_never_shows_its_password():
                                "CAUSEWAY_DATABASE_SCHEMA_DIR": SCHEMA_DIR}, timeout=30)
     assert r.returncode != 0
     assert "not a valid PostgreSQL URL" in r.stderr and "s3cret" not in r.stderr + r.stdout, r.stderr
+
+
+def registration(r):
+    """The id and tokens of a --matrix-registration output, as written."""
+    assert r.returncode == 0, r.stderr
+    return dict(re.findall(r'^(id|as_token|hs_token): "(.*)"$', r.stdout, re.M))
+
+
+def test_an_indented_line_is_an_option_not_the_value_of_the_one_above(tmp_path):
+    """Debian's libinih reads a line with leading whitespace as the
+    continuation of the option above, which took it as its value: the
+    matrix.id was "hs_token = ..." (a secret the configuration API showed),
+    the tokens unset, and --check-config said valid (until the
+    twenty-fourth session).  The spec's INI is pgbouncer.ini's, where an
+    indented option is an option."""
+    schema = os.path.join(TOP_SRCDIR, "schema")
+    p = write(tmp_path, f"[database]\nurl = postgresql:///x\nschema_dir = {schema}\n"
+                        "[matrix]\nhomeserver_url = http://127.0.0.1:8008\nid = causeway\n"
+                        "    as_token = SECRET-AS\n\ths_token = SECRET-HS\n"
+                        "  [server]\n    listen_address = 127.0.0.1\n    port = 99999\n")
+    r = run_causewayd(["--check-config", p])
+    assert r.returncode == 1 and f"{p}:11: server.port: 99999 is out of range" in r.stderr, r.stderr
+    p = write(tmp_path, open(p).read().replace("99999", "8999"))
+    r = run_causewayd(["--check-config", p])
+    assert r.returncode == 0, r.stderr
+    r = run_causewayd(["--matrix-registration", "--config", p])
+    assert registration(r) == {"id": "causeway", "as_token": "SECRET-AS", "hs_token": "SECRET-HS"}
