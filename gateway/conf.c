@@ -311,6 +311,7 @@ struct ini_ctx {
 	int line; /* of the last line read: Debian's inih has no line numbers in its handler */
 	int overlong; /* the first line longer than inih's buffer, 0: none */
 	int max;      /* that buffer's size (INI_MAX_LINE of the library's build) */
+	int cut;      /* the first option line inih would cut at an inline comment, 0: none */
 	FILE *f;
 };
 
@@ -325,7 +326,12 @@ struct ini_ctx {
  * replaced: an indented "hs_token = ..." became matrix.id (until the
  * twenty-fourth session).  The spec's INI is pgbouncer.ini's, where an
  * indented line is a line like any other, so the whitespace goes before
- * inih sees the line. */
+ * inih sees the line.
+ * And it takes ';' after whitespace as a comment (INI_ALLOW_INLINE_COMMENTS,
+ * quotes or not), which cut "as_token = abc ;def" to "abc" (until the
+ * twenty-fourth session).  A value must be the one in the file, so such an
+ * option line stops the parse too; on a comment or a section's line the
+ * comment cuts nothing. */
 static char *ini_read_line(char *str, int num, void *stream)
 {
 	struct ini_ctx *x = stream;
@@ -345,6 +351,12 @@ static char *ini_read_line(char *str, int num, void *stream)
 	while (isspace((unsigned char)s[indent]))
 		indent++;
 	memmove(s, s + indent, strlen(s + indent) + 1);
+	if (*s != ';' && *s != '#' && *s != '[')
+		for (const char *p = s; *p && p[1]; p++)
+			if (isspace((unsigned char)p[0]) && p[1] == ';') {
+				x->cut = x->line;
+				return NULL;
+			}
 	return s;
 }
 
@@ -437,6 +449,14 @@ cw_err cfg_load(struct cw_config *c, const char *path, const char *(*getenv_fn)(
 				       "%s:%d: line longer than %d bytes, which the INI parser (libinih) cannot read "
 				       "whole; set a long value by the environment (CAUSEWAY_<SECTION>_<NAME>)",
 				       path, x.overlong, x.max - 1);
+		}
+		if (x.cut && !x.errors) {
+			cfg_free(c);
+			return cw_fail(e, CW_EINVAL,
+				       "%s:%d: ';' after a space starts a comment in this INI dialect (libinih), which "
+				       "would cut the value here; put a comment on a line of its own, and set a value "
+				       "holding \" ;\" by the environment (CAUSEWAY_<SECTION>_<NAME>)",
+				       path, x.cut);
 		}
 		if (rc != 0 || x.errors) {
 			if (!x.errors) /* a syntax error inih found itself */

@@ -186,3 +186,27 @@ def test_an_indented_line_is_an_option_not_the_value_of_the_one_above(tmp_path):
     assert r.returncode == 0, r.stderr
     r = run_causewayd(["--matrix-registration", "--config", p])
     assert registration(r) == {"id": "causeway", "as_token": "SECRET-AS", "hs_token": "SECRET-HS"}
+
+
+def test_a_semicolon_after_a_space_is_refused_not_taken_as_a_comment(tmp_path):
+    """libinih takes ';' after whitespace as the start of a comment, which
+    silently cut "as_token = abc ;def" to "abc" (until the twenty-fourth
+    session).  Such a line is refused by its number; a ';' elsewhere is
+    part of the value, and a value holding " ;" comes from the
+    environment."""
+    schema = os.path.join(TOP_SRCDIR, "schema")
+    head = (f"[database]\nurl = postgresql:///x\nschema_dir = {schema}\n"
+            "[matrix]\nhomeserver_url = http://127.0.0.1:8008\n")
+    for line in ("as_token = abc ;def", "id = foo ;bar", "id = causeway ; the registration's id"):
+        p = write(tmp_path, head + line + "\n")
+        for args in (["--check-config", p], ["--matrix-registration", "--config", p]):
+            r = run_causewayd(args)
+            assert r.returncode == 1 and f"{p}:6: ';' after a space starts a comment" in r.stderr, r.stderr
+            assert "CAUSEWAY_<SECTION>_<NAME>" in r.stderr
+    p = write(tmp_path, head + "id = foo;bar\nas_token = abc;def\n")
+    assert run_causewayd(["--check-config", p]).returncode == 0
+    r = run_causewayd(["--matrix-registration", "--config", p], env={"CAUSEWAY_MATRIX_HS_TOKEN": "x"})
+    assert registration(r) == {"id": "foo;bar", "as_token": "abc;def", "hs_token": "x"}
+    r = run_causewayd(["--matrix-registration", "--config", write(tmp_path, head)],
+                      env={"CAUSEWAY_MATRIX_ID": "foo ;bar"})
+    assert registration(r)["id"] == "foo ;bar"
