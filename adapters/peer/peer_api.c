@@ -2085,6 +2085,51 @@ static void facts_catch_up(struct submit *b, PGresult *r, int nfacts)
 			 "deciding with the one in force");
 }
 
+/* Whether ref names ("#j") an item of the job that was to be written and
+ * was not (409). */
+static bool lost_item(const struct submit *b, const char *ref)
+{
+	if (ref[0] != '#')
+		return false;
+	size_t j = strtoul(ref + 1, NULL, 10);
+	return j < b->n && b->write[j] && b->res[j].status == 409;
+}
+
+/* After the write: an item that lost a race for its Idempotency-Key (409,
+ * no row) may be named by a later item of the job ("#j": a Matrix
+ * transaction's reaction to its message), and the statement gave that one
+ * the loser's event id, which no row has: it was stored naming nothing
+ * (until the twenty-fourth session it stayed so, and was accepted).  Such
+ * an item is refused as the item it names was (409, retry it), and so on
+ * down the chain; then every loser is taken out of the write, and true
+ * says the write must run again (the transaction is rolled back: what was
+ * written is not undone otherwise) without them. */
+static bool drop_lost_refs(struct submit *b)
+{
+	bool named = false;
+	/* A reference names an earlier item: one pass in order follows a chain. */
+	for (size_t i = 0; i < b->n; i++) {
+		if (!b->items[i] || !b->write[i] || b->res[i].status != 202)
+			continue;
+		const char *ref = lost_item(b, b->reply_id[i]) ? "in_reply_to"
+				  : lost_item(b, b->replaces_id[i]) ? "replaces" : NULL;
+		if (!ref)
+			continue;
+		json_decref(b->res[i].body);
+		b->res[i].body = NULL;
+		item_fail(&b->res[i], 409, "conflict",
+			  "content.%s names an event of this request whose Idempotency-Key was being written "
+			  "at the same time; retry it", ref);
+		named = true;
+	}
+	for (size_t i = 0; named && i < b->n; i++)
+		if (b->write[i] && b->res[i].status == 409) {
+			b->write[i] = false;
+			b->wake[i] = 0;
+		}
+	return named;
+}
+
 static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_errmsg *e)
 {
 	bool sent = round == 1, any_write = false;
@@ -2171,6 +2216,10 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 						  "a request with this Idempotency-Key was being written at the same time; "
 						  "retry it");
 				}
+			if (drop_lost_refs(b)) {
+				PQclear(r);
+				return cw_fail(e, CW_ERETRY, "an item named one that lost a race for its key");
+			}
 			any_write = true;
 		}
 		PQclear(r);

@@ -621,6 +621,53 @@ def test_references_to_an_event_being_deleted_are_refused_down_the_chain(mx, hs,
                            for e in hs.events(rid) if e["type"] == "m.room.message"), what="the notice")
 
 
+def test_an_event_naming_one_that_lost_its_key_race_is_not_stored(mx, hs, gk, pg, db_url):
+    """A transaction's message loses the race for its key (its Matrix event
+    id, written at the same moment by another process: played by a psql
+    session that holds the row uncommitted until the writer waits for it)
+    and a reaction to it in the same transaction names it by the id the
+    job gave it: the reaction is refused as the message is (409, retry),
+    not stored naming an event that was never written (it was until the
+    twenty-fourth session); docs/interop-api.md, "Idempotency"."""
+    a, srv = gk
+    room, mx_room = wally_wrote_to_alice(mx, hs, a, pg, db_url)
+    base = {"room_id": mx_room, "sender": ALICE_MX, "origin_server_ts": 1700000000000}
+    evs = [dict(base, event_id="$race1", type="m.room.message", content={"msgtype": "m.text", "body": "raced"}),
+           dict(base, event_id="$race2", type="m.reaction",
+                content={"m.relates_to": {"rel_type": "m.annotation", "event_id": "$race1", "key": "x"}})]
+    other = subprocess.Popen(["psql", db_url, "-v", "ON_ERROR_STOP=1", "-qAt"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    done = {}
+    writer = None
+    try:
+        other.stdin.write("BEGIN;\nINSERT INTO events (public_id, room_id, sender_id, type, content, origin_network, "
+                          "origin_native_id, ts) SELECT 'msg_raceWinner', e.room_id, i.id, 'message', e.content, "
+                          f"'matrix', '$race1', e.ts FROM events e, identities i WHERE i.uri = '{ALICE}' "
+                          f"AND e.origin_network = 'peer:gk' AND e.type = 'message' LIMIT 1;\nSELECT 'taken';\n")
+        other.stdin.flush()
+        assert other.stdout.readline().strip() == "taken"
+        writer = threading.Thread(target=lambda: done.update(r=as_put(mx, "race-1", {"events": evs})))
+        writer.start()
+        # The writer's insert of $race1 waits for the other's row.
+        wait_until(lambda: not writer.is_alive() or pg.psql(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock'", db_url) != "0", timeout=15, what="the writer")
+        other.stdin.write("COMMIT;\n")
+        other.stdin.close()
+        assert other.wait(30) == 0, other.stderr.read()
+        writer.join(30)
+    finally:
+        if other.poll() is None:
+            other.kill()
+            other.wait()
+        if writer:
+            writer.join(30)
+    assert done["r"].status_code == 200
+    assert dangling(pg, db_url) == 0
+    assert pg.psql("SELECT string_agg(public_id, ' ') FROM events WHERE origin_network = 'matrix'",
+                   db_url) == "msg_raceWinner"
+
+
 def test_a_transaction_of_echoes_only_is_answered_and_remembered(mx, pg, db_url):
     """The homeserver pushes the gateway's own sends back: a transaction with
     nothing but those (and invalid events) stores nothing, is answered 200,
