@@ -253,19 +253,27 @@ void cw_req_reply_json(struct cw_req *r, int status, json_t *j)
  * is in detail and code.  Until the twenty-first session each caller's
  * summary was the title, and one status had several ("Unauthenticated",
  * "Bad signature"). */
+/* A detail repeats outside input, often cut to a length in bytes
+ * ("unknown member '%.64s'"), which can end inside a character; JSON
+ * strings are UTF-8, and until the twenty-third session such a detail made
+ * the answer a bare 500.  Every detail passes here (a problem's, and since
+ * the twenty-fourth session a batch item's), so here its bad bytes become
+ * U+FFFD. */
+json_t *cw_problem_detail(const char *text)
+{
+	if (cw_utf8_valid(text, strlen(text)))
+		return json_string(text);
+	char *scrubbed = cw_utf8_scrub(text);
+	json_t *j = scrubbed ? json_string(scrubbed) : NULL;
+	free(scrubbed);
+	return j;
+}
+
 void cw_req_problem(struct cw_req *r, int status, const char *code, const char *summary, const char *detail)
 {
-	/* A detail repeats outside input, often cut to a length in bytes
-	 * ("unknown member '%.64s'"), which can end inside a character;
-	 * JSON strings are UTF-8, and until the twenty-third session such a
-	 * detail made the answer a bare 500.  Every problem passes here, so
-	 * here its bad bytes become U+FFFD. */
-	const char *text = detail ? detail : summary;
-	char *scrubbed = cw_utf8_valid(text, strlen(text)) ? NULL : cw_utf8_scrub(text);
-	json_t *j = json_pack("{s:s, s:s, s:i, s:s, s:s}",
+	json_t *j = json_pack("{s:s, s:s, s:i, s:o, s:s}",
 			      "type", "about:blank", "title", MHD_get_reason_phrase_for((unsigned)status),
-			      "status", status, "detail", scrubbed ? scrubbed : text, "code", code);
-	free(scrubbed);
+			      "status", status, "detail", cw_problem_detail(detail ? detail : summary), "code", code);
 	char *s = j ? json_dumps(j, JSON_COMPACT) : NULL;
 	json_decref(j);
 	if (!s) {

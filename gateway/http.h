@@ -140,6 +140,10 @@ void cw_req_reply_json(struct cw_req *r, int status, json_t *j);
  * the status's HTTP phrase, summary the detail when detail is NULL. */
 void cw_req_problem(struct cw_req *r, int status, const char *code, const char *summary,
 		    const char *detail);
+/* A problem's detail (cw_req_problem's, a batch item's) as a JSON string:
+ * a detail may repeat outside input cut to a length in bytes, and its
+ * invalid UTF-8 becomes U+FFFD.  NULL only when out of memory. */
+json_t *cw_problem_detail(const char *text);
 /* An extra response header (copied); at most a few per reply. */
 void cw_req_add_header(struct cw_req *r, const char *name, const char *value);
 

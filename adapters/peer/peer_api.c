@@ -2241,6 +2241,16 @@ cw_err submit_prepare(PGconn *c, struct submit *b, bool *write, cw_errmsg *e)
 	return rc ? rc : items_recv(c, b, 0, write, e);
 }
 
+/* A refused item of a batch: its detail goes through the same scrub as a
+ * problem's (cw_problem_detail), so that one that quotes outside input
+ * never breaks the answer (until the twenty-fourth session it did not, and
+ * only no detail repeating a caller's bytes kept it whole). */
+static json_t *problem_item(json_t *key, int status, const char *code, const char *detail)
+{
+	return json_pack("{s:O, s:s, s:i, s:s, s:o}", "idempotency_key", key, "status", "refused", "http_status", status,
+			 "code", code, "detail", cw_problem_detail(detail));
+}
+
 /* The answer to POST /v1/batch, one result per item. */
 static void batch_answer(struct app_job *j)
 {
@@ -2251,10 +2261,8 @@ static void batch_answer(struct app_job *j)
 		if (!b->items[i]) {
 			json_array_append(results, json_array_get(b->refused, i));
 		} else if (b->res[i].code) {
-			json_t *o = json_pack("{s:O, s:s, s:i, s:s, s:s}", "idempotency_key", key, "status", "refused",
-					      "http_status", b->res[i].status, "code", b->res[i].code,
-					      "detail", b->res[i].detail);
-			if (b->res[i].status == 429)
+			json_t *o = problem_item(key, b->res[i].status, b->res[i].code, b->res[i].detail);
+			if (o && b->res[i].status == 429)
 				json_object_set_new(o, "retry_after_ms", json_integer((json_int_t)b->res[i].retry_after_ms));
 			json_array_append_new(results, o);
 		} else {
@@ -2704,12 +2712,6 @@ void peer_api_message_status(struct cw_req *req, void *ctx)
 }
 
 /* ------------------------------------------------------------ batch */
-
-static json_t *problem_item(json_t *key, int status, const char *code, const char *detail)
-{
-	return json_pack("{s:O, s:s, s:i, s:s, s:s}", "idempotency_key", key, "status", "refused", "http_status", status,
-			 "code", code, "detail", detail);
-}
 
 void peer_api_batch(struct cw_req *req, void *ctx)
 {

@@ -523,6 +523,26 @@ START_TEST(media_addresses)
 }
 END_TEST
 
+/* A detail that quotes outside input cut inside a character: the bad
+ * bytes become U+FFFD, valid text is kept, and the answer serialises. */
+START_TEST(problem_detail_scrubs)
+{
+	json_t *kept = cw_problem_detail("unknown member '\xC3\xA9'");
+	ck_assert_ptr_nonnull(kept);
+	ck_assert_str_eq(json_string_value(kept), "unknown member '\xC3\xA9'");
+	json_decref(kept);
+	json_t *cut = cw_problem_detail("unknown member 'a\xC3'");
+	ck_assert_ptr_nonnull(cut);
+	ck_assert_str_eq(json_string_value(cut), "unknown member 'a\xEF\xBF\xBD'");
+	json_t *o = json_pack("{s:o}", "detail", cut);
+	ck_assert_ptr_nonnull(o);
+	char *text = json_dumps(o, JSON_COMPACT | JSON_ENSURE_ASCII);
+	ck_assert_str_eq(text, "{\"detail\":\"unknown member 'a\\uFFFD'\"}");
+	free(text);
+	json_decref(o);
+}
+END_TEST
+
 int main(void)
 {
 	curl_global_init(CURL_GLOBAL_DEFAULT);
@@ -534,6 +554,7 @@ int main(void)
 	tcase_add_test(tc, media_addresses);
 	tcase_add_test(tc, media_hosts_in_a_domain);
 	tcase_add_test(tc, media_held_budget);
+	tcase_add_test(tc, problem_detail_scrubs);
 	suite_add_tcase(s, tc);
 	TCase *live_tc = tcase_create("live");
 	tcase_set_timeout(live_tc, 30);
