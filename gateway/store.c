@@ -33,9 +33,16 @@ struct job {
  * the other's rows. */
 #define STORE_RETRIES 3
 
-/* Whether j's failure rc is one to run again (counted). */
-static bool retry_job(struct job *j, cw_err rc)
+/* Whether j's failure rc is one to run again: a lost deadlock (counted),
+ * or a statement the watchdog cancelled (cancelled: at the batch's first
+ * deadline, which may be another job's; a job whose own deadline has
+ * passed is failed before the batch runs again). */
+static bool retry_job(struct job *j, cw_err rc, bool cancelled)
 {
+	if (rc == CW_ETIMEDOUT && cancelled) {
+		j->err.msg[0] = '\0';
+		return true;
+	}
 	if (rc != CW_ERETRY || j->retries >= STORE_RETRIES)
 		return false;
 	j->retries++;
@@ -51,6 +58,11 @@ struct queue {
 struct conn {
 	PGconn *c;
 	struct store_canceller cancel; /* c's statement, cancelled at a stop that waits for it */
+	/* Under cancel.mu: when the watchdog cancels the statement running on
+	 * c (its job's deadline, then again every WATCH_AGAIN_US; 0: nothing
+	 * to watch), and whether it has since watch_arm. */
+	int64_t watch_us;
+	bool watch_fired;
 	int64_t retry_at_us;
 	int failures;
 	bool was_up;
@@ -68,6 +80,11 @@ struct cw_store {
 	pthread_mutex_t mu;
 	pthread_cond_t wcond;   /* the writer waits on it */
 	pthread_cond_t rcond;   /* the readers wait on it */
+	pthread_cond_t dcond;   /* the watchdog waits on it */
+	int64_t watch_wake_us;  /* when the watchdog looks next (under mu) */
+	bool watch_stop;        /* under mu: the watchdog ends (after the threads it watches) */
+	bool watchdog_started;
+	pthread_t watchdog;
 	struct queue wq, rq;
 	size_t last_batch;      /* writes in the writer's last batch, 0 before the first (under mu) */
 	bool stopping;
@@ -391,6 +408,116 @@ static bool conn_ensure(struct cw_store *s, struct conn *sc, const char *who)
 	return true;
 }
 
+/* ----------------------------------------------------------- the watchdog */
+
+/* A job's statement still running at the job's deadline (blocked by a
+ * lock, say) is cancelled there, so that the request is answered near
+ * database.request_timeout_ms and not statement_timeout_ms after it: the
+ * statement fails with 57014 (CW_ETIMEDOUT: 503, the connection kept) and a
+ * write's transaction is rolled back.  The store's threads arm their
+ * connection around the jobs' statements; the watchdog thread cancels
+ * (PQcancel) those armed past their deadline.  A cancel that reaches the
+ * server between two statements is ignored there, so it is sent again
+ * every WATCH_AGAIN_US while the connection stays armed.  A COMMIT is never
+ * armed: cancelled, its outcome would be unknown to the client. */
+#define WATCH_AGAIN_US 200000
+
+/* From now until watch_disarm, sc's statements are cancelled once
+ * until_us (0: never) has passed. */
+static void watch_arm(struct cw_store *s, struct conn *sc, int64_t until_us)
+{
+	pthread_mutex_lock(&sc->cancel.mu);
+	sc->watch_us = until_us;
+	sc->watch_fired = false;
+	pthread_mutex_unlock(&sc->cancel.mu);
+	if (!until_us)
+		return;
+	pthread_mutex_lock(&s->mu);
+	if (until_us < s->watch_wake_us) {
+		s->watch_wake_us = until_us;
+		pthread_cond_signal(&s->dcond);
+	}
+	pthread_mutex_unlock(&s->mu);
+}
+
+/* Whether the watchdog has cancelled sc's statement since watch_arm (asked
+ * after a statement failed: a cancel of the watchdog's that failed it has
+ * been counted by then, the flag and the cancel being under one lock). */
+static bool watch_fired(struct conn *sc)
+{
+	pthread_mutex_lock(&sc->cancel.mu);
+	bool fired = sc->watch_fired;
+	pthread_mutex_unlock(&sc->cancel.mu);
+	return fired;
+}
+
+/* Ends the watch.  A cancel in flight is sent by then (PQcancel returns
+ * once the server has signalled the backend, under the same lock): it hits
+ * the statement it was meant for or nothing, never the next one (a COMMIT). */
+static void watch_disarm(struct conn *sc)
+{
+	pthread_mutex_lock(&sc->cancel.mu);
+	sc->watch_us = 0;
+	pthread_mutex_unlock(&sc->cancel.mu);
+}
+
+/* Cancels sc's statement if its watch has passed; when to look again
+ * (INT64_MAX: not armed). */
+static int64_t watch_check(struct conn *sc, int64_t now)
+{
+	pthread_mutex_lock(&sc->cancel.mu);
+	if (sc->watch_us && now > sc->watch_us) {
+		char err[256];
+		if (sc->cancel.cancel && !PQcancel(sc->cancel.cancel, err, sizeof(err)))
+			LOG_KV(CW_LOG_WARN, "cannot cancel a statement past its deadline", "detail", err);
+		else if (sc->cancel.cancel && !sc->watch_fired)
+			LOG_KV(CW_LOG_INFO, "a statement still running at its job's deadline was cancelled");
+		sc->watch_fired = true;
+		sc->watch_us = now + WATCH_AGAIN_US;
+	}
+	int64_t next = sc->watch_us ? sc->watch_us : INT64_MAX;
+	pthread_mutex_unlock(&sc->cancel.mu);
+	return next;
+}
+
+static void *watchdog_main(void *arg)
+{
+	cw_thread_name("cw-watchdog");
+	struct cw_store *s = arg;
+	/* With nothing armed it looks again a job's deadline later all the
+	 * same: the jobs armed until then have later deadlines and need not
+	 * wake it (watch_arm), so that it costs no wake-up per job. */
+	int64_t idle_us = s->o.deadline_us > 100000 ? s->o.deadline_us : 100000;
+	pthread_mutex_lock(&s->mu);
+	while (!s->watch_stop) {
+		/* An arm during the look lowers watch_wake_us again. */
+		s->watch_wake_us = INT64_MAX;
+		pthread_mutex_unlock(&s->mu);
+		int64_t now = cw_now_us(), next = now + idle_us;
+		int64_t w = watch_check(&s->wconn, now);
+		if (w < next)
+			next = w;
+		for (int i = 0; i < s->o.readers; i++) {
+			int64_t r = watch_check(&s->readers[i].conn, now);
+			if (r < next)
+				next = r;
+		}
+		pthread_mutex_lock(&s->mu);
+		if (next < s->watch_wake_us)
+			s->watch_wake_us = next;
+		if (s->watch_stop)
+			break;
+		int64_t wait_us = s->watch_wake_us - cw_now_us();
+		if (wait_us > 0) {
+			struct timespec ts;
+			cw_deadline_ts(&ts, CLOCK_MONOTONIC, wait_us);
+			pthread_cond_timedwait(&s->dcond, &s->mu, &ts);
+		}
+	}
+	pthread_mutex_unlock(&s->mu);
+	return NULL;
+}
+
 /* ------------------------------------------------------------- the writer */
 
 enum batch_outcome { BATCH_DONE, BATCH_CONN_LOST_BEFORE_COMMIT, BATCH_CONN_LOST_AT_COMMIT };
@@ -441,8 +568,9 @@ enum pipe_outcome { PIPE_OK, PIPE_JOB_FAILED, PIPE_CONN_LOST };
 /* Runs the pipelined jobs of list, round by round, inside the open
  * transaction.  On a job's failure, sets its rc and returns PIPE_JOB_FAILED
  * (the transaction is then aborted). */
-static enum pipe_outcome run_pipelined(PGconn *c, struct job *list, cw_errmsg *e)
+static enum pipe_outcome run_pipelined(struct conn *sc, struct job *list, cw_errmsg *e)
 {
+	PGconn *c = sc->c;
 	bool any = false;
 	for (struct job *j = list; j; j = j->next) {
 		j->going = j->pipe && !j->rc;
@@ -461,7 +589,7 @@ static enum pipe_outcome run_pipelined(PGconn *c, struct job *list, cw_errmsg *e
 				continue;
 			cw_err rc = j->pipe->send(c, j->arg, round, &j->err);
 			if (rc) {
-				if (!retry_job(j, rc))
+				if (!retry_job(j, rc, false))
 					j->rc = rc;
 				out = PQstatus(c) == CONNECTION_OK ? PIPE_JOB_FAILED : PIPE_CONN_LOST;
 				break;
@@ -487,7 +615,7 @@ static enum pipe_outcome run_pipelined(PGconn *c, struct job *list, cw_errmsg *e
 					out = PIPE_CONN_LOST;
 					cw_fail(e, CW_EUNAVAIL, "%s", j->err.msg);
 				} else {
-					if (!retry_job(j, rc))
+					if (!retry_job(j, rc, watch_fired(sc)))
 						j->rc = rc; /* else the batch runs again, this job with it */
 					out = PIPE_JOB_FAILED;
 				}
@@ -516,13 +644,21 @@ static enum batch_outcome run_batch(struct cw_store *s, PGconn *c, struct job *l
 		/* A run again after a failed job (one that waited out its
 		 * statement timeout, say) does not take the others past their
 		 * deadline: they are answered (503) rather than run. */
-		int64_t now = cw_now_us();
-		for (struct job *j = list; j; j = j->next)
+		int64_t now = cw_now_us(), until = 0;
+		for (struct job *j = list; j; j = j->next) {
 			if (!j->rc && now > j->deadline_us)
 				j->rc = cw_fail(&j->err, CW_ETIMEDOUT, "the database did not take the write in time");
+			if (!j->rc && (!until || j->deadline_us < until))
+				until = j->deadline_us;
+		}
 		if (store_exec(c, "BEGIN", e))
 			return BATCH_CONN_LOST_BEFORE_COMMIT;
+		/* The jobs' statements are cancelled at the first of their
+		 * deadlines (the watchdog): the batch then runs again without
+		 * the jobs past theirs.  Not the COMMIT. */
+		watch_arm(s, &s->wconn, until);
 		struct job *failed = NULL;
+		bool lost = false;
 		for (struct job *j = list; j; j = j->next) {
 			if (j->rc || !j->fn)
 				continue;
@@ -540,20 +676,23 @@ static enum batch_outcome run_batch(struct cw_store *s, PGconn *c, struct job *l
 				continue;
 			if (PQstatus(c) != CONNECTION_OK) {
 				cw_fail(e, CW_EUNAVAIL, "%s", j->err.msg);
-				return BATCH_CONN_LOST_BEFORE_COMMIT;
+				lost = true;
+				break;
 			}
-			if (!retry_job(j, rc))
+			if (!retry_job(j, rc, watch_fired(&s->wconn)))
 				j->rc = rc; /* else the batch runs again, this job with it */
 			failed = j;
 			break;
 		}
-		if (!failed) {
-			enum pipe_outcome po = run_pipelined(c, list, e);
-			if (po == PIPE_CONN_LOST)
-				return BATCH_CONN_LOST_BEFORE_COMMIT;
+		if (!failed && !lost) {
+			enum pipe_outcome po = run_pipelined(&s->wconn, list, e);
+			lost = po == PIPE_CONN_LOST;
 			if (po == PIPE_JOB_FAILED)
 				failed = list; /* any non-NULL: a job has its rc set, or is to run again */
 		}
+		watch_disarm(&s->wconn);
+		if (lost)
+			return BATCH_CONN_LOST_BEFORE_COMMIT;
 		if (failed) {
 			cw_errmsg ignored;
 			if (store_exec(c, "ROLLBACK", &ignored) && PQstatus(c) != CONNECTION_OK)
@@ -721,20 +860,29 @@ static void *writer_main(void *arg)
 
 /* ------------------------------------------------------------ the readers */
 
+/* Runs j's read on rd's connection, its statements cancelled at j's
+ * deadline (the watchdog: CW_ETIMEDOUT, the connection kept). */
+static void read_run(struct cw_store *s, struct reader *rd, struct job *j)
+{
+	watch_arm(s, &rd->conn, j->deadline_us);
+	j->rc = j->fn(rd->conn.c, j->arg, &j->err);
+	watch_disarm(&rd->conn);
+}
+
 static void read_once(struct cw_store *s, struct reader *rd, struct job *j)
 {
 	if (!conn_ensure(s, &rd->conn, "reader")) {
 		j->rc = cw_fail(&j->err, CW_EUNAVAIL, "the database is unavailable");
 		return;
 	}
-	j->rc = j->fn(rd->conn.c, j->arg, &j->err);
+	read_run(s, rd, j);
 	if (j->rc && (j->rc == CW_EUNAVAIL || PQstatus(rd->conn.c) != CONNECTION_OK)) {
 		/* Retry once on a fresh connection: a read has no side effect. */
 		conn_lost(s, &rd->conn);
 		rd->conn.retry_at_us = 0;
 		if (conn_ensure(s, &rd->conn, "reader")) {
 			j->err.msg[0] = '\0';
-			j->rc = j->fn(rd->conn.c, j->arg, &j->err);
+			read_run(s, rd, j);
 		} else {
 			j->rc = cw_fail(&j->err, CW_EUNAVAIL, "the database is unavailable");
 		}
@@ -921,7 +1069,9 @@ cw_err store_open(struct cw_store **out, const struct store_opts *o, cw_errmsg *
 	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
 	pthread_cond_init(&s->wcond, &ca);
 	pthread_cond_init(&s->rcond, &ca);
+	pthread_cond_init(&s->dcond, &ca);
 	pthread_condattr_destroy(&ca);
+	s->watch_wake_us = INT64_MAX;
 	store_canceller_init(&s->wconn.cancel);
 	for (int i = 0; i < o->readers; i++)
 		store_canceller_init(&s->readers[i].conn.cancel);
@@ -947,6 +1097,12 @@ cw_err store_open(struct cw_store **out, const struct store_opts *o, cw_errmsg *
 			return cw_fail(e, CW_EIO, "cannot start a reader thread");
 		}
 	}
+	/* Last: it looks at the connections of all the others. */
+	if (pthread_create(&s->watchdog, NULL, watchdog_main, s)) {
+		store_close(s);
+		return cw_fail(e, CW_EIO, "cannot start the watchdog thread");
+	}
+	s->watchdog_started = true;
 	*out = s;
 	return CW_OK;
 }
@@ -968,6 +1124,14 @@ void store_stop(struct cw_store *s)
 	store_join_cancelling(s->writer, &s->wconn.cancel, &grace);
 	for (int i = 0; i < s->o.readers; i++)
 		store_join_cancelling(s->readers[i].thread, &s->readers[i].conn.cancel, &grace);
+	/* The jobs' deadlines held until the last of them was answered. */
+	if (s->watchdog_started) {
+		pthread_mutex_lock(&s->mu);
+		s->watch_stop = true;
+		pthread_cond_signal(&s->dcond);
+		pthread_mutex_unlock(&s->mu);
+		pthread_join(s->watchdog, NULL);
+	}
 }
 
 void store_close(struct cw_store *s)
@@ -980,6 +1144,7 @@ void store_close(struct cw_store *s)
 		store_canceller_destroy(&s->readers[i].conn.cancel);
 	pthread_cond_destroy(&s->wcond);
 	pthread_cond_destroy(&s->rcond);
+	pthread_cond_destroy(&s->dcond);
 	pthread_mutex_destroy(&s->mu);
 	free(s->readers);
 	free(s->url);

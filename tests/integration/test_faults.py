@@ -254,6 +254,48 @@ def test_writes_blocked_by_a_lock_are_answered_503_near_their_deadline(make_daem
         sb.close()
 
 
+def test_a_write_still_running_at_its_deadline_is_cancelled_there(make_daemon, db_url, pg):
+    """A write whose statement is still blocked (a lock on outbox) when its
+    job's deadline (request_timeout_ms) passes is cancelled there: 503 with
+    Retry-After near the deadline, nothing stored, the connection kept (the
+    database not reported down), and each request sent again once the lock
+    goes is accepted, once. Until the twenty-fourth session the statement
+    ran on to its statement_timeout_ms (30 s here) and so did the answer."""
+    # One reader, connected before the lock: a connection made under it
+    # would wait for the lock in preparing its statements.
+    d = make_daemon(db_url, options={"database": {"statement_timeout_ms": "30000", "request_timeout_ms": "1000",
+                                                  "pool_size": "1"}}).start()
+    (a, _), (b, sb) = push_peers(d)
+    try:
+        room = a.create_room([a.user("alice"), b.user("bob")]).json()["id"]
+        assert a.send(room, a.user("alice"), "warm").status_code == 202
+        assert d.get("/readyz").status_code == 200
+        before = int(pg.psql("SELECT count(*) FROM events", db_url))
+
+        def one(i):
+            t0 = time.time()
+            r = a.call("POST", f"/v1/rooms/{room}/messages", {
+                "type": "message", "sender": a.user("alice"),
+                "content": {"parts": [{"type": "text/plain", "body": f"late{i}"}]}}, idem=f"late-{i}")
+            return r, time.time() - t0
+        with outbox_locked(pg, db_url, "SHARE"):
+            with concurrent.futures.ThreadPoolExecutor(4) as ex:
+                got = list(ex.map(one, range(4)))
+            assert all(r.status_code == 503 and r.headers.get("Retry-After") for r, _ in got), \
+                [(r.status_code, r.text) for r, _ in got]
+            # the deadline (1 s) with room for a loaded machine, far below the statement's 30 s
+            assert max(t for _, t in got) < 3, [t for _, t in got]
+            assert int(pg.psql("SELECT count(*) FROM events", db_url)) == before
+            assert d.get("/readyz").status_code == 200
+        assert not [x for x in d.records if x.get("msg") == "database unreachable"]
+        ids = [wait_until(lambda: (r := one(i)[0]).status_code == 202 and r.json()["id"], what="accepted")
+               for i in range(4)]
+        assert [one(i)[0].json()["id"] for i in range(4)] == ids  # the same answer again, not a second event
+        assert int(pg.psql("SELECT count(*) FROM events", db_url)) == before + 4
+    finally:
+        sb.close()
+
+
 def test_sigterm_while_the_database_blocks_writes_exits_in_bounded_time(make_daemon, db_url, pg):
     """The stop cancels the statements of threads blocked in the database
     (a lock on outbox): the dispatcher's lanes, the policy's sweeps, the
@@ -299,3 +341,27 @@ def test_a_read_that_waits_out_a_lock_is_503_and_the_database_stays_up(make_daem
         assert took < 2.5, took  # one statement timeout (1.5 s), not two
         assert d.get("/readyz").status_code == 200
         assert not [x for x in d.records if x.get("msg") == "database unreachable"]
+
+
+def test_a_read_still_running_at_its_deadline_is_cancelled_there(make_daemon, db_url, pg):
+    """A read whose statement is still blocked (a lock on outbox) when its
+    job's deadline (request_timeout_ms) passes is cancelled there: 503 near
+    the deadline, and the reader's connection stays (the database not
+    reported down, the next read answered on it). Until the twenty-fourth
+    session it ran on to its statement_timeout_ms (30 s here)."""
+    d = make_daemon(db_url, options={"database": {"statement_timeout_ms": "30000", "request_timeout_ms": "1000",
+                                                  "pool_size": "1"}}).start()
+    assert d.admin("GET", "/outbox?state=dead").status_code == 200
+
+    def connects():
+        return [x for x in d.records if x.get("msg") in ("database unreachable", "database connection established")]
+    before = len(connects())
+    with outbox_locked(pg, db_url, "ACCESS EXCLUSIVE"):
+        t0 = time.time()
+        r = d.admin("GET", "/outbox?state=dead")
+        took = time.time() - t0
+        assert r.status_code == 503 and r.headers.get("Retry-After"), r.text
+        assert took < 3, took  # the deadline (1 s), far below the statement's 30 s
+        assert d.get("/readyz").status_code == 200
+    assert d.admin("GET", "/outbox?state=dead").status_code == 200
+    assert len(connects()) == before, connects()  # the same connection: not lost, not made again
