@@ -91,10 +91,14 @@ static int run_migrations(const struct cw_config *cfg, const struct migration_se
 	int applied = 0, pending = 0;
 	cw_err rc = migrate(c, set, apply, &applied, &pending, &e);
 	PQfinish(c);
-	if (rc) {
+	/* A migration that failed is not a schema that does not match: until
+	 * the twenty-fourth session both were told as the latter. */
+	if (rc == CW_EINVAL)
 		LOG_KV(CW_LOG_ERROR, "refusing to start: the schema does not match", "detail", e.msg);
+	else if (rc)
+		LOG_KV(CW_LOG_ERROR, "migration failed", "detail", e.msg);
+	if (rc)
 		return 1;
-	}
 	char a[16], n[16];
 	snprintf(a, sizeof(a), "%d", applied);
 	snprintf(n, sizeof(n), "%zu", set->n);

@@ -243,7 +243,14 @@ cw_err migrate(PGconn *c, const struct migration_set *set, bool apply, int *appl
 {
 	*applied_now = 0;
 	*pending = 0;
-	cw_err rc = store_exec(c, "SELECT pg_advisory_lock(" MIGRATE_LOCK_KEY ")", e);
+	/* Not the daemon's statement timeout (database.statement_timeout_ms,
+	 * made for a message's statements), nor the role's: until the
+	 * twenty-fourth session an index build or key rebuild longer than it
+	 * was cancelled, and the daemon refused to start on a large database. */
+	cw_err rc = store_exec(c, "SET statement_timeout = 0; SET lock_timeout = 0", e);
+	if (rc)
+		return rc;
+	rc = store_exec(c, "SELECT pg_advisory_lock(" MIGRATE_LOCK_KEY ")", e);
 	if (rc)
 		return rc;
 	rc = check_and_apply(c, set, apply, applied_now, pending, e);

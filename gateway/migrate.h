@@ -28,7 +28,12 @@ void migration_set_free(struct migration_set *set);
 
 /* Compares set with the database and, when apply is true, applies what is
  * missing.  *applied_now counts the files applied by this call, *pending
- * those still missing (when apply is false). */
+ * those still missing (when apply is false).  The connection is c's for the
+ * call: migrations run without statement_timeout and lock_timeout (an index
+ * build on a large table takes minutes, and so may the wait for another
+ * process migrating), which are set to 0 on it.  CW_EINVAL: the database's
+ * migrations do not match set; any other failure is the database's (a
+ * migration's own names its file). */
 cw_err migrate(PGconn *c, const struct migration_set *set, bool apply, int *applied_now,
 	       int *pending, cw_errmsg *e);
 

@@ -93,7 +93,9 @@ def test_a_broken_migration_is_rolled_back(make_daemon, db_url, tmp_path, pg):
         f.write("CREATE TABLE half_done (id int);\nSELECT no_such_function();\n")
     d = make_daemon(db_url, schema_dir=schema).start(wait_ready=False)
     assert d.wait_exit(30) == 1
-    assert "900_broken.sql failed" in d.wait_for(lambda r: r.get("level") == "error")["detail"]
+    rec = d.wait_for(lambda r: r.get("level") == "error")
+    # a failure of the migration, not "the schema does not match" (before the twenty-fourth session)
+    assert rec["msg"] == "migration failed" and "900_broken.sql failed" in rec["detail"], rec
     assert pg.psql("SELECT count(*) FROM schema_migrations", db_url) == str(N_MIGRATIONS)
     assert pg.psql("SELECT to_regclass('half_done') IS NULL", db_url) == "t"
 
@@ -202,6 +204,56 @@ def test_daemon_gives_up_on_an_absent_database(make_daemon, tmp_path):
     d.start(wait_ready=False)
     assert d.wait_exit(30) == 1
     assert d.wait_for(lambda r: r.get("msg") == "database unreachable")
+
+
+MIGRATE_LOCK = 7161132091431352697  # gateway/migrate.c's advisory lock
+
+
+class HeldMigrationLock:
+    """The migrations' advisory lock, held by a psql session of its own
+    (another process migrating) until release()."""
+
+    def __init__(self, db_url):
+        self.proc = subprocess.Popen(["psql", db_url, "-qAt", "-v", "ON_ERROR_STOP=1"], text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.proc.stdin.write(f"SELECT pg_advisory_lock({MIGRATE_LOCK});\n\\echo held\n")
+        self.proc.stdin.flush()
+        while self.proc.stdout.readline().strip() != "held":
+            assert self.proc.poll() is None, "psql could not take the lock"
+
+    def release(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.close()  # psql ends its session, and the lock with it
+            self.proc.wait(30)
+
+
+def wait_for_migration_lock_try(pg, db_url):
+    """Until causewayd has asked for the migrations' lock (and not had it)."""
+    wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'causewayd' "
+                               "AND datname = current_database() AND query LIKE '%advisory_lock(%'",
+                               db_url) == "1", timeout=30, what="causewayd asking for the migrations' lock")
+
+
+def test_migrations_run_past_the_statement_timeout(make_daemon, pg, empty_db_url, tmp_path):
+    """A migration longer than database.statement_timeout_ms, and a wait for
+    another process's migrations longer than it, are not cancelled: until
+    the twenty-fourth session both were, and a large database's upgrade
+    (034's key rebuild, 9 s for 3,000,000 rows) did not start."""
+    schema = copy_schema(tmp_path)
+    with open(os.path.join(schema, "900_slow.sql"), "w") as f:
+        f.write("SELECT pg_sleep(1.5);\n")
+    lock = HeldMigrationLock(empty_db_url)
+    try:
+        d = make_daemon(empty_db_url, schema_dir=schema, options={"database": {"statement_timeout_ms": "500"}})
+        d.start(wait_ready=False, args=["--migrate"])
+        wait_for_migration_lock_try(pg, empty_db_url)
+        time.sleep(1.5)  # three statement timeouts: what it waits for decides nothing
+        lock.release()
+        assert d.wait_exit(120) == 0, d.log()
+    finally:
+        lock.release()
+    d.wait_for(lambda r: r.get("msg") == "migration applied" and r.get("file") == "900_slow.sql")
+    assert pg.psql("SELECT count(*) FROM schema_migrations", empty_db_url) == str(N_MIGRATIONS + 1)
 
 
 def test_hot_path_checks_still_refuse_what_they_refused(daemon, pg, db_url):
