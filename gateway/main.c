@@ -59,6 +59,34 @@ static int new_admin_token(void)
 	return 0;
 }
 
+/* SIGTERM and SIGINT, blocked from the start (before any thread is made:
+ * every thread inherits the mask).  Start-up takes them with sigtimedwait
+ * while it waits (for the database, for another process's migrations, for
+ * a migration's statement), so that a stop asked for then ends it at once;
+ * until the twenty-fourth session they waited in the kernel until "ready"
+ * (up to database.startup_timeout_ms), and a daemon whose database came
+ * meanwhile started, then stopped.  After "ready", sigwait takes them. */
+static sigset_t stop_sigs;
+static int stopped_at_start; /* the signal that stopped start-up, or 0 */
+
+/* migrate_stop_fn: waits up to wait_ms for SIGTERM or SIGINT. */
+static bool stop_asked(void *arg, int wait_ms)
+{
+	(void)arg;
+	if (stopped_at_start)
+		return true;
+	struct timespec ts = { wait_ms / 1000, (long)(wait_ms % 1000) * 1000000L };
+	int sig = sigtimedwait(&stop_sigs, NULL, &ts);
+	if (sig > 0)
+		stopped_at_start = sig;
+	return stopped_at_start != 0;
+}
+
+static const char *stop_signal_name(int sig)
+{
+	return sig == SIGINT ? "SIGINT" : "SIGTERM";
+}
+
 /* Connects, retrying until the start-up timeout, so that the daemon and its
  * database may start together. */
 static PGconn *connect_at_start(const struct cw_config *cfg, cw_errmsg *e)
@@ -75,8 +103,11 @@ static PGconn *connect_at_start(const struct cw_config *cfg, cw_errmsg *e)
 			LOG_KV(CW_LOG_WARN, "waiting for the database", "detail", e->msg);
 			told = true;
 		}
-		struct timespec ts = { 0, 250 * 1000000L };
-		nanosleep(&ts, NULL);
+		if (stop_asked(NULL, 250)) {
+			cw_fail(e, CW_ESHUTDOWN, "stopped by %s while waiting for the database",
+				stop_signal_name(stopped_at_start));
+			return NULL;
+		}
 	}
 }
 
@@ -85,16 +116,19 @@ static int run_migrations(const struct cw_config *cfg, const struct migration_se
 	cw_errmsg e;
 	PGconn *c = connect_at_start(cfg, &e);
 	if (!c) {
-		LOG_KV(CW_LOG_ERROR, "database unreachable", "detail", e.msg);
+		if (!stopped_at_start)
+			LOG_KV(CW_LOG_ERROR, "database unreachable", "detail", e.msg);
 		return 1;
 	}
 	int applied = 0, pending = 0;
-	cw_err rc = migrate(c, set, apply, &applied, &pending, &e);
+	cw_err rc = migrate(c, set, apply, stop_asked, NULL, &applied, &pending, &e);
 	PQfinish(c);
 	/* A migration that failed is not a schema that does not match: until
 	 * the twenty-fourth session both were told as the latter. */
 	if (rc == CW_EINVAL)
 		LOG_KV(CW_LOG_ERROR, "refusing to start: the schema does not match", "detail", e.msg);
+	else if (rc == CW_ESHUTDOWN)
+		LOG_KV(CW_LOG_INFO, "migrations interrupted", "detail", e.msg);
 	else if (rc)
 		LOG_KV(CW_LOG_ERROR, "migration failed", "detail", e.msg);
 	if (rc)
@@ -242,8 +276,16 @@ int main(int argc, char **argv)
 		cfg_free(&cfg);
 		return 1;
 	}
+	sigemptyset(&stop_sigs);
+	sigaddset(&stop_sigs, SIGTERM);
+	sigaddset(&stop_sigs, SIGINT);
+	pthread_sigmask(SIG_BLOCK, &stop_sigs, NULL);
 	if (only_migrate) {
+		/* Stopped, it exits 1: the schema is not current. */
 		int rc = run_migrations(&cfg, &app.migrations, true);
+		if (stopped_at_start)
+			LOG_KV(CW_LOG_INFO, "stopped before the schema was current", "signal",
+			       stop_signal_name(stopped_at_start));
 		migration_set_free(&app.migrations);
 		cfg_free(&cfg);
 		return rc;
@@ -251,10 +293,7 @@ int main(int argc, char **argv)
 
 	/* Signals go to this thread only, through sigwait; every other thread
 	 * is started with them blocked. */
-	sigset_t sigs;
-	sigemptyset(&sigs);
-	sigaddset(&sigs, SIGTERM);
-	sigaddset(&sigs, SIGINT);
+	sigset_t sigs = stop_sigs;
 	sigaddset(&sigs, SIGHUP);
 	pthread_sigmask(SIG_BLOCK, &sigs, NULL);
 	signal(SIGPIPE, SIG_IGN);
@@ -485,6 +524,11 @@ out_store:
 	peer_pull_free(app.pull);
 	store_close(app.store);
 out_migrations:
+	if (stopped_at_start) {
+		/* A stop asked for during start-up is a stop: exit 0, as after "ready". */
+		LOG_KV(CW_LOG_INFO, "stopped before ready", "signal", stop_signal_name(stopped_at_start));
+		exit_code = 0;
+	}
 	matrix_free(app.matrix);
 	xa_free(app.xmpp);
 	policy_live_free(app.policy);

@@ -7,6 +7,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <openssl/evp.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -148,15 +149,49 @@ void migration_set_free(struct migration_set *set)
 	memset(set, 0, sizeof(*set));
 }
 
-static cw_err apply_one(PGconn *c, const struct migration *m, cw_errmsg *e)
+/* PQexec, but a stop asked for while the statement runs cancels it
+ * (PQcancel): a migration may rebuild a large table for minutes.  Returns
+ * the last result, as PQexec does; *stopped tells whether it was asked. */
+static PGresult *exec_stoppable(PGconn *c, const char *sql, migrate_stop_fn *stop, void *stop_arg,
+				bool *stopped)
+{
+	*stopped = false;
+	if (!PQsendQuery(c, sql))
+		return NULL;
+	while (PQisBusy(c)) {
+		struct pollfd p = { .fd = PQsocket(c), .events = POLLIN };
+		poll(&p, 1, 100);
+		if (!*stopped && stop(stop_arg, 0)) {
+			*stopped = true;
+			char err[256];
+			PGcancel *k = PQgetCancel(c);
+			if (!k || !PQcancel(k, err, sizeof(err)))
+				LOG_KV(CW_LOG_WARN, "cannot cancel the migration's statement; it runs to its end",
+				       "detail", k ? err : "out of memory");
+			PQfreeCancel(k);
+		}
+		if (!PQconsumeInput(c))
+			break;
+	}
+	PGresult *last = NULL, *r;
+	while ((r = PQgetResult(c))) {
+		PQclear(last);
+		last = r;
+	}
+	return last;
+}
+
+static cw_err apply_one(PGconn *c, const struct migration *m, migrate_stop_fn *stop, void *stop_arg, cw_errmsg *e)
 {
 	cw_err rc = store_exec(c, "BEGIN", e);
 	if (rc)
 		return rc;
-	PGresult *r = PQexec(c, m->sql);
-	if (PQresultStatus(r) != PGRES_COMMAND_OK && PQresultStatus(r) != PGRES_TUPLES_OK) {
+	bool stopped;
+	PGresult *r = exec_stoppable(c, m->sql, stop, stop_arg, &stopped);
+	if (stopped || (PQresultStatus(r) != PGRES_COMMAND_OK && PQresultStatus(r) != PGRES_TUPLES_OK)) {
 		cw_errmsg why;
-		rc = store_result_err(c, r, &why);
+		rc = stopped ? cw_fail(&why, CW_ESHUTDOWN, "stopped while it ran; rolled back")
+			     : store_result_err(c, r, &why);
 		PQclear(r);
 		cw_errmsg ignored;
 		store_exec(c, "ROLLBACK", &ignored);
@@ -179,8 +214,8 @@ static cw_err apply_one(PGconn *c, const struct migration *m, cw_errmsg *e)
 	return store_exec(c, "COMMIT", e);
 }
 
-static cw_err check_and_apply(PGconn *c, const struct migration_set *set, bool apply, int *applied_now,
-			      int *pending, cw_errmsg *e)
+static cw_err check_and_apply(PGconn *c, const struct migration_set *set, bool apply, migrate_stop_fn *stop,
+			      void *stop_arg, int *applied_now, int *pending, cw_errmsg *e)
 {
 	cw_err rc = store_exec(c, "CREATE TABLE IF NOT EXISTS schema_migrations ("
 				  " version integer PRIMARY KEY,"
@@ -225,8 +260,12 @@ static cw_err check_and_apply(PGconn *c, const struct migration_set *set, bool a
 			(*pending)++;
 			continue;
 		}
+		if (stop(stop_arg, 0)) {
+			rc = cw_fail(e, CW_ESHUTDOWN, "stopped before migration %s", set->m[k].name);
+			break;
+		}
 		int64_t t0 = cw_now_us();
-		rc = apply_one(c, &set->m[k], e);
+		rc = apply_one(c, &set->m[k], stop, stop_arg, e);
 		if (!rc) {
 			(*applied_now)++;
 			char ms[32];
@@ -238,8 +277,8 @@ static cw_err check_and_apply(PGconn *c, const struct migration_set *set, bool a
 	return rc;
 }
 
-cw_err migrate(PGconn *c, const struct migration_set *set, bool apply, int *applied_now, int *pending,
-	       cw_errmsg *e)
+cw_err migrate(PGconn *c, const struct migration_set *set, bool apply, migrate_stop_fn *stop, void *stop_arg,
+	       int *applied_now, int *pending, cw_errmsg *e)
 {
 	*applied_now = 0;
 	*pending = 0;
@@ -250,10 +289,28 @@ cw_err migrate(PGconn *c, const struct migration_set *set, bool apply, int *appl
 	cw_err rc = store_exec(c, "SET statement_timeout = 0; SET lock_timeout = 0", e);
 	if (rc)
 		return rc;
-	rc = store_exec(c, "SELECT pg_advisory_lock(" MIGRATE_LOCK_KEY ")", e);
-	if (rc)
-		return rc;
-	rc = check_and_apply(c, set, apply, applied_now, pending, e);
+	/* Tried, not waited for in the server: a stop asked for meanwhile is
+	 * seen between the tries. */
+	bool told = false;
+	for (;;) {
+		PGresult *r = PQexec(c, "SELECT pg_try_advisory_lock(" MIGRATE_LOCK_KEY ")");
+		if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+			rc = store_result_err(c, r, e);
+			PQclear(r);
+			return rc;
+		}
+		bool got = strcmp(PQgetvalue(r, 0, 0), "t") == 0;
+		PQclear(r);
+		if (got)
+			break;
+		if (!told) {
+			LOG_KV(CW_LOG_INFO, "waiting for the migrations of another process");
+			told = true;
+		}
+		if (stop(stop_arg, 250))
+			return cw_fail(e, CW_ESHUTDOWN, "stopped while waiting for the migrations of another process");
+	}
+	rc = check_and_apply(c, set, apply, stop, stop_arg, applied_now, pending, e);
 	cw_errmsg ignored;
 	store_exec(c, "SELECT pg_advisory_unlock(" MIGRATE_LOCK_KEY ")", &ignored);
 	return rc;

@@ -26,15 +26,23 @@ struct migration_set {
 cw_err migration_set_load(struct migration_set *set, const char *dir, cw_errmsg *e);
 void migration_set_free(struct migration_set *set);
 
+/* Asked while a migration waits for the lock of another process's
+ * migrations or runs a statement: waits up to wait_ms (0: only looks) and
+ * returns true when the process is to stop. */
+typedef bool migrate_stop_fn(void *arg, int wait_ms);
+
 /* Compares set with the database and, when apply is true, applies what is
  * missing.  *applied_now counts the files applied by this call, *pending
  * those still missing (when apply is false).  The connection is c's for the
  * call: migrations run without statement_timeout and lock_timeout (an index
  * build on a large table takes minutes, and so may the wait for another
- * process migrating), which are set to 0 on it.  CW_EINVAL: the database's
- * migrations do not match set; any other failure is the database's (a
- * migration's own names its file). */
-cw_err migrate(PGconn *c, const struct migration_set *set, bool apply, int *applied_now,
-	       int *pending, cw_errmsg *e);
+ * process migrating), which are set to 0 on it.  stop is asked
+ * between tries of the lock and while a statement runs: when it says to
+ * stop, the statement is cancelled, the file being applied rolled back, and
+ * CW_ESHUTDOWN returned (files applied before stay).  CW_EINVAL: the
+ * database's migrations do not match set; any other failure is the
+ * database's (a migration's own names its file). */
+cw_err migrate(PGconn *c, const struct migration_set *set, bool apply, migrate_stop_fn *stop, void *stop_arg,
+	       int *applied_now, int *pending, cw_errmsg *e);
 
 #endif

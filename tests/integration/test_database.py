@@ -1,9 +1,12 @@
 """Migrations and the database going away, with the real daemon."""
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
+
+import pytest
 
 from harness import N_MIGRATIONS, SCHEMA_DIR, run_causewayd, wait_until
 from peer import push_peers
@@ -254,6 +257,54 @@ def test_migrations_run_past_the_statement_timeout(make_daemon, pg, empty_db_url
         lock.release()
     d.wait_for(lambda r: r.get("msg") == "migration applied" and r.get("file") == "900_slow.sql")
     assert pg.psql("SELECT count(*) FROM schema_migrations", empty_db_url) == str(N_MIGRATIONS + 1)
+
+
+def test_sigterm_while_waiting_for_the_database_stops_at_once(make_daemon):
+    """Until the twenty-fourth session SIGTERM waited for the end of
+    database.startup_timeout_ms (or for the daemon to start, then stopped it)."""
+    d = make_daemon("postgresql://127.0.0.1:1/causeway?connect_timeout=1",
+                    options={"database": {"startup_timeout_ms": "60000"}})
+    d.start(wait_ready=False)
+    d.wait_for(lambda r: r.get("msg") == "waiting for the database", timeout=30)
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit(10) == 0  # a stop asked for, as after "ready"
+    assert d.wait_for(lambda r: r.get("msg") == "stopped before ready")["signal"] == "SIGTERM"
+
+
+@pytest.mark.parametrize("args,status", [(["--migrate"], 1), ([], 0)], ids=["migrate", "daemon"])
+def test_sigterm_while_waiting_for_another_process_migrations(make_daemon, pg, empty_db_url, args, status):
+    """A daemon (or --migrate) waiting for the migrations' lock stops at
+    once on SIGTERM, having applied nothing; --migrate exits 1 (the schema
+    is not current), the daemon 0 (a stop asked for)."""
+    lock = HeldMigrationLock(empty_db_url)
+    try:
+        d = make_daemon(empty_db_url, options={"database": {"statement_timeout_ms": "60000"}})
+        d.start(wait_ready=False, args=args)
+        wait_for_migration_lock_try(pg, empty_db_url)
+        d.signal(signal.SIGTERM)
+        assert d.wait_exit(10) == status, d.log()
+        assert pg.psql("SELECT to_regclass('schema_migrations') IS NULL", empty_db_url) == "t"
+    finally:
+        lock.release()
+
+
+def test_sigterm_cancels_a_running_migration(make_daemon, pg, db_url, tmp_path):
+    """SIGTERM cancels the statement of a migration (PQcancel) and rolls
+    its file back: before, --migrate died and left its statement running
+    (its locks held) to its end."""
+    schema = copy_schema(tmp_path)
+    with open(os.path.join(schema, "900_slow.sql"), "w") as f:
+        f.write("CREATE TABLE slow_half (id int);\nSELECT pg_sleep(120);\n")
+    sleeping = ("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND state = 'active' AND query LIKE '%pg_sleep(120)%' AND pid <> pg_backend_pid()")
+    d = make_daemon(db_url, schema_dir=schema)
+    d.start(wait_ready=False, args=["--migrate"])
+    wait_until(lambda: pg.psql(sleeping, db_url) == "1", timeout=30, what="the migration running")
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit(10) == 1, d.log()
+    wait_until(lambda: pg.psql(sleeping, db_url) == "0", timeout=10, what="the migration's statement ended")
+    assert pg.psql("SELECT count(*) FROM schema_migrations", db_url) == str(N_MIGRATIONS)
+    assert pg.psql("SELECT to_regclass('slow_half') IS NULL", db_url) == "t"
 
 
 def test_hot_path_checks_still_refuse_what_they_refused(daemon, pg, db_url):
