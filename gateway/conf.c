@@ -1,6 +1,7 @@
 /* The option table and the INI (libinih) + environment loader. */
 #include "config.h"
 #include "conf.h"
+#include "http.h"
 #include "peer/event.h"
 #include "xmpp/xmpp.h"
 #include "log.h"
@@ -431,7 +432,94 @@ static bool mailto_ok(const char *s)
 	return ok;
 }
 
-cw_err cfg_load(struct cw_config *c, const char *path, const char *(*getenv_fn)(const char *), cw_errmsg *e)
+/* The longest Matrix token taken: each request's Authorization header is
+ * made in a buffer of 600 bytes. */
+#define MX_TOKEN_MAX 512
+
+/* Whether token can be a bearer token: it travels in an Authorization
+ * header (and the homeserver splits that header at its spaces). */
+static cw_err check_token(const char *name, const char *token, cw_errmsg *e)
+{
+	if (strlen(token) > MX_TOKEN_MAX)
+		return cw_fail(e, CW_EINVAL, "%s is longer than %d bytes", name, MX_TOKEN_MAX);
+	for (const unsigned char *p = (const unsigned char *)token; *p; p++)
+		if (*p <= 0x20 || *p >= 0x7f)
+			return cw_fail(e, CW_EINVAL, "%s has a %s: it cannot travel in an Authorization header", name,
+				       *p == ' ' ? "space" : *p < 0x20 || *p == 0x7f ? "control character" : "non-ASCII byte");
+	return CW_OK;
+}
+
+cw_err cfg_matrix_tokens_check(const char *as, const char *hs, cw_errmsg *e)
+{
+	cw_err rc = check_token("matrix.as_token", as, e);
+	if (!rc)
+		rc = check_token("matrix.hs_token", hs, e);
+	if (!rc && strcmp(as, hs) == 0)
+		rc = cw_fail(e, CW_EINVAL, "matrix.as_token and matrix.hs_token must differ");
+	return rc;
+}
+
+/* Whether s is set (not NULL, not empty). */
+static bool set(const char *s)
+{
+	return s && *s;
+}
+
+/* Every check of the options together and of what the daemon makes of
+ * them: here, so that --check-config, the start (before the migrations)
+ * and a reload refuse alike.  Until the twenty-fourth session the Matrix
+ * and XMPP adapters and the HTTP front made some of them themselves, after
+ * the migrations, and --check-config passed the file.  need_tokens: the
+ * Matrix tokens must be set when matrix.homeserver_url is (not so for
+ * --matrix-registration, which makes them). */
+static cw_err cfg_check(const struct cw_config *c, bool need_tokens, cw_errmsg *e)
+{
+	if (!set(c->db_url))
+		return cw_fail(e, CW_EINVAL, "database.url is not set (in the file or CAUSEWAY_DATABASE_URL)");
+	if (set(c->admin_token_sha256)) {
+		bool hex = strlen(c->admin_token_sha256) == 64;
+		for (const char *p = c->admin_token_sha256; hex && *p; p++)
+			hex = (*p >= '0' && *p <= '9') || (*p >= 'a' && *p <= 'f');
+		if (!hex)
+			return cw_fail(e, CW_EINVAL, "admin.token_sha256 must be 64 lower-case hex digits");
+	}
+	if (set(c->xmpp_components) && set(c->mx_homeserver_url))
+		return cw_fail(e, CW_EINVAL, "matrix.homeserver_url and xmpp.components are both set: a daemon serves "
+			       "one local network (run one daemon per network; docs/xmpp.md)");
+	if (xa_config_check(c, NULL, 0, NULL, NULL, e))
+		return CW_EINVAL;
+	if (set(c->mx_homeserver_url) && need_tokens && (!set(c->mx_as_token) || !set(c->mx_hs_token)))
+		return cw_fail(e, CW_EINVAL, "matrix.homeserver_url is set but matrix.as_token or matrix.hs_token is "
+			       "not (causewayd --matrix-registration makes both)");
+	if (set(c->mx_homeserver_url) && set(c->mx_as_token) && set(c->mx_hs_token) &&
+	    cfg_matrix_tokens_check(c->mx_as_token, c->mx_hs_token, e))
+		return CW_EINVAL;
+	if (!set(c->listen_address))
+		return cw_fail(e, CW_EINVAL, "server.listen_address is empty");
+	if (cw_http_listen_address_check(c->listen_address, e))
+		return CW_EINVAL;
+	/* It names every local user (mimi://DOMAIN/u/...): a name peers could
+	 * not parse back would refuse every room later, not at start.  The
+	 * URIs' own check (until the twentieth session a check of its own,
+	 * which took a single label such as localhost: the README's demo ran
+	 * on it and no local user could be named, a review's finding). */
+	cw_errmsg de;
+	if (set(c->domain) && mimi_domain_check(c->domain, strlen(c->domain), &de))
+		return cw_fail(e, CW_EINVAL, "server.domain must be a lower-case DNS name with a dot and without a port "
+			       "(such as example.org), not \"%.100s\": %s", c->domain, de.msg);
+	/* Both are shown to every peer as they are: a value a peer cannot
+	 * follow is refused at start, not found out by the peer. */
+	if (set(c->policy_url) && !https_url_ok(c->policy_url))
+		return cw_fail(e, CW_EINVAL, "server.policy_url must be an https URL with a host, not \"%.200s\"",
+			       c->policy_url);
+	if (set(c->abuse_contact) && !https_url_ok(c->abuse_contact) && !mailto_ok(c->abuse_contact))
+		return cw_fail(e, CW_EINVAL, "server.abuse_contact must be an https URL or a mailto: address, not \"%.200s\"",
+			       c->abuse_contact);
+	return CW_OK;
+}
+
+static cw_err load(struct cw_config *c, const char *path, const char *(*getenv_fn)(const char *), bool need_tokens,
+		   cw_errmsg *e)
 {
 	cfg_defaults(c);
 	if (path) {
@@ -484,62 +572,22 @@ cw_err cfg_load(struct cw_config *c, const char *path, const char *(*getenv_fn)(
 			return CW_EINVAL;
 		}
 	}
-	if (!c->db_url || !*c->db_url) {
-		cfg_free(c);
-		return cw_fail(e, CW_EINVAL, "database.url is not set (in the file or CAUSEWAY_DATABASE_URL)");
-	}
-	if (c->admin_token_sha256 && *c->admin_token_sha256) {
-		bool hex = strlen(c->admin_token_sha256) == 64;
-		for (const char *p = c->admin_token_sha256; hex && *p; p++)
-			hex = (*p >= '0' && *p <= '9') || (*p >= 'a' && *p <= 'f');
-		if (!hex) {
-			cfg_free(c);
-			return cw_fail(e, CW_EINVAL, "admin.token_sha256 must be 64 lower-case hex digits");
-		}
-	}
-	if (c->xmpp_components && *c->xmpp_components && c->mx_homeserver_url && *c->mx_homeserver_url) {
-		cfg_free(c);
-		return cw_fail(e, CW_EINVAL, "matrix.homeserver_url and xmpp.components are both set: a daemon serves "
-			       "one local network (run one daemon per network; docs/xmpp.md)");
-	}
-	/* The XMPP adapter's own reading of it, so that --check-config
-	 * refuses what the start would (until the twenty-fourth session it
-	 * was read only there). */
-	if (c->xmpp_components && *c->xmpp_components && xa_components_parse(c->xmpp_components, NULL, NULL, e)) {
-		cfg_free(c);
-		return CW_EINVAL;
-	}
-	if (!c->listen_address || !*c->listen_address) {
-		cfg_free(c);
-		return cw_fail(e, CW_EINVAL, "server.listen_address is empty");
-	}
-	/* It names every local user (mimi://DOMAIN/u/...): a name peers could
-	 * not parse back would refuse every room later, not at start.  The
-	 * URIs' own check (until the twentieth session a check of its own,
-	 * which took a single label such as localhost: the README's demo ran
-	 * on it and no local user could be named, a review's finding). */
-	cw_errmsg de;
-	if (c->domain && *c->domain && mimi_domain_check(c->domain, strlen(c->domain), &de)) {
-		cw_fail(e, CW_EINVAL, "server.domain must be a lower-case DNS name with a dot and without a port "
-			"(such as example.org), not \"%.100s\": %s", c->domain, de.msg);
-		cfg_free(c);
-		return CW_EINVAL;
-	}
-	/* Both are shown to every peer as they are: a value a peer cannot
-	 * follow is refused at start, not found out by the peer. */
-	if (c->policy_url && *c->policy_url && !https_url_ok(c->policy_url)) {
-		cw_fail(e, CW_EINVAL, "server.policy_url must be an https URL with a host, not \"%.200s\"",
-			c->policy_url);
-		cfg_free(c);
-		return CW_EINVAL;
-	}
-	if (c->abuse_contact && *c->abuse_contact && !https_url_ok(c->abuse_contact) && !mailto_ok(c->abuse_contact)) {
-		cw_fail(e, CW_EINVAL, "server.abuse_contact must be an https URL or a mailto: address, not \"%.200s\"",
-			c->abuse_contact);
+	if (cfg_check(c, need_tokens, e)) {
 		cfg_free(c);
 		return CW_EINVAL;
 	}
 	return CW_OK;
+}
+
+cw_err cfg_load(struct cw_config *c, const char *path, const char *(*getenv_fn)(const char *), cw_errmsg *e)
+{
+	return load(c, path, getenv_fn, true, e);
+}
+
+cw_err cfg_load_registration(struct cw_config *c, const char *path, const char *(*getenv_fn)(const char *),
+			     cw_errmsg *e)
+{
+	return load(c, path, getenv_fn, false, e);
 }
 
 void cfg_value_text(const struct cw_config *c, const struct cfg_option *o, bool mask, char *buf, size_t len)

@@ -117,10 +117,21 @@ cw_err cfg_set(struct cw_config *c, const char *section, const char *name,
 	       const char *value, cw_errmsg *e);
 
 /* Defaults, then the file (NULL: none), then CAUSEWAY_<SECTION>_<NAME>
- * variables from getenv_fn (NULL: getenv), then cross-option checks.  On
- * failure e says where ("file:line: section.name: why") and c is left freed. */
+ * variables from getenv_fn (NULL: getenv), then every check that depends
+ * on the configuration alone, the adapters' and the HTTP front's included
+ * (xa_config_check, cfg_matrix_tokens_check,
+ * cw_http_listen_address_check): what it takes, the daemon can start with
+ * as far as its configuration goes.  On failure e says where
+ * ("file:line: section.name: why") and c is left freed. */
 cw_err cfg_load(struct cw_config *c, const char *path,
 		const char *(*getenv_fn)(const char *), cw_errmsg *e);
+/* The same but for one check: matrix.homeserver_url may be set without
+ * the tokens, which --matrix-registration makes. */
+cw_err cfg_load_registration(struct cw_config *c, const char *path,
+			     const char *(*getenv_fn)(const char *), cw_errmsg *e);
+/* Whether the Matrix tokens can be bearer tokens (at most 512 bytes of
+ * printable ASCII without spaces) and differ. */
+cw_err cfg_matrix_tokens_check(const char *as, const char *hs, cw_errmsg *e);
 
 /* The environment variable for an option: CAUSEWAY_SECTION_NAME. */
 void cfg_env_name(const struct cfg_option *o, char *buf, size_t len);

@@ -80,6 +80,10 @@ struct cw_http_opts {
 };
 
 cw_err cw_http_start(struct cw_http **out, const struct cw_http_opts *o, cw_errmsg *e);
+/* CW_EINVAL unless cw_http_start can listen on listen_address: a numeric
+ * IPv4 or IPv6 address (no name is looked up).  cfg_load checks
+ * server.listen_address with it. */
+cw_err cw_http_listen_address_check(const char *listen_address, cw_errmsg *e);
 /* The port really bound (useful with port 0). */
 unsigned cw_http_port(const struct cw_http *h);
 /* The URL of a front listening on address and port as this machine

@@ -246,6 +246,19 @@ int main(int argc, char **argv)
 			cfg_free(&cfg);
 			return 1;
 		}
+		/* The key file is state, not configuration (the start creates
+		 * it when it is missing; cfg_load, hence a reload, leaves it
+		 * alone), but one the start cannot read is refused here too,
+		 * before it is found out after the migrations. */
+		EVP_PKEY *key = NULL;
+		cw_err krc = httpsig_key_load(cfg.signing_key_file, &key, &e);
+		EVP_PKEY_free(key);
+		if (krc && krc != CW_ENOTFOUND) {
+			fprintf(stderr, "causewayd: peer.signing_key_file: %s\n", e.msg);
+			migration_set_free(&set);
+			cfg_free(&cfg);
+			return 1;
+		}
 		printf("%s: configuration valid (%zu migrations in %s)\n", check_path, set.n, cfg.schema_dir);
 		migration_set_free(&set);
 		cfg_free(&cfg);
@@ -253,7 +266,7 @@ int main(int argc, char **argv)
 	}
 
 	if (registration) {
-		if (cfg_load(&cfg, config_path, NULL, &e)) {
+		if (cfg_load_registration(&cfg, config_path, NULL, &e)) {
 			fprintf(stderr, "causewayd: %s\n", e.msg);
 			return 1;
 		}

@@ -31,44 +31,12 @@ size_t mx_hs_base_len(const struct cw_config *cfg)
 	return hl;
 }
 
-/* The longest token taken: each request's Authorization header is made in
- * a buffer of 600 bytes. */
-#define MX_TOKEN_MAX 512
-
-/* Whether token can be a bearer token: it travels in an Authorization
- * header (and the homeserver splits that header at its spaces). */
-static cw_err check_token(const char *name, const char *token, cw_errmsg *e)
-{
-	if (strlen(token) > MX_TOKEN_MAX)
-		return cw_fail(e, CW_EINVAL, "%s is longer than %d bytes", name, MX_TOKEN_MAX);
-	for (const unsigned char *p = (const unsigned char *)token; *p; p++)
-		if (*p <= 0x20 || *p >= 0x7f)
-			return cw_fail(e, CW_EINVAL, "%s has a %s: it cannot travel in an Authorization header", name,
-				       *p == ' ' ? "space" : *p < 0x20 || *p == 0x7f ? "control character" : "non-ASCII byte");
-	return CW_OK;
-}
-
-static cw_err check_tokens(const char *as, const char *hs, cw_errmsg *e)
-{
-	cw_err rc = check_token("matrix.as_token", as, e);
-	if (!rc)
-		rc = check_token("matrix.hs_token", hs, e);
-	if (!rc && strcmp(as, hs) == 0)
-		rc = cw_fail(e, CW_EINVAL, "matrix.as_token and matrix.hs_token must differ");
-	return rc;
-}
-
 cw_err matrix_new(struct matrix **out, struct cw_app *app, cw_errmsg *e)
 {
 	*out = NULL;
 	const struct cw_config *cfg = app->cfg;
 	if (!cfg->mx_homeserver_url || !*cfg->mx_homeserver_url)
-		return CW_OK;
-	if (!cfg->mx_as_token || !*cfg->mx_as_token || !cfg->mx_hs_token || !*cfg->mx_hs_token)
-		return cw_fail(e, CW_EINVAL, "matrix.homeserver_url is set but matrix.as_token or matrix.hs_token is "
-					     "not (causewayd --matrix-registration makes both)");
-	if (check_tokens(cfg->mx_as_token, cfg->mx_hs_token, e))
-		return CW_EINVAL;
+		return CW_OK; /* else cfg_load found both tokens set and good */
 	struct matrix *m = calloc(1, sizeof(*m));
 	if (!m)
 		return cw_fail(e, CW_ENOMEM, "out of memory");
@@ -194,7 +162,7 @@ int matrix_print_registration(const struct cw_config *cfg, FILE *out)
 		made = true;
 	}
 	cw_errmsg e;
-	if (check_tokens(as, hs, &e)) {
+	if (cfg_matrix_tokens_check(as, hs, &e)) {
 		fprintf(stderr, "causewayd: %s\n", e.msg);
 		return 1;
 	}

@@ -143,16 +143,67 @@ cw_err xa_components_parse(const char *list, xa_component_fn each, void *arg, cw
 	return rc;
 }
 
-/* One component of xa_new's (x: arg). */
+/* What xa_config_check takes besides xa_components_parse's syntax: each
+ * domain and peer once, none the users' own domain, at most
+ * XMPP_COMPONENTS_MAX; then its caller's each. */
+struct components_seen {
+	const char *local; /* NULL: not a domain (xa_config_check says so after the list) */
+	int n;
+	char domain[XMPP_COMPONENTS_MAX][XJ_PART_MAX + 1];
+	char peer[XMPP_COMPONENTS_MAX][XMPP_PEER_MAX + 1];
+	xa_component_fn each;
+	void *arg;
+};
+
+static cw_err component_seen(void *arg, const char *d, const char *peer, cw_errmsg *e)
+{
+	struct components_seen *s = arg;
+	if (s->local && strcmp(d, s->local) == 0)
+		return cw_fail(e, CW_EINVAL, "xmpp.components: %s is the users' own domain", d);
+	for (int i = 0; i < s->n; i++)
+		if (strcmp(s->domain[i], d) == 0 || strcmp(s->peer[i], peer) == 0)
+			return cw_fail(e, CW_EINVAL, "xmpp.components: %s or %s named twice", d, peer);
+	if (s->n == XMPP_COMPONENTS_MAX)
+		return cw_fail(e, CW_EINVAL, "xmpp.components: at most %d components", XMPP_COMPONENTS_MAX);
+	snprintf(s->domain[s->n], sizeof(s->domain[s->n]), "%s", d);
+	snprintf(s->peer[s->n], sizeof(s->peer[s->n]), "%s", peer);
+	s->n++;
+	return s->each ? s->each(s->arg, d, peer, e) : CW_OK;
+}
+
+cw_err xa_config_check(const struct cw_config *cfg, char *local, size_t local_len, xa_component_fn each, void *arg,
+		       cw_errmsg *e)
+{
+	if (!cfg->xmpp_components || !*cfg->xmpp_components)
+		return CW_OK;
+	struct components_seen *s = calloc(1, sizeof(*s));
+	if (!s)
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	s->each = each;
+	s->arg = arg;
+	const char *dom = cfg->xmpp_domain && *cfg->xmpp_domain ? cfg->xmpp_domain : cfg->domain ? cfg->domain : "";
+	char l[8], d[XJ_PART_MAX + 1], r[8];
+	if (*dom && xj_split(dom, l, sizeof(l), d, sizeof(d), r, sizeof(r)) && !l[0] && !r[0])
+		s->local = d;
+	/* The list's own errors first: they say more than a missing secret. */
+	cw_err rc = xa_components_parse(cfg->xmpp_components, component_seen, s, e);
+	if (!rc && !s->local)
+		rc = cw_fail(e, CW_EINVAL, "xmpp.domain (or server.domain) must be the XMPP domain of this provider's users");
+	else if (!rc && (!cfg->xmpp_secret || !*cfg->xmpp_secret))
+		rc = cw_fail(e, CW_EINVAL, "xmpp.secret is not set (the component secret of the XMPP server)");
+	else if (!rc && s->n == 0)
+		rc = cw_fail(e, CW_EINVAL, "xmpp.components names no component");
+	if (!rc && local)
+		snprintf(local, local_len, "%s", d);
+	free(s);
+	return rc;
+}
+
+/* One component of xa_new's (x: arg), checked by xa_config_check. */
 static cw_err component_add(void *arg, const char *d, const char *peer, cw_errmsg *e)
 {
+	(void)e;
 	struct xmpp *x = arg;
-	if (strcmp(d, x->local_domain) == 0)
-		return cw_fail(e, CW_EINVAL, "xmpp.components: %s is the users' own domain", d);
-	if (xa_comp_by_domain(x, d) || xa_comp_by_peer(x, peer))
-		return cw_fail(e, CW_EINVAL, "xmpp.components: %s or %s named twice", d, peer);
-	if (x->ncomp == XMPP_COMPONENTS_MAX)
-		return cw_fail(e, CW_EINVAL, "xmpp.components: at most %d components", XMPP_COMPONENTS_MAX);
 	struct xcomp *xc = &x->comp[x->ncomp];
 	xc->x = x;
 	xc->index = x->ncomp++;
@@ -181,20 +232,8 @@ cw_err xa_new(struct xmpp **out, struct cw_app *app, cw_errmsg *e)
 		return cw_fail(e, CW_ENOMEM, "out of memory");
 	x->app = app;
 	x->cfg = cfg;
-	const char *dom = cfg->xmpp_domain && *cfg->xmpp_domain ? cfg->xmpp_domain : cfg->domain ? cfg->domain : "";
-	char l[8], r[8];
-	if (!*dom || !xj_split(dom, l, sizeof(l), x->local_domain, sizeof(x->local_domain), r, sizeof(r)) || l[0] ||
-	    r[0]) {
-		free(x);
-		return cw_fail(e, CW_EINVAL, "xmpp.domain (or server.domain) must be the XMPP domain of this provider's users");
-	}
-	if (!cfg->xmpp_secret || !*cfg->xmpp_secret) {
-		free(x);
-		return cw_fail(e, CW_EINVAL, "xmpp.secret is not set (the component secret of the XMPP server)");
-	}
-	cw_err rc = xa_components_parse(cfg->xmpp_components, component_add, x, e);
-	if (!rc && x->ncomp == 0)
-		rc = cw_fail(e, CW_EINVAL, "xmpp.components names no component");
+	/* cfg_load checked the options with it already: this reads them */
+	cw_err rc = xa_config_check(cfg, x->local_domain, sizeof(x->local_domain), component_add, x, e);
 	if (!rc && pthread_key_create(&x->ctx_key, ctx_release) != 0)
 		rc = cw_fail(e, CW_ENOMEM, "cannot create a thread key");
 	if (rc) {

@@ -26,10 +26,21 @@ struct xmpp;
  * tabs: each DOMAIN a JID's domain, each PEER a name a peer can have
  * (peer_name_valid, the rule of POST /admin/v1/peers).  Hands each pair
  * to each when it is not NULL, in order; CW_EINVAL naming the first bad
- * pair, or each's error.  cfg_load checks the setting with it (each
- * NULL), so that --check-config refuses what xa_new would. */
+ * pair, or each's error. */
 typedef cw_err (*xa_component_fn)(void *arg, const char *domain, const char *peer, cw_errmsg *e);
 cw_err xa_components_parse(const char *list, xa_component_fn each, void *arg, cw_errmsg *e);
+
+/* The [xmpp] options as the adapter takes them, CW_OK when
+ * xmpp.components is empty (the adapter off): the list
+ * (xa_components_parse) with each domain and peer once, at most 16, none
+ * the users' own domain; that domain (xmpp.domain, or server.domain) a
+ * JID's domain, copied to local (local_len bytes; NULL: not wanted);
+ * xmpp.secret set.  Each pair goes to each (NULL: none).  cfg_load checks
+ * the configuration with it, so that --check-config, the start and a
+ * reload refuse what xa_new cannot take (until the twenty-fourth session
+ * only xa_new did, after the migrations). */
+cw_err xa_config_check(const struct cw_config *cfg, char *local, size_t local_len, xa_component_fn each, void *arg,
+		       cw_errmsg *e);
 
 /* NULL in *out (and CW_OK) when xmpp.components is empty; CW_EINVAL when
  * the [xmpp] options are invalid. */

@@ -2,6 +2,7 @@
 documentation kept in step with the option table."""
 import os
 import re
+import signal
 
 from harness import SCHEMA_DIR, TOP_SRCDIR, run_causewayd
 
@@ -78,9 +79,64 @@ def test_xmpp_components_name_peers_a_peer_can_be(tmp_path):
     r = run_causewayd(["--config", write(tmp_path, f"{head}components = gk.localhost=gk.example\n")])
     assert r.returncode == 1 and "configuration invalid" in r.stdout + r.stderr
     assert 'xmpp.components: \\"gk.example\\" is not a peer name' in r.stdout + r.stderr, r.stdout + r.stderr
-    p = write(tmp_path, f"{head}components = gk.localhost=gk, wa.localhost=wa_2,tg.localhost=" + "a" * 32 + "\n")
+    p = write(tmp_path, f"{head}secret = s\ndomain = example.org\n"
+                        "components = gk.localhost=gk, wa.localhost=wa_2,tg.localhost=" + "a" * 32 + "\n")
     r = run_causewayd(["--check-config", p])
     assert r.returncode == 0, r.stderr
+
+
+# Settings each option's own syntax takes but the daemon cannot run with:
+# until the twenty-fourth session --check-config passed them ("configuration
+# valid", exit 0) and only the start refused them, in the adapters' and the
+# HTTP front's constructors, after it had migrated the database.
+REFUSED_AT_START = (
+    ("[xmpp]\ncomponents = gk.example.org=gk\n", "xmpp.secret is not set"),
+    ("[xmpp]\ncomponents = gk.example.org=gk\nsecret = s\ndomain = a@example.org\n", "xmpp.domain (or server.domain)"),
+    ("[xmpp]\ncomponents = gk.example.org=gk wa.example.org=gk\nsecret = s\n", "xmpp.components: "),
+    ("[xmpp]\ncomponents = example.org=gk\nsecret = s\n", "xmpp.components: example.org is the users' own domain"),
+    ("[xmpp]\ncomponents = ,\nsecret = s\n", "xmpp.components names no component"),
+    ("[matrix]\nhomeserver_url = http://127.0.0.1:8008\n", "matrix.as_token or matrix.hs_token is not"),
+    ("[matrix]\nhomeserver_url = http://127.0.0.1:8008\nas_token = same\nhs_token = same\n",
+     "matrix.as_token and matrix.hs_token must differ"),
+    ("[matrix]\nhomeserver_url = http://127.0.0.1:8008\nas_token = a b\nhs_token = hs\n",
+     "matrix.as_token has a space"),
+    ("[server]\nlisten_address = localhost\n", "server.listen_address 'localhost' is not a numeric address"),
+)
+
+
+def test_check_config_refuses_what_the_start_would(tmp_path):
+    schema = os.path.join(TOP_SRCDIR, "schema")
+    head = f"[database]\nurl = postgresql:///x\nschema_dir = {schema}\n[server]\ndomain = example.org\n"
+    for text, why in REFUSED_AT_START:
+        text = text.replace("[server]\n", "")  # one [server] section: the head's
+        r = run_causewayd(["--check-config", write(tmp_path, head + text)])
+        assert r.returncode == 1 and why in r.stderr and "configuration valid" not in r.stdout, (text, r.stderr)
+
+
+def test_the_start_refuses_them_before_touching_the_database(tmp_path, empty_db_url, pg):
+    head = f"[database]\nurl = {empty_db_url}\nschema_dir = {SCHEMA_DIR}\n[peer]\n" \
+        f"signing_key_file = {tmp_path}/signing.key\n[server]\ndomain = example.org\nport = 0\n"
+    for text, why in REFUSED_AT_START:
+        text = text.replace("[server]\n", "")
+        r = run_causewayd(["--config", write(tmp_path, head + text)])
+        out = r.stdout + r.stderr
+        assert r.returncode == 1 and "configuration invalid" in out and why.replace('"', '\\"') in out, (text, out)
+        assert pg.psql("SELECT to_regclass('schema_migrations') IS NULL", db_url=empty_db_url) == "t", text
+    assert not os.path.exists(tmp_path / "signing.key")
+
+
+def test_check_config_reads_an_existing_signing_key_file(tmp_path):
+    """A key file the start could not read is refused by --check-config
+    too; a missing one is not (the start creates it)."""
+    schema = os.path.join(TOP_SRCDIR, "schema")
+    key = tmp_path / "signing.key"
+    p = write(tmp_path, f"[database]\nurl = postgresql:///x\nschema_dir = {schema}\n[peer]\nsigning_key_file = {key}\n")
+    r = run_causewayd(["--check-config", p])
+    assert r.returncode == 0 and not key.exists(), r.stderr
+    key.write_text("not a key\n")
+    key.chmod(0o600)
+    r = run_causewayd(["--check-config", p])
+    assert r.returncode == 1 and "peer.signing_key_file: " in r.stderr, r.stderr
 
 
 def test_environment_overrides_and_is_validated(tmp_path):
@@ -210,3 +266,25 @@ def test_a_semicolon_after_a_space_is_refused_not_taken_as_a_comment(tmp_path):
     r = run_causewayd(["--matrix-registration", "--config", write(tmp_path, head)],
                       env={"CAUSEWAY_MATRIX_ID": "foo ;bar"})
     assert registration(r)["id"] == "foo ;bar"
+
+
+def test_reload_refuses_what_the_start_would(daemon):
+    """SIGHUP reads the file with cfg_load too: a file the start would
+    refuse is refused whole, the running configuration kept (until the
+    twenty-fourth session such a file was taken and its reloadable options
+    applied)."""
+    for section, name, value, why in (("server", "listen_address", "localhost", "server.listen_address 'localhost'"),
+                                      ("xmpp", "components", "gk.example.org=gk", "xmpp.secret is not set")):
+        opts = {k: dict(v) for k, v in daemon.options.items()}
+        daemon.options["log"]["level"] = "debug"
+        daemon.options.setdefault(section, {})[name] = value
+        daemon.write_config()
+        n = len(daemon.records)
+        daemon.signal(signal.SIGHUP)
+        rec = daemon.wait_for(lambda r: r.get("msg", "").startswith(("reload refused", "configuration reloaded")),
+                              start=n)
+        assert rec["msg"].startswith("reload refused") and why in rec["detail"], rec
+        daemon.options.clear()
+        daemon.options.update(opts)
+    assert not any(r.get("msg") == "option reloaded" for r in daemon.records)
+    assert daemon.get("/healthz").status_code == 200

@@ -156,6 +156,30 @@ START_TEST(missing_file_is_an_error)
 }
 END_TEST
 
+static const char *homeserver_env(const char *name)
+{
+	if (strcmp(name, "CAUSEWAY_DATABASE_URL") == 0)
+		return "postgresql:///x";
+	return strcmp(name, "CAUSEWAY_MATRIX_HOMESERVER_URL") == 0 ? "http://127.0.0.1:8008" : NULL;
+}
+
+/* --matrix-registration makes the tokens a configuration without them
+ * lacks: only that check is left out for it. */
+START_TEST(registration_takes_a_homeserver_without_tokens)
+{
+	struct cw_config c;
+	cw_errmsg e;
+	ck_assert_int_eq(cfg_load(&c, NULL, homeserver_env, &e), CW_EINVAL);
+	ck_assert_ptr_nonnull(strstr(e.msg, "matrix.as_token or matrix.hs_token is not"));
+	ck_assert_int_eq(cfg_load_registration(&c, NULL, homeserver_env, &e), CW_OK);
+	cfg_free(&c);
+	ck_assert_int_eq(cfg_matrix_tokens_check("as", "hs", &e), CW_OK);
+	ck_assert_int_eq(cfg_matrix_tokens_check("as", "as", &e), CW_EINVAL);
+	ck_assert_int_eq(cfg_matrix_tokens_check("a s", "hs", &e), CW_EINVAL);
+	ck_assert_ptr_nonnull(strstr(e.msg, "matrix.as_token has a space"));
+}
+END_TEST
+
 START_TEST(env_names_follow_section_and_option)
 {
 	char buf[128];
@@ -234,6 +258,7 @@ int main(void)
 	tcase_add_test(tc, table_is_well_formed);
 	tcase_add_test(tc, secrets_are_masked);
 	tcase_add_test(tc, reload_takes_only_reloadable_options);
+	tcase_add_test(tc, registration_takes_a_homeserver_without_tokens);
 	suite_add_tcase(s, tc);
 	return unit_run(s);
 }

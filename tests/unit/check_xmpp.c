@@ -1388,6 +1388,49 @@ START_TEST(components_take_the_peers_rule)
 }
 END_TEST
 
+/* What cfg_load and xa_new both read the [xmpp] options with. */
+START_TEST(config_check_takes_what_the_adapter_needs)
+{
+	struct cw_config c = { .xmpp_components = "gk.example.org=gk,wa.example.org=wa", .xmpp_secret = "s",
+			       .domain = "example.org", .xmpp_domain = "" };
+	cw_errmsg e;
+	char local[64];
+	int n = 0;
+	ck_assert_int_eq(xa_config_check(&c, local, sizeof(local), count_pair, &n, &e), CW_OK);
+	ck_assert_int_eq(n, 2);
+	ck_assert_str_eq(local, "example.org");
+	c.xmpp_domain = "chat.example.org";
+	ck_assert_int_eq(xa_config_check(&c, local, sizeof(local), NULL, NULL, &e), CW_OK);
+	ck_assert_str_eq(local, "chat.example.org");
+	struct { const char *components, *secret, *domain, *why; } bad[] = {
+		{ "gk.example.org=gk", "", "example.org", "xmpp.secret is not set" },
+		{ "gk.example.org=gk", "s", "a@example.org", "xmpp.domain (or server.domain)" },
+		{ "example.org=gk", "s", "example.org", "xmpp.components: example.org is the users' own domain" },
+		{ "gk.example.org=gk gk.example.org=wa", "s", "example.org", "named twice" },
+		{ "gk.example.org=gk wa.example.org=gk", "s", "example.org", "named twice" },
+		{ " , ", "s", "example.org", "xmpp.components names no component" },
+		{ "gk.example.org=-gk", "", "", "is not a peer name" }, /* the list's own errors first */
+	};
+	for (size_t i = 0; i < sizeof(bad) / sizeof(*bad); i++) {
+		c.xmpp_components = (char *)bad[i].components;
+		c.xmpp_secret = (char *)bad[i].secret;
+		c.xmpp_domain = (char *)bad[i].domain;
+		ck_assert_msg(xa_config_check(&c, NULL, 0, NULL, NULL, &e) == CW_EINVAL, "%zu", i);
+		ck_assert_msg(strstr(e.msg, bad[i].why), "%zu: %s", i, e.msg);
+	}
+	char list[1024] = "";
+	for (int i = 0; i <= 16; i++) /* one more than XMPP_COMPONENTS_MAX */
+		snprintf(list + strlen(list), sizeof(list) - strlen(list), "c%d.example.org=p%d ", i, i);
+	c.xmpp_components = list;
+	c.xmpp_secret = "s";
+	c.xmpp_domain = "";
+	ck_assert_int_eq(xa_config_check(&c, NULL, 0, NULL, NULL, &e), CW_EINVAL);
+	ck_assert_ptr_nonnull(strstr(e.msg, "at most 16 components"));
+	c.xmpp_components = "";
+	ck_assert_int_eq(xa_config_check(&c, NULL, 0, NULL, NULL, &e), CW_OK); /* the adapter is off */
+}
+END_TEST
+
 int main(void)
 {
 	xmpp_initialize();
@@ -1409,6 +1452,7 @@ int main(void)
 	tcase_add_test(tc, hostile_events_property);
 	tcase_add_test(tc, queue_takes_rows_only_while_up);
 	tcase_add_test(tc, components_take_the_peers_rule);
+	tcase_add_test(tc, config_check_takes_what_the_adapter_needs);
 	suite_add_tcase(s, tc);
 	int rc = unit_run(s);
 	xmpp_shutdown();
