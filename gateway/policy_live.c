@@ -510,14 +510,19 @@ cw_err policy_sweep(PGconn *c, const struct policy_view *v, const char *target_i
 }
 
 /* Messages whose content.expires has come (schema/014): the rows not yet
- * delivered expire; where one was delivered to a local network (Matrix,
- * XMPP), a delete event from the same sender goes to the same recipients,
- * which the adapters turn into a redaction or a retraction; the stored
- * content goes, the message's and its edits'.  A message with a row in
- * flight waits for the next sweep (its delivery may yet succeed, and then
- * needs the delete too).  Peers are sent nothing: the message came from
- * one, whose own expiry applies there.  The delete events are a write of
- * events like any other: their rooms are locked first (rm, lk: the rooms
+ * delivered expire, the message's and its edits' (xe); where one was
+ * delivered to a local network (Matrix, XMPP), a delete event from the
+ * same sender goes to the same recipients, which the adapters turn into a
+ * redaction or a retraction; the stored content goes, the message's and
+ * its edits'.  An edit's row left waiting would be sent with its content
+ * erased, which no adapter can represent: until the twenty-fourth session
+ * it stayed pending, failed, and took the delete row of its room's batch
+ * down with it (the message was never taken back).  A message with a row
+ * in flight, its own or an edit's, waits for the next sweep (that
+ * delivery may yet succeed, and then needs the delete too; its content
+ * must not be erased under it).  Peers are sent nothing: the message came
+ * from one, whose own expiry applies there.  The delete events are a write
+ * of events like any other: their rooms are locked first (rm, lk: the rooms
  * of the messages due, in room id order, before any row is locked or any
  * id drawn), so that their outbox ids follow the commit order of the rooms'
  * other events across processes (until the seventeenth session they took
@@ -529,7 +534,7 @@ cw_err policy_sweep(PGconn *c, const struct policy_view *v, const char *target_i
  * computed every event's expiry looking for 200 due); x takes those
  * events by id; loc looks up their rows by event id (the LATERAL
  * subquery with OFFSET 0 is not flattened: as a join, the whole outbox
- * was scanned when nothing was due); sc finds the edits through their
+ * was scanned when nothing was due); xe finds the edits through their
  * index (an OR in the join scanned events).
  * $1: now (ms). */
 static const char expiry_sql[] =
@@ -544,9 +549,14 @@ static const char expiry_sql[] =
 	"  AND event_expires(e.content) IS NOT NULL AND event_expires(e.content) <= $1::bigint "
 	"  AND (SELECT n FROM lk) >= 0 "
 	"  AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = e.id "
-	"   AND o.state = 'in_flight') ORDER BY e.id FOR UPDATE OF e SKIP LOCKED), "
-	"gone AS (UPDATE outbox o SET state = 'expired', claimed_by = NULL, claimed_until = NULL FROM x "
-	"  WHERE o.event_id = x.id AND o.state IN ('pending', 'held', 'failed', 'dead') RETURNING o.id), "
+	"   AND o.state = 'in_flight') "
+	"  AND NOT EXISTS (SELECT 1 FROM events ed JOIN outbox o ON o.event_id = ed.id "
+	"   WHERE ed.replaces_id = e.id AND ed.type = 'edit' AND o.state = 'in_flight') "
+	"  ORDER BY e.id FOR UPDATE OF e SKIP LOCKED), "
+	"xe AS MATERIALIZED (SELECT id FROM x UNION ALL "
+	"  SELECT ed.id FROM events ed JOIN x ON ed.replaces_id = x.id AND ed.type = 'edit'), "
+	"gone AS (UPDATE outbox o SET state = 'expired', claimed_by = NULL, claimed_until = NULL FROM xe "
+	"  WHERE o.event_id = xe.id AND o.state IN ('pending', 'held', 'failed', 'dead') RETURNING o.id), "
 	"loc AS (SELECT x.id, x.room_id, x.sender_id, x.public_id, x.sender_uri, o.destination, o.target_identity_id "
 	"  FROM x CROSS JOIN LATERAL (SELECT d.destination, d.target_identity_id FROM outbox d "
 	"   WHERE d.event_id = x.id AND d.state = 'delivered' AND d.destination NOT LIKE 'peer:%' OFFSET 0) o), "
@@ -559,8 +569,7 @@ static const char expiry_sql[] =
 	"ob AS (INSERT INTO outbox (event_id, destination, target_identity_id, room_id, state) "
 	"  SELECT dv.id, loc.destination, loc.target_identity_id, dv.room_id, 'pending' FROM dv "
 	"  JOIN loc ON loc.id = dv.replaces_id ORDER BY dv.id RETURNING 1), "
-	"sc AS (UPDATE events e SET content = '{}'::jsonb WHERE e.id IN (SELECT id FROM x "
-	"  UNION ALL SELECT ed.id FROM events ed JOIN x ON ed.replaces_id = x.id AND ed.type = 'edit')) "
+	"sc AS (UPDATE events e SET content = '{}'::jsonb WHERE e.id IN (SELECT id FROM xe)) "
 	"SELECT (SELECT count(*) FROM x), (SELECT count(*) FROM ob), (SELECT count(*) FROM gone)";
 
 /* counts: messages expired, delete rows made, rows that will not be

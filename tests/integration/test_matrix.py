@@ -1804,25 +1804,33 @@ def test_a_dead_letter_whose_telling_lost_its_answer_is_told(make_daemon, db_url
             srv.close()
 
 
+def wally_sends_expiring(mx, hs, a, in_ms):
+    """wally (of the peer a) sends alice, who consented, a message expiring
+    in_ms from now: (the neutral room, the answer, its time, the Matrix
+    event), once delivered."""
+    consent_alice(mx)
+    hs.create_user("alice")
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    soon = int(time.time() * 1000) + in_ms
+    r = a.send(room, a.user("wally"), "this disappears", content={
+        "parts": [{"type": "text/plain", "body": "this disappears"}], "expires": soon})
+    assert r.status_code == 202, r.text
+    ghost = "@_cw_gk_wally:example.org"
+    msg = wait_until(lambda: next((e for rid in hs.rooms() for e in hs.events(rid)
+                                   if e["type"] == "m.room.message" and e["sender"] == ghost), None),
+                     what="delivery")
+    assert msg["content"]["body"] == "this disappears"
+    return room, r, soon, msg
+
+
 def test_an_expiring_message_is_taken_back_when_its_time_comes(mx, hs, gk, pg, db_url):
     """A peer's message with content.expires (a gatekeeper's disappearing
     message) reaches the room, and at its time the ghost redacts it and its
     stored content is deleted; one still held for consent at its time is
     never delivered, even once the user accepts."""
     a, _ = gk
-    consent_alice(mx)
-    hs.create_user("alice")
-    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
-    soon = int(time.time() * 1000) + 2500
-    r = a.send(room, a.user("wally"), "this disappears", content={
-        "parts": [{"type": "text/plain", "body": "this disappears"}], "expires": soon})
-    assert r.status_code == 202, r.text
-    ghost = "@_cw_gk_wally:example.org"
-    mx_room = wait_until(lambda: next((rid for rid in hs.rooms() for e in hs.events(rid)
-                                       if e["type"] == "m.room.message" and e["sender"] == ghost), None),
-                         what="delivery")
-    msg = [e for e in hs.events(mx_room) if e["type"] == "m.room.message" and e["sender"] == ghost][0]
-    assert msg["content"]["body"] == "this disappears"
+    room, r, soon, msg = wally_sends_expiring(mx, hs, a, 2500)
+    ghost, mx_room = msg["sender"], msg["room_id"]
     # an edit of it: its stored text goes with the message's
     ed = {"type": "edit", "sender": a.user("wally"),
           "content": {"replaces": r.json()["id"], "parts": [{"type": "text/plain", "body": "this too"}]}}
@@ -1860,6 +1868,35 @@ def test_an_expiring_message_is_taken_back_when_its_time_comes(mx, hs, gk, pg, d
                                db_url) == "{}", what="its content deleted")
     assert not any(e["type"] == "m.room.message" and e["content"].get("body") == "already gone"
                    for e in hs.events(mx_room))
+
+
+def test_an_edit_waiting_at_the_expiry_expires_with_its_message(mx, hs, gk, pg, db_url):
+    """An edit of an expiring message still waiting for the homeserver at
+    the message's time expires with it, and the message is redacted once
+    the homeserver takes sends again (until the twenty-fourth session the
+    edit's row stayed pending with its content erased, could not be made a
+    Matrix event, and took the redaction's row down with it: the message
+    stayed shown)."""
+    a, _ = gk
+    room, r, _, msg = wally_sends_expiring(mx, hs, a, 8000)
+    ghost, mx_room = msg["sender"], msg["room_id"]
+    hs.refuse_send = lambda path: True
+    ed = {"type": "edit", "sender": a.user("wally"),
+          "content": {"replaces": r.json()["id"], "parts": [{"type": "text/plain", "body": "edited, waiting"}]}}
+    r_ed = a.call("POST", f"/v1/rooms/{room}/messages", ed, idem="exp-ed-wait")
+    assert r_ed.status_code == 202, r_ed.text
+    edit_row = (f"SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id "
+                f"WHERE e.public_id = '{r_ed.json()['id']}'")
+    wait_until(lambda: pg.psql(f"SELECT content::text FROM events WHERE public_id = '{r.json()['id']}'",
+                               db_url) == "{}", timeout=30, what="the message expired")
+    assert pg.psql(edit_row, db_url) == "expired"
+    assert pg.psql(f"SELECT content::text FROM events WHERE public_id = '{r_ed.json()['id']}'", db_url) == "{}"
+    hs.refuse_send = None
+    red = wait_until(lambda: next((e for e in hs.events(mx_room) if e["type"] == "m.room.redaction"), None),
+                     timeout=60, what="the redaction once sends are taken")
+    assert red["sender"] == ghost and red["redacts"] == msg["event_id"]
+    assert not any("edited, waiting" in json.dumps(e.get("content")) for e in hs.events(mx_room))
+    assert pg.psql("SELECT count(*) FROM outbox WHERE state = 'dead'", db_url) == "0"
 
 
 def test_users_met_before_the_adapter_move_to_it(make_daemon, db_url, hs, pg):

@@ -491,6 +491,33 @@ def test_the_expiry_of_a_message_waits_for_a_writer_holding_its_rooms_lock(make_
             srv.close()
 
 
+def test_an_edit_waiting_for_a_peer_at_the_expiry_expires_with_its_message(peers, pg, db_url):
+    """wally's expiring message reaches bob's peer, which refuses the edit
+    that follows (until it is a dead letter) past the message's time: the
+    edit's row expires with the message, whose content goes with the
+    edit's, and nothing is left to send or replay. Until the twenty-fourth
+    session the edit's row stayed (pending, or dead and replayable) with
+    its content erased."""
+    (a, _), (b, sb) = peers
+    rm = a.create_room([a.user("wally"), b.user("bob")]).json()["id"]
+    r = a.send(rm, a.user("wally"), "this disappears", content={
+        "parts": [{"type": "text/plain", "body": "this disappears"}], "expires": int(time.time() * 1000) + 8000})
+    assert r.status_code == 202, r.text
+    sb.wait_events(1)
+    sb.fail_next = 1000000
+    ed = {"type": "edit", "sender": a.user("wally"),
+          "content": {"replaces": r.json()["id"], "parts": [{"type": "text/plain", "body": "edited, waiting"}]}}
+    r_ed = a.call("POST", f"/v1/rooms/{rm}/messages", ed, idem=idem())
+    assert r_ed.status_code == 202, r_ed.text
+    wait_until(lambda: pg.psql(f"SELECT content::text FROM events WHERE public_id = '{r.json()['id']}'",
+                               db_url) == "{}", timeout=30, what="the message expired")
+    assert states(pg, db_url, [r_ed.json()["id"]]) == [(r_ed.json()["id"], "expired")]
+    assert pg.psql(f"SELECT content::text FROM events WHERE public_id = '{r_ed.json()['id']}'", db_url) == "{}"
+    sb.fail_next = 0
+    assert pg.psql("SELECT count(*) FROM outbox WHERE state NOT IN ('delivered', 'expired')", db_url) == "0"
+    assert [e["id"] for e in sb.events] == [r.json()["id"]]
+
+
 def test_a_sweep_that_releases_one_member_and_drops_another_keeps_the_content(daemon, peers, pg, db_url):
     """wally writes to a group of alice and bob, held for both; alice then
     allows wally and bob blocks him, and one periodic sweep decides both
