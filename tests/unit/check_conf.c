@@ -69,8 +69,8 @@ static const struct cfg_option *option_named(const char *full)
 
 START_TEST(table_driven_cases)
 {
-	static struct ccase cases[64];
-	int n = load_cases(cases, 64);
+	static struct ccase cases[128];
+	int n = load_cases(cases, 128);
 	ck_assert_int_ge(n, 20);
 	for (int i = 0; i < n; i++) {
 		struct ccase *k = &cases[i];
