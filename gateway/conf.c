@@ -5,6 +5,7 @@
 #include "peer/event.h"
 #include "xmpp/xmpp.h"
 #include "log.h"
+#include "store.h"
 
 #include <ctype.h>
 #include <curl/curl.h>
@@ -476,6 +477,8 @@ static cw_err cfg_check(const struct cw_config *c, bool need_tokens, cw_errmsg *
 {
 	if (!set(c->db_url))
 		return cw_fail(e, CW_EINVAL, "database.url is not set (in the file or CAUSEWAY_DATABASE_URL)");
+	if (store_check_url(c->db_url, e))
+		return CW_EINVAL;
 	if (set(c->admin_token_sha256)) {
 		bool hex = strlen(c->admin_token_sha256) == 64;
 		for (const char *p = c->admin_token_sha256; hex && *p; p++)

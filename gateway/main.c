@@ -91,8 +91,6 @@ static const char *stop_signal_name(int sig)
  * database may start together. */
 static PGconn *connect_at_start(const struct cw_config *cfg, cw_errmsg *e)
 {
-	if (store_check_url(cfg->db_url, e))
-		return NULL; /* no use waiting */
 	int64_t until = cw_now_us() + cfg->db_startup_timeout_ms * 1000;
 	bool told = false;
 	for (;;) {
@@ -312,6 +310,20 @@ int main(int argc, char **argv)
 	signal(SIGPIPE, SIG_IGN);
 
 	int exit_code = 1;
+	/* Before the migrations: a key file that cannot be read stops the
+	 * start before it changes the database (until the twenty-fourth
+	 * session it was read after them). */
+	if (httpsig_key_load_or_create(cfg.signing_key_file, &app.signing_key, &e)) {
+		LOG_KV(CW_LOG_ERROR, "cannot load or create the signing key", "file", cfg.signing_key_file,
+		       "detail", e.msg);
+		goto out_migrations;
+	}
+	httpsig_ed25519_public_base64(app.signing_key, app.public_key_b64, sizeof(app.public_key_b64));
+	if (!media_key_derive(app.signing_key, app.media_key)) {
+		LOG_KV(CW_LOG_ERROR, "cannot derive the media token key from the signing key", "file",
+		       cfg.signing_key_file);
+		goto out_migrations;
+	}
 	if (run_migrations(&cfg, &app.migrations, true))
 		goto out_migrations;
 	{
@@ -323,17 +335,6 @@ int main(int argc, char **argv)
 			LOG_KV(CW_LOG_ERROR, "out of memory");
 			goto out_migrations;
 		}
-	}
-	if (httpsig_key_load_or_create(cfg.signing_key_file, &app.signing_key, &e)) {
-		LOG_KV(CW_LOG_ERROR, "cannot load or create the signing key", "file", cfg.signing_key_file,
-		       "detail", e.msg);
-		goto out_migrations;
-	}
-	httpsig_ed25519_public_base64(app.signing_key, app.public_key_b64, sizeof(app.public_key_b64));
-	if (!media_key_derive(app.signing_key, app.media_key)) {
-		LOG_KV(CW_LOG_ERROR, "cannot derive the media token key from the signing key", "file",
-		       cfg.signing_key_file);
-		goto out_migrations;
 	}
 	/* The replay window covers a signature's whole life: twice the skew. */
 	app.replay = httpsig_replay_new((size_t)cfg.replay_cache_entries, 2 * cfg.max_clock_skew_s);

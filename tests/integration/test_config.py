@@ -123,6 +123,14 @@ def test_the_start_refuses_them_before_touching_the_database(tmp_path, empty_db_
         assert r.returncode == 1 and "configuration invalid" in out and why.replace('"', '\\"') in out, (text, out)
         assert pg.psql("SELECT to_regclass('schema_migrations') IS NULL", db_url=empty_db_url) == "t", text
     assert not os.path.exists(tmp_path / "signing.key")
+    # A key file the start cannot read stops it before the migrations too
+    # (until the twenty-fourth session it was read after them).
+    (tmp_path / "signing.key").write_text("not a key\n")
+    (tmp_path / "signing.key").chmod(0o600)
+    r = run_causewayd(["--config", write(tmp_path, head)])
+    out = r.stdout + r.stderr
+    assert r.returncode == 1 and "cannot load or create the signing key" in out, out
+    assert pg.psql("SELECT to_regclass('schema_migrations') IS NULL", db_url=empty_db_url) == "t"
 
 
 def test_check_config_reads_an_existing_signing_key_file(tmp_path):
