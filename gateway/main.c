@@ -21,6 +21,7 @@
 #include <getopt.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -41,6 +42,83 @@ static void usage(FILE *out)
 		"e.g. CAUSEWAY_DATABASE_URL. The configuration file may also be named by\n"
 		"CAUSEWAY_CONFIG.\n");
 }
+
+/* The stop's deadline.  A stop takes the drain (server.drain_timeout_ms)
+ * and a few seconds more (the 2 s graces of the threads blocked in the
+ * database, the final drain's second); but a database that stops answering
+ * without closing anything (its host powered off, a network partition)
+ * answers neither the statements nor the cancel requests (PQcancel) sent
+ * to it, and until the twenty-fourth session the stop waited for ever.
+ * Past the drain plus STOP_REST_MS this thread says what the stop still
+ * waits for and exits 1: what that leaves is recovered as after a crash
+ * (claimed outbox rows go again when their claim runs out, a request left
+ * unanswered is retried under its Idempotency-Key).  10 s: the three 2 s
+ * graces and the final drain with 3 s to spare, so that with the default
+ * drain (10 s) the daemon is gone within 20 s, under the documented unit's
+ * TimeoutStopSec=30 (docs/operations.md).  A second SIGTERM or SIGINT
+ * during the stop exits at once: the signals are still blocked in every
+ * thread, and this one takes them (sigtimedwait). */
+#define STOP_REST_MS 10000
+
+struct stop_guard {
+	pthread_t thread;
+	bool started;
+	sigset_t sigs;
+	int64_t until_us;
+	_Atomic(const char *) waiting_for; /* the step of the stop under way */
+	atomic_bool done;
+};
+
+static void *stop_guard_main(void *arg)
+{
+	cw_thread_name("cw-stop-guard");
+	struct stop_guard *g = arg;
+	while (!atomic_load(&g->done)) {
+		int64_t left = g->until_us - cw_now_us();
+		if (left <= 0) {
+			LOG_KV(CW_LOG_ERROR, "the stop took too long: exiting without finishing it",
+			       "waiting_for", atomic_load(&g->waiting_for));
+			_exit(1);
+		}
+		if (left > 200000) /* done is looked at as often */
+			left = 200000;
+		struct timespec ts = { .tv_sec = (time_t)(left / 1000000), .tv_nsec = (long)(left % 1000000) * 1000 };
+		int sig = sigtimedwait(&g->sigs, NULL, &ts);
+		if (sig == SIGTERM || sig == SIGINT) {
+			LOG_KV(CW_LOG_WARN, "a second signal during the stop: exiting at once", "signal",
+			       sig == SIGTERM ? "SIGTERM" : "SIGINT", "waiting_for", atomic_load(&g->waiting_for));
+			_exit(1);
+		}
+	}
+	return NULL;
+}
+
+static void stop_guard_start(struct stop_guard *g, const sigset_t *sigs, long drain_timeout_ms)
+{
+	g->sigs = *sigs;
+	g->until_us = cw_now_us() + ((int64_t)drain_timeout_ms + STOP_REST_MS) * 1000;
+	atomic_store(&g->waiting_for, "the requests in flight");
+	atomic_store(&g->done, false);
+	g->started = pthread_create(&g->thread, NULL, stop_guard_main, g) == 0;
+	if (!g->started)
+		LOG_KV(CW_LOG_WARN, "cannot start the stop's guard: the stop has no deadline");
+}
+
+static void stop_step(struct stop_guard *g, const char *what)
+{
+	atomic_store(&g->waiting_for, what);
+}
+
+static void stop_guard_end(struct stop_guard *g)
+{
+	if (!g->started)
+		return;
+	atomic_store(&g->done, true);
+	pthread_join(g->thread, NULL);
+	g->started = false;
+}
+
+static struct stop_guard stop_guard;
 
 /* Prints a random admin token and the hash that goes into the config. */
 static int new_admin_token(void)
@@ -504,6 +582,7 @@ int main(int argc, char **argv)
 	 * finish, then fail whatever still waits on the database so that every
 	 * suspended request is resumed before libmicrohttpd stops. */
 	int64_t t_stop = cw_now_us();
+	stop_guard_start(&stop_guard, &sigs, cfg.drain_timeout_ms);
 	cw_http_quiesce(app.http);
 	LOG_KV(CW_LOG_INFO, "stopping", "signal", stop_signal == SIGTERM ? "SIGTERM" : "SIGINT");
 	peer_pull_stop(app.pull); /* long-polls answer now: they would hold the drain */
@@ -511,22 +590,31 @@ int main(int argc, char **argv)
 	bool idle = cw_http_drain(app.http, cfg.drain_timeout_ms);
 	app_afters_wait(&app); /* the requests they resume are not abandoned: they use what stops below */
 	atomic_store(&app.stopping, true); /* file transfers still running end now (media.h) */
+	stop_step(&stop_guard, "the dispatcher");
 	dispatcher_stop(app.dispatcher);
+	stop_step(&stop_guard, "the XMPP component");
 	xa_stop(app.xmpp);
+	stop_step(&stop_guard, "the fetchers");
 	cw_workers_stop(app.fetchers); /* their requests are answered: before the HTTP front stops */
+	stop_step(&stop_guard, "the policy thread");
 	policy_live_stop(app.policy);
+	stop_step(&stop_guard, "the deliveries to peers");
 	peer_out_free(pout);
+	stop_step(&stop_guard, "the store");
 	store_stop(app.store);
 	/* A job the stop of the store finished may have started its after
 	 * hook only now (job_done): its request is answered before the HTTP
 	 * front stops, which it may not find suspended. */
+	stop_step(&stop_guard, "the requests in flight");
 	app_afters_wait(&app);
 	if (!idle)
 		idle = cw_http_drain(app.http, 1000);
 	char left[16];
 	snprintf(left, sizeof(left), "%ld", cw_http_in_flight(app.http));
+	stop_step(&stop_guard, "the HTTP front");
 	cw_http_stop(app.http);
 	dispatcher_free(app.dispatcher);
+	stop_step(&stop_guard, "the last clean-up");
 	snprintf(ms, sizeof(ms), "%.1f", (double)(cw_now_us() - t_stop) / 1000.0);
 	LOG_KV(CW_LOG_INFO, "stopped", "drained", idle ? "true" : "false", "abandoned_requests", left,
 	       "shutdown_ms", ms);
@@ -556,5 +644,6 @@ out_migrations:
 	migration_set_free(&app.migrations);
 	cfg_free(&cfg);
 	curl_global_cleanup();
+	stop_guard_end(&stop_guard);
 	return exit_code;
 }

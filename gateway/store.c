@@ -58,9 +58,10 @@ struct queue {
 struct conn {
 	PGconn *c;
 	struct store_canceller cancel; /* c's statement, cancelled at a stop that waits for it */
-	/* Under cancel.mu: when the watchdog cancels the statement running on
+	/* Under watch_mu: when the watchdog cancels the statement running on
 	 * c (its job's deadline, then again every WATCH_AGAIN_US; 0: nothing
 	 * to watch), and whether it has since watch_arm. */
+	pthread_mutex_t watch_mu;
 	int64_t watch_us;
 	bool watch_fired;
 	int64_t retry_at_us;
@@ -310,9 +311,20 @@ PGconn *store_connect(const char *url, long statement_timeout_ms, cw_errmsg *e)
 {
 	if (store_check_url(url, e))
 		return NULL;
-	/* Our defaults first; whatever the operator's URL says overrides them. */
-	const char *const keys[] = { "application_name", "connect_timeout", "dbname", NULL };
-	const char *const vals[] = { "causewayd", "5", url, NULL };
+	/* Our defaults first; whatever the operator's URL says overrides them
+	 * (expand_dbname).  A database host that goes without a reset (powered
+	 * off, a network partition) leaves a statement waiting for ever, and a
+	 * cancel request (PQcancel, which since libpq 15 uses the connection's
+	 * keepalives and tcp_user_timeout) with it: TCP keepalives find an
+	 * idle connection dead within 10 + 3 x 5 s, and data left
+	 * unacknowledged 10 s ends it (the connection is lost, its jobs
+	 * answer 503).  A statement that merely runs long is not affected: the
+	 * server's kernel acknowledges all the same.  Ignored on a Unix socket.
+	 * Until the twenty-fourth session the kernel's defaults applied: no
+	 * keepalives, some 15 minutes of retransmissions. */
+	const char *const keys[] = { "application_name", "connect_timeout", "keepalives", "keepalives_idle",
+				     "keepalives_interval", "keepalives_count", "tcp_user_timeout", "dbname", NULL };
+	const char *const vals[] = { "causewayd", "5", "1", "10", "5", "3", "10000", url, NULL };
 	PGconn *c = PQconnectdbParams(keys, vals, 1);
 	if (!c) {
 		cw_fail(e, CW_ENOMEM, "out of memory");
@@ -408,6 +420,48 @@ static bool conn_ensure(struct cw_store *s, struct conn *sc, const char *who)
 	return true;
 }
 
+/* ------------------------------------------------------- cancel requests */
+
+/* A connection's cancel key, shared by its canceller and the cancels on
+ * their way: a cancel request outlives the connection when the server does
+ * not answer it. */
+struct store_cancel {
+	atomic_int refs;
+	atomic_bool sending; /* a cancel request of the stop's is on its way */
+	atomic_bool told;    /* one came through (logged once) */
+	PGcancel *pc;
+};
+
+static struct store_cancel *cancel_get(struct store_canceller *k)
+{
+	pthread_mutex_lock(&k->mu);
+	struct store_cancel *x = k->cur;
+	if (x)
+		atomic_fetch_add(&x->refs, 1);
+	pthread_mutex_unlock(&k->mu);
+	return x;
+}
+
+static void cancel_put(struct store_cancel *x)
+{
+	if (x && atomic_fetch_sub(&x->refs, 1) == 1) {
+		PQfreeCancel(x->pc);
+		free(x);
+	}
+}
+
+static void conn_init(struct conn *sc)
+{
+	store_canceller_init(&sc->cancel);
+	pthread_mutex_init(&sc->watch_mu, NULL);
+}
+
+static void conn_destroy(struct conn *sc)
+{
+	store_canceller_destroy(&sc->cancel);
+	pthread_mutex_destroy(&sc->watch_mu);
+}
+
 /* ----------------------------------------------------------- the watchdog */
 
 /* A job's statement still running at the job's deadline (blocked by a
@@ -426,10 +480,10 @@ static bool conn_ensure(struct cw_store *s, struct conn *sc, const char *who)
  * until_us (0: never) has passed. */
 static void watch_arm(struct cw_store *s, struct conn *sc, int64_t until_us)
 {
-	pthread_mutex_lock(&sc->cancel.mu);
+	pthread_mutex_lock(&sc->watch_mu);
 	sc->watch_us = until_us;
 	sc->watch_fired = false;
-	pthread_mutex_unlock(&sc->cancel.mu);
+	pthread_mutex_unlock(&sc->watch_mu);
 	if (!until_us)
 		return;
 	pthread_mutex_lock(&s->mu);
@@ -445,9 +499,9 @@ static void watch_arm(struct cw_store *s, struct conn *sc, int64_t until_us)
  * been counted by then, the flag and the cancel being under one lock). */
 static bool watch_fired(struct conn *sc)
 {
-	pthread_mutex_lock(&sc->cancel.mu);
+	pthread_mutex_lock(&sc->watch_mu);
 	bool fired = sc->watch_fired;
-	pthread_mutex_unlock(&sc->cancel.mu);
+	pthread_mutex_unlock(&sc->watch_mu);
 	return fired;
 }
 
@@ -456,27 +510,37 @@ static bool watch_fired(struct conn *sc)
  * the statement it was meant for or nothing, never the next one (a COMMIT). */
 static void watch_disarm(struct conn *sc)
 {
-	pthread_mutex_lock(&sc->cancel.mu);
+	pthread_mutex_lock(&sc->watch_mu);
 	sc->watch_us = 0;
-	pthread_mutex_unlock(&sc->cancel.mu);
+	pthread_mutex_unlock(&sc->watch_mu);
 }
 
 /* Cancels sc's statement if its watch has passed; when to look again
  * (INT64_MAX: not armed). */
 static int64_t watch_check(struct conn *sc, int64_t now)
 {
-	pthread_mutex_lock(&sc->cancel.mu);
+	pthread_mutex_lock(&sc->watch_mu);
 	if (sc->watch_us && now > sc->watch_us) {
+		/* Sent here, under watch_mu, so that it never hits the next
+		 * statement (watch_disarm).  A server that stopped answering
+		 * holds it until the connection's tcp_user_timeout
+		 * (store_connect: a Unix socket has none), and with it this
+		 * connection's owner at watch_disarm (waiting on the same
+		 * server) and the other connections' deadlines; not the stop,
+		 * whose cancels take neither watch_mu nor this thread, and
+		 * which has a deadline of its own (main.c). */
 		char err[256];
-		if (sc->cancel.cancel && !PQcancel(sc->cancel.cancel, err, sizeof(err)))
+		struct store_cancel *x = cancel_get(&sc->cancel);
+		if (x && !PQcancel(x->pc, err, sizeof(err)))
 			LOG_KV(CW_LOG_WARN, "cannot cancel a statement past its deadline", "detail", err);
-		else if (sc->cancel.cancel && !sc->watch_fired)
+		else if (x && !sc->watch_fired)
 			LOG_KV(CW_LOG_INFO, "a statement still running at its job's deadline was cancelled");
+		cancel_put(x);
 		sc->watch_fired = true;
 		sc->watch_us = now + WATCH_AGAIN_US;
 	}
 	int64_t next = sc->watch_us ? sc->watch_us : INT64_MAX;
-	pthread_mutex_unlock(&sc->cancel.mu);
+	pthread_mutex_unlock(&sc->watch_mu);
 	return next;
 }
 
@@ -1072,16 +1136,16 @@ cw_err store_open(struct cw_store **out, const struct store_opts *o, cw_errmsg *
 	pthread_cond_init(&s->dcond, &ca);
 	pthread_condattr_destroy(&ca);
 	s->watch_wake_us = INT64_MAX;
-	store_canceller_init(&s->wconn.cancel);
+	conn_init(&s->wconn);
 	for (int i = 0; i < o->readers; i++)
-		store_canceller_init(&s->readers[i].conn.cancel);
+		conn_init(&s->readers[i].conn);
 
 	conn_ensure(s, &s->wconn, "writer"); /* so that db_up is true from the start */
 	if (pthread_create(&s->writer, NULL, writer_main, s)) {
 		conn_lost(s, &s->wconn);
-		store_canceller_destroy(&s->wconn.cancel);
+		conn_destroy(&s->wconn);
 		for (int i = 0; i < o->readers; i++)
-			store_canceller_destroy(&s->readers[i].conn.cancel);
+			conn_destroy(&s->readers[i].conn);
 		free(s->url);
 		free(s->readers);
 		free(s);
@@ -1091,7 +1155,7 @@ cw_err store_open(struct cw_store **out, const struct store_opts *o, cw_errmsg *
 		s->readers[i].s = s;
 		if (pthread_create(&s->readers[i].thread, NULL, reader_main, &s->readers[i])) {
 			for (int k = i; k < o->readers; k++)
-				store_canceller_destroy(&s->readers[k].conn.cancel);
+				conn_destroy(&s->readers[k].conn);
 			s->o.readers = i;
 			store_close(s);
 			return cw_fail(e, CW_EIO, "cannot start a reader thread");
@@ -1139,9 +1203,9 @@ void store_close(struct cw_store *s)
 	if (!s)
 		return;
 	store_stop(s);
-	store_canceller_destroy(&s->wconn.cancel);
+	conn_destroy(&s->wconn);
 	for (int i = 0; i < s->o.readers; i++)
-		store_canceller_destroy(&s->readers[i].conn.cancel);
+		conn_destroy(&s->readers[i].conn);
 	pthread_cond_destroy(&s->wcond);
 	pthread_cond_destroy(&s->rcond);
 	pthread_cond_destroy(&s->dcond);
@@ -1173,18 +1237,25 @@ void store_get_stats(struct cw_store *s, struct store_stats *st)
 void store_canceller_init(struct store_canceller *k)
 {
 	pthread_mutex_init(&k->mu, NULL);
-	k->cancel = NULL;
+	k->cur = NULL;
 }
 
 void store_canceller_set(struct store_canceller *k, PGconn *c)
 {
-	PGcancel *next = c ? PQgetCancel(c) : NULL;
+	struct store_cancel *next = c ? calloc(1, sizeof(*next)) : NULL;
+	if (next) {
+		next->pc = PQgetCancel(c);
+		atomic_init(&next->refs, 1);
+		if (!next->pc) {
+			free(next);
+			next = NULL;
+		}
+	}
 	pthread_mutex_lock(&k->mu);
-	PGcancel *old = k->cancel;
-	k->cancel = next;
+	struct store_cancel *old = k->cur;
+	k->cur = next;
 	pthread_mutex_unlock(&k->mu);
-	if (old)
-		PQfreeCancel(old);
+	cancel_put(old);
 }
 
 void store_canceller_destroy(struct store_canceller *k)
@@ -1198,21 +1269,53 @@ void store_grace(struct timespec *until, long grace_ms)
 	cw_deadline_ts(until, CLOCK_REALTIME, (int64_t)grace_ms * 1000);
 }
 
+static void *cancel_main(void *arg)
+{
+	cw_thread_name("cw-cancel");
+	struct store_cancel *x = arg;
+	char err[256];
+	if (!PQcancel(x->pc, err, sizeof(err)))
+		LOG_KV(CW_LOG_WARN, "cannot cancel a statement at the stop", "detail", err);
+	else if (!atomic_exchange(&x->told, true))
+		LOG_KV(CW_LOG_INFO, "a statement still running at the stop was cancelled");
+	atomic_store(&x->sending, false);
+	cancel_put(x);
+	return NULL;
+}
+
+/* Sends a cancel request for k's statement from a detached thread of its
+ * own, unless one is still on its way (a server that does not answer
+ * would otherwise collect one thread per try). */
+static void cancel_in_background(struct store_canceller *k)
+{
+	struct store_cancel *x = cancel_get(k);
+	if (!x)
+		return;
+	if (atomic_exchange(&x->sending, true)) {
+		cancel_put(x);
+		return;
+	}
+	pthread_attr_t a;
+	pthread_t t;
+	pthread_attr_init(&a);
+	pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+	if (pthread_create(&t, &a, cancel_main, x)) {
+		LOG_KV(CW_LOG_WARN, "cannot cancel a statement at the stop", "detail", "cannot start a thread");
+		atomic_store(&x->sending, false);
+		cancel_put(x);
+	}
+	pthread_attr_destroy(&a);
+}
+
 void store_join_cancelling(pthread_t t, struct store_canceller *k, const struct timespec *grace_until)
 {
 	struct timespec until = *grace_until;
 	/* Cancelled, a thread may still have a statement or two to run before
-	 * it sees the stop (each blocked the same way): cancelled again. */
-	for (int round = 0; pthread_timedjoin_np(t, NULL, &until) != 0; round++) {
-		pthread_mutex_lock(&k->mu);
-		if (k->cancel) {
-			char err[256];
-			if (!PQcancel(k->cancel, err, sizeof(err)))
-				LOG_KV(CW_LOG_WARN, "cannot cancel a statement at the stop", "detail", err);
-			else if (round == 0)
-				LOG_KV(CW_LOG_INFO, "a statement still running at the stop was cancelled");
-		}
-		pthread_mutex_unlock(&k->mu);
+	 * it sees the stop (each blocked the same way): cancelled again.  The
+	 * caller waits for the thread only (until the stop's deadline, main.c),
+	 * never for a cancel request. */
+	while (pthread_timedjoin_np(t, NULL, &until) != 0) {
+		cancel_in_background(k);
 		cw_deadline_ts(&until, CLOCK_REALTIME, 200 * 1000);
 	}
 }

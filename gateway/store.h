@@ -193,11 +193,15 @@ int store_wait_notify(PGconn *c, int wake_fd, int timeout_ms,
  * store_canceller_set names the thread's connection (NULL before it
  * finishes it); store_join_cancelling joins the thread, and past grace_until
  * (CLOCK_REALTIME; one deadline for all the threads a stop joins, so that
- * blocked threads do not add up their grace) cancels its statement
- * (PQcancel), then joins.  store_grace sets a deadline grace_ms from now. */
+ * blocked threads do not add up their grace) cancels its statement, then
+ * joins.  The cancel request (PQcancel, a new connection to the server) is
+ * sent from a thread of its own: a server that stopped answering answers it
+ * no more than the statement, and the stop's deadline (main.c) must still
+ * come.  store_grace sets a deadline grace_ms from now. */
+struct store_cancel;
 struct store_canceller {
-	pthread_mutex_t mu;
-	PGcancel *cancel;
+	pthread_mutex_t mu; /* over cur only: never held across a cancel request */
+	struct store_cancel *cur;
 };
 void store_canceller_init(struct store_canceller *k);
 void store_canceller_set(struct store_canceller *k, PGconn *c);

@@ -9,7 +9,10 @@ so no TLS to negotiate) while the proxy reads the message boundaries
 which statement a transaction ran.  Armed, it cuts once: a COMMIT after
 a given statement returned a row (cut_commit_after, cut_commit_matching),
 or one statement run outside a transaction block (cut_statement, and
-cut_statement_with_rows for a run that returned a row).
+cut_statement_with_rows for a run that returned a row).  Frozen (freeze),
+it relays nothing more and closes nothing, and holds new connections
+unanswered: a database host powered off, or a network partition, where
+no reset ever comes.
 """
 import os
 import shutil
@@ -68,6 +71,7 @@ class PgProxy:
         self.statement = None   # arms the cut: see cut_commit_after
         self.cuts = 0
         self.closed = False
+        self.held = []
         threading.Thread(target=self._accept, daemon=True).start()
 
     def cut_commit_after(self, statement):
@@ -105,6 +109,22 @@ class PgProxy:
 
     auto_pred = None
 
+    def freeze(self):
+        """From now on nothing is relayed, nothing closed; `stalled` counts
+        the messages held since (a statement that waits for its answer)."""
+        with self.lock:
+            self.frozen = True
+
+    frozen = False
+    stalled = 0
+
+    def _hold(self):
+        with self.lock:
+            if not self.frozen:
+                return
+            self.stalled += 1
+        threading.Event().wait()   # for ever: the thread is a daemon
+
     def close(self):
         self.closed = True
         self.listener.close()
@@ -122,6 +142,9 @@ class PgProxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
+            if self.frozen:   # taken, never answered (a cancel request, say)
+                self.held.append(client)
+                continue
             server = socket.socket(socket.AF_UNIX)
             try:
                 server.connect(self.target)
@@ -147,6 +170,7 @@ class PgProxy:
             c.server.sendall(struct.pack("!I", length) + _exact(c.client, length - 4))
             while True:
                 kind, msg = _message(c.client)
+                self._hold()
                 body = msg[5:]
                 with self.lock:
                     if kind == b"B":   # Bind: portal name, statement name, ...
@@ -188,6 +212,7 @@ class PgProxy:
         try:
             while True:
                 kind, msg = _message(c.server)
+                self._hold()
                 with self.lock:
                     if kind == b"2" and c.binds:   # BindComplete, in the order of the Binds
                         c.counting = c.binds.pop(0)

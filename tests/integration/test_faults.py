@@ -14,6 +14,7 @@ import requests
 
 from harness import free_port, wait_until
 from peer import Signer, push_peers
+from pgproxy import PgProxy
 
 
 class Sender:
@@ -322,6 +323,63 @@ def test_sigterm_while_the_database_blocks_writes_exits_in_bounded_time(make_dae
             assert set(statuses) <= {503}, statuses  # answered, and nothing taken that was not stored
     finally:
         sb.close()
+
+
+@contextlib.contextmanager
+def frozen_database(make_daemon, db_url):
+    """A daemon whose database stopped answering without closing anything
+    (its host powered off, a network partition): the writer's check, the
+    lanes' claims and the policy's sweeps wait for answers that never come,
+    and so does a cancel request (PQcancel) sent to it."""
+    with PgProxy(db_url) as p:
+        d = make_daemon(p.url, options={"server": {"drain_timeout_ms": "1000"}}).start()
+        assert d.get("/readyz").status_code == 200
+        p.freeze()
+        def waits(call):   # a write's check and a read, waiting for the database
+            with contextlib.suppress(requests.RequestException):
+                call()
+        threading.Thread(target=waits, args=(lambda: d.get("/readyz", timeout=60),), daemon=True).start()
+        threading.Thread(target=waits, args=(lambda: d.admin("GET", "/outbox?state=dead", timeout=60),),
+                         daemon=True).start()
+        wait_until(lambda: p.stalled >= 2, timeout=30, what="statements waiting on the frozen database")
+        try:
+            yield d
+        finally:
+            if d.proc.poll() is None:
+                d.proc.kill()
+                d.proc.wait()
+
+
+def test_sigterm_with_a_database_that_stopped_answering_exits_in_bounded_time(make_daemon, db_url):
+    """The stop has a deadline: server.drain_timeout_ms plus 10 s (11 s
+    here), then the daemon says what it still waited for and exits 1.
+    Before, the stop cancelled the blocked statements with PQcancel, which
+    waited for ever for the frozen server's answer: only SIGKILL ended it."""
+    with frozen_database(make_daemon, db_url) as d:
+        t0 = time.time()
+        d.signal(signal.SIGTERM)
+        rc = d.wait_exit(60)
+        took = time.time() - t0
+        assert rc == 1, d.log()[-3000:]
+        assert 10 < took < 25, took  # the bound, and well within systemd's TimeoutStopSec=30
+        rec = d.wait_for(lambda r: r.get("msg") == "the stop took too long: exiting without finishing it")
+        assert rec.get("waiting_for"), rec
+
+
+def test_a_second_signal_during_the_stop_exits_at_once(make_daemon, db_url):
+    """A second SIGTERM or SIGINT while the stop waits (on a frozen
+    database here) exits at once; before, signals stayed blocked and it
+    changed nothing."""
+    with frozen_database(make_daemon, db_url) as d:
+        d.signal(signal.SIGTERM)
+        d.wait_for(lambda r: r.get("msg") == "stopping")
+        t0 = time.time()
+        d.signal(signal.SIGINT)
+        rc = d.wait_exit(60)
+        took = time.time() - t0
+        assert rc == 1, d.log()[-3000:]
+        assert took < 8, took  # not the stop's deadline (11 s here)
+        d.wait_for(lambda r: r.get("msg") == "a second signal during the stop: exiting at once")
 
 
 def test_a_read_that_waits_out_a_lock_is_503_and_the_database_stays_up(make_daemon, db_url, pg):
