@@ -98,6 +98,16 @@ class PgProxy:
             self.rows_pred = pred
 
     rows_pred = None
+
+    def cut_answer(self, lost, pred):
+        """The answer lost where `lost` says: "look", the statement pred
+        accepts, in a run that returned a row (cut_statement_with_rows);
+        "commit", the COMMIT of its transaction (cut_commit_matching)."""
+        assert lost in ("look", "commit"), lost
+        if lost == "look":
+            self.cut_statement_with_rows(pred)
+        else:
+            self.cut_commit_matching(pred)
     on_complete = False   # cut_commit_matching counts a statement that completed, rows or not
 
     def cut_statement(self, pred):

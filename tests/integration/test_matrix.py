@@ -1783,11 +1783,7 @@ def test_a_dead_letter_whose_telling_lost_its_answer_is_told(make_daemon, db_url
         a, srv = add_gk(d)
         try:
             alice, room, ghost = alice_writes_to_wally(hs, a)
-            look = lambda t: "sender_told_at IS NULL AND s.is_local" in t  # noqa: E731
-            if lost == "look":
-                px.cut_statement_with_rows(look)
-            else:
-                px.cut_commit_matching(look)
+            px.cut_answer(lost, lambda t: "sender_told_at IS NULL AND s.is_local" in t)
             srv.fail_next = 1000
             alice.send_text(room, "into the void")
 
