@@ -535,7 +535,10 @@ cw_err policy_sweep(PGconn *c, const struct policy_view *v, const char *target_i
  * events by id; loc looks up their rows by event id (the LATERAL
  * subquery with OFFSET 0 is not flattened: as a join, the whole outbox
  * was scanned when nothing was due); xe finds the edits through their
- * index (an OR in the join scanned events).
+ * index (an OR in the join scanned events).  What it expires is marked
+ * (events.expired, schema/035): its content alone is what retention
+ * leaves too, and an edit sent after the expiry is expired by the peer
+ * API as it comes (submit_decide), not delivered.
  * $1: now (ms). */
 static const char expiry_sql[] =
 	"WITH due AS MATERIALIZED (SELECT e.id, e.room_id FROM events e "
@@ -569,7 +572,7 @@ static const char expiry_sql[] =
 	"ob AS (INSERT INTO outbox (event_id, destination, target_identity_id, room_id, state) "
 	"  SELECT dv.id, loc.destination, loc.target_identity_id, dv.room_id, 'pending' FROM dv "
 	"  JOIN loc ON loc.id = dv.replaces_id ORDER BY dv.id RETURNING 1), "
-	"sc AS (UPDATE events e SET content = '{}'::jsonb WHERE e.id IN (SELECT id FROM xe)) "
+	"sc AS (UPDATE events e SET content = '{}'::jsonb, expired = true WHERE e.id IN (SELECT id FROM xe)) "
 	"SELECT (SELECT count(*) FROM x), (SELECT count(*) FROM ob), (SELECT count(*) FROM gone)";
 
 /* counts: messages expired, delete rows made, rows that will not be

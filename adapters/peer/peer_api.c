@@ -1153,7 +1153,7 @@ struct submit {
 	json_t **held;              /* per item: local users to ask for consent */
 	json_t **outbound;          /* per item: remote users a local sender wrote to (consent to their replies) */
 	bool *wrote;                /* per item: a local sender's message to members of a group new to them (they may reply there) */
-	bool *scrub;                /* per item: no recipient will get it: keep no content */
+	bool *scrub;                /* per item: no recipient will get it (or an edit of an expired message): keep no content */
 	unsigned char *wake;        /* per item: who its pending rows are for (WAKE_*) */
 	bool notified;              /* round 1 sent a NOTIFY */
 	json_t *audit;              /* the policy decisions to record (round 1) */
@@ -1262,7 +1262,9 @@ struct submit *submit_new(size_t n)
  * consent to the sender and its domain (n = -2, first), for
  * facts_catch_up.  A member's row (n = -1) says since when they are a
  * member and, in a group, when they last wrote to members new to them
- * (room_members.wrote_at: the policy's recipient_wrote_here). */
+ * (room_members.wrote_at: the policy's recipient_wrote_here).  An item's
+ * row also says when the message it replaces expires (0: it has expired,
+ * events.expired; NULL: never). */
 #define READ_ITEMS(ROOM_COND) \
 	"WITH items AS (SELECT * FROM json_to_recordset($1::json) " \
 	"  AS x(n int, room text, key text, reply text, replaces text, scope text, snd text, net text, dom text, " \
@@ -1280,7 +1282,9 @@ struct submit *submit_new(size_t n)
 	"  WHERE e.public_id = it.replaces) END, " \
 	" NULL, " \
 	" CASE WHEN it.replaces <> '' THEN (SELECT e.type FROM events e WHERE e.public_id = it.replaces) END, " \
-	" k.room_id " \
+	" k.room_id, " \
+	" CASE WHEN it.replaces <> '' THEN (SELECT CASE WHEN e.expired THEN 0 ELSE event_expires(e.content) END " \
+	"  FROM events e WHERE e.public_id = it.replaces) END " \
 	"FROM items it JOIN rm ON rm.room = it.room AND rm.scope IS NOT DISTINCT FROM it.scope " \
 	" LEFT JOIN LATERAL (SELECT coalesce(request_hash, ''::bytea) AS request_hash, public_id, room_id, " \
 	"  (extract(epoch FROM accepted_at) * 1000)::bigint AS ms FROM events " \
@@ -1289,7 +1293,7 @@ struct submit *submit_new(size_t n)
 	"SELECT -1, rm.id, mem.id, mem.uri, mem.is_local, mem.network, mem.peer_id, mem.name, mem.domain, " \
 	" NULL, NULL, (extract(epoch FROM mem.updated_at) * 1000)::bigint, NULL, NULL, NULL, NULL, mem.mode, " \
 	" CASE WHEN rm.kind = 'group' THEN coalesce(((extract(epoch FROM mem.wrote_at) * 1000)::bigint)::text, '') END, " \
-	" NULL::bigint " \
+	" NULL::bigint, NULL::bigint " \
 	"FROM (SELECT DISTINCT id, kind FROM rm WHERE id IS NOT NULL) rm " \
 	" JOIN LATERAL (SELECT i.id, i.uri, i.is_local, i.network, i.peer_id, p.name, i.domain, p.mode, m.updated_at, m.wrote_at " \
 	"  FROM room_members m JOIN identities i ON i.id = m.identity_id LEFT JOIN peers p ON p.id = i.peer_id " \
@@ -1305,7 +1309,7 @@ struct submit *submit_new(size_t n)
 	" CASE WHEN EXISTS (SELECT 1 FROM consent_requests q JOIN identities s ON s.id = q.remote_identity_id " \
 	"  WHERE q.local_identity_id = f.id AND s.uri = it.snd " \
 	"  AND " CONSENT_REQUEST_STANDS_SQL("q", "it.win") ") THEN 't' ELSE 'f' END, " \
-	" NULL::bigint " \
+	" NULL::bigint, NULL::bigint " \
 	"FROM (SELECT DISTINCT room, scope, snd, net, dom, win FROM items WHERE snd IS NOT NULL) it " \
 	" JOIN rm ON rm.room = it.room AND rm.scope IS NOT DISTINCT FROM it.scope AND rm.id IS NOT NULL " \
 	" JOIN LATERAL (SELECT i.id, i.uri FROM room_members m JOIN identities i ON i.id = m.identity_id " \
@@ -1881,7 +1885,16 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 	json_t *dests = json_array(), *targets = json_array(), *states = json_array(), *held = json_array();
 	json_t *audit = json_array(), *outbound = json_array(), *refused = json_array();
 	const char *deny_reason = NULL;
-	bool expired = in->expires && in->expires <= cw_wall_ms();
+	int64_t now = cw_wall_ms();
+	/* An edit of a message whose time has come (taken back by the
+	 * sweep, or not yet) carries its new text: expired as it comes, as a
+	 * message expired on arrival is, and its content not kept, as the
+	 * sweep keeps none of the edits it finds (it finds none made after
+	 * it; until the twenty-fourth session such an edit was delivered and
+	 * kept).  The peer is answered as for any edit. */
+	bool late_edit = strcmp(in->type, "edit") == 0 && !replaces_here && !PQgetisnull(r, first, 19) &&
+			 atoll(PQgetvalue(r, first, 19)) <= now;
+	bool expired = (in->expires && in->expires <= now) || late_edit;
 	unsigned char wake = 0;
 	struct policy_decision limited = { .verdict = POLICY_ALLOW };
 	for (int k = mfirst; k < mfirst + nmembers; k++) {
@@ -2033,8 +2046,9 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 	b->targets[i] = targets;
 	b->states[i] = states;
 	b->held[i] = held;
-	b->scrub[i] = json_array_size(dests) > 0 && !any_open;
-	res->denied = in->local_sender && b->scrub[i] ? deny_reason : NULL;
+	bool undelivered = json_array_size(dests) > 0 && !any_open;
+	b->scrub[i] = undelivered || late_edit;
+	res->denied = in->local_sender && undelivered ? deny_reason : NULL;
 	b->wake[i] = wake;
 	b->write[i] = true;
 }

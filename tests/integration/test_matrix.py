@@ -1895,6 +1895,40 @@ def test_an_edit_waiting_at_the_expiry_expires_with_its_message(mx, hs, gk, pg, 
     assert pg.psql("SELECT count(*) FROM outbox WHERE state = 'dead'", db_url) == "0"
 
 
+def test_an_edit_after_the_expiry_is_stored_expired_and_never_shown(mx, hs, gk, pg, db_url):
+    """An edit sent after its message's expiry carries the message's new
+    text: it is answered 202 as any edit, stored with its rows expired and
+    its content deleted, and never shown, whether the sweep has taken the
+    message back already or not yet (until the twenty-fourth session it was
+    delivered, as an m.replace "* SECRET", and its text kept)."""
+    a, _ = gk
+    room, r, _, msg = wally_sends_expiring(mx, hs, a, 2500)
+    mx_room = msg["room_id"]
+    wait_until(lambda: next((e for e in hs.events(mx_room) if e["type"] == "m.room.redaction"), None),
+               timeout=15, what="the redaction at its time")
+    content = "SELECT content::text FROM events WHERE public_id = '{}'"
+    rows = ("SELECT string_agg(DISTINCT o.state, ',') FROM outbox o JOIN events e ON e.id = o.event_id "
+            "WHERE e.public_id = '{}'")
+    assert pg.psql(content.format(r.json()["id"]), db_url) == "{}"
+    # expired and taken back, then one expired on arrival (the sweep may
+    # not have come to it yet): an edit of either is expired as it comes
+    r_old = a.send(room, a.user("wally"), "already gone", content={
+        "parts": [{"type": "text/plain", "body": "already gone"}], "expires": int(time.time() * 1000) - 1000})
+    assert r_old.status_code == 202, r_old.text
+    for n, target in enumerate((r.json()["id"], r_old.json()["id"])):
+        ed = {"type": "edit", "sender": a.user("wally"),
+              "content": {"replaces": target, "parts": [{"type": "text/plain", "body": f"SECRET after expiry {n}"}]}}
+        r_ed = a.call("POST", f"/v1/rooms/{room}/messages", ed, idem=f"exp-ed-late-{n}")
+        assert r_ed.status_code == 202, r_ed.text
+        assert pg.psql(rows.format(r_ed.json()["id"]), db_url) == "expired"
+        assert pg.psql(content.format(r_ed.json()["id"]), db_url) == "{}"
+    # a message after them is shown, they never are
+    assert a.send(room, a.user("wally"), "after the edits").status_code == 202
+    wait_until(lambda: any(e["type"] == "m.room.message" and e["content"].get("body") == "after the edits"
+                           for e in hs.events(mx_room)), what="the next message")
+    assert not any("SECRET" in json.dumps(e.get("content")) for e in hs.events(mx_room))
+
+
 def test_users_met_before_the_adapter_move_to_it(make_daemon, db_url, hs, pg):
     """Messages that waited for an adapter (destination "local") are
     delivered once the Matrix adapter is configured."""

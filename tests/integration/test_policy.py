@@ -518,6 +518,35 @@ def test_an_edit_waiting_for_a_peer_at_the_expiry_expires_with_its_message(peers
     assert [e["id"] for e in sb.events] == [r.json()["id"]]
 
 
+def test_an_edit_after_the_expiry_reaches_no_peer(peers, pg, db_url):
+    """wally's expiring message reaches bob's peer; an edit of it sent
+    after its time, alone or in a batch, is accepted as any edit, stored
+    with its row expired and no content, and never sent (until the
+    twenty-fourth session it was sent, and its text kept)."""
+    (a, _), (b, sb) = peers
+    rm = a.create_room([a.user("wally"), b.user("bob")]).json()
+    r = a.send(rm["id"], a.user("wally"), "this disappears", content={
+        "parts": [{"type": "text/plain", "body": "this disappears"}], "expires": int(time.time() * 1000) + 1500})
+    assert r.status_code == 202, r.text
+    sb.wait_events(1)
+    wait_until(lambda: pg.psql(f"SELECT content::text FROM events WHERE public_id = '{r.json()['id']}'",
+                               db_url) == "{}", timeout=30, what="the message expired")
+    ed = {"type": "edit", "sender": a.user("wally"),
+          "content": {"replaces": r.json()["id"], "parts": [{"type": "text/plain", "body": "SECRET, late"}]}}
+    r_ed = a.call("POST", f"/v1/rooms/{rm['id']}/messages", ed, idem=idem())
+    assert r_ed.status_code == 202, r_ed.text
+    r_b = a.call("POST", "/v1/batch", {"events": [{"idempotency_key": idem(), "room": rm["uri"], "event": ed}]})
+    assert r_b.status_code == 200 and r_b.json()["results"][0]["status"] == "accepted", r_b.text
+    late = [r_ed.json()["id"], r_b.json()["results"][0]["id"]]
+    assert states(pg, db_url, late) == [(i, "expired") for i in late]
+    for i in late:
+        assert pg.psql(f"SELECT content::text FROM events WHERE public_id = '{i}'", db_url) == "{}"
+    r2 = a.send(rm["id"], a.user("wally"), "after the edits")
+    assert r2.status_code == 202, r2.text
+    sb.wait_events(2)
+    assert [e["id"] for e in sb.events] == [r.json()["id"], r2.json()["id"]]
+
+
 def test_a_sweep_that_releases_one_member_and_drops_another_keeps_the_content(daemon, peers, pg, db_url):
     """wally writes to a group of alice and bob, held for both; alice then
     allows wally and bob blocks him, and one periodic sweep decides both
