@@ -256,6 +256,22 @@ cw_err dispatcher_dead_told(PGconn *c, bool told, cw_errmsg *e)
 	return store_exec(c, told ? "COMMIT" : "ROLLBACK", e);
 }
 
+/* Until the twenty-fourth session such a row failed as a far side that
+ * is down does: it held its room's later rows through every retry, then
+ * took them down with it.  Its sender is not told in the chat (marked
+ * told): dispatcher_dead_text says the destination could not be reached
+ * and a replay may help, neither true of it; the operator sees it, with
+ * why, among the dead letters, and a peer's user sees it not delivered. */
+cw_err dispatcher_dead_now(PGconn *c, int64_t id, const char *why, cw_errmsg *e)
+{
+	char ids[24];
+	snprintf(ids, sizeof(ids), "%lld", (long long)id);
+	const char *params[] = { ids, why };
+	return store_command(c, "UPDATE outbox SET state = 'dead', claimed_by = NULL, claimed_until = NULL, "
+			     "last_error = $2, sender_told_at = now() WHERE id = $1::bigint AND state = 'in_flight'",
+			     2, params, e);
+}
+
 void dispatcher_dead_text(char *buf, size_t len, const char *destination, const char *attempts, const char *quote)
 {
 	const char *peer = strncmp(destination, "peer:", 5) == 0 ? destination + 5 : destination;

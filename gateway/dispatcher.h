@@ -123,5 +123,12 @@ cw_err dispatcher_dead_told(PGconn *c, bool told, cw_errmsg *e);
 /* "Not delivered ("quote"): ..." for such a row (into buf; quote may be
  * NULL). */
 void dispatcher_dead_text(char *buf, size_t len, const char *destination, const char *attempts, const char *quote);
+/* Makes the in-flight row id a dead letter now, with why: an adapter's row
+ * that can never be delivered (no event of the destination's kind can be
+ * made of it), which retries cannot help.  Marked told (see
+ * dispatcher.c).  The adapter then gives the row outcome 4: the rows
+ * after it go on, and the dispatcher's record of it changes nothing (it
+ * moves only rows still in flight).  c: the lane's connection. */
+cw_err dispatcher_dead_now(PGconn *c, int64_t id, const char *why, cw_errmsg *e);
 
 #endif

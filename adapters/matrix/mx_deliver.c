@@ -1164,8 +1164,9 @@ static bool sync_profile(struct matrix *m, PGconn *c, const char *sender_id, con
  * (0: a receipt Matrix has no form for, or a retry whose event is in the
  * room already), a file being made ready (2: the room waits a little),
  * refused for good by the user's room (3: the sender's ghost is banned
- * there; e says how), or a failure (-1, e says why). */
-enum prep { PREP_FAIL = -1, PREP_NOTHING = 0, PREP_SEND = 1, PREP_WAIT = 2, PREP_DROP = 3 };
+ * there; e says how), a row no Matrix event can be made of (4: retrying
+ * cannot help; e says why), or a failure (-1, e says why). */
+enum prep { PREP_FAIL = -1, PREP_NOTHING = 0, PREP_SEND = 1, PREP_WAIT = 2, PREP_DROP = 3, PREP_DEAD = 4 };
 
 /* Resolves the row's ghost and direct room (making them the first time:
  * calls to the homeserver and writes, here on the dispatcher's thread),
@@ -1330,7 +1331,7 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 	if (!mapped) {
 		mx_out_clear(&out);
 		cw_fail(e, CW_EINVAL, "not representable in Matrix: %s", why);
-		return PREP_FAIL;
+		return PREP_DEAD;
 	}
 	if (out.content && json_is_object(out.content) && json_is_string(json_object_get(out.content, MX_OUTBOX_KEY)))
 		json_object_set_new(out.content, MX_OUTBOX_KEY, json_integer(row->id));
@@ -1532,7 +1533,20 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 					fail_rest(run, rows, 429, why);
 					break;
 				}
-				if (p == PREP_FAIL) {
+				cw_errmsg de;
+				if (p == PREP_DEAD && dispatcher_dead_now(c, rows[k].id, pe.msg, &de) == CW_OK) {
+					/* dead at once, retries cannot help (held the
+					 * room's later rows through them, then took them
+					 * down with it, until the twenty-fourth session):
+					 * settled (outcome 4), the room's next rows go on */
+					rows[k].outcome = 4;
+					snprintf(rows[k].why, sizeof(rows[k].why), "%s", pe.msg);
+					run->next++;
+					continue;
+				}
+				if (p == PREP_DEAD) /* not recorded: a failure as any, tried again */
+					LOG_KV(CW_LOG_WARN, "cannot make a row a dead letter", "detail", de.msg);
+				if (p == PREP_FAIL || p == PREP_DEAD) {
 					fail_rest(run, rows, 0, pe.msg);
 					break;
 				}

@@ -148,7 +148,7 @@ static bool comp_and_user(struct xmpp *x, PGresult *r, int k, struct xcomp *on, 
  * user's first row of the group invites them instead (the binding made
  * then). */
 static bool build_group(struct xmpp *x, struct outbox_row *row, PGresult *r, int k, struct xcomp **xc, char **text,
-			size_t *len, json_t *bind, cw_errmsg *e)
+			size_t *len, json_t *bind, bool *never, cw_errmsg *e)
 {
 	char local_jid[XJ_JID_MAX + 1], room[XJ_JID_MAX + 1];
 	if (PQgetvalue(r, k, 6)[0] != 't') {
@@ -223,6 +223,7 @@ static bool build_group(struct xmpp *x, struct outbox_row *row, PGresult *r, int
 			if (st)
 				xmpp_stanza_release(st);
 			ok = false;
+			*never = true;
 			cw_fail(e, CW_EINVAL, "not representable in XMPP: %s", why);
 			break;
 		}
@@ -258,14 +259,17 @@ static bool build_group(struct xmpp *x, struct outbox_row *row, PGresult *r, int
 	return ok;
 }
 
-/* A stanza for row i, or *none; false with e filled when it cannot be made. */
+/* A stanza for row i, or *none; false with e filled when it cannot be made,
+ * and *never set when no stanza can ever be made of it (retrying cannot
+ * help). */
 static bool build(struct xmpp *x, struct outbox_row *row, PGresult *r, int k, struct xcomp **xc, char **text,
-		  size_t *len, json_t *bind, cw_errmsg *e)
+		  size_t *len, json_t *bind, bool *never, cw_errmsg *e)
 {
 	*text = NULL;
 	*len = 0;
+	*never = false;
 	if (strcmp(PQgetvalue(r, k, 21), "group") == 0)
-		return build_group(x, row, r, k, xc, text, len, bind, e);
+		return build_group(x, row, r, k, xc, text, len, bind, never, e);
 	if (PQgetvalue(r, k, 6)[0] != 't' || PQgetvalue(r, k, 7)[0] == 't' || !col(r, k, 4)) {
 		cw_fail(e, CW_EINVAL, "only events of remote users for local users are delivered to XMPP");
 		return false;
@@ -315,6 +319,7 @@ static bool build(struct xmpp *x, struct outbox_row *row, PGresult *r, int k, st
 	if (res != XM_OUT_STANZA) {
 		if (st)
 			xmpp_stanza_release(st);
+		*never = ctx != NULL;
 		cw_fail(e, CW_EINVAL, "not representable in XMPP: %s", ctx ? why : "out of memory");
 		return false;
 	}
@@ -415,8 +420,20 @@ cw_err xa_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_r
 		char *st = NULL;
 		size_t len = 0;
 		struct xcomp *xc = NULL;
-		cw_errmsg why = { { 0 } };
-		bool made = build(x, &rows[i], r, k, &xc, &st, &len, bind, &why);
+		cw_errmsg why = { { 0 } }, de;
+		bool never = false;
+		bool made = build(x, &rows[i], r, k, &xc, &st, &len, bind, &never, &why);
+		if (!made && never && dispatcher_dead_now(c, rows[i].id, why.msg, &de) == CW_OK) {
+			/* dead at once, retries cannot help (held the room's
+			 * later rows through them, then took them down with it,
+			 * until the twenty-fourth session): settled (outcome 4),
+			 * the room's next rows go on */
+			rows[i].outcome = 4;
+			snprintf(rows[i].why, sizeof(rows[i].why), "%s", why.msg);
+			continue;
+		}
+		if (!made && never) /* not recorded: a failure as any, tried again */
+			LOG_KV(CW_LOG_WARN, "cannot make a row a dead letter", "detail", de.msg);
 		if (!made) {
 			row_fail(&rows[i], why.msg);
 			if (room)
@@ -475,7 +492,7 @@ cw_err xa_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_r
 	}
 	json_decref(broke);
 	for (size_t i = 0; i < n; i++)
-		if (rows[i].outcome == 1)
+		if (rows[i].outcome == 1 || rows[i].outcome == 4) /* 4: settled */
 			(*done)++;
 	/* Only what was written binds: an invitation that did not go out is
 	 * made again with the row's next attempt. */

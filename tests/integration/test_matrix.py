@@ -2377,6 +2377,47 @@ def test_rooms_are_delivered_side_by_side_and_a_failing_one_holds_no_other(mx, h
     assert "ghost id" in pg.psql(b_rows.format("min(o.last_error)", room_a["id"]), db_url)
 
 
+def test_a_row_no_matrix_event_can_be_made_of_is_dead_at_once(make_daemon, db_url, hs, pg):
+    """A row that cannot be made into a Matrix event (here: its stored
+    event lost its type and content) is a dead letter at once, its reason
+    recorded, no retry (none could help), and the room's next row is
+    delivered after it.  Until the twenty-fourth session it failed as a
+    homeserver that is down does: it held the room's later rows, and once
+    its retries were spent they were dead with it."""
+    d = start_mx(make_daemon, db_url, hs,
+                 dispatcher={"retry_budget": "2", "retry_base_ms": "20", "retry_max_ms": "50"})
+    a, srv = add_gk(d)
+    try:
+        assert d.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
+        hs.create_user("alice")
+        room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+        bad = a.send(room, a.user("wally"), "broken")
+        assert bad.status_code == 202, bad.text
+        assert a.send(room, a.user("wally"), "after it").status_code == 202
+        wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE destination = 'matrix' AND state = 'held'",
+                                   db_url) == "2", what="two held rows")
+        pg.psql(f"UPDATE events SET content = '{{}}' WHERE public_id = '{bad.json()['id']}'", db_url)
+        assert d.admin("POST", "/consents", json={"user": ALICE, "subject_kind": "user",
+                                                  "subject": "mimi://wa.example/u/wally", "state": "allowed"}).ok
+        ghost = "@_cw_gk_wally:example.org"
+        wait_until(lambda: any(e["sender"] == ghost and e["type"] == "m.room.message"
+                               and e["content"]["body"] == "after it" for rid in hs.rooms() for e in hs.events(rid)),
+                   timeout=20, what="the next row delivered")
+        row = (f"SELECT o.state || ' ' || o.attempts FROM outbox o JOIN events e ON e.id = o.event_id "
+               f"WHERE e.public_id = '{bad.json()['id']}' AND o.destination = 'matrix'")
+        assert pg.psql(row, db_url) == "dead 1"
+        dead = d.admin("GET", "/outbox?state=dead").json()["rows"]
+        assert len(dead) == 1 and "not representable in Matrix" in dead[0]["last_error"], dead
+        st = a.call("GET", f"/v1/messages/{bad.json()['id']}").json()
+        assert [x["status"] for x in st["recipients"]] == ["not_delivered"], st
+        # (not told in the chat: the notice would say the peer could not be
+        # reached and a replay may help; the operator discards it)
+        assert d.admin("POST", f"/outbox/{dead[0]['id']}/discard").json() == {"id": dead[0]["id"],
+                                                                               "state": "dropped"}
+    finally:
+        srv.close()
+
+
 def rate_limited_homeserver():
     """A stand-in whose registration says rate_limited: true, and a notify
     server (the caller closes both)."""

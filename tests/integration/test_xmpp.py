@@ -1134,6 +1134,39 @@ def test_a_stopping_daemon_tells_the_rooms_occupants(make_daemon, db_url, prosod
     assert sorted(s.get("code") for s in gone.iter(q(MUC_USER, "status"))) == ["110", "332"], gone.xml
 
 
+def test_a_row_no_stanza_can_be_made_of_is_dead_at_once(make_daemon, db_url, prosody, alice, pg):
+    """As for Matrix (test_matrix.py): a row of which no stanza can be made
+    (its stored event lost its type and content) is a dead letter at once,
+    with why, and the room's next row reaches alice after it.  Until the
+    twenty-fourth session it failed again and again, holding the room's
+    later rows, which went dead with it once its retries were spent."""
+    d, a, srv = start_with_gk(make_daemon, db_url, prosody,
+                              dispatcher={"retry_budget": "2", "retry_base_ms": "20", "retry_max_ms": "50"})
+    try:
+        assert d.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
+        room = a.create_room([a.user("wally"), ALICE]).json()["uri"]
+        r = a.call("POST", "/v1/batch", {"events": [
+            {"idempotency_key": f"unmade-{k}", "room": room, "event": {
+                "type": "message", "sender": a.user("wally"),
+                "content": {"parts": [{"type": "text/plain", "body": text}]}}}
+            for k, text in enumerate(("broken", "after it"))]})
+        assert r.status_code == 200 and all(x["status"] == "accepted" for x in r.json()["results"]), r.text
+        bad = r.json()["results"][0]["id"]
+        wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE destination = 'xmpp' AND state = 'held'",
+                                   db_url) == "2", what="two held rows")
+        pg.psql(f"UPDATE events SET content = '{{}}' WHERE public_id = '{bad}'", db_url)
+        assert d.admin("POST", "/consents", json={"user": ALICE, "subject_kind": "user",
+                                                  "subject": "mimi://wa.example/u/wally", "state": "allowed"}).ok
+        message_from(alice, WALLY_JID, lambda el: body(el) == "after it", timeout=20)
+        row = (f"SELECT o.state || ' ' || o.attempts FROM outbox o JOIN events e ON e.id = o.event_id "
+               f"WHERE e.public_id = '{bad}' AND o.destination = 'xmpp'")
+        assert pg.psql(row, db_url) == "dead 1"
+        dead = d.admin("GET", "/outbox?state=dead").json()["rows"]
+        assert len(dead) == 1 and "not representable in XMPP" in dead[0]["last_error"], dead
+    finally:
+        srv.close()
+
+
 def test_a_dead_letter_is_told_to_its_xmpp_writer(make_daemon, db_url, prosody, alice, pg):
     """A local user's message to a peer that stays down for the whole retry
     budget is told to them, by the component (an error stanza would have
