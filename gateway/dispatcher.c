@@ -256,22 +256,6 @@ cw_err dispatcher_dead_told(PGconn *c, bool told, cw_errmsg *e)
 	return store_exec(c, told ? "COMMIT" : "ROLLBACK", e);
 }
 
-/* Until the twenty-fourth session such a row failed as a far side that
- * is down does: it held its room's later rows through every retry, then
- * took them down with it.  Its sender is not told in the chat (marked
- * told): dispatcher_dead_text says the destination could not be reached
- * and a replay may help, neither true of it; the operator sees it, with
- * why, among the dead letters, and a peer's user sees it not delivered. */
-cw_err dispatcher_dead_now(PGconn *c, int64_t id, const char *why, cw_errmsg *e)
-{
-	char ids[24];
-	snprintf(ids, sizeof(ids), "%lld", (long long)id);
-	const char *params[] = { ids, why };
-	return store_command(c, "UPDATE outbox SET state = 'dead', claimed_by = NULL, claimed_until = NULL, "
-			     "last_error = $2, sender_told_at = now() WHERE id = $1::bigint AND state = 'in_flight'",
-			     2, params, e);
-}
-
 void dispatcher_dead_text(char *buf, size_t len, const char *destination, const char *attempts, const char *quote)
 {
 	const char *peer = strncmp(destination, "peer:", 5) == 0 ? destination + 5 : destination;
@@ -787,10 +771,32 @@ static void drop_refused(struct lane *l, const struct outbox_row *rows, size_t n
 		       "dropping refused rows failed; the claim will run out and the rows go again");
 }
 
+/* Rows no event of the destination's kind can be made of (outcome 5: a
+ * stored event with no type or content): dead now, with why, since no
+ * retry can help.  Until the twenty-fourth session such a row failed as a
+ * far side that is down does: it held its room's later rows through
+ * every retry, then took them down with it.  Its sender is not told in
+ * the chat (marked told): dispatcher_dead_text says the destination could
+ * not be reached and a replay may help, neither true of it; the operator
+ * sees it, with why, among the dead letters, and a peer's user sees it
+ * not delivered. */
+static void dead_now(struct lane *l, const struct outbox_row *rows, size_t n)
+{
+	long changed = update_claimed(l, rows, n,
+				      "UPDATE outbox SET state = 'dead', claimed_by = NULL, claimed_until = NULL, "
+				      "last_error = $3, sender_told_at = now() "
+				      "WHERE id = ANY($1::bigint[]) AND state = 'in_flight' AND claimed_by = $2",
+				      rows[0].why[0] ? rows[0].why : "no event of the destination's kind can be made of it",
+				      "making rows dead failed; the claim will run out and the rows go again");
+	if (changed > 0)
+		atomic_fetch_add(&l->d->dead, (uint_fast64_t)changed);
+}
+
 /* The rows' own outcomes: the delivered ones in one statement, the failed
  * ones in one per reason (a room's rest shares its reason), the untried
  * ones (2) released, the waiting ones (3) released for a while, the
- * refused ones (4) dropped. */
+ * refused ones (4) dropped, the undeliverable ones (5) dead, one
+ * statement per reason. */
 static void record_outcomes(struct lane *l, struct outbox_row *rows, size_t n, int64_t t0)
 {
 	struct outbox_row *sel = malloc(n * sizeof(*sel));
@@ -827,15 +833,18 @@ static void record_outcomes(struct lane *l, struct outbox_row *rows, size_t n, i
 	if (k)
 		release_after(l, sel, k, wait);
 	for (size_t i = 0; i < n; i++) {
-		if (taken[i] || rows[i].outcome != 4)
+		if (taken[i] || (rows[i].outcome != 4 && rows[i].outcome != 5))
 			continue;
 		k = 0;
 		for (size_t x = i; x < n; x++)
-			if (!taken[x] && rows[x].outcome == 4 && strcmp(rows[x].why, rows[i].why) == 0) {
+			if (!taken[x] && rows[x].outcome == rows[i].outcome && strcmp(rows[x].why, rows[i].why) == 0) {
 				sel[k++] = rows[x];
 				taken[x] = true;
 			}
-		drop_refused(l, sel, k);
+		if (rows[i].outcome == 4)
+			drop_refused(l, sel, k);
+		else
+			dead_now(l, sel, k);
 	}
 	for (size_t i = 0; i < n; i++) {
 		if (taken[i])

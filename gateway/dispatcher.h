@@ -25,7 +25,9 @@ struct outbox_row {
 	 * same, due again after retry_after_ms: the adapter is getting
 	 * something ready for it), 4 refused for good by the recipient's side
 	 * (dropped now, why recorded, never tried again: the rows after it go
-	 * on); 0 everywhere:
+	 * on), 5 never deliverable: no event of the destination's kind can
+	 * be made of it (dead now, why recorded, the rows after it go on);
+	 * 0 everywhere:
 	 * *done tells, as for any adapter.  A failed row's later rows of the
 	 * same room must fail too (the dispatcher never lets a room's row
 	 * overtake an earlier one). */
@@ -123,12 +125,5 @@ cw_err dispatcher_dead_told(PGconn *c, bool told, cw_errmsg *e);
 /* "Not delivered ("quote"): ..." for such a row (into buf; quote may be
  * NULL). */
 void dispatcher_dead_text(char *buf, size_t len, const char *destination, const char *attempts, const char *quote);
-/* Makes the in-flight row id a dead letter now, with why: an adapter's row
- * that can never be delivered (no event of the destination's kind can be
- * made of it), which retries cannot help.  Marked told (see
- * dispatcher.c).  The adapter then gives the row outcome 4: the rows
- * after it go on, and the dispatcher's record of it changes nothing (it
- * moves only rows still in flight).  c: the lane's connection. */
-cw_err dispatcher_dead_now(PGconn *c, int64_t id, const char *why, cw_errmsg *e);
 
 #endif

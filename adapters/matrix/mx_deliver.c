@@ -1533,20 +1533,15 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 					fail_rest(run, rows, 429, why);
 					break;
 				}
-				cw_errmsg de;
-				if (p == PREP_DEAD && dispatcher_dead_now(c, rows[k].id, pe.msg, &de) == CW_OK) {
-					/* dead at once, retries cannot help (held the
-					 * room's later rows through them, then took them
-					 * down with it, until the twenty-fourth session):
-					 * settled (outcome 4), the room's next rows go on */
-					rows[k].outcome = 4;
+				if (p == PREP_DEAD) {
+					/* dead at once, retries cannot help (outcome 5):
+					 * the room's next rows go on */
+					rows[k].outcome = 5;
 					snprintf(rows[k].why, sizeof(rows[k].why), "%s", pe.msg);
 					run->next++;
 					continue;
 				}
-				if (p == PREP_DEAD) /* not recorded: a failure as any, tried again */
-					LOG_KV(CW_LOG_WARN, "cannot make a row a dead letter", "detail", de.msg);
-				if (p == PREP_FAIL || p == PREP_DEAD) {
+				if (p == PREP_FAIL) {
 					fail_rest(run, rows, 0, pe.msg);
 					break;
 				}
@@ -1640,7 +1635,7 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 	/* The outcome per row (rows[].outcome); *done and the return say the
 	 * same of the first rows, for the log. */
 	rc = CW_OK;
-	while (*done < n && (rows[*done].outcome == 1 || rows[*done].outcome == 4))
+	while (*done < n && (rows[*done].outcome == 1 || rows[*done].outcome >= 4)) /* 4, 5: settled */
 		(*done)++;
 	if (*done < n) {
 		*code = rows[*done].code;

@@ -420,20 +420,16 @@ cw_err xa_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_r
 		char *st = NULL;
 		size_t len = 0;
 		struct xcomp *xc = NULL;
-		cw_errmsg why = { { 0 } }, de;
+		cw_errmsg why = { { 0 } };
 		bool never = false;
 		bool made = build(x, &rows[i], r, k, &xc, &st, &len, bind, &never, &why);
-		if (!made && never && dispatcher_dead_now(c, rows[i].id, why.msg, &de) == CW_OK) {
-			/* dead at once, retries cannot help (held the room's
-			 * later rows through them, then took them down with it,
-			 * until the twenty-fourth session): settled (outcome 4),
-			 * the room's next rows go on */
-			rows[i].outcome = 4;
+		if (!made && never) {
+			/* dead at once, retries cannot help (outcome 5): the
+			 * room's next rows go on */
+			rows[i].outcome = 5;
 			snprintf(rows[i].why, sizeof(rows[i].why), "%s", why.msg);
 			continue;
 		}
-		if (!made && never) /* not recorded: a failure as any, tried again */
-			LOG_KV(CW_LOG_WARN, "cannot make a row a dead letter", "detail", de.msg);
 		if (!made) {
 			row_fail(&rows[i], why.msg);
 			if (room)
@@ -492,7 +488,7 @@ cw_err xa_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_r
 	}
 	json_decref(broke);
 	for (size_t i = 0; i < n; i++)
-		if (rows[i].outcome == 1 || rows[i].outcome == 4) /* 4: settled */
+		if (rows[i].outcome == 1 || rows[i].outcome >= 4) /* 4, 5: settled */
 			(*done)++;
 	/* Only what was written binds: an invitation that did not go out is
 	 * made again with the row's next attempt. */
