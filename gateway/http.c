@@ -637,29 +637,6 @@ static void mhd_logger(void *cls, const char *fmt, va_list ap)
 	LOG_KV(CW_LOG_WARN, "libmicrohttpd", "detail", msg);
 }
 
-/* The socket address of listen_address and port (*ai: freeaddrinfo), or
- * CW_EINVAL: only a numeric address, no name looked up. */
-static cw_err listen_addrinfo(const char *listen_address, unsigned port, struct addrinfo **ai, cw_errmsg *e)
-{
-	char p[8];
-	snprintf(p, sizeof(p), "%u", port);
-	struct addrinfo hints = { .ai_flags = AI_NUMERICHOST | AI_PASSIVE, .ai_socktype = SOCK_STREAM };
-	int gai = getaddrinfo(listen_address, p, &hints, ai);
-	if (gai)
-		return cw_fail(e, CW_EINVAL, "server.listen_address '%s' is not a numeric address: %s", listen_address,
-			       gai_strerror(gai));
-	return CW_OK;
-}
-
-cw_err cw_http_listen_address_check(const char *listen_address, cw_errmsg *e)
-{
-	struct addrinfo *ai = NULL;
-	if (listen_addrinfo(listen_address, 0, &ai, e))
-		return CW_EINVAL;
-	freeaddrinfo(ai);
-	return CW_OK;
-}
-
 cw_err cw_http_start(struct cw_http **out, const struct cw_http_opts *o, cw_errmsg *e)
 {
 	struct cw_http *h = calloc(1, sizeof(*h));
@@ -682,7 +659,7 @@ cw_err cw_http_start(struct cw_http **out, const struct cw_http_opts *o, cw_errm
 	}
 
 	struct addrinfo *ai = NULL;
-	if (listen_addrinfo(o->listen_address, o->port, &ai, e)) {
+	if (cw_listen_addrinfo(o->listen_address, o->port, &ai, e)) {
 		cw_metrics_free(h->metrics);
 		free(h);
 		return CW_EINVAL;

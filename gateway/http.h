@@ -84,6 +84,10 @@ cw_err cw_http_start(struct cw_http **out, const struct cw_http_opts *o, cw_errm
  * IPv4 or IPv6 address (no name is looked up).  cfg_load checks
  * server.listen_address with it. */
 cw_err cw_http_listen_address_check(const char *listen_address, cw_errmsg *e);
+/* The socket address of listen_address and port (*ai: freeaddrinfo), or
+ * CW_EINVAL: only a numeric address, no name looked up (conf_check.c). */
+struct addrinfo;
+cw_err cw_listen_addrinfo(const char *listen_address, unsigned port, struct addrinfo **ai, cw_errmsg *e);
 /* The port really bound (useful with port 0). */
 unsigned cw_http_port(const struct cw_http *h);
 /* The URL of a front listening on address and port as this machine

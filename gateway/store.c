@@ -292,21 +292,6 @@ static void on_notice(void *arg, const char *message)
 	LOG_KV(CW_LOG_DEBUG, "database notice", "detail", msg);
 }
 
-cw_err store_check_url(const char *url, cw_errmsg *e)
-{
-	/* libpq's message for a URL it cannot parse quotes the URL, password
-	 * and all: say what is wrong without it. */
-	char *perr = NULL;
-	bool conninfo = strchr(url, '=') || strncmp(url, "postgres", 8) == 0; /* else a bare database name */
-	PQconninfoOption *parsed = conninfo ? PQconninfoParse(url, &perr) : NULL;
-	PQfreemem(perr);
-	if (conninfo && !parsed)
-		return cw_fail(e, CW_EINVAL, "database.url is not a valid PostgreSQL URL or key=value string "
-					     "(libpq's message is not shown: it would show the password)");
-	PQconninfoFree(parsed);
-	return CW_OK;
-}
-
 PGconn *store_connect(const char *url, long statement_timeout_ms, cw_errmsg *e)
 {
 	if (store_check_url(url, e))

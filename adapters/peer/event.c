@@ -1171,3 +1171,18 @@ json_t *event_label(json_t *ev, const char *text, const char *html)
 	}
 	return copy;
 }
+
+/* The rule of a peer's name (event.h). */
+bool peer_name_valid(const char *s)
+{
+	size_t n = strlen(s);
+	if (n == 0 || n > 32)
+		return false;
+	for (size_t i = 0; i < n; i++) {
+		char ch = s[i];
+		bool ok = (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') || (i > 0 && (ch == '_' || ch == '-'));
+		if (!ok)
+			return false;
+	}
+	return true;
+}

@@ -302,4 +302,10 @@ cw_err batch_parse(const char *body, size_t len, const struct event_limits *lim,
 		   struct event_error *err);
 void batch_free(struct batch *b);
 
+/* A peer's name, as POST /admin/v1/peers takes it: 1 to 32 of a-z, 0-9,
+ * '_' and '-', starting with a letter or digit.  Here, beside the
+ * other names of the neutral model, so that the configuration's check
+ * (xmpp.components) links without the peer registry. */
+bool peer_name_valid(const char *s);
+
 #endif

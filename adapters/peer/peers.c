@@ -266,20 +266,6 @@ static bool entry_from_row(PGresult *res, int i, struct peer_entry *p)
 
 /* ------------------------------------------------------------ validators */
 
-bool peer_name_valid(const char *s)
-{
-	size_t n = strlen(s);
-	if (n == 0 || n > 32)
-		return false;
-	for (size_t i = 0; i < n; i++) {
-		char ch = s[i];
-		bool ok = (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') || (i > 0 && (ch == '_' || ch == '-'));
-		if (!ok)
-			return false;
-	}
-	return true;
-}
-
 /* As mimi:// URIs hold it: the peer's users are mimi://<domain>/u/...,
  * which the parser refuses for a domain mimi_domain_check does (until the
  * twenty-first session an IP address such as 192.0.2.1 was taken). */

@@ -7,6 +7,7 @@
 #define CW_PEERS_H
 
 #include "cw.h"
+#include "peer/event.h"
 #include "http.h"
 #include "store.h"
 
@@ -66,8 +67,7 @@ void peer_admin_update(struct cw_req *req, void *ctx);
  * NULL: every type) takes events of type. */
 bool peer_event_type_wanted(const char *types, const char *type);
 
-/* Validators, shared with the tests. */
-bool peer_name_valid(const char *s);
+/* Validators, shared with the tests (peer_name_valid: peer/event.h). */
 bool peer_domain_valid(const char *s);
 bool peer_url_valid(const char *s);
 

@@ -1,0 +1,50 @@
+/* Checks of the configuration that need a library's parser, apart from
+ * the code that uses the values, so that the configuration's fuzz target
+ * links them alone: database.url by libpq's (store_check_url, store.h),
+ * server.listen_address by getaddrinfo (http.h). */
+#include "config.h"
+#include "http.h"
+#include "store.h"
+#include <netdb.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+
+cw_err store_check_url(const char *url, cw_errmsg *e)
+{
+	/* libpq's message for a URL it cannot parse quotes the URL, password
+	 * and all: say what is wrong without it. */
+	char *perr = NULL;
+	bool conninfo = strchr(url, '=') || strncmp(url, "postgres", 8) == 0; /* else a bare database name */
+	PQconninfoOption *parsed = conninfo ? PQconninfoParse(url, &perr) : NULL;
+	PQfreemem(perr);
+	if (conninfo && !parsed)
+		return cw_fail(e, CW_EINVAL, "database.url is not a valid PostgreSQL URL or key=value string "
+					     "(libpq's message is not shown: it would show the password)");
+	PQconninfoFree(parsed);
+	return CW_OK;
+}
+
+/* The socket address of listen_address and port (*ai: freeaddrinfo), or
+ * CW_EINVAL: only a numeric address, no name looked up. */
+cw_err cw_listen_addrinfo(const char *listen_address, unsigned port, struct addrinfo **ai, cw_errmsg *e)
+{
+	char p[8];
+	snprintf(p, sizeof(p), "%u", port);
+	struct addrinfo hints = { .ai_flags = AI_NUMERICHOST | AI_PASSIVE, .ai_socktype = SOCK_STREAM };
+	int gai = getaddrinfo(listen_address, p, &hints, ai);
+	if (gai)
+		return cw_fail(e, CW_EINVAL, "server.listen_address '%s' is not a numeric address: %s", listen_address,
+			       gai_strerror(gai));
+	return CW_OK;
+}
+
+cw_err cw_http_listen_address_check(const char *listen_address, cw_errmsg *e)
+{
+	struct addrinfo *ai = NULL;
+	if (cw_listen_addrinfo(listen_address, 0, &ai, e))
+		return CW_EINVAL;
+	freeaddrinfo(ai);
+	return CW_OK;
+}
