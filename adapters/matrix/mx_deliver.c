@@ -423,12 +423,11 @@ cw_err mx_register_ghost(struct matrix *m, const char *peer, const char *localpa
 	return CW_OK;
 }
 
-/* The ghost of a remote user: registered (once) with a display name. */
+/* The ghost of a remote user (its id, mx_ghost_id): registered (once) with
+ * a display name, and bound. */
 static cw_err ensure_ghost(struct matrix *m, PGconn *c, const char *sender_id, const char *peer,
-			   const char *localpart, const char *display, char *ghost, size_t glen, cw_errmsg *e)
+			   const char *localpart, const char *display, const char *ghost, cw_errmsg *e)
 {
-	if (!mx_ghost_id(m->cfg->mx_user_prefix, peer, localpart, mx_server_name(m->cfg), ghost, glen))
-		return cw_fail(e, CW_EINVAL, "the remote user %s has no Matrix ghost id (too long)", localpart);
 	cw_err rc = mx_register_ghost(m, peer, localpart, display, ghost, e);
 	if (rc)
 		return rc;
@@ -1003,12 +1002,14 @@ static void note_sent(json_t *sent, const struct outbox_row *row, const char *ei
  * ghost: txnId cw-<row>-p<k>, MX_PART_KEY k, looked for before a retry
  * sends them again), and the row's own event carries the last file with
  * the text as its caption.  *out: the event to map instead of row->event
- * (NULL: the row's event as it is). */
+ * (NULL: the row's event as it is).  *never: the failure is the row's own,
+ * an attachment no Matrix event can be made of (retrying cannot help). */
 static cw_err media_parts(struct matrix *m, PGconn *c, struct outbox_row *row, const char *room, const char *ghost,
-			  const char *signer, const char *ts, json_t **out, bool *wait, cw_errmsg *e)
+			  const char *signer, const char *ts, json_t **out, bool *wait, bool *never, cw_errmsg *e)
 {
 	*out = NULL;
 	*wait = false;
+	*never = false;
 	const char *type = json_string_value(json_object_get(row->event, "type"));
 	const json_t *atts = json_object_get(json_object_get(row->event, "content"), "attachments");
 	size_t n = type && strcmp(type, "message") == 0 ? json_array_size(atts) : 0;
@@ -1056,8 +1057,12 @@ static cw_err media_parts(struct matrix *m, PGconn *c, struct outbox_row *row, c
 		struct mx_out o;
 		char why[200] = "";
 		memset(&o, 0, sizeof(o));
-		if (!one || !mx_from_neutral(one, NULL, NULL, NULL, NULL, &o, why, sizeof(why)) || o.op != MX_OP_SEND) {
-			rc = cw_fail(e, CW_EINVAL, "an attachment is not representable in Matrix: %s", why);
+		if (!one) {
+			rc = cw_fail(e, CW_ENOMEM, "out of memory");
+		} else if (!mx_from_neutral(one, NULL, NULL, NULL, NULL, &o, why, sizeof(why)) || o.op != MX_OP_SEND) {
+			*never = strcmp(why, MX_WHY_NOMEM) != 0;
+			rc = cw_fail(e, *never ? CW_EINVAL : CW_ENOMEM, "an attachment is not representable in Matrix: %s",
+				     why);
 		} else {
 			json_object_set_new(o.content, MX_OUTBOX_KEY, json_integer(row->id));
 			json_object_set_new(o.content, MX_PART_KEY, json_integer((json_int_t)k));
@@ -1164,8 +1169,11 @@ static bool sync_profile(struct matrix *m, PGconn *c, const char *sender_id, con
  * (0: a receipt Matrix has no form for, or a retry whose event is in the
  * room already), a file being made ready (2: the room waits a little),
  * refused for good by the user's room (3: the sender's ghost is banned
- * there; e says how), a row no Matrix event can be made of (4: retrying
- * cannot help; e says why), or a failure (-1, e says why). */
+ * there; e says how), a row no Matrix event can be made of or that can
+ * never be delivered for a fact of its own, such as a recipient without a
+ * valid Matrix id (4: retrying cannot help; e says why), or a failure that
+ * a retry may mend (-1: the homeserver's, the database's, memory; e says
+ * why). */
 enum prep { PREP_FAIL = -1, PREP_NOTHING = 0, PREP_SEND = 1, PREP_WAIT = 2, PREP_DROP = 3, PREP_DEAD = 4 };
 
 /* Resolves the row's ghost and direct room (making them the first time:
@@ -1176,7 +1184,7 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 {
 	if (!row->target_id) {
 		cw_fail(e, CW_EINVAL, "a Matrix row names no local user");
-		return PREP_FAIL;
+		return PREP_DEAD;
 	}
 	bool group = i >= 0 && strcmp(PQgetvalue(r, i, 15), "group") == 0;
 	/* Another user of this provider in the same group: relayed by the bot
@@ -1185,7 +1193,7 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 	if (i < 0 || (relay && !group) || (!relay && PQgetisnull(r, i, 6))) {
 		cw_fail(e, CW_EINVAL, "only events of remote users (and, in a group, of its other members) are delivered "
 				      "to Matrix");
-		return PREP_FAIL;
+		return PREP_DEAD;
 	}
 	if (group && PQgetvalue(r, i, 20)[0] == 't')
 		return PREP_NOTHING; /* written before the user left the group: it is no longer theirs (and
@@ -1204,7 +1212,7 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 				      : snprintf(target_mxid, sizeof(target_mxid), "%s", PQgetvalue(r, i, 2));
 	if (tl < 0 || (size_t)tl >= sizeof(target_mxid)) { /* cut short, it could name someone else */
 		cw_fail(e, CW_EINVAL, "the local user's Matrix id would be longer than %d bytes", MX_ID_MAX);
-		return PREP_FAIL;
+		return PREP_DEAD;
 	}
 	snprintf(sender_id, sizeof(sender_id), "%s", PQgetvalue(r, i, 3));
 	snprintf(neutral_room, sizeof(neutral_room), "%s", PQgetvalue(r, i, 10));
@@ -1240,10 +1248,15 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 	snprintf(display, sizeof(display), "%s", PQgetvalue(r, i, 9));
 	if (!mx_user_id_parse(target_mxid, NULL, 0, NULL, 0)) {
 		cw_fail(e, CW_EINVAL, "the local user %s has no valid Matrix id", target_mxid);
-		return PREP_FAIL;
+		return PREP_DEAD;
 	}
 	if (!have_ghost) {
-		if (ensure_ghost(m, c, sender_id, peer, localpart, display, ghost, sizeof(ghost), e))
+		const char *server = mx_server_name(m->cfg);
+		if (!mx_ghost_id(m->cfg->mx_user_prefix, peer, localpart, server, ghost, sizeof(ghost))) {
+			cw_fail(e, CW_EINVAL, "the remote user %s has no Matrix ghost id (too long)", localpart);
+			return PREP_DEAD;
+		}
+		if (ensure_ghost(m, c, sender_id, peer, localpart, display, ghost, e))
 			return PREP_FAIL;
 		json_object_set_new(made, gkey, json_string(ghost));
 	}
@@ -1288,11 +1301,11 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 	/* A peer's files go into the room re-hosted on the homeserver, not as
 	 * links into the peer's store (media_parts). */
 	json_t *copy = NULL;
-	bool wait;
+	bool wait, never;
 	/* The upload's owner: the ghost, or for a relay the bot (a NULL
 	 * user_id crashed the media worker, for ever: a wait is no attempt). */
-	if (media_parts(m, c, row, room, actor ? actor : m->bot, signer, ts, &copy, &wait, e))
-		return PREP_FAIL;
+	if (media_parts(m, c, row, room, actor ? actor : m->bot, signer, ts, &copy, &wait, &never, e))
+		return never ? PREP_DEAD : PREP_FAIL;
 	if (wait)
 		return PREP_WAIT;
 	json_t *ev = copy ? copy : row->event;
@@ -1330,8 +1343,9 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 	json_decref(copy);
 	if (!mapped) {
 		mx_out_clear(&out);
-		cw_fail(e, CW_EINVAL, "not representable in Matrix: %s", why);
-		return PREP_DEAD;
+		bool nomem = strcmp(why, MX_WHY_NOMEM) == 0;
+		cw_fail(e, nomem ? CW_ENOMEM : CW_EINVAL, "not representable in Matrix: %s", why);
+		return nomem ? PREP_FAIL : PREP_DEAD;
 	}
 	if (out.content && json_is_object(out.content) && json_is_string(json_object_get(out.content, MX_OUTBOX_KEY)))
 		json_object_set_new(out.content, MX_OUTBOX_KEY, json_integer(row->id));

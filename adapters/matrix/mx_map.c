@@ -1276,8 +1276,9 @@ static bool neutral_text(const json_t *content, bool list_attachments, struct te
 	char *clean = NULL, *derived = NULL;
 	if (html) {
 		clean = mx_sanitize_html(html, strlen(html));
-		if (!clean) {
-			say(why, whylen, "the HTML part cannot be sanitised");
+		if (!clean) { /* only memory, unless the part is larger than any event is */
+			say(why, whylen, "%s",
+			    strlen(html) > HTML_INPUT_MAX ? "the HTML part is too large" : MX_WHY_NOMEM);
 			return false;
 		}
 		if (html_blank(clean)) {
@@ -1330,7 +1331,7 @@ static bool neutral_text(const json_t *content, bool list_attachments, struct te
 	cw_buf_free(&h);
 	if (!t->body || (with_html && !t->html)) {
 		text_free(t);
-		say(why, whylen, "out of memory");
+		say(why, whylen, MX_WHY_NOMEM);
 		return false;
 	}
 	return true;
@@ -1447,7 +1448,7 @@ static bool out_message(const json_t *content, mx_lookup_fn to_native, void *ctx
 	json_t *c = text_content(&t, "");
 	text_free(&t);
 	if (!c)
-		return fail(out, why, whylen, "out of memory");
+		return fail(out, why, whylen, MX_WHY_NOMEM);
 	if (media)
 		media_message(content, caption, c);
 	char target[MX_ID_MAX + 1];
@@ -1481,7 +1482,7 @@ static bool out_edit(const json_t *content, mx_lookup_fn to_native, void *ctx, c
 	if (!c || !nc) {
 		json_decref(c);
 		json_decref(nc);
-		return fail(out, why, whylen, "out of memory");
+		return fail(out, why, whylen, MX_WHY_NOMEM);
 	}
 	char target[MX_ID_MAX + 1];
 	if (lookup_event(to_native, ctx, replaces, target, sizeof(target))) {
@@ -1511,7 +1512,7 @@ static bool out_reaction(const json_t *content, mx_lookup_fn to_native, void *ct
 	json_t *c = json_pack("{s:{s:s, s:s, s:s}}", "m.relates_to", "rel_type", "m.annotation", "event_id", target,
 			      "key", key);
 	if (!c)
-		return fail(out, why, whylen, "out of memory");
+		return fail(out, why, whylen, MX_WHY_NOMEM);
 	copy_extensions(content, c, marker_key);
 	finish_send(out, "m.reaction", c, marker_key, marker_value);
 	return true;

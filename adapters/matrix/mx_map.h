@@ -179,13 +179,18 @@ struct mx_out {
 	bool typing;           /* TYPING: start (true) or stop */
 };
 
+/* What mx_from_neutral's why says, exactly, when memory ran out: the one
+ * failure of its that trying again may mend. */
+#define MX_WHY_NOMEM "out of memory"
+
 /* A neutral event (as stored: type, content, ts, ...) to the Matrix request
  * that carries it.  to_native(ctx, "msg_...") gives the Matrix event id of a
  * neutral message, or NULL.  marker_key (may be NULL) and marker_value: the
  * outbox id travels in the content of sends under this namespaced key, so
  * that a re-send after a homeserver restart can be recognised.  false (out
- * cleared, why says why) when the event is malformed or of an unknown type;
- * true with MX_OP_NONE when there is nothing to send. */
+ * cleared, why says why) when the event is malformed or of an unknown type
+ * (the same event fails the same way again), or when memory ran out (why is
+ * MX_WHY_NOMEM); true with MX_OP_NONE when there is nothing to send. */
 bool mx_from_neutral(const json_t *neutral, mx_lookup_fn to_native, void *ctx, const char *marker_key,
 		     const char *marker_value, struct mx_out *out, char *why, size_t whylen);
 /* Releases out->content and clears out; safe on a cleared struct. */

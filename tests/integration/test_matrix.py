@@ -2341,18 +2341,20 @@ def test_a_row_never_overtakes_a_held_one_of_its_room(mx, hs, gk, pg, db_url):
 
 def test_rooms_are_delivered_side_by_side_and_a_failing_one_holds_no_other(mx, hs, gk, pg, db_url):
     """The dispatcher delivers several rooms at once, each in order.  A room
-    whose rows fail (here: a sender whose ghost id would be too long for
-    Matrix) fails alone: the other room's rows, released in the same
-    batch, are delivered on their first attempt."""
+    whose rows fail (here: the homeserver is unavailable to its sender's
+    ghost; until the twenty-fifth session a ghost id too long for Matrix,
+    now a dead letter at once) fails alone: the other room's rows, released
+    in the same batch, are delivered on their first attempt."""
     a, _ = gk
     assert mx.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
     hs.create_user("alice")
-    long_sender = a.user("x" + "+" * 200)
-    room_a = a.create_room([long_sender, ALICE]).json()
+    failing_sender = a.user("zed")
+    hs.refuse = lambda method, path, user: user == "@_cw_gk_zed:example.org"
+    room_a = a.create_room([failing_sender, ALICE]).json()
     room_b = a.create_room([a.user("wally"), ALICE]).json()
     items = []
     for i in range(3):
-        for room, sender, tag in ((room_a, long_sender, "a"), (room_b, a.user("wally"), "b")):
+        for room, sender, tag in ((room_a, failing_sender, "a"), (room_b, a.user("wally"), "b")):
             items.append({"idempotency_key": f"side-{tag}-{i}", "room": room["uri"],
                           "event": {"type": "message", "sender": sender,
                                     "content": {"parts": [{"type": "text/plain", "body": f"{tag}{i}"}]}}})
@@ -2374,7 +2376,8 @@ def test_rooms_are_delivered_side_by_side_and_a_failing_one_holds_no_other(mx, h
     wait_until(lambda: pg.psql(b_rows.format("count(*) FILTER (WHERE o.state <> 'in_flight' AND o.attempts >= 1)",
                                              room_a["id"]), db_url) == "3", what="room a's attempts")
     assert pg.psql(b_rows.format("count(*) FILTER (WHERE o.state = 'delivered')", room_a["id"]), db_url) == "0"
-    assert "ghost id" in pg.psql(b_rows.format("min(o.last_error)", room_a["id"]), db_url)
+    assert pg.psql(b_rows.format("count(*) FILTER (WHERE o.state = 'dead')", room_a["id"]), db_url) == "0"
+    assert "503" in pg.psql(b_rows.format("min(o.last_error)", room_a["id"]), db_url)
 
 
 def test_a_row_no_matrix_event_can_be_made_of_is_dead_at_once(make_daemon, db_url, hs, pg):
@@ -2414,6 +2417,91 @@ def test_a_row_no_matrix_event_can_be_made_of_is_dead_at_once(make_daemon, db_ur
         # reached and a replay may help; the operator discards it)
         assert d.admin("POST", f"/outbox/{dead[0]['id']}/discard").json() == {"id": dead[0]["id"],
                                                                                "state": "dropped"}
+    finally:
+        srv.close()
+
+
+# A row whose own facts no retry changes (docs/matrix.md): what is done to
+# the database between its writing and its delivery, what its dead letter
+# says.  Both rows go due in one statement, as one batch.
+UNDELIVERABLE = {
+    "no-local-user": (
+        "UPDATE outbox SET target_identity_id = NULL WHERE id = {bad}",
+        "a Matrix row names no local user"),
+    "invalid-matrix-id": (
+        "INSERT INTO identities (uri, domain, localpart, is_local, network) SELECT 'mimi://example.org/u/someone', "
+        " domain, 'someone', true, network FROM identities WHERE uri = '" + ALICE + "'; "
+        "INSERT INTO identity_bindings (identity_id, network, native_id) SELECT id, 'matrix', '@someone' "
+        " FROM identities WHERE uri = 'mimi://example.org/u/someone'; "
+        "UPDATE outbox SET target_identity_id = (SELECT id FROM identities "
+        " WHERE uri = 'mimi://example.org/u/someone') WHERE id = {bad}",
+        "the local user @someone has no valid Matrix id"),
+    "matrix-id-too-long": (
+        "INSERT INTO identities (uri, domain, localpart, is_local, network) SELECT 'mimi://example.org/u/someone', "
+        " domain, 'someone', true, network FROM identities WHERE uri = '" + ALICE + "'; "
+        "INSERT INTO identity_bindings (identity_id, network, native_id) SELECT id, 'matrix', "
+        " '@' || repeat('s', 300) || ':example.org' FROM identities WHERE uri = 'mimi://example.org/u/someone'; "
+        "UPDATE outbox SET target_identity_id = (SELECT id FROM identities "
+        " WHERE uri = 'mimi://example.org/u/someone') WHERE id = {bad}",
+        "the local user's Matrix id would be longer than 255 bytes"),
+    "ghost-id-too-long": (
+        "INSERT INTO identities (uri, domain, localpart, is_local, network, peer_id) "
+        " SELECT 'mimi://wa.example/u/' || repeat('x', 300), domain, repeat('x', 300), false, network, peer_id "
+        " FROM identities WHERE uri = 'mimi://wa.example/u/wally'; "
+        "UPDATE events SET sender_id = (SELECT id FROM identities WHERE uri = 'mimi://wa.example/u/' || repeat('x', 300)) "
+        " WHERE id = (SELECT event_id FROM outbox WHERE id = {bad})",
+        "has no Matrix ghost id (too long)"),
+    "attachment": (
+        "UPDATE events SET content = jsonb_set(content, '{{content,attachments}}', '[{{\"url\": "
+        " \"http://files.wa.example/a\"}}, {{\"url\": \"http://files.wa.example/b\", \"content_type\": "
+        " \"image/png\"}}]') WHERE id = (SELECT event_id FROM outbox WHERE id = {bad})",
+        "an attachment is not representable in Matrix: the message has no text and no attachment"),
+}
+
+
+@pytest.mark.parametrize("cause", sorted(UNDELIVERABLE))
+def test_a_row_whose_own_facts_no_retry_changes_is_dead_at_once(make_daemon, db_url, hs, pg, cause):
+    """A row the adapter can never deliver for a fact of its own (no local
+    user, a recipient without a valid Matrix id, a sender whose ghost id
+    would be too long, an attachment no Matrix event can be made of) is a
+    dead letter at once, with why, as a row no event can be made of is
+    (above); the room's next row, in the same batch, is delivered on its
+    first attempt.  Until the twenty-fifth session such a row failed as a
+    homeserver that is down does: retried with backoff, the room's later
+    rows failing with it, and once its budget was spent they were dead
+    with it."""
+    d = start_mx(make_daemon, db_url, hs,
+                 dispatcher={"retry_budget": "2", "retry_base_ms": "20", "retry_max_ms": "50"})
+    a, srv = add_gk(d)
+    try:
+        assert d.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
+        hs.create_user("alice")
+        room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+        bad = a.send(room, a.user("wally"), "broken")
+        assert bad.status_code == 202, bad.text
+        after = a.send(room, a.user("wally"), "after it")
+        assert after.status_code == 202, after.text
+        row = ("SELECT o.{} FROM outbox o JOIN events e ON e.id = o.event_id "
+               "WHERE e.public_id = '{}' AND o.destination = 'matrix'")
+        wait_until(lambda: pg.psql(row.format("state", bad.json()["id"]), db_url) == "held"
+                   and pg.psql(row.format("state", after.json()["id"]), db_url) == "held", what="two held rows")
+        bad_id = pg.psql(row.format("id", bad.json()["id"]), db_url)
+        after_id = pg.psql(row.format("id", after.json()["id"]), db_url)
+        edit, reason = UNDELIVERABLE[cause]
+        pg.psql(edit.format(bad=bad_id) + "; UPDATE outbox SET state = 'pending', next_attempt_at = now() "
+                f"WHERE id IN ({bad_id}, {after_id}); NOTIFY causeway_outbox", db_url)
+        ghost = "@_cw_gk_wally:example.org"
+        wait_until(lambda: any(e["sender"] == ghost and e["type"] == "m.room.message"
+                               and e["content"]["body"] == "after it" for rid in hs.rooms() for e in hs.events(rid)),
+                   timeout=20, what="the next row delivered")
+        state = "SELECT state || ' ' || attempts FROM outbox WHERE id = {}"
+        assert pg.psql(state.format(after_id), db_url) == "delivered 1"
+        assert pg.psql(state.format(bad_id), db_url) == "dead 1"
+        dead = d.admin("GET", "/outbox?state=dead").json()["rows"]
+        assert [x["id"] for x in dead] == [int(bad_id)] and reason in dead[0]["last_error"], dead
+        # one attempt, never tried again, and nothing of it reached the homeserver
+        assert not any(e["type"] == "m.room.message" and e["content"].get("body") == "broken"
+                       for rid in hs.rooms() for e in hs.events(rid))
     finally:
         srv.close()
 
