@@ -317,6 +317,8 @@ struct lookup_ctx {
 	json_t *sent;  /* this batch's deliveries, not recorded yet: [{pid, eid, tg, ...}] */
 	int64_t target; /* the local user whose room the row goes to */
 	char out[MX_ID_MAX + 1];
+	bool failed;    /* a lookup could not be made (err says why): the row is tried again */
+	cw_errmsg err;
 };
 
 /* msg_... -> its Matrix event id in the room of the row's local user: the
@@ -343,8 +345,15 @@ static const char *to_native(void *arg, const char *msg_id)
 		" CASE WHEN e.origin_network = 'matrix' AND e.sender_id = $2::bigint THEN e.origin_native_id END) "
 		"FROM events e WHERE e.public_id = $1",
 		2, NULL, params, NULL, NULL, 0);
+	/* A database that did not answer says nothing of the message: taken
+	 * for unknown, an edit went as a new message and a delete, reaction
+	 * or receipt as nothing, for good (until the twenty-fifth session). */
+	if (store_check(l->c, r, PGRES_TUPLES_OK, &l->err)) { /* clears r */
+		l->failed = true;
+		return NULL;
+	}
 	const char *res = NULL;
-	if (PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1 && !PQgetisnull(r, 0, 0)) {
+	if (PQntuples(r) == 1 && !PQgetisnull(r, 0, 0)) {
 		snprintf(l->out, sizeof(l->out), "%s", PQgetvalue(r, 0, 0));
 		res = l->out;
 	}
@@ -1341,6 +1350,11 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 	bool mapped = mx_from_neutral(ev, to_native, &l, MX_OUTBOX_KEY, marker, &out, why, sizeof(why));
 	json_decref(labelled);
 	json_decref(copy);
+	if (l.failed) {
+		mx_out_clear(&out);
+		cw_fail(e, CW_EIO, "cannot look up a message the row refers to: %s", l.err.msg);
+		return PREP_FAIL;
+	}
 	if (!mapped) {
 		mx_out_clear(&out);
 		bool nomem = strcmp(why, MX_WHY_NOMEM) == 0;

@@ -2506,6 +2506,44 @@ def test_a_row_whose_own_facts_no_retry_changes_is_dead_at_once(make_daemon, db_
         srv.close()
 
 
+def test_an_edit_whose_original_the_database_could_not_look_up_is_tried_again(make_daemon, db_url, hs, pg):
+    """An edit's look-up of its original's Matrix event id that the database
+    did not answer (the connection cut) fails the row, to be tried again:
+    it is not taken for an original that never reached Matrix.  Until the
+    twenty-fifth session it was, and the edit went out for good as a
+    message of its own ("* ..."; a delete, a reaction or a receipt as
+    nothing at all)."""
+    with PgProxy(db_url) as px:
+        d = start_mx(make_daemon, px.url, hs,
+                     dispatcher={"retry_budget": "5", "retry_base_ms": "20", "retry_max_ms": "50"})
+        a, srv = add_gk(d)
+        try:
+            consent_alice(d)
+            hs.create_user("alice")
+            room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+            m1 = a.send(room, a.user("wally"), "original").json()["id"]
+            ghost = "@_cw_gk_wally:example.org"
+
+            def sent():
+                return [e for rid in hs.rooms() for e in hs.events(rid)
+                        if e["sender"] == ghost and e["type"] == "m.room.message"]
+            wait_until(lambda: len(sent()) == 1, what="the original delivered")
+            px.cut_statement(lambda t: "THEN e.origin_native_id END" in t)
+            ed = {"type": "edit", "sender": a.user("wally"),
+                  "content": {"replaces": m1, "parts": [{"type": "text/plain", "body": "edited"}]}}
+            assert a.call("POST", f"/v1/rooms/{room}/messages", ed, idem="ed-cut").status_code == 202
+            wait_until(lambda: len(sent()) == 2, timeout=20, what="the edit delivered")
+            assert px.cuts == 1
+            edit = sent()[1]
+            assert edit["content"].get("m.relates_to") == {"rel_type": "m.replace",
+                                                           "event_id": sent()[0]["event_id"]}, edit
+            assert edit["content"]["m.new_content"]["body"] == "edited"
+            assert pg.psql("SELECT state || ' ' || attempts FROM outbox WHERE destination = 'matrix' "
+                           "ORDER BY id DESC LIMIT 1", db_url) == "delivered 2"
+        finally:
+            srv.close()
+
+
 def rate_limited_homeserver():
     """A stand-in whose registration says rate_limited: true, and a notify
     server (the caller closes both)."""
