@@ -2380,6 +2380,30 @@ def test_rooms_are_delivered_side_by_side_and_a_failing_one_holds_no_other(mx, h
     assert "503" in pg.psql(b_rows.format("min(o.last_error)", room_a["id"]), db_url)
 
 
+def broken_then_after_it(d, a, hs, pg, db_url):
+    """wally (of the peer a) writes "broken", then "after it", to alice, who
+    opted in but has not consented yet: the two messages' ids, once both
+    rows are held."""
+    assert d.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
+    hs.create_user("alice")
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    ids = []
+    for text in ("broken", "after it"):
+        r = a.send(room, a.user("wally"), text)
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["id"])
+    wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE destination = 'matrix' AND state = 'held'",
+                               db_url) == "2", what="two held rows")
+    return ids
+
+
+def wait_for_after_it(hs):
+    ghost = "@_cw_gk_wally:example.org"
+    wait_until(lambda: any(e["sender"] == ghost and e["type"] == "m.room.message"
+                           and e["content"]["body"] == "after it" for rid in hs.rooms() for e in hs.events(rid)),
+               timeout=20, what="the next row delivered")
+
+
 def test_a_row_no_matrix_event_can_be_made_of_is_dead_at_once(make_daemon, db_url, hs, pg):
     """A row that cannot be made into a Matrix event (here: its stored
     event lost its type and content) is a dead letter at once, its reason
@@ -2391,27 +2415,17 @@ def test_a_row_no_matrix_event_can_be_made_of_is_dead_at_once(make_daemon, db_ur
                  dispatcher={"retry_budget": "2", "retry_base_ms": "20", "retry_max_ms": "50"})
     a, srv = add_gk(d)
     try:
-        assert d.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
-        hs.create_user("alice")
-        room = a.create_room([a.user("wally"), ALICE]).json()["id"]
-        bad = a.send(room, a.user("wally"), "broken")
-        assert bad.status_code == 202, bad.text
-        assert a.send(room, a.user("wally"), "after it").status_code == 202
-        wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE destination = 'matrix' AND state = 'held'",
-                                   db_url) == "2", what="two held rows")
-        pg.psql(f"UPDATE events SET content = '{{}}' WHERE public_id = '{bad.json()['id']}'", db_url)
+        bad, _ = broken_then_after_it(d, a, hs, pg, db_url)
+        pg.psql(f"UPDATE events SET content = '{{}}' WHERE public_id = '{bad}'", db_url)
         assert d.admin("POST", "/consents", json={"user": ALICE, "subject_kind": "user",
                                                   "subject": "mimi://wa.example/u/wally", "state": "allowed"}).ok
-        ghost = "@_cw_gk_wally:example.org"
-        wait_until(lambda: any(e["sender"] == ghost and e["type"] == "m.room.message"
-                               and e["content"]["body"] == "after it" for rid in hs.rooms() for e in hs.events(rid)),
-                   timeout=20, what="the next row delivered")
+        wait_for_after_it(hs)
         row = (f"SELECT o.state || ' ' || o.attempts FROM outbox o JOIN events e ON e.id = o.event_id "
-               f"WHERE e.public_id = '{bad.json()['id']}' AND o.destination = 'matrix'")
+               f"WHERE e.public_id = '{bad}' AND o.destination = 'matrix'")
         assert pg.psql(row, db_url) == "dead 1"
         dead = d.admin("GET", "/outbox?state=dead").json()["rows"]
         assert len(dead) == 1 and "not representable in Matrix" in dead[0]["last_error"], dead
-        st = a.call("GET", f"/v1/messages/{bad.json()['id']}").json()
+        st = a.call("GET", f"/v1/messages/{bad}").json()
         assert [x["status"] for x in st["recipients"]] == ["not_delivered"], st
         # (not told in the chat: the notice would say the peer could not be
         # reached and a replay may help; the operator discards it)
@@ -2474,26 +2488,14 @@ def test_a_row_whose_own_facts_no_retry_changes_is_dead_at_once(make_daemon, db_
                  dispatcher={"retry_budget": "2", "retry_base_ms": "20", "retry_max_ms": "50"})
     a, srv = add_gk(d)
     try:
-        assert d.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
-        hs.create_user("alice")
-        room = a.create_room([a.user("wally"), ALICE]).json()["id"]
-        bad = a.send(room, a.user("wally"), "broken")
-        assert bad.status_code == 202, bad.text
-        after = a.send(room, a.user("wally"), "after it")
-        assert after.status_code == 202, after.text
-        row = ("SELECT o.{} FROM outbox o JOIN events e ON e.id = o.event_id "
+        bad, after = broken_then_after_it(d, a, hs, pg, db_url)
+        row = ("SELECT o.id FROM outbox o JOIN events e ON e.id = o.event_id "
                "WHERE e.public_id = '{}' AND o.destination = 'matrix'")
-        wait_until(lambda: pg.psql(row.format("state", bad.json()["id"]), db_url) == "held"
-                   and pg.psql(row.format("state", after.json()["id"]), db_url) == "held", what="two held rows")
-        bad_id = pg.psql(row.format("id", bad.json()["id"]), db_url)
-        after_id = pg.psql(row.format("id", after.json()["id"]), db_url)
+        bad_id, after_id = pg.psql(row.format(bad), db_url), pg.psql(row.format(after), db_url)
         edit, reason = UNDELIVERABLE[cause]
         pg.psql(edit.format(bad=bad_id) + "; UPDATE outbox SET state = 'pending', next_attempt_at = now() "
                 f"WHERE id IN ({bad_id}, {after_id}); NOTIFY causeway_outbox", db_url)
-        ghost = "@_cw_gk_wally:example.org"
-        wait_until(lambda: any(e["sender"] == ghost and e["type"] == "m.room.message"
-                               and e["content"]["body"] == "after it" for rid in hs.rooms() for e in hs.events(rid)),
-                   timeout=20, what="the next row delivered")
+        wait_for_after_it(hs)
         state = "SELECT state || ' ' || attempts FROM outbox WHERE id = {}"
         assert pg.psql(state.format(after_id), db_url) == "delivered 1"
         assert pg.psql(state.format(bad_id), db_url) == "dead 1"
