@@ -171,6 +171,10 @@ const struct cfg_option cfg_options[] = {
 	{ "xmpp", "resend_window_ms", CFG_INT, OFF(xmpp_resend_window_ms), "10000", 0, 600000, false, false,
 	  "stanzas written this long before a stream broke, or since the server last answered a ping if earlier, "
 	  "are written again (same id) after the reconnect" },
+	{ "xmpp", "command_session_lifetime_s", CFG_INT, OFF(xmpp_command_session_lifetime_s), "600", 1, 86400,
+	  false, false,
+	  "how long an ad-hoc command's form stays valid (XEP-0050 session), in seconds; submitted later: "
+	  "session-expired, and the user starts the command again" },
 
 	{ "admin", "token_sha256", CFG_STR, OFF(admin_token_sha256), "", 0, 0, false, true,
 	  "hex SHA-256 of the bootstrap admin token, role admin, name config (causewayd --new-admin-token makes one); "

@@ -250,9 +250,11 @@ static bool session_owner(xmpp_stanza_t *iq, const char *node, unsigned char own
 }
 
 /* A new session's id into sid (32 hex digits of 128 random bits, not to be
- * guessed), remembered for the requester of iq and node.  Its slot is a
- * free one, else an expired one, else the oldest session's, or the
- * requester's own oldest when they have XA_SESSIONS_PER_USER. */
+ * guessed), remembered for the requester of iq and node, for
+ * xmpp.command_session_lifetime_s.  Its slot is a free one, else an
+ * expired one, else the oldest session's, or the requester's own oldest
+ * when they have XA_SESSIONS_PER_USER open: a session pushed out is
+ * forgotten (its sessionid is then bad-sessionid, as one never given). */
 static void session_give(struct xcomp *xc, xmpp_stanza_t *iq, const char *node, char sid[33])
 {
 	unsigned char raw[16], owner[32], user[32];
@@ -278,7 +280,7 @@ static void session_give(struct xcomp *xc, xmpp_stanza_t *iq, const char *node, 
 	memcpy(use->id, sid, sizeof(use->id));
 	memcpy(use->owner, owner, sizeof(owner));
 	memcpy(use->user, user, sizeof(user));
-	use->until_us = now + XA_SESSION_US;
+	use->until_us = now + xc->x->cfg->xmpp_command_session_lifetime_s * 1000000LL;
 }
 
 /* The session sid of the requester of iq and node, ended (each stage

@@ -61,10 +61,9 @@ struct xin; /* xmpp_in.c */
 
 /* XEP-0050 sessions the component gave (xmpp_cmd.c), at most this many
  * at once (the oldest goes first), this many of them one user's, each for
- * this long. */
+ * xmpp.command_session_lifetime_s. */
 #define XA_SESSIONS_MAX 256
 #define XA_SESSIONS_PER_USER 8
-#define XA_SESSION_US (10 * 60 * 1000000LL)
 struct xa_session {
 	char id[33];                    /* 32 hex digits; "" : a free slot */
 	unsigned char owner[32];        /* SHA-256 of the requester's full JID, the command's JID and node */

@@ -1697,6 +1697,27 @@ def test_dropping_a_contact_shows_it_offline(xd, gk, alice, contact):
                             and el.get("type") == "unavailable", start=start)
 
 
+CMD = "http://jabber.org/protocol/commands"
+
+
+def command_first(client, node, to=COMP):
+    """The first stage of a command with a form (action execute, no
+    sessionid): the form's new sessionid."""
+    c = client.iq("set", to, f"<command xmlns='{CMD}' node='{node}' action='execute'/>").find(q(CMD, "command"))
+    assert c.get("status") == "executing" and c.get("sessionid") and c.find(q("jabber:x:data", "x")) is not None, \
+        ET.tostring(c)
+    return c.get("sessionid")
+
+
+def command_submit(client, node, fields, sid=None, to=COMP, **kw):
+    """The form of node's session sid (None: a new one) submitted with
+    fields ({var: value}, values as XML text): the answer (kw: client.iq's)."""
+    sid = sid or command_first(client, node, to)
+    values = "".join(f"<field var='{k}'><value>{v}</value></field>" for k, v in fields.items())
+    return client.iq("set", to, f"<command xmlns='{CMD}' node='{node}' action='complete' sessionid='{sid}'>"
+                                f"<x xmlns='jabber:x:data' type='submit'>{values}</x></command>", **kw)
+
+
 def test_ad_hoc_commands(xd, gk, alice, pg, db_url):
     a, srv = gk
     cmd = "http://jabber.org/protocol/commands"
@@ -1824,11 +1845,86 @@ def test_ad_hoc_command_sessions_are_remembered(xd, gk, alice, prosody, pg, db_u
                    expect_error=True)
     assert bad.find(f".//{{{cmd}}}bad-sessionid") is not None, ET.tostring(bad)
     assert blocks() == "2"
-    # A user's open sessions are bounded (8): a new one pushes out their oldest.
-    sids = [execute(alice) for _ in range(9)]
-    refused(alice, sids[0], "wally")
-    assert submit(alice, sids[1], "wally").find(f"{{{cmd}}}command").get("status") == "completed"
-    assert blocks() == "3"
+
+
+def consents_stored(pg, db_url):
+    """What the consent commands store, counted: decisions audited, consents, reports, opt-ins."""
+    return pg.psql("SELECT (SELECT count(*) FROM audit_log WHERE starts_with(action, 'consent.')) || ' ' || "
+                   "(SELECT count(*) FROM consents) || ' ' || (SELECT count(*) FROM reports) || ' ' || "
+                   "(SELECT count(*) FROM user_optin)", db_url)
+
+
+def test_a_users_ninth_open_session_pushes_out_their_oldest(xd, gk, alice, prosody, pg, db_url):
+    """A user (bare JID: all their resources) has at most 8 open command
+    sessions: a ninth forgets their oldest, whose sessionid is then one the
+    component does not know (bad-request with bad-sessionid, as for one it
+    never gave) and does nothing; their other 8, and other users'
+    sessions, stay. So one user cannot push everyone else's out."""
+    def refused(client, sid, action="complete"):
+        bad = client.iq("set", COMP, f"<command xmlns='{CMD}' node='block' action='{action}' sessionid='{sid}'>"
+                                     f"<x xmlns='jabber:x:data' type='submit'><field var='jid'>"
+                                     f"<value>wally@{COMP}</value></field></x></command>", expect_error=True)
+        assert bad.error_condition == "bad-request" and bad.find(f".//{{{CMD}}}bad-sessionid") is not None, \
+            ET.tostring(bad)
+
+    def blocks():
+        return pg.psql("SELECT count(*) FROM audit_log WHERE action = 'consent.block'", db_url)
+    bob = prosody.client("bob", "pw-bob")
+    phone = XmppClient(ALICE_JID, "pw-alice", port=prosody.c2s_port, resource="phone")
+    phone.connect()
+    try:
+        bobs = command_first(bob, "block")
+        mine = [(alice, command_first(alice, "block")) for _ in range(5)]
+        mine += [(phone, command_first(phone, "block")) for _ in range(3)]
+        # Eight: all still open (each answered by a cancel, which ends it).
+        client, sid = mine.pop(1)
+        c = client.iq("set", COMP, f"<command xmlns='{CMD}' node='block' action='cancel' sessionid='{sid}'/>")
+        assert c.find(q(CMD, "command")).get("status") == "canceled", ET.tostring(c)
+        mine.append((phone, command_first(phone, "block")))
+        mine.append((phone, command_first(phone, "block")))  # the ninth open one
+        oldest = mine.pop(0)
+        refused(*oldest)
+        refused(*oldest, action="cancel")
+        assert blocks() == "0"
+        for client, sid in mine[1:]:
+            c = client.iq("set", COMP, f"<command xmlns='{CMD}' node='block' action='cancel' sessionid='{sid}'/>")
+            assert c.find(q(CMD, "command")).get("status") == "canceled", ET.tostring(c)
+        done = command_submit(mine[0][0], "block", {"jid": f"wally@{COMP}"}, sid=mine[0][1]).find(q(CMD, "command"))
+        assert done.get("status") == "completed", ET.tostring(done)
+        done = command_submit(bob, "block", {"jid": f"mallory@{COMP}"}, sid=bobs).find(q(CMD, "command"))
+        assert done.get("status") == "completed", ET.tostring(done)
+        assert blocks() == "2"
+    finally:
+        phone.disconnect()
+        bob.disconnect()
+
+
+def test_an_ad_hoc_session_expires(make_daemon, db_url, prosody, alice, pg):
+    """A command's session lasts xmpp.command_session_lifetime_s (here 2 s;
+    600 by default): a submit after that is not-allowed with
+    session-expired and does nothing, and the session has ended (then
+    bad-sessionid). A session submitted in time runs."""
+    d, a, srv = start_with_gk(make_daemon, db_url, prosody, xmpp={"command_session_lifetime_s": "2"})
+    try:
+        given = time.monotonic()
+        old = command_first(alice, "block")
+        done = command_submit(alice, "block", {"jid": f"wally@{COMP}"}).find(q(CMD, "command"))
+        assert done.get("status") == "completed", ET.tostring(done)
+        before = consents_stored(pg, db_url)
+        # Nothing to wait for but the time itself: a look at the session would end it.
+        time.sleep(max(0.0, given + 2.5 - time.monotonic()))
+        bad = command_submit(alice, "block", {"jid": f"mallory@{COMP}"}, sid=old, expect_error=True)
+        assert bad.error_condition == "not-allowed" and bad.find(f".//{{{CMD}}}session-expired") is not None, \
+            ET.tostring(bad)
+        bad = command_submit(alice, "block", {"jid": f"mallory@{COMP}"}, sid=old, expect_error=True)
+        assert bad.error_condition == "bad-request" and bad.find(f".//{{{CMD}}}bad-sessionid") is not None, \
+            ET.tostring(bad)
+        assert consents_stored(pg, db_url) == before
+        assert pg.psql("SELECT string_agg(subject, ',') FROM audit_log WHERE action = 'consent.block'",
+                       db_url) == "mimi://wa.example/u/wally"
+    finally:
+        print("causewayd log:\n" + d.log())  # shown by pytest when the test failed
+        srv.close()
 
 
 def test_reports_by_command_set_the_automatic_limit(xd, gk, alice, prosody, pg, db_url):
