@@ -22,15 +22,18 @@
 #define NS_DATA "jabber:x:data"
 #define NS_NICK "http://jabber.org/protocol/nick"
 
+/* staged: the command's first stage is a form, its second the filled
+ * form (XEP-0050's session); the others run at once, in one stage. */
 static const struct {
 	const char *node, *name;
+	bool staged;
 } commands[] = {
-	{ "list", "List my contact requests and decisions" },
-	{ "accept", "Accept a contact (or a whole domain)" },
-	{ "block", "Block a contact (or a whole domain)" },
-	{ "opt-in", "Let strangers of this network send me contact requests" },
-	{ "opt-out", "Stop contact requests from this network" },
-	{ "report", "Report a contact to the operator" },
+	{ "list", "List my contact requests and decisions", false },
+	{ "accept", "Accept a contact (or a whole domain)", true },
+	{ "block", "Block a contact (or a whole domain)", true },
+	{ "opt-in", "Let strangers of this network send me contact requests", false },
+	{ "opt-out", "Stop contact requests from this network", false },
+	{ "report", "Report a contact to the operator", true },
 };
 #define NCOMMANDS (sizeof(commands) / sizeof(commands[0]))
 
@@ -516,12 +519,27 @@ static void command_form(struct xcomp *xc, xmpp_stanza_t *iq, const char *node, 
 	xa_send_now(xc, r);
 }
 
+/* Whether a command request without a sessionid is past its first stage
+ * (XEP-0050: the sessionid "MUST be present for subsequent stages"): a
+ * first stage is action execute (or none) without a form; a form (filled,
+ * or of any type: XEP-0004 has the requester send back only the forms it
+ * was given) or action next or complete answers a stage.  cancel is not a
+ * stage: it ends nothing and changes nothing. */
+static bool later_stage(xmpp_stanza_t *cmd, const char *action)
+{
+	if (action && strcmp(action, "cancel") == 0)
+		return false;
+	return (action && strcmp(action, "execute") != 0) || xmpp_stanza_get_child_by_name_and_ns(cmd, "x", NS_DATA);
+}
+
 /* XEP-0050: action is execute, cancel, prev, next or complete; no
  * command here has a stage that offers prev (a form's only action is
  * complete).  Until the twentieth session any other value ran the
  * command (a review's finding).  Then the session (see above): XEP-0050
- * errors bad-sessionid and session-expired. */
-bool xa_command_bad_action(struct xcomp *xc, xmpp_stanza_t *iq, const char *action)
+ * errors bad-sessionid and session-expired; a staged command's later
+ * stage without a sessionid is bad-sessionid too (until the twenty-fifth
+ * session it ran as a new session, the form skipped). */
+bool xa_command_bad_action(struct xcomp *xc, xmpp_stanza_t *iq, const char *action, bool staged)
 {
 	static const char *const actions[] = { "execute", "cancel", "next", "complete", NULL };
 	const char *why = NULL;
@@ -536,6 +554,8 @@ bool xa_command_bad_action(struct xcomp *xc, xmpp_stanza_t *iq, const char *acti
 	enum session_state state = SESSION_OK;
 	if (!why && sid)
 		state = session_take(xc, iq, xmpp_stanza_get_attribute(cmd, "node"), sid);
+	else if (!why && staged && cmd && later_stage(cmd, action))
+		state = SESSION_UNKNOWN;
 	if (!why && state == SESSION_OK)
 		return false;
 	bool expired = state == SESSION_EXPIRED;
@@ -572,7 +592,7 @@ bool xa_command(struct xcomp *xc, xmpp_stanza_t *iq)
 		return true;
 	}
 	snprintf(j->node, sizeof(j->node), "%s", node);
-	if (xa_command_bad_action(xc, iq, action)) {
+	if (xa_command_bad_action(xc, iq, action, commands[k].staged)) {
 		free(j);
 		return true;
 	}

@@ -305,10 +305,12 @@ void xa_muc_members(struct xcomp *xc, PGconn *c);
 /* An ad-hoc command's action XEP-0050 does not define (malformed-action)
  * or that no stage here offers (prev: bad-action), or a sessionid that is
  * not one of this requester's for this command (bad-sessionid; its own
- * but expired: session-expired): answered with the error, true; else
+ * but expired: session-expired), or, for a staged command (a form, then
+ * its submit), a later stage without a sessionid (a form, or action next
+ * or complete: bad-sessionid): answered with the error, true; else
  * false.  A sessionid that passes has ended (each stage after the first
  * ends the session, or starts a new one).  The stream's thread. */
-bool xa_command_bad_action(struct xcomp *xc, xmpp_stanza_t *iq, const char *action);
+bool xa_command_bad_action(struct xcomp *xc, xmpp_stanza_t *iq, const char *action, bool staged);
 /* XEP-0050 answers to the command iq (from its 'to'; ctx: the calling
  * thread's): the command ended (status completed or canceled; note: NULL
  * or a note of note_type), or its first stage, executing, with a form

@@ -968,7 +968,7 @@ static void leave_request(struct xcomp *xc, xmpp_stanza_t *iq, const char *room,
 			xa_send_now(xc, xa_error_reply(iq, "cancel", "item-not-found", NULL));
 			return;
 		}
-		if (xa_command_bad_action(xc, iq, action))
+		if (xa_command_bad_action(xc, iq, action, true))
 			return;
 		if (action && strcmp(action, "cancel") == 0)
 			xa_send_now(xc, xa_command_end(xc->ctx, iq, LEAVE_NODE, "canceled", NULL, NULL));

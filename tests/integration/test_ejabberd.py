@@ -128,7 +128,9 @@ def test_a_group_room_through_ejabberd(make_daemon, db_url, ejabberd):
                         what="alice's message at the peer")
         assert ev[0]["room_id"] == gid and ev[0]["content"]["parts"][0]["body"] == "green"
         cmd = "http://jabber.org/protocol/commands"
-        done = alice.iq("set", room, f"<command xmlns='{cmd}' node='leave' action='complete'/>")
+        form = alice.iq("set", room, f"<command xmlns='{cmd}' node='leave' action='execute'/>")
+        sid = form.find("{%s}command" % cmd).get("sessionid")
+        done = alice.iq("set", room, f"<command xmlns='{cmd}' node='leave' action='complete' sessionid='{sid}'/>")
         assert done.find("{%s}command" % cmd).get("status") == "completed"
         wait_until(lambda: [e for e in list(srv.events) if e.get("type") == "membership"], what="the leave at the peer")
         alice.wait_for_presence(lambda el: el.get("from") == room + "/alice" and el.get("type") == "unavailable",

@@ -1030,6 +1030,12 @@ def test_an_xmpp_user_leaves_a_group(xd, gk, alice, prosody, pg, db_url):
             err = alice.iq("set", room, f"<command xmlns='{cmd}' node='leave' sessionid='{sid}' action='complete'>"
                                         f"<x xmlns='jabber:x:data' type='submit'/></command>", expect_error=True)
             assert err.error_condition == "bad-request" and err.find(f".//{{{cmd}}}bad-sessionid") is not None
+        # So is a later stage without one, the form skipped (until the
+        # twenty-fifth session it left the group at once).
+        for attrs, payload in ((" action='complete'", ""), ("", "<x xmlns='jabber:x:data' type='submit'/>")):
+            err = alice.iq("set", room, f"<command xmlns='{cmd}' node='leave'{attrs}>{payload}</command>",
+                           expect_error=True)
+            assert err.error_condition == "bad-request" and err.find(f".//{{{cmd}}}bad-sessionid") is not None
         assert pg.psql(f"SELECT m.membership FROM room_members m JOIN rooms r ON r.id = m.room_id JOIN identities i "
                        f"ON i.id = m.identity_id WHERE r.public_id = '{gid}' AND i.uri = '{ALICE}'", db_url) == "joined"
         start, bstart = alice.count(), bob.count()
@@ -1085,11 +1091,12 @@ def test_two_leave_requests_at_once_make_one_leaving(xd, gk, alice, prosody, pg,
     # her binding to the room is written just after her invitation is sent
     wait_until(lambda: pg.psql("SELECT count(*) FROM room_bindings WHERE network = 'xmpp' "
                                "AND remote_identity_id IS NULL", db_url) == "1", what="alice's binding")
+    sid = command_first(alice, "leave", to=room)
     start = alice.count()
     alice.send_raw(f"<iq type='set' to='{room}' id='l1'><query xmlns='http://jabber.org/protocol/muc#admin'>"
                    f"<item affiliation='none' jid='{ALICE_JID}'/></query></iq>"
                    f"<iq type='set' to='{room}' id='l2'><command xmlns='http://jabber.org/protocol/commands' "
-                   f"node='leave' action='complete'/></iq>")
+                   f"node='leave' action='complete' sessionid='{sid}'/></iq>")
     answers = {i: alice.wait_for_stanza(lambda el, i=i: el.tag == q("jabber:client", "iq") and el.get("id") == i,
                                         start=start) for i in ("l1", "l2")}
     assert sorted(el.get("type") for el in answers.values()) == ["error", "result"], answers
@@ -1744,9 +1751,8 @@ def test_ad_hoc_commands(xd, gk, alice, pg, db_url):
     lst = alice.iq("set", COMP, f"<command xmlns='{cmd}' node='list' action='execute'/>")
     text = lst.find(f".//{{{cmd}}}note").text
     assert "blocked: mimi://wa.example/u/mallory" in text and "opted in: peer:gk" in text
-    bad = alice.iq("set", COMP, f"<command xmlns='{cmd}' node='accept'><x xmlns='jabber:x:data' type='submit'>"
-                                "<field var='jid'><value>not a jid</value></field></x></command>", expect_error=True)
-    assert bad.find(".//{urn:ietf:params:xml:ns:xmpp-stanzas}bad-request") is not None
+    bad = command_submit(alice, "accept", {"jid": "not a jid"}, expect_error=True)
+    assert bad.error_condition == "bad-request" and bad.find(f".//{{{cmd}}}bad-sessionid") is None, ET.tostring(bad)
     assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'consent.block'", db_url) == "1"
     # An action XEP-0050 does not define is malformed-action, and prev,
     # which no stage here offers, bad-action; neither runs the command
@@ -1760,14 +1766,12 @@ def test_ad_hoc_commands(xd, gk, alice, pg, db_url):
     # A report's reason is kept whole (it was cut at 399 bytes, inside a
     # character, and the report then failed for ever); past the peer API's
     # 8192 bytes it is refused, saying so.
-    def report(reason):
-        return (f"<command xmlns='{cmd}' node='report'><x xmlns='jabber:x:data' type='submit'>"
-                f"<field var='jid'><value>mallory@{COMP}</value></field>"
-                f"<field var='reason'><value>{reason}</value></field></x></command>")
-    done = alice.iq("set", COMP, report("\u00e9" * 300))
+    def report(reason, **kw):
+        return command_submit(alice, "report", {"jid": f"mallory@{COMP}", "reason": reason}, **kw)
+    done = report("\u00e9" * 300)
     assert done.find(f"{{{cmd}}}command").get("status") == "completed", ET.tostring(done)
     assert pg.psql("SELECT octet_length(comment) FROM reports", db_url) == "600"
-    bad = alice.iq("set", COMP, report("x" * 8193), expect_error=True)
+    bad = report("x" * 8193, expect_error=True)
     assert bad.error_condition == "bad-request" and "8192" in ET.tostring(bad, encoding="unicode")
     assert pg.psql("SELECT count(*) FROM reports", db_url) == "1"
     # disco#info of a command's node (XEP-0050 §2.2): a command node, with
@@ -1852,6 +1856,45 @@ def consents_stored(pg, db_url):
     return pg.psql("SELECT (SELECT count(*) FROM audit_log WHERE starts_with(action, 'consent.')) || ' ' || "
                    "(SELECT count(*) FROM consents) || ' ' || (SELECT count(*) FROM reports) || ' ' || "
                    "(SELECT count(*) FROM user_optin)", db_url)
+
+
+def test_a_later_stage_without_a_sessionid_is_refused(xd, gk, alice, pg, db_url):
+    """XEP-0050: the sessionid "MUST be present for subsequent stages". A
+    command with a form (accept, block, report) starts with action
+    execute (or none) and no form; a filled form, or action next or
+    complete, without a sessionid is a later stage of no session:
+    bad-request with bad-sessionid, and nothing changes. Until the
+    twenty-fifth session it ran the command as a new session, skipping
+    the form (and the session ids the component remembers were beside the
+    point). The commands of one stage (list, opt-in, opt-out) have no
+    later stage: they run at once, whatever the action or payload."""
+    before = consents_stored(pg, db_url)
+    form = (f"<x xmlns='jabber:x:data' type='submit'><field var='jid'><value>mallory@{COMP}</value></field>"
+            "<field var='reason'><value>spam</value></field></x>")
+    for node in ("accept", "block", "report"):
+        for attrs, payload in (("", form), (" action='execute'", form), (" action='complete'", form),
+                               (" action='next'", form), (" action='complete'", ""), (" action='next'", "")):
+            bad = alice.iq("set", COMP, f"<command xmlns='{CMD}' node='{node}'{attrs}>{payload}</command>",
+                           expect_error=True)
+            assert bad.error_condition == "bad-request" and bad.find(f".//{{{CMD}}}bad-sessionid") is not None, \
+                (node, attrs, payload, ET.tostring(bad))
+    assert consents_stored(pg, db_url) == before
+    # cancel ends nothing and changes nothing, with or without a sessionid
+    c = alice.iq("set", COMP, f"<command xmlns='{CMD}' node='block' action='cancel'/>").find(q(CMD, "command"))
+    assert c.get("status") == "canceled", ET.tostring(c)
+    # The first stage is as it was, and its session takes the form.
+    done = command_submit(alice, "block", {"jid": f"mallory@{COMP}"}).find(q(CMD, "command"))
+    assert done.get("status") == "completed" and "Blocked mimi://wa.example/u/mallory" in done.find(
+        q(CMD, "note")).text, ET.tostring(done)
+    # One stage: run at once, as before.
+    for attrs, payload in (("", ""), (" action='execute'", ""), (" action='complete'", form)):
+        c = alice.iq("set", COMP, f"<command xmlns='{CMD}' node='opt-in'{attrs}>{payload}</command>").find(
+            q(CMD, "command"))
+        assert c.get("status") == "completed" and "opted in for peer:gk" in c.find(q(CMD, "note")).text, \
+            ET.tostring(c)
+    lst = alice.iq("set", COMP, f"<command xmlns='{CMD}' node='list' action='complete'>{form}</command>")
+    text = lst.find(f".//{{{CMD}}}note").text
+    assert "blocked: mimi://wa.example/u/mallory" in text and "opted in: peer:gk" in text, text
 
 
 def test_a_users_ninth_open_session_pushes_out_their_oldest(xd, gk, alice, prosody, pg, db_url):
@@ -1939,9 +1982,7 @@ def test_reports_by_command_set_the_automatic_limit(xd, gk, alice, prosody, pg, 
     cmd = "http://jabber.org/protocol/commands"
 
     def report(client, text):
-        done = client.iq("set", COMP, f"<command xmlns='{cmd}' node='report'><x xmlns='jabber:x:data' "
-                                      f"type='submit'><field var='jid'><value>{WALLY_JID}</value></field>"
-                                      f"<field var='reason'><value>{text}</value></field></x></command>")
+        done = command_submit(client, "report", {"jid": WALLY_JID, "reason": text})
         assert done.find(f"{{{cmd}}}command").get("status") == "completed", ET.tostring(done)
     for i in range(3):
         report(alice, f"spam {i}")
