@@ -1942,6 +1942,33 @@ def test_a_users_ninth_open_session_pushes_out_their_oldest(xd, gk, alice, proso
         bob.disconnect()
 
 
+def test_the_components_257th_open_session_pushes_out_its_oldest(xd, gk, alice, prosody):
+    """A component holds at most 256 open command sessions (in memory):
+    past them a new one pushes out the oldest, whoever's, which then
+    answers bad-sessionid; the others stay. 32 users of 8 fill it."""
+    def cancel(client, sid):
+        return client.iq("set", COMP, f"<command xmlns='{CMD}' node='block' action='cancel' sessionid='{sid}'/>",
+                         expect_error=None)
+    oldest = command_first(alice, "block")
+    users = []
+    try:
+        for i in range(32):
+            prosody.register(f"u{i:02d}", "pw")
+            users.append(prosody.client(f"u{i:02d}"))
+        sessions = [(u, command_first(u, "block")) for u in users for _ in range(8)][:255]  # 256 with alice's
+        last = users[-1]
+        newest = command_first(last, "block")  # the 257th: last's 8th, not past its own cap
+        bad = cancel(alice, oldest)
+        assert bad.get("type") == "error" and bad.error_condition == "bad-request" and bad.find(
+            f".//{{{CMD}}}bad-sessionid") is not None, bad.xml
+        for client, sid in (sessions[0], sessions[-1], (last, newest)):
+            c = cancel(client, sid)
+            assert c.get("type") == "result" and c.find(q(CMD, "command")).get("status") == "canceled", c.xml
+    finally:
+        for u in users:
+            u.disconnect()
+
+
 def test_an_ad_hoc_session_expires(make_daemon, db_url, prosody, alice, pg):
     """A command's session lasts xmpp.command_session_lifetime_s (here 2 s;
     600 by default): a submit after that is not-allowed with
