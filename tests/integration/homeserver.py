@@ -947,6 +947,43 @@ class Homeserver:
         if canonical_size(dict(ev, event_id="$" + "x" * 43)) > MAX_PDU_BYTES:
             raise MatrixError(413, "M_TOO_LARGE", "Event too large")
 
+    @staticmethod
+    def _check_power_levels(room, sender, content):
+        """The authorization rules of an m.room.power_levels event (room versions 1 to 11, integers as
+        version 10 on enforces them): no level the sender does not have may be given, and no level at or
+        above the sender's (a user's but the sender's own, an action's, an event type's) changed."""
+        plain = ("users_default", "events_default", "state_default", "ban", "redact", "kick", "invite")
+        for k in plain:
+            if k in content and (not isinstance(content[k], int) or isinstance(content[k], bool)):
+                raise MatrixError(400, "M_BAD_JSON", f"{k} must be an integer")
+        for k in ("events", "notifications", "users"):
+            v = content.get(k, {})
+            if not isinstance(v, dict) or any(not isinstance(x, int) or isinstance(x, bool) for x in v.values()):
+                raise MatrixError(400, "M_BAD_JSON", f"{k} must be an object of integers")
+        if any(not USER_ID_RE.fullmatch(u) for u in content.get("users", {})):
+            raise MatrixError(400, "M_BAD_JSON", "users must be keyed by user IDs")
+        old = room.power_levels()
+        if not old:
+            return
+        mine = room.user_level(sender)
+
+        def changed(before, after, user=None):
+            if before == after:
+                return
+            if before is not None and (before > mine if user is None else before >= mine and user != sender):
+                raise MatrixError(403, "M_FORBIDDEN", "You don't have permission to change that level")
+            if after is not None and after > mine:
+                raise MatrixError(403, "M_FORBIDDEN", "You don't have permission to give that level")
+        for k in plain:
+            changed(old.get(k), content.get(k))
+        for k in ("events", "notifications"):
+            before, after = old.get(k, {}), content.get(k, {})
+            for key in set(before) | set(after):
+                changed(before.get(key), after.get(key))
+        before, after = old.get("users", {}), content.get("users", {})
+        for user in set(before) | set(after):
+            changed(before.get(user), after.get(user), user)
+
     def _h_send(self, req, room_id, etype, txn_id):
         if self.refuse_send and self.refuse_send(req.path):
             raise MatrixError(500, "M_UNKNOWN", "Internal server error (a test's)")
@@ -1068,6 +1105,8 @@ class Homeserver:
                 raise MatrixError(403, "M_FORBIDDEN", "You can't set state with another user's ID as state_key")
             self._check_event(room, {"type": etype, "state_key": state_key, "sender": req.user_id,
                                      "room_id": room_id, "content": content, "origin_server_ts": 0})
+            if etype == "m.room.power_levels":
+                self._check_power_levels(room, req.user_id, content)
             if etype == "m.room.canonical_alias":
                 for a in [content.get("alias")] + list(content.get("alt_aliases") or []):
                     if a is None:

@@ -640,6 +640,42 @@ def test_dm_profile_redaction_and_reads(world):
         (400, "M_INVALID_PARAM")
 
 
+def test_power_levels_and_kicks_follow_the_authorization_rules(world):
+    """A trusted private chat's invitee has the creator's level, so neither
+    may kick the other; nobody gives a level above their own, nor changes
+    one at or above it (but their own); a member invited by their
+    m.room.member state event carries is_direct, as createRoom's would."""
+    hs, _ = world()
+    alice_id, alice = hs.create_user("alice")
+    bob_id, bob = hs.create_user("bob")
+    a, b = hs.as_user(alice), hs.as_user(bob)
+    g = ghost(hs, "_cw_g")
+    gid = "@_cw_g:example.org"
+    trusted = g.create_dm(alice_id)
+    assert hs.state(trusted, "m.room.power_levels")["content"]["users"] == {gid: 100, alice_id: 100}
+    assert err(g.request("POST", f"{C3}/rooms/{trusted}/kick", {"user_id": alice_id})) == (403, "M_FORBIDDEN")
+    assert hs.members(trusted)[alice_id] == "invite"
+    # Made without her, she is invited by her member event, and given a level.
+    room = g.create_room(preset="trusted_private_chat", is_direct=True)
+    pl = hs.state(room, "m.room.power_levels")["content"]
+    assert pl["users"] == {gid: 100}
+    path = f"{C3}/rooms/{room}/state/m.room.power_levels/"
+    assert err(g.request("PUT", path, dict(pl, users={gid: 100, alice_id: 101}))) == (403, "M_FORBIDDEN")
+    assert err(g.request("PUT", path, dict(pl, users={gid: 100, alice_id: "100"}))) == (400, "M_BAD_JSON")
+    assert err(g.request("PUT", path, dict(pl, kick=101))) == (403, "M_FORBIDDEN")
+    assert g.request("PUT", path, dict(pl, users={gid: 100, alice_id: 100})).status_code == 200
+    g.state(room, "m.room.member", {"membership": "invite", "is_direct": True}, state_key=alice_id)
+    assert hs.state(room, "m.room.member", alice_id)["content"]["is_direct"] is True
+    a.join(room)
+    # Equal levels: neither lowers the other, each may lower themselves.
+    assert err(a.request("PUT", path, dict(pl, users={gid: 0, alice_id: 100}))) == (403, "M_FORBIDDEN")
+    # A private chat's invitee (0) is the creator's to kick.
+    portal = g.create_room(preset="private_chat", invite=[bob_id])
+    assert g.request("POST", f"{C3}/rooms/{portal}/kick", {"user_id": bob_id}).status_code == 200
+    assert hs.members(portal)[bob_id] == "leave"
+    assert err(b.request("POST", f"{C3}/rooms/{portal}/join", {})) == (403, "M_FORBIDDEN")
+
+
 def test_stop_resume_and_reset_of_txn_ids(world):
     hs, app = world()
     g = ghost(hs, "_cw_g")
