@@ -564,7 +564,7 @@ static const char expiry_sql[] =
 	"  FROM x CROSS JOIN LATERAL (SELECT d.destination, d.target_identity_id FROM outbox d "
 	"   WHERE d.event_id = x.id AND d.state = 'delivered' AND d.destination NOT LIKE 'peer:%' OFFSET 0) o), "
 	"dv AS (INSERT INTO events (public_id, room_id, sender_id, type, content, replaces_id, origin_network, ts) "
-	"  SELECT 'msg_' || rtrim(translate(encode(uuid_send(gen_random_uuid()), 'base64'), '+/', '-_'), '='), "
+	"  SELECT " NEW_EVENT_ID_SQL ", "
 	"  l.room_id, l.sender_id, 'delete', jsonb_build_object('type', 'delete', 'sender', l.sender_uri, "
 	"  'ts', $1::bigint, 'content', jsonb_build_object('replaces', l.public_id)), l.id, 'gateway', $1::bigint "
 	"  FROM (SELECT DISTINCT id, room_id, sender_id, public_id, sender_uri FROM loc) l ORDER BY l.id "
@@ -619,8 +619,7 @@ static const char consent_sql[] =
  * outbox id order across processes too (until the seventeenth session the
  * block took no lock, and a message of another process committed after it
  * could draw a smaller id and reach the peer first).  Ids as cw_new_id
- * makes them (16 random bytes, base64url): gen_random_uuid() is
- * PostgreSQL's strong random. */
+ * makes them (NEW_EVENT_ID_SQL). */
 static const char block_event_sql[] =
 	"WITH r AS (SELECT i.id, i.uri, p.name, p.mode FROM identities i JOIN peers p ON p.id = i.peer_id "
 	"  WHERE i.uri = $2 AND NOT i.is_local), "
@@ -632,7 +631,7 @@ static const char block_event_sql[] =
 	"lk AS MATERIALIZED (SELECT count(" ROOM_LOCK_SQL("y.room_id") ") AS n "
 	"  FROM (SELECT room_id FROM rm ORDER BY 1) y), "
 	"ev AS (INSERT INTO events (public_id, room_id, sender_id, type, content, origin_network, ts) "
-	"  SELECT 'msg_' || rtrim(translate(encode(uuid_send(gen_random_uuid()), 'base64'), '+/', '-_'), '='), "
+	"  SELECT " NEW_EVENT_ID_SQL ", "
 	"  rm.room_id, l.id, 'block', jsonb_build_object('type', 'block', 'sender', l.uri, 'ts', l.ts, "
 	"  'content', jsonb_build_object('target', r.uri, 'action', $3::text)), "
 	"  CASE WHEN l.network ~ '^[a-z][a-z0-9_-]*$' THEN l.network ELSE 'local' END, l.ts "

@@ -39,6 +39,11 @@ struct cw_store;
 #define ROOM_LOCK_CLASS "1129796434"
 #define ROOM_LOCK_SQL(room) "pg_advisory_xact_lock(" ROOM_LOCK_CLASS ", (" room " % 2147483647)::int)"
 
+/* A new event's public id made in SQL, as cw_new_id makes one ("msg_" and
+ * 16 random bytes, base64url): gen_random_uuid() is PostgreSQL's strong
+ * random.  For the events the gateway writes itself. */
+#define NEW_EVENT_ID_SQL "'msg_' || rtrim(translate(encode(uuid_send(gen_random_uuid()), 'base64'), '+/', '-_'), '=')"
+
 /* Whether consent_requests row q (its alias) still stands for its pair:
  * pending, or made within the last win seconds (an SQL expression, the
  * policy's consent_window).  One request per pair and window: the

@@ -230,6 +230,55 @@ def test_the_operator_removes_a_remote_member_of_a_group(daemon, peers, pg, db_u
     assert "peer:tg" not in rows.splitlines(), rows
 
 
+def test_the_peers_of_a_group_are_told_of_the_operators_removal(daemon, peers, pg, db_url):  # noqa: F811
+    """The operator's removal of a remote member reaches every peer with
+    members in the group, the removed user's own among them, as a member's
+    leaving reaches it (a `membership` event, content {membership: leave,
+    target}, the removed user its sender), signed and once, through the
+    outbox, written in the transaction of the removal: a refused request
+    writes none. Local members get no row of it (their adapters show the
+    change from the membership itself). A peer none of whose users is left
+    in the group is told of its last one's removal too. Until the
+    twenty-fifth session no peer was told: its view of the group was
+    wrong until it asked GET /v1/rooms/{room}."""
+    (a, sa), (b, sb) = peers
+    bob, eve, wally = b.user("bob"), b.user("eve"), a.user("wally")
+    gid = a.create_room([wally, bob, eve, ALICE]).json()["id"]
+
+    def leaves(srv):
+        return [e for e in list(srv.events) if e["type"] == "membership" and e["room_id"] == gid]
+
+    def stored():
+        return pg.psql("SELECT count(*) FROM events e JOIN rooms r ON r.id = e.room_id "
+                       f"WHERE r.public_id = '{gid}' AND e.type = 'membership'", db_url)
+    r = daemon.admin("POST", f"/rooms/{gid}/members", json={"remove": [eve, b.user("nobody")]})
+    assert r.status_code == 400, r.text
+    assert stored() == "0"
+    r = daemon.admin("POST", f"/rooms/{gid}/members", json={"remove": [eve]})
+    assert r.status_code == 200, r.text
+    for srv in (sa, sb):
+        got = wait_until(lambda: leaves(srv) or None, what="eve's leaving at the peer")
+        assert len(got) == 1, got
+        assert got[0]["sender"] == eve and got[0]["content"] == {"membership": "leave", "target": eve}, got
+    rows = pg.psql("SELECT o.destination FROM outbox o JOIN events e ON e.id = o.event_id JOIN rooms r "
+                   f"ON r.id = e.room_id WHERE r.public_id = '{gid}' AND e.type = 'membership' "
+                   "ORDER BY o.destination", db_url)
+    assert rows.splitlines() == ["peer:gk", "peer:tg"], rows
+    # The next message reaches tg after the leave, in the room's order.
+    mid = send(a, gid, "eve is out").json()["id"]
+    wait_until(lambda: mid in [e["id"] for e in list(sb.events)], what="the next message at tg")
+    ids = [e["id"] for e in list(sb.events)]
+    assert ids.index(leaves(sb)[0]["id"]) < ids.index(mid), ids
+    # bob, tg's last member: tg is told still.
+    assert daemon.admin("POST", f"/rooms/{gid}/members", json={"remove": [bob]}).status_code == 200
+    for srv in (sa, sb):
+        wait_until(lambda: len(leaves(srv)) == 2, what="bob's leaving at the peer")
+        assert [(e["sender"], e["content"]["target"]) for e in leaves(srv)] == [(eve, eve), (bob, bob)]
+    assert stored() == "2"
+    for srv in (sa, sb):
+        assert srv.errors == [] and srv.duplicates == 0, (srv.errors, srv.duplicates)
+
+
 def test_stats_queue_dead_letters_and_decisions(make_daemon, db_url, pg):
     d = make_daemon(db_url, options={"dispatcher": {"retry_budget": "2", "retry_base_ms": "20",
                                                     "retry_max_ms": "50"}}).start()
