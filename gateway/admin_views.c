@@ -175,11 +175,13 @@ static const char ROOMS_SQL[] =
 	" '[]'::json), 'next_after', CASE WHEN count(*) = $2::int THEN max(x.id) END)::text "
 	"FROM (SELECT * FROM rooms WHERE id > $1::bigint ORDER BY id LIMIT $2::int) x";
 
-/* One room with every member, whatever its membership (left and banned too). */
+/* One room with every member, whatever its membership (left and banned too),
+ * and whether they are local (a user of this server, whom the operator does
+ * not remove). */
 static const char ROOM_SQL[] =
 	"SELECT json_build_object(" ROOM_FIELDS ", "
 	" 'members', (SELECT coalesce(json_agg(json_build_object('uri', i.uri, 'role', m.role, "
-	"  'membership', m.membership) ORDER BY i.uri), '[]'::json) "
+	"  'membership', m.membership, 'local', i.is_local) ORDER BY i.uri), '[]'::json) "
 	"  FROM room_members m JOIN identities i ON i.id = m.identity_id WHERE m.room_id = x.id))::text "
 	"FROM rooms x WHERE x.public_id = $1";
 

@@ -859,16 +859,31 @@
 
   pages.rooms = ["Rooms", (root, args) => {
     if (args[0]) {
-      const one = slot();
-      add(root, h("p", {}, h("a", { href: "#/rooms" }, "All rooms")), one);
-      fill(one, async () => {
+      const one = slot(), note = noteEl();
+      add(root, h("p", {}, h("a", { href: "#/rooms" }, "All rooms")), note, one);
+      // A peer's user joined in a group may be removed (local users leave
+      // through their own client); their peer and the group's other peers
+      // are told.
+      const removable = (r, x) => r.kind === "group" && !x.local && x.membership === "joined";
+      async function remove(r, x) {
+        try {
+          await api("POST", "/rooms/" + enc(r.id) + "/members", { remove: [x.uri] });
+          say(note, x.uri + " removed from the room.");
+          load();
+        } catch (e) { note.replaceChildren(problem(e)); }
+      }
+      const load = () => fill(one, async () => {
         const r = await api("GET", "/rooms/" + enc(args[0]));
+        const actions = isAdmin() && r.kind === "group" ? [["Actions", (x) => removable(r, x)
+          ? changeBtn("Remove", () => remove(r, x), { danger: true, confirm: "Remove " + x.uri + " from the room? " +
+            "Their peer and the room's other peers are told they left." }) : "—"]] : [];
         return [section("Room " + r.id, dl([["URI", h("span", { class: "mono" }, text(r.uri))], ["Kind", text(r.kind)],
           ["Name", text(r.name)], ["Created", when(r.created_at)], ["Members", text(r.member_count)]])),
         section("Members", table([["Member", (x) => h("span", { class: "mono" }, x.uri)], ["Role", (x) => text(x.role)],
-          ["Membership", (x) => text(x.membership)]], r.members, "No members.")),
+          ["Membership", (x) => text(x.membership)], ...actions], r.members, "No members.")),
         section("Bindings", bindings(r.bindings))];
       });
+      load();
       return;
     }
     add(root, paged("/rooms", "rooms", () => ({}), (rows) => table([

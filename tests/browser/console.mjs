@@ -313,6 +313,38 @@ try {
     assert.ok((await page.locator('[data-change]').count()) > 0, 'an admin sees change controls');
   });
 
+  let group = null;
+  await check('remove a peer\'s user from a group', async () => {
+    group = await ask('group');
+    await go(page, `#/rooms/${group}`);
+    await page.getByRole('link', { name: 'All rooms' }).waitFor({ timeout: WAIT });
+    await settled(page);
+    const members = page.locator('section', { hasText: 'Members' });
+    const row = (uri) => members.locator('tbody tr', { hasText: uri });
+    const dan = 'mimi://wa.example/u/dan', alice = 'mimi://example.org/u/alice';
+    await row(dan).waitFor({ timeout: WAIT });
+    // A local member is not removed here: they leave through their own client.
+    assert.equal(await row(alice).getByRole('button', { name: 'Remove' }).count(), 0, 'no Remove for a local user');
+    assert.equal(await row('mimi://spam.example/u/carol').getByRole('button', { name: 'Remove' }).count(), 1);
+    await row(dan).getByRole('button', { name: 'Remove' }).click();
+    const dlg = page.locator('dialog[open]');
+    await dlg.waitFor();
+    assert.match(await dlg.innerText(), /Remove mimi:\/\/wa\.example\/u\/dan from the room\?/);
+    await shot(page, 'admin-12-room-remove-confirm');
+    await dlg.getByRole('button', { name: 'Remove' }).click();
+    await page.locator('.note .ok', { hasText: `${dan} removed from the room.` }).waitFor({ timeout: WAIT });
+    await page.waitForFunction((u) => [...document.querySelectorAll('main tbody tr')]
+      .some((tr) => tr.textContent.includes(u) && tr.textContent.includes('left')), dan, { timeout: WAIT });
+    await settled(page);
+    assert.equal(await row(dan).getByRole('button', { name: 'Remove' }).count(), 0, 'no Remove for one who left');
+    await buttonsMarked(page);
+    await shot(page, 'admin-13-room-removed');
+    // The peers of the group were told, once each.
+    const told = JSON.parse(await ask('removed'));
+    assert.deepEqual(told, { gk: 1, sp: 1 });
+    return { group, told };
+  });
+
   await check('a failing call shows its problem as an error state', async () => {
     const body = JSON.stringify({ type: 'about:blank', title: 'Service unavailable', status: 503,
       detail: 'the database is not reachable', code: 'unavailable' });
@@ -345,7 +377,7 @@ try {
       seen[p] = (await page.locator('main table tbody tr').count());
       await shot(page, `viewer-${String(i).padStart(2, '0')}-${p}`);
     }
-    for (const hash of [`#/trace/${deadMsg}`, '#/held', '#/deadletters']) {
+    for (const hash of [`#/trace/${deadMsg}`, '#/held', '#/deadletters', `#/rooms/${group}`]) {
       await go(page, hash);
       assert.equal(await page.locator('[data-change]').count(), 0, `change controls on ${hash}`);
     }

@@ -3,7 +3,8 @@ then the console itself in a real headless Chromium (Debian's chromium
 package driven by playwright-core, both installed by tools/dev test):
 tests/browser/console.mjs signs in, reads the dashboard while this test sends
 messages, adds a deny rule and reads the next message's trace, replays a dead
-letter, and finds no change control as a viewer.  Screenshots of every page
+letter, removes a peer's user from a group (its peers told), and finds no
+change control as a viewer.  Screenshots of every page
 go to $top_builddir/test-artefacts/console/."""
 import json
 import os
@@ -105,14 +106,17 @@ class Scenario:
         gk, tg, sp = (self.peers[n][0] for n in ("gk", "tg", "sp"))
         # gk <-> sp: the traffic (and, once the rule is in, the denied message)
         self.chat = self.room(gk, [gk.user("alice"), sp.user("carol")])
-        r = gk.create_room([gk.user("alice"), sp.user("carol"), gk.user("dan")], kind="group", name="Book club")
-        assert r.status_code == 201, r.text
         self.sent = 0
         self.traffic(3)
         self.peers["sp"][1].wait_events(3)
         # a first contact for a local user: held
         r = d.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True})
         assert r.status_code == 200, r.text
+        # a group with a local member, of which the console removes dan
+        r = gk.create_room([gk.user("alice"), sp.user("carol"), gk.user("dan"), ALICE], kind="group",
+                           name="Book club")
+        assert r.status_code == 201, r.text
+        self.group = r.json()["id"]
         dm = self.room(gk, [gk.user("wally"), ALICE])
         self.held = self.send(gk, dm, gk.user("wally"), "hello, do you know me?")
         # gk -> tg while tg is down: a dead letter
@@ -155,6 +159,17 @@ class Scenario:
         if need == "heal":
             self.peers["tg"][1].fail_next = 0
             return self.dead
+        if need == "group":
+            return self.group
+        if need == "removed":
+            dan = self.peers["gk"][0].user("dan")
+
+            def told(name):
+                return [e for e in list(self.peers[name][1].events) if e["type"] == "membership"
+                        and e["room_id"] == self.group and e["content"] == {"membership": "leave", "target": dan}]
+            for name in ("gk", "sp"):
+                wait_until(lambda: told(name), what=f"dan's leaving at {name}")
+            return json.dumps({name: len(told(name)) for name in ("gk", "sp")})
         raise AssertionError(f"the browser script asked for {need!r}")
 
     def close(self):
@@ -215,7 +230,8 @@ def test_console_in_a_browser(make_daemon, db_url):
     checks = {x["check"] for x in results}
     for must in ("sign in as admin", "dashboard shows live numbers", "add a deny rule",
                  "the next message is denied, and its trace says why", "replay a dead letter and see it delivered",
-                 "allow a held sender", "a viewer sees no change controls on any page",
+                 "allow a held sender", "remove a peer's user from a group",
+                 "a viewer sees no change controls on any page",
                  "phone width: dashboard and navigation",
                  "no CSP violation, console error or page error"):
         assert must in checks, f"check not run: {must}\n{report}"
@@ -228,7 +244,12 @@ def test_console_in_a_browser(make_daemon, db_url):
     (tg,) = [x for x in trace["deliveries"] if x["destination"] == "peer:tg"]
     assert tg["state"] == "delivered" and tg["tries"][-1]["ok"] and tg["tries"][-1]["code"] == 200, tg
     audit = d.admin("GET", "/audit?actor=admin:config").json()["rows"]
-    assert {"rule.create", "settings.update", "outbox.replay", "consent.set"} <= {x["action"] for x in audit}
+    assert {"rule.create", "settings.update", "outbox.replay", "consent.set", "room.members"} <= \
+        {x["action"] for x in audit}
+    members = {m["uri"]: (m["membership"], m["local"]) for m in
+               d.admin("GET", f"/rooms/{scenario.group}").json()["members"]}
+    assert members == {"mimi://wa.example/u/alice": ("joined", False), "mimi://spam.example/u/carol": ("joined", False),
+                       "mimi://wa.example/u/dan": ("left", False), ALICE: ("joined", True)}, members
     assert d.admin("GET", "/held").json()["rows"] == [], "the held message was released"
     assert not d.admin("GET", "/audit?actor=admin:night-viewer").json()["rows"], "the viewer changed nothing"
     shots = sorted(os.listdir(SHOTS))
