@@ -2846,8 +2846,12 @@ def test_a_member_the_operator_removes_leaves_as_one_their_peer_removes(mx, hs, 
     """POST /admin/v1/rooms/{id}/members with remove makes the same change
     as the peer's own removal: the ghost of the member leaves alice's room
     of the group, and the group goes on there without them. Until the
-    twenty-fourth session the admin API had no member removal."""
-    a, _ = gk
+    twenty-fourth session the admin API had no member removal. The peer
+    is told as of a member's leaving (a `membership` leave, ed its sender,
+    once), and alice sees only the ghost's leaving, as when the peer
+    removes him: nothing more is said in her room (since the twenty-fifth
+    session; before, the peer was not told)."""
+    a, srv = gk
     ed = a.user("ed")
     consent_alice(mx, ed)
     group, _, mine, said, _ = alice_in_wallys_group(mx, hs, gk, pg, db_url, [ed])
@@ -2855,13 +2859,19 @@ def test_a_member_the_operator_removes_leaves_as_one_their_peer_removes(mx, hs, 
     assert a.send(group, ed, "ed here").status_code == 202
     wait_until(lambda: (ed_ghost, "ed here") in said(mine), what="ed's message in alice's room")
     assert hs.members(mine).get(ed_ghost) == "join"
+    before = said(mine)
     r = mx.admin("POST", f"/rooms/{group}/members", json={"remove": [ed]})
     assert r.status_code == 200, r.text
     assert {m["uri"]: m["membership"] for m in r.json()["members"]}[ed] == "left"
     wait_until(lambda: hs.members(mine).get(ed_ghost) == "leave", what="ed's ghost leaving alice's room")
+    told = wait_until(lambda: [e for e in list(srv.events) if e["type"] == "membership" and e["room_id"] == group
+                               and e["content"].get("target") == ed] or None, what="ed's leaving at the peer")
+    assert [(e["sender"], e["content"]) for e in told] == [(ed, {"membership": "leave", "target": ed})], told
     assert a.send(group, a.user("wally"), "without ed").status_code == 202
     wait_until(lambda: (wally, "without ed") in said(mine), what="the next message in alice's room")
     assert hs.members(mine).get(ed_ghost) == "leave"
+    assert said(mine) == before + [(wally, "without ed")]
+    assert srv.errors == [] and srv.duplicates == 0
 
 
 def test_writing_in_a_group_lets_its_members_reach_the_writer_there_only(mx, hs, gk, pg, db_url):

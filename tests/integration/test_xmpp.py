@@ -432,6 +432,48 @@ def test_a_group_is_a_room_of_the_component(xd, gk, alice, prosody, pg, db_url):
     alice.expect_no_message(lambda el: body(el) == "see you all", start=start)
 
 
+def test_a_member_the_operator_removes_leaves_the_groups_room(xd, gk, alice, pg, db_url):
+    """POST /admin/v1/rooms/{id}/members with remove, seen from XMPP: alice,
+    in the group's room, sees the removed member go (an unavailable
+    presence), as when the peer removes them, and nothing else; the peer
+    is told once, as of a member's leaving; the group goes on without
+    them. Until the twenty-fifth session no test looked at the XMPP side
+    of the operator's removal, and the peer was not told."""
+    a, srv = gk
+    consent_alice(xd)
+    consent_alice(xd, "mimi://wa.example/u/zoe")
+    zoe = a.user("zoe")
+    gid = a.create_room([a.user("wally"), zoe, ALICE], kind="group", name="Tea club").json()["id"]
+    assert a.send(gid, a.user("wally"), "tea at four?").status_code == 202
+    invite = alice.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None)
+    room = invite.get("from")
+    start = alice.count()
+    alice.send_presence(to=room + "/alice", payload=f"<x xmlns='{MUC}'><history maxstanzas='0'/></x>")
+    alice.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+    occupants = [el.get("from").split("/", 1)[1] for el in alice.stanzas()[start:]
+                 if el.tag == "{jabber:client}presence"]
+    assert occupants == ["wally", "zoe", "alice"], occupants
+    start = alice.count()
+    r = xd.admin("POST", f"/rooms/{gid}/members", json={"remove": [zoe]})
+    assert r.status_code == 200, r.text
+    alice.wait_for_presence(lambda el: el.get("from") == room + "/zoe" and el.get("type") == "unavailable",
+                            start=start)
+    told = wait_until(lambda: [e for e in list(srv.events) if e.get("type") == "membership"
+                               and e["room_id"] == gid] or None, what="zoe's leaving at the peer")
+    assert [(e["sender"], e["content"]) for e in told] == [(zoe, {"membership": "leave", "target": zoe})], told
+    # No row of it to XMPP: alice is shown the change by the presence alone.
+    assert pg.psql("SELECT count(*) FROM outbox o JOIN events e ON e.id = o.event_id JOIN rooms r "
+                   f"ON r.id = e.room_id WHERE r.public_id = '{gid}' AND e.type = 'membership' "
+                   "AND o.destination NOT LIKE 'peer:%'", db_url) == "0"
+    assert a.send(gid, a.user("wally"), "tea without zoe").status_code == 202
+    message_from(alice, room, lambda el: body(el) == "tea without zoe")
+    got = [el for el in alice.stanzas()[start:] if el.tag == "{jabber:client}message"]
+    assert [body(el) for el in got] == ["tea without zoe"], [el.xml for el in got]
+    assert not [el for el in alice.stanzas()[start:] if el.tag == "{jabber:client}presence"
+                and el.get("from") == room + "/zoe" and el.get("type") != "unavailable"]
+    assert srv.errors == [] and srv.duplicates == 0
+
+
 def test_a_join_while_the_groups_rows_are_on_their_way(xd, gk, alice, pg, db_url):
     """alice joins on her invitation before the row that invited her is
     recorded delivered (the database made slow at that step), and her join
