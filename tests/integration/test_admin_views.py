@@ -6,12 +6,15 @@ removal of a remote member."""
 import json
 import os
 import re
+import threading
+import time
 
 from harness import TOP_SRCDIR, run_causewayd, wait_until
 from peer import push_peers
 from test_admin_api import make_token
 from test_openapi import check_schema
 from test_peer_api import peers  # noqa: F401  (the fixture)
+from test_peer_pull import make_peers
 from test_policy import consent, opt_in, send, wait_policy
 
 ALICE = "mimi://example.org/u/alice"
@@ -277,6 +280,39 @@ def test_the_peers_of_a_group_are_told_of_the_operators_removal(daemon, peers, p
     assert stored() == "2"
     for srv in (sa, sb):
         assert srv.errors == [] and srv.duplicates == 0, (srv.errors, srv.duplicates)
+
+
+def test_a_pull_peer_is_told_of_the_operators_removal_at_once(daemon):
+    """A pull peer waiting on GET /v1/events gets the removed member's
+    leaving when the removal commits (its pull is woken, as by any event
+    for it), not at the end of its wait. A peer with no member in the
+    group (gk here) is told nothing."""
+    _, b, _, srv = make_peers(daemon)
+    try:
+        bob, eve = b.user("bob"), b.user("eve")
+        gid = b.create_room([bob, eve, b.user("carol")], kind="group").json()["id"]
+        cursor = b.call("GET", "/v1/events?after=0").json()["next"]
+        result = {}
+
+        def poll():
+            t0 = time.time()
+            result["r"] = b.call("GET", f"/v1/events?after={cursor}&wait=20")
+            result["t"] = time.time() - t0
+        t = threading.Thread(target=poll)
+        t.start()
+        time.sleep(1.0)  # the poll waiting (there is nothing for it until the removal)
+        assert t.is_alive()
+        r = daemon.admin("POST", f"/rooms/{gid}/members", json={"remove": [eve]})
+        assert r.status_code == 200, r.text
+        t.join(25)
+        assert "r" in result, "the poll did not answer"
+        got = result["r"].json()["events"]
+        assert [(e["type"], e["sender"], e["content"]) for e in got] == \
+            [("membership", eve, {"membership": "leave", "target": eve})], got
+        assert result["t"] < 10, result["t"]
+        assert srv.requests == 0 and srv.events == []
+    finally:
+        srv.close()
 
 
 def test_stats_queue_dead_letters_and_decisions(make_daemon, db_url, pg):
