@@ -230,23 +230,23 @@ struct remove_input {
 /* Each removed member's leaving, for the peers: a membership event
  * {membership: leave, target} whose sender is the member, as a member's
  * own leaving is (xmpp_in.c, the Matrix adapter), one per member in the
- * order named ($2, a JSON array of their URIs), with a row to every peer
- * with a member in the room, joined or among those removed (their peer
- * keeps no wrong view of the room; the statement sees the rows the
- * removal left).  Origin gateway: no peer sent it.  Local members get no
- * row: their adapters show the change from room_members, as when a peer
- * removes a member.  The room is locked first as by every write of events
- * (ROOM_LOCK_SQL), so the rows follow the room's order; the dispatcher or
- * the pull is woken at the commit.  $1: the room's id. */
+ * order named ($2, a JSON array of their URIs; one named twice leaves
+ * once), with a row to every peer with a member in the room, joined or
+ * among those removed (their peer keeps no wrong view of the room; the
+ * statement sees the rows the removal left).  Origin gateway: no peer
+ * sent it.  Local members get no row: their adapters show the change
+ * from room_members, as when a peer removes a member.  The caller holds
+ * the room's lock of every write of events (ROOM_LOCK_SQL, taken first),
+ * so the rows follow the room's order; the dispatcher or the pull is
+ * woken at the commit.  $1: the room's id. */
 static const char remove_events_sql[] =
-	"WITH lk AS MATERIALIZED (SELECT count(" ROOM_LOCK_SQL("$1::bigint") ") AS n), "
-	"t AS (SELECT i.id, i.uri, x.n FROM jsonb_array_elements_text($2::jsonb) WITH ORDINALITY AS x(uri, n) "
-	"  JOIN identities i ON i.uri = x.uri), "
+	"WITH t AS (SELECT i.id, i.uri, min(x.n) AS n FROM jsonb_array_elements_text($2::jsonb) WITH ORDINALITY "
+	"  AS x(uri, n) JOIN identities i ON i.uri = x.uri GROUP BY i.id, i.uri), "
 	"tm AS (SELECT (extract(epoch FROM now()) * 1000)::bigint AS ms), "
 	"ev AS (INSERT INTO events (public_id, room_id, sender_id, type, content, origin_network, ts) "
 	"  SELECT " NEW_EVENT_ID_SQL ", $1::bigint, t.id, 'membership', jsonb_build_object('type', 'membership', "
 	"  'sender', t.uri, 'ts', tm.ms, 'content', jsonb_build_object('membership', 'leave', 'target', t.uri)), "
-	"  'gateway', tm.ms FROM t, tm WHERE (SELECT n FROM lk) >= 0 ORDER BY t.n RETURNING id), "
+	"  'gateway', tm.ms FROM t, tm ORDER BY t.n RETURNING id), "
 	"pd AS (SELECT DISTINCT p.name, p.mode FROM room_members m JOIN identities i ON i.id = m.identity_id "
 	"  JOIN peers p ON p.id = i.peer_id WHERE m.room_id = $1::bigint "
 	"  AND (m.membership = 'joined' OR i.id IN (SELECT id FROM t))), "
@@ -280,10 +280,18 @@ static cw_err members_remove_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct remove_input *in = j->data;
 	const char *rp[] = { in->public_id };
-	PGresult *r = PQexecParams(c, "SELECT id, kind FROM rooms WHERE public_id = $1 FOR UPDATE", 1, NULL, rp, NULL,
-				   NULL, 0);
+	/* The room's lock for writing events (remove_events_sql) before its
+	 * row's: a write of events holds the first, and must not wait for this
+	 * one's row lock while this one waits for it. */
+	PGresult *r = PQexecParams(c, "SELECT count(" ROOM_LOCK_SQL("id") ") FROM rooms WHERE public_id = $1", 1, NULL,
+				   rp, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	PQclear(r);
+	r = PQexecParams(c, "SELECT id, kind FROM rooms WHERE public_id = $1 FOR UPDATE", 1, NULL, rp, NULL, NULL, 0);
 	char room_id[24];
-	cw_err rc = room_members_target(c, j, r, "not_found", "no room with that id", room_id, e);
+	rc = room_members_target(c, j, r, "not_found", "no room with that id", room_id, e);
 	if (rc || j->err_code)
 		return rc;
 	/* Every one named is checked before anything changes: the request is

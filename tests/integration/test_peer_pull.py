@@ -22,6 +22,23 @@ def make_peers(d):
     return a, b, rm, srv
 
 
+def long_poll(b, cursor, wait):
+    """Starts b's GET /v1/events?after=cursor&wait=wait in a thread and
+    checks, a second later, that it is waiting: (thread, result), result
+    getting "r" (the answer) and "t" (how long it took)."""
+    result = {}
+
+    def poll():
+        t0 = time.time()
+        result["r"] = b.call("GET", f"/v1/events?after={cursor}&wait={wait}")
+        result["t"] = time.time() - t0
+    t = threading.Thread(target=poll)
+    t.start()
+    time.sleep(1.0)
+    assert t.is_alive()
+    return t, result
+
+
 def test_pull_in_order_with_ack_and_long_poll(daemon):
     a, b, rm, srv = make_peers(daemon)
     ids = [a.send(rm["id"], a.user("alice"), f"p{i}").json()["id"] for i in range(5)]
@@ -34,16 +51,7 @@ def test_pull_in_order_with_ack_and_long_poll(daemon):
     # Not acknowledged yet: asking again from 0 gives the same events.
     assert [e["id"] for e in b.call("GET", "/v1/events?after=0&limit=2").json()["events"]] == ids[:2]
     # Long-poll: nothing new, the request waits until an event arrives.
-    result = {}
-
-    def poll():
-        t0 = time.time()
-        result["r"] = b.call("GET", f"/v1/events?after={cursor}&wait=10")
-        result["t"] = time.time() - t0
-    t = threading.Thread(target=poll)
-    t.start()
-    time.sleep(1.0)
-    assert t.is_alive()
+    t, result = long_poll(b, cursor, 10)
     new = a.send(rm["id"], a.user("alice"), "late").json()["id"]
     t.join(10)
     assert result["r"].status_code == 200
