@@ -123,11 +123,12 @@ static const struct cw_route live_routes[] = {
 
 static struct cw_http *live;
 static char base[64];
+static int live_null = -1;
 
 static void live_start(void)
 {
-	int null = open("/dev/null", O_WRONLY);
-	cw_log_set_fd(null); /* access log lines */
+	live_null = open("/dev/null", O_WRONLY);
+	cw_log_set_fd(live_null); /* access log lines */
 	struct cw_http_opts o = {
 		.listen_address = "127.0.0.1", .port = 0, .threads = 2, .connection_limit = 64,
 		.connection_timeout_s = 5, .max_body_bytes = 4096,
@@ -143,6 +144,8 @@ static void live_stop(void)
 	cw_http_stop(live);
 	live = NULL;
 	cw_log_set_fd(2);
+	close(live_null); /* one per start: 1000 starts below */
+	live_null = -1;
 }
 
 struct resp {
@@ -371,7 +374,11 @@ END_TEST
 
 /* Stopping while clients keep connecting, many times over: no stop may
  * abort the process.  (On epoll, libmicrohttpd 0.9.75's quiesce raced its
- * workers and MHD_PANICked within a few hundred of these.) */
+ * workers and MHD_PANICked within a few hundred of these.)  It runs in a
+ * case of its own with a long timeout: its 1000 stops take about 4 s of a
+ * sanitized build on an idle machine, but over 30 s (the live case's
+ * timeout, a "Test timeout expired" in CI) with the core shared ten ways,
+ * as `make check` beside the black-box tier's workers can share it. */
 static volatile int hammering;
 static char hammer_url[128];
 
@@ -407,7 +414,10 @@ START_TEST(live_quiesce_under_load_never_aborts)
 		hammering = 0;
 		for (int k = 0; k < 2; k++)
 			pthread_join(t[k], NULL);
-		ck_assert(cw_http_drain(live, 2000));
+		/* The clients are gone: what is left ends at once, but a
+		 * loaded machine may take a while to run the workers. */
+		ck_assert_msg(cw_http_drain(live, 10000), "stop %d: %ld requests still in flight after 10 s", i,
+			      cw_http_in_flight(live));
 		live_stop();
 		stops++;
 	}
@@ -563,8 +573,11 @@ int main(void)
 	tcase_add_test(live_tc, live_route_without_a_body);
 	tcase_add_test(live_tc, live_suspend_resume_many);
 	tcase_add_test(live_tc, live_quiesce_finishes_in_flight);
-	tcase_add_test(live_tc, live_quiesce_under_load_never_aborts);
 	suite_add_tcase(s, live_tc);
+	TCase *stops_tc = tcase_create("stops");
+	tcase_set_timeout(stops_tc, 300);
+	tcase_add_test(stops_tc, live_quiesce_under_load_never_aborts);
+	suite_add_tcase(s, stops_tc);
 	int rc = unit_run(s);
 	curl_global_cleanup();
 	return rc;
