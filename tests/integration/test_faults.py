@@ -168,10 +168,15 @@ def test_a_backlog_that_all_waits_is_not_scanned_on_every_commit(make_daemon, db
     # claim, a core of the database's spent on finding nothing.  A claim
     # that finds nothing slowly now leaves the destination alone for a
     # while (counted in the metrics), and when the peer is back everything
-    # is delivered, once and in order per room.
+    # is delivered, once and in order per room.  The peer fails for as long
+    # as the backlog takes to write and a pause to come: every row must
+    # outlive that many attempts.  With the default retry budget (12, about
+    # 10 s at these delays) a loaded machine, which took 53 s to write the
+    # backlog, dead-lettered the rows of the first 19 s: 8,100 of the
+    # 15,000 came (an earlier failure "at 75 %" was the same).
     d = make_daemon(db_url, options={"server": {"max_body_bytes": "4MiB"},
                                      "dispatcher": {"retry_base_ms": "300", "retry_max_ms": "1000",
-                                                    "batch_max": "500"}}).start()
+                                                    "retry_budget": "1000", "batch_max": "500"}}).start()
     try:
         (a, sa), (b, sb) = push_peers(d)
         sb.fail_next = 10 ** 9  # 503 to every delivery
@@ -190,9 +195,15 @@ def test_a_backlog_that_all_waits_is_not_scanned_on_every_commit(make_daemon, db
         def pauses():
             m = re.search(r"^causeway_dispatch_pauses_total (\d+)", d.get("/metrics").text, re.M)
             return int(m.group(1))
-        wait_until(lambda: pauses() >= 1, timeout=60)
+
+        def outcomes():  # for a failure's message: dead rows, say
+            return re.findall(r"^causeway_(?:dispatch_rows_total|outbox_depth)\{.*", d.get("/metrics").text, re.M)
+        wait_until(lambda: pauses() >= 1, timeout=60, what="a pause")
         sb.fail_next = 0
-        got = sb.wait_events(15000, timeout=400)  # 15,000 through a sanitized daemon, the tier's other worker busy
+        try:
+            got = sb.wait_events(15000, timeout=400)  # 15,000 through a sanitized daemon, the tier's other worker busy
+        except AssertionError as ex:
+            raise AssertionError(f"{ex}; {outcomes()}") from None
         for rm in rooms:
             assert [e["id"] for e in got if e["room_id"] == rm["id"]] == accepted[rm["id"]]
         assert sb.duplicates == 0 and sb.errors == []
