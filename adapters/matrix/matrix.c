@@ -7,6 +7,7 @@
 #include "pipeline.h"
 #include "store.h"
 
+#include <errno.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -51,11 +52,15 @@ cw_err matrix_new(struct matrix **out, struct cw_app *app, cw_errmsg *e)
 	m->media_queue = json_array();
 	m->media_state = json_object();
 	m->catching_up = json_object();
+	m->joining = json_object();
+	pthread_cond_init(&m->joining_cond, NULL);
 	pthread_cond_init(&m->media_cond, NULL);
 	pthread_cond_init(&m->ping_cond, NULL);
 	if (!m->typing || !m->profile_failed || !m->media_queue || !m->media_state || !m->catching_up ||
-	    pthread_key_create(&m->curl_key, mx_curl_release) != 0) {
+	    !m->joining || pthread_key_create(&m->curl_key, mx_curl_release) != 0) {
 		json_decref(m->catching_up);
+		json_decref(m->joining);
+		pthread_cond_destroy(&m->joining_cond);
 		json_decref(m->typing);
 		json_decref(m->profile_failed);
 		json_decref(m->media_queue);
@@ -96,6 +101,8 @@ void matrix_free(struct matrix *m)
 	json_decref(m->media_queue);
 	json_decref(m->media_state);
 	json_decref(m->catching_up);
+	json_decref(m->joining);
+	pthread_cond_destroy(&m->joining_cond);
 	pthread_cond_destroy(&m->media_cond);
 	pthread_cond_destroy(&m->ping_cond);
 	pthread_mutex_destroy(&m->mu);
@@ -394,6 +401,7 @@ struct txn {
 	json_t *rooms;        /* Matrix room id -> its neutral room's id when bridged */
 	json_t *mgmt;         /* Matrix room id -> the user whose management room it is */
 	json_t *rejoins;      /* "<Matrix room> <user>": their join is no change (joins_of_invitees) */
+	json_t *joining;      /* the keys of m->joining this transaction holds (hold_joins), or NULL */
 	json_t *bot_send;     /* of bot, those that are the bot's (txn_prepare) */
 	json_t *typing;       /* room -> who types, as this transaction says (kept once it is durable) */
 	json_t *item_rooms;   /* per pipeline item: [Matrix room, neutral type] (a refusal's notice goes there) */
@@ -408,9 +416,12 @@ struct txn {
 	size_t invalid, ignored;
 };
 
+static void release_joins(struct txn *t);
+
 static void txn_free(void *arg)
 {
 	struct txn *t = arg;
+	release_joins(t);
 	json_decref(t->events);
 	json_decref(t->bot);
 	json_decref(t->ephemeral);
@@ -840,6 +851,71 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 
 static void txn_answer(struct txn *t, struct app_job *j);
 
+/* How long a transaction's read of a member's stored membership waits for
+ * another's write of a join of the same member in the same room.  A write
+ * takes a group commit; past this (a write held by a lock, say) the read
+ * goes ahead, as it did before the twenty-fifth session. */
+#define JOIN_WAIT_MS 5000
+
+/* Whether joins (from joins_of_invitees: [room, user, ...] each) is no
+ * change is decided on what is stored (rejoins), on a reader, before the
+ * write.  Two transactions that carry a join of the same member in the
+ * same room, read at the same moment, both found no join stored and both
+ * were written: the bot's late look at a join (mx_mark_if_joined, the
+ * member event after a rename) and the homeserver's push of the first
+ * join, and the peer got the join twice (a test that failed under load
+ * showed it: two stored).  So a transaction holds its joins' keys from
+ * this read to the end of its write (txn_free), and another's read of the
+ * same keys waits for that write.  The keys are taken all at once, so no
+ * two transactions wait for each other. */
+static void hold_joins(struct txn *t, json_t *joins)
+{
+	struct matrix *m = t->m;
+	if (!t->joining && !(t->joining = json_object()))
+		return;
+	struct timespec until;
+	cw_deadline_ts(&until, CLOCK_REALTIME, (int64_t)JOIN_WAIT_MS * 1000);
+	size_t i;
+	json_t *x;
+	char key[REJOIN_KEY_MAX];
+	pthread_mutex_lock(&m->mu);
+	for (;;) {
+		bool busy = false;
+		json_array_foreach(joins, i, x) {
+			rejoin_key(key, json_string_value(json_array_get(x, 0)),
+				   json_string_value(json_array_get(x, 1)));
+			busy = busy || (!json_object_get(t->joining, key) && json_object_get(m->joining, key));
+		}
+		if (!busy || pthread_cond_timedwait(&m->joining_cond, &m->mu, &until) == ETIMEDOUT)
+			break;
+	}
+	json_array_foreach(joins, i, x) {
+		rejoin_key(key, json_string_value(json_array_get(x, 0)), json_string_value(json_array_get(x, 1)));
+		if (!json_object_get(m->joining, key)) {
+			json_object_set_new(m->joining, key, json_true());
+			json_object_set_new(t->joining, key, json_true());
+		}
+	}
+	pthread_mutex_unlock(&m->mu);
+}
+
+static void release_joins(struct txn *t)
+{
+	if (!t->joining)
+		return;
+	struct matrix *m = t->m;
+	const char *key;
+	json_t *v;
+	pthread_mutex_lock(&m->mu);
+	json_object_foreach(t->joining, key, v)
+		json_object_del(m->joining, key);
+	if (json_object_size(t->joining))
+		pthread_cond_broadcast(&m->joining_cond);
+	pthread_mutex_unlock(&m->mu);
+	json_decref(t->joining);
+	t->joining = NULL;
+}
+
 /* A local user joining their portal of a group they were invited to
  * (mx_bot.c, local_invited and portal_invitations) is the group's member
  * from now on: invited, the peer saw them as invited, not as a member.
@@ -870,6 +946,7 @@ static cw_err joins_of_invitees(PGconn *c, struct txn *t, cw_errmsg *e)
 		json_decref(joins);
 		return CW_OK;
 	}
+	hold_joins(t, joins);
 	char *text = json_dumps(joins, JSON_COMPACT);
 	json_decref(joins);
 	if (!text)
@@ -884,8 +961,8 @@ static cw_err joins_of_invitees(PGconn *c, struct txn *t, cw_errmsg *e)
 	 * carried, and the peer got the join twice (a flaky test showed it).
 	 * Decided on what is stored, not on room_members (which this function
 	 * marks before the write: a retry after a failed write would find the
-	 * member joined and carry their join never).  Two such events read at
-	 * the same moment on two readers are both carried still.  One
+	 * member joined and carry their join never).  Two such events are not
+	 * read at the same moment (hold_joins).  One
 	 * statement: the events it reads are not what mk changes. */
 	PGresult *r = PQexecParams(c,
 		"WITH mk AS (UPDATE room_members x SET membership = 'joined', updated_at = now() "

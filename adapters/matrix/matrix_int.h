@@ -57,6 +57,11 @@ struct matrix {
 	 * catch-up is over, so that what the user wrote later is stored
 	 * later.  Under mu. */
 	json_t *catching_up;         /* Matrix room -> how many catch-ups run there */
+	/* "<Matrix room> <user>" of the joins a transaction carries, from its
+	 * read of the member's stored membership to the end of its write
+	 * (matrix.c, hold_joins).  Under mu, signalled on joining_cond. */
+	json_t *joining;
+	pthread_cond_t joining_cond;
 	struct app_job *parked;      /* in arrival order (linked through their txn) */
 	bool parking_closed;         /* the daemon is stopping: nothing waits */
 	/* transactions answered once durable, and repeats answered from memory;

@@ -1653,7 +1653,7 @@ def test_a_join_found_late_reaches_the_peer_once(mx, hs, gk, pg, db_url, renamed
         hs, gk, pg, db_url, joins, "carol's join at the peer",
         then=(lambda carol: carol.set_displayname("Carol C")) if renamed else None)
     [join] = joins(group)
-    assert join["content"]["target"] == carol_uri and stored() == "1"
+    assert join["content"]["target"] == carol_uri and stored() == "1", (stored(), joins(group))
 
     def taken():
         m = metrics(mx, "causeway_matrix_events_total")
@@ -1682,6 +1682,76 @@ def test_a_join_found_late_reaches_the_peer_once(mx, hs, gk, pg, db_url, renamed
     wait_until(lambda: any(e.get("type") == "message" and e["content"]["parts"][0]["body"] == "after the look"
                            for e in list(srv.events)), what="a later message at the peer")
     assert len(joins(group)) == 1, joins(group)
+
+
+def test_a_join_found_late_and_pushed_at_once_reaches_the_peer_once(mx, hs, gk, pg, db_url):
+    """The race under the test above, made certain: the bot's look stores
+    carol's join found late (her member event after a rename), and the
+    homeserver pushes her first join while that write waits (here on a
+    lock on events).  Both read that no join of hers was stored, and both
+    were written: two joins stored, the peer told twice (the test above
+    failed so once in 27 runs under load).  Now the second read waits for
+    the first write, and finds the join."""
+    a, srv = gk
+    carol_uri = "mimi://example.org/u/carol"
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+    alice.send_text(room, "hi wally")
+    srv.wait_events(1)
+    carol = hs.as_user(hs.create_user("carol")[1])
+    bot = "@_cw_bot:example.org"
+    hers, locker = [], []
+
+    def lose(method, path, user):
+        if method == "POST" and path.endswith("/createRoom") and user == bot and not hers:
+            hers.append(hs.rooms()[-1])
+            hs.stop_pushing()  # her joins wait at the homeserver
+            carol.join(hers[0])
+            carol.set_displayname("Carol C")
+            # the bot's write of the join it finds will wait on this lock
+            locker.append(subprocess.Popen(["psql", db_url, "-qAtc", "BEGIN; LOCK TABLE events IN SHARE MODE; "
+                                            "SELECT pg_sleep(120); COMMIT;"],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            wait_until(lambda: pg.psql("SELECT count(*) FROM pg_locks WHERE relation = 'events'::regclass "
+                                       "AND mode = 'ShareLock' AND granted", db_url) == "1", what="the lock")
+            return True
+        return False
+
+    def stored():
+        return pg.psql("SELECT count(*) FROM events e JOIN rooms r ON r.id = e.room_id JOIN identities i "
+                       "ON i.id = e.sender_id WHERE e.type = 'membership' "
+                       "AND e.content->'content'->>'membership' = 'join' AND r.kind = 'group' "
+                       f"AND i.uri = '{carol_uri}'", db_url)
+    hs.lose_reply = lose
+    try:
+        alice.invite(room, "@carol:example.org")
+        # the bot's look read that nothing is stored (and marked her
+        # joined on the way), and its write waits
+        wait_until(lambda: pg.psql("SELECT x.membership FROM room_members x JOIN identities i ON i.id = "
+                                   f"x.identity_id JOIN rooms r ON r.id = x.room_id WHERE i.uri = '{carol_uri}' "
+                                   "AND r.kind = 'group'", db_url) == "joined", timeout=30, what="the bot's look")
+        pushed = len(hs.transactions)
+        hs.resume_pushing()
+        # the push's read, while that write waits: 1 s, well within the
+        # 5 s a read waits for a write of the same join (JOIN_WAIT_MS)
+        wait_until(lambda: len(hs.transactions) > pushed and hs.transactions[pushed]["attempts"],
+                   what="the push sent")
+        time.sleep(1.0)
+    finally:
+        hs.lose_reply = None
+        hs.resume_pushing()
+        pg.psql("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE relation = 'events'::regclass "
+                "AND mode = 'ShareLock'", db_url)
+        for p in locker:
+            p.kill()
+            p.wait()
+    wait_until(lambda: all(t["done"] for t in hs.transactions), timeout=30, what="every push taken")
+    wait_until(lambda: stored() != "0", timeout=30, what="carol's join stored")
+    alice.send_text(room, "after the joins")
+    wait_until(lambda: any(e.get("type") == "message" and e["content"]["parts"][0]["body"] == "after the joins"
+                           for e in list(srv.events)), what="a later message at the peer")
+    joins = [e for e in list(srv.events) if e.get("type") == "membership" and e["sender"] == carol_uri
+             and e["content"]["membership"] == "join"]
+    assert stored() == "1" and len(joins) == 1, (stored(), joins)
 
 
 def test_a_message_that_goes_nowhere_is_told_to_its_writer(mx, hs, gk, pg, db_url):
