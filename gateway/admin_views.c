@@ -219,7 +219,7 @@ void admin_views_room_get(struct cw_req *req, void *ctx)
  * event), and changing the row alone would leave them in a room the
  * group no longer writes to, the others not told.
  *
- * The peers are told as of a member's leaving (remove_events_sql). */
+ * The peers are told as of a member's leaving (room_members_events). */
 struct remove_input {
 	char public_id[80];
 	char actor[ADMIN_NAME_MAX + 8];
@@ -227,69 +227,15 @@ struct remove_input {
 	struct room_member_in m[ROOM_MEMBERS_MAX];
 };
 
-/* Each removed member's leaving, for the peers: a membership event
- * {membership: leave, target} whose sender is the member, as a member's
- * own leaving is (xmpp_in.c, the Matrix adapter), one per member in the
- * order named ($2, a JSON array of their URIs; one named twice leaves
- * once), with a row to every peer with a member in the room, joined or
- * among those removed (their peer keeps no wrong view of the room; the
- * statement sees the rows the removal left).  Origin gateway: no peer
- * sent it.  Local members get no row: their adapters show the change
- * from room_members, as when a peer removes a member.  The caller holds
- * the room's lock of every write of events (ROOM_LOCK_SQL, taken first),
- * so the rows follow the room's order; the dispatcher or the pull is
- * woken at the commit.  $1: the room's id. */
-static const char remove_events_sql[] =
-	"WITH t AS (SELECT i.id, i.uri, min(x.n) AS n FROM jsonb_array_elements_text($2::jsonb) WITH ORDINALITY "
-	"  AS x(uri, n) JOIN identities i ON i.uri = x.uri GROUP BY i.id, i.uri), "
-	"tm AS (SELECT (extract(epoch FROM now()) * 1000)::bigint AS ms), "
-	"ev AS (INSERT INTO events (public_id, room_id, sender_id, type, content, origin_network, ts) "
-	"  SELECT " NEW_EVENT_ID_SQL ", $1::bigint, t.id, 'membership', jsonb_build_object('type', 'membership', "
-	"  'sender', t.uri, 'ts', tm.ms, 'content', jsonb_build_object('membership', 'leave', 'target', t.uri)), "
-	"  'gateway', tm.ms FROM t, tm ORDER BY t.n RETURNING id), "
-	"pd AS (SELECT DISTINCT p.name, p.mode FROM room_members m JOIN identities i ON i.id = m.identity_id "
-	"  JOIN peers p ON p.id = i.peer_id WHERE m.room_id = $1::bigint "
-	"  AND (m.membership = 'joined' OR i.id IN (SELECT id FROM t))), "
-	"ob AS (INSERT INTO outbox (event_id, destination, room_id, state) "
-	"  SELECT ev.id, 'peer:' || pd.name, $1::bigint, 'pending' FROM ev, pd ORDER BY ev.id, pd.name RETURNING 1) "
-	"SELECT (SELECT count(*) FROM ob), (SELECT count(pg_notify(CASE WHEN w.mode = 'pull' THEN 'causeway_pull' "
-	"  ELSE 'causeway_outbox' END, '')) FROM (SELECT DISTINCT mode FROM pd) w WHERE EXISTS (SELECT 1 FROM ob))";
-
-static cw_err remove_events(PGconn *c, const char *room_id, const struct room_member_in *m, size_t n, cw_errmsg *e)
-{
-	json_t *uris = json_array();
-	for (size_t i = 0; uris && i < n; i++)
-		if (json_array_append_new(uris, json_string(m[i].uri))) {
-			json_decref(uris);
-			uris = NULL;
-		}
-	char *uj = uris ? json_dumps(uris, JSON_COMPACT) : NULL;
-	json_decref(uris);
-	if (!uj)
-		return cw_fail(e, CW_ENOMEM, "out of memory");
-	const char *params[] = { room_id, uj };
-	PGresult *r = PQexecParams(c, remove_events_sql, 2, NULL, params, NULL, NULL, 0);
-	free(uj);
-	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
-	if (!rc)
-		PQclear(r);
-	return rc;
-}
-
 static cw_err members_remove_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct remove_input *in = j->data;
 	const char *rp[] = { in->public_id };
-	/* The room's lock for writing events (remove_events_sql) before its
-	 * row's: a write of events holds the first, and must not wait for this
-	 * one's row lock while this one waits for it. */
-	PGresult *r = PQexecParams(c, "SELECT count(" ROOM_LOCK_SQL("id") ") FROM rooms WHERE public_id = $1", 1, NULL,
-				   rp, NULL, NULL, 0);
-	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	/* The room's lock for writing events (room_members_events) first. */
+	cw_err rc = room_members_lock(c, in->public_id, e);
 	if (rc)
 		return rc;
-	PQclear(r);
-	r = PQexecParams(c, "SELECT id, kind FROM rooms WHERE public_id = $1 FOR UPDATE", 1, NULL, rp, NULL, NULL, 0);
+	PGresult *r = PQexecParams(c, "SELECT id, kind FROM rooms WHERE public_id = $1 FOR UPDATE", 1, NULL, rp, NULL, NULL, 0);
 	char room_id[24];
 	rc = room_members_target(c, j, r, "not_found", "no room with that id", room_id, e);
 	if (rc || j->err_code)
@@ -310,8 +256,12 @@ static cw_err members_remove_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 			return CW_OK;
 		}
 	}
-	if ((rc = room_members_remove(c, room_id, in->m, in->n, e)) ||
-	    (rc = remove_events(c, room_id, in->m, in->n, e)) ||
+	/* Each removed member's leaving is told to every peer with members in
+	 * the room, the removed users' own included, the member its sender
+	 * (origin gateway: no peer sent it). */
+	const struct room_members_change ch = { .room_id = room_id, .origin = "gateway" };
+	if ((rc = room_members_remove(c, room_id, in->m, in->n, NULL, e)) ||
+	    (rc = room_members_events(c, &ch, "leave", in->m, in->n, NULL, e)) ||
 	    (rc = room_members_audit(c, in->actor, in->public_id, NULL, 0, in->m, in->n, e)))
 		return rc;
 	/* The answer is the room as GET /admin/v1/rooms/{id} shows it now. */

@@ -724,6 +724,7 @@ struct members_input {
 	size_t nadd, nremove;
 	struct room_member_in add[ROOM_MEMBERS_MAX];
 	struct room_member_in remove[ROOM_MEMBERS_MAX];
+	bool added[ROOM_MEMBERS_MAX], removed[ROOM_MEMBERS_MAX]; /* which made a change */
 };
 
 cw_err room_members_target(PGconn *c, struct app_job *j, PGresult *r, const char *code, const char *detail,
@@ -745,18 +746,93 @@ cw_err room_members_target(PGconn *c, struct app_job *j, PGresult *r, const char
 	return CW_OK;
 }
 
-cw_err room_members_remove(PGconn *c, const char *room_id, const struct room_member_in *m, size_t n, cw_errmsg *e)
+cw_err room_members_lock(PGconn *c, const char *public_id, cw_errmsg *e)
+{
+	const char *rp[] = { public_id };
+	PGresult *r = exec(c, "SELECT count(" ROOM_LOCK_SQL("id") ") FROM rooms WHERE public_id = $1", 1, rp);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (!rc)
+		PQclear(r);
+	return rc;
+}
+
+cw_err room_members_remove(PGconn *c, const char *room_id, const struct room_member_in *m, size_t n, bool *changed,
+			   cw_errmsg *e)
 {
 	for (size_t i = 0; i < n; i++) {
 		const char *mp[] = { room_id, m[i].uri };
+		/* One who left already is no change (since the twenty-fifth
+		 * session: their row is not written again, no event tells of it). */
 		PGresult *r = exec(c, "UPDATE room_members SET membership = 'left', updated_at = now() WHERE room_id = "
-				      "$1::bigint AND identity_id = (SELECT id FROM identities WHERE uri = $2)", 2, mp);
-		cw_err rc = store_check(c, r, PGRES_COMMAND_OK, e);
+				      "$1::bigint AND identity_id = (SELECT id FROM identities WHERE uri = $2) "
+				      "AND membership <> 'left' RETURNING 1", 2, mp);
+		cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 		if (rc)
 			return rc;
+		if (changed)
+			changed[i] = PQntuples(r) > 0;
 		PQclear(r);
 	}
 	return CW_OK;
+}
+
+/* The members' joining or leaving ($3, the neutral membership: join,
+ * leave), for the peers: a membership event {membership, target, by} whose
+ * sender is the member, as a member's own joining or leaving is
+ * (xmpp_in.c, the Matrix adapter), by ($4) the domain of the provider
+ * that made the change (omitted: NULL), one per member in the order named
+ * ($2, a JSON array of their URIs; one named twice once), origin $5, with
+ * a row to every peer with a member in the room, joined or among those
+ * named (a removed user's peer keeps no wrong view of the room; the
+ * statement sees the rows the change left), but the peer of row id $6
+ * (the one that made the change, which knows it; NULL: none).  No peer to
+ * tell, no event.  Local members get no row: their adapters show the
+ * change from room_members.  The caller holds the room's lock of every
+ * write of events (room_members_lock, taken first), so the rows follow
+ * the room's order; the dispatcher or the pull is woken at the commit.
+ * $1: the room's id.  Until the twenty-fifth session the operator's
+ * removal's own statement. */
+static const char members_events_sql[] =
+	"WITH t AS (SELECT i.id, i.uri, min(x.n) AS n FROM jsonb_array_elements_text($2::jsonb) WITH ORDINALITY "
+	"  AS x(uri, n) JOIN identities i ON i.uri = x.uri GROUP BY i.id, i.uri), "
+	"tm AS (SELECT (extract(epoch FROM now()) * 1000)::bigint AS ms), "
+	"pd AS (SELECT DISTINCT p.name, p.mode FROM room_members m JOIN identities i ON i.id = m.identity_id "
+	"  JOIN peers p ON p.id = i.peer_id WHERE m.room_id = $1::bigint "
+	"  AND (m.membership = 'joined' OR i.id IN (SELECT id FROM t)) AND p.id IS DISTINCT FROM $6::bigint), "
+	"ev AS (INSERT INTO events (public_id, room_id, sender_id, type, content, origin_network, ts) "
+	"  SELECT " NEW_EVENT_ID_SQL ", $1::bigint, t.id, 'membership', jsonb_build_object('type', 'membership', "
+	"  'sender', t.uri, 'ts', tm.ms, 'content', jsonb_strip_nulls(jsonb_build_object('membership', $3::text, "
+	"  'target', t.uri, 'by', $4::text))), $5, tm.ms FROM t, tm WHERE EXISTS (SELECT 1 FROM pd) "
+	"  ORDER BY t.n RETURNING id), "
+	"ob AS (INSERT INTO outbox (event_id, destination, room_id, state) "
+	"  SELECT ev.id, 'peer:' || pd.name, $1::bigint, 'pending' FROM ev, pd ORDER BY ev.id, pd.name RETURNING 1) "
+	"SELECT (SELECT count(*) FROM ob), (SELECT count(pg_notify(CASE WHEN w.mode = 'pull' THEN 'causeway_pull' "
+	"  ELSE 'causeway_outbox' END, '')) FROM (SELECT DISTINCT mode FROM pd) w WHERE EXISTS (SELECT 1 FROM ob))";
+
+cw_err room_members_events(PGconn *c, const struct room_members_change *ch, const char *membership,
+			   const struct room_member_in *m, size_t n, const bool *changed, cw_errmsg *e)
+{
+	json_t *uris = json_array();
+	for (size_t i = 0; uris && i < n; i++)
+		if ((!changed || changed[i]) && json_array_append_new(uris, json_string(m[i].uri))) {
+			json_decref(uris);
+			uris = NULL;
+		}
+	if (uris && json_array_size(uris) == 0) {
+		json_decref(uris);
+		return CW_OK; /* nothing changed: nothing to tell */
+	}
+	char *uj = uris ? json_dumps(uris, JSON_COMPACT) : NULL;
+	json_decref(uris);
+	if (!uj)
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	const char *params[] = { ch->room_id, uj, membership, ch->by, ch->origin, ch->except_peer };
+	PGresult *r = exec(c, members_events_sql, 6, params);
+	free(uj);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (!rc)
+		PQclear(r);
+	return rc;
 }
 
 cw_err room_members_audit(PGconn *c, const char *actor, const char *public_id, const struct room_member_in *add,
@@ -786,12 +862,14 @@ static cw_err members_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	char pid[24];
 	snprintf(pid, sizeof(pid), "%lld", (long long)in->p->id);
 	const char *rp[] = { in->public_id, pid };
+	cw_err rc = room_members_lock(c, in->public_id, e);
+	if (rc)
+		return rc;
 	PGresult *r = exec(c, "SELECT r.id, r.kind FROM rooms r WHERE r.public_id = $1 AND EXISTS (SELECT 1 FROM "
 			      "room_members m JOIN identities i ON i.id = m.identity_id WHERE m.room_id = r.id AND "
 			      "i.peer_id = $2::bigint AND m.membership = 'joined') FOR UPDATE", 2, rp);
 	char room_id[24];
-	cw_err rc = room_members_target(c, j, r, "unknown_room", "no such room", room_id, e);
-	if (rc || j->err_code)
+	if ((rc = room_members_target(c, j, r, "unknown_room", "no such room", room_id, e)) || j->err_code)
 		return rc;
 	static _Thread_local struct member_class cls[ROOM_MEMBERS_MAX];
 	if ((rc = classify_members(c, j, in->p, in->domain, in->add, in->nadd, cls, e)) || j->err_code)
@@ -804,17 +882,27 @@ static cw_err members_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 				      cls[i].peer_id[0] ? cls[i].peer_id : NULL, ident, sizeof(ident), e)))
 			return rc;
 		const char *mp[] = { room_id, ident };
+		/* One joined already is no change (since the twenty-fifth
+		 * session not written again, no event telling of it). */
 		r = exec(c, "INSERT INTO room_members (room_id, identity_id, membership) VALUES ($1::bigint, $2::bigint, "
 			    "'joined') ON CONFLICT (room_id, identity_id) DO UPDATE SET membership = 'joined', "
-			    "updated_at = now()", 2, mp);
-		if ((rc = store_check(c, r, PGRES_COMMAND_OK, e)))
+			    "updated_at = now() WHERE room_members.membership <> 'joined' RETURNING 1", 2, mp);
+		if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
 			return rc;
+		in->added[i] = PQntuples(r) > 0;
 		PQclear(r);
 	}
-	if ((rc = room_members_remove(c, room_id, in->remove, in->nremove, e)))
-		return rc;
+	/* The group's other peers are told (this one knows what it did):
+	 * each change as the member's membership event, by this peer's
+	 * domain, joins before leaves as made. */
 	char actor[PEER_NAME_MAX + 8];
 	snprintf(actor, sizeof(actor), "peer:%s", in->p->name);
+	const struct room_members_change ch = { .room_id = room_id, .by = in->p->domain, .origin = actor,
+						.except_peer = pid };
+	if ((rc = room_members_events(c, &ch, "join", in->add, in->nadd, in->added, e)) ||
+	    (rc = room_members_remove(c, room_id, in->remove, in->nremove, in->removed, e)) ||
+	    (rc = room_members_events(c, &ch, "leave", in->remove, in->nremove, in->removed, e)))
+		return rc;
 	rc = room_members_audit(c, actor, in->public_id, in->add, in->nadd, in->remove, in->nremove, e);
 	return rc ? rc : room_state(c, j, in->public_id, in->p->id, false, e);
 }

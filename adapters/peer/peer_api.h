@@ -56,11 +56,38 @@ bool peer_read_users(const struct cw_app *app, struct cw_req *req, json_t *arr, 
 cw_err room_members_target(PGconn *c, struct app_job *j, PGresult *r, const char *code, const char *detail,
 			   char room_id[24], cw_errmsg *e);
 
+/* Takes the room public_id's lock of every write of events (ROOM_LOCK_SQL)
+ * for a membership update, before its row's lock: a write of events
+ * holds the first, and must not wait for the update's row lock while the
+ * update waits for it.  Nothing when there is no such room. */
+cw_err room_members_lock(PGconn *c, const char *public_id, cw_errmsg *e);
+
 /* The n users of m leave the room of row room_id: their membership
  * becomes 'left', which the Matrix and XMPP adapters act on (their ghosts
- * leave; no more rows are written to them).  The one removal of the peer
- * API's and the admin API's member updates. */
-cw_err room_members_remove(PGconn *c, const char *room_id, const struct room_member_in *m, size_t n, cw_errmsg *e);
+ * leave; no more rows are written to them).  changed (NULL: not asked),
+ * n entries: whether each one's membership changed (one who had left
+ * already: no).  The one removal of the peer API's and the admin API's
+ * member updates. */
+cw_err room_members_remove(PGconn *c, const char *room_id, const struct room_member_in *m, size_t n, bool *changed,
+			   cw_errmsg *e);
+
+/* Who made a change of a room's members, for the events telling the peers. */
+struct room_members_change {
+	const char *room_id;     /* the room's row id */
+	const char *by;          /* the domain of the provider that made it (content.by), or NULL: none */
+	const char *origin;      /* the events' origin_network: "gateway", "peer:<name>" */
+	const char *except_peer; /* the row id of a peer told nothing (the one that made it), or NULL */
+};
+
+/* Each of the n users of m (those with changed[i], or all when changed is
+ * NULL) joining or leaving the room (membership: "join", "leave") is told
+ * to every peer with members in it but ch->except_peer, as a membership
+ * event {membership, target, by} with the user its sender, through the
+ * outbox, in the caller's transaction; nothing at all when none changed
+ * or no peer is to be told.  The caller holds room_members_lock.  The
+ * one telling of the peer API's and the admin API's member updates. */
+cw_err room_members_events(PGconn *c, const struct room_members_change *ch, const char *membership,
+			   const struct room_member_in *m, size_t n, const bool *changed, cw_errmsg *e);
 
 /* The audit record room.members of a membership update of the room
  * public_id by actor ("peer:<name>", "admin:<name>"). */

@@ -929,6 +929,67 @@ def test_members_add_and_remove(daemon, peers, pg, db_url):
     assert b.call("GET", f"/v1/rooms/{rm['id']}").status_code == 404
 
 
+def test_a_peers_member_changes_reach_the_groups_other_peers(daemon, peers, pg, db_url):
+    """A peer's add or remove (POST /v1/rooms/{room}/members) reaches every
+    other peer with members in the group as the members' `membership`
+    events (join for one added, leave for one removed; the member its
+    sender, `by` the domain of the provider that made the change), signed,
+    once, in the room's order with its messages, written with the change
+    in one transaction. The peer that made the change gets none (it knows).
+    A change that changes nothing (adding a member, removing one who is
+    not) sends nothing; a refused change stores and sends nothing. Until
+    the twenty-fifth session no event was sent: the other peers saw the
+    change only in GET /v1/rooms/{room} or from later messages."""
+    (a, sa), (b, sb) = peers
+    wally, bert, bob = a.user("wally"), a.user("bert"), b.user("bob")
+    gid = a.create_room([wally, bob, "mimi://example.org/u/dave"], kind="group").json()["id"]
+
+    def members(srv):
+        return [e for e in list(srv.events) if e["type"] == "membership" and e["room_id"] == gid]
+
+    def stored():
+        return pg.psql("SELECT count(*) FROM events e JOIN rooms r ON r.id = e.room_id "
+                       f"WHERE r.public_id = '{gid}' AND e.type = 'membership'", db_url)
+
+    def change(peer, body, status=200):
+        r = peer.call("POST", f"/v1/rooms/{gid}/members", body)
+        assert r.status_code == status, r.text
+        return r
+
+    # Refused: nothing stored, nothing sent.
+    assert daemon.admin("POST", "/rules", json={"scope": "user", "pattern": a.user("spammer"),
+                                                "mode": "deny"}).status_code == 201
+    assert change(a, {"add": [bert, a.user("spammer")]}, 403).json()["code"] == "not_allowed"
+    assert stored() == "0"
+    change(a, {"add": [bert]})
+    m1 = a.send(gid, wally, "bert is in").json()["id"]
+    # No change: bert is in already, zed never was.
+    change(a, {"add": [bert], "remove": [a.user("zed")]})
+    change(a, {"remove": [bert]})
+    m2 = a.send(gid, wally, "bert is out").json()["id"]
+    wait_until(lambda: m2 in [e["id"] for e in list(sb.events)], what="the second message at tg")
+    got = members(sb)
+    assert [(e["sender"], e["content"]) for e in got] == [
+        (bert, {"membership": "join", "target": bert, "by": "wa.example"}),
+        (bert, {"membership": "leave", "target": bert, "by": "wa.example"})], got
+    ids = [e["id"] for e in list(sb.events)]
+    assert ids.index(got[0]["id"]) < ids.index(m1) < ids.index(got[1]["id"]) < ids.index(m2), ids
+    assert stored() == "2"
+    # tg's own change reaches gk, not tg; gk got none of its own.
+    change(b, {"add": [b.user("carol")]})
+    m3 = b.send(gid, bob, "carol is in").json()["id"]
+    wait_until(lambda: m3 in [e["id"] for e in list(sa.events)], what="tg's message at gk")
+    assert [(e["sender"], e["content"]) for e in members(sa)] == [
+        (b.user("carol"), {"membership": "join", "target": b.user("carol"), "by": "tg.example"})], members(sa)
+    assert [e["content"]["target"] for e in members(sb)] == [bert, bert]
+    rows = pg.psql("SELECT string_agg(o.destination || ' ' || (e.content->'content'->>'target'), ',' ORDER BY o.id) "
+                   "FROM outbox o JOIN events e ON e.id = o.event_id JOIN rooms r ON r.id = e.room_id "
+                   f"WHERE r.public_id = '{gid}' AND e.type = 'membership'", db_url)
+    assert rows == f"peer:tg {bert},peer:tg {bert},peer:gk {b.user('carol')}", rows
+    for srv in (sa, sb):
+        assert srv.errors == [] and srv.duplicates == 0, (srv.errors, srv.duplicates)
+
+
 def test_a_retried_room_creation_gets_the_room_made(daemon, peers, pg, db_url):
     """POST /v1/rooms with an Idempotency-Key is idempotent: its retry gets
     the room made, even when a rule made since (or the creator's used-up
