@@ -258,8 +258,9 @@ static cw_err members_remove_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	}
 	/* Each removed member's leaving is told to every peer with members in
 	 * the room, the removed users' own included, the member its sender
-	 * (origin gateway: no peer sent it). */
-	const struct room_members_change ch = { .room_id = room_id, .origin = "gateway" };
+	 * (origin gateway: no peer sent it), by this provider (server.domain):
+	 * the removed user's peer can tell it from the user's own leaving. */
+	const struct room_members_change ch = { .room_id = room_id, .by = j->app->cfg->domain, .origin = "gateway" };
 	if ((rc = room_members_remove(c, room_id, in->m, in->n, NULL, e)) ||
 	    (rc = room_members_events(c, &ch, "leave", in->m, in->n, NULL, e)) ||
 	    (rc = room_members_audit(c, in->actor, in->public_id, NULL, 0, in->m, in->n, e)))

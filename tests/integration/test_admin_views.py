@@ -260,7 +260,8 @@ def test_the_peers_of_a_group_are_told_of_the_operators_removal(daemon, peers, p
     for srv in (sa, sb):
         got = wait_until(lambda: leaves(srv) or None, what="eve's leaving at the peer")
         assert len(got) == 1, got
-        assert got[0]["sender"] == eve and got[0]["content"] == {"membership": "leave", "target": eve}, got
+        assert got[0]["sender"] == eve and got[0]["content"] == \
+            {"membership": "leave", "target": eve, "by": daemon.options["server"]["domain"]}, got
     rows = pg.psql("SELECT o.destination FROM outbox o JOIN events e ON e.id = o.event_id JOIN rooms r "
                    f"ON r.id = e.room_id WHERE r.public_id = '{gid}' AND e.type = 'membership' "
                    "ORDER BY o.destination", db_url)
@@ -297,7 +298,7 @@ def test_a_pull_peer_is_told_of_the_operators_removal_at_once(daemon):
         assert "r" in result, "the poll did not answer"
         got = result["r"].json()["events"]
         assert [(e["type"], e["sender"], e["content"]) for e in got] == \
-            [("membership", eve, {"membership": "leave", "target": eve})], got
+            [("membership", eve, {"membership": "leave", "target": eve, "by": daemon.options["server"]["domain"]})], got
         assert result["t"] < 10, result["t"]
         assert srv.requests == 0 and srv.events == []
     finally:

@@ -166,7 +166,8 @@ class Scenario:
 
             def told(name):
                 return [e for e in list(self.peers[name][1].events) if e["type"] == "membership"
-                        and e["room_id"] == self.group and e["content"] == {"membership": "leave", "target": dan}]
+                        and e["room_id"] == self.group and e["content"] == {"membership": "leave", "target": dan,
+                                                      "by": self.d.options["server"]["domain"]}]
             for name in ("gk", "sp"):
                 wait_until(lambda: told(name), what=f"dan's leaving at {name}")
             return json.dumps({name: len(told(name)) for name in ("gk", "sp")})

@@ -2936,7 +2936,8 @@ def test_a_member_the_operator_removes_leaves_as_one_their_peer_removes(mx, hs, 
     wait_until(lambda: hs.members(mine).get(ed_ghost) == "leave", what="ed's ghost leaving alice's room")
     told = wait_until(lambda: [e for e in list(srv.events) if e["type"] == "membership" and e["room_id"] == group
                                and e["content"].get("target") == ed] or None, what="ed's leaving at the peer")
-    assert [(e["sender"], e["content"]) for e in told] == [(ed, {"membership": "leave", "target": ed})], told
+    assert [(e["sender"], e["content"]) for e in told] == \
+        [(ed, {"membership": "leave", "target": ed, "by": mx.options["server"]["domain"]})], told
     assert a.send(group, a.user("wally"), "without ed").status_code == 202
     wait_until(lambda: (wally, "without ed") in said(mine), what="the next message in alice's room")
     assert hs.members(mine).get(ed_ghost) == "leave"

@@ -460,7 +460,8 @@ def test_a_member_the_operator_removes_leaves_the_groups_room(xd, gk, alice, pg,
                             start=start)
     told = wait_until(lambda: [e for e in list(srv.events) if e.get("type") == "membership"
                                and e["room_id"] == gid] or None, what="zoe's leaving at the peer")
-    assert [(e["sender"], e["content"]) for e in told] == [(zoe, {"membership": "leave", "target": zoe})], told
+    assert [(e["sender"], e["content"]) for e in told] == \
+        [(zoe, {"membership": "leave", "target": zoe, "by": xd.options["server"]["domain"]})], told
     # No row of it to XMPP: alice is shown the change by the presence alone.
     assert pg.psql("SELECT count(*) FROM outbox o JOIN events e ON e.id = o.event_id JOIN rooms r "
                    f"ON r.id = e.room_id WHERE r.public_id = '{gid}' AND e.type = 'membership' "
