@@ -688,8 +688,9 @@ static void xml_init(void)
 }
 
 /* The text content of an HTML fragment, trimmed; malloc'd, NULL when there
- * is none (or no memory). */
-static char *html_text(const char *html)
+ * is none, or when memory ran out (*oom set, where it is known: a parser
+ * that made no document is taken as none). */
+static char *html_text(const char *html, bool *oom)
 {
 	size_t n = strlen(html);
 	if (n == 0 || n > HTML_MAX)
@@ -701,12 +702,14 @@ static char *html_text(const char *html)
 	if (!doc)
 		return NULL;
 	xmlNodePtr root = xmlDocGetRootElement(doc);
-	xmlChar *c = root ? xmlNodeGetContent(root) : NULL;
+	xmlChar *c = root ? xmlNodeGetContent(root) : NULL; /* an element's: "" at least */
 	char *s = c ? strdup((const char *)c) : NULL;
 	xmlFree(c);
 	xmlFreeDoc(doc);
-	if (!s)
+	if (!s) {
+		*oom = root != NULL;
 		return NULL;
+	}
 	size_t len = strlen(s), start = 0;
 	while (len && strchr(" \t\r\n", s[len - 1]))
 		s[--len] = '\0';
@@ -786,7 +789,8 @@ static const char *str_member(const json_t *o, const char *k)
 }
 
 /* The text of a neutral content: text/plain, else text/markdown, else the
- * text of text/html; XML-safe, malloc'd ("" when there is none). */
+ * text of text/html; XML-safe, malloc'd ("" when there is none, NULL
+ * without memory). */
 static char *neutral_text(const json_t *content)
 {
 	const char *plain = NULL, *md = NULL, *html = NULL;
@@ -805,8 +809,11 @@ static char *neutral_text(const json_t *content)
 	}
 	char *derived = NULL;
 	const char *text = plain ? plain : md;
+	bool oom = false;
 	if (!text && html)
-		text = derived = html_text(html);
+		text = derived = html_text(html, &oom);
+	if (oom) /* not a message without text (a dead letter until the twenty-fifth session) */
+		return NULL;
 	char *clean = xml_text(text ? text : "");
 	free(derived);
 	return clean;
@@ -1039,6 +1046,12 @@ static enum xm_out_result invalid(char *why, size_t whylen, const char *what)
 	return XM_OUT_INVALID;
 }
 
+static enum xm_out_result nomem(char *why, size_t whylen)
+{
+	say(why, whylen, "out of memory");
+	return XM_OUT_NOMEM;
+}
+
 static enum xm_out_result build(struct ob *b, const char *type, const json_t *content, const struct xm_out_info *info,
 				char *why, size_t whylen)
 {
@@ -1133,13 +1146,13 @@ enum xm_out_result xm_from_neutral(xmpp_ctx_t *ctx, const json_t *event, const s
 	if (!b.msg || xmpp_stanza_set_from(b.msg, info->from) != XMPP_EOK) {
 		if (b.msg)
 			xmpp_stanza_release(b.msg);
-		return invalid(why, whylen, "out of memory");
+		return nomem(why, whylen);
 	}
 	enum xm_out_result r = build(&b, type, content, info, why, whylen);
-	if (r == XM_OUT_STANZA && b.oom)
-		r = invalid(why, whylen, "out of memory");
-	else if (b.oom && r == XM_OUT_INVALID && why && !why[0])
-		say(why, whylen, "out of memory");
+	/* Whatever build made of it, memory that ran out on the way made it:
+	 * the same event may well go another time. */
+	if (b.oom)
+		r = nomem(why, whylen);
 	if (r != XM_OUT_STANZA) {
 		xmpp_stanza_release(b.msg);
 		return r;

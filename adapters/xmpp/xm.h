@@ -238,7 +238,11 @@ struct xm_out_info {
 enum xm_out_result {
 	XM_OUT_STANZA,  /* *out: the stanza (the caller releases it) */
 	XM_OUT_NONE,    /* nothing to send (why says why) */
-	XM_OUT_INVALID, /* malformed event or unknown type (why says why) */
+	XM_OUT_INVALID, /* malformed event or unknown type (why says why): the
+			 * same event fails the same way again */
+	XM_OUT_NOMEM,   /* memory ran out (why says so): the one failure that
+			 * trying again may mend (until the twenty-fifth session
+			 * XM_OUT_INVALID, and its row a dead letter at once) */
 };
 
 /* The neutral event (as stored: type, content, ...) as a stanza for info

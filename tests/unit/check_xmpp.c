@@ -820,6 +820,7 @@ static const char *out_name(enum xm_out_result r)
 	case XM_OUT_STANZA: return "stanza";
 	case XM_OUT_NONE: return "none";
 	case XM_OUT_INVALID: return "invalid";
+	case XM_OUT_NOMEM: return "nomem";
 	}
 	return "?";
 }
@@ -1022,6 +1023,89 @@ static const json_t *rt_reactions(void *c, const char *msg)
 {
 	return strcmp(msg, "msg_a") == 0 ? ((struct rt_tables *)c)->stored : NULL;
 }
+
+/* An allocator that fails once `budget` allocations were made (-1: never). */
+static long alloc_budget = -1;
+
+static void *budget_alloc(size_t size, void *userdata)
+{
+	(void)userdata;
+	if (alloc_budget == 0)
+		return NULL;
+	if (alloc_budget > 0)
+		alloc_budget--;
+	return malloc(size);
+}
+
+static void budget_free(void *p, void *userdata)
+{
+	(void)userdata;
+	free(p);
+}
+
+static void *budget_realloc(void *p, size_t size, void *userdata)
+{
+	(void)userdata;
+	if (alloc_budget == 0)
+		return NULL;
+	if (alloc_budget > 0)
+		alloc_budget--;
+	return realloc(p, size);
+}
+
+/* Memory that runs out anywhere while a stanza is made is XM_OUT_NOMEM,
+ * never XM_OUT_INVALID (whose row is a dead letter at once): the same
+ * event goes once memory is back.  Until the twenty-fifth session it was
+ * XM_OUT_INVALID, "out of memory". */
+START_TEST(out_memory_is_not_invalid)
+{
+	static xmpp_mem_t mem = { budget_alloc, budget_free, budget_realloc, NULL };
+	alloc_budget = -1;
+	xmpp_ctx_t *c = xmpp_ctx_new(&mem, NULL);
+	ck_assert_ptr_nonnull(c);
+	static const char *const events[] = {
+		"{\"type\":\"message\",\"content\":{\"parts\":[{\"type\":\"text/plain\",\"body\":\"hello\"}],"
+		"\"in_reply_to\":\"msg_t\",\"topic\":\"t\",\"attachments\":[{\"url\":\"https://f.example/a\"}]}}",
+		"{\"type\":\"edit\",\"content\":{\"replaces\":\"msg_t\",\"parts\":[{\"type\":\"text/html\","
+		"\"body\":\"<b>new</b>\"}]}}",
+		"{\"type\":\"reaction\",\"content\":{\"in_reply_to\":\"msg_t\",\"parts\":[{\"type\":\"text/plain\","
+		"\"body\":\"+1\"}]}}",
+		"{\"type\":\"delete\",\"content\":{\"replaces\":\"msg_t\"}}",
+		"{\"type\":\"receipt\",\"content\":{\"receipt\":\"read\",\"in_reply_to\":\"msg_t\"}}",
+		"{\"type\":\"typing\",\"content\":{\"state\":\"start\"}}",
+	};
+	json_t *set = json_loads("[\"+1\", \"x\"]", 0, NULL);
+	struct xm_out_info info = { .from = FROM, .to = TO, .id = OUT_ID,
+				    .target = { true, "t1", "o1", false, "the original", false, NULL },
+				    .reacted = { true, "t1", "o1", false, NULL, false, NULL }, .reaction_set = set };
+	for (size_t i = 0; i < CW_ARRAY_LEN(events); i++) {
+		json_t *ev = json_loads(events[i], 0, NULL);
+		ck_assert_ptr_nonnull(ev);
+		bool failed = false, made = false;
+		for (long n = 0; n < 400 && !made; n++) {
+			xmpp_stanza_t *st = NULL;
+			char why[200] = "";
+			alloc_budget = n;
+			enum xm_out_result r = xm_from_neutral(c, ev, &info, &st, why, sizeof(why));
+			alloc_budget = -1;
+			if (r == XM_OUT_STANZA) {
+				ck_assert_ptr_nonnull(st);
+				xmpp_stanza_release(st);
+				made = true;
+				continue;
+			}
+			ck_assert_msg(r == XM_OUT_NOMEM, "%s, budget %ld: %s (%s)", events[i], n, out_name(r), why);
+			ck_assert_str_eq(why, "out of memory");
+			ck_assert_ptr_null(st);
+			failed = true;
+		}
+		ck_assert_msg(made && failed, "%s: made %d, failed %d", events[i], made, failed);
+		json_decref(ev);
+	}
+	json_decref(set);
+	xmpp_ctx_free(c);
+}
+END_TEST
 
 START_TEST(round_trip_property)
 {
@@ -1447,6 +1531,7 @@ int main(void)
 	tcase_add_test(tc, ids_and_refs);
 	tcase_add_test(tc, out_cases);
 	tcase_add_test(tc, out_edges);
+	tcase_add_test(tc, out_memory_is_not_invalid);
 	tcase_add_test(tc, round_trip_property);
 	tcase_add_test(tc, hostile_stanzas_property);
 	tcase_add_test(tc, hostile_events_property);
