@@ -125,12 +125,15 @@ static bool append_bytes(const char *buf, size_t n, char **text, size_t *len)
 }
 
 /* The component on (or, when NULL, the one that stands for peer), and
- * the local user's JID. */
+ * the local user's JID.  *never: a peer named that no component stands
+ * for (xmpp.components, read at start only: no retry of this process
+ * finds one); none named, a group's binding made later may name one. */
 static bool comp_and_user(struct xmpp *x, PGresult *r, int k, struct xcomp *on, const char *peer, struct xcomp **xc,
-			  char *jid, size_t len, cw_errmsg *e)
+			  char *jid, size_t len, bool *never, cw_errmsg *e)
 {
 	*xc = on ? on : peer ? xa_comp_by_peer(x, peer) : NULL;
 	if (!*xc) {
+		*never = peer != NULL;
 		cw_fail(e, CW_EINVAL, "no XMPP component stands for the peer %s (xmpp.components)", peer ? peer : "");
 		return false;
 	}
@@ -139,6 +142,15 @@ static bool comp_and_user(struct xmpp *x, PGresult *r, int k, struct xcomp *on, 
 	else
 		snprintf(jid, len, "%s@%s", col(r, k, 1), x->local_domain);
 	return true;
+}
+
+/* Why xm_from_neutral made no stanza (res: XM_OUT_INVALID or XM_OUT_NOMEM). */
+static void not_made(enum xm_out_result res, const char *why, cw_errmsg *e)
+{
+	if (res == XM_OUT_INVALID)
+		cw_fail(e, CW_EINVAL, "not representable in XMPP: %s", why);
+	else
+		cw_fail(e, CW_ENOMEM, "cannot make the stanza: %s", why);
 }
 
 /* A group's row (xmpp_muc.c): the room speaks for its sender (a remote
@@ -152,6 +164,7 @@ static bool build_group(struct xmpp *x, struct outbox_row *row, PGresult *r, int
 {
 	char local_jid[XJ_JID_MAX + 1], room[XJ_JID_MAX + 1];
 	if (PQgetvalue(r, k, 6)[0] != 't') {
+		*never = true;
 		cw_fail(e, CW_EINVAL, "only local users get a group's events on XMPP");
 		return false;
 	}
@@ -163,9 +176,10 @@ static bool build_group(struct xmpp *x, struct outbox_row *row, PGresult *r, int
 	if (!col(r, k, 23) && !on && !col(r, k, 4) && x->ncomp == 1)
 		on = &x->comp[0];
 	if (!comp_and_user(x, r, k, on, col(r, k, 23) ? col(r, k, 23) : col(r, k, 4), xc, local_jid, sizeof(local_jid),
-			   e))
+			   never, e))
 		return false;
 	if (!xa_muc_room_jid(*xc, PQgetvalue(r, k, 22), room, sizeof(room))) {
+		*never = true;
 		cw_fail(e, CW_EINVAL, "the group has no room JID");
 		return false;
 	}
@@ -196,6 +210,8 @@ static bool build_group(struct xmpp *x, struct outbox_row *row, PGresult *r, int
 	json_t *set = col(r, k, 17) ? json_loads(col(r, k, 17), 0, NULL) : NULL;
 	json_t *ev = peer_media_public(x->app, row->event);
 	bool ok = occ != NULL;
+	if (!ok)
+		cw_fail(e, CW_ENOMEM, "out of memory");
 	size_t i;
 	json_t *o;
 	json_array_foreach(occ, i, o) {
@@ -223,8 +239,8 @@ static bool build_group(struct xmpp *x, struct outbox_row *row, PGresult *r, int
 			if (st)
 				xmpp_stanza_release(st);
 			ok = false;
-			*never = true;
-			cw_fail(e, CW_EINVAL, "not representable in XMPP: %s", why);
+			*never = res == XM_OUT_INVALID;
+			not_made(res, why, e);
 			break;
 		}
 		st = xa_muc_groupchat(ctx, st);
@@ -260,8 +276,10 @@ static bool build_group(struct xmpp *x, struct outbox_row *row, PGresult *r, int
 }
 
 /* A stanza for row i, or *none; false with e filled when it cannot be made,
- * and *never set when no stanza can ever be made of it (retrying cannot
- * help). */
+ * and *never set when no stanza can ever be made of it, for a fact of the
+ * row's own: its event, its recipient not a local user, its sender not a
+ * remote user, or one whose id makes no JID or whose peer no component
+ * stands for (retrying cannot help).  Memory that ran out is not one. */
 static bool build(struct xmpp *x, struct outbox_row *row, PGresult *r, int k, struct xcomp **xc, char **text,
 		  size_t *len, json_t *bind, bool *never, cw_errmsg *e)
 {
@@ -271,13 +289,15 @@ static bool build(struct xmpp *x, struct outbox_row *row, PGresult *r, int k, st
 	if (strcmp(PQgetvalue(r, k, 21), "group") == 0)
 		return build_group(x, row, r, k, xc, text, len, bind, never, e);
 	if (PQgetvalue(r, k, 6)[0] != 't' || PQgetvalue(r, k, 7)[0] == 't' || !col(r, k, 4)) {
+		*never = true;
 		cw_fail(e, CW_EINVAL, "only events of remote users for local users are delivered to XMPP");
 		return false;
 	}
 	char local_jid[XJ_JID_MAX + 1], remote_jid[XJ_JID_MAX + 1];
-	if (!comp_and_user(x, r, k, NULL, col(r, k, 4), xc, local_jid, sizeof(local_jid), e))
+	if (!comp_and_user(x, r, k, NULL, col(r, k, 4), xc, local_jid, sizeof(local_jid), never, e))
 		return false;
 	if (!xa_remote_jid(*xc, col(r, k, 3), remote_jid, sizeof(remote_jid))) {
+		*never = true;
 		cw_fail(e, CW_EINVAL, "the remote user's id has no JID");
 		return false;
 	}
@@ -311,7 +331,7 @@ static bool build(struct xmpp *x, struct outbox_row *row, PGresult *r, int k, st
 	/* A peer's files reach the user as links of Causeway's, which fetches
 	 * them signed: the peer's store may not serve a bare link to anyone. */
 	json_t *ev = peer_media_public(x->app, row->event);
-	enum xm_out_result res = ctx ? xm_from_neutral(ctx, ev, &info, &st, why, sizeof(why)) : XM_OUT_INVALID;
+	enum xm_out_result res = ctx ? xm_from_neutral(ctx, ev, &info, &st, why, sizeof(why)) : XM_OUT_NOMEM;
 	json_decref(ev);
 	json_decref(set);
 	if (res == XM_OUT_NONE)
@@ -319,8 +339,8 @@ static bool build(struct xmpp *x, struct outbox_row *row, PGresult *r, int k, st
 	if (res != XM_OUT_STANZA) {
 		if (st)
 			xmpp_stanza_release(st);
-		*never = ctx != NULL;
-		cw_fail(e, CW_EINVAL, "not representable in XMPP: %s", ctx ? why : "out of memory");
+		*never = res == XM_OUT_INVALID;
+		not_made(res, ctx ? why : "out of memory", e);
 		return false;
 	}
 	char *buf = NULL;
@@ -346,6 +366,14 @@ static void row_wait(struct outbox_row *row, const char *why)
 {
 	row->outcome = 3;
 	row->retry_after_ms = NOT_UP_RETRY_MS;
+	snprintf(row->why, sizeof(row->why), "%s", why);
+}
+
+/* Outcome 5: never deliverable, for a fact of its own (build's never):
+ * dead at once, why recorded; the room's next rows go on. */
+static void row_dead(struct outbox_row *row, const char *why)
+{
+	row->outcome = 5;
 	snprintf(row->why, sizeof(row->why), "%s", why);
 }
 
@@ -412,9 +440,9 @@ cw_err xa_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_r
 		while (k < nr && (size_t)atol(PQgetvalue(r, k, 0)) < i)
 			k++;
 		if (k >= nr || (size_t)atol(PQgetvalue(r, k, 0)) != i) {
-			row_fail(&rows[i], "an XMPP row names no local user");
-			if (room)
-				json_object_set_new(held_rooms, room, json_true());
+			/* no retry gives it one (until the twenty-fifth session
+			 * it was retried, and held its room's later rows) */
+			row_dead(&rows[i], "an XMPP row names no local user");
 			continue;
 		}
 		char *st = NULL;
@@ -424,10 +452,7 @@ cw_err xa_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_r
 		bool never = false;
 		bool made = build(x, &rows[i], r, k, &xc, &st, &len, bind, &never, &why);
 		if (!made && never) {
-			/* dead at once, retries cannot help (outcome 5): the
-			 * room's next rows go on */
-			rows[i].outcome = 5;
-			snprintf(rows[i].why, sizeof(rows[i].why), "%s", why.msg);
+			row_dead(&rows[i], why.msg); /* retries cannot help */
 			continue;
 		}
 		if (!made) {

@@ -1217,6 +1217,111 @@ def test_a_row_no_stanza_can_be_made_of_is_dead_at_once(make_daemon, db_url, pro
         srv.close()
 
 
+def two_held_rows(a, pg, db_url, room):
+    """wally's "broken" and "after it" to alice in room, held (she has not
+    allowed him yet): their outbox ids."""
+    ids = []
+    for text in ("broken", "after it"):
+        r = a.send(room, a.user("wally"), text)
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["id"])
+    row = ("SELECT o.{} FROM outbox o JOIN events e ON e.id = o.event_id "
+           "WHERE e.public_id = '{}' AND o.destination = 'xmpp'")
+    wait_until(lambda: all(pg.psql(row.format("state", i), db_url) == "held" for i in ids), what="two held rows")
+    return tuple(pg.psql(row.format("id", i), db_url) for i in ids)
+
+
+# A row whose own facts no retry changes (docs/xmpp.md): what is done to
+# the database between its writing and its delivery, what its dead letter
+# says.  Both rows go due in one statement, as one batch.
+UNDELIVERABLE = {
+    "no-local-user": (
+        "UPDATE outbox SET target_identity_id = NULL WHERE id = {bad}",
+        "an XMPP row names no local user"),
+    "remote-recipient": (
+        "UPDATE outbox SET target_identity_id = (SELECT id FROM identities "
+        " WHERE uri = 'mimi://wa.example/u/wally') WHERE id = {bad}",
+        "only events of remote users for local users are delivered to XMPP"),
+    "sender-without-jid": (
+        "INSERT INTO identities (uri, domain, localpart, is_local, network, peer_id) "
+        " SELECT 'mimi://wa.example/u/' || repeat('x', 1100), domain, repeat('x', 1100), false, network, peer_id "
+        " FROM identities WHERE uri = 'mimi://wa.example/u/wally'; "
+        "UPDATE events SET sender_id = (SELECT id FROM identities WHERE uri = 'mimi://wa.example/u/' "
+        " || repeat('x', 1100)) WHERE id = (SELECT event_id FROM outbox WHERE id = {bad})",
+        "the remote user's id has no JID"),
+    "peer-without-component": (
+        "INSERT INTO identities (uri, domain, localpart, is_local, network, peer_id) "
+        " SELECT 'mimi://zz.example/u/zed', 'zz.example', 'zed', false, 'peer:zz', id FROM peers WHERE name = 'zz'; "
+        "UPDATE events SET sender_id = (SELECT id FROM identities WHERE uri = 'mimi://zz.example/u/zed') "
+        " WHERE id = (SELECT event_id FROM outbox WHERE id = {bad})",
+        "no XMPP component stands for the peer zz (xmpp.components)"),
+}
+
+
+@pytest.mark.parametrize("cause", sorted(UNDELIVERABLE))
+def test_a_row_whose_own_facts_no_retry_changes_is_dead_at_once(make_daemon, db_url, prosody, alice, pg, cause):
+    """As for Matrix (test_matrix.py): a row the adapter can never deliver
+    for a fact of its own (no local user, a recipient who is not one, a
+    sender whose id makes no JID, a sender of a peer no component stands
+    for) is a dead letter at once, with why, as a row no stanza can be made
+    of is (above); the room's next row, in the same batch, reaches alice on
+    its first attempt.  Until the twenty-fifth session such a row failed as
+    a stream that broke does: retried with backoff, the room's later rows
+    failing with it, and once its budget was spent they were dead with
+    it."""
+    d, a, srv = start_with_gk(make_daemon, db_url, prosody,
+                              dispatcher={"retry_budget": "2", "retry_base_ms": "20", "retry_max_ms": "50"})
+    try:
+        r = d.admin("POST", "/peers", json={"name": "zz", "domain": "zz.example", "mode": "push",
+                                           "push_url": srv.url, "public_key": a.signer.public_b64})
+        assert r.status_code == 201, r.text
+        assert d.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
+        room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+        bad_id, after_id = two_held_rows(a, pg, db_url, room)
+        edit, reason = UNDELIVERABLE[cause]
+        start = alice.count()
+        pg.psql(edit.format(bad=bad_id) + "; UPDATE outbox SET state = 'pending', next_attempt_at = now() "
+                f"WHERE id IN ({bad_id}, {after_id}); NOTIFY causeway_outbox", db_url)
+        got = message_from(alice, WALLY_JID, lambda el: body(el) in ("broken", "after it"), timeout=20)
+        assert body(got) == "after it", got.xml
+        state = "SELECT state || ' ' || attempts FROM outbox WHERE id = {}"
+        assert pg.psql(state.format(after_id), db_url) == "delivered 1"
+        assert pg.psql(state.format(bad_id), db_url) == "dead 1"
+        dead = d.admin("GET", "/outbox?state=dead").json()["rows"]
+        assert [x["id"] for x in dead] == [int(bad_id)] and reason in dead[0]["last_error"], dead
+        # one attempt, never tried again, and nothing of it reached alice
+        alice.iq("get", COMP, "<ping xmlns='urn:xmpp:ping'/>")
+        assert not [el for el in alice.stanzas()[start:] if body(el) == "broken"]
+    finally:
+        srv.close()
+
+
+def test_a_group_row_to_a_remote_user_is_dead_at_once(make_daemon, db_url, prosody, alice, pg):
+    """The same in a group: a row whose recipient is not a local user is a
+    dead letter at once ("only local users get a group's events on XMPP"),
+    and alice's row after it, in the same batch, brings her invitation on
+    its first attempt."""
+    d, a, srv = start_with_gk(make_daemon, db_url, prosody,
+                              dispatcher={"retry_budget": "2", "retry_base_ms": "20", "retry_max_ms": "50"})
+    try:
+        assert d.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
+        gid = a.create_room([a.user("wally"), ALICE], kind="group").json()["id"]
+        bad_id, after_id = two_held_rows(a, pg, db_url, gid)
+        pg.psql(f"UPDATE outbox SET target_identity_id = (SELECT id FROM identities "
+                f"WHERE uri = 'mimi://wa.example/u/wally') WHERE id = {bad_id}; "
+                f"UPDATE outbox SET state = 'pending', next_attempt_at = now() WHERE id IN ({bad_id}, {after_id}); "
+                "NOTIFY causeway_outbox", db_url)
+        alice.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None, timeout=20)
+        state = "SELECT state || ' ' || attempts FROM outbox WHERE id = {}"
+        assert pg.psql(state.format(after_id), db_url) == "delivered 1"
+        assert pg.psql(state.format(bad_id), db_url) == "dead 1"
+        dead = d.admin("GET", "/outbox?state=dead").json()["rows"]
+        assert [x["id"] for x in dead] == [int(bad_id)], dead
+        assert "only local users get a group's events on XMPP" in dead[0]["last_error"], dead
+    finally:
+        srv.close()
+
+
 def test_a_dead_letter_is_told_to_its_xmpp_writer(make_daemon, db_url, prosody, alice, pg):
     """A local user's message to a peer that stays down for the whole retry
     budget is told to them, by the component (an error stanza would have
