@@ -127,7 +127,7 @@ static bool append_bytes(const char *buf, size_t n, char **text, size_t *len)
 /* The component on (or, when NULL, the one that stands for peer), and
  * the local user's JID.  *never: a peer named that no component stands
  * for (xmpp.components, read at start only: no retry of this process
- * finds one); none named, a group's binding made later may name one. */
+ * finds one). */
 static bool comp_and_user(struct xmpp *x, PGresult *r, int k, struct xcomp *on, const char *peer, struct xcomp **xc,
 			  char *jid, size_t len, bool *never, cw_errmsg *e)
 {
@@ -176,8 +176,13 @@ static bool build_group(struct xmpp *x, struct outbox_row *row, PGresult *r, int
 	if (!col(r, k, 23) && !on && !col(r, k, 4) && x->ncomp == 1)
 		on = &x->comp[0];
 	if (!comp_and_user(x, r, k, on, col(r, k, 23) ? col(r, k, 23) : col(r, k, 4), xc, local_jid, sizeof(local_jid),
-			   never, e))
+			   never, e)) {
+		/* a group made here: another member's row may yet bind it to
+		 * a component (col 27), whatever its sender's peer */
+		if (!col(r, k, 23))
+			*never = false;
 		return false;
+	}
 	if (!xa_muc_room_jid(*xc, PQgetvalue(r, k, 22), room, sizeof(room))) {
 		*never = true;
 		cw_fail(e, CW_EINVAL, "the group has no room JID");
