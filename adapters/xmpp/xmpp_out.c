@@ -214,12 +214,14 @@ static bool build_group(struct xmpp *x, struct outbox_row *row, PGresult *r, int
 	const char *id = json_string_value(json_object_get(row->event, "id"));
 	json_t *set = col(r, k, 17) ? json_loads(col(r, k, 17), 0, NULL) : NULL;
 	json_t *ev = peer_media_public(x->app, row->event);
-	bool ok = occ != NULL;
+	/* the reaction set is the database's JSON: not read, memory ran out
+	 * (taken as empty, a removed reaction took all of them away) */
+	bool ok = occ != NULL && (set || !col(r, k, 17));
 	if (!ok)
 		cw_fail(e, CW_ENOMEM, "out of memory");
 	size_t i;
 	json_t *o;
-	json_array_foreach(occ, i, o) {
+	json_array_foreach(ok ? occ : NULL, i, o) {
 		char from[XJ_JID_MAX + 300], author[XJ_JID_MAX + 300];
 		snprintf(from, sizeof(from), "%s/%s", room, PQgetvalue(r, k, 28));
 		snprintf(author, sizeof(author), "%s/%s", room, col(r, k, 30) ? col(r, k, 30) : "");
@@ -319,6 +321,10 @@ static bool build(struct xmpp *x, struct outbox_row *row, PGresult *r, int k, st
 		id = idbuf;
 	}
 	json_t *set = col(r, k, 17) ? json_loads(col(r, k, 17), 0, NULL) : NULL;
+	if (!set && col(r, k, 17)) { /* the database's JSON: memory (as in build_group) */
+		cw_fail(e, CW_ENOMEM, "out of memory");
+		return false;
+	}
 	struct xm_out_info info = {
 		.from = remote_jid,
 		.to = local_jid,
