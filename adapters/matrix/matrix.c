@@ -891,10 +891,11 @@ static void hold_joins(struct txn *t, json_t *joins)
 	}
 	json_array_foreach(joins, i, x) {
 		rejoin_key(key, json_string_value(json_array_get(x, 0)), json_string_value(json_array_get(x, 1)));
-		if (!json_object_get(m->joining, key)) {
-			json_object_set_new(m->joining, key, json_true());
-			json_object_set_new(t->joining, key, json_true());
-		}
+		/* recorded as the transaction's only once it holds it: release_joins
+		 * must never delete a key another transaction holds */
+		if (!json_object_get(m->joining, key) && json_object_set_new(m->joining, key, json_true()) == 0 &&
+		    json_object_set_new(t->joining, key, json_true()) != 0)
+			json_object_del(m->joining, key);
 	}
 	pthread_mutex_unlock(&m->mu);
 }
