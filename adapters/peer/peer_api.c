@@ -1243,7 +1243,9 @@ struct submit {
 	bool *wrote;                /* per item: a local sender's message to members of a group new to them (they may reply there) */
 	bool *scrub;                /* per item: no recipient will get it (or an edit of an expired message): keep no content */
 	unsigned char *wake;        /* per item: who its pending rows are for (WAKE_*) */
+	bool *grp;                  /* per item: its room is a group (its members may change: GROUP_JM) */
 	bool notified;              /* round 1 sent a NOTIFY */
+	bool locked;                /* round 1 sent submit_lock_rooms first */
 	json_t *audit;              /* the policy decisions to record (round 1) */
 	int nfacts;                 /* round 0's result: its first nfacts rows are facts rows (n = -2) */
 	enum submit_room_by room_by; /* how items name their rooms */
@@ -1267,6 +1269,7 @@ static void submit_clear_round(struct submit *b)
 		b->scrub[i] = false;
 		b->wrote[i] = false;
 		b->wake[i] = 0;
+		b->grp[i] = false;
 	}
 	json_array_clear(b->audit);
 }
@@ -1293,6 +1296,7 @@ void submit_free(void *arg)
 	free(b->scrub);
 	free(b->wrote);
 	free(b->wake);
+	free(b->grp);
 	json_decref(b->audit);
 	json_decref(b->refused);
 	json_decref(b->keys);
@@ -1321,12 +1325,13 @@ struct submit *submit_new(size_t n)
 	b->scrub = calloc(m, sizeof(*b->scrub));
 	b->wrote = calloc(m, sizeof(*b->wrote));
 	b->wake = calloc(m, sizeof(*b->wake));
+	b->grp = calloc(m, sizeof(*b->grp));
 	b->audit = json_array();
 	b->refused = json_array();
 	b->keys = json_array();
 	if (!b->items || !b->res || !b->write || !b->room_id || !b->sender_id || !b->reply_id || !b->replaces_id ||
 	    !b->dests || !b->targets || !b->states || !b->held || !b->outbound || !b->scrub || !b->wrote || !b->wake ||
-	    !b->audit) {
+	    !b->grp || !b->audit) {
 		submit_free(b);
 		return NULL;
 	}
@@ -1452,28 +1457,66 @@ struct submit *submit_new(size_t n)
  * deleted, not returned.  A lookup by primary key per distinct target, in
  * the same statement: no round trip more. */
 #define REF_GONE(col) "(it." col " IS NOT NULL AND it." col " NOT IN (SELECT id FROM rt))"
-#define REFS_LOCKED(GONE_MORE) \
+/* SG_CASE, SG_OR: for a job with items in groups (GROUP_*), its items
+ * refused because their sender left; else empty. */
+#define REFS_LOCKED_OF(SG_CASE, SG_OR, GONE_MORE) \
 	"rt AS MATERIALIZED (SELECT t.id FROM (SELECT it.replaces AS r FROM it UNION SELECT it.reply FROM it) y " \
 	"  JOIN LATERAL (SELECT e.id FROM events e WHERE e.id = y.r FOR KEY SHARE) t ON true), " \
-	"gn AS (SELECT it.pid, CASE WHEN " REF_GONE("reply") " THEN 'in_reply_to' ELSE 'replaces' END AS ref " \
-	"  FROM it WHERE " REF_GONE("replaces") " OR " REF_GONE("reply") GONE_MORE "), "
+	"gn AS (SELECT it.pid, CASE WHEN " SG_CASE REF_GONE("reply") " THEN 'in_reply_to' ELSE 'replaces' END AS ref " \
+	"  FROM it WHERE " SG_OR REF_GONE("replaces") " OR " REF_GONE("reply") GONE_MORE "), "
+#define REFS_LOCKED(GONE_MORE) REFS_LOCKED_OF("", "", GONE_MORE)
 /* A job none of whose items names a stored event (most: plain messages)
  * locks nothing and refuses nothing for it: its statements have an empty
  * gn instead (the lock's two CTEs were about a third of what the
  * twenty-first session's changes cost the end-to-end rate). */
 #define REFS_NONE "gn AS (SELECT NULL::text AS pid, NULL::text AS ref WHERE false), "
+/* Groups: the members may have changed since round 0 read them (an
+ * operator's or a peer's removal, a member leaving through an adapter:
+ * each takes the room's lock before it changes room_members, and commits
+ * under it).  A job with items in groups takes its rooms' locks in a
+ * statement of its own before the write (submit_lock_rooms, in the same
+ * transaction and order as lk), so that the write's snapshot, taken after
+ * (READ COMMITTED: a check in the write alone would have a snapshot from
+ * before it waited on lk), sees every change committed under them; the
+ * write then reads the joined members of the items' groups (jm), refuses
+ * an item whose sender is no longer one (gn, reason 'sender': 403
+ * not_allowed, as round 0 refuses one), and makes no row to a member
+ * gone (a local target no longer joined; a peer none of whose users is).
+ * Since the twenty-fifth session; before, a message decided before a
+ * removal could be written after its leave event (from the removed user,
+ * or to its peer).  A member added meanwhile gets nothing of what was
+ * decided before they joined.  Direct rooms keep their two members: their
+ * items (grp absent) pay nothing of it, and a job of direct rooms only
+ * runs the statements without it. */
+#define GROUP_IT_COLUMNS IT_COLUMNS ", grp boolean"
+#define GROUP_JM \
+	"jm AS MATERIALIZED (SELECT m.room_id, m.identity_id, p.name FROM (SELECT DISTINCT it.room FROM it " \
+	"  WHERE it.grp) g JOIN room_members m ON m.room_id = g.room AND m.membership = 'joined' " \
+	"  JOIN identities i ON i.id = m.identity_id LEFT JOIN peers p ON p.id = i.peer_id), "
+#define GROUP_SENDER_GONE \
+	"(it.grp AND NOT EXISTS (SELECT 1 FROM jm WHERE jm.room_id = it.room AND jm.identity_id = it.sender))"
+#define GROUP_REFS_LOCKED(GONE_MORE) \
+	REFS_LOCKED_OF(GROUP_SENDER_GONE " THEN 'sender' WHEN ", GROUP_SENDER_GONE " OR ", GONE_MORE)
+#define GROUP_REFS_NONE "gn AS (SELECT it.pid, 'sender'::text AS ref FROM it WHERE " GROUP_SENDER_GONE "), "
+#define GROUP_JOINED(ID) \
+	"(it.grp IS NOT TRUE OR EXISTS (SELECT 1 FROM jm WHERE jm.room_id = it.room AND " ID "))"
+#define GROUP_OB_WHERE \
+	"WHERE " GROUP_JOINED("CASE WHEN d.target = '0' THEN 'peer:' || jm.name = d.dest " \
+			      "ELSE jm.identity_id = d.target::bigint END") " "
+#define GROUP_HELD_COND "AND " GROUP_JOINED("jm.identity_id = h.value::bigint") " "
 /* The answer's rows: each written event (public id, acceptance time), and
- * each item refused in gn (its pid, NULL, the reference gone). */
+ * each item refused in gn (its pid, NULL, the reference gone or 'sender'). */
 #define GONE_ROWS " UNION ALL SELECT pid, NULL::bigint, ref FROM gn"
-/* WITH: "WITH" or "WITH RECURSIVE" (for GONE_MORE); IT: the items;
- * REFS: REFS_LOCKED(GONE_MORE: more items of gn, naming one of gn) or
- * REFS_NONE; ID_COL, ID: the events' ids when the statement gives them;
- * REPLACES, REPLY: the references' event ids. */
-#define WRITE_EVENTS_OF(WITH, IT, REFS, ID_COL, ID, REPLACES, REPLY) \
+/* WITH: "WITH" or "WITH RECURSIVE" (for GONE_MORE); IT: the items; JM:
+ * GROUP_JM or empty; REFS: REFS_LOCKED(GONE_MORE: more items of gn, naming
+ * one of gn) or REFS_NONE (or their GROUP_ forms); ID_COL, ID: the
+ * events' ids when the statement gives them; REPLACES, REPLY: the
+ * references' event ids; OB_WHERE: GROUP_OB_WHERE or empty. */
+#define WRITE_EVENTS_OF(WITH, IT, JM, REFS, ID_COL, ID, REPLACES, REPLY, OB_WHERE) \
 	WITH " " IT ", " \
 	"lk AS MATERIALIZED (SELECT count(" ROOM_LOCK_SQL("y.r") ") AS n " \
 	"  FROM (SELECT DISTINCT it.room AS r FROM it ORDER BY 1) y), " \
-	REFS \
+	JM REFS \
 	"cs AS (SELECT c.value, c.ord FROM jsonb_array_elements($2::jsonb) WITH ORDINALITY AS c(value, ord)), " \
 	"ev AS (INSERT INTO events (" ID_COL "public_id, room_id, sender_id, type, content, replaces_id, in_reply_to_id, " \
 	"  origin_network, origin_native_id, request_hash, ts) SELECT " ID "it.pid, it.room, it.sender, it.type, cs.value, " \
@@ -1485,39 +1528,47 @@ struct submit *submit_new(size_t n)
 	"  JOIN ev ON ev.public_id = it.pid, " \
 	"  unnest(string_to_array(it.dests, ','), string_to_array(it.targets, ','), " \
 	"   string_to_array(it.states, ',')) WITH ORDINALITY AS d(dest, target, state, dn) " \
-	"  ORDER BY ev.id, d.dn) "
-#define WRITE_EVENTS_WITH(REFS) \
-	WRITE_EVENTS_OF("WITH", "it AS (SELECT * FROM json_to_recordset($1::json) AS x(" IT_COLUMNS "))", REFS, "", "", \
-			"it.replaces", "it.reply")
+	"  " OB_WHERE "ORDER BY ev.id, d.dn) "
+#define WRITE_EVENTS_WITH_OF(COLS, JM, REFS, OB_WHERE) \
+	WRITE_EVENTS_OF("WITH", "it AS (SELECT * FROM json_to_recordset($1::json) AS x(" COLS "))", JM, REFS, "", "", \
+			"it.replaces", "it.reply", OB_WHERE)
+#define WRITE_EVENTS_WITH(REFS) WRITE_EVENTS_WITH_OF(IT_COLUMNS, "", REFS, "")
 #define WRITE_EVENTS WRITE_EVENTS_WITH(REFS_LOCKED(""))
 #define WRITE_EVENTS_NOREFS WRITE_EVENTS_WITH(REFS_NONE)
+#define GROUP_WRITE_EVENTS WRITE_EVENTS_WITH_OF(GROUP_IT_COLUMNS, GROUP_JM, GROUP_REFS_LOCKED(""), GROUP_OB_WHERE)
+#define GROUP_WRITE_EVENTS_NOREFS WRITE_EVENTS_WITH_OF(GROUP_IT_COLUMNS, GROUP_JM, GROUP_REFS_NONE, GROUP_OB_WHERE)
 /* Items that name earlier items of the job (rpid, xpid: their public ids):
  * each item's event id is drawn first, in the items' order (the column's
  * own sequence, as its default would), so that a reference can take it.
  * An item naming one refused in gn is refused too, and so on down the
  * chain (it would name an event never written). */
-#define WRITE_EVENTS_REFS \
+#define REFS_GONE_MORE \
+	" UNION SELECT it.pid, CASE WHEN it.rpid = gn.pid THEN 'in_reply_to' ELSE 'replaces' END " \
+	"FROM it JOIN gn ON gn.pid IN (it.rpid, it.xpid)"
+#define WRITE_EVENTS_REFS_OF(COLS, JM, REFS, OB_WHERE) \
 	WRITE_EVENTS_OF("WITH RECURSIVE", \
 			"it AS MATERIALIZED (SELECT y.*, nextval(pg_get_serial_sequence('events', 'id')) AS eid " \
-			"FROM (SELECT * FROM json_to_recordset($1::json) AS x(" IT_COLUMNS ", rpid text, xpid text) " \
+			"FROM (SELECT * FROM json_to_recordset($1::json) AS x(" COLS ", rpid text, xpid text) " \
 			"ORDER BY x.n) y)", \
-			REFS_LOCKED(" UNION SELECT it.pid, CASE WHEN it.rpid = gn.pid THEN 'in_reply_to' ELSE 'replaces' END " \
-				    "FROM it JOIN gn ON gn.pid IN (it.rpid, it.xpid)"), \
-			"id, ", "it.eid, ", "coalesce(it.replaces, (SELECT i2.eid FROM it i2 WHERE i2.pid = it.xpid))", \
-			"coalesce(it.reply, (SELECT i2.eid FROM it i2 WHERE i2.pid = it.rpid))")
+			JM, REFS, "id, ", "it.eid, ", "coalesce(it.replaces, (SELECT i2.eid FROM it i2 WHERE i2.pid = it.xpid))", \
+			"coalesce(it.reply, (SELECT i2.eid FROM it i2 WHERE i2.pid = it.rpid))", OB_WHERE)
+#define WRITE_EVENTS_REFS WRITE_EVENTS_REFS_OF(IT_COLUMNS, "", REFS_LOCKED(REFS_GONE_MORE), "")
+#define GROUP_WRITE_EVENTS_REFS \
+	WRITE_EVENTS_REFS_OF(GROUP_IT_COLUMNS, GROUP_JM, GROUP_REFS_LOCKED(REFS_GONE_MORE), GROUP_OB_WHERE)
 
 #define WRITE_ITEMS_PLAIN_ROWS "SELECT public_id, ms, NULL::text FROM ev" GONE_ROWS
 #define WRITE_ITEMS_PLAIN WRITE_EVENTS WRITE_ITEMS_PLAIN_ROWS
 #define WRITE_ITEMS_PLAIN_NOREFS WRITE_EVENTS_NOREFS WRITE_ITEMS_PLAIN_ROWS
 
-#define WRITE_ITEMS_TAIL \
+/* HELD_COND: GROUP_HELD_COND (no consent asked of a member gone) or empty. */
+#define WRITE_ITEMS_TAIL_OF(HELD_COND) \
 	", rd AS (UPDATE outbox o SET read_at = coalesce(o.read_at, now()) FROM it JOIN ev ON ev.public_id = it.pid " \
 	"  WHERE it.read AND o.event_id = it.reply AND o.destination = it.scope AND o.state = 'delivered'), " \
 	"cr AS (INSERT INTO consent_requests (local_identity_id, remote_identity_id, expires_at) " \
 	"  SELECT DISTINCT h.value::bigint, it.sender, now() + make_interval(secs => it.expiry) " \
 	"  FROM it JOIN ev ON ev.public_id = it.pid, unnest(string_to_array(it.held, ',')) AS h(value) WHERE NOT EXISTS (SELECT 1 FROM consent_requests q " \
 	"   WHERE q.local_identity_id = h.value::bigint AND q.remote_identity_id = it.sender " \
-	"   AND " CONSENT_REQUEST_STANDS_SQL("q", "it.win") ") " \
+	"   AND " CONSENT_REQUEST_STANDS_SQL("q", "it.win") ") " HELD_COND \
 	"  ON CONFLICT DO NOTHING), " \
 	"oc AS (INSERT INTO consents (local_identity_id, subject_kind, subject, state, source) " \
 	"  SELECT DISTINCT it.sender, 'user', o.value, 'allowed', 'outbound' " \
@@ -1542,9 +1593,17 @@ struct submit *submit_new(size_t n)
 	"  a.subject, a.details FROM jsonb_to_recordset($3::jsonb) " \
 	"  AS a(action text, reason text, rule bigint, pid text, subject text, details jsonb)) " \
 	"SELECT public_id, ms, NULL::text FROM ev, (SELECT count(*) FROM nt) AS n" GONE_ROWS
+#define WRITE_ITEMS_TAIL WRITE_ITEMS_TAIL_OF("")
 #define WRITE_ITEMS WRITE_EVENTS WRITE_ITEMS_TAIL
 #define WRITE_ITEMS_NOREFS WRITE_EVENTS_NOREFS WRITE_ITEMS_TAIL
 #define WRITE_ITEMS_REFS WRITE_EVENTS_REFS WRITE_ITEMS_TAIL
+#define GROUP_WRITE_ITEMS_TAIL WRITE_ITEMS_TAIL_OF(GROUP_HELD_COND)
+
+/* The rooms' locks of a job with items in groups, in id order ($1: their
+ * ids, comma-separated), before its write (see GROUP_JM). */
+#define LOCK_ROOMS \
+	"SELECT count(" ROOM_LOCK_SQL("y.r") ") FROM (SELECT DISTINCT x::bigint AS r " \
+	"  FROM unnest(string_to_array($1, ',')) AS x ORDER BY 1) y"
 
 const struct store_stmt peer_api_statements[] = {
 	{ "submit_read_by_id", READ_ITEMS("public_id = it.room") },
@@ -1556,6 +1615,12 @@ const struct store_stmt peer_api_statements[] = {
 	{ "submit_write_norefs", WRITE_ITEMS_NOREFS },
 	{ "submit_write_plain_norefs", WRITE_ITEMS_PLAIN_NOREFS },
 	{ "submit_write_refs", WRITE_ITEMS_REFS },
+	{ "submit_lock_rooms", LOCK_ROOMS },
+	{ "submit_write_g", GROUP_WRITE_EVENTS GROUP_WRITE_ITEMS_TAIL },
+	{ "submit_write_plain_g", GROUP_WRITE_EVENTS WRITE_ITEMS_PLAIN_ROWS },
+	{ "submit_write_norefs_g", GROUP_WRITE_EVENTS_NOREFS GROUP_WRITE_ITEMS_TAIL },
+	{ "submit_write_plain_norefs_g", GROUP_WRITE_EVENTS_NOREFS WRITE_ITEMS_PLAIN_ROWS },
+	{ "submit_write_refs_g", GROUP_WRITE_EVENTS_REFS GROUP_WRITE_ITEMS_TAIL },
 	{ NULL, NULL },
 };
 
@@ -1667,6 +1732,27 @@ static cw_err ref_json(struct cw_buf *doc, const struct submit *b, const char *r
 	return cw_buf_printf(doc, "null,\"%s\":", key) ? CW_ENOMEM : add_json_string(doc, j->msg_id);
 }
 
+/* A job with items in groups: the locks of the rooms of every item it
+ * writes (direct ones too: the write's lk takes them all, in id order, and
+ * this keeps that order), in a statement before the write (see GROUP_JM).
+ * Sets b->locked. */
+static cw_err lock_rooms_send(PGconn *c, struct submit *b, cw_errmsg *e)
+{
+	struct cw_buf ids;
+	cw_buf_init(&ids, SIZE_MAX / 2);
+	cw_err rc = CW_OK;
+	for (size_t i = 0; i < b->n && !rc; i++)
+		if (b->items[i] && b->write[i])
+			rc = cw_buf_printf(&ids, "%s%s", ids.len ? "," : "", b->room_id[i]) ? CW_ENOMEM : CW_OK;
+	if (rc)
+		rc = cw_fail(e, rc, "out of memory");
+	else
+		rc = send_text(c, "submit_lock_rooms", ids.p ? ids.p : "", NULL, NULL, e);
+	cw_buf_free(&ids);
+	b->locked = !rc;
+	return rc;
+}
+
 /* The documents of the two rounds are written as text straight into a
  * buffer: every value is an id, a number or a name that needs no escaping
  * (add_json_string checks, and lets jansson encode what does), and the
@@ -1676,6 +1762,7 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 {
 	if (round == 0)
 		submit_clear_round(b);
+	b->locked = false;
 	struct policy_view *v = policy_live_get(b->app->policy);
 	struct cw_buf doc, contents;
 	cw_buf_init(&doc, SIZE_MAX / 2);
@@ -1684,6 +1771,7 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 	bool plain = json_array_size(b->audit) == 0; /* round 1: the plain statement will do */
 	bool refs = false;                           /* round 1: an item names an earlier one */
 	bool stored = false;                         /* round 1: an item names a stored event */
+	bool group = false;                          /* round 1: an item is in a group */
 	cw_err rc = cw_buf_add(&doc, "[", 1) || (round == 1 && cw_buf_add(&contents, "[", 1)) ? CW_ENOMEM : CW_OK;
 	for (size_t i = 0; i < b->n && !rc; i++) {
 		struct msg_input *in = b->items[i];
@@ -1731,6 +1819,7 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 						   in->read_receipt ? "true" : "false") ||
 				     add_json_string(&doc, in->idem_key) || cw_buf_add(&doc, ",\"scope\":", 9) ||
 				     add_json_string(&doc, in->scope) ||
+				     (b->grp[i] && cw_buf_add(&doc, ",\"grp\":true", 11)) ||
 				     cw_buf_printf(&doc, ",\"outbound\":%s,\"wrote\":%s,\"replaces\":", outbound ? outbound : "[]",
 						   b->wrote[i] ? "true" : "false") ||
 				     ref_json(&doc, b, b->replaces_id[i], "xpid") || cw_buf_add(&doc, ",\"reply\":", 9) ||
@@ -1744,6 +1833,7 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 		free(outbound);
 		refs = refs || b->reply_id[i][0] == '#' || b->replaces_id[i][0] == '#';
 		stored = stored || b->reply_id[i][0] || b->replaces_id[i][0];
+		group = group || b->grp[i];
 		plain = plain && !in->read_receipt && !json_array_size(b->held[i]) && !json_array_size(b->outbound[i]) &&
 			!b->wrote[i] && !in->block_target[0];
 	}
@@ -1757,7 +1847,13 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 				  : b->room_by == SUBMIT_ROOM_BY_NATIVE ? "submit_read_by_native"
 									: "submit_read_by_id",
 			       doc.p, NULL, NULL, e);
-	else if (round == 1)
+	else if (round == 1 && group && (rc = lock_rooms_send(c, b, e)) == CW_OK)
+		rc = refs    ? send_text(c, "submit_write_refs_g", doc.p, contents.p, b->audit, e)
+		     : plain ? send_text(c, stored ? "submit_write_plain_g" : "submit_write_plain_norefs_g", doc.p,
+					 contents.p, NULL, e)
+			     : send_text(c, stored ? "submit_write_g" : "submit_write_norefs_g", doc.p, contents.p,
+					 b->audit, e);
+	else if (round == 1 && !group)
 		rc = refs    ? send_text(c, "submit_write_refs", doc.p, contents.p, b->audit, e)
 		     : plain ? send_text(c, stored ? "submit_write_plain" : "submit_write_plain_norefs", doc.p,
 					 contents.p, NULL, e)
@@ -2138,6 +2234,7 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 	b->scrub[i] = undelivered || late_edit;
 	res->denied = in->local_sender && undelivered ? deny_reason : NULL;
 	b->wake[i] = wake;
+	b->grp[i] = group;
 	b->write[i] = true;
 }
 
@@ -2237,6 +2334,14 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 	bool sent = round == 1, any_write = false;
 	for (size_t i = 0; i < b->n && !sent; i++)
 		sent = b->items[i] != NULL;
+	if (round == 1 && b->locked) { /* the rooms' locks (lock_rooms_send) */
+		PGresult *r;
+		b->locked = false;
+		cw_err rc = store_pipe_result(c, PGRES_TUPLES_OK, &r, e);
+		if (rc)
+			return rc;
+		PQclear(r);
+	}
 	if (sent) {
 		PGresult *r;
 		cw_err rc = store_pipe_result(c, PGRES_TUPLES_OK, &r, e);
@@ -2291,7 +2396,16 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 					if (b->write[i] && strcmp(b->items[i]->msg_id, PQgetvalue(r, k, 0)) == 0) {
 						json_decref(b->res[i].body); /* a rerun of the write */
 						b->res[i].body = NULL;
-						if (!PQgetisnull(r, k, 2)) {
+						if (!PQgetisnull(r, k, 2) &&
+						    strcmp(PQgetvalue(r, k, 2), "sender") == 0) {
+							/* Its sender left the group since
+							 * round 0 (GROUP_JM): refused as
+							 * round 0 refuses one not a member. */
+							b->write[i] = false;
+							b->wake[i] = 0;
+							item_fail(&b->res[i], 403, "not_allowed",
+								  "the sender is not a member of this room");
+						} else if (!PQgetisnull(r, k, 2)) {
 							/* Its reference is gone (deleted since
 							 * round 0): refused as one naming an
 							 * unknown message is, and for good. */

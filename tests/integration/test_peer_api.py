@@ -1102,3 +1102,145 @@ def test_dispatch_and_signature_metrics(daemon, peers):
     assert value(t, 'causeway_dispatch_requests_total{outcome="ok"}') >= 1
     assert value(t, "causeway_signature_nonces") >= 4       # room creation + three submits
     assert value(t, "causeway_signature_nonces_evicted_live_total") == 0
+
+
+class HeldSession:
+    """A psql session of its own (another process's transaction), fed
+    statements one at a time; each waits for its answer."""
+
+    def __init__(self, db_url):
+        import subprocess
+        self.proc = subprocess.Popen(["psql", db_url, "-qAt", "-v", "ON_ERROR_STOP=1"], text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def run(self, sql):
+        self.proc.stdin.write(sql + "\n\\echo done\n")
+        self.proc.stdin.flush()
+        while self.proc.stdout.readline().strip() != "done":
+            assert self.proc.poll() is None, "psql ended: " + sql
+
+    def end(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.write("COMMIT;\n")
+            self.proc.stdin.close()  # psql ends its session
+            self.proc.wait(30)
+
+
+def room_events(pg, db_url, gid):
+    """[(type, sender uri, membership target or '')] of a room, in id order."""
+    rows = pg.psql("SELECT e.type, s.uri, coalesce(e.content->'content'->>'target', '') FROM events e "
+                   "JOIN rooms r ON r.id = e.room_id JOIN identities s ON s.id = e.sender_id "
+                   f"WHERE r.public_id = '{gid}' ORDER BY e.id", db_url)
+    return [tuple(x.split("|")) for x in rows.splitlines()]
+
+
+def removal_between_the_rounds(daemon, pg, db_url, gid, peer, guri, sender, user):
+    """The operator removes user from group gid while sender's message
+    (POST /v1/batch through peer) is between its two rounds: the removal's
+    transaction is held (it has the room's lock of every write of events,
+    and waits for its row lock on the room while a psql session holds the
+    row FOR SHARE) until the message's reading round saw the members as
+    they were and its write waits for the room's lock; then both go on.  Returns the batch's answer (its one result)."""
+    import threading
+    held = HeldSession(db_url)
+    out = {}
+    try:
+        held.run(f"BEGIN; SELECT 1 FROM rooms WHERE public_id = '{gid}' FOR SHARE;")
+        rem = threading.Thread(target=lambda: out.update(
+            rem=daemon.admin("POST", f"/rooms/{gid}/members", json={"remove": [user]})))
+        rem.start()
+        wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                   "AND query LIKE '%FROM rooms WHERE public_id = $1 FOR UPDATE%'", db_url) == "1",
+                   what="the removal waiting")
+        msg = threading.Thread(target=lambda: out.update(msg=peer.call("POST", "/v1/batch", {"events": [
+            {"room": guri, "idempotency_key": "between-the-rounds", "event": {
+                "type": "message", "sender": sender,
+                "content": {"parts": [{"type": "text/plain", "body": "decided before"}]}}}]})))
+        msg.start()
+        # Its reading round is done: it waits for the writer.
+        wait_until(lambda: re.search(r"^causeway_db_writes_queued 1$", daemon.get("/metrics").text, re.M),
+                   what="the message waiting for the writer")
+        held.end()
+        rem.join(30)
+        msg.join(30)
+    finally:
+        held.end()
+    assert out["rem"].status_code == 200, out["rem"].text
+    assert out["msg"].status_code == 200, out["msg"].text
+    return out["msg"].json()["results"][0]
+
+
+def test_a_message_decided_before_its_senders_removal_is_not_written_after_it(daemon, peers, pg, db_url):
+    """A message of eve's passes the reading round (she is a member) while
+    the operator removes her, and reaches the write after the removal
+    committed: it is refused as any message of one who is not a member is
+    (403 not_allowed), not written after her leave event. Until the
+    twenty-fifth session it was: the peers saw "eve left", then her
+    messages."""
+    (a, sa), (b, sb) = peers
+    wally, eve = a.user("wally"), b.user("eve")
+    rj = a.create_room([wally, b.user("bob"), eve], kind="group").json()
+    res = removal_between_the_rounds(daemon, pg, db_url, rj["id"], b, rj["uri"], eve, eve)
+    assert res["status"] == "refused" and res["http_status"] == 403 and res["code"] == "not_allowed", res
+    assert room_events(pg, db_url, rj["id"]) == [("membership", eve, eve)]
+    wait_until(lambda: [e["type"] for e in list(sa.events) if e["room_id"] == rj["id"]] == ["membership"],
+               what="eve's leaving at gk")
+    # Her retry is refused as it is now.
+    r = b.call("POST", "/v1/batch", {"events": [{"room": rj["uri"], "idempotency_key": "between-the-rounds", "event": {
+        "type": "message", "sender": eve, "content": {"parts": [{"type": "text/plain", "body": "decided before"}]}}}]})
+    assert r.json()["results"][0]["code"] == "not_allowed", r.text
+
+
+def test_a_message_decided_before_a_peers_last_member_left_has_no_row_to_it(daemon, peers, pg, db_url):
+    """wally's message passes the reading round with eve, tg's only member,
+    in the group, and reaches the write after the operator removed her: it
+    is written, to the members still there (dave, local), with no row to
+    tg (docs/admin-api.md: no more rows are written to a peer whose last
+    member left). Until the twenty-fifth session tg got it after eve's
+    leaving."""
+    (a, sa), (b, sb) = peers
+    wally, eve = a.user("wally"), b.user("eve")
+    rj = a.create_room([wally, eve, "mimi://example.org/u/dave"], kind="group").json()
+    res = removal_between_the_rounds(daemon, pg, db_url, rj["id"], a, rj["uri"], wally, eve)
+    assert res["status"] == "accepted", res
+    assert room_events(pg, db_url, rj["id"]) == [("membership", eve, eve), ("message", wally, "")]
+    assert pg.psql("SELECT string_agg(destination, ',' ORDER BY destination) FROM outbox o JOIN events e "
+                   f"ON e.id = o.event_id WHERE e.public_id = '{res['id']}'", db_url) == "local"
+    wait_until(lambda: [e["type"] for e in list(sb.events) if e["room_id"] == rj["id"]] == ["membership"],
+               what="eve's leaving at tg")
+    assert [e["type"] for e in list(sb.events) if e["room_id"] == rj["id"]] == ["membership"]
+
+
+def test_a_write_waiting_for_the_rooms_lock_sees_the_leave_made_under_it(daemon, peers, pg, db_url):
+    """Another process's leave (a member leaving through an adapter: its
+    transaction holds the room's lock of every write of events, and
+    commits the change under it) while a message decided with that member
+    waits for the lock: the write, whose reading of the members follows the
+    lock, makes no row to the one who left. A check in the write statement
+    alone would not do: its snapshot would be taken before it waited."""
+    (a, sa), (b, sb) = peers
+    wally, dave = a.user("wally"), "mimi://example.org/u/dave"
+    rj = a.create_room([wally, b.user("bob"), dave], kind="group").json()
+    rid = pg.psql(f"SELECT id FROM rooms WHERE public_id = '{rj['id']}'", db_url)
+    import threading
+    held = HeldSession(db_url)
+    out = {}
+    try:
+        held.run(f"BEGIN; SELECT pg_advisory_xact_lock(1129796434, ({rid} % 2147483647)::int); "
+                 "UPDATE room_members SET membership = 'left', updated_at = now() "
+                 f"WHERE room_id = {rid} AND identity_id = (SELECT id FROM identities WHERE uri = '{dave}');")
+        msg = threading.Thread(target=lambda: out.update(msg=a.call("POST", "/v1/batch", {"events": [
+            {"room": rj["uri"], "idempotency_key": "waits", "event": {
+                "type": "message", "sender": wally,
+                "content": {"parts": [{"type": "text/plain", "body": "decided before"}]}}}]})))
+        msg.start()
+        wait_until(lambda: pg.psql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                                   db_url) == "1", what="the write waiting for the room's lock")
+        held.end()
+        msg.join(30)
+    finally:
+        held.end()
+    res = out["msg"].json()["results"][0]
+    assert res["status"] == "accepted", res
+    assert pg.psql("SELECT string_agg(destination, ',' ORDER BY destination) FROM outbox o JOIN events e "
+                   f"ON e.id = o.event_id WHERE e.public_id = '{res['id']}'", db_url) == "peer:tg"
