@@ -45,7 +45,10 @@ bool submit_put_local(struct submit *b, size_t i, struct cw_app *app, const char
  * transaction): then only round 1 is left for the writer, and *write says
  * whether it is needed.  What it read may be stale by the write: a key
  * written meanwhile fails the write as a conflict (retry), a room or
- * identity is never deleted, and a member or consent that changed in
+ * identity is never deleted, a group's member who left in between (under
+ * the room's lock) is as if they left just before (the write refuses their
+ * events and makes no rows to them: peer_api.c, GROUP_JM; since the
+ * twenty-fifth session), and a member added or a consent that changed in
  * between is as if it changed just after. */
 cw_err submit_prepare(PGconn *c, struct submit *b, bool *write, cw_errmsg *e);
 cw_err submit_send(PGconn *c, struct submit *b, int round, cw_errmsg *e);
