@@ -38,6 +38,10 @@ struct cw_store;
  * cannot drift apart. */
 #define ROOM_LOCK_CLASS "1129796434"
 #define ROOM_LOCK_SQL(room) "pg_advisory_xact_lock(" ROOM_LOCK_CLASS ", (" room " % 2147483647)::int)"
+/* The locks of several rooms, in room id order (so that two writes never
+ * wait for each other), as one row (n): rooms is a query of their ids as
+ * column r, each once. */
+#define ROOM_LOCKS_SQL(rooms) "SELECT count(" ROOM_LOCK_SQL("y.r") ") AS n FROM (" rooms " ORDER BY 1) y"
 
 /* A new event's public id made in SQL, as cw_new_id makes one ("msg_" and
  * 16 random bytes, base64url): gen_random_uuid() is PostgreSQL's strong

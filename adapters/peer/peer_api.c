@@ -1514,8 +1514,7 @@ struct submit *submit_new(size_t n)
  * references' event ids; OB_WHERE: GROUP_OB_WHERE or empty. */
 #define WRITE_EVENTS_OF(WITH, IT, JM, REFS, ID_COL, ID, REPLACES, REPLY, OB_WHERE) \
 	WITH " " IT ", " \
-	"lk AS MATERIALIZED (SELECT count(" ROOM_LOCK_SQL("y.r") ") AS n " \
-	"  FROM (SELECT DISTINCT it.room AS r FROM it ORDER BY 1) y), " \
+	"lk AS MATERIALIZED (" ROOM_LOCKS_SQL("SELECT DISTINCT it.room AS r FROM it") "), " \
 	JM REFS \
 	"cs AS (SELECT c.value, c.ord FROM jsonb_array_elements($2::jsonb) WITH ORDINALITY AS c(value, ord)), " \
 	"ev AS (INSERT INTO events (" ID_COL "public_id, room_id, sender_id, type, content, replaces_id, in_reply_to_id, " \
@@ -1601,9 +1600,7 @@ struct submit *submit_new(size_t n)
 
 /* The rooms' locks of a job with items in groups, in id order ($1: their
  * ids, comma-separated), before its write (see GROUP_JM). */
-#define LOCK_ROOMS \
-	"SELECT count(" ROOM_LOCK_SQL("y.r") ") FROM (SELECT DISTINCT x::bigint AS r " \
-	"  FROM unnest(string_to_array($1, ',')) AS x ORDER BY 1) y"
+#define LOCK_ROOMS ROOM_LOCKS_SQL("SELECT DISTINCT x::bigint AS r FROM unnest(string_to_array($1, ',')) AS x")
 
 const struct store_stmt peer_api_statements[] = {
 	{ "submit_read_by_id", READ_ITEMS("public_id = it.room") },
@@ -1732,6 +1729,10 @@ static cw_err ref_json(struct cw_buf *doc, const struct submit *b, const char *r
 	return cw_buf_printf(doc, "null,\"%s\":", key) ? CW_ENOMEM : add_json_string(doc, j->msg_id);
 }
 
+/* A sender who is not (or no longer) a member of the group: 403 not_allowed
+ * (submit_decide in round 0, items_recv in round 1). */
+#define NOT_MEMBER_DETAIL "the sender is not a member of this room"
+
 /* A job with items in groups: the locks of the rooms of every item it
  * writes (direct ones too: the write's lk takes them all, in id order, and
  * this keeps that order), in a statement before the write (see GROUP_JM).
@@ -1847,17 +1848,17 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 				  : b->room_by == SUBMIT_ROOM_BY_NATIVE ? "submit_read_by_native"
 									: "submit_read_by_id",
 			       doc.p, NULL, NULL, e);
-	else if (round == 1 && group && (rc = lock_rooms_send(c, b, e)) == CW_OK)
-		rc = refs    ? send_text(c, "submit_write_refs_g", doc.p, contents.p, b->audit, e)
-		     : plain ? send_text(c, stored ? "submit_write_plain_g" : "submit_write_plain_norefs_g", doc.p,
-					 contents.p, NULL, e)
-			     : send_text(c, stored ? "submit_write_g" : "submit_write_norefs_g", doc.p, contents.p,
-					 b->audit, e);
-	else if (round == 1 && !group)
-		rc = refs    ? send_text(c, "submit_write_refs", doc.p, contents.p, b->audit, e)
-		     : plain ? send_text(c, stored ? "submit_write_plain" : "submit_write_plain_norefs", doc.p,
-					 contents.p, NULL, e)
-			     : send_text(c, stored ? "submit_write" : "submit_write_norefs", doc.p, contents.p, b->audit, e);
+	else if (round == 1) {
+		/* a job with items in groups: its rooms' locks first, and the
+		 * statement's _g variant (GROUP_JM) */
+		const char *w = refs ? "submit_write_refs"
+			      : plain ? (stored ? "submit_write_plain" : "submit_write_plain_norefs")
+				      : (stored ? "submit_write" : "submit_write_norefs");
+		char name[40];
+		snprintf(name, sizeof(name), "%s%s", w, group ? "_g" : "");
+		if (!group || (rc = lock_rooms_send(c, b, e)) == CW_OK)
+			rc = send_text(c, name, doc.p, contents.p, plain && !refs ? NULL : b->audit, e);
+	}
 	cw_buf_free(&doc);
 	cw_buf_free(&contents);
 	/* Who has rows to deliver now: the dispatcher (its channel wakes the
@@ -2221,7 +2222,7 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 		json_decref(states);
 		json_decref(held);
 		json_decref(audit);
-		item_fail(res, 403, "not_allowed", "the sender is not a member of this room");
+		item_fail(res, 403, "not_allowed", NOT_MEMBER_DETAIL);
 		return;
 	}
 	json_array_extend(b->audit, audit);
@@ -2404,7 +2405,7 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 							b->write[i] = false;
 							b->wake[i] = 0;
 							item_fail(&b->res[i], 403, "not_allowed",
-								  "the sender is not a member of this room");
+								  NOT_MEMBER_DETAIL);
 						} else if (!PQgetisnull(r, k, 2)) {
 							/* Its reference is gone (deleted since
 							 * round 0): refused as one naming an
