@@ -980,6 +980,27 @@ static void give_sm_state(xmpp_ctx_t *ctx, xmpp_conn_t *conn)
 		xmpp_free_sm_state(sm);
 }
 
+/* The server's stream held markup XMPP forbids (RFC 6120 §11.1: a DTD, an
+ * entity declaration, a comment, a processing instruction), at which
+ * xmpp_xml.c stopped its parser: nothing from there on was read.  The
+ * receiving side closes such a stream with restricted-xml; it is then
+ * given up as any break, and connected again after the backoff.  The
+ * rooms' occupants are not told first (nothing more is written to a
+ * stream in error); the server is given half a second to close it. */
+static void refuse_stream(struct xcomp *xc, const char *markup)
+{
+	LOG_KV(CW_LOG_WARN, "xmpp: the server's stream holds markup XMPP forbids (RFC 6120 11.1): closed with restricted-xml",
+	       "component", xc->domain, "markup", markup);
+	atomic_fetch_add(&xc->restricted_xml, 1);
+	xmpp_send_raw_string(xc->conn, "<stream:error><restricted-xml xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>"
+				       "</stream:error>");
+	xmpp_disconnect(xc->conn);
+	for (int i = 0; i < 50 && !xc->dropped; i++)
+		xmpp_run_once(xc->ctx, 10);
+	snprintf(xc->drop_reason, sizeof(xc->drop_reason), "the server's stream held %s (restricted-xml)", markup);
+	xc->dropped = true;
+}
+
 /* One turn of the stream.  While it is up, the thread sleeps in poll() on
  * the socket and the wake pipe (libstrophe's own select() cannot see the
  * pipe), so a queued stanza goes out at once and an idle stream costs
@@ -1049,7 +1070,9 @@ static void *comp_main(void *arg)
 				nap(xc, 50);
 				continue;
 			}
+			xa_xml_watch(true); /* its parser: see refuse_stream */
 			xc->conn = xmpp_conn_new(xc->ctx);
+			xa_xml_watch(false);
 			if (!xc->conn) {
 				next_try = now + 1000;
 				continue;
@@ -1068,8 +1091,12 @@ static void *comp_main(void *arg)
 				xc->dropped = true;
 			}
 		}
-		if (!xc->dropped)
+		if (!xc->dropped) {
 			turn(xc, next_house);
+			const char *markup = xa_xml_refused();
+			if (markup)
+				refuse_stream(xc, markup);
+		}
 		now = mono_ms();
 		if (xc->up_event && !xc->dropped) {
 			xc->up_event = false;
@@ -1247,12 +1274,13 @@ json_t *xa_health(struct xmpp *x)
 	for (int i = 0; i < x->ncomp; i++) {
 		struct xcomp *xc = &x->comp[i];
 		pthread_mutex_lock(&xc->mu);
-		json_t *o = json_pack("{s:s, s:s, s:s, s:I, s:I, s:I, s:I, s:I}", "state", state_name(xc->state), "peer",
+		json_t *o = json_pack("{s:s, s:s, s:s, s:I, s:I, s:I, s:I, s:I, s:I}", "state", state_name(xc->state), "peer",
 				      xc->peer, "last_error", xc->last_error, "connected_since_ms",
 				      (json_int_t)(xc->state == XC_UP ? xc->connected_since_ms : 0), "queued",
 				      (json_int_t)xc->queued, "stanzas_in", (json_int_t)atomic_load(&xc->stanzas_in),
 				      "stanzas_out", (json_int_t)atomic_load(&xc->stanzas_out), "room_occupants",
-				      (json_int_t)xa_muc_count_locked(xc));
+				      (json_int_t)xa_muc_count_locked(xc), "restricted_xml",
+				      (json_int_t)atomic_load(&xc->restricted_xml));
 		pthread_mutex_unlock(&xc->mu);
 		json_object_set_new(comps, xc->domain, o);
 	}
@@ -1289,14 +1317,16 @@ void xa_metrics(struct xmpp *x, struct cw_buf *b)
 		pthread_mutex_unlock(&x->comp[i].mu);
 		cw_buf_printf(b, "causeway_xmpp_room_occupants{component=\"%s\"} %zu\n", x->comp[i].domain, n);
 	}
-	static const char *const names[] = { "in", "out", "errors_out", "connects" };
-	cw_buf_printf(b, "# HELP causeway_xmpp_stanzas_total Stanzas read from and written to the streams; error answers; stream (re)connections.\n"
+	static const char *const names[] = { "in", "out", "errors_out", "connects", "restricted_xml" };
+	cw_buf_printf(b, "# HELP causeway_xmpp_stanzas_total Stanzas read from and written to the streams; error answers; stream (re)connections; "
+			 "streams closed for markup XMPP forbids.\n"
 			 "# TYPE causeway_xmpp_stanzas_total counter\n");
 	for (int i = 0; i < x->ncomp; i++) {
 		struct xcomp *xc = &x->comp[i];
 		unsigned long long v[] = { atomic_load(&xc->stanzas_in), atomic_load(&xc->stanzas_out),
-					   atomic_load(&xc->errors_out), atomic_load(&xc->connects) };
-		for (int k = 0; k < 4; k++)
+					   atomic_load(&xc->errors_out), atomic_load(&xc->connects),
+					   atomic_load(&xc->restricted_xml) };
+		for (int k = 0; k < 5; k++)
 			cw_buf_printf(b, "causeway_xmpp_stanzas_total{component=\"%s\",kind=\"%s\"} %llu\n", xc->domain,
 				      names[k], v[k]);
 	}

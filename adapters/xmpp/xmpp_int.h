@@ -137,6 +137,7 @@ struct xcomp {
 	struct xa_session sessions[XA_SESSIONS_MAX];
 	/* counters */
 	atomic_ullong stanzas_in, stanzas_out, errors_out, connects;
+	atomic_ullong restricted_xml;        /* streams closed for markup XMPP forbids (xmpp_xml.c) */
 };
 
 struct xmpp {
@@ -341,5 +342,16 @@ void xa_muc_bounced(struct xcomp *xc, xmpp_stanza_t *st);
  * none). */
 bool xa_muc_reflect(struct xcomp *xc, const char *stanza_text, const char *room, const char *user,
 		    const char *msg_id);
+
+/* Restricted XML (RFC 6120 §11.1; xmpp_xml.c): every expat parser of the
+ * process stops at a DOCTYPE, an entity declaration, a comment or a
+ * processing instruction.  With on, the next parser made on this thread
+ * (by xmpp_conn_new: the stream's) is watched until it is freed: it is
+ * suspended there instead of failed, and xa_xml_refused() then says what
+ * stopped it ("a DOCTYPE", ...) once, else NULL.  The total counts the
+ * refusals of every parser and thread. */
+void xa_xml_watch(bool on);
+const char *xa_xml_refused(void);
+unsigned long long xa_xml_refused_total(void);
 
 #endif

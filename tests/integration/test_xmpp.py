@@ -2540,13 +2540,22 @@ class HostileServer:
         self.conn = None
         self.received = b""
 
-    def accept(self, timeout=15):
+    def accept(self, timeout=15, prolog=b""):
+        """Takes the component's (next) connection; prolog: written between
+        the XML declaration and the stream's header, after which there is
+        no handshake to wait for."""
         self.listener.settimeout(timeout)
+        if self.conn:
+            self.conn.close()
+        self.received = b""
         self.conn, _ = self.listener.accept()
         self.conn.settimeout(timeout)
         self._until(b">")  # the component's stream header
-        self.conn.sendall(b"<?xml version='1.0'?><stream:stream xmlns:stream='http://etherx.jabber.org/streams' "
+        self.conn.sendall(b"<?xml version='1.0'?>" + prolog +
+                          b"<stream:stream xmlns:stream='http://etherx.jabber.org/streams' "
                           b"xmlns='jabber:component:accept' id='hostile1' from='" + COMP.encode() + b"'>")
+        if prolog:
+            return
         hs = self._until(b"</handshake>")
         digest = re.search(rb"<handshake[^>]*>([0-9a-fA-F]+)</handshake>", hs).group(1).decode().lower()
         assert digest == hashlib.sha1(b"hostile1" + self.secret.encode()).hexdigest()
@@ -2563,6 +2572,15 @@ class HostileServer:
 
     def send(self, xml):
         self.conn.sendall(xml.encode())
+
+    def until_closed(self):
+        """All the component writes until it closes the connection."""
+        while True:
+            chunk = self.conn.recv(65536)
+            if not chunk:
+                got, self.received = self.received, b""
+                return got
+            self.received += chunk
 
     def close(self):
         for s in (self.conn, self.listener):
@@ -2590,6 +2608,53 @@ def test_stanzas_without_from_or_to_are_dropped(make_daemon, db_url, pg):
         assert component_state(d)["state"] == "up"
         assert pg.psql("SELECT count(*) FROM events", db_url) == "0"
         assert pg.psql("SELECT count(*) FROM identities WHERE network = 'xmpp'", db_url) == "0"
+    finally:
+        srv.close()
+
+
+LAUGHS = (b"<!DOCTYPE stream:stream [<!ENTITY a 'aaaaaaaaaa'><!ENTITY b '&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;'>"
+          b"<!ENTITY c '&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;'>]>")
+
+
+def test_markup_xmpp_forbids_closes_the_stream(make_daemon, db_url, pg):
+    """An XMPP stream holds no DTD, entity, comment or processing
+    instruction (restricted XML, RFC 6120 §11.1). The component closes a
+    stream that brings one with the stream error restricted-xml, says why,
+    and connects again. Until the twenty-sixth session libstrophe's parser
+    expanded the entities a DOCTYPE in the server's prolog declared (a
+    three-level entity in a stanza arrived as 1000 bytes) and passed over
+    comments and processing instructions."""
+    srv = HostileServer(SECRET)
+    try:
+        d = make_daemon(db_url, options={"server": {"domain": "example.org"}, "xmpp": {
+            "components": f"{COMP}=gk", "server_port": str(srv.port), "secret": SECRET, "domain": HOST}}).start()
+        srv.accept(prolog=LAUGHS)
+        got = srv.until_closed()
+        assert b"<restricted-xml xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" in got, got
+        assert b"<handshake" not in got, got  # stopped at the DOCTYPE, before anything else
+        f = f"from='{ALICE_JID}/phone' to='{COMP}'"
+        for sid, bad in (("x1", f"<iq type='get' id='x1' {f}><ping xmlns='urn:xmpp:ping'/><!-- hidden --></iq>"),
+                         ("x2", f"<iq type='get' id='x2' {f}><?evil x?><ping xmlns='urn:xmpp:ping'/></iq>")):
+            srv.accept()  # connected again by itself
+            wait_until(lambda: component_state(d)["state"] == "up", what="the component's stream")
+            srv.send(bad)
+            got = srv.until_closed()
+            assert b"restricted-xml" in got and sid.encode() not in got, got  # the stanza was not served
+        # An honest server again: the stream is up and works.
+        srv.accept()
+        wait_until(lambda: component_state(d)["state"] == "up", what="the component's stream")
+        srv.send(f"<iq type='get' id='ok1' {f}><ping xmlns='urn:xmpp:ping'/></iq>")
+        answer = srv._until(b"ok1") + srv._until(b">")
+        assert b"result" in answer, answer
+        def why():
+            return [r.get("markup") for r in d.records if r.get("msg", "").startswith("xmpp: the server's stream holds")]
+        wait_until(lambda: why() == ["a DOCTYPE", "a comment", "a processing instruction"], what="the reasons logged")
+        assert component_state(d)["restricted_xml"] == 3
+        m = re.search(r'causeway_xmpp_stanzas_total\{component="%s",kind="restricted_xml"\} (\d+)' % re.escape(COMP),
+                      d.get("/metrics").text)
+        assert m and m.group(1) == "3"
+        assert "aaaaaaaaaa" not in d.log()
+        assert pg.psql("SELECT count(*) FROM events", db_url) == "0"
     finally:
         srv.close()
 

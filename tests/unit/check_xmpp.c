@@ -11,6 +11,7 @@
 #include "peers.h"
 #include "unit.h"
 
+#include <expat.h>
 #include <stdint.h>
 
 #define SENDER "mimi://example.org/u/alice"
@@ -1515,6 +1516,79 @@ START_TEST(config_check_takes_what_the_adapter_needs)
 }
 END_TEST
 
+/* ------------------------------------------------------------ restricted XML */
+
+static void XMLCALL count_chars(void *u, const XML_Char *s, int len)
+{
+	(void)s;
+	*(int *)u += len;
+}
+
+/* RFC 6120 §11.1: no DTD, entity declarations, comments or processing
+ * instructions in XMPP.  Every expat parser of the process refuses them
+ * (xmpp_xml.c), libstrophe's included; the stream's is watched. */
+START_TEST(restricted_xml_is_refused)
+{
+	static const char *const bad[] = {
+		"<message><body>a<!-- c -->b</body></message>",
+		"<message><body>a<?evil x?>b</body></message>",
+		"<message><!----><body>ab</body></message>",
+	};
+	for (size_t i = 0; i < sizeof(bad) / sizeof(*bad); i++)
+		ck_assert_msg(xmpp_stanza_new_from_string(ctx, bad[i]) == NULL, "%s", bad[i]);
+	xmpp_stanza_t *ok = xmpp_stanza_new_from_string(ctx, "<message><body>a&amp;b&#x41;</body></message>");
+	ck_assert_ptr_nonnull(ok);
+	char *text = xmpp_message_get_body(ok);
+	ck_assert_str_eq(text, "a&bA");
+	xmpp_free(ctx, text);
+	xmpp_stanza_release(ok);
+
+	/* A three-level entity: stopped at the DOCTYPE, nothing expanded. */
+	static const char laughs[] = "<!DOCTYPE s [<!ENTITY a 'aaaaaaaaaa'><!ENTITY b '&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;'>"
+				     "<!ENTITY c '&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;'>]><s><body>&c;</body></s>";
+	XML_Parser p = XML_ParserCreate_MM(NULL, NULL, "\x1f");
+	ck_assert_ptr_nonnull(p);
+	int chars = 0;
+	XML_SetUserData(p, &chars);
+	XML_SetCharacterDataHandler(p, count_chars);
+	ck_assert_int_eq(XML_Parse(p, laughs, (int)strlen(laughs), XML_TRUE), XML_STATUS_ERROR);
+	ck_assert_int_eq(XML_GetErrorCode(p), XML_ERROR_ABORTED);
+	ck_assert_int_eq(chars, 0);
+	ck_assert_ptr_null(xa_xml_refused()); /* not this thread's stream */
+	/* The handlers survive a reset (which clears them). */
+	ck_assert_int_eq(XML_ParserReset(p, NULL), XML_TRUE);
+	ck_assert_int_eq(XML_Parse(p, "<s><?x y?></s>", 14, XML_TRUE), XML_STATUS_ERROR);
+	ck_assert_int_eq(XML_GetErrorCode(p), XML_ERROR_ABORTED);
+	XML_ParserFree(p);
+
+	/* The stream's parser (the next one made after xa_xml_watch) is
+	 * suspended, not failed (libstrophe would answer invalid-xml), and says
+	 * why once. */
+	xa_xml_watch(true);
+	p = XML_ParserCreate_MM(NULL, NULL, "\x1f");
+	xa_xml_watch(false);
+	ck_assert_ptr_nonnull(p);
+	chars = 0;
+	XML_SetUserData(p, &chars);
+	XML_SetCharacterDataHandler(p, count_chars);
+	ck_assert_int_eq(XML_Parse(p, laughs, (int)strlen(laughs), XML_FALSE), XML_STATUS_SUSPENDED);
+	ck_assert_int_eq(chars, 0);
+	ck_assert_str_eq(xa_xml_refused(), "a DOCTYPE");
+	ck_assert_ptr_null(xa_xml_refused());
+	ck_assert_int_eq(XML_Parse(p, "<s/>", 4, XML_TRUE), XML_STATUS_ERROR); /* and stays stopped */
+	ck_assert_int_eq(XML_ParserReset(p, NULL), XML_TRUE);
+	ck_assert_int_eq(XML_Parse(p, "<s>ok<!-- x --></s>", 19, XML_TRUE), XML_STATUS_SUSPENDED);
+	ck_assert_str_eq(xa_xml_refused(), "a comment");
+	XML_ParserFree(p);
+	/* Freed: no longer watched; a new parser at its address is not it. */
+	p = XML_ParserCreate_MM(NULL, NULL, "\x1f");
+	ck_assert_int_eq(XML_Parse(p, "<s><!-- x --></s>", 17, XML_TRUE), XML_STATUS_ERROR);
+	ck_assert_ptr_null(xa_xml_refused());
+	XML_ParserFree(p);
+	ck_assert_uint_ge(xa_xml_refused_total(), 8);
+}
+END_TEST
+
 int main(void)
 {
 	xmpp_initialize();
@@ -1538,6 +1612,7 @@ int main(void)
 	tcase_add_test(tc, queue_takes_rows_only_while_up);
 	tcase_add_test(tc, components_take_the_peers_rule);
 	tcase_add_test(tc, config_check_takes_what_the_adapter_needs);
+	tcase_add_test(tc, restricted_xml_is_refused);
 	suite_add_tcase(s, tc);
 	int rc = unit_run(s);
 	xmpp_shutdown();
