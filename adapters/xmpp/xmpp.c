@@ -67,6 +67,7 @@ static void strophe_log(void *userdata, xmpp_log_level_t level, const char *area
 		 * out (its errors stay, above); the connection's own events
 		 * stay. */
 		if (strncmp(msg, "SENT:", 5) == 0 || strncmp(msg, "RECV:", 5) == 0 || strstr(msg, "<handshake") ||
+		    strncmp(msg, "parse error [", 13) == 0 || /* with what was read */
 		    (area && strcmp(area, "auth") == 0))
 			return;
 		LOG_KV(CW_LOG_DEBUG, "libstrophe", "area", area, "detail", msg);
@@ -983,21 +984,32 @@ static void give_sm_state(xmpp_ctx_t *ctx, xmpp_conn_t *conn)
 /* The server's stream held markup XMPP forbids (RFC 6120 §11.1: a DTD, an
  * entity declaration, a comment, a processing instruction), at which
  * xmpp_xml.c stopped its parser: nothing from there on was read.  The
- * receiving side closes such a stream with restricted-xml; it is then
+ * receiving side closes such a stream with restricted-xml.  Or (broken) it
+ * was not well-formed XML, which libstrophe answered with invalid-xml but
+ * kept open, every later read failing, until the ping's timeout.  It is
  * given up as any break, and connected again after the backoff.  The
- * rooms' occupants are not told first (nothing more is written to a
- * stream in error); the server is given half a second to close it. */
-static void refuse_stream(struct xcomp *xc, const char *markup)
+ * rooms' occupants are not told first (nothing more is written to a stream
+ * in error); the server is given half a second to close it. */
+static void refuse_stream(struct xcomp *xc, const char *why, bool broken)
 {
-	LOG_KV(CW_LOG_WARN, "xmpp: the server's stream holds markup XMPP forbids (RFC 6120 11.1): closed with restricted-xml",
-	       "component", xc->domain, "markup", markup);
-	atomic_fetch_add(&xc->restricted_xml, 1);
-	xmpp_send_raw_string(xc->conn, "<stream:error><restricted-xml xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>"
-				       "</stream:error>");
+	char reason[sizeof(xc->drop_reason)]; /* not the connection handler's "the stream closed" */
+	if (broken) {
+		LOG_KV(CW_LOG_WARN, "xmpp: the server's stream is not well-formed XML: closed", "component", xc->domain,
+		       "detail", why);
+		snprintf(reason, sizeof(reason), "the server's stream is not well-formed XML (%s)", why);
+	} else {
+		LOG_KV(CW_LOG_WARN,
+		       "xmpp: the server's stream holds markup XMPP forbids (RFC 6120 11.1): closed with restricted-xml",
+		       "component", xc->domain, "markup", why);
+		snprintf(reason, sizeof(reason), "the server's stream held %s (restricted-xml)", why);
+		atomic_fetch_add(&xc->restricted_xml, 1);
+		xmpp_send_raw_string(xc->conn, "<stream:error><restricted-xml xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>"
+					       "</stream:error>");
+	}
 	xmpp_disconnect(xc->conn);
 	for (int i = 0; i < 50 && !xc->dropped; i++)
 		xmpp_run_once(xc->ctx, 10);
-	snprintf(xc->drop_reason, sizeof(xc->drop_reason), "the server's stream held %s (restricted-xml)", markup);
+	memcpy(xc->drop_reason, reason, sizeof(reason));
 	xc->dropped = true;
 }
 
@@ -1093,9 +1105,10 @@ static void *comp_main(void *arg)
 		}
 		if (!xc->dropped) {
 			turn(xc, next_house);
-			const char *markup = xa_xml_refused();
-			if (markup)
-				refuse_stream(xc, markup);
+			bool broken;
+			const char *why = xa_xml_refused(&broken);
+			if (why)
+				refuse_stream(xc, why, broken);
 		}
 		now = mono_ms();
 		if (xc->up_event && !xc->dropped) {

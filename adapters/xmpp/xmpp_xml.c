@@ -16,7 +16,8 @@
  * xa_xml_watch) is suspended rather than failed, so that libstrophe, which
  * answers a failed parse with invalid-xml, takes it for a read without
  * stanzas; the thread then learns why (xa_xml_refused) and closes the
- * stream with restricted-xml.  Any other parser (xmpp_stanza_new_from_string)
+ * stream with restricted-xml.  It learns of a stream that is not
+ * well-formed XML the same way.  Any other parser (xmpp_stanza_new_from_string)
  * fails: that function returns NULL.
  *
  * The handlers fire on forbidden markup only: a stanza costs what it did,
@@ -75,6 +76,7 @@ static __thread XML_Parser cur;      /* the parser this thread's XML_Parse runs 
 static __thread XML_Parser watched;  /* this thread's stream's parser */
 static __thread bool watch_next;     /* the next parser made is the stream's */
 static __thread const char *refused; /* what stopped the watched parser, until read */
+static __thread bool broken;         /* that was not well-formed XML (expat's own error) */
 static atomic_ullong refused_total;
 
 static void refuse(const char *what)
@@ -128,8 +130,21 @@ static XML_Parser made(XML_Parser p)
 		watched = p;
 		watch_next = false;
 		refused = NULL;
+		broken = false;
 	}
 	return guard(p);
+}
+
+/* A stream that is not well-formed XML fails the parse (libstrophe then
+ * answers invalid-xml, and would wait for the server to close): the
+ * thread is told too, and closes it. */
+static enum XML_Status parsed(XML_Parser p, enum XML_Status st)
+{
+	if (st == XML_STATUS_ERROR && p == watched && !refused) {
+		refused = XML_ErrorString(XML_GetErrorCode(p));
+		broken = true;
+	}
+	return st;
 }
 
 /* ------------------------------------------------------------ expat's, in front */
@@ -176,7 +191,7 @@ enum XML_Status XML_Parse(XML_Parser p, const char *s, int len, int final)
 	cur = p;
 	enum XML_Status st = real.parse(p, s, len, final);
 	cur = outer;
-	return st;
+	return parsed(p, st);
 }
 
 enum XML_Status XML_ParseBuffer(XML_Parser p, int len, int final)
@@ -186,7 +201,7 @@ enum XML_Status XML_ParseBuffer(XML_Parser p, int len, int final)
 	cur = p;
 	enum XML_Status st = real.parse_buffer(p, len, final);
 	cur = outer;
-	return st;
+	return parsed(p, st);
 }
 
 /* ------------------------------------------------------------ the adapter's */
@@ -196,10 +211,12 @@ void xa_xml_watch(bool on)
 	watch_next = on;
 }
 
-const char *xa_xml_refused(void)
+const char *xa_xml_refused(bool *not_well_formed)
 {
 	const char *r = refused;
+	*not_well_formed = broken;
 	refused = NULL;
+	broken = false;
 	return r;
 }
 

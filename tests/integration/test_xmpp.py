@@ -2659,6 +2659,31 @@ def test_markup_xmpp_forbids_closes_the_stream(make_daemon, db_url, pg):
         srv.close()
 
 
+def test_a_stream_that_is_not_well_formed_is_closed(make_daemon, db_url):
+    """libstrophe answers XML that is not well-formed with invalid-xml but
+    keeps the stream, every later read failing: until the twenty-sixth
+    session the component stayed "up", deaf, until the ping's timeout
+    (up to 90 s), and its debug log held what was read. It is closed and
+    connected again now."""
+    srv = HostileServer(SECRET)
+    try:
+        d = make_daemon(db_url, options={"server": {"domain": "example.org"}, "log": {"level": "debug"}, "xmpp": {
+            "components": f"{COMP}=gk", "server_port": str(srv.port), "secret": SECRET, "domain": HOST}}).start()
+        srv.accept()
+        wait_until(lambda: component_state(d)["state"] == "up", what="the component's stream")
+        srv.send(f"<message from='{ALICE_JID}/phone' to='{WALLY_JID}'><body>a private word</bdy></message>")
+        got = srv.until_closed()
+        assert b"invalid-xml" in got, got  # libstrophe's answer
+        rec = d.wait_for(lambda r: r.get("msg") == "xmpp: the server's stream is not well-formed XML: closed")
+        assert rec["detail"] == "mismatched tag" and rec["component"] == COMP
+        srv.accept()
+        wait_until(lambda: component_state(d)["state"] == "up", what="the stream again")
+        assert component_state(d)["restricted_xml"] == 0
+        assert "a private word" not in d.log()
+    finally:
+        srv.close()
+
+
 def test_an_iq_without_exactly_one_child_is_a_bad_request(make_daemon, db_url):
     """An iq get or set holds exactly one child element (RFC 6120 §8.2.3);
     one with none or two is bad-request, whoever it is for (the component,

@@ -1554,7 +1554,8 @@ START_TEST(restricted_xml_is_refused)
 	ck_assert_int_eq(XML_Parse(p, laughs, (int)strlen(laughs), XML_TRUE), XML_STATUS_ERROR);
 	ck_assert_int_eq(XML_GetErrorCode(p), XML_ERROR_ABORTED);
 	ck_assert_int_eq(chars, 0);
-	ck_assert_ptr_null(xa_xml_refused()); /* not this thread's stream */
+	bool broken;
+	ck_assert_ptr_null(xa_xml_refused(&broken)); /* not this thread's stream */
 	/* The handlers survive a reset (which clears them). */
 	ck_assert_int_eq(XML_ParserReset(p, NULL), XML_TRUE);
 	ck_assert_int_eq(XML_Parse(p, "<s><?x y?></s>", 14, XML_TRUE), XML_STATUS_ERROR);
@@ -1573,17 +1574,24 @@ START_TEST(restricted_xml_is_refused)
 	XML_SetCharacterDataHandler(p, count_chars);
 	ck_assert_int_eq(XML_Parse(p, laughs, (int)strlen(laughs), XML_FALSE), XML_STATUS_SUSPENDED);
 	ck_assert_int_eq(chars, 0);
-	ck_assert_str_eq(xa_xml_refused(), "a DOCTYPE");
-	ck_assert_ptr_null(xa_xml_refused());
-	ck_assert_int_eq(XML_Parse(p, "<s/>", 4, XML_TRUE), XML_STATUS_ERROR); /* and stays stopped */
+	ck_assert_str_eq(xa_xml_refused(&broken), "a DOCTYPE");
+	ck_assert(!broken);
+	ck_assert_ptr_null(xa_xml_refused(&broken));
 	ck_assert_int_eq(XML_ParserReset(p, NULL), XML_TRUE);
 	ck_assert_int_eq(XML_Parse(p, "<s>ok<!-- x --></s>", 19, XML_TRUE), XML_STATUS_SUSPENDED);
-	ck_assert_str_eq(xa_xml_refused(), "a comment");
+	ck_assert_str_eq(xa_xml_refused(&broken), "a comment");
+	ck_assert_int_eq(XML_Parse(p, "<s/>", 4, XML_TRUE), XML_STATUS_ERROR); /* and stays stopped */
+	xa_xml_refused(&broken);
+	/* Not well-formed: said too, as such. */
+	ck_assert_int_eq(XML_ParserReset(p, NULL), XML_TRUE);
+	ck_assert_int_eq(XML_Parse(p, "<s><a></b></s>", 14, XML_FALSE), XML_STATUS_ERROR);
+	ck_assert_str_eq(xa_xml_refused(&broken), "mismatched tag");
+	ck_assert(broken);
 	XML_ParserFree(p);
 	/* Freed: no longer watched; a new parser at its address is not it. */
 	p = XML_ParserCreate_MM(NULL, NULL, "\x1f");
 	ck_assert_int_eq(XML_Parse(p, "<s><!-- x --></s>", 17, XML_TRUE), XML_STATUS_ERROR);
-	ck_assert_ptr_null(xa_xml_refused());
+	ck_assert_ptr_null(xa_xml_refused(&broken));
 	XML_ParserFree(p);
 	ck_assert_uint_ge(xa_xml_refused_total(), 8);
 }
