@@ -1331,8 +1331,8 @@ void xa_metrics(struct xmpp *x, struct cw_buf *b)
 		cw_buf_printf(b, "causeway_xmpp_room_occupants{component=\"%s\"} %zu\n", x->comp[i].domain, n);
 	}
 	static const char *const names[] = { "in", "out", "errors_out", "connects", "restricted_xml" };
-	cw_buf_printf(b, "# HELP causeway_xmpp_stanzas_total Stanzas read from and written to the streams; error answers; stream (re)connections; "
-			 "streams closed for markup XMPP forbids.\n"
+	cw_buf_printf(b, "# HELP causeway_xmpp_stanzas_total Stanzas read from and written to the streams; error answers; "
+			 "stream (re)connections; streams closed for markup XMPP forbids.\n"
 			 "# TYPE causeway_xmpp_stanzas_total counter\n");
 	for (int i = 0; i < x->ncomp; i++) {
 		struct xcomp *xc = &x->comp[i];

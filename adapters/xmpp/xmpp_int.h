@@ -349,10 +349,8 @@ bool xa_muc_reflect(struct xcomp *xc, const char *stanza_text, const char *room,
  * (by xmpp_conn_new: the stream's) is watched until it is freed: it is
  * suspended there instead of failed, and xa_xml_refused() then says what
  * stopped it ("a DOCTYPE", ...) once, else NULL; or, *not_well_formed set,
- * expat's error when the stream was not well-formed XML.  The total counts
- * the refusals of every parser and thread. */
+ * expat's error when the stream was not well-formed XML. */
 void xa_xml_watch(bool on);
 const char *xa_xml_refused(bool *not_well_formed);
-unsigned long long xa_xml_refused_total(void);
 
 #endif

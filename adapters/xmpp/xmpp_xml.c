@@ -17,18 +17,17 @@
  * answers a failed parse with invalid-xml, takes it for a read without
  * stanzas; the thread then learns why (xa_xml_refused) and closes the
  * stream with restricted-xml.  It learns of a stream that is not
- * well-formed XML the same way.  Any other parser (xmpp_stanza_new_from_string)
- * fails: that function returns NULL.
+ * well-formed XML the same way.  Any other parser (that of
+ * xmpp_stanza_new_from_string) fails: that function returns NULL.
  *
  * The handlers fire on forbidden markup only: a stanza costs what it did,
- * plus one call through a pointer per read. */
+ * plus a few instructions per read (docs/xmpp.md, "Restricted XML"). */
 #include "config.h"
 #include "xmpp_int.h"
 
 #include <dlfcn.h>
 #include <expat.h>
 #include <pthread.h>
-#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -77,12 +76,10 @@ static __thread XML_Parser watched;  /* this thread's stream's parser */
 static __thread bool watch_next;     /* the next parser made is the stream's */
 static __thread const char *refused; /* what stopped the watched parser, until read */
 static __thread bool broken;         /* that was not well-formed XML (expat's own error) */
-static atomic_ullong refused_total;
 
 static void refuse(const char *what)
 {
-	atomic_fetch_add(&refused_total, 1);
-	if (!cur) /* cannot be: every parse starts in XML_Parse or XML_ParseBuffer below */
+	if (!cur) /* cannot be: parsing starts in XML_Parse or XML_ParseBuffer below (libstrophe never resumes) */
 		return;
 	if (cur == watched) {
 		if (!refused)
@@ -219,5 +216,3 @@ const char *xa_xml_refused(bool *not_well_formed)
 	broken = false;
 	return r;
 }
-
-unsigned long long xa_xml_refused_total(void) { return atomic_load(&refused_total); }

@@ -1593,7 +1593,6 @@ START_TEST(restricted_xml_is_refused)
 	ck_assert_int_eq(XML_Parse(p, "<s><!-- x --></s>", 17, XML_TRUE), XML_STATUS_ERROR);
 	ck_assert_ptr_null(xa_xml_refused(&broken));
 	XML_ParserFree(p);
-	ck_assert_uint_ge(xa_xml_refused_total(), 8);
 }
 END_TEST
 
