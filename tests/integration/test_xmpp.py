@@ -2632,6 +2632,8 @@ def test_markup_xmpp_forbids_closes_the_stream(make_daemon, db_url, pg):
         got = srv.until_closed()
         assert b"<restricted-xml xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" in got, got
         assert b"<handshake" not in got, got  # stopped at the DOCTYPE, before anything else
+        wait_until(lambda: component_state(d)["last_error"] == "the server's stream held a DOCTYPE (restricted-xml)",
+                   what="the reason in /readyz")
         f = f"from='{ALICE_JID}/phone' to='{COMP}'"
         for sid, bad in (("x1", f"<iq type='get' id='x1' {f}><ping xmlns='urn:xmpp:ping'/><!-- hidden --></iq>"),
                          ("x2", f"<iq type='get' id='x2' {f}><?evil x?><ping xmlns='urn:xmpp:ping'/></iq>")):
