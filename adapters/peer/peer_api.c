@@ -862,13 +862,22 @@ static cw_err members_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	char pid[24];
 	snprintf(pid, sizeof(pid), "%lld", (long long)in->p->id);
 	const char *rp[] = { in->public_id, pid };
-	cw_err rc = room_members_lock(c, in->public_id, e);
-	if (rc)
-		return rc;
-	PGresult *r = exec(c, "SELECT r.id, r.kind FROM rooms r WHERE r.public_id = $1 AND EXISTS (SELECT 1 FROM "
-			      "room_members m JOIN identities i ON i.id = m.identity_id WHERE m.room_id = r.id AND "
-			      "i.peer_id = $2::bigint AND m.membership = 'joined') FOR UPDATE", 2, rp);
+	/* The caller first, without the room's lock: a peer none of whose
+	 * users is in the room (404, as for a room it cannot see) or a direct
+	 * room (400) keeps none of the room's writers waiting (until the
+	 * twenty-sixth session the lock came first, and any peer that named a
+	 * group's id held its writes for a group commit).  Then the lock, and
+	 * the same look again under it: the peer's last user may have left
+	 * meanwhile (each statement reads what is committed when it starts). */
+#define MEMBER_ROOM_SQL \
+	"SELECT r.id, r.kind FROM rooms r WHERE r.public_id = $1 AND EXISTS (SELECT 1 FROM room_members m " \
+	"JOIN identities i ON i.id = m.identity_id WHERE m.room_id = r.id AND i.peer_id = $2::bigint " \
+	"AND m.membership = 'joined')"
 	char room_id[24];
+	cw_err rc = room_members_target(c, j, exec(c, MEMBER_ROOM_SQL, 2, rp), "unknown_room", "no such room", room_id, e);
+	if (rc || j->err_code || (rc = room_members_lock(c, in->public_id, e)))
+		return rc;
+	PGresult *r = exec(c, MEMBER_ROOM_SQL " FOR UPDATE", 2, rp);
 	if ((rc = room_members_target(c, j, r, "unknown_room", "no such room", room_id, e)) || j->err_code)
 		return rc;
 	static _Thread_local struct member_class cls[ROOM_MEMBERS_MAX];

@@ -1247,3 +1247,43 @@ def test_a_write_waiting_for_the_rooms_lock_sees_the_leave_made_under_it(daemon,
     assert res["status"] == "accepted", res
     assert pg.psql("SELECT string_agg(destination, ',' ORDER BY destination) FROM outbox o JOIN events e "
                    f"ON e.id = o.event_id WHERE e.public_id = '{res['id']}'", db_url) == "peer:tg"
+
+
+def test_a_peer_not_in_a_group_changes_nothing_and_keeps_no_writer_waiting(daemon, peers, pg, db_url):
+    """A member change by a peer none of whose users is in the group is
+    refused as for a room it cannot see (404 unknown_room) and changes
+    nothing; it is refused before the room's lock of every write of events
+    is asked for, so it never waits for, nor keeps waiting, the room's
+    writers (a group commit held behind it). Until the twenty-sixth
+    session the lock came first: here the refusal waited for the psql
+    session holding the lock, and a writer behind it waited too."""
+    (a, _), (b, sb) = peers
+    wally, dave = a.user("wally"), "mimi://example.org/u/dave"
+    gid = a.create_room([wally, dave], kind="group").json()["id"]
+    rid = pg.psql(f"SELECT id FROM rooms WHERE public_id = '{gid}'", db_url)
+    members = ("SELECT string_agg(i.uri || ':' || m.membership, ',' ORDER BY i.uri) FROM room_members m "
+               f"JOIN identities i ON i.id = m.identity_id WHERE m.room_id = {rid}")
+    before = pg.psql(members, db_url)
+    held = HeldSession(db_url)
+    out = {}
+    try:
+        held.run(f"BEGIN; SELECT pg_advisory_xact_lock(1129796434, ({rid} % 2147483647)::int);")
+        call = threading.Thread(target=lambda: out.update(r=b.call(
+            "POST", f"/v1/rooms/{gid}/members", {"add": [b.user("mallory")], "remove": [b.user("bob")]})))
+        call.start()
+        call.join(4)  # well before the job's deadline (database.request_timeout_ms, 5 s)
+        answered = not call.is_alive()
+        waiting = pg.psql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted", db_url)
+        held.end()
+        call.join(30)
+    finally:
+        held.end()
+    assert answered and waiting == "0", (answered, waiting)
+    r = out["r"]
+    assert r.status_code == 404 and r.json()["code"] == "unknown_room", r.text
+    assert pg.psql(members, db_url) == before
+    assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'room.members'", db_url) == "0"
+    assert pg.psql(f"SELECT count(*) FROM events WHERE room_id = {rid}", db_url) == "0"
+    # A member's change still takes the lock and is made.
+    r = a.call("POST", f"/v1/rooms/{gid}/members", {"add": [a.user("bert")]})
+    assert r.status_code == 200 and a.user("bert") in [m["user"] for m in r.json()["members"]], r.text
