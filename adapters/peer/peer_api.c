@@ -1466,14 +1466,15 @@ struct submit *submit_new(size_t n)
  * deleted, not returned.  A lookup by primary key per distinct target, in
  * the same statement: no round trip more. */
 #define REF_GONE(col) "(it." col " IS NOT NULL AND it." col " NOT IN (SELECT id FROM rt))"
-/* SG_CASE, SG_OR: for a job with items in groups (GROUP_*), its items
- * refused because their sender left; else empty. */
-#define REFS_LOCKED_OF(SG_CASE, SG_OR, GONE_MORE) \
+/* GN: the CTE's name (gn; GROUP_WRITE_EVENTS_REFS: gr, which its gn
+ * reads); SG_CASE, SG_OR: for a job with items in groups (GROUP_*), its
+ * items refused because their sender left; else empty. */
+#define REFS_LOCKED_OF(GN, SG_CASE, SG_OR, GONE_MORE) \
 	"rt AS MATERIALIZED (SELECT t.id FROM (SELECT it.replaces AS r FROM it UNION SELECT it.reply FROM it) y " \
 	"  JOIN LATERAL (SELECT e.id FROM events e WHERE e.id = y.r FOR KEY SHARE) t ON true), " \
-	"gn AS (SELECT it.pid, CASE WHEN " SG_CASE REF_GONE("reply") " THEN 'in_reply_to' ELSE 'replaces' END AS ref " \
+	GN " AS (SELECT it.pid, CASE WHEN " SG_CASE REF_GONE("reply") " THEN 'in_reply_to' ELSE 'replaces' END AS ref " \
 	"  FROM it WHERE " SG_OR REF_GONE("replaces") " OR " REF_GONE("reply") GONE_MORE "), "
-#define REFS_LOCKED(GONE_MORE) REFS_LOCKED_OF("", "", GONE_MORE)
+#define REFS_LOCKED(GONE_MORE) REFS_LOCKED_OF("gn", "", "", GONE_MORE)
 /* A job none of whose items names a stored event (most: plain messages)
  * locks nothing and refuses nothing for it: its statements have an empty
  * gn instead (the lock's two CTEs were about a third of what the
@@ -1504,8 +1505,9 @@ struct submit *submit_new(size_t n)
 	"  JOIN identities i ON i.id = m.identity_id LEFT JOIN peers p ON p.id = i.peer_id), "
 #define GROUP_SENDER_GONE \
 	"(it.grp AND NOT EXISTS (SELECT 1 FROM jm WHERE jm.room_id = it.room AND jm.identity_id = it.sender))"
-#define GROUP_REFS_LOCKED(GONE_MORE) \
-	REFS_LOCKED_OF(GROUP_SENDER_GONE " THEN 'sender' WHEN ", GROUP_SENDER_GONE " OR ", GONE_MORE)
+#define GROUP_REFS_LOCKED_AS(GN, GONE_MORE) \
+	REFS_LOCKED_OF(GN, GROUP_SENDER_GONE " THEN 'sender' WHEN ", GROUP_SENDER_GONE " OR ", GONE_MORE)
+#define GROUP_REFS_LOCKED(GONE_MORE) GROUP_REFS_LOCKED_AS("gn", GONE_MORE)
 #define GROUP_REFS_NONE "gn AS (SELECT it.pid, 'sender'::text AS ref FROM it WHERE " GROUP_SENDER_GONE "), "
 #define GROUP_JOINED(ID) \
 	"(it.grp IS NOT TRUE OR EXISTS (SELECT 1 FROM jm WHERE jm.room_id = it.room AND " ID "))"
@@ -1561,8 +1563,23 @@ struct submit *submit_new(size_t n)
 			JM, REFS, "id, ", "it.eid, ", "coalesce(it.replaces, (SELECT i2.eid FROM it i2 WHERE i2.pid = it.xpid))", \
 			"coalesce(it.reply, (SELECT i2.eid FROM it i2 WHERE i2.pid = it.rpid))", OB_WHERE)
 #define WRITE_EVENTS_REFS WRITE_EVENTS_REFS_OF(IT_COLUMNS, "", REFS_LOCKED(REFS_GONE_MORE), "")
+/* In a group, an item naming one refused because its sender left
+ * ('sender', or down the chain 'sender:<reference>') is refused as that
+ * one is, 403 not_allowed (ref 'sender:in_reply_to', 'sender:replaces'),
+ * not as one naming an unknown message (400: until the twenty-sixth
+ * session).  gr may hold an item twice (its own sender gone, and naming
+ * one refused): gn keeps one row each, its sender's reason first, then a
+ * referent's sender's, so the answer does not depend on the rows' order. */
+#define GROUP_REFS_GONE_MORE \
+	" UNION SELECT it.pid, CASE WHEN gr.ref LIKE 'sender%' THEN 'sender:' ELSE '' END || " \
+	"CASE WHEN it.rpid = gr.pid THEN 'in_reply_to' ELSE 'replaces' END " \
+	"FROM it JOIN gr ON gr.pid IN (it.rpid, it.xpid)"
+#define GROUP_REFS_ONCE \
+	"gn AS (SELECT DISTINCT ON (gr.pid) gr.pid, gr.ref FROM gr " \
+	"  ORDER BY gr.pid, gr.ref <> 'sender', gr.ref NOT LIKE 'sender:%'), "
 #define GROUP_WRITE_EVENTS_REFS \
-	WRITE_EVENTS_REFS_OF(GROUP_IT_COLUMNS, GROUP_JM, GROUP_REFS_LOCKED(REFS_GONE_MORE), GROUP_OB_WHERE)
+	WRITE_EVENTS_REFS_OF(GROUP_IT_COLUMNS, GROUP_JM, GROUP_REFS_LOCKED_AS("gr", GROUP_REFS_GONE_MORE) GROUP_REFS_ONCE, \
+			     GROUP_OB_WHERE)
 
 #define WRITE_ITEMS_PLAIN_ROWS "SELECT public_id, ms, NULL::text FROM ev" GONE_ROWS
 #define WRITE_ITEMS_PLAIN WRITE_EVENTS WRITE_ITEMS_PLAIN_ROWS
@@ -2406,8 +2423,8 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 					if (b->write[i] && strcmp(b->items[i]->msg_id, PQgetvalue(r, k, 0)) == 0) {
 						json_decref(b->res[i].body); /* a rerun of the write */
 						b->res[i].body = NULL;
-						if (!PQgetisnull(r, k, 2) &&
-						    strcmp(PQgetvalue(r, k, 2), "sender") == 0) {
+						const char *gone = PQgetisnull(r, k, 2) ? NULL : PQgetvalue(r, k, 2);
+						if (gone && strcmp(gone, "sender") == 0) {
 							/* Its sender left the group since
 							 * round 0 (GROUP_JM): refused as
 							 * round 0 refuses one not a member. */
@@ -2415,6 +2432,15 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 							b->wake[i] = 0;
 							item_fail(&b->res[i], 403, "not_allowed",
 								  NOT_MEMBER_DETAIL);
+						} else if (gone && strncmp(gone, "sender:", 7) == 0) {
+							/* It names an item of the job refused
+							 * so (GROUP_REFS_GONE_MORE): refused
+							 * as that one is. */
+							b->write[i] = false;
+							b->wake[i] = 0;
+							item_fail(&b->res[i], 403, "not_allowed",
+								  "content.%s names an event of this request whose sender "
+								  "is not a member of this room", gone + 7);
 						} else if (!PQgetisnull(r, k, 2)) {
 							/* Its reference is gone (deleted since
 							 * round 0): refused as one naming an

@@ -668,6 +668,63 @@ def test_an_event_naming_one_that_lost_its_key_race_is_not_stored(mx, hs, gk, pg
                    db_url) == "msg_raceWinner"
 
 
+def test_a_reply_to_a_message_refused_as_its_sender_left_is_refused_as_it_is(mx, hs, gk, pg, db_url):
+    """A transaction holds alice's message to a group and carol's reply to
+    it (both local users, in a room bound to the group); alice leaves the
+    group while the transaction waits for the room's lock (a psql session
+    holds it, as a leaving's transaction does, and marks her left under
+    it): her message is refused, 403 not_allowed, as any message of one
+    who is not a member, and carol's reply, which names it, is refused as
+    it is (403 not_allowed), not as a reply to an unknown message (400
+    invalid_body: until the twenty-sixth session); docs/interop-api.md."""
+    a, srv = gk
+    carol = "mimi://example.org/u/carol"
+    gid = a.create_room([a.user("wally"), ALICE, carol], kind="group").json()["id"]
+    rid = pg.psql(f"SELECT id FROM rooms WHERE public_id = '{gid}'", db_url)
+    pg.psql("INSERT INTO room_bindings (room_id, network, native_id, local_identity_id) SELECT "
+            f"{rid}, 'matrix', '!portal:example.org', id FROM identities WHERE uri = '{ALICE}'", db_url)
+    base = {"room_id": "!portal:example.org", "origin_server_ts": 1700000000000}
+    evs = [dict(base, sender=ALICE_MX, event_id="$left1", type="m.room.message",
+                content={"msgtype": "m.text", "body": "bye"}),
+           dict(base, sender="@carol:example.org", event_id="$left2", type="m.room.message",
+                content={"msgtype": "m.text", "body": "see you",
+                         "m.relates_to": {"m.in_reply_to": {"event_id": "$left1"}}})]
+    start = len(mx.records)
+    held = subprocess.Popen(["psql", db_url, "-qAt", "-v", "ON_ERROR_STOP=1"], text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    done = {}
+    writer = None
+    try:
+        held.stdin.write(f"BEGIN;\nSELECT pg_advisory_xact_lock(1129796434, ({rid} % 2147483647)::int);\n"
+                         "UPDATE room_members SET membership = 'left', updated_at = now() WHERE room_id = "
+                         f"{rid} AND identity_id = (SELECT id FROM identities WHERE uri = '{ALICE}');\n"
+                         "SELECT 'held';\n")
+        held.stdin.flush()
+        while held.stdout.readline().strip() != "held":
+            assert held.poll() is None
+        writer = threading.Thread(target=lambda: done.update(r=as_put(mx, "left-1", {"events": evs})))
+        writer.start()
+        wait_until(lambda: pg.psql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                                   db_url) == "1", what="the write waiting for the room's lock")
+        held.stdin.write("COMMIT;\n")
+        held.stdin.close()
+        assert held.wait(30) == 0
+        writer.join(30)
+    finally:
+        if held.poll() is None:
+            held.kill()
+            held.wait()
+        if writer:
+            writer.join(30)
+    assert done["r"].status_code == 200
+    assert pg.psql("SELECT count(*) FROM events WHERE origin_network = 'matrix'", db_url) == "0"
+    refused = [mx.wait_for(lambda r: r.get("msg") == "matrix event not taken", start=start)]
+    refused.append(mx.wait_for(lambda r: r.get("msg") == "matrix event not taken" and r is not refused[0],
+                               start=start))
+    assert [r["code"] for r in refused] == ["not_allowed", "not_allowed"], refused
+    assert "in_reply_to" in refused[1]["detail"] and "member" in refused[1]["detail"], refused[1]
+
+
 def test_a_transaction_of_echoes_only_is_answered_and_remembered(mx, pg, db_url):
     """The homeserver pushes the gateway's own sends back: a transaction with
     nothing but those (and invalid events) stores nothing, is answered 200,
