@@ -1585,8 +1585,9 @@ struct submit *submit_new(size_t n)
 #define WRITE_ITEMS_PLAIN WRITE_EVENTS WRITE_ITEMS_PLAIN_ROWS
 #define WRITE_ITEMS_PLAIN_NOREFS WRITE_EVENTS_NOREFS WRITE_ITEMS_PLAIN_ROWS
 
-/* HELD_COND: GROUP_HELD_COND (no consent asked of a member gone) or empty. */
-#define WRITE_ITEMS_TAIL_OF(HELD_COND) \
+/* HELD_COND: GROUP_HELD_COND (no consent asked of a member gone) or empty;
+ * AU_DETAILS: an audit record's details (GROUP_AU_DETAILS, or as given). */
+#define WRITE_ITEMS_TAIL_OF(HELD_COND, AU_DETAILS) \
 	", rd AS (UPDATE outbox o SET read_at = coalesce(o.read_at, now()) FROM it JOIN ev ON ev.public_id = it.pid " \
 	"  WHERE it.read AND o.event_id = it.reply AND o.destination = it.scope AND o.state = 'delivered'), " \
 	"cr AS (INSERT INTO consent_requests (local_identity_id, remote_identity_id, expires_at) " \
@@ -1615,14 +1616,26 @@ struct submit *submit_new(size_t n)
 	"  OR EXISTS (SELECT 1 FROM bk) OR EXISTS (SELECT 1 FROM ub)), " \
 	"au AS (INSERT INTO audit_log (actor, action, reason_code, rule_id, event_id, subject, details) " \
 	"  SELECT 'policy', a.action, a.reason, NULLIF(a.rule, 0), (SELECT id FROM ev WHERE ev.public_id = a.pid), " \
-	"  a.subject, a.details FROM jsonb_to_recordset($3::jsonb) " \
+	"  a.subject, " AU_DETAILS " FROM jsonb_to_recordset($3::jsonb) " \
 	"  AS a(action text, reason text, rule bigint, pid text, subject text, details jsonb)) " \
 	"SELECT public_id, ms, NULL::text FROM ev, (SELECT count(*) FROM nt) AS n" GONE_ROWS
-#define WRITE_ITEMS_TAIL WRITE_ITEMS_TAIL_OF("")
+#define WRITE_ITEMS_TAIL WRITE_ITEMS_TAIL_OF("", "a.details")
 #define WRITE_ITEMS WRITE_EVENTS WRITE_ITEMS_TAIL
 #define WRITE_ITEMS_NOREFS WRITE_EVENTS_NOREFS WRITE_ITEMS_TAIL
 #define WRITE_ITEMS_REFS WRITE_EVENTS_REFS WRITE_ITEMS_TAIL
-#define GROUP_WRITE_ITEMS_TAIL WRITE_ITEMS_TAIL_OF(GROUP_HELD_COND)
+/* A decision round 0 made for a member of a group (the record's subject,
+ * not its sender) who left before the write: the record is kept (it was
+ * decided), marked "recipient_left": true, as no row was written to them
+ * (GROUP_OB_WHERE; for a peer's user, their peer's row may be, for its
+ * users still there) and no consent asked (GROUP_HELD_COND).  Until the
+ * twenty-sixth session it read as a delivery decision for a row that was
+ * not written.  Only records about an item (pid) are looked at: a rate
+ * limit's is about its sender. */
+#define GROUP_AU_DETAILS \
+	"CASE WHEN EXISTS (SELECT 1 FROM it JOIN identities s ON s.uri = a.subject WHERE it.pid = a.pid " \
+	"  AND it.grp AND s.id <> it.sender AND NOT " GROUP_JOINED("jm.identity_id = s.id") ") " \
+	"  THEN a.details || '{\"recipient_left\": true}'::jsonb ELSE a.details END"
+#define GROUP_WRITE_ITEMS_TAIL WRITE_ITEMS_TAIL_OF(GROUP_HELD_COND, GROUP_AU_DETAILS)
 
 /* The rooms' locks of a job with items in groups, in id order ($1: their
  * ids, comma-separated), before its write (see GROUP_JM). */

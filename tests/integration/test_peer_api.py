@@ -1210,6 +1210,11 @@ def test_a_message_decided_before_a_peers_last_member_left_has_no_row_to_it(daem
     assert room_events(pg, db_url, rj["id"]) == [("membership", eve, eve), ("message", wally, "")]
     assert pg.psql("SELECT string_agg(destination, ',' ORDER BY destination) FROM outbox o JOIN events e "
                    f"ON e.id = o.event_id WHERE e.public_id = '{res['id']}'", db_url) == "local"
+    # dave, still there, has his decision as it was made (the mark is for
+    # members gone: test_a_write_waiting_for_the_rooms_lock_sees_the_leave_made_under_it).
+    assert pg.psql("SELECT string_agg(a.action || ' ' || coalesce(a.details->>'recipient_left', '-'), ',') "
+                   f"FROM audit_log a JOIN events e ON e.id = a.event_id WHERE e.public_id = '{res['id']}'",
+                   db_url) == "policy.deny -"
     wait_until(lambda: [e["type"] for e in list(sb.events) if e["room_id"] == rj["id"]] == ["membership"],
                what="eve's leaving at tg")
     assert [e["type"] for e in list(sb.events) if e["room_id"] == rj["id"]] == ["membership"]
@@ -1247,6 +1252,14 @@ def test_a_write_waiting_for_the_rooms_lock_sees_the_leave_made_under_it(daemon,
     assert res["status"] == "accepted", res
     assert pg.psql("SELECT string_agg(destination, ',' ORDER BY destination) FROM outbox o JOIN events e "
                    f"ON e.id = o.event_id WHERE e.public_id = '{res['id']}'", db_url) == "peer:tg"
+    # The decision made for dave (a deny: he never opted in to tg's
+    # network) is kept in the audit log, marked as about a recipient who
+    # had left by the write (no row was written to him): until the
+    # twenty-sixth session it read as a decision about a row of his.
+    assert pg.psql("SELECT string_agg(a.action || ' ' || a.reason_code || ' ' || (a.details->>'recipient_left'), "
+                   f"',') FROM audit_log a JOIN events e ON e.id = a.event_id WHERE e.public_id = '{res['id']}' "
+                   f"AND a.subject = '{dave}'", db_url) == "policy.deny user_not_opted_in true"
+    assert pg.psql("SELECT count(*) FROM consent_requests", db_url) == "0"
 
 
 def test_a_peer_not_in_a_group_changes_nothing_and_keeps_no_writer_waiting(daemon, peers, pg, db_url):
