@@ -762,10 +762,15 @@ cw_err room_members_remove(PGconn *c, const char *room_id, const struct room_mem
 	for (size_t i = 0; i < n; i++) {
 		const char *mp[] = { room_id, m[i].uri };
 		/* One who left already is no change (since the twenty-fifth
-		 * session: their row is not written again, no event tells of it). */
+		 * session: their row is not written again, no event tells of it);
+		 * nor is one banned, who is not in the room (since the
+		 * twenty-sixth session: before, the ban became left, and the
+		 * peers were told of a leaving).  An invitation ends: its
+		 * withdrawal is a leave, which the peers are told of as of a
+		 * member's (they listed the invitee). */
 		PGresult *r = exec(c, "UPDATE room_members SET membership = 'left', updated_at = now() WHERE room_id = "
 				      "$1::bigint AND identity_id = (SELECT id FROM identities WHERE uri = $2) "
-				      "AND membership <> 'left' RETURNING 1", 2, mp);
+				      "AND membership IN ('joined', 'invited') RETURNING 1", 2, mp);
 		cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 		if (rc)
 			return rc;

@@ -65,8 +65,8 @@ cw_err room_members_lock(PGconn *c, const char *public_id, cw_errmsg *e);
 /* The n users of m leave the room of row room_id: their membership
  * becomes 'left', which the Matrix and XMPP adapters act on (their ghosts
  * leave; no more rows are written to them).  changed (NULL: not asked),
- * n entries: whether each one's membership changed (one who had left
- * already: no).  The one removal of the peer API's and the admin API's
+ * n entries: whether each one's membership changed (joined or invited:
+ * yes; one who had left already, or is banned: no).  The one removal of the peer API's and the admin API's
  * member updates. */
 cw_err room_members_remove(PGconn *c, const char *room_id, const struct room_member_in *m, size_t n, bool *changed,
 			   cw_errmsg *e);

@@ -1300,3 +1300,31 @@ def test_a_peer_not_in_a_group_changes_nothing_and_keeps_no_writer_waiting(daemo
     # A member's change still takes the lock and is made.
     r = a.call("POST", f"/v1/rooms/{gid}/members", {"add": [a.user("bert")]})
     assert r.status_code == 200 and a.user("bert") in [m["user"] for m in r.json()["members"]], r.text
+
+
+def test_a_removal_withdraws_an_invitation_and_leaves_a_ban(daemon, peers, pg, db_url):
+    """A peer's removal of its user who is invited to the group (not yet
+    joined) withdraws the invitation: the membership becomes left and the
+    group's other peers are told, as of a joined member's removal (a leave
+    of an invitation is its withdrawal, as in MIMI and Matrix: the peers
+    listed them as invited). A banned user is not in the room: removing
+    them changes nothing and tells nobody (until the twenty-sixth session
+    the removal turned a ban into left, and told the peers of a leaving).
+    No code writes a peer's user invited or banned today (an invitation is
+    a local Matrix user's); the rows are made here."""
+    (a, sa), (b, sb) = peers
+    wally, bert, bart, bob = a.user("wally"), a.user("bert"), a.user("bart"), b.user("bob")
+    gid = a.create_room([wally, bert, bart, bob], kind="group").json()["id"]
+    rid = pg.psql(f"SELECT id FROM rooms WHERE public_id = '{gid}'", db_url)
+    for who, state in ((bert, "invited"), (bart, "banned")):
+        pg.psql(f"UPDATE room_members SET membership = '{state}' WHERE room_id = {rid} AND identity_id = "
+                f"(SELECT id FROM identities WHERE uri = '{who}')", db_url)
+    r = a.call("POST", f"/v1/rooms/{gid}/members", {"remove": [bert, bart]})
+    assert r.status_code == 200, r.text
+    users = {m["user"]: m["membership"] for m in r.json()["members"]}
+    assert users[bert] == "left" and users[bart] == "banned", users
+    assert room_events(pg, db_url, gid) == [("membership", bert, bert)]
+    m = a.send(gid, wally, "after").json()["id"]
+    wait_until(lambda: m in [e["id"] for e in list(sb.events)], what="the message at tg")
+    assert [(e["type"], e["content"].get("target")) for e in list(sb.events) if e["room_id"] == gid] == [
+        ("membership", bert), ("message", None)]
