@@ -1328,3 +1328,30 @@ def test_a_removal_withdraws_an_invitation_and_leaves_a_ban(daemon, peers, pg, d
     wait_until(lambda: m in [e["id"] for e in list(sb.events)], what="the message at tg")
     assert [(e["type"], e["content"].get("target")) for e in list(sb.events) if e["room_id"] == gid] == [
         ("membership", bert), ("message", None)]
+
+
+def test_a_groups_rows_to_a_disabled_peer_wait_for_it(daemon, peers, pg, db_url):
+    """A group's message while one of its peers is disabled is written as
+    for any peer (a direct room's too): that peer's row waits, pending and
+    untried (the dispatcher pushes to enabled peers only, and a disabled
+    pull peer cannot ask), while the other peers get the message; the
+    peer enabled again gets it, in the room's order. docs/interop-api.md,
+    "Delivery to a peer"."""
+    (a, sa), (b, sb) = peers
+    [(c, sc)] = push_peers(daemon, [("sg", "sg.example")])
+    try:
+        gid = a.create_room([a.user("wally"), b.user("bob"), c.user("sam")], kind="group").json()["id"]
+        assert daemon.admin("POST", "/peers/tg/disable").status_code == 200
+        m1 = a.send(gid, a.user("wally"), "while tg is off").json()["id"]
+        m2 = a.send(gid, a.user("wally"), "still off").json()["id"]
+        wait_until(lambda: [e["id"] for e in list(sc.events)] == [m1, m2], what="both at sg")
+        rows = ("SELECT string_agg(o.destination || ' ' || o.state || ' ' || o.attempts, ',' ORDER BY o.id) "
+                f"FROM outbox o JOIN events e ON e.id = o.event_id WHERE e.public_id IN ('{m1}', '{m2}')")
+        assert pg.psql(rows, db_url) == ("peer:tg pending 0,peer:sg delivered 1,"
+                                         "peer:tg pending 0,peer:sg delivered 1"), pg.psql(rows, db_url)
+        assert [e for e in list(sb.events) if e.get("room_id") == gid] == []
+        assert daemon.admin("POST", "/peers/tg/enable").status_code == 200
+        wait_until(lambda: [e["id"] for e in list(sb.events) if e.get("room_id") == gid] == [m1, m2],
+                   what="both at tg once enabled")
+    finally:
+        sc.close()
