@@ -861,6 +861,13 @@ cw_err room_members_audit(PGconn *c, const char *actor, const char *public_id, c
 	return rc;
 }
 
+/* The room a peer changes the members of (id, kind): one where a user of
+ * the peer ($2, its row id) is joined. */
+#define MEMBER_ROOM_SQL \
+	"SELECT r.id, r.kind FROM rooms r WHERE r.public_id = $1 AND EXISTS (SELECT 1 FROM room_members m " \
+	"JOIN identities i ON i.id = m.identity_id WHERE m.room_id = r.id AND i.peer_id = $2::bigint " \
+	"AND m.membership = 'joined')"
+
 static cw_err members_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct members_input *in = j->data;
@@ -874,12 +881,9 @@ static cw_err members_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	 * group's id held its writes for a group commit).  Then the lock, and
 	 * the same look again under it: the peer's last user may have left
 	 * meanwhile (each statement reads what is committed when it starts). */
-#define MEMBER_ROOM_SQL \
-	"SELECT r.id, r.kind FROM rooms r WHERE r.public_id = $1 AND EXISTS (SELECT 1 FROM room_members m " \
-	"JOIN identities i ON i.id = m.identity_id WHERE m.room_id = r.id AND i.peer_id = $2::bigint " \
-	"AND m.membership = 'joined')"
 	char room_id[24];
-	cw_err rc = room_members_target(c, j, exec(c, MEMBER_ROOM_SQL, 2, rp), "unknown_room", "no such room", room_id, e);
+	cw_err rc = room_members_target(c, j, exec(c, MEMBER_ROOM_SQL, 2, rp), "unknown_room", "no such room", room_id,
+					e);
 	if (rc || j->err_code || (rc = room_members_lock(c, in->public_id, e)))
 		return rc;
 	PGresult *r = exec(c, MEMBER_ROOM_SQL " FOR UPDATE", 2, rp);
@@ -1583,8 +1587,8 @@ struct submit *submit_new(size_t n)
 	"gn AS (SELECT DISTINCT ON (gr.pid) gr.pid, gr.ref FROM gr " \
 	"  ORDER BY gr.pid, gr.ref <> 'sender', gr.ref NOT LIKE 'sender:%'), "
 #define GROUP_WRITE_EVENTS_REFS \
-	WRITE_EVENTS_REFS_OF(GROUP_IT_COLUMNS, GROUP_JM, GROUP_REFS_LOCKED_AS("gr", GROUP_REFS_GONE_MORE) GROUP_REFS_ONCE, \
-			     GROUP_OB_WHERE)
+	WRITE_EVENTS_REFS_OF(GROUP_IT_COLUMNS, GROUP_JM, \
+			     GROUP_REFS_LOCKED_AS("gr", GROUP_REFS_GONE_MORE) GROUP_REFS_ONCE, GROUP_OB_WHERE)
 
 #define WRITE_ITEMS_PLAIN_ROWS "SELECT public_id, ms, NULL::text FROM ev" GONE_ROWS
 #define WRITE_ITEMS_PLAIN WRITE_EVENTS WRITE_ITEMS_PLAIN_ROWS
@@ -2457,8 +2461,9 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 							b->write[i] = false;
 							b->wake[i] = 0;
 							item_fail(&b->res[i], 403, "not_allowed",
-								  "content.%s names an event of this request whose sender "
-								  "is not a member of this room", gone + 7);
+								  "content.%s names an event of this request whose "
+								  "sender is not a member of this room",
+								  gone + 7);
 						} else if (!PQgetisnull(r, k, 2)) {
 							/* Its reference is gone (deleted since
 							 * round 0): refused as one naming an
