@@ -21,6 +21,7 @@ from harness import CAUSEWAYD, free_port, wait_until
 from homeserver import Homeserver
 from peer import MediaServer, NotifyServer, PeerClient
 from pgproxy import PgProxy
+from test_peer_api import HeldSession
 from test_retention import dangling, written_while_deleted
 
 AS_TOKEN = "as-" + "a" * 40
@@ -690,32 +691,20 @@ def test_a_reply_to_a_message_refused_as_its_sender_left_is_refused_as_it_is(mx,
                 content={"msgtype": "m.text", "body": "see you",
                          "m.relates_to": {"m.in_reply_to": {"event_id": "$left1"}}})]
     start = len(mx.records)
-    held = subprocess.Popen(["psql", db_url, "-qAt", "-v", "ON_ERROR_STOP=1"], text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    held = HeldSession(db_url)
     done = {}
-    writer = None
     try:
-        held.stdin.write(f"BEGIN;\nSELECT pg_advisory_xact_lock(1129796434, ({rid} % 2147483647)::int);\n"
-                         "UPDATE room_members SET membership = 'left', updated_at = now() WHERE room_id = "
-                         f"{rid} AND identity_id = (SELECT id FROM identities WHERE uri = '{ALICE}');\n"
-                         "SELECT 'held';\n")
-        held.stdin.flush()
-        while held.stdout.readline().strip() != "held":
-            assert held.poll() is None
+        held.run(f"BEGIN; SELECT pg_advisory_xact_lock(1129796434, ({rid} % 2147483647)::int); "
+                 "UPDATE room_members SET membership = 'left', updated_at = now() WHERE room_id = "
+                 f"{rid} AND identity_id = (SELECT id FROM identities WHERE uri = '{ALICE}');")
         writer = threading.Thread(target=lambda: done.update(r=as_put(mx, "left-1", {"events": evs})))
         writer.start()
         wait_until(lambda: pg.psql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
                                    db_url) == "1", what="the write waiting for the room's lock")
-        held.stdin.write("COMMIT;\n")
-        held.stdin.close()
-        assert held.wait(30) == 0
+        held.end()
         writer.join(30)
     finally:
-        if held.poll() is None:
-            held.kill()
-            held.wait()
-        if writer:
-            writer.join(30)
+        held.end()
     assert done["r"].status_code == 200
     assert pg.psql("SELECT count(*) FROM events WHERE origin_network = 'matrix'", db_url) == "0"
     refused = [mx.wait_for(lambda r: r.get("msg") == "matrix event not taken", start=start)]
