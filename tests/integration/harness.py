@@ -283,6 +283,27 @@ def run_causewayd(args, env=None, timeout=60):
                           timeout=timeout)
 
 
+class HeldSession:
+    """A psql session of its own (another process's transaction), fed
+    statements one at a time; each waits for its answer."""
+
+    def __init__(self, db_url):
+        self.proc = subprocess.Popen(["psql", db_url, "-qAt", "-v", "ON_ERROR_STOP=1"], text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def run(self, sql):
+        self.proc.stdin.write(sql + "\n\\echo done\n")
+        self.proc.stdin.flush()
+        while self.proc.stdout.readline().strip() != "done":
+            assert self.proc.poll() is None, "psql ended: " + sql
+
+    def end(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.write("COMMIT;\n")
+            self.proc.stdin.close()  # psql ends its session
+            self.proc.wait(30)
+
+
 def wait_until(fn, timeout=15, interval=0.1, what="condition"):
     deadline = time.time() + timeout
     last = None

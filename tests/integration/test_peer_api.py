@@ -4,13 +4,12 @@ import base64
 import concurrent.futures
 import json
 import re
-import subprocess
 import threading
 import time
 
 import pytest
 
-from harness import wait_until
+from harness import HeldSession, wait_until
 from peer import PeerClient, Signer, push_peers
 from pgproxy import PgProxy
 
@@ -1104,27 +1103,6 @@ def test_dispatch_and_signature_metrics(daemon, peers):
     assert value(t, 'causeway_dispatch_requests_total{outcome="ok"}') >= 1
     assert value(t, "causeway_signature_nonces") >= 4       # room creation + three submits
     assert value(t, "causeway_signature_nonces_evicted_live_total") == 0
-
-
-class HeldSession:
-    """A psql session of its own (another process's transaction), fed
-    statements one at a time; each waits for its answer."""
-
-    def __init__(self, db_url):
-        self.proc = subprocess.Popen(["psql", db_url, "-qAt", "-v", "ON_ERROR_STOP=1"], text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-
-    def run(self, sql):
-        self.proc.stdin.write(sql + "\n\\echo done\n")
-        self.proc.stdin.flush()
-        while self.proc.stdout.readline().strip() != "done":
-            assert self.proc.poll() is None, "psql ended: " + sql
-
-    def end(self):
-        if self.proc.poll() is None:
-            self.proc.stdin.write("COMMIT;\n")
-            self.proc.stdin.close()  # psql ends its session
-            self.proc.wait(30)
 
 
 def room_events(pg, db_url, gid):
