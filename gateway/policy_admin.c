@@ -324,7 +324,7 @@ static bool rule_fields(struct cw_req *req, json_t *body, struct aq *q, bool *ha
 	json_t *exp = json_object_get(body, "expires_in_s");
 	enum policy_mode m;
 	struct policy_limits lim;
-	char why[400]; /* the longest: an unknown member and the list of the known ones */
+	char why[512]; /* the longest: an unknown member and the list of the known ones (431) */
 	if (mode && !json_is_null(mode) &&
 	    (!json_is_string(mode) || !policy_mode_parse(json_string_value(mode), &m) || m == POLICY_MODE_NONE)) {
 		bad_body(req, "mode must be open, allowlist, closed, deny, or null (a rule that only sets limits)");

@@ -18,8 +18,8 @@
 #define SEP '\x1f'
 #define MAX_USER_URI 2048
 #define MAX_DOMAIN 253
-#define NLIMITS 9 /* the POLICY_LIM_* bits */
-#define LIM_ALL 0x1ffu
+#define NLIMITS 11 /* the POLICY_LIM_* bits */
+#define LIM_ALL 0x7ffu
 
 /* ------------------------------------------------------------------ hash */
 
@@ -612,6 +612,7 @@ const char *const policy_reason_codes[] = {
 	"rate_limited_sender", "rate_limited_new_conversations",
 	"rate_limited_sender_new_conversations", "rate_limited_consent_requests",
 	"rate_limited_sender_consent_requests",
+	"rate_limited_local_sender", "rate_limited_local_sender_new_conversations",
 	"user_allowed_sender", "user_allowed_domain", "user_wrote_in_group", "outbound", "transit",
 	"new_room",
 	NULL,
@@ -865,6 +866,38 @@ static bool rate_limits_of(const struct policy_request *r, const struct pparty *
 	return false;
 }
 
+static inline bool is(const char *s, const char *lit)
+{
+	return s && strcmp(s, lit) == 0;
+}
+
+/* Step 3a outbound: the local sender's own limits under one set of the
+ * recipient's rules, each a bucket per local sender (since the
+ * twenty-sixth session; before, nothing limited a local user).  Every
+ * event counts but typing and receipts, which a client sends by itself
+ * (a user who types would run out of messages); a message in a direct
+ * room to a remote user she has no consent fact about (she never wrote to
+ * them nor accepted them or their domain: cu, cd) starts a conversation,
+ * a group's message none.  The messages' bucket first. */
+static bool outbound_limits_of(const struct policy_request *r, const struct pparty *snd, bool known,
+			       const struct rule *const lim[NLIMITS], struct policy_decision *d)
+{
+	const struct rule *rule;
+	if (r->action != POLICY_ACT_EVENT || is(r->event_type, "typing") || is(r->event_type, "receipt"))
+		return false;
+	if ((rule = lim[lim_index(POLICY_LIM_OUT_MSG_MINUTE_USER)]) &&
+	    limited(d, take(r, "omp", rule, &snd->uri, rule->lim.outbound_messages_per_minute_per_user, 60000),
+		    "rate_limited_local_sender", rule))
+		return true;
+	if (!known && !r->group && is(r->event_type, "message") &&
+	    (rule = lim[lim_index(POLICY_LIM_OUT_NEW_CONV_HOUR_USER)]) &&
+	    limited(d, take(r, "onp", rule, &snd->uri, rule->lim.outbound_new_conversations_per_hour_per_user,
+			    3600000),
+		    "rate_limited_local_sender_new_conversations", rule))
+		return true;
+	return false;
+}
+
 /* An in_addition rule's limits in the form of peval's lim: itself for each
  * limit it sets. */
 static void rule_limits(const struct rule *rule, const struct rule *lim[NLIMITS])
@@ -896,6 +929,23 @@ static inline bool rate_limits(const struct policy_request *r, const struct ppar
 			       struct policy_decision *d)
 {
 	return (e->nadd && add_rate_limits(r, snd, e, d)) || rate_limits_of(r, snd, e->lim, d);
+}
+
+/* The same for a local sender's outbound limits (the recipient's rules):
+ * in_addition rules first, then the ordinary ones.  Nothing to do, and
+ * no cost beyond a test, unless a rule matching the recipient sets one. */
+#define LIM_OUTBOUND (POLICY_LIM_OUT_MSG_MINUTE_USER | POLICY_LIM_OUT_NEW_CONV_HOUR_USER)
+
+static bool outbound_limits(const struct policy_request *r, const struct pparty *snd, bool known,
+			    const struct peval *e, struct policy_decision *d)
+{
+	for (int i = 0; i < e->nadd; i++) {
+		const struct rule *lim[NLIMITS];
+		rule_limits(e->add[i], lim);
+		if ((e->add[i]->lim.set & LIM_OUTBOUND) && outbound_limits_of(r, snd, known, lim, d))
+			return true;
+	}
+	return (e->lim_set & LIM_OUTBOUND) && outbound_limits_of(r, snd, known, e->lim, d);
 }
 
 /* Step 3b: size and content kinds against one party's limits. */
@@ -932,11 +982,6 @@ static bool add_size_limits(const struct policy_request *r, const struct peval *
 static inline bool size_limits(const struct policy_request *r, const struct peval *e, struct policy_decision *d)
 {
 	return (e->nadd && add_size_limits(r, e, d)) || size_limits_of(r, e->lim, d);
-}
-
-static inline bool is(const char *s, const char *lit)
-{
-	return s && strcmp(s, lit) == 0;
 }
 
 void policy_decide(const struct policy_snapshot *ov, const struct policy_request *r, struct policy_decision *d)
@@ -1028,6 +1073,13 @@ void policy_decide(const struct policy_snapshot *ov, const struct policy_request
 	 * sending oversized messages met 429 only there, and learnt who
 	 * blocked it (a review's finding). */
 	if (r->rate && r->rate->take && dir != POLICY_OUTBOUND && rate_limits(r, &snd, &ev[0], d))
+		return;
+	/* Outbound, the local sender's own limits under the recipient's
+	 * rules, after the blocks and deny rules (the spec's order: nothing
+	 * to hide from the local sender, who is told her own block's
+	 * reason anyway) and before the sizes, as inbound. */
+	if (dir == POLICY_OUTBOUND && nremote == 1 && r->rate && r->rate->take &&
+	    outbound_limits(r, &snd, cu == 1 || cd == 1, &ev[0], d))
 		return;
 
 	/* 3b. Size and content kinds. */
@@ -1131,6 +1183,9 @@ const char *policy_reason_text(const char *reason)
 		{ "content_kind_disabled", "this server does not allow this kind of content (files) to them" },
 		{ "server_closed", "this server does not exchange messages with their network" },
 		{ "server_not_allowlisted", "this server exchanges messages only with the networks it lists" },
+		{ "rate_limited_local_sender", "you sent more messages than this server allows in a minute" },
+		{ "rate_limited_local_sender_new_conversations",
+		  "you started more new conversations than this server allows in an hour" },
 	};
 	for (size_t i = 0; reason && i < sizeof(texts) / sizeof(texts[0]); i++)
 		if (strcmp(reason, texts[i][0]) == 0)

@@ -13,8 +13,10 @@
  *   2. the local user's blocked (user, then domain); outbound also the
  *      remote user's block of the local user             -> deny
  *      (inbound, an empty rate bucket first -> limit: docs/policy.md)
- *   3. size and content-kind limits                      -> deny
- *      rate limits (remote senders only)                 -> limit
+ *   3. rate limits: of a remote sender (inbound, transit); outbound,
+ *      the local sender's own outbound limits under the rules
+ *      matching the recipient                             -> limit
+ *      size and content-kind limits                       -> deny
  *   4. the remote party's effective mode (the most specific rule with a
  *      mode, else the default): closed, or allowlist     -> deny
  *   5. inbound: the local user not opted in to the network -> deny
@@ -67,6 +69,10 @@ enum policy_scope { POLICY_SCOPE_DOMAIN, POLICY_SCOPE_NETWORK, POLICY_SCOPE_USER
 #define POLICY_LIM_CONTENT_KINDS    0x40u /* content_kinds: the kinds allowed */
 #define POLICY_LIM_NEW_CONV_HOUR_USER   0x80u  /* new_conversations_per_hour_per_user: each remote user */
 #define POLICY_LIM_CONSENT_REQ_DAY_USER 0x100u /* consent_requests_per_day_per_user: each remote user */
+/* Outbound only (since the twenty-sixth session): a local user's events to
+ * the remote parties the rule matches, a bucket per local sender. */
+#define POLICY_LIM_OUT_MSG_MINUTE_USER  0x200u /* outbound_messages_per_minute_per_user */
+#define POLICY_LIM_OUT_NEW_CONV_HOUR_USER 0x400u /* outbound_new_conversations_per_hour_per_user */
 
 struct policy_limits {
 	unsigned set;
@@ -79,6 +85,14 @@ struct policy_limits {
 	unsigned content_kinds;       /* POLICY_KIND_* allowed */
 	uint32_t new_conversations_per_hour_per_user;
 	uint32_t consent_requests_per_day_per_user;
+	/* Outbound: every event but typing and receipts a local user sends to
+	 * the remote parties the rule matches, each local user a bucket; and
+	 * the conversations a local user starts with them (a message in a
+	 * direct room to a remote user she has no consent fact about: she
+	 * never wrote to them nor accepted them).  The inbound limits above
+	 * never apply outbound, nor these inbound. */
+	uint32_t outbound_messages_per_minute_per_user;
+	uint32_t outbound_new_conversations_per_hour_per_user;
 	/* The rule's limits are applied in addition to those of the ordinary
 	 * rules (the most specific that sets each), never instead: they only
 	 * ever tighten.  So every matching one applies, not only the most
@@ -96,8 +110,10 @@ struct policy_limits {
  * (messages_per_minute), mpu (messages_per_minute_per_user), ncu (new
  * conversations), ncp (new conversations per user), cru (MIMI consent
  * requests), crp (MIMI consent requests per user), crf (first contacts'
- * consent requests), cfp (first contacts' consent requests per user).  The
- * subject is the sender's URI for the per-user ones (mpu, ncp, crp, cfp),
+ * consent requests), cfp (first contacts' consent requests per user), omp
+ * (outbound messages per local user), onp (outbound new conversations per
+ * local user).  The subject is the sender's URI for the per-user ones (mpu,
+ * ncp, crp, cfp, omp, onp; the local sender's for omp and onp),
  * else the rule's pattern: one bucket for all that the rule matches, so
  * that rotating user names or subdomains does not escape a domain's or
  * network's limit (a user rule's pattern is the user). */
@@ -131,6 +147,8 @@ struct policy_request {
 	                                 this group (the event's room) since the sender became
 	                                 a member: consent to them there, and an opt-in unless
 	                                 they opted out */
+	bool group;                   /* outbound: the event's room is a group (a message there
+	                                 starts no conversation with its members) */
 };
 
 struct policy_decision {
@@ -150,7 +168,9 @@ struct policy_decision {
  *        rate_limited_sender, rate_limited_new_conversations,
  *        rate_limited_sender_new_conversations,
  *        rate_limited_consent_requests,
- *        rate_limited_sender_consent_requests
+ *        rate_limited_sender_consent_requests,
+ *        rate_limited_local_sender, rate_limited_local_sender_new_conversations
+ *        (outbound: the local sender's own limits)
  * hold:  no_consent_yet
  * allow: user_allowed_sender, user_allowed_domain, user_wrote_in_group, outbound, transit,
  *        new_room */
@@ -212,7 +232,7 @@ int policy_consent_fact(const struct policy_snapshot *s, const char *local_uri, 
 
 /* What a deny reason means to the local user whose message it stopped
  * (outbound), as the end of "Not delivered: ...": this server's rules and
- * the user's own decisions.  NULL for what is not theirs to learn (a
+ * the user's own decisions, and her own outbound limits.  NULL for what is not theirs to learn (a
  * remote user's block of them: errors stay uniform, as for an unknown
  * account) and for a reason it does not know. */
 const char *policy_reason_text(const char *reason);

@@ -19,6 +19,8 @@ static const struct limit_field fields[] = {
 	{ "consent_requests_per_day", POLICY_LIM_CONSENT_REQ_DAY, 1000000 },
 	{ "new_conversations_per_hour_per_user", POLICY_LIM_NEW_CONV_HOUR_USER, 1000000 },
 	{ "consent_requests_per_day_per_user", POLICY_LIM_CONSENT_REQ_DAY_USER, 1000000 },
+	{ "outbound_messages_per_minute_per_user", POLICY_LIM_OUT_MSG_MINUTE_USER, 1000000 },
+	{ "outbound_new_conversations_per_hour_per_user", POLICY_LIM_OUT_NEW_CONV_HOUR_USER, 1000000 },
 	{ "max_body_bytes", POLICY_LIM_MAX_BODY, (uint64_t)1 << 40 },
 	{ "max_attachment_bytes", POLICY_LIM_MAX_ATTACH, (uint64_t)1 << 50 },
 };
@@ -32,6 +34,8 @@ static void set_value(struct policy_limits *l, unsigned bit, uint64_t v)
 	case POLICY_LIM_CONSENT_REQ_DAY: l->consent_requests_per_day = (uint32_t)v; break;
 	case POLICY_LIM_NEW_CONV_HOUR_USER: l->new_conversations_per_hour_per_user = (uint32_t)v; break;
 	case POLICY_LIM_CONSENT_REQ_DAY_USER: l->consent_requests_per_day_per_user = (uint32_t)v; break;
+	case POLICY_LIM_OUT_MSG_MINUTE_USER: l->outbound_messages_per_minute_per_user = (uint32_t)v; break;
+	case POLICY_LIM_OUT_NEW_CONV_HOUR_USER: l->outbound_new_conversations_per_hour_per_user = (uint32_t)v; break;
 	case POLICY_LIM_MAX_BODY: l->max_body_bytes = v; break;
 	case POLICY_LIM_MAX_ATTACH: l->max_attachment_bytes = v; break;
 	}
@@ -47,6 +51,8 @@ static uint64_t get_value(const struct policy_limits *l, unsigned bit)
 	case POLICY_LIM_CONSENT_REQ_DAY: return l->consent_requests_per_day;
 	case POLICY_LIM_NEW_CONV_HOUR_USER: return l->new_conversations_per_hour_per_user;
 	case POLICY_LIM_CONSENT_REQ_DAY_USER: return l->consent_requests_per_day_per_user;
+	case POLICY_LIM_OUT_MSG_MINUTE_USER: return l->outbound_messages_per_minute_per_user;
+	case POLICY_LIM_OUT_NEW_CONV_HOUR_USER: return l->outbound_new_conversations_per_hour_per_user;
 	case POLICY_LIM_MAX_BODY: return l->max_body_bytes;
 	case POLICY_LIM_MAX_ATTACH: return l->max_attachment_bytes;
 	}
@@ -106,7 +112,8 @@ bool policy_limits_from_json(const json_t *o, struct policy_limits *out, char *e
 				 "limits has an unknown member '%.64s' (known: messages_per_minute, "
 				 "messages_per_minute_per_user, new_conversations_per_hour, "
 				 "new_conversations_per_hour_per_user, consent_requests_per_day, "
-				 "consent_requests_per_day_per_user, max_body_bytes, max_attachment_bytes, "
+				 "consent_requests_per_day_per_user, outbound_messages_per_minute_per_user, "
+				 "outbound_new_conversations_per_hour_per_user, max_body_bytes, max_attachment_bytes, "
 				 "content_kinds, in_addition)", key);
 			return false;
 		}
@@ -139,7 +146,7 @@ int policy_builder_rule_row(struct policy_builder *b, const char *id, const char
 	enum policy_scope sc;
 	enum policy_mode m = POLICY_MODE_NONE;
 	struct policy_limits lim;
-	char why[256];
+	char why[512];
 	json_t *lj = json_loads(limits, 0, NULL);
 	bool ok = lj && policy_scope_parse(scope, &sc) && (!*mode || policy_mode_parse(mode, &m)) &&
 		  policy_limits_from_json(lj, &lim, why, sizeof(why));

@@ -2,6 +2,8 @@
  * {"messages_per_minute": 60, "messages_per_minute_per_user": 10,
  *  "new_conversations_per_hour": 20, "new_conversations_per_hour_per_user": 4,
  *  "consent_requests_per_day": 50, "consent_requests_per_day_per_user": 5,
+ *  "outbound_messages_per_minute_per_user": 30,
+ *  "outbound_new_conversations_per_hour_per_user": 10,
  *  "max_body_bytes": 4096, "max_attachment_bytes": 1048576,
  *  "content_kinds": ["text", "media"], "in_addition": true}.  Every member
  * is optional; unknown members are refused (a typo must not silently mean

@@ -186,6 +186,12 @@ static void parse_limit(const char *opt, struct policy_limits *l, int64_t *expir
 	} else if (!strcmp(name, "crp")) {
 		l->consent_requests_per_day_per_user = (uint32_t)n;
 		l->set |= POLICY_LIM_CONSENT_REQ_DAY_USER;
+	} else if (!strcmp(name, "omp")) {
+		l->outbound_messages_per_minute_per_user = (uint32_t)n;
+		l->set |= POLICY_LIM_OUT_MSG_MINUTE_USER;
+	} else if (!strcmp(name, "onp")) {
+		l->outbound_new_conversations_per_hour_per_user = (uint32_t)n;
+		l->set |= POLICY_LIM_OUT_NEW_CONV_HOUR_USER;
 	} else if (!strcmp(name, "body")) {
 		l->max_body_bytes = n;
 		l->set |= POLICY_LIM_MAX_BODY;
@@ -365,7 +371,7 @@ static bool run_case(const struct policy_snapshot *s, const struct env *env, con
 	r.content_kinds = POLICY_KIND_TEXT;
 	r.now_ms = env->now;
 	bool rate_on = true;
-	int after = 0, others = 0;
+	int after = 0, others = 0, others_to = 0;
 	for (int k = 4; k < n; k++) {
 		if (!strncmp(t[k], "body=", 5))
 			r.body_bytes = strtoull(t[k] + 5, NULL, 10);
@@ -379,6 +385,10 @@ static bool run_case(const struct policy_snapshot *s, const struct env *env, con
 			after = atoi(t[k] + 6);
 		else if (!strncmp(t[k], "others=", 7))
 			others = atoi(t[k] + 7);
+		else if (!strncmp(t[k], "others_to=", 10))
+			others_to = atoi(t[k] + 10);
+		else if (!strcmp(t[k], "group"))
+			r.group = true;
 		else if (!strcmp(t[k], "norate"))
 			rate_on = false;
 		else if (!strcmp(t[k], "wrote"))
@@ -402,6 +412,13 @@ static bool run_case(const struct policy_snapshot *s, const struct env *env, con
 		policy_decide(s, &prior, &d);
 	}
 	prior.sender.uri = r.sender.uri;
+	for (int i = 0; i < others_to; i++) {
+		char other[4096];
+		snprintf(other, sizeof(other), "%s-other%d", r.recipient.uri ? r.recipient.uri : "", i);
+		prior.recipient.uri = other;
+		policy_decide(s, &prior, &d);
+	}
+	prior.recipient.uri = r.recipient.uri;
 	for (int i = 0; i < after; i++)
 		policy_decide(s, &prior, &d);
 	memset(&d, 0x5a, sizeof(d));
@@ -573,13 +590,15 @@ static const enum policy_mode modes[] = { POLICY_MODE_NONE, POLICY_MODE_OPEN, PO
 static void gen_limits(struct policy_limits *l)
 {
 	memset(l, 0, sizeof(*l));
-	l->set = (unsigned)rnd() & 0x1ff & (unsigned)rnd();
+	l->set = (unsigned)rnd() & 0x7ff & (unsigned)rnd();
 	l->messages_per_minute = 1 + pick(3);
 	l->messages_per_minute_per_user = 1 + pick(3);
 	l->new_conversations_per_hour = 1 + pick(3);
 	l->consent_requests_per_day = 1 + pick(3);
 	l->new_conversations_per_hour_per_user = 1 + pick(3);
 	l->consent_requests_per_day_per_user = 1 + pick(3);
+	l->outbound_messages_per_minute_per_user = 1 + pick(3);
+	l->outbound_new_conversations_per_hour_per_user = 1 + pick(3);
 	l->max_body_bytes = pick(2000);
 	l->max_attachment_bytes = pick(2000);
 	l->content_kinds = pick(4);
@@ -723,7 +742,10 @@ static void check_consistent(const struct policy_request *r, const struct policy
 	case POLICY_LIMIT:
 		ck_assert_msg(starts(d->reason, "rate_limited_") && d->retry_after_ms > 0 && d->rule_id != 0,
 			      "%s: limit %s", what, d->reason);
-		ck_assert_msg(r->direction != POLICY_OUTBOUND, "%s: outbound rate limited", what);
+		/* outbound: only the local sender's own limits */
+		ck_assert_msg((r->direction == POLICY_OUTBOUND) == starts(d->reason, "rate_limited_local_sender"),
+			      "%s: %s limited %s", what, r->direction == POLICY_OUTBOUND ? "outbound" : "not outbound",
+			      d->reason);
 		break;
 	case POLICY_HOLD:
 		ck_assert_msg(!strcmp(d->reason, "no_consent_yet") && d->retry_after_ms == 0 && d->rule_id == 0,
@@ -861,9 +883,9 @@ START_TEST(prop_random_requests)
 				allowed_checked++;
 				ck_assert_msg(d.verdict != POLICY_HOLD, "an allowed sender held");
 			}
+			/* outbound limits: check_consistent (the local sender's own) */
 			if (r.direction == POLICY_OUTBOUND)
-				ck_assert_msg(d.verdict != POLICY_HOLD && d.verdict != POLICY_LIMIT, "outbound %s",
-					      policy_verdict_name(d.verdict));
+				ck_assert_msg(d.verdict != POLICY_HOLD, "outbound %s", policy_verdict_name(d.verdict));
 			if (r.direction == POLICY_TRANSIT)
 				ck_assert_int_ne(d.verdict, POLICY_HOLD);
 			/* Without buckets, decide is a function of its input. */
@@ -1026,9 +1048,11 @@ START_TEST(null_snapshot_and_null_strings)
 	/* A snapshot with rules and facts, and requests made of NULLs. */
 	struct policy_builder *b = policy_builder_new();
 	policy_builder_defaults(b, POLICY_MODE_OPEN, true);
-	struct policy_limits l = { .set = 0x1ff, .messages_per_minute = 1, .messages_per_minute_per_user = 1,
+	struct policy_limits l = { .set = 0x7ff, .messages_per_minute = 1, .messages_per_minute_per_user = 1,
 				   .new_conversations_per_hour = 1, .consent_requests_per_day = 1,
 				   .new_conversations_per_hour_per_user = 1, .consent_requests_per_day_per_user = 1,
+				   .outbound_messages_per_minute_per_user = 1,
+				   .outbound_new_conversations_per_hour_per_user = 1,
 				   .max_body_bytes = 10, .max_attachment_bytes = 10, .content_kinds = POLICY_KIND_TEXT };
 	ck_assert_int_eq(policy_builder_rule(b, 1, POLICY_SCOPE_NETWORK, "peer:*", POLICY_MODE_NONE, &l, 0), 0);
 	ck_assert_int_eq(policy_builder_rule(b, 2, POLICY_SCOPE_DOMAIN, "*.example", POLICY_MODE_NONE, &l, 0), 0);
@@ -1101,6 +1125,10 @@ START_TEST(bucket_keys)
 			 0);
 	ck_assert_int_eq(policy_builder_rule(b, 12, POLICY_SCOPE_DOMAIN, "rooms.example", POLICY_MODE_OPEN, &conv, 0), 0);
 	ck_assert_int_eq(policy_builder_rule(b, 13, POLICY_SCOPE_DOMAIN, "pu.example", POLICY_MODE_OPEN, &both, 0), 0);
+	struct policy_limits out = { .set = POLICY_LIM_OUT_MSG_MINUTE_USER | POLICY_LIM_OUT_NEW_CONV_HOUR_USER,
+				     .outbound_messages_per_minute_per_user = 30,
+				     .outbound_new_conversations_per_hour_per_user = 4 };
+	ck_assert_int_eq(policy_builder_rule(b, 14, POLICY_SCOPE_DOMAIN, "o.example", POLICY_MODE_NONE, &out, 0), 0);
 	struct policy_snapshot *s = policy_builder_finish(b, 1);
 	struct key_log kl = { .answer = 0 };
 	struct policy_rate rate = { log_take, &kl };
@@ -1193,6 +1221,50 @@ START_TEST(bucket_keys)
 	ck_assert_str_eq(kl.keys[1], "cfp:13:mimi://pu.example/u/p");
 	ck_assert_int_eq(kl.caps[1], 3);
 	ck_assert_int_eq(kl.periods[1], 86400000);
+
+	/* Outbound: only the outbound limits of the rules matching the
+	 * recipient, a bucket per local sender: messages, then (a message
+	 * in a direct room to a remote user she has no consent fact about)
+	 * new conversations.  Typing and receipts take nothing. */
+	kl.n = 0;
+	r.direction = POLICY_OUTBOUND;
+	r.action = POLICY_ACT_EVENT;
+	r.event_type = "message";
+	r.sender = (struct policy_party){ "mimi://hub.example/u/l", "hub.example", "local" };
+	r.recipient = (struct policy_party){ "mimi://o.example/u/r", "o.example", "peer:gk" };
+	policy_decide(s, &r, &d);
+	ck_assert_int_eq(kl.n, 2);
+	ck_assert_str_eq(kl.keys[0], "omp:14:mimi://hub.example/u/l");
+	ck_assert_int_eq(kl.caps[0], 30);
+	ck_assert_int_eq(kl.periods[0], 60000);
+	ck_assert_str_eq(kl.keys[1], "onp:14:mimi://hub.example/u/l");
+	ck_assert_int_eq(kl.caps[1], 4);
+	ck_assert_int_eq(kl.periods[1], 3600000);
+	kl.n = 0;
+	r.group = true; /* a group's message starts no conversation */
+	policy_decide(s, &r, &d);
+	ck_assert_int_eq(kl.n, 1);
+	ck_assert_str_eq(kl.keys[0], "omp:14:mimi://hub.example/u/l");
+	r.group = false;
+	kl.n = 0;
+	r.event_type = "edit";
+	policy_decide(s, &r, &d);
+	ck_assert_int_eq(kl.n, 1);
+	kl.n = 0;
+	r.event_type = "typing";
+	policy_decide(s, &r, &d);
+	ck_assert_int_eq(kl.n, 0);
+	r.event_type = "receipt";
+	policy_decide(s, &r, &d);
+	ck_assert_int_eq(kl.n, 0);
+	/* Nor are the inbound limits of the recipient's rules asked. */
+	r.event_type = "message";
+	r.recipient = (struct policy_party){ "mimi://a.lim.example/u/r", "a.lim.example", "matrix" };
+	policy_decide(s, &r, &d);
+	ck_assert_int_eq(kl.n, 0);
+	ck_assert_str_eq(d.reason, "outbound");
+	r.direction = POLICY_INBOUND;
+	r.recipient = (struct policy_party){ "mimi://hub.example/u/l", "hub.example", "local" };
 
 	/* A refusal is passed on as is; a zero or negative answer is a grant. */
 	kl.n = 0;
@@ -1387,21 +1459,23 @@ START_TEST(names)
 	ck_assert_str_eq(policy_scope_name(POLICY_SCOPE_NETWORK), "network");
 	ck_assert_str_eq(policy_verdict_name(POLICY_HOLD), "hold");
 	ck_assert_str_eq(policy_mode_name((enum policy_mode)99), "?");
-	/* The reason list: no duplicates, 27 codes. */
+	/* The reason list: no duplicates, 29 codes. */
 	int n = 0;
 	for (; policy_reason_codes[n]; n++)
 		for (int k = 0; k < n; k++)
 			ck_assert_str_ne(policy_reason_codes[k], policy_reason_codes[n]);
-	ck_assert_int_eq(n, 27);
+	ck_assert_int_eq(n, 29);
 	/* Every reason that can stop a local user's message (outbound: the
 	 * server's rules, the user's own blocks) is told in words; a remote
 	 * user's block is not (uniform errors), nor an unknown code. */
 	static const char *const told[] = { "server_denied_user", "server_denied_domain", "server_denied_network",
 					    "user_blocked_recipient", "user_blocked_domain", "too_large",
-					    "content_kind_disabled", "server_closed", "server_not_allowlisted" };
+					    "content_kind_disabled", "server_closed", "server_not_allowlisted",
+					    "rate_limited_local_sender", "rate_limited_local_sender_new_conversations" };
 	for (size_t i = 0; i < sizeof(told) / sizeof(told[0]); i++)
 		ck_assert_msg(policy_reason_text(told[i]) && *policy_reason_text(told[i]), "%s", told[i]);
 	ck_assert_ptr_null(policy_reason_text("recipient_blocked_sender"));
+	ck_assert_ptr_null(policy_reason_text("rate_limited_sender")); /* a remote sender's: not a local user's */
 	ck_assert_ptr_null(policy_reason_text("no_such_reason"));
 	ck_assert_ptr_null(policy_reason_text(NULL));
 }
@@ -1869,12 +1943,46 @@ START_TEST(in_addition_rule_charged_first)
 }
 END_TEST
 
+/* The outbound limits as the admin API and the rules table give them. */
+START_TEST(outbound_limits_json)
+{
+	struct policy_limits l;
+	char err[400];
+	json_t *in = json_pack("{s:i, s:i}", "outbound_messages_per_minute_per_user", 30,
+			       "outbound_new_conversations_per_hour_per_user", 5);
+	ck_assert_msg(policy_limits_from_json(in, &l, err, sizeof(err)), "%s", err);
+	ck_assert_uint_eq(l.set, POLICY_LIM_OUT_MSG_MINUTE_USER | POLICY_LIM_OUT_NEW_CONV_HOUR_USER);
+	ck_assert_uint_eq(l.outbound_messages_per_minute_per_user, 30);
+	ck_assert_uint_eq(l.outbound_new_conversations_per_hour_per_user, 5);
+	json_t *out = policy_limits_to_json(&l);
+	ck_assert(json_equal(in, out));
+	json_decref(out);
+	const json_t *bad[] = { json_integer(0), json_integer(1000001), json_string("30"), json_real(2.5),
+				json_integer(-1), json_null() };
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		json_object_set(in, "outbound_messages_per_minute_per_user", (json_t *)bad[i]);
+		ck_assert(!policy_limits_from_json(in, &l, err, sizeof(err)));
+		ck_assert_str_eq(err, "limits.outbound_messages_per_minute_per_user must be a whole number from 1 to 1000000");
+		json_decref((json_t *)bad[i]);
+	}
+	json_decref(in);
+	/* The unknown member's message names them. */
+	in = json_pack("{s:i}", "outbound_messages_per_minute", 3);
+	ck_assert(!policy_limits_from_json(in, &l, err, sizeof(err)));
+	ck_assert_msg(strstr(err, "outbound_messages_per_minute_per_user") &&
+			      strstr(err, "outbound_new_conversations_per_hour_per_user"),
+		      "%s", err);
+	json_decref(in);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("policy");
 	TCase *tc = tcase_create("policy");
 	tcase_set_timeout(tc, 120);
 	tcase_add_test(tc, policy_cases);
+	tcase_add_test(tc, outbound_limits_json);
 	tcase_add_test(tc, builder_cases);
 	tcase_add_test(tc, prop_server_deny_always_denies);
 	tcase_add_test(tc, prop_random_requests);
