@@ -183,12 +183,10 @@ json_t *peer_audit_record(const struct policy_decision *d, const char *pid, cons
 			 (json_int_t)d->rule_id, "pid", pid, "subject", subject, "details", details);
 }
 
-cw_err peer_audit_write(PGconn *c, const struct policy_decision *d, const char *subject, json_t *details,
-			cw_errmsg *e)
+/* Writes one record of peer_audit_record's shape about no message. */
+static cw_err audit_record_write(PGconn *c, const json_t *rec, cw_errmsg *e)
 {
-	json_t *rec = peer_audit_record(d, NULL, subject, details);
 	char *text = rec ? json_dumps(rec, JSON_COMPACT) : NULL;
-	json_decref(rec);
 	if (!text)
 		return cw_fail(e, CW_ENOMEM, "out of memory");
 	const char *params[] = { text };
@@ -197,6 +195,15 @@ cw_err peer_audit_write(PGconn *c, const struct policy_decision *d, const char *
 				     "FROM jsonb_to_record($1::jsonb) AS a(action text, reason text, rule bigint, "
 				     "subject text, details jsonb)", 1, params, e);
 	free(text);
+	return rc;
+}
+
+cw_err peer_audit_write(PGconn *c, const struct policy_decision *d, const char *subject, json_t *details,
+			cw_errmsg *e)
+{
+	json_t *rec = peer_audit_record(d, NULL, subject, details);
+	cw_err rc = audit_record_write(c, rec, e);
+	json_decref(rec);
 	return rc;
 }
 
@@ -2163,6 +2170,7 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 			 * (gateway/policy_live.c): change both or neither */
 			.recipient_wrote_here = local && group && PQgetvalue(r, k, 17)[0] && sender_since >= 0 &&
 						sender_since <= atoll(PQgetvalue(r, k, 17)),
+			.group = group, /* outbound: a group's message starts no conversation */
 		};
 		struct policy_decision d;
 		policy_decide(view->snap, &preq, &d);
@@ -2251,16 +2259,24 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 			snprintf(ra, sizeof(ra), "%lld", (long long)limited.retry_after_ms);
 			LOG_KV(CW_LOG_INFO, "policy limit", "reason", limited.reason, "sender", in->sender,
 			       "retry_after_ms", ra);
-			json_array_append_new(b->audit, peer_audit_record(&limited, NULL, in->sender,
-				json_pack("{s:s, s:s, s:I}", "sender", in->sender, "type", in->type,
-					  "retry_after_ms", (json_int_t)limited.retry_after_ms)));
+			json_t *details = json_pack("{s:s, s:s, s:I}", "sender", in->sender, "type", in->type,
+						    "retry_after_ms", (json_int_t)limited.retry_after_ms);
+			if (in->local_sender) /* her own outbound limit (docs/policy.md) */
+				json_object_set_new(details, "direction", json_string("outbound"));
+			json_array_append_new(b->audit, peer_audit_record(&limited, NULL, in->sender, details));
 		}
 		json_decref(dests);
 		json_decref(targets);
 		json_decref(states);
 		json_decref(held);
 		json_decref(audit);
-		item_fail(res, 429, "rate_limited", "too many messages from this sender or domain; retry later");
+		/* A local user (Matrix, XMPP) is told which of her limits, in
+		 * the words her adapter shows her ("Not delivered: ..."). */
+		if (in->local_sender && policy_reason_text(limited.reason))
+			item_fail(res, 429, "rate_limited", "%s; write again in %lld s", policy_reason_text(limited.reason),
+				  (long long)((limited.retry_after_ms + 999) / 1000));
+		else
+			item_fail(res, 429, "rate_limited", "too many messages from this sender or domain; retry later");
 		res->retry_after_ms = limited.retry_after_ms;
 		return;
 	}
@@ -2627,6 +2643,20 @@ cw_err submit_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 cw_err submit_recv(PGconn *c, struct submit *b, int round, bool *more, cw_errmsg *e)
 {
 	return items_recv(c, b, round, more, e);
+}
+
+cw_err submit_write_limits(PGconn *c, const struct submit *b, cw_errmsg *e)
+{
+	size_t i;
+	json_t *rec;
+	json_array_foreach(b->audit, i, rec) {
+		const char *action = json_string_value(json_object_get(rec, "action"));
+		cw_err rc;
+		if (action && strcmp(action, "policy.limit") == 0 && !json_is_string(json_object_get(rec, "pid")) &&
+		    (rc = audit_record_write(c, rec, e)))
+			return rc;
+	}
+	return CW_OK;
 }
 
 const char *submit_denied(const struct submit *b, size_t i)

@@ -63,6 +63,13 @@ int submit_result(const struct submit *b, size_t i, const char **code, const cha
  * policy reason code, static); NULL otherwise. */
 const char *submit_denied(const struct submit *b, size_t i);
 
+/* The rate limits' records (policy.limit, about no message) of a job that
+ * was then undone as a whole (an XMPP first contact a limit refused rolls
+ * back all it made, those records with it): written on their own, in a
+ * transaction of their own, so that such a limit is audited as any
+ * other.  CW_OK when there are none. */
+cw_err submit_write_limits(PGconn *c, const struct submit *b, cw_errmsg *e);
+
 /* A policy decision that is not a plain allow, as the audit log keeps it
  * (actor 'policy'): action policy.<verdict>, the reason and the deciding
  * rule, the message it is about (pid: its msg_ id, or NULL), the subject

@@ -118,6 +118,7 @@ struct xin {
 	char err_text[300];              /* the error's text for the user ("" : none) */
 	bool fresh;                      /* this run's round 0 made the chat's rows (first contact) */
 	bool undone;                     /* refused at first contact, or a leave of one who left: undone on purpose */
+	bool limited;                    /* refused by the local user's own limit (429) */
 	bool stored;                     /* looked up after an unknown outcome: its first event is stored */
 	struct xin *next_waiting;        /* xc->in_waiting's next */
 };
@@ -353,7 +354,7 @@ static cw_err in_recv(PGconn *c, void *arg, int round, bool *more, cw_errmsg *e)
 		in->err_type = in->err_cond = NULL;
 		in->final_round = 0;
 		in->room_id[0] = '\0';
-		in->fresh = in->undone = false;
+		in->fresh = in->undone = in->limited = false;
 		for (int i = 0; i < PQntuples(r); i++) {
 			const char *kind = PQgetvalue(r, i, 0), *k = PQgetvalue(r, i, 1);
 			if (strcmp(kind, "room") == 0 && !PQgetisnull(r, i, 1)) {
@@ -444,9 +445,14 @@ static cw_err in_recv(PGconn *c, void *arg, int round, bool *more, cw_errmsg *e)
 		       "detail", detail ? detail : "");
 		/* RFC 6120: a denial looks like an unknown account; limits are
 		 * resource-constraint. */
-		if (st == 429)
+		if (st == 429) {
 			refuse(in, "wait", "resource-constraint");
-		else if (st == 403 || st == 404)
+			in->limited = true;
+			/* the local user's own outbound limit: which, and when
+			 * to write again (docs/xmpp.md) */
+			if (in->texty && detail && *detail)
+				snprintf(in->err_text, sizeof(in->err_text), "Not delivered: %s.", detail);
+		} else if (st == 403 || st == 404)
 			refuse(in, "cancel", "service-unavailable");
 		else if (st == 503)
 			refuse(in, "wait", "internal-server-error");
@@ -609,6 +615,23 @@ static void in_looked_up(void *arg, cw_err rc, const cw_errmsg *e)
 	xin_free(in);
 }
 
+/* A first contact refused by the local user's limit was undone whole, its
+ * policy.limit record with it: written now, on its own (the stanza is
+ * answered once it is). */
+static cw_err in_limits_fn(PGconn *c, void *arg, cw_errmsg *e)
+{
+	return submit_write_limits(c, ((struct xin *)arg)->b, e);
+}
+
+static void in_limits_done(void *arg, cw_err rc, const cw_errmsg *e)
+{
+	struct xin *in = arg;
+	if (rc)
+		LOG_KV(CW_LOG_WARN, "xmpp limit not audited", "component", in->xc->domain, "detail", e ? e->msg : "");
+	in_answer(in, CW_EINVAL, NULL);
+	xin_free(in);
+}
+
 static void in_done(void *arg, cw_err rc, const cw_errmsg *e)
 {
 	struct xin *in = arg;
@@ -621,6 +644,11 @@ static void in_done(void *arg, cw_err rc, const cw_errmsg *e)
 	 * is stored decides the answer, once the database answers.  Until
 	 * the twenty-third session it was internal-server-error. */
 	bool unknown = rc == CW_EUNAVAIL && e && strcmp(e->msg, STORE_OUTCOME_UNKNOWN) == 0;
+	if (rc == CW_EINVAL && in->undone && in->limited && in->b &&
+	    store_write(xc->x->app->store, in_limits_fn, in_limits_done, in) == CW_OK) {
+		in_finished(xc, room);
+		return;
+	}
 	if (!unknown || store_read_patient(xc->x->app->store, in_stored_fn, in_looked_up, in) != CW_OK) {
 		in_answer(in, rc, e);
 		xin_free(in);
