@@ -1285,6 +1285,21 @@ BAD = [
     ("POST", "/rules", {"scope": "domain", "pattern": "a.example",
                         "limits": {"consent_requests_per_day_per_user": 0}}, 400),
     ("POST", "/rules", {"scope": "domain", "pattern": "a.example", "limits": {"content_kinds": ["audio"]}}, 400),
+    # a local sender's outbound limits (since the twenty-sixth session)
+    ("POST", "/rules", {"scope": "network", "pattern": "peer:gk",
+                        "limits": {"outbound_messages_per_minute_per_user": 0}}, 400),
+    ("POST", "/rules", {"scope": "network", "pattern": "peer:gk",
+                        "limits": {"outbound_messages_per_minute_per_user": 1000001}}, 400),
+    ("POST", "/rules", {"scope": "network", "pattern": "peer:gk",
+                        "limits": {"outbound_messages_per_minute_per_user": "30"}}, 400),
+    ("POST", "/rules", {"scope": "network", "pattern": "peer:gk",
+                        "limits": {"outbound_messages_per_minute_per_user": 2.5}}, 400),
+    ("POST", "/rules", {"scope": "network", "pattern": "peer:gk",
+                        "limits": {"outbound_new_conversations_per_hour_per_user": -1}}, 400),
+    ("POST", "/rules", {"scope": "network", "pattern": "peer:gk",
+                        "limits": {"outbound_new_conversations_per_hour_per_user": None}}, 400),
+    ("POST", "/rules", {"scope": "network", "pattern": "peer:gk", "limits": {"outbound_messages_per_minute": 5}},
+     400),
     ("POST", "/rules", {"scope": "network", "pattern": "peer:", "mode": "deny"}, 400),
     # a peer's network whose name no peer can have (peer_name_valid, as for
     # opt-ins below; until the twenty-fourth session stored, and never matched)

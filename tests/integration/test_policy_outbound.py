@@ -1,0 +1,124 @@
+"""A local user's own outbound limits (since the twenty-sixth session): a
+rule matched on the remote recipient's domain or network sets
+outbound_messages_per_minute_per_user and
+outbound_new_conversations_per_hour_per_user, a bucket per local sender.
+Past them her message is refused (policy `limit`, audited once per
+episode), nothing of it is stored, and she is told so: on XMPP a stanza
+error `wait`/`resource-constraint` with a text, on Matrix a notice
+(test_policy_outbound_matrix.py).  Through a real Prosody and real XMPP
+clients (slixmpp)."""
+import time
+
+from harness import wait_until
+from prosody import XmppClient
+from test_xmpp import ALICE, COMP, HOST, WALLY_JID, body  # noqa: F401
+from test_xmpp import alice, gk, prosody, xd  # noqa: F401  (the fixtures)
+
+NS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
+
+
+def stanza_error(client, sid):
+    """(type, [conditions], text) of the error answering the message sid."""
+    el = client.wait_for_message(lambda m: m.get("id") == sid and m.get("type") == "error")
+    e = el.find("{jabber:client}error")
+    conds = [c.tag.split("}")[1] for c in e if c.tag.startswith("{" + NS_STANZAS) and not c.tag.endswith("}text")]
+    text = e.find(f"{{{NS_STANZAS}}}text")
+    return e.get("type"), conds, text.text if text is not None else None
+
+
+def limit_records(pg, db_url):
+    return pg.psql("SELECT string_agg(reason_code || ' ' || rule_id || ' ' || subject || ' ' || "
+                   "(details->>'direction') || ' ' || (details->>'type') || ' ' || "
+                   "((details->>'retry_after_ms')::bigint > 0)::text || ' ' || (event_id IS NULL)::text, ',' "
+                   "ORDER BY id) FROM audit_log WHERE action = 'policy.limit'", db_url)
+
+
+def xmpp_events(pg, db_url):
+    return pg.psql("SELECT count(*) FROM events WHERE origin_network = 'xmpp' AND type = 'message'", db_url)
+
+
+def test_an_xmpp_users_messages_past_her_outbound_limit_are_refused_and_told(xd, gk, alice, prosody, pg, db_url):
+    a, srv = gk
+    r = xd.admin("POST", "/rules", json={"scope": "network", "pattern": "peer:gk",
+                                        "limits": {"outbound_messages_per_minute_per_user": 3}})
+    assert r.status_code == 201, r.text
+    rule = r.json()["id"]
+    assert r.json()["limits"] == {"outbound_messages_per_minute_per_user": 3}
+    assert xd.admin("GET", f"/rules/{rule}").json()["limits"] == {"outbound_messages_per_minute_per_user": 3}
+    # The first three reach the peer, one after the other.
+    for i in range(3):
+        alice.send_message(WALLY_JID, f"spam {i}")
+        got = srv.wait_events(i + 1)
+        assert got[i]["sender"] == ALICE and got[i]["content"]["parts"][0]["body"] == f"spam {i}"
+    # The fourth within the minute is refused: a wait, with why and when.
+    sid = alice.send_message(WALLY_JID, "spam 3")
+    etype, conds, text = stanza_error(alice, sid)
+    assert (etype, conds) == ("wait", ["resource-constraint"]), (etype, conds, text)
+    assert text is not None and text.startswith(
+        "Not delivered: you sent more messages than this server allows in a minute; write again in "), text
+    assert 1 <= int(text.rsplit("in ", 1)[1].split(" s.")[0]) <= 20, text
+    # Another one is refused too; the flood is audited once.
+    sid = alice.send_message(WALLY_JID, "spam 4")
+    assert stanza_error(alice, sid)[1] == ["resource-constraint"]
+    # Nothing of them is stored, nothing reaches the peer.
+    assert xmpp_events(pg, db_url) == "3"
+    assert pg.psql("SELECT count(*) FROM outbox o JOIN events e ON e.id = o.event_id "
+                   "WHERE e.origin_network = 'xmpp'", db_url) == "3"
+    assert limit_records(pg, db_url) == \
+        f"rate_limited_local_sender {rule} {ALICE} outbound message true true"
+    # The limit is hers: bob, on the same server, still writes.
+    bob = XmppClient("bob@" + HOST, "pw-bob", port=prosody.c2s_port)
+    bob.connect()
+    try:
+        bob.send_message(WALLY_JID, "bob here")
+        got = srv.wait_events(4)
+        assert got[3]["sender"] == "mimi://example.org/u/bob"
+    finally:
+        bob.disconnect()
+    time.sleep(0.3)
+    assert len(srv.events) == 4
+    # Lifted by the operator (no restart): she writes again at once.
+    assert xd.admin("DELETE", f"/rules/{rule}").status_code == 200
+    alice.send_message(WALLY_JID, "free again")
+    got = srv.wait_events(5)
+    assert got[4]["content"]["parts"][0]["body"] == "free again"
+
+
+def test_new_conversations_past_her_outbound_limit_are_refused_and_told(xd, gk, alice, pg, db_url):
+    """A message to a remote user she has no consent fact about (she never
+    wrote to them nor accepted them) starts a conversation: one an hour
+    here.  A user she wrote to is no new conversation."""
+    a, srv = gk
+    r = xd.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example",
+                                        "limits": {"outbound_new_conversations_per_hour_per_user": 1}})
+    assert r.status_code == 201, r.text
+    rule = r.json()["id"]
+    alice.send_message(WALLY_JID, "hi wally")
+    srv.wait_events(1)
+    sid = alice.send_message("wanda@" + COMP, "hi wanda")
+    etype, conds, text = stanza_error(alice, sid)
+    assert (etype, conds) == ("wait", ["resource-constraint"]), (etype, conds, text)
+    assert text is not None and text.startswith(
+        "Not delivered: you started more new conversations than this server allows in an hour; write again in "), \
+        text
+    # Nothing of the refused first stanza stays: no identity, no room for wanda.
+    assert pg.psql("SELECT count(*) FROM identities WHERE uri = 'mimi://wa.example/u/wanda'", db_url) == "0"
+    assert xmpp_events(pg, db_url) == "1"
+    assert limit_records(pg, db_url) == \
+        f"rate_limited_local_sender_new_conversations {rule} {ALICE} outbound message true true"
+    # Wally is no stranger now (her first message was consent): once that
+    # consent is in force, she writes to him as before.
+    assert pg.psql("SELECT state || ' ' || source FROM consents WHERE subject = 'mimi://wa.example/u/wally'",
+                   db_url) == "allowed outbound"
+    # The policy's snapshot follows that write within milliseconds (a
+    # message decided before would count as a new conversation again).
+    deadline = time.time() + 5
+    while True:
+        start = len(alice.stanzas())
+        sid = alice.send_message(WALLY_JID, "again")
+        wait_until(lambda: len(srv.events) == 2 or any(
+            m.get("id") == sid and m.get("type") == "error" for m in alice.stanzas()[start:]), what="an answer")
+        if len(srv.events) == 2:
+            break
+        assert time.time() < deadline, "her consent to wally never came into force"
+    assert srv.events[1]["content"]["parts"][0]["body"] == "again"
