@@ -108,6 +108,15 @@ static struct policy_snapshot *build(size_t *nfacts)
 			l.new_conversations_per_hour = 20;
 			l.consent_requests_per_day = 10;
 			l.max_body_bytes = 65536;
+			/* CW_BENCH_OUTBOUND_LIMITS=1: local senders' outbound
+			 * limits too (twenty-sixth session), so that outbound
+			 * decisions take their buckets; unset, the workload is
+			 * the earlier sessions'. */
+			if (getenv("CW_BENCH_OUTBOUND_LIMITS")) {
+				l.set |= POLICY_LIM_OUT_MSG_MINUTE_USER | POLICY_LIM_OUT_NEW_CONV_HOUR_USER;
+				l.outbound_messages_per_minute_per_user = 30;
+				l.outbound_new_conversations_per_hour_per_user = 20;
+			}
 		}
 		must(policy_builder_rule(b, i + 1, sc, pat, modes[i % 10], &l, i % 50 == 7 ? 1000 : 0), pat);
 	}

@@ -195,6 +195,11 @@ static void limits_round_trip(const struct line *lines, int n)
 			     a.new_conversations_per_hour_per_user != b.new_conversations_per_hour_per_user) ||
 			    ((a.set & POLICY_LIM_CONSENT_REQ_DAY_USER) &&
 			     a.consent_requests_per_day_per_user != b.consent_requests_per_day_per_user) ||
+			    ((a.set & POLICY_LIM_OUT_MSG_MINUTE_USER) &&
+			     a.outbound_messages_per_minute_per_user != b.outbound_messages_per_minute_per_user) ||
+			    ((a.set & POLICY_LIM_OUT_NEW_CONV_HOUR_USER) &&
+			     a.outbound_new_conversations_per_hour_per_user !=
+				     b.outbound_new_conversations_per_hour_per_user) ||
 			    ((a.set & POLICY_LIM_MAX_BODY) && a.max_body_bytes != b.max_body_bytes) ||
 			    ((a.set & POLICY_LIM_MAX_ATTACH) && a.max_attachment_bytes != b.max_attachment_bytes) ||
 			    ((a.set & POLICY_LIM_CONTENT_KINDS) && a.content_kinds != b.content_kinds))
