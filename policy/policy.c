@@ -936,8 +936,8 @@ static inline bool rate_limits(const struct policy_request *r, const struct ppar
  * no cost beyond a test, unless a rule matching the recipient sets one. */
 #define LIM_OUTBOUND (POLICY_LIM_OUT_MSG_MINUTE_USER | POLICY_LIM_OUT_NEW_CONV_HOUR_USER)
 
-static bool outbound_limits(const struct policy_request *r, const struct pparty *snd, bool known,
-			    const struct peval *e, struct policy_decision *d)
+static bool outbound_limits_slow(const struct policy_request *r, const struct pparty *snd, bool known,
+				 const struct peval *e, struct policy_decision *d)
 {
 	for (int i = 0; i < e->nadd; i++) {
 		const struct rule *lim[NLIMITS];
@@ -946,6 +946,12 @@ static bool outbound_limits(const struct policy_request *r, const struct pparty 
 			return true;
 	}
 	return (e->lim_set & LIM_OUTBOUND) && outbound_limits_of(r, snd, known, e->lim, d);
+}
+
+static inline bool outbound_limits(const struct policy_request *r, const struct pparty *snd, bool known,
+				   const struct peval *e, struct policy_decision *d)
+{
+	return (e->nadd || (e->lim_set & LIM_OUTBOUND)) && outbound_limits_slow(r, snd, known, e, d);
 }
 
 /* Step 3b: size and content kinds against one party's limits. */

@@ -324,6 +324,22 @@ static void free_party(struct owned_party *op)
 }
 
 /* Runs one case line; false with a message in err when it fails. */
+
+/* n requests as prior, but with *uri (its sender's or recipient's) each
+ * time another user of the same domain and network ("<uri>-other<i>"). */
+static void decide_as_others(const struct policy_snapshot *s, struct policy_request *prior, const char **uri, int n)
+{
+	const char *mine = *uri;
+	struct policy_decision d;
+	for (int i = 0; i < n; i++) {
+		char other[4096];
+		snprintf(other, sizeof(other), "%s-other%d", mine ? mine : "", i);
+		*uri = other;
+		policy_decide(s, prior, &d);
+	}
+	*uri = mine;
+}
+
 static bool run_case(const struct policy_snapshot *s, const struct env *env, const struct line *ln, char *err,
 		     size_t errlen)
 {
@@ -405,20 +421,8 @@ static bool run_case(const struct policy_snapshot *s, const struct env *env, con
 	struct policy_request prior = r;
 	prior.body_bytes = prior.attachment_bytes = 0;
 	prior.content_kinds = POLICY_KIND_TEXT;
-	for (int i = 0; i < others; i++) {
-		char other[4096];
-		snprintf(other, sizeof(other), "%s-other%d", r.sender.uri ? r.sender.uri : "", i);
-		prior.sender.uri = other;
-		policy_decide(s, &prior, &d);
-	}
-	prior.sender.uri = r.sender.uri;
-	for (int i = 0; i < others_to; i++) {
-		char other[4096];
-		snprintf(other, sizeof(other), "%s-other%d", r.recipient.uri ? r.recipient.uri : "", i);
-		prior.recipient.uri = other;
-		policy_decide(s, &prior, &d);
-	}
-	prior.recipient.uri = r.recipient.uri;
+	decide_as_others(s, &prior, &prior.sender.uri, others);
+	decide_as_others(s, &prior, &prior.recipient.uri, others_to);
 	for (int i = 0; i < after; i++)
 		policy_decide(s, &prior, &d);
 	memset(&d, 0x5a, sizeof(d));
@@ -1106,6 +1110,14 @@ static int64_t log_take(void *ctx, const char *key, uint32_t capacity, int64_t p
 	return kl->answer;
 }
 
+/* The i-th bucket taken was key, of capacity cap per period. */
+static void expect_take(const struct key_log *kl, int i, const char *key, uint32_t cap, int64_t period)
+{
+	ck_assert_str_eq(kl->keys[i], key);
+	ck_assert_uint_eq(kl->caps[i], cap);
+	ck_assert_int_eq(kl->periods[i], period);
+}
+
 START_TEST(bucket_keys)
 {
 	struct policy_builder *b = policy_builder_new();
@@ -1234,12 +1246,8 @@ START_TEST(bucket_keys)
 	r.recipient = (struct policy_party){ "mimi://o.example/u/r", "o.example", "peer:gk" };
 	policy_decide(s, &r, &d);
 	ck_assert_int_eq(kl.n, 2);
-	ck_assert_str_eq(kl.keys[0], "omp:14:mimi://hub.example/u/l");
-	ck_assert_int_eq(kl.caps[0], 30);
-	ck_assert_int_eq(kl.periods[0], 60000);
-	ck_assert_str_eq(kl.keys[1], "onp:14:mimi://hub.example/u/l");
-	ck_assert_int_eq(kl.caps[1], 4);
-	ck_assert_int_eq(kl.periods[1], 3600000);
+	expect_take(&kl, 0, "omp:14:mimi://hub.example/u/l", 30, 60000);
+	expect_take(&kl, 1, "onp:14:mimi://hub.example/u/l", 4, 3600000);
 	kl.n = 0;
 	r.group = true; /* a group's message starts no conversation */
 	policy_decide(s, &r, &d);
