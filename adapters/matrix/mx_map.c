@@ -7,6 +7,7 @@
 #include "media.h"
 
 #include <libxml/HTMLparser.h>
+#include <libxml/SAX2.h>
 #include <libxml/parserInternals.h>
 #include <libxml/tree.h>
 #include <pthread.h>
@@ -98,16 +99,21 @@ static void xml_init(void)
 	xmlInitParser();
 }
 
-/* Valid UTF-8 without NUL and the characters XML/HTML parsers refuse (C0
- * controls but tab, LF, CR; U+FFFE, U+FFFF): each bad byte or character
- * becomes U+FFFD.  Wrapped in html/body so that the fragment is parsed as
- * body content (libxml2 would otherwise imply a <p> around leading text). */
+/* What a fragment is parsed after, so that it is parsed as body content
+ * (libxml2 would otherwise imply a <p> around leading text). */
+static const char BODY_OPEN[] = "<html><body>";
+#define BODY_OPEN_LEN (sizeof(BODY_OPEN) - 1)
+
+/* BODY_OPEN, then s as valid UTF-8 without NUL and the characters XML/HTML
+ * parsers refuse (C0 controls but tab, LF, CR; U+FFFE, U+FFFF): each bad
+ * byte or character becomes U+FFFD.  Nothing is added after s: what an
+ * unfinished construct at its end (an attribute value, a doctype) takes in
+ * would show. */
 static char *clean_input(const char *s, size_t n, size_t *outlen)
 {
-	static const char head[] = "<html><body>", tail[] = "</body></html>";
 	struct cw_buf b;
-	cw_buf_init(&b, n * 3 + sizeof(head) + sizeof(tail));
-	add(&b, head, sizeof(head) - 1);
+	cw_buf_init(&b, n * 3 + BODY_OPEN_LEN + 1);
+	add(&b, BODY_OPEN, BODY_OPEN_LEN);
 	const unsigned char *p = (const unsigned char *)s;
 	while (n) {
 		size_t l = cw_utf8_seq(p, n, NULL);
@@ -122,7 +128,6 @@ static char *clean_input(const char *s, size_t n, size_t *outlen)
 		p += l;
 		n -= l;
 	}
-	add(&b, tail, sizeof(tail) - 1);
 	if (b.overflow) {
 		cw_buf_free(&b);
 		return NULL;
@@ -368,7 +373,10 @@ static bool enter(struct walker *w, xmlNode *n)
 {
 	n->_private = NULL;
 	if (n->type == XML_TEXT_NODE || n->type == XML_CDATA_SECTION_NODE) {
-		if (n->content) {
+		/* Text right in <html> is the layout between a document's head
+		 * and body (libxml2 puts any other text in an implied <p>). */
+		bool layout = n->parent && n->parent->name && strcmp((const char *)n->parent->name, "html") == 0;
+		if (n->content && !layout) {
 			if (w->mode == WALK_HTML)
 				add_escaped(&w->out, (const char *)n->content, false);
 			else
@@ -446,6 +454,55 @@ static void walk(struct walker *w, xmlDoc *doc)
 	}
 }
 
+static const char AS_DOCUMENT = 'd', AS_FRAGMENT = 'f';
+
+/* The startElement of a parse that implies no element: the first element
+ * (the input's own, or a <p> around leading text) says whether the input is
+ * a whole document, and a fragment's parse stops there. */
+static void first_element(void *ctx, const xmlChar *name, const xmlChar **atts)
+{
+	htmlParserCtxtPtr ctxt = ctx;
+	ctxt->sax->startElement = xmlSAX2StartElement;
+	const char *tag = (const char *)name;
+	if (strcmp(tag, "html") == 0 || strcmp(tag, "head") == 0 || strcmp(tag, "body") == 0) {
+		ctxt->_private = (void *)&AS_DOCUMENT;
+		xmlSAX2StartElement(ctx, name, atts);
+	} else {
+		ctxt->_private = (void *)&AS_FRAGMENT;
+		xmlStopParser(ctxt);
+	}
+}
+
+/* libxml2's tree of the n bytes at buf (UTF-8), or NULL (no memory, or
+ * with only_document when the input is not a whole document). */
+static htmlDocPtr html_parse(const char *buf, size_t n, bool only_document)
+{
+	/* XML_PARSE_HUGE lifts libxml2's depth limit of 256, past which it stops
+	 * parsing and the rest of the text would be lost (the walk below keeps
+	 * at most HTML_DEPTH_MAX levels of elements and all of the text);
+	 * htmlReadMemory() drops that option, hence the context by hand. */
+	htmlParserCtxtPtr ctxt = htmlCreateMemoryParserCtxt(buf, (int)n);
+	if (!ctxt)
+		return NULL;
+	htmlCtxtUseOptions(ctxt, HTML_PARSE_NOERROR | HTML_PARSE_NOWARNING | HTML_PARSE_NONET | HTML_PARSE_NODEFDTD |
+					 HTML_PARSE_IGNORE_ENC | (only_document ? HTML_PARSE_NOIMPLIED : 0));
+	ctxt->options |= XML_PARSE_HUGE;
+	if (only_document)
+		ctxt->sax->startElement = first_element;
+	xmlCharEncodingHandlerPtr utf8 = xmlFindCharEncodingHandler("UTF-8");
+	if (utf8)
+		xmlSwitchToEncoding(ctxt, utf8);
+	htmlParseDocument(ctxt);
+	htmlDocPtr doc = ctxt->myDoc;
+	ctxt->myDoc = NULL;
+	if (only_document && ctxt->_private != &AS_DOCUMENT) {
+		xmlFreeDoc(doc);
+		doc = NULL;
+	}
+	htmlFreeParserCtxt(ctxt);
+	return doc;
+}
+
 static char *html_walk(const char *html, size_t len, enum walk_mode mode, bool keep_reply)
 {
 	if (len > HTML_INPUT_MAX)
@@ -457,25 +514,15 @@ static char *html_walk(const char *html, size_t len, enum walk_mode mode, bool k
 	char *buf = clean_input(html, len, &blen);
 	if (!buf)
 		return NULL;
-	/* XML_PARSE_HUGE lifts libxml2's depth limit of 256, past which it stops
-	 * parsing and the rest of the text would be lost (the walk below keeps
-	 * at most HTML_DEPTH_MAX levels of elements and all of the text);
-	 * htmlReadMemory() drops that option, hence the context by hand. */
-	htmlParserCtxtPtr ctxt = htmlCreateMemoryParserCtxt(buf, (int)blen);
-	if (!ctxt) {
-		free(buf);
-		return NULL;
-	}
-	htmlCtxtUseOptions(ctxt, HTML_PARSE_NOERROR | HTML_PARSE_NOWARNING | HTML_PARSE_NONET | HTML_PARSE_NODEFDTD |
-					 HTML_PARSE_IGNORE_ENC);
-	ctxt->options |= XML_PARSE_HUGE;
-	xmlCharEncodingHandlerPtr utf8 = xmlFindCharEncodingHandler("UTF-8");
-	if (utf8)
-		xmlSwitchToEncoding(ctxt, utf8);
-	htmlParseDocument(ctxt);
-	htmlDocPtr doc = ctxt->myDoc;
-	ctxt->myDoc = NULL;
-	htmlFreeParserCtxt(ctxt);
+	/* A whole document (its first element is html, head or body) is parsed
+	 * as one: its doctype, XML declaration and the comments around its
+	 * <html> stay outside the element tree, its head is dropped by the walk,
+	 * and what shows is its body's content.  Anything else is a fragment,
+	 * parsed after BODY_OPEN as the content of a body (the first parse
+	 * stopped at its first element). */
+	htmlDocPtr doc = html_parse(buf + BODY_OPEN_LEN, blen - BODY_OPEN_LEN, true);
+	if (!doc)
+		doc = html_parse(buf, blen, false);
 	free(buf);
 	if (!doc)
 		return NULL;
