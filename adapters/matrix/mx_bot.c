@@ -1021,20 +1021,44 @@ static void left(struct matrix *m, PGconn *c, const char *room, const char *who)
 	}
 	/* A group's portal (no remote user in its binding): leaving it is
 	 * leaving the group (the peer hears of it from the leave event
-	 * itself); its ghosts and the bot leave too. */
+	 * itself); its ghosts and the bot leave too.  The membership changes
+	 * under the room's lock of every write of events, taken first in the
+	 * same transaction as every member change does (since the
+	 * twenty-sixth session): a group write holding it, which read the user
+	 * a member, commits first, and one waiting for it reads them gone. */
 	const char *params[] = { room, local_id };
-	PGresult *r = PQexecParams(c,
-		"WITH b AS (DELETE FROM room_bindings b WHERE b.network = 'matrix' AND b.native_id = $1 "
-		" AND b.local_identity_id = $2::bigint RETURNING b.id, b.room_id, b.remote_identity_id), "
-		"u AS (UPDATE room_members x SET membership = 'left', updated_at = now() FROM b "
-		" WHERE b.remote_identity_id IS NULL AND x.room_id = b.room_id AND x.identity_id = $2::bigint) "
-		"SELECT (SELECT native_id FROM identity_bindings WHERE identity_id = b.remote_identity_id "
-		" AND network = 'matrix'), b.remote_identity_id IS NULL FROM b "
-		"UNION ALL SELECT ib.native_id, true FROM b JOIN matrix_portal_members pm ON pm.binding_id = b.id "
-		" JOIN identity_bindings ib ON ib.identity_id = pm.identity_id AND ib.network = 'matrix'",
-		2, NULL, params, NULL, NULL, 0);
 	cw_errmsg e;
-	if (store_check(c, r, PGRES_TUPLES_OK, &e)) {
+	cw_err rc = store_exec(c, "BEGIN", &e);
+	if (!rc) {
+		PGresult *lr = PQexecParams(c,
+			"SELECT count(" ROOM_LOCK_SQL("room_id") ") FROM room_bindings WHERE network = 'matrix' "
+			"AND native_id = $1 AND local_identity_id = $2::bigint AND remote_identity_id IS NULL",
+			2, NULL, params, NULL, NULL, 0);
+		rc = store_check(c, lr, PGRES_TUPLES_OK, &e);
+		if (!rc)
+			PQclear(lr);
+	}
+	PGresult *r = NULL;
+	if (!rc) {
+		r = PQexecParams(c,
+			"WITH b AS (DELETE FROM room_bindings b WHERE b.network = 'matrix' AND b.native_id = $1 "
+			" AND b.local_identity_id = $2::bigint RETURNING b.id, b.room_id, b.remote_identity_id), "
+			"u AS (UPDATE room_members x SET membership = 'left', updated_at = now() FROM b "
+			" WHERE b.remote_identity_id IS NULL AND x.room_id = b.room_id AND x.identity_id = $2::bigint) "
+			"SELECT (SELECT native_id FROM identity_bindings WHERE identity_id = b.remote_identity_id "
+			" AND network = 'matrix'), b.remote_identity_id IS NULL FROM b "
+			"UNION ALL SELECT ib.native_id, true FROM b JOIN matrix_portal_members pm ON pm.binding_id = b.id "
+			" JOIN identity_bindings ib ON ib.identity_id = pm.identity_id AND ib.network = 'matrix'",
+			2, NULL, params, NULL, NULL, 0);
+		if ((rc = store_check(c, r, PGRES_TUPLES_OK, &e)))
+			r = NULL; /* cleared */
+	}
+	if (!rc)
+		rc = store_exec(c, "COMMIT", &e);
+	if (rc) {
+		cw_errmsg e2;
+		store_exec(c, "ROLLBACK", &e2);
+		PQclear(r);
 		LOG_KV(CW_LOG_WARN, "cannot unbind a room its user left", "room", room, "detail", e.msg);
 		return;
 	}

@@ -2990,6 +2990,61 @@ def test_a_member_the_operator_removes_leaves_as_one_their_peer_removes(mx, hs, 
     assert srv.errors == [] and srv.duplicates == 0
 
 
+def test_a_local_user_leaving_a_groups_room_waits_for_the_rooms_lock(mx, hs, gk, pg, db_url):
+    """alice's leaving her room of a group (mx_bot.c left: the bot's work
+    on the leave the appservice stored for it) marks her membership left
+    under the room's lock of every write of events, as every other member
+    change does: while another transaction holds that lock (a group write
+    making its rows), she stays a member; once it commits, she has left,
+    the bot and the ghosts leave her room, and the next message of the
+    group makes no row to her. Until the twenty-sixth session the change
+    took no lock, and a group write that had read her a member could
+    still make her a row after she had left. The leave is put in the
+    bot's inbox by hand: through the homeserver, the appservice's own
+    write of the neutral leave (which takes the lock too) would wait
+    first, and the bot's work would come only after it."""
+    a, srv = gk
+    group, _, mine, said, _ = alice_in_wallys_group(mx, hs, gk, pg, db_url, [])
+    bot, wally = "@_cw_bot:example.org", "@_cw_gk_wally:example.org"
+    key = int(pg.psql(f"SELECT id % 2147483647 FROM rooms WHERE public_id = '{group}'", db_url))
+    membership = ("SELECT m.membership FROM room_members m JOIN rooms r ON r.id = m.room_id JOIN identities i "
+                  f"ON i.id = m.identity_id WHERE r.public_id = '{group}' AND i.uri = '{ALICE}'")
+    before = pg.psql(membership, db_url)
+    assert before in ("joined", "invited"), before
+    waiting = ("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 1129796434 "
+               f"AND objid = {key} AND objsubid = 2 AND NOT granted")
+    leave = json.dumps({"type": "m.room.member", "event_id": "$alice-leaves-by-hand", "room_id": mine,
+                        "sender": ALICE_MX, "state_key": ALICE_MX, "content": {"membership": "leave"}})
+    locker = subprocess.Popen(["psql", db_url, "-v", "ON_ERROR_STOP=1", "-qAt"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        locker.stdin.write(f"BEGIN;\nSELECT pg_advisory_xact_lock(1129796434, {key}), 'locked';\n")
+        locker.stdin.flush()
+        assert locker.stdout.readline().strip() == "|locked"
+        pg.psql("INSERT INTO matrix_bot_inbox (event_id, event) VALUES ('$alice-leaves-by-hand', "
+                f"'{leave}'::jsonb); NOTIFY causeway_matrix_bot", db_url)
+        wait_until(lambda: pg.psql(waiting, db_url) == "1" or pg.psql(membership, db_url) == "left",
+                   what="the bot's leave waiting for the room's lock (or done without it)")
+        assert pg.psql(membership, db_url) == before
+        assert pg.psql(waiting, db_url) == "1"
+        locker.stdin.write("COMMIT;\n")
+        locker.stdin.close()
+        assert locker.wait(30) == 0, locker.stderr.read()
+    finally:
+        if locker.poll() is None:
+            locker.kill()
+            locker.wait()
+    wait_until(lambda: pg.psql(membership, db_url) == "left", what="alice's membership left")
+    wait_until(lambda: hs.members(mine).get(bot) == "leave" and hs.members(mine).get(wally) == "leave",
+               what="the bot and the ghost leaving alice's room")
+    r = a.send(group, a.user("wally"), "after alice")
+    assert r.status_code == 202, r.text
+    assert pg.psql("SELECT count(*) FROM outbox o JOIN events e ON e.id = o.event_id JOIN identities t "
+                   f"ON t.id = o.target_identity_id WHERE e.public_id = '{r.json()['id']}' "
+                   f"AND t.uri = '{ALICE}'", db_url) == "0"
+    assert (wally, "after alice") not in said(mine)
+
+
 def test_writing_in_a_group_lets_its_members_reach_the_writer_there_only(mx, hs, gk, pg, db_url):
     """spec/policy.md: a local user's message is consent to the remote user
     "for that conversation". alice (who allowed wally, not ed) writes in a
