@@ -77,14 +77,26 @@ bool media_address_public(const struct sockaddr *sa)
 		 (a[0] == 0x20 && a[1] == 0x01 && a[2] == 0x0d && a[3] == 0xb8)); /* documentation */
 }
 
+/* What the connections of one hop of a peer-named fetch met. */
+struct hop_addresses {
+	bool refused; /* an address that is not public */
+	bool opened;  /* a connection to a public one */
+};
+
 /* Every connection of a peer-named fetch, the redirects' too: refused
  * when its address is not public (checked on the address connected to,
- * so a name that resolves differently later changes nothing). */
+ * so a name that resolves differently later changes nothing); arg is the
+ * hop's struct hop_addresses. */
 static curl_socket_t open_public(void *arg, curlsocktype purpose, struct curl_sockaddr *a)
 {
-	(void)arg;
-	if (purpose != CURLSOCKTYPE_IPCXN || !media_address_public(&a->addr))
+	struct hop_addresses *seen = arg;
+	if (purpose != CURLSOCKTYPE_IPCXN)
 		return CURL_SOCKET_BAD;
+	if (!media_address_public(&a->addr)) {
+		seen->refused = true;
+		return CURL_SOCKET_BAD;
+	}
+	seen->opened = true;
 	return socket(a->family, a->socktype, a->protocol);
 }
 
@@ -348,6 +360,8 @@ cw_err media_fetch_peer(const struct cw_app *app, const char *url, const char *s
 	int64_t deadline_us = cw_now_us() + (int64_t)timeout_ms * 1000;
 	CURLcode cc = CURLE_OK;
 	cw_err rc = CW_OK;
+	struct hop_addresses seen = { false, false };
+	b->refused = NULL;
 	/* Redirects are followed here, not by libcurl: each hop is signed
 	 * only when its own host is in signer_domain (a signature is
 	 * Causeway's credential: a peer's URL must not lend it to another
@@ -376,8 +390,11 @@ cw_err media_fetch_peer(const struct cw_app *app, const char *url, const char *s
 		 * body comes back to users the peer can reach). */
 		curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "https");
 		curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 0L);
-		if (!cfg->media_private_addresses)
+		seen = (struct hop_addresses){ false, false };
+		if (!cfg->media_private_addresses) {
 			curl_easy_setopt(h, CURLOPT_OPENSOCKETFUNCTION, open_public);
+			curl_easy_setopt(h, CURLOPT_OPENSOCKETDATA, &seen);
+		}
 		cc = curl_easy_perform(h);
 		curl_slist_free_all(hd);
 		if (cc != CURLE_OK)
@@ -407,6 +424,19 @@ cw_err media_fetch_peer(const struct cw_app *app, const char *url, const char *s
 		return rc;
 	if (cc != CURLE_OK) {
 		*status = 0;
+		/* Facts of the URL, the same at every try (a host whose every
+		 * address was refused: one that was not, or a public one that
+		 * did not answer, may answer later). */
+		if (cc == CURLE_COULDNT_CONNECT && seen.refused && !seen.opened)
+			b->refused = "its address is not public";
+		else if (cc == CURLE_UNSUPPORTED_PROTOCOL)
+			b->refused = "not over https";
+		else if (cc == CURLE_TOO_MANY_REDIRECTS)
+			b->refused = "too many redirects";
+		else if (cc == CURLE_URL_MALFORMAT)
+			b->refused = "not a URL this gateway can fetch";
+		if (b->refused)
+			return cw_fail(e, CW_EINVAL, "cannot fetch %.200s: %s", url, b->refused);
 		return cw_fail(e, CW_EUNAVAIL, "cannot fetch %.200s: %s", url,
 			       b->too_big ? "larger than this gateway carries" : curl_easy_strerror(cc));
 	}

@@ -18,6 +18,7 @@ struct media_blob {
 	unsigned char *p;
 	size_t n, max;
 	bool too_big;           /* the far side sent more than max */
+	const char *refused;    /* media_fetch_peer: why it refused the URL for good, or NULL */
 	char content_type[128]; /* as answered, when it is a plain type/subtype */
 	const atomic_bool *cancel; /* optional: the transfer ends when it turns true */
 };
@@ -67,8 +68,11 @@ bool media_host_in_domain(const char *url, const char *domain);
  * pass: the setting is read here, not by each caller, so that no fetch a
  * peer chose can miss it); timeout_ms covers every hop.  CW_OK with
  * *status the far side's status (the body is in b, whatever the status);
- * CW_EUNAVAIL when no answer came (e says why; b->too_big when the cap
- * cut it off). */
+ * CW_EINVAL when the fetch was refused for a fact of the URL, which no
+ * retry changes (b->refused says which, since the twenty-sixth session):
+ * every address of its host not public, a hop not over https, too many
+ * redirects, a URL libcurl cannot read; CW_EUNAVAIL when no answer came
+ * (e says why; b->too_big when the cap cut it off). */
 cw_err media_fetch_peer(const struct cw_app *app, const char *url, const char *signer_domain, long timeout_ms,
 			struct media_blob *b, long *status, cw_errmsg *e);
 

@@ -381,6 +381,13 @@ enum mx_rehost mx_rehost(struct matrix *m, PGconn *c, const char *ghost, const c
 	if (b.too_big) {
 		snprintf(why, wlen, capped ? "larger than its declared size" : "larger than this gateway carries");
 		res = MX_REHOST_NOTICE;
+	} else if (b.refused) {
+		/* Refused for a fact of its URL (an address that is not public,
+		 * not https, ...): no retry changes that, the message goes with a
+		 * notice (since the twenty-sixth session; before, the row was
+		 * tried again until its budget was spent, then dead). */
+		snprintf(why, wlen, "%s", b.refused);
+		res = MX_REHOST_NOTICE;
 	} else if (frc) {
 		; /* e says why: the row goes again */
 	} else if (status == 408 || status == 429 || status >= 500) {

@@ -272,6 +272,72 @@ def test_a_file_that_cannot_be_carried_becomes_a_notice_and_a_failing_store_is_r
     assert m["content"]["msgtype"] == "m.image" and hs.media(m["content"]["url"])["data"] == small
 
 
+def test_a_file_whose_fetch_is_refused_for_good_is_a_notice_at_once(make_daemon, db_url, hs, media, pg):
+    """A file this gateway refuses to fetch for a fact of its URL, which no
+    retry changes (here: its host's addresses are not public, and
+    server.media_private_addresses is off, as it is by default), becomes a
+    line of the text at once, as a file the store says is gone does
+    ("[image: cat.png] (not carried: ...)", never silence); the store is
+    never asked, the row is delivered on its first counted attempt, and the
+    room's next message follows it. Until the twenty-sixth session the
+    refusal failed as a store that is away does: retried until the row's
+    budget was spent, then dead, the message never shown."""
+    port = free_port()
+    hs.registration["url"] = f"http://127.0.0.1:{port}"
+    d = make_daemon(db_url, options={"server": {"port": str(port), "ca_file": media.cert_file,
+                                                "media_max_bytes": str(MAX)},
+                                     "matrix": {"homeserver_url": hs.url, "as_token": AS_TOKEN,
+                                                "hs_token": HS_TOKEN},
+                                     "dispatcher": {"retry_budget": "3", "retry_base_ms": "20",
+                                                    "retry_max_ms": "50"}}).start()
+    a, srv = add_peer(d, "gk", "wa.localhost")
+    try:
+        consent_alice(d, subject="mimi://wa.localhost/u/wally")
+        hs.create_user("alice")
+        room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+        cat = os.urandom(2000)
+        url = media.put("/f/private.png", "image/png", cat)
+        mid = send_file(a, room, "look", attachment(url, cat), "private")
+        assert a.send(room, a.user("wally"), "after it").status_code == 202
+        ms = ghost_messages(hs, 2)
+        c = ms[0]["content"]
+        assert c["msgtype"] == "m.text" and "url" not in c, c
+        assert "[image: cat.png]" in c["body"] and "(not carried: its address is not public)" in c["body"], c
+        assert ms[1]["content"]["body"] == "after it"
+        assert media.requests == []
+        assert pg.psql("SELECT o.state || ' ' || o.attempts FROM outbox o JOIN events e ON e.id = o.event_id "
+                       f"WHERE e.public_id = '{mid}' AND o.destination = 'matrix'", db_url) == "delivered 1"
+    finally:
+        srv.close()
+
+
+def test_a_file_behind_a_redirect_it_may_not_follow_is_a_notice(mx, hs, gk, media, pg, db_url):
+    """The other refusals of a fetch for a fact of its URL: a redirect to
+    plain http (a peer's file comes over https only) and a chain of
+    redirects longer than 3 are lines of the text, not failures retried
+    until the row is dead (until the twenty-sixth session they were)."""
+    a, _ = gk
+    consent_alice(mx)
+    hs.create_user("alice")
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    cat = os.urandom(2000)
+    media.redirect["/f/plain.png"] = "http://127.0.0.1:9/f/plain.png"
+    media.redirect["/f/loop.png"] = media.url + "/f/loop.png"
+    cases = [("plain.png", "not over https"), ("loop.png", "too many redirects")]
+    ids = [send_file(a, room, f"file {name}", attachment(media.url + "/f/" + name, cat, name=name), name)
+           for name, _ in cases]
+    ms = ghost_messages(hs, len(cases))
+    for m, (name, why) in zip(ms, cases):
+        c = m["content"]
+        assert c["msgtype"] == "m.text" and "url" not in c, c
+        assert f"[image: {name}]" in c["body"] and f"(not carried: {why})" in c["body"], c["body"]
+    for mid in ids:
+        assert pg.psql("SELECT o.state || ' ' || o.attempts FROM outbox o JOIN events e ON e.id = o.event_id "
+                       f"WHERE e.public_id = '{mid}' AND o.destination = 'matrix'", db_url) == "delivered 1"
+    # the loop was followed 3 times after its first answer, once
+    assert [p for p, _ in media.requests].count("/f/loop.png") == 4
+
+
 def test_a_file_longer_than_declared_is_not_carried(mx, hs, gk, media):
     """A rule's max_attachment_bytes judges the sizes attachments declare;
     the file is fetched at most up to its declared size, and a longer one
