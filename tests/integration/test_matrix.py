@@ -21,6 +21,7 @@ from harness import CAUSEWAYD, HeldSession, free_port, wait_until
 from homeserver import Homeserver
 from peer import MediaServer, NotifyServer, PeerClient
 from pgproxy import PgProxy
+from test_peer_api import HeldSession
 from test_retention import dangling, written_while_deleted
 
 AS_TOKEN = "as-" + "a" * 40
@@ -3015,25 +3016,17 @@ def test_a_local_user_leaving_a_groups_room_waits_for_the_rooms_lock(mx, hs, gk,
                f"AND objid = {key} AND objsubid = 2 AND NOT granted")
     leave = json.dumps({"type": "m.room.member", "event_id": "$alice-leaves-by-hand", "room_id": mine,
                         "sender": ALICE_MX, "state_key": ALICE_MX, "content": {"membership": "leave"}})
-    locker = subprocess.Popen(["psql", db_url, "-v", "ON_ERROR_STOP=1", "-qAt"], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    held = HeldSession(db_url)
     try:
-        locker.stdin.write(f"BEGIN;\nSELECT pg_advisory_xact_lock(1129796434, {key}), 'locked';\n")
-        locker.stdin.flush()
-        assert locker.stdout.readline().strip() == "|locked"
+        held.run(f"BEGIN; SELECT pg_advisory_xact_lock(1129796434, {key});")
         pg.psql("INSERT INTO matrix_bot_inbox (event_id, event) VALUES ('$alice-leaves-by-hand', "
                 f"'{leave}'::jsonb); NOTIFY causeway_matrix_bot", db_url)
         wait_until(lambda: pg.psql(waiting, db_url) == "1" or pg.psql(membership, db_url) == "left",
                    what="the bot's leave waiting for the room's lock (or done without it)")
         assert pg.psql(membership, db_url) == before
         assert pg.psql(waiting, db_url) == "1"
-        locker.stdin.write("COMMIT;\n")
-        locker.stdin.close()
-        assert locker.wait(30) == 0, locker.stderr.read()
     finally:
-        if locker.poll() is None:
-            locker.kill()
-            locker.wait()
+        held.end()  # commits
     wait_until(lambda: pg.psql(membership, db_url) == "left", what="alice's membership left")
     wait_until(lambda: hs.members(mine).get(bot) == "leave" and hs.members(mine).get(wally) == "leave",
                what="the bot and the ghost leaving alice's room")
