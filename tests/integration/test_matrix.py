@@ -21,7 +21,6 @@ from harness import CAUSEWAYD, HeldSession, free_port, wait_until
 from homeserver import Homeserver
 from peer import MediaServer, NotifyServer, PeerClient
 from pgproxy import PgProxy
-from test_peer_api import HeldSession
 from test_retention import dangling, written_while_deleted
 
 AS_TOKEN = "as-" + "a" * 40
