@@ -883,7 +883,12 @@ static bool outbound_limits_of(const struct policy_request *r, const struct ppar
 			       const struct rule *const lim[NLIMITS], struct policy_decision *d)
 {
 	const struct rule *rule;
-	if (r->action != POLICY_ACT_EVENT || is(r->event_type, "typing") || is(r->event_type, "receipt"))
+	/* What adds nothing to the remote side's view counts for no limit:
+	 * typing and receipts (a client sends them by itself), joins and
+	 * leaves (a refused leave would keep her a member: a review's find),
+	 * deletes and blocks (they take back, never add). */
+	if (r->action != POLICY_ACT_EVENT || is(r->event_type, "typing") || is(r->event_type, "receipt") ||
+	    is(r->event_type, "membership") || is(r->event_type, "delete") || is(r->event_type, "block"))
 		return false;
 	if ((rule = lim[lim_index(POLICY_LIM_OUT_MSG_MINUTE_USER)]) &&
 	    limited(d, take(r, "omp", rule, &snd->uri, rule->lim.outbound_messages_per_minute_per_user, 60000),
@@ -1085,7 +1090,7 @@ void policy_decide(const struct policy_snapshot *ov, const struct policy_request
 	 * to hide from the local sender, who is told her own block's
 	 * reason anyway) and before the sizes, as inbound. */
 	if (dir == POLICY_OUTBOUND && nremote == 1 && r->rate && r->rate->take &&
-	    outbound_limits(r, &snd, cu == 1 || cd == 1, &ev[0], d))
+	    outbound_limits(r, &snd, cu == 1 || cd == 1 || r->started_in_request, &ev[0], d))
 		return;
 
 	/* 3b. Size and content kinds. */

@@ -2040,6 +2040,25 @@ static bool may_ask(struct submit *b, size_t i, PGresult *r, const struct policy
 
 /* Round 0's answer for item i (row first of r; the members of its room are
  * rows mfirst .. mfirst+nmembers-1): the refusals, or the recipients. */
+/* Another item of this job, decided before item i, is sender's first
+ * message to uri (its consent fact is written with the job, after the
+ * policy's snapshot was taken): item i starts no conversation with uri.
+ * Until the twenty-sixth session's review, a Matrix transaction carrying
+ * two lines to someone new counted two new conversations. */
+static bool job_started(const struct submit *b, size_t i, const char *sender, const char *uri)
+{
+	for (size_t j = 0; j < b->n; j++) {
+		if (j == i || !json_array_size(b->outbound[j]) || !b->items[j] || strcmp(b->items[j]->sender, sender) != 0)
+			continue;
+		size_t x;
+		json_t *u;
+		json_array_foreach(b->outbound[j], x, u)
+			if (strcmp(json_string_value(u), uri) == 0)
+				return true;
+	}
+	return false;
+}
+
 static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, int mfirst, int nmembers)
 {
 	struct msg_input *in = b->items[i];
@@ -2171,6 +2190,7 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 			.recipient_wrote_here = local && group && PQgetvalue(r, k, 17)[0] && sender_since >= 0 &&
 						sender_since <= atoll(PQgetvalue(r, k, 17)),
 			.group = group, /* outbound: a group's message starts no conversation */
+			.started_in_request = in->local_sender && !group && job_started(b, i, in->sender, PQgetvalue(r, k, 3)),
 		};
 		struct policy_decision d;
 		policy_decide(view->snap, &preq, &d);

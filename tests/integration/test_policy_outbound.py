@@ -122,3 +122,39 @@ def test_new_conversations_past_her_outbound_limit_are_refused_and_told(xd, gk, 
             break
         assert time.time() < deadline, "her consent to wally never came into force"
     assert srv.events[1]["content"]["parts"][0]["body"] == "again"
+
+
+def test_a_leave_is_never_refused_by_the_outbound_limit(xd, gk, alice, prosody, pg, db_url):
+    """A join or leave adds nothing to what the remote side sees: no limit
+    counts it (a review found a leave refused 429 once the bucket was
+    empty, the user kept a member of the group for good)."""
+    from test_xmpp import MUC, MUC_USER, consent_alice, q
+    a, srv = gk
+    consent_alice(xd)
+    gid = a.create_room([a.user("wally"), ALICE], kind="group").json()["id"]
+    assert a.send(gid, a.user("wally"), "hello").status_code == 202
+    room = alice.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None).get("from")
+    start = alice.count()
+    alice.send_presence(to=f"{room}/alice", payload=f"<x xmlns='{MUC}'/>")
+    alice.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+    r = xd.admin("POST", "/rules", json={"scope": "network", "pattern": "peer:gk",
+                                        "limits": {"outbound_messages_per_minute_per_user": 1}})
+    assert r.status_code == 201, r.text
+    # Her bucket is empty: a message is refused (the rule is in force).
+    def refused():
+        sid = alice.send_message(room, "one more", mtype="groupchat")
+        el = alice.wait_for_message(lambda m: m.get("id") == sid and m.get("type") in ("error", "groupchat"))
+        return el.get("type") == "error"
+    wait_until(refused, timeout=15, what="a message refused by the limit")
+    # Her leave goes through all the same, and the peer is told.
+    admin = "http://jabber.org/protocol/muc#admin"
+    res = alice.iq("set", room, f"<query xmlns='{admin}'><item affiliation='none' nick='alice'/></query>")
+    assert res.get("type") == "result", res.xml
+    wait_until(lambda: pg.psql("SELECT m.membership FROM room_members m JOIN rooms r ON r.id = m.room_id "
+                               "JOIN identities i ON i.id = m.identity_id WHERE r.public_id = "
+                               f"'{gid}' AND i.uri = '{ALICE}'", db_url) == "left", what="her membership left")
+    wait_until(lambda: any(e.get("type") == "membership" and e["room_id"] == gid and e["sender"] == ALICE
+                           and e["content"].get("membership") == "leave" for e in list(srv.events)),
+               what="the peer told of her leave")
+    assert "membership" not in (pg.psql("SELECT string_agg(details->>'type', ',') FROM audit_log "
+                                        "WHERE action = 'policy.limit'", db_url) or "")

@@ -405,6 +405,8 @@ static bool run_case(const struct policy_snapshot *s, const struct env *env, con
 			others_to = atoi(t[k] + 10);
 		else if (!strcmp(t[k], "group"))
 			r.group = true;
+		else if (!strcmp(t[k], "started"))
+			r.started_in_request = true;
 		else if (!strcmp(t[k], "norate"))
 			rate_on = false;
 		else if (!strcmp(t[k], "wrote"))
