@@ -76,6 +76,7 @@ static __thread XML_Parser watched;  /* this thread's stream's parser */
 static __thread bool watch_next;     /* the next parser made is the stream's */
 static __thread const char *refused; /* what stopped the watched parser, until read */
 static __thread bool broken;         /* that was not well-formed XML (expat's own error) */
+static __thread bool halted;         /* the watched parser stopped: what comes after is not read */
 
 static void refuse(const char *what)
 {
@@ -84,6 +85,7 @@ static void refuse(const char *what)
 	if (cur == watched) {
 		if (!refused)
 			refused = what;
+		halted = true;
 		XML_StopParser(cur, XML_TRUE);
 	} else {
 		XML_StopParser(cur, XML_FALSE);
@@ -127,7 +129,7 @@ static XML_Parser made(XML_Parser p)
 		watched = p;
 		watch_next = false;
 		refused = NULL;
-		broken = false;
+		broken = halted = false;
 	}
 	return guard(p);
 }
@@ -139,7 +141,7 @@ static enum XML_Status parsed(XML_Parser p, enum XML_Status st)
 {
 	if (st == XML_STATUS_ERROR && p == watched && !refused) {
 		refused = XML_ErrorString(XML_GetErrorCode(p));
-		broken = true;
+		broken = halted = true;
 	}
 	return st;
 }
@@ -168,22 +170,34 @@ XML_Bool XML_ParserReset(XML_Parser p, const XML_Char *encoding)
 {
 	pthread_once(&real_once, find_real);
 	XML_Bool ok = real.reset(p, encoding);
-	if (ok)
+	if (ok) {
+		if (p == watched)
+			halted = false;
 		guard(p);
+	}
 	return ok;
 }
 
 void XML_ParserFree(XML_Parser p)
 {
 	pthread_once(&real_once, find_real);
-	if (p && p == watched)
+	if (p && p == watched) {
 		watched = NULL;
+		refused = NULL;
+		broken = halted = false;
+	}
 	real.free(p);
 }
 
+/* What the server sends after the watched parser stopped (its closing
+ * </stream:stream>, while refuse_stream waits for it to close) is taken
+ * unread: fed to the stopped parser it would fail, and libstrophe would
+ * write invalid-xml after the stream's end (a review's find). */
 enum XML_Status XML_Parse(XML_Parser p, const char *s, int len, int final)
 {
 	pthread_once(&real_once, find_real);
+	if (p && p == watched && halted)
+		return XML_STATUS_OK;
 	XML_Parser outer = cur; /* a stanza handler may parse a string of its own */
 	cur = p;
 	enum XML_Status st = real.parse(p, s, len, final);
@@ -194,6 +208,8 @@ enum XML_Status XML_Parse(XML_Parser p, const char *s, int len, int final)
 enum XML_Status XML_ParseBuffer(XML_Parser p, int len, int final)
 {
 	pthread_once(&real_once, find_real);
+	if (p && p == watched && halted)
+		return XML_STATUS_OK;
 	XML_Parser outer = cur;
 	cur = p;
 	enum XML_Status st = real.parse_buffer(p, len, final);

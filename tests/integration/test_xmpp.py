@@ -2661,6 +2661,30 @@ def test_markup_xmpp_forbids_closes_the_stream(make_daemon, db_url, pg):
         srv.close()
 
 
+def test_nothing_follows_the_close_of_a_stream_refused_for_its_markup(make_daemon, db_url):
+    """After the component's restricted-xml and </stream:stream>, what the
+    server still sends (its own </stream:stream>) is taken unread: fed to
+    the stopped parser it failed, and libstrophe wrote an invalid-xml
+    stream error after the stream's end (RFC 6120 §4.4: nothing may
+    follow it; a review's find of the twenty-sixth session)."""
+    srv = HostileServer(SECRET)
+    try:
+        d = make_daemon(db_url, options={"server": {"domain": "example.org"}, "xmpp": {
+            "components": f"{COMP}=gk", "server_port": str(srv.port), "secret": SECRET, "domain": HOST}}).start()
+        srv.accept()
+        wait_until(lambda: component_state(d)["state"] == "up", what="the component's stream")
+        f = f"from='{ALICE_JID}/phone' to='{COMP}'"
+        srv.send(f"<iq type='get' id='x1' {f}><ping xmlns='urn:xmpp:ping'/><!-- hidden --></iq>")
+        first = srv._until(b"</stream:stream>")
+        assert b"restricted-xml" in first, first
+        srv.send("</stream:stream>")
+        rest = srv.until_closed()
+        assert b"<stream:error>" not in rest and b"invalid-xml" not in rest, rest
+        assert component_state(d)["last_error"] == "the server's stream held a comment (restricted-xml)"
+    finally:
+        srv.close()
+
+
 def test_a_stream_that_is_not_well_formed_is_closed(make_daemon, db_url):
     """libstrophe answers XML that is not well-formed with invalid-xml but
     keeps the stream, every later read failing: until the twenty-sixth
