@@ -1592,7 +1592,7 @@ struct submit *submit_new(size_t n)
 	"FROM it JOIN gr ON gr.pid IN (it.rpid, it.xpid)"
 #define GROUP_REFS_ONCE \
 	"gn AS (SELECT DISTINCT ON (gr.pid) gr.pid, gr.ref FROM gr " \
-	"  ORDER BY gr.pid, gr.ref <> 'sender', gr.ref NOT LIKE 'sender:%'), "
+	"  ORDER BY gr.pid, gr.ref <> 'sender', gr.ref NOT LIKE 'sender:%', gr.ref), "
 #define GROUP_WRITE_EVENTS_REFS \
 	WRITE_EVENTS_REFS_OF(GROUP_IT_COLUMNS, GROUP_JM, \
 			     GROUP_REFS_LOCKED_AS("gr", GROUP_REFS_GONE_MORE) GROUP_REFS_ONCE, GROUP_OB_WHERE)

@@ -1196,6 +1196,21 @@ void xa_start(struct xmpp *x)
 {
 	if (!x)
 		return;
+	/* The restricted-XML guard (xmpp_xml.c) stands in front of expat's
+	 * functions: a libstrophe built on another parser (libxml2) does not
+	 * pass through it, and would take what the guard refuses.  Said at
+	 * start rather than never. */
+	if (x->ncomp) {
+		xmpp_ctx_t *c = xmpp_ctx_new(NULL, &strophe_logger);
+		xmpp_stanza_t *probe = c ? xmpp_stanza_new_from_string(c, "<m><!--x--></m>") : NULL;
+		if (probe) {
+			LOG_KV(CW_LOG_WARN, "xmpp: libstrophe does not parse with expat: markup XMPP forbids "
+					    "(a DOCTYPE and its entities, comments) is not refused (docs/xmpp.md)");
+			xmpp_stanza_release(probe);
+		}
+		if (c)
+			xmpp_ctx_free(c);
+	}
 	sigset_t all, old;
 	sigfillset(&all);
 	pthread_sigmask(SIG_BLOCK, &all, &old);
