@@ -2292,10 +2292,13 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 		json_decref(audit);
 		/* A local user (Matrix, XMPP) is told which of her limits, in
 		 * the words her adapter shows her ("Not delivered: ..."). */
-		if (in->local_sender && policy_reason_text(limited.reason))
-			item_fail(res, 429, "rate_limited", "%s; write again in %lld s", policy_reason_text(limited.reason),
-				  (long long)((limited.retry_after_ms + 999) / 1000));
-		else
+		if (in->local_sender && policy_reason_text(limited.reason)) {
+			/* seconds up to two minutes, then minutes (an hour's
+			 * limit: "60 min", not "3600 s") */
+			long long s = (limited.retry_after_ms + 999) / 1000;
+			item_fail(res, 429, "rate_limited", "%s; write again in %lld %s", policy_reason_text(limited.reason),
+				  s <= 120 ? s : (s + 59) / 60, s <= 120 ? "s" : "min");
+		} else
 			item_fail(res, 429, "rate_limited", "too many messages from this sender or domain; retry later");
 		res->retry_after_ms = limited.retry_after_ms;
 		return;

@@ -101,6 +101,7 @@ def test_new_conversations_past_her_outbound_limit_are_refused_and_told(xd, gk, 
     assert text is not None and text.startswith(
         "Not delivered: you started more new conversations than this server allows in an hour; write again in "), \
         text
+    assert 55 <= int(text.rsplit("in ", 1)[1].split(" min.")[0]) <= 60, text  # minutes, not 3600 s
     # Nothing of the refused first stanza stays: no identity, no room for wanda.
     assert pg.psql("SELECT count(*) FROM identities WHERE uri = 'mimi://wa.example/u/wanda'", db_url) == "0"
     assert xmpp_events(pg, db_url) == "1"
