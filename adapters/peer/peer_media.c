@@ -264,6 +264,18 @@ static void fetched(struct media_job *j)
 		cw_req_problem(req, 413, "too_large", "Content too large",
 			       j->capped ? "the file is larger than its declared size"
 					 : "the file is larger than this gateway carries (server.media_max_bytes)");
+	} else if (j->rc == CW_EINVAL && j->b.refused) {
+		/* Refused for a fact of the source's URL (media_fetch_peer: its
+		 * host's addresses not public, a redirect off https, too many
+		 * redirects): no later try changes it, so not 503 "try again"
+		 * (until the twenty-sixth session it was, and a client followed
+		 * the link again for ever) but 403 with why, which a client does
+		 * not repeat (RFC 9110 15.5.4); not 502, which invites retries. */
+		char why[160];
+		snprintf(why, sizeof(why), "this gateway does not fetch this file: %s", j->b.refused);
+		LOG_KV(CW_LOG_WARN, "a file for a link is refused for good", "request_id", cw_req_id(req), "detail",
+		       j->err.msg);
+		cw_req_problem(req, 403, "media_refused", "Forbidden", why);
 	} else if (j->status == 404 || j->status == 410 || (j->public && j->status >= 400 && j->status < 500 &&
 							       j->status != 408 && j->status != 429)) {
 		cw_req_problem(req, 404, "unknown_media", "Not found", "no such file (it may have been deleted)");

@@ -2808,7 +2808,9 @@ def test_a_peers_file_on_a_private_address_is_not_fetched(make_daemon, db_url, p
     re-hosted file or a vCard photo): a file on loopback, as the cloud's
     metadata service or the daemon's own admin API are, is refused at the
     connection, unless server.media_private_addresses says otherwise (the
-    other media tests, whose store is on loopback)."""
+    other media tests, whose store is on loopback).  No retry changes that
+    (since the twenty-sixth session): the link is answered 403
+    media_refused with why, not 503 "try again later"."""
     media = MediaServer(tmp_path)
     d, a, srv = start_with_gk(make_daemon, db_url, prosody, server={"ca_file": media.cert_file})
     try:
@@ -2819,7 +2821,10 @@ def test_a_peers_file_on_a_private_address_is_not_fetched(make_daemon, db_url, p
         assert "127.0.0.1" in url or "localhost" in url, url
         m, link = photo_link(a, alice, room, url, data)
         got = requests.get(link, timeout=10)
-        assert got.status_code == 503 and got.content != data, (got.status_code, got.text[:200])
+        assert got.status_code == 403 and got.content != data, (got.status_code, got.text[:200])
+        p = got.json()
+        assert p["code"] == "media_refused" and "its address is not public" in p["detail"], p
+        assert "Retry-After" not in got.headers and got.headers["Content-Type"] == "application/problem+json"
         assert media.requests == []  # never connected to
         # The same from a profile's avatar: no photo in the vCard.
         assert a.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": "Wally", "avatar": {

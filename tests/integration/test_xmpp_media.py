@@ -200,3 +200,36 @@ def test_an_avatar_fetch_counts_against_the_held_budget(make_daemon, db_url, pro
     finally:
         srv.close()
         media.close()
+
+
+def test_a_link_whose_fetch_is_refused_for_good_is_403_not_try_again(make_daemon, db_url, prosody, alice,
+                                                                     tmp_path):
+    """A link whose file this gateway refuses to fetch for a fact of its URL
+    (a redirect to plain http, more than 3 redirects), which no retry
+    changes, is answered 403 media_refused with why, without Retry-After;
+    until the twenty-sixth session it was 503 "try again later", and a
+    client tried again for ever.  A store that is away is still 503 with
+    Retry-After: that may mend."""
+    media, d, a, srv, key, room = start(make_daemon, db_url, prosody, tmp_path)
+    try:
+        data = os.urandom(600)
+        media.redirect["/f/plain.jpg"] = "http://127.0.0.1:9/f/plain.jpg"
+        media.redirect["/f/loop.jpg"] = f"https://media.wa.localhost:{media.port}/f/loop.jpg"
+        for name, why in (("plain.jpg", "not over https"), ("loop.jpg", "too many redirects")):
+            _, link = photo_link(a, alice, room, f"https://media.wa.localhost:{media.port}/f/{name}", data)
+            r = requests.get(link, timeout=10)
+            assert r.status_code == 403 and "Retry-After" not in r.headers, (name, r.status_code, r.text[:200])
+            p = r.json()
+            assert p["code"] == "media_refused" and p["title"] == "Forbidden" and why in p["detail"], p
+        assert [p for p, _ in media.requests].count("/f/loop.jpg") == 4  # the first answer and 3 redirects
+        # Away (the store answers 503): try again later, as before.
+        url = media.put("/f/away.jpg", "image/jpeg", data, host="media.wa.localhost")
+        media.status["/f/away.jpg"] = 503
+        _, link = photo_link(a, alice, room, url, data)
+        r = requests.get(link, timeout=10)
+        assert r.status_code == 503 and r.json()["code"] == "unavailable", r.text[:200]
+        assert int(r.headers["Retry-After"]) >= 1
+    finally:
+        srv.close()
+        media.close()
+
