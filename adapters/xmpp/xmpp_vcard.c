@@ -145,7 +145,18 @@ static json_t *photo_of(struct vjob *j, const char *avatar_text)
 				     &status, &e);
 	char got[65];
 	json_t *photo = NULL;
-	if (rc || status != 200 || b.too_big || (media_sha256_hex(&b, got), want && strcmp(got, want) != 0)) {
+	if (rc == CW_EINVAL && b.refused) {
+		/* Refused for a fact of its URL (its host's addresses not public,
+		 * a redirect off https, too many redirects): given up, as no
+		 * avatar, kept so for this URL (logged once: later asks find it
+		 * in the cache; a new URL is fetched anew).  Until the
+		 * twenty-sixth session it was as away, fetched again at every
+		 * ask, and a PEP ask was answered "wait". */
+		LOG_KV(CW_LOG_INFO, "xmpp: an avatar is refused for good, shown as none", "component", j->xc->domain,
+		       "detail", e.msg);
+		photo = json_pack("{s:s}", "url", url);
+	} else if (rc || status != 200 || b.too_big ||
+		   (media_sha256_hex(&b, got), want && strcmp(got, want) != 0)) {
 		LOG_KV(CW_LOG_INFO, "xmpp: an avatar could not be had", "component", j->xc->domain, "detail",
 		       b.too_big ? "larger than a vCard carries" : rc ? e.msg : status != 200 ? "not 200" : "checksum");
 		/* Too large, or not this file: as none (and kept so); away: later.

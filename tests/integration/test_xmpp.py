@@ -2810,7 +2810,8 @@ def test_a_peers_file_on_a_private_address_is_not_fetched(make_daemon, db_url, p
     connection, unless server.media_private_addresses says otherwise (the
     other media tests, whose store is on loopback).  No retry changes that
     (since the twenty-sixth session): the link is answered 403
-    media_refused with why, not 503 "try again later"."""
+    media_refused with why, not 503 "try again later", and the avatar is
+    taken as none, logged once, not fetched again at every ask."""
     media = MediaServer(tmp_path)
     d, a, srv = start_with_gk(make_daemon, db_url, prosody, server={"ca_file": media.cert_file})
     try:
@@ -2826,11 +2827,19 @@ def test_a_peers_file_on_a_private_address_is_not_fetched(make_daemon, db_url, p
         assert p["code"] == "media_refused" and "its address is not public" in p["detail"], p
         assert "Retry-After" not in got.headers and got.headers["Content-Type"] == "application/problem+json"
         assert media.requests == []  # never connected to
-        # The same from a profile's avatar: no photo in the vCard.
+        # The same from a profile's avatar: no photo in the vCard, and
+        # none in PEP (an empty metadata, not "wait"), given up once.
         assert a.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": "Wally", "avatar": {
             "content_type": "image/jpeg", "url": url, "size": len(data)}}).status_code == 200
-        v = alice.iq("get", WALLY_JID, "<vCard xmlns='vcard-temp'/>").find("{vcard-temp}vCard")
-        assert v.find("{vcard-temp}PHOTO") is None and media.requests == []
+        ps = "http://jabber.org/protocol/pubsub"
+        for _ in range(2):
+            v = alice.iq("get", WALLY_JID, "<vCard xmlns='vcard-temp'/>").find("{vcard-temp}vCard")
+            assert v.find("{vcard-temp}PHOTO") is None and media.requests == []
+            meta = alice.iq("get", WALLY_JID, f"<pubsub xmlns='{ps}'><items node='urn:xmpp:avatar:metadata'/></pubsub>")
+            md = meta.find(f".//{{{ps}}}item/{{urn:xmpp:avatar:metadata}}metadata")
+            assert md is not None and md.find("{urn:xmpp:avatar:metadata}info") is None, meta.xml
+        gave_up = [r for r in d.records if r.get("msg", "").startswith("xmpp: an avatar")]
+        assert len(gave_up) == 1 and "its address is not public" in gave_up[0].get("detail", ""), gave_up
     finally:
         srv.close()
         media.close()

@@ -233,3 +233,42 @@ def test_a_link_whose_fetch_is_refused_for_good_is_403_not_try_again(make_daemon
         srv.close()
         media.close()
 
+
+def test_an_avatar_whose_fetch_is_refused_for_good_is_none_not_fetched_again(make_daemon, db_url, prosody, alice,
+                                                                             tmp_path):
+    """A remote user's avatar whose fetch is refused for a fact of its URL
+    (here a redirect to plain http) is given up: the vCard has no photo,
+    PEP says no avatar (an empty metadata, not "wait"), the reason is
+    logged once, and asking again does not fetch it again (until the
+    twenty-sixth session every ask fetched it anew).  A new avatar URL is
+    fetched as usual."""
+    media, d, a, srv, key, _ = start(make_daemon, db_url, prosody, tmp_path)
+    try:
+        host = f"https://media.wa.localhost:{media.port}"
+        media.redirect["/u/plain.png"] = "http://127.0.0.1:9/u/plain.png"
+        assert a.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": "Wally", "avatar": {
+            "content_type": "image/png", "url": host + "/u/plain.png", "size": 100}}).status_code == 200
+        ps = "http://jabber.org/protocol/pubsub"
+        for _ in range(3):
+            v = alice.iq("get", WALLY_JID, "<vCard xmlns='vcard-temp'/>").find("{vcard-temp}vCard")
+            assert v.find("{vcard-temp}PHOTO") is None
+            meta = alice.iq("get", WALLY_JID, f"<pubsub xmlns='{ps}'><items node='urn:xmpp:avatar:metadata'/></pubsub>")
+            md = meta.find(f".//{{{ps}}}item/{{urn:xmpp:avatar:metadata}}metadata")
+            assert md is not None and md.find("{urn:xmpp:avatar:metadata}info") is None, meta.xml
+        assert [p for p, _ in media.requests] == ["/u/plain.png"]
+        gave_up = [r for r in d.records if r.get("msg", "").startswith("xmpp: an avatar")]
+        assert len(gave_up) == 1 and "not over https" in gave_up[0].get("detail", ""), gave_up
+        # Another avatar: fetched.
+        face = b"\x89PNG\r\n\x1a\n" + os.urandom(900)
+        url = media.put("/u/wally.png", "image/png", face, host="media.wa.localhost")
+        assert a.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": "Wally", "avatar": {
+            "content_type": "image/png", "url": url, "size": len(face)}}).status_code == 200
+
+        def photo():
+            v = alice.iq("get", WALLY_JID, "<vCard xmlns='vcard-temp'/>").find("{vcard-temp}vCard")
+            binval = v.find("{vcard-temp}PHOTO/{vcard-temp}BINVAL")
+            return binval is not None and base64.b64decode(binval.text) == face
+        wait_until(photo, timeout=20, what="the new avatar in the vCard")
+    finally:
+        srv.close()
+        media.close()
