@@ -2787,6 +2787,34 @@ def photo_link(a, alice, room, url, data):
     return m, m.find("{jabber:x:oob}x").find("{jabber:x:oob}url").text
 
 
+def give_avatar(a, url, data, content_type="image/png"):
+    """gk says wally's avatar is the file at url (data)."""
+    assert a.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": "Wally", "avatar": {
+        "content_type": content_type, "url": url, "size": len(data)}}).status_code == 200
+
+
+def vcard_photo(alice):
+    """The bytes of the PHOTO of wally's vCard as alice gets it, or None."""
+    v = alice.iq("get", WALLY_JID, "<vCard xmlns='vcard-temp'/>").find("{vcard-temp}vCard")
+    binval = v.find("{vcard-temp}PHOTO/{vcard-temp}BINVAL")
+    return None if binval is None else base64.b64decode(binval.text)
+
+
+def assert_no_avatar(alice):
+    """wally has no avatar for alice: no PHOTO in the vCard, an empty
+    XEP-0084 metadata item in PEP (not an error)."""
+    assert vcard_photo(alice) is None
+    ps = "http://jabber.org/protocol/pubsub"
+    meta = alice.iq("get", WALLY_JID, f"<pubsub xmlns='{ps}'><items node='urn:xmpp:avatar:metadata'/></pubsub>")
+    md = meta.find(f".//{{{ps}}}item/{{urn:xmpp:avatar:metadata}}metadata")
+    assert md is not None and md.find("{urn:xmpp:avatar:metadata}info") is None, meta.xml
+
+
+def avatar_logs(d):
+    """The daemon's log records of avatars it could not have."""
+    return [r for r in d.records if r.get("msg", "").startswith("xmpp: an avatar")]
+
+
 def slow_reader(link):
     """A reader of link that never reads, so that its file stays held: its socket."""
     u = urllib.parse.urlsplit(link)
@@ -2829,17 +2857,12 @@ def test_a_peers_file_on_a_private_address_is_not_fetched(make_daemon, db_url, p
         assert media.requests == []  # never connected to
         # The same from a profile's avatar: no photo in the vCard, and
         # none in PEP (an empty metadata, not "wait"), given up once.
-        assert a.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": "Wally", "avatar": {
-            "content_type": "image/jpeg", "url": url, "size": len(data)}}).status_code == 200
-        ps = "http://jabber.org/protocol/pubsub"
+        give_avatar(a, url, data, "image/jpeg")
         for _ in range(2):
-            v = alice.iq("get", WALLY_JID, "<vCard xmlns='vcard-temp'/>").find("{vcard-temp}vCard")
-            assert v.find("{vcard-temp}PHOTO") is None and media.requests == []
-            meta = alice.iq("get", WALLY_JID, f"<pubsub xmlns='{ps}'><items node='urn:xmpp:avatar:metadata'/></pubsub>")
-            md = meta.find(f".//{{{ps}}}item/{{urn:xmpp:avatar:metadata}}metadata")
-            assert md is not None and md.find("{urn:xmpp:avatar:metadata}info") is None, meta.xml
-        gave_up = [r for r in d.records if r.get("msg", "").startswith("xmpp: an avatar")]
-        assert len(gave_up) == 1 and "its address is not public" in gave_up[0].get("detail", ""), gave_up
+            assert_no_avatar(alice)
+        assert media.requests == []
+        [gave_up] = avatar_logs(d)
+        assert "its address is not public" in gave_up.get("detail", ""), gave_up
     finally:
         srv.close()
         media.close()

@@ -16,8 +16,9 @@ import requests
 
 from harness import wait_until
 from peer import MediaServer, verify_get
-from test_xmpp import (ALICE, WALLY_JID, alice, consent_alice, held_bytes, link_mac, photo_link, prosody,  # noqa: F401
-                       slow_reader, start_with_gk)
+from test_xmpp import (ALICE, WALLY_JID, alice, assert_no_avatar, avatar_logs, consent_alice,  # noqa: F401
+                       give_avatar, held_bytes, link_mac, photo_link, prosody, slow_reader, start_with_gk,
+                       vcard_photo)
 
 DOMAIN = "wa.localhost"
 HOSTS = ("wa.localhost", "media.wa.localhost", "cdn.media.wa.localhost", "media.evil-wa.localhost",
@@ -183,19 +184,12 @@ def test_an_avatar_fetch_counts_against_the_held_budget(make_daemon, db_url, pro
         wait_until(lambda: held() == len(data), timeout=60, what="the slow reader's file held")
         # The avatar given now: nothing fetched it before the bytes were held.
         face = b"\x89PNG\r\n\x1a\n" + os.urandom(1500)
-        url = media.put("/u/wally.png", "image/png", face, host="media.wa.localhost")
-        assert a.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": "Wally", "avatar": {
-            "content_type": "image/png", "url": url, "size": len(face)}}).status_code == 200
-
-        def photo():
-            v = alice.iq("get", WALLY_JID, "<vCard xmlns='vcard-temp'/>").find("{vcard-temp}vCard")
-            return v.find("{vcard-temp}PHOTO/{vcard-temp}BINVAL")
-        assert photo() is None
+        give_avatar(a, media.put("/u/wally.png", "image/png", face, host="media.wa.localhost"), face)
+        assert vcard_photo(alice) is None
         assert [p for p, _ in media.requests] == ["/big.jpg"]  # the avatar not fetched
         slow.close()
         wait_until(lambda: held() == 0, what="the bytes given back")
-        wait_until(lambda: photo() is not None, what="the avatar once there is room")
-        assert base64.b64decode(photo().text) == face
+        wait_until(lambda: vcard_photo(alice) == face, what="the avatar once there is room")
         wait_until(lambda: held() == 0, what="the avatar's bytes given back")
     finally:
         srv.close()
@@ -246,29 +240,16 @@ def test_an_avatar_whose_fetch_is_refused_for_good_is_none_not_fetched_again(mak
     try:
         host = f"https://media.wa.localhost:{media.port}"
         media.redirect["/u/plain.png"] = "http://127.0.0.1:9/u/plain.png"
-        assert a.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": "Wally", "avatar": {
-            "content_type": "image/png", "url": host + "/u/plain.png", "size": 100}}).status_code == 200
-        ps = "http://jabber.org/protocol/pubsub"
+        give_avatar(a, host + "/u/plain.png", b"x" * 100)
         for _ in range(3):
-            v = alice.iq("get", WALLY_JID, "<vCard xmlns='vcard-temp'/>").find("{vcard-temp}vCard")
-            assert v.find("{vcard-temp}PHOTO") is None
-            meta = alice.iq("get", WALLY_JID, f"<pubsub xmlns='{ps}'><items node='urn:xmpp:avatar:metadata'/></pubsub>")
-            md = meta.find(f".//{{{ps}}}item/{{urn:xmpp:avatar:metadata}}metadata")
-            assert md is not None and md.find("{urn:xmpp:avatar:metadata}info") is None, meta.xml
+            assert_no_avatar(alice)
         assert [p for p, _ in media.requests] == ["/u/plain.png"]
-        gave_up = [r for r in d.records if r.get("msg", "").startswith("xmpp: an avatar")]
-        assert len(gave_up) == 1 and "not over https" in gave_up[0].get("detail", ""), gave_up
+        [gave_up] = avatar_logs(d)
+        assert "not over https" in gave_up.get("detail", ""), gave_up
         # Another avatar: fetched.
         face = b"\x89PNG\r\n\x1a\n" + os.urandom(900)
-        url = media.put("/u/wally.png", "image/png", face, host="media.wa.localhost")
-        assert a.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": "Wally", "avatar": {
-            "content_type": "image/png", "url": url, "size": len(face)}}).status_code == 200
-
-        def photo():
-            v = alice.iq("get", WALLY_JID, "<vCard xmlns='vcard-temp'/>").find("{vcard-temp}vCard")
-            binval = v.find("{vcard-temp}PHOTO/{vcard-temp}BINVAL")
-            return binval is not None and base64.b64decode(binval.text) == face
-        wait_until(photo, timeout=20, what="the new avatar in the vCard")
+        give_avatar(a, media.put("/u/wally.png", "image/png", face, host="media.wa.localhost"), face)
+        wait_until(lambda: vcard_photo(alice) == face, timeout=20, what="the new avatar in the vCard")
     finally:
         srv.close()
         media.close()
