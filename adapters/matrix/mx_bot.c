@@ -565,6 +565,27 @@ static void notices(struct matrix *m, PGconn *c)
  * leaves; a member of a group invited into the user's room of it just
  * joins.  A second remote user invited into the user's own direct room
  * makes it a group hosted here, which the user then grows by inviting. */
+/* Takes the room's lock of every write of events (ROOM_LOCK_SQL) of the
+ * group local_id's portal room is bound to, if it is one: a group's
+ * members change under it, taken first in the transaction (as left and
+ * the interop API's member changes do), so that a group write holding it,
+ * which read the members, commits first, and one waiting for it reads the
+ * change.  A direct room (a remote user in its binding) takes none: the
+ * group grow_group makes of it is a new room, seen by nobody before the
+ * commit.  The caller's transaction; a lock taken twice is held once. */
+static cw_err portal_lock(PGconn *c, const char *room, const char *local_id, cw_errmsg *e)
+{
+	const char *params[] = { room, local_id };
+	PGresult *r = PQexecParams(c,
+		"SELECT count(" ROOM_LOCK_SQL("room_id") ") FROM room_bindings WHERE network = 'matrix' "
+		"AND native_id = $1 AND local_identity_id = $2::bigint AND remote_identity_id IS NULL",
+		2, NULL, params, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (!rc)
+		PQclear(r);
+	return rc;
+}
+
 /* Someone invited into the user's direct room makes it a group hosted
  * here of the three (made now: the room's binding moves onto it and it is
  * the user's portal), or, into their portal of a group made here, joins
@@ -577,6 +598,12 @@ static void notices(struct matrix *m, PGconn *c)
 static cw_err grow_group(struct matrix *m, PGconn *c, const char *room, const char *local_id, const char *new_id,
 			 bool ghost, char *portal, size_t plen, cw_errmsg *e)
 {
+	/* The group's lock (since the twenty-sixth session; before, a group
+	 * write that had read the members could miss the new one): first in
+	 * local_invited's transaction; ghost_joins took it already. */
+	cw_err lrc = portal_lock(c, room, local_id, e);
+	if (lrc)
+		return lrc;
 	char pub[40];
 	cw_new_id(pub, sizeof(pub), "r_");
 	const char *params[] = { room, local_id, new_id, pub, m->cfg->domain ? m->cfg->domain : "", ghost ? "t" : "f" };
@@ -832,7 +859,13 @@ static bool ghost_joins(struct matrix *m, PGconn *c, const char *room, const cha
 		ghost_says_and_leaves(m, room, ghost, text);
 		return false;
 	}
+	/* The lock of the group this may be a portal of, first (grow_group,
+	 * below, may add the ghost's user to it): taken after the remote
+	 * user's identity is made, it could wait for a group write that waits
+	 * for that identity's row. */
 	cw_err rc = store_exec(c, "BEGIN", &e);
+	if (!rc)
+		rc = portal_lock(c, room, local_id, &e);
 	if (!rc)
 		rc = identity_id(c, &ru, false, network, peer_id, remote_id, sizeof(remote_id), &e);
 	bool other = false, group = false;
@@ -1029,15 +1062,8 @@ static void left(struct matrix *m, PGconn *c, const char *room, const char *who)
 	const char *params[] = { room, local_id };
 	cw_errmsg e;
 	cw_err rc = store_exec(c, "BEGIN", &e);
-	if (!rc) {
-		PGresult *lr = PQexecParams(c,
-			"SELECT count(" ROOM_LOCK_SQL("room_id") ") FROM room_bindings WHERE network = 'matrix' "
-			"AND native_id = $1 AND local_identity_id = $2::bigint AND remote_identity_id IS NULL",
-			2, NULL, params, NULL, NULL, 0);
-		rc = store_check(c, lr, PGRES_TUPLES_OK, &e);
-		if (!rc)
-			PQclear(lr);
-	}
+	if (!rc)
+		rc = portal_lock(c, room, local_id, &e);
 	PGresult *r = NULL;
 	if (!rc) {
 		r = PQexecParams(c,
