@@ -49,6 +49,7 @@ cw_err matrix_new(struct matrix **out, struct cw_app *app, cw_errmsg *e)
 	snprintf(m->bot, sizeof(m->bot), "@%s:%s", cfg->mx_sender_localpart, mx_server_name(cfg));
 	m->typing = json_object();
 	m->profile_failed = json_object();
+	m->limit_told = json_object();
 	m->media_queue = json_array();
 	m->media_state = json_object();
 	m->catching_up = json_object();
@@ -56,13 +57,14 @@ cw_err matrix_new(struct matrix **out, struct cw_app *app, cw_errmsg *e)
 	pthread_cond_init(&m->joining_cond, NULL);
 	pthread_cond_init(&m->media_cond, NULL);
 	pthread_cond_init(&m->ping_cond, NULL);
-	if (!m->typing || !m->profile_failed || !m->media_queue || !m->media_state || !m->catching_up ||
+	if (!m->typing || !m->profile_failed || !m->limit_told || !m->media_queue || !m->media_state || !m->catching_up ||
 	    !m->joining || pthread_key_create(&m->curl_key, mx_curl_release) != 0) {
 		json_decref(m->catching_up);
 		json_decref(m->joining);
 		pthread_cond_destroy(&m->joining_cond);
 		json_decref(m->typing);
 		json_decref(m->profile_failed);
+		json_decref(m->limit_told);
 		json_decref(m->media_queue);
 		json_decref(m->media_state);
 		pthread_cond_destroy(&m->media_cond);
@@ -98,6 +100,7 @@ void matrix_free(struct matrix *m)
 		curl_multi_cleanup(m->multi); /* the dispatcher has stopped */
 	json_decref(m->typing);
 	json_decref(m->profile_failed);
+	json_decref(m->limit_told);
 	json_decref(m->media_queue);
 	json_decref(m->media_state);
 	json_decref(m->catching_up);
@@ -1068,6 +1071,40 @@ static cw_err txn_recv(PGconn *c, struct app_job *j, int round, bool *more, cw_e
 	return CW_OK;
 }
 
+/* How many rooms limit_told remembers: past it, the rooms whose wait is
+ * over are forgotten, and if none is, all of them (a few notices more,
+ * never more memory). */
+#define MX_LIMIT_TOLD_MAX 10000
+
+/* Whether a notice of a rate limit (the user's own outbound limit: which,
+ * and when to write again) is to be told in room now: not while the wait
+ * the last one there named (retry_ms from it) is not over, so that a user
+ * who floods a room gets one notice, not one homeserver request per
+ * refused message (since the twenty-sixth session).  In this process's
+ * memory: another process, or a restart, tells it once more. */
+static bool limit_notice_due(struct matrix *m, const char *room, int64_t retry_ms)
+{
+	int64_t now = cw_wall_ms();
+	pthread_mutex_lock(&m->mu);
+	json_t *until = json_object_get(m->limit_told, room);
+	bool due = !until || json_integer_value(until) <= now;
+	if (due && retry_ms > 0) {
+		if (!until && json_object_size(m->limit_told) >= MX_LIMIT_TOLD_MAX) {
+			const char *k;
+			json_t *v;
+			void *tmp;
+			json_object_foreach_safe(m->limit_told, tmp, k, v)
+				if (json_integer_value(v) <= now)
+					json_object_del(m->limit_told, k);
+			if (json_object_size(m->limit_told) >= MX_LIMIT_TOLD_MAX)
+				json_object_clear(m->limit_told);
+		}
+		json_object_set_new(m->limit_told, room, json_integer(now + retry_ms));
+	}
+	pthread_mutex_unlock(&m->mu);
+	return due;
+}
+
 /* What the homeserver hears once the events are durable (or when there
  * was nothing to store): 200 and an empty object; refusals only logged. */
 static void txn_answer(struct txn *t, struct app_job *j)
@@ -1112,8 +1149,14 @@ static void txn_taken(struct txn *t)
 			continue;
 		if (denied)
 			refusal(t->refusals, room, policy_reason_text(denied));
-		else if (st && st != 202)
-			refusal(t->refusals, room, st == 429 ? "too many messages; write again in a moment" : detail);
+		else if (st == 429) {
+			/* The pipeline's words: which limit, and the wait
+			 * (peer_api.c); once until the wait is over. */
+			if (limit_notice_due(t->m, room, submit_retry_after_ms(t->b, i)))
+				refusal(t->refusals, room,
+					detail && *detail ? detail : "too many messages; write again in a moment");
+		} else if (st && st != 202)
+			refusal(t->refusals, room, detail);
 	}
 	size_t r;
 	json_t *x;

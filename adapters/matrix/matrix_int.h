@@ -40,6 +40,10 @@ struct matrix {
 	pthread_cond_t ping_cond;    /* signalled with ping_stop */
 	json_t *typing;              /* room -> who types there now (m.typing gives the whole list) */
 	json_t *profile_failed;      /* sender identity id -> when its ghost's profile last failed (ms), under mu */
+	/* Matrix room -> until when (wall ms) no more notice of a rate limit
+	 * is told there (matrix.c, limit_notice_due), at most
+	 * MX_LIMIT_TOLD_MAX rooms; under mu. */
+	json_t *limit_told;
 	/* The media worker (mx_media.c): peers' files fetched and uploaded off
 	 * the delivery lane; its queue and what it knows, under mu. */
 	pthread_t media_thread;

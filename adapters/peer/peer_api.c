@@ -2687,6 +2687,11 @@ const char *submit_denied(const struct submit *b, size_t i)
 	return b->items[i] && b->res[i].status == 202 ? b->res[i].denied : NULL;
 }
 
+int64_t submit_retry_after_ms(const struct submit *b, size_t i)
+{
+	return b->items[i] && b->res[i].status == 429 ? b->res[i].retry_after_ms : 0;
+}
+
 int submit_result(const struct submit *b, size_t i, const char **code, const char **detail)
 {
 	*code = b->res[i].code;

@@ -62,6 +62,9 @@ int submit_result(const struct submit *b, size_t i, const char **code, const cha
  * recipient (stored as dropped): the first recipient's deny reason (a
  * policy reason code, static); NULL otherwise. */
 const char *submit_denied(const struct submit *b, size_t i);
+/* Item i's Retry-After in ms where it was refused with 429 (a rate
+ * limit's wait); 0 otherwise. */
+int64_t submit_retry_after_ms(const struct submit *b, size_t i);
 
 /* The rate limits' records (policy.limit, about no message) of a job that
  * was then undone as a whole (an XMPP first contact a limit refused rolls

@@ -1,22 +1,30 @@
 """A Matrix user's own outbound limits (test_policy_outbound.py has the
 XMPP side): past outbound_messages_per_minute_per_user her message is
 refused (nothing of it stored, audited once) and she is told in the room,
-by the ghost, with a notice; the homeserver's transaction is answered as
-any (it needs no more)."""
+by the ghost, with a notice naming the limit and the wait, once until the
+wait is over however many more she sends meanwhile (matrix.c,
+limit_notice_due); the homeserver's transaction is answered as any (it
+needs no more)."""
+import re
 import time
 
 from harness import wait_until
-from test_matrix import ALICE, alice_writes_to_wally
+from test_matrix import ALICE, alice_writes_to_wally, metrics
 from test_matrix import gk, hs, mx  # noqa: F401  (the fixtures)
 from test_policy_outbound import limit_records
 
+TOO_MANY = re.compile(r"Not delivered: you sent more messages than this server allows in a minute; "
+                      r"write again in (\d+) s\.")
 
-def test_a_matrix_users_messages_past_her_outbound_limit_are_refused_and_told(mx, hs, gk, pg, db_url):
+
+def limited_room(mx, hs, gk, per_minute):
+    """alice's direct room with wally under a rule of per_minute messages:
+    (alice, the room, the rule's id, her notices there, the texts at the
+    peer, how many of her events were refused)."""
     a, srv = gk
     r = mx.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example",
-                                        "limits": {"outbound_messages_per_minute_per_user": 2}})
+                                        "limits": {"outbound_messages_per_minute_per_user": per_minute}})
     assert r.status_code == 201, r.text
-    rule = r.json()["id"]
     alice, room, ghost = alice_writes_to_wally(hs, a)
 
     def notices():
@@ -26,15 +34,68 @@ def test_a_matrix_users_messages_past_her_outbound_limit_are_refused_and_told(mx
     def texts():
         return [e["content"]["parts"][0]["body"] for e in list(srv.events) if e.get("type") == "message"]
 
+    def refused():
+        return metrics(mx, "causeway_matrix_events_total").get('result="refused"', 0)
+
+    return alice, room, r.json()["id"], notices, texts, refused
+
+
+def all_told(pg, db_url, notices, n):
+    """Waits for n notices in the room and none left to send, then a moment
+    for any more to come (there should be none): the notices."""
+    wait_until(lambda: len(notices()) >= n and pg.psql("SELECT count(*) FROM matrix_notices", db_url) == "0",
+               what=f"{n} notice(s) sent")
+    time.sleep(0.5)
+    return notices()
+
+
+def test_a_matrix_users_messages_past_her_outbound_limit_are_refused_and_told(mx, hs, gk, pg, db_url):
+    """The notice names the limit and the wait (as XMPP's error text does;
+    until the twenty-sixth session it said "too many messages; write again
+    in a moment")."""
+    alice, room, rule, notices, texts, refused = limited_room(mx, hs, gk, 2)
     for i in range(2):
         alice.send_text(room, f"spam {i}")
         wait_until(lambda: len(texts()) == i + 1, what=f"message {i} at the peer")
     alice.send_text(room, "spam 2")
     wait_until(lambda: notices(), what="the notice")
-    assert notices() == ["Not delivered: too many messages; write again in a moment."], notices()
+    told = notices()
+    assert len(told) == 1 and TOO_MANY.fullmatch(told[0]), told
+    assert 0 < int(TOO_MANY.fullmatch(told[0]).group(1)) <= 30, told  # one of 2 a minute comes back in 30 s
     time.sleep(0.3)
     assert texts() == ["spam 0", "spam 1"]
     assert pg.psql("SELECT count(*) FROM events WHERE origin_network = 'matrix' AND type = 'message'",
                    db_url) == "2"
     assert limit_records(pg, db_url) == \
         f"rate_limited_local_sender {rule} {ALICE} outbound message true true"
+
+
+def test_a_flood_past_the_limit_is_told_once_until_the_wait_is_over(mx, hs, gk, pg, db_url):
+    """Several messages refused in a row make one notice (each would be a
+    request to the homeserver: a user flooding got a flood of notices,
+    until the twenty-sixth session); once the wait the notice named is
+    over, the next refusal is told again."""
+    alice, room, _, notices, texts, refused = limited_room(mx, hs, gk, 12)  # one back every 5 s
+    for i in range(12):
+        alice.send_text(room, f"ok {i}")
+    wait_until(lambda: len(texts()) == 12, what="the twelve at the peer")
+    base = refused()
+    for i in range(3):
+        alice.send_text(room, f"spam {i}")
+        wait_until(lambda: refused() == base + i + 1, what=f"refusal {i}")
+    first_told = time.time()
+    told = all_told(pg, db_url, notices, 1)
+    assert len(told) == 1 and TOO_MANY.fullmatch(told[0]), told
+    wait_s = int(TOO_MANY.fullmatch(told[0]).group(1))
+    assert 0 < wait_s <= 5, told
+    assert pg.psql("SELECT count(*) FROM events WHERE origin_network = 'matrix' AND type = 'message'",
+                   db_url) == "12"
+    # The wait is over (time itself is the condition): one gets through,
+    # the next is refused and told again.
+    time.sleep(max(0.0, first_told + wait_s + 0.5 - time.time()))
+    alice.send_text(room, "after the wait")
+    wait_until(lambda: "after the wait" in texts(), what="a message after the wait")
+    alice.send_text(room, "spam again")
+    wait_until(lambda: refused() == base + 4, what="the next refusal")
+    told = all_told(pg, db_url, notices, 2)
+    assert len(told) == 2 and all(TOO_MANY.fullmatch(x) for x in told), told
