@@ -57,8 +57,8 @@ cw_err matrix_new(struct matrix **out, struct cw_app *app, cw_errmsg *e)
 	pthread_cond_init(&m->joining_cond, NULL);
 	pthread_cond_init(&m->media_cond, NULL);
 	pthread_cond_init(&m->ping_cond, NULL);
-	if (!m->typing || !m->profile_failed || !m->limit_told || !m->media_queue || !m->media_state || !m->catching_up ||
-	    !m->joining || pthread_key_create(&m->curl_key, mx_curl_release) != 0) {
+	if (!m->typing || !m->profile_failed || !m->limit_told || !m->media_queue || !m->media_state ||
+	    !m->catching_up || !m->joining || pthread_key_create(&m->curl_key, mx_curl_release) != 0) {
 		json_decref(m->catching_up);
 		json_decref(m->joining);
 		pthread_cond_destroy(&m->joining_cond);

@@ -3037,31 +3037,35 @@ def test_a_local_user_leaving_a_groups_room_waits_for_the_rooms_lock(mx, hs, gk,
     assert (wally, "after alice") not in said(mine)
 
 
-def test_a_local_user_adding_a_member_to_a_group_waits_for_the_rooms_lock(mx, hs, gk, pg, db_url):
-    """alice's inviting carol (another user here) into her room of a group
-    made here (mx_bot.c grow_group: the bot's work on the invitation)
-    makes carol a member under the room's lock of every write of events,
-    taken first in the same transaction, as every other member change
-    does: while another transaction holds that lock (a group write making
-    its rows), carol is no member; once it commits, she is invited, and the
-    group's next message makes her a row. Until the twenty-sixth session
-    the change took no lock, and a group write that had read the members
-    before it could miss her. The invitation is put in the bot's inbox by
-    hand, as in the leave's test above."""
+@pytest.mark.parametrize("who", ["local", "ghost"])
+def test_a_local_user_adding_a_member_to_a_group_waits_for_the_rooms_lock(mx, hs, gk, pg, db_url, who):
+    """alice's inviting carol (another user here) or zed's ghost into her
+    room of a group made here (mx_bot.c grow_group: the bot's work on the
+    invitation) makes them a member under the room's lock of every write
+    of events, taken first in the same transaction, as every other member
+    change does: while another transaction holds that lock (a group write
+    making its rows), they are no member; once it commits, carol is
+    invited (zed joined), and the group's next message makes her a row.
+    Until the twenty-sixth session the change took no lock, and a group
+    write that had read the members before it could miss them. carol's
+    invitation is put in the bot's inbox by hand, as in the leave's test
+    above; zed's ghost must be invited for real (it joins the room before
+    the bot's transaction)."""
     a, srv = gk
     consent_alice(mx)
     consent_alice(mx, a.user("bob"))
     a.create_room([a.user("bob"), "mimi://example.org/u/someone"])  # the peer introduced bob
+    a.create_room([a.user("zed"), "mimi://example.org/u/someone"])  # and zed
     alice, room, wally = alice_writes_to_wally(hs, a)
-    bob = "@_cw_gk_bob:example.org"
+    bob, zed = "@_cw_gk_bob:example.org", "@_cw_gk_zed:example.org"
     alice.invite(room, bob)
     wait_until(lambda: hs.members(room).get(bob) == "join", what="bob's ghost in")
     group = wait_until(lambda: pg.psql("SELECT public_id FROM rooms WHERE kind = 'group'", db_url), what="a group")
     hs.create_user("carol")
-    carol = "mimi://example.org/u/carol"
+    new = "mimi://example.org/u/carol" if who == "local" else a.user("zed")
     key = int(pg.psql(f"SELECT id % 2147483647 FROM rooms WHERE public_id = '{group}'", db_url))
     membership = ("SELECT m.membership FROM room_members m JOIN rooms r ON r.id = m.room_id JOIN identities i "
-                  f"ON i.id = m.identity_id WHERE r.public_id = '{group}' AND i.uri = '{carol}'")
+                  f"ON i.id = m.identity_id WHERE r.public_id = '{group}' AND i.uri = '{new}'")
     assert pg.psql(membership, db_url) == ""
     waiting = ("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 1129796434 "
                f"AND objid = {key} AND objsubid = 2 AND NOT granted")
@@ -3070,16 +3074,21 @@ def test_a_local_user_adding_a_member_to_a_group_waits_for_the_rooms_lock(mx, hs
     held = HeldSession(db_url)
     try:
         held.run(f"BEGIN; SELECT pg_advisory_xact_lock(1129796434, {key});")
-        pg.psql("INSERT INTO matrix_bot_inbox (event_id, event) VALUES ('$carol-invited-by-hand', "
-                f"'{invite}'::jsonb); NOTIFY causeway_matrix_bot", db_url)
+        if who == "local":
+            pg.psql("INSERT INTO matrix_bot_inbox (event_id, event) VALUES ('$carol-invited-by-hand', "
+                    f"'{invite}'::jsonb); NOTIFY causeway_matrix_bot", db_url)
+        else:
+            alice.invite(room, zed)
+            wait_until(lambda: hs.members(room).get(zed) == "join", what="zed's ghost joining the room")
         wait_until(lambda: pg.psql(waiting, db_url) == "1" or pg.psql(membership, db_url) != "",
                    what="the bot's invitation waiting for the room's lock (or done without it)")
         assert pg.psql(membership, db_url) == ""
         assert pg.psql(waiting, db_url) == "1"
     finally:
         held.end()  # commits
-    wait_until(lambda: pg.psql(membership, db_url) == "invited", what="carol invited to the group")
-    assert carol in [m["user"] for m in a.call("GET", f"/v1/rooms/{group}").json()["members"]]
+    wait_until(lambda: pg.psql(membership, db_url) == ("invited" if who == "local" else "joined"),
+               what="the new member in the group")
+    assert new in [m["user"] for m in a.call("GET", f"/v1/rooms/{group}").json()["members"]]
 
 
 def test_writing_in_a_group_lets_its_members_reach_the_writer_there_only(mx, hs, gk, pg, db_url):
