@@ -99,3 +99,31 @@ def test_a_flood_past_the_limit_is_told_once_until_the_wait_is_over(mx, hs, gk, 
     wait_until(lambda: refused() == base + 4, what="the next refusal")
     told = all_told(pg, db_url, notices, 2)
     assert len(told) == 2 and all(TOO_MANY.fullmatch(x) for x in told), told
+
+
+def test_two_lines_to_someone_new_in_one_transaction_start_one_conversation(mx, hs, gk, pg, db_url):
+    """The consent her first line to a new contact writes is not in the
+    policy's snapshot when the same transaction's second line is decided:
+    the pipeline tells the policy that the request started the
+    conversation already. Until a review of the twenty-sixth session the
+    second line counted as a second new conversation, refused for an
+    hour under a limit of one."""
+    a, srv = gk
+    r = mx.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example",
+                                        "limits": {"outbound_new_conversations_per_hour_per_user": 1}})
+    assert r.status_code == 201, r.text
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+    n = len(hs.transactions)
+    hs.stop_pushing()  # both lines in one transaction
+    alice.send_text(room, "hi wally")
+    alice.send_text(room, "are you there?")
+    hs.resume_pushing()
+    txn = wait_until(lambda: next((t for t in hs.transactions[n:]
+                                   if any(e.get("content", {}).get("body") == "hi wally" for e in t["events"])), None),
+                     what="the transaction")
+    assert [e["content"]["body"] for e in txn["events"] if e.get("type") == "m.room.message"] == \
+        ["hi wally", "are you there?"]
+    wait_until(lambda: [e["content"]["parts"][0]["body"] for e in list(srv.events) if e.get("type") == "message"]
+               == ["hi wally", "are you there?"], what="both lines at the peer")
+    assert (limit_records(pg, db_url) or "") == ""
+    assert not [e for e in hs.events(room) if e["sender"] == ghost and e["content"].get("msgtype") == "m.notice"]
