@@ -2570,6 +2570,17 @@ class HostileServer:
         got, self.received = self.received[:i], self.received[i:]
         return got
 
+    def daemon(self, make_daemon, db_url, **sections):
+        """A daemon (started) whose component connects to this server
+        (sections: more configuration)."""
+        return make_daemon(db_url, options={"server": {"domain": "example.org"}, **sections, "xmpp": {
+            "components": f"{COMP}=gk", "server_port": str(self.port), "secret": SECRET, "domain": HOST}}).start()
+
+    def stream_up(self, d):
+        """Takes the daemon d's connection and waits for its stream to be up."""
+        self.accept()
+        wait_until(lambda: component_state(d)["state"] == "up", what="the component's stream")
+
     def send(self, xml):
         self.conn.sendall(xml.encode())
 
@@ -2591,10 +2602,8 @@ class HostileServer:
 def test_stanzas_without_from_or_to_are_dropped(make_daemon, db_url, pg):
     srv = HostileServer(SECRET)
     try:
-        d = make_daemon(db_url, options={"server": {"domain": "example.org"}, "xmpp": {
-            "components": f"{COMP}=gk", "server_port": str(srv.port), "secret": SECRET, "domain": HOST}}).start()
-        srv.accept()
-        wait_until(lambda: component_state(d)["state"] == "up", what="the component's stream")
+        d = srv.daemon(make_daemon, db_url)
+        srv.stream_up(d)
         srv.send(f"<message to='{WALLY_JID}' type='chat' id='n1'><body>no from</body></message>")
         srv.send(f"<message from='{ALICE_JID}/phone' type='chat' id='n2'><body>no to</body></message>")
         srv.send(f"<iq type='get' id='n3' to='{COMP}'><ping xmlns='urn:xmpp:ping'/></iq>")
@@ -2626,8 +2635,7 @@ def test_markup_xmpp_forbids_closes_the_stream(make_daemon, db_url, pg):
     comments and processing instructions."""
     srv = HostileServer(SECRET)
     try:
-        d = make_daemon(db_url, options={"server": {"domain": "example.org"}, "xmpp": {
-            "components": f"{COMP}=gk", "server_port": str(srv.port), "secret": SECRET, "domain": HOST}}).start()
+        d = srv.daemon(make_daemon, db_url)
         srv.accept(prolog=LAUGHS)
         got = srv.until_closed()
         assert b"<restricted-xml xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" in got, got
@@ -2671,10 +2679,8 @@ def test_nothing_follows_the_close_of_a_stream_refused_for_its_markup(make_daemo
     follow it; a review's find of the twenty-sixth session)."""
     srv = HostileServer(SECRET)
     try:
-        d = make_daemon(db_url, options={"server": {"domain": "example.org"}, "xmpp": {
-            "components": f"{COMP}=gk", "server_port": str(srv.port), "secret": SECRET, "domain": HOST}}).start()
-        srv.accept()
-        wait_until(lambda: component_state(d)["state"] == "up", what="the component's stream")
+        d = srv.daemon(make_daemon, db_url)
+        srv.stream_up(d)
         f = f"from='{ALICE_JID}/phone' to='{COMP}'"
         srv.send(f"<iq type='get' id='x1' {f}><ping xmlns='urn:xmpp:ping'/><!-- hidden --></iq>")
         first = srv._until(b"</stream:stream>")
@@ -2695,10 +2701,8 @@ def test_a_stream_that_is_not_well_formed_is_closed(make_daemon, db_url):
     connected again now."""
     srv = HostileServer(SECRET)
     try:
-        d = make_daemon(db_url, options={"server": {"domain": "example.org"}, "log": {"level": "debug"}, "xmpp": {
-            "components": f"{COMP}=gk", "server_port": str(srv.port), "secret": SECRET, "domain": HOST}}).start()
-        srv.accept()
-        wait_until(lambda: component_state(d)["state"] == "up", what="the component's stream")
+        d = srv.daemon(make_daemon, db_url, log={"level": "debug"})
+        srv.stream_up(d)
         srv.send(f"<message from='{ALICE_JID}/phone' to='{WALLY_JID}'><body>a private word</bdy></message>")
         got = srv.until_closed()
         assert b"invalid-xml" in got, got  # libstrophe's answer
@@ -2720,10 +2724,8 @@ def test_an_iq_without_exactly_one_child_is_a_bad_request(make_daemon, db_url):
     was served and the rest ignored (a review's finding)."""
     srv = HostileServer(SECRET)
     try:
-        d = make_daemon(db_url, options={"server": {"domain": "example.org"}, "xmpp": {
-            "components": f"{COMP}=gk", "server_port": str(srv.port), "secret": SECRET, "domain": HOST}}).start()
-        srv.accept()
-        wait_until(lambda: component_state(d)["state"] == "up", what="the component's stream")
+        d = srv.daemon(make_daemon, db_url)
+        srv.stream_up(d)
         f = f"from='{ALICE_JID}/phone'"
         two = "<ping xmlns='urn:xmpp:ping'/><query xmlns='http://jabber.org/protocol/disco#info'/>"
         srv.send(f"<iq type='get' id='c0' {f} to='{COMP}'/>")
