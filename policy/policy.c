@@ -884,11 +884,13 @@ static bool outbound_limits_of(const struct policy_request *r, const struct ppar
 {
 	const struct rule *rule;
 	/* What adds nothing to the remote side's view counts for no limit:
-	 * typing and receipts (a client sends them by itself), joins and
-	 * leaves (a refused leave would keep her a member: a review's find),
-	 * deletes and blocks (they take back, never add). */
+	 * typing and receipts (a client sends them by itself), her own joins
+	 * and leaves (a refused leave would keep her a member: a review's
+	 * find), deletes and blocks (they take back, never add).  An
+	 * invitation brings someone in: it counts. */
 	if (r->action != POLICY_ACT_EVENT || is(r->event_type, "typing") || is(r->event_type, "receipt") ||
-	    is(r->event_type, "membership") || is(r->event_type, "delete") || is(r->event_type, "block"))
+	    (is(r->event_type, "membership") && !r->invitation) || is(r->event_type, "delete") ||
+	    is(r->event_type, "block"))
 		return false;
 	if ((rule = lim[lim_index(POLICY_LIM_OUT_MSG_MINUTE_USER)]) &&
 	    limited(d, take(r, "omp", rule, &snd->uri, rule->lim.outbound_messages_per_minute_per_user, 60000),

@@ -149,10 +149,12 @@ struct policy_request {
 	                                 they opted out */
 	bool group;                   /* outbound: the event's room is a group (a message there
 	                                 starts no conversation with its members) */
-	bool started_in_request;      /* outbound: an earlier message of the same request (a
-	                                 Matrix transaction) started this conversation: its
-	                                 consent fact is written with this one, after the
-	                                 snapshot was taken, and this one starts none */
+	bool started_in_request;      /* outbound: an earlier message of the same job (a Matrix
+	                                 transaction, or requests written together) started this
+	                                 conversation: its consent fact is written with this one,
+	                                 after the snapshot was taken, and this one starts none */
+	bool invitation;              /* a membership event that invites someone (outbound limits
+	                                 count it; a join or leave they do not) */
 };
 
 struct policy_decision {

@@ -1131,6 +1131,7 @@ struct msg_input {
 	char type[16];
 	char *event_text;             /* the validated body, unknown members included: compact JSON, keys sorted */
 	bool read_receipt;            /* a "read" receipt: marks the message read for its sender */
+	bool invitation;              /* a membership event inviting someone */
 	char block_target[MIMI_URI_MAX + 1]; /* a block: whom the sender blocks ("" for other types) */
 	bool unblock;                 /* ... or no longer blocks */
 	struct cw_req *req;           /* coalesced single submits: the request to answer */
@@ -1203,6 +1204,7 @@ static void msg_input_from_event(struct msg_input *in, struct cw_app *app, const
 	in->attachment_bytes = ev->attachment_bytes;
 	in->kinds = ev->kinds;
 	in->read_receipt = ev->type == EVENT_RECEIPT && ev->receipt == EVENT_RECEIPT_READ;
+	in->invitation = ev->type == EVENT_MEMBERSHIP && ev->membership == EVENT_MEMBERSHIP_INVITE;
 	in->block_target[0] = '\0';
 	cw_errmsg ignored;
 	if (ev->type == EVENT_BLOCK && ev->has_target) {
@@ -2038,17 +2040,16 @@ static bool may_ask(struct submit *b, size_t i, PGresult *r, const struct policy
 	return false;
 }
 
-/* Round 0's answer for item i (row first of r; the members of its room are
- * rows mfirst .. mfirst+nmembers-1): the refusals, or the recipients. */
-/* Another item of this job, decided before item i, is sender's first
- * message to uri (its consent fact is written with the job, after the
- * policy's snapshot was taken): item i starts no conversation with uri.
- * Until the twenty-sixth session's review, a Matrix transaction carrying
- * two lines to someone new counted two new conversations. */
+/* An earlier item of this job (round 0 decides them in index order) is
+ * sender's first message to uri, allowed (its consent fact is written with
+ * the job, after the policy's snapshot was taken): item i starts no
+ * conversation with uri.  Until the twenty-sixth session's review, a
+ * Matrix transaction carrying two lines to someone new counted two new
+ * conversations. */
 static bool job_started(const struct submit *b, size_t i, const char *sender, const char *uri)
 {
-	for (size_t j = 0; j < b->n; j++) {
-		if (j == i || !json_array_size(b->outbound[j]) || !b->items[j] || strcmp(b->items[j]->sender, sender) != 0)
+	for (size_t j = 0; j < i; j++) {
+		if (!json_array_size(b->outbound[j]) || !b->items[j] || strcmp(b->items[j]->sender, sender) != 0)
 			continue;
 		size_t x;
 		json_t *u;
@@ -2059,6 +2060,8 @@ static bool job_started(const struct submit *b, size_t i, const char *sender, co
 	return false;
 }
 
+/* Round 0's answer for item i (row first of r; the members of its room are
+ * rows mfirst .. mfirst+nmembers-1): the refusals, or the recipients. */
 static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, int mfirst, int nmembers)
 {
 	struct msg_input *in = b->items[i];
@@ -2191,6 +2194,7 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 						sender_since <= atoll(PQgetvalue(r, k, 17)),
 			.group = group, /* outbound: a group's message starts no conversation */
 			.started_in_request = in->local_sender && !group && job_started(b, i, in->sender, PQgetvalue(r, k, 3)),
+			.invitation = in->invitation,
 		};
 		struct policy_decision d;
 		policy_decide(view->snap, &preq, &d);

@@ -407,6 +407,8 @@ static bool run_case(const struct policy_snapshot *s, const struct env *env, con
 			r.group = true;
 		else if (!strcmp(t[k], "started"))
 			r.started_in_request = true;
+		else if (!strcmp(t[k], "invite"))
+			r.invitation = true;
 		else if (!strcmp(t[k], "norate"))
 			rate_on = false;
 		else if (!strcmp(t[k], "wrote"))
