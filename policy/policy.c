@@ -873,9 +873,8 @@ static inline bool is(const char *s, const char *lit)
 
 /* Step 3a outbound: the local sender's own limits under one set of the
  * recipient's rules, each a bucket per local sender (since the
- * twenty-sixth session; before, nothing limited a local user).  Every
- * event counts but typing and receipts, which a client sends by itself
- * (a user who types would run out of messages); a message in a direct
+ * twenty-sixth session; before, nothing limited a local user).  The
+ * events that add to the far side's view count (below); a message in a direct
  * room to a remote user she has no consent fact about (she never wrote to
  * them nor accepted them or their domain: cu, cd) starts a conversation,
  * a group's message none.  The messages' bucket first. */
