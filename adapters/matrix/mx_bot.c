@@ -552,19 +552,6 @@ static void notices(struct matrix *m, PGconn *c)
 	PQclear(r);
 }
 
-/* One of this provider's users invited a ghost: a conversation with that
- * remote user.  This Matrix room is bound to the direct neutral room of the
- * two (the one there is, else a new one: direct_room_of), and the ghost
- * joins; what the user writes there then goes to the peer (the policy
- * decides, outbound).  When the two had a direct room in Matrix already,
- * the newest is where the user means to talk: the binding moves here, and
- * the ghost says so in the old room and leaves it (else the user's words
- * here would go nowhere, in silence).  A ghost invited into a room that is
- * already the conversation with someone else (another user's direct room,
- * or a stranger to a group a peer hosts, in that group's room) says so and
- * leaves; a member of a group invited into the user's room of it just
- * joins.  A second remote user invited into the user's own direct room
- * makes it a group hosted here, which the user then grows by inviting. */
 /* Takes the room's lock of every write of events (ROOM_LOCK_SQL) of the
  * group local_id's portal room is bound to, if it is one: a group's
  * members change under it, taken first in the transaction (as left and
@@ -586,6 +573,19 @@ static cw_err portal_lock(PGconn *c, const char *room, const char *local_id, cw_
 	return rc;
 }
 
+/* One of this provider's users invited a ghost: a conversation with that
+ * remote user.  This Matrix room is bound to the direct neutral room of the
+ * two (the one there is, else a new one: direct_room_of), and the ghost
+ * joins; what the user writes there then goes to the peer (the policy
+ * decides, outbound).  When the two had a direct room in Matrix already,
+ * the newest is where the user means to talk: the binding moves here, and
+ * the ghost says so in the old room and leaves it (else the user's words
+ * here would go nowhere, in silence).  A ghost invited into a room that is
+ * already the conversation with someone else (another user's direct room,
+ * or a stranger to a group a peer hosts, in that group's room) says so and
+ * leaves; a member of a group invited into the user's room of it just
+ * joins.  A second remote user invited into the user's own direct room
+ * makes it a group hosted here, which the user then grows by inviting. */
 /* Someone invited into the user's direct room makes it a group hosted
  * here of the three (made now: the room's binding moves onto it and it is
  * the user's portal), or, into their portal of a group made here, joins
