@@ -2,7 +2,6 @@
 (tests/integration/homeserver.py): registration, the appservice API and its
 errors, transactions (dedupe, echoes), and messages both ways between a peer
 and a Matrix user in a direct room."""
-import base64
 import hashlib
 import json
 import os
