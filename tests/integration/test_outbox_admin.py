@@ -41,7 +41,7 @@ def test_dead_letters_are_listed_and_replayed(make_daemon, db_url, pg):
         assert r.status_code == 200 and r.json()["state"] == "pending", r.text
     got = sb.wait_events(3)
     assert [e["id"] for e in got] == ids
-    wait_until(lambda: d.admin("GET", f"/outbox?state=delivered").json()["rows"], what="delivered")
+    wait_until(lambda: d.admin("GET", "/outbox?state=delivered").json()["rows"], what="delivered")
     # The trace keeps every attempt: the two before the replay and the one after.
     tries = wait_until(lambda: (lambda t: t if len(t) == 3 else None)(
         d.admin("GET", f"/messages/{ids[0]}").json()["deliveries"][0]["tries"]), what="three attempts")

@@ -894,7 +894,7 @@ def test_members_add_and_remove(daemon, peers, pg, db_url):
     assert "name" not in a.call("PATCH", f"/v1/rooms/{rm['id']}", {"name": None}).json()
     direct = a.create_room([a.user("alice"), b.user("bob")]).json()
     assert a.call("PATCH", f"/v1/rooms/{direct['id']}", {"name": "us"}).status_code == 404
-    assert pg.psql(f"SELECT count(*) FROM rooms WHERE name IS NOT NULL", db_url) == "0"
+    assert pg.psql("SELECT count(*) FROM rooms WHERE name IS NOT NULL", db_url) == "0"
     r = a.call("POST", f"/v1/rooms/{rm['id']}/members", {"add": [b.user("carol"), "mimi://example.org/u/dave"]})
     assert r.status_code == 200, r.text
     users = {m["user"]: m["membership"] for m in r.json()["members"]}

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from peer import PeerClient, push_peers
+from peer import push_peers
 from test_peer_api import peers  # noqa: F401  (the fixture)
 
 LOCAL = "mimi://example.org/u/"
