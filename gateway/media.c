@@ -292,6 +292,61 @@ void media_held_release(struct cw_app *app, size_t n)
 	atomic_fetch_sub(&app->media_held, n);
 }
 
+static bool recent_fresh(const struct media_recent *r, const struct media_recent_key *k, int64_t now_ms)
+{
+	return k->used && now_ms - k->at_ms < r->ttl_ms;
+}
+
+/* Under r->mu: key's entry, or NULL; *room: where a new key would go (an
+ * unused or stale entry, else the oldest). */
+static struct media_recent_key *recent_find(struct media_recent *r, const unsigned char sha[32], int64_t now_ms,
+					    struct media_recent_key **room)
+{
+	struct media_recent_key *found = NULL;
+	*room = &r->e[0];
+	for (size_t i = 0; i < MEDIA_RECENT_MAX; i++) {
+		struct media_recent_key *k = &r->e[i];
+		if (k->used && memcmp(k->sha, sha, 32) == 0)
+			found = k;
+		if (!recent_fresh(r, *room, now_ms))
+			continue; /* room found already */
+		if (!recent_fresh(r, k, now_ms) || k->at_ms < (*room)->at_ms)
+			*room = k;
+	}
+	return found;
+}
+
+bool media_recent_has(struct media_recent *r, const char *key, int64_t now_ms)
+{
+	unsigned char sha[32];
+	struct media_recent_key *room;
+	cw_sha256(key, strlen(key), sha);
+	pthread_mutex_lock(&r->mu);
+	const struct media_recent_key *k = recent_find(r, sha, now_ms, &room);
+	bool has = k && recent_fresh(r, k, now_ms);
+	pthread_mutex_unlock(&r->mu);
+	return has;
+}
+
+bool media_recent_note(struct media_recent *r, const char *key, int64_t now_ms)
+{
+	unsigned char sha[32];
+	struct media_recent_key *room;
+	cw_sha256(key, strlen(key), sha);
+	pthread_mutex_lock(&r->mu);
+	struct media_recent_key *k = recent_find(r, sha, now_ms, &room);
+	bool first = !k || !recent_fresh(r, k, now_ms);
+	if (first) {
+		if (!k)
+			k = room;
+		memcpy(k->sha, sha, 32);
+		k->at_ms = now_ms;
+		k->used = true;
+	}
+	pthread_mutex_unlock(&r->mu);
+	return first;
+}
+
 static const char *no_header(void *ctx, const char *name)
 {
 	(void)ctx;

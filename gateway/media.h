@@ -10,6 +10,7 @@
 #include "cw.h"
 
 #include <curl/curl.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <openssl/evp.h>
 
@@ -71,10 +72,41 @@ bool media_host_in_domain(const char *url, const char *domain);
  * CW_EINVAL when the fetch was refused for a fact of the URL, which no
  * retry changes (b->refused says which, since the twenty-sixth session):
  * every address of its host not public, a hop not over https, too many
- * redirects, a URL libcurl cannot read; CW_EUNAVAIL when no answer came
+ * redirects, a URL libcurl cannot read (one the peer API takes, https://
+ * and visible ASCII, with a port past 65535, say); CW_EUNAVAIL when no answer came
  * (e says why; b->too_big when the cap cut it off). */
 cw_err media_fetch_peer(const struct cw_app *app, const char *url, const char *signer_domain, long timeout_ms,
 			struct media_blob *b, long *status, cw_errmsg *e);
+
+/* What was refused for good lately, so as not to redo it at every ask: a
+ * small table of keys (a URL, a link's MAC; only their SHA-256 is kept)
+ * and when each was first noted, at most MEDIA_RECENT_MAX (fixed memory,
+ * nothing allocated: a static table needs no freeing); a full table
+ * forgets its oldest key for a new one.  A key older than ttl_ms counts
+ * as never noted, so what was refused is tried (or logged) again after a
+ * while: a host that became public is fetched.  Under its own lock (any
+ * thread).  A static one: = MEDIA_RECENT_INIT(ttl_ms).  Since the
+ * twenty-seventh session (xmpp_vcard.c's refused avatars, peer_media.c's
+ * refused links' log lines). */
+#define MEDIA_RECENT_MAX 256
+struct media_recent {
+	pthread_mutex_t mu;
+	int64_t ttl_ms;
+	struct media_recent_key {
+		unsigned char sha[32];
+		int64_t at_ms;
+		bool used;
+	} e[MEDIA_RECENT_MAX];
+};
+#define MEDIA_RECENT_INIT(ttl) { .mu = PTHREAD_MUTEX_INITIALIZER, .ttl_ms = (ttl) }
+
+/* Whether key was noted less than r->ttl_ms before now_ms (milliseconds
+ * of a monotonic clock, cw_now_us() / 1000). */
+bool media_recent_has(struct media_recent *r, const char *key, int64_t now_ms);
+/* Notes key at now_ms, unless it was noted less than r->ttl_ms before (its
+ * time then stays: the interval runs from the first note); true when it
+ * was not, the first note of the interval. */
+bool media_recent_note(struct media_recent *r, const char *key, int64_t now_ms);
 
 /* Whether a fetch a peer chose may connect to sa: not loopback,
  * unspecified, private (RFC 1918, RFC 4193), link-local (cloud metadata

@@ -498,6 +498,76 @@ START_TEST(media_held_budget)
 }
 END_TEST
 
+/* The table of what was refused lately (media_recent): a key noted is
+ * there for ttl_ms from its first note, then is noted anew; a full table
+ * forgets its oldest key, and never holds more than MEDIA_RECENT_MAX. */
+START_TEST(media_recent_is_bounded_and_expires)
+{
+	static struct media_recent r = MEDIA_RECENT_INIT(1000);
+	int64_t t = 5000;
+	ck_assert(!media_recent_has(&r, "https://a.example/x", t));
+	ck_assert(media_recent_note(&r, "https://a.example/x", t));
+	ck_assert(media_recent_has(&r, "https://a.example/x", t));
+	ck_assert(!media_recent_has(&r, "https://a.example/y", t));
+	/* Within the interval: not the first note, and the time stays the first's. */
+	ck_assert(!media_recent_note(&r, "https://a.example/x", t + 600));
+	ck_assert(media_recent_has(&r, "https://a.example/x", t + 999));
+	ck_assert(!media_recent_has(&r, "https://a.example/x", t + 1000));
+	ck_assert(media_recent_note(&r, "https://a.example/x", t + 1000));
+	ck_assert(media_recent_has(&r, "https://a.example/x", t + 1999));
+	/* Full: each new key takes the oldest one's place, nothing grows. */
+	t += 1000;
+	char key[64];
+	for (int i = 0; i < MEDIA_RECENT_MAX - 1; i++) {
+		snprintf(key, sizeof(key), "k%d", i);
+		ck_assert(media_recent_note(&r, key, t + 1 + i));
+	}
+	ck_assert(media_recent_has(&r, "https://a.example/x", t + 300));
+	ck_assert(media_recent_has(&r, "k0", t + 300));
+	ck_assert(media_recent_note(&r, "one more", t + 300));
+	ck_assert(!media_recent_has(&r, "https://a.example/x", t + 300)); /* the oldest, forgotten */
+	ck_assert(media_recent_has(&r, "k0", t + 300));
+	ck_assert(media_recent_note(&r, "and another", t + 301));
+	ck_assert(!media_recent_has(&r, "k0", t + 301));
+	ck_assert(media_recent_has(&r, "k1", t + 301));
+	ck_assert(media_recent_has(&r, "one more", t + 301));
+	int held = 0;
+	for (int i = 0; i < MEDIA_RECENT_MAX; i++)
+		held += r.e[i].used;
+	ck_assert_int_eq(held, MEDIA_RECENT_MAX);
+	/* Stale keys make room before fresh ones are forgotten. */
+	ck_assert(media_recent_note(&r, "late", t + 1250)); /* k1..k249 (t+2..t+250) are stale by now */
+	ck_assert(media_recent_has(&r, "late", t + 1250));
+	ck_assert(!media_recent_has(&r, "k249", t + 1250));
+	ck_assert(media_recent_has(&r, "k250", t + 1250));
+	ck_assert(media_recent_has(&r, "k254", t + 1250));
+	ck_assert(media_recent_has(&r, "one more", t + 1250));
+	ck_assert(media_recent_has(&r, "and another", t + 1250));
+}
+END_TEST
+
+/* A URL the peer API takes (https://, visible ASCII) that libcurl cannot
+ * read is refused for a fact of its URL (CW_EINVAL with b.refused), not
+ * as a store away (CW_EUNAVAIL, tried again). */
+START_TEST(media_fetch_refuses_a_url_libcurl_cannot_read)
+{
+	static const char *const urls[] = { "https://media.wa.example:99999/f/1", "https://[zz]/f/1",
+					    "https://a:b@/f/1" };
+	struct cw_config cfg = { .media_fetches = 1, .media_max_bytes = 1000 };
+	struct cw_app app = { .cfg = &cfg };
+	for (size_t i = 0; i < sizeof(urls) / sizeof(urls[0]); i++) {
+		struct media_blob b = { .max = 1000 };
+		long status = -1;
+		cw_errmsg e = { { 0 } };
+		ck_assert_int_eq(media_fetch_peer(&app, urls[i], NULL, 2000, &b, &status, &e), CW_EINVAL);
+		ck_assert_msg(b.refused && strcmp(b.refused, "not a URL this gateway can fetch") == 0, "%s: %s", urls[i],
+			      e.msg);
+		ck_assert_int_eq(status, 0);
+		media_blob_free(&b);
+	}
+}
+END_TEST
+
 START_TEST(media_addresses)
 {
 	static const struct {
@@ -564,6 +634,8 @@ int main(void)
 	tcase_add_test(tc, media_addresses);
 	tcase_add_test(tc, media_hosts_in_a_domain);
 	tcase_add_test(tc, media_held_budget);
+	tcase_add_test(tc, media_recent_is_bounded_and_expires);
+	tcase_add_test(tc, media_fetch_refuses_a_url_libcurl_cannot_read);
 	tcase_add_test(tc, problem_detail_scrubs);
 	suite_add_tcase(s, tc);
 	TCase *live_tc = tcase_create("live");
