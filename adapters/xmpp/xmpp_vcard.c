@@ -33,6 +33,7 @@
 #define VCARD_CACHE_MAX 256
 #define VCARD_CACHE_BYTES (8u << 20) /* of base64: a peer's 256 large avatars would be 64 MiB */
 #define VCARD_TIMEOUT_MS 5000L
+#define VCARD_REFUSED_MS (3600 * 1000L)
 #define XA_PROFILE_LAG "3 seconds"
 
 /* What a job answers: a vCard, or (XEP-0084, the remote JID as its own
@@ -53,6 +54,17 @@ struct vjob {
 	char peer_domain[256];           /* the domain of that peer (peers table): its hosts get the fetch signed */
 	json_t *photo;                   /* {url, type, b64, sha1}; url "" and no b64: none */
 };
+
+/* The avatar URLs whose fetch was refused for good (a fact of the URL,
+ * media_fetch_peer) in the last hour, apart from the kept photos: they
+ * outlive the cache's start-over (and a profile change's drop), so such an
+ * avatar is neither fetched nor logged again for an hour, whoever's it is
+ * and whichever component asks; then it is tried again (a host that
+ * became public is fetched).  Bounded: MEDIA_RECENT_MAX URLs, the oldest
+ * forgotten first.  Until the twenty-seventh session the refusal was kept
+ * only as a cached photo, and the cache's start-over (256 users, 8 MiB)
+ * had it fetched and logged again. */
+static struct media_recent refused_avatars = MEDIA_RECENT_INIT(VCARD_REFUSED_MS);
 
 /* The cached photo of remote_id whose source is url (NULL: any), with a
  * reference, or NULL. */
@@ -124,6 +136,14 @@ static json_t *photo_of(struct vjob *j, const char *avatar_text)
 		json_decref(av);
 		return cached;
 	}
+	if (media_recent_has(&refused_avatars, url, cw_now_us() / 1000)) {
+		/* refused for good lately: none, as when it was (logged then) */
+		json_t *none = json_pack("{s:s}", "url", url);
+		json_decref(av);
+		if (none)
+			cache_put(j->xc, j->remote_id, none);
+		return none;
+	}
 	/* No more than any file of a peer this gateway carries (an operator's
 	 * server.media_max_bytes may be below a vCard's own cap). */
 	size_t most = (size_t)app->cfg->media_max_bytes;
@@ -147,13 +167,15 @@ static json_t *photo_of(struct vjob *j, const char *avatar_text)
 	json_t *photo = NULL;
 	if (rc == CW_EINVAL && b.refused) {
 		/* Refused for a fact of its URL (its host's addresses not public,
-		 * a redirect off https, too many redirects): given up, as no
-		 * avatar, kept so for this URL (logged once: later asks find it
-		 * in the cache; a new URL is fetched anew).  Until the
-		 * twenty-sixth session it was as away, fetched again at every
-		 * ask, and a PEP ask was answered "wait". */
+		 * a redirect off https, too many redirects, a URL libcurl cannot
+		 * read): given up, as no avatar, kept so for this URL (logged
+		 * once: later asks find it in the cache, or, once the cache has
+		 * started over, in refused_avatars; a new URL is fetched anew).
+		 * Until the twenty-sixth session it was as away, fetched again at
+		 * every ask, and a PEP ask was answered "wait". */
 		LOG_KV(CW_LOG_INFO, "xmpp: an avatar is refused for good, shown as none", "component", j->xc->domain,
 		       "detail", e.msg);
+		media_recent_note(&refused_avatars, url, cw_now_us() / 1000);
 		photo = json_pack("{s:s}", "url", url);
 	} else if (rc || status != 200 || b.too_big ||
 		   (media_sha256_hex(&b, got), want && strcmp(got, want) != 0)) {

@@ -253,3 +253,51 @@ def test_an_avatar_whose_fetch_is_refused_for_good_is_none_not_fetched_again(mak
     finally:
         srv.close()
         media.close()
+
+
+def test_a_refused_avatar_stays_none_when_the_photo_cache_starts_over(make_daemon, db_url, pg, prosody, alice,
+                                                                     tmp_path):
+    """A remote user's avatar refused for good is none, and stays so when
+    the kept photos start over (past 256 users or 8 MiB of base64): since
+    the twenty-seventh session the refused URL is remembered apart (at most
+    256 URLs, for an hour), so it is neither fetched nor logged again; until
+    then the start-over forgot it, and the next ask fetched and logged it
+    anew.  Here 33 users' avatars of 192 KiB (256 KiB of base64 each) make
+    the cache start over."""
+    media, d, a, srv, key, _ = start(make_daemon, db_url, prosody, tmp_path)
+    try:
+        host = f"https://media.wa.localhost:{media.port}"
+        media.redirect["/u/plain.png"] = "http://127.0.0.1:9/u/plain.png"
+        give_avatar(a, host + "/u/plain.png", b"x" * 100)
+        faces = {}
+        for i in range(33):
+            faces[i] = b"\x89PNG\r\n\x1a\n" + os.urandom(192 * 1024 - 8)
+            url = media.put(f"/u/u{i}.png", "image/png", faces[i], host="media.wa.localhost")
+            assert a.call("POST", "/v1/profiles", {"user": a.user(f"u{i}"), "avatar": {
+                "content_type": "image/png", "url": url, "size": len(faces[i])}}).status_code == 200
+        # Each changed profile drops its kept photo once its change is read
+        # (3 s later): asked after that, what is kept stays kept.
+        wait_until(lambda: pg.psql(
+            "SELECT count(*) FROM identities i, xmpp_roster_sync s WHERE i.profile_changed_at IS NOT NULL "
+            "AND NOT i.is_local AND (i.profile_changed_at, i.id) > (s.profiles_at, s.profiles_id)", db_url) == "0",
+            timeout=20, what="the profile changes read")
+        assert_no_avatar(alice)
+        assert [p for p, _ in media.requests] == ["/u/plain.png"]
+        wait_until(lambda: len(avatar_logs(d)) == 1, what="the refusal logged")
+        ps = "http://jabber.org/protocol/pubsub"
+        for i in range(33):  # PEP's metadata: the photo fetched and kept, a small answer
+            meta = alice.iq("get", f"u{i}@{WALLY_JID.split('@')[1]}",
+                            f"<pubsub xmlns='{ps}'><items node='urn:xmpp:avatar:metadata'/></pubsub>")
+            info = meta.find(f".//{{{ps}}}item/{{urn:xmpp:avatar:metadata}}metadata/{{urn:xmpp:avatar:metadata}}info")
+            assert info is not None and info.get("bytes") == str(len(faces[i])), meta.xml
+        assert len(media.requests) == 34
+        assert_no_avatar(alice)
+        assert [p for p, _ in media.requests].count("/u/plain.png") == 1  # not fetched again
+        # The first user's photo was dropped by the start-over: fetched again.
+        meta = alice.iq("get", f"u0@{WALLY_JID.split('@')[1]}",
+                        f"<pubsub xmlns='{ps}'><items node='urn:xmpp:avatar:metadata'/></pubsub>")
+        assert [p for p, _ in media.requests].count("/u/u0.png") == 2, "the cache did not start over"
+        assert [x.get("msg") for x in avatar_logs(d)] == ["xmpp: an avatar is refused for good, shown as none"]
+    finally:
+        srv.close()
+        media.close()
