@@ -162,6 +162,7 @@ struct media_job {
 	bool public;                /* a peer's file for a link (GET /media/...) */
 	char source[MEDIA_URL_MAX + 4]; /* + the room base64 decoding wants for its padding */
 	char signer[256];           /* a link's by: the domain whose hosts get the fetch signed ("": none) */
+	char mac[32];               /* a link's MAC, its id (a peer's file for a link) */
 	struct media_blob b;
 	size_t reserved;            /* of app->media_held, from the start of the transfer */
 	bool over;                  /* no room for it in the budget: not fetched */
@@ -172,6 +173,13 @@ struct media_job {
 };
 
 static void fetched(struct media_job *j);
+
+/* The links whose file was refused for good lately, by MAC: logged once an
+ * hour each (a follow of such a link is answered at every one, but anyone
+ * holding it could fill the log; until the twenty-seventh session every
+ * follow wrote a warn line).  Bounded: MEDIA_RECENT_MAX links. */
+#define REFUSED_LOG_MS (3600 * 1000L)
+static struct media_recent refused_links = MEDIA_RECENT_INIT(REFUSED_LOG_MS);
 
 /* On a fetcher (workers.h): the far side answers within its timeout.  The
  * budget is taken here, on the fetcher: a fetch refused because every
@@ -270,11 +278,13 @@ static void fetched(struct media_job *j)
 		 * redirects): no later try changes it, so not 503 "try again"
 		 * (until the twenty-sixth session it was, and a client followed
 		 * the link again for ever) but 403 with why, which a client does
-		 * not repeat (RFC 9110 15.5.4); not 502, which invites retries. */
+		 * not repeat (RFC 9110 15.5.4); not 502, which invites retries.
+		 * Logged at warn once an hour per link, at debug the other times. */
 		char why[160];
 		snprintf(why, sizeof(why), "this gateway does not fetch this file: %s", j->b.refused);
-		LOG_KV(CW_LOG_WARN, "a file for a link is refused for good", "request_id", cw_req_id(req), "detail",
-		       j->err.msg);
+		bool first = media_recent_note(&refused_links, j->mac, cw_now_us() / 1000);
+		LOG_KV(first ? CW_LOG_WARN : CW_LOG_DEBUG, "a file for a link is refused for good", "request_id",
+		       cw_req_id(req), "detail", j->err.msg);
 		cw_req_problem(req, 403, "media_refused", "Forbidden", why);
 	} else if (j->status == 404 || j->status == 410 || (j->public && j->status >= 400 && j->status < 500 &&
 							       j->status != 408 && j->status != 429)) {
@@ -371,6 +381,7 @@ void media_public_get(struct cw_req *req, void *ctx)
 	}
 	j->public = true;
 	snprintf(j->signer, sizeof(j->signer), "%s", by ? by : "");
+	snprintf(j->mac, sizeof(j->mac), "%s", mac); /* 22 characters: media_token_open took it */
 	/* The declared size, as the MAC vouches for it: a longer file is
 	 * refused (413) as it is on Matrix (until the seventeenth session the
 	 * link fetched up to server.media_max_bytes whatever was declared). */

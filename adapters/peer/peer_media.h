@@ -37,7 +37,8 @@ bool peer_media_public_url(struct cw_app *app, const char *url, long long size, 
 json_t *peer_media_public(struct cw_app *app, json_t *ev);
 /* GET /media/{token}: the capability is the token (no other credential);
  * 410 once its time has passed; 403 media_refused when the source is one
- * media_fetch_peer refuses for a fact of its URL (no retry changes it);
+ * media_fetch_peer refuses for a fact of its URL (no retry changes it;
+ * logged at warn once an hour per link, since the twenty-seventh session);
  * 503 with Retry-After when its store is away. */
 void media_public_get(struct cw_req *req, void *ctx);
 

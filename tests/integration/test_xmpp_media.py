@@ -255,6 +255,42 @@ def test_an_avatar_whose_fetch_is_refused_for_good_is_none_not_fetched_again(mak
         media.close()
 
 
+def link_refusals(d):
+    """The daemon's log records of links whose file it refused for good."""
+    return [r for r in d.records if r.get("msg") == "a file for a link is refused for good"]
+
+
+def test_a_refused_link_is_logged_once_however_often_it_is_followed(make_daemon, db_url, prosody, alice, tmp_path):
+    """A link whose file is refused for good is 403 media_refused at every
+    follow, but logged (at warn) once per link and hour, since the
+    twenty-seventh session: until then every follow wrote a warn line, and
+    anyone holding the link could fill the log.  Another link is logged on
+    its own."""
+    media, d, a, srv, key, room = start(make_daemon, db_url, prosody, tmp_path)
+    try:
+        data = os.urandom(600)
+        links = []
+        for name in ("one.jpg", "two.jpg"):
+            media.redirect[f"/f/{name}"] = f"http://127.0.0.1:9/f/{name}"
+            links.append(photo_link(a, alice, room, f"https://media.wa.localhost:{media.port}/f/{name}", data)[1])
+        for _ in range(4):
+            r = requests.get(links[0], timeout=10)
+            assert r.status_code == 403 and r.json()["code"] == "media_refused", (r.status_code, r.text[:200])
+        assert [p for p, _ in media.requests] == ["/f/one.jpg"] * 4  # still fetched: the answer is why
+        r = requests.get(links[1], timeout=10)
+        assert r.status_code == 403 and r.json()["code"] == "media_refused", (r.status_code, r.text[:200])
+        # The log is in order: once the second link's line is there, every
+        # line of the first link's follows is too.
+        wait_until(lambda: any("/f/two.jpg" in x.get("detail", "") for x in link_refusals(d)),
+                   what="the second link's refusal logged")
+        logged = link_refusals(d)
+        assert [x["level"] for x in logged] == ["warn", "warn"], logged
+        assert "/f/one.jpg" in logged[0]["detail"] and "not over https" in logged[0]["detail"], logged
+    finally:
+        srv.close()
+        media.close()
+
+
 def test_a_refused_avatar_stays_none_when_the_photo_cache_starts_over(make_daemon, db_url, pg, prosody, alice,
                                                                      tmp_path):
     """A remote user's avatar refused for good is none, and stays so when
