@@ -338,6 +338,26 @@ def test_a_file_behind_a_redirect_it_may_not_follow_is_a_notice(mx, hs, gk, medi
     assert [p for p, _ in media.requests].count("/f/loop.png") == 4
 
 
+def test_a_file_at_a_url_libcurl_cannot_read_is_a_notice(mx, hs, gk, media, pg, db_url):
+    """An attachment URL the peer API takes (https://, visible ASCII) but
+    libcurl cannot read (a port past 65535) is refused for a fact of its
+    URL: a line of the text at once, "not carried: not a URL this gateway
+    can fetch", delivered on its first attempt, no store asked."""
+    a, _ = gk
+    consent_alice(mx)
+    hs.create_user("alice")
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    cat = os.urandom(2000)
+    mid = send_file(a, room, "look", attachment("https://media.wa.localhost:99999/f/cat.png", cat), "badport")
+    [m] = ghost_messages(hs, 1)
+    c = m["content"]
+    assert c["msgtype"] == "m.text" and "url" not in c, c
+    assert "[image: cat.png]" in c["body"] and "(not carried: not a URL this gateway can fetch)" in c["body"], c
+    assert media.requests == []
+    assert pg.psql("SELECT o.state || ' ' || o.attempts FROM outbox o JOIN events e ON e.id = o.event_id "
+                   f"WHERE e.public_id = '{mid}' AND o.destination = 'matrix'", db_url) == "delivered 1"
+
+
 def test_a_file_longer_than_declared_is_not_carried(mx, hs, gk, media):
     """A rule's max_attachment_bytes judges the sizes attachments declare;
     the file is fetched at most up to its declared size, and a longer one

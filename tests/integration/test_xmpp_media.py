@@ -291,6 +291,28 @@ def test_a_refused_link_is_logged_once_however_often_it_is_followed(make_daemon,
         media.close()
 
 
+def test_a_link_to_a_url_libcurl_cannot_read_is_refused_for_good(make_daemon, db_url, prosody, alice, tmp_path):
+    """An attachment URL the peer API takes (https://, visible ASCII) but
+    libcurl cannot read (here a port past 65535) reaches the fetch and is
+    refused for a fact of its URL: 403 media_refused, "not a URL this
+    gateway can fetch", without Retry-After; nothing is asked of any store.
+    So is a redirect to such a URL (an IPv6 literal that is none)."""
+    media, d, a, srv, key, room = start(make_daemon, db_url, prosody, tmp_path)
+    try:
+        data = os.urandom(600)
+        media.redirect["/f/hop.jpg"] = "https://[zz]/f/x.jpg"
+        for url in ("https://media.wa.localhost:99999/f/x.jpg", f"https://media.wa.localhost:{media.port}/f/hop.jpg"):
+            _, link = photo_link(a, alice, room, url, data)
+            r = requests.get(link, timeout=10)
+            assert r.status_code == 403 and "Retry-After" not in r.headers, (url, r.status_code, r.text[:200])
+            p = r.json()
+            assert p["code"] == "media_refused" and "not a URL this gateway can fetch" in p["detail"], p
+        assert [p for p, _ in media.requests] == ["/f/hop.jpg"]  # only the redirect's first hop
+    finally:
+        srv.close()
+        media.close()
+
+
 def test_a_refused_avatar_stays_none_when_the_photo_cache_starts_over(make_daemon, db_url, pg, prosody, alice,
                                                                      tmp_path):
     """A remote user's avatar refused for good is none, and stays so when
