@@ -316,27 +316,17 @@ static struct media_recent_key *recent_find(struct media_recent *r, const unsign
 	return found;
 }
 
-bool media_recent_has(struct media_recent *r, const char *key, int64_t now_ms)
-{
-	unsigned char sha[32];
-	struct media_recent_key *room;
-	cw_sha256(key, strlen(key), sha);
-	pthread_mutex_lock(&r->mu);
-	const struct media_recent_key *k = recent_find(r, sha, now_ms, &room);
-	bool has = k && recent_fresh(r, k, now_ms);
-	pthread_mutex_unlock(&r->mu);
-	return has;
-}
-
-bool media_recent_note(struct media_recent *r, const char *key, int64_t now_ms)
+/* Whether key was noted less than r->ttl_ms before now_ms; when it was
+ * not and note is set, it is noted at now_ms. */
+static bool recent_check(struct media_recent *r, const char *key, int64_t now_ms, bool note)
 {
 	unsigned char sha[32];
 	struct media_recent_key *room;
 	cw_sha256(key, strlen(key), sha);
 	pthread_mutex_lock(&r->mu);
 	struct media_recent_key *k = recent_find(r, sha, now_ms, &room);
-	bool first = !k || !recent_fresh(r, k, now_ms);
-	if (first) {
+	bool fresh = k && recent_fresh(r, k, now_ms);
+	if (!fresh && note) {
 		if (!k)
 			k = room;
 		memcpy(k->sha, sha, 32);
@@ -344,7 +334,17 @@ bool media_recent_note(struct media_recent *r, const char *key, int64_t now_ms)
 		k->used = true;
 	}
 	pthread_mutex_unlock(&r->mu);
-	return first;
+	return fresh;
+}
+
+bool media_recent_has(struct media_recent *r, const char *key, int64_t now_ms)
+{
+	return recent_check(r, key, now_ms, false);
+}
+
+bool media_recent_note(struct media_recent *r, const char *key, int64_t now_ms)
+{
+	return !recent_check(r, key, now_ms, true);
 }
 
 static const char *no_header(void *ctx, const char *name)
