@@ -81,6 +81,7 @@ struct cw_config {
 	char *xmpp_domain;
 	long xmpp_reconnect_max_ms;
 	long xmpp_resend_window_ms;
+	long xmpp_max_stanza_bytes;
 	long xmpp_command_session_lifetime_s;
 	/* [admin] */
 	char *admin_token_sha256;

@@ -986,17 +986,34 @@ static void give_sm_state(xmpp_ctx_t *ctx, xmpp_conn_t *conn)
  * xmpp_xml.c stopped its parser: nothing from there on was read.  The
  * receiving side closes such a stream with restricted-xml.  Or (broken) it
  * was not well-formed XML, which libstrophe answered with invalid-xml but
- * kept open, every later read failing, until the ping's timeout.  It is
- * given up as any break, and connected again after the backoff.  The
- * rooms' occupants are not told first (nothing more is written to a stream
- * in error); the server is given half a second to close it. */
-static void refuse_stream(struct xcomp *xc, const char *why, bool broken)
+ * kept open, every later read failing, until the ping's timeout.  Or a
+ * stanza was larger than xmpp.max_stanza_bytes (RFC 6120 §4.9.3.14: closed
+ * with policy-violation), and none of it was served.  It is given up as
+ * any break, and connected again after the backoff.  The rooms' occupants
+ * are not told first (nothing more is written to a stream in error); the
+ * server is given half a second to close it. */
+static void refuse_stream(struct xcomp *xc, const char *why, enum xa_xml_stop kind)
 {
 	char reason[sizeof(xc->drop_reason)]; /* not the connection handler's "the stream closed" */
-	if (broken) {
+	if (kind == XA_XML_BROKEN) {
 		LOG_KV(CW_LOG_WARN, "xmpp: the server's stream is not well-formed XML: closed", "component", xc->domain,
 		       "detail", why);
 		snprintf(reason, sizeof(reason), "the server's stream is not well-formed XML (%s)", why);
+	} else if (kind == XA_XML_TOO_LARGE) {
+		long cap = xc->x->cfg->xmpp_max_stanza_bytes;
+		char caps[24];
+		snprintf(caps, sizeof(caps), "%ld", cap);
+		LOG_KV(CW_LOG_WARN, "xmpp: the server sent a stanza larger than the cap: closed with policy-violation",
+		       "component", xc->domain, "cap", caps, "setting", "xmpp.max_stanza_bytes");
+		snprintf(reason, sizeof(reason),
+			 "the server sent a stanza larger than %ld bytes (xmpp.max_stanza_bytes; policy-violation)",
+			 cap);
+		atomic_fetch_add(&xc->stanza_too_large, 1);
+		xmpp_send_raw_string(xc->conn,
+				     "<stream:error><policy-violation xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>"
+				     "<text xmlns='urn:ietf:params:xml:ns:xmpp-streams'>"
+				     "stanza larger than %ld bytes</text></stream:error>",
+				     cap);
 	} else {
 		LOG_KV(CW_LOG_WARN,
 		       "xmpp: the server's stream holds markup XMPP forbids (RFC 6120 11.1): closed with restricted-xml",
@@ -1082,9 +1099,9 @@ static void *comp_main(void *arg)
 				nap(xc, 50);
 				continue;
 			}
-			xa_xml_watch(true); /* its parser: see refuse_stream */
+			xa_xml_watch(true, cfg->xmpp_max_stanza_bytes); /* its parser: see refuse_stream */
 			xc->conn = xmpp_conn_new(xc->ctx);
-			xa_xml_watch(false);
+			xa_xml_watch(false, 0);
 			if (!xc->conn) {
 				next_try = now + 1000;
 				continue;
@@ -1105,10 +1122,10 @@ static void *comp_main(void *arg)
 		}
 		if (!xc->dropped) {
 			turn(xc, next_house);
-			bool broken;
-			const char *why = xa_xml_refused(&broken);
+			enum xa_xml_stop kind;
+			const char *why = xa_xml_refused(&kind);
 			if (why)
-				refuse_stream(xc, why, broken);
+				refuse_stream(xc, why, kind);
 		}
 		now = mono_ms();
 		if (xc->up_event && !xc->dropped) {
@@ -1302,13 +1319,14 @@ json_t *xa_health(struct xmpp *x)
 	for (int i = 0; i < x->ncomp; i++) {
 		struct xcomp *xc = &x->comp[i];
 		pthread_mutex_lock(&xc->mu);
-		json_t *o = json_pack("{s:s, s:s, s:s, s:I, s:I, s:I, s:I, s:I, s:I}", "state", state_name(xc->state), "peer",
-				      xc->peer, "last_error", xc->last_error, "connected_since_ms",
+		json_t *o = json_pack("{s:s, s:s, s:s, s:I, s:I, s:I, s:I, s:I, s:I, s:I}", "state",
+				      state_name(xc->state), "peer", xc->peer, "last_error", xc->last_error, "connected_since_ms",
 				      (json_int_t)(xc->state == XC_UP ? xc->connected_since_ms : 0), "queued",
 				      (json_int_t)xc->queued, "stanzas_in", (json_int_t)atomic_load(&xc->stanzas_in),
 				      "stanzas_out", (json_int_t)atomic_load(&xc->stanzas_out), "room_occupants",
 				      (json_int_t)xa_muc_count_locked(xc), "restricted_xml",
-				      (json_int_t)atomic_load(&xc->restricted_xml));
+				      (json_int_t)atomic_load(&xc->restricted_xml), "stanza_too_large",
+				      (json_int_t)atomic_load(&xc->stanza_too_large));
 		pthread_mutex_unlock(&xc->mu);
 		json_object_set_new(comps, xc->domain, o);
 	}
@@ -1345,16 +1363,18 @@ void xa_metrics(struct xmpp *x, struct cw_buf *b)
 		pthread_mutex_unlock(&x->comp[i].mu);
 		cw_buf_printf(b, "causeway_xmpp_room_occupants{component=\"%s\"} %zu\n", x->comp[i].domain, n);
 	}
-	static const char *const names[] = { "in", "out", "errors_out", "connects", "restricted_xml" };
+	static const char *const names[] = { "in", "out", "errors_out", "connects", "restricted_xml",
+					     "stanza_too_large" };
 	cw_buf_printf(b, "# HELP causeway_xmpp_stanzas_total Stanzas read from and written to the streams; error answers; "
-			 "stream (re)connections; streams closed for markup XMPP forbids.\n"
+			 "stream (re)connections; streams closed for markup XMPP forbids, or for a stanza over the "
+			 "size cap.\n"
 			 "# TYPE causeway_xmpp_stanzas_total counter\n");
 	for (int i = 0; i < x->ncomp; i++) {
 		struct xcomp *xc = &x->comp[i];
 		unsigned long long v[] = { atomic_load(&xc->stanzas_in), atomic_load(&xc->stanzas_out),
 					   atomic_load(&xc->errors_out), atomic_load(&xc->connects),
-					   atomic_load(&xc->restricted_xml) };
-		for (int k = 0; k < 5; k++)
+					   atomic_load(&xc->restricted_xml), atomic_load(&xc->stanza_too_large) };
+		for (size_t k = 0; k < CW_ARRAY_LEN(names); k++)
 			cw_buf_printf(b, "causeway_xmpp_stanzas_total{component=\"%s\",kind=\"%s\"} %llu\n", xc->domain,
 				      names[k], v[k]);
 	}

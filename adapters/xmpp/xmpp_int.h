@@ -138,6 +138,7 @@ struct xcomp {
 	/* counters */
 	atomic_ullong stanzas_in, stanzas_out, errors_out, connects;
 	atomic_ullong restricted_xml;        /* streams closed for markup XMPP forbids (xmpp_xml.c) */
+	atomic_ullong stanza_too_large;      /* streams closed for a stanza over xmpp.max_stanza_bytes */
 };
 
 struct xmpp {
@@ -347,10 +348,14 @@ bool xa_muc_reflect(struct xcomp *xc, const char *stanza_text, const char *room,
  * process stops at a DOCTYPE, an entity declaration, a comment or a
  * processing instruction.  With on, the next parser made on this thread
  * (by xmpp_conn_new: the stream's) is watched until it is freed: it is
- * suspended there instead of failed, and xa_xml_refused() then says what
- * stopped it ("a DOCTYPE", ...) once, else NULL; or, *not_well_formed set,
- * expat's error when the stream was not well-formed XML. */
-void xa_xml_watch(bool on);
-const char *xa_xml_refused(bool *not_well_formed);
+ * suspended there instead of failed, and it stops too at a stanza (a
+ * child of its root) larger than max_stanza_bytes (0: no cap).
+ * xa_xml_refused() then says what stopped it once, else NULL: *why
+ * XA_XML_RESTRICTED with the markup ("a DOCTYPE", ...), XA_XML_BROKEN with
+ * expat's error when the stream was not well-formed XML, or
+ * XA_XML_TOO_LARGE. */
+enum xa_xml_stop { XA_XML_RESTRICTED, XA_XML_BROKEN, XA_XML_TOO_LARGE };
+void xa_xml_watch(bool on, long max_stanza_bytes);
+const char *xa_xml_refused(enum xa_xml_stop *why);
 
 #endif

@@ -20,8 +20,20 @@
  * well-formed XML the same way.  Any other parser (that of
  * xmpp_stanza_new_from_string) fails: that function returns NULL.
  *
+ * The stream's parser also has a size cap on its stanzas (docs/xmpp.md,
+ * "Stanza size"): the element handlers libstrophe sets on it are wrapped
+ * (XML_SetElementHandler and its two halves stand in front of expat's
+ * too), and count the depth; a stanza (a child of <stream:stream>) is
+ * measured from its start tag's '<' (XML_GetCurrentByteIndex) to each of
+ * its tags' end, and after each read to the last byte read, while it is
+ * still coming.  Between stanzas, what expat holds unparsed (a start tag
+ * still coming) is measured too.  Past the cap the parser stops as above,
+ * before libstrophe sees the tag that went past it (so the stanza is never
+ * served), and the thread closes the stream with policy-violation.
+ *
  * The handlers fire on forbidden markup only: a stanza costs what it did,
- * plus a few instructions per read (docs/xmpp.md, "Restricted XML"). */
+ * plus a few instructions per read and per tag (docs/xmpp.md, "Restricted
+ * XML"). */
 #include "config.h"
 #include "xmpp_int.h"
 
@@ -38,6 +50,9 @@ typedef XML_Bool (*reset_fn)(XML_Parser, const XML_Char *);
 typedef void (*free_fn)(XML_Parser);
 typedef enum XML_Status (*parse_fn)(XML_Parser, const char *, int, int);
 typedef enum XML_Status (*parse_buffer_fn)(XML_Parser, int, int);
+typedef void (*set_element_fn)(XML_Parser, XML_StartElementHandler, XML_EndElementHandler);
+typedef void (*set_start_fn)(XML_Parser, XML_StartElementHandler);
+typedef void (*set_end_fn)(XML_Parser, XML_EndElementHandler);
 
 static struct {
 	create_fn create;
@@ -47,6 +62,9 @@ static struct {
 	free_fn free;
 	parse_fn parse;
 	parse_buffer_fn parse_buffer;
+	set_element_fn set_element;
+	set_start_fn set_start;
+	set_end_fn set_end;
 } real;
 static pthread_once_t real_once = PTHREAD_ONCE_INIT;
 
@@ -69,27 +87,99 @@ static void find_real(void)
 	*(void **)&real.free = next_symbol("XML_ParserFree");
 	*(void **)&real.parse = next_symbol("XML_Parse");
 	*(void **)&real.parse_buffer = next_symbol("XML_ParseBuffer");
+	*(void **)&real.set_element = next_symbol("XML_SetElementHandler");
+	*(void **)&real.set_start = next_symbol("XML_SetStartElementHandler");
+	*(void **)&real.set_end = next_symbol("XML_SetEndElementHandler");
 }
 
 static __thread XML_Parser cur;      /* the parser this thread's XML_Parse runs */
 static __thread XML_Parser watched;  /* this thread's stream's parser */
 static __thread bool watch_next;     /* the next parser made is the stream's */
 static __thread const char *refused; /* what stopped the watched parser, until read */
-static __thread bool broken;         /* that was not well-formed XML (expat's own error) */
+static __thread enum xa_xml_stop kind; /* and why */
 static __thread bool halted;         /* the watched parser stopped: what comes after is not read */
+/* The watched parser's stanza cap (0: none), set with the watch. */
+static __thread long cap, cap_next;
+static __thread XML_StartElementHandler their_start; /* the element handlers set on the watched parser */
+static __thread XML_EndElementHandler their_end;
+static __thread int depth;        /* its open elements: 1 inside <stream:stream>, 2 and more in a stanza */
+static __thread XML_Index stanza_at; /* where the stanza in progress starts (its '<') */
+static __thread XML_Index fed;       /* bytes given to it since it was made or reset */
+
+/* The watched parser stops: why is said once by xa_xml_refused. */
+static void halt(enum xa_xml_stop k, const char *what)
+{
+	if (!refused) {
+		refused = what;
+		kind = k;
+	}
+	halted = true;
+}
 
 static void refuse(const char *what)
 {
 	if (!cur) /* cannot be: parsing starts in XML_Parse or XML_ParseBuffer below (libstrophe never resumes) */
 		return;
 	if (cur == watched) {
-		if (!refused)
-			refused = what;
-		halted = true;
+		halt(XA_XML_RESTRICTED, what);
 		XML_StopParser(cur, XML_TRUE);
 	} else {
 		XML_StopParser(cur, XML_FALSE);
 	}
+}
+
+/* Whether the stanza in progress, up to end (a byte index), is past the
+ * cap: the parser is stopped then (in a handler: the caller returns
+ * without calling libstrophe's). */
+static bool too_large(XML_Index end)
+{
+	if (!cap || depth < 2 || end - stanza_at <= cap)
+		return false;
+	halt(XA_XML_TOO_LARGE, "a stanza larger than the cap");
+	if (cur == watched)
+		XML_StopParser(cur, XML_TRUE);
+	return true;
+}
+
+/* The element handlers of the watched parser, in front of the ones set on
+ * it.  Only the watched parser has them, and its handlers run only inside
+ * XML_Parse or XML_ParseBuffer below, so cur is that parser.  Once it is
+ * stopped, what expat still calls back (the end of an empty element whose
+ * start stopped it) does not reach libstrophe. */
+static void XMLCALL on_start(void *u, const XML_Char *name, const XML_Char **atts)
+{
+	if (halted)
+		return;
+	XML_Index at = XML_GetCurrentByteIndex(cur);
+	if (depth++ == 1)
+		stanza_at = at;
+	if (too_large(at + XML_GetCurrentByteCount(cur)))
+		return;
+	if (their_start)
+		their_start(u, name, atts);
+}
+
+static void XMLCALL on_end(void *u, const XML_Char *name)
+{
+	if (halted || too_large(XML_GetCurrentByteIndex(cur) + XML_GetCurrentByteCount(cur)))
+		return;
+	depth--;
+	if (their_end)
+		their_end(u, name);
+}
+
+/* After a read of the watched parser (len bytes) that did not stop it: a
+ * stanza still coming is measured to the last byte read; between stanzas,
+ * what expat holds unparsed (from the position of its last event: a start
+ * tag still coming) is. */
+static void measure(int len)
+{
+	fed += len;
+	if (!cap || halted)
+		return;
+	XML_Index from = depth >= 2 ? stanza_at : XML_GetCurrentByteIndex(watched);
+	if (from >= 0 && fed - from > cap)
+		halt(XA_XML_TOO_LARGE, "a stanza larger than the cap");
 }
 
 static void XMLCALL on_doctype(void *u, const XML_Char *name, const XML_Char *sysid, const XML_Char *pubid,
@@ -120,6 +210,13 @@ static XML_Parser guard(XML_Parser p)
 	XML_SetEntityDeclHandler(p, on_entity);
 	XML_SetCommentHandler(p, on_comment);
 	XML_SetProcessingInstructionHandler(p, on_pi);
+	if (p == watched) { /* made or reset: nothing read, no handler of libstrophe's yet */
+		real.set_element(p, on_start, on_end);
+		their_start = NULL;
+		their_end = NULL;
+		depth = 0;
+		stanza_at = fed = 0;
+	}
 	return p;
 }
 
@@ -129,7 +226,8 @@ static XML_Parser made(XML_Parser p)
 		watched = p;
 		watch_next = false;
 		refused = NULL;
-		broken = halted = false;
+		halted = false;
+		cap = cap_next;
 	}
 	return guard(p);
 }
@@ -139,10 +237,8 @@ static XML_Parser made(XML_Parser p)
  * thread is told too, and closes it. */
 static enum XML_Status parsed(XML_Parser p, enum XML_Status st)
 {
-	if (st == XML_STATUS_ERROR && p == watched && !refused) {
-		refused = XML_ErrorString(XML_GetErrorCode(p));
-		broken = halted = true;
-	}
+	if (st == XML_STATUS_ERROR && p == watched && !refused)
+		halt(XA_XML_BROKEN, XML_ErrorString(XML_GetErrorCode(p)));
 	return st;
 }
 
@@ -184,9 +280,40 @@ void XML_ParserFree(XML_Parser p)
 	if (p && p == watched) {
 		watched = NULL;
 		refused = NULL;
-		broken = halted = false;
+		halted = false;
 	}
 	real.free(p);
+}
+
+/* The watched parser keeps its own element handlers, in front of the
+ * ones set (the cap's depth). */
+void XML_SetElementHandler(XML_Parser p, XML_StartElementHandler start, XML_EndElementHandler end)
+{
+	pthread_once(&real_once, find_real);
+	if (p && p == watched) {
+		their_start = start;
+		their_end = end;
+	} else {
+		real.set_element(p, start, end);
+	}
+}
+
+void XML_SetStartElementHandler(XML_Parser p, XML_StartElementHandler start)
+{
+	pthread_once(&real_once, find_real);
+	if (p && p == watched)
+		their_start = start;
+	else
+		real.set_start(p, start);
+}
+
+void XML_SetEndElementHandler(XML_Parser p, XML_EndElementHandler end)
+{
+	pthread_once(&real_once, find_real);
+	if (p && p == watched)
+		their_end = end;
+	else
+		real.set_end(p, end);
 }
 
 /* What the server sends after the watched parser stopped (its closing
@@ -202,6 +329,8 @@ enum XML_Status XML_Parse(XML_Parser p, const char *s, int len, int final)
 	cur = p;
 	enum XML_Status st = real.parse(p, s, len, final);
 	cur = outer;
+	if (p && p == watched && st != XML_STATUS_ERROR)
+		measure(len);
 	return parsed(p, st);
 }
 
@@ -214,21 +343,24 @@ enum XML_Status XML_ParseBuffer(XML_Parser p, int len, int final)
 	cur = p;
 	enum XML_Status st = real.parse_buffer(p, len, final);
 	cur = outer;
+	if (p && p == watched && st != XML_STATUS_ERROR)
+		measure(len);
 	return parsed(p, st);
 }
 
 /* ------------------------------------------------------------ the adapter's */
 
-void xa_xml_watch(bool on)
+void xa_xml_watch(bool on, long max_stanza_bytes)
 {
 	watch_next = on;
+	cap_next = on ? max_stanza_bytes : 0;
 }
 
-const char *xa_xml_refused(bool *not_well_formed)
+const char *xa_xml_refused(enum xa_xml_stop *why)
 {
 	const char *r = refused;
-	*not_well_formed = broken;
+	*why = kind;
 	refused = NULL;
-	broken = false;
+	kind = XA_XML_RESTRICTED;
 	return r;
 }

@@ -2570,11 +2570,12 @@ class HostileServer:
         got, self.received = self.received[:i], self.received[i:]
         return got
 
-    def daemon(self, make_daemon, db_url, **sections):
+    def daemon(self, make_daemon, db_url, xmpp=None, **sections):
         """A daemon (started) whose component connects to this server
-        (sections: more configuration)."""
+        (sections: more configuration; xmpp: more of its [xmpp])."""
         return make_daemon(db_url, options={"server": {"domain": "example.org"}, **sections, "xmpp": {
-            "components": f"{COMP}=gk", "server_port": str(self.port), "secret": SECRET, "domain": HOST}}).start()
+            "components": f"{COMP}=gk", "server_port": str(self.port), "secret": SECRET, "domain": HOST,
+            **(xmpp or {})}}).start()
 
     def stream_up(self, d):
         """Takes the daemon d's connection and waits for its stream to be up."""
@@ -2712,6 +2713,63 @@ def test_a_stream_that_is_not_well_formed_is_closed(make_daemon, db_url):
         wait_until(lambda: component_state(d)["state"] == "up", what="the stream again")
         assert component_state(d)["restricted_xml"] == 0
         assert "a private word" not in d.log()
+    finally:
+        srv.close()
+
+
+def padded_ping(sid, size):
+    """An iq ping from a local user of exactly size bytes (padded in an attribute)."""
+    head = f"<iq type='get' id='{sid}' from='{ALICE_JID}/phone' to='{COMP}'><ping xmlns='urn:xmpp:ping' pad='"
+    tail = "'/></iq>"
+    xml = head + "p" * (size - len(head) - len(tail)) + tail
+    assert len(xml.encode()) == size
+    return xml
+
+
+def test_a_stanza_over_the_size_cap_closes_the_stream(make_daemon, db_url, pg):
+    """Every stanza has a size limit (the spec's quality.md). One the
+    server sends larger than xmpp.max_stanza_bytes, from its start tag to
+    its end tag, closes the stream with policy-violation (RFC 6120
+    §4.9.3.14: "a stanza exceeds a configured size limit") before any of it
+    is served, whole or still coming; the component says why, counts it
+    and connects again. One of exactly the cap is taken. Until the
+    twenty-seventh session only the XMPP server's own caps bounded them."""
+    cap = 10000
+    srv = HostileServer(SECRET)
+    try:
+        d = srv.daemon(make_daemon, db_url, xmpp={"max_stanza_bytes": str(cap)})
+        srv.stream_up(d)
+        srv.send(padded_ping("ok1", cap))  # just under (at) the cap: taken
+        answer = srv._until(b"ok1") + srv._until(b">")
+        assert b"result" in answer, answer
+        srv.send(padded_ping("big1", cap + 1))  # one byte over, whole in one read
+        got = srv.until_closed()
+        assert b"<policy-violation xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" in got, got
+        assert b"</stream:stream>" in got and b"big1" not in got, got  # not served
+        reason = f"the server sent a stanza larger than {cap} bytes (xmpp.max_stanza_bytes; policy-violation)"
+        wait_until(lambda: component_state(d)["last_error"] == reason, what="the reason in /readyz")
+        rec = d.wait_for(lambda r: r.get("msg", "").startswith("xmpp: the server sent a stanza larger than"))
+        assert rec["level"] == "warn" and rec["cap"] == str(cap) and rec["setting"] == "xmpp.max_stanza_bytes", rec
+        assert rec["component"] == COMP
+        # Connected again by itself; a message over the cap still coming
+        # (its end never sent) is refused too, and nothing of it is kept.
+        srv.stream_up(d)
+        srv.send(f"<message from='{ALICE_JID}/phone' to='{WALLY_JID}' type='chat' id='big2'><body>secret words ")
+        srv.send("z" * cap)
+        got = srv.until_closed()
+        assert b"policy-violation" in got and b"big2" not in got, got
+        srv.stream_up(d)
+        srv.send(padded_ping("ok2", cap - 1))
+        answer = srv._until(b"ok2") + srv._until(b">")
+        assert b"result" in answer, answer
+        state = component_state(d)
+        assert state["stanza_too_large"] == 2 and state["restricted_xml"] == 0, state
+        m = re.search(r'causeway_xmpp_stanzas_total\{component="%s",kind="stanza_too_large"\} (\d+)' % re.escape(COMP),
+                      d.get("/metrics").text)
+        assert m and m.group(1) == "2"
+        assert pg.psql("SELECT count(*) FROM events", db_url) == "0"
+        assert pg.psql("SELECT count(*) FROM identities WHERE network = 'xmpp'", db_url) == "0"
+        assert "secret words" not in d.log()
     finally:
         srv.close()
 

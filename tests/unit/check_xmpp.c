@@ -1554,8 +1554,8 @@ START_TEST(restricted_xml_is_refused)
 	ck_assert_int_eq(XML_Parse(p, laughs, (int)strlen(laughs), XML_TRUE), XML_STATUS_ERROR);
 	ck_assert_int_eq(XML_GetErrorCode(p), XML_ERROR_ABORTED);
 	ck_assert_int_eq(chars, 0);
-	bool broken;
-	ck_assert_ptr_null(xa_xml_refused(&broken)); /* not this thread's stream */
+	enum xa_xml_stop why;
+	ck_assert_ptr_null(xa_xml_refused(&why)); /* not this thread's stream */
 	/* The handlers survive a reset (which clears them). */
 	ck_assert_int_eq(XML_ParserReset(p, NULL), XML_TRUE);
 	ck_assert_int_eq(XML_Parse(p, "<s><?x y?></s>", 14, XML_TRUE), XML_STATUS_ERROR);
@@ -1565,37 +1565,180 @@ START_TEST(restricted_xml_is_refused)
 	/* The stream's parser (the next one made after xa_xml_watch) is
 	 * suspended, not failed (libstrophe would answer invalid-xml), and says
 	 * why once. */
-	xa_xml_watch(true);
+	xa_xml_watch(true, 0);
 	p = XML_ParserCreate_MM(NULL, NULL, "\x1f");
-	xa_xml_watch(false);
+	xa_xml_watch(false, 0);
 	ck_assert_ptr_nonnull(p);
 	chars = 0;
 	XML_SetUserData(p, &chars);
 	XML_SetCharacterDataHandler(p, count_chars);
 	ck_assert_int_eq(XML_Parse(p, laughs, (int)strlen(laughs), XML_FALSE), XML_STATUS_SUSPENDED);
 	ck_assert_int_eq(chars, 0);
-	ck_assert_str_eq(xa_xml_refused(&broken), "a DOCTYPE");
-	ck_assert(!broken);
-	ck_assert_ptr_null(xa_xml_refused(&broken));
+	ck_assert_str_eq(xa_xml_refused(&why), "a DOCTYPE");
+	ck_assert_int_eq(why, XA_XML_RESTRICTED);
+	ck_assert_ptr_null(xa_xml_refused(&why));
 	ck_assert_int_eq(XML_ParserReset(p, NULL), XML_TRUE);
 	ck_assert_int_eq(XML_Parse(p, "<s>ok<!-- x --></s>", 19, XML_TRUE), XML_STATUS_SUSPENDED);
-	ck_assert_str_eq(xa_xml_refused(&broken), "a comment");
+	ck_assert_str_eq(xa_xml_refused(&why), "a comment");
 	/* and stays stopped: what follows is taken unread, no error of its own */
 	chars = 0;
 	ck_assert_int_eq(XML_Parse(p, "<s>more</s>", 11, XML_TRUE), XML_STATUS_OK);
 	ck_assert_int_eq(chars, 0);
-	ck_assert_ptr_null(xa_xml_refused(&broken));
+	ck_assert_ptr_null(xa_xml_refused(&why));
 	/* Not well-formed: said too, as such. */
 	ck_assert_int_eq(XML_ParserReset(p, NULL), XML_TRUE);
 	ck_assert_int_eq(XML_Parse(p, "<s><a></b></s>", 14, XML_FALSE), XML_STATUS_ERROR);
-	ck_assert_str_eq(xa_xml_refused(&broken), "mismatched tag");
-	ck_assert(broken);
+	ck_assert_str_eq(xa_xml_refused(&why), "mismatched tag");
+	ck_assert_int_eq(why, XA_XML_BROKEN);
 	XML_ParserFree(p);
 	/* Freed: no longer watched; a new parser at its address is not it. */
 	p = XML_ParserCreate_MM(NULL, NULL, "\x1f");
 	ck_assert_int_eq(XML_Parse(p, "<s><!-- x --></s>", 17, XML_TRUE), XML_STATUS_ERROR);
-	ck_assert_ptr_null(xa_xml_refused(&broken));
+	ck_assert_ptr_null(xa_xml_refused(&why));
 	XML_ParserFree(p);
+}
+END_TEST
+
+/* What the stanza cap's handlers pass on: the ids of the stanzas ended
+ * (children of the root), and every start seen. */
+struct seen {
+	int depth, starts;
+	char ended[512];
+};
+
+static void XMLCALL seen_start(void *u, const XML_Char *name, const XML_Char **atts)
+{
+	struct seen *s = u;
+	s->depth++;
+	s->starts++;
+}
+
+static void XMLCALL seen_end(void *u, const XML_Char *name)
+{
+	struct seen *s = u;
+	if (--s->depth == 1) {
+		size_t n = strlen(s->ended);
+		snprintf(s->ended + n, sizeof(s->ended) - n, "%s;", name);
+	}
+}
+
+/* A stanza of exactly n bytes (<NAME a='ppp...'/>, or with a body). */
+static char *stanza_of(const char *name, size_t n, bool body)
+{
+	char *x = malloc(n + 1);
+	ck_assert_ptr_nonnull(x);
+	int h = snprintf(x, n + 1, body ? "<%s>" : "<%s a='", name);
+	size_t tail = body ? strlen(name) + 3 : 3;
+	ck_assert_uint_gt(n, h + tail);
+	memset(x + h, body ? 'b' : 'p', n - h - tail);
+	snprintf(x + n - tail, tail + 1, body ? "</%s>" : "'/>", name);
+	ck_assert_uint_eq(strlen(x), n);
+	return x;
+}
+
+static XML_Parser watched_parser(long cap, struct seen *s)
+{
+	xa_xml_watch(true, cap);
+	XML_Parser p = XML_ParserCreate_MM(NULL, NULL, NULL);
+	xa_xml_watch(false, 0);
+	ck_assert_ptr_nonnull(p);
+	memset(s, 0, sizeof(*s));
+	XML_SetUserData(p, s);
+	XML_SetElementHandler(p, seen_start, seen_end);
+	return p;
+}
+
+/* quality.md: every stanza has a size limit.  The stream's parser stops at
+ * a stanza (a child of the root) larger than its cap, from its start
+ * tag's '<' to its end tag's '>', before the tag that went past reaches
+ * the handlers set on it (libstrophe's: the stanza is never served),
+ * whether it came whole or still comes; one of exactly the cap passes, in
+ * one read or byte by byte.  Only the watched parser has a cap. */
+START_TEST(oversized_stanza_is_refused)
+{
+	enum xa_xml_stop why;
+	struct seen s;
+	const long cap = 200;
+	static const char root[] = "<s xmlns='jabber:component:accept'>";
+	XML_Parser p = watched_parser(cap, &s);
+	ck_assert_int_eq(XML_Parse(p, root, (int)strlen(root), XML_FALSE), XML_STATUS_OK);
+	char *at = stanza_of("m1", cap, false), *body = stanza_of("m2", cap, true);
+	ck_assert_int_eq(XML_Parse(p, at, (int)cap, XML_FALSE), XML_STATUS_OK);
+	for (long i = 0; i < cap; i++) /* byte by byte: the same size */
+		ck_assert_int_eq(XML_Parse(p, body + i, 1, XML_FALSE), XML_STATUS_OK);
+	ck_assert_str_eq(s.ended, "m1;m2;");
+	ck_assert_ptr_null(xa_xml_refused(&why));
+	/* Many stanzas of the cap and whitespace between them: each is measured on its own. */
+	for (int i = 0; i < 20; i++) {
+		ck_assert_int_eq(XML_Parse(p, at, (int)cap, XML_FALSE), XML_STATUS_OK);
+		ck_assert_int_eq(XML_Parse(p, " \n", 2, XML_FALSE), XML_STATUS_OK);
+	}
+	ck_assert_ptr_null(xa_xml_refused(&why));
+	free(at);
+	free(body);
+
+	/* One byte over, whole in one read (an empty element, then one with a
+	 * body after an honest stanza in the same read): stopped before its end
+	 * reaches the handlers, and nothing after it is read. */
+	for (int k = 0; k < 2; k++) {
+		ck_assert_int_eq(XML_ParserReset(p, NULL), XML_TRUE);
+		memset(&s, 0, sizeof(s));
+		XML_SetUserData(p, &s);
+		XML_SetElementHandler(p, seen_start, seen_end);
+		char *ok = stanza_of("ok", 50, false), *big = stanza_of("big", cap + 1, k == 1);
+		char all[600];
+		snprintf(all, sizeof(all), "%s%s%s<after/>", root, ok, big);
+		enum XML_Status st = XML_Parse(p, all, (int)strlen(all), XML_FALSE);
+		ck_assert_int_eq(st, XML_STATUS_SUSPENDED);
+		ck_assert_str_eq(s.ended, "ok;");
+		ck_assert_str_eq(xa_xml_refused(&why), "a stanza larger than the cap");
+		ck_assert_int_eq(why, XA_XML_TOO_LARGE);
+		ck_assert_ptr_null(xa_xml_refused(&why));
+		int starts = s.starts;
+		ck_assert_int_eq(XML_Parse(p, "<more/>", 7, XML_FALSE), XML_STATUS_OK); /* taken unread */
+		ck_assert_int_eq(s.starts, starts);
+		ck_assert_str_eq(s.ended, "ok;");
+		free(ok);
+		free(big);
+	}
+
+	/* Still coming: its end never sent, a body, then a start tag, past the cap. */
+	static const char *const coming[] = { "<m><body>", "<m a='" };
+	for (size_t k = 0; k < 2; k++) {
+		ck_assert_int_eq(XML_ParserReset(p, NULL), XML_TRUE);
+		memset(&s, 0, sizeof(s));
+		XML_SetUserData(p, &s);
+		XML_SetElementHandler(p, seen_start, seen_end);
+		ck_assert_int_eq(XML_Parse(p, root, (int)strlen(root), XML_FALSE), XML_STATUS_OK);
+		ck_assert_int_eq(XML_Parse(p, coming[k], (int)strlen(coming[k]), XML_FALSE), XML_STATUS_OK);
+		char chunk[64];
+		memset(chunk, 'x', sizeof(chunk));
+		long sent = (long)strlen(coming[k]);
+		while (sent + (long)sizeof(chunk) <= cap) {
+			ck_assert_int_eq(XML_Parse(p, chunk, (int)sizeof(chunk), XML_FALSE), XML_STATUS_OK);
+			sent += (long)sizeof(chunk);
+		}
+		ck_assert_msg(xa_xml_refused(&why) == NULL, "%s: %ld bytes are not over", coming[k], sent);
+		ck_assert_int_eq(XML_Parse(p, chunk, (int)sizeof(chunk), XML_FALSE), XML_STATUS_OK);
+		ck_assert_str_eq(xa_xml_refused(&why), "a stanza larger than the cap");
+		ck_assert_int_eq(why, XA_XML_TOO_LARGE);
+		ck_assert_str_eq(s.ended, "");
+	}
+	XML_ParserFree(p);
+
+	/* No cap (0), and any parser not watched: what libstrophe parses
+	 * otherwise (a stored stanza) is not held to it. */
+	char *huge = stanza_of("m", 100000, true);
+	p = watched_parser(0, &s);
+	ck_assert_int_eq(XML_Parse(p, root, (int)strlen(root), XML_FALSE), XML_STATUS_OK);
+	ck_assert_int_eq(XML_Parse(p, huge, 100000, XML_FALSE), XML_STATUS_OK);
+	ck_assert_str_eq(s.ended, "m;");
+	XML_ParserFree(p);
+	xmpp_stanza_t *st = xmpp_stanza_new_from_string(ctx, huge);
+	ck_assert_ptr_nonnull(st);
+	xmpp_stanza_release(st);
+	free(huge);
+	ck_assert_ptr_null(xa_xml_refused(&why));
 }
 END_TEST
 
@@ -1623,6 +1766,7 @@ int main(void)
 	tcase_add_test(tc, components_take_the_peers_rule);
 	tcase_add_test(tc, config_check_takes_what_the_adapter_needs);
 	tcase_add_test(tc, restricted_xml_is_refused);
+	tcase_add_test(tc, oversized_stanza_is_refused);
 	suite_add_tcase(s, tc);
 	int rc = unit_run(s);
 	xmpp_shutdown();
