@@ -5,10 +5,20 @@
  * crashes or leaks (ASan/UBSan/LeakSanitizer), and every event the mapping
  * outputs, with a sender added, is accepted by the neutral API's own
  * validation (event_parse): the adapter never hands the pipeline a body it
- * would refuse. */
+ * would refuse.
+ *
+ * The guard in front of expat (adapters/xmpp/xmpp_xml.c: restricted XML,
+ * the stanza size cap) is linked in, as in causewayd: libstrophe's parse
+ * goes through it, and the input is also fed, as the content of a stream,
+ * to a parser watched as the stream's is, under a small cap, in reads cut
+ * where its first byte says.  Property: no stanza (a child of the root)
+ * larger than the cap reaches the handlers set on that parser. */
 #include "config.h"
 #include "xmpp/xm.h"
+#include "xmpp/xmpp_int.h"
 #include "peer/event.h"
+
+#include <expat.h>
 
 #include <stdint.h>
 #include <stdio.h>
@@ -33,8 +43,61 @@ static const json_t *reactions(void *c, const char *msg)
 	return c;
 }
 
+enum { CAP = 300 };
+
+struct stream {
+	XML_Parser p;
+	int depth;
+	XML_Index at; /* the stanza in progress's '<' */
+};
+
+static void XMLCALL stream_start(void *u, const XML_Char *name, const XML_Char **atts)
+{
+	struct stream *s = u;
+	if (s->depth++ == 1)
+		s->at = XML_GetCurrentByteIndex(s->p);
+}
+
+static void XMLCALL stream_end(void *u, const XML_Char *name)
+{
+	struct stream *s = u;
+	XML_Index end = XML_GetCurrentByteIndex(s->p) + XML_GetCurrentByteCount(s->p);
+	if (s->depth-- == 2 && end - s->at > CAP) {
+		fprintf(stderr, "a stanza of %lld bytes passed the cap of %d\n", (long long)(end - s->at), CAP);
+		abort();
+	}
+}
+
+/* The input as a stream's content: the first byte is the size of the reads. */
+static void stream_parse(const uint8_t *data, size_t size)
+{
+	static const char root[] = "<stream:stream xmlns:stream='http://etherx.jabber.org/streams' "
+				   "xmlns='jabber:component:accept'>";
+	if (size < 1)
+		return;
+	size_t step = (size_t)data[0] % 64 + 1;
+	struct stream s = { 0 };
+	xa_xml_watch(true, CAP);
+	s.p = XML_ParserCreate_MM(NULL, NULL, "\x1f");
+	xa_xml_watch(false, 0);
+	if (!s.p)
+		return;
+	XML_SetUserData(s.p, &s);
+	XML_SetElementHandler(s.p, stream_start, stream_end);
+	enum xa_xml_stop why;
+	bool stopped = XML_Parse(s.p, root, (int)strlen(root), XML_FALSE) == XML_STATUS_ERROR;
+	for (size_t i = 1; i < size && !stopped; i += step) {
+		size_t n = size - i < step ? size - i : step;
+		stopped = XML_Parse(s.p, (const char *)data + i, (int)n, XML_FALSE) == XML_STATUS_ERROR ||
+			  xa_xml_refused(&why) != NULL;
+	}
+	xa_xml_refused(&why);
+	XML_ParserFree(s.p);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
+	stream_parse(data, size);
 	if (!ctx) {
 		xmpp_initialize();
 		ctx = xmpp_ctx_new(NULL, NULL);
