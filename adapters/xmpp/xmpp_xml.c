@@ -24,12 +24,12 @@
  * "Stanza size"): the element handlers libstrophe sets on it are wrapped
  * (XML_SetElementHandler and its two halves stand in front of expat's
  * too), and count the depth; a stanza (a child of <stream:stream>) is
- * measured from its start tag's '<' (XML_GetCurrentByteIndex) to each of
- * its tags' end, and after each read to the last byte read, while it is
- * still coming.  Between stanzas, what expat holds unparsed (a start tag
- * still coming) is measured too.  Past the cap the parser stops as above,
- * before libstrophe sees the tag that went past it (so the stanza is never
- * served), and the thread closes the stream with policy-violation.
+ * measured from its start tag's '<' (XML_GetCurrentByteIndex) to its end
+ * tag's '>', and after each read to the last byte read, while it is still
+ * coming.  Between stanzas, what expat holds unparsed (a start tag still
+ * coming) is measured too.  Past the cap the parser stops as above,
+ * before libstrophe sees the stanza's end (so it is never served), and
+ * the thread closes the stream with policy-violation.
  *
  * The handlers fire on forbidden markup only: a stanza costs what it did,
  * plus a few instructions per read and per tag (docs/xmpp.md, "Restricted
@@ -128,42 +128,35 @@ static void refuse(const char *what)
 	}
 }
 
-/* Whether the stanza in progress, up to end (a byte index), is past the
- * cap: the parser is stopped then (in a handler: the caller returns
- * without calling libstrophe's). */
-static bool too_large(XML_Index end)
-{
-	if (!cap || depth < 2 || end - stanza_at <= cap)
-		return false;
-	halt(XA_XML_TOO_LARGE, "a stanza larger than the cap");
-	if (cur == watched)
-		XML_StopParser(cur, XML_TRUE);
-	return true;
-}
-
 /* The element handlers of the watched parser, in front of the ones set on
  * it.  Only the watched parser has them, and its handlers run only inside
- * XML_Parse or XML_ParseBuffer below, so cur is that parser.  Once it is
- * stopped, what expat still calls back (the end of an empty element whose
- * start stopped it) does not reach libstrophe. */
+ * XML_Parse or XML_ParseBuffer below, so cur is that parser.  A stanza is
+ * measured at its own end tag, which libstrophe's end handler turns into
+ * a stanza served: one past the cap stops the parser there instead.  (Its
+ * inner tags are not measured: what libstrophe builds of a stanza past
+ * the cap is bounded by measure(), after each read.)  Once the parser is
+ * stopped, what expat still calls back (such as the end of an empty
+ * element) does not reach libstrophe. */
 static void XMLCALL on_start(void *u, const XML_Char *name, const XML_Char **atts)
 {
 	if (halted)
 		return;
-	XML_Index at = XML_GetCurrentByteIndex(cur);
 	if (depth++ == 1)
-		stanza_at = at;
-	if (too_large(at + XML_GetCurrentByteCount(cur)))
-		return;
+		stanza_at = XML_GetCurrentByteIndex(cur);
 	if (their_start)
 		their_start(u, name, atts);
 }
 
 static void XMLCALL on_end(void *u, const XML_Char *name)
 {
-	if (halted || too_large(XML_GetCurrentByteIndex(cur) + XML_GetCurrentByteCount(cur)))
+	if (halted)
 		return;
-	depth--;
+	if (depth-- == 2 && cap &&
+	    XML_GetCurrentByteIndex(cur) + XML_GetCurrentByteCount(cur) - stanza_at > cap) {
+		halt(XA_XML_TOO_LARGE, "a stanza larger than the cap");
+		XML_StopParser(cur, XML_TRUE);
+		return;
+	}
 	if (their_end)
 		their_end(u, name);
 }

@@ -1650,8 +1650,8 @@ static XML_Parser watched_parser(long cap, struct seen *s)
 
 /* quality.md: every stanza has a size limit.  The stream's parser stops at
  * a stanza (a child of the root) larger than its cap, from its start
- * tag's '<' to its end tag's '>', before the tag that went past reaches
- * the handlers set on it (libstrophe's: the stanza is never served),
+ * tag's '<' to its end tag's '>', before its end reaches the handlers set
+ * on it (libstrophe's, which serve a stanza there: it is never served),
  * whether it came whole or still comes; one of exactly the cap passes, in
  * one read or byte by byte.  Only the watched parser has a cap. */
 START_TEST(oversized_stanza_is_refused)
