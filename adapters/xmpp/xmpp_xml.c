@@ -31,9 +31,9 @@
  * before libstrophe sees the stanza's end (so it is never served), and
  * the thread closes the stream with policy-violation.
  *
- * The handlers fire on forbidden markup only: a stanza costs what it did,
- * plus a few instructions per read and per tag (docs/xmpp.md, "Restricted
- * XML"). */
+ * The markup handlers fire on forbidden markup only: a stanza costs what
+ * it did, plus a few instructions per read, and the cap's about 25 per tag
+ * (docs/xmpp.md, "Restricted XML"). */
 #include "config.h"
 #include "xmpp_int.h"
 
