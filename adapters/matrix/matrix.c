@@ -927,7 +927,18 @@ static void release_joins(struct txn *t)
  * member, so that the join itself and what they write in the same
  * transaction count as a member's; the homeserver's event is the truth,
  * so a write of the transaction that fails after this leaves them
- * joined, as they are (and its retry marks nothing more). */
+ * joined, as they are (and its retry marks nothing more).  The mark takes
+ * the group room's lock of every write of events, as every other member
+ * change does (since the twenty-seventh session; before, it took none,
+ * and a group write that had read them invited could commit after it):
+ * mx_mark_joined, in a short transaction of its own on this reader, one
+ * per member marked.  Not in the write, under the lock the write takes:
+ * the pipeline's reading round, here on the reader, reads the member
+ * joined, or what they write in the same transaction would be a
+ * stranger's.  This job holds no lock of the database here (the reader is
+ * in no transaction, and the write comes after), only its joins' keys in
+ * this process (hold_joins), which another transaction's read waits for
+ * at most JOIN_WAIT_MS. */
 static cw_err joins_of_invitees(PGconn *c, struct txn *t, cw_errmsg *e)
 {
 	json_object_clear(t->rejoins); /* this step may run again: from the stored state each time */
@@ -956,25 +967,25 @@ static cw_err joins_of_invitees(PGconn *c, struct txn *t, cw_errmsg *e)
 	if (!text)
 		return cw_fail(e, CW_ENOMEM, "out of memory");
 	const char *params[] = { text };
-	/* mk marks the invitees joined (above).  The rest: a join whose member's last membership event stored in the room is
-	 * a join is no change: the far side has their join already.  So when
-	 * the same join reaches the pipeline as two Matrix events: the bot
-	 * finds a join late and stores the member event it finds then (after
-	 * a change of name, a join after the join, mx_deliver.c), and the
-	 * homeserver's transaction brings the first join too.  Each was
+	/* 'i' rows: the invitees to mark (above), their group and identity.
+	 * 'r' rows: a join whose member's last membership event stored in the
+	 * room is a join is no change: the far side has their join already.
+	 * So when the same join reaches the pipeline as two Matrix events: the
+	 * bot finds a join late and stores the member event it finds then
+	 * (after a change of name, a join after the join, mx_deliver.c), and
+	 * the homeserver's transaction brings the first join too.  Each was
 	 * carried, and the peer got the join twice (a flaky test showed it).
 	 * Decided on what is stored, not on room_members (which this function
 	 * marks before the write: a retry after a failed write would find the
 	 * member joined and carry their join never).  Two such events are not
-	 * read at the same moment (hold_joins).  One
-	 * statement: the events it reads are not what mk changes. */
+	 * read at the same moment (hold_joins). */
 	PGresult *r = PQexecParams(c,
-		"WITH mk AS (UPDATE room_members x SET membership = 'joined', updated_at = now() "
-		" FROM jsonb_array_elements($1::jsonb) AS j, room_bindings b, identity_bindings ib "
+		"SELECT 'i', x.room_id::text, x.identity_id::text FROM jsonb_array_elements($1::jsonb) AS j, "
+		" room_bindings b, identity_bindings ib, room_members x "
 		" WHERE b.network = 'matrix' AND b.native_id = j->>0 AND b.remote_identity_id IS NULL "
 		" AND ib.identity_id = b.local_identity_id AND ib.network = 'matrix' AND ib.native_id = j->>1 "
-		" AND x.room_id = b.room_id AND x.identity_id = b.local_identity_id AND x.membership = 'invited') "
-		"SELECT j->>0, j->>1 FROM jsonb_array_elements($1::jsonb) AS j "
+		" AND x.room_id = b.room_id AND x.identity_id = b.local_identity_id AND x.membership = 'invited' "
+		"UNION ALL SELECT 'r', j->>0, j->>1 FROM jsonb_array_elements($1::jsonb) AS j "
 		"WHERE (SELECT e.content->'content'->>'membership' FROM events e "
 		" WHERE e.room_id = (j->>2)::bigint AND e.type = 'membership' "
 		" AND e.content->'content'->>'target' = j->>3 ORDER BY e.id DESC LIMIT 1) = 'join'",
@@ -983,12 +994,16 @@ static cw_err joins_of_invitees(PGconn *c, struct txn *t, cw_errmsg *e)
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e); /* on failure r is cleared */
 	if (rc)
 		return rc;
-	for (int k = 0; k < PQntuples(r); k++) {
+	for (int k = 0; k < PQntuples(r) && !rc; k++) {
 		char key[REJOIN_KEY_MAX];
-		json_object_set_new(t->rejoins, rejoin_key(key, PQgetvalue(r, k, 0), PQgetvalue(r, k, 1)), json_true());
+		if (PQgetvalue(r, k, 0)[0] == 'i')
+			rc = mx_mark_joined(c, PQgetvalue(r, k, 1), PQgetvalue(r, k, 2), e);
+		else
+			json_object_set_new(t->rejoins, rejoin_key(key, PQgetvalue(r, k, 1), PQgetvalue(r, k, 2)),
+					    json_true());
 	}
 	PQclear(r);
-	return CW_OK;
+	return rc;
 }
 
 /* On a reader, before the write: the lookups, then the mapping of every

@@ -94,6 +94,10 @@ void mx_rename_portal(struct matrix *m, PGconn *c, const char *room, const char 
  * once), true then. */
 bool mx_mark_if_joined(struct matrix *m, PGconn *c, const char *room, const char *neutral_room,
 		       const char *target_id, const char *target_mxid);
+/* Marks identity_id, invited to the group room_id (row ids), joined, under
+ * the room's lock of every write of events, in a short transaction of its
+ * own on c (which must be in none): the one mark of an invitee's join. */
+cw_err mx_mark_joined(PGconn *c, const char *room_id, const char *identity_id, cw_errmsg *e);
 /* The portal of group neutral_room (its id) for the local user target_id
  * (Matrix id target_mxid): made by the bot with the user invited, bound;
  * its room id and binding id out.  Made once: a portal bound meanwhile

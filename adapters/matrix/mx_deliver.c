@@ -805,15 +805,57 @@ bool mx_mark_if_joined(struct matrix *m, PGconn *c, const char *room, const char
 	}
 	/* The transaction path marked them (this finds nothing then); one
 	 * whose join it did not take (its bindings changed meanwhile) is
-	 * marked all the same, or the bot would ask about them every minute. */
-	const char *params[] = { neutral_room, target_id };
-	if (store_command(c, "UPDATE room_members SET membership = 'joined', updated_at = now() "
-			  "WHERE room_id = $1::bigint AND identity_id = $2::bigint AND membership = 'invited'",
-			  2, params, &e)) {
+	 * marked all the same, or the bot would ask about them every minute.
+	 * Under the room's lock, as there (since the twenty-seventh session;
+	 * before, this took none). */
+	if (mx_mark_joined(c, neutral_room, target_id, &e)) {
 		LOG_KV(CW_LOG_WARN, "cannot mark a user who joined their group's room", "room", room, "detail", e.msg);
 		return false;
 	}
 	return true;
+}
+
+/* The mark takes the room's lock of every write of events (ROOM_LOCK_SQL),
+ * as every other member change does: a group write holding it, which read
+ * the members, commits first, and one waiting for it reads the member
+ * joined.  In a transaction of its own, a short one, whatever the
+ * connection is (a reader before a transaction's write, or the bot's):
+ * the lock first (only when there is an invitation to end: a join after a
+ * change of name, say, waits for nobody), then the change, in a statement
+ * of its own so that it reads what the holder committed.  The lock is the
+ * only one the transaction asks for, so it waits while holding none: it
+ * cannot be one of a cycle of waits with the group writes, which take
+ * their rooms' locks in id order, one job's after another's.  A
+ * transaction-level lock, not a session-level one: released by the commit
+ * or the rollback, or when the connection goes, never left held by a
+ * failure on the way (a reader's connection holding a group's lock would
+ * hold every write of the group). */
+cw_err mx_mark_joined(PGconn *c, const char *room_id, const char *identity_id, cw_errmsg *e)
+{
+	const char *params[] = { room_id, identity_id };
+	cw_err rc = store_exec(c, "BEGIN", e);
+	PGresult *r = NULL;
+	if (!rc) {
+		r = PQexecParams(c,
+				 "SELECT count(" ROOM_LOCK_SQL("room_id") ") FROM room_members WHERE room_id = $1::bigint "
+				 "AND identity_id = $2::bigint AND membership = 'invited'",
+				 2, NULL, params, NULL, NULL, 0);
+		if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
+			r = NULL; /* cleared */
+	}
+	/* locked: still invited as the holder left it? */
+	if (!rc && strcmp(PQgetvalue(r, 0, 0), "0") != 0)
+		rc = store_command(c, "UPDATE room_members SET membership = 'joined', updated_at = now() "
+				   "WHERE room_id = $1::bigint AND identity_id = $2::bigint AND membership = 'invited'",
+				   2, params, e);
+	PQclear(r);
+	if (!rc)
+		rc = store_exec(c, "COMMIT", e);
+	if (rc) {
+		cw_errmsg ignored;
+		store_exec(c, "ROLLBACK", &ignored); /* out of the failed transaction; on a lost connection, moot */
+	}
+	return rc;
 }
 
 /* The portal of a group for one local user: a room made by the bot with

@@ -3090,6 +3090,70 @@ def test_a_local_user_adding_a_member_to_a_group_waits_for_the_rooms_lock(mx, hs
     assert new in [m["user"] for m in a.call("GET", f"/v1/rooms/{group}").json()["members"]]
 
 
+@pytest.mark.parametrize("how", ["pushed", "found"])
+def test_an_invited_user_joining_waits_for_the_rooms_lock(mx, hs, gk, pg, db_url, how):
+    """carol, invited into alice's group (alice invited her into her
+    direct room with wally), joins the room the bot made her: her join
+    marks her joined (matrix.c joins_of_invitees, on a reader before the
+    transaction's write) under the group room's lock of every write of
+    events, as every other member change does: while another transaction
+    holds that lock (a group write making its rows), she stays invited;
+    once it commits, she is joined, and her join reaches the peer once.
+    So too when the bot finds her join itself (mx_deliver.c
+    mx_mark_if_joined: here its look at members still invited a minute
+    after the last, as after a join an older daemon took). Until the
+    twenty-seventh session the mark took no lock, and a group write that
+    had read her invited could commit after it."""
+    a, srv = gk
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+    alice.send_text(room, "hi wally")
+    srv.wait_events(1)
+    carol = hs.as_user(hs.create_user("carol")[1])
+    carol_mx, carol_uri, bot = "@carol:example.org", "mimi://example.org/u/carol", "@_cw_bot:example.org"
+    alice.invite(room, carol_mx)
+    group = wait_until(lambda: pg.psql("SELECT public_id FROM rooms WHERE kind = 'group'", db_url), what="the group")
+    hers = wait_until(lambda: pg.psql("SELECT b.native_id FROM room_bindings b JOIN identities i "
+                                      f"ON i.id = b.local_identity_id WHERE i.uri = '{carol_uri}'", db_url),
+                      what="carol's room bound")
+    # the bot's look at her room's members once it was bound: not joined
+    wait_until(lambda: any(urllib.parse.unquote(q["path"]).endswith(f"/rooms/{hers}/members")
+                           and q["status"] == 200 for q in hs.requests), what="the bot's first look")
+    key = int(pg.psql(f"SELECT id % 2147483647 FROM rooms WHERE public_id = '{group}'", db_url))
+    membership = ("SELECT m.membership FROM room_members m JOIN rooms r ON r.id = m.room_id JOIN identities i "
+                  f"ON i.id = m.identity_id WHERE r.public_id = '{group}' AND i.uri = '{carol_uri}'")
+    waiting = ("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 1129796434 "
+               f"AND objid = {key} AND objsubid = 2 AND NOT granted")
+    assert pg.psql(membership, db_url) == "invited"
+
+    def joins():
+        return [e for e in list(srv.events) if e.get("type") == "membership" and e["room_id"] == group
+                and e["content"]["membership"] == "join" and e["sender"] == carol_uri]
+    if how == "found":
+        # joined, then (an older daemon took the join) still invited
+        carol.join(hers)
+        wait_until(lambda: pg.psql(membership, db_url) == "joined" and joins(), what="carol joined")
+        pg.psql("UPDATE room_members x SET membership = 'invited', updated_at = now() - interval '2 minutes' "
+                f"FROM identities i WHERE i.id = x.identity_id AND i.uri = '{carol_uri}'", db_url)
+    held = HeldSession(db_url)
+    try:
+        held.run(f"BEGIN; SELECT pg_advisory_xact_lock(1129796434, {key});")
+        if how == "pushed":
+            carol.join(hers)
+        wait_until(lambda: pg.psql(waiting, db_url) == "1" or pg.psql(membership, db_url) == "joined",
+                   timeout=30, what="her join waiting for the room's lock (or marked without it)")
+        assert pg.psql(membership, db_url) == "invited"
+        assert pg.psql(waiting, db_url) == "1"
+    finally:
+        held.end()  # commits
+    wait_until(lambda: pg.psql(membership, db_url) == "joined", what="carol joined")
+    assert group_members(a, group) == {ALICE: "joined", a.user("wally"): "joined", carol_uri: "joined"}
+    alice.send_text(room, "carol is with us")
+    wait_until(lambda: any(e["type"] == "m.room.message" and e["sender"] == bot and
+                           e["content"]["body"] == "alice: carol is with us" for e in hs.events(hers)),
+               what="alice's message in carol's room")
+    assert len(joins()) == 1, joins()
+
+
 def test_writing_in_a_group_lets_its_members_reach_the_writer_there_only(mx, hs, gk, pg, db_url):
     """spec/policy.md: a local user's message is consent to the remote user
     "for that conversation". alice (who allowed wally, not ed) writes in a
