@@ -559,7 +559,22 @@ static void notices(struct matrix *m, PGconn *c)
  * which read the members, commits first, and one waiting for it reads the
  * change.  A direct room (a remote user in its binding) takes none: the
  * group grow_group makes of it is a new room, seen by nobody before the
- * commit.  The caller's transaction; a lock taken twice is held once. */
+ * commit.  The caller's transaction; a lock taken twice is held once.
+ *
+ * The binding is read before the lock, and the caller's change reads it
+ * again after: a binding that moved onto another group in between would
+ * have its member changed under the other group's lock.  None can (looked
+ * at again in the twenty-seventh session, after a review took two
+ * invitations into one room handled at once for a way): a binding of a
+ * Matrix room, once there, changes only in the bot's work (grow_group,
+ * ghost_joins, left, ghost_removed), and one bot acts for all the
+ * processes (bot_lock), one inbox row after another on this one
+ * connection, so nothing changes it while its own transaction runs.  The
+ * delivery threads only make bindings, of rooms they made; the bot's work
+ * on such a room (a ghost invited into it at once) reads its binding
+ * again in grow_group, under a lock taken then.  Were bots to work in
+ * parallel, this would have to read the binding again under the lock and
+ * lock the group it moved to. */
 static cw_err portal_lock(PGconn *c, const char *room, const char *local_id, cw_errmsg *e)
 {
 	const char *params[] = { room, local_id };
@@ -1301,7 +1316,8 @@ static void requests(struct matrix *m, PGconn *c, int64_t *after_us)
  * this session-level advisory lock (taken again by another process when
  * the holder's connection ends).  Without it each process's bot would read
  * the same inbox rows and pending requests and the user would be answered
- * once per process. */
+ * once per process; and portal_lock, which reads a room's binding before
+ * the group's lock, counts on no other bot changing the binding meanwhile. */
 static bool bot_lock(PGconn *c)
 {
 	PGresult *r = PQexec(c, "SELECT pg_try_advisory_lock(hashtextextended('causeway.matrix-bot', 0))");
