@@ -837,13 +837,13 @@ cw_err mx_mark_joined(PGconn *c, const char *room_id, const char *identity_id, c
 	PGresult *r = NULL;
 	if (!rc) {
 		r = PQexecParams(c,
-				 "SELECT count(" ROOM_LOCK_SQL("room_id") ") FROM room_members WHERE room_id = $1::bigint "
-				 "AND identity_id = $2::bigint AND membership = 'invited'",
-				 2, NULL, params, NULL, NULL, 0);
+			"SELECT count(" ROOM_LOCK_SQL("room_id") ") FROM room_members "
+			"WHERE room_id = $1::bigint AND identity_id = $2::bigint AND membership = 'invited'",
+			2, NULL, params, NULL, NULL, 0);
 		if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
 			r = NULL; /* cleared */
 	}
-	/* locked: still invited as the holder left it? */
+	/* "0": not invited (no lock was taken): nothing to mark */
 	if (!rc && strcmp(PQgetvalue(r, 0, 0), "0") != 0)
 		rc = store_command(c, "UPDATE room_members SET membership = 'joined', updated_at = now() "
 				   "WHERE room_id = $1::bigint AND identity_id = $2::bigint AND membership = 'invited'",
