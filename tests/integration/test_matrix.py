@@ -3129,16 +3129,16 @@ def test_an_invited_user_joining_waits_for_the_rooms_lock(mx, hs, gk, pg, db_url
         return [e for e in list(srv.events) if e.get("type") == "membership" and e["room_id"] == group
                 and e["content"]["membership"] == "join" and e["sender"] == carol_uri]
     if how == "found":
-        # joined, then (an older daemon took the join) still invited
         carol.join(hers)
         wait_until(lambda: pg.psql(membership, db_url) == "joined" and joins(), what="carol joined")
-        pg.psql("UPDATE room_members x SET membership = 'invited', updated_at = now() - interval '2 minutes' "
-                f"FROM identities i WHERE i.id = x.identity_id AND i.uri = '{carol_uri}'", db_url)
     held = HeldSession(db_url)
     try:
         held.run(f"BEGIN; SELECT pg_advisory_xact_lock(1129796434, {key});")
         if how == "pushed":
             carol.join(hers)
+        else:  # an older daemon took the join: still invited (set under the lock, before the bot looks)
+            pg.psql("UPDATE room_members x SET membership = 'invited', updated_at = now() - interval '2 minutes' "
+                    f"FROM identities i WHERE i.id = x.identity_id AND i.uri = '{carol_uri}'", db_url)
         wait_until(lambda: pg.psql(waiting, db_url) == "1" or pg.psql(membership, db_url) == "joined",
                    timeout=30, what="her join waiting for the room's lock (or marked without it)")
         assert pg.psql(membership, db_url) == "invited"
