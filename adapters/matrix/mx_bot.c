@@ -563,8 +563,8 @@ static void notices(struct matrix *m, PGconn *c)
  *
  * The binding is read before the lock, and the caller's change reads it
  * again after: a binding that moved onto another group in between would
- * have its member changed under the other group's lock.  None can (looked
- * at again in the twenty-seventh session, after a review took two
+ * have its member changed without the other group's lock.  None can
+ * (looked at in the twenty-seventh session, after a review took two
  * invitations into one room handled at once for a way): a binding of a
  * Matrix room, once there, changes only in the bot's work (grow_group,
  * ghost_joins, left, ghost_removed), and one bot acts for all the
