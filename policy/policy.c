@@ -873,7 +873,8 @@ static inline bool is(const char *s, const char *lit)
 
 /* Step 3a outbound: the local sender's own limits under one set of the
  * recipient's rules, each a bucket per local sender (since the
- * twenty-sixth session; before, nothing limited a local user).  The
+ * twenty-sixth session; before, nothing limited a local user), asked
+ * after every other step (policy_decide).  The
  * events that add to the far side's view count (below); a message in a direct
  * room to a remote user she has no consent fact about (she never wrote to
  * them nor accepted them or their domain: cu, cd) starts a conversation,
@@ -1086,13 +1087,6 @@ void policy_decide(const struct policy_snapshot *ov, const struct policy_request
 	 * blocked it (a review's finding). */
 	if (r->rate && r->rate->take && dir != POLICY_OUTBOUND && rate_limits(r, &snd, &ev[0], d))
 		return;
-	/* Outbound, the local sender's own limits under the recipient's
-	 * rules, after the blocks and deny rules (the spec's order: nothing
-	 * to hide from the local sender, who is told her own block's
-	 * reason anyway) and before the sizes, as inbound. */
-	if (dir == POLICY_OUTBOUND && nremote == 1 && r->rate && r->rate->take &&
-	    outbound_limits(r, &snd, cu == 1 || cd == 1 || r->started_in_request, &ev[0], d))
-		return;
 
 	/* 3b. Size and content kinds. */
 	if (r->action == POLICY_ACT_EVENT)
@@ -1115,6 +1109,24 @@ void policy_decide(const struct policy_snapshot *ov, const struct policy_request
 	}
 
 	if (dir == POLICY_OUTBOUND) {
+		/* 3a outbound: the local sender's own limits under the
+		 * recipient's rules, last, so that only an event that goes
+		 * takes a token: they bound what she sends to the far side,
+		 * and an event refused anyway sends nothing (as typing counts
+		 * for nothing).  So a message both over her limit and to a
+		 * closed domain is denied server_closed: the limit does not
+		 * apply to what cannot go, and the spec's order (3 before 4)
+		 * holds among what applies; nothing is hidden from her, who
+		 * is told her own refusal's reason either way.
+		 * Until the twenty-seventh session they came before 3b and 4:
+		 * an oversized first line to someone new took her new
+		 * conversation (and the next line counted again), a message to
+		 * a closed domain a token of the network's bucket, and a
+		 * message both over a limit and to a closed domain was told
+		 * to wait, to be refused for good after the wait. */
+		if (nremote == 1 && r->rate && r->rate->take &&
+		    outbound_limits(r, &snd, cu == 1 || cd == 1 || r->started_in_request, &ev[0], d))
+			return;
 		set(d, POLICY_ALLOW, "outbound", 0);
 		return;
 	}

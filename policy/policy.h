@@ -13,12 +13,13 @@
  *   2. the local user's blocked (user, then domain); outbound also the
  *      remote user's block of the local user             -> deny
  *      (inbound, an empty rate bucket first -> limit: docs/policy.md)
- *   3. rate limits: of a remote sender (inbound, transit); outbound,
- *      the local sender's own outbound limits under the rules
- *      matching the recipient                             -> limit
+ *   3. rate limits of a remote sender (inbound, transit) -> limit
  *      size and content-kind limits                       -> deny
  *   4. the remote party's effective mode (the most specific rule with a
  *      mode, else the default): closed, or allowlist     -> deny
+ *      outbound, then the local sender's own outbound limits under the
+ *      rules matching the recipient (what 3b or 4 refuses cannot go,
+ *      and takes no token: docs/policy.md)               -> limit
  *   5. inbound: the local user not opted in to the network -> deny
  *   6. inbound: the local user's allowed (user, then domain) -> allow
  *   7. inbound: hold (typing and receipts, which cannot wait: deny);

@@ -125,6 +125,41 @@ def test_new_conversations_past_her_outbound_limit_are_refused_and_told(xd, gk, 
     assert srv.events[1]["content"]["parts"][0]["body"] == "again"
 
 
+def test_an_oversized_first_line_takes_no_new_conversation(xd, gk, alice, pg, db_url):
+    """A message the size limits refuse cannot go: it takes no token of her
+    outbound buckets (since the twenty-seventh session; until then the
+    buckets came first, and an oversized first line to someone new used up
+    her one new conversation, so that her next line to them was refused
+    for an hour)."""
+    a, srv = gk
+    r = xd.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example",
+                                        "limits": {"outbound_new_conversations_per_hour_per_user": 1,
+                                                   "max_body_bytes": 100}})
+    assert r.status_code == 201, r.text
+    rule = r.json()["id"]
+    # Her first line to wally is too large: refused, and she is told why.
+    sid = alice.send_message(WALLY_JID, "x" * 200)
+    etype, conds, text = stanza_error(alice, sid)
+    assert (etype, conds, text) == \
+        ("cancel", ["service-unavailable"], "Not delivered: it is larger than this server allows to them."), \
+        (etype, conds, text)
+    assert pg.psql("SELECT string_agg(reason_code || ' ' || rule_id, ',') FROM audit_log "
+                   "WHERE action = 'policy.deny'", db_url) == f"too_large {rule}"
+    # Her next, normal, line to him still starts the one conversation.
+    alice.send_message(WALLY_JID, "hi wally")
+    got = srv.wait_events(1)
+    assert got[0]["sender"] == ALICE and got[0]["content"]["parts"][0]["body"] == "hi wally"
+    # Which used the hour's one: a line to wanda is refused by the limit.
+    sid = alice.send_message("wanda@" + COMP, "hi wanda")
+    etype, conds, text = stanza_error(alice, sid)
+    assert (etype, conds) == ("wait", ["resource-constraint"]), (etype, conds, text)
+    assert text is not None and text.startswith(
+        "Not delivered: you started more new conversations than this server allows in an hour"), text
+    assert limit_records(pg, db_url) == \
+        f"rate_limited_local_sender_new_conversations {rule} {ALICE} outbound message true true"
+    assert len(srv.events) == 1
+
+
 def test_a_leave_is_never_refused_by_the_outbound_limit(xd, gk, alice, prosody, pg, db_url):
     """A join or leave adds nothing to what the remote side sees: no limit
     counts it (a review found a leave refused 429 once the bucket was

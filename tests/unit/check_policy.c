@@ -388,6 +388,11 @@ static bool run_case(const struct policy_snapshot *s, const struct env *env, con
 	r.now_ms = env->now;
 	bool rate_on = true;
 	int after = 0, others = 0, others_to = 0;
+	/* What the prior requests (after=) carry, and whom they go to. */
+	uint64_t prior_body = 0, prior_attach = 0;
+	unsigned prior_kinds = POLICY_KIND_TEXT;
+	struct owned_party prior_rcp = { 0 };
+	bool prior_to = false;
 	for (int k = 4; k < n; k++) {
 		if (!strncmp(t[k], "body=", 5))
 			r.body_bytes = strtoull(t[k] + 5, NULL, 10);
@@ -403,6 +408,17 @@ static bool run_case(const struct policy_snapshot *s, const struct env *env, con
 			others = atoi(t[k] + 7);
 		else if (!strncmp(t[k], "others_to=", 10))
 			others_to = atoi(t[k] + 10);
+		else if (!strncmp(t[k], "prior_body=", 11))
+			prior_body = strtoull(t[k] + 11, NULL, 10);
+		else if (!strncmp(t[k], "prior_attach=", 13))
+			prior_attach = strtoull(t[k] + 13, NULL, 10);
+		else if (!strncmp(t[k], "prior_kinds=", 12))
+			prior_kinds = parse_kinds(t[k] + 12);
+		else if (!strncmp(t[k], "prior_to=", 9) && !prior_to) {
+			resolve_party(env, t[k] + 9, &prior_rcp, &none);
+			ck_assert_msg(!none, "line %d: prior_to needs a recipient", ln->no);
+			prior_to = true;
+		}
 		else if (!strcmp(t[k], "group"))
 			r.group = true;
 		else if (!strcmp(t[k], "started"))
@@ -423,8 +439,11 @@ static bool run_case(const struct policy_snapshot *s, const struct env *env, con
 
 	struct policy_decision d;
 	struct policy_request prior = r;
-	prior.body_bytes = prior.attachment_bytes = 0;
-	prior.content_kinds = POLICY_KIND_TEXT;
+	prior.body_bytes = prior_body;
+	prior.attachment_bytes = prior_attach;
+	prior.content_kinds = prior_kinds;
+	if (prior_to)
+		prior.recipient = prior_rcp.p;
 	decide_as_others(s, &prior, &prior.sender.uri, others);
 	decide_as_others(s, &prior, &prior.recipient.uri, others_to);
 	for (int i = 0; i < after; i++)
@@ -451,6 +470,7 @@ static bool run_case(const struct policy_snapshot *s, const struct env *env, con
 	ratelimit_free(rl);
 	free_party(&snd);
 	free_party(&rcp);
+	free_party(&prior_rcp);
 	free(copy);
 	return ok;
 }
