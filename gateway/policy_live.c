@@ -686,6 +686,27 @@ cw_err policy_consent_apply(PGconn *c, const struct policy_view *v, const char *
 
 /* ------------------------------------------------------------ rate memo */
 
+/* Remembers a bucket's answer; false only when the spill cannot grow
+ * (out of memory: that bucket may then be charged again by a later
+ * decision of the event, the stricter error). */
+static bool memo_put(struct policy_rate_memo *m, uint64_t h, int64_t r)
+{
+	if (m->n < POLICY_MEMO_INLINE) {
+		m->in[m->n++] = (struct policy_memo_entry){ h, r };
+		return true;
+	}
+	if (m->nmore == m->cap) {
+		size_t cap = m->cap ? 2 * m->cap : 2 * POLICY_MEMO_INLINE;
+		struct policy_memo_entry *more = realloc(m->more, cap * sizeof(*more));
+		if (!more)
+			return false;
+		m->more = more;
+		m->cap = cap;
+	}
+	m->more[m->nmore++] = (struct policy_memo_entry){ h, r };
+	return true;
+}
+
 static int64_t memo_take(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms)
 {
 	struct policy_rate_memo *m = ctx;
@@ -693,25 +714,37 @@ static int64_t memo_take(void *ctx, const char *key, uint32_t capacity, int64_t 
 	for (const unsigned char *p = (const unsigned char *)key; *p; p++)
 		h = (h ^ *p) * 1099511628211ULL;
 	for (int i = 0; i < m->n; i++)
-		if (m->key[i] == h)
-			return m->result[i];
+		if (m->in[i].key == h)
+			return m->in[i].result;
+	for (size_t i = 0; i < m->nmore; i++)
+		if (m->more[i].key == h)
+			return m->more[i].result;
 	bool first = false;
 	int64_t r = ratelimit_take(m->rl, key, capacity, period_ms, now_ms, &first);
 	if (r > 0 && first)
 		m->first_refusal = true;
-	if (m->n < POLICY_MEMO_MAX) {
-		m->key[m->n] = h;
-		m->result[m->n++] = r;
-	}
+	if (!memo_put(m, h, r))
+		LOG_KV(CW_LOG_WARN, "policy: out of memory remembering a rate limit's answer; "
+				    "a later decision of the event may charge it again");
 	return r;
 }
 
 void policy_rate_memo_init(struct policy_rate_memo *m, struct ratelimit *rl)
 {
-	memset(m, 0, sizeof(*m));
-	m->rl = rl;
-	m->rate.take = memo_take;
+	m->rate.take = rl ? memo_take : NULL;
 	m->rate.ctx = m;
+	m->rl = rl;
+	m->n = 0;
+	m->more = NULL;
+	m->nmore = m->cap = 0;
+	m->first_refusal = false;
+}
+
+void policy_rate_memo_finish(struct policy_rate_memo *m)
+{
+	free(m->more);
+	m->more = NULL;
+	m->nmore = m->cap = 0;
 }
 
 /* ------------------------------------------------------------ the thread */

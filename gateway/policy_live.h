@@ -115,20 +115,33 @@ struct policy_view *policy_live_get(struct policy_live *pl);
 void policy_live_poke(struct policy_live *pl);
 
 /* Rate limits for one decision (or the decisions of one event, one per
- * recipient): each bucket is charged at most once, and first_refusal says
- * whether a refusal was the first of its bucket's episode (to record a
- * flood once).  rl NULL: no rate limits. */
+ * recipient): each bucket is charged at most once, however many the
+ * decisions name, and first_refusal says whether a refusal was the first
+ * of its bucket's episode (to record a flood once).  rl NULL: no rate
+ * limits.  The first POLICY_MEMO_INLINE buckets are remembered in the
+ * struct (no allocation: one decision names at most a few); past them in
+ * an array grown on the heap, which policy_rate_memo_finish frees: call
+ * it once the event's decisions are made (after init, always).  Until
+ * the twenty-seventh session only 8 were remembered, and a bucket past
+ * them (a group whose recipients match more rules) was charged once per
+ * decision naming it. */
 struct ratelimit;
-#define POLICY_MEMO_MAX 8
+#define POLICY_MEMO_INLINE 8
+struct policy_memo_entry {
+	uint64_t key; /* the bucket's name, hashed */
+	int64_t result;
+};
 struct policy_rate_memo {
 	struct policy_rate rate;    /* pass &memo.rate in the request */
 	struct ratelimit *rl;
-	int n;
-	uint64_t key[POLICY_MEMO_MAX];
-	int64_t result[POLICY_MEMO_MAX];
+	int n;                      /* of in */
+	struct policy_memo_entry in[POLICY_MEMO_INLINE];
+	struct policy_memo_entry *more; /* past in: nmore of cap (malloc'd) */
+	size_t nmore, cap;
 	bool first_refusal;
 };
 void policy_rate_memo_init(struct policy_rate_memo *m, struct ratelimit *rl);
+void policy_rate_memo_finish(struct policy_rate_memo *m);
 
 /* Asks for a reload and waits until a snapshot loaded after this call is
  * in force (a change this process just committed is then in effect here);

@@ -439,6 +439,7 @@ static cw_err new_room_decide(PGconn *c, struct app_job *j, struct room_input *i
 			.sender = { creator->uri, in->p->domain, network }, .now_ms = cw_wall_ms(), .rate = &memo.rate,
 		};
 		policy_decide(view->snap, &preq, &in->d);
+		policy_rate_memo_finish(&memo);
 		policy_view_put(view);
 		policy_count(j->app, &in->d);
 		in->first_refusal = memo.first_refusal;
@@ -2030,6 +2031,7 @@ static bool may_ask(struct submit *b, size_t i, PGresult *r, const struct policy
 	req.rate = &memo.rate;
 	struct policy_decision d;
 	policy_decide(snap, &req, &d);
+	policy_rate_memo_finish(&memo);
 	if (d.verdict != POLICY_LIMIT)
 		return true;
 	policy_count(b->app, &d);
@@ -2270,6 +2272,7 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 		json_array_append_new(states, json_string(state));
 	}
 	policy_view_put(view);
+	policy_rate_memo_finish(&memo); /* first_refusal stays readable */
 	json_decref(refused);
 	bool any_open = false;
 	for (size_t x = 0; x < json_array_size(states); x++)

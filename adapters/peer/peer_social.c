@@ -224,6 +224,7 @@ void peer_api_consent_request(struct cw_req *req, void *ctx)
 		.now_ms = cw_wall_ms(), .rate = &memo.rate,
 	};
 	policy_decide(v->snap, &r, &in->d);
+	policy_rate_memo_finish(&memo);
 	policy_count(app, &in->d);
 	in->window_s = v->set.consent_window_s;
 	in->expiry_s = v->set.held_expiry_s;

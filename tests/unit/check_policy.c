@@ -5,6 +5,7 @@
 #include "config.h"
 #include "policy.h"
 #include "policy_json.h"
+#include "policy_live.h"
 #include "ratelimit.h"
 #include "unit.h"
 
@@ -2008,6 +2009,102 @@ START_TEST(outbound_limits_json)
 }
 END_TEST
 
+/* The per-event memo (gateway/policy_live.c) charges each bucket once
+ * however many distinct buckets the event's decisions name: until the
+ * twenty-seventh session it remembered 8, and a key past them (a group
+ * whose recipients match more rules) was charged again on each decision. */
+#define MEMO_KEYS 100
+START_TEST(rate_memo_charges_each_key_once)
+{
+	struct ratelimit *rl = ratelimit_new(4096);
+	ck_assert_ptr_nonnull(rl);
+	struct policy_rate_memo m;
+	policy_rate_memo_init(&m, rl);
+	char key[64];
+	/* Each key twice (interleaved, as a group's recipients ask): each
+	 * one token of two is taken, the second ask answered from the memo. */
+	for (int round = 0; round < 2; round++)
+		for (int i = 0; i < MEMO_KEYS; i++) {
+			snprintf(key, sizeof(key), "omp:%d:mimi://hub.example/u/alice", i);
+			ck_assert_int_eq(m.rate.take(m.rate.ctx, key, 2, 60000, 0), 0);
+		}
+	ck_assert(!m.first_refusal);
+	policy_rate_memo_finish(&m);
+	for (int i = 0; i < MEMO_KEYS; i++) {
+		snprintf(key, sizeof(key), "omp:%d:mimi://hub.example/u/alice", i);
+		ck_assert_msg(ratelimit_take(rl, key, 2, 60000, 0, NULL) == 0, "key %d charged twice", i);
+		ck_assert_int_gt(ratelimit_take(rl, key, 2, 60000, 0, NULL), 0);
+	}
+	/* A refusal is remembered as well: the next ask is refused again,
+	 * once recorded as the episode's first. */
+	policy_rate_memo_init(&m, rl);
+	for (int i = 0; i < MEMO_KEYS; i++) {
+		snprintf(key, sizeof(key), "x%d", i);
+		ck_assert_int_eq(m.rate.take(m.rate.ctx, key, 1, 60000, 0), 0);
+	}
+	ck_assert_int_eq(ratelimit_take(rl, "y", 1, 60000, 0, NULL), 0);
+	ck_assert(!m.first_refusal);
+	ck_assert_int_eq(m.rate.take(m.rate.ctx, "y", 1, 60000, 0), 60000);
+	ck_assert(m.first_refusal);
+	ck_assert_int_eq(m.rate.take(m.rate.ctx, "y", 1, 60000, 0), 60000);
+	bool first = true; /* the memo's refusal was the episode's first, and its only ask */
+	ck_assert_int_eq(ratelimit_take(rl, "y", 1, 60000, 0, &first), 60000);
+	ck_assert(!first);
+	policy_rate_memo_finish(&m);
+	policy_rate_memo_finish(&m); /* twice is harmless */
+	ratelimit_free(rl);
+}
+END_TEST
+
+/* The same through the policy: one outbound event to a group whose
+ * recipients each match a rule of their own, each rule's bucket holding
+ * one token, all decided twice with one memo (the adapters' order: each
+ * recipient, then may_ask's or a second look). */
+START_TEST(outbound_group_event_past_the_old_memo_charges_each_rule_once)
+{
+	struct policy_builder *b = policy_builder_new();
+	policy_builder_defaults(b, POLICY_MODE_OPEN, true);
+	struct policy_limits l = { .set = POLICY_LIM_OUT_MSG_MINUTE_USER, .outbound_messages_per_minute_per_user = 1 };
+	char pat[64], uri[MEMO_KEYS][64], dom[MEMO_KEYS][64];
+	for (int i = 0; i < MEMO_KEYS; i++) {
+		snprintf(pat, sizeof(pat), "d%d.example", i);
+		ck_assert_int_eq(policy_builder_rule(b, 1000 + i, POLICY_SCOPE_DOMAIN, pat, POLICY_MODE_NONE, &l, 0), 0);
+		snprintf(dom[i], sizeof(dom[i]), "d%d.example", i);
+		snprintf(uri[i], sizeof(uri[i]), "mimi://d%d.example/u/r", i);
+	}
+	struct policy_snapshot *s = policy_builder_finish(b, 1);
+	ck_assert_ptr_nonnull(s);
+	struct ratelimit *rl = ratelimit_new(4096);
+	struct policy_rate_memo m;
+	policy_rate_memo_init(&m, rl);
+	struct policy_request r = {
+		.direction = POLICY_OUTBOUND, .action = POLICY_ACT_EVENT, .event_type = "message",
+		.sender = { "mimi://hub.example/u/alice", "hub.example", "local" }, .group = true, .now_ms = 0,
+		.rate = &m.rate,
+	};
+	struct policy_decision d;
+	for (int round = 0; round < 2; round++)
+		for (int i = 0; i < MEMO_KEYS; i++) {
+			r.recipient = (struct policy_party){ uri[i], dom[i], "matrix" };
+			policy_decide(s, &r, &d);
+			ck_assert_msg(d.verdict == POLICY_ALLOW, "round %d, recipient %d: %s %s", round, i,
+				      policy_verdict_name(d.verdict), d.reason);
+		}
+	policy_rate_memo_finish(&m);
+	/* The next event is limited under each rule: each bucket was charged. */
+	policy_rate_memo_init(&m, rl);
+	for (int i = 0; i < MEMO_KEYS; i++) {
+		r.recipient = (struct policy_party){ uri[i], dom[i], "matrix" };
+		policy_decide(s, &r, &d);
+		ck_assert_int_eq(d.verdict, POLICY_LIMIT);
+		ck_assert_int_eq(d.rule_id, 1000 + i);
+	}
+	policy_rate_memo_finish(&m);
+	ratelimit_free(rl);
+	policy_snapshot_free(s);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("policy");
@@ -2030,6 +2127,8 @@ int main(void)
 	tcase_add_test(tc, per_user_consent_buckets_kept_apart_by_kind);
 	tcase_add_test(tc, in_addition_rule_charged_first);
 	tcase_add_test(tc, in_addition_rules_all_charged_most_specific_first);
+	tcase_add_test(tc, rate_memo_charges_each_key_once);
+	tcase_add_test(tc, outbound_group_event_past_the_old_memo_charges_each_rule_once);
 	suite_add_tcase(s, tc);
 	TCase *rt = tcase_create("ratelimit");
 	tcase_set_timeout(rt, 120);
