@@ -2058,8 +2058,8 @@ END_TEST
 
 /* The same through the policy: one outbound event to a group whose
  * recipients each match a rule of their own, each rule's bucket holding
- * one token, all decided twice with one memo (the adapters' order: each
- * recipient, then may_ask's or a second look). */
+ * one token, every recipient decided twice with the event's one memo (a
+ * bucket the memo forgot would refuse the second ask). */
 START_TEST(outbound_group_event_past_the_old_memo_charges_each_rule_once)
 {
 	struct policy_builder *b = policy_builder_new();
