@@ -686,25 +686,23 @@ cw_err policy_consent_apply(PGconn *c, const struct policy_view *v, const char *
 
 /* ------------------------------------------------------------ rate memo */
 
-/* Remembers a bucket's answer; false only when the spill cannot grow
- * (out of memory: that bucket may then be charged again by a later
- * decision of the event, the stricter error). */
-static bool memo_put(struct policy_rate_memo *m, uint64_t h, int64_t r)
+/* Remembers a bucket's answer past the struct's entries, in the array on
+ * the heap.  Out of memory that bucket is not remembered: a later
+ * decision of the event may charge it again (the stricter error). */
+static void memo_spill(struct policy_rate_memo *m, uint64_t h, int64_t r)
 {
-	if (m->n < POLICY_MEMO_INLINE) {
-		m->in[m->n++] = (struct policy_memo_entry){ h, r };
-		return true;
-	}
 	if (m->nmore == m->cap) {
 		size_t cap = m->cap ? 2 * m->cap : 2 * POLICY_MEMO_INLINE;
 		struct policy_memo_entry *more = realloc(m->more, cap * sizeof(*more));
-		if (!more)
-			return false;
+		if (!more) {
+			LOG_KV(CW_LOG_WARN, "policy: out of memory remembering a rate limit's answer; "
+					    "a later decision of the event may charge it again");
+			return;
+		}
 		m->more = more;
 		m->cap = cap;
 	}
 	m->more[m->nmore++] = (struct policy_memo_entry){ h, r };
-	return true;
 }
 
 static int64_t memo_take(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms)
@@ -723,9 +721,10 @@ static int64_t memo_take(void *ctx, const char *key, uint32_t capacity, int64_t 
 	int64_t r = ratelimit_take(m->rl, key, capacity, period_ms, now_ms, &first);
 	if (r > 0 && first)
 		m->first_refusal = true;
-	if (!memo_put(m, h, r))
-		LOG_KV(CW_LOG_WARN, "policy: out of memory remembering a rate limit's answer; "
-				    "a later decision of the event may charge it again");
+	if (m->n < POLICY_MEMO_INLINE)
+		m->in[m->n++] = (struct policy_memo_entry){ h, r };
+	else
+		memo_spill(m, h, r);
 	return r;
 }
 
@@ -742,6 +741,8 @@ void policy_rate_memo_init(struct policy_rate_memo *m, struct ratelimit *rl)
 
 void policy_rate_memo_finish(struct policy_rate_memo *m)
 {
+	if (!m->more)
+		return;
 	free(m->more);
 	m->more = NULL;
 	m->nmore = m->cap = 0;
