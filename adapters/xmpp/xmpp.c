@@ -1009,19 +1009,16 @@ static void refuse_stream(struct xcomp *xc, const char *why, enum xa_xml_stop ki
 			 "the server sent a stanza larger than %ld bytes (xmpp.max_stanza_bytes; policy-violation)",
 			 cap);
 		atomic_fetch_add(&xc->stanza_too_large, 1);
-		xmpp_send_raw_string(xc->conn,
-				     "<stream:error><policy-violation xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>"
-				     "<text xmlns='urn:ietf:params:xml:ns:xmpp-streams'>"
-				     "stanza larger than %ld bytes</text></stream:error>",
-				     cap);
+		char text[64];
+		snprintf(text, sizeof(text), "stanza larger than %ld bytes", cap);
+		xmpp_send_error(xc->conn, XMPP_SE_POLICY_VIOLATION, text);
 	} else {
 		LOG_KV(CW_LOG_WARN,
 		       "xmpp: the server's stream holds markup XMPP forbids (RFC 6120 11.1): closed with restricted-xml",
 		       "component", xc->domain, "markup", why);
 		snprintf(reason, sizeof(reason), "the server's stream held %s (restricted-xml)", why);
 		atomic_fetch_add(&xc->restricted_xml, 1);
-		xmpp_send_raw_string(xc->conn, "<stream:error><restricted-xml xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>"
-					       "</stream:error>");
+		xmpp_send_error(xc->conn, XMPP_SE_RESTRICTED_XML, NULL);
 	}
 	xmpp_disconnect(xc->conn);
 	for (int i = 0; i < 50 && !xc->dropped; i++)

@@ -2639,7 +2639,7 @@ def test_markup_xmpp_forbids_closes_the_stream(make_daemon, db_url, pg):
         d = srv.daemon(make_daemon, db_url)
         srv.accept(prolog=LAUGHS)
         got = srv.until_closed()
-        assert b"<restricted-xml xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" in got, got
+        assert b'<restricted-xml xmlns="urn:ietf:params:xml:ns:xmpp-streams"/>' in got, got
         assert b"<handshake" not in got, got  # stopped at the DOCTYPE, before anything else
         wait_until(lambda: component_state(d)["last_error"] == "the server's stream held a DOCTYPE (restricted-xml)",
                    what="the reason in /readyz")
@@ -2744,7 +2744,7 @@ def test_a_stanza_over_the_size_cap_closes_the_stream(make_daemon, db_url, pg):
         assert b"result" in answer, answer
         srv.send(padded_ping("big1", cap + 1))  # one byte over, whole in one read
         got = srv.until_closed()
-        assert b"<policy-violation xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" in got, got
+        assert b'<policy-violation xmlns="urn:ietf:params:xml:ns:xmpp-streams"/>' in got, got
         assert b"</stream:stream>" in got and b"big1" not in got, got  # not served
         reason = f"the server sent a stanza larger than {cap} bytes (xmpp.max_stanza_bytes; policy-violation)"
         wait_until(lambda: component_state(d)["last_error"] == reason, what="the reason in /readyz")
