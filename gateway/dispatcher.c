@@ -244,16 +244,16 @@ PGresult *dispatcher_dead_untold(PGconn *c, const char *network, const char *des
 		"  AND b.local_identity_id = d.sender_id "
 		"LEFT JOIN identities ri ON ri.id = b.remote_identity_id ORDER BY d.id",
 		2, NULL, p, NULL, NULL, 0);
-	if (store_check(c, r, PGRES_TUPLES_OK, e) == CW_OK)
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (!rc)
 		return r;
-	cw_errmsg ignored;
-	store_exec(c, "ROLLBACK", &ignored);
+	store_end(c, rc, e);
 	return NULL;
 }
 
 cw_err dispatcher_dead_told(PGconn *c, bool told, cw_errmsg *e)
 {
-	return store_exec(c, told ? "COMMIT" : "ROLLBACK", e);
+	return told ? store_end(c, CW_OK, e) : store_exec(c, "ROLLBACK", e);
 }
 
 void dispatcher_dead_text(char *buf, size_t len, const char *destination, const char *attempts, const char *quote)

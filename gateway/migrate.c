@@ -193,8 +193,7 @@ static cw_err apply_one(PGconn *c, const struct migration *m, migrate_stop_fn *s
 		rc = stopped ? cw_fail(&why, CW_ESHUTDOWN, "stopped while it ran; rolled back")
 			     : store_result_err(c, r, &why);
 		PQclear(r);
-		cw_errmsg ignored;
-		store_exec(c, "ROLLBACK", &ignored);
+		store_end(c, rc, &why);
 		return cw_fail(e, rc, "migration %s failed: %s", m->name, why.msg);
 	}
 	PQclear(r);
@@ -206,12 +205,10 @@ static cw_err apply_one(PGconn *c, const struct migration *m, migrate_stop_fn *s
 	if (PQresultStatus(r) != PGRES_COMMAND_OK) {
 		rc = store_result_err(c, r, e);
 		PQclear(r);
-		cw_errmsg ignored;
-		store_exec(c, "ROLLBACK", &ignored);
-		return rc;
+		return store_end(c, rc, e);
 	}
 	PQclear(r);
-	return store_exec(c, "COMMIT", e);
+	return store_end(c, CW_OK, e);
 }
 
 static cw_err check_and_apply(PGconn *c, const struct migration_set *set, bool apply, migrate_stop_fn *stop,

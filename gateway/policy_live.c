@@ -177,11 +177,8 @@ static cw_err load_view(PGconn *c, uint64_t version, struct policy_builder *b, f
 		return cw_fail(e, CW_ENOMEM, "out of memory");
 	}
 	cw_err rc = store_exec(c, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", e);
-	if (!rc) {
-		rc = fill(c, b, arg, e);
-		cw_errmsg e2;
-		store_exec(c, rc ? "ROLLBACK" : "COMMIT", rc ? &e2 : e);
-	}
+	if (!rc)
+		rc = store_end(c, fill(c, b, arg, e), e);
 	if (rc) {
 		policy_builder_free(b);
 		free(v);
@@ -494,14 +491,7 @@ static cw_err sweep(PGconn *c, bool prepared, const struct policy_view *v, const
 			counts[i] = atol(PQgetvalue(r, 0, i));
 		PQclear(r);
 	}
-	if (own) {
-		cw_errmsg ignored;
-		if (rc)
-			store_exec(c, "ROLLBACK", &ignored);
-		else
-			rc = store_exec(c, "COMMIT", e);
-	}
-	return rc;
+	return own ? store_end(c, rc, e) : rc;
 }
 
 cw_err policy_sweep(PGconn *c, const struct policy_view *v, const char *target_id, long counts[3], cw_errmsg *e)

@@ -191,13 +191,9 @@ static cw_err run_rows(PGconn *c, long days, long *count, cw_errmsg *e)
 		}
 		PQclear(r);
 	}
-	if (!rc)
-		rc = store_exec(c, "COMMIT", e);
-	if (rc) {
+	rc = store_end(c, rc, e);
+	if (rc)
 		*count = 0;
-		cw_errmsg ignored;
-		store_exec(c, "ROLLBACK", &ignored); /* out of the failed transaction; on a lost connection, moot */
-	}
 	return rc;
 }
 

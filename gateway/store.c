@@ -246,6 +246,22 @@ cw_err store_exec(PGconn *c, const char *sql, cw_errmsg *e)
 	return rc;
 }
 
+cw_err store_end(PGconn *c, cw_err rc, cw_errmsg *e)
+{
+	if (rc) {
+		cw_errmsg ignored; /* out of the failed transaction; on a lost connection, moot */
+		store_exec(c, "ROLLBACK", &ignored);
+		return rc;
+	}
+	PGresult *r = PQexec(c, "COMMIT");
+	if (PQresultStatus(r) != PGRES_COMMAND_OK)
+		rc = store_result_err(c, r, e); /* PostgreSQL ended the transaction */
+	else if (strcmp(PQcmdStatus(r), "ROLLBACK") == 0)
+		rc = cw_fail(e, CW_EINTERNAL, "the transaction was rolled back: one of its statements had failed");
+	PQclear(r);
+	return rc;
+}
+
 int store_notifies(PGconn *c, void (*each)(const char *channel, const char *payload, void *arg), void *arg)
 {
 	int n = 0;

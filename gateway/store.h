@@ -169,6 +169,13 @@ bool store_prepare_all(PGconn *c, const struct store_stmt *const *lists, cw_errm
 /* Runs a command without results; CW_EUNAVAIL if the connection is lost,
  * CW_ECONFLICT for a constraint violation, CW_EIO otherwise. */
 cw_err store_exec(PGconn *c, const char *sql, cw_errmsg *e);
+/* Ends the transaction a BEGIN on c opened: ROLLBACK when rc is a failure
+ * (rc returned, e left as the failure wrote it), else COMMIT.  A COMMIT
+ * that does not commit is the failure it is: refused (a deferred check:
+ * CW_ECONFLICT; a lost connection: CW_EUNAVAIL, the outcome unknown), or
+ * answered with ROLLBACK because a statement had failed unseen
+ * (CW_EINTERNAL, a bug of the caller's). */
+cw_err store_end(PGconn *c, cw_err rc, cw_errmsg *e);
 /* Runs a command with text parameters and no result rows. */
 cw_err store_command(PGconn *c, const char *sql, int n, const char *const *params, cw_errmsg *e);
 /* CW_OK when r has status st; otherwise r's error, and r is cleared. */

@@ -230,8 +230,7 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 			rc = store_command(c, "INSERT INTO audit_log (actor, action, subject) VALUES ('user:' || $1, $2, $3)", 3, ap,
 				     &e);
 		}
-		cw_errmsg e2;
-		store_exec(c, rc ? "ROLLBACK" : "COMMIT", rc ? &e2 : &e);
+		rc = store_end(c, rc, &e);
 		if (rc) {
 			answer(m, room, txn, "That did not work; try again in a moment.");
 			LOG_KV(CW_LOG_WARN, "a bot command failed", "detail", e.msg);
@@ -299,12 +298,8 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 			rc = inbox_handled(c, inbox_id, &e);
 		if (!rc)
 			rc = notice_queue(c, room, "Reported to the operator. Thank you.", &e);
-		if (!rc)
-			rc = store_exec(c, "COMMIT", &e);
-		if (!rc)
+		if (!store_end(c, rc, &e))
 			return;
-		cw_errmsg ignored;
-		store_exec(c, "ROLLBACK", &ignored);
 		if (PQstatus(c) == CONNECTION_OK) /* else the command runs again, or its notice tells */
 			answer(m, room, txn, "The report could not be stored; try again.");
 	} else if (strcmp(verb, "list") == 0) {
@@ -927,8 +922,7 @@ static bool ghost_joins(struct matrix *m, PGconn *c, const char *room, const cha
 		if (!rc && portal[0])
 			other = group = false;
 	}
-	cw_errmsg e2;
-	store_exec(c, rc ? "ROLLBACK" : "COMMIT", rc ? &e2 : &e);
+	rc = store_end(c, rc, &e);
 	if (rc) {
 		LOG_KV(CW_LOG_WARN, "cannot start a conversation from Matrix", "detail", e.msg);
 		ghost_says_and_leaves(m, room, ghost, "This conversation could not be started here; invite me again "
@@ -991,8 +985,7 @@ static void local_invited(struct matrix *m, PGconn *c, const char *room, const c
 		cw_err rc = store_exec(c, "BEGIN", &e);
 		if (!rc)
 			rc = grow_group(m, c, room, inviter_id, invitee_id, false, portal, sizeof(portal), &e);
-		cw_errmsg e2;
-		store_exec(c, rc ? "ROLLBACK" : "COMMIT", rc ? &e2 : &e);
+		rc = store_end(c, rc, &e);
 		if (rc)
 			LOG_KV(CW_LOG_WARN, "cannot add a member to a group", "room", room, "detail", e.msg);
 		added = !rc && portal[0];
@@ -1094,11 +1087,8 @@ static void left(struct matrix *m, PGconn *c, const char *room, const char *who)
 		if ((rc = store_check(c, r, PGRES_TUPLES_OK, &e)))
 			r = NULL; /* cleared */
 	}
-	if (!rc)
-		rc = store_exec(c, "COMMIT", &e);
+	rc = store_end(c, rc, &e);
 	if (rc) {
-		cw_errmsg e2;
-		store_exec(c, "ROLLBACK", &e2);
 		PQclear(r);
 		LOG_KV(CW_LOG_WARN, "cannot unbind a room its user left", "room", room, "detail", e.msg);
 		return;

@@ -849,13 +849,7 @@ cw_err mx_mark_joined(PGconn *c, const char *room_id, const char *identity_id, c
 				   "WHERE room_id = $1::bigint AND identity_id = $2::bigint AND membership = 'invited'",
 				   2, params, e);
 	PQclear(r);
-	if (!rc)
-		rc = store_exec(c, "COMMIT", e);
-	if (rc) {
-		cw_errmsg ignored;
-		store_exec(c, "ROLLBACK", &ignored); /* out of the failed transaction; on a lost connection, moot */
-	}
-	return rc;
+	return store_end(c, rc, e);
 }
 
 /* The portal of a group for one local user: a room made by the bot with

@@ -1066,12 +1066,10 @@ void xa_muc_sync(struct xcomp *xc, PGconn *c)
 				   "INSERT INTO xmpp_muc_occupants (component, room, full_jid, nick, user_jid) "
 				   "SELECT $1, x->>0, x->>1, x->>2, x->>3 FROM jsonb_array_elements($2::jsonb) AS x",
 				   2, params, &e);
-	if (!rc)
-		rc = store_exec(c, "COMMIT", &e);
+	if (doc)
+		rc = store_end(c, rc, &e);
 	free(doc);
 	if (rc) {
-		cw_errmsg e2;
-		store_exec(c, "ROLLBACK", &e2);
 		LOG_KV(CW_LOG_WARN, "xmpp: cannot write the rooms' occupants", "component", xc->domain, "detail", e.msg);
 		pthread_mutex_lock(&xc->mu);
 		xc->muc_dirty = true; /* the next round tries again */

@@ -571,6 +571,51 @@ static int outage(void)
 	return 0;
 }
 
+/* store_end: COMMIT on success, ROLLBACK on failure, and a COMMIT that
+ * does not commit (refused at the end, or a transaction a statement had
+ * failed) is the failure it is, never a success. */
+static PGconn *begin_on(const char *setup)
+{
+	cw_errmsg e;
+	PGconn *c = store_connect(db_url(), 10000, &e);
+	ck_assert_msg(c, "%s", e.msg);
+	ck_assert_msg(store_exec(c, setup, &e) == CW_OK, "%s", e.msg);
+	return c;
+}
+
+START_TEST(store_end_commits_only_what_committed)
+{
+	sql("DROP TABLE IF EXISTS store_test_end; CREATE TABLE store_test_end (id bigint "
+	    "UNIQUE DEFERRABLE INITIALLY DEFERRED)");
+	cw_errmsg e;
+	/* Success: committed. */
+	PGconn *c = begin_on("BEGIN; INSERT INTO store_test_end VALUES (1)");
+	ck_assert_int_eq(store_end(c, CW_OK, &e), CW_OK);
+	ck_assert_int_eq(PQtransactionStatus(c), PQTRANS_IDLE);
+	/* The caller's failure: rolled back, its rc and message kept. */
+	ck_assert_int_eq(store_exec(c, "BEGIN; INSERT INTO store_test_end VALUES (2)", &e), CW_OK);
+	snprintf(e.msg, sizeof(e.msg), "the caller's reason");
+	ck_assert_int_eq(store_end(c, CW_ENOTFOUND, &e), CW_ENOTFOUND);
+	ck_assert_str_eq(e.msg, "the caller's reason");
+	ck_assert_int_eq(PQtransactionStatus(c), PQTRANS_IDLE);
+	/* Refused at COMMIT (a deferred unique check): the conflict. */
+	ck_assert_int_eq(store_exec(c, "BEGIN; INSERT INTO store_test_end VALUES (1)", &e), CW_OK);
+	ck_assert_int_eq(store_end(c, CW_OK, &e), CW_ECONFLICT);
+	ck_assert_int_eq(PQtransactionStatus(c), PQTRANS_IDLE);
+	/* A statement failed and its error went unseen: PostgreSQL answers
+	 * the COMMIT with ROLLBACK, which is no success. */
+	ck_assert_int_eq(store_exec(c, "BEGIN; INSERT INTO store_test_end VALUES (3)", &e), CW_OK);
+	ck_assert_int_ne(store_exec(c, "SELECT 1/0", &e), CW_OK);
+	ck_assert_int_eq(store_end(c, CW_OK, &e), CW_EINTERNAL);
+	ck_assert_ptr_nonnull(strstr(e.msg, "rolled back"));
+	ck_assert_int_eq(PQtransactionStatus(c), PQTRANS_IDLE);
+	PQfinish(c);
+	ck_assert_int_eq(count_rows("SELECT count(*) FROM store_test_end"), 1);
+	ck_assert_int_eq(count_rows("SELECT count(*) FROM store_test_end WHERE id = 1"), 1);
+	sql("DROP TABLE store_test_end");
+}
+END_TEST
+
 int main(int argc, char **argv)
 {
 	cw_log_set_level(CW_LOG_WARN);
@@ -586,6 +631,7 @@ int main(int argc, char **argv)
 	tcase_add_test(tc, unreachable_database_fails_fast);
 	tcase_add_test(tc, a_notification_read_during_a_statement_is_not_slept_on);
 	tcase_add_test(tc, a_reader_that_cannot_connect_does_not_stop_writes);
+	tcase_add_test(tc, store_end_commits_only_what_committed);
 	suite_add_tcase(s, tc);
 	return unit_run(s);
 }
