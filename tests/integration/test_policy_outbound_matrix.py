@@ -127,3 +127,44 @@ def test_two_lines_to_someone_new_in_one_transaction_start_one_conversation(mx, 
                == ["hi wally", "are you there?"], what="both lines at the peer")
     assert (limit_records(pg, db_url) or "") == ""
     assert not [e for e in hs.events(room) if e["sender"] == ghost and e["content"].get("msgtype") == "m.notice"]
+
+
+def test_an_oversized_first_line_from_matrix_takes_no_new_conversation(mx, hs, gk, pg, db_url):
+    """As on XMPP (test_policy_outbound.py): a first line to someone new
+    that the size limits refuse takes no token of her new-conversation
+    bucket, so her next, normal, line to them starts the one conversation
+    the hour allows; only a line to a third person is refused by it."""
+    a, srv = gk
+    r = mx.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example",
+                                        "limits": {"outbound_new_conversations_per_hour_per_user": 1,
+                                                   "max_body_bytes": 100}})
+    assert r.status_code == 201, r.text
+    rule = r.json()["id"]
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+
+    def notices(rm, g):
+        return [e["content"]["body"] for e in hs.events(rm)
+                if e["sender"] == g and e["content"].get("msgtype") == "m.notice"]
+
+    def texts():
+        return [e["content"]["parts"][0]["body"] for e in list(srv.events) if e.get("type") == "message"]
+
+    alice.send_text(room, "x" * 200)
+    assert all_told(pg, db_url, lambda: notices(room, ghost), 1) == \
+        ["Not delivered: it is larger than this server allows to them."]
+    assert pg.psql("SELECT string_agg(reason_code || ' ' || rule_id, ',') FROM audit_log "
+                   "WHERE action = 'policy.deny'", db_url) == f"too_large {rule}"
+    alice.send_text(room, "hi wally")
+    wait_until(lambda: texts() == ["hi wally"], what="her normal line at the peer")
+    # That used the hour's one: a first line to wanda is refused by the limit.
+    a.create_room([a.user("wanda"), "mimi://example.org/u/someone"])
+    wanda = "@_cw_gk_wanda:example.org"
+    room2 = alice.create_dm(wanda)
+    wait_until(lambda: hs.members(room2).get(wanda) == "join", what="wanda's ghost joins")
+    alice.send_text(room2, "hi wanda")
+    told = all_told(pg, db_url, lambda: notices(room2, wanda), 1)
+    assert len(told) == 1 and told[0].startswith(
+        "Not delivered: you started more new conversations than this server allows in an hour"), told
+    assert limit_records(pg, db_url) == \
+        f"rate_limited_local_sender_new_conversations {rule} {ALICE} outbound message true true"
+    assert texts() == ["hi wally"]
