@@ -599,6 +599,22 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 	return queue_reply(r);
 }
 
+/* The client's address as text in buf (INET6_ADDRSTRLEN bytes), or "-":
+ * the peer of the socket, a reverse proxy's address behind one (no
+ * X-Forwarded-For is trusted), no name looked up.  No allocation: it runs
+ * for every request the access log records. */
+static const char *client_address(struct MHD_Connection *conn, char *buf, socklen_t len)
+{
+	const union MHD_ConnectionInfo *ci = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+	const struct sockaddr *sa = ci ? ci->client_addr : NULL;
+	const void *a = NULL;
+	if (sa && sa->sa_family == AF_INET)
+		a = &((const struct sockaddr_in *)(const void *)sa)->sin_addr;
+	else if (sa && sa->sa_family == AF_INET6)
+		a = &((const struct sockaddr_in6 *)(const void *)sa)->sin6_addr;
+	return a && inet_ntop(sa->sa_family, a, buf, len) ? buf : "-";
+}
+
 static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
 			 enum MHD_RequestTerminationCode toe)
 {
@@ -611,11 +627,14 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
 	int status = toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? r->status : 0;
 	cw_metrics_http(h->metrics, r->route, status, dur);
 	if (atomic_load_explicit(&h->access_log, memory_order_relaxed) && cw_log_enabled(CW_LOG_INFO)) {
-		char st[16], ms[32], bytes[32];
+		char st[16], ms[32], bytes[32], client[INET6_ADDRSTRLEN];
 		snprintf(st, sizeof(st), "%d", status);
 		snprintf(ms, sizeof(ms), "%.3f", (double)dur / 1000.0);
 		snprintf(bytes, sizeof(bytes), "%zu", r->body_len);
-		LOG_KV(CW_LOG_INFO, "request", "request_id", r->id, "method", r->method, "path", r->path,
+		/* The client before the path: a line is cut at 4 KiB, and a
+		 * long path must not take the address with it. */
+		LOG_KV(CW_LOG_INFO, "request", "request_id", r->id,
+		       "client", client_address(conn, client, sizeof(client)), "method", r->method, "path", r->path,
 		       "status", st, "duration_ms", ms, "body_bytes", bytes,
 		       "route", r->route >= 0 ? h->o.routes[r->route].pattern : "-",
 		       "outcome", toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? "ok" : "aborted");

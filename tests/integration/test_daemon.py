@@ -1,5 +1,6 @@
 """The real causewayd: health, readiness, metrics, errors, logs, signals."""
 import concurrent.futures
+import re
 import signal
 import socket
 import time
@@ -33,6 +34,39 @@ def test_request_ids_differ_and_are_in_the_access_log(daemon):
         rec = daemon.wait_for(lambda r, rid=rid: r.get("msg") == "request" and r.get("request_id") == rid)
         assert rec["method"] == "GET" and rec["path"] == "/healthz" and rec["status"] == "200"
         assert float(rec["duration_ms"]) >= 0
+        assert rec["client"] == "127.0.0.1", rec
+
+
+def keepalive_get(s):
+    """GET /healthz on the connected socket s, which stays open (HTTP/1.1
+    keep-alive): the status line, or None when the daemon closed the
+    connection without an answer."""
+    answer = b""
+    try:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        while b"\r\n\r\n" not in answer:
+            chunk = s.recv(4096)
+            if not chunk:
+                return None
+            answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?im)^content-length: *(\d+)", head).group(1))
+        while len(body) < length:
+            chunk = s.recv(4096)
+            if not chunk:
+                return None
+            body += chunk
+    except (ConnectionResetError, BrokenPipeError):
+        return None
+    return head.split(b"\r\n")[0].decode()
+
+
+def test_the_access_log_names_an_ipv6_client(make_daemon, db_url):
+    d = make_daemon(db_url, options={"server": {"listen_address": "::1"}}).start()
+    with socket.create_connection(("::1", d.port), timeout=10) as s:
+        assert keepalive_get(s) == "HTTP/1.1 200 OK"
+    rec = d.wait_for(lambda r: r.get("msg") == "request" and r.get("path") == "/healthz")
+    assert rec["client"] == "::1", rec
 
 
 def test_unknown_path_and_method_are_problem_json(daemon):
