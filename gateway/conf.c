@@ -27,6 +27,9 @@ const struct cfg_option cfg_options[] = {
 	  "size of libmicrohttpd's thread pool" },
 	{ "server", "connection_limit", CFG_INT, OFF(connection_limit), "1024", 8, 100000, false, false,
 	  "most HTTP connections open at once" },
+	{ "server", "connection_limit_per_client", CFG_INT, OFF(connection_limit_per_client), "0", 0, 100000, false,
+	  false, "most HTTP connections open at once from one client address (0: no limit but connection_limit; "
+	  "behind a reverse proxy every connection is the proxy's)" },
 	{ "server", "connection_timeout_s", CFG_INT, OFF(connection_timeout_s), "30", 1, 3600, false, false,
 	  "idle HTTP connections are closed after this many seconds" },
 	{ "server", "max_body_bytes", CFG_SIZE, OFF(max_body_bytes), "1MiB", 1024, 64L << 20, false, false,
@@ -505,6 +508,13 @@ static cw_err cfg_check(const struct cw_config *c, bool need_tokens, cw_errmsg *
 	if (set(c->mx_homeserver_url) && set(c->mx_as_token) && set(c->mx_hs_token) &&
 	    cfg_matrix_tokens_check(c->mx_as_token, c->mx_hs_token, e))
 		return CW_EINVAL;
+	/* libmicrohttpd would take it, and the global limit would refuse
+	 * first: a value no client can reach says the operator meant another. */
+	if (c->connection_limit_per_client > c->connection_limit)
+		return cw_fail(e, CW_EINVAL,
+			       "server.connection_limit_per_client (%ld) is above server.connection_limit (%ld): "
+			       "no client could open that many; lower it, or 0 for no limit per client",
+			       c->connection_limit_per_client, c->connection_limit);
 	if (!set(c->listen_address))
 		return cw_fail(e, CW_EINVAL, "server.listen_address is empty");
 	if (cw_http_listen_address_check(c->listen_address, e))

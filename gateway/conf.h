@@ -13,6 +13,7 @@ struct cw_config {
 	long port;
 	long http_threads;
 	long connection_limit;
+	long connection_limit_per_client;
 	long connection_timeout_s;
 	long max_body_bytes;
 	long drain_timeout_ms;

@@ -697,11 +697,18 @@ cw_err cw_http_start(struct cw_http **out, const struct cw_http_opts *o, cw_errm
 			 MHD_USE_ERROR_LOG;
 	if (ai->ai_family == AF_INET6)
 		flags |= MHD_USE_IPv6;
+	/* The limit per client is libmicrohttpd's count of each address's
+	 * connections (one count for the pool), and its refusal: it closes
+	 * the connection as it accepts it and logs, in 0.9.75, the words of
+	 * the global limit; no callback of ours sees the refused connection.
+	 * The listener is TCP (cw_listen_addrinfo: a numeric IPv4 or IPv6
+	 * address, no Unix socket), so every client has an address it counts. */
 	h->d = MHD_start_daemon(flags, 0, NULL, NULL, on_request, h,
 				MHD_OPTION_EXTERNAL_LOGGER, mhd_logger, h,
 				MHD_OPTION_SOCK_ADDR, ai->ai_addr,
 				MHD_OPTION_THREAD_POOL_SIZE, (unsigned)o->threads,
 				MHD_OPTION_CONNECTION_LIMIT, (unsigned)o->connection_limit,
+				MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned)o->connection_limit_per_client,
 				MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)o->connection_timeout_s,
 				MHD_OPTION_NOTIFY_COMPLETED, on_completed, h,
 				MHD_OPTION_NOTIFY_CONNECTION, on_connection, h,
@@ -759,7 +766,8 @@ void cw_http_quiesce(struct cw_http *h)
 				continue;
 			break; /* EAGAIN: the queue is empty (or out of descriptors) */
 		}
-		/* Closed by libmicrohttpd when refused (past connection_limit). */
+		/* Closed by libmicrohttpd when refused (past connection_limit,
+		 * or its client's connection_limit_per_client). */
 		if (MHD_add_connection(h->d, c, (struct sockaddr *)&ss, sl) == MHD_YES)
 			taken++;
 		else
@@ -769,7 +777,8 @@ void cw_http_quiesce(struct cw_http *h)
 		char t[16], r[16];
 		snprintf(t, sizeof(t), "%u", taken);
 		snprintf(r, sizeof(r), "%u", refused);
-		LOG_KV(CW_LOG_WARN, "connections queued at the stop were refused (server.connection_limit)",
+		LOG_KV(CW_LOG_WARN, "connections queued at the stop were refused (server.connection_limit or "
+		       "server.connection_limit_per_client)",
 		       "taken", t, "refused", r);
 	}
 	/* Quiescing only asks the workers to drop the socket from their next

@@ -57,6 +57,10 @@ struct cw_http_opts {
 	unsigned port;             /* 0: any free port */
 	unsigned threads;
 	unsigned connection_limit;
+	/* The most connections open at once from one client address (0: no
+	 * limit but connection_limit); libmicrohttpd counts them across the
+	 * pool and closes a connection past it as soon as it is accepted. */
+	unsigned connection_limit_per_client;
 	unsigned connection_timeout_s;
 	size_t max_body_bytes;
 	/* The routes (by pattern, NULL-terminated) that take bodies up to

@@ -533,6 +533,7 @@ int main(int argc, char **argv)
 		.port = (unsigned)cfg.port,
 		.threads = (unsigned)cfg.http_threads,
 		.connection_limit = (unsigned)cfg.connection_limit,
+		.connection_limit_per_client = (unsigned)cfg.connection_limit_per_client,
 		.connection_timeout_s = (unsigned)cfg.connection_timeout_s,
 		.max_body_bytes = (size_t)cfg.max_body_bytes,
 		.large_body_routes = matrix_transaction_routes,

@@ -101,6 +101,8 @@ REFUSED_AT_START = (
     ("[matrix]\nhomeserver_url = http://127.0.0.1:8008\nas_token = a b\nhs_token = hs\n",
      "matrix.as_token has a space"),
     ("[server]\nlisten_address = localhost\n", "server.listen_address 'localhost' is not a numeric address"),
+    ("[server]\nconnection_limit = 64\nconnection_limit_per_client = 65\n",
+     "server.connection_limit_per_client (65) is above server.connection_limit (64)"),
 )
 
 
