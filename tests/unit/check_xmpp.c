@@ -1742,6 +1742,82 @@ START_TEST(oversized_stanza_is_refused)
 }
 END_TEST
 
+/* libstrophe 0.12 sets the stream parser's element handlers with
+ * XML_SetElementHandler; one setting them apart (XML_SetStartElementHandler,
+ * XML_SetEndElementHandler: other versions, or a reset's re-set of one) is
+ * held the same way: each setter replaces its own half only, the depth is
+ * counted whatever was set, and a stanza over the cap still never ends in
+ * the handlers set.  On other parsers they are expat's own. */
+START_TEST(split_element_setters_keep_the_count)
+{
+	enum xa_xml_stop why;
+	struct seen s;
+	const long cap = 200;
+	static const char root[] = "<s xmlns='jabber:component:accept'>";
+	char *ok = stanza_of("ok", cap, true), *big = stanza_of("big", cap + 1, true);
+	xa_xml_watch(true, cap);
+	XML_Parser p = XML_ParserCreate_MM(NULL, NULL, NULL);
+	xa_xml_watch(false, 0);
+	memset(&s, 0, sizeof(s));
+	XML_SetUserData(p, &s);
+	/* End first, then start, as separate calls; the root read with no start handler at all. */
+	XML_SetEndElementHandler(p, seen_end);
+	ck_assert_int_eq(XML_Parse(p, root, (int)strlen(root), XML_FALSE), XML_STATUS_OK);
+	ck_assert_int_eq(s.starts, 0);
+	s.depth = 1; /* what the handlers did not see */
+	XML_SetStartElementHandler(p, seen_start);
+	ck_assert_int_eq(XML_Parse(p, ok, (int)cap, XML_FALSE), XML_STATUS_OK);
+	ck_assert_str_eq(s.ended, "ok;");
+	/* The start replaced alone keeps the end; the end removed alone keeps the start. */
+	XML_SetStartElementHandler(p, NULL);
+	s.depth = 2; /* as if its start had been seen */
+	ck_assert_int_eq(XML_Parse(p, ok, (int)cap, XML_FALSE), XML_STATUS_OK);
+	ck_assert_int_eq(s.starts, 1);
+	ck_assert_str_eq(s.ended, "ok;ok;");
+	XML_SetStartElementHandler(p, seen_start);
+	XML_SetEndElementHandler(p, NULL);
+	ck_assert_int_eq(XML_Parse(p, ok, (int)cap, XML_FALSE), XML_STATUS_OK);
+	ck_assert_int_eq(s.starts, 2);
+	ck_assert_str_eq(s.ended, "ok;ok;");
+	ck_assert_ptr_null(xa_xml_refused(&why));
+	/* The count went on through all of it: a stanza over the cap is
+	 * stopped before its end reaches the end handler. */
+	XML_SetEndElementHandler(p, seen_end);
+	s.depth = 1;
+	memset(s.ended, 0, sizeof(s.ended));
+	ck_assert_int_eq(XML_Parse(p, ok, (int)cap, XML_FALSE), XML_STATUS_OK);
+	ck_assert_int_eq(XML_Parse(p, big, (int)cap + 1, XML_FALSE), XML_STATUS_SUSPENDED);
+	ck_assert_str_eq(s.ended, "ok;");
+	ck_assert_str_eq(xa_xml_refused(&why), "a stanza larger than the cap");
+	/* After a reset the halves set again the same way work as before. */
+	ck_assert_int_eq(XML_ParserReset(p, NULL), XML_TRUE);
+	memset(&s, 0, sizeof(s));
+	XML_SetUserData(p, &s);
+	XML_SetStartElementHandler(p, seen_start);
+	XML_SetEndElementHandler(p, seen_end);
+	char all[1024];
+	snprintf(all, sizeof(all), "%s%s%s", root, ok, big);
+	ck_assert_int_eq(XML_Parse(p, all, (int)strlen(all), XML_FALSE), XML_STATUS_SUSPENDED);
+	ck_assert_str_eq(s.ended, "ok;");
+	ck_assert_str_eq(xa_xml_refused(&why), "a stanza larger than the cap");
+	XML_ParserFree(p);
+	/* Not watched: expat's own setters, no cap. */
+	p = XML_ParserCreate_MM(NULL, NULL, NULL);
+	memset(&s, 0, sizeof(s));
+	XML_SetUserData(p, &s);
+	XML_SetStartElementHandler(p, seen_start);
+	XML_SetEndElementHandler(p, seen_end);
+	snprintf(all, sizeof(all), "%s%s%s</s>", root, ok, big);
+	ck_assert_int_eq(XML_Parse(p, all, (int)strlen(all), XML_TRUE), XML_STATUS_OK);
+	ck_assert_str_eq(s.ended, "ok;big;");
+	ck_assert_int_eq(s.starts, 3);
+	ck_assert_ptr_null(xa_xml_refused(&why));
+	XML_ParserFree(p);
+	free(ok);
+	free(big);
+}
+END_TEST
+
 int main(void)
 {
 	xmpp_initialize();
@@ -1767,6 +1843,7 @@ int main(void)
 	tcase_add_test(tc, config_check_takes_what_the_adapter_needs);
 	tcase_add_test(tc, restricted_xml_is_refused);
 	tcase_add_test(tc, oversized_stanza_is_refused);
+	tcase_add_test(tc, split_element_setters_keep_the_count);
 	suite_add_tcase(s, tc);
 	int rc = unit_run(s);
 	xmpp_shutdown();
