@@ -1001,16 +1001,19 @@ static void refuse_stream(struct xcomp *xc, const char *why, enum xa_xml_stop ki
 		snprintf(reason, sizeof(reason), "the server's stream is not well-formed XML (%s)", why);
 	} else if (kind == XA_XML_TOO_LARGE) {
 		long cap = xc->x->cfg->xmpp_max_stanza_bytes;
-		char caps[24];
+		/* a stanza, or (why says so) the stream header, held to the same cap */
+		const char *what = strstr(why, "stream header") ? "stream header" : "stanza";
+		char caps[24], msg[96];
 		snprintf(caps, sizeof(caps), "%ld", cap);
-		LOG_KV(CW_LOG_WARN, "xmpp: the server sent a stanza larger than the cap: closed with policy-violation",
-		       "component", xc->domain, "cap", caps, "setting", "xmpp.max_stanza_bytes");
+		snprintf(msg, sizeof(msg), "xmpp: the server sent a %s larger than the cap: closed with policy-violation",
+			 what);
+		LOG_KV(CW_LOG_WARN, msg, "component", xc->domain, "cap", caps, "setting", "xmpp.max_stanza_bytes");
 		snprintf(reason, sizeof(reason),
-			 "the server sent a stanza larger than %ld bytes (xmpp.max_stanza_bytes; policy-violation)",
+			 "the server sent a %s larger than %ld bytes (xmpp.max_stanza_bytes; policy-violation)", what,
 			 cap);
 		atomic_fetch_add(&xc->stanza_too_large, 1);
 		char text[64];
-		snprintf(text, sizeof(text), "stanza larger than %ld bytes", cap);
+		snprintf(text, sizeof(text), "%s larger than %ld bytes", what, cap);
 		xmpp_send_error(xc->conn, XMPP_SE_POLICY_VIOLATION, text);
 	} else {
 		LOG_KV(CW_LOG_WARN,

@@ -23,17 +23,20 @@
  * The stream's parser also has a size cap on its stanzas (docs/xmpp.md,
  * "Stanza size"): the element handlers libstrophe sets on it are wrapped
  * (XML_SetElementHandler and its two halves stand in front of expat's
- * too), and count the depth; a stanza (a child of <stream:stream>) is
- * measured from its start tag's '<' (XML_GetCurrentByteIndex) to its end
- * tag's '>', and after each read to the last byte read, while it is still
- * coming.  Between stanzas, what expat holds unparsed (a start tag still
- * coming) is measured too.  Past the cap the parser stops as above,
- * before libstrophe sees the stanza's end (so it is never served), and
- * the thread closes the stream with policy-violation.
+ * too), count the depth and note where a stanza (a child of
+ * <stream:stream>) starts, its '<' (XML_GetCurrentByteIndex).  Each read
+ * is given to expat at most up to the cap's bytes of what it holds open:
+ * the stanza in progress, the start tag still coming between stanzas, or
+ * the stream header (from the stream's first byte to the '>' of
+ * <stream:stream ...>, held to the cap on its own and counted in no
+ * stanza).  One still open there is larger than the cap: the parser stops
+ * without reading further, before libstrophe sees its end (so it is never
+ * served) or more than its first cap bytes, and the thread closes the
+ * stream with policy-violation.  A read is cut only where the cap falls
+ * inside it.
  *
- * The markup handlers fire on forbidden markup only: a stanza costs what
- * it did, plus a few instructions per read, and the cap's about 25 per tag
- * (docs/xmpp.md, "Restricted XML"). */
+ * The markup handlers fire on forbidden markup only; the cap costs a few
+ * instructions per read and per stanza (docs/xmpp.md, "Stanza size"). */
 #include "config.h"
 #include "xmpp_int.h"
 
@@ -53,6 +56,7 @@ typedef enum XML_Status (*parse_buffer_fn)(XML_Parser, int, int);
 typedef void (*set_element_fn)(XML_Parser, XML_StartElementHandler, XML_EndElementHandler);
 typedef void (*set_start_fn)(XML_Parser, XML_StartElementHandler);
 typedef void (*set_end_fn)(XML_Parser, XML_EndElementHandler);
+typedef XML_Bool (*set_deferral_fn)(XML_Parser, XML_Bool);
 
 static struct {
 	create_fn create;
@@ -65,6 +69,7 @@ static struct {
 	set_element_fn set_element;
 	set_start_fn set_start;
 	set_end_fn set_end;
+	set_deferral_fn set_deferral; /* expat 2.6 and later only (NULL before) */
 } real;
 static pthread_once_t real_once = PTHREAD_ONCE_INIT;
 
@@ -90,6 +95,7 @@ static void find_real(void)
 	*(void **)&real.set_element = next_symbol("XML_SetElementHandler");
 	*(void **)&real.set_start = next_symbol("XML_SetStartElementHandler");
 	*(void **)&real.set_end = next_symbol("XML_SetEndElementHandler");
+	*(void **)&real.set_deferral = dlsym(RTLD_NEXT, "XML_SetReparseDeferralEnabled");
 }
 
 static __thread XML_Parser cur;      /* the parser this thread's XML_Parse runs */
@@ -105,6 +111,9 @@ static __thread XML_EndElementHandler their_end;
 static __thread int depth;        /* its open elements: 1 inside <stream:stream>, 2 and more in a stanza */
 static __thread XML_Index stanza_at; /* where the stanza in progress starts (its '<') */
 static __thread XML_Index fed;       /* bytes given to it since it was made or reset */
+
+static const char too_large[] = "a stanza larger than the cap";
+static const char header_too_large[] = "a stream header larger than the cap";
 
 /* The watched parser stops: why is said once by xa_xml_refused. */
 static void halt(enum xa_xml_stop k, const char *what)
@@ -130,13 +139,12 @@ static void refuse(const char *what)
 
 /* The element handlers of the watched parser, in front of the ones set on
  * it.  Only the watched parser has them, and its handlers run only inside
- * XML_Parse or XML_ParseBuffer below, so cur is that parser.  A stanza is
- * measured at its own end tag, which libstrophe's end handler turns into
- * a stanza served: one past the cap stops the parser there instead.  (Its
- * inner tags are not measured: what libstrophe builds of a stanza past
- * the cap is bounded by measure(), after each read.)  Once the parser is
- * stopped, what expat still calls back (such as the end of an empty
- * element) does not reach libstrophe. */
+ * XML_Parse or XML_ParseBuffer below, so cur is that parser.  They count
+ * the depth and note where a stanza starts; its size is not checked here:
+ * the parser is never given more than the cap's bytes of what it holds
+ * open (feed below), so a stanza whose end it sees is within the cap.
+ * Once the parser is stopped, what expat still calls back (such as the
+ * end of an empty element) does not reach libstrophe. */
 static void XMLCALL on_start(void *u, const XML_Char *name, const XML_Char **atts)
 {
 	if (halted)
@@ -151,28 +159,59 @@ static void XMLCALL on_end(void *u, const XML_Char *name)
 {
 	if (halted)
 		return;
-	if (depth-- == 2 && cap &&
-	    XML_GetCurrentByteIndex(cur) + XML_GetCurrentByteCount(cur) - stanza_at > cap) {
-		halt(XA_XML_TOO_LARGE, "a stanza larger than the cap");
-		XML_StopParser(cur, XML_TRUE);
-		return;
-	}
+	depth--;
 	if (their_end)
 		their_end(u, name);
 }
 
-/* After a read of the watched parser (len bytes) that did not stop it: a
- * stanza still coming is measured to the last byte read; between stanzas,
- * what expat holds unparsed (from the position of its last event: a start
- * tag still coming) is. */
-static void measure(int len)
+/* Where what the watched parser holds open starts: the stream header (at
+ * depth 0: from the stream's first byte, its XML declaration included, to
+ * the '>' of <stream:stream ...>), the stanza in progress, or between
+ * stanzas what expat holds unparsed (from the position of its last event:
+ * a start tag still coming; the end of the bytes read when it holds
+ * none). */
+static XML_Index open_from(void)
 {
-	fed += len;
-	if (!cap || halted)
-		return;
-	XML_Index from = depth >= 2 ? stanza_at : XML_GetCurrentByteIndex(watched);
-	if (from >= 0 && fed - from > cap)
-		halt(XA_XML_TOO_LARGE, "a stanza larger than the cap");
+	if (depth == 0)
+		return 0;
+	if (depth >= 2)
+		return stanza_at;
+	XML_Index at = XML_GetCurrentByteIndex(watched);
+	return at >= 0 ? at : fed;
+}
+
+/* The watched parser is given a read (len bytes at s, or len bytes of its
+ * own buffer) at most up to the cap's bytes of what it holds open: a
+ * stanza (or the header) still open there is larger than the cap, and
+ * the parser stops without reading further.  Whatever ends within those
+ * bytes is within the cap (it started no earlier than what was open), so
+ * a read is cut only where the cap falls inside it: of a stanza past the
+ * cap, the handlers set on the parser (libstrophe's, which build it) are
+ * given no more than its first cap bytes. */
+static enum XML_Status feed(XML_Parser p, const char *s, int len, int final, bool buffer)
+{
+	enum XML_Status st;
+	for (;;) {
+		int n = len;
+		XML_Index room = cap ? open_from() + cap - fed : len;
+		if (room < 0) /* cannot be: a piece reaching the cap is checked below */
+			room = 0;
+		if (room < n)
+			n = (int)room;
+		st = buffer ? real.parse_buffer(p, n, final && n == len) : real.parse(p, s, n, final && n == len);
+		if (st == XML_STATUS_ERROR || halted)
+			return st;
+		fed += n;
+		if (s)
+			s += n;
+		len -= n;
+		if (cap && n == room && fed - open_from() >= cap) { /* still open after the cap's bytes */
+			halt(XA_XML_TOO_LARGE, depth == 0 ? header_too_large : too_large);
+			return XML_STATUS_SUSPENDED;
+		}
+		if (len == 0 || st != XML_STATUS_OK)
+			return st;
+	}
 }
 
 static void XMLCALL on_doctype(void *u, const XML_Char *name, const XML_Char *sysid, const XML_Char *pubid,
@@ -205,6 +244,13 @@ static XML_Parser guard(XML_Parser p)
 	XML_SetProcessingInstructionHandler(p, on_pi);
 	if (p == watched) { /* made or reset: nothing read, no handler of libstrophe's yet */
 		real.set_element(p, on_start, on_end);
+		/* expat 2.6 may leave a token still coming unparsed for a few
+		 * reads (reparse deferral): its events, and the position of
+		 * what is open, would come late to the count.  No token is
+		 * longer than the cap here, which bounds what parsing it again
+		 * costs. */
+		if (real.set_deferral && cap)
+			real.set_deferral(p, XML_FALSE);
 		their_start = NULL;
 		their_end = NULL;
 		depth = 0;
@@ -320,10 +366,8 @@ enum XML_Status XML_Parse(XML_Parser p, const char *s, int len, int final)
 		return XML_STATUS_OK;
 	XML_Parser outer = cur; /* a stanza handler may parse a string of its own */
 	cur = p;
-	enum XML_Status st = real.parse(p, s, len, final);
+	enum XML_Status st = p && p == watched ? feed(p, s, len, final, false) : real.parse(p, s, len, final);
 	cur = outer;
-	if (p && p == watched && st != XML_STATUS_ERROR)
-		measure(len);
 	return parsed(p, st);
 }
 
@@ -334,10 +378,8 @@ enum XML_Status XML_ParseBuffer(XML_Parser p, int len, int final)
 		return XML_STATUS_OK;
 	XML_Parser outer = cur;
 	cur = p;
-	enum XML_Status st = real.parse_buffer(p, len, final);
+	enum XML_Status st = p && p == watched ? feed(p, NULL, len, final, true) : real.parse_buffer(p, len, final);
 	cur = outer;
-	if (p && p == watched && st != XML_STATUS_ERROR)
-		measure(len);
 	return parsed(p, st);
 }
 

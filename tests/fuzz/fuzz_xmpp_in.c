@@ -11,8 +11,10 @@
  * the stanza size cap) is linked in, as in causewayd: libstrophe's parse
  * goes through it, and the input is also fed, as the content of a stream,
  * to a parser watched as the stream's is, under a small cap, in reads cut
- * where its first byte says.  Property: no stanza (a child of the root)
- * larger than the cap reaches the handlers set on that parser. */
+ * where its first byte says.  Properties: no stanza (a child of the root)
+ * larger than the cap reaches the handlers set on that parser, nor any
+ * event (a start tag, text, an end tag) of one past its first cap bytes,
+ * whatever the reads. */
 #include "config.h"
 #include "xmpp/xm.h"
 #include "xmpp/xmpp_int.h"
@@ -51,21 +53,35 @@ struct stream {
 	XML_Index at; /* the stanza in progress's '<' */
 };
 
+/* An event of the stanza in progress ending past its first CAP bytes. */
+static void within(const struct stream *s, const char *what)
+{
+	XML_Index end = XML_GetCurrentByteIndex(s->p) + XML_GetCurrentByteCount(s->p);
+	if (s->depth >= 2 && end - s->at > CAP) {
+		fprintf(stderr, "%s %lld bytes into a stanza passed the cap of %d\n", what, (long long)(end - s->at),
+			CAP);
+		abort();
+	}
+}
+
 static void XMLCALL stream_start(void *u, const XML_Char *name, const XML_Char **atts)
 {
 	struct stream *s = u;
 	if (s->depth++ == 1)
 		s->at = XML_GetCurrentByteIndex(s->p);
+	within(s, "a start tag");
+}
+
+static void XMLCALL stream_text(void *u, const XML_Char *text, int len)
+{
+	within(u, "text");
 }
 
 static void XMLCALL stream_end(void *u, const XML_Char *name)
 {
 	struct stream *s = u;
-	XML_Index end = XML_GetCurrentByteIndex(s->p) + XML_GetCurrentByteCount(s->p);
-	if (s->depth-- == 2 && end - s->at > CAP) {
-		fprintf(stderr, "a stanza of %lld bytes passed the cap of %d\n", (long long)(end - s->at), CAP);
-		abort();
-	}
+	within(s, "an end tag");
+	s->depth--;
 }
 
 /* The input as a stream's content: the first byte is the size of the reads. */
@@ -84,6 +100,7 @@ static void stream_parse(const uint8_t *data, size_t size)
 		return;
 	XML_SetUserData(s.p, &s);
 	XML_SetElementHandler(s.p, stream_start, stream_end);
+	XML_SetCharacterDataHandler(s.p, stream_text);
 	enum xa_xml_stop why;
 	bool stopped = XML_Parse(s.p, root, (int)strlen(root), XML_FALSE) == XML_STATUS_ERROR;
 	for (size_t i = 1; i < size && !stopped; i += step) {

@@ -2540,10 +2540,12 @@ class HostileServer:
         self.conn = None
         self.received = b""
 
-    def accept(self, timeout=15, prolog=b""):
+    def accept(self, timeout=15, prolog=b"", header_size=0, handshake=True):
         """Takes the component's (next) connection; prolog: written between
         the XML declaration and the stream's header, after which there is
-        no handshake to wait for."""
+        no handshake to wait for; header_size: the stream header padded (in
+        an attribute) to that many bytes from the first, the XML
+        declaration included; handshake: wait for it."""
         self.listener.settimeout(timeout)
         if self.conn:
             self.conn.close()
@@ -2551,10 +2553,15 @@ class HostileServer:
         self.conn, _ = self.listener.accept()
         self.conn.settimeout(timeout)
         self._until(b">")  # the component's stream header
-        self.conn.sendall(b"<?xml version='1.0'?>" + prolog +
-                          b"<stream:stream xmlns:stream='http://etherx.jabber.org/streams' "
-                          b"xmlns='jabber:component:accept' id='hostile1' from='" + COMP.encode() + b"'>")
-        if prolog:
+        header = (b"<?xml version='1.0'?>" + prolog +
+                  b"<stream:stream xmlns:stream='http://etherx.jabber.org/streams' "
+                  b"xmlns='jabber:component:accept' id='hostile1' from='" + COMP.encode() + b"'")
+        if header_size:
+            header += b" pad='" + b"p" * (header_size - len(header) - 8) + b"'"
+        header += b">"
+        assert not header_size or len(header) == header_size
+        self.conn.sendall(header)
+        if prolog or not handshake:
             return
         hs = self._until(b"</handshake>")
         digest = re.search(rb"<handshake[^>]*>([0-9a-fA-F]+)</handshake>", hs).group(1).decode().lower()
@@ -2770,6 +2777,42 @@ def test_a_stanza_over_the_size_cap_closes_the_stream(make_daemon, db_url, pg):
         assert pg.psql("SELECT count(*) FROM events", db_url) == "0"
         assert pg.psql("SELECT count(*) FROM identities WHERE network = 'xmpp'", db_url) == "0"
         assert "secret words" not in d.log()
+    finally:
+        srv.close()
+
+
+def test_the_stream_header_is_held_to_the_cap_on_its_own(make_daemon, db_url):
+    """The server's stream header (from its first byte, the XML declaration
+    included, to the '>' of <stream:stream ...>) is not a stanza: it is not
+    counted in the first stanza's bytes, and is held to
+    xmpp.max_stanza_bytes on its own (expat would keep one still coming in
+    memory whatever its length). One larger closes the stream with
+    policy-violation before any handshake. Until the twenty-eighth session
+    a header cut by the reads was measured as a stanza, one that came whole
+    not at all."""
+    cap = 10000
+    srv = HostileServer(SECRET)
+    try:
+        d = srv.daemon(make_daemon, db_url, xmpp={"max_stanza_bytes": str(cap)})
+        srv.accept(header_size=cap)  # exactly the cap: taken (in three of libstrophe's reads)
+        wait_until(lambda: component_state(d)["state"] == "up", what="the component's stream")
+        srv.send(padded_ping("ok1", cap))  # and a first stanza of the cap after it
+        answer = srv._until(b"ok1") + srv._until(b">")
+        assert b"result" in answer, answer
+        srv.accept(header_size=cap + 1, handshake=False)
+        got = srv.until_closed()
+        assert b'<policy-violation xmlns="urn:ietf:params:xml:ns:xmpp-streams"/>' in got, got
+        assert b"stream header larger than 10000 bytes" in got and b"<handshake" not in got, got
+        reason = f"the server sent a stream header larger than {cap} bytes (xmpp.max_stanza_bytes; policy-violation)"
+        wait_until(lambda: component_state(d)["last_error"] == reason, what="the reason in /readyz")
+        rec = d.wait_for(lambda r: r.get("msg") == "xmpp: the server sent a stream header larger than the cap: "
+                         "closed with policy-violation")
+        assert rec["level"] == "warn" and rec["cap"] == str(cap) and rec["component"] == COMP, rec
+        srv.stream_up(d)  # connected again by itself
+        srv.send(padded_ping("ok2", cap))
+        answer = srv._until(b"ok2") + srv._until(b">")
+        assert b"result" in answer, answer
+        assert component_state(d)["stanza_too_large"] == 1
     finally:
         srv.close()
 

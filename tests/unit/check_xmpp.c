@@ -1719,7 +1719,7 @@ START_TEST(oversized_stanza_is_refused)
 			sent += (long)sizeof(chunk);
 		}
 		ck_assert_msg(xa_xml_refused(&why) == NULL, "%s: %ld bytes are not over", coming[k], sent);
-		ck_assert_int_eq(XML_Parse(p, chunk, (int)sizeof(chunk), XML_FALSE), XML_STATUS_OK);
+		ck_assert_int_eq(XML_Parse(p, chunk, (int)sizeof(chunk), XML_FALSE), XML_STATUS_SUSPENDED);
 		ck_assert_str_eq(xa_xml_refused(&why), "a stanza larger than the cap");
 		ck_assert_int_eq(why, XA_XML_TOO_LARGE);
 		ck_assert_str_eq(s.ended, "");
@@ -1739,6 +1739,176 @@ START_TEST(oversized_stanza_is_refused)
 	xmpp_stanza_release(st);
 	free(huge);
 	ck_assert_ptr_null(xa_xml_refused(&why));
+}
+END_TEST
+
+/* A stream header of n bytes: the XML declaration and <stream:stream ...>
+ * (padded in its id). */
+static char *header_of(size_t n)
+{
+	static const char head[] = "<?xml version='1.0'?><stream:stream xmlns:stream='http://etherx.jabber.org/streams' "
+				   "xmlns='jabber:component:accept' id='";
+	char *x = malloc(n + 1);
+	ck_assert_ptr_nonnull(x);
+	ck_assert_uint_gt(n, sizeof(head) + 2);
+	memcpy(x, head, sizeof(head) - 1);
+	memset(x + sizeof(head) - 1, 'i', n - (sizeof(head) - 1) - 2);
+	memcpy(x + n - 2, "'>", 3);
+	ck_assert_uint_eq(strlen(x), n);
+	return x;
+}
+
+static void reset_seen(XML_Parser p, struct seen *s)
+{
+	ck_assert_int_eq(XML_ParserReset(p, NULL), XML_TRUE);
+	memset(s, 0, sizeof(*s));
+	XML_SetUserData(p, s);
+	XML_SetElementHandler(p, seen_start, seen_end);
+}
+
+/* The stream header (from the stream's first byte, the XML declaration
+ * included, to the '>' of <stream:stream ...>) is not a stanza: it is not
+ * counted in the first stanza's bytes, however the reads cut it, and is
+ * held to the cap on its own (expat would keep one still coming in memory
+ * whatever its length). */
+START_TEST(stream_header_is_measured_apart)
+{
+	enum xa_xml_stop why;
+	struct seen s;
+	const long cap = 200;
+	char *hdr = header_of(cap), *big = header_of(cap + 1), *st = stanza_of("m1", cap, false);
+	XML_Parser p = watched_parser(cap, &s);
+	/* A header of the cap, byte by byte, then a stanza of the cap in the read that ends the header. */
+	for (long i = 0; i < cap - 1; i++)
+		ck_assert_int_eq(XML_Parse(p, hdr + i, 1, XML_FALSE), XML_STATUS_OK);
+	char rest[512];
+	snprintf(rest, sizeof(rest), ">%s", st);
+	ck_assert_int_eq(XML_Parse(p, rest, (int)strlen(rest), XML_FALSE), XML_STATUS_OK);
+	ck_assert_str_eq(s.ended, "m1;");
+	ck_assert_ptr_null(xa_xml_refused(&why));
+	/* Header and stanza in one read, the stanza coming byte by byte after a part of it. */
+	reset_seen(p, &s);
+	snprintf(rest, sizeof(rest), "%s%.*s", hdr, 7, st);
+	ck_assert_int_eq(XML_Parse(p, rest, (int)strlen(rest), XML_FALSE), XML_STATUS_OK);
+	for (long i = 7; i < cap; i++)
+		ck_assert_int_eq(XML_Parse(p, st + i, 1, XML_FALSE), XML_STATUS_OK);
+	ck_assert_str_eq(s.ended, "m1;");
+	ck_assert_ptr_null(xa_xml_refused(&why));
+	/* A header one byte over: whole in one read (with a stanza after it), or still coming. */
+	for (int k = 0; k < 2; k++) {
+		reset_seen(p, &s);
+		snprintf(rest, sizeof(rest), "%s%s", big, k == 0 ? st : "");
+		int n = k == 0 ? (int)strlen(rest) : (int)cap - 1;
+		if (k == 1) { /* not over yet; the next byte, the cap's, is not its '>': over */
+			ck_assert_int_eq(XML_Parse(p, rest, n, XML_FALSE), XML_STATUS_OK);
+			ck_assert_ptr_null(xa_xml_refused(&why));
+			n = 1;
+		}
+		ck_assert_int_eq(XML_Parse(p, rest + (k == 1 ? cap - 1 : 0), n, XML_FALSE), XML_STATUS_SUSPENDED);
+		ck_assert_str_eq(xa_xml_refused(&why), "a stream header larger than the cap");
+		ck_assert_int_eq(why, XA_XML_TOO_LARGE);
+		ck_assert_int_eq(s.starts, 0);
+		ck_assert_str_eq(s.ended, "");
+	}
+	XML_ParserFree(p);
+	free(hdr);
+	free(big);
+	free(st);
+}
+END_TEST
+
+/* What the handlers set on the stream's parser (libstrophe's, which build
+ * the stanza) are given of a stanza past the cap: nothing past its
+ * first cap bytes, whatever the size of the read holding them, so what
+ * libstrophe builds of one is bounded by the cap itself.  The read that
+ * crosses the cap stops there. */
+struct built {
+	int depth;
+	long chars, starts; /* inside stanzas */
+};
+
+static void XMLCALL built_start(void *u, const XML_Char *name, const XML_Char **atts)
+{
+	struct built *b = u;
+	if (b->depth++ >= 1)
+		b->starts++;
+}
+
+static void XMLCALL built_end(void *u, const XML_Char *name)
+{
+	struct built *b = u;
+	b->depth--;
+}
+
+static void XMLCALL built_chars(void *u, const XML_Char *s, int len)
+{
+	struct built *b = u;
+	if (b->depth >= 2)
+		b->chars += len;
+}
+
+START_TEST(oversized_stanza_is_cut_at_the_cap)
+{
+	enum xa_xml_stop why;
+	const long cap = 10000;
+	static const char root[] = "<s xmlns='jabber:component:accept'>";
+	static const char *const heads[] = { "<m><body>", "<m>" };
+	for (int k = 0; k < 2; k++) {
+		for (int buffer = 0; buffer < 2; buffer++) {
+			/* one read of 64 KiB: a stanza with a long body, or many children */
+			size_t n = 65536;
+			char *x = malloc(n);
+			ck_assert_ptr_nonnull(x);
+			size_t h = strlen(heads[k]);
+			memcpy(x, heads[k], h);
+			for (size_t i = h; i < n; i++)
+				x[i] = k == 0 ? 'b' : "<a/>"[(i - h) % 4];
+			xa_xml_watch(true, cap);
+			XML_Parser p = XML_ParserCreate_MM(NULL, NULL, NULL);
+			xa_xml_watch(false, 0);
+			struct built b = { 0 };
+			XML_SetUserData(p, &b);
+			XML_SetElementHandler(p, built_start, built_end);
+			XML_SetCharacterDataHandler(p, built_chars);
+			ck_assert_int_eq(XML_Parse(p, root, (int)strlen(root), XML_FALSE), XML_STATUS_OK);
+			enum XML_Status st;
+			if (buffer) {
+				void *into = XML_GetBuffer(p, (int)n);
+				ck_assert_ptr_nonnull(into);
+				memcpy(into, x, n);
+				st = XML_ParseBuffer(p, (int)n, XML_FALSE);
+			} else {
+				st = XML_Parse(p, x, (int)n, XML_FALSE);
+			}
+			ck_assert_int_eq(st, XML_STATUS_SUSPENDED);
+			ck_assert_str_eq(xa_xml_refused(&why), "a stanza larger than the cap");
+			if (k == 0)
+				ck_assert_int_le(b.chars, cap - (long)h);
+			else
+				ck_assert_int_le(b.starts, (cap - (long)h) / 4 + 1);
+			ck_assert_int_ge(k == 0 ? b.chars : b.starts * 4, cap - (long)h - 8);
+			XML_ParserFree(p);
+			free(x);
+		}
+	}
+	/* A read longer than the cap, of stanzas of the cap and less: cut into
+	 * pieces where the cap falls, each stanza still measured whole. */
+	struct seen s;
+	XML_Parser p = watched_parser(cap, &s);
+	ck_assert_int_eq(XML_Parse(p, root, (int)strlen(root), XML_FALSE), XML_STATUS_OK);
+	size_t n = 0, size = 40 * (size_t)cap;
+	char *all = malloc(size + 1);
+	ck_assert_ptr_nonnull(all);
+	for (int i = 0; i < 30; i++) {
+		char *one = stanza_of(i % 2 ? "a" : "b", i % 3 ? (size_t)cap : 10 + (size_t)i, i % 5 == 0);
+		n += (size_t)snprintf(all + n, size + 1 - n, "%s%s", one, i % 4 ? "" : " \n");
+		free(one);
+	}
+	ck_assert_int_eq(XML_Parse(p, all, (int)n, XML_FALSE), XML_STATUS_OK);
+	ck_assert_str_eq(s.ended, "b;a;b;a;b;a;b;a;b;a;b;a;b;a;b;a;b;a;b;a;b;a;b;a;b;a;b;a;b;a;");
+	ck_assert_ptr_null(xa_xml_refused(&why));
+	XML_ParserFree(p);
+	free(all);
 }
 END_TEST
 
@@ -1843,6 +2013,8 @@ int main(void)
 	tcase_add_test(tc, config_check_takes_what_the_adapter_needs);
 	tcase_add_test(tc, restricted_xml_is_refused);
 	tcase_add_test(tc, oversized_stanza_is_refused);
+	tcase_add_test(tc, stream_header_is_measured_apart);
+	tcase_add_test(tc, oversized_stanza_is_cut_at_the_cap);
 	tcase_add_test(tc, split_element_setters_keep_the_count);
 	suite_add_tcase(s, tc);
 	int rc = unit_run(s);
