@@ -146,6 +146,14 @@ cw_err xa_new(struct xmpp **out, struct cw_app *app, cw_errmsg *e)
 	x->cfg = cfg;
 	/* cfg_load checked the options with it already: this reads them */
 	cw_err rc = xa_config_check(cfg, x->local_domain, sizeof(x->local_domain), component_add, x, e);
+	/* The guard (xmpp_xml.c) stands in front of expat's functions: a
+	 * libstrophe built with libxml2 would read the stream unguarded, no
+	 * restricted XML, no stanza cap (docs/xmpp.md, "Stanza size").  Until
+	 * the twenty-eighth session that was a warning, and the daemon ran on. */
+	if (!rc && !xa_xml_guards_libstrophe())
+		rc = cw_fail(e, CW_EINVAL,
+			     "xmpp: libstrophe does not parse with expat (built with libxml2?): the stream's guard "
+			     "(restricted XML, xmpp.max_stanza_bytes) needs a libstrophe built with expat, as Debian's is");
 	if (!rc && pthread_key_create(&x->ctx_key, ctx_release) != 0)
 		rc = cw_fail(e, CW_ENOMEM, "cannot create a thread key");
 	if (rc) {
@@ -1213,21 +1221,6 @@ void xa_start(struct xmpp *x)
 {
 	if (!x)
 		return;
-	/* The restricted-XML guard (xmpp_xml.c) stands in front of expat's
-	 * functions: a libstrophe built on another parser (libxml2) does not
-	 * pass through it, and would take what the guard refuses.  Said at
-	 * start rather than never. */
-	if (x->ncomp) {
-		xmpp_ctx_t *c = xmpp_ctx_new(NULL, &strophe_logger);
-		xmpp_stanza_t *probe = c ? xmpp_stanza_new_from_string(c, "<m><!--x--></m>") : NULL;
-		if (probe) {
-			LOG_KV(CW_LOG_WARN, "xmpp: libstrophe does not parse with expat: markup XMPP forbids "
-					    "(a DOCTYPE and its entities, comments) is not refused (docs/xmpp.md)");
-			xmpp_stanza_release(probe);
-		}
-		if (c)
-			xmpp_ctx_free(c);
-	}
 	sigset_t all, old;
 	sigfillset(&all);
 	pthread_sigmask(SIG_BLOCK, &all, &old);

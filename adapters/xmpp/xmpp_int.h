@@ -357,5 +357,10 @@ bool xa_muc_reflect(struct xcomp *xc, const char *stanza_text, const char *room,
 enum xa_xml_stop { XA_XML_RESTRICTED, XA_XML_BROKEN, XA_XML_TOO_LARGE };
 void xa_xml_watch(bool on, long max_stanza_bytes);
 const char *xa_xml_refused(enum xa_xml_stop *why);
+/* Whether libstrophe's parsers are expat's, behind the guard (a stream
+ * parser made by xmpp_conn_new comes through it): false for a libstrophe
+ * built with libxml2, which nothing above would guard.  On a thread
+ * without a stream of its own (it makes and frees one). */
+bool xa_xml_guards_libstrophe(void);
 
 #endif

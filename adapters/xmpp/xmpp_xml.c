@@ -35,7 +35,9 @@
  * stream with policy-violation.  A read is cut only where the cap falls
  * inside it.
  *
- * The markup handlers fire on forbidden markup only; the cap costs a few
+ * libstrophe must parse with expat for any of this: xa_xml_guards_libstrophe
+ * says whether it does (causewayd refuses to start if not).  The markup
+ * handlers fire on forbidden markup only; the cap costs a few
  * instructions per read and per stanza (docs/xmpp.md, "Stanza size"). */
 #include "config.h"
 #include "xmpp_int.h"
@@ -398,4 +400,22 @@ const char *xa_xml_refused(enum xa_xml_stop *why)
 	refused = NULL;
 	kind = XA_XML_RESTRICTED;
 	return r;
+}
+
+/* A stream's parser made and freed as the component thread makes it: it
+ * comes through XML_ParserCreate* above only if libstrophe's parser is
+ * this process's expat. */
+bool xa_xml_guards_libstrophe(void)
+{
+	xmpp_ctx_t *ctx = xmpp_ctx_new(NULL, NULL);
+	if (!ctx)
+		return false;
+	xa_xml_watch(true, 0);
+	xmpp_conn_t *conn = xmpp_conn_new(ctx);
+	xa_xml_watch(false, 0);
+	bool ok = watched != NULL;
+	if (conn)
+		xmpp_conn_release(conn); /* and its parser: watched no more */
+	xmpp_ctx_free(ctx);
+	return ok;
 }

@@ -1988,6 +1988,15 @@ START_TEST(split_element_setters_keep_the_count)
 }
 END_TEST
 
+/* This libstrophe parses with the process's expat, so the guard is in
+ * front of the stream's parser (one built with libxml2 would leave it
+ * unguarded: causewayd refuses to start then, see xa_new). */
+START_TEST(libstrophe_parses_with_the_guarded_expat)
+{
+	ck_assert(xa_xml_guards_libstrophe());
+}
+END_TEST
+
 int main(void)
 {
 	xmpp_initialize();
@@ -2016,6 +2025,7 @@ int main(void)
 	tcase_add_test(tc, stream_header_is_measured_apart);
 	tcase_add_test(tc, oversized_stanza_is_cut_at_the_cap);
 	tcase_add_test(tc, split_element_setters_keep_the_count);
+	tcase_add_test(tc, libstrophe_parses_with_the_guarded_expat);
 	suite_add_tcase(s, tc);
 	int rc = unit_run(s);
 	xmpp_shutdown();
