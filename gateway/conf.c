@@ -175,9 +175,9 @@ const struct cfg_option cfg_options[] = {
 	  "stanzas written this long before a stream broke, or since the server last answered a ping if earlier, "
 	  "are written again (same id) after the reconnect" },
 	{ "xmpp", "max_stanza_bytes", CFG_SIZE, OFF(xmpp_max_stanza_bytes), "1MiB", 10000, 64L << 20, false, false,
-	  "largest stanza taken from the XMPP server, from its start tag to its end tag; a larger one closes the "
-	  "stream with policy-violation, and the component connects again (at least 10000: RFC 6120 13.12; "
-	  "the default is above what Prosody lets through)" },
+	  "largest stanza taken from the XMPP server, from its start tag to its end tag; a larger one is refused "
+	  "(its sender gets policy-violation) and the stream goes on; a single tag, or the stream header, larger "
+	  "than it closes the stream with policy-violation (at least 10000: RFC 6120 13.12)" },
 	{ "xmpp", "command_session_lifetime_s", CFG_INT, OFF(xmpp_command_session_lifetime_s), "600", 1, 86400,
 	  false, false,
 	  "how long an ad-hoc command's form stays valid (XEP-0050 session), in seconds; submitted later: "

@@ -632,10 +632,40 @@ static void on_iq(struct xcomp *xc, xmpp_stanza_t *st)
 }
 
 /* Every stanza of the stream. */
+/* A stanza larger than xmpp.max_stanza_bytes, cut there (xmpp_xml.c): what
+ * was built of it is its first part only.  Refused, not taken: its sender
+ * is told (policy-violation, modify; a result or an error is not answered)
+ * and the stream goes on.  Until the twenty-eighth session the stream was
+ * closed, and since the server writes a stanza out larger than it read it
+ * (Prosody escapes ' and " as &apos; and &quot;, and gives a namespaced
+ * attribute its own declaration), any user within the server's own cap
+ * could close it (a review's finding). */
+static void refuse_cut(struct xcomp *xc, xmpp_stanza_t *st)
+{
+	atomic_fetch_add(&xc->stanzas_cut, 1);
+	long cap = xc->x->cfg->xmpp_max_stanza_bytes;
+	const char *name = xmpp_stanza_get_name(st), *from = xmpp_stanza_get_from(st), *t = xmpp_stanza_get_type(st);
+	char caps[24];
+	snprintf(caps, sizeof(caps), "%ld", cap);
+	LOG_KV(CW_LOG_WARN, "xmpp: a stanza larger than the cap is refused", "component", xc->domain, "name",
+	       name ? name : "", "from", from ? from : "", "cap", caps, "setting", "xmpp.max_stanza_bytes");
+	if (!name || !from || (strcmp(name, "message") != 0 && strcmp(name, "presence") != 0 && strcmp(name, "iq") != 0) ||
+	    (t && (strcmp(t, "error") == 0 || strcmp(t, "result") == 0)))
+		return;
+	char text[96];
+	snprintf(text, sizeof(text), "the stanza is larger than %ld bytes, the most this gateway takes", cap);
+	atomic_fetch_add(&xc->errors_out, 1);
+	xa_send_now(xc, xa_error_reply(st, "modify", "policy-violation", text));
+}
+
 static int on_stanza(xmpp_conn_t *conn, xmpp_stanza_t *st, void *arg)
 {
 	(void)conn;
 	struct xcomp *xc = arg;
+	if (xa_xml_cut()) {
+		refuse_cut(xc, st);
+		return 1;
+	}
 	atomic_fetch_add(&xc->stanzas_in, 1);
 	const char *name = xmpp_stanza_get_name(st);
 	if (!name)
@@ -1009,8 +1039,8 @@ static void refuse_stream(struct xcomp *xc, const char *why, enum xa_xml_stop ki
 		snprintf(reason, sizeof(reason), "the server's stream is not well-formed XML (%s)", why);
 	} else if (kind == XA_XML_TOO_LARGE) {
 		long cap = xc->x->cfg->xmpp_max_stanza_bytes;
-		/* a stanza, or (why says so) the stream header, held to the same cap */
-		const char *what = strstr(why, "stream header") ? "stream header" : "stanza";
+		/* a tag, or (why says so) the stream header, held to the same cap */
+		const char *what = strstr(why, "stream header") ? "stream header" : "tag";
 		char caps[24], msg[96];
 		snprintf(caps, sizeof(caps), "%ld", cap);
 		snprintf(msg, sizeof(msg), "xmpp: the server sent a %s larger than the cap: closed with policy-violation",
@@ -1312,14 +1342,15 @@ json_t *xa_health(struct xmpp *x)
 	for (int i = 0; i < x->ncomp; i++) {
 		struct xcomp *xc = &x->comp[i];
 		pthread_mutex_lock(&xc->mu);
-		json_t *o = json_pack("{s:s, s:s, s:s, s:I, s:I, s:I, s:I, s:I, s:I, s:I}", "state",
+		json_t *o = json_pack("{s:s, s:s, s:s, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I}", "state",
 				      state_name(xc->state), "peer", xc->peer, "last_error", xc->last_error, "connected_since_ms",
 				      (json_int_t)(xc->state == XC_UP ? xc->connected_since_ms : 0), "queued",
 				      (json_int_t)xc->queued, "stanzas_in", (json_int_t)atomic_load(&xc->stanzas_in),
 				      "stanzas_out", (json_int_t)atomic_load(&xc->stanzas_out), "room_occupants",
 				      (json_int_t)xa_muc_count_locked(xc), "restricted_xml",
 				      (json_int_t)atomic_load(&xc->restricted_xml), "stanza_too_large",
-				      (json_int_t)atomic_load(&xc->stanza_too_large));
+				      (json_int_t)atomic_load(&xc->stanza_too_large), "stanzas_cut",
+				      (json_int_t)atomic_load(&xc->stanzas_cut));
 		pthread_mutex_unlock(&xc->mu);
 		json_object_set_new(comps, xc->domain, o);
 	}
@@ -1357,16 +1388,17 @@ void xa_metrics(struct xmpp *x, struct cw_buf *b)
 		cw_buf_printf(b, "causeway_xmpp_room_occupants{component=\"%s\"} %zu\n", x->comp[i].domain, n);
 	}
 	static const char *const names[] = { "in", "out", "errors_out", "connects", "restricted_xml",
-					     "stanza_too_large" };
+					     "stanza_too_large", "cut" };
 	cw_buf_printf(b, "# HELP causeway_xmpp_stanzas_total Stanzas read from and written to the streams; error answers; "
-			 "stream (re)connections; streams closed for markup XMPP forbids, or for a stanza over the "
-			 "size cap.\n"
+			 "stream (re)connections; streams closed for markup XMPP forbids, or for a tag or stream "
+			 "header over the size cap; stanzas over the cap, refused.\n"
 			 "# TYPE causeway_xmpp_stanzas_total counter\n");
 	for (int i = 0; i < x->ncomp; i++) {
 		struct xcomp *xc = &x->comp[i];
 		unsigned long long v[] = { atomic_load(&xc->stanzas_in), atomic_load(&xc->stanzas_out),
 					   atomic_load(&xc->errors_out), atomic_load(&xc->connects),
-					   atomic_load(&xc->restricted_xml), atomic_load(&xc->stanza_too_large) };
+					   atomic_load(&xc->restricted_xml), atomic_load(&xc->stanza_too_large),
+					   atomic_load(&xc->stanzas_cut) };
 		for (size_t k = 0; k < CW_ARRAY_LEN(names); k++)
 			cw_buf_printf(b, "causeway_xmpp_stanzas_total{component=\"%s\",kind=\"%s\"} %llu\n", xc->domain,
 				      names[k], v[k]);

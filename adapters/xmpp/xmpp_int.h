@@ -138,7 +138,8 @@ struct xcomp {
 	/* counters */
 	atomic_ullong stanzas_in, stanzas_out, errors_out, connects;
 	atomic_ullong restricted_xml;        /* streams closed for markup XMPP forbids (xmpp_xml.c) */
-	atomic_ullong stanza_too_large;      /* streams closed for a stanza over xmpp.max_stanza_bytes */
+	atomic_ullong stanza_too_large;      /* streams closed for a tag or header over xmpp.max_stanza_bytes */
+	atomic_ullong stanzas_cut;           /* stanzas over it, refused (xa_xml_cut) */
 };
 
 struct xmpp {
@@ -348,8 +349,9 @@ bool xa_muc_reflect(struct xcomp *xc, const char *stanza_text, const char *room,
  * process stops at a DOCTYPE, an entity declaration, a comment or a
  * processing instruction.  With on, the next parser made on this thread
  * (by xmpp_conn_new: the stream's) is watched until it is freed: it is
- * suspended there instead of failed, and it stops too at a stanza (a
- * child of its root) larger than max_stanza_bytes (0: no cap).
+ * suspended there instead of failed, and it stops too at a tag, or a
+ * stream header, larger than max_stanza_bytes (0: no cap; a stanza
+ * larger than it is cut: xa_xml_cut).
  * xa_xml_refused() then says what stopped it once, else NULL: *why
  * XA_XML_RESTRICTED with the markup ("a DOCTYPE", ...), XA_XML_BROKEN with
  * expat's error when the stream was not well-formed XML, or
@@ -362,5 +364,11 @@ const char *xa_xml_refused(enum xa_xml_stop *why);
  * built with libxml2, which nothing above would guard.  On a thread
  * without a stream of its own (it makes and frees one). */
 bool xa_xml_guards_libstrophe(void);
+/* True while the handlers set on the watched parser are given the end of a
+ * stanza that was cut at max_stanza_bytes (libstrophe's stanza handlers
+ * run then): what they built is its first part only, to be refused, not
+ * taken.  Only a tag longer than the cap, or a stream header, stops the
+ * parser (XA_XML_TOO_LARGE). */
+bool xa_xml_cut(void);
 
 #endif

@@ -29,11 +29,17 @@
  * the stanza in progress, the start tag still coming between stanzas, or
  * the stream header (from the stream's first byte to the '>' of
  * <stream:stream ...>, held to the cap on its own and counted in no
- * stanza).  One still open there is larger than the cap: the parser stops
- * without reading further, before libstrophe sees its end (so it is never
- * served) or more than its first cap bytes, and the thread closes the
- * stream with policy-violation.  A read is cut only where the cap falls
- * inside it.
+ * stanza).  A stanza still open there is larger than the cap: it is cut
+ * (since the twenty-eighth session; before, the stream was closed, and
+ * the server's escaping let any of its users grow a stanza past the cap):
+ * libstrophe's handlers are given nothing more of it than the ends of
+ * the elements they have open, the last one with xa_xml_cut() true, so
+ * that the adapter refuses what libstrophe built, and parsing goes on.
+ * Within a cut stanza, what expat holds open is the token still coming
+ * (from the position of its last event).  A tag, or the header, still
+ * open after the cap's bytes stops the parser without reading further
+ * (expat would hold it whole), and the thread closes the stream with
+ * policy-violation.  A read is cut only where the cap falls inside it.
  *
  * libstrophe must parse with expat for any of this: xa_xml_guards_libstrophe
  * says whether it does (causewayd refuses to start if not).  The markup
@@ -58,6 +64,7 @@ typedef enum XML_Status (*parse_buffer_fn)(XML_Parser, int, int);
 typedef void (*set_element_fn)(XML_Parser, XML_StartElementHandler, XML_EndElementHandler);
 typedef void (*set_start_fn)(XML_Parser, XML_StartElementHandler);
 typedef void (*set_end_fn)(XML_Parser, XML_EndElementHandler);
+typedef void (*set_chars_fn)(XML_Parser, XML_CharacterDataHandler);
 typedef XML_Bool (*set_deferral_fn)(XML_Parser, XML_Bool);
 
 static struct {
@@ -71,6 +78,7 @@ static struct {
 	set_element_fn set_element;
 	set_start_fn set_start;
 	set_end_fn set_end;
+	set_chars_fn set_chars;
 	set_deferral_fn set_deferral; /* expat 2.6 and later only (NULL before) */
 } real;
 static pthread_once_t real_once = PTHREAD_ONCE_INIT;
@@ -97,6 +105,7 @@ static void find_real(void)
 	*(void **)&real.set_element = next_symbol("XML_SetElementHandler");
 	*(void **)&real.set_start = next_symbol("XML_SetStartElementHandler");
 	*(void **)&real.set_end = next_symbol("XML_SetEndElementHandler");
+	*(void **)&real.set_chars = next_symbol("XML_SetCharacterDataHandler");
 	*(void **)&real.set_deferral = dlsym(RTLD_NEXT, "XML_SetReparseDeferralEnabled");
 }
 
@@ -110,11 +119,18 @@ static __thread bool halted;         /* the watched parser stopped: what comes a
 static __thread long cap, cap_next;
 static __thread XML_StartElementHandler their_start; /* the element handlers set on the watched parser */
 static __thread XML_EndElementHandler their_end;
+static __thread XML_CharacterDataHandler their_chars;
 static __thread int depth;        /* its open elements: 1 inside <stream:stream>, 2 and more in a stanza */
 static __thread XML_Index stanza_at; /* where the stanza in progress starts (its '<') */
 static __thread XML_Index fed;       /* bytes given to it since it was made or reset */
+/* A stanza past the cap is cut: its elements open then (levels 2 to
+ * cut_open; 0: none cut) are the ones the handlers set have; they are
+ * given their ends and nothing else of it, and cut_ending is true while
+ * the stanza's own end is handled (xa_xml_cut). */
+static __thread int cut_open;
+static __thread bool cut_ending;
 
-static const char too_large[] = "a stanza larger than the cap";
+static const char too_large[] = "a tag larger than the cap";
 static const char header_too_large[] = "a stream header larger than the cap";
 
 /* The watched parser stops: why is said once by xa_xml_refused. */
@@ -144,16 +160,18 @@ static void refuse(const char *what)
  * XML_Parse or XML_ParseBuffer below, so cur is that parser.  They count
  * the depth and note where a stanza starts; its size is not checked here:
  * the parser is never given more than the cap's bytes of what it holds
- * open (feed below), so a stanza whose end it sees is within the cap.
- * Once the parser is stopped, what expat still calls back (such as the
- * end of an empty element) does not reach libstrophe. */
+ * open (feed below), so a stanza whose end it sees uncut is within the
+ * cap.  Of a cut stanza they pass on only the ends of the elements
+ * libstrophe has open.  Once the parser is stopped, what expat still
+ * calls back (such as the end of an empty element) does not reach
+ * libstrophe. */
 static void XMLCALL on_start(void *u, const XML_Char *name, const XML_Char **atts)
 {
 	if (halted)
 		return;
 	if (depth++ == 1)
 		stanza_at = XML_GetCurrentByteIndex(cur);
-	if (their_start)
+	if (their_start && !cut_open)
 		their_start(u, name, atts);
 }
 
@@ -161,9 +179,25 @@ static void XMLCALL on_end(void *u, const XML_Char *name)
 {
 	if (halted)
 		return;
-	depth--;
+	int level = depth--; /* of the element ending: 1 the stream, 2 a stanza */
+	if (cut_open) {
+		if (level > cut_open)
+			return; /* begun after the cut: the handlers set never had it */
+		cut_open = level - 1; /* the innermost of theirs */
+		if (level == 2) {
+			cut_open = 0;
+			cut_ending = true;
+		}
+	}
 	if (their_end)
 		their_end(u, name);
+	cut_ending = false;
+}
+
+static void XMLCALL on_chars(void *u, const XML_Char *s, int len)
+{
+	if (!halted && !cut_open && their_chars)
+		their_chars(u, s, len);
 }
 
 /* Where what the watched parser holds open starts: the stream header (at
@@ -176,7 +210,7 @@ static XML_Index open_from(void)
 {
 	if (depth == 0)
 		return 0;
-	if (depth >= 2)
+	if (depth >= 2 && !cut_open)
 		return stanza_at;
 	XML_Index at = XML_GetCurrentByteIndex(watched);
 	return at >= 0 ? at : fed;
@@ -184,8 +218,9 @@ static XML_Index open_from(void)
 
 /* The watched parser is given a read (len bytes at s, or len bytes of its
  * own buffer) at most up to the cap's bytes of what it holds open: a
- * stanza (or the header) still open there is larger than the cap, and
- * the parser stops without reading further.  Whatever ends within those
+ * stanza still open there is larger than the cap, and is cut; a tag (or
+ * the header) still open there stops the parser without reading further.
+ * Whatever ends within those
  * bytes is within the cap (it started no earlier than what was open), so
  * a read is cut only where the cap falls inside it: of a stanza past the
  * cap, the handlers set on the parser (libstrophe's, which build it) are
@@ -208,8 +243,11 @@ static enum XML_Status feed(XML_Parser p, const char *s, int len, int final, boo
 			s += n;
 		len -= n;
 		if (cap && n == room && fed - open_from() >= cap) { /* still open after the cap's bytes */
-			halt(XA_XML_TOO_LARGE, depth == 0 ? header_too_large : too_large);
-			return XML_STATUS_SUSPENDED;
+			if (depth < 2 || cut_open) { /* the header, or a tag */
+				halt(XA_XML_TOO_LARGE, depth == 0 ? header_too_large : too_large);
+				return XML_STATUS_SUSPENDED;
+			}
+			cut_open = depth; /* a stanza: cut, and read on to its end */
 		}
 		if (len == 0 || st != XML_STATUS_OK)
 			return st;
@@ -246,6 +284,7 @@ static XML_Parser guard(XML_Parser p)
 	XML_SetProcessingInstructionHandler(p, on_pi);
 	if (p == watched) { /* made or reset: nothing read, no handler of libstrophe's yet */
 		real.set_element(p, on_start, on_end);
+		real.set_chars(p, on_chars);
 		/* expat 2.6 may leave a token still coming unparsed for a few
 		 * reads (reparse deferral): its events, and the position of
 		 * what is open, would come late to the count.  No token is
@@ -255,6 +294,9 @@ static XML_Parser guard(XML_Parser p)
 			real.set_deferral(p, XML_FALSE);
 		their_start = NULL;
 		their_end = NULL;
+		their_chars = NULL;
+		cut_open = 0;
+		cut_ending = false;
 		depth = 0;
 		stanza_at = fed = 0;
 	}
@@ -357,6 +399,15 @@ void XML_SetEndElementHandler(XML_Parser p, XML_EndElementHandler end)
 		real.set_end(p, end);
 }
 
+void XML_SetCharacterDataHandler(XML_Parser p, XML_CharacterDataHandler chars)
+{
+	pthread_once(&real_once, find_real);
+	if (p && p == watched)
+		their_chars = chars;
+	else
+		real.set_chars(p, chars);
+}
+
 /* What the server sends after the watched parser stopped (its closing
  * </stream:stream>, while refuse_stream waits for it to close) is taken
  * unread: fed to the stopped parser it would fail, and libstrophe would
@@ -392,6 +443,8 @@ void xa_xml_watch(bool on, long max_stanza_bytes)
 	watch_next = on;
 	cap_next = on ? max_stanza_bytes : 0;
 }
+
+bool xa_xml_cut(void) { return cut_ending; }
 
 const char *xa_xml_refused(enum xa_xml_stop *why)
 {

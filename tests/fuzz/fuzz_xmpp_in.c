@@ -11,10 +11,11 @@
  * the stanza size cap) is linked in, as in causewayd: libstrophe's parse
  * goes through it, and the input is also fed, as the content of a stream,
  * to a parser watched as the stream's is, under a small cap, in reads cut
- * where its first byte says.  Properties: no stanza (a child of the root)
- * larger than the cap reaches the handlers set on that parser, nor any
- * event (a start tag, text, an end tag) of one past its first cap bytes,
- * whatever the reads. */
+ * where its first byte says.  Properties, whatever the reads: no start
+ * tag or text of a stanza (a child of the root) past its first cap bytes
+ * reaches the handlers set on that parser (the ends of the elements they
+ * have open do, of a stanza cut there), and a stanza ends there cut
+ * (xa_xml_cut) exactly when it is larger than the cap. */
 #include "config.h"
 #include "xmpp/xm.h"
 #include "xmpp/xmpp_int.h"
@@ -53,10 +54,16 @@ struct stream {
 	XML_Index at; /* the stanza in progress's '<' */
 };
 
+/* Where the event in progress ends, from the stanza's '<'. */
+static XML_Index into(const struct stream *s)
+{
+	return XML_GetCurrentByteIndex(s->p) + XML_GetCurrentByteCount(s->p) - s->at;
+}
+
 /* An event of the stanza in progress ending past its first CAP bytes. */
 static void within(const struct stream *s, const char *what)
 {
-	XML_Index end = XML_GetCurrentByteIndex(s->p) + XML_GetCurrentByteCount(s->p);
+	XML_Index end = into(s) + s->at;
 	if (s->depth >= 2 && end - s->at > CAP) {
 		fprintf(stderr, "%s %lld bytes into a stanza passed the cap of %d\n", what, (long long)(end - s->at),
 			CAP);
@@ -80,7 +87,11 @@ static void XMLCALL stream_text(void *u, const XML_Char *text, int len)
 static void XMLCALL stream_end(void *u, const XML_Char *name)
 {
 	struct stream *s = u;
-	within(s, "an end tag");
+	if (s->depth == 2 && xa_xml_cut() != (into(s) > CAP)) {
+		fprintf(stderr, "a stanza of %lld bytes ended %s under a cap of %d\n", (long long)into(s),
+			xa_xml_cut() ? "cut" : "whole", CAP);
+		abort();
+	}
 	s->depth--;
 }
 

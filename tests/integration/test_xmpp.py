@@ -2731,14 +2731,18 @@ def padded_ping(sid, size):
     return xml
 
 
-def test_a_stanza_over_the_size_cap_closes_the_stream(make_daemon, db_url, pg):
+def test_a_stanza_over_the_size_cap_is_refused_and_the_stream_goes_on(make_daemon, db_url, pg):
     """Every stanza has a size limit (the spec's quality.md). One the
     server sends larger than xmpp.max_stanza_bytes, from its start tag to
-    its end tag, closes the stream with policy-violation (RFC 6120
-    §4.9.3.14: "a stanza exceeds a configured size limit") before any of it
-    is served, whole or still coming; the component says why, counts it
-    and connects again. One of exactly the cap is taken. Until the
-    twenty-seventh session only the XMPP server's own caps bounded them."""
+    its end tag, whole or still coming, is refused: nothing of it is served
+    or stored, its sender gets a policy-violation error (modify), and the
+    stream goes on. One of exactly the cap is taken. Only a tag larger than
+    the cap (expat holds a tag whole) closes the stream, with
+    policy-violation (RFC 6120 §4.9.3.14), and the component connects again.
+    In the twenty-seventh session every stanza over the cap closed the
+    stream: since the server writes a stanza out larger than it read it
+    (Prosody's &apos;), any user within the server's own cap could close it
+    (a review's finding, test_a_users_stanza_grown_by_prosody_past_the_cap_is_refused_to_her)."""
     cap = 10000
     srv = HostileServer(SECRET)
     try:
@@ -2747,36 +2751,81 @@ def test_a_stanza_over_the_size_cap_closes_the_stream(make_daemon, db_url, pg):
         srv.send(padded_ping("ok1", cap))  # just under (at) the cap: taken
         answer = srv._until(b"ok1") + srv._until(b">")
         assert b"result" in answer, answer
-        srv.send(padded_ping("big1", cap + 1))  # one byte over, whole in one read
+        text = f"the stanza is larger than {cap} bytes, the most this gateway takes".encode()
+        # One byte over, whole in one read: an iq (its child within the cap).
+        srv.send(padded_ping("big1", cap + 1))
+        answer = srv._until(b"big1") + srv._until(b"</iq>")
+        assert b"type='error'" in answer or b'type="error"' in answer, answer
+        assert b"<policy-violation" in answer and text in answer and b"modify" in answer, answer
+        # A message with a long body, in pieces, its end long after the cap.
+        head = f"<message from='{ALICE_JID}/phone' to='{WALLY_JID}' type='chat' id='big2'><body>secret words "
+        srv.send(head)
+        for _ in range(3):
+            srv.send("z" * cap)
+        srv.send("<x xmlns='urn:example'/>" * 100 + "</body></message>")
+        answer = srv._until(b"big2") + srv._until(b"</message>")
+        assert b"<policy-violation" in answer and text in answer and b"secret" not in answer, answer
+        # The stream is the same: an error after the cap is not answered,
+        # and the next stanza of the cap is taken.
+        srv.send(f"<message from='{ALICE_JID}/phone' to='{WALLY_JID}' type='error' id='big3'><body>"
+                 + "e" * cap + "</body></message>")
+        srv.send(padded_ping("ok2", cap))
+        answer = srv._until(b"ok2") + srv._until(b">")
+        assert b"result" in answer and b"big3" not in answer, answer
+        state = component_state(d)
+        assert state["state"] == "up" and state["stanzas_cut"] == 3 and state["stanza_too_large"] == 0, state
+        rec = d.wait_for(lambda r: r.get("msg") == "xmpp: a stanza larger than the cap is refused"
+                         and r.get("name") == "message")
+        assert rec["level"] == "warn" and rec["cap"] == str(cap) and rec["from"] == f"{ALICE_JID}/phone", rec
+        # A tag over the cap (an attribute value longer than it): the stream closes.
+        srv.send(f"<message from='{ALICE_JID}/phone' to='{WALLY_JID}' id='big4' pad='" + "p" * cap + "'/>")
         got = srv.until_closed()
         assert b'<policy-violation xmlns="urn:ietf:params:xml:ns:xmpp-streams"/>' in got, got
-        assert b"</stream:stream>" in got and b"big1" not in got, got  # not served
-        reason = f"the server sent a stanza larger than {cap} bytes (xmpp.max_stanza_bytes; policy-violation)"
+        assert b"</stream:stream>" in got and b"big4" not in got, got  # not served
+        reason = f"the server sent a tag larger than {cap} bytes (xmpp.max_stanza_bytes; policy-violation)"
         wait_until(lambda: component_state(d)["last_error"] == reason, what="the reason in /readyz")
-        rec = d.wait_for(lambda r: r.get("msg", "").startswith("xmpp: the server sent a stanza larger than"))
+        rec = d.wait_for(lambda r: r.get("msg", "").startswith("xmpp: the server sent a tag larger than"))
         assert rec["level"] == "warn" and rec["cap"] == str(cap) and rec["setting"] == "xmpp.max_stanza_bytes", rec
-        assert rec["component"] == COMP
-        # Connected again by itself; a message over the cap still coming
-        # (its end never sent) is refused too, and nothing of it is kept.
-        srv.stream_up(d)
-        srv.send(f"<message from='{ALICE_JID}/phone' to='{WALLY_JID}' type='chat' id='big2'><body>secret words ")
-        srv.send("z" * cap)
-        got = srv.until_closed()
-        assert b"policy-violation" in got and b"big2" not in got, got
-        srv.stream_up(d)
-        srv.send(padded_ping("ok2", cap - 1))
-        answer = srv._until(b"ok2") + srv._until(b">")
+        srv.stream_up(d)  # connected again by itself
+        srv.send(padded_ping("ok3", cap - 1))
+        answer = srv._until(b"ok3") + srv._until(b">")
         assert b"result" in answer, answer
         state = component_state(d)
-        assert state["stanza_too_large"] == 2 and state["restricted_xml"] == 0, state
-        m = re.search(r'causeway_xmpp_stanzas_total\{component="%s",kind="stanza_too_large"\} (\d+)' % re.escape(COMP),
-                      d.get("/metrics").text)
-        assert m and m.group(1) == "2"
+        assert state["stanza_too_large"] == 1 and state["stanzas_cut"] == 3 and state["restricted_xml"] == 0, state
+        metrics = d.get("/metrics").text
+        for kind, n in (("stanza_too_large", 1), ("cut", 3)):
+            m = re.search(r'causeway_xmpp_stanzas_total\{component="%s",kind="%s"\} (\d+)' % (re.escape(COMP), kind),
+                          metrics)
+            assert m and m.group(1) == str(n), (kind, metrics)
         assert pg.psql("SELECT count(*) FROM events", db_url) == "0"
         assert pg.psql("SELECT count(*) FROM identities WHERE network = 'xmpp'", db_url) == "0"
         assert "secret words" not in d.log()
     finally:
         srv.close()
+
+
+def test_a_users_stanza_grown_by_prosody_past_the_cap_is_refused_to_her(xd, gk, alice, prosody):
+    """Prosody caps what it reads from a client (256 KiB), not what it
+    writes: it escapes ' as &apos;, so 180,000 of them in a body reach the
+    component as more than 1 MiB, the default xmpp.max_stanza_bytes. The
+    stanza is refused and she is told (policy-violation, from the
+    component's side), and the stream stays up: her next line goes. In the
+    twenty-seventh session it closed the component's stream, for every
+    user (a review's finding, its probe this test)."""
+    a, srv = gk
+    since = component_state(xd)["connected_since_ms"]
+    alice.send_raw(f"<message to='{WALLY_JID}' type='chat' id='apos1'><body>{chr(39) * 180000}</body></message>")
+    err = alice.wait_for_message(lambda m: m.get("id") == "apos1" and m.get("type") == "error", timeout=60)
+    e = err.find("{jabber:client}error")
+    assert e is not None and e.get("type") == "modify", ET.tostring(err)[:300]
+    assert e.find("{urn:ietf:params:xml:ns:xmpp-stanzas}policy-violation") is not None, ET.tostring(err)[:300]
+    state = component_state(xd)
+    assert state["state"] == "up" and state["connected_since_ms"] == since, state
+    assert state["stanzas_cut"] == 1 and state["stanza_too_large"] == 0, state
+    alice.send_message(WALLY_JID, "after the long one")
+    got = srv.wait_events(1)
+    assert got[0]["content"]["parts"][0]["body"] == "after the long one"
+    assert len(srv.events) == 1
 
 
 def test_the_stream_header_is_held_to_the_cap_on_its_own(make_daemon, db_url):

@@ -1599,8 +1599,9 @@ START_TEST(restricted_xml_is_refused)
 }
 END_TEST
 
-/* What the stanza cap's handlers pass on: the ids of the stanzas ended
- * (children of the root), and every start seen. */
+/* What the stanza cap's handlers pass on: the names of the stanzas ended
+ * (children of the root; "name!" for one cut at the cap, xa_xml_cut), and
+ * every start seen. */
 struct seen {
 	int depth, starts;
 	char ended[512];
@@ -1618,7 +1619,7 @@ static void XMLCALL seen_end(void *u, const XML_Char *name)
 	struct seen *s = u;
 	if (--s->depth == 1) {
 		size_t n = strlen(s->ended);
-		snprintf(s->ended + n, sizeof(s->ended) - n, "%s;", name);
+		snprintf(s->ended + n, sizeof(s->ended) - n, "%s%s;", name, xa_xml_cut() ? "!" : "");
 	}
 }
 
@@ -1648,12 +1649,15 @@ static XML_Parser watched_parser(long cap, struct seen *s)
 	return p;
 }
 
-/* quality.md: every stanza has a size limit.  The stream's parser stops at
- * a stanza (a child of the root) larger than its cap, from its start
- * tag's '<' to its end tag's '>', before its end reaches the handlers set
- * on it (libstrophe's, which serve a stanza there: it is never served),
- * whether it came whole or still comes; one of exactly the cap passes, in
- * one read or byte by byte.  Only the watched parser has a cap. */
+/* quality.md: every stanza has a size limit.  A stanza (a child of the
+ * root) larger than the stream parser's cap, from its start tag's '<' to
+ * its end tag's '>', is cut: the handlers set on it (libstrophe's) get
+ * nothing more of it than the ends of the elements they have open, its
+ * own end with xa_xml_cut() true (libstrophe serves it then: the adapter
+ * refuses it), and the stream goes on.  A tag larger than the cap stops
+ * the parser (expat would hold it whole).  Whether it came whole or still
+ * comes; one of exactly the cap passes, in one read or byte by byte.
+ * Only the watched parser has a cap. */
 START_TEST(oversized_stanza_is_refused)
 {
 	enum xa_xml_stop why;
@@ -1677,9 +1681,9 @@ START_TEST(oversized_stanza_is_refused)
 	free(at);
 	free(body);
 
-	/* One byte over, whole in one read (an empty element, then one with a
-	 * body after an honest stanza in the same read): stopped before its end
-	 * reaches the handlers, and nothing after it is read. */
+	/* One byte over, whole in one read after an honest stanza: an empty
+	 * element (a tag over the cap) stops the parser, nothing after it
+	 * read; one with a body is cut, and what follows is read. */
 	for (int k = 0; k < 2; k++) {
 		ck_assert_int_eq(XML_ParserReset(p, NULL), XML_TRUE);
 		memset(&s, 0, sizeof(s));
@@ -1689,20 +1693,31 @@ START_TEST(oversized_stanza_is_refused)
 		char all[600];
 		snprintf(all, sizeof(all), "%s%s%s<after/>", root, ok, big);
 		enum XML_Status st = XML_Parse(p, all, (int)strlen(all), XML_FALSE);
-		ck_assert_int_eq(st, XML_STATUS_SUSPENDED);
-		ck_assert_str_eq(s.ended, "ok;");
-		ck_assert_str_eq(xa_xml_refused(&why), "a stanza larger than the cap");
-		ck_assert_int_eq(why, XA_XML_TOO_LARGE);
-		ck_assert_ptr_null(xa_xml_refused(&why));
-		int starts = s.starts;
-		ck_assert_int_eq(XML_Parse(p, "<more/>", 7, XML_FALSE), XML_STATUS_OK); /* taken unread */
-		ck_assert_int_eq(s.starts, starts);
-		ck_assert_str_eq(s.ended, "ok;");
+		if (k == 0) {
+			ck_assert_int_eq(st, XML_STATUS_SUSPENDED);
+			ck_assert_str_eq(s.ended, "ok;");
+			ck_assert_str_eq(xa_xml_refused(&why), "a tag larger than the cap");
+			ck_assert_int_eq(why, XA_XML_TOO_LARGE);
+			ck_assert_ptr_null(xa_xml_refused(&why));
+			int starts = s.starts;
+			ck_assert_int_eq(XML_Parse(p, "<more/>", 7, XML_FALSE), XML_STATUS_OK); /* taken unread */
+			ck_assert_int_eq(s.starts, starts);
+			ck_assert_str_eq(s.ended, "ok;");
+		} else {
+			ck_assert_int_eq(st, XML_STATUS_OK);
+			ck_assert_str_eq(s.ended, "ok;big!;after;");
+			ck_assert_ptr_null(xa_xml_refused(&why));
+			ck_assert_int_eq(XML_Parse(p, "<more/>", 7, XML_FALSE), XML_STATUS_OK);
+			ck_assert_str_eq(s.ended, "ok;big!;after;more;");
+		}
+		ck_assert(!xa_xml_cut());
 		free(ok);
 		free(big);
 	}
 
-	/* Still coming: its end never sent, a body, then a start tag, past the cap. */
+	/* Still coming, its end not sent yet, past the cap: a body is cut (its
+	 * elements begun after the cut never reach the handlers, its end does,
+	 * cut); a start tag stops the parser. */
 	static const char *const coming[] = { "<m><body>", "<m a='" };
 	for (size_t k = 0; k < 2; k++) {
 		ck_assert_int_eq(XML_ParserReset(p, NULL), XML_TRUE);
@@ -1719,10 +1734,23 @@ START_TEST(oversized_stanza_is_refused)
 			sent += (long)sizeof(chunk);
 		}
 		ck_assert_msg(xa_xml_refused(&why) == NULL, "%s: %ld bytes are not over", coming[k], sent);
-		ck_assert_int_eq(XML_Parse(p, chunk, (int)sizeof(chunk), XML_FALSE), XML_STATUS_SUSPENDED);
-		ck_assert_str_eq(xa_xml_refused(&why), "a stanza larger than the cap");
-		ck_assert_int_eq(why, XA_XML_TOO_LARGE);
-		ck_assert_str_eq(s.ended, "");
+		if (k == 1) {
+			ck_assert_int_eq(XML_Parse(p, chunk, (int)sizeof(chunk), XML_FALSE), XML_STATUS_SUSPENDED);
+			ck_assert_str_eq(xa_xml_refused(&why), "a tag larger than the cap");
+			ck_assert_int_eq(why, XA_XML_TOO_LARGE);
+			ck_assert_str_eq(s.ended, "");
+			continue;
+		}
+		for (int i = 0; i < 10; i++) /* long past the cap: text, then elements */
+			ck_assert_int_eq(XML_Parse(p, chunk, (int)sizeof(chunk), XML_FALSE), XML_STATUS_OK);
+		int starts = s.starts;
+		for (int i = 0; i < 100; i++)
+			ck_assert_int_eq(XML_Parse(p, "<i><j/></i>", 11, XML_FALSE), XML_STATUS_OK);
+		ck_assert_int_eq(s.starts, starts);
+		ck_assert_int_eq(XML_Parse(p, "</body></m><next/>", 18, XML_FALSE), XML_STATUS_OK);
+		ck_assert_str_eq(s.ended, "m!;next;");
+		ck_assert_int_eq(s.depth, 1);
+		ck_assert_ptr_null(xa_xml_refused(&why));
 	}
 	XML_ParserFree(p);
 
@@ -1819,9 +1847,9 @@ END_TEST
 
 /* What the handlers set on the stream's parser (libstrophe's, which build
  * the stanza) are given of a stanza past the cap: nothing past its
- * first cap bytes, whatever the size of the read holding them, so what
- * libstrophe builds of one is bounded by the cap itself.  The read that
- * crosses the cap stops there. */
+ * first cap bytes but the ends of the elements they have open, whatever
+ * the size of the read holding them, so what libstrophe builds of one is
+ * bounded by the cap itself.  The rest of the read is parsed on. */
 struct built {
 	int depth;
 	long chars, starts; /* inside stanzas */
@@ -1880,13 +1908,21 @@ START_TEST(oversized_stanza_is_cut_at_the_cap)
 			} else {
 				st = XML_Parse(p, x, (int)n, XML_FALSE);
 			}
-			ck_assert_int_eq(st, XML_STATUS_SUSPENDED);
-			ck_assert_str_eq(xa_xml_refused(&why), "a stanza larger than the cap");
+			ck_assert_int_eq(st, XML_STATUS_OK);
+			ck_assert_ptr_null(xa_xml_refused(&why));
 			if (k == 0)
 				ck_assert_int_le(b.chars, cap - (long)h);
 			else
 				ck_assert_int_le(b.starts, (cap - (long)h) / 4 + 1);
 			ck_assert_int_ge(k == 0 ? b.chars : b.starts * 4, cap - (long)h - 8);
+			/* Its end: the handlers' elements all closed, nothing more built. */
+			long chars = b.chars, starts = b.starts;
+			char end[16]; /* the last <a/> of the read may still be coming */
+			snprintf(end, sizeof(end), "%s</m>", k == 0 ? "</body>" : (n - h) % 4 ? "<a/>" + (n - h) % 4 : "");
+			ck_assert_int_eq(XML_Parse(p, end, (int)strlen(end), XML_FALSE), XML_STATUS_OK);
+			ck_assert_int_eq(b.depth, 1);
+			ck_assert_int_eq(b.chars, chars);
+			ck_assert_int_eq(b.starts, starts);
 			XML_ParserFree(p);
 			free(x);
 		}
@@ -1950,15 +1986,15 @@ START_TEST(split_element_setters_keep_the_count)
 	ck_assert_int_eq(s.starts, 2);
 	ck_assert_str_eq(s.ended, "ok;ok;");
 	ck_assert_ptr_null(xa_xml_refused(&why));
-	/* The count went on through all of it: a stanza over the cap is
-	 * stopped before its end reaches the end handler. */
+	/* The count went on through all of it: a stanza over the cap is cut,
+	 * its end handed over as such. */
 	XML_SetEndElementHandler(p, seen_end);
 	s.depth = 1;
 	memset(s.ended, 0, sizeof(s.ended));
 	ck_assert_int_eq(XML_Parse(p, ok, (int)cap, XML_FALSE), XML_STATUS_OK);
-	ck_assert_int_eq(XML_Parse(p, big, (int)cap + 1, XML_FALSE), XML_STATUS_SUSPENDED);
-	ck_assert_str_eq(s.ended, "ok;");
-	ck_assert_str_eq(xa_xml_refused(&why), "a stanza larger than the cap");
+	ck_assert_int_eq(XML_Parse(p, big, (int)cap + 1, XML_FALSE), XML_STATUS_OK);
+	ck_assert_str_eq(s.ended, "ok;big!;");
+	ck_assert_ptr_null(xa_xml_refused(&why));
 	/* After a reset the halves set again the same way work as before. */
 	ck_assert_int_eq(XML_ParserReset(p, NULL), XML_TRUE);
 	memset(&s, 0, sizeof(s));
@@ -1966,10 +2002,10 @@ START_TEST(split_element_setters_keep_the_count)
 	XML_SetStartElementHandler(p, seen_start);
 	XML_SetEndElementHandler(p, seen_end);
 	char all[1024];
-	snprintf(all, sizeof(all), "%s%s%s", root, ok, big);
-	ck_assert_int_eq(XML_Parse(p, all, (int)strlen(all), XML_FALSE), XML_STATUS_SUSPENDED);
-	ck_assert_str_eq(s.ended, "ok;");
-	ck_assert_str_eq(xa_xml_refused(&why), "a stanza larger than the cap");
+	snprintf(all, sizeof(all), "%s%s%s%s", root, ok, big, ok);
+	ck_assert_int_eq(XML_Parse(p, all, (int)strlen(all), XML_FALSE), XML_STATUS_OK);
+	ck_assert_str_eq(s.ended, "ok;big!;ok;");
+	ck_assert_ptr_null(xa_xml_refused(&why));
 	XML_ParserFree(p);
 	/* Not watched: expat's own setters, no cap. */
 	p = XML_ParserCreate_MM(NULL, NULL, NULL);
