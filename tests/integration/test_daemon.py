@@ -1,4 +1,5 @@
 """The real causewayd: health, readiness, metrics, errors, logs, signals."""
+import collections
 import concurrent.futures
 import re
 import signal
@@ -105,6 +106,37 @@ def test_a_client_past_its_connection_limit_is_closed_another_is_served(make_dae
     finally:
         for s in held:
             s.close()
+
+
+def test_libmicrohttpds_messages_are_capped_at_ten_a_second(make_daemon, db_url):
+    """What libmicrohttpd logs comes from what clients do: a client past its
+    connection limit makes a warning of each connection refused, so one
+    reconnecting in a loop could fill the log. At most ten are written a
+    second; the others are counted, and the next one written says how
+    many were left out (since the twenty-eighth session)."""
+    d = make_daemon(db_url, options={"server": {"connection_limit_per_client": "1"}}).start()
+    held = connect_from("127.0.0.1", d.port)
+    try:
+        assert keepalive_get(held) == "HTTP/1.1 200 OK"
+        mark = len(d.records)
+        flood = 60
+        for _ in range(flood):
+            with connect_from("127.0.0.1", d.port) as s:
+                assert keepalive_get(s) is None
+        time.sleep(1.2)  # time itself is the condition: a second later, the next one is written
+
+        def mhd():
+            return [r for r in d.records[mark:] if r.get("msg") == "libmicrohttpd"]
+        written = len(mhd())
+        with connect_from("127.0.0.1", d.port) as s:
+            assert keepalive_get(s) is None
+        last = wait_until(lambda: mhd()[written] if len(mhd()) > written else None, what="the next message")
+        per_second = collections.Counter(r["ts"][:19] for r in mhd()[:written])
+        assert written >= 10 and max(per_second.values()) <= 10, per_second
+        assert "connection limit" in last["detail"], last
+        assert int(last.get("suppressed", "0")) == flood - written, (last, written)
+    finally:
+        held.close()
 
 
 def test_the_default_takes_64_connections_of_one_client(daemon):
