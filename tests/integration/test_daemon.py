@@ -134,7 +134,9 @@ def test_libmicrohttpds_messages_are_capped_at_ten_a_second(make_daemon, db_url)
         per_second = collections.Counter(r["ts"][:19] for r in mhd()[:written])
         assert written >= 10 and max(per_second.values()) <= 10, per_second
         assert "connection limit" in last["detail"], last
-        assert int(last.get("suppressed", "0")) == flood - written, (last, written)
+        # every message is written or counted in the next one written
+        told = sum(int(r.get("suppressed", "0")) for r in mhd())
+        assert told > 0 and len(mhd()) + told == flood + 1, (len(mhd()), told)
     finally:
         held.close()
 
