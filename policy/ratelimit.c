@@ -130,67 +130,126 @@ static struct bucket *find(struct ratelimit *rl, struct stripe *st, size_t w, ui
 	return victim;
 }
 
+/* The key's hashes, its window and the window's stripe; the arguments
+ * brought within the table's bounds. */
+struct where {
+	uint64_t h1, h2;
+	size_t w;
+	struct stripe *st;
+};
+
+static void locate(struct ratelimit *rl, const char *key, uint32_t *capacity, int64_t *period_ms, struct where *at)
+{
+	if (!key)
+		key = "";
+	if (*period_ms < 1)
+		*period_ms = 1;
+	if (*period_ms > MAX_PERIOD)
+		*period_ms = MAX_PERIOD;
+	if (*capacity > MAX_CAPACITY)
+		*capacity = MAX_CAPACITY;
+	size_t len = strlen(key);
+	at->h1 = hash_a(key, len);
+	at->h2 = hash_b(key, len);
+	if (!at->h1)
+		at->h1 = 1;
+	at->w = (size_t)at->h1 & rl->mask & ~(size_t)(WINDOW - 1);
+	at->st = &rl->stripes[(at->w / WINDOW) % STRIPES];
+}
+
+/* The bucket's fill (units) at now_ms under (capacity, period_ms), from
+ * what it holds; b is not changed.  A change of the rule keeps the fill in
+ * proportion; a clock going back refills nothing. */
+static int64_t fill(const struct bucket *b, uint32_t capacity, int64_t period_ms, int64_t now_ms)
+{
+	int64_t max = (int64_t)capacity * period_ms, units = b->units;
+	if (b->capacity != capacity || b->period != period_ms) {
+		int64_t old = (int64_t)b->capacity * b->period;
+		units = old > 0 ? (int64_t)((double)units / (double)old * (double)max) : max;
+	}
+	if (now_ms > b->last_ms) {
+		int64_t elapsed = now_ms - b->last_ms;
+		if (elapsed >= period_ms || capacity == 0)
+			units = max;
+		else
+			units += elapsed * (int64_t)capacity;
+		if (units > max)
+			units = max;
+	}
+	return units;
+}
+
+/* The milliseconds until a bucket of that fill holds a token; 0 if it
+ * does. */
+static int64_t wait_for(int64_t units, uint32_t capacity, int64_t period_ms)
+{
+	if (capacity > 0 && units >= period_ms)
+		return 0;
+	int64_t wait = capacity ? (period_ms - units + capacity - 1) / capacity : period_ms;
+	return wait < 1 ? 1 : wait;
+}
+
 int64_t ratelimit_take(struct ratelimit *rl, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms,
 		       bool *first_refusal)
 {
 	if (first_refusal)
 		*first_refusal = false;
-	if (!key)
-		key = "";
-	if (period_ms < 1)
-		period_ms = 1;
-	if (period_ms > MAX_PERIOD)
-		period_ms = MAX_PERIOD;
-	if (capacity > MAX_CAPACITY)
-		capacity = MAX_CAPACITY;
-	size_t len = strlen(key);
-	uint64_t h1 = hash_a(key, len), h2 = hash_b(key, len);
-	if (!h1)
-		h1 = 1;
-	size_t w = (size_t)h1 & rl->mask & ~(size_t)(WINDOW - 1);
-	struct stripe *st = &rl->stripes[(w / WINDOW) % STRIPES];
+	struct where at;
+	locate(rl, key, &capacity, &period_ms, &at);
 
-	pthread_mutex_lock(&st->mu);
-	struct bucket *b = find(rl, st, w, h1, h2, capacity, period_ms, now_ms);
-	b->used = ++st->clock;
-	int64_t max = (int64_t)capacity * period_ms;
-	if (b->capacity != capacity || b->period != period_ms) {
-		/* The rule changed: keep the fill in proportion. */
-		int64_t old = (int64_t)b->capacity * b->period;
-		b->units = old > 0 ? (int64_t)((double)b->units / (double)old * (double)max) : max;
-		b->capacity = capacity;
-		b->period = period_ms;
-	}
-	if (now_ms > b->last_ms) {
-		int64_t elapsed = now_ms - b->last_ms;
-		if (elapsed >= period_ms || capacity == 0)
-			b->units = max;
-		else
-			b->units += elapsed * (int64_t)capacity;
-		if (b->units > max)
-			b->units = max;
+	pthread_mutex_lock(&at.st->mu);
+	struct bucket *b = find(rl, at.st, at.w, at.h1, at.h2, capacity, period_ms, now_ms);
+	b->used = ++at.st->clock;
+	b->units = fill(b, capacity, period_ms, now_ms);
+	b->capacity = capacity;
+	b->period = period_ms;
+	if (now_ms > b->last_ms)
 		b->last_ms = now_ms;
-	}
-	int64_t wait;
-	if (capacity > 0 && b->units >= period_ms) {
+	int64_t wait = wait_for(b->units, capacity, period_ms);
+	if (!wait) {
 		b->units -= period_ms;
 		b->refusing = 0;
-		wait = 0;
 	} else {
-		wait = capacity ? (period_ms - b->units + capacity - 1) / capacity : period_ms;
-		if (wait < 1)
-			wait = 1;
 		if (first_refusal)
 			*first_refusal = !b->refusing;
 		b->refusing = 1;
 	}
-	pthread_mutex_unlock(&st->mu);
+	pthread_mutex_unlock(&at.st->mu);
+	return wait;
+}
+
+int64_t ratelimit_peek(struct ratelimit *rl, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms,
+		       bool *first_refusal)
+{
+	if (first_refusal)
+		*first_refusal = false;
+	struct where at;
+	locate(rl, key, &capacity, &period_ms, &at);
+
+	pthread_mutex_lock(&at.st->mu);
+	struct bucket *b = NULL;
+	for (size_t i = 0; i < WINDOW && !b; i++)
+		if (rl->b[at.w + i].h1 == at.h1 && rl->b[at.w + i].h2 == at.h2)
+			b = &rl->b[at.w + i];
+	/* A bucket not kept (never used, or evicted) would start full. */
+	int64_t wait = wait_for(b ? fill(b, capacity, period_ms, now_ms) : (int64_t)capacity * period_ms, capacity,
+				period_ms);
+	if (wait && b && first_refusal) {
+		*first_refusal = !b->refusing;
+		b->refusing = 1;
+	}
+	pthread_mutex_unlock(&at.st->mu);
 	return wait;
 }
 
 int64_t ratelimit_policy_take(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms)
 {
 	return ratelimit_take(ctx, key, capacity, period_ms, now_ms, NULL);
+}
+
+int64_t ratelimit_policy_peek(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms)
+{
+	return ratelimit_peek(ctx, key, capacity, period_ms, now_ms, NULL);
 }
 
 void ratelimit_stats(struct ratelimit *rl, size_t *used, uint64_t *evictions)

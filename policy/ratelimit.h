@@ -1,5 +1,6 @@
 /* Token buckets for the policy engine's rate limits: a fixed-size table
- * shared by every thread of the gateway (struct policy_rate's take).
+ * shared by every thread of the gateway (struct policy_rate's take and
+ * peek).
  *
  * The table is allocated once (no allocation per call).  A key is hashed
  * into a set of 8 slots (the probe window); the bucket is found there by
@@ -36,8 +37,20 @@ void ratelimit_free(struct ratelimit *rl);
 int64_t ratelimit_take(struct ratelimit *rl, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms,
 		       bool *first_refusal);
 
-/* struct policy_rate's take, with ctx a struct ratelimit *. */
+/* What ratelimit_take would answer now, without taking: 0 when a token is
+ * there, else the milliseconds until one will be.  The bucket's tokens,
+ * its rule and its place in the table are never changed, and a bucket not
+ * kept is not made (it would start full).  first_refusal (may be NULL) is
+ * as for ratelimit_take: when it is given, a refusal is one of the
+ * bucket's episode (the next take's refusal is no first), which is all a
+ * peek may change; NULL changes nothing.  Since the twenty-eighth session
+ * (a local user's outbound limits, asked of a message refused anyway). */
+int64_t ratelimit_peek(struct ratelimit *rl, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms,
+		       bool *first_refusal);
+
+/* struct policy_rate's take and peek, with ctx a struct ratelimit *. */
 int64_t ratelimit_policy_take(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms);
+int64_t ratelimit_policy_peek(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms);
 
 /* Buckets in use, and evictions so far (for metrics; takes every lock). */
 void ratelimit_stats(struct ratelimit *rl, size_t *used, uint64_t *evictions);
