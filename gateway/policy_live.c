@@ -695,20 +695,39 @@ static void memo_spill(struct policy_rate_memo *m, uint64_t h, int64_t r)
 	m->more[m->nmore++] = (struct policy_memo_entry){ h, r };
 }
 
-static int64_t memo_take(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms)
+/* The bucket's answer to this memo's earlier take (*r), if it took. */
+static bool memo_find(const struct policy_rate_memo *m, uint64_t h, int64_t *r)
 {
-	struct policy_rate_memo *m = ctx;
+	for (int i = 0; i < m->n; i++)
+		if (m->in[i].key == h) {
+			*r = m->in[i].result;
+			return true;
+		}
+	for (size_t i = 0; i < m->nmore; i++)
+		if (m->more[i].key == h) {
+			*r = m->more[i].result;
+			return true;
+		}
+	return false;
+}
+
+static uint64_t memo_hash(const char *key)
+{
 	uint64_t h = 1469598103934665603ULL;
 	for (const unsigned char *p = (const unsigned char *)key; *p; p++)
 		h = (h ^ *p) * 1099511628211ULL;
-	for (int i = 0; i < m->n; i++)
-		if (m->in[i].key == h)
-			return m->in[i].result;
-	for (size_t i = 0; i < m->nmore; i++)
-		if (m->more[i].key == h)
-			return m->more[i].result;
+	return h;
+}
+
+static int64_t memo_take(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms)
+{
+	struct policy_rate_memo *m = ctx;
+	uint64_t h = memo_hash(key);
+	int64_t r;
+	if (memo_find(m, h, &r))
+		return r;
 	bool first = false;
-	int64_t r = ratelimit_take(m->rl, key, capacity, period_ms, now_ms, &first);
+	r = ratelimit_take(m->rl, key, capacity, period_ms, now_ms, &first);
 	if (r > 0 && first)
 		m->first_refusal = true;
 	if (m->n < POLICY_MEMO_INLINE)
@@ -718,9 +737,26 @@ static int64_t memo_take(void *ctx, const char *key, uint32_t capacity, int64_t 
 	return r;
 }
 
+/* A bucket this event took from answers as it did then (the event has its
+ * token, or was refused); else the bucket itself, untouched, and nothing
+ * is remembered: a later take of the event takes. */
+static int64_t memo_peek(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms)
+{
+	struct policy_rate_memo *m = ctx;
+	int64_t r;
+	if (memo_find(m, memo_hash(key), &r))
+		return r;
+	bool first = false;
+	r = ratelimit_peek(m->rl, key, capacity, period_ms, now_ms, &first);
+	if (r > 0 && first)
+		m->first_refusal = true;
+	return r;
+}
+
 void policy_rate_memo_init(struct policy_rate_memo *m, struct ratelimit *rl)
 {
 	m->rate.take = rl ? memo_take : NULL;
+	m->rate.peek = rl ? memo_peek : NULL;
 	m->rate.ctx = m;
 	m->rl = rl;
 	m->n = 0;

@@ -117,7 +117,11 @@ void policy_live_poke(struct policy_live *pl);
 /* Rate limits for one decision (or the decisions of one event, one per
  * recipient): each bucket is charged at most once, however many the
  * decisions name, and first_refusal says whether a refusal was the first
- * of its bucket's episode (to record a flood once).  rl NULL: no rate
+ * of its bucket's episode (to record a flood once).  A peek (since the
+ * twenty-eighth session) sees the event's own earlier takes (a bucket it
+ * took from answers as then), else asks the bucket without taking; it is
+ * not remembered, so a later take of the event does take, and its refusal
+ * counts in the episode as a take's does.  rl NULL: no rate
  * limits.  The first POLICY_MEMO_INLINE buckets are remembered in the
  * struct (no allocation: one decision names at most a few); past them in
  * an array grown on the heap, which policy_rate_memo_finish frees: call

@@ -779,9 +779,10 @@ static size_t key_append_id(char *buf, size_t n, int64_t id)
 	return key_append(buf, n, tmp + k, sizeof(tmp) - k);
 }
 
-/* Takes a token from "<kind>:<rule id>:<subject>"; the ms to wait, or 0. */
-static int64_t take(const struct policy_request *r, const char *kind, const struct rule *rule,
-		    const struct part *subject, uint32_t capacity, int64_t period_ms)
+/* Takes a token from "<kind>:<rule id>:<subject>" (peek: asks whether one
+ * is there, taking none); the ms to wait, or 0. */
+static int64_t ask(const struct policy_request *r, bool peek, const char *kind, const struct rule *rule,
+		   const struct part *subject, uint32_t capacity, int64_t period_ms)
 {
 	char key[POLICY_RATE_KEY_MAX + 1];
 	size_t n = key_append(key, 0, kind, 3);
@@ -790,8 +791,14 @@ static int64_t take(const struct policy_request *r, const char *kind, const stru
 	n = key_append(key, n, ":", 1);
 	n = key_append(key, n, subject->s, subject->n);
 	key[n] = '\0';
-	int64_t wait = r->rate->take(r->rate->ctx, key, capacity, period_ms, r->now_ms);
+	int64_t wait = (peek ? r->rate->peek : r->rate->take)(r->rate->ctx, key, capacity, period_ms, r->now_ms);
 	return wait > 0 ? wait : 0;
+}
+
+static inline int64_t take(const struct policy_request *r, const char *kind, const struct rule *rule,
+			   const struct part *subject, uint32_t capacity, int64_t period_ms)
+{
+	return ask(r, false, kind, rule, subject, capacity, period_ms);
 }
 
 static inline bool limited(struct policy_decision *d, int64_t wait, const char *reason, const struct rule *rule)
@@ -874,12 +881,13 @@ static inline bool is(const char *s, const char *lit)
 /* Step 3a outbound: the local sender's own limits under one set of the
  * recipient's rules, each a bucket per local sender (since the
  * twenty-sixth session; before, nothing limited a local user), asked
- * after every other step (policy_decide).  The
+ * after every other step (policy_decide), peek for an event step 4
+ * refuses (no token taken).  The
  * events that add to the far side's view count (below); a message in a direct
  * room to a remote user she has no consent fact about (she never wrote to
  * them nor accepted them or their domain: cu, cd) starts a conversation,
  * a group's message none.  The messages' bucket first. */
-static bool outbound_limits_of(const struct policy_request *r, const struct pparty *snd, bool known,
+static bool outbound_limits_of(const struct policy_request *r, const struct pparty *snd, bool known, bool peek,
 			       const struct rule *const lim[NLIMITS], struct policy_decision *d)
 {
 	const struct rule *rule;
@@ -893,13 +901,13 @@ static bool outbound_limits_of(const struct policy_request *r, const struct ppar
 	    is(r->event_type, "block"))
 		return false;
 	if ((rule = lim[lim_index(POLICY_LIM_OUT_MSG_MINUTE_USER)]) &&
-	    limited(d, take(r, "omp", rule, &snd->uri, rule->lim.outbound_messages_per_minute_per_user, 60000),
+	    limited(d, ask(r, peek, "omp", rule, &snd->uri, rule->lim.outbound_messages_per_minute_per_user, 60000),
 		    "rate_limited_local_sender", rule))
 		return true;
 	if (!known && !r->group && is(r->event_type, "message") &&
 	    (rule = lim[lim_index(POLICY_LIM_OUT_NEW_CONV_HOUR_USER)]) &&
-	    limited(d, take(r, "onp", rule, &snd->uri, rule->lim.outbound_new_conversations_per_hour_per_user,
-			    3600000),
+	    limited(d, ask(r, peek, "onp", rule, &snd->uri, rule->lim.outbound_new_conversations_per_hour_per_user,
+			   3600000),
 		    "rate_limited_local_sender_new_conversations", rule))
 		return true;
 	return false;
@@ -943,22 +951,22 @@ static inline bool rate_limits(const struct policy_request *r, const struct ppar
  * no cost beyond a test, unless a rule matching the recipient sets one. */
 #define LIM_OUTBOUND (POLICY_LIM_OUT_MSG_MINUTE_USER | POLICY_LIM_OUT_NEW_CONV_HOUR_USER)
 
-static bool outbound_limits_slow(const struct policy_request *r, const struct pparty *snd, bool known,
+static bool outbound_limits_slow(const struct policy_request *r, const struct pparty *snd, bool known, bool peek,
 				 const struct peval *e, struct policy_decision *d)
 {
 	for (int i = 0; i < e->nadd; i++) {
 		const struct rule *lim[NLIMITS];
 		rule_limits(e->add[i], lim);
-		if ((e->add[i]->lim.set & LIM_OUTBOUND) && outbound_limits_of(r, snd, known, lim, d))
+		if ((e->add[i]->lim.set & LIM_OUTBOUND) && outbound_limits_of(r, snd, known, peek, lim, d))
 			return true;
 	}
-	return (e->lim_set & LIM_OUTBOUND) && outbound_limits_of(r, snd, known, e->lim, d);
+	return (e->lim_set & LIM_OUTBOUND) && outbound_limits_of(r, snd, known, peek, e->lim, d);
 }
 
-static inline bool outbound_limits(const struct policy_request *r, const struct pparty *snd, bool known,
+static inline bool outbound_limits(const struct policy_request *r, const struct pparty *snd, bool known, bool peek,
 				   const struct peval *e, struct policy_decision *d)
 {
-	return (e->nadd || (e->lim_set & LIM_OUTBOUND)) && outbound_limits_slow(r, snd, known, e, d);
+	return (e->nadd || (e->lim_set & LIM_OUTBOUND)) && outbound_limits_slow(r, snd, known, peek, e, d);
 }
 
 /* Step 3b: size and content kinds against one party's limits. */
@@ -1094,38 +1102,38 @@ void policy_decide(const struct policy_snapshot *ov, const struct policy_request
 			if (size_limits(r, &ev[i], d))
 				return;
 
+	/* 3a outbound: the local sender's own limits under the recipient's
+	 * rules, asked after 3b and 4 so that only an event that goes takes
+	 * a token: they bound what she sends to the far side, and an event
+	 * refused anyway sends nothing (as typing counts for nothing).  One
+	 * that 4 refuses only peeks at her buckets: an empty one answers
+	 * limit, as the spec's order (3 before 4) says, else 4's deny.  Size
+	 * and content (3b) come before them all: what they refuse is denied
+	 * and asks no bucket.  Until the twenty-seventh session the buckets
+	 * came before 3b and 4 and always took: an oversized first line to
+	 * someone new took her new conversation (and the next line counted
+	 * again), a message to a closed domain a token of the network's
+	 * bucket; in the twenty-seventh they came after 4, and a message
+	 * both over her limit and to a closed domain was denied
+	 * server_closed (a review's finding: the spec's order). */
+	bool out_limits = dir == POLICY_OUTBOUND && nremote == 1 && r->rate && r->rate->take;
+	bool known = cu == 1 || cd == 1 || r->started_in_request;
+
 	/* 4. The remote parties' effective modes. */
 	for (int i = 0; i < nremote; i++) {
 		const struct rule *rule = ev[i].mode;
 		enum policy_mode m = rule ? rule->mode : s->default_mode;
-		if (m == POLICY_MODE_CLOSED) {
-			set(d, POLICY_DENY, "server_closed", rule ? rule->id : 0);
-			return;
-		}
-		if (m == POLICY_MODE_ALLOWLIST) {
-			set(d, POLICY_DENY, "server_not_allowlisted", rule ? rule->id : 0);
+		if (m == POLICY_MODE_CLOSED || m == POLICY_MODE_ALLOWLIST) {
+			set(d, POLICY_DENY, m == POLICY_MODE_CLOSED ? "server_closed" : "server_not_allowlisted",
+			    rule ? rule->id : 0);
+			if (out_limits && r->rate->peek)
+				outbound_limits(r, &snd, known, true, &ev[0], d); /* an empty bucket: the limit */
 			return;
 		}
 	}
 
 	if (dir == POLICY_OUTBOUND) {
-		/* 3a outbound: the local sender's own limits under the
-		 * recipient's rules, last, so that only an event that goes
-		 * takes a token: they bound what she sends to the far side,
-		 * and an event refused anyway sends nothing (as typing counts
-		 * for nothing).  So a message both over her limit and to a
-		 * closed domain is denied server_closed: the limit does not
-		 * apply to what cannot go, and the spec's order (3 before 4)
-		 * holds among what applies; nothing is hidden from her, who
-		 * is told her own refusal's reason either way.
-		 * Until the twenty-seventh session they came before 3b and 4:
-		 * an oversized first line to someone new took her new
-		 * conversation (and the next line counted again), a message to
-		 * a closed domain a token of the network's bucket, and a
-		 * message both over a limit and to a closed domain was told
-		 * to wait, to be refused for good after the wait. */
-		if (nremote == 1 && r->rate && r->rate->take &&
-		    outbound_limits(r, &snd, cu == 1 || cd == 1 || r->started_in_request, &ev[0], d))
+		if (out_limits && outbound_limits(r, &snd, known, false, &ev[0], d))
 			return;
 		set(d, POLICY_ALLOW, "outbound", 0);
 		return;

@@ -15,11 +15,13 @@
  *      (inbound, an empty rate bucket first -> limit: docs/policy.md)
  *   3. rate limits of a remote sender (inbound, transit) -> limit
  *      size and content-kind limits                       -> deny
+ *      outbound: the local sender's own outbound limits under the
+ *      rules matching the recipient, asked after 3b and 4: what 3b
+ *      refuses is denied and asks no bucket; what 4 refuses only peeks
+ *      them (an empty one -> limit: 3 before 4, else 4's deny); what
+ *      goes takes its tokens (docs/policy.md)            -> limit
  *   4. the remote party's effective mode (the most specific rule with a
  *      mode, else the default): closed, or allowlist     -> deny
- *      outbound, then the local sender's own outbound limits under the
- *      rules matching the recipient (what 3b or 4 refuses cannot go,
- *      and takes no token: docs/policy.md)               -> limit
  *   5. inbound: the local user not opted in to the network -> deny
  *   6. inbound: the local user's allowed (user, then domain) -> allow
  *   7. inbound: hold (typing and receipts, which cannot wait: deny);
@@ -107,7 +109,10 @@ struct policy_limits {
  * named key (NUL-terminated, at most POLICY_RATE_KEY_MAX bytes), which holds
  * at most capacity tokens and refills capacity tokens per period_ms; it
  * returns 0 when a token was taken, else the milliseconds until one will be
- * available (> 0).  Keys: "<limit>:<rule id>:<subject>", limit one of mpm
+ * available (> 0).  peek() answers the same without taking: 0 when a token
+ * is there, else the wait; it never changes the bucket (since the
+ * twenty-eighth session: a local user's outbound limits asked of a message
+ * step 4 refuses; NULL: they are not asked of it).  Keys: "<limit>:<rule id>:<subject>", limit one of mpm
  * (messages_per_minute), mpu (messages_per_minute_per_user), ncu (new
  * conversations), ncp (new conversations per user), cru (MIMI consent
  * requests), crp (MIMI consent requests per user), crf (first contacts'
@@ -122,6 +127,7 @@ struct policy_limits {
 struct policy_rate {
 	int64_t (*take)(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms);
 	void *ctx;
+	int64_t (*peek)(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms);
 };
 
 /* One party: a user URI (mimi://<domain>/u/<local>), its domain (lower

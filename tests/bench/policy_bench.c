@@ -299,7 +299,7 @@ int main(int argc, char **argv)
 	struct ratelimit *rl = ratelimit_new(65536);
 	if (!rl)
 		die("out of memory");
-	struct policy_rate rate = { ratelimit_policy_take, rl };
+	struct policy_rate rate = { ratelimit_policy_take, rl, ratelimit_policy_peek };
 	int64_t wall0 = INT64_C(1700000000000);
 
 	/* Warm up both, then measure alternately so that frequency changes

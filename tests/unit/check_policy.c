@@ -435,7 +435,7 @@ static bool run_case(const struct policy_snapshot *s, const struct env *env, con
 	}
 	struct ratelimit *rl = ratelimit_new(4096);
 	ck_assert_ptr_nonnull(rl);
-	struct policy_rate rate = { ratelimit_policy_take, rl };
+	struct policy_rate rate = { ratelimit_policy_take, rl, ratelimit_policy_peek };
 	r.rate = rate_on ? &rate : NULL;
 
 	struct policy_decision d;
@@ -811,7 +811,7 @@ START_TEST(prop_server_deny_always_denies)
 {
 	rng_state = 0x9e3779b97f4a7c15ull;
 	struct ratelimit *rl = ratelimit_new(4096);
-	struct policy_rate rate = { ratelimit_policy_take, rl };
+	struct policy_rate rate = { ratelimit_policy_take, rl, ratelimit_policy_peek };
 	for (int iter = 0; iter < 3000; iter++) {
 		struct policy_request r;
 		struct gparty snd, rcp, other;
@@ -873,7 +873,7 @@ START_TEST(prop_random_requests)
 {
 	rng_state = 0x243f6a8885a308d3ull;
 	struct ratelimit *rl = ratelimit_new(4096);
-	struct policy_rate rate = { ratelimit_policy_take, rl };
+	struct policy_rate rate = { ratelimit_policy_take, rl, ratelimit_policy_peek };
 	int counts[4] = { 0 }, allowed_checked = 0;
 	for (int snap = 0; snap < 300; snap++) {
 		struct policy_builder *b = policy_builder_new();
@@ -1088,7 +1088,7 @@ START_TEST(null_snapshot_and_null_strings)
 	ck_assert_int_eq(policy_builder_consent(b, "mimi://hub.example/u/a", true, "x.example", true), 0);
 	struct policy_snapshot *s = policy_builder_finish(b, 2);
 	struct ratelimit *rl = ratelimit_new(512);
-	struct policy_rate rate = { ratelimit_policy_take, rl };
+	struct policy_rate rate = { ratelimit_policy_take, rl, ratelimit_policy_peek };
 	for (int dir = 0; dir < 3; dir++)
 		for (int act = 0; act < 3; act++) {
 			struct policy_request r = { .direction = (enum policy_direction)dir,
@@ -1168,7 +1168,7 @@ START_TEST(bucket_keys)
 	ck_assert_int_eq(policy_builder_rule(b, 14, POLICY_SCOPE_DOMAIN, "o.example", POLICY_MODE_NONE, &out, 0), 0);
 	struct policy_snapshot *s = policy_builder_finish(b, 1);
 	struct key_log kl = { .answer = 0 };
-	struct policy_rate rate = { log_take, &kl };
+	struct policy_rate rate = { log_take, &kl, NULL };
 	struct policy_decision d;
 	struct policy_request r = {
 		.direction = POLICY_INBOUND, .action = POLICY_ACT_EVENT, .event_type = "message",
@@ -1621,6 +1621,59 @@ START_TEST(rl_first_refusal_once_per_episode)
 }
 END_TEST
 
+/* A peek answers what a take would, and takes nothing (since the
+ * twenty-eighth session: a local user's outbound limits asked of a
+ * message step 4 refuses). */
+START_TEST(rl_peek_never_changes_the_bucket)
+{
+	struct ratelimit *rl = ratelimit_new(512);
+	bool first = true;
+	size_t used;
+	/* A bucket never used would start full; it is not made. */
+	ck_assert_int_eq(ratelimit_peek(rl, "k", 3, 1000, 0, &first), 0);
+	ck_assert(!first);
+	ck_assert_int_eq(ratelimit_peek(rl, "zero", 0, 1000, 0, NULL), 1000);
+	ratelimit_stats(rl, &used, NULL);
+	ck_assert_uint_eq(used, 0);
+	/* However often it is asked, each token is still there to take. */
+	int64_t t = 1000000;
+	for (int i = 0; i < 3; i++) {
+		for (int j = 0; j < 5; j++)
+			ck_assert_int_eq(ratelimit_peek(rl, "k", 3, 1000, t, NULL), 0);
+		ck_assert_int_eq(ratelimit_take(rl, "k", 3, 1000, t, NULL), 0);
+	}
+	/* Empty: the wait a take answers, to the millisecond. */
+	ck_assert_int_eq(ratelimit_peek(rl, "k", 3, 1000, t, NULL), 334);
+	ck_assert_int_eq(ratelimit_peek(rl, "k", 3, 1000, t + 333, NULL), 1);
+	ck_assert_int_eq(ratelimit_peek(rl, "k", 3, 1000, t + 334, NULL), 0);
+	/* Peeks later in time refilled nothing, nor began an episode. */
+	ck_assert_int_eq(ratelimit_take(rl, "k", 3, 1000, t, &first), 334);
+	ck_assert(first);
+	/* Asked with first_refusal, a peek's refusal is one of the episode:
+	 * the first once, and a take's after it is none. */
+	ck_assert_int_eq(ratelimit_take(rl, "e", 1, 1000, t, NULL), 0);
+	ck_assert_int_eq(ratelimit_peek(rl, "e", 1, 1000, t, &first), 1000);
+	ck_assert(first);
+	ck_assert_int_eq(ratelimit_peek(rl, "e", 1, 1000, t + 1, &first), 999);
+	ck_assert(!first);
+	ck_assert_int_eq(ratelimit_take(rl, "e", 1, 1000, t + 1, &first), 999);
+	ck_assert(!first);
+	/* A changed rule: answered in proportion, the bucket's own kept.
+	 * One token of 4 left is 2.5 of 10 and half of 2. */
+	for (int i = 0; i < 3; i++)
+		ck_assert_int_eq(ratelimit_take(rl, "chg", 4, 1000, 0, NULL), 0);
+	ck_assert_int_eq(ratelimit_peek(rl, "chg", 10, 1000, 0, NULL), 0);
+	ck_assert_int_eq(ratelimit_peek(rl, "chg", 2, 1000, 0, NULL), 250);
+	ck_assert_int_eq(ratelimit_take(rl, "chg", 4, 1000, 0, NULL), 0);
+	ck_assert_int_eq(ratelimit_peek(rl, "chg", 4, 1000, 0, NULL), 250);
+	ck_assert_int_eq(ratelimit_policy_peek(rl, "chg", 4, 1000, 0), 250);
+	ck_assert_int_eq(ratelimit_take(rl, "chg", 4, 1000, 0, NULL), 250);
+	ratelimit_stats(rl, &used, NULL);
+	ck_assert_uint_eq(used, 3);
+	ratelimit_free(rl);
+}
+END_TEST
+
 START_TEST(rl_eviction_many_keys)
 {
 	struct ratelimit *rl = ratelimit_new(512);
@@ -1711,7 +1764,7 @@ START_TEST(decide_with_ratelimit_refill)
 	ck_assert_int_eq(policy_builder_rule(b, 5, POLICY_SCOPE_NETWORK, "matrix", POLICY_MODE_OPEN, &l, 0), 0);
 	struct policy_snapshot *s = policy_builder_finish(b, 1);
 	struct ratelimit *rl = ratelimit_new(512);
-	struct policy_rate rate = { ratelimit_policy_take, rl };
+	struct policy_rate rate = { ratelimit_policy_take, rl, ratelimit_policy_peek };
 	struct policy_request r = {
 		.direction = POLICY_INBOUND, .action = POLICY_ACT_EVENT, .event_type = "message",
 		.sender = { "mimi://a.example/u/s", "a.example", "matrix" },
@@ -1751,7 +1804,7 @@ START_TEST(domain_consent_buckets_shared_by_users_kept_apart_by_kind)
 	ck_assert_int_eq(policy_builder_rule(b, 7, POLICY_SCOPE_DOMAIN, "rot.example", POLICY_MODE_NONE, &l, 0), 0);
 	struct policy_snapshot *s = policy_builder_finish(b, 1);
 	struct ratelimit *rl = ratelimit_new(512);
-	struct policy_rate rate = { ratelimit_policy_take, rl };
+	struct policy_rate rate = { ratelimit_policy_take, rl, ratelimit_policy_peek };
 	struct policy_request r = {
 		.direction = POLICY_INBOUND, .action = POLICY_ACT_CONSENT_REQUEST,
 		.sender = { "mimi://rot.example/u/a", "rot.example", "matrix" },
@@ -1802,7 +1855,7 @@ START_TEST(per_user_consent_buckets_kept_apart_by_kind)
 	ck_assert_int_eq(policy_builder_rule(b, 8, POLICY_SCOPE_DOMAIN, "pu.example", POLICY_MODE_NONE, &l, 0), 0);
 	struct policy_snapshot *s = policy_builder_finish(b, 1);
 	struct ratelimit *rl = ratelimit_new(512);
-	struct policy_rate rate = { ratelimit_policy_take, rl };
+	struct policy_rate rate = { ratelimit_policy_take, rl, ratelimit_policy_peek };
 	struct policy_request r = {
 		.direction = POLICY_INBOUND, .action = POLICY_ACT_CONSENT_REQUEST,
 		.sender = { "mimi://pu.example/u/a", "pu.example", "matrix" },
@@ -1880,7 +1933,7 @@ START_TEST(in_addition_rules_all_charged_most_specific_first)
 	struct policy_snapshot *s = policy_builder_finish(b, 1);
 	ck_assert_ptr_nonnull(s);
 	struct logged_rate lr = { .rl = ratelimit_new(512) };
-	struct policy_rate rate = { logged_take, &lr };
+	struct policy_rate rate = { logged_take, &lr, NULL };
 	struct policy_request r = troll_message(&rate);
 	/* each message in turn (troll's, then nice's): the verdict, the rule,
 	 * the buckets charged in order */
@@ -1933,7 +1986,7 @@ START_TEST(in_addition_rule_charged_first)
 	struct policy_snapshot *s = policy_builder_finish(b, 1);
 	ck_assert_ptr_nonnull(s);
 	struct ratelimit *rl = ratelimit_new(512);
-	struct policy_rate rate = { ratelimit_policy_take, rl };
+	struct policy_rate rate = { ratelimit_policy_take, rl, ratelimit_policy_peek };
 	struct policy_request r = troll_message(&rate);
 	/* verdict, reason, rule of each message in turn: troll's, then nice's */
 	static const struct {
@@ -2056,6 +2109,117 @@ START_TEST(rate_memo_charges_each_key_once)
 }
 END_TEST
 
+/* A peek through the memo (since the twenty-eighth session) sees the
+ * event's own takes, and is not remembered: a later take takes. */
+START_TEST(rate_memo_peek_sees_its_own_takes)
+{
+	struct ratelimit *rl = ratelimit_new(4096);
+	ck_assert_ptr_nonnull(rl);
+	struct policy_rate_memo m;
+	policy_rate_memo_init(&m, rl);
+	void *ctx = m.rate.ctx;
+	/* A bucket the event took from answers as it did: the token is the
+	 * event's, whoever else finds the bucket empty. */
+	ck_assert_int_eq(m.rate.take(ctx, "a", 1, 60000, 0), 0);
+	ck_assert_int_eq(m.rate.peek(ctx, "a", 1, 60000, 0), 0);
+	ck_assert_int_eq(ratelimit_peek(rl, "a", 1, 60000, 0, NULL), 60000);
+	/* A peek first: the event's take after it still takes. */
+	ck_assert_int_eq(m.rate.peek(ctx, "b", 1, 60000, 0), 0);
+	ck_assert_int_eq(ratelimit_peek(rl, "b", 1, 60000, 0, NULL), 0);
+	ck_assert_int_eq(m.rate.take(ctx, "b", 1, 60000, 0), 0);
+	ck_assert_int_eq(ratelimit_peek(rl, "b", 1, 60000, 0, NULL), 60000);
+	/* Past the entries kept inline as well. */
+	char key[64];
+	for (int i = 0; i < MEMO_KEYS; i++) {
+		snprintf(key, sizeof(key), "omp:%d:mimi://hub.example/u/alice", i);
+		ck_assert_int_eq(m.rate.take(ctx, key, 1, 60000, 0), 0);
+	}
+	for (int i = 0; i < MEMO_KEYS; i++) {
+		snprintf(key, sizeof(key), "omp:%d:mimi://hub.example/u/alice", i);
+		ck_assert_msg(m.rate.peek(ctx, key, 1, 60000, 0) == 0, "key %d", i);
+	}
+	ck_assert(!m.first_refusal);
+	policy_rate_memo_finish(&m);
+	/* An empty bucket: the peek's refusal is the episode's first (a
+	 * flood recorded once), the next event's refusals are not. */
+	policy_rate_memo_init(&m, rl);
+	ck_assert_int_eq(m.rate.peek(ctx, "a", 1, 60000, 0), 60000);
+	ck_assert(m.first_refusal);
+	policy_rate_memo_finish(&m);
+	policy_rate_memo_init(&m, rl);
+	ck_assert_int_eq(m.rate.peek(ctx, "a", 1, 60000, 1), 59999);
+	ck_assert_int_eq(m.rate.take(ctx, "a", 1, 60000, 1), 59999);
+	ck_assert(!m.first_refusal);
+	policy_rate_memo_finish(&m);
+	/* Without buckets, neither. */
+	policy_rate_memo_init(&m, NULL);
+	ck_assert_ptr_null(m.rate.take);
+	ck_assert_ptr_null(m.rate.peek);
+	policy_rate_memo_finish(&m);
+	ratelimit_free(rl);
+}
+END_TEST
+
+/* One outbound event to a group with a member at an open domain and one
+ * at a closed domain, both under a network rule's outbound limit of one
+ * message: the closed one's decision peeks (takes nothing), and sees the
+ * event's own take (its token is the event's: server_closed, not limit),
+ * in either order. */
+START_TEST(outbound_group_event_closed_member_peeks)
+{
+	struct policy_builder *b = policy_builder_new();
+	policy_builder_defaults(b, POLICY_MODE_OPEN, true);
+	struct policy_limits l = { .set = POLICY_LIM_OUT_MSG_MINUTE_USER, .outbound_messages_per_minute_per_user = 1 };
+	ck_assert_int_eq(policy_builder_rule(b, 1, POLICY_SCOPE_NETWORK, "peer:pc", POLICY_MODE_NONE, &l, 0), 0);
+	ck_assert_int_eq(policy_builder_rule(b, 2, POLICY_SCOPE_DOMAIN, "closed.example", POLICY_MODE_CLOSED, NULL, 0),
+			 0);
+	struct policy_snapshot *s = policy_builder_finish(b, 1);
+	ck_assert_ptr_nonnull(s);
+	const struct policy_party open = { "mimi://open.example/u/o", "open.example", "peer:pc" },
+				  closed = { "mimi://closed.example/u/c", "closed.example", "peer:pc" };
+	for (int order = 0; order < 2; order++) {
+		struct ratelimit *rl = ratelimit_new(4096);
+		struct policy_rate_memo m;
+		policy_rate_memo_init(&m, rl);
+		struct policy_request r = {
+			.direction = POLICY_OUTBOUND, .action = POLICY_ACT_EVENT, .event_type = "message",
+			.sender = { "mimi://hub.example/u/alice", "hub.example", "local" }, .group = true,
+			.now_ms = 0, .rate = &m.rate,
+		};
+		struct policy_decision d;
+		for (int k = 0; k < 2; k++) {
+			bool to_closed = (k == 0) == (order == 1);
+			r.recipient = to_closed ? closed : open;
+			policy_decide(s, &r, &d);
+			ck_assert_str_eq(d.reason, to_closed ? "server_closed" : "outbound");
+		}
+		ck_assert(!m.first_refusal);
+		policy_rate_memo_finish(&m);
+		/* One token was taken, by the open member's decision: the
+		 * next event finds the bucket empty, for both. */
+		policy_rate_memo_init(&m, rl);
+		r.recipient = closed;
+		policy_decide(s, &r, &d);
+		ck_assert_str_eq(d.reason, "rate_limited_local_sender");
+		ck_assert_int_eq(d.retry_after_ms, 60000);
+		ck_assert(m.first_refusal);
+		r.recipient = open;
+		policy_decide(s, &r, &d);
+		ck_assert_str_eq(d.reason, "rate_limited_local_sender");
+		policy_rate_memo_finish(&m);
+		/* Buckets that cannot be peeked are not asked of what step 4
+		 * refuses. */
+		struct policy_rate take_only = { ratelimit_policy_take, rl, NULL };
+		r.rate = &take_only;
+		r.recipient = closed;
+		policy_decide(s, &r, &d);
+		ck_assert_str_eq(d.reason, "server_closed");
+		ratelimit_free(rl);
+	}
+	policy_snapshot_free(s);
+}
+END_TEST
+
 /* The same through the policy: one outbound event to a group whose
  * recipients each match a rule of their own, each rule's bucket holding
  * one token, every recipient decided twice with the event's one memo (a
@@ -2129,12 +2293,15 @@ int main(void)
 	tcase_add_test(tc, in_addition_rules_all_charged_most_specific_first);
 	tcase_add_test(tc, rate_memo_charges_each_key_once);
 	tcase_add_test(tc, outbound_group_event_past_the_old_memo_charges_each_rule_once);
+	tcase_add_test(tc, rate_memo_peek_sees_its_own_takes);
+	tcase_add_test(tc, outbound_group_event_closed_member_peeks);
 	suite_add_tcase(s, tc);
 	TCase *rt = tcase_create("ratelimit");
 	tcase_set_timeout(rt, 120);
 	tcase_add_test(rt, rl_capacity_then_refusal);
 	tcase_add_test(rt, rl_refill_timing);
 	tcase_add_test(rt, rl_first_refusal_once_per_episode);
+	tcase_add_test(rt, rl_peek_never_changes_the_bucket);
 	tcase_add_test(rt, rl_eviction_many_keys);
 	tcase_add_test(rt, rl_threads);
 	suite_add_tcase(s, rt);
