@@ -194,3 +194,42 @@ def test_a_leave_is_never_refused_by_the_outbound_limit(xd, gk, alice, prosody, 
                what="the peer told of her leave")
     assert "membership" not in (pg.psql("SELECT string_agg(details->>'type', ',') FROM audit_log "
                                         "WHERE action = 'policy.limit'", db_url) or "")
+
+
+def test_over_her_limit_to_a_closed_domain_she_is_told_to_wait(xd, gk, alice, pg, db_url):
+    """The spec's precedence puts rate limits (3) before a closed server (4):
+    a message to a closed domain only peeks at her outbound buckets (since
+    the twenty-eighth session; in the twenty-seventh it was refused for
+    good, server_closed, even over her limit).  Within her limit it is
+    refused for good and takes no token; over it she is told to wait."""
+    a, srv = gk
+    r = xd.admin("POST", "/rules", json={"scope": "network", "pattern": "peer:gk",
+                                        "limits": {"outbound_messages_per_minute_per_user": 1}})
+    assert r.status_code == 201, r.text
+    rule = r.json()["id"]
+    r = xd.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example", "mode": "closed"})
+    assert r.status_code == 201, r.text
+    # Within her limit: refused for good.
+    sid = alice.send_message(WALLY_JID, "one")
+    etype, conds, text = stanza_error(alice, sid)
+    assert (etype, conds, text) == \
+        ("cancel", ["service-unavailable"],
+         "Not delivered: this server does not exchange messages with their network."), (etype, conds, text)
+    # It took no token: opened again, her next message goes.
+    assert xd.admin("DELETE", f"/rules/{r.json()['id']}").status_code == 200
+    alice.send_message(WALLY_JID, "two")
+    got = srv.wait_events(1)
+    assert got[0]["sender"] == ALICE and got[0]["content"]["parts"][0]["body"] == "two"
+    # Closed again, her bucket now empty: the limit answers, a wait.
+    r = xd.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example", "mode": "closed"})
+    assert r.status_code == 201, r.text
+    sid = alice.send_message(WALLY_JID, "three")
+    etype, conds, text = stanza_error(alice, sid)
+    assert (etype, conds) == ("wait", ["resource-constraint"]), (etype, conds, text)
+    assert text is not None and text.startswith(
+        "Not delivered: you sent more messages than this server allows in a minute; write again in "), text
+    assert limit_records(pg, db_url) == \
+        f"rate_limited_local_sender {rule} {ALICE} outbound message true true"
+    assert pg.psql("SELECT string_agg(reason_code, ',') FROM audit_log WHERE action = 'policy.deny'",
+                   db_url) == "server_closed"
+    assert len(srv.events) == 1
