@@ -969,6 +969,16 @@ static inline bool outbound_limits(const struct policy_request *r, const struct 
 	return (e->nadd || (e->lim_set & LIM_OUTBOUND)) && outbound_limits_slow(r, snd, known, peek, e, d);
 }
 
+/* An outbound event's local sender's limits, when there are buckets (and,
+ * to peek, a peek); known: she has a consent fact about the recipient or
+ * their domain (cu, cd), or the request started the conversation. */
+static inline bool local_limits(const struct policy_request *r, const struct pparty *snd, int nremote, int cu, int cd,
+				bool peek, const struct peval *e, struct policy_decision *d)
+{
+	return nremote == 1 && r->rate && r->rate->take && (!peek || r->rate->peek) &&
+	       outbound_limits(r, snd, cu == 1 || cd == 1 || r->started_in_request, peek, e, d);
+}
+
 /* Step 3b: size and content kinds against one party's limits. */
 static bool size_limits_of(const struct policy_request *r, const struct rule *const lim[NLIMITS],
 			   struct policy_decision *d)
@@ -1116,8 +1126,6 @@ void policy_decide(const struct policy_snapshot *ov, const struct policy_request
 	 * bucket; in the twenty-seventh they came after 4, and a message
 	 * both over her limit and to a closed domain was denied
 	 * server_closed (a review's finding: the spec's order). */
-	bool out_limits = dir == POLICY_OUTBOUND && nremote == 1 && r->rate && r->rate->take;
-	bool known = cu == 1 || cd == 1 || r->started_in_request;
 
 	/* 4. The remote parties' effective modes. */
 	for (int i = 0; i < nremote; i++) {
@@ -1126,14 +1134,14 @@ void policy_decide(const struct policy_snapshot *ov, const struct policy_request
 		if (m == POLICY_MODE_CLOSED || m == POLICY_MODE_ALLOWLIST) {
 			set(d, POLICY_DENY, m == POLICY_MODE_CLOSED ? "server_closed" : "server_not_allowlisted",
 			    rule ? rule->id : 0);
-			if (out_limits && r->rate->peek)
-				outbound_limits(r, &snd, known, true, &ev[0], d); /* an empty bucket: the limit */
+			if (dir == POLICY_OUTBOUND)
+				local_limits(r, &snd, nremote, cu, cd, true, &ev[0], d); /* an empty bucket: the limit */
 			return;
 		}
 	}
 
 	if (dir == POLICY_OUTBOUND) {
-		if (out_limits && outbound_limits(r, &snd, known, false, &ev[0], d))
+		if (local_limits(r, &snd, nremote, cu, cd, false, &ev[0], d))
 			return;
 		set(d, POLICY_ALLOW, "outbound", 0);
 		return;
