@@ -130,16 +130,20 @@ static struct bucket *find(struct ratelimit *rl, struct stripe *st, size_t w, ui
 	return victim;
 }
 
-/* The key's hashes, its window and the window's stripe; the arguments
- * brought within the table's bounds. */
+/* The key's hashes, its window and the window's stripe, whose lock it
+ * takes; the arguments brought within the table's bounds, and
+ * *first_refusal (may be NULL) false. */
 struct where {
 	uint64_t h1, h2;
 	size_t w;
 	struct stripe *st;
 };
 
-static void locate(struct ratelimit *rl, const char *key, uint32_t *capacity, int64_t *period_ms, struct where *at)
+static void lock_window(struct ratelimit *rl, const char *key, uint32_t *capacity, int64_t *period_ms,
+			bool *first_refusal, struct where *at)
 {
+	if (first_refusal)
+		*first_refusal = false;
 	if (!key)
 		key = "";
 	if (*period_ms < 1)
@@ -155,6 +159,7 @@ static void locate(struct ratelimit *rl, const char *key, uint32_t *capacity, in
 		at->h1 = 1;
 	at->w = (size_t)at->h1 & rl->mask & ~(size_t)(WINDOW - 1);
 	at->st = &rl->stripes[(at->w / WINDOW) % STRIPES];
+	pthread_mutex_lock(&at->st->mu);
 }
 
 /* The bucket's fill (units) at now_ms under (capacity, period_ms), from
@@ -192,12 +197,8 @@ static int64_t wait_for(int64_t units, uint32_t capacity, int64_t period_ms)
 int64_t ratelimit_take(struct ratelimit *rl, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms,
 		       bool *first_refusal)
 {
-	if (first_refusal)
-		*first_refusal = false;
 	struct where at;
-	locate(rl, key, &capacity, &period_ms, &at);
-
-	pthread_mutex_lock(&at.st->mu);
+	lock_window(rl, key, &capacity, &period_ms, first_refusal, &at);
 	struct bucket *b = find(rl, at.st, at.w, at.h1, at.h2, capacity, period_ms, now_ms);
 	b->used = ++at.st->clock;
 	b->units = fill(b, capacity, period_ms, now_ms);
@@ -221,12 +222,8 @@ int64_t ratelimit_take(struct ratelimit *rl, const char *key, uint32_t capacity,
 int64_t ratelimit_peek(struct ratelimit *rl, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms,
 		       bool *first_refusal)
 {
-	if (first_refusal)
-		*first_refusal = false;
 	struct where at;
-	locate(rl, key, &capacity, &period_ms, &at);
-
-	pthread_mutex_lock(&at.st->mu);
+	lock_window(rl, key, &capacity, &period_ms, first_refusal, &at);
 	struct bucket *b = NULL;
 	for (size_t i = 0; i < WINDOW && !b; i++)
 		if (rl->b[at.w + i].h1 == at.h1 && rl->b[at.w + i].h2 == at.h2)
