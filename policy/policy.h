@@ -110,19 +110,22 @@ struct policy_limits {
  * at most capacity tokens and refills capacity tokens per period_ms; it
  * returns 0 when a token was taken, else the milliseconds until one will be
  * available (> 0).  peek() answers the same without taking: 0 when a token
- * is there, else the wait; it never changes the bucket (since the
+ * is there, else the wait; it never takes a token nor changes the
+ * bucket's fill (the gateway's memo counts its refusal in the bucket's
+ * episode, to record a flood once: gateway/policy_live.h).  Since the
  * twenty-eighth session: a local user's outbound limits asked of a message
- * step 4 refuses; NULL: they are not asked of it).  Keys: "<limit>:<rule id>:<subject>", limit one of mpm
- * (messages_per_minute), mpu (messages_per_minute_per_user), ncu (new
- * conversations), ncp (new conversations per user), cru (MIMI consent
- * requests), crp (MIMI consent requests per user), crf (first contacts'
- * consent requests), cfp (first contacts' consent requests per user), omp
- * (outbound messages per local user), onp (outbound new conversations per
- * local user).  The subject is the sender's URI for the per-user ones (mpu,
- * ncp, crp, cfp, omp, onp; the local sender's for omp and onp),
- * else the rule's pattern: one bucket for all that the rule matches, so
- * that rotating user names or subdomains does not escape a domain's or
- * network's limit (a user rule's pattern is the user). */
+ * step 4 refuses; NULL: they are not asked of it.  Keys:
+ * "<limit>:<rule id>:<subject>", limit one of mpm (messages_per_minute),
+ * mpu (messages_per_minute_per_user), ncu (new conversations), ncp (new
+ * conversations per user), cru (MIMI consent requests), crp (MIMI consent
+ * requests per user), crf (first contacts' consent requests), cfp (first
+ * contacts' consent requests per user), omp (outbound messages per local
+ * user), onp (outbound new conversations per local user).  The subject is
+ * the sender's URI for the per-user ones (mpu, ncp, crp, cfp, omp, onp; the
+ * local sender's for omp and onp), else the rule's pattern: one bucket for
+ * all that the rule matches, so that rotating user names or subdomains does
+ * not escape a domain's or network's limit (a user rule's pattern is the
+ * user). */
 #define POLICY_RATE_KEY_MAX 2200
 struct policy_rate {
 	int64_t (*take)(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms);

@@ -130,15 +130,16 @@ static struct bucket *find(struct ratelimit *rl, struct stripe *st, size_t w, ui
 	return victim;
 }
 
-/* The key's hashes, its window and the window's stripe, whose lock it
- * takes; the arguments brought within the table's bounds, and
- * *first_refusal (may be NULL) false. */
+/* Where a key's bucket lives: its hashes, its window, the window's stripe. */
 struct where {
 	uint64_t h1, h2;
 	size_t w;
 	struct stripe *st;
 };
 
+/* Finds where key lives and takes its stripe's lock; the arguments are
+ * brought within the table's bounds, and *first_refusal (may be NULL) set
+ * false. */
 static void lock_window(struct ratelimit *rl, const char *key, uint32_t *capacity, int64_t *period_ms,
 			bool *first_refusal, struct where *at)
 {
