@@ -109,7 +109,8 @@
  * not one is unknown, an origin_id that is not one is not used):
  *
  *   message    <body> from the text/plain part, else text/markdown, else the
- *              text content of text/html (libxml2's HTML parser, trimmed);
+ *              text of text/html as plain text (libxml2's HTML parser: line
+ *              breaks, list markers, link targets; docs/xmpp.md "Mapping");
  *              <origin-id id=info->id/>,
  *              <request xmlns='urn:xmpp:receipts'/>, <markable/>,
  *              <active/>; in_reply_to present and target known:
