@@ -3,12 +3,12 @@
 #include "matrix/mx_map.h"
 #include "matrix/mx_id.h"
 #include "buf.h"
+#include "html_tree.h"
 #include "peer/event.h"
 #include "media.h"
 
 #include <libxml/HTMLparser.h>
 #include <libxml/SAX2.h>
-#include <libxml/parserInternals.h>
 #include <libxml/tree.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -369,8 +369,9 @@ static void text_newline(struct walker *w)
 }
 
 /* Visits n on the way down; true to walk its children. */
-static bool enter(struct walker *w, xmlNode *n)
+static bool enter(void *arg, xmlNode *n)
 {
+	struct walker *w = arg;
 	n->_private = NULL;
 	if (n->type == XML_TEXT_NODE || n->type == XML_CDATA_SECTION_NODE) {
 		/* Text right in <html> is the layout between a document's head
@@ -413,8 +414,9 @@ static bool enter(struct walker *w, xmlNode *n)
 }
 
 /* Visits n on the way up (after its children). */
-static void leave(struct walker *w, xmlNode *n)
+static void leave(void *arg, xmlNode *n)
 {
+	struct walker *w = arg;
 	if (w->mode == WALK_TEXT) {
 		if (n->type == XML_ELEMENT_NODE && n->name && in_list((const char *)n->name, block_tags))
 			text_newline(w);
@@ -430,28 +432,9 @@ static void leave(struct walker *w, xmlNode *n)
 	}
 }
 
-/* Walks the whole document without recursion (the tree may be deep). */
-static void walk(struct walker *w, xmlDoc *doc)
+static bool overflowed(void *arg)
 {
-	xmlNode *top = (xmlNode *)doc;
-	xmlNode *n = doc->children;
-	while (n && !w->out.overflow) {
-		if (enter(w, n) && n->children) {
-			n = n->children;
-			continue;
-		}
-		leave(w, n);
-		while (n != top && !n->next) {
-			n = n->parent;
-			if (!n || n == top) {
-				n = NULL;
-				break;
-			}
-			leave(w, n);
-		}
-		if (n)
-			n = n->next;
-	}
+	return ((struct walker *)arg)->out.overflow;
 }
 
 static const char AS_DOCUMENT = 'd', AS_FRAGMENT = 'f';
@@ -477,21 +460,15 @@ static void first_element(void *ctx, const xmlChar *name, const xmlChar **atts)
  * with only_document when the input is not a whole document). */
 static htmlDocPtr html_parse(const char *buf, size_t n, bool only_document)
 {
-	/* XML_PARSE_HUGE lifts libxml2's depth limit of 256, past which it stops
-	 * parsing and the rest of the text would be lost (the walk below keeps
-	 * at most HTML_DEPTH_MAX levels of elements and all of the text);
-	 * htmlReadMemory() drops that option, hence the context by hand. */
-	htmlParserCtxtPtr ctxt = htmlCreateMemoryParserCtxt(buf, (int)n);
+	/* Deep inputs are parsed whole (the walk keeps at most HTML_DEPTH_MAX
+	 * levels of elements and all of the text). */
+	htmlParserCtxtPtr ctxt =
+		cw_html_context(buf, n, HTML_PARSE_NOERROR | HTML_PARSE_NOWARNING | HTML_PARSE_NONET | HTML_PARSE_NODEFDTD |
+						HTML_PARSE_IGNORE_ENC | (only_document ? HTML_PARSE_NOIMPLIED : 0));
 	if (!ctxt)
 		return NULL;
-	htmlCtxtUseOptions(ctxt, HTML_PARSE_NOERROR | HTML_PARSE_NOWARNING | HTML_PARSE_NONET | HTML_PARSE_NODEFDTD |
-					 HTML_PARSE_IGNORE_ENC | (only_document ? HTML_PARSE_NOIMPLIED : 0));
-	ctxt->options |= XML_PARSE_HUGE;
 	if (only_document)
 		ctxt->sax->startElement = first_element;
-	xmlCharEncodingHandlerPtr utf8 = xmlFindCharEncodingHandler("UTF-8");
-	if (utf8)
-		xmlSwitchToEncoding(ctxt, utf8);
 	htmlParseDocument(ctxt);
 	htmlDocPtr doc = ctxt->myDoc;
 	ctxt->myDoc = NULL;
@@ -528,7 +505,7 @@ static char *html_walk(const char *html, size_t len, enum walk_mode mode, bool k
 		return NULL;
 	struct walker w = { .mode = mode, .keep_reply = keep_reply };
 	cw_buf_init(&w.out, len * 6 + 64);
-	walk(&w, doc);
+	cw_html_walk(doc, enter, leave, overflowed, &w);
 	xmlFreeDoc(doc);
 	return take(&w.out);
 }

@@ -5,9 +5,9 @@
 #include "peer/event.h"
 #include "utf8.h"
 #include "buf.h"
+#include "html_tree.h"
 
 #include <libxml/HTMLparser.h>
-#include <libxml/parserInternals.h>
 #include <libxml/parser.h>
 #include <libxml/tree.h>
 #include <pthread.h>
@@ -684,7 +684,7 @@ enum xm_in_result xm_to_neutral(xmpp_stanza_t *msg, const struct xm_in_lookup *l
 
 /* ------------------------------------------------------------ HTML */
 
-/* Elements whose content is not message text (docs/xmpp.md "Content"). */
+/* Elements whose content is not message text (docs/xmpp.md "Mapping"). */
 static const char *const skipped_tags[] = {
 	"head", "title", "script", "style", "template", "noscript", "iframe", "object", "embed", "applet",
 	"noembed", "noframes", NULL,
@@ -716,6 +716,7 @@ struct tw {
 	bool space;     /* white space seen since the last text */
 	int pre;        /* open <pre> elements */
 	int lists;      /* open <ul> and <ol> elements */
+	bool marked;    /* a list item's marker is the last thing written */
 	bool oom;
 };
 
@@ -725,8 +726,9 @@ static void tw_add(struct tw *w, const char *s, size_t n)
 		w->oom = true;
 }
 
-static bool tw_stopped(const struct tw *w)
+static bool tw_stopped(void *arg)
 {
+	const struct tw *w = arg;
 	return w->oom || w->out.overflow;
 }
 
@@ -758,11 +760,14 @@ static void tw_flush(struct tw *w)
 	}
 	w->breaks = 0;
 	w->space = false;
+	w->marked = false;
 }
 
+/* Wants n line feeds before the next text (a block's first line stays on
+ * its list item's marker line). */
 static void tw_break(struct tw *w, int n)
 {
-	if (w->breaks < n)
+	if (!w->marked && w->breaks < n)
 		w->breaks = n;
 }
 
@@ -811,12 +816,21 @@ static bool href_shown(const char *v)
  * the href itself, or a mailto: href's address. */
 static bool says_href(const struct tw *w, size_t start, const char *href)
 {
-	const char *t = w->out.p + start;
+	const char *t = w->out.len ? w->out.p + start : "";
 	while (*t == ' ' || *t == '\n')
 		t++;
 	if (strncasecmp(href, "mailto:", 7) == 0 && strcmp(t, href + 7) == 0)
 		return true;
 	return strcmp(t, href) == 0;
+}
+
+/* The line feeds around an element: 2 for a paragraph or an outermost
+ * list, 1 for another block, else 0. */
+static int tw_block(const struct tw *w, const char *tag)
+{
+	if (in_list(tag, paragraph_tags) || ((strcmp(tag, "ul") == 0 || strcmp(tag, "ol") == 0) && !w->lists))
+		return 2;
+	return in_list(tag, line_tags) ? 1 : 0;
 }
 
 static const char *attr(xmlNode *n, const char *name, xmlChar **keep)
@@ -834,6 +848,7 @@ static bool tw_enter(struct tw *w, xmlNode *n)
 	if (in_list(tag, skipped_tags))
 		return false;
 	if (strcmp(tag, "br") == 0) {
+		w->space = false; /* no space at a line's end */
 		tw_flush(w);
 		tw_lf(w);
 		return false;
@@ -859,13 +874,12 @@ static bool tw_enter(struct tw *w, xmlNode *n)
 	xmlFree(keep);
 	if (strcmp(tag, "pre") == 0)
 		w->pre++;
-	if (in_list(tag, paragraph_tags) || ((strcmp(tag, "ul") == 0 || strcmp(tag, "ol") == 0) && !w->lists))
-		tw_break(w, 2);
-	else if (in_list(tag, line_tags))
-		tw_break(w, 1);
+	tw_break(w, tw_block(w, tag));
 	if (strcmp(tag, "ul") == 0 || strcmp(tag, "ol") == 0)
 		w->lists++;
 	if (strcmp(tag, "li") == 0) {
+		w->marked = false;
+		tw_break(w, 1);
 		tw_flush(w);
 		int indent = w->lists > 1 ? w->lists - 1 : 0;
 		if (indent > LIST_INDENT_MAX)
@@ -882,6 +896,7 @@ static bool tw_enter(struct tw *w, xmlNode *n)
 			tw_add(w, "\xE2\x80\xA2", 3); /* • */
 		}
 		w->space = true;
+		w->marked = true;
 	}
 	return true;
 }
@@ -894,8 +909,8 @@ static void tw_leave(struct tw *w, xmlNode *n)
 		size_t start = (uintptr_t)n->_private - 1;
 		xmlChar *keep = NULL;
 		const char *href = attr(n, "href", &keep);
-		if (href && w->out.p && href_shown(href) && !says_href(w, start, href)) {
-			bool text = strspn(w->out.p + start, " \n") < w->out.len - start;
+		if (href && href_shown(href) && !says_href(w, start, href)) {
+			bool text = w->out.len && strspn(w->out.p + start, " \n") < w->out.len - start;
 			if (text)
 				tw_text(w, " (");
 			tw_text(w, href);
@@ -908,15 +923,17 @@ static void tw_leave(struct tw *w, xmlNode *n)
 		w->pre--;
 	if ((strcmp(tag, "ul") == 0 || strcmp(tag, "ol") == 0) && w->lists)
 		w->lists--;
-	if (in_list(tag, paragraph_tags) || ((strcmp(tag, "ul") == 0 || strcmp(tag, "ol") == 0) && !w->lists))
-		tw_break(w, 2);
-	else if (in_list(tag, line_tags))
-		tw_break(w, 1);
+	int lines = tw_block(w, tag);
+	if (lines) {
+		w->marked = false; /* what follows an item is on a line of its own */
+		tw_break(w, lines);
+	}
 	n->_private = NULL;
 }
 
-static bool tw_enter_node(struct tw *w, xmlNode *n)
+static bool tw_enter_node(void *arg, xmlNode *n)
 {
+	struct tw *w = arg;
 	if (n->type == XML_TEXT_NODE || n->type == XML_CDATA_SECTION_NODE) {
 		/* Text right in <html> is the layout between head and body. */
 		bool layout = n->parent && n->parent->name && strcmp((const char *)n->parent->name, "html") == 0;
@@ -929,34 +946,10 @@ static bool tw_enter_node(struct tw *w, xmlNode *n)
 	return false; /* comments, processing instructions, DTDs */
 }
 
-static void tw_leave_node(struct tw *w, xmlNode *n)
+static void tw_leave_node(void *arg, xmlNode *n)
 {
 	if (n->type == XML_ELEMENT_NODE && n->name)
-		tw_leave(w, n);
-}
-
-/* Walks the whole document without recursion (the tree may be deep). */
-static void tw_walk(struct tw *w, xmlDoc *doc)
-{
-	xmlNode *top = (xmlNode *)doc;
-	xmlNode *n = doc->children;
-	while (n && !tw_stopped(w)) {
-		if (tw_enter_node(w, n) && n->children) {
-			n = n->children;
-			continue;
-		}
-		tw_leave_node(w, n);
-		while (n != top && !n->next) {
-			n = n->parent;
-			if (!n || n == top) {
-				n = NULL;
-				break;
-			}
-			tw_leave_node(w, n);
-		}
-		if (n)
-			n = n->next;
-	}
+		tw_leave(arg, n);
 }
 
 static pthread_once_t xml_once = PTHREAD_ONCE_INIT;
@@ -971,21 +964,13 @@ static void xml_init(void)
  * none). */
 static htmlDocPtr html_parse(const char *html, size_t n, bool *oom)
 {
-	/* XML_PARSE_HUGE lifts libxml2's depth limit of 256, past which it stops
-	 * parsing and the rest of the text would be lost (the walk does not
-	 * recurse); htmlReadMemory() drops that option, hence the context by
-	 * hand, as in mx_map.c. */
-	htmlParserCtxtPtr ctxt = htmlCreateMemoryParserCtxt(html, (int)n);
+	/* Deep inputs are parsed whole (the walk does not recurse). */
+	htmlParserCtxtPtr ctxt = cw_html_context(html, n, HTML_PARSE_NOERROR | HTML_PARSE_NOWARNING | HTML_PARSE_NONET |
+							       HTML_PARSE_NODEFDTD | HTML_PARSE_IGNORE_ENC);
 	if (!ctxt) {
 		*oom = true;
 		return NULL;
 	}
-	htmlCtxtUseOptions(ctxt, HTML_PARSE_NOERROR | HTML_PARSE_NOWARNING | HTML_PARSE_NONET | HTML_PARSE_NODEFDTD |
-					 HTML_PARSE_IGNORE_ENC);
-	ctxt->options |= XML_PARSE_HUGE;
-	xmlCharEncodingHandlerPtr utf8 = xmlFindCharEncodingHandler("UTF-8");
-	if (utf8)
-		xmlSwitchToEncoding(ctxt, utf8);
 	htmlParseDocument(ctxt);
 	htmlDocPtr doc = ctxt->myDoc;
 	ctxt->myDoc = NULL;
@@ -994,7 +979,7 @@ static htmlDocPtr html_parse(const char *html, size_t n, bool *oom)
 }
 
 /* The text of an HTML fragment or document as a reader of plain text
- * expects it (docs/xmpp.md "Content"): line breaks for <br> and blocks,
+ * expects it (docs/xmpp.md "Mapping"): line breaks for <br> and blocks,
  * list markers, link targets, image alt text, white space collapsed outside
  * <pre>, no head, script or style; trimmed, at most HTML_MAX bytes.
  * malloc'd, NULL when there is none, or when memory ran out (*oom set). */
@@ -1009,7 +994,7 @@ static char *html_text(const char *html, bool *oom)
 		return NULL;
 	struct tw w = { 0 };
 	cw_buf_init(&w.out, HTML_MAX);
-	tw_walk(&w, doc);
+	cw_html_walk(doc, tw_enter_node, tw_leave_node, tw_stopped, &w);
 	xmlFreeDoc(doc);
 	if (w.oom || !w.out.len) {
 		*oom = w.oom;

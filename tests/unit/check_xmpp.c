@@ -1396,6 +1396,66 @@ START_TEST(hostile_events_property)
 }
 END_TEST
 
+/* Random HTML of the pieces a peer's message has (and hostile ones): its
+ * text on XMPP never shows what is inside head, script or style (unless a
+ * torn tag makes it text, as it would for a browser), has no run
+ * of more than one blank line, no white space at either end, and, without
+ * <pre>, no space at a line's end and no run of spaces but an item's
+ * indentation. */
+START_TEST(html_text_property)
+{
+	static const char *const pieces[] = {
+		"a", "word", " ", "\n", "\t", "&amp;", "&nbsp;", "\xc3\xa9", "<p>", "</p>", "<div>", "</div>", "<br>",
+		"<ul>", "</ul>", "<ol start='7'>", "</ol>", "<li>", "</li>", "<b>", "</b>", "<pre>", "</pre>",
+		"<table><tr><td>", "</td><td>", "</td></tr></table>", "<h2>", "</h2>", "<hr>", "<!-- SECRET -->",
+		"<a href='https://x.example/'>", "<a href='javascript:SECRET'>", "</a>", "<img alt='cat'>",
+		"<script>SECRET</script>", "<style>SECRET{}</style>", "<head><title>SECRET</title></head>",
+		"<template>SECRET</template>", "<noscript>SECRET</noscript>", "<!DOCTYPE html>", "<html>", "<body>",
+		"<blockquote>", "</blockquote>", "<", ">", "&", "<p", "'",
+	};
+	int stanzas = 0;
+	for (int i = 0; i < 3000; i++) {
+		char html[2048] = "";
+		bool pre = false, torn = false; /* torn: a piece may join the next one's tag ("<p<script>") */
+		for (unsigned k = 1 + rnd_below(40); k > 0; k--) {
+			const char *p = pieces[rnd_below(CW_ARRAY_LEN(pieces))];
+			pre = pre || strstr(p, "pre") != NULL;
+			torn = torn || strcmp(p, "<") == 0 || strcmp(p, "<p") == 0;
+			strcat(html, p);
+		}
+		json_t *ev = json_pack("{s:s, s:{s:[{s:s, s:s}]}}", "type", "message", "content", "parts", "type",
+				       "text/html", "body", html);
+		struct xm_out_info info = { .from = FROM, .to = TO, .id = OUT_ID };
+		xmpp_stanza_t *st = NULL;
+		char why[200] = "";
+		enum xm_out_result r = xm_from_neutral(ctx, ev, &info, &st, why, sizeof(why));
+		ck_assert_msg(r == XM_OUT_STANZA || r == XM_OUT_INVALID, "%s: %s", html, why);
+		if (r == XM_OUT_STANZA) {
+			stanzas++;
+			xmpp_stanza_t *back = reparse(st, html);
+			char *text = xmpp_stanza_get_text(xmpp_stanza_get_child_by_name(back, "body"));
+			ck_assert_msg(text && *text, "%s: no body", html);
+			size_t n = strlen(text);
+			ck_assert_msg(torn || !strstr(text, "SECRET"), "%s: %s", html, text);
+			ck_assert_msg(!strstr(text, "\n\n\n"), "%s: %s", html, text);
+			ck_assert_msg(!strchr(" \t\n", text[0]) && !strchr(" \t\n", text[n - 1]), "%s: [%s]", html, text);
+			for (size_t j = 1; !pre && j < n; j++) {
+				ck_assert_msg(!(text[j] == '\n' && text[j - 1] == ' '), "%s: [%s]", html, text);
+				bool indent = true;
+				for (size_t b = j; b > 0 && text[b - 1] != '\n'; b--)
+					indent = indent && text[b - 1] == ' ';
+				ck_assert_msg(!(text[j] == ' ' && text[j - 1] == ' ') || indent, "%s: [%s]", html, text);
+			}
+			xmpp_free(ctx, text);
+			xmpp_stanza_release(back);
+			xmpp_stanza_release(st);
+		}
+		json_decref(ev);
+	}
+	ck_assert_int_gt(stanzas, 1000);
+}
+END_TEST
+
 /* An outbox row's stanza is queued only while the stream is up: one queued
  * while it is down (in the moment the thread gives the stream up, say)
  * would be written after the reconnect although its row, told it was not
@@ -2053,6 +2113,7 @@ int main(void)
 	tcase_add_test(tc, round_trip_property);
 	tcase_add_test(tc, hostile_stanzas_property);
 	tcase_add_test(tc, hostile_events_property);
+	tcase_add_test(tc, html_text_property);
 	tcase_add_test(tc, queue_takes_rows_only_while_up);
 	tcase_add_test(tc, components_take_the_peers_rule);
 	tcase_add_test(tc, config_check_takes_what_the_adapter_needs);
