@@ -250,6 +250,25 @@ def test_peer_to_xmpp_and_back(xd, gk, alice, pg, db_url):
     assert got[1]["content"]["parts"][0]["body"] == "in the thread" and got[1]["content"]["topic"] == "t-7"
 
 
+def test_an_html_only_message_reaches_xmpp_as_readable_text(xd, gk, alice):
+    """A peer's message with only a text/html part reaches the XMPP user as
+    plain text with its line breaks, list markers and link targets, without
+    the page's title, style or script (until the twenty-eighth session all
+    text nodes were run together: "Tp{color:red}Helloonetwoalert(1)see the site")."""
+    a, _ = gk
+    consent_alice(xd)
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    html = ("<html><head><title>T</title><style>p{color:red}</style></head><body>"
+            "<p>Hello</p><ul><li>one</li><li>two</li></ul><script>alert(1)</script>"
+            "<p>see <a href='https://x.example/'>the site</a></p></body></html>")
+    r = post(a, f"/v1/rooms/{room}/messages", {
+        "type": "message", "sender": a.user("wally"),
+        "content": {"parts": [{"type": "text/html", "body": html}]}})
+    assert r.status_code == 202, r.text
+    m = message_from(alice, WALLY_JID, lambda el: (body(el) or "").startswith("Hello"))
+    assert body(m) == "Hello\n\n\u2022 one\n\u2022 two\n\nsee the site (https://x.example/)"
+
+
 def test_a_local_user_named_with_capitals_is_the_same_user(xd, gk, alice, pg, db_url):
     """JID localparts are case-insensitive (RFC 7622: the server folds
     them): a peer that writes to mimi://example.org/u/Alice reaches alice,
