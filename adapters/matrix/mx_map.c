@@ -3,7 +3,7 @@
 #include "matrix/mx_map.h"
 #include "matrix/mx_id.h"
 #include "buf.h"
-#include "html_tree.h"
+#include "html.h"
 #include "peer/event.h"
 #include "media.h"
 

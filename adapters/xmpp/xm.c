@@ -5,7 +5,7 @@
 #include "peer/event.h"
 #include "utf8.h"
 #include "buf.h"
-#include "html_tree.h"
+#include "html.h"
 
 #include <libxml/HTMLparser.h>
 #include <libxml/parser.h>

@@ -1,6 +1,6 @@
-/* libxml2 HTML trees (see html_tree.h). */
+/* libxml2 HTML trees (see html.h). */
 #include "config.h"
-#include "html_tree.h"
+#include "html.h"
 
 #include <libxml/parserInternals.h>
 

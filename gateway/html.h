@@ -1,7 +1,7 @@
 /* libxml2 HTML trees as the adapters read them: one way to parse (deep
  * inputs kept whole) and one walk (no recursion). */
-#ifndef CW_HTML_TREE_H
-#define CW_HTML_TREE_H
+#ifndef CW_HTML_H
+#define CW_HTML_H
 
 #include <libxml/HTMLparser.h>
 #include <stdbool.h>
