@@ -1039,19 +1039,21 @@ static void refuse_stream(struct xcomp *xc, const char *why, enum xa_xml_stop ki
 		snprintf(reason, sizeof(reason), "the server's stream is not well-formed XML (%s)", why);
 	} else if (kind == XA_XML_TOO_LARGE) {
 		long cap = xc->x->cfg->xmpp_max_stanza_bytes;
-		/* a tag, or (why says so) the stream header, held to the same cap */
-		const char *what = strstr(why, "stream header") ? "stream header" : "tag";
-		char caps[24], msg[96];
+		/* a tag, the stream header (why says which), or elements open
+		 * past what a stanza of the cap can open (a third of it) */
+		bool deep = strstr(why, "nested") != NULL;
+		const char *what = strstr(why, "stream header") ? "a stream header" : deep ? "elements nested" : "a tag";
+		char caps[24], msg[112], bound[48];
 		snprintf(caps, sizeof(caps), "%ld", cap);
-		snprintf(msg, sizeof(msg), "xmpp: the server sent a %s larger than the cap: closed with policy-violation",
-			 what);
+		snprintf(bound, sizeof(bound), deep ? "deeper than %ld levels" : "larger than %ld bytes", deep ? cap / 3 : cap);
+		snprintf(msg, sizeof(msg), "xmpp: the server sent %s %s the cap: closed with policy-violation", what,
+			 deep ? "deeper than" : "larger than");
 		LOG_KV(CW_LOG_WARN, msg, "component", xc->domain, "cap", caps, "setting", "xmpp.max_stanza_bytes");
-		snprintf(reason, sizeof(reason),
-			 "the server sent a %s larger than %ld bytes (xmpp.max_stanza_bytes; policy-violation)", what,
-			 cap);
+		snprintf(reason, sizeof(reason), "the server sent %s %s (xmpp.max_stanza_bytes; policy-violation)", what,
+			 bound);
 		atomic_fetch_add(&xc->stanza_too_large, 1);
-		char text[64];
-		snprintf(text, sizeof(text), "%s larger than %ld bytes", what, cap);
+		char text[96];
+		snprintf(text, sizeof(text), "%s %s", what + (what[0] == 'a' && what[1] == ' ' ? 2 : 0), bound);
 		xmpp_send_error(xc->conn, XMPP_SE_POLICY_VIOLATION, text);
 	} else {
 		LOG_KV(CW_LOG_WARN,

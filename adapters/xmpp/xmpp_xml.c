@@ -129,9 +129,11 @@ static __thread XML_Index fed;       /* bytes given to it since it was made or r
  * the stanza's own end is handled (xa_xml_cut). */
 static __thread int cut_open;
 static __thread bool cut_ending;
+static __thread bool ended; /* </stream:stream> was read: nothing is open */
 
 static const char too_large[] = "a tag larger than the cap";
 static const char header_too_large[] = "a stream header larger than the cap";
+static const char too_deep[] = "elements nested deeper than the cap allows";
 
 /* The watched parser stops: why is said once by xa_xml_refused. */
 static void halt(enum xa_xml_stop k, const char *what)
@@ -171,6 +173,15 @@ static void XMLCALL on_start(void *u, const XML_Char *name, const XML_Char **att
 		return;
 	if (depth++ == 1)
 		stanza_at = XML_GetCurrentByteIndex(cur);
+	/* Each open element takes some 36 bytes of expat's memory, and a cut
+	 * stanza is read on to its end: the elements open are held to what a
+	 * stanza within the cap can open (three bytes each, "<a>"), or a cut
+	 * one could nest without end (a review: 20 MiB of "<a>", 1 GB). */
+	if (cap && depth > cap / 3) {
+		halt(XA_XML_TOO_LARGE, too_deep);
+		XML_StopParser(cur, XML_TRUE);
+		return;
+	}
 	if (their_start && !cut_open)
 		their_start(u, name, atts);
 }
@@ -180,6 +191,7 @@ static void XMLCALL on_end(void *u, const XML_Char *name)
 	if (halted)
 		return;
 	int level = depth--; /* of the element ending: 1 the stream, 2 a stanza */
+	ended = ended || level == 1;
 	if (cut_open) {
 		if (level > cut_open)
 			return; /* begun after the cut: the handlers set never had it */
@@ -209,7 +221,7 @@ static void XMLCALL on_chars(void *u, const XML_Char *s, int len)
 static XML_Index open_from(void)
 {
 	if (depth == 0)
-		return 0;
+		return ended ? fed : 0;
 	if (depth >= 2 && !cut_open)
 		return stanza_at;
 	XML_Index at = XML_GetCurrentByteIndex(watched);
@@ -297,6 +309,7 @@ static XML_Parser guard(XML_Parser p)
 		their_chars = NULL;
 		cut_open = 0;
 		cut_ending = false;
+		ended = false;
 		depth = 0;
 		stanza_at = fed = 0;
 	}

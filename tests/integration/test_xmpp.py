@@ -2823,6 +2823,34 @@ def test_a_stanza_over_the_size_cap_is_refused_and_the_stream_goes_on(make_daemo
         srv.close()
 
 
+def test_a_cut_stanza_nested_past_the_cap_closes_the_stream(make_daemon, db_url):
+    """A cut stanza is read on to its end, and expat keeps every element
+    still open: a stream's open elements are held to a third of the cap
+    (no stanza within the cap opens more), past which the stream closes
+    with policy-violation. A review found a cut stanza of 6 MB of <a> took
+    the daemon from 34 MB to 423 MB, the component still up."""
+    cap = 10000
+    srv = HostileServer(SECRET)
+    try:
+        d = srv.daemon(make_daemon, db_url, xmpp={"max_stanza_bytes": str(cap)})
+        srv.stream_up(d)
+        srv.send(f"<message from='{ALICE_JID}/phone' to='{WALLY_JID}' id='deep1'><body>" + "x" * cap + "</body>")
+        srv.send("<a>" * (cap // 3 + 10))
+        got = srv.until_closed()
+        assert b'<policy-violation xmlns="urn:ietf:params:xml:ns:xmpp-streams"/>' in got, got
+        assert b"elements nested deeper than 3333 levels" in got and b"deep1" not in got, got
+        reason = "the server sent elements nested deeper than 3333 levels (xmpp.max_stanza_bytes; policy-violation)"
+        wait_until(lambda: component_state(d)["last_error"] == reason, what="the reason in /readyz")
+        d.wait_for(lambda r: r.get("msg") == "xmpp: the server sent elements nested deeper than the cap: "
+                   "closed with policy-violation")
+        srv.stream_up(d)  # connected again by itself
+        srv.send(padded_ping("ok1", cap))
+        answer = srv._until(b"ok1") + srv._until(b">")
+        assert b"result" in answer, answer
+    finally:
+        srv.close()
+
+
 def test_a_users_stanza_grown_by_prosody_past_the_cap_is_refused_to_her(xd, gk, alice, prosody):
     """Prosody caps what it reads from a client (256 KiB), not what it
     writes: it escapes ' as &apos;, so 180,000 of them in a body reach the

@@ -2008,6 +2008,72 @@ START_TEST(oversized_stanza_is_cut_at_the_cap)
 }
 END_TEST
 
+/* A cut stanza is read on to its end, and expat keeps each element still
+ * open on its stack (some 36 bytes of memory per byte of "<a>"): the
+ * stream's open elements are held to a third of the cap (each takes three
+ * bytes at least, so no stanza within the cap has more), past which the
+ * parser stops (a review found 20 MiB of "<a>" in a cut stanza take 1 GB).
+ * After the stream's end nothing is open: a read then is no header. */
+START_TEST(a_cut_stanza_cannot_nest_past_the_cap)
+{
+	enum xa_xml_stop why;
+	struct seen s;
+	const long cap = 10000;
+	static const char root[] = "<s xmlns='jabber:component:accept'>";
+	XML_Parser p = watched_parser(cap, &s);
+	ck_assert_int_eq(XML_Parse(p, root, (int)strlen(root), XML_FALSE), XML_STATUS_OK);
+	/* Within the cap, as deep as it can be: taken. */
+	size_t n = 3;
+	char *deep = malloc(8 * (size_t)cap);
+	ck_assert_ptr_nonnull(deep);
+	memcpy(deep, "<m>", 3);
+	int levels = (int)(cap / 3) - 3; /* the root, <m> and the end tags' room */
+	for (int i = 0; i < levels && n + 3 <= (size_t)cap; i++, n += 3)
+		memcpy(deep + n, "<a>", 3);
+	ck_assert_int_eq(XML_Parse(p, deep, (int)n, XML_FALSE), XML_STATUS_OK);
+	ck_assert_ptr_null(xa_xml_refused(&why));
+	ck_assert_int_eq(XML_ParserReset(p, NULL), XML_TRUE);
+	memset(&s, 0, sizeof(s));
+	XML_SetUserData(p, &s);
+	XML_SetElementHandler(p, seen_start, seen_end);
+	ck_assert_int_eq(XML_Parse(p, root, (int)strlen(root), XML_FALSE), XML_STATUS_OK);
+	/* Cut (a long body), then nested on: stopped at a third of the cap. */
+	n = (size_t)snprintf(deep, 16, "<m><b>");
+	memset(deep + n, 'x', (size_t)cap);
+	n += (size_t)cap;
+	memcpy(deep + n, "</b>", 4);
+	n += 4;
+	for (long i = 0; i < 2 * cap / 3; i++, n += 3)
+		memcpy(deep + n, "<a>", 3);
+	enum XML_Status st = XML_STATUS_OK;
+	for (size_t at = 0; at < n; at += 4000) {
+		st = XML_Parse(p, deep + at, (int)(n - at < 4000 ? n - at : 4000), XML_FALSE);
+		if (st != XML_STATUS_OK)
+			break;
+	}
+	ck_assert_int_eq(st, XML_STATUS_SUSPENDED);
+	ck_assert_str_eq(xa_xml_refused(&why), "elements nested deeper than the cap allows");
+	ck_assert_int_eq(why, XA_XML_TOO_LARGE);
+	ck_assert_str_eq(s.ended, "");
+	/* A read after the stream's end, however much came before: no header. */
+	ck_assert_int_eq(XML_ParserReset(p, NULL), XML_TRUE);
+	memset(&s, 0, sizeof(s));
+	XML_SetUserData(p, &s);
+	XML_SetElementHandler(p, seen_start, seen_end);
+	char *one = stanza_of("m", 9000, true);
+	ck_assert_int_eq(XML_Parse(p, root, (int)strlen(root), XML_FALSE), XML_STATUS_OK);
+	for (int i = 0; i < 3; i++)
+		ck_assert_int_eq(XML_Parse(p, one, 9000, XML_FALSE), XML_STATUS_OK);
+	ck_assert_int_eq(XML_Parse(p, "</s>\n", 5, XML_FALSE), XML_STATUS_OK);
+	ck_assert_int_eq(XML_Parse(p, "\n", 1, XML_FALSE), XML_STATUS_OK);
+	ck_assert_ptr_null(xa_xml_refused(&why));
+	ck_assert_str_eq(s.ended, "m;m;m;");
+	free(one);
+	free(deep);
+	XML_ParserFree(p);
+}
+END_TEST
+
 /* libstrophe 0.12 sets the stream parser's element handlers with
  * XML_SetElementHandler; one setting them apart (XML_SetStartElementHandler,
  * XML_SetEndElementHandler: other versions, or a reset's re-set of one) is
@@ -2122,6 +2188,7 @@ int main(void)
 	tcase_add_test(tc, stream_header_is_measured_apart);
 	tcase_add_test(tc, oversized_stanza_is_cut_at_the_cap);
 	tcase_add_test(tc, split_element_setters_keep_the_count);
+	tcase_add_test(tc, a_cut_stanza_cannot_nest_past_the_cap);
 	tcase_add_test(tc, libstrophe_parses_with_the_guarded_expat);
 	suite_add_tcase(s, tc);
 	int rc = unit_run(s);
