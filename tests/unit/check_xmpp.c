@@ -2032,10 +2032,7 @@ START_TEST(a_cut_stanza_cannot_nest_past_the_cap)
 		memcpy(deep + n, "<a>", 3);
 	ck_assert_int_eq(XML_Parse(p, deep, (int)n, XML_FALSE), XML_STATUS_OK);
 	ck_assert_ptr_null(xa_xml_refused(&why));
-	ck_assert_int_eq(XML_ParserReset(p, NULL), XML_TRUE);
-	memset(&s, 0, sizeof(s));
-	XML_SetUserData(p, &s);
-	XML_SetElementHandler(p, seen_start, seen_end);
+	reset_seen(p, &s);
 	ck_assert_int_eq(XML_Parse(p, root, (int)strlen(root), XML_FALSE), XML_STATUS_OK);
 	/* Cut (a long body), then nested on: stopped at a third of the cap. */
 	n = (size_t)snprintf(deep, 16, "<m><b>");
@@ -2056,10 +2053,7 @@ START_TEST(a_cut_stanza_cannot_nest_past_the_cap)
 	ck_assert_int_eq(why, XA_XML_TOO_LARGE);
 	ck_assert_str_eq(s.ended, "");
 	/* A read after the stream's end, however much came before: no header. */
-	ck_assert_int_eq(XML_ParserReset(p, NULL), XML_TRUE);
-	memset(&s, 0, sizeof(s));
-	XML_SetUserData(p, &s);
-	XML_SetElementHandler(p, seen_start, seen_end);
+	reset_seen(p, &s);
 	char *one = stanza_of("m", 9000, true);
 	ck_assert_int_eq(XML_Parse(p, root, (int)strlen(root), XML_FALSE), XML_STATUS_OK);
 	for (int i = 0; i < 3; i++)
