@@ -685,6 +685,23 @@ static int on_stanza(xmpp_conn_t *conn, xmpp_stanza_t *st, void *arg)
 	return 1;
 }
 
+/* What expat holds for the stream's parser, published; a renewal of it
+ * (xmpp_xml.c: past its bound, expat's tables of the names read are
+ * dropped between two stanzas, the stream going on) counted and said. */
+static void parser_memory(struct xcomp *xc)
+{
+	unsigned long renewed = xa_xml_renewed();
+	if (renewed) {
+		atomic_fetch_add(&xc->parser_renewals, renewed);
+		char n[24], bound[24];
+		snprintf(n, sizeof(n), "%lu", renewed);
+		snprintf(bound, sizeof(bound), "%ld", xa_xml_renew_bound());
+		LOG_KV(CW_LOG_INFO, "xmpp: the stream's parser was renewed, what it held past its bound dropped",
+		       "component", xc->domain, "renewals", n, "bound_bytes", bound);
+	}
+	atomic_store(&xc->parser_bytes, xa_xml_held());
+}
+
 /* The component whose thread this is (libstrophe's callbacks run on it). */
 static __thread struct xcomp *this_comp;
 
@@ -1166,6 +1183,7 @@ static void *comp_main(void *arg)
 			const char *why = xa_xml_refused(&kind);
 			if (why)
 				refuse_stream(xc, why, kind);
+			parser_memory(xc);
 		}
 		now = mono_ms();
 		if (xc->up_event && !xc->dropped) {
@@ -1344,7 +1362,7 @@ json_t *xa_health(struct xmpp *x)
 	for (int i = 0; i < x->ncomp; i++) {
 		struct xcomp *xc = &x->comp[i];
 		pthread_mutex_lock(&xc->mu);
-		json_t *o = json_pack("{s:s, s:s, s:s, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I}", "state",
+		json_t *o = json_pack("{s:s, s:s, s:s, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I}", "state",
 				      state_name(xc->state), "peer", xc->peer, "last_error", xc->last_error, "connected_since_ms",
 				      (json_int_t)(xc->state == XC_UP ? xc->connected_since_ms : 0), "queued",
 				      (json_int_t)xc->queued, "stanzas_in", (json_int_t)atomic_load(&xc->stanzas_in),
@@ -1352,7 +1370,9 @@ json_t *xa_health(struct xmpp *x)
 				      (json_int_t)xa_muc_count_locked(xc), "restricted_xml",
 				      (json_int_t)atomic_load(&xc->restricted_xml), "stanza_too_large",
 				      (json_int_t)atomic_load(&xc->stanza_too_large), "stanzas_cut",
-				      (json_int_t)atomic_load(&xc->stanzas_cut));
+				      (json_int_t)atomic_load(&xc->stanzas_cut), "parser_bytes",
+				      (json_int_t)atomic_load(&xc->parser_bytes), "parser_renewals",
+				      (json_int_t)atomic_load(&xc->parser_renewals));
 		pthread_mutex_unlock(&xc->mu);
 		json_object_set_new(comps, xc->domain, o);
 	}
@@ -1405,4 +1425,15 @@ void xa_metrics(struct xmpp *x, struct cw_buf *b)
 			cw_buf_printf(b, "causeway_xmpp_stanzas_total{component=\"%s\",kind=\"%s\"} %llu\n", xc->domain,
 				      names[k], v[k]);
 	}
+	cw_buf_printf(b, "# HELP causeway_xmpp_parser_bytes What expat holds for the stream's parser.\n"
+			 "# TYPE causeway_xmpp_parser_bytes gauge\n");
+	for (int i = 0; i < x->ncomp; i++)
+		cw_buf_printf(b, "causeway_xmpp_parser_bytes{component=\"%s\"} %ld\n", x->comp[i].domain,
+			      atomic_load(&x->comp[i].parser_bytes));
+	cw_buf_printf(b, "# HELP causeway_xmpp_parser_renewals_total The stream's parser renewed between stanzas, "
+			 "for the names expat kept past its bound.\n"
+			 "# TYPE causeway_xmpp_parser_renewals_total counter\n");
+	for (int i = 0; i < x->ncomp; i++)
+		cw_buf_printf(b, "causeway_xmpp_parser_renewals_total{component=\"%s\"} %llu\n", x->comp[i].domain,
+			      atomic_load(&x->comp[i].parser_renewals));
 }

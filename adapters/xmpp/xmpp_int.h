@@ -140,6 +140,8 @@ struct xcomp {
 	atomic_ullong restricted_xml;        /* streams closed for markup XMPP forbids (xmpp_xml.c) */
 	atomic_ullong stanza_too_large;      /* streams closed for a tag or header over xmpp.max_stanza_bytes */
 	atomic_ullong stanzas_cut;           /* stanzas over it, refused (xa_xml_cut) */
+	atomic_ullong parser_renewals;       /* the stream parser renewed for what expat held (xa_xml_renewed) */
+	atomic_long parser_bytes;            /* what expat holds for the stream's parser (xa_xml_held), after each turn */
 };
 
 struct xmpp {
@@ -370,5 +372,18 @@ bool xa_xml_guards_libstrophe(void);
  * taken.  Only a tag longer than the cap, or a stream header, stops the
  * parser (XA_XML_TOO_LARGE). */
 bool xa_xml_cut(void);
+/* Expat keeps every distinct name it reads (of elements, attributes,
+ * prefixes) for its parser's life, a reset included: the watched
+ * parser's reads go to a parser of the guard's own, renewed between two
+ * stanzas (the stream header read again, unseen by the handlers set) once
+ * what it holds passes xa_xml_renew_bound(): twice the cap, at least
+ * 1 MiB.  xa_xml_held: the bytes it holds now; xa_xml_renewed: the
+ * renewals since last asked (a reset or free forgets them);
+ * xa_xml_renew_at: another bound, for tests (1: at every stanza's end a
+ * read leaves clean).  All of this thread's watched parser. */
+long xa_xml_held(void);
+long xa_xml_renew_bound(void);
+unsigned long xa_xml_renewed(void);
+void xa_xml_renew_at(long bytes);
 
 #endif

@@ -41,6 +41,18 @@
  * (expat would hold it whole), and the thread closes the stream with
  * policy-violation.  A read is cut only where the cap falls inside it.
  *
+ * Expat keeps every distinct name it reads (elements, attributes,
+ * prefixes) for its parser's life, a reset included, and the stream's
+ * parser lives as long as the stream: since the twenty-ninth session the
+ * watched parser (libstrophe's handle) reads nothing itself.  Its reads,
+ * and what else is asked of it, go to "work", a parser of the guard's own
+ * made with the same arguments, whose memory is counted (mm_*), and which
+ * is renewed (renew) at the end of a read that leaves it between two
+ * stanzas once it holds more than a bound: a new one reads the stream's
+ * start tag again, as it came (kept when first read), unseen by the
+ * handlers set, then the bytes of a token still unfinished, and the old
+ * one is freed with all it held.
+ *
  * libstrophe must parse with expat for any of this: xa_xml_guards_libstrophe
  * says whether it does (causewayd refuses to start if not).  The markup
  * handlers fire on forbidden markup only; the cap costs a few
@@ -52,7 +64,9 @@
 #include <expat.h>
 #include <pthread.h>
 #include <stdio.h>
+#include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 typedef XML_Parser (*create_fn)(const XML_Char *);
 typedef XML_Parser (*create_ns_fn)(const XML_Char *, XML_Char);
@@ -66,6 +80,16 @@ typedef void (*set_start_fn)(XML_Parser, XML_StartElementHandler);
 typedef void (*set_end_fn)(XML_Parser, XML_EndElementHandler);
 typedef void (*set_chars_fn)(XML_Parser, XML_CharacterDataHandler);
 typedef XML_Bool (*set_deferral_fn)(XML_Parser, XML_Bool);
+typedef void (*set_user_fn)(XML_Parser, void *);
+typedef enum XML_Error (*error_fn)(XML_Parser);
+typedef XML_Index (*index_fn)(XML_Parser);
+typedef int (*count_fn)(XML_Parser);
+typedef XML_Size (*size_fn)(XML_Parser);
+typedef enum XML_Status (*stop_fn)(XML_Parser, XML_Bool);
+typedef enum XML_Status (*resume_fn)(XML_Parser);
+typedef void *(*get_buffer_fn)(XML_Parser, int);
+typedef void (*status_fn)(XML_Parser, XML_ParsingStatus *);
+typedef const char *(*context_fn)(XML_Parser, int *, int *);
 
 static struct {
 	create_fn create;
@@ -80,6 +104,16 @@ static struct {
 	set_end_fn set_end;
 	set_chars_fn set_chars;
 	set_deferral_fn set_deferral; /* expat 2.6 and later only (NULL before) */
+	set_user_fn set_user;
+	error_fn error;
+	index_fn index;
+	count_fn count;
+	size_fn line, column;
+	stop_fn stop;
+	resume_fn resume;
+	get_buffer_fn get_buffer;
+	status_fn status;
+	context_fn context;
 } real;
 static pthread_once_t real_once = PTHREAD_ONCE_INIT;
 
@@ -107,10 +141,25 @@ static void find_real(void)
 	*(void **)&real.set_end = next_symbol("XML_SetEndElementHandler");
 	*(void **)&real.set_chars = next_symbol("XML_SetCharacterDataHandler");
 	*(void **)&real.set_deferral = dlsym(RTLD_NEXT, "XML_SetReparseDeferralEnabled");
+	*(void **)&real.set_user = next_symbol("XML_SetUserData");
+	*(void **)&real.error = next_symbol("XML_GetErrorCode");
+	*(void **)&real.index = next_symbol("XML_GetCurrentByteIndex");
+	*(void **)&real.count = next_symbol("XML_GetCurrentByteCount");
+	*(void **)&real.line = next_symbol("XML_GetCurrentLineNumber");
+	*(void **)&real.column = next_symbol("XML_GetCurrentColumnNumber");
+	*(void **)&real.stop = next_symbol("XML_StopParser");
+	*(void **)&real.resume = next_symbol("XML_ResumeParser");
+	*(void **)&real.get_buffer = next_symbol("XML_GetBuffer");
+	*(void **)&real.status = next_symbol("XML_GetParsingStatus");
+	*(void **)&real.context = next_symbol("XML_GetInputContext");
 }
 
 static __thread XML_Parser cur;      /* the parser this thread's XML_Parse runs */
-static __thread XML_Parser watched;  /* this thread's stream's parser */
+static __thread XML_Parser watched;  /* this thread's stream's parser (libstrophe's handle) */
+/* The parser the watched one's reads go to: the guard's own, made with
+ * the same arguments, expat's memory of it counted (held), renewed
+ * between stanzas (renew).  The watched parser itself reads nothing. */
+static __thread XML_Parser work;
 static __thread bool watch_next;     /* the next parser made is the stream's */
 static __thread const char *refused; /* what stopped the watched parser, until read */
 static __thread enum xa_xml_stop kind; /* and why */
@@ -120,9 +169,10 @@ static __thread long cap, cap_next;
 static __thread XML_StartElementHandler their_start; /* the element handlers set on the watched parser */
 static __thread XML_EndElementHandler their_end;
 static __thread XML_CharacterDataHandler their_chars;
+static __thread void *their_user; /* and its user data */
 static __thread int depth;        /* its open elements: 1 inside <stream:stream>, 2 and more in a stanza */
 static __thread XML_Index stanza_at; /* where the stanza in progress starts (its '<') */
-static __thread XML_Index fed;       /* bytes given to it since it was made or reset */
+static __thread XML_Index fed;       /* bytes given to work since it was made */
 /* A stanza past the cap is cut: its elements open then (levels 2 to
  * cut_open; 0: none cut) are the ones the handlers set have; they are
  * given their ends and nothing else of it, and cut_ending is true while
@@ -130,6 +180,72 @@ static __thread XML_Index fed;       /* bytes given to it since it was made or r
 static __thread int cut_open;
 static __thread bool cut_ending;
 static __thread bool ended; /* </stream:stream> was read: nothing is open */
+/* What work is made with: the watched parser's encoding, memory
+ * functions and namespace separator. */
+static __thread char *made_encoding;
+static __thread const XML_Memory_Handling_Suite *made_mem;
+static __thread XML_Char made_sep;
+static __thread bool made_ns;
+/* The stream's start tag as it came (replayed into a renewed work), the
+ * bytes expat holds for work, the bound past which it is renewed, the
+ * renewals not yet told (xa_xml_renewed), and whether the header is being
+ * replayed (the handlers set are not told). */
+static __thread char *header;
+static __thread int header_len;
+static __thread long held, renew_at;
+static __thread unsigned long renewals;
+static __thread bool replaying;
+
+/* ------------------------------------------------------------ work's memory */
+
+/* Expat's memory for work goes through these: each block has its size in
+ * front (MM_HEAD bytes, keeping malloc's alignment), added to held; the
+ * blocks themselves come from the memory functions the watched parser
+ * was made with (libstrophe's), else from malloc.  Work is made, used and
+ * freed on its stream's thread only (the component thread). */
+#define MM_HEAD 16
+
+static void *mm_malloc(size_t n)
+{
+	if (n > SIZE_MAX - MM_HEAD)
+		return NULL;
+	char *b = made_mem ? made_mem->malloc_fcn(n + MM_HEAD) : malloc(n + MM_HEAD);
+	if (!b)
+		return NULL;
+	*(size_t *)(void *)b = n;
+	held += (long)n;
+	return b + MM_HEAD;
+}
+
+static void *mm_realloc(void *q, size_t n)
+{
+	if (!q)
+		return mm_malloc(n);
+	if (n > SIZE_MAX - MM_HEAD)
+		return NULL;
+	char *b = (char *)q - MM_HEAD;
+	size_t was = *(size_t *)(void *)b;
+	b = made_mem ? made_mem->realloc_fcn(b, n + MM_HEAD) : realloc(b, n + MM_HEAD);
+	if (!b)
+		return NULL;
+	*(size_t *)(void *)b = n;
+	held += (long)n - (long)was;
+	return b + MM_HEAD;
+}
+
+static void mm_free(void *q)
+{
+	if (!q)
+		return;
+	char *b = (char *)q - MM_HEAD;
+	held -= (long)*(size_t *)(void *)b;
+	if (made_mem)
+		made_mem->free_fcn(b);
+	else
+		free(b);
+}
+
+static const XML_Memory_Handling_Suite counted = { mm_malloc, mm_realloc, mm_free };
 
 static const char too_large[] = "a tag larger than the cap";
 static const char header_too_large[] = "a stream header larger than the cap";
@@ -149,7 +265,7 @@ static void refuse(const char *what)
 {
 	if (!cur) /* cannot be: parsing starts in XML_Parse or XML_ParseBuffer below (libstrophe never resumes) */
 		return;
-	if (cur == watched) {
+	if (cur == work) {
 		halt(XA_XML_RESTRICTED, what);
 		XML_StopParser(cur, XML_TRUE);
 	} else {
@@ -167,12 +283,34 @@ static void refuse(const char *what)
  * libstrophe has open.  Once the parser is stopped, what expat still
  * calls back (such as the end of an empty element) does not reach
  * libstrophe. */
+/* The stream's start tag, as it came, for a renewed work to read again
+ * (expat hands it over whole; none without XML_CONTEXT_BYTES: no renewal
+ * then). */
+static void keep_header(void)
+{
+	int offset = 0, size = 0;
+	const char *in = real.context(cur, &offset, &size);
+	int n = real.count(cur);
+	free(header);
+	header = NULL;
+	header_len = 0;
+	if (!in || n <= 0 || offset < 0 || offset > size - n)
+		return;
+	header = malloc((size_t)n);
+	if (header) {
+		memcpy(header, in + offset, (size_t)n);
+		header_len = n;
+	}
+}
+
 static void XMLCALL on_start(void *u, const XML_Char *name, const XML_Char **atts)
 {
 	if (halted)
 		return;
+	if (depth == 0 && !replaying)
+		keep_header();
 	if (depth++ == 1)
-		stanza_at = XML_GetCurrentByteIndex(cur);
+		stanza_at = real.index(cur);
 	/* Each open element takes some 36 bytes of expat's memory, and a cut
 	 * stanza is read on to its end: the elements open are held to what a
 	 * stanza within the cap can open (three bytes each, "<a>"), or a cut
@@ -182,7 +320,7 @@ static void XMLCALL on_start(void *u, const XML_Char *name, const XML_Char **att
 		XML_StopParser(cur, XML_TRUE);
 		return;
 	}
-	if (their_start && !cut_open)
+	if (their_start && !cut_open && !replaying)
 		their_start(u, name, atts);
 }
 
@@ -224,7 +362,7 @@ static XML_Index open_from(void)
 		return ended ? fed : 0;
 	if (depth >= 2 && !cut_open)
 		return stanza_at;
-	XML_Index at = XML_GetCurrentByteIndex(watched);
+	XML_Index at = real.index(work);
 	return at >= 0 ? at : fed;
 }
 
@@ -237,9 +375,12 @@ static XML_Index open_from(void)
  * a read is cut only where the cap falls inside it: of a stanza past the
  * cap, the handlers set on the parser (libstrophe's, which build it) are
  * given no more than its first cap bytes. */
+static void maybe_renew(const char *end, int given, int final);
+
 static enum XML_Status feed(XML_Parser p, const char *s, int len, int final, bool buffer)
 {
 	enum XML_Status st;
+	const int given = len;
 	for (;;) {
 		int n = len;
 		XML_Index room = cap ? open_from() + cap - fed : len;
@@ -261,8 +402,12 @@ static enum XML_Status feed(XML_Parser p, const char *s, int len, int final, boo
 			}
 			cut_open = depth; /* a stanza: cut, and read on to its end */
 		}
-		if (len == 0 || st != XML_STATUS_OK)
+		if (st != XML_STATUS_OK)
 			return st;
+		if (len == 0) {
+			maybe_renew(s, given, final);
+			return st;
+		}
 	}
 }
 
@@ -294,7 +439,7 @@ static XML_Parser guard(XML_Parser p)
 	XML_SetEntityDeclHandler(p, on_entity);
 	XML_SetCommentHandler(p, on_comment);
 	XML_SetProcessingInstructionHandler(p, on_pi);
-	if (p == watched) { /* made or reset: nothing read, no handler of libstrophe's yet */
+	if (p == work) { /* made, reset or renewed: nothing read */
 		real.set_element(p, on_start, on_end);
 		real.set_chars(p, on_chars);
 		/* expat 2.6 may leave a token still coming unparsed for a few
@@ -304,26 +449,133 @@ static XML_Parser guard(XML_Parser p)
 		 * costs. */
 		if (real.set_deferral && cap)
 			real.set_deferral(p, XML_FALSE);
-		their_start = NULL;
-		their_end = NULL;
-		their_chars = NULL;
-		cut_open = 0;
-		cut_ending = false;
-		ended = false;
-		depth = 0;
-		stanza_at = fed = 0;
 	}
 	return p;
+}
+
+/* A new work, guarded, with nothing read. */
+static XML_Parser make_work(void)
+{
+	work = real.create_mm(made_encoding, &counted, made_ns ? &made_sep : NULL);
+	return guard(work);
+}
+
+/* The watched parser made or reset: a stream from its start, with no
+ * handlers or user data set (as expat's reset leaves a parser). */
+static void fresh_stream(void)
+{
+	their_start = NULL;
+	their_end = NULL;
+	their_chars = NULL;
+	their_user = NULL;
+	cut_open = 0;
+	cut_ending = false;
+	ended = false;
+	depth = 0;
+	stanza_at = fed = 0;
+	free(header);
+	header = NULL;
+	header_len = 0;
+	renewals = 0;
+}
+
+/* Work is renewed: a new one reads the stream's start tag again (the
+ * handlers set are not told), then the bytes of a token the old one held
+ * unfinished (pending of them, at the end of this read), and the old one
+ * is freed, with every name it kept.  Between stanzas only: depth 1,
+ * nothing cut, nothing open.  If the new one cannot be made, or cannot
+ * read the header again (it read it once), the old one goes on. */
+static void renew(const char *pending_at, int pending)
+{
+	XML_Parser old = work;
+	int old_depth = depth;
+	XML_Index old_fed = fed;
+	if (!make_work()) {
+		work = old;
+		return;
+	}
+	cur = work;
+	real.set_user(work, their_user);
+	depth = 0;
+	replaying = true;
+	enum XML_Status st = real.parse(work, header, header_len, XML_FALSE);
+	replaying = false;
+	if (st == XML_STATUS_OK && !halted && depth == 1 && pending)
+		st = real.parse(work, pending_at, pending, XML_FALSE);
+	if (st != XML_STATUS_OK || halted || depth != 1) {
+		real.free(work);
+		work = cur = old;
+		depth = old_depth;
+		fed = old_fed;
+		halted = false;
+		free(header); /* no renewal any more */
+		header = NULL;
+		return;
+	}
+	fed = header_len + pending;
+	real.free(old);
+	renewals++;
+}
+
+/* At the end of a read of given bytes (up to end, when they were given
+ * as such): work is renewed if it holds more than the bound, is between
+ * stanzas, and what it holds unread (a token still coming) is within the
+ * read, to be read again. */
+static void maybe_renew(const char *end, int given, int final)
+{
+	if (!header || halted || final || held <= renew_at || depth != 1 || cut_open)
+		return;
+	XML_Index at = real.index(work);
+	if (at < 0 || at > fed)
+		return;
+	XML_Index pending = fed - at;
+	if (pending > 0 && (!end || pending > given))
+		return;
+	renew(end ? end - pending : NULL, (int)pending);
+}
+
+static long bound_for(long c)
+{
+	const long floor = 1L << 20;
+	return c > floor / 2 ? 2 * c : floor;
+}
+
+/* The arguments a parser is made with, kept if it is to be watched. */
+static void making(const XML_Char *encoding, const XML_Memory_Handling_Suite *mem, const XML_Char *sep)
+{
+	if (!watch_next)
+		return;
+	free(made_encoding);
+	made_encoding = encoding ? strdup(encoding) : NULL;
+	made_mem = mem;
+	made_ns = sep != NULL;
+	made_sep = sep ? *sep : 0;
+}
+
+static void forget_work(void)
+{
+	if (work)
+		real.free(work);
+	work = NULL;
+	free(header);
+	header = NULL;
+	header_len = 0;
 }
 
 static XML_Parser made(XML_Parser p)
 {
 	if (p && watch_next) {
-		watched = p;
 		watch_next = false;
+		cap = cap_next;
+		if (!make_work()) {
+			real.free(p);
+			return NULL;
+		}
+		watched = p;
 		refused = NULL;
 		halted = false;
-		cap = cap_next;
+		renew_at = bound_for(cap);
+		fresh_stream();
 	}
 	return guard(p);
 }
@@ -333,8 +585,8 @@ static XML_Parser made(XML_Parser p)
  * thread is told too, and closes it. */
 static enum XML_Status parsed(XML_Parser p, enum XML_Status st)
 {
-	if (st == XML_STATUS_ERROR && p == watched && !refused)
-		halt(XA_XML_BROKEN, XML_ErrorString(XML_GetErrorCode(p)));
+	if (st == XML_STATUS_ERROR && p == work && !refused)
+		halt(XA_XML_BROKEN, XML_ErrorString(real.error(p)));
 	return st;
 }
 
@@ -343,18 +595,21 @@ static enum XML_Status parsed(XML_Parser p, enum XML_Status st)
 XML_Parser XML_ParserCreate(const XML_Char *encoding)
 {
 	pthread_once(&real_once, find_real);
+	making(encoding, NULL, NULL);
 	return made(real.create(encoding));
 }
 
 XML_Parser XML_ParserCreateNS(const XML_Char *encoding, XML_Char sep)
 {
 	pthread_once(&real_once, find_real);
+	making(encoding, NULL, &sep);
 	return made(real.create_ns(encoding, sep));
 }
 
 XML_Parser XML_ParserCreate_MM(const XML_Char *encoding, const XML_Memory_Handling_Suite *mem, const XML_Char *sep)
 {
 	pthread_once(&real_once, find_real);
+	making(encoding, mem, sep);
 	return made(real.create_mm(encoding, mem, sep));
 }
 
@@ -362,11 +617,22 @@ XML_Bool XML_ParserReset(XML_Parser p, const XML_Char *encoding)
 {
 	pthread_once(&real_once, find_real);
 	XML_Bool ok = real.reset(p, encoding);
-	if (ok) {
-		if (p == watched)
-			halted = false;
-		guard(p);
+	if (ok && p == watched) { /* a new work: nothing kept of the old one's */
+		XML_Parser old = work;
+		if (encoding) {
+			free(made_encoding);
+			made_encoding = strdup(encoding);
+		}
+		if (!make_work()) {
+			work = old;
+			return XML_FALSE;
+		}
+		real.free(old);
+		halted = false;
+		fresh_stream();
 	}
+	if (ok)
+		guard(p);
 	return ok;
 }
 
@@ -374,9 +640,12 @@ void XML_ParserFree(XML_Parser p)
 {
 	pthread_once(&real_once, find_real);
 	if (p && p == watched) {
+		forget_work();
 		watched = NULL;
 		refused = NULL;
 		halted = false;
+		free(made_encoding);
+		made_encoding = NULL;
 	}
 	real.free(p);
 }
@@ -431,10 +700,13 @@ enum XML_Status XML_Parse(XML_Parser p, const char *s, int len, int final)
 	if (p && p == watched && halted)
 		return XML_STATUS_OK;
 	XML_Parser outer = cur; /* a stanza handler may parse a string of its own */
+	if (p && p == watched)
+		p = work;
 	cur = p;
-	enum XML_Status st = p && p == watched ? feed(p, s, len, final, false) : real.parse(p, s, len, final);
+	enum XML_Status st = p && p == work ? feed(p, s, len, final, false) : real.parse(p, s, len, final);
+	st = parsed(p == work ? work : p, st); /* work may be a new one (renew) */
 	cur = outer;
-	return parsed(p, st);
+	return st;
 }
 
 enum XML_Status XML_ParseBuffer(XML_Parser p, int len, int final)
@@ -443,11 +715,42 @@ enum XML_Status XML_ParseBuffer(XML_Parser p, int len, int final)
 	if (p && p == watched && halted)
 		return XML_STATUS_OK;
 	XML_Parser outer = cur;
+	if (p && p == watched)
+		p = work;
 	cur = p;
-	enum XML_Status st = p && p == watched ? feed(p, NULL, len, final, true) : real.parse_buffer(p, len, final);
+	enum XML_Status st = p && p == work ? feed(p, NULL, len, final, true) : real.parse_buffer(p, len, final);
+	st = parsed(p == work ? work : p, st);
 	cur = outer;
-	return parsed(p, st);
+	return st;
 }
+
+/* The rest of what may be asked of the watched parser is work's. */
+static XML_Parser reads(XML_Parser p)
+{
+	pthread_once(&real_once, find_real);
+	return p && p == watched ? work : p;
+}
+
+void XML_SetUserData(XML_Parser p, void *user)
+{
+	pthread_once(&real_once, find_real);
+	if (p && p == watched) {
+		their_user = user;
+		real.set_user(work, user);
+	}
+	real.set_user(p, user);
+}
+
+enum XML_Error XML_GetErrorCode(XML_Parser p) { return real.error(reads(p)); }
+XML_Index XML_GetCurrentByteIndex(XML_Parser p) { return real.index(reads(p)); }
+int XML_GetCurrentByteCount(XML_Parser p) { return real.count(reads(p)); }
+XML_Size XML_GetCurrentLineNumber(XML_Parser p) { return real.line(reads(p)); }
+XML_Size XML_GetCurrentColumnNumber(XML_Parser p) { return real.column(reads(p)); }
+enum XML_Status XML_StopParser(XML_Parser p, XML_Bool resumable) { return real.stop(reads(p), resumable); }
+enum XML_Status XML_ResumeParser(XML_Parser p) { return real.resume(reads(p)); }
+void *XML_GetBuffer(XML_Parser p, int len) { return real.get_buffer(reads(p), len); }
+void XML_GetParsingStatus(XML_Parser p, XML_ParsingStatus *status) { real.status(reads(p), status); }
+const char *XML_GetInputContext(XML_Parser p, int *offset, int *size) { return real.context(reads(p), offset, size); }
 
 /* ------------------------------------------------------------ the adapter's */
 
@@ -458,6 +761,19 @@ void xa_xml_watch(bool on, long max_stanza_bytes)
 }
 
 bool xa_xml_cut(void) { return cut_ending; }
+
+long xa_xml_held(void) { return work ? held : 0; }
+
+long xa_xml_renew_bound(void) { return renew_at; }
+
+void xa_xml_renew_at(long bytes) { renew_at = bytes; }
+
+unsigned long xa_xml_renewed(void)
+{
+	unsigned long n = renewals;
+	renewals = 0;
+	return n;
+}
 
 const char *xa_xml_refused(enum xa_xml_stop *why)
 {

@@ -11,7 +11,9 @@
  * the stanza size cap) is linked in, as in causewayd: libstrophe's parse
  * goes through it, and the input is also fed, as the content of a stream,
  * to a parser watched as the stream's is, under a small cap, in reads cut
- * where its first byte says.  Properties, whatever the reads: no start
+ * where its first byte says (and, by its bit 6, renewed at every
+ * stanza's end a read leaves clean, xa_xml_renew_at, or never: the
+ * input is far below the bound).  Properties, whatever the reads: no start
  * tag or text of a stanza (a child of the root) past its first cap bytes
  * reaches the handlers set on that parser (the ends of the elements they
  * have open do, of a stanza cut there), and a stanza ends there cut
@@ -95,7 +97,8 @@ static void XMLCALL stream_end(void *u, const XML_Char *name)
 	s->depth--;
 }
 
-/* The input as a stream's content: the first byte is the size of the reads. */
+/* The input as a stream's content: the first byte is the size of the
+ * reads, and whether the parser is renewed. */
 static void stream_parse(const uint8_t *data, size_t size)
 {
 	static const char root[] = "<stream:stream xmlns:stream='http://etherx.jabber.org/streams' "
@@ -109,6 +112,8 @@ static void stream_parse(const uint8_t *data, size_t size)
 	xa_xml_watch(false, 0);
 	if (!s.p)
 		return;
+	if (data[0] & 64)
+		xa_xml_renew_at(1);
 	XML_SetUserData(s.p, &s);
 	XML_SetElementHandler(s.p, stream_start, stream_end);
 	XML_SetCharacterDataHandler(s.p, stream_text);

@@ -2875,6 +2875,36 @@ def test_a_users_stanza_grown_by_prosody_past_the_cap_is_refused_to_her(xd, gk, 
     assert len(srv.events) == 1
 
 
+def test_names_never_seen_before_do_not_grow_the_gateway(xd, gk, alice, prosody):
+    """Expat keeps every distinct element and attribute name it reads for
+    its parser's life, and the component's stream lives for days: each user
+    could grow the gateway's memory by a name in each of her messages
+    (through the real Prosody: 60 messages with an extension element of a
+    new 40,000-byte name each, some 3 MB of names). The stream's parser is
+    renewed between stanzas once what expat holds passes its bound (twice
+    xmpp.max_stanza_bytes, at least 1 MiB): the stream stays up, every
+    message goes on in order, and what the parser holds stays near the
+    bound. Until the twenty-ninth session it grew without end (a review's
+    finding)."""
+    a, srv = gk
+    since = component_state(xd)["connected_since_ms"]
+    bound = 2 * 1024 * 1024
+    for i in range(60):
+        name = f"n{i:05d}" + "x" * 40000
+        alice.send_raw(f"<message to='{WALLY_JID}' type='chat' id='nm{i}'><body>m{i}</body>"
+                       f"<{name} xmlns='urn:example:names:{i}'/></message>")
+    got = srv.wait_events(60, timeout=120)
+    assert [e["content"]["parts"][0]["body"] for e in got] == [f"m{i}" for i in range(60)]
+    state = component_state(xd)
+    assert state["state"] == "up" and state["connected_since_ms"] == since, state
+    assert state["parser_renewals"] >= 1, state
+    assert 0 < state["parser_bytes"] <= bound + 512 * 1024, state
+    rec = xd.wait_for(lambda r: r.get("msg", "").startswith("xmpp: the stream's parser was renewed"))
+    assert rec["level"] == "info" and rec["bound_bytes"] == str(bound) and rec["component"] == COMP, rec
+    metrics = xd.get("/metrics").text
+    assert f'causeway_xmpp_parser_renewals_total{{component="{COMP}"}} {state["parser_renewals"]}' in metrics
+
+
 def test_the_stream_header_is_held_to_the_cap_on_its_own(make_daemon, db_url):
     """The server's stream header (from its first byte, the XML declaration
     included, to the '>' of <stream:stream ...>) is not a stanza: it is not

@@ -2144,6 +2144,210 @@ START_TEST(split_element_setters_keep_the_count)
 }
 END_TEST
 
+/* Everything a parser's handlers are told, written down: starts with their
+ * attributes, ends, text (adjacent pieces joined, as their split is
+ * expat's). */
+struct rec {
+	char *buf;
+	size_t len, size;
+	bool in_text;
+	int depth, stanzas;
+};
+
+static void rec_add(struct rec *r, const char *s, size_t n)
+{
+	if (r->len + n + 1 > r->size) {
+		r->size = (r->len + n + 1) * 2;
+		r->buf = realloc(r->buf, r->size);
+		ck_assert_ptr_nonnull(r->buf);
+	}
+	memcpy(r->buf + r->len, s, n);
+	r->len += n;
+	r->buf[r->len] = '\0';
+}
+
+static void XMLCALL rec_start(void *u, const XML_Char *name, const XML_Char **atts)
+{
+	struct rec *r = u;
+	r->in_text = false;
+	r->depth++;
+	rec_add(r, "\n<", 2);
+	rec_add(r, name, strlen(name));
+	for (int i = 0; atts[i]; i += 2) {
+		rec_add(r, " ", 1);
+		rec_add(r, atts[i], strlen(atts[i]));
+		rec_add(r, "=", 1);
+		rec_add(r, atts[i + 1], strlen(atts[i + 1]));
+	}
+}
+
+static void XMLCALL rec_end(void *u, const XML_Char *name)
+{
+	struct rec *r = u;
+	r->in_text = false;
+	if (--r->depth == 1)
+		r->stanzas++;
+	rec_add(r, "\n</", 3);
+	rec_add(r, name, strlen(name));
+	if (xa_xml_cut())
+		rec_add(r, "!", 1);
+}
+
+static void XMLCALL rec_chars(void *u, const XML_Char *s, int len)
+{
+	struct rec *r = u;
+	if (!r->in_text)
+		rec_add(r, "\n\"", 2);
+	r->in_text = true;
+	rec_add(r, s, (size_t)len);
+}
+
+static XML_Parser rec_parser(bool watch, long cap, struct rec *r)
+{
+	xa_xml_watch(watch, cap);
+	XML_Parser p = XML_ParserCreate_MM(NULL, NULL, "\x1f");
+	xa_xml_watch(false, 0);
+	ck_assert_ptr_nonnull(p);
+	memset(r, 0, sizeof(*r));
+	XML_SetUserData(p, r);
+	XML_SetElementHandler(p, rec_start, rec_end);
+	XML_SetCharacterDataHandler(p, rec_chars);
+	return p;
+}
+
+static const char stream_root[] = "<?xml version='1.0'?><stream:stream xmlns='jabber:component:accept' "
+				  "xmlns:stream='http://etherx.jabber.org/streams' xmlns:db='jabber:server:dialback' "
+				  "from='c.example' id='s1'>";
+
+/* Expat keeps every distinct element, attribute and prefix name it has
+ * read in tables that live as long as its parser, and libstrophe keeps one
+ * parser for the stream's life: each XMPP user could grow the gateway's
+ * memory by a name per stanza (a review's find; 200-byte names: about 1.3
+ * bytes held per byte of name, never given back, a reset included).  The
+ * stream's parser is renewed instead, between stanzas, once what it holds
+ * passes a bound: nothing held of what came before, and nothing of it seen
+ * by the handlers set (xa_xml_renewed counts the renewals). */
+START_TEST(the_stream_parsers_memory_is_bounded)
+{
+	enum xa_xml_stop why;
+	struct rec r;
+	const long cap = 20000;
+	XML_Parser p = rec_parser(true, cap, &r);
+	ck_assert_int_eq(XML_Parse(p, stream_root, (int)strlen(stream_root), XML_FALSE), XML_STATUS_OK);
+	long fresh = xa_xml_held();
+	ck_assert_int_gt(fresh, 0);
+	/* 3,000 stanzas, each with an element and an attribute name never
+	 * seen before (4,000 bytes each: 24 MB of names). */
+	char *st = malloc(10000);
+	ck_assert_ptr_nonnull(st);
+	long most = 0;
+	const long bound = xa_xml_renew_bound() + 4 * cap;
+	for (int i = 0; i < 3000; i++) {
+		int n = snprintf(st, 100, "<message to='u@x'><e%07d", i);
+		memset(st + n, 'n', 3992);
+		n += 3992;
+		n += snprintf(st + n, 100, " a%07d", i);
+		memset(st + n, 'a', 3992);
+		n += 3992;
+		n += snprintf(st + n, 100, "='v' xmlns='urn:x:%d'/><db:result/></message>\n", i);
+		ck_assert_int_eq(XML_Parse(p, st, n, XML_FALSE), XML_STATUS_OK);
+		if (xa_xml_held() > most)
+			most = xa_xml_held();
+	}
+	ck_assert_msg(most <= bound, "the stream parser held %ld bytes (bound %ld)", most, bound);
+	ck_assert_uint_gt(xa_xml_renewed(), 0);
+	ck_assert_int_eq(r.stanzas, 3000);
+	/* What the handlers were told of the last stanza is what they would
+	 * have been told without any renewal: the header's namespaces and
+	 * prefixes in force, the names whole. */
+	char want[300];
+	snprintf(want, sizeof(want), "\n</urn:x:2999\x1f" "e0002999");
+	ck_assert_ptr_nonnull(strstr(r.buf, want));
+	ck_assert_ptr_nonnull(strstr(r.buf + r.len - 200, "\n<jabber:server:dialback\x1fresult\n</jabber:server:dialback\x1fresult"
+							  "\n</jabber:component:accept\x1fmessage\n\"\n"));
+	/* The stream's end matches its (replayed) start. */
+	ck_assert_int_eq(XML_Parse(p, "</stream:stream>", 16, XML_FALSE), XML_STATUS_OK);
+	ck_assert_ptr_null(xa_xml_refused(&why));
+	ck_assert_int_eq(r.depth, 0);
+	/* A reset (the stream made again) starts from a fresh parser, and no renewal. */
+	ck_assert_int_eq(XML_ParserReset(p, NULL), XML_TRUE);
+	ck_assert_uint_eq(xa_xml_renewed(), 0);
+	ck_assert_int_le(xa_xml_held(), 2 * fresh);
+	free(st);
+	free(r.buf);
+	XML_ParserFree(p);
+}
+END_TEST
+
+/* A renewal is invisible to the handlers set: a stream cut into reads of
+ * every size (a token, a character, a CR of a CRLF left pending across
+ * them), the parser renewed at every stanza's end, tells them exactly what
+ * an unwatched parser tells its own; stanzas over the cap are cut the same
+ * way with or without renewals. */
+START_TEST(a_renewal_is_not_seen_by_the_handlers)
+{
+	enum xa_xml_stop why;
+	static const char *const body[] = {
+		"<message from='a@x' to='b@y' id='1'><body>h\xc3\xa9llo &amp; &#x41;</body></message>",
+		"\r\n ",
+		"<db:verify from='a' to='b' id='x'>k</db:verify>",
+		"<iq type='get' id='2'><query xmlns='http://jabber.org/protocol/disco#info' node='n'/></iq>",
+		"<presence xmlns:p='urn:p' p:a='1'><p:x>\xf0\x9f\x91\x8d</p:x></presence>\r",
+		"\n<message><body>",
+		"line\r\nline\r",
+		"\r\n</body><stream:features/></message>",
+	};
+	char *all = malloc(1 << 16);
+	ck_assert_ptr_nonnull(all);
+	size_t n = (size_t)snprintf(all, 1 << 16, "%s", stream_root);
+	for (int k = 0; k < 40; k++)
+		for (size_t i = 0; i < sizeof(body) / sizeof(*body); i++)
+			n += (size_t)snprintf(all + n, (1 << 16) - n, "%s", body[i]);
+	/* One over the cap (cut), then more. */
+	char *big = stanza_of("message", 1500, true);
+	n += (size_t)snprintf(all + n, (1 << 16) - n, "%s%s</stream:stream>", big, body[0]);
+	free(big);
+
+	struct rec plain, seen;
+	XML_Parser q = rec_parser(false, 0, &plain);
+	ck_assert_int_eq(XML_Parse(q, all, (int)n, XML_FALSE), XML_STATUS_OK);
+	XML_ParserFree(q);
+
+	unsigned seed = 7;
+	for (int round = 0; round < 60; round++) {
+		XML_Parser p = rec_parser(true, 1000, &seen);
+		xa_xml_renew_at(1); /* at every stanza's end that a read leaves clean */
+		for (size_t at = 0; at < n;) {
+			size_t piece = round == 0 ? 1 : 1 + rand_r(&seed) % (round < 30 ? 8 : 300);
+			if (piece > n - at)
+				piece = n - at;
+			ck_assert_int_eq(XML_Parse(p, all + at, (int)piece, XML_FALSE), XML_STATUS_OK);
+			at += piece;
+		}
+		ck_assert_ptr_null(xa_xml_refused(&why));
+		ck_assert_uint_gt(xa_xml_renewed(), round == 0 ? 300 : 20);
+		/* The unwatched parser has no cap: of the big stanza, it was
+		 * told all, the watched one its first part and a cut end;
+		 * before and after it, the same. */
+		const char *text = "\n\"bbbb", *end = "\n</jabber:component:accept\x1fmessage";
+		char *p_big = strstr(plain.buf, text), *s_big = strstr(seen.buf, text);
+		ck_assert(p_big && s_big);
+		ck_assert_int_eq(p_big - plain.buf, s_big - seen.buf);
+		ck_assert_int_eq(memcmp(plain.buf, seen.buf, (size_t)(p_big - plain.buf)), 0);
+		char *p_after = strstr(p_big, end), *s_after = strstr(s_big, end);
+		ck_assert(p_after && s_after);
+		ck_assert_int_eq(s_after[strlen(end)], '!');
+		ck_assert_str_eq(p_after + strlen(end), s_after + strlen(end) + 1);
+		ck_assert_int_eq(seen.stanzas, plain.stanzas);
+		ck_assert_int_eq(seen.depth, 0);
+		free(seen.buf);
+		XML_ParserFree(p);
+	}
+	free(plain.buf);
+	free(all);
+}
+END_TEST
+
 /* This libstrophe parses with the process's expat, so the guard is in
  * front of the stream's parser (one built with libxml2 would leave it
  * unguarded: causewayd refuses to start then, see xa_new). */
@@ -2183,6 +2387,8 @@ int main(void)
 	tcase_add_test(tc, oversized_stanza_is_cut_at_the_cap);
 	tcase_add_test(tc, split_element_setters_keep_the_count);
 	tcase_add_test(tc, a_cut_stanza_cannot_nest_past_the_cap);
+	tcase_add_test(tc, the_stream_parsers_memory_is_bounded);
+	tcase_add_test(tc, a_renewal_is_not_seen_by_the_handlers);
 	tcase_add_test(tc, libstrophe_parses_with_the_guarded_expat);
 	suite_add_tcase(s, tc);
 	int rc = unit_run(s);
