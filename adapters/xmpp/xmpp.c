@@ -32,6 +32,7 @@
 #define QUEUE_MAX 20000         /* stanzas waiting for one component's thread */
 #define LOOP_TIMEOUT_MS 5       /* one turn of libstrophe's loop while connecting */
 #define IDLE_WAIT_MS 200        /* longest sleep of an up stream with nothing to do */
+#define HOLD_WAIT_MS 10         /* and while reads within a long tag are held back (xa_xml_holding) */
 #define PING_EVERY_MS 60000     /* XEP-0199 keepalive to the server */
 #define PING_TIMEOUT_MS 30000
 #define HOUSEKEEPING_MS 1000    /* consent requests, the lock connection */
@@ -1091,11 +1092,14 @@ static void refuse_stream(struct xcomp *xc, const char *why, enum xa_xml_stop ki
  * the socket and the wake pipe (libstrophe's own select() cannot see the
  * pipe), so a queued stanza goes out at once and an idle stream costs
  * nothing; libstrophe then reads and writes what is ready without waiting.
- * Connecting and the handshake use libstrophe's loop with short turns. */
+ * Connecting and the handshake use libstrophe's loop with short turns.
+ * Reads within a long tag may be held back from expat (xmpp_xml.c, take):
+ * once nothing more comes for HOLD_WAIT_MS, they are read. */
 static void turn(struct xcomp *xc, int64_t next_house)
 {
 	if (xc->state != XC_UP || xc->sock_fd < 0) { /* state: only this thread writes it */
 		xmpp_run_once(xc->ctx, LOOP_TIMEOUT_MS);
+		xa_xml_flush();
 		return;
 	}
 	struct pollfd p[2] = { { .fd = xc->sock_fd, .events = POLLIN }, { .fd = xc->wake_fd[0], .events = POLLIN } };
@@ -1106,11 +1110,17 @@ static void turn(struct xcomp *xc, int64_t next_house)
 		wait = 0;
 	if (wait > IDLE_WAIT_MS)
 		wait = IDLE_WAIT_MS;
-	if (poll(p, 2, (int)wait) > 0 && (p[1].revents & POLLIN)) {
+	bool holding = xa_xml_holding();
+	if (holding && wait > HOLD_WAIT_MS)
+		wait = HOLD_WAIT_MS;
+	int ready = poll(p, 2, (int)wait);
+	if (ready > 0 && (p[1].revents & POLLIN)) {
 		char buf[256];
 		while (read(xc->wake_fd[0], buf, sizeof(buf)) > 0)
 			;
 	}
+	if (holding && !(ready > 0 && (p[0].revents & POLLIN)))
+		xa_xml_flush(); /* nothing more came */
 	xmpp_run_once(xc->ctx, 0);
 }
 

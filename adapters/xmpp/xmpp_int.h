@@ -385,5 +385,14 @@ long xa_xml_held(void);
 long xa_xml_renew_bound(void);
 unsigned long xa_xml_renewed(void);
 void xa_xml_renew_at(long bytes);
+/* Expat 2.5 scans a token still coming from its start again at each read:
+ * reads within a long one are held back until they add up to what expat
+ * holds of it (a read shorter than the longest seen is given at once).
+ * xa_xml_holding: some are held; xa_xml_flush gives them to expat now
+ * (the stream is idle: the component thread's loop); xa_xml_scanned: the
+ * bytes expat scanned since last asked. */
+bool xa_xml_holding(void);
+void xa_xml_flush(void);
+long xa_xml_scanned(void);
 
 #endif

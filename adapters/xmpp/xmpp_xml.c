@@ -62,6 +62,7 @@
 
 #include <dlfcn.h>
 #include <expat.h>
+#include <limits.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdint.h>
@@ -195,6 +196,11 @@ static __thread int header_len;
 static __thread long held, renew_at;
 static __thread unsigned long renewals;
 static __thread bool replaying;
+/* Reads held back within a long token (take), the longest read given,
+ * and the bytes expat scanned (xa_xml_scanned). */
+static __thread char *hold;
+static __thread int hold_len, hold_size, longest;
+static __thread long scanned;
 
 /* ------------------------------------------------------------ work's memory */
 
@@ -388,6 +394,8 @@ static enum XML_Status feed(XML_Parser p, const char *s, int len, int final, boo
 			room = 0;
 		if (room < n)
 			n = (int)room;
+		XML_Index at = real.index(p); /* expat scans again what it holds unfinished, from there */
+		scanned += n + (at >= 0 && at < fed ? fed - at : 0);
 		st = buffer ? real.parse_buffer(p, n, final && n == len) : real.parse(p, s, n, final && n == len);
 		if (st == XML_STATUS_ERROR || halted)
 			return st;
@@ -409,6 +417,58 @@ static enum XML_Status feed(XML_Parser p, const char *s, int len, int final, boo
 			return st;
 		}
 	}
+}
+
+/* A read for the watched parser.  Expat 2.5 scans a token still coming
+ * (a tag) from its start again at each read it is given: a tag of 1 MiB
+ * in libstrophe's 4 KiB reads was scanned some 128 MB.  A read is held
+ * back while, with those held before it, it is shorter than what expat
+ * holds unfinished, so that each scan at least doubles what it has (the
+ * scanning of a token is then linear); a read shorter than the longest
+ * seen (the server paused, or is done) is given at once, with what is
+ * held; so is what is held when the stream is idle (xa_xml_flush).  What
+ * is held is less than what expat holds, itself within the cap. */
+static bool hold_back(const char *s, int len)
+{
+	if (len > INT_MAX - hold_len)
+		return false;
+	if (hold_len + len > hold_size) {
+		int size = hold_size ? hold_size : 4096;
+		while (size < hold_len + len)
+			size = size > INT_MAX / 2 ? INT_MAX : size * 2;
+		char *h = realloc(hold, (size_t)size);
+		if (!h)
+			return false;
+		hold = h;
+		hold_size = size;
+	}
+	memcpy(hold + hold_len, s, (size_t)len);
+	hold_len += len;
+	return true;
+}
+
+static enum XML_Status take(const char *s, int len, int final)
+{
+	if (len > longest)
+		longest = len;
+	XML_Index at = real.index(work);
+	XML_Index open = at >= 0 && at <= fed ? fed - at : 0;
+	if (!final && len == longest && open > 0 && (XML_Index)hold_len + len < open && hold_back(s, len))
+		return XML_STATUS_OK;
+	if (hold_len) { /* given with what is held, in one scan */
+		if (!hold_back(s, len)) {
+			int n = hold_len;
+			hold_len = 0;
+			enum XML_Status st = feed(work, hold, n, XML_FALSE, false);
+			if (st != XML_STATUS_OK || halted)
+				return st; /* what follows is not read (halted), as after a stop */
+			return feed(work, s, len, final, false);
+		}
+		int n = hold_len;
+		hold_len = 0;
+		return feed(work, hold, n, final, false);
+	}
+	return feed(work, s, len, final, false);
 }
 
 static void XMLCALL on_doctype(void *u, const XML_Char *name, const XML_Char *sysid, const XML_Char *pubid,
@@ -477,6 +537,7 @@ static void fresh_stream(void)
 	header = NULL;
 	header_len = 0;
 	renewals = 0;
+	hold_len = longest = 0;
 }
 
 /* Work is renewed: a new one reads the stream's start tag again (the
@@ -560,6 +621,9 @@ static void forget_work(void)
 	free(header);
 	header = NULL;
 	header_len = 0;
+	free(hold);
+	hold = NULL;
+	hold_len = hold_size = longest = 0;
 }
 
 static XML_Parser made(XML_Parser p)
@@ -703,7 +767,7 @@ enum XML_Status XML_Parse(XML_Parser p, const char *s, int len, int final)
 	if (p && p == watched)
 		p = work;
 	cur = p;
-	enum XML_Status st = p && p == work ? feed(p, s, len, final, false) : real.parse(p, s, len, final);
+	enum XML_Status st = p && p == work ? take(s, len, final) : real.parse(p, s, len, final);
 	st = parsed(p == work ? work : p, st); /* work may be a new one (renew) */
 	cur = outer;
 	return st;
@@ -767,6 +831,28 @@ long xa_xml_held(void) { return work ? held : 0; }
 long xa_xml_renew_bound(void) { return renew_at; }
 
 void xa_xml_renew_at(long bytes) { renew_at = bytes; }
+
+bool xa_xml_holding(void) { return hold_len > 0; }
+
+void xa_xml_flush(void)
+{
+	if (!hold_len || !work)
+		return;
+	XML_Parser outer = cur;
+	cur = work;
+	int n = hold_len;
+	hold_len = 0;
+	if (!halted)
+		parsed(work, feed(work, hold, n, XML_FALSE, false));
+	cur = outer;
+}
+
+long xa_xml_scanned(void)
+{
+	long n = scanned;
+	scanned = 0;
+	return n;
+}
 
 unsigned long xa_xml_renewed(void)
 {

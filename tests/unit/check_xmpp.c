@@ -1793,9 +1793,11 @@ START_TEST(oversized_stanza_is_refused)
 			ck_assert_int_eq(XML_Parse(p, chunk, (int)sizeof(chunk), XML_FALSE), XML_STATUS_OK);
 			sent += (long)sizeof(chunk);
 		}
+		xa_xml_flush(); /* what was held back (a_long_tag_is_scanned_in_linear_time) */
 		ck_assert_msg(xa_xml_refused(&why) == NULL, "%s: %ld bytes are not over", coming[k], sent);
 		if (k == 1) {
-			ck_assert_int_eq(XML_Parse(p, chunk, (int)sizeof(chunk), XML_FALSE), XML_STATUS_SUSPENDED);
+			XML_Parse(p, chunk, (int)sizeof(chunk), XML_FALSE); /* stopped now, or held back: */
+			xa_xml_flush();                                      /* at the latest when idle */
 			ck_assert_str_eq(xa_xml_refused(&why), "a tag larger than the cap");
 			ck_assert_int_eq(why, XA_XML_TOO_LARGE);
 			ck_assert_str_eq(s.ended, "");
@@ -2324,6 +2326,7 @@ START_TEST(a_renewal_is_not_seen_by_the_handlers)
 			ck_assert_int_eq(XML_Parse(p, all + at, (int)piece, XML_FALSE), XML_STATUS_OK);
 			at += piece;
 		}
+		xa_xml_flush(); /* the stream idle: what was held back is read */
 		ck_assert_ptr_null(xa_xml_refused(&why));
 		ck_assert_uint_gt(xa_xml_renewed(), round == 0 ? 300 : 20);
 		/* The unwatched parser has no cap: of the big stanza, it was
@@ -2345,6 +2348,99 @@ START_TEST(a_renewal_is_not_seen_by_the_handlers)
 	}
 	free(plain.buf);
 	free(all);
+}
+END_TEST
+
+/* Expat 2.5 scans a token still coming from its start again at each
+ * read: a tag of 1 MiB in libstrophe's 4 KiB reads was scanned some 128 MB
+ * (0.12 s of the component thread for one stanza, whoever sent it).
+ * Reads within a long token are held back until they add up to what
+ * expat holds of it, so that each scan at least doubles what it has; a
+ * read shorter than the longest seen (the server paused) is given at
+ * once, and so is what is held when the stream is idle (xa_xml_flush,
+ * the component thread's loop). */
+START_TEST(a_long_tag_is_scanned_in_linear_time)
+{
+	enum xa_xml_stop why;
+	struct rec r;
+	const int rd = 4096;
+	XML_Parser p = rec_parser(true, 4L << 20, &r);
+	ck_assert_int_eq(XML_Parse(p, stream_root, (int)strlen(stream_root), XML_FALSE), XML_STATUS_OK);
+	xa_xml_scanned();
+	const int big = (1 << 20) + 1000;
+	char *tag = stanza_of("message", (size_t)big, false);
+	for (int at = 0; at < big; at += rd)
+		ck_assert_int_eq(XML_Parse(p, tag + at, big - at < rd ? big - at : rd, XML_FALSE), XML_STATUS_OK);
+	long scanned = xa_xml_scanned();
+	ck_assert_msg(scanned <= 3L * big, "a tag of %d bytes was scanned %ld bytes", big, scanned);
+	ck_assert_int_eq(r.stanzas, 1); /* its last read was short: given at once */
+	ck_assert(!xa_xml_holding());
+	free(tag);
+
+	/* A tag whose end comes in a full read, held: not told until the
+	 * stream is idle.  Reads 1, 2, 4 and 8 of it are given, the 12th, its
+	 * last, is held (it and those held before fall short of the 32 KiB
+	 * expat holds). */
+	tag = stanza_of("message", 12 * (size_t)rd, false);
+	for (int i = 0; i < 12; i++)
+		ck_assert_int_eq(XML_Parse(p, tag + i * rd, rd, XML_FALSE), XML_STATUS_OK);
+	ck_assert_int_eq(r.stanzas, 1);
+	ck_assert(xa_xml_holding());
+	xa_xml_flush();
+	ck_assert_int_eq(r.stanzas, 2);
+	ck_assert(!xa_xml_holding());
+	/* A stanza after it goes as ever; the stream's end too. */
+	ck_assert_int_eq(XML_Parse(p, "<iq/>", 5, XML_FALSE), XML_STATUS_OK);
+	ck_assert_int_eq(r.stanzas, 3);
+	ck_assert_int_eq(XML_Parse(p, "</stream:stream>", 16, XML_FALSE), XML_STATUS_OK);
+	ck_assert_ptr_null(xa_xml_refused(&why));
+	ck_assert_int_eq(r.depth, 0);
+	free(tag);
+	free(r.buf);
+	XML_ParserFree(p);
+}
+END_TEST
+
+/* The same held back reads under a cap: a tag over it still stops the
+ * parser (once what was held is given), a stanza over it is still cut. */
+START_TEST(held_reads_keep_the_cap)
+{
+	enum xa_xml_stop why;
+	struct rec r;
+	const int rd = 4096;
+	const long cap = 40000;
+	XML_Parser p = rec_parser(true, cap, &r);
+	ck_assert_int_eq(XML_Parse(p, stream_root, (int)strlen(stream_root), XML_FALSE), XML_STATUS_OK);
+	/* of the cap exactly, in full reads and a short one: taken */
+	char *x = stanza_of("message", (size_t)cap, false);
+	for (long at = 0; at < cap; at += rd)
+		ck_assert_int_eq(XML_Parse(p, x + at, (int)(cap - at < rd ? cap - at : rd), XML_FALSE), XML_STATUS_OK);
+	xa_xml_flush();
+	ck_assert_int_eq(r.stanzas, 1);
+	free(x);
+	/* a long body over the cap: cut, the stream goes on */
+	x = stanza_of("message", 3 * (size_t)cap, true);
+	for (long at = 0; at < 3 * cap; at += rd)
+		ck_assert_int_eq(XML_Parse(p, x + at, (int)(3 * cap - at < rd ? 3 * cap - at : rd), XML_FALSE),
+				 XML_STATUS_OK);
+	xa_xml_flush();
+	ck_assert_int_eq(r.stanzas, 2);
+	ck_assert_ptr_nonnull(strstr(r.buf, "message!"));
+	ck_assert_ptr_null(xa_xml_refused(&why));
+	free(x);
+	/* a tag over it, in full reads only: stopped, at the latest when the
+	 * stream is idle */
+	x = stanza_of("message", 3 * (size_t)cap, false);
+	enum XML_Status st = XML_STATUS_OK;
+	for (long at = 0; at + rd <= 3 * cap && st == XML_STATUS_OK; at += rd)
+		st = XML_Parse(p, x + at, rd, XML_FALSE);
+	xa_xml_flush();
+	ck_assert_str_eq(xa_xml_refused(&why), "a tag larger than the cap");
+	ck_assert_int_eq(why, XA_XML_TOO_LARGE);
+	ck_assert_int_eq(r.stanzas, 2);
+	free(x);
+	free(r.buf);
+	XML_ParserFree(p);
 }
 END_TEST
 
@@ -2389,6 +2485,8 @@ int main(void)
 	tcase_add_test(tc, a_cut_stanza_cannot_nest_past_the_cap);
 	tcase_add_test(tc, the_stream_parsers_memory_is_bounded);
 	tcase_add_test(tc, a_renewal_is_not_seen_by_the_handlers);
+	tcase_add_test(tc, a_long_tag_is_scanned_in_linear_time);
+	tcase_add_test(tc, held_reads_keep_the_cap);
 	tcase_add_test(tc, libstrophe_parses_with_the_guarded_expat);
 	suite_add_tcase(s, tc);
 	int rc = unit_run(s);
