@@ -1081,9 +1081,11 @@ static const char *str_member(const json_t *o, const char *k)
 	return json_string_value(json_object_get(o, k));
 }
 
-/* The text of a neutral content: text/plain, else text/markdown, else the
- * text of text/html; XML-safe, malloc'd ("" when there is none, NULL
- * without memory). */
+/* The text of a neutral content as XMPP shows it: text/plain, else
+ * text/markdown, else the text of text/html; XML-safe, malloc'd ("" when
+ * there is none, NULL without memory).  A message's body is made of it,
+ * and so is a reply's quote of that message (since the twenty-ninth
+ * session: before, the quote was of a text/plain part only). */
 static char *neutral_text(const json_t *content)
 {
 	const char *plain = NULL, *md = NULL, *html = NULL;
@@ -1244,7 +1246,15 @@ static enum xm_out_result out_message(struct ob *b, const json_t *content, const
 		return XM_OUT_INVALID;
 	}
 	bool reply = target && target_ok(target);
-	char *quote = reply && target->text ? quote_of(target->text) : NULL;
+	/* The quote is of the text the target's own body was made of. */
+	char *quoted = reply && target->content ? neutral_text(target->content) : NULL;
+	if (reply && target->content && !quoted) {
+		free(main_text);
+		b->oom = true;
+		return XM_OUT_INVALID;
+	}
+	char *quote = quoted ? quote_of(quoted) : NULL;
+	free(quoted);
 	char *body = concat(quote, prefix, main_text);
 	free(main_text);
 	if (!body) {

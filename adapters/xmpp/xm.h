@@ -116,7 +116,8 @@
  *              <active/>; in_reply_to present and target known:
  *              <reply xmlns='urn:xmpp:reply:0'
  *              id=target's origin-id (or id) to=target.author (when
- *              given: XEP-0461 §3 says SHOULD)/>, and when target.text is given a
+ *              given: XEP-0461 §3 says SHOULD)/>, and when target.content
+ *              has text (chosen as above: what its own body showed) a
  *              "> " quote of its first 200 bytes (cut on a UTF-8 boundary,
  *              "…" marking the cut; every line starts with "> ", white space
  *              at the end dropped, a line feed after it; no quote when
@@ -220,7 +221,8 @@ struct xm_target {
 	const char *id;         /* its XMPP id in this conversation */
 	const char *origin_id;  /* its origin-id, or NULL (then id stands for it) */
 	bool is_last;           /* the last message of its sender in the conversation */
-	const char *text;       /* its plain text (for quotes), or NULL */
+	const json_t *content;  /* its neutral content ({"parts": ...}), or NULL:
+				   a quote shows its text as its own body did */
 	bool is_reaction;       /* (delete) the target is a reaction event */
 	const char *author;     /* its sender's JID (bare in 1:1, room/nick in a
 				   group): a reply's "to", or NULL */

@@ -34,8 +34,11 @@ static const char batch_sql[] =
 	"  JOIN identities s ON s.id = ev.sender_id LEFT JOIN peers p ON p.id = s.peer_id "
 	"  LEFT JOIN events tg ON tg.id = coalesce(ev.replaces_id, CASE WHEN ev.type <> 'reaction' THEN ev.in_reply_to_id END)) "
 	"SELECT r.i, r.t_local, r.t_jid, r.s_local, r.peer, r.room_native, r.t_is_local, r.s_is_local, "
-	/* 8-13: the target (XMPP id, origin-id, is last of its sender, text, is a
-	 * reaction).  "Is last" only for an edit (a correction of the last
+	/* 8-13: the target (XMPP id, origin-id, is last of its sender, its
+	 * content for a quote (a reply's or a correction's only: xm.c takes its
+	 * text as the target's own body showed it; until the twenty-ninth
+	 * session the text/plain part's body alone, and a reply to a message
+	 * of HTML or markdown had no quote), is a reaction).  "Is last" only for an edit (a correction of the last
 	 * message; others are quoted), and read from at most the room's next
 	 * thousand events (more: taken as not last): until the nineteenth
 	 * session every reply, edit and delete walked the room's events after
@@ -52,7 +55,7 @@ static const char batch_sql[] =
 	"   AND coalesce(NOT bool_or(w.sender_id = tg.sender_id AND w.type = 'message'), true) "
 	"   FROM (SELECT l.sender_id, l.type FROM events l WHERE l.room_id = tg.room_id AND l.id > tg.id "
 	"   ORDER BY l.id LIMIT 1000) w) END, "
-	"  (SELECT q->>'body' FROM jsonb_array_elements(tg.content->'content'->'parts') AS q WHERE q->>'type' = 'text/plain' LIMIT 1), "
+	"  CASE WHEN r.type IN ('message', 'edit') THEN (tg.content->'content')::text END, "
 	"  r.tg_type = 'reaction', "
 	/* 14-16: the message reacted to (ids) and the sender's whole set on it */
 	"  r.rt_id IS NOT NULL, "
@@ -109,6 +112,16 @@ static PGresult *batch_lookup(PGconn *c, const char *const *params)
 static const char *col(PGresult *r, int row, int c)
 {
 	return PQgetisnull(r, row, c) ? NULL : PQgetvalue(r, row, c);
+}
+
+/* The JSON of column c, or NULL: when the column is null, or (*oom set)
+ * when the database's JSON could not be read, which only memory stops. */
+static json_t *col_json(PGresult *r, int row, int c, bool *oom)
+{
+	json_t *j = col(r, row, c) ? json_loads(col(r, row, c), 0, NULL) : NULL;
+	if (!j && col(r, row, c))
+		*oom = true;
+	return j;
 }
 
 /* Appends buf (n bytes) to *text (malloc'd; *len its length). */
@@ -212,11 +225,12 @@ static bool build_group(struct xmpp *x, struct outbox_row *row, PGresult *r, int
 		return true; /* XEP-0184 receipts are not for rooms; a read one is a XEP-0333 marker */
 	json_t *occ = xa_muc_occupants(*xc, room, local_jid);
 	const char *id = json_string_value(json_object_get(row->event, "id"));
-	json_t *set = col(r, k, 17) ? json_loads(col(r, k, 17), 0, NULL) : NULL;
+	/* the reaction set not read (memory) is not taken as empty: a removed
+	 * reaction would take all of them away */
+	bool oom = false;
+	json_t *set = col_json(r, k, 17, &oom), *quoted = col_json(r, k, 12, &oom);
 	json_t *ev = peer_media_public(x->app, row->event);
-	/* the reaction set is the database's JSON: not read, memory ran out
-	 * (taken as empty, a removed reaction took all of them away) */
-	bool ok = occ != NULL && (set || !col(r, k, 17));
+	bool ok = occ != NULL && !oom;
 	if (!ok)
 		cw_fail(e, CW_ENOMEM, "out of memory");
 	size_t i;
@@ -232,7 +246,7 @@ static bool build_group(struct xmpp *x, struct outbox_row *row, PGresult *r, int
 			.to = json_string_value(json_array_get(o, 0)),
 			.id = id,
 			.target = { .known = PQgetvalue(r, k, 8)[0] == 't', .id = col(r, k, 24), .origin_id = col(r, k, 24),
-				    .is_last = PQgetvalue(r, k, 11)[0] == 't', .text = col(r, k, 12),
+				    .is_last = PQgetvalue(r, k, 11)[0] == 't', .content = quoted,
 				    .is_reaction = PQgetvalue(r, k, 13)[0] == 't', .author = col(r, k, 30) ? author : NULL },
 			.reacted = { .known = PQgetvalue(r, k, 14)[0] == 't', .id = col(r, k, 25), .origin_id = col(r, k, 25) },
 			.reaction_set = set,
@@ -274,6 +288,7 @@ static bool build_group(struct xmpp *x, struct outbox_row *row, PGresult *r, int
 	}
 	json_decref(ev);
 	json_decref(set);
+	json_decref(quoted);
 	json_decref(occ);
 	if (!ok) {
 		free(*text);
@@ -320,8 +335,11 @@ static bool build(struct xmpp *x, struct outbox_row *row, PGresult *r, int k, st
 		snprintf(idbuf, sizeof(idbuf), "cw-%lld", (long long)row->id);
 		id = idbuf;
 	}
-	json_t *set = col(r, k, 17) ? json_loads(col(r, k, 17), 0, NULL) : NULL;
-	if (!set && col(r, k, 17)) { /* the database's JSON: memory (as in build_group) */
+	bool oom = false;
+	json_t *set = col_json(r, k, 17, &oom), *quoted = col_json(r, k, 12, &oom);
+	if (oom) { /* as in build_group */
+		json_decref(set);
+		json_decref(quoted);
 		cw_fail(e, CW_ENOMEM, "out of memory");
 		return false;
 	}
@@ -330,7 +348,7 @@ static bool build(struct xmpp *x, struct outbox_row *row, PGresult *r, int k, st
 		.to = local_jid,
 		.id = id,
 		.target = { .known = PQgetvalue(r, k, 8)[0] == 't', .id = col(r, k, 9), .origin_id = col(r, k, 10),
-			    .is_last = PQgetvalue(r, k, 11)[0] == 't', .text = col(r, k, 12),
+			    .is_last = PQgetvalue(r, k, 11)[0] == 't', .content = quoted,
 			    .is_reaction = PQgetvalue(r, k, 13)[0] == 't',
 			    .author = PQgetvalue(r, k, 29)[0] == 't' ? local_jid : remote_jid },
 		.reacted = { .known = PQgetvalue(r, k, 14)[0] == 't', .id = col(r, k, 15), .origin_id = col(r, k, 16) },
@@ -345,6 +363,7 @@ static bool build(struct xmpp *x, struct outbox_row *row, PGresult *r, int k, st
 	enum xm_out_result res = ctx ? xm_from_neutral(ctx, ev, &info, &st, why, sizeof(why)) : XM_OUT_NOMEM;
 	json_decref(ev);
 	json_decref(set);
+	json_decref(quoted);
 	if (res == XM_OUT_NONE)
 		return true;
 	if (res != XM_OUT_STANZA) {

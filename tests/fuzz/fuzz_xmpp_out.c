@@ -100,7 +100,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		.to = "alice@example.org",
 		.id = "msg_out00000000000000001",
 		.target = { .known = flags & 1, .id = "t-1", .origin_id = (flags & 2) ? "t-o" : NULL,
-			    .is_last = flags & 4, .text = (flags & 8) ? "an earlier <message> & text" : NULL,
+			    .is_last = flags & 4, .content = (flags & 8) ? json_object_get(ev, "content") : NULL,
 			    .is_reaction = flags & 16 },
 		.reacted = { .known = flags & 32, .id = "r-1", .origin_id = NULL },
 		.reaction_set = (flags & 128) ? set : NULL,

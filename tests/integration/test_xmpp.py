@@ -269,6 +269,40 @@ def test_an_html_only_message_reaches_xmpp_as_readable_text(xd, gk, alice):
     assert body(m) == "Hello\n\n\u2022 one\n\u2022 two\n\nsee the site (https://x.example/)"
 
 
+def test_a_reply_to_a_message_without_plain_text_quotes_what_xmpp_showed_of_it(xd, gk, alice):
+    """A reply to a peer's message whose only text is HTML (or markdown)
+    quotes, for clients without XEP-0461, the text the XMPP user was shown
+    of that message, and the XEP-0428 fallback range covers exactly the
+    quote (until the twenty-ninth session the quote was read from a
+    text/plain part only: such a reply came without one)."""
+    a, _ = gk
+    consent_alice(xd)
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    cases = (("text/html", "<p>Hello <b>you</b></p><ul><li>one</li><li>two</li></ul><script>x()</script>",
+              "Hello you\n\n\u2022 one\n\u2022 two"),
+             ("text/markdown", "**bold** move", "**bold** move"))
+    for i, (kind, text, shown) in enumerate(cases):
+        r = post(a, f"/v1/rooms/{room}/messages", {
+            "type": "message", "sender": a.user("wally"), "content": {"parts": [{"type": kind, "body": text}]}})
+        assert r.status_code == 202, r.text
+        target = r.json()["id"]
+        assert body(message_from(alice, WALLY_JID, lambda el: el.get("id") == target)) == shown
+        answer = f"agreed {i}"
+        r = post(a, f"/v1/rooms/{room}/messages", {
+            "type": "message", "sender": a.user("wally"), "content": {
+                "in_reply_to": target, "parts": [{"type": "text/plain", "body": answer}]}})
+        assert r.status_code == 202, r.text
+        m = message_from(alice, WALLY_JID, lambda el: (body(el) or "").endswith(answer))
+        quote = "".join(f"> {line}\n" for line in shown.split("\n"))
+        assert body(m) == quote + answer, (kind, ET.tostring(m))
+        assert m.find(f"{{{NS_REPLY}}}reply").get("id") == target
+        fallback = m.find("{urn:xmpp:fallback:0}fallback")
+        assert fallback is not None and fallback.get("for") == NS_REPLY, ET.tostring(m)
+        rng = fallback.find("{urn:xmpp:fallback:0}body")
+        assert (rng.get("start"), rng.get("end")) == ("0", str(len(quote))), ET.tostring(m)
+        assert body(m)[int(rng.get("end")):] == answer
+
+
 def test_a_local_user_named_with_capitals_is_the_same_user(xd, gk, alice, pg, db_url):
     """JID localparts are case-insensitive (RFC 7622: the server folds
     them): a peer that writes to mimi://example.org/u/Alice reaches alice,

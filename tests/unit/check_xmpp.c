@@ -681,18 +681,21 @@ END_TEST
 
 /* ------------------------------------------------------------ xm: outbound */
 
+/* A target of the table: when it has text, its content is one part of
+ * that type (text/plain when NULL) with that body. */
 struct named_target {
 	const char *name;
 	struct xm_target t;
+	const char *type, *text;
 };
 
 static const struct named_target targets[] = {
-	{ "-", { .known = false } },
-	{ "last", { true, "m-last", "o-last", true, "Earlier text", false, NULL } },
-	{ "last2", { true, "m-last2", NULL, true, NULL, false, "room@conf.example/Wally" } },
-	{ "old", { true, "m-old", "o-old", false, "Line one\nLine two", false, NULL } },
-	{ "utf8", { true, "m-u", "o-u", false, "h\xc3\xa9llo \xf0\x9f\x91\x8d", false, NULL } },
-	{ "long", { true, "m-long", NULL, false,
+	{ "-", { .known = false }, NULL, NULL },
+	{ "last", { true, "m-last", "o-last", true, NULL, false, NULL }, NULL, "Earlier text" },
+	{ "last2", { true, "m-last2", NULL, true, NULL, false, "room@conf.example/Wally" }, NULL, NULL },
+	{ "old", { true, "m-old", "o-old", false, NULL, false, NULL }, NULL, "Line one\nLine two" },
+	{ "utf8", { true, "m-u", "o-u", false, NULL, false, NULL }, NULL, "h\xc3\xa9llo \xf0\x9f\x91\x8d" },
+	{ "long", { true, "m-long", NULL, false, NULL, false, NULL }, NULL,
 		    "\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9"
 		    "\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9"
 		    "\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9"
@@ -707,23 +710,43 @@ static const struct named_target targets[] = {
 		    "\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9"
 		    "\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9"
 		    "\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9"
-		    "\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9",
-		    false, NULL } },
-	{ "crlf", { true, "m-crlf", NULL, false, "a\r\nb\rc\r\n\r\n", false, NULL } },
-	{ "ctrl", { true, "m-ctrl", NULL, false, "a\001b", false, NULL } },
-	{ "badid", { true, "m\x01", NULL, true, "text", false, NULL } },
-	{ "rx", { true, "m-rx", NULL, false, NULL, true, NULL } },
-	{ "msg", { true, "m-msg", "o-msg", false, NULL, false, NULL } },
-	{ "msg2", { true, "m-msg2", NULL, false, NULL, false, NULL } },
+		    "\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9" },
+	{ "crlf", { true, "m-crlf", NULL, false, NULL, false, NULL }, NULL, "a\r\nb\rc\r\n\r\n" },
+	{ "ctrl", { true, "m-ctrl", NULL, false, NULL, false, NULL }, NULL, "a\001b" },
+	{ "badid", { true, "m\x01", NULL, true, NULL, false, NULL }, NULL, "text" },
+	{ "rx", { true, "m-rx", NULL, false, NULL, true, NULL }, NULL, NULL },
+	{ "html", { true, "m-html", NULL, false, NULL, false, NULL }, "text/html",
+	  "<p>Hi <b>you</b></p><ul><li>one</li></ul><script>x()</script>" },
+	{ "md", { true, "m-md", NULL, false, NULL, false, NULL }, "text/markdown", "**bold** move" },
+	{ "noshow", { true, "m-noshow", NULL, false, NULL, false, NULL }, "text/html", "<script>x()</script>" },
+	{ "msg", { true, "m-msg", "o-msg", false, NULL, false, NULL }, NULL, NULL },
+	{ "msg2", { true, "m-msg2", NULL, false, NULL, false, NULL }, NULL, NULL },
 };
 
+/* The target of that name; its content, when it has one, is new (the
+ * caller frees it with target_free). */
 static struct xm_target target_named(const char *name, int lineno)
 {
-	for (size_t i = 0; i < CW_ARRAY_LEN(targets); i++)
-		if (strcmp(targets[i].name, name) == 0)
-			return targets[i].t;
+	for (size_t i = 0; i < CW_ARRAY_LEN(targets); i++) {
+		const struct named_target *n = &targets[i];
+		if (strcmp(n->name, name) != 0)
+			continue;
+		struct xm_target t = n->t;
+		if (n->text) {
+			t.content = json_pack("{s:[{s:s, s:s}]}", "parts", "type", n->type ? n->type : "text/plain", "body",
+					      n->text);
+			ck_assert_ptr_nonnull(t.content);
+		}
+		return t;
+	}
 	ck_abort_msg("line %d: unknown target %s", lineno, name);
 	return targets[0].t;
+}
+
+static void target_free(struct xm_target *t)
+{
+	json_decref((json_t *)t->content);
+	t->content = NULL;
 }
 
 /* The first child element named name. */
@@ -904,6 +927,8 @@ START_TEST(out_cases)
 				ck_assert_msg(strstr(why, fl[6]) != NULL, "line %d (%s): reason '%s' lacks '%s'", lineno, name,
 					      why, fl[6]);
 		}
+		target_free(&info.target);
+		target_free(&info.reacted);
 		json_decref(set);
 		json_decref(ev);
 		free(ev_text);
@@ -1076,8 +1101,9 @@ START_TEST(out_memory_is_not_invalid)
 		"{\"type\":\"typing\",\"content\":{\"state\":\"start\"}}",
 	};
 	json_t *set = json_loads("[\"+1\", \"x\"]", 0, NULL);
+	json_t *original = json_pack("{s:[{s:s, s:s}]}", "parts", "type", "text/html", "body", "<p>the original</p>");
 	struct xm_out_info info = { .from = FROM, .to = TO, .id = OUT_ID,
-				    .target = { true, "t1", "o1", false, "the original", false, NULL },
+				    .target = { true, "t1", "o1", false, original, false, NULL },
 				    .reacted = { true, "t1", "o1", false, NULL, false, NULL }, .reaction_set = set };
 	for (size_t i = 0; i < CW_ARRAY_LEN(events); i++) {
 		json_t *ev = json_loads(events[i], 0, NULL);
@@ -1104,6 +1130,7 @@ START_TEST(out_memory_is_not_invalid)
 		json_decref(ev);
 	}
 	json_decref(set);
+	json_decref(original);
 	xmpp_ctx_free(c);
 }
 END_TEST
@@ -1123,7 +1150,9 @@ START_TEST(round_trip_property)
 		do
 			random_text(key, 64);
 		while (strlen(key) > 64);
-		struct xm_target a = { true, "m-a", rnd() & 1 ? "o-a" : NULL, true, quoted, false, rnd() & 1 ? "w@x.example" : NULL };
+		json_t *quoted_content = json_pack("{s:[{s:s, s:s}]}", "parts", "type", "text/plain", "body", quoted);
+		struct xm_target a = { true, "m-a", rnd() & 1 ? "o-a" : NULL, true, quoted_content, false,
+				       rnd() & 1 ? "w@x.example" : NULL };
 		struct xm_out_info info = { .from = FROM, .to = TO, .id = OUT_ID };
 		struct rt_tables rt = { NULL };
 		json_t *ev, *set = NULL;
@@ -1198,6 +1227,7 @@ START_TEST(round_trip_property)
 		json_decref(rt.stored);
 		json_decref(set);
 		json_decref(ev);
+		json_decref(quoted_content);
 	}
 	for (size_t k = 0; k < CW_ARRAY_LEN(kinds); k++)
 		ck_assert_int_gt(counts[k], 100);
