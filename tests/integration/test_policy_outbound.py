@@ -33,6 +33,31 @@ def limit_records(pg, db_url):
                    "ORDER BY id) FROM audit_log WHERE action = 'policy.limit'", db_url)
 
 
+def denials(pg, db_url):
+    """The policy's denials audited: "reason rule", in order, comma-separated."""
+    return pg.psql("SELECT string_agg(reason_code || ' ' || rule_id, ',' ORDER BY id) FROM audit_log "
+                   "WHERE action = 'policy.deny'", db_url)
+
+
+def stored_lines(pg, db_url, network):
+    """Her stored messages of that network, in order, as "outbox state,
+    body" ("-": its content not kept, as a deny leaves it), comma-separated."""
+    return pg.psql("SELECT string_agg(coalesce(o.state, 'none') || ' ' || "
+                   "coalesce(e.content #>> '{content,parts,0,body}', '-'), ',' ORDER BY e.id) "
+                   f"FROM events e LEFT JOIN outbox o ON o.event_id = e.id WHERE e.origin_network = '{network}' "
+                   "AND e.type = 'message'", db_url)
+
+
+CLOSED_TEXT = "Not delivered: this server does not exchange messages with their network."
+
+
+def close_wa(d):
+    """A rule that closes wa.example (the peer gk's domain): its id."""
+    r = d.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example", "mode": "closed"})
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
 def xmpp_events(pg, db_url):
     return pg.psql("SELECT count(*) FROM events WHERE origin_network = 'xmpp' AND type = 'message'", db_url)
 
@@ -143,8 +168,7 @@ def test_an_oversized_first_line_takes_no_new_conversation(xd, gk, alice, pg, db
     assert (etype, conds, text) == \
         ("cancel", ["service-unavailable"], "Not delivered: it is larger than this server allows to them."), \
         (etype, conds, text)
-    assert pg.psql("SELECT string_agg(reason_code || ' ' || rule_id, ',') FROM audit_log "
-                   "WHERE action = 'policy.deny'", db_url) == f"too_large {rule}"
+    assert denials(pg, db_url) == f"too_large {rule}"
     # Her next, normal, line to him still starts the one conversation.
     alice.send_message(WALLY_JID, "hi wally")
     got = srv.wait_events(1)
@@ -207,22 +231,18 @@ def test_over_her_limit_to_a_closed_domain_she_is_told_to_wait(xd, gk, alice, pg
                                         "limits": {"outbound_messages_per_minute_per_user": 1}})
     assert r.status_code == 201, r.text
     rule = r.json()["id"]
-    r = xd.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example", "mode": "closed"})
-    assert r.status_code == 201, r.text
+    closed = close_wa(xd)
     # Within her limit: refused for good.
     sid = alice.send_message(WALLY_JID, "one")
     etype, conds, text = stanza_error(alice, sid)
-    assert (etype, conds, text) == \
-        ("cancel", ["service-unavailable"],
-         "Not delivered: this server does not exchange messages with their network."), (etype, conds, text)
+    assert (etype, conds, text) == ("cancel", ["service-unavailable"], CLOSED_TEXT), (etype, conds, text)
     # It took no token: opened again, her next message goes.
-    assert xd.admin("DELETE", f"/rules/{r.json()['id']}").status_code == 200
+    assert xd.admin("DELETE", f"/rules/{closed}").status_code == 200
     alice.send_message(WALLY_JID, "two")
     got = srv.wait_events(1)
     assert got[0]["sender"] == ALICE and got[0]["content"]["parts"][0]["body"] == "two"
     # Closed again, her bucket now empty: the limit answers, a wait.
-    r = xd.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example", "mode": "closed"})
-    assert r.status_code == 201, r.text
+    close_wa(xd)
     sid = alice.send_message(WALLY_JID, "three")
     etype, conds, text = stanza_error(alice, sid)
     assert (etype, conds) == ("wait", ["resource-constraint"]), (etype, conds, text)
@@ -230,6 +250,8 @@ def test_over_her_limit_to_a_closed_domain_she_is_told_to_wait(xd, gk, alice, pg
         "Not delivered: you sent more messages than this server allows in a minute; write again in "), text
     assert limit_records(pg, db_url) == \
         f"rate_limited_local_sender {rule} {ALICE} outbound message true true"
-    assert pg.psql("SELECT string_agg(reason_code, ',') FROM audit_log WHERE action = 'policy.deny'",
-                   db_url) == "server_closed"
+    assert denials(pg, db_url) == f"server_closed {closed}"
+    # Nothing of "three" is stored; "one", denied, is kept as a deny keeps
+    # a message: its row dropped, its content not stored.
+    wait_until(lambda: stored_lines(pg, db_url, "xmpp") == "dropped -,delivered two", what="her lines as stored")
     assert len(srv.events) == 1

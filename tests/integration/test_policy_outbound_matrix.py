@@ -11,18 +11,19 @@ import time
 from harness import wait_until
 from test_matrix import ALICE, alice_writes_to_wally, metrics
 from test_matrix import gk, hs, mx  # noqa: F401  (the fixtures)
-from test_policy_outbound import limit_records
+from test_policy_outbound import CLOSED_TEXT, close_wa, denials, limit_records, stored_lines
 
 TOO_MANY = re.compile(r"Not delivered: you sent more messages than this server allows in a minute; "
                       r"write again in (\d+) s\.")
 
 
-def limited_room(mx, hs, gk, per_minute):
-    """alice's direct room with wally under a rule of per_minute messages:
-    (alice, the room, the rule's id, her notices there, the texts at the
-    peer, how many of her events were refused)."""
+def limited_room(mx, hs, gk, per_minute, scope="domain", pattern="wa.example"):
+    """alice's direct room with wally under a rule (of wally's domain
+    unless scope and pattern say) of per_minute messages: (alice, the
+    room, the rule's id, her notices there, the texts at the peer, how
+    many of her events were refused)."""
     a, srv = gk
-    r = mx.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example",
+    r = mx.admin("POST", "/rules", json={"scope": scope, "pattern": pattern,
                                         "limits": {"outbound_messages_per_minute_per_user": per_minute}})
     assert r.status_code == 201, r.text
     alice, room, ghost = alice_writes_to_wally(hs, a)
@@ -49,6 +50,10 @@ def all_told(pg, db_url, notices, n):
     return notices()
 
 
+def matrix_messages(pg, db_url):
+    return pg.psql("SELECT count(*) FROM events WHERE origin_network = 'matrix' AND type = 'message'", db_url)
+
+
 def test_a_matrix_users_messages_past_her_outbound_limit_are_refused_and_told(mx, hs, gk, pg, db_url):
     """The notice names the limit and the wait (as XMPP's error text does;
     until the twenty-sixth session it said "too many messages; write again
@@ -64,8 +69,7 @@ def test_a_matrix_users_messages_past_her_outbound_limit_are_refused_and_told(mx
     assert 0 < int(TOO_MANY.fullmatch(told[0]).group(1)) <= 30, told  # one of 2 a minute comes back in 30 s
     time.sleep(0.3)
     assert texts() == ["spam 0", "spam 1"]
-    assert pg.psql("SELECT count(*) FROM events WHERE origin_network = 'matrix' AND type = 'message'",
-                   db_url) == "2"
+    assert matrix_messages(pg, db_url) == "2"
     assert limit_records(pg, db_url) == \
         f"rate_limited_local_sender {rule} {ALICE} outbound message true true"
 
@@ -88,8 +92,7 @@ def test_a_flood_past_the_limit_is_told_once_until_the_wait_is_over(mx, hs, gk, 
     assert len(told) == 1 and TOO_MANY.fullmatch(told[0]), told
     wait_s = int(TOO_MANY.fullmatch(told[0]).group(1))
     assert 0 < wait_s <= 5, told
-    assert pg.psql("SELECT count(*) FROM events WHERE origin_network = 'matrix' AND type = 'message'",
-                   db_url) == "12"
+    assert matrix_messages(pg, db_url) == "12"
     # The wait is over (time itself is the condition): one gets through,
     # the next is refused and told again.
     time.sleep(max(0.0, first_told + wait_s + 0.5 - time.time()))
@@ -99,6 +102,38 @@ def test_a_flood_past_the_limit_is_told_once_until_the_wait_is_over(mx, hs, gk, 
     wait_until(lambda: refused() == base + 4, what="the next refusal")
     told = all_told(pg, db_url, notices, 2)
     assert len(told) == 2 and all(TOO_MANY.fullmatch(x) for x in told), told
+
+
+def test_over_her_limit_to_a_closed_domain_she_is_told_to_wait(mx, hs, gk, pg, db_url):
+    """As on XMPP (test_policy_outbound.py, the spec's precedence: rate
+    limits (3) before a closed server (4), since the twenty-eighth
+    session): within her limit a line to a closed domain is refused for
+    good, she is told so, and it takes no token; over her limit she is
+    told to wait, in the limit's notice, and nothing of it is stored or
+    reaches the peer."""
+    alice, room, rule, notices, texts, refused = limited_room(mx, hs, gk, 1, scope="network", pattern="peer:gk")
+    closed = close_wa(mx)
+    # Within her limit: refused for good.
+    alice.send_text(room, "one")
+    assert all_told(pg, db_url, notices, 1) == [CLOSED_TEXT]
+    # It took no token: opened again, her next line goes.
+    assert mx.admin("DELETE", f"/rules/{closed}").status_code == 200
+    alice.send_text(room, "two")
+    wait_until(lambda: texts() == ["two"], what="her line at the peer")
+    # Closed again, her bucket now empty: the limit answers, a wait.
+    close_wa(mx)
+    base = refused()
+    alice.send_text(room, "three")
+    told = all_told(pg, db_url, notices, 2)
+    assert len(told) == 2 and TOO_MANY.fullmatch(told[1]), told
+    assert 0 < int(TOO_MANY.fullmatch(told[1]).group(1)) <= 60, told
+    wait_until(lambda: refused() == base + 1, what="the refusal counted")
+    assert limit_records(pg, db_url) == f"rate_limited_local_sender {rule} {ALICE} outbound message true true"
+    assert denials(pg, db_url) == f"server_closed {closed}"
+    assert texts() == ["two"]
+    # Nothing of "three" is stored; "one", denied, is kept as a deny keeps
+    # a message: its row dropped, its content not stored.
+    wait_until(lambda: stored_lines(pg, db_url, "matrix") == "dropped -,delivered two", what="her lines as stored")
 
 
 def test_two_lines_to_someone_new_in_one_transaction_start_one_conversation(mx, hs, gk, pg, db_url):
@@ -152,8 +187,7 @@ def test_an_oversized_first_line_from_matrix_takes_no_new_conversation(mx, hs, g
     alice.send_text(room, "x" * 200)
     assert all_told(pg, db_url, lambda: notices(room, ghost), 1) == \
         ["Not delivered: it is larger than this server allows to them."]
-    assert pg.psql("SELECT string_agg(reason_code || ' ' || rule_id, ',') FROM audit_log "
-                   "WHERE action = 'policy.deny'", db_url) == f"too_large {rule}"
+    assert denials(pg, db_url) == f"too_large {rule}"
     alice.send_text(room, "hi wally")
     wait_until(lambda: texts() == ["hi wally"], what="her normal line at the peer")
     # That used the hour's one: a first line to wanda is refused by the limit.
