@@ -124,6 +124,7 @@ static void stream_parse(const uint8_t *data, size_t size)
 		stopped = XML_Parse(s.p, (const char *)data + i, (int)n, XML_FALSE) == XML_STATUS_ERROR ||
 			  xa_xml_refused(&why) != NULL;
 	}
+	xa_xml_flush(); /* what reads within a long tag left held back, as the idle stream's loop does */
 	xa_xml_refused(&why);
 	XML_ParserFree(s.p);
 }
