@@ -700,6 +700,10 @@ static void parser_memory(struct xcomp *xc)
 		LOG_KV(CW_LOG_INFO, "xmpp: the stream's parser was renewed, what it held past its bound dropped",
 		       "component", xc->domain, "renewals", n, "bound_bytes", bound);
 	}
+	const char *off = xa_xml_renewal_off();
+	if (off)
+		LOG_KV(CW_LOG_WARN, "xmpp: the stream's parser will not be renewed on this stream", "component",
+		       xc->domain, "detail", off);
 	atomic_store(&xc->parser_bytes, xa_xml_held());
 }
 
@@ -1094,7 +1098,8 @@ static void refuse_stream(struct xcomp *xc, const char *why, enum xa_xml_stop ki
  * nothing; libstrophe then reads and writes what is ready without waiting.
  * Connecting and the handshake use libstrophe's loop with short turns.
  * Reads within a long tag may be held back from expat (xmpp_xml.c, take):
- * once nothing more comes for HOLD_WAIT_MS, they are read. */
+ * once no read has come for HOLD_WAIT_MS, or the server has closed its
+ * side, they are read. */
 static void turn(struct xcomp *xc, int64_t next_house)
 {
 	if (xc->state != XC_UP || xc->sock_fd < 0) { /* state: only this thread writes it */
@@ -1102,7 +1107,8 @@ static void turn(struct xcomp *xc, int64_t next_house)
 		xa_xml_flush();
 		return;
 	}
-	struct pollfd p[2] = { { .fd = xc->sock_fd, .events = POLLIN }, { .fd = xc->wake_fd[0], .events = POLLIN } };
+	struct pollfd p[2] = { { .fd = xc->sock_fd, .events = POLLIN | POLLRDHUP },
+			       { .fd = xc->wake_fd[0], .events = POLLIN } };
 	if (xmpp_conn_send_queue_len(xc->conn) > 0)
 		p[0].events |= POLLOUT;
 	int64_t wait = next_house - mono_ms();
@@ -1110,17 +1116,19 @@ static void turn(struct xcomp *xc, int64_t next_house)
 		wait = 0;
 	if (wait > IDLE_WAIT_MS)
 		wait = IDLE_WAIT_MS;
-	bool holding = xa_xml_holding();
-	if (holding && wait > HOLD_WAIT_MS)
-		wait = HOLD_WAIT_MS;
-	int ready = poll(p, 2, (int)wait);
-	if (ready > 0 && (p[1].revents & POLLIN)) {
+	long held_for = xa_xml_held_for_ms();
+	if (held_for >= 0 && wait > HOLD_WAIT_MS - held_for)
+		wait = held_for < HOLD_WAIT_MS ? HOLD_WAIT_MS - held_for : 0;
+	if (poll(p, 2, (int)wait) > 0 && (p[1].revents & POLLIN)) {
 		char buf[256];
 		while (read(xc->wake_fd[0], buf, sizeof(buf)) > 0)
 			;
 	}
-	if (holding && !(ready > 0 && (p[0].revents & POLLIN)))
-		xa_xml_flush(); /* nothing more came */
+	/* Held reads are read once none has come for a while, and before the
+	 * read that finds the server's side closed (libstrophe would reset the
+	 * parser, and what is held with it). */
+	if (xa_xml_held_for_ms() >= HOLD_WAIT_MS || (xa_xml_holding() && (p[0].revents & (POLLRDHUP | POLLHUP))))
+		xa_xml_flush();
 	xmpp_run_once(xc->ctx, 0);
 }
 

@@ -374,25 +374,29 @@ bool xa_xml_guards_libstrophe(void);
 bool xa_xml_cut(void);
 /* Expat keeps every distinct name it reads (of elements, attributes,
  * prefixes) for its parser's life, a reset included: the watched
- * parser's reads go to a parser of the guard's own, renewed between two
- * stanzas (the stream header read again, unseen by the handlers set) once
+ * parser's reads go to a parser of the guard's own, renewed at a stanza's
+ * end (the stream header read again, unseen by the handlers set) once
  * what it holds passes xa_xml_renew_bound(): twice the cap, at least
  * 1 MiB.  xa_xml_held: the bytes it holds now; xa_xml_renewed: the
  * renewals since last asked (a reset or free forgets them);
- * xa_xml_renew_at: another bound, for tests (1: at every stanza's end a
- * read leaves clean).  All of this thread's watched parser. */
+ * xa_xml_renew_at: another bound, for tests (1: at every stanza's end).
+ * All of this thread's watched parser. */
 long xa_xml_held(void);
 long xa_xml_renew_bound(void);
 unsigned long xa_xml_renewed(void);
 void xa_xml_renew_at(long bytes);
 /* Expat 2.5 scans a token still coming from its start again at each read:
- * reads within a long one are held back until they add up to what expat
- * holds of it (a read shorter than the longest seen is given at once).
- * xa_xml_holding: some are held; xa_xml_flush gives them to expat now
- * (the stream is idle: the component thread's loop); xa_xml_scanned: the
- * bytes expat scanned since last asked. */
+ * within a long one (16 KiB or more), reads are held back until they add
+ * up to what expat holds of it.  xa_xml_holding: some are held;
+ * xa_xml_held_for_ms: since when the last read came (-1: none held);
+ * xa_xml_flush gives them to expat now (no read for a while: the
+ * component thread's loop); xa_xml_scanned: the bytes expat scanned
+ * since last asked.  xa_xml_renewal_off: why renewal ended for this
+ * stream, once (else NULL). */
 bool xa_xml_holding(void);
+long xa_xml_held_for_ms(void);
 void xa_xml_flush(void);
 long xa_xml_scanned(void);
+const char *xa_xml_renewal_off(void);
 
 #endif

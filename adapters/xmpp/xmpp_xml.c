@@ -184,9 +184,13 @@ static __thread bool ended; /* </stream:stream> was read: nothing is open */
 /* What work is made with: the watched parser's encoding, memory
  * functions and namespace separator. */
 static __thread char *made_encoding;
-static __thread const XML_Memory_Handling_Suite *made_mem;
+static __thread XML_Memory_Handling_Suite made_mem; /* a copy: the caller's may not outlive the call */
+static __thread bool made_own_mem;                  /* made_mem set (else malloc's) */
 static __thread XML_Char made_sep;
 static __thread bool made_ns;
+/* The encoding the stream's XML declaration named (a renewed work is made
+ * with it, as it reads the header again without the declaration). */
+static __thread char *decl_encoding;
 /* The stream's start tag as it came (replayed into a renewed work), the
  * bytes expat holds for work, the bound past which it is renewed, the
  * renewals not yet told (xa_xml_renewed), and whether the header is being
@@ -196,10 +200,18 @@ static __thread int header_len;
 static __thread long held, renew_at;
 static __thread unsigned long renewals;
 static __thread bool replaying;
-/* Reads held back within a long token (take), the longest read given,
+/* A renewal due: work was stopped (suspended) at the end of a stanza, the
+ * byte after which is renew_from; renew_inline: feed gives a read as
+ * bytes of its own, which the stop may leave the rest of to a new work
+ * (not so a read in expat's buffer, XML_ParseBuffer). */
+static __thread bool renew_due, renew_inline;
+static __thread XML_Index renew_from;
+static __thread const char *renew_off; /* why renewal ended for this stream, until read */
+/* Reads held back within a long token (take), when the last one came,
  * and the bytes expat scanned (xa_xml_scanned). */
 static __thread char *hold;
-static __thread int hold_len, hold_size, longest;
+static __thread int hold_len, hold_size;
+static __thread int64_t last_read_us; /* when the last read came, while some are held */
 static __thread long scanned;
 
 /* ------------------------------------------------------------ work's memory */
@@ -215,7 +227,7 @@ static void *mm_malloc(size_t n)
 {
 	if (n > SIZE_MAX - MM_HEAD)
 		return NULL;
-	char *b = made_mem ? made_mem->malloc_fcn(n + MM_HEAD) : malloc(n + MM_HEAD);
+	char *b = made_own_mem ? made_mem.malloc_fcn(n + MM_HEAD) : malloc(n + MM_HEAD);
 	if (!b)
 		return NULL;
 	*(size_t *)(void *)b = n;
@@ -231,7 +243,7 @@ static void *mm_realloc(void *q, size_t n)
 		return NULL;
 	char *b = (char *)q - MM_HEAD;
 	size_t was = *(size_t *)(void *)b;
-	b = made_mem ? made_mem->realloc_fcn(b, n + MM_HEAD) : realloc(b, n + MM_HEAD);
+	b = made_own_mem ? made_mem.realloc_fcn(b, n + MM_HEAD) : realloc(b, n + MM_HEAD);
 	if (!b)
 		return NULL;
 	*(size_t *)(void *)b = n;
@@ -245,8 +257,8 @@ static void mm_free(void *q)
 		return;
 	char *b = (char *)q - MM_HEAD;
 	held -= (long)*(size_t *)(void *)b;
-	if (made_mem)
-		made_mem->free_fcn(b);
+	if (made_own_mem)
+		made_mem.free_fcn(b);
 	else
 		free(b);
 }
@@ -330,6 +342,18 @@ static void XMLCALL on_start(void *u, const XML_Char *name, const XML_Char **att
 		their_start(u, name, atts);
 }
 
+/* At a stanza's end, once work holds more than its bound: work stops
+ * there (resumable: expat suspends after this event), for feed to renew
+ * it and give the rest of the read to the new one. */
+static void renew_after(int level)
+{
+	if (level == 2 && renew_inline && !replaying && header && held > renew_at && !halted) {
+		renew_due = true;
+		renew_from = real.index(cur) + real.count(cur);
+		real.stop(cur, XML_TRUE);
+	}
+}
+
 static void XMLCALL on_end(void *u, const XML_Char *name)
 {
 	if (halted)
@@ -348,6 +372,7 @@ static void XMLCALL on_end(void *u, const XML_Char *name)
 	if (their_end)
 		their_end(u, name);
 	cut_ending = false;
+	renew_after(level);
 }
 
 static void XMLCALL on_chars(void *u, const XML_Char *s, int len)
@@ -381,12 +406,11 @@ static XML_Index open_from(void)
  * a read is cut only where the cap falls inside it: of a stanza past the
  * cap, the handlers set on the parser (libstrophe's, which build it) are
  * given no more than its first cap bytes. */
-static void maybe_renew(const char *end, int given, int final);
+static bool renew(void);
 
 static enum XML_Status feed(XML_Parser p, const char *s, int len, int final, bool buffer)
 {
 	enum XML_Status st;
-	const int given = len;
 	for (;;) {
 		int n = len;
 		XML_Index room = cap ? open_from() + cap - fed : len;
@@ -396,7 +420,23 @@ static enum XML_Status feed(XML_Parser p, const char *s, int len, int final, boo
 			n = (int)room;
 		XML_Index at = real.index(p); /* expat scans again what it holds unfinished, from there */
 		scanned += n + (at >= 0 && at < fed ? fed - at : 0);
+		renew_inline = !buffer;
 		st = buffer ? real.parse_buffer(p, n, final && n == len) : real.parse(p, s, n, final && n == len);
+		renew_inline = false;
+		if (renew_due) { /* stopped at a stanza's end (renew_after): the rest to a new work */
+			renew_due = false;
+			XML_Index used = renew_from - fed;
+			if (st == XML_STATUS_SUSPENDED && !halted && used >= 0 && used <= n && renew()) {
+				p = work;
+				s += used;
+				len -= (int)used;
+				if (len == 0)
+					return XML_STATUS_OK;
+				continue;
+			}
+			if (st == XML_STATUS_SUSPENDED && !halted) /* not renewed (renew says why): read on */
+				st = real.resume(p);
+		}
 		if (st == XML_STATUS_ERROR || halted)
 			return st;
 		fed += n;
@@ -410,24 +450,24 @@ static enum XML_Status feed(XML_Parser p, const char *s, int len, int final, boo
 			}
 			cut_open = depth; /* a stanza: cut, and read on to its end */
 		}
-		if (st != XML_STATUS_OK)
+		if (st != XML_STATUS_OK || len == 0)
 			return st;
-		if (len == 0) {
-			maybe_renew(s, given, final);
-			return st;
-		}
 	}
 }
 
 /* A read for the watched parser.  Expat 2.5 scans a token still coming
  * (a tag) from its start again at each read it is given: a tag of 1 MiB
- * in libstrophe's 4 KiB reads was scanned some 128 MB.  A read is held
- * back while, with those held before it, it is shorter than what expat
- * holds unfinished, so that each scan at least doubles what it has (the
- * scanning of a token is then linear); a read shorter than the longest
- * seen (the server paused, or is done) is given at once, with what is
- * held; so is what is held when the stream is idle (xa_xml_flush).  What
- * is held is less than what expat holds, itself within the cap. */
+ * in libstrophe's 4 KiB reads was scanned some 128 MB.  Within a token of
+ * HOLD_FROM bytes or more, a read is held back while, with those held
+ * before it, it is shorter than what expat holds of the token, so that
+ * each scan at least doubles what it has (the scanning of a token is
+ * then linear, whatever the reads' sizes); what is held is given with the
+ * read that makes it enough, or when no read has come for a while
+ * (xa_xml_flush, from the component thread's loop).  What is held is
+ * less than what expat holds, itself within the cap.  Below HOLD_FROM a
+ * scan costs little, and nothing waits. */
+#define HOLD_FROM 16384
+
 static bool hold_back(const char *s, int len)
 {
 	if (len > INT_MAX - hold_len)
@@ -449,12 +489,12 @@ static bool hold_back(const char *s, int len)
 
 static enum XML_Status take(const char *s, int len, int final)
 {
-	if (len > longest)
-		longest = len;
 	XML_Index at = real.index(work);
 	XML_Index open = at >= 0 && at <= fed ? fed - at : 0;
-	if (!final && len == longest && open > 0 && (XML_Index)hold_len + len < open && hold_back(s, len))
+	if (!final && open >= HOLD_FROM && (XML_Index)hold_len + len < open && hold_back(s, len)) {
+		last_read_us = cw_now_us();
 		return XML_STATUS_OK;
+	}
 	if (hold_len) { /* given with what is held, in one scan */
 		if (!hold_back(s, len)) {
 			int n = hold_len;
@@ -491,6 +531,13 @@ static void XMLCALL on_pi(void *u, const XML_Char *target, const XML_Char *data)
 	refuse("a processing instruction");
 }
 
+/* The stream's XML declaration: the encoding it names, for renew. */
+static void XMLCALL on_decl(void *u, const XML_Char *version, const XML_Char *encoding, int standalone)
+{
+	free(decl_encoding);
+	decl_encoding = encoding && strlen(encoding) < 64 ? strdup(encoding) : NULL;
+}
+
 static XML_Parser guard(XML_Parser p)
 {
 	if (!p)
@@ -500,6 +547,7 @@ static XML_Parser guard(XML_Parser p)
 	XML_SetCommentHandler(p, on_comment);
 	XML_SetProcessingInstructionHandler(p, on_pi);
 	if (p == work) { /* made, reset or renewed: nothing read */
+		XML_SetXmlDeclHandler(p, on_decl);
 		real.set_element(p, on_start, on_end);
 		real.set_chars(p, on_chars);
 		/* expat 2.6 may leave a token still coming unparsed for a few
@@ -516,7 +564,7 @@ static XML_Parser guard(XML_Parser p)
 /* A new work, guarded, with nothing read. */
 static XML_Parser make_work(void)
 {
-	work = real.create_mm(made_encoding, &counted, made_ns ? &made_sep : NULL);
+	work = real.create_mm(made_encoding ? made_encoding : decl_encoding, &counted, made_ns ? &made_sep : NULL);
 	return guard(work);
 }
 
@@ -537,23 +585,26 @@ static void fresh_stream(void)
 	header = NULL;
 	header_len = 0;
 	renewals = 0;
-	hold_len = longest = 0;
+	hold_len = 0;
+	renew_due = false;
+	renew_off = NULL;
+	free(decl_encoding);
+	decl_encoding = NULL;
 }
 
-/* Work is renewed: a new one reads the stream's start tag again (the
- * handlers set are not told), then the bytes of a token the old one held
- * unfinished (pending of them, at the end of this read), and the old one
- * is freed, with every name it kept.  Between stanzas only: depth 1,
- * nothing cut, nothing open.  If the new one cannot be made, or cannot
- * read the header again (it read it once), the old one goes on. */
-static void renew(const char *pending_at, int pending)
+/* Work is renewed, stopped at a stanza's end (renew_after): a new one,
+ * made with the encoding the stream declared, reads the stream's start
+ * tag again (the handlers set are not told), and the old one is freed,
+ * with every name it kept.  If the new one cannot be made, the old one
+ * goes on (the next stanza's end tries again); if it cannot read the
+ * header again (it read it once: a server that changed encodings, say),
+ * renewal ends for this stream, and renew_off says why once. */
+static bool renew(void)
 {
 	XML_Parser old = work;
-	int old_depth = depth;
-	XML_Index old_fed = fed;
 	if (!make_work()) {
 		work = old;
-		return;
+		return false;
 	}
 	cur = work;
 	real.set_user(work, their_user);
@@ -561,38 +612,20 @@ static void renew(const char *pending_at, int pending)
 	replaying = true;
 	enum XML_Status st = real.parse(work, header, header_len, XML_FALSE);
 	replaying = false;
-	if (st == XML_STATUS_OK && !halted && depth == 1 && pending)
-		st = real.parse(work, pending_at, pending, XML_FALSE);
 	if (st != XML_STATUS_OK || halted || depth != 1) {
 		real.free(work);
 		work = cur = old;
-		depth = old_depth;
-		fed = old_fed;
+		depth = 1;
 		halted = false;
-		free(header); /* no renewal any more */
+		free(header);
 		header = NULL;
-		return;
+		renew_off = "the stream's start tag could not be read again";
+		return false;
 	}
-	fed = header_len + pending;
+	fed = header_len;
 	real.free(old);
 	renewals++;
-}
-
-/* At the end of a read of given bytes (up to end, when they were given
- * as such): work is renewed if it holds more than the bound, is between
- * stanzas, and what it holds unread (a token still coming) is within the
- * read, to be read again. */
-static void maybe_renew(const char *end, int given, int final)
-{
-	if (!header || halted || final || held <= renew_at || depth != 1 || cut_open)
-		return;
-	XML_Index at = real.index(work);
-	if (at < 0 || at > fed)
-		return;
-	XML_Index pending = fed - at;
-	if (pending > 0 && (!end || pending > given))
-		return;
-	renew(end ? end - pending : NULL, (int)pending);
+	return true;
 }
 
 static long bound_for(long c)
@@ -608,7 +641,9 @@ static void making(const XML_Char *encoding, const XML_Memory_Handling_Suite *me
 		return;
 	free(made_encoding);
 	made_encoding = encoding ? strdup(encoding) : NULL;
-	made_mem = mem;
+	made_own_mem = mem != NULL;
+	if (mem)
+		made_mem = *mem;
 	made_ns = sep != NULL;
 	made_sep = sep ? *sep : 0;
 }
@@ -623,7 +658,9 @@ static void forget_work(void)
 	header_len = 0;
 	free(hold);
 	hold = NULL;
-	hold_len = hold_size = longest = 0;
+	hold_len = hold_size = 0;
+	free(decl_encoding);
+	decl_encoding = NULL;
 }
 
 static XML_Parser made(XML_Parser p)
@@ -764,11 +801,10 @@ enum XML_Status XML_Parse(XML_Parser p, const char *s, int len, int final)
 	if (p && p == watched && halted)
 		return XML_STATUS_OK;
 	XML_Parser outer = cur; /* a stanza handler may parse a string of its own */
-	if (p && p == watched)
-		p = work;
-	cur = p;
-	enum XML_Status st = p && p == work ? take(s, len, final) : real.parse(p, s, len, final);
-	st = parsed(p == work ? work : p, st); /* work may be a new one (renew) */
+	bool ours = p && p == watched;
+	cur = ours ? work : p;
+	enum XML_Status st = ours ? take(s, len, final) : real.parse(p, s, len, final);
+	st = parsed(ours ? work : p, st); /* work may be a new one (renew) */
 	cur = outer;
 	return st;
 }
@@ -779,11 +815,10 @@ enum XML_Status XML_ParseBuffer(XML_Parser p, int len, int final)
 	if (p && p == watched && halted)
 		return XML_STATUS_OK;
 	XML_Parser outer = cur;
-	if (p && p == watched)
-		p = work;
-	cur = p;
-	enum XML_Status st = p && p == work ? feed(p, NULL, len, final, true) : real.parse_buffer(p, len, final);
-	st = parsed(p == work ? work : p, st);
+	bool ours = p && p == watched;
+	cur = ours ? work : p;
+	enum XML_Status st = ours ? feed(work, NULL, len, final, true) : real.parse_buffer(p, len, final);
+	st = parsed(ours ? work : p, st);
 	cur = outer;
 	return st;
 }
@@ -812,7 +847,12 @@ XML_Size XML_GetCurrentLineNumber(XML_Parser p) { return real.line(reads(p)); }
 XML_Size XML_GetCurrentColumnNumber(XML_Parser p) { return real.column(reads(p)); }
 enum XML_Status XML_StopParser(XML_Parser p, XML_Bool resumable) { return real.stop(reads(p), resumable); }
 enum XML_Status XML_ResumeParser(XML_Parser p) { return real.resume(reads(p)); }
-void *XML_GetBuffer(XML_Parser p, int len) { return real.get_buffer(reads(p), len); }
+void *XML_GetBuffer(XML_Parser p, int len)
+{
+	if (p && p == watched) /* what is held goes before what the buffer will hold */
+		xa_xml_flush();
+	return real.get_buffer(reads(p), len);
+}
 void XML_GetParsingStatus(XML_Parser p, XML_ParsingStatus *status) { real.status(reads(p), status); }
 const char *XML_GetInputContext(XML_Parser p, int *offset, int *size) { return real.context(reads(p), offset, size); }
 
@@ -833,6 +873,15 @@ long xa_xml_renew_bound(void) { return renew_at; }
 void xa_xml_renew_at(long bytes) { renew_at = bytes; }
 
 bool xa_xml_holding(void) { return hold_len > 0; }
+
+long xa_xml_held_for_ms(void) { return hold_len > 0 ? (long)((cw_now_us() - last_read_us) / 1000) : -1; }
+
+const char *xa_xml_renewal_off(void)
+{
+	const char *why = renew_off;
+	renew_off = NULL;
+	return why;
+}
 
 void xa_xml_flush(void)
 {

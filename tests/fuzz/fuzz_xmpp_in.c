@@ -11,9 +11,10 @@
  * the stanza size cap) is linked in, as in causewayd: libstrophe's parse
  * goes through it, and the input is also fed, as the content of a stream,
  * to a parser watched as the stream's is, under a small cap, in reads cut
- * where its first byte says (and, by its bit 6, renewed at every
- * stanza's end a read leaves clean, xa_xml_renew_at, or never: the
- * input is far below the bound).  Properties, whatever the reads: no start
+ * where its first byte says (its low six bits: the size of every read,
+ * or with bit 7 set, of the first, each next one's size from the byte it
+ * starts at; bit 6: the parser renewed at every stanza's end,
+ * xa_xml_renew_at, or never: the input is far below the bound).  Properties, whatever the reads: no start
  * tag or text of a stanza (a child of the root) past its first cap bytes
  * reaches the handlers set on that parser (the ends of the elements they
  * have open do, of a stanza cut there), and a stanza ends there cut
@@ -120,6 +121,8 @@ static void stream_parse(const uint8_t *data, size_t size)
 	enum xa_xml_stop why;
 	bool stopped = XML_Parse(s.p, root, (int)strlen(root), XML_FALSE) == XML_STATUS_ERROR;
 	for (size_t i = 1; i < size && !stopped; i += step) {
+		if ((data[0] & 128) && i > 1)
+			step = (size_t)data[i] % 64 + 1;
 		size_t n = size - i < step ? size - i : step;
 		stopped = XML_Parse(s.p, (const char *)data + i, (int)n, XML_FALSE) == XML_STATUS_ERROR ||
 			  xa_xml_refused(&why) != NULL;
