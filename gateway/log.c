@@ -14,6 +14,8 @@
 
 atomic_int cw_log_threshold = CW_LOG_INFO;
 static atomic_int log_fd = 2;
+static _Atomic(int64_t (*)(void)) log_clock = cw_wall_ms;
+static _Atomic(struct cw_log_limit *) log_limits; /* the registry: every limiter used */
 static _Thread_local const char *log_request_id;
 
 static const char *const level_names[] = { "error", "warn", "info", "debug" };
@@ -38,6 +40,8 @@ const char *cw_log_level_name(int level)
 }
 
 void cw_log_set_fd(int fd) { atomic_store(&log_fd, fd); }
+void cw_log_set_clock(int64_t (*clock_ms)(void)) { atomic_store(&log_clock, clock_ms ? clock_ms : cw_wall_ms); }
+static int64_t log_now_ms(void) { return atomic_load(&log_clock)(); }
 void cw_log_set_request_id(const char *request_id) { log_request_id = request_id; }
 
 static bool needs_quotes(const char *v)
@@ -111,10 +115,10 @@ size_t cw_log_format(char *buf, size_t len, long long ts_ms, int level,
 	return pos;
 }
 
-static void emit(int level, const char *msg, const char *const *kv)
+static void emit_at(int64_t ts_ms, int level, const char *msg, const char *request_id, const char *const *kv)
 {
 	char line[CW_LOG_LINE_MAX];
-	size_t n = cw_log_format(line, sizeof(line), cw_wall_ms(), level, msg, log_request_id, kv);
+	size_t n = cw_log_format(line, sizeof(line), ts_ms, level, msg, request_id, kv);
 	int fd = atomic_load(&log_fd);
 	for (size_t off = 0; off < n;) {
 		ssize_t w = write(fd, line + off, n - off);
@@ -124,23 +128,115 @@ static void emit(int level, const char *msg, const char *const *kv)
 	}
 }
 
-void cw_log_kv_(int level, const char *msg, ...)
+static void emit(int level, const char *msg, const char *const *kv)
 {
-	const char *kv[2 * CW_LOG_KV_MAX + 1];
+	emit_at(log_now_ms(), level, msg, log_request_id, kv);
+}
+
+/* The key/value pairs up to the NULL into kv (room for max pairs and the
+ * NULL); returns the count of strings. */
+static size_t collect_kv(const char **kv, size_t max, va_list ap)
+{
 	size_t n = 0;
-	va_list ap;
-	va_start(ap, msg);
 	for (;;) {
 		const char *k = va_arg(ap, const char *);
-		if (!k || n >= 2 * CW_LOG_KV_MAX)
+		if (!k || n >= 2 * max)
 			break;
 		kv[n++] = k;
 		kv[n++] = va_arg(ap, const char *);
 	}
-	va_end(ap);
 	kv[n] = NULL;
+	return n;
+}
+
+void cw_log_kv_(int level, const char *msg, ...)
+{
+	const char *kv[2 * CW_LOG_KV_MAX + 1];
+	va_list ap;
+	va_start(ap, msg);
+	collect_kv(kv, CW_LOG_KV_MAX, ap);
+	va_end(ap);
 	emit(level, msg, kv);
 }
+
+/* ------------------------------------------------------------- the limits */
+
+bool cw_log_limit_admit(struct cw_log_limit *l, int level, const char *msg, int64_t *now_ms,
+			unsigned long *suppressed)
+{
+	pthread_mutex_lock(&l->mu);
+	/* Read under the lock: the lines of one limiter see the clock in
+	 * order, and a line's time is the second it was counted in. */
+	*now_ms = log_now_ms();
+	int64_t second = *now_ms / 1000;
+	if (!l->registered) {
+		l->registered = true;
+		l->level = level;
+		l->msg = msg;
+		struct cw_log_limit *head = atomic_load(&log_limits);
+		do
+			l->next = head;
+		while (!atomic_compare_exchange_weak(&log_limits, &head, l));
+	}
+	if (second != l->second) { /* a new second (or the clock stepped back) */
+		l->second = second;
+		l->written = 0;
+	}
+	bool write = l->written < l->per_s;
+	*suppressed = 0;
+	if (write) {
+		l->written++;
+		*suppressed = l->left_out;
+		l->left_out = 0;
+	} else {
+		l->left_out++;
+	}
+	pthread_mutex_unlock(&l->mu);
+	return write;
+}
+
+void cw_log_kv_limited_(struct cw_log_limit *l, int level, const char *msg, ...)
+{
+	int64_t now_ms;
+	unsigned long suppressed;
+	if (!cw_log_limit_admit(l, level, msg, &now_ms, &suppressed))
+		return;
+	const char *kv[2 * CW_LOG_KV_MAX + 3];
+	va_list ap;
+	va_start(ap, msg);
+	size_t n = collect_kv(kv, CW_LOG_KV_MAX, ap);
+	va_end(ap);
+	char count[24];
+	if (suppressed) {
+		snprintf(count, sizeof(count), "%lu", suppressed);
+		kv[n++] = "suppressed";
+		kv[n++] = count;
+		kv[n] = NULL;
+	}
+	emit_at(now_ms, level, msg, log_request_id, kv);
+}
+
+static void limits_flush(bool all)
+{
+	for (struct cw_log_limit *l = atomic_load(&log_limits); l; l = l->next) {
+		pthread_mutex_lock(&l->mu);
+		int64_t now_ms = log_now_ms();
+		unsigned long n = all || l->second != now_ms / 1000 ? l->left_out : 0;
+		l->left_out -= n;
+		int level = l->level;
+		const char *msg = l->msg;
+		pthread_mutex_unlock(&l->mu);
+		if (!n || !cw_log_enabled(level))
+			continue;
+		char count[24];
+		snprintf(count, sizeof(count), "%lu", n);
+		const char *kv[] = { "suppressed", count, NULL };
+		emit_at(now_ms, level, msg, NULL, kv); /* no request's: the count is of many */
+	}
+}
+
+void cw_log_limits_flush(void) { limits_flush(false); }
+void cw_log_limits_flush_all(void) { limits_flush(true); }
 
 void cw_logf_(int level, const char *fmt, ...)
 {

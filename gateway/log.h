@@ -4,9 +4,12 @@
 #ifndef CW_LOG_H
 #define CW_LOG_H
 
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 enum cw_log_level { CW_LOG_ERROR = 0, CW_LOG_WARN, CW_LOG_INFO, CW_LOG_DEBUG };
 
@@ -28,6 +31,55 @@ void cw_logf_(int level, const char *fmt, ...) __attribute__((format(printf, 2, 
 #define log_info(...)  do { if (cw_log_enabled(CW_LOG_INFO)) cw_logf_(CW_LOG_INFO, __VA_ARGS__); } while (0)
 #define log_debug(...) do { if (cw_log_enabled(CW_LOG_DEBUG)) cw_logf_(CW_LOG_DEBUG, __VA_ARGS__); } while (0)
 
+/* A line someone outside can cause at will, once per request or event
+ * (a refused signature, a refused event, libmicrohttpd's refusal of a
+ * connection), is written through a limiter of its site: at most per_s of
+ * its lines a second of the wall clock (the records' times); the others
+ * are counted, and the next line written says how many were left out
+ * (suppressed=N).  A count whose second has passed with no further line is
+ * written on a line of its own, the site's level and message and
+ * suppressed=N alone, by cw_log_limits_flush (the daemon's policy thread
+ * calls it every turn, about once a second).  Static, no allocation: a
+ * limiter registers itself (a list) the first time it is used.  Not for
+ * the access log, one line per request by design. */
+struct cw_log_limit {
+	unsigned per_s;
+	pthread_mutex_t mu;
+	/* under mu */
+	int64_t second;          /* the window counted (wall clock, s) */
+	unsigned written;        /* lines written in it */
+	unsigned long left_out;  /* lines left out in it, not yet told */
+	int level;               /* of the site's first line: a count alone */
+	const char *msg;         /* is written with them */
+	bool registered;
+	struct cw_log_limit *next; /* the registry; set before the limiter is published */
+};
+#define CW_LOG_LIMIT_INIT(n) { .per_s = (n), .mu = PTHREAD_MUTEX_INITIALIZER }
+
+/* Whether a line of site l (msg: a literal, kept for its counts) may be
+ * written now, at *now_ms (the time to give the record); if so,
+ * *suppressed is the count of lines it must tell were left out (0: none).
+ * The level is the caller's to check first: a line not written at the
+ * level in force is not counted. */
+bool cw_log_limit_admit(struct cw_log_limit *l, int level, const char *msg, int64_t *now_ms,
+			unsigned long *suppressed);
+
+void cw_log_kv_limited_(struct cw_log_limit *l, int level, const char *msg, ...);
+/* LOG_KV through a limiter of this site (one static limiter for each place
+ * the macro is written), at most per_s lines a second. */
+#define LOG_KV_LIMITED(per_s, lvl, msg, ...) \
+	do { \
+		static struct cw_log_limit cw_log_limit_ = CW_LOG_LIMIT_INIT(per_s); \
+		if (cw_log_enabled(lvl)) \
+			cw_log_kv_limited_(&cw_log_limit_, (lvl), (msg), ##__VA_ARGS__, (const char *)NULL); \
+	} while (0)
+
+/* Writes every limiter's count of lines left out in a second now past, on
+ * a line of its own.  _all: also those of the current second (at the stop:
+ * no line comes after). */
+void cw_log_limits_flush(void);
+void cw_log_limits_flush_all(void);
+
 /* Context added to every record of the calling thread (the request being
  * served); the string must outlive the records, NULL clears it. */
 void cw_log_set_request_id(const char *request_id);
@@ -39,6 +91,9 @@ const char *cw_log_level_name(int level);
 
 /* Where records go (stderr by default); for tests. */
 void cw_log_set_fd(int fd);
+/* The wall clock of the records' times and of the limits, in ms (NULL:
+ * cw_wall_ms, the default); for tests. */
+void cw_log_set_clock(int64_t (*clock_ms)(void));
 
 /* Pure formatting, for tests and for the writer: one record, with its
  * newline, into buf; returns the length written (truncated records still end

@@ -3,6 +3,9 @@
 #include "log.h"
 #include "unit.h"
 
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <unistd.h>
 
 START_TEST(plain_record)
@@ -88,6 +91,192 @@ START_TEST(levels_parse_and_filter)
 }
 END_TEST
 
+
+/* ---------------------------------------------------------- rate limits */
+
+/* The records' clock, set by the tests: each read moves it on by step. */
+static _Atomic int64_t fake_ms;
+static atomic_int fake_step;
+static int64_t fake_clock(void) { return atomic_fetch_add(&fake_ms, atomic_load(&fake_step)); }
+
+static FILE *capture;
+
+static void capture_start(int64_t ms)
+{
+	atomic_store(&fake_ms, ms);
+	atomic_store(&fake_step, 0);
+	cw_log_set_clock(fake_clock);
+	capture = tmpfile();
+	ck_assert_ptr_nonnull(capture);
+	cw_log_set_fd(fileno(capture));
+}
+
+/* What was written since capture_start, NUL-terminated; the caller frees it. */
+static char *capture_end(void)
+{
+	cw_log_set_fd(2);
+	cw_log_set_clock(NULL);
+	long n = (long)lseek(fileno(capture), 0, SEEK_END);
+	ck_assert_int_ge(n, 0);
+	char *out = calloc(1, (size_t)n + 1);
+	ck_assert_ptr_nonnull(out);
+	ck_assert_int_eq(pread(fileno(capture), out, (size_t)n, 0), n);
+	fclose(capture);
+	return out;
+}
+
+static int count(const char *s, const char *what)
+{
+	int n = 0;
+	for (const char *p = s; (p = strstr(p, what)); p += strlen(what))
+		n++;
+	return n;
+}
+
+/* Two sites of their own, as in the code: a limiter each. */
+static void flood_site(int i)
+{
+	char v[16];
+	snprintf(v, sizeof(v), "%d", i);
+	LOG_KV_LIMITED(3, CW_LOG_WARN, "flood", "i", v);
+}
+
+static void other_site(void) { LOG_KV_LIMITED(1, CW_LOG_INFO, "other", "k", "v"); }
+
+START_TEST(limited_site_writes_n_a_second_and_counts_the_rest)
+{
+	capture_start(1764300000000LL);
+	for (int i = 0; i < 10; i++)
+		flood_site(i);
+	atomic_store(&fake_ms, 1764300000999LL); /* still the same second */
+	flood_site(10);
+	atomic_store(&fake_ms, 1764300001000LL);
+	flood_site(11);
+	flood_site(12);
+	char *out = capture_end();
+	ck_assert_str_eq(out, "ts=2025-11-28T03:20:00.000Z level=warn msg=flood i=0\n"
+			      "ts=2025-11-28T03:20:00.000Z level=warn msg=flood i=1\n"
+			      "ts=2025-11-28T03:20:00.000Z level=warn msg=flood i=2\n"
+			      /* the next line written says how many were left out */
+			      "ts=2025-11-28T03:20:01.000Z level=warn msg=flood i=11 suppressed=8\n"
+			      "ts=2025-11-28T03:20:01.000Z level=warn msg=flood i=12\n");
+	free(out);
+}
+END_TEST
+
+START_TEST(flush_writes_a_count_once_its_second_has_passed)
+{
+	capture_start(1764300010000LL);
+	for (int i = 0; i < 5; i++)
+		flood_site(i);
+	other_site();
+	other_site();
+	cw_log_limits_flush(); /* the second is not over: more may be left out */
+	atomic_store(&fake_ms, 1764300010500LL);
+	flood_site(5);
+	cw_log_limits_flush();
+	char *out = capture_end();
+	ck_assert_int_eq(count(out, "suppressed"), 0);
+	free(out);
+
+	capture_start(1764300011000LL);
+	cw_log_limits_flush(); /* every site's count, on a line of its own, once */
+	cw_log_limits_flush();
+	flood_site(6);
+	out = capture_end();
+	ck_assert_ptr_nonnull(strstr(out, "ts=2025-11-28T03:20:11.000Z level=warn msg=flood suppressed=3\n"));
+	ck_assert_ptr_nonnull(strstr(out, "ts=2025-11-28T03:20:11.000Z level=info msg=other suppressed=1\n"));
+	ck_assert_ptr_nonnull(strstr(out, "level=warn msg=flood i=6\n")); /* counted once: not again */
+	ck_assert_int_eq(count(out, "\n"), 3);
+	free(out);
+}
+END_TEST
+
+START_TEST(stop_flush_writes_the_count_of_the_current_second)
+{
+	capture_start(1764300020000LL);
+	for (int i = 0; i < 4; i++)
+		flood_site(i);
+	cw_log_limits_flush_all();
+	char *out = capture_end();
+	ck_assert_ptr_nonnull(strstr(out, "level=warn msg=flood suppressed=1\n"));
+	free(out);
+}
+END_TEST
+
+START_TEST(a_level_not_written_is_not_counted)
+{
+	capture_start(1764300030000LL);
+	cw_log_set_level(CW_LOG_WARN);
+	for (int i = 0; i < 5; i++)
+		other_site();
+	cw_log_set_level(CW_LOG_INFO);
+	other_site();
+	atomic_store(&fake_ms, 1764300031000LL);
+	cw_log_limits_flush();
+	char *out = capture_end();
+	ck_assert_str_eq(out, "ts=2025-11-28T03:20:30.000Z level=info msg=other k=v\n");
+	free(out);
+}
+END_TEST
+
+#define THREADS 4
+#define LINES 2000
+#define THREAD_PER_S 5
+
+static void thread_site(void) { LOG_KV_LIMITED(THREAD_PER_S, CW_LOG_WARN, "threads", "k", "v"); }
+
+static void *flood_thread(void *arg)
+{
+	(void)arg;
+	for (int i = 0; i < LINES; i++)
+		thread_site();
+	return NULL;
+}
+
+/* The clock moving on as the threads write and flush: every line is
+ * written or counted exactly once, and no second has more than its
+ * share. */
+START_TEST(threads_lose_no_count_and_keep_the_cap)
+{
+	capture_start(1764300040000LL);
+	atomic_store(&fake_step, 3); /* 8000 lines: some 24 seconds */
+	pthread_t t[THREADS];
+	for (int i = 0; i < THREADS; i++)
+		ck_assert_int_eq(pthread_create(&t[i], NULL, flood_thread, NULL), 0);
+	for (int i = 0; i < 200; i++)
+		cw_log_limits_flush();
+	for (int i = 0; i < THREADS; i++)
+		pthread_join(t[i], NULL);
+	atomic_store(&fake_step, 0);
+	atomic_fetch_add(&fake_ms, 1000);
+	cw_log_limits_flush();
+	char *out = capture_end();
+	long written = 0, told = 0;
+	int per_second[64] = { 0 }; /* from 03:20:40 */
+	for (char *line = strtok(out, "\n"); line; line = strtok(NULL, "\n")) {
+		ck_assert_ptr_nonnull(strstr(line, "msg=threads"));
+		const char *s = strstr(line, "suppressed=");
+		if (s)
+			told += atol(s + strlen("suppressed="));
+		if (!strstr(line, "k=v"))
+			continue; /* a count alone */
+		written++;
+		int mm, ss;
+		ck_assert_int_eq(sscanf(line, "ts=2025-11-28T03:%d:%d", &mm, &ss), 2);
+		int i = (mm - 20) * 60 + ss - 40;
+		ck_assert(i >= 0 && i < 64);
+		per_second[i]++;
+	}
+	free(out);
+	ck_assert_int_eq(written + told, THREADS * LINES);
+	ck_assert_int_le(written, (24 + 2) * THREAD_PER_S);
+	ck_assert_int_ge(written, 20 * THREAD_PER_S); /* each second took its share */
+	for (int i = 0; i < 64; i++)
+		ck_assert_int_le(per_second[i], THREAD_PER_S);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("log");
@@ -98,6 +287,11 @@ int main(void)
 	tcase_add_test(tc, null_value_is_empty);
 	tcase_add_test(tc, long_records_are_truncated_but_end_in_newline);
 	tcase_add_test(tc, levels_parse_and_filter);
+	tcase_add_test(tc, limited_site_writes_n_a_second_and_counts_the_rest);
+	tcase_add_test(tc, flush_writes_a_count_once_its_second_has_passed);
+	tcase_add_test(tc, stop_flush_writes_the_count_of_the_current_second);
+	tcase_add_test(tc, a_level_not_written_is_not_counted);
+	tcase_add_test(tc, threads_lose_no_count_and_keep_the_cap);
 	suite_add_tcase(s, tc);
 	return unit_run(s);
 }
