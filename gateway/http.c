@@ -33,11 +33,6 @@ struct cw_http {
 	pthread_mutex_t mu;
 	pthread_cond_t idle;
 	bool quiesced;
-	/* mhd_logger's cap (under log_mu) */
-	pthread_mutex_t log_mu;
-	int64_t log_second;
-	unsigned log_written;
-	unsigned long log_left_out;
 };
 
 struct cw_req {
@@ -653,45 +648,23 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
 
 /* What libmicrohttpd logs comes from what clients do (a connection past a
  * limit, a malformed request): at most MHD_LOG_PER_S of its messages are
- * written a second (of the wall clock, as the records' times), the others
- * counted and said by the next one written ("suppressed"), so that a
- * client reconnecting in a loop cannot fill the log (until the
- * twenty-eighth session each was written). */
+ * written a second, the others counted (LOG_KV_LIMITED: the next one
+ * written says how many were left out, or a line of its own once the
+ * second has passed), so that a client reconnecting in a loop cannot fill
+ * the log (until the twenty-eighth session each was written). */
 #define MHD_LOG_PER_S 10
 
 static void mhd_logger(void *cls, const char *fmt, va_list ap)
 {
-	struct cw_http *h = cls;
-	int64_t second = cw_wall_ms() / 1000;
-	unsigned long left_out = 0;
-	pthread_mutex_lock(&h->log_mu);
-	if (second != h->log_second) {
-		h->log_second = second;
-		h->log_written = 0;
-	}
-	bool write = h->log_written < MHD_LOG_PER_S;
-	if (write) {
-		h->log_written++;
-		left_out = h->log_left_out;
-		h->log_left_out = 0;
-	} else {
-		h->log_left_out++;
-	}
-	pthread_mutex_unlock(&h->log_mu);
-	if (!write)
+	(void)cls;
+	if (!cw_log_enabled(CW_LOG_WARN))
 		return;
 	char msg[512];
 	vsnprintf(msg, sizeof(msg), fmt, ap);
 	size_t n = strlen(msg);
 	while (n && (msg[n - 1] == '\n' || msg[n - 1] == '\r'))
 		msg[--n] = '\0';
-	if (left_out) {
-		char k[24];
-		snprintf(k, sizeof(k), "%lu", left_out);
-		LOG_KV(CW_LOG_WARN, "libmicrohttpd", "detail", msg, "suppressed", k);
-	} else {
-		LOG_KV(CW_LOG_WARN, "libmicrohttpd", "detail", msg);
-	}
+	LOG_KV_LIMITED(MHD_LOG_PER_S, CW_LOG_WARN, "libmicrohttpd", "detail", msg);
 }
 
 cw_err cw_http_start(struct cw_http **out, const struct cw_http_opts *o, cw_errmsg *e)
@@ -702,7 +675,6 @@ cw_err cw_http_start(struct cw_http **out, const struct cw_http_opts *o, cw_errm
 	h->o = *o;
 	atomic_init(&h->access_log, true);
 	pthread_mutex_init(&h->mu, NULL);
-	pthread_mutex_init(&h->log_mu, NULL);
 	pthread_cond_init(&h->idle, NULL);
 	unsigned char rnd[4];
 	if (cw_random(rnd, sizeof(rnd))) {
@@ -743,7 +715,7 @@ cw_err cw_http_start(struct cw_http **out, const struct cw_http_opts *o, cw_errm
 	 * The listener is TCP (cw_listen_addrinfo: a numeric IPv4 or IPv6
 	 * address, no Unix socket), so every client has an address it counts. */
 	h->d = MHD_start_daemon(flags, 0, NULL, NULL, on_request, h,
-				MHD_OPTION_EXTERNAL_LOGGER, mhd_logger, h,
+				MHD_OPTION_EXTERNAL_LOGGER, mhd_logger, NULL,
 				MHD_OPTION_SOCK_ADDR, ai->ai_addr,
 				MHD_OPTION_THREAD_POOL_SIZE, (unsigned)o->threads,
 				MHD_OPTION_CONNECTION_LIMIT, (unsigned)o->connection_limit,
@@ -876,6 +848,5 @@ void cw_http_stop(struct cw_http *h)
 	cw_metrics_free(h->metrics);
 	pthread_cond_destroy(&h->idle);
 	pthread_mutex_destroy(&h->mu);
-	pthread_mutex_destroy(&h->log_mu);
 	free(h);
 }

@@ -616,6 +616,7 @@ int main(int argc, char **argv)
 	cw_http_stop(app.http);
 	dispatcher_free(app.dispatcher);
 	stop_step(&stop_guard, "the last clean-up");
+	cw_log_limits_flush_all(); /* no line comes after to tell them */
 	snprintf(ms, sizeof(ms), "%.1f", (double)(cw_now_us() - t_stop) / 1000.0);
 	LOG_KV(CW_LOG_INFO, "stopped", "drained", idle ? "true" : "false", "abandoned_requests", left,
 	       "shutdown_ms", ms);
