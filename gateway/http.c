@@ -647,13 +647,11 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
 }
 
 /* What libmicrohttpd logs comes from what clients do (a connection past a
- * limit, a malformed request): at most MHD_LOG_PER_S of its messages are
- * written a second, the others counted (LOG_KV_LIMITED: the next one
- * written says how many were left out, or a line of its own once the
- * second has passed), so that a client reconnecting in a loop cannot fill
- * the log (until the twenty-eighth session each was written). */
-#define MHD_LOG_PER_S 10
-
+ * limit, a malformed request): at most ten of its messages are written a
+ * second, the others counted (LOG_KV_LIMITED: the next one written says
+ * how many were left out, or a line of its own once the second has
+ * passed), so that a client reconnecting in a loop cannot fill the log
+ * (until the twenty-eighth session each was written). */
 static void mhd_logger(void *cls, const char *fmt, va_list ap)
 {
 	(void)cls;
@@ -664,7 +662,7 @@ static void mhd_logger(void *cls, const char *fmt, va_list ap)
 	size_t n = strlen(msg);
 	while (n && (msg[n - 1] == '\n' || msg[n - 1] == '\r'))
 		msg[--n] = '\0';
-	LOG_KV_LIMITED(MHD_LOG_PER_S, CW_LOG_WARN, "libmicrohttpd", "detail", msg);
+	LOG_KV_LIMITED(CW_LOG_WARN, "libmicrohttpd", "detail", msg);
 }
 
 cw_err cw_http_start(struct cw_http **out, const struct cw_http_opts *o, cw_errmsg *e)

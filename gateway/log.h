@@ -55,6 +55,10 @@ struct cw_log_limit {
 	struct cw_log_limit *next; /* the registry; set before the limiter is published */
 };
 #define CW_LOG_LIMIT_INIT(n) { .per_s = (n), .mu = PTHREAD_MUTEX_INITIALIZER }
+/* The limit of the lines outsiders cause: enough for any legitimate
+ * traffic's refusals to show, few enough that a flood's are a few KB a
+ * second. */
+#define CW_LOG_OUTSIDE_PER_S 10
 
 /* Whether a line of site l (msg: a literal, kept for its counts) may be
  * written now, at *now_ms (the time to give the record); if so,
@@ -66,13 +70,15 @@ bool cw_log_limit_admit(struct cw_log_limit *l, int level, const char *msg, int6
 
 void cw_log_kv_limited_(struct cw_log_limit *l, int level, const char *msg, ...);
 /* LOG_KV through a limiter of this site (one static limiter for each place
- * the macro is written), at most per_s lines a second. */
-#define LOG_KV_LIMITED(per_s, lvl, msg, ...) \
+ * the macro is written): at most per_s lines a second, or
+ * CW_LOG_OUTSIDE_PER_S for LOG_KV_LIMITED. */
+#define LOG_KV_LIMITED_N(per_s, lvl, msg, ...) \
 	do { \
 		static struct cw_log_limit cw_log_limit_ = CW_LOG_LIMIT_INIT(per_s); \
 		if (cw_log_enabled(lvl)) \
 			cw_log_kv_limited_(&cw_log_limit_, (lvl), (msg), ##__VA_ARGS__, (const char *)NULL); \
 	} while (0)
+#define LOG_KV_LIMITED(lvl, msg, ...) LOG_KV_LIMITED_N(CW_LOG_OUTSIDE_PER_S, (lvl), (msg), ##__VA_ARGS__)
 
 /* Writes every limiter's count of lines left out in a second now past, on
  * a line of its own.  _all: also those of the current second (at the stop:

@@ -341,8 +341,8 @@ static void user_query_after(struct app_job *j)
 	struct user_query *q = j->data;
 	cw_errmsg e;
 	if (mx_register_ghost(q->m, q->network, q->local, q->display, q->user_id, &e)) {
-		LOG_KV(CW_LOG_WARN, "cannot register a ghost the homeserver asked for", "user", q->user_id,
-		       "detail", e.msg);
+		LOG_KV_LIMITED(CW_LOG_WARN, "cannot register a ghost the homeserver asked for", "user", q->user_id,
+			       "detail", e.msg);
 		json_decref(j->body);
 		j->status = 503;
 		j->body = json_pack("{s:s, s:s}", "errcode", "M_UNKNOWN", "error",
@@ -740,8 +740,8 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 		if (res != MX_IN_OK) {
 			if (res == MX_IN_INVALID) {
 				t->conv_invalid++;
-				LOG_KV(CW_LOG_INFO, "matrix event refused", "event_id",
-				       json_string_value(json_object_get(ev, "event_id")), "detail", why);
+				LOG_KV_LIMITED(CW_LOG_INFO, "matrix event refused", "event_id",
+					       json_string_value(json_object_get(ev, "event_id")), "detail", why);
 				refusal(t->refusals, room, why);
 			} else {
 				t->conv_ignored++;
@@ -833,8 +833,8 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 			return cw_fail(e, CW_ENOMEM, "out of memory");
 		}
 		if (rc) {
-			LOG_KV(CW_LOG_INFO, "matrix event not representable", "event_id",
-			       json_string_value(json_array_get(x, 1)), "detail", err.detail);
+			LOG_KV_LIMITED(CW_LOG_INFO, "matrix event not representable", "event_id",
+				       json_string_value(json_array_get(x, 1)), "detail", err.detail);
 			t->conv_invalid++;
 			refusal(t->refusals, json_string_value(json_array_get(x, 0)), err.detail);
 			continue;
@@ -1128,7 +1128,8 @@ static void txn_answer(struct txn *t, struct app_job *j)
 		const char *code, *detail;
 		int st = submit_result(t->b, i, &code, &detail);
 		if (st && st != 202)
-			LOG_KV(CW_LOG_INFO, "matrix event not taken", "code", code ? code : "", "detail", detail ? detail : "");
+			LOG_KV_LIMITED(CW_LOG_INFO, "matrix event not taken", "code", code ? code : "", "detail",
+				       detail ? detail : "");
 	}
 	j->status = 200;
 	j->body = json_object();

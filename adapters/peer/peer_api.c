@@ -81,7 +81,7 @@ bool peer_verify_request(struct cw_app *app, struct cw_req *req, struct peer_pri
 			cw_fail(&e, rc, "the signature's nonce or time is not acceptable");
 	}
 	if (rc) {
-		LOG_KV(CW_LOG_INFO, "peer request signature refused", "peer", p->name, "detail", e.msg);
+		LOG_KV_LIMITED(CW_LOG_INFO, "peer request signature refused", "peer", p->name, "detail", e.msg);
 		cw_req_add_header(req, "WWW-Authenticate", "Bearer");
 		cw_req_problem(req, 401, "bad_signature", "Bad signature", e.msg);
 		return false;
@@ -463,8 +463,8 @@ static cw_err new_room_decide(PGconn *c, struct app_job *j, struct room_input *i
 		 * admin API): the log and the audit log have it, the peer gets
 		 * one text. */
 		snprintf(j->err_detail, sizeof(j->err_detail), "this provider does not take this conversation");
-		LOG_KV(CW_LOG_INFO, "room creation refused by the server's rules", "reason", d.reason, "creator",
-		       creator->uri);
+		LOG_KV_LIMITED(CW_LOG_INFO, "room creation refused by the server's rules", "reason", d.reason,
+			       "creator", creator->uri);
 		return peer_audit_write(c, &d, creator->uri,
 					json_pack("{s:s, s:s, s:s}", "sender", creator->uri, "direction", "inbound",
 						  "type", "new_room"), e);
@@ -505,7 +505,7 @@ static cw_err members_decide(PGconn *c, struct app_job *j, const struct room_mem
 	if (d.verdict != POLICY_DENY)
 		return CW_OK;
 	app_job_fail(j, 403, "not_allowed", "this provider takes no conversations with %s", m[i].uri);
-	LOG_KV(CW_LOG_INFO, "member refused by the server's rules", "reason", d.reason, "member", m[i].uri);
+	LOG_KV_LIMITED(CW_LOG_INFO, "member refused by the server's rules", "reason", d.reason, "member", m[i].uri);
 	return peer_audit_write(c, &d, m[i].uri,
 				json_pack("{s:s, s:s, s:s, s:s*}", "sender", m[i].uri, "direction", "inbound", "type",
 					  room ? "member_add" : "new_room", "room", room), e);
@@ -2284,8 +2284,8 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 		if (memo.first_refusal) {
 			char ra[24];
 			snprintf(ra, sizeof(ra), "%lld", (long long)limited.retry_after_ms);
-			LOG_KV(CW_LOG_INFO, "policy limit", "reason", limited.reason, "sender", in->sender,
-			       "retry_after_ms", ra);
+			LOG_KV_LIMITED(CW_LOG_INFO, "policy limit", "reason", limited.reason, "sender", in->sender,
+				       "retry_after_ms", ra);
 			json_t *details = json_pack("{s:s, s:s, s:I}", "sender", in->sender, "type", in->type,
 						    "retry_after_ms", (json_int_t)limited.retry_after_ms);
 			if (in->local_sender) /* her own outbound limit (docs/policy.md) */

@@ -279,19 +279,24 @@ static void fetched(struct media_job *j)
 		 * (until the twenty-sixth session it was, and a client followed
 		 * the link again for ever) but 403 with why, which a client does
 		 * not repeat (RFC 9110 15.5.4); not 502, which invites retries.
-		 * Logged at warn once an hour per link, at debug the other times. */
+		 * Logged at warn once an hour per link (at most ten a second
+		 * of all links: a peer can make many), at debug the other
+		 * times. */
 		char why[160];
 		snprintf(why, sizeof(why), "this gateway does not fetch this file: %s", j->b.refused);
-		bool first = media_recent_note(&refused_links, j->mac, cw_now_us() / 1000);
-		LOG_KV(first ? CW_LOG_WARN : CW_LOG_DEBUG, "a file for a link is refused for good", "request_id",
-		       cw_req_id(req), "detail", j->err.msg);
+		if (media_recent_note(&refused_links, j->mac, cw_now_us() / 1000))
+			LOG_KV_LIMITED(CW_LOG_WARN, "a file for a link is refused for good", "request_id",
+				       cw_req_id(req), "detail", j->err.msg);
+		else
+			LOG_KV(CW_LOG_DEBUG, "a file for a link is refused for good", "request_id", cw_req_id(req),
+			       "detail", j->err.msg);
 		cw_req_problem(req, 403, "media_refused", "Forbidden", why);
 	} else if (j->status == 404 || j->status == 410 || (j->public && j->status >= 400 && j->status < 500 &&
 							       j->status != 408 && j->status != 429)) {
 		cw_req_problem(req, 404, "unknown_media", "Not found", "no such file (it may have been deleted)");
 	} else {
-		LOG_KV(CW_LOG_WARN, "cannot fetch a file for a peer", "request_id", cw_req_id(req), "detail",
-		       j->err.msg);
+		LOG_KV_LIMITED(CW_LOG_WARN, "cannot fetch a file for a peer", "request_id", cw_req_id(req), "detail",
+			       j->err.msg);
 		app_retry_after(req, 5000);
 		cw_req_problem(req, 503, "unavailable", "Service unavailable",
 			       "the file cannot be fetched from where it is kept now; try again later");

@@ -1,6 +1,7 @@
 """The neutral interop API through the real daemon: two peers exchange
 messages, signed both ways, in order, idempotently."""
 import base64
+import collections
 import concurrent.futures
 import json
 import re
@@ -627,6 +628,42 @@ def test_authentication_failures(daemon, peers, pg, db_url):
     # A disabled peer is refused.
     assert daemon.admin("POST", "/peers/gk/disable").status_code == 200
     wait_until(lambda: a.send(rm["id"], a.user("alice"), "x").status_code == 401, what="disabled peer refused")
+
+
+def test_refused_signatures_are_logged_at_most_ten_a_second(make_daemon, db_url):
+    """A refused signature is logged (info) once per request, which whoever
+    holds a peer's token can send in a loop: at most ten are written a
+    second, the others counted in the next one, or on a line of their own
+    once the second has passed (since the twenty-ninth session)."""
+    d = make_daemon(db_url).start()
+    made = push_peers(d)
+    try:
+        (a, _), (b, _) = made
+        rm = room(a, b)
+        path = f"/v1/rooms/{rm['id']}/messages"
+        raw = json.dumps({"type": "message", "sender": a.user("alice"),
+                          "content": {"parts": [{"type": "text/plain", "body": "x"}]}}).encode()
+        bad = dict(Signer("gk").headers("POST", a.base + path, raw, idem="k1"), Authorization="Bearer " + a.token)
+        flood = 60
+        for _ in range(flood):
+            r = d.request("POST", path, data=raw, headers=bad)
+            assert r.status_code == 401 and r.json()["code"] == "bad_signature", r.text
+
+        def refused():
+            return [r for r in d.records if r.get("msg") == "peer request signature refused"]
+
+        def written():
+            return [r for r in refused() if "detail" in r]
+        told = lambda: sum(int(r.get("suppressed", "0")) for r in refused())  # noqa: E731
+        wait_until(lambda: len(written()) + told() == flood, what="every refusal written or counted")
+        per_second = collections.Counter(r["ts"][:19] for r in written())
+        assert max(per_second.values()) <= 10 and told() > 0, (per_second, told())
+        assert all(r["peer"] == "gk" for r in written())
+        assert refused()[-1] == {"ts": refused()[-1]["ts"], "level": "info", "msg": "peer request signature refused",
+                                 "suppressed": refused()[-1]["suppressed"]}, refused()[-1]
+    finally:
+        for _, srv in made:
+            srv.close()
 
 
 def test_message_errors_change_nothing(daemon, peers, pg, db_url):

@@ -138,10 +138,10 @@ static void flood_site(int i)
 {
 	char v[16];
 	snprintf(v, sizeof(v), "%d", i);
-	LOG_KV_LIMITED(3, CW_LOG_WARN, "flood", "i", v);
+	LOG_KV_LIMITED_N(3, CW_LOG_WARN, "flood", "i", v);
 }
 
-static void other_site(void) { LOG_KV_LIMITED(1, CW_LOG_INFO, "other", "k", "v"); }
+static void other_site(void) { LOG_KV_LIMITED_N(1, CW_LOG_INFO, "other", "k", "v"); }
 
 START_TEST(limited_site_writes_n_a_second_and_counts_the_rest)
 {
@@ -224,7 +224,7 @@ END_TEST
 #define LINES 2000
 #define THREAD_PER_S 5
 
-static void thread_site(void) { LOG_KV_LIMITED(THREAD_PER_S, CW_LOG_WARN, "threads", "k", "v"); }
+static void thread_site(void) { LOG_KV_LIMITED_N(THREAD_PER_S, CW_LOG_WARN, "threads", "k", "v"); }
 
 static void *flood_thread(void *arg)
 {
