@@ -49,8 +49,8 @@ struct cw_log_limit {
 	int64_t second;          /* the window counted (wall clock, s) */
 	unsigned written;        /* lines written in it */
 	unsigned long left_out;  /* lines left out in it, not yet told */
-	int level;               /* of the site's first line: a count alone */
-	const char *msg;         /* is written with them */
+	int level;               /* the site's, from its first line, */
+	const char *msg;         /* for a count written alone */
 	bool registered;
 	struct cw_log_limit *next; /* the registry; set before the limiter is published */
 };
