@@ -648,7 +648,7 @@ static void refuse_cut(struct xcomp *xc, xmpp_stanza_t *st)
 	const char *name = xmpp_stanza_get_name(st), *from = xmpp_stanza_get_from(st), *t = xmpp_stanza_get_type(st);
 	char caps[24];
 	snprintf(caps, sizeof(caps), "%ld", cap);
-	LOG_KV(CW_LOG_WARN, "xmpp: a stanza larger than the cap is refused", "component", xc->domain, "name",
+	LOG_KV_LIMITED(CW_LOG_WARN, "xmpp: a stanza larger than the cap is refused", "component", xc->domain, "name",
 	       name ? name : "", "from", from ? from : "", "cap", caps, "setting", "xmpp.max_stanza_bytes");
 	if (!name || !from || (strcmp(name, "message") != 0 && strcmp(name, "presence") != 0 && strcmp(name, "iq") != 0) ||
 	    (t && (strcmp(t, "error") == 0 || strcmp(t, "result") == 0)))
@@ -674,7 +674,7 @@ static int on_stanza(xmpp_conn_t *conn, xmpp_stanza_t *st, void *arg)
 	const char *to = xmpp_stanza_get_to(st), *from = xmpp_stanza_get_from(st);
 	if (!to || !from) {
 		/* The server stamps both; without them there is nobody to answer. */
-		LOG_KV(CW_LOG_INFO, "xmpp stanza without from or to dropped", "component", xc->domain, "name", name);
+		LOG_KV_LIMITED(CW_LOG_INFO, "xmpp stanza without from or to dropped", "component", xc->domain, "name", name);
 		return 1;
 	}
 	if (strcmp(name, "iq") == 0)

@@ -250,7 +250,7 @@ static cw_err in_convert(struct xin *in, bool *any, cw_errmsg *e)
 	if (!events && res == XM_IN_OK)
 		return cw_fail(e, CW_ENOMEM, "out of memory");
 	if (res == XM_IN_INVALID) {
-		LOG_KV(CW_LOG_INFO, "xmpp message refused", "component", in->xc->domain, "detail", why);
+		LOG_KV_LIMITED(CW_LOG_INFO, "xmpp message refused", "component", in->xc->domain, "detail", why);
 		refuse(in, "modify", "bad-request");
 		return CW_OK;
 	}
@@ -276,7 +276,7 @@ static cw_err in_convert(struct xin *in, bool *any, cw_errmsg *e)
 			return cw_fail(e, CW_ENOMEM, "out of memory");
 		}
 		if (rc) {
-			LOG_KV(CW_LOG_INFO, "xmpp message not representable", "component", in->xc->domain, "detail",
+			LOG_KV_LIMITED(CW_LOG_INFO, "xmpp message not representable", "component", in->xc->domain, "detail",
 			       err.detail);
 			refuse(in, "modify", "not-acceptable");
 			snprintf(in->err_text, sizeof(in->err_text), "Not delivered: %s.", err.detail);
@@ -441,7 +441,7 @@ static cw_err in_recv(PGconn *c, void *arg, int round, bool *more, cw_errmsg *e)
 		 * was answered with bad-request. */
 		if (st == 202 || st == 0 || (st == 409 && code && strcmp(code, "conflict") == 0))
 			continue;
-		LOG_KV(CW_LOG_INFO, "xmpp message not taken", "component", in->xc->domain, "code", code ? code : "",
+		LOG_KV_LIMITED(CW_LOG_INFO, "xmpp message not taken", "component", in->xc->domain, "code", code ? code : "",
 		       "detail", detail ? detail : "");
 		/* RFC 6120: a denial looks like an unknown account; limits are
 		 * resource-constraint. */
@@ -730,7 +730,7 @@ void xa_in_message(struct xcomp *xc, xmpp_stanza_t *st)
 	if (type && strcmp(type, "error") == 0) {
 		/* A bounce of ours (an unknown or blocking account): the row was
 		 * written, and the server says no more. */
-		LOG_KV(CW_LOG_INFO, "xmpp: a stanza of ours bounced", "component", xc->domain, "to", from,
+		LOG_KV_LIMITED(CW_LOG_INFO, "xmpp: a stanza of ours bounced", "component", xc->domain, "to", from,
 		       "id", xmpp_stanza_get_id(st));
 		xa_muc_bounced(xc, st);
 		return;
@@ -813,7 +813,7 @@ void xa_in_message(struct xcomp *xc, xmpp_stanza_t *st)
 	    (type && ((!in->group && strcmp(type, "groupchat") == 0) || strcmp(type, "headline") == 0))) {
 		free(in);
 		if (pr == XM_IN_INVALID) {
-			LOG_KV(CW_LOG_INFO, "xmpp message refused", "component", xc->domain, "detail", why);
+			LOG_KV_LIMITED(CW_LOG_INFO, "xmpp message refused", "component", xc->domain, "detail", why);
 			refuse_now(xc, st, "modify", "bad-request");
 		} else {
 			refuse_now(xc, st, "cancel", "service-unavailable");

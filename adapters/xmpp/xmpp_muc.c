@@ -1128,7 +1128,7 @@ void xa_muc_bounced(struct xcomp *xc, xmpp_stanza_t *st)
 	}
 	if (is_gone && occupant_get(xc, room, from, NULL, 0)) {
 		occupant_del(xc, room, from);
-		LOG_KV(CW_LOG_INFO, "xmpp: an occupant's client is gone", "room", room, "to", from);
+		LOG_KV_LIMITED(CW_LOG_INFO, "xmpp: an occupant's client is gone", "room", room, "to", from);
 	}
 }
 

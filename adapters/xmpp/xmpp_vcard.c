@@ -154,7 +154,7 @@ static json_t *photo_of(struct vjob *j, const char *avatar_text)
 	 * budget the others kept to.  No room now: as away, asked again
 	 * later. */
 	if (!media_held_reserve(app, b.max)) {
-		LOG_KV(CW_LOG_INFO, "xmpp: an avatar could not be had", "component", j->xc->domain, "detail",
+		LOG_KV_LIMITED(CW_LOG_INFO, "xmpp: an avatar could not be had", "component", j->xc->domain, "detail",
 		       "too many files are being fetched now");
 		json_decref(av);
 		return NULL;
@@ -173,13 +173,13 @@ static json_t *photo_of(struct vjob *j, const char *avatar_text)
 		 * started over, in refused_avatars; a new URL is fetched anew).
 		 * Until the twenty-sixth session it was as away, fetched again at
 		 * every ask, and a PEP ask was answered "wait". */
-		LOG_KV(CW_LOG_INFO, "xmpp: an avatar is refused for good, shown as none", "component", j->xc->domain,
+		LOG_KV_LIMITED(CW_LOG_INFO, "xmpp: an avatar is refused for good, shown as none", "component", j->xc->domain,
 		       "detail", e.msg);
 		media_recent_note(&refused_avatars, url, cw_now_us() / 1000);
 		photo = json_pack("{s:s}", "url", url);
 	} else if (rc || status != 200 || b.too_big ||
 		   (media_sha256_hex(&b, got), want && strcmp(got, want) != 0)) {
-		LOG_KV(CW_LOG_INFO, "xmpp: an avatar could not be had", "component", j->xc->domain, "detail",
+		LOG_KV_LIMITED(CW_LOG_INFO, "xmpp: an avatar could not be had", "component", j->xc->domain, "detail",
 		       b.too_big ? "larger than a vCard carries" : rc ? e.msg : status != 200 ? "not 200" : "checksum");
 		/* Too large, or not this file: as none (and kept so); away: later.
 		 * A fetch cut short as too large fails (rc): until the eighteenth

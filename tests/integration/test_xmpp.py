@@ -5,6 +5,7 @@ reactions, receipts, markers and chat states; consent by presence
 subscription and by ad-hoc commands; disco, ping and version; hostile
 stanzas; a Prosody restart mid-stream; a wrong secret."""
 import base64
+import collections
 import contextlib
 import concurrent.futures
 import hashlib
@@ -2907,6 +2908,38 @@ def test_a_users_stanza_grown_by_prosody_past_the_cap_is_refused_to_her(xd, gk, 
     got = srv.wait_events(1)
     assert got[0]["content"]["parts"][0]["body"] == "after the long one"
     assert len(srv.events) == 1
+
+
+def test_cut_stanzas_are_logged_at_most_ten_a_second(make_daemon, db_url):
+    """A stanza over the cap is refused and logged (warn), and any user can
+    send them in a loop: at most ten such lines are written a second, the
+    others counted (`suppressed`) in the next one or on a line of their own
+    once the second has passed (since the twenty-ninth session; before,
+    one line each). Every one is still refused and counted."""
+    cap = 10000
+    srv = HostileServer(SECRET)
+    try:
+        d = srv.daemon(make_daemon, db_url, xmpp={"max_stanza_bytes": str(cap)})
+        srv.stream_up(d)
+        flood = 40
+        for i in range(flood):
+            srv.send(padded_ping(f"big{i}", cap + 1))
+        srv.send(padded_ping("ok1", 200))
+        answer = srv._until(b"ok1") + srv._until(b">")
+        assert b"result" in answer, answer
+
+        def cut():
+            return [r for r in d.records if r.get("msg") == "xmpp: a stanza larger than the cap is refused"]
+
+        def written():
+            return [r for r in cut() if "name" in r]
+        told = lambda: sum(int(r.get("suppressed", "0")) for r in cut())  # noqa: E731
+        wait_until(lambda: len(written()) + told() == flood, what="every cut stanza written or counted")
+        per_second = collections.Counter(r["ts"][:19] for r in written())
+        assert max(per_second.values()) <= 10 and told() > 0, (per_second, told())
+        assert component_state(d)["stanzas_cut"] == flood
+    finally:
+        srv.close()
 
 
 def test_names_never_seen_before_do_not_grow_the_gateway(xd, gk, alice, prosody):
