@@ -2328,6 +2328,7 @@ START_TEST(a_renewal_is_not_seen_by_the_handlers)
 		"\n<message><body>",
 		"line\r\nline\r",
 		"\r\n</body><stream:features/></message>",
+		"<presence to='a@x'/><iq type='result' id='3'/>",
 	};
 	char *all = malloc(1 << 16);
 	ck_assert_ptr_nonnull(all);
