@@ -226,7 +226,7 @@ static void limits_flush(bool all)
 		int level = l->level;
 		const char *msg = l->msg;
 		pthread_mutex_unlock(&l->mu);
-		if (!n || !cw_log_enabled(level))
+		if (!n) /* written whatever the level now: they were counted at the site's */
 			continue;
 		char count[24];
 		snprintf(count, sizeof(count), "%lu", n);
@@ -237,6 +237,52 @@ static void limits_flush(bool all)
 
 void cw_log_limits_flush(void) { limits_flush(false); }
 void cw_log_limits_flush_all(void) { limits_flush(true); }
+
+static struct {
+	pthread_mutex_t mu;
+	pthread_cond_t cv;
+	pthread_t thread;
+	bool running, stop;
+} flusher = { .mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER };
+
+static void *flusher_main(void *arg)
+{
+	(void)arg;
+	cw_thread_name("cw-log");
+	pthread_mutex_lock(&flusher.mu);
+	while (!flusher.stop) {
+		struct timespec t;
+		clock_gettime(CLOCK_REALTIME, &t);
+		t.tv_sec += 1;
+		pthread_cond_timedwait(&flusher.cv, &flusher.mu, &t);
+		pthread_mutex_unlock(&flusher.mu);
+		limits_flush(false);
+		pthread_mutex_lock(&flusher.mu);
+	}
+	pthread_mutex_unlock(&flusher.mu);
+	return NULL;
+}
+
+void cw_log_flusher_start(void)
+{
+	pthread_mutex_lock(&flusher.mu);
+	flusher.stop = false;
+	if (!flusher.running)
+		flusher.running = pthread_create(&flusher.thread, NULL, flusher_main, NULL) == 0;
+	pthread_mutex_unlock(&flusher.mu);
+}
+
+void cw_log_flusher_stop(void)
+{
+	pthread_mutex_lock(&flusher.mu);
+	bool running = flusher.running;
+	flusher.stop = true;
+	flusher.running = false;
+	pthread_cond_signal(&flusher.cv);
+	pthread_mutex_unlock(&flusher.mu);
+	if (running)
+		pthread_join(flusher.thread, NULL);
+}
 
 void cw_logf_(int level, const char *fmt, ...)
 {

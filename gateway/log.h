@@ -54,7 +54,10 @@ struct cw_log_limit {
 	bool registered;
 	struct cw_log_limit *next; /* the registry; set before the limiter is published */
 };
-#define CW_LOG_LIMIT_INIT(n) { .per_s = (n), .mu = PTHREAD_MUTEX_INITIALIZER }
+/* The site's level and msg are set with it, so that they must be
+ * constants (a level's counts are written at it; a msg is read again
+ * when its count is written alone, after the line that gave it). */
+#define CW_LOG_LIMIT_INIT(n, lvl, m) { .per_s = (n), .level = (lvl), .msg = "" m "", .mu = PTHREAD_MUTEX_INITIALIZER }
 /* The limit of the lines outsiders cause: enough for any legitimate
  * traffic's refusals to show, few enough that a flood's are a few KB a
  * second. */
@@ -72,19 +75,24 @@ void cw_log_kv_limited_(struct cw_log_limit *l, int level, const char *msg, ...)
 /* LOG_KV through a limiter of this site (one static limiter for each place
  * the macro is written): at most per_s lines a second, or
  * CW_LOG_OUTSIDE_PER_S for LOG_KV_LIMITED. */
-#define LOG_KV_LIMITED_N(per_s, lvl, msg, ...) \
+#define LOG_KV_LIMITED_N(per_s, lvl, text, ...) \
 	do { \
-		static struct cw_log_limit cw_log_limit_ = CW_LOG_LIMIT_INIT(per_s); \
+		static struct cw_log_limit cw_log_limit_ = CW_LOG_LIMIT_INIT(per_s, lvl, text); \
 		if (cw_log_enabled(lvl)) \
-			cw_log_kv_limited_(&cw_log_limit_, (lvl), (msg), ##__VA_ARGS__, (const char *)NULL); \
+			cw_log_kv_limited_(&cw_log_limit_, cw_log_limit_.level, cw_log_limit_.msg, ##__VA_ARGS__, \
+					   (const char *)NULL); \
 	} while (0)
-#define LOG_KV_LIMITED(lvl, msg, ...) LOG_KV_LIMITED_N(CW_LOG_OUTSIDE_PER_S, (lvl), (msg), ##__VA_ARGS__)
+#define LOG_KV_LIMITED(lvl, text, ...) LOG_KV_LIMITED_N(CW_LOG_OUTSIDE_PER_S, lvl, text, ##__VA_ARGS__)
 
 /* Writes every limiter's count of lines left out in a second now past, on
  * a line of its own.  _all: also those of the current second (at the stop:
  * no line comes after). */
 void cw_log_limits_flush(void);
 void cw_log_limits_flush_all(void);
+/* A thread of the log's own that flushes every second, waiting on nothing
+ * else (the database may hold every other thread); stop joins it. */
+void cw_log_flusher_start(void);
+void cw_log_flusher_stop(void);
 
 /* Context added to every record of the calling thread (the request being
  * served); the string must outlive the records, NULL clears it. */

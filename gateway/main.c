@@ -358,6 +358,7 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	cw_log_set_level((int)cfg.log_level);
+	cw_log_flusher_start(); /* the counts of limited lines (LOG_KV_LIMITED), each second */
 
 	struct cw_app app = { .cfg = &cfg, .started_wall_ms = cw_wall_ms() };
 	if (migration_set_load(&app.migrations, cfg.schema_dir, &e)) {
@@ -616,6 +617,7 @@ int main(int argc, char **argv)
 	cw_http_stop(app.http);
 	dispatcher_free(app.dispatcher);
 	stop_step(&stop_guard, "the last clean-up");
+	cw_log_flusher_stop();
 	cw_log_limits_flush_all(); /* no line comes after to tell them */
 	snprintf(ms, sizeof(ms), "%.1f", (double)(cw_now_us() - t_stop) / 1000.0);
 	LOG_KV(CW_LOG_INFO, "stopped", "drained", idle ? "true" : "false", "abandoned_requests", left,
@@ -646,6 +648,8 @@ out_migrations:
 	migration_set_free(&app.migrations);
 	cfg_free(&cfg);
 	curl_global_cleanup();
+	cw_log_flusher_stop(); /* stopped already, unless start-up failed */
+	cw_log_limits_flush_all();
 	stop_guard_end(&stop_guard);
 	return exit_code;
 }

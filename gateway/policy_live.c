@@ -1017,11 +1017,6 @@ static void *live_main(void *arg)
 	int64_t next_retention = cw_now_us();
 	int64_t backoff_us = 0;
 	while (!atomic_load(&pl->stop)) {
-		/* The daemon's periodic work: a turn at least once a second
-		 * (every few while the database is away), so the counts of
-		 * lines left out by the log's limits (LOG_KV_LIMITED) are
-		 * written soon after their second even if no line follows. */
-		cw_log_limits_flush();
 		bool fresh = false, want = false;
 		if (!ensure_conn(pl, &fresh)) {
 			backoff_us = backoff_us ? (backoff_us * 2 > 5000000 ? 5000000 : backoff_us * 2) : 100000;

@@ -705,7 +705,7 @@ static void join_done(void *arg, cw_err rc, const cw_errmsg *e)
 	json_decref(out);
 	json_decref(given);
 	json_decref(going);
-	LOG_KV(CW_LOG_INFO, "xmpp: a user joined a group", "component", xc->domain, "room", j->room, "user", j->user);
+	LOG_KV_LIMITED(CW_LOG_INFO, "xmpp: a user joined a group", "component", xc->domain, "room", j->room, "user", j->user);
 	mjoin_free(j);
 }
 

@@ -220,6 +220,50 @@ START_TEST(a_level_not_written_is_not_counted)
 }
 END_TEST
 
+/* A count taken at the site's level is written even if the level in
+ * force has changed since (a reload): those lines happened (a review:
+ * they were dropped). */
+START_TEST(a_count_taken_is_written_whatever_the_level_now)
+{
+	capture_start(1764300040000LL);
+	for (int i = 0; i < 5; i++)
+		other_site();
+	cw_log_set_level(CW_LOG_WARN);
+	atomic_store(&fake_ms, 1764300041000LL);
+	cw_log_limits_flush();
+	cw_log_set_level(CW_LOG_INFO);
+	char *out = capture_end();
+	ck_assert_str_eq(out, "ts=2025-11-28T03:20:40.000Z level=info msg=other k=v\n"
+			      "ts=2025-11-28T03:20:41.000Z level=info msg=other suppressed=4\n");
+	free(out);
+}
+END_TEST
+
+/* The log's own thread writes the counts each second: nobody else need
+ * turn (the policy thread, which did until a review, may wait on the
+ * database for as long as its statements may last). */
+START_TEST(the_flusher_writes_counts_by_itself)
+{
+	capture_start(1764300050000LL);
+	for (int i = 0; i < 7; i++)
+		flood_site(i);
+	cw_log_flusher_start();
+	atomic_store(&fake_ms, 1764300051000LL);
+	bool seen = false;
+	for (int i = 0; i < 300 && !seen; i++) { /* up to 3 s: it wakes each second */
+		usleep(10000);
+		char buf[4096] = { 0 };
+		ssize_t n = pread(fileno(capture), buf, sizeof(buf) - 1, 0);
+		seen = n > 0 && strstr(buf, "msg=flood suppressed=4\n") != NULL;
+	}
+	cw_log_flusher_stop();
+	char *out = capture_end();
+	ck_assert_msg(seen, "%s", out);
+	ck_assert_int_eq(count(out, "suppressed"), 1);
+	free(out);
+}
+END_TEST
+
 #define THREADS 4
 #define LINES 2000
 #define THREAD_PER_S 5
@@ -291,6 +335,8 @@ int main(void)
 	tcase_add_test(tc, flush_writes_a_count_once_its_second_has_passed);
 	tcase_add_test(tc, stop_flush_writes_the_count_of_the_current_second);
 	tcase_add_test(tc, a_level_not_written_is_not_counted);
+	tcase_add_test(tc, a_count_taken_is_written_whatever_the_level_now);
+	tcase_add_test(tc, the_flusher_writes_counts_by_itself);
 	tcase_add_test(tc, threads_lose_no_count_and_keep_the_cap);
 	suite_add_tcase(s, tc);
 	return unit_run(s);
