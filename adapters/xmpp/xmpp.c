@@ -32,7 +32,6 @@
 #define QUEUE_MAX 20000         /* stanzas waiting for one component's thread */
 #define LOOP_TIMEOUT_MS 5       /* one turn of libstrophe's loop while connecting */
 #define IDLE_WAIT_MS 200        /* longest sleep of an up stream with nothing to do */
-#define HOLD_WAIT_MS 10         /* and while reads within a long tag are held back (xa_xml_holding) */
 #define PING_EVERY_MS 60000     /* XEP-0199 keepalive to the server */
 #define PING_TIMEOUT_MS 30000
 #define HOUSEKEEPING_MS 1000    /* consent requests, the lock connection */
@@ -1096,19 +1095,14 @@ static void refuse_stream(struct xcomp *xc, const char *why, enum xa_xml_stop ki
  * the socket and the wake pipe (libstrophe's own select() cannot see the
  * pipe), so a queued stanza goes out at once and an idle stream costs
  * nothing; libstrophe then reads and writes what is ready without waiting.
- * Connecting and the handshake use libstrophe's loop with short turns.
- * Reads within a long tag may be held back from expat (xmpp_xml.c, take):
- * once no read has come for HOLD_WAIT_MS, or the server has closed its
- * side, they are read. */
+ * Connecting and the handshake use libstrophe's loop with short turns. */
 static void turn(struct xcomp *xc, int64_t next_house)
 {
 	if (xc->state != XC_UP || xc->sock_fd < 0) { /* state: only this thread writes it */
 		xmpp_run_once(xc->ctx, LOOP_TIMEOUT_MS);
-		xa_xml_flush();
 		return;
 	}
-	struct pollfd p[2] = { { .fd = xc->sock_fd, .events = POLLIN | POLLRDHUP },
-			       { .fd = xc->wake_fd[0], .events = POLLIN } };
+	struct pollfd p[2] = { { .fd = xc->sock_fd, .events = POLLIN }, { .fd = xc->wake_fd[0], .events = POLLIN } };
 	if (xmpp_conn_send_queue_len(xc->conn) > 0)
 		p[0].events |= POLLOUT;
 	int64_t wait = next_house - mono_ms();
@@ -1116,19 +1110,11 @@ static void turn(struct xcomp *xc, int64_t next_house)
 		wait = 0;
 	if (wait > IDLE_WAIT_MS)
 		wait = IDLE_WAIT_MS;
-	long held_for = xa_xml_held_for_ms();
-	if (held_for >= 0 && wait > HOLD_WAIT_MS - held_for)
-		wait = held_for < HOLD_WAIT_MS ? HOLD_WAIT_MS - held_for : 0;
 	if (poll(p, 2, (int)wait) > 0 && (p[1].revents & POLLIN)) {
 		char buf[256];
 		while (read(xc->wake_fd[0], buf, sizeof(buf)) > 0)
 			;
 	}
-	/* Held reads are read once none has come for a while, and before the
-	 * read that finds the server's side closed (libstrophe would reset the
-	 * parser, and what is held with it). */
-	if (xa_xml_held_for_ms() >= HOLD_WAIT_MS || (xa_xml_holding() && (p[0].revents & (POLLRDHUP | POLLHUP))))
-		xa_xml_flush();
 	xmpp_run_once(xc->ctx, 0);
 }
 

@@ -386,15 +386,14 @@ long xa_xml_renew_bound(void);
 unsigned long xa_xml_renewed(void);
 void xa_xml_renew_at(long bytes);
 /* Expat 2.5 scans a token still coming from its start again at each read:
- * within a long one (16 KiB or more), reads are held back until they add
- * up to what expat holds of it.  xa_xml_holding: some are held;
- * xa_xml_held_for_ms: since when the last read came (-1: none held);
- * xa_xml_flush gives them to expat now (no read for a while: the
- * component thread's loop); xa_xml_scanned: the bytes expat scanned
- * since last asked.  xa_xml_renewal_off: why renewal ended for this
- * stream, once (else NULL). */
+ * within a long one (16 KiB or more, or xa_xml_hold_from's bytes: for
+ * tests), reads without a '>' are held back until they add up to what
+ * expat holds of it.  xa_xml_holding: some are held; xa_xml_flush gives
+ * them to expat now; xa_xml_scanned: the bytes expat scanned since last
+ * asked.  xa_xml_renewal_off: why renewal ended for this stream, once
+ * (else NULL). */
 bool xa_xml_holding(void);
-long xa_xml_held_for_ms(void);
+void xa_xml_hold_from(long bytes);
 void xa_xml_flush(void);
 long xa_xml_scanned(void);
 const char *xa_xml_renewal_off(void);

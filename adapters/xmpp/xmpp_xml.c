@@ -207,11 +207,10 @@ static __thread bool replaying;
 static __thread bool renew_due, renew_inline;
 static __thread XML_Index renew_from;
 static __thread const char *renew_off; /* why renewal ended for this stream, until read */
-/* Reads held back within a long token (take), when the last one came,
- * and the bytes expat scanned (xa_xml_scanned). */
+/* Reads held back within a long token (take), and the bytes expat
+ * scanned (xa_xml_scanned). */
 static __thread char *hold;
 static __thread int hold_len, hold_size;
-static __thread int64_t last_read_us; /* when the last read came, while some are held */
 static __thread long scanned;
 
 /* ------------------------------------------------------------ work's memory */
@@ -430,8 +429,8 @@ static enum XML_Status feed(XML_Parser p, const char *s, int len, int final, boo
 				p = work;
 				s += used;
 				len -= (int)used;
-				if (len == 0)
-					return XML_STATUS_OK;
+				if (len == 0) /* the end of the document, if it was, to the new one */
+					return final ? real.parse(work, "", 0, XML_TRUE) : XML_STATUS_OK;
 				continue;
 			}
 			if (st == XML_STATUS_SUSPENDED && !halted) /* not renewed (renew says why): read on */
@@ -458,15 +457,22 @@ static enum XML_Status feed(XML_Parser p, const char *s, int len, int final, boo
 /* A read for the watched parser.  Expat 2.5 scans a token still coming
  * (a tag) from its start again at each read it is given: a tag of 1 MiB
  * in libstrophe's 4 KiB reads was scanned some 128 MB.  Within a token of
- * HOLD_FROM bytes or more, a read is held back while, with those held
- * before it, it is shorter than what expat holds of the token, so that
- * each scan at least doubles what it has (the scanning of a token is
- * then linear, whatever the reads' sizes); what is held is given with the
- * read that makes it enough, or when no read has come for a while
- * (xa_xml_flush, from the component thread's loop).  What is held is
- * less than what expat holds, itself within the cap.  Below HOLD_FROM a
- * scan costs little, and nothing waits. */
+ * hold_from bytes or more, a read without a '>' is held back while, with
+ * those held before it, it is shorter than what expat holds of the token,
+ * so that each scan at least doubles what it has (the scanning of a token
+ * is then linear, whatever the reads' sizes or times).  No tag, stanza,
+ * header or markup XMPP forbids ends without a '>', so what is held can
+ * end none of them: a read with a '>' is given at once, with what is held
+ * before it, and nothing waits for a timer (a review of a first version,
+ * which held any read and read what was held after 10 ms without one,
+ * found that steady traffic after a long tag held every stanza back, and
+ * that a slow link made the scanning quadratic again).  The server
+ * escapes '>' in attribute values (Prosody does), so a long tag has
+ * none before its end; one that did not would only cost the rescans.
+ * What is held is less than what expat holds, itself within the cap.
+ * Below hold_from a scan costs little. */
 #define HOLD_FROM 16384
+static __thread long hold_from = HOLD_FROM;
 
 static bool hold_back(const char *s, int len)
 {
@@ -491,10 +497,9 @@ static enum XML_Status take(const char *s, int len, int final)
 {
 	XML_Index at = real.index(work);
 	XML_Index open = at >= 0 && at <= fed ? fed - at : 0;
-	if (!final && open >= HOLD_FROM && (XML_Index)hold_len + len < open && hold_back(s, len)) {
-		last_read_us = cw_now_us();
+	if (!final && open >= hold_from && (XML_Index)hold_len + len < open && !memchr(s, '>', (size_t)len) &&
+	    hold_back(s, len))
 		return XML_STATUS_OK;
-	}
 	if (hold_len) { /* given with what is held, in one scan */
 		if (!hold_back(s, len)) {
 			int n = hold_len;
@@ -506,7 +511,13 @@ static enum XML_Status take(const char *s, int len, int final)
 		}
 		int n = hold_len;
 		hold_len = 0;
-		return feed(work, hold, n, final, false);
+		enum XML_Status st = feed(work, hold, n, final, false);
+		if (hold_size > 4 * HOLD_FROM) { /* the next long token grows one again */
+			free(hold);
+			hold = NULL;
+			hold_size = 0;
+		}
+		return st;
 	}
 	return feed(work, s, len, final, false);
 }
@@ -613,10 +624,13 @@ static bool renew(void)
 	enum XML_Status st = real.parse(work, header, header_len, XML_FALSE);
 	replaying = false;
 	if (st != XML_STATUS_OK || halted || depth != 1) {
+		bool no_memory = real.error(work) == XML_ERROR_NO_MEMORY;
 		real.free(work);
 		work = cur = old;
 		depth = 1;
 		halted = false;
+		if (no_memory) /* the next stanza's end tries again */
+			return false;
 		free(header);
 		header = NULL;
 		renew_off = "the stream's start tag could not be read again";
@@ -874,7 +888,7 @@ void xa_xml_renew_at(long bytes) { renew_at = bytes; }
 
 bool xa_xml_holding(void) { return hold_len > 0; }
 
-long xa_xml_held_for_ms(void) { return hold_len > 0 ? (long)((cw_now_us() - last_read_us) / 1000) : -1; }
+void xa_xml_hold_from(long bytes) { hold_from = bytes > 0 ? bytes : HOLD_FROM; }
 
 const char *xa_xml_renewal_off(void)
 {

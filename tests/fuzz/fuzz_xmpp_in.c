@@ -13,8 +13,10 @@
  * to a parser watched as the stream's is, under a small cap, in reads cut
  * where its first byte says (its low six bits: the size of every read,
  * or with bit 7 set, of the first, each next one's size from the byte it
- * starts at; bit 6: the parser renewed at every stanza's end,
- * xa_xml_renew_at, or never: the input is far below the bound).  Properties, whatever the reads: no start
+ * starts at, and reads within a token of 64 bytes or more held back as
+ * within one of 16 KiB in the daemon, xa_xml_hold_from; bit 6: the parser
+ * renewed at every stanza's end, xa_xml_renew_at, or never: the input is
+ * far below the bound).  Properties, whatever the reads: no start
  * tag or text of a stanza (a child of the root) past its first cap bytes
  * reaches the handlers set on that parser (the ends of the elements they
  * have open do, of a stanza cut there), and a stanza ends there cut
@@ -115,6 +117,7 @@ static void stream_parse(const uint8_t *data, size_t size)
 		return;
 	if (data[0] & 64)
 		xa_xml_renew_at(1);
+	xa_xml_hold_from(data[0] & 128 ? 64 : 0);
 	XML_SetUserData(s.p, &s);
 	XML_SetElementHandler(s.p, stream_start, stream_end);
 	XML_SetCharacterDataHandler(s.p, stream_text);
