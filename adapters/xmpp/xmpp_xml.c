@@ -469,8 +469,11 @@ static enum XML_Status feed(XML_Parser p, const char *s, int len, int final, boo
  * that a slow link made the scanning quadratic again).  The server
  * escapes '>' in attribute values (Prosody does), so a long tag has
  * none before its end; one that did not would only cost the rescans.
- * What is held is less than what expat holds, itself within the cap.
- * Below hold_from a scan costs little. */
+ * The bytes held are fewer than what expat holds, itself within the cap
+ * (their buffer, doubled as it grows, under twice that, and freed after
+ * such a token).  Below hold_from a scan costs little.  What is held is
+ * given by the next read: a tag past the cap, or bytes that are not XML,
+ * held and followed by nothing, are told then. */
 #define HOLD_FROM 16384
 static __thread long hold_from = HOLD_FROM;
 
@@ -597,6 +600,11 @@ static void fresh_stream(void)
 	header_len = 0;
 	renewals = 0;
 	hold_len = 0;
+	if (hold_size > 4 * HOLD_FROM) {
+		free(hold);
+		hold = NULL;
+		hold_size = 0;
+	}
 	renew_due = false;
 	renew_off = NULL;
 	free(decl_encoding);

@@ -1823,11 +1823,11 @@ START_TEST(oversized_stanza_is_refused)
 			ck_assert_int_eq(XML_Parse(p, chunk, (int)sizeof(chunk), XML_FALSE), XML_STATUS_OK);
 			sent += (long)sizeof(chunk);
 		}
-		xa_xml_flush(); /* what was held back (a_long_tag_is_scanned_in_linear_time) */
+		xa_xml_flush(); /* what was held back (a_long_tag_is_scanned_in_linear_time): the cap's bytes */
 		ck_assert_msg(xa_xml_refused(&why) == NULL, "%s: %ld bytes are not over", coming[k], sent);
 		if (k == 1) {
-			XML_Parse(p, chunk, (int)sizeof(chunk), XML_FALSE); /* stopped now, or held back: */
-			xa_xml_flush();                                      /* at the latest when idle */
+			XML_Parse(p, chunk, (int)sizeof(chunk), XML_FALSE); /* stopped now, or held back */
+			xa_xml_flush();                                      /* (no '>': the next read gives it) */
 			ck_assert_str_eq(xa_xml_refused(&why), "a tag larger than the cap");
 			ck_assert_int_eq(why, XA_XML_TOO_LARGE);
 			ck_assert_str_eq(s.ended, "");
@@ -2357,7 +2357,7 @@ START_TEST(a_renewal_is_not_seen_by_the_handlers)
 			ck_assert_int_eq(XML_Parse(p, all + at, (int)piece, XML_FALSE), XML_STATUS_OK);
 			at += piece;
 		}
-		xa_xml_flush(); /* the stream idle: what was held back is read */
+		xa_xml_flush(); /* what is held (none: the stream's end has its '>') */
 		ck_assert_ptr_null(xa_xml_refused(&why));
 		ck_assert_uint_eq(xa_xml_renewed(), (unsigned long)plain.stanzas); /* at every stanza's end */
 		/* The unwatched parser has no cap: of the big stanza, it was
