@@ -49,9 +49,13 @@ import uuid
 import xml.etree.ElementTree as ET
 from xml.sax.saxutils import escape, quoteattr
 
+from harness import TOP_SRCDIR
+
 PROSODY = os.environ.get("PROSODY", "/usr/bin/prosody")
 PROSODYCTL = os.environ.get("PROSODYCTL", "/usr/bin/prosodyctl")
 PROSODY_USER = "prosody"
+# Causeway's own Prosody modules, copied into each instance's plugins/ directory.
+CONTRIB_PROSODY = os.path.join(TOP_SRCDIR, "contrib", "prosody")
 
 NS_CLIENT = "jabber:client"
 NS_STREAM = "http://etherx.jabber.org/streams"
@@ -103,11 +107,14 @@ def _pdeathsig_kill():
 class Prosody:
     """A private Prosody. directory: where its configuration, data, pidfile and log go (created; str or
     Path). components: {name: secret}, or names that all get `secret`. Ports are picked (free on
-    loopback) when the object is made, unless given, and kept across stop()/start()."""
+    loopback) when the object is made, unless given, and kept across stop()/start().
+    component_modules: modules enabled on every component (e.g. "causeway_guard": contrib/prosody's
+    modules are copied to the instance's plugins/ directory, its plugin_paths); component_config:
+    more lines for every component's section (e.g. causeway_guard_max_bytes = N)."""
 
     def __init__(self, directory, host="xmpp.test", components=None, secret="component-secret",
                  c2s_port=None, component_port=None, log_level="debug", console_level="info",
-                 modules=(), extra_config="", start_timeout=20.0):
+                 modules=(), extra_config="", start_timeout=20.0, component_modules=(), component_config=""):
         self.base_dir = os.path.abspath(str(directory))
         self.host = host
         self.address = "127.0.0.1"
@@ -124,6 +131,8 @@ class Prosody:
         self.console_level = console_level
         self.modules = list(modules)
         self.extra_config = extra_config
+        self.component_modules = list(component_modules)
+        self.component_config = component_config
         self.start_timeout = start_timeout
         self.users = {}             # user -> password, as registered through this object
         self.proc = None
@@ -143,8 +152,12 @@ class Prosody:
         self.data_path = os.path.join(self.dir, "data")
         self.pidfile = os.path.join(self.dir, "prosody.pid")
         self.log_path = os.path.join(self.dir, "prosody.log")
-        for d in (self.data_path, os.path.join(self.dir, "certs")):
+        self.plugins_path = os.path.join(self.dir, "plugins")
+        for d in (self.data_path, os.path.join(self.dir, "certs"), self.plugins_path):
             os.makedirs(d, exist_ok=True)
+        for name in os.listdir(CONTRIB_PROSODY) if os.path.isdir(CONTRIB_PROSODY) else ():
+            if name.startswith("mod_") and name.endswith(".lua"):
+                shutil.copy(os.path.join(CONTRIB_PROSODY, name), self.plugins_path)
         self.write_config()
         _LIVE.add(self)
 
@@ -199,6 +212,7 @@ class Prosody:
             "s2s_require_encryption = false",
             "allow_unencrypted_plain_auth = true",
             "allow_registration = false",
+            f"plugin_paths = {{ {_lua(self.plugins_path)} }}",
             "",
             self.extra_config,
             "",
@@ -206,6 +220,10 @@ class Prosody:
         ]
         for name, secret in self.components.items():
             lines += ["", f"Component {_lua(name)}", f"  component_secret = {_lua(secret)}"]
+            if self.component_modules:
+                lines.append("  modules_enabled = { " + "; ".join(_lua(m) for m in self.component_modules) + " }")
+            if self.component_config:
+                lines.append(self.component_config)
         with open(self.config_path, "w") as f:
             f.write("\n".join(lines) + "\n")
         self._chown()

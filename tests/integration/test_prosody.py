@@ -261,3 +261,39 @@ def test_two_instances_side_by_side(tmp_path, clients):
         pids = [one.pid, two.pid]
     assert not any(pid_alive(p) for p in pids)
     assert not one.running and not two.running
+
+
+def test_causeway_guard_refuses_what_prosody_would_write_past_its_limit(tmp_path, clients):
+    """contrib/prosody/mod_causeway_guard on the component (here with
+    causeway_guard_max_bytes = 2000): a stanza Prosody would write larger
+    than that (700 apostrophes, 4,200 bytes escaped) is not forwarded, its
+    sender gets policy-violation (an iq result or an error: nothing) and a
+    warning is logged; stanzas within the limit reach the component."""
+    p = Prosody(tmp_path / "prosody", host=HOST, components={COMP: SECRET},
+                component_modules=["causeway_guard"], component_config="  causeway_guard_max_bytes = 2000")
+    try:
+        p.start()
+        p.register("alice", "pw-alice")
+        alice = clients(ALICE, "pw-alice", p.c2s_port).connect()
+        with RawComponent(COMP, p.component_port) as c:
+            assert c.handshake(SECRET).tag.endswith("}handshake")
+            alice.send_message("someone@" + COMP, "x" * 1500, id="small")
+            c.wait_for(lambda el: el.get("id") == "small")
+            big = "'" * 700
+            for mid, raw in (("res1", f"<iq type='result' to='someone@{COMP}/r' id='res1'><x xmlns='urn:p'>{big}</x></iq>"),
+                             ("err1", f"<message type='error' to='someone@{COMP}' id='err1'><body>{big}</body></message>"),
+                             ("big1", f"<message type='chat' to='{COMP}' id='big1'><body>{big}</body></message>")):
+                alice.send_raw(raw)
+            err = alice.wait_for_message(lambda el: el.get("id") == "big1", timeout=5)
+            assert err.get("type") == "error" and err.get("from") == COMP, err.xml
+            assert err.error_condition == "policy-violation" and "type=\"modify\"" in err.xml, err.xml
+            assert "too large for the gateway" in err.xml and "'''" not in err.xml, err.xml
+            p.wait_for_log(r"Refused a message from alice@xmpp.test/\S+ to gk.xmpp.test: up to \d+ bytes")
+            alice.send_message("someone@" + COMP, "after", id="after")
+            c.wait_for(lambda el: el.get("id") == "after")
+            assert [el.get("id") for el in c.stanzas if el.get("id") in ("small", "res1", "err1", "big1", "after")] \
+                == ["small", "after"]
+            assert [el.get("id") for el in alice.stanzas() if el.get("type") == "error"] == ["big1"]
+            assert len(re.findall("Refused a", p.log())) == 3
+    finally:
+        p.close()

@@ -2910,6 +2910,87 @@ def test_a_users_stanza_grown_by_prosody_past_the_cap_is_refused_to_her(xd, gk, 
     assert len(srv.events) == 1
 
 
+@pytest.fixture
+def guarded(make_daemon, db_url, tmp_path):
+    """A Prosody with contrib/prosody/mod_causeway_guard on the component
+    (its default limit, 1 MiB, the daemon's default cap), the daemon up,
+    alice logged in: (daemon, gk's notify server, alice)."""
+    p = Prosody(tmp_path / "prosody", host=HOST, components={COMP: SECRET}, component_modules=["causeway_guard"])
+    p.start()
+    try:
+        p.register("alice", "pw-alice")
+        d, _, srv = start_with_gk(make_daemon, db_url, p)
+        c = XmppClient(ALICE_JID, "pw-alice", port=p.c2s_port)
+        c.connect()
+        yield d, srv, c
+        print("causewayd log:\n" + d.log())  # shown by pytest when the test failed
+        c.disconnect()
+        srv.close()
+    finally:
+        p.stop()
+
+
+def namespaced_attributes(mid, count, body=""):
+    """A message of count attributes in one namespace of 1,000 characters,
+    which Prosody writes each with a declaration of its own."""
+    attrs = " ".join(f"p:a{i}=''" for i in range(count))
+    return (f"<message to='{WALLY_JID}' type='chat' id='{mid}'>{body}"
+            f"<x xmlns:p='urn:{'n' * 996}' {attrs}/></message>")
+
+
+def test_prosodys_guard_refuses_a_stanza_it_would_write_past_the_cap(guarded):
+    """With mod_causeway_guard (contrib/prosody) on the component, a
+    message that Prosody would write 95 times larger than it read it (a
+    review's probe: 19,016 attributes in one 1,000-character namespace,
+    206 KB in, a 19.6 MB tag out) is refused by Prosody with
+    policy-violation and never reaches the component, whose stream stays
+    up (without the module the tag closes it, for everyone). So is one
+    grown past the cap by escaping; her next message goes."""
+    d, srv, alice = guarded
+    since = component_state(d)["connected_since_ms"]
+    probe = namespaced_attributes("ns1", 19016)
+    assert 200000 < len(probe) < 256 * 1024, len(probe)  # within Prosody's c2s cap
+    for mid, raw in (("ns1", probe),
+                     ("apos1", f"<message to='{WALLY_JID}' type='chat' id='apos1'><body>{chr(39) * 180000}</body>"
+                               "</message>")):
+        alice.send_raw(raw)
+        err = alice.wait_for_message(lambda m: m.get("id") == mid and m.get("type") == "error", timeout=60)
+        e = err.find("{jabber:client}error")
+        assert e is not None and e.get("type") == "modify", ET.tostring(err)[:300]
+        assert e.find("{urn:ietf:params:xml:ns:xmpp-stanzas}policy-violation") is not None, ET.tostring(err)[:300]
+        text = e.find("{urn:ietf:params:xml:ns:xmpp-stanzas}text")
+        assert text is not None and "too large for the gateway" in text.text, ET.tostring(err)[:300]
+        assert err.get("from") == WALLY_JID and len(ET.tostring(err)) < 1000, ET.tostring(err)[:300]
+    alice.send_message(WALLY_JID, "after the long ones")
+    got = srv.wait_events(1)
+    assert got[0]["content"]["parts"][0]["body"] == "after the long ones"
+    assert len(srv.events) == 1
+    state = component_state(d)
+    assert state["state"] == "up" and state["connected_since_ms"] == since, state
+    assert state["stanzas_cut"] == 0 and state["stanza_too_large"] == 0, state
+
+
+def test_prosodys_guard_lets_stanzas_within_the_cap_through(guarded):
+    """mod_causeway_guard's bound is close: a message Prosody writes just
+    under the cap (174,000 apostrophes in an extension element, 1,044,000
+    bytes escaped; the body is held to 16 KiB), and one
+    of 500 namespaced attributes (some 0.5 MB written), reach the
+    component and the peer, as a plain one does."""
+    d, srv, alice = guarded
+    alice.send_message(WALLY_JID, "plain")
+    assert srv.wait_events(1)[0]["content"]["parts"][0]["body"] == "plain"
+    alice.send_raw(f"<message to='{WALLY_JID}' type='chat' id='apos2'><body>near the cap</body>"
+                   f"<x xmlns='urn:example:pad'>{chr(39) * 174000}</x></message>")
+    got = srv.wait_events(2, timeout=60)
+    assert got[1]["content"]["parts"][0]["body"] == "near the cap"
+    alice.send_raw(namespaced_attributes("ns2", 500, "<body>with attributes</body>"))
+    got = srv.wait_events(3, timeout=60)
+    assert got[2]["content"]["parts"][0]["body"] == "with attributes"
+    assert not [m for m in alice.stanzas() if m.get("type") == "error"], [m.get("id") for m in alice.stanzas()]
+    state = component_state(d)
+    assert state["state"] == "up" and state["stanzas_cut"] == 0 and state["stanza_too_large"] == 0, state
+
+
 def test_cut_stanzas_are_logged_at_most_ten_a_second(make_daemon, db_url):
     """A stanza over the cap is refused and logged (warn), and any user can
     send them in a loop: at most ten such lines are written a second, the
