@@ -2,16 +2,20 @@
 (tests/integration/ejabberd.py): the component's handshake, disco and ping,
 consent by a subscription request, messages and a correction both ways, an
 oversize stanza refused, a group's room (join, groupchat, the leave command),
-and a wrong secret reported. test_xmpp.py covers
+a wrong secret reported, and namespaced attributes written as they came
+(unlike Prosody). test_xmpp.py covers
 every feature against Prosody; this checks that the second server the issue
 names behaves the same on the paths where servers differ (handshake,
 routing of presence and errors)."""
+import socket
+import time
+
 import pytest
 
 from ejabberd import Ejabberd
 from harness import wait_until
 from peer import NotifyServer, PeerClient
-from prosody import XmppClient
+from prosody import RawComponent, XmppClient
 
 HOST = "ej.test"
 COMP = "gk.example.net"
@@ -139,3 +143,35 @@ def test_a_group_room_through_ejabberd(make_daemon, db_url, ejabberd):
         print("causewayd log:\n" + d.log())  # shown by pytest when the test failed
         alice.disconnect()
         srv.close()
+
+
+def test_ejabberd_writes_namespaced_attributes_as_they_came(ejabberd):
+    """Prosody writes each namespaced attribute with a namespace
+    declaration of its own, so a review's 205,920-byte message (19,016
+    attributes in one 1,000-character namespace) reached the component as
+    a 19.6 MB tag (docs/xmpp.md, "Stanza size"). ejabberd 23.01 writes the
+    prefix and its one declaration as they came: the component (a raw one
+    here) reads the message at about the size alice sent."""
+    attrs = " ".join(f"p:a{i}=''" for i in range(19016))
+    raw = f"<message to='wally@{COMP}' type='chat' id='ns1'><x xmlns:p='urn:{'n' * 996}' {attrs}/></message>"
+    alice = XmppClient("alice@" + HOST, "pw-alice", port=ejabberd.c2s_port)
+    alice.connect()
+    try:
+        with RawComponent(COMP, ejabberd.component_port) as c:
+            assert c.handshake(SECRET).tag.endswith("}handshake")
+            alice.send_raw(raw)
+            got = b""
+            c.sock.settimeout(1)
+            deadline = time.time() + 30
+            while b"</message>" not in got and time.time() < deadline:
+                try:
+                    chunk = c.sock.recv(1 << 20)
+                except socket.timeout:
+                    continue
+                assert chunk, got[:300]
+                got += chunk
+            assert b"id='ns1'" in got and got.rstrip().endswith(b"</message>"), got[:300]
+            assert got.count(b"xmlns:p=") == 1 and b"p:a19015=''" in got, got[:300]
+            assert len(raw) < len(got) < len(raw) + 500, (len(raw), len(got))
+    finally:
+        alice.disconnect()
