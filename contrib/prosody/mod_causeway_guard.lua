@@ -29,28 +29,30 @@ local function escaped(s)
 end
 
 -- An upper bound of #tostring(t), as util.stanza's _dostring writes it;
--- parentns as _dostring is given it.
-local function size(t, parentns)
-	local n = 1 + #t.name; -- <name
+-- parentns as _dostring is given it. top: t is the stanza, whose xmlns
+-- mod_component removes before it writes it, so that its children are
+-- written as if their parent had none.
+local function size(t, parentns, top)
+	local n = #"<" + #t.name;
 	local nsid = 0;
 	for k, v in pairs(t.attr) do
 		if s_find(k, "\1", 1, true) then
-			-- " xmlns:nsN='ns' nsN:attr='v'"
 			local ns, attrk = s_match(k, "^([^\1]*)\1?(.*)$");
 			nsid = nsid + 1;
-			n = n + 9 + #tostring(nsid) + 2 + escaped(ns) + 2 + 2 + #tostring(nsid) + 1 + #attrk + 2 + escaped(v) + 1;
-		elseif not (k == "xmlns" and v == parentns) then
-			n = n + 1 + #k + 2 + escaped(v) + 1; -- " k='v'"
+			local id = #tostring(nsid); -- " xmlns:nsN='ns' nsN:attr='v'"
+			n = n + #" xmlns:ns" + id + #"='" + escaped(ns) + #"' ns" + id + #":" + #attrk + #"='" + escaped(v) + #"'";
+		elseif not (k == "xmlns" and (top or v == parentns)) then
+			n = n + #" " + #k + #"='" + escaped(v) + #"'";
 		end
 	end
 	if #t == 0 then
-		return n + 2; -- />
+		return n + #"/>";
 	end
-	n = n + 1 + 2 + #t.name + 1; -- > and </name>
+	n = n + #">" + #"</" + #t.name + #">";
 	for i = 1, #t do
 		local child = t[i];
 		if child.name then
-			n = n + size(child, t.attr.xmlns);
+			n = n + size(child, (not top) and t.attr.xmlns or nil);
 		else
 			n = n + escaped(child);
 		end
@@ -60,19 +62,14 @@ end
 
 local function guard(event)
 	local stanza = event.stanza;
-	-- mod_component removes the stanza's own xmlns before it writes it, so
-	-- its children are written as if their parent had none.
-	local xmlns = stanza.attr.xmlns;
-	stanza.attr.xmlns = nil;
-	local bytes = size(stanza, nil);
-	stanza.attr.xmlns = xmlns;
+	local bytes = size(stanza, nil, true);
 	if bytes <= max_bytes then
 		return; -- on to mod_component
 	end
 	module:log("warn", "Refused a %s from %s to %s: up to %d bytes as written, more than causeway_guard_max_bytes (%d)",
 		stanza.name, tostring(stanza.attr.from), tostring(stanza.attr.to), bytes, max_bytes);
-	local type = stanza.attr.type;
-	if type ~= "error" and not (stanza.name == "iq" and type == "result") then
+	local stanza_type = stanza.attr.type;
+	if stanza_type ~= "error" and not (stanza.name == "iq" and stanza_type == "result") then
 		module:send(st.error_reply(stanza, "modify", "policy-violation",
 			"The stanza is too large for the gateway (more than "..max_bytes.." bytes as the server writes it)", module.host));
 	end
