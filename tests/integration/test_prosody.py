@@ -280,9 +280,9 @@ def test_causeway_guard_refuses_what_prosody_would_write_past_its_limit(tmp_path
             alice.send_message("someone@" + COMP, "x" * 1500, id="small")
             c.wait_for(lambda el: el.get("id") == "small")
             big = "'" * 700
-            for mid, raw in (("res1", f"<iq type='result' to='someone@{COMP}/r' id='res1'><x xmlns='urn:p'>{big}</x></iq>"),
-                             ("err1", f"<message type='error' to='someone@{COMP}' id='err1'><body>{big}</body></message>"),
-                             ("big1", f"<message type='chat' to='{COMP}' id='big1'><body>{big}</body></message>")):
+            for raw in (f"<iq type='result' to='someone@{COMP}/r' id='res1'><x xmlns='urn:p'>{big}</x></iq>",
+                        f"<message type='error' to='someone@{COMP}' id='err1'><body>{big}</body></message>",
+                        f"<message type='chat' to='{COMP}' id='big1'><body>{big}</body></message>"):
                 alice.send_raw(raw)
             err = alice.wait_for_message(lambda el: el.get("id") == "big1", timeout=5)
             assert err.get("type") == "error" and err.get("from") == COMP, err.xml
