@@ -6,7 +6,7 @@
 #include <stdlib.h>
 
 struct job {
-	cw_work_fn fn;
+	cw_work_fn fn, then;
 	void *arg;
 };
 
@@ -49,6 +49,13 @@ static void *worker_main(void *arg)
 		pthread_mutex_lock(&w->mu);
 		w->running--;
 		w->done++;
+		if (j.then) {
+			/* Idle from here on: a job handed over meanwhile is
+			 * this thread's (or another's) next. */
+			pthread_mutex_unlock(&w->mu);
+			j.then(j.arg);
+			pthread_mutex_lock(&w->mu);
+		}
 	}
 	pthread_mutex_unlock(&w->mu);
 	return NULL;
@@ -86,12 +93,17 @@ cw_err cw_workers_start(struct cw_workers **out, int n, const char *name, cw_err
 
 bool cw_workers_run(struct cw_workers *w, cw_work_fn fn, void *arg)
 {
+	return cw_workers_run_then(w, fn, NULL, arg);
+}
+
+bool cw_workers_run_then(struct cw_workers *w, cw_work_fn fn, cw_work_fn then, void *arg)
+{
 	if (!w)
 		return false;
 	pthread_mutex_lock(&w->mu);
 	bool ok = !w->stopping && w->running + w->queued < w->n;
 	if (ok) {
-		w->ring[(w->head + w->queued) % w->n] = (struct job){ fn, arg };
+		w->ring[(w->head + w->queued) % w->n] = (struct job){ fn, then, arg };
 		w->queued++;
 		pthread_cond_signal(&w->cv);
 	} else {

@@ -20,6 +20,14 @@ cw_err cw_workers_start(struct cw_workers **out, int n, const char *name, cw_err
 /* Runs fn(arg) on an idle thread: true; false when all are busy, when w is
  * stopping, or w is NULL (fn is not called then: the caller keeps arg). */
 bool cw_workers_run(struct cw_workers *w, cw_work_fn fn, void *arg);
+/* cw_workers_run, and then(arg) on the same thread once fn has returned
+ * and the thread counts as idle again (then may be NULL).  For a job that
+ * answers someone: its answer goes in then, so that whoever got it and
+ * asks again at once finds the thread free, not "busy" (since the
+ * twenty-ninth session; before, a link followed right after its answer
+ * could be refused by a fetcher still finishing that answer).  A job
+ * accepted while then runs waits for it to return (then must be short). */
+bool cw_workers_run_then(struct cw_workers *w, cw_work_fn fn, cw_work_fn then, void *arg);
 struct cw_workers_stats {
 	int threads, busy;
 	unsigned long long done, refused;
