@@ -172,7 +172,7 @@ struct media_job {
 	cw_errmsg err;
 };
 
-static void fetched(struct media_job *j);
+static void fetched(void *arg);
 
 /* The links whose file was refused for good lately, by MAC: logged once an
  * hour each (a follow of such a link is answered at every one, but anyone
@@ -184,7 +184,12 @@ static struct media_recent refused_links = MEDIA_RECENT_INIT(REFUSED_LOG_MS);
 /* On a fetcher (workers.h): the far side answers within its timeout.  The
  * budget is taken here, on the fetcher: a fetch refused because every
  * fetcher is busy is still counted as such (workers.h), not as over the
- * budget that those busy fetchers reserved. */
+ * budget that those busy fetchers reserved.  The answer is fetched's, the
+ * job's then step: given once the fetcher is free again (and the
+ * reservation becomes the file's size only then), so that whoever got it
+ * and follows a link at once is not told that too many files are being
+ * fetched (until the twenty-ninth session the answer went from here, and
+ * could be). */
 static void fetch(void *arg)
 {
 	struct media_job *j = arg;
@@ -196,7 +201,6 @@ static void fetch(void *arg)
 	if (!media_held_reserve(app, most)) {
 		j->over = true;
 		j->rc = CW_EUNAVAIL;
-		fetched(j);
 		return;
 	}
 	j->reserved = most;
@@ -208,7 +212,6 @@ static void fetch(void *arg)
 		if (!j->rc && j->status != 200)
 			j->rc = cw_fail(&j->err, CW_EIO, "the peer's store answered %ld", j->status);
 	}
-	fetched(j);
 }
 
 /* A fetched file's bytes, held until its answer is sent (a slow reader
@@ -231,8 +234,9 @@ static void released(void *arg)
 	free(h);
 }
 
-static void fetched(struct media_job *j)
+static void fetched(void *arg)
 {
+	struct media_job *j = arg;
 	struct cw_req *req = j->req;
 	struct held *h = j->rc == CW_OK ? malloc(sizeof(*h)) : NULL;
 	if (j->rc == CW_OK && !h) {
@@ -343,7 +347,7 @@ static void start_fetch(struct cw_app *app, struct cw_req *req, struct media_job
 	j->capped = j->b.max < (size_t)app->cfg->media_max_bytes;
 	j->b.cancel = &app->stopping;
 	cw_req_suspend(req);
-	if (!cw_workers_run(app->fetchers, fetch, j)) {
+	if (!cw_workers_run_then(app->fetchers, fetch, fetched, j)) {
 		free(j);
 		app_retry_after(req, 1000);
 		cw_req_problem(req, 503, "unavailable", "Service unavailable", "too many files are being fetched now");
