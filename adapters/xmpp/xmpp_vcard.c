@@ -53,6 +53,8 @@ struct vjob {
 	char *avatar;                    /* the avatar object the peer gave (JSON text), or NULL */
 	char peer_domain[256];           /* the domain of that peer (peers table): its hosts get the fetch signed */
 	json_t *photo;                   /* {url, type, b64, sha1}; url "" and no b64: none */
+	cw_err rc;                       /* the read's, for the answer */
+	cw_errmsg err;
 };
 
 /* The avatar URLs whose fetch was refused for good (a fact of the URL,
@@ -372,22 +374,30 @@ static void vcard_done(void *arg, cw_err rc, const cw_errmsg *e)
 	vjob_free(j);
 }
 
-/* On a fetcher: the profile (on a reader), the photo, the answer. */
+/* On a fetcher: the profile (on a reader), the photo. */
 static void vcard_work(void *arg)
 {
 	struct vjob *j = arg;
-	cw_errmsg e = { { 0 } };
-	cw_err rc = store_read_wait(j->xc->x->app->store, vcard_fn, j, &e);
-	if (!rc)
+	j->rc = store_read_wait(j->xc->x->app->store, vcard_fn, j, &j->err);
+	if (!j->rc)
 		j->photo = photo_of(j, j->avatar);
-	vcard_done(j, rc, &e);
+}
+
+/* Then the answer, the fetcher counted free again: a client asking for
+ * the next vCard at once is not told that every fetcher is busy by the
+ * one finishing this answer (as the media fetches, since the
+ * twenty-ninth session). */
+static void vcard_then(void *arg)
+{
+	struct vjob *j = arg;
+	vcard_done(j, j->rc, &j->err);
 }
 
 /* Runs j on a fetcher; false (j left to the caller) when they are all
  * busy. */
 static bool vcard_start(struct vjob *j)
 {
-	return cw_workers_run(j->xc->x->app->fetchers, vcard_work, j);
+	return cw_workers_run_then(j->xc->x->app->fetchers, vcard_work, vcard_then, j);
 }
 
 /* Answers iq (kept as text: the stanza is the stream thread's) from a
