@@ -47,11 +47,13 @@
  * watched parser (libstrophe's handle) reads nothing itself.  Its reads,
  * and what else is asked of it, go to "work", a parser of the guard's own
  * made with the same arguments, whose memory is counted (mm_*), and which
- * is renewed (renew) at the end of a read that leaves it between two
- * stanzas once it holds more than a bound: a new one reads the stream's
- * start tag again, as it came (kept when first read), unseen by the
- * handlers set, then the bytes of a token still unfinished, and the old
- * one is freed with all it held.
+ * is renewed once it holds more than a bound: the end of a stanza stops
+ * it (renew_after), a new one made with the encoding the stream declared
+ * reads the stream's start tag again, as it came (kept when first read),
+ * unseen by the handlers set, then the rest of the read (feed), and the
+ * old one is freed with all it held (renew).  Within a long token, reads
+ * without a '>' are held back (take), so that expat 2.5 scans it in
+ * linear time.
  *
  * libstrophe must parse with expat for any of this: xa_xml_guards_libstrophe
  * says whether it does (causewayd refuses to start if not).  The markup
