@@ -3,6 +3,7 @@
 #include "log.h"
 #include "cw.h"
 
+#include <signal.h>
 #include <stdio.h>
 #include <string.h>
 #include <strings.h>
@@ -267,8 +268,16 @@ void cw_log_flusher_start(void)
 {
 	pthread_mutex_lock(&flusher.mu);
 	flusher.stop = false;
-	if (!flusher.running)
+	if (!flusher.running) {
+		/* The thread takes no signal, whenever it is started: the
+		 * daemon's stop signals are the main thread's (sigwait), and a
+		 * thread made before they are blocked would take them. */
+		sigset_t all, was;
+		sigfillset(&all);
+		pthread_sigmask(SIG_BLOCK, &all, &was);
 		flusher.running = pthread_create(&flusher.thread, NULL, flusher_main, NULL) == 0;
+		pthread_sigmask(SIG_SETMASK, &was, NULL);
+	}
 	pthread_mutex_unlock(&flusher.mu);
 }
 

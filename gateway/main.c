@@ -358,7 +358,7 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	cw_log_set_level((int)cfg.log_level);
-	cw_log_flusher_start(); /* the counts of limited lines (LOG_KV_LIMITED), each second */
+	cw_log_flusher_start(); /* the counts of limited lines (LOG_KV_LIMITED), each second; it takes no signal */
 
 	struct cw_app app = { .cfg = &cfg, .started_wall_ms = cw_wall_ms() };
 	if (migration_set_load(&app.migrations, cfg.schema_dir, &e)) {
