@@ -61,6 +61,7 @@
  * instructions per read and per stanza (docs/xmpp.md, "Stanza size"). */
 #include "config.h"
 #include "xmpp_int.h"
+#include "buf.h"
 
 #include <dlfcn.h>
 #include <expat.h>
@@ -211,8 +212,7 @@ static __thread XML_Index renew_from;
 static __thread const char *renew_off; /* why renewal ended for this stream, until read */
 /* Reads held back within a long token (take), and the bytes expat
  * scanned (xa_xml_scanned). */
-static __thread char *hold;
-static __thread int hold_len, hold_size;
+static __thread struct cw_buf hold = { .max = INT_MAX }; /* feed takes an int */
 static __thread long scanned;
 
 /* ------------------------------------------------------------ work's memory */
@@ -409,6 +409,14 @@ static XML_Index open_from(void)
  * given no more than its first cap bytes. */
 static bool renew(void);
 
+/* The bytes of a token p holds unfinished: from where its last event
+ * ended to the end of what it was given. */
+static XML_Index unfinished(XML_Parser p)
+{
+	XML_Index at = real.index(p);
+	return at >= 0 && at <= fed ? fed - at : 0;
+}
+
 static enum XML_Status feed(XML_Parser p, const char *s, int len, int final, bool buffer)
 {
 	enum XML_Status st;
@@ -419,8 +427,7 @@ static enum XML_Status feed(XML_Parser p, const char *s, int len, int final, boo
 			room = 0;
 		if (room < n)
 			n = (int)room;
-		XML_Index at = real.index(p); /* expat scans again what it holds unfinished, from there */
-		scanned += n + (at >= 0 && at < fed ? fed - at : 0);
+		scanned += n + unfinished(p); /* expat scans again what it holds unfinished */
 		renew_inline = !buffer;
 		st = buffer ? real.parse_buffer(p, n, final && n == len) : real.parse(p, s, n, final && n == len);
 		renew_inline = false;
@@ -479,50 +486,39 @@ static enum XML_Status feed(XML_Parser p, const char *s, int len, int final, boo
 #define HOLD_FROM 16384
 static __thread long hold_from = HOLD_FROM;
 
-static bool hold_back(const char *s, int len)
+static bool hold_back(const char *s, int len) { return cw_buf_add(&hold, s, (size_t)len) == CW_OK; }
+
+/* What was held is being given: none is held from now on (a flush from a
+ * handler then finds nothing), and a buffer a long token grew is given
+ * back after (the next such token grows one again). */
+static int hold_given(void)
 {
-	if (len > INT_MAX - hold_len)
-		return false;
-	if (hold_len + len > hold_size) {
-		int size = hold_size ? hold_size : 4096;
-		while (size < hold_len + len)
-			size = size > INT_MAX / 2 ? INT_MAX : size * 2;
-		char *h = realloc(hold, (size_t)size);
-		if (!h)
-			return false;
-		hold = h;
-		hold_size = size;
-	}
-	memcpy(hold + hold_len, s, (size_t)len);
-	hold_len += len;
-	return true;
+	int n = (int)hold.len;
+	hold.len = 0;
+	hold.overflow = false;
+	return n;
+}
+
+static void hold_shrink(void)
+{
+	if (hold.alloc > 4 * HOLD_FROM)
+		cw_buf_free(&hold);
 }
 
 static enum XML_Status take(const char *s, int len, int final)
 {
-	XML_Index at = real.index(work);
-	XML_Index open = at >= 0 && at <= fed ? fed - at : 0;
-	if (!final && open >= hold_from && (XML_Index)hold_len + len < open && !memchr(s, '>', (size_t)len) &&
+	XML_Index open = unfinished(work);
+	if (!final && open >= hold_from && (XML_Index)hold.len + len < open && !memchr(s, '>', (size_t)len) &&
 	    hold_back(s, len))
 		return XML_STATUS_OK;
-	if (hold_len) { /* given with what is held, in one scan */
-		if (!hold_back(s, len)) {
-			int n = hold_len;
-			hold_len = 0;
-			enum XML_Status st = feed(work, hold, n, XML_FALSE, false);
-			if (st != XML_STATUS_OK || halted)
-				return st; /* what follows is not read (halted), as after a stop */
-			return feed(work, s, len, final, false);
-		}
-		int n = hold_len;
-		hold_len = 0;
-		enum XML_Status st = feed(work, hold, n, final, false);
-		if (hold_size > 4 * HOLD_FROM) { /* the next long token grows one again */
-			free(hold);
-			hold = NULL;
-			hold_size = 0;
-		}
-		return st;
+	if (hold.len) { /* given with what is held, in one scan */
+		bool with = hold_back(s, len);
+		int n = hold_given();
+		enum XML_Status st = feed(work, hold.p, n, with ? final : XML_FALSE, false);
+		hold_shrink();
+		if (with || st != XML_STATUS_OK || halted)
+			return st; /* what follows is not read (halted), as after a stop */
+		return feed(work, s, len, final, false);
 	}
 	return feed(work, s, len, final, false);
 }
@@ -601,12 +597,8 @@ static void fresh_stream(void)
 	header = NULL;
 	header_len = 0;
 	renewals = 0;
-	hold_len = 0;
-	if (hold_size > 4 * HOLD_FROM) {
-		free(hold);
-		hold = NULL;
-		hold_size = 0;
-	}
+	hold_given();
+	hold_shrink();
 	renew_due = false;
 	renew_off = NULL;
 	free(decl_encoding);
@@ -680,9 +672,7 @@ static void forget_work(void)
 	free(header);
 	header = NULL;
 	header_len = 0;
-	free(hold);
-	hold = NULL;
-	hold_len = hold_size = 0;
+	cw_buf_free(&hold);
 	free(decl_encoding);
 	decl_encoding = NULL;
 }
@@ -896,7 +886,7 @@ long xa_xml_renew_bound(void) { return renew_at; }
 
 void xa_xml_renew_at(long bytes) { renew_at = bytes; }
 
-bool xa_xml_holding(void) { return hold_len > 0; }
+bool xa_xml_holding(void) { return hold.len > 0; }
 
 void xa_xml_hold_from(long bytes) { hold_from = bytes > 0 ? bytes : HOLD_FROM; }
 
@@ -909,14 +899,13 @@ const char *xa_xml_renewal_off(void)
 
 void xa_xml_flush(void)
 {
-	if (!hold_len || !work)
+	if (!hold.len || !work)
 		return;
 	XML_Parser outer = cur;
 	cur = work;
-	int n = hold_len;
-	hold_len = 0;
+	int n = hold_given();
 	if (!halted)
-		parsed(work, feed(work, hold, n, XML_FALSE, false));
+		parsed(work, feed(work, hold.p, n, XML_FALSE, false));
 	cur = outer;
 }
 
