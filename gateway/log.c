@@ -162,8 +162,10 @@ void cw_log_kv_(int level, const char *msg, ...)
 
 /* ------------------------------------------------------------- the limits */
 
-bool cw_log_limit_admit(struct cw_log_limit *l, int level, const char *msg, int64_t *now_ms,
-			unsigned long *suppressed)
+/* Whether a line of site l may be written now, at *now_ms (the time to
+ * give the record); if so, *suppressed is the count of lines it must tell
+ * were left out (0: none). */
+static bool limit_admit(struct cw_log_limit *l, int64_t *now_ms, unsigned long *suppressed)
 {
 	pthread_mutex_lock(&l->mu);
 	/* Read under the lock: the lines of one limiter see the clock in
@@ -172,8 +174,6 @@ bool cw_log_limit_admit(struct cw_log_limit *l, int level, const char *msg, int6
 	int64_t second = *now_ms / 1000;
 	if (!l->registered) {
 		l->registered = true;
-		l->level = level;
-		l->msg = msg;
 		struct cw_log_limit *head = atomic_load(&log_limits);
 		do
 			l->next = head;
@@ -196,15 +196,15 @@ bool cw_log_limit_admit(struct cw_log_limit *l, int level, const char *msg, int6
 	return write;
 }
 
-void cw_log_kv_limited_(struct cw_log_limit *l, int level, const char *msg, ...)
+void cw_log_kv_limited_(struct cw_log_limit *l, ...)
 {
 	int64_t now_ms;
 	unsigned long suppressed;
-	if (!cw_log_limit_admit(l, level, msg, &now_ms, &suppressed))
+	if (!limit_admit(l, &now_ms, &suppressed))
 		return;
 	const char *kv[2 * CW_LOG_KV_MAX + 3];
 	va_list ap;
-	va_start(ap, msg);
+	va_start(ap, l);
 	size_t n = collect_kv(kv, CW_LOG_KV_MAX, ap);
 	va_end(ap);
 	char count[24];
@@ -214,7 +214,7 @@ void cw_log_kv_limited_(struct cw_log_limit *l, int level, const char *msg, ...)
 		kv[n++] = count;
 		kv[n] = NULL;
 	}
-	emit_at(now_ms, level, msg, log_request_id, kv);
+	emit_at(now_ms, l->level, l->msg, log_request_id, kv);
 }
 
 static void limits_flush(bool all)

@@ -49,7 +49,7 @@ struct cw_log_limit {
 	int64_t second;          /* the window counted (wall clock, s) */
 	unsigned written;        /* lines written in it */
 	unsigned long left_out;  /* lines left out in it, not yet told */
-	int level;               /* the site's, from its first line, */
+	int level;               /* the site's, set with it (CW_LOG_LIMIT_INIT), */
 	const char *msg;         /* for a count written alone */
 	bool registered;
 	struct cw_log_limit *next; /* the registry; set before the limiter is published */
@@ -63,15 +63,10 @@ struct cw_log_limit {
  * second. */
 #define CW_LOG_OUTSIDE_PER_S 10
 
-/* Whether a line of site l (msg: a literal, kept for its counts) may be
- * written now, at *now_ms (the time to give the record); if so,
- * *suppressed is the count of lines it must tell were left out (0: none).
- * The level is the caller's to check first: a line not written at the
- * level in force is not counted. */
-bool cw_log_limit_admit(struct cw_log_limit *l, int level, const char *msg, int64_t *now_ms,
-			unsigned long *suppressed);
-
-void cw_log_kv_limited_(struct cw_log_limit *l, int level, const char *msg, ...);
+/* A line of site l, at its level with its msg, if its limit lets it be
+ * written now.  The level is the caller's to check first: a line not
+ * written at the level in force is not counted. */
+void cw_log_kv_limited_(struct cw_log_limit *l, ...);
 /* LOG_KV through a limiter of this site (one static limiter for each place
  * the macro is written): at most per_s lines a second, or
  * CW_LOG_OUTSIDE_PER_S for LOG_KV_LIMITED. */
@@ -79,8 +74,7 @@ void cw_log_kv_limited_(struct cw_log_limit *l, int level, const char *msg, ...)
 	do { \
 		static struct cw_log_limit cw_log_limit_ = CW_LOG_LIMIT_INIT(per_s, lvl, text); \
 		if (cw_log_enabled(lvl)) \
-			cw_log_kv_limited_(&cw_log_limit_, cw_log_limit_.level, cw_log_limit_.msg, ##__VA_ARGS__, \
-					   (const char *)NULL); \
+			cw_log_kv_limited_(&cw_log_limit_, ##__VA_ARGS__, (const char *)NULL); \
 	} while (0)
 #define LOG_KV_LIMITED(lvl, text, ...) LOG_KV_LIMITED_N(CW_LOG_OUTSIDE_PER_S, lvl, text, ##__VA_ARGS__)
 
