@@ -217,6 +217,9 @@ static void metrics_done(void *arg, cw_err rc, const cw_errmsg *e)
 			  NULL, (double)st.writes_failed);
 	cw_metrics_sample(&b, "causeway_db_connects_total", "counter", "Database connections opened.",
 			  NULL, (double)st.reconnects);
+	cw_metrics_sample(&b, "causeway_db_write_retries_total", "counter",
+			  "Writes run again after losing a deadlock or a serialization failure.", NULL,
+			  (double)st.write_retries);
 	struct cw_workers_stats ws;
 	cw_workers_get_stats(app->fetchers, &ws);
 	cw_metrics_sample(&b, "causeway_media_fetches_running", "gauge",

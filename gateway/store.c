@@ -22,6 +22,7 @@ struct job {
 	cw_err rc;
 	cw_errmsg err;
 	int retries;                     /* runs again after a deadlock (CW_ERETRY) */
+	int64_t pause_us;                /* to wait before the next (set by retry_job, taken by run_batch) */
 	bool patient;                    /* a read that waits for the database (store_read_patient) */
 	struct job *next;
 };
@@ -30,13 +31,14 @@ struct job {
  * before it fails: two transactions that insert the same new keys in
  * different orders (a user's first message and the first delivery to
  * them, say) deadlock, PostgreSQL rolls one back, and its second run finds
- * the other's rows. */
+ * the other's rows.  Each run again comes after a short pause
+ * (store_retry_pause_us, retry_pause). */
 #define STORE_RETRIES 3
 
-/* Whether j's failure rc is one to run again: a lost deadlock (counted),
- * or a statement the watchdog cancelled (cancelled: at the batch's first
- * deadline, which may be another job's; a job whose own deadline has
- * passed is failed before the batch runs again). */
+/* Whether j's failure rc is one to run again: a lost deadlock (counted,
+ * and paused for), or a statement the watchdog cancelled (cancelled: at
+ * the batch's first deadline, which may be another job's; a job whose own
+ * deadline has passed is failed before the batch runs again). */
 static bool retry_job(struct job *j, cw_err rc, bool cancelled)
 {
 	if (rc == CW_ETIMEDOUT && cancelled) {
@@ -47,6 +49,9 @@ static bool retry_job(struct job *j, cw_err rc, bool cancelled)
 		return false;
 	j->retries++;
 	j->err.msg[0] = '\0';
+	unsigned char r = 0;
+	cw_random(&r, 1);
+	j->pause_us = store_retry_pause_us(j->retries, r);
 	return true;
 }
 
@@ -96,6 +101,7 @@ struct cw_store {
 	atomic_int conns_up;
 	atomic_int readers_busy;
 	atomic_uint_fast64_t batches, writes_committed, writes_failed, reads_done, reconnects;
+	atomic_uint_fast64_t write_retries, retry_pause_us;
 };
 
 /* ------------------------------------------------------------ the planner */
@@ -111,6 +117,16 @@ size_t gc_plan(size_t queued, int64_t oldest_age_us, size_t batch_max, int64_t d
 		return queued;
 	*wait_us = delay_us - oldest_age_us;
 	return 0;
+}
+
+int64_t store_retry_pause_us(int retry, unsigned char r)
+{
+	if (retry < 1)
+		retry = 1;
+	if (retry > 6)
+		retry = 6; /* 64-128 ms */
+	int64_t base = 4000LL << (retry - 1);
+	return base / 2 + base / 2 * r / 255; /* jitter: 50..100 % */
 }
 
 /* ---------------------------------------------------------------- queues */
@@ -700,6 +716,39 @@ static enum pipe_outcome run_pipelined(struct conn *sc, struct job *list, cw_err
 	return out;
 }
 
+/* Before a batch runs again after a job lost a deadlock: the transaction
+ * that won, granted its lock when ours was rolled back, may not have run
+ * yet on a busy machine, and a run again at once took the key first and
+ * deadlocked with it again.  A short pause (store_retry_pause_us: growing,
+ * jittered so that two partners do not meet again) lets it go on; never
+ * past until (the batch's first deadline), and cut short by a stop, after
+ * which the batch runs again at once as before.  The writer waits as it
+ * does between batches, on wcond. */
+static void retry_pause(struct cw_store *s, struct job *list, int64_t until)
+{
+	int64_t pause = 0;
+	for (struct job *j = list; j; j = j->next) {
+		if (j->pause_us > pause)
+			pause = j->pause_us;
+		j->pause_us = 0;
+	}
+	if (pause <= 0)
+		return;
+	int64_t start = cw_now_us(), now = start, end = start + pause;
+	if (end > until)
+		end = until;
+	pthread_mutex_lock(&s->mu);
+	while (!s->stopping && now < end) {
+		struct timespec ts;
+		cw_deadline_ts(&ts, CLOCK_MONOTONIC, end - now);
+		pthread_cond_timedwait(&s->wcond, &s->mu, &ts);
+		now = cw_now_us();
+	}
+	pthread_mutex_unlock(&s->mu);
+	atomic_fetch_add(&s->write_retries, 1);
+	atomic_fetch_add(&s->retry_pause_us, (uint64_t)(now - start));
+}
+
 /* Runs the live jobs of list in one transaction: the plain ones one by one,
  * then the pipelined ones in rounds.  A job that fails is taken out (its rc
  * set) and the others are run again from the start. */
@@ -762,6 +811,7 @@ static enum batch_outcome run_batch(struct cw_store *s, PGconn *c, struct job *l
 			cw_errmsg ignored;
 			if (store_exec(c, "ROLLBACK", &ignored) && PQstatus(c) != CONNECTION_OK)
 				return BATCH_CONN_LOST_BEFORE_COMMIT;
+			retry_pause(s, list, until);
 			continue;
 		}
 		PGresult *r = PQexec(c, "COMMIT");
@@ -1231,6 +1281,8 @@ void store_get_stats(struct cw_store *s, struct store_stats *st)
 	st->writes_failed = atomic_load(&s->writes_failed);
 	st->reads_done = atomic_load(&s->reads_done);
 	st->reconnects = atomic_load(&s->reconnects);
+	st->write_retries = atomic_load(&s->write_retries);
+	st->retry_pause_us = atomic_load(&s->retry_pause_us);
 }
 
 /* ------------------------------------------------------------ cancelling */

@@ -147,6 +147,8 @@ struct store_stats {
 	uint64_t writes_failed;
 	uint64_t reads_done;
 	uint64_t reconnects;
+	uint64_t write_retries;    /* runs again of a write that lost a deadlock */
+	uint64_t retry_pause_us;   /* the time paused before them, in all */
 };
 void store_get_stats(struct cw_store *s, struct store_stats *st);
 
@@ -155,6 +157,11 @@ void store_get_stats(struct cw_store *s, struct store_stats *st);
  * asking again; -1: until something is queued). */
 size_t gc_plan(size_t queued, int64_t oldest_age_us, size_t batch_max, int64_t delay_us,
 	       int64_t *wait_us);
+
+/* The pause before the retry-th run again (1 first) of a write that lost a
+ * deadlock, jittered by the random byte r: 2-4 ms, then 4-8, then 8-16 (a
+ * retry past the tenth as the tenth).  Pure, for the same reason. */
+int64_t store_retry_pause_us(int retry, unsigned char r);
 
 /* Connects with the daemon's session settings; NULL and e filled on failure.
  * For start-up work (migrations) outside the pool. */

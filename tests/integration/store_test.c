@@ -266,12 +266,15 @@ struct deadlock_job {
 	struct wjob w; /* first: wjob_done takes the job as a wjob */
 	atomic_bool other_has_one;
 	char errors[512]; /* the failed runs' errors, for the failure message */
+	int64_t failed_us, again_us; /* when the first run failed, the second began */
 };
 
 static cw_err insert_one_then_two(PGconn *c, void *arg, cw_errmsg *e)
 {
 	struct deadlock_job *d = arg;
 	if (d->w.runs++ > 0) {
+		if (!d->again_us)
+			d->again_us = cw_now_us();
 		struct timespec until;
 		cw_deadline_ts(&until, CLOCK_REALTIME, 30000000);
 		pthread_mutex_lock(d->w.mu);
@@ -283,6 +286,8 @@ static cw_err insert_one_then_two(PGconn *c, void *arg, cw_errmsg *e)
 				"INSERT INTO store_test_rows (id) VALUES (2) ON CONFLICT DO NOTHING");
 	cw_err rc = PQresultStatus(r) == PGRES_COMMAND_OK ? CW_OK : store_result_err(c, r, e);
 	if (rc) {
+		if (!d->failed_us)
+			d->failed_us = cw_now_us();
 		const char *state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
 		size_t n = strlen(d->errors);
 		snprintf(d->errors + n, sizeof(d->errors) - n, "[run %d: %s %.*s] ", d->w.runs, state ? state : "-",
@@ -354,6 +359,16 @@ START_TEST(a_write_that_loses_a_deadlock_runs_again)
 	ck_assert_msg(d.w.runs == 2, "ran %d times: %s", d.w.runs, d.errors);
 	ck_assert_msg(strncmp(d.errors, "[run 1: 40P01 ", 14) == 0, "%s", d.errors); /* deadlock_detected */
 	ck_assert_int_eq(count_rows("SELECT count(*) FROM store_test_rows"), 2);
+	/* The run again came after a short pause (since the thirtieth
+	 * session), counted: at least the first retry's shortest, and
+	 * nothing like the deadline (the range itself: check_store_plan). */
+	struct store_stats st;
+	store_get_stats(s, &st);
+	ck_assert_uint_eq(st.write_retries, 1);
+	ck_assert_int_ge(st.retry_pause_us, store_retry_pause_us(1, 0));
+	ck_assert_int_lt(st.retry_pause_us, 1000000);
+	ck_assert_msg(d.again_us - d.failed_us >= (int64_t)st.retry_pause_us, "ran again %lld us after, paused %llu",
+		      (long long)(d.again_us - d.failed_us), (unsigned long long)st.retry_pause_us);
 	store_close(s);
 	PQfinish(other);
 	PQfinish(watch);

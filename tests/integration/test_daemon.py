@@ -227,6 +227,7 @@ def test_metrics_count_requests_pool_and_outbox(daemon):
     assert metric(t, "causeway_build_info", 'version="0.1.0"') == 1
     assert metric(t, "causeway_database_up") == 1
     assert metric(t, "causeway_db_pool_connections") == 3
+    assert metric(t, "causeway_db_write_retries_total") == 0  # no write lost a deadlock here
     assert metric(t, "causeway_outbox_depth", 'state="pending"') == 0
     assert metric(t, "causeway_outbox_depth", 'state="dead"') == 0
     assert 'causeway_outbox_depth{state="dropped"}' not in t  # final states only grow: not scraped

@@ -52,6 +52,35 @@ START_TEST(plan_properties)
 }
 END_TEST
 
+/* The pause before a write that lost a deadlock runs again: a few
+ * milliseconds, growing with each retry, spread by the random byte (two
+ * partners that deadlocked do not meet again at once), and never long. */
+START_TEST(retry_pause_is_short_jittered_and_grows)
+{
+	int64_t prev_max = 0;
+	for (int retry = 1; retry <= 3; retry++) {
+		int64_t lo = store_retry_pause_us(retry, 0), hi = store_retry_pause_us(retry, 255);
+		ck_assert_int_ge(lo, 1000);
+		ck_assert_int_le(hi, 20000);
+		ck_assert_int_ge(hi, lo * 2 - 1); /* half the range is jitter */
+		ck_assert_int_ge(lo, prev_max);   /* grows: a retry's shortest is the last one's longest */
+		int64_t last = lo;
+		for (unsigned r = 0; r < 256; r++) {
+			int64_t p = store_retry_pause_us(retry, (unsigned char)r);
+			ck_assert_int_ge(p, lo);
+			ck_assert_int_le(p, hi);
+			ck_assert_int_ge(p, last);
+			last = p;
+		}
+		prev_max = hi;
+	}
+	/* Out of range: as the nearest retry, never negative nor unbounded. */
+	ck_assert_int_eq(store_retry_pause_us(0, 7), store_retry_pause_us(1, 7));
+	ck_assert_int_eq(store_retry_pause_us(-5, 7), store_retry_pause_us(1, 7));
+	ck_assert_int_le(store_retry_pause_us(1000, 255), 1000000);
+}
+END_TEST
+
 START_TEST(buf_cap_holds)
 {
 	struct cw_buf b;
@@ -84,6 +113,7 @@ int main(void)
 	TCase *tc = tcase_create("plan");
 	tcase_add_test(tc, plan_table);
 	tcase_add_test(tc, plan_properties);
+	tcase_add_test(tc, retry_pause_is_short_jittered_and_grows);
 	tcase_add_test(tc, buf_cap_holds);
 	suite_add_tcase(s, tc);
 	return unit_run(s);
