@@ -57,7 +57,7 @@ static bool say_txn(struct matrix *m, const char *room, const char *user, const 
 		status = &st;
 	if (mx_call(m, "PUT", path, user, NULL, json_pack("{s:s, s:s}", "msgtype", "m.notice", "body", text), status,
 		    NULL, &e)) {
-		LOG_KV(CW_LOG_WARN, "cannot post a notice", "room", room, "detail", e.msg);
+		LOG_KV_LIMITED(CW_LOG_WARN, "cannot post a notice", "room", room, "detail", e.msg);
 		return false;
 	}
 	return true;
@@ -99,7 +99,7 @@ static void encrypted(struct matrix *m, PGconn *c, const char *room)
 				 "talking with them, start a new conversation without encryption.",
 				 PQgetvalue(r, 0, 2), PQgetvalue(r, 0, 1));
 		say_as(m, room, PQgetisnull(r, 0, 0) ? NULL : PQgetvalue(r, 0, 0), text);
-		LOG_KV(CW_LOG_WARN, "a bridged Matrix room was encrypted", "room", room);
+		LOG_KV_LIMITED(CW_LOG_WARN, "a bridged Matrix room was encrypted", "room", room);
 	}
 	PQclear(r);
 }
@@ -317,7 +317,7 @@ static json_t *room_get(struct matrix *m, const char *room, const char *what, co
 	json_t *answer = NULL;
 	cw_errmsg e;
 	if (mx_room_call(m, "GET", room, user, what, query, NULL, &status, &answer, &e)) {
-		LOG_KV(CW_LOG_WARN, "cannot read a room", "room", room, "what", what, "detail", e.msg);
+		LOG_KV_LIMITED(CW_LOG_WARN, "cannot read a room", "room", room, "what", what, "detail", e.msg);
 		json_decref(answer);
 		return NULL;
 	}
@@ -343,7 +343,7 @@ static int others_in(struct matrix *m, const char *room, const char *ghost, cons
 	json_t *answer = NULL;
 	cw_errmsg e;
 	if (mx_room_call(m, "GET", room, ghost, "members", "not_membership=leave", NULL, &status, &answer, &e)) {
-		LOG_KV(CW_LOG_WARN, "cannot read a room", "room", room, "what", "members", "detail", e.msg);
+		LOG_KV_LIMITED(CW_LOG_WARN, "cannot read a room", "room", room, "what", "members", "detail", e.msg);
 		json_decref(answer);
 		return for_now(status) ? -1 : 1;
 	}
@@ -375,7 +375,7 @@ static bool invited(struct matrix *m, PGconn *c, const char *room, const char *s
 	cw_errmsg e;
 	long status;
 	if (mx_room_post(m, room, NULL, "join", json_object(), &status, &e)) {
-		LOG_KV(CW_LOG_WARN, "the bot cannot join", "room", room, "detail", e.msg);
+		LOG_KV_LIMITED(CW_LOG_WARN, "the bot cannot join", "room", room, "detail", e.msg);
 		return for_now(status);
 	}
 	/* A management room is the user's and the bot's alone: not a
@@ -395,7 +395,7 @@ static bool invited(struct matrix *m, PGconn *c, const char *room, const char *s
 		say(m, room, "I take commands in a room of your own with me (open a direct room with me there); "
 			     "this one is a bridged conversation, or others are in it.");
 		if (!group && mx_room_action(m, room, NULL, "leave", &e))
-			LOG_KV(CW_LOG_WARN, "the bot cannot leave", "room", room, "detail", e.msg);
+			LOG_KV_LIMITED(CW_LOG_WARN, "the bot cannot leave", "room", room, "detail", e.msg);
 		return false;
 	}
 	/* A user has one management room: a new one takes over.  The old
@@ -417,8 +417,8 @@ static bool invited(struct matrix *m, PGconn *c, const char *room, const char *s
 		say(m, old, "You opened a new room with me: I take your commands there from now on, "
 			    "and leave this one.");
 		if (mx_room_action(m, old, NULL, "leave", &e))
-			LOG_KV(CW_LOG_WARN, "the bot cannot leave a management room taken over by a new one", "room",
-			       old, "detail", e.msg);
+			LOG_KV_LIMITED(CW_LOG_WARN, "the bot cannot leave a management room taken over by a new one",
+				       "room", old, "detail", e.msg);
 	}
 	PQclear(r);
 	return false;
@@ -430,7 +430,7 @@ static void ghost_says_and_leaves(struct matrix *m, const char *room, const char
 	say_as(m, room, ghost, why);
 	cw_errmsg e;
 	if (mx_room_action(m, room, ghost, "leave", &e))
-		LOG_KV(CW_LOG_WARN, "the ghost cannot leave", "room", room, "detail", e.msg);
+		LOG_KV_LIMITED(CW_LOG_WARN, "the ghost cannot leave", "room", room, "detail", e.msg);
 }
 
 struct notice_job {
@@ -533,11 +533,12 @@ static void notices(struct matrix *m, PGconn *c)
 				    &status);
 		bool refused = !sent && (status == 403 || status == 404);
 		if (refused)
-			LOG_KV(CW_LOG_WARN, "a notice for a Matrix user is given up: the homeserver refuses it", "room",
-			       room);
+			LOG_KV_LIMITED(CW_LOG_WARN, "a notice for a Matrix user is given up: the homeserver refuses it",
+				       "room", room);
 		else if (!sent && PQgetvalue(r, i, 3)[0] == 't')
-			LOG_KV(CW_LOG_WARN, "a notice for a Matrix user is given up after a day of failed sends", "room",
-			       room);
+			LOG_KV_LIMITED(CW_LOG_WARN,
+				       "a notice for a Matrix user is given up after a day of failed sends",
+				       "room", room);
 		if (sent || refused || PQgetvalue(r, i, 3)[0] == 't') {
 			const char *p[] = { id };
 			cw_errmsg e;
@@ -645,7 +646,7 @@ static cw_err grow_group(struct matrix *m, PGconn *c, const char *room, const ch
 		return rc;
 	if (PQntuples(r) == 1) {
 		snprintf(portal, plen, "%s", PQgetvalue(r, 0, 0));
-		LOG_KV(CW_LOG_INFO, "a Matrix user made a group, or added to one", "room", room);
+		LOG_KV_LIMITED(CW_LOG_INFO, "a Matrix user made a group, or added to one", "room", room);
 	}
 	PQclear(r);
 	return CW_OK;
@@ -662,9 +663,10 @@ static void bot_into(struct matrix *m, const char *room, const char *ghost)
 	cw_errmsg e;
 	if (ghost && mx_room_post(m, room, ghost, "invite", json_pack("{s:s}", "user_id", m->bot), &status, &e) &&
 	    status != 403)
-		LOG_KV(CW_LOG_WARN, "a ghost cannot invite the bot into a group's room", "room", room, "detail", e.msg);
+		LOG_KV_LIMITED(CW_LOG_WARN, "a ghost cannot invite the bot into a group's room", "room", room, "detail",
+			       e.msg);
 	if (mx_room_action(m, room, NULL, "join", &e)) {
-		LOG_KV(CW_LOG_WARN, "the bot cannot join a group's room", "room", room, "detail", e.msg);
+		LOG_KV_LIMITED(CW_LOG_WARN, "the bot cannot join a group's room", "room", room, "detail", e.msg);
 		return;
 	}
 	/* The ghost's power, when it has more, to the bot too (a direct room
@@ -677,8 +679,8 @@ static void bot_into(struct matrix *m, const char *room, const char *ghost)
 	if (json_is_object(users) && mine > json_integer_value(json_object_get(users, m->bot)) &&
 	    json_object_set_new(users, m->bot, json_integer(mine)) == 0) {
 		if (mx_room_call(m, "PUT", room, ghost, "state/m.room.power_levels/", NULL, pl, &status, NULL, &e))
-			LOG_KV(CW_LOG_WARN, "a ghost cannot give the bot power in a group's room", "room", room, "detail",
-			       e.msg);
+			LOG_KV_LIMITED(CW_LOG_WARN, "a ghost cannot give the bot power in a group's room", "room", room,
+				       "detail", e.msg);
 		pl = NULL; /* taken by the call */
 	}
 	json_decref(pl);
@@ -749,7 +751,7 @@ static void missed_messages(struct matrix *m, PGconn *c, const char *room, const
 {
 	json_t *mine = json_array(); /* oldest first */
 	if (!read_back(m, room, ghost, user, mine))
-		LOG_KV(CW_LOG_WARN, "a room was not read back to the ghost's invitation", "room", room);
+		LOG_KV_LIMITED(CW_LOG_WARN, "a room was not read back to the ghost's invitation", "room", room);
 	size_t i;
 	json_t *ev;
 	if (json_array_size(mine) == 0) {
@@ -758,12 +760,12 @@ static void missed_messages(struct matrix *m, PGconn *c, const char *room, const
 	}
 	cw_errmsg e;
 	if (mx_backfill(m, mine, 10000, &e) == CW_OK) {
-		LOG_KV(CW_LOG_INFO, "what a user wrote while the ghost joined was fetched", "room", room);
+		LOG_KV_LIMITED(CW_LOG_INFO, "what a user wrote while the ghost joined was fetched", "room", room);
 		json_decref(mine);
 		return;
 	}
-	LOG_KV(CW_LOG_WARN, "what a user wrote while the ghost joined could not be fetched", "room", room, "detail",
-	       e.msg);
+	LOG_KV_LIMITED(CW_LOG_WARN, "what a user wrote while the ghost joined could not be fetched", "room", room,
+		       "detail", e.msg);
 	json_t *ids = json_array();
 	json_array_foreach(mine, i, ev)
 		if (strcmp(json_string_value(json_object_get(ev, "type")), "m.room.message") == 0)
@@ -803,7 +805,7 @@ static int room_encrypted(struct matrix *m, const char *room, const char *user)
 	if (rc == CW_OK)
 		return 1;
 	if (status != 404)
-		LOG_KV(CW_LOG_WARN, "cannot tell whether a room is encrypted", "room", room, "detail", e.msg);
+		LOG_KV_LIMITED(CW_LOG_WARN, "cannot tell whether a room is encrypted", "room", room, "detail", e.msg);
 	return for_now(status) ? -1 : 0;
 }
 
@@ -839,7 +841,7 @@ static bool ghost_joins(struct matrix *m, PGconn *c, const char *room, const cha
 	 * bound to nothing. */
 	long status;
 	if (mx_room_post(m, room, ghost, "join", json_object(), &status, &e)) {
-		LOG_KV(CW_LOG_WARN, "the ghost cannot join", "room", room, "detail", e.msg);
+		LOG_KV_LIMITED(CW_LOG_WARN, "the ghost cannot join", "room", room, "detail", e.msg);
 		return for_now(status);
 	}
 	int others = others_in(m, room, ghost, sender);
@@ -1027,12 +1029,12 @@ static void local_invited(struct matrix *m, PGconn *c, const char *room, const c
 	if (k < n)
 		say_as(m, room, PQgetisnull(ar, k, 0) ? NULL : PQgetvalue(ar, k, 0), text);
 	else
-		LOG_KV(CW_LOG_WARN, "an invitation cannot be taken back", "room", room, "user", invitee);
+		LOG_KV_LIMITED(CW_LOG_WARN, "an invitation cannot be taken back", "room", room, "user", invitee);
 	if (added && k < n && !PQgetisnull(ar, k, 0))
 		bot_into(m, room, PQgetvalue(ar, k, 0)); /* the room is a group's now */
 	PQclear(ar);
 	if (added)
-		LOG_KV(CW_LOG_INFO, "a Matrix user added a member to a group", "room", room, "user", sender);
+		LOG_KV_LIMITED(CW_LOG_INFO, "a Matrix user added a member to a group", "room", room, "user", sender);
 }
 
 /* One of this provider's users left (or was removed from) a bridged direct
@@ -1056,8 +1058,8 @@ static void left(struct matrix *m, PGconn *c, const char *room, const char *who)
 	if (was_mgmt) {
 		cw_errmsg e;
 		if (mx_room_action(m, room, NULL, "leave", &e))
-			LOG_KV(CW_LOG_WARN, "the bot cannot leave a management room its user left", "room", room, "detail",
-			       e.msg);
+			LOG_KV_LIMITED(CW_LOG_WARN, "the bot cannot leave a management room its user left", "room",
+				       room, "detail", e.msg);
 		return;
 	}
 	/* A group's portal (no remote user in its binding): leaving it is
@@ -1099,15 +1101,18 @@ static void left(struct matrix *m, PGconn *c, const char *room, const char *who)
 		if (PQgetisnull(r, k, 0))
 			continue;
 		if (mx_room_action(m, room, PQgetvalue(r, k, 0), "leave", &e))
-			LOG_KV(CW_LOG_WARN, "a ghost cannot leave a room its user left", "room", room, "detail", e.msg);
+			LOG_KV_LIMITED(CW_LOG_WARN, "a ghost cannot leave a room its user left", "room", room, "detail",
+				       e.msg);
 	}
 	if (portal && mx_room_action(m, room, NULL, "leave", &e))
-		LOG_KV(CW_LOG_WARN, "the bot cannot leave a group its user left", "room", room, "detail", e.msg);
+		LOG_KV_LIMITED(CW_LOG_WARN, "the bot cannot leave a group its user left", "room", room, "detail",
+			       e.msg);
 	if (portal)
-		LOG_KV(CW_LOG_INFO, "a user left a group's room: they left the group", "room", room, "user", who);
+		LOG_KV_LIMITED(CW_LOG_INFO, "a user left a group's room: they left the group", "room", room, "user",
+			       who);
 	else if (PQntuples(r) == 1)
-		LOG_KV(CW_LOG_INFO, "a user left a bridged room: the next message opens a new one", "room", room,
-		       "user", who);
+		LOG_KV_LIMITED(CW_LOG_INFO, "a user left a bridged room: the next message opens a new one", "room",
+			       room, "user", who);
 	PQclear(r);
 }
 
@@ -1134,8 +1139,8 @@ static void ghost_removed(PGconn *c, const char *room, const char *ghost)
 		return;
 	}
 	if (PQgetvalue(r, 0, 0)[0] != '0')
-		LOG_KV(CW_LOG_INFO, "a ghost was put out of a direct room: the next message opens a new one", "room",
-		       room);
+		LOG_KV_LIMITED(CW_LOG_INFO, "a ghost was put out of a direct room: the next message opens a new one",
+			       "room", room);
 	PQclear(r);
 }
 
@@ -1225,8 +1230,8 @@ static bool inbox(struct matrix *m, PGconn *c)
 		if (again && try_later(c, id[0]))
 			continue;
 		if (again)
-			LOG_KV(CW_LOG_WARN, "the homeserver did not take the bot's work in 12 tries (some 40 minutes): "
-			       "given up", "inbox_row", PQgetvalue(r, i, 0));
+			LOG_KV_LIMITED(CW_LOG_WARN, "the homeserver did not take the bot's work in 12 tries (some 40 "
+				       "minutes): given up", "inbox_row", PQgetvalue(r, i, 0));
 		/* Marked, not deleted: the homeserver sends a transaction whose
 		 * answer it did not get again, and the event id kept here stops
 		 * its events coming back into the inbox (the insert's ON
@@ -1345,8 +1350,8 @@ static void portal_departures(struct matrix *m, PGconn *c)
 	cw_errmsg e;
 	for (int i = 0; i < PQntuples(r); i++) {
 		if (mx_room_action(m, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1), "leave", &e))
-			LOG_KV(CW_LOG_WARN, "a ghost cannot leave a group it left", "room", PQgetvalue(r, i, 0), "detail",
-			       e.msg);
+			LOG_KV_LIMITED(CW_LOG_WARN, "a ghost cannot leave a group it left", "room", PQgetvalue(r, i, 0),
+				       "detail", e.msg);
 	}
 	PQclear(r);
 }

@@ -2,6 +2,7 @@
 (tests/integration/homeserver.py): registration, the appservice API and its
 errors, transactions (dedupe, echoes), and messages both ways between a peer
 and a Matrix user in a direct room."""
+import collections
 import hashlib
 import json
 import os
@@ -1035,6 +1036,36 @@ def test_a_report_whose_answer_was_lost_is_stored_once_and_answered(make_daemon,
             assert pg.psql("SELECT count(*) FROM reports", db_url) == "1"
         finally:
             srv.close()
+
+
+def test_bot_lines_users_can_repeat_are_logged_at_most_ten_a_second(mx, hs):
+    """What the bot logs of a user's membership events (here: its join
+    refused, as when the user takes the invitation back first) is one line
+    per event, which any user of the homeserver can send in a loop: at most
+    ten are written a second, the others counted (`suppressed`) in the next
+    one or on a line of their own once the second has passed (since the
+    thirtieth session; before, one line each). Every invitation is still
+    handled: the bot joins none."""
+    bot = "@_cw_bot:example.org"
+    _, token = hs.create_user("alice")
+    alice = hs.as_user(token)
+    hs.refuse = lambda method, path, user: 403 if user == bot and path.endswith("/join") else False
+    flood = 40
+    hs.stop_pushing()  # the invitations reach the bot together, as a quick client's would
+    rooms = [alice.create_room(preset="private_chat", is_direct=True, invite=[bot]) for _ in range(flood)]
+    hs.resume_pushing()
+
+    def refused():
+        return [r for r in mx.records if r.get("msg") == "the bot cannot join"]
+
+    def written():
+        return [r for r in refused() if "room" in r]
+    told = lambda: sum(int(r.get("suppressed", "0")) for r in refused())  # noqa: E731
+    wait_until(lambda: len(written()) + told() == flood, timeout=20, what="every refused join written or counted")
+    per_second = collections.Counter(r["ts"][:19] for r in written())
+    assert max(per_second.values()) <= 10 and told() > 0, (per_second, told())
+    assert {r["room"] for r in written()} <= set(rooms) and all(r["level"] == "warn" for r in refused())
+    assert not any(hs.members(r).get(bot) == "join" for r in rooms)
 
 
 def test_reports_to_the_bot_set_the_automatic_limit(mx, hs, gk, pg, db_url):
