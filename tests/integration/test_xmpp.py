@@ -16,6 +16,7 @@ import socket
 import time
 import urllib.parse
 import xml.etree.ElementTree as ET
+from xml.sax.saxutils import escape
 
 import pytest
 import requests
@@ -302,6 +303,66 @@ def test_a_reply_to_a_message_without_plain_text_quotes_what_xmpp_showed_of_it(x
         rng = fallback.find("{urn:xmpp:fallback:0}body")
         assert (rng.get("start"), rng.get("end")) == ("0", str(len(quote))), ET.tostring(m)
         assert body(m)[int(rng.get("end")):] == answer
+
+
+def test_a_reply_in_a_group_to_a_message_without_plain_text_quotes_what_xmpp_showed_of_it(xd, gk, alice):
+    """The same in a group (XEP-0045): a member's reply to a message whose
+    only text is HTML (or markdown) reaches the XMPP occupant quoting the
+    text she was shown of it, the fallback range covering exactly the
+    quote, the reply naming the message by the room's id and its writer by
+    occupant; and her own reply to it, quoted by her client the same way,
+    reaches the peer as an answer to that message with the quote taken out
+    (since the thirtieth session; only the direct chat was tested)."""
+    a, srv = gk
+    consent_alice(xd)
+    consent_alice(xd, "mimi://wa.example/u/zoe")
+    gid = a.create_room([a.user("wally"), a.user("zoe"), ALICE], kind="group", name="Formats").json()["id"]
+    assert a.send(gid, a.user("wally"), "hello all").status_code == 202
+    invite = alice.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None)
+    room = invite.get("from")
+    start = alice.count()
+    alice.send_presence(to=room + "/alice", payload=f"<x xmlns='{MUC}'><history maxstanzas='0'/></x>")
+    alice.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+    cases = (("text/html", "<p>Hello <b>you</b></p><ul><li>one</li><li>two</li></ul><script>x()</script>",
+              "Hello you\n\n\u2022 one\n\u2022 two"),
+             ("text/markdown", "**bold** move", "**bold** move"))
+    for i, (kind, text, shown) in enumerate(cases):
+        r = post(a, f"/v1/rooms/{gid}/messages", {
+            "type": "message", "sender": a.user("wally"), "content": {"parts": [{"type": kind, "body": text}]}})
+        assert r.status_code == 202, r.text
+        target = r.json()["id"]
+        m = message_from(alice, room, lambda el: el.get("type") == "groupchat" and
+                         el.find("{urn:xmpp:sid:0}stanza-id") is not None and
+                         el.find("{urn:xmpp:sid:0}stanza-id").get("id") == target)
+        assert m.get("from") == room + "/wally" and body(m) == shown, (kind, ET.tostring(m))
+        quote = "".join(f"> {line}\n" for line in shown.split("\n"))
+        # zoe answers wally's message: alice sees the quote, then the answer.
+        answer = f"agreed {i}"
+        r = post(a, f"/v1/rooms/{gid}/messages", {
+            "type": "message", "sender": a.user("zoe"), "content": {
+                "in_reply_to": target, "parts": [{"type": "text/plain", "body": answer}]}})
+        assert r.status_code == 202, r.text
+        m = message_from(alice, room, lambda el: (body(el) or "").endswith(answer))
+        assert m.get("from") == room + "/zoe" and m.get("type") == "groupchat", ET.tostring(m)
+        assert body(m) == quote + answer, (kind, ET.tostring(m))
+        reply = m.find(f"{{{NS_REPLY}}}reply")
+        assert reply.get("id") == target and reply.get("to") == room + "/wally", ET.tostring(m)
+        fallback = m.find("{urn:xmpp:fallback:0}fallback")
+        assert fallback is not None and fallback.get("for") == NS_REPLY, ET.tostring(m)
+        rng = fallback.find("{urn:xmpp:fallback:0}body")
+        assert (rng.get("start"), rng.get("end")) == ("0", str(len(quote))), ET.tostring(m)
+        assert body(m)[int(rng.get("end")):] == answer
+        # alice answers it too, her client quoting what it showed.
+        mine = f"me too {i}"
+        alice.send_raw(f"<message to='{room}' type='groupchat' id='hr{i}'><body>{escape(quote)}{mine}</body>"
+                       f"<reply xmlns='{NS_REPLY}' to='{room}/wally' id='{target}'/>"
+                       f"<fallback xmlns='urn:xmpp:fallback:0' for='{NS_REPLY}'>"
+                       f"<body start='0' end='{len(quote)}'/></fallback></message>")
+        at_peer = wait_until(lambda: [e for e in list(srv.events) if e.get("type") == "message" and
+                                      e["room_id"] == gid and e["sender"] == ALICE and
+                                      e["content"].get("in_reply_to") == target] or None,
+                             what="alice's reply at the peer")
+        assert [p["body"] for p in at_peer[0]["content"]["parts"]] == [mine], at_peer
 
 
 def test_a_local_user_named_with_capitals_is_the_same_user(xd, gk, alice, pg, db_url):
