@@ -271,6 +271,58 @@ def test_an_html_only_message_reaches_xmpp_as_readable_text(xd, gk, alice):
     assert body(m) == "Hello\n\n\u2022 one\n\u2022 two\n\nsee the site (https://x.example/)"
 
 
+# A message whose only text is HTML or markdown: (its part's type, its
+# text, what an XMPP user is shown of it).
+NO_PLAIN_TEXT_CASES = (("text/html", "<p>Hello <b>you</b></p><ul><li>one</li><li>two</li></ul><script>x()</script>",
+                        "Hello you\n\n\u2022 one\n\u2022 two"),
+                       ("text/markdown", "**bold** move", "**bold** move"))
+
+
+def send_part(a, room, sender, kind, text):
+    """sender (of the peer a) writes a message of one part of type kind: its id."""
+    r = post(a, f"/v1/rooms/{room}/messages", {
+        "type": "message", "sender": sender, "content": {"parts": [{"type": kind, "body": text}]}})
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def reply_to(a, room, sender, target, answer):
+    r = post(a, f"/v1/rooms/{room}/messages", {
+        "type": "message", "sender": sender, "content": {
+            "in_reply_to": target, "parts": [{"type": "text/plain", "body": answer}]}})
+    assert r.status_code == 202, r.text
+
+
+def assert_quoted(m, shown, answer):
+    """m's body is the quote of shown, then answer, the XEP-0428 fallback
+    range covering exactly the quote: the quote."""
+    quote = "".join(f"> {line}\n" for line in shown.split("\n"))
+    assert body(m) == quote + answer, ET.tostring(m)
+    fallback = m.find("{urn:xmpp:fallback:0}fallback")
+    assert fallback is not None and fallback.get("for") == NS_REPLY, ET.tostring(m)
+    rng = fallback.find("{urn:xmpp:fallback:0}body")
+    assert (rng.get("start"), rng.get("end")) == ("0", str(len(quote))), ET.tostring(m)
+    assert body(m)[int(rng.get("end")):] == answer
+    return quote
+
+
+def alice_in_a_group(xd, a, alice, name, first):
+    """A group of wally, zoe (of the peer a) and alice, who consented to
+    both, named name, whose first message (wally's) invites her; she joins
+    it without its history: (the group's id, its room's JID, the count of
+    her stanzas when she joined)."""
+    consent_alice(xd)
+    consent_alice(xd, "mimi://wa.example/u/zoe")
+    gid = a.create_room([a.user("wally"), a.user("zoe"), ALICE], kind="group", name=name).json()["id"]
+    assert a.send(gid, a.user("wally"), first).status_code == 202
+    invite = alice.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None)
+    room = invite.get("from")
+    start = alice.count()
+    alice.send_presence(to=room + "/alice", payload=f"<x xmlns='{MUC}'><history maxstanzas='0'/></x>")
+    alice.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+    return gid, room, start
+
+
 def test_a_reply_to_a_message_without_plain_text_quotes_what_xmpp_showed_of_it(xd, gk, alice):
     """A reply to a peer's message whose only text is HTML (or markdown)
     quotes, for clients without XEP-0461, the text the XMPP user was shown
@@ -280,29 +332,14 @@ def test_a_reply_to_a_message_without_plain_text_quotes_what_xmpp_showed_of_it(x
     a, _ = gk
     consent_alice(xd)
     room = a.create_room([a.user("wally"), ALICE]).json()["id"]
-    cases = (("text/html", "<p>Hello <b>you</b></p><ul><li>one</li><li>two</li></ul><script>x()</script>",
-              "Hello you\n\n\u2022 one\n\u2022 two"),
-             ("text/markdown", "**bold** move", "**bold** move"))
-    for i, (kind, text, shown) in enumerate(cases):
-        r = post(a, f"/v1/rooms/{room}/messages", {
-            "type": "message", "sender": a.user("wally"), "content": {"parts": [{"type": kind, "body": text}]}})
-        assert r.status_code == 202, r.text
-        target = r.json()["id"]
+    for i, (kind, text, shown) in enumerate(NO_PLAIN_TEXT_CASES):
+        target = send_part(a, room, a.user("wally"), kind, text)
         assert body(message_from(alice, WALLY_JID, lambda el: el.get("id") == target)) == shown
         answer = f"agreed {i}"
-        r = post(a, f"/v1/rooms/{room}/messages", {
-            "type": "message", "sender": a.user("wally"), "content": {
-                "in_reply_to": target, "parts": [{"type": "text/plain", "body": answer}]}})
-        assert r.status_code == 202, r.text
+        reply_to(a, room, a.user("wally"), target, answer)
         m = message_from(alice, WALLY_JID, lambda el: (body(el) or "").endswith(answer))
-        quote = "".join(f"> {line}\n" for line in shown.split("\n"))
-        assert body(m) == quote + answer, (kind, ET.tostring(m))
         assert m.find(f"{{{NS_REPLY}}}reply").get("id") == target
-        fallback = m.find("{urn:xmpp:fallback:0}fallback")
-        assert fallback is not None and fallback.get("for") == NS_REPLY, ET.tostring(m)
-        rng = fallback.find("{urn:xmpp:fallback:0}body")
-        assert (rng.get("start"), rng.get("end")) == ("0", str(len(quote))), ET.tostring(m)
-        assert body(m)[int(rng.get("end")):] == answer
+        assert_quoted(m, shown, answer)
 
 
 def test_a_reply_in_a_group_to_a_message_without_plain_text_quotes_what_xmpp_showed_of_it(xd, gk, alice):
@@ -314,44 +351,21 @@ def test_a_reply_in_a_group_to_a_message_without_plain_text_quotes_what_xmpp_sho
     reaches the peer as an answer to that message with the quote taken out
     (since the thirtieth session; only the direct chat was tested)."""
     a, srv = gk
-    consent_alice(xd)
-    consent_alice(xd, "mimi://wa.example/u/zoe")
-    gid = a.create_room([a.user("wally"), a.user("zoe"), ALICE], kind="group", name="Formats").json()["id"]
-    assert a.send(gid, a.user("wally"), "hello all").status_code == 202
-    invite = alice.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None)
-    room = invite.get("from")
-    start = alice.count()
-    alice.send_presence(to=room + "/alice", payload=f"<x xmlns='{MUC}'><history maxstanzas='0'/></x>")
-    alice.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
-    cases = (("text/html", "<p>Hello <b>you</b></p><ul><li>one</li><li>two</li></ul><script>x()</script>",
-              "Hello you\n\n\u2022 one\n\u2022 two"),
-             ("text/markdown", "**bold** move", "**bold** move"))
-    for i, (kind, text, shown) in enumerate(cases):
-        r = post(a, f"/v1/rooms/{gid}/messages", {
-            "type": "message", "sender": a.user("wally"), "content": {"parts": [{"type": kind, "body": text}]}})
-        assert r.status_code == 202, r.text
-        target = r.json()["id"]
+    gid, room, _ = alice_in_a_group(xd, a, alice, "Formats", "hello all")
+    for i, (kind, text, shown) in enumerate(NO_PLAIN_TEXT_CASES):
+        target = send_part(a, gid, a.user("wally"), kind, text)
         m = message_from(alice, room, lambda el: el.get("type") == "groupchat" and
                          el.find("{urn:xmpp:sid:0}stanza-id") is not None and
                          el.find("{urn:xmpp:sid:0}stanza-id").get("id") == target)
         assert m.get("from") == room + "/wally" and body(m) == shown, (kind, ET.tostring(m))
-        quote = "".join(f"> {line}\n" for line in shown.split("\n"))
         # zoe answers wally's message: alice sees the quote, then the answer.
         answer = f"agreed {i}"
-        r = post(a, f"/v1/rooms/{gid}/messages", {
-            "type": "message", "sender": a.user("zoe"), "content": {
-                "in_reply_to": target, "parts": [{"type": "text/plain", "body": answer}]}})
-        assert r.status_code == 202, r.text
+        reply_to(a, gid, a.user("zoe"), target, answer)
         m = message_from(alice, room, lambda el: (body(el) or "").endswith(answer))
         assert m.get("from") == room + "/zoe" and m.get("type") == "groupchat", ET.tostring(m)
-        assert body(m) == quote + answer, (kind, ET.tostring(m))
         reply = m.find(f"{{{NS_REPLY}}}reply")
         assert reply.get("id") == target and reply.get("to") == room + "/wally", ET.tostring(m)
-        fallback = m.find("{urn:xmpp:fallback:0}fallback")
-        assert fallback is not None and fallback.get("for") == NS_REPLY, ET.tostring(m)
-        rng = fallback.find("{urn:xmpp:fallback:0}body")
-        assert (rng.get("start"), rng.get("end")) == ("0", str(len(quote))), ET.tostring(m)
-        assert body(m)[int(rng.get("end")):] == answer
+        quote = assert_quoted(m, shown, answer)
         # alice answers it too, her client quoting what it showed.
         mine = f"me too {i}"
         alice.send_raw(f"<message to='{room}' type='groupchat' id='hr{i}'><body>{escape(quote)}{mine}</body>"
@@ -555,16 +569,8 @@ def test_a_member_the_operator_removes_leaves_the_groups_room(xd, gk, alice, pg,
     them. Until the twenty-fifth session no test looked at the XMPP side
     of the operator's removal, and the peer was not told."""
     a, srv = gk
-    consent_alice(xd)
-    consent_alice(xd, "mimi://wa.example/u/zoe")
     zoe = a.user("zoe")
-    gid = a.create_room([a.user("wally"), zoe, ALICE], kind="group", name="Tea club").json()["id"]
-    assert a.send(gid, a.user("wally"), "tea at four?").status_code == 202
-    invite = alice.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None)
-    room = invite.get("from")
-    start = alice.count()
-    alice.send_presence(to=room + "/alice", payload=f"<x xmlns='{MUC}'><history maxstanzas='0'/></x>")
-    alice.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+    gid, room, start = alice_in_a_group(xd, a, alice, "Tea club", "tea at four?")
     occupants = [el.get("from").split("/", 1)[1] for el in alice.stanzas()[start:]
                  if el.tag == "{jabber:client}presence"]
     assert occupants == ["wally", "zoe", "alice"], occupants
