@@ -370,9 +370,21 @@ static enum MHD_Result queue_reply(struct cw_req *r)
 /* A connection's socket context: whether it has begun a request yet.  The
  * stop's drain waits for such connections too (cw_http_drain): one taken
  * from the accept queue at the stop (cw_http_quiesce) has its request in
- * its socket buffer, unread, and closing it then would reset it. */
+ * its socket buffer, unread, and closing it then would reset it.
+ *
+ * And its request: the one on_uri made, until on_completed ends it.
+ * libmicrohttpd 0.9.75 can end a request after on_uri without calling
+ * the completion: when the query's parameters overflow its per-connection
+ * pool (a few hundred of them, 1-2 KB) it logs a 431 and closes the
+ * connection, the request never handled nor completed.  Until the
+ * thirtieth session such a request stayed in flight for good (every stop
+ * then waited the whole drain timeout) and its memory leaked.  A request
+ * still here at the connection's next on_uri or at its close is ended
+ * then (end_req, as aborted).  All of one connection's callbacks run on
+ * its worker thread. */
 struct conn_state {
 	bool unread;
+	struct cw_req *req;
 };
 
 static void unread_done(struct cw_http *h, struct conn_state *cs)
@@ -386,10 +398,18 @@ static void unread_done(struct cw_http *h, struct conn_state *cs)
 	pthread_mutex_unlock(&h->mu);
 }
 
+static struct conn_state *conn_state_of(struct MHD_Connection *conn)
+{
+	const union MHD_ConnectionInfo *ci = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+	return ci ? ci->socket_context : NULL;
+}
+
+static void end_req(struct cw_http *h, struct MHD_Connection *conn, struct cw_req *r,
+		    enum MHD_RequestTerminationCode toe);
+
 static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_context,
 			  enum MHD_ConnectionNotificationCode code)
 {
-	(void)conn;
 	struct cw_http *h = cls;
 	if (code == MHD_CONNECTION_NOTIFY_STARTED) {
 		struct conn_state *cs = calloc(1, sizeof(*cs)); /* none: not waited for */
@@ -399,8 +419,11 @@ static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_
 		}
 		*socket_context = cs;
 	} else if (code == MHD_CONNECTION_NOTIFY_CLOSED) {
-		unread_done(h, *socket_context);
-		free(*socket_context);
+		struct conn_state *cs = *socket_context;
+		unread_done(h, cs);
+		if (cs && cs->req)
+			end_req(h, conn, cs->req, MHD_REQUEST_TERMINATED_WITH_ERROR);
+		free(cs);
 		*socket_context = NULL;
 	}
 }
@@ -411,8 +434,12 @@ static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_
 static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn)
 {
 	struct cw_http *h = cls;
-	const union MHD_ConnectionInfo *ci = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
-	unread_done(h, ci ? ci->socket_context : NULL);
+	struct conn_state *cs = conn_state_of(conn);
+	unread_done(h, cs);
+	if (!cs) /* out of memory when it connected: a request not tracked could leak */
+		return NULL;
+	if (cs->req) /* the connection's request before, never completed */
+		end_req(h, conn, cs->req, MHD_REQUEST_TERMINATED_WITH_ERROR);
 	struct cw_req *r = calloc(1, sizeof(*r));
 	if (!r)
 		return NULL;
@@ -424,6 +451,7 @@ static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn)
 	uint_fast64_t n = atomic_fetch_add(&h->next_id, 1);
 	snprintf(r->id, sizeof(r->id), "%s%08llx", h->id_prefix, (unsigned long long)n);
 	atomic_fetch_add(&h->in_flight, 1);
+	cs->req = r;
 	return r;
 }
 
@@ -615,14 +643,15 @@ static const char *client_address(struct MHD_Connection *conn, char *buf, sockle
 	return a && inet_ntop(sa->sa_family, a, buf, len) ? buf : "-";
 }
 
-static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
-			 enum MHD_RequestTerminationCode toe)
+/* Counts, logs and frees a request, and takes it out of the in-flight
+ * count: at its completion, or when libmicrohttpd ended it without one
+ * (struct conn_state). */
+static void end_req(struct cw_http *h, struct MHD_Connection *conn, struct cw_req *r,
+		    enum MHD_RequestTerminationCode toe)
 {
-	struct cw_http *h = cls;
-	struct cw_req *r = *con_cls;
-	if (!r)
-		return;
-	*con_cls = NULL;
+	struct conn_state *cs = conn_state_of(conn);
+	if (cs && cs->req == r)
+		cs->req = NULL;
 	int64_t dur = cw_now_us() - r->start_us;
 	int status = toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? r->status : 0;
 	cw_metrics_http(h->metrics, r->route, status, dur);
@@ -644,6 +673,16 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
 	if (atomic_fetch_sub(&h->in_flight, 1) == 1)
 		pthread_cond_broadcast(&h->idle);
 	pthread_mutex_unlock(&h->mu);
+}
+
+static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
+			 enum MHD_RequestTerminationCode toe)
+{
+	struct cw_req *r = *con_cls;
+	if (!r)
+		return;
+	*con_cls = NULL;
+	end_req(cls, conn, r, toe);
 }
 
 /* What libmicrohttpd logs comes from what clients do (a connection past a
