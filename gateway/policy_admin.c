@@ -305,13 +305,18 @@ static bool pattern_valid(enum policy_scope scope, const char *pattern)
 		cw_errmsg e;
 		return mimi_uri_parse(pattern, &u, &e) == CW_OK && u.kind == MIMI_USER;
 	}
-	/* A peer's network is named by a name a peer can have, the rule of
-	 * POST /admin/v1/peers (until the twenty-fourth session the engine's
-	 * looser instance took peer:GK or peer:gk.example, stored and never
-	 * matched); peer:* stands for every peer. */
-	if (strncmp(pattern, "peer:", 5) == 0 && strcmp(pattern + 5, "*") != 0)
-		return peer_name_valid(pattern + 5);
-	return true;
+	/* The engine asks the rules of the remote party, whose network is
+	 * always a peer's (peer:<name>: every message from outside comes
+	 * through a peer; matrix and xmpp are local users' networks), so a
+	 * network rule names a peer by a name a peer can have, the rule of
+	 * POST /admin/v1/peers, or is peer:* for every peer.  Until the
+	 * twenty-fourth session the engine's looser instance took peer:GK or
+	 * peer:gk.example, and until the thirtieth any network name (matrix,
+	 * xmpp, a typo): stored, audited and never matched.  The database's
+	 * check stays the vocabulary's shape (docs/schema.md). */
+	if (strncmp(pattern, "peer:", 5) != 0)
+		return false;
+	return strcmp(pattern + 5, "*") == 0 || peer_name_valid(pattern + 5);
 }
 
 /* mode (string or null), limits, enabled, comment, expires_in_s of a rule
@@ -395,9 +400,9 @@ void policy_admin_rule_create(struct cw_req *req, void *ctx)
 		bad_body(req, "scope must be domain, network or user");
 	else if (!pattern || !pattern_valid(sc, pattern))
 		bad_body(req, sc == POLICY_SCOPE_DOMAIN ? "pattern must be a lower-case domain such as a.example or *.example"
-			 : sc == POLICY_SCOPE_NETWORK ? "pattern must be a network such as matrix, xmpp, peer:* or peer:<name> "
+			 : sc == POLICY_SCOPE_NETWORK ? "pattern must be a peer's network: peer:* (every peer) or peer:<name> "
 							"with a peer's name (1 to 32 of a-z, 0-9, '_' and '-', starting with a "
-							"letter or digit)"
+							"letter or digit); senders from outside come from peers"
 						      : "pattern must be a user URI mimi://<domain>/u/<local>");
 	else {
 		aq_param(q, scope);

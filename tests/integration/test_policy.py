@@ -1307,6 +1307,18 @@ BAD = [
     ("POST", "/rules", {"scope": "network", "pattern": "peer:gk.example", "mode": "deny"}, 400),
     ("POST", "/rules", {"scope": "network", "pattern": "peer:-gk", "mode": "deny"}, 400),
     ("POST", "/rules", {"scope": "network", "pattern": "peer:" + "a" * 33, "mode": "deny"}, 400),
+    # a network that is no peer's: the rules are asked of the remote party,
+    # whose network is always peer:<name> (until the thirtieth session these
+    # were stored and audited, and never matched)
+    ("POST", "/rules", {"scope": "network", "pattern": "matrix", "mode": "deny"}, 400),
+    ("POST", "/rules", {"scope": "network", "pattern": "xmpp", "mode": "deny"}, 400),
+    ("POST", "/rules", {"scope": "network", "pattern": "matrx", "mode": "deny"}, 400),
+    ("POST", "/rules", {"scope": "network", "pattern": "local", "mode": "deny"}, 400),
+    ("POST", "/rules", {"scope": "network", "pattern": "peer", "mode": "deny"}, 400),
+    ("POST", "/rules", {"scope": "network", "pattern": "matrix:x", "mode": "deny"}, 400),
+    ("POST", "/rules", {"scope": "network", "pattern": "matrix:*", "mode": "deny"}, 400),
+    ("POST", "/rules", {"scope": "network", "pattern": "xmpp:Gk.Example", "mode": "deny"}, 400),
+    ("POST", "/rules", {"scope": "network", "pattern": "a" * 32 + ":" + "B" * 200, "mode": "deny"}, 400),
     ("POST", "/rules", {"scope": "user", "pattern": "mimi://a.example/r/room", "mode": "deny"}, 400),
     ("POST", "/rules", {"scope": "domain", "pattern": "a.example", "mode": "deny", "extra": 1}, 400),
     ("POST", "/rules", {"scope": "domain", "pattern": "a.example", "mode": "deny", CUT_KEY: 1}, 400),
@@ -1366,6 +1378,20 @@ def test_admin_policy_refuses_bad_input_and_changes_nothing(daemon, pg, db_url, 
     assert r.status_code == status, r.text
     assert r.headers["Content-Type"].startswith("application/problem+json")
     assert pg.psql(tables, db_url) == before
+
+
+def test_a_network_rule_names_a_peers_network(daemon):
+    """The refusal says what a network rule takes: a peer's network (the
+    only network a remote party has), not matrix or xmpp as it said until
+    the thirtieth session."""
+    r = daemon.admin("POST", "/rules", json={"scope": "network", "pattern": "matrix", "mode": "deny"})
+    assert r.status_code == 400
+    detail = r.json()["detail"]
+    assert "peer:*" in detail and "peer:<name>" in detail and "matrix" not in detail, detail
+    for pattern in ("peer:*", "peer:gk", "peer:0-a_b"):
+        r = daemon.admin("POST", "/rules", json={"scope": "network", "pattern": pattern, "mode": "deny"})
+        assert r.status_code == 201, (pattern, r.text)
+        assert r.json()["pattern"] == pattern
 
 
 def test_admin_policy_needs_the_admin_token(daemon):
