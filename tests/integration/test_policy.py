@@ -1360,6 +1360,19 @@ BAD = [
     ("POST", "/reports", {"subject": "mimi://wa.example/u/w", "reason": "Spam!"}, 400),
     ("POST", "/reports", {"subject": "mimi://wa.example/u/w", "reason": "spam", "evidence": ["nope"]}, 400),
     ("GET", "/rules?limit=0", None, 400),
+    # paging takes digits only (until the thirtieth session strtol took a
+    # sign and leading white space)
+    ("GET", "/rules?limit=%205", None, 400),
+    ("GET", "/rules?limit=+5", None, 400),
+    ("GET", "/rules?limit=5%20", None, 400),
+    ("GET", "/audit?after=-0", None, 400),
+    ("GET", "/audit?after=+1", None, 400),
+    ("GET", "/audit?after=%201", None, 400),
+    ("GET", "/audit?after=%0A1", None, 400),
+    ("GET", "/rules/+1", None, 404),
+    ("GET", "/rules/%201", None, 404),
+    ("GET", "/rules/-1", None, 404),
+    ("GET", "/rules/1.0", None, 404),
     ("GET", "/audit?message=nope", None, 400),
     ("GET", "/held?user=mimi://elsewhere.example/u/a", None, 400),
     ("GET", "/messages/msg_nothing/decision", None, 404),
@@ -1392,6 +1405,19 @@ def test_a_network_rule_names_a_peers_network(daemon):
         r = daemon.admin("POST", "/rules", json={"scope": "network", "pattern": pattern, "mode": "deny"})
         assert r.status_code == 201, (pattern, r.text)
         assert r.json()["pattern"] == pattern
+
+
+def test_a_row_id_in_a_path_is_digits_only(daemon):
+    """/rules/{id} names a rule by its id in digits: +1 or " 1" is no id
+    (until the thirtieth session strtoll read them as 1)."""
+    rid = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "ids.example", "mode": "deny"}).json()["id"]
+    assert daemon.admin("GET", f"/rules/{rid}").json()["pattern"] == "ids.example"
+    for p in (f"+{rid}", f"%20{rid}", f"{rid}%20", f"%0A{rid}"):
+        r = daemon.admin("GET", f"/rules/{p}")
+        assert r.status_code == 404 and r.json()["code"] == "not_found", (p, r.text)
+        r = daemon.admin("PATCH", f"/rules/{p}", json={"enabled": False})
+        assert r.status_code == 404, (p, r.text)
+    assert daemon.admin("GET", f"/rules/{rid}").json()["enabled"] is True
 
 
 def test_admin_policy_needs_the_admin_token(daemon):
