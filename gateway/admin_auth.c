@@ -178,6 +178,8 @@ struct tok_job {
 	int status;
 	int none_status;
 	const char *none_detail;
+	const char *same_sql; /* sql changed no row: the row as it is, a repeat's answer (no audit, no NOTIFY) */
+	bool same;            /* answered by same_sql */
 };
 
 static cw_err tok_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
@@ -189,6 +191,18 @@ static cw_err tok_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		PQclear(r);
 		return rc;
 	}
+	if (PQntuples(r) == 0 && q->same_sql) {
+		/* A statement of its own, with a snapshot of its own: it sees
+		 * the change another request committed while sql waited. */
+		PQclear(r);
+		r = PQexecParams(c, q->same_sql, q->n, NULL, q->p, NULL, NULL, 0);
+		if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+			cw_err rc = store_result_err(c, r, e);
+			PQclear(r);
+			return rc;
+		}
+		q->same = PQntuples(r) > 0;
+	}
 	if (PQntuples(r) == 0) {
 		PQclear(r);
 		app_job_fail(j, q->none_status, q->none_status == 409 ? "conflict" : "not_found", "%s",
@@ -199,7 +213,7 @@ static cw_err tok_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	PQclear(r);
 	if (!body)
 		return cw_fail(e, CW_EINTERNAL, "the database gave an answer that is not JSON");
-	if (q->action) {
+	if (q->action && !q->same) {
 		char *details = json_dumps(body, JSON_COMPACT);
 		const char *ap[] = { q->actor, q->action, json_string_value(json_object_get(body, "name")),
 				     details ? details : "{}" };
@@ -233,6 +247,8 @@ static void tok_after(struct app_job *j)
 	bool revoke = q->action && strcmp(q->action, "token.revoke") == 0;
 	if (revoke)
 		admin_tokens_forget(j->app->admins, q->buf[0]);
+	if (q->same) /* nothing changed: no reload to wait for */
+		return;
 	if (!policy_live_sync(j->app->policy, 2000))
 		LOG_KV(CW_LOG_WARN, "the token change is committed but not yet in force here (reload slow or failing)");
 	/* Again: a reload that read the tokens before the revocation
@@ -354,9 +370,14 @@ void admin_tokens_revoke(struct cw_req *req, void *ctx)
 							   : "no token with that name");
 		return;
 	}
-	struct tok_job *q = tok_new("UPDATE admin_tokens SET revoked_at = coalesce(revoked_at, now()) "
-				    "WHERE name = $1 RETURNING " TOKEN_JSON "::text");
+	/* A token revoked already is answered as it is, its first
+	 * revoked_at, with no audit record nor NOTIFY (until the thirtieth
+	 * session each repeat was audited again and made every process
+	 * reload). */
+	struct tok_job *q = tok_new("UPDATE admin_tokens SET revoked_at = now() "
+				    "WHERE name = $1 AND revoked_at IS NULL RETURNING " TOKEN_JSON "::text");
 	if (q) {
+		q->same_sql = "SELECT " TOKEN_JSON "::text FROM admin_tokens WHERE name = $1";
 		snprintf(q->buf[0], sizeof(q->buf[0]), "%s", name);
 		q->p[0] = q->buf[0];
 		q->n = 1;
