@@ -125,42 +125,41 @@ void outbox_admin_list(struct cw_req *req, void *ctx)
  * a pending row, held until the group commit's batch ends, would make the
  * dispatchers' claim (SKIP LOCKED) pass it over and send the next row of
  * its room first. */
+/* A replay's and a discard's audit record: the row as it was (its state,
+ * destination and message), from the CTE o of the row before and u of
+ * the row changed ($1 the id, $2 the actor).  Until the thirtieth session
+ * a replay's details were {} and a discard's only the state. */
+#define OUTBOX_AUDIT(action)                                                                                   \
+	"a AS (INSERT INTO audit_log (actor, action, subject, details) SELECT $2, '" action "', $1, "       \
+	"  json_build_object('state', o.state, 'destination', o.destination, 'message', "                   \
+	"  (SELECT public_id FROM events WHERE id = o.event_id))::jsonb FROM o JOIN u ON u.id = o.id) "
+
 static cw_err replay_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	const char *id = j->data;
-	const char *params[] = { id };
+	const char *params[] = { id, admin_actor(j->req) };
 	PGresult *r = PQexecParams(c,
-				   "WITH u AS (UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = now(), "
-				   "claimed_by = NULL, claimed_until = NULL, sender_told_at = NULL WHERE id = $1::bigint "
-				   "AND state IN ('dead', 'failed') RETURNING id) "
-				   "SELECT CASE WHEN EXISTS (SELECT 1 FROM u) THEN 'dead' ELSE state END FROM outbox "
-				   "WHERE id = $1::bigint",
-				   1, NULL, params, NULL, NULL, 0);
-	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
-		cw_err rc = store_result_err(c, r, e);
-		PQclear(r);
+		"WITH o AS (SELECT id, state, destination, event_id FROM outbox WHERE id = $1::bigint), "
+		"u AS (UPDATE outbox x SET state = 'pending', attempts = 0, next_attempt_at = now(), "
+		"  claimed_by = NULL, claimed_until = NULL, sender_told_at = NULL FROM o "
+		"  WHERE x.id = o.id AND x.state IN ('dead', 'failed') RETURNING x.id), "
+		OUTBOX_AUDIT("outbox.replay")
+		"SELECT o.state, (SELECT count(*) FROM u) FROM o",
+		2, NULL, params, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
 		return rc;
-	}
 	if (PQntuples(r) == 0) {
 		PQclear(r);
 		app_job_fail(j, 404, "not_found", "no outbox row with that id");
 		return CW_OK;
 	}
-	bool dead = strcmp(PQgetvalue(r, 0, 0), "dead") == 0;
-	char state[16];
-	snprintf(state, sizeof(state), "%s", PQgetvalue(r, 0, 0));
-	PQclear(r);
-	if (!dead) {
-		app_job_fail(j, 409, "conflict", "only a dead letter can be replayed; this row is %s", state);
+	if (strcmp(PQgetvalue(r, 0, 1), "0") == 0) {
+		app_job_fail(j, 409, "conflict", "only a dead letter can be replayed; this row is %s", PQgetvalue(r, 0, 0));
+		PQclear(r);
 		return CW_OK;
 	}
-	const char *ap[] = { id, admin_actor(j->req) };
-	r = PQexecParams(c, "INSERT INTO audit_log (actor, action, subject, details) VALUES ($2, "
-			    "'outbox.replay', $1, '{}')", 2, NULL, ap, NULL, NULL, 0);
-	cw_err rc = PQresultStatus(r) == PGRES_COMMAND_OK ? CW_OK : store_result_err(c, r, e);
 	PQclear(r);
-	if (rc)
-		return rc;
 	j->body = json_pack("{s:I, s:s}", "id", (json_int_t)atoll(id), "state", "pending");
 	return store_exec(c, "NOTIFY causeway_outbox", e);
 }
@@ -179,12 +178,11 @@ static cw_err discard_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	const char *id = j->data;
 	const char *params[] = { id, admin_actor(j->req) };
 	PGresult *r = PQexecParams(c,
-		"WITH o AS (SELECT id, state FROM outbox WHERE id = $1::bigint), "
+		"WITH o AS (SELECT id, state, destination, event_id FROM outbox WHERE id = $1::bigint), "
 		"u AS (UPDATE outbox x SET state = 'dropped', last_error = left('discarded by ' || $2 || "
 		"  coalesce('; ' || x.last_error, ''), 4096), claimed_by = NULL, claimed_until = NULL "
 		"  FROM o WHERE x.id = o.id AND x.state IN ('dead', 'failed') RETURNING x.id), "
-		"a AS (INSERT INTO audit_log (actor, action, subject, details) SELECT $2, 'outbox.discard', $1, "
-		"  json_build_object('state', o.state)::jsonb FROM o JOIN u ON u.id = o.id) "
+		OUTBOX_AUDIT("outbox.discard")
 		"SELECT o.state, (SELECT count(*) FROM u) FROM o",
 		2, NULL, params, NULL, NULL, 0);
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);

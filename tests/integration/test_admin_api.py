@@ -305,6 +305,9 @@ def test_the_trace_shows_decisions_deliveries_and_attempts(make_daemon, db_url, 
     assert d.admin("POST", "/outbox/0/discard").status_code == 404
     assert pg.psql("SELECT actor || ' ' || action || ' ' || subject FROM audit_log "
                    "WHERE action = 'outbox.discard'", db_url) == f"admin:config outbox.discard {row['id']}"
+    # with the row's state before, destination and message, as a replay's
+    assert json.loads(pg.psql("SELECT details FROM audit_log WHERE action = 'outbox.discard'", db_url)) == \
+        {"state": "dead", "destination": row["destination"], "message": dead_msg}
     # A delivered message shows its successful attempt and the far side's id.
     sb.fail_next = 0
     ok_msg = a.send(room, a.user("alice"), "now it works").json()["id"]
