@@ -42,6 +42,8 @@ struct aq {
 	bool consent;         /* a consent change (user $1, kind $2, subject $3, state $4): applied with
 			         policy_consent_apply before the statement, which only builds the answer */
 	char local_id[24];    /* the local user's id (local >= 0), once resolved */
+	bool known_only;      /* local: a user not known is not made; the change is then a no-op */
+	bool noop;            /* known_only and the user is not known: answered, not audited */
 };
 
 static void aq_free(void *arg)
@@ -79,6 +81,23 @@ static void aq_num(struct aq *q, long long v)
 	aq_param(q, b);
 }
 
+/* The id of the local user u into out, or "" when no such user is known
+ * (none is made: see struct aq's known_only). */
+static cw_err local_identity_known(PGconn *c, const struct mimi_uri *u, char *out, size_t outlen, cw_errmsg *e)
+{
+	char uri[MIMI_URI_MAX + 1];
+	mimi_uri_format(u, uri, sizeof(uri), NULL); /* as identity_id stores it */
+	const char *params[] = { uri };
+	PGresult *r = PQexecParams(c, "SELECT id FROM identities WHERE uri = $1 AND is_local", 1, NULL, params, NULL,
+				   NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	snprintf(out, outlen, "%s", PQntuples(r) ? PQgetvalue(r, 0, 0) : "");
+	PQclear(r);
+	return CW_OK;
+}
+
 static cw_err aq_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct aq *q = j->data;
@@ -90,10 +109,13 @@ static cw_err aq_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		struct mimi_uri u;
 		if (mimi_uri_parse(q->p[q->local], &u, e))
 			return cw_fail(e, CW_EINVAL, "not a user URI");
-		cw_err rc = identity_id(c, &u, true, app_local_network(j->app), NULL, local_id, sizeof(local_id), e);
+		cw_err rc = q->known_only ? local_identity_known(c, &u, local_id, sizeof(local_id), e)
+					  : identity_id(c, &u, true, app_local_network(j->app), NULL, local_id,
+							sizeof(local_id), e);
 		if (rc)
 			return rc;
-		params[q->local] = local_id;
+		q->noop = !local_id[0];
+		params[q->local] = q->noop ? NULL : local_id;
 		snprintf(q->local_id, sizeof(q->local_id), "%s", local_id);
 	}
 	long counts[3] = { 0, 0, 0 }, decided = 0;
@@ -129,7 +151,7 @@ static cw_err aq_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		json_decref(body);
 		return CW_OK;
 	}
-	if (q->action) {
+	if (q->action && !q->noop) {
 		char *details = json_dumps(body, JSON_COMPACT);
 		const char *ap[] = { q->action, q->subject >= 0 ? q->p[q->subject] : NULL, details ? details : "{}",
 				     admin_actor(j->req) };
@@ -158,6 +180,8 @@ static cw_err aq_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 static void poke_after(struct app_job *j)
 {
 	const struct aq *q = j->data;
+	if (q && q->noop) /* nothing changed */
+		return;
 	/* A change of one user's facts: that user's alone (an overlay). */
 	bool ok = q && q->local_id[0] ? policy_live_sync_user(j->app->policy, atoll(q->local_id), 2000)
 				      : policy_live_sync(j->app->policy, 2000);
@@ -705,6 +729,12 @@ void policy_admin_consent_set(struct cw_req *req, void *ctx)
 		q->action = "consent.set";
 		q->subject = 4;
 		q->consent = true;
+		/* Forgetting the decision of a user not known changes nothing:
+		 * no user is made of the name (until the thirtieth session a typo
+		 * made a local user, listed in GET /users), nothing audited.  An
+		 * allowed or blocked one makes the user known: it is in force
+		 * for their first message. */
+		q->known_only = strcmp(state, "none") == 0;
 	}
 	json_decref(body);
 	if (ok)

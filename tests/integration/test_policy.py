@@ -1420,6 +1420,34 @@ def test_a_row_id_in_a_path_is_digits_only(daemon):
     assert daemon.admin("GET", f"/rules/{rid}").json()["enabled"] is True
 
 
+def test_a_none_consent_for_a_user_not_known_makes_no_user(daemon, pg, db_url):
+    """Forgetting a decision of a user Causeway does not know changes
+    nothing: it is answered (state none, nothing released), makes no user
+    and writes no audit record. Until the thirtieth session it made a local
+    user of the name (a typo: a phantom user in GET /users) and audited
+    the change. An opt-in, or an allowed or blocked consent, for a user not
+    known yet still makes them known: it is set before their first message
+    (docs/policy.md)."""
+    before = pg.psql("SELECT (SELECT count(*) FROM identities) || ' ' || (SELECT count(*) FROM audit_log)", db_url)
+    typo = "mimi://example.org/u/alcie"
+    r = consent(daemon, "gk.example", "none", user=typo, kind="domain")
+    assert r == {"user": typo, "subject_kind": "domain", "subject": "gk.example", "state": "none",
+                 "released": 0, "dropped": 0, "requests_decided": 0}, r
+    assert pg.psql("SELECT (SELECT count(*) FROM identities) || ' ' || (SELECT count(*) FROM audit_log)",
+                   db_url) == before
+    assert daemon.admin("GET", f"/users?user={typo}").json()["rows"] == []
+    # A known user's none is a change as before: audited.
+    consent(daemon, "gk.example", "blocked", kind="domain")
+    consent(daemon, "gk.example", "none", kind="domain")
+    assert pg.psql("SELECT string_agg(details->>'state', ',' ORDER BY id) FROM audit_log "
+                   "WHERE action = 'consent.set'", db_url) == "blocked,none"
+    # An opt-in for a user not seen yet makes them known, opted in.
+    carol = "mimi://example.org/u/carol"
+    opt_in(daemon, user=carol)
+    rows = daemon.admin("GET", f"/users?user={carol}").json()["rows"]
+    assert len(rows) == 1 and rows[0]["optins"] == {"peer:gk": True}
+
+
 def test_admin_policy_needs_the_admin_token(daemon):
     for method, path in (("GET", "/rules"), ("POST", "/rules"), ("GET", "/audit"), ("POST", "/consents"),
                          ("GET", "/held"), ("PATCH", "/settings"), ("DELETE", "/rules/1")):
