@@ -121,10 +121,6 @@ void outbox_admin_list(struct cw_req *req, void *ctx)
 	app_job_run(ctx, req, list_fn, in, free, false);
 }
 
-/* Only a dead letter is locked (by the UPDATE that changes it): a lock on
- * a pending row, held until the group commit's batch ends, would make the
- * dispatchers' claim (SKIP LOCKED) pass it over and send the next row of
- * its room first. */
 /* A replay's and a discard's audit record: the row as it was (its state,
  * destination and message), from the CTE o of the row before and u of
  * the row changed ($1 the id, $2 the actor).  Until the thirtieth session
@@ -134,34 +130,48 @@ void outbox_admin_list(struct cw_req *req, void *ctx)
 	"  json_build_object('state', o.state, 'destination', o.destination, 'message', "                   \
 	"  (SELECT public_id FROM events WHERE id = o.event_id))::jsonb FROM o JOIN u ON u.id = o.id) "
 
-static cw_err replay_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
+/* Runs a replay's or a discard's statement sql ($1 the row's id, $2 the
+ * actor; its answer the row's state before and how many rows it changed)
+ * and answers: 404 for no such row, 409 for a row that is no dead letter
+ * (verb: what cannot be done to it), else the row's new state; *done when
+ * it changed the row.  Only a dead letter is locked (by the UPDATE that
+ * changes it): a lock on a pending row, held until the group commit's
+ * batch ends, would make the dispatchers' claim (SKIP LOCKED) pass it over
+ * and send the next row of its room first. */
+static cw_err dead_letter_change(PGconn *c, struct app_job *j, const char *sql, const char *verb,
+				 const char *new_state, bool *done, cw_errmsg *e)
 {
 	const char *id = j->data;
 	const char *params[] = { id, admin_actor(j->req) };
-	PGresult *r = PQexecParams(c,
+	*done = false;
+	PGresult *r = PQexecParams(c, sql, 2, NULL, params, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	if (PQntuples(r) == 0)
+		app_job_fail(j, 404, "not_found", "no outbox row with that id");
+	else if (strcmp(PQgetvalue(r, 0, 1), "0") == 0)
+		app_job_fail(j, 409, "conflict", "only a dead letter can be %s; this row is %s", verb, PQgetvalue(r, 0, 0));
+	else
+		*done = true;
+	PQclear(r);
+	if (*done)
+		j->body = json_pack("{s:I, s:s}", "id", (json_int_t)atoll(id), "state", new_state);
+	return CW_OK;
+}
+
+static cw_err replay_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
+{
+	bool done;
+	cw_err rc = dead_letter_change(c, j,
 		"WITH o AS (SELECT id, state, destination, event_id FROM outbox WHERE id = $1::bigint), "
 		"u AS (UPDATE outbox x SET state = 'pending', attempts = 0, next_attempt_at = now(), "
 		"  claimed_by = NULL, claimed_until = NULL, sender_told_at = NULL FROM o "
 		"  WHERE x.id = o.id AND x.state IN ('dead', 'failed') RETURNING x.id), "
 		OUTBOX_AUDIT("outbox.replay")
 		"SELECT o.state, (SELECT count(*) FROM u) FROM o",
-		2, NULL, params, NULL, NULL, 0);
-	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
-	if (rc)
-		return rc;
-	if (PQntuples(r) == 0) {
-		PQclear(r);
-		app_job_fail(j, 404, "not_found", "no outbox row with that id");
-		return CW_OK;
-	}
-	if (strcmp(PQgetvalue(r, 0, 1), "0") == 0) {
-		app_job_fail(j, 409, "conflict", "only a dead letter can be replayed; this row is %s", PQgetvalue(r, 0, 0));
-		PQclear(r);
-		return CW_OK;
-	}
-	PQclear(r);
-	j->body = json_pack("{s:I, s:s}", "id", (json_int_t)atoll(id), "state", "pending");
-	return store_exec(c, "NOTIFY causeway_outbox", e);
+		"replayed", "pending", &done, e);
+	return rc || !done ? rc : store_exec(c, "NOTIFY causeway_outbox", e);
 }
 
 void outbox_admin_replay(struct cw_req *req, void *ctx)
@@ -175,32 +185,15 @@ void outbox_admin_replay(struct cw_req *req, void *ctx)
  * as dropped, so the message's status and trace still show it. */
 static cw_err discard_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
-	const char *id = j->data;
-	const char *params[] = { id, admin_actor(j->req) };
-	PGresult *r = PQexecParams(c,
+	bool done;
+	return dead_letter_change(c, j,
 		"WITH o AS (SELECT id, state, destination, event_id FROM outbox WHERE id = $1::bigint), "
 		"u AS (UPDATE outbox x SET state = 'dropped', last_error = left('discarded by ' || $2 || "
 		"  coalesce('; ' || x.last_error, ''), 4096), claimed_by = NULL, claimed_until = NULL "
 		"  FROM o WHERE x.id = o.id AND x.state IN ('dead', 'failed') RETURNING x.id), "
 		OUTBOX_AUDIT("outbox.discard")
 		"SELECT o.state, (SELECT count(*) FROM u) FROM o",
-		2, NULL, params, NULL, NULL, 0);
-	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
-	if (rc)
-		return rc;
-	if (PQntuples(r) == 0) {
-		PQclear(r);
-		app_job_fail(j, 404, "not_found", "no outbox row with that id");
-		return CW_OK;
-	}
-	if (strcmp(PQgetvalue(r, 0, 1), "0") == 0) {
-		app_job_fail(j, 409, "conflict", "only a dead letter can be discarded; this row is %s", PQgetvalue(r, 0, 0));
-		PQclear(r);
-		return CW_OK;
-	}
-	PQclear(r);
-	j->body = json_pack("{s:I, s:s}", "id", (json_int_t)atoll(id), "state", "dropped");
-	return CW_OK;
+		"discarded", "dropped", &done, e);
 }
 
 void outbox_admin_discard(struct cw_req *req, void *ctx)

@@ -294,6 +294,21 @@ def test_a_connection_that_sends_nothing_does_not_hold_the_stop(make_daemon, db_
     assert stopped["drained"] == "true", stopped
 
 
+def read_to_close(s):
+    """What the daemon sends on s until it closes it, and the error that
+    ended the reading if one did (a reset, a time-out)."""
+    answer = b""
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    except OSError as e:
+        answer += repr(e).encode()
+    return answer
+
+
 def test_sigterm_answers_the_connections_waiting_to_be_accepted(make_daemon, db_url):
     """Connections the kernel completed but the daemon had not accepted yet
     when SIGTERM came (a busy daemon: here a stopped one) are answered, not
@@ -315,15 +330,7 @@ def test_sigterm_answers_the_connections_waiting_to_be_accepted(make_daemon, db_
             d.signal(signal.SIGCONT)
         for s in socks:
             s.settimeout(20)
-            answer = b""
-            try:
-                while True:
-                    chunk = s.recv(65536)
-                    if not chunk:
-                        break
-                    answer += chunk
-            except OSError as e:
-                answer += repr(e).encode()
+            answer = read_to_close(s)
             s.close()
             if not answer.startswith(b"HTTP/1.1 200"):
                 lost.append(answer[:80])
@@ -422,22 +429,11 @@ def test_malformed_requests_do_not_hold_shutdown(daemon):
 
 def raw_exchange(port, data, close_early=False):
     """Sends data on a connection of its own and reads the answer until
-    the daemon closes it: the answer's bytes (or what came before a
-    reset).  close_early: close after sending, without reading."""
+    the daemon closes it (read_to_close).  close_early: close after
+    sending, without reading."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(data)
-        if close_early:
-            return b""
-        answer = b""
-        try:
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                answer += chunk
-        except OSError:
-            pass
-        return answer
+        return b"" if close_early else read_to_close(s)
 
 
 # Requests that libmicrohttpd ends itself after it has told the daemon of
