@@ -409,6 +409,7 @@ struct txn {
 	json_t *typing;       /* room -> who types, as this transaction says (kept once it is durable) */
 	json_t *item_rooms;   /* per pipeline item: [Matrix room, neutral type] (a refusal's notice goes there) */
 	json_t *refusals;     /* [[room, text], ...]: events refused before the pipeline, told once durable */
+	json_t *nul;          /* events holding a NUL in a string (txn_new): refused, never stored */
 	struct backfill_wait *wait; /* mx_backfill's: told the outcome */
 	struct app_job *parked_next; /* the next transaction parked behind a catch-up */
 	bool write;           /* the events need the write (submit_prepare said so) */
@@ -439,6 +440,7 @@ static void txn_free(void *arg)
 	json_decref(t->typing);
 	json_decref(t->item_rooms);
 	json_decref(t->refusals);
+	json_decref(t->nul);
 	if (t->b)
 		submit_free(t->b);
 	free(t);
@@ -527,6 +529,10 @@ static cw_err txn_lookup(PGconn *c, struct txn *t, cw_errmsg *e)
 		size_t n = mx_event_refs(ev, refs, 8);
 		for (size_t k = 0; k < n; k++)
 			add_id_text(&ids, refs[k]);
+		add_id(&rooms, json_object_get(ev, "room_id"));
+		add_id(&users, json_object_get(ev, "sender"));
+	}
+	json_array_foreach(t->nul, i, ev) { /* whose writer is told */
 		add_id(&rooms, json_object_get(ev, "room_id"));
 		add_id(&users, json_object_get(ev, "sender"));
 	}
@@ -721,6 +727,17 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 	json_t *conv = json_array(); /* [ [room, event_id, sender uri, neutral body], ... ] */
 	size_t i;
 	json_t *ev;
+	json_array_foreach(t->nul, i, ev) {
+		const char *room = json_string_value(json_object_get(ev, "room_id"));
+		t->conv_invalid++;
+		LOG_KV_LIMITED(CW_LOG_INFO, "matrix event refused", "event_id",
+			       json_string_value(json_object_get(ev, "event_id")), "detail", "a string holds a NUL");
+		const char *sender = json_string_value(json_object_get(ev, "sender"));
+		if (json_object_get(t->rooms, room) && lookup_map(t->senders, sender) &&
+		    !json_object_get(ev, "state_key"))
+			refusal(t->refusals, room,
+				"it holds the character U+0000 (NUL), which this gateway cannot store");
+	}
 	json_array_foreach(t->events, i, ev) {
 		const char *room = json_string_value(json_object_get(ev, "room_id"));
 		const char *sender = json_string_value(json_object_get(ev, "sender"));
@@ -1050,6 +1067,8 @@ static cw_err txn_prepare(PGconn *c, struct app_job *j, cw_errmsg *e)
 	json_decref(t->rooms);
 	json_decref(t->mgmt);
 	json_decref(t->rejoins);
+	json_decref(t->nul);
+	t->nul = NULL;
 	t->events = t->ephemeral = t->bot = t->map = t->ref_rooms = t->senders = t->rooms = t->mgmt = NULL;
 	t->rejoins = NULL;
 	t->cur_room = NULL;
@@ -1252,6 +1271,7 @@ static struct txn *txn_new(struct cw_app *app, const char *txn_id, const unsigne
 	t->typing = json_object();
 	t->item_rooms = json_array();
 	t->refusals = json_array();
+	t->nul = json_array();
 	size_t i;
 	json_t *ev;
 	json_array_foreach(events, i, ev) {
@@ -1260,12 +1280,23 @@ static struct txn *txn_new(struct cw_app *app, const char *txn_id, const unsigne
 		const char *sender = json_string_value(json_object_get(ev, "sender"));
 		const char *type = json_string_value(json_object_get(ev, "type"));
 		if (!json_is_object(ev) || !id || !mx_event_id_valid(id) || !room || !mx_room_id_valid(room) || !sender ||
-		    !mx_user_id_parse(sender, NULL, 0, NULL, 0) || !type || !json_is_object(json_object_get(ev, "content"))) {
+		    !mx_user_id_parse(sender, NULL, 0, NULL, 0) || !type ||
+		    !json_is_object(json_object_get(ev, "content")) || mx_json_has_nul(json_object_get(ev, "event_id")) ||
+		    mx_json_has_nul(json_object_get(ev, "room_id")) || mx_json_has_nul(json_object_get(ev, "sender")) ||
+		    mx_json_has_nul(json_object_get(ev, "type")) || mx_json_has_nul(json_object_get(ev, "state_key"))) {
 			t->invalid++;
 			continue;
 		}
 		if (own_echo(app, sender)) {
 			t->ignored++;
+			continue;
+		}
+		/* A NUL elsewhere (the content: Synapse takes and sends it):
+		 * PostgreSQL stores none, in jsonb or text, so the event is
+		 * refused here, on its own, its writer told (txn_convert);
+		 * nothing of it reaches a statement. */
+		if (mx_json_has_nul(ev)) {
+			json_array_append(t->nul, ev);
 			continue;
 		}
 		if (strcmp(type, "m.room.member") == 0 || strcmp(type, "m.room.message") == 0 ||
@@ -1277,7 +1308,7 @@ static struct txn *txn_new(struct cw_app *app, const char *txn_id, const unsigne
 		const char *type = json_string_value(json_object_get(ev, "type"));
 		const char *room = json_string_value(json_object_get(ev, "room_id"));
 		if (!json_is_object(ev) || !type || !room || !mx_room_id_valid(room) ||
-		    !json_is_object(json_object_get(ev, "content")) ||
+		    !json_is_object(json_object_get(ev, "content")) || mx_json_has_nul(ev) ||
 		    (strcmp(type, "m.typing") != 0 && strcmp(type, "m.receipt") != 0)) {
 			t->ignored++;
 			continue;
@@ -1292,7 +1323,7 @@ static struct txn *txn_new(struct cw_app *app, const char *txn_id, const unsigne
  * no trip to the database. */
 static bool txn_empty(const struct txn *t)
 {
-	return json_array_size(t->events) == 0 && json_array_size(t->ephemeral) == 0;
+	return json_array_size(t->events) == 0 && json_array_size(t->ephemeral) == 0 && json_array_size(t->nul) == 0;
 }
 
 /* ------------------------------------------------------------ catching up */
@@ -1401,7 +1432,11 @@ void matrix_as_transaction(struct cw_req *req, void *ctx)
 	size_t len;
 	const char *body = cw_req_body(req, &len);
 	json_error_t jerr;
-	json_t *doc = json_loadb(body, len, JSON_REJECT_DUPLICATES, &jerr);
+	/* An event holding what jansson reads only when asked (a NUL, an
+	 * integer past 64 bits) is that event's trouble (txn_new), not the
+	 * transaction's: the homeserver sends a refused transaction again for
+	 * ever, and every later one waits behind it. */
+	json_t *doc = mx_json_load(body, len, JSON_REJECT_DUPLICATES, &jerr);
 	if (!json_is_object(doc)) {
 		json_decref(doc);
 		mx_error(req, 400, "M_NOT_JSON", "the body must be a JSON object");

@@ -139,7 +139,11 @@ static cw_err req_done(struct matrix *m, CURL *c, struct mx_req *rq, CURLcode cc
 	*status = 0;
 	curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, status);
 	cw_err rc = CW_OK;
-	json_t *a = rq->buf.p ? json_loads(rq->buf.p, 0, NULL) : NULL;
+	/* Read as a transaction is (mx_json_load): one event of a page (the
+	 * room read back, its members) holding a NUL or an integer past 64
+	 * bits is that event's trouble (txn_new), not the whole answer's. */
+	json_error_t jerr;
+	json_t *a = rq->buf.p ? mx_json_load(rq->buf.p, rq->buf.n, 0, &jerr) : NULL;
 	if (cc != CURLE_OK) {
 		rc = cw_fail(e, CW_EUNAVAIL, "homeserver: %s", rq->buf.too_big ? "answer too large" : curl_easy_strerror(cc));
 		*status = 0;

@@ -1632,3 +1632,67 @@ bool mx_media_info(const json_t *ev, struct mx_media *out)
 		snprintf(out->filename, sizeof(out->filename), "%s", name);
 	return true;
 }
+
+/* ------------------------------------------------------------ reading JSON */
+
+/* An integer again if the real is one within int64 (the fallback parse of
+ * mx_json_load made every number a real); NULL otherwise. */
+static json_t *integral(const json_t *x)
+{
+	double d = json_real_value(x);
+	if (!(d >= -9223372036854775808.0 && d < 9223372036854775808.0))
+		return NULL;
+	json_int_t i = (json_int_t)d;
+	return (double)i == d ? json_integer(i) : NULL;
+}
+
+static void reals_to_integers(json_t *v)
+{
+	size_t i;
+	const char *k;
+	json_t *x, *n;
+	void *tmp;
+	if (json_is_object(v)) {
+		json_object_foreach_safe(v, tmp, k, x) {
+			if (json_is_real(x) && (n = integral(x)))
+				json_object_set_new(v, k, n);
+			else
+				reals_to_integers(x);
+		}
+	} else if (json_is_array(v)) {
+		json_array_foreach(v, i, x) {
+			if (json_is_real(x) && (n = integral(x)))
+				json_array_set_new(v, i, n);
+			else
+				reals_to_integers(x);
+		}
+	}
+}
+
+json_t *mx_json_load(const char *body, size_t len, size_t flags, json_error_t *err)
+{
+	json_t *v = json_loadb(body, len, flags | JSON_ALLOW_NUL, err);
+	if (v || json_error_code(err) != json_error_numeric_overflow)
+		return v;
+	v = json_loadb(body, len, flags | JSON_ALLOW_NUL | JSON_DECODE_INT_AS_REAL, err);
+	reals_to_integers(v);
+	return v;
+}
+
+bool mx_json_has_nul(const json_t *v)
+{
+	size_t i;
+	const char *k;
+	json_t *x;
+	if (json_is_string(v))
+		return strlen(json_string_value(v)) != json_string_length(v);
+	if (json_is_object(v))
+		json_object_foreach((json_t *)v, k, x)
+			if (mx_json_has_nul(x))
+				return true;
+	if (json_is_array(v))
+		json_array_foreach(v, i, x)
+			if (mx_json_has_nul(x))
+				return true;
+	return false;
+}

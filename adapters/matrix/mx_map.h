@@ -210,6 +210,27 @@ struct mx_media {
 };
 bool mx_media_info(const json_t *ev, struct mx_media *out);
 
+/* A homeserver's JSON body (a transaction, an answer) read with jansson
+ * (flags: json_loadb's, JSON_ALLOW_NUL added) so that what is valid JSON
+ * but only some events' trouble fails those events alone, never the whole
+ * body: a NUL in a string is read (json_string_length tells it;
+ * mx_json_has_nul finds it), and a body holding an integer past 64 bits
+ * (room versions 1 to 5 allow any JSON number) is read again with every
+ * number as a real, and each real that is integral and within int64 made
+ * an integer again: only the out-of-range number stays a real, where its
+ * event expects an integer (refused then) or carries content.  In that
+ * second reading an integer past 2^53 of another event of the body loses
+ * its low bits (a double's precision), and a written real such as 1.0
+ * becomes the integer 1.  Still refused, whole (NULL, err says why): not
+ * JSON, a NUL in an object's key (jansson's keys are C strings), a number
+ * past a double's range (1e400), and what flags refuse.  err: not NULL. */
+json_t *mx_json_load(const char *body, size_t len, size_t flags, json_error_t *err);
+
+/* Whether a string anywhere in v (a value, nested at any depth) holds a
+ * NUL: PostgreSQL's jsonb and text cannot store one, and C reads the
+ * string only up to it. */
+bool mx_json_has_nul(const json_t *v);
+
 /* HTML to the subset the Matrix spec recommends (libxml2's HTML parser):
  *   - allowed elements: del h1-h6 blockquote p a ul ol sup sub li b i u
  *     strong em s code hr br div table thead tbody tr th td caption pre span

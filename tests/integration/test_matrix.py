@@ -553,6 +553,80 @@ def test_transactions_are_deduplicated_by_event_id(mx, hs, gk, pg, db_url):
     assert [e["content"]["parts"][0]["body"] for e in got] == ["once", "twice"]
 
 
+def put_raw(mx, txn, raw):
+    """A transaction whose body is given as text (what json= cannot make)."""
+    return requests.put(mx.url + f"/_matrix/app/v1/transactions/{txn}", data=raw.encode(),
+                        headers={"Authorization": "Bearer " + HS_TOKEN, "Content-Type": "application/json"},
+                        timeout=10)
+
+
+BIG = "1000000000000000000000000"  # past 64 bits: room versions 1 to 5 allow any JSON number
+
+
+def ghost_notices(hs, room, ghost):
+    return [e["content"]["body"] for e in hs.events(room)
+            if e["sender"] == ghost and e["content"].get("msgtype") == "m.notice"]
+
+
+def test_an_event_a_plain_json_parse_refuses_is_refused_alone(mx, hs, gk, pg, db_url):
+    """Valid JSON that jansson refuses without being asked: a NUL (\\u0000)
+    in a string (Synapse stores and sends it) and an integer past 64 bits
+    (room versions 1 to 5 allow any number). Until the thirtieth session
+    one such event failed the whole transaction (400 M_NOT_JSON), which the
+    homeserver sends again for ever, holding back all after it. Now only
+    that event is refused, nothing of it stored (PostgreSQL cannot store a
+    NUL; the bot's inbox neither), its writer told; a number past 64 bits
+    in mere content is carried."""
+    a, srv = gk
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+    now = int(time.time() * 1000)
+
+    def msg(event_id, body, **extra):
+        return dict({"event_id": event_id, "room_id": room, "sender": ALICE_MX, "type": "m.room.message",
+                     "origin_server_ts": now, "content": {"msgtype": "m.text", "body": body}}, **extra)
+    big_content = msg("$bigc", "big content")
+    big_content["content"]["n"] = "@BIG@"
+    events = [msg("$nul1", "bo\u0000om"),
+              {"event_id": "$nul2", "room_id": "!else:example.org", "sender": ALICE_MX, "type": "m.room.member",
+               "state_key": "@_cw_bot:example.org", "origin_server_ts": now,
+               "content": {"membership": "invite", "displayname": "b\u0000t"}},
+              big_content, msg("$bigts", "big ts", origin_server_ts="@BIG@"), msg("$good", "good one")]
+    eph = [{"type": "m.typing", "room_id": room, "content": {"user_ids": [ALICE_MX + "\u0000x"]}}]
+    raw = json.dumps({"events": events, "ephemeral": eph}).replace('"@BIG@"', BIG)
+    assert "\\u0000" in raw and BIG in raw
+    invalid0 = metrics(mx, "causeway_matrix_events_total").get('result="invalid"', 0)
+    r = put_raw(mx, "odd1", raw)
+    assert r.status_code == 200, r.text
+    got = srv.wait_events(2)
+    assert sorted(e["content"]["parts"][0]["body"] for e in got) == ["big content", "good one"]
+    stored = pg.psql("SELECT string_agg(origin_native_id, ',' ORDER BY origin_native_id) FROM events "
+                     "WHERE origin_network = 'matrix'", db_url)
+    assert stored == "$bigc,$good", stored
+    assert pg.psql("SELECT count(*) FROM matrix_bot_inbox WHERE event_id = '$nul2'", db_url) == "0"
+    assert metrics(mx, "causeway_matrix_events_total")['result="invalid"'] - invalid0 == 3
+    # Alice is told of her message that holds a NUL, in the room.
+    wait_until(lambda: any("U+0000" in n for n in ghost_notices(hs, room, ghost)), what="the NUL's notice")
+    # Still refused whole, as jansson cannot read them at all: a NUL in an
+    # object's key, a number past a double's range.
+    for k, body in enumerate(['{"events": [{"a\\u0000": 1}]}', '{"events": [{"n": 1e400}]}']):
+        r = put_raw(mx, f"odd-whole{k}", body)
+        assert r.status_code == 400 and r.json()["errcode"] == "M_NOT_JSON", (body, r.text)
+
+
+def test_a_message_holding_a_nul_through_the_homeserver_holds_nothing_back(mx, hs, gk, pg, db_url):
+    """The same through the stand-in, as a Matrix client writes it: the
+    message with a NUL is refused and told, the next one is carried."""
+    a, srv = gk
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+    alice.send_text(room, "first")
+    srv.wait_events(1)
+    alice.send_text(room, "with a \u0000 nul")
+    alice.send_text(room, "after the nul")
+    got = srv.wait_events(2)
+    assert [e["content"]["parts"][0]["body"] for e in got] == ["first", "after the nul"]
+    wait_until(lambda: any("U+0000" in n for n in ghost_notices(hs, room, ghost)), what="the NUL's notice")
+
+
 def test_a_transaction_whose_events_name_each_other(mx, hs, gk, pg, db_url):
     """A homeserver batches what came while its last transaction was in
     flight: here a message and, in the same transaction, a reaction to it,
@@ -1204,6 +1278,23 @@ def test_what_was_written_before_the_ghost_joined_is_fetched(mx, hs, gk, pg, db_
     assert len(srv.events) == 5 and srv.duplicates == 0
     assert pg.psql("SELECT count(*) FROM events WHERE origin_network = 'matrix'", db_url) == "5"  # none twice
     assert not any(e["sender"] == ghost and e["type"] == "m.room.message" for e in hs.events(room))
+
+
+def test_a_message_holding_a_nul_read_back_is_refused_alone(mx, hs, gk, pg, db_url):
+    """The homeserver's answers are read as its transactions are: a page of
+    the room read back (what alice wrote before the ghost joined) with a
+    message holding a NUL was no JSON to jansson, the whole read back
+    failed and nothing of it was stored (until the thirtieth session)."""
+    a, srv = gk
+    alice, room, ghost = alice_invites_wally_unheard(hs, a)
+    alice.send_text(room, "before")
+    alice.send_text(room, "with a \u0000 nul")
+    alice.send_text(room, "after")
+    hs.resume_pushing()
+    got = srv.wait_events(2)
+    assert [e["content"]["parts"][0]["body"] for e in got] == ["before", "after"]
+    wait_until(lambda: any("U+0000" in n for n in ghost_notices(hs, room, ghost)), what="the NUL's notice")
+    assert pg.psql("SELECT count(*) FROM events WHERE origin_network = 'matrix'", db_url) == "2"
 
 
 def test_a_long_history_before_the_ghost_joined_is_read_back_page_by_page(mx, hs, gk, pg, db_url):

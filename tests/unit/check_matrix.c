@@ -1264,6 +1264,72 @@ START_TEST(from_neutral_edges)
 }
 END_TEST
 
+/* A homeserver's transaction as jansson reads it (mx_json_load): valid JSON
+ * that a plain json_loadb refuses, a NUL in a string or an integer past 64
+ * bits, must not fail the whole body, only the events holding it (until
+ * the thirtieth session one such event failed the transaction, which the
+ * homeserver then sent again for ever). */
+START_TEST(json_load_lenient)
+{
+	json_error_t err;
+	/* A NUL in a string: read, and found by mx_json_has_nul. */
+	const char nul[] = "{\"events\":[{\"a\":\"x\\u0000y\"},{\"a\":\"fine\"}]}";
+	json_t *v = mx_json_load(nul, strlen(nul), JSON_REJECT_DUPLICATES, &err);
+	ck_assert_ptr_nonnull(v);
+	json_t *evs = json_object_get(v, "events");
+	ck_assert(mx_json_has_nul(json_array_get(evs, 0)));
+	ck_assert(!mx_json_has_nul(json_array_get(evs, 1)));
+	ck_assert_uint_eq(json_string_length(json_object_get(json_array_get(evs, 0), "a")), 3);
+	json_decref(v);
+	/* Deep inside arrays and objects too. */
+	const char deep[] = "[{\"a\":[1,{\"b\":[\"\\u0000\"]}]}]";
+	v = mx_json_load(deep, strlen(deep), 0, &err);
+	ck_assert_ptr_nonnull(v);
+	ck_assert(mx_json_has_nul(v));
+	json_decref(v);
+	ck_assert(!mx_json_has_nul(NULL));
+	/* An integer past 64 bits: that one becomes a real, every other
+	 * number stays as a first parse gives it (integers as integers up to
+	 * 2^53, where a real is exact; reals as reals). */
+	const char big[] = "{\"events\":[{\"n\":1000000000000000000000000,\"ts\":1764300000000},"
+			   "{\"ts\":1764300000001,\"k\":[-5,0,2.5,9007199254740991,-9007199254740991]}]}";
+	v = mx_json_load(big, strlen(big), JSON_REJECT_DUPLICATES, &err);
+	ck_assert_ptr_nonnull(v);
+	evs = json_object_get(v, "events");
+	json_t *n = json_object_get(json_array_get(evs, 0), "n");
+	ck_assert(json_is_real(n));
+	ck_assert(json_real_value(n) == 1e24);
+	json_t *ts = json_object_get(json_array_get(evs, 0), "ts");
+	ck_assert(json_is_integer(ts) && json_integer_value(ts) == 1764300000000);
+	ts = json_object_get(json_array_get(evs, 1), "ts");
+	ck_assert(json_is_integer(ts) && json_integer_value(ts) == 1764300000001);
+	json_t *k = json_object_get(json_array_get(evs, 1), "k");
+	ck_assert(json_is_integer(json_array_get(k, 0)) && json_integer_value(json_array_get(k, 0)) == -5);
+	ck_assert(json_is_integer(json_array_get(k, 1)) && json_integer_value(json_array_get(k, 1)) == 0);
+	ck_assert(json_is_real(json_array_get(k, 2)) && json_real_value(json_array_get(k, 2)) == 2.5);
+	ck_assert_int_eq(json_integer_value(json_array_get(k, 3)), 9007199254740991);
+	ck_assert_int_eq(json_integer_value(json_array_get(k, 4)), -9007199254740991);
+	json_decref(v);
+	/* A negative one past 64 bits, and both at once. */
+	const char both[] = "[-99999999999999999999999, \"\\u0000\", 7]";
+	v = mx_json_load(both, strlen(both), 0, &err);
+	ck_assert_ptr_nonnull(v);
+	ck_assert(json_is_real(json_array_get(v, 0)));
+	ck_assert(json_is_integer(json_array_get(v, 2)));
+	ck_assert(mx_json_has_nul(v));
+	json_decref(v);
+	/* What is still refused whole: not JSON, a duplicate key when asked,
+	 * a NUL in an object's key (jansson keeps keys as C strings), a number
+	 * past a double's range. */
+	static const char *const refused[] = { "{not json", "{\"a\":1,\"a\":2}", "{\"a\\u0000\":1}",
+					       "[1e400]", "[1" };
+	for (size_t i = 0; i < CW_ARRAY_LEN(refused); i++) {
+		v = mx_json_load(refused[i], strlen(refused[i]), JSON_REJECT_DUPLICATES, &err);
+		ck_assert_msg(v == NULL, "%s", refused[i]);
+	}
+}
+END_TEST
+
 /* m.typing with more users than one event may turn into: capped. */
 START_TEST(ephemeral_cap)
 {
@@ -1368,6 +1434,7 @@ int main(void)
 	tcase_add_test(tc, media_info);
 	tcase_add_test(tc, from_neutral_edges);
 	tcase_add_test(tc, ephemeral_cap);
+	tcase_add_test(tc, json_load_lenient);
 	tcase_add_test(tc, media_queue_is_bounded);
 	suite_add_tcase(s, tc);
 	return unit_run(s);
