@@ -954,10 +954,23 @@ static enum mx_in_result from_reaction(const json_t *content, json_int_t ts, mx_
 static enum mx_in_result from_redaction(const json_t *ev, const json_t *content, json_int_t ts,
 					mx_lookup_fn to_msg, void *ctx, json_t **out, char *why, size_t whylen)
 {
-	/* Room version 11 moved redacts into content; servers may keep both. */
-	const json_t *v = json_object_get(content, "redacts");
+	/* The top-level redacts: the one the homeserver authorised in room
+	 * versions 1 to 10, where content.redacts is mere content (Synapse's
+	 * /redact puts the request's body in as content, redacts and all:
+	 * until the thirtieth session that was taken first, and a redaction
+	 * of one message deleted another at the peer).  Room version 11 moved
+	 * it into content, and servers copy it to the top level for clients
+	 * (Synapse refuses a /redact whose body names another event): content
+	 * is read only when the top level has none.  Two that differ: which
+	 * one the homeserver redacted depends on the room's version, which an
+	 * event does not say, so neither is deleted. */
+	const json_t *v = json_object_get(ev, "redacts"), *in = json_object_get(content, "redacts");
+	if (json_is_string(v) && json_is_string(in) && strcmp(json_string_value(v), json_string_value(in)) != 0) {
+		say(why, whylen, "a redaction whose redacts and content.redacts differ");
+		return MX_IN_INVALID;
+	}
 	if (!v)
-		v = json_object_get(ev, "redacts");
+		v = in;
 	if (!json_is_string(v) || !mx_event_id_valid(json_string_value(v))) {
 		say(why, whylen, "a redaction needs redacts: an event id");
 		return MX_IN_INVALID;

@@ -53,8 +53,9 @@
  *                             a key longer than 64 bytes (the neutral limit):
  *                             a message "[reaction: key]" in reply instead.
  *   m.room.redaction          type "delete", "replaces": the redacted event
- *                             ("redacts" at the top level, or in content from
- *                             room version 11); unknown target: IGNORE.
+ *                             ("redacts" at the top level, else in content:
+ *                             room version 11; both, differing: INVALID);
+ *                             unknown target: IGNORE.
  *   m.room.member             type "membership" (join, invite; leave and ban
  *                             -> leave) with "target": to_msg(ctx, state_key)
  *                             must give the member's mimi:// user URI (NULL:

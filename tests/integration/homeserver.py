@@ -56,6 +56,10 @@ The choices made where the specification allows several behaviours:
   ignores them: the specification makes them filters, not promises).
 - Only /v3 client paths (not r0); room version 10 by default (redactions
   carry a top-level `redacts`; version 11 rooms carry it in content too).
+  PUT /redact takes its body as the event's content, whole, as Synapse
+  does: in versions 1-10 a `redacts` there is mere content, free to name
+  another event; in 11 one that names another event than the path's is
+  400 M_INVALID_PARAM.
 - An older homeserver (legacy_paths=True or token_in_query=True) does not
   have the ping endpoint (added in Matrix 1.7): 404 M_UNRECOGNIZED.
 - The content repository: POST /_matrix/media/v3/upload takes the raw body
@@ -1004,6 +1008,9 @@ class Homeserver:
                 target = content.get("redacts")
                 if not isinstance(target, str):
                     raise MatrixError(400, "M_BAD_JSON", "m.room.redaction needs 'redacts' in its content")
+                content = dict(content)
+                if room.version != "11":
+                    content.pop("redacts", None)
                 ev = self._redact(room, req.user_id, target, content, ts)
             else:
                 self._check_annotation(room, req.user_id, etype, content)
@@ -1054,8 +1061,6 @@ class Homeserver:
         content = copy.deepcopy(content)
         if room.version == "11":
             content["redacts"] = target_id
-        else:
-            content.pop("redacts", None)
         check_canonical(content)
         ev = self._emit(room, sender, "m.room.redaction", content, ts=ts, redacts=target_id)
         keep = (REDACT_KEEP_V11 if room.version == "11" else REDACT_KEEP).get(target["type"], ())
@@ -1070,10 +1075,17 @@ class Homeserver:
             if key in self._txn_memory:
                 return 200, {"event_id": self._txn_memory[key]}
             self._ratelimit(req)
-            reason = field(req.body, "reason", str)
+            field(req.body, "reason", str)
             room = self._room(room_id, status=403)
             self._require_joined(room, req.user_id)
-            content = {"reason": reason} if reason is not None else {}
+            # The body is the event's content, whole, as Synapse's
+            # RoomRedactEventRestServlet takes it: in room versions 1-10 a
+            # "redacts" there is mere content (the top-level one, from the
+            # path, is the target); from 11 it must name the path's event.
+            content = req.body
+            if room.version == "11" and "redacts" in content and content["redacts"] != event_id:
+                raise MatrixError(400, "M_INVALID_PARAM",
+                                  "Cannot provide a redacts value incoherent with the event_id of the URL parameter")
             ev = self._redact(room, req.user_id, event_id, content, None)
             self._txn_memory[key] = ev["event_id"]
             return 200, {"event_id": ev["event_id"]}
