@@ -195,10 +195,29 @@ int matrix_print_registration(const struct cw_config *cfg, FILE *out)
 		fputc('\n', out);
 	}
 	fprintf(out, "rate_limited: false\nreceive_ephemeral: true\nde.sorunome.msc2409.push_ephemeral: true\n");
-	fprintf(out, "namespaces:\n  users:\n    - exclusive: true\n      regex: '@%s.*:%s'\n"
-		     "  aliases:\n    - exclusive: true\n      regex: '#%s.*:%s'\n  rooms: []\n",
+	/* Anchored at both ends: Synapse matches with re.match, at the start
+	 * only; without the $ (until the thirtieth session) the namespace
+	 * claimed @_cw_x:example.org.evil.com too. */
+	fprintf(out, "namespaces:\n  users:\n    - exclusive: true\n      regex: '^@%s.*:%s$'\n"
+		     "  aliases:\n    - exclusive: true\n      regex: '^#%s.*:%s$'\n  rooms: []\n",
 		user, server, alias, server);
 	return ferror(out) ? 1 : 0;
+}
+
+const char *matrix_local_refused(const struct cw_config *cfg, const char *uri, const char *localpart, char *why,
+				 size_t len)
+{
+	char id[MX_ID_MAX + 1];
+	const char *server = mx_server_name(cfg);
+	int n = snprintf(id, sizeof(id), "@%s:%s", localpart, server);
+	if (n < 0 || (size_t)n >= sizeof(id) ||
+	    (!mx_in_ghost_namespace(cfg->mx_user_prefix, server, id) &&
+	     strcmp(localpart, cfg->mx_sender_localpart) != 0))
+		return NULL; /* one too long is the delivery's to refuse (mx_deliver.c) */
+	snprintf(why, len,
+		 "%s is no user of this server: its Matrix id %s is in the namespace of the gateway's own bot and "
+		 "ghosts", uri, id);
+	return why;
 }
 
 /* ------------------------------------------------------------ answers */
@@ -614,7 +633,7 @@ static bool bot_wants(const struct txn *t, json_t *ev)
 		const char *ms = json_string_value(json_object_get(json_object_get(ev, "content"), "membership"));
 		if (!key)
 			return false;
-		bool ghost = mx_in_ghost_namespace(t->app->cfg->mx_user_prefix, key);
+		bool ghost = mx_in_ghost_namespace(t->app->cfg->mx_user_prefix, server, key);
 		/* A user leaving a bridged room (or removed from it): the bot
 		 * unbinds it (mx_bot.c, left). */
 		if (!ghost && strcmp(key, t->m->bot) != 0 && ms && (strcmp(ms, "leave") == 0 || strcmp(ms, "ban") == 0)) {
@@ -655,14 +674,16 @@ static cw_err txn_bot_send(PGconn *c, struct txn *t, cw_errmsg *e)
 	const char *p2[] = { bot, t->m->bot, mx_server_name(t->app->cfg), ghosts };
 	int ok = PQsendQueryParams(c,
 		"WITH ins AS (INSERT INTO matrix_bot_inbox (event_id, event) "
-		" SELECT x->>'event_id', x FROM jsonb_array_elements($1::jsonb) AS x "
+		" SELECT x->>'event_id', x FROM jsonb_array_elements($1::jsonb) AS x, "
+		"  LATERAL (SELECT starts_with(x->>'state_key', $4) "
+		"   AND right(x->>'state_key', length($3) + 1) = ':' || $3 AS ghost) g " /* mx_in_ghost_namespace */
 		" WHERE x->>'sender' LIKE '%:' || $3 AND ((x->>'type' = 'm.room.member' AND (x->>'state_key' = $2 "
-		"   OR (starts_with(x->>'state_key', $4) AND x->'content'->>'membership' = 'invite') "
-		"   OR (starts_with(x->>'state_key', $4) AND x->'content'->>'membership' IN ('leave', 'ban') "
+		"   OR (g.ghost AND x->'content'->>'membership' = 'invite') "
+		"   OR (g.ghost AND x->'content'->>'membership' IN ('leave', 'ban') "
 		"    AND EXISTS (SELECT 1 FROM room_bindings b WHERE b.network = 'matrix' AND b.native_id = x->>'room_id')) "
-		"   OR (NOT starts_with(x->>'state_key', $4) AND x->'content'->>'membership' = 'invite' "
+		"   OR (NOT g.ghost AND x->'content'->>'membership' = 'invite' "
 		"    AND EXISTS (SELECT 1 FROM room_bindings b WHERE b.network = 'matrix' AND b.native_id = x->>'room_id')) "
-		"   OR (NOT starts_with(x->>'state_key', $4) AND x->'content'->>'membership' IN ('leave', 'ban') "
+		"   OR (NOT g.ghost AND x->'content'->>'membership' IN ('leave', 'ban') "
 		"    AND (EXISTS (SELECT 1 FROM room_bindings b WHERE b.network = 'matrix' AND b.native_id = x->>'room_id') "
 		"     OR EXISTS (SELECT 1 FROM matrix_mgmt_rooms mm WHERE mm.room_id = x->>'room_id' "
 		"      AND mm.user_id = x->>'state_key'))))) "

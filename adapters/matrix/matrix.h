@@ -34,6 +34,13 @@ void matrix_stop(struct matrix *m);
  * made up when the configuration has none, with a note to set them). */
 int matrix_print_registration(const struct cw_config *cfg, FILE *out);
 
+/* Why the local user uri (of this provider's domain, its local part
+ * localpart) can be nobody on Matrix: its Matrix id is in the gateway's
+ * own namespace (its bot, its ghosts), where no user of the homeserver
+ * is; into why, which is returned.  NULL: it can be someone. */
+const char *matrix_local_refused(const struct cw_config *cfg, const char *uri, const char *localpart, char *why,
+				 size_t len);
+
 /* The appservice API (the handlers check the hs_token themselves, so that
  * every answer is a Matrix error). */
 void matrix_as_transaction(struct cw_req *req, void *ctx);

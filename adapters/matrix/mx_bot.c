@@ -356,7 +356,7 @@ static int others_in(struct matrix *m, const char *room, const char *ghost, cons
 		if (!who || !ms || (strcmp(ms, "join") != 0 && strcmp(ms, "invite") != 0))
 			continue;
 		if (strcmp(who, user) != 0 && strcmp(who, m->bot) != 0 &&
-		    !mx_in_ghost_namespace(m->cfg->mx_user_prefix, who))
+		    !mx_in_ghost_namespace(m->cfg->mx_user_prefix, mx_server_name(m->cfg), who))
 			others = 1;
 	}
 	json_decref(answer);
@@ -1190,7 +1190,7 @@ static bool inbox(struct matrix *m, PGconn *c)
 		    strcmp(json_string_value(json_object_get(content, "membership")), "invite") == 0) {
 			if (strcmp(key, m->bot) == 0)
 				again = invited(m, c, room, sender);
-			else if (mx_in_ghost_namespace(m->cfg->mx_user_prefix, key))
+			else if (mx_in_ghost_namespace(m->cfg->mx_user_prefix, mx_server_name(m->cfg), key))
 				again = ghost_invited(m, c, room, sender, key);
 			else
 				local_invited(m, c, room, sender, key);
@@ -1206,7 +1206,7 @@ static bool inbox(struct matrix *m, PGconn *c)
 				const char *bp[] = { room };
 				cw_errmsg e;
 				store_command(c, "DELETE FROM matrix_mgmt_rooms WHERE room_id = $1", 1, bp, &e);
-			} else if (mx_in_ghost_namespace(m->cfg->mx_user_prefix, key)) {
+			} else if (mx_in_ghost_namespace(m->cfg->mx_user_prefix, mx_server_name(m->cfg), key)) {
 				ghost_removed(c, room, key);
 			} else {
 				left(m, c, room, key);

@@ -1299,6 +1299,15 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 		cw_fail(e, CW_EINVAL, "the local user %s has no valid Matrix id", target_mxid);
 		return PREP_DEAD;
 	}
+	/* Its bot's or a ghost's: nobody of the homeserver's (a peer naming
+	 * one is refused, peer_local_refused; a user met before the thirtieth
+	 * session may be stored). */
+	if (mx_in_ghost_namespace(m->cfg->mx_user_prefix, mx_server_name(m->cfg), target_mxid) ||
+	    strcmp(target_mxid, m->bot) == 0) {
+		cw_fail(e, CW_EINVAL, "the local user %s is in the namespace of the gateway's own bot and ghosts",
+			target_mxid);
+		return PREP_DEAD;
+	}
 	if (!have_ghost) {
 		const char *server = mx_server_name(m->cfg);
 		if (!mx_ghost_id(m->cfg->mx_user_prefix, peer, localpart, server, ghost, sizeof(ghost))) {

@@ -438,7 +438,10 @@ bool mx_ghost_parse(const char *prefix, const char *server, const char *user_id,
 	return copy_out(network, nlen, net, nn) && copy_out(remote_local, rlen, rem, rn);
 }
 
-bool mx_in_ghost_namespace(const char *prefix, const char *user_id)
+bool mx_in_ghost_namespace(const char *prefix, const char *server, const char *user_id)
 {
-	return user_id && user_id[0] == '@' && strncmp(user_id + 1, prefix, strlen(prefix)) == 0;
+	if (!user_id || user_id[0] != '@' || strncmp(user_id + 1, prefix, strlen(prefix)) != 0)
+		return false;
+	size_t n = strlen(user_id), pl = strlen(prefix), sl = strlen(server);
+	return n >= 1 + pl + 1 + sl && user_id[n - sl - 1] == ':' && strcmp(user_id + n - sl, server) == 0;
 }

@@ -91,8 +91,9 @@ bool mx_ghost_id(const char *prefix, const char *network, const char *remote_loc
 		 char *out, size_t outlen);
 bool mx_ghost_parse(const char *prefix, const char *server, const char *user_id, char *network, size_t nlen,
 		    char *remote_local, size_t rlen);
-/* Whether user_id is in the ghosts' (exclusive) namespace, "@<prefix>...",
- * whether or not it names a ghost mx_ghost_parse would accept. */
-bool mx_in_ghost_namespace(const char *prefix, const char *user_id);
+/* Whether user_id is in the ghosts' (exclusive) namespace,
+ * "@<prefix>...:<server>", whether or not it names a ghost mx_ghost_parse
+ * would accept (until the thirtieth session any server's was taken). */
+bool mx_in_ghost_namespace(const char *prefix, const char *server, const char *user_id);
 
 #endif

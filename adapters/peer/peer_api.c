@@ -7,6 +7,7 @@
 #include "httpsig.h"
 #include "buf.h"
 #include "log.h"
+#include "matrix/matrix.h"
 
 #include <pthread.h>
 #include <stdarg.h>
@@ -219,6 +220,14 @@ void peer_local_fold(const struct cw_app *app, struct mimi_uri *u, char *uri)
 		}
 	if (folded)
 		mimi_uri_format(u, uri, MIMI_URI_MAX + 1, NULL);
+}
+
+const char *peer_local_refused(const struct cw_app *app, const struct mimi_uri *u, const char *uri, char *why,
+			       size_t len)
+{
+	if (!app->matrix || !app->cfg->domain || strcmp(u->domain, app->cfg->domain) != 0)
+		return NULL;
+	return matrix_local_refused(app->cfg, uri, u->id, why, len);
 }
 
 /* The identity row of a user URI, made on first contact. */
@@ -586,6 +595,7 @@ void peer_api_room_create(struct cw_req *req, void *ctx)
 	json_t *policy = json_object_get(body, "policy"), *uri = json_object_get(body, "uri");
 	json_t *name = json_object_get(body, "name");
 	cw_errmsg e;
+	char why[MIMI_URI_MAX + 300];
 	if (!in) {
 		bad = "out of memory";
 	} else if (!json_is_string(kind) || (strcmp(json_string_value(kind), "direct") != 0 &&
@@ -613,6 +623,8 @@ void peer_api_room_create(struct cw_req *req, void *ctx)
 		}
 		snprintf(in->m[i].uri, sizeof(in->m[i].uri), "%s", json_string_value(m));
 		peer_local_fold(app, &in->m[i].u, in->m[i].uri);
+		if ((bad = peer_local_refused(app, &in->m[i].u, in->m[i].uri, why, sizeof(why))))
+			break;
 		for (size_t k = 0; k < i; k++)
 			if (strcmp(in->m[k].uri, in->m[i].uri) == 0)
 				bad = "a member is listed twice";
@@ -956,6 +968,11 @@ bool peer_read_users(const struct cw_app *app, struct cw_req *req, json_t *arr, 
 		}
 		snprintf(out[i].uri, sizeof(out[i].uri), "%s", json_string_value(v));
 		peer_local_fold(app, &out[i].u, out[i].uri);
+		char why[MIMI_URI_MAX + 300];
+		if (peer_local_refused(app, &out[i].u, out[i].uri, why, sizeof(why))) {
+			cw_req_problem(req, 400, "invalid_body", "Invalid body", why);
+			return false;
+		}
 	}
 	*n = json_array_size(arr);
 	return true;

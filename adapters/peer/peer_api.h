@@ -31,6 +31,12 @@ void peer_target_uri(struct cw_app *app, struct cw_req *req, char *buf, size_t l
  * and uri, MIMI_URI_MAX + 1 bytes, rewritten); else, and for other
  * domains, nothing changes. */
 void peer_local_fold(const struct cw_app *app, struct mimi_uri *u, char *uri);
+/* Why the user u (its URI uri) is one the local adapter cannot have, a
+ * peer naming it as a member is refused (into why, returned): on Matrix,
+ * one in the namespace of the gateway's own bot and ghosts
+ * (matrix_local_refused).  NULL: it can be had, or is no local user. */
+const char *peer_local_refused(const struct cw_app *app, const struct mimi_uri *u, const char *uri, char *why,
+			       size_t len);
 cw_err identity_id(PGconn *c, const struct mimi_uri *u, bool local, const char *network, const char *peer_id,
 		   char *out, size_t outlen, cw_errmsg *e);
 

@@ -17,8 +17,11 @@ The choices made where the specification allows several behaviours:
   otherwise, as Conduit does for the bot too (Synapse exempts the bot;
   Homeserver(bot_exists=True) emulates that). A user outside its namespaces:
   403 M_FORBIDDEN, the code the specification documents for /whoami.
-- Namespace regexes must match the whole user ID or alias (re.fullmatch),
-  and only local users count.
+- Namespace regexes are matched as Synapse matches them, with re.match:
+  anchored at the start only, so a registration's regex without a final
+  `$` claims more than it seems to (until the thirtieth session the
+  stand-in used re.fullmatch, and the gateway's unanchored regex went
+  unnoticed); only local users count.
 - Events are pushed when the sender is the bot or in the user namespace, when
   an m.room.member event's state_key is, when the room ID or one of its local
   aliases is in a namespace, or when the bot or a namespaced user is JOINED
@@ -422,7 +425,7 @@ class Homeserver:
                 (self.registration.get("namespaces") or {}).get(kind) or []]
 
     def _in_namespace(self, kind, value, exclusive_only=False):
-        return any(rx.fullmatch(value) for rx, excl in self._namespace(kind) if excl or not exclusive_only)
+        return any(rx.match(value) for rx, excl in self._namespace(kind) if excl or not exclusive_only)
 
     def is_local(self, user_id):
         m = USER_ID_RE.fullmatch(user_id or "")
@@ -455,6 +458,14 @@ class Homeserver:
             token = "syt_" + _random(24)
             self._tokens[token] = user_id
         return user_id, token
+
+    def remote_user(self, user_id, displayname=None):
+        """A user of another server, known as federation would make it (the stand-in has no federation):
+        it can then be invited, and its membership is its own room state as any user's."""
+        m = USER_ID_RE.fullmatch(user_id)
+        assert m and m.group(2) != self.server_name, user_id
+        with self._lock:
+            self._users[user_id] = {"displayname": displayname or user_id[1:].split(":")[0]}
 
     def as_user(self, token, user_id=None):
         """A client of this server with that access token (an as_token with user_id to masquerade)."""

@@ -23,8 +23,8 @@ def registration(url, **extra):
     reg = {"id": "causeway", "url": url, "as_token": AS_TOKEN, "hs_token": HS_TOKEN,
            "sender_localpart": "_cw_bot", "rate_limited": False, "receive_ephemeral": True,
            "de.sorunome.msc2409.push_ephemeral": True,
-           "namespaces": {"users": [{"exclusive": True, "regex": "@_cw_.*:example\\.org"}],
-                          "aliases": [{"exclusive": True, "regex": "#_cw_.*:example\\.org"}], "rooms": []}}
+           "namespaces": {"users": [{"exclusive": True, "regex": "^@_cw_.*:example\\.org$"}],
+                          "aliases": [{"exclusive": True, "regex": "^#_cw_.*:example\\.org$"}], "rooms": []}}
     reg.update(extra)
     return reg
 

@@ -33,8 +33,8 @@ def registration(url="http://127.0.0.1:1"):
     return {"id": "causeway", "url": url, "as_token": AS_TOKEN, "hs_token": HS_TOKEN,
             "sender_localpart": "_cw_bot", "rate_limited": False, "receive_ephemeral": True,
             "de.sorunome.msc2409.push_ephemeral": True,
-            "namespaces": {"users": [{"exclusive": True, "regex": "@_cw_.*:example\\.org"}],
-                           "aliases": [{"exclusive": True, "regex": "#_cw_.*:example\\.org"}], "rooms": []}}
+            "namespaces": {"users": [{"exclusive": True, "regex": "^@_cw_.*:example\\.org$"}],
+                           "aliases": [{"exclusive": True, "regex": "^#_cw_.*:example\\.org$"}], "rooms": []}}
 
 
 @pytest.fixture
@@ -147,8 +147,15 @@ def test_registration_yaml(tmp_path):
     assert len(reg["as_token"]) == 64 and reg["as_token"] != reg["hs_token"]
     assert "as_token and hs_token" in out.stdout  # the note to put them in the configuration
     users = reg["namespaces"]["users"]
-    assert users == [{"exclusive": True, "regex": "@_cw_.*:example\\.org"}]
-    assert reg["namespaces"]["aliases"] == [{"exclusive": True, "regex": "#_cw_.*:example\\.org"}]
+    assert users == [{"exclusive": True, "regex": "^@_cw_.*:example\\.org$"}]
+    assert reg["namespaces"]["aliases"] == [{"exclusive": True, "regex": "^#_cw_.*:example\\.org$"}]
+    # Anchored at both ends: Synapse matches with re.match (at the start
+    # only), as the stand-in does; until the thirtieth session the regex
+    # had no anchors and claimed @_cw_x:example.org.evil.com too.
+    claims = Homeserver(server_name="example.org", registration=reg)
+    for kind, yes, no in (("users", "@_cw_gk_wally:example.org", "@_cw_gk_wally:example.org.evil.com"),
+                          ("aliases", "#_cw_room:example.org", "#_cw_room:example.org.evil.com")):
+        assert claims._in_namespace(kind, yes) and not claims._in_namespace(kind, no), kind
     # With tokens configured, they are printed as they are.
     env.update({"CAUSEWAY_MATRIX_AS_TOKEN": AS_TOKEN, "CAUSEWAY_MATRIX_HS_TOKEN": HS_TOKEN})
     reg = yaml.safe_load(subprocess.run([CAUSEWAYD, "--matrix-registration"], capture_output=True, text=True,
@@ -2472,6 +2479,43 @@ def test_a_local_user_leaving_reaches_the_peer(mx, hs, gk):
     assert hs.members(new_room).get(ALICE_MX) == "invite"
     assert [e["content"]["body"] for e in hs.events(new_room) if e["type"] == "m.room.message"] == ["still there?"]
     assert [e["content"]["body"] for e in hs.events(mx_room) if e["type"] == "m.room.message"] == ["hello"]
+
+
+def test_a_remote_user_in_the_ghosts_prefix_is_no_ghost(mx, hs, gk, pg, db_url):
+    """The ghosts' namespace is @_cw_...:<this server>: a user of another
+    server whose name starts the same is nobody of the gateway's. Until the
+    thirtieth session the server part was not looked at, and alice's
+    invitation of @_cw_gk_wally:other.org into her room was taken for an
+    invitation of the ghost; now it is one of another user (the room is
+    her own view: taken back, and she is told why)."""
+    a, srv = gk
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+    alice.send_text(room, "first")
+    srv.wait_events(1)
+    foreign = "@_cw_gk_wally:other.org"
+    hs.remote_user(foreign)
+    alice.invite(room, foreign)
+    wait_until(lambda: any("own view" in e["content"].get("body", "") for e in hs.events(room)
+                           if e["type"] == "m.room.message"), what="the notice that nobody else joins")
+    assert hs.members(room).get(foreign) == "leave"
+
+
+@pytest.mark.parametrize("name", ["_cw_bot", "_cw_gk_mallory"])
+def test_a_peer_cannot_name_the_gateways_own_matrix_users(mx, hs, gk, pg, db_url, name):
+    """mimi://example.org/u/_cw_bot is the gateway's bot on Matrix, and
+    .../u/_cw_gk_mallory a ghost's name: no user of this server. Until the
+    thirtieth session a peer could name them as a member, and only the
+    policy stopped the room; now the Matrix adapter refuses them itself."""
+    a, srv = gk
+    hs.create_user("alice")
+    target = f"mimi://example.org/u/{name}"
+    r = a.call("POST", "/v1/rooms", {"kind": "direct", "members": [a.user("wally"), target]})
+    assert r.status_code == 400 and r.json()["code"] == "invalid_body", r.text
+    assert target in r.json()["detail"] and "namespace" in r.json()["detail"], r.text
+    room = a.create_room([a.user("wally"), a.user("eve"), ALICE]).json()["id"]
+    r = a.call("POST", f"/v1/rooms/{room}/members", {"add": [target]})
+    assert r.status_code == 400 and target in r.json()["detail"], r.text
+    assert pg.psql(f"SELECT count(*) FROM identities WHERE localpart = '{name}'", db_url) == "0"
 
 
 def test_a_declined_invitation_does_not_reach_the_peer(mx, hs, gk):

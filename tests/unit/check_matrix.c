@@ -381,17 +381,26 @@ START_TEST(ghost_parse_property)
 			id[n++] = alphabet[rnd_below(sizeof(alphabet) - 1)];
 		snprintf(id + n, sizeof(id) - n, ":%s", SERVER);
 		if (mx_ghost_parse(PREFIX, SERVER, id, pn, sizeof(pn), pr, sizeof(pr))) {
-			ck_assert(mx_in_ghost_namespace(PREFIX, id));
+			ck_assert(mx_in_ghost_namespace(PREFIX, SERVER, id));
 			accepted++;
 			ck_assert_msg(mx_ghost_id(PREFIX, pn, pr, SERVER, again, sizeof(again)), "%s", id);
 			ck_assert_msg(strcmp(again, id) == 0, "%s rebuilt as %s", id, again);
 		}
 	}
 	ck_assert_int_gt(accepted, 100);
-	/* The namespace is the prefix, ghost or not. */
-	ck_assert(mx_in_ghost_namespace(PREFIX, "@" PREFIX "junk:elsewhere.org"));
-	ck_assert(!mx_in_ghost_namespace(PREFIX, "@_cw:" SERVER) && !mx_in_ghost_namespace(PREFIX, PREFIX "a:" SERVER));
-	ck_assert(!mx_in_ghost_namespace(PREFIX, NULL) && !mx_in_ghost_namespace(PREFIX, "@alice:" SERVER));
+	/* The namespace is the prefix on this server, ghost or not (until the
+	 * thirtieth session any server's: a remote @_cw_...:elsewhere was
+	 * taken for one of the gateway's own). */
+	ck_assert(mx_in_ghost_namespace(PREFIX, SERVER, "@" PREFIX "junk:" SERVER));
+	ck_assert(mx_in_ghost_namespace(PREFIX, SERVER, "@" PREFIX ":" SERVER));
+	ck_assert(!mx_in_ghost_namespace(PREFIX, SERVER, "@" PREFIX "junk:elsewhere.org"));
+	ck_assert(!mx_in_ghost_namespace(PREFIX, SERVER, "@" PREFIX "junk:" SERVER ".evil.com"));
+	ck_assert(!mx_in_ghost_namespace(PREFIX, SERVER, "@" PREFIX "junk:x" SERVER));
+	ck_assert(!mx_in_ghost_namespace(PREFIX, SERVER, "@" PREFIX SERVER));
+	ck_assert(!mx_in_ghost_namespace(PREFIX, SERVER, "@_cw:" SERVER) &&
+		  !mx_in_ghost_namespace(PREFIX, SERVER, PREFIX "a:" SERVER));
+	ck_assert(!mx_in_ghost_namespace(PREFIX, SERVER, NULL));
+	ck_assert(!mx_in_ghost_namespace(PREFIX, SERVER, "@alice:" SERVER));
 	/* Mutations of real ghost ids. */
 	static const char *const samples[][2] = {
 		{ "wa", "+4915112345678" }, { "my_peer", "Alice_B" }, { "x", "\xc3\xa9t\xc3\xa9=1" }, { "gk", "a/b.c-d" },
