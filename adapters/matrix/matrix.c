@@ -426,8 +426,9 @@ struct txn {
 	json_t *joining;      /* the keys of m->joining this transaction holds (hold_joins), or NULL */
 	json_t *bot_send;     /* of bot, those that are the bot's (txn_prepare) */
 	json_t *typing;       /* room -> who types, as this transaction says (kept once it is durable) */
-	json_t *item_rooms;   /* per pipeline item: [Matrix room, neutral type] (a refusal's notice goes there) */
-	json_t *refusals;     /* [[room, text], ...]: events refused before the pipeline, told once durable */
+	json_t *item_rooms;   /* per pipeline item: [Matrix room, neutral type, Matrix event id] (a refusal's notice
+				 goes there) */
+	json_t *refusals;     /* [[room, text, event id], ...]: events refused, told once durable (once per event) */
 	json_t *nul;          /* events holding a NUL in a string (txn_new): refused, never stored */
 	struct backfill_wait *wait; /* mx_backfill's: told the outcome */
 	struct app_job *parked_next; /* the next transaction parked behind a catch-up */
@@ -699,16 +700,17 @@ static cw_err txn_bot_send(PGconn *c, struct txn *t, cw_errmsg *e)
 }
 
 /* The events as neutral ones, into the pipeline's items. */
-/* What a local user is told where an event of theirs was refused (why
- * NULL: not why). */
-static void refusal(json_t *list, const char *room, const char *why)
+/* What a local user is told where their event event_id was refused (why
+ * NULL: not why).  Told once per event (mx_bot_notice): a transaction sent
+ * again refuses it again. */
+static void refusal(json_t *list, const char *room, const char *event_id, const char *why)
 {
 	char text[400];
 	if (why)
 		snprintf(text, sizeof(text), "Not delivered: %s.", why);
 	else
 		snprintf(text, sizeof(text), "Not delivered.");
-	json_array_append_new(list, json_pack("[s, s]", room, text));
+	json_array_append_new(list, json_pack("[s, s, s?]", room, text, event_id));
 }
 
 /* The key of t->rejoins: a Matrix room and a user. */
@@ -756,7 +758,7 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 		const char *sender = json_string_value(json_object_get(ev, "sender"));
 		if (json_object_get(t->rooms, room) && lookup_map(t->senders, sender) &&
 		    !json_object_get(ev, "state_key"))
-			refusal(t->refusals, room,
+			refusal(t->refusals, room, json_string_value(json_object_get(ev, "event_id")),
 				"it holds the character U+0000 (NUL), which this gateway cannot store");
 	}
 	json_array_foreach(t->events, i, ev) {
@@ -780,7 +782,7 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 				t->conv_invalid++;
 				LOG_KV_LIMITED(CW_LOG_INFO, "matrix event refused", "event_id",
 					       json_string_value(json_object_get(ev, "event_id")), "detail", why);
-				refusal(t->refusals, room, why);
+				refusal(t->refusals, room, json_string_value(json_object_get(ev, "event_id")), why);
 			} else {
 				t->conv_ignored++;
 			}
@@ -861,8 +863,8 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 	json_t *x;
 	json_array_foreach(conv, i, x) {
 		json_t *neutral = json_array_get(x, 3);
-		json_array_append_new(t->item_rooms, json_pack("[O, O]", json_array_get(x, 0), json_object_get(neutral,
-												       "type")));
+		json_array_append_new(t->item_rooms, json_pack("[O, O, O]", json_array_get(x, 0),
+							       json_object_get(neutral, "type"), json_array_get(x, 1)));
 		struct event pev;
 		struct event_error err;
 		cw_err rc = event_from_json(neutral, &lim, 0, &pev, &err);
@@ -874,7 +876,8 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 			LOG_KV_LIMITED(CW_LOG_INFO, "matrix event not representable", "event_id",
 				       json_string_value(json_array_get(x, 1)), "detail", err.detail);
 			t->conv_invalid++;
-			refusal(t->refusals, json_string_value(json_array_get(x, 0)), err.detail);
+			refusal(t->refusals, json_string_value(json_array_get(x, 0)),
+				json_string_value(json_array_get(x, 1)), err.detail);
 			continue;
 		}
 		bool ok = submit_put_local(t->b, i, t->app, "matrix", json_string_value(json_array_get(x, 0)),
@@ -1201,23 +1204,25 @@ static void txn_taken(struct txn *t)
 		json_t *ir = json_array_get(t->item_rooms, i);
 		const char *room = json_string_value(json_array_get(ir, 0));
 		const char *type = json_string_value(json_array_get(ir, 1));
+		const char *event_id = json_string_value(json_array_get(ir, 2));
 		if (!room || !type || (strcmp(type, "message") != 0 && strcmp(type, "edit") != 0))
 			continue;
 		if (denied)
-			refusal(t->refusals, room, policy_reason_text(denied));
+			refusal(t->refusals, room, event_id, policy_reason_text(denied));
 		else if (st == 429) {
 			/* The pipeline's words: which limit, and the wait
 			 * (peer_api.c); once until the wait is over. */
 			if (limit_notice_due(t->m, room, submit_retry_after_ms(t->b, i)))
-				refusal(t->refusals, room,
+				refusal(t->refusals, room, event_id,
 					detail && *detail ? detail : "too many messages; write again in a moment");
 		} else if (st && st != 202)
-			refusal(t->refusals, room, detail);
+			refusal(t->refusals, room, event_id, detail);
 	}
 	size_t r;
 	json_t *x;
 	json_array_foreach(t->refusals, r, x)
-		mx_bot_notice(t->m, json_string_value(json_array_get(x, 0)), json_string_value(json_array_get(x, 1)));
+		mx_bot_notice(t->m, json_string_value(json_array_get(x, 0)), json_string_value(json_array_get(x, 1)),
+			      json_string_value(json_array_get(x, 2)));
 	if (!t->wait) /* a backfill is no transaction of the homeserver's */
 		atomic_fetch_add(&t->m->txns, 1);
 	for (int k = 0; k < 4; k++)

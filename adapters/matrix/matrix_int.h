@@ -143,8 +143,9 @@ void mx_bot_stop(struct matrix *m);
 /* A notice to a local user in a bridged room, from the room's ghost: what
  * they wrote there was not delivered, and why.  Stored (matrix_notices,
  * a write of its own) and sent by the bot's thread until the homeserver
- * takes it. */
-void mx_bot_notice(struct matrix *m, const char *room, const char *text);
+ * takes it.  event_id (NULL: none) is the Matrix event it tells of: one
+ * notice per event, however often its transaction comes. */
+void mx_bot_notice(struct matrix *m, const char *room, const char *text, const char *event_id);
 
 /* One call to the homeserver's client-server API as the appservice
  * (as_token), acting as user_id (NULL: the bot).  path is already escaped;

@@ -184,10 +184,11 @@ static void cmd_list(struct matrix *m, PGconn *c, const char *room, const char *
 
 /* Queues a notice on c (in its transaction, if one is open): the bot's
  * thread sends it (notices). */
-static cw_err notice_queue(PGconn *c, const char *room, const char *body, cw_errmsg *e)
+static cw_err notice_queue(PGconn *c, const char *room, const char *body, const char *event_id, cw_errmsg *e)
 {
-	const char *p[] = { room, body };
-	cw_err rc = store_command(c, "INSERT INTO matrix_notices (room_id, body) VALUES ($1, $2)", 2, p, e);
+	const char *p[] = { room, body, event_id };
+	cw_err rc = store_command(c, "INSERT INTO matrix_notices (room_id, body, event_id) VALUES ($1, $2, $3) "
+				     "ON CONFLICT (event_id) DO NOTHING", 3, p, e);
 	return rc ? rc : store_command(c, "NOTIFY causeway_matrix_bot", 0, NULL, e);
 }
 
@@ -297,7 +298,7 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 		if (!rc)
 			rc = inbox_handled(c, inbox_id, &e);
 		if (!rc)
-			rc = notice_queue(c, room, "Reported to the operator. Thank you.", &e);
+			rc = notice_queue(c, room, "Reported to the operator. Thank you.", NULL, &e);
 		if (!store_end(c, rc, &e))
 			return;
 		if (PQstatus(c) == CONNECTION_OK) /* else the command runs again, or its notice tells */
@@ -436,12 +437,13 @@ static void ghost_says_and_leaves(struct matrix *m, const char *room, const char
 struct notice_job {
 	char room[256];
 	char body[4096];
+	char event_id[256]; /* "": none */
 };
 
 static cw_err notice_insert(PGconn *c, void *arg, cw_errmsg *e)
 {
 	struct notice_job *j = arg;
-	return notice_queue(c, j->room, j->body, e);
+	return notice_queue(c, j->room, j->body, j->event_id[0] ? j->event_id : NULL, e);
 }
 
 static void notice_inserted(void *arg, cw_err rc, const cw_errmsg *e)
@@ -453,17 +455,18 @@ static void notice_inserted(void *arg, cw_err rc, const cw_errmsg *e)
 	free(j);
 }
 
-void mx_bot_notice(struct matrix *m, const char *room, const char *text)
+void mx_bot_notice(struct matrix *m, const char *room, const char *text, const char *event_id)
 {
 	struct notice_job *j = calloc(1, sizeof(*j));
 	/* The texts are a few hundred bytes (refusal(), dispatcher_dead_text). */
 	if (!j || !room || !*room || !text || !*text || strlen(room) >= sizeof(j->room) ||
-	    strlen(text) >= sizeof(j->body)) {
+	    strlen(text) >= sizeof(j->body) || (event_id && strlen(event_id) >= sizeof(j->event_id))) {
 		free(j);
 		return;
 	}
 	snprintf(j->room, sizeof(j->room), "%s", room);
 	snprintf(j->body, sizeof(j->body), "%s", text);
+	snprintf(j->event_id, sizeof(j->event_id), "%s", event_id ? event_id : "");
 	if (store_write(m->app->store, notice_insert, notice_inserted, j) != CW_OK)
 		notice_inserted(j, CW_EUNAVAIL, NULL);
 }
@@ -492,7 +495,7 @@ static void dead_letters(PGconn *c)
 		char text[600];
 		dispatcher_dead_text(text, sizeof(text), PQgetvalue(r, i, 1), PQgetvalue(r, i, 2),
 				     PQgetisnull(r, i, 8) ? NULL : PQgetvalue(r, i, 8));
-		rc = notice_queue(c, PQgetvalue(r, i, 4), text, &e);
+		rc = notice_queue(c, PQgetvalue(r, i, 4), text, NULL, &e);
 	}
 	PQclear(r);
 	cw_errmsg e2;
@@ -504,7 +507,8 @@ static void dead_letters(PGconn *c)
 
 /* The notices due (matrix_notices), each from the ghost of its room (the
  * bot where there is none): taken for a while (another try is due then,
- * later after each failure), deleted once the homeserver has them, given
+ * later after each failure), deleted once the homeserver has them (one
+ * that names an event is kept, done, a while: forget_handled), given
  * up after a day, or at once when the homeserver refuses it for good: a
  * 403 (the room was unbound, and its ghost or the bot is out of it) or a
  * 404 (no such room) is the same on every retry.  (A 401 is not final: a
@@ -512,7 +516,8 @@ static void dead_letters(PGconn *c)
 static void notices(struct matrix *m, PGconn *c)
 {
 	PGresult *r = PQexec(c,
-		"WITH d AS (SELECT id FROM matrix_notices WHERE next_at <= now() ORDER BY id LIMIT 20 "
+		"WITH d AS (SELECT id FROM matrix_notices WHERE next_at <= now() AND done_at IS NULL "
+		"  ORDER BY id LIMIT 20 "
 		"  FOR UPDATE SKIP LOCKED), "
 		"t AS (UPDATE matrix_notices x SET tries = x.tries + 1, "
 		"  next_at = now() + least(power(2, x.tries + 1), 600) * interval '1 second' FROM d WHERE x.id = d.id "
@@ -542,7 +547,11 @@ static void notices(struct matrix *m, PGconn *c)
 		if (sent || refused || PQgetvalue(r, i, 3)[0] == 't') {
 			const char *p[] = { id };
 			cw_errmsg e;
-			store_command(c, "DELETE FROM matrix_notices WHERE id = $1::bigint", 1, p, &e);
+			store_command(c, "WITH x AS (UPDATE matrix_notices SET done_at = now(), next_at = 'infinity' "
+					 " WHERE id = $1::bigint AND event_id IS NOT NULL RETURNING 1) "
+					 "DELETE FROM matrix_notices WHERE id = $1::bigint "
+					 " AND NOT EXISTS (SELECT 1 FROM x)",
+				      1, p, &e);
 		}
 	}
 	PQclear(r);
@@ -1375,9 +1384,10 @@ static void portal_renames(struct matrix *m, PGconn *c)
 	PQclear(r);
 }
 
-/* Handled inbox rows are kept BOT_HANDLED_KEEP_DAYS (a homeserver sends a
- * transaction again until it gets an answer: after a crash, once the
- * daemon is back), then forgotten; looked for once an hour. */
+/* Handled inbox rows, and the notices of refused events once done, are
+ * kept BOT_HANDLED_KEEP_DAYS (a homeserver sends a transaction again until
+ * it gets an answer: after a crash, once the daemon is back), then
+ * forgotten; looked for once an hour. */
 static void forget_handled(PGconn *c, int64_t *next_us)
 {
 	int64_t now = cw_now_us();
@@ -1391,6 +1401,10 @@ static void forget_handled(PGconn *c, int64_t *next_us)
 	if (store_command(c, "DELETE FROM matrix_bot_inbox WHERE handled_at < now() - $1::int * interval '1 day'", 1,
 			  params, &e))
 		LOG_KV(CW_LOG_WARN, "cannot forget the bot's handled events", "detail", e.msg);
+	/* and the notices of refused events, kept as long (notice_queue) */
+	if (store_command(c, "DELETE FROM matrix_notices WHERE done_at < now() - $1::int * interval '1 day'", 1,
+			  params, &e))
+		LOG_KV(CW_LOG_WARN, "cannot forget the notices told", "detail", e.msg);
 }
 
 /* A local user invited to a group (local_invited) is invited to a portal

@@ -1999,13 +1999,62 @@ def test_a_message_that_goes_nowhere_is_told_to_its_writer(mx, hs, gk, pg, db_ur
     # (matrix_notices) and sent again later, once.
     hs.refuse_send = lambda path: "/cwnotice-" in path
     alice.send_text(room, "y" * 20000)
-    wait_until(lambda: pg.psql("SELECT tries FROM matrix_notices", db_url) == "1", what="a failed send")
+    wait_until(lambda: pg.psql("SELECT tries FROM matrix_notices WHERE done_at IS NULL", db_url) == "1",
+               what="a failed send")
     assert len(notices()) == 2
     hs.refuse_send = None
     wait_until(lambda: len(notices()) == 3, timeout=10, what="the notice, sent again")
-    wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_notices", db_url) == "0", what="the row gone")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_notices WHERE done_at IS NULL", db_url) == "0",
+               what="the row done")
     time.sleep(0.5)
     assert len(notices()) == 3
+    # Each names its refused event, kept once sent (so that a transaction
+    # sent again tells it no more).
+    assert pg.psql("SELECT count(DISTINCT event_id) FROM matrix_notices WHERE done_at IS NOT NULL", db_url) == "3"
+
+
+@pytest.mark.parametrize("how", ["retried", "restarted"])
+def test_a_refused_message_of_a_transaction_sent_again_is_told_once(make_daemon, db_url, hs, pg, how):
+    """A transaction whose answer was lost is sent again (each event's
+    unsigned.age changed, so the body differs: no answer from memory),
+    its message refused before the pipeline (too long) again. Until the
+    thirtieth session each sending made its notice: two "Not delivered"
+    for one message, and so after a restart. The notice is keyed on the
+    refused event's id now, and kept a while once sent."""
+    d = start_mx(make_daemon, db_url, hs)
+    a, srv = add_gk(d)
+    try:
+        alice, room, ghost = alice_writes_to_wally(hs, a)
+        alice.send_text(room, "first")
+        srv.wait_events(1)
+        lost = []
+
+        def lose_answer(txn):
+            if txn["tries"] == 1 and any(e["type"] == "m.room.message" and e["sender"] == ALICE_MX and
+                                         len(e["content"].get("body", "")) > 17000 for e in txn["events"]):
+                lost.append(txn["txn_id"])
+                if how == "restarted":
+                    hs.stop_pushing()
+                return True
+            return False
+        hs.lose_answer = lose_answer
+        alice.send_text(room, "x" * 20000)
+        wait_until(lambda: lost, what="the first answer lost")
+        told = lambda: [n for n in ghost_notices(hs, room, ghost) if n.startswith("Not delivered")]  # noqa: E731
+        wait_until(told, what="the notice")
+        if how == "restarted":
+            assert d.stop() == 0
+            d.start()
+            hs.resume_pushing()
+        wait_until(lambda: any(t["txn_id"] == lost[0] and t["done"] for t in hs.transactions),
+                   what="the transaction taken again")
+        hs.lose_answer = None
+        alice.send_text(room, "marker")
+        wait_until(lambda: any(e["content"]["parts"][0]["body"] == "marker" for e in list(srv.events)),
+                   what="a later message")
+        assert len(told()) == 1, told()
+    finally:
+        srv.close()
 
 
 def test_a_dead_letter_is_told_to_its_matrix_writer(make_daemon, db_url, hs, pg):

@@ -44,7 +44,8 @@ def limited_room(mx, hs, gk, per_minute, scope="domain", pattern="wa.example"):
 def all_told(pg, db_url, notices, n):
     """Waits for n notices in the room and none left to send, then a moment
     for any more to come (there should be none): the notices."""
-    wait_until(lambda: len(notices()) >= n and pg.psql("SELECT count(*) FROM matrix_notices", db_url) == "0",
+    wait_until(lambda: len(notices()) >= n and pg.psql("SELECT count(*) FROM matrix_notices WHERE done_at IS NULL",
+                                                        db_url) == "0",
                what=f"{n} notice(s) sent")
     time.sleep(0.5)
     return notices()
