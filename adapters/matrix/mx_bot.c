@@ -40,6 +40,11 @@ static const char help_text[] =
 /* Says text in room as user (NULL: the bot), a notice, with transaction
  * id txn (NULL: a new one); false when the homeserver did not take it
  * (*status, unless NULL: its answer, 0 for none). */
+/* How often the bot sends a notice that the homeserver answers 429
+ * M_LIMIT_EXCEEDED, and the longest wait it takes between two sends. */
+#define SAY_LIMITED_TRIES 5
+#define SAY_LIMITED_WAIT_MS 10000
+
 static bool say_txn(struct matrix *m, const char *room, const char *user, const char *text, const char *txn,
 		    long *status)
 {
@@ -55,12 +60,31 @@ static bool say_txn(struct matrix *m, const char *room, const char *user, const 
 	cw_errmsg e;
 	if (!status)
 		status = &st;
-	if (mx_call(m, "PUT", path, user, NULL, json_pack("{s:s, s:s}", "msgtype", "m.notice", "body", text), status,
-		    NULL, &e)) {
-		LOG_KV_LIMITED(CW_LOG_WARN, "cannot post a notice", "room", room, "detail", e.msg);
-		return false;
+	/* A homeserver that rate-limits the appservice limits its bot too (a
+	 * registration that says rate_limited: true; Synapse exempts the bot
+	 * only as it exempts the ghosts): its 429 is waited out as it asks
+	 * (until the thirtieth session the notice, a command's answer among
+	 * them, was lost), a few times, the wait cut short by a stop. */
+	for (int k = 1;; k++) {
+		json_t *answer = NULL;
+		cw_err rc = mx_call(m, "PUT", path, user, NULL,
+				    json_pack("{s:s, s:s}", "msgtype", "m.notice", "body", text), status, &answer, &e);
+		json_t *ra = json_object_get(answer, "retry_after_ms");
+		int64_t wait = json_is_integer(ra) && json_integer_value(ra) > 0 ? json_integer_value(ra) : 1000;
+		json_decref(answer);
+		if (!rc)
+			return true;
+		if (*status != 429 || k == SAY_LIMITED_TRIES) {
+			LOG_KV_LIMITED(CW_LOG_WARN, "cannot post a notice", "room", room, "detail", e.msg);
+			return false;
+		}
+		int64_t until = cw_now_us() + (wait < SAY_LIMITED_WAIT_MS ? wait : SAY_LIMITED_WAIT_MS) * 1000;
+		while (cw_now_us() < until) {
+			if (atomic_load(&m->bot_stop))
+				return false;
+			poll(NULL, 0, 50);
+		}
 	}
-	return true;
 }
 
 static void say_as(struct matrix *m, const char *room, const char *user, const char *text)

@@ -42,15 +42,22 @@ The choices made where the specification allows several behaviours:
   GET /directory/room of an unknown alias in the alias namespace likewise
   ask GET /rooms/{alias}.
 - Every POST and PUT needs a JSON object body (M_NOT_JSON / M_BAD_JSON);
-  event content may not hold floats or integers beyond 2**53 (M_BAD_JSON);
-  an event over 65536 bytes is refused with 413 M_TOO_LARGE.
+  in room versions 6 and later event content may not hold floats or
+  integers beyond 2**53 (M_BAD_JSON), as Synapse's strict canonical JSON
+  (versions 1 to 5 take any number: until the thirtieth session the
+  stand-in refused them in every version); an event over 65536 bytes is
+  refused with 413 M_TOO_LARGE.
+- A redaction of an event the server does not have (or of another room)
+  is taken, 200, and redacts nothing, as Synapse does (until the
+  thirtieth session 404 M_NOT_FOUND here).
 - Rate limits as Synapse's rc_message, when a test sets rc_message =
   (per_second, burst_count): a token bucket per sender for PUT /send,
   /redact and POST /createRoom (Synapse's RoomCreationHandler.create_room
   takes from the same limiter; a repeated txnId is answered from memory
   first, unlimited). The
-  application service's own users are exempt when its registration says
-  rate_limited: false, and its sender_localpart always is. Over the limit:
+  application service's users, its sender_localpart among them, are exempt
+  when its registration says rate_limited: false, as in Synapse (until the
+  thirtieth session the sender_localpart always was here). Over the limit:
   429 M_LIMIT_EXCEEDED with retry_after_ms, and the Retry-After header (in
   seconds, rounded up) that Matrix 1.10 asks servers to send as well.
 - GET /rooms/{id}/members applies its membership and not_membership
@@ -171,23 +178,32 @@ def parse_json(raw):
         raise MatrixError(400, "M_NOT_JSON", "Content not JSON.")
 
 
-def check_canonical(value, where="content"):
-    """Room versions 6 and later allow only integers in [-(2**53)+1, 2**53-1]."""
+def strict_canonical(version):
+    """Whether the room version enforces canonical JSON's numbers (Synapse's strict_canonicaljson):
+    versions 6 and later; 1 to 5 take any JSON number."""
+    return int(version) >= 6
+
+
+def check_canonical(value, where="content", version=DEFAULT_ROOM_VERSION):
+    """Room versions 6 and later allow only integers in [-(2**53)+1, 2**53-1]; earlier ones any number a
+    JSON encoder can write back (1e400 reads as infinity, which Synapse's encoder refuses)."""
     if isinstance(value, bool) or value is None or isinstance(value, str):
         return
     if isinstance(value, float):
-        raise MatrixError(400, "M_BAD_JSON", f"Bad JSON value in {where}: float")
+        if strict_canonical(version) or not math.isfinite(value):
+            raise MatrixError(400, "M_BAD_JSON", f"Bad JSON value in {where}: float")
+        return
     if isinstance(value, int):
-        if not -(2 ** 53) + 1 <= value <= 2 ** 53 - 1:
+        if strict_canonical(version) and not -(2 ** 53) + 1 <= value <= 2 ** 53 - 1:
             raise MatrixError(400, "M_BAD_JSON", f"Bad JSON value in {where}: integer out of range")
         return
     if isinstance(value, list):
         for v in value:
-            check_canonical(v, where)
+            check_canonical(v, where, version)
         return
     if isinstance(value, dict):
         for v in value.values():
-            check_canonical(v, where)
+            check_canonical(v, where, version)
 
 
 def canonical_size(event):
@@ -958,7 +974,7 @@ class Homeserver:
         return ("appservice", self.registration.get("id")) if req.is_as else ("user", req.token)
 
     def _check_event(self, room, ev):
-        check_canonical(ev["content"])
+        check_canonical(ev["content"], version=room.version)
         if canonical_size(dict(ev, event_id="$" + "x" * 43)) > MAX_PDU_BYTES:
             raise MatrixError(413, "M_TOO_LARGE", "Event too large")
 
@@ -1035,8 +1051,10 @@ class Homeserver:
 
     def _ratelimit(self, req):
         """Synapse's Ratelimiter for events (rc_message), a leaky bucket per sender."""
-        if self.rc_message is None or req.user_id == self.bot_id:
+        if self.rc_message is None:
             return
+        # Synapse: the application service's requests (its bot's too) are
+        # exempt only when its registration says rate_limited: false.
         if req.is_as and not self.registration.get("rate_limited", True):
             return
         rate, burst = self.rc_message
@@ -1062,18 +1080,21 @@ class Homeserver:
 
     def _redact(self, room, sender, target_id, content, ts):
         found = self._events.get(target_id)
-        if found is None or found[0] is not room:
-            raise MatrixError(404, "M_NOT_FOUND", f"Unknown event {target_id} in room {room.room_id}")
-        target = found[1]
+        # An event the server does not have (or of another room): the
+        # redaction is taken all the same, 200, as Synapse takes it (it
+        # would apply to the event were it to come); it redacts nothing.
+        target = found[1] if found is not None and found[0] is room else None
         if room.user_level(sender) < room.event_level("m.room.redaction", False):
             raise MatrixError(403, "M_FORBIDDEN", "You don't have permission to redact events")
-        if target["sender"] != sender and room.user_level(sender) < room.needed("redact", 50):
+        if target is not None and target["sender"] != sender and room.user_level(sender) < room.needed("redact", 50):
             raise MatrixError(403, "M_FORBIDDEN", "You don't have permission to redact events of others")
         content = copy.deepcopy(content)
         if room.version == "11":
             content["redacts"] = target_id
-        check_canonical(content)
+        check_canonical(content, version=room.version)
         ev = self._emit(room, sender, "m.room.redaction", content, ts=ts, redacts=target_id)
+        if target is None:
+            return ev
         keep = (REDACT_KEEP_V11 if room.version == "11" else REDACT_KEEP).get(target["type"], ())
         if keep is not None:
             target["content"] = {k: v for k, v in target["content"].items() if k in keep}
@@ -1369,7 +1390,7 @@ class Homeserver:
                     room.user_level(sender) <= room.user_level(target):
                 raise MatrixError(403, "M_FORBIDDEN", "You cannot ban this user")
         content = self._member_content(target, membership, extra)
-        check_canonical(content)
+        check_canonical(content, version=room.version)
         unsigned = {"invite_room_state": self._stripped_state(room, sender)} if membership == "invite" else None
         return self._emit(room, sender, "m.room.member", content, state_key=target, ts=ts, unsigned=unsigned)
 
@@ -1425,14 +1446,15 @@ class Homeserver:
             if not isinstance(s, dict) or not isinstance(s.get("type"), str) or \
                     not isinstance(s.get("content"), dict) or not isinstance(s.get("state_key", ""), str):
                 raise MatrixError(400, "M_BAD_JSON", "initial_state items need type, content (and state_key)")
-            check_canonical(s["content"])
         version = field(body, "room_version", str, default=DEFAULT_ROOM_VERSION)
         if version not in SUPPORTED_ROOM_VERSIONS:
             raise MatrixError(400, "M_UNSUPPORTED_ROOM_VERSION", f"Your homeserver does not support {version}")
+        for s in initial_state:
+            check_canonical(s["content"], version=version)
         creation = field(body, "creation_content", dict, default={})
         override = field(body, "power_level_content_override", dict, default={})
-        check_canonical(creation)
-        check_canonical(override)
+        check_canonical(creation, version=version)
+        check_canonical(override, version=version)
         alias = None
         if "room_alias_name" in body:
             alias = f"#{field(body, 'room_alias_name', str)}:{self.server_name}"

@@ -1329,6 +1329,25 @@ def test_what_was_written_before_the_ghost_joined_is_fetched(mx, hs, gk, pg, db_
     assert not any(e["sender"] == ghost and e["type"] == "m.room.message" for e in hs.events(room))
 
 
+def test_a_number_past_64_bits_in_an_old_room_holds_nothing_back(mx, hs, gk, pg, db_url):
+    """Room versions 1 to 5 take any JSON number (strict canonical JSON
+    came with version 6; until the thirtieth session the stand-in refused
+    such numbers in every version, and hid that one of them failed the
+    whole transaction): a message carrying one in its content is carried,
+    and so is the next."""
+    a, srv = gk
+    _, alice_token = hs.create_user("alice")
+    alice = hs.as_user(alice_token)
+    a.create_room([a.user("wally"), "mimi://example.org/u/someone"])
+    ghost = "@_cw_gk_wally:example.org"
+    room = alice.create_dm(ghost, room_version="5")
+    wait_until(lambda: hs.members(room).get(ghost) == "join", what="the ghost joins")
+    alice.send(room, "m.room.message", {"msgtype": "m.text", "body": "big", "n": 10 ** 25, "f": 1.5})
+    alice.send_text(room, "after it")
+    got = srv.wait_events(2)
+    assert [e["content"]["parts"][0]["body"] for e in got] == ["big", "after it"]
+
+
 def test_a_message_holding_a_nul_read_back_is_refused_alone(mx, hs, gk, pg, db_url):
     """The homeserver's answers are read as its transactions are: a page of
     the room read back (what alice wrote before the ghost joined) with a
@@ -3009,6 +3028,34 @@ def test_a_rate_limited_room_creation_is_waited_for(make_daemon, db_url, pg):
         assert 429 in creates, f"the homeserver never limited a room's making: the test shows nothing ({creates})"
         assert rows() == ["delivered|1"] * 2, rows()
         assert metrics_plain(d, "causeway_dispatch_rate_limited_total") >= 1
+    finally:
+        srv.close()
+        hs.close()
+
+
+def test_a_rate_limited_bot_is_waited_for_too(make_daemon, db_url, pg):
+    """Synapse exempts an application service's users, its bot too, only
+    when the registration says rate_limited: false (as the gateway prints
+    it); one that says true limits the bot like the ghosts (until the
+    thirtieth session the stand-in never limited the bot, and a 429 to the
+    bot's answer lost the answer). Alice's three commands in a row, at one
+    event a second: each answered, the 429s waited out."""
+    hs, srv = rate_limited_homeserver()
+    try:
+        d, a = limited_gateway(make_daemon, db_url, hs, srv, (1.0, 1))
+        alice, mgmt, said = alice_and_the_bot(hs)
+        # (in one transaction: alice herself is limited as much)
+        now = int(time.time() * 1000)
+        assert as_put(d, "three-commands", {"events": [
+            {"event_id": f"$list{k}", "room_id": mgmt, "sender": ALICE_MX, "type": "m.room.message",
+             "origin_server_ts": now + k, "content": {"msgtype": "m.text", "body": "list"}}
+            for k in range(3)]}).status_code == 200
+        wait_until(lambda: len([t for t in said() if t.startswith("Nothing yet")]) == 3, timeout=20,
+                   what="three answers")
+        limited = [q for q in hs.requests if q["user"] == "@_cw_bot:example.org" and q["status"] == 429]
+        assert limited, "the homeserver never limited the bot: the test shows nothing"
+        time.sleep(1)
+        assert len([t for t in said() if t.startswith("Nothing yet")]) == 3
     finally:
         srv.close()
         hs.close()
