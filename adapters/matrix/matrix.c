@@ -741,6 +741,18 @@ static bool is_rejoin(struct txn *t, json_t *ev)
 	return sender && strcmp(sender, key) == 0 && json_object_get(t->rejoins, k) != NULL;
 }
 
+/* Whether a refusal of ev before the pipeline is told to its writer:
+ * what a user writes (a message, a sticker, a poll: no state, no reaction,
+ * no redaction), as the pipeline's refusals are told of messages and
+ * edits only (txn_taken).  Until the thirtieth session any refused event
+ * was told, a malformed reaction or member event too. */
+static bool told_when_refused(const json_t *ev)
+{
+	const char *type = json_string_value(json_object_get(ev, "type"));
+	return !json_object_get(ev, "state_key") && strcmp(type, "m.reaction") != 0 &&
+	       strcmp(type, "m.room.redaction") != 0;
+}
+
 static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 {
 	t->conv_invalid = t->conv_ignored = 0;
@@ -756,8 +768,7 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 		LOG_KV_LIMITED(CW_LOG_INFO, "matrix event refused", "event_id",
 			       json_string_value(json_object_get(ev, "event_id")), "detail", "a string holds a NUL");
 		const char *sender = json_string_value(json_object_get(ev, "sender"));
-		if (json_object_get(t->rooms, room) && lookup_map(t->senders, sender) &&
-		    !json_object_get(ev, "state_key"))
+		if (json_object_get(t->rooms, room) && lookup_map(t->senders, sender) && told_when_refused(ev))
 			refusal(t->refusals, room, json_string_value(json_object_get(ev, "event_id")),
 				"it holds the character U+0000 (NUL), which this gateway cannot store");
 	}
@@ -782,7 +793,9 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 				t->conv_invalid++;
 				LOG_KV_LIMITED(CW_LOG_INFO, "matrix event refused", "event_id",
 					       json_string_value(json_object_get(ev, "event_id")), "detail", why);
-				refusal(t->refusals, room, json_string_value(json_object_get(ev, "event_id")), why);
+				if (told_when_refused(ev))
+					refusal(t->refusals, room, json_string_value(json_object_get(ev, "event_id")),
+						why);
 			} else {
 				t->conv_ignored++;
 			}
@@ -876,8 +889,10 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 			LOG_KV_LIMITED(CW_LOG_INFO, "matrix event not representable", "event_id",
 				       json_string_value(json_array_get(x, 1)), "detail", err.detail);
 			t->conv_invalid++;
-			refusal(t->refusals, json_string_value(json_array_get(x, 0)),
-				json_string_value(json_array_get(x, 1)), err.detail);
+			const char *type = json_string_value(json_object_get(neutral, "type"));
+			if (type && (strcmp(type, "message") == 0 || strcmp(type, "edit") == 0))
+				refusal(t->refusals, json_string_value(json_array_get(x, 0)),
+					json_string_value(json_array_get(x, 1)), err.detail);
 			continue;
 		}
 		bool ok = submit_put_local(t->b, i, t->app, "matrix", json_string_value(json_array_get(x, 0)),
@@ -1191,8 +1206,12 @@ static void txn_taken(struct txn *t)
 	unsigned long long n[4] = { 0, 0, t->invalid + t->conv_invalid, t->ignored + t->conv_ignored };
 	/* The user hears of a message of theirs that goes nowhere: refused
 	 * here, or by the policy for every recipient (then stored as
-	 * dropped), rather than believe it sent.  Messages and edits only:
-	 * typing and receipts are not worth a notice. */
+	 * dropped), rather than believe it sent.  Messages and edits only
+	 * (and before the pipeline what a user writes: txn_convert,
+	 * told_when_refused): typing and receipts are not worth a notice; and
+	 * a delete of another's message, which Matrix let them redact in
+	 * their room but the peer keeps.  In a Matrix user's words, not the
+	 * neutral API's. */
 	for (size_t i = 0; t->b && i < submit_count(t->b); i++) {
 		const char *code, *detail;
 		int st = submit_result(t->b, i, &code, &detail);
@@ -1205,7 +1224,10 @@ static void txn_taken(struct txn *t)
 		const char *room = json_string_value(json_array_get(ir, 0));
 		const char *type = json_string_value(json_array_get(ir, 1));
 		const char *event_id = json_string_value(json_array_get(ir, 2));
-		if (!room || !type || (strcmp(type, "message") != 0 && strcmp(type, "edit") != 0))
+		bool others = st == 400 && detail && strcmp(detail, SUBMIT_WHY_NOT_SENDERS) == 0;
+		if (!room || !type ||
+		    (strcmp(type, "message") != 0 && strcmp(type, "edit") != 0 &&
+		     (strcmp(type, "delete") != 0 || !others)))
 			continue;
 		if (denied)
 			refusal(t->refusals, room, event_id, policy_reason_text(denied));
@@ -1215,7 +1237,11 @@ static void txn_taken(struct txn *t)
 			if (limit_notice_due(t->m, room, submit_retry_after_ms(t->b, i)))
 				refusal(t->refusals, room, event_id,
 					detail && *detail ? detail : "too many messages; write again in a moment");
-		} else if (st && st != 202)
+		} else if (others)
+			refusal(t->refusals, room, event_id,
+				strcmp(type, "delete") == 0 ? "you can delete only your own messages on the other side"
+							    : "you can edit only your own messages");
+		else if (st && st != 202)
 			refusal(t->refusals, room, event_id, detail);
 	}
 	size_t r;
@@ -1305,8 +1331,10 @@ static struct txn *txn_new(struct cw_app *app, const char *txn_id, const unsigne
 		const char *room = json_string_value(json_object_get(ev, "room_id"));
 		const char *sender = json_string_value(json_object_get(ev, "sender"));
 		const char *type = json_string_value(json_object_get(ev, "type"));
+		json_t *ts = json_object_get(ev, "origin_server_ts");
 		if (!json_is_object(ev) || !id || !mx_event_id_valid(id) || !room || !mx_room_id_valid(room) || !sender ||
-		    !mx_user_id_parse(sender, NULL, 0, NULL, 0) || !type ||
+		    !mx_user_id_parse(sender, NULL, 0, NULL, 0) || !type || !json_is_integer(ts) ||
+		    json_integer_value(ts) <= 0 || json_integer_value(ts) >= EVENT_TS_LIMIT ||
 		    !json_is_object(json_object_get(ev, "content")) || mx_json_has_nul(json_object_get(ev, "event_id")) ||
 		    mx_json_has_nul(json_object_get(ev, "room_id")) || mx_json_has_nul(json_object_get(ev, "sender")) ||
 		    mx_json_has_nul(json_object_get(ev, "type")) || mx_json_has_nul(json_object_get(ev, "state_key"))) {

@@ -2002,7 +2002,7 @@ static void intra_refs(struct submit *b)
 		else if (xj != i && (!b->write[xj] || strcmp(b->room_id[xj], b->room_id[i]) != 0))
 			why = "content.replaces names no message of this room";
 		else if (xj != i && strcmp(b->items[xj]->sender, b->items[i]->sender) != 0)
-			why = "content.replaces names a message of another sender: only its sender may edit or delete it";
+			why = SUBMIT_WHY_NOT_SENDERS;
 		else if (xj != i)
 			why = replaces_refused(b->items[i]->type, b->items[xj]->type);
 		if (why) {
@@ -2127,8 +2127,7 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 	/* An edit or a delete is its sender's alone: another member (a peer's
 	 * user, a local user through an adapter) may not rewrite or remove it. */
 	if (in->replaces[0] && !replaces_here && strcmp(PQgetvalue(r, first, 15), in->sender) != 0) {
-		item_fail(res, 400, "invalid_body", "content.replaces names a message of another sender: "
-			  "only its sender may edit or delete it");
+		item_fail(res, 400, "invalid_body", "%s", SUBMIT_WHY_NOT_SENDERS);
 		return;
 	}
 	const char *why = in->replaces[0] && !replaces_here ? replaces_refused(in->type, PQgetvalue(r, first, 17)) : NULL;

@@ -54,6 +54,12 @@ cw_err submit_prepare(PGconn *c, struct submit *b, bool *write, cw_errmsg *e);
 cw_err submit_send(PGconn *c, struct submit *b, int round, cw_errmsg *e);
 cw_err submit_recv(PGconn *c, struct submit *b, int round, bool *more, cw_errmsg *e);
 
+/* The detail of an item refused as an edit or a delete of another
+ * sender's message (400 invalid_body): an adapter tells its user in its
+ * own words (matrix.c). */
+#define SUBMIT_WHY_NOT_SENDERS                                                                                   \
+	"content.replaces names a message of another sender: only its sender may edit or delete it"
+
 /* Item i's outcome after the job: 202 (accepted; also for a replay), or the
  * HTTP status it was refused with (code and detail say why); 0 when the
  * item was never set. */

@@ -2403,6 +2403,41 @@ def test_a_retry_is_not_taken_for_sent_by_someone_elses_event(mx, hs, gk, pg, db
     hs.refuse = None
 
 
+def test_what_a_user_is_told_of_a_refused_event_is_in_their_words(mx, hs, gk, pg, db_url):
+    """Alice edits and redacts wally's message (in Matrix she may: it is
+    her room): neither reaches the peer, and she is told in plain words,
+    not in the neutral API's ("content.replaces names a message of another
+    sender", until the thirtieth session; the redaction was not told at
+    all). Refusals before the pipeline are told for what the user writes
+    (messages), not for a malformed reaction or an event whose shape is
+    the homeserver's fault (origin_server_ts): until then every refused
+    event of any type made a notice."""
+    a, srv = gk
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+    alice.send_text(room, "hi")
+    got = srv.wait_events(1)
+    a.send(got[0]["room_id"], a.user("wally"), "from wally")
+    theirs = wait_until(lambda: next((e["event_id"] for e in hs.events(room) if e["sender"] == ghost and
+                                      e["content"].get("body") == "from wally"), None), what="wally's message")
+    alice.edit(room, theirs, "hacked")
+    alice.redact(room, theirs)
+    now = int(time.time() * 1000)
+    odd = [{"event_id": "$oddreact", "room_id": room, "sender": ALICE_MX, "type": "m.reaction",
+            "origin_server_ts": now, "content": {"m.relates_to": ["m.annotation", theirs, "x"]}},
+           {"event_id": "$oddts", "room_id": room, "sender": ALICE_MX, "type": "m.room.message",
+            "origin_server_ts": -5, "content": {"msgtype": "m.text", "body": "when?"}}]
+    assert as_put(mx, "odd-shapes", {"events": odd}).status_code == 200
+    alice.send_text(room, "marker")
+    wait_until(lambda: any(e.get("type") == "message" and e["content"]["parts"][0]["body"] == "marker"
+                           for e in list(srv.events)), what="the marker")
+    told = lambda: [n for n in ghost_notices(hs, room, ghost) if n.startswith("Not delivered")]  # noqa: E731
+    wait_until(lambda: len(told()) >= 2, what="two notices")
+    time.sleep(1)
+    assert told() == ["Not delivered: you can edit only your own messages.",
+                      "Not delivered: you can delete only your own messages on the other side."], told()
+    assert not [e for e in list(srv.events) if e.get("type") in ("edit", "delete", "reaction")]
+
+
 def test_a_peer_cannot_set_the_adapters_own_marks(mx, hs, gk, pg, db_url):
     """A peer's namespaced content members go into the Matrix content, but
     not in the adapter's own namespace (org.causeway.): a peer's
