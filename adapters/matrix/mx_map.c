@@ -961,14 +961,12 @@ static enum mx_in_result from_redaction(const json_t *ev, const json_t *content,
 	 * of one message deleted another at the peer).  Room version 11 moved
 	 * it into content, and servers copy it to the top level for clients
 	 * (Synapse refuses a /redact whose body names another event): content
-	 * is read only when the top level has none.  Two that differ: which
-	 * one the homeserver redacted depends on the room's version, which an
-	 * event does not say, so neither is deleted. */
+	 * is read only when the top level has none.  Two that differ: only
+	 * in room versions 1 to 10 (in 11 the server copies content's, and
+	 * Synapse refuses a body naming another), where the top level is the
+	 * one redacted, so it counts (a user who deleted a message expects it
+	 * gone at the peer too). */
 	const json_t *v = json_object_get(ev, "redacts"), *in = json_object_get(content, "redacts");
-	if (json_is_string(v) && json_is_string(in) && strcmp(json_string_value(v), json_string_value(in)) != 0) {
-		say(why, whylen, "a redaction whose redacts and content.redacts differ");
-		return MX_IN_INVALID;
-	}
 	if (!v)
 		v = in;
 	if (!json_is_string(v) || !mx_event_id_valid(json_string_value(v))) {

@@ -687,9 +687,8 @@ def test_a_redaction_deletes_at_the_peer_what_the_homeserver_redacted(mx, hs, gk
     Synapse's /redact puts the request's body in as content. Until the
     thirtieth session content.redacts was taken first: alice redacting
     "two" with a body naming "one" deleted "one" at the peer. Now the
-    top-level one counts, content's only without it (version 11), and two
-    that differ delete nothing (which one Matrix redacted depends on the
-    room's version, which the event does not say)."""
+    top-level one counts, content's only without it (version 11): "two"
+    is deleted at the peer, "one" is not."""
     a, srv = gk
     _, alice_token = hs.create_user("alice")
     alice = hs.as_user(alice_token)
@@ -715,7 +714,7 @@ def test_a_redaction_deletes_at_the_peer_what_the_homeserver_redacted(mx, hs, gk
                what="three deleted at the peer")
     deleted = sorted(d["content"]["replaces"] for d in peer_events(srv, "delete"))
     assert peer["one"] not in deleted
-    assert deleted == sorted([peer["three"]] + ([peer["two"]] if version == "11" else [])), (deleted, peer)
+    assert deleted == sorted([peer["two"], peer["three"]]), (deleted, peer)
 
 
 def test_references_to_an_event_being_deleted_are_refused_down_the_chain(mx, hs, gk, pg, db_url):
