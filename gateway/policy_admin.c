@@ -552,6 +552,7 @@ static const struct setting_def setting_defs[] = {
 	{ "policy.report_limit_seconds", 60, 366LL * 86400 },
 	{ "policy.identifier_queries_per_minute", 1, 1000000 },
 	{ "policy.peer_updates_per_minute", 1, 1000000 },
+	{ "policy.user_updates_per_minute", 1, 1000000 },
 	{ NULL, 0, 0 },
 };
 

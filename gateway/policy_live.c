@@ -46,6 +46,7 @@ static void settings_defaults(struct policy_settings *s)
 	s->report_limit_s = 86400;
 	s->identifier_queries_per_minute = 60;
 	s->peer_updates_per_minute = 600;
+	s->user_updates_per_minute = 30;
 }
 
 /* One settings row (value is JSON text). */
@@ -75,6 +76,8 @@ static void setting_apply(struct policy_settings *s, const char *key, const char
 		s->identifier_queries_per_minute = setting_int(value, s->identifier_queries_per_minute, 1, 1000000);
 	} else if (strcmp(key, "policy.peer_updates_per_minute") == 0) {
 		s->peer_updates_per_minute = setting_int(value, s->peer_updates_per_minute, 1, 1000000);
+	} else if (strcmp(key, "policy.user_updates_per_minute") == 0) {
+		s->user_updates_per_minute = setting_int(value, s->user_updates_per_minute, 1, 1000000);
 	}
 }
 

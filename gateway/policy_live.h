@@ -31,6 +31,7 @@ struct policy_settings {
 	int64_t report_limit_s;          /* and how long it lasts */
 	int64_t identifier_queries_per_minute; /* each peer's POST /v1/identifiers/query */
 	int64_t peer_updates_per_minute; /* each peer's consent updates, blocks and reports */
+	int64_t user_updates_per_minute; /* each local user's consent changes, opt-ins and reports by command */
 };
 
 struct policy_view {

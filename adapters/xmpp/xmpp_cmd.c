@@ -11,6 +11,7 @@
 #include "peer_api.h"
 #include "policy_admin.h"
 #include "policy_live.h"
+#include "ratelimit.h"
 #include "store.h"
 
 #include <openssl/crypto.h>
@@ -88,6 +89,33 @@ static void presence_to(struct xcomp *xc, bool now, const char *from, const char
 		xa_send_now(xc, p);
 	else
 		xa_enqueue_stanza(xc, p);
+}
+
+/* policy.user_updates_per_minute: a local user's consent changes (the
+ * accept and block commands, the subscription decisions), opt-ins and
+ * opt-outs and reports share one bucket per user (the user's localpart:
+ * every component's).  Each change makes every process reload the user's
+ * facts, and a block or its end is an event to the peer in each room the
+ * two share, which skips the outbound limits: until the thirtieth session
+ * a user toggling block and accept sent the peer 100 events in 3 s (a
+ * review's finding), as a peer itself cannot (policy.peer_updates_per_minute).
+ * notice: whether a refusal may be told in a notice (at most one a minute
+ * a user). */
+static bool user_update_allowed(struct xcomp *xc, const char *local, bool *notice)
+{
+	struct policy_view *v = policy_live_get(xc->x->app->policy);
+	int64_t per_minute = v->set.user_updates_per_minute;
+	policy_view_put(v);
+	char key[MIMI_LOCAL_MAX + 8];
+	snprintf(key, sizeof(key), "uup:%s", local);
+	int64_t now = cw_wall_ms();
+	if (ratelimit_take(xc->x->app->limits, key, (uint32_t)per_minute, 60000, now, NULL) <= 0)
+		return true;
+	if (notice) {
+		key[2] = 'n';
+		*notice = ratelimit_take(xc->x->app->limits, key, 1, 60000, now, NULL) <= 0;
+	}
+	return false;
 }
 
 /* ------------------------------------------------------------ the job */
@@ -463,6 +491,26 @@ void xa_presence(struct xcomp *xc, xmpp_stanza_t *st)
 	 * allowed stays allowed (the `block` command blocks it). Until the
 	 * twenty-third session every `unsubscribed` blocked, and tidying the
 	 * roster silently dropped the contact's next messages. */
+	bool notice = false;
+	if (!user_update_allowed(xc, local, &notice)) {
+		/* Not recorded, and said (a presence error to the bare JID the
+		 * user's server stamped would be dropped). */
+		if (notice) {
+			char text[XJ_JID_MAX + 200];
+			snprintf(text, sizeof(text),
+				 "You made too many contact decisions in a short time: your %s of %s was not recorded. "
+				 "Try again in a minute.",
+				 type[0] == 's' ? "approval" : "refusal", j->remote_jid);
+			xmpp_stanza_t *m = xmpp_message_new(xc->ctx, "chat", bare, NULL);
+			if (m) {
+				xmpp_stanza_set_from(m, xc->domain);
+				xmpp_message_set_body(m, text);
+				xa_send_now(xc, m);
+			}
+		}
+		free(j);
+		return;
+	}
 	j->xc = xc;
 	j->verb = type[0] == 's' ? V_ACCEPT : V_BLOCK;
 	j->cancel_if_allowed = j->verb == V_BLOCK;
@@ -630,6 +678,12 @@ bool xa_command(struct xcomp *xc, xmpp_stanza_t *iq)
 			xa_send_now(xc, r);
 			return true;
 		}
+	}
+	if (j->verb != V_LIST && j->verb != V_REPORT && !user_update_allowed(xc, j->local, NULL)) {
+		free(j);
+		xa_send_now(xc, xa_error_reply(iq, "wait", "resource-constraint",
+					       "Too many changes in a short time; try again in a minute."));
+		return true;
 	}
 	char *buf = NULL;
 	size_t len = 0;

@@ -505,6 +505,7 @@
     "policy.held_expiry_seconds": 0, "policy.consent_request_window_seconds": 0, "policy.report_limit_threshold": 0,
     "policy.report_window_seconds": 0, "policy.report_limit_messages_per_minute": 0, "policy.report_limit_seconds": 0,
     "policy.identifier_queries_per_minute": 0, "policy.peer_updates_per_minute": 0,
+    "policy.user_updates_per_minute": 0,
   };
 
   pages.rules = ["Policy rules", (root) => {

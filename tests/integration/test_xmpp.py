@@ -2266,6 +2266,53 @@ def test_an_ad_hoc_session_expires(make_daemon, db_url, prosody, alice, pg):
         srv.close()
 
 
+def block_events(pg, db_url):
+    return int(pg.psql("SELECT count(*) FROM events WHERE type = 'block'", db_url))
+
+
+def test_a_users_consent_changes_are_limited(xd, gk, alice, pg, db_url):
+    """policy.user_updates_per_minute (here 4): a local user's consent
+    changes by command or subscription decision, opt-ins and reports share
+    one bucket per user; past it a command is wait/resource-constraint and
+    changes nothing, and a decision is not recorded (one notice says so).
+    Each block and its end is an event to the peer and a reload in every
+    process: until the thirtieth session a user toggling block and accept
+    sent the peer 100 events in 3 s (a review's finding)."""
+    a, srv = gk
+    assert xd.admin("PATCH", "/settings", json={"policy.user_updates_per_minute": 0}).status_code == 400
+    assert xd.admin("PATCH", "/settings", json={"policy.user_updates_per_minute": 4}).ok
+    assert xd.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
+    a.create_room([a.user("wally"), ALICE])  # a room shared: each block and unblock is an event to gk
+    for who in ("eve", "mallory"):  # two requests waiting
+        room = a.create_room([a.user(who), ALICE]).json()["id"]
+        a.send(room, a.user(who), "hi")
+        alice.wait_for_presence(lambda el: el.get("from", "").startswith(f"{who}@") and el.get("type") == "subscribe")
+    for node in ("block", "accept", "block", "accept"):
+        done = command_submit(alice, node, {"jid": WALLY_JID})
+        assert done.find(q(CMD, "command")).get("status") == "completed", ET.tostring(done)
+    assert block_events(pg, db_url) == 4  # one per change of state
+    bad = command_submit(alice, "block", {"jid": WALLY_JID}, expect_error=True)
+    assert bad.error_condition == "resource-constraint" and bad.find("{jabber:client}error").get("type") == "wait", \
+        ET.tostring(bad)
+    bad = alice.iq("set", COMP, f"<command xmlns='{CMD}' node='opt-out' action='execute'/>", expect_error=True)
+    assert bad.error_condition == "resource-constraint"
+    # list changes nothing: it is not limited
+    lst = alice.iq("set", COMP, f"<command xmlns='{CMD}' node='list' action='execute'/>")
+    assert "allowed: mimi://wa.example/u/wally" in lst.find(f".//{{{CMD}}}note").text
+    # a refusal by presence is not recorded either, and said so once
+    start = alice.count()
+    for who in ("eve", "mallory"):
+        alice.send_presence(f"{who}@{COMP}", "unsubscribed")
+    note = message_from(alice, COMP, lambda el: "too many" in (body(el) or ""))
+    assert "not recorded" in body(note)
+    time.sleep(1)
+    assert len([m for m in alice.stanzas()[start:] if m.tag == q("jabber:client", "message")]) == 1
+    assert pg.psql("SELECT string_agg(subject || ' ' || state, ',') FROM consents", db_url) == \
+        "mimi://wa.example/u/wally allowed"
+    assert block_events(pg, db_url) == 4
+    assert pg.psql("SELECT count(*) FROM user_optin WHERE updated_by = 'user'", db_url) == "0"
+
+
 def test_reports_by_command_set_the_automatic_limit(xd, gk, alice, prosody, pg, db_url):
     """Reports against a remote user by policy.report_limit_threshold (3)
     reporters set the automatic limit however they arrive: report commands
