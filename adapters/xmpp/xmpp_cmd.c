@@ -679,7 +679,7 @@ bool xa_command(struct xcomp *xc, xmpp_stanza_t *iq)
 			return true;
 		}
 	}
-	if (j->verb != V_LIST && j->verb != V_REPORT && !user_update_allowed(xc, j->local, NULL)) {
+	if (j->verb != V_LIST && !user_update_allowed(xc, j->local, NULL)) {
 		free(j);
 		xa_send_now(xc, xa_error_reply(iq, "wait", "resource-constraint",
 					       "Too many changes in a short time; try again in a minute."));

@@ -2313,6 +2313,24 @@ def test_a_users_consent_changes_are_limited(xd, gk, alice, pg, db_url):
     assert pg.psql("SELECT count(*) FROM user_optin WHERE updated_by = 'user'", db_url) == "0"
 
 
+def test_a_users_reports_are_limited(xd, gk, alice, pg, db_url):
+    """Reports by command share the user's bucket of consent changes
+    (policy.user_updates_per_minute, here 3): past it `resource-constraint`
+    (type wait), nothing stored. Until the thirtieth session they were not
+    limited: 60 reports of 8000 bytes in 3 s (a review's finding). A report
+    about a JID never seen is taken (someone may have written once, long
+    ago), its subject_identity_id empty: the operator sees it is nobody
+    known."""
+    assert xd.admin("PATCH", "/settings", json={"policy.user_updates_per_minute": 3}).ok
+    for i in range(3):
+        done = command_submit(alice, "report", {"jid": f"nobody{i}@{COMP}", "reason": "x" * 8000})
+        assert done.find(q(CMD, "command")).get("status") == "completed", ET.tostring(done)
+    bad = command_submit(alice, "report", {"jid": f"nobody9@{COMP}", "reason": "x" * 8000}, expect_error=True)
+    assert bad.error_condition == "resource-constraint" and bad.find("{jabber:client}error").get("type") == "wait", \
+        ET.tostring(bad)
+    assert pg.psql("SELECT count(*), count(subject_identity_id) FROM reports", db_url) == "3|0"
+
+
 def test_reports_by_command_set_the_automatic_limit(xd, gk, alice, prosody, pg, db_url):
     """Reports against a remote user by policy.report_limit_threshold (3)
     reporters set the automatic limit however they arrive: report commands
