@@ -14,8 +14,10 @@
 #include "ratelimit.h"
 #include "store.h"
 
+#include <jansson.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
+#include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -138,14 +140,22 @@ struct xconsent {
 	/* outputs of the last run */
 	char note[3000];
 	bool done;
+	bool kept;                       /* an `unsubscribed` that changed nothing: the contact is allowed */
+	json_t *withdraw;                /* the remote ids whose requests on the roster an accept withdraws */
 };
+
+/* At most this many requests an accept withdraws from the roster (a whole
+ * network's: the others stay shown, and a refusal of one is told). */
+#define WITHDRAW_MAX 100
 
 static cw_err consent_fn(PGconn *c, void *arg, cw_errmsg *e)
 {
 	struct xconsent *j = arg;
 	struct xmpp *x = j->xc->x;
 	j->note[0] = '\0';
-	j->done = false;
+	j->done = j->kept = false;
+	json_decref(j->withdraw);
+	j->withdraw = NULL;
 	const char *dom = x->cfg->domain ? x->cfg->domain : "";
 	char uri[MIMI_URI_MAX + 1], local_id[24];
 	snprintf(uri, sizeof(uri), "mimi://%s/u/%s", dom, j->local);
@@ -188,8 +198,27 @@ static cw_err consent_fn(PGconn *c, void *arg, cw_errmsg *e)
 				return rc;
 			bool allowed = strcmp(PQgetvalue(r, 0, 0), "t") == 0;
 			PQclear(r);
-			if (allowed)
+			if (allowed) {
+				j->kept = true;
 				return CW_OK; /* not done: nothing changes, the roster needs nothing */
+			}
+		}
+		if (j->verb == V_ACCEPT && j->iq) {
+			/* The requests the user was shown that this accept decides:
+			 * withdrawn from the roster once done (consent_done). */
+			char max[16];
+			snprintf(max, sizeof(max), "%d", WITHDRAW_MAX);
+			const char *wp[] = { local_id, j->whole_domain ? "domain" : "user", subject, max };
+			r = PQexecParams(c, "SELECT coalesce(json_agg(localpart), '[]') FROM (SELECT i.localpart "
+					    "FROM consent_requests q JOIN identities i ON i.id = q.remote_identity_id "
+					    "WHERE q.local_identity_id = $1::bigint AND q.state = 'pending' "
+					    "AND q.notified_at IS NOT NULL AND (($2 = 'user' AND i.uri = $3) "
+					    "OR ($2 = 'domain' AND i.domain = $3)) ORDER BY q.id LIMIT $4::int) w",
+					 4, NULL, wp, NULL, NULL, 0);
+			if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
+				return rc;
+			j->withdraw = json_loads(PQgetvalue(r, 0, 0), 0, NULL);
+			PQclear(r);
 		}
 		struct policy_view *v = policy_live_get(x->app->policy);
 		long counts[3] = { 0, 0, 0 }, decided = 0;
@@ -398,6 +427,36 @@ xmpp_stanza_t *xa_command_stage(struct xcomp *xc, xmpp_stanza_t *iq, const char 
 	return r;
 }
 
+static void xconsent_free(struct xconsent *j)
+{
+	json_decref(j->withdraw);
+	free(j->iq);
+	free(j);
+}
+
+/* A chat message from the component's domain to the user's bare JID:
+ * written now (on the stream's thread) or queued. */
+static void notice_to(struct xcomp *xc, bool now, const char *to, const char *fmt, ...)
+	__attribute__((format(printf, 4, 5)));
+static void notice_to(struct xcomp *xc, bool now, const char *to, const char *fmt, ...)
+{
+	xmpp_ctx_t *ctx = now ? xc->ctx : xa_thread_ctx(xc->x);
+	xmpp_stanza_t *m = ctx ? xmpp_message_new(ctx, "chat", to, NULL) : NULL;
+	if (!m)
+		return;
+	char text[2 * XJ_JID_MAX + 600];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(text, sizeof(text), fmt, ap);
+	va_end(ap);
+	xmpp_stanza_set_from(m, xc->domain);
+	xmpp_message_set_body(m, text);
+	if (now)
+		xa_send_now(xc, m);
+	else
+		xa_enqueue_stanza(xc, m);
+}
+
 static void consent_done(void *arg, cw_err rc, const cw_errmsg *e)
 {
 	struct xconsent *j = arg;
@@ -414,8 +473,25 @@ static void consent_done(void *arg, cw_err rc, const cw_errmsg *e)
 		presence_to(j->xc, false, j->remote_jid, j->local_bare, "unsubscribe", NULL, NULL);
 		presence_to(j->xc, false, j->remote_jid, j->local_bare, "unsubscribed", NULL, NULL);
 	}
-	free(j->iq);
-	free(j);
+	/* An accept by command withdraws the requests it decided from the
+	 * roster (the contact cancels its request, RFC 6121 §3.3), so that
+	 * the roster shows no request the user could still deny: a denial of
+	 * an allowed contact is taken for the end of a subscription she
+	 * approved, and changes nothing (until the thirtieth session the
+	 * request stayed shown, and its denial was ignored in silence). */
+	size_t i;
+	json_t *id;
+	json_array_foreach(!rc && j->done ? j->withdraw : NULL, i, id) {
+		char remote[XJ_JID_MAX + 1];
+		if (json_is_string(id) && xa_remote_jid(j->xc, json_string_value(id), remote, sizeof(remote)))
+			presence_to(j->xc, false, remote, j->local_bare, "unsubscribe", NULL, NULL);
+	}
+	if (!rc && j->kept)
+		notice_to(j->xc, false, j->local_bare,
+			  "%s stays accepted: removing a contact, or refusing it once accepted, does not block it. "
+			  "To block it, use this gateway's block command.",
+			  j->remote_jid);
+	xconsent_free(j);
 }
 
 static void consent_start(struct xconsent *j)
@@ -423,8 +499,7 @@ static void consent_start(struct xconsent *j)
 	if (store_write(j->xc->x->app->store, consent_fn, consent_done, j) != CW_OK) {
 		if (j->iq)
 			command_answer(j->xc, j->iq, j->node, "The gateway's database is away; try again later.", "error");
-		free(j->iq);
-		free(j);
+		xconsent_free(j);
 	}
 }
 
@@ -495,19 +570,11 @@ void xa_presence(struct xcomp *xc, xmpp_stanza_t *st)
 	if (!user_update_allowed(xc, local, &notice)) {
 		/* Not recorded, and said (a presence error to the bare JID the
 		 * user's server stamped would be dropped). */
-		if (notice) {
-			char text[XJ_JID_MAX + 200];
-			snprintf(text, sizeof(text),
-				 "You made too many contact decisions in a short time: your %s of %s was not recorded. "
-				 "Try again in a minute.",
-				 type[0] == 's' ? "approval" : "refusal", j->remote_jid);
-			xmpp_stanza_t *m = xmpp_message_new(xc->ctx, "chat", bare, NULL);
-			if (m) {
-				xmpp_stanza_set_from(m, xc->domain);
-				xmpp_message_set_body(m, text);
-				xa_send_now(xc, m);
-			}
-		}
+		if (notice)
+			notice_to(xc, true, bare,
+				  "You made too many contact decisions in a short time: your %s of %s was not recorded. "
+				  "Try again in a minute.",
+				  type[0] == 's' ? "approval" : "refusal", j->remote_jid);
 		free(j);
 		return;
 	}

@@ -1925,6 +1925,47 @@ def test_removing_an_allowed_contact_from_the_roster_does_not_block_it(xd, gk, a
     message_from(alice, WALLY_JID, lambda el: body(el) == "still there?")
 
 
+def test_accepting_a_request_by_command_withdraws_it_from_the_roster(xd, gk, alice, pg, db_url):
+    """A request accepted by the accept command (the contact, or the whole
+    network) is withdrawn from the user's roster (`unsubscribe` from the
+    contact, RFC 6121 §3.3): a refusal of the request still shown there
+    would otherwise be taken for the end of an approved subscription and
+    ignored, the contact staying allowed (until the thirtieth session: a
+    review's finding). A refusal that is ignored (the contact allowed) is
+    told in a notice, saying how to block."""
+    a, srv = gk
+    assert xd.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
+    eve = "eve@" + COMP
+    for who in ("wally", "eve"):
+        room = a.create_room([a.user(who), ALICE]).json()["id"]
+        a.send(room, a.user(who), "may I?")
+        alice.wait_for_presence(lambda el: el.get("from", "").startswith(f"{who}@") and el.get("type") == "subscribe")
+    start = alice.count()
+    done = command_submit(alice, "accept", {"jid": WALLY_JID})
+    assert "Accepted" in done.find(f".//{{{CMD}}}note").text
+    message_from(alice, WALLY_JID, lambda el: body(el) == "may I?")
+    alice.wait_for_presence(lambda el: el.get("from", "").startswith(WALLY_JID) and el.get("type") == "unsubscribe",
+                            start=start)
+    # the whole network: eve's request goes too
+    done = command_submit(alice, "accept", {"jid": COMP})
+    alice.wait_for_presence(lambda el: el.get("from", "").startswith(eve) and el.get("type") == "unsubscribe",
+                            start=start)
+    # mallory, approved by subscription, then her subscription cancelled
+    # (what a roster remove sends): stays allowed, and alice is told how to block
+    mallory = "mallory@" + COMP
+    assert xd.admin("POST", "/consents", json={"user": ALICE, "subject_kind": "domain", "subject": "wa.example",
+                                              "state": "none"}).ok
+    room = a.create_room([a.user("mallory"), ALICE]).json()["id"]
+    a.send(room, a.user("mallory"), "hello")
+    alice.wait_for_presence(lambda el: el.get("from", "").startswith(mallory) and el.get("type") == "subscribe")
+    alice.send_presence(mallory, "subscribed")
+    message_from(alice, mallory, lambda el: body(el) == "hello")
+    alice.send_presence(mallory, "unsubscribed")
+    note = message_from(alice, COMP, lambda el: "stays accepted" in (body(el) or ""))
+    assert "block" in body(note) and mallory in body(note)
+    assert pg.psql("SELECT state FROM consents WHERE subject = 'mimi://wa.example/u/mallory'", db_url) == "allowed"
+
+
 def test_every_pending_request_goes_again_after_a_reconnect(xd, gk, alice, pg, db_url):
     """After a reconnect the pending consent requests are sent again (the
     server may have lost them), all of them, not only the first page."""
