@@ -120,6 +120,16 @@ static bool user_update_allowed(struct xcomp *xc, const char *local, bool *notic
 	return false;
 }
 
+/* The roster follows a block: the remote contact goes offline (RFC 6121
+ * §3.2.2: before the unsubscribed, or the user's client keeps showing it
+ * online) and unsubscribes both ways. */
+static void roster_drop(struct xcomp *xc, bool now, const char *remote, const char *local_bare)
+{
+	presence_to(xc, now, remote, local_bare, "unavailable", NULL, NULL);
+	presence_to(xc, now, remote, local_bare, "unsubscribe", NULL, NULL);
+	presence_to(xc, now, remote, local_bare, "unsubscribed", NULL, NULL);
+}
+
 /* ------------------------------------------------------------ the job */
 
 /* A report's reason: as long as the peer API's comment (POST /v1/reports). */
@@ -141,8 +151,24 @@ struct xconsent {
 	char note[3000];
 	bool done;
 	bool kept;                       /* an `unsubscribed` that changed nothing: the contact is allowed */
-	json_t *withdraw;                /* the remote ids whose requests on the roster an accept withdraws */
+	json_t *contacts;                /* remote ids: the requests an accept withdraws from the roster, or the
+					  * contacts a whole network's block takes off it */
 };
+
+/* The remote ids of a local user's contacts of a peer, as far as the
+ * gateway knows them (a consent request shown to her, a direct room
+ * shared), but those she allowed one by one (a whole network's block
+ * leaves them be); at most 100 (the others stay on the roster, their
+ * messages refused).  lid: the local user's identity id, peer: the
+ * peer's id (SQL expressions). */
+#define NETWORK_CONTACTS_SQL(lid, peer) \
+	"SELECT i.localpart FROM identities i WHERE i.id IN (SELECT q.remote_identity_id FROM consent_requests q " \
+	" WHERE q.local_identity_id = " lid " AND q.notified_at IS NOT NULL UNION SELECT n.identity_id " \
+	" FROM room_members m JOIN rooms r ON r.id = m.room_id AND r.kind = 'direct' JOIN room_members n " \
+	" ON n.room_id = m.room_id AND n.identity_id <> m.identity_id WHERE m.identity_id = " lid ") " \
+	" AND i.peer_id = " peer " AND NOT i.is_local AND NOT EXISTS (SELECT 1 FROM consents k " \
+	" WHERE k.local_identity_id = " lid " AND k.subject_kind = 'user' AND k.subject = i.uri " \
+	" AND k.state = 'allowed') ORDER BY i.id LIMIT 100"
 
 /* At most this many requests an accept withdraws from the roster (a whole
  * network's: the others stay shown, and a refusal of one is told). */
@@ -154,8 +180,8 @@ static cw_err consent_fn(PGconn *c, void *arg, cw_errmsg *e)
 	struct xmpp *x = j->xc->x;
 	j->note[0] = '\0';
 	j->done = j->kept = false;
-	json_decref(j->withdraw);
-	j->withdraw = NULL;
+	json_decref(j->contacts);
+	j->contacts = NULL;
 	const char *dom = x->cfg->domain ? x->cfg->domain : "";
 	char uri[MIMI_URI_MAX + 1], local_id[24];
 	snprintf(uri, sizeof(uri), "mimi://%s/u/%s", dom, j->local);
@@ -217,7 +243,7 @@ static cw_err consent_fn(PGconn *c, void *arg, cw_errmsg *e)
 					 4, NULL, wp, NULL, NULL, 0);
 			if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
 				return rc;
-			j->withdraw = json_loads(PQgetvalue(r, 0, 0), 0, NULL);
+			j->contacts = json_loads(PQgetvalue(r, 0, 0), 0, NULL);
 			PQclear(r);
 		}
 		struct policy_view *v = policy_live_get(x->app->policy);
@@ -231,6 +257,16 @@ static cw_err consent_fn(PGconn *c, void *arg, cw_errmsg *e)
 		if ((rc = store_command(c, "INSERT INTO audit_log (actor, action, subject) VALUES ('user:' || $1, $2, $3)",
 					3, ap, e)))
 			return rc;
+		if (j->verb == V_BLOCK && j->whole_domain) {
+			const char *np[] = { local_id, j->xc->peer };
+			r = PQexecParams(c, "SELECT coalesce(json_agg(localpart), '[]') FROM (" NETWORK_CONTACTS_SQL(
+					    "$1::bigint", "(SELECT id FROM peers WHERE name = $2)") ") w",
+					 2, NULL, np, NULL, NULL, 0);
+			if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
+				return rc;
+			j->contacts = json_loads(PQgetvalue(r, 0, 0), 0, NULL);
+			PQclear(r);
+		}
 		if (j->verb == V_ACCEPT)
 			snprintf(j->note, sizeof(j->note), "Accepted %s. %ld waiting message(s) released.", subject, counts[0]);
 		else
@@ -429,7 +465,7 @@ xmpp_stanza_t *xa_command_stage(struct xcomp *xc, xmpp_stanza_t *iq, const char 
 
 static void xconsent_free(struct xconsent *j)
 {
-	json_decref(j->withdraw);
+	json_decref(j->contacts);
 	free(j->iq);
 	free(j);
 }
@@ -468,11 +504,8 @@ static void consent_done(void *arg, cw_err rc, const cw_errmsg *e)
 	/* The roster follows a block: the remote contact goes offline (RFC 6121
 	 * §3.2.2: before the unsubscribed, or the user's client keeps showing
 	 * it online) and unsubscribes both ways. */
-	if (!rc && j->done && j->verb == V_BLOCK && !j->whole_domain) {
-		presence_to(j->xc, false, j->remote_jid, j->local_bare, "unavailable", NULL, NULL);
-		presence_to(j->xc, false, j->remote_jid, j->local_bare, "unsubscribe", NULL, NULL);
-		presence_to(j->xc, false, j->remote_jid, j->local_bare, "unsubscribed", NULL, NULL);
-	}
+	if (!rc && j->done && j->verb == V_BLOCK && !j->whole_domain)
+		roster_drop(j->xc, false, j->remote_jid, j->local_bare);
 	/* An accept by command withdraws the requests it decided from the
 	 * roster (the contact cancels its request, RFC 6121 §3.3), so that
 	 * the roster shows no request the user could still deny: a denial of
@@ -481,10 +514,14 @@ static void consent_done(void *arg, cw_err rc, const cw_errmsg *e)
 	 * request stayed shown, and its denial was ignored in silence). */
 	size_t i;
 	json_t *id;
-	json_array_foreach(!rc && j->done ? j->withdraw : NULL, i, id) {
+	json_array_foreach(!rc && j->done ? j->contacts : NULL, i, id) {
 		char remote[XJ_JID_MAX + 1];
-		if (json_is_string(id) && xa_remote_jid(j->xc, json_string_value(id), remote, sizeof(remote)))
+		if (!json_is_string(id) || !xa_remote_jid(j->xc, json_string_value(id), remote, sizeof(remote)))
+			continue;
+		if (j->verb == V_ACCEPT)
 			presence_to(j->xc, false, remote, j->local_bare, "unsubscribe", NULL, NULL);
+		else
+			roster_drop(j->xc, false, remote, j->local_bare); /* a whole network's block */
 	}
 	if (!rc && j->kept)
 		notice_to(j->xc, false, j->local_bare,
@@ -891,14 +928,24 @@ void xa_roster_sync(struct xcomp *xc, PGconn *c)
 	/* By URI: the contact may be on the roster without ever having written. */
 	r = PQexecParams(c,
 		"SELECT coalesce(lb.native_id, substr(a.details->>'user', length('mimi://' || $5 || '/u/') + 1) "
-		" || '@' || $4), substr(a.details->>'subject', length('mimi://' || p.domain || '/u/') + 1) "
+		" || '@' || $4), substr(a.details->>'subject', length('mimi://' || p.domain || '/u/') + 1), a.id "
 		"FROM audit_log a JOIN peers p ON p.name = $3 "
 		" AND starts_with(a.details->>'subject', 'mimi://' || p.domain || '/u/') "
 		" LEFT JOIN identities li ON li.uri = a.details->>'user' AND li.is_local "
 		" LEFT JOIN identity_bindings lb ON lb.identity_id = li.id AND lb.network = 'xmpp' "
 		"WHERE a.id > $1::bigint AND a.id <= $2::bigint AND (a.actor = 'admin' OR starts_with(a.actor, 'admin:')) AND a.action = 'consent.set' "
 		" AND starts_with(a.details->>'user', 'mimi://' || $5 || '/u/') "
-		" AND a.details->>'subject_kind' = 'user' AND a.details->>'state' IN ('blocked', 'none') ORDER BY a.id",
+		" AND a.details->>'subject_kind' = 'user' AND a.details->>'state' IN ('blocked', 'none') "
+		/* a whole network's block: the user's contacts of it (since the
+		 * thirtieth session) */
+		"UNION ALL SELECT coalesce(lb.native_id, li.localpart || '@' || $4), c.localpart, a.id "
+		"FROM audit_log a JOIN peers p ON p.name = $3 AND a.details->>'subject' = p.domain "
+		" JOIN identities li ON li.uri = a.details->>'user' AND li.is_local "
+		" LEFT JOIN identity_bindings lb ON lb.identity_id = li.id AND lb.network = 'xmpp' "
+		" CROSS JOIN LATERAL (" NETWORK_CONTACTS_SQL("li.id", "p.id") ") c "
+		"WHERE a.id > $1::bigint AND a.id <= $2::bigint AND (a.actor = 'admin' OR starts_with(a.actor, 'admin:')) "
+		" AND a.action = 'consent.set' AND starts_with(a.details->>'user', 'mimi://' || $5 || '/u/') "
+		" AND a.details->>'subject_kind' = 'domain' AND a.details->>'state' = 'blocked' ORDER BY 3",
 		5, NULL, params, NULL, NULL, 0);
 	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
 		PQclear(r);
@@ -908,9 +955,7 @@ void xa_roster_sync(struct xcomp *xc, PGconn *c)
 		char remote[XJ_JID_MAX + 1];
 		if (!xa_remote_jid(xc, PQgetvalue(r, i, 1), remote, sizeof(remote)))
 			continue;
-		presence_to(xc, true, remote, PQgetvalue(r, i, 0), "unavailable", NULL, NULL);
-		presence_to(xc, true, remote, PQgetvalue(r, i, 0), "unsubscribe", NULL, NULL);
-		presence_to(xc, true, remote, PQgetvalue(r, i, 0), "unsubscribed", NULL, NULL);
+		roster_drop(xc, true, remote, PQgetvalue(r, i, 0));
 	}
 	PQclear(r);
 	/* Kept for the next holder of the stream; if that fails, this process

@@ -229,7 +229,8 @@ bool xa_command_info(struct xcomp *xc, xmpp_stanza_t *query, const char *node);
 void xa_requests(struct xcomp *xc, PGconn *c);
 /* The roster follows the operator: a block or revoke made through the
  * admin API for a local user and a remote user of this component's peer
- * gets the remote JID's unsubscribe and unsubscribed.  Changes made while
+ * gets the remote JID's unsubscribe and unsubscribed, and so do the
+ * user's contacts of the peer on a block of its whole domain.  Changes made while
  * this process did not hold the stream are not looked at. */
 void xa_roster_sync(struct xcomp *xc, PGconn *c);
 /* A local user's message to this component's peer that became a dead

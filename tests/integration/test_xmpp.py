@@ -2705,6 +2705,37 @@ def test_operator_block_reaches_the_roster(xd, gk, alice):
     assert presence_types(alice, wally, start)[-2:] == ["unavailable", "unsubscribed"]  # (Prosody keeps unsubscribe)
 
 
+@pytest.mark.parametrize("by", ["command", "operator"])
+def test_a_whole_network_block_reaches_the_roster(xd, gk, alice, pg, db_url, by):
+    """A block of the whole network (the block command with the
+    component's domain, or the operator's domain block) ends the
+    subscriptions of the user's contacts of that network the gateway knows
+    of (a request shown, a direct room shared), as a contact's block does,
+    but for those she allowed one by one (they still reach her). Until the
+    thirtieth session only a contact's block did (a review's finding)."""
+    a, srv = gk
+    assert xd.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
+    eve = "eve@" + COMP
+    for who in ("wally", "eve"):
+        room = a.create_room([a.user(who), ALICE]).json()["id"]
+        a.send(room, a.user(who), "may I?")
+        alice.wait_for_presence(lambda el: el.get("from", "").startswith(f"{who}@") and el.get("type") == "subscribe")
+    alice.send_presence(WALLY_JID, "subscribed")
+    message_from(alice, WALLY_JID, lambda el: body(el) == "may I?")
+    start = alice.count()
+    if by == "command":
+        done = command_submit(alice, "block", {"jid": COMP})
+        assert "Blocked wa.example" in done.find(f".//{{{CMD}}}note").text
+    else:
+        assert xd.admin("POST", "/consents", json={"user": ALICE, "subject_kind": "domain", "subject": "wa.example",
+                                                  "state": "blocked"}).ok
+    alice.wait_for_presence(lambda el: el.get("from", "").startswith(eve) and el.get("type") == "unsubscribe",
+                            start=start)
+    time.sleep(1)
+    assert presence_types(alice, WALLY_JID, start) == []
+    assert pg.psql("SELECT state FROM consents WHERE subject_kind = 'domain'", db_url) == "blocked"
+
+
 def test_operator_block_made_while_no_process_holds_the_stream_reaches_the_roster(make_daemon, db_url, pg,
                                                                                     prosody, xd, gk, alice):
     """The operator's block reaches the roster even when it was made while
