@@ -135,7 +135,9 @@ static void roster_drop(struct xcomp *xc, bool now, const char *remote, const ch
 /* A report's reason: as long as the peer API's comment (POST /v1/reports). */
 #define REASON_MAX 8192
 
-enum verb { V_LIST, V_ACCEPT, V_BLOCK, V_OPTIN, V_OPTOUT, V_REPORT };
+/* V_SUBSCRIBE: the user's own subscribe to a contact, answered once its
+ * consent is known (see xa_presence). */
+enum verb { V_LIST, V_ACCEPT, V_BLOCK, V_OPTIN, V_OPTOUT, V_REPORT, V_SUBSCRIBE };
 
 struct xconsent {
 	struct xcomp *xc;
@@ -151,6 +153,7 @@ struct xconsent {
 	char note[3000];
 	bool done;
 	bool kept;                       /* an `unsubscribed` that changed nothing: the contact is allowed */
+	bool blocked;                    /* V_SUBSCRIBE: the contact is blocked */
 	json_t *contacts;                /* remote ids: the requests an accept withdraws from the roster, or the
 					  * contacts a whole network's block takes off it */
 };
@@ -174,12 +177,32 @@ struct xconsent {
  * network's: the others stay shown, and a refusal of one is told). */
 #define WITHDRAW_MAX 100
 
+/* Whether the local user's decision about the remote user subject (a
+ * URI) is state: the contact's own decision, else its domain's, as the
+ * policy reads them. */
+static cw_err consent_is(PGconn *c, const char *local_id, const char *subject, const char *domain, const char *state,
+			 bool *out, cw_errmsg *e)
+{
+	const char *cp[] = { local_id, subject, domain, state };
+	PGresult *r = PQexecParams(c, "SELECT coalesce((SELECT state FROM consents WHERE local_identity_id = "
+				      "$1::bigint AND subject_kind = 'user' AND subject = $2), (SELECT state FROM "
+				      "consents WHERE local_identity_id = $1::bigint AND subject_kind = 'domain' AND "
+				      "subject = $3)) IS NOT DISTINCT FROM $4",
+				   4, NULL, cp, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	*out = strcmp(PQgetvalue(r, 0, 0), "t") == 0;
+	PQclear(r);
+	return CW_OK;
+}
+
 static cw_err consent_fn(PGconn *c, void *arg, cw_errmsg *e)
 {
 	struct xconsent *j = arg;
 	struct xmpp *x = j->xc->x;
 	j->note[0] = '\0';
-	j->done = j->kept = false;
+	j->done = j->kept = j->blocked = false;
 	json_decref(j->contacts);
 	j->contacts = NULL;
 	const char *dom = x->cfg->domain ? x->cfg->domain : "";
@@ -209,21 +232,19 @@ static cw_err consent_fn(PGconn *c, void *arg, cw_errmsg *e)
 		return CW_OK;
 	}
 	switch (j->verb) {
+	case V_SUBSCRIBE: {
+		bool blocked = false;
+		if ((rc = consent_is(c, local_id, subject, peer_domain, "blocked", &blocked, e)))
+			return rc;
+		j->blocked = blocked;
+		break;
+	}
 	case V_ACCEPT:
 	case V_BLOCK: {
 		if (j->cancel_if_allowed) {
-			/* The contact's own decision, else its domain's, as the
-			 * policy reads them. */
-			const char *cp[] = { local_id, subject, peer_domain };
-			r = PQexecParams(c, "SELECT coalesce((SELECT state FROM consents WHERE local_identity_id = "
-					    "$1::bigint AND subject_kind = 'user' AND subject = $2), (SELECT state FROM "
-					    "consents WHERE local_identity_id = $1::bigint AND subject_kind = 'domain' AND "
-					    "subject = $3)) = 'allowed'",
-					 3, NULL, cp, NULL, NULL, 0);
-			if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
+			bool allowed = false;
+			if ((rc = consent_is(c, local_id, subject, peer_domain, "allowed", &allowed, e)))
 				return rc;
-			bool allowed = strcmp(PQgetvalue(r, 0, 0), "t") == 0;
-			PQclear(r);
 			if (allowed) {
 				j->kept = true;
 				return CW_OK; /* not done: nothing changes, the roster needs nothing */
@@ -523,6 +544,17 @@ static void consent_done(void *arg, cw_err rc, const cw_errmsg *e)
 		else
 			roster_drop(j->xc, false, remote, j->local_bare); /* a whole network's block */
 	}
+	if (j->verb == V_SUBSCRIBE && (rc || !j->blocked)) {
+		/* The user adds the contact: it is there. */
+		presence_to(j->xc, false, j->remote_jid, j->local_bare, "subscribed", NULL, NULL);
+		presence_to(j->xc, false, j->remote_jid, j->local_bare, NULL, NULL, j->remote_id); /* with the avatar */
+	} else if (j->verb == V_SUBSCRIBE) {
+		presence_to(j->xc, false, j->remote_jid, j->local_bare, "unsubscribed", NULL, NULL);
+		notice_to(j->xc, false, j->local_bare,
+			  "%s is blocked: adding it to your contacts does not unblock it, and its messages and yours "
+			  "stay refused. To unblock it, use this gateway's accept command.",
+			  j->remote_jid);
+	}
 	if (!rc && j->kept)
 		notice_to(j->xc, false, j->local_bare,
 			  "%s stays accepted: removing a contact, or refusing it once accepted, does not block it. "
@@ -536,6 +568,8 @@ static void consent_start(struct xconsent *j)
 	if (store_write(j->xc->x->app->store, consent_fn, consent_done, j) != CW_OK) {
 		if (j->iq)
 			command_answer(j->xc, j->iq, j->node, "The gateway's database is away; try again later.", "error");
+		if (j->verb == V_SUBSCRIBE) /* answered as before the check */
+			presence_to(j->xc, false, j->remote_jid, j->local_bare, "subscribed", NULL, NULL);
 		xconsent_free(j);
 	}
 }
@@ -583,12 +617,23 @@ void xa_presence(struct xcomp *xc, xmpp_stanza_t *st)
 		free(j); /* the user's own presence stays here */
 		return;
 	}
-	if (strcmp(type, "subscribe") == 0 || strcmp(type, "probe") == 0) {
-		/* The user adds the contact (or asks how it is): it is there. */
-		if (type[0] == 's')
-			presence_to(xc, true, j->remote_jid, bare, "subscribed", NULL, NULL);
+	if (strcmp(type, "probe") == 0) {
+		/* The user asks how the contact is: it is there. */
 		presence_to(xc, true, j->remote_jid, bare, NULL, NULL, j->remote_id); /* available, with the avatar */
 		free(j);
+		return;
+	}
+	if (strcmp(type, "subscribe") == 0) {
+		/* The user adds the contact: it is there, unless she blocked it
+		 * (or its network): then `unsubscribed` and a notice, as a
+		 * roster action undoes no block (consent_done).  Until the
+		 * thirtieth session a blocked contact was answered `subscribed`
+		 * and available, and her messages to it then bounced. */
+		j->xc = xc;
+		j->verb = V_SUBSCRIBE;
+		snprintf(j->local, sizeof(j->local), "%s", local);
+		snprintf(j->local_bare, sizeof(j->local_bare), "%s", bare);
+		consent_start(j);
 		return;
 	}
 	if (strcmp(type, "subscribed") != 0 && strcmp(type, "unsubscribed") != 0) {

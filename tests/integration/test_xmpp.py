@@ -1966,6 +1966,36 @@ def test_accepting_a_request_by_command_withdraws_it_from_the_roster(xd, gk, ali
     assert pg.psql("SELECT state FROM consents WHERE subject = 'mimi://wa.example/u/mallory'", db_url) == "allowed"
 
 
+def test_adding_a_blocked_contact_is_refused_and_said(xd, gk, alice, pg, db_url):
+    """The user's own subscribe to a contact she blocked (or whose network
+    she blocked) is answered `unsubscribed`, with a notice saying it is
+    blocked and how to unblock it (the accept command): a roster action
+    does not undo a block. Until the thirtieth session it was answered
+    `subscribed` and available, and her messages to it then bounced (a
+    review's finding)."""
+    a, srv = gk
+    assert xd.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    a.send(room, a.user("wally"), "may I?")
+    alice.wait_for_presence(lambda el: el.get("from", "").startswith(WALLY_JID) and el.get("type") == "subscribe")
+    alice.send_presence(WALLY_JID, "unsubscribed")
+    wait_until(lambda: pg.psql("SELECT state FROM consents", db_url) == "blocked", what="the denial")
+    start = alice.count()
+    alice.send_presence(WALLY_JID, "subscribe")
+    note = message_from(alice, COMP, lambda el: "is blocked" in (body(el) or ""))
+    assert WALLY_JID in body(note) and "accept" in body(note)
+    alice.wait_for_presence(lambda el: el.get("from", "").startswith(WALLY_JID) and el.get("type") == "unsubscribed",
+                            start=start)
+    assert "subscribed" not in presence_types(alice, WALLY_JID, start)
+    assert pg.psql("SELECT state FROM consents", db_url) == "blocked"
+    # once accepted (the command), adding it is answered as any contact's
+    command_submit(alice, "accept", {"jid": WALLY_JID})
+    start = alice.count()
+    alice.send_presence(WALLY_JID, "subscribe")
+    alice.wait_for_presence(lambda el: el.get("from", "").startswith(WALLY_JID) and el.get("type") == "subscribed",
+                            start=start)
+
+
 def test_every_pending_request_goes_again_after_a_reconnect(xd, gk, alice, pg, db_url):
     """After a reconnect the pending consent requests are sent again (the
     server may have lost them), all of them, not only the first page."""
