@@ -813,6 +813,24 @@ static void recent_add(struct xcomp *xc, char *text, int64_t now_ms)
 	xc->recent_bytes += len;
 }
 
+void xa_send_kept(struct xcomp *xc, xmpp_stanza_t *st)
+{
+	if (!st)
+		return;
+	char *buf = NULL;
+	size_t len = 0;
+	if (xc->conn && xc->state == XC_UP && xmpp_stanza_to_text(st, &buf, &len) == XMPP_EOK && buf) {
+		xmpp_send_raw(xc->conn, buf, len);
+		atomic_fetch_add(&xc->stanzas_out, 1);
+		char *copy = strdup(buf);
+		if (copy)
+			recent_add(xc, copy, cw_wall_ms());
+	}
+	if (buf)
+		xmpp_free(xc->ctx, buf);
+	xmpp_stanza_release(st);
+}
+
 /* After a reconnect: what was written in the window before the break, or
  * since the server last proved it had everything, goes again, with the
  * same ids (XEP-0114 acknowledges nothing), and is kept as written now:

@@ -88,7 +88,7 @@ static void presence_to(struct xcomp *xc, bool now, const char *from, const char
 	if (avatar_of)
 		xa_vcard_hash(xc, ctx, p, avatar_of, from, to);
 	if (now)
-		xa_send_now(xc, p);
+		xa_send_kept(xc, p); /* a roster change or request is nothing the user asks for again */
 	else
 		xa_enqueue_stanza(xc, p);
 }
@@ -509,7 +509,7 @@ static void notice_to(struct xcomp *xc, bool now, const char *to, const char *fm
 	xmpp_stanza_set_from(m, xc->domain);
 	xmpp_message_set_body(m, text);
 	if (now)
-		xa_send_now(xc, m);
+		xa_send_kept(xc, m);
 	else
 		xa_enqueue_stanza(xc, m);
 }
@@ -903,7 +903,7 @@ void xa_requests(struct xcomp *xc, PGconn *c)
 					 nick, *nick ? " " : "", remote, PQgetvalue(r, i, 4), xc->peer);
 				xmpp_stanza_set_from(m, xc->domain);
 				xmpp_message_set_body(m, text);
-				xa_send_now(xc, m);
+				xa_send_kept(xc, m); /* marked sent below: kept for a re-send */
 			}
 			const char *id[] = { PQgetvalue(r, i, 0) };
 			PGresult *u = PQexecParams(c, "UPDATE consent_requests SET notified_at = now() WHERE id = $1::bigint", 1,

@@ -178,6 +178,12 @@ bool xa_enqueue_stanza(struct xcomp *xc, xmpp_stanza_t *st);
 bool xa_wait_written(struct xcomp *xc, uint64_t seq, long timeout_ms);
 /* On the component's thread: writes st now (released by the call). */
 void xa_send_now(struct xcomp *xc, xmpp_stanza_t *st);
+/* The same, and keeps it for a re-send after a break, as a queued
+ * stanza is (xmpp.resend_window_ms): for what the component writes on
+ * its own and marks as sent (a consent request's notice, the roster's
+ * changes, a dead letter's telling), which nothing asks for again.  Since
+ * the thirtieth session: a break just after lost them for good. */
+void xa_send_kept(struct xcomp *xc, xmpp_stanza_t *st);
 /* A new child element of parent (held by it; NULL when memory runs out). */
 xmpp_stanza_t *xa_child(xmpp_ctx_t *ctx, xmpp_stanza_t *parent, const char *name, const char *ns);
 /* XEP-0030 disco#info: an identity (name may be NULL) and features (a

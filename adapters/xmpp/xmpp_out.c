@@ -616,7 +616,7 @@ void xa_dead_letters(struct xcomp *xc, PGconn *c)
 			continue;
 		xmpp_stanza_set_from(m, xc->domain);
 		xmpp_message_set_body(m, line);
-		xa_send_now(xc, m);
+		xa_send_kept(xc, m); /* marked told below: kept for a re-send */
 	}
 	PQclear(r);
 	/* Marked told once sent: a mark that did not commit leaves them to

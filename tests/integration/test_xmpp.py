@@ -2895,6 +2895,41 @@ class HostileServer:
                 s.close()
 
 
+def test_roster_changes_and_notices_are_written_again_after_a_break(make_daemon, db_url, pg):
+    """What the component writes on its own (an operator's block for the
+    roster, a consent request's notice) is kept for a re-send as every
+    queued stanza is: XEP-0114 acknowledges nothing, and the cursor that
+    says it was sent has moved on. Until the thirtieth session both were
+    written past the re-send window, and a break just after lost them for
+    good (a review's finding)."""
+    srv = HostileServer(SECRET)
+    ns = NotifyServer()
+    try:
+        d = srv.daemon(make_daemon, db_url, xmpp={"resend_window_ms": "60000", "reconnect_max_ms": "500"})
+        srv.stream_up(d)
+        a = PeerClient(d.url, "gk", "wa.example")
+        r = d.admin("POST", "/peers", json={"name": "gk", "domain": "wa.example", "mode": "push",
+                                           "push_url": ns.url, "public_key": a.signer.public_b64})
+        a.token = r.json()["token"]
+        wait_until(lambda: pg.psql("SELECT count(*) FROM xmpp_roster_sync", db_url) == "1", what="the roster cursor")
+        assert d.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
+        assert d.admin("POST", "/consents", json={"user": ALICE, "subject_kind": "user",
+                                                 "subject": "mimi://wa.example/u/wally", "state": "blocked"}).ok
+        srv._until(b"unsubscribed")
+        room = a.create_room([a.user("eve"), ALICE]).json()["id"]
+        a.send(room, a.user("eve"), "may I?")
+        srv._until(b"wants to write to you")
+        wait_until(lambda: pg.psql("SELECT count(*) FROM consent_requests WHERE notified_at IS NOT NULL", db_url)
+                   == "1", what="the notice marked sent")
+        srv.accept()  # the break: what the server had not handled is lost
+        wait_until(lambda: component_state(d)["state"] == "up", what="the reconnect")
+        again = srv._until(b"wants to write to you")
+        assert b"unsubscribed" in again and b"wally@" + COMP.encode() in again
+    finally:
+        ns.close()
+        srv.close()
+
+
 def test_stanzas_without_from_or_to_are_dropped(make_daemon, db_url, pg):
     srv = HostileServer(SECRET)
     try:
