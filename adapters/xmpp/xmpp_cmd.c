@@ -324,11 +324,20 @@ static cw_err consent_fn(PGconn *c, void *arg, cw_errmsg *e)
 		r = PQexecParams(c, POLICY_USER_SUMMARY_SQL, 1, NULL, params, NULL, NULL, 0);
 		if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
 			return rc;
-		size_t n = 0;
-		for (int i = 0; i < PQntuples(r) && n + 600 < sizeof(j->note); i++)
+		/* As many lines as fit, whole, then how many more there are:
+		 * until the thirtieth session the rest was left out in silence. */
+		size_t n = 0, room = sizeof(j->note) - 40; /* kept for the last line */
+		int i, rows = PQntuples(r);
+		for (i = 0; i < rows; i++) {
+			size_t len = (n ? 1 : 0) + strlen(PQgetvalue(r, i, 0));
+			if (n + len >= room)
+				break;
 			n += (size_t)snprintf(j->note + n, sizeof(j->note) - n, "%s%s", n ? "\n" : "", PQgetvalue(r, i, 0));
+		}
+		if (i < rows)
+			snprintf(j->note + n, sizeof(j->note) - n, "%s... and %d more.", n ? "\n" : "", rows - i);
 		PQclear(r);
-		if (!n)
+		if (!rows)
 			snprintf(j->note, sizeof(j->note), "Nothing yet: no requests, no decisions.");
 		break;
 	}

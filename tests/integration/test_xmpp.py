@@ -2198,6 +2198,22 @@ def consents_stored(pg, db_url):
                    "(SELECT count(*) FROM user_optin)", db_url)
 
 
+def test_a_long_list_says_how_many_it_leaves_out(xd, gk, alice, pg, db_url):
+    """`list` fits one note (3000 bytes): what does not fit is counted on
+    its last line. Until the thirtieth session it was cut in silence (80
+    decisions, 69 listed: a review's finding)."""
+    command_submit(alice, "block", {"jid": WALLY_JID})  # alice's identity
+    pg.psql("INSERT INTO consents (local_identity_id, subject_kind, subject, state, source) "
+            "SELECT i.id, 'user', 'mimi://wa.example/u/zz' || lpad(g::text, 3, '0'), 'blocked', 'user' "
+            f"FROM identities i, generate_series(1, 99) g WHERE i.uri = '{ALICE}'", db_url)
+    text = alice.iq("set", COMP, f"<command xmlns='{CMD}' node='list' action='execute'/>").find(
+        f".//{{{CMD}}}note").text
+    lines = text.splitlines()
+    m = re.fullmatch(r"\.\.\. and (\d+) more\.", lines[-1])
+    assert m and len(lines) - 1 + int(m.group(1)) == 100, lines[-3:]
+    assert len(text.encode()) <= 3000
+
+
 def test_a_later_stage_without_a_sessionid_is_refused(xd, gk, alice, pg, db_url):
     """XEP-0050: the sessionid "MUST be present for subsequent stages". A
     command with a form (accept, block, report) starts with action
