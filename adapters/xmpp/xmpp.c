@@ -623,7 +623,7 @@ static void on_iq(struct xcomp *xc, xmpp_stanza_t *st)
 		xa_vcard(xc, st, remote_id);
 	else if (ns && get && user && strcmp(ns, "http://jabber.org/protocol/pubsub") == 0)
 		xa_avatar_items(xc, st, q, remote_id);
-	else if (ns && !get && !user && strcmp(ns, NS_COMMANDS) == 0 && xa_command(xc, st))
+	else if (ns && !user && strcmp(ns, NS_COMMANDS) == 0 && xa_command(xc, st))
 		;
 	else if (ns && !user && strcmp(ns, NS_GATEWAY) == 0)
 		gateway_iq(xc, st, q, get);

@@ -777,24 +777,31 @@ bool xa_command(struct xcomp *xc, xmpp_stanza_t *iq)
 {
 	xmpp_stanza_t *cmd = xmpp_stanza_get_child_by_name_and_ns(iq, "command", NS_COMMANDS);
 	const char *node = cmd ? xmpp_stanza_get_attribute(cmd, "node") : NULL;
-	const char *action = cmd ? xmpp_stanza_get_attribute(cmd, "action") : NULL;
-	if (!node)
-		return false;
-	size_t k = 0;
-	while (k < NCOMMANDS && strcmp(commands[k].node, node) != 0)
-		k++;
-	if (k == NCOMMANDS) {
-		xa_send_now(xc, xa_error_reply(iq, "cancel", "item-not-found", NULL));
-		return true;
-	}
+	const char *action = cmd ? xmpp_stanza_get_attribute(cmd, "action") : NULL, *type = xmpp_stanza_get_type(iq);
 	struct xconsent *j = calloc(1, sizeof(*j));
 	if (!j)
 		return false;
 	j->xc = xc;
+	/* Anyone but a local user learns nothing, not even whether a command
+	 * exists: service-unavailable, as for any stranger (docs/security.md;
+	 * until the thirtieth session forbidden, after item-not-found for a
+	 * node not there).  Then a command without a node, or asked with get
+	 * (XEP-0050 runs them with set), is malformed: bad-request (RFC 6120
+	 * §8.3.3.1; until then service-unavailable). */
+	const char *why = NULL;
 	if (!xa_local_user(xc->x, xmpp_stanza_get_from(iq), j->local_bare, sizeof(j->local_bare), j->local,
-			     sizeof(j->local))) {
+			   sizeof(j->local)))
+		why = "service-unavailable";
+	else if (!node || !type || strcmp(type, "set") != 0)
+		why = "bad-request";
+	size_t k = 0;
+	while (!why && k < NCOMMANDS && strcmp(commands[k].node, node) != 0)
+		k++;
+	if (!why && k == NCOMMANDS)
+		why = "item-not-found";
+	if (why) {
 		free(j);
-		xa_send_now(xc, xa_error_reply(iq, "auth", "forbidden", NULL));
+		xa_send_now(xc, xa_error_reply(iq, why[0] == 'b' ? "modify" : "cancel", why, NULL));
 		return true;
 	}
 	snprintf(j->node, sizeof(j->node), "%s", node);

@@ -2946,6 +2946,34 @@ def test_roster_changes_and_notices_are_written_again_after_a_break(make_daemon,
         srv.close()
 
 
+def test_commands_of_strangers_and_malformed_commands_get_their_errors(make_daemon, db_url, pg):
+    """A command from another server's user is `service-unavailable`, as
+    for anything of the component it may not use (docs/security.md: nothing
+    says whether a command exists; it was `forbidden` until the thirtieth
+    session), whatever the node; a local user's command without a node is
+    `bad-request` (RFC 6120 §8.3.3.1; `service-unavailable` until then),
+    and so is an iq get (XEP-0050 runs commands with set); nothing stored."""
+    srv = HostileServer(SECRET)
+    try:
+        d = srv.daemon(make_daemon, db_url)
+        srv.stream_up(d)
+
+        def ask(frm, iq_type, command, sid):
+            srv.send(f"<iq type='{iq_type}' id='{sid}' from='{frm}' to='{COMP}'>{command}</iq>")
+            srv._until(f"id=\"{sid}\"".encode())
+            return srv._until(b"</iq>").decode()
+        for sid, node in (("f1", " node='block'"), ("f2", " node='nope'"), ("f3", "")):
+            got = ask("eve@other.example/x", "set", f"<command xmlns='{CMD}'{node} action='execute'/>", sid)
+            assert "service-unavailable" in got and "forbidden" not in got, got
+        got = ask(f"{ALICE_JID}/a", "set", f"<command xmlns='{CMD}' action='execute'/>", "s1")
+        assert "bad-request" in got and 'type="modify"' in got, got
+        got = ask(f"{ALICE_JID}/a", "get", f"<command xmlns='{CMD}' node='opt-in' action='execute'/>", "s2")
+        assert "bad-request" in got, got
+        assert pg.psql("SELECT count(*) FROM user_optin", db_url) == "0"
+    finally:
+        srv.close()
+
+
 def test_stanzas_without_from_or_to_are_dropped(make_daemon, db_url, pg):
     srv = HostileServer(SECRET)
     try:
