@@ -834,6 +834,13 @@ bool xa_command(struct xcomp *xc, xmpp_stanza_t *iq)
 		}
 		if (!form_value(x, "jid", jid, sizeof(jid)))
 			jid[0] = '\0'; /* longer than any JID of the component's: refused below */
+		/* The domainpart in any case (RFC 7622 §3.2: domainparts are
+		 * case-insensitive; a user types this one): until the thirtieth
+		 * session wally@GK.xmpp.test named nobody.  The localpart's
+		 * capitals stay: the peer's ids are case-sensitive. */
+		for (char *d = strchr(jid, '@') ? strchr(jid, '@') + 1 : jid; *d && *d != '/'; d++)
+			if (*d >= 'A' && *d <= 'Z')
+				*d = (char)(*d - 'A' + 'a');
 		if (strcmp(jid, xc->domain) == 0 && j->verb != V_REPORT) {
 			j->whole_domain = true;
 		} else if (!xa_remote_user(xc, jid, j->remote_id, sizeof(j->remote_id), j->remote_jid,

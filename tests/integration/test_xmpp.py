@@ -2198,6 +2198,21 @@ def consents_stored(pg, db_url):
                    "(SELECT count(*) FROM user_optin)", db_url)
 
 
+def test_a_contacts_domain_is_taken_in_any_case(xd, gk, alice, pg, db_url):
+    """A command's JID field names the component's domain in any case
+    (domainparts are case-insensitive, RFC 7622 §3.2): wally@GK.xmpp.test
+    is wally, and GK.XMPP.TEST the whole network; until the thirtieth
+    session both were bad-request. A localpart's capitals are still no
+    JID of the component's (a peer's id with capitals has them escaped,
+    XEP-0106): bad-request."""
+    done = command_submit(alice, "block", {"jid": "wally@" + COMP.upper()})
+    assert "Blocked mimi://wa.example/u/wally" in done.find(f".//{{{CMD}}}note").text
+    done = command_submit(alice, "block", {"jid": COMP.upper()})
+    assert "Blocked wa.example" in done.find(f".//{{{CMD}}}note").text
+    bad = command_submit(alice, "report", {"jid": "Wally@" + COMP}, expect_error=True)
+    assert bad.error_condition == "bad-request"
+
+
 def test_a_long_list_says_how_many_it_leaves_out(xd, gk, alice, pg, db_url):
     """`list` fits one note (3000 bytes): what does not fit is counted on
     its last line. Until the thirtieth session it was cut in silence (80
