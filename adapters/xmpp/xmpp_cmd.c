@@ -147,7 +147,7 @@ struct xconsent {
 	bool whole_domain;               /* the subject is the peer's domain */
 	bool cancel_if_allowed;          /* an `unsubscribed`: see xa_presence */
 	char reason[REASON_MAX + 1];
-	char *iq;                        /* the command to answer, or NULL (a presence) */
+	char *iq;                        /* what the answer needs of the command (iq_skeleton), or NULL (a presence) */
 	char node[16];
 	/* outputs of the last run */
 	char note[3000];
@@ -773,6 +773,32 @@ bool xa_command_bad_action(struct xcomp *xc, xmpp_stanza_t *iq, const char *acti
 	return true;
 }
 
+/* What the answer to a command needs of it (xa_command_end: its id,
+ * addresses and sessionid), as text for the job to keep: not the whole
+ * iq, whose form may hold a report's reason of 8 KB (until the thirtieth
+ * session the whole iq was kept).  NULL when memory runs out. */
+static char *iq_skeleton(xmpp_ctx_t *ctx, xmpp_stanza_t *iq, xmpp_stanza_t *cmd)
+{
+	xmpp_stanza_t *s = xmpp_iq_new(ctx, "set", xmpp_stanza_get_id(iq));
+	xmpp_stanza_t *c = s ? xa_child(ctx, s, "command", NS_COMMANDS) : NULL;
+	char *text = NULL, *buf = NULL;
+	size_t len = 0;
+	if (c) {
+		xmpp_stanza_set_from(s, xmpp_stanza_get_from(iq));
+		xmpp_stanza_set_to(s, xmpp_stanza_get_to(iq));
+		const char *sid = xmpp_stanza_get_attribute(cmd, "sessionid");
+		if (sid)
+			xmpp_stanza_set_attribute(c, "sessionid", sid);
+		if (xmpp_stanza_to_text(s, &buf, &len) == XMPP_EOK && buf) {
+			text = strdup(buf);
+			xmpp_free(ctx, buf);
+		}
+	}
+	if (s)
+		xmpp_stanza_release(s);
+	return text;
+}
+
 bool xa_command(struct xcomp *xc, xmpp_stanza_t *iq)
 {
 	xmpp_stanza_t *cmd = xmpp_stanza_get_child_by_name_and_ns(iq, "command", NS_COMMANDS);
@@ -857,13 +883,7 @@ bool xa_command(struct xcomp *xc, xmpp_stanza_t *iq)
 					       "Too many changes in a short time; try again in a minute."));
 		return true;
 	}
-	char *buf = NULL;
-	size_t len = 0;
-	if (xmpp_stanza_to_text(iq, &buf, &len) == XMPP_EOK && buf) {
-		j->iq = strdup(buf);
-		xmpp_free(xc->ctx, buf);
-	}
-	if (!j->iq) {
+	if (!(j->iq = iq_skeleton(xc->ctx, iq, cmd))) {
 		free(j);
 		return false;
 	}

@@ -2425,8 +2425,13 @@ def test_a_users_reports_are_limited(xd, gk, alice, pg, db_url):
     known."""
     assert xd.admin("PATCH", "/settings", json={"policy.user_updates_per_minute": 3}).ok
     for i in range(3):
-        done = command_submit(alice, "report", {"jid": f"nobody{i}@{COMP}", "reason": "x" * 8000})
-        assert done.find(q(CMD, "command")).get("status") == "completed", ET.tostring(done)
+        sid = command_first(alice, "report")
+        done = command_submit(alice, "report", {"jid": f"nobody{i}@{COMP}", "reason": "x" * 8000}, sid=sid)
+        c = done.find(q(CMD, "command"))
+        # the answer needs the command's id, addresses and session, which
+        # is all the job keeps of it (not its 8 KB form)
+        assert c.get("status") == "completed" and c.get("sessionid") == sid and c.get("node") == "report", \
+            ET.tostring(done)
     bad = command_submit(alice, "report", {"jid": f"nobody9@{COMP}", "reason": "x" * 8000}, expect_error=True)
     assert bad.error_condition == "resource-constraint" and bad.find("{jabber:client}error").get("type") == "wait", \
         ET.tostring(bad)
