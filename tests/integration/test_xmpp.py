@@ -1925,6 +1925,19 @@ def test_removing_an_allowed_contact_from_the_roster_does_not_block_it(xd, gk, a
     message_from(alice, WALLY_JID, lambda el: body(el) == "still there?")
 
 
+def requests_to_alice(xd, a, alice, *who):
+    """alice opted in to gk's network, and a first message to her from each
+    of gk's users who (a direct room each): their rooms, once each request
+    reached her."""
+    assert xd.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
+    rooms = []
+    for w in who:
+        rooms.append(a.create_room([a.user(w), ALICE]).json()["id"])
+        a.send(rooms[-1], a.user(w), "may I?")
+        alice.wait_for_presence(lambda el: el.get("from", "").startswith(f"{w}@") and el.get("type") == "subscribe")
+    return rooms
+
+
 def test_accepting_a_request_by_command_withdraws_it_from_the_roster(xd, gk, alice, pg, db_url):
     """A request accepted by the accept command (the contact, or the whole
     network) is withdrawn from the user's roster (`unsubscribe` from the
@@ -1934,12 +1947,8 @@ def test_accepting_a_request_by_command_withdraws_it_from_the_roster(xd, gk, ali
     review's finding). A refusal that is ignored (the contact allowed) is
     told in a notice, saying how to block."""
     a, srv = gk
-    assert xd.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
     eve = "eve@" + COMP
-    for who in ("wally", "eve"):
-        room = a.create_room([a.user(who), ALICE]).json()["id"]
-        a.send(room, a.user(who), "may I?")
-        alice.wait_for_presence(lambda el: el.get("from", "").startswith(f"{who}@") and el.get("type") == "subscribe")
+    requests_to_alice(xd, a, alice, "wally", "eve")
     start = alice.count()
     done = command_submit(alice, "accept", {"jid": WALLY_JID})
     assert "Accepted" in done.find(f".//{{{CMD}}}note").text
@@ -1974,10 +1983,7 @@ def test_adding_a_blocked_contact_is_refused_and_said(xd, gk, alice, pg, db_url)
     `subscribed` and available, and her messages to it then bounced (a
     review's finding)."""
     a, srv = gk
-    assert xd.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
-    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
-    a.send(room, a.user("wally"), "may I?")
-    alice.wait_for_presence(lambda el: el.get("from", "").startswith(WALLY_JID) and el.get("type") == "subscribe")
+    requests_to_alice(xd, a, alice, "wally")
     alice.send_presence(WALLY_JID, "unsubscribed")
     wait_until(lambda: pg.psql("SELECT state FROM consents", db_url) == "blocked", what="the denial")
     start = alice.count()
@@ -2383,12 +2389,8 @@ def test_a_users_consent_changes_are_limited(xd, gk, alice, pg, db_url):
     a, srv = gk
     assert xd.admin("PATCH", "/settings", json={"policy.user_updates_per_minute": 0}).status_code == 400
     assert xd.admin("PATCH", "/settings", json={"policy.user_updates_per_minute": 4}).ok
-    assert xd.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
     a.create_room([a.user("wally"), ALICE])  # a room shared: each block and unblock is an event to gk
-    for who in ("eve", "mallory"):  # two requests waiting
-        room = a.create_room([a.user(who), ALICE]).json()["id"]
-        a.send(room, a.user(who), "hi")
-        alice.wait_for_presence(lambda el: el.get("from", "").startswith(f"{who}@") and el.get("type") == "subscribe")
+    requests_to_alice(xd, a, alice, "eve", "mallory")  # two requests waiting
     for node in ("block", "accept", "block", "accept"):
         done = command_submit(alice, node, {"jid": WALLY_JID})
         assert done.find(q(CMD, "command")).get("status") == "completed", ET.tostring(done)
@@ -2780,12 +2782,8 @@ def test_a_whole_network_block_reaches_the_roster(xd, gk, alice, pg, db_url, by)
     but for those she allowed one by one (they still reach her). Until the
     thirtieth session only a contact's block did (a review's finding)."""
     a, srv = gk
-    assert xd.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
     eve = "eve@" + COMP
-    for who in ("wally", "eve"):
-        room = a.create_room([a.user(who), ALICE]).json()["id"]
-        a.send(room, a.user(who), "may I?")
-        alice.wait_for_presence(lambda el: el.get("from", "").startswith(f"{who}@") and el.get("type") == "subscribe")
+    requests_to_alice(xd, a, alice, "wally", "eve")
     alice.send_presence(WALLY_JID, "subscribed")
     message_from(alice, WALLY_JID, lambda el: body(el) == "may I?")
     start = alice.count()
