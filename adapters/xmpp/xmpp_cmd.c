@@ -1016,7 +1016,7 @@ void xa_roster_sync(struct xcomp *xc, PGconn *c)
 	/* By URI: the contact may be on the roster without ever having written. */
 	r = PQexecParams(c,
 		"SELECT coalesce(lb.native_id, substr(a.details->>'user', length('mimi://' || $5 || '/u/') + 1) "
-		" || '@' || $4), substr(a.details->>'subject', length('mimi://' || p.domain || '/u/') + 1), a.id "
+		" || '@' || $4), substr(a.details->>'subject', length('mimi://' || p.domain || '/u/') + 1), a.id, 'drop' "
 		"FROM audit_log a JOIN peers p ON p.name = $3 "
 		" AND starts_with(a.details->>'subject', 'mimi://' || p.domain || '/u/') "
 		" LEFT JOIN identities li ON li.uri = a.details->>'user' AND li.is_local "
@@ -1026,14 +1026,28 @@ void xa_roster_sync(struct xcomp *xc, PGconn *c)
 		" AND a.details->>'subject_kind' = 'user' AND a.details->>'state' IN ('blocked', 'none') "
 		/* a whole network's block: the user's contacts of it (since the
 		 * thirtieth session) */
-		"UNION ALL SELECT coalesce(lb.native_id, li.localpart || '@' || $4), c.localpart, a.id "
+		"UNION ALL SELECT coalesce(lb.native_id, li.localpart || '@' || $4), c.localpart, a.id, 'drop' "
 		"FROM audit_log a JOIN peers p ON p.name = $3 AND a.details->>'subject' = p.domain "
 		" JOIN identities li ON li.uri = a.details->>'user' AND li.is_local "
 		" LEFT JOIN identity_bindings lb ON lb.identity_id = li.id AND lb.network = 'xmpp' "
 		" CROSS JOIN LATERAL (" NETWORK_CONTACTS_SQL("li.id", "p.id") ") c "
 		"WHERE a.id > $1::bigint AND a.id <= $2::bigint AND (a.actor = 'admin' OR starts_with(a.actor, 'admin:')) "
 		" AND a.action = 'consent.set' AND starts_with(a.details->>'user', 'mimi://' || $5 || '/u/') "
-		" AND a.details->>'subject_kind' = 'domain' AND a.details->>'state' = 'blocked' ORDER BY 3",
+		" AND a.details->>'subject_kind' = 'domain' AND a.details->>'state' = 'blocked' "
+		/* an accept (of a contact, or a whole network) that decided
+		 * requests shown to the user: withdrawn from the roster, as the
+		 * accept command does (decided in the audit record's
+		 * transaction: its now()) */
+		"UNION ALL SELECT coalesce(lb.native_id, li.localpart || '@' || $4), ri.localpart, a.id, 'withdraw' "
+		"FROM audit_log a JOIN peers p ON p.name = $3 "
+		" JOIN identities li ON li.uri = a.details->>'user' AND li.is_local "
+		" LEFT JOIN identity_bindings lb ON lb.identity_id = li.id AND lb.network = 'xmpp' "
+		" JOIN consent_requests q ON q.local_identity_id = li.id AND q.state = 'accepted' AND q.decided_at = a.at "
+		"  AND q.notified_at IS NOT NULL "
+		" JOIN identities ri ON ri.id = q.remote_identity_id AND ri.peer_id = p.id "
+		"WHERE a.id > $1::bigint AND a.id <= $2::bigint AND (a.actor = 'admin' OR starts_with(a.actor, 'admin:')) "
+		" AND a.action = 'consent.set' AND starts_with(a.details->>'user', 'mimi://' || $5 || '/u/') "
+		" AND a.details->>'state' = 'allowed' AND a.details->>'requests_decided' <> '0' ORDER BY 3",
 		5, NULL, params, NULL, NULL, 0);
 	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
 		PQclear(r);
@@ -1043,7 +1057,10 @@ void xa_roster_sync(struct xcomp *xc, PGconn *c)
 		char remote[XJ_JID_MAX + 1];
 		if (!xa_remote_jid(xc, PQgetvalue(r, i, 1), remote, sizeof(remote)))
 			continue;
-		roster_drop(xc, true, remote, PQgetvalue(r, i, 0));
+		if (PQgetvalue(r, i, 3)[0] == 'w')
+			presence_to(xc, true, remote, PQgetvalue(r, i, 0), "unsubscribe", NULL, NULL);
+		else
+			roster_drop(xc, true, remote, PQgetvalue(r, i, 0));
 	}
 	PQclear(r);
 	/* Kept for the next holder of the stream; if that fails, this process

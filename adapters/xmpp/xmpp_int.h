@@ -236,7 +236,8 @@ void xa_requests(struct xcomp *xc, PGconn *c);
 /* The roster follows the operator: a block or revoke made through the
  * admin API for a local user and a remote user of this component's peer
  * gets the remote JID's unsubscribe and unsubscribed, and so do the
- * user's contacts of the peer on a block of its whole domain.  Changes made while
+ * user's contacts of the peer on a block of its whole domain; an accept
+ * that decided requests shown to the user withdraws them (unsubscribe).  Changes made while
  * this process did not hold the stream are not looked at. */
 void xa_roster_sync(struct xcomp *xc, PGconn *c);
 /* A local user's message to this component's peer that became a dead

@@ -1944,12 +1944,18 @@ def test_accepting_a_request_by_command_withdraws_it_from_the_roster(xd, gk, ali
     contact, RFC 6121 §3.3): a refusal of the request still shown there
     would otherwise be taken for the end of an approved subscription and
     ignored, the contact staying allowed (until the thirtieth session: a
-    review's finding). A refusal that is ignored (the contact allowed) is
-    told in a notice, saying how to block."""
+    review's finding); so is one the operator accepts. A refusal that is
+    ignored (the contact allowed) is told in a notice, saying how to
+    block."""
     a, srv = gk
-    eve = "eve@" + COMP
-    requests_to_alice(xd, a, alice, "wally", "eve")
+    eve, zoe = "eve@" + COMP, "zoe@" + COMP
+    requests_to_alice(xd, a, alice, "wally", "eve", "zoe")
     start = alice.count()
+    # the operator's accept too (seen by the roster sync)
+    assert xd.admin("POST", "/consents", json={"user": ALICE, "subject_kind": "user",
+                                              "subject": "mimi://wa.example/u/zoe", "state": "allowed"}).ok
+    alice.wait_for_presence(lambda el: el.get("from", "").startswith(zoe) and el.get("type") == "unsubscribe",
+                            start=start)
     done = command_submit(alice, "accept", {"jid": WALLY_JID})
     assert "Accepted" in done.find(f".//{{{CMD}}}note").text
     message_from(alice, WALLY_JID, lambda el: body(el) == "may I?")
