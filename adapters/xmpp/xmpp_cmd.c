@@ -531,17 +531,16 @@ static void consent_done(void *arg, cw_err rc, const cw_errmsg *e)
 	if (j->iq)
 		command_answer(j->xc, j->iq, j->node, rc ? "That did not work; try again in a moment." : j->note,
 			       rc || !j->done ? "error" : "info");
-	/* The roster follows a block: the remote contact goes offline (RFC 6121
-	 * §3.2.2: before the unsubscribed, or the user's client keeps showing
-	 * it online) and unsubscribes both ways. */
+	/* The roster follows a block (roster_drop), of the contact or of the
+	 * whole network (each of its contacts, j->contacts).  An accept by
+	 * command withdraws the requests it decided from the roster (the
+	 * contact cancels its request, RFC 6121 §3.3), so that the roster
+	 * shows no request the user could still deny: a denial of an allowed
+	 * contact is taken for the end of a subscription she approved, and
+	 * changes nothing (until the thirtieth session the request stayed
+	 * shown, and its denial was ignored in silence). */
 	if (!rc && j->done && j->verb == V_BLOCK && !j->whole_domain)
 		roster_drop(j->xc, false, j->remote_jid, j->local_bare);
-	/* An accept by command withdraws the requests it decided from the
-	 * roster (the contact cancels its request, RFC 6121 §3.3), so that
-	 * the roster shows no request the user could still deny: a denial of
-	 * an allowed contact is taken for the end of a subscription she
-	 * approved, and changes nothing (until the thirtieth session the
-	 * request stayed shown, and its denial was ignored in silence). */
 	size_t i;
 	json_t *id;
 	json_array_foreach(!rc && j->done ? j->contacts : NULL, i, id) {
