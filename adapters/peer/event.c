@@ -314,6 +314,8 @@ struct vctx {
 	const struct event_limits *lim;
 	struct event_error *err;
 	struct jptr ptr;
+	bool counting; /* check_depth counts values (an event's) */
+	int values;
 };
 
 static void vctx_init(struct vctx *c, const struct event_limits *lim, struct event_error *err)
@@ -337,9 +339,31 @@ static cw_err vfail(struct vctx *c, const char *code, const char *fmt, ...)
 	return CW_EINVAL;
 }
 
-/* Refuses containers nested deeper than EVENT_MAX_DEPTH; v is at depth. */
+/* Whether a number survives the store: kept as PostgreSQL's jsonb keeps it
+ * (numeric, written out in plain decimal) and read back by jansson as the
+ * same value, in about as many bytes as it came in (event.h). */
+static bool number_storable(json_t *v)
+{
+	if (json_is_integer(v)) {
+		json_int_t i = json_integer_value(v);
+		return i > -EVENT_TS_LIMIT && i < EVENT_TS_LIMIT;
+	}
+	double x = json_real_value(v), a = x < 0 ? -x : x;
+	return a == 0 || (a >= EVENT_REAL_MIN && a < (double)EVENT_TS_LIMIT);
+}
+
+/* Refuses containers nested deeper than EVENT_MAX_DEPTH (v is at depth),
+ * numbers the store would not keep as they are, and, when c->values is
+ * counting (an event), more than EVENT_MAX_VALUES values in all. */
 static cw_err check_depth(struct vctx *c, json_t *v, int depth)
 {
+	if (c->counting && ++c->values > EVENT_MAX_VALUES)
+		return vfail(c, EVENT_ERR_TOO_LARGE, "The event holds more than %d JSON values (objects, arrays, "
+						      "strings, numbers, literals).", EVENT_MAX_VALUES);
+	if (json_is_number(v) && !number_storable(v))
+		return vfail(c, EVENT_ERR_INVALID, "A number is out of the range this API carries (RFC 7493, I-JSON): "
+						   "an integer must be within +-(2^53 - 1), any other number zero or "
+						   "between 1e-15 and 2^53 in magnitude.");
 	if (!json_is_object(v) && !json_is_array(v))
 		return CW_OK;
 	if (depth > EVENT_MAX_DEPTH)
@@ -428,8 +452,10 @@ static cw_err string_member(struct vctx *c, json_t *obj, const char *key, unsign
 	return CW_OK;
 }
 
-/* A timestamp in milliseconds: 0 < ts < 2^53; *out is 0 when absent. */
-static cw_err ts_member(struct vctx *c, json_t *obj, const char *key, unsigned f, int64_t *out)
+/* A timestamp in milliseconds: 0 < ts < limit (limit_text, as the detail
+ * says it); *out is 0 when absent. */
+static cw_err ts_member(struct vctx *c, json_t *obj, const char *key, unsigned f, int64_t limit,
+		       const char *limit_text, int64_t *out)
 {
 	json_t *v;
 	jptr_mark m;
@@ -439,9 +465,9 @@ static cw_err ts_member(struct vctx *c, json_t *obj, const char *key, unsigned f
 		return rc;
 	if (v) {
 		json_int_t ts = json_integer_value(v);
-		if (ts <= 0 || ts >= EVENT_TS_LIMIT)
+		if (ts <= 0 || ts >= limit)
 			return vfail(c, EVENT_ERR_INVALID,
-				     "%s must be milliseconds since the epoch, above 0 and below 2^53.", key);
+				     "%s must be milliseconds since the epoch, above 0 and below %s.", key, limit_text);
 		*out = (int64_t)ts;
 	}
 	jptr_pop(&c->ptr, m);
@@ -832,7 +858,7 @@ static cw_err check_content(struct vctx *c, json_t *content, struct event *ev)
 	    (rc = msgid_member(c, content, "in_reply_to", &ev->in_reply_to)) ||
 	    (rc = msgid_member(c, content, "replaces", &ev->replaces)) ||
 	    (rc = string_member(c, content, "topic", M_NULLABLE, EVENT_TOPIC_MAX, &ev->topic)) ||
-	    (rc = ts_member(c, content, "expires", M_NULLABLE, &ev->expires)))
+	    (rc = ts_member(c, content, "expires", M_NULLABLE, EVENT_EXPIRES_LIMIT, "10^15", &ev->expires)))
 		return rc;
 	json_t *v;
 	jptr_mark m;
@@ -856,7 +882,10 @@ static cw_err check_event(struct vctx *c, json_t *root, unsigned flags, struct e
 	if (!json_is_object(root))
 		return vfail(c, EVENT_ERR_INVALID, "An event must be a JSON object, not %s.",
 			     json_type_phrase(json_typeof(root)));
+	c->counting = true;
+	c->values = 0;
 	cw_err rc = check_depth(c, root, 1);
+	c->counting = false;
 	if (rc)
 		return rc;
 
@@ -875,7 +904,7 @@ static cw_err check_event(struct vctx *c, json_t *root, unsigned flags, struct e
 	if ((rc = uri_member(c, root, "sender", 0, MIMI_USER, &ev->sender, &ev->has_sender)) ||
 	    (rc = uri_member(c, root, "room", (flags & EVENT_REQUIRE_ROOM) ? M_REQUIRED : 0, MIMI_ROOM, &ev->room,
 			     &ev->has_room)) ||
-	    (rc = ts_member(c, root, "ts", 0, &ev->ts)))
+	    (rc = ts_member(c, root, "ts", 0, EVENT_TS_LIMIT, "2^53", &ev->ts)))
 		return rc;
 
 	json_t *content;

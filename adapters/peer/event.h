@@ -109,13 +109,33 @@ struct event_limits event_limits_default(void);
  * '/', '\\' or control characters (C0, DEL, C1), not "." or "..". */
 bool event_filename_valid(const char *s);
 #define EVENT_CONTENT_TYPE_MAX 255    /* bytes of an attachment content_type */
-#define EVENT_TS_LIMIT 9007199254740992LL /* 2^53: ts and expires are below it */
+#define EVENT_TS_LIMIT 9007199254740992LL /* 2^53: ts, and every integer's magnitude, are below it */
+/* expires is below 10^15 (the year 33658): schema/014's event_expires(),
+ * which the expiry sweep and retention read, takes at most 15 digits (a
+ * longer one was accepted and then never expired, until the thirtieth
+ * session). */
+#define EVENT_EXPIRES_LIMIT 1000000000000000LL
+/* Numbers, anywhere in an event (unknown members too), are what the store
+ * keeps as they came (RFC 7493, I-JSON): an integer within +-(2^53 - 1),
+ * any other number 0 or of a magnitude from EVENT_REAL_MIN to below 2^53.
+ * PostgreSQL's jsonb writes a number out in plain decimal: 1e19 came back
+ * as 20 digits that jansson cannot read as an integer (the event went out
+ * without its content), 1e300 and 1e-300 as 301 digits each (5 bytes in,
+ * 301 stored).  Refused: invalid_body, pointing at the number. */
+#define EVENT_REAL_MIN 1e-15
+/* An event holds at most this many JSON values (every object, array,
+ * string, number, true, false and null, the event itself included):
+ * unknown members are kept and carried, and what they cost in memory
+ * (jansson holds each value in some 50-100 bytes) is bounded with them.
+ * More: too_large, pointing at the first value past the limit. */
+#define EVENT_MAX_VALUES 1024
 
 /* ------------------------------------------------------------ events
  *
  * An event body is one JSON object (UTF-8, no NUL anywhere, no duplicate keys
  * at any level, at most max_event_bytes, at most EVENT_MAX_DEPTH containers
- * deep). Envelope members:
+ * deep, at most EVENT_MAX_VALUES values, numbers as EVENT_REAL_MIN says).
+ * Envelope members:
  *   type      required: message edit delete reaction receipt typing
  *             membership block; anything else is refused
  *   sender    optional user URI (the peer's identity comes from its
@@ -142,7 +162,7 @@ bool event_filename_valid(const char *s);
  *   in_reply_to  null or a message id (msg_...)
  *   replaces     null or a message id; always the first version (as in MIMI)
  *   topic        null or a string of at most 1024 bytes
- *   expires      null or integer milliseconds, 0 < expires < 2^53
+ *   expires      null or integer milliseconds, 0 < expires < 10^15
  *   disposition  a MIMI disposition: unspecified render reaction profile
  *                inline icon attachment session preview
  *

@@ -143,6 +143,35 @@ def test_unknown_fields_are_passed_on(daemon, peers):
     assert ev["content"]["x_flag"] is True and ev["content"]["parts"][0]["lang"] == "de"
 
 
+def test_numbers_the_store_would_change_are_refused_where_they_are(daemon, peers, pg, db_url):
+    """The store (jsonb) writes numbers out in plain decimal: 1e19 came back
+    as 20 digits jansson could not read (the event went out without its
+    content), 1e300 as 301 digits.  Such numbers are refused, naming the
+    field (RFC 7493's range, event.h); those within it are passed on as
+    the same value (thirtieth session)."""
+    (a, _), (b, sb) = peers
+    rm = room(a, b)
+    tpl = ('{"type":"message","sender":"%s",%%s"content":{"parts":[{"type":"text/plain","body":"n"}]}}'
+           % a.user("alice"))
+    for field, where in (('"x":1e19,', "/x"), ('"x":{"k":[1,1e300]},', "/x/k/1"), ('"x":1e-300,', "/x"),
+                         ('"x":9007199254740992,', "/x"), ('"x":-9007199254740993,', "/x")):
+        r = a.call("POST", f"/v1/rooms/{rm['id']}/messages", raw=(tpl % field).encode(), idem="n" + where[-1])
+        assert r.status_code == 400, (field, r.text)
+        assert r.json()["code"] == "invalid_body" and "(at %s)" % where in r.json()["detail"], r.text
+        assert "2^53" in r.json()["detail"]
+    many = '"x":[%s],' % ",".join(["1"] * 1100)
+    r = a.call("POST", f"/v1/rooms/{rm['id']}/messages", raw=(tpl % many).encode(), idem="many")
+    assert r.status_code == 413 and r.json()["code"] == "too_large" and "1024" in r.json()["detail"], r.text
+    assert pg.psql("SELECT count(*) FROM events", db_url) == "0"
+    kept = '"x_int":9007199254740991,"x_neg":-9007199254740991,"x_real":0.1,"x_zero":-0.0,"x_small":1e-15,'
+    r = a.call("POST", f"/v1/rooms/{rm['id']}/messages", raw=(tpl % kept).encode(), idem="kept")
+    assert r.status_code == 202, r.text
+    ev = sb.wait_events(1)[0]
+    assert (ev["x_int"], ev["x_neg"], ev["x_real"], ev["x_zero"], ev["x_small"]) == (
+        9007199254740991, -9007199254740991, 0.1, 0.0, 1e-15)
+    assert ev["content"]["parts"][0]["body"] == "n"
+
+
 def test_idempotency(daemon, peers, pg, db_url):
     (a, _), (b, sb) = peers
     rm = room(a, b)
