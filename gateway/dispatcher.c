@@ -436,11 +436,13 @@ static int cmp_row(const void *a, const void *b)
 	return (x->id > y->id) - (x->id < y->id);
 }
 
-json_t *outbox_event_json(PGresult *r, int row, int col)
+json_t *outbox_event_json(PGresult *r, int row, int col, bool *unreadable)
 {
-	json_t *ev = json_loads(PQgetvalue(r, row, col + 1), 0, NULL);
+	json_error_t je;
+	json_t *ev = json_loads(PQgetvalue(r, row, col + 1), 0, &je);
+	*unreadable = !ev && json_error_code(&je) != json_error_out_of_memory;
 	if (!ev)
-		ev = json_object();
+		return NULL;
 	json_object_set_new(ev, "id", json_string(PQgetvalue(r, row, col)));
 	json_object_set_new(ev, "room", json_string(PQgetvalue(r, row, col + 2)));
 	json_object_set_new(ev, "room_id", json_string(PQgetvalue(r, row, col + 3)));
@@ -451,7 +453,28 @@ json_t *outbox_event_json(PGresult *r, int row, int col)
 	return ev;
 }
 
-/* Claims due rows of one destination into rows[*n...]; false on failure. */
+bool outbox_dead_unreadable(PGconn *c, const char *event, const char *destination, const char *claimed_by,
+			    cw_errmsg *e)
+{
+	LOG_KV(CW_LOG_ERROR, "a stored event does not parse as JSON: its row is a dead letter", "event", event,
+	       "destination", destination);
+	const char *params[] = { event, destination, claimed_by };
+	PGresult *r = PQexecParams(c,
+				   "UPDATE outbox o SET state = 'dead', claimed_by = NULL, claimed_until = NULL, "
+				   " last_error = 'its stored event does not parse as JSON (a number stored before the "
+				   "thirtieth session?): not sent' FROM events ev WHERE ev.public_id = $1 "
+				   " AND o.event_id = ev.id AND o.destination = $2 AND o.claimed_by = $3 "
+				   " AND o.state = 'in_flight'",
+				   3, NULL, params, NULL, NULL, 0);
+	bool ok = store_check(c, r, PGRES_COMMAND_OK, e) == CW_OK;
+	PQclear(r);
+	return ok;
+}
+
+/* Claims due rows of one destination into rows[*n...]; false on failure.
+ * A row whose stored event does not parse is made a dead letter in the
+ * claim's transaction; one that memory did not let be read stays in
+ * flight until its claim runs out, and goes again then. */
 static bool claim_destination(struct lane *l, const char *dest, struct outbox_row **rows, int *n, int *cap,
 			      cw_errmsg *e)
 {
@@ -479,12 +502,21 @@ static bool claim_destination(struct lane *l, const char *dest, struct outbox_ro
 		*cap = ncap;
 	}
 	for (int i = 0; i < got; i++) {
+		bool unreadable;
+		json_t *ev = outbox_event_json(r, i, 3, &unreadable);
+		if (!ev) {
+			if (unreadable && !outbox_dead_unreadable(l->c, PQgetvalue(r, i, 3), dest, l->name, e)) {
+				PQclear(r);
+				return false;
+			}
+			continue;
+		}
 		struct outbox_row *row = &(*rows)[(*n)++];
 		memset(row, 0, sizeof(*row));
 		row->id = atoll(PQgetvalue(r, i, 0));
 		snprintf(row->destination, sizeof(row->destination), "%s", PQgetvalue(r, i, 1));
 		row->attempts = atoi(PQgetvalue(r, i, 2));
-		row->event = outbox_event_json(r, i, 3);
+		row->event = ev;
 		row->event_id = atoll(PQgetvalue(r, i, 10));
 		row->target_id = atoll(PQgetvalue(r, i, 11));
 		if (!json_object_get(row->event, "type"))

@@ -51,8 +51,20 @@ long outbox_retry_after_ms(int64_t secs, int64_t ms);
 /* The event as a peer receives it (pushed or pulled), from row `row` of r
  * whose columns from `col` on are: the event's public id, its content
  * (text), the room's URI, the room's public id, the sender's URI, the
- * acceptance time (ms) and the event's ts.  A new reference. */
-json_t *outbox_event_json(PGresult *r, int row, int col);
+ * acceptance time (ms) and the event's ts.  A new reference; NULL when
+ * memory ran out, or (*unreadable set) when the stored content does not
+ * parse: a number stored before the thirtieth session that jansson cannot
+ * read (1e19, kept by jsonb as 20 digits).  Until then such an event went
+ * out as a shell (ids, no content) and was marked delivered. */
+json_t *outbox_event_json(PGresult *r, int row, int col, bool *unreadable);
+
+/* Makes the in-flight row of event (public id) to destination, claimed by
+ * claimed_by, whose stored event does not parse (outbox_event_json) a dead
+ * letter, with a log line: it can never be sent (a replay fails the same
+ * way), and its room's later rows go on.  False with e set if the database
+ * failed. */
+bool outbox_dead_unreadable(PGconn *c, const char *event, const char *destination, const char *claimed_by,
+			    cw_errmsg *e);
 
 /* An adapter's delivery: rows are in order (per room) for one destination.
  * *done: how many rows, from the first, the far side acknowledged; CW_OK

@@ -191,7 +191,23 @@ static bool try_answer(struct peer_pull *p, struct waiter *w, bool final)
 		 * with the rest by the next request's after). */
 		if (PQgetvalue(r, i, 8)[0] == 'f')
 			continue;
-		json_t *ev = outbox_event_json(r, i, 1);
+		bool unreadable;
+		json_t *ev = outbox_event_json(r, i, 1, &unreadable);
+		if (!ev && !unreadable) {
+			json_decref(events);
+			cw_fail(&e, CW_ENOMEM, "out of memory");
+			goto fail;
+		}
+		if (!ev) {
+			/* Never a shell without content (until the thirtieth
+			 * session): a dead letter, which the cursor does not
+			 * acknowledge (it acknowledges rows in flight only). */
+			char by[32];
+			snprintf(by, sizeof(by), "pull#%s", PQgetvalue(r, i, 0));
+			cw_errmsg ignored;
+			outbox_dead_unreadable(p->c, PQgetvalue(r, i, 1), w->destination, by, &ignored);
+			continue;
+		}
 		json_array_append_new(events, p->app ? peer_media_offer(p->app, w->destination + 5, ev) : json_incref(ev));
 		json_decref(ev);
 	}

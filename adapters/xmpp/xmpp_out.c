@@ -114,13 +114,21 @@ static const char *col(PGresult *r, int row, int c)
 	return PQgetisnull(r, row, c) ? NULL : PQgetvalue(r, row, c);
 }
 
-/* The JSON of column c, or NULL: when the column is null, or (*oom set)
- * when the database's JSON could not be read, which only memory stops. */
+/* The JSON of column c, or NULL: when the column is null, when (*oom set)
+ * memory ran out, or, with a log line, when it does not parse: a quoted
+ * event stored before the thirtieth session with a number jansson cannot
+ * read (1e19, kept by jsonb as 20 digits), which then goes without its
+ * quote, as one whose content retention erased. */
 static json_t *col_json(PGresult *r, int row, int c, bool *oom)
 {
-	json_t *j = col(r, row, c) ? json_loads(col(r, row, c), 0, NULL) : NULL;
-	if (!j && col(r, row, c))
-		*oom = true;
+	json_error_t je;
+	json_t *j = col(r, row, c) ? json_loads(col(r, row, c), 0, &je) : NULL;
+	if (!j && col(r, row, c)) {
+		if (json_error_code(&je) == json_error_out_of_memory)
+			*oom = true;
+		else
+			LOG_KV(CW_LOG_WARN, "a quoted stored event does not parse as JSON: sent without the quote");
+	}
 	return j;
 }
 

@@ -172,6 +172,30 @@ def test_numbers_the_store_would_change_are_refused_where_they_are(daemon, peers
     assert ev["content"]["parts"][0]["body"] == "n"
 
 
+def test_a_stored_event_that_does_not_parse_is_a_dead_letter_not_an_empty_shell(daemon, peers, pg, db_url):
+    """An event stored before the thirtieth session may hold a number that
+    jansson cannot read back (1e19, stored as 20 digits): until then it was
+    pushed as a shell (ids, no content) and marked delivered.  Now its row
+    is a dead letter, said in the log, and the room's later rows go on."""
+    (a, _), (b, sb) = peers
+    rm = room(a, b)
+    assert daemon.admin("POST", "/peers/tg/disable").status_code == 200
+    bad = a.send(rm["id"], a.user("alice"), "stored before the fix").json()["id"]
+    after = a.send(rm["id"], a.user("alice"), "after it").json()["id"]
+    pg.psql("UPDATE events SET content = jsonb_set(content, '{x}', '10000000000000000000'::jsonb) "
+            f"WHERE public_id = '{bad}'", db_url)
+    assert daemon.admin("POST", "/peers/tg/enable").status_code == 200
+    got = sb.wait_events(1)
+    assert [e["id"] for e in got] == [after] and got[0]["content"]["parts"][0]["body"] == "after it"
+    row = pg.psql("SELECT o.state, o.last_error FROM outbox o JOIN events e ON e.id = o.event_id "
+                  f"WHERE e.public_id = '{bad}' AND o.destination = 'peer:tg'", db_url)
+    assert row.startswith("dead|") and "does not parse" in row, row
+    rec = daemon.wait_for(lambda r: r.get("msg", "").startswith("a stored event does not parse"))
+    assert rec["event"] == bad and rec["destination"] == "peer:tg"
+    time.sleep(0.5)
+    assert [e["id"] for e in sb.events] == [after]
+
+
 def test_idempotency(daemon, peers, pg, db_url):
     (a, _), (b, sb) = peers
     rm = room(a, b)

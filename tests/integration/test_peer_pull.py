@@ -255,6 +255,33 @@ def test_a_backlog_of_large_events_comes_in_several_bounded_answers(make_daemon,
     srv.close()
 
 
+def test_a_stored_event_that_does_not_parse_is_not_pulled_as_an_empty_shell(daemon, pg, db_url):
+    """As for a push (test_peer_api.py): an event stored before the
+    thirtieth session with a number jansson cannot read (1e19, stored as
+    20 digits) was handed out as a shell without content.  Now it is left
+    out of the answer, its row a dead letter, said in the log; the room's
+    next event comes in the same answer."""
+    a, b, rm, srv = make_peers(daemon)
+    nxt = b.call("GET", "/v1/events?after=0").json()["next"]
+    bad = a.send(rm["id"], a.user("alice"), "stored before the fix").json()["id"]
+    after = a.send(rm["id"], a.user("alice"), "after it").json()["id"]
+    pg.psql("UPDATE events SET content = jsonb_set(content, '{x}', '10000000000000000000'::jsonb) "
+            f"WHERE public_id = '{bad}'", db_url)
+    got = b.call("GET", f"/v1/events?after={nxt}").json()
+    assert [e["id"] for e in got["events"]] == [after], got
+    assert got["events"][0]["content"]["parts"][0]["body"] == "after it"
+    row = pg.psql("SELECT o.state, o.last_error FROM outbox o JOIN events e ON e.id = o.event_id "
+                  f"WHERE e.public_id = '{bad}'", db_url)
+    assert row.startswith("dead|") and "does not parse" in row, row
+    rec = daemon.wait_for(lambda r: r.get("msg", "").startswith("a stored event does not parse"))
+    assert rec["event"] == bad and rec["destination"] == "peer:tg"
+    # Acknowledged with the rest, it stays a dead letter.
+    b.call("GET", f"/v1/events?after={got['next']}")
+    assert pg.psql("SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id "
+                   f"WHERE e.public_id = '{bad}'", db_url) == "dead"
+    srv.close()
+
+
 def test_a_pull_that_the_database_fails_is_503_and_the_next_one_works(make_daemon, db_url, pg):
     """The pull's lock and hand-out go as one pipeline: when either
     statement fails (here each waits out its statement timeout behind a
