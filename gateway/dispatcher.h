@@ -85,6 +85,12 @@ struct dispatcher_opts {
 	long retry_max_ms;
 	long typing_stale_ms;     /* typing rows older than this are expired, not sent (0: never) */
 	long claim_timeout_s;
+	/* What one claim holds at most of its rows' stored events, in bytes
+	 * (each counted as its text plus 512; always at least one row):
+	 * server.max_body_bytes, as a pull answer (0: 1 MiB).  Since the
+	 * thirtieth session; until then 250 rows of 60 KB were all held at
+	 * once, per lane. */
+	long claim_bytes;
 	deliver_fn peer_deliver;  /* destinations "peer:*" */
 	void *peer_ctx;
 	deliver_fn local_deliver;  /* destination local_destination: the local adapter (NULL: none) */

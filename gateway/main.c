@@ -515,6 +515,7 @@ int main(int argc, char **argv)
 	snprintf(dname, sizeof(dname), "%.200s:%d:%08x", host, (int)getpid(), (unsigned)nonce);
 	struct dispatcher_opts dopt = {
 		.url = cfg.db_url, .name = dname, .batch_max = (int)cfg.dispatch_batch_max, .lanes = (int)cfg.dispatch_lanes,
+		.claim_bytes = (long)cfg.max_body_bytes,
 		.retry_budget = (int)cfg.retry_budget, .retry_base_ms = cfg.retry_base_ms,
 		.retry_max_ms = cfg.retry_max_ms, .claim_timeout_s = cfg.claim_timeout_s,
 		.typing_stale_ms = cfg.typing_stale_ms,

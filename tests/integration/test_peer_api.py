@@ -196,6 +196,29 @@ def test_a_stored_event_that_does_not_parse_is_a_dead_letter_not_an_empty_shell(
     assert [e["id"] for e in sb.events] == [after]
 
 
+def test_a_claim_holds_about_max_body_bytes_of_events(daemon, peers):
+    """The dispatcher claims at most dispatcher.batch_max rows and, since
+    the thirtieth session, at most about server.max_body_bytes (1 MiB) of
+    their stored events (always one): a backlog of large events goes in
+    several pushes, in order.  Until then a claim held 250 rows whatever
+    their size, all in memory at once (a review measured 268 MB)."""
+    (a, _), (b, sb) = peers
+    rm = room(a, b)
+    sizes = []
+    handle = sb.handle
+
+    def sized(method, path, headers, body, port):
+        sizes.append(len(body))
+        return handle(method, path, headers, body, port)
+    sb.handle = sized
+    assert daemon.admin("POST", "/peers/tg/disable").status_code == 200
+    ids = [a.send(rm["id"], a.user("alice"), f"{i}", pad="y" * 60000).json()["id"] for i in range(40)]
+    assert daemon.admin("POST", "/peers/tg/enable").status_code == 200
+    got = sb.wait_events(40, timeout=60)
+    assert [e["id"] for e in got] == ids
+    assert len(sizes) >= 3 and max(sizes) <= 1024 * 1024, sizes
+
+
 def test_idempotency(daemon, peers, pg, db_url):
     (a, _), (b, sb) = peers
     rm = room(a, b)
