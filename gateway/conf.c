@@ -33,7 +33,8 @@ const struct cfg_option cfg_options[] = {
 	{ "server", "connection_timeout_s", CFG_INT, OFF(connection_timeout_s), "30", 1, 3600, false, false,
 	  "idle HTTP connections are closed after this many seconds" },
 	{ "server", "max_body_bytes", CFG_SIZE, OFF(max_body_bytes), "1MiB", 1024, 64L << 20, false, false,
-	  "largest request body accepted (larger: 413); suffixes KiB, MiB" },
+	  "largest request body accepted (larger: 413), and about the most of stored events in one pull answer or "
+	  "one delivery batch; suffixes KiB, MiB" },
 	{ "server", "drain_timeout_ms", CFG_INT, OFF(drain_timeout_ms), "10000", 0, 600000, false, false,
 	  "on SIGTERM, how long in-flight requests may take before the daemon exits anyway" },
 	{ "server", "public_url", CFG_STR, OFF(public_url), "", 0, 0, false, false,
