@@ -10,29 +10,63 @@
 /* An outbox row still owed to someone (a dead letter may be replayed). */
 #define OPEN "AND o.state IN ('pending', 'held', 'in_flight', 'failed', 'dead')"
 
+/* What an erased event keeps of its content (e: the event): nothing, but
+ * for two kinds.  A message that expires keeps when and from whom (type,
+ * sender, content.expires): the expiry sweep (policy_live.c) finds it by
+ * that, takes it back from the local networks (a delete event from its
+ * sender) and erases the rest.  A reaction keeps its emoji (its first
+ * part's type and body): XEP-0444 sends a user's whole set of reactions to
+ * a message, which the XMPP adapter makes from the stored reactions both
+ * ways (xmpp_in.c, xmpp_out.c read content.parts[0].body); erased, an old
+ * one would drop out of the set (removed from XMPP clients, never deleted
+ * at the peer: a review's finding).  Until the thirtieth session both kept
+ * their whole content until their family was deleted (rows_days, off by
+ * default), unknown members included: a far expiry (the year 33658) or a
+ * 60 KB unknown member of a reaction kept a peer's content for ever. */
+#define KEPT_CONTENT(e) \
+	"CASE WHEN " e ".type = 'message' AND event_expires(" e ".content) IS NOT NULL " \
+	" THEN jsonb_strip_nulls(jsonb_build_object('type', 'message', 'sender', " e ".content->'sender', " \
+	"  'content', jsonb_build_object('expires', " e ".content->'content'->'expires'))) " \
+	" WHEN " e ".type = 'reaction' AND jsonb_typeof(" e ".content->'content'->'parts'->0) = 'object' " \
+	" THEN jsonb_build_object('type', 'reaction', 'content', jsonb_build_object('parts', jsonb_build_array(" \
+	"  jsonb_strip_nulls(jsonb_build_object('type', " e ".content->'content'->'parts'->0->'type', " \
+	"  'body', " e ".content->'content'->'parts'->0->'body'))))) " \
+	" ELSE '{}'::jsonb END"
+
 /* Events old enough whose deliveries are all closed (delivered, dropped,
- * expired, or none at all): their content goes, as for a held message no
- * one will receive (policy_live.c).  A message whose content.expires is
- * still to come keeps it: the expiry sweep (policy_live.c) finds it by
- * that content, takes it back from the local networks and erases it then.
- * A reaction keeps its emoji (a few bytes): XEP-0444 sends a user's whole
- * set of reactions to a message, which the XMPP adapter makes from the
- * stored reactions both ways; erased, an old one would drop out of the set
- * (removed from XMPP clients, never deleted at the peer: a review's
- * finding).
+ * expired, or none at all): their content goes, but for what KEPT_CONTENT
+ * keeps, as for a held message no one will receive (policy_live.c).
  * events_content_kept_idx (schema/025) holds only the events that still
- * have content, in accepted_at order: an erased event leaves it, so a run
- * reads the events due and those kept, never the erased bulk of the
- * table.  The outbox rows of each are found by outbox_event_dest_key
- * (event_id first).  The re-check under the lock skips an event another
- * statement erased meanwhile.  $1: days, $2: batch. */
+ * have content, in accepted_at order: an erased event leaves it (one that
+ * keeps something stays, and is read again by each run, as it always
+ * was), so a run reads the events due and those kept, never the erased
+ * bulk of the table.  The outbox rows of each are found by
+ * outbox_event_dest_key (event_id first).  The re-check under the lock
+ * skips an event another statement erased meanwhile.  $1: days, $2:
+ * batch. */
 static const char content_sql[] =
 	"WITH x AS (SELECT e.id FROM events e "
 	"  WHERE e.content <> '{}'::jsonb AND e.accepted_at < now() - make_interval(days => $1::int) "
-	"  AND NOT (e.type = 'message' AND event_expires(e.content) IS NOT NULL) AND e.type <> 'reaction' "
+	"  AND e.content <> " KEPT_CONTENT("e") " "
 	"  AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = e.id " OPEN ") "
 	"  ORDER BY e.accepted_at LIMIT $2::int FOR UPDATE OF e SKIP LOCKED) "
-	"UPDATE events e SET content = '{}'::jsonb FROM x WHERE e.id = x.id AND e.content <> '{}'::jsonb";
+	"UPDATE events e SET content = " KEPT_CONTENT("e") " FROM x "
+	"WHERE e.id = x.id AND e.content <> " KEPT_CONTENT("e");
+
+/* A message whose expiry is still to come rows_days ($1) after it was
+ * accepted has it brought forward to now ($3, ms): the expiry sweep takes
+ * it back from the local networks within a second and erases it, and the
+ * next run deletes it with its family (DUE waits for an expiry to come:
+ * the sweep takes a message back by its stored content and native ids).
+ * Until the thirtieth session such a row waited for its expiry, for ever
+ * for one in the year 33658.  By events_expires_idx (schema/014): only the
+ * messages that expire are read.  $2: batch. */
+static const char expiry_due_sql[] =
+	"WITH x AS (SELECT e.id FROM events e WHERE event_expires(e.content) > $3::bigint "
+	"  AND e.type = 'message' AND e.accepted_at < now() - make_interval(days => $1::int) "
+	"  ORDER BY e.id LIMIT $2::int FOR UPDATE OF e SKIP LOCKED) "
+	"UPDATE events e SET content = jsonb_set(e.content, '{content,expires}', to_jsonb($3::bigint)) FROM x "
+	"WHERE e.id = x.id";
 
 /* By idempotency_keys_created_idx.  A retry of the room creation after
  * this makes a new room: a peer's retries come within minutes. */
@@ -217,12 +251,32 @@ static cw_err run(PGconn *c, const char *sql, long days, long *count, cw_errmsg 
 	return CW_OK;
 }
 
+/* expiry_due_sql, its own transaction; days 0: nothing run. */
+static cw_err run_expiry_due(PGconn *c, long days, cw_errmsg *e)
+{
+	if (days <= 0)
+		return CW_OK;
+	char d[24], n[24], now[24];
+	snprintf(d, sizeof(d), "%ld", days);
+	snprintf(n, sizeof(n), "%d", RETENTION_BATCH);
+	snprintf(now, sizeof(now), "%lld", (long long)cw_wall_ms());
+	const char *params[] = { d, n, now };
+	PGresult *r = PQexecParams(c, expiry_due_sql, 3, NULL, params, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_COMMAND_OK, e);
+	if (rc)
+		return rc;
+	PQclear(r);
+	return CW_OK;
+}
+
 cw_err retention_sweep(PGconn *c, const struct cw_config *cfg, long counts[RETENTION_KINDS], cw_errmsg *e)
 {
 	for (int i = 0; i < RETENTION_KINDS; i++)
 		counts[i] = 0;
 	/* Rows first: the content of what they delete is not erased first. */
-	cw_err rc = run_rows(c, cfg->retention_rows_days, &counts[3], e);
+	cw_err rc = run_expiry_due(c, cfg->retention_rows_days, e);
+	if (!rc)
+		rc = run_rows(c, cfg->retention_rows_days, &counts[3], e);
 	if (!rc)
 		rc = run(c, content_sql, cfg->retention_content_days, &counts[0], e);
 	if (!rc)

@@ -6,6 +6,7 @@ deleted, what is still owed to someone is kept, and a setting of 0 keeps
 that kind for ever.  Data is made
 through the peer API and made old with SQL; retention.interval_s is 1 here
 (60 by default)."""
+import json
 import subprocess
 import threading
 import time
@@ -138,8 +139,17 @@ def test_old_delivered_content_is_erased_and_what_is_owed_is_kept(make_daemon, d
                 and attempts_of(pg, db_url, old_pushed) == 0)
     wait_until(swept, timeout=30, interval=0.2, what="the retention sweep")
     # The same statements kept what is young or still owed.
-    after = contents(pg, db_url, [young_done, old_expiring, old_open, old_dead, young_pushed, old_reaction])
+    after = contents(pg, db_url, [young_done, old_open, old_dead, young_pushed])
     assert after == {k: before[k] for k in after}
+    # Of a message that expires later, only what its expiry needs (when
+    # and from whom: the delete it sends); of a reaction, its emoji (XMPP's
+    # sets are made from them).  Until the thirtieth session both were
+    # kept whole: a far expiry, or a reaction's unknown members, kept a
+    # peer's content for ever.
+    trimmed = contents(pg, db_url, [old_expiring, old_reaction])
+    assert json.loads(trimmed[old_expiring]) == {"type": "message", "sender": alice, "content": {"expires": later}}
+    assert json.loads(trimmed[old_reaction]) == {"type": "reaction", "content": {
+        "parts": [{"type": "text/plain", "body": "\u2764"}]}}
     assert "room-young" in keys(pg, db_url)
     assert attempts_of(pg, db_url, young_pushed) == 1
     # Rows stay: the senders still see the status, the trace resolves.
@@ -161,6 +171,45 @@ def test_old_delivered_content_is_erased_and_what_is_owed_is_kept(make_daemon, d
     wait_until(lambda: contents(pg, db_url, [old_open])[old_open] == "{}", timeout=30, interval=0.2,
                what="the pulled message erased")
     assert contents(pg, db_url, [old_dead])[old_dead] == before[old_dead]
+    srv.close()
+
+
+def test_content_goes_at_content_days_whatever_its_expiry_and_rows_at_rows_days(make_daemon, db_url, pg):
+    """A review (r4) kept content for ever: a message expiring in the year
+    33658 kept its text past content_days and its row past rows_days, and
+    a reaction its unknown members (60 KB).  Now content goes at whichever
+    comes first, its expiry or content_days (what the expiry needs is
+    kept: when, and from whom); a reaction keeps only its emoji; and a
+    message whose expiry is still to come at rows_days is taken back then
+    (its expiry brought forward), and deleted with its family."""
+    d, a, b, rm, srv = started_with_peers(make_daemon, db_url)
+    alice = a.user("alice")
+    ctrl = a.send(rm["id"], alice, "control").json()["id"]
+    far = a.send(rm["id"], alice, "", content={
+        "parts": [{"type": "text/plain", "body": "kept for ever"}], "expires": 999999999999999}).json()["id"]
+    fat = a.call("POST", f"/v1/rooms/{rm['id']}/messages", {
+        "type": "reaction", "sender": alice, "x": {"blob": "x" * 30000}, "content": {
+            "in_reply_to": ctrl, "disposition": "reaction", "blob": "x" * 30000,
+            "parts": [{"type": "text/plain", "body": "\u2764", "lang": "x" * 100}]}}, idem="fat-reaction")
+    assert fat.status_code == 202, fat.text
+    fat = fat.json()["id"]
+    pull_and_ack(b)
+    wait_until(lambda: all(delivered(pg, db_url, m) for m in (ctrl, far, fat)), what="the pull ack")
+    age(pg, db_url, events=[ctrl, far, fat])
+    wait_until(lambda: contents(pg, db_url, [ctrl, far, fat]) == {
+        ctrl: "{}",
+        far: json.dumps({"type": "message", "sender": alice, "content": {"expires": 999999999999999}}),
+        fat: json.dumps({"type": "reaction", "content": {"parts": [{"body": "\u2764", "type": "text/plain"}]}},
+                        ensure_ascii=False)},
+        timeout=30, interval=0.2, what="the contents erased")
+    # Past rows_days: taken back (its expiry brought forward to now; no
+    # local network here to take it back from), then deleted with the
+    # rest of the family.
+    age(pg, db_url, older=[ctrl, far, fat])
+    wait_until(lambda: not any(event_exists(pg, db_url, m) for m in (ctrl, far, fat)), timeout=30, interval=0.2,
+               what="the old events deleted")
+    rec = d.wait_for(lambda r: r.get("msg") == "expired messages taken back")
+    assert int(rec.get("messages", 1)) >= 1
     srv.close()
 
 
