@@ -929,6 +929,28 @@ def test_receipts_and_typing(daemon, peers):
     assert b.call("POST", f"/v1/rooms/{rm['id']}/receipts", bad).status_code == 400
 
 
+def test_a_typing_notification_is_stored_and_sent_without_unknown_members(daemon, peers, pg, db_url):
+    """A typing notification is a moment's state: every one is a row, kept
+    until retention.rows_days (off by default).  Since the thirtieth
+    session only its state is stored and sent (type, sender, room, ts,
+    content.state): 20 of them with 30 KB of padding each were 600 KB kept
+    for ever (r4)."""
+    (a, sa), (b, sb) = peers
+    rm = room(a, b)
+    for i in range(3):
+        typing = {"type": "typing", "sender": b.user("bob"), "x": [1, 2], "ts": 1764300000000 + i,
+                  "content": {"state": "start", "pad": "y" * 30000}}
+        r = b.call("POST", f"/v1/rooms/{rm['id']}/typing", typing)
+        assert r.status_code == 202, r.text
+    got = sa.wait_events(3)
+    assert [e["content"] for e in got] == [{"state": "start"}] * 3
+    assert "x" not in got[0] and got[0]["ts"] == 1764300000000 and got[0]["sender"] == b.user("bob")
+    assert int(pg.psql("SELECT max(octet_length(content::text)) FROM events WHERE type = 'typing'", db_url)) < 200
+    # The messages' own unknown members are kept as ever.
+    r = a.send(rm["id"], a.user("alice"), "x", x_vendor={"k": [1, 2]})
+    assert r.status_code == 202 and sb.wait_events(1)[0]["x_vendor"] == {"k": [1, 2]}
+
+
 def test_typing_too_old_to_be_shown_is_expired_not_sent_late(make_daemon, db_url, pg):
     """Typing is best-effort: a notification that could not be sent within
     dispatcher.typing_stale_ms (its peer was down) is expired, not shown
