@@ -54,18 +54,20 @@ static const char content_sql[] =
 	"WHERE e.id = x.id AND e.content <> " KEPT_CONTENT("e");
 
 /* A message whose expiry is still to come rows_days ($1) after it was
- * accepted has it brought forward to now ($3, ms): the expiry sweep takes
- * it back from the local networks within a second and erases it, and the
- * next run deletes it with its family (DUE waits for an expiry to come:
- * the sweep takes a message back by its stored content and native ids).
- * Until the thirtieth session such a row waited for its expiry, for ever
- * for one in the year 33658.  By events_expires_idx (schema/014): only the
- * messages that expire are read.  $2: batch. */
+ * accepted has it brought forward to now (the database's clock, in ms: a
+ * daemon whose clock is behind it takes it back that much later): the
+ * expiry sweep takes it back from the local networks within a second and
+ * erases it, and the next run deletes it with its family (DUE waits for
+ * an expiry to come: the sweep takes a message back by its stored content
+ * and native ids).  Until the thirtieth session such a row waited for its
+ * expiry, for ever for one in the year 33658.  By events_expires_idx
+ * (schema/014): only the messages that expire are read.  $2: batch. */
 static const char expiry_due_sql[] =
-	"WITH x AS (SELECT e.id FROM events e WHERE event_expires(e.content) > $3::bigint "
+	"WITH t AS (SELECT (extract(epoch FROM now()) * 1000)::bigint AS ms), "
+	"x AS (SELECT e.id FROM events e WHERE event_expires(e.content) > (SELECT ms FROM t) "
 	"  AND e.type = 'message' AND e.accepted_at < now() - make_interval(days => $1::int) "
 	"  ORDER BY e.id LIMIT $2::int FOR UPDATE OF e SKIP LOCKED) "
-	"UPDATE events e SET content = jsonb_set(e.content, '{content,expires}', to_jsonb($3::bigint)) FROM x "
+	"UPDATE events e SET content = jsonb_set(e.content, '{content,expires}', to_jsonb((SELECT ms FROM t))) FROM x "
 	"WHERE e.id = x.id";
 
 /* By idempotency_keys_created_idx.  A retry of the room creation after
@@ -251,30 +253,13 @@ static cw_err run(PGconn *c, const char *sql, long days, long *count, cw_errmsg 
 	return CW_OK;
 }
 
-/* expiry_due_sql, its own transaction; days 0: nothing run. */
-static cw_err run_expiry_due(PGconn *c, long days, cw_errmsg *e)
-{
-	if (days <= 0)
-		return CW_OK;
-	char d[24], n[24], now[24];
-	snprintf(d, sizeof(d), "%ld", days);
-	snprintf(n, sizeof(n), "%d", RETENTION_BATCH);
-	snprintf(now, sizeof(now), "%lld", (long long)cw_wall_ms());
-	const char *params[] = { d, n, now };
-	PGresult *r = PQexecParams(c, expiry_due_sql, 3, NULL, params, NULL, NULL, 0);
-	cw_err rc = store_check(c, r, PGRES_COMMAND_OK, e);
-	if (rc)
-		return rc;
-	PQclear(r);
-	return CW_OK;
-}
-
 cw_err retention_sweep(PGconn *c, const struct cw_config *cfg, long counts[RETENTION_KINDS], cw_errmsg *e)
 {
 	for (int i = 0; i < RETENTION_KINDS; i++)
 		counts[i] = 0;
 	/* Rows first: the content of what they delete is not erased first. */
-	cw_err rc = run_expiry_due(c, cfg->retention_rows_days, e);
+	long brought;
+	cw_err rc = run(c, expiry_due_sql, cfg->retention_rows_days, &brought, e);
 	if (!rc)
 		rc = run_rows(c, cfg->retention_rows_days, &counts[3], e);
 	if (!rc)
