@@ -489,8 +489,8 @@ bool outbox_dead_unreadable(PGconn *c, const char *event, const char *destinatio
 
 /* Claims due rows of one destination into rows[*n...]; false on failure.
  * A row whose stored event does not parse is made a dead letter in the
- * claim's transaction; one that memory did not let be read stays in
- * flight until its claim runs out, and goes again then. */
+ * claim's transaction; memory short for one fails the claim (rolled back:
+ * a later row of its room must not go first). */
 static bool claim_destination(struct lane *l, const char *dest, struct outbox_row **rows, int *n, int *cap,
 			      cw_errmsg *e)
 {
@@ -521,13 +521,14 @@ static bool claim_destination(struct lane *l, const char *dest, struct outbox_ro
 	for (int i = 0; i < got; i++) {
 		bool unreadable;
 		json_t *ev = outbox_event_json(r, i, 3, &unreadable);
-		if (!ev) {
-			if (unreadable && !outbox_dead_unreadable(l->c, PQgetvalue(r, i, 3), dest, l->name, e)) {
-				PQclear(r);
-				return false;
-			}
-			continue;
+		if (!ev && (!unreadable || !outbox_dead_unreadable(l->c, PQgetvalue(r, i, 3), dest, l->name, e))) {
+			if (!unreadable)
+				cw_fail(e, CW_ENOMEM, "out of memory");
+			PQclear(r);
+			return false;
 		}
+		if (!ev)
+			continue;
 		struct outbox_row *row = &(*rows)[(*n)++];
 		memset(row, 0, sizeof(*row));
 		row->id = atoll(PQgetvalue(r, i, 0));
