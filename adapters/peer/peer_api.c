@@ -279,7 +279,7 @@ void peer_api_directory(struct cw_req *req, void *ctx)
 	json_t *d = json_pack(
 		"{s:s, s:s, s:{s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s},"
 		" s:[s,s,s], s:[s,s,s,s,s,s,s,s], s:[s,s,s,s,s,s,s,s,s,s,s],"
-		" s:{s:I, s:I, s:I, s:I, s:I, s:I}, s:{s:s, s:s, s:s}, s:{s:s, s:[s,s,s,s,s], s:I}}",
+		" s:{s:I, s:I, s:I, s:I, s:I, s:I, s:I}, s:{s:s, s:s, s:s}, s:{s:s, s:[s,s,s,s,s], s:I}}",
 		"profile", "causeway-mimi-json/1",
 		"domain", app->cfg->domain,
 		"endpoints",
@@ -312,6 +312,7 @@ void peer_api_directory(struct cw_req *req, void *ctx)
 		"max_attachments", (json_int_t)lim.max_attachments,
 		"max_batch_events", (json_int_t)lim.max_batch,
 		"max_request_bytes", (json_int_t)app->cfg->max_body_bytes,
+		"max_event_values", (json_int_t)EVENT_MAX_VALUES,
 		"public_key", "alg", "ed25519", "keyid", app->cfg->domain, "key", app->public_key_b64,
 		"signatures", "tag", app->cfg->signature_tag,
 		"components", "@method", "@target-uri", "content-digest", "content-type", "idempotency-key",

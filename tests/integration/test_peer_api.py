@@ -43,6 +43,7 @@ def test_directory(daemon):
     # twenty-first session there were no such settings), the default batch.
     assert "policy_url" not in d and "abuse_contact" not in d
     assert d["limits"]["max_batch_events"] == 256
+    assert d["limits"]["max_event_values"] == 1024
     # What this profile does, one name per feature with an endpoint behind it.
     assert d["features"] == ["push", "pull", "batch", "receipts", "typing", "media", "consent", "blocks",
                              "reports", "identifiers", "profiles"]
