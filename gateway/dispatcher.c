@@ -316,7 +316,8 @@ static const struct store_stmt lane_stmts[] = {
 		 * (blocked, above) and keep their order. */
 		"sized AS (SELECT due.id, t.content, sum(octet_length(t.content) + " CLAIM_EVENT_OVERHEAD ") "
 		" OVER (ORDER BY due.id) AS upto, row_number() OVER (ORDER BY due.id) AS n "
-		" FROM due JOIN events se ON se.id = due.event_id CROSS JOIN LATERAL (SELECT se.content::text AS content) t), "
+		" FROM due JOIN events se ON se.id = due.event_id "
+		" CROSS JOIN LATERAL (SELECT se.content::text AS content) t), "
 		"take AS (SELECT id, content FROM sized WHERE upto <= $5::bigint OR n = 1) "
 		"UPDATE outbox o SET state = 'in_flight', claimed_by = $2, "
 		" claimed_until = now() + make_interval(secs => $3::int), attempts = o.attempts + 1 "
