@@ -164,59 +164,18 @@ static CURLcode perform(struct handle h, const struct cw_app *app, bool *cut)
 /* How long rows wait when the peer's address could not be read. */
 #define DB_RETRY_MS 1000L
 
-cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_row *rows, size_t n, size_t *done,
-			long *code, cw_errmsg *e)
+/* One signed POST of {"events": events} to url: CW_OK on a 2xx, else e
+ * says why, *code holds the status (0: no answer), *wait_s the
+ * Retry-After of a 429 or 503 (0: none) and *stopped whether the daemon's
+ * stop cut it off. */
+static cw_err post_events(struct peer_out *p, const char *url, json_t *events, long *code, curl_off_t *wait_s,
+			  bool *stopped, cw_errmsg *e)
 {
-	struct peer_out *p = ctx;
 	*code = 0;
-	*done = 0; /* all or nothing: the peer acknowledges the whole batch */
-	const char *name = destination + 5; /* "peer:" */
-	PGresult *r = PQexecParams(c, "SELECT push_url, event_types::text FROM peers WHERE name = $1 AND mode = 'push' "
-				      "AND enabled", 1, NULL, &name, NULL, NULL, 0);
-	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
-		/* The database failed, not the peer: nothing was tried, so the
-		 * rows go back untried for a second (the attempt not counted,
-		 * the dispatcher's statements reconnect within the claim).  It
-		 * used to be recorded as an attempt that found no push URL. */
-		cw_fail(e, CW_EUNAVAIL, "cannot read peer %s: %s", name, r ? PQresultErrorMessage(r) : PQerrorMessage(c));
-		PQclear(r);
-		for (size_t i = 0; i < n; i++) {
-			rows[i].outcome = 3;
-			rows[i].retry_after_ms = DB_RETRY_MS;
-		}
-		return CW_EUNAVAIL;
-	}
-	if (PQntuples(r) != 1) {
-		PQclear(r);
-		return cw_fail(e, CW_ENOTFOUND, "peer %s has no push URL (disabled or pull mode)", name);
-	}
-	char url[2200];
-	const char *base = PQgetvalue(r, 0, 0);
-	size_t blen = strlen(base);
-	while (blen && base[blen - 1] == '/')
-		blen--;
-	snprintf(url, sizeof(url), "%.*s/v1/notify", (int)blen, base);
-	/* Events of a type the peer does not take are not sent (and count as
-	 * done: there is nothing to send them as), so that they never cost
-	 * the peer's refusal of a batch with messages in it. */
-	char types[160] = "";
-	bool all_types = PQgetisnull(r, 0, 1);
-	snprintf(types, sizeof(types), "%s", PQgetvalue(r, 0, 1));
-	PQclear(r);
-
-	json_t *events = json_array();
-	for (size_t i = 0; i < n; i++) {
-		const char *type = json_string_value(json_object_get(rows[i].event, "type"));
-		if (all_types || !type || peer_event_type_wanted(types, type))
-			json_array_append_new(events, peer_media_offer(p->app, name, rows[i].event));
-	}
-	if (json_array_size(events) == 0) {
-		json_decref(events);
-		*done = n;
-		return CW_OK;
-	}
-	json_t *body = json_pack("{s:o}", "events", events);
-	char *text = json_dumps(body, JSON_COMPACT);
+	*wait_s = 0;
+	*stopped = false;
+	json_t *body = json_pack("{s:O}", "events", events);
+	char *text = body ? json_dumps(body, JSON_COMPACT) : NULL;
 	json_decref(body);
 	if (!text)
 		return cw_fail(e, CW_ENOMEM, "out of memory");
@@ -265,8 +224,7 @@ cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct ou
 	curl_easy_setopt(cu, CURLOPT_WRITEDATA, &got);
 	if (p->app && p->app->cfg->ca_file && *p->app->cfg->ca_file)
 		curl_easy_setopt(cu, CURLOPT_CAINFO, p->app->cfg->ca_file);
-	bool stopped;
-	CURLcode cc = perform(hh, p->app, &stopped);
+	CURLcode cc = perform(hh, p->app, stopped);
 	curl_slist_free_all(list);
 	free(text);
 	/* An answer cut off for its size still has its status: a 2xx is the
@@ -274,27 +232,284 @@ cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct ou
 	bool cut = cc == CURLE_WRITE_ERROR && got > RESPONSE_MAX;
 	/* A 429 or 503 may say when to come back (Retry-After, seconds or a
 	 * date: libcurl reads both): the batch waits at least that long. */
-	curl_off_t wait_s = 0;
 	if (cc == CURLE_OK || cut) {
 		curl_easy_getinfo(cu, CURLINFO_RESPONSE_CODE, code);
-		if ((*code == 429 || *code == 503) && curl_easy_getinfo(cu, CURLINFO_RETRY_AFTER, &wait_s) != CURLE_OK)
-			wait_s = 0;
+		if ((*code == 429 || *code == 503) && curl_easy_getinfo(cu, CURLINFO_RETRY_AFTER, wait_s) != CURLE_OK)
+			*wait_s = 0;
 	}
 	give_handle(p, hh);
-	if (stopped) {
-		for (size_t i = 0; i < n; i++)
-			rows[i].outcome = 2;
+	if (*stopped)
 		return cw_fail(e, CW_ESHUTDOWN, "%s: cut off, the daemon is stopping", url);
-	}
 	if (cc != CURLE_OK && !(cut && *code >= 200 && *code <= 299))
 		return cw_fail(e, CW_EUNAVAIL, "%s: %s", url, curl_easy_strerror(cc));
 	if (*code < 200 || *code > 299) {
-		if (wait_s > 0) {
-			for (size_t i = 0; i < n; i++)
-				rows[i].retry_after_ms = outbox_retry_after_ms(wait_s, 0);
-			return cw_fail(e, CW_EUNAVAIL, "%s answered %ld (retry after %lld s)", url, *code, (long long)wait_s);
-		}
+		if (*wait_s > 0)
+			return cw_fail(e, CW_EUNAVAIL, "%s answered %ld (retry after %lld s)", url, *code, (long long)*wait_s);
 		return cw_fail(e, CW_EUNAVAIL, "%s answered %ld", url, *code);
 	}
 	return CW_OK;
+}
+
+/* Whether a refusal may be of some events of the batch only, which a
+ * smaller batch would tell: a 4xx but the ones about the request as a
+ * whole (the credentials, a timeout, a pace). */
+static bool refusal_of_events(long code)
+{
+	return code >= 400 && code <= 499 && code != 401 && code != 405 && code != 407 && code != 408 && code != 429;
+}
+
+/* Requests one delivery may add to find the events a peer refuses: a
+ * single refused event among 250 rooms takes about 2 x log2(250) = 16. */
+#define ISOLATE_REQUESTS 32
+
+/* The search for the refused events of a batch (isolate). */
+struct iso {
+	struct peer_out *p;
+	const char *url;
+	struct outbox_row *rows;
+	json_t **evs;      /* per row: its event as sent, NULL when not sent (a type the peer does not take) */
+	int left;          /* requests it may still make */
+	bool halted;       /* a request failed for another reason than its events: no more */
+	long code;         /* the last failure's status, reason and wait */
+	char why[sizeof(((struct outbox_row *)0)->why)];
+	long retry_after_ms;
+	bool stopped;
+};
+
+static const char *room_of(const struct iso *s, size_t i)
+{
+	const char *r = json_string_value(json_object_get(s->rows[i].event, "room_id"));
+	return r ? r : "";
+}
+
+static void fail_rows(struct iso *s, const size_t *idx, size_t k, long code, const char *why, long retry_after_ms)
+{
+	for (size_t x = 0; x < k; x++) {
+		struct outbox_row *r = &s->rows[idx[x]];
+		r->outcome = s->stopped ? 2 : -1;
+		r->code = code;
+		r->retry_after_ms = retry_after_ms;
+		snprintf(r->why, sizeof(r->why), "%s", why);
+	}
+}
+
+static void isolate(struct iso *s, size_t *idx, size_t k);
+
+/* Sends rows idx[0..k) (in order) as one batch and sets their outcomes:
+ * delivered, or refused (then searched further, while it may be some of
+ * them only), or failed as the request did. */
+static void try_rows(struct iso *s, size_t *idx, size_t k)
+{
+	if (s->halted || s->left <= 0) {
+		fail_rows(s, idx, k, s->code, s->why, s->retry_after_ms);
+		return;
+	}
+	s->left--;
+	json_t *events = json_array();
+	for (size_t x = 0; events && x < k; x++)
+		if (json_array_append(events, s->evs[idx[x]]))
+			break;
+	long code = 0;
+	curl_off_t wait_s = 0;
+	cw_errmsg e = { { 0 } };
+	cw_err rc = events ? post_events(s->p, s->url, events, &code, &wait_s, &s->stopped, &e)
+			   : cw_fail(&e, CW_ENOMEM, "out of memory");
+	json_decref(events);
+	if (rc == CW_OK) {
+		for (size_t x = 0; x < k; x++)
+			s->rows[idx[x]].outcome = 1;
+		return;
+	}
+	s->code = code;
+	snprintf(s->why, sizeof(s->why), "%s", e.msg);
+	s->retry_after_ms = wait_s > 0 ? outbox_retry_after_ms(wait_s, 0) : 0;
+	if (!refusal_of_events(code)) {
+		s->halted = true; /* the peer is away or asks for less: not a question of these events */
+		fail_rows(s, idx, k, s->code, s->why, s->retry_after_ms);
+		return;
+	}
+	isolate(s, idx, k);
+}
+
+/* Rows idx[0..k), which the peer refused as one batch (s->code, s->why),
+ * split to find the ones it refuses: rooms apart (half the rooms, then
+ * the other half: a room's rows stay together and in order), a room's
+ * rows in two (the first half alone; the second after it only if the
+ * first went through: a row never overtakes an earlier one of its room,
+ * which fails it with the earlier one's reason).  A single row refused is
+ * failed; so is what is left when the requests allowed run out. */
+static void isolate(struct iso *s, size_t *idx, size_t k)
+{
+	long code = s->code, ra = s->retry_after_ms;
+	char why[sizeof(s->why)];
+	snprintf(why, sizeof(why), "%s", s->why);
+	if (k <= 1 || s->halted || s->left <= 0) {
+		fail_rows(s, idx, k, code, why, ra);
+		return;
+	}
+	/* The rooms, in the order of their first rows. */
+	size_t nrooms = 0;
+	for (size_t x = 0; x < k; x++) {
+		bool seen = false;
+		for (size_t y = 0; y < x && !seen; y++)
+			seen = strcmp(room_of(s, idx[y]), room_of(s, idx[x])) == 0;
+		nrooms += !seen;
+	}
+	size_t *a = malloc(k * sizeof(*a));
+	if (!a) {
+		fail_rows(s, idx, k, code, why, ra);
+		return;
+	}
+	size_t na = 0, nb = 0;
+	if (nrooms > 1) {
+		/* The first half of the rooms to a, in order; the rest to b. */
+		size_t want = nrooms / 2, taken = 0;
+		size_t *b = a + k; /* filled from the end, reversed below */
+		for (size_t x = 0; x < k; x++) {
+			bool first = true, in_a = false;
+			for (size_t y = 0; y < x && first; y++)
+				if (strcmp(room_of(s, idx[y]), room_of(s, idx[x])) == 0) {
+					first = false;
+					for (size_t z = 0; z < na && !in_a; z++)
+						in_a = a[z] == idx[y];
+				}
+			if (first && taken < want) {
+				in_a = true;
+				taken++;
+			}
+			if (in_a)
+				a[na++] = idx[x];
+			else
+				*--b = idx[x];
+		}
+		nb = k - na;
+		/* b holds the rest reversed at a[na..k): put them in order into idx */
+		size_t *rest = a + na;
+		for (size_t x = 0; x < nb / 2; x++) {
+			size_t t = rest[x];
+			rest[x] = rest[nb - 1 - x];
+			rest[nb - 1 - x] = t;
+		}
+		memcpy(idx, a, k * sizeof(*idx));
+		free(a);
+		try_rows(s, idx, na);
+		try_rows(s, idx + na, nb);
+		return;
+	}
+	free(a);
+	na = k / 2;
+	try_rows(s, idx, na);
+	size_t bad = na;
+	for (size_t x = 0; x < na && bad == na; x++)
+		if (s->rows[idx[x]].outcome != 1)
+			bad = x;
+	if (bad == na) {
+		try_rows(s, idx + na, k - na);
+		return;
+	}
+	const struct outbox_row *first = &s->rows[idx[bad]];
+	char fwhy[sizeof(first->why)];
+	snprintf(fwhy, sizeof(fwhy), "%s", first->why);
+	fail_rows(s, idx + na, k - na, first->code, fwhy, first->retry_after_ms);
+}
+
+cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_row *rows, size_t n, size_t *done,
+			long *code, cw_errmsg *e)
+{
+	struct peer_out *p = ctx;
+	*code = 0;
+	*done = 0; /* all or nothing: the peer acknowledges the whole batch */
+	const char *name = destination + 5; /* "peer:" */
+	PGresult *r = PQexecParams(c, "SELECT push_url, event_types::text FROM peers WHERE name = $1 AND mode = 'push' "
+				      "AND enabled", 1, NULL, &name, NULL, NULL, 0);
+	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+		/* The database failed, not the peer: nothing was tried, so the
+		 * rows go back untried for a second (the attempt not counted,
+		 * the dispatcher's statements reconnect within the claim).  It
+		 * used to be recorded as an attempt that found no push URL. */
+		cw_fail(e, CW_EUNAVAIL, "cannot read peer %s: %s", name, r ? PQresultErrorMessage(r) : PQerrorMessage(c));
+		PQclear(r);
+		for (size_t i = 0; i < n; i++) {
+			rows[i].outcome = 3;
+			rows[i].retry_after_ms = DB_RETRY_MS;
+		}
+		return CW_EUNAVAIL;
+	}
+	if (PQntuples(r) != 1) {
+		PQclear(r);
+		return cw_fail(e, CW_ENOTFOUND, "peer %s has no push URL (disabled or pull mode)", name);
+	}
+	char url[2200];
+	const char *base = PQgetvalue(r, 0, 0);
+	size_t blen = strlen(base);
+	while (blen && base[blen - 1] == '/')
+		blen--;
+	snprintf(url, sizeof(url), "%.*s/v1/notify", (int)blen, base);
+	/* Events of a type the peer does not take are not sent (and count as
+	 * done: there is nothing to send them as), so that they never cost
+	 * the peer's refusal of a batch with messages in it. */
+	char types[160] = "";
+	bool all_types = PQgetisnull(r, 0, 1);
+	snprintf(types, sizeof(types), "%s", PQgetvalue(r, 0, 1));
+	PQclear(r);
+
+	json_t **evs = calloc(n ? n : 1, sizeof(*evs));
+	size_t *idx = malloc((n ? n : 1) * sizeof(*idx));
+	json_t *events = json_array();
+	if (!evs || !idx || !events) {
+		free(evs);
+		free(idx);
+		json_decref(events);
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	}
+	size_t k = 0;
+	for (size_t i = 0; i < n; i++) {
+		const char *type = json_string_value(json_object_get(rows[i].event, "type"));
+		if (all_types || !type || peer_event_type_wanted(types, type)) {
+			evs[i] = peer_media_offer(p->app, name, rows[i].event);
+			json_array_append(events, evs[i]);
+			idx[k++] = i;
+		}
+	}
+	cw_err rc = CW_OK;
+	if (k == 0) {
+		*done = n;
+		goto out;
+	}
+	curl_off_t wait_s = 0;
+	bool stopped;
+	rc = post_events(p, url, events, code, &wait_s, &stopped, e);
+	if (stopped) {
+		for (size_t i = 0; i < n; i++)
+			rows[i].outcome = 2;
+		goto out;
+	}
+	if (rc && wait_s > 0)
+		for (size_t i = 0; i < n; i++)
+			rows[i].retry_after_ms = outbox_retry_after_ms(wait_s, 0);
+	if (rc && k > 1 && refusal_of_events(*code)) {
+		/* The peer refused the batch (a 4xx about its content): most
+		 * likely one event it will not take.  Found by smaller batches,
+		 * it alone (and the later rows of its room) waits and, after
+		 * the retry budget, goes dead; every other room's rows are
+		 * delivered (until the thirtieth session they went dead with it). */
+		struct iso s = { .p = p, .url = url, .rows = rows, .evs = evs, .left = ISOLATE_REQUESTS, .code = *code };
+		snprintf(s.why, sizeof(s.why), "%s", e->msg);
+		for (size_t i = 0; i < n; i++) {
+			rows[i].outcome = evs[i] ? 0 : 1;
+			rows[i].retry_after_ms = 0;
+		}
+		isolate(&s, idx, k);
+		rc = CW_OK;
+		for (size_t i = 0; i < n && !rc; i++)
+			if (rows[i].outcome != 1)
+				rc = cw_fail(e, CW_EUNAVAIL, "%s", rows[i].why);
+	}
+out:
+	for (size_t i = 0; i < n; i++)
+		json_decref(evs[i]);
+	free(evs);
+	free(idx);
+	json_decref(events);
+	return rc;
 }

@@ -110,6 +110,8 @@ class NotifyServer:
         self.answers = []         # (time the request came, status answered), in order
         self.errors = []
         self.public_b64 = None    # Causeway's key, from its directory
+        self.refuse = None        # a predicate on an event: a request with one it holds is answered 400
+        self.refused = 0          # requests answered so
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
         outer = self
@@ -170,6 +172,9 @@ class NotifyServer:
         except Exception as ex:  # record, and refuse as a real peer would
             self.errors.append(f"signature: {ex!r}")
             return 401
+        if self.refuse and any(self.refuse(ev) for ev in json.loads(body)["events"]):
+            self.refused += 1
+            return 400
         for ev in json.loads(body)["events"]:
             if ev["id"] in self.seen:
                 self.duplicates += 1

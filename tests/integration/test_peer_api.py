@@ -340,6 +340,45 @@ def test_a_peer_that_asks_to_wait_is_left_alone_that_long(make_daemon, db_url, p
             srv.close()
 
 
+def test_an_event_the_peer_refuses_takes_down_only_its_own_room(make_daemon, db_url, pg):
+    """A batch spans rooms and the peer refuses it whole (400) for one
+    event it will not take: the batch is split (by rooms, then within the
+    room) until the refused event is found, and only it and the later rows
+    of its room wait and, after the retry budget, go dead; the earlier row
+    of its room and every other room's rows are delivered, once, in order.
+    Until the thirtieth session every row of the batch spent its budget
+    with the refused one and went dead with it (a review's probe)."""
+    d = make_daemon(db_url, options={"dispatcher": {"retry_budget": "3", "retry_base_ms": "10",
+                                                   "retry_max_ms": "50"}}).start()
+    (a, _), (b, sb) = made = push_peers(d)
+    try:
+        sb.refuse = lambda ev: "poison" in json.dumps(ev)
+        bad, r2, r3 = room(a, b), room(a, b), room(a, b)
+        assert d.admin("POST", "/peers/tg/disable").status_code == 200  # the rows wait: one batch later
+        sent = {}
+        for rm, text in ((bad, "before"), (r2, "r2 first"), (bad, "poison"), (r3, "r3 first"), (bad, "after"),
+                         (r2, "r2 second"), (r3, "r3 second")):
+            r = a.send(rm["id"], a.user("alice"), text)
+            assert r.status_code == 202, r.text
+            sent[text] = r.json()["id"]
+        assert d.admin("POST", "/peers/tg/enable").status_code == 200
+        q = ("SELECT e.content->'content'->'parts'->0->>'body', o.state, o.attempts FROM outbox o "
+             "JOIN events e ON e.id = o.event_id WHERE o.destination = 'peer:tg' ORDER BY o.id")
+        wait_until(lambda: not re.search(r"pending|in_flight", pg.psql(q, db_url)), timeout=30, what="settled")
+        rows = {t: (st, int(n)) for t, st, n in (x.split("|") for x in pg.psql(q, db_url).splitlines())}
+        assert rows["poison"] == ("dead", 3) and rows["after"][0] == "dead", rows
+        for t in ("before", "r2 first", "r3 first", "r2 second", "r3 second"):
+            assert rows[t] == ("delivered", 1), rows
+        got = [e["id"] for e in sb.events]
+        for rm, texts in ((bad, ["before"]), (r2, ["r2 first", "r2 second"]), (r3, ["r3 first", "r3 second"])):
+            assert [e["id"] for e in sb.events if e["room_id"] == rm["id"]] == [sent[t] for t in texts], got
+        assert sent["poison"] not in got and sent["after"] not in got
+        assert sb.duplicates == 0 and not sb.errors and sb.refused >= 3
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
 def test_a_long_acknowledgement_is_an_acknowledgement(daemon, peers, pg, db_url):
     """A peer that answers 200 with a body over the 64 KiB Causeway reads
     took the batch: it is delivered once.  Before, the cut-off answer
