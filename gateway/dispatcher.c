@@ -63,6 +63,13 @@ struct pause {
 /* The longest wait a far side's Retry-After gets (outbox_retry_after_ms). */
 #define RETRY_AFTER_MAX_MS 3600000L
 
+/* A destination that answered 429 without a Retry-After, and how many
+ * times in a row (slowdown). */
+struct slow {
+	char dest[sizeof(((struct outbox_row *)0)->destination)];
+	int streak;
+};
+
 struct dispatcher {
 	struct dispatcher_opts o;
 	char *url, *name;
@@ -77,6 +84,8 @@ struct dispatcher {
 		rate_limited, expired;
 	struct pause *pauses; /* under mu */
 	int npauses, pauses_cap;
+	struct slow *slows;   /* under mu */
+	int nslows, slows_cap;
 	/* The claims' keeper (keeper_main): renews this process's claims
 	 * while a lane delivers (busy lanes, under mu). */
 	pthread_t keeper;
@@ -121,6 +130,60 @@ static void pause_destination(struct dispatcher *d, const char *dest, int64_t us
 		p->until_us = cw_now_us() + us;
 	}
 	pthread_mutex_unlock(&d->mu);
+}
+
+/* The wait before dest is tried again after a 429 that said nothing of
+ * how long (limited), in ms: retry_base_ms doubling with each such answer
+ * in a row, up to retry_max_ms, with 50-100 % jitter; 0, the streak
+ * forgotten, when not limited (dest took a delivery).  The attempts, from
+ * which the usual backoff grows, do not count a 429 (the peer is up and
+ * asks for a slower pace; counted, a long burst would make dead letters),
+ * so a streak of its own makes the pace slow down (until the thirtieth
+ * session the same retry_base_ms for ever).  Kept in this process's
+ * memory, as the pauses are; a streak that cannot be recorded, for want
+ * of memory, counts as the first. */
+static long slowdown(struct dispatcher *d, const char *dest, bool limited)
+{
+	int streak = 0;
+	pthread_mutex_lock(&d->mu);
+	int i = 0;
+	while (i < d->nslows && strcmp(d->slows[i].dest, dest) != 0)
+		i++;
+	if (!limited) {
+		if (i < d->nslows)
+			d->slows[i] = d->slows[--d->nslows];
+	} else {
+		if (i == d->nslows && d->nslows == d->slows_cap) {
+			int cap = d->slows_cap ? d->slows_cap * 2 : 8;
+			struct slow *p = realloc(d->slows, (size_t)cap * sizeof(*p));
+			if (p) {
+				d->slows = p;
+				d->slows_cap = cap;
+			}
+		}
+		if (i == d->nslows && d->nslows < d->slows_cap) {
+			snprintf(d->slows[i].dest, sizeof(d->slows[i].dest), "%s", dest);
+			d->slows[i].streak = 0;
+			d->nslows++;
+		}
+		streak = 1;
+		if (i < d->nslows) {
+			if (d->slows[i].streak < 30)
+				d->slows[i].streak++;
+			streak = d->slows[i].streak;
+		}
+	}
+	pthread_mutex_unlock(&d->mu);
+	if (!limited)
+		return 0;
+	long ms = d->o.retry_base_ms;
+	for (int k = 1; k < streak && ms < d->o.retry_max_ms; k++)
+		ms *= 2;
+	if (ms > d->o.retry_max_ms)
+		ms = d->o.retry_max_ms;
+	unsigned char r = 255;
+	cw_random(&r, 1);
+	return ms / 2 + ms / 2 * r / 255;
 }
 
 /* Takes dest for lane l (which holds none); false if another lane has it
@@ -990,8 +1053,31 @@ static void deliver(struct lane *l, struct outbox_row *rows, size_t n)
 	bool per_row = false;
 	for (size_t x = 0; x < n && !per_row; x++)
 		per_row = rows[x].outcome != 0;
+	/* Answered 429: the destination slows down (slowdown) where the
+	 * answer did not say how long to wait; a delivery ends that. */
+	bool limited = false, took = !per_row && (rc == CW_OK || done > 0);
+	for (size_t x = 0; x < n; x++) {
+		limited = limited || (per_row ? rows[x].outcome == -1 && rows[x].code == 429
+					      : rc != CW_OK && x >= done && code == 429);
+		took = took || (per_row && rows[x].outcome == 1);
+	}
+	if (limited || took) {
+		long slow = slowdown(d, dest, limited);
+		for (size_t x = 0; slow && x < n; x++)
+			if (rows[x].retry_after_ms == 0 && (per_row ? rows[x].outcome == -1 && rows[x].code == 429 : true))
+				rows[x].retry_after_ms = slow;
+	}
 	if (per_row) {
 		record_outcomes(l, rows, n, t0);
+		/* A wait asked for (a 429 or 503 met while the batch was
+		 * split) holds the whole destination, as below. */
+		long wait = 0;
+		for (size_t x = 0; x < n; x++)
+			if (rows[x].outcome == -1 && rows[x].retry_after_ms > wait)
+				wait = rows[x].retry_after_ms;
+		wait = outbox_retry_after_ms(0, wait);
+		if (wait > 0)
+			pause_destination(d, dest, (int64_t)wait * 1000);
 	} else {
 		if (rc == CW_OK)
 			done = n;
@@ -1226,6 +1312,7 @@ void dispatcher_free(struct dispatcher *d)
 	}
 	free(d->lanes);
 	free(d->pauses);
+	free(d->slows);
 	pthread_cond_destroy(&d->idle);
 	pthread_cond_destroy(&d->keeper_cv);
 	pthread_mutex_destroy(&d->mu);

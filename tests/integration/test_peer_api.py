@@ -340,6 +340,39 @@ def test_a_peer_that_asks_to_wait_is_left_alone_that_long(make_daemon, db_url, p
             srv.close()
 
 
+def test_a_429_without_retry_after_backs_off_exponentially(daemon, pg, db_url):
+    """A peer answering 429 without Retry-After is tried again later and
+    later (dispatcher.retry_base_ms doubling, with jitter, up to
+    retry_max_ms: here 100 ms to 1 s), and the retry budget is not spent;
+    a delivery ends the slow-down.  Until the thirtieth session the delay
+    came from the attempts, which a 429 does not count: the same 0.1 s
+    for ever (a review's probe)."""
+    (a, _), (b, sb) = made = push_peers(daemon)
+    try:
+        rm = room(a, b)
+        sb.script = [(429, None)] * 6
+        mid = a.send(rm["id"], a.user("alice"), "slow down").json()["id"]
+        sb.wait_events(1, timeout=30)
+        came = [t for t, _ in sb.answers]
+        gaps = [y - x for x, y in zip(came, came[1:])]
+        assert [st for _, st in sb.answers] == [429] * 6 + [200], sb.answers
+        # 50-100, 100-200, 200-400, 400-800, 500-1000, 500-1000 ms
+        assert gaps[0] + gaps[1] < 0.7 and gaps[4] + gaps[5] >= 0.95, gaps
+        assert all(g < 1.5 for g in gaps), gaps  # bounded by retry_max_ms
+        row = pg.psql("SELECT o.state || ' ' || o.attempts FROM outbox o JOIN events e ON e.id = o.event_id "
+                      f"WHERE e.public_id = '{mid}'", db_url)
+        assert row == "delivered 1", row
+        # Delivered: the next 429 is waited out from the start again.
+        sb.script = [(429, None)]
+        n = len(sb.answers)
+        a.send(rm["id"], a.user("alice"), "again")
+        sb.wait_events(2, timeout=30)
+        assert sb.answers[n + 1][0] - sb.answers[n][0] < 0.5, sb.answers[n:]
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
 def test_an_event_the_peer_refuses_takes_down_only_its_own_room(make_daemon, db_url, pg):
     """A batch spans rooms and the peer refuses it whole (400) for one
     event it will not take: the batch is split (by rooms, then within the
