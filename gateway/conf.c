@@ -72,6 +72,9 @@ const struct cfg_option cfg_options[] = {
 	{ "peer", "max_batch", CFG_INT, OFF(peer_max_batch), "256", 1, 1024, false, false,
 	  "most events a peer submits in one POST /v1/batch (more: 413), published in the directory; "
 	  "the body is also bounded by server.max_body_bytes" },
+	{ "peer", "max_long_polls", CFG_INT, OFF(peer_max_long_polls), "4", 1, 1000, false, false,
+	  "most long polls (GET /v1/events with wait) one pull peer keeps waiting at once in this process "
+	  "(more: 429 with Retry-After)" },
 
 	{ "dispatcher", "batch_max", CFG_INT, OFF(dispatch_batch_max), "250", 1, 1000, false, false,
 	  "most outbox rows claimed at once and sent to one destination in one request (peers take 256 a request)" },

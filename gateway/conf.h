@@ -32,6 +32,7 @@ struct cw_config {
 	long max_clock_skew_s;
 	long replay_cache_entries;
 	long peer_max_batch;
+	long peer_max_long_polls;
 	/* [dispatcher] */
 	long dispatch_batch_max;
 	long retry_budget;

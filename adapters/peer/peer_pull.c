@@ -26,7 +26,14 @@ struct waiter {
 	long long after;
 	int limit;
 	int64_t deadline_us;
+	bool counted; /* a long poll, counted in its peer's polls */
 	struct waiter *next;
+};
+
+/* A pull peer's long polls open in this process (counted below). */
+struct polls {
+	char destination[PEER_NAME_MAX + 8];
+	int n;
 };
 
 struct peer_pull {
@@ -35,6 +42,8 @@ struct peer_pull {
 	pthread_t thread;
 	pthread_mutex_t mu;
 	struct waiter *incoming;  /* handed over by HTTP threads */
+	struct polls *polls;      /* long polls open per peer (under mu) */
+	int npolls, polls_cap;
 	atomic_bool stop;
 	int wake[2];              /* a pipe: wakes the thread for incoming requests */
 	PGconn *c;
@@ -223,10 +232,55 @@ fail:
 	return true;
 }
 
-static void finish(struct waiter *w)
+/* The entry of destination in p->polls, made when missing (NULL: out of
+ * memory); under p->mu. */
+static struct polls *polls_of(struct peer_pull *p, const char *destination)
 {
+	for (int i = 0; i < p->npolls; i++)
+		if (strcmp(p->polls[i].destination, destination) == 0)
+			return &p->polls[i];
+	if (p->npolls == p->polls_cap) {
+		int cap = p->polls_cap ? p->polls_cap * 2 : 8;
+		struct polls *x = realloc(p->polls, (size_t)cap * sizeof(*x));
+		if (!x)
+			return NULL;
+		p->polls = x;
+		p->polls_cap = cap;
+	}
+	struct polls *e = &p->polls[p->npolls++];
+	snprintf(e->destination, sizeof(e->destination), "%s", destination);
+	e->n = 0;
+	return e;
+}
+
+static void finish(struct peer_pull *p, struct waiter *w)
+{
+	if (w->counted) {
+		pthread_mutex_lock(&p->mu);
+		struct polls *e = polls_of(p, w->destination); /* there: made when counted */
+		if (e && e->n > 0)
+			e->n--;
+		pthread_mutex_unlock(&p->mu);
+	}
 	cw_req_resume(w->req);
 	free(w);
+}
+
+/* Whether a hand-out at after for destination was found empty in this
+ * round (empty[0..n)): then so is every one at a cursor at or above it
+ * (nothing handed out above the lower cursor, nothing pending), and the
+ * waiters of one peer cost one query per notification, not one each. */
+struct empty {
+	const char *destination;
+	long long after;
+};
+
+static bool known_empty(const struct empty *empty, int n, const struct waiter *w)
+{
+	for (int i = 0; i < n; i++)
+		if (strcmp(empty[i].destination, w->destination) == 0 && w->after >= empty[i].after)
+			return true;
+	return false;
 }
 
 static bool ensure_conn(struct peer_pull *p)
@@ -277,7 +331,7 @@ static void *poller_main(void *arg)
 		while (in) {
 			struct waiter *next = in->next;
 			if (try_answer(p, in, stopping || in->deadline_us <= cw_now_us()))
-				finish(in);
+				finish(p, in);
 			else {
 				in->next = waiting;
 				waiting = in;
@@ -296,13 +350,18 @@ static void *poller_main(void *arg)
 				LOG_KV(CW_LOG_WARN, "peer registry reload failed", "detail", e.msg);
 			p->next_reload_us = now + REGISTRY_RELOAD_US;
 		}
+		struct empty empty[32];
+		int nempty = 0;
 		for (struct waiter **wp = &waiting; *wp;) {
 			struct waiter *w = *wp;
 			bool due = stopping || w->deadline_us <= now;
-			if ((notified || due) && try_answer(p, w, due)) {
+			bool ask = due || (notified && !known_empty(empty, nempty, w));
+			if (ask && try_answer(p, w, due)) {
 				*wp = w->next;
-				finish(w);
+				finish(p, w);
 			} else {
+				if (ask && nempty < (int)(sizeof(empty) / sizeof(empty[0])))
+					empty[nempty++] = (struct empty){ w->destination, w->after };
 				wp = &w->next;
 			}
 		}
@@ -382,6 +441,7 @@ void peer_pull_free(struct peer_pull *p)
 	close(p->wake[0]);
 	close(p->wake[1]);
 	pthread_mutex_destroy(&p->mu);
+	free(p->polls);
 	free(p->url);
 	free(p);
 }
@@ -427,6 +487,30 @@ void peer_api_events(struct cw_req *req, void *ctx)
 		cw_req_add_header(req, "Retry-After", "2");
 		cw_req_problem(req, 503, "unavailable", "Service unavailable", "the daemon is stopping");
 		return;
+	}
+	/* A long poll is counted against the peer's cap: held by one
+	 * thread, each costs a hand-out per notification while it waits,
+	 * and one peer holding hundreds slowed every pull peer (until the
+	 * thirtieth session).  One without wait is answered at once. */
+	if (wt > 0) {
+		long cap = app->cfg->peer_max_long_polls;
+		struct polls *e = polls_of(app->pull, w->destination);
+		if (!e || e->n >= cap) {
+			pthread_mutex_unlock(&app->pull->mu);
+			free(w);
+			cw_req_add_header(req, "Retry-After", "1");
+			char detail[160];
+			snprintf(detail, sizeof(detail),
+				 "%ld long polls of this peer are waiting already, the most there may be; "
+				 "ask again once one is answered", cap);
+			if (e)
+				cw_req_problem(req, 429, "rate_limited", "Too many requests", detail);
+			else
+				cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory; retry");
+			return;
+		}
+		e->n++;
+		w->counted = true;
 	}
 	cw_req_suspend(req);
 	w->next = app->pull->incoming;

@@ -325,3 +325,42 @@ def test_a_pull_that_the_database_fails_is_503_and_the_next_one_works(make_daemo
     assert end["events"] == [] and pg.psql("SELECT state FROM outbox WHERE destination = 'peer:tg'", db_url) == \
         "delivered"
     srv.close()
+
+
+def test_a_pull_peer_keeps_at_most_max_long_polls_waiting(make_daemon, db_url):
+    """A pull peer's long polls waiting at once are capped
+    (peer.max_long_polls, here 2, per process): one more is answered 429
+    rate_limited with Retry-After, at once, while one without wait is
+    answered as usual, and another pull peer's poll is not counted with
+    them; once the waiting ones are answered, the peer may wait again.
+    Until the thirtieth session a peer could hold hundreds (up to
+    server.connection_limit), and each notification ran the hand-out once
+    per waiting poll: another pull peer's message took 8 times as long
+    (a review's probe)."""
+    d = make_daemon(db_url, options={"peer": {"max_long_polls": "2"}}).start()
+    a, b, rm, srv = make_peers(d)
+    c = PeerClient(d.url, "tg2", "t2.example")
+    c.token = d.admin("POST", "/peers", json={"name": "tg2", "domain": "t2.example", "mode": "pull",
+                                              "public_key": c.signer.public_b64}).json()["token"]
+    try:
+        cursor = b.call("GET", "/v1/events?after=0").json()["next"]
+        held = [long_poll(b, cursor, 20) for _ in range(2)]
+        t0 = time.time()
+        r = b.call("GET", f"/v1/events?after={cursor}&wait=20")
+        assert r.status_code == 429 and r.json()["code"] == "rate_limited", r.text
+        assert int(r.headers["Retry-After"]) >= 1 and time.time() - t0 < 2
+        assert "max_long_polls" not in r.text and "2" in r.json()["detail"], r.text
+        r = b.call("GET", f"/v1/events?after={cursor}")  # no wait: not counted
+        assert r.status_code == 200 and r.json()["events"] == [], r.text
+        other, res = long_poll(c, 0, 3)  # another peer's own count
+        other.join(10)
+        assert res["r"].status_code == 200, res["r"].text
+        new = a.send(rm["id"], a.user("alice"), "for the waiting ones").json()["id"]
+        for t, result in held:
+            t.join(10)
+            assert result["r"].status_code == 200 and [e["id"] for e in result["r"].json()["events"]] == [new]
+        again, res = long_poll(b, held[0][1]["r"].json()["next"], 3)
+        again.join(10)
+        assert res["r"].status_code == 200, res["r"].text
+    finally:
+        srv.close()
