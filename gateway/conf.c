@@ -38,7 +38,9 @@ const struct cfg_option cfg_options[] = {
 	{ "server", "drain_timeout_ms", CFG_INT, OFF(drain_timeout_ms), "10000", 0, 600000, false, false,
 	  "on SIGTERM, how long in-flight requests may take before the daemon exits anyway" },
 	{ "server", "public_url", CFG_STR, OFF(public_url), "", 0, 0, false, false,
-	  "URL peers and homeservers use to reach this daemon (empty: http://listen_address:port)" },
+	  "URL peers and homeservers use to reach this daemon (empty: http://listen_address:port, 0.0.0.0 "
+	  "as 127.0.0.1); peers' request signatures must cover it as their @target-uri, whatever Host they send: "
+	  "set it whenever peers call another URL (a DNS name, TLS, a proxy)" },
 	{ "server", "domain", CFG_STR, OFF(domain), "", 0, 0, false, false,
 	  "this provider's domain, a lower-case DNS name with a dot, without a port: local users are mimi://DOMAIN/u/...; "
 	  "the interop API is off while empty" },

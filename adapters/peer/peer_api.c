@@ -20,15 +20,32 @@
 
 /* ------------------------------------------------------------ signatures */
 
-void peer_target_uri(struct cw_app *app, struct cw_req *req, char *buf, size_t len)
+bool peer_base_url(struct cw_app *app, char *out, size_t len)
 {
 	size_t n = cfg_public_url_len(app->cfg);
 	if (n) {
-		snprintf(buf, len, "%.*s%s", (int)n, app->cfg->public_url, cw_req_raw_target(req));
-	} else {
-		const char *host = cw_req_header(req, "Host");
-		snprintf(buf, len, "http://%s%s", host ? host : "", cw_req_raw_target(req));
+		snprintf(out, len, "%.*s", (int)n, app->cfg->public_url);
+		return true;
 	}
+	/* The port configured, or (port 0: any) the one bound, once bound. */
+	unsigned port = app->cfg->port ? (unsigned)app->cfg->port : app->http ? cw_http_port(app->http) : 0;
+	if (!port)
+		return false;
+	cw_http_local_url(app->cfg->listen_address, port, out, len);
+	return true;
+}
+
+/* Never from the request's Host header: a signature over @target-uri binds
+ * the authority the peer meant to call (RFC 9421), and a URI rebuilt from
+ * the Host the request carries would match whatever authority it was
+ * signed for, another provider's gateway included (until the thirtieth
+ * session it did, when server.public_url was empty). */
+void peer_target_uri(struct cw_app *app, struct cw_req *req, char *buf, size_t len)
+{
+	char base[2048];
+	if (!peer_base_url(app, base, sizeof(base)))
+		base[0] = '\0'; /* not listening yet: no request to verify */
+	snprintf(buf, len, "%s%s", base, cw_req_raw_target(req));
 }
 
 static const char *req_header(void *ctx, const char *name)

@@ -19,7 +19,12 @@ bool peer_verify_request(struct cw_app *app, struct cw_req *req, struct peer_pri
  * API needs to know which users are local). */
 bool peer_api_enabled(struct cw_app *app, struct cw_req *req);
 
-/* The absolute URI a client used for this request (public_url or Host). */
+/* Where peers reach this daemon: server.public_url (without its trailing
+ * slashes), else http://listen_address:port (cw_http_local_url); false
+ * when not known yet (port 0 and the HTTP front not started). */
+bool peer_base_url(struct cw_app *app, char *out, size_t len);
+/* The absolute URI a request's signature covers as @target-uri:
+ * peer_base_url and the request's target as sent (path and query). */
 void peer_target_uri(struct cw_app *app, struct cw_req *req, char *buf, size_t len);
 
 /* The identity row (its id, as text, into out) of a user URI, made on

@@ -1,6 +1,7 @@
 /* Media for peers: see peer_media.h. */
 #include "config.h"
 #include "peer_media.h"
+#include "peer_api.h"
 #include "peers.h"
 #include "event.h"
 #include "log.h"
@@ -11,23 +12,6 @@
 
 #define MEDIA_URL_MAX 2048 /* what event validation allows an attachment URL */
 #define TOKEN_MAX 255      /* one path segment (CW_ROUTE_PARAM_LEN - 1) */
-
-/* Where peers reach this daemon: server.public_url, else the address it
- * listens on; false when not known yet (the HTTP front not started). */
-static bool base_url(struct cw_app *app, char *out, size_t len)
-{
-	size_t n = cfg_public_url_len(app->cfg);
-	if (n) {
-		snprintf(out, len, "%.*s", (int)n, app->cfg->public_url);
-		return true;
-	}
-	/* The port configured, or (port 0: any) the one bound, once bound. */
-	unsigned port = app->cfg->port ? (unsigned)app->cfg->port : app->http ? cw_http_port(app->http) : 0;
-	if (!port)
-		return false;
-	cw_http_local_url(app->cfg->listen_address, port, out, len);
-	return true;
-}
 
 /* The scope of public tokens: no peer name holds a line feed, so a token
  * made for a peer never opens as public, nor the reverse. */
@@ -70,7 +54,7 @@ bool peer_media_public_url(struct cw_app *app, const char *url, long long size, 
 	char base[600], token[3 * MEDIA_URL_MAX], digits[24], exp[24], scope[340], tail[300];
 	snprintf(digits, sizeof(digits), "%lld", size);
 	snprintf(exp, sizeof(exp), "%lld", (long long)(cw_wall_ms() / 1000) + (long long)app->cfg->media_link_lifetime_s);
-	if (strncmp(url, "https://", 8) != 0 || !base_url(app, base, sizeof(base)) ||
+	if (strncmp(url, "https://", 8) != 0 || !peer_base_url(app, base, sizeof(base)) ||
 	    !public_scope(size >= 0 ? digits : NULL, exp, by, scope, sizeof(scope)) ||
 	    !media_token_make(app->media_key, scope, url, token, sizeof(token)))
 		return false;
@@ -127,7 +111,7 @@ json_t *peer_media_offer(struct cw_app *app, const char *peer, json_t *ev)
 				any = true;
 		}
 	char base[600];
-	if (!any || !base_url(app, base, sizeof(base)))
+	if (!any || !peer_base_url(app, base, sizeof(base)))
 		return json_incref(ev);
 	/* Only a local user's files (asked only of an event that has such a
 	 * file: most have none): a peer naming a content URI in its own

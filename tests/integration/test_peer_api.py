@@ -779,6 +779,33 @@ def test_authentication_failures(daemon, peers, pg, db_url):
     wait_until(lambda: a.send(rm["id"], a.user("alice"), "x").status_code == 401, what="disabled peer refused")
 
 
+def test_the_signed_uri_is_the_daemons_own_not_the_host_header(daemon, peers, pg, db_url):
+    """Without server.public_url the @target-uri a request's signature must
+    cover is http://listen_address:port: a request signed for another
+    provider's gateway and sent with that name in its Host header is
+    refused (401 bad_signature) and stores nothing; one signed for the
+    daemon's own address passes whatever Host it carries.  Until the
+    thirtieth session the URI took its authority from the Host header, and
+    the signature bound nothing of where the request was meant to go (a
+    review's probe)."""
+    (a, _), (b, _) = peers
+    rm = room(a, b)
+    path = f"/v1/rooms/{rm['id']}/messages"
+    raw = json.dumps({"type": "message", "sender": a.user("alice"),
+                      "content": {"parts": [{"type": "text/plain", "body": "x"}]}}).encode()
+    before = pg.psql("SELECT count(*) FROM events", db_url)
+    other = "gateway.other-provider.example"
+    h = a.signer.headers("POST", f"http://{other}{path}", raw, idem="cross-1")
+    h.update({"Authorization": "Bearer " + a.token, "Host": other})
+    r = daemon.request("POST", path, data=raw, headers=h)
+    assert r.status_code == 401 and r.json()["code"] == "bad_signature", r.text
+    assert pg.psql("SELECT count(*) FROM events", db_url) == before
+    h = a.signer.headers("POST", daemon.url + path, raw, idem="cross-2")
+    h.update({"Authorization": "Bearer " + a.token, "Host": other})
+    r = daemon.request("POST", path, data=raw, headers=h)
+    assert r.status_code == 202, r.text
+
+
 def test_refused_signatures_are_logged_at_most_ten_a_second(make_daemon, db_url):
     """A refused signature is logged (info) once per request, which whoever
     holds a peer's token can send in a loop: at most ten are written a
