@@ -906,6 +906,13 @@ static cw_err check_event(struct vctx *c, json_t *root, unsigned flags, struct e
 			     &ev->has_room)) ||
 	    (rc = ts_member(c, root, "ts", 0, EVENT_TS_LIMIT, "2^53", &ev->ts)))
 		return rc;
+	if (c->lim->max_ts > 0 && ev->ts > c->lim->max_ts) {
+		/* A time far ahead (up to 2^53: the year 287396) would be shown
+		 * as the message's time by the local networks (Matrix's ?ts=)
+		 * and sort it after everything to come. */
+		jptr_push(&c->ptr, "ts");
+		return vfail(c, EVENT_ERR_INVALID, "ts is more than a day ahead of this server's clock.");
+	}
 
 	json_t *content;
 	jptr_mark m;

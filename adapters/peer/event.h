@@ -94,6 +94,9 @@ struct event_limits {
 	size_t max_batch_bytes;         /* a batch's JSON text (16 MiB = 256 x 64 KiB;
 	                                   the HTTP front's max_body_bytes caps first) */
 	unsigned part_types;            /* EVENT_PART_* accepted (all) */
+	int64_t max_ts;                 /* the latest ts taken, in ms (0: no more than the
+	                                   syntax's bound; the peer API: EVENT_TS_AHEAD_MS
+	                                   after its clock) */
 };
 
 struct event_limits event_limits_default(void);
@@ -129,6 +132,7 @@ bool event_filename_valid(const char *s);
  * (jansson holds each value in some 50-100 bytes) is bounded with them.
  * More: too_large, pointing at the first value past the limit. */
 #define EVENT_MAX_VALUES 1024
+#define EVENT_TS_AHEAD_MS 86400000LL /* a peer's ts may be a day ahead of the clock, no more */
 
 /* ------------------------------------------------------------ events
  *
@@ -142,7 +146,8 @@ bool event_filename_valid(const char *s);
  *             credential; the caller checks the sender's domain against it)
  *   room      room URI; required only with EVENT_REQUIRE_ROOM (the URL path
  *             names the room otherwise; comparing the two is the caller's job)
- *   ts        optional integer milliseconds, 0 < ts < 2^53
+ *   ts        optional integer milliseconds, 0 < ts < 2^53, and at most
+ *             lim->max_ts when that is set
  *   content   required object, for every type
  *
  * Members of content, checked whenever present, for every type:

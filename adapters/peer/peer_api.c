@@ -2980,6 +2980,7 @@ static void submit_one(struct cw_req *req, struct cw_app *app, unsigned types, b
 	size_t blen;
 	const char *body = cw_req_body(req, &blen);
 	struct event_limits lim = event_limits_default();
+	lim.max_ts = cw_wall_ms() + EVENT_TS_AHEAD_MS;
 	struct event ev;
 	struct event_error err;
 	if (event_parse(body, blen, &lim, 0, &ev, &err)) {
@@ -3126,6 +3127,7 @@ void peer_api_batch(struct cw_req *req, void *ctx)
 	size_t blen;
 	const char *body = cw_req_body(req, &blen);
 	struct event_limits lim = batch_limits(app);
+	lim.max_ts = cw_wall_ms() + EVENT_TS_AHEAD_MS;
 	struct batch bt;
 	struct event_error err;
 	if (batch_parse(body, blen, &lim, &bt, &err)) {

@@ -879,6 +879,29 @@ def test_message_errors_change_nothing(daemon, peers, pg, db_url):
     assert pg.psql("SELECT count(*) FROM idempotency_keys", db_url) == "0"
 
 
+def test_a_ts_more_than_a_day_ahead_is_refused(daemon, peers, pg, db_url):
+    """An event's ts more than a day ahead of the daemon's clock is refused
+    (400 invalid_body at /ts), alone or as a batch item, and nothing is
+    stored; an hour ahead (a peer's clock a little off) is taken as sent.
+    Until the thirtieth session any ts below 2^53 (the year 287396) was
+    taken and shown by the local networks as the message's time (a review)."""
+    (a, _), (b, sb) = peers
+    rm = room(a, b)
+    now = int(time.time() * 1000)
+    r = a.send(rm["id"], a.user("alice"), "from the future", ts=now + 2 * 86400000)
+    assert r.status_code == 400 and r.json()["code"] == "invalid_body", r.text
+    assert "/ts" in r.json()["detail"] and "a day ahead" in r.json()["detail"], r.text
+    item = {"idempotency_key": "far", "room": rm["uri"], "event": {
+        "type": "message", "sender": a.user("alice"), "ts": 9007199254740991,
+        "content": {"parts": [{"type": "text/plain", "body": "far"}]}}}
+    r = a.call("POST", "/v1/batch", {"events": [item]})
+    assert r.status_code == 200 and r.json()["results"][0]["code"] == "invalid_body", r.text
+    assert pg.psql("SELECT count(*) FROM events", db_url) == "0"
+    r = a.send(rm["id"], a.user("alice"), "a little ahead", ts=now + 3600000)
+    assert r.status_code == 202, r.text
+    assert sb.wait_events(1)[0]["ts"] == now + 3600000
+
+
 def test_room_creation_errors(daemon, peers, pg, db_url):
     (a, _), (b, _) = peers
     cases = [

@@ -46,6 +46,7 @@ static void set_limit(struct event_limits *l, const char *spec, const char *wher
 	else if (!strcmp(name, "max_batch")) l->max_batch = v;
 	else if (!strcmp(name, "max_batch_bytes")) l->max_batch_bytes = v;
 	else if (!strcmp(name, "part_types")) l->part_types = (unsigned)v;
+	else if (!strcmp(name, "max_ts")) l->max_ts = (int64_t)v;
 	else ck_abort_msg("%s: unknown limit %s", where, name);
 }
 
