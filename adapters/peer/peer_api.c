@@ -1301,6 +1301,12 @@ struct item_result {
 	const char *denied; /* a local user's item that reaches none of its recipients: the policy's reason */
 };
 
+/* The codes of a 409: the Idempotency-Key was used with another request
+ * (for good: "conflict"), or a request with it was being written at the
+ * same time (retry it: then it gets the first one's answer).  One code
+ * for both until the thirtieth session. */
+#define CONFLICT_RETRY "in_progress"
+
 static void item_fail(struct item_result *res, int status, const char *code, const char *fmt, ...)
 	__attribute__((format(printf, 4, 5)));
 static void item_fail(struct item_result *res, int status, const char *code, const char *fmt, ...)
@@ -2473,7 +2479,7 @@ static bool drop_lost_refs(struct submit *b)
 			continue;
 		json_decref(b->res[i].body);
 		b->res[i].body = NULL;
-		item_fail(&b->res[i], 409, "conflict",
+		item_fail(&b->res[i], 409, CONFLICT_RETRY,
 			  "content.%s names an event of this request whose Idempotency-Key was being written "
 			  "at the same time; retry it", ref);
 		named = true;
@@ -2595,7 +2601,7 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 				if (b->write[i] && b->res[i].status != 202) {
 					json_decref(b->res[i].body);
 					b->res[i].body = NULL;
-					item_fail(&b->res[i], 409, "conflict",
+					item_fail(&b->res[i], 409, CONFLICT_RETRY,
 						  "a request with this Idempotency-Key was being written at the same time; "
 						  "retry it");
 				}
@@ -2821,6 +2827,8 @@ static void answer_item(struct cw_app *app, struct msg_input *in, const struct i
 	else if (res->code) {
 		if (res->status == 429)
 			app_retry_after(req, res->retry_after_ms);
+		else if (strcmp(res->code, CONFLICT_RETRY) == 0)
+			cw_req_add_header(req, "Retry-After", "1"); /* the other request's commit is near */
 		cw_req_problem(req, res->status, res->code, app_status_title(res->status), res->detail);
 	}
 	else
@@ -2857,7 +2865,7 @@ static cw_err merged_send(PGconn *c, void *arg, int round, cw_errmsg *e)
 				dup = strcmp(m->b->items[k]->scope, x->scope) == 0 &&
 				      strcmp(m->b->items[k]->idem_key, x->idem_key) == 0;
 			if (dup) {
-				struct item_result r = { .status = 409, .code = "conflict" };
+				struct item_result r = { .status = 409, .code = CONFLICT_RETRY };
 				snprintf(r.detail, sizeof(r.detail), "a request with this Idempotency-Key is in progress; retry");
 				answer_item(m->app, x, &r, CW_OK, NULL);
 				msg_input_free(x);

@@ -437,9 +437,12 @@ static cw_err in_recv(PGconn *c, void *arg, int round, bool *more, cw_errmsg *e)
 		}
 		/* The key is the stanza's digest (dedup_key): a conflict is the
 		 * same stanza again, stored before (only its time, read on
-		 * arrival, differs); until the twenty-third session a resend
-		 * was answered with bad-request. */
-		if (st == 202 || st == 0 || (st == 409 && code && strcmp(code, "conflict") == 0))
+		 * arrival, differs), or the same stanza being written at the
+		 * same time (in_progress, since the thirtieth session); until
+		 * the twenty-third session a resend was answered with
+		 * bad-request. */
+		if (st == 202 || st == 0 ||
+		    (st == 409 && code && (strcmp(code, "conflict") == 0 || strcmp(code, "in_progress") == 0)))
 			continue;
 		LOG_KV_LIMITED(CW_LOG_INFO, "xmpp message not taken", "component", in->xc->domain, "code", code ? code : "",
 		       "detail", detail ? detail : "");
