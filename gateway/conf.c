@@ -84,7 +84,8 @@ const struct cfg_option cfg_options[] = {
 	{ "dispatcher", "retry_budget", CFG_INT, OFF(retry_budget), "12", 1, 1000, false, false,
 	  "delivery attempts before a row is dead-lettered" },
 	{ "dispatcher", "retry_base_ms", CFG_INT, OFF(retry_base_ms), "500", 10, 3600000, false, false,
-	  "first retry delay; doubles with each attempt, with 50-100 % jitter" },
+	  "first retry delay; doubles with each attempt (and with each 429 without Retry-After in a row, "
+	  "which spends no attempt), with 50-100 % jitter" },
 	{ "dispatcher", "retry_max_ms", CFG_INT, OFF(retry_max_ms), "300000", 10, 86400000, false, false,
 	  "longest delay between two attempts" },
 	{ "dispatcher", "typing_stale_ms", CFG_INT, OFF(typing_stale_ms), "30000", 100, 3600000, false, false,
