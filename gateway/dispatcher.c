@@ -1068,16 +1068,9 @@ static void deliver(struct lane *l, struct outbox_row *rows, size_t n)
 				rows[x].retry_after_ms = slow;
 	}
 	if (per_row) {
+		/* The rows' own waits (next_attempt_at), not the destination's:
+		 * a Matrix 429 is one ghost's limit, not the homeserver's. */
 		record_outcomes(l, rows, n, t0);
-		/* A wait asked for (a 429 or 503 met while the batch was
-		 * split) holds the whole destination, as below. */
-		long wait = 0;
-		for (size_t x = 0; x < n; x++)
-			if (rows[x].outcome == -1 && rows[x].retry_after_ms > wait)
-				wait = rows[x].retry_after_ms;
-		wait = outbox_retry_after_ms(0, wait);
-		if (wait > 0)
-			pause_destination(d, dest, (int64_t)wait * 1000);
 	} else {
 		if (rc == CW_OK)
 			done = n;
