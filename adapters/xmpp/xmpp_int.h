@@ -292,6 +292,12 @@ void xa_muc_stanza_id(xmpp_ctx_t *ctx, xmpp_stanza_t *st, const char *id, const 
 /* The chat message st (released) as a groupchat: the same, without a
  * receipt request (XEP-0184 §5.3: none in a room); NULL without memory. */
 xmpp_stanza_t *xa_muc_groupchat(xmpp_ctx_t *ctx, xmpp_stanza_t *st);
+/* The occupant full of room, when its nick is nick and someone else's
+ * there (a member's, or a message's writer's: the user's own local part is
+ * nobody else's), gives way: it takes the user's local part, told as a
+ * nick change the room made (XEP-0045 303, then 110 and 210), before
+ * anything comes from nick.  Whether it moved. */
+bool xa_muc_give_way(struct xcomp *xc, xmpp_ctx_t *ctx, const char *room, const char *full, const char *nick);
 /* [[full JID, nick]] of user's resources in room (a new reference). */
 json_t *xa_muc_occupants(struct xcomp *xc, const char *room, const char *user);
 /* What becomes of a stanza (text, for the event id) to the occupant full

@@ -527,6 +527,97 @@ static void add_text(json_t *out, xmpp_stanza_t *st)
 		xmpp_stanza_release(st);
 }
 
+/* The unavailable presence of full's occupant leaving had for nick
+ * (XEP-0045 §7.6): 110, 303 naming the new nick, and the role it keeps
+ * (participant: still in, example 53). */
+static xmpp_stanza_t *nick_gone(xmpp_ctx_t *ctx, const char *room, const char *had, const char *nick,
+				const char *full)
+{
+	xmpp_stanza_t *p = occupant_presence(ctx, room, had, full, true, true);
+	xmpp_stanza_t *x = p ? xmpp_stanza_get_child_by_name_and_ns(p, "x", NS_MUC_USER) : NULL;
+	xmpp_stanza_t *item = x ? xmpp_stanza_get_child_by_name(x, "item") : NULL;
+	if (item) {
+		xmpp_stanza_set_attribute(item, "nick", nick);
+		xmpp_stanza_set_attribute(item, "role", "participant");
+	}
+	xmpp_stanza_t *code = x ? xa_child(ctx, x, "status", NULL) : NULL;
+	if (code)
+		xmpp_stanza_set_attribute(code, "code", "303");
+	return p;
+}
+
+/* full's own presence (110) under nick, with 210 when the room gave it
+ * that nick, not the one its client asked for (XEP-0045 §7.2.9). */
+static xmpp_stanza_t *own_presence(xmpp_ctx_t *ctx, const char *room, const char *nick, const char *full,
+				   bool assigned)
+{
+	xmpp_stanza_t *p = occupant_presence(ctx, room, nick, full, true, false);
+	xmpp_stanza_t *x = p && assigned ? xmpp_stanza_get_child_by_name_and_ns(p, "x", NS_MUC_USER) : NULL;
+	xmpp_stanza_t *code = x ? xa_child(ctx, x, "status", NULL) : NULL;
+	if (code)
+		xmpp_stanza_set_attribute(code, "code", "210");
+	return p;
+}
+
+/* full told (queued, under xc->mu: the caller wakes the writer) that the
+ * room moved its occupant from had to nick: a nick change (nick_gone)
+ * the room made (210). */
+static bool tell_moved_locked(struct xcomp *xc, xmpp_ctx_t *ctx, const char *room, const char *full, const char *had,
+			      const char *nick)
+{
+	json_t *out = json_array();
+	add_text(out, nick_gone(ctx, room, had, nick, full));
+	add_text(out, own_presence(ctx, room, nick, full, true));
+	bool ok = json_array_size(out) == 2;
+	size_t i;
+	json_t *v;
+	json_array_foreach(ok ? out : NULL, i, v)
+		ok = ok && xa_enqueue_locked(xc, json_string_value(v), json_string_length(v));
+	json_decref(out);
+	return ok;
+}
+
+/* The user's occupant never holds a nick under which the room speaks for
+ * someone else in their view (a member, or the writer of a message it
+ * shows): XEP-0045 clients take a stanza from their own occupant JID for
+ * their own (a member added under it spoke "as" the user until the
+ * thirtieth session).  When nick, someone else's, is the occupant full's
+ * of room, it gives way (under xc->mu): it takes the user's local part,
+ * which is nobody else's in their view (a remote namesake of a member is
+ * "<local part>@<domain>": MUC_NICK), told as a nick change the room
+ * made; a joining occupant is told after its join's answer (joined).
+ * Whether it moved. */
+static bool give_way_locked(struct xcomp *xc, xmpp_ctx_t *ctx, const char *room, const char *full, const char *nick)
+{
+	json_t *o = xc->muc ? json_object_get(json_object_get(xc->muc, room), full) : NULL;
+	const char *user = o ? json_string_value(json_object_get(o, "user")) : NULL;
+	const char *had = o ? json_string_value(json_object_get(o, "nick")) : NULL;
+	if (!user || !had || strcmp(had, nick) != 0)
+		return false;
+	char old[NICK_MAX + 1], local[XJ_JID_MAX + 1];
+	snprintf(old, sizeof(old), "%s", had);
+	snprintf(local, sizeof(local), "%.*s", (int)strcspn(user, "@"), user);
+	if (strcmp(local, old) == 0 || json_object_set_new(o, "nick", json_string(local)) != 0)
+		return false;
+	xc->muc_dirty = true;
+	if (json_is_true(json_object_get(o, "joining")))
+		json_object_set_new(o, "moved", json_true());
+	else if (!tell_moved_locked(xc, ctx, room, full, old, local))
+		LOG_KV(CW_LOG_WARN, "xmpp: an occupant's move did not fit the queue", "component", xc->domain, "room",
+		       room);
+	return true;
+}
+
+bool xa_muc_give_way(struct xcomp *xc, xmpp_ctx_t *ctx, const char *room, const char *full, const char *nick)
+{
+	pthread_mutex_lock(&xc->mu);
+	bool moved = give_way_locked(xc, ctx, room, full, nick);
+	pthread_mutex_unlock(&xc->mu);
+	if (moved)
+		xa_wake(xc);
+	return moved;
+}
+
 /* What the room's occupants were told of its members (told: the room's
  * set in xc->muc_members) that the join's answer, made from its own
  * snapshot, did not say: who came, who went, a new name. xa_muc_members
@@ -584,6 +675,17 @@ static void joined(struct xcomp *xc, xmpp_ctx_t *ctx, const struct mjoin *j, jso
 		json_array_foreach(out, i, v)
 			queued = queued && xa_enqueue_locked(xc, json_string_value(v), json_string_length(v));
 		json_t *told = xc->muc_members ? json_object_get(xc->muc_members, j->room) : NULL;
+		/* The room moved the occupant while its join was looked at
+		 * (someone else's message under its nick: give_way_locked): told
+		 * now; and a member the others were told of since the join's
+		 * snapshot under its nick makes it give way, before that
+		 * member's presence. */
+		const char *now = json_string_value(json_object_get(o, "nick"));
+		if (json_object_get(o, "moved") && now && strcmp(now, j->nick) != 0)
+			queued = queued && tell_moved_locked(xc, ctx, j->room, j->full, j->nick, now);
+		json_object_del(o, "moved");
+		if (told && now && json_object_get(told, now))
+			give_way_locked(xc, ctx, j->room, j->full, now);
 		json_t *since = told ? members_since(xc, ctx, j, told) : NULL;
 		json_array_foreach(since, i, v)
 			queued = queued && xa_enqueue_locked(xc, json_string_value(v), json_string_length(v));
@@ -640,15 +742,26 @@ static void join_done(void *arg, cw_err rc, const cw_errmsg *e)
 		mjoin_free(j);
 		return;
 	}
+	/* A writer in the history under the nick asked for (not a member: a
+	 * member's nick is a conflict): the user takes their local part
+	 * instead, which the room gives nobody else (give_way_locked), and
+	 * is told so (210). */
+	size_t i;
+	json_t *v;
+	bool assigned = false;
+	json_array_foreach(j->history, i, v)
+		assigned = assigned || strcmp(json_string_value(json_array_get(v, 0)), j->nick) == 0;
+	if (assigned && strcmp(j->nick, j->local) != 0) {
+		snprintf(j->nick, sizeof(j->nick), "%s", j->local);
+		occupant_put(xc, j->room, j->full, j->nick, j->user, true);
+	}
 	/* The answer, in order: the others, the user (110), the history, the
 	 * subject (XEP-0045 §7.2). */
 	json_t *out = json_array(), *given = json_object(), *going = json_object();
-	size_t i;
-	json_t *v;
 	json_array_foreach(j->members, i, v)
 		add_text(out, occupant_presence(ctx, j->room, json_string_value(v), j->full, false, false));
 	announce_first(xc, j);
-	xmpp_stanza_t *me = occupant_presence(ctx, j->room, j->nick, j->full, true, false);
+	xmpp_stanza_t *me = own_presence(ctx, j->room, j->nick, j->full, assigned);
 	xmpp_stanza_t *ux = me ? xmpp_stanza_get_child_by_name_and_ns(me, "x", NS_MUC_USER) : NULL;
 	xmpp_stanza_t *created = j->created && ux ? xa_child(ctx, ux, "status", NULL) : NULL;
 	if (created) /* XEP-0045 §10.1.1: a new room */
@@ -787,17 +900,7 @@ static bool nick_change(struct xcomp *xc, xmpp_stanza_t *st, const char *room, c
 		to_occupant(xc, room, from, NULL, xa_error_reply(st, "cancel", "conflict", NULL));
 		return false;
 	}
-	xmpp_stanza_t *p = occupant_presence(xc->ctx, room, had, from, true, true);
-	xmpp_stanza_t *x = p ? xmpp_stanza_get_child_by_name_and_ns(p, "x", NS_MUC_USER) : NULL;
-	xmpp_stanza_t *item = x ? xmpp_stanza_get_child_by_name(x, "item") : NULL;
-	if (item) { /* still in, under the new nick: its role stays (§7.6, example 53) */
-		xmpp_stanza_set_attribute(item, "nick", nick);
-		xmpp_stanza_set_attribute(item, "role", "participant");
-	}
-	xmpp_stanza_t *code = x ? xa_child(xc->ctx, x, "status", NULL) : NULL;
-	if (code)
-		xmpp_stanza_set_attribute(code, "code", "303");
-	to_occupant(xc, room, from, NULL, p);
+	to_occupant(xc, room, from, NULL, nick_gone(xc->ctx, room, had, nick, from));
 	return true;
 }
 
@@ -1407,9 +1510,12 @@ void xa_muc_members(struct xcomp *xc, PGconn *c)
 			snprintf(local, sizeof(local), "%.*s", (int)strcspn(user, "@"), user);
 			if (!json_object_get(set, local))
 				json_array_append_new(out, json_pack("[s, s, O]", room, full, json_object_get(o, "nick")));
+			else if (json_object_get(set, json_string_value(json_object_get(o, "nick"))))
+				give_way_locked(xc, xc->ctx, room, full, json_string_value(json_object_get(o, "nick")));
 		}
 	}
 	pthread_mutex_unlock(&xc->mu);
+	xa_wake(xc); /* what an occupant that gave way was told */
 	size_t oi;
 	json_t *ov;
 	json_array_foreach(out, oi, ov) {
@@ -1460,6 +1566,12 @@ void xa_muc_members(struct xcomp *xc, PGconn *c)
 			}
 			if (renamed) /* the group was renamed: its subject says so */
 				subject_now(xc, room, name1, to);
+			/* a member come under the occupant's nick (or a remote
+			 * member's nick changed to it: a namesake came): it gives
+			 * way first */
+			const char *onick = json_string_value(json_array_get(oc, 1));
+			if (after && json_object_get(after, onick))
+				xa_muc_give_way(xc, xc->ctx, room, to, onick);
 			json_object_foreach(before, who, x) {
 				if (who[0] == '#' || (after && json_object_get(after, who)))
 					continue;

@@ -243,10 +243,22 @@ static bool build_group(struct xmpp *x, struct outbox_row *row, PGresult *r, int
 		cw_fail(e, CW_ENOMEM, "out of memory");
 	size_t i;
 	json_t *o;
+	/* the writer of the message, and of the one it answers, unless the
+	 * user: nobody else speaks under the user's occupant's nick (a
+	 * member the stream's holder has not announced yet, or a writer who
+	 * left: it gives way first) */
+	bool mine = strcmp(PQgetvalue(r, k, 18), PQgetvalue(r, k, 19)) == 0;
+	bool target_mine = col(r, k, 29) && PQgetvalue(r, k, 29)[0] == 't';
 	json_array_foreach(ok ? occ : NULL, i, o) {
-		char from[XJ_JID_MAX + 300], author[XJ_JID_MAX + 300];
+		char from[XJ_JID_MAX + 300], author[XJ_JID_MAX + 300], own[256]; /* a nick: at most 255 bytes */
+		snprintf(own, sizeof(own), "%s", json_string_value(json_array_get(o, 1)));
+		if (((!mine && strcmp(PQgetvalue(r, k, 28), own) == 0) ||
+		     (!target_mine && col(r, k, 30) && strcmp(col(r, k, 30), own) == 0)) &&
+		    xa_muc_give_way(*xc, ctx, room, json_string_value(json_array_get(o, 0)), own))
+			snprintf(own, sizeof(own), "%.*s", (int)strcspn(local_jid, "@"), local_jid);
 		snprintf(from, sizeof(from), "%s/%s", room, PQgetvalue(r, k, 28));
-		snprintf(author, sizeof(author), "%s/%s", room, col(r, k, 30) ? col(r, k, 30) : "");
+		/* a reply to the user's own message names their occupant */
+		snprintf(author, sizeof(author), "%s/%s", room, target_mine ? own : col(r, k, 30) ? col(r, k, 30) : "");
 		/* In a room, references name the room's ids (stanza-id): the
 		 * messages' own. */
 		struct xm_out_info info = {

@@ -690,11 +690,7 @@ def test_what_comes_while_a_join_is_looked_at_follows_its_answer(xd, gk, alice, 
     room = alice.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None).get("from")
     wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE destination = 'xmpp' AND state = 'delivered'",
                                db_url) == "1", what="the invitation delivered")
-    pg.psql("CREATE TABLE test_pause (what text); INSERT INTO test_pause VALUES ('join'); "
-            "CREATE FUNCTION test_slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-            " IF EXISTS (SELECT 1 FROM test_pause) THEN PERFORM pg_sleep(3); END IF; RETURN NEW; END $$; "
-            "CREATE TRIGGER test_slow_join BEFORE INSERT ON room_bindings FOR EACH ROW "
-            " WHEN (NEW.network = 'xmpp' AND NEW.remote_identity_id IS NULL) EXECUTE FUNCTION test_slow()", db_url)
+    slow_joins(pg, db_url, 3)
     start = alice.count()
     alice.send_presence(to=room + "/alice", payload=f"<x xmlns='{MUC}'><history maxstanzas='10'/></x>")
     alice.send_presence(to=room + "/alice", show="away")
@@ -747,6 +743,27 @@ def join_room(room, *members):
         c.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
 
 
+def slow_joins(pg, db_url, seconds):
+    """Each join's look made slow: asleep seconds where it writes the room's
+    binding (a pause while the join is on the database writer)."""
+    pg.psql("CREATE TABLE test_pause (what text); INSERT INTO test_pause VALUES ('join'); "
+            "CREATE FUNCTION test_slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            f" IF EXISTS (SELECT 1 FROM test_pause) THEN PERFORM pg_sleep({seconds}); END IF; RETURN NEW; END $$; "
+            "CREATE TRIGGER test_slow_join BEFORE INSERT ON room_bindings FOR EACH ROW "
+            " WHEN (NEW.network = 'xmpp' AND NEW.remote_identity_id IS NULL) EXECUTE FUNCTION test_slow()", db_url)
+
+
+def member_from_another_process(pg, db_url, a, gid, local):
+    """The peer a's user local made a member of the group gid by another
+    process of this server (this one's writer may be busy): straight into
+    the database."""
+    uri = a.user(local)
+    pg.psql(f"INSERT INTO identities (uri, domain, localpart, is_local, network, peer_id) SELECT '{uri}', "
+            f"'{uri.split('/')[2]}', '{local}', false, 'peer:gk', id FROM peers WHERE name = 'gk'; "
+            "INSERT INTO room_members (room_id, identity_id, membership) SELECT r.id, i.id, 'joined' "
+            f"FROM rooms r, identities i WHERE r.public_id = '{gid}' AND i.uri = '{uri}'", db_url)
+
+
 def test_a_member_who_comes_while_a_join_is_looked_at_is_shown_to_the_joiner(xd, gk, alice, prosody, pg,
                                                                              db_url):
     """bob is in the room; alice's join is looked at slowly (the database
@@ -763,21 +780,13 @@ def test_a_member_who_comes_while_a_join_is_looked_at_is_shown_to_the_joiner(xd,
         bob.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
         wait_until(lambda: pg.psql("SELECT count(*) FROM room_bindings WHERE network = 'xmpp' "
                                    "AND remote_identity_id IS NULL", db_url) == "2", what="both bindings")
-        pg.psql("CREATE TABLE test_pause (what text); INSERT INTO test_pause VALUES ('join'); "
-                "CREATE FUNCTION test_slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-                " IF EXISTS (SELECT 1 FROM test_pause) THEN PERFORM pg_sleep(4); END IF; RETURN NEW; END $$; "
-                "CREATE TRIGGER test_slow_join BEFORE INSERT ON room_bindings FOR EACH ROW "
-                " WHEN (NEW.network = 'xmpp' AND NEW.remote_identity_id IS NULL) EXECUTE FUNCTION test_slow()", db_url)
+        slow_joins(pg, db_url, 4)
         a_start, b_start = alice.count(), bob.count()
         alice.send_presence(to=f"{room}/alice", payload=f"<x xmlns='{MUC}'><history maxstanzas='0'/></x>")
         time.sleep(0.5)
         # yves added by another process of this server (this one's writer is
         # busy with the join): straight into the database
-        yves = a.user("yves")
-        pg.psql(f"INSERT INTO identities (uri, domain, localpart, is_local, network, peer_id) SELECT '{yves}', "
-                f"'{yves.split('/')[2]}', 'yves', false, 'peer:gk', id FROM peers WHERE name = 'gk'; "
-                "INSERT INTO room_members (room_id, identity_id, membership) SELECT r.id, i.id, 'joined' "
-                f"FROM rooms r, identities i WHERE r.public_id = '{gid}' AND i.uri = '{yves}'", db_url)
+        member_from_another_process(pg, db_url, a, gid, "yves")
         bob.wait_for_presence(lambda el: el.get("from") == room + "/yves", start=b_start)
         alice.wait_for_presence(lambda el: el.get("from") == room + "/yves", start=a_start, timeout=20)
         got = [el for el in alice.stanzas()[a_start:] if el.get("from", "").startswith(room + "/")
@@ -912,6 +921,168 @@ def test_two_local_members_of_a_group_read_each_other(xd, gk, alice, prosody, pg
         assert now.get("type") is None and [c.get("code") for c in now.iter(q(MUC_USER, "status"))] == ["110"]
         bob.send_message(room, "renamed", mtype="groupchat", id="b2")
         message_from(bob, room, lambda el: el.get("id") == "b2" and el.get("from") == room + "/robert")
+
+
+def codes(el):
+    return sorted(c.get("code") for c in el.iter(q(MUC_USER, "status")))
+
+
+def own_nick_moves(got, room):
+    """From a client's stanzas from the room (got): its occupant's nick as
+    the room had it when each message came ([(nick, message)]), following
+    its own presences (110): a move (303) and the new nick's presence."""
+    own, seen = None, []
+    for el in got:
+        if el.tag.endswith("presence") and "110" in codes(el):
+            item = el.find(q(MUC_USER, "x")).find(q(MUC_USER, "item"))
+            if el.get("type") == "unavailable":
+                own = item.get("nick") if "303" in codes(el) else None
+            else:
+                own = el.get("from").split("/", 1)[1]
+        elif el.tag.endswith("message") and body(el):
+            seen.append((own, el))
+    return seen
+
+
+def test_a_member_who_comes_under_the_users_nick_moves_her_occupant(xd, gk, alice, prosody, pg, db_url):
+    """alice is in the room as "boss"; the peer adds its user boss and he
+    writes at once. The room never speaks for him from alice's own occupant
+    JID (XEP-0045 clients take that as the reflection of their own
+    message): her occupant gives way first, to her local part, which is
+    nobody else's in her view (XEP-0045 §7.6: unavailable with 303 and 110
+    naming the new nick, then its presence with 110 and 210, the service
+    changed her nick), and boss is "boss". bob, of this server too, keeps
+    his nick; neither may take a member's nick, joining or changing it.
+    A reply to alice's own message names her occupant as it is. Until the
+    thirtieth session boss's message reached alice from room/boss, exactly
+    her own occupant JID (a review's finding)."""
+    a, _ = gk
+    boss = a.user("boss")
+    consent_alice(xd, subject=boss)
+    with a_group_with_bob(xd, a, alice, prosody) as (bob, gid, room):
+        start = bob.count()
+        bob.send_presence(to=f"{room}/wally", payload=f"<x xmlns='{MUC}'/>")
+        err = bob.wait_for_presence(lambda el: el.get("type") == "error", start=start)
+        assert err.error_condition == "conflict", err.xml
+        join_room(room, (alice, "boss"), (bob, "bobby"))
+        # alice writes as "boss"; wally's reply to it names her occupant
+        alice.send_message(room, "mine", mtype="groupchat", id="m1")
+        echo = message_from(alice, room, lambda el: el.get("id") == "m1")
+        assert echo.get("from") == room + "/boss"
+        mine = echo.find("{urn:xmpp:sid:0}stanza-id").get("id")
+        assert post(a, f"/v1/rooms/{gid}/messages", {
+            "type": "message", "sender": a.user("wally"), "content": {
+                "in_reply_to": mine, "parts": [{"type": "text/plain", "body": "yours"}]}}).status_code == 202
+        m = message_from(alice, room, lambda el: (body(el) or "").endswith("yours"))
+        assert m.find(f"{{{NS_REPLY}}}reply").get("to") == room + "/boss", m.xml
+        start, b_start = alice.count(), bob.count()
+        assert a.call("POST", f"/v1/rooms/{gid}/members", {"add": [boss]}).status_code == 200
+        assert a.send(gid, boss, "I am you").status_code == 202
+        message_from(alice, room, lambda el: body(el) == "I am you")
+        alice.wait_for_presence(lambda el: el.get("from") == room + "/boss" and el.get("type") is None, start=start)
+        got = [el for el in alice.stanzas()[start:] if el.get("from", "").startswith(room + "/")]
+        moved = [el for el in got if el.tag.endswith("presence") and "110" in codes(el)]
+        assert [(el.get("from"), el.get("type"), codes(el)) for el in moved] == [
+            (room + "/boss", "unavailable", ["110", "303"]), (room + "/alice", None, ["110", "210"])], moved
+        item = moved[0].find(q(MUC_USER, "x")).find(q(MUC_USER, "item"))
+        assert (item.get("nick"), item.get("role"), item.get("affiliation")) == ("alice", "participant", "member")
+        came = [el for el in got if el.tag.endswith("presence") and el.get("from") == room + "/boss"
+                and el.get("type") is None]
+        assert len(came) == 1 and codes(came[0]) == [] and got.index(moved[1]) < got.index(came[0])
+        assert [(own, el.get("from")) for own, el in own_nick_moves(got, room)] == [("alice", room + "/boss")]
+        # She is in as "alice" now: her messages come back from there, a
+        # self-ping as "boss" is no longer hers, and she cannot take it back.
+        assert alice.ping(room + "/alice") and not alice.ping(room + "/boss")
+        alice.send_message(room, "still me", mtype="groupchat", id="m2")
+        assert message_from(alice, room, lambda el: el.get("id") == "m2").get("from") == room + "/alice"
+        start = alice.count()
+        alice.send_presence(to=f"{room}/boss")
+        err = alice.wait_for_presence(lambda el: el.get("type") == "error", start=start)
+        assert err.error_condition == "conflict", err.xml
+        # bob's view: boss came, bob's own nick stays, alice is "alice"
+        bob.wait_for_presence(lambda el: el.get("from") == room + "/boss", start=b_start)
+        assert not [el for el in bob.stanzas()[b_start:] if el.tag.endswith("presence") and "110" in codes(el)]
+        assert bob.ping(room + "/bobby")
+        start = bob.count()
+        bob.send_presence(to=f"{room}/boss")
+        err = bob.wait_for_presence(lambda el: el.get("type") == "error", start=start)
+        assert err.error_condition == "conflict", err.xml
+
+
+def test_a_writer_under_the_joiners_nick_gives_her_another(xd, gk, alice, prosody, pg, db_url):
+    """The history's writers and members whose nick changes are held to
+    the same rule. boss wrote and left the group: alice joins as "boss"
+    (no member's nick) and gets her local part with 210 (XEP-0045 §7.2:
+    the service changed the nick asked for), his message from "boss".
+    Then, in as "bob@<peer's domain>" (the peer's bob is "bob"), this
+    server's bob is added: the peer's bob becomes "bob@<its domain>" and
+    alice gives way to him (303, then 210)."""
+    a, _ = gk
+    boss, their_bob = a.user("boss"), a.user("bob")
+    domain = their_bob.split("/")[2]
+    consent_alice(xd)
+    consent_alice(xd, subject=boss)
+    gid = a.create_room([a.user("wally"), boss, their_bob, ALICE], kind="group").json()["id"]
+    assert a.send(gid, boss, "before you came").status_code == 202
+    room = alice.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None).get("from")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE destination = 'xmpp' AND state = 'delivered'",
+                               db_url) == "1", what="boss's message delivered (to the history)")
+    assert a.call("POST", f"/v1/rooms/{gid}/members", {"remove": [boss]}).status_code == 200
+    start = alice.count()
+    alice.send_presence(to=f"{room}/boss", payload=f"<x xmlns='{MUC}'/>")
+    alice.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+    got = [el for el in alice.stanzas()[start:] if el.get("from", "").startswith(room + "/")]
+    pres = [(el.get("from").split("/", 1)[1], codes(el)) for el in got if el.tag.endswith("presence")]
+    assert pres == [("wally", []), ("bob", []), ("alice", ["110", "210"])], pres
+    assert [(own, el.get("from"), body(el)) for own, el in own_nick_moves(got, room)] == [
+        ("alice", room + "/boss", "before you came")]
+    assert alice.ping(room + "/alice") and not alice.ping(room + "/boss")
+    # a nick change to the peer's bob's name with the domain: nobody's yet
+    start = alice.count()
+    alice.send_presence(to=f"{room}/bob@{domain}")
+    alice.wait_for_presence(lambda el: el.get("from") == f"{room}/bob@{domain}" and el.get("type") is None,
+                            start=start)
+    start = alice.count()
+    assert a.call("POST", f"/v1/rooms/{gid}/members", {"add": ["mimi://example.org/u/bob"]}).status_code == 200
+    alice.wait_for_presence(lambda el: el.get("from") == f"{room}/bob@{domain}" and el.get("type") is None
+                            and "110" not in codes(el), start=start)
+    got = [el for el in alice.stanzas()[start:] if el.get("from", "").startswith(room + "/")]
+    seen = [(el.get("from").split("/", 1)[1], el.get("type"), codes(el)) for el in got]
+    assert seen == [(f"bob@{domain}", "unavailable", ["110", "303"]), ("alice", None, ["110", "210"]),
+                    (f"bob@{domain}", None, [])], seen
+    assert alice.ping(room + "/alice")
+
+
+def test_a_member_who_comes_under_the_joiners_nick_while_her_join_is_looked_at(xd, gk, alice, prosody, pg,
+                                                                                 db_url):
+    """bob is in the room; alice joins as "boss", her join looked at slowly,
+    and meanwhile the peer's boss becomes a member (bob is told at once):
+    her answer, made from the join's older snapshot, says "boss" is hers,
+    and right after it her occupant gives way (303, then 210) before boss's
+    presence."""
+    a, _ = gk
+    with a_group_with_bob(xd, a, alice, prosody) as (bob, gid, room):
+        join_room(room, (bob, "bob"))
+        wait_until(lambda: pg.psql("SELECT count(*) FROM room_bindings WHERE network = 'xmpp' "
+                                   "AND remote_identity_id IS NULL", db_url) == "2", what="both bindings")
+        slow_joins(pg, db_url, 4)
+        a_start, b_start = alice.count(), bob.count()
+        alice.send_presence(to=f"{room}/boss", payload=f"<x xmlns='{MUC}'><history maxstanzas='0'/></x>")
+        wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'",
+                                   db_url) == "1", what="the join on the writer")
+        # boss added by another process of this server (this one's writer
+        # is busy with the join): straight into the database
+        member_from_another_process(pg, db_url, a, gid, "boss")
+        bob.wait_for_presence(lambda el: el.get("from") == room + "/boss", start=b_start)
+        alice.wait_for_presence(lambda el: el.get("from") == room + "/boss" and el.get("type") is None
+                                and "110" not in codes(el), start=a_start, timeout=20)
+        got = [(el.get("from").split("/", 1)[1], el.get("type"), codes(el)) for el in alice.stanzas()[a_start:]
+               if el.tag.endswith("presence") and el.get("from", "").startswith(room + "/")]
+        # the race happened: the answer has her as "boss"
+        assert got == [("wally", None, []), ("bob", None, []), ("boss", None, ["110"]),
+                       ("boss", "unavailable", ["110", "303"]), ("alice", None, ["110", "210"]),
+                       ("boss", None, [])], got
+        assert alice.ping(room + "/alice")
 
 
 def test_writing_in_a_group_lets_its_members_reach_the_writer_there_only(xd, gk, alice, pg, db_url):
