@@ -1121,6 +1121,7 @@ static cw_err media_parts(struct matrix *m, PGconn *c, struct outbox_row *row, c
 			snprintf(query, sizeof(query), "ts=%s", ts);
 			long status;
 			rc = mx_call(m, "PUT", path, ghost, query, json_incref(o.content), &status, NULL, e);
+			*never = rc && status == 413; /* as for the row's own event (matrix_deliver) */
 		}
 		mx_out_clear(&o);
 		json_decref(one);
@@ -1676,6 +1677,19 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 			if (finish_row(m, run->h, &run->rq, cc, row, sent, &status, &fe) == CW_OK) {
 				row->outcome = 1;
 				row->code = status;
+				run->next++;
+			} else if (status == 413) {
+				/* M_TOO_LARGE: a homeserver that takes smaller events
+				 * than Matrix (the content is made to fit Matrix's
+				 * limit) answers so on every try: dead at once
+				 * (outcome 5), the room's next rows go on */
+				char id[24];
+				snprintf(id, sizeof(id), "%lld", (long long)row->id);
+				LOG_KV(CW_LOG_WARN, "the homeserver refused an event as too large", "outbox_id", id, "detail",
+				       fe.msg);
+				row->outcome = 5;
+				row->code = status;
+				snprintf(row->why, sizeof(row->why), "%s", fe.msg);
 				run->next++;
 			} else {
 				fail_rest(run, rows, status, fe.msg);

@@ -1439,7 +1439,84 @@ static bool media_message(const json_t *content, bool caption, json_t *c)
 	return true;
 }
 
-static void finish_send(struct mx_out *out, const char *type, json_t *c, const char *marker_key,
+/* Matrix takes an event (the whole PDU, as canonical JSON) of at most
+ * 65,536 bytes: a homeserver refuses a larger one with 413 M_TOO_LARGE.
+ * It adds the envelope (sender, room, ids, the room's previous and auth
+ * events, hashes, signatures) and the adapter its marks (MX_OUTBOX_KEY,
+ * MX_PART_KEY), so a content is kept under this. */
+#define MX_CONTENT_MAX (65536 - 4096)
+/* What ends a text cut to fit. */
+static const char SHORTENED[] = "\xe2\x80\xa6 (message shortened)";
+/* The start of an edit's text that its fallback body keeps, in bytes. */
+#define EDIT_FALLBACK_MAX 100
+
+static size_t content_size(const json_t *c)
+{
+	return json_dumpb(c, NULL, 0, JSON_COMPACT);
+}
+
+/* obj's member key: prefix, the start of s (at most keep bytes, cut on a
+ * character), then suffix. */
+static bool set_cut(json_t *obj, const char *key, const char *prefix, const char *s, size_t keep, const char *suffix)
+{
+	size_t pl = strlen(prefix), n = cw_utf8_cut(s, keep), sl = strlen(suffix);
+	char *v = malloc(pl + n + sl + 1);
+	if (!v)
+		return false;
+	memcpy(v, prefix, pl);
+	memcpy(v + pl, s, n);
+	memcpy(v + pl + n, suffix, sl + 1);
+	bool ok = json_object_set_new(obj, key, json_string(v)) == 0;
+	free(v);
+	return ok;
+}
+
+/* Makes a message's (or an edit's) content fit in a Matrix event, step by
+ * step, each only when the one before was not enough: the HTML left out
+ * (the text stays); for an edit, its fallback body (for clients without
+ * edits) made "* " and the text's start, m.new_content keeping the text;
+ * then the text cut on a character, SHORTENED after it.  false: no
+ * memory. */
+static bool fit_content(json_t *c)
+{
+	size_t size = content_size(c); /* 0: no memory */
+	if (size <= MX_CONTENT_MAX)
+		return size != 0;
+	json_t *nc = json_object_get(c, "m.new_content");
+	json_object_del(c, "format");
+	json_object_del(c, "formatted_body");
+	json_object_del(nc, "format");
+	json_object_del(nc, "formatted_body");
+	if ((size = content_size(c)) <= MX_CONTENT_MAX)
+		return size != 0;
+	const char *text = json_string_value(json_object_get(nc, "body"));
+	if (text) {
+		const char *more = strlen(text) > EDIT_FALLBACK_MAX ? "\xe2\x80\xa6" : "";
+		if (!set_cut(c, "body", "* ", text, EDIT_FALLBACK_MAX, more))
+			return false;
+		if ((size = content_size(c)) <= MX_CONTENT_MAX)
+			return size != 0;
+	}
+	json_t *holder = nc ? nc : c;
+	const char *was = json_string_value(json_object_get(holder, "body"));
+	char *body = strdup(was ? was : "");
+	size_t keep = body ? strlen(body) : 0;
+	/* Each byte of the text is at least one of the JSON: what is over is
+	 * cut, and again while the marker (or an escape) makes it more. */
+	while (body && size > MX_CONTENT_MAX && keep > 0) {
+		size_t over = size - MX_CONTENT_MAX;
+		keep = keep > over ? keep - over : 0;
+		if (!set_cut(holder, "body", "", body, keep, SHORTENED))
+			size = 0;
+		else
+			size = content_size(c);
+	}
+	free(body);
+	return size != 0 && size <= MX_CONTENT_MAX;
+}
+
+/* out: a send of c (taken), made to fit when it is a message's (an edit's). */
+static bool finish_send(struct mx_out *out, const char *type, json_t *c, const char *marker_key,
 			const char *marker_value)
 {
 	out->op = MX_OP_SEND;
@@ -1447,6 +1524,7 @@ static void finish_send(struct mx_out *out, const char *type, json_t *c, const c
 	if (marker_key && marker_value)
 		json_object_set_new(c, marker_key, json_string(marker_value));
 	out->content = c;
+	return strcmp(type, "m.room.message") != 0 || fit_content(c);
 }
 
 static bool none(struct mx_out *out, char *why, size_t whylen, const char *what)
@@ -1492,7 +1570,8 @@ static bool out_message(const json_t *content, mx_lookup_fn to_native, void *ctx
 		json_object_set_new(c, "m.relates_to", json_pack("{s:{s:s}}", "m.in_reply_to", "event_id", target));
 	json_object_set_new(c, "m.mentions", json_object());
 	copy_extensions(content, c, marker_key);
-	finish_send(out, "m.room.message", c, marker_key, marker_value);
+	if (!finish_send(out, "m.room.message", c, marker_key, marker_value))
+		return fail(out, why, whylen, MX_WHY_NOMEM);
 	return true;
 }
 
@@ -1530,7 +1609,8 @@ static bool out_edit(const json_t *content, mx_lookup_fn to_native, void *ctx, c
 	}
 	json_object_set_new(c, "m.mentions", json_object());
 	copy_extensions(content, c, marker_key);
-	finish_send(out, "m.room.message", c, marker_key, marker_value);
+	if (!finish_send(out, "m.room.message", c, marker_key, marker_value))
+		return fail(out, why, whylen, MX_WHY_NOMEM);
 	return true;
 }
 

@@ -113,6 +113,12 @@
  * "x.matrix." (this mapping's own) nor "org.causeway." (the adapter's
  * marks: marker_key, MX_PART_KEY); others are dropped.
  * "topic" and "expires" have no Matrix equivalent and are dropped.
+ *
+ * A message's or edit's content is kept under 61,440 bytes of compact JSON
+ * (Matrix's 65,536 for the whole event, less what the homeserver and the
+ * caller add), step by step: formatted_body left out; an edit's fallback
+ * body "* " and the text's first 100 bytes; the text cut on a character,
+ * ending "… (message shortened)".
  */
 #ifndef CW_MX_MAP_H
 #define CW_MX_MAP_H

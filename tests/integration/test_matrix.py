@@ -18,6 +18,7 @@ import requests
 import yaml
 
 from harness import CAUSEWAYD, HeldSession, free_port, wait_until
+import homeserver
 from homeserver import Homeserver
 from peer import MediaServer, NotifyServer, PeerClient
 from pgproxy import PgProxy
@@ -2968,6 +2969,71 @@ def test_an_edit_whose_original_the_database_could_not_look_up_is_tried_again(ma
                            "ORDER BY id DESC LIMIT 1", db_url) == "delivered 2"
         finally:
             srv.close()
+
+
+def canonical_size(content):
+    return len(json.dumps(content, separators=(",", ":"), ensure_ascii=False, sort_keys=True).encode())
+
+
+def ghost_messages_in(hs, mx_room):
+    return [e for e in hs.events(mx_room) if e["type"] == "m.room.message" and e["sender"] == "@_cw_gk_wally:example.org"]
+
+
+def test_an_event_larger_than_matrix_takes_is_made_to_fit(mx, hs, gk, pg, db_url):
+    """A peer's message within the neutral limits can make a Matrix event
+    over the 65,536 bytes a homeserver takes (the HTML's escapes: each & is
+    &amp;; an edit carries its text twice, with its HTML): it is made to
+    fit, its HTML left out first, never refused.  Until the thirtieth
+    session the homeserver's 413 M_TOO_LARGE was taken for a failure a
+    retry may mend: the room's later rows waited behind it for the whole
+    retry budget (some 10 minutes), then were dead with it."""
+    a, _ = gk
+    room, mx_room = wally_wrote_to_alice(mx, hs, a, pg, db_url)
+    big = "&" * 16000
+    r = a.call("POST", f"/v1/rooms/{room}/messages",
+               {"type": "message", "sender": a.user("wally"),
+                "content": {"parts": [{"type": "text/plain", "body": big}, {"type": "text/html", "body": big}]}},
+               idem="big-1")
+    assert r.status_code == 202, r.text
+    first = a.send(room, a.user("wally"), "to be edited").json()["id"]
+    text = "x" * 16300
+    r = a.call("POST", f"/v1/rooms/{room}/messages",
+               {"type": "edit", "sender": a.user("wally"),
+                "content": {"replaces": first, "parts": [{"type": "text/plain", "body": text},
+                                                         {"type": "text/html", "body": "<p>" + text + "</p>"}]}},
+               idem="edit-big")
+    assert r.status_code == 202, r.text
+    assert a.send(room, a.user("wally"), "after the big ones").status_code == 202
+    wait_until(lambda: any(m["content"]["body"] == "after the big ones" for m in ghost_messages_in(hs, mx_room)),
+               what="the row after the large ones")
+    got = {m["content"]["body"][:12]: m["content"] for m in ghost_messages_in(hs, mx_room)}
+    large = got["&" * 12]
+    assert large["body"] == big and "formatted_body" not in large and "format" not in large, large.keys()
+    edit = got["* " + "x" * 10]
+    assert edit["m.new_content"]["body"] == text and "formatted_body" not in edit["m.new_content"], edit.keys()
+    assert edit["m.relates_to"]["rel_type"] == "m.replace", edit["m.relates_to"]
+    assert all(canonical_size(c) < 65536 - 2048 for c in got.values())
+    assert pg.psql("SELECT string_agg(DISTINCT state, ',') FROM outbox WHERE destination = 'matrix'", db_url) == \
+        "delivered"
+
+
+def test_a_homeserver_refusing_an_event_as_too_large_holds_no_later_row(mx, hs, gk, pg, db_url, monkeypatch):
+    """A homeserver that takes smaller events than Matrix's 65,536 bytes
+    answers 413 M_TOO_LARGE: the same answer on every try, so the row is a
+    dead letter at once, with why, and the room's later rows go on (until
+    the thirtieth session it was retried, the room held behind it)."""
+    a, _ = gk
+    room, mx_room = wally_wrote_to_alice(mx, hs, a, pg, db_url)
+    monkeypatch.setattr(homeserver, "MAX_PDU_BYTES", 8000)
+    big = a.send(room, a.user("wally"), "y" * 10000).json()["id"]
+    assert a.send(room, a.user("wally"), "after the refused one").status_code == 202
+    wait_until(lambda: any(m["content"]["body"] == "after the refused one" for m in ghost_messages_in(hs, mx_room)),
+               what="the row after the refused one")
+    row = (f"SELECT o.state || ' ' || o.attempts || ' ' || o.last_error FROM outbox o JOIN events e "
+           f"ON e.id = o.event_id WHERE e.public_id = '{big}' AND o.destination = 'matrix'")
+    assert pg.psql(row, db_url) == "dead 1 homeserver answered 413 M_TOO_LARGE", pg.psql(row, db_url)
+    st = a.call("GET", f"/v1/messages/{big}").json()
+    assert [x["status"] for x in st["recipients"]] == ["not_delivered"], st
 
 
 def rate_limited_homeserver():

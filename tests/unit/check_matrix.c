@@ -1339,6 +1339,81 @@ START_TEST(json_load_lenient)
 }
 END_TEST
 
+static const char *orig_lookup(void *ctx, const char *id)
+{
+	(void)ctx;
+	return strcmp(id, "msg_orig") == 0 ? "$orig:example.org" : NULL;
+}
+
+/* A neutral event whose Matrix event would pass 65,536 bytes is made to
+ * fit, step by step: the HTML left out, an edit's fallback made short,
+ * then the text cut on a character with a marker (never refused: a
+ * homeserver answers 413 M_TOO_LARGE to a larger one). */
+START_TEST(from_neutral_fits_an_event)
+{
+	static const struct {
+		const char *type;
+		size_t plain, html; /* bytes of "é" (2 a character) and of "&" */
+		bool html_kept, fallback_short, cut;
+	} cases[] = {
+		{ "message", 20000, 16000, false, false, false },
+		{ "message", 20000, 4000, true, false, false },
+		{ "message", 70000, 0, false, false, true },
+		{ "edit", 20000, 0, false, false, false },
+		{ "edit", 40000, 100, false, true, false },
+		{ "edit", 70000, 0, false, true, true },
+	};
+	for (size_t i = 0; i < CW_ARRAY_LEN(cases); i++) {
+		char *plain = malloc(cases[i].plain + 1), *html = malloc(cases[i].html + 1);
+		ck_assert(plain && html);
+		for (size_t k = 0; k + 1 < cases[i].plain; k += 2)
+			memcpy(plain + k, "\xc3\xa9", 2);
+		plain[cases[i].plain] = '\0';
+		memset(html, '&', cases[i].html);
+		html[cases[i].html] = '\0';
+		json_t *v = json_pack("{s:s, s:{s:[{s:s, s:s}], s:s}}", "type", cases[i].type, "content", "parts", "type",
+				      "text/plain", "body", plain, "replaces", "msg_orig");
+		if (cases[i].html)
+			json_array_append_new(json_object_get(json_object_get(v, "content"), "parts"),
+					      json_pack("{s:s, s:s}", "type", "text/html", "body", html));
+		struct mx_out o;
+		char why[200] = "";
+		ck_assert_msg(mx_from_neutral(v, orig_lookup, NULL, "org.causeway.outbox_id", "12345678901234567890", &o,
+					      why, sizeof(why)),
+			      "case %zu: %s", i, why);
+		char *doc = json_dumps(o.content, JSON_COMPACT);
+		ck_assert_msg(strlen(doc) <= 65536 - 4096, "case %zu: %zu bytes", i, strlen(doc));
+		free(doc);
+		bool edit = strcmp(cases[i].type, "edit") == 0;
+		const json_t *text = edit ? json_object_get(o.content, "m.new_content") : o.content;
+		const char *body = json_string_value(json_object_get(text, "body"));
+		ck_assert_msg((json_object_get(text, "formatted_body") != NULL) == cases[i].html_kept, "case %zu", i);
+		ck_assert(cw_utf8_valid(body, strlen(body)));
+		if (cases[i].cut) {
+			const char *mark = "\xe2\x80\xa6 (message shortened)";
+			ck_assert_msg(strlen(body) > 60000 && strstr(body, mark) == body + strlen(body) - strlen(mark),
+				      "case %zu: %zu bytes", i, strlen(body));
+			ck_assert(strncmp(body, plain, strlen(body) - strlen(mark)) == 0);
+		} else {
+			ck_assert_str_eq(body, plain);
+		}
+		if (edit) {
+			const char *fb = json_string_value(json_object_get(o.content, "body"));
+			ck_assert(strncmp(fb, "* ", 2) == 0);
+			ck_assert_msg((strlen(fb) < 200) == cases[i].fallback_short, "case %zu: fallback %zu", i, strlen(fb));
+			ck_assert(cw_utf8_valid(fb, strlen(fb)));
+			ck_assert_str_eq(json_string_value(json_object_get(json_object_get(o.content, "m.relates_to"),
+									   "event_id")),
+					 "$orig:example.org");
+		}
+		mx_out_clear(&o);
+		json_decref(v);
+		free(plain);
+		free(html);
+	}
+}
+END_TEST
+
 /* m.typing with more users than one event may turn into: capped. */
 START_TEST(ephemeral_cap)
 {
@@ -1442,6 +1517,7 @@ int main(void)
 	tcase_add_test(tc, html_property);
 	tcase_add_test(tc, media_info);
 	tcase_add_test(tc, from_neutral_edges);
+	tcase_add_test(tc, from_neutral_fits_an_event);
 	tcase_add_test(tc, ephemeral_cap);
 	tcase_add_test(tc, json_load_lenient);
 	tcase_add_test(tc, media_queue_is_bounded);
