@@ -1231,35 +1231,6 @@ void mx_out_clear(struct mx_out *o)
 	o->op = MX_OP_NONE;
 }
 
-/* A key the mapping copies from neutral content into Matrix content. */
-static bool extension_key(const char *k, const char *marker_key)
-{
-	/* org.causeway.: the adapter's own marks (MX_OUTBOX_KEY and
-	 * MX_PART_KEY: a peer's copy of the latter would keep a retry from
-	 * finding the row's event, which is then sent twice). */
-	static const char *const reserved[] = { "m.", "org.matrix.", "im.vector.", "io.element.", "x.matrix.",
-						"org.causeway.", NULL };
-	size_t n = strlen(k);
-	if (n < 3 || n > 255 || !strchr(k, '.') || k[0] == '.' || k[n - 1] == '.' || strstr(k, ".."))
-		return false;
-	for (const char *p = k; *p; p++)
-		if (!((*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9') || *p == '.' || *p == '_' || *p == '-'))
-			return false;
-	for (const char *const *r = reserved; *r; r++)
-		if (starts_with(k, *r))
-			return false;
-	return !(marker_key && strcmp(k, marker_key) == 0);
-}
-
-static void copy_extensions(const json_t *from, json_t *to, const char *marker_key)
-{
-	const char *k;
-	json_t *v;
-	json_object_foreach((json_t *)from, k, v)
-		if (extension_key(k, marker_key))
-			json_object_set_new(to, k, json_deep_copy(v)); /* out owns all it holds */
-}
-
 /* The text of a neutral message, as Matrix wants it. */
 struct text {
 	char msgtype[16];
@@ -1569,7 +1540,6 @@ static bool out_message(const json_t *content, mx_lookup_fn to_native, void *ctx
 	if (reply && lookup_event(to_native, ctx, reply, target, sizeof(target)))
 		json_object_set_new(c, "m.relates_to", json_pack("{s:{s:s}}", "m.in_reply_to", "event_id", target));
 	json_object_set_new(c, "m.mentions", json_object());
-	copy_extensions(content, c, marker_key);
 	if (!finish_send(out, "m.room.message", c, marker_key, marker_value))
 		return fail(out, why, whylen, MX_WHY_NOMEM);
 	return true;
@@ -1601,14 +1571,12 @@ static bool out_edit(const json_t *content, mx_lookup_fn to_native, void *ctx, c
 	char target[MX_ID_MAX + 1];
 	if (lookup_event(to_native, ctx, replaces, target, sizeof(target))) {
 		json_object_set_new(nc, "m.mentions", json_object());
-		copy_extensions(content, nc, marker_key);
 		json_object_set_new(c, "m.new_content", nc);
 		json_object_set_new(c, "m.relates_to", json_pack("{s:s, s:s}", "rel_type", "m.replace", "event_id", target));
 	} else {
 		json_decref(nc); /* the original never reached Matrix: a new message */
 	}
 	json_object_set_new(c, "m.mentions", json_object());
-	copy_extensions(content, c, marker_key);
 	if (!finish_send(out, "m.room.message", c, marker_key, marker_value))
 		return fail(out, why, whylen, MX_WHY_NOMEM);
 	return true;
@@ -1628,7 +1596,6 @@ static bool out_reaction(const json_t *content, mx_lookup_fn to_native, void *ct
 			      "key", key);
 	if (!c)
 		return fail(out, why, whylen, MX_WHY_NOMEM);
-	copy_extensions(content, c, marker_key);
 	finish_send(out, "m.reaction", c, marker_key, marker_value);
 	return true;
 }

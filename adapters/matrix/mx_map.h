@@ -106,12 +106,12 @@
  *
  * Every send (m.room.message, m.reaction) carries "m.mentions": {} (a peer
  * never pings anyone by accident) and marker_key: marker_value when
- * marker_key is not NULL.  Unknown content members of the neutral event are
- * copied under their own names when they are namespaced (hold a '.', only
- * [a-z0-9._-], at most 255 bytes) and not in a namespace Matrix clients
- * interpret ("m.", "org.matrix.", "im.vector.", "io.element.") nor
- * "x.matrix." (this mapping's own) nor "org.causeway." (the adapter's
- * marks: marker_key, MX_PART_KEY); others are dropped.
+ * marker_key is not NULL.  No other member of the neutral content is
+ * copied into the Matrix content (until the thirtieth session namespaced
+ * ones were, but a blocklist's: clients act on members of namespaces of
+ * their own, such as com.beeper.per_message_profile, which shows another
+ * sender's name and avatar); unknown members are kept in the neutral
+ * event for the peers (interop-api.md), not given to Matrix clients.
  * "topic" and "expires" have no Matrix equivalent and are dropped.
  *
  * A message's or edit's content is kept under 61,440 bytes of compact JSON

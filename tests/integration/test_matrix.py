@@ -2438,25 +2438,40 @@ def test_what_a_user_is_told_of_a_refused_event_is_in_their_words(mx, hs, gk, pg
     assert not [e for e in list(srv.events) if e.get("type") in ("edit", "delete", "reaction")]
 
 
-def test_a_peer_cannot_set_the_adapters_own_marks(mx, hs, gk, pg, db_url):
-    """A peer's namespaced content members go into the Matrix content, but
-    not in the adapter's own namespace (org.causeway.): a peer's
-    org.causeway.part on a message made a retry of its row miss the event
-    it had sent (a row's own event has none), and send it again."""
+def test_a_peer_cannot_put_members_of_its_own_into_the_matrix_content(mx, hs, gk, pg, db_url):
+    """No member of a peer's content goes into the Matrix content but what
+    the mapping makes of the neutral ones: clients act on members in
+    namespaces of their own (com.beeper.per_message_profile shows another
+    name and avatar than the ghost's, past its "(peer)" suffix: a peer's
+    user could pass for alice; com.beeper.linkpreviews a preview made up
+    for any link; fi.mau.double_puppet_source is a mark bridges act on).
+    Until the thirtieth session every namespaced member was copied but
+    those of a blocklist (Matrix's own, Element's, the adapter's
+    org.causeway.: a peer's org.causeway.part on a message made a retry of
+    its row miss the event it had sent, and send it again).  Mentions never
+    ping: m.mentions is empty whatever the peer wrote."""
     a, _ = gk
     consent_alice(mx)
     hs.create_user("alice")
     room = a.create_room([a.user("wally"), ALICE]).json()["id"]
     r = a.call("POST", f"/v1/rooms/{room}/messages",
                {"type": "message", "sender": a.user("wally"),
-                "content": {"parts": [{"type": "text/plain", "body": "marked"}], "org.causeway.part": 0,
-                            "org.example.mood": "fine"}}, idem="mark-1")
+                "content": {"parts": [{"type": "text/plain", "body": "@room marked @alice:example.org"}],
+                            "org.causeway.part": 0, "org.example.mood": "fine",
+                            "m.mentions": {"room": True, "user_ids": [ALICE_MX]},
+                            "com.beeper.per_message_profile": {"id": "alice", "displayname": "alice",
+                                                               "avatar_url": "mxc://example.org/aaa"},
+                            "fi.mau.double_puppet_source": "x",
+                            "com.beeper.linkpreviews": [{"matched_url": "https://bank.example",
+                                                         "og:title": "Your bank"}]}}, idem="mark-1")
     assert r.status_code == 202, r.text
     ghost = "@_cw_gk_wally:example.org"
     [ev] = wait_until(lambda: [e for rid in hs.rooms() for e in hs.events(rid)
                                if e["sender"] == ghost and e["type"] == "m.room.message"], what="delivery")
-    assert ev["content"]["body"] == "marked" and ev["content"]["org.example.mood"] == "fine", ev["content"]
-    assert "org.causeway.part" not in ev["content"] and ev["content"]["org.causeway.outbox_id"] > 0, ev["content"]
+    assert ev["content"]["body"] == "@room marked @alice:example.org", ev["content"]
+    assert ev["content"]["org.causeway.outbox_id"] > 0, ev["content"]
+    assert sorted(ev["content"]) == ["body", "m.mentions", "msgtype", "org.causeway.outbox_id"], ev["content"]
+    assert ev["content"]["m.mentions"] == {}, ev["content"]
 
 
 def test_a_poll_reaches_the_peer_as_its_text_fallback(mx, hs, gk, pg, db_url):
