@@ -66,6 +66,33 @@ bool cw_utf8_has_control(const char *s, size_t n)
 	return false;
 }
 
+static bool bidi_control(unsigned cp)
+{
+	return (cp >= 0x202A && cp <= 0x202E) || (cp >= 0x2066 && cp <= 0x2069);
+}
+
+bool cw_utf8_has_bidi_control(const char *s, size_t n)
+{
+	const unsigned char *p = (const unsigned char *)s;
+	unsigned cp;
+	for (size_t i = 0; i < n;) {
+		size_t l = cw_utf8_seq(p + i, n - i, &cp);
+		if (l == 0)
+			l = 1;
+		else if (bidi_control(cp))
+			return true;
+		i += l;
+	}
+	return false;
+}
+
+bool cw_utf8_invisible(unsigned cp)
+{
+	return bidi_control(cp) || cp == 0x200E || cp == 0x200F || cp == 0x061C || (cp >= 0x200B && cp <= 0x200D) ||
+	       (cp >= 0x2060 && cp <= 0x2064) || cp == 0xFEFF || cp == 0x00AD || cp == 0x034F || cp == 0x180E ||
+	       cp == 0x115F || cp == 0x1160 || cp == 0x3164 || cp == 0xFFA0 || cp == 0x2800;
+}
+
 /* Whether byte c starts a character (is not a continuation byte). */
 static bool starts(char c)
 {

@@ -19,6 +19,21 @@ bool cw_utf8_valid(const char *s, size_t n);
  * DEL or C1 (U+0080-U+009F, 0xC2 0x80-0x9F). */
 bool cw_utf8_has_control(const char *s, size_t n);
 
+/* Whether the n bytes of valid UTF-8 at s hold a bidirectional embedding,
+ * override or isolate (U+202A-U+202E, U+2066-U+2069): what reorders the
+ * text shown after it ("invoice.pdf" U+202E "gpj.exe" shows as
+ * "invoice.pdfexe.jpg").  The marks (U+200E, U+200F, U+061C) change no
+ * order of their own and are not among them. */
+bool cw_utf8_has_bidi_control(const char *s, size_t n);
+
+/* Whether code point cp shows nothing (as a name's part, it hides what
+ * comes after it or passes for a blank): the bidirectional controls
+ * above and the marks, zero-width characters (U+200B-U+200D, U+2060-
+ * U+2064, U+FEFF), the soft hyphen, U+034F, U+180E, and the fillers that
+ * render as blanks (Hangul U+115F, U+1160, U+3164, U+FFA0; Braille's
+ * blank U+2800). */
+bool cw_utf8_invisible(unsigned cp);
+
 /* Characters are counted here as the bytes that do not continue a sequence
  * (not 10xxxxxx): for valid UTF-8 these are its code points, and a cut
  * before one never splits a character.  s is NUL-terminated. */

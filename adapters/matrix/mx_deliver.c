@@ -1046,7 +1046,8 @@ static void note_sent(json_t *sent, const struct outbox_row *row, const char *ei
 
 /* The row's attachments, re-hosted: each https:// file is fetched and
  * uploaded (mx_rehost), one that cannot be carried becomes a line saying
- * why.  A Matrix event holds one file, so with several the ones before
+ * why, and so does a peer's mxc:// (signer: the sender's peer's domain,
+ * NULL for a local sender).  A Matrix event holds one file, so with several the ones before
  * the last go first as events of their own (sent here, in order, as the
  * ghost: txnId cw-<row>-p<k>, MX_PART_KEY k, looked for before a retry
  * sends them again), and the row's own event carries the last file with
@@ -1065,7 +1066,7 @@ static cw_err media_parts(struct matrix *m, PGconn *c, struct outbox_row *row, c
 	bool any = false;
 	for (size_t k = 0; k < n; k++) {
 		const char *url = json_string_value(json_object_get(json_array_get(atts, k), "url"));
-		any = any || (url && strncmp(url, "https://", 8) == 0);
+		any = any || (url && (strncmp(url, "https://", 8) == 0 || (signer && strncmp(url, "mxc://", 6) == 0)));
 	}
 	if (!any && n <= 1)
 		return CW_OK;
@@ -1076,6 +1077,13 @@ static cw_err media_parts(struct matrix *m, PGconn *c, struct outbox_row *row, c
 	for (size_t k = 0; k < n; k++) {
 		json_t *a = json_array_get(list, k);
 		const char *url = json_string_value(json_object_get(a, "url"));
+		if (url && signer && strncmp(url, "mxc://", 6) == 0) {
+			/* a peer's content URI is no file it sent: any file of
+			 * any Matrix server (of this one too) */
+			json_object_set_new(a, "url", json_string("(not carried: a link into Matrix, not a file of the "
+								  "sender's network)"));
+			continue;
+		}
 		if (!url || strncmp(url, "https://", 8) != 0)
 			continue;
 		char mxc[300], why[160] = "", text[200];

@@ -351,6 +351,7 @@ struct walker {
 	struct cw_buf out;
 	enum walk_mode mode;
 	bool keep_reply;   /* mx-reply: keep its content (without the tag) */
+	bool images;       /* WALK_HTML: keep <img> (of an mxc:// src), else its alt text */
 	int depth;         /* elements written and still open */
 };
 
@@ -403,6 +404,13 @@ static bool enter(void *arg, xmlNode *n)
 		} else if (in_list(tag, block_tags))
 			text_newline(w);
 		return true;
+	}
+	if (!w->images && strcmp(tag, "img") == 0) {
+		xmlChar *alt = xmlGetProp(n, (const xmlChar *)"alt");
+		if (alt)
+			add_escaped(&w->out, (const char *)alt, false);
+		xmlFree(alt);
+		return false;
 	}
 	if ((in_list(tag, allowed_tags) || strcmp(tag, "font") == 0) && w->depth < HTML_DEPTH_MAX) {
 		if (emit_start(&w->out, n, tag) && !in_list(tag, void_tags)) {
@@ -480,7 +488,7 @@ static htmlDocPtr html_parse(const char *buf, size_t n, bool only_document)
 	return doc;
 }
 
-static char *html_walk(const char *html, size_t len, enum walk_mode mode, bool keep_reply)
+static char *html_walk(const char *html, size_t len, enum walk_mode mode, bool keep_reply, bool images)
 {
 	if (len > HTML_INPUT_MAX)
 		return NULL;
@@ -503,7 +511,7 @@ static char *html_walk(const char *html, size_t len, enum walk_mode mode, bool k
 	free(buf);
 	if (!doc)
 		return NULL;
-	struct walker w = { .mode = mode, .keep_reply = keep_reply };
+	struct walker w = { .mode = mode, .keep_reply = keep_reply, .images = images };
 	cw_buf_init(&w.out, len * 6 + 64);
 	cw_html_walk(doc, enter, leave, overflowed, &w);
 	xmlFreeDoc(doc);
@@ -514,13 +522,13 @@ char *mx_sanitize_html(const char *html, size_t len)
 {
 	if (!html)
 		return calloc(1, 1);
-	return html_walk(html, len, WALK_HTML, false);
+	return html_walk(html, len, WALK_HTML, false, true);
 }
 
 /* The text of HTML (line breaks for br and blocks), trimmed. */
 static char *html_text(const char *html, bool keep_reply)
 {
-	char *t = html_walk(html, strlen(html), WALK_TEXT, keep_reply);
+	char *t = html_walk(html, strlen(html), WALK_TEXT, keep_reply, false);
 	if (!t)
 		return NULL;
 	size_t n = strlen(t);
@@ -713,7 +721,7 @@ static enum mx_in_result text_parts(const json_t *c, const char *msgtype, bool s
 			body += skip;
 	}
 	/* HTML that cannot be sanitised (no memory) is left out: the text goes. */
-	char *clean = formatted ? html_walk(formatted, strlen(formatted), WALK_HTML, keep_reply) : NULL;
+	char *clean = formatted ? html_walk(formatted, strlen(formatted), WALK_HTML, keep_reply, true) : NULL;
 	if (clean) {
 		if (html_blank(clean)) {
 			free(clean);
@@ -1281,7 +1289,9 @@ static bool neutral_text(const json_t *content, bool list_attachments, struct te
 	bool emote = strcmp(t->msgtype, "m.emote") == 0;
 	char *clean = NULL, *derived = NULL;
 	if (html) {
-		clean = mx_sanitize_html(html, strlen(html));
+		/* No <img>, its alt text instead: a peer's mxc:// is no file
+		 * it sent (a relayed member's inline image goes the same way) */
+		clean = html_walk(html, strlen(html), WALK_HTML, false, false);
 		if (!clean) { /* only memory, unless the part is larger than any event is */
 			say(why, whylen, "%s",
 			    strlen(html) > HTML_INPUT_MAX ? "the HTML part is too large" : MX_WHY_NOMEM);

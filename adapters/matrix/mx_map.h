@@ -85,7 +85,8 @@
  *   message   PUT send m.room.message: msgtype from "x.matrix.msgtype"
  *             (m.notice, m.emote; anything else m.text); body from the
  *             text/plain part, else text/markdown, else the text of the HTML;
- *             the text/html part (sanitised again: peers are not trusted) as
+ *             the text/html part (sanitised again: peers are not trusted;
+ *             an <img> becomes its alt text) as
  *             formatted_body with format org.matrix.custom.html; emote: a
  *             leading "* " is removed from both; in_reply_to known to
  *             to_native: m.relates_to.m.in_reply_to (no fallback: spec 1.13

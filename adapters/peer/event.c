@@ -637,7 +637,7 @@ bool event_filename_valid(const char *s)
 {
 	size_t n = strlen(s);
 	return n > 0 && n <= EVENT_FILENAME_MAX && strcmp(s, ".") != 0 && strcmp(s, "..") != 0 &&
-	       !strpbrk(s, "/\\") && !cw_utf8_has_control(s, n);
+	       !strpbrk(s, "/\\") && !cw_utf8_has_control(s, n) && !cw_utf8_has_bidi_control(s, n);
 }
 
 static cw_err check_attachment(struct vctx *c, json_t *a, struct event *ev)
@@ -686,7 +686,8 @@ static cw_err check_attachment(struct vctx *c, json_t *a, struct event *ev)
 	if (s && !event_filename_valid(s)) {
 		jptr_push(&c->ptr, "filename");
 		return vfail(c, EVENT_ERR_INVALID,
-			     "filename must be a non-empty name without '/', '\\' or control characters, not . or ..");
+			     "filename must be a non-empty name without '/', '\\', control characters or bidirectional "
+			     "controls, not . or ..");
 	}
 	return CW_OK;
 }

@@ -109,7 +109,8 @@ struct event_limits event_limits_default(void);
 #define EVENT_FILENAME_MAX 255        /* bytes of an attachment filename */
 
 /* An attachment's filename: 1..EVENT_FILENAME_MAX bytes of UTF-8 without
- * '/', '\\' or control characters (C0, DEL, C1), not "." or "..". */
+ * '/', '\\', control characters (C0, DEL, C1) or bidirectional controls
+ * (cw_utf8_has_bidi_control: since the thirtieth session), not "." or "..". */
 bool event_filename_valid(const char *s);
 #define EVENT_CONTENT_TYPE_MAX 255    /* bytes of an attachment content_type */
 #define EVENT_TS_LIMIT 9007199254740992LL /* 2^53: ts, and every integer's magnitude, are below it */

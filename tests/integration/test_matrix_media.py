@@ -272,6 +272,43 @@ def test_a_file_that_cannot_be_carried_becomes_a_notice_and_a_failing_store_is_r
     assert m["content"]["msgtype"] == "m.image" and hs.media(m["content"]["url"])["data"] == small
 
 
+def test_a_peers_mxc_file_or_image_is_not_passed_through(mx, hs, gk, media):
+    """A peer's content URI (mxc://, its attachment or an <img> of its
+    HTML) is no file the gateway fetched: it is not carried, said so in
+    the text, as for a file that cannot be fetched.  Until the thirtieth
+    session it went into the Matrix event as it was (spec/adapters.md:
+    media crosses re-hosted, never as a bare link), with the peer's type
+    and name: a peer could show any file of any Matrix server (this one's
+    too) as its user's.  A file name with a bidirectional control (which
+    shows "invoice.pdf" U+202E "gpj.exe" as "invoice.pdfexe.jpg") is refused
+    at the API."""
+    a, _ = gk
+    consent_alice(mx)
+    hs.create_user("alice")
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    evil = {"content_type": "text/html", "url": "mxc://evil.example/abcdef", "size": 5, "filename": "invoice.pdf"}
+    r = a.call("POST", f"/v1/rooms/{room}/messages",
+               {"type": "message", "sender": a.user("wally"),
+                "content": {"parts": [{"type": "text/plain", "body": "look"}],
+                            "attachments": [dict(evil, filename="invoice.pdf\u202egpj.exe")]}}, idem="mxc-0")
+    assert r.status_code == 400 and "filename" in r.text, r.text
+    send_file(a, room, "look", evil, "mxc-1")
+    r = a.call("POST", f"/v1/rooms/{room}/messages",
+               {"type": "message", "sender": a.user("wally"),
+                "content": {"parts": [{"type": "text/plain", "body": "see"},
+                                      {"type": "text/html",
+                                       "body": '<b>see</b> <img src="mxc://example.org/someones" alt="a cat">'}]}},
+               idem="mxc-2")
+    assert r.status_code == 202, r.text
+    first, second = ghost_messages(hs, 2)
+    c = first["content"]
+    assert c["msgtype"] == "m.text" and "url" not in c and "info" not in c, c
+    assert c["body"].startswith("look\n[file: invoice.pdf] (not carried: ") and "mxc://" not in c["body"], c
+    c = second["content"]
+    assert c["formatted_body"] == "<b>see</b> a cat" and "mxc://" not in json.dumps(c), c
+    assert not [q for q in hs.requests if "/media/" in q["path"]]
+
+
 def test_a_file_whose_fetch_is_refused_for_good_is_a_notice_at_once(make_daemon, db_url, hs, media, pg):
     """A file this gateway refuses to fetch for a fact of its URL, which no
     retry changes (here: its host's addresses are not public, and
