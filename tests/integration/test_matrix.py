@@ -310,8 +310,9 @@ def test_a_ping_answered_by_another_process_is_ok(make_daemon, db_url, hs):
 
 def test_a_display_name_as_long_as_a_peer_may_give_is_shortened(make_daemon, db_url, hs, tmp_path):
     """The peer API takes names of 256 bytes; the ghost's name (with its
-    network after it) is cut to the 256 characters Synapse takes, at a
-    character's boundary, and the avatar is set whatever became of the name
+    network after it) is cut at a character's boundary (to the 256
+    characters Synapse takes until the thirtieth session, to 64 since),
+    and the avatar is set whatever became of the name
     (until the seventeenth session both were refused, again and again)."""
     media = MediaServer(tmp_path)
     try:
@@ -332,7 +333,7 @@ def test_a_display_name_as_long_as_a_peer_may_give_is_shortened(make_daemon, db_
         room = a.create_room([a.user("wally"), ALICE]).json()["id"]
         a.send(room, a.user("wally"), "hi")
         wait_until(lambda: hs.profile(ghost).get("avatar_url"), what="the ghost's avatar")
-        assert hs.profile(ghost)["displayname"] == "W" * 250 + "é" + " (gk)"
+        assert hs.profile(ghost)["displayname"] == "W" * 63 + "…" + " (gk)"  # (the name part's cap, below)
         # Nor is the name refused when the ghost is made: every PUT was taken.
         puts = [q for q in hs.requests if q["method"] == "PUT" and "/profile/" in q["path"]]
         assert puts and all(q["status"] == 200 for q in puts), puts
@@ -347,6 +348,34 @@ def test_a_display_name_as_long_as_a_peer_may_give_is_shortened(make_daemon, db_
         srv.close()
     finally:
         media.close()
+
+
+@pytest.mark.parametrize("name, shown", [
+    ("alice" + "\u3164" * 80, "alice"),             # Hangul fillers: blanks that are no spaces
+    ("Causeway bot\u2067", "Causeway bot"),         # an isolate that never ends: "(gk)" shown reversed
+    ("al\u200bi\u2800ce\ufeff\u202e", "alice"),     # zero-width, Braille's blank, BOM, an override
+    ("  Wally \u00a0 \u2003Wonka\u3000 ", "Wally Wonka"),  # blanks of any kind one space, none around
+    ("\u115f\u1160\u200d", "wally"),                # nothing visible: the local part
+    ("x" * 100, "x" * 63 + "\u2026"),                # the name part capped, "(gk)" in sight
+])
+def test_a_ghosts_name_keeps_its_network_in_sight(mx, hs, gk, pg, db_url, name, shown):
+    """A ghost's display name is the peer's name for its user, then the
+    peer's: "Wally (gk)".  A name padded with what shows nothing (fillers,
+    zero-width characters) or with a bidirectional control, or just long,
+    pushed the "(gk)" out of sight (clients cut long names) or reversed it,
+    and the ghost passed for a local user.  Since the thirtieth session
+    what shows nothing is left out, blanks are one space, and the name part
+    is at most 64 characters."""
+    a, _ = gk
+    room, mx_room = wally_wrote_to_alice(mx, hs, a, pg, db_url)
+    r = a.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": name})
+    assert r.status_code == 200, r.text
+    ghost = "@_cw_gk_wally:example.org"
+    names = lambda: [q for q in hs.requests if q["method"] == "PUT" and q["path"].endswith("/displayname")]  # noqa
+    before = len(names())
+    a.send(room, a.user("wally"), "renamed")
+    wait_until(lambda: len(names()) > before, what="the ghost renamed")
+    assert hs.profile(ghost)["displayname"] == shown + " (gk)"
 
 
 def test_peer_to_matrix_and_back(mx, hs, gk, pg, db_url):
