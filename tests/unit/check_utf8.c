@@ -104,6 +104,33 @@ static unsigned next(uint32_t *state)
 
 /* Random valid UTF-8 strings: the functions agree with the character
  * boundaries the string was built from. */
+/* Bidirectional controls (what reorders the text after it) and what
+ * shows nothing: the ends of each range, and their neighbours. */
+START_TEST(bidi_and_invisible_cases)
+{
+	static const struct {
+		const char *s;
+		bool bidi;
+	} cases[] = {
+		{ "invoice.pdf\xe2\x80\xaegpj.exe", true }, { "\xe2\x80\xaa", true }, { "\xe2\x81\xa6", true },
+		{ "a\xe2\x81\xa9", true }, { "\xe2\x80\xa9", false }, { "\xe2\x80\xaf", false }, { "\xe2\x81\xa5", false },
+		{ "\xe2\x81\xaa", false }, { "\xe2\x80\x8f", false }, { "\xd7\xa9\xd7\x9c", false }, { "", false },
+		{ "\xe2\x80", false }, /* cut short: no control */
+	};
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
+		ck_assert_msg(cw_utf8_has_bidi_control(cases[i].s, strlen(cases[i].s)) == cases[i].bidi, "case %zu", i);
+	static const unsigned shows_nothing[] = { 0x115F, 0x1160, 0x3164, 0xFFA0, 0x2800, 0x200B, 0x200D, 0x200E,
+						  0x200F, 0x202A, 0x202E, 0x2060, 0x2064, 0x2066, 0x2069, 0xFEFF,
+						  0x00AD, 0x061C, 0x034F, 0x180E };
+	static const unsigned shows[] = { 'a', ' ', 0x00E9, 0x1161, 0x3165, 0x2801, 0x2065, 0x206A, 0x2010, 0x2029,
+					  0x202F, 0xFEFE, 0x1F600 };
+	for (size_t i = 0; i < sizeof(shows_nothing) / sizeof(shows_nothing[0]); i++)
+		ck_assert_msg(cw_utf8_invisible(shows_nothing[i]), "U+%04X", shows_nothing[i]);
+	for (size_t i = 0; i < sizeof(shows) / sizeof(shows[0]); i++)
+		ck_assert_msg(!cw_utf8_invisible(shows[i]), "U+%04X", shows[i]);
+}
+END_TEST
+
 START_TEST(reference_property)
 {
 	uint32_t state = 1;
@@ -148,6 +175,7 @@ int main(void)
 	tcase_add_test(tc, prefix_cases);
 	tcase_add_test(tc, cut_cases);
 	tcase_add_test(tc, scrub_cases);
+	tcase_add_test(tc, bidi_and_invisible_cases);
 	tcase_add_test(tc, reference_property);
 	suite_add_tcase(s, tc);
 	return unit_run(s);
