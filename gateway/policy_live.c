@@ -1,6 +1,7 @@
 /* The policy in force: loading, swapping and the held-message sweep. */
 #include "config.h"
 #include "policy_live.h"
+#include "event.h"
 #include "log.h"
 #include "policy_json.h"
 #include "ratelimit.h"
@@ -882,6 +883,33 @@ void policy_live_poke(struct policy_live *pl)
 		return;
 	atomic_store(&pl->poked, true);
 	wake_thread(pl);
+}
+
+/* Each change makes every process reload the user's facts, and a block or
+ * its end is an event to the peer in each room the two share, which skips
+ * the outbound limits: until the thirtieth session a user toggling block
+ * and accept sent the peer 100 events in 3 s (a review's finding), as a
+ * peer itself cannot (policy.peer_updates_per_minute).  The key is the
+ * localpart, so a user of both adapters (one identity) has one bucket. */
+bool policy_user_update_allowed(struct policy_live *pl, struct ratelimit *rl, const char *localpart, bool *notice)
+{
+	if (notice)
+		*notice = false;
+	if (!rl)
+		return true;
+	struct policy_view *v = policy_live_get(pl);
+	int64_t per_minute = v->set.user_updates_per_minute;
+	policy_view_put(v);
+	char key[MIMI_LOCAL_MAX + 8];
+	snprintf(key, sizeof(key), "uup:%s", localpart);
+	int64_t now = cw_wall_ms();
+	if (ratelimit_take(rl, key, (uint32_t)per_minute, 60000, now, NULL) <= 0)
+		return true;
+	if (notice) {
+		key[2] = 'n';
+		*notice = ratelimit_take(rl, key, 1, 60000, now, NULL) <= 0;
+	}
+	return false;
 }
 
 void policy_live_get_stats(struct policy_live *pl, struct policy_live_stats *st)

@@ -115,6 +115,18 @@ struct policy_view *policy_live_get(struct policy_live *pl);
  * hear the NOTIFY). */
 void policy_live_poke(struct policy_live *pl);
 
+/* policy.user_updates_per_minute: whether local user localpart (its
+ * identity mimi://<domain>/u/<localpart>) may make one more change of her
+ * own by an adapter's command now (a token taken from her bucket: one per
+ * user in this process, whichever adapter: the XMPP component's ad-hoc
+ * commands and subscription decisions, the Matrix bot's commands).  Her
+ * consent changes, opt-ins, opt-outs and reports share it.  notice (may be
+ * NULL): on a refusal, whether it may be told (at most one notice a
+ * minute a user, so that a flood of refused commands is not a flood of
+ * notices).  rl NULL: no limit. */
+struct ratelimit;
+bool policy_user_update_allowed(struct policy_live *pl, struct ratelimit *rl, const char *localpart, bool *notice);
+
 /* Rate limits for one decision (or the decisions of one event, one per
  * recipient): each bucket is charged at most once, however many the
  * decisions name, and first_refusal says whether a refusal was the first
@@ -130,7 +142,6 @@ void policy_live_poke(struct policy_live *pl);
  * the twenty-seventh session only 8 were remembered, and a bucket past
  * them (a group whose recipients match more rules) was charged once per
  * decision naming it. */
-struct ratelimit;
 #define POLICY_MEMO_INLINE 8
 struct policy_memo_entry {
 	uint64_t key; /* the bucket's name, hashed */

@@ -93,31 +93,12 @@ static void presence_to(struct xcomp *xc, bool now, const char *from, const char
 		xa_enqueue_stanza(xc, p);
 }
 
-/* policy.user_updates_per_minute: a local user's consent changes (the
- * accept and block commands, the subscription decisions), opt-ins and
- * opt-outs and reports share one bucket per user (the user's localpart:
- * every component's).  Each change makes every process reload the user's
- * facts, and a block or its end is an event to the peer in each room the
- * two share, which skips the outbound limits: until the thirtieth session
- * a user toggling block and accept sent the peer 100 events in 3 s (a
- * review's finding), as a peer itself cannot (policy.peer_updates_per_minute).
- * notice: whether a refusal may be told in a notice (at most one a minute
- * a user). */
+/* policy.user_updates_per_minute (policy_user_update_allowed): the accept
+ * and block commands, the subscription decisions, opt-ins, opt-outs and
+ * reports; notice: whether a refusal may be told in a notice. */
 static bool user_update_allowed(struct xcomp *xc, const char *local, bool *notice)
 {
-	struct policy_view *v = policy_live_get(xc->x->app->policy);
-	int64_t per_minute = v->set.user_updates_per_minute;
-	policy_view_put(v);
-	char key[MIMI_LOCAL_MAX + 8];
-	snprintf(key, sizeof(key), "uup:%s", local);
-	int64_t now = cw_wall_ms();
-	if (ratelimit_take(xc->x->app->limits, key, (uint32_t)per_minute, 60000, now, NULL) <= 0)
-		return true;
-	if (notice) {
-		key[2] = 'n';
-		*notice = ratelimit_take(xc->x->app->limits, key, 1, 60000, now, NULL) <= 0;
-	}
-	return false;
+	return policy_user_update_allowed(xc->x->app->policy, xc->x->app->limits, local, notice);
 }
 
 /* The roster follows a block: the remote contact goes offline (RFC 6121
