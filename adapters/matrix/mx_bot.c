@@ -224,6 +224,24 @@ static cw_err inbox_handled(PGconn *c, const char *id, cw_errmsg *e)
 			     p, e);
 }
 
+/* policy.user_updates_per_minute (policy_user_update_allowed): whether
+ * sender may make one more change (accept, block, opt-in, opt-out, report)
+ * now; the bucket is her localpart's, shared with the XMPP component's
+ * commands.  The first refusal in a minute is answered, the others are not:
+ * a flood of commands must not become a flood of notices. */
+static bool change_allowed(struct matrix *m, const char *room, const char *txn, const char *sender)
+{
+	char localpart[MX_ID_MAX + 1], server[MX_ID_MAX + 1];
+	bool notice = false;
+	if (!mx_user_id_parse(sender, localpart, sizeof(localpart), server, sizeof(server)) ||
+	    policy_user_update_allowed(m->app->policy, m->app->limits, localpart, &notice))
+		return true; /* not parsed: not a local user, who has no command (local_identity) */
+	if (notice)
+		answer(m, room, txn, "You made too many changes in a short time: this command was not carried out, nor "
+				     "are the next ones for a minute, and I will not say so again. Try again in a minute.");
+	return false;
+}
+
 /* The command body of sender in room, from the bot's inbox row inbox_id. */
 static void command(struct matrix *m, PGconn *c, const char *room, const char *txn, const char *sender,
 		    const char *body, const char *inbox_id)
@@ -243,6 +261,8 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 			answer(m, room, txn, "Whom? Give an address (mimi://...), a bridged user's Matrix id, or a domain.");
 			return;
 		}
+		if (!change_allowed(m, room, txn, sender))
+			return;
 		struct policy_view *v = policy_live_get(m->app->policy);
 		long counts[3] = { 0, 0, 0 }, decided = 0;
 		cw_err rc = store_exec(c, "BEGIN", &e);
@@ -291,6 +311,8 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 			return;
 		}
 		PQclear(pr);
+		if (!change_allowed(m, room, txn, sender))
+			return;
 		const char *params[] = { local_id, net, verb[4] == 'i' ? "t" : "f" };
 		cw_err rc = store_command(c, "INSERT INTO user_optin (identity_id, network, opted_in, updated_by) "
 				       "VALUES ($1::bigint, $2, $3::boolean, 'user') ON CONFLICT (identity_id, network) DO "
@@ -307,6 +329,8 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 			answer(m, room, txn, "Whom? Give the address (mimi://...) or the bridged user's Matrix id.");
 			return;
 		}
+		if (!change_allowed(m, room, txn, sender))
+			return;
 		const struct policy_report rep = { .reporter_kind = "local_user", .reporter = uri, .subject = subject,
 						   .reason = "abuse", .comment = rest[0] ? rest : NULL };
 		/* The report, the command's handled mark and the answer (a

@@ -1260,6 +1260,48 @@ def test_reports_to_the_bot_set_the_automatic_limit(mx, hs, gk, pg, db_url):
     wait_until(lambda: a.send(room, a.user("wally"), "more").status_code == 429, what="the automatic limit")
 
 
+def block_events(pg, db_url):
+    return int(pg.psql("SELECT count(*) FROM events WHERE type = 'block'", db_url))
+
+
+def test_a_users_commands_to_the_bot_are_limited(mx, hs, gk, pg, db_url):
+    """policy.user_updates_per_minute (here 4) limits the bot's commands as
+    the XMPP component's: a local user's accepts and blocks, opt-ins and
+    opt-outs and reports share one bucket per user; past it a command
+    changes nothing and sends the peer nothing, and one notice (at most one
+    a minute, however many commands are refused) says to wait. Each block
+    and its end is an event to the peer, past the outbound limits, and a
+    reload in every process: until the thirtieth session a user toggling
+    block and accept at the bot set that pace."""
+    a, _ = gk
+    wally = a.user("wally")
+    assert mx.admin("PATCH", "/settings", json={"policy.user_updates_per_minute": 4}).ok
+    a.create_room([wally, ALICE])  # a room shared: each block and unblock is an event to gk
+    alice, mgmt, notices = alice_and_the_bot(hs)
+    for verb in ("block", "accept", "block", "accept"):
+        before = len(notices())
+        alice.send_text(mgmt, f"{verb} {wally}")
+        wait_until(lambda: len(notices()) == before + 1, what=verb)
+        assert notices()[-1].startswith(("Blocked " if verb == "block" else "Accepted ") + wally), notices()[-1]
+    assert block_events(pg, db_url) == 4  # block, unblock, block, unblock
+    before = len(notices())
+    for text in ["block " + wally, "opt-out gk", "opt-in gk", f"report {wally} spam"] * 3:
+        alice.send_text(mgmt, text)
+    alice.send_text(mgmt, "list")  # not limited, and answered after the others
+    wait_until(lambda: any("allowed: " + wally in n for n in notices()[before:]), what="the list")
+    said = notices()[before:]
+    assert len(said) == 2 and "too many changes" in said[0] and "Try again in a minute" in said[0], said
+    assert pg.psql("SELECT string_agg(subject || ' ' || state, ',') FROM consents", db_url) == wally + " allowed"
+    assert block_events(pg, db_url) == 4
+    assert pg.psql("SELECT count(*) FROM user_optin", db_url) == "0"
+    assert pg.psql("SELECT count(*) FROM reports", db_url) == "0"
+    assert pg.psql("SELECT count(*) FROM audit_log WHERE actor LIKE 'user:%'", db_url) == "4"
+    # bob has his own bucket
+    bob, bob_mgmt, bob_said = alice_and_the_bot(hs, "bob")
+    bob.send_text(bob_mgmt, f"block {wally}")
+    wait_until(lambda: any(n.startswith("Blocked " + wally) for n in bob_said()), what="bob's block")
+
+
 def test_inviting_a_ghost_asks_the_appservice(mx, hs, gk):
     """The homeserver asks GET /users/{id} on an invite of an unknown ghost:
     a known remote user's ghost exists afterwards, an unknown one does not."""
