@@ -11,7 +11,6 @@
 #include "peer_api.h"
 #include "policy_admin.h"
 #include "policy_live.h"
-#include "ratelimit.h"
 #include "store.h"
 
 #include <jansson.h>
