@@ -1201,6 +1201,7 @@ def test_bot_lines_users_can_repeat_are_logged_at_most_ten_a_second(mx, hs):
     bot = "@_cw_bot:example.org"
     _, token = hs.create_user("alice")
     alice = hs.as_user(token)
+    wait_until(lambda: hs.user_exists(bot), what="the bot registered")  # else an invitation of it is 404
     hs.refuse = lambda method, path, user: 403 if user == bot and path.endswith("/join") else False
     flood = 40
     hs.stop_pushing()  # the invitations reach the bot together, as a quick client's would
