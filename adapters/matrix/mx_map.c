@@ -1481,17 +1481,25 @@ static bool fit_content(json_t *c)
 	json_t *holder = nc ? nc : c;
 	const char *was = json_string_value(json_object_get(holder, "body"));
 	char *body = strdup(was ? was : "");
-	size_t keep = body ? strlen(body) : 0;
-	/* Each byte of the text is at least one of the JSON: what is over is
-	 * cut, and again while the marker (or an escape) makes it more. */
-	while (body && size > MX_CONTENT_MAX && keep > 0) {
-		size_t over = size - MX_CONTENT_MAX;
-		keep = keep > over ? keep - over : 0;
-		if (!set_cut(holder, "body", "", body, keep, SHORTENED))
-			size = 0;
-		else
-			size = content_size(c);
+	/* The longest cut of the text that fits, found by halving [lo, hi):
+	 * a byte of text is one to six of JSON (quotes, backslashes, controls
+	 * are escaped), so what is over says little of how much to cut (cut
+	 * once by it, a text of quotes kept nothing but the marker). */
+	size_t lo = 0, hi = body ? strlen(body) : 0, best = SIZE_MAX;
+	while (body && lo < hi) {
+		size_t mid = lo + (hi - lo) / 2;
+		size = set_cut(holder, "body", "", body, mid, SHORTENED) ? content_size(c) : 0;
+		if (size == 0)
+			break;
+		if (size <= MX_CONTENT_MAX) {
+			best = mid;
+			lo = mid + 1;
+		} else {
+			hi = mid;
+		}
 	}
+	if (body && size != 0)
+		size = best == SIZE_MAX ? 0 : set_cut(holder, "body", "", body, best, SHORTENED) ? content_size(c) : 0;
 	free(body);
 	return size != 0 && size <= MX_CONTENT_MAX;
 }
