@@ -1053,12 +1053,16 @@ static void deliver(struct lane *l, struct outbox_row *rows, size_t n)
 	bool per_row = false;
 	for (size_t x = 0; x < n && !per_row; x++)
 		per_row = rows[x].outcome != 0;
-	/* Answered 429: the destination slows down (slowdown) where the
-	 * answer did not say how long to wait; a delivery ends that. */
+	/* Answered 429 without saying how long to wait: the destination
+	 * slows down (slowdown); a delivery ends that.  A 429 that says
+	 * (Retry-After) is waited out as it says and leaves the streak as it
+	 * is (until a review of the thirtieth session's change it lengthened
+	 * it, and the next 429 without one waited base x 2^n). */
 	bool limited = false, took = !per_row && (rc == CW_OK || done > 0);
 	for (size_t x = 0; x < n; x++) {
-		limited = limited || (per_row ? rows[x].outcome == -1 && rows[x].code == 429
-					      : rc != CW_OK && x >= done && code == 429);
+		limited = limited || (rows[x].retry_after_ms == 0 &&
+				      (per_row ? rows[x].outcome == -1 && rows[x].code == 429
+					       : rc != CW_OK && x >= done && code == 429));
 		took = took || (per_row && rows[x].outcome == 1);
 	}
 	if (limited || took) {

@@ -373,6 +373,28 @@ def test_a_429_without_retry_after_backs_off_exponentially(daemon, pg, db_url):
             srv.close()
 
 
+def test_a_429_with_retry_after_leaves_the_slow_down_as_it_is(daemon, pg, db_url):
+    """A 429 that says how long to wait (Retry-After) is waited out as it
+    says and does not lengthen the slow-down of 429s without one: after
+    three `Retry-After: 1`, the first 429 without one waits
+    dispatcher.retry_base_ms (50-100 ms here). Until a review of the
+    thirtieth session's change it waited base x 2^3 (0.82 s measured)."""
+    (a, _), (b, sb) = made = push_peers(daemon)
+    try:
+        rm = room(a, b)
+        sb.script = [(429, 1), (429, 1), (429, 1), (429, None)]
+        a.send(rm["id"], a.user("alice"), "slow down")
+        sb.wait_events(1, timeout=30)
+        came = [t for t, _ in sb.answers]
+        gaps = [y - x for x, y in zip(came, came[1:])]
+        assert [st for _, st in sb.answers] == [429] * 4 + [200], sb.answers
+        assert all(g >= 0.95 for g in gaps[:3]), gaps  # Retry-After: 1, obeyed
+        assert gaps[3] < 0.3, gaps
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
 def test_an_event_the_peer_refuses_takes_down_only_its_own_room(make_daemon, db_url, pg):
     """A batch spans rooms and the peer refuses it whole (400) for one
     event it will not take: the batch is split (by rooms, then within the
