@@ -252,10 +252,13 @@ static cw_err post_events(struct peer_out *p, const char *url, json_t *events, l
 
 /* Whether a refusal may be of some events of the batch only, which a
  * smaller batch would tell: a 4xx but the ones about the request as a
- * whole (the credentials, a timeout, a pace). */
+ * whole (the credentials or their rights, the URL, a timeout, a pace: a
+ * wrong push_url answering 404 to everything made each try up to 33
+ * requests, until a review of the thirtieth session's change). */
 static bool refusal_of_events(long code)
 {
-	return code >= 400 && code <= 499 && code != 401 && code != 405 && code != 407 && code != 408 && code != 429;
+	return code >= 400 && code <= 499 && code != 401 && code != 403 && code != 404 && code != 405 &&
+	       code != 407 && code != 408 && code != 410 && code != 429;
 }
 
 /* Requests one delivery may add to find the events a peer refuses: a
