@@ -210,11 +210,16 @@ static bool try_answer(struct peer_pull *p, struct waiter *w, bool final)
 		if (!ev) {
 			/* Never a shell without content (until the thirtieth
 			 * session): a dead letter, which the cursor does not
-			 * acknowledge (it acknowledges rows in flight only). */
+			 * acknowledge (it acknowledges rows in flight only).  Not
+			 * made one (the database away): 503, for the answer's
+			 * next would have the peer's next cursor acknowledge it
+			 * as delivered. */
 			char by[32];
 			snprintf(by, sizeof(by), "pull#%s", PQgetvalue(r, i, 0));
-			cw_errmsg ignored;
-			outbox_dead_unreadable(p->c, PQgetvalue(r, i, 1), w->destination, by, &ignored);
+			if (!outbox_dead_unreadable(p->c, PQgetvalue(r, i, 1), w->destination, by, &e)) {
+				json_decref(events);
+				goto fail;
+			}
 			continue;
 		}
 		json_array_append_new(events, p->app ? peer_media_offer(p->app, w->destination + 5, ev) : json_incref(ev));
