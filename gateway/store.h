@@ -160,7 +160,7 @@ size_t gc_plan(size_t queued, int64_t oldest_age_us, size_t batch_max, int64_t d
 
 /* The pause before the retry-th run again (1 first) of a write that lost a
  * deadlock, jittered by the random byte r: 2-4 ms, then 4-8, then 8-16 (a
- * retry past the tenth as the tenth).  Pure, for the same reason. */
+ * retry past the sixth as the sixth, 64-128 ms).  Pure, for the same reason. */
 int64_t store_retry_pause_us(int retry, unsigned char r);
 
 /* Connects with the daemon's session settings; NULL and e filled on failure.

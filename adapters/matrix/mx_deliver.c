@@ -1745,8 +1745,8 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 				 * (outcome 5), the room's next rows go on */
 				char id[24];
 				snprintf(id, sizeof(id), "%lld", (long long)row->id);
-				LOG_KV(CW_LOG_WARN, "the homeserver refused an event as too large", "outbox_id", id, "detail",
-				       fe.msg);
+				LOG_KV_LIMITED(CW_LOG_WARN, "the homeserver refused an event as too large", "outbox_id", id,
+					       "detail", fe.msg);
 				row->outcome = 5;
 				row->code = status;
 				snprintf(row->why, sizeof(row->why), "%s", fe.msg);

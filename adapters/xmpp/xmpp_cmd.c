@@ -843,7 +843,10 @@ bool xa_command(struct xcomp *xc, xmpp_stanza_t *iq)
 		 * case-insensitive; a user types this one): until the thirtieth
 		 * session wally@GK.xmpp.test named nobody.  The localpart's
 		 * capitals stay: the peer's ids are case-sensitive. */
-		for (char *d = strchr(jid, '@') ? strchr(jid, '@') + 1 : jid; *d && *d != '/'; d++)
+		char *slash = strchr(jid, '/'), *at = strchr(jid, '@');
+		if (at && slash && at > slash)
+			at = NULL; /* an '@' of the resource: no localpart */
+		for (char *d = at ? at + 1 : jid; *d && *d != '/'; d++)
 			if (*d >= 'A' && *d <= 'Z')
 				*d = (char)(*d - 'A' + 'a');
 		if (strcmp(jid, xc->domain) == 0 && j->verb != V_REPORT) {
