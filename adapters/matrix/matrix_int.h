@@ -153,6 +153,9 @@ void mx_bot_notice(struct matrix *m, const char *room, const char *text, const c
  * answer); *answer the parsed JSON answer (may be NULL). */
 cw_err mx_call(struct matrix *m, const char *method, const char *path, const char *user_id, const char *query,
 	       json_t *body, long *status, json_t **answer, cw_errmsg *e);
+/* The wait (ms) the last 429 answer of this thread's calls asked for: its
+ * retry_after_ms or Retry-After header, the longer (0: it said none). */
+long mx_rate_limited_wait_ms(void);
 
 /* Media (mx_media.c). */
 enum mx_rehost { MX_REHOST_OK, MX_REHOST_NOTICE, MX_REHOST_RETRY, MX_REHOST_WAIT };

@@ -66,14 +66,10 @@ static bool say_txn(struct matrix *m, const char *room, const char *user, const 
 	 * (until the thirtieth session the notice, a command's answer among
 	 * them, was lost), a few times, the wait cut short by a stop. */
 	for (int k = 1;; k++) {
-		json_t *answer = NULL;
-		cw_err rc = mx_call(m, "PUT", path, user, NULL,
-				    json_pack("{s:s, s:s}", "msgtype", "m.notice", "body", text), status, &answer, &e);
-		json_t *ra = json_object_get(answer, "retry_after_ms");
-		int64_t wait = json_is_integer(ra) && json_integer_value(ra) > 0 ? json_integer_value(ra) : 1000;
-		json_decref(answer);
-		if (!rc)
+		if (!mx_call(m, "PUT", path, user, NULL, json_pack("{s:s, s:s}", "msgtype", "m.notice", "body", text),
+			     status, NULL, &e))
 			return true;
+		int64_t wait = mx_rate_limited_wait_ms() > 0 ? mx_rate_limited_wait_ms() : 1000;
 		if (*status != 429 || k == SAY_LIMITED_TRIES) {
 			LOG_KV_LIMITED(CW_LOG_WARN, "cannot post a notice", "room", room, "detail", e.msg);
 			return false;

@@ -132,6 +132,11 @@ static _Thread_local struct {
 	long wait_ms; /* outbox_retry_after_ms */
 } rate_limited;
 
+long mx_rate_limited_wait_ms(void)
+{
+	return rate_limited.wait_ms;
+}
+
 /* The outcome of a finished call; frees rq. */
 static cw_err req_done(struct matrix *m, CURL *c, struct mx_req *rq, CURLcode cc, long *status, json_t **answer,
 		       cw_errmsg *e)
