@@ -917,19 +917,13 @@ void xa_requests(struct xcomp *xc, PGconn *c)
 		const char *local = PQgetvalue(r, i, 1), *nick = PQgetvalue(r, i, 3);
 		presence_to(xc, true, remote, local, "subscribe", nick, NULL);
 		if (PQgetvalue(r, i, 5)[0] == 't') {
-			xmpp_stanza_t *m = xmpp_message_new(xc->ctx, "chat", local, NULL);
-			if (m) {
-				char text[XJ_JID_MAX + 2 * 1024];
-				snprintf(text, sizeof(text),
-					 "%s%s%s (%s, network %s) wants to write to you. Their messages wait until you answer: "
-					 "approve their contact request to accept them, deny it to block them (or use this "
-					 "gateway's commands). The conversation is bridged: end-to-end encryption ends at "
-					 "this gateway.",
-					 nick, *nick ? " " : "", remote, PQgetvalue(r, i, 4), xc->peer);
-				xmpp_stanza_set_from(m, xc->domain);
-				xmpp_message_set_body(m, text);
-				xa_send_kept(xc, m); /* marked sent below: kept for a re-send */
-			}
+			/* now: kept for a re-send, for it is marked sent below */
+			notice_to(xc, true, local,
+				  "%s%s%s (%s, network %s) wants to write to you. Their messages wait until you answer: "
+				  "approve their contact request to accept them, deny it to block them (or use this "
+				  "gateway's commands). The conversation is bridged: end-to-end encryption ends at "
+				  "this gateway.",
+				  nick, *nick ? " " : "", remote, PQgetvalue(r, i, 4), xc->peer);
 			const char *id[] = { PQgetvalue(r, i, 0) };
 			PGresult *u = PQexecParams(c, "UPDATE consent_requests SET notified_at = now() WHERE id = $1::bigint", 1,
 						   NULL, id, NULL, NULL, 0);
