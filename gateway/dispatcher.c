@@ -533,30 +533,30 @@ json_t *outbox_event_json(PGresult *r, int row, int col, bool *unreadable)
 	return ev;
 }
 
-bool outbox_dead_unreadable(PGconn *c, const char *event, const char *destination, const char *claimed_by,
-			    cw_errmsg *e)
+long outbox_dead_unreadable(PGconn *c, const char *row, const char *event, const char *destination,
+			    const char *claimed_by, cw_errmsg *e)
 {
-	LOG_KV(CW_LOG_ERROR, "a stored event does not parse as JSON: its row is a dead letter", "event", event,
-	       "destination", destination);
-	const char *params[] = { event, destination, claimed_by };
+	LOG_KV(CW_LOG_ERROR, "a stored event does not parse as JSON: its row is a dead letter", "row", row, "event",
+	       event, "destination", destination);
+	const char *params[] = { row, destination, claimed_by };
 	PGresult *r = PQexecParams(c,
-				   "UPDATE outbox o SET state = 'dead', claimed_by = NULL, claimed_until = NULL, "
-				   " last_error = 'its stored event does not parse as JSON (a number stored before the "
-				   "thirtieth session?): not sent' FROM events ev WHERE ev.public_id = $1 "
-				   " AND o.event_id = ev.id AND o.destination = $2 AND o.claimed_by = $3 "
-				   " AND o.state = 'in_flight'",
+				   "UPDATE outbox SET state = 'dead', claimed_by = NULL, claimed_until = NULL, "
+				   " sender_told_at = now(), last_error = 'its stored event does not parse as JSON (a "
+				   "number stored before the thirtieth session?): not sent' WHERE id = $1::bigint "
+				   " AND destination = $2 AND claimed_by = $3 AND state = 'in_flight'",
 				   3, NULL, params, NULL, NULL, 0);
-	bool ok = store_check(c, r, PGRES_COMMAND_OK, e) == CW_OK;
+	long changed = store_check(c, r, PGRES_COMMAND_OK, e) == CW_OK ? atol(PQcmdTuples(r)) : -1;
 	PQclear(r);
-	return ok;
+	return changed;
 }
 
 /* Claims due rows of one destination into rows[*n...]; false on failure.
  * A row whose stored event does not parse is made a dead letter in the
- * claim's transaction; memory short for one fails the claim (rolled back:
- * a later row of its room must not go first). */
+ * claim's transaction (counted in *dead, which the caller adds to the
+ * dispatcher's once the claim commits); memory short for one fails the
+ * claim (rolled back: a later row of its room must not go first). */
 static bool claim_destination(struct lane *l, const char *dest, struct outbox_row **rows, int *n, int *cap,
-			      cw_errmsg *e)
+			      long *dead, cw_errmsg *e)
 {
 	struct dispatcher *d = l->d;
 	char limit[16], timeout[16], bytes[24];
@@ -585,14 +585,19 @@ static bool claim_destination(struct lane *l, const char *dest, struct outbox_ro
 	for (int i = 0; i < got; i++) {
 		bool unreadable;
 		json_t *ev = outbox_event_json(r, i, 3, &unreadable);
-		if (!ev && (!unreadable || !outbox_dead_unreadable(l->c, PQgetvalue(r, i, 3), dest, l->name, e))) {
+		long changed = 0;
+		if (!ev && (!unreadable || (changed = outbox_dead_unreadable(l->c, PQgetvalue(r, i, 0),
+									      PQgetvalue(r, i, 3), dest, l->name,
+									      e)) < 0)) {
 			if (!unreadable)
 				cw_fail(e, CW_ENOMEM, "out of memory");
 			PQclear(r);
 			return false;
 		}
-		if (!ev)
+		if (!ev) {
+			*dead += changed;
 			continue;
+		}
 		struct outbox_row *row = &(*rows)[(*n)++];
 		memset(row, 0, sizeof(*row));
 		row->id = atoll(PQgetvalue(r, i, 0));
@@ -707,6 +712,7 @@ static int claim(struct lane *l, struct outbox_row **out)
 	cw_errmsg e;
 	struct outbox_row *rows = NULL;
 	int n = 0, cap = 0;
+	long dead = 0; /* rows made dead letters by the claim (unreadable events) */
 	atomic_fetch_add(&d->claim_tries, 1);
 	if (l->orphans && !release_orphans(l, &e))
 		goto fail_rows;
@@ -723,7 +729,7 @@ static int claim(struct lane *l, struct outbox_row **out)
 		if (!take_destination(l, name))
 			continue;
 		int64_t t0 = cw_now_us();
-		if (!claim_destination(l, name, &rows, &n, &cap, &e)) {
+		if (!claim_destination(l, name, &rows, &n, &cap, &dead, &e)) {
 			PQclear(dr);
 			goto fail;
 		}
@@ -756,6 +762,7 @@ static int claim(struct lane *l, struct outbox_row **out)
 		LOG_KV(CW_LOG_WARN, "outbox claim failed", "detail", e.msg);
 		goto fail_rows;
 	}
+	atomic_fetch_add(&d->dead, (uint_fast64_t)dead);
 	if (n)
 		qsort(rows, (size_t)n, sizeof(*rows), cmp_row);
 	*out = rows;

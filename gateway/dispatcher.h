@@ -58,13 +58,17 @@ long outbox_retry_after_ms(int64_t secs, int64_t ms);
  * out as a shell (ids, no content) and was marked delivered. */
 json_t *outbox_event_json(PGresult *r, int row, int col, bool *unreadable);
 
-/* Makes the in-flight row of event (public id) to destination, claimed by
- * claimed_by, whose stored event does not parse (outbox_event_json) a dead
- * letter, with a log line: it can never be sent (a replay fails the same
- * way), and its room's later rows go on.  False with e set if the database
- * failed. */
-bool outbox_dead_unreadable(PGconn *c, const char *event, const char *destination, const char *claimed_by,
-			    cw_errmsg *e);
+/* Makes outbox row `row` (its id), in flight to destination under
+ * claimed_by, whose stored event (public id `event`, for the log line)
+ * does not parse (outbox_event_json) a dead letter, with a log line: it
+ * can never be sent (a replay fails the same way), and its room's later
+ * rows go on.  Its sender is not told in the chat, as with the dispatcher's
+ * other never-deliverable rows (marked told): dispatcher_dead_text's "the
+ * operator can send it again" is not true of it.  Until the thirty-first
+ * session the row was found by its event and destination.  Returns how
+ * many rows it changed (0 or 1), -1 with e set if the database failed. */
+long outbox_dead_unreadable(PGconn *c, const char *row, const char *event, const char *destination,
+			    const char *claimed_by, cw_errmsg *e);
 
 /* An adapter's delivery: rows are in order (per room) for one destination.
  * *done: how many rows, from the first, the far side acknowledged; CW_OK

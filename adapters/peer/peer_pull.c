@@ -81,7 +81,8 @@ struct peer_pull {
  * sender, times): without the bound, one answer of 1000 events of 64 KiB
  * was 64 MiB, held in memory several times over (the query result, the
  * JSON, its text).
- * $1 destination, $2 after, $3 limit, $4 claim seconds, $5 bytes. */
+ * $1 destination, $2 after, $3 limit, $4 claim seconds, $5 bytes; the last
+ * column is the outbox row's id (for outbox_dead_unreadable). */
 #define PULL_EVENT_OVERHEAD "512"
 #define PULL_POS "CASE WHEN starts_with(claimed_by, 'pull#') THEN substr(claimed_by, 6)::bigint END"
 static const char pull_sql[] =
@@ -107,7 +108,7 @@ static const char pull_sql[] =
 	" (SELECT p.event_types IS NULL OR ev.type = ANY (p.event_types) FROM peers p "
 	"  WHERE p.name = substr($1, 6)), "
 	" sum(octet_length(t.content) + " PULL_EVENT_OVERHEAD ") OVER (ORDER BY h.pos) AS upto, "
-	" row_number() OVER (ORDER BY h.pos) AS n "
+	" row_number() OVER (ORDER BY h.pos) AS n, h.id "
 	"FROM h JOIN events ev ON ev.id = h.event_id CROSS JOIN LATERAL (SELECT ev.content::text AS content) t "
 	"JOIN rooms rm ON rm.id = h.room_id "
 	"JOIN identities s ON s.id = ev.sender_id ORDER BY h.pos LIMIT $3::int) a "
@@ -184,7 +185,7 @@ static bool try_answer(struct peer_pull *p, struct waiter *w, bool final)
 			cw_fail(&e, CW_EUNAVAIL, "the database connection was lost");
 		failed = true;
 	}
-	if (failed || !r || PQnfields(r) < 9) {
+	if (failed || !r || PQnfields(r) < 12) {
 		if (!failed)
 			cw_fail(&e, CW_EUNAVAIL, "the pull answered nothing");
 		goto fail;
@@ -216,7 +217,8 @@ static bool try_answer(struct peer_pull *p, struct waiter *w, bool final)
 			 * as delivered. */
 			char by[32];
 			snprintf(by, sizeof(by), "pull#%s", PQgetvalue(r, i, 0));
-			if (!outbox_dead_unreadable(p->c, PQgetvalue(r, i, 1), w->destination, by, &e)) {
+			if (outbox_dead_unreadable(p->c, PQgetvalue(r, i, 11), PQgetvalue(r, i, 1), w->destination, by,
+						   &e) < 0) {
 				json_decref(events);
 				goto fail;
 			}

@@ -197,3 +197,40 @@ def test_a_database_failure_reading_the_peer_is_no_attempt(make_daemon, db_url, 
     assert not any("push URL" in (x["error"] or "") for x in tries), tries
     for _, srv in peers:
         srv.close()
+
+
+def test_an_unreadable_stored_event_is_a_dead_letter_counted_as_one(make_daemon, db_url, pg):
+    """A row whose stored event does not parse (a number stored before the
+    thirtieth session that jansson cannot read) becomes a dead letter: the
+    row itself, by its id (until the thirty-first session by its event and
+    destination), counted with the other dead letters (the dispatcher's
+    count in /admin/v1/adapters and /metrics, which left it out), listed
+    among them, and its sender not told in the chat (a replay fails the
+    same way: "the operator can send it again" would not be true)."""
+    d = make_daemon(db_url).start()
+    peers = push_peers(d)
+    (a, _), (b, sb) = peers
+    room = a.create_room([a.user("alice"), b.user("bob")]).json()["id"]
+    assert d.admin("POST", "/peers/tg/disable").status_code == 200
+    bad = a.send(room, a.user("alice"), "stored before the fix").json()["id"]
+    after = a.send(room, a.user("alice"), "after it").json()["id"]
+    pg.psql("UPDATE events SET content = jsonb_set(content, '{x}', '10000000000000000000'::jsonb) "
+            f"WHERE public_id = '{bad}'", db_url)
+    row_id = int(pg.psql("SELECT o.id FROM outbox o JOIN events e ON e.id = o.event_id "
+                         f"WHERE e.public_id = '{bad}' AND o.destination = 'peer:tg'", db_url))
+    assert d.admin("POST", "/peers/tg/enable").status_code == 200
+    assert [e["id"] for e in sb.wait_events(1)] == [after]
+    rec = d.wait_for(lambda r: r.get("msg", "").startswith("a stored event does not parse"))
+    assert (rec["row"], rec["event"], rec["destination"]) == (str(row_id), bad, "peer:tg"), rec
+    rows = d.admin("GET", "/outbox?state=dead").json()["rows"]
+    assert [(x["id"], x["message"], x["destination"]) for x in rows] == [(row_id, bad, "peer:tg")], rows
+    assert "does not parse" in rows[0]["last_error"]
+    ad = d.admin("GET", "/adapters").json()
+    assert ad["dispatcher"]["dead"] == 1 and ad["peer"]["dead"] == 1, ad
+    assert wait_until(lambda: d.admin("GET", "/stats").json()["queue"]["dead"] == 1, what="the stats' dead")
+    metrics = d.get("/metrics").text
+    assert 'causeway_dispatch_rows_total{outcome="dead"} 1\n' in metrics
+    assert 'causeway_outbox_depth{state="dead"} 1\n' in metrics
+    assert pg.psql(f"SELECT sender_told_at IS NOT NULL FROM outbox WHERE id = {row_id}", db_url) == "t"
+    for _, srv in peers:
+        srv.close()
