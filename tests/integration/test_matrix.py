@@ -2291,33 +2291,47 @@ def test_an_expiring_message_is_taken_back_when_its_time_comes(mx, hs, gk, pg, d
                    for e in hs.events(mx_room))
 
 
-def test_an_edit_waiting_at_the_expiry_expires_with_its_message(mx, hs, gk, pg, db_url):
+def test_an_edit_waiting_at_the_expiry_expires_with_its_message(make_daemon, db_url, hs, pg):
     """An edit of an expiring message still waiting for the homeserver at
     the message's time expires with it, and the message is redacted once
     the homeserver takes sends again (until the twenty-fourth session the
     edit's row stayed pending with its content erased, could not be made a
     Matrix event, and took the redaction's row down with it: the message
-    stayed shown)."""
-    a, _ = gk
-    room, r, _, msg = wally_sends_expiring(mx, hs, a, 8000)
-    ghost, mx_room = msg["sender"], msg["room_id"]
-    hs.refuse_send = lambda path: True
-    ed = {"type": "edit", "sender": a.user("wally"),
-          "content": {"replaces": r.json()["id"], "parts": [{"type": "text/plain", "body": "edited, waiting"}]}}
-    r_ed = a.call("POST", f"/v1/rooms/{room}/messages", ed, idem="exp-ed-wait")
-    assert r_ed.status_code == 202, r_ed.text
-    edit_row = (f"SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id "
-                f"WHERE e.public_id = '{r_ed.json()['id']}'")
-    wait_until(lambda: pg.psql(f"SELECT content::text FROM events WHERE public_id = '{r.json()['id']}'",
-                               db_url) == "{}", timeout=30, what="the message expired")
-    assert pg.psql(edit_row, db_url) == "expired"
-    assert pg.psql(f"SELECT content::text FROM events WHERE public_id = '{r_ed.json()['id']}'", db_url) == "{}"
-    hs.refuse_send = None
-    red = wait_until(lambda: next((e for e in hs.events(mx_room) if e["type"] == "m.room.redaction"), None),
-                     timeout=60, what="the redaction once sends are taken")
-    assert red["sender"] == ghost and red["redacts"] == msg["event_id"]
-    assert not any("edited, waiting" in json.dumps(e.get("content")) for e in hs.events(mx_room))
-    assert pg.psql("SELECT count(*) FROM outbox WHERE state = 'dead'", db_url) == "0"
+    stayed shown).  The message's time is set once the edit is seen
+    waiting (failed, to be tried again), and the retries cannot run out
+    before the sweep: until the thirty-first session the message expired
+    8 s after it was sent, while the edit's 12 tries took 4.3-8.5 s (the
+    suite's retry_max_ms), and under load the edit went dead first."""
+    mx = start_mx(make_daemon, db_url, hs, dispatcher={"retry_budget": "1000"})
+    a, srv = add_gk(mx)
+    try:
+        room, r, _, msg = wally_sends_expiring(mx, hs, a, 600000)
+        ghost, mx_room = msg["sender"], msg["room_id"]
+        hs.refuse_send = lambda path: True
+        ed = {"type": "edit", "sender": a.user("wally"),
+              "content": {"replaces": r.json()["id"], "parts": [{"type": "text/plain", "body": "edited, waiting"}]}}
+        r_ed = a.call("POST", f"/v1/rooms/{room}/messages", ed, idem="exp-ed-wait")
+        assert r_ed.status_code == 202, r_ed.text
+        edit_row = (f"SELECT o.state, o.attempts FROM outbox o JOIN events e ON e.id = o.event_id "
+                    f"WHERE e.public_id = '{r_ed.json()['id']}'")
+        wait_until(lambda: (lambda st, n: st == "pending" and int(n) >= 1)(*pg.psql(edit_row, db_url).split("|")),
+                   what="the edit waiting for the homeserver")
+        # Its time comes now (as retention shortens an expiry: the stored content.expires).
+        pg.psql("UPDATE events SET content = jsonb_set(content, '{content,expires}', "
+                "to_jsonb((extract(epoch FROM now()) * 1000)::bigint)) "
+                f"WHERE public_id = '{r.json()['id']}'", db_url)
+        wait_until(lambda: pg.psql(f"SELECT content::text FROM events WHERE public_id = '{r.json()['id']}'",
+                                   db_url) == "{}", timeout=30, what="the message expired")
+        assert pg.psql(edit_row, db_url).split("|")[0] == "expired"
+        assert pg.psql(f"SELECT content::text FROM events WHERE public_id = '{r_ed.json()['id']}'", db_url) == "{}"
+        hs.refuse_send = None
+        red = wait_until(lambda: next((e for e in hs.events(mx_room) if e["type"] == "m.room.redaction"), None),
+                         timeout=60, what="the redaction once sends are taken")
+        assert red["sender"] == ghost and red["redacts"] == msg["event_id"]
+        assert not any("edited, waiting" in json.dumps(e.get("content")) for e in hs.events(mx_room))
+        assert pg.psql("SELECT count(*) FROM outbox WHERE state = 'dead'", db_url) == "0"
+    finally:
+        srv.close()
 
 
 def test_an_edit_after_the_expiry_is_stored_expired_and_never_shown(mx, hs, gk, pg, db_url):
