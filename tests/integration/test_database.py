@@ -192,6 +192,52 @@ def test_an_outcome_the_outage_kept_unrecorded_is_recorded_when_it_is_back(make_
             x.close()
 
 
+def test_sigterm_while_the_dispatcher_waits_for_the_database_stops_at_once(make_daemon, private_pg):
+    """A lane whose delivery's outcome could not be recorded (the database
+    went away while the peer took the message) waits for the database,
+    trying again at its pace for as long as its claim holds (here ten
+    minutes), and the store's connections back off up to
+    database.reconnect_max_ms (here a minute).  SIGTERM cuts both waits
+    short: the daemon stops within its drain (1 s here) and a moment, with
+    a clean exit, not at the end of a wait or at the stop's deadline
+    (drain plus 10 s, exit 1).  (The store's pause before a write that
+    lost a deadlock runs again, 2-16 ms, is cut short the same way, on the
+    same condition, by the same stop.)"""
+    d = make_daemon(private_pg.url, options={
+        "dispatcher": {"http_timeout_ms": "90000", "claim_timeout_s": "600"},
+        "database": {"reconnect_max_ms": "60000"}, "server": {"drain_timeout_ms": "1000"}}).start()
+    (a, sa), (b, sb) = push_peers(d)
+    answer, answered = threading.Event(), threading.Event()
+    took = sb.handle
+
+    def held(*args):  # the peer takes the events, and answers when told
+        got = took(*args)
+        answer.wait(90)
+        answered.set()
+        return got
+    sb.handle = held
+    try:
+        room = a.create_room([a.user("alice"), b.user("bob")]).json()["id"]
+        assert a.send(room, a.user("alice"), "before").status_code == 202
+        sb.wait_events(1)
+        private_pg.stop()
+        answer.set()
+        assert answered.wait(10)
+        assert d.get("/readyz").status_code == 503
+        d.wait_for(lambda r: r.get("msg") == "database unreachable")
+        t0 = time.time()
+        d.signal(signal.SIGTERM)
+        rc = d.wait_exit(30)
+        took_s = time.time() - t0
+        assert rc == 0, d.log()[-3000:]
+        assert took_s < 5, took_s
+        assert not any(r.get("msg", "").startswith("the stop took too long") for r in d.records)
+    finally:
+        answer.set()
+        for x in (sa, sb):
+            x.close()
+
+
 def test_daemon_waits_for_a_database_that_comes_up(make_daemon, private_pg):
     private_pg.stop()
     d = make_daemon(private_pg.url, options={"database": {"startup_timeout_ms": "20000"}})
