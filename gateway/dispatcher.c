@@ -361,7 +361,7 @@ void dispatcher_dead_text(char *buf, size_t len, const char *destination, const 
  * it: 250 events of 60 KB of "abc" held 268 MB). */
 static const struct store_stmt lane_stmts[] = {
 	{ "cw_claim",
-		"WITH blocked AS ("
+		"WITH RECURSIVE blocked AS ("
 		" SELECT room_id FROM outbox WHERE state = 'in_flight' AND destination = $4"
 		" UNION SELECT room_id FROM outbox WHERE state = 'pending' AND next_attempt_at > now() AND destination = $4), "
 		"due AS ("
@@ -376,12 +376,21 @@ static const struct store_stmt lane_stmts[] = {
 		/* At most $5 bytes of stored events (their text, as read here,
 		 * plus CLAIM_EVENT_OVERHEAD each), always one: the rows due
 		 * first, so a room's rows left out wait behind its first
-		 * (blocked, above) and keep their order. */
-		"sized AS (SELECT due.id, t.content, sum(octet_length(t.content) + " CLAIM_EVENT_OVERHEAD ") "
-		" OVER (ORDER BY due.id) AS upto, row_number() OVER (ORDER BY due.id) AS n "
-		" FROM due JOIN events se ON se.id = due.event_id "
-		" CROSS JOIN LATERAL (SELECT se.content::text AS content) t), "
-		"take AS (SELECT id, content FROM sized WHERE upto <= $5::bigint OR n = 1) "
+		 * (blocked, above) and keep their order.  walk reads them one at
+		 * a time, in id order, and stops at the first that does not fit:
+		 * a window over all of due (until the thirty-first session) made
+		 * the text of every due row, batch_max of them, to take 17 of
+		 * 58 KB (docs/performance.md).  OFFSET 0 keeps the text one
+		 * value: the subquery pulled up, content::text was made twice,
+		 * for its size and for itself. */
+		"q AS MATERIALIZED (SELECT array_agg(id ORDER BY id) AS ids, array_agg(event_id ORDER BY id) AS evs "
+		" FROM due), "
+		"walk (k, upto, content) AS (SELECT 0, 0::bigint, NULL::text "
+		" UNION ALL SELECT w.k + 1, w.upto + octet_length(t.content) + " CLAIM_EVENT_OVERHEAD ", t.content "
+		"  FROM walk w CROSS JOIN q CROSS JOIN LATERAL (SELECT se.content::text AS content FROM events se "
+		"   WHERE se.id = q.evs[w.k + 1] OFFSET 0) t WHERE w.upto <= $5::bigint AND w.k < cardinality(q.ids)), "
+		"take AS (SELECT q.ids[walk.k] AS id, walk.content FROM walk CROSS JOIN q "
+		" WHERE walk.k >= 1 AND (walk.upto <= $5::bigint OR walk.k = 1)) "
 		"UPDATE outbox o SET state = 'in_flight', claimed_by = $2, "
 		" claimed_until = now() + make_interval(secs => $3::int), attempts = o.attempts + 1 "
 		"FROM take, events ev, rooms r, identities s "
