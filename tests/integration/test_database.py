@@ -1,4 +1,5 @@
 """Migrations and the database going away, with the real daemon."""
+import contextlib
 import os
 import shutil
 import signal
@@ -154,58 +155,13 @@ def test_writes_are_taken_again_after_an_outage_only_a_reader_saw(make_daemon, p
             x.close()
 
 
-def test_an_outcome_the_outage_kept_unrecorded_is_recorded_when_it_is_back(make_daemon, private_pg):
-    """A delivery in flight when PostgreSQL went away: the peer took the
-    message, but its outcome could not be recorded.  Before, the row stayed
-    in flight until its claim ran out (dispatcher.claim_timeout_s, a
-    minute), and every later message of its room waited behind it; now
-    the outcome is recorded once the database is back (the first message
-    is not sent twice, the next one goes at once).  The delivery of the
-    test above raced the outage the same way now and then."""
-    # The peer answers only once PostgreSQL is down, however long its stop
-    # takes: the push does not time out meanwhile.
-    d = make_daemon(private_pg.url, options={"dispatcher": {"http_timeout_ms": "90000"}}).start()
-    (a, sa), (b, sb) = push_peers(d)
-    answer = threading.Event()
-    took = sb.handle
-
-    def held(*args):  # the peer takes the events, and answers when told
-        got = took(*args)
-        answer.wait(90)
-        return got
-    sb.handle = held
-    try:
-        room = a.create_room([a.user("alice"), b.user("bob")]).json()["id"]
-        assert a.send(room, a.user("alice"), "before").status_code == 202
-        sb.wait_events(1)
-        private_pg.stop()
-        answer.set()
-        private_pg.start()
-        ok = wait_until(lambda: (lambda r: [r] if r.status_code == 202 else None)(
-            a.send(room, a.user("alice"), "after")), timeout=15, interval=0.5, what="a submit taken again")
-        assert ok[0].json()["status"] == "accepted"
-        bodies = [e["content"]["parts"][0]["body"] for e in sb.wait_events(2)]
-        assert bodies == ["before", "after"] and sb.duplicates == 0, (bodies, sb.duplicates)
-    finally:
-        answer.set()
-        for x in (sa, sb):
-            x.close()
-
-
-def test_sigterm_while_the_dispatcher_waits_for_the_database_stops_at_once(make_daemon, private_pg):
-    """A lane whose delivery's outcome could not be recorded (the database
-    went away while the peer took the message) waits for the database,
-    trying again at its pace for as long as its claim holds (here ten
-    minutes), and the store's connections back off up to
-    database.reconnect_max_ms (here a minute).  SIGTERM cuts both waits
-    short: the daemon stops within its drain (1 s here) and a moment, with
-    a clean exit, not at the end of a wait or at the stop's deadline
-    (drain plus 10 s, exit 1).  (The store's pause before a write that
-    lost a deadlock runs again, 2-16 ms, is cut short the same way, on the
-    same condition, by the same stop.)"""
-    d = make_daemon(private_pg.url, options={
-        "dispatcher": {"http_timeout_ms": "90000", "claim_timeout_s": "600"},
-        "database": {"reconnect_max_ms": "60000"}, "server": {"drain_timeout_ms": "1000"}}).start()
+@contextlib.contextmanager
+def a_delivery_held_over_an_outage(d, private_pg):
+    """Peer B of daemon d takes the message "before" of a new room of A's
+    and answers only once PostgreSQL is down, however long its stop takes
+    (the push does not time out meanwhile: dispatcher.http_timeout_ms is
+    the caller's): yields (a, room, B's notify server, an event set once B
+    answered)."""
     (a, sa), (b, sb) = push_peers(d)
     answer, answered = threading.Event(), threading.Event()
     took = sb.handle
@@ -222,20 +178,56 @@ def test_sigterm_while_the_dispatcher_waits_for_the_database_stops_at_once(make_
         sb.wait_events(1)
         private_pg.stop()
         answer.set()
+        yield a, room, sb, answered
+    finally:
+        answer.set()
+        for x in (sa, sb):
+            x.close()
+
+
+def test_an_outcome_the_outage_kept_unrecorded_is_recorded_when_it_is_back(make_daemon, private_pg):
+    """A delivery in flight when PostgreSQL went away: the peer took the
+    message, but its outcome could not be recorded.  Before, the row stayed
+    in flight until its claim ran out (dispatcher.claim_timeout_s, a
+    minute), and every later message of its room waited behind it; now
+    the outcome is recorded once the database is back (the first message
+    is not sent twice, the next one goes at once).  The delivery of the
+    test above raced the outage the same way now and then."""
+    d = make_daemon(private_pg.url, options={"dispatcher": {"http_timeout_ms": "90000"}}).start()
+    with a_delivery_held_over_an_outage(d, private_pg) as (a, room, sb, _):
+        private_pg.start()
+        ok = wait_until(lambda: (lambda r: [r] if r.status_code == 202 else None)(
+            a.send(room, a.user("alice"), "after")), timeout=15, interval=0.5, what="a submit taken again")
+        assert ok[0].json()["status"] == "accepted"
+        bodies = [e["content"]["parts"][0]["body"] for e in sb.wait_events(2)]
+        assert bodies == ["before", "after"] and sb.duplicates == 0, (bodies, sb.duplicates)
+
+
+def test_sigterm_while_the_dispatcher_waits_for_the_database_stops_at_once(make_daemon, private_pg):
+    """A lane whose delivery's outcome could not be recorded (the database
+    went away while the peer took the message) waits for the database,
+    trying again at its pace for as long as its claim holds (here ten
+    minutes), and the store's connections back off up to
+    database.reconnect_max_ms (here a minute).  SIGTERM cuts both waits
+    short: the daemon stops within its drain (1 s here) and a moment, with
+    a clean exit, not at the end of a wait or at the stop's deadline
+    (drain plus 10 s, exit 1).  (The store's pause before a write that
+    lost a deadlock runs again, 2-16 ms, is cut short the same way, on the
+    same condition, by the same stop.)"""
+    d = make_daemon(private_pg.url, options={
+        "dispatcher": {"http_timeout_ms": "90000", "claim_timeout_s": "600"},
+        "database": {"reconnect_max_ms": "60000"}, "server": {"drain_timeout_ms": "1000"}}).start()
+    with a_delivery_held_over_an_outage(d, private_pg) as (_, _, _, answered):
         assert answered.wait(10)
         assert d.get("/readyz").status_code == 503
         d.wait_for(lambda r: r.get("msg") == "database unreachable")
         t0 = time.time()
         d.signal(signal.SIGTERM)
         rc = d.wait_exit(30)
-        took_s = time.time() - t0
+        took = time.time() - t0
         assert rc == 0, d.log()[-3000:]
-        assert took_s < 5, took_s
+        assert took < 5, took
         assert not any(r.get("msg", "").startswith("the stop took too long") for r in d.records)
-    finally:
-        answer.set()
-        for x in (sa, sb):
-            x.close()
 
 
 def test_daemon_waits_for_a_database_that_comes_up(make_daemon, private_pg):
