@@ -382,13 +382,15 @@ static const struct store_stmt lane_stmts[] = {
 		 * the text of every due row, batch_max of them, to take 17 of
 		 * 58 KB (docs/performance.md).  OFFSET 0 keeps the text one
 		 * value: the subquery pulled up, content::text was made twice,
-		 * for its size and for itself. */
+		 * for its size and for itself.  A row whose event is gone walks
+		 * on as empty text (the UPDATE's join leaves it, as the window's
+		 * join did): the walk must not stop at it and hold its lane. */
 		"q AS MATERIALIZED (SELECT array_agg(id ORDER BY id) AS ids, array_agg(event_id ORDER BY id) AS evs "
 		" FROM due), "
 		"walk (k, upto, content) AS (SELECT 0, 0::bigint, NULL::text "
-		" UNION ALL SELECT w.k + 1, w.upto + octet_length(t.content) + " CLAIM_EVENT_OVERHEAD ", t.content "
-		"  FROM walk w CROSS JOIN q CROSS JOIN LATERAL (SELECT se.content::text AS content FROM events se "
-		"   WHERE se.id = q.evs[w.k + 1] OFFSET 0) t WHERE w.upto <= $5::bigint AND w.k < cardinality(q.ids)), "
+		" UNION ALL SELECT w.k + 1, w.upto + coalesce(octet_length(t.content), 0) + " CLAIM_EVENT_OVERHEAD ", t.content "
+		"  FROM walk w CROSS JOIN q CROSS JOIN LATERAL (SELECT (SELECT se.content::text FROM events se "
+		"   WHERE se.id = q.evs[w.k + 1]) AS content OFFSET 0) t WHERE w.upto <= $5::bigint AND w.k < cardinality(q.ids)), "
 		"take AS (SELECT q.ids[walk.k] AS id, walk.content FROM walk CROSS JOIN q "
 		" WHERE walk.k >= 1 AND (walk.upto <= $5::bigint OR walk.k = 1)) "
 		"UPDATE outbox o SET state = 'in_flight', claimed_by = $2, "
