@@ -37,16 +37,27 @@ static const char help_text[] =
 	"<who> is an address such as mimi://wa.example/u/+4915112345678, the Matrix id of a bridged user, or a domain.\n"
 	"Messages crossing the gateway are not end-to-end encrypted beyond it.";
 
-/* Says text in room as user (NULL: the bot), a notice, with transaction
- * id txn (NULL: a new one); false when the homeserver did not take it
- * (*status, unless NULL: its answer, 0 for none). */
-/* How often the bot sends a notice that the homeserver answers 429
- * M_LIMIT_EXCEEDED, and the longest wait it takes between two sends. */
-#define SAY_LIMITED_TRIES 5
-#define SAY_LIMITED_WAIT_MS 10000
+/* The sender of the notices of the room named by the SQL expression room
+ * (notices): the ghost of its remote user, NULL (the bot) where it has
+ * none (a management room, a group's portal). */
+#define NOTICE_SENDER_SQL(room)                                                                                  \
+	"(SELECT ib.native_id FROM room_bindings b JOIN identity_bindings ib ON ib.identity_id = b.remote_identity_id " \
+	" AND ib.network = 'matrix' WHERE b.network = 'matrix' AND b.native_id = " room " LIMIT 1)"
 
+/* Says text in room as user (NULL: the bot), a notice, with transaction
+ * id txn (NULL: a new one), once; false when the homeserver did not take
+ * it (*status, unless NULL: its answer, 0 for none; *wait_ms, unless
+ * NULL: after a 429 M_LIMIT_EXCEEDED the wait it asked for, else 0).
+ *
+ * A homeserver that rate-limits the appservice limits its bot too (a
+ * registration that says rate_limited: true; Synapse exempts the bot only
+ * as it exempts the ghosts).  A 429 is not waited out here: the bot is one
+ * thread for all its work, and a wait (in the thirtieth session up to four
+ * of 10 s each, for each notice of a batch) held up every command,
+ * invitation and notice behind it.  The callers keep what was not taken
+ * for when the homeserver asks (notices, requests, say_later). */
 static bool say_txn(struct matrix *m, const char *room, const char *user, const char *text, const char *txn,
-		    long *status)
+		    long *status, long *wait_ms)
 {
 	char path[600], fresh[48];
 	if (!txn) {
@@ -60,37 +71,82 @@ static bool say_txn(struct matrix *m, const char *room, const char *user, const 
 	cw_errmsg e;
 	if (!status)
 		status = &st;
-	/* A homeserver that rate-limits the appservice limits its bot too (a
-	 * registration that says rate_limited: true; Synapse exempts the bot
-	 * only as it exempts the ghosts): its 429 is waited out as it asks
-	 * (until the thirtieth session the notice, a command's answer among
-	 * them, was lost), a few times, the wait cut short by a stop. */
-	for (int k = 1;; k++) {
-		if (!mx_call(m, "PUT", path, user, NULL, json_pack("{s:s, s:s}", "msgtype", "m.notice", "body", text),
-			     status, NULL, &e))
-			return true;
-		int64_t wait = mx_rate_limited_wait_ms() > 0 ? mx_rate_limited_wait_ms() : 1000;
-		if (*status != 429 || k == SAY_LIMITED_TRIES) {
-			LOG_KV_LIMITED(CW_LOG_WARN, "cannot post a notice", "room", room, "detail", e.msg);
-			return false;
-		}
-		int64_t until = cw_now_us() + (wait < SAY_LIMITED_WAIT_MS ? wait : SAY_LIMITED_WAIT_MS) * 1000;
-		while (cw_now_us() < until) {
-			if (atomic_load(&m->bot_stop))
-				return false;
-			poll(NULL, 0, 50);
-		}
+	if (wait_ms)
+		*wait_ms = 0;
+	if (!mx_call(m, "PUT", path, user, NULL, json_pack("{s:s, s:s}", "msgtype", "m.notice", "body", text), status,
+		     NULL, &e))
+		return true;
+	if (wait_ms && *status == 429)
+		*wait_ms = mx_rate_limited_wait_ms() > 0 ? mx_rate_limited_wait_ms() : 1000;
+	LOG_KV_LIMITED(CW_LOG_WARN, "cannot post a notice", "room", room, "detail", e.msg);
+	return false;
+}
+
+/* Says text in room as user (NULL: the bot), with transaction id txn
+ * (NULL: a new one).  A 429 queues it (matrix_notices, on c: in its
+ * transaction if one is open), due when the homeserver asked, so that
+ * notices sends it once (until the thirtieth session it was lost; in the
+ * thirtieth the bot slept the wait out): when notices would send it as
+ * the same sender (NOTICE_SENDER_SQL), else it is lost, logged (a ghost's
+ * word in a room it is not the ghost of, before it leaves). */
+static void say_later(struct matrix *m, PGconn *c, const char *room, const char *user, const char *text,
+		      const char *txn)
+{
+	long status, wait;
+	if (say_txn(m, room, user, text, txn, &status, &wait) || status != 429)
+		return;
+	char ms[24];
+	snprintf(ms, sizeof(ms), "%ld", wait);
+	const char *p[] = { room, text, user, ms };
+	PGresult *r = PQexecParams(c,
+		"INSERT INTO matrix_notices (room_id, body, next_at) "
+		"SELECT $1, $2, now() + $4::bigint * interval '1 millisecond' "
+		"WHERE " NOTICE_SENDER_SQL("$1") " IS NOT DISTINCT FROM $3",
+		4, NULL, p, NULL, NULL, 0);
+	cw_errmsg e;
+	cw_err rc = store_check(c, r, PGRES_COMMAND_OK, &e);
+	if (!rc) {
+		if (strcmp(PQcmdTuples(r), "1") != 0)
+			rc = cw_fail(&e, CW_ENOTFOUND, "the room's notices go out as another sender");
+		PQclear(r);
 	}
+	if (rc)
+		LOG_KV_LIMITED(CW_LOG_WARN, "a notice the homeserver rate-limited is lost", "room", room, "detail", e.msg);
 }
 
-static void say_as(struct matrix *m, const char *room, const char *user, const char *text)
+/* The longest 429 wait the bot takes for a notice said just before leaving
+ * a room (say_leaving): the first retry's wait of an inbox row and of a
+ * notice row (try_later, notices). */
+#define SAY_LEAVING_WAIT_MS 2000
+
+/* Says text in room as user (NULL: the bot) just before user leaves it:
+ * queued (say_later), it would come after the leave and be refused.  A
+ * 429 asking for at most SAY_LEAVING_WAIT_MS is waited out once (cut
+ * short by a stop); a longer one loses the notice, logged. */
+static void say_leaving(struct matrix *m, const char *room, const char *user, const char *text)
 {
-	say_txn(m, room, user, text, NULL, NULL);
+	long status, wait;
+	if (say_txn(m, room, user, text, NULL, &status, &wait) || status != 429)
+		return;
+	if (wait <= SAY_LEAVING_WAIT_MS) {
+		int64_t until = cw_now_us() + wait * 1000LL;
+		while (cw_now_us() < until && !atomic_load(&m->bot_stop))
+			poll(NULL, 0, 50);
+		if (!atomic_load(&m->bot_stop) && say_txn(m, room, user, text, NULL, &status, &wait))
+			return;
+	}
+	LOG_KV_LIMITED(CW_LOG_WARN, "a notice said before leaving a room is lost: the homeserver rate-limited it",
+		       "room", room);
 }
 
-static void say(struct matrix *m, const char *room, const char *text)
+static void say_as(struct matrix *m, PGconn *c, const char *room, const char *user, const char *text)
 {
-	say_as(m, room, NULL, text);
+	say_later(m, c, room, user, text, NULL);
+}
+
+static void say(struct matrix *m, PGconn *c, const char *room, const char *text)
+{
+	say_as(m, c, room, NULL, text);
 }
 
 /* A bridged room turned end-to-end encrypted: the gateway cannot read what
@@ -118,7 +174,7 @@ static void encrypted(struct matrix *m, PGconn *c, const char *room)
 				 "encrypted messages, so what is written here from now on will not reach %s. To go on "
 				 "talking with them, start a new conversation without encryption.",
 				 PQgetvalue(r, 0, 2), PQgetvalue(r, 0, 1));
-		say_as(m, room, PQgetisnull(r, 0, 0) ? NULL : PQgetvalue(r, 0, 0), text);
+		say_as(m, c, room, PQgetisnull(r, 0, 0) ? NULL : PQgetvalue(r, 0, 0), text);
 		LOG_KV_LIMITED(CW_LOG_WARN, "a bridged Matrix room was encrypted", "room", room);
 	}
 	PQclear(r);
@@ -182,10 +238,12 @@ static bool local_identity(struct matrix *m, PGconn *c, const char *mxid, char *
 /* A command's answer, sent with the transaction id made from the command's
  * event (inbox, below): a command run again after a crash between its
  * effect and its inbox row's mark is answered once, the homeserver
- * answering the repeated txnId with its first event. */
-static void answer(struct matrix *m, const char *room, const char *txn, const char *text)
+ * answering the repeated txnId with its first event.  One the homeserver
+ * rate-limited is queued (say_later), sent then with the notice's own
+ * transaction id (the limited send made no event). */
+static void answer(struct matrix *m, PGconn *c, const char *room, const char *txn, const char *text)
 {
-	say_txn(m, room, NULL, text, txn, NULL);
+	say_later(m, c, room, NULL, text, txn);
 }
 
 static void cmd_list(struct matrix *m, PGconn *c, const char *room, const char *txn, const char *local_id)
@@ -199,7 +257,7 @@ static void cmd_list(struct matrix *m, PGconn *c, const char *room, const char *
 			n += (size_t)snprintf(text + n, sizeof(text) - n, "%s%s", n ? "\n" : "", PQgetvalue(r, i, 0));
 	}
 	PQclear(r);
-	answer(m, room, txn, n ? text : "Nothing yet: no requests, no decisions.");
+	answer(m, c, room, txn, n ? text : "Nothing yet: no requests, no decisions.");
 }
 
 /* Queues a notice on c (in its transaction, if one is open): the bot's
@@ -225,7 +283,7 @@ static cw_err inbox_handled(PGconn *c, const char *id, cw_errmsg *e)
  * now; the bucket is her localpart's, shared with the XMPP component's
  * commands.  The first refusal in a minute is answered, the others are not:
  * a flood of commands must not become a flood of notices. */
-static bool change_allowed(struct matrix *m, const char *room, const char *txn, const char *sender)
+static bool change_allowed(struct matrix *m, PGconn *c, const char *room, const char *txn, const char *sender)
 {
 	char localpart[MX_ID_MAX + 1], server[MX_ID_MAX + 1];
 	bool notice = false;
@@ -233,7 +291,7 @@ static bool change_allowed(struct matrix *m, const char *room, const char *txn, 
 	    policy_user_update_allowed(m->app->policy, m->app->limits, localpart, &notice))
 		return true; /* not parsed: not a local user, who has no command (local_identity) */
 	if (notice)
-		answer(m, room, txn, "You made too many changes in a short time: this command was not carried out, nor "
+		answer(m, c, room, txn, "You made too many changes in a short time: this command was not carried out, nor "
 				     "are the next ones for a minute, and I will not say so again. Try again in a minute.");
 	return false;
 }
@@ -254,10 +312,10 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 	if (strcmp(verb, "accept") == 0 || strcmp(verb, "block") == 0) {
 		char kind[8], subject[700];
 		if (!subject_of(m, c, arg, kind, subject, sizeof(subject))) {
-			answer(m, room, txn, "Whom? Give an address (mimi://...), a bridged user's Matrix id, or a domain.");
+			answer(m, c, room, txn, "Whom? Give an address (mimi://...), a bridged user's Matrix id, or a domain.");
 			return;
 		}
-		if (!change_allowed(m, room, txn, sender))
+		if (!change_allowed(m, c, room, txn, sender))
 			return;
 		struct policy_view *v = policy_live_get(m->app->policy);
 		long counts[3] = { 0, 0, 0 }, decided = 0;
@@ -273,7 +331,7 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 		}
 		rc = store_end(c, rc, &e);
 		if (rc) {
-			answer(m, room, txn, "That did not work; try again in a moment.");
+			answer(m, c, room, txn, "That did not work; try again in a moment.");
 			LOG_KV(CW_LOG_WARN, "a bot command failed", "detail", e.msg);
 			return;
 		}
@@ -281,10 +339,10 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 			snprintf(reply, sizeof(reply), "Accepted %s. %ld waiting message(s) released.", subject, counts[0]);
 		else
 			snprintf(reply, sizeof(reply), "Blocked %s. %ld waiting message(s) dropped.", subject, counts[1]);
-		answer(m, room, txn, reply);
+		answer(m, c, room, txn, reply);
 	} else if (strcmp(verb, "opt-in") == 0 || strcmp(verb, "opt-out") == 0) {
 		if (!arg[0] || strlen(arg) > 200) {
-			answer(m, room, txn, "Which network? For example: opt-in peer:gk");
+			answer(m, c, room, txn, "Which network? For example: opt-in peer:gk");
 			return;
 		}
 		/* A peer's network, named with or without "peer:": an opt-in for
@@ -303,11 +361,11 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 				 listed ? "The networks here: " : "No network is connected here yet.",
 				 listed ? PQgetvalue(pr, 0, 1) : "");
 			PQclear(pr);
-			answer(m, room, txn, reply);
+			answer(m, c, room, txn, reply);
 			return;
 		}
 		PQclear(pr);
-		if (!change_allowed(m, room, txn, sender))
+		if (!change_allowed(m, c, room, txn, sender))
 			return;
 		const char *params[] = { local_id, net, verb[4] == 'i' ? "t" : "f" };
 		cw_err rc = store_command(c, "INSERT INTO user_optin (identity_id, network, opted_in, updated_by) "
@@ -318,14 +376,14 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 			rc = policy_notify_user(c, local_id, &e);
 		snprintf(reply, sizeof(reply), rc ? "That network name is not valid." : "You are now opted %s for %s.",
 			 verb[4] == 'i' ? "in" : "out", net);
-		answer(m, room, txn, reply);
+		answer(m, c, room, txn, reply);
 	} else if (strcmp(verb, "report") == 0) {
 		char kind[8], subject[700];
 		if (!subject_of(m, c, arg, kind, subject, sizeof(subject)) || strcmp(kind, "user") != 0) {
-			answer(m, room, txn, "Whom? Give the address (mimi://...) or the bridged user's Matrix id.");
+			answer(m, c, room, txn, "Whom? Give the address (mimi://...) or the bridged user's Matrix id.");
 			return;
 		}
-		if (!change_allowed(m, room, txn, sender))
+		if (!change_allowed(m, c, room, txn, sender))
 			return;
 		const struct policy_report rep = { .reporter_kind = "local_user", .reporter = uri, .subject = subject,
 						   .reason = "abuse", .comment = rest[0] ? rest : NULL };
@@ -346,11 +404,11 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 		if (!store_end(c, rc, &e))
 			return;
 		if (PQstatus(c) == CONNECTION_OK) /* else the command runs again, or its notice tells */
-			answer(m, room, txn, "The report could not be stored; try again.");
+			answer(m, c, room, txn, "The report could not be stored; try again.");
 	} else if (strcmp(verb, "list") == 0) {
 		cmd_list(m, c, room, txn, local_id);
 	} else {
-		answer(m, room, txn, help_text);
+		answer(m, c, room, txn, help_text);
 	}
 }
 
@@ -437,8 +495,8 @@ static bool invited(struct matrix *m, PGconn *c, const char *room, const char *s
 	if (others < 0)
 		return true;
 	if (others) {
-		say(m, room, "I take commands in a room of your own with me (open a direct room with me there); "
-			     "this one is a bridged conversation, or others are in it.");
+		say_leaving(m, room, NULL, "I take commands in a room of your own with me (open a direct room with me "
+					   "there); this one is a bridged conversation, or others are in it.");
 		if (!group && mx_room_action(m, room, NULL, "leave", &e))
 			LOG_KV_LIMITED(CW_LOG_WARN, "the bot cannot leave", "room", room, "detail", e.msg);
 		return false;
@@ -456,11 +514,11 @@ static bool invited(struct matrix *m, PGconn *c, const char *room, const char *s
 		LOG_KV(CW_LOG_WARN, "cannot record a management room", "detail", e.msg);
 		return false;
 	}
-	say(m, room, help_text);
+	say(m, c, room, help_text);
 	if (PQntuples(r) == 1) {
 		const char *old = PQgetvalue(r, 0, 0);
-		say(m, old, "You opened a new room with me: I take your commands there from now on, "
-			    "and leave this one.");
+		say_leaving(m, old, NULL, "You opened a new room with me: I take your commands there from now on, "
+					  "and leave this one.");
 		if (mx_room_action(m, old, NULL, "leave", &e))
 			LOG_KV_LIMITED(CW_LOG_WARN, "the bot cannot leave a management room taken over by a new one",
 				       "room", old, "detail", e.msg);
@@ -472,7 +530,7 @@ static bool invited(struct matrix *m, PGconn *c, const char *room, const char *s
 /* The ghost says why it goes (a notice), and leaves the room. */
 static void ghost_says_and_leaves(struct matrix *m, const char *room, const char *ghost, const char *why)
 {
-	say_as(m, room, ghost, why);
+	say_leaving(m, room, ghost, why);
 	cw_errmsg e;
 	if (mx_room_action(m, room, ghost, "leave", &e))
 		LOG_KV_LIMITED(CW_LOG_WARN, "the ghost cannot leave", "room", room, "detail", e.msg);
@@ -556,7 +614,9 @@ static void dead_letters(PGconn *c)
  * up after a day, or at once when the homeserver refuses it for good: a
  * 403 (the room was unbound, and its ghost or the bot is out of it) or a
  * 404 (no such room) is the same on every retry.  (A 401 is not final: a
- * wrong as_token is the operator's to fix.) */
+ * wrong as_token is the operator's to fix.)  One the homeserver answers
+ * 429 is given back, due when it asks, the try not counted (say_txn says
+ * why it is not waited for). */
 static void notices(struct matrix *m, PGconn *c)
 {
 	PGresult *r = PQexec(c,
@@ -566,9 +626,7 @@ static void notices(struct matrix *m, PGconn *c)
 		"t AS (UPDATE matrix_notices x SET tries = x.tries + 1, "
 		"  next_at = now() + least(power(2, x.tries + 1), 600) * interval '1 second' FROM d WHERE x.id = d.id "
 		"  RETURNING x.id, x.room_id, x.body, x.created_at < now() - interval '1 day' AS stale) "
-		"SELECT t.id, t.room_id, t.body, t.stale, (SELECT ib.native_id FROM room_bindings b "
-		"  JOIN identity_bindings ib ON ib.identity_id = b.remote_identity_id AND ib.network = 'matrix' "
-		"  WHERE b.network = 'matrix' AND b.native_id = t.room_id LIMIT 1) FROM t ORDER BY t.id");
+		"SELECT t.id, t.room_id, t.body, t.stale, " NOTICE_SENDER_SQL("t.room_id") " FROM t ORDER BY t.id");
 	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
 		PQclear(r);
 		return;
@@ -577,9 +635,21 @@ static void notices(struct matrix *m, PGconn *c)
 		const char *id = PQgetvalue(r, i, 0), *room = PQgetvalue(r, i, 1);
 		char txn[48];
 		snprintf(txn, sizeof(txn), "cwnotice-%s", id);
-		long status = 0;
+		long status = 0, wait = 0;
 		bool sent = say_txn(m, room, PQgetisnull(r, i, 4) ? NULL : PQgetvalue(r, i, 4), PQgetvalue(r, i, 2), txn,
-				    &status);
+				    &status, &wait);
+		if (!sent && status == 429 && PQgetvalue(r, i, 3)[0] != 't') {
+			char ms[24];
+			snprintf(ms, sizeof(ms), "%ld", wait);
+			const char *p[] = { id, ms };
+			cw_errmsg e;
+			if (store_command(c, "UPDATE matrix_notices SET tries = tries - 1, "
+					     "next_at = now() + $2::bigint * interval '1 millisecond' WHERE id = $1::bigint",
+					  2, p, &e))
+				LOG_KV(CW_LOG_WARN, "cannot give back a rate-limited notice: tried again later", "detail",
+				       e.msg);
+			continue;
+		}
 		bool refused = !sent && (status == 403 || status == 404);
 		if (refused)
 			LOG_KV_LIMITED(CW_LOG_WARN, "a notice for a Matrix user is given up: the homeserver refuses it",
@@ -840,7 +910,7 @@ static void missed_messages(struct matrix *m, PGconn *c, const char *room, const
 		snprintf(text, sizeof(text),
 			 "%ld message%s you wrote here while I was joining did not reach me: please write %s again.",
 			 lost, lost == 1 ? "" : "s", lost == 1 ? "it" : "them");
-		say_as(m, room, ghost, text);
+		say_as(m, c, room, ghost, text);
 	}
 }
 
@@ -1080,7 +1150,7 @@ static void local_invited(struct matrix *m, PGconn *c, const char *room, const c
 			break;
 	}
 	if (k < n)
-		say_as(m, room, PQgetisnull(ar, k, 0) ? NULL : PQgetvalue(ar, k, 0), text);
+		say_as(m, c, room, PQgetisnull(ar, k, 0) ? NULL : PQgetvalue(ar, k, 0), text);
 	else
 		LOG_KV_LIMITED(CW_LOG_WARN, "an invitation cannot be taken back", "room", room, "user", invitee);
 	if (added && k < n && !PQgetisnull(ar, k, 0))
@@ -1324,7 +1394,8 @@ static void name_for_line(const char *name, char *out, size_t len)
  * homeserver did not take stays unshown (the user sees it in the
  * management room they open next, if theirs is gone), and is tried again
  * half a minute later (*after_us: when, on the monotonic clock), with the
- * same transaction id. */
+ * same transaction id; after a 429, when the homeserver asks, the rest
+ * then too. */
 static void requests(struct matrix *m, PGconn *c, int64_t *after_us)
 {
 	if (cw_now_us() < *after_us)
@@ -1349,8 +1420,13 @@ static void requests(struct matrix *m, PGconn *c, int64_t *after_us)
 			 PQgetvalue(r, i, 2), PQgetvalue(r, i, 2));
 		char txn[48];
 		snprintf(txn, sizeof(txn), "cwreq-%s", PQgetvalue(r, i, 0));
-		if (!say_txn(m, PQgetvalue(r, i, 1), NULL, text, txn, NULL)) {
-			*after_us = cw_now_us() + 30 * 1000000LL;
+		long status, wait;
+		if (!say_txn(m, PQgetvalue(r, i, 1), NULL, text, txn, &status, &wait)) {
+			int64_t until = cw_now_us() + (status == 429 ? wait * 1000LL : 30 * 1000000LL);
+			if (until > *after_us)
+				*after_us = until;
+			if (status == 429)
+				break; /* the others are the bot's too, limited as much */
 			continue;
 		}
 		const char *id[] = { PQgetvalue(r, i, 0) };

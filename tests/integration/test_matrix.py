@@ -3240,7 +3240,9 @@ def test_a_rate_limited_bot_is_waited_for_too(make_daemon, db_url, pg):
     it); one that says true limits the bot like the ghosts (until the
     thirtieth session the stand-in never limited the bot, and a 429 to the
     bot's answer lost the answer). Alice's three commands in a row, at one
-    event a second: each answered, the 429s waited out."""
+    event a second: each answered once, a limited answer queued and sent
+    when the homeserver asks (since the thirty-first session; in the
+    thirtieth the bot slept the 429s out)."""
     hs, srv = rate_limited_homeserver()
     try:
         d, a = limited_gateway(make_daemon, db_url, hs, srv, (1.0, 1))
@@ -3257,6 +3259,57 @@ def test_a_rate_limited_bot_is_waited_for_too(make_daemon, db_url, pg):
         assert limited, "the homeserver never limited the bot: the test shows nothing"
         time.sleep(1)
         assert len([t for t in said() if t.startswith("Nothing yet")]) == 3
+    finally:
+        srv.close()
+        hs.close()
+
+
+def test_a_rate_limited_notice_is_given_back_not_waited_for(make_daemon, db_url, pg):
+    """A notice row the homeserver answers 429 is given back, due again
+    when the answer says (retry_after_ms), and the bot goes on with its
+    other work meanwhile: until the thirty-first session it slept the
+    wait out (up to 4 times 10 s) with every other row claimed in its
+    batch, the inbox's commands and invitations waiting behind it. Each
+    notice reaches the room once."""
+    hs, srv = rate_limited_homeserver()
+    try:
+        d, a = limited_gateway(make_daemon, db_url, hs, srv, None)
+        alice, mgmt, said = alice_and_the_bot(hs)
+        bob = hs.as_user(hs.create_user("bob")[1])
+        room2 = bob.create_room(preset="trusted_private_chat", is_direct=True)
+        bot = "@_cw_bot:example.org"
+        hs.rc_message = (0.2, 1)  # one event in 5 s for each sender, the bot's too
+        texts = [f"A notice, number {k}." for k in range(3)]
+        pg.psql("INSERT INTO matrix_notices (room_id, body) VALUES " +
+                ", ".join(f"('{mgmt}', '{t}')" for t in texts) + "; NOTIFY causeway_matrix_bot", db_url)
+
+        def notice_429s():
+            return [q for q in hs.requests if q["user"] == bot and q["status"] == 429 and "/cwnotice-" in q["path"]]
+        wait_until(lambda: notice_429s(), timeout=15, what="a notice limited")
+        bob.invite(room2, bot)  # bob's management room
+        t0 = time.monotonic()
+        wait_until(lambda: hs.members(room2).get(bot) == "join", timeout=10, what="the bot joining")
+        assert time.monotonic() - t0 < 2.5, "the bot's other work waited behind a limited notice"
+        wait_until(lambda: all(t in said() for t in texts), timeout=45, what="the notices")
+        bobs = lambda: [e["content"]["body"] for e in hs.events(room2)  # noqa: E731
+                        if e["type"] == "m.room.message" and e["sender"] == bot]
+        wait_until(lambda: any("Commands" in n for n in bobs()), timeout=30, what="bob's help, limited")
+        wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_notices", db_url) == "0", what="the rows gone")
+        for t in texts:
+            assert said().count(t) == 1, said()
+        assert len(bobs()) == 1, bobs()
+        assert any(q["user"] == bot and q["status"] == 429 and "/cwbot-" in q["path"] for q in hs.requests), \
+            "bob's help was not limited: the test shows nothing of a notice queued"
+        # each try after a 429 came no sooner than the 429 asked
+        paths = collections.defaultdict(list)
+        for q in hs.requests:
+            if q["user"] == bot and "/cwnotice-" in q["path"]:
+                paths[q["path"]].append(q)
+        for tries in paths.values():
+            assert [q["status"] for q in tries].count(200) == 1, tries
+            for q, nxt in zip(tries, tries[1:]):
+                if q["status"] == 429:
+                    assert nxt["time"] - q["time"] >= q["answer"]["retry_after_ms"] / 1000 - 0.1, tries
     finally:
         srv.close()
         hs.close()
