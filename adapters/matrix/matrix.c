@@ -764,13 +764,16 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 	json_t *ev;
 	json_array_foreach(t->nul, i, ev) {
 		const char *room = json_string_value(json_object_get(ev, "room_id"));
+		bool big = mx_json_number_out_of_range(ev); /* else a NUL in a string or a key (mx_json_load) */
 		t->conv_invalid++;
 		LOG_KV_LIMITED(CW_LOG_INFO, "matrix event refused", "event_id",
-			       json_string_value(json_object_get(ev, "event_id")), "detail", "a string holds a NUL");
+			       json_string_value(json_object_get(ev, "event_id")), "detail",
+			       big ? "a number past a double's range" : "a string or a key holds a NUL");
 		const char *sender = json_string_value(json_object_get(ev, "sender"));
 		if (json_object_get(t->rooms, room) && lookup_map(t->senders, sender) && told_when_refused(ev))
 			refusal(t->refusals, room, json_string_value(json_object_get(ev, "event_id")),
-				"it holds the character U+0000 (NUL), which this gateway cannot store");
+				big ? "it holds a number too large for this gateway to read"
+				    : "it holds the character U+0000 (NUL), which this gateway cannot store");
 	}
 	json_array_foreach(t->events, i, ev) {
 		const char *room = json_string_value(json_object_get(ev, "room_id"));
@@ -1345,8 +1348,9 @@ static struct txn *txn_new(struct cw_app *app, const char *txn_id, const unsigne
 			t->ignored++;
 			continue;
 		}
-		/* A NUL elsewhere (the content: Synapse takes and sends it):
-		 * PostgreSQL stores none, in jsonb or text, so the event is
+		/* A NUL elsewhere (the content: Synapse takes and sends it; in a
+		 * key too), or a number past a double's range (mx_json_load):
+		 * PostgreSQL stores no NUL, in jsonb or text, so the event is
 		 * refused here, on its own, its writer told (txn_convert);
 		 * nothing of it reaches a statement. */
 		if (mx_json_has_nul(ev)) {
@@ -1486,8 +1490,9 @@ void matrix_as_transaction(struct cw_req *req, void *ctx)
 	size_t len;
 	const char *body = cw_req_body(req, &len);
 	json_error_t jerr;
-	/* An event holding what jansson reads only when asked (a NUL, an
-	 * integer past 64 bits) is that event's trouble (txn_new), not the
+	/* An event holding what jansson reads only when asked or put right
+	 * (a NUL, in a key too, a number past 64 bits or a double's range:
+	 * mx_json_load) is that event's trouble (txn_new), not the
 	 * transaction's: the homeserver sends a refused transaction again for
 	 * ever, and every later one waits behind it. */
 	json_t *doc = mx_json_load(body, len, JSON_REJECT_DUPLICATES, &jerr);

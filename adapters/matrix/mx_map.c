@@ -1711,64 +1711,162 @@ bool mx_media_info(const json_t *ev, struct mx_media *out)
 
 /* ------------------------------------------------------------ reading JSON */
 
-/* An integer again if the real is one within int64 (the fallback parse of
- * mx_json_load made every number a real); NULL otherwise. */
-static json_t *integral(const json_t *x)
-{
-	double d = json_real_value(x);
-	if (!(d >= -9223372036854775808.0 && d < 9223372036854775808.0))
-		return NULL;
-	json_int_t i = (json_int_t)d;
-	return (double)i == d ? json_integer(i) : NULL;
-}
+/* What mx_json_load puts in the place of what jansson cannot read: a
+ * number past a double's range becomes this string (a NUL in it, so that
+ * mx_json_has_nul finds it, and what follows telling it apart), a key that
+ * holds a NUL a key of KEY_MARK and a number of its own (keys are C
+ * strings in jansson, and must be unique in their object). */
+#define NUMBER_MARK "\\u0000cw:number-out-of-range"
+#define NUMBER_MARK_TEXT "\0cw:number-out-of-range"
+#define KEY_MARK_NAME "cw:unreadable:"
+#define KEY_MARK "\001" KEY_MARK_NAME
+#define LOAD_PATCHES_MAX 64
 
-static void reals_to_integers(json_t *v)
+/* Whether the key token that ends at end (after its closing quote) in
+ * buf starts at *start (its opening quote): the first quote before it not
+ * escaped (preceded by an even number of backslashes). */
+static bool key_token(const char *buf, size_t end, size_t *start)
 {
-	size_t i;
-	const char *k;
-	json_t *x, *n;
-	void *tmp;
-	if (json_is_object(v)) {
-		json_object_foreach_safe(v, tmp, k, x) {
-			if (json_is_real(x) && (n = integral(x)))
-				json_object_set_new(v, k, n);
-			else
-				reals_to_integers(x);
-		}
-	} else if (json_is_array(v)) {
-		json_array_foreach(v, i, x) {
-			if (json_is_real(x) && (n = integral(x)))
-				json_array_set_new(v, i, n);
-			else
-				reals_to_integers(x);
+	if (end < 2 || buf[end - 1] != '"')
+		return false;
+	for (size_t i = end - 1; i-- > 0;) {
+		if (buf[i] != '"')
+			continue;
+		size_t bs = 0;
+		while (bs < i && buf[i - 1 - bs] == '\\')
+			bs++;
+		if (bs % 2 == 0) {
+			*start = i;
+			return true;
 		}
 	}
+	return false;
+}
+
+/* Whether the JSON string token buf[start, end) names a key of KEY_MARK
+ * (a mark of mx_json_load's, or a key written so). */
+static bool key_is_mark(const char *buf, size_t start, size_t end)
+{
+	json_error_t e;
+	json_t *k = json_loadb(buf + start, end - start, JSON_DECODE_ANY, &e);
+	bool mark = json_is_string(k) && strncmp(json_string_value(k), KEY_MARK, strlen(KEY_MARK)) == 0;
+	json_decref(k);
+	return mark;
+}
+
+/* What takes the place of the token that jansson's error err (at its end,
+ * err->position, in buf) is about: *start its beginning, with its new text
+ * in out; false when the error is none of these (the body is refused). */
+static bool patch_for(const char *buf, size_t n, const json_error_t *err, unsigned *marks, size_t *start, char *out,
+		      size_t outlen)
+{
+	size_t end = (size_t)err->position;
+	if (err->position < 0 || end > n)
+		return false;
+	switch (json_error_code(err)) {
+	case json_error_numeric_overflow: { /* an integer past 64 bits, a number past a double's range */
+		size_t s = end;
+		while (s > 0 && strchr("0123456789+-.eE", buf[s - 1]))
+			s--;
+		if (s == end || !(buf[s] == '-' || (buf[s] >= '0' && buf[s] <= '9')))
+			return false;
+		*start = s;
+		if (memchr(buf + s, '.', end - s) || memchr(buf + s, 'e', end - s) || memchr(buf + s, 'E', end - s) ||
+		    end - s + 3 > outlen)
+			snprintf(out, outlen, "\"%s\"", NUMBER_MARK);
+		else /* the integer, as a real: the odd number alone read as one */
+			snprintf(out, outlen, "%.*s.0", (int)(end - s), buf + s);
+		return true;
+	}
+	case json_error_null_byte_in_key:
+		break;
+	case json_error_duplicate_key: /* a key of the mark's text, beside one mx_json_load made */
+		if (!key_token(buf, end, start) || !key_is_mark(buf, *start, end))
+			return false;
+		break;
+	default:
+		return false;
+	}
+	if (!key_token(buf, end, start))
+		return false;
+	snprintf(out, outlen, "\"\\u0001" KEY_MARK_NAME "%u\"", (*marks)++);
+	return true;
 }
 
 json_t *mx_json_load(const char *body, size_t len, size_t flags, json_error_t *err)
 {
 	json_t *v = json_loadb(body, len, flags | JSON_ALLOW_NUL, err);
-	if (v || json_error_code(err) != json_error_numeric_overflow)
-		return v;
-	v = json_loadb(body, len, flags | JSON_ALLOW_NUL | JSON_DECODE_INT_AS_REAL, err);
-	reals_to_integers(v);
+	char *buf = NULL;
+	size_t n = len;
+	unsigned marks = 0;
+	for (int k = 0; !v && k < LOAD_PATCHES_MAX; k++) {
+		const char *cur = buf ? buf : body;
+		char with[2400];
+		size_t start;
+		/* an integer's digits past 2400 are past a double's range too: the mark */
+		if (!patch_for(cur, n, err, &marks, &start, with, sizeof(with)))
+			break;
+		size_t end = (size_t)err->position, wn = strlen(with);
+		char *next = malloc(n - (end - start) + wn);
+		if (!next)
+			break;
+		memcpy(next, cur, start);
+		memcpy(next + start, with, wn);
+		memcpy(next + start + wn, cur + end, n - end);
+		n = n - (end - start) + wn;
+		free(buf);
+		buf = next;
+		v = json_loadb(buf, n, flags | JSON_ALLOW_NUL, err);
+	}
+	free(buf);
 	return v;
 }
 
-bool mx_json_has_nul(const json_t *v)
+/* Whether hit holds for v or anything in it, at any depth. */
+static bool json_any(const json_t *v, bool (*hit)(const json_t *))
 {
 	size_t i;
 	const char *k;
 	json_t *x;
-	if (json_is_string(v))
-		return strlen(json_string_value(v)) != json_string_length(v);
+	if (hit(v))
+		return true;
 	if (json_is_object(v))
 		json_object_foreach((json_t *)v, k, x)
-			if (mx_json_has_nul(x))
+			if (json_any(x, hit))
 				return true;
 	if (json_is_array(v))
 		json_array_foreach(v, i, x)
-			if (mx_json_has_nul(x))
+			if (json_any(x, hit))
 				return true;
 	return false;
+}
+
+/* A string with a NUL, or an object with a key that held one (KEY_MARK). */
+static bool nul_here(const json_t *v)
+{
+	if (json_is_string(v))
+		return strlen(json_string_value(v)) != json_string_length(v);
+	const char *k;
+	json_t *x;
+	if (json_is_object(v))
+		json_object_foreach((json_t *)v, k, x)
+			if (strncmp(k, KEY_MARK, strlen(KEY_MARK)) == 0)
+				return true;
+	return false;
+}
+
+static bool number_mark_here(const json_t *v)
+{
+	return json_is_string(v) && json_string_length(v) == sizeof(NUMBER_MARK_TEXT) - 1 &&
+	       memcmp(json_string_value(v), NUMBER_MARK_TEXT, sizeof(NUMBER_MARK_TEXT) - 1) == 0;
+}
+
+bool mx_json_number_out_of_range(const json_t *v)
+{
+	return json_any(v, number_mark_here);
+}
+
+bool mx_json_has_nul(const json_t *v)
+{
+	return json_any(v, nul_here);
 }

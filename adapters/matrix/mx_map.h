@@ -221,23 +221,33 @@ bool mx_media_info(const json_t *ev, struct mx_media *out);
 /* A homeserver's JSON body (a transaction, an answer) read with jansson
  * (flags: json_loadb's, JSON_ALLOW_NUL added) so that what is valid JSON
  * but only some events' trouble fails those events alone, never the whole
- * body: a NUL in a string is read (json_string_length tells it;
- * mx_json_has_nul finds it), and a body holding an integer past 64 bits
- * (room versions 1 to 5 allow any JSON number) is read again with every
- * number as a real, and each real that is integral and within int64 made
- * an integer again: only the out-of-range number stays a real, where its
- * event expects an integer (refused then) or carries content.  In that
- * second reading an integer past 2^53 of another event of the body loses
- * its low bits (a double's precision), and a written real such as 1.0
- * becomes the integer 1.  Still refused, whole (NULL, err says why): not
- * JSON, a NUL in an object's key (jansson's keys are C strings), a number
- * past a double's range (1e400), and what flags refuse.  err: not NULL. */
+ * body.  A NUL in a string is read (json_string_length tells it;
+ * mx_json_has_nul finds it).  What jansson refuses even so is put right
+ * where jansson says it is (the error's position: the token's end), and
+ * the body read again, up to 64 times: an integer past 64 bits (room
+ * versions 1 to 5 allow any JSON number) is read as a real, that one
+ * alone (carried where it is mere content, refused with its event where
+ * an integer is needed); a number past a double's range (1e400) becomes a
+ * string with a NUL (mx_json_number_out_of_range tells it), and a key with
+ * a NUL (jansson keeps keys as C strings) a key of a mark's own (beside a
+ * key written as that mark too: another), both found by mx_json_has_nul,
+ * so that their event is refused alone.  Until the thirty-first session
+ * an integer past 64 bits made the whole body read again with every
+ * number as a real (another event's integer past 2^53 lost its low bits),
+ * and the other two failed the whole body.  Still refused, whole (NULL,
+ * err says why): not JSON, what flags refuse (a duplicate key), a body
+ * needing more than 64 readings (one a token; two for an integer past a
+ * double's range, read as a real first).  err: not NULL. */
 json_t *mx_json_load(const char *body, size_t len, size_t flags, json_error_t *err);
 
 /* Whether a string anywhere in v (a value, nested at any depth) holds a
- * NUL: PostgreSQL's jsonb and text cannot store one, and C reads the
- * string only up to it. */
+ * NUL, or a key did (mx_json_load's mark): PostgreSQL's jsonb and text
+ * cannot store one, and C reads the string only up to it. */
 bool mx_json_has_nul(const json_t *v);
+
+/* Whether v holds, at any depth, a number past a double's range (read by
+ * mx_json_load as a string that mx_json_has_nul finds too). */
+bool mx_json_number_out_of_range(const json_t *v);
 
 /* HTML to the subset the Matrix spec recommends (libxml2's HTML parser):
  *   - allowed elements: del h1-h6 blockquote p a ul ol sup sub li b i u

@@ -613,7 +613,8 @@ def test_an_event_a_plain_json_parse_refuses_is_refused_alone(mx, hs, gk, pg, db
     homeserver sends again for ever, holding back all after it. Now only
     that event is refused, nothing of it stored (PostgreSQL cannot store a
     NUL; the bot's inbox neither), its writer told; a number past 64 bits
-    in mere content is carried."""
+    in mere content is carried. Since the thirty-first session so for a
+    NUL in a key and a number past a double's range too."""
     a, srv = gk
     alice, room, ghost = alice_writes_to_wally(hs, a)
     now = int(time.time() * 1000)
@@ -643,11 +644,31 @@ def test_an_event_a_plain_json_parse_refuses_is_refused_alone(mx, hs, gk, pg, db
     assert metrics(mx, "causeway_matrix_events_total")['result="invalid"'] - invalid0 == 3
     # Alice is told of her message that holds a NUL, in the room.
     wait_until(lambda: any("U+0000" in n for n in ghost_notices(hs, room, ghost)), what="the NUL's notice")
-    # Still refused whole, as jansson cannot read them at all: a NUL in an
-    # object's key, a number past a double's range.
-    for k, body in enumerate(['{"events": [{"a\\u0000": 1}]}', '{"events": [{"n": 1e400}]}']):
-        r = put_raw(mx, f"odd-whole{k}", body)
-        assert r.status_code == 400 and r.json()["errcode"] == "M_NOT_JSON", (body, r.text)
+    # What jansson cannot read at all is its event's trouble alone too (since
+    # the thirty-first session; until then the whole transaction was refused
+    # with 400 M_NOT_JSON): a NUL in an object's key, a number past a
+    # double's range; each refused and told, the event after them carried.
+    keyed = msg("$nulkey", "nul key")
+    keyed["content"]["@KEY@"] = 1
+    huge = msg("$huge", "huge")
+    huge["content"]["n"] = "@HUGE@"
+    raw = json.dumps({"events": [keyed, huge, msg("$after", "after both")]})
+    raw = raw.replace('"@KEY@"', '"a\\u0000"').replace('"@HUGE@"', "1e400")
+    assert '"a\\u0000"' in raw and "1e400" in raw
+    r = put_raw(mx, "odd2", raw)
+    assert r.status_code == 200, r.text
+    got = srv.wait_events(3)
+    assert sorted(e["content"]["parts"][0]["body"] for e in got) == ["after both", "big content", "good one"]
+    stored = pg.psql("SELECT string_agg(origin_native_id, ',' ORDER BY origin_native_id) FROM events "
+                     "WHERE origin_network = 'matrix'", db_url)
+    assert stored == "$after,$bigc,$good", stored
+    assert metrics(mx, "causeway_matrix_events_total")['result="invalid"'] - invalid0 == 5
+    wait_until(lambda: len([n for n in ghost_notices(hs, room, ghost) if "U+0000" in n]) == 2,
+               what="the NUL key's notice")
+    wait_until(lambda: any("too large" in n for n in ghost_notices(hs, room, ghost)), what="the number's notice")
+    # What is not JSON is still refused whole.
+    r = put_raw(mx, "odd-whole", '{"events": [{"a": 1}')
+    assert r.status_code == 400 and r.json()["errcode"] == "M_NOT_JSON", r.text
 
 
 def test_a_message_holding_a_nul_through_the_homeserver_holds_nothing_back(mx, hs, gk, pg, db_url):

@@ -1327,11 +1327,55 @@ START_TEST(json_load_lenient)
 	ck_assert(json_is_integer(json_array_get(v, 2)));
 	ck_assert(mx_json_has_nul(v));
 	json_decref(v);
-	/* What is still refused whole: not JSON, a duplicate key when asked,
-	 * a NUL in an object's key (jansson keeps keys as C strings), a number
-	 * past a double's range. */
-	static const char *const refused[] = { "{not json", "{\"a\":1,\"a\":2}", "{\"a\\u0000\":1}",
-					       "[1e400]", "[1" };
+	/* The other integers of a body with one past 64 bits are read as
+	 * they are, past 2^53 too (until the thirty-first session the whole
+	 * body was read again with every number a real, and these lost their
+	 * low bits). */
+	const char exact[] = "{\"events\":[{\"n\":-1000000000000000000000000},"
+			     "{\"k\":[9007199254740993,9223372036854775807,-9223372036854775807,1.0]}]}";
+	v = mx_json_load(exact, strlen(exact), JSON_REJECT_DUPLICATES, &err);
+	ck_assert_ptr_nonnull(v);
+	evs = json_object_get(v, "events");
+	ck_assert(json_is_real(json_object_get(json_array_get(evs, 0), "n")));
+	ck_assert(!mx_json_has_nul(json_array_get(evs, 0)));
+	k = json_object_get(json_array_get(evs, 1), "k");
+	ck_assert_int_eq(json_integer_value(json_array_get(k, 0)), 9007199254740993LL);
+	ck_assert_int_eq(json_integer_value(json_array_get(k, 1)), 9223372036854775807LL);
+	ck_assert_int_eq(json_integer_value(json_array_get(k, 2)), -9223372036854775807LL);
+	ck_assert(json_is_real(json_array_get(k, 3)));
+	json_decref(v);
+	/* What jansson cannot read at all, a NUL in an object's key (jansson
+	 * keeps keys as C strings) or a number past a double's range, is its
+	 * event's trouble alone too: the event reads as holding a NUL (a
+	 * number out of range told apart), the others as they are. */
+	static const char *const alone[] = {
+		"{\"events\":[{\"a\\u0000\":1,\"b\":2},{\"c\":3}]}",
+		"{\"events\":[{\"b\":2,\"a\":{\"x\\\\\\\"\\u0000\":[1]}},{\"c\":3}]}",
+		"{\"events\":[{\"n\":1e400,\"b\":2},{\"c\":3}]}",
+		"{\"events\":[{\"n\":-1" "000000000000000000000000000000000000000000000000000000000000000000000000000000000000"
+		"000000000000000000000000000000000000000000000000000000000000000000000000000000000000"
+		"000000000000000000000000000000000000000000000000000000000000000000000000000000000000"
+		"000000000000000000000000000000000000000000000000000000000000000000000000000000000000,\"b\":2},"
+		"{\"c\":3}]}",
+		/* a key of the marker's own text beside a key with a NUL */
+		"{\"events\":[{\"\\u0001cw:unreadable:0\":1,\"a\\u0000\":1,\"b\":2},{\"c\":3}]}",
+	};
+	for (size_t i = 0; i < CW_ARRAY_LEN(alone); i++) {
+		v = mx_json_load(alone[i], strlen(alone[i]), JSON_REJECT_DUPLICATES, &err);
+		ck_assert_msg(v != NULL, "%s: %s", alone[i], err.text);
+		evs = json_object_get(v, "events");
+		ck_assert_msg(mx_json_has_nul(json_array_get(evs, 0)), "%s", alone[i]);
+		ck_assert_msg(mx_json_number_out_of_range(json_array_get(evs, 0)) == (i == 2 || i == 3), "%s", alone[i]);
+		ck_assert_int_eq(json_integer_value(json_object_get(json_array_get(evs, 0), "b")), 2);
+		ck_assert(!mx_json_has_nul(json_array_get(evs, 1)));
+		ck_assert(!mx_json_number_out_of_range(json_array_get(evs, 1)));
+		ck_assert_int_eq(json_integer_value(json_object_get(json_array_get(evs, 1), "c")), 3);
+		json_decref(v);
+	}
+	/* What is still refused whole: not JSON, a duplicate key when asked
+	 * (after a key with a NUL too), an unfinished body. */
+	static const char *const refused[] = { "{not json", "{\"a\":1,\"a\":2}",
+					       "{\"a\\u0000\":1,\"x\":1,\"x\":2}", "[1" };
 	for (size_t i = 0; i < CW_ARRAY_LEN(refused); i++) {
 		v = mx_json_load(refused[i], strlen(refused[i]), JSON_REJECT_DUPLICATES, &err);
 		ck_assert_msg(v == NULL, "%s", refused[i]);
