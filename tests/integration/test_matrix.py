@@ -3336,6 +3336,40 @@ def test_a_rate_limited_notice_is_given_back_not_waited_for(make_daemon, db_url,
         hs.close()
 
 
+def test_an_xmpp_users_opt_in_beside_the_matrix_adapter_makes_her_an_xmpp_user(make_daemon, db_url, pg, hs,
+                                                                              tmp_path):
+    """Whether a local user an opt-in makes gets the network of the adapter
+    she is a user of (the XMPP component shows consent requests only to
+    local users of network xmpp): a daemon with both adapters does not
+    start (one local network per daemon, docs/architecture-decisions.md
+    14), and two daemons, one per network, on one database (docs/xmpp.md)
+    each make the users of its own domain with its own network, the other
+    domain's refused. Looked at in the thirty-first session: no bug."""
+    # One daemon with both: refused, before the database is touched.
+    both = tmp_path / "both.ini"
+    both.write_text(f"[database]\nurl = {db_url}\n[server]\ndomain = example.org\n"
+                    f"[matrix]\nhomeserver_url = {hs.url}\nas_token = {AS_TOKEN}\nhs_token = {HS_TOKEN}\n"
+                    "[xmpp]\ncomponents = gk.xmpp.example=gk\nsecret = s\n")
+    r = subprocess.run([CAUSEWAYD, "--check-config", str(both)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "a daemon serves one local network" in r.stderr, r.stderr
+    # Two daemons, one database: Matrix users at example.org, XMPP users at xmpp.example.
+    mx = start_mx(make_daemon, db_url, hs)
+    add_gk(mx)[1].close()
+    xd = make_daemon(db_url, options={"server": {"domain": "xmpp.example"},
+                                      "xmpp": {"components": "gk.xmpp.example=gk", "secret": "s",
+                                               "server_port": str(free_port())}}).start()
+    alice, bob = "mimi://xmpp.example/u/alice", "mimi://example.org/u/bob"
+    for d, user in ((xd, alice), (mx, bob)):
+        r = d.admin("POST", "/optins", json={"user": user, "network": "peer:gk", "opted_in": True})
+        assert r.status_code == 200, r.text
+    for d, user in ((mx, alice), (xd, bob)):
+        r = d.admin("POST", "/optins", json={"user": user, "network": "peer:gk", "opted_in": True})
+        assert r.status_code == 400 and "this provider's domain" in r.text, r.text
+    got = pg.psql("SELECT string_agg(uri || '=' || network || '/' || is_local, ',' ORDER BY uri) FROM identities "
+                  "WHERE uri IN ('mimi://xmpp.example/u/alice', 'mimi://example.org/u/bob')", db_url)
+    assert got == "mimi://example.org/u/bob=matrix/true,mimi://xmpp.example/u/alice=xmpp/true", got
+
+
 def metrics_plain(d, name):
     m = re.search(r"^" + name + r" (\S+)$", d.get("/metrics").text, re.M)
     return float(m.group(1)) if m else None
