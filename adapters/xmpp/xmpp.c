@@ -14,6 +14,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 #include <netinet/in.h>
@@ -829,6 +830,27 @@ void xa_send_kept(struct xcomp *xc, xmpp_stanza_t *st)
 	if (buf)
 		xmpp_free(xc->ctx, buf);
 	xmpp_stanza_release(st);
+}
+
+void xa_notice(struct xcomp *xc, enum xa_write how, const char *to, const char *fmt, ...)
+{
+	xmpp_ctx_t *ctx = how == XA_QUEUED ? xa_thread_ctx(xc->x) : xc->ctx;
+	xmpp_stanza_t *m = ctx ? xmpp_message_new(ctx, "chat", to, NULL) : NULL;
+	if (!m)
+		return;
+	char text[2 * XJ_JID_MAX + 700];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(text, sizeof(text), fmt, ap);
+	va_end(ap);
+	xmpp_stanza_set_from(m, xc->domain);
+	xmpp_message_set_body(m, text);
+	if (how == XA_QUEUED)
+		xa_enqueue_stanza(xc, m);
+	else if (how == XA_NOW)
+		xa_send_now(xc, m);
+	else
+		xa_send_kept(xc, m);
 }
 
 /* After a reconnect: what was written in the window before the break, or

@@ -16,7 +16,6 @@
 #include <jansson.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
-#include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -480,29 +479,6 @@ static void xconsent_free(struct xconsent *j)
 	free(j);
 }
 
-/* A chat message from the component's domain to the user's bare JID:
- * written now (on the stream's thread) or queued. */
-static void notice_to(struct xcomp *xc, bool now, const char *to, const char *fmt, ...)
-	__attribute__((format(printf, 4, 5)));
-static void notice_to(struct xcomp *xc, bool now, const char *to, const char *fmt, ...)
-{
-	xmpp_ctx_t *ctx = now ? xc->ctx : xa_thread_ctx(xc->x);
-	xmpp_stanza_t *m = ctx ? xmpp_message_new(ctx, "chat", to, NULL) : NULL;
-	if (!m)
-		return;
-	char text[2 * XJ_JID_MAX + 600];
-	va_list ap;
-	va_start(ap, fmt);
-	vsnprintf(text, sizeof(text), fmt, ap);
-	va_end(ap);
-	xmpp_stanza_set_from(m, xc->domain);
-	xmpp_message_set_body(m, text);
-	if (now)
-		xa_send_kept(xc, m);
-	else
-		xa_enqueue_stanza(xc, m);
-}
-
 static void consent_done(void *arg, cw_err rc, const cw_errmsg *e)
 {
 	struct xconsent *j = arg;
@@ -538,13 +514,13 @@ static void consent_done(void *arg, cw_err rc, const cw_errmsg *e)
 		presence_to(j->xc, false, j->remote_jid, j->local_bare, NULL, NULL, j->remote_id); /* with the avatar */
 	} else if (j->verb == V_SUBSCRIBE) {
 		presence_to(j->xc, false, j->remote_jid, j->local_bare, "unsubscribed", NULL, NULL);
-		notice_to(j->xc, false, j->local_bare,
+		xa_notice(j->xc, XA_QUEUED, j->local_bare,
 			  "%s is blocked: adding it to your contacts does not unblock it, and its messages and yours "
 			  "stay refused. To unblock it, use this gateway's accept command.",
 			  j->remote_jid);
 	}
 	if (!rc && j->kept)
-		notice_to(j->xc, false, j->local_bare,
+		xa_notice(j->xc, XA_QUEUED, j->local_bare,
 			  "%s stays accepted: removing a contact, or refusing it once accepted, does not block it. "
 			  "To block it, use this gateway's block command.",
 			  j->remote_jid);
@@ -641,7 +617,7 @@ void xa_presence(struct xcomp *xc, xmpp_stanza_t *st)
 		/* Not recorded, and said (a presence error to the bare JID the
 		 * user's server stamped would be dropped). */
 		if (notice)
-			notice_to(xc, true, bare,
+			xa_notice(xc, XA_NOW_KEPT, bare,
 				  "You made too many contact decisions in a short time: your %s of %s was not recorded. "
 				  "Try again in a minute.",
 				  type[0] == 's' ? "approval" : "refusal", j->remote_jid);
@@ -918,7 +894,7 @@ void xa_requests(struct xcomp *xc, PGconn *c)
 		presence_to(xc, true, remote, local, "subscribe", nick, NULL);
 		if (PQgetvalue(r, i, 5)[0] == 't') {
 			/* now: kept for a re-send, for it is marked sent below */
-			notice_to(xc, true, local,
+			xa_notice(xc, XA_NOW_KEPT, local,
 				  "%s%s%s (%s, network %s) wants to write to you. Their messages wait until you answer: "
 				  "approve their contact request to accept them, deny it to block them (or use this "
 				  "gateway's commands). The conversation is bridged: end-to-end encryption ends at "

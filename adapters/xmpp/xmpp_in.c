@@ -676,20 +676,12 @@ static const json_t *no_reactions(void *ctx, const char *msg)
 /* The component itself was written to: it only explains itself. */
 static void to_component(struct xcomp *xc, xmpp_stanza_t *st)
 {
-	xmpp_stanza_t *body = xmpp_stanza_get_child_by_name(st, "body");
-	if (!body)
-		return;
-	xmpp_stanza_t *m = xmpp_message_new(xc->ctx, "chat", xmpp_stanza_get_from(st), NULL);
-	if (!m)
-		return;
-	xmpp_stanza_set_from(m, xc->domain);
-	char text[3 * XJ_PART_MAX + 400];
-	snprintf(text, sizeof(text),
-		 "This is the Causeway gateway to %s. Write to a contact as <their id>@%s. Your consent list is in "
-		 "this service's commands (ad-hoc commands: list, accept, block, opt-in, opt-out, report).",
-		 xc->peer, xc->domain);
-	xmpp_message_set_body(m, text);
-	xa_send_now(xc, m);
+	if (xmpp_stanza_get_child_by_name(st, "body"))
+		xa_notice(xc, XA_NOW, xmpp_stanza_get_from(st),
+			  "This is the Causeway gateway to %s. Write to a contact as <their id>@%s. Your consent list "
+			  "is in this service's commands (ad-hoc commands: list, accept, block, opt-in, opt-out, "
+			  "report).",
+			  xc->peer, xc->domain);
 }
 
 /* An error answer from the stream's own thread, at once. */

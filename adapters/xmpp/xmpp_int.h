@@ -184,6 +184,17 @@ void xa_send_now(struct xcomp *xc, xmpp_stanza_t *st);
  * changes, a dead letter's telling), which nothing asks for again.  Since
  * the thirtieth session: a break just after lost them for good. */
 void xa_send_kept(struct xcomp *xc, xmpp_stanza_t *st);
+/* How the component writes a stanza of its own: queued (from any thread),
+ * now (xa_send_now: an answer the user asks for again if it is lost), or
+ * now and kept (xa_send_kept: what is then marked as sent). */
+enum xa_write { XA_QUEUED, XA_NOW, XA_NOW_KEPT };
+/* A notice: a chat message from the component's domain to a local user
+ * (their bare JID, or the full JID that wrote), its text made of fmt
+ * (up to 2 JIDs and 700 bytes more).  The component explaining itself,
+ * a consent request's notice and the refusals said to the user
+ * (xmpp_cmd.c), a dead letter's telling (xmpp_out.c). */
+void xa_notice(struct xcomp *xc, enum xa_write how, const char *to, const char *fmt, ...)
+	__attribute__((format(printf, 4, 5)));
 /* A new child element of parent (held by it; NULL when memory runs out). */
 xmpp_stanza_t *xa_child(xmpp_ctx_t *ctx, xmpp_stanza_t *parent, const char *name, const char *ns);
 /* XEP-0030 disco#info: an identity (name may be NULL) and features (a

@@ -621,7 +621,7 @@ void xa_dead_letters(struct xcomp *xc, PGconn *c)
 		if ((strcmp(type, "message") != 0 && strcmp(type, "edit") != 0) || PQgetisnull(r, i, 5) ||
 		    PQgetisnull(r, i, 6))
 			continue; /* not a message, or no conversation to say it about */
-		char remote[XJ_JID_MAX + 1], text[600], line[XJ_JID_MAX + 700];
+		char remote[XJ_JID_MAX + 1], text[600];
 		if (!xa_remote_jid(xc, PQgetvalue(r, i, 5), remote, sizeof(remote)))
 			continue;
 		dispatcher_dead_text(text, sizeof(text), PQgetvalue(r, i, 1), PQgetvalue(r, i, 2),
@@ -630,13 +630,7 @@ void xa_dead_letters(struct xcomp *xc, PGconn *c)
 		 * have to go to the full JID that sent the message (the server
 		 * drops an error to a bare JID, RFC 6121), and that resource may
 		 * be long gone. */
-		snprintf(line, sizeof(line), "To %s: %s", remote, text);
-		xmpp_stanza_t *m = xmpp_message_new(xc->ctx, "chat", PQgetvalue(r, i, 6), NULL);
-		if (!m)
-			continue;
-		xmpp_stanza_set_from(m, xc->domain);
-		xmpp_message_set_body(m, line);
-		xa_send_kept(xc, m); /* marked told below: kept for a re-send */
+		xa_notice(xc, XA_NOW_KEPT, PQgetvalue(r, i, 6), "To %s: %s", remote, text); /* marked told below */
 	}
 	PQclear(r);
 	/* Marked told once sent: a mark that did not commit leaves them to

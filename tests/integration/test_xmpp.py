@@ -182,6 +182,23 @@ def test_component_state_and_disco(xd, alice):
     assert bad.error_condition == "not-acceptable"
 
 
+def test_writing_to_the_component_gets_its_explanation(xd, alice):
+    """A message to the component's own JID is answered by the component,
+    from its domain, saying what it is and how to use it; one without a
+    body (a chat state) is not answered."""
+    start = alice.count()
+    alice.send_message(COMP, None, payload="<active xmlns='http://jabber.org/protocol/chatstates'/>")
+    alice.send_message(COMP, "hello?")
+    el = message_from(alice, COMP)
+    assert el.get("from") == COMP and el.get("type") == "chat"
+    assert body(el) == (f"This is the Causeway gateway to gk. Write to a contact as <their id>@{COMP}. Your consent "
+                        "list is in this service's commands (ad-hoc commands: list, accept, block, opt-in, opt-out, "
+                        "report)."), body(el)
+    alice.ping(COMP)  # answered after anything the component wrote before it (one stream, in order)
+    assert len([m for m in alice.stanzas()[start:] if m.tag == q("jabber:client", "message")
+                and m.get("from", "").split("/")[0] == COMP]) == 1
+
+
 def test_wrong_secret_is_reported(make_daemon, db_url, prosody):
     d = make_daemon(db_url, options=daemon_options(prosody, secret="wrong")).start()
     wait_until(lambda: component_state(d)["state"] == "auth_failed", what="the refusal")
