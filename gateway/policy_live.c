@@ -348,7 +348,10 @@ static const char releasable_sql[] =
  * a rule that now stops the sender, $3: [{id, reason, rule}]); rows held
  * past the expiry are expired, also when the user's consent came after it
  * but before a sweep saw it (the sender was shown not_delivered from the
- * expiry on).  Each release or drop is a decision of the policy's in the
+ * expiry on).  Consent requests past their expiry are expired, each
+ * recorded (consent.expire, the local user its subject): the XMPP
+ * component withdraws those it showed from the user's roster
+ * (xa_roster_sync, which follows the audit log).  Each release or drop is a decision of the policy's in the
  * audit log, so that "why" names it.
  * Locks are taken in id order and skipped when held by another sweep, so
  * two daemons never deadlock.  A pending row a dispatcher is claiming is
@@ -394,7 +397,12 @@ static const char sweep_sql[] =
 	"  (SELECT 1 FROM outbox x WHERE x.event_id = e.id AND x.id NOT IN (SELECT id FROM ch) "
 	"   AND x.state NOT IN ('dropped', 'expired'))), "
 	"cr AS (UPDATE consent_requests SET state = 'expired' WHERE state = 'pending' AND expires_at < now() "
-	" AND $2::bigint IS NULL) "
+	" AND $2::bigint IS NULL RETURNING id, local_identity_id, remote_identity_id), "
+	"cra AS (INSERT INTO audit_log (actor, action, subject, details) "
+	" SELECT 'policy', 'consent.expire', l.uri, "
+	"  jsonb_build_object('request', cr.id, 'sender', r.uri, 'by', 'sweep') "
+	" FROM cr JOIN identities l ON l.id = cr.local_identity_id JOIN identities r ON r.id = cr.remote_identity_id "
+	" ORDER BY cr.id) "
 	"SELECT count(*) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'dropped'), "
 	" count(*) FILTER (WHERE state = 'expired') FROM ch";
 

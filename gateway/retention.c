@@ -90,16 +90,18 @@ static const char attempts_sql[] =
  * blocks and reports (their own tables; the report limit counts reports).
  * The one reader that acts on records is the XMPP roster sync
  * (adapters/xmpp/xmpp_cmd.c), which sends the unsubscribes of the
- * operator's consent changes (consent.set) past its component's cursor
- * (xmpp_roster_sync): a change made while the component's stream was
- * down is sent when it is back, so a record some component has not yet
- * passed is kept until it has (the probe: a row per component).  The
- * views (the audit list, a message's "why", the hour's statistics) show
- * what is left.  $1: days, $2: batch. */
+ * operator's consent changes (consent.set) and the withdrawals of
+ * consent requests the policy expired (consent.expire) past its
+ * component's cursor (xmpp_roster_sync): a change made while the
+ * component's stream was down is sent when it is back, so a record some
+ * component has not yet passed is kept until it has (the probe: a row
+ * per component).  The views (the audit list, a message's "why", the
+ * hour's statistics) show what is left.  $1: days, $2: batch. */
 static const char audit_sql[] =
 	"WITH x AS (SELECT a.id FROM audit_log a "
 	"  WHERE a.at < now() - make_interval(days => $1::int) "
-	"  AND NOT (a.action = 'consent.set' AND EXISTS (SELECT 1 FROM xmpp_roster_sync s WHERE s.audit_id < a.id)) "
+	"  AND NOT (a.action IN ('consent.set', 'consent.expire') "
+	"   AND EXISTS (SELECT 1 FROM xmpp_roster_sync s WHERE s.audit_id < a.id)) "
 	"  ORDER BY a.at LIMIT $2::int FOR UPDATE SKIP LOCKED) "
 	"DELETE FROM audit_log d USING x WHERE d.id = x.id";
 

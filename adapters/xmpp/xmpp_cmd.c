@@ -999,7 +999,20 @@ void xa_roster_sync(struct xcomp *xc, PGconn *c)
 		" JOIN identities ri ON ri.id = q.remote_identity_id AND ri.peer_id = p.id "
 		"WHERE a.id > $1::bigint AND a.id <= $2::bigint AND (a.actor = 'admin' OR starts_with(a.actor, 'admin:')) "
 		" AND a.action = 'consent.set' AND starts_with(a.details->>'user', 'mimi://' || $5 || '/u/') "
-		" AND a.details->>'state' = 'allowed' AND a.details->>'requests_decided' <> '0' ORDER BY 3",
+		" AND a.details->>'state' = 'allowed' AND a.details->>'requests_decided' <> '0' "
+		/* a request shown to the user that expired (the policy's sweep
+		 * records it, consent.expire): withdrawn the same way, unless a
+		 * new request of the pair is pending (since the thirty-first
+		 * session) */
+		"UNION ALL SELECT coalesce(lb.native_id, li.localpart || '@' || $4), ri.localpart, a.id, 'withdraw' "
+		"FROM audit_log a JOIN consent_requests q ON q.id = (a.details->>'request')::bigint "
+		"  AND q.state = 'expired' AND q.notified_at IS NOT NULL "
+		" JOIN identities li ON li.id = q.local_identity_id AND li.is_local AND li.network = 'xmpp' "
+		" LEFT JOIN identity_bindings lb ON lb.identity_id = li.id AND lb.network = 'xmpp' "
+		" JOIN identities ri ON ri.id = q.remote_identity_id JOIN peers p ON p.id = ri.peer_id AND p.name = $3 "
+		"WHERE a.id > $1::bigint AND a.id <= $2::bigint AND a.actor = 'policy' AND a.action = 'consent.expire' "
+		" AND NOT EXISTS (SELECT 1 FROM consent_requests n WHERE n.local_identity_id = q.local_identity_id "
+		"  AND n.remote_identity_id = q.remote_identity_id AND n.state = 'pending') ORDER BY 3",
 		5, NULL, params, NULL, NULL, 0);
 	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
 		PQclear(r);

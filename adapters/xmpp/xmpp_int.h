@@ -248,8 +248,9 @@ void xa_requests(struct xcomp *xc, PGconn *c);
  * admin API for a local user and a remote user of this component's peer
  * gets the remote JID's unsubscribe and unsubscribed, and so do the
  * user's contacts of the peer on a block of its whole domain; an accept
- * that decided requests shown to the user withdraws them (unsubscribe).  Changes made while
- * this process did not hold the stream are not looked at. */
+ * that decided requests shown to the user withdraws them (unsubscribe), and
+ * so does the policy's expiry of a request shown (consent.expire).  Changes
+ * made while no process held the stream are seen by the next holder. */
 void xa_roster_sync(struct xcomp *xc, PGconn *c);
 /* A local user's message to this component's peer that became a dead
  * letter is told to them in a chat message from the component's domain

@@ -524,28 +524,32 @@ def test_old_audit_records_are_deleted(make_daemon, db_url, pg, days):
     """retention.audit_days: records older than that go, younger ones stay;
     a consent change an XMPP component has not yet followed into its
     rosters (its cursor in xmpp_roster_sync below the record) stays until
-    it has; 0 (the default) keeps the log for ever."""
+    it has, and so does a consent request's expiry (consent.expire, since
+    the thirty-first session); 0 (the default) keeps the log for ever."""
     d = start(make_daemon, db_url, audit_days=days)
     a, b, rm, srv = peers(d)  # peer.create, twice
     assert d.admin("POST", "/rules", json={"scope": "domain", "pattern": "bad.example", "mode": "deny"}).ok
     followed = consent(d, a, "mallory")
     owed = consent(d, a, "trent")
+    expiry = int(pg.psql("INSERT INTO audit_log (actor, action, subject, details) VALUES ('policy', "
+                         "'consent.expire', 'mimi://example.org/u/alice', '{\"request\": 1}') RETURNING id",
+                         db_url).split()[0])
     # A component that sent the first change's unsubscribes, not yet the
     # second's (its stream is down).
     pg.psql(f"INSERT INTO xmpp_roster_sync (component, audit_id) VALUES ('xmpp.example.org', {followed})", db_url)
     old = audit_ids(pg, db_url)
-    assert {followed, owed} <= old and len(old) >= 5
+    assert {followed, owed, expiry} <= old and len(old) >= 6
     pg.psql("UPDATE audit_log SET at = now() - interval '2 days' WHERE id IN (%s)"
             % ",".join(str(i) for i in old), db_url)
     assert d.admin("POST", "/rules", json={"scope": "domain", "pattern": "worse.example", "mode": "deny"}).ok
     young = audit_ids(pg, db_url) - old
     assert len(young) == 1
     if days:
-        wait_until(lambda: audit_ids(pg, db_url) == young | {owed}, timeout=30, interval=0.2,
+        wait_until(lambda: audit_ids(pg, db_url) == young | {owed, expiry}, timeout=30, interval=0.2,
                    what="the old records deleted")
-        assert int(d.wait_for(lambda r: r.get("msg") == "old data removed")["audit_records"]) == len(old) - 1
-        # Followed now: the change goes too.
-        pg.psql(f"UPDATE xmpp_roster_sync SET audit_id = {owed}", db_url)
+        assert int(d.wait_for(lambda r: r.get("msg") == "old data removed")["audit_records"]) == len(old) - 2
+        # Followed now: the change and the expiry go too.
+        pg.psql(f"UPDATE xmpp_roster_sync SET audit_id = {expiry}", db_url)
         wait_until(lambda: audit_ids(pg, db_url) == young, timeout=30, interval=0.2,
                    what="the followed change deleted")
     else:

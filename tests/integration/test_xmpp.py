@@ -2169,6 +2169,39 @@ def test_accepting_a_request_by_command_withdraws_it_from_the_roster(xd, gk, ali
     assert pg.psql("SELECT state FROM consents WHERE subject = 'mimi://wa.example/u/mallory'", db_url) == "allowed"
 
 
+def test_an_expired_request_is_withdrawn_from_the_roster(xd, gk, alice, pg, db_url):
+    """A consent request shown to the user that expires (the policy's
+    sweep, docs/policy.md) is withdrawn from her roster as an accepted one
+    is: `unsubscribe` from the contact (RFC 6121 §3.3), once, and the
+    expiry is in the audit log. A request still pending stays shown.
+    Until the thirty-first session the expired request stayed shown (and
+    approving it still accepted the contact)."""
+    a, srv = gk
+    eve = "eve@" + COMP
+    requests_to_alice(xd, a, alice, "wally", "eve")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM consent_requests WHERE notified_at IS NOT NULL", db_url) == "2",
+               what="both requests shown")
+    start = alice.count()
+    pg.psql("UPDATE consent_requests q SET created_at = now() - interval '2 days', expires_at = now() - interval '1 s' "
+            "FROM identities i WHERE i.id = q.remote_identity_id AND i.localpart = 'wally'", db_url)
+    alice.wait_for_presence(lambda el: el.get("from", "").split("/")[0] == WALLY_JID
+                            and el.get("type") == "unsubscribe", start=start)
+    assert pg.psql("SELECT i.localpart, q.state FROM consent_requests q JOIN identities i "
+                   "ON i.id = q.remote_identity_id ORDER BY 1", db_url) == "eve|pending\nwally|expired"
+    assert pg.psql("SELECT actor, action, subject, details->>'sender' FROM audit_log "
+                   "WHERE action = 'consent.expire'", db_url) \
+        == "policy|consent.expire|mimi://example.org/u/alice|mimi://wa.example/u/wally"
+    # once: the roster sync past a later record (an opt-in's) withdraws
+    # nothing again, nor eve's request
+    assert xd.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
+    later = pg.psql("SELECT max(id) FROM audit_log WHERE action = 'optin.set'", db_url)
+    wait_until(lambda: pg.psql(f"SELECT audit_id >= {later} FROM xmpp_roster_sync", db_url) == "t",
+               what="the roster sync past a later record")
+    alice.ping(COMP)  # answered after what the component wrote before it
+    assert presence_types(alice, WALLY_JID, start) == ["unsubscribe"]
+    assert presence_types(alice, eve, start) == []
+
+
 def test_adding_a_blocked_contact_is_refused_and_said(xd, gk, alice, pg, db_url):
     """The user's own subscribe to a contact she blocked (or whose network
     she blocked) is answered `unsubscribed`, with a notice saying it is
