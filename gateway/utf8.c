@@ -93,6 +93,47 @@ bool cw_utf8_invisible(unsigned cp)
 	       cp == 0x115F || cp == 0x1160 || cp == 0x3164 || cp == 0xFFA0 || cp == 0x2800;
 }
 
+/* A character that shows as a blank (or, a control, should). */
+static bool blank(unsigned cp)
+{
+	return cp <= 0x20 || (cp >= 0x7F && cp <= 0xA0) || cp == 0x1680 || (cp >= 0x2000 && cp <= 0x200A) ||
+	       cp == 0x2028 || cp == 0x2029 || cp == 0x202F || cp == 0x205F || cp == 0x3000;
+}
+
+/* Until the thirty-first session this was the Matrix adapter's own
+ * (mx_deliver.c), and XMPP showed the name as the peer gave it. */
+void cw_utf8_name_shown(const char *name, char *out, size_t len)
+{
+	const unsigned char *p = (const unsigned char *)name;
+	size_t n = strlen(name), o = 0;
+	bool gap = false;
+	for (size_t i = 0; i < n && o + 5 < len;) {
+		unsigned cp;
+		size_t l = cw_utf8_seq(p + i, n - i, &cp);
+		if (l == 0) { /* not UTF-8 (the APIs take none): left out */
+			i++;
+			continue;
+		}
+		if (blank(cp) || cw_utf8_invisible(cp)) {
+			gap = gap || (blank(cp) && o > 0);
+		} else {
+			if (gap)
+				out[o++] = ' ';
+			memcpy(out + o, p + i, l);
+			o += l;
+			gap = false;
+		}
+		i += l;
+	}
+	out[o] = '\0';
+	if (cw_utf8_count(out) > CW_NAME_SHOWN_MAX) {
+		o = cw_utf8_prefix(out, CW_NAME_SHOWN_MAX - 1, NULL);
+		while (o && out[o - 1] == ' ')
+			o--;
+		memcpy(out + o, "\xe2\x80\xa6", 4); /* … */
+	}
+}
+
 /* Whether byte c starts a character (is not a continuation byte). */
 static bool starts(char c)
 {

@@ -34,6 +34,22 @@ bool cw_utf8_has_bidi_control(const char *s, size_t n);
  * blank U+2800). */
 bool cw_utf8_invisible(unsigned cp);
 
+/* The characters of a remote user's name as shown on a local network at
+ * most (clients cut long names, and the "(<peer>)" after it must stay in
+ * sight). */
+#define CW_NAME_SHOWN_MAX 64
+
+/* A remote user's name as a Matrix ghost's display name and an XMPP
+ * contact's vCard show it, before its "(<peer>)", into out (len:
+ * strlen(name) + 4 bytes at least): what shows nothing left out
+ * (cw_utf8_invisible: fillers, zero-width characters, bidirectional
+ * controls, which would hide the "(<peer>)" or turn it round), and bytes
+ * that are not UTF-8, each run of blanks (white space, controls) one
+ * space, none around, at most CW_NAME_SHOWN_MAX characters (a name cut
+ * ends with "…").  "" when nothing of it shows: the caller shows
+ * something else (the user's local part, as the same). */
+void cw_utf8_name_shown(const char *name, char *out, size_t len);
+
 /* Characters are counted here as the bytes that do not continue a sequence
  * (not 10xxxxxx): for valid UTF-8 these are its code points, and a cut
  * before one never splits a character.  s is NUL-terminated. */

@@ -400,64 +400,17 @@ cw_err mx_room_action(struct matrix *m, const char *room, const char *user, cons
  * a longer one is refused with 400. */
 #define MX_DISPLAYNAME_MAX 256
 
-/* The characters of a ghost's name part at most: clients cut long names,
- * and the "(peer)" after it must stay in sight. */
-#define GHOST_NAME_MAX 64
-
-/* A character that shows as a blank (or, a control, should). */
-static bool blank(unsigned cp)
-{
-	return cp <= 0x20 || (cp >= 0x7F && cp <= 0xA0) || cp == 0x1680 || (cp >= 0x2000 && cp <= 0x200A) ||
-	       cp == 0x2028 || cp == 0x2029 || cp == 0x202F || cp == 0x205F || cp == 0x3000;
-}
-
-/* name as a ghost shows it, into out (len: strlen(name) + 4 bytes at
- * least): what shows nothing left out (cw_utf8_invisible: fillers,
- * zero-width characters, bidirectional controls, which would hide the
- * "(peer)" or turn it round), each run of blanks one space, none around,
- * at most GHOST_NAME_MAX characters (a name cut ends with "…"). */
-static void shown_name(const char *name, char *out, size_t len)
-{
-	const unsigned char *p = (const unsigned char *)name;
-	size_t n = strlen(name), o = 0;
-	bool gap = false;
-	for (size_t i = 0; i < n && o + 5 < len;) {
-		unsigned cp;
-		size_t l = cw_utf8_seq(p + i, n - i, &cp);
-		if (l == 0) { /* not UTF-8 (the API takes none): left out */
-			i++;
-			continue;
-		}
-		if (blank(cp) || cw_utf8_invisible(cp)) {
-			gap = gap || (blank(cp) && o > 0);
-		} else {
-			if (gap)
-				out[o++] = ' ';
-			memcpy(out + o, p + i, l);
-			o += l;
-			gap = false;
-		}
-		i += l;
-	}
-	out[o] = '\0';
-	if (cw_utf8_count(out) > GHOST_NAME_MAX) {
-		o = cw_utf8_prefix(out, GHOST_NAME_MAX - 1, NULL);
-		while (o && out[o - 1] == ' ')
-			o--;
-		memcpy(out + o, "\xe2\x80\xa6", 4); /* … */
-	}
-}
-
 /* A ghost's display name, "<name> (<peer>)": the peer's name for its user
- * as shown_name makes it, else (nothing of it shows) the user's local part.
+ * as cw_utf8_name_shown makes it, else (nothing of it shows) the user's
+ * local part.
  * out: 4 * MX_DISPLAYNAME_MAX + 1 bytes (Synapse's limit, which the whole
  * never reaches now). */
 static void ghost_name(char *out, size_t len, const char *display, const char *localpart, const char *peer)
 {
 	char name[4 * MX_DISPLAYNAME_MAX + 1]; /* a name (300 bytes) or local part (600), and "…" */
-	shown_name(display ? display : "", name, sizeof(name));
+	cw_utf8_name_shown(display ? display : "", name, sizeof(name));
 	if (!name[0])
-		shown_name(localpart, name, sizeof(name));
+		cw_utf8_name_shown(localpart, name, sizeof(name));
 	size_t peer_chars;
 	size_t pb = cw_utf8_prefix(peer, 80, &peer_chars);
 	size_t nb = cw_utf8_prefix(name, MX_DISPLAYNAME_MAX - 3 - peer_chars, NULL);

@@ -17,6 +17,7 @@
 #include "media.h"
 #include "peer/event.h"
 #include "store.h"
+#include "utf8.h"
 #include "workers.h"
 
 #include <openssl/evp.h>
@@ -338,11 +339,20 @@ static void vcard_done(void *arg, cw_err rc, const cw_errmsg *e)
 		} else if (r && !fail) {
 			xmpp_stanza_set_from(r, xmpp_stanza_get_to(iq));
 			xmpp_stanza_t *v = xa_child(ctx, r, "vCard", NS_VCARD);
-			char fn[1300];
-			snprintf(fn, sizeof(fn), "%s (%s)", j->name[0] ? j->name : j->remote_id, xc->peer);
+			/* FN and NICKNAME: the peer's name for its user as a Matrix
+			 * ghost's shows it (nothing that hides or turns round the
+			 * "(<peer>)" after it, 64 characters at most), else their
+			 * id, then "(<peer>)".  Until the thirty-first session both
+			 * were the name as the peer gave it, NICKNAME without the
+			 * peer's. */
+			char shown[sizeof(j->name) + sizeof(j->remote_id) + 4], fn[sizeof(shown) + XMPP_PEER_MAX + 4];
+			cw_utf8_name_shown(j->name, shown, sizeof(shown));
+			if (!shown[0])
+				cw_utf8_name_shown(j->remote_id, shown, sizeof(shown));
+			snprintf(fn, sizeof(fn), "%s (%s)", shown, xc->peer);
 			if (v) {
 				xa_text_child(ctx, v, "FN", NULL, fn);
-				xa_text_child(ctx, v, "NICKNAME", NULL, j->name[0] ? j->name : j->remote_id);
+				xa_text_child(ctx, v, "NICKNAME", NULL, fn);
 			}
 			const char *b64 = json_string_value(json_object_get(j->photo, "b64"));
 			xmpp_stanza_t *ph = v && b64 ? xa_child(ctx, v, "PHOTO", NULL) : NULL;

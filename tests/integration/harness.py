@@ -304,6 +304,19 @@ class HeldSession:
             self.proc.wait(30)
 
 
+# A peer's name for its user (for wally of peer gk) and how a local
+# network shows it before its "(gk)": a Matrix ghost's display name, an
+# XMPP contact's vCard (cw_utf8_name_shown).
+NAMES_SHOWN = [
+    ("alice" + "\u3164" * 80, "alice"),             # Hangul fillers: blanks that are no spaces
+    ("Causeway bot\u2067", "Causeway bot"),         # an isolate that never ends: "(gk)" shown reversed
+    ("al\u200bi\u2800ce\ufeff\u202e", "alice"),     # zero-width, Braille's blank, BOM, an override
+    ("  Wally \u00a0 \u2003Wonka\u3000 ", "Wally Wonka"),  # blanks of any kind one space, none around
+    ("\u115f\u1160\u200d", "wally"),                # nothing visible: the local part
+    ("x" * 100, "x" * 63 + "\u2026"),                # the name part capped, "(gk)" in sight
+]
+
+
 def wait_until(fn, timeout=15, interval=0.1, what="condition"):
     deadline = time.time() + timeout
     last = None

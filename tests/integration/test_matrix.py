@@ -17,7 +17,7 @@ import pytest
 import requests
 import yaml
 
-from harness import CAUSEWAYD, HeldSession, free_port, wait_until
+from harness import CAUSEWAYD, NAMES_SHOWN, HeldSession, free_port, wait_until
 import homeserver
 from homeserver import Homeserver
 from peer import MediaServer, NotifyServer, PeerClient
@@ -350,14 +350,7 @@ def test_a_display_name_as_long_as_a_peer_may_give_is_shortened(make_daemon, db_
         media.close()
 
 
-@pytest.mark.parametrize("name, shown", [
-    ("alice" + "\u3164" * 80, "alice"),             # Hangul fillers: blanks that are no spaces
-    ("Causeway bot\u2067", "Causeway bot"),         # an isolate that never ends: "(gk)" shown reversed
-    ("al\u200bi\u2800ce\ufeff\u202e", "alice"),     # zero-width, Braille's blank, BOM, an override
-    ("  Wally \u00a0 \u2003Wonka\u3000 ", "Wally Wonka"),  # blanks of any kind one space, none around
-    ("\u115f\u1160\u200d", "wally"),                # nothing visible: the local part
-    ("x" * 100, "x" * 63 + "\u2026"),                # the name part capped, "(gk)" in sight
-])
+@pytest.mark.parametrize("name, shown", NAMES_SHOWN)
 def test_a_ghosts_name_keeps_its_network_in_sight(mx, hs, gk, pg, db_url, name, shown):
     """A ghost's display name is the peer's name for its user, then the
     peer's: "Wally (gk)".  A name padded with what shows nothing (fillers,

@@ -22,7 +22,7 @@ import pytest
 import requests
 from cryptography.hazmat.primitives import serialization
 
-from harness import free_port, wait_until
+from harness import NAMES_SHOWN, free_port, wait_until
 from peer import MediaServer, NotifyServer, PeerClient, verify_get
 from pgproxy import PgProxy
 from prosody import Prosody, XmppClient
@@ -1756,7 +1756,7 @@ def test_a_remote_users_profile_is_their_vcard_and_avatar(make_daemon, db_url, p
         assert p.find("{vcard-temp:x:update}x/{vcard-temp:x:update}photo").text == sha1
         v = alice.iq("get", WALLY_JID, "<vCard xmlns='vcard-temp'/>").find("{vcard-temp}vCard")
         assert v.find("{vcard-temp}FN").text == "Wally Wonka (gk)"
-        assert v.find("{vcard-temp}NICKNAME").text == "Wally Wonka"
+        assert v.find("{vcard-temp}NICKNAME").text == "Wally Wonka (gk)"
         assert v.find("{vcard-temp}PHOTO/{vcard-temp}TYPE").text == "image/png"
         assert base64.b64decode(v.find("{vcard-temp}PHOTO/{vcard-temp}BINVAL").text) == face
         assert len(media.requests) == 1  # kept: asked twice, fetched once
@@ -1817,6 +1817,22 @@ def test_a_remote_users_profile_is_their_vcard_and_avatar(make_daemon, db_url, p
         assert not [el for el in alice.stanzas()[start:] if el.get("from", "").startswith(f"bob@{COMP}")]
     finally:
         srv.close()
+
+
+@pytest.mark.parametrize("name, shown", NAMES_SHOWN)
+def test_a_vcards_name_keeps_its_network_in_sight(xd, gk, alice, name, shown):
+    """The vCard's FN and NICKNAME of a peer's user are the peer's name for
+    them as a Matrix ghost's is (docs/matrix.md), then the peer's: "Wally
+    (gk)". Until the thirty-first session both were the name as the peer
+    gave it, FN with "(gk)" after it, NICKNAME without: a name padded with
+    what shows nothing or with a bidirectional control, or just long, put
+    the "(gk)" out of sight or reversed it, and the contact passed for one
+    of this server's users."""
+    a, _ = gk
+    assert a.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": name}).status_code == 200
+    v = alice.iq("get", WALLY_JID, "<vCard xmlns='vcard-temp'/>").find("{vcard-temp}vCard")
+    assert v.find("{vcard-temp}FN").text == shown + " (gk)"
+    assert v.find("{vcard-temp}NICKNAME").text == shown + " (gk)"
 
 
 def test_an_avatar_over_media_max_bytes_is_not_fetched_whole(make_daemon, db_url, prosody, alice, tmp_path):

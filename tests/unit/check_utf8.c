@@ -131,6 +131,46 @@ START_TEST(bidi_and_invisible_cases)
 }
 END_TEST
 
+/* A name as shown with its network's mark after it (a Matrix ghost's, an
+ * XMPP contact's vCard): what shows nothing left out, blanks one space,
+ * none around, at most CW_NAME_SHOWN_MAX characters; not UTF-8 left out. */
+START_TEST(name_shown_cases)
+{
+	static const struct {
+		const char *name, *shown;
+	} cases[] = {
+		{ "Wally Wonka", "Wally Wonka" },
+		{ "alice\xe3\x85\xa4\xe3\x85\xa4", "alice" }, /* Hangul fillers */
+		{ "Causeway bot\xe2\x81\xa7", "Causeway bot" }, /* an isolate */
+		{ "al\xe2\x80\x8bi\xe2\xa0\x80" "ce\xef\xbb\xbf\xe2\x80\xae", "alice" }, /* zero-width, BOM, ... */
+		{ "  Wally \xc2\xa0 \xe2\x80\x83Wonka\xe3\x80\x80 ", "Wally Wonka" }, /* blanks of any kind */
+		{ "\xe1\x85\x9f\xe1\x85\xa0\xe2\x80\x8d", "" }, /* nothing shows */
+		{ "a\xff" "b\xe2\x80", "ab" }, /* not UTF-8 */
+		{ "", "" },
+	};
+	char out[4 * 300 + 1];
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		cw_utf8_name_shown(cases[i].name, out, sizeof(out));
+		ck_assert_msg(strcmp(out, cases[i].shown) == 0, "case %zu: %s", i, out);
+	}
+	char longer[200], want[200];
+	memset(longer, 'x', 100);
+	longer[100] = '\0';
+	memset(want, 'x', CW_NAME_SHOWN_MAX - 1);
+	strcpy(want + CW_NAME_SHOWN_MAX - 1, "\xe2\x80\xa6"); /* … */
+	cw_utf8_name_shown(longer, out, sizeof(out));
+	ck_assert_str_eq(out, want);
+	memset(longer, 'x', CW_NAME_SHOWN_MAX);
+	longer[CW_NAME_SHOWN_MAX] = '\0';
+	cw_utf8_name_shown(longer, out, sizeof(out));
+	ck_assert_str_eq(out, longer); /* exactly the cap: whole */
+	memcpy(longer + CW_NAME_SHOWN_MAX - 2, " yz", 4); /* cut after a blank: none left before the "…" */
+	cw_utf8_name_shown(longer, out, sizeof(out));
+	strcpy(want + CW_NAME_SHOWN_MAX - 2, "\xe2\x80\xa6");
+	ck_assert_str_eq(out, want);
+}
+END_TEST
+
 START_TEST(reference_property)
 {
 	uint32_t state = 1;
@@ -176,6 +216,7 @@ int main(void)
 	tcase_add_test(tc, cut_cases);
 	tcase_add_test(tc, scrub_cases);
 	tcase_add_test(tc, bidi_and_invisible_cases);
+	tcase_add_test(tc, name_shown_cases);
 	tcase_add_test(tc, reference_property);
 	suite_add_tcase(s, tc);
 	return unit_run(s);
