@@ -587,21 +587,44 @@ void xa_presence(struct xcomp *xc, xmpp_stanza_t *st)
 		free(j);
 		return;
 	}
-	if (strcmp(type, "subscribe") == 0) {
+	bool add = strcmp(type, "subscribe") == 0;
+	if (!add && strcmp(type, "subscribed") != 0 && strcmp(type, "unsubscribed") != 0) {
+		free(j);
+		return;
+	}
+	/* A subscribe costs a write too (her identity, her consents read in
+	 * the writer's transaction): limited as the decisions are, since the
+	 * thirty-first session.  Past the limit nothing is recorded (a
+	 * subscribe is not answered: `subscribed` would not know whether the
+	 * contact is blocked), and that is said (a presence error to the bare
+	 * JID the user's server stamped would be dropped). */
+	bool notice = false;
+	if (!user_update_allowed(xc, local, &notice)) {
+		if (notice && add)
+			xa_notice(xc, XA_NOW_KEPT, bare,
+				  "You made too many contact changes in a short time: your adding of %s was not "
+				  "answered (it stays asked for in your contacts). Remove it and add it again in a "
+				  "minute.",
+				  j->remote_jid);
+		else if (notice)
+			xa_notice(xc, XA_NOW_KEPT, bare,
+				  "You made too many contact decisions in a short time: your %s of %s was not "
+				  "recorded. Try again in a minute.",
+				  type[0] == 's' ? "approval" : "refusal", j->remote_jid);
+		free(j);
+		return;
+	}
+	j->xc = xc;
+	snprintf(j->local, sizeof(j->local), "%s", local);
+	snprintf(j->local_bare, sizeof(j->local_bare), "%s", bare);
+	if (add) {
 		/* The user adds the contact: it is there, unless she blocked it
 		 * (or its network): then `unsubscribed` and a notice, as a
 		 * roster action undoes no block (consent_done).  Until the
 		 * thirtieth session a blocked contact was answered `subscribed`
 		 * and available, and her messages to it then bounced. */
-		j->xc = xc;
 		j->verb = V_SUBSCRIBE;
-		snprintf(j->local, sizeof(j->local), "%s", local);
-		snprintf(j->local_bare, sizeof(j->local_bare), "%s", bare);
 		consent_start(j);
-		return;
-	}
-	if (strcmp(type, "subscribed") != 0 && strcmp(type, "unsubscribed") != 0) {
-		free(j);
 		return;
 	}
 	/* `unsubscribed` denies a request (RFC 6121 §3.1.4), or cancels a
@@ -612,23 +635,8 @@ void xa_presence(struct xcomp *xc, xmpp_stanza_t *st)
 	 * allowed stays allowed (the `block` command blocks it). Until the
 	 * twenty-third session every `unsubscribed` blocked, and tidying the
 	 * roster silently dropped the contact's next messages. */
-	bool notice = false;
-	if (!user_update_allowed(xc, local, &notice)) {
-		/* Not recorded, and said (a presence error to the bare JID the
-		 * user's server stamped would be dropped). */
-		if (notice)
-			xa_notice(xc, XA_NOW_KEPT, bare,
-				  "You made too many contact decisions in a short time: your %s of %s was not recorded. "
-				  "Try again in a minute.",
-				  type[0] == 's' ? "approval" : "refusal", j->remote_jid);
-		free(j);
-		return;
-	}
-	j->xc = xc;
 	j->verb = type[0] == 's' ? V_ACCEPT : V_BLOCK;
 	j->cancel_if_allowed = j->verb == V_BLOCK;
-	snprintf(j->local, sizeof(j->local), "%s", local);
-	snprintf(j->local_bare, sizeof(j->local_bare), "%s", bare);
 	consent_start(j);
 }
 

@@ -2660,6 +2660,41 @@ def test_a_users_consent_changes_are_limited(xd, gk, alice, pg, db_url):
     assert pg.psql("SELECT count(*) FROM user_optin WHERE updated_by = 'user'", db_url) == "0"
 
 
+def db_writes(d):
+    """The daemon's writes made durable (each a job of the group commit)."""
+    m = re.search(r"^causeway_db_writes_committed_total (\d+)", d.get("/metrics").text, re.M)
+    return int(m.group(1))
+
+
+def test_a_users_subscribes_are_limited(xd, gk, alice, pg, db_url):
+    """A user's subscribe to a contact (adding it to her roster) costs a
+    write (her identity, her consents read in the writer), and shares
+    the bucket of her consent changes (policy.user_updates_per_minute,
+    here 4): past it, the subscribe is not answered and stores nothing,
+    and a notice says so (once a minute), as for a subscription decision.
+    Until the thirty-first session subscribes were not limited."""
+    assert xd.admin("PATCH", "/settings", json={"policy.user_updates_per_minute": 4}).ok
+    start = alice.count()
+    before = db_writes(xd)
+    for k in range(4):
+        alice.send_presence(f"u{k}@{COMP}", "subscribe")
+        alice.wait_for_presence(lambda el: el.get("from", "").split("/")[0] == f"u{k}@{COMP}"
+                                and el.get("type") == "subscribed", start=start)
+    assert db_writes(xd) == before + 4
+    identities = pg.psql("SELECT count(*) FROM identities", db_url)
+    for who in ("u4", "u5"):
+        alice.send_presence(f"{who}@{COMP}", "subscribe")
+    note = message_from(alice, COMP, lambda el: "too many" in (body(el) or ""), timeout=10)
+    assert f"u4@{COMP}" in body(note) and "not answered" in body(note), body(note)
+    alice.ping(COMP)  # answered after anything the component wrote for the two subscribes
+    for who in ("u4", "u5"):
+        assert presence_types(alice, f"{who}@{COMP}", start) == [], who
+    assert len([m for m in alice.stanzas()[start:] if m.tag == q("jabber:client", "message")]) == 1  # one notice
+    assert db_writes(xd) == before + 4
+    assert pg.psql("SELECT count(*) FROM identities", db_url) == identities
+    assert pg.psql("SELECT count(*) FROM consents", db_url) == "0"
+
+
 def test_a_users_reports_are_limited(xd, gk, alice, pg, db_url):
     """Reports by command share the user's bucket of consent changes
     (policy.user_updates_per_minute, here 3): past it `resource-constraint`
