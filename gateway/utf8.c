@@ -71,7 +71,9 @@ static bool bidi_control(unsigned cp)
 	return (cp >= 0x202A && cp <= 0x202E) || (cp >= 0x2066 && cp <= 0x2069);
 }
 
-bool cw_utf8_has_bidi_control(const char *s, size_t n)
+/* Whether the n bytes at s hold a code point that is (bytes that start
+ * no valid sequence are passed over). */
+static bool has_cp(const char *s, size_t n, bool (*is)(unsigned cp))
 {
 	const unsigned char *p = (const unsigned char *)s;
 	unsigned cp;
@@ -79,11 +81,26 @@ bool cw_utf8_has_bidi_control(const char *s, size_t n)
 		size_t l = cw_utf8_seq(p + i, n - i, &cp);
 		if (l == 0)
 			l = 1;
-		else if (bidi_control(cp))
+		else if (is(cp))
 			return true;
 		i += l;
 	}
 	return false;
+}
+
+bool cw_utf8_has_bidi_control(const char *s, size_t n)
+{
+	return has_cp(s, n, bidi_control);
+}
+
+static bool noncharacter(unsigned cp)
+{
+	return (cp >= 0xFDD0 && cp <= 0xFDEF) || (cp & 0xFFFE) == 0xFFFE;
+}
+
+bool cw_utf8_has_noncharacter(const char *s, size_t n)
+{
+	return has_cp(s, n, noncharacter);
 }
 
 bool cw_utf8_invisible(unsigned cp)

@@ -26,6 +26,12 @@ bool cw_utf8_has_control(const char *s, size_t n);
  * order of their own and are not among them. */
 bool cw_utf8_has_bidi_control(const char *s, size_t n);
 
+/* Whether the n bytes of valid UTF-8 at s hold a noncharacter (U+FDD0-
+ * U+FDEF, and the last two code points of every plane: U+FFFE, U+FFFF,
+ * U+1FFFE, ...): never text, and U+FFFE and U+FFFF are not characters
+ * XML 1.0 allows (an XMPP server closes a stream that holds one). */
+bool cw_utf8_has_noncharacter(const char *s, size_t n);
+
 /* Whether code point cp shows nothing (as a name's part, it hides what
  * comes after it or passes for a blank): the bidirectional controls
  * above and the marks, zero-width characters (U+200B-U+200D, U+2060-

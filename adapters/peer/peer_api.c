@@ -8,6 +8,7 @@
 #include "buf.h"
 #include "log.h"
 #include "matrix/matrix.h"
+#include "utf8.h"
 
 #include <pthread.h>
 #include <stdarg.h>
@@ -383,7 +384,9 @@ static json_t *room_json(const char *public_id, const char *uri, const char *kin
 }
 
 /* A group's name: 1-255 bytes of UTF-8 (jansson's strings are) without
- * control characters; shown as the room's name on the local networks. */
+ * control characters or noncharacters (U+FFFE, U+FFFF, ...: never text,
+ * and an XMPP server closes the stream that carries one, since the
+ * thirty-first session); shown as the room's name on the local networks. */
 static bool room_name_valid(const json_t *v)
 {
 	size_t n = json_string_length(v);
@@ -392,7 +395,8 @@ static bool room_name_valid(const json_t *v)
 	for (const unsigned char *p = (const unsigned char *)json_string_value(v); *p; p++)
 		if (*p < 0x20 || *p == 0x7f)
 			return false;
-	return strlen(json_string_value(v)) == n; /* no NUL inside */
+	return strlen(json_string_value(v)) == n /* no NUL inside */ &&
+	       !cw_utf8_has_noncharacter(json_string_value(v), n);
 }
 
 /* Where a member lives: this provider (network "local"), the calling peer,

@@ -497,6 +497,10 @@ static const char *display_bad(const json_t *v)
 		return "display_name must be null or a string of 1 to 256 bytes";
 	if (cw_utf8_has_control(json_string_value(v), json_string_length(v)))
 		return "display_name may not hold control characters";
+	/* since the thirty-first session: an XMPP server closes the stream
+	 * that carries U+FFFE or U+FFFF (xmpp_vcard.c writes the name) */
+	if (cw_utf8_has_noncharacter(json_string_value(v), json_string_length(v)))
+		return "display_name may not hold noncharacters (U+FFFE, U+FFFF, U+FDD0-U+FDEF, ...)";
 	return NULL;
 }
 

@@ -83,11 +83,9 @@ static bool id_ok(const char *s)
 	return true;
 }
 
-/* Text for an XML document: invalid UTF-8 and the characters XML 1.0 does
- * not allow (C0 controls but tab and line feed, U+FFFE, U+FFFF) become
- * U+FFFD; CR LF and lone CR become LF (an XML parser does the same, which
- * would move the fallback offsets).  malloc'd, NULL without memory. */
-static char *xml_text(const char *s)
+/* (xm.h.)  CR LF and lone CR become LF as an XML parser makes them, which
+ * would move the fallback offsets otherwise. */
+char *xm_xml_text(const char *s)
 {
 	size_t n = strlen(s);
 	char *out = malloc(n * 3 + 1);
@@ -1109,7 +1107,7 @@ static char *neutral_text(const json_t *content)
 		text = derived = html_text(html, &oom);
 	if (oom) /* not a message without text (a dead letter until the twenty-fifth session) */
 		return NULL;
-	char *clean = xml_text(text ? text : "");
+	char *clean = xm_xml_text(text ? text : "");
 	free(derived);
 	return clean;
 }
@@ -1119,7 +1117,7 @@ static char *neutral_text(const json_t *content)
  * is empty or only white space (or no memory). */
 static char *quote_of(const char *text)
 {
-	char *t = xml_text(text);
+	char *t = xm_xml_text(text);
 	if (!t)
 		return NULL;
 	size_t n = strlen(t);
@@ -1234,7 +1232,7 @@ static enum xm_out_result out_message(struct ob *b, const json_t *content, const
 	char *raw = concat(text, list, NULL);
 	free(text);
 	free(list);
-	char *main_text = raw ? xml_text(raw) : NULL;
+	char *main_text = raw ? xm_xml_text(raw) : NULL;
 	free(raw);
 	if (!main_text) {
 		b->oom = true;
@@ -1282,7 +1280,7 @@ static enum xm_out_result out_message(struct ob *b, const json_t *content, const
 	/* MIMI's topic is the XEP-0201 thread. */
 	const char *topic = str_member(content, "topic");
 	if (topic && *topic) {
-		char *t = xml_text(topic);
+		char *t = xm_xml_text(topic);
 		if (!t)
 			b->oom = true;
 		else if (*t)
@@ -1290,7 +1288,7 @@ static enum xm_out_result out_message(struct ob *b, const json_t *content, const
 		free(t);
 	}
 	if (oob) {
-		char *url = xml_text(oob);
+		char *url = xm_xml_text(oob);
 		if (!url)
 			b->oom = true;
 		else
@@ -1316,7 +1314,7 @@ static void reactions_el(struct ob *b, const struct xm_target *reacted, const js
 		const char *k = i < json_array_size(all) ? json_string_value(json_array_get(all, i)) : extra;
 		if (!k || !*k || strlen(k) > EVENT_REACTION_MAX)
 			continue;
-		char *clean = xml_text(k);
+		char *clean = xm_xml_text(k);
 		if (!clean) {
 			b->oom = true;
 			break;

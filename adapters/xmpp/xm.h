@@ -254,4 +254,12 @@ enum xm_out_result {
 enum xm_out_result xm_from_neutral(xmpp_ctx_t *ctx, const json_t *event, const struct xm_out_info *info,
 				   xmpp_stanza_t **out, char *why, size_t whylen);
 
+/* Text for an XML document: invalid UTF-8 and the characters XML 1.0 does
+ * not allow (C0 controls but tab and line feed, U+FFFE, U+FFFF) become
+ * U+FFFD; CR LF and lone CR become LF.  Every text the adapter writes into
+ * a stanza goes through it (xa_text_child, and the stanzas made here): one
+ * such character written to the stream makes the server close it
+ * (not-well-formed).  malloc'd, NULL without memory. */
+char *xm_xml_text(const char *s);
+
 #endif

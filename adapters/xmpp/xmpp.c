@@ -352,7 +352,9 @@ static void set_state(struct xcomp *xc, enum xc_state s, const char *why, bool d
 
 xmpp_stanza_t *xa_error_reply(xmpp_stanza_t *st, const char *type, const char *condition, const char *text)
 {
-	xmpp_stanza_t *r = xmpp_stanza_reply_error(st, type, condition, text);
+	char *clean = text ? xm_xml_text(text) : NULL; /* XML 1.0 text, as xa_text_child's */
+	xmpp_stanza_t *r = !text || clean ? xmpp_stanza_reply_error(st, type, condition, clean) : NULL;
+	free(clean);
 	if (r && xmpp_stanza_get_to(st))
 		xmpp_stanza_set_from(r, xmpp_stanza_get_to(st));
 	return r;
@@ -495,14 +497,20 @@ static void disco_items(struct xcomp *xc, xmpp_stanza_t *st, bool user)
 xmpp_stanza_t *xa_text_child(xmpp_ctx_t *ctx, xmpp_stanza_t *parent, const char *name, const char *ns,
 			     const char *text)
 {
-	xmpp_stanza_t *f = xa_child(ctx, parent, name, ns);
+	/* Only characters XML 1.0 allows (since the thirty-first session):
+	 * before, a peer's group name or display name with U+FFFE went to
+	 * the stream as it was, the server closed it (not-well-formed), and
+	 * the re-send after the reconnect closed it again, for ever. */
+	char *clean = xm_xml_text(text ? text : "");
+	xmpp_stanza_t *f = clean ? xa_child(ctx, parent, name, ns) : NULL;
 	xmpp_stanza_t *t = f ? xmpp_stanza_new(ctx) : NULL;
-	if (!t)
-		return NULL;
-	xmpp_stanza_set_text(t, text);
-	xmpp_stanza_add_child(f, t);
-	xmpp_stanza_release(t);
-	return f;
+	if (t) {
+		xmpp_stanza_set_text(t, clean);
+		xmpp_stanza_add_child(f, t);
+		xmpp_stanza_release(t);
+	}
+	free(clean);
+	return t ? f : NULL;
 }
 
 static void version(struct xcomp *xc, xmpp_stanza_t *st)
@@ -725,6 +733,25 @@ static int check_fd(xmpp_conn_t *conn, void *sock)
 	return 0;
 }
 
+/* Whether the server closed the stream for what the component wrote: XML
+ * it could not read (RFC 6120 §4.9.3.13 not-well-formed, §4.9.3.8
+ * invalid-xml).  libstrophe knows not-well-formed only by RFC 3920's
+ * name (xml-not-well-formed): Prosody's is undefined-condition to it. */
+static bool unreadable_error(const xmpp_stream_error_t *se)
+{
+	if (se->type == XMPP_SE_XML_NOT_WELL_FORMED || se->type == XMPP_SE_INVALID_XML)
+		return true;
+	for (xmpp_stanza_t *c = se->stanza ? xmpp_stanza_get_children(se->stanza) : NULL; c;
+	     c = xmpp_stanza_get_next(c)) {
+		const char *name = xmpp_stanza_get_name(c), *ns = xmpp_stanza_get_ns(c);
+		if (name && ns && strcmp(ns, "urn:ietf:params:xml:ns:xmpp-streams") == 0 &&
+		    (strcmp(name, "not-well-formed") == 0 || strcmp(name, "xml-not-well-formed") == 0 ||
+		     strcmp(name, "invalid-xml") == 0))
+			return true;
+	}
+	return false;
+}
+
 static void on_conn(xmpp_conn_t *conn, xmpp_conn_event_t ev, int error, xmpp_stream_error_t *se, void *arg)
 {
 	(void)conn;
@@ -739,6 +766,7 @@ static void on_conn(xmpp_conn_t *conn, xmpp_conn_event_t ev, int error, xmpp_str
 		snprintf(why, sizeof(why), "the XMPP server refused the component secret (not-authorized)");
 		xc->auth_failed = true;
 	} else if (se) {
+		xc->unreadable = unreadable_error(se);
 		snprintf(why, sizeof(why), "stream error %d%s%.120s", (int)se->type, se->text ? ": " : "",
 			 se->text ? se->text : "");
 	} else if (error) {
@@ -844,7 +872,7 @@ void xa_notice(struct xcomp *xc, enum xa_write how, const char *to, const char *
 	vsnprintf(text, sizeof(text), fmt, ap);
 	va_end(ap);
 	xmpp_stanza_set_from(m, xc->domain);
-	xmpp_message_set_body(m, text);
+	xa_text_child(ctx, m, "body", NULL, text); /* XML 1.0 text: a cut may split a character */
 	if (how == XA_QUEUED)
 		xa_enqueue_stanza(xc, m);
 	else if (how == XA_NOW)
@@ -1252,11 +1280,25 @@ static void *comp_main(void *arg)
 			outbox_due_now(xc, lock);
 		}
 		if (xc->dropped) {
-			bool auth = xc->auth_failed;
+			bool auth = xc->auth_failed, unreadable = xc->unreadable;
 			char why[200];
 			snprintf(why, sizeof(why), "%s", xc->drop_reason);
-			xc->auth_failed = false;
-			stream_give_up(xc, auth ? XC_AUTH_FAILED : XC_DOWN, why, true, &drop_wall_ms);
+			xc->auth_failed = xc->unreadable = false;
+			/* The server refused what the component wrote: one of the
+			 * stanzas kept for a re-send is the reason, and writing
+			 * them again after the reconnect broke the stream again,
+			 * for ever (until the thirty-first session).  None is
+			 * written again: the server took those before the bad one,
+			 * and those after it in the same read are lost. */
+			if (unreadable && xc->recent_n) {
+				char count[24];
+				snprintf(count, sizeof(count), "%zu", xc->recent_n);
+				LOG_KV(CW_LOG_WARN,
+				       "xmpp: the server found the stream not well-formed: the stanzas of the seconds before "
+				       "the break are not written again (those after the refused one are lost)",
+				       "component", xc->domain, "stanzas", count);
+			}
+			stream_give_up(xc, auth ? XC_AUTH_FAILED : XC_DOWN, why, !unreadable, &drop_wall_ms);
 			backoff = backoff ? backoff * 2 : 250;
 			if (auth && backoff < 5000)
 				backoff = 5000;

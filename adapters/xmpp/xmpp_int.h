@@ -121,6 +121,7 @@ struct xcomp {
 	char profiles_at[64];
 	long long profiles_id;
 	bool up_event, dropped, auth_failed; /* set by libstrophe's connection handler */
+	bool unreadable;                /* it too: the server found the stream not well-formed (or invalid XML) */
 	char drop_reason[200];
 	char ping_id[40];               /* the keepalive ping to the server */
 	int64_t ping_sent_ms, ping_next_ms;
@@ -201,12 +202,16 @@ xmpp_stanza_t *xa_child(xmpp_ctx_t *ctx, xmpp_stanza_t *parent, const char *name
  * NULL-terminated list) into the answer's query q (NULL: nothing). */
 void xa_disco_identity(xmpp_ctx_t *ctx, xmpp_stanza_t *q, const char *category, const char *type, const char *name);
 void xa_disco_features(xmpp_ctx_t *ctx, xmpp_stanza_t *q, const char *const *features);
-/* <name xmlns=ns>text</name> added to parent (ns may be NULL); the element,
- * or NULL when memory runs out. */
+/* <name xmlns=ns>text</name> added to parent (ns may be NULL; text NULL:
+ * empty), text as xm_xml_text makes it (what XML 1.0 does not allow
+ * replaced); the element, or NULL when memory runs out.  Every text child
+ * the adapter writes outside xm.c is made here (a <body/> too, not with
+ * xmpp_message_set_body). */
 xmpp_stanza_t *xa_text_child(xmpp_ctx_t *ctx, xmpp_stanza_t *parent, const char *name, const char *ns,
 			     const char *text);
 /* A stanza error answering st (from and to swapped, from = to of st). */
 xmpp_stanza_t *xa_iq_result(xmpp_stanza_t *iq);
+/* (Its text, NULL for none, as xm_xml_text makes it.) */
 xmpp_stanza_t *xa_error_reply(xmpp_stanza_t *st, const char *type, const char *condition, const char *text);
 
 /* The conversation's native id (room_bindings) of (local user, remote user). */

@@ -171,6 +171,25 @@ START_TEST(name_shown_cases)
 }
 END_TEST
 
+/* Noncharacters: the ends of U+FDD0-U+FDEF and the last two code points
+ * of a plane, and their neighbours. */
+START_TEST(noncharacter_cases)
+{
+	static const struct {
+		const char *s;
+		bool non;
+	} cases[] = {
+		{ "Lunch \xef\xbf\xbe club", true }, { "\xef\xbf\xbf", true }, { "\xef\xb7\x90", true },
+		{ "\xef\xb7\xaf", true }, { "\xf0\x9f\xbf\xbe", true }, { "\xf4\x8f\xbf\xbf", true },
+		{ "\xef\xb7\x8f", false }, { "\xef\xb7\xb0", false }, { "\xef\xbf\xbd", false },
+		{ "\xf0\x9f\xbf\xbd", false }, { "Lunch club \xe2\x98\x95", false }, { "", false },
+		{ "\xef\xbf", false }, /* cut short: no character */
+	};
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
+		ck_assert_msg(cw_utf8_has_noncharacter(cases[i].s, strlen(cases[i].s)) == cases[i].non, "case %zu", i);
+}
+END_TEST
+
 START_TEST(reference_property)
 {
 	uint32_t state = 1;
@@ -217,6 +236,7 @@ int main(void)
 	tcase_add_test(tc, scrub_cases);
 	tcase_add_test(tc, bidi_and_invisible_cases);
 	tcase_add_test(tc, name_shown_cases);
+	tcase_add_test(tc, noncharacter_cases);
 	tcase_add_test(tc, reference_property);
 	suite_add_tcase(s, tc);
 	return unit_run(s);
