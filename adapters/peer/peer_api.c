@@ -383,20 +383,45 @@ static json_t *room_json(const char *public_id, const char *uri, const char *kin
 			 members);
 }
 
-/* A group's name: 1-255 bytes of UTF-8 (jansson's strings are) without
- * control characters or noncharacters (U+FFFE, U+FFFF, ...: never text,
- * and an XMPP server closes the stream that carries one, since the
- * thirty-first session); shown as the room's name on the local networks. */
+#define ROOM_NAME_RULE \
+	"name must be a string of 1 to 255 bytes that shows something, without control characters (C0, DEL, C1), " \
+	"bidirectional controls (U+202A-U+202E, U+2066-U+2069) or noncharacters (U+FFFE, U+FFFF, ...)"
+
+/* Unicode's space separators (Zs): a name of them and invisible
+ * characters shows nothing. */
+static bool space_separator(unsigned cp)
+{
+	return cp == 0x20 || cp == 0xA0 || cp == 0x1680 || (cp >= 0x2000 && cp <= 0x200A) || cp == 0x202F ||
+	       cp == 0x205F || cp == 0x3000;
+}
+
+/* A group's name: 1-255 bytes of UTF-8 (jansson's strings are), shown as
+ * the room's name on the local networks (Matrix's m.room.name, the XMPP
+ * room's subject) as it is.  Since the thirty-first session without a
+ * control character (C0, DEL and, newly, C1), a bidirectional control
+ * (U+202E reversed what the subject says after the name), a noncharacter
+ * (U+FFFE, U+FFFF, ...: an XMPP server closes the stream that carries
+ * one) and with at least one character that shows (not only invisible
+ * ones and spaces); before, only C0 and DEL were refused. */
 static bool room_name_valid(const json_t *v)
 {
 	size_t n = json_string_length(v);
 	if (!json_is_string(v) || n < 1 || n > ROOM_NAME_MAX)
 		return false;
-	for (const unsigned char *p = (const unsigned char *)json_string_value(v); *p; p++)
-		if (*p < 0x20 || *p == 0x7f)
+	const char *s = json_string_value(v);
+	if (strlen(s) != n /* NUL inside */ || cw_utf8_has_control(s, n) || cw_utf8_has_bidi_control(s, n) ||
+	    cw_utf8_has_noncharacter(s, n))
+		return false;
+	const unsigned char *p = (const unsigned char *)s;
+	for (size_t i = 0, l; i < n; i += l) {
+		unsigned cp = 0;
+		l = cw_utf8_seq(p + i, n - i, &cp);
+		if (!l)
 			return false;
-	return strlen(json_string_value(v)) == n /* no NUL inside */ &&
-	       !cw_utf8_has_noncharacter(json_string_value(v), n);
+		if (!cw_utf8_invisible(cp) && !space_separator(cp))
+			return true;
+	}
+	return false;
 }
 
 /* Where a member lives: this provider (network "local"), the calling peer,
@@ -633,7 +658,7 @@ void peer_api_room_create(struct cw_req *req, void *ctx)
 	} else if (name && !json_is_null(name) && strcmp(json_string_value(kind), "group") != 0) {
 		bad = "only a group has a name";
 	} else if (name && !json_is_null(name) && !room_name_valid(name)) {
-		bad = "name must be a string of 1 to 255 bytes without control characters";
+		bad = ROOM_NAME_RULE;
 	}
 	bool caller_member = false;
 	for (size_t i = 0; !bad && i < json_array_size(members); i++) {
@@ -1133,7 +1158,7 @@ void peer_api_room_rename(struct cw_req *req, void *ctx)
 	if (!name)
 		bad = "name is required (a string, or null for none)";
 	else if (!json_is_null(name) && !room_name_valid(name))
-		bad = "name must be a string of 1 to 255 bytes without control characters, or null";
+		bad = ROOM_NAME_RULE ", or null";
 	struct rename_input *in = bad ? NULL : calloc(1, sizeof(*in));
 	bool oom = !bad && (!in || (json_is_string(name) && !(in->name = strdup(json_string_value(name)))));
 	json_decref(body);

@@ -1011,6 +1011,31 @@ def test_room_creation_errors(daemon, peers, pg, db_url):
     assert pg.psql("SELECT count(*) FROM identities", db_url) == "0"
 
 
+def test_group_names_that_would_show_wrong_are_refused(daemon, peers, pg, db_url):
+    """A group's name reaches Matrix's m.room.name and the XMPP subject as
+    it is: since the thirty-first session one with a C1 control, a
+    bidirectional control (U+202E turned the subject's "(bridged from ...)"
+    around), a noncharacter, or nothing that shows (only invisible
+    characters and spaces) is refused, on creation and on a rename, 400
+    invalid_body, and nothing is stored."""
+    (a, _), (b, _) = peers
+    rm = a.create_room([a.user("alice"), b.user("bob")], kind="group", name="Lunch club").json()
+    bad = ["Lunch\u0085club", "x\u009b", "\u202eLunch club", "a\u2066b\u2069", "Lunch \u202a club",
+           "x\ufffe", "\uffff", "\u200b\u200b", "\u2800", " ", "\u3164 \u00a0\u200d", "\u2003\ufeff"]
+    for name in bad:
+        r = a.create_room([a.user("alice"), b.user("bob")], kind="group", name=name)
+        assert r.status_code == 400 and r.json()["code"] == "invalid_body", (ascii(name), r.text)
+        assert "name must be" in r.json()["detail"], r.text
+        r = a.call("PATCH", f"/v1/rooms/{rm['id']}", {"name": name})
+        assert r.status_code == 400 and r.json()["code"] == "invalid_body", (ascii(name), r.text)
+    assert pg.psql("SELECT string_agg(name, ',') FROM rooms", db_url) == "Lunch club"
+    # What shows is taken, invisible characters within it too (a joined
+    # emoji, a mark in right-to-left text).
+    for good in ("\U0001f469\u200d\U0001f4bb club", "\u05e9\u05dc\u05d5\u05dd\u200f club", " x ", "\u00e9t\u00e9"):
+        r = a.call("PATCH", f"/v1/rooms/{rm['id']}", {"name": good})
+        assert r.status_code == 200 and r.json()["name"] == good, (ascii(good), r.text)
+
+
 def test_batch_mixed_items_in_order(daemon, peers, pg, db_url):
     (a, _), (b, sb) = peers
     rm = room(a, b)
