@@ -841,7 +841,7 @@ const char *app_bearer(struct cw_req *req)
 
 /* ------------------------------------------------------------- authorize */
 
-static void unauthenticated(struct cw_req *req, const char *detail)
+void app_unauthenticated(struct cw_req *req, const char *detail)
 {
 	cw_req_add_header(req, "WWW-Authenticate", "Bearer");
 	cw_req_problem(req, 401, "unauthenticated", "Unauthenticated", detail);
@@ -894,7 +894,7 @@ bool app_authorize(struct cw_req *req, enum cw_auth auth, void *ctx)
 		struct admin_principal *p = token && strlen(token) < 128 ? admin_tokens_check(app->admins, token, &touch)
 									 : NULL;
 		if (!p) {
-			unauthenticated(req, "a valid admin bearer token is required");
+			app_unauthenticated(req, "a valid admin bearer token is required");
 			return false;
 		}
 		cw_req_set_principal(req, p, free);
@@ -910,7 +910,7 @@ bool app_authorize(struct cw_req *req, enum cw_auth auth, void *ctx)
 	case CW_AUTH_PEER: {
 		struct peer_principal *p = token && strlen(token) < 128 ? peer_registry_by_token(app->peers, token) : NULL;
 		if (!p) {
-			unauthenticated(req, "a valid peer bearer token is required");
+			app_unauthenticated(req, APP_PEER_TOKEN_REQUIRED);
 			return false;
 		}
 		cw_req_set_principal(req, p, peer_principal_free);

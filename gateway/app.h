@@ -157,6 +157,10 @@ bool app_json_only_known(struct cw_req *req, json_t *body, const char *const *kn
 bool app_domain_is_ours(struct cw_app *app, const char *domain);
 /* The bearer token of the Authorization header, or NULL. */
 const char *app_bearer(struct cw_req *req);
+/* Answers 401 unauthenticated (WWW-Authenticate: Bearer) with detail. */
+void app_unauthenticated(struct cw_req *req, const char *detail);
+/* The detail of a request whose peer token is not (or no longer) valid. */
+#define APP_PEER_TOKEN_REQUIRED "a valid peer bearer token is required"
 
 /* The network of this provider's users: the local adapter that serves
  * them ("matrix" or "xmpp"), or "local" while there is none. */

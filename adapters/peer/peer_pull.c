@@ -22,6 +22,7 @@
 
 struct waiter {
 	struct cw_req *req;
+	const struct peer_principal *principal; /* the request's (it lives as long) */
 	char destination[PEER_NAME_MAX + 8];
 	long long after;
 	int limit;
@@ -95,7 +96,7 @@ static const char pull_sql[] =
 	" RETURNING o.id, sent.pos, o.event_id, o.room_id), "
 	"fresh AS MATERIALIZED (SELECT f.id, nextval(pg_get_serial_sequence('outbox', 'id')) AS pos "
 	" FROM (SELECT id FROM outbox WHERE destination = $1 AND state = 'pending' "
-	"  AND EXISTS (SELECT 1 FROM peers p WHERE p.name = substr($1, 6) AND p.mode = 'pull') "
+	"  AND EXISTS (SELECT 1 FROM peers p WHERE p.name = substr($1, 6) AND p.mode = 'pull' AND p.enabled) "
 	"  AND room_id NOT IN (SELECT b.room_id FROM outbox b WHERE b.destination = $1 AND b.state = 'in_flight' "
 	"   AND NOT starts_with(b.claimed_by, 'pull#')) ORDER BY id "
 	"  LIMIT greatest($3::int - (SELECT count(*) FROM sent), 0)) f), "
@@ -321,6 +322,25 @@ static void noted(const char *channel, const char *payload, void *arg)
 		h->events = true;
 }
 
+/* Answers, as a fresh request with their token would be (401), the
+ * waiting long polls whose peer was disabled or whose token was rotated
+ * since they came: until the thirty-first session they waited on (up to
+ * 60 s) and were handed the events that came meanwhile.  Run each round
+ * of the poller, after the registry's reload when there is one. */
+static void refuse_stale(struct peer_pull *p, struct waiter **waiting)
+{
+	for (struct waiter **wp = waiting; *wp;) {
+		struct waiter *w = *wp;
+		if (peer_registry_still_valid(p->registry, w->principal)) {
+			wp = &w->next;
+			continue;
+		}
+		*wp = w->next;
+		app_unauthenticated(w->req, APP_PEER_TOKEN_REQUIRED);
+		finish(p, w);
+	}
+}
+
 static void *poller_main(void *arg)
 {
 	cw_thread_name("cw-pull");
@@ -357,6 +377,11 @@ static void *poller_main(void *arg)
 				LOG_KV(CW_LOG_WARN, "peer registry reload failed", "detail", e.msg);
 			p->next_reload_us = now + REGISTRY_RELOAD_US;
 		}
+		/* Checked each round, not only after a reload: the registry also
+		 * changes in-process (an admin change of this process), and the
+		 * pass over the waiting polls is cheap (capped per peer). */
+		if (p->registry)
+			refuse_stale(p, &waiting);
 		struct empty empty[32];
 		int nempty = 0;
 		for (struct waiter **wp = &waiting; *wp;) {
@@ -483,6 +508,7 @@ void peer_api_events(struct cw_req *req, void *ctx)
 		return;
 	}
 	w->req = req;
+	w->principal = pp;
 	snprintf(w->destination, sizeof(w->destination), "peer:%s", pp->name);
 	w->after = a;
 	w->limit = (int)l;

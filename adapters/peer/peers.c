@@ -209,9 +209,21 @@ struct peer_principal *peer_registry_by_token(struct peer_registry *r, const cha
 		memcpy(found->domain, match->domain, sizeof(found->domain));
 		EVP_PKEY_up_ref(match->key);
 		found->key = match->key;
+		memcpy(found->token_hash, h, sizeof(h));
 	}
 	snapshot_unref(r, s);
 	return found;
+}
+
+bool peer_registry_still_valid(struct peer_registry *r, const struct peer_principal *p)
+{
+	struct snapshot *s = snapshot_get(r);
+	bool valid = false;
+	for (size_t i = 0; i < s->n; i++)
+		if (s->e[i].id == p->id && s->e[i].enabled && cw_ct_equal(p->token_hash, s->e[i].token_hash, 32))
+			valid = true;
+	snapshot_unref(r, s);
+	return valid;
 }
 
 /* Puts one peer, as a change just committed left it, into a new snapshot,

@@ -23,6 +23,7 @@ struct peer_principal {
 	char name[PEER_NAME_MAX];
 	char domain[PEER_DOMAIN_MAX];
 	EVP_PKEY *key; /* a reference of its own */
+	unsigned char token_hash[32]; /* the SHA-256 of the token it came with */
 	/* The request's verified signature: its nonce and created (set by
 	 * peer_verify_request), for peer_nonce_claim. */
 	char nonce[257];
@@ -52,6 +53,9 @@ cw_err peer_registry_load(struct peer_registry *r, PGconn *c, cw_errmsg *e);
  * principal the caller frees; NULL when none (compared in constant time
  * against every peer). */
 struct peer_principal *peer_registry_by_token(struct peer_registry *r, const char *token);
+/* Whether p's peer is still enabled and still holds the token p came with
+ * (not disabled, not rotated since). */
+bool peer_registry_still_valid(struct peer_registry *r, const struct peer_principal *p);
 size_t peer_registry_count(struct peer_registry *r);
 
 /* The admin routes' handlers; ctx is the daemon's struct cw_app. */

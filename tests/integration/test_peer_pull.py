@@ -364,3 +364,42 @@ def test_a_pull_peer_keeps_at_most_max_long_polls_waiting(make_daemon, db_url):
         assert res["r"].status_code == 200, res["r"].text
     finally:
         srv.close()
+
+
+def test_a_disabled_or_rotated_peers_waiting_long_poll_is_answered_401(daemon):
+    """A long poll waiting when its peer is disabled, or its token
+    rotated, is answered at once as a fresh request with that token would
+    be (401 unauthenticated), not handed the events that come after: until
+    the thirty-first session it waited on and got them (a review's probe;
+    the reload of the peers refreshed the registry, not the waiting polls,
+    and the hand-out looked at the peer's mode only).  What came meanwhile
+    waits for the peer, enabled again or with its new token."""
+    a, b, rm, srv = make_peers(daemon)
+    try:
+        cursor = b.call("GET", "/v1/events?after=0").json()["next"]
+        for change in ("disable", "rotate"):
+            t, result = long_poll(b, cursor, 30)
+            t0 = time.time()
+            r = daemon.admin("POST", f"/peers/tg/{change}")
+            assert r.status_code == 200, r.text
+            rotated = r.json().get("token")
+            new = a.send(rm["id"], a.user("alice"), f"after the {change}").json()["id"]
+            t.join(15)
+            assert not t.is_alive(), f"the long poll still waits after the {change}"
+            r = result["r"]
+            assert r.status_code == 401, (change, r.text)
+            assert r.json()["code"] == "unauthenticated" and r.headers["WWW-Authenticate"] == "Bearer", r.text
+            assert r.headers["Content-Type"].startswith("application/problem+json")
+            assert time.time() - t0 < 10
+            # A fresh request with that token is answered the same.
+            again = b.call("GET", f"/v1/events?after={cursor}")
+            assert again.status_code == 401 and again.json()["code"] == "unauthenticated", again.text
+            if change == "disable":
+                assert daemon.admin("POST", "/peers/tg/enable").status_code == 200
+            else:
+                b.token = rotated
+            got = b.call("GET", f"/v1/events?after={cursor}").json()
+            assert [e["id"] for e in got["events"]] == [new], got
+            cursor = got["next"]
+    finally:
+        srv.close()
