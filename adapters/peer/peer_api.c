@@ -41,12 +41,13 @@ bool peer_base_url(struct cw_app *app, char *out, size_t len)
  * the Host the request carries would match whatever authority it was
  * signed for, another provider's gateway included (until the thirtieth
  * session it did, when server.public_url was empty). */
-void peer_target_uri(struct cw_app *app, struct cw_req *req, char *buf, size_t len)
+bool peer_target_uri(struct cw_app *app, struct cw_req *req, char *buf, size_t len)
 {
-	char base[2048];
+	char base[PEER_URL_MAX + 1];
 	if (!peer_base_url(app, base, sizeof(base)))
 		base[0] = '\0'; /* not listening yet: no request to verify */
-	snprintf(buf, len, "%s%s", base, cw_req_raw_target(req));
+	int n = snprintf(buf, len, "%s%s", base, cw_req_raw_target(req));
+	return n >= 0 && (size_t)n < len;
 }
 
 static const char *req_header(void *ctx, const char *name)
@@ -66,8 +67,16 @@ static EVP_PKEY *key_for(void *ctx, const char *keyid)
 
 bool peer_verify_request(struct cw_app *app, struct cw_req *req, struct peer_principal *p)
 {
-	char uri[4096];
-	peer_target_uri(app, req, uri, sizeof(uri));
+	/* As long as the signature parser takes, and never cut: until the
+	 * thirty-first session the URI was cut at 4095 bytes, and what a
+	 * request carried past that was not covered by its signature. */
+	char uri[HTTPSIG_MAX_FIELD + 1];
+	if (!peer_target_uri(app, req, uri, sizeof(uri))) {
+		char detail[96];
+		snprintf(detail, sizeof(detail), "the request's absolute URI is longer than %d bytes", HTTPSIG_MAX_FIELD);
+		cw_req_problem(req, 414, "uri_too_long", "URI Too Long", detail);
+		return false;
+	}
 	struct httpsig_msg m = { .method = cw_req_method(req), .target_uri = uri, .header = req_header, .ctx = req };
 	size_t blen;
 	const char *body = cw_req_body(req, &blen);

@@ -24,8 +24,9 @@ bool peer_api_enabled(struct cw_app *app, struct cw_req *req);
  * when not known yet (port 0 and the HTTP front not started). */
 bool peer_base_url(struct cw_app *app, char *out, size_t len);
 /* The absolute URI a request's signature covers as @target-uri:
- * peer_base_url and the request's target as sent (path and query). */
-void peer_target_uri(struct cw_app *app, struct cw_req *req, char *buf, size_t len);
+ * peer_base_url and the request's target as sent (path and query); false
+ * when it does not fit in len bytes (buf then holds a part only). */
+bool peer_target_uri(struct cw_app *app, struct cw_req *req, char *buf, size_t len);
 
 /* The identity row (its id, as text, into out) of a user URI, made on
  * first contact with its network ("local", "peer:<name>") and peer id
