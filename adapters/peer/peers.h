@@ -74,5 +74,8 @@ bool peer_event_type_wanted(const char *types, const char *type);
 /* Validators, shared with the tests (peer_name_valid: peer/event.h). */
 bool peer_domain_valid(const char *s);
 bool peer_url_valid(const char *s);
+/* Whether an Ed25519 public key's encoding is of a small-order point or
+ * not canonical (y not below p): no peer may register it. */
+bool peer_key_weak(const unsigned char key[32]);
 
 #endif

@@ -48,3 +48,41 @@ def test_a_long_target_uri_is_verified_whole_or_refused_414(daemon):
         assert r.json()["code"] == "uri_too_long" and str(URI_MAX) in r.json()["detail"], r.text
     finally:
         srv.close()
+
+
+P_MINUS = [0xff] * 30 + [0x7f]
+# The Ed25519 encodings of the 8 small-order points and of y = 0, 1 and
+# -1 past p (libsodium's blocklist, compared with the sign bit cleared).
+SMALL_ORDER = [bytes(32), bytes([1] + [0] * 31),
+               bytes.fromhex("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05"),
+               bytes.fromhex("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a"),
+               bytes([0xec] + P_MINUS), bytes([0xed] + P_MINUS), bytes([0xee] + P_MINUS)]
+WEAK = SMALL_ORDER + [k[:31] + bytes([k[31] | 0x80]) for k in SMALL_ORDER] + \
+    [bytes([0xf0] + P_MINUS), bytes([0xff] + [0xff] * 31)]  # y >= p
+
+
+def test_small_order_and_non_canonical_keys_are_refused_at_create_and_rotate(daemon, pg, db_url):
+    """A public key that is a small-order point (the identity: any
+    signature R = identity, S = 0 verifies with it), or whose y is not
+    below p, is refused 400 invalid_body at creation and at rotation, and
+    nothing is stored: the peer keeps its key and token.  Until the
+    thirty-first session they were taken (a review's probe registered the
+    identity and had a forged signature pass)."""
+    import base64
+    from peer import PeerClient
+    for i, key in enumerate(WEAK):
+        r = daemon.admin("POST", "/peers", json={"name": f"weak{i}", "domain": f"weak{i}.example", "mode": "pull",
+                                                 "public_key": base64.b64encode(key).decode()})
+        assert r.status_code == 400 and r.json()["code"] == "invalid_body", (key.hex(), r.text)
+        assert "small-order" in r.json()["detail"], r.text
+    assert pg.psql("SELECT count(*) FROM peers", db_url) == "0"
+    good = PeerClient(daemon.url, "good", "good.example")
+    r = daemon.admin("POST", "/peers", json={"name": "good", "domain": "good.example", "mode": "pull",
+                                             "public_key": good.signer.public_b64})
+    assert r.status_code == 201, r.text
+    good.token = r.json()["token"]
+    for key in WEAK:
+        r = daemon.admin("POST", "/peers/good/rotate", json={"public_key": base64.b64encode(key).decode()})
+        assert r.status_code == 400 and "small-order" in r.json()["detail"], (key.hex(), r.text)
+    assert daemon.admin("GET", "/peers/good").json()["public_key"] == good.signer.public_b64
+    assert good.call("GET", "/v1/events?after=0").status_code == 200
