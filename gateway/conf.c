@@ -71,7 +71,7 @@ const struct cfg_option cfg_options[] = {
 	  "a signature's created time may differ this much from ours" },
 	{ "peer", "replay_cache_entries", CFG_INT, OFF(replay_cache_entries), "100000", 1000, 10000000, false, false,
 	  "signature nonces remembered to refuse replays (per daemon process): the signed requests taken in "
-	  "twice peer.max_clock_skew_s should fit (the default: 166 a second; about 40 bytes each)" },
+	  "twice peer.max_clock_skew_s should fit (the default: 166 a second; about 60 bytes each)" },
 	{ "peer", "max_batch", CFG_INT, OFF(peer_max_batch), "256", 1, 1024, false, false,
 	  "most events a peer submits in one POST /v1/batch (more: 413), published in the directory; "
 	  "the body is also bounded by server.max_body_bytes" },

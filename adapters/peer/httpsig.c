@@ -1296,18 +1296,46 @@ cw_err httpsig_check_content_digest(const char *header_value, const void *body, 
 
 #define REPLAY_MAX_ENTRIES ((size_t)1 << 24)
 #define REPLAY_MAX_WINDOW 1000000000LL
+#define REPLAY_NONE UINT32_MAX
+
+/* An entry is on two lists, both oldest first: every entry's (ALL, for
+ * expiry) and its peer's (OWN, for eviction); a free entry is on the free
+ * list (its ALL next). */
+enum { ALL, OWN };
+
+struct replay_link {
+	uint32_t prev, next;
+};
+
+struct replay_list {
+	uint32_t head, tail;
+};
 
 struct replay_entry {
-	unsigned char id[16];  /* salted SHA-256 of keyid and nonce, truncated */
-	int64_t basis;         /* max(created, now at insertion) */
+	unsigned char id[16];     /* salted SHA-256 of keyid and nonce, truncated */
+	int64_t basis;            /* max(created, now at insertion) */
+	struct replay_link l[2];  /* on ALL and OWN */
+	uint32_t peer;            /* index in peers */
+};
+
+/* A keyid's entries; a slot of no entries (n = 0) is taken by the next
+ * new keyid. */
+struct replay_peer {
+	char keyid[HTTPSIG_MAX_TOKEN + 1];
+	size_t n;
+	struct replay_list own;
 };
 
 struct httpsig_replay {
 	pthread_mutex_t mu;
 	int64_t window;
-	size_t cap, head, count;    /* a FIFO ring of cap entries */
-	struct replay_entry *ring;
-	uint32_t *table;            /* linear probing; ring index + 1, 0 = empty */
+	size_t cap, count;          /* entries held, at most cap */
+	struct replay_entry *e;     /* cap entries */
+	struct replay_list all;
+	uint32_t free;              /* the free list */
+	struct replay_peer *peers;
+	size_t npeers, peers_cap;
+	uint32_t *table;            /* linear probing; entry index + 1, 0 = empty */
 	size_t mask;
 	uint64_t live_evictions;
 	unsigned char salt[16];
@@ -1323,15 +1351,19 @@ struct httpsig_replay *httpsig_replay_new(size_t max_entries, int64_t window_s)
 	size_t tsize = 16;
 	while (tsize < 2 * max_entries)
 		tsize *= 2;
-	r->ring = calloc(max_entries, sizeof(*r->ring));
+	r->e = calloc(max_entries, sizeof(*r->e));
 	r->table = calloc(tsize, sizeof(*r->table));
-	if (!r->ring || !r->table || cw_random(r->salt, sizeof(r->salt)) != CW_OK ||
+	if (!r->e || !r->table || cw_random(r->salt, sizeof(r->salt)) != CW_OK ||
 	    pthread_mutex_init(&r->mu, NULL) != 0) {
-		free(r->ring);
+		free(r->e);
 		free(r->table);
 		free(r);
 		return NULL;
 	}
+	for (size_t i = 0; i < max_entries; i++)
+		r->e[i].l[ALL].next = i + 1 < max_entries ? (uint32_t)(i + 1) : REPLAY_NONE;
+	r->all = (struct replay_list){ REPLAY_NONE, REPLAY_NONE };
+	r->free = 0;
 	r->window = window_s;
 	r->cap = max_entries;
 	r->mask = tsize - 1;
@@ -1343,7 +1375,8 @@ void httpsig_replay_free(struct httpsig_replay *r)
 	if (!r)
 		return;
 	pthread_mutex_destroy(&r->mu);
-	free(r->ring);
+	free(r->e);
+	free(r->peers);
 	free(r->table);
 	free(r);
 }
@@ -1360,7 +1393,7 @@ static size_t replay_find(const struct httpsig_replay *r, const unsigned char id
 {
 	size_t i = replay_home(r, id);
 	while (r->table[i]) {
-		if (memcmp(r->ring[r->table[i] - 1].id, id, 16) == 0) {
+		if (memcmp(r->e[r->table[i] - 1].id, id, 16) == 0) {
 			*found = true;
 			return i;
 		}
@@ -1370,15 +1403,15 @@ static size_t replay_find(const struct httpsig_replay *r, const unsigned char id
 	return i;
 }
 
-/* Removes ring entry idx from the table, shifting back the entries after it
+/* Removes entry idx from the table, shifting back the entries after it
  * that would otherwise become unreachable (linear probing, no tombstones). */
 static void replay_unlink(struct httpsig_replay *r, size_t idx)
 {
-	size_t i = replay_home(r, r->ring[idx].id);
+	size_t i = replay_home(r, r->e[idx].id);
 	while (r->table[i] != idx + 1)
 		i = (i + 1) & r->mask;
 	for (size_t j = (i + 1) & r->mask; r->table[j]; j = (j + 1) & r->mask) {
-		size_t k = replay_home(r, r->ring[r->table[j] - 1].id);
+		size_t k = replay_home(r, r->e[r->table[j] - 1].id);
 		/* The entry at j may fill the hole at i unless its home lies
 		 * cyclically in (i, j]. */
 		bool stays = i <= j ? (i < k && k <= j) : (i < k || k <= j);
@@ -1390,11 +1423,75 @@ static void replay_unlink(struct httpsig_replay *r, size_t idx)
 	r->table[i] = 0;
 }
 
-static void replay_pop(struct httpsig_replay *r)
+static void list_append(struct httpsig_replay *r, struct replay_list *l, int k, uint32_t idx)
 {
-	replay_unlink(r, r->head);
-	r->head = (r->head + 1) % r->cap;
+	r->e[idx].l[k] = (struct replay_link){ l->tail, REPLAY_NONE };
+	if (l->tail != REPLAY_NONE)
+		r->e[l->tail].l[k].next = idx;
+	else
+		l->head = idx;
+	l->tail = idx;
+}
+
+static void list_remove(struct httpsig_replay *r, struct replay_list *l, int k, uint32_t idx)
+{
+	struct replay_link x = r->e[idx].l[k];
+	*(x.prev != REPLAY_NONE ? &r->e[x.prev].l[k].next : &l->head) = x.next;
+	*(x.next != REPLAY_NONE ? &r->e[x.next].l[k].prev : &l->tail) = x.prev;
+}
+
+/* Drops entry idx: from the table, both lists, onto the free list. */
+static void replay_drop(struct httpsig_replay *r, uint32_t idx)
+{
+	struct replay_peer *p = &r->peers[r->e[idx].peer];
+	replay_unlink(r, idx);
+	list_remove(r, &r->all, ALL, idx);
+	list_remove(r, &p->own, OWN, idx);
+	p->n--;
 	r->count--;
+	r->e[idx].l[ALL].next = r->free;
+	r->free = idx;
+}
+
+/* The index of keyid's peer slot, made (or an empty one taken) when
+ * missing; REPLAY_NONE when out of memory.  A linear scan: keyids are the
+ * peers' names (a signature verified before the nonce is looked at), and
+ * a slot is held only while it has entries. */
+static uint32_t replay_peer(struct httpsig_replay *r, const char *keyid)
+{
+	size_t empty = r->npeers;
+	for (size_t i = 0; i < r->npeers; i++) {
+		if (r->peers[i].n && strcmp(r->peers[i].keyid, keyid) == 0)
+			return (uint32_t)i;
+		if (!r->peers[i].n && empty == r->npeers)
+			empty = i;
+	}
+	if (empty == r->npeers) {
+		if (r->npeers == r->peers_cap) {
+			size_t cap = r->peers_cap ? 2 * r->peers_cap : 8;
+			struct replay_peer *x = realloc(r->peers, cap * sizeof(*x));
+			if (!x)
+				return REPLAY_NONE;
+			r->peers = x;
+			r->peers_cap = cap;
+		}
+		r->npeers++;
+	}
+	struct replay_peer *p = &r->peers[empty];
+	snprintf(p->keyid, sizeof(p->keyid), "%s", keyid);
+	p->n = 0;
+	p->own = (struct replay_list){ REPLAY_NONE, REPLAY_NONE };
+	return (uint32_t)empty;
+}
+
+/* The peer holding the most entries (there is one: the cache is full). */
+static struct replay_peer *replay_largest(struct httpsig_replay *r)
+{
+	struct replay_peer *most = &r->peers[0];
+	for (size_t i = 1; i < r->npeers; i++)
+		if (r->peers[i].n > most->n)
+			most = &r->peers[i];
+	return most;
 }
 
 cw_err httpsig_replay_check_and_add(struct httpsig_replay *r, const char *keyid, const char *nonce,
@@ -1423,25 +1520,42 @@ cw_err httpsig_replay_check_and_add(struct httpsig_replay *r, const char *keyid,
 	int64_t basis = created > now ? created : now;
 
 	pthread_mutex_lock(&r->mu);
-	while (r->count && r->ring[r->head].basis + r->window < now)
-		replay_pop(r);
+	while (r->count && r->e[r->all.head].basis + r->window < now)
+		replay_drop(r, r->all.head);
 	bool found;
 	size_t slot = replay_find(r, md, &found);
 	if (found) {
 		pthread_mutex_unlock(&r->mu);
 		return CW_ECONFLICT;
 	}
+	/* Full: the oldest entry of the peer holding the most goes, so that
+	 * one peer's volume pushes out its own nonces only (until the
+	 * thirty-first session the oldest of all went, and one peer's flood
+	 * made another's captured requests replayable). */
 	if (r->count == r->cap) {
-		if (r->ring[r->head].basis + r->window >= now)
+		struct replay_peer *most = replay_largest(r);
+		if (r->e[most->own.head].basis + r->window >= now)
 			r->live_evictions++;
-		replay_pop(r);
+		replay_drop(r, most->own.head);
 		slot = replay_find(r, md, &found); /* the shift may have moved the hole */
 	}
-	size_t idx = (r->head + r->count) % r->cap;
-	memcpy(r->ring[idx].id, md, 16);
-	r->ring[idx].basis = basis;
+	uint32_t peer = replay_peer(r, keyid);
+	if (peer == REPLAY_NONE) {
+		pthread_mutex_unlock(&r->mu);
+		return CW_ENOMEM;
+	}
+	struct replay_peer *p = &r->peers[peer];
+	uint32_t idx = r->free;
+	struct replay_entry *x = &r->e[idx];
+	r->free = x->l[ALL].next;
+	memcpy(x->id, md, 16);
+	x->basis = basis;
+	x->peer = peer;
+	list_append(r, &r->all, ALL, idx);
+	list_append(r, &p->own, OWN, idx);
+	p->n++;
 	r->count++;
-	r->table[slot] = (uint32_t)(idx + 1);
+	r->table[slot] = idx + 1;
 	pthread_mutex_unlock(&r->mu);
 	return CW_OK;
 }

@@ -152,13 +152,17 @@ cw_err httpsig_verify(const struct httpsig_msg *m, const char *signature_input, 
  * signature created up to skew in the future stays acceptable for 2 * skew)
  * that refusal never fires in practice.
  *
- * Bounded in size: when max_entries are held, the oldest entries go first.
+ * Bounded in size: when max_entries are held, the oldest entry of the keyid
+ * holding the most goes, so that one peer's volume pushes out its own
+ * nonces only, never another's (since the thirty-first session; before,
+ * the oldest of all went).
  * Evicting an entry still inside its window lets that one nonce be replayed
  * (until its created leaves the skew), so size the cache for the peak rate
  * of signed requests times the window, and alert on
  * httpsig_replay_live_evictions() > 0.
  *
- * Thread-safe (one mutex; amortised O(1) per call).  Keys are a salted SHA-256 of
+ * Thread-safe (one mutex; amortised O(1) per call, plus a scan of the
+ * keyids holding entries: the peers).  Keys are a salted SHA-256 of
  * keyid and nonce, so hostile nonces cannot aim at one hash bucket. */
 struct httpsig_replay;
 

@@ -86,3 +86,33 @@ def test_small_order_and_non_canonical_keys_are_refused_at_create_and_rotate(dae
         assert r.status_code == 400 and "small-order" in r.json()["detail"], (key.hex(), r.text)
     assert daemon.admin("GET", "/peers/good").json()["public_key"] == good.signer.public_b64
     assert good.call("GET", "/v1/events?after=0").status_code == 200
+
+
+def test_one_peers_volume_does_not_evict_anothers_nonces(make_daemon, db_url):
+    """With the replay cache full (peer.replay_cache_entries, here 1000),
+    the nonce pushed out is the oldest of the peer holding the most: peer
+    B's 1000 signed pulls push out B's own, and A's captured request
+    stays refused as a replay.  Until the thirty-first session the oldest
+    of all went, and B's volume made A's request replayable (a review's
+    probe)."""
+    d = make_daemon(db_url, options={"peer": {"replay_cache_entries": "1000"}}).start()
+    a, b, rm, srv = make_peers(d)
+    try:
+        url = a.base + f"/v1/rooms/{rm['id']}"
+        h = {"Authorization": "Bearer " + a.token}
+        h.update(a.signer.headers("GET", url))
+        assert requests.get(url, headers=h, timeout=10).status_code == 200
+        r = requests.get(url, headers=h, timeout=10)
+        assert r.status_code == 401 and "replay" in r.json()["detail"], r.text
+        s = requests.Session()
+        pull = b.base + "/v1/events?after=0"
+        for _ in range(1000):
+            hb = dict(b.signer.headers("GET", pull), Authorization="Bearer " + b.token)
+            assert s.get(pull, headers=hb, timeout=10).status_code == 200
+        evicted = [line for line in d.get("/metrics").text.splitlines()
+                   if line.startswith("causeway_signature_nonces_evicted_live_total")]
+        assert evicted and float(evicted[0].split()[-1]) > 0, evicted  # the cache was full
+        r = requests.get(url, headers=h, timeout=10)
+        assert r.status_code == 401 and "replay" in r.json()["detail"], r.text
+    finally:
+        srv.close()

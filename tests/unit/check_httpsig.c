@@ -949,6 +949,44 @@ START_TEST(replay_bounded_in_size)
 }
 END_TEST
 
+/* A full cache evicts the oldest nonce of the peer (keyid) holding the
+ * most: one peer's volume pushes out its own nonces, never another's.
+ * Until the thirty-first session it pushed out the oldest of all, and a
+ * flood of one authenticated peer made another's captured requests
+ * replayable. */
+START_TEST(replay_one_peer_evicts_only_its_own)
+{
+	struct httpsig_replay *r = httpsig_replay_new(4, 600);
+	char nonce[32];
+	ck_assert_int_eq(httpsig_replay_check_and_add(r, "peer-a", "a0", T0, T0), CW_OK);
+	ck_assert_int_eq(httpsig_replay_check_and_add(r, "peer-c", "c0", T0, T0), CW_OK);
+	for (int i = 0; i < 50; i++) {
+		snprintf(nonce, sizeof(nonce), "b%d", i);
+		ck_assert_int_eq(httpsig_replay_check_and_add(r, "peer-b", nonce, T0, T0), CW_OK);
+		ck_assert_int_le(httpsig_replay_count(r), 4);
+	}
+	ck_assert_int_eq(httpsig_replay_check_and_add(r, "peer-a", "a0", T0, T0 + 1), CW_ECONFLICT);
+	ck_assert_int_eq(httpsig_replay_check_and_add(r, "peer-c", "c0", T0, T0 + 1), CW_ECONFLICT);
+	/* B keeps its newest two; its older ones went (and are counted). */
+	ck_assert_int_eq(httpsig_replay_check_and_add(r, "peer-b", "b49", T0, T0 + 1), CW_ECONFLICT);
+	ck_assert_int_eq(httpsig_replay_check_and_add(r, "peer-b", "b48", T0, T0 + 1), CW_ECONFLICT);
+	ck_assert_int_eq(httpsig_replay_live_evictions(r), 48);
+	/* Now A sends more: the first takes B's oldest (B held the most),
+	 * then A holds the most, and its own oldest go; B's and C's stay. */
+	ck_assert_int_eq(httpsig_replay_check_and_add(r, "peer-a", "a1", T0, T0 + 1), CW_OK);
+	ck_assert_int_eq(httpsig_replay_check_and_add(r, "peer-a", "a2", T0, T0 + 1), CW_OK);
+	ck_assert_int_eq(httpsig_replay_check_and_add(r, "peer-a", "a3", T0, T0 + 1), CW_OK);
+	ck_assert_int_eq(httpsig_replay_count(r), 4);
+	ck_assert_int_eq(httpsig_replay_check_and_add(r, "peer-b", "b49", T0, T0 + 1), CW_ECONFLICT);
+	ck_assert_int_eq(httpsig_replay_check_and_add(r, "peer-a", "a3", T0, T0 + 1), CW_ECONFLICT);
+	ck_assert_int_eq(httpsig_replay_check_and_add(r, "peer-a", "a2", T0, T0 + 1), CW_ECONFLICT);
+	/* Expiry still goes by age, whoever holds the entries. */
+	ck_assert_int_eq(httpsig_replay_check_and_add(r, "peer-c", "c1", T0 + 700, T0 + 700), CW_OK);
+	ck_assert_int_eq(httpsig_replay_count(r), 1);
+	httpsig_replay_free(r);
+}
+END_TEST
+
 /* Many inserts through a small table: every held pair stays findable after
  * the backward-shift deletions, nothing evicted is still reported. */
 START_TEST(replay_table_stays_consistent)
@@ -1159,6 +1197,7 @@ int main(void)
 	tcase_add_test(tc, replay_first_ok_second_refused);
 	tcase_add_test(tc, replay_expires_with_time);
 	tcase_add_test(tc, replay_bounded_in_size);
+	tcase_add_test(tc, replay_one_peer_evicts_only_its_own);
 	tcase_add_test(tc, replay_table_stays_consistent);
 	tcase_add_test(tc, replay_is_thread_safe);
 	tcase_add_test(tc, key_file_created_once_with_mode_0600);
