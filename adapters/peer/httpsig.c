@@ -969,22 +969,42 @@ static cw_err parse_sig_input_member(struct sf *s, struct sig_input *si)
 }
 
 struct si_pick {
-	const char *want;          /* NULL: the first */
+	const char *want;          /* NULL: the first of tag (or the first) */
+	const char *tag;           /* NULL: any */
 	struct sig_input *chosen;  /* valid when found */
-	struct sig_input *scratch; /* the members we only check */
-	bool found;
+	struct sig_input *first;   /* the first member, when has_first */
+	struct sig_input *scratch; /* each member as parsed */
+	bool found, has_first;
 };
 
+static bool si_tag_is(const struct sig_input *si, const char *tag)
+{
+	for (size_t i = 0; i < si->nparams; i++)
+		if (strcmp(si->params[i].key, "tag") == 0)
+			return si->params[i].v.type == SF_STRING && strcmp(si->params[i].v.str, tag) == 0;
+	return false;
+}
+
+/* Every member is parsed (and so checked); the one picked is kept: by
+ * label, else the first whose tag is the one asked for (RFC 9421 §3.2:
+ * the verifier picks the signature its policy needs, among others a
+ * proxy or another signer may have added; until the thirty-first session
+ * the first member only), else the first. */
 static cw_err si_member(struct sf *s, const char *key, void *ctx)
 {
 	struct si_pick *pk = ctx;
-	struct sig_input *target = pk->scratch;
-	if (!pk->found && (!pk->want || strcmp(key, pk->want) == 0)) {
-		target = pk->chosen;
+	copy_token(pk->scratch->label, key);
+	cw_err rc = parse_sig_input_member(s, pk->scratch);
+	if (rc || pk->found)
+		return rc;
+	if (pk->want ? strcmp(key, pk->want) == 0 : !pk->tag || si_tag_is(pk->scratch, pk->tag)) {
+		memcpy(pk->chosen, pk->scratch, sizeof(*pk->chosen));
 		pk->found = true;
+	} else if (!pk->want && !pk->has_first) {
+		memcpy(pk->first, pk->scratch, sizeof(*pk->first));
+		pk->has_first = true;
 	}
-	copy_token(target->label, key);
-	return parse_sig_input_member(s, target);
+	return CW_OK;
 }
 
 struct sig_pick {
@@ -1106,7 +1126,7 @@ cw_err httpsig_verify(const struct httpsig_msg *m, const char *signature_input, 
 	if (!m || !o)
 		return cw_fail(e, CW_EINVAL, "httpsig: missing argument");
 
-	struct sig_input *si = calloc(2, sizeof(*si));
+	struct sig_input *si = calloc(3, sizeof(*si));
 	if (!si)
 		return cw_fail(e, CW_ENOMEM, "out of memory");
 	struct sbuf params, base;
@@ -1118,10 +1138,15 @@ cw_err httpsig_verify(const struct httpsig_msg *m, const char *signature_input, 
 
 	/* The syntax of both fields first. */
 	struct sf s;
-	struct si_pick pick = { .want = o->label, .chosen = &si[0], .scratch = &si[1] };
+	struct si_pick pick = { .want = o->label, .tag = o->tag, .chosen = &si[0], .first = &si[1], .scratch = &si[2] };
 	if ((rc = sf_begin(&s, "Signature-Input", signature_input, e)) ||
 	    (rc = sf_dictionary(&s, si_member, &pick)))
 		goto out;
+	if (!pick.found && pick.has_first) {
+		/* None of the tag: the first, refused below for its tag. */
+		memcpy(pick.chosen, pick.first, sizeof(*pick.chosen));
+		pick.found = true;
+	}
 	if (!pick.found) {
 		rc = fail_in(e, "Signature-Input", "no signature labelled '%s'", o->label);
 		goto out;

@@ -93,7 +93,8 @@ cw_err httpsig_sign(const struct httpsig_msg *m, const char *const *components, 
 /* --- verifying ------------------------------------------------------------- */
 
 struct httpsig_verify_opts {
-	const char *label;                      /* NULL: the first signature of Signature-Input */
+	const char *label;                      /* NULL: the first signature of Signature-Input whose tag
+						 * is tag (tag set), else the first */
 	const char *const *required;            /* NULL-terminated: must be covered */
 	const char *const *required_if_present; /* NULL-terminated: must be covered when the request has the header */
 	bool require_created, require_keyid, require_nonce, require_tag;
@@ -128,7 +129,7 @@ struct httpsig_result {
 };
 
 /* Parses the two field values (NULL counts as empty), picks the signature by
- * o->label or the first one, checks its parameters, the time window, the
+ * o->label, else the first whose tag is o->tag, else the first one, checks its parameters, the time window, the
  * covered components, looks the key up, rebuilds the signature base and
  * verifies it (Ed25519, no prehash); then the body digest if asked.
  * CW_OK only when everything holds; otherwise CW_EINVAL with the reason

@@ -116,3 +116,35 @@ def test_one_peers_volume_does_not_evict_anothers_nonces(make_daemon, db_url):
         assert r.status_code == 401 and "replay" in r.json()["detail"], r.text
     finally:
         srv.close()
+
+
+def test_the_signature_with_the_configured_tag_is_verified_among_others(daemon):
+    """RFC 9421 §3.2: a message may carry several signatures, and the
+    verifier picks the one its policy asks for: here the one whose tag is
+    peer.signature_tag, wherever it stands among the Signature-Input
+    members (another signer's, a proxy's say, before it is not looked
+    at).  Until the thirty-first session only the first member was
+    considered, and a request whose valid signature came second was
+    refused 401 (a review's probe).  Without a member of that tag, the
+    first is checked and refused as before (wrong tag)."""
+    import time
+    a, b, rm, srv = make_peers(daemon)
+    try:
+        url = b.base + "/v1/events?after=0"
+        other_in = 'proxy=("@method");created=%d;keyid="edge";nonce="zz";tag="edge-proxy"' % int(time.time())
+        other_sig = "proxy=:" + "A" * 86 + "==:"
+        for proxy_first in (True, False):
+            h = b.signer.headers("GET", url)
+            ins, sigs = [other_in, h["Signature-Input"]], [other_sig, h["Signature"]]
+            if not proxy_first:
+                ins.reverse()
+                sigs.reverse()
+            r = requests.get(url, timeout=10, headers={"Authorization": "Bearer " + b.token,
+                                                       "Signature-Input": ", ".join(ins),
+                                                       "Signature": ", ".join(sigs)})
+            assert r.status_code == 200, (proxy_first, r.text)
+        r = requests.get(url, timeout=10, headers={"Authorization": "Bearer " + b.token,
+                                                   "Signature-Input": other_in, "Signature": other_sig})
+        assert r.status_code == 401 and "wrong tag" in r.json()["detail"], r.text
+    finally:
+        srv.close()
