@@ -40,7 +40,8 @@ const struct cfg_option cfg_options[] = {
 	{ "server", "public_url", CFG_STR, OFF(public_url), "", 0, 0, false, false,
 	  "URL peers and homeservers use to reach this daemon (empty: http://listen_address:port, 0.0.0.0 "
 	  "as 127.0.0.1); peers' request signatures must cover it as their @target-uri, whatever Host they send: "
-	  "set it whenever peers call another URL (a DNS name, TLS, a proxy)" },
+	  "set it whenever peers call another URL (a DNS name, TLS, a proxy); an absolute http or https URL with "
+	  "a host, no user, query or fragment, at most 512 bytes (else the start fails)" },
 	{ "server", "domain", CFG_STR, OFF(domain), "", 0, 0, false, false,
 	  "this provider's domain, a lower-case DNS name with a dot, without a port: local users are mimi://DOMAIN/u/...; "
 	  "the interop API is off while empty" },
@@ -428,6 +429,33 @@ static bool https_url_ok(const char *s)
 	return ok;
 }
 
+/* Whether s can be server.public_url: an absolute http or https URL with
+ * a host (a port and a path may follow), without a user, a query or a
+ * fragment, of printable ASCII and at most CFG_PUBLIC_URL_MAX bytes.
+ * Every peer's signature covers it as the start of its @target-uri, and
+ * the daemon's file links begin with it. */
+static bool public_url_ok(const char *s)
+{
+	size_t n = strlen(s);
+	if (n > CFG_PUBLIC_URL_MAX || (strncmp(s, "https://", 8) != 0 && strncmp(s, "http://", 7) != 0))
+		return false;
+	const char *after = strstr(s, "://") + 3; /* libcurl reads https:///v1 as the host v1 */
+	if (!*after || *after == '/')
+		return false;
+	for (const unsigned char *p = (const unsigned char *)s; *p; p++)
+		if (*p <= ' ' || *p >= 0x7f)
+			return false;
+	CURLU *u = curl_url();
+	char *host = NULL;
+	bool ok = u && curl_url_set(u, CURLUPART_URL, s, 0) == CURLUE_OK &&
+		  curl_url_get(u, CURLUPART_HOST, &host, 0) == CURLUE_OK && *host &&
+		  url_lacks(u, CURLUPART_USER, CURLUE_NO_USER) && url_lacks(u, CURLUPART_QUERY, CURLUE_NO_QUERY) &&
+		  url_lacks(u, CURLUPART_FRAGMENT, CURLUE_NO_FRAGMENT) && !strchr(s, '?') && !strchr(s, '#');
+	curl_free(host);
+	curl_url_cleanup(u);
+	return ok;
+}
+
 /* Whether s is mailto: and one address (RFC 6068, no header fields).
  * libcurl does not parse mailto:, but an address is a URL's userinfo@host
  * with the same percent-encoding, so it is read as https://ADDRESS: a
@@ -536,6 +564,14 @@ static cw_err cfg_check(const struct cw_config *c, bool need_tokens, cw_errmsg *
 	if (set(c->domain) && mimi_domain_check(c->domain, strlen(c->domain), &de))
 		return cw_fail(e, CW_EINVAL, "server.domain must be a lower-case DNS name with a dot and without a port "
 			       "(such as example.org), not \"%.100s\": %s", c->domain, de.msg);
+	/* Until the thirty-first session any value was taken: one without a
+	 * scheme started, and every peer request then failed its signature. */
+	if (set(c->public_url) && !public_url_ok(c->public_url))
+		return cw_fail(e, CW_EINVAL,
+			       "server.public_url must be an absolute http or https URL with a host (a port and a path "
+			       "may follow), without a user, query or fragment, at most %d bytes, such as "
+			       "https://causeway.example.org; not \"%.200s\"",
+			       CFG_PUBLIC_URL_MAX, c->public_url);
 	/* Both are shown to every peer as they are: a value a peer cannot
 	 * follow is refused at start, not found out by the peer. */
 	if (set(c->policy_url) && !https_url_ok(c->policy_url))

@@ -115,6 +115,9 @@ void cfg_free(struct cw_config *c);
 /* The length of server.public_url without its trailing slashes (0: not
  * set): request targets and file links are appended to that prefix. */
 size_t cfg_public_url_len(const struct cw_config *c);
+/* The longest server.public_url taken (the buffers that hold it, with a
+ * request's target or a file link's path, are sized from it). */
+#define CFG_PUBLIC_URL_MAX 512
 
 /* Sets one option from its text form; "section", "name" as in the file. */
 cw_err cfg_set(struct cw_config *c, const char *section, const char *name,

@@ -24,10 +24,8 @@
 bool peer_base_url(struct cw_app *app, char *out, size_t len)
 {
 	size_t n = cfg_public_url_len(app->cfg);
-	if (n) {
-		snprintf(out, len, "%.*s", (int)n, app->cfg->public_url);
-		return true;
-	}
+	if (n) /* at most CFG_PUBLIC_URL_MAX bytes; a buffer too small is refused, never cut */
+		return (size_t)snprintf(out, len, "%.*s", (int)n, app->cfg->public_url) < len;
 	/* The port configured, or (port 0: any) the one bound, once bound. */
 	unsigned port = app->cfg->port ? (unsigned)app->cfg->port : app->http ? cw_http_port(app->http) : 0;
 	if (!port)
@@ -43,7 +41,7 @@ bool peer_base_url(struct cw_app *app, char *out, size_t len)
  * session it did, when server.public_url was empty). */
 bool peer_target_uri(struct cw_app *app, struct cw_req *req, char *buf, size_t len)
 {
-	char base[PEER_URL_MAX + 1];
+	char base[CFG_PUBLIC_URL_MAX + 1];
 	if (!peer_base_url(app, base, sizeof(base)))
 		base[0] = '\0'; /* not listening yet: no request to verify */
 	int n = snprintf(buf, len, "%s%s", base, cw_req_raw_target(req));

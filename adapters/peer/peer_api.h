@@ -21,7 +21,8 @@ bool peer_api_enabled(struct cw_app *app, struct cw_req *req);
 
 /* Where peers reach this daemon: server.public_url (without its trailing
  * slashes), else http://listen_address:port (cw_http_local_url); false
- * when not known yet (port 0 and the HTTP front not started). */
+ * when not known yet (port 0 and the HTTP front not started), or when it
+ * does not fit in len bytes (CFG_PUBLIC_URL_MAX + 1 always does). */
 bool peer_base_url(struct cw_app *app, char *out, size_t len);
 /* The absolute URI a request's signature covers as @target-uri:
  * peer_base_url and the request's target as sent (path and query); false

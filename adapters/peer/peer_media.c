@@ -51,7 +51,7 @@ static bool public_scope(const char *size, const char *exp, const char *by, char
 bool peer_media_public_url(struct cw_app *app, const char *url, long long size, const char *by, char *out,
 			   size_t len)
 {
-	char base[600], token[3 * MEDIA_URL_MAX], digits[24], exp[24], scope[340], tail[300];
+	char base[CFG_PUBLIC_URL_MAX + 1], token[3 * MEDIA_URL_MAX], digits[24], exp[24], scope[340], tail[300];
 	snprintf(digits, sizeof(digits), "%lld", size);
 	snprintf(exp, sizeof(exp), "%lld", (long long)(cw_wall_ms() / 1000) + (long long)app->cfg->media_link_lifetime_s);
 	if (strncmp(url, "https://", 8) != 0 || !peer_base_url(app, base, sizeof(base)) ||
@@ -110,7 +110,7 @@ json_t *peer_media_offer(struct cw_app *app, const char *peer, json_t *ev)
 			if (url && app->media.owns(app->media.ctx, url))
 				any = true;
 		}
-	char base[600];
+	char base[CFG_PUBLIC_URL_MAX + 1];
 	if (!any || !peer_base_url(app, base, sizeof(base)))
 		return json_incref(ev);
 	/* Only a local user's files (asked only of an event that has such a

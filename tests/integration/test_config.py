@@ -103,6 +103,10 @@ REFUSED_AT_START = (
     ("[server]\nlisten_address = localhost\n", "server.listen_address 'localhost' is not a numeric address"),
     ("[server]\nconnection_limit = 64\nconnection_limit_per_client = 65\n",
      "server.connection_limit_per_client (65) is above server.connection_limit (64)"),
+    # Until the thirty-first session taken: every peer request then failed
+    # its signature (a review's probe).
+    ("[server]\npublic_url = causeway.example.org\n",
+     'server.public_url must be an absolute http or https URL with a host'),
 )
 
 

@@ -147,6 +147,34 @@ START_TEST(bad_environment_value_names_the_variable)
 }
 END_TEST
 
+/* server.public_url of CFG_PUBLIC_URL_MAX bytes is taken, one more is
+ * refused at load (the buffers that hold it are sized from the limit;
+ * until the thirty-first session any length was taken, and cut). */
+static char long_url[CFG_PUBLIC_URL_MAX + 2];
+
+static const char *long_url_env(const char *name)
+{
+	if (strcmp(name, "CAUSEWAY_DATABASE_URL") == 0)
+		return "postgresql://from-env/db";
+	return strcmp(name, "CAUSEWAY_SERVER_PUBLIC_URL") == 0 ? long_url : NULL;
+}
+
+START_TEST(public_url_is_bounded)
+{
+	struct cw_config c;
+	cw_errmsg e;
+	memset(long_url, 'p', CFG_PUBLIC_URL_MAX);
+	memcpy(long_url, "https://causeway.example.org/", 29);
+	long_url[CFG_PUBLIC_URL_MAX] = '\0';
+	ck_assert_int_eq(cfg_load(&c, NULL, long_url_env, &e), CW_OK);
+	ck_assert_uint_eq(cfg_public_url_len(&c), CFG_PUBLIC_URL_MAX);
+	cfg_free(&c);
+	long_url[CFG_PUBLIC_URL_MAX] = 'p';
+	ck_assert_int_eq(cfg_load(&c, NULL, long_url_env, &e), CW_EINVAL);
+	ck_assert_ptr_nonnull(strstr(e.msg, "server.public_url must be an absolute http or https URL"));
+}
+END_TEST
+
 START_TEST(missing_file_is_an_error)
 {
 	struct cw_config c;
@@ -253,6 +281,7 @@ int main(void)
 	tcase_add_test(tc, table_driven_cases);
 	tcase_add_test(tc, environment_overrides_file);
 	tcase_add_test(tc, bad_environment_value_names_the_variable);
+	tcase_add_test(tc, public_url_is_bounded);
 	tcase_add_test(tc, missing_file_is_an_error);
 	tcase_add_test(tc, env_names_follow_section_and_option);
 	tcase_add_test(tc, table_is_well_formed);
