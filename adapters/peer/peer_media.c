@@ -34,34 +34,44 @@ static bool decimal(const char *s)
  * scope of a link made before the eighteenth session (no expiry;
  * "\npublic" or "\npublic\n<size>"), only to tell such a link from a
  * forged one.  The digits and a domain hold no line feed, so this scope
- * is no peer's nor another size's, time's or domain's. */
-static bool public_scope(const char *size, const char *exp, const char *by, char *out, size_t len)
+ * is no peer's nor another size's, time's or domain's.  sha256 (since
+ * the thirty-first session; NULL: none declared, or a link made before)
+ * is the attachment's declared digest, which the fetched file must
+ * match: with it the scope has a line of by (empty for none) and one of
+ * the digest, six lines, so no scope of fewer lines. */
+static bool public_scope(const char *size, const char *exp, const char *by, const char *sha256, char *out,
+			 size_t len)
 {
-	if ((size && !decimal(size)) || (exp && !decimal(exp)) || (by && (!exp || !peer_domain_valid(by))))
+	if ((size && !decimal(size)) || (exp && !decimal(exp)) || (by && (!exp || !peer_domain_valid(by))) ||
+	    (sha256 && (!exp || strlen(sha256) != 64 || strspn(sha256, "0123456789abcdef") != 64)))
 		return false;
 	if (!exp)
 		return (size_t)snprintf(out, len, "%s%s%s", PUBLIC_SCOPE, size ? "\n" : "", size ? size : "") < len;
+	if (sha256)
+		return (size_t)snprintf(out, len, "%s\n%s\n%s\n%s\n%s", PUBLIC_SCOPE, size ? size : "", exp,
+					by ? by : "", sha256) < len;
 	return (size_t)snprintf(out, len, "%s\n%s\n%s%s%s", PUBLIC_SCOPE, size ? size : "", exp, by ? "\n" : "",
 				by ? by : "") < len;
 }
 
 /* A peer's URL may be long (a CDN's signed link): the source goes in the
  * query, the MAC in the path,
- * /media/<MAC>?src=<base64url source>[&size=<n>]&exp=<unix seconds>[&by=<domain>]. */
-bool peer_media_public_url(struct cw_app *app, const char *url, long long size, const char *by, char *out,
-			   size_t len)
+ * /media/<MAC>?src=<base64url source>[&size=<n>]&exp=<unix seconds>[&by=<domain>][&sha256=<hex>]. */
+bool peer_media_public_url(struct cw_app *app, const char *url, long long size, const char *by,
+			   const char *sha256, char *out, size_t len)
 {
-	char base[CFG_PUBLIC_URL_MAX + 1], token[3 * MEDIA_URL_MAX], digits[24], exp[24], scope[340], tail[300];
+	char base[CFG_PUBLIC_URL_MAX + 1], token[3 * MEDIA_URL_MAX], digits[24], exp[24], scope[420], tail[380];
 	snprintf(digits, sizeof(digits), "%lld", size);
 	snprintf(exp, sizeof(exp), "%lld", (long long)(cw_wall_ms() / 1000) + (long long)app->cfg->media_link_lifetime_s);
 	if (strncmp(url, "https://", 8) != 0 || !peer_base_url(app, base, sizeof(base)) ||
-	    !public_scope(size >= 0 ? digits : NULL, exp, by, scope, sizeof(scope)) ||
+	    !public_scope(size >= 0 ? digits : NULL, exp, by, sha256, scope, sizeof(scope)) ||
 	    !media_token_make(app->media_key, scope, url, token, sizeof(token)))
 		return false;
 	char *dot = strrchr(token, '.');
 	*dot = '\0';
 	/* A domain is of URL-safe characters (peer_domain_valid). */
-	snprintf(tail, sizeof(tail), "exp=%s%s%s", exp, by ? "&by=" : "", by ? by : "");
+	snprintf(tail, sizeof(tail), "exp=%s%s%s%s%s", exp, by ? "&by=" : "", by ? by : "", sha256 ? "&sha256=" : "",
+		 sha256 ? sha256 : "");
 	if (size < 0)
 		return (size_t)snprintf(out, len, "%s/media/%s?src=%s&%s", base, dot + 1, token + 3, tail) < len;
 	return (size_t)snprintf(out, len, "%s/media/%s?src=%s&size=%s&%s", base, dot + 1, token + 3, digits,
@@ -91,8 +101,11 @@ json_t *peer_media_public(struct cw_app *app, json_t *ev)
 		const char *url = json_string_value(json_object_get(a, "url"));
 		const json_t *size = json_object_get(a, "size");
 		char link[3 * MEDIA_URL_MAX]; /* the source's base64 is 4/3 of it, with the base and the MAC */
+		/* The digest as event validation took it (64 lower-case hex
+		 * digits), or none. */
+		const char *sha256 = json_string_value(json_object_get(a, "sha256"));
 		if (url && peer_media_public_url(app, url, json_is_integer(size) ? (long long)json_integer_value(size) : -1,
-						 by, link, sizeof(link)))
+						 by, sha256, link, sizeof(link)))
 			json_object_set_new(a, "url", json_string(link));
 	}
 	return copy ? copy : json_incref(ev);
@@ -147,6 +160,7 @@ struct media_job {
 	char source[MEDIA_URL_MAX + 4]; /* + the room base64 decoding wants for its padding */
 	char signer[256];           /* a link's by: the domain whose hosts get the fetch signed ("": none) */
 	char mac[32];               /* a link's MAC, its id (a peer's file for a link) */
+	char sha256[65];            /* the digest a link's file must have ("": none declared) */
 	struct media_blob b;
 	size_t reserved;            /* of app->media_held, from the start of the transfer */
 	bool over;                  /* no room for it in the budget: not fetched */
@@ -222,6 +236,16 @@ static void fetched(void *arg)
 {
 	struct media_job *j = arg;
 	struct cw_req *req = j->req;
+	/* The whole file is here (nothing is streamed before): checked
+	 * against its declared digest, as a re-hosted Matrix file and a
+	 * vCard photo are (until the thirty-first session a link served
+	 * whatever the store answered). */
+	char got[65];
+	bool mismatch = j->rc == CW_OK && j->sha256[0] && (media_sha256_hex(&j->b, got), strcmp(got, j->sha256) != 0);
+	if (mismatch) {
+		media_blob_free(&j->b);
+		j->rc = cw_fail(&j->err, CW_EIO, "the file does not match its declared sha256");
+	}
 	struct held *h = j->rc == CW_OK ? malloc(sizeof(*h)) : NULL;
 	if (j->rc == CW_OK && !h) {
 		media_blob_free(&j->b);
@@ -252,6 +276,11 @@ static void fetched(void *arg)
 			cw_req_reply_then(req, 200, NULL, (char *)body, j->b.n, released, h);
 			h = NULL;
 		}
+	} else if (mismatch) {
+		LOG_KV_LIMITED(CW_LOG_WARN, "a file for a link does not match its declared sha256", "request_id",
+			       cw_req_id(req), "got", got);
+		cw_req_problem(req, 502, "media_mismatch", "Bad gateway",
+			       "the file the sender's store answered does not match the sha256 its attachment declared");
 	} else if (j->over) {
 		app_retry_after(req, 5000);
 		cw_req_problem(req, 503, "unavailable", "Service unavailable",
@@ -343,8 +372,8 @@ void media_public_get(struct cw_req *req, void *ctx)
 {
 	struct cw_app *app = ctx;
 	const char *mac = cw_req_param(req, "token"), *src = cw_req_query(req, "src"), *size = cw_req_query(req, "size");
-	const char *exp = cw_req_query(req, "exp"), *by = cw_req_query(req, "by");
-	char token[3 * MEDIA_URL_MAX], scope[340];
+	const char *exp = cw_req_query(req, "exp"), *by = cw_req_query(req, "by"), *sha256 = cw_req_query(req, "sha256");
+	char token[3 * MEDIA_URL_MAX], scope[420];
 	struct media_job *j = calloc(1, sizeof(*j));
 	if (!j) {
 		app_retry_after(req, 1000);
@@ -355,7 +384,7 @@ void media_public_get(struct cw_req *req, void *ctx)
 	 * server.media_max_bytes).  The MAC is checked first: a changed size
 	 * or time is the same 404 as a made-up link. */
 	if (!mac || !src || (size_t)snprintf(token, sizeof(token), "m1.%s.%s", src, mac) >= sizeof(token) ||
-	    !public_scope(size, exp, by, scope, sizeof(scope)) ||
+	    !public_scope(size, exp, by, sha256, scope, sizeof(scope)) ||
 	    !media_token_open(app->media_key, scope, token, j->source, sizeof(j->source)) ||
 	    strncmp(j->source, "https://", 8) != 0) {
 		free(j);
@@ -375,6 +404,7 @@ void media_public_get(struct cw_req *req, void *ctx)
 	j->public = true;
 	snprintf(j->signer, sizeof(j->signer), "%s", by ? by : "");
 	snprintf(j->mac, sizeof(j->mac), "%s", mac); /* 22 characters: media_token_open took it */
+	snprintf(j->sha256, sizeof(j->sha256), "%s", sha256 ? sha256 : ""); /* 64: public_scope took it */
 	/* The declared size, as the MAC vouches for it: a longer file is
 	 * refused (413) as it is on Matrix (until the seventeenth session the
 	 * link fetched up to server.media_max_bytes whatever was declared). */

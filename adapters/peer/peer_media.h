@@ -27,10 +27,11 @@ void peer_api_media(struct cw_req *req, void *ctx);
  * attachment declares; negative: none declared, at most
  * server.media_max_bytes), until server.media_link_lifetime_s from now;
  * signed as Causeway only when its host is under by, the domain of the
- * peer that named it (NULL: never; media_fetch_peer); false when it
- * cannot be made (then the url stays as it is). */
-bool peer_media_public_url(struct cw_app *app, const char *url, long long size, const char *by, char *out,
-			   size_t len);
+ * peer that named it (NULL: never; media_fetch_peer); the file must
+ * match sha256 (64 lower-case hex digits, its attachment's; NULL: none
+ * declared); false when it cannot be made (then the url stays as it is). */
+bool peer_media_public_url(struct cw_app *app, const char *url, long long size, const char *by,
+			   const char *sha256, char *out, size_t len);
 /* The event with its https:// attachment URLs turned into such links (a
  * new reference: ev itself when it has none), by the domain of its
  * sender when that is a peer's. */

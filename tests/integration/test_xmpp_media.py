@@ -360,3 +360,53 @@ def test_a_refused_avatar_stays_none_when_the_photo_cache_starts_over(make_daemo
     finally:
         srv.close()
         media.close()
+
+
+def test_a_links_file_must_match_its_declared_sha256(make_daemon, db_url, prosody, alice, tmp_path):
+    """An attachment that declares its sha256 gets a link whose MAC covers
+    it (sha256=, a changed one is a forged link, 404), and the file the
+    link fetches must match it, as a re-hosted Matrix file and a vCard
+    photo must: a file that does not is answered 502 media_mismatch and
+    none of it is served.  Until the thirty-first session the link served
+    whatever the store answered (a review's finding).  A file declaring no
+    sha256 is served as before."""
+    import hashlib
+    media, d, a, srv, key, room = start(make_daemon, db_url, prosody, tmp_path)
+    try:
+        def link_of(url, data, sha256):
+            start = alice.count()
+            att = {"content_type": "image/jpeg", "url": url, "size": len(data)}
+            if sha256:
+                att["sha256"] = sha256
+            r = a.call("POST", f"/v1/rooms/{room}/messages", {
+                "type": "message", "sender": a.user("wally"),
+                "content": {"parts": [{"type": "text/plain", "body": "a photo"}], "attachments": [att]}},
+                idem=base64.urlsafe_b64encode(os.urandom(9)).decode())
+            assert r.status_code == 202, r.text
+            m = alice.wait_for_message(lambda el: el.get("from", "").split("/")[0] == WALLY_JID and el.find(
+                "{jabber:x:oob}x") is not None, timeout=10, start=start)
+            return m.find("{jabber:x:oob}x").find("{jabber:x:oob}url").text
+
+        data = os.urandom(1000)
+        good = hashlib.sha256(data).hexdigest()
+        url = media.put("/f/right.jpg", "image/jpeg", data, host="media.wa.localhost")
+        link = link_of(url, data, good)
+        assert urllib.parse.parse_qs(urllib.parse.urlsplit(link).query)["sha256"] == [good], link
+        got = requests.get(link, timeout=10)
+        assert got.status_code == 200 and got.content == data, (got.status_code, got.text[:200])
+        forged = link.replace(good, hashlib.sha256(b"other").hexdigest())
+        r = requests.get(forged, timeout=10)
+        assert r.status_code == 404 and r.json()["code"] == "unknown_media", r.text[:200]
+        wrong = media.put("/f/wrong.jpg", "image/jpeg", data, host="media.wa.localhost")
+        link = link_of(wrong, data, hashlib.sha256(data + b"x").hexdigest())
+        r = requests.get(link, timeout=10)
+        assert r.status_code == 502 and r.json()["code"] == "media_mismatch", (r.status_code, r.text[:200])
+        assert data not in r.content and r.headers["Content-Type"].startswith("application/problem+json")
+        none = media.put("/f/none.jpg", "image/jpeg", data, host="media.wa.localhost")
+        link = link_of(none, data, None)
+        assert "sha256" not in link
+        got = requests.get(link, timeout=10)
+        assert got.status_code == 200 and got.content == data, (got.status_code, got.text[:200])
+    finally:
+        srv.close()
+        media.close()
