@@ -73,27 +73,39 @@ struct readyz_job {
 	struct cw_app *app;
 	struct cw_req *req;
 	int applied;
-	int matching;
+	int matching; /* this build's migrations recorded with the same checksum */
+	int unknown;  /* recorded migrations this build does not have, below its newest */
+	json_t *newer; /* recorded versions above this build's newest: a newer build migrated */
 	int64_t t0_us;
 };
 
 static cw_err readyz_query(PGconn *c, void *arg, cw_errmsg *e)
 {
 	struct readyz_job *j = arg;
-	PGresult *r = PQexec(c, "SELECT version, checksum FROM schema_migrations");
+	PGresult *r = PQexec(c, "SELECT version, checksum FROM schema_migrations ORDER BY version");
 	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
 		cw_err rc = store_result_err(c, r, e);
 		PQclear(r);
 		return rc;
 	}
 	const struct migration_set *set = &j->app->migrations;
+	int newest = set->n ? set->m[set->n - 1].version : 0; /* the set is sorted */
 	j->applied = PQntuples(r);
 	j->matching = 0;
+	j->unknown = 0;
+	json_decref(j->newer);
+	j->newer = json_array();
 	for (int i = 0; i < j->applied; i++) {
 		int v = atoi(PQgetvalue(r, i, 0));
-		for (size_t k = 0; k < set->n; k++)
-			if (set->m[k].version == v && strcmp(set->m[k].sha256, PQgetvalue(r, i, 1)) == 0)
-				j->matching++;
+		size_t k = 0;
+		while (k < set->n && set->m[k].version != v)
+			k++;
+		if (k < set->n)
+			j->matching += strcmp(set->m[k].sha256, PQgetvalue(r, i, 1)) == 0;
+		else if (v > newest)
+			json_array_append_new(j->newer, json_integer(v));
+		else
+			j->unknown++;
 	}
 	PQclear(r);
 	return CW_OK;
@@ -104,7 +116,11 @@ static void readyz_done(void *arg, cw_err rc, const cw_errmsg *e)
 	struct readyz_job *j = arg;
 	const struct migration_set *set = &j->app->migrations;
 	bool db_up = rc == CW_OK;
-	bool current = db_up && j->matching == (int)set->n && j->applied == (int)set->n;
+	/* Current: every migration of this build applied with the same checksum.
+	 * Migrations of a newer build beyond them do not make it unready: the
+	 * operator runs the newer build's --migrate before a rolling restart
+	 * (docs/operations.md). Until the thirty-first session they did. */
+	bool current = db_up && j->matching == (int)set->n && j->unknown == 0;
 	json_t *db = json_pack("{s:s, s:f}", "status", db_up ? "up" : "down", "latency_ms",
 			       (double)((cw_now_us() - j->t0_us) / 10) / 100.0);
 	if (!db_up)
@@ -112,6 +128,9 @@ static void readyz_done(void *arg, cw_err rc, const cw_errmsg *e)
 	json_t *mig = json_pack("{s:s, s:i, s:i}", "status",
 				!db_up ? "unknown" : current ? "current" : "not_current",
 				"applied", j->applied, "expected", (int)set->n);
+	if (db_up && j->newer && json_array_size(j->newer) > 0)
+		json_object_set(mig, "newer", j->newer);
+	json_decref(j->newer);
 	json_t *adapters = json_object();
 	if (j->app->matrix) /* reported, not a readiness condition: the homeserver may come later */
 		json_object_set_new(adapters, "matrix", matrix_health(j->app->matrix));

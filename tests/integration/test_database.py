@@ -91,6 +91,36 @@ def test_a_new_migration_is_applied_and_an_unknown_one_refused(make_daemon, db_u
     assert "which this build does not have" in d.wait_for(lambda r: r.get("level") == "error")["detail"]
 
 
+def test_an_older_daemon_stays_ready_after_a_newer_build_migrates(make_daemon, db_url, tmp_path, pg):
+    """docs/operations.md tells operators to run the new build's --migrate
+    before a rolling restart: the daemons of the older build still running
+    stay ready (their migrations are all there, unchanged) and name the newer
+    ones. Until the thirty-first session they answered 503 not_current."""
+    old = make_daemon(db_url).start()
+    assert old.get("/readyz").status_code == 200
+    schema = copy_schema(tmp_path)
+    with open(os.path.join(schema, "999_next_release.sql"), "w") as f:
+        f.write("CREATE TABLE next_release (id int);\n")
+    r = run_causewayd(["--migrate"], env={"CAUSEWAY_DATABASE_URL": db_url, "CAUSEWAY_DATABASE_SCHEMA_DIR": schema})
+    assert r.returncode == 0, r.stderr
+    rz = old.get("/readyz")
+    assert rz.status_code == 200, rz.text
+    assert rz.json()["status"] == "ready"
+    assert rz.json()["migrations"] == {"status": "current", "applied": N_MIGRATIONS + 1,
+                                       "expected": N_MIGRATIONS, "newer": [999]}
+    # A migration of this build recorded with another checksum: not current.
+    checksum = pg.psql("SELECT checksum FROM schema_migrations WHERE version = 1", db_url)
+    pg.psql("UPDATE schema_migrations SET checksum = repeat('0', 64) WHERE version = 1", db_url)
+    rz = old.get("/readyz")
+    assert rz.status_code == 503 and rz.json()["migrations"]["status"] == "not_current", rz.text
+    assert "Retry-After" in rz.headers
+    # A migration of this build missing: not current either.
+    pg.psql(f"UPDATE schema_migrations SET checksum = '{checksum}' WHERE version = 1", db_url)
+    pg.psql("DELETE FROM schema_migrations WHERE version = 2", db_url)
+    rz = old.get("/readyz")
+    assert rz.status_code == 503 and rz.json()["migrations"]["status"] == "not_current", rz.text
+
+
 def test_a_broken_migration_is_rolled_back(make_daemon, db_url, tmp_path, pg):
     schema = copy_schema(tmp_path)
     with open(os.path.join(schema, "900_broken.sql"), "w") as f:
