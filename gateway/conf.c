@@ -5,6 +5,7 @@
 #include "peer/event.h"
 #include "xmpp/xmpp.h"
 #include "log.h"
+#include "matrix/mx_id.h"
 #include "store.h"
 
 #include <ctype.h>
@@ -158,11 +159,12 @@ const struct cfg_option cfg_options[] = {
 	{ "matrix", "hs_token", CFG_STR, OFF(mx_hs_token), "", 0, 0, false, true,
 	  "the token the homeserver presents to causewayd (from the registration)" },
 	{ "matrix", "sender_localpart", CFG_STR, OFF(mx_sender_localpart), "_cw_bot", 0, 0, false, false,
-	  "localpart of the gateway's bot (the management room)" },
+	  "localpart of the gateway's bot (the management room): a-z 0-9 . _ = - / +" },
 	{ "matrix", "user_prefix", CFG_STR, OFF(mx_user_prefix), "_cw_", 0, 0, false, false,
-	  "localpart prefix of the ghost users standing for remote users (an exclusive namespace)" },
+	  "localpart prefix of the ghost users standing for remote users (an exclusive namespace): 1 to 64 of "
+	  "a-z 0-9 . _ = - / +" },
 	{ "matrix", "alias_prefix", CFG_STR, OFF(mx_alias_prefix), "_cw_", 0, 0, false, false,
-	  "alias prefix of the gateway's rooms (an exclusive namespace)" },
+	  "alias prefix of the gateway's rooms (an exclusive namespace): 1 to 64 of a-z 0-9 . _ = - / +" },
 	{ "matrix", "max_transaction_bytes", CFG_SIZE, OFF(mx_max_txn_bytes), "16MiB", 1L << 20, 256L << 20, false, false,
 	  "largest homeserver transaction body taken (100 events of up to 64 KiB, and ephemeral data), "
 	  "for a request that carries the hs_token; server.max_body_bytes bounds every other request" },
@@ -513,6 +515,34 @@ static bool set(const char *s)
 	return s && *s;
 }
 
+/* The longest matrix.user_prefix and alias_prefix taken: a ghost's user id
+ * (prefix, network, remote localpart, server name) is at most 255 bytes. */
+#define MX_PREFIX_MAX 64
+
+/* The Matrix names the gateway makes: in the current localpart grammar
+ * (mx_localpart_compliant), as the homeserver registers them.  Until the
+ * thirty-first session an empty prefix passed: the registration's regex
+ * became ^@.*:SERVER$, an exclusive claim on every user of the homeserver,
+ * and every local user was taken for a ghost and refused. */
+static cw_err check_matrix_names(const struct cw_config *c, cw_errmsg *e)
+{
+	const struct {
+		const char *name, *value;
+	} prefixes[] = { { "matrix.user_prefix", c->mx_user_prefix }, { "matrix.alias_prefix", c->mx_alias_prefix } };
+	for (size_t i = 0; i < sizeof(prefixes) / sizeof(prefixes[0]); i++) {
+		const char *v = prefixes[i].value ? prefixes[i].value : "";
+		if (!mx_localpart_compliant(v) || strlen(v) > MX_PREFIX_MAX)
+			return cw_fail(e, CW_EINVAL, "%s must be 1 to %d of the characters a Matrix localpart allows "
+				       "(a-z 0-9 . _ = - / +), not \"%.100s\": it is an exclusive namespace on the homeserver",
+				       prefixes[i].name, MX_PREFIX_MAX, v);
+	}
+	if (!mx_localpart_compliant(c->mx_sender_localpart) || strlen(c->mx_sender_localpart) > MX_ID_MAX / 2)
+		return cw_fail(e, CW_EINVAL, "matrix.sender_localpart must be a Matrix localpart (1 to %d of a-z 0-9 "
+			       ". _ = - / +), not \"%.100s\"", MX_ID_MAX / 2,
+			       c->mx_sender_localpart ? c->mx_sender_localpart : "");
+	return CW_OK;
+}
+
 /* Every check of the options together and of what the daemon makes of
  * them: here, so that --check-config, the start (before the migrations)
  * and a reload refuse alike.  Until the twenty-fourth session the Matrix
@@ -543,6 +573,8 @@ static cw_err cfg_check(const struct cw_config *c, bool need_tokens, cw_errmsg *
 			       "not (causewayd --matrix-registration makes both)");
 	if (set(c->mx_homeserver_url) && set(c->mx_as_token) && set(c->mx_hs_token) &&
 	    cfg_matrix_tokens_check(c->mx_as_token, c->mx_hs_token, e))
+		return CW_EINVAL;
+	if (check_matrix_names(c, e))
 		return CW_EINVAL;
 	/* libmicrohttpd would take it, and the global limit would refuse
 	 * first: a value no client can reach says the operator meant another. */

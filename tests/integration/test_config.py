@@ -100,6 +100,17 @@ REFUSED_AT_START = (
      "matrix.as_token and matrix.hs_token must differ"),
     ("[matrix]\nhomeserver_url = http://127.0.0.1:8008\nas_token = a b\nhs_token = hs\n",
      "matrix.as_token has a space"),
+    # An empty prefix made the registration's namespace ^@.*:example\.org$, an exclusive claim on every user
+    # of the homeserver, and refused every local user as a ghost (until the thirty-first session).
+    ("[matrix]\nhomeserver_url = http://127.0.0.1:8008\nas_token = a\nhs_token = h\nuser_prefix =\n",
+     "matrix.user_prefix must be 1 to 64 of the characters a Matrix localpart allows"),
+    ("[matrix]\nhomeserver_url = http://127.0.0.1:8008\nas_token = a\nhs_token = h\nalias_prefix =\n",
+     "matrix.alias_prefix must be 1 to 64 of the characters a Matrix localpart allows"),
+    ("[matrix]\nuser_prefix = CW_\n", "matrix.user_prefix must be"),
+    ("[matrix]\nalias_prefix = cw:\n", "matrix.alias_prefix must be"),
+    ("[matrix]\nuser_prefix = " + "a" * 65 + "\n", "matrix.user_prefix must be"),
+    ("[matrix]\nsender_localpart = bot@x\n", "matrix.sender_localpart must be"),
+    ("[matrix]\nsender_localpart =\n", "matrix.sender_localpart must be"),
     ("[server]\nlisten_address = localhost\n", "server.listen_address 'localhost' is not a numeric address"),
     ("[server]\nconnection_limit = 64\nconnection_limit_per_client = 65\n",
      "server.connection_limit_per_client (65) is above server.connection_limit (64)"),
