@@ -643,6 +643,10 @@ static const char *client_address(struct MHD_Connection *conn, char *buf, sockle
 	return a && inet_ntop(sa->sa_family, a, buf, len) ? buf : "-";
 }
 
+/* The longest path the access log writes: the rest of the record must fit
+ * in a log line (4 KiB). */
+#define ACCESS_LOG_PATH_MAX 1024
+
 /* Counts, logs and frees a request, and takes it out of the in-flight
  * count: at its completion, or when libmicrohttpd ended it without one
  * (struct conn_state). */
@@ -660,13 +664,27 @@ static void end_req(struct cw_http *h, struct MHD_Connection *conn, struct cw_re
 		snprintf(st, sizeof(st), "%d", status);
 		snprintf(ms, sizeof(ms), "%.3f", (double)dur / 1000.0);
 		snprintf(bytes, sizeof(bytes), "%zu", r->body_len);
-		/* The client before the path: a line is cut at 4 KiB, and a
-		 * long path must not take the address with it. */
+		/* The path last, and cut at ACCESS_LOG_PATH_MAX (at a UTF-8
+		 * character's start): a line is cut at 4 KiB, and a long path
+		 * must not take the rest with it.  Until the thirty-first
+		 * session it came before the status and was cut with the line. */
+		char path[ACCESS_LOG_PATH_MAX + 1];
+		const char *rp = r->path ? r->path : ""; /* none: libmicrohttpd ended it before a request line */
+		size_t pl = strlen(rp);
+		bool cut = pl > ACCESS_LOG_PATH_MAX;
+		if (cut) {
+			pl = ACCESS_LOG_PATH_MAX;
+			while (pl > 0 && ((unsigned char)rp[pl] & 0xc0) == 0x80)
+				pl--;
+		}
+		memcpy(path, rp, pl);
+		path[pl] = '\0';
 		LOG_KV(CW_LOG_INFO, "request", "request_id", r->id,
-		       "client", client_address(conn, client, sizeof(client)), "method", r->method, "path", r->path,
+		       "client", client_address(conn, client, sizeof(client)), "method", r->method,
 		       "status", st, "duration_ms", ms, "body_bytes", bytes,
 		       "route", r->route >= 0 ? h->o.routes[r->route].pattern : "-",
-		       "outcome", toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? "ok" : "aborted");
+		       "outcome", toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? "ok" : "aborted", "path", path,
+		       cut ? "path_truncated" : NULL, "true");
 	}
 	free_req(r);
 	pthread_mutex_lock(&h->mu);

@@ -55,41 +55,67 @@ static bool needs_quotes(const char *v)
 	return false;
 }
 
-/* Appends one character, keeping room for the final newline and NUL. */
-#define PUT(c) do { if (pos + 2 < len) buf[pos++] = (c); } while (0)
+/* The escaped form of byte c inside a quoted value into out (at least 4
+ * bytes); returns its length. */
+static size_t escape_byte(unsigned char c, char *out)
+{
+	static const char hx[] = "0123456789abcdef";
+	switch (c) {
+	case '"': memcpy(out, "\\\"", 2); return 2;
+	case '\\': memcpy(out, "\\\\", 2); return 2;
+	case '\n': memcpy(out, "\\n", 2); return 2;
+	case '\r': memcpy(out, "\\r", 2); return 2;
+	case '\t': memcpy(out, "\\t", 2); return 2;
+	default:
+		if (c < 0x20 || c == 0x7f) {
+			out[0] = '\\';
+			out[1] = 'x';
+			out[2] = hx[c >> 4];
+			out[3] = hx[c & 15];
+			return 4;
+		}
+		out[0] = (char)c;
+		return 1;
+	}
+}
 
+/* Room is kept for the final newline and NUL: a pair ends at len - 2 at
+ * most.  A pair whose key (and opening quote) does not fit is left out; a
+ * value that does not fit is cut before the escape that would not, and its
+ * quote closed: a cut record is still whole logfmt (until the thirty-first
+ * session its last quote stayed open, or an escape was cut in two). */
 size_t cw_log_append_pair(char *buf, size_t len, size_t pos, const char *key, const char *val)
 {
 	if (!val)
 		val = "";
+	if (len < 2 || pos + 2 > len)
+		return pos;
+	size_t end = len - 2;
+	bool quoted = needs_quotes(val);
+	size_t head = (pos > 0) + strlen(key) + 1 + (quoted ? 2 : 0);
+	if (head > end - pos)
+		return pos;
 	if (pos > 0)
-		PUT(' ');
-	for (const char *k = key; *k; k++)
-		PUT(*k);
-	PUT('=');
-	if (!needs_quotes(val)) {
-		for (const char *v = val; *v; v++)
-			PUT(*v);
+		buf[pos++] = ' ';
+	size_t kl = strlen(key);
+	memcpy(buf + pos, key, kl);
+	pos += kl;
+	buf[pos++] = '=';
+	if (!quoted) {
+		for (const char *v = val; *v && pos < end; v++)
+			buf[pos++] = *v;
 		return pos;
 	}
-	PUT('"');
+	buf[pos++] = '"';
 	for (const unsigned char *v = (const unsigned char *)val; *v; v++) {
-		switch (*v) {
-		case '"': PUT('\\'); PUT('"'); break;
-		case '\\': PUT('\\'); PUT('\\'); break;
-		case '\n': PUT('\\'); PUT('n'); break;
-		case '\r': PUT('\\'); PUT('r'); break;
-		case '\t': PUT('\\'); PUT('t'); break;
-		default:
-			if (*v < 0x20 || *v == 0x7f) {
-				static const char hx[] = "0123456789abcdef";
-				PUT('\\'); PUT('x'); PUT(hx[*v >> 4]); PUT(hx[*v & 15]);
-			} else {
-				PUT((char)*v);
-			}
-		}
+		char esc[4];
+		size_t n = escape_byte(*v, esc);
+		if (n + 1 > end - pos) /* and the closing quote */
+			break;
+		memcpy(buf + pos, esc, n);
+		pos += n;
 	}
-	PUT('"');
+	buf[pos++] = '"';
 	return pos;
 }
 

@@ -202,6 +202,24 @@ def test_hostile_path_cannot_forge_log_lines(daemon):
     assert not any(r.get("msg") == "forged" for r in daemon.records)
 
 
+def test_a_long_path_keeps_the_status_in_the_access_log(daemon):
+    """The path came before the status, duration, route and outcome, and a
+    record was cut at 4 KiB with its quote open: a long path hid what became
+    of the request (until the thirty-first session). The path is now last,
+    and cut at 1 KiB with path_truncated=true."""
+    r = daemon.get("/v1/rooms/" + "\u00e9" * 3000)
+    rid = r.headers["X-Request-Id"]
+    rec = daemon.wait_for(lambda x: x.get("msg") == "request" and x.get("request_id") == rid)
+    assert rec["status"] == str(r.status_code) and rec["outcome"] == "ok" and "duration_ms" in rec, rec
+    assert rec["path_truncated"] == "true"
+    # cut at 1 KiB, at a character's start (the path is logged decoded)
+    assert 1020 <= len(rec["path"].encode()) <= 1024 and rec["path"].startswith("/v1/rooms/\u00e9\u00e9")
+    assert "\ufffd" not in rec["path"]
+    r = daemon.get("/healthz")
+    rec = daemon.wait_for(lambda x: x.get("msg") == "request" and x.get("request_id") == r.headers["X-Request-Id"])
+    assert rec["path"] == "/healthz" and "path_truncated" not in rec
+
+
 def metric(text, name, labels=None):
     for line in text.splitlines():
         if line.startswith("#"):

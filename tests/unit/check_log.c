@@ -3,6 +3,7 @@
 #include "log.h"
 #include "unit.h"
 
+#include <ctype.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -59,6 +60,58 @@ START_TEST(long_records_are_truncated_but_end_in_newline)
 	ck_assert_uint_lt(n, sizeof(buf));
 	ck_assert_int_eq(buf[n - 1], '\n');
 	ck_assert_int_eq(buf[n], '\0');
+}
+END_TEST
+
+/* Whether line (without its newline) is whole logfmt: every quote closed,
+ * no escape cut in two.  Until the thirty-first session a record cut at
+ * the buffer's end left its last value's quote open (and could split an
+ * escape), so a reader took the rest of the file for that value. */
+static bool logfmt_whole(const char *line)
+{
+	bool quoted = false;
+	for (const char *p = line; *p && *p != '\n'; p++) {
+		if (!quoted) {
+			if (*p == '"')
+				quoted = true;
+			continue;
+		}
+		if (*p == '"') {
+			quoted = false;
+		} else if (*p == '\\') {
+			p++;
+			if (*p == 'x') {
+				if (!isxdigit((unsigned char)p[1]) || !isxdigit((unsigned char)p[2]))
+					return false;
+				p += 2;
+			} else if (!*p || !strchr("\"\\nrt", *p)) {
+				return false;
+			}
+		}
+	}
+	return !quoted;
+}
+
+START_TEST(a_cut_record_never_leaves_a_quote_open_or_an_escape_split)
+{
+	const char *kv[] = { "path", "/a b\"c\\d\ne\x01f", "status", "200", NULL };
+	char full[512];
+	size_t whole = cw_log_format(full, sizeof(full), 0, CW_LOG_INFO, "request", "r1", kv);
+	ck_assert(logfmt_whole(full));
+	for (size_t len = 3; len <= whole + 1; len++) {
+		char buf[512];
+		size_t n = cw_log_format(buf, len, 0, CW_LOG_INFO, "request", "r1", kv);
+		ck_assert_uint_lt(n, len);
+		ck_assert_int_eq(buf[n - 1], '\n');
+		ck_assert_msg(logfmt_whole(buf), "cut at %zu: %s", len, buf);
+		/* what is there is a prefix of the whole record's pairs, values perhaps shortened */
+		ck_assert_int_eq(strncmp(buf, full, 10 < n - 1 ? 10 : n - 1), 0);
+	}
+	/* A pair whose key does not fit is left out, not half written. */
+	char buf[64];
+	const char *kv2[] = { "a", "1", "a_long_key_that_does_not_fit_at_all", "v", NULL };
+	cw_log_format(buf, sizeof(buf), 0, CW_LOG_INFO, "m", NULL, kv2);
+	ck_assert_str_eq(buf, "ts=1970-01-01T00:00:00.000Z level=info msg=m a=1\n");
 }
 END_TEST
 
@@ -330,6 +383,7 @@ int main(void)
 	tcase_add_test(tc, control_characters_are_hex_escaped);
 	tcase_add_test(tc, null_value_is_empty);
 	tcase_add_test(tc, long_records_are_truncated_but_end_in_newline);
+	tcase_add_test(tc, a_cut_record_never_leaves_a_quote_open_or_an_escape_split);
 	tcase_add_test(tc, levels_parse_and_filter);
 	tcase_add_test(tc, limited_site_writes_n_a_second_and_counts_the_rest);
 	tcase_add_test(tc, flush_writes_a_count_once_its_second_has_passed);
