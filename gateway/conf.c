@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/stat.h>
 
 #define OFF(f) offsetof(struct cw_config, f)
 
@@ -415,16 +416,21 @@ static bool url_lacks(CURLU *u, CURLUPart part, CURLUcode none)
 	return rc == none;
 }
 
-/* Whether s is an absolute https URL with a host and without a user or
- * password; libcurl's parser, which the daemon's fetches use too. */
-static bool https_url_ok(const char *s)
+/* Whether s is an absolute URL with a host and without a user or password,
+ * https (or http too, http_too); libcurl's parser, which the daemon's
+ * fetches use too.  base: without a query or fragment either (a base URL
+ * that paths are appended to). */
+static bool web_url_ok(const char *s, bool http_too, bool base)
 {
 	CURLU *u = curl_url();
 	char *scheme = NULL, *host = NULL;
 	bool ok = u && curl_url_set(u, CURLUPART_URL, s, 0) == CURLUE_OK &&
-		  curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) == CURLUE_OK && strcmp(scheme, "https") == 0 &&
+		  curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) == CURLUE_OK &&
+		  (strcmp(scheme, "https") == 0 || (http_too && strcmp(scheme, "http") == 0)) &&
 		  curl_url_get(u, CURLUPART_HOST, &host, 0) == CURLUE_OK && *host &&
-		  url_lacks(u, CURLUPART_USER, CURLUE_NO_USER);
+		  url_lacks(u, CURLUPART_USER, CURLUE_NO_USER) &&
+		  (!base || (url_lacks(u, CURLUPART_QUERY, CURLUE_NO_QUERY) &&
+			     url_lacks(u, CURLUPART_FRAGMENT, CURLUE_NO_FRAGMENT)));
 	curl_free(scheme);
 	curl_free(host);
 	curl_url_cleanup(u);
@@ -447,15 +453,12 @@ static bool public_url_ok(const char *s)
 	for (const unsigned char *p = (const unsigned char *)s; *p; p++)
 		if (*p <= ' ' || *p >= 0x7f)
 			return false;
-	CURLU *u = curl_url();
-	char *host = NULL;
-	bool ok = u && curl_url_set(u, CURLUPART_URL, s, 0) == CURLUE_OK &&
-		  curl_url_get(u, CURLUPART_HOST, &host, 0) == CURLUE_OK && *host &&
-		  url_lacks(u, CURLUPART_USER, CURLUE_NO_USER) && url_lacks(u, CURLUPART_QUERY, CURLUE_NO_QUERY) &&
-		  url_lacks(u, CURLUPART_FRAGMENT, CURLUE_NO_FRAGMENT) && !strchr(s, '?') && !strchr(s, '#');
-	curl_free(host);
-	curl_url_cleanup(u);
-	return ok;
+	return !strchr(s, '?') && !strchr(s, '#') && web_url_ok(s, true, true);
+}
+
+static bool https_url_ok(const char *s)
+{
+	return web_url_ok(s, false, false);
 }
 
 /* Whether s is mailto: and one address (RFC 6068, no header fields).
@@ -490,8 +493,14 @@ static bool mailto_ok(const char *s)
  * header (and the homeserver splits that header at its spaces). */
 static cw_err check_token(const char *name, const char *token, cw_errmsg *e)
 {
-	if (strlen(token) > MX_TOKEN_MAX)
+	size_t n = strlen(token);
+	if (n > MX_TOKEN_MAX)
 		return cw_fail(e, CW_EINVAL, "%s is longer than %d bytes", name, MX_TOKEN_MAX);
+	/* The INI file takes a value as written: copied from a YAML
+	 * registration with its quotes, it is not the homeserver's token. */
+	if (n >= 2 && (token[0] == '"' || token[0] == '\'') && token[n - 1] == token[0])
+		return cw_fail(e, CW_EINVAL, "%s is wrapped in quotes, which would be part of the token: write it "
+			       "without them (a value is taken as written, to the end of the line)", name);
 	for (const unsigned char *p = (const unsigned char *)token; *p; p++)
 		if (*p <= 0x20 || *p >= 0x7f)
 			return cw_fail(e, CW_EINVAL, "%s has a %s: it cannot travel in an Authorization header", name,
@@ -543,6 +552,41 @@ static cw_err check_matrix_names(const struct cw_config *c, cw_errmsg *e)
 	return CW_OK;
 }
 
+/* Values of the file's own syntax that the daemon could not use, found at
+ * the start or later (until the thirty-first session --check-config passed
+ * them): a Matrix URL that is not one (the adapter then failed each
+ * request), a CA file that is not there (each HTTPS fetch failed), an
+ * empty or unquotable signature tag (every peer's signature refused). */
+static cw_err check_values(const struct cw_config *c, cw_errmsg *e)
+{
+	const struct {
+		const char *name, *value;
+	} urls[] = { { "matrix.homeserver_url", c->mx_homeserver_url }, { "matrix.url", c->mx_url } };
+	for (size_t i = 0; i < sizeof(urls) / sizeof(urls[0]); i++)
+		if (set(urls[i].value) && !web_url_ok(urls[i].value, true, true))
+			return cw_fail(e, CW_EINVAL, "%s must be an http or https URL with a host (and without a user, "
+				       "query or fragment), not \"%.200s\"", urls[i].name, urls[i].value);
+	if (set(c->ca_file)) {
+		struct stat st;
+		FILE *f = fopen(c->ca_file, "r");
+		if (!f)
+			return cw_fail(e, CW_EINVAL, "server.ca_file: cannot read %.200s: %s", c->ca_file, strerror(errno));
+		bool regular = fstat(fileno(f), &st) == 0 && S_ISREG(st.st_mode);
+		fclose(f);
+		if (!regular)
+			return cw_fail(e, CW_EINVAL, "server.ca_file: %.200s is not a file (a CA bundle in PEM)", c->ca_file);
+	}
+	/* A signature's tag parameter is a structured-field string (RFC 8941):
+	 * printable ASCII, and the daemon writes it unescaped. */
+	bool tag_ok = set(c->signature_tag);
+	for (const char *p = c->signature_tag; tag_ok && *p; p++)
+		tag_ok = *p >= 0x20 && *p < 0x7f && *p != '"' && *p != '\\';
+	if (!tag_ok)
+		return cw_fail(e, CW_EINVAL, "peer.signature_tag must be 1 or more printable ASCII characters without "
+			       "'\"' or '\\', not \"%.100s\"", c->signature_tag ? c->signature_tag : "");
+	return CW_OK;
+}
+
 /* Every check of the options together and of what the daemon makes of
  * them: here, so that --check-config, the start (before the migrations)
  * and a reload refuse alike.  Until the twenty-fourth session the Matrix
@@ -574,7 +618,7 @@ static cw_err cfg_check(const struct cw_config *c, bool need_tokens, cw_errmsg *
 	if (set(c->mx_homeserver_url) && set(c->mx_as_token) && set(c->mx_hs_token) &&
 	    cfg_matrix_tokens_check(c->mx_as_token, c->mx_hs_token, e))
 		return CW_EINVAL;
-	if (check_matrix_names(c, e))
+	if (check_matrix_names(c, e) || check_values(c, e))
 		return CW_EINVAL;
 	/* libmicrohttpd would take it, and the global limit would refuse
 	 * first: a value no client can reach says the operator meant another. */

@@ -18,6 +18,7 @@
 #include "peer_api.h"
 #include "peers.h"
 
+#include <errno.h>
 #include <getopt.h>
 #include <pthread.h>
 #include <signal.h>
@@ -25,6 +26,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -272,6 +274,32 @@ static void reload(struct cw_app *app, const char *path)
 	LOG_KV(CW_LOG_INFO, "configuration reloaded", "changed", cnt);
 }
 
+/* The directory in which the start would create a missing key file: there,
+ * and writable by this user (--check-config runs as the daemon's user).
+ * Until the thirty-first session --check-config passed a key file in a
+ * directory that did not exist, and the start failed. */
+static cw_err key_dir_check(const char *file, cw_errmsg *e)
+{
+	char dir[4096];
+	const char *slash = strrchr(file, '/');
+	if (!slash)
+		snprintf(dir, sizeof(dir), ".");
+	else if ((size_t)(slash - file) >= sizeof(dir))
+		return cw_fail(e, CW_EINVAL, "its directory's name is too long");
+	else
+		snprintf(dir, sizeof(dir), "%.*s", slash == file ? 1 : (int)(slash - file), file);
+	struct stat st;
+	if (stat(dir, &st) != 0)
+		return cw_fail(e, CW_EINVAL, "its directory %s %s (the start creates the key there)", dir,
+			       errno == ENOENT ? "does not exist" : strerror(errno));
+	if (!S_ISDIR(st.st_mode))
+		return cw_fail(e, CW_EINVAL, "%s is not a directory", dir);
+	if (access(dir, W_OK | X_OK) != 0)
+		return cw_fail(e, CW_EINVAL, "its directory %s is not writable by this user (the start creates the key "
+			       "there): %s", dir, strerror(errno));
+	return CW_OK;
+}
+
 int main(int argc, char **argv)
 {
 	static const struct option longopts[] = {
@@ -329,6 +357,8 @@ int main(int argc, char **argv)
 		EVP_PKEY *key = NULL;
 		cw_err krc = httpsig_key_load(cfg.signing_key_file, &key, &e);
 		EVP_PKEY_free(key);
+		if (krc == CW_ENOTFOUND && key_dir_check(cfg.signing_key_file, &e))
+			krc = CW_EINVAL;
 		if (krc && krc != CW_ENOTFOUND) {
 			fprintf(stderr, "causewayd: peer.signing_key_file: %s\n", e.msg);
 			migration_set_free(&set);

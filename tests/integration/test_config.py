@@ -15,6 +15,13 @@ def options():
     return {row[0]: row for row in rows}
 
 
+def key_env(tmp_path, **more):
+    """The key file in tmp_path: --check-config refuses a missing key file in a
+    directory that is not there (the default's, /usr/local/var/lib/causeway,
+    on a machine without an install), since the thirty-first session."""
+    return {"CAUSEWAY_PEER_SIGNING_KEY_FILE": str(tmp_path / "signing.key"), **more}
+
+
 def write(tmp_path, text):
     p = tmp_path / "c.ini"
     p.write_text(text)
@@ -24,7 +31,7 @@ def write(tmp_path, text):
 def test_check_config_accepts_a_valid_file(tmp_path):
     schema = os.path.join(TOP_SRCDIR, "schema")
     p = write(tmp_path, f"[database]\nurl = postgresql:///x\nschema_dir = {schema}\n")
-    r = run_causewayd(["--check-config", p])
+    r = run_causewayd(["--check-config", p], env=key_env(tmp_path))
     assert r.returncode == 0, r.stderr
     assert "configuration valid" in r.stdout
 
@@ -56,7 +63,7 @@ def test_a_line_longer_than_the_ini_parser_reads_is_refused_by_its_number(tmp_pa
         r = run_causewayd(["--check-config", write(tmp_path, text)])
         assert r.returncode == 1 and f"c.ini:{line}: line longer than 199 bytes" in r.stderr, r.stderr
     r = run_causewayd(["--check-config", write(tmp_path, f"[server]\n{ok}[database]\nurl = postgresql:///x\n"
-                                                         f"schema_dir = {schema}\n")])
+                                                         f"schema_dir = {schema}\n")], env=key_env(tmp_path))
     assert r.returncode == 0, r.stderr
 
 
@@ -81,7 +88,7 @@ def test_xmpp_components_name_peers_a_peer_can_be(tmp_path):
     assert 'xmpp.components: \\"gk.example\\" is not a peer name' in r.stdout + r.stderr, r.stdout + r.stderr
     p = write(tmp_path, f"{head}secret = s\ndomain = example.org\n"
                         "components = gk.localhost=gk, wa.localhost=wa_2,tg.localhost=" + "a" * 32 + "\n")
-    r = run_causewayd(["--check-config", p])
+    r = run_causewayd(["--check-config", p], env=key_env(tmp_path))
     assert r.returncode == 0, r.stderr
 
 
@@ -111,6 +118,24 @@ REFUSED_AT_START = (
     ("[matrix]\nuser_prefix = " + "a" * 65 + "\n", "matrix.user_prefix must be"),
     ("[matrix]\nsender_localpart = bot@x\n", "matrix.sender_localpart must be"),
     ("[matrix]\nsender_localpart =\n", "matrix.sender_localpart must be"),
+    # Values the daemon could not use, passed until the thirty-first session.
+    ("[matrix]\nhomeserver_url = not a url\nas_token = a\nhs_token = h\n",
+     'matrix.homeserver_url must be an http or https URL with a host (and without a user, query or fragment), '
+     'not "not a url"'),
+    ("[matrix]\nhomeserver_url = ftp://hs.example.org\nas_token = a\nhs_token = h\n",
+     "matrix.homeserver_url must be an http or https URL"),
+    ("[matrix]\nhomeserver_url = http://127.0.0.1:8008\nurl = javascript:x\nas_token = a\nhs_token = h\n",
+     'matrix.url must be an http or https URL'),
+    ("[matrix]\nhomeserver_url = http://127.0.0.1:8008/?x=1\nas_token = a\nhs_token = h\n",
+     "matrix.homeserver_url must be an http or https URL"),
+    ("[matrix]\nhomeserver_url = http://127.0.0.1:8008\nas_token = \"secret\"\nhs_token = h\n",
+     "matrix.as_token is wrapped in quotes"),
+    ("[matrix]\nhomeserver_url = http://127.0.0.1:8008\nas_token = a\nhs_token = 'secret'\n",
+     "matrix.hs_token is wrapped in quotes"),
+    ("[server]\nca_file = /nonexistent/ca.pem\n", "server.ca_file: cannot read /nonexistent/ca.pem"),
+    ("[server]\nca_file = /\n", "server.ca_file: / is not a file"),
+    ("[peer]\nsignature_tag =\n", "peer.signature_tag must be"),
+    ("[peer]\nsignature_tag = a\"b\n", "peer.signature_tag must be"),
     ("[server]\nlisten_address = localhost\n", "server.listen_address 'localhost' is not a numeric address"),
     ("[server]\nconnection_limit = 64\nconnection_limit_per_client = 65\n",
      "server.connection_limit_per_client (65) is above server.connection_limit (64)"),
@@ -162,6 +187,12 @@ def test_check_config_reads_an_existing_signing_key_file(tmp_path):
     key.chmod(0o600)
     r = run_causewayd(["--check-config", p])
     assert r.returncode == 1 and "peer.signing_key_file: " in r.stderr, r.stderr
+    # A missing key in a directory that is not there: the start could not
+    # create it (passed until the thirty-first session).
+    p = write(tmp_path, f"[database]\nurl = postgresql:///x\nschema_dir = {schema}\n[peer]\n"
+                        f"signing_key_file = {tmp_path}/absent/signing.key\n")
+    r = run_causewayd(["--check-config", p])
+    assert r.returncode == 1 and f"peer.signing_key_file: its directory {tmp_path}/absent" in r.stderr, r.stderr
 
 
 def test_environment_overrides_and_is_validated(tmp_path):
@@ -229,9 +260,9 @@ def test_example_config_is_valid(tmp_path):
     text = open(os.path.join(TOP_SRCDIR, "etc", "causeway.ini.example")).read()
     text = text.replace("\n; url =", "\nurl =", 1) if "\n; url =" in text else text
     p = write(tmp_path, text)
-    r = run_causewayd(["--check-config", p], env={
-        "CAUSEWAY_DATABASE_URL": "postgresql:///x",
-        "CAUSEWAY_DATABASE_SCHEMA_DIR": os.path.join(TOP_SRCDIR, "schema")})
+    r = run_causewayd(["--check-config", p], env=key_env(
+        tmp_path, CAUSEWAY_DATABASE_URL="postgresql:///x",
+        CAUSEWAY_DATABASE_SCHEMA_DIR=os.path.join(TOP_SRCDIR, "schema")))
     assert r.returncode == 0, r.stderr
 
 
@@ -263,7 +294,7 @@ def test_an_indented_line_is_an_option_not_the_value_of_the_one_above(tmp_path):
     r = run_causewayd(["--check-config", p])
     assert r.returncode == 1 and f"{p}:11: server.port: 99999 is out of range" in r.stderr, r.stderr
     p = write(tmp_path, open(p).read().replace("99999", "8999"))
-    r = run_causewayd(["--check-config", p])
+    r = run_causewayd(["--check-config", p], env=key_env(tmp_path))
     assert r.returncode == 0, r.stderr
     r = run_causewayd(["--matrix-registration", "--config", p])
     assert registration(r) == {"id": "causeway", "as_token": "SECRET-AS", "hs_token": "SECRET-HS"}
@@ -285,7 +316,7 @@ def test_a_semicolon_after_a_space_is_refused_not_taken_as_a_comment(tmp_path):
             assert r.returncode == 1 and f"{p}:6: ';' after a space starts a comment" in r.stderr, r.stderr
             assert "CAUSEWAY_<SECTION>_<NAME>" in r.stderr
     p = write(tmp_path, head + "id = foo;bar\nas_token = abc;def\n")
-    r = run_causewayd(["--check-config", p], env={"CAUSEWAY_MATRIX_HS_TOKEN": "x"})
+    r = run_causewayd(["--check-config", p], env=key_env(tmp_path, CAUSEWAY_MATRIX_HS_TOKEN="x"))
     assert r.returncode == 0, r.stderr
     r = run_causewayd(["--matrix-registration", "--config", p], env={"CAUSEWAY_MATRIX_HS_TOKEN": "x"})
     assert registration(r) == {"id": "foo;bar", "as_token": "abc;def", "hs_token": "x"}
