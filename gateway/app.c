@@ -326,6 +326,18 @@ static void metrics_done(void *arg, cw_err rc, const cw_errmsg *e)
 				  "causeway_policy_held_swept_total{outcome=\"expired\"} %llu\n",
 			      (unsigned long long)ps.released, (unsigned long long)ps.dropped,
 			      (unsigned long long)ps.expired);
+		cw_buf_printf(&b, "# HELP causeway_retention_removed_total Rows the retention sweeps removed (events: "
+				  "deleted; content: erased), by kind.\n"
+				  "# TYPE causeway_retention_removed_total counter\n");
+		for (int k = 0; k < RETENTION_KINDS; k++)
+			cw_buf_printf(&b, "causeway_retention_removed_total{kind=\"%s\"} %llu\n", retention_kind_names[k],
+				      (unsigned long long)ps.retention_removed[k]);
+		cw_buf_printf(&b, "# HELP causeway_retention_failures_total Retention sweeps in which a kind failed "
+				  "(the others still ran), by kind.\n"
+				  "# TYPE causeway_retention_failures_total counter\n");
+		for (int k = 0; k < RETENTION_KINDS; k++)
+			cw_buf_printf(&b, "causeway_retention_failures_total{kind=\"%s\"} %llu\n", retention_kind_names[k],
+				      (unsigned long long)ps.retention_failures[k]);
 	}
 	if (app->xmpp)
 		xa_metrics(app->xmpp, &b);

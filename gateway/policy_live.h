@@ -15,6 +15,7 @@
 
 #include "cw.h"
 #include "policy.h"
+#include "retention.h"
 
 #include <libpq-fe.h>
 #include <stdatomic.h>
@@ -179,6 +180,7 @@ struct policy_live_stats {
 	size_t overlay_users;                /* the users the overlay in force holds (0: a full snapshot) */
 	uint64_t catch_ups;                  /* decisions that waited for a snapshot behind the database */
 	uint64_t released, dropped, expired; /* rows changed by sweeps */
+	uint64_t retention_removed[RETENTION_KINDS], retention_failures[RETENTION_KINDS]; /* by kind (retention.h) */
 	size_t rules, facts;
 	double last_load_ms;
 };

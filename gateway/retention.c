@@ -3,6 +3,7 @@
 #include "config.h"
 #include "retention.h"
 #include "store.h"
+#include "log.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -255,22 +256,45 @@ static cw_err run(PGconn *c, const char *sql, long days, long *count, cw_errmsg 
 	return CW_OK;
 }
 
-cw_err retention_sweep(PGconn *c, const struct cw_config *cfg, long counts[RETENTION_KINDS], cw_errmsg *e)
+const char *const retention_kind_names[RETENTION_KINDS] = { "content", "idempotency_keys", "delivery_attempts",
+								"events", "audit" };
+
+cw_err retention_sweep(PGconn *c, const struct cw_config *cfg, long counts[RETENTION_KINDS],
+		       bool failed[RETENTION_KINDS], cw_errmsg *e)
 {
-	for (int i = 0; i < RETENTION_KINDS; i++)
+	/* Each kind on its own: until the thirty-first session they ran as one
+	 * chain that stopped at the first failure, and a kind that kept
+	 * failing (the events' deletion, say) kept every later one from
+	 * running, the erasure of old content among them.  Rows first: the
+	 * content of what they delete is not erased first. */
+	static const int order[RETENTION_KINDS] = { 3, 0, 1, 2, 4 };
+	const struct {
+		const char *sql;
+		long days;
+	} kinds[RETENTION_KINDS] = { { content_sql, cfg->retention_content_days },
+				     { keys_sql, cfg->retention_idempotency_days },
+				     { attempts_sql, cfg->retention_attempts_days },
+				     { NULL, cfg->retention_rows_days },
+				     { audit_sql, cfg->retention_audit_days } };
+	cw_err first = CW_OK;
+	for (int k = 0; k < RETENTION_KINDS; k++) {
+		int i = order[k];
+		cw_errmsg ke;
+		long brought;
+		cw_err rc;
 		counts[i] = 0;
-	/* Rows first: the content of what they delete is not erased first. */
-	long brought;
-	cw_err rc = run(c, expiry_due_sql, cfg->retention_rows_days, &brought, e);
-	if (!rc)
-		rc = run_rows(c, cfg->retention_rows_days, &counts[3], e);
-	if (!rc)
-		rc = run(c, content_sql, cfg->retention_content_days, &counts[0], e);
-	if (!rc)
-		rc = run(c, keys_sql, cfg->retention_idempotency_days, &counts[1], e);
-	if (!rc)
-		rc = run(c, attempts_sql, cfg->retention_attempts_days, &counts[2], e);
-	if (!rc)
-		rc = run(c, audit_sql, cfg->retention_audit_days, &counts[4], e);
-	return rc;
+		if (kinds[i].sql)
+			rc = run(c, kinds[i].sql, kinds[i].days, &counts[i], &ke);
+		else if (!(rc = run(c, expiry_due_sql, kinds[i].days, &brought, &ke)))
+			rc = run_rows(c, kinds[i].days, &counts[i], &ke);
+		failed[i] = rc != CW_OK;
+		if (rc) {
+			LOG_KV(CW_LOG_WARN, "retention sweep failed", "kind", retention_kind_names[i], "detail", ke.msg);
+			if (!first) {
+				first = rc;
+				*e = ke;
+			}
+		}
+	}
+	return first;
 }

@@ -21,6 +21,7 @@
 #include "cw.h"
 
 #include <libpq-fe.h>
+#include <stdbool.h>
 
 /* Rows one statement of a sweep changes at most. */
 #define RETENTION_BATCH 1000
@@ -28,13 +29,20 @@
 /* The kinds a sweep counts (below). */
 #define RETENTION_KINDS 5
 
+/* The kinds' names, in the order of the counts below (the metrics' and
+ * the log's kind label). */
+extern const char *const retention_kind_names[RETENTION_KINDS];
+
 /* One bounded round on c (an idle connection): each statement its own
  * short transaction, rows chosen with SKIP LOCKED (two daemons on one
  * database never wait for each other).  counts: events whose content was
  * erased, idempotency keys deleted, delivery attempts deleted, events
  * deleted, audit records deleted; one of RETENTION_BATCH or more means
  * more may be due (run again: events come in families of any size, up to
- * RETENTION_BATCH families a run). */
-cw_err retention_sweep(PGconn *c, const struct cw_config *cfg, long counts[RETENTION_KINDS], cw_errmsg *e);
+ * RETENTION_BATCH families a run).  Each kind runs whatever became of the
+ * others: one that fails is logged ("retention sweep failed", its kind),
+ * marked in failed (its count 0), and the first failure returned. */
+cw_err retention_sweep(PGconn *c, const struct cw_config *cfg, long counts[RETENTION_KINDS],
+		       bool failed[RETENTION_KINDS], cw_errmsg *e);
 
 #endif

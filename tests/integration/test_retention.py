@@ -558,3 +558,49 @@ def test_old_audit_records_are_deleted(make_daemon, db_url, pg, days):
         wait_until(lambda: "witness" not in keys(pg, db_url), timeout=30, interval=0.2, what="the witness")
         assert audit_ids(pg, db_url) == old | young
     srv.close()
+
+
+def retention_metric(d, name, kind):
+    for line in d.get("/metrics").text.splitlines():
+        if line.startswith(f'{name}{{kind="{kind}"}} '):
+            return float(line.split()[-1])
+    return None
+
+
+def test_a_failing_kind_does_not_stop_the_others(make_daemon, db_url, pg):
+    """The kinds ran as one chain that stopped at the first failure: one
+    failing kind (here the events' deletion, then the idempotency keys')
+    kept every later one from running, the erasure of old content (the
+    privacy setting) among them (until the thirty-first session). Each
+    now runs on its own, a failure is logged with its kind and counted."""
+    d = start(make_daemon, db_url, audit_days=1)
+    a, b, rm, srv = peers(d)
+    pg.psql("CREATE FUNCTION test_fail() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF TG_TABLE_NAME = 'idempotency_keys' OR current_query() LIKE '%{content,expires}%' THEN "
+            "RAISE EXCEPTION 'test: % refused', TG_TABLE_NAME; END IF; RETURN NULL; END $$; "
+            "CREATE TRIGGER test_fail BEFORE UPDATE ON events FOR EACH STATEMENT EXECUTE FUNCTION test_fail(); "
+            "CREATE TRIGGER test_fail BEFORE DELETE ON idempotency_keys FOR EACH STATEMENT "
+            "EXECUTE FUNCTION test_fail()", db_url)
+    msg = a.send(rm["id"], a.user("alice"), "old, delivered").json()["id"]
+    pull_and_ack(b)
+    wait_until(lambda: delivered(pg, db_url, msg), what="the pull ack")
+    add_old_key(pg, db_url)
+    pg.psql("UPDATE audit_log SET at = now() - interval '2 days'", db_url)
+    age(pg, db_url, events=[msg])
+    wait_until(lambda: contents(pg, db_url, [msg])[msg] == "{}", timeout=30, interval=0.2,
+               what="the content erased after the events' kind failed")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM audit_log", db_url) == "0", timeout=30, interval=0.2,
+               what="the audit records deleted after the keys' kind failed")
+    assert "witness" in keys(pg, db_url)
+    for kind in ("events", "idempotency_keys"):
+        rec = d.wait_for(lambda r, k=kind: r.get("msg") == "retention sweep failed" and r.get("kind") == k)
+        assert "refused" in rec["detail"], rec
+    assert {r.get("kind") for r in d.records if r.get("msg") == "retention sweep failed"} == {
+        "events", "idempotency_keys"}
+    assert retention_metric(d, "causeway_retention_failures_total", "events") >= 1
+    assert retention_metric(d, "causeway_retention_failures_total", "idempotency_keys") >= 1
+    assert retention_metric(d, "causeway_retention_failures_total", "content") == 0
+    assert retention_metric(d, "causeway_retention_removed_total", "content") >= 1
+    assert retention_metric(d, "causeway_retention_removed_total", "audit") >= 1
+    assert retention_metric(d, "causeway_retention_removed_total", "idempotency_keys") == 0
+    srv.close()
