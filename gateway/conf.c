@@ -407,6 +407,44 @@ void cfg_env_name(const struct cfg_option *o, char *buf, size_t len)
 
 static const char *plain_getenv(const char *name) { return getenv(name); }
 
+/* Names of the environment that look like an option's but are not: the
+ * command-line tool's (docs/causewayctl.md). */
+static const char *const env_not_options[] = { "CAUSEWAY_ADMIN_TOKEN" };
+
+/* A CAUSEWAY_<SECTION>_<NAME> of the process's environment whose section
+ * is one of the table's but whose name is no option of it: refused like an
+ * unknown key in the file.  Until the thirty-first session such a typo
+ * (CAUSEWAY_SERVER_PROT) was ignored and the default stayed in force.
+ * Other CAUSEWAY_ names (CAUSEWAY_CONFIG, CAUSEWAY_URL, the tests') are
+ * not the daemon's. */
+static cw_err env_unknown_option(cw_errmsg *e)
+{
+	extern char **environ;
+	for (char **ev = environ; ev && *ev; ev++) {
+		const char *eq = strchr(*ev, '=');
+		size_t n = eq ? (size_t)(eq - *ev) : strlen(*ev);
+		char name[128];
+		if (strncmp(*ev, "CAUSEWAY_", 9) != 0 || n >= sizeof(name))
+			continue;
+		memcpy(name, *ev, n);
+		name[n] = '\0';
+		bool known_section = false, option = false;
+		for (size_t i = 0; i < cfg_option_count && !option; i++) {
+			char on[128];
+			cfg_env_name(&cfg_options[i], on, sizeof(on));
+			size_t sl = 9 + strlen(cfg_options[i].section);
+			known_section = known_section || (strncmp(name, on, sl + 1) == 0 && n > sl);
+			option = strcmp(name, on) == 0;
+		}
+		for (size_t i = 0; i < sizeof(env_not_options) / sizeof(env_not_options[0]) && !option; i++)
+			option = strcmp(name, env_not_options[i]) == 0;
+		if (known_section && !option)
+			return cw_fail(e, CW_EINVAL, "environment %s: unknown option (CAUSEWAY_<SECTION>_<NAME> names an "
+				       "option of docs/configuration.md's table)", name);
+	}
+	return CW_OK;
+}
+
 /* Whether u has no such part (none: the code libcurl answers then). */
 static bool url_lacks(CURLU *u, CURLUPart part, CURLUcode none)
 {
@@ -712,6 +750,10 @@ static cw_err load(struct cw_config *c, const char *path, const char *(*getenv_f
 			cfg_free(c);
 			return CW_EINVAL;
 		}
+	}
+	if (getenv_fn == plain_getenv && env_unknown_option(e)) {
+		cfg_free(c);
+		return CW_EINVAL;
 	}
 	if (cfg_check(c, need_tokens, e)) {
 		cfg_free(c);

@@ -204,6 +204,27 @@ def test_environment_overrides_and_is_validated(tmp_path):
     assert r.returncode == 1 and "/nonexistent" in r.stderr
 
 
+def test_a_mistyped_environment_variable_is_refused(tmp_path):
+    """A CAUSEWAY_<SECTION>_<NAME> of a known section naming no option was
+    ignored: a typo (CAUSEWAY_SERVER_PROT) left the default in force without
+    a word, where the same key in the file is refused (until the
+    thirty-first session). Names of other sections, and causewayctl's
+    CAUSEWAY_ADMIN_TOKEN, are not the daemon's and are left alone."""
+    schema = os.path.join(TOP_SRCDIR, "schema")
+    p = write(tmp_path, f"[database]\nurl = postgresql:///x\nschema_dir = {schema}\n")
+    for name in ("CAUSEWAY_SERVER_PROT", "CAUSEWAY_MATRIX_AS_TOKENS", "CAUSEWAY_LOG_", "CAUSEWAY_DATABASE_URL_"):
+        r = run_causewayd(["--check-config", p], env=key_env(tmp_path, **{name: "1"}))
+        assert r.returncode == 1 and f"environment {name}: unknown option" in r.stderr, (name, r.stderr)
+    r = run_causewayd(["--config", p], env=key_env(tmp_path, CAUSEWAY_SERVER_PROT="8480"), timeout=20)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1 and "configuration invalid" in out and "CAUSEWAY_SERVER_PROT" in out, out
+    others = {"CAUSEWAY_ADMIN_TOKEN": "t", "CAUSEWAY_URL": "http://127.0.0.1:8480", "CAUSEWAY_CONFIG": "/x",
+              "CAUSEWAY_TEST_JOBS": "2", "CAUSEWAY_PORT": "1", "CAUSEWAY_NODE_MODULES": "/x",
+              "CAUSEWAY_SERVER_PORT": "8481"}
+    r = run_causewayd(["--check-config", p], env=key_env(tmp_path, **others))
+    assert r.returncode == 0, r.stderr
+
+
 def test_daemon_with_a_bad_config_exits_with_a_clear_error(tmp_path):
     p = write(tmp_path, "[server]\nport = 80x\n[database]\nurl = x\n")
     r = run_causewayd(["--config", p])
