@@ -316,6 +316,18 @@ int main(int argc, char **argv)
 	const char *config_path = getenv("CAUSEWAY_CONFIG");
 	const char *check_path = NULL;
 	bool only_migrate = false, registration = false;
+	/* First of all: until the thirty-first session they were blocked only
+	 * after the configuration and the migrations were read, and a SIGHUP
+	 * in those milliseconds (a reload sent as the service started) killed
+	 * the daemon.  Held now, they are taken as below: TERM and INT stop
+	 * the start-up (stop_asked), a HUP is a reload once ready (to
+	 * --migrate and the one-shot commands it is nothing). */
+	sigemptyset(&stop_sigs);
+	sigaddset(&stop_sigs, SIGTERM);
+	sigaddset(&stop_sigs, SIGINT);
+	sigset_t early = stop_sigs;
+	sigaddset(&early, SIGHUP);
+	pthread_sigmask(SIG_BLOCK, &early, NULL);
 	int opt;
 	while ((opt = getopt_long(argc, argv, "c:h", longopts, NULL)) != -1) {
 		switch (opt) {
@@ -396,10 +408,6 @@ int main(int argc, char **argv)
 		cfg_free(&cfg);
 		return 1;
 	}
-	sigemptyset(&stop_sigs);
-	sigaddset(&stop_sigs, SIGTERM);
-	sigaddset(&stop_sigs, SIGINT);
-	pthread_sigmask(SIG_BLOCK, &stop_sigs, NULL);
 	if (only_migrate) {
 		/* Stopped, it exits 1: the schema is not current. */
 		int rc = run_migrations(&cfg, &app.migrations, true);

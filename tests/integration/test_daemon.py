@@ -1,12 +1,14 @@
 """The real causewayd: health, readiness, metrics, errors, logs, signals."""
 import collections
 import concurrent.futures
+import os
 import re
 import signal
 import socket
+import subprocess
 import time
 
-from harness import N_MIGRATIONS, parse_logfmt, wait_until
+from harness import CAUSEWAYD, N_MIGRATIONS, parse_logfmt, wait_until
 
 
 def test_healthz(daemon):
@@ -218,6 +220,40 @@ def test_a_long_path_keeps_the_status_in_the_access_log(daemon):
     r = daemon.get("/healthz")
     rec = daemon.wait_for(lambda x: x.get("msg") == "request" and x.get("request_id") == r.headers["X-Request-Id"])
     assert rec["path"] == "/healthz" and "path_truncated" not in rec
+
+
+def test_a_signal_as_the_process_starts_does_not_kill_it(make_daemon, db_url, pg):
+    """TERM, INT and HUP were blocked only after the configuration and the
+    migrations were read: a SIGHUP in those first milliseconds (a reload
+    sent as systemd started it) killed the daemon, rc 129 (until the
+    thirty-first session). The configuration is a FIFO here: the daemon is
+    held in reading it, deterministically past the start of main, while
+    the signal comes. The HUP is then a reload once the daemon is ready."""
+    d = make_daemon(db_url)
+    text = open(d.config_path).read()
+    os.remove(d.config_path)
+    os.mkfifo(d.config_path)
+    d.start(wait_ready=False)
+    with open(d.config_path, "w") as f:  # returns once the daemon opened it
+        d.signal(signal.SIGHUP)
+        f.write(text)
+    rec = d.wait_for(lambda r: r.get("msg") == "ready", timeout=30)
+    d.port = int(rec["port"])
+    with open(d.config_path, "w") as f:  # the reload reads it again
+        f.write(text)
+    d.wait_for(lambda r: r.get("msg") == "configuration reloaded")
+    assert d.get("/healthz").status_code == 200
+    # causewayd --migrate too: the HUP is nothing to it.
+    fifo = os.path.join(d.workdir, "migrate.ini")
+    os.mkfifo(fifo)
+    proc = subprocess.Popen([CAUSEWAYD, "--migrate", "--config", fifo], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=d.env)
+    with open(fifo, "w") as f:
+        proc.send_signal(signal.SIGHUP)
+        f.write(text)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "schema current" in out
 
 
 def metric(text, name, labels=None):
