@@ -21,6 +21,7 @@
 #include "admin_views.h"
 #include "console.h"
 
+#include <errno.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -65,6 +66,124 @@ static void h_admin_openapi(struct cw_req *req, void *ctx)
 static void h_healthz(struct cw_req *req, void *ctx)
 {
 	cw_req_reply_json(req, 200, json_pack("{s:s}", "status", "ok"));
+}
+
+/* ------------------------------------------------------------ probe deadline */
+
+/* /readyz and /metrics read the database, and a database that stopped
+ * answering without closing anything (its host gone, a partition, a
+ * SIGSTOP) holds that read, and the store's cancel of it, for a minute and
+ * more: until the thirty-first session the probes waited as long, and a
+ * prober saw a hung daemon rather than a database down.  A probe is now
+ * answered by whichever comes first: the read's outcome, or a timer thread
+ * at database.request_timeout_ms (CW_ETIMEDOUT).  The read may still run
+ * then; the job is freed once both have let go of it.  answer replies and
+ * resumes the request (it must not read what the query fills unless rc is
+ * CW_OK); release frees the job. */
+struct probe {
+	struct cw_app *app;
+	void *job;
+	store_fn query;
+	store_done_fn answer;
+	void (*release)(void *job);
+	pthread_mutex_t mu;
+	pthread_cond_t cv;
+	int refs; /* the read's callback, and the timer's */
+	bool answered;
+};
+
+static void probe_unref(struct probe *p)
+{
+	pthread_mutex_lock(&p->mu);
+	bool last = --p->refs == 0;
+	pthread_mutex_unlock(&p->mu);
+	if (!last)
+		return;
+	pthread_cond_destroy(&p->cv);
+	pthread_mutex_destroy(&p->mu);
+	p->release(p->job);
+	free(p);
+}
+
+static void probe_answer(struct probe *p, cw_err rc, const cw_errmsg *e)
+{
+	pthread_mutex_lock(&p->mu);
+	bool first = !p->answered;
+	p->answered = true;
+	pthread_cond_signal(&p->cv);
+	pthread_mutex_unlock(&p->mu);
+	if (first)
+		p->answer(p->job, rc, e);
+}
+
+static cw_err probe_query(PGconn *c, void *arg, cw_errmsg *e)
+{
+	struct probe *p = arg;
+	return p->query(c, p->job, e);
+}
+
+static void probe_done(void *arg, cw_err rc, const cw_errmsg *e)
+{
+	probe_answer(arg, rc, e);
+	probe_unref(arg);
+}
+
+static void *probe_timer(void *arg)
+{
+	cw_thread_name("cw-probe");
+	struct probe *p = arg;
+	struct cw_app *app = p->app;
+	struct timespec until;
+	cw_deadline_ts(&until, CLOCK_MONOTONIC, (int64_t)app->cfg->db_request_timeout_ms * 1000);
+	pthread_mutex_lock(&p->mu);
+	while (!p->answered && pthread_cond_timedwait(&p->cv, &p->mu, &until) != ETIMEDOUT)
+		;
+	pthread_mutex_unlock(&p->mu);
+	cw_errmsg e;
+	cw_fail(&e, CW_ETIMEDOUT, "the database did not answer within database.request_timeout_ms");
+	probe_answer(p, CW_ETIMEDOUT, &e);
+	probe_unref(p);
+	atomic_fetch_sub(&app->afters, 1); /* counted like an after hook: the stop waits for it */
+	return NULL;
+}
+
+/* Suspends req and runs query for job on a reader; answer is called once. */
+static void probe_start(struct cw_app *app, struct cw_req *req, void *job, store_fn query, store_done_fn answer,
+			void (*release)(void *job))
+{
+	cw_req_suspend(req);
+	struct probe *p = calloc(1, sizeof(*p));
+	if (!p) {
+		cw_errmsg e;
+		cw_fail(&e, CW_ENOMEM, "out of memory");
+		answer(job, CW_ENOMEM, &e);
+		release(job);
+		return;
+	}
+	*p = (struct probe){ .app = app, .job = job, .query = query, .answer = answer, .release = release, .refs = 1 };
+	pthread_mutex_init(&p->mu, NULL);
+	pthread_condattr_t ca;
+	pthread_condattr_init(&ca);
+	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+	pthread_cond_init(&p->cv, &ca);
+	pthread_condattr_destroy(&ca);
+	pthread_t t;
+	pthread_attr_t a;
+	pthread_attr_init(&a);
+	pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+	atomic_fetch_add(&app->afters, 1);
+	p->refs = 2;
+	if (pthread_create(&t, &a, probe_timer, p) != 0) { /* then the read's outcome alone, as before */
+		p->refs = 1;
+		atomic_fetch_sub(&app->afters, 1);
+	}
+	pthread_attr_destroy(&a);
+	cw_err rc = store_read(app->store, probe_query, probe_done, p);
+	if (rc) {
+		cw_errmsg e;
+		cw_fail(&e, rc, "%s", cw_strerror(rc));
+		probe_done(p, rc, &e);
+	}
 }
 
 /* ------------------------------------------------------------------- readyz */
@@ -120,17 +239,16 @@ static void readyz_done(void *arg, cw_err rc, const cw_errmsg *e)
 	 * Migrations of a newer build beyond them do not make it unready: the
 	 * operator runs the newer build's --migrate before a rolling restart
 	 * (docs/operations.md). Until the thirty-first session they did. */
-	bool current = db_up && j->matching == (int)set->n && j->unknown == 0;
+	bool current = db_up && j->matching == (int)set->n && j->unknown == 0; /* read only when db_up (probe) */
 	json_t *db = json_pack("{s:s, s:f}", "status", db_up ? "up" : "down", "latency_ms",
 			       (double)((cw_now_us() - j->t0_us) / 10) / 100.0);
 	if (!db_up)
 		json_object_set_new(db, "detail", json_string(e->msg));
 	json_t *mig = json_pack("{s:s, s:i, s:i}", "status",
 				!db_up ? "unknown" : current ? "current" : "not_current",
-				"applied", j->applied, "expected", (int)set->n);
+				"applied", db_up ? j->applied : 0, "expected", (int)set->n);
 	if (db_up && j->newer && json_array_size(j->newer) > 0)
 		json_object_set(mig, "newer", j->newer);
-	json_decref(j->newer);
 	json_t *adapters = json_object();
 	if (j->app->matrix) /* reported, not a readiness condition: the homeserver may come later */
 		json_object_set_new(adapters, "matrix", matrix_health(j->app->matrix));
@@ -142,6 +260,12 @@ static void readyz_done(void *arg, cw_err rc, const cw_errmsg *e)
 		app_retry_after(j->req, j->app->cfg->db_retry_after_s * 1000);
 	cw_req_reply_json(j->req, db_up && current ? 200 : 503, body);
 	cw_req_resume(j->req);
+}
+
+static void readyz_release(void *arg)
+{
+	struct readyz_job *j = arg;
+	json_decref(j->newer);
 	free(j);
 }
 
@@ -156,13 +280,7 @@ static void h_readyz(struct cw_req *req, void *ctx)
 	j->app = app;
 	j->req = req;
 	j->t0_us = cw_now_us();
-	cw_req_suspend(req);
-	cw_err rc = store_read(app->store, readyz_query, readyz_done, j);
-	if (rc) {
-		cw_errmsg e;
-		cw_fail(&e, rc, "%s", cw_strerror(rc));
-		readyz_done(j, rc, &e);
-	}
+	probe_start(app, req, j, readyz_query, readyz_done, readyz_release);
 }
 
 /* ------------------------------------------------------------------ metrics */
@@ -217,7 +335,10 @@ static void metrics_done(void *arg, cw_err rc, const cw_errmsg *e)
 
 	struct store_stats st;
 	store_get_stats(app->store, &st);
-	cw_metrics_sample(&b, "causeway_database_up", "gauge", "1 while the database answers.", NULL, st.db_up);
+	/* and answered this scrape's read (probe): the store's own view stays
+	 * up while a database that stopped answering keeps its connections */
+	cw_metrics_sample(&b, "causeway_database_up", "gauge", "1 while the database answers.", NULL,
+			  st.db_up && rc == CW_OK);
 	cw_metrics_sample(&b, "causeway_db_pool_connections", "gauge", "Database connections of the pool.",
 			  NULL, st.conns_total);
 	cw_metrics_sample(&b, "causeway_db_pool_connections_up", "gauge", "Pool connections that are connected.",
@@ -368,7 +489,6 @@ static void metrics_done(void *arg, cw_err rc, const cw_errmsg *e)
 	}
 	(void)e;
 	cw_req_resume(j->req);
-	free(j);
 }
 
 static void h_metrics(struct cw_req *req, void *ctx)
@@ -381,13 +501,7 @@ static void h_metrics(struct cw_req *req, void *ctx)
 	}
 	j->app = app;
 	j->req = req;
-	cw_req_suspend(req);
-	cw_err rc = store_read(app->store, metrics_query, metrics_done, j);
-	if (rc) {
-		cw_errmsg e;
-		cw_fail(&e, rc, "%s", cw_strerror(rc));
-		metrics_done(j, rc, &e);
-	}
+	probe_start(app, req, j, metrics_query, metrics_done, free);
 }
 
 /* The last column: the route takes no body (a change its path names

@@ -361,6 +361,39 @@ def frozen_database(make_daemon, db_url):
                 d.proc.wait()
 
 
+def test_health_endpoints_answer_by_the_deadline_when_the_database_stopped_answering(make_daemon, db_url):
+    """/readyz and /metrics waited for a read on a database that stopped
+    answering without closing anything (the store's watchdog cancel hangs
+    on it too): a minute and more without an answer, so the probes and the
+    scraper saw a hung daemon, not a database down (until the thirty-first
+    session). By database.request_timeout_ms they answer now: /readyz 503
+    with the database down, /metrics its database-independent part with
+    causeway_database_up 0."""
+    with PgProxy(db_url) as p:
+        d = make_daemon(p.url, options={"server": {"drain_timeout_ms": "1000"},
+                                        "database": {"request_timeout_ms": "1000"}}).start()
+        try:
+            assert d.get("/readyz").status_code == 200
+            assert "causeway_database_up 1" in d.get("/metrics").text
+            p.freeze()
+            for _ in range(2):  # the second finds the reader still held by the first
+                t0 = time.time()
+                r = d.get("/readyz", timeout=30)
+                assert time.time() - t0 < 4, time.time() - t0
+                assert r.status_code == 503 and r.json()["database"]["status"] == "down", r.text
+                assert "Retry-After" in r.headers
+                t0 = time.time()
+                m = d.get("/metrics", timeout=30)
+                assert time.time() - t0 < 4, time.time() - t0
+                assert m.status_code == 200, m.text
+                assert "causeway_database_up 0" in m.text and "causeway_build_info{" in m.text, m.text[:2000]
+                assert "causeway_http_requests_total" in m.text and "causeway_outbox_depth" not in m.text
+        finally:
+            if d.proc.poll() is None:
+                d.proc.kill()
+                d.proc.wait()
+
+
 def test_sigterm_with_a_database_that_stopped_answering_exits_in_bounded_time(make_daemon, db_url):
     """The stop has a deadline: server.drain_timeout_ms plus 10 s (11 s
     here), then the daemon says what it still waited for and exits 1.
