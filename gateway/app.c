@@ -319,6 +319,15 @@ static cw_err metrics_query(PGconn *c, void *arg, cw_errmsg *e)
 	return CW_OK;
 }
 
+/* A counter by retention kind (retention.h). */
+static void retention_counter(struct cw_buf *b, const char *name, const char *help,
+			      const uint64_t v[RETENTION_KINDS])
+{
+	cw_buf_printf(b, "# HELP %s %s\n# TYPE %s counter\n", name, help, name);
+	for (int k = 0; k < RETENTION_KINDS; k++)
+		cw_buf_printf(b, "%s{kind=\"%s\"} %llu\n", name, retention_kind_names[k], (unsigned long long)v[k]);
+}
+
 static void metrics_done(void *arg, cw_err rc, const cw_errmsg *e)
 {
 	struct metrics_job *j = arg;
@@ -447,18 +456,12 @@ static void metrics_done(void *arg, cw_err rc, const cw_errmsg *e)
 				  "causeway_policy_held_swept_total{outcome=\"expired\"} %llu\n",
 			      (unsigned long long)ps.released, (unsigned long long)ps.dropped,
 			      (unsigned long long)ps.expired);
-		cw_buf_printf(&b, "# HELP causeway_retention_removed_total Rows the retention sweeps removed (events: "
-				  "deleted; content: erased), by kind.\n"
-				  "# TYPE causeway_retention_removed_total counter\n");
-		for (int k = 0; k < RETENTION_KINDS; k++)
-			cw_buf_printf(&b, "causeway_retention_removed_total{kind=\"%s\"} %llu\n", retention_kind_names[k],
-				      (unsigned long long)ps.retention_removed[k]);
-		cw_buf_printf(&b, "# HELP causeway_retention_failures_total Retention sweeps in which a kind failed "
-				  "(the others still ran), by kind.\n"
-				  "# TYPE causeway_retention_failures_total counter\n");
-		for (int k = 0; k < RETENTION_KINDS; k++)
-			cw_buf_printf(&b, "causeway_retention_failures_total{kind=\"%s\"} %llu\n", retention_kind_names[k],
-				      (unsigned long long)ps.retention_failures[k]);
+		retention_counter(&b, "causeway_retention_removed_total",
+				  "Rows the retention sweeps removed (events: deleted; content: erased), by kind.",
+				  ps.retention_removed);
+		retention_counter(&b, "causeway_retention_failures_total",
+				  "Retention sweeps in which a kind failed (the others still ran), by kind.",
+				  ps.retention_failures);
 	}
 	if (app->xmpp)
 		xa_metrics(app->xmpp, &b);
