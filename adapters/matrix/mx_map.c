@@ -1721,6 +1721,8 @@ bool mx_media_info(const json_t *ev, struct mx_media *out)
 #define KEY_MARK_NAME "cw:unreadable:"
 #define KEY_MARK "\001" KEY_MARK_NAME
 #define LOAD_PATCHES_MAX 64
+#define LOAD_READ_FACTOR 4
+#define LOAD_READ_MIN (4u << 20)
 
 /* Whether the key token that ends at end (after its closing quote) in
  * buf starts at *start (its opening quote): the first quote before it not
@@ -1793,12 +1795,50 @@ static bool patch_for(const char *buf, size_t n, const json_error_t *err, unsign
 	return true;
 }
 
+/* An integer again if the real is one within int64 (the last resort of
+ * mx_json_load reads every number as a real); NULL otherwise. */
+static json_t *integral(const json_t *x)
+{
+	double d = json_real_value(x);
+	if (!(d >= -9223372036854775808.0 && d < 9223372036854775808.0))
+		return NULL;
+	json_int_t i = (json_int_t)d;
+	return (double)i == d ? json_integer(i) : NULL;
+}
+
+static void reals_to_integers(json_t *v)
+{
+	size_t i;
+	const char *k;
+	json_t *x, *n;
+	void *tmp;
+	if (json_is_object(v)) {
+		json_object_foreach_safe(v, tmp, k, x) {
+			if (json_is_real(x) && (n = integral(x)))
+				json_object_set_new(v, k, n);
+			else
+				reals_to_integers(x);
+		}
+	} else if (json_is_array(v)) {
+		json_array_foreach(v, i, x) {
+			if (json_is_real(x) && (n = integral(x)))
+				json_array_set_new(v, i, n);
+			else
+				reals_to_integers(x);
+		}
+	}
+}
+
 json_t *mx_json_load(const char *body, size_t len, size_t flags, json_error_t *err)
 {
 	json_t *v = json_loadb(body, len, flags | JSON_ALLOW_NUL, err);
 	char *buf = NULL;
 	size_t n = len;
 	unsigned marks = 0;
+	/* Each reading is of the whole body: at most LOAD_PATCHES_MAX of them
+	 * and LOAD_READ_FACTOR times the body (or LOAD_READ_MIN bytes) in all,
+	 * so that a 16 MiB body costs a few readings, not 64. */
+	size_t budget = len > LOAD_READ_MIN / LOAD_READ_FACTOR ? len * LOAD_READ_FACTOR : LOAD_READ_MIN, done = len;
 	for (int k = 0; !v && k < LOAD_PATCHES_MAX; k++) {
 		const char *cur = buf ? buf : body;
 		char with[2400];
@@ -1807,6 +1847,8 @@ json_t *mx_json_load(const char *body, size_t len, size_t flags, json_error_t *e
 		if (!patch_for(cur, n, err, &marks, &start, with, sizeof(with)))
 			break;
 		size_t end = (size_t)err->position, wn = strlen(with);
+		if (done + n - (end - start) + wn > budget)
+			break;
 		char *next = malloc(n - (end - start) + wn);
 		if (!next)
 			break;
@@ -1816,7 +1858,17 @@ json_t *mx_json_load(const char *body, size_t len, size_t flags, json_error_t *e
 		n = n - (end - start) + wn;
 		free(buf);
 		buf = next;
+		done += n;
 		v = json_loadb(buf, n, flags | JSON_ALLOW_NUL, err);
+	}
+	/* Past the readings allowed, integers past 64 bits are what a body can
+	 * hold any number of (room versions 1 to 5): the rest of them read at
+	 * once, every number as a real and made an integer again where it is
+	 * one (as until the thirty-first session: an integer past 2^53 of
+	 * another event may lose its low bits then). */
+	if (!v && json_error_code(err) == json_error_numeric_overflow) {
+		v = json_loadb(buf ? buf : body, n, flags | JSON_ALLOW_NUL | JSON_DECODE_INT_AS_REAL, err);
+		reals_to_integers(v);
 	}
 	free(buf);
 	return v;

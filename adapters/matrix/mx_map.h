@@ -234,10 +234,12 @@ bool mx_media_info(const json_t *ev, struct mx_media *out);
  * so that their event is refused alone.  Until the thirty-first session
  * an integer past 64 bits made the whole body read again with every
  * number as a real (another event's integer past 2^53 lost its low bits),
- * and the other two failed the whole body.  Still refused, whole (NULL,
- * err says why): not JSON, what flags refuse (a duplicate key), a body
- * needing more than 64 readings (one a token; two for an integer past a
- * double's range, read as a real first).  err: not NULL. */
+ * and the other two failed the whole body.  The readings are bounded (64,
+ * and four times the body's bytes, or 4 MiB, in all); past that bound the
+ * integers past 64 bits left are read at once, every number as a real
+ * made an integer again where it is one.  Still refused, whole (NULL, err
+ * says why): not JSON, what flags refuse (a duplicate key), a number past
+ * a double's range or a key with a NUL past that bound.  err: not NULL. */
 json_t *mx_json_load(const char *body, size_t len, size_t flags, json_error_t *err);
 
 /* Whether a string anywhere in v (a value, nested at any depth) holds a

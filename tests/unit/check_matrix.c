@@ -1372,6 +1372,44 @@ START_TEST(json_load_lenient)
 		ck_assert_int_eq(json_integer_value(json_object_get(json_array_get(evs, 1), "c")), 3);
 		json_decref(v);
 	}
+	/* Any number of integers past 64 bits is read (room versions 1 to 5
+	 * allow them): past the readings allowed (64, or four times a large
+	 * body) the rest are read at once as reals, as before the thirty-first
+	 * session, and the body is never refused for them. */
+	for (size_t count = 64; count <= 200; count += 136) {
+		size_t blen = 16 + count * 27;
+		char *many = malloc(blen);
+		ck_assert_ptr_nonnull(many);
+		size_t at = (size_t)snprintf(many, blen, "[7");
+		for (size_t i = 0; i < count; i++)
+			at += (size_t)snprintf(many + at, blen - at, ",100000000000000000000000%zu", i % 10);
+		snprintf(many + at, blen - at, "]");
+		v = mx_json_load(many, strlen(many), 0, &err);
+		ck_assert_msg(v != NULL, "%zu: %s", count, err.text);
+		ck_assert_uint_eq(json_array_size(v), count + 1);
+		ck_assert_int_eq(json_integer_value(json_array_get(v, 0)), 7);
+		ck_assert(json_is_real(json_array_get(v, count)));
+		json_decref(v);
+		free(many);
+	}
+	/* A large body is read at most four times over, whatever it holds:
+	 * 4 MiB of text with 64 such integers at its end. */
+	size_t blen = (size_t)8 << 20, at;
+	char *large = malloc(blen);
+	ck_assert_ptr_nonnull(large);
+	at = (size_t)snprintf(large, blen, "[\"");
+	memset(large + at, 'x', (size_t)4 << 20);
+	at += (size_t)4 << 20;
+	at += (size_t)snprintf(large + at, blen - at, "\"");
+	for (int i = 0; i < 64; i++)
+		at += (size_t)snprintf(large + at, blen - at, ",-100000000000000000000000%d", i % 10);
+	snprintf(large + at, blen - at, "]");
+	v = mx_json_load(large, strlen(large), 0, &err);
+	ck_assert_msg(v != NULL, "%s", err.text);
+	ck_assert_uint_eq(json_array_size(v), 65);
+	ck_assert(json_is_real(json_array_get(v, 64)));
+	json_decref(v);
+	free(large);
 	/* What is still refused whole: not JSON, a duplicate key when asked
 	 * (after a key with a NUL too), an unfinished body. */
 	static const char *const refused[] = { "{not json", "{\"a\":1,\"a\":2}",
