@@ -860,6 +860,18 @@ void xa_send_kept(struct xcomp *xc, xmpp_stanza_t *st)
 	xmpp_stanza_release(st);
 }
 
+void xa_peer_name(const struct xcomp *xc, const char *name, const char *fallback, char *out, size_t len)
+{
+	char shown[4 * CW_NAME_SHOWN_MAX + 8];
+	cw_utf8_name_shown(name ? name : "", shown, sizeof(shown));
+	if (!shown[0] && fallback)
+		cw_utf8_name_shown(fallback, shown, sizeof(shown));
+	if (shown[0])
+		snprintf(out, len, "%s (%s)", shown, xc->peer);
+	else if (len)
+		out[0] = '\0';
+}
+
 void xa_notice(struct xcomp *xc, enum xa_write how, const char *to, const char *fmt, ...)
 {
 	xmpp_ctx_t *ctx = how == XA_QUEUED ? xa_thread_ctx(xc->x) : xc->ctx;

@@ -898,7 +898,14 @@ void xa_requests(struct xcomp *xc, PGconn *c)
 		char remote[XJ_JID_MAX + 1];
 		if (!xa_remote_jid(xc, PQgetvalue(r, i, 2), remote, sizeof(remote)))
 			continue;
-		const char *local = PQgetvalue(r, i, 1), *nick = PQgetvalue(r, i, 3);
+		/* The nick (which clients offer as the roster's name) and the
+		 * notice's name as the vCard's (xa_peer_name): until the
+		 * thirty-first session both were the peer's name as it gave it,
+		 * so that "Causeway bot" and a bidirectional control hid the
+		 * "(<peer>)" in the user's roster. */
+		const char *local = PQgetvalue(r, i, 1);
+		char nick[XA_PEER_NAME_MAX];
+		xa_peer_name(xc, PQgetvalue(r, i, 3), PQgetvalue(r, i, 2), nick, sizeof(nick));
 		presence_to(xc, true, remote, local, "subscribe", nick, NULL);
 		if (PQgetvalue(r, i, 5)[0] == 't') {
 			/* now: kept for a re-send, for it is marked sent below */

@@ -7,6 +7,7 @@
 #include "xmpp.h"
 #include "xmpp/xj.h"
 #include "xmpp/xm.h"
+#include "utf8.h"
 
 #include <pthread.h>
 #include <stdatomic.h>
@@ -196,6 +197,14 @@ enum xa_write { XA_QUEUED, XA_NOW, XA_NOW_KEPT };
  * (xmpp_cmd.c), a dead letter's telling (xmpp_out.c). */
 void xa_notice(struct xcomp *xc, enum xa_write how, const char *to, const char *fmt, ...)
 	__attribute__((format(printf, 4, 5)));
+/* A peer user's name as the user's client shows it: the peer's name for
+ * them as a Matrix ghost's shows it (cw_utf8_name_shown: nothing that
+ * hides or turns round what follows, 64 characters at most), else their
+ * id (fallback, may be NULL), then " (<peer>)"; "" when neither shows.
+ * The vCard's FN and NICKNAME, a subscription request's nick (XEP-0172,
+ * which clients offer as the roster's name). */
+#define XA_PEER_NAME_MAX (4 * CW_NAME_SHOWN_MAX + 8 + XMPP_PEER_MAX + 4)
+void xa_peer_name(const struct xcomp *xc, const char *name, const char *fallback, char *out, size_t len);
 /* A new child element of parent (held by it; NULL when memory runs out). */
 xmpp_stanza_t *xa_child(xmpp_ctx_t *ctx, xmpp_stanza_t *parent, const char *name, const char *ns);
 /* XEP-0030 disco#info: an identity (name may be NULL) and features (a

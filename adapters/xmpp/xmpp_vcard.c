@@ -345,11 +345,8 @@ static void vcard_done(void *arg, cw_err rc, const cw_errmsg *e)
 			 * id, then "(<peer>)".  Until the thirty-first session both
 			 * were the name as the peer gave it, NICKNAME without the
 			 * peer's. */
-			char shown[sizeof(j->name) + sizeof(j->remote_id) + 4], fn[sizeof(shown) + XMPP_PEER_MAX + 4];
-			cw_utf8_name_shown(j->name, shown, sizeof(shown));
-			if (!shown[0])
-				cw_utf8_name_shown(j->remote_id, shown, sizeof(shown));
-			snprintf(fn, sizeof(fn), "%s (%s)", shown, xc->peer);
+			char fn[XA_PEER_NAME_MAX];
+			xa_peer_name(xc, j->name, j->remote_id, fn, sizeof(fn));
 			if (v) {
 				xa_text_child(ctx, v, "FN", NULL, fn);
 				xa_text_child(ctx, v, "NICKNAME", NULL, fn);

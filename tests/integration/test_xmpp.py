@@ -1835,6 +1835,24 @@ def test_a_vcards_name_keeps_its_network_in_sight(xd, gk, alice, name, shown):
     assert v.find("{vcard-temp}NICKNAME").text == shown + " (gk)"
 
 
+@pytest.mark.parametrize("name, shown", NAMES_SHOWN)
+def test_a_subscription_requests_nick_keeps_its_network_in_sight(xd, gk, alice, name, shown):
+    """The subscription request's nick (XEP-0172: clients offer it as the
+    roster's name when the user approves) is the vCard's name, and the
+    request's notice names the sender as shown there. Until the
+    thirty-first session both were the name as the peer gave it: a name
+    like "Causeway bot" followed by a bidirectional isolate reached the
+    roster without its "(gk)"."""
+    a, _ = gk
+    assert xd.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
+    assert a.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": name}).status_code == 200
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    assert a.send(room, a.user("wally"), "may I?").status_code == 202
+    sub = alice.wait_for_presence(lambda el: el.get("from", "").startswith(WALLY_JID) and el.get("type") == "subscribe")
+    assert sub.find("{http://jabber.org/protocol/nick}nick").text == shown + " (gk)", ET.tostring(sub)
+    note = body(message_from(alice, COMP))
+    assert note.startswith(shown + " (gk) " + WALLY_JID + " ("), note
+
 def test_an_avatar_over_media_max_bytes_is_not_fetched_whole(make_daemon, db_url, prosody, alice, tmp_path):
     """The avatar is fetched for a vCard up to server.media_max_bytes when
     that is below the vCard's own cap (192 KiB): an avatar larger than it
@@ -2078,7 +2096,7 @@ def test_consent_by_subscription(xd, gk, alice, pg, db_url):
     mid = a.send(room, a.user("wally"), "may I?").json()["id"]
     # A subscription request from wally's JID, and one notice from the gateway.
     sub = alice.wait_for_presence(lambda el: el.get("from", "").startswith(WALLY_JID) and el.get("type") == "subscribe")
-    assert sub.find("{http://jabber.org/protocol/nick}nick").text == "Wally Wonka", ET.tostring(sub)
+    assert sub.find("{http://jabber.org/protocol/nick}nick").text == "Wally Wonka (gk)", ET.tostring(sub)
     note = message_from(alice, COMP)
     assert "wants to write to you" in body(note) and "Wally Wonka" in body(note)
     time.sleep(0.5)
