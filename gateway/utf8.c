@@ -111,7 +111,7 @@ bool cw_utf8_invisible(unsigned cp)
 }
 
 /* A character that shows as a blank (or, a control, should). */
-static bool blank(unsigned cp)
+bool cw_utf8_blank(unsigned cp)
 {
 	return cp <= 0x20 || (cp >= 0x7F && cp <= 0xA0) || cp == 0x1680 || (cp >= 0x2000 && cp <= 0x200A) ||
 	       cp == 0x2028 || cp == 0x2029 || cp == 0x202F || cp == 0x205F || cp == 0x3000;
@@ -131,8 +131,8 @@ void cw_utf8_name_shown(const char *name, char *out, size_t len)
 			i++;
 			continue;
 		}
-		if (blank(cp) || cw_utf8_invisible(cp)) {
-			gap = gap || (blank(cp) && o > 0);
+		if (cw_utf8_blank(cp) || cw_utf8_invisible(cp)) {
+			gap = gap || (cw_utf8_blank(cp) && o > 0);
 		} else {
 			if (gap)
 				out[o++] = ' ';

@@ -40,6 +40,11 @@ bool cw_utf8_has_noncharacter(const char *s, size_t n);
  * blank U+2800). */
 bool cw_utf8_invisible(unsigned cp);
 
+/* Whether cp is a blank: white space and controls (C0, DEL, C1), Unicode's
+ * space separators and the line and paragraph separators (U+2028,
+ * U+2029). */
+bool cw_utf8_blank(unsigned cp);
+
 /* The characters of a remote user's name as shown on a local network at
  * most (clients cut long names, and the "(<peer>)" after it must stay in
  * sight). */

@@ -392,15 +392,8 @@ static json_t *room_json(const char *public_id, const char *uri, const char *kin
 
 #define ROOM_NAME_RULE \
 	"name must be a string of 1 to 255 bytes that shows something, without control characters (C0, DEL, C1), " \
-	"bidirectional controls (U+202A-U+202E, U+2066-U+2069) or noncharacters (U+FFFE, U+FFFF, ...)"
-
-/* Unicode's space separators (Zs): a name of them and invisible
- * characters shows nothing. */
-static bool space_separator(unsigned cp)
-{
-	return cp == 0x20 || cp == 0xA0 || cp == 0x1680 || (cp >= 0x2000 && cp <= 0x200A) || cp == 0x202F ||
-	       cp == 0x205F || cp == 0x3000;
-}
+	"bidirectional controls (U+202A-U+202E, U+2066-U+2069), line separators (U+2028, U+2029) or noncharacters " \
+	"(U+FFFE, U+FFFF, ...)"
 
 /* A group's name: 1-255 bytes of UTF-8 (jansson's strings are), shown as
  * the room's name on the local networks (Matrix's m.room.name, the XMPP
@@ -408,8 +401,9 @@ static bool space_separator(unsigned cp)
  * control character (C0, DEL and, newly, C1), a bidirectional control
  * (U+202E reversed what the subject says after the name), a noncharacter
  * (U+FFFE, U+FFFF, ...: an XMPP server closes the stream that carries
- * one) and with at least one character that shows (not only invisible
- * ones and spaces); before, only C0 and DEL were refused. */
+ * one) or a line or paragraph separator (U+2028, U+2029), and with at
+ * least one character that shows (not only invisible ones and blanks,
+ * cw_utf8_blank); before, only C0 and DEL were refused. */
 static bool room_name_valid(const json_t *v)
 {
 	size_t n = json_string_length(v);
@@ -420,15 +414,15 @@ static bool room_name_valid(const json_t *v)
 	    cw_utf8_has_noncharacter(s, n))
 		return false;
 	const unsigned char *p = (const unsigned char *)s;
+	bool shows = false;
 	for (size_t i = 0, l; i < n; i += l) {
 		unsigned cp = 0;
 		l = cw_utf8_seq(p + i, n - i, &cp);
-		if (!l)
+		if (!l || cp == 0x2028 || cp == 0x2029) /* a line break in a room's name: none */
 			return false;
-		if (!cw_utf8_invisible(cp) && !space_separator(cp))
-			return true;
+		shows = shows || (!cw_utf8_invisible(cp) && !cw_utf8_blank(cp));
 	}
-	return false;
+	return shows;
 }
 
 /* Where a member lives: this provider (network "local"), the calling peer,

@@ -1021,7 +1021,8 @@ def test_group_names_that_would_show_wrong_are_refused(daemon, peers, pg, db_url
     (a, _), (b, _) = peers
     rm = a.create_room([a.user("alice"), b.user("bob")], kind="group", name="Lunch club").json()
     bad = ["Lunch\u0085club", "x\u009b", "\u202eLunch club", "a\u2066b\u2069", "Lunch \u202a club",
-           "x\ufffe", "\uffff", "\u200b\u200b", "\u2800", " ", "\u3164 \u00a0\u200d", "\u2003\ufeff"]
+           "x\ufffe", "\uffff", "\u200b\u200b", "\u2800", " ", "\u3164 \u00a0\u200d", "\u2003\ufeff",
+           "\u2028", "\u2029\u2028", "\u00a0\u2028", "Lunch\u2028club"]
     for name in bad:
         r = a.create_room([a.user("alice"), b.user("bob")], kind="group", name=name)
         assert r.status_code == 400 and r.json()["code"] == "invalid_body", (ascii(name), r.text)
