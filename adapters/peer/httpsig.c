@@ -1509,13 +1509,18 @@ static uint32_t replay_peer(struct httpsig_replay *r, const char *keyid)
 	return (uint32_t)empty;
 }
 
-/* The peer holding the most entries (there is one: the cache is full). */
-static struct replay_peer *replay_largest(struct httpsig_replay *r)
+/* The peer holding the most entries (there is one: the cache is full);
+ * of several holding as many, keyid's own when it is one of them, so that
+ * a peer adding more pushes out its own nonces, not another's of as many. */
+static struct replay_peer *replay_largest(struct httpsig_replay *r, const char *keyid)
 {
-	struct replay_peer *most = &r->peers[0];
-	for (size_t i = 1; i < r->npeers; i++)
-		if (r->peers[i].n > most->n)
-			most = &r->peers[i];
+	struct replay_peer *most = NULL;
+	for (size_t i = 0; i < r->npeers; i++) {
+		struct replay_peer *p = &r->peers[i];
+		if (!most || p->n > most->n ||
+		    (p->n == most->n && p->n && strcmp(p->keyid, keyid) == 0))
+			most = p;
+	}
 	return most;
 }
 
@@ -1558,7 +1563,7 @@ cw_err httpsig_replay_check_and_add(struct httpsig_replay *r, const char *keyid,
 	 * thirty-first session the oldest of all went, and one peer's flood
 	 * made another's captured requests replayable). */
 	if (r->count == r->cap) {
-		struct replay_peer *most = replay_largest(r);
+		struct replay_peer *most = replay_largest(r, keyid);
 		if (r->e[most->own.head].basis + r->window >= now)
 			r->live_evictions++;
 		replay_drop(r, most->own.head);

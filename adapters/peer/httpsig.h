@@ -154,9 +154,11 @@ cw_err httpsig_verify(const struct httpsig_msg *m, const char *signature_input, 
  * that refusal never fires in practice.
  *
  * Bounded in size: when max_entries are held, the oldest entry of the keyid
- * holding the most goes, so that one peer's volume pushes out its own
- * nonces only, never another's (since the thirty-first session; before,
- * the oldest of all went).
+ * holding the most goes (of several holding as many, the adding keyid's),
+ * so that one peer's volume pushes out another's nonces only down to an
+ * equal share of the cache, not below (since the thirty-first session;
+ * before, the oldest of all went, and one peer could push out all of
+ * another's).
  * Evicting an entry still inside its window lets that one nonce be replayed
  * (until its created leaves the skew), so size the cache for the peak rate
  * of signed requests times the window, and alert on

@@ -984,6 +984,23 @@ START_TEST(replay_one_peer_evicts_only_its_own)
 	ck_assert_int_eq(httpsig_replay_check_and_add(r, "peer-c", "c1", T0 + 700, T0 + 700), CW_OK);
 	ck_assert_int_eq(httpsig_replay_count(r), 1);
 	httpsig_replay_free(r);
+	/* Of two holding as many, the adding peer's own goes: B's flood takes
+	 * A down to an equal share (a0, held above it), not below. */
+	r = httpsig_replay_new(4, 600);
+	for (int i = 0; i < 3; i++) {
+		snprintf(nonce, sizeof(nonce), "a%d", i);
+		ck_assert_int_eq(httpsig_replay_check_and_add(r, "peer-a", nonce, T0, T0), CW_OK);
+	}
+	for (int i = 0; i < 3; i++) {
+		snprintf(nonce, sizeof(nonce), "b%d", i);
+		ck_assert_int_eq(httpsig_replay_check_and_add(r, "peer-b", nonce, T0, T0), CW_OK);
+	}
+	ck_assert_int_eq(httpsig_replay_check_and_add(r, "peer-a", "a1", T0, T0 + 1), CW_ECONFLICT);
+	ck_assert_int_eq(httpsig_replay_check_and_add(r, "peer-a", "a2", T0, T0 + 1), CW_ECONFLICT);
+	ck_assert_int_eq(httpsig_replay_check_and_add(r, "peer-b", "b2", T0, T0 + 1), CW_ECONFLICT);
+	ck_assert_int_eq(httpsig_replay_check_and_add(r, "peer-b", "b1", T0, T0 + 1), CW_ECONFLICT);
+	ck_assert_int_eq(httpsig_replay_live_evictions(r), 2); /* a0, then b0 */
+	httpsig_replay_free(r);
 }
 END_TEST
 
