@@ -144,6 +144,17 @@ static cw_err registry_load_once(struct peer_registry *r, PGconn *c, bool *raced
 		if (PQgetlength(res, i, 3) != 32 || PQgetlength(res, i, 4) != 32)
 			continue; /* the table's checks make this impossible */
 		memcpy(p->token_hash, PQgetvalue(res, i, 3), 32);
+		/* A key stored before the thirty-first session refused weak ones
+		 * at create and rotate: the peer is left out (its requests 401)
+		 * until its key is rotated, for any signature verifies with
+		 * such a key. */
+		if (peer_key_weak((const unsigned char *)PQgetvalue(res, i, 4))) {
+			log_error("peers: peer %s has a small-order or non-canonical public key, which any signature "
+				  "verifies with; its requests are refused until its key is rotated (POST /admin/v1/peers/"
+				  "{name}/rotate with a new public_key)",
+				  p->name);
+			continue;
+		}
 		p->key = EVP_PKEY_new_raw_public_key(EVP_PKEY_ED25519, NULL,
 						     (const unsigned char *)PQgetvalue(res, i, 4), 32);
 		p->enabled = PQgetvalue(res, i, 5)[0] != 0;
