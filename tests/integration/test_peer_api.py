@@ -220,6 +220,31 @@ def test_a_claim_holds_about_max_body_bytes_of_events(daemon, peers):
     assert len(sizes) >= 3 and max(sizes) <= 1024 * 1024, sizes
 
 
+def test_a_claim_walks_past_a_row_whose_event_is_gone(make_daemon, db_url, pg):
+    """The claim walks the due rows in order and stops at the first event
+    that does not fit: a due row whose stored event is gone (no foreign
+    key holds one) counts as empty and is left by the claim's join, as
+    the window before it left it, and the rows behind it are delivered in
+    order. A first version of the walk stopped at it: the lane's claim
+    was empty for ever (a review's probe)."""
+    d = make_daemon(db_url).start()
+    peers = push_peers(d)
+    try:
+        (a, _), (b, sb) = peers
+        room = a.create_room([a.user("alice"), b.user("bob")]).json()["id"]
+        assert d.admin("POST", "/peers/tg/disable").status_code == 200
+        gone = a.send(room, a.user("alice"), "gone").json()["id"]
+        after = [a.send(room, a.user("alice"), f"after {i}").json()["id"] for i in range(3)]
+        pg.psql(f"DELETE FROM events WHERE public_id = '{gone}'", db_url)
+        assert pg.psql("SELECT count(*) FROM outbox WHERE destination = 'peer:tg' AND state = 'pending'",
+                       db_url) == "4"
+        assert d.admin("POST", "/peers/tg/enable").status_code == 200
+        assert [e["id"] for e in sb.wait_events(3)] == after
+    finally:
+        for _, srv in peers:
+            srv.close()
+
+
 def test_a_claim_reads_the_events_it_takes_not_every_due_one(make_daemon, db_url, pg):
     """A claim bounded by bytes (above) reads the stored events of its due
     rows in order and stops at the first that does not fit: since the
