@@ -354,6 +354,11 @@ static void *poller_main(void *arg)
 		struct waiter *in = p->incoming;
 		p->incoming = NULL;
 		pthread_mutex_unlock(&p->mu);
+		/* New requests whose peer was disabled or rotated since they were
+		 * let in are refused first: answered, they could have been sent
+		 * again what was already handed out above their cursor. */
+		if (p->registry)
+			refuse_stale(p, &in);
 		/* New requests are answered at once when there is something. */
 		while (in) {
 			struct waiter *next = in->next;
