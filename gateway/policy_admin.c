@@ -251,6 +251,27 @@ static const char *user_uri_problem(struct cw_app *app, const char *s, bool loca
 	return NULL;
 }
 
+/* A local user's URI (user_uri_problem's, local) as the peer API takes
+ * it, into out (MIMI_URI_MAX + 1 bytes): folded to lower case where the
+ * local network is XMPP's alone (peer_local_fold), refused where it is
+ * Matrix's and the name is the gateway's bot's or a ghost's
+ * (peer_local_refused, the reason into why).  Until the thirty-first
+ * session "mimi://<domain>/u/Alice" made a user of its own here, whose
+ * opt-in and consents no message to alice ever met. */
+static const char *local_user_problem(struct cw_app *app, const char *s, char *out, char *why, size_t len)
+{
+	const char *p = user_uri_problem(app, s, true);
+	if (p)
+		return p;
+	struct mimi_uri u;
+	cw_errmsg e;
+	if (strlen(s) > MIMI_URI_MAX || mimi_uri_parse(s, &u, &e))
+		return "must be a user URI mimi://<domain>/u/<local>";
+	snprintf(out, MIMI_URI_MAX + 1, "%s", s);
+	peer_local_fold(app, &u, out);
+	return peer_local_refused(app, &u, out, why, len);
+}
+
 /* A domain pattern of a rule, or a domain subject of a consent (no
  * wildcard), as an address's domain can be (mimi_domain_check); until the
  * twenty-first session "gk..example" and a name without a dot were stored
@@ -647,14 +668,15 @@ void policy_admin_optin_set(struct cw_req *req, void *ctx)
 	if (!body)
 		return;
 	static const char *const members[] = { "user", "network", "opted_in", NULL };
-	const char *user = str(body, "user"), *network = str(body, "network");
+	const char *network = str(body, "network");
 	json_t *opted = json_object_get(body, "opted_in");
+	char user[MIMI_URI_MAX + 1], why[MIMI_URI_MAX + 300];
 	const char *p;
 	bool ok = false;
 	if (!app_json_only_known(req, body, members))
 		;
-	else if ((p = user_uri_problem(app, user, true))) {
-		char d[120];
+	else if ((p = local_user_problem(app, str(body, "user"), user, why, sizeof(why)))) {
+		char d[MIMI_URI_MAX + 310];
 		snprintf(d, sizeof(d), "user %s", p);
 		bad_body(req, d);
 	} else if (!network || strncmp(network, "peer:", 5) != 0 || !peer_name_valid(network + 5))
@@ -697,14 +719,15 @@ void policy_admin_consent_set(struct cw_req *req, void *ctx)
 	if (!body)
 		return;
 	static const char *const members[] = { "user", "subject_kind", "subject", "state", NULL };
-	const char *user = str(body, "user"), *kind = str(body, "subject_kind"), *subject = str(body, "subject");
+	const char *kind = str(body, "subject_kind"), *subject = str(body, "subject");
 	const char *state = str(body, "state");
+	char user[MIMI_URI_MAX + 1], why[MIMI_URI_MAX + 300];
 	const char *p;
 	bool ok = false;
 	if (!app_json_only_known(req, body, members))
 		;
-	else if ((p = user_uri_problem(app, user, true))) {
-		char d[120];
+	else if ((p = local_user_problem(app, str(body, "user"), user, why, sizeof(why)))) {
+		char d[MIMI_URI_MAX + 310];
 		snprintf(d, sizeof(d), "user %s", p);
 		bad_body(req, d);
 	} else if (!kind || (strcmp(kind, "user") != 0 && strcmp(kind, "domain") != 0))

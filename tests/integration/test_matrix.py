@@ -2733,6 +2733,13 @@ def test_a_peer_cannot_name_the_gateways_own_matrix_users(mx, hs, gk, pg, db_url
     room = a.create_room([a.user("wally"), a.user("eve"), ALICE]).json()["id"]
     r = a.call("POST", f"/v1/rooms/{room}/members", {"add": [target]})
     assert r.status_code == 400 and target in r.json()["detail"], r.text
+    # The admin API refuses them as well (until the thirty-first session
+    # an opt-in or a consent made them users).
+    r = mx.admin("POST", "/optins", json={"user": target, "network": "peer:gk", "opted_in": True})
+    assert r.status_code == 400 and "namespace" in r.json()["detail"], r.text
+    r = mx.admin("POST", "/consents", json={"user": target, "subject_kind": "domain", "subject": "wa.example",
+                                            "state": "allowed"})
+    assert r.status_code == 400 and "namespace" in r.json()["detail"], r.text
     assert pg.psql(f"SELECT count(*) FROM identities WHERE localpart = '{name}'", db_url) == "0"
 
 

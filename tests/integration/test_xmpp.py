@@ -424,6 +424,25 @@ def test_a_local_user_named_with_capitals_is_the_same_user(xd, gk, alice, pg, db
     assert pg.psql("SELECT count(*) FROM identities WHERE is_local AND localpart <> lower(localpart)", db_url) == "0"
 
 
+def test_the_admin_api_folds_a_local_user_named_with_capitals(xd, pg, db_url):
+    """The admin API takes a local user as the peer API does: on XMPP,
+    mimi://example.org/u/Alice is alice, whose opt-in and consents these
+    are. Until the thirty-first session it made a user "Alice" of its own,
+    whose facts no message to alice met."""
+    shouted = ALICE.replace("/u/alice", "/u/Alice")
+    r = xd.admin("POST", "/optins", json={"user": shouted, "network": "peer:gk", "opted_in": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["user"] == ALICE, r.json()
+    r = xd.admin("POST", "/consents", json={"user": shouted, "subject_kind": "user",
+                                            "subject": "mimi://wa.example/u/wally", "state": "allowed"})
+    assert r.status_code == 200, r.text
+    assert r.json()["user"] == ALICE, r.json()
+    assert pg.psql("SELECT count(*) FROM identities WHERE is_local AND localpart <> lower(localpart)", db_url) == "0"
+    users = xd.admin("GET", "/users", params={"user": ALICE}).json()["rows"]
+    assert [(u["optins"], [c["subject"] for c in u["consents"]]) for u in users] == \
+        [({"peer:gk": True}, ["mimi://wa.example/u/wally"])], users
+
+
 def test_a_group_is_a_room_of_the_component(xd, gk, alice, prosody, pg, db_url):
     """A peer's group room is a multi-user chat (XEP-0045) served by the
     component: alice is invited with its first message, joins, sees its
