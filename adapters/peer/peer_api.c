@@ -568,6 +568,40 @@ static cw_err members_decide(PGconn *c, struct app_job *j, const struct room_mem
 					  room ? "member_add" : "new_room", "room", room), e);
 }
 
+/* The calling peer itself, for what it does to a group it has a member in
+ * that no message carries (type: "rename", or "member_add" of local users
+ * or its own): the server's rules are asked about its domain and network
+ * as about a new conversation from them (steps 1 and 4: a deny rule, a
+ * closed server, an allowlist without it; no user's consent, no rate
+ * limit: it starts no conversation).  Refused, j's error is set with the
+ * text a refused conversation gets (the reason is the operator's, in the
+ * log and the audit log) and the refusal audited, subject the peer's
+ * domain.  Until the thirty-first session a denied peer renamed the local
+ * members' portals and rooms, and added local users to its groups. */
+static cw_err caller_decide(PGconn *c, struct app_job *j, const struct peer_principal *p, const char *room,
+			    const char *type, cw_errmsg *e)
+{
+	char network[PEER_NAME_MAX + 8];
+	snprintf(network, sizeof(network), "peer:%s", p->name);
+	struct policy_view *view = policy_live_get(j->app->policy);
+	struct policy_request preq = {
+		.direction = POLICY_INBOUND, .action = POLICY_ACT_NEW_ROOM,
+		.sender = { NULL, p->domain, network }, .now_ms = cw_wall_ms(),
+	};
+	struct policy_decision d;
+	policy_decide(view->snap, &preq, &d);
+	policy_view_put(view);
+	policy_count(j->app, &d);
+	if (d.verdict != POLICY_DENY)
+		return CW_OK;
+	app_job_fail(j, 403, "not_allowed", "this provider does not take this conversation");
+	LOG_KV_LIMITED(CW_LOG_INFO, "a peer's change of a group refused by the server's rules", "reason", d.reason,
+		       "peer", p->name, "room", room);
+	return peer_audit_write(c, &d, p->domain,
+				json_pack("{s:s, s:s, s:s, s:s}", "peer", network, "direction", "inbound", "type", type,
+					  "room", room), e);
+}
+
 static cw_err room_create_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct room_input *in = j->data;
@@ -942,6 +976,9 @@ static cw_err members_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	char pid[24];
 	snprintf(pid, sizeof(pid), "%lld", (long long)in->p->id);
 	const char *rp[] = { in->public_id, pid };
+	cw_err rc;
+	if (in->nadd && ((rc = caller_decide(c, j, in->p, in->public_id, "member_add", e)) || j->err_code))
+		return rc;
 	/* The caller first, without the room's lock: a peer none of whose
 	 * users is in the room (404, as for a room it cannot see) or a direct
 	 * room (400) keeps none of the room's writers waiting (until the
@@ -950,7 +987,7 @@ static cw_err members_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	 * the same look again under it: the peer's last user may have left
 	 * meanwhile (each statement reads what is committed when it starts). */
 	char room_id[24];
-	cw_err rc = room_members_target(c, j, exec(c, MEMBER_ROOM_SQL, 2, rp), "unknown_room", "no such room", room_id,
+	rc = room_members_target(c, j, exec(c, MEMBER_ROOM_SQL, 2, rp), "unknown_room", "no such room", room_id,
 					e);
 	if (rc || j->err_code || (rc = room_members_lock(c, in->public_id, e)))
 		return rc;
@@ -1113,7 +1150,7 @@ void peer_api_room_get(struct cw_req *req, void *ctx)
  * occupants get a new subject). */
 struct rename_input {
 	char public_id[80];
-	int64_t peer_id;
+	const struct peer_principal *p; /* borrowed from the request */
 	char *name; /* NULL: none */
 };
 
@@ -1127,16 +1164,18 @@ static void rename_input_free(void *arg)
 static cw_err rename_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct rename_input *in = j->data;
+	cw_err rc = caller_decide(c, j, in->p, in->public_id, "rename", e);
+	if (rc || j->err_code)
+		return rc;
 	char pid[24];
-	snprintf(pid, sizeof(pid), "%lld", (long long)in->peer_id);
+	snprintf(pid, sizeof(pid), "%lld", (long long)in->p->id);
 	const char *params[] = { in->public_id, pid, in->name };
 	PGresult *r = exec(c,
 		"UPDATE rooms r SET name = $3, updated_at = now() WHERE r.public_id = $1 AND r.kind = 'group' "
 		"AND EXISTS (SELECT 1 FROM room_members m JOIN identities i ON i.id = m.identity_id "
 		"WHERE m.room_id = r.id AND i.peer_id = $2::bigint AND m.membership = 'joined') RETURNING 1",
 		3, params);
-	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
-	if (rc)
+	if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
 		return rc;
 	bool done = PQntuples(r) == 1;
 	PQclear(r);
@@ -1144,7 +1183,7 @@ static cw_err rename_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		app_job_fail(j, 404, "unknown_room", "no such group");
 		return CW_OK;
 	}
-	return room_state(c, j, in->public_id, in->peer_id, false, e);
+	return room_state(c, j, in->public_id, in->p->id, false, e);
 }
 
 void peer_api_room_rename(struct cw_req *req, void *ctx)
@@ -1173,7 +1212,7 @@ void peer_api_room_rename(struct cw_req *req, void *ctx)
 		return;
 	}
 	snprintf(in->public_id, sizeof(in->public_id), "%s", room);
-	in->peer_id = ((struct peer_principal *)cw_req_principal(req))->id;
+	in->p = cw_req_principal(req);
 	app_job_run(app, req, rename_fn, in, rename_input_free, true);
 }
 

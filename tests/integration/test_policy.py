@@ -1125,6 +1125,74 @@ def test_room_creation_asks_the_rules_about_every_remote_member(daemon, peers, p
     assert pg.psql("SELECT count(*) FROM rooms", db_url) == str(int(rooms) + 1)
 
 
+def test_a_refused_peer_neither_renames_a_group_nor_adds_members_to_it(daemon, peers, pg, db_url):
+    """A group's rename and an add of members are the calling peer's doing:
+    the server's rules are asked about it as about a new conversation from
+    its domain (spec: a server deny always wins; a closed server, or an
+    allowlist without the domain, takes none). Refused, the answer is 403
+    with the text a refused conversation gets, nothing changes (the Matrix
+    portals and the XMPP rooms keep their name, no one is added) and the
+    audit log has the reason. Until the thirty-first session a denied peer
+    renamed the local members' rooms ("BUY PILLS at ...") and added local
+    users to its groups: only the added remote members were asked."""
+    (a, _), (b, _) = peers
+    group = a.create_room([a.user("wally"), ALICE], kind="group", name="Lunch club").json()["id"]
+    other = b.create_room([b.user("bob"), ALICE], kind="group", name="Tea").json()["id"]
+
+    def rename(peer, gid, name):
+        return peer.call("PATCH", f"/v1/rooms/{gid}", {"name": name})
+
+    def add(peer, gid, who):
+        return peer.call("POST", f"/v1/rooms/{gid}/members", {"add": [who]})
+
+    def name(gid):
+        return pg.psql(f"SELECT coalesce(name, '-') FROM rooms WHERE public_id = '{gid}'", db_url)
+
+    def members(gid):
+        return pg.psql(f"SELECT string_agg(i.uri, ' ' ORDER BY i.uri) FROM room_members m JOIN rooms r "
+                       f"ON r.id = m.room_id JOIN identities i ON i.id = m.identity_id WHERE r.public_id = '{gid}' "
+                       "AND m.membership = 'joined'", db_url)
+
+    audited = ("SELECT string_agg(reason_code || ' ' || subject || ' ' || (details->>'type') || ' ' "
+               " || (details->>'room'), ',' ORDER BY id) FROM audit_log WHERE action = 'policy.deny' "
+               " AND details->>'type' IN ('rename', 'member_add') AND details->>'room' = '%s'")
+    rule = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example", "mode": "deny"})
+    assert rule.status_code == 201, rule.text
+    wait_policy(daemon, lambda: rename(a, group, "BUY PILLS at spam.example").status_code == 403, "the deny")
+    for r in (rename(a, group, None), add(a, group, BOB), add(a, group, a.user("zed"))):
+        assert r.status_code == 403, r.text
+        assert r.json()["code"] == "not_allowed", r.text
+        assert r.json()["detail"] == "this provider does not take this conversation", r.text
+    assert name(group) == "Lunch club"
+    assert members(group) == " ".join(sorted([ALICE, a.user("wally")]))
+    assert pg.psql(audited % group, db_url) == ",".join(
+        [f"server_denied_domain wa.example {t} {group}" for t in ("rename", "rename", "member_add", "member_add")])
+    # Another peer is not concerned; the peer takes its own users out still.
+    assert rename(b, other, "Tea club").status_code == 200
+    assert add(b, other, BOB).status_code == 200
+    assert a.call("POST", f"/v1/rooms/{group}/members", {"remove": [a.user("wally")]}).status_code == 200
+    assert members(group) == ALICE
+    assert daemon.admin("DELETE", f"/rules/{rule.json()['id']}").status_code == 200
+    made = []
+    wait_policy(daemon, lambda: made.append(a.create_room([a.user("wally"), ALICE], kind="group",
+                                                          name="Lunch club")) or made[-1].status_code == 201,
+                "the deny's end")
+    group = made[-1].json()["id"]
+    # A closed server, and an allowlist without the domain, refuse as well.
+    for mode, reason in (("closed", "server_closed"), ("allowlist", "server_not_allowlisted")):
+        assert daemon.admin("PATCH", "/settings", json={"policy.default_mode": mode}).ok
+        wait_policy(daemon, lambda: rename(a, group, "x").status_code == 403, mode)
+        assert add(a, group, BOB).status_code == 403
+        assert name(group) == "Lunch club" and BOB not in members(group)
+        assert pg.psql(audited % group, db_url).split(",")[-2:] == [f"{reason} wa.example rename {group}",
+                                                                   f"{reason} wa.example member_add {group}"]
+    assert daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example",
+                                                "mode": "open"}).status_code == 201
+    wait_policy(daemon, lambda: rename(a, group, "Brunch club").status_code == 200, "the domain allowed")
+    assert add(a, group, BOB).status_code == 200
+    assert name(group) == "Brunch club" and BOB in members(group)
+
+
 def test_a_server_deny_of_one_of_a_peers_members_keeps_the_group_from_that_peer(daemon, peers, pg, db_url):
     """A peer gets a group's message in one row for all its users, who all
     read it. A server deny of one of them (abuse) refuses that row: the
