@@ -462,6 +462,12 @@ static void metrics_done(void *arg, cw_err rc, const cw_errmsg *e)
 		retention_counter(&b, "causeway_retention_failures_total",
 				  "Retention sweeps in which a kind failed (the others still ran), by kind.",
 				  ps.retention_failures);
+		cw_buf_printf(&b, "# HELP causeway_policy_rechecked_total Waiting outbox rows decided again after a "
+				  "change of the server's rules or an opt-out, and of those dropped.\n"
+				  "# TYPE causeway_policy_rechecked_total counter\n"
+				  "causeway_policy_rechecked_total{outcome=\"decided\"} %llu\n"
+				  "causeway_policy_rechecked_total{outcome=\"dropped\"} %llu\n",
+			      (unsigned long long)ps.rechecked, (unsigned long long)ps.recheck_dropped);
 	}
 	if (app->xmpp)
 		xa_metrics(app->xmpp, &b);

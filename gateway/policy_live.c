@@ -95,7 +95,19 @@ static cw_err query_ids(PGconn *c, const char *sql, const char *ids, PGresult **
 	return store_check(c, *out, PGRES_TUPLES_OK, e);
 }
 
-static cw_err load_facts(PGconn *c, struct policy_builder *b, const char *ids, cw_errmsg *e);
+static cw_err load_facts(PGconn *c, struct policy_builder *b, const char *ids, uint64_t *fp, cw_errmsg *e);
+
+/* The settings' fingerprint (policy_settings.fingerprint): FNV-1a over
+ * strings, each ended by a 0. */
+#define FP_START 1469598103934665603ULL
+static uint64_t fp_mix(uint64_t h, const char *s)
+{
+	for (const unsigned char *p = (const unsigned char *)s;; p++) {
+		h = (h ^ *p) * 1099511628211ULL;
+		if (!*p)
+			return h;
+	}
+}
 
 /* Settings (into arg, a struct policy_settings), rules and every fact. */
 static cw_err load_all(PGconn *c, struct policy_builder *b, void *arg, cw_errmsg *e)
@@ -109,12 +121,18 @@ static cw_err load_all(PGconn *c, struct policy_builder *b, void *arg, cw_errmsg
 		setting_apply(set, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1));
 	PQclear(r);
 	policy_builder_defaults(b, set->default_mode, set->optin_default);
+	uint64_t fp = fp_mix(FP_START, policy_mode_name(set->default_mode));
+	fp = fp_mix(fp, set->optin_default ? "t" : "f");
 
 	if ((rc = query(c, "SELECT id, scope, pattern, coalesce(mode, ''), limits::text, "
 			   " coalesce((extract(epoch FROM expires_at) * 1000)::bigint, 0) "
 			   "FROM rules WHERE enabled AND (expires_at IS NULL OR expires_at > now())", &r, e)))
 		return rc;
 	for (int i = 0; i < PQntuples(r); i++) {
+		uint64_t h = FP_START;
+		for (int k = 0; k < 6; k++)
+			h = fp_mix(h, PQgetvalue(r, i, k));
+		fp += h; /* a sum: the rows' order is not the hash's */
 		int brc = policy_builder_rule_row(b, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1), PQgetvalue(r, i, 2),
 						  PQgetvalue(r, i, 3), PQgetvalue(r, i, 4), PQgetvalue(r, i, 5));
 		if (brc == -2) {
@@ -125,12 +143,14 @@ static cw_err load_all(PGconn *c, struct policy_builder *b, void *arg, cw_errmsg
 			LOG_KV(CW_LOG_WARN, "policy rule ignored: not understood", "rule_id", PQgetvalue(r, i, 0));
 	}
 	PQclear(r);
-	return load_facts(c, b, NULL, e);
+	rc = load_facts(c, b, NULL, &fp, e);
+	set->fingerprint = fp;
+	return rc;
 }
 
 /* The facts of the local users ids (a PostgreSQL array text), or of all
- * (NULL). */
-static cw_err load_facts(PGconn *c, struct policy_builder *b, const char *ids, cw_errmsg *e)
+ * (NULL); fp (or NULL) takes in the opt-outs. */
+static cw_err load_facts(PGconn *c, struct policy_builder *b, const char *ids, uint64_t *fp, cw_errmsg *e)
 {
 	PGresult *r;
 	cw_err rc;
@@ -138,9 +158,12 @@ static cw_err load_facts(PGconn *c, struct policy_builder *b, const char *ids, c
 			   "JOIN identities i ON i.id = o.identity_id WHERE $1::bigint[] IS NULL "
 			   "OR o.identity_id = ANY($1::bigint[])", ids, &r, e)))
 		return rc;
-	for (int i = 0; i < PQntuples(r); i++)
+	for (int i = 0; i < PQntuples(r); i++) {
+		if (fp && PQgetvalue(r, i, 2)[0] != 't') /* a sum: the rows' order is not the hash's */
+			*fp += fp_mix(fp_mix(FP_START, PQgetvalue(r, i, 0)), PQgetvalue(r, i, 1));
 		if (policy_builder_optin(b, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1), PQgetvalue(r, i, 2)[0] == 't') == -2)
 			goto oom;
+	}
 	PQclear(r);
 
 	if ((rc = query_ids(c, "SELECT i.uri, c.subject_kind = 'domain', c.subject, c.state = 'allowed' FROM consents c "
@@ -221,7 +244,7 @@ static cw_err fill_users(PGconn *c, struct policy_builder *b, void *ids, cw_errm
 		if (policy_builder_user(b, PQgetvalue(r, i, 0)) == -2)
 			rc = cw_fail(e, CW_ENOMEM, "out of memory");
 	PQclear(r);
-	return rc ? rc : load_facts(c, b, ids, e);
+	return rc ? rc : load_facts(c, b, ids, NULL, e);
 }
 
 cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, const int64_t *ids, size_t n,
@@ -509,6 +532,221 @@ static cw_err sweep(PGconn *c, bool prepared, const struct policy_view *v, const
 cw_err policy_sweep(PGconn *c, const struct policy_view *v, const char *target_id, long counts[3], cw_errmsg *e)
 {
 	return sweep(c, false, v, target_id, counts, e);
+}
+
+/* ------------------------------------------------------------ recheck */
+
+/* Rows not handed over yet are decided again after a change of what the
+ * server's side of a decision reads (policy_settings.fingerprint: a rule
+ * made, changed, deleted or expired, the default mode, an opt-out) and of
+ * some users' facts (an opt-out: their rows).  Until the thirty-first
+ * session only a held row's release asked the rules again (rule_denials),
+ * and a row pending (backing off), dead or failed when the operator
+ * denied its sender's domain was delivered after the deny, or on a replay
+ * (a review's finding).  The rows come in batches (RECHECK_BATCH), each its
+ * own transaction that locks only the rows it drops, so that a backlog of
+ * 100,000 rows never holds the outbox long: the policy thread runs one
+ * batch per turn.  Columns: 0 id, 1 destination, 2-4 the sender's uri,
+ * domain, network, 5-7 the target's (NULL: a peer's row), 8 the type, 9
+ * true when the row is not the policy's (the expiry's taking back, a
+ * membership or block event, between two local users), 10 the sender is
+ * local, 11 the peer's domain (a peer's row), 12 the peer's joined members
+ * in the room (JSON). */
+#define RECHECK_BATCH 500
+#define RECHECK_COLUMNS                                                                                 \
+	"SELECT b.id, b.destination, s.uri, s.domain, s.network, t.uri, t.domain, t.network, e.type, "      \
+	" (e.origin_network = 'gateway' OR e.type IN ('membership', 'block') OR (s.is_local AND t.is_local) " \
+	"  OR (t.id IS NULL AND p.id IS NULL) OR (t.id IS NOT NULL AND NOT t.is_local) "                     \
+	"  OR (t.id IS NOT NULL AND s.is_local)), s.is_local, p.domain, "                                   \
+	" (SELECT json_agg(i.uri ORDER BY i.id) FROM room_members m JOIN identities i ON i.id = m.identity_id " \
+	"  WHERE p.id IS NOT NULL AND m.room_id = b.room_id AND m.membership = 'joined' AND i.peer_id = p.id)::text " \
+	"FROM b JOIN events e ON e.id = b.event_id JOIN identities s ON s.id = e.sender_id "                 \
+	"LEFT JOIN identities t ON t.id = b.target_identity_id "                                            \
+	"LEFT JOIN peers p ON b.target_identity_id IS NULL AND b.destination LIKE 'peer:%' "                \
+	" AND p.name = substr(b.destination, 6) ORDER BY b.destination, b.id"
+
+/* One state's rows in outbox_state_dest_idx order, from after ($1, $2)
+ * (destination, id), $3 of them: a range of that index, the state a literal so that
+ * the partial index is the plan's (RECHECK_STATES lists them). */
+#define RECHECK_STATE_SQL(state)                                                                        \
+	"WITH b AS MATERIALIZED (SELECT id, destination, event_id, target_identity_id, room_id FROM outbox " \
+	" WHERE state = '" state "' AND (destination, id) > ($1, $2::bigint) ORDER BY destination, id "      \
+	" LIMIT $3::int) " RECHECK_COLUMNS
+static const char *const recheck_state_sql[] = {
+	RECHECK_STATE_SQL("pending"), RECHECK_STATE_SQL("held"), RECHECK_STATE_SQL("dead"),
+	RECHECK_STATE_SQL("failed"),
+};
+#define RECHECK_STATES 4
+
+/* Some local users' rows ($1, an array), from after id $2, $3 of them:
+ * of those who opted out of a network (only an opt-out among a user's
+ * facts is the server's side of a decision), by index: held ones in
+ * outbox_held_idx, dead and failed ones in outbox_dead_target_idx, pending
+ * ones among their rooms' (outbox_room_order_idx), as a block's sweep
+ * finds them.  Each kind is its own CTE: ordered by id inside, the
+ * planner walked the primary key over the whole outbox (a user with no
+ * room: every row).  Most changes are consents of users who opted out of
+ * nothing: no row is read. */
+#define RECHECK_USER_ROWS(cond)                                                                         \
+	" AS MATERIALIZED (SELECT o.id, o.destination, o.event_id, o.target_identity_id, o.room_id "        \
+	" FROM outbox o WHERE " cond " AND o.target_identity_id = ANY((SELECT a FROM ou)::bigint[]) "       \
+	" AND o.id > $2::bigint)"
+static const char recheck_users_sql[] =
+	"WITH ou AS MATERIALIZED (SELECT array_agg(DISTINCT identity_id) AS a FROM user_optin "
+	" WHERE identity_id = ANY($1::bigint[]) AND NOT opted_in), "
+	"bh" RECHECK_USER_ROWS("o.state = 'held'") ", "
+	"bd" RECHECK_USER_ROWS("o.state IN ('dead', 'failed') AND o.target_identity_id IS NOT NULL") ", "
+	"bp" RECHECK_USER_ROWS("o.state = 'pending' AND o.room_id = ANY(ARRAY(SELECT m.room_id FROM room_members m "
+			       "WHERE m.identity_id = ANY((SELECT a FROM ou)::bigint[])))") ", "
+	"b AS MATERIALIZED (SELECT * FROM (SELECT * FROM bh UNION ALL SELECT * FROM bd UNION ALL SELECT * FROM bp) x "
+	" ORDER BY id LIMIT $3::int) "
+	RECHECK_COLUMNS;
+
+/* The rows $1 (an array of ids) in those states. */
+static const char recheck_ids_sql[] =
+	"WITH b AS MATERIALIZED (SELECT id, destination, event_id, target_identity_id, room_id FROM outbox "
+	" WHERE id = ANY($1::bigint[]) AND state IN ('pending', 'held', 'dead', 'failed')) " RECHECK_COLUMNS;
+
+/* Drops the rows $1 ([{id, reason, rule, subject}]) still not handed over,
+ * as sweep_sql drops a row: locked in id order, skipped when locked (a
+ * dispatcher claiming it: it goes in flight, not recalled), the content of
+ * an event no one will now receive erased, each drop audited as the
+ * policy's decision by the sweep (the "why" of the message names it).
+ * The count of rows dropped, and the reason of the first. */
+static const char recheck_drop_sql[] =
+	"WITH dn AS (SELECT * FROM jsonb_to_recordset($1::jsonb) AS d(id bigint, reason text, rule bigint, "
+	"  subject text)), "
+	"lk AS (SELECT o.id FROM outbox o WHERE o.id IN (SELECT id FROM dn) "
+	"  AND o.state IN ('pending', 'held', 'dead', 'failed') ORDER BY o.id FOR UPDATE OF o SKIP LOCKED), "
+	"ch AS (UPDATE outbox o SET state = 'dropped', next_attempt_at = now(), claimed_by = NULL, "
+	"  claimed_until = NULL FROM dn WHERE o.id = dn.id AND o.id IN (SELECT id FROM lk) "
+	"  RETURNING o.id, o.event_id, dn.reason, NULLIF(dn.rule, 0) AS rule, dn.subject), "
+	"au AS (INSERT INTO audit_log (actor, action, reason_code, rule_id, event_id, subject, details) "
+	" SELECT 'policy', 'policy.deny', ch.reason, ch.rule, ch.event_id, ch.subject, '{\"by\": \"sweep\"}'::jsonb "
+	" FROM ch ORDER BY ch.id), "
+	"gone AS (UPDATE events e SET content = '{}'::jsonb WHERE e.id IN (SELECT event_id FROM ch) "
+	" AND NOT EXISTS (SELECT 1 FROM outbox x WHERE x.event_id = e.id AND x.id NOT IN (SELECT id FROM ch) "
+	"  AND x.state NOT IN ('dropped', 'expired'))) "
+	"SELECT count(*), min(reason) FROM ch";
+
+/* Whether the server's rules (and an inbound row's user's opt-out) refuse
+ * row i of a RECHECK_COLUMNS result now: *d the refusal, *subject whom it
+ * is about (the row's user; a peer's row: the member refused).  An inbound
+ * row is decided as it arrived but as if its user wrote in its room (an
+ * opt-in missing refuses only what comes; an explicit opt-out refuses
+ * all, as at arrival); a peer's row as the writer decides it (a server
+ * deny of any of the peer's members in the room refuses it, another
+ * server refusal only of them all; docs/policy.md "Groups"), by the
+ * peer's domain alone when none is left.  Sizes, rate limits and the
+ * users' consents are not asked again. */
+static bool recheck_refused(const struct policy_snapshot *snap, PGresult *r, int i, int64_t now,
+			    struct policy_decision *d, char *subject, size_t len)
+{
+	if (PQgetvalue(r, i, 9)[0] == 't')
+		return false;
+	struct policy_request q = {
+		.action = POLICY_ACT_EVENT,
+		.event_type = PQgetvalue(r, i, 8),
+		.sender = { PQgetvalue(r, i, 2), PQgetvalue(r, i, 3), PQgetvalue(r, i, 4) },
+		.now_ms = now,
+		.recipient_wrote_here = true,
+	};
+	if (!PQgetisnull(r, i, 5)) {
+		q.direction = POLICY_INBOUND;
+		q.recipient = (struct policy_party){ PQgetvalue(r, i, 5), PQgetvalue(r, i, 6), PQgetvalue(r, i, 7) };
+		policy_decide(snap, &q, d);
+		snprintf(subject, len, "%s", PQgetvalue(r, i, 5));
+		return d->verdict == POLICY_DENY && policy_reason_is_servers(d->reason);
+	}
+	q.direction = PQgetvalue(r, i, 10)[0] == 't' ? POLICY_OUTBOUND : POLICY_TRANSIT;
+	json_t *members = PQgetisnull(r, i, 12) ? NULL : json_loads(PQgetvalue(r, i, 12), 0, NULL);
+	size_t n = json_array_size(members);
+	bool all = true, any = false;
+	struct policy_decision first = { .verdict = POLICY_ALLOW };
+	for (size_t k = 0; k < (n ? n : 1); k++) {
+		const char *uri = n ? json_string_value(json_array_get(members, k)) : "";
+		q.recipient = (struct policy_party){ uri ? uri : "", PQgetvalue(r, i, 11), PQgetvalue(r, i, 1) };
+		policy_decide(snap, &q, d);
+		bool refused = d->verdict == POLICY_DENY && policy_reason_is_servers(d->reason);
+		if (refused && strncmp(d->reason, "server_denied_", 14) == 0) {
+			snprintf(subject, len, "%s", q.recipient.uri[0] ? q.recipient.uri : PQgetvalue(r, i, 11));
+			json_decref(members);
+			return true;
+		}
+		if (refused && !any) {
+			first = *d;
+			snprintf(subject, len, "%s", q.recipient.uri[0] ? q.recipient.uri : PQgetvalue(r, i, 11));
+		}
+		any = any || refused;
+		all = all && refused;
+	}
+	json_decref(members);
+	*d = first;
+	return any && all;
+}
+
+/* Decides the rows of r (RECHECK_COLUMNS) again with v and drops those
+ * refused (recheck_drop_sql); counts: rows decided, dropped; *reason: the
+ * first drop's (static), or NULL. */
+static cw_err recheck(PGconn *c, const struct policy_view *v, PGresult *r, long counts[2], const char **reason,
+		      cw_errmsg *e)
+{
+	json_t *list = json_array();
+	int64_t now = cw_wall_ms();
+	const char *first = NULL;
+	for (int i = 0; list && i < PQntuples(r); i++) {
+		struct policy_decision d;
+		char subject[MIMI_URI_MAX + 1];
+		if (!recheck_refused(v->snap, r, i, now, &d, subject, sizeof(subject)))
+			continue;
+		if (json_array_append_new(list, json_pack("{s:s, s:s, s:I, s:s}", "id", PQgetvalue(r, i, 0), "reason",
+							  d.reason, "rule", (json_int_t)d.rule_id, "subject", subject))) {
+			json_decref(list);
+			list = NULL;
+		}
+		if (!first)
+			first = d.reason;
+	}
+	counts[0] = PQntuples(r);
+	counts[1] = 0;
+	*reason = NULL;
+	if (!list)
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	if (json_array_size(list) == 0) {
+		json_decref(list);
+		return CW_OK;
+	}
+	char *text = json_dumps(list, JSON_COMPACT);
+	json_decref(list);
+	if (!text)
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	const char *params[] = { text };
+	PGresult *dr = PQexecParams(c, recheck_drop_sql, 1, NULL, params, NULL, NULL, 0);
+	free(text);
+	cw_err rc = store_check(c, dr, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	counts[1] = atol(PQgetvalue(dr, 0, 0));
+	PQclear(dr);
+	if (counts[1])
+		*reason = first;
+	return CW_OK;
+}
+
+cw_err policy_recheck_row(PGconn *c, const struct policy_view *v, const char *outbox_id, const char **reason,
+			  cw_errmsg *e)
+{
+	char arr[32];
+	snprintf(arr, sizeof(arr), "{%s}", outbox_id);
+	const char *params[] = { arr };
+	PGresult *r = PQexecParams(c, recheck_ids_sql, 1, NULL, params, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	long counts[2];
+	rc = recheck(c, v, r, counts, reason, e);
+	PQclear(r);
+	return rc;
 }
 
 /* Messages whose content.expires has come (schema/014): the rows not yet
@@ -814,6 +1052,24 @@ struct policy_live {
 	int64_t asked[POLICY_OVERLAY_MAX];
 	size_t nasked;
 	bool asked_all;
+	/* The recheck of the rows not handed over (recheck_turn): a pass over
+	 * them all after a change of the fingerprint (fp; none known at the
+	 * start: a pass, for what a process stopped mid-pass left), in state
+	 * order (recheck_state; RECHECK_STATES: no pass), each state from
+	 * after (recheck_dest, recheck_after); one more after the claims in
+	 * flight at a pass's start are over (again_at_us, 0: none; again: this
+	 * pass is it).  And the rows of the users whose facts changed
+	 * (recheck_users, from after the id users_after). */
+	bool fp_known;
+	uint64_t fp;
+	int recheck_state;
+	char recheck_dest[300]; /* a destination: at most 32 + 1 + 253 bytes (schema/001) */
+	long long recheck_after;
+	int64_t again_at_us;
+	bool again;
+	int64_t recheck_users[POLICY_OVERLAY_MAX];
+	size_t nrecheck_users;
+	long long users_after;
 };
 
 static void add_pending(struct policy_live *pl, int64_t id)
@@ -1037,6 +1293,155 @@ bool policy_live_catch_up(struct policy_live *pl, const int64_t *ids, size_t n, 
 	return sync_request(pl, ids, n, timeout_ms);
 }
 
+/* A pass of the recheck begins (again: the one after the claims in
+ * flight at the last one's start). */
+static void recheck_begin(struct policy_live *pl, bool again)
+{
+	pl->recheck_state = 0;
+	pl->recheck_dest[0] = '\0';
+	pl->recheck_after = 0;
+	pl->again = again;
+	if (!again)
+		pl->again_at_us = 0;
+}
+
+/* The users whose facts changed (an opt-out among them, maybe): their rows
+ * are decided again; too many for the list, a whole pass. */
+static void recheck_users_add(struct policy_live *pl, const int64_t *ids, size_t n)
+{
+	bool added = false;
+	for (size_t i = 0; i < n; i++) {
+		size_t k = 0;
+		while (k < pl->nrecheck_users && pl->recheck_users[k] != ids[i])
+			k++;
+		if (k < pl->nrecheck_users)
+			continue;
+		if (pl->nrecheck_users == POLICY_OVERLAY_MAX) {
+			pl->nrecheck_users = 0;
+			recheck_begin(pl, false);
+			return;
+		}
+		pl->recheck_users[pl->nrecheck_users++] = ids[i];
+		added = true;
+	}
+	if (added)
+		pl->users_after = 0; /* the walk starts again: the new users' rows may be behind it */
+}
+
+/* The rows a dispatcher held in flight as a pass began were not decided
+ * (SKIP LOCKED, or not in the states): one that fails goes back to pending.
+ * The next pass, after their claims are over (the latest claimed_until,
+ * by outbox_claim_expiry_idx), decides them. */
+static cw_err recheck_after_claims(struct policy_live *pl, cw_errmsg *e)
+{
+	PGresult *r = PQexec(pl->c, "SELECT greatest(0, (extract(epoch FROM max(claimed_until) - now()) * 1000))::bigint "
+				    "FROM outbox WHERE state = 'in_flight'");
+	cw_err rc = store_check(pl->c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	if (!PQgetisnull(r, 0, 0))
+		pl->again_at_us = cw_now_us() + (atoll(PQgetvalue(r, 0, 0)) + 1000) * 1000LL;
+	PQclear(r);
+	return CW_OK;
+}
+
+/* One batch of the recheck, its own transaction (a backlog is never
+ * locked long, and the thread's reloads and sweeps get their turns in
+ * between): of the pass in progress, else of the users' rows.  True when
+ * there is more to do now. */
+static bool recheck_turn(struct policy_live *pl)
+{
+	struct policy_view *v = policy_live_get(pl);
+	uint64_t fp = v->set.fingerprint;
+	if (!pl->fp_known || fp != pl->fp) {
+		pl->fp_known = true;
+		pl->fp = fp;
+		recheck_begin(pl, false);
+	}
+	if (pl->recheck_state == RECHECK_STATES && pl->again_at_us && cw_now_us() >= pl->again_at_us) {
+		pl->again_at_us = 0;
+		recheck_begin(pl, true);
+	}
+	bool pass = pl->recheck_state < RECHECK_STATES;
+	if (!pass && pl->nrecheck_users == 0) {
+		policy_view_put(v);
+		return false;
+	}
+	cw_errmsg e;
+	char after[24], limit[16], users[POLICY_OVERLAY_MAX * 21 + 3];
+	snprintf(limit, sizeof(limit), "%d", RECHECK_BATCH);
+	PGresult *r = NULL;
+	cw_err rc = store_exec(pl->c, "BEGIN", &e);
+	if (!rc && pass && !pl->again && pl->recheck_state == 0 && pl->recheck_after == 0 && !pl->recheck_dest[0])
+		rc = recheck_after_claims(pl, &e);
+	if (!rc && pass) {
+		snprintf(after, sizeof(after), "%lld", pl->recheck_after);
+		const char *params[] = { pl->recheck_dest, after, limit };
+		r = PQexecParams(pl->c, recheck_state_sql[pl->recheck_state], 3, NULL, params, NULL, NULL, 0);
+	} else if (!rc) {
+		size_t len = 0;
+		users[len++] = '{';
+		for (size_t i = 0; i < pl->nrecheck_users; i++)
+			len += (size_t)snprintf(users + len, sizeof(users) - len, "%s%lld", i ? "," : "",
+						(long long)pl->recheck_users[i]);
+		snprintf(users + len, sizeof(users) - len, "}");
+		snprintf(after, sizeof(after), "%lld", pl->users_after);
+		const char *params[] = { users, after, limit };
+		r = PQexecParams(pl->c, recheck_users_sql, 3, NULL, params, NULL, NULL, 0);
+	}
+	if (!rc)
+		rc = store_check(pl->c, r, PGRES_TUPLES_OK, &e);
+	else
+		PQclear(r);
+	int n = 0;
+	long counts[2] = { 0, 0 };
+	char last_dest[sizeof(pl->recheck_dest)] = "";
+	long long last = 0;
+	if (!rc) {
+		n = PQntuples(r);
+		for (int i = 0; i < n; i++) { /* ordered by destination, id: the last is the pass's cursor */
+			long long id = atoll(PQgetvalue(r, i, 0));
+			if (pass) {
+				snprintf(last_dest, sizeof(last_dest), "%s", PQgetvalue(r, i, 1));
+				last = id;
+			} else if (id > last) {
+				last = id;
+			}
+		}
+		const char *reason;
+		rc = recheck(pl->c, v, r, counts, &reason, &e);
+		PQclear(r);
+	}
+	rc = store_end(pl->c, rc, &e);
+	policy_view_put(v);
+	if (rc) {
+		LOG_KV(CW_LOG_WARN, "policy recheck of waiting rows failed; tried again", "detail", e.msg);
+		return false;
+	}
+	if (pass && n == RECHECK_BATCH) {
+		snprintf(pl->recheck_dest, sizeof(pl->recheck_dest), "%s", last_dest);
+		pl->recheck_after = last;
+	} else if (pass) {
+		pl->recheck_state++;
+		pl->recheck_dest[0] = '\0';
+		pl->recheck_after = 0;
+	} else if (n == RECHECK_BATCH) {
+		pl->users_after = last;
+	} else {
+		pl->nrecheck_users = 0;
+	}
+	pthread_mutex_lock(&pl->mu);
+	pl->st.rechecked += (uint64_t)counts[0];
+	pl->st.recheck_dropped += (uint64_t)counts[1];
+	pthread_mutex_unlock(&pl->mu);
+	if (counts[1]) {
+		char d[24];
+		snprintf(d, sizeof(d), "%ld", counts[1]);
+		LOG_KV(CW_LOG_INFO, "waiting rows the server's rules now refuse dropped", "dropped", d);
+	}
+	return pl->recheck_state < RECHECK_STATES || pl->nrecheck_users;
+}
+
 /* An INFO line of a sweep's three counts, named k0, k1, k2. */
 static void log_counts(const char *msg, const char *k0, const char *k1, const char *k2, const long n[3])
 {
@@ -1079,6 +1484,7 @@ static void *live_main(void *arg)
 		pl->asked_all = false;
 		pthread_mutex_unlock(&pl->mu);
 		store_notifies(pl->c, heard, pl);
+		recheck_users_add(pl, pl->pending, pl->npending);
 		int64_t now = cw_now_us();
 		bool users = pl->npending > 0 && !want && !pl->want_full && now < next_reload && reload_users(pl);
 		bool loaded = users;
@@ -1149,12 +1555,13 @@ static void *live_main(void *arg)
 				       "events_deleted", n[3], "audit_records", n[4]);
 			next_retention = now + (more ? 1000000LL : pl->o.retention->retention_interval_s * 1000000LL);
 		}
+		bool recheck_more = recheck_turn(pl);
 		int64_t until = next_sweep < next_reload ? next_sweep : next_reload;
 		if (pl->o.retention && next_retention < until)
 			until = next_retention;
 		int timeout = (int)((until - cw_now_us()) / 1000);
-		if (pl->npending || pl->want_full)
-			timeout = 0; /* heard during the sweep */
+		if (pl->npending || pl->want_full || recheck_more)
+			timeout = 0; /* heard during the sweep; or more rows to decide again */
 		if (timeout < 0)
 			timeout = 0;
 		if (timeout > 1000)
@@ -1184,6 +1591,7 @@ cw_err policy_live_start(struct policy_live **out, const struct policy_live_opts
 	pthread_cond_init(&pl->loaded, NULL);
 	store_canceller_init(&pl->cancel);
 	pl->wake[0] = pl->wake[1] = -1;
+	pl->recheck_state = RECHECK_STATES;
 	if (!pl->url || pipe2(pl->wake, O_NONBLOCK | O_CLOEXEC) != 0) {
 		policy_live_free(pl);
 		return cw_fail(e, CW_ENOMEM, "out of resources");

@@ -33,6 +33,11 @@ struct policy_settings {
 	int64_t identifier_queries_per_minute; /* each peer's POST /v1/identifiers/query */
 	int64_t peer_updates_per_minute; /* each peer's consent updates, blocks and reports */
 	int64_t user_updates_per_minute; /* each local user's consent changes, opt-ins and reports by command */
+	/* A hash of what the server's side of a decision reads (the default
+	 * mode and opt-in, the rules in force, the users' opt-outs): when it
+	 * changes, the rows not handed over yet are decided again
+	 * (policy_recheck_rows).  An overlay's is its base's. */
+	uint64_t fingerprint;
 };
 
 struct policy_view {
@@ -74,6 +79,18 @@ void policy_view_put(struct policy_view *v);
  * about to be released is first decided again by v's rules (a deny rule,
  * the server's mode, the user's opt-in): one they now stop is dropped. */
 cw_err policy_sweep(PGconn *c, const struct policy_view *v, const char *target_id, long counts[3], cw_errmsg *e);
+
+/* Decides the outbox row outbox_id again, if it is not handed over yet
+ * (pending, held, dead, failed), by v's server rules and its user's
+ * opt-out (what policy_reason_is_servers covers): one they now refuse is
+ * dropped as a block's sweep drops a row (content erased unless another
+ * row still has it to come, policy.deny audited with {"by": "sweep"}).
+ * *reason: the refusal's reason code (static), or NULL when the row stays
+ * (allowed, handed over, or locked by another transaction).  The policy
+ * thread does the same to every such row after a change of the rules, the
+ * default mode or an opt-out (docs/policy.md). */
+cw_err policy_recheck_row(PGconn *c, const struct policy_view *v, const char *outbox_id, const char **reason,
+			  cw_errmsg *e);
 
 /* A local user's decision (state allowed, blocked, or none: forget it)
  * about a remote user (kind "user", subject a URI) or domain, from source
@@ -181,6 +198,7 @@ struct policy_live_stats {
 	uint64_t catch_ups;                  /* decisions that waited for a snapshot behind the database */
 	uint64_t released, dropped, expired; /* rows changed by sweeps */
 	uint64_t retention_removed[RETENTION_KINDS], retention_failures[RETENTION_KINDS]; /* by kind (retention.h) */
+	uint64_t rechecked, recheck_dropped; /* rows decided again after a change of the rules, and dropped */
 	size_t rules, facts;
 	double last_load_ms;
 };

@@ -6,6 +6,7 @@
 #include "event.h"
 #include "log.h"
 #include "outbox_admin.h"
+#include "policy_live.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -160,10 +161,26 @@ static cw_err dead_letter_change(PGconn *c, struct app_job *j, const char *sql, 
 	return CW_OK;
 }
 
+/* A replay asks the server's rules (and the user's opt-out) first, as the
+ * policy thread's recheck does after a change of them: a row they now
+ * refuse is dropped (content erased, the reason audited) and the replay
+ * refused, 409.  Until the thirty-first session a dead letter replayed
+ * after a deny of its sender's domain was delivered. */
 static cw_err replay_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
+	const char *reason;
+	struct policy_view *v = policy_live_get(j->app->policy);
+	cw_err rc = policy_recheck_row(c, v, j->data, &reason, e);
+	policy_view_put(v);
+	if (rc)
+		return rc;
+	if (reason) {
+		app_job_fail(j, 409, "conflict", "the server's rules now refuse this message (%s): dropped, not replayed",
+			     reason);
+		return CW_OK;
+	}
 	bool done;
-	cw_err rc = dead_letter_change(c, j,
+	rc = dead_letter_change(c, j,
 		"WITH o AS (SELECT id, state, destination, event_id FROM outbox WHERE id = $1::bigint), "
 		"u AS (UPDATE outbox x SET state = 'pending', attempts = 0, next_attempt_at = now(), "
 		"  claimed_by = NULL, claimed_until = NULL, sender_told_at = NULL FROM o "

@@ -108,10 +108,12 @@ def test_first_contact_held_one_request_then_accept_releases_in_order(daemon, pe
 
 def test_a_rule_made_while_messages_wait_decides_them_when_they_are_accepted(daemon, peers, pg, db_url):
     """wally's messages wait for alice's consent; meanwhile the operator
-    denies wally's domain (abuse). alice then accepts wally: the deny rule
-    wins, as it would for a message arriving now, and the waiting messages
-    are dropped, not delivered (before, accepting released them).
-    Likewise the server closed, and alice's opt-out of the network."""
+    denies wally's domain (abuse). The deny rule wins, as it would for a
+    message arriving now, and the waiting messages are dropped, not
+    delivered when alice accepts wally (before, accepting released them;
+    since the thirty-first session they go as the rule is made, not at
+    the acceptance). Likewise the server closed, and alice's opt-out of
+    the network."""
     (a, _), _ = peers
     opt_in(daemon)
     room = dm(a)
@@ -122,8 +124,9 @@ def test_a_rule_made_while_messages_wait_decides_them_when_they_are_accepted(dae
     rule = r.json()["id"]
     wait_policy(daemon, lambda: states(pg, db_url, [send(a, room, "more").json()["id"]])[0][1] == "dropped",
                 "the rule in force")
+    wait_policy(daemon, lambda: [s for _, s in states(pg, db_url, ids)] == ["dropped"] * 3, "the drops")
     out = consent(daemon, a.user("wally"), "allowed")
-    assert out["released"] == 0 and out["dropped"] == 3
+    assert out["released"] == 0
     assert [s for _, s in states(pg, db_url, ids)] == ["dropped"] * 3
     assert pg.psql("SELECT count(*) FROM events WHERE content <> '{}'::jsonb AND public_id IN (%s)"
                    % ",".join("'%s'" % i for i in ids), db_url) == "0"
@@ -141,8 +144,9 @@ def test_a_rule_made_while_messages_wait_decides_them_when_they_are_accepted(dae
     assert daemon.admin("PATCH", "/settings", json={"policy.default_mode": "closed"}).status_code == 200
     wait_policy(daemon, lambda: states(pg, db_url, [send(a, room_b, "x", sender="sam").json()["id"]])[0][1]
                 == "dropped", "closed")
+    wait_policy(daemon, lambda: states(pg, db_url, held_b)[0][1] == "dropped", "closed's drop")
     out = consent(daemon, a.user("sam"), "allowed", user=BOB)
-    assert out["released"] == 0 and out["dropped"] == 1
+    assert out["released"] == 0
     assert decision(daemon, held_b[0])["recipients"][0]["reason"] == "server_closed"
 
     # Opened again: bob opts out of the network while carl's message waits.
@@ -157,7 +161,8 @@ def test_a_rule_made_while_messages_wait_decides_them_when_they_are_accepted(dae
                       "ORDER BY o.id" % room_c, db_url).splitlines()
     opt_in(daemon, user=carl, on=False)
     out = consent(daemon, a.user("tom"), "allowed", user=carl)
-    assert out["released"] == 0 and out["dropped"] == len(waiting) >= 1
+    assert out["released"] == 0 and len(waiting) >= 1
+    wait_policy(daemon, lambda: all(s == "dropped" for _, s in states(pg, db_url, waiting)), "the opt-out's drops")
     assert decision(daemon, waiting[0])["recipients"][0]["reason"] == "user_not_opted_in"
     # And an accepted sender's messages still go once nothing stops them.
     opt_in(daemon, user=carl)
@@ -1565,3 +1570,124 @@ def test_a_peer_gets_only_the_event_types_it_takes(daemon, peers, pg, db_url):
     consent(daemon, a.user("wally"), "blocked")
     [ev] = sa.wait_events(1)
     assert ev["type"] == "block" and ev["content"]["action"] == "block"
+
+
+def test_a_change_of_the_rules_stops_what_waits_for_delivery(daemon, peers, pg, db_url):
+    """A row not handed over yet (pending: due or backing off; held; dead
+    or failed, which the operator could send again) is decided again when
+    the server's side of a decision changes: a deny rule, the user's
+    opt-out, the server closed. One they now refuse is dropped as a
+    block's sweep drops it: content erased, the decision audited (by the
+    sweep), the "why" naming it. A peer's row is refused as the writer
+    refuses it (a server deny of one of the peer's members in the room).
+    Until the thirty-first session only a held row's release asked again,
+    and what waited was delivered after the deny (a review's finding)."""
+    (a, _), (b, _) = peers
+    opt_in(daemon)
+    opt_in(daemon, network="peer:tg")
+    opt_in(daemon, user=BOB)
+    consent(daemon, a.user("wally"), "allowed")
+    consent(daemon, b.user("bob"), "allowed")
+    ra, rb = dm(a), dm(b, remote="bob")
+    rbob = dm(a, local=BOB)
+    group = a.create_room([a.user("wally"), b.user("tom"), ALICE], kind="group").json()["id"]
+    wait_policy(daemon, lambda: states(pg, db_url, [send(a, ra, "probe").json()["id"]])[0][1] == "pending",
+                "the consent in force")
+    from_a = [send(a, ra, f"a {i}").json()["id"] for i in range(2)]
+    from_b = [send(b, rb, f"b {i}", sender="bob").json()["id"] for i in range(2)]
+    to_bob = [send(a, rbob, f"bob {i}").json()["id"] for i in range(2)]
+    in_group = send(a, group, "to the group").json()["id"]
+    wait_policy(daemon, lambda: all(s == "pending" for _, s in states(pg, db_url, from_a + from_b)), "pending")
+    assert [s for _, s in states(pg, db_url, to_bob)] == ["held", "held"]
+    # One of them a dead letter, the group's row to tg's tom failed (its
+    # delivery given up on), as the dispatcher leaves them.
+    pg.psql(f"UPDATE outbox SET state = 'dead' WHERE event_id = (SELECT id FROM events "
+            f"WHERE public_id = '{from_b[1]}')", db_url)
+    wait_policy(daemon, lambda: dict(
+        (d["destination"], d["state"]) for d in decision(daemon, in_group)["recipients"]).get("peer:tg") ==
+        "delivered", "the group's row at tg")
+    pg.psql(f"UPDATE outbox SET state = 'failed' WHERE destination = 'peer:tg' AND event_id = (SELECT id FROM "
+            f"events WHERE public_id = '{in_group}')", db_url)
+
+    def dropped(ids):
+        return all(s == "dropped" for _, s in states(pg, db_url, ids))
+
+    def why(msg, dest=None):
+        d = decision(daemon, msg)
+        return [(r["destination"], r["state"], r["verdict"], r["reason"]) for r in d["recipients"]
+                if dest is None or r["destination"] == dest]
+
+    rule = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "tg.example", "mode": "deny"})
+    assert rule.status_code == 201, rule.text
+    wait_policy(daemon, lambda: dropped(from_b), "the deny's drops")
+    wait_policy(daemon, lambda: why(in_group, "peer:tg")[0][1] == "dropped", "the group's row dropped")
+    assert why(from_b[0]) == [("local", "dropped", "deny", "server_denied_domain")], why(from_b[0])
+    assert why(in_group, "peer:tg") == [("peer:tg", "dropped", "deny", "server_denied_domain")]
+    d = decision(daemon, from_b[1])
+    assert d["content_deleted"] and d["decisions"][-1]["details"] == {"by": "sweep"}, d
+    assert d["decisions"][-1]["rule_id"] == rule.json()["id"] and d["decisions"][-1]["recipient"] == ALICE, d
+    assert decision(daemon, in_group)["decisions"][-1]["recipient"] == b.user("tom")
+    assert not decision(daemon, in_group)["content_deleted"]  # alice's row has it still
+    assert all(s == "pending" for _, s in states(pg, db_url, from_a))
+    assert [s for _, s in states(pg, db_url, to_bob)] == ["held", "held"]
+    # Alice opts out of gk's network: what waits for her from there goes.
+    opt_in(daemon, on=False)
+    wait_policy(daemon, lambda: dropped(from_a), "the opt-out's drops")
+    assert why(from_a[1]) == [("local", "dropped", "deny", "user_not_opted_in")]
+    wait_policy(daemon, lambda: decision(daemon, in_group)["content_deleted"], "the group's message gone")
+    assert why(in_group, "local") == [("local", "dropped", "deny", "user_not_opted_in")]
+    assert [s for _, s in states(pg, db_url, to_bob)] == ["held", "held"]
+    # The server closed: bob's held ones go as well.
+    assert daemon.admin("PATCH", "/settings", json={"policy.default_mode": "closed"}).ok
+    wait_policy(daemon, lambda: dropped(to_bob), "the closed server's drops")
+    assert why(to_bob[0]) == [("local", "dropped", "deny", "server_closed")]
+    assert pg.psql("SELECT count(*) FROM events WHERE content <> '{}'::jsonb AND public_id IN (%s)"
+                   % ",".join("'%s'" % i for i in from_a + from_b + to_bob), db_url) == "0"
+    # Each row was dropped once (the group's message twice: alice's row,
+    # tg's), whatever passes ran.
+    assert pg.psql("SELECT count(*) FROM audit_log a JOIN events e ON e.id = a.event_id WHERE a.action = "
+                   "'policy.deny' AND a.details = '{\"by\": \"sweep\"}' AND e.public_id IN (%s)"
+                   % ",".join("'%s'" % i for i in from_a + from_b + to_bob + [in_group]), db_url) == "8"
+    assert "recheck of waiting rows failed" not in daemon.log()
+
+
+def test_a_dead_letter_the_rules_now_refuse_is_not_replayed(daemon, peers, pg, db_url):
+    """A dead letter whose sender the server now denies is not sent again
+    by a replay: the replay answers 409 and drops it (its content erased,
+    the reason audited). A row in flight when the rules changed is not
+    decided by the pass (the far side may have it); failing for good
+    later, it is caught here."""
+    (a, _), _ = peers
+    opt_in(daemon)
+    consent(daemon, a.user("wally"), "allowed")
+    room = dm(a)
+    wait_policy(daemon, lambda: states(pg, db_url, [send(a, room, "probe").json()["id"]])[0][1] == "pending",
+                "the consent in force")
+    msg = send(a, room, "buy pills").json()["id"]
+    other = send(a, room, "more pills").json()["id"]
+    sql = ("UPDATE outbox SET state = '%s', claimed_by = NULLIF('%s', ''), claimed_until = CASE WHEN '%s' <> '' "
+           "THEN now() + interval '10 minutes' END WHERE event_id = (SELECT id FROM events WHERE public_id = '%s')")
+    pg.psql(sql % ("in_flight", "probe", "probe", msg), db_url)
+    assert daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example",
+                                                "mode": "deny"}).status_code == 201
+    wait_policy(daemon, lambda: states(pg, db_url, [other])[0][1] == "dropped", "the pass")
+    assert states(pg, db_url, [msg])[0][1] == "in_flight"
+    pg.psql(sql % ("dead", "", "", msg), db_url)
+    row = pg.psql(f"SELECT o.id FROM outbox o JOIN events e ON e.id = o.event_id WHERE e.public_id = '{msg}'",
+                  db_url)
+    r = daemon.admin("POST", f"/outbox/{row}/replay")
+    assert r.status_code == 409 and "server_denied_domain" in r.json()["detail"], r.text
+    assert states(pg, db_url, [msg])[0][1] == "dropped"
+    d = decision(daemon, msg)
+    assert d["content_deleted"] and d["recipients"][0]["reason"] == "server_denied_domain", d
+    # Without the rule, a dead letter is replayed as before.
+    rule = daemon.admin("GET", "/rules").json()["rows"][0]["id"]
+    assert daemon.admin("DELETE", f"/rules/{rule}").status_code == 200
+    fine = []
+    wait_policy(daemon, lambda: fine.append(send(a, room, "fine").json()["id"]) or
+                states(pg, db_url, [fine[-1]])[0][1] == "pending", "the rule's end")
+    pg.psql(sql % ("dead", "", "", fine[-1]), db_url)
+    row = pg.psql(f"SELECT o.id FROM outbox o JOIN events e ON e.id = o.event_id WHERE e.public_id = '{fine[-1]}'",
+                  db_url)
+    r = daemon.admin("POST", f"/outbox/{row}/replay")
+    assert r.status_code == 200 and r.json()["state"] == "pending", r.text
