@@ -1691,3 +1691,38 @@ def test_a_dead_letter_the_rules_now_refuse_is_not_replayed(daemon, peers, pg, d
                   db_url)
     r = daemon.admin("POST", f"/outbox/{row}/replay")
     assert r.status_code == 200 and r.json()["state"] == "pending", r.text
+
+
+def test_every_process_decides_the_waiting_rows_again_and_each_is_dropped_once(daemon, make_daemon, peers, pg,
+                                                                                db_url):
+    """Two processes on one database both decide the waiting rows again
+    after a deny rule (each after its own reload: a row one wrote with the
+    snapshot of just before the rule is decided too); each row refused is
+    dropped once, with one record, in batches (more rows than a batch)."""
+    (a, _), _ = peers
+    opt_in(daemon)
+    consent(daemon, a.user("wally"), "allowed")
+    room = dm(a)
+    other = make_daemon(db_url).start()
+    a2 = PeerClient(other.url, a.name, a.domain, token=a.token, signer=a.signer)
+    wait_policy(other, lambda: states(pg, db_url, [send(a2, room, "hi").json()["id"]])[0][1] == "pending",
+                "the consent on the second daemon")
+    seed = send(a, room, "seed").json()["id"]
+    # 1,200 rows waiting (more than two batches), as a backlog would be.
+    pg.psql("INSERT INTO events (public_id, room_id, sender_id, type, content, origin_network, ts) "
+            "SELECT 'msg_backlog' || g, room_id, sender_id, type, content, origin_network, ts FROM events e, "
+            f"generate_series(1, 1200) g WHERE e.public_id = '{seed}'", db_url)
+    pg.psql("INSERT INTO outbox (event_id, destination, target_identity_id, room_id, state) "
+            "SELECT e.id, o.destination, o.target_identity_id, o.room_id, 'pending' FROM events e, outbox o "
+            f"WHERE e.public_id LIKE 'msg_backlog%' AND o.event_id = (SELECT id FROM events "
+            f"WHERE public_id = '{seed}')", db_url)
+    waiting = "SELECT count(*) FROM outbox WHERE state = 'pending'"
+    assert int(pg.psql(waiting, db_url)) >= 1201
+    assert other.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example",
+                                               "mode": "deny"}).status_code == 201
+    wait_until(lambda: pg.psql(waiting, db_url) == "0", timeout=60, interval=0.2, what="every row dropped")
+    assert pg.psql("SELECT count(*), count(DISTINCT a.event_id) FROM audit_log a WHERE a.action = 'policy.deny' "
+                   "AND a.details = '{\"by\": \"sweep\"}'", db_url) == \
+        pg.psql("SELECT count(*), count(*) FROM outbox WHERE state = 'dropped' AND event_id IN (SELECT id FROM "
+                "events WHERE content = '{}'::jsonb)", db_url)
+    assert "recheck of waiting rows failed" not in daemon.log() + other.log()
