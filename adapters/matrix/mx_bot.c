@@ -756,7 +756,7 @@ static cw_err grow_group(struct matrix *m, PGconn *c, const char *room, const ch
 		"  FROM g, b, unnest(ARRAY[$2::bigint, b.a, $3::bigint]) AS x "
 		"  WHERE x IS NOT NULL ON CONFLICT (room_id, identity_id) DO UPDATE SET membership = "
 		"  CASE WHEN room_members.membership = 'joined' THEN 'joined' ELSE excluded.membership END, "
-		"  updated_at = now()), "
+		"  peer_invited = false, updated_at = now()), "
 		"up AS (UPDATE room_bindings rb SET room_id = g.room, remote_identity_id = NULL FROM g, b "
 		"  WHERE rb.id = b.id RETURNING rb.id), "
 		"pm AS (INSERT INTO matrix_portal_members (binding_id, identity_id) SELECT up.id, x FROM up, b, "
@@ -1542,7 +1542,7 @@ static void portal_invitations(struct matrix *m, PGconn *c, int64_t *next_us, in
 		"JOIN rooms rm ON rm.id = x.room_id AND rm.kind = 'group' "
 		"JOIN identities i ON i.id = x.identity_id AND i.is_local "
 		"JOIN identity_bindings ib ON ib.identity_id = i.id AND ib.network = 'matrix' "
-		"WHERE x.membership = 'invited' AND NOT EXISTS (SELECT 1 FROM room_bindings b "
+		"WHERE x.membership = 'invited' AND NOT x.peer_invited AND NOT EXISTS (SELECT 1 FROM room_bindings b "
 		" WHERE b.network = 'matrix' AND b.room_id = x.room_id AND b.local_identity_id = x.identity_id) "
 		"ORDER BY x.room_id, x.identity_id LIMIT 16", "users invited to a group");
 	if (!r)

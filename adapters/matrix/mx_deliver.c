@@ -859,7 +859,7 @@ cw_err mx_mark_joined(PGconn *c, const char *room_id, const char *identity_id, c
 	}
 	/* "0": not invited (no lock was taken): nothing to mark */
 	if (!rc && strcmp(PQgetvalue(r, 0, 0), "0") != 0)
-		rc = store_command(c, "UPDATE room_members SET membership = 'joined', updated_at = now() "
+		rc = store_command(c, "UPDATE room_members SET membership = 'joined', peer_invited = false, updated_at = now() "
 				   "WHERE room_id = $1::bigint AND identity_id = $2::bigint AND membership = 'invited'",
 				   2, params, e);
 	PQclear(r);
@@ -1019,7 +1019,8 @@ static cw_err batch_info(PGconn *c, const struct outbox_row *rows, size_t n, PGr
 		" s.profile_changed_at::text, rm.kind, pb.native_id, pb.id, "
 		" EXISTS (SELECT 1 FROM matrix_portal_members pm WHERE pm.binding_id = pb.id AND pm.identity_id = s.id), "
 		" rm.name, rm.kind = 'group' AND NOT EXISTS (SELECT 1 FROM room_members x WHERE x.room_id = ev.room_id "
-		"  AND x.identity_id = t.id AND x.membership = 'joined'), p.domain "
+		"  AND x.identity_id = t.id AND (x.membership = 'joined' OR (x.membership = 'invited' AND x.peer_invited))), "
+		" p.domain "
 		"FROM unnest($1::bigint[], $2::bigint[]) WITH ORDINALITY AS x(ev, tg, k) "
 		"JOIN events ev ON ev.id = x.ev JOIN identities s ON s.id = ev.sender_id JOIN identities t ON t.id = x.tg "
 		"JOIN rooms rm ON rm.id = ev.room_id LEFT JOIN peers p ON p.id = s.peer_id "

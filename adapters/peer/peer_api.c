@@ -640,16 +640,20 @@ static cw_err room_create_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 			json_decref(members);
 			return rc;
 		}
-		const char *mp[] = { room_id, ident };
-		r = exec(c, "INSERT INTO room_members (room_id, identity_id, membership) VALUES ($1, $2, 'joined') "
-			    "ON CONFLICT DO NOTHING", 2, mp);
+		/* A local user in a peer's group is invited until she takes
+		 * part (peer_invited_member); in a direct room the policy
+		 * decides each message for her anyway. */
+		bool invited = cls[i].local && strcmp(in->kind, "group") == 0;
+		const char *mp[] = { room_id, ident, invited ? "invited" : "joined" };
+		r = exec(c, "INSERT INTO room_members (room_id, identity_id, membership, peer_invited) VALUES ($1, $2, $3, "
+			    "$3 = 'invited') ON CONFLICT DO NOTHING", 3, mp);
 		if ((rc = store_check(c, r, PGRES_COMMAND_OK, e))) {
 			json_decref(members);
 			return rc;
 		}
 		PQclear(r);
 		json_array_append_new(members, json_pack("{s:s, s:s, s:s}", "user", in->m[i].uri, "role", "member",
-							 "membership", "joined"));
+							 "membership", mp[2]));
 	}
 	j->status = 201;
 	j->body = room_json(in->public_id, in->uri, in->kind, in->name, members);
@@ -773,6 +777,14 @@ struct room_get_input {
 	int64_t peer_id;
 };
 
+/* A member's membership as the peers see it: a local user a peer put into
+ * a group (room_members.peer_invited, schema/038) who declined or left
+ * while only invited is listed invited, as one who never answered (or
+ * does not exist) is: her choice is not the peer's to learn, as a block
+ * tells nothing (docs/policy.md, "Local users a peer adds to a group"). */
+#define PEER_VIEW_MEMBERSHIP(M) \
+	"CASE WHEN " M ".membership = 'left' AND " M ".peer_invited THEN 'invited' ELSE " M ".membership END"
+
 /* Sets j's answer to the room's state as peer peer_id may see it (404 when
  * none of its users is a member; joined: a member now, not one who left,
  * for GET: a peer whose users all left sees the room no more, its members
@@ -784,9 +796,11 @@ static cw_err room_state(PGconn *c, struct app_job *j, const char *public_id, in
 	char pid[24];
 	snprintf(pid, sizeof(pid), "%lld", (long long)peer_id);
 	const char *params[] = { public_id, pid, joined ? "t" : "f" };
-	/* A peer sees the rooms its users are members of, nothing else. */
+	/* A peer sees the rooms its users are members of, nothing else; a
+	 * local user a peer added who left before she took part is shown as
+	 * still invited (PEER_VIEW_MEMBERSHIP). */
 	PGresult *r = exec(c,
-		"SELECT r.public_id, r.uri, r.kind, r.policy::text, i.uri, m.role, m.membership, r.name "
+		"SELECT r.public_id, r.uri, r.kind, r.policy::text, i.uri, m.role, " PEER_VIEW_MEMBERSHIP("m") ", r.name "
 		"FROM rooms r JOIN room_members m ON m.room_id = r.id JOIN identities i ON i.id = m.identity_id "
 		"WHERE r.public_id = $1 AND EXISTS (SELECT 1 FROM room_members m2 JOIN identities i2 "
 		"ON i2.id = m2.identity_id WHERE m2.room_id = r.id AND i2.peer_id = $2::bigint "
@@ -870,7 +884,8 @@ cw_err room_members_remove(PGconn *c, const char *room_id, const struct room_mem
 		 * peers were told of a leaving).  An invitation ends: its
 		 * withdrawal is a leave, which the peers are told of as of a
 		 * member's (they listed the invitee). */
-		PGresult *r = exec(c, "UPDATE room_members SET membership = 'left', updated_at = now() WHERE room_id = "
+		PGresult *r = exec(c, "UPDATE room_members SET membership = 'left', peer_invited = false, "
+				      "updated_at = now() WHERE room_id = "
 				      "$1::bigint AND identity_id = (SELECT id FROM identities WHERE uri = $2) "
 				      "AND membership IN ('joined', 'invited') RETURNING 1", 2, mp);
 		cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
@@ -970,6 +985,40 @@ cw_err room_members_audit(PGconn *c, const char *actor, const char *public_id, c
 	"JOIN identities i ON i.id = m.identity_id WHERE m.room_id = r.id AND i.peer_id = $2::bigint " \
 	"AND m.membership = 'joined')"
 
+/* Whom a peer may add to a group: its own users always; in a group hosted
+ * by a peer (rooms.hub_domain another provider's), that peer alone adds
+ * users of other providers (this one's included), the others only their
+ * own; in a group hosted here, the caller adds its own users and this
+ * provider's (who are invited: peer_invited_member), not a third peer's,
+ * who never asked to be in it (403 not_allowed; since the thirty-first
+ * session, a review's finding: any member peer could add anyone, and run
+ * another peer's group).  Asked after members_decide, whose refusals are
+ * audited with their reason. */
+static cw_err members_add_allowed(PGconn *c, struct app_job *j, const struct peer_principal *p, const char *room_id,
+				  const char *our_domain, const struct room_member_in *m, size_t n,
+				  const struct member_class *cls, cw_errmsg *e)
+{
+	const char *rp[] = { room_id };
+	PGresult *r = exec(c, "SELECT hub_domain FROM rooms WHERE id = $1::bigint", 1, rp);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	bool caller_hub = PQntuples(r) == 1 && strcmp(PQgetvalue(r, 0, 0), p->domain) == 0;
+	bool here_hub = PQntuples(r) == 1 && strcmp(PQgetvalue(r, 0, 0), our_domain) == 0;
+	PQclear(r);
+	for (size_t i = 0; i < n; i++) {
+		if (strcmp(m[i].u.domain, p->domain) == 0 || caller_hub || (cls[i].local && here_hub))
+			continue;
+		app_job_fail(j, 403, "not_allowed", "%s: %s", m[i].uri,
+			     cls[i].local ? "only the group's host adds this provider's users to it"
+					  : "a peer adds only its own users to a group it does not host");
+		LOG_KV_LIMITED(CW_LOG_INFO, "a peer's member added refused: not its own user", "peer", p->name, "member",
+			       m[i].uri);
+		return CW_OK;
+	}
+	return CW_OK;
+}
+
 static cw_err members_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct members_input *in = j->data;
@@ -999,30 +1048,42 @@ static cw_err members_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		return rc;
 	if ((rc = members_decide(c, j, in->add, in->nadd, cls, NULL, in->public_id, e)) || j->err_code)
 		return rc;
+	if ((rc = members_add_allowed(c, j, in->p, room_id, in->domain, in->add, in->nadd, cls, e)) || j->err_code)
+		return rc;
+	bool invited[ROOM_MEMBERS_MAX];
 	for (size_t i = 0; i < in->nadd; i++) {
 		char ident[24];
 		if ((rc = identity_id(c, &in->add[i].u, cls[i].local, cls[i].network,
 				      cls[i].peer_id[0] ? cls[i].peer_id : NULL, ident, sizeof(ident), e)))
 			return rc;
-		const char *mp[] = { room_id, ident };
 		/* One joined already is no change (since the twenty-fifth
-		 * session not written again, no event telling of it). */
-		r = exec(c, "INSERT INTO room_members (room_id, identity_id, membership) VALUES ($1::bigint, $2::bigint, "
-			    "'joined') ON CONFLICT (room_id, identity_id) DO UPDATE SET membership = 'joined', "
-			    "updated_at = now() WHERE room_members.membership <> 'joined' RETURNING 1", 2, mp);
+		 * session not written again, no event telling of it).  A local
+		 * user is invited (peer_invited_member): no change either when
+		 * she is invited already, or left while only invited (her
+		 * decline is not the peer's to learn, not even by a change). */
+		const char *mp[] = { room_id, ident, cls[i].local ? "invited" : "joined" };
+		r = exec(c, "INSERT INTO room_members (room_id, identity_id, membership, peer_invited) VALUES ($1::bigint, "
+			    "$2::bigint, $3, $3 = 'invited') ON CONFLICT (room_id, identity_id) DO UPDATE SET "
+			    "membership = $3, peer_invited = $3 = 'invited', updated_at = now() "
+			    "WHERE room_members.membership <> 'joined' AND room_members.membership <> $3 "
+			    "AND NOT (room_members.membership = 'left' AND room_members.peer_invited) RETURNING 1", 3, mp);
 		if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
 			return rc;
 		in->added[i] = PQntuples(r) > 0;
+		invited[i] = in->added[i] && cls[i].local;
+		in->added[i] = in->added[i] && !cls[i].local;
 		PQclear(r);
 	}
 	/* The group's other peers are told (this one knows what it did):
 	 * each change as the member's membership event, by this peer's
-	 * domain, joins before leaves as made. */
+	 * domain, joins (a local user's invitation: an invite) before leaves
+	 * as made. */
 	char actor[PEER_NAME_MAX + 8];
 	snprintf(actor, sizeof(actor), "peer:%s", in->p->name);
 	const struct room_members_change ch = { .room_id = room_id, .by = in->p->domain, .origin = actor,
 						.except_peer = pid };
 	if ((rc = room_members_events(c, &ch, "join", in->add, in->nadd, in->added, e)) ||
+	    (rc = room_members_events(c, &ch, "invite", in->add, in->nadd, invited, e)) ||
 	    (rc = room_members_remove(c, room_id, in->remove, in->nremove, in->removed, e)) ||
 	    (rc = room_members_events(c, &ch, "leave", in->remove, in->nremove, in->removed, e)))
 		return rc;
@@ -1150,8 +1211,14 @@ void peer_api_room_get(struct cw_req *req, void *ctx)
  * occupants get a new subject). */
 struct rename_input {
 	char public_id[80];
+	int64_t peer_id;
+	char domain[MIMI_DOMAIN_MAX + 1]; /* this provider's */
 	const struct peer_principal *p; /* borrowed from the request */
 	char *name; /* NULL: none */
+	/* The rate limit's answer, from the job's first run (as a new room's:
+	 * a run again neither charges it twice nor loses its audit). */
+	bool decided, first_refusal;
+	struct policy_decision d;
 };
 
 static void rename_input_free(void *arg)
@@ -1161,6 +1228,48 @@ static void rename_input_free(void *arg)
 	free(in);
 }
 
+/* A rename is charged as a message of the calling peer is (since the
+ * thirty-first session, a review's finding: 100 renames in 11 s made 23
+ * room names in each portal): the server's rules' messages_per_minute
+ * for its domain or network (the bucket its users' messages take), and
+ * messages_per_minute_per_user with the peer's own domain as the sender,
+ * a bucket of its renames.  Only the limit is taken from the answer;
+ * limited: 429 rate_limited with Retry-After, audited once per episode. */
+static cw_err rename_limit(PGconn *c, struct app_job *j, struct rename_input *in, cw_errmsg *e)
+{
+	char network[PEER_NAME_MAX + 8], sender[MIMI_DOMAIN_MAX + 16];
+	snprintf(network, sizeof(network), "peer:%s", in->p->name);
+	snprintf(sender, sizeof(sender), "mimi://%s", in->p->domain);
+	if (!in->decided) {
+		struct policy_view *view = policy_live_get(j->app->policy);
+		struct policy_rate_memo memo;
+		policy_rate_memo_init(&memo, j->app->limits);
+		struct policy_request preq = {
+			.direction = POLICY_INBOUND, .action = POLICY_ACT_EVENT, .event_type = "rename",
+			.sender = { sender, in->p->domain, network }, .now_ms = cw_wall_ms(), .rate = &memo.rate,
+		};
+		policy_decide(view->snap, &preq, &in->d);
+		policy_rate_memo_finish(&memo);
+		policy_view_put(view);
+		in->first_refusal = memo.first_refusal;
+		in->decided = true;
+		if (in->d.verdict == POLICY_LIMIT)
+			policy_count(j->app, &in->d);
+	}
+	if (in->d.verdict != POLICY_LIMIT)
+		return CW_OK;
+	j->retry_after_ms = in->d.retry_after_ms; /* not on j->req: this may run again */
+	j->err_status = 429;
+	j->err_code = "rate_limited";
+	snprintf(j->err_detail, sizeof(j->err_detail), "too many changes from this provider; retry later");
+	if (!in->first_refusal)
+		return CW_OK;
+	return peer_audit_write(c, &in->d, sender,
+				json_pack("{s:s, s:s, s:s, s:s, s:I}", "sender", sender, "direction", "inbound", "type",
+					  "rename", "room", in->public_id, "retry_after_ms",
+					  (json_int_t)in->d.retry_after_ms), e);
+}
+
 static cw_err rename_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct rename_input *in = j->data;
@@ -1168,22 +1277,35 @@ static cw_err rename_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	if (rc || j->err_code)
 		return rc;
 	char pid[24];
-	snprintf(pid, sizeof(pid), "%lld", (long long)in->p->id);
-	const char *params[] = { in->public_id, pid, in->name };
+	snprintf(pid, sizeof(pid), "%lld", (long long)in->peer_id);
+	const char *params[] = { in->public_id, pid };
+	/* The group, one with a user of the caller's joined, and its host. */
 	PGresult *r = exec(c,
-		"UPDATE rooms r SET name = $3, updated_at = now() WHERE r.public_id = $1 AND r.kind = 'group' "
+		"SELECT r.hub_domain FROM rooms r WHERE r.public_id = $1 AND r.kind = 'group' "
 		"AND EXISTS (SELECT 1 FROM room_members m JOIN identities i ON i.id = m.identity_id "
-		"WHERE m.room_id = r.id AND i.peer_id = $2::bigint AND m.membership = 'joined') RETURNING 1",
-		3, params);
+		"WHERE m.room_id = r.id AND i.peer_id = $2::bigint AND m.membership = 'joined') FOR UPDATE",
+		2, params);
 	if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
 		return rc;
-	bool done = PQntuples(r) == 1;
-	PQclear(r);
-	if (!done) {
+	if (PQntuples(r) != 1) {
+		PQclear(r);
 		app_job_fail(j, 404, "unknown_room", "no such group");
 		return CW_OK;
 	}
-	return room_state(c, j, in->public_id, in->p->id, false, e);
+	/* A group a peer hosts is that peer's to name (since the thirty-first
+	 * session; before, any member peer renamed it: a review's finding). */
+	bool allowed = strcmp(PQgetvalue(r, 0, 0), in->domain) == 0 || strcmp(PQgetvalue(r, 0, 0), in->p->domain) == 0;
+	PQclear(r);
+	if (!allowed) {
+		app_job_fail(j, 403, "not_allowed", "only the provider that hosts this group renames it");
+		return CW_OK;
+	}
+	if ((rc = rename_limit(c, j, in, e)) || j->err_code)
+		return rc;
+	const char *up[] = { in->public_id, in->name };
+	if ((rc = store_command(c, "UPDATE rooms SET name = $2, updated_at = now() WHERE public_id = $1", 2, up, e)))
+		return rc;
+	return room_state(c, j, in->public_id, in->peer_id, false, e);
 }
 
 void peer_api_room_rename(struct cw_req *req, void *ctx)
@@ -1213,6 +1335,8 @@ void peer_api_room_rename(struct cw_req *req, void *ctx)
 	}
 	snprintf(in->public_id, sizeof(in->public_id), "%s", room);
 	in->p = cw_req_principal(req);
+	in->peer_id = in->p->id;
+	snprintf(in->domain, sizeof(in->domain), "%s", app->cfg->domain);
 	app_job_run(app, req, rename_fn, in, rename_input_free, true);
 }
 
@@ -1504,6 +1628,17 @@ struct submit *submit_new(size_t n)
 	return b;
 }
 
+/* The members an event of a room is decided for: the joined ones, and the
+ * local users a peer put into a group who have not taken part yet (invited,
+ * peer_invited: schema/038), for whom a remote sender's event is decided
+ * as any inbound one (held, denied by her opt-in) and to whom a local
+ * member's is not relayed (submit_decide); they send nothing (the sender
+ * of an event must be joined: round 0, GROUP_SENDER_GONE).  Since the
+ * thirty-first session; before, a peer's local members were joined at
+ * once, and the others' messages reached them undecided. */
+#define RECIPIENT_MEMBER_SQL(M) \
+	"(" M ".membership = 'joined' OR (" M ".membership = 'invited' AND " M ".peer_invited))"
+
 /* Round 0 reads every event of the job in one statement: its room, the
  * event already stored under its idempotency key (events.origin_native_id)
  * if any, and the events it refers to, one row per item (n >= 0, in item
@@ -1550,13 +1685,14 @@ struct submit *submit_new(size_t n)
 	"  WHERE origin_network = it.scope AND origin_native_id = it.key LIMIT 1) k ON true " \
 	"UNION ALL " \
 	"SELECT -1, rm.id, mem.id, mem.uri, mem.is_local, mem.network, mem.peer_id, mem.name, mem.domain, " \
-	" NULL, NULL, (extract(epoch FROM mem.updated_at) * 1000)::bigint, NULL, NULL, NULL, NULL, mem.mode, " \
+	" mem.joined, NULL, (extract(epoch FROM mem.updated_at) * 1000)::bigint, NULL, NULL, NULL, NULL, mem.mode, " \
 	" CASE WHEN rm.kind = 'group' THEN coalesce(((extract(epoch FROM mem.wrote_at) * 1000)::bigint)::text, '') END, " \
 	" NULL::bigint, NULL::bigint " \
 	"FROM (SELECT DISTINCT id, kind FROM rm WHERE id IS NOT NULL) rm " \
-	" JOIN LATERAL (SELECT i.id, i.uri, i.is_local, i.network, i.peer_id, p.name, i.domain, p.mode, m.updated_at, m.wrote_at " \
+	" JOIN LATERAL (SELECT i.id, i.uri, i.is_local, i.network, i.peer_id, p.name, i.domain, p.mode, m.updated_at, m.wrote_at, " \
+	"  CASE WHEN m.membership = 'joined' THEN 't' ELSE 'f' END AS joined " \
 	"  FROM room_members m JOIN identities i ON i.id = m.identity_id LEFT JOIN peers p ON p.id = i.peer_id " \
-	"  WHERE m.room_id = rm.id AND m.membership = 'joined' OFFSET 0) mem ON true " \
+	"  WHERE m.room_id = rm.id AND " RECIPIENT_MEMBER_SQL("m") " OFFSET 0) mem ON true " \
 	"UNION ALL " \
 	"SELECT -2, rm.id, f.id, it.snd, NULL::boolean, f.uri, NULL::bigint, it.net, it.dom, " \
 	" (SELECT CASE WHEN o.opted_in THEN 't' ELSE 'f' END FROM user_optin o " \
@@ -1572,7 +1708,7 @@ struct submit *submit_new(size_t n)
 	"FROM (SELECT DISTINCT room, scope, snd, net, dom, win FROM items WHERE snd IS NOT NULL) it " \
 	" JOIN rm ON rm.room = it.room AND rm.scope IS NOT DISTINCT FROM it.scope AND rm.id IS NOT NULL " \
 	" JOIN LATERAL (SELECT i.id, i.uri FROM room_members m JOIN identities i ON i.id = m.identity_id " \
-	"  WHERE m.room_id = rm.id AND m.membership = 'joined' AND i.is_local OFFSET 0) f ON true " \
+	"  WHERE m.room_id = rm.id AND " RECIPIENT_MEMBER_SQL("m") " AND i.is_local OFFSET 0) f ON true " \
 	"ORDER BY 1, 2, 3"
 
 /* Round 1 writes every accepted event of the job in one statement: the
@@ -1657,11 +1793,13 @@ struct submit *submit_new(size_t n)
  * runs the statements without it. */
 #define GROUP_IT_COLUMNS IT_COLUMNS ", grp boolean"
 #define GROUP_JM \
-	"jm AS MATERIALIZED (SELECT m.room_id, m.identity_id, p.name FROM (SELECT DISTINCT it.room FROM it " \
-	"  WHERE it.grp) g JOIN room_members m ON m.room_id = g.room AND m.membership = 'joined' " \
+	"jm AS MATERIALIZED (SELECT m.room_id, m.identity_id, p.name, m.membership = 'joined' AS joined " \
+	"  FROM (SELECT DISTINCT it.room FROM it WHERE it.grp) g JOIN room_members m ON m.room_id = g.room " \
+	"  AND " RECIPIENT_MEMBER_SQL("m") " " \
 	"  JOIN identities i ON i.id = m.identity_id LEFT JOIN peers p ON p.id = i.peer_id), "
 #define GROUP_SENDER_GONE \
-	"(it.grp AND NOT EXISTS (SELECT 1 FROM jm WHERE jm.room_id = it.room AND jm.identity_id = it.sender))"
+	"(it.grp AND NOT EXISTS (SELECT 1 FROM jm WHERE jm.room_id = it.room AND jm.identity_id = it.sender " \
+	"  AND jm.joined))"
 #define GROUP_REFS_LOCKED_AS(GN, GONE_MORE) \
 	REFS_LOCKED_OF(GN, GROUP_SENDER_GONE " THEN 'sender' WHEN ", GROUP_SENDER_GONE " OR ", GONE_MORE)
 #define GROUP_REFS_LOCKED(GONE_MORE) GROUP_REFS_LOCKED_AS("gn", GONE_MORE)
@@ -2300,7 +2438,10 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 	struct policy_decision limited = { .verdict = POLICY_ALLOW };
 	for (int k = mfirst; k < mfirst + nmembers; k++) {
 		const char *peer_id = PQgetisnull(r, k, 6) ? NULL : PQgetvalue(r, k, 6);
+		bool joined = PQgetvalue(r, k, 9)[0] == 't';
 		if (strcmp(PQgetvalue(r, k, 3), in->sender) == 0) {
+			if (!joined)
+				continue; /* invited: not a member who writes (refused below) */
 			snprintf(b->sender_id[i], sizeof(b->sender_id[i]), "%s", PQgetvalue(r, k, 2));
 			/* A local member's message in a group to members it has
 			 * not written to yet: from now on their messages reach
@@ -2312,6 +2453,8 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 		if (peer_id && strcmp(peer_id, caller) == 0)
 			continue;
 		bool local = PQgetvalue(r, k, 4)[0] == 't';
+		if (local && in->local_sender && !joined)
+			continue; /* a peer put her in and she has not taken part: nothing of the others reaches her */
 		if (local && in->local_sender) {
 			/* between two users of this provider: not the gateway's business */
 			json_array_append_new(dests, json_string(PQgetvalue(r, k, 5)));

@@ -431,12 +431,17 @@ static cw_err join_fn(PGconn *c, void *arg, cw_errmsg *e)
 		 * made here, on this component (the room JID its members have it
 		 * under: xmpp_out.c delivers there) */
 		"ok AS (SELECT r.id AS room, u.id AS me FROM r, u WHERE r.id IN (SELECT id FROM nr) OR (EXISTS (SELECT 1 "
-		"  FROM room_members x WHERE x.room_id = r.id AND x.identity_id = u.id AND x.membership = 'joined') "
+		"  FROM room_members x WHERE x.room_id = r.id AND x.identity_id = u.id AND (x.membership = 'joined' "
+		"  OR (x.membership = 'invited' AND x.peer_invited))) "
 		"  AND (EXISTS (SELECT 1 FROM rooms x JOIN peers p ON p.id = x.created_by_peer_id WHERE x.id = r.id "
 		"  AND p.name = $3) OR (EXISTS (SELECT 1 FROM rooms x WHERE x.id = r.id AND x.hub_domain = $8 "
 		"  AND x.created_by_peer_id IS NULL) AND NOT EXISTS (SELECT 1 FROM room_bindings b WHERE b.room_id = r.id "
 		"  AND b.network = 'xmpp' AND b.remote_identity_id IS NULL AND b.native_id NOT LIKE 'h:%' "
 		"  AND split_part(split_part(b.native_id, ' ', 2), '@', 2) <> $10))))), "
+		/* a local user a peer invited (schema/038) is a member once she
+		 * joins the chat room her first message let through named */
+		"mk AS (UPDATE room_members x SET membership = 'joined', peer_invited = false, updated_at = now() FROM ok "
+		"  WHERE x.room_id = ok.room AND x.identity_id = ok.me AND x.membership = 'invited' AND x.peer_invited), "
 		"b AS (INSERT INTO room_bindings (room_id, network, native_id, local_identity_id) "
 		"  SELECT room, 'xmpp', $4, me FROM ok ON CONFLICT DO NOTHING), "
 		"ib AS (INSERT INTO identity_bindings (identity_id, network, native_id) SELECT me, 'xmpp', $5 FROM ok "
@@ -1629,7 +1634,8 @@ static cw_err invite_fn(PGconn *c, void *arg, cw_errmsg *e)
 		"  FROM want w ON CONFLICT DO NOTHING RETURNING id), "
 		"ids AS (SELECT id FROM ni UNION SELECT i.id FROM identities i JOIN want w ON w.uri = i.uri), "
 		"mb AS (INSERT INTO room_members (room_id, identity_id, membership) SELECT r.id, ids.id, 'joined' FROM r, ids "
-		"  ON CONFLICT (room_id, identity_id) DO UPDATE SET membership = 'joined', updated_at = now() RETURNING 1) "
+		"  ON CONFLICT (room_id, identity_id) DO UPDATE SET membership = 'joined', peer_invited = false, "
+		"  updated_at = now() RETURNING 1) "
 		"SELECT (SELECT count(*) FROM r), (SELECT count(*) FROM mb)",
 		5, NULL, params, NULL, NULL, 0);
 	free(who);

@@ -1283,17 +1283,22 @@ def test_members_add_and_remove(daemon, peers, pg, db_url):
     direct = a.create_room([a.user("alice"), b.user("bob")]).json()
     assert a.call("PATCH", f"/v1/rooms/{direct['id']}", {"name": "us"}).status_code == 404
     assert pg.psql("SELECT count(*) FROM rooms WHERE name IS NOT NULL", db_url) == "0"
-    r = a.call("POST", f"/v1/rooms/{rm['id']}/members", {"add": [b.user("carol"), "mimi://example.org/u/dave"]})
+    # A local user a peer adds is invited (she has not taken part); another
+    # provider's user is added by that provider (since the thirty-first
+    # session: gk adding tg's carol is 403, test_who_adds_whom_and_renames).
+    r = a.call("POST", f"/v1/rooms/{rm['id']}/members", {"add": ["mimi://example.org/u/dave"]})
+    assert r.status_code == 200, r.text
+    r = b.call("POST", f"/v1/rooms/{rm['id']}/members", {"add": [b.user("carol")]})
     assert r.status_code == 200, r.text
     users = {m["user"]: m["membership"] for m in r.json()["members"]}
-    assert users[b.user("carol")] == "joined" and users["mimi://example.org/u/dave"] == "joined"
+    assert users[b.user("carol")] == "joined" and users["mimi://example.org/u/dave"] == "invited"
     # A peer takes only its own users out: not another provider's, not a local user.
     for other in (b.user("bob"), "mimi://example.org/u/dave"):
         r = a.call("POST", f"/v1/rooms/{rm['id']}/members", {"remove": [other]})
         assert r.status_code == 400 and "your own domain (wa.example)" in r.json()["detail"], r.text
     r = b.call("POST", f"/v1/rooms/{rm['id']}/members", {"remove": [b.user("bob")]})
     users = {m["user"]: m["membership"] for m in r.json()["members"]}
-    assert users[b.user("bob")] == "left" and users["mimi://example.org/u/dave"] == "joined"
+    assert users[b.user("bob")] == "left" and users["mimi://example.org/u/dave"] == "invited"
     # A message now goes to tg once (carol), and to the local user's outbox row.
     mid = a.send(rm["id"], a.user("alice"), "hello all").json()["id"]
     sb.wait_events(1)
@@ -1721,3 +1726,130 @@ def test_a_groups_rows_to_a_disabled_peer_wait_for_it(daemon, peers, pg, db_url)
                    what="both at tg once enabled")
     finally:
         sc.close()
+
+
+def test_a_local_user_a_peer_puts_in_a_group_is_invited_and_her_answer_is_not_shown(daemon, peers, pg, db_url):
+    """A user of this provider a peer puts into a group (POST /v1/rooms or
+    /members) is invited, not joined: she has accepted nothing. The peer's
+    messages are decided for her as any inbound one (here: not opted in,
+    dropped), the group's other peers hear of an invitation, not a join,
+    and her leaving while only invited (her portal declined: what the
+    Matrix adapter writes, test_matrix) is listed as invited still, as a
+    user who does not exist is, and is no change to add again (no event).
+    Until the thirty-first session she was joined at once, the local
+    members' messages reached her undecided, and her leaving was shown
+    `left` where a user who does not exist stayed `joined`."""
+    (a, _), (b, sb) = peers
+    wally, bob = a.user("wally"), b.user("bob")
+    dave, erin, nobody = ("mimi://example.org/u/" + n for n in ("dave", "erin", "nobody"))
+    r = a.create_room([wally, bob, dave, nobody], kind="group")
+    assert r.status_code == 201, r.text
+    gid = r.json()["id"]
+    assert {m["user"]: m["membership"] for m in r.json()["members"]} == {
+        wally: "joined", bob: "joined", dave: "invited", nobody: "invited"}
+    r = a.call("POST", f"/v1/rooms/{gid}/members", {"add": [erin]})
+    assert r.status_code == 200 and {m["user"]: m["membership"] for m in r.json()["members"]}[erin] == "invited"
+    mid = a.send(gid, wally, "hello").json()["id"]
+    wait_until(lambda: mid in [e["id"] for e in list(sb.events)], what="the message at tg")
+    assert [(e["sender"], e["content"]) for e in list(sb.events) if e["type"] == "membership"] == [
+        (erin, {"membership": "invite", "target": erin, "by": "wa.example"})]
+    # Decided for each as inbound: none of them opted in.
+    assert pg.psql("SELECT string_agg(t.uri || ' ' || o.state, ',' ORDER BY t.uri) FROM outbox o "
+                   "JOIN events e ON e.id = o.event_id JOIN identities t ON t.id = o.target_identity_id "
+                   f"WHERE e.public_id = '{mid}'", db_url) == f"{dave} dropped,{erin} dropped,{nobody} dropped"
+    # dave declines (leaves while only invited): nothing of it shows.
+    assert pg.psql("UPDATE room_members SET membership = 'left' WHERE identity_id = (SELECT id FROM identities "
+                   f"WHERE uri = '{dave}') RETURNING peer_invited", db_url) == "t"
+    for peer in (a, b):
+        got = {m["user"]: m["membership"] for m in peer.call("GET", f"/v1/rooms/{gid}").json()["members"]}
+        assert got[dave] == got[nobody] == "invited", got
+    r = a.call("POST", f"/v1/rooms/{gid}/members", {"add": [dave, nobody]})
+    assert r.status_code == 200 and {m["user"]: m["membership"] for m in r.json()["members"]}[dave] == "invited"
+    mid2 = a.send(gid, wally, "again").json()["id"]
+    wait_until(lambda: mid2 in [e["id"] for e in list(sb.events)], what="the second message at tg")
+    assert len([e for e in list(sb.events) if e["type"] == "membership"]) == 1
+    # She gets nothing more: no row of the second message is hers.
+    assert pg.psql("SELECT string_agg(t.uri, ',' ORDER BY t.uri) FROM outbox o JOIN events e ON e.id = o.event_id "
+                   f"JOIN identities t ON t.id = o.target_identity_id WHERE e.public_id = '{mid2}'",
+                   db_url) == f"{erin},{nobody}"
+
+
+def test_who_adds_whom_and_renames(daemon, pg, db_url):
+    """In a group a peer hosts (its uri in the peer's domain), that peer
+    alone renames it and adds users of other providers (this one's
+    included); a member peer adds its own users only. In a group hosted
+    here, a peer adds its own users and this provider's (invited), not a
+    third peer's, who never asked to be in it; any member peer renames it.
+    Refusals are 403 not_allowed and change nothing. Until the thirty-first
+    session any member peer renamed any group and added anyone (a
+    review's finding)."""
+    made = push_peers(daemon, (("gk", "wa.example"), ("tg", "tg.example"), ("sx", "sx.example")))
+    try:
+        (a, _), (b, _), (c, _) = made
+        dave = "mimi://example.org/u/dave"
+        r = b.call("POST", "/v1/rooms", {"kind": "group", "uri": "mimi://tg.example/r/hosted1", "name": "tg's",
+                                         "members": [b.user("bob"), a.user("al")]})
+        assert r.status_code == 201, r.text
+        gid = r.json()["id"]
+
+        def members(peer, rid):
+            return {m["user"]: m["membership"] for m in peer.call("GET", f"/v1/rooms/{rid}").json()["members"]}
+
+        before = members(b, gid)
+        r = a.call("PATCH", f"/v1/rooms/{gid}", {"name": "gk's now"})
+        assert r.status_code == 403 and r.json()["code"] == "not_allowed", r.text
+        for who in (c.user("carl"), dave, b.user("bea")):
+            r = a.call("POST", f"/v1/rooms/{gid}/members", {"add": [a.user("ann"), who]})
+            assert r.status_code == 403 and r.json()["code"] == "not_allowed" and who in r.json()["detail"], r.text
+        assert members(b, gid) == before and b.call("GET", f"/v1/rooms/{gid}").json()["name"] == "tg's"
+        r = a.call("POST", f"/v1/rooms/{gid}/members", {"add": [a.user("ann")], "remove": [a.user("al")]})
+        assert r.status_code == 200, r.text
+        # The host does it all.
+        assert b.call("PATCH", f"/v1/rooms/{gid}", {"name": "renamed"}).json()["name"] == "renamed"
+        r = b.call("POST", f"/v1/rooms/{gid}/members", {"add": [c.user("carl"), dave]})
+        assert r.status_code == 200, r.text
+        got = members(b, gid)
+        assert got[c.user("carl")] == "joined" and got[dave] == "invited" and got[a.user("ann")] == "joined", got
+        # Hosted here, made by gk.
+        hid = a.create_room([a.user("al"), b.user("bob")], kind="group").json()["id"]
+        r = a.call("POST", f"/v1/rooms/{hid}/members", {"add": [c.user("carl")]})
+        assert r.status_code == 403 and r.json()["code"] == "not_allowed", r.text
+        assert c.user("carl") not in members(a, hid)
+        r = a.call("POST", f"/v1/rooms/{hid}/members", {"add": [a.user("ann"), dave]})
+        assert r.status_code == 200, r.text
+        r = b.call("POST", f"/v1/rooms/{hid}/members", {"add": [b.user("bea")]})
+        assert r.status_code == 200, r.text
+        assert b.call("PATCH", f"/v1/rooms/{hid}", {"name": "ours"}).status_code == 200
+        got = members(a, hid)
+        assert got[dave] == "invited" and got[b.user("bea")] == "joined" and got[a.user("ann")] == "joined", got
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
+def test_renames_are_charged_as_the_peers_messages(daemon, peers, pg, db_url):
+    """A rename takes a token of the calling peer's messages_per_minute
+    bucket (the server's rule for its domain), as its users' messages do:
+    past it, 429 rate_limited with Retry-After, the name unchanged, once
+    audited. Until the thirty-first session renames were not limited (100
+    in 11 s made 23 room names in each portal)."""
+    (a, _), (b, _) = peers
+    gid = a.create_room([a.user("wally"), b.user("bob")], kind="group", name="n0").json()["id"]
+    assert daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example",
+                                                "limits": {"messages_per_minute": 3}}).status_code == 201
+    n = 0
+
+    def limited():
+        nonlocal n
+        n += 1
+        r = a.call("PATCH", f"/v1/rooms/{gid}", {"name": f"n{n}"})
+        assert r.status_code in (200, 429), r.text
+        return [r] if r.status_code == 429 else None  # a 429 Response is falsy
+    r, = wait_until(limited, what="a rename limited")
+    assert r.json()["code"] == "rate_limited" and 1 <= int(r.headers["Retry-After"]) <= 60, r.headers
+    assert a.call("GET", f"/v1/rooms/{gid}").json()["name"] == f"n{n - 1}"
+    # The same bucket as the peer's messages; another peer's renames are not in it.
+    assert a.send(gid, a.user("wally"), "hi").status_code == 429
+    assert b.call("PATCH", f"/v1/rooms/{gid}", {"name": "tg's"}).status_code == 200
+    assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'policy.limit' AND details->>'type' = 'rename'",
+                   db_url) == "1"
