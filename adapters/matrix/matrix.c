@@ -1039,10 +1039,13 @@ static cw_err joins_of_invitees(PGconn *c, struct txn *t, cw_errmsg *e)
 	 * member joined and carry their join never).  Two such events are not
 	 * read at the same moment (hold_joins). */
 	PGresult *r = PQexecParams(c,
+		/* the user by her neutral URI (j->>3, as the transaction's
+		 * senders have it): one a peer put into a group has no
+		 * identity binding (schema/038) */
 		"SELECT 'i', x.room_id::text, x.identity_id::text FROM jsonb_array_elements($1::jsonb) AS j, "
-		" room_bindings b, identity_bindings ib, room_members x "
+		" room_bindings b, identities li, room_members x "
 		" WHERE b.network = 'matrix' AND b.native_id = j->>0 AND b.remote_identity_id IS NULL "
-		" AND ib.identity_id = b.local_identity_id AND ib.network = 'matrix' AND ib.native_id = j->>1 "
+		" AND li.id = b.local_identity_id AND li.is_local AND li.uri = j->>3 "
 		" AND x.room_id = b.room_id AND x.identity_id = b.local_identity_id AND x.membership = 'invited' "
 		"UNION ALL SELECT 'r', j->>0, j->>1 FROM jsonb_array_elements($1::jsonb) AS j "
 		"WHERE (SELECT e.content->'content'->>'membership' FROM events e "

@@ -3454,6 +3454,15 @@ def test_a_group_reaches_each_local_member_in_a_room_of_its_own(mx, hs, gk, pg, 
     assert bob not in hs.members(hers)
     assert pg.psql("SELECT count(*) FROM room_bindings b JOIN rooms r ON r.id = b.room_id WHERE r.public_id = "
                    f"'{gid}' AND b.remote_identity_id IS NULL", db_url) == "2"
+    # carol takes part: she joins her room, and is the group's member from
+    # then on (until then invited: the peer put her in, she accepted
+    # nothing, and the local members' messages were not relayed to her:
+    # since the thirty-first session).
+    assert {m["user"]: m["membership"] for m in a.call("GET", f"/v1/rooms/{gid}").json()["members"]}[
+        carol_uri] == "invited"
+    carol.join(hers)
+    wait_until(lambda: {m["user"]: m["membership"] for m in a.call("GET", f"/v1/rooms/{gid}").json()["members"]}[
+        carol_uri] == "joined", what="carol joined")
     # alice answers in her room: to the whole group, the reference kept.
     alice.join(mine)
     first = next(e for e in hs.events(mine) if e["type"] == "m.room.message")
@@ -3483,7 +3492,6 @@ def test_a_group_reaches_each_local_member_in_a_room_of_its_own(mx, hs, gk, pg, 
     # carol invites bob, a member she has not accepted, into her room: he
     # joins (his messages still wait for her); a stranger to the group
     # invited there says so and leaves.
-    carol.join(hers)
     carol.invite(hers, bob)
     wait_until(lambda: hs.members(hers).get(bob) == "join", what="bob joining carol's room")
     assert a.create_room([a.user("zed"), carol_uri]).status_code in (200, 201)
@@ -3869,3 +3877,80 @@ def test_one_bot_answers_for_every_process(make_daemon, db_url, hs):
     time.sleep(1)
     assert len(said()) == 2, said()
     second.stop()
+
+
+def test_a_local_user_a_peer_puts_in_a_group_gets_nothing_she_did_not_accept(mx, hs, gk, pg, db_url):
+    """gk puts bob, who never opted in nor accepted anyone, into a group
+    with alice: he is invited, not joined. alice's message there is not
+    relayed to him and wally's is decided for him as any inbound one
+    (dropped: not opted in), so he gets no room named by the peer. Once
+    he accepts wally, wally's next message brings him his room; joining it
+    makes him a member (and alice's messages reach him). carol, who
+    accepted wally too, declines her room: the peer hears nothing of it
+    and lists her invited still. Until the thirty-first session bob was
+    joined at once, got a room with alice's messages, and his leaving was
+    listed `left` (a review's finding)."""
+    a, srv = gk
+    bot = "@_cw_bot:example.org"
+    bob_uri, carol_uri = "mimi://example.org/u/bob", "mimi://example.org/u/carol"
+    consent_alice(mx)
+    assert mx.admin("POST", "/optins", json={"user": carol_uri, "network": "peer:gk", "opted_in": True}).ok
+    assert mx.admin("POST", "/consents", json={"user": carol_uri, "subject_kind": "user",
+                                               "subject": a.user("wally"), "state": "allowed"}).ok
+    _, alice_token = hs.create_user("alice")
+    _, bob_token = hs.create_user("bob")
+    _, carol_token = hs.create_user("carol")
+    alice, bob, carol = hs.as_user(alice_token), hs.as_user(bob_token), hs.as_user(carol_token)
+    gid = a.create_room([a.user("wally"), ALICE], kind="group", name="You won!").json()["id"]
+    assert a.send(gid, a.user("wally"), "hello").status_code == 202
+
+    def portal(user):
+        return next((rid for rid in hs.rooms() if hs.state(rid, "m.room.create")
+                     and hs.state(rid, "m.room.create")["sender"] == bot
+                     and hs.members(rid).get(user) in ("invite", "join", "leave")), None)
+
+    def said(rid):
+        return [(e["sender"], e["content"]["body"]) for e in hs.events(rid) if e["type"] == "m.room.message"]
+
+    def listed():
+        return {m["user"]: m["membership"] for m in a.call("GET", f"/v1/rooms/{gid}").json()["members"]}
+
+    mine = wait_until(lambda: portal(ALICE_MX), what="alice's room")
+    alice.join(mine)
+    wait_until(lambda: listed()[ALICE] == "joined", what="alice joined")
+    r = a.call("POST", f"/v1/rooms/{gid}/members", {"add": [bob_uri, carol_uri]})
+    assert r.status_code == 200 and {m["user"]: m["membership"] for m in r.json()["members"]}[bob_uri] == "invited"
+    alice.send_text(mine, "hi all")
+    wait_until(lambda: [e for e in list(srv.events) if e.get("type") == "message"
+                        and e["content"]["parts"][0]["body"] == "hi all"], what="alice's message at the peer")
+    second = a.send(gid, a.user("wally"), "second").json()["id"]
+    hers = wait_until(lambda: portal("@carol:example.org"), what="carol's room")
+    wait_until(lambda: ("@_cw_gk_wally:example.org", "second") in said(hers), what="wally's message for carol")
+    # bob: no row of alice's message, wally's dropped, no room.
+    rows = pg.psql("SELECT string_agg(e.type || ' ' || o.state, ',' ORDER BY o.id) FROM outbox o "
+                   "JOIN events e ON e.id = o.event_id JOIN identities t ON t.id = o.target_identity_id "
+                   f"WHERE t.uri = '{bob_uri}'", db_url)
+    assert rows == "message dropped", rows
+    assert portal("@bob:example.org") is None
+    assert ("@_cw_bot:example.org", "alice: hi all") not in said(hers)  # carol has not joined either
+    # carol declines her room: nothing reaches the peer, she is listed invited.
+    carol.leave(hers)
+    wait_until(lambda: pg.psql("SELECT m.membership FROM room_members m JOIN identities i ON i.id = m.identity_id "
+                               f"WHERE i.uri = '{carol_uri}'", db_url) == "left", what="carol's leaving stored")
+    assert listed()[carol_uri] == "invited" and listed()[bob_uri] == "invited"
+    # bob accepts wally: wally's next message brings his room; his join
+    # makes him a member, and alice's messages reach him then.
+    assert mx.admin("POST", "/optins", json={"user": bob_uri, "network": "peer:gk", "opted_in": True}).ok
+    assert mx.admin("POST", "/consents", json={"user": bob_uri, "subject_kind": "user",
+                                               "subject": a.user("wally"), "state": "allowed"}).ok
+    wait_until(lambda: a.send(gid, a.user("wally"), "third").status_code == 202 and pg.psql(
+        "SELECT count(*) FROM outbox o JOIN identities t ON t.id = o.target_identity_id "
+        f"WHERE t.uri = '{bob_uri}' AND o.state <> 'dropped'", db_url) != "0", what="a message let through to bob")
+    his = wait_until(lambda: portal("@bob:example.org"), what="bob's room")
+    bob.join(his)
+    wait_until(lambda: listed()[bob_uri] == "joined", what="bob joined")
+    alice.send_text(mine, "welcome bob")
+    wait_until(lambda: (bot, "alice: welcome bob") in said(his), what="alice's message relayed to bob")
+    assert second  # wally's second message was the one dropped for bob
+    leaves = [e for e in list(srv.events) if e.get("type") == "membership" and e.get("sender") == carol_uri]
+    assert leaves == [], leaves
