@@ -4115,3 +4115,49 @@ def test_a_link_expires(make_daemon, db_url, prosody, alice, tmp_path):
     finally:
         srv.close()
         media.close()
+
+
+def test_a_local_user_a_peer_puts_in_a_group_gets_nothing_she_did_not_accept(xd, gk, alice, prosody, pg, db_url):
+    """gk puts bob, who never opted in, into a group with alice: he is
+    invited, not joined. wally's message is decided for him as any inbound
+    one (dropped: not opted in) and alice's is not relayed to him: no
+    invitation to a room named by the peer, no message. Once he accepts
+    wally, wally's next message invites him; joining the room makes him a
+    member, and alice's messages reach him. Until the thirty-first session
+    he was joined at once and got alice's message and an invitation (a
+    review's finding)."""
+    a, srv = gk
+    consent_alice(xd)
+    bob_uri = "mimi://example.org/u/bob"
+    bob = prosody.client("bob", "pw-bob")
+    try:
+        gid = a.create_room([a.user("wally"), ALICE, bob_uri], kind="group", name="You won!").json()["id"]
+        assert a.send(gid, a.user("wally"), "hello").status_code == 202
+        room = alice.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None).get("from")
+        join_room(room, (alice, "alice"))
+        alice.send_message(room, "hi all", mtype="groupchat", id="g1")
+        wait_until(lambda: [e for e in list(srv.events) if e.get("type") == "message"
+                            and e["content"]["parts"][0]["body"] == "hi all"], what="alice's message at the peer")
+        rows = pg.psql("SELECT string_agg(e.type || ' ' || o.state, ',' ORDER BY o.id) FROM outbox o "
+                       "JOIN events e ON e.id = o.event_id JOIN identities t ON t.id = o.target_identity_id "
+                       f"WHERE t.uri = '{bob_uri}'", db_url)
+        assert rows == "message dropped", rows
+        members = {m["user"]: m["membership"] for m in a.call("GET", f"/v1/rooms/{gid}").json()["members"]}
+        assert members[bob_uri] == "invited" and members[ALICE] == "joined", members
+        assert [el for el in bob.stanzas() if el.get("from", "").split("/")[0] == room] == [], "bob heard from it"
+        # He accepts wally: wally's next message invites him; he joins.
+        consent_alice(xd, user=bob_uri)
+        start = bob.count()
+        wait_until(lambda: a.send(gid, a.user("wally"), "welcome?").status_code == 202 and pg.psql(
+            "SELECT count(*) FROM outbox o JOIN identities t ON t.id = o.target_identity_id "
+            f"WHERE t.uri = '{bob_uri}' AND o.state <> 'dropped'", db_url) != "0", what="a message let through to bob")
+        assert bob.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None,
+                                    start=start).get("from") == room
+        join_room(room, (bob, "bob"))
+        wait_until(lambda: {m["user"]: m["membership"] for m in a.call("GET", f"/v1/rooms/{gid}").json()[
+            "members"]}[bob_uri] == "joined", what="bob a member")
+        alice.send_message(room, "welcome bob", mtype="groupchat", id="g2")
+        got = message_from(bob, room, lambda el: body(el) == "welcome bob")
+        assert got.get("from") == room + "/alice"
+    finally:
+        bob.disconnect()
