@@ -1041,7 +1041,7 @@ static cw_err joins_of_invitees(PGconn *c, struct txn *t, cw_errmsg *e)
 	PGresult *r = PQexecParams(c,
 		/* the user by her neutral URI (j->>3, as the transaction's
 		 * senders have it): one a peer put into a group has no
-		 * identity binding (schema/038) */
+		 * identity binding (schema/037) */
 		"SELECT 'i', x.room_id::text, x.identity_id::text FROM jsonb_array_elements($1::jsonb) AS j, "
 		" room_bindings b, identities li, room_members x "
 		" WHERE b.network = 'matrix' AND b.native_id = j->>0 AND b.remote_identity_id IS NULL "

@@ -778,7 +778,7 @@ struct room_get_input {
 };
 
 /* A member's membership as the peers see it: a local user a peer put into
- * a group (room_members.peer_invited, schema/038) who declined or left
+ * a group (room_members.peer_invited, schema/037) who declined or left
  * while only invited is listed invited, as one who never answered (or
  * does not exist) is: her choice is not the peer's to learn, as a block
  * tells nothing (docs/policy.md, "Local users a peer adds to a group"). */
@@ -1630,7 +1630,7 @@ struct submit *submit_new(size_t n)
 
 /* The members an event of a room is decided for: the joined ones, and the
  * local users a peer put into a group who have not taken part yet (invited,
- * peer_invited: schema/038), for whom a remote sender's event is decided
+ * peer_invited: schema/037), for whom a remote sender's event is decided
  * as any inbound one (held, denied by her opt-in) and to whom a local
  * member's is not relayed (submit_decide); they send nothing (the sender
  * of an event must be joined: round 0, GROUP_SENDER_GONE).  Since the

@@ -438,7 +438,7 @@ static cw_err join_fn(PGconn *c, void *arg, cw_errmsg *e)
 		"  AND x.created_by_peer_id IS NULL) AND NOT EXISTS (SELECT 1 FROM room_bindings b WHERE b.room_id = r.id "
 		"  AND b.network = 'xmpp' AND b.remote_identity_id IS NULL AND b.native_id NOT LIKE 'h:%' "
 		"  AND split_part(split_part(b.native_id, ' ', 2), '@', 2) <> $10))))), "
-		/* a local user a peer invited (schema/038) is a member once she
+		/* a local user a peer invited (schema/037) is a member once she
 		 * joins the chat room her first message let through named */
 		"mk AS (UPDATE room_members x SET membership = 'joined', peer_invited = false, updated_at = now() FROM ok "
 		"  WHERE x.room_id = ok.room AND x.identity_id = ok.me AND x.membership = 'invited' AND x.peer_invited), "
