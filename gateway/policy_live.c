@@ -851,7 +851,10 @@ static const char consent_sql[] =
  * content {target, action: block or unblock} as POST /v1/blocks takes it,
  * in each room the two share (stored as every event is: the whole event
  * document), delivered to the peer (push or pull) like any
- * event and in order with the room's messages.  No shared room, no event:
+ * event and in order with the room's messages; a group a peer put the
+ * local user into and she has not taken part in yet is one they share
+ * (schema/038: her block travels as before she was invited, not joined).
+ * No shared room, no event:
  * the peer's user has no conversation to be told about (and a new one is
  * refused by the policy meanwhile).  The rooms are locked first (lk, as
  * every write of events does): in order with the room's messages means in
@@ -865,8 +868,8 @@ static const char block_event_sql[] =
 	"l AS (SELECT id, uri, network, (extract(epoch FROM now()) * 1000)::bigint AS ts FROM identities "
 	"  WHERE id = $1::bigint AND is_local), "
 	"rm AS (SELECT DISTINCT a.room_id FROM room_members a JOIN room_members b ON b.room_id = a.room_id "
-	"  JOIN r ON b.identity_id = r.id WHERE a.identity_id = $1::bigint AND a.membership = 'joined' "
-	"  AND b.membership = 'joined'), "
+	"  JOIN r ON b.identity_id = r.id WHERE a.identity_id = $1::bigint AND (a.membership = 'joined' "
+	"  OR (a.membership = 'invited' AND a.peer_invited)) AND b.membership = 'joined'), "
 	"lk AS MATERIALIZED (" ROOM_LOCKS_SQL("SELECT room_id AS r FROM rm") "), "
 	"ev AS (INSERT INTO events (public_id, room_id, sender_id, type, content, origin_network, ts) "
 	"  SELECT " NEW_EVENT_ID_SQL ", "
