@@ -641,7 +641,7 @@ static cw_err room_create_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 			return rc;
 		}
 		/* A local user in a peer's group is invited until she takes
-		 * part (peer_invited_member); in a direct room the policy
+		 * part (RECIPIENT_MEMBER_SQL); in a direct room the policy
 		 * decides each message for her anyway. */
 		bool invited = cls[i].local && strcmp(in->kind, "group") == 0;
 		const char *mp[] = { room_id, ident, invited ? "invited" : "joined" };
@@ -781,7 +781,7 @@ struct room_get_input {
  * a group (room_members.peer_invited, schema/037) who declined or left
  * while only invited is listed invited, as one who never answered (or
  * does not exist) is: her choice is not the peer's to learn, as a block
- * tells nothing (docs/policy.md, "Local users a peer adds to a group"). */
+ * tells nothing (docs/policy.md, "Local users a peer puts into a group"). */
 #define PEER_VIEW_MEMBERSHIP(M) \
 	"CASE WHEN " M ".membership = 'left' AND " M ".peer_invited THEN 'invited' ELSE " M ".membership END"
 
@@ -989,7 +989,7 @@ cw_err room_members_audit(PGconn *c, const char *actor, const char *public_id, c
  * by a peer (rooms.hub_domain another provider's), that peer alone adds
  * users of other providers (this one's included), the others only their
  * own; in a group hosted here, the caller adds its own users and this
- * provider's (who are invited: peer_invited_member), not a third peer's,
+ * provider's (who are invited: RECIPIENT_MEMBER_SQL), not a third peer's,
  * who never asked to be in it (403 not_allowed; since the thirty-first
  * session, a review's finding: any member peer could add anyone, and run
  * another peer's group).  Asked after members_decide, whose refusals are
@@ -1058,7 +1058,7 @@ static cw_err members_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 			return rc;
 		/* One joined already is no change (since the twenty-fifth
 		 * session not written again, no event telling of it).  A local
-		 * user is invited (peer_invited_member): no change either when
+		 * user is invited (RECIPIENT_MEMBER_SQL): no change either when
 		 * she is invited already, or left while only invited (her
 		 * decline is not the peer's to learn, not even by a change). */
 		const char *mp[] = { room_id, ident, cls[i].local ? "invited" : "joined" };

@@ -1080,6 +1080,10 @@ def test_a_writer_under_the_joiners_nick_gives_her_another(xd, gk, alice, prosod
                             start=start)
     start = alice.count()
     assert a.call("POST", f"/v1/rooms/{gid}/members", {"add": ["mimi://example.org/u/bob"]}).status_code == 200
+    # invited (a peer put him in: since the thirty-first session), then a
+    # member, as his join of the room makes him
+    pg.psql("UPDATE room_members SET membership = 'joined', peer_invited = false WHERE identity_id = "
+            "(SELECT id FROM identities WHERE uri = 'mimi://example.org/u/bob')", db_url)
     alice.wait_for_presence(lambda el: el.get("from") == f"{room}/bob@{domain}" and el.get("type") is None
                             and "110" not in codes(el), start=start)
     got = [el for el in alice.stanzas()[start:] if el.get("from", "").startswith(room + "/")]
@@ -1462,6 +1466,7 @@ def test_two_leave_requests_at_once_make_one_leaving(xd, gk, alice, prosody, pg,
     # her binding to the room is written just after her invitation is sent
     wait_until(lambda: pg.psql("SELECT count(*) FROM room_bindings WHERE network = 'xmpp' "
                                "AND remote_identity_id IS NULL", db_url) == "1", what="alice's binding")
+    join_room(room, (alice, "alice"))  # a member (the peer put her in invited: since the thirty-first session)
     sid = command_first(alice, "leave", to=room)
     start = alice.count()
     alice.send_raw(f"<iq type='set' to='{room}' id='l1'><query xmlns='http://jabber.org/protocol/muc#admin'>"
