@@ -848,7 +848,10 @@ def test_a_peers_user_named_as_a_local_member_is_an_occupant_of_their_own(xd, gk
             c.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
         nicks = [el.get("from").split("/", 1)[1] for el in alice.stanzas()[start:]
                  if el.tag.endswith("presence") and el.get("from", "").startswith(room + "/")]
-        assert sorted(nicks) == sorted(["wally", "bob", f"bob@{domain}", "alice"]), nicks
+        # our bob is a member from his join (the peer put him in invited:
+        # since the thirty-first session), so the peer's bob may be named
+        # again as the component takes the change (within a second)
+        assert sorted(set(nicks)) == sorted(["wally", "bob", f"bob@{domain}", "alice"]), nicks
         assert a.send(gid, their_bob, "from the peer's bob").status_code == 202
         m = message_from(alice, room, lambda el: body(el) == "from the peer's bob")
         assert m.get("from") == f"{room}/bob@{domain}"
