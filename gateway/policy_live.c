@@ -853,7 +853,7 @@ static const char consent_sql[] =
  * document), delivered to the peer (push or pull) like any
  * event and in order with the room's messages; a group a peer put the
  * local user into and she has not taken part in yet is one they share
- * (schema/038: her block travels as before she was invited, not joined).
+ * (schema/037: her block travels as before she was invited, not joined).
  * No shared room, no event:
  * the peer's user has no conversation to be told about (and a new one is
  * refused by the policy meanwhile).  The rooms are locked first (lk, as
