@@ -129,10 +129,18 @@ static cw_err load_all(PGconn *c, struct policy_builder *b, void *arg, cw_errmsg
 			   "FROM rules WHERE enabled AND (expires_at IS NULL OR expires_at > now())", &r, e)))
 		return rc;
 	for (int i = 0; i < PQntuples(r); i++) {
-		uint64_t h = FP_START;
-		for (int k = 0; k < 6; k++)
-			h = fp_mix(h, PQgetvalue(r, i, k));
-		fp += h; /* a sum: the rows' order is not the hash's */
+		/* Only what a recheck's verdict reads: a rule with a mode (deny,
+		 * closed, allowlist, open), not its limits.  A rule of limits
+		 * alone (the automatic ones reports make, docs/policy.md) changes
+		 * no verdict of a recheck and made every process read the whole
+		 * waiting backlog again (a review of the session's change). */
+		if (PQgetvalue(r, i, 3)[0]) {
+			uint64_t h = FP_START;
+			for (int k = 0; k < 6; k++)
+				if (k != 4)
+					h = fp_mix(h, PQgetvalue(r, i, k));
+			fp += h; /* a sum: the rows' order is not the hash's */
+		}
 		int brc = policy_builder_rule_row(b, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1), PQgetvalue(r, i, 2),
 						  PQgetvalue(r, i, 3), PQgetvalue(r, i, 4), PQgetvalue(r, i, 5));
 		if (brc == -2) {
@@ -549,7 +557,11 @@ cw_err policy_sweep(PGconn *c, const struct policy_view *v, const char *target_i
  * batch per turn.  Columns: 0 id, 1 destination, 2-4 the sender's uri,
  * domain, network, 5-7 the target's (NULL: a peer's row), 8 the type, 9
  * true when the row is not the policy's (the expiry's taking back, a
- * membership or block event, between two local users), 10 the sender is
+ * membership or block event, a local user's own event: her message, edit
+ * or retraction to a peer is hers to send, and was decided when she
+ * wrote; dropped here it went without a word to her, its content erased,
+ * a dead letter's notice owed to her lost with it — a review of the
+ * session's change), 10 the sender is
  * local, 11 the peer's domain (a peer's row), 12 the peer's joined members
  * in the room (JSON). */
 #define RECHECK_BATCH 500
@@ -557,7 +569,7 @@ cw_err policy_sweep(PGconn *c, const struct policy_view *v, const char *target_i
 	"SELECT b.id, b.destination, s.uri, s.domain, s.network, t.uri, t.domain, t.network, e.type, "      \
 	" (e.origin_network = 'gateway' OR e.type IN ('membership', 'block') OR (s.is_local AND t.is_local) " \
 	"  OR (t.id IS NULL AND p.id IS NULL) OR (t.id IS NOT NULL AND NOT t.is_local) "                     \
-	"  OR (t.id IS NOT NULL AND s.is_local)), s.is_local, p.domain, "                                   \
+	"  OR s.is_local), s.is_local, p.domain, "                                                           \
 	" (SELECT json_agg(i.uri ORDER BY i.id) FROM room_members m JOIN identities i ON i.id = m.identity_id " \
 	"  WHERE p.id IS NOT NULL AND m.room_id = b.room_id AND m.membership = 'joined' AND i.peer_id = p.id)::text " \
 	"FROM b JOIN events e ON e.id = b.event_id JOIN identities s ON s.id = e.sender_id "                 \

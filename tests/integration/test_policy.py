@@ -1156,7 +1156,7 @@ def test_a_refused_peer_neither_renames_a_group_nor_adds_members_to_it(daemon, p
     def members(gid):
         return pg.psql(f"SELECT string_agg(i.uri, ' ' ORDER BY i.uri) FROM room_members m JOIN rooms r "
                        f"ON r.id = m.room_id JOIN identities i ON i.id = m.identity_id WHERE r.public_id = '{gid}' "
-                       "AND m.membership = 'joined'", db_url)
+                       "AND m.membership IN ('joined', 'invited')", db_url)  # a local user a peer adds is invited
 
     audited = ("SELECT string_agg(reason_code || ' ' || subject || ' ' || (details->>'type') || ' ' "
                " || (details->>'room'), ',' ORDER BY id) FROM audit_log WHERE action = 'policy.deny' "
@@ -1726,3 +1726,41 @@ def test_every_process_decides_the_waiting_rows_again_and_each_is_dropped_once(d
         pg.psql("SELECT count(*), count(*) FROM outbox WHERE state = 'dropped' AND event_id IN (SELECT id FROM "
                 "events WHERE content = '{}'::jsonb)", db_url)
     assert "recheck of waiting rows failed" not in daemon.log() + other.log()
+
+
+def test_a_change_of_the_rules_leaves_a_local_users_own_waiting_messages(daemon, peers, pg, db_url):
+    """The recheck after a change of the rules passes over what a local
+    user sent: her message to a peer, backing off or a dead letter she was
+    not told of yet, stays as it is, its content kept (a review of the
+    session's change: a deny of the peer's domain dropped them without a
+    word to her, erased their content, and the dead letter's notice she
+    was owed was lost with it)."""
+    import re
+    (a, _), _ = peers
+    opt_in(daemon)
+    consent(daemon, a.user("wally"), "allowed")
+    room = dm(a)
+    wait_policy(daemon, lambda: states(pg, db_url, [send(a, room, "probe").json()["id"]])[0][1] == "pending",
+                "consent")
+    m1 = send(a, room, "alice's own 1").json()["id"]
+    m2 = send(a, room, "alice's own 2").json()["id"]
+    alice = pg.psql(f"SELECT id FROM identities WHERE uri = '{ALICE}'", db_url)
+    # Made alice's messages to wally at gk: one backing off, one dead and untold.
+    for m, st in ((m1, "pending"), (m2, "dead")):
+        pg.psql(f"UPDATE events SET sender_id = {alice}, origin_network = 'matrix' WHERE public_id = '{m}'", db_url)
+        pg.psql(f"UPDATE outbox SET destination = 'peer:gk', target_identity_id = NULL, state = '{st}', "
+                f"next_attempt_at = now() + interval '1 hour', sender_told_at = NULL "
+                f"WHERE event_id = (SELECT id FROM events WHERE public_id = '{m}')", db_url)
+
+    def decided():
+        m = re.search(r'causeway_policy_rechecked_total\{outcome="decided"\} (\d+)', daemon.get("/metrics").text)
+        return int(m.group(1))
+    before = decided()
+    r = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example", "mode": "deny"})
+    assert r.status_code == 201, r.text
+    wait_until(lambda: decided() >= before + 2, timeout=20, what="the recheck's pass")
+    assert states(pg, db_url, [m1, m2]) == [(m1, "pending"), (m2, "dead")]
+    assert pg.psql(f"SELECT count(*) FROM events WHERE public_id IN ('{m1}', '{m2}') AND content <> '{{}}'::jsonb",
+                   db_url) == "2"
+    assert pg.psql("SELECT count(*) FROM audit_log WHERE event_id IN (SELECT id FROM events "
+                   f"WHERE public_id IN ('{m1}', '{m2}'))", db_url) == "0"
