@@ -1074,8 +1074,11 @@ struct policy_live {
 	 * after (recheck_dest, recheck_after); one more after the claims in
 	 * flight at a pass's start are over (again_at_us, 0: none; again: this
 	 * pass is it).  And the rows of the users whose facts changed
-	 * (recheck_users, from after the id users_after). */
-	bool fp_known;
+	 * (recheck_users, from after the id users_after).  A change during a
+	 * pass lets it end and asks for one more (more): restarting it at
+	 * each change starved the rows late in its order while changes kept
+	 * coming (a review of the session's change). */
+	bool fp_known, more;
 	uint64_t fp;
 	int recheck_state;
 	char recheck_dest[300]; /* a destination: at most 32 + 1 + 253 bytes (schema/001) */
@@ -1320,6 +1323,16 @@ static void recheck_begin(struct policy_live *pl, bool again)
 		pl->again_at_us = 0;
 }
 
+/* A whole pass is needed: now, or after the one in progress (which then
+ * goes on with the snapshot in force for the rows ahead of it). */
+static void recheck_whole(struct policy_live *pl)
+{
+	if (pl->recheck_state < RECHECK_STATES)
+		pl->more = true;
+	else
+		recheck_begin(pl, false);
+}
+
 /* The users whose facts changed (an opt-out among them, maybe): their rows
  * are decided again; too many for the list, a whole pass. */
 static void recheck_users_add(struct policy_live *pl, const int64_t *ids, size_t n)
@@ -1333,7 +1346,7 @@ static void recheck_users_add(struct policy_live *pl, const int64_t *ids, size_t
 			continue;
 		if (pl->nrecheck_users == POLICY_OVERLAY_MAX) {
 			pl->nrecheck_users = 0;
-			recheck_begin(pl, false);
+			recheck_whole(pl);
 			return;
 		}
 		pl->recheck_users[pl->nrecheck_users++] = ids[i];
@@ -1369,8 +1382,15 @@ static bool recheck_turn(struct policy_live *pl)
 	struct policy_view *v = policy_live_get(pl);
 	uint64_t fp = v->set.fingerprint;
 	if (!pl->fp_known || fp != pl->fp) {
+		if (!pl->fp_known)
+			recheck_begin(pl, false);
+		else
+			recheck_whole(pl);
 		pl->fp_known = true;
 		pl->fp = fp;
+	}
+	if (pl->recheck_state == RECHECK_STATES && pl->more) {
+		pl->more = false;
 		recheck_begin(pl, false);
 	}
 	if (pl->recheck_state == RECHECK_STATES && pl->again_at_us && cw_now_us() >= pl->again_at_us) {
