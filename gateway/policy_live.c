@@ -625,6 +625,12 @@ static const char recheck_ids_sql[] =
  * an event no one will now receive erased, each drop audited as the
  * policy's decision by the sweep (the "why" of the message names it).
  * The count of rows dropped, and the reason of the first. */
+/* The events of the rows $1 ([{id, ...}]) locked, in id order, before
+ * recheck_drop_sql (in the same transaction). */
+static const char recheck_lock_sql[] =
+	"SELECT e.id FROM events e WHERE e.id IN (SELECT o.event_id FROM outbox o WHERE o.id IN "
+	" (SELECT (d->>'id')::bigint FROM jsonb_array_elements($1::jsonb) d)) ORDER BY e.id FOR NO KEY UPDATE OF e";
+
 static const char recheck_drop_sql[] =
 	"WITH dn AS (SELECT * FROM jsonb_to_recordset($1::jsonb) AS d(id bigint, reason text, rule bigint, "
 	"  subject text)), "
@@ -733,6 +739,20 @@ static cw_err recheck(PGconn *c, const struct policy_view *v, PGresult *r, long 
 	if (!text)
 		return cw_fail(e, CW_ENOMEM, "out of memory");
 	const char *params[] = { text };
+	/* The rows' events first, in id order, as a statement of their own:
+	 * two processes dropping rows of one event take turns, and the later
+	 * one's drop (a snapshot of after the other's commit) sees the other's
+	 * rows dropped and erases the content.  Read in one statement, each
+	 * saw the other's row still waiting and neither erased it (a review
+	 * of the session's change).  NO KEY UPDATE: what references an event
+	 * (a key share) does not wait for it. */
+	PGresult *lr = PQexecParams(c, recheck_lock_sql, 1, NULL, params, NULL, NULL, 0);
+	cw_err lrc = store_check(c, lr, PGRES_TUPLES_OK, e);
+	if (lrc) {
+		free(text);
+		return lrc;
+	}
+	PQclear(lr);
 	PGresult *dr = PQexecParams(c, recheck_drop_sql, 1, NULL, params, NULL, NULL, 0);
 	free(text);
 	cw_err rc = store_check(c, dr, PGRES_TUPLES_OK, e);

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from harness import wait_until
+from harness import HeldSession, wait_until
 from peer import PeerClient, push_peers
 from test_outbox_admin import admin_pages
 from test_peer_api import peers  # noqa: F401  (the fixture)
@@ -1764,3 +1764,41 @@ def test_a_change_of_the_rules_leaves_a_local_users_own_waiting_messages(daemon,
                    db_url) == "2"
     assert pg.psql("SELECT count(*) FROM audit_log WHERE event_id IN (SELECT id FROM events "
                    f"WHERE public_id IN ('{m1}', '{m2}'))", db_url) == "0"
+
+
+def test_two_processes_dropping_one_events_rows_erase_its_content(daemon, peers, pg, db_url):
+    """Two processes' rechecks dropping the rows of one event take turns on
+    the event (locked first, in a statement of its own), so the later one
+    sees the other's row dropped and erases the content. Until a review of
+    the session's change each read the other's row as still waiting and
+    neither erased it. Here a held session is the other process: it locks
+    the event as the recheck does and drops one row; the daemon's pass
+    waits for it, then drops the other and erases the content."""
+    (a, _), (b, _) = peers
+    opt_in(daemon)
+    consent(daemon, a.user("wally"), "allowed")
+    group = a.create_room([a.user("wally"), b.user("tom"), ALICE], kind="group").json()["id"]
+    room = dm(a)
+    wait_policy(daemon, lambda: states(pg, db_url, [send(a, room, "probe").json()["id"]])[0][1] == "pending",
+                "consent")
+    msg = send(a, group, "to the group").json()["id"]
+    wait_policy(daemon, lambda: len(states(pg, db_url, [msg])) == 2, "rows")
+    pg.psql(f"UPDATE outbox SET state = 'dead' WHERE event_id = (SELECT id FROM events WHERE public_id = '{msg}')",
+            db_url)
+    rows = pg.psql(f"SELECT o.id FROM outbox o JOIN events e ON e.id = o.event_id WHERE e.public_id = '{msg}' "
+                   "ORDER BY o.id", db_url).split()
+    other = HeldSession(db_url)
+    try:
+        other.run("BEGIN; SELECT id FROM events WHERE public_id = '%s' FOR NO KEY UPDATE; "
+                  "UPDATE outbox SET state = 'dropped' WHERE id = %s;" % (msg, rows[1]))
+        r = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example", "mode": "deny"})
+        assert r.status_code == 201, r.text
+        wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                   "AND query LIKE '%FOR NO KEY UPDATE OF e%'", db_url) == "1",
+                   timeout=20, what="the daemon's pass waiting for the event")
+    finally:
+        other.end()
+    wait_until(lambda: [s for _, s in states(pg, db_url, [msg])] == ["dropped", "dropped"], timeout=20,
+               what="both rows dropped")
+    wait_until(lambda: pg.psql(f"SELECT content = '{{}}'::jsonb FROM events WHERE public_id = '{msg}'", db_url) == "t",
+               timeout=20, what="the content erased")
