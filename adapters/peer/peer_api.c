@@ -1211,7 +1211,6 @@ void peer_api_room_get(struct cw_req *req, void *ctx)
  * occupants get a new subject). */
 struct rename_input {
 	char public_id[80];
-	int64_t peer_id;
 	char domain[MIMI_DOMAIN_MAX + 1]; /* this provider's */
 	const struct peer_principal *p; /* borrowed from the request */
 	char *name; /* NULL: none */
@@ -1277,7 +1276,7 @@ static cw_err rename_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	if (rc || j->err_code)
 		return rc;
 	char pid[24];
-	snprintf(pid, sizeof(pid), "%lld", (long long)in->peer_id);
+	snprintf(pid, sizeof(pid), "%lld", (long long)in->p->id);
 	const char *params[] = { in->public_id, pid };
 	/* The group, one with a user of the caller's joined, and its host. */
 	PGresult *r = exec(c,
@@ -1305,7 +1304,7 @@ static cw_err rename_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	const char *up[] = { in->public_id, in->name };
 	if ((rc = store_command(c, "UPDATE rooms SET name = $2, updated_at = now() WHERE public_id = $1", 2, up, e)))
 		return rc;
-	return room_state(c, j, in->public_id, in->peer_id, false, e);
+	return room_state(c, j, in->public_id, in->p->id, false, e);
 }
 
 void peer_api_room_rename(struct cw_req *req, void *ctx)
@@ -1335,7 +1334,6 @@ void peer_api_room_rename(struct cw_req *req, void *ctx)
 	}
 	snprintf(in->public_id, sizeof(in->public_id), "%s", room);
 	in->p = cw_req_principal(req);
-	in->peer_id = in->p->id;
 	snprintf(in->domain, sizeof(in->domain), "%s", app->cfg->domain);
 	app_job_run(app, req, rename_fn, in, rename_input_free, true);
 }
