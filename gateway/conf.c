@@ -337,6 +337,7 @@ struct ini_ctx {
 	int overlong; /* the first line longer than inih's buffer, 0: none */
 	int max;      /* that buffer's size (INI_MAX_LINE of the library's build) */
 	int cut;      /* the first option line inih would cut at an inline comment, 0: none */
+	int *seen;    /* per option of the table: the line that set it, 0: not yet */
 	FILE *f;
 };
 
@@ -390,6 +391,20 @@ static int on_ini_pair(void *user, const char *section, const char *name, const 
 	struct ini_ctx *x = user;
 	int lineno = x->line;
 	cw_errmsg e;
+	/* An option set twice: which value the operator meant is a guess, and
+	 * "the last one wins" hid a second `port =` pasted below the first
+	 * (until the thirty-second session).  Refused, both lines named. */
+	const struct cfg_option *o = find_option(section, name);
+	if (o) {
+		size_t i = (size_t)(o - cfg_options);
+		if (x->seen[i]) {
+			if (x->errors++ == 0)
+				cw_fail(x->e, CW_EINVAL, "%s:%d: %s.%s is set twice (first on line %d); keep one",
+					x->path, lineno, section, name, x->seen[i]);
+			return 0;
+		}
+		x->seen[i] = lineno;
+	}
 	if (cfg_set(x->c, section, name, value, &e)) {
 		if (x->errors++ == 0)
 			cw_fail(x->e, CW_EINVAL, "%s:%d: %s", x->path, lineno, e.msg);
@@ -707,9 +722,16 @@ static cw_err load(struct cw_config *c, const char *path, const char *(*getenv_f
 			cfg_free(c);
 			return cw_fail(e, CW_EINVAL, "%s: cannot open: %s", path, strerror(errno));
 		}
-		struct ini_ctx x = { .c = c, .path = path, .e = e, .f = f };
+		struct ini_ctx x = { .c = c, .path = path, .e = e, .f = f,
+				     .seen = calloc(cfg_option_count, sizeof(int)) };
+		if (!x.seen) {
+			fclose(f);
+			cfg_free(c);
+			return cw_fail(e, CW_ENOMEM, "%s: out of memory", path);
+		}
 		int rc = ini_parse_stream(ini_read_line, &x, on_ini_pair, &x);
 		fclose(f);
+		free(x.seen);
 		if (x.overlong && !x.errors) {
 			cfg_free(c);
 			return cw_fail(e, CW_EINVAL,
