@@ -1028,47 +1028,80 @@ static void admin_touch(struct cw_app *app, int64_t id)
 		free(arg);
 }
 
-bool app_authorize(struct cw_req *req, enum cw_auth auth, void *ctx)
+/* The admin API's check: a token of any role, or one allowed to change
+ * things (auth); false after answering 401 or 403. */
+static bool admin_authorize(struct cw_app *app, struct cw_req *req, enum cw_auth auth)
+{
+	const char *token = app_bearer(req);
+	/* Admin answers are never kept by a cache. */
+	cw_req_add_header(req, "Cache-Control", "no-store");
+	if (!app->admins || !admin_tokens_any(app->admins)) {
+		cw_req_problem(req, 403, "admin_disabled", "Admin API disabled",
+			       "set admin.token_sha256 to enable the admin API");
+		return false;
+	}
+	int64_t touch = 0;
+	struct admin_principal *p = token && strlen(token) < 128 ? admin_tokens_check(app->admins, token, &touch) : NULL;
+	if (!p) {
+		app_unauthenticated(req, "a valid admin bearer token is required");
+		return false;
+	}
+	cw_req_set_principal(req, p, free);
+	if (touch)
+		admin_touch(app, touch);
+	if (auth == CW_AUTH_ADMIN && !p->can_change) {
+		cw_req_problem(req, 403, "forbidden", "Not allowed", "this token has the viewer role: it may read, not change");
+		return false;
+	}
+	return true;
+}
+
+/* The peer whose bearer token the request carries (the request's
+ * principal), or NULL after answering 401 unauthenticated. */
+static struct peer_principal *peer_of(struct cw_app *app, struct cw_req *req)
+{
+	struct peer_principal *p = cw_req_principal(req);
+	if (p)
+		return p;
+	const char *token = app_bearer(req);
+	p = token && strlen(token) < 128 ? peer_registry_by_token(app->peers, token) : NULL;
+	if (!p) {
+		app_unauthenticated(req, APP_PEER_TOKEN_REQUIRED);
+		return NULL;
+	}
+	cw_req_set_principal(req, p, peer_principal_free);
+	return p;
+}
+
+bool app_authorize_headers(struct cw_req *req, enum cw_auth auth, void *ctx)
 {
 	struct cw_app *app = ctx;
-	const char *token = app_bearer(req);
 	switch (auth) {
 	case CW_AUTH_NONE:
 		return true;
 	case CW_AUTH_ADMIN:
-	case CW_AUTH_ADMIN_READ: {
-		/* Admin answers are never kept by a cache. */
-		cw_req_add_header(req, "Cache-Control", "no-store");
-		if (!app->admins || !admin_tokens_any(app->admins)) {
-			cw_req_problem(req, 403, "admin_disabled", "Admin API disabled",
-				       "set admin.token_sha256 to enable the admin API");
-			return false;
-		}
-		int64_t touch = 0;
-		struct admin_principal *p = token && strlen(token) < 128 ? admin_tokens_check(app->admins, token, &touch)
-									 : NULL;
-		if (!p) {
-			app_unauthenticated(req, "a valid admin bearer token is required");
-			return false;
-		}
-		cw_req_set_principal(req, p, free);
-		if (touch)
-			admin_touch(app, touch);
-		if (auth == CW_AUTH_ADMIN && !p->can_change) {
-			cw_req_problem(req, 403, "forbidden", "Not allowed",
-				       "this token has the viewer role: it may read, not change");
-			return false;
-		}
-		return true;
+	case CW_AUTH_ADMIN_READ:
+		return admin_authorize(app, req, auth);
+	case CW_AUTH_PEER:
+		return peer_of(app, req) != NULL;
 	}
+	return false;
+}
+
+/* A principal set means app_authorize_headers found it: the admin API
+ * is then authorized already, a peer's token known. */
+bool app_authorize(struct cw_req *req, enum cw_auth auth, void *ctx)
+{
+	struct cw_app *app = ctx;
+	switch (auth) {
+	case CW_AUTH_NONE:
+		return true;
+	case CW_AUTH_ADMIN:
+	case CW_AUTH_ADMIN_READ:
+		return cw_req_principal(req) || admin_authorize(app, req, auth);
 	case CW_AUTH_PEER: {
-		struct peer_principal *p = token && strlen(token) < 128 ? peer_registry_by_token(app->peers, token) : NULL;
-		if (!p) {
-			app_unauthenticated(req, APP_PEER_TOKEN_REQUIRED);
-			return false;
-		}
-		cw_req_set_principal(req, p, peer_principal_free);
-		return peer_verify_request(app, req, p);
+		struct peer_principal *p = peer_of(app, req);
+		return p && peer_verify_request(app, req, p);
 	}
 	}
 	return false;

@@ -126,7 +126,11 @@ void app_job_run(struct cw_app *app, struct cw_req *req, cw_err (*fn)(PGconn *, 
 void app_job_fail(struct app_job *j, int status, const char *code, const char *fmt, ...)
 	__attribute__((format(printf, 4, 5)));
 
-/* The HTTP front's authorize hook (see enum cw_auth). */
+/* The HTTP front's authorize hooks (see enum cw_auth): with the headers,
+ * before the body is read, the bearer token (and for the admin API
+ * everything: it needs no body); then, the body read, what needs it (a
+ * peer's request signature covers its Content-Digest). */
+bool app_authorize_headers(struct cw_req *req, enum cw_auth auth, void *ctx);
 bool app_authorize(struct cw_req *req, enum cw_auth auth, void *ctx);
 
 /* Admin lists: ?after= (a row id, 0 when absent) and ?limit= (1 to

@@ -74,8 +74,16 @@ struct cw_http_opts {
 	const struct cw_route *routes;
 	size_t nroutes;
 	void *ctx;                 /* passed to every handler */
-	/* Called before the handler of a route whose auth is not NONE; returns
-	 * false after setting the answer (401, 403 …) to refuse. */
+	/* Called with the headers alone, before a byte of the body is read,
+	 * for a route whose auth is not NONE: false after setting the answer
+	 * (401, 400 …), which is sent at once, the body left unread (and the
+	 * connection closed after it).  What needs no body (a bearer token)
+	 * is checked here, so that a client without credentials cannot make
+	 * the daemon read and hold a body up to the cap.  NULL: none. */
+	bool (*authorize_headers)(struct cw_req *r, enum cw_auth auth, void *ctx);
+	/* Called before the handler of a route whose auth is not NONE, the
+	 * body read; returns false after setting the answer (401, 403 …) to
+	 * refuse. */
 	bool (*authorize)(struct cw_req *r, enum cw_auth auth, void *ctx);
 	/* Optional: a request that matched no route (method_mismatch: the path
 	 * exists with other methods); true when it answered it, otherwise the

@@ -582,6 +582,7 @@ int main(int argc, char **argv)
 		.routes = app_routes,
 		.nroutes = app_nroutes,
 		.ctx = &app,
+		.authorize_headers = app_authorize_headers,
 		.authorize = app_authorize,
 		.unmatched = matrix_unmatched,
 	};

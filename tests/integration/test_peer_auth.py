@@ -1,6 +1,8 @@
 """The peer API's authentication: the signed target URI, the keys a peer
 may register, the replay cache shared by the peers, the signature a
 request carries among others."""
+import json
+
 import requests
 
 from test_peer_pull import make_peers
@@ -154,3 +156,117 @@ def test_the_signature_with_the_configured_tag_is_verified_among_others(daemon):
         assert r.status_code == 401 and "wrong tag" in r.json()["detail"], r.text
     finally:
         srv.close()
+
+
+def read_answer(sock, timeout):
+    """The first final answer on sock (interim 1xx answers collected):
+    (status, lower-case headers, body, [interim statuses]); the socket
+    times out after timeout seconds without a byte."""
+    import socket as _socket
+    sock.settimeout(timeout)
+    buf, interim = b"", []
+    while True:
+        while b"\r\n\r\n" not in buf:
+            try:
+                got = sock.recv(65536)
+            except _socket.timeout:
+                raise AssertionError(f"no answer within {timeout} s (got {buf!r}, interim {interim})")
+            assert got, f"connection closed (got {buf!r}, interim {interim})"
+            buf += got
+        head, _, buf = buf.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ")[1])
+        headers = {}
+        for line in lines[1:]:
+            k, _, v = line.partition(":")
+            headers[k.strip().lower()] = v.strip()
+        if 100 <= status < 200:
+            interim.append(status)
+            continue
+        n = int(headers.get("content-length", "0"))
+        while len(buf) < n:
+            got = sock.recv(65536)
+            assert got, "connection closed inside the answer"
+            buf += got
+        return status, headers, buf[:n], interim
+
+
+def send_head(port, method, path, headers):
+    """Opens a connection to the daemon and sends only a request's head."""
+    import socket as _socket
+    s = _socket.create_connection(("127.0.0.1", port), timeout=10)
+    lines = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{port}"] + [f"{k}: {v}" for k, v in headers]
+    s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    return s
+
+
+def test_a_wrong_token_is_refused_before_the_body_is_read(daemon):
+    """A request to the peer or admin API whose bearer token is wrong is
+    answered 401 from its headers, before a byte of its body is read:
+    with Expect: 100-continue no 100 Continue is sent, and without it the
+    401 comes while the announced body (900 KB, under the 1 MiB cap) has
+    not been sent at all.  The answer is the one a wrong token always got
+    (401 unauthenticated, the same detail, WWW-Authenticate: Bearer).
+    Until the thirty-second session the daemon read and buffered the
+    whole body first, so anyone could make it hold up to the body cap per
+    connection without a credential."""
+    a, b, rm, srv = make_peers(daemon)
+    try:
+        known = requests.post(daemon.url + "/v1/rooms", data=b"{}", timeout=10,
+                              headers={"Authorization": "Bearer cwp_wrong", "Content-Type": "application/json"})
+        assert known.status_code == 401, known.text
+        cases = [("POST", "/v1/rooms", "Bearer cwp_wrong"), ("POST", f"/v1/rooms/{rm['id']}/messages", None),
+                 ("POST", "/admin/v1/peers", "Bearer nope")]
+        for method, path, auth in cases:
+            for expect in (True, False):
+                h = [("Content-Type", "application/json"), ("Content-Length", "900000")]
+                if auth:
+                    h.append(("Authorization", auth))
+                if expect:
+                    h.append(("Expect", "100-continue"))
+                s = send_head(daemon.port, method, path, h)
+                try:
+                    status, headers, body, interim = read_answer(s, 5)
+                finally:
+                    s.close()
+                assert status == 401 and interim == [], (path, expect, status, interim, body)
+                assert headers["content-type"].startswith("application/problem+json"), headers
+                assert headers["www-authenticate"] == "Bearer", headers
+                j = json.loads(body)
+                assert j["code"] == "unauthenticated", j
+                if path.startswith("/v1/"):
+                    assert j == known.json(), (j, known.json())
+        # A right token still gets its 100 Continue and its body read.
+        body = json.dumps({"kind": "direct", "members": [a.user("carol"), b.user("dave")]}).encode()
+        url = a.base + "/v1/rooms"
+        h = dict(a.signer.headers("POST", url, body=body), Authorization="Bearer " + a.token,
+                 Expect="100-continue", **{"Content-Length": str(len(body))})
+        s = send_head(daemon.port, "POST", "/v1/rooms", list(h.items()))
+        try:
+            s.settimeout(5)
+            first = s.recv(64)
+            assert first.startswith(b"HTTP/1.1 100"), first
+            s.sendall(body)
+            rest = first.partition(b"\r\n\r\n")[2]
+            status, _, answer, _ = read_answer(_Prefixed(s, rest), 10)
+        finally:
+            s.close()
+        assert status == 201, answer
+    finally:
+        srv.close()
+
+
+class _Prefixed:
+    """A socket whose first bytes read are prefix."""
+
+    def __init__(self, sock, prefix):
+        self.sock, self.prefix = sock, prefix
+
+    def settimeout(self, t):
+        self.sock.settimeout(t)
+
+    def recv(self, n):
+        if self.prefix:
+            out, self.prefix = self.prefix, b""
+            return out
+        return self.sock.recv(n)
