@@ -1083,7 +1083,7 @@ bool app_authorize_headers(struct cw_req *req, enum cw_auth auth, void *ctx)
 	case CW_AUTH_ADMIN_READ:
 		return admin_authorize(app, req, auth);
 	case CW_AUTH_PEER:
-		return peer_of(app, req) != NULL;
+		return peer_of(app, req) != NULL && peer_headers_ok(req);
 	}
 	return false;
 }

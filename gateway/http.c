@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -69,6 +70,13 @@ struct cw_req {
 	json_t *rjson; /* a JSON answer not serialised yet: the HTTP thread does it */
 	int nheaders;
 	char *headers[REQ_MAX_HEADERS][2];
+	struct joined *joined; /* cw_req_header_all's answers */
+};
+
+/* A header's lines joined (cw_req_header_all), kept until the request ends. */
+struct joined {
+	struct joined *next;
+	char *name, *value;
 };
 
 /* ------------------------------------------------------------------ routing */
@@ -174,6 +182,92 @@ const char *cw_req_param(const struct cw_req *r, const char *name)
 const char *cw_req_header(struct cw_req *r, const char *name)
 {
 	return MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, name);
+}
+
+struct join_ctx {
+	const char *name;
+	char *out;      /* NULL until a line is found */
+	size_t len;
+	bool oom;
+};
+
+/* MHD_KeyValueIteratorN: appends a line of the header asked for. */
+static enum MHD_Result join_line(void *cls, enum MHD_ValueKind kind, const char *key, size_t key_size,
+				 const char *value, size_t value_size)
+{
+	(void)kind;
+	struct join_ctx *j = cls;
+	if (!key || strlen(j->name) != key_size || strncasecmp(key, j->name, key_size) != 0)
+		return MHD_YES;
+	if (!value)
+		value_size = 0;
+	while (value_size && (*value == ' ' || *value == '\t')) {
+		value++;
+		value_size--;
+	}
+	while (value_size && (value[value_size - 1] == ' ' || value[value_size - 1] == '\t'))
+		value_size--;
+	size_t sep = j->out ? 2 : 0;
+	char *p = realloc(j->out, j->len + sep + value_size + 1);
+	if (!p) {
+		j->oom = true;
+		return MHD_NO;
+	}
+	memcpy(p + j->len, ", ", sep);
+	if (value_size) /* an empty line's value may be NULL */
+		memcpy(p + j->len + sep, value, value_size);
+	j->len += sep + value_size;
+	p[j->len] = '\0';
+	j->out = p;
+	return MHD_YES;
+}
+
+const char *cw_req_header_all(struct cw_req *r, const char *name)
+{
+	for (struct joined *x = r->joined; x; x = x->next)
+		if (strcasecmp(x->name, name) == 0)
+			return x->value;
+	struct join_ctx j = { .name = name };
+	MHD_get_connection_values_n(r->conn, MHD_HEADER_KIND, join_line, &j);
+	if (j.oom || !j.out) {
+		/* Out of memory: what was joined would not be the field; absent
+		 * refuses a covered one (never the first line alone). */
+		free(j.out);
+		return NULL;
+	}
+	struct joined *x = malloc(sizeof(*x));
+	char *n = strdup(name);
+	if (!x || !n) {
+		free(x);
+		free(n);
+		free(j.out);
+		return NULL;
+	}
+	*x = (struct joined){ r->joined, n, j.out };
+	r->joined = x;
+	return x->value;
+}
+
+struct each_ctx {
+	bool (*fn)(void *arg, const char *name, size_t name_len, const char *value, size_t value_len);
+	void *arg;
+};
+
+static enum MHD_Result each_line(void *cls, enum MHD_ValueKind kind, const char *key, size_t key_size,
+				 const char *value, size_t value_size)
+{
+	(void)kind;
+	struct each_ctx *c = cls;
+	return c->fn(c->arg, key ? key : "", key ? key_size : 0, value ? value : "", value ? value_size : 0) ? MHD_YES
+														 : MHD_NO;
+}
+
+void cw_req_headers_each(struct cw_req *r,
+			 bool (*fn)(void *arg, const char *name, size_t name_len, const char *value, size_t value_len),
+			 void *arg)
+{
+	struct each_ctx c = { fn, arg };
+	MHD_get_connection_values_n(r->conn, MHD_HEADER_KIND, each_line, &c);
 }
 
 const char *cw_req_query(struct cw_req *r, const char *name)
@@ -321,6 +415,13 @@ static void free_req(struct cw_req *r)
 	for (int i = 0; i < r->nheaders; i++) {
 		free(r->headers[i][0]);
 		free(r->headers[i][1]);
+	}
+	while (r->joined) {
+		struct joined *x = r->joined;
+		r->joined = x->next;
+		free(x->name);
+		free(x->value);
+		free(x);
 	}
 	free(r);
 }

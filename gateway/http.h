@@ -127,6 +127,18 @@ const char *cw_req_param(const struct cw_req *r, const char *name);
 /* Header or query argument; valid only inside the handler call. */
 const char *cw_req_header(struct cw_req *r, const char *name);
 const char *cw_req_query(struct cw_req *r, const char *name);
+/* Every line of the header name (any case), each trimmed of spaces and
+ * tabs, joined in order with ", " (RFC 9110 §5.3, as RFC 9421 §2.1
+ * covers a field), or NULL when absent (or out of memory); kept by the
+ * request until it ends.  cw_req_header is the first line alone.
+ * libmicrohttpd 0.9.75 has already cut a value at a NUL byte, as it
+ * does for cw_req_header. */
+const char *cw_req_header_all(struct cw_req *r, const char *name);
+/* Calls fn for every header line in order, name and value with their
+ * lengths, until it returns false. */
+void cw_req_headers_each(struct cw_req *r,
+			 bool (*fn)(void *arg, const char *name, size_t name_len, const char *value, size_t value_len),
+			 void *arg);
 /* The request target exactly as the client sent it (path and query, not
  * decoded), as needed for @target-uri in request signatures. */
 const char *cw_req_raw_target(const struct cw_req *r);

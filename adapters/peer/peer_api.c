@@ -48,9 +48,75 @@ bool peer_target_uri(struct cw_app *app, struct cw_req *req, char *buf, size_t l
 	return n >= 0 && (size_t)n < len;
 }
 
+/* A covered field as RFC 9421 §2.1 covers it: all its lines, trimmed and
+ * joined with ", " in order (until the thirty-second session the first
+ * line alone: a signer who joined them was refused, and a second line
+ * rode along uncovered).  A field present whose lines could not be
+ * joined (out of memory) is a DEL, which the verifier refuses, never
+ * "absent". */
 static const char *req_header(void *ctx, const char *name)
 {
-	return cw_req_header(ctx, name);
+	const char *v = cw_req_header_all(ctx, name);
+	return v ? v : cw_req_header(ctx, name) ? "\x7f" : NULL;
+}
+
+struct header_scan {
+	const char *repeated; /* the first single-valued field seen twice */
+	const char *bad;      /* why a line is refused */
+	unsigned n[2];        /* lines of single_fields[i] */
+};
+
+/* The fields that hold one value (RFC 9110 §8.3; an Idempotency-Key is
+ * one string): the handlers read one line, so a second is refused rather
+ * than joined. */
+static const char *const single_fields[] = { "Content-Type", "Idempotency-Key" };
+
+static bool is_tchar(unsigned char c)
+{
+	return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+	       (c && strchr("!#$%&'*+-.^_`|~", c));
+}
+
+static bool scan_line(void *arg, const char *name, size_t name_len, const char *value, size_t value_len)
+{
+	(void)value;
+	(void)value_len;
+	struct header_scan *h = arg;
+	if (!name_len) {
+		h->bad = "a header line has no name";
+		return false;
+	}
+	for (size_t i = 0; i < name_len; i++)
+		if (!is_tchar((unsigned char)name[i])) {
+			/* libmicrohttpd 0.9.75 glues an obs-fold continuation
+			 * onto the name: this is most often one. */
+			h->bad = "a header's name is not a token (a folded line? RFC 9112 §5.2 forbids folding)";
+			return false;
+		}
+	for (size_t i = 0; i < CW_ARRAY_LEN(single_fields); i++)
+		if (strlen(single_fields[i]) == name_len && strncasecmp(name, single_fields[i], name_len) == 0 &&
+		    ++h->n[i] == 2) {
+			h->repeated = single_fields[i];
+			return false;
+		}
+	return true;
+}
+
+bool peer_headers_ok(struct cw_req *req)
+{
+	struct header_scan h = { 0 };
+	cw_req_headers_each(req, scan_line, &h);
+	if (h.repeated) {
+		char detail[96];
+		snprintf(detail, sizeof(detail), "the %s header is sent more than once (it holds one value)", h.repeated);
+		cw_req_problem(req, 400, "invalid_header", "Invalid header", detail);
+		return false;
+	}
+	if (h.bad) {
+		cw_req_problem(req, 400, "invalid_header", "Invalid header", h.bad);
+		return false;
+	}
+	return true;
 }
 
 struct key_ctx {
@@ -90,13 +156,13 @@ bool peer_verify_request(struct cw_app *app, struct cw_req *req, struct peer_pri
 		.now = cw_wall_ms() / 1000,
 		.max_skew_s = app->cfg->max_clock_skew_s,
 		.key_for = key_for, .key_ctx = &kc,
-		.check_content_digest = blen > 0 || cw_req_header(req, "Content-Digest") != NULL,
+		.check_content_digest = blen > 0 || req_header(req, "content-digest") != NULL,
 		.body = body, .body_len = blen,
 	};
 	struct httpsig_result res;
 	cw_errmsg e = { { 0 } };
-	cw_err rc = httpsig_verify(&m, cw_req_header(req, "Signature-Input"), cw_req_header(req, "Signature"), &o,
-				   &res, &e);
+	/* Dictionaries, whose lines RFC 8941 §4.2 joins: one signature a line is fine. */
+	cw_err rc = httpsig_verify(&m, req_header(req, "signature-input"), req_header(req, "signature"), &o, &res, &e);
 	if (rc == CW_OK) {
 		rc = httpsig_replay_check_and_add(app->replay, res.keyid, res.nonce, res.created, o.now);
 		snprintf(p->nonce, sizeof(p->nonce), "%s", res.nonce);

@@ -14,6 +14,11 @@
 /* Checks the request signature of an authenticated peer (RFC 9421): false
  * after answering 401 bad_signature. */
 bool peer_verify_request(struct cw_app *app, struct cw_req *req, struct peer_principal *p);
+/* The header lines of a peer request, before its body is read: false
+ * after answering 400 invalid_header when Content-Type or
+ * Idempotency-Key comes more than once or a name is not a token (what
+ * libmicrohttpd 0.9.75 makes of most folded lines). */
+bool peer_headers_ok(struct cw_req *req);
 
 /* False after answering 503 while server.domain is not set (the interop
  * API needs to know which users are local). */

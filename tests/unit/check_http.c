@@ -11,6 +11,7 @@
 #include <curl/curl.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -113,12 +114,46 @@ static void h_async(struct cw_req *r, void *ctx)
 
 static void h_silent(struct cw_req *r, void *ctx) { (void)r; }
 
+/* The lines of X-Multi as cw_req_header_all joins them, asked twice. */
+static void h_lines(struct cw_req *r, void *ctx)
+{
+	const char *all = cw_req_header_all(r, "x-MULTI");
+	ck_assert_ptr_eq(cw_req_header_all(r, "X-Multi"), all); /* kept, not joined again */
+	const char *first = cw_req_header(r, "X-Multi");
+	cw_req_reply_json(r, 200, json_pack("{s:s?, s:s?, s:b}", "all", all, "first", first, "absent",
+					    cw_req_header_all(r, "X-None") == NULL));
+}
+
+static atomic_int handled_bodies, header_checks;
+
+/* Counts the bodies that reached a handler. */
+static void h_counted(struct cw_req *r, void *ctx)
+{
+	atomic_fetch_add(&handled_bodies, 1);
+	h_echo(r, ctx);
+}
+
+/* The header-time hook: X-Key must be "ok". */
+static bool key_in_headers(struct cw_req *r, enum cw_auth auth, void *ctx)
+{
+	atomic_fetch_add(&header_checks, 1);
+	const char *k = cw_req_header(r, "X-Key");
+	if (k && strcmp(k, "ok") == 0)
+		return true;
+	cw_req_problem(r, 401, "unauthenticated", "Unauthenticated", "bad key");
+	return false;
+}
+
+static bool allow_all(struct cw_req *r, enum cw_auth auth, void *ctx) { return true; }
+
 static const struct cw_route live_routes[] = {
 	{ "GET", "/hello", h_hello, CW_AUTH_NONE, NULL, false },
 	{ "POST", "/echo", h_echo, CW_AUTH_NONE, NULL, false },
 	{ "GET", "/async", h_async, CW_AUTH_NONE, NULL, false },
 	{ "GET", "/silent", h_silent, CW_AUTH_NONE, NULL, false },
 	{ "POST", "/bare", h_hello, CW_AUTH_NONE, NULL, true },
+	{ "GET", "/lines", h_lines, CW_AUTH_NONE, NULL, false },
+	{ "POST", "/guarded", h_counted, CW_AUTH_PEER, NULL, false },
 };
 
 static struct cw_http *live;
@@ -133,6 +168,7 @@ static void live_start(void)
 		.listen_address = "127.0.0.1", .port = 0, .threads = 2, .connection_limit = 64,
 		.connection_timeout_s = 5, .max_body_bytes = 4096,
 		.routes = live_routes, .nroutes = CW_ARRAY_LEN(live_routes),
+		.authorize_headers = key_in_headers, .authorize = allow_all,
 	};
 	cw_errmsg e;
 	ck_assert_msg(cw_http_start(&live, &o, &e) == CW_OK, "%s", e.msg);
@@ -275,6 +311,84 @@ START_TEST(live_body_cap)
 	r = request("POST", "/echo", "small", -1, true);
 	ck_assert_int_eq(r.status, 201);
 	ck_assert_str_eq(r.body, "small");
+	live_stop();
+}
+END_TEST
+
+/* Several lines of one header: trimmed and joined with ", " in order
+ * (RFC 9421 §2.1), an empty one too; the first line alone otherwise. */
+START_TEST(live_header_lines_joined)
+{
+	live_start();
+	struct resp out;
+	memset(&out, 0, sizeof(out));
+	struct curl_slist *h;
+	CURL *c = easy("GET", "/lines", NULL, 0, false, &out, &h);
+	h = curl_slist_append(h, "X-Multi:   one  ");
+	h = curl_slist_append(h, "x-multi: two\t");
+	h = curl_slist_append(h, "X-Multi;"); /* an empty value */
+	h = curl_slist_append(h, "X-Multi: three");
+	curl_easy_setopt(c, CURLOPT_HTTPHEADER, h);
+	ck_assert_int_eq(curl_easy_perform(c), CURLE_OK);
+	curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &out.status);
+	curl_easy_cleanup(c);
+	curl_slist_free_all(h);
+	ck_assert_int_eq(out.status, 200);
+	ck_assert_str_eq(out.body, "{\"all\":\"one, two, , three\",\"first\":\"one  \",\"absent\":true}");
+	/* One line: itself, trimmed. */
+	memset(&out, 0, sizeof(out));
+	c = easy("GET", "/lines", NULL, 0, false, &out, &h);
+	h = curl_slist_append(h, "X-Multi: solo ");
+	curl_easy_setopt(c, CURLOPT_HTTPHEADER, h);
+	ck_assert_int_eq(curl_easy_perform(c), CURLE_OK);
+	curl_easy_cleanup(c);
+	curl_slist_free_all(h);
+	ck_assert_str_eq(out.body, "{\"all\":\"solo\",\"first\":\"solo \",\"absent\":true}");
+	live_stop();
+}
+END_TEST
+
+/* A route with credentials has them checked from the headers: refused,
+ * the answer comes before the body is sent (no 100 Continue: libcurl
+ * uploads nothing) and no handler sees it; taken, the body is read. */
+START_TEST(live_credentials_before_the_body)
+{
+	live_start();
+	atomic_store(&handled_bodies, 0);
+	atomic_store(&header_checks, 0);
+	static char big[4000];
+	memset(big, 'k', sizeof(big));
+	for (int good = 0; good < 2; good++) {
+		struct resp out;
+		memset(&out, 0, sizeof(out));
+		struct curl_slist *h;
+		CURL *c = easy("POST", "/guarded", big, sizeof(big), false, &out, &h);
+		curl_slist_free_all(h);
+		h = curl_slist_append(NULL, "Expect: 100-continue");
+		h = curl_slist_append(h, good ? "X-Key: ok" : "X-Key: wrong");
+		curl_easy_setopt(c, CURLOPT_HTTPHEADER, h);
+		curl_easy_setopt(c, CURLOPT_EXPECT_100_TIMEOUT_MS, 5000L);
+		ck_assert_int_eq(curl_easy_perform(c), CURLE_OK);
+		curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &out.status);
+		curl_off_t up = -1;
+		curl_easy_getinfo(c, CURLINFO_SIZE_UPLOAD_T, &up);
+		curl_easy_cleanup(c);
+		curl_slist_free_all(h);
+		if (good) {
+			ck_assert_int_eq(out.status, 201);
+			ck_assert_int_eq(up, (curl_off_t)sizeof(big));
+		} else {
+			ck_assert_int_eq(out.status, 401);
+			ck_assert_ptr_nonnull(strstr(out.body, "\"detail\":\"bad key\""));
+			ck_assert_int_eq(up, 0);
+		}
+	}
+	ck_assert_int_eq(atomic_load(&header_checks), 2);
+	ck_assert_int_eq(atomic_load(&handled_bodies), 1);
+	/* Routes without credentials are not asked about. */
+	struct resp r = request("POST", "/echo", "x", 1, false);
+	ck_assert_int_eq(r.status, 201);
+	ck_assert_int_eq(atomic_load(&header_checks), 2);
 	live_stop();
 }
 END_TEST
@@ -643,6 +757,8 @@ int main(void)
 	tcase_add_test(live_tc, live_sync_and_errors);
 	tcase_add_test(live_tc, live_body_cap);
 	tcase_add_test(live_tc, live_route_without_a_body);
+	tcase_add_test(live_tc, live_header_lines_joined);
+	tcase_add_test(live_tc, live_credentials_before_the_body);
 	tcase_add_test(live_tc, live_suspend_resume_many);
 	tcase_add_test(live_tc, live_quiesce_finishes_in_flight);
 	suite_add_tcase(s, live_tc);
