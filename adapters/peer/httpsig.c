@@ -968,13 +968,22 @@ static cw_err parse_sig_input_member(struct sf *s, struct sig_input *si)
 	return CW_OK;
 }
 
+/* The Signature-Input members to try, in order: the one labelled
+ * o->label; else each whose tag is o->tag, up to HTTPSIG_MAX_TRIES (RFC
+ * 9421 §3.2: the verifier picks the signatures its policy needs, among
+ * others a proxy or another signer may have added; until the
+ * thirty-first session the first member only, until the thirty-second
+ * the first of the tag only, and a peer sending its new key's signature
+ * after its old one's was refused); else the first member (refused for
+ * its tag, when one is asked). */
 struct si_pick {
-	const char *want;          /* NULL: the first of tag (or the first) */
+	const char *want;          /* NULL: by tag (or the first) */
 	const char *tag;           /* NULL: any */
-	struct sig_input *chosen;  /* valid when found */
+	struct sig_input *cand;    /* HTTPSIG_MAX_TRIES of them */
+	size_t ncand;
 	struct sig_input *first;   /* the first member, when has_first */
 	struct sig_input *scratch; /* each member as parsed */
-	bool found, has_first;
+	bool has_first;
 };
 
 static bool si_tag_is(const struct sig_input *si, const char *tag)
@@ -985,38 +994,36 @@ static bool si_tag_is(const struct sig_input *si, const char *tag)
 	return false;
 }
 
-/* Every member is parsed (and so checked); the one picked is kept: by
- * label, else the first whose tag is the one asked for (RFC 9421 §3.2:
- * the verifier picks the signature its policy needs, among others a
- * proxy or another signer may have added; until the thirty-first session
- * the first member only), else the first. */
+/* Every member is parsed (and so checked); the candidates are kept. */
 static cw_err si_member(struct sf *s, const char *key, void *ctx)
 {
 	struct si_pick *pk = ctx;
 	copy_token(pk->scratch->label, key);
 	cw_err rc = parse_sig_input_member(s, pk->scratch);
-	if (rc || pk->found)
+	if (rc)
 		return rc;
-	if (pk->want ? strcmp(key, pk->want) == 0 : !pk->tag || si_tag_is(pk->scratch, pk->tag)) {
-		memcpy(pk->chosen, pk->scratch, sizeof(*pk->chosen));
-		pk->found = true;
-	} else if (!pk->want && !pk->has_first) {
+	bool wanted = pk->want ? strcmp(key, pk->want) == 0 : !pk->tag || si_tag_is(pk->scratch, pk->tag);
+	size_t max = pk->want || !pk->tag ? 1 : HTTPSIG_MAX_TRIES;
+	if (wanted && pk->ncand < max)
+		memcpy(&pk->cand[pk->ncand++], pk->scratch, sizeof(*pk->scratch));
+	else if (!pk->want && !pk->has_first) {
 		memcpy(pk->first, pk->scratch, sizeof(*pk->first));
 		pk->has_first = true;
 	}
 	return CW_OK;
 }
 
-struct sig_pick {
-	const char *want;
-	const char *b64;
-	size_t b64_len;
-	bool found;
+/* The members of Signature: labels and their base64 text (in the field). */
+struct sig_all {
+	size_t n;
+	char label[HTTPSIG_MAX_MEMBERS][HTTPSIG_MAX_TOKEN + 1];
+	const char *b64[HTTPSIG_MAX_MEMBERS];
+	size_t b64_len[HTTPSIG_MAX_MEMBERS];
 };
 
 static cw_err sig_member(struct sf *s, const char *key, void *ctx)
 {
-	struct sig_pick *pk = ctx;
+	struct sig_all *all = ctx;
 	struct sf_item it;
 	cw_err rc = sf_bare_item(s, &it);
 	if (rc)
@@ -1025,11 +1032,11 @@ static cw_err sig_member(struct sf *s, const char *key, void *ctx)
 		return sf_fail(s, "member '%s' is not a byte sequence", key);
 	if ((rc = sf_params(s, NULL, NULL)))
 		return rc;
-	if (strcmp(key, pk->want) == 0) {
-		pk->b64 = it.bytes;
-		pk->b64_len = it.nbytes;
-		pk->found = true;
-	}
+	/* sf_dictionary allows HTTPSIG_MAX_MEMBERS, distinct */
+	copy_token(all->label[all->n], key);
+	all->b64[all->n] = it.bytes;
+	all->b64_len[all->n] = it.nbytes;
+	all->n++;
 	return CW_OK;
 }
 
@@ -1116,88 +1123,49 @@ static cw_err check_policy(const struct httpsig_msg *m, const struct sig_input *
 	return CW_OK;
 }
 
-cw_err httpsig_verify(const struct httpsig_msg *m, const char *signature_input, const char *signature,
-		      const struct httpsig_verify_opts *o, struct httpsig_result *out, cw_errmsg *e)
+/* One signature: its value in Signature, its parameters against our
+ * policy, the key, the base and Ed25519.  out is filled as far as it got. */
+static cw_err verify_one(const struct httpsig_msg *m, const struct sig_input *chosen, const struct sig_all *sigs,
+			 const struct httpsig_verify_opts *o, struct httpsig_result *out, cw_errmsg *e)
 {
-	struct httpsig_result scratch_result;
-	if (!out)
-		out = &scratch_result;
 	memset(out, 0, sizeof(*out));
-	if (!m || !o)
-		return cw_fail(e, CW_EINVAL, "httpsig: missing argument");
-
-	struct sig_input *si = calloc(3, sizeof(*si));
-	if (!si)
-		return cw_fail(e, CW_ENOMEM, "out of memory");
-	struct sbuf params, base;
-	sb_init(&params, HTTPSIG_MAX_FIELD);
-	sb_init(&base, HTTPSIG_MAX_BASE);
-	EVP_PKEY *key = NULL;
-	EVP_MD_CTX *ctx = NULL;
-	cw_err rc;
-
-	/* The syntax of both fields first. */
-	struct sf s;
-	struct si_pick pick = { .want = o->label, .tag = o->tag, .chosen = &si[0], .first = &si[1], .scratch = &si[2] };
-	if ((rc = sf_begin(&s, "Signature-Input", signature_input, e)) ||
-	    (rc = sf_dictionary(&s, si_member, &pick)))
-		goto out;
-	if (!pick.found && pick.has_first) {
-		/* None of the tag: the first, refused below for its tag. */
-		memcpy(pick.chosen, pick.first, sizeof(*pick.chosen));
-		pick.found = true;
-	}
-	if (!pick.found) {
-		rc = fail_in(e, "Signature-Input", "no signature labelled '%s'", o->label);
-		goto out;
-	}
-	struct sig_input *chosen = pick.chosen;
 	copy_token(out->label, chosen->label);
 	out->ncomponents = chosen->ncomp;
-
-	struct sig_pick spick = { .want = chosen->label };
-	if ((rc = sf_begin(&s, "Signature", signature, e)) || (rc = sf_dictionary(&s, sig_member, &spick)))
-		goto out;
-	if (!spick.found) {
-		rc = fail_in(e, "Signature", "no signature labelled '%s'", chosen->label);
-		goto out;
-	}
+	size_t k = 0;
+	while (k < sigs->n && strcmp(sigs->label[k], chosen->label) != 0)
+		k++;
+	if (k == sigs->n)
+		return fail_in(e, "Signature", "no signature labelled '%s'", chosen->label);
 	unsigned char sig[B64_MAX_DECODED];
 	size_t siglen;
-	if (spick.b64_len > 4 * ((HTTPSIG_ED25519_SIG_LEN + 2) / 3)) {
-		rc = fail_in(e, "Signature", "'%s' is too long for an Ed25519 signature", chosen->label);
-		goto out;
-	}
-	if (!b64_decode(spick.b64, spick.b64_len, sig, sizeof(sig), &siglen)) {
-		rc = fail_in(e, "Signature", "bad base64 in '%s'", chosen->label);
-		goto out;
-	}
-	if (siglen != HTTPSIG_ED25519_SIG_LEN) {
-		rc = fail_in(e, "Signature", "'%s' is %zu bytes, not an Ed25519 signature (%d bytes)",
-			     chosen->label, siglen, HTTPSIG_ED25519_SIG_LEN);
-		goto out;
-	}
+	if (sigs->b64_len[k] > 4 * ((HTTPSIG_ED25519_SIG_LEN + 2) / 3))
+		return fail_in(e, "Signature", "'%s' is too long for an Ed25519 signature", chosen->label);
+	if (!b64_decode(sigs->b64[k], sigs->b64_len[k], sig, sizeof(sig), &siglen))
+		return fail_in(e, "Signature", "bad base64 in '%s'", chosen->label);
+	if (siglen != HTTPSIG_ED25519_SIG_LEN)
+		return fail_in(e, "Signature", "'%s' is %zu bytes, not an Ed25519 signature (%d bytes)",
+			       chosen->label, siglen, HTTPSIG_ED25519_SIG_LEN);
 
 	/* Then what it says against our policy. */
 	const char *names[HTTPSIG_MAX_COMPONENTS];
 	for (size_t i = 0; i < chosen->ncomp; i++)
 		names[i] = chosen->comp[i];
 	bool has_keyid;
+	cw_err rc;
 	if ((rc = check_component_list(names, chosen->ncomp, "Signature-Input", e)) ||
-	    (rc = read_params(chosen, out, &has_keyid, e)) ||
-	    (rc = check_policy(m, chosen, o, out, e)))
-		goto out;
+	    (rc = read_params(chosen, out, &has_keyid, e)) || (rc = check_policy(m, chosen, o, out, e)))
+		return rc;
 
 	/* Then the cryptography. */
-	if (!o->key_for) {
-		rc = cw_fail(e, CW_EINVAL, "httpsig: no key lookup configured");
-		goto out;
-	}
-	key = o->key_for(o->key_ctx, has_keyid ? out->keyid : NULL);
-	if (!key) {
-		rc = cw_fail(e, CW_EINVAL, "unknown key '%s'", out->keyid);
-		goto out;
-	}
+	if (!o->key_for)
+		return cw_fail(e, CW_EINVAL, "httpsig: no key lookup configured");
+	EVP_PKEY *key = o->key_for(o->key_ctx, has_keyid ? out->keyid : NULL);
+	if (!key)
+		return cw_fail(e, CW_EINVAL, "unknown key '%s'", out->keyid);
+	struct sbuf params, base;
+	sb_init(&params, HTTPSIG_MAX_FIELD);
+	sb_init(&base, HTTPSIG_MAX_BASE);
+	EVP_MD_CTX *ctx = NULL;
 	if (EVP_PKEY_get_id(key) != EVP_PKEY_ED25519) {
 		rc = cw_fail(e, CW_EINVAL, "key '%s' is not an Ed25519 key", out->keyid);
 		goto out;
@@ -1216,10 +1184,71 @@ cw_err httpsig_verify(const struct httpsig_msg *m, const char *signature_input, 
 	}
 	if (EVP_DigestVerify(ctx, sig, siglen, (const unsigned char *)base.p, base.len) != 1) {
 		ERR_clear_error();
-		rc = cw_fail(e, CW_EINVAL, "signature '%s' does not verify with key '%s'", chosen->label,
-			     out->keyid);
+		rc = cw_fail(e, CW_EINVAL, "signature '%s' does not verify with key '%s'", chosen->label, out->keyid);
 		goto out;
 	}
+out:
+	if (o->key_release)
+		o->key_release(o->key_ctx, key);
+	EVP_MD_CTX_free(ctx);
+	sb_free(&params);
+	sb_free(&base);
+	return rc;
+}
+
+cw_err httpsig_verify(const struct httpsig_msg *m, const char *signature_input, const char *signature,
+		      const struct httpsig_verify_opts *o, struct httpsig_result *out, cw_errmsg *e)
+{
+	struct httpsig_result scratch_result, tried;
+	if (!out)
+		out = &scratch_result;
+	memset(out, 0, sizeof(*out));
+	if (!m || !o)
+		return cw_fail(e, CW_EINVAL, "httpsig: missing argument");
+
+	/* HTTPSIG_MAX_TRIES candidates, the first member, the scratch */
+	struct sig_input *si = calloc(HTTPSIG_MAX_TRIES + 2, sizeof(*si));
+	struct sig_all *sigs = calloc(1, sizeof(*sigs));
+	cw_err rc;
+	if (!si || !sigs) {
+		rc = cw_fail(e, CW_ENOMEM, "out of memory");
+		goto out;
+	}
+
+	/* The syntax of both fields first. */
+	struct sf s;
+	struct si_pick pick = { .want = o->label, .tag = o->tag, .cand = si, .first = &si[HTTPSIG_MAX_TRIES],
+				.scratch = &si[HTTPSIG_MAX_TRIES + 1] };
+	if ((rc = sf_begin(&s, "Signature-Input", signature_input, e)) ||
+	    (rc = sf_dictionary(&s, si_member, &pick)))
+		goto out;
+	if (!pick.ncand && pick.has_first) /* none of the tag: the first, refused for its tag */
+		memcpy(&pick.cand[pick.ncand++], pick.first, sizeof(*pick.first));
+	if (!pick.ncand) {
+		rc = fail_in(e, "Signature-Input", "no signature labelled '%s'", o->label);
+		goto out;
+	}
+	if ((rc = sf_begin(&s, "Signature", signature, e)) || (rc = sf_dictionary(&s, sig_member, sigs)))
+		goto out;
+
+	/* Each candidate until one verifies; refused, the first one's reason
+	 * (and what it said, in out). */
+	for (size_t i = 0; i < pick.ncand; i++) {
+		cw_errmsg later;
+		rc = verify_one(m, &pick.cand[i], sigs, o, i ? &tried : out, i ? &later : e);
+		if (rc == CW_OK) {
+			if (i)
+				*out = tried;
+			break;
+		}
+		if (rc != CW_EINVAL) { /* a resource or library failure: no more */
+			if (i && e)
+				*e = later;
+			goto out;
+		}
+	}
+	if (rc)
+		goto out;
 
 	/* Last the body, now that we know the digest header is authentic. */
 	if (o->check_content_digest) {
@@ -1227,12 +1256,8 @@ cw_err httpsig_verify(const struct httpsig_msg *m, const char *signature_input, 
 		rc = httpsig_check_content_digest(cd, o->body, o->body_len, e);
 	}
 out:
-	if (key && o->key_release)
-		o->key_release(o->key_ctx, key);
-	EVP_MD_CTX_free(ctx);
-	sb_free(&params);
-	sb_free(&base);
 	free(si);
+	free(sigs);
 	return rc;
 }
 

@@ -23,6 +23,7 @@
 #define HTTPSIG_MAX_TOKEN 256       /* a label, component name, parameter key or string value */
 #define HTTPSIG_MAX_PARAMS 16       /* parameters of one signature */
 #define HTTPSIG_MAX_MEMBERS 16      /* signatures (labels) in one field */
+#define HTTPSIG_MAX_TRIES 4         /* signatures of the tag asked for verified, at most */
 #define HTTPSIG_MAX_BASE 65536      /* a whole signature base */
 #define HTTPSIG_ED25519_SIG_LEN 64
 
@@ -93,8 +94,9 @@ cw_err httpsig_sign(const struct httpsig_msg *m, const char *const *components, 
 /* --- verifying ------------------------------------------------------------- */
 
 struct httpsig_verify_opts {
-	const char *label;                      /* NULL: the first signature of Signature-Input whose tag
-						 * is tag (tag set), else the first */
+	const char *label;                      /* NULL: the signatures of Signature-Input whose tag is
+						 * tag (tag set; the first HTTPSIG_MAX_TRIES, in order),
+						 * else the first */
 	const char *const *required;            /* NULL-terminated: must be covered */
 	const char *const *required_if_present; /* NULL-terminated: must be covered when the request has the header */
 	bool require_created, require_keyid, require_nonce, require_tag;
@@ -129,13 +131,16 @@ struct httpsig_result {
 };
 
 /* Parses the two field values (NULL counts as empty), picks the signature by
- * o->label, else the first whose tag is o->tag, else the first one, checks its parameters, the time window, the
- * covered components, looks the key up, rebuilds the signature base and
- * verifies it (Ed25519, no prehash); then the body digest if asked.
- * CW_OK only when everything holds; otherwise CW_EINVAL with the reason
- * (CW_ENOMEM / CW_EIO for resource or library failures).  The replay check
- * is separate: feed out->keyid / out->nonce / out->created to
- * httpsig_replay_check_and_add() after CW_OK.  out may be NULL. */
+ * o->label, else those whose tag is o->tag (at most HTTPSIG_MAX_TRIES, in
+ * order), else the first one; for each in turn until one holds, checks its
+ * parameters, the time window, the covered components, looks the key up,
+ * rebuilds the signature base and verifies it (Ed25519, no prehash); then
+ * the body digest, once, if asked.  CW_OK only when everything holds (out:
+ * the signature that verified); otherwise CW_EINVAL with the reason the
+ * first one tried was refused (out: what it said), CW_ENOMEM / CW_EIO for
+ * resource or library failures.  The replay check is separate: feed
+ * out->keyid / out->nonce / out->created to httpsig_replay_check_and_add()
+ * after CW_OK.  out may be NULL. */
 cw_err httpsig_verify(const struct httpsig_msg *m, const char *signature_input, const char *signature,
 		      const struct httpsig_verify_opts *o, struct httpsig_result *out, cw_errmsg *e);
 

@@ -393,3 +393,31 @@ def test_a_repeated_content_type_or_idempotency_key_is_refused(daemon, pg, db_ur
         assert st == 202, (st, j)
     finally:
         srv.close()
+
+
+def test_each_signature_with_the_tag_is_tried_up_to_four(daemon):
+    """Of several signatures with peer.signature_tag (a peer rotating its
+    key signs with both, a proxy may add its own), each is tried in
+    order until one verifies, at most four: the right one fourth is
+    answered, fifth refused 401 with the first one's reason.  Until the
+    thirty-second session the first of the tag alone was tried."""
+    from peer import Signer
+    a, b, rm, srv = make_peers(daemon)
+    try:
+        url = b.base + "/v1/events?after=0"
+        old = Signer(b.signer.keyid)  # a key not (or no longer) registered
+        for pos, want in ((2, 200), (4, 200), (5, 401)):
+            ins, sigs = [], []
+            for i in range(pos):
+                h = (b.signer if i == pos - 1 else old).headers("GET", url)
+                label = f"s{i}"
+                ins.append(label + h["Signature-Input"][len("sig1"):])
+                sigs.append(label + h["Signature"][len("sig1"):])
+            r = requests.get(url, timeout=10, headers={"Authorization": "Bearer " + b.token,
+                                                       "Signature-Input": ", ".join(ins),
+                                                       "Signature": ", ".join(sigs)})
+            assert r.status_code == want, (pos, r.text)
+            if want == 401:
+                assert r.json()["detail"] == "signature 's0' does not verify with key 'tg'", r.text
+    finally:
+        srv.close()

@@ -440,6 +440,120 @@ START_TEST(round_trip_our_profile)
 }
 END_TEST
 
+/* Appends ", member" (or member) to a field of HTTPSIG_MAX_FIELD bytes. */
+static void append_member(char *field, const char *member)
+{
+	size_t n = strlen(field), m = strlen(member), sep = n ? 2 : 0;
+	ck_assert_uint_lt(n + sep + m, HTTPSIG_MAX_FIELD);
+	memcpy(field + n, ", ", sep);
+	memcpy(field + n + sep, member, m + 1);
+}
+
+/* Signs r as label with key and keyid (tag causeway-v1), appending the
+ * member to the two fields. */
+static void add_signature(struct req *r, const char *label, EVP_PKEY *key, const char *keyid, char *si, char *sig)
+{
+	struct httpsig_msg m = req_msg(r);
+	struct httpsig_params p = baseline_params();
+	p.label = label;
+	p.keyid = keyid;
+	char one_si[HTTPSIG_MAX_FIELD], one_sig[HTTPSIG_MAX_FIELD];
+	cw_errmsg e = { { 0 } };
+	ck_assert_msg(httpsig_sign(&m, our_components, key, &p, one_si, sizeof(one_si), one_sig, sizeof(one_sig), &e) ==
+			      CW_OK,
+		      "%s", e.msg);
+	append_member(si, one_si);
+	append_member(sig, one_sig);
+}
+
+/* RFC 9421 §3.2: of several signatures with the tag asked for, each is
+ * tried in order until one verifies (a peer rotating its key may send
+ * both, a proxy may add one), but at most HTTPSIG_MAX_TRIES: a request
+ * cannot make the verifier check sixteen.  Until the thirty-second
+ * session the first of the tag alone was tried. */
+START_TEST(several_signatures_of_the_tag_are_tried_in_order)
+{
+	EVP_PKEY *a = new_ed25519(), *b = new_ed25519();
+	EVP_PKEY *a_pub = public_of(a);
+	struct keyring kr = { .ids = { "peer-a" }, .keys = { a_pub }, .n = 1 };
+	struct req r;
+	baseline_request(&r);
+	struct httpsig_msg m = req_msg(&r);
+	struct httpsig_verify_opts o = baseline_opts(&kr, &r);
+	struct httpsig_result res;
+	cw_errmsg e = { { 0 } };
+	static char si[HTTPSIG_MAX_FIELD], sig[HTTPSIG_MAX_FIELD];
+
+	/* The old key's first (b, no longer registered as peer-a's), then the
+	 * right one; and an unknown keyid first. */
+	si[0] = sig[0] = '\0';
+	add_signature(&r, "old", b, "peer-a", si, sig);
+	add_signature(&r, "new", a, "peer-a", si, sig);
+	ck_assert_msg(httpsig_verify(&m, si, sig, &o, &res, &e) == CW_OK, "%s", e.msg);
+	ck_assert_str_eq(res.label, "new");
+	ck_assert_str_eq(res.keyid, "peer-a");
+	ck_assert_int_eq(kr.lookups, kr.releases);
+	si[0] = sig[0] = '\0';
+	add_signature(&r, "who", a, "peer-z", si, sig);
+	add_signature(&r, "me", a, "peer-a", si, sig);
+	ck_assert_msg(httpsig_verify(&m, si, sig, &o, &res, &e) == CW_OK, "%s", e.msg);
+	ck_assert_str_eq(res.label, "me");
+
+	/* None verifies: the first one's reason. */
+	si[0] = sig[0] = '\0';
+	add_signature(&r, "x1", b, "peer-a", si, sig);
+	add_signature(&r, "x2", a, "peer-z", si, sig);
+	ck_assert_int_eq(httpsig_verify(&m, si, sig, &o, &res, &e), CW_EINVAL);
+	ck_assert_str_eq(e.msg, "signature 'x1' does not verify with key 'peer-a'");
+	ck_assert_str_eq(res.label, "x1");
+
+	/* The right one fourth is found; fifth it is not tried, and no more
+	 * than four keys are looked up. */
+	for (int pos = 4; pos <= 5; pos++) {
+		si[0] = sig[0] = '\0';
+		for (int i = 1; i < pos; i++) {
+			char label[8];
+			snprintf(label, sizeof(label), "bad%d", i);
+			add_signature(&r, label, b, "peer-a", si, sig);
+		}
+		add_signature(&r, "good", a, "peer-a", si, sig);
+		kr.lookups = kr.releases = 0;
+		cw_err rc = httpsig_verify(&m, si, sig, &o, &res, &e);
+		ck_assert_int_eq(kr.lookups, 4);
+		ck_assert_int_eq(kr.releases, 4);
+		if (pos == 4) {
+			ck_assert_msg(rc == CW_OK, "%s", e.msg);
+			ck_assert_str_eq(res.label, "good");
+		} else {
+			ck_assert_int_eq(rc, CW_EINVAL);
+			ck_assert_str_eq(e.msg, "signature 'bad1' does not verify with key 'peer-a'");
+		}
+	}
+
+	/* A label asked for is that one only. */
+	si[0] = sig[0] = '\0';
+	add_signature(&r, "old", b, "peer-a", si, sig);
+	add_signature(&r, "new", a, "peer-a", si, sig);
+	o.label = "old";
+	ck_assert_int_eq(httpsig_verify(&m, si, sig, &o, &res, &e), CW_EINVAL);
+	o.label = "new";
+	ck_assert_msg(httpsig_verify(&m, si, sig, &o, &res, &e) == CW_OK, "%s", e.msg);
+
+	/* The body is checked once, after a signature verified: a wrong
+	 * body is refused for its digest, not for every signature. */
+	o.label = NULL;
+	o.body = "{}";
+	o.body_len = 2;
+	ck_assert_int_eq(httpsig_verify(&m, si, sig, &o, &res, &e), CW_EINVAL);
+	ck_assert_ptr_nonnull(strstr(e.msg, "digest mismatch"));
+
+	req_free(&r);
+	EVP_PKEY_free(a);
+	EVP_PKEY_free(b);
+	EVP_PKEY_free(a_pub);
+}
+END_TEST
+
 /* Derived components on other URIs: default ports, case, no path, no query. */
 START_TEST(derived_components_normalise)
 {
@@ -1207,6 +1321,7 @@ int main(void)
 	tcase_add_test(tc, rfc9421_b26_ed25519_vector);
 	tcase_add_test(tc, rfc9530_example_digest);
 	tcase_add_test(tc, round_trip_our_profile);
+	tcase_add_test(tc, several_signatures_of_the_tag_are_tried_in_order);
 	tcase_add_test(tc, derived_components_normalise);
 	tcase_add_test(tc, signing_refuses_bad_input);
 	tcase_add_test(tc, table_driven_cases);
