@@ -6,6 +6,7 @@
 #include "peers.h"
 #include "store.h"
 
+#include <ctype.h>
 #include <curl/curl.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -159,6 +160,77 @@ static CURLcode perform(struct handle h, const struct cw_app *app, bool *cut)
 		cc = CURLE_GOT_NOTHING;
 	curl_multi_remove_handle(h.m, h.e);
 	return cc;
+}
+
+/* A peer verifies our @target-uri against the URI it rebuilds from the
+ * request it receives (its own public URL and the request target): the
+ * push_url as typed ("https://Peer.Example:443") is not that, and until
+ * the thirty-second session it was signed as typed.  libcurl parses and
+ * rebuilds the URL; the same text is then requested, so what is signed
+ * is what is sent. */
+cw_err peer_out_notify_url(const char *push_url, char *out, size_t len, cw_errmsg *e)
+{
+	CURLU *u = curl_url();
+	char *host = NULL, *path = NULL, *user = NULL, *password = NULL, *full = NULL, *scheme = NULL;
+	cw_err rc = CW_OK;
+	if (!u)
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	CURLUcode uc = curl_url_set(u, CURLUPART_URL, push_url ? push_url : "", 0);
+	if (uc != CURLUE_OK) {
+		rc = cw_fail(e, CW_EINVAL, "push_url is not a URL: %s", curl_url_strerror(uc));
+		goto out;
+	}
+	if (curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) != CURLUE_OK ||
+	    (strcasecmp(scheme, "http") != 0 && strcasecmp(scheme, "https") != 0)) {
+		rc = cw_fail(e, CW_EINVAL, "push_url is not an http or https URL");
+		goto out;
+	}
+	if (curl_url_get(u, CURLUPART_USER, &user, 0) != CURLUE_NO_USER ||
+	    curl_url_get(u, CURLUPART_PASSWORD, &password, 0) != CURLUE_NO_PASSWORD) {
+		rc = cw_fail(e, CW_EINVAL, "push_url has a user or password (a signed URI cannot)");
+		goto out;
+	}
+	for (char *c = scheme; *c; c++)
+		*c = (char)tolower((unsigned char)*c);
+	if (curl_url_get(u, CURLUPART_HOST, &host, 0) != CURLUE_OK || !*host) {
+		rc = cw_fail(e, CW_EINVAL, "push_url has no host");
+		goto out;
+	}
+	for (char *c = host; *c; c++)
+		*c = (char)tolower((unsigned char)*c);
+	if (curl_url_get(u, CURLUPART_PATH, &path, 0) != CURLUE_OK) {
+		rc = cw_fail(e, CW_ENOMEM, "out of memory");
+		goto out;
+	}
+	size_t plen = strlen(path);
+	while (plen && path[plen - 1] == '/')
+		plen--;
+	char notify[2200];
+	int w = snprintf(notify, sizeof(notify), "%.*s/v1/notify", (int)plen, path);
+	if (w < 0 || (size_t)w >= sizeof(notify)) {
+		rc = cw_fail(e, CW_EINVAL, "push_url's path is too long");
+		goto out;
+	}
+	if (curl_url_set(u, CURLUPART_SCHEME, scheme, 0) != CURLUE_OK ||
+	    curl_url_set(u, CURLUPART_HOST, host, 0) != CURLUE_OK ||
+	    curl_url_set(u, CURLUPART_PATH, notify, 0) != CURLUE_OK ||
+	    curl_url_get(u, CURLUPART_URL, &full, CURLU_NO_DEFAULT_PORT) != CURLUE_OK) {
+		rc = cw_fail(e, CW_EINVAL, "push_url cannot be rebuilt as a URL");
+		goto out;
+	}
+	if (strlen(full) >= len)
+		rc = cw_fail(e, CW_EINVAL, "push_url is too long (%zu bytes with /v1/notify)", strlen(full));
+	else
+		memcpy(out, full, strlen(full) + 1);
+out:
+	curl_free(scheme);
+	curl_free(host);
+	curl_free(path);
+	curl_free(user);
+	curl_free(password);
+	curl_free(full);
+	curl_url_cleanup(u);
+	return rc;
 }
 
 /* How long rows wait when the peer's address could not be read. */
@@ -443,11 +515,10 @@ cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct ou
 		return cw_fail(e, CW_ENOTFOUND, "peer %s has no push URL (disabled or pull mode)", name);
 	}
 	char url[2200];
-	const char *base = PQgetvalue(r, 0, 0);
-	size_t blen = strlen(base);
-	while (blen && base[blen - 1] == '/')
-		blen--;
-	snprintf(url, sizeof(url), "%.*s/v1/notify", (int)blen, base);
+	if (peer_out_notify_url(PQgetvalue(r, 0, 0), url, sizeof(url), e) != CW_OK) {
+		PQclear(r);
+		return cw_fail(e, CW_EUNAVAIL, "peer %s: %.400s", name, e->msg);
+	}
 	/* Events of a type the peer does not take are not sent (and count as
 	 * done: there is nothing to send them as), so that they never cost
 	 * the peer's refusal of a batch with messages in it. */

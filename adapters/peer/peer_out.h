@@ -14,6 +14,16 @@ struct cw_app;
 struct peer_out *peer_out_new(struct cw_app *app, EVP_PKEY *key, const char *keyid, const char *tag,
 			      long timeout_ms);
 void peer_out_free(struct peer_out *p);
+/* The URL of the notify endpoint of a peer whose push_url is push_url,
+ * as it is requested and signed (@target-uri): normalised with libcurl's
+ * URL parser as the peer rebuilds it from the request it receives, the
+ * scheme and host lower-case, the scheme's default port left out, then
+ * the path without its trailing slashes and "/v1/notify" (before a
+ * query, kept).  CW_EINVAL (e naming push_url) for a URL libcurl does
+ * not take as http or https with a host, one with a user or password,
+ * or one longer than len. */
+cw_err peer_out_notify_url(const char *push_url, char *out, size_t len, cw_errmsg *e);
+
 /* The dispatcher's deliver_fn for "peer:<name>" destinations. */
 cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_row *rows, size_t n, size_t *done,
 			long *code, cw_errmsg *e);

@@ -110,6 +110,7 @@ class NotifyServer:
         self.answers = []         # (time the request came, status answered), in order
         self.errors = []
         self.public_b64 = None    # Causeway's key, from its directory
+        self.target_base = None   # the URL this peer is reached at, for @target-uri (None: http://127.0.0.1:port)
         self.refuse = None        # a predicate on an event: a request with one it holds is answered 400
         self.refused = 0          # requests answered so
         self.lock = threading.Lock()
@@ -168,7 +169,7 @@ class NotifyServer:
             self.errors.append(f"unexpected path {path}")
             return 404
         try:
-            verify(method, f"http://127.0.0.1:{port}{path}", headers, body, self.public_b64)
+            verify(method, (self.target_base or f"http://127.0.0.1:{port}") + path, headers, body, self.public_b64)
         except Exception as ex:  # record, and refuse as a real peer would
             self.errors.append(f"signature: {ex!r}")
             return 401

@@ -421,3 +421,34 @@ def test_each_signature_with_the_tag_is_tried_up_to_four(daemon):
                 assert r.json()["detail"] == "signature 's0' does not verify with key 'tg'", r.text
     finally:
         srv.close()
+
+
+def test_a_push_url_as_typed_is_signed_normalised(daemon):
+    """A push_url written with an upper-case host (and a trailing slash)
+    is requested and signed as the peer rebuilds its URI from the request
+    it gets (RFC 9421 @target-uri): scheme and host lower-case, the
+    default port left out (check_httpsig.c notify_url_normalised).  Until
+    the thirty-second session the URL as typed was signed, and a peer
+    verifying against its own URL refused every push."""
+    from peer import NotifyServer, PeerClient
+    key = daemon.get("/.well-known/mimi-protocol-directory").json()["public_key"]["key"]
+    srv = NotifyServer()
+    srv.public_b64 = key
+    srv.target_base = f"http://localhost:{srv.port}"
+    a = PeerClient(daemon.url, "gk", "wa.example")
+    r = daemon.admin("POST", "/peers", json={"name": "gk", "domain": "wa.example", "mode": "push",
+                                             "push_url": f"http://LOCALHOST:{srv.port}/",
+                                             "public_key": a.signer.public_b64})
+    assert r.status_code == 201, r.text
+    a.token = r.json()["token"]
+    b = PeerClient(daemon.url, "tg", "tg.example")
+    b.token = daemon.admin("POST", "/peers", json={"name": "tg", "domain": "tg.example", "mode": "pull",
+                                                   "public_key": b.signer.public_b64}).json()["token"]
+    try:
+        rm = b.create_room([b.user("bob"), a.user("alice")]).json()
+        assert b.send(rm["id"], b.user("bob"), "hello").status_code == 202
+        got = srv.wait_events(1)
+        assert got[0]["content"]["parts"][0]["body"] == "hello", got
+        assert srv.errors == [], srv.errors
+    finally:
+        srv.close()

@@ -3,6 +3,7 @@
  * tests/unit/data/httpsig_cases.txt. */
 #include "config.h"
 #include "peer/httpsig.h"
+#include "peer/peer_out.h"
 #include "media.h"
 #include "unit.h"
 
@@ -551,6 +552,61 @@ START_TEST(several_signatures_of_the_tag_are_tried_in_order)
 	EVP_PKEY_free(a);
 	EVP_PKEY_free(b);
 	EVP_PKEY_free(a_pub);
+}
+END_TEST
+
+/* The URL Causeway requests and signs for a peer's push_url: normalised
+ * as the peer rebuilds its @target-uri from what it receives (scheme and
+ * host lower-case, the default port left out), its /v1/notify after the
+ * path (trailing slashes dropped), before a query.  Until the
+ * thirty-second session the push_url as the operator typed it was signed:
+ * "https://Peer.Example:443" made a @target-uri no peer rebuilds. */
+START_TEST(notify_url_normalised)
+{
+	static const char *const cases[][2] = {
+		{ "https://Peer.EXAMPLE:443", "https://peer.example/v1/notify" },
+		{ "https://peer.example:443/", "https://peer.example/v1/notify" },
+		{ "https://peer.example", "https://peer.example/v1/notify" },
+		{ "http://H.example:80/Base//", "http://h.example/Base/v1/notify" },
+		{ "https://h.example:8443/a", "https://h.example:8443/a/v1/notify" },
+		{ "http://h.example:443", "http://h.example:443/v1/notify" },
+		{ "http://[::1]:80", "http://[::1]/v1/notify" },
+		{ "http://127.0.0.1:8080/", "http://127.0.0.1:8080/v1/notify" },
+		{ "https://h.example/base?x=1", "https://h.example/base/v1/notify?x=1" },
+	};
+	char out[2200];
+	cw_errmsg e = { { 0 } };
+	for (size_t i = 0; i < CW_ARRAY_LEN(cases); i++) {
+		ck_assert_msg(peer_out_notify_url(cases[i][0], out, sizeof(out), &e) == CW_OK, "%s: %s", cases[i][0],
+			      e.msg);
+		ck_assert_str_eq(out, cases[i][1]);
+	}
+	static const char *const bad[] = { "", "peer.example", "ftp://peer.example", "https://", "https://u:p@h.example" };
+	for (size_t i = 0; i < CW_ARRAY_LEN(bad); i++) {
+		ck_assert_msg(peer_out_notify_url(bad[i], out, sizeof(out), &e) != CW_OK, "%s taken", bad[i]);
+		ck_assert_ptr_nonnull(strstr(e.msg, "push_url"));
+	}
+	ck_assert_int_eq(peer_out_notify_url("https://peer.example", out, 10, &e), CW_EINVAL);
+
+	/* What is signed is what the peer rebuilds from the request. */
+	EVP_PKEY *k = new_ed25519();
+	EVP_PKEY *pub = public_of(k);
+	struct keyring kr = { .ids = { "peer-a" }, .keys = { pub }, .n = 1 };
+	struct req r;
+	baseline_request(&r);
+	ck_assert_int_eq(peer_out_notify_url("HTTPS://Peer.Example:443/", out, sizeof(out), &e), CW_OK);
+	set_str(&r.uri, out);
+	struct httpsig_msg m = req_msg(&r);
+	struct httpsig_params p = baseline_params();
+	char si[HTTPSIG_MAX_FIELD], sig[HTTPSIG_MAX_FIELD];
+	ck_assert_int_eq(httpsig_sign(&m, our_components, k, &p, si, sizeof(si), sig, sizeof(sig), &e), CW_OK);
+	set_str(&r.uri, "https://peer.example/v1/notify");
+	m = req_msg(&r);
+	struct httpsig_verify_opts o = baseline_opts(&kr, &r);
+	ck_assert_msg(httpsig_verify(&m, si, sig, &o, NULL, &e) == CW_OK, "%s", e.msg);
+	req_free(&r);
+	EVP_PKEY_free(k);
+	EVP_PKEY_free(pub);
 }
 END_TEST
 
@@ -1322,6 +1378,7 @@ int main(void)
 	tcase_add_test(tc, rfc9530_example_digest);
 	tcase_add_test(tc, round_trip_our_profile);
 	tcase_add_test(tc, several_signatures_of_the_tag_are_tried_in_order);
+	tcase_add_test(tc, notify_url_normalised);
 	tcase_add_test(tc, derived_components_normalise);
 	tcase_add_test(tc, signing_refuses_bad_input);
 	tcase_add_test(tc, table_driven_cases);
