@@ -665,24 +665,6 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 		if (r->route < 0 && strcmp(r->method, "HEAD") == 0)
 			r->route = cw_route_match(h->o.routes, h->o.nroutes, "GET", r->path, &r->params,
 						  &r->path_matched);
-		/* The credentials first, from the headers: a request refused
-		 * here never has its body read (no 100 Continue is sent, and
-		 * libmicrohttpd closes the connection after the answer).
-		 * Until the thirty-second session the body was read and held
-		 * first, up to the cap, whoever sent it. */
-		enum cw_auth auth = r->route >= 0 ? h->o.routes[r->route].auth : CW_AUTH_NONE;
-		if (auth != CW_AUTH_NONE && h->o.authorize_headers) {
-			cw_log_set_request_id(r->id);
-			bool ok = h->o.authorize_headers(r, auth, h->o.ctx);
-			cw_log_set_request_id(NULL);
-			if (!ok) {
-				if (!r->replied)
-					cw_req_problem(r, 401, "unauthenticated", "Unauthenticated",
-						       "credentials are required");
-				r->handled = true;
-				return queue_reply(r);
-			}
-		}
 		r->limit = h->o.max_body_bytes;
 		for (const char *const *p = h->o.large_body_routes; r->route >= 0 && p && *p; p++)
 			if (strcmp(*p, h->o.routes[r->route].pattern) == 0 && h->o.max_large_body_bytes > r->limit &&
@@ -701,6 +683,24 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 				return queue_reply(r);
 			}
 			r->expected = (size_t)n; /* the buffer, at once and no larger */
+		}
+		/* Then the credentials, from the headers: a request refused
+		 * here never has its body read (no 100 Continue is sent, and
+		 * libmicrohttpd closes the connection after the answer).
+		 * Until the thirty-second session the body was read and held
+		 * first, up to the cap, whoever sent it. */
+		enum cw_auth auth = r->route >= 0 ? h->o.routes[r->route].auth : CW_AUTH_NONE;
+		if (auth != CW_AUTH_NONE && h->o.authorize_headers) {
+			cw_log_set_request_id(r->id);
+			bool ok = h->o.authorize_headers(r, auth, h->o.ctx);
+			cw_log_set_request_id(NULL);
+			if (!ok) {
+				if (!r->replied)
+					cw_req_problem(r, 401, "unauthenticated", "Unauthenticated",
+						       "credentials are required");
+				r->handled = true;
+				return queue_reply(r);
+			}
 		}
 		return MHD_YES;
 	}
