@@ -498,20 +498,29 @@ void policy_admin_rule_update(struct cw_req *req, void *ctx)
 	static const char *const members[] = { "mode", "limits", "enabled", "comment", "expires_in_s", NULL };
 	/* The rule keeps a mode or a limit: a change that would leave it
 	 * with neither matches no row (answered 409 below, as the rule
-	 * exists: checked in the statement). */
+	 * exists: checked in the statement).  Every field the request does
+	 * not change, and that check, are read from the row as locked (r),
+	 * never from the statement's snapshot: a change of another process
+	 * committed while this one waited for the row's lock is kept, and
+	 * checked.  Until the thirty-second session the mode and the limits
+	 * were read before the wait and written back: of one operator's
+	 * mode and another's limits at once, the mode was lost. */
+#define RULE_NEW_MODE "CASE WHEN $2::boolean THEN $3 ELSE r.mode END"
+#define RULE_NEW_LIMITS "CASE WHEN $4::boolean THEN $5::jsonb ELSE r.limits END"
 	struct aq *q = aq_new(
-		"WITH cur AS (SELECT * FROM rules WHERE id = $1::bigint), "
-		"nw AS (SELECT CASE WHEN $2::boolean THEN $3 ELSE cur.mode END AS mode, "
-		"  CASE WHEN $4::boolean THEN $5::jsonb ELSE cur.limits END AS limits FROM cur), "
-		"up AS (UPDATE rules r SET mode = nw.mode, limits = nw.limits, "
+		"WITH cur AS (SELECT 1 FROM rules WHERE id = $1::bigint), "
+		"up AS (UPDATE rules r SET mode = " RULE_NEW_MODE ", limits = " RULE_NEW_LIMITS ", "
 		"  enabled = CASE WHEN $6::boolean THEN $7::boolean ELSE r.enabled END, "
 		"  comment = CASE WHEN $8::boolean THEN $9 ELSE r.comment END, "
 		"  expires_at = CASE WHEN $10::boolean THEN (CASE WHEN $11::bigint IS NULL THEN NULL "
 		"   ELSE now() + make_interval(secs => $11::bigint) END) ELSE r.expires_at END, updated_at = now() "
-		"  FROM nw WHERE r.id = $1::bigint AND (nw.mode IS NOT NULL OR nw.limits <> '{}'::jsonb) RETURNING r.*) "
+		"  WHERE r.id = $1::bigint AND (" RULE_NEW_MODE " IS NOT NULL OR " RULE_NEW_LIMITS " <> '{}'::jsonb) "
+		"  RETURNING r.*) "
 		"SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM cur) THEN '\"rule\"' "
 		" WHEN NOT EXISTS (SELECT 1 FROM up) THEN NULL "
 		" ELSE (SELECT " RULE_JSON "::text FROM up) END");
+#undef RULE_NEW_MODE
+#undef RULE_NEW_LIMITS
 	bool has_mode, mode_null, has_limits, limits_empty, ok = false;
 	if (!q)
 		cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory");

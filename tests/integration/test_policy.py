@@ -7,6 +7,7 @@ import concurrent.futures
 import os
 import re
 import subprocess
+import threading
 import time
 
 import pytest
@@ -1299,6 +1300,62 @@ def test_admin_rules_crud_and_paging(daemon):
     assert daemon.admin("GET", f"/rules/{made[1]}").status_code == 404
     actions = [x["action"] for x in daemon.admin("GET", "/audit?action=rule.").json()["rows"]]
     assert actions == ["rule.create"] * 5 + ["rule.update", "rule.delete"]
+
+
+def patch_rule_under_a_held_change(daemon, pg, db_url, rid, other, body):
+    """PATCHes rule rid with body while another process's transaction
+    (a session of its own, as another daemon's PATCH) has changed the row
+    by the statement other and not yet committed; commits it once the
+    PATCH waits for its row lock.  The PATCH's answer."""
+    held = HeldSession(db_url)
+    held.run(f"BEGIN; {other};")
+    out = []
+    t = threading.Thread(target=lambda: out.append(daemon.admin("PATCH", f"/rules/{rid}", json=body)))
+    t.start()
+    try:
+        wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                   "AND query LIKE '%UPDATE rules r SET%'", db_url) == "1",
+                   what="the PATCH waiting for the other's row lock")
+    finally:
+        held.end()
+        t.join(30)
+    assert out, "the PATCH did not answer"
+    return out[0]
+
+
+def test_two_operators_changing_one_rule_lose_no_change(daemon, pg, db_url):
+    """Two operators (two daemon processes) change one rule at once: A sets
+    its mode while B's change of its limits waits for A's row lock.  B's
+    change is made on the rule as A left it: A's mode stays.  Until the
+    thirty-second session the PATCH read the mode and limits before its
+    wait and wrote those back: A's deny was lost and both were answered
+    200 (a review's probe).  The check that a rule keeps a mode or a limit
+    is made on the row as locked, too: B's removal of the limits while A
+    removed the mode is 409, and the rule stays as A left it."""
+    rid = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "race.example",
+                                               "mode": "open"}).json()["id"]
+    r = patch_rule_under_a_held_change(daemon, pg, db_url, rid, f"UPDATE rules SET mode = 'deny' WHERE id = {rid}",
+                                       {"limits": {"messages_per_minute": 5}})
+    assert r.status_code == 200, r.text
+    assert r.json()["mode"] == "deny" and r.json()["limits"] == {"messages_per_minute": 5}, r.text
+    rule = daemon.admin("GET", f"/rules/{rid}").json()
+    assert rule["mode"] == "deny" and rule["limits"] == {"messages_per_minute": 5}, rule
+    # and the other way round: B's mode, A's limits
+    r = patch_rule_under_a_held_change(daemon, pg, db_url, rid,
+                                       f"UPDATE rules SET limits = '{{\"max_body_bytes\": 100}}' WHERE id = {rid}",
+                                       {"mode": "closed"})
+    assert r.status_code == 200, r.text
+    rule = daemon.admin("GET", f"/rules/{rid}").json()
+    assert rule["mode"] == "closed" and rule["limits"] == {"max_body_bytes": 100}, rule
+    # A leaves only limits; B's removal of the limits would leave nothing
+    audited = pg.psql("SELECT count(*) FROM audit_log WHERE action = 'rule.update'", db_url)
+    r = patch_rule_under_a_held_change(daemon, pg, db_url, rid, f"UPDATE rules SET mode = NULL WHERE id = {rid}",
+                                       {"limits": {}})
+    assert r.status_code == 409 and r.json()["code"] == "conflict", r.text
+    assert "neither a mode nor a limit" in r.json()["detail"], r.text
+    rule = daemon.admin("GET", f"/rules/{rid}").json()
+    assert rule["mode"] is None and rule["limits"] == {"max_body_bytes": 100}, rule
+    assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'rule.update'", db_url) == audited
 
 
 
