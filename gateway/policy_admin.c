@@ -364,6 +364,30 @@ static bool pattern_valid(enum policy_scope scope, const char *pattern)
 	return strcmp(pattern + 5, "*") == 0 || peer_name_valid(pattern + 5);
 }
 
+/* The domain of this provider's own (app_domain_is_ours) that a valid
+ * pattern names, a user of its or the domain itself, into own; false when
+ * it names a remote party's.  The engine asks the rules about the remote
+ * party only (a peer's user, domain and network: peers may not have a
+ * domain of this provider's), so such a rule would match nothing; until
+ * the thirty-second session it was stored, audited and shown, and the
+ * local user it was meant to stop went on.  A wildcard *.x matches the
+ * names under x, which may be remote ones (*.org covers wa.org), never x
+ * itself: it is taken. */
+static bool pattern_ours(struct cw_app *app, enum policy_scope scope, const char *pattern, char *own, size_t len)
+{
+	struct mimi_uri u;
+	cw_errmsg e;
+	const char *d = NULL;
+	if (scope == POLICY_SCOPE_DOMAIN)
+		d = pattern;
+	else if (scope == POLICY_SCOPE_USER && mimi_uri_parse(pattern, &u, &e) == CW_OK)
+		d = u.domain;
+	if (!d || !app_domain_is_ours(app, d))
+		return false;
+	snprintf(own, len, "%s", d);
+	return true;
+}
+
 /* mode (string or null), limits, enabled, comment, expires_in_s of a rule
  * body into q's parameters $k.. (in that order); false after answering. */
 static bool rule_fields(struct cw_req *req, json_t *body, struct aq *q, bool *has_mode, bool *mode_null,
@@ -437,6 +461,7 @@ void policy_admin_rule_create(struct cw_req *req, void *ctx)
 	enum policy_scope sc;
 	bool has_mode, mode_null, has_limits, limits_empty;
 	bool ok = false;
+	char own[MIMI_DOMAIN_MAX + 1];
 	if (!q)
 		cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory");
 	else if (!app_json_only_known(req, body, rule_members))
@@ -449,7 +474,16 @@ void policy_admin_rule_create(struct cw_req *req, void *ctx)
 							"with a peer's name (1 to 32 of a-z, 0-9, '_' and '-', starting with a "
 							"letter or digit); senders from outside come from peers"
 						      : "pattern must be a user URI mimi://<domain>/u/<local>");
-	else {
+	else if (pattern_ours(ctx, sc, pattern, own, sizeof(own))) {
+		char d[MIMI_DOMAIN_MAX + 480];
+		snprintf(d, sizeof(d),
+			 "%s is this provider's own domain: rules apply only to remote parties (the users, "
+			 "domains and networks of peers), so this rule would match nothing; a local user is "
+			 "stopped at her own server (her Matrix or XMPP account there), and what local users send "
+			 "to remote parties is bounded by the outbound_* limits of the rules matching those parties",
+			 own);
+		bad_body(req, d);
+	} else {
 		aq_param(q, scope);
 		aq_param(q, pattern);
 		ok = rule_fields(req, body, q, &has_mode, &mode_null, &has_limits, &limits_empty);

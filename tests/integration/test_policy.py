@@ -1450,6 +1450,12 @@ BAD = [
     ("POST", "/rules", {"scope": "network", "pattern": "xmpp:Gk.Example", "mode": "deny"}, 400),
     ("POST", "/rules", {"scope": "network", "pattern": "a" * 32 + ":" + "B" * 200, "mode": "deny"}, 400),
     ("POST", "/rules", {"scope": "user", "pattern": "mimi://a.example/r/room", "mode": "deny"}, 400),
+    # this provider's own users and domain: the rules are asked about the
+    # remote party only (until the thirty-second session stored, and never
+    # matched)
+    ("POST", "/rules", {"scope": "user", "pattern": ALICE, "mode": "deny"}, 400),
+    ("POST", "/rules", {"scope": "user", "pattern": ALICE, "limits": {"messages_per_minute": 1}}, 400),
+    ("POST", "/rules", {"scope": "domain", "pattern": "example.org", "mode": "deny"}, 400),
     ("POST", "/rules", {"scope": "domain", "pattern": "a.example", "mode": "deny", "extra": 1}, 400),
     ("POST", "/rules", {"scope": "domain", "pattern": "a.example", "mode": "deny", CUT_KEY: 1}, 400),
     ("POST", "/rules", {"scope": "domain", "pattern": "a.example", "limits": {CUT_KEY: 1}}, 400),
@@ -1535,6 +1541,30 @@ def test_a_network_rule_names_a_peers_network(daemon):
         r = daemon.admin("POST", "/rules", json={"scope": "network", "pattern": pattern, "mode": "deny"})
         assert r.status_code == 201, (pattern, r.text)
         assert r.json()["pattern"] == pattern
+
+
+def test_a_rule_naming_this_providers_own_users_or_domain_is_refused(daemon, pg, db_url):
+    """The rules are asked about the remote party only (docs/policy.md): a
+    rule whose user is one of this provider's own, or whose domain is its
+    own, would never match.  Until the thirty-second session such a rule
+    was stored (201), audited and shown, and a local user's messages went
+    on (a review's probe denied alice and example.org, and her message
+    reached the peer).  Refused 400 now, saying what the operator can do
+    instead; a wildcard over the provider's domain is taken, for it covers
+    remote domains (*.org covers wa.org), never the provider's own."""
+    before = pg.psql("SELECT (SELECT count(*) FROM rules) || ' ' || (SELECT count(*) FROM audit_log)", db_url)
+    for scope, pattern in (("user", ALICE), ("user", "mimi://example.org/u/nobody-known"), ("domain", "example.org")):
+        r = daemon.admin("POST", "/rules", json={"scope": scope, "pattern": pattern, "mode": "deny"})
+        assert r.status_code == 400 and r.json()["code"] == "invalid_body", (pattern, r.text)
+        assert r.headers["Content-Type"].startswith("application/problem+json")
+        detail = r.json()["detail"]
+        assert "example.org" in detail and "remote parties" in detail and "local user" in detail, detail
+    assert pg.psql("SELECT (SELECT count(*) FROM rules) || ' ' || (SELECT count(*) FROM audit_log)",
+                   db_url) == before
+    for scope, pattern in (("user", "mimi://wa.example/u/alice"), ("domain", "wa.example"), ("domain", "*.org"),
+                           ("domain", "*.example.org"), ("domain", "a.example.org")):
+        r = daemon.admin("POST", "/rules", json={"scope": scope, "pattern": pattern, "mode": "deny"})
+        assert r.status_code == 201, (pattern, r.text)
 
 
 def test_a_row_id_in_a_path_is_digits_only(daemon):
