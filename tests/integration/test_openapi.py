@@ -123,6 +123,19 @@ def query_400_faults(doc, authenticated):
     return faults
 
 
+def too_large_faults(doc):
+    """The operations of doc that take a request body but do not document
+    the 413 too_large the daemon answers to one past server.max_body_bytes
+    (gateway/http.c, before any route's handler)."""
+    faults = []
+    for method, path, op in operations(doc):
+        if "requestBody" in op:
+            resp = deref(doc, op["responses"].get("413", {}))
+            if "too_large" not in [c for _, n in walk(resp) for c in n.get("code", {}).get("enum", [])]:
+                faults.append((method, path))
+    return faults
+
+
 # ------------------------------------------------------------ the document
 
 def test_is_openapi_3_1(doc):
@@ -215,6 +228,11 @@ def test_every_authenticated_operation_documents_invalid_query(doc):
     """Until the twenty-first session only GET /v1/events said so."""
     routes = api_routes()
     assert not query_400_faults(doc, lambda m, p: routes[(m, p)] != "CW_AUTH_NONE")
+
+
+def test_every_operation_with_a_body_documents_too_large(doc):
+    """Until the thirty-second session PATCH /v1/rooms/{room} did not."""
+    assert not too_large_faults(doc)
 
 
 # ------------------------------------------------------------ the daemon
