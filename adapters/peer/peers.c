@@ -108,6 +108,25 @@ cw_err peer_nonce_claim(PGconn *c, const struct peer_principal *p, int64_t now_s
 	return CW_OK;
 }
 
+/* The key the registry holds for a peer's stored public key (raw, 32
+ * bytes), or NULL: the peer is then left out (its requests 401).  A key
+ * stored before the thirty-first session refused weak ones at create
+ * and rotate may be one, and any signature verifies with it.  Both ways
+ * into the registry, a reload and an admin change of this process, take
+ * the key here: until the thirty-second session the latter put the weak
+ * key in, and a forged signature was taken until the next reload. */
+static EVP_PKEY *registry_key(const char *name, const unsigned char raw[32])
+{
+	if (peer_key_weak(raw)) {
+		log_error("peers: peer %s has a small-order or non-canonical public key, which any signature "
+			  "verifies with; its requests are refused until its key is rotated (POST /admin/v1/peers/"
+			  "{name}/rotate with a new public_key)",
+			  name);
+		return NULL;
+	}
+	return EVP_PKEY_new_raw_public_key(EVP_PKEY_ED25519, NULL, raw, 32);
+}
+
 static cw_err registry_load_once(struct peer_registry *r, PGconn *c, bool *raced, cw_errmsg *e)
 {
 	pthread_mutex_lock(&r->mu);
@@ -144,19 +163,7 @@ static cw_err registry_load_once(struct peer_registry *r, PGconn *c, bool *raced
 		if (PQgetlength(res, i, 3) != 32 || PQgetlength(res, i, 4) != 32)
 			continue; /* the table's checks make this impossible */
 		memcpy(p->token_hash, PQgetvalue(res, i, 3), 32);
-		/* A key stored before the thirty-first session refused weak ones
-		 * at create and rotate: the peer is left out (its requests 401)
-		 * until its key is rotated, for any signature verifies with
-		 * such a key. */
-		if (peer_key_weak((const unsigned char *)PQgetvalue(res, i, 4))) {
-			log_error("peers: peer %s has a small-order or non-canonical public key, which any signature "
-				  "verifies with; its requests are refused until its key is rotated (POST /admin/v1/peers/"
-				  "{name}/rotate with a new public_key)",
-				  p->name);
-			continue;
-		}
-		p->key = EVP_PKEY_new_raw_public_key(EVP_PKEY_ED25519, NULL,
-						     (const unsigned char *)PQgetvalue(res, i, 4), 32);
+		p->key = registry_key(p->name, (const unsigned char *)PQgetvalue(res, i, 4));
 		p->enabled = PQgetvalue(res, i, 5)[0] != 0;
 		if (p->key)
 			s->n++;
@@ -239,7 +246,8 @@ bool peer_registry_still_valid(struct peer_registry *r, const struct peer_princi
 
 /* Puts one peer, as a change just committed left it, into a new snapshot,
  * so that the change is in force for the next request of this process
- * (other processes pick it up on their next reload). */
+ * (other processes pick it up on their next reload); one without a key
+ * (registry_key refused it) is taken out, as a reload leaves it out. */
 static void registry_upsert(struct peer_registry *r, const struct peer_entry *in)
 {
 	/* Built and swapped under the lock, so that a reload swapped in
@@ -263,16 +271,19 @@ static void registry_upsert(struct peer_registry *r, const struct peer_entry *in
 		EVP_PKEY_up_ref(e[s->n].key);
 		s->n++;
 	}
-	e[s->n] = *in;
-	EVP_PKEY_up_ref(in->key);
-	s->n++;
+	if (in->key) {
+		e[s->n] = *in;
+		EVP_PKEY_up_ref(in->key);
+		s->n++;
+	}
 	r->snap = s;
 	r->upserts++;
 	pthread_mutex_unlock(&r->mu);
 	snapshot_unref(r, old); /* the registry's reference to the old one */
 }
 
-/* The registry entry of a row of PEER_COLUMNS. */
+/* The registry entry of a row of PEER_COLUMNS; its key NULL when
+ * registry_key refuses it (the peer is then taken out of the registry). */
 static bool entry_from_row(PGresult *res, int i, struct peer_entry *p)
 {
 	unsigned char key[32];
@@ -283,8 +294,8 @@ static bool entry_from_row(PGresult *res, int i, struct peer_entry *p)
 	p->enabled = PQgetvalue(res, i, 5)[0] == 't';
 	if (!cw_unhex(PQgetvalue(res, i, 10), p->token_hash, 32) || !cw_unhex(PQgetvalue(res, i, 11), key, 32))
 		return false;
-	p->key = EVP_PKEY_new_raw_public_key(EVP_PKEY_ED25519, NULL, key, 32);
-	return p->key != NULL;
+	p->key = registry_key(p->name, key);
+	return true;
 }
 
 /* ------------------------------------------------------------ validators */

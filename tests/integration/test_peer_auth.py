@@ -96,6 +96,67 @@ def test_small_order_and_non_canonical_keys_are_refused_at_create_and_rotate(dae
     assert "peer good has a small-order or non-canonical public key" in daemon.log()
 
 
+class IdentityForger:
+    """A "private key" whose every signature is R = the identity, S = 0:
+    it verifies over anything with the identity point as public key."""
+
+    def sign(self, data):
+        return SMALL_ORDER[1] + bytes(32)
+
+
+def test_an_admin_change_puts_no_weak_key_into_the_registry(daemon, pg, db_url):
+    """An admin change of a peer (here enable) puts the peer as the change
+    left it into this process's registry at once; a weak key stored before
+    the thirty-first session is left out of it there as at a reload.  Until
+    the thirty-second session only the reload left it out, and in between
+    (here held open: the reload waits for a lock on peers taken as the
+    change commits) a signature forged for the identity key was taken."""
+    import base64
+    import threading
+    from harness import HeldSession, wait_until
+    from peer import PeerClient, Signer
+    good = PeerClient(daemon.url, "good", "good.example")
+    r = daemon.admin("POST", "/peers", json={"name": "good", "domain": "good.example", "mode": "pull",
+                                             "public_key": good.signer.public_b64})
+    assert r.status_code == 201, r.text
+    token = r.json()["token"]
+    forger = PeerClient(daemon.url, "good", "good.example", token=token, signer=Signer("good", key=IdentityForger()))
+    assert forger.call("GET", "/v1/rooms/nothing").status_code == 401  # the registry has the good key
+    pg.psql(f"UPDATE peers SET ed25519_public_key = '\\x{SMALL_ORDER[1].hex()}' WHERE name = 'good'", db_url)
+
+    def waiting(query):
+        return pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                       f"AND query LIKE '{query}%'", db_url) == "1"
+
+    audit = HeldSession(db_url)  # holds the change before its commit
+    audit.run("BEGIN; LOCK TABLE audit_log IN EXCLUSIVE MODE;")
+    out = []
+    change = threading.Thread(target=lambda: out.append(daemon.admin("POST", "/peers/good/enable")))
+    change.start()
+    wait_until(lambda: waiting("INSERT INTO audit_log"), what="the change waiting for audit_log")
+    peers = HeldSession(db_url)  # queued behind the change's lock on peers: has it as the change commits
+    locked = threading.Thread(target=peers.run, args=("BEGIN; LOCK TABLE peers IN ACCESS EXCLUSIVE MODE;",))
+    locked.start()
+    try:
+        wait_until(lambda: waiting("LOCK TABLE peers"), what="the lock on peers queued")
+        audit.end()
+        change.join(30)
+        locked.join(30)
+        assert out and out[0].status_code == 200, out
+        r = forger.call("GET", "/v1/rooms/nothing")
+        assert r.status_code == 401, f"a forged signature was taken after the change: {r.status_code} {r.text}"
+    finally:
+        peers.end()
+    wait_until(lambda: "peer good has a small-order or non-canonical public key" in daemon.log(), what="the log")
+    assert forger.call("GET", "/v1/rooms/nothing").status_code == 401
+    # rotated to a good key, the peer is back at once
+    r = daemon.admin("POST", "/peers/good/rotate", json={"public_key": good.signer.public_b64})
+    assert r.status_code == 200, r.text
+    good.token = r.json()["token"]
+    assert good.call("GET", "/v1/events?after=0").status_code == 200
+    assert base64.b64decode(daemon.admin("GET", "/peers/good").json()["public_key"]) != SMALL_ORDER[1]
+
+
 def test_one_peers_volume_does_not_evict_anothers_nonces(make_daemon, db_url):
     """With the replay cache full (peer.replay_cache_entries, here 1000),
     the nonce pushed out is the oldest of the peer holding the most: peer
