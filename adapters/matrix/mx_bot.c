@@ -82,78 +82,98 @@ static bool say_txn(struct matrix *m, const char *room, const char *user, const 
 	return false;
 }
 
+/* The transaction id of one of the bot's (or a ghost's) words about the
+ * Matrix event eid (what it answers: the inbox row's event) in room,
+ * what naming which word it is ("help", "leave", ...): the same each time
+ * that event's work runs again (a crash before its inbox row's mark, a
+ * retry after a homeserver's refusal of the moment), so that the
+ * homeserver, which answers a transaction id it has seen with its first
+ * event, shows the word once (until the thirty-second session each try
+ * made a new id).  The room is in it too: one event's work speaks in two
+ * rooms (a management room taken over, a conversation moved). */
+static void txn_for(char *out, size_t len, const char *what, const char *eid, const char *room)
+{
+	char key[2 * MX_ID_MAX + 8];
+	snprintf(key, sizeof(key), "%s\n%s", eid ? eid : "", room ? room : "");
+	unsigned char h[32];
+	char hex[33];
+	cw_sha256_pair(what, strlen(what), key, strlen(key), h);
+	cw_hex(hex, h, 16);
+	snprintf(out, len, "cw%s-%s", what, hex);
+}
+
+/* Whether a call's failure is the homeserver's of the moment (no answer,
+ * 429, 5xx): the work is tried again later (inbox). A 4xx is its answer
+ * (not invited any more, banned, no such room). */
+static bool for_now(long status)
+{
+	return status == 0 || status == 429 || status >= 500;
+}
+
 /* Says text in room as user (NULL: the bot), with transaction id txn
- * (NULL: a new one).  A 429 queues it (matrix_notices, on c: in its
- * transaction if one is open), due when the homeserver asked, so that
- * notices sends it once (until the thirtieth session it was lost; in the
- * thirtieth the bot slept the wait out): when notices would send it as
- * the same sender (NOTICE_SENDER_SQL), else it is lost, logged (a ghost's
- * word in a room it is not the ghost of, before it leaves). */
-static void say_later(struct matrix *m, PGconn *c, const char *room, const char *user, const char *text,
-		      const char *txn)
+ * (made from what it answers: txn_for, a command's).  What the homeserver
+ * does not take for now (a 429, a 5xx, no answer) is queued
+ * (matrix_notices, on c: in its transaction if one is open) with its
+ * sender and txn, due when the homeserver asked (a 429) or in 2 s, so that
+ * notices sends it once, with the same txn (until the thirty-second
+ * session only a 429 was queued, with an id of the row's own, and only a
+ * word of the room's own sender: a command run again after a crash before
+ * its inbox mark was answered twice, and a ghost's word in a room it is
+ * not the ghost of was lost).  leave: user leaves the room once it is said
+ * (the queued row does it, after the word).  True when the text was said,
+ * or is lost (refused for good, logged): the caller goes on as if said
+ * (and leaves); false when it is queued. */
+static bool say_later(struct matrix *m, PGconn *c, const char *room, const char *user, const char *text,
+		      const char *txn, bool leave)
 {
 	long status, wait;
-	if (say_txn(m, room, user, text, txn, &status, &wait) || status != 429)
-		return;
+	if (say_txn(m, room, user, text, txn, &status, &wait) || !for_now(status))
+		return true;
 	char ms[24];
-	snprintf(ms, sizeof(ms), "%ld", wait);
-	const char *p[] = { room, text, user, ms };
-	PGresult *r = PQexecParams(c,
-		"INSERT INTO matrix_notices (room_id, body, next_at) "
-		"SELECT $1, $2, now() + $4::bigint * interval '1 millisecond' "
-		"WHERE " NOTICE_SENDER_SQL("$1") " IS NOT DISTINCT FROM $3",
-		4, NULL, p, NULL, NULL, 0);
+	snprintf(ms, sizeof(ms), "%ld", status == 429 ? wait : 2000L);
+	const char *p[] = { room, text, user ? user : m->bot, txn, leave ? "t" : "f", ms };
 	cw_errmsg e;
-	cw_err rc = store_check(c, r, PGRES_COMMAND_OK, &e);
-	if (!rc) {
-		if (strcmp(PQcmdTuples(r), "1") != 0)
-			rc = cw_fail(&e, CW_ENOTFOUND, "the room's notices go out as another sender");
-		PQclear(r);
+	cw_err rc = store_command(c,
+		"INSERT INTO matrix_notices (room_id, body, sender, txn_id, then_leave, next_at) "
+		"VALUES ($1, $2, $3, $4, $5::boolean, now() + $6::bigint * interval '1 millisecond') "
+		"ON CONFLICT DO NOTHING", 6, p, &e);
+	if (!rc)
+		rc = store_command(c, "NOTIFY causeway_matrix_bot", 0, NULL, &e);
+	if (rc) {
+		LOG_KV_LIMITED(CW_LOG_WARN, "a notice the homeserver did not take is lost: the database did not take it",
+			       "room", room, "detail", e.msg);
+		return true;
 	}
-	if (rc)
-		LOG_KV_LIMITED(CW_LOG_WARN, "a notice the homeserver rate-limited is lost", "room", room, "detail", e.msg);
+	return false;
 }
 
-/* The longest 429 wait the bot takes for a notice said just before leaving
- * a room (say_leaving): the first retry's wait of an inbox row and of a
- * notice row (try_later, notices). */
-#define SAY_LEAVING_WAIT_MS 2000
-
-/* Says text in room as user (NULL: the bot) just before user leaves it:
- * queued (say_later), it would come after the leave and be refused.  A
- * 429 asking for at most SAY_LEAVING_WAIT_MS is waited out once (cut
- * short by a stop); a longer one loses the notice, logged. */
-static void say_leaving(struct matrix *m, const char *room, const char *user, const char *text)
+static void say_as(struct matrix *m, PGconn *c, const char *room, const char *user, const char *text,
+		   const char *txn)
 {
-	long status, wait;
-	if (say_txn(m, room, user, text, NULL, &status, &wait) || status != 429)
+	say_later(m, c, room, user, text, txn, false);
+}
+
+/* Says text in room as user (NULL: the bot), and leaves it: at once when
+ * the homeserver took the word, else after it (the queued row leaves:
+ * notices), so that what the user should read before the sender goes is
+ * never lost (until the thirty-second session a 429 asking more than 2 s
+ * lost it; a shorter one the bot slept out, holding up all its work). */
+static void says_and_leaves(struct matrix *m, PGconn *c, const char *room, const char *user, const char *text,
+			    const char *txn)
+{
+	if (!say_later(m, c, room, user, text, txn, true))
 		return;
-	if (wait <= SAY_LEAVING_WAIT_MS) {
-		int64_t until = cw_now_us() + wait * 1000LL;
-		while (cw_now_us() < until && !atomic_load(&m->bot_stop))
-			poll(NULL, 0, 50);
-		if (!atomic_load(&m->bot_stop) && say_txn(m, room, user, text, NULL, &status, &wait))
-			return;
-	}
-	LOG_KV_LIMITED(CW_LOG_WARN, "a notice said before leaving a room is lost: the homeserver rate-limited it",
-		       "room", room);
-}
-
-static void say_as(struct matrix *m, PGconn *c, const char *room, const char *user, const char *text)
-{
-	say_later(m, c, room, user, text, NULL);
-}
-
-static void say(struct matrix *m, PGconn *c, const char *room, const char *text)
-{
-	say_as(m, c, room, NULL, text);
+	cw_errmsg e;
+	if (mx_room_action(m, room, user, "leave", &e))
+		LOG_KV_LIMITED(CW_LOG_WARN, "a notice's sender cannot leave", "room", room, "sender",
+			       user ? user : m->bot, "detail", e.msg);
 }
 
 /* A bridged room turned end-to-end encrypted: the gateway cannot read what
  * is said there from now on, and says so (in a direct room as the remote
  * user's ghost, who is in the room; in a group's portal, which has no one
  * remote user, as the bot) instead of failing silently. */
-static void encrypted(struct matrix *m, PGconn *c, const char *room)
+static void encrypted(struct matrix *m, PGconn *c, const char *room, const char *eid)
 {
 	const char *params[] = { room };
 	PGresult *r = PQexecParams(c,
@@ -174,7 +194,9 @@ static void encrypted(struct matrix *m, PGconn *c, const char *room)
 				 "encrypted messages, so what is written here from now on will not reach %s. To go on "
 				 "talking with them, start a new conversation without encryption.",
 				 PQgetvalue(r, 0, 2), PQgetvalue(r, 0, 1));
-		say_as(m, c, room, PQgetisnull(r, 0, 0) ? NULL : PQgetvalue(r, 0, 0), text);
+		char txn[48];
+		txn_for(txn, sizeof(txn), "enc", eid, room);
+		say_as(m, c, room, PQgetisnull(r, 0, 0) ? NULL : PQgetvalue(r, 0, 0), text, txn);
 		LOG_KV_LIMITED(CW_LOG_WARN, "a bridged Matrix room was encrypted", "room", room);
 	}
 	PQclear(r);
@@ -239,11 +261,12 @@ static bool local_identity(struct matrix *m, PGconn *c, const char *mxid, char *
  * event (inbox, below): a command run again after a crash between its
  * effect and its inbox row's mark is answered once, the homeserver
  * answering the repeated txnId with its first event.  One the homeserver
- * rate-limited is queued (say_later), sent then with the notice's own
- * transaction id (the limited send made no event). */
+ * did not take for now is queued (say_later) with the same transaction
+ * id (since the thirty-second session; before, the row's own: a command
+ * run again after a crash before its mark was answered twice). */
 static void answer(struct matrix *m, PGconn *c, const char *room, const char *txn, const char *text)
 {
-	say_later(m, c, room, NULL, text, txn);
+	say_as(m, c, room, NULL, text, txn);
 }
 
 static void cmd_list(struct matrix *m, PGconn *c, const char *room, const char *txn, const char *local_id)
@@ -427,14 +450,6 @@ static json_t *room_get(struct matrix *m, const char *room, const char *what, co
 	return answer;
 }
 
-/* Whether a call's failure is the homeserver's of the moment (no answer,
- * 429, 5xx): the work is tried again later (inbox). A 4xx is its answer
- * (not invited any more, banned, no such room). */
-static bool for_now(long status)
-{
-	return status == 0 || status == 429 || status >= 500;
-}
-
 /* Whether room (which ghost is in; NULL: the bot) holds, joined or
  * invited, someone other than user, the bot and ghosts: 1 yes, 0 no, -1
  * the homeserver did not answer for now (ask again later).  A refusal
@@ -470,7 +485,7 @@ static int others_in(struct matrix *m, const char *room, const char *ghost, cons
  * make the room that user's management room (unless it is bridged or
  * others are in it).  True: the homeserver did not take the join for
  * now, try again later. */
-static bool invited(struct matrix *m, PGconn *c, const char *room, const char *sender)
+static bool invited(struct matrix *m, PGconn *c, const char *room, const char *sender, const char *eid)
 {
 	char local_id[24], uri[600];
 	if (!local_identity(m, c, sender, local_id, sizeof(local_id), uri, sizeof(uri)))
@@ -495,10 +510,14 @@ static bool invited(struct matrix *m, PGconn *c, const char *room, const char *s
 	if (others < 0)
 		return true;
 	if (others) {
-		say_leaving(m, room, NULL, "I take commands in a room of your own with me (open a direct room with me "
-					   "there); this one is a bridged conversation, or others are in it.");
-		if (!group && mx_room_action(m, room, NULL, "leave", &e))
-			LOG_KV_LIMITED(CW_LOG_WARN, "the bot cannot leave", "room", room, "detail", e.msg);
+		static const char text[] = "I take commands in a room of your own with me (open a direct room with me "
+					   "there); this one is a bridged conversation, or others are in it.";
+		char txn[48];
+		txn_for(txn, sizeof(txn), "leave", eid, room);
+		if (group)
+			say_as(m, c, room, NULL, text, txn);
+		else
+			says_and_leaves(m, c, room, NULL, text, txn);
 		return false;
 	}
 	/* A user has one management room: a new one takes over.  The old
@@ -514,26 +533,28 @@ static bool invited(struct matrix *m, PGconn *c, const char *room, const char *s
 		LOG_KV(CW_LOG_WARN, "cannot record a management room", "detail", e.msg);
 		return false;
 	}
-	say(m, c, room, help_text);
+	char txn[48];
+	txn_for(txn, sizeof(txn), "help", eid, room);
+	say_as(m, c, room, NULL, help_text, txn);
 	if (PQntuples(r) == 1) {
 		const char *old = PQgetvalue(r, 0, 0);
-		say_leaving(m, old, NULL, "You opened a new room with me: I take your commands there from now on, "
-					  "and leave this one.");
-		if (mx_room_action(m, old, NULL, "leave", &e))
-			LOG_KV_LIMITED(CW_LOG_WARN, "the bot cannot leave a management room taken over by a new one",
-				       "room", old, "detail", e.msg);
+		txn_for(txn, sizeof(txn), "moved", eid, old);
+		says_and_leaves(m, c, old, NULL, "You opened a new room with me: I take your commands there from now on, "
+						 "and leave this one.", txn);
 	}
 	PQclear(r);
 	return false;
 }
 
-/* The ghost says why it goes (a notice), and leaves the room. */
-static void ghost_says_and_leaves(struct matrix *m, const char *room, const char *ghost, const char *why)
+/* The ghost says why it goes (a notice), and leaves the room; the word's
+ * transaction id is made of eid (what it answers: the invitation) and
+ * what (which word). */
+static void ghost_says_and_leaves(struct matrix *m, PGconn *c, const char *room, const char *ghost,
+				  const char *why, const char *what, const char *eid)
 {
-	say_leaving(m, room, ghost, why);
-	cw_errmsg e;
-	if (mx_room_action(m, room, ghost, "leave", &e))
-		LOG_KV_LIMITED(CW_LOG_WARN, "the ghost cannot leave", "room", room, "detail", e.msg);
+	char txn[48];
+	txn_for(txn, sizeof(txn), what, eid, room);
+	says_and_leaves(m, c, room, ghost, why, txn);
 }
 
 struct notice_job {
@@ -607,16 +628,21 @@ static void dead_letters(PGconn *c)
 		       rc ? e.msg : e2.msg);
 }
 
-/* The notices due (matrix_notices), each from the ghost of its room (the
- * bot where there is none): taken for a while (another try is due then,
- * later after each failure), deleted once the homeserver has them (one
- * that names an event is kept, done, a while: forget_handled), given
- * up after a day, or at once when the homeserver refuses it for good: a
- * 403 (the room was unbound, and its ghost or the bot is out of it) or a
- * 404 (no such room) is the same on every retry.  (A 401 is not final: a
- * wrong as_token is the operator's to fix.)  One the homeserver answers
- * 429 is given back, due when it asks, the try not counted (say_txn says
- * why it is not waited for). */
+/* The notices due (matrix_notices), each from its sender (the ghost of
+ * its room, the bot where there is none, when the row names none), with
+ * its transaction id (the row's own when it names none): taken for a
+ * while (another try is due then, later after each failure), deleted once
+ * the homeserver has them (one that names an event or a transaction id is
+ * kept, done, a while: forget_handled), given up after a day, or at once
+ * when the homeserver refuses it for good: a 403 (the room was unbound,
+ * and its ghost or the bot is out of it) or a 404 (no such room) is the
+ * same on every retry.  (A 401 is not final: a wrong as_token is the
+ * operator's to fix.)  A row whose sender leaves after it (then_leave:
+ * says_and_leaves) leaves once it is done.  A 429 gives the row back, due
+ * when the homeserver asks, the try not counted (say_txn says why it is
+ * not waited for), and the rest of the batch with it: the others are the
+ * bot's or its ghosts', limited as much (until the thirty-second session
+ * each was tried in turn, and limited in turn). */
 static void notices(struct matrix *m, PGconn *c)
 {
 	PGresult *r = PQexec(c,
@@ -625,47 +651,63 @@ static void notices(struct matrix *m, PGconn *c)
 		"  FOR UPDATE SKIP LOCKED), "
 		"t AS (UPDATE matrix_notices x SET tries = x.tries + 1, "
 		"  next_at = now() + least(power(2, x.tries + 1), 600) * interval '1 second' FROM d WHERE x.id = d.id "
-		"  RETURNING x.id, x.room_id, x.body, x.created_at < now() - interval '1 day' AS stale) "
-		"SELECT t.id, t.room_id, t.body, t.stale, " NOTICE_SENDER_SQL("t.room_id") " FROM t ORDER BY t.id");
+		"  RETURNING x.id, x.room_id, x.body, x.created_at < now() - interval '1 day' AS stale, x.sender, x.txn_id, "
+		"  x.then_leave) "
+		"SELECT t.id, t.room_id, t.body, t.stale, coalesce(t.sender, " NOTICE_SENDER_SQL("t.room_id") "), t.txn_id, "
+		" t.then_leave FROM t ORDER BY t.id");
 	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
 		PQclear(r);
 		return;
 	}
 	for (int i = 0; i < PQntuples(r); i++) {
 		const char *id = PQgetvalue(r, i, 0), *room = PQgetvalue(r, i, 1);
-		char txn[48];
-		snprintf(txn, sizeof(txn), "cwnotice-%s", id);
+		const char *user = PQgetisnull(r, i, 4) || strcmp(PQgetvalue(r, i, 4), m->bot) == 0 ? NULL
+												 : PQgetvalue(r, i, 4);
+		bool stale = PQgetvalue(r, i, 3)[0] == 't';
+		char txn[300];
+		if (PQgetisnull(r, i, 5))
+			snprintf(txn, sizeof(txn), "cwnotice-%s", id);
+		else
+			snprintf(txn, sizeof(txn), "%s", PQgetvalue(r, i, 5));
 		long status = 0, wait = 0;
-		bool sent = say_txn(m, room, PQgetisnull(r, i, 4) ? NULL : PQgetvalue(r, i, 4), PQgetvalue(r, i, 2), txn,
-				    &status, &wait);
-		if (!sent && status == 429 && PQgetvalue(r, i, 3)[0] != 't') {
-			char ms[24];
+		bool sent = say_txn(m, room, user, PQgetvalue(r, i, 2), txn, &status, &wait);
+		if (!sent && status == 429 && !stale) {
+			/* this row and the rest of the batch, due when it asks */
+			char ids[20 * 24 + 4], ms[24];
+			size_t n = 0;
+			ids[n++] = '{';
+			for (int k = i; k < PQntuples(r); k++)
+				n += (size_t)snprintf(ids + n, sizeof(ids) - n, "%s%s", k > i ? "," : "", PQgetvalue(r, k, 0));
+			snprintf(ids + n, sizeof(ids) - n, "}");
 			snprintf(ms, sizeof(ms), "%ld", wait);
-			const char *p[] = { id, ms };
+			const char *p[] = { ids, ms };
 			cw_errmsg e;
 			if (store_command(c, "UPDATE matrix_notices SET tries = tries - 1, "
-					     "next_at = now() + $2::bigint * interval '1 millisecond' WHERE id = $1::bigint",
+					     "next_at = now() + $2::bigint * interval '1 millisecond' WHERE id = ANY ($1::bigint[])",
 					  2, p, &e))
 				LOG_KV(CW_LOG_WARN, "cannot give back a rate-limited notice: tried again later", "detail",
 				       e.msg);
-			continue;
+			break;
 		}
 		bool refused = !sent && (status == 403 || status == 404);
 		if (refused)
 			LOG_KV_LIMITED(CW_LOG_WARN, "a notice for a Matrix user is given up: the homeserver refuses it",
 				       "room", room);
-		else if (!sent && PQgetvalue(r, i, 3)[0] == 't')
+		else if (!sent && stale)
 			LOG_KV_LIMITED(CW_LOG_WARN,
 				       "a notice for a Matrix user is given up after a day of failed sends",
 				       "room", room);
-		if (sent || refused || PQgetvalue(r, i, 3)[0] == 't') {
+		if (sent || refused || stale) {
 			const char *p[] = { id };
 			cw_errmsg e;
 			store_command(c, "WITH x AS (UPDATE matrix_notices SET done_at = now(), next_at = 'infinity' "
-					 " WHERE id = $1::bigint AND event_id IS NOT NULL RETURNING 1) "
+					 " WHERE id = $1::bigint AND (event_id IS NOT NULL OR txn_id IS NOT NULL) RETURNING 1) "
 					 "DELETE FROM matrix_notices WHERE id = $1::bigint "
 					 " AND NOT EXISTS (SELECT 1 FROM x)",
 				      1, p, &e);
+			if (PQgetvalue(r, i, 6)[0] == 't' && mx_room_action(m, room, user, "leave", &e))
+				LOG_KV_LIMITED(CW_LOG_WARN, "cannot leave a room after a notice", "room", room, "detail",
+					       e.msg);
 		}
 	}
 	PQclear(r);
@@ -870,7 +912,8 @@ static bool read_back(struct matrix *m, const char *room, const char *ghost, con
  * room while this runs waits for it: mx_catch_up).  If that fails, the
  * ghost says how many of the user's messages are not stored, so that the
  * user writes them again. */
-static void missed_messages(struct matrix *m, PGconn *c, const char *room, const char *ghost, const char *user)
+static void missed_messages(struct matrix *m, PGconn *c, const char *room, const char *ghost, const char *user,
+			    const char *eid)
 {
 	json_t *mine = json_array(); /* oldest first */
 	if (!read_back(m, room, ghost, user, mine))
@@ -910,7 +953,9 @@ static void missed_messages(struct matrix *m, PGconn *c, const char *room, const
 		snprintf(text, sizeof(text),
 			 "%ld message%s you wrote here while I was joining did not reach me: please write %s again.",
 			 lost, lost == 1 ? "" : "s", lost == 1 ? "it" : "them");
-		say_as(m, c, room, ghost, text);
+		char txn[48];
+		txn_for(txn, sizeof(txn), "lost", eid, room);
+		say_as(m, c, room, ghost, text, txn);
 	}
 }
 
@@ -934,7 +979,8 @@ static int room_encrypted(struct matrix *m, const char *room, const char *user)
 
 /* A ghost invited into a room; true: the homeserver did not take its
  * join for now, try again later. */
-static bool ghost_joins(struct matrix *m, PGconn *c, const char *room, const char *sender, const char *ghost)
+static bool ghost_joins(struct matrix *m, PGconn *c, const char *room, const char *sender, const char *ghost,
+			const char *eid)
 {
 	char local_id[24], uri[600], net[64], remote_local[MX_ID_MAX + 1];
 	if (!local_identity(m, c, sender, local_id, sizeof(local_id), uri, sizeof(uri)) ||
@@ -971,10 +1017,10 @@ static bool ghost_joins(struct matrix *m, PGconn *c, const char *room, const cha
 	if (others < 0)
 		return true;
 	if (others) {
-		ghost_says_and_leaves(m, room, ghost,
+		ghost_says_and_leaves(m, c, room, ghost,
 				      "Other people of this server are in this room, and a bridged room shows one person "
 				      "what reaches them: nothing written here reaches me. Open a direct room with me to "
-				      "write to me; a group is made by inviting more of us into it.");
+				      "write to me; a group is made by inviting more of us into it.", "leave", eid);
 		return false;
 	}
 	/* A room encrypted from its start (clients on matrix-rust-sdk make
@@ -991,7 +1037,7 @@ static bool ghost_joins(struct matrix *m, PGconn *c, const char *room, const cha
 			 "This room is end-to-end encrypted, and the gateway to %s cannot read encrypted messages: "
 			 "nothing written here reaches me. To write to me, open a direct room with me without "
 			 "encryption.", network);
-		ghost_says_and_leaves(m, room, ghost, text);
+		ghost_says_and_leaves(m, c, room, ghost, text, "leave", eid);
 		return false;
 	}
 	/* The lock of the group this may be a portal of, first (grow_group,
@@ -1050,8 +1096,8 @@ static bool ghost_joins(struct matrix *m, PGconn *c, const char *room, const cha
 	rc = store_end(c, rc, &e);
 	if (rc) {
 		LOG_KV(CW_LOG_WARN, "cannot start a conversation from Matrix", "detail", e.msg);
-		ghost_says_and_leaves(m, room, ghost, "This conversation could not be started here; invite me again "
-						      "in a while.");
+		ghost_says_and_leaves(m, c, room, ghost, "This conversation could not be started here; invite me again "
+						      "in a while.", "leave", eid);
 		return false;
 	}
 	if (portal[0]) { /* a member of the group, into the user's room of it */
@@ -1061,30 +1107,32 @@ static bool ghost_joins(struct matrix *m, PGconn *c, const char *room, const cha
 			LOG_KV(CW_LOG_WARN, "cannot record a ghost in a group's room", "room", room, "detail", e.msg);
 		bot_into(m, room, ghost);
 	} else if (group) {
-		ghost_says_and_leaves(m, room, ghost,
+		ghost_says_and_leaves(m, c, room, ghost,
 				      "I am not a member of the group this room stands for: nothing written here reaches me. "
-				      "Open a direct room with me to write to me.");
+				      "Open a direct room with me to write to me.", "leave", eid);
 	} else if (other) {
-		ghost_says_and_leaves(m, room, ghost,
+		ghost_says_and_leaves(m, c, room, ghost,
 				      "Only direct conversations are bridged, and this room is already one with someone "
-				      "else: nothing written here reaches me. Open a direct room with me to write to me.");
+				      "else: nothing written here reaches me. Open a direct room with me to write to me.",
+				      "leave", eid);
 	}
 	if (!portal[0] && !group && !other)
-		missed_messages(m, c, room, ghost, sender);
+		missed_messages(m, c, room, ghost, sender, eid);
 	if (old_room[0])
-		ghost_says_and_leaves(m, old_room, ghost,
+		ghost_says_and_leaves(m, c, old_room, ghost,
 				      "This conversation goes on in the new room you opened with me; what is written here "
-				      "from now on is not bridged.");
+				      "from now on is not bridged.", "moved", eid);
 	return false;
 }
 
 /* The same, with what the homeserver pushes of the room meanwhile held
  * back until it is done: what the user writes once the room is bound
  * is stored after what missed_messages reads back from before. */
-static bool ghost_invited(struct matrix *m, PGconn *c, const char *room, const char *sender, const char *ghost)
+static bool ghost_invited(struct matrix *m, PGconn *c, const char *room, const char *sender, const char *ghost,
+			  const char *eid)
 {
 	mx_catch_up(m, room, true);
-	bool again = ghost_joins(m, c, room, sender, ghost);
+	bool again = ghost_joins(m, c, room, sender, ghost, eid);
 	mx_catch_up(m, room, false);
 	return again;
 }
@@ -1096,7 +1144,8 @@ static bool ghost_invited(struct matrix *m, PGconn *c, const char *room, const c
  * made here, the invitee is invited to the group (made now from the
  * direct room, as by a second ghost: grow_group) and to a portal of their
  * own (portal_invitations, right after). */
-static void local_invited(struct matrix *m, PGconn *c, const char *room, const char *sender, const char *invitee)
+static void local_invited(struct matrix *m, PGconn *c, const char *room, const char *sender, const char *invitee,
+			  const char *eid)
 {
 	char inviter_id[24], invitee_id[24], uri[600], invitee_uri[600], localpart[MX_ID_MAX + 1];
 	if (!local_identity(m, c, sender, inviter_id, sizeof(inviter_id), uri, sizeof(uri)) ||
@@ -1149,8 +1198,11 @@ static void local_invited(struct matrix *m, PGconn *c, const char *room, const c
 				  &status, &e))
 			break;
 	}
-	if (k < n)
-		say_as(m, c, room, PQgetisnull(ar, k, 0) ? NULL : PQgetvalue(ar, k, 0), text);
+	if (k < n) {
+		char txn[48];
+		txn_for(txn, sizeof(txn), "kick", eid, room);
+		say_as(m, c, room, PQgetisnull(ar, k, 0) ? NULL : PQgetvalue(ar, k, 0), text, txn);
+	}
 	else
 		LOG_KV_LIMITED(CW_LOG_WARN, "an invitation cannot be taken back", "room", room, "user", invitee);
 	if (added && k < n && !PQgetisnull(ar, k, 0))
@@ -1307,16 +1359,17 @@ static bool inbox(struct matrix *m, PGconn *c)
 		const char *sender = json_string_value(json_object_get(ev, "sender"));
 		json_t *content = json_object_get(ev, "content");
 		const char *key = json_string_value(json_object_get(ev, "state_key"));
+		const char *eid = json_string_value(json_object_get(ev, "event_id"));
 		bool again = false; /* the homeserver did not take it for now */
 		if (type && room && sender && key && strcmp(type, "m.room.member") == 0 &&
 		    json_is_string(json_object_get(content, "membership")) &&
 		    strcmp(json_string_value(json_object_get(content, "membership")), "invite") == 0) {
 			if (strcmp(key, m->bot) == 0)
-				again = invited(m, c, room, sender);
+				again = invited(m, c, room, sender, eid);
 			else if (mx_in_ghost_namespace(m->cfg->mx_user_prefix, mx_server_name(m->cfg), key))
-				again = ghost_invited(m, c, room, sender, key);
+				again = ghost_invited(m, c, room, sender, key, eid);
 			else
-				local_invited(m, c, room, sender, key);
+				local_invited(m, c, room, sender, key, eid);
 		}
 		else if (type && room && key && strcmp(type, "m.room.member") == 0 &&
 			 json_is_string(json_object_get(content, "membership")) &&
@@ -1336,10 +1389,9 @@ static bool inbox(struct matrix *m, PGconn *c)
 			}
 		}
 		else if (type && room && strcmp(type, "m.room.encryption") == 0)
-			encrypted(m, c, room);
+			encrypted(m, c, room, eid);
 		else if (type && room && sender && strcmp(type, "m.room.message") == 0 &&
 			 json_is_string(json_object_get(content, "body"))) {
-			const char *eid = json_string_value(json_object_get(ev, "event_id"));
 			unsigned char h[32];
 			char hex[33], txn[48];
 			cw_sha256_pair("cwcmd", 5, eid ? eid : "", eid ? strlen(eid) : 0, h);

@@ -3283,6 +3283,15 @@ def test_a_rate_limited_bot_is_waited_for_too(make_daemon, db_url, pg):
         assert limited, "the homeserver never limited the bot: the test shows nothing"
         time.sleep(1)
         assert len([t for t in said() if t.startswith("Nothing yet")]) == 3
+        # Each answer went under its command's transaction id, the queued
+        # one too (until the thirty-second session a queued answer took the
+        # notice row's, and a command run again after a crash before its
+        # inbox mark was answered twice): three ids, each tried until taken.
+        answers = [q for q in hs.requests if q["user"] == "@_cw_bot:example.org" and "/send/" in q["path"]
+                   and (q.get("body") or {}).get("body", "").startswith("Nothing yet")]
+        txns = {q["path"].rsplit("/", 1)[1] for q in answers}
+        assert len(txns) == 3 and all(t.startswith("cwcmd-") for t in txns), sorted(txns)
+        assert any(q["status"] == 429 for q in answers), "no answer was limited: the test shows nothing"
     finally:
         srv.close()
         hs.close()
@@ -3318,11 +3327,12 @@ def test_a_rate_limited_notice_is_given_back_not_waited_for(make_daemon, db_url,
         bobs = lambda: [e["content"]["body"] for e in hs.events(room2)  # noqa: E731
                         if e["type"] == "m.room.message" and e["sender"] == bot]
         wait_until(lambda: any("Commands" in n for n in bobs()), timeout=30, what="bob's help, limited")
-        wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_notices", db_url) == "0", what="the rows gone")
+        wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_notices WHERE done_at IS NULL", db_url) == "0",
+                   what="the rows done")
         for t in texts:
             assert said().count(t) == 1, said()
         assert len(bobs()) == 1, bobs()
-        assert any(q["user"] == bot and q["status"] == 429 and "/cwbot-" in q["path"] for q in hs.requests), \
+        assert any(q["user"] == bot and q["status"] == 429 and "/cwhelp-" in q["path"] for q in hs.requests), \
             "bob's help was not limited: the test shows nothing of a notice queued"
         # each try after a 429 came no sooner than the 429 asked
         paths = collections.defaultdict(list)
@@ -3334,6 +3344,48 @@ def test_a_rate_limited_notice_is_given_back_not_waited_for(make_daemon, db_url,
             for q, nxt in zip(tries, tries[1:]):
                 if q["status"] == 429:
                     assert nxt["time"] - q["time"] >= q["answer"]["retry_after_ms"] / 1000 - 0.1, tries
+        # and a 429 stopped the batch: no other notice row was tried before
+        # the time it asked (until the thirty-second session the rest of
+        # the batch was tried at once, each limited in turn)
+        rows = sorted((q for q in hs.requests if q["user"] == bot and "/cwnotice-" in q["path"]),
+                      key=lambda q: q["time"])
+        for q, nxt in zip(rows, rows[1:]):
+            if q["status"] == 429:
+                assert nxt["time"] - q["time"] >= q["answer"]["retry_after_ms"] / 1000 - 0.1, \
+                    [(x["path"], x["status"], x["time"]) for x in rows]
+    finally:
+        srv.close()
+        hs.close()
+
+
+def test_a_notice_before_a_leave_outlasts_a_long_429(make_daemon, db_url, pg):
+    """What the bot says just before it leaves a room (here: invited into
+    a room with others, it says where it takes commands) is not lost to a
+    429 that asks for longer than the bot waits: it is queued, and the bot
+    leaves once it is said, in that order. Until the thirty-second session
+    a 429 asking more than 2 s lost it (logged), and the bot left in
+    silence."""
+    hs, srv = rate_limited_homeserver()
+    try:
+        d, a = limited_gateway(make_daemon, db_url, hs, srv, (0.1, 1))  # one event in 10 s for each sender
+        bot = "@_cw_bot:example.org"
+        alice, mgmt, said = alice_and_the_bot(hs)  # the bot's event of these 10 s: its help
+        bob = hs.as_user(hs.create_user("bob")[1])
+        hs.create_user("carol")
+        shared = bob.create_room(preset="private_chat", invite=["@carol:example.org"])
+        bob.invite(shared, bot)
+        wait_until(lambda: hs.members(shared).get(bot) == "leave", timeout=30, what="the bot leaving")
+        limited = [q for q in hs.requests if q["user"] == bot and q["status"] == 429 and shared in
+                   urllib.parse.unquote(q["path"])]
+        assert limited and limited[0]["answer"]["retry_after_ms"] > 2000, \
+            "the bot's word was not limited for long: the test shows nothing"
+        timeline = [(e["type"], e["sender"], e["content"].get("membership"), e["content"].get("body", ""))
+                    for e in hs.events(shared) if e["sender"] == bot]
+        said_there = [k for k, x in enumerate(timeline) if x[0] == "m.room.message"]
+        left = [k for k, x in enumerate(timeline) if x[2] == "leave"]
+        assert len(said_there) == 1 and "room of your own" in timeline[said_there[0]][3], timeline
+        assert left and said_there[0] < left[0], timeline
+        assert not hs.errors
     finally:
         srv.close()
         hs.close()
@@ -3957,3 +4009,4 @@ def test_a_local_user_a_peer_puts_in_a_group_gets_nothing_she_did_not_accept(mx,
     assert second  # wally's second message was the one dropped for bob
     leaves = [e for e in list(srv.events) if e.get("type") == "membership" and e.get("sender") == carol_uri]
     assert leaves == [], leaves
+
