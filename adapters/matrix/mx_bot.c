@@ -1488,6 +1488,85 @@ static void requests(struct matrix *m, PGconn *c, int64_t *after_us)
 	PQclear(r);
 }
 
+/* How far back (days) the bot looks for consent requests' expiries at its
+ * start: below BOT_HANDLED_KEEP_DAYS, how long the notice of one told is
+ * kept (forget_handled), so that nothing is told twice. */
+#define EXPIRY_LOOKBACK_DAYS (BOT_HANDLED_KEEP_DAYS - 1)
+
+/* A consent request shown to the user that expired without an answer (the
+ * policy's sweep expires it with its held messages, whose content is
+ * deleted, and records it: consent.expire, docs/policy.md) is withdrawn
+ * in the user's management room: one notice, so that the request shown
+ * there does not stand as if it could still be answered (until the
+ * thirty-second session it did; the XMPP component withdraws it from the
+ * roster, reading the same records).  Not when a new request of the same
+ * sender is pending: that one is shown as any.  The records are read by
+ * audit id (audit_log_action_id_idx) from *seen on, a cursor in memory
+ * (-1: none yet, at the start or once the bot's lock is taken again:
+ * from the records of the last EXPIRY_LOOKBACK_DAYS days); each notice is
+ * queued once (its transaction id, cwexpire-<audit id>, unique in
+ * matrix_notices, where it is kept seven days once sent), and sent by
+ * notices.  The cursor passes a record only when it is a minute old: a
+ * sweep's transaction that took its id before another's, and committed
+ * after it, is still read. */
+static void expiries(struct matrix *m, PGconn *c, int64_t *seen)
+{
+	char from[24], days[8];
+	snprintf(days, sizeof(days), "%d", EXPIRY_LOOKBACK_DAYS);
+	if (*seen < 0) {
+		const char *p[] = { days };
+		PGresult *r = PQexecParams(c,
+			"SELECT coalesce((SELECT id - 1 FROM audit_log WHERE at > now() - $1::int * interval '1 day' "
+			" ORDER BY at LIMIT 1), (SELECT max(id) FROM audit_log), 0)", 1, NULL, p, NULL, NULL, 0);
+		if (PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1)
+			*seen = atoll(PQgetvalue(r, 0, 0));
+		PQclear(r);
+		if (*seen < 0)
+			return;
+	}
+	snprintf(from, sizeof(from), "%lld", (long long)*seen);
+	const char *p[] = { from };
+	PGresult *r = PQexecParams(c,
+		"SELECT a.id, mr.room_id, ri.uri, ri.network, coalesce(ri.display_name, '') FROM audit_log a "
+		" JOIN consent_requests q ON q.id = (a.details->>'request')::bigint AND q.state = 'expired' "
+		"  AND q.notified_at IS NOT NULL "
+		" JOIN matrix_mgmt_rooms mr ON mr.identity_id = q.local_identity_id "
+		" JOIN identities ri ON ri.id = q.remote_identity_id "
+		"WHERE a.action = 'consent.expire' AND a.actor = 'policy' AND a.id > $1::bigint "
+		" AND NOT EXISTS (SELECT 1 FROM consent_requests n WHERE n.local_identity_id = q.local_identity_id "
+		"  AND n.remote_identity_id = q.remote_identity_id AND n.state = 'pending') "
+		" AND NOT EXISTS (SELECT 1 FROM matrix_notices x WHERE x.txn_id = 'cwexpire-' || a.id) "
+		"ORDER BY a.id LIMIT 20", 1, NULL, p, NULL, NULL, 0);
+	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+		PQclear(r);
+		return;
+	}
+	int n = PQntuples(r);
+	for (int i = 0; i < n; i++) {
+		char text[1200], name[81], txn[48];
+		name_for_line(PQgetvalue(r, i, 4), name, sizeof(name));
+		snprintf(text, sizeof(text),
+			 "The request from %s%s%s%s (network %s) expired without an answer: their waiting messages were "
+			 "deleted. If they write again, you will be asked again.",
+			 name[0] ? "\"" : "", name, name[0] ? "\" " : "", PQgetvalue(r, i, 2), PQgetvalue(r, i, 3));
+		snprintf(txn, sizeof(txn), "cwexpire-%s", PQgetvalue(r, i, 0));
+		const char *q[] = { PQgetvalue(r, i, 1), text, m->bot, txn };
+		cw_errmsg e;
+		if (store_command(c, "INSERT INTO matrix_notices (room_id, body, sender, txn_id) VALUES ($1, $2, $3, $4) "
+				     "ON CONFLICT DO NOTHING", 4, q, &e))
+			LOG_KV(CW_LOG_WARN, "cannot queue the notice of an expired request: queued at the next look",
+			       "detail", e.msg);
+	}
+	PQclear(r);
+	if (n == 20)
+		return; /* more to queue: the cursor waits for them */
+	r = PQexecParams(c, "SELECT max(id) FROM audit_log WHERE action = 'consent.expire' AND id > $1::bigint "
+			    "AND at < now() - interval '1 minute'", 1, NULL, p, NULL, NULL, 0);
+	if (PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1 && !PQgetisnull(r, 0, 0))
+		*seen = atoll(PQgetvalue(r, 0, 0));
+	PQclear(r);
+}
+
 /* One bot acts for all the processes that share a database: the holder of
  * this session-level advisory lock (taken again by another process when
  * the holder's connection ends).  Without it each process's bot would read
@@ -1659,11 +1738,12 @@ static void *bot_main(void *arg)
 	struct matrix *m = arg;
 	PGconn *c = NULL;
 	bool mine = false;
-	int64_t requests_after = 0, forget_after = 0, invite_after = 0, invite_delay = 0;
+	int64_t requests_after = 0, forget_after = 0, invite_after = 0, invite_delay = 0, expired_seen = -1;
 	while (!atomic_load(&m->bot_stop)) {
 		if (!c || PQstatus(c) != CONNECTION_OK) {
 			PQfinish(c);
 			mine = false;
+			expired_seen = -1;
 			cw_errmsg e;
 			c = store_connect(m->app->cfg->db_url, m->app->cfg->db_statement_timeout_ms, &e);
 			if (c && store_exec(c, "LISTEN causeway_matrix_bot", &e)) {
@@ -1681,6 +1761,7 @@ static void *bot_main(void *arg)
 			while (!atomic_load(&m->bot_stop) && inbox(m, c))
 				;
 			requests(m, c, &requests_after);
+			expiries(m, c, &expired_seen);
 			dead_letters(c);
 			notices(m, c);
 			portal_departures(m, c);

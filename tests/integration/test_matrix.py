@@ -1078,6 +1078,45 @@ def test_management_room_consent_flow(mx, hs, gk, pg, db_url):
     assert pg.psql("SELECT count(*) FROM identities WHERE localpart = '_cw_bot'", db_url) == "0"
 
 
+def test_an_expired_request_is_withdrawn_in_the_management_room(mx, hs, gk, pg, db_url):
+    """A consent request shown in the management room that expires (the
+    policy's sweep: docs/policy.md; its held messages expire and are
+    deleted with it) is withdrawn there: one short notice says the request
+    from that sender expired and their messages were deleted, read from
+    the sweep's audit record (consent.expire) as the XMPP component reads
+    it. A request still pending is not touched, and a restart tells
+    nothing again. Until the thirty-second session the request's notice
+    stood as if it could still be accepted."""
+    a, srv = gk
+    assert mx.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
+    alice, mgmt, said = alice_and_the_bot(hs)
+    for who in ("wally", "eve"):
+        room = a.create_room([a.user(who), ALICE]).json()["id"]
+        assert a.send(room, a.user(who), f"may I? ({who})").status_code == 202
+    wait_until(lambda: sum("wants to write to you" in n for n in said()) == 2, what="both requests shown")
+    expired = lambda: [n for n in said() if "expired" in n]  # noqa: E731
+    assert expired() == []
+    # wally's request and his held message reach their expiry
+    pg.psql("UPDATE outbox o SET created_at = now() - interval '8 days' FROM events e JOIN identities s "
+            "ON s.id = e.sender_id WHERE e.id = o.event_id AND s.localpart = 'wally'; "
+            "UPDATE consent_requests q SET created_at = now() - interval '8 days', "
+            "expires_at = now() - interval '1 s' FROM identities i "
+            "WHERE i.id = q.remote_identity_id AND i.localpart = 'wally'", db_url)
+    wait_until(lambda: expired(), timeout=20, what="the expiry told")
+    [note] = expired()
+    assert "mimi://wa.example/u/wally" in note and "deleted" in note and "eve" not in note, note
+    assert pg.psql("SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id JOIN identities s "
+                   "ON s.id = e.sender_id WHERE s.localpart = 'wally'", db_url) == "expired"
+    assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'consent.expire'", db_url) == "1"
+    # once: not again after a restart (the bot's look starts over)
+    mx.stop()
+    mx.start()
+    alice.send_text(mgmt, "list")
+    wait_until(lambda: any("request from mimi://wa.example/u/eve" in n for n in said()), what="the answer to list")
+    time.sleep(1.5)
+    assert len(expired()) == 1, said()
+
+
 def test_a_block_from_the_bot_drops_what_waits_for_delivery(mx, hs, gk, pg, db_url):
     """alice allowed wally; the delivery of his first message backs off (as
     after a failed delivery to the homeserver: its row pending again, due
