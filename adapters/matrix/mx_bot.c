@@ -1707,21 +1707,33 @@ static void portal_invitations(struct matrix *m, PGconn *c, int64_t *next_us, in
  * their last look: the homeserver is asked whether they joined
  * (mx_mark_if_joined: a join the daemon missed, taken by an older daemon
  * during a rolling restart, say); one not joined is looked at again a
- * minute later (updated_at). */
+ * minute later (updated_at).  Their Matrix id is their identity binding's,
+ * or, for a user a peer put into a group (schema/037), who has none (the
+ * bot never met her), made of her localpart as her portal's invitation
+ * made it (mx_deliver.c); until the thirty-second session only members
+ * with a binding were looked at, and such a user's missed join was never
+ * found. */
 static void invitees_joined(struct matrix *m, PGconn *c)
 {
-	PGresult *r = look_for(c,
-		"SELECT x.room_id, x.identity_id, b.native_id, ib.native_id FROM room_members x "
+	const char *server[] = { mx_server_name(m->cfg) };
+	PGresult *r = PQexecParams(c,
+		"SELECT x.room_id, x.identity_id, b.native_id, coalesce(ib.native_id, '@' || i.localpart || ':' || $1) "
+		"FROM room_members x "
 		"JOIN room_bindings b ON b.network = 'matrix' AND b.room_id = x.room_id "
 		" AND b.local_identity_id = x.identity_id AND b.remote_identity_id IS NULL "
-		"JOIN identity_bindings ib ON ib.identity_id = x.identity_id AND ib.network = 'matrix' "
+		"JOIN identities i ON i.id = x.identity_id AND i.is_local "
+		"LEFT JOIN identity_bindings ib ON ib.identity_id = x.identity_id AND ib.network = 'matrix' "
 		"WHERE x.membership = 'invited' AND x.updated_at < now() - interval '1 minute' "
-		"ORDER BY x.updated_at LIMIT 16", "invited members who may have joined");
-	if (!r)
-		return;
+		"ORDER BY x.updated_at LIMIT 16", 1, NULL, server, NULL, NULL, 0);
 	cw_errmsg e;
+	if (store_check(c, r, PGRES_TUPLES_OK, &e)) {
+		LOG_KV(CW_LOG_WARN, "the bot cannot look for its work", "what", "invited members who may have joined",
+		       "detail", e.msg);
+		return;
+	}
 	for (int i = 0; i < PQntuples(r); i++) {
-		if (mx_mark_if_joined(m, c, PQgetvalue(r, i, 2), PQgetvalue(r, i, 0), PQgetvalue(r, i, 1),
+		if (mx_user_id_parse(PQgetvalue(r, i, 3), NULL, 0, NULL, 0) &&
+		    mx_mark_if_joined(m, c, PQgetvalue(r, i, 2), PQgetvalue(r, i, 0), PQgetvalue(r, i, 1),
 				      PQgetvalue(r, i, 3)))
 			continue;
 		const char *params[] = { PQgetvalue(r, i, 0), PQgetvalue(r, i, 1) };

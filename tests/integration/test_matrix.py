@@ -4049,3 +4049,45 @@ def test_a_local_user_a_peer_puts_in_a_group_gets_nothing_she_did_not_accept(mx,
     leaves = [e for e in list(srv.events) if e.get("type") == "membership" and e.get("sender") == carol_uri]
     assert leaves == [], leaves
 
+
+def bots_room_of(hs, user):
+    """The room the bot made with user invited (their room of a group), or None."""
+    bot = "@_cw_bot:example.org"
+    return next((rid for rid in hs.rooms() if hs.state(rid, "m.room.create")
+                 and hs.state(rid, "m.room.create")["sender"] == bot
+                 and hs.members(rid).get(user) in ("invite", "join", "leave")), None)
+
+
+def test_a_missed_join_of_a_user_a_peer_invited_is_found_by_the_bot(mx, hs, gk, pg, db_url):
+    """bob, whom gk put into a group (invited, schema/037), accepted wally:
+    wally's message brings him his room of the group, and his join makes
+    him a member. A join the daemon missed (taken by an older daemon
+    during a rolling restart) is found by the bot's look at members still
+    invited a minute after its last look, as for one a local member
+    invited. Until the thirty-second session that look asked for the
+    member's Matrix identity binding, which a user a peer invited does not
+    have (the bot never met her): she stayed invited for good."""
+    a, srv = gk
+    bob_uri = "mimi://example.org/u/bob"
+    assert mx.admin("POST", "/optins", json={"user": bob_uri, "network": "peer:gk", "opted_in": True}).ok
+    assert mx.admin("POST", "/consents", json={"user": bob_uri, "subject_kind": "user",
+                                               "subject": a.user("wally"), "state": "allowed"}).ok
+    bob = hs.as_user(hs.create_user("bob")[1])
+    gid = a.create_room([a.user("wally"), bob_uri], kind="group", name="Quiz").json()["id"]
+    assert group_members(a, gid)[bob_uri] == "invited"
+    assert a.send(gid, a.user("wally"), "hello bob").status_code == 202
+    his = wait_until(lambda: bots_room_of(hs, "@bob:example.org"), what="bob's room")
+    bob.join(his)
+    wait_until(lambda: group_members(a, gid)[bob_uri] == "joined", what="bob joined")
+    assert pg.psql("SELECT count(*) FROM identity_bindings ib JOIN identities i ON i.id = ib.identity_id "
+                   f"WHERE i.uri = '{bob_uri}' AND ib.network = 'matrix'", db_url) == "0", \
+        "bob has a binding: the test shows nothing"
+    # the join an older daemon took: he is still invited here
+    pg.psql("UPDATE room_members x SET membership = 'invited', peer_invited = true, "
+            "updated_at = now() - interval '2 minutes' FROM identities i "
+            f"WHERE i.id = x.identity_id AND i.uri = '{bob_uri}'", db_url)
+    assert group_members(a, gid)[bob_uri] == "invited"
+    wait_until(lambda: group_members(a, gid)[bob_uri] == "joined", timeout=15, what="bob's join found by the bot")
+    assert pg.psql("SELECT x.peer_invited FROM room_members x JOIN identities i ON i.id = x.identity_id "
+                   f"WHERE i.uri = '{bob_uri}'", db_url) == "f"
+
