@@ -117,6 +117,23 @@ bool cw_utf8_blank(unsigned cp)
 	       cp == 0x2028 || cp == 0x2029 || cp == 0x202F || cp == 0x205F || cp == 0x3000;
 }
 
+bool cw_utf8_name_ok(const char *s, size_t n)
+{
+	if (!cw_utf8_valid(s, n) || memchr(s, '\0', n) || cw_utf8_has_control(s, n) || cw_utf8_has_bidi_control(s, n) ||
+	    cw_utf8_has_noncharacter(s, n))
+		return false;
+	const unsigned char *p = (const unsigned char *)s;
+	bool shows = false;
+	for (size_t i = 0, l; i < n; i += l) {
+		unsigned cp = 0;
+		l = cw_utf8_seq(p + i, n - i, &cp);
+		if (cp == 0x2028 || cp == 0x2029)
+			return false;
+		shows = shows || (!cw_utf8_invisible(cp) && !cw_utf8_blank(cp));
+	}
+	return shows;
+}
+
 /* Until the thirty-first session this was the Matrix adapter's own
  * (mx_deliver.c), and XMPP showed the name as the peer gave it. */
 void cw_utf8_name_shown(const char *name, char *out, size_t len)

@@ -61,6 +61,14 @@ bool cw_utf8_blank(unsigned cp);
  * something else (the user's local part, as the same). */
 void cw_utf8_name_shown(const char *name, char *out, size_t len);
 
+/* Whether the n bytes at s are a name the local networks show as it is
+ * (a group's name: the peer API takes no other since the thirty-first
+ * session): valid UTF-8 without a NUL, a control character, a
+ * bidirectional control, a noncharacter or a line or paragraph separator,
+ * with at least one character that shows (not invisible, not blank).  A
+ * name stored before may fail it: shown as cw_utf8_name_shown makes it. */
+bool cw_utf8_name_ok(const char *s, size_t n);
+
 /* Characters are counted here as the bytes that do not continue a sequence
  * (not 10xxxxxx): for valid UTF-8 these are its code points, and a cut
  * before one never splits a character.  s is NUL-terminated. */

@@ -866,6 +866,22 @@ cw_err mx_mark_joined(PGconn *c, const char *room_id, const char *identity_id, c
 	return store_end(c, rc, e);
 }
 
+/* A group's name (NULL: none) as its portals show it: as it is when it
+ * passes the peer API's check (cw_utf8_name_ok), else what of it shows
+ * (cw_utf8_name_shown, as a ghost's display name: a name stored before the
+ * thirty-first session may hold C1 controls, a bidirectional override
+ * that turns what a client shows after it round, or nothing visible at
+ * all), into out; NULL when nothing of it shows (clients then name the
+ * room after its members).  Until the thirty-second session the stored
+ * name went out as it was. */
+static const char *portal_name(const char *name, char *out, size_t len)
+{
+	if (!name || cw_utf8_name_ok(name, strlen(name)))
+		return name;
+	cw_utf8_name_shown(name, out, len);
+	return out[0] ? out : NULL;
+}
+
 /* The portal of a group for one local user: a room made by the bot with
  * the user invited, bound to the group (a room binding with no remote
  * user, schema/017_group_portals.sql).  Per user, not one for all: the
@@ -878,14 +894,15 @@ cw_err mx_ensure_portal(struct matrix *m, PGconn *c, const char *neutral_room, c
 {
 	/* As in a direct room, nobody may redact another's events (the bot
 	 * included): a ghost deletes only its own remote user's messages. */
-	char key[MX_ID_MAX + 64];
+	char key[MX_ID_MAX + 64], shown[4 * CW_NAME_SHOWN_MAX + 8];
 	snprintf(key, sizeof(key), "portal|%s|%s", neutral_room, target_mxid);
 	cw_err rc = create_room(m, NULL,
 				json_pack("{s:s, s:[s], s:s, s:{s:i}, s:s*}", "preset", "private_chat", "invite", target_mxid,
 					  "topic",
 					  "A group chat bridged by Causeway: what is written here reaches its members on other "
 					  "networks, and encryption ends at the gateway.",
-					  "power_level_content_override", "redact", 101, "name", name),
+					  "power_level_content_override", "redact", 101, "name",
+					  portal_name(name, shown, sizeof(shown))),
 				key, target_mxid, room, rlen, e);
 	if (rc)
 		return rc;
@@ -899,14 +916,17 @@ cw_err mx_ensure_portal(struct matrix *m, PGconn *c, const char *neutral_room, c
 	return rc;
 }
 
-/* The portal's name, as the group's now is (NULL: none), set by the bot and
- * recorded; a failure is logged, and tried again in the bot's next round
- * unless the homeserver refused it. */
+/* The portal's name, as the group's now is (NULL: none; shown as
+ * portal_name makes it), set by the bot and recorded (the stored name:
+ * what the next round compares); a failure is logged, and tried again in
+ * the bot's next round unless the homeserver refused it. */
 void mx_rename_portal(struct matrix *m, PGconn *c, const char *room, const char *binding, const char *name)
 {
 	long status;
 	cw_errmsg e;
-	if (mx_room_call(m, "PUT", room, NULL, "state/m.room.name/", NULL, json_pack("{s:s}", "name", name ? name : ""),
+	char buf[4 * CW_NAME_SHOWN_MAX + 8];
+	const char *shown = portal_name(name, buf, sizeof(buf));
+	if (mx_room_call(m, "PUT", room, NULL, "state/m.room.name/", NULL, json_pack("{s:s}", "name", shown ? shown : ""),
 			 &status, NULL, &e)) {
 		LOG_KV(CW_LOG_WARN, "cannot rename a group's room", "room", room, "detail", e.msg);
 		/* refused (the user took the bot's power away, say): asking again

@@ -4091,3 +4091,35 @@ def test_a_missed_join_of_a_user_a_peer_invited_is_found_by_the_bot(mx, hs, gk, 
     assert pg.psql("SELECT x.peer_invited FROM room_members x JOIN identities i ON i.id = x.identity_id "
                    f"WHERE i.uri = '{bob_uri}'", db_url) == "f"
 
+
+def test_a_group_name_stored_with_controls_reaches_matrix_shown_clean(mx, hs, gk, pg, db_url):
+    """A group's name stored before the thirty-first session may hold what
+    the peer API refuses now (C1 controls, bidirectional overrides, or
+    nothing visible at all): the bot names the portal with what of it
+    shows (cw_utf8_name_shown, as a ghost's display name), or names it not
+    at all when nothing does, both when it makes the room and when the
+    group is renamed. A name that passes the check today goes as it is.
+    Until the thirty-second session the stored name went to Matrix as it
+    was: U+202E turned what followed round in every client."""
+    a, srv = gk
+    consent_alice(mx)
+    alice = hs.as_user(hs.create_user("alice")[1])
+    gid = a.create_room([a.user("wally"), ALICE], kind="group", name="Fine name").json()["id"]
+    # stored before the check (written here as an old daemon would have)
+    pg.psql("UPDATE rooms SET name = 'Quiz' || chr(8238) || 'evil' || chr(133) || 'night' "
+            f"WHERE public_id = '{gid}'", db_url)
+    assert a.send(gid, a.user("wally"), "hello").status_code == 202
+    mine = wait_until(lambda: bots_room_of(hs, ALICE_MX), what="alice's room")
+    name = lambda: (hs.state(mine, "m.room.name") or {}).get("content", {}).get("name")  # noqa: E731
+    assert name() == "Quizevil night", name()
+    alice.join(mine)  # the bot renames the rooms of members
+    wait_until(lambda: group_members(a, gid)[ALICE] == "joined", what="alice joined")
+    # renamed to nothing visible: the room's name goes
+    pg.psql("UPDATE rooms SET name = chr(8203) || chr(10240) || ' ' WHERE public_id = "
+            f"'{gid}'", db_url)
+    wait_until(lambda: name() == "", what="the name taken away")
+    # a valid name with invisible parts of its own (a ZWJ emoji) goes whole
+    good = "Family \U0001F468\u200d\U0001F469\u200d\U0001F467"
+    assert a.call("PATCH", f"/v1/rooms/{gid}", {"name": good}).status_code == 200
+    wait_until(lambda: name() == good, what="the valid name, whole")
+

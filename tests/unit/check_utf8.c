@@ -173,6 +173,34 @@ END_TEST
 
 /* Noncharacters: the ends of U+FDD0-U+FDEF and the last two code points
  * of a plane, and their neighbours. */
+/* A group's name shown as it is (cw_utf8_name_ok, the peer API's check
+ * since the thirty-first session) or not. */
+START_TEST(name_ok_cases)
+{
+	static const struct {
+		const char *name;
+		bool ok;
+	} cases[] = {
+		{ "Dinner club", true },
+		{ "Family \xF0\x9F\x91\xA8\xE2\x80\x8D\xF0\x9F\x91\xA9", true }, /* a ZWJ inside: shows */
+		{ "\xD7\xA9\xD7\x9C\xD7\x95\xD7\x9D\xE2\x80\x8F", true },           /* RLM after Hebrew */
+		{ " x ", true },
+		{ "", false },
+		{ "   ", false },
+		{ "\xE2\x80\x8B\xE2\xA0\x80", false },                               /* ZWSP, Braille blank */
+		{ "Quiz\xE2\x80\xAE" "evil", false },                                     /* U+202E */
+		{ "a\xC2\x85" "b", false },                                                 /* C1 NEL */
+		{ "a\nb", false },
+		{ "a\xE2\x80\xA8" "b", false },                                            /* U+2028 */
+		{ "a\xEF\xBF\xBE", false },                                             /* U+FFFE */
+		{ "a\xFF" "b", false },                                                     /* not UTF-8 */
+	};
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
+		ck_assert_msg(cw_utf8_name_ok(cases[i].name, strlen(cases[i].name)) == cases[i].ok, "case %zu", i);
+	ck_assert(!cw_utf8_name_ok("a\0b", 3));
+}
+END_TEST
+
 START_TEST(noncharacter_cases)
 {
 	static const struct {
@@ -236,6 +264,7 @@ int main(void)
 	tcase_add_test(tc, scrub_cases);
 	tcase_add_test(tc, bidi_and_invisible_cases);
 	tcase_add_test(tc, name_shown_cases);
+	tcase_add_test(tc, name_ok_cases);
 	tcase_add_test(tc, noncharacter_cases);
 	tcase_add_test(tc, reference_property);
 	suite_add_tcase(s, tc);
