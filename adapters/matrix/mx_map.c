@@ -10,6 +10,9 @@
 #include <libxml/HTMLparser.h>
 #include <libxml/SAX2.h>
 #include <libxml/tree.h>
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -1795,38 +1798,85 @@ static bool patch_for(const char *buf, size_t n, const json_error_t *err, unsign
 	return true;
 }
 
-/* An integer again if the real is one within int64 (the last resort of
- * mx_json_load reads every number as a real); NULL otherwise. */
-static json_t *integral(const json_t *x)
+/* What jansson makes of the number token buf[0, n), by its lexer's rules:
+ * a token without '.', 'e' or 'E' is an integer, read with strtoll, which
+ * must not overflow (else AS_REAL: patch_for reads it as a real); any
+ * other a real, read with strtod, which must not overflow (else MARK: the
+ * number mark), an underflow read as 0.  An integer past a double's range
+ * too is MARK.  (The C locale's decimal point, as the daemon keeps it.) */
+enum number_read { NUMBER_READ, NUMBER_AS_REAL, NUMBER_MARKED };
+
+static enum number_read number_read(const char *buf, size_t n)
 {
-	double d = json_real_value(x);
-	if (!(d >= -9223372036854775808.0 && d < 9223372036854775808.0))
-		return NULL;
-	json_int_t i = (json_int_t)d;
-	return (double)i == d ? json_integer(i) : NULL;
+	char small[64], *tok = n < sizeof(small) ? small : malloc(n + 1);
+	if (!tok)
+		return NUMBER_MARKED; /* no memory: its event's trouble alone */
+	memcpy(tok, buf, n);
+	tok[n] = '\0';
+	enum number_read how = NUMBER_READ;
+	errno = 0;
+	double d = strtod(tok, NULL);
+	if ((d == HUGE_VAL || d == -HUGE_VAL) && errno == ERANGE) {
+		how = NUMBER_MARKED;
+	} else if (!strpbrk(tok, ".eE")) {
+		errno = 0;
+		long long v = strtoll(tok, NULL, 10);
+		if ((v == LLONG_MAX || v == LLONG_MIN) && errno == ERANGE)
+			how = NUMBER_AS_REAL;
+	}
+	if (tok != small)
+		free(tok);
+	return how;
 }
 
-static void reals_to_integers(json_t *v)
+/* The JSON text buf (n bytes) with every number token that jansson cannot
+ * read patched at once, as patch_for patches one: an integer past 64 bits
+ * as a real ("digits.0"), a number past a double's range the number mark.
+ * A copy (*outn bytes, malloc'd); NULL without memory.  The last resort of
+ * mx_json_load, past its readings allowed: one pass, where a reading for
+ * each token reads the whole body again.  Only the tokens are told apart,
+ * not the structure (jansson reads the copy, and refuses it when it is no
+ * JSON): outside a string, a number starts with '-' or a digit and runs
+ * on over digits, signs, '.', 'e' and 'E' (as patch_for reads one back
+ * from its end); a string runs from a quote to the next quote that no
+ * backslash escapes. */
+static char *patch_numbers(const char *buf, size_t n, size_t *outn)
 {
-	size_t i;
-	const char *k;
-	json_t *x, *n;
-	void *tmp;
-	if (json_is_object(v)) {
-		json_object_foreach_safe(v, tmp, k, x) {
-			if (json_is_real(x) && (n = integral(x)))
-				json_object_set_new(v, k, n);
-			else
-				reals_to_integers(x);
+	struct cw_buf out;
+	/* each token grows by the mark's text at most, and takes two bytes at
+	 * least with what follows it */
+	cw_buf_init(&out, n + (n / 2 + 1) * sizeof(NUMBER_MARK));
+	bool in_string = false, failed = false;
+	size_t i = 0, copied = 0;
+	while (i < n && !failed) {
+		char ch = buf[i];
+		if (in_string) {
+			in_string = ch != '"';
+			i += ch == '\\' && i + 1 < n ? 2 : 1;
+			continue;
 		}
-	} else if (json_is_array(v)) {
-		json_array_foreach(v, i, x) {
-			if (json_is_real(x) && (n = integral(x)))
-				json_array_set_new(v, i, n);
-			else
-				reals_to_integers(x);
+		if (ch != '-' && !(ch >= '0' && ch <= '9')) {
+			in_string = ch == '"';
+			i++;
+			continue;
 		}
+		size_t e = i;
+		while (e < n && buf[e] && strchr("0123456789+-.eE", buf[e]))
+			e++;
+		enum number_read how = number_read(buf + i, e - i);
+		if (how != NUMBER_READ) {
+			failed = cw_buf_add(&out, buf + copied, (how == NUMBER_AS_REAL ? e : i) - copied) ||
+				 cw_buf_add(&out, how == NUMBER_AS_REAL ? ".0" : "\"" NUMBER_MARK "\"",
+					    how == NUMBER_AS_REAL ? 2 : sizeof(NUMBER_MARK) + 1);
+			copied = e;
+		}
+		i = e;
 	}
+	if (failed || cw_buf_add(&out, buf + copied, n - copied)) {
+		cw_buf_free(&out);
+		return NULL;
+	}
+	return cw_buf_take(&out, outn);
 }
 
 json_t *mx_json_load(const char *body, size_t len, size_t flags, json_error_t *err)
@@ -1861,14 +1911,19 @@ json_t *mx_json_load(const char *body, size_t len, size_t flags, json_error_t *e
 		done += n;
 		v = json_loadb(buf, n, flags | JSON_ALLOW_NUL, err);
 	}
-	/* Past the readings allowed, integers past 64 bits are what a body can
-	 * hold any number of (room versions 1 to 5): the rest of them read at
-	 * once, every number as a real and made an integer again where it is
-	 * one (as until the thirty-first session: an integer past 2^53 of
-	 * another event may lose its low bits then). */
+	/* Past the readings allowed, numbers past what jansson reads are what
+	 * a body can hold any number of (room versions 1 to 5): the rest of
+	 * them patched at once, in one pass, as each would have been
+	 * (patch_numbers), and the body read once more, every other number
+	 * exactly.  Until the thirty-second session every number was read as
+	 * a real then (an integer past 2^53 of another event lost its low
+	 * bits), and a number past a double's range failed the whole body. */
 	if (!v && json_error_code(err) == json_error_numeric_overflow) {
-		v = json_loadb(buf ? buf : body, n, flags | JSON_ALLOW_NUL | JSON_DECODE_INT_AS_REAL, err);
-		reals_to_integers(v);
+		size_t pn;
+		char *all = patch_numbers(buf ? buf : body, n, &pn);
+		if (all)
+			v = json_loadb(all, pn, flags | JSON_ALLOW_NUL, err);
+		free(all);
 	}
 	free(buf);
 	return v;

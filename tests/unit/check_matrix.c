@@ -1392,6 +1392,48 @@ START_TEST(json_load_lenient)
 		json_decref(v);
 		free(many);
 	}
+	/* Past the readings allowed, the integers past 64 bits left are read
+	 * as reals all at once, and every other number exactly as a first
+	 * parse gives it: an integer past 2^53 of another event keeps its low
+	 * bits (until the thirty-second session the whole body was read again
+	 * with every number a real, and it lost them), a real stays a real,
+	 * and a number past a double's range is its event's trouble alone
+	 * (the mark), wherever it comes. */
+	{
+		size_t count = 100, blen = 512 + count * 40;
+		char *many = malloc(blen);
+		ck_assert_ptr_nonnull(many);
+		size_t at = (size_t)snprintf(many, blen, "{\"events\":[{\"a\":[");
+		for (size_t i = 0; i < count; i++)
+			at += (size_t)snprintf(many + at, blen - at, "%s-1000000000000000000000%zu", i ? "," : "", i % 10);
+		snprintf(many + at, blen - at,
+			 "]},{\"k\":[9007199254740993,-9223372036854775807,2.0,0.5e1,\"1e400 \\\"99999999999999999999\"],"
+			 "\"s\":\"x\"},{\"n\":1e400},{\"m\":[10000000000000000000000000,-0,3]}]}");
+		v = mx_json_load(many, strlen(many), JSON_REJECT_DUPLICATES, &err);
+		ck_assert_msg(v != NULL, "%s", err.text);
+		evs = json_object_get(v, "events");
+		json_t *a = json_object_get(json_array_get(evs, 0), "a");
+		ck_assert_uint_eq(json_array_size(a), count);
+		for (size_t i = 0; i < count; i++)
+			ck_assert(json_is_real(json_array_get(a, i)) && json_real_value(json_array_get(a, i)) < -1e21);
+		ck_assert(!mx_json_has_nul(json_array_get(evs, 0)));
+		k = json_object_get(json_array_get(evs, 1), "k");
+		ck_assert(json_is_integer(json_array_get(k, 0)));
+		ck_assert_int_eq(json_integer_value(json_array_get(k, 0)), 9007199254740993LL);
+		ck_assert_int_eq(json_integer_value(json_array_get(k, 1)), -9223372036854775807LL);
+		ck_assert(json_is_real(json_array_get(k, 2)) && json_real_value(json_array_get(k, 2)) == 2.0);
+		ck_assert(json_is_real(json_array_get(k, 3)) && json_real_value(json_array_get(k, 3)) == 5.0);
+		ck_assert_str_eq(json_string_value(json_array_get(k, 4)), "1e400 \"99999999999999999999");
+		ck_assert(!mx_json_has_nul(json_array_get(evs, 1)));
+		ck_assert(mx_json_number_out_of_range(json_array_get(evs, 2)));
+		ck_assert(!mx_json_number_out_of_range(json_array_get(evs, 3)));
+		json_t *mm = json_object_get(json_array_get(evs, 3), "m");
+		ck_assert(json_is_real(json_array_get(mm, 0)));
+		ck_assert(json_is_integer(json_array_get(mm, 1)) && json_integer_value(json_array_get(mm, 1)) == 0);
+		ck_assert(json_is_integer(json_array_get(mm, 2)) && json_integer_value(json_array_get(mm, 2)) == 3);
+		json_decref(v);
+		free(many);
+	}
 	/* A large body is read at most four times over, whatever it holds:
 	 * 4 MiB of text with 64 such integers at its end. */
 	size_t blen = (size_t)8 << 20, at;
