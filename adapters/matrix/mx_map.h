@@ -236,10 +236,12 @@ bool mx_media_info(const json_t *ev, struct mx_media *out);
  * number as a real (another event's integer past 2^53 lost its low bits),
  * and the other two failed the whole body.  The readings are bounded (64,
  * and four times the body's bytes, or 4 MiB, in all); past that bound the
- * integers past 64 bits left are read at once, every number as a real
- * made an integer again where it is one.  Still refused, whole (NULL, err
- * says why): not JSON, what flags refuse (a duplicate key), a number past
- * a double's range or a key with a NUL past that bound.  err: not NULL. */
+ * numbers jansson cannot read that are left are patched at once, in one
+ * pass, as each would have been, and the body read once more, every other
+ * number exactly (until the thirty-second session every number was read
+ * as a real then, and a number past a double's range failed the body).
+ * Still refused, whole (NULL, err says why): not JSON, what flags refuse
+ * (a duplicate key), a key with a NUL past that bound.  err: not NULL. */
 json_t *mx_json_load(const char *body, size_t len, size_t flags, json_error_t *err);
 
 /* Whether a string anywhere in v (a value, nested at any depth) holds a
