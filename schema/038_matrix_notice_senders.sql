@@ -1,4 +1,4 @@
--- 040_matrix_notice_senders.sql: what the Matrix bot (or a room's ghost)
+-- 038_matrix_notice_senders.sql: what the Matrix bot (or a room's ghost)
 -- says is queued, when the homeserver does not take it now (a 429, a 5xx,
 -- no answer), with who says it, the transaction id of its first try, and
 -- whether the sender leaves the room once it is said.
