@@ -128,6 +128,108 @@ def test_database_outage_under_load(fault_daemon, pg):
         own.destroy()
 
 
+def rows_of(pg, db_url, where):
+    """(id, state, claimed_by or '', attempts) of the outbox rows where, by id."""
+    out = pg.psql(f"SELECT id, state, coalesce(claimed_by, ''), attempts FROM outbox WHERE {where} ORDER BY id",
+                  db_url)
+    return [line.split("|") for line in out.splitlines() if line]
+
+
+def test_sigterm_releases_the_rows_in_flight_at_once(make_daemon, db_url, pg):
+    """A delivery in flight to a slow peer when SIGTERM comes: the stop
+    does not wait for its answer, and its rows are released (pending,
+    unclaimed), so that the next start sends them at once, not after
+    claim_timeout_s (60 s here). (A review's probe, session 32.)"""
+    opts = {"dispatcher": {"claim_timeout_s": "60", "http_timeout_ms": "20000"}}
+    d = make_daemon(db_url, options=opts).start()
+    (a, sa), (b, sb) = push_peers(d)
+    room = a.create_room([a.user("alice"), b.user("bob")]).json()["id"]
+    sb.delay = 10.0
+    mid = a.send(room, a.user("alice"), "slow").json()["id"]
+    wait_until(lambda: sb.requests >= 1, what="the delivery started")
+    t0 = time.time()
+    assert d.stop() == 0
+    took = time.time() - t0
+    left = rows_of(pg, db_url, "destination = 'peer:tg'")
+    assert took < 8, took
+    assert [r[1:] for r in left] == [["pending", "", "0"]], left  # released, its attempt not counted
+    sb.delay = 0
+    n0 = sb.requests
+    d2 = make_daemon(db_url, options=opts).start()
+    wait_until(lambda: sb.requests > n0, timeout=10, what="sent again soon after the restart")
+    wait_until(lambda: rows_of(pg, db_url, "destination = 'peer:tg'")[0][1] == "delivered", what="delivered")
+    d2.stop()
+    sa.close()
+    sb.close()
+    assert mid in sb.seen
+
+
+def test_two_processes_one_killed_under_load_keep_order_and_lose_nothing(make_daemon, db_url, pg):
+    """Two processes on one database, both dispatching, the load through
+    the second; the first is killed (SIGKILL) while a delivery of its own is
+    in flight. The second takes that delivery's rows once their claim runs
+    out (claim_timeout_s, 5 s), while it goes on with the others: every
+    accepted message arrives, once after the peer's deduplication, in order
+    per room. (A review's probe, session 32; docs/faults.md.)"""
+    opts = {"dispatcher": {"claim_timeout_s": "5", "retry_base_ms": "50", "retry_max_ms": "500",
+                           "retry_budget": "1000"}}
+    # the first waits for ever for a hung answer; the second gives up on one after 2 s
+    d1 = make_daemon(db_url, options={"dispatcher": dict(opts["dispatcher"], http_timeout_ms="60000")}).start()
+    d2 = make_daemon(db_url, options={"dispatcher": dict(opts["dispatcher"], http_timeout_ms="2000")}).start()
+    (a, sa), (b, sb) = push_peers(d1)
+    sb.delay = 0.05
+    rooms = [a.create_room([a.user("alice"), b.user(f"bob{k}")]).json()["id"] for k in range(4)]
+    a.base = d2.url  # the load through d2 only (d1 will die); both dispatch
+    s = Sender(a, rooms)
+    s.thread.start()
+    wait_until(lambda: s.total() >= 60, timeout=30, what="load")
+    first = f"claimed_by LIKE '%:{d1.proc.pid}:%'"
+    # The peer stops answering: d1's next delivery hangs until it is killed.
+    sb.delay = 60.0
+    wait_until(lambda: rows_of(pg, db_url, f"state = 'in_flight' AND {first}"), timeout=20,
+               what="a delivery of d1 in flight")
+    d1.signal(signal.SIGKILL)
+    d1.proc.wait()
+    sb.delay = 0.05
+    orphaned = rows_of(pg, db_url, f"state = 'in_flight' AND {first}")
+    assert orphaned  # in flight under the dead process's claim, for d2 to take back
+    before = s.total()
+    wait_until(lambda: s.total() >= before + 90, timeout=60, what="more load")
+    s.stop.set()
+    s.thread.join(30)
+    check_delivery(s, sb, rooms)
+    assert not rows_of(pg, db_url, first)  # all taken back
+    d2.stop()
+    sa.close()
+    sb.close()
+
+
+def test_a_delivery_longer_than_the_claim_is_not_sent_again_by_another_process(make_daemon, db_url, pg):
+    """claim_timeout_s 5, a peer that answers after 7 s: the keeper renews
+    the claim, and a second process must not take the rows and send them
+    again while the first still waits for the answer. (A review's probe,
+    session 32.)"""
+    opts = {"dispatcher": {"claim_timeout_s": "5", "http_timeout_ms": "20000"}}
+    d1 = make_daemon(db_url, options=opts).start()
+    d2 = make_daemon(db_url, options=opts).start()
+    (a, sa), (b, sb) = push_peers(d1)
+    room = a.create_room([a.user("alice"), b.user("bob")]).json()["id"]
+    sb.delay = 7.0
+    a.send(room, a.user("alice"), "slow")
+    wait_until(lambda: sb.requests >= 1, what="first request")
+    wait_until(lambda: rows_of(pg, db_url, "destination = 'peer:tg'")[0][1] == "delivered", timeout=20,
+               what="delivered")
+    assert sb.requests == 1 and sb.duplicates == 0
+    assert rows_of(pg, db_url, "destination = 'peer:tg'")[0][3] == "1"
+    renewals = sum(int(m) for dm in (d1, d2) for m in
+                   re.findall(r"^causeway_dispatch_claim_renewals_total (\d+)", dm.get("/metrics").text, re.M))
+    assert renewals >= 1
+    d1.stop()
+    d2.stop()
+    sa.close()
+    sb.close()
+
+
 def test_a_peer_that_never_answers_does_not_hold_up_the_others(make_daemon, db_url):
     # A destination that takes connections and never answers (a hung
     # gatekeeper, a black-holed proxy) costs each delivery attempt the whole
