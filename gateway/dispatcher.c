@@ -440,6 +440,48 @@ static const struct store_stmt lane_stmts[] = {
 		" WHERE p.room_id = d.room_id AND p.id > d.id AND p.destination = $12 AND p.state = 'pending' "
 		" AND p.id <> ALL($1::bigint[]) AND $10::boolean AND NOT $2::boolean RETURNING p.state) "
 		"SELECT state FROM up UNION ALL SELECT state FROM behind" },
+	/* The rows whose claim ran out ($1 the retry budget, $2 the claim's
+	 * timeout), taken back in claim_open's transaction: their process
+	 * stopped mid-delivery (a crash, an OOM kill, a watchdog's kill of a
+	 * hung delivery), or lost the database for longer than the claim.
+	 * The try the claim counted stays counted, and is logged: no outcome,
+	 * started when the claim was made or last renewed (as far as this
+	 * process's timeout tells), never finished.  A row whose tries have
+	 * reached the budget is dead, and so are the later rows of its room to
+	 * its destination, those taken back with it (t's after) and those
+	 * waiting (behind), as in cw_record: until the thirty-second session
+	 * only a recorded failure checked the budget, and a row its process
+	 * never survived (a poison row) was claimed again every
+	 * claim_timeout_s for ever, its attempts past the budget, and nothing
+	 * the operator had (replay and discard act on dead letters) stopped
+	 * it.  A room's rows in flight to a destination are one claim's (see
+	 * cw_claim), so t's partition is cw_record's batch.  up checks the
+	 * claim again: the keeper may have renewed it since t read it. */
+	{ "cw_take_back",
+		"WITH t AS (SELECT o.id, o.claimed_until, o.attempts >= $1::int AS spent, "
+		" coalesce(bool_or(o.attempts >= $1::int) OVER (PARTITION BY o.room_id, o.destination ORDER BY o.id "
+		"  ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), false) AS after "
+		" FROM outbox o WHERE o.state = 'in_flight' AND o.claimed_until < now()), "
+		"up AS (UPDATE outbox o SET claimed_by = NULL, claimed_until = NULL, "
+		" state = CASE WHEN t.spent OR t.after THEN 'dead' ELSE 'pending' END, "
+		" last_error = CASE WHEN t.spent THEN 'the retry budget is spent: try ' || o.attempts "
+		"  || ' ended with no outcome (the process delivering it stopped, a crash or a kill, or lost the "
+		"database, until its claim ran out)' "
+		"  WHEN t.after THEN 'not sent: an earlier message of its room to ' || o.destination "
+		"  || ' ran out of retries (replay them oldest first)' ELSE o.last_error END "
+		" FROM t WHERE o.id = t.id AND o.state = 'in_flight' AND o.claimed_until < now() "
+		" RETURNING o.id, o.room_id, o.destination, o.state, t.claimed_until), "
+		"a AS (INSERT INTO delivery_attempts (outbox_id, attempt, started_at, ok, error) "
+		" SELECT up.id, coalesce((SELECT max(x.attempt) FROM delivery_attempts x WHERE x.outbox_id = up.id), 0) + 1, "
+		"  least(up.claimed_until - make_interval(secs => $2::int), now()), false, "
+		"  'no outcome: its claim ran out first (the process delivering it stopped, or lost the database)' FROM up "
+		" ON CONFLICT (outbox_id, attempt) DO NOTHING), "
+		"behind AS (UPDATE outbox p SET state = 'dead', last_error = 'not sent: an earlier message of its room to '"
+		" || p.destination || ' ran out of retries (replay them oldest first)' "
+		" FROM (SELECT room_id, destination, min(id) AS id FROM up WHERE state = 'dead' GROUP BY room_id, destination) d "
+		" WHERE p.room_id = d.room_id AND p.destination = d.destination AND p.id > d.id AND p.state = 'pending' "
+		" RETURNING p.state) "
+		"SELECT state FROM up UNION ALL SELECT state FROM behind" },
 	{ NULL, NULL },
 };
 static const struct store_stmt *const lane_stmt_lists[] = { lane_stmts, NULL };
@@ -624,30 +666,33 @@ static bool claim_destination(struct lane *l, const char *dest, struct outbox_ro
 	return true;
 }
 
-/* The claim's opening, in one round trip: the transaction, the lock, the
- * rows whose claim ran out (a daemon died mid-delivery) due again, and the
- * peers' push destinations.  The statements are constant text (several
- * in one simple query take no parameters): the local destination, which
- * is configuration, is added by the caller (*local, "" for none; until
- * the twentieth session it was quoted into the text).  Returns the peers'
- * destinations, or NULL with e set (the caller rolls back). */
-static PGresult *claim_open(struct lane *l, const char **local, cw_errmsg *e)
+/* The claim's opening, in one round trip: the transaction, the lock,
+ * whether any claim ran out (a daemon died mid-delivery), and the peers'
+ * push destinations.  The statements are constant text (several in one
+ * simple query take no parameters): the local destination, which is
+ * configuration, is added by the caller (*local, "" for none; until the
+ * twentieth session it was quoted into the text).  Rows whose claim ran
+ * out are then taken back (cw_take_back, a second round trip only when
+ * there are some), due again or dead: how many of each in *pending and
+ * *dead, for the caller to count once the claim commits.  Returns the
+ * peers' destinations, or NULL with e set (the caller rolls back). */
+static PGresult *claim_open(struct lane *l, const char **local, long *pending, long *dead, cw_errmsg *e)
 {
 	struct dispatcher *d = l->d;
 	*local = d->o.local_deliver && (!d->o.local_ready || d->o.local_ready(d->o.local_ctx)) ? d->o.local_destination
 												 : "";
 	if (!PQsendQuery(l->c, "BEGIN; SET LOCAL synchronous_commit = off; SELECT pg_advisory_xact_lock("
 			       CLAIM_LOCK_KEY "); "
-			       "UPDATE outbox SET state = 'pending', claimed_by = NULL, claimed_until = NULL "
-			       " WHERE state = 'in_flight' AND claimed_until < now(); "
+			       "SELECT EXISTS (SELECT 1 FROM outbox WHERE state = 'in_flight' AND claimed_until < now()); "
 			       "SELECT 'peer:' || name FROM peers WHERE mode = 'push' AND enabled")) {
 		cw_fail(e, CW_EUNAVAIL, "cannot send: %s", PQerrorMessage(l->c));
 		return NULL;
 	}
-	/* One result per statement; after an error the server skips the rest. */
+	/* One result per statement; after an error the server skips the rest.
+	 * The fourth is whether a claim ran out. */
 	PGresult *r, *last = NULL;
-	bool failed = false;
-	while ((r = PQgetResult(l->c))) {
+	bool failed = false, ran_out = false;
+	for (int k = 0; (r = PQgetResult(l->c)); k++) {
 		ExecStatusType st = PQresultStatus(r);
 		if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
 			if (!failed)
@@ -656,6 +701,8 @@ static PGresult *claim_open(struct lane *l, const char **local, cw_errmsg *e)
 			PQclear(r);
 			continue;
 		}
+		if (k == 3 && PQntuples(r) == 1)
+			ran_out = strcmp(PQgetvalue(r, 0, 0), "t") == 0;
 		PQclear(last);
 		last = r;
 	}
@@ -664,6 +711,20 @@ static PGresult *claim_open(struct lane *l, const char **local, cw_errmsg *e)
 			cw_fail(e, CW_EUNAVAIL, "the claim's opening answered nothing: %s", PQerrorMessage(l->c));
 		PQclear(last);
 		return NULL;
+	}
+	if (ran_out) {
+		char budget[16], timeout[16];
+		snprintf(budget, sizeof(budget), "%d", d->o.retry_budget);
+		snprintf(timeout, sizeof(timeout), "%ld", d->o.claim_timeout_s);
+		const char *params[] = { budget, timeout };
+		r = PQexecPrepared(l->c, "cw_take_back", 2, params, NULL, NULL, 0);
+		if (store_check(l->c, r, PGRES_TUPLES_OK, e)) {
+			PQclear(last);
+			return NULL;
+		}
+		for (int i = 0; i < PQntuples(r); i++)
+			(*(strcmp(PQgetvalue(r, i, 0), "dead") == 0 ? dead : pending))++;
+		PQclear(r);
 	}
 	return last;
 }
@@ -723,15 +784,18 @@ static int claim(struct lane *l, struct outbox_row **out)
 	cw_errmsg e;
 	struct outbox_row *rows = NULL;
 	int n = 0, cap = 0;
-	long dead = 0; /* rows made dead letters by the claim (unreadable events) */
+	long dead = 0; /* rows made dead letters by the claim (unreadable events, run-out claims) */
+	long back = 0; /* rows whose claim ran out, due again */
 	atomic_fetch_add(&d->claim_tries, 1);
 	if (l->orphans && !release_orphans(l, &e))
 		goto fail_rows;
 	l->claimed_us = cw_now_us(); /* before the claim's own now(): its rows are ours at least until this + timeout */
 	const char *local;
-	PGresult *dr = claim_open(l, &local, &e);
+	long back_dead = 0;
+	PGresult *dr = claim_open(l, &local, &back, &back_dead, &e);
 	if (!dr)
 		goto fail;
+	dead += back_dead;
 	int npeers = PQntuples(dr), nd = npeers + (local[0] != '\0');
 	atomic_store(&d->ndest, nd);
 	for (int k = 0; k < nd && n == 0; k++) {
@@ -774,6 +838,15 @@ static int claim(struct lane *l, struct outbox_row **out)
 		goto fail_rows;
 	}
 	atomic_fetch_add(&d->dead, (uint_fast64_t)dead);
+	atomic_fetch_add(&d->retried, (uint_fast64_t)back);
+	if (back || back_dead) {
+		char again[24], gone[24];
+		snprintf(again, sizeof(again), "%ld", back);
+		snprintf(gone, sizeof(gone), "%ld", back_dead);
+		LOG_KV(back_dead ? CW_LOG_WARN : CW_LOG_INFO,
+		       "rows whose claim ran out (their process stopped mid-delivery?) were taken back", "due_again", again,
+		       "dead", gone);
+	}
 	if (n)
 		qsort(rows, (size_t)n, sizeof(*rows), cmp_row);
 	*out = rows;

@@ -230,6 +230,60 @@ def test_a_delivery_longer_than_the_claim_is_not_sent_again_by_another_process(m
     sb.close()
 
 
+def test_a_row_whose_every_try_ends_with_its_process_dead_goes_dead(make_daemon, db_url, pg):
+    """A row whose delivery the process does not survive (it crashes on
+    it, an OOM kill, a watchdog's kill of a hung delivery) is taken back
+    when its claim runs out, its try counted and kept in the trace; once
+    its tries reach the retry budget it is a dead letter, and so are the
+    later rows of its room to that destination, as when failures spend the
+    budget. Until the thirty-second session it was claimed again every
+    claim_timeout_s for ever, its attempts past the budget, a poison row
+    crash-looping the daemon, and the operator could not stop it (replay
+    and discard act on dead letters only). (A review's probe, session 32.)"""
+    opts = {"dispatcher": {"claim_timeout_s": "5", "retry_budget": "2", "http_timeout_ms": "60000"}}
+    d = make_daemon(db_url, options=opts).start()
+    (a, sa), (b, sb) = push_peers(d)
+    room = a.create_room([a.user("alice"), b.user("bob")]).json()["id"]
+    other = a.create_room([a.user("carol"), b.user("bob")]).json()["id"]
+    sb.delay = 60.0  # every delivery hangs: the daemon is killed during each
+    ids = [a.send(room, a.user("alice"), "poison").json()["id"]]
+    wait_until(lambda: sb.requests >= 1, what="try 1")
+    ids.append(a.send(room, a.user("alice"), "behind it").json()["id"])  # waits behind it
+    for k in (2, 3):
+        d.signal(signal.SIGKILL)
+        d.proc.wait()
+        d = make_daemon(db_url, options=opts).start()
+        if k == 2:
+            wait_until(lambda: sb.requests >= 2, timeout=20, what="try 2, once the claim ran out")
+
+    def dead():
+        got = d.admin("GET", "/outbox?state=dead&destination=peer:tg").json()["rows"]
+        return got if len(got) == 2 else None
+    rows = wait_until(dead, timeout=20, what="the room's two rows dead")
+    assert [x["message"] for x in rows] == ids
+    assert rows[0]["attempts"] == 2 and "stopped" in rows[0]["last_error"], rows
+    assert "earlier message" in rows[1]["last_error"], rows
+    assert sb.requests == 2  # not tried a third time
+    assert 'causeway_dispatch_rows_total{outcome="dead"} 2\n' in d.get("/metrics").text
+    tries = d.admin("GET", f"/messages/{ids[0]}").json()["deliveries"][0]["tries"]
+    assert [(x["attempt"], x["ok"], x["finished_at"]) for x in tries] == [(1, False, None), (2, False, None)], tries
+    assert all("stopped" in x["error"] for x in tries), tries
+    # The peer answers again: another room's message goes, and the dead
+    # letters go when the operator replays them, oldest first.
+    sb.delay = 0
+    a.base = d.url  # the third process, on a port of its own
+    elsewhere = a.send(other, a.user("carol"), "elsewhere").json()["id"]
+    wait_until(lambda: elsewhere in sb.seen, what="another room's message")
+    for x in rows:
+        assert d.admin("POST", f"/outbox/{x['id']}/replay").status_code == 200
+    wait_until(lambda: [r[1] for r in rows_of(pg, db_url, "destination = 'peer:tg' AND id IN "
+                                                           f"({rows[0]['id']}, {rows[1]['id']})")]
+               == ["delivered", "delivered"], what="the replayed rows delivered")
+    d.stop()
+    sa.close()
+    sb.close()
+
+
 def test_a_peer_that_never_answers_does_not_hold_up_the_others(make_daemon, db_url):
     # A destination that takes connections and never answers (a hung
     # gatekeeper, a black-holed proxy) costs each delivery attempt the whole
