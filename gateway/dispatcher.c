@@ -1095,7 +1095,12 @@ static void expire(struct lane *l, const struct outbox_row *rows, size_t n)
 }
 
 /* Takes the stale typing rows out of rows (keeping the others' order) and
- * expires them; the rows left. */
+ * expires them; the rows left.  rows are the lane's l->rows, which the
+ * keeper reads under d->mu (their ids, to renew their claims): they are
+ * moved, and l->nrows cut to the rows left, under it too (the adapters
+ * write only the rows' other fields).  Unlocked until the thirty-second
+ * session, the keeper could read an id while a row was copied over it (a
+ * data race, a review's finding). */
 static size_t drop_stale_typing(struct lane *l, struct outbox_row *rows, size_t n)
 {
 	int64_t now = cw_wall_ms();
@@ -1109,12 +1114,16 @@ static size_t drop_stale_typing(struct lane *l, struct outbox_row *rows, size_t 
 	if (!old)
 		return n; /* sent late rather than not at all */
 	size_t kept = 0, k = 0;
+	pthread_mutex_lock(&l->d->mu);
 	for (size_t i = 0; i < n; i++) {
 		if (stale_typing(&rows[i], now, ms))
 			old[k++] = rows[i];
 		else
 			rows[kept++] = rows[i];
 	}
+	if (l->rows == rows)
+		l->nrows = kept;
+	pthread_mutex_unlock(&l->d->mu);
 	expire(l, old, k);
 	for (size_t i = 0; i < k; i++)
 		json_decref(old[i].event);
