@@ -224,7 +224,14 @@ static bool all_taken(struct dispatcher *d)
 /* Whether the lane may be the one idle lane that waits for notifications
  * and claims on them (each notification then costs one claim, however many
  * lanes there are); if another lane is, sleeps until that one takes a
- * destination (or a second passes) and answers false. */
+ * destination (or a second passes): then the lane watches in its stead if
+ * no other took over, else answers false.  Taking over at once keeps the
+ * notifications that came while it slept unread for the wait that follows:
+ * one commit that makes two destinations due wakes the watcher, which
+ * takes the first, and the second is the new watcher's at once.  Until the
+ * thirty-second session the lane answered false and the caller read them
+ * and threw them away: the second destination waited for the next
+ * notification, or the wait's 200 ms. */
 static bool watch(struct lane *l)
 {
 	struct dispatcher *d = l->d;
@@ -236,8 +243,10 @@ static bool watch(struct lane *l)
 			cw_deadline_ts(&ts, CLOCK_REALTIME, 1000000);
 			pthread_cond_timedwait(&d->idle, &d->mu, &ts);
 		}
-		pthread_mutex_unlock(&d->mu);
-		return false;
+		if (d->watcher >= 0 || atomic_load(&d->stop)) {
+			pthread_mutex_unlock(&d->mu);
+			return false;
+		}
 	}
 	d->watcher = me;
 	pthread_mutex_unlock(&d->mu);

@@ -802,6 +802,33 @@ def test_a_slow_peer_does_not_hold_the_stop(make_daemon, db_url, pg):
             srv.close()
 
 
+def test_one_commit_for_two_slow_destinations_reaches_both_at_once(make_daemon, db_url):
+    """A message to a room with members on two peers is one commit that
+    makes two destinations due.  The lane watching for notifications takes
+    the first; the lane that watches after it must take the second at
+    once, not wait for the next notification or its 200 ms wait (until the
+    thirty-second session it threw away the notifications that came while
+    it slept: with both peers slow to answer, the second push started
+    some 200 ms after the first, a review found)."""
+    d = make_daemon(db_url).start()
+    made = push_peers(d, (("gk", "wa.example"), ("tg", "tg.example"), ("xx", "xx.example")))
+    (a, _), (b, sb), (c, sc) = made
+    try:
+        rm = a.create_room([a.user("alice"), b.user("bob"), c.user("carol")]).json()["id"]
+        sb.delay = sc.delay = 0.5  # each push holds its lane a while
+        gaps = []
+        for i in range(7):
+            nb, nc = len(sb.answers), len(sc.answers)
+            assert a.send(rm, a.user("alice"), f"m{i}").status_code == 202
+            wait_until(lambda: len(sb.answers) > nb and len(sc.answers) > nc, what="both pushes")
+            gaps.append(abs(sb.answers[nb][0] - sc.answers[nc][0]))
+            time.sleep(1.2)  # the idle lanes settle: one watches, the others sleep
+        gaps.sort()
+        assert gaps[len(gaps) // 2] < 0.1, [round(g * 1000) for g in gaps]  # the median, in seconds
+    finally:
+        for _, srv in made:
+            srv.close()
+
 def test_room_get_members_and_visibility(daemon, peers):
     (a, _), (b, _) = peers
     rm = room(a, b)
