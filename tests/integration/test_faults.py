@@ -135,35 +135,6 @@ def rows_of(pg, db_url, where):
     return [line.split("|") for line in out.splitlines() if line]
 
 
-def test_sigterm_releases_the_rows_in_flight_at_once(make_daemon, db_url, pg):
-    """A delivery in flight to a slow peer when SIGTERM comes: the stop
-    does not wait for its answer, and its rows are released (pending,
-    unclaimed), so that the next start sends them at once, not after
-    claim_timeout_s (60 s here). (A review's probe, session 32.)"""
-    opts = {"dispatcher": {"claim_timeout_s": "60", "http_timeout_ms": "20000"}}
-    d = make_daemon(db_url, options=opts).start()
-    (a, sa), (b, sb) = push_peers(d)
-    room = a.create_room([a.user("alice"), b.user("bob")]).json()["id"]
-    sb.delay = 10.0
-    mid = a.send(room, a.user("alice"), "slow").json()["id"]
-    wait_until(lambda: sb.requests >= 1, what="the delivery started")
-    t0 = time.time()
-    assert d.stop() == 0
-    took = time.time() - t0
-    left = rows_of(pg, db_url, "destination = 'peer:tg'")
-    assert took < 8, took
-    assert [r[1:] for r in left] == [["pending", "", "0"]], left  # released, its attempt not counted
-    sb.delay = 0
-    n0 = sb.requests
-    d2 = make_daemon(db_url, options=opts).start()
-    wait_until(lambda: sb.requests > n0, timeout=10, what="sent again soon after the restart")
-    wait_until(lambda: rows_of(pg, db_url, "destination = 'peer:tg'")[0][1] == "delivered", what="delivered")
-    d2.stop()
-    sa.close()
-    sb.close()
-    assert mid in sb.seen
-
-
 def test_two_processes_one_killed_under_load_keep_order_and_lose_nothing(make_daemon, db_url, pg):
     """Two processes on one database, both dispatching, the load through
     the second; the first is killed (SIGKILL) while a delivery of its own is
