@@ -950,37 +950,126 @@ static bool roster_cursor_set(struct xcomp *xc, PGconn *c, long long at)
 	return ok;
 }
 
+/* The roster sync reads the audit log by id.  An id is taken when a
+ * record is written and seen when its transaction commits: a record may
+ * commit after one of a higher id was read (the first transaction
+ * committed last).  Until the thirty-second session the cursor went past
+ * it (max(id)), and that change never reached the roster (an expired
+ * request stayed shown).  Now an id missing below what was read (a gap) is
+ * read again each turn until its record is there, and given up after
+ * AUDIT_GAP_MIN_MS, or twice database.statement_timeout_ms if that is
+ * longer (a rolled-back transaction's id never comes); the stored cursor
+ * stays below the lowest gap. */
+#define AUDIT_SPAN 20000 /* ids read in one turn: a holder far behind catches up a page a second */
+#define AUDIT_GAP_MIN_MS 60000
+
+static int64_t audit_gap_ms(const struct xcomp *xc)
+{
+	int64_t ms = 2 * (int64_t)xc->x->cfg->db_statement_timeout_ms;
+	return ms > AUDIT_GAP_MIN_MS ? ms : AUDIT_GAP_MIN_MS;
+}
+
+/* The gaps as a bigint[] literal ("{1,2}"; 24 bytes an id at most). */
+static void audit_gaps_text(const struct xcomp *xc, char *out, size_t cap)
+{
+	size_t n = (size_t)snprintf(out, cap, "{");
+	for (int i = 0; i < xc->audit_ngaps && n < cap; i++)
+		n += (size_t)snprintf(out + n, cap - n, "%s%lld", i ? "," : "", xc->audit_gaps[i].id);
+	if (n < cap)
+		snprintf(out + n, cap - n, "}");
+}
+
+/* The new gaps from missing (ids, highest first, up to XA_AUDIT_GAPS + 1
+ * rows: more than the list holds), those missed before keeping the time
+ * they were first missed; old ones (and the lowest of too many) given up. */
+static void audit_gaps_update(struct xcomp *xc, PGresult *missing, int64_t now)
+{
+	struct xa_audit_gap kept[XA_AUDIT_GAPS];
+	int n = 0;
+	long long gave_up = 0;
+	for (int i = 0; i < PQntuples(missing); i++) {
+		long long id = atoll(PQgetvalue(missing, i, 0));
+		int64_t since = now;
+		for (int k = 0; k < xc->audit_ngaps; k++)
+			if (xc->audit_gaps[k].id == id)
+				since = xc->audit_gaps[k].since_ms;
+		if (n == XA_AUDIT_GAPS || now - since >= audit_gap_ms(xc)) {
+			gave_up = id;
+			continue;
+		}
+		kept[n].id = id;
+		kept[n++].since_ms = since;
+	}
+	if (gave_up) {
+		char v[24];
+		snprintf(v, sizeof(v), "%lld", gave_up);
+		LOG_KV(CW_LOG_INFO,
+		       "xmpp roster sync: an audit log id missing for long (a rolled-back transaction's) is passed over",
+		       "component", xc->domain, "audit_id", v);
+	}
+	memcpy(xc->audit_gaps, kept, (size_t)n * sizeof(kept[0]));
+	xc->audit_ngaps = n;
+}
+
 void xa_roster_sync(struct xcomp *xc, PGconn *c)
 {
-	PGresult *r = PQexec(c, "SELECT coalesce(max(id), 0) FROM audit_log");
-	if (PQresultStatus(r) != PGRES_TUPLES_OK || PQntuples(r) != 1) {
-		PQclear(r);
-		return;
-	}
-	long long top = atoll(PQgetvalue(r, 0, 0));
-	PQclear(r);
+	PGresult *r;
 	if (xc->audit_seen < 0) {
 		/* This process just took the stream: it goes on from where the
 		 * last holder stopped (changes made while nobody held it are sent
 		 * now), or, the first time ever, from now on. */
+		r = PQexec(c, "SELECT coalesce(max(id), 0) FROM audit_log");
+		if (PQresultStatus(r) != PGRES_TUPLES_OK || PQntuples(r) != 1) {
+			PQclear(r);
+			return;
+		}
+		long long top = atoll(PQgetvalue(r, 0, 0));
+		PQclear(r);
 		long long at = roster_cursor(xc, c);
 		if (at == -2)
 			return; /* tried again in a second */
-		if (at == -1 || at > top) {
-			if (roster_cursor_set(xc, c, top))
-				xc->audit_seen = top;
+		if ((at == -1 || at > top) && !roster_cursor_set(xc, c, top))
 			return;
-		}
-		xc->audit_seen = at;
+		xc->audit_seen = xc->audit_read = at == -1 || at > top ? top : at;
+		xc->audit_ngaps = 0;
 	}
-	if (top <= xc->audit_seen)
+	/* One snapshot: what is missing is what the rows read do not hold. */
+	cw_errmsg e;
+	if (store_exec(c, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", &e))
 		return;
-	char seen[24], upto[24];
-	snprintf(seen, sizeof(seen), "%lld", xc->audit_seen);
-	snprintf(upto, sizeof(upto), "%lld", top);
+	r = PQexec(c, "SELECT coalesce(max(id), 0) FROM audit_log");
+	if (PQresultStatus(r) != PGRES_TUPLES_OK || PQntuples(r) != 1) {
+		PQclear(r);
+		store_end(c, CW_EIO, &e);
+		return;
+	}
+	long long top = atoll(PQgetvalue(r, 0, 0));
+	PQclear(r);
+	if (top <= xc->audit_read && !xc->audit_ngaps) {
+		store_end(c, CW_OK, &e);
+		return;
+	}
+	long long upto = top < xc->audit_read ? xc->audit_read
+		       : top - xc->audit_read > AUDIT_SPAN ? xc->audit_read + AUDIT_SPAN : top;
+	char seen[24], upto_s[24], gaps[XA_AUDIT_GAPS * 24 + 4], limit[16];
+	snprintf(seen, sizeof(seen), "%lld", xc->audit_read);
+	snprintf(upto_s, sizeof(upto_s), "%lld", upto);
+	snprintf(limit, sizeof(limit), "%d", XA_AUDIT_GAPS + 1);
+	audit_gaps_text(xc, gaps, sizeof(gaps));
+	const char *mparams[] = { seen, upto_s, gaps, limit };
+	PGresult *missing = PQexecParams(c,
+		"SELECT s.g FROM (SELECT generate_series($1::bigint + 1, $2::bigint) UNION SELECT unnest($3::bigint[])) s(g) "
+		"WHERE NOT EXISTS (SELECT 1 FROM audit_log a WHERE a.id = s.g) ORDER BY 1 DESC LIMIT $4::int",
+		4, NULL, mparams, NULL, NULL, 0);
+	if (PQresultStatus(missing) != PGRES_TUPLES_OK) {
+		PQclear(missing);
+		store_end(c, CW_EIO, &e);
+		return; /* tried again in a second */
+	}
 	const struct cw_config *cfg = xc->x->cfg;
-	const char *params[] = { seen, upto, xc->peer, xc->x->local_domain, cfg->domain ? cfg->domain : "" };
-	/* By URI: the contact may be on the roster without ever having written. */
+	const char *params[] = { seen, upto_s, xc->peer, xc->x->local_domain, cfg->domain ? cfg->domain : "", gaps };
+/* the records read this turn: those above the cursor and the gaps' */
+#define AUDIT_READ_SQL "(a.id > $1::bigint AND a.id <= $2::bigint OR a.id = ANY ($6::bigint[]))"
 	r = PQexecParams(c,
 		"SELECT coalesce(lb.native_id, substr(a.details->>'user', length('mimi://' || $5 || '/u/') + 1) "
 		" || '@' || $4), substr(a.details->>'subject', length('mimi://' || p.domain || '/u/') + 1), a.id, 'drop' "
@@ -988,7 +1077,7 @@ void xa_roster_sync(struct xcomp *xc, PGconn *c)
 		" AND starts_with(a.details->>'subject', 'mimi://' || p.domain || '/u/') "
 		" LEFT JOIN identities li ON li.uri = a.details->>'user' AND li.is_local "
 		" LEFT JOIN identity_bindings lb ON lb.identity_id = li.id AND lb.network = 'xmpp' "
-		"WHERE a.id > $1::bigint AND a.id <= $2::bigint AND (a.actor = 'admin' OR starts_with(a.actor, 'admin:')) AND a.action = 'consent.set' "
+		"WHERE " AUDIT_READ_SQL " AND (a.actor = 'admin' OR starts_with(a.actor, 'admin:')) AND a.action = 'consent.set' "
 		" AND starts_with(a.details->>'user', 'mimi://' || $5 || '/u/') "
 		" AND a.details->>'subject_kind' = 'user' AND a.details->>'state' IN ('blocked', 'none') "
 		/* a whole network's block: the user's contacts of it (since the
@@ -998,7 +1087,7 @@ void xa_roster_sync(struct xcomp *xc, PGconn *c)
 		" JOIN identities li ON li.uri = a.details->>'user' AND li.is_local "
 		" LEFT JOIN identity_bindings lb ON lb.identity_id = li.id AND lb.network = 'xmpp' "
 		" CROSS JOIN LATERAL (" NETWORK_CONTACTS_SQL("li.id", "p.id") ") c "
-		"WHERE a.id > $1::bigint AND a.id <= $2::bigint AND (a.actor = 'admin' OR starts_with(a.actor, 'admin:')) "
+		"WHERE " AUDIT_READ_SQL " AND (a.actor = 'admin' OR starts_with(a.actor, 'admin:')) "
 		" AND a.action = 'consent.set' AND starts_with(a.details->>'user', 'mimi://' || $5 || '/u/') "
 		" AND a.details->>'subject_kind' = 'domain' AND a.details->>'state' = 'blocked' "
 		/* an accept (of a contact, or a whole network) that decided
@@ -1012,7 +1101,7 @@ void xa_roster_sync(struct xcomp *xc, PGconn *c)
 		" JOIN consent_requests q ON q.local_identity_id = li.id AND q.state = 'accepted' AND q.decided_at = a.at "
 		"  AND q.notified_at IS NOT NULL "
 		" JOIN identities ri ON ri.id = q.remote_identity_id AND ri.peer_id = p.id "
-		"WHERE a.id > $1::bigint AND a.id <= $2::bigint AND (a.actor = 'admin' OR starts_with(a.actor, 'admin:')) "
+		"WHERE " AUDIT_READ_SQL " AND (a.actor = 'admin' OR starts_with(a.actor, 'admin:')) "
 		" AND a.action = 'consent.set' AND starts_with(a.details->>'user', 'mimi://' || $5 || '/u/') "
 		" AND a.details->>'state' = 'allowed' AND a.details->>'requests_decided' <> '0' "
 		/* a request shown to the user that expired (the policy's sweep
@@ -1025,14 +1114,18 @@ void xa_roster_sync(struct xcomp *xc, PGconn *c)
 		" JOIN identities li ON li.id = q.local_identity_id AND li.is_local AND li.network = 'xmpp' "
 		" LEFT JOIN identity_bindings lb ON lb.identity_id = li.id AND lb.network = 'xmpp' "
 		" JOIN identities ri ON ri.id = q.remote_identity_id JOIN peers p ON p.id = ri.peer_id AND p.name = $3 "
-		"WHERE a.id > $1::bigint AND a.id <= $2::bigint AND a.actor = 'policy' AND a.action = 'consent.expire' "
+		"WHERE " AUDIT_READ_SQL " AND a.actor = 'policy' AND a.action = 'consent.expire' "
 		" AND NOT EXISTS (SELECT 1 FROM consent_requests n WHERE n.local_identity_id = q.local_identity_id "
 		"  AND n.remote_identity_id = q.remote_identity_id AND n.state = 'pending') ORDER BY 3",
-		5, NULL, params, NULL, NULL, 0);
+		6, NULL, params, NULL, NULL, 0);
+#undef AUDIT_READ_SQL
 	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
 		PQclear(r);
+		PQclear(missing);
+		store_end(c, CW_EIO, &e);
 		return; /* tried again in a second */
 	}
+	store_end(c, CW_OK, &e); /* read only: what was read stands */
 	for (int i = 0; i < PQntuples(r); i++) {
 		char remote[XJ_JID_MAX + 1];
 		if (!xa_remote_jid(xc, PQgetvalue(r, i, 1), remote, sizeof(remote)))
@@ -1043,9 +1136,17 @@ void xa_roster_sync(struct xcomp *xc, PGconn *c)
 			roster_drop(xc, true, remote, PQgetvalue(r, i, 0));
 	}
 	PQclear(r);
+	audit_gaps_update(xc, missing, cw_now_us() / 1000);
+	PQclear(missing);
+	xc->audit_read = upto;
+	long long done = upto;
+	for (int i = 0; i < xc->audit_ngaps; i++)
+		if (xc->audit_gaps[i].id <= done)
+			done = xc->audit_gaps[i].id - 1;
 	/* Kept for the next holder of the stream; if that fails, this process
 	 * goes on from memory and the next holder sends the pairs again
-	 * (harmless: the roster is already out of step with nothing). */
-	roster_cursor_set(xc, c, top);
-	xc->audit_seen = top;
+	 * (harmless: the roster is already out of step with nothing); so it
+	 * does with those read above a gap. */
+	if (done != xc->audit_seen && roster_cursor_set(xc, c, done))
+		xc->audit_seen = done;
 }

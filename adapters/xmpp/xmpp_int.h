@@ -72,6 +72,9 @@ struct xa_session {
 	int64_t until_us;               /* cw_now_us() when it expires */
 };
 
+/* audit_log ids the roster sync waits for at once (xa_roster_sync) */
+#define XA_AUDIT_GAPS 256
+
 struct xcomp {
 	struct xmpp *x;
 	char domain[XJ_PART_MAX + 1];   /* the component's JID */
@@ -117,6 +120,16 @@ struct xcomp {
 	bool resend_pending;            /* pending consent requests go out again after a (re)connect, */
 	long long resend_after;         /* those with an id above this one still (xa_requests) */
 	long long audit_seen;           /* the operator's consent changes up to this audit_log id are done (-1: none yet) */
+	/* and every id up to audit_read was read, but those in audit_gaps:
+	 * missing when read (a transaction that took the id had not committed,
+	 * or rolled back), read again each turn until they are there or old
+	 * (xa_roster_sync) */
+	long long audit_read;
+	struct xa_audit_gap {
+		long long id;
+		int64_t since_ms;       /* monotonic, when it was first missed */
+	} audit_gaps[XA_AUDIT_GAPS];
+	int audit_ngaps;
 	/* the remote users' profile changes sent to their contacts up to this
 	 * (profile_changed_at, id); profiles_at "" : not read yet */
 	char profiles_at[64];
@@ -264,7 +277,8 @@ void xa_requests(struct xcomp *xc, PGconn *c);
  * user's contacts of the peer on a block of its whole domain; an accept
  * that decided requests shown to the user withdraws them (unsubscribe), and
  * so does the policy's expiry of a request shown (consent.expire).  Changes
- * made while no process held the stream are seen by the next holder. */
+ * made while no process held the stream are seen by the next holder, and
+ * so is a record whose transaction committed after one of a higher id. */
 void xa_roster_sync(struct xcomp *xc, PGconn *c);
 /* A local user's message to this component's peer that became a dead
  * letter is told to them in a chat message from the component's domain

@@ -22,7 +22,7 @@ import pytest
 import requests
 from cryptography.hazmat.primitives import serialization
 
-from harness import NAMES_SHOWN, free_port, wait_until
+from harness import NAMES_SHOWN, HeldSession, free_port, wait_until
 from peer import MediaServer, NotifyServer, PeerClient, verify_get
 from pgproxy import PgProxy
 from prosody import Prosody, XmppClient
@@ -2261,6 +2261,50 @@ def test_an_expired_request_is_withdrawn_from_the_roster(xd, gk, alice, pg, db_u
     alice.ping(COMP)  # answered after what the component wrote before it
     assert presence_types(alice, WALLY_JID, start) == ["unsubscribe"]
     assert presence_types(alice, eve, start) == []
+
+
+def test_a_change_committed_after_a_later_one_still_reaches_the_roster(xd, gk, alice, pg, db_url):
+    """The roster sync reads the audit log after a cursor. A record whose
+    transaction commits after one of a later id has committed (and been
+    read) is not skipped: the cursor stays below the id still missing (the
+    stored one too) until it is there, and then the change reaches the
+    roster. Until the thirty-second session the cursor went past it, and
+    the expired request stayed shown for ever."""
+    a, srv = gk
+    eve = "eve@" + COMP
+    requests_to_alice(xd, a, alice, "wally", "eve")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM consent_requests WHERE notified_at IS NOT NULL", db_url) == "2",
+               what="both requests shown")
+    start = alice.count()
+    held = HeldSession(db_url)
+    try:
+        # wally's request expires in a transaction that stays open (as the
+        # policy's sweep records it): its audit id is taken now
+        held.run("BEGIN; UPDATE consent_requests q SET state = 'expired' FROM identities i "
+                 "WHERE i.id = q.remote_identity_id AND i.localpart = 'wally';")
+        held.run("INSERT INTO audit_log (actor, action, subject, details) SELECT 'policy', 'consent.expire', "
+                 "'mimi://example.org/u/alice', jsonb_build_object('request', q.id, 'sender', i.uri, 'by', 'sweep') "
+                 "FROM consent_requests q JOIN identities i ON i.id = q.remote_identity_id WHERE i.localpart = 'wally';")
+        gap = int(pg.psql("SELECT last_value FROM audit_log_id_seq", db_url))  # the held record's
+        # a later record commits first, and the sync reads it
+        assert xd.admin("POST", "/consents", json={"user": ALICE, "subject_kind": "user",
+                                                  "subject": "mimi://wa.example/u/eve", "state": "allowed"}).ok
+        assert int(pg.psql("SELECT max(id) FROM audit_log", db_url)) > gap
+        alice.wait_for_presence(lambda el: el.get("from", "").split("/")[0] == eve
+                                and el.get("type") == "unsubscribe", start=start)
+        assert int(pg.psql("SELECT audit_id FROM xmpp_roster_sync", db_url)) < gap
+        assert presence_types(alice, WALLY_JID, start) == []
+        held.run("COMMIT;")
+    finally:
+        held.end()
+    alice.wait_for_presence(lambda el: el.get("from", "").split("/")[0] == WALLY_JID
+                            and el.get("type") == "unsubscribe", start=start)
+    later = pg.psql("SELECT max(id) FROM audit_log", db_url)
+    wait_until(lambda: pg.psql(f"SELECT audit_id >= {later} FROM xmpp_roster_sync", db_url) == "t",
+               what="the stored cursor past the gap once it is filled")
+    alice.ping(COMP)
+    assert presence_types(alice, WALLY_JID, start) == ["unsubscribe"]
+    assert presence_types(alice, eve, start) == ["unsubscribe"]
 
 
 def test_adding_a_blocked_contact_is_refused_and_said(xd, gk, alice, pg, db_url):
