@@ -569,7 +569,7 @@ static void in_answer(struct xin *in, cw_err rc, const cw_errmsg *e)
 	} else if (in->err_cond) {
 		answer(in->xc, in->text, in->err_type, in->err_cond, in->err_text);
 	} else if (in->leave) {
-		xa_muc_left(in->xc, in->text, in->leave);
+		xa_muc_left(in->xc, in->text, in->leave, false);
 	} else if (in->group) {
 		/* A room sends every groupchat back to its sender's resources
 		 * (XEP-0045 §7.4): a message is the client's sign that it is in,
@@ -745,7 +745,7 @@ void xa_in_message(struct xcomp *xc, xmpp_stanza_t *st)
 		to_component(xc, st);
 		return;
 	}
-	if (xa_muc_invites(xc, st)) {
+	if (xa_muc_invites(xc, st) || xa_muc_declines(xc, st)) {
 		free(in);
 		return;
 	}
@@ -855,7 +855,7 @@ void xa_in_leave(struct xcomp *xc, xmpp_stanza_t *iq, enum xa_leave how, const c
 {
 	struct xin *in = calloc(1, sizeof(*in));
 	if (!in) {
-		xa_send_now(xc, xa_error_reply(iq, "wait", "resource-constraint", NULL));
+		xa_enqueue_stanza(xc, xa_error_reply(iq, "wait", "resource-constraint", NULL));
 		return;
 	}
 	in->xc = xc;
@@ -880,10 +880,10 @@ void xa_in_leave(struct xcomp *xc, xmpp_stanza_t *iq, enum xa_leave how, const c
 	size_t len = 0;
 	if (xmpp_stanza_to_text(iq, &buf, &len) == XMPP_EOK && buf) {
 		in->text = strdup(buf);
-		xmpp_free(xc->ctx, buf);
+		xmpp_free(xmpp_stanza_get_context(iq), buf);
 	}
 	if (!in->text || !in->refs || !in->map || !in->rx || !in_start(in)) {
-		xa_send_now(xc, xa_error_reply(iq, "wait", "internal-server-error", NULL));
+		xa_enqueue_stanza(xc, xa_error_reply(iq, "wait", "internal-server-error", NULL));
 		xin_free(in);
 	}
 }

@@ -247,7 +247,8 @@ void xa_in_message(struct xcomp *xc, xmpp_stanza_t *st);
 enum xa_leave { XA_LEAVE_NONE, XA_LEAVE_ADMIN, XA_LEAVE_COMMAND };
 /* Leaves the group of room (a room's bare JID) for the local user: their
  * membership event to the group's other members and their membership
- * ended, in one transaction; then xa_muc_left answers iq. */
+ * ended, in one transaction; then xa_muc_left answers iq (any thread:
+ * xmpp_muc.c calls it once it found the user no invitee to decline). */
 void xa_in_leave(struct xcomp *xc, xmpp_stanza_t *iq, enum xa_leave how, const char *room, const char *local_bare,
 		 const char *local);
 /* The local user's bare JID and localpart of a full JID of local_domain, or false. */
@@ -378,8 +379,14 @@ bool xa_command_bad_action(struct xcomp *xc, xmpp_stanza_t *iq, const char *acti
 xmpp_stanza_t *xa_command_end(xmpp_ctx_t *ctx, xmpp_stanza_t *iq, const char *node, const char *status,
 			      const char *note, const char *note_type);
 xmpp_stanza_t *xa_command_stage(struct xcomp *xc, xmpp_stanza_t *iq, const char *node, xmpp_stanza_t **form);
-/* The answer to a user's iq that left a group (any thread). */
-void xa_muc_left(struct xcomp *xc, const char *iq_text, enum xa_leave how);
+/* The answer to a user's iq that left a group, or (declined) declined it
+ * while a peer had her only invited (any thread). */
+void xa_muc_left(struct xcomp *xc, const char *iq_text, enum xa_leave how, bool declined);
+/* A local user's decline of a room's invitation (XEP-0045 §7.8.2, a
+ * message to the room with <decline/>): while a peer has her only invited
+ * to the group, it declines it (stored, told to nobody); true when st was
+ * one. */
+bool xa_muc_declines(struct xcomp *xc, xmpp_stanza_t *st);
 /* The occupants into xmpp_muc_occupants, when they changed since the last
  * time (the stream's thread, on the lock's connection). */
 void xa_muc_sync(struct xcomp *xc, PGconn *c);

@@ -1052,10 +1052,147 @@ static void leave_form(struct xcomp *xc, xmpp_stanza_t *iq)
 			xmpp_stanza_set_attribute(f, "type", "fixed");
 			xa_text_child(ctx, f, "value", NULL,
 				      "You will no longer be a member: its messages stop, the other members see you "
-				      "go, and only a member can add you again.");
+				      "go, and only a member can add you again. If you were only invited (never "
+				      "joined), this declines the invitation, and nobody is told.");
 		}
 	}
 	xa_send_now(xc, r);
+}
+
+/* A local user a peer put into a group is invited until she joins
+ * (docs/policy.md, "Local users a peer puts into a group"; schema/037).
+ * Her leave (the command, her affiliation to none) or her decline of the
+ * room's invitation (XEP-0045 §7.8.2) while invited declines the group:
+ * kept (left, peer_invited still set, so the peers go on listing her
+ * invited) and told to nobody, as the Matrix portal's invitation refused
+ * (mx_bot.c left; the decline itself is no event, mx_map.c).  Until the
+ * thirty-second session her leave was refused (the pipeline takes a
+ * membership event from joined members only: service-unavailable) and
+ * she had no way to say no.  A member's leave goes on to the pipeline
+ * (xa_in_leave): her membership event to the group. */
+struct mdecline {
+	struct xcomp *xc;
+	char *text;                       /* the request, serialised */
+	enum xa_leave how;                /* XA_LEAVE_NONE: a decline message */
+	char room[XJ_JID_MAX + 1];        /* the room's bare JID */
+	char user[1100];                  /* the user's bare JID */
+	char local[MIMI_LOCAL_MAX + 1];
+	char uri[MIMI_URI_MAX + 1];
+	char native[600];                 /* her binding's pair key */
+	bool declined;                    /* the job's */
+};
+
+/* Under the room's lock of every write of events (taken first, in a
+ * statement of its own, as a join's mark does): a group write holding it
+ * that read her invited commits first; one waiting for it reads her gone.
+ * Only the room she has the invitation of here (her binding to the room
+ * JID, made when it was sent), only while she is invited there. */
+static cw_err decline_fn(PGconn *c, void *arg, cw_errmsg *e)
+{
+	struct mdecline *d = arg;
+	d->declined = false;
+	const char *params[] = { d->native, d->uri };
+#define DECLINE_ROWS \
+	"room_bindings b, identities i WHERE b.network = 'xmpp' AND b.native_id = $1 " \
+	"AND b.remote_identity_id IS NULL AND i.id = b.local_identity_id AND i.uri = $2 AND i.is_local " \
+	"AND x.room_id = b.room_id AND x.identity_id = i.id AND x.membership = 'invited' AND x.peer_invited"
+	PGresult *r = PQexecParams(c, "SELECT count(" ROOM_LOCK_SQL("x.room_id") ") FROM room_members x, " DECLINE_ROWS,
+				   2, NULL, params, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	bool invited = strcmp(PQgetvalue(r, 0, 0), "0") != 0;
+	PQclear(r);
+	if (!invited)
+		return CW_OK;
+	r = PQexecParams(c, "UPDATE room_members x SET membership = 'left', updated_at = now() FROM " DECLINE_ROWS
+			    " RETURNING 1", 2, NULL, params, NULL, NULL, 0);
+#undef DECLINE_ROWS
+	if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
+		return rc;
+	d->declined = PQntuples(r) > 0;
+	PQclear(r);
+	return CW_OK;
+}
+
+static void decline_done(void *arg, cw_err rc, const cw_errmsg *e)
+{
+	struct mdecline *d = arg;
+	struct xcomp *xc = d->xc;
+	xmpp_ctx_t *ctx = xa_thread_ctx(xc->x);
+	xmpp_stanza_t *st = ctx ? xmpp_stanza_new_from_string(ctx, d->text) : NULL;
+	if (rc) {
+		LOG_KV(CW_LOG_WARN, "xmpp: a decline could not be stored", "component", xc->domain, "detail",
+		       e ? e->msg : "");
+		if (st)
+			xa_enqueue_stanza(xc, xa_error_reply(st, "wait", "internal-server-error", NULL));
+	} else if (d->declined) {
+		LOG_KV_LIMITED(CW_LOG_INFO, "a user a peer invited declined the group", "component", xc->domain,
+			       "room", d->room);
+		if (d->how != XA_LEAVE_NONE)
+			xa_muc_left(xc, d->text, d->how, true);
+		/* a decline message is not answered (XEP-0045 §7.8.2): the
+		 * room would pass it on to the inviter, and no peer learns it */
+	} else if (d->how != XA_LEAVE_NONE) {
+		if (st)
+			xa_in_leave(xc, st, d->how, d->room, d->user, d->local); /* a member's leave */
+	} else if (st) {
+		atomic_fetch_add(&xc->errors_out, 1);
+		xa_enqueue_stanza(xc, xa_error_reply(st, "cancel", "item-not-found",
+						     "No invitation to this group waits for you."));
+	}
+	if (st)
+		xmpp_stanza_release(st);
+	free(d->text);
+	free(d);
+}
+
+/* On the stream's thread: st (a leave request, or a decline message) of
+ * user (bare JID; local: its local part) about room (bare JID). */
+static void decline_start(struct xcomp *xc, xmpp_stanza_t *st, enum xa_leave how, const char *room,
+			  const char *user, const char *local)
+{
+	struct mdecline *d = calloc(1, sizeof(*d));
+	char *text = NULL;
+	size_t len = 0;
+	if (d && xmpp_stanza_to_text(st, &text, &len) == XMPP_EOK && text) {
+		d->text = strdup(text);
+		xmpp_free(xc->ctx, text);
+	}
+	if (d && d->text) {
+		d->xc = xc;
+		d->how = how;
+		snprintf(d->room, sizeof(d->room), "%s", room);
+		snprintf(d->user, sizeof(d->user), "%s", user);
+		snprintf(d->local, sizeof(d->local), "%s", local);
+		snprintf(d->uri, sizeof(d->uri), "mimi://%s/u/%s", xc->x->cfg->domain ? xc->x->cfg->domain : "", local);
+		xa_room_native(user, room, d->native, sizeof(d->native));
+		if (store_write(xc->x->app->store, decline_fn, decline_done, d) == CW_OK)
+			return;
+	}
+	if (d)
+		free(d->text);
+	free(d);
+	xa_send_now(xc, xa_error_reply(st, "wait", "resource-constraint", NULL));
+}
+
+bool xa_muc_declines(struct xcomp *xc, xmpp_stanza_t *st)
+{
+	xmpp_stanza_t *x = xmpp_stanza_get_child_by_name_and_ns(st, "x", NS_MUC_USER);
+	const char *to = xmpp_stanza_get_to(st), *from = xmpp_stanza_get_from(st);
+	if (!x || !xmpp_stanza_get_child_by_name(x, "decline"))
+		return false;
+	char public_id[EVENT_OPAQUE_ID_MAX + 1], room[XJ_JID_MAX + 1], nick[NICK_MAX + 1];
+	char user[1100], local[MIMI_LOCAL_MAX + 1];
+	if (!xa_muc_room(xc, to, public_id, sizeof(public_id), room, sizeof(room), nick, sizeof(nick)) || nick[0] ||
+	    !xa_local_user(xc->x, from, user, sizeof(user), local, sizeof(local))) {
+		/* a decline goes to the room (XEP-0045 §7.8.2) */
+		atomic_fetch_add(&xc->errors_out, 1);
+		xa_send_now(xc, xa_error_reply(st, "modify", "bad-request", NULL));
+		return true;
+	}
+	decline_start(xc, st, XA_LEAVE_NONE, room, user, local);
+	return true;
 }
 
 static void leave_request(struct xcomp *xc, xmpp_stanza_t *iq, const char *room, bool command)
@@ -1081,7 +1218,7 @@ static void leave_request(struct xcomp *xc, xmpp_stanza_t *iq, const char *room,
 		if (action && strcmp(action, "cancel") == 0)
 			xa_send_now(xc, xa_command_end(xc->ctx, iq, LEAVE_NODE, "canceled", NULL, NULL));
 		else if ((xt && strcmp(xt, "submit") == 0) || (action && strcmp(action, "complete") == 0))
-			xa_in_leave(xc, iq, XA_LEAVE_COMMAND, room, user, local);
+			decline_start(xc, iq, XA_LEAVE_COMMAND, room, user, local);
 		else
 			leave_form(xc, iq);
 		return;
@@ -1106,10 +1243,10 @@ static void leave_request(struct xcomp *xc, xmpp_stanza_t *iq, const char *room,
 		xa_send_now(xc, xa_error_reply(iq, "auth", "forbidden", NULL));
 		return;
 	}
-	xa_in_leave(xc, iq, XA_LEAVE_ADMIN, room, user, local);
+	decline_start(xc, iq, XA_LEAVE_ADMIN, room, user, local);
 }
 
-void xa_muc_left(struct xcomp *xc, const char *iq_text, enum xa_leave how)
+void xa_muc_left(struct xcomp *xc, const char *iq_text, enum xa_leave how, bool declined)
 {
 	xmpp_ctx_t *ctx = xa_thread_ctx(xc->x);
 	xmpp_stanza_t *iq = ctx ? xmpp_stanza_new_from_string(ctx, iq_text) : NULL;
@@ -1117,7 +1254,10 @@ void xa_muc_left(struct xcomp *xc, const char *iq_text, enum xa_leave how)
 		return;
 	xmpp_stanza_t *r;
 	if (how == XA_LEAVE_COMMAND) {
-		r = xa_command_end(ctx, iq, LEAVE_NODE, "completed", "You left the group.", "info");
+		r = xa_command_end(ctx, iq, LEAVE_NODE, "completed",
+				   declined ? "You declined the invitation: nothing more of this group comes to you."
+					    : "You left the group.",
+				   "info");
 	} else if ((r = xa_iq_result(iq))) {
 		xmpp_stanza_set_from(r, xmpp_stanza_get_to(iq));
 	}

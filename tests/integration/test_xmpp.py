@@ -4169,6 +4169,94 @@ def test_a_link_expires(make_daemon, db_url, prosody, alice, tmp_path):
         media.close()
 
 
+def peer_invited_bob(xd, a, alice, prosody, pg, db_url, *others):
+    """gk puts alice and bob (and others, URIs) into a group with wally;
+    both accept wally, so his first message invites them; alice joins:
+    (group id, room JID, bob's client, bob's membership query)."""
+    bob_uri = "mimi://example.org/u/bob"
+    consent_alice(xd)
+    consent_alice(xd, user=bob_uri)
+    bob = prosody.client("bob", "pw-bob")
+    gid = a.create_room([a.user("wally"), ALICE, bob_uri, *others], kind="group").json()["id"]
+    assert a.send(gid, a.user("wally"), "hello").status_code == 202
+    room = alice.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None).get("from")
+    assert bob.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None).get("from") == room
+    # their bindings to the room are written just after their invitations are sent
+    wait_until(lambda: pg.psql("SELECT count(*) FROM room_bindings WHERE network = 'xmpp' "
+                               "AND remote_identity_id IS NULL", db_url) == "2", what="the room's bindings")
+    join_room(room, (alice, "alice"))
+    membership = ("SELECT m.membership || ' ' || m.peer_invited FROM room_members m JOIN rooms r ON r.id = m.room_id "
+                  f"JOIN identities i ON i.id = m.identity_id WHERE r.public_id = '{gid}' AND i.uri = '{bob_uri}'")
+    assert pg.psql(membership, db_url) == "invited true"
+    return gid, room, bob, membership
+
+
+@pytest.mark.parametrize("how", ["command", "affiliation", "decline"])
+def test_a_user_a_peer_invited_declines_the_group(xd, gk, alice, prosody, pg, db_url, how):
+    """bob, whom gk put into a group (invited, docs/policy.md "Local users
+    a peer puts into a group"), declines it: by the room's leave command,
+    by his own affiliation to none (muc#admin), or by XEP-0045's decline of
+    the mediated invitation (§7.8.2). It is stored (left, peer_invited
+    still set) and answered as a leave (a decline: not answered); the peers
+    are told nothing (no event, he is listed invited), he gets nothing more
+    of the group and cannot join it. A decline without an invitation
+    waiting (alice, joined) is refused and changes nothing. Until the
+    thirty-second session his leave was answered service-unavailable and
+    nothing was stored: he had no way to say no."""
+    a, srv = gk
+    bob_uri = "mimi://example.org/u/bob"
+    gid, room, bob, membership = peer_invited_bob(xd, a, alice, prosody, pg, db_url)
+    try:
+        start = bob.count()
+        if how == "command":
+            done = command_submit(bob, "leave", {}, to=room)
+            c = done.find(q(CMD, "command"))
+            assert c.get("status") == "completed", ET.tostring(c)
+            assert c.find(q(CMD, "note")).text == "You declined the invitation: nothing more of this group " \
+                                                  "comes to you.", ET.tostring(c)
+        elif how == "affiliation":
+            done = bob.iq("set", room, "<query xmlns='http://jabber.org/protocol/muc#admin'>"
+                                       f"<item affiliation='none' jid='bob@{HOST}'/></query>")
+            assert done.get("type") == "result"
+        else:
+            bob.send_raw(f"<message to='{room}' id='d1'><x xmlns='{MUC_USER}'><decline to='wally@{COMP}'>"
+                         "<reason>no thanks</reason></decline></x></message>")
+        wait_until(lambda: pg.psql(membership, db_url) == "left true", what="bob's decline stored")
+        bob.ping(COMP)
+        assert [el for el in bob.stanzas()[start:] if el.get("type") == "error"] == []
+        # the peers: bob invited, as one who never answered; no event of it
+        members = {m["user"]: m["membership"] for m in a.call("GET", f"/v1/rooms/{gid}").json()["members"]}
+        assert members[bob_uri] == "invited", members
+        assert pg.psql(f"SELECT count(*) FROM events e JOIN rooms r ON r.id = e.room_id WHERE r.public_id = '{gid}' "
+                       "AND e.type = 'membership'", db_url) == "0"
+        # nothing more reaches him; alice still gets the group's messages
+        start = bob.count()
+        to_bob = ("SELECT count(*) FROM outbox o JOIN identities t ON t.id = o.target_identity_id "
+                  f"WHERE t.uri = '{bob_uri}'")
+        rows = pg.psql(to_bob, db_url)
+        assert a.send(gid, a.user("wally"), "still there?").status_code == 202
+        message_from(alice, room, lambda el: body(el) == "still there?")
+        alice.send_message(room, "hi all", mtype="groupchat", id="g1")
+        wait_until(lambda: [e for e in list(srv.events) if e.get("type") == "message"
+                            and e["content"]["parts"][0]["body"] == "hi all"], what="alice's message at the peer")
+        assert pg.psql(to_bob, db_url) == rows
+        # nor can he join it any more
+        bob.send_presence(to=room + "/bob", payload=f"<x xmlns='{MUC}'/>")
+        err = bob.wait_for_presence(lambda el: el.get("type") == "error", start=start)
+        assert err.error_condition == "item-not-found"
+        assert [el for el in bob.stanzas()[start:] if el.tag == q("jabber:client", "message")] == []
+        # a decline with no invitation waiting: refused, nothing changes
+        start = alice.count()
+        alice.send_raw(f"<message to='{room}' id='d2'><x xmlns='{MUC_USER}'><decline/></x></message>")
+        err = alice.wait_for_stanza(lambda el: el.get("id") == "d2" and el.get("type") == "error", start=start)
+        assert err.error_condition == "item-not-found"
+        assert pg.psql(f"SELECT m.membership FROM room_members m JOIN rooms r ON r.id = m.room_id JOIN identities i "
+                       f"ON i.id = m.identity_id WHERE r.public_id = '{gid}' AND i.uri = '{ALICE}'", db_url) == "joined"
+        assert pg.psql(membership, db_url) == "left true"
+    finally:
+        bob.disconnect()
+
+
 def test_a_local_user_a_peer_puts_in_a_group_gets_nothing_she_did_not_accept(xd, gk, alice, prosody, pg, db_url):
     """gk puts bob, who never opted in, into a group with alice: he is
     invited, not joined. wally's message is decided for him as any inbound
