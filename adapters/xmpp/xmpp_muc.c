@@ -411,6 +411,26 @@ static void mjoin_free(struct mjoin *j)
 static cw_err join_fn(PGconn *c, void *arg, cw_errmsg *e)
 {
 	struct mjoin *j = arg;
+	/* A local user a peer invited (schema/037) is marked joined (mk,
+	 * below) under the room's lock of every write of events, taken first
+	 * in a statement of its own, as the message paths and the Matrix
+	 * mark take it (mx_mark_joined): a group write holding it, which read
+	 * her invited, commits first (its message decided as for an invited
+	 * user, before her join), and one waiting for it reads her joined;
+	 * the mark's statement then reads what the holder committed.  Only
+	 * when there is an invitation to end: a member's join (every client
+	 * reconnecting joins its rooms) waits for nobody.  Until the
+	 * thirty-second session the mark took no lock, and a message read
+	 * with her invited could commit after she was joined. */
+	const char *lp[] = { j->public_id, j->uri };
+	PGresult *lr = PQexecParams(c,
+		"SELECT count(" ROOM_LOCK_SQL("x.room_id") ") FROM room_members x JOIN rooms r ON r.id = x.room_id "
+		"JOIN identities i ON i.id = x.identity_id WHERE r.public_id = $1 AND i.uri = $2 AND i.is_local "
+		"AND x.membership = 'invited' AND x.peer_invited", 2, NULL, lp, NULL, NULL, 0);
+	cw_err lrc = store_check(c, lr, PGRES_TUPLES_OK, e);
+	if (lrc)
+		return lrc;
+	PQclear(lr);
 	char max[16];
 	snprintf(max, sizeof(max), "%d", j->max);
 	const char *domain = j->xc->x->cfg->domain ? j->xc->x->cfg->domain : "";

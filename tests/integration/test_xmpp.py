@@ -4257,6 +4257,40 @@ def test_a_user_a_peer_invited_declines_the_group(xd, gk, alice, prosody, pg, db
         bob.disconnect()
 
 
+def test_the_join_of_a_user_a_peer_invited_waits_for_the_rooms_lock(xd, gk, alice, prosody, pg, db_url):
+    """bob, whom gk put into a group (invited), joins its room: his mark
+    as joined takes the room's lock of every write of events, as the
+    message paths do, so a message is decided for him either before his
+    join (as for an invited user) or after it (as for a member), never
+    read invited and committed after he was joined. While another
+    transaction holds the lock he stays invited and his join waits; once
+    it commits he is joined and in the room. Until the thirty-second
+    session the mark took no lock."""
+    a, srv = gk
+    gid, room, bob, membership = peer_invited_bob(xd, a, alice, prosody, pg, db_url)
+    try:
+        key = int(pg.psql(f"SELECT id % 2147483647 FROM rooms WHERE public_id = '{gid}'", db_url))
+        waiting = ("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 1129796434 "
+                   f"AND objid = {key} AND objsubid = 2 AND NOT granted")
+        held = HeldSession(db_url)
+        start = bob.count()
+        try:
+            held.run(f"BEGIN; SELECT pg_advisory_xact_lock(1129796434, {key});")
+            bob.send_presence(to=f"{room}/bob", payload=f"<x xmlns='{MUC}'/>")
+            wait_until(lambda: pg.psql(waiting, db_url) == "1" or pg.psql(membership, db_url) != "invited true",
+                       timeout=30, what="his join waiting for the room's lock (or marked without it)")
+            assert pg.psql(membership, db_url) == "invited true"
+            assert pg.psql(waiting, db_url) == "1"
+        finally:
+            held.end()  # commits
+        bob.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+        assert pg.psql(membership, db_url) == "joined false"
+        alice.send_message(room, "welcome bob", mtype="groupchat", id="g2")
+        assert message_from(bob, room, lambda el: body(el) == "welcome bob").get("from") == room + "/alice"
+    finally:
+        bob.disconnect()
+
+
 def test_a_local_user_a_peer_puts_in_a_group_gets_nothing_she_did_not_accept(xd, gk, alice, prosody, pg, db_url):
     """gk puts bob, who never opted in, into a group with alice: he is
     invited, not joined. wally's message is decided for him as any inbound
