@@ -1003,9 +1003,10 @@ static void audit_gaps_update(struct xcomp *xc, PGresult *missing, int64_t now)
 	if (gave_up) {
 		char v[24];
 		snprintf(v, sizeof(v), "%lld", gave_up);
-		LOG_KV(CW_LOG_INFO,
-		       "xmpp roster sync: an audit log id missing for long (a rolled-back transaction's) is passed over",
-		       "component", xc->domain, "audit_id", v);
+		LOG_KV_LIMITED(CW_LOG_INFO,
+			       "xmpp roster sync: an audit log id missing for long (a rolled-back transaction's) is "
+			       "passed over",
+			       "component", xc->domain, "audit_id", v);
 	}
 	memcpy(xc->audit_gaps, kept, (size_t)n * sizeof(kept[0]));
 	xc->audit_ngaps = n;
