@@ -1088,8 +1088,13 @@ bool app_authorize_headers(struct cw_req *req, enum cw_auth auth, void *ctx)
 	return false;
 }
 
-/* A principal set means app_authorize_headers found it: the admin API
- * is then authorized already, a peer's token known. */
+/* After the body: the token is looked up again, not taken from
+ * app_authorize_headers' principal.  A body may take minutes to arrive
+ * (sent a byte at a time within the idle timeout), and a token revoked,
+ * a peer disabled or rotated meanwhile must not finish what it began: the
+ * header-time check is an early refusal only (in the thirty-second
+ * session's first version a revoked admin token could still mint a new
+ * one that way). */
 bool app_authorize(struct cw_req *req, enum cw_auth auth, void *ctx)
 {
 	struct cw_app *app = ctx;
@@ -1098,8 +1103,10 @@ bool app_authorize(struct cw_req *req, enum cw_auth auth, void *ctx)
 		return true;
 	case CW_AUTH_ADMIN:
 	case CW_AUTH_ADMIN_READ:
-		return cw_req_principal(req) || admin_authorize(app, req, auth);
+		cw_req_set_principal(req, NULL, NULL);
+		return admin_authorize(app, req, auth);
 	case CW_AUTH_PEER: {
+		cw_req_set_principal(req, NULL, NULL);
 		struct peer_principal *p = peer_of(app, req);
 		return p && peer_verify_request(app, req, p);
 	}

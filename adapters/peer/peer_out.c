@@ -171,7 +171,7 @@ static CURLcode perform(struct handle h, const struct cw_app *app, bool *cut)
 cw_err peer_out_notify_url(const char *push_url, char *out, size_t len, cw_errmsg *e)
 {
 	CURLU *u = curl_url();
-	char *host = NULL, *path = NULL, *user = NULL, *password = NULL, *full = NULL, *scheme = NULL;
+	char *host = NULL, *path = NULL, *user = NULL, *password = NULL, *full = NULL, *scheme = NULL, *zone = NULL;
 	cw_err rc = CW_OK;
 	if (!u)
 		return cw_fail(e, CW_ENOMEM, "out of memory");
@@ -198,6 +198,10 @@ cw_err peer_out_notify_url(const char *push_url, char *out, size_t len, cw_errms
 	}
 	for (char *c = host; *c; c++)
 		*c = (char)tolower((unsigned char)*c);
+	/* An IPv6 literal's zone id (a link-local push target) is a part of
+	 * its own, which setting the host clears: kept as typed. */
+	if (curl_url_get(u, CURLUPART_ZONEID, &zone, 0) != CURLUE_OK)
+		zone = NULL;
 	if (curl_url_get(u, CURLUPART_PATH, &path, 0) != CURLUE_OK) {
 		rc = cw_fail(e, CW_ENOMEM, "out of memory");
 		goto out;
@@ -213,6 +217,7 @@ cw_err peer_out_notify_url(const char *push_url, char *out, size_t len, cw_errms
 	}
 	if (curl_url_set(u, CURLUPART_SCHEME, scheme, 0) != CURLUE_OK ||
 	    curl_url_set(u, CURLUPART_HOST, host, 0) != CURLUE_OK ||
+	    (zone && curl_url_set(u, CURLUPART_ZONEID, zone, 0) != CURLUE_OK) ||
 	    curl_url_set(u, CURLUPART_PATH, notify, 0) != CURLUE_OK ||
 	    curl_url_get(u, CURLUPART_URL, &full, CURLU_NO_DEFAULT_PORT) != CURLUE_OK) {
 		rc = cw_fail(e, CW_EINVAL, "push_url cannot be rebuilt as a URL");
@@ -225,6 +230,7 @@ cw_err peer_out_notify_url(const char *push_url, char *out, size_t len, cw_errms
 out:
 	curl_free(scheme);
 	curl_free(host);
+	curl_free(zone);
 	curl_free(path);
 	curl_free(user);
 	curl_free(password);

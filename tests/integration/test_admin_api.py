@@ -16,6 +16,7 @@ import pytest
 
 from harness import ADMIN_TOKEN, TOP_SRCDIR, wait_until
 from peer import push_peers
+from test_peer_auth import read_answer, send_head
 from test_openapi import check_schema, deref, operations, query_400_faults, resolve, route_table, too_large_faults, \
     walk
 
@@ -539,3 +540,50 @@ def test_every_admin_answer_matches_the_document(daemon, doc):
         assert r.status_code < 300, (method, path, r.text)
         check(method, path, template, r)
     assert not faults, "\n".join(faults)
+
+
+def test_a_revoked_admin_token_cannot_finish_a_request_it_began(daemon, pg, db_url):
+    """An admin token revoked (say, leaked) while one of its requests is
+    still sending its body must not have that request carried out.  The
+    body is chunked, so what it says is chosen after the revocation (here
+    a new admin token for the holder), and kept open past
+    server.connection_timeout_s by a chunk now and then."""
+    made = make_token(daemon, "leaked", "admin")
+    s = send_head(daemon.port, "POST", "/admin/v1/tokens",
+                  [("Authorization", "Bearer " + made["token"]), ("Content-Type", "application/json"),
+                   ("Transfer-Encoding", "chunked")])
+    try:
+        time.sleep(0.5)
+        r = daemon.admin("POST", "/tokens/leaked/revoke")
+        assert r.status_code == 200, r.text
+        body = json.dumps({"name": "persist", "role": "admin"}).encode()
+        for i in range(4):  # a chunk now and then (the probe kept it up past the idle timeout)
+            s.sendall(b"1\r\n" + body[i:i + 1] + b"\r\n")
+            time.sleep(0.3)
+        rest = body[4:]
+        s.sendall(b"%x\r\n" % len(rest) + rest + b"\r\n0\r\n\r\n")
+        status, _, answer, _ = read_answer(s, 10)
+    finally:
+        s.close()
+    assert status == 401, f"a revoked token made a new admin token: {status} {answer[:300]!r}"
+
+
+def test_rule_patch_edges(daemon):
+    """The rule PATCH computed from the locked row: a rule with limits only."""
+    r = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "remote.example",
+                                              "limits": {"messages_per_minute": 5}})
+    assert r.status_code == 201, r.text
+    rid = r.json()["id"]
+    out = []
+    for body in ({"enabled": False}, {"mode": None}, {"limits": {}}, {"mode": "closed", "limits": {}},
+                 {"mode": None}, {"expires_in_s": 60}, {"expires_in_s": None}, {"comment": None},
+                 {"limits": {"messages_per_minute": 7}, "mode": None}, {"enabled": True}):
+        r = daemon.admin("PATCH", f"/rules/{rid}", json=body)
+        out.append((body, r.status_code, r.json().get("mode"), r.json().get("limits"), r.json().get("enabled"),
+                    r.json().get("expires_at")))
+    for o in out:
+        print(o)
+    assert daemon.admin("PATCH", "/rules/999999", json={"enabled": False}).status_code == 404
+    codes = [o[1] for o in out]
+    assert codes == [200, 200, 409, 200, 409, 200, 200, 200, 200, 200], out
+

@@ -1,7 +1,11 @@
 """The peer API's authentication: the signed target URI, the keys a peer
 may register, the replay cache shared by the peers, the signature a
 request carries among others."""
+import base64
 import json
+import os
+import socket
+import time
 
 import requests
 
@@ -511,5 +515,135 @@ def test_a_push_url_as_typed_is_signed_normalised(daemon):
         got = srv.wait_events(1)
         assert got[0]["content"]["parts"][0]["body"] == "hello", got
         assert srv.errors == [], srv.errors
+    finally:
+        srv.close()
+
+
+# The header-time check (thirty-second session) and what it must not break;
+# probes of the session's review (rA).
+
+def _signed_message(a, room, text="hi"):
+    body = json.dumps({"type": "message", "sender": a.user("alice"),
+                       "content": {"parts": [{"type": "text/plain", "body": text}]}}).encode()
+    path = f"/v1/rooms/{room}/messages"
+    idem = base64.urlsafe_b64encode(os.urandom(9)).decode()
+    h = dict(a.signer.headers("POST", a.base + path, body=body, idem=idem),
+             Authorization="Bearer " + a.token, **{"Content-Length": str(len(body))})
+    return path, h, body
+
+
+def test_a_peer_disabled_while_its_body_is_on_the_way_is_refused(daemon):
+    """The token is looked up from the headers; a peer the operator
+    disables (or whose token she rotates) before the body has arrived must
+    not have the request taken: before the thirty-second session the
+    lookup was made with the whole body read, just before the handler."""
+    a, b, rm, srv = make_peers(daemon)
+    try:
+        path, h, body = _signed_message(a, rm["id"])
+        s = send_head(daemon.port, "POST", path, list(h.items()))
+        try:
+            time.sleep(0.5)  # the head is read and its token checked
+            r = daemon.admin("POST", "/peers/gk/disable")
+            assert r.status_code == 200, r.text
+            s.sendall(body)
+            status, _, answer, _ = read_answer(s, 10)
+        finally:
+            s.close()
+        assert status == 401, f"a disabled peer's request was taken: {status} {answer!r}"
+    finally:
+        srv.close()
+
+
+def test_a_peer_rotated_while_its_body_is_on_the_way_is_refused(daemon):
+    """As above with a rotation (the old token and key stolen)."""
+    a, b, rm, srv = make_peers(daemon)
+    try:
+        path, h, body = _signed_message(a, rm["id"])
+        s = send_head(daemon.port, "POST", path, list(h.items()))
+        try:
+            time.sleep(0.5)
+            from peer import Signer
+            r = daemon.admin("POST", "/peers/gk/rotate", json={"public_key": Signer("gk").public_b64})
+            assert r.status_code == 200, r.text
+            s.sendall(body)
+            status, _, answer, _ = read_answer(s, 10)
+        finally:
+            s.close()
+        assert status == 401, f"a rotated peer's old credentials were taken: {status} {answer!r}"
+    finally:
+        srv.close()
+
+
+def test_a_wrong_token_with_its_body_sent_at_once_still_reads_the_401(daemon):
+    """A client that sends head and body together (no Expect, as most do)
+    with a wrong token must be able to read its 401: a close with unread
+    bytes in the socket makes the kernel send RST, and the client then
+    loses the answer."""
+    body = b"x" * 900000
+    lost = 0
+    for _ in range(5):
+        s = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+        head = (f"POST /v1/rooms HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer cwp_wrong\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+        try:
+            try:
+                s.sendall(head + body)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            try:
+                status, _, _, _ = read_answer(s, 5)
+                assert status == 401
+            except (ConnectionResetError, AssertionError) as ex:
+                lost += 1
+                print("lost:", repr(ex)[:200])
+        finally:
+            s.close()
+    assert lost == 0, f"{lost} of 5 clients lost their 401"
+
+
+def test_an_early_401_to_a_patch_does_not_read_its_body_as_a_request(daemon):
+    """A refused PATCH's body, left unread, must not be taken as the next
+    request on the connection (request smuggling behind a proxy)."""
+    inner = b"GET /admin/v1/rules HTTP/1.1\r\nHost: x\r\n\r\n"
+    head = (f"PATCH /admin/v1/rules/1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer nope\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(inner)}\r\n\r\n").encode()
+    s = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+    try:
+        s.sendall(head + inner)
+        status, _, _, _ = read_answer(s, 5)
+        assert status == 401
+        s.settimeout(2)
+        try:
+            more = s.recv(65536)
+        except (socket.timeout, ConnectionResetError):
+            more = b""
+        assert not more, f"the body was answered as a request: {more[:200]!r}"
+    finally:
+        s.close()
+
+
+def test_http10_and_chunked_with_a_right_token(daemon):
+    """HTTP/1.0 and a chunked body with a right token are still served."""
+    a, b, rm, srv = make_peers(daemon)
+    try:
+        path, h, body = _signed_message(a, rm["id"], "c")
+        del h["Content-Length"]
+        h["Transfer-Encoding"] = "chunked"
+        s = send_head(daemon.port, "POST", path, list(h.items()))
+        try:
+            s.sendall(b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n")
+            status, _, answer, _ = read_answer(s, 10)
+        finally:
+            s.close()
+        assert status in (200, 201, 202), answer
+        path, h, body = _signed_message(a, rm["id"], "d")
+        s = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+        lines = [f"POST {path} HTTP/1.0", f"Host: 127.0.0.1:{daemon.port}"] + [f"{k}: {v}" for k, v in h.items()]
+        try:
+            s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+            status, _, answer, _ = read_answer(s, 10)
+        finally:
+            s.close()
+        assert status in (200, 201, 202), answer
     finally:
         srv.close()

@@ -571,6 +571,7 @@ START_TEST(notify_url_normalised)
 		{ "https://h.example:8443/a", "https://h.example:8443/a/v1/notify" },
 		{ "http://h.example:443", "http://h.example:443/v1/notify" },
 		{ "http://[::1]:80", "http://[::1]/v1/notify" },
+		{ "http://[FE80::1%25eth0]:8080/x", "http://[fe80::1%25eth0]:8080/x/v1/notify" },
 		{ "http://127.0.0.1:8080/", "http://127.0.0.1:8080/v1/notify" },
 		{ "https://h.example/base?x=1", "https://h.example/base/v1/notify?x=1" },
 	};
