@@ -662,10 +662,15 @@ static cw_err check_attachment(struct vctx *c, json_t *a, struct event *ev)
 	}
 	json_t *v;
 	jptr_mark m;
-	rc = member(c, a, "size", JSON_INTEGER, M_REQUIRED, &v, &m);
+	/* Optional since the thirty-second session: absent, the size is
+	 * unknown (an XMPP user's file, XEP-0066, has none; it was declared
+	 * 0 before, which told peers the file was empty).  An unknown size
+	 * counts as the limit, so that a rule's max_attachment_bytes is not
+	 * dodged by leaving it out. */
+	rc = member(c, a, "size", JSON_INTEGER, 0, &v, &m);
 	if (rc)
 		return rc;
-	json_int_t size = json_integer_value(v);
+	json_int_t size = v ? json_integer_value(v) : (json_int_t)c->lim->max_attachment_bytes;
 	if (size < 0)
 		return vfail(c, EVENT_ERR_INVALID, "size must not be negative.");
 	if ((uint64_t)size > c->lim->max_attachment_bytes)

@@ -161,7 +161,9 @@ bool event_filename_valid(const char *s);
  *                  url           required, "https://..." or "mxc://..." with
  *                                a non-empty rest of visible ASCII (no space,
  *                                no " < > \ ^ ` { | }), <= 2048 bytes
- *                  size          required integer 0..max_attachment_bytes
+ *                  size          optional integer 0..max_attachment_bytes;
+ *                                absent: unknown (counted as
+ *                                max_attachment_bytes in attachment_bytes)
  *                  sha256        optional, 64 lower-case hex digits
  *                  filename      optional, 1..255 bytes, no '/', '\', control
  *                                characters (C0, DEL, C1), not "." or ".."
@@ -264,7 +266,8 @@ struct event {
 	size_t nparts;
 	size_t body_bytes;          /* sum of the parts' body lengths */
 	size_t nattachments;
-	uint64_t attachment_bytes;  /* sum of the attachments' declared sizes */
+	uint64_t attachment_bytes;  /* sum of the attachments' declared sizes (an
+	                               unknown one: lim->max_attachment_bytes) */
 	unsigned kinds;             /* EVENT_KIND_* */
 	enum event_receipt receipt;
 	enum event_typing typing;

@@ -507,8 +507,11 @@ static json_t *oob_attachments(xmpp_stanza_t *msg)
 		if (https_url_ok(s) && !dup) {
 			if (!list)
 				list = json_array();
-			json_array_append_new(list, json_pack("{s:s, s:s, s:i}", "content_type", "application/octet-stream",
-							      "url", s, "size", 0));
+			/* No size: XEP-0066 says none, and an attachment without one
+			 * is of unknown size (until the thirty-second session it
+			 * said 0, and peers were told the file was empty). */
+			json_array_append_new(list, json_pack("{s:s, s:s}", "content_type", "application/octet-stream",
+							      "url", s));
 		}
 		free(url);
 	}

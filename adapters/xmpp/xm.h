@@ -60,9 +60,9 @@
  *                                  the body as it is, no in_reply_to.  With
  *                                  <x xmlns='jabber:x:oob'><url>https://...:
  *                                  "attachments":[{"content_type":
- *                                  "application/octet-stream","url":...,
- *                                  "size":0}] (size 0: unknown, the neutral
- *                                  API requires one; only https URLs that
+ *                                  "application/octet-stream","url":...}]
+ *                                  (no size: unknown; it was 0 until the
+ *                                  thirty-second session); only https URLs that
  *                                  event_parse accepts, at most 2048 bytes,
  *                                  white space around them trimmed; at most
  *                                  8 <x> read, a repeated URL once); a body

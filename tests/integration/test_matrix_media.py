@@ -428,6 +428,47 @@ def test_a_file_longer_than_declared_is_not_carried(mx, hs, gk, media):
     assert sum(1 for q in hs.requests if q["path"] == "/_matrix/media/v3/upload") == 1
 
 
+def test_a_file_that_declares_no_size_is_fetched_up_to_the_gateways_limit(mx, hs, gk, media, pg, db_url):
+    """An attachment may leave its size out: unknown (an XMPP user's file,
+    XEP-0066, has none; until the thirty-second session such a file was
+    declared "size": 0, and a Causeway peer refused it as larger than
+    declared).  It is fetched up to server.media_max_bytes; a longer one
+    is not carried.  Against a rule's max_attachment_bytes an unknown size
+    counts as the largest an attachment may declare: the rule is not
+    dodged by leaving the size out."""
+    a, _ = gk
+    consent_alice(mx)
+    hs.create_user("alice")
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    data = b"\x89PNG\r\n\x1a\n" + os.urandom(30000)
+    big = os.urandom(MAX + 1)
+    ok = attachment(media.put("/f/nosize.png", "image/png", data), data)
+    del ok["size"]
+    too_big = attachment(media.put("/f/nosize.bin", "application/octet-stream", big), big,
+                         ctype="application/octet-stream", name="nosize.bin")
+    del too_big["size"]
+    send_file(a, room, "no size", ok, "n1")
+    send_file(a, room, "no size, too big", too_big, "n2")
+    first, second = (m["content"] for m in ghost_messages(hs, 2))
+    assert first["msgtype"] == "m.image" and hs.media(first["url"])["data"] == data, first
+    assert "size" not in first["info"], first
+    assert second["msgtype"] == "m.text" and "not carried: larger than this gateway carries" in second["body"], second
+    r = mx.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example",
+                                         "limits": {"max_attachment_bytes": 1000}})
+    assert r.status_code == 201, r.text
+    time.sleep(0.5)
+    r = a.call("POST", f"/v1/rooms/{room}/messages", {"type": "message", "sender": a.user("wally"),
+                                                      "content": {"attachments": [ok]}}, idem="n3")
+    assert r.status_code == 202, r.text
+    states = pg.psql("SELECT string_agg(o.state, ',') FROM outbox o JOIN events e ON e.id = o.event_id "
+                     f"WHERE e.public_id = '{r.json()['id']}'", db_url)
+    assert states == "dropped", states  # the rule's too_large
+    a.send(room, a.user("wally"), "after the rule")
+    ms = wait_until(lambda: (lambda ms: ms if len(ms) >= 3 else None)(ghost_messages_now(hs)), what="the text")
+    assert [m["content"]["body"] for m in ms[2:]] == ["after the rule"], [m["content"] for m in ms]
+    assert [p for p, _ in media.requests].count("/f/nosize.png") == 1
+
+
 def matrix_dm(mx, hs, a, pg, db_url):
     """alice's direct room with wally (made by a first message of his)."""
     consent_alice(mx)

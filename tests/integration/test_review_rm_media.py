@@ -16,65 +16,6 @@ DOMAIN = "wa.localhost"
 UPLOAD = "upload.localhost"  # alice's XMPP server's XEP-0363 upload service
 
 
-def oob_url(el):
-    x = el.find("{jabber:x:oob}x")
-    return None if x is None else x.find("{jabber:x:oob}url").text
-
-
-def test_an_xmpp_users_file_keeps_a_usable_size_and_link(make_daemon, db_url, prosody, alice, tmp_path):
-    """An XMPP user's file (XEP-0066 OOB: a URL, no size) becomes an
-    attachment with "size": 0 (xm.c oob_attachments).  That is a false
-    declaration: the peer is told the file is empty (Causeway's own rule,
-    docs/interop-api.md "Media": a file longer than its declared size is
-    refused, so a Causeway peer never carries it), and the group's history
-    turns the same event into a Causeway link with &size=0
-    (peer_media_public), which answers 413 too_large for any real file."""
-    media = MediaServer(tmp_path, hosts=(UPLOAD, "media." + DOMAIN))
-    d, a, srv = start_with_gk(make_daemon, db_url, prosody, domain=DOMAIN,
-                              server={"ca_file": media.cert_file, "media_private_addresses": "true"})
-    try:
-        consent_alice(d, f"mimi://{DOMAIN}/u/wally")
-        consent_alice(d, f"mimi://{DOMAIN}/u/zoe")
-        gid = a.create_room([a.user("wally"), a.user("zoe"), ALICE], kind="group", name="Pics").json()["id"]
-        assert a.send(gid, a.user("wally"), "hello").status_code == 202
-        invite = alice.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None)
-        room = invite.get("from")
-        start = alice.count()
-        alice.send_presence(to=room + "/alice", payload=f"<x xmlns='{MUC}'><history maxstanzas='0'/></x>")
-        alice.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
-        data = os.urandom(5000)
-        url = media.put("/up/cat.jpg", "image/jpeg", data, host=UPLOAD)
-        alice.send_raw(f"<message to='{room}' type='groupchat' id='p1'><body>{url}</body>"
-                       f"<x xmlns='jabber:x:oob'><url>{url}</url></x></message>")
-        at_peer = wait_until(lambda: [e for e in list(srv.events) if e.get("type") == "message"
-                                      and e.get("content", {}).get("attachments")] or None,
-                             what="alice's file at the peer")
-        att = at_peer[0]["content"]["attachments"][0]
-        print("attachment as the peer got it:", att)
-        # alice comes back: her own message is in the history, as a link.
-        start = alice.count()
-        alice.send_presence(to=room + "/alice", ptype="unavailable")
-        alice.wait_for_presence(lambda el: el.get("type") == "unavailable", start=start)
-        start = alice.count()
-        alice.send_presence(to=room + "/alice", payload=f"<x xmlns='{MUC}'><history maxstanzas='10'/></x>")
-        alice.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
-        hist = [el for el in alice.stanzas()[start:] if el.tag == "{jabber:client}message" and oob_url(el)]
-        assert hist, "alice's file is in the history"
-        link = oob_url(hist[-1])
-        print("history link:", link)
-        got = requests.get(link, timeout=10)
-        print("following it:", got.status_code, got.text[:200])
-        problems = []
-        if att["size"] != len(data):
-            problems.append(f"the peer was told size {att['size']} for a file of {len(data)} bytes")
-        if got.status_code != 200 or got.content != data:
-            problems.append(f"the history's link answers {got.status_code} {got.text[:120]}")
-        assert not problems, problems
-    finally:
-        srv.close()
-        media.close()
-
-
 # ---------------------------------------------------------------- Matrix
 from test_matrix import ALICE as MX_ALICE  # noqa: E402
 from test_matrix import consent_alice as mx_consent_alice  # noqa: E402

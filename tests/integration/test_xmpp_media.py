@@ -16,9 +16,9 @@ import requests
 
 from harness import wait_until
 from peer import MediaServer, verify_get
-from test_xmpp import (ALICE, WALLY_JID, alice, assert_no_avatar, avatar_logs, consent_alice,  # noqa: F401
-                       give_avatar, held_bytes, link_mac, photo_link, prosody, slow_reader, start_with_gk,
-                       vcard_photo)
+from test_xmpp import (ALICE, MUC, MUC_USER, WALLY_JID, alice, assert_no_avatar, avatar_logs,  # noqa: F401
+                       consent_alice, give_avatar, held_bytes, link_mac, photo_link, prosody, q, slow_reader,
+                       start_with_gk, vcard_photo)
 
 DOMAIN = "wa.localhost"
 HOSTS = ("wa.localhost", "media.wa.localhost", "cdn.media.wa.localhost", "media.evil-wa.localhost",
@@ -409,6 +409,61 @@ def test_a_links_file_must_match_its_declared_sha256(make_daemon, db_url, prosod
         none = media.put("/f/none.jpg", "image/jpeg", data, host="media.wa.localhost")
         link = link_of(none, data, None)
         assert "sha256" not in link
+        got = requests.get(link, timeout=10)
+        assert got.status_code == 200 and got.content == data, (got.status_code, got.text[:200])
+    finally:
+        srv.close()
+        media.close()
+
+
+def oob_url(el):
+    x = el.find("{jabber:x:oob}x")
+    return None if x is None else x.find("{jabber:x:oob}url").text
+
+
+def test_an_xmpp_users_file_declares_no_size_and_its_link_works(make_daemon, db_url, prosody, alice, tmp_path):
+    """An XMPP user's file (XEP-0066 OOB: a URL, no size) becomes an
+    attachment without "size" (unknown), not "size": 0.  Until the
+    thirty-second session it declared 0: the peer was told the file was
+    empty (and a Causeway peer, which refuses a file longer than its
+    declared size, never carried it), and the group's history turned the
+    same event into a Causeway link with &size=0, which answered 413 for
+    any real file (a review's finding).  The link now has no size and
+    fetches the file up to server.media_max_bytes."""
+    upload = "upload.localhost"  # alice's server's XEP-0363 upload service
+    media = MediaServer(tmp_path, hosts=(upload, "media." + DOMAIN))
+    d, a, srv = start_with_gk(make_daemon, db_url, prosody, domain=DOMAIN,
+                              server={"ca_file": media.cert_file, "media_private_addresses": "true"})
+    try:
+        consent_alice(d, f"mimi://{DOMAIN}/u/wally")
+        consent_alice(d, f"mimi://{DOMAIN}/u/zoe")
+        gid = a.create_room([a.user("wally"), a.user("zoe"), ALICE], kind="group", name="Pics").json()["id"]
+        assert a.send(gid, a.user("wally"), "hello").status_code == 202
+        invite = alice.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None)
+        room = invite.get("from")
+        start = alice.count()
+        alice.send_presence(to=room + "/alice", payload=f"<x xmlns='{MUC}'><history maxstanzas='0'/></x>")
+        alice.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+        data = os.urandom(5000)
+        url = media.put("/up/cat.jpg", "image/jpeg", data, host=upload)
+        alice.send_raw(f"<message to='{room}' type='groupchat' id='p1'><body>{url}</body>"
+                       f"<x xmlns='jabber:x:oob'><url>{url}</url></x></message>")
+        at_peer = wait_until(lambda: [e for e in list(srv.events) if e.get("type") == "message"
+                                      and e.get("content", {}).get("attachments")] or None,
+                             what="alice's file at the peer")
+        att = at_peer[0]["content"]["attachments"][0]
+        assert att == {"content_type": "application/octet-stream", "url": url}, att
+        # alice comes back: her own message is in the history, as a link.
+        start = alice.count()
+        alice.send_presence(to=room + "/alice", ptype="unavailable")
+        alice.wait_for_presence(lambda el: el.get("type") == "unavailable", start=start)
+        start = alice.count()
+        alice.send_presence(to=room + "/alice", payload=f"<x xmlns='{MUC}'><history maxstanzas='10'/></x>")
+        alice.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+        hist = [el for el in alice.stanzas()[start:] if el.tag == "{jabber:client}message" and oob_url(el)]
+        assert hist, "alice's file is in the history"
+        link = oob_url(hist[-1])
+        assert "size" not in urllib.parse.parse_qs(urllib.parse.urlsplit(link).query), link
         got = requests.get(link, timeout=10)
         assert got.status_code == 200 and got.content == data, (got.status_code, got.text[:200])
     finally:
