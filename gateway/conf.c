@@ -52,8 +52,8 @@ const struct cfg_option cfg_options[] = {
 	{ "server", "media_fetches", CFG_INT, OFF(media_fetches), "4", 1, 64, false, false,
 	  "files fetched at once for peers, links in XMPP messages and vCard photos (more: 503 / resource-constraint, try again)" },
 	{ "server", "media_link_lifetime_s", CFG_INT, OFF(media_link_lifetime_s), "604800", 60, 31622400, false, false,
-	  "how long a link to a peer's file in an XMPP message (/media/...) can be followed, in seconds "
-	  "(7 days; later: 410)" },
+	  "how long a link to a peer's file in an XMPP message (/media/...) can be followed (later: 410), and a "
+	  "local user's file offered to a peer (/v1/media/...) fetched (later: 404), in seconds (7 days)" },
 	{ "server", "media_private_addresses", CFG_BOOL, OFF(media_private_addresses), "false", 0, 0, false, false,
 	  "let fetches of URLs a peer names (its files, avatars) reach loopback, private and link-local addresses "
 	  "(a test set-up, or a peer's store on your private network); off, they are refused (SSRF)" },

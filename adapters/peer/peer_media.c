@@ -5,6 +5,7 @@
 #include "peers.h"
 #include "event.h"
 #include "log.h"
+#include "store.h"
 #include "workers.h"
 
 #include <stdlib.h>
@@ -111,6 +112,17 @@ json_t *peer_media_public(struct cw_app *app, json_t *ev)
 	return copy ? copy : json_incref(ev);
 }
 
+/* The scope of a token offered to peer for a file of the event ev (its
+ * public id) until exp (unix seconds, decimal): "peer LF ev LF exp".  No
+ * peer name, event id or number holds a line feed, so this is no other
+ * peer's, event's or time's scope, nor the bare peer name a token made
+ * before the thirty-second session was made for. */
+static bool offer_scope(const char *peer, const char *ev, const char *exp, char *out, size_t len)
+{
+	return ev && exp && message_id_valid(ev) && decimal(exp) &&
+	       (size_t)snprintf(out, len, "%s\n%s\n%s", peer, ev, exp) < len;
+}
+
 json_t *peer_media_offer(struct cw_app *app, const char *peer, json_t *ev)
 {
 	const json_t *atts = json_object_get(json_object_get(ev, "content"), "attachments");
@@ -135,6 +147,17 @@ json_t *peer_media_offer(struct cw_app *app, const char *peer, json_t *ev)
 	cw_errmsg e;
 	if (!sender || mimi_uri_parse(sender, &su, &e) || strcmp(su.domain, app->cfg->domain) != 0)
 		return json_incref(ev);
+	/* The token is the event's (its public id) and ends after
+	 * server.media_link_lifetime_s: the file is served only while the
+	 * event is there, not deleted nor erased, and that long (until the
+	 * thirty-second session a token served its source for ever, after
+	 * the user had deleted the message too). */
+	const char *id = json_string_value(json_object_get(ev, "id"));
+	char exp[24], scope[320];
+	snprintf(exp, sizeof(exp), "%lld",
+		 (long long)(cw_wall_ms() / 1000) + (long long)app->cfg->media_link_lifetime_s);
+	if (!offer_scope(peer, id, exp, scope, sizeof(scope)))
+		return json_incref(ev);
 	json_t *copy = json_deep_copy(ev);
 	if (!copy)
 		return json_incref(ev);
@@ -144,10 +167,11 @@ json_t *peer_media_offer(struct cw_app *app, const char *peer, json_t *ev)
 		if (!url || !app->media.owns(app->media.ctx, url))
 			continue;
 		/* A source too long for one path segment stays as it is (the
-		 * peer cannot fetch it): docs/interop-api.md says so. */
-		if (!media_token_make(app->media_key, peer, url, token, sizeof(token)))
+		 * peer cannot fetch it): docs/interop-api.md says so.  The id
+		 * is of URL-safe characters (message_id_valid). */
+		if (!media_token_make(app->media_key, scope, url, token, sizeof(token)))
 			continue;
-		snprintf(link, sizeof(link), "%s/v1/media/%s", base, token);
+		snprintf(link, sizeof(link), "%s/v1/media/%s?ev=%s&exp=%s", base, token, id, exp);
 		json_object_set_new(a, "url", json_string(link));
 	}
 	return copy;
@@ -161,6 +185,8 @@ struct media_job {
 	char signer[256];           /* a link's by: the domain whose hosts get the fetch signed ("": none) */
 	char mac[32];               /* a link's MAC, its id (a peer's file for a link) */
 	char sha256[65];            /* the digest a link's file must have ("": none declared) */
+	char event[80];             /* a token's event (GET /v1/media): served only while it is there */
+	bool gone;                  /* that event is gone, deleted or erased: not fetched */
 	struct media_blob b;
 	size_t reserved;            /* of app->media_held, from the start of the transfer */
 	bool over;                  /* no room for it in the budget: not fetched */
@@ -171,6 +197,30 @@ struct media_job {
 };
 
 static void fetched(void *arg);
+
+/* Whether the token's event is still there with the file among its
+ * attachments: not deleted (no delete names it, or the message an edit
+ * replaces), nor erased (its content gone: retention.content_days, a
+ * content.expires that came), nor expired; the row itself gone
+ * (retention.rows_days) finds nothing.  By events_public_id_key and the
+ * delete's replaces_id. */
+static cw_err event_holds(PGconn *c, void *arg, cw_errmsg *e)
+{
+	struct media_job *j = arg;
+	const char *p[] = { j->event, j->source };
+	PGresult *r = PQexecParams(c, "SELECT 1 FROM events e WHERE e.public_id = $1 AND e.type IN ('message', 'edit') "
+				      "AND NOT e.expired "
+				      "AND e.content->'content'->'attachments' @> jsonb_build_array(jsonb_build_object('url', $2::text)) "
+				      "AND NOT EXISTS (SELECT 1 FROM events d WHERE d.type = 'delete' "
+				      " AND d.replaces_id = coalesce(e.replaces_id, e.id))",
+				   2, NULL, p, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	j->gone = PQntuples(r) == 0;
+	PQclear(r);
+	return CW_OK;
+}
 
 /* The links whose file was refused for good lately, by MAC: logged once an
  * hour each (a follow of such a link is answered at every one, but anyone
@@ -203,6 +253,13 @@ static void fetch(void *arg)
 	}
 	j->reserved = most;
 	if (!j->public) {
+		/* A read on this fetcher (it may block: workers.h), before the
+		 * homeserver is asked. */
+		j->rc = store_read_wait(app->store, event_holds, j, &j->err);
+		if (j->rc || j->gone) {
+			j->rc = j->rc ? CW_EUNAVAIL : CW_ENOTFOUND;
+			return;
+		}
 		j->rc = app->media.fetch(app->media.ctx, j->source, &j->b, &j->status, &j->err);
 	} else {
 		j->rc = media_fetch_peer(app, j->source, j->signer[0] ? j->signer : NULL, FETCH_TIMEOUT_MS, &j->b,
@@ -281,6 +338,9 @@ static void fetched(void *arg)
 			       cw_req_id(req), "got", got);
 		cw_req_problem(req, 502, "media_mismatch", "Bad gateway",
 			       "the file the sender's store answered does not match the sha256 its attachment declared");
+	} else if (j->gone) {
+		cw_req_problem(req, 404, "unknown_media", "Not found",
+			       "no such file (its message was deleted, or is no longer kept)");
 	} else if (j->over) {
 		app_retry_after(req, 5000);
 		cw_req_problem(req, 503, "unavailable", "Service unavailable",
@@ -339,19 +399,32 @@ void peer_api_media(struct cw_req *req, void *ctx)
 		return;
 	}
 	/* Every failure to open the token is the same 404: a token of another
-	 * peer's, a forged one and a source no longer served look alike. */
-	if (!p || !token || !app->media.fetch ||
-	    !media_token_open(app->media_key, p->name, token, j->source, sizeof(j->source)) ||
+	 * peer's, a forged one, one with its event or time changed, one made
+	 * before the thirty-second session (no ev, no exp: it served its
+	 * source for ever) and a source no longer served look alike. */
+	const char *ev = cw_req_query(req, "ev"), *exp = cw_req_query(req, "exp");
+	char scope[320];
+	if (!p || !token || !app->media.fetch || !offer_scope(p->name, ev, exp, scope, sizeof(scope)) ||
+	    !media_token_open(app->media_key, scope, token, j->source, sizeof(j->source)) ||
 	    !app->media.owns(app->media.ctx, j->source)) {
 		free(j);
 		cw_req_problem(req, 404, "unknown_media", "Not found", "no file with that token for this peer");
 		return;
 	}
+	/* Past its time: the event's file is offered again, under a new
+	 * token, only with the event (a replay), so no later try helps. */
+	if (strtoll(exp, NULL, 10) < cw_wall_ms() / 1000) {
+		free(j);
+		cw_req_problem(req, 404, "unknown_media", "Not found", "the token has expired");
+		return;
+	}
+	snprintf(j->event, sizeof(j->event), "%s", ev); /* message_id_valid: at most 68 */
+	cw_req_suspend(req);
 	start_fetch(app, req, j, (size_t)app->cfg->media_max_bytes);
 }
 
 /* Runs j's fetch on a fetcher (server.media_fetches at once), at most max
- * bytes (at most server.media_max_bytes). */
+ * bytes (at most server.media_max_bytes); req suspended by the caller. */
 static void start_fetch(struct cw_app *app, struct cw_req *req, struct media_job *j, size_t max)
 {
 	j->app = app;
@@ -359,7 +432,6 @@ static void start_fetch(struct cw_app *app, struct cw_req *req, struct media_job
 	j->b.max = max < (size_t)app->cfg->media_max_bytes ? max : (size_t)app->cfg->media_max_bytes;
 	j->capped = j->b.max < (size_t)app->cfg->media_max_bytes;
 	j->b.cancel = &app->stopping;
-	cw_req_suspend(req);
 	if (!cw_workers_run_then(app->fetchers, fetch, fetched, j)) {
 		free(j);
 		app_retry_after(req, 1000);
@@ -408,5 +480,6 @@ void media_public_get(struct cw_req *req, void *ctx)
 	/* The declared size, as the MAC vouches for it: a longer file is
 	 * refused (413) as it is on Matrix (until the seventeenth session the
 	 * link fetched up to server.media_max_bytes whatever was declared). */
+	cw_req_suspend(req);
 	start_fetch(app, req, j, size ? (size_t)strtoull(size, NULL, 10) : (size_t)app->cfg->media_max_bytes);
 }

