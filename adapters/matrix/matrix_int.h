@@ -51,7 +51,7 @@ struct matrix {
 	atomic_bool media_stop;
 	pthread_cond_t media_cond;
 	json_t *media_queue;         /* [[attachment, ghost, signer], ...], at most MX_MEDIA_QUEUE_MAX */
-	json_t *media_state;         /* signer "\n" source URL -> {"s": "queued" | "notice" | "retry", "why"} */
+	json_t *media_state;         /* state_key (signer, sha256, size, URL) -> {"s": "queued" | "notice" | "retry", "why"} */
 	pthread_t bot_thread;
 	bool bot_started;
 	atomic_bool bot_stop;

@@ -201,12 +201,22 @@ static cw_err cached(PGconn *c, const char *url, const char *signer, const char 
 }
 
 /* What the worker remembers of a file, by its URL and the domain that
- * may have it signed: a file fetched for one peer's user is not taken as
- * fetched (nor as unavailable) for another's, whose fetch is signed
- * differently. */
-static void state_key(const char *signer, const char *url, char *key, size_t len)
+ * may have it signed (a file fetched for one peer's user is not taken as
+ * fetched, nor as unavailable, for another's, whose fetch is signed
+ * differently), and by what its attachment declares, sha256 and size: a
+ * file refused for not matching them is not refused for an attachment
+ * that declares it right (until the thirty-second session the key was
+ * the URL alone, and a correct attachment got an earlier wrong one's
+ * notice without a fetch).  A refusal for a fact of the URL is then
+ * remembered once per declaration: the memo saves fetches, and one more
+ * costs nothing wrong. */
+static void state_key(const char *signer, const json_t *att, size_t max, char *key, size_t len)
 {
-	snprintf(key, len, "%s\n%s", signer ? signer : "", url); /* no domain holds a line feed */
+	const char *url = json_string_value(json_object_get(att, "url"));
+	const char *sha = json_string_value(json_object_get(att, "sha256"));
+	/* No domain, digest or number holds a line feed. */
+	snprintf(key, len, "%s\n%s\n%lld\n%s", signer ? signer : "", sha ? sha : "",
+		 (long long)declared_size(att, max), url ? url : "");
 }
 
 /* Empties the memo of what the worker found (files it could not carry):
@@ -250,10 +260,9 @@ enum mx_rehost mx_media_lookup(struct matrix *m, PGconn *c, const char *ghost, c
 enum mx_rehost mx_media_ask(struct matrix *m, const char *ghost, const char *signer, const json_t *att, char *why,
 			    size_t wlen, cw_errmsg *e)
 {
-	const char *url = json_string_value(json_object_get(att, "url"));
 	enum mx_rehost res = MX_REHOST_WAIT;
-	char key[2400];
-	state_key(signer, url, key, sizeof(key));
+	char key[2500];
+	state_key(signer, att, (size_t)m->cfg->media_max_bytes, key, sizeof(key));
 	pthread_mutex_lock(&m->mu);
 	json_t *st = json_object_get(m->media_state, key);
 	const char *s = json_string_value(json_object_get(st, "s"));
@@ -297,10 +306,9 @@ static void *media_main(void *arg)
 		json_array_remove(m->media_queue, 0);
 		pthread_mutex_unlock(&m->mu);
 		const json_t *att = json_array_get(item, 0);
-		const char *url = json_string_value(json_object_get(att, "url"));
 		const char *signer = json_string_value(json_array_get(item, 2));
-		char mxc[300], why[160] = "", key[2400];
-		state_key(signer, url, key, sizeof(key));
+		char mxc[300], why[160] = "", key[2500];
+		state_key(signer, att, (size_t)m->cfg->media_max_bytes, key, sizeof(key));
 		cw_errmsg e = { { 0 } };
 		if (!c || PQstatus(c) != CONNECTION_OK) {
 			PQfinish(c);

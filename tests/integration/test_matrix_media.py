@@ -272,6 +272,35 @@ def test_a_file_that_cannot_be_carried_becomes_a_notice_and_a_failing_store_is_r
     assert m["content"]["msgtype"] == "m.image" and hs.media(m["content"]["url"])["data"] == small
 
 
+def test_a_files_earlier_refusal_is_not_the_answer_for_a_later_correct_attachment(mx, hs, gk, media):
+    """A file not carried for what its attachment declared (a sha256 or
+    size its bytes do not match) is remembered with that declaration: a
+    later message naming the same URL with the right sha256 and size is
+    fetched and carried.  Until the thirty-second session the media
+    worker remembered the refusal by (signer, URL) alone and answered the
+    second message with the first one's notice, without a fetch (a
+    review's finding)."""
+    a, _ = gk
+    consent_alice(mx)
+    hs.create_user("alice")
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    data = b"\x89PNG\r\n\x1a\n" + os.urandom(3000)
+    url = media.put("/f/cat.png", "image/png", data)
+    send_file(a, room, "wrong sum", attachment(url, data, sha="0" * 64), "m1")
+    send_file(a, room, "too small", attachment(url, data, size=100), "m2")
+    send_file(a, room, "right", attachment(url, data), "m3")
+    ms = [m["content"] for m in ghost_messages(hs, 3)]
+    assert "not carried: it does not match its checksum" in ms[0]["body"], ms[0]
+    assert "not carried: larger than its declared size" in ms[1]["body"], ms[1]
+    assert ms[2]["msgtype"] == "m.image" and hs.media(ms[2]["url"])["data"] == data, ms[2]
+    assert [p for p, _ in media.requests].count("/f/cat.png") == 3
+    # The same wrong declaration again: its refusal is remembered.
+    send_file(a, room, "wrong again", attachment(url, data, sha="0" * 64), "m4")
+    m = ghost_messages(hs, 4)[3]["content"]
+    assert "not carried: it does not match its checksum" in m["body"], m
+    assert [p for p, _ in media.requests].count("/f/cat.png") == 3
+
+
 def test_a_peers_mxc_file_or_image_is_not_passed_through(mx, hs, gk, media):
     """A peer's content URI (mxc://, its attachment or an <img> of its
     HTML) is no file the gateway fetched: it is not carried, said so in

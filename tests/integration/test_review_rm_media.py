@@ -22,31 +22,6 @@ from test_matrix import consent_alice as mx_consent_alice  # noqa: E402
 from test_matrix_media import attachment, ghost_messages, gk, hs, media, mx, send_file  # noqa: E402,F401
 
 
-def test_a_files_earlier_refusal_is_not_the_answer_for_a_later_correct_attachment(mx, hs, gk, media):
-    """The media worker remembers a file it could not carry by (signer,
-    URL) alone (mx_media.c state_key), and mx_media_ask answers that
-    memo's notice without fetching again.  The refusal was about the
-    attachment (its declared sha256 or size), not the URL: a later message
-    naming the same URL with the right sha256 and size must be carried
-    (docs/matrix.md "Media": "a file that cannot be carried" is one whose
-    bytes do not match what its attachment declares)."""
-    a, _ = gk
-    mx_consent_alice(mx)
-    hs.create_user("alice")
-    room = a.create_room([a.user("wally"), MX_ALICE]).json()["id"]
-    data = b"\x89PNG\r\n\x1a\n" + os.urandom(3000)
-    url = media.put("/f/cat.png", "image/png", data)
-    send_file(a, room, "first try", attachment(url, data, sha="0" * 64), "m1")
-    [m] = ghost_messages(hs, 1)
-    assert "not carried: it does not match its checksum" in m["content"]["body"], m["content"]
-    fetched = [p for p, _ in media.requests].count("/f/cat.png")
-    send_file(a, room, "second try", attachment(url, data), "m2")  # the right sha256 now
-    ms = ghost_messages(hs, 2)
-    print("second message:", ms[1]["content"])
-    print("fetches of the file:", fetched, "->", [p for p, _ in media.requests].count("/f/cat.png"))
-    assert ms[1]["content"]["msgtype"] == "m.image", ms[1]["content"]
-
-
 import time  # noqa: E402
 
 from test_matrix_media import add_peer  # noqa: E402
