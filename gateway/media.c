@@ -445,6 +445,12 @@ cw_err media_fetch_peer(const struct cw_app *app, const char *url, const char *s
 		 * body comes back to users the peer can reach). */
 		curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "https");
 		curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 0L);
+		/* Never through a proxy of the environment (https_proxy,
+		 * all_proxy): the address check below would see the proxy's
+		 * address, not the host's, and the proxy would reach any host
+		 * for the peer (until the thirty-second session libcurl
+		 * followed them).  "" turns every proxy off. */
+		curl_easy_setopt(h, CURLOPT_PROXY, "");
 		seen = (struct hop_addresses){ false, false };
 		if (!cfg->media_private_addresses) {
 			curl_easy_setopt(h, CURLOPT_OPENSOCKETFUNCTION, open_public);

@@ -62,7 +62,9 @@ bool media_host_in_domain(const char *url, const char *domain);
  * plain otherwise, and always when signer_domain is NULL: Causeway's
  * signature is its credential at every peer, and a peer must not have it
  * lent to another's store (until the nineteenth session every such fetch
- * was signed, whatever its host).  Redirects: https only, at most 3,
+ * was signed, whatever its host).  Never through a proxy, whatever the
+ * environment says (https_proxy, all_proxy: since the thirty-second
+ * session).  Redirects: https only, at most 3,
  * each hop signed or not by its own host; every connection's address is
  * checked (media_address_public) unless server.media_private_addresses
  * (loopback, private, link-local and other non-public addresses then

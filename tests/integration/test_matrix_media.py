@@ -377,6 +377,68 @@ def test_a_file_whose_fetch_is_refused_for_good_is_a_notice_at_once(make_daemon,
         srv.close()
 
 
+class RecordingProxy:
+    """A listener that takes the place of an HTTP proxy: it notes what
+    each connection asks first and answers 403."""
+
+    def __init__(self):
+        import socket
+        self.asked = []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            with c:
+                c.settimeout(5)
+                try:
+                    self.asked.append(c.recv(4096).split(b"\r\n")[0].decode(errors="replace"))
+                    c.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+                except OSError:
+                    pass
+
+    def close(self):
+        self.sock.close()
+
+
+def test_a_peers_file_is_never_fetched_through_an_environment_proxy(make_daemon, db_url, hs, media):
+    """The daemon's fetches of URLs a peer names never use a proxy from the
+    environment (https_proxy, HTTPS_PROXY, all_proxy): the address check
+    against SSRF (server.media_private_addresses off) is made on the
+    address connected to, which through a proxy would be the proxy's, not
+    the file's host's.  Until the thirty-second session libcurl followed
+    the environment: with https_proxy set, every such fetch went through
+    the proxy, to any host it would reach."""
+    proxy = RecordingProxy()
+    port = free_port()
+    hs.registration["url"] = f"http://127.0.0.1:{port}"
+    d = make_daemon(db_url, options={"server": {"port": str(port), "ca_file": media.cert_file,
+                                                "media_max_bytes": str(MAX), "media_private_addresses": "true"},
+                                     "matrix": {"homeserver_url": hs.url, "as_token": AS_TOKEN,
+                                                "hs_token": HS_TOKEN}},
+                    env={"https_proxy": proxy.url, "HTTPS_PROXY": proxy.url, "no_proxy": "", "NO_PROXY": ""}).start()
+    a, srv = add_peer(d, "gk", "wa.localhost")
+    try:
+        consent_alice(d, subject="mimi://wa.localhost/u/wally")
+        hs.create_user("alice")
+        room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+        cat = b"\x89PNG\r\n\x1a\n" + os.urandom(2000)
+        send_file(a, room, "look", attachment(media.put("/f/direct.png", "image/png", cat), cat), "direct")
+        [m] = ghost_messages(hs, 1)
+        assert m["content"]["msgtype"] == "m.image" and hs.media(m["content"]["url"])["data"] == cat, m["content"]
+        assert proxy.asked == [], proxy.asked
+    finally:
+        srv.close()
+        proxy.close()
+
+
 def test_a_file_behind_a_redirect_it_may_not_follow_is_a_notice(mx, hs, gk, media, pg, db_url):
     """The other refusals of a fetch for a fact of its URL: a redirect to
     plain http (a peer's file comes over https only) and a chain of
