@@ -19,6 +19,8 @@
 /* With MX_OUTBOX_KEY, on the extra events of a row with several files. */
 #define MX_PART_KEY "org.causeway.part"
 
+#define MX_MEDIA_WORKERS 4 /* the media worker's threads (mx_media.c) */
+
 struct matrix {
 	struct cw_app *app;
 	const struct cw_config *cfg;
@@ -45,12 +47,17 @@ struct matrix {
 	 * MX_LIMIT_TOLD_MAX rooms; under mu. */
 	json_t *limit_told;
 	/* The media worker (mx_media.c): peers' files fetched and uploaded off
-	 * the delivery lane; its queue and what it knows, under mu. */
-	pthread_t media_thread;
-	bool media_started;
+	 * the delivery lane by MX_MEDIA_WORKERS threads, at most one file of a
+	 * signer at a time, the signers in turn; its queue and what it knows,
+	 * under mu. */
+	pthread_t media_threads[MX_MEDIA_WORKERS];
+	int media_started;           /* threads started */
 	atomic_bool media_stop;
 	pthread_cond_t media_cond;
 	json_t *media_queue;         /* [[attachment, ghost, signer], ...], at most MX_MEDIA_QUEUE_MAX */
+	json_t *media_turns;         /* signer ("" for none) -> {"busy", "turn"}: whose file is in hand, whose turn was last */
+	pthread_mutex_t media_db_mu; /* the workers' one database connection (media_db), taken briefly */
+	PGconn *media_db;
 	json_t *media_state;         /* state_key (signer, sha256, size, URL) -> {"s": "queued" | "notice" | "retry", "why"} */
 	pthread_t bot_thread;
 	bool bot_started;
@@ -161,6 +168,7 @@ long mx_rate_limited_wait_ms(void);
 enum mx_rehost { MX_REHOST_OK, MX_REHOST_NOTICE, MX_REHOST_RETRY, MX_REHOST_WAIT };
 #define MX_MEDIA_STATE_MAX 10000 /* what the worker remembers of files (media_state) */
 #define MX_MEDIA_QUEUE_MAX 1000  /* files queued for the worker (media_queue); below MX_MEDIA_STATE_MAX */
+#define MX_MEDIA_QUEUE_PER_SIGNER 250 /* of those, one signer's: the others still find room */
 /* A peer's attachment (the neutral attachment object, https://) on the
  * homeserver, uploaded as ghost once, fetched signed only when its host is
  * under signer, the domain of the peer whose user sent it (NULL: never;
@@ -168,12 +176,13 @@ enum mx_rehost { MX_REHOST_OK, MX_REHOST_NOTICE, MX_REHOST_RETRY, MX_REHOST_WAIT
  * it cannot be carried, for the text that goes instead (NOTICE: too large,
  * gone, a wrong checksum); or RETRY, e says why (the peer's server or the
  * homeserver is away: the row goes again later). */
-enum mx_rehost mx_rehost(struct matrix *m, PGconn *c, const char *ghost, const char *signer, const json_t *att,
-			 char *mxc, size_t len, char *why, size_t wlen, cw_errmsg *e);
+enum mx_rehost mx_rehost(struct matrix *m, const char *ghost, const char *signer, const json_t *att, char *mxc,
+			 size_t len, char *why, size_t wlen, cw_errmsg *e);
 /* The same answer without waiting on a far side (for the delivery lane):
  * OK when the file is on the homeserver already, NOTICE or RETRY when the
  * worker found so (a RETRY is forgotten once told: the next asks again),
- * or when its queue is full (MX_MEDIA_QUEUE_MAX), WAIT when the worker
+ * or when its queue is full (MX_MEDIA_QUEUE_MAX, or MX_MEDIA_QUEUE_PER_SIGNER
+ * of the signer's), WAIT when the worker
  * has it queued now (and queues it if not). */
 enum mx_rehost mx_media_lookup(struct matrix *m, PGconn *c, const char *ghost, const char *signer, const json_t *att,
 			       char *mxc, size_t len, char *why, size_t wlen, cw_errmsg *e);

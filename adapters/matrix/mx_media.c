@@ -221,10 +221,10 @@ static void state_key(const char *signer, const json_t *att, size_t max, char *k
 
 /* Empties the memo of what the worker found (files it could not carry):
  * each is asked for again when next sent.  The files queued or in the
- * worker's hands stay: forgotten, they would be queued again (until the
+ * workers' hands stay: forgotten, they would be queued again (until the
  * twentieth session the whole memo was cleared, and each reset queued
- * the same files anew).  They are at most MX_MEDIA_QUEUE_MAX and the one
- * the worker holds, below MX_MEDIA_STATE_MAX. */
+ * the same files anew).  They are at most MX_MEDIA_QUEUE_MAX and the
+ * MX_MEDIA_WORKERS the workers hold, below MX_MEDIA_STATE_MAX. */
 static void forget_answers(json_t *state)
 {
 	const char *key;
@@ -257,6 +257,23 @@ enum mx_rehost mx_media_lookup(struct matrix *m, PGconn *c, const char *ghost, c
 	return mx_media_ask(m, ghost, signer, att, why, wlen, e);
 }
 
+/* The signer of a queued item ("" for none), the key of media_turns. */
+static const char *signer_of(const json_t *item)
+{
+	const char *s = json_string_value(json_array_get(item, 2));
+	return s ? s : "";
+}
+
+/* Under mu: the files of signer waiting in the queue. */
+static size_t queued_of(struct matrix *m, const char *signer)
+{
+	size_t i, n = 0;
+	json_t *item;
+	json_array_foreach(m->media_queue, i, item)
+		n += strcmp(signer_of(item), signer ? signer : "") == 0;
+	return n;
+}
+
 enum mx_rehost mx_media_ask(struct matrix *m, const char *ghost, const char *signer, const json_t *att, char *why,
 			    size_t wlen, cw_errmsg *e)
 {
@@ -274,49 +291,98 @@ enum mx_rehost mx_media_ask(struct matrix *m, const char *ghost, const char *sig
 		cw_fail(e, CW_EUNAVAIL, "%s", w ? w : "the file could not be fetched");
 		json_object_del(m->media_state, key);
 		res = MX_REHOST_RETRY;
-	} else if (!s && json_array_size(m->media_queue) >= MX_MEDIA_QUEUE_MAX) {
+	} else if (!s && (json_array_size(m->media_queue) >= MX_MEDIA_QUEUE_MAX ||
+			  queued_of(m, signer) >= MX_MEDIA_QUEUE_PER_SIGNER)) {
 		/* A slow store must not grow the queue without bound: the row
 		 * goes again later (counted, with its backoff), when the worker
-		 * has caught up; until the twentieth session it had no cap. */
-		cw_fail(e, CW_EUNAVAIL, "the media worker's queue is full (%d files)", MX_MEDIA_QUEUE_MAX);
+		 * has caught up; until the twentieth session it had no cap.  Nor
+		 * may one peer's files fill it for the others (since the
+		 * thirty-second session). */
+		cw_fail(e, CW_EUNAVAIL, "the media worker's queue is full (%d files, %d of one peer)", MX_MEDIA_QUEUE_MAX,
+			MX_MEDIA_QUEUE_PER_SIGNER);
 		res = MX_REHOST_RETRY;
 	} else if (!s) {
 		if (json_object_size(m->media_state) >= MX_MEDIA_STATE_MAX)
 			forget_answers(m->media_state);
 		json_array_append_new(m->media_queue, json_pack("[O, s?, s?]", att, ghost, signer));
 		json_object_set_new(m->media_state, key, json_pack("{s:s}", "s", "queued"));
-		pthread_cond_signal(&m->media_cond);
+		pthread_cond_broadcast(&m->media_cond);
 	}
 	pthread_mutex_unlock(&m->mu);
 	return res;
+}
+
+/* Under mu: the index of the next file to take, or -1.  A signer with a
+ * file in hand waits (at most one of a peer at a time: a slow store holds
+ * one thread, not all), and of the others the one whose turn came
+ * longest ago (or never) goes, its oldest file first: the signers are
+ * served in turn, whatever their backlogs.  The queue is at most
+ * MX_MEDIA_QUEUE_MAX items. */
+static long next_file(struct matrix *m)
+{
+	long best = -1;
+	json_int_t best_turn = 0;
+	size_t i;
+	json_t *item;
+	json_array_foreach(m->media_queue, i, item) {
+		const json_t *t = json_object_get(m->media_turns, signer_of(item));
+		if (json_is_true(json_object_get(t, "busy")))
+			continue;
+		json_int_t turn = json_integer_value(json_object_get(t, "turn"));
+		if (best < 0 || turn < best_turn) {
+			best = (long)i;
+			best_turn = turn;
+		}
+	}
+	return best;
+}
+
+/* The workers' database connection, under media_db_mu (taken for a
+ * statement or two, never across a fetch): NULL when it cannot be had (e
+ * says why; the lock is not held then). */
+static PGconn *db_take(struct matrix *m, cw_errmsg *e)
+{
+	pthread_mutex_lock(&m->media_db_mu);
+	if (!m->media_db || PQstatus(m->media_db) != CONNECTION_OK) {
+		PQfinish(m->media_db);
+		m->media_db = store_connect(m->app->cfg->db_url, m->app->cfg->db_statement_timeout_ms, e);
+	}
+	if (!m->media_db)
+		pthread_mutex_unlock(&m->media_db_mu);
+	return m->media_db;
+}
+
+static void db_give(struct matrix *m)
+{
+	pthread_mutex_unlock(&m->media_db_mu);
 }
 
 static void *media_main(void *arg)
 {
 	cw_thread_name("cw-mx-media");
 	struct matrix *m = arg;
-	PGconn *c = NULL;
+	static atomic_llong turns; /* only their order matters */
 	pthread_mutex_lock(&m->mu);
 	while (!atomic_load(&m->media_stop)) {
-		if (json_array_size(m->media_queue) == 0) {
+		long at = next_file(m);
+		if (at < 0) {
 			pthread_cond_wait(&m->media_cond, &m->mu);
 			continue;
 		}
-		json_t *item = json_incref(json_array_get(m->media_queue, 0));
-		json_array_remove(m->media_queue, 0);
+		json_t *item = json_incref(json_array_get(m->media_queue, (size_t)at));
+		json_array_remove(m->media_queue, (size_t)at);
+		char who[300];
+		snprintf(who, sizeof(who), "%s", signer_of(item));
+		json_object_set_new(m->media_turns, who,
+				    json_pack("{s:b, s:I}", "busy", 1, "turn", (json_int_t)atomic_fetch_add(&turns, 1) + 1));
 		pthread_mutex_unlock(&m->mu);
 		const json_t *att = json_array_get(item, 0);
 		const char *signer = json_string_value(json_array_get(item, 2));
 		char mxc[300], why[160] = "", key[2500];
 		state_key(signer, att, (size_t)m->cfg->media_max_bytes, key, sizeof(key));
 		cw_errmsg e = { { 0 } };
-		if (!c || PQstatus(c) != CONNECTION_OK) {
-			PQfinish(c);
-			c = store_connect(m->app->cfg->db_url, m->app->cfg->db_statement_timeout_ms, &e);
-		}
-		enum mx_rehost res = c ? mx_rehost(m, c, json_string_value(json_array_get(item, 1)), signer, att, mxc,
-						   sizeof(mxc), why, sizeof(why), &e)
-				       : MX_REHOST_RETRY;
+		enum mx_rehost res = mx_rehost(m, json_string_value(json_array_get(item, 1)), signer, att, mxc, sizeof(mxc),
+					       why, sizeof(why), &e);
 		pthread_mutex_lock(&m->mu);
 		if (res == MX_REHOST_OK)
 			json_object_del(m->media_state, key);
@@ -324,32 +390,50 @@ static void *media_main(void *arg)
 			json_object_set_new(m->media_state, key,
 					    json_pack("{s:s, s:s}", "s", res == MX_REHOST_NOTICE ? "notice" : "retry", "why",
 						      res == MX_REHOST_NOTICE ? why : e.msg));
+		/* Its turn stays while it has files waiting; a signer with none
+		 * is forgotten (the table holds only signers with files). */
+		if (queued_of(m, who))
+			json_object_set(json_object_get(m->media_turns, who), "busy", json_false());
+		else
+			json_object_del(m->media_turns, who);
+		pthread_cond_broadcast(&m->media_cond); /* the signer's next file may go */
 		json_decref(item);
 	}
 	pthread_mutex_unlock(&m->mu);
-	PQfinish(c);
 	return NULL;
 }
 
 void mx_media_start(struct matrix *m)
 {
-	m->media_started = cw_thread_start(&m->media_thread, media_main, m);
+	m->media_turns = json_object();
+	if (!m->media_turns)
+		return;
+	pthread_mutex_init(&m->media_db_mu, NULL);
+	for (int i = 0; i < MX_MEDIA_WORKERS; i++)
+		if (cw_thread_start(&m->media_threads[m->media_started], media_main, m))
+			m->media_started++;
 }
 
 void mx_media_stop(struct matrix *m)
 {
-	if (!m->media_started)
+	if (!m->media_turns)
 		return;
 	pthread_mutex_lock(&m->mu);
 	atomic_store(&m->media_stop, true);
 	pthread_cond_broadcast(&m->media_cond);
 	pthread_mutex_unlock(&m->mu);
-	pthread_join(m->media_thread, NULL);
-	m->media_started = false;
+	for (int i = 0; i < m->media_started; i++)
+		pthread_join(m->media_threads[i], NULL);
+	m->media_started = 0;
+	PQfinish(m->media_db);
+	m->media_db = NULL;
+	pthread_mutex_destroy(&m->media_db_mu);
+	json_decref(m->media_turns);
+	m->media_turns = NULL;
 }
 
-enum mx_rehost mx_rehost(struct matrix *m, PGconn *c, const char *ghost, const char *signer, const json_t *att,
-			 char *mxc, size_t len, char *why, size_t wlen, cw_errmsg *e)
+enum mx_rehost mx_rehost(struct matrix *m, const char *ghost, const char *signer, const json_t *att, char *mxc,
+			 size_t len, char *why, size_t wlen, cw_errmsg *e)
 {
 	const char *url = json_string_value(json_object_get(att, "url"));
 	const char *ct = json_string_value(json_object_get(att, "content_type"));
@@ -366,7 +450,12 @@ enum mx_rehost mx_rehost(struct matrix *m, PGconn *c, const char *ghost, const c
 		return MX_REHOST_NOTICE;
 	}
 	bool found;
-	if (cached(c, url, signer, want, declared, mxc, len, &found, e))
+	PGconn *c = db_take(m, e);
+	if (!c)
+		return MX_REHOST_RETRY;
+	cw_err crc = cached(c, url, signer, want, declared, mxc, len, &found, e);
+	db_give(m);
+	if (crc)
 		return MX_REHOST_RETRY;
 	if (found)
 		return MX_REHOST_OK;
@@ -414,10 +503,14 @@ enum mx_rehost mx_rehost(struct matrix *m, PGconn *c, const char *ghost, const c
 			snprintf(size, sizeof(size), "%zu", b.n);
 			const char *q[] = { url, got, mxc, size, signer ? signer : "" };
 			cw_errmsg e2;
-			if (store_command(c, "INSERT INTO media_rehosted (network, source, sha256, native_uri, size, "
-					  "fetched_for) VALUES ('matrix', $1, $2, $3, $4::bigint, $5) ON CONFLICT DO NOTHING",
-					  5, q, &e2))
+			c = db_take(m, &e2);
+			if (!c || store_command(c, "INSERT INTO media_rehosted (network, source, sha256, native_uri, "
+						   "size, fetched_for) VALUES ('matrix', $1, $2, $3, $4::bigint, $5) "
+						   "ON CONFLICT DO NOTHING",
+						5, q, &e2))
 				LOG_KV(CW_LOG_WARN, "cannot remember a re-hosted file", "detail", e2.msg);
+			if (c)
+				db_give(m);
 			res = MX_REHOST_OK;
 		} else if (up == 413) {
 			snprintf(why, wlen, "larger than the homeserver takes");

@@ -947,3 +947,52 @@ def test_a_slow_file_holds_only_its_own_room(mx, hs, gk, media):
     assert time.time() - t0 < 4 and bodies(GHOST) == [], bodies(GHOST)  # not behind wally's file
     wait_until(lambda: len(bodies(GHOST)) == 2, timeout=20, what="wally's two")
     assert bodies(GHOST) == ["slow", "after the file"]
+
+
+def test_one_peers_slow_store_does_not_hold_up_another_peers_files(mx, hs, gk, media):
+    """The media worker's files wait per sending peer, each peer served in
+    turn by a few threads, at most one file of a peer at a time: a peer
+    whose store answers slowly (here 3 files of one message, 7 s each,
+    under the 10 s low-speed cut) holds its own files, not another peer's
+    in another room.  Until the thirty-second session one thread took
+    every peer's files one by one from a single queue of up to 1,000, and
+    the other peer's file waited for all of them (a review's finding)."""
+    a, _ = gk
+    consent_alice(mx)
+    hs.create_user("alice")
+    room_w = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    slow = [os.urandom(2000 + i) for i in range(3)]
+    atts = []
+    for i, data in enumerate(slow):
+        media.delay[f"/f/slow{i}.png"] = 7
+        atts.append(attachment(media.put(f"/f/slow{i}.png", "image/png", data), data, name=f"slow{i}.png"))
+    r = a.call("POST", f"/v1/rooms/{room_w}/messages", {"type": "message", "sender": a.user("wally"),
+                                                        "content": {"attachments": atts}}, idem="slow1")
+    assert r.status_code == 202, r.text
+    wait_until(lambda: "/f/slow0.png" in [p for p, _ in media.requests], what="the first slow fetch")
+    b, srv = add_peer(mx, "tg", "tg.example")
+    try:
+        assert mx.admin("POST", "/optins", json={"user": ALICE, "network": "peer:tg", "opted_in": True}).ok
+        assert mx.admin("POST", "/consents", json={"user": ALICE, "subject_kind": "user",
+                                                   "subject": b.user("ed"), "state": "allowed"}).ok
+        room_e = b.create_room([b.user("ed"), ALICE]).json()["id"]
+        quick = os.urandom(1500)
+        t0 = time.time()
+        send = b.call("POST", f"/v1/rooms/{room_e}/messages", {
+            "type": "message", "sender": b.user("ed"),
+            "content": {"attachments": [attachment(media.put("/f/quick.png", "image/png", quick), quick)]}},
+            idem="q1")
+        assert send.status_code == 202, send.text
+        ed = "@_cw_tg_ed:example.org"
+        [m] = wait_until(lambda: [e for rid in hs.rooms() for e in hs.events(rid)
+                                  if e["type"] == "m.room.message" and e["sender"] == ed] or None,
+                         timeout=60, what="tg's file")
+        took = time.time() - t0
+        assert m["content"]["msgtype"] == "m.image" and hs.media(m["content"]["url"])["data"] == quick
+    finally:
+        srv.close()
+    assert took < 5, f"another peer's quick file waited {took:.1f} s behind gk's slow store"
+    # gk's own files still come, in order.
+    ms = wait_until(lambda: (lambda ms: ms if len(ms) >= 3 else None)(ghost_messages_now(hs)), timeout=40,
+                    what="gk's three files")
+    assert [hs.media(m["content"]["url"])["data"] for m in ms] == slow
