@@ -298,8 +298,8 @@ enum mx_rehost mx_media_ask(struct matrix *m, const char *ghost, const char *sig
 		 * has caught up; until the twentieth session it had no cap.  Nor
 		 * may one peer's files fill it for the others (since the
 		 * thirty-second session). */
-		cw_fail(e, CW_EUNAVAIL, "the media worker's queue is full (%d files, %d of one peer)", MX_MEDIA_QUEUE_MAX,
-			MX_MEDIA_QUEUE_PER_SIGNER);
+		cw_fail(e, CW_EUNAVAIL, "the media worker's queue is full (%d files, %d of one peer)",
+			MX_MEDIA_QUEUE_MAX, MX_MEDIA_QUEUE_PER_SIGNER);
 		res = MX_REHOST_RETRY;
 	} else if (!s) {
 		if (json_object_size(m->media_state) >= MX_MEDIA_STATE_MAX)
@@ -373,8 +373,8 @@ static void *media_main(void *arg)
 		json_array_remove(m->media_queue, (size_t)at);
 		char who[300];
 		snprintf(who, sizeof(who), "%s", signer_of(item));
-		json_object_set_new(m->media_turns, who,
-				    json_pack("{s:b, s:I}", "busy", 1, "turn", (json_int_t)atomic_fetch_add(&turns, 1) + 1));
+		json_int_t turn = (json_int_t)atomic_fetch_add(&turns, 1) + 1;
+		json_object_set_new(m->media_turns, who, json_pack("{s:b, s:I}", "busy", 1, "turn", turn));
 		pthread_mutex_unlock(&m->mu);
 		const json_t *att = json_array_get(item, 0);
 		const char *signer = json_string_value(json_array_get(item, 2));

@@ -208,12 +208,12 @@ static cw_err event_holds(PGconn *c, void *arg, cw_errmsg *e)
 {
 	struct media_job *j = arg;
 	const char *p[] = { j->event, j->source };
-	PGresult *r = PQexecParams(c, "SELECT 1 FROM events e WHERE e.public_id = $1 AND e.type IN ('message', 'edit') "
-				      "AND NOT e.expired "
-				      "AND e.content->'content'->'attachments' @> jsonb_build_array(jsonb_build_object('url', $2::text)) "
-				      "AND NOT EXISTS (SELECT 1 FROM events d WHERE d.type = 'delete' "
-				      " AND d.replaces_id = coalesce(e.replaces_id, e.id))",
-				   2, NULL, p, NULL, NULL, 0);
+	PGresult *r = PQexecParams(c,
+		"SELECT 1 FROM events e WHERE e.public_id = $1 AND e.type IN ('message', 'edit') AND NOT e.expired "
+		"AND e.content->'content'->'attachments' @> jsonb_build_array(jsonb_build_object('url', $2::text)) "
+		"AND NOT EXISTS (SELECT 1 FROM events d WHERE d.type = 'delete' "
+		" AND d.replaces_id = coalesce(e.replaces_id, e.id))",
+		2, NULL, p, NULL, NULL, 0);
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 	if (rc)
 		return rc;
