@@ -1568,7 +1568,9 @@ END_TEST
  * memo, their lock and the worker's signal (no worker runs). */
 static void media_init(struct matrix *m)
 {
+	static struct cw_config cfg = { .media_max_bytes = 50L << 20 };
 	memset(m, 0, sizeof(*m));
+	m->cfg = &cfg;
 	pthread_mutex_init(&m->mu, NULL);
 	pthread_cond_init(&m->media_cond, NULL);
 	m->media_queue = json_array();
@@ -1583,10 +1585,41 @@ static enum mx_rehost media_ask(struct matrix *m, int i, cw_errmsg *e)
 	snprintf(url, sizeof(url), "https://media.wa.example/f/%d", i);
 	json_t *att = json_pack("{s:s, s:s}", "url", url, "content_type", "image/png");
 	char why[160] = "";
-	enum mx_rehost r = mx_media_ask(m, "@_cw_gk_wally:example.org", "wa.example", att, why, sizeof(why), e);
+	/* Files of eight signers in turn: one signer may hold at most
+	 * MX_MEDIA_QUEUE_PER_SIGNER of the places (media_one_signer_is_capped). */
+	char signer[32];
+	snprintf(signer, sizeof(signer), "wa%d.example", i % 8);
+	enum mx_rehost r = mx_media_ask(m, "@_cw_gk_wally:example.org", signer, att, why, sizeof(why), e);
 	json_decref(att);
 	return r;
 }
+
+/* One peer's files fill at most MX_MEDIA_QUEUE_PER_SIGNER places, so
+ * that a slow store leaves the others room (thirty-second session). */
+START_TEST(media_one_signer_is_capped)
+{
+	struct matrix m;
+	media_init(&m);
+	cw_errmsg e = { { 0 } };
+	char why[160];
+	for (int i = 0; i <= MX_MEDIA_QUEUE_PER_SIGNER; i++) {
+		char url[64];
+		snprintf(url, sizeof(url), "https://media.wa.example/one/%d", i);
+		json_t *att = json_pack("{s:s, s:s}", "url", url, "content_type", "image/png");
+		enum mx_rehost r = mx_media_ask(&m, "@_cw_gk_wally:example.org", "slow.example", att, why,
+						sizeof(why), &e);
+		json_decref(att);
+		ck_assert_int_eq(r, i < MX_MEDIA_QUEUE_PER_SIGNER ? MX_REHOST_WAIT : MX_REHOST_RETRY);
+	}
+	ck_assert_uint_eq(json_array_size(m.media_queue), MX_MEDIA_QUEUE_PER_SIGNER);
+	/* Another signer still finds room. */
+	ck_assert_int_eq(media_ask(&m, 1, &e), MX_REHOST_WAIT);
+	json_decref(m.media_queue);
+	json_decref(m.media_state);
+	pthread_cond_destroy(&m.media_cond);
+	pthread_mutex_destroy(&m.mu);
+}
+END_TEST
 
 /* style.md: every growable buffer has a cap.  The queue holds at most
  * MX_MEDIA_QUEUE_MAX files (one more is asked for again later, the row
@@ -1652,6 +1685,7 @@ int main(void)
 	tcase_add_test(tc, ephemeral_cap);
 	tcase_add_test(tc, json_load_lenient);
 	tcase_add_test(tc, media_queue_is_bounded);
+	tcase_add_test(tc, media_one_signer_is_capped);
 	suite_add_tcase(s, tc);
 	return unit_run(s);
 }
