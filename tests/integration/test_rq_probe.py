@@ -223,3 +223,44 @@ def test_consent_request_timing_does_not_tell_who_exists_or_decided(daemon, peer
     for k, (_, share, z) in res.items():
         if k != "unknown":
             assert abs(z) < 4, (k, res)
+
+
+def test_probe_group_add_four_cases(daemon, peers, pg, db_url):
+    (a, sa), (b, sb) = peers
+    t = setup_targets(daemon, a)
+    rm = a.create_room([a.user("wally"), b.user("bob")], kind="group").json()
+    out = {}
+    for name, user in t.items():
+        r = a.call("POST", f"/v1/rooms/{rm['id']}/members", {"add": [user]})
+        out[name] = (r.status_code, scrub(r.json()) if r.text else None)
+    g = a.call("GET", f"/v1/rooms/{rm['id']}").json()
+    print("adds:", out)
+    print("room:", g)
+    m = send(a, rm["id"], "hi all")
+    st = a.call("GET", f"/v1/messages/{m.json()['id']}").json()
+    print("status:", st)
+    time.sleep(1.5)
+    print("tg got:", [(e["type"], e.get("content")) for e in sb.events])
+    print(pg.psql("SELECT e.type, o.destination, o.state, coalesce(t.uri,'') FROM outbox o JOIN events e ON "
+                  "e.id = o.event_id LEFT JOIN identities t ON t.id = o.target_identity_id ORDER BY o.id", db_url))
+
+
+def test_probe_recipient_order_tells_known_users(daemon, peers, pg, db_url):
+    """A peer adds, in one request, a handle it made up (nobody has it)
+    and then the user it asks about; the status of its next message lists
+    the local recipients in the order of their identity rows."""
+    (a, sa), (b, sb) = peers
+    opt_in(daemon)  # alice: a user of this provider (she opted in)
+    rm = a.create_room([a.user("wally"), b.user("bob")], kind="group").json()
+    ref, x = "mimi://example.org/u/zz-made-up-1", "mimi://example.org/u/nobody-2"
+    r = a.call("POST", f"/v1/rooms/{rm['id']}/members", {"add": [ref, ALICE, x]})
+    assert r.status_code == 200, r.text
+    m = send(a, rm["id"], "hi all").json()["id"]
+    st = a.call("GET", f"/v1/messages/{m}").json()
+    order = [y["recipient"] for y in st["recipients"] if y["recipient"].startswith("mimi://example.org/")]
+    print("recipients:", order)
+    time.sleep(1.5)
+    print("tg got:", [e["content"].get("target") for e in sb.events if e["type"] == "membership"])
+    # Nothing about the users should follow from the order: the order of the
+    # request (or of the URIs) would say nothing; the identities' order does.
+    assert order in ([ref, ALICE, x], sorted([ref, ALICE, x])), order
