@@ -3343,6 +3343,13 @@ static cw_err message_status_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	char expiry[24];
 	snprintf(expiry, sizeof(expiry), "%lld", (long long)in->held_expiry_s);
 	const char *params[] = { in->msg_id, pid, expiry };
+	/* The recipients in the order of their URIs (byte order, whatever the
+	 * database's collation), not of their outbox rows: those follow the
+	 * order of the members' identity rows, which is the order in which
+	 * this provider first heard of each user.  A peer that added to a
+	 * group a handle it made up and then the one it asked about read from
+	 * the status of a typing notification whether that user was known
+	 * before (until the thirty-second session). */
 	PGresult *r = exec(c,
 		"SELECT (extract(epoch FROM ev.accepted_at) * 1000)::bigint, o.state, o.read_at IS NOT NULL, "
 		"coalesce(t.uri, 'mimi://' || p.domain), r.public_id, coalesce(t.is_local, false), "
@@ -3350,7 +3357,8 @@ static cw_err message_status_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		"FROM events ev JOIN identities s ON s.id = ev.sender_id JOIN rooms r ON r.id = ev.room_id "
 		"LEFT JOIN outbox o ON o.event_id = ev.id LEFT JOIN identities t ON t.id = o.target_identity_id "
 		"LEFT JOIN peers p ON o.destination = 'peer:' || p.name "
-		"WHERE ev.public_id = $1 AND s.peer_id = $2::bigint ORDER BY o.id", 3, params);
+		"WHERE ev.public_id = $1 AND s.peer_id = $2::bigint "
+		"ORDER BY coalesce(t.uri, 'mimi://' || p.domain) COLLATE \"C\", o.state", 3, params);
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 	if (rc)
 		return rc;

@@ -841,6 +841,37 @@ def test_room_get_members_and_visibility(daemon, peers):
     assert b.call("GET", f"/v1/rooms/{only_a['id']}").status_code == 404
 
 
+def test_a_messages_status_lists_its_recipients_by_uri_not_by_when_they_became_known(daemon, peers):
+    """GET /v1/messages/{id} lists the recipients in the order of their
+    URIs. Until the thirty-second session it listed them in the order of
+    their outbox rows, which follows the order in which the local users
+    first became known to this provider: a peer that added to a group a
+    handle it made up and then the one it asked about read from a typing
+    notification's status whether that user was known before, one bit per
+    handle, without a consent request and whether or not she is
+    discoverable (rQ)."""
+    (a, _), (b, _) = peers
+    wally = a.user("wally")
+    zoe = "mimi://example.org/u/zoe"
+    r = a.call("POST", "/v1/consent/updates", {"user": wally, "target": zoe, "consent": "granted"})
+    assert r.status_code == 202, r.text   # zoe is known from here on
+    gid = a.create_room([wally, b.user("bob")], kind="group").json()["id"]
+    made_up = ["mimi://example.org/u/adam-made-up", zoe, "mimi://example.org/u/bea-made-up"]
+    r = a.call("POST", f"/v1/rooms/{gid}/members", {"add": made_up})
+    assert r.status_code == 200, r.text
+    # By URI: adam, bea, zoe (tg's among them); by identity row: zoe
+    # first; in the order of the request: zoe between the two.
+    want = sorted(made_up + ["mimi://tg.example"])
+    m = a.send(gid, wally, "hi")
+    ty = a.call("POST", f"/v1/rooms/{gid}/typing", {"type": "typing", "sender": wally, "content": {"state": "start"}})
+    rc = a.call("POST", f"/v1/rooms/{gid}/receipts",
+                {"type": "receipt", "sender": wally, "content": {"receipt": "read", "in_reply_to": m.json()["id"]}})
+    for r in (m, ty, rc):
+        assert r.status_code == 202, r.text
+        st = a.call("GET", f"/v1/messages/{r.json()['id']}").json()
+        assert [x["recipient"] for x in st["recipients"]] == want, st
+
+
 def test_rooms_are_named_by_opaque_id_only(daemon, peers):
     (a, _), (b, _) = peers
     rm = room(a, b)

@@ -6,8 +6,10 @@ import os
 
 import pytest
 
+from harness import wait_until
 from peer import push_peers
 from test_peer_api import peers  # noqa: F401  (the fixture)
+from test_policy import ALICE, BOB, consent, opt_in
 
 LOCAL = "mimi://example.org/u/"
 
@@ -307,3 +309,100 @@ def test_unsigned_calls_are_refused(daemon, peers):
     for path in ("/v1/consent/requests", "/v1/consent/updates", "/v1/blocks", "/v1/reports",
                  "/v1/identifiers/query"):
         assert a.call("POST", path, {}, sign=False).status_code == 401, path
+
+
+# ------------------------------------------------- the four kinds of target
+# What a peer sees of a local user must not depend on whether she exists,
+# is opted in, blocked its user or waits to decide (spec/interop-api.md,
+# policy.md): the four kinds of local target below, made by the operator's
+# admin API, are probed through every answer a peer gets.
+
+def four_targets(daemon, requester):
+    """held (opted in, undecided), blocked (opted in, blocks the requester),
+    not_opted_in (known, opted out), unknown (no such user)."""
+    opt_in(daemon)
+    opt_in(daemon, user=BOB)
+    consent(daemon, requester, "blocked", user=BOB)
+    opt_in(daemon, user=LOCAL + "carol", on=False)
+    return {"held": ALICE, "blocked": BOB, "not_opted_in": LOCAL + "carol", "unknown": LOCAL + "nobody"}
+
+
+def scrubbed(o):
+    """An answer without its ids and times, the local user named LOCAL."""
+    if isinstance(o, dict):
+        return {k: scrubbed(v) for k, v in o.items() if k not in ("id", "accepted_ts", "room_id", "uri", "room", "ts")}
+    if isinstance(o, list):
+        return [scrubbed(x) for x in o]
+    if isinstance(o, str) and o.startswith(LOCAL):
+        return "LOCAL"
+    return o
+
+
+def test_a_peer_sees_the_same_of_every_kind_of_local_target(daemon, peers, pg, db_url):
+    """A direct room with each kind of target, a message, a read receipt
+    and a typing notification in it, the status of each, the room's
+    state, and a consent request: every answer (status, headers but the
+    date and the request's id, body) is the same, ids aside; nothing reaches a peer.  (rQ's
+    probe, session 32.)"""
+    (a, sa), (b, sb) = peers
+    wally = a.user("wally")
+    t = four_targets(daemon, wally)
+
+    def answer(r):
+        h = {k.lower(): v for k, v in r.headers.items() if k.lower() not in ("date", "content-length", "x-request-id")}
+        return r.status_code, h, scrubbed(r.json())
+
+    seen = {}
+    for kind, user in t.items():
+        r = a.create_room([wally, user])
+        rid = r.json()["id"]
+        got = {"create": answer(r), "get": answer(a.call("GET", f"/v1/rooms/{rid}"))}
+        m = a.send(rid, wally, "hello")
+        got["message"] = answer(m)
+        rc = a.call("POST", f"/v1/rooms/{rid}/receipts",
+                    {"type": "receipt", "sender": wally, "content": {"receipt": "read", "in_reply_to": m.json()["id"]}})
+        got["receipt"] = answer(rc)
+        ty = a.call("POST", f"/v1/rooms/{rid}/typing", {"type": "typing", "sender": wally,
+                                                         "content": {"state": "start"}})
+        got["typing"] = answer(ty)
+        for what, r in (("message", m), ("receipt", rc), ("typing", ty)):
+            got[what + " status"] = answer(a.call("GET", f"/v1/messages/{r.json()['id']}"))
+        got["consent request"] = answer(a.call("POST", "/v1/consent/requests", {"requester": wally, "target": user}))
+        seen[kind] = got
+    for kind, got in seen.items():
+        assert got == seen["unknown"], (kind, got, seen["unknown"])
+    assert seen["unknown"]["message status"][2]["recipients"] == [{"recipient": "LOCAL", "status": "accepted"}]
+    # What was decided is the operator's: one message waits (alice's).
+    assert pg.psql("SELECT string_agg(t.uri || ' ' || o.state, ',' ORDER BY t.uri) FROM outbox o JOIN events e "
+                   "ON e.id = o.event_id JOIN identities t ON t.id = o.target_identity_id "
+                   "WHERE e.type = 'message'", db_url) == ",".join(
+        f"{u} {'held' if k == 'held' else 'dropped'}" for k, u in sorted(t.items(), key=lambda x: x[1]))
+    assert sa.events == [] and sb.events == []
+
+
+def test_a_peer_adding_each_kind_of_local_target_to_a_group_sees_the_same(daemon, peers, pg, db_url):
+    """Each kind of target added to a group: the same answer (each listed
+    invited), the room's state lists them by URI, a message's status
+    shows each accepted, and the group's other peer hears of each
+    invitation in the order they were added.  (rQ's probe, session 32.)"""
+    (a, sa), (b, sb) = peers
+    wally = a.user("wally")
+    t = four_targets(daemon, wally)
+    gid = a.create_room([wally, b.user("bob")], kind="group").json()["id"]
+    adds = {}
+    for kind, user in t.items():
+        r = a.call("POST", f"/v1/rooms/{gid}/members", {"add": [user]})
+        assert r.status_code == 200, r.text
+        adds[kind] = [m for m in r.json()["members"] if m["user"] == user]
+    assert all(x == [{"user": t[k], "role": "member", "membership": "invited"}] for k, x in adds.items()), adds
+    members = a.call("GET", f"/v1/rooms/{gid}").json()["members"]
+    assert [m["user"] for m in members] == sorted(list(t.values()) + [wally, b.user("bob")])
+    assert {m["membership"] for m in members if m["user"] in t.values()} == {"invited"}
+    mid = a.send(gid, wally, "hi all").json()["id"]
+    st = a.call("GET", f"/v1/messages/{mid}").json()["recipients"]
+    assert [x["recipient"] for x in st] == sorted(list(t.values()) + ["mimi://tg.example"]), st
+    assert {x["status"] for x in st if x["recipient"] in t.values()} == {"accepted"}, st
+    wait_until(lambda: mid in [e["id"] for e in list(sb.events)], what="the message at tg")
+    assert [e["content"] for e in list(sb.events) if e["type"] == "membership"] == [
+        {"by": "wa.example", "target": u, "membership": "invite"} for u in t.values()]
+
