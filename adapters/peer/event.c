@@ -1076,11 +1076,16 @@ static cw_err check_item(struct vctx *c, json_t *item, struct batch_item *it, co
 	if (!idempotency_key_valid(key))
 		return vfail(c, EVENT_ERR_INVALID, "idempotency_key must be 1 to %d of A-Z a-z 0-9 . _ : -.",
 			     IDEMPOTENCY_KEY_MAX);
+	/* The key is the item's from here on, refused or not: its result
+	 * names it (a repeat's was null until the thirty-second session).
+	 * Only a valid item holds its key for the rest of the batch: one
+	 * refused here stores nothing, so its corrected copy under the same
+	 * key is taken (until then it was refused as a repeat too). */
+	snprintf(it->idempotency_key, sizeof(it->idempotency_key), "%s", key);
 	for (size_t j = 0; j < idx; j++)
-		if (strcmp(b->items[j].idempotency_key, key) == 0)
+		if (b->items[j].rc == CW_OK && strcmp(b->items[j].idempotency_key, key) == 0)
 			return vfail(c, EVENT_ERR_INVALID, "idempotency_key repeats the key of item %zu of this batch.", j);
 	jptr_pop(&c->ptr, km);
-	snprintf(it->idempotency_key, sizeof(it->idempotency_key), "%s", key);
 
 	if ((rc = uri_member(c, item, "room", M_REQUIRED, MIMI_ROOM, &it->room, &it->has_room)))
 		return rc;

@@ -311,7 +311,7 @@ void event_free(struct event *ev);
  */
 struct batch_item {
 	cw_err rc;                  /* CW_OK, or CW_EINVAL with err filled */
-	char idempotency_key[IDEMPOTENCY_KEY_MAX + 1]; /* "" when it was invalid */
+	char idempotency_key[IDEMPOTENCY_KEY_MAX + 1]; /* "" when missing or malformed */
 	bool has_room;
 	struct mimi_uri room;       /* the item's room, valid when has_room */
 	struct event ev;            /* valid when rc == CW_OK */

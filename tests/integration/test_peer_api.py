@@ -1139,13 +1139,39 @@ def test_batch_mixed_items_in_order(daemon, peers, pg, db_url):
     assert res[10]["code"] == "invalid_body" and res[10]["http_status"] == 400
     assert res[20]["code"] == "unknown_room" and res[30]["code"] == "not_allowed"
     ok_ids = [x["id"] for i, x in enumerate(res) if i not in refused]
-    assert all(x["idempotency_key"] == items[i]["idempotency_key"] for i, x in enumerate(res) if i != 40)
+    # Every result names its item's key, the repeated one's too (until the
+    # thirty-second session it was null).
+    assert all(x["idempotency_key"] == items[i]["idempotency_key"] for i, x in enumerate(res))
+    assert res[40]["code"] == "invalid_body" and "repeats the key of item 39" in res[40]["detail"], res[40]
     got = sb.wait_events(46)
     assert [e["id"] for e in got] == ok_ids
     # The same batch again: the same ids, nothing new delivered.
     r2 = a.call("POST", "/v1/batch", {"events": items})
     assert [x.get("id") for x in r2.json()["results"]] == [x.get("id") for x in res]
     assert pg.psql("SELECT count(*) FROM events", db_url) == "46"
+
+
+def test_a_batch_item_refused_as_invalid_leaves_its_key_to_a_corrected_copy(daemon, peers, pg, db_url):
+    """A key repeats only the key of an earlier item of the batch that was
+    valid: a peer that sends an invalid item and its corrected copy under
+    the same key in one batch gets the copy accepted (until the
+    thirty-second session it was refused as a repeat of the invalid one);
+    a third copy repeats the accepted one."""
+    (a, _), (b, sb) = peers
+    rm = room(a, b)
+    ev = lambda text: {"type": "message", "sender": a.user("alice"),
+                       "content": {"parts": [{"type": "text/plain", "body": text}]}}
+    bad = ev("first try")
+    bad["type"] = "poke"
+    items = [{"idempotency_key": "k", "room": rm["uri"], "event": e} for e in (bad, ev("fixed"), ev("again"))]
+    r = a.call("POST", "/v1/batch", {"events": items})
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    assert [x["status"] for x in res] == ["refused", "accepted", "refused"], res
+    assert [x["idempotency_key"] for x in res] == ["k", "k", "k"]
+    assert "type" in res[0]["detail"] and "repeats the key of item 1 of this batch" in res[2]["detail"], res
+    assert [e["content"]["parts"][0]["body"] for e in sb.wait_events(1)] == ["fixed"]
+    assert pg.psql("SELECT origin_native_id FROM events", db_url) == "k"
 
 
 def test_batch_shape_errors(daemon, peers, pg, db_url):

@@ -733,6 +733,42 @@ START_TEST(batch_count_boundary)
 }
 END_TEST
 
+/* An item refused for repeating a key names that key in its result (it
+ * was empty, answered null, until the thirty-second session), and only a
+ * valid item holds its key: an invalid one followed by its corrected
+ * copy under the same key leaves the copy valid; a third copy repeats the
+ * copy, not the invalid one. */
+START_TEST(batch_repeated_keys)
+{
+	const char *body =
+		"{\"events\":["
+		"{\"idempotency_key\":\"k\",\"room\":\"mimi://hub.example/r/a\",\"event\":{\"type\":\"poke\"}},"
+		"{\"idempotency_key\":\"k\",\"room\":\"mimi://hub.example/r/a\","
+		"\"event\":{\"type\":\"typing\",\"content\":{\"state\":\"start\"}}},"
+		"{\"idempotency_key\":\"k\",\"room\":\"mimi://hub.example/r/a\","
+		"\"event\":{\"type\":\"typing\",\"content\":{\"state\":\"stop\"}}},"
+		"{\"idempotency_key\":\"j\",\"room\":\"mimi://hub.example/r/a\","
+		"\"event\":{\"type\":\"typing\",\"content\":{\"state\":\"stop\"}}}]}";
+	struct event_limits lim = event_limits_default();
+	struct batch b;
+	struct event_error err;
+	ck_assert_int_eq(batch_parse(body, strlen(body), &lim, &b, &err), CW_OK);
+	ck_assert_uint_eq(b.n, 4);
+	ck_assert_uint_eq(b.nfailed, 2);
+	ck_assert_int_eq(b.items[0].rc, CW_EINVAL);
+	ck_assert_str_eq(b.items[0].err.pointer, "/events/0/event/type");
+	ck_assert_int_eq(b.items[1].rc, CW_OK);
+	ck_assert_int_eq(b.items[2].rc, CW_EINVAL);
+	ck_assert_str_eq(b.items[2].err.pointer, "/events/2/idempotency_key");
+	ck_assert_ptr_nonnull(strstr(b.items[2].err.detail, "repeats the key of item 1 of this batch"));
+	ck_assert_int_eq(b.items[3].rc, CW_OK);
+	for (size_t i = 0; i < 3; i++)
+		ck_assert_str_eq(b.items[i].idempotency_key, "k");
+	ck_assert_str_eq(b.items[3].idempotency_key, "j");
+	batch_free(&b);
+}
+END_TEST
+
 /* A peer's event_types as PostgreSQL prints a text[] ("{a,b}"; NULL: all). */
 START_TEST(peer_event_types_match_whole_words)
 {
@@ -800,6 +836,7 @@ int main(void)
 	tcase_add_test(tc, uri_format_refuses_bad_components);
 	tcase_add_test(tc, batch_cases);
 	tcase_add_test(tc, batch_count_boundary);
+	tcase_add_test(tc, batch_repeated_keys);
 	tcase_add_test(tc, peer_event_types_match_whole_words);
 	tcase_add_test(tc, label_goes_before_text_only);
 	suite_add_tcase(s, tc);
