@@ -12,7 +12,8 @@ or one statement run outside a transaction block (cut_statement, and
 cut_statement_with_rows for a run that returned a row).  Frozen (freeze),
 it relays nothing more and closes nothing, and holds new connections
 unanswered: a database host powered off, or a network partition, where
-no reset ever comes.
+no reset ever comes.  Recording (record), it keeps the statements each
+connection sends, to compare what two requests made the server do.
 """
 import os
 import shutil
@@ -52,6 +53,7 @@ class _Conn:
         self.buf = []
         self.buf_rows = 0
         self.auto = False       # an autocommit statement armed: drop its answer and close
+        self.n = 0              # its number, in the order of connecting (record)
 
 
 class PgProxy:
@@ -119,6 +121,22 @@ class PgProxy:
 
     auto_pred = None
 
+    recording = None
+
+    def record(self):
+        """From now on each statement sent is kept, in the order sent, in
+        the list returned: (connection number, kind, text), kind "Q" a
+        simple query, "B" the Bind of a prepared statement (its name, or
+        the unnamed statement's text: PQexecParams), "S" a Sync (with each
+        "Q", one round trip).  stop_recording() ends it."""
+        with self.lock:
+            self.recording = []
+            return self.recording
+
+    def stop_recording(self):
+        with self.lock:
+            self.recording = None
+
     def freeze(self):
         """From now on nothing is relayed, nothing closed; `stalled` counts
         the messages held since (a statement that waits for its answer)."""
@@ -162,6 +180,8 @@ class PgProxy:
                 client.close()
                 continue
             c = _Conn(client, server)
+            self.connections = getattr(self, "connections", 0) + 1
+            c.n = self.connections
             threading.Thread(target=self._frontend, args=(c,), daemon=True).start()
             threading.Thread(target=self._backend, args=(c,), daemon=True).start()
 
@@ -214,6 +234,9 @@ class PgProxy:
                             self.statement = None
                         elif text.startswith("BEGIN"):
                             c.rows = 0
+                    if self.recording is not None and kind in (b"B", b"Q", b"S"):
+                        self.recording.append((c.n, kind.decode(), stmt if kind == b"B" else
+                                               body.rstrip(b"\0").decode(errors="replace") if kind == b"Q" else ""))
                 c.server.sendall(msg)
         except (EOFError, OSError):
             self._close(c)
