@@ -1,12 +1,13 @@
 """Consent requests and updates, blocks, reports and discovery: stored,
 validated, and answered the same whether or not the local user exists."""
 import base64
+import concurrent.futures
 import json
 import os
 
 import pytest
 
-from harness import wait_until
+from harness import HeldSession, wait_until
 from peer import push_peers
 from pgproxy import PgProxy
 from test_peer_api import peers  # noqa: F401  (the fixture)
@@ -481,3 +482,48 @@ def test_what_a_consent_request_makes_the_database_do_tells_nothing_of_its_targe
         finally:
             for _, srv in made:
                 srv.close()
+
+
+def test_a_consent_request_held_for_a_user_never_seen_is_stored(daemon, peers, pg, db_url):
+    """With policy.optin_default on, a user this provider has not heard of
+    yet (no identity row: she never wrote, nothing was sent to her) is
+    opted in, and a consent request to her is held and stored, her
+    identity made with it."""
+    (a, _), _ = peers
+    r = daemon.admin("PATCH", "/settings", json={"policy.optin_default": True})
+    assert r.status_code == 200, r.text
+    fresh = LOCAL + "fresh"
+    wait_until(lambda: a.call("POST", "/v1/consent/requests", {"requester": a.user("wally"), "target": fresh})
+               .status_code == 202 and pg.psql("SELECT count(*) FROM consent_requests", db_url) == "1",
+               what="the request stored")
+    assert pg.psql("SELECT l.uri || ' ' || l.is_local FROM consent_requests q JOIN identities l "
+                   "ON l.id = q.local_identity_id", db_url) == fresh + " true"
+    assert pg.psql("SELECT count(*) FROM audit_log WHERE details->>'type' = 'consent_request' "
+                   "AND action = 'policy.hold'", db_url) == "1"
+
+
+def test_a_consent_request_racing_for_its_users_first_identity_row_is_stored(daemon, peers, pg, db_url):
+    """The request's statement makes the held user's identity row; when
+    another transaction made it meanwhile (and the statement waited for
+    it), the request is still stored, by a look of its own."""
+    (a, _), _ = peers
+    assert daemon.admin("PATCH", "/settings", json={"policy.optin_default": True}).status_code == 200
+    ask = lambda who: a.call("POST", "/v1/consent/requests", {"requester": a.user("wally"), "target": LOCAL + who})
+    wait_until(lambda: ask("warm").status_code == 202 and pg.psql("SELECT count(*) FROM consent_requests",
+                                                                  db_url) == "1", what="optin_default in force")
+    held = HeldSession(db_url)
+    try:
+        held.run("BEGIN; INSERT INTO identities (uri, domain, localpart, is_local, network) "
+                 f"VALUES ('{LOCAL}race', 'example.org', 'race', true, 'local');")
+        with concurrent.futures.ThreadPoolExecutor(1) as ex:
+            fut = ex.submit(ask, "race")
+            wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                       "AND query LIKE 'WITH li AS (INSERT INTO identities%'", db_url) == "1",
+                       what="the request waiting for the row")
+            held.end()
+            r = fut.result(timeout=30)
+    finally:
+        held.end()
+    assert r.status_code == 202, r.text
+    assert pg.psql("SELECT string_agg(l.uri, ',' ORDER BY l.uri) FROM consent_requests q JOIN identities l "
+                   "ON l.id = q.local_identity_id", db_url) == f"{LOCAL}race,{LOCAL}warm"
