@@ -176,20 +176,22 @@ static bool peer_updates_allowed(struct cw_app *app, struct cw_req *req)
  * told held (4.19 ms), allowed (3.66) and unknown or denied users (3.9)
  * apart (rQ; tests/bench/privacy_timing).  The local user is made an
  * identity row only for a hold (policy.optin_default on holds for a user
- * never seen: her request is kept), not for every name a peer makes up. */
+ * never seen: her request is kept), not for every name a peer makes up.
+ * The reads are every verdict's (st: whether a request stands, read for
+ * an allow or a deny too); only the writes a hold needs differ. */
 static const char consent_request_sql[] =
 	"WITH li AS (INSERT INTO identities (uri, domain, localpart, is_local, network) "
 	"  SELECT $1, $7, $8, true, $9 WHERE $5::boolean ON CONFLICT (uri) DO NOTHING RETURNING id), "
-	"l AS (SELECT id FROM li UNION ALL SELECT id FROM identities WHERE uri = $1 AND is_local), "
+	"l AS MATERIALIZED (SELECT id FROM li UNION ALL SELECT id FROM identities WHERE uri = $1 AND is_local), "
+	"st AS MATERIALIZED (SELECT l.id, EXISTS (SELECT 1 FROM consent_requests q WHERE q.local_identity_id = l.id "
+	"  AND q.remote_identity_id = $2::bigint AND " CONSENT_REQUEST_STANDS_SQL("q", "$4::bigint") ") AS stands FROM l), "
 	"cr AS (INSERT INTO consent_requests (local_identity_id, remote_identity_id, expires_at) "
-	"  SELECT l.id, $2::bigint, now() + make_interval(secs => $3::bigint) FROM l WHERE $5::boolean "
-	"  AND NOT EXISTS (SELECT 1 FROM consent_requests q WHERE q.local_identity_id = l.id "
-	"  AND q.remote_identity_id = $2::bigint AND " CONSENT_REQUEST_STANDS_SQL("q", "$4::bigint") ") "
-	"  ON CONFLICT DO NOTHING), "
+	"  SELECT st.id, $2::bigint, now() + make_interval(secs => $3::bigint) FROM st WHERE $5::boolean "
+	"  AND NOT st.stands ON CONFLICT DO NOTHING), "
 	"au AS (INSERT INTO audit_log (actor, action, reason_code, rule_id, subject, details) "
 	"  SELECT 'policy', a.action, a.reason, NULLIF(a.rule, 0), a.subject, a.details "
 	"  FROM jsonb_to_record($6::jsonb) AS a(action text, reason text, rule bigint, subject text, details jsonb)) "
-	"SELECT EXISTS (SELECT 1 FROM l)";
+	"SELECT EXISTS (SELECT 1 FROM l), (SELECT count(*) FROM st WHERE st.stands)";
 
 /* A hold whose user's identity row another transaction made meanwhile
  * (the statement's INSERT waited for it, its snapshot does not see it):
