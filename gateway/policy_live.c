@@ -563,19 +563,22 @@ cw_err policy_sweep(PGconn *c, const struct policy_view *v, const char *target_i
  * a dead letter's notice owed to her lost with it — a review of the
  * session's change), 10 the sender is
  * local, 11 the peer's domain (a peer's row), 12 the peer's joined members
- * in the room (JSON). */
+ * in the room (JSON), 13 the target's id, 14 the room's (a walk's cursor);
+ * RECHECK_COLUMNS in (destination, id) order. */
 #define RECHECK_BATCH 500
-#define RECHECK_COLUMNS                                                                                 \
+#define RECHECK_SELECT                                                                                  \
 	"SELECT b.id, b.destination, s.uri, s.domain, s.network, t.uri, t.domain, t.network, e.type, "      \
 	" (e.origin_network = 'gateway' OR e.type IN ('membership', 'block') OR (s.is_local AND t.is_local) " \
 	"  OR (t.id IS NULL AND p.id IS NULL) OR (t.id IS NOT NULL AND NOT t.is_local) "                     \
 	"  OR s.is_local), s.is_local, p.domain, "                                                           \
 	" (SELECT json_agg(i.uri ORDER BY i.id) FROM room_members m JOIN identities i ON i.id = m.identity_id " \
-	"  WHERE p.id IS NOT NULL AND m.room_id = b.room_id AND m.membership = 'joined' AND i.peer_id = p.id)::text " \
+	"  WHERE p.id IS NOT NULL AND m.room_id = b.room_id AND m.membership = 'joined' AND i.peer_id = p.id)::text, " \
+	" b.target_identity_id, b.room_id "                                                                  \
 	"FROM b JOIN events e ON e.id = b.event_id JOIN identities s ON s.id = e.sender_id "                 \
 	"LEFT JOIN identities t ON t.id = b.target_identity_id "                                            \
 	"LEFT JOIN peers p ON b.target_identity_id IS NULL AND b.destination LIKE 'peer:%' "                \
-	" AND p.name = substr(b.destination, 6) ORDER BY b.destination, b.id"
+	" AND p.name = substr(b.destination, 6) "
+#define RECHECK_COLUMNS RECHECK_SELECT "ORDER BY b.destination, b.id"
 
 /* One state's rows in outbox_state_dest_idx order, from after ($1, $2)
  * (destination, id), $3 of them: a range of that index, the state a literal so that
@@ -590,29 +593,51 @@ static const char *const recheck_state_sql[] = {
 };
 #define RECHECK_STATES 4
 
-/* Some local users' rows ($1, an array), from after id $2, $3 of them:
- * of those who opted out of a network (only an opt-out among a user's
- * facts is the server's side of a decision), by index: held ones in
- * outbox_held_idx, dead and failed ones in outbox_dead_target_idx, pending
- * ones among their rooms' (outbox_room_order_idx), as a block's sweep
- * finds them.  Each kind is its own CTE: ordered by id inside, the
- * planner walked the primary key over the whole outbox (a user with no
- * room: every row).  Most changes are consents of users who opted out of
- * nothing: no row is read. */
-#define RECHECK_USER_ROWS(cond)                                                                         \
-	" AS MATERIALIZED (SELECT o.id, o.destination, o.event_id, o.target_identity_id, o.room_id "        \
-	" FROM outbox o WHERE " cond " AND o.target_identity_id = ANY((SELECT a FROM ou)::bigint[]) "       \
-	" AND o.id > $2::bigint)"
-static const char recheck_users_sql[] =
-	"WITH ou AS MATERIALIZED (SELECT array_agg(DISTINCT identity_id) AS a FROM user_optin "
+/* Some local users' rows ($1, an array), of those who opted out of a
+ * network (only an opt-out among a user's facts is the server's side of a
+ * decision; most changes are consents of users who opted out of nothing:
+ * no row is read), one kind after the other, each a walk in an index's
+ * order from after the cursor ($2, $3, $4), $5 rows at a time: held ones
+ * in outbox_held_idx and dead and failed ones in
+ * outbox_dead_target_order_idx (schema/038), by (user, room, id); pending
+ * ones in outbox_room_order_idx, by (room, destination, id), as a block's
+ * sweep finds them (no index on the pending rows' user: every row written
+ * would pay for it): the users' rooms from the cursor's on, one at a time
+ * (w), each read in order up to what the batch still lacks, so that a
+ * batch stops where it is full (in one statement, all the rooms' rows
+ * were read to keep the first 500).  Until the thirty-second session a
+ * batch read all of the users' waiting rows and kept the 500 after the
+ * last one's id: 70 ms a batch at 100,000 rows, a pass quadratic in one
+ * user's backlog.  Each kind's result is in its walk's order: its last
+ * row is the next cursor. */
+#define RECHECK_OPTED_OUT                                                                               \
+	" ou AS MATERIALIZED (SELECT array_agg(DISTINCT identity_id) AS a FROM user_optin "                 \
 	" WHERE identity_id = ANY($1::bigint[]) AND NOT opted_in), "
-	"bh" RECHECK_USER_ROWS("o.state = 'held'") ", "
-	"bd" RECHECK_USER_ROWS("o.state IN ('dead', 'failed') AND o.target_identity_id IS NOT NULL") ", "
-	"bp" RECHECK_USER_ROWS("o.state = 'pending' AND o.room_id = ANY(ARRAY(SELECT m.room_id FROM room_members m "
-			       "WHERE m.identity_id = ANY((SELECT a FROM ou)::bigint[])))") ", "
-	"b AS MATERIALIZED (SELECT * FROM (SELECT * FROM bh UNION ALL SELECT * FROM bd UNION ALL SELECT * FROM bp) x "
-	" ORDER BY id LIMIT $3::int) "
-	RECHECK_COLUMNS;
+#define RECHECK_USER_ROWS(cond)                                                                         \
+	"WITH" RECHECK_OPTED_OUT "b AS MATERIALIZED (SELECT o.id, o.destination, o.event_id, "               \
+	" o.target_identity_id, o.room_id FROM outbox o WHERE " cond                                         \
+	" AND o.target_identity_id = ANY((SELECT a FROM ou)::bigint[]) "                                      \
+	" AND (o.target_identity_id, o.room_id, o.id) > ($2::bigint, $3::bigint, $4::bigint) "               \
+	" ORDER BY o.target_identity_id, o.room_id, o.id LIMIT $5::int) "                                      \
+	RECHECK_SELECT "ORDER BY b.target_identity_id, b.room_id, b.id"
+static const char *const recheck_users_sql[] = {
+	RECHECK_USER_ROWS("o.state = 'held'"),
+	RECHECK_USER_ROWS("o.state IN ('dead', 'failed') AND o.target_identity_id IS NOT NULL"),
+	"WITH RECURSIVE" RECHECK_OPTED_OUT
+	"rm AS MATERIALIZED (SELECT coalesce(array_agg(DISTINCT m.room_id ORDER BY m.room_id), '{}') AS a "
+	" FROM room_members m WHERE m.identity_id = ANY((SELECT a FROM ou)::bigint[]) AND m.room_id >= $2::bigint), "
+	"w (k, got, ids) AS (SELECT 1, 0, '{}'::bigint[] UNION ALL "
+	" SELECT w.k + 1, w.got + cardinality(x.ids), w.ids || x.ids FROM w CROSS JOIN rm CROSS JOIN LATERAL "
+	"  (SELECT coalesce(array_agg(y.id ORDER BY y.destination, y.id), '{}') AS ids FROM (SELECT o.id, o.destination "
+	"   FROM outbox o WHERE o.room_id = rm.a[w.k] AND o.state = 'pending' "
+	"   AND o.target_identity_id = ANY((SELECT a FROM ou)::bigint[]) "
+	"   AND (o.room_id, o.destination, o.id) > ($2::bigint, $3, $4::bigint) ORDER BY o.destination, o.id "
+	"   LIMIT $5::int - w.got) y) x WHERE w.k <= cardinality(rm.a) AND w.got < $5::int), "
+	"b AS MATERIALIZED (SELECT o.id, o.destination, o.event_id, o.target_identity_id, o.room_id FROM outbox o "
+	" WHERE o.id = ANY((SELECT ids FROM w ORDER BY k DESC LIMIT 1)::bigint[])) "
+	RECHECK_SELECT "ORDER BY b.room_id, b.destination, b.id",
+};
+#define RECHECK_USER_KINDS 3
 
 /* The rows $1 (an array of ids) in those states. */
 static const char recheck_ids_sql[] =
@@ -1094,7 +1119,9 @@ struct policy_live {
 	 * after (recheck_dest, recheck_after); one more after the claims in
 	 * flight at a pass's start are over (again_at_us, 0: none; again: this
 	 * pass is it).  And the rows of the users whose facts changed
-	 * (recheck_users, from after the id users_after).  A change during a
+	 * (recheck_users), one kind after the other (users_kind;
+	 * RECHECK_USER_KINDS: done), each from after its walk's cursor
+	 * (users_key, recheck_users_sql).  A change during a
 	 * pass lets it end and asks for one more (more): restarting it at
 	 * each change starved the rows late in its order while changes kept
 	 * coming (a review of the session's change). */
@@ -1107,7 +1134,9 @@ struct policy_live {
 	bool again;
 	int64_t recheck_users[POLICY_OVERLAY_MAX];
 	size_t nrecheck_users;
-	long long users_after;
+	int users_kind;
+	long long users_key1, users_key3;
+	char users_key2[300]; /* a room id, or a destination */
 };
 
 static void add_pending(struct policy_live *pl, int64_t id)
@@ -1353,6 +1382,15 @@ static void recheck_whole(struct policy_live *pl)
 		recheck_begin(pl, false);
 }
 
+/* The users' walk at the start of its kind-th kind (recheck_users_sql):
+ * before every key of its index. */
+static void users_walk_from(struct policy_live *pl, int kind)
+{
+	pl->users_kind = kind;
+	pl->users_key1 = pl->users_key3 = 0;
+	snprintf(pl->users_key2, sizeof(pl->users_key2), "%s", kind == RECHECK_USER_KINDS - 1 ? "" : "0");
+}
+
 /* The users whose facts changed (an opt-out among them, maybe): their rows
  * are decided again; too many for the list, a whole pass. */
 static void recheck_users_add(struct policy_live *pl, const int64_t *ids, size_t n)
@@ -1372,8 +1410,8 @@ static void recheck_users_add(struct policy_live *pl, const int64_t *ids, size_t
 		pl->recheck_users[pl->nrecheck_users++] = ids[i];
 		added = true;
 	}
-	if (added)
-		pl->users_after = 0; /* the walk starts again: the new users' rows may be behind it */
+	if (added) /* the walk starts again: the new users' rows may be behind it */
+		users_walk_from(pl, 0);
 }
 
 /* The rows a dispatcher held in flight as a pass began were not decided
@@ -1440,9 +1478,11 @@ static bool recheck_turn(struct policy_live *pl)
 			len += (size_t)snprintf(users + len, sizeof(users) - len, "%s%lld", i ? "," : "",
 						(long long)pl->recheck_users[i]);
 		snprintf(users + len, sizeof(users) - len, "}");
-		snprintf(after, sizeof(after), "%lld", pl->users_after);
-		const char *params[] = { users, after, limit };
-		r = PQexecParams(pl->c, recheck_users_sql, 3, NULL, params, NULL, NULL, 0);
+		char key3[24];
+		snprintf(after, sizeof(after), "%lld", pl->users_key1);
+		snprintf(key3, sizeof(key3), "%lld", pl->users_key3);
+		const char *params[] = { users, after, pl->users_key2, key3, limit };
+		r = PQexecParams(pl->c, recheck_users_sql[pl->users_kind], 5, NULL, params, NULL, NULL, 0);
 	}
 	if (!rc)
 		rc = store_check(pl->c, r, PGRES_TUPLES_OK, &e);
@@ -1450,18 +1490,18 @@ static bool recheck_turn(struct policy_live *pl)
 		PQclear(r);
 	int n = 0;
 	long counts[2] = { 0, 0 };
+	/* the last row is the cursor (the walk's order): the pass's
+	 * (destination, id), the users' walk's (user, room, id) or, of the
+	 * pending rows, (room, destination, id) */
 	char last_dest[sizeof(pl->recheck_dest)] = "";
-	long long last = 0;
+	long long last = 0, key1 = 0;
 	if (!rc) {
 		n = PQntuples(r);
-		for (int i = 0; i < n; i++) { /* ordered by destination, id: the last is the pass's cursor */
-			long long id = atoll(PQgetvalue(r, i, 0));
-			if (pass) {
-				snprintf(last_dest, sizeof(last_dest), "%s", PQgetvalue(r, i, 1));
-				last = id;
-			} else if (id > last) {
-				last = id;
-			}
+		if (n) {
+			bool rooms = !pass && pl->users_kind == RECHECK_USER_KINDS - 1;
+			last = atoll(PQgetvalue(r, n - 1, 0));
+			key1 = atoll(PQgetvalue(r, n - 1, rooms ? 14 : 13));
+			snprintf(last_dest, sizeof(last_dest), "%s", PQgetvalue(r, n - 1, pass || rooms ? 1 : 14));
 		}
 		const char *reason;
 		rc = recheck(pl->c, v, r, counts, &reason, &e);
@@ -1481,7 +1521,11 @@ static bool recheck_turn(struct policy_live *pl)
 		pl->recheck_dest[0] = '\0';
 		pl->recheck_after = 0;
 	} else if (n == RECHECK_BATCH) {
-		pl->users_after = last;
+		pl->users_key1 = key1;
+		snprintf(pl->users_key2, sizeof(pl->users_key2), "%s", last_dest);
+		pl->users_key3 = last;
+	} else if (pl->users_kind + 1 < RECHECK_USER_KINDS) {
+		users_walk_from(pl, pl->users_kind + 1);
 	} else {
 		pl->nrecheck_users = 0;
 	}

@@ -1889,3 +1889,64 @@ def test_two_processes_dropping_one_events_rows_erase_its_content(daemon, peers,
                what="both rows dropped")
     wait_until(lambda: pg.psql(f"SELECT content = '{{}}'::jsonb FROM events WHERE public_id = '{msg}'", db_url) == "t",
                timeout=20, what="the content erased")
+
+
+def test_an_opt_out_decides_every_waiting_row_of_the_user_in_batches(make_daemon, db_url, pg):
+    """An opt-out decides the user's waiting rows again at once (the NOTIFY
+    names her), batch after batch: here 1,600 of them, pending in two rooms
+    (one a group she shares with bob), held, dead and failed, all dropped,
+    each once; bob's in the same group and in his own room stay. Each batch
+    goes on from where the last ended (the held ones in
+    outbox_held_idx, the dead and failed ones in
+    outbox_dead_target_order_idx, the pending ones through her rooms in
+    outbox_room_order_idx): until the thirty-second session each batch read
+    all of her waiting rows again, 70 ms a batch at 100,000 of them."""
+    d = make_daemon(db_url, options={"policy": {"reload_interval_s": "3600"}}).start()
+    made = push_peers(d)
+    try:
+        (a, _), _ = made
+        for user in (ALICE, BOB):
+            opt_in(d, user=user)
+            consent(d, a.user("wally"), "allowed", user=user)
+        rooms = [dm(a), dm(a, remote="wendy"),
+                 a.create_room([a.user("wally"), ALICE, BOB], kind="group").json()["id"], dm(a, local=BOB)]
+        wait_policy(d, lambda: states(pg, db_url, [send(a, rooms[0], "probe").json()["id"]])[0][1] == "pending",
+                    "the consent in force")
+        seeds = [send(a, r, "seed", sender="wendy" if r == rooms[1] else "wally").json()["id"] for r in rooms]
+        wait_policy(d, lambda: len(states(pg, db_url, seeds)) == 5, "the seeds' rows")
+        # The consents are old: the periodic sweep leaves the held rows.
+        pg.psql("UPDATE consents SET updated_at = now() - interval '1 hour'", db_url)
+        # Each seed's event copied 400 times, its rows with it, in turn
+        # pending, held, dead and failed.
+        pg.psql("INSERT INTO events (public_id, room_id, sender_id, type, content, origin_network, ts) "
+                "SELECT 'msg_back' || e.id || '_' || g, room_id, sender_id, type, content, origin_network, ts "
+                f"FROM events e, generate_series(1, 400) g WHERE e.public_id IN "
+                f"({','.join(repr(s) for s in seeds)}) ORDER BY g, e.id", db_url)
+        pg.psql("INSERT INTO outbox (event_id, destination, target_identity_id, room_id, state) "
+                "SELECT c.id, o.destination, o.target_identity_id, o.room_id, "
+                "(ARRAY['pending', 'held', 'dead', 'failed'])[1 + split_part(c.public_id, '_', 3)::int % 4] "
+                "FROM events c JOIN events e ON split_part(c.public_id, '_', 2) = 'back' || e.id "
+                "JOIN outbox o ON o.event_id = e.id WHERE c.public_id LIKE 'msg_back%' ORDER BY c.id, o.id", db_url)
+        users = ("SELECT string_agg(s || ':' || n, ',' ORDER BY s) FROM (SELECT o.state AS s, count(*) AS n "
+                 "FROM outbox o JOIN identities t ON t.id = o.target_identity_id WHERE t.uri = '%s' "
+                 "AND o.event_id IN (SELECT id FROM events WHERE public_id LIKE 'msg_back%%') GROUP BY 1) x")
+        assert pg.psql(users % ALICE, db_url) == "dead:300,failed:300,held:300,pending:300"
+        bob = pg.psql(users % BOB, db_url)
+        assert bob == "dead:200,failed:200,held:200,pending:200"
+        opt_in(d, on=False)
+        wait_until(lambda: pg.psql(users % ALICE, db_url) == "dropped:1200", timeout=60, interval=0.2,
+                   what="alice's waiting rows dropped")
+        assert pg.psql(users % BOB, db_url) == bob
+        assert pg.psql("SELECT count(*), count(DISTINCT a.event_id) FROM audit_log a WHERE a.action = 'policy.deny' "
+                       f"AND a.details = '{{\"by\": \"sweep\"}}' AND a.subject = '{ALICE}' AND a.event_id IN "
+                       "(SELECT id FROM events WHERE public_id LIKE 'msg_back%')", db_url) == "1200|1200"
+        # The content of a message only alice was to receive is erased; the
+        # group's stays for bob.
+        assert pg.psql("SELECT string_agg(DISTINCT (e.room_id = (SELECT id FROM rooms WHERE public_id = '%s'))::text "
+                       "|| ':' || (content = '{}'::jsonb)::text, ',') FROM events e WHERE public_id LIKE 'msg_back%%' "
+                       "AND EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = e.id AND o.state = 'dropped')"
+                       % rooms[2], db_url) == "false:true,true:false"
+        assert "recheck of waiting rows failed" not in d.log()
+    finally:
+        for _, srv in made:
+            srv.close()
