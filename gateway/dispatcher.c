@@ -3,6 +3,7 @@
 #include "dispatcher.h"
 #include "buf.h"
 #include "log.h"
+#include "policy_live.h"
 #include "store.h"
 
 #include <errno.h>
@@ -36,9 +37,13 @@ struct lane {
 	 * orphans) */
 	char name[320];
 	/* The ids of rows its last claim may have taken without knowing it
-	 * (the claim's COMMIT sent, its answer lost: "{...}"), released before
-	 * its next claim; NULL for none. */
-	char *orphans;
+	 * (the claim's COMMIT sent, its answer lost), released before its
+	 * next claim; NULL for none. */
+	int64_t *orphans;
+	size_t norphans;
+	/* policy_live_stamp's count as its last claim ended (see
+	 * screen_failed). */
+	uint64_t stamp;
 	char held[sizeof(((struct outbox_row *)0)->destination)]; /* its destination, "" for none (under d->mu) */
 	const struct outbox_row *rows; /* the rows it delivers, for the keeper (under d->mu) */
 	size_t nrows;
@@ -490,7 +495,7 @@ static const struct store_stmt lane_stmts[] = {
 		" FROM (SELECT room_id, destination, min(id) AS id FROM up WHERE state = 'dead' GROUP BY room_id, destination) d "
 		" WHERE p.room_id = d.room_id AND p.destination = d.destination AND p.id > d.id AND p.state = 'pending' "
 		" RETURNING p.state) "
-		"SELECT state FROM up UNION ALL SELECT state FROM behind" },
+		"SELECT state, id FROM up UNION ALL SELECT state, NULL FROM behind" },
 	{ NULL, NULL },
 };
 static const struct store_stmt *const lane_stmt_lists[] = { lane_stmts, NULL };
@@ -683,9 +688,12 @@ static bool claim_destination(struct lane *l, const char *dest, struct outbox_ro
  * twentieth session it was quoted into the text).  Rows whose claim ran
  * out are then taken back (cw_take_back, a second round trip only when
  * there are some), due again or dead: how many of each in *pending and
- * *dead, for the caller to count once the claim commits.  Returns the
- * peers' destinations, or NULL with e set (the caller rolls back). */
-static PGresult *claim_open(struct lane *l, const char **local, long *pending, long *dead, cw_errmsg *e)
+ * *dead, for the caller to count once the claim commits; the ids of those
+ * due again in *recovered (the caller frees it), for the policy's screen.
+ * Returns the peers' destinations, or NULL with e set (the caller rolls
+ * back). */
+static PGresult *claim_open(struct lane *l, const char **local, long *pending, long *dead, PGresult **recovered,
+			    cw_errmsg *e)
 {
 	struct dispatcher *d = l->d;
 	*local = d->o.local_deliver && (!d->o.local_ready || d->o.local_ready(d->o.local_ctx)) ? d->o.local_destination
@@ -701,6 +709,7 @@ static PGresult *claim_open(struct lane *l, const char **local, long *pending, l
 	 * The fourth is whether a claim ran out. */
 	PGresult *r, *last = NULL;
 	bool failed = false, ran_out = false;
+	*recovered = NULL;
 	for (int k = 0; (r = PQgetResult(l->c)); k++) {
 		ExecStatusType st = PQresultStatus(r);
 		if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
@@ -733,9 +742,43 @@ static PGresult *claim_open(struct lane *l, const char **local, long *pending, l
 		}
 		for (int i = 0; i < PQntuples(r); i++)
 			(*(strcmp(PQgetvalue(r, i, 0), "dead") == 0 ? dead : pending))++;
-		PQclear(r);
+		*recovered = r;
 	}
 	return last;
+}
+
+/* The rows ids (n), in flight under the lane's claim or waiting, decided
+ * again under the policy in force (policy_live_screen): those it now
+ * refuses are dropped, gone[i] set for each.  In the lane's open
+ * transaction, else one of its own. */
+static cw_err screen(struct lane *l, const int64_t *ids, size_t n, bool *gone, cw_errmsg *e)
+{
+	long dropped;
+	return policy_live_screen(l->d->o.policy, l->c, ids, n, l->name, gone, &dropped, e);
+}
+
+/* A claim's rows whose claim ran out and that are due again (recovered:
+ * cw_take_back's rows, (state, id), those made dead left out), decided
+ * again first in the claim's transaction: they were claimed, maybe,
+ * before a change that their claimer, gone, never decided them under,
+ * and any lane may take them at once. */
+static cw_err screen_recovered(struct lane *l, PGresult *recovered, cw_errmsg *e)
+{
+	int rows = PQntuples(recovered);
+	if (!l->d->o.policy || rows == 0)
+		return CW_OK;
+	int64_t *ids = malloc((size_t)rows * sizeof(*ids));
+	bool *gone = malloc((size_t)rows * sizeof(*gone));
+	cw_err rc = ids && gone ? CW_OK : cw_fail(e, CW_ENOMEM, "out of memory");
+	int n = 0;
+	for (int i = 0; !rc && i < rows; i++)
+		if (strcmp(PQgetvalue(recovered, i, 0), "pending") == 0 && !PQgetisnull(recovered, i, 1))
+			ids[n++] = atoll(PQgetvalue(recovered, i, 1));
+	if (!rc && n > 0)
+		rc = screen(l, ids, (size_t)n, gone, e);
+	free(ids);
+	free(gone);
+	return rc;
 }
 
 /* Rows $1 of the lane's claim ($2) back to pending, due at once, the
@@ -767,9 +810,32 @@ static char *id_array(const struct outbox_row *rows, size_t n)
  * with e set if it could not (kept for the next claim). */
 static bool release_orphans(struct lane *l, cw_errmsg *e)
 {
-	const char *params[] = { l->orphans, l->name };
+	/* decided again first (the claim that took them was not, see
+	 * screen_claimed): any lane may take them once they are back */
+	if (l->d->o.policy) {
+		bool *gone = malloc(l->norphans * sizeof(*gone));
+		if (!gone || screen(l, l->orphans, l->norphans, gone, e)) {
+			if (!gone)
+				cw_fail(e, CW_ENOMEM, "out of memory");
+			free(gone);
+			return false;
+		}
+		free(gone);
+	}
+	size_t cap = 2 + l->norphans * 21, len = 0;
+	char *ids = malloc(cap);
+	if (!ids) {
+		cw_fail(e, CW_ENOMEM, "out of memory");
+		return false;
+	}
+	ids[len++] = '{';
+	for (size_t i = 0; i < l->norphans; i++)
+		len += (size_t)snprintf(ids + len, cap - len, "%s%lld", i ? "," : "", (long long)l->orphans[i]);
+	snprintf(ids + len, cap - len, "}");
+	const char *params[] = { ids, l->name };
 	PGresult *r = PQexecParams(l->c,
 				   RELEASE_SQL, 2, NULL, params, NULL, NULL, 0);
+	free(ids);
 	bool ok = store_check(l->c, r, PGRES_COMMAND_OK, e) == CW_OK;
 	if (ok) {
 		if (atol(PQcmdTuples(r)) > 0)
@@ -777,9 +843,50 @@ static bool release_orphans(struct lane *l, cw_errmsg *e)
 			       PQcmdTuples(r));
 		free(l->orphans);
 		l->orphans = NULL;
+		l->norphans = 0;
 	}
 	PQclear(r);
 	return ok;
+}
+
+static void release(struct lane *l, const struct outbox_row *rows, size_t n);
+
+/* The rows of a claim just committed, decided again under the policy in
+ * force when this process's recheck of a change was not over as the
+ * claim began or ended, or a change came meanwhile (policy_live_stamp):
+ * the recheck goes in batches, and a row it had not reached when a lane
+ * claimed it was delivered undecided (until the thirty-second session).
+ * Those now refused are dropped (policy_live_screen) and taken out of
+ * rows.  The rows left; -1 when the rows could not be decided (they are
+ * put back, due at once: their next claim decides them). */
+static int screen_claimed(struct lane *l, struct outbox_row *rows, int n)
+{
+	int64_t *ids = malloc((size_t)n * sizeof(*ids));
+	bool *gone = malloc((size_t)n * sizeof(*gone));
+	cw_errmsg e;
+	cw_err rc = ids && gone ? CW_OK : cw_fail(&e, CW_ENOMEM, "out of memory");
+	for (int i = 0; !rc && i < n; i++)
+		ids[i] = rows[i].id;
+	if (!rc)
+		rc = screen(l, ids, (size_t)n, gone, &e);
+	int k = 0;
+	if (rc) {
+		LOG_KV(CW_LOG_WARN, "deciding claimed rows again failed; they wait for the next claim", "detail", e.msg);
+		release(l, rows, (size_t)n);
+		for (int i = 0; i < n; i++)
+			json_decref(rows[i].event);
+		k = -1;
+	} else {
+		for (int i = 0; i < n; i++) {
+			if (gone[i])
+				json_decref(rows[i].event);
+			else
+				rows[k++] = rows[i];
+		}
+	}
+	free(ids);
+	free(gone);
+	return k;
 }
 
 /* Claims the due rows of one push destination that no other lane has:
@@ -798,13 +905,22 @@ static int claim(struct lane *l, struct outbox_row **out)
 	atomic_fetch_add(&d->claim_tries, 1);
 	if (l->orphans && !release_orphans(l, &e))
 		goto fail_rows;
+	bool unsettled = false, unsettled_after = false;
+	uint64_t stamp = d->o.policy ? policy_live_stamp(d->o.policy, &unsettled) : 0;
 	l->claimed_us = cw_now_us(); /* before the claim's own now(): its rows are ours at least until this + timeout */
 	const char *local;
 	long back_dead = 0;
-	PGresult *dr = claim_open(l, &local, &back, &back_dead, &e);
+	PGresult *recovered = NULL;
+	PGresult *dr = claim_open(l, &local, &back, &back_dead, &recovered, &e);
 	if (!dr)
 		goto fail;
 	dead += back_dead;
+	cw_err src = recovered ? screen_recovered(l, recovered, &e) : CW_OK;
+	PQclear(recovered);
+	if (src) {
+		PQclear(dr);
+		goto fail;
+	}
 	int npeers = PQntuples(dr), nd = npeers + (local[0] != '\0');
 	atomic_store(&d->ndest, nd);
 	for (int k = 0; k < nd && n == 0; k++) {
@@ -841,8 +957,11 @@ static int claim(struct lane *l, struct outbox_row **out)
 		 * was, the rows are in flight under this lane's name, and no
 		 * one would send them before their claim ran out (a minute by
 		 * default) while the rest of their rooms waited behind them. */
-		if (n)
-			l->orphans = id_array(rows, (size_t)n);
+		if (n && (l->orphans = malloc((size_t)n * sizeof(*l->orphans)))) {
+			for (int i = 0; i < n; i++)
+				l->orphans[i] = rows[i].id;
+			l->norphans = (size_t)n;
+		}
 		LOG_KV(CW_LOG_WARN, "outbox claim failed", "detail", e.msg);
 		goto fail_rows;
 	}
@@ -855,6 +974,15 @@ static int claim(struct lane *l, struct outbox_row **out)
 		LOG_KV(back_dead ? CW_LOG_WARN : CW_LOG_INFO,
 		       "rows whose claim ran out (their process stopped mid-delivery?) were taken back", "due_again", again,
 		       "dead", gone);
+	}
+	if (d->o.policy) {
+		uint64_t after = policy_live_stamp(d->o.policy, &unsettled_after);
+		if (n && (unsettled || unsettled_after || after != stamp) && (n = screen_claimed(l, rows, n)) <= 0) {
+			free(rows);
+			give_destination(l);
+			return n;
+		}
+		l->stamp = after;
 	}
 	if (n)
 		qsort(rows, (size_t)n, sizeof(*rows), cmp_row);
@@ -1140,6 +1268,41 @@ static size_t drop_stale_typing(struct lane *l, struct outbox_row *rows, size_t 
 	return kept;
 }
 
+/* The rows of the claim not delivered (per_row: those whose outcome is
+ * not 1; else those from ok on) go back to waiting: when a change was put
+ * in force since the claim (policy_live_stamp moved from l->stamp), they
+ * are decided under it first, and those refused dropped (the recording
+ * after passes over them: no longer in flight), so that a retry does not
+ * deliver what the new rules refuse.  Until the thirty-second session only
+ * the recheck's one more pass, after the claims in flight at its start ran
+ * out, decided them, and a retry before it delivered them.  False when
+ * they could not be decided: they stay in flight until their claim runs
+ * out, and the claim that takes them back decides them
+ * (screen_recovered). */
+static bool screen_failed(struct lane *l, const struct outbox_row *rows, size_t n, bool per_row, size_t ok)
+{
+	struct dispatcher *d = l->d;
+	bool unsettled;
+	if (!d->o.policy || policy_live_stamp(d->o.policy, &unsettled) == l->stamp)
+		return true;
+	int64_t *ids = malloc(n * sizeof(*ids));
+	bool *gone = malloc(n * sizeof(*gone));
+	size_t k = 0;
+	cw_errmsg e;
+	cw_err rc = ids && gone ? CW_OK : cw_fail(&e, CW_ENOMEM, "out of memory");
+	for (size_t x = 0; !rc && x < n; x++)
+		if (per_row ? rows[x].outcome != 1 : x >= ok)
+			ids[k++] = rows[x].id;
+	if (!rc && k)
+		rc = screen(l, ids, k, gone, &e);
+	if (rc)
+		LOG_KV(CW_LOG_WARN, "deciding undelivered rows again failed; their claim will run out and they go again",
+		       "detail", e.msg);
+	free(ids);
+	free(gone);
+	return rc == CW_OK;
+}
+
 /* Delivers the claimed rows (of the lane's destination, in id order, so in
  * order per room) and records the outcome. */
 static void deliver(struct lane *l, struct outbox_row *rows, size_t n)
@@ -1162,6 +1325,9 @@ static void deliver(struct lane *l, struct outbox_row *rows, size_t n)
 	bool per_row = false;
 	for (size_t x = 0; x < n && !per_row; x++)
 		per_row = rows[x].outcome != 0;
+	/* hold: the rows not delivered could not be decided again; left in
+	 * flight (screen_failed) */
+	bool hold = !screen_failed(l, rows, n, per_row, rc == CW_OK ? n : done > n ? n : done);
 	/* Answered 429 without saying how long to wait: the destination
 	 * slows down (slowdown); a delivery ends that.  A 429 that says
 	 * (Retry-After) is waited out as it says and leaves the streak as it
@@ -1180,7 +1346,16 @@ static void deliver(struct lane *l, struct outbox_row *rows, size_t n)
 			if (rows[x].retry_after_ms == 0 && (per_row ? rows[x].outcome == -1 && rows[x].code == 429 : true))
 				rows[x].retry_after_ms = slow;
 	}
-	if (per_row) {
+	if (per_row && hold) {
+		struct outbox_row *sel = malloc(n * sizeof(*sel));
+		size_t k = 0;
+		for (size_t x = 0; sel && x < n; x++)
+			if (rows[x].outcome == 1)
+				sel[k++] = rows[x];
+		if (k)
+			record_outcomes(l, sel, k, t0);
+		free(sel); /* out of memory: nothing recorded, the claim runs out */
+	} else if (per_row) {
 		/* The rows' own waits (next_attempt_at), not the destination's:
 		 * a Matrix 429 is one ghost's limit, not the homeserver's. */
 		record_outcomes(l, rows, n, t0);
@@ -1200,7 +1375,8 @@ static void deliver(struct lane *l, struct outbox_row *rows, size_t n)
 			for (size_t x = done; x < n; x++)
 				wait = rows[x].retry_after_ms > wait ? rows[x].retry_after_ms : wait;
 			wait = outbox_retry_after_ms(0, wait);
-			record(l, rows + done, n - done, false, code, e.msg, t0, wait);
+			if (!hold)
+				record(l, rows + done, n - done, false, code, e.msg, t0, wait);
 			if (wait > 0)
 				pause_destination(d, dest, (int64_t)wait * 1000);
 		}

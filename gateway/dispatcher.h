@@ -10,6 +10,7 @@
 
 struct cw_app;
 struct dispatcher;
+struct policy_live;
 
 /* One claimed outbox row, with what an adapter needs to deliver it. */
 struct outbox_row {
@@ -105,6 +106,11 @@ struct dispatcher_opts {
 	 * claimed and refused (an XMPP process whose streams another process
 	 * holds, or whose streams are down). */
 	bool (*local_ready)(void *local_ctx);
+	/* The policy in force (NULL: none), which decides again what a lane
+	 * claims while the recheck of a change is not over, and what it puts
+	 * back to waiting after a change came during its claim
+	 * (policy_live_stamp). */
+	struct policy_live *policy;
 };
 
 cw_err dispatcher_start(struct dispatcher **out, const struct dispatcher_opts *o, cw_errmsg *e);

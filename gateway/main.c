@@ -562,6 +562,7 @@ int main(int argc, char **argv)
 		.local_ctx = app.matrix ? (void *)app.matrix : (void *)app.xmpp,
 		.local_destination = app_local_network(&app),
 		.local_ready = app.matrix ? NULL : app.xmpp ? xa_ready : NULL,
+		.policy = app.policy,
 	};
 	if (!pout || dispatcher_start(&app.dispatcher, &dopt, &e)) {
 		LOG_KV(CW_LOG_ERROR, "cannot start the dispatcher", "detail", pout ? e.msg : "out of memory");

@@ -95,7 +95,8 @@ static cw_err query_ids(PGconn *c, const char *sql, const char *ids, PGresult **
 	return store_check(c, *out, PGRES_TUPLES_OK, e);
 }
 
-static cw_err load_facts(PGconn *c, struct policy_builder *b, const char *ids, uint64_t *fp, cw_errmsg *e);
+static cw_err load_facts(PGconn *c, struct policy_builder *b, const char *ids, uint64_t *fp, bool *opted_out,
+			 cw_errmsg *e);
 
 /* The settings' fingerprint (policy_settings.fingerprint): FNV-1a over
  * strings, each ended by a 0. */
@@ -151,14 +152,16 @@ static cw_err load_all(PGconn *c, struct policy_builder *b, void *arg, cw_errmsg
 			LOG_KV(CW_LOG_WARN, "policy rule ignored: not understood", "rule_id", PQgetvalue(r, i, 0));
 	}
 	PQclear(r);
-	rc = load_facts(c, b, NULL, &fp, e);
+	rc = load_facts(c, b, NULL, &fp, NULL, e);
 	set->fingerprint = fp;
 	return rc;
 }
 
 /* The facts of the local users ids (a PostgreSQL array text), or of all
- * (NULL); fp (or NULL) takes in the opt-outs. */
-static cw_err load_facts(PGconn *c, struct policy_builder *b, const char *ids, uint64_t *fp, cw_errmsg *e)
+ * (NULL); fp (or NULL) takes in the opt-outs; *opted_out (or NULL) is set
+ * if there is one. */
+static cw_err load_facts(PGconn *c, struct policy_builder *b, const char *ids, uint64_t *fp, bool *opted_out,
+			 cw_errmsg *e)
 {
 	PGresult *r;
 	cw_err rc;
@@ -169,6 +172,8 @@ static cw_err load_facts(PGconn *c, struct policy_builder *b, const char *ids, u
 	for (int i = 0; i < PQntuples(r); i++) {
 		if (fp && PQgetvalue(r, i, 2)[0] != 't') /* a sum: the rows' order is not the hash's */
 			*fp += fp_mix(fp_mix(FP_START, PQgetvalue(r, i, 0)), PQgetvalue(r, i, 1));
+		if (opted_out && PQgetvalue(r, i, 2)[0] != 't')
+			*opted_out = true;
 		if (policy_builder_optin(b, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1), PQgetvalue(r, i, 2)[0] == 't') == -2)
 			goto oom;
 	}
@@ -241,18 +246,24 @@ cw_err policy_load(PGconn *c, uint64_t version, struct policy_view **out, cw_err
 	return rc;
 }
 
-/* The users of the array text ids, named in the overlay, and their facts. */
-static cw_err fill_users(PGconn *c, struct policy_builder *b, void *ids, cw_errmsg *e)
+/* The users of the array text ids, named in the overlay, and their facts;
+ * whether one of them opted out of a network. */
+struct users_fill {
+	const char *ids;
+	bool opted_out;
+};
+static cw_err fill_users(PGconn *c, struct policy_builder *b, void *arg, cw_errmsg *e)
 {
+	struct users_fill *f = arg;
 	PGresult *r;
-	cw_err rc = query_ids(c, "SELECT uri FROM identities WHERE id = ANY($1::bigint[]) AND is_local", ids, &r, e);
+	cw_err rc = query_ids(c, "SELECT uri FROM identities WHERE id = ANY($1::bigint[]) AND is_local", f->ids, &r, e);
 	if (rc)
 		return rc;
 	for (int i = 0; !rc && i < PQntuples(r); i++)
 		if (policy_builder_user(b, PQgetvalue(r, i, 0)) == -2)
 			rc = cw_fail(e, CW_ENOMEM, "out of memory");
 	PQclear(r);
-	return rc ? rc : load_facts(c, b, ids, NULL, e);
+	return rc ? rc : load_facts(c, b, f->ids, NULL, &f->opted_out, e);
 }
 
 cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, const int64_t *ids, size_t n,
@@ -275,7 +286,8 @@ cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, 
 		len += (size_t)snprintf(arr + len, cap - len, "%s%lld", i ? "," : "", (long long)ids[i]);
 	snprintf(arr + len, cap - len, "}");
 	memcpy(users, ids, n * sizeof(*users));
-	cw_err rc = load_view(c, version, policy_builder_overlay(base->snap), fill_users, arr, t0, out, e);
+	struct users_fill f = { arr, false };
+	cw_err rc = load_view(c, version, policy_builder_overlay(base->snap), fill_users, &f, t0, out, e);
 	free(arr);
 	if (rc) {
 		free(users);
@@ -287,6 +299,7 @@ cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, 
 	v->base = base;
 	v->users = users;
 	v->nusers = n;
+	v->opted_out = f.opted_out;
 	return CW_OK;
 }
 
@@ -639,17 +652,21 @@ static const char *const recheck_users_sql[] = {
 };
 #define RECHECK_USER_KINDS 3
 
-/* The rows $1 (an array of ids) in those states. */
+/* The rows $1 (an array of ids) in those states, or in flight under the
+ * claim $2 (a dispatcher lane's: policy_live_screen; NULL: none). */
+#define RECHECK_WAITING                                                                                 \
+	"(state IN ('pending', 'held', 'dead', 'failed') OR (state = 'in_flight' AND claimed_by = $2))"
 static const char recheck_ids_sql[] =
 	"WITH b AS MATERIALIZED (SELECT id, destination, event_id, target_identity_id, room_id FROM outbox "
-	" WHERE id = ANY($1::bigint[]) AND state IN ('pending', 'held', 'dead', 'failed')) " RECHECK_COLUMNS;
+	" WHERE id = ANY($1::bigint[]) AND " RECHECK_WAITING ") " RECHECK_COLUMNS;
 
-/* Drops the rows $1 ([{id, reason, rule, subject}]) still not handed over,
- * as sweep_sql drops a row: locked in id order, skipped when locked (a
- * dispatcher claiming it: it goes in flight, not recalled), the content of
- * an event no one will now receive erased, each drop audited as the
- * policy's decision by the sweep (the "why" of the message names it).
- * The count of rows dropped, and the reason of the first. */
+/* Drops the rows $1 ([{id, reason, rule, subject}]) still not handed over
+ * (or in flight under the claim $2: RECHECK_WAITING), as sweep_sql drops
+ * a row: locked in id order, skipped when locked (a dispatcher claiming
+ * it: it goes in flight, not recalled), the content of an event no one
+ * will now receive erased, each drop audited as the policy's decision by
+ * the sweep (the "why" of the message names it).  The count of rows
+ * dropped, the reason of the first, and their ids (JSON). */
 /* The events of the rows $1 ([{id, ...}]) locked, in id order, before
  * recheck_drop_sql (in the same transaction). */
 static const char recheck_lock_sql[] =
@@ -660,7 +677,7 @@ static const char recheck_drop_sql[] =
 	"WITH dn AS (SELECT * FROM jsonb_to_recordset($1::jsonb) AS d(id bigint, reason text, rule bigint, "
 	"  subject text)), "
 	"lk AS (SELECT o.id FROM outbox o WHERE o.id IN (SELECT id FROM dn) "
-	"  AND o.state IN ('pending', 'held', 'dead', 'failed') ORDER BY o.id FOR UPDATE OF o SKIP LOCKED), "
+	"  AND " RECHECK_WAITING " ORDER BY o.id FOR UPDATE OF o SKIP LOCKED), "
 	"ch AS (UPDATE outbox o SET state = 'dropped', next_attempt_at = now(), claimed_by = NULL, "
 	"  claimed_until = NULL FROM dn WHERE o.id = dn.id AND o.id IN (SELECT id FROM lk) "
 	"  RETURNING o.id, o.event_id, dn.reason, NULLIF(dn.rule, 0) AS rule, dn.subject), "
@@ -670,7 +687,7 @@ static const char recheck_drop_sql[] =
 	"gone AS (UPDATE events e SET content = '{}'::jsonb WHERE e.id IN (SELECT event_id FROM ch) "
 	" AND NOT EXISTS (SELECT 1 FROM outbox x WHERE x.event_id = e.id AND x.id NOT IN (SELECT id FROM ch) "
 	"  AND x.state NOT IN ('dropped', 'expired'))) "
-	"SELECT count(*), min(reason) FROM ch";
+	"SELECT count(*), min(reason), coalesce(json_agg(id ORDER BY id), '[]')::text FROM ch";
 
 /* Whether the server's rules (and an inbound row's user's opt-out) refuse
  * row i of a RECHECK_COLUMNS result now: *d the refusal, *subject whom it
@@ -729,10 +746,11 @@ static bool recheck_refused(const struct policy_snapshot *snap, PGresult *r, int
 }
 
 /* Decides the rows of r (RECHECK_COLUMNS) again with v and drops those
- * refused (recheck_drop_sql); counts: rows decided, dropped; *reason: the
- * first drop's (static), or NULL. */
-static cw_err recheck(PGconn *c, const struct policy_view *v, PGresult *r, long counts[2], const char **reason,
-		      cw_errmsg *e)
+ * refused (recheck_drop_sql; claimed_by its $2); counts: rows decided,
+ * dropped; *reason: the first drop's (static), or NULL; *gone (NULL: not
+ * wanted) the ids dropped, a JSON array (NULL: none). */
+static cw_err recheck(PGconn *c, const struct policy_view *v, PGresult *r, const char *claimed_by, long counts[2],
+		      const char **reason, json_t **gone, cw_errmsg *e)
 {
 	json_t *list = json_array();
 	int64_t now = cw_wall_ms();
@@ -753,6 +771,8 @@ static cw_err recheck(PGconn *c, const struct policy_view *v, PGresult *r, long 
 	counts[0] = PQntuples(r);
 	counts[1] = 0;
 	*reason = NULL;
+	if (gone)
+		*gone = NULL;
 	if (!list)
 		return cw_fail(e, CW_ENOMEM, "out of memory");
 	if (json_array_size(list) == 0) {
@@ -763,7 +783,7 @@ static cw_err recheck(PGconn *c, const struct policy_view *v, PGresult *r, long 
 	json_decref(list);
 	if (!text)
 		return cw_fail(e, CW_ENOMEM, "out of memory");
-	const char *params[] = { text };
+	const char *params[] = { text, claimed_by };
 	/* The rows' events first, in id order, as a statement of their own:
 	 * two processes dropping rows of one event take turns, and the later
 	 * one's drop (a snapshot of after the other's commit) sees the other's
@@ -778,16 +798,18 @@ static cw_err recheck(PGconn *c, const struct policy_view *v, PGresult *r, long 
 		return lrc;
 	}
 	PQclear(lr);
-	PGresult *dr = PQexecParams(c, recheck_drop_sql, 1, NULL, params, NULL, NULL, 0);
+	PGresult *dr = PQexecParams(c, recheck_drop_sql, 2, NULL, params, NULL, NULL, 0);
 	free(text);
 	cw_err rc = store_check(c, dr, PGRES_TUPLES_OK, e);
 	if (rc)
 		return rc;
 	counts[1] = atol(PQgetvalue(dr, 0, 0));
+	if (gone && counts[1] && !(*gone = json_loads(PQgetvalue(dr, 0, 2), 0, NULL)))
+		rc = cw_fail(e, CW_ENOMEM, "out of memory");
 	PQclear(dr);
 	if (counts[1])
 		*reason = first;
-	return CW_OK;
+	return rc;
 }
 
 cw_err policy_recheck_row(PGconn *c, const struct policy_view *v, const char *outbox_id, const char **reason,
@@ -795,13 +817,13 @@ cw_err policy_recheck_row(PGconn *c, const struct policy_view *v, const char *ou
 {
 	char arr[32];
 	snprintf(arr, sizeof(arr), "{%s}", outbox_id);
-	const char *params[] = { arr };
-	PGresult *r = PQexecParams(c, recheck_ids_sql, 1, NULL, params, NULL, NULL, 0);
+	const char *params[] = { arr, NULL };
+	PGresult *r = PQexecParams(c, recheck_ids_sql, 2, NULL, params, NULL, NULL, 0);
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 	if (rc)
 		return rc;
 	long counts[2];
-	rc = recheck(c, v, r, counts, reason, e);
+	rc = recheck(c, v, r, NULL, counts, reason, NULL, e);
 	PQclear(r);
 	return rc;
 }
@@ -1137,6 +1159,12 @@ struct policy_live {
 	int users_kind;
 	long long users_key1, users_key3;
 	char users_key2[300]; /* a room id, or a destination */
+	/* For the dispatcher (policy_live_stamp): the changes the recheck
+	 * follows put in force here (swap_in: a new fingerprint, an overlay of
+	 * users among whom one opted out; 1 at the start, for the start's
+	 * pass), and the count as of the recheck's last end (every row
+	 * waiting then decided under it). */
+	atomic_uint_fast64_t changes, settled;
 };
 
 static void add_pending(struct policy_live *pl, int64_t id)
@@ -1188,6 +1216,11 @@ static void swap_in(struct policy_live *pl, struct policy_view *v)
 {
 	pthread_mutex_lock(&pl->mu);
 	struct policy_view *old = pl->cur;
+	/* counted before it is in force (policy_live_stamp): a change of what
+	 * the recheck reads, or an overlay of users among whom one opted out
+	 * (their rows are decided again: recheck_users_add) */
+	if (old && (old->set.fingerprint != v->set.fingerprint || v->opted_out))
+		atomic_fetch_add(&pl->changes, 1);
 	pl->cur = v;
 	pl->st.version = policy_snapshot_version(v->snap);
 	pl->st.reloads++;
@@ -1417,7 +1450,10 @@ static void recheck_users_add(struct policy_live *pl, const int64_t *ids, size_t
 /* The rows a dispatcher held in flight as a pass began were not decided
  * (SKIP LOCKED, or not in the states): one that fails goes back to pending.
  * The next pass, after their claims are over (the latest claimed_until,
- * by outbox_claim_expiry_idx), decides them. */
+ * by outbox_claim_expiry_idx), decides them.  Since the thirty-second
+ * session a lane decides the rows it fails back itself when a change came
+ * during its claim (policy_live_stamp); this pass is for those of a
+ * process that had not loaded the change yet. */
 static cw_err recheck_after_claims(struct policy_live *pl, cw_errmsg *e)
 {
 	PGresult *r = PQexec(pl->c, "SELECT greatest(0, (extract(epoch FROM max(claimed_until) - now()) * 1000))::bigint "
@@ -1437,6 +1473,9 @@ static cw_err recheck_after_claims(struct policy_live *pl, cw_errmsg *e)
  * there is more to do now. */
 static bool recheck_turn(struct policy_live *pl)
 {
+	/* the changes this turn knows of (they are counted on this thread
+	 * before their view is in force): all decided once nothing is left */
+	uint64_t changes = atomic_load(&pl->changes);
 	struct policy_view *v = policy_live_get(pl);
 	uint64_t fp = v->set.fingerprint;
 	if (!pl->fp_known || fp != pl->fp) {
@@ -1458,6 +1497,7 @@ static bool recheck_turn(struct policy_live *pl)
 	bool pass = pl->recheck_state < RECHECK_STATES;
 	if (!pass && pl->nrecheck_users == 0) {
 		policy_view_put(v);
+		atomic_store(&pl->settled, changes);
 		return false;
 	}
 	cw_errmsg e;
@@ -1504,7 +1544,7 @@ static bool recheck_turn(struct policy_live *pl)
 			snprintf(last_dest, sizeof(last_dest), "%s", PQgetvalue(r, n - 1, pass || rooms ? 1 : 14));
 		}
 		const char *reason;
-		rc = recheck(pl->c, v, r, counts, &reason, &e);
+		rc = recheck(pl->c, v, r, NULL, counts, &reason, NULL, &e);
 		PQclear(r);
 	}
 	rc = store_end(pl->c, rc, &e);
@@ -1538,7 +1578,70 @@ static bool recheck_turn(struct policy_live *pl)
 		snprintf(d, sizeof(d), "%ld", counts[1]);
 		LOG_KV(CW_LOG_INFO, "waiting rows the server's rules now refuse dropped", "dropped", d);
 	}
+	if (pl->recheck_state == RECHECK_STATES && !pl->more && pl->nrecheck_users == 0)
+		atomic_store(&pl->settled, changes);
 	return pl->recheck_state < RECHECK_STATES || pl->nrecheck_users;
+}
+
+uint64_t policy_live_stamp(struct policy_live *pl, bool *unsettled)
+{
+	uint64_t settled = atomic_load(&pl->settled); /* first: never ahead of the count read after */
+	uint64_t changes = atomic_load(&pl->changes);
+	*unsettled = settled < changes;
+	return changes;
+}
+
+cw_err policy_live_screen(struct policy_live *pl, PGconn *c, const int64_t *ids, size_t n, const char *claimed_by,
+			  bool *gone, long *dropped, cw_errmsg *e)
+{
+	*dropped = 0;
+	for (size_t i = 0; i < n; i++)
+		gone[i] = false;
+	if (n == 0)
+		return CW_OK;
+	size_t cap = n * 21 + 3, len = 0;
+	char *arr = malloc(cap);
+	if (!arr)
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	arr[len++] = '{';
+	for (size_t i = 0; i < n; i++)
+		len += (size_t)snprintf(arr + len, cap - len, "%s%lld", i ? "," : "", (long long)ids[i]);
+	snprintf(arr + len, cap - len, "}");
+	struct policy_view *v = policy_live_get(pl);
+	bool own = PQtransactionStatus(c) == PQTRANS_IDLE; /* the lock of the events lasts until its end */
+	cw_err rc = own ? store_exec(c, "BEGIN", e) : CW_OK;
+	const char *params[] = { arr, claimed_by };
+	PGresult *r = rc ? NULL : PQexecParams(c, recheck_ids_sql, 2, NULL, params, NULL, NULL, 0);
+	json_t *list = NULL;
+	long counts[2] = { 0, 0 };
+	if (!rc && !(rc = store_check(c, r, PGRES_TUPLES_OK, e))) {
+		const char *reason;
+		rc = recheck(c, v, r, claimed_by, counts, &reason, &list, e);
+		PQclear(r);
+	}
+	if (own)
+		rc = store_end(c, rc, e);
+	policy_view_put(v);
+	free(arr);
+	if (!rc) {
+		size_t k;
+		json_t *id;
+		json_array_foreach(list, k, id)
+			for (size_t i = 0; i < n; i++)
+				gone[i] = gone[i] || ids[i] == json_integer_value(id);
+		*dropped = counts[1];
+		pthread_mutex_lock(&pl->mu);
+		pl->st.rechecked += (uint64_t)counts[0];
+		pl->st.recheck_dropped += (uint64_t)counts[1];
+		pthread_mutex_unlock(&pl->mu);
+		if (counts[1]) {
+			char d[24];
+			snprintf(d, sizeof(d), "%ld", counts[1]);
+			LOG_KV(CW_LOG_INFO, "claimed rows the server's rules now refuse dropped", "dropped", d);
+		}
+	}
+	json_decref(list);
+	return rc;
 }
 
 /* An INFO line of a sweep's three counts, named k0, k1, k2. */
@@ -1691,6 +1794,8 @@ cw_err policy_live_start(struct policy_live **out, const struct policy_live_opts
 	store_canceller_init(&pl->cancel);
 	pl->wake[0] = pl->wake[1] = -1;
 	pl->recheck_state = RECHECK_STATES;
+	atomic_init(&pl->changes, 1); /* the start's pass is due */
+	atomic_init(&pl->settled, 0);
 	if (!pl->url || pipe2(pl->wake, O_NONBLOCK | O_CLOEXEC) != 0) {
 		policy_live_free(pl);
 		return cw_fail(e, CW_ENOMEM, "out of resources");

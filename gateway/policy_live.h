@@ -52,6 +52,7 @@ struct policy_view {
 	struct policy_view *base;
 	int64_t *users;
 	size_t nusers;
+	bool opted_out; /* one of those users opted out of a network */
 };
 
 /* Loads rules, settings and consent facts in one read-only transaction on
@@ -91,6 +92,30 @@ cw_err policy_sweep(PGconn *c, const struct policy_view *v, const char *target_i
  * default mode or an opt-out (docs/policy.md). */
 cw_err policy_recheck_row(PGconn *c, const struct policy_view *v, const char *outbox_id, const char **reason,
 			  cw_errmsg *e);
+
+/* What the dispatcher asks so that no row waiting after a change of the
+ * rules (what the recheck follows: policy_settings.fingerprint, a user's
+ * opt-out) is delivered before it is decided under them.  The policy
+ * thread decides the waiting rows in batches, and a row a dispatcher
+ * claims in between, or holds in flight as the change comes and fails
+ * back to waiting, escapes the pass (until the thirty-second session it
+ * was delivered on its claim or its retry).  policy_live_stamp: a count
+ * of this process's changes, which moves when a change is put in force
+ * here (before the view that has it), and *unsettled: whether the
+ * recheck of a change is not over yet (rows may wait that were not
+ * decided under the rules in force).  A lane decides what it claims
+ * while unsettled (or when the count moved during its claim), and the
+ * rows of a claim it fails back to waiting when the count moved since. */
+struct policy_live;
+uint64_t policy_live_stamp(struct policy_live *pl, bool *unsettled);
+/* Decides the outbox rows ids (n) again as policy_recheck_row does, with
+ * the view in force: the waiting ones, and those in flight under
+ * claimed_by (a lane's claim; NULL: none); those refused are dropped (a
+ * row in flight too: its claim ends).  In c's open transaction, else one
+ * of its own.  gone[i] (n of them) tells which were dropped; *dropped how
+ * many. */
+cw_err policy_live_screen(struct policy_live *pl, PGconn *c, const int64_t *ids, size_t n, const char *claimed_by,
+			  bool *gone, long *dropped, cw_errmsg *e);
 
 /* A local user's decision (state allowed, blocked, or none: forget it)
  * about a remote user (kind "user", subject a URI) or domain, from source

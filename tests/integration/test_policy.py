@@ -1891,6 +1891,104 @@ def test_two_processes_dropping_one_events_rows_erase_its_content(daemon, peers,
                timeout=20, what="the content erased")
 
 
+def test_a_row_in_flight_at_a_change_that_fails_is_decided_before_it_goes_again(daemon, peers, pg, db_url):
+    """A row a dispatcher holds in flight as the operator denies its
+    destination's domain is not recalled (the far side may have it), and
+    the recheck's pass passes over it. When that delivery fails, the row is
+    decided under the new rules before it goes back to waiting: dropped,
+    not sent on the retry. Until the thirty-second session only one more
+    pass, after the claims in flight at the pass's start ran out (a minute
+    by default), decided it, and the retry half a second later delivered
+    it to the denied domain."""
+    (a, _), (b, sb) = peers
+    group = a.create_room([a.user("wally"), b.user("tom"), ALICE], kind="group").json()["id"]
+    sb.delay = 3.0  # the first push waits, then fails: the row is in flight meanwhile
+    sb.fail_next = 1
+    msg = send(a, group, "to the group").json()["id"]
+    row = "SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id WHERE e.public_id = '%s' " \
+          "AND o.destination = 'peer:tg'" % msg
+    wait_until(lambda: pg.psql(row, db_url) == "in_flight", timeout=10, interval=0.05, what="the push in flight")
+    r = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "tg.example", "mode": "deny"})
+    assert r.status_code == 201, r.text
+    sb.delay = 0.0  # the retry, if any, is answered at once
+    assert pg.psql(row, db_url) == "in_flight"  # the pass did not recall it
+    wait_until(lambda: pg.psql(row, db_url) in ("delivered", "dropped"), timeout=20, interval=0.1,
+               what="the row decided or delivered")
+    assert pg.psql(row, db_url) == "dropped" and not sb.events, sb.events
+    d = decision(daemon, msg)
+    assert [(x["destination"], x["state"], x["reason"]) for x in d["recipients"]
+            if x["destination"] == "peer:tg"] == [("peer:tg", "dropped", "server_denied_domain")], d
+    assert d["decisions"][-1]["details"] == {"by": "sweep"} and d["decisions"][-1]["recipient"] == b.user("tom"), d
+
+
+def test_a_row_claimed_while_the_recheck_is_under_way_is_decided_before_it_is_sent(daemon, peers, pg, db_url):
+    """The recheck's pass goes in batches, and a dispatcher may claim a row
+    it has not reached yet (one backing off that comes due, a destination
+    enabled again). Until the pass is over, what a dispatcher claims is
+    decided under the rules in force before it is sent: here the pass
+    waits for the lock of another row's event (a held session holds it),
+    the peer tg is enabled meanwhile, and the group's row to tg, from a
+    sender the operator just denied, is dropped, not pushed. Until the
+    thirty-second session it was pushed."""
+    (a, _), (b, sb) = peers
+    opt_in(daemon)
+    consent(daemon, a.user("wally"), "allowed")
+    room = dm(a)
+    group = a.create_room([a.user("wally"), b.user("tom"), ALICE], kind="group").json()["id"]
+    wait_policy(daemon, lambda: states(pg, db_url, [send(a, room, "probe").json()["id"]])[0][1] == "pending",
+                "the consent in force")
+    assert daemon.admin("POST", "/peers/tg/disable").status_code == 200
+    first = send(a, room, "to alice").json()["id"]  # the pass's first event: it waits for its lock
+    msg = send(a, group, "to the group").json()["id"]
+    row = "SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id WHERE e.public_id = '%s' " \
+          "AND o.destination = 'peer:tg'" % msg
+    wait_until(lambda: pg.psql(row, db_url) == "pending", what="the group's row to tg waiting")
+    other = HeldSession(db_url)
+    try:
+        other.run("BEGIN; SELECT id FROM events WHERE public_id = '%s' FOR NO KEY UPDATE;" % first)
+        r = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example", "mode": "deny"})
+        assert r.status_code == 201, r.text
+        wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                   "AND query LIKE '%FOR NO KEY UPDATE OF e%'", db_url) == "1",
+                   timeout=20, what="the pass waiting for the first event")
+        assert daemon.admin("POST", "/peers/tg/enable").status_code == 200
+        wait_until(lambda: pg.psql(row, db_url) in ("delivered", "dropped"), timeout=20, interval=0.1,
+                   what="the group's row claimed")
+        assert pg.psql(row, db_url) == "dropped" and not sb.events, sb.events
+    finally:
+        other.end()
+    wait_until(lambda: [s for _, s in states(pg, db_url, [first, msg])] == ["dropped"] * 3, timeout=20,
+               what="the pass's drops")
+    assert decision(daemon, msg)["content_deleted"]
+    assert "recheck of waiting rows failed" not in daemon.log()
+
+
+
+def test_a_row_whose_claim_ran_out_is_decided_before_it_goes_again(daemon, peers, pg, db_url):
+    """A row whose claim ran out (its process died mid-delivery) goes back
+    to waiting in the next claim's transaction, where any lane may take it
+    at once: it is decided under the rules in force first. Here the row was
+    in flight under a process that is gone when the operator denied its
+    destination's domain; until the thirty-second session the claim that
+    took it back pushed it at once, before the recheck's one more pass."""
+    (a, _), (b, sb) = peers
+    group = a.create_room([a.user("wally"), b.user("tom"), ALICE], kind="group").json()["id"]
+    assert daemon.admin("POST", "/peers/tg/disable").status_code == 200
+    msg = send(a, group, "to the group").json()["id"]
+    row = "SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id WHERE e.public_id = '%s' " \
+          "AND o.destination = 'peer:tg'" % msg
+    wait_until(lambda: pg.psql(row, db_url) == "pending", what="the group's row to tg waiting")
+    pg.psql("UPDATE outbox SET state = 'in_flight', claimed_by = 'gone:1:0/0', attempts = 1, "
+            "claimed_until = now() + interval '3 seconds' WHERE destination = 'peer:tg' AND event_id = "
+            f"(SELECT id FROM events WHERE public_id = '{msg}')", db_url)
+    assert daemon.admin("POST", "/peers/tg/enable").status_code == 200
+    r = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "tg.example", "mode": "deny"})
+    assert r.status_code == 201, r.text
+    wait_until(lambda: pg.psql(row, db_url) in ("delivered", "dropped"), timeout=20, interval=0.1,
+               what="the row taken back")
+    assert pg.psql(row, db_url) == "dropped" and not sb.events, sb.events
+    assert decision(daemon, msg)["decisions"][-1]["details"] == {"by": "sweep"}
+
 def test_an_opt_out_decides_every_waiting_row_of_the_user_in_batches(make_daemon, db_url, pg):
     """An opt-out decides the user's waiting rows again at once (the NOTIFY
     names her), batch after batch: here 1,600 of them, pending in two rooms
