@@ -894,20 +894,28 @@ static const char expiry_sql[] =
 	"SELECT (SELECT count(*) FROM x), (SELECT count(*) FROM ob), (SELECT count(*) FROM gone)";
 
 /* counts: messages expired, delete rows made, rows that will not be
- * delivered. */
+ * delivered.  In a transaction of its own that plans no sequential scan:
+ * on a small events table the planner took every event in one, instead
+ * of events_expires_idx, and computed each one's expiry from its content,
+ * read from TOAST where a large one is kept (its cost is not the
+ * planner's), on every sweep: 40 messages of 190 KB read every 2 s
+ * (until the thirty-second session; tests/integration/test_policy.py,
+ * test_the_periodic_sweep_reads_no_stored_message_to_find_those_that_expire).
+ * Every step of expiry_sql goes by index as it is; a large table's plan
+ * is the same. */
 static cw_err expiry_sweep(PGconn *c, long counts[3], cw_errmsg *e)
 {
 	char now[24];
 	snprintf(now, sizeof(now), "%lld", (long long)cw_wall_ms());
 	const char *params[] = { now };
-	PGresult *r = PQexecParams(c, expiry_sql, 1, NULL, params, NULL, NULL, 0);
-	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
-	if (rc)
-		return rc;
-	for (int i = 0; i < 3; i++)
-		counts[i] = atol(PQgetvalue(r, 0, i));
-	PQclear(r);
-	return CW_OK;
+	cw_err rc = store_exec(c, "BEGIN; SET LOCAL enable_seqscan = off", e);
+	PGresult *r = rc ? NULL : PQexecParams(c, expiry_sql, 1, NULL, params, NULL, NULL, 0);
+	if (!rc && !(rc = store_check(c, r, PGRES_TUPLES_OK, e))) {
+		for (int i = 0; i < 3; i++)
+			counts[i] = atol(PQgetvalue(r, 0, i));
+		PQclear(r);
+	}
+	return store_end(c, rc, e);
 }
 
 static const char consent_sql[] =

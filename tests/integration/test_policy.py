@@ -2048,3 +2048,49 @@ def test_an_opt_out_decides_every_waiting_row_of_the_user_in_batches(make_daemon
     finally:
         for _, srv in made:
             srv.close()
+
+
+def test_the_periodic_sweep_reads_no_stored_message_to_find_those_that_expire(make_daemon, db_url, pg):
+    """The expiry sweep (with the held messages' sweep, every
+    policy.sweep_interval_ms) finds the messages due in events_expires_idx.
+    On a small events table the planner read every event instead and
+    computed each one's expiry from its content, taken from TOAST where a
+    large one is kept: 40 messages of 190 KB were read on every sweep (a
+    claim's test had to put the sweep off; until the thirty-second
+    session). Counted in the reads of the events' TOAST (one index scan a
+    value read) while many sweeps run, until a message that expires is
+    taken back, against the 40 messages: none is read."""
+    d = make_daemon(db_url, options={"policy": {"sweep_interval_ms": "100"}}).start()
+    made = push_peers(d)
+    try:
+        (a, _), (b, _) = made
+        rm = a.create_room([a.user("alice"), b.user("bob")]).json()
+        assert d.admin("POST", "/peers/tg/disable").status_code == 200  # nothing is claimed
+        seed = a.send(rm["id"], a.user("alice"), "seed").json()["id"]
+        n = 40
+        pg.psql("INSERT INTO events (public_id, room_id, sender_id, type, content, origin_network, ts) "
+                "SELECT 'msg_big' || i, room_id, sender_id, type, jsonb_set(content, '{content,parts,0,body}', "
+                "to_jsonb((SELECT string_agg(md5(random()::text || i || k), '') FROM generate_series(1, 6000) k))), "
+                f"origin_network, ts FROM events, generate_series(1, {n}) i WHERE public_id = '{seed}' ORDER BY i",
+                db_url)
+        pg.psql("INSERT INTO outbox (event_id, destination, room_id) SELECT id, 'peer:tg', room_id FROM events "
+                "WHERE public_id LIKE 'msg_big%' ORDER BY id", db_url)
+
+        def toast():  # one index scan of the TOAST table per value read
+            return int(pg.psql("SELECT idx_scan FROM pg_stat_all_tables WHERE relid = "
+                               "(SELECT reltoastrelid FROM pg_class WHERE relname = 'events')", db_url))
+        base = toast()
+        soon = a.send(rm["id"], a.user("alice"), "soon", content={
+            "parts": [{"type": "text/plain", "body": "soon gone"}], "expires": int(time.time() * 1000) + 1000})
+        assert soon.status_code == 202, soon.text
+        wait_until(lambda: pg.psql(f"SELECT expired FROM events WHERE public_id = '{soon.json()['id']}'",
+                                   db_url) == "t", timeout=20, what="the message taken back")
+        assert d.stop() == 0
+        # The daemon's sessions count their reads as they end.
+        wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                   "AND pid <> pg_backend_pid()", db_url) == "0", what="the daemon's sessions gone")
+        read = toast() - base
+        assert read < n, read
+    finally:
+        for _, srv in made:
+            srv.close()
