@@ -612,7 +612,7 @@ static const char *const recheck_state_sql[] = {
  * no row is read), one kind after the other, each a walk in an index's
  * order from after the cursor ($2, $3, $4), $5 rows at a time: held ones
  * in outbox_held_idx and dead and failed ones in
- * outbox_dead_target_order_idx (schema/038), by (user, room, id); pending
+ * outbox_dead_target_order_idx (schema/039), by (user, room, id); pending
  * ones in outbox_room_order_idx, by (room, destination, id), as a block's
  * sweep finds them (no index on the pending rows' user: every row written
  * would pay for it): the users' rooms from the cursor's on, one at a time
