@@ -1060,7 +1060,11 @@ void xa_roster_sync(struct xcomp *xc, PGconn *c)
 	const char *mparams[] = { seen, upto_s, gaps, limit };
 	PGresult *missing = PQexecParams(c,
 		"SELECT s.g FROM (SELECT generate_series($1::bigint + 1, $2::bigint) UNION SELECT unnest($3::bigint[])) s(g) "
-		"WHERE NOT EXISTS (SELECT 1 FROM audit_log a WHERE a.id = s.g) ORDER BY 1 DESC LIMIT $4::int",
+		"WHERE NOT EXISTS (SELECT 1 FROM audit_log a WHERE a.id = s.g) "
+		/* The gaps already waited for first: cut off by the limit
+		 * behind newer ones, they were passed over before their time,
+		 * unlogged (the session's review, rC). */
+		"ORDER BY s.g = ANY ($3::bigint[]) DESC, 1 DESC LIMIT $4::int",
 		4, NULL, mparams, NULL, NULL, 0);
 	if (PQresultStatus(missing) != PGRES_TUPLES_OK) {
 		PQclear(missing);
