@@ -1475,6 +1475,21 @@ static cw_err recheck_after_claims(struct policy_live *pl, cw_errmsg *e)
 	return CW_OK;
 }
 
+/* A recheck's figures (counts: rows decided, rows dropped) into the
+ * metrics, and the drops into the log as msg. */
+static void recheck_counted(struct policy_live *pl, const long counts[2], const char *msg)
+{
+	pthread_mutex_lock(&pl->mu);
+	pl->st.rechecked += (uint64_t)counts[0];
+	pl->st.recheck_dropped += (uint64_t)counts[1];
+	pthread_mutex_unlock(&pl->mu);
+	if (counts[1]) {
+		char d[24];
+		snprintf(d, sizeof(d), "%ld", counts[1]);
+		LOG_KV(CW_LOG_INFO, msg, "dropped", d);
+	}
+}
+
 /* One batch of the recheck, its own transaction (a backlog is never
  * locked long, and the thread's reloads and sweeps get their turns in
  * between): of the pass in progress, else of the users' rows.  True when
@@ -1577,15 +1592,7 @@ static bool recheck_turn(struct policy_live *pl)
 	} else {
 		pl->nrecheck_users = 0;
 	}
-	pthread_mutex_lock(&pl->mu);
-	pl->st.rechecked += (uint64_t)counts[0];
-	pl->st.recheck_dropped += (uint64_t)counts[1];
-	pthread_mutex_unlock(&pl->mu);
-	if (counts[1]) {
-		char d[24];
-		snprintf(d, sizeof(d), "%ld", counts[1]);
-		LOG_KV(CW_LOG_INFO, "waiting rows the server's rules now refuse dropped", "dropped", d);
-	}
+	recheck_counted(pl, counts, "waiting rows the server's rules now refuse dropped");
 	if (pl->recheck_state == RECHECK_STATES && !pl->more && pl->nrecheck_users == 0)
 		atomic_store(&pl->settled, changes);
 	return pl->recheck_state < RECHECK_STATES || pl->nrecheck_users;
@@ -1638,15 +1645,7 @@ cw_err policy_live_screen(struct policy_live *pl, PGconn *c, const int64_t *ids,
 			for (size_t i = 0; i < n; i++)
 				gone[i] = gone[i] || ids[i] == json_integer_value(id);
 		*dropped = counts[1];
-		pthread_mutex_lock(&pl->mu);
-		pl->st.rechecked += (uint64_t)counts[0];
-		pl->st.recheck_dropped += (uint64_t)counts[1];
-		pthread_mutex_unlock(&pl->mu);
-		if (counts[1]) {
-			char d[24];
-			snprintf(d, sizeof(d), "%ld", counts[1]);
-			LOG_KV(CW_LOG_INFO, "claimed rows the server's rules now refuse dropped", "dropped", d);
-		}
+		recheck_counted(pl, counts, "claimed rows the server's rules now refuse dropped");
 	}
 	json_decref(list);
 	return rc;
