@@ -628,6 +628,13 @@ static void dead_letters(PGconn *c)
 		       rc ? e.msg : e2.msg);
 }
 
+/* Who says notice row i of notices' batch r: the Matrix id of a ghost, or
+ * NULL for the bot. */
+static const char *notice_sender(const struct matrix *m, const PGresult *r, int i)
+{
+	return PQgetisnull(r, i, 4) || strcmp(PQgetvalue(r, i, 4), m->bot) == 0 ? NULL : PQgetvalue(r, i, 4);
+}
+
 /* The notices due (matrix_notices), each from its sender (the ghost of
  * its room, the bot where there is none, when the row names none), with
  * its transaction id (the row's own when it names none): taken for a
@@ -640,9 +647,13 @@ static void dead_letters(PGconn *c)
  * operator's to fix.)  A row whose sender leaves after it (then_leave:
  * says_and_leaves) leaves once it is done.  A 429 gives the row back, due
  * when the homeserver asks, the try not counted (say_txn says why it is
- * not waited for), and the rest of the batch with it: the others are the
- * bot's or its ghosts', limited as much (until the thirty-second session
- * each was tried in turn, and limited in turn). */
+ * not waited for), and the batch's later rows of the same sender with it:
+ * they are limited as much (until the thirty-second session each was
+ * tried in turn, and limited in turn).  The other senders' rows are
+ * tried: a homeserver limits each sender on its own (Synapse's
+ * rc_message, as the dispatcher counts on), and one limited ghost must
+ * not hold up the bot's answers to other users (in the thirty-second
+ * session a 429 gave back the whole batch, a review's finding). */
 static void notices(struct matrix *m, PGconn *c)
 {
 	PGresult *r = PQexec(c,
@@ -659,10 +670,13 @@ static void notices(struct matrix *m, PGconn *c)
 		PQclear(r);
 		return;
 	}
-	for (int i = 0; i < PQntuples(r); i++) {
+	int n_rows = PQntuples(r);
+	bool given_back[20] = { false }; /* the batch's rows (LIMIT 20) of a sender limited */
+	for (int i = 0; i < n_rows && i < 20; i++) {
+		if (given_back[i])
+			continue;
 		const char *id = PQgetvalue(r, i, 0), *room = PQgetvalue(r, i, 1);
-		const char *user = PQgetisnull(r, i, 4) || strcmp(PQgetvalue(r, i, 4), m->bot) == 0 ? NULL
-												 : PQgetvalue(r, i, 4);
+		const char *user = notice_sender(m, r, i);
 		bool stale = PQgetvalue(r, i, 3)[0] == 't';
 		char txn[300];
 		if (PQgetisnull(r, i, 5))
@@ -672,12 +686,19 @@ static void notices(struct matrix *m, PGconn *c)
 		long status = 0, wait = 0;
 		bool sent = say_txn(m, room, user, PQgetvalue(r, i, 2), txn, &status, &wait);
 		if (!sent && status == 429 && !stale) {
-			/* this row and the rest of the batch, due when it asks */
+			/* this row and the batch's later ones of its sender, due
+			 * when it asks (a stale one among them is given up at its
+			 * next try, as any) */
 			char ids[20 * 24 + 4], ms[24];
 			size_t n = 0;
 			ids[n++] = '{';
-			for (int k = i; k < PQntuples(r); k++)
+			for (int k = i; k < n_rows && k < 20; k++) {
+				const char *other = notice_sender(m, r, k);
+				if (given_back[k] || !(other == user || (other && user && strcmp(other, user) == 0)))
+					continue;
+				given_back[k] = true;
 				n += (size_t)snprintf(ids + n, sizeof(ids) - n, "%s%s", k > i ? "," : "", PQgetvalue(r, k, 0));
+			}
 			snprintf(ids + n, sizeof(ids) - n, "}");
 			snprintf(ms, sizeof(ms), "%ld", wait);
 			const char *p[] = { ids, ms };
@@ -687,7 +708,7 @@ static void notices(struct matrix *m, PGconn *c)
 					  2, p, &e))
 				LOG_KV(CW_LOG_WARN, "cannot give back a rate-limited notice: tried again later", "detail",
 				       e.msg);
-			break;
+			continue;
 		}
 		bool refused = !sent && (status == 403 || status == 404);
 		if (refused)
