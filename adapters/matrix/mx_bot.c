@@ -1520,16 +1520,25 @@ static void requests(struct matrix *m, PGconn *c, int64_t *after_us)
  * in the user's management room: one notice, so that the request shown
  * there does not stand as if it could still be answered (until the
  * thirty-second session it did; the XMPP component withdraws it from the
- * roster, reading the same records).  Not when a new request of the same
- * sender is pending: that one is shown as any.  The records are read by
- * audit id (audit_log_action_id_idx) from *seen on, a cursor in memory
- * (-1: none yet, at the start or once the bot's lock is taken again:
- * from the records of the last EXPIRY_LOOKBACK_DAYS days); each notice is
- * queued once (its transaction id, cwexpire-<audit id>, unique in
+ * roster, reading the same records).  Only in a management room the user
+ * had when the request expired (one opened later is not told an old
+ * expiry), when no newer request of the same sender stands (a pending one
+ * is shown as any, a decided or expired one has its own answer), and when
+ * the user has not decided about the sender since (a consent of theirs
+ * about them or their domain newer than the record: told after an
+ * "accept", the notice would be wrong).  The records are read by audit id
+ * (audit_log_action_id_idx) from *seen on, a cursor in memory (-1: none
+ * yet, at the start or once the bot's lock is taken again: from the
+ * records of the last EXPIRY_LOOKBACK_DAYS days); each notice is queued
+ * once (its transaction id, cwexpire-<audit id>, unique in
  * matrix_notices, where it is kept seven days once sent), and sent by
  * notices.  The cursor passes a record only when it is a minute old: a
  * sweep's transaction that took its id before another's, and committed
- * after it, is still read. */
+ * after it, is still read.  A record the cursor passed untold (no room
+ * then, a newer request) fails those tests for good, so the look back
+ * after a restart tells none of them late (until the thirty-second
+ * session's review it told them, days late, after the user had accepted
+ * the sender): the cursor needs no table of its own. */
 static void expiries(struct matrix *m, PGconn *c, int64_t *seen)
 {
 	char from[24], days[8];
@@ -1551,11 +1560,14 @@ static void expiries(struct matrix *m, PGconn *c, int64_t *seen)
 		"SELECT a.id, mr.room_id, ri.uri, ri.network, coalesce(ri.display_name, '') FROM audit_log a "
 		" JOIN consent_requests q ON q.id = (a.details->>'request')::bigint AND q.state = 'expired' "
 		"  AND q.notified_at IS NOT NULL "
-		" JOIN matrix_mgmt_rooms mr ON mr.identity_id = q.local_identity_id "
+		" JOIN matrix_mgmt_rooms mr ON mr.identity_id = q.local_identity_id AND mr.created_at <= a.at "
 		" JOIN identities ri ON ri.id = q.remote_identity_id "
 		"WHERE a.action = 'consent.expire' AND a.actor = 'policy' AND a.id > $1::bigint "
 		" AND NOT EXISTS (SELECT 1 FROM consent_requests n WHERE n.local_identity_id = q.local_identity_id "
-		"  AND n.remote_identity_id = q.remote_identity_id AND n.state = 'pending') "
+		"  AND n.remote_identity_id = q.remote_identity_id AND n.id > q.id) "
+		" AND NOT EXISTS (SELECT 1 FROM consents k WHERE k.local_identity_id = q.local_identity_id "
+		"  AND k.updated_at > a.at AND ((k.subject_kind = 'user' AND k.subject = ri.uri) "
+		"  OR (k.subject_kind = 'domain' AND k.subject = ri.domain))) "
 		" AND NOT EXISTS (SELECT 1 FROM matrix_notices x WHERE x.txn_id = 'cwexpire-' || a.id) "
 		"ORDER BY a.id LIMIT 20", 1, NULL, p, NULL, NULL, 0);
 	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
