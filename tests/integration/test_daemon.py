@@ -438,13 +438,24 @@ def test_sighup_reloads_reloadable_options_only(daemon):
     daemon.wait_for(lambda r: r.get("msg") == "option reloaded" and r.get("option") == "level", start=n)
     daemon.wait_for(lambda r: r.get("msg", "").startswith("option changed") and
                     r.get("option") == "http_threads", start=n)
-    # A broken file on reload keeps the running configuration.
-    with open(daemon.config_path, "a") as f:
-        f.write("[server]\nport = banana\n")
+    # A broken file on reload keeps the running configuration: a bad
+    # value, and an option set twice (since the thirty-second session).
+    port = daemon.options["server"]["port"]
+    daemon.options["server"]["port"] = "banana"
+    daemon.write_config()
     n = len(daemon.records)
     daemon.signal(signal.SIGHUP)
     rec = daemon.wait_for(lambda r: r.get("msg", "").startswith("reload refused"), start=n)
     assert "banana" in rec["detail"]
+    assert daemon.get("/healthz").status_code == 200
+    daemon.options["server"]["port"] = port
+    daemon.write_config()
+    with open(daemon.config_path, "a") as f:
+        f.write("[log]\nlevel = info\n")
+    n = len(daemon.records)
+    daemon.signal(signal.SIGHUP)
+    rec = daemon.wait_for(lambda r: r.get("msg", "").startswith("reload refused"), start=n)
+    assert "log.level is set twice" in rec["detail"], rec
     assert daemon.get("/healthz").status_code == 200
 
 
