@@ -663,6 +663,15 @@ class XmppClient:
         if self._state not in ("online", "connecting") or self._xmpp is None:
             raise XmppError(f"{self.requested_jid}: not connected ({self._failure or self._state})")
         self._call(self._xmpp.send, xml)
+        if len(xml) > 8192:
+            # Debian's expat (2.5.0-1+deb12u2 on, CVE-2023-52425's fix),
+            # which Prosody and ejabberd parse with, defers reparsing a
+            # token until the bytes after it double what it had: a long
+            # start tag that came in two reads, with nothing after it,
+            # waited in the server for ever (seen on the thirty-second
+            # session's machine). Whitespace between stanzas, a client's
+            # keepalive, releases it, as a real client's next bytes do.
+            self._call(self._xmpp.send, " " * (2 * len(xml)))
 
     def send_message(self, to, body=None, mtype="chat", id=None, payload="", origin_id=True,
                      receipt=False, markable=False, thread=None, lang=None):
