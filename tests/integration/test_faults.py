@@ -563,11 +563,19 @@ def test_a_read_that_waits_out_a_lock_is_503_and_the_database_stays_up(make_daem
                                                   "pool_size": "1"}}).start()
     assert d.admin("GET", "/outbox?state=dead").status_code == 200
     with outbox_locked(pg, db_url, "ACCESS EXCLUSIVE"):
-        t0 = time.time()
-        r = d.admin("GET", "/outbox?state=dead")
-        took = time.time() - t0
-        assert r.status_code == 503 and r.headers.get("Retry-After"), r.text
-        assert took < 2.5, took  # one statement timeout (1.5 s), not two
+        # One statement timeout (1.5 s), not two: a read run twice takes
+        # 3 s every time. The quickest of up to three reads is measured, so
+        # that a moment the machine's two cores are taken by the other
+        # test worker (a clean-clone run once saw 7.9 s) does not fail it.
+        took = []
+        for _ in range(3):
+            t0 = time.time()
+            r = d.admin("GET", "/outbox?state=dead")
+            took.append(time.time() - t0)
+            assert r.status_code == 503 and r.headers.get("Retry-After"), r.text
+            if took[-1] < 2.5:
+                break
+        assert min(took) < 2.5, took
         assert d.get("/readyz").status_code == 200
         assert not [x for x in d.records if x.get("msg") == "database unreachable"]
 
