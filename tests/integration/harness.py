@@ -2,6 +2,7 @@
 causewayd binary, started, read (its logfmt stderr) and stopped by tests."""
 import os
 import re
+import select
 import shlex
 import signal
 import shutil
@@ -12,6 +13,8 @@ import tempfile
 import threading
 import time
 
+import psycopg
+import psycopg.pq as pq
 import requests
 
 TOP_SRCDIR = os.path.abspath(os.environ.get("top_srcdir") or
@@ -53,6 +56,7 @@ class Postgres:
 
     def __init__(self, fast=True):
         self.dir = tempfile.mkdtemp(prefix="causeway-pg-")
+        self._sessions = _SqlSessions()
         os.chmod(self.dir, 0o755)  # the postgres user must reach it when we are root
         self._run("init", *(["--fast"] if fast else []))
         self.url = self._run("url").strip()
@@ -91,17 +95,22 @@ class Postgres:
         return r.stdout
 
     def stop(self, mode="fast"):
+        self._sessions.close()  # a "smart" stop waits for every session
         self._run("stop", mode)
 
     def start(self):
         self._run("start")
 
     def psql(self, sql, db_url=None):
-        r = subprocess.run(["psql", db_url or self.url, "-v", "ON_ERROR_STOP=1", "-qAtc", sql],
-                           capture_output=True, text=True, timeout=60)
-        if r.returncode != 0:
-            raise RuntimeError(f"psql failed: {r.stderr}")
-        return r.stdout.strip()
+        """What `psql -qAtc sql` prints (rows a line each, columns joined by
+        |, NULL empty, every statement's rows; stripped), or RuntimeError.
+        The suite ran psql some thousands of times, most of them in polls
+        (wait_until, ten a second): a psql process and a new server session
+        each, up to a core of the two-core machine while a test waited.
+        The main thread's SQL now goes over a session kept per database
+        (_SqlSessions), whose state is reset after every text as psql's
+        exit did."""
+        return self._sessions.run(sql, db_url or self.url)
 
     def new_database(self, name, migrated=True):
         """A fresh database in this cluster; returns its URL.  migrated: a
@@ -132,6 +141,7 @@ class Postgres:
         return name
 
     def destroy(self):
+        self._sessions.close()
         if self.stats_path:
             try:
                 self._dump_stats()
@@ -139,6 +149,151 @@ class Postgres:
                 print(f"pg stats: {ex}", file=sys.stderr)
         subprocess.run([PG_SH, "destroy", self.dir], capture_output=True, timeout=120)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class _SessionLost(RuntimeError):
+    """The server ended the session before the text's first answer."""
+
+
+class _Kept:
+    """A kept session (its PGconn's attributes), and whether it was used
+    before (kept: a lost one is opened again once)."""
+
+    def __init__(self, conn):
+        self.conn, self.kept = conn, False
+
+    def __getattr__(self, name):
+        return getattr(self.conn, name)
+
+
+class _SqlSessions:
+    """Kept libpq sessions (psycopg's libpq layer: the server's text of
+    every value, as psql prints it), a few databases at a time, for
+    Postgres.psql.  A text runs as psql -c runs it: one simple query, in
+    one implicit transaction, every statement's rows.  After it, the
+    session is put back as a new one would be (a transaction left open is
+    rolled back, then DISCARD ALL: settings, session advisory locks,
+    temporary tables, LISTEN), so a test sees no difference but the time.
+    A session the server ended (a restart, pg_terminate_backend) is found
+    ended before it is used (its socket readable while idle) and opened
+    again.  Other threads (a test's writer thread, blocked on a lock the
+    main thread's SQL then looks at) get a session of their own for each
+    text, ended after it, as psql's was."""
+
+    KEEP = 3  # the cluster's own database, the test's, one more
+    TIMEOUT_S = 60  # psql's subprocess timeout before
+    DATABASE_DDL = re.compile(r"\b(CREATE|DROP|ALTER)\s+DATABASE\b", re.I)
+
+    def __init__(self):
+        self._kept = {}  # url -> PGconn, oldest first
+
+    def close(self):
+        for conn in self._kept.values():
+            conn.finish()
+        self._kept.clear()
+
+    def run(self, sql, url):
+        main = threading.current_thread() is threading.main_thread()
+        if main and self.DATABASE_DDL.search(sql):
+            # CREATE DATABASE ... TEMPLATE and DROP DATABASE refuse a
+            # database another session is connected to
+            for u in [u for u in self._kept if u != url]:
+                self._kept.pop(u).finish()
+        conn = self._session(url) if main else self._connect(url)
+        try:
+            try:
+                return self._run(conn, sql)
+            except _SessionLost:
+                if not main or not conn.kept:
+                    raise
+                # a kept session the server ended a moment ago (a
+                # terminate's signal on its way when it looked alive):
+                # the text went nowhere, as it would have with psql
+                self._kept.pop(url, None)
+                conn.finish()
+                conn = self._session(url)
+                return self._run(conn, sql)
+        finally:
+            if not main:
+                conn.finish()
+            elif not self._reset(conn):
+                self._kept.pop(url, None)
+                conn.finish()
+
+    def _connect(self, url):
+        conn = pq.PGconn.connect(url.encode())
+        if conn.status != pq.ConnStatus.OK:
+            msg = conn.error_message.decode(errors="replace")
+            conn.finish()
+            raise RuntimeError(f"psql failed: {msg}")
+        return conn
+
+    def _session(self, url):
+        conn = self._kept.pop(url, None)
+        if conn is not None and not self._alive(conn):
+            conn.finish()
+            conn = None
+        if conn is None:
+            conn = _Kept(self._connect(url))
+        else:
+            conn.kept = True
+        self._kept[url] = conn  # the newest last
+        while len(self._kept) > self.KEEP:
+            self._kept.pop(next(iter(self._kept))).finish()
+        return conn
+
+    @staticmethod
+    def _alive(conn):
+        """False when the server ended the idle session (its last message,
+        or the end of the stream, is waiting to be read)."""
+        try:
+            if conn.status != pq.ConnStatus.OK:
+                return False
+            if select.select([conn.socket], [], [], 0)[0]:
+                conn.consume_input()
+            return conn.status == pq.ConnStatus.OK and not conn.is_busy()
+        except (psycopg.OperationalError, OSError):
+            return False
+
+    def _result(self, conn, deadline):
+        while True:
+            conn.consume_input()
+            if not conn.is_busy():
+                return conn.get_result()
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([conn.socket], [], [], left)[0]:
+                raise RuntimeError(f"psql failed: no answer in {self.TIMEOUT_S} s")
+
+    def _run(self, conn, sql):
+        deadline = time.monotonic() + self.TIMEOUT_S
+        rows, error = [], None
+        try:
+            conn.send_query(sql.encode())
+            while (r := self._result(conn, deadline)) is not None:
+                if r.status == pq.ExecStatus.TUPLES_OK:
+                    rows += ["|".join("" if v is None else v.decode() for v in
+                                      (r.get_value(i, j) for j in range(r.nfields))) for i in range(r.ntuples)]
+                elif r.status not in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.EMPTY_QUERY):
+                    error = error or r.error_message.decode(errors="replace") or str(r.status)
+        except psycopg.OperationalError as ex:
+            if not rows and conn.status != pq.ConnStatus.OK:
+                raise _SessionLost(f"psql failed: {ex}") from ex
+            error = str(ex)
+        if error:
+            raise RuntimeError(f"psql failed: {error}")
+        return "\n".join(rows).strip()
+
+    def _reset(self, conn):
+        """The session as a new one (True), or False to end it."""
+        try:
+            if conn.status != pq.ConnStatus.OK or conn.is_busy():
+                return False
+            if conn.transaction_status != pq.TransactionStatus.IDLE:
+                if conn.exec_(b"ROLLBACK").status != pq.ExecStatus.COMMAND_OK:
+                    return False
+            return conn.exec_(b"DISCARD ALL").status == pq.ExecStatus.COMMAND_OK
+        except psycopg.OperationalError:
+            return False
 
 
 def free_port():
