@@ -1268,6 +1268,50 @@ static size_t drop_stale_typing(struct lane *l, struct outbox_row *rows, size_t 
 	return kept;
 }
 
+/* The try of the rows a fail-back's screen dropped (gone[i] of ids[i],
+ * rows[at[i]]), recorded as record() records a failed one: the push was
+ * made, and the trace shows it (until the thirty-third session the drop
+ * came first, and the recording, of the rows still in flight under the
+ * claim, left them out).  Only the rows that were tried (per_row: outcome
+ * -1 or 0, as record_outcomes records; else every row from the failure
+ * on), each with its code and why (per_row) or the batch's. */
+static cw_err record_dropped_tries(struct lane *l, const struct outbox_row *rows, const size_t *at, const bool *gone,
+				   size_t k, bool per_row, long code, const char *why, int64_t started_ms, cw_errmsg *e)
+{
+	json_t *list = json_array();
+	for (size_t i = 0; list && i < k; i++) {
+		const struct outbox_row *row = &rows[at[i]];
+		if (!gone[i] || (per_row && row->outcome >= 2 && row->outcome <= 5))
+			continue;
+		const char *w = per_row ? (row->why[0] ? row->why : "not delivered") : why;
+		if (json_array_append_new(list, json_pack("{s:I, s:I, s:s}", "id", (json_int_t)row->id, "code",
+							  (json_int_t)(per_row ? row->code : code), "error", w))) {
+			json_decref(list);
+			list = NULL;
+		}
+	}
+	if (!list)
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	cw_err rc = CW_OK;
+	if (json_array_size(list)) {
+		char *text = json_dumps(list, JSON_COMPACT), started[24];
+		snprintf(started, sizeof(started), "%lld", (long long)started_ms);
+		const char *params[] = { text, started };
+		PGresult *r = text ? PQexecParams(l->c,
+			"INSERT INTO delivery_attempts (outbox_id, attempt, started_at, finished_at, ok, code, error) "
+			"SELECT t.id, coalesce((SELECT max(x.attempt) FROM delivery_attempts x WHERE x.outbox_id = t.id), 0) + 1, "
+			" to_timestamp($2::bigint / 1000.0), now(), false, NULLIF(t.code, 0), t.error "
+			"FROM jsonb_to_recordset($1::jsonb) AS t(id bigint, code int, error text) ORDER BY t.id "
+			"ON CONFLICT (outbox_id, attempt) DO NOTHING", 2, NULL, params, NULL, NULL, 0) : NULL;
+		rc = text ? store_check(l->c, r, PGRES_COMMAND_OK, e) : cw_fail(e, CW_ENOMEM, "out of memory");
+		if (!rc)
+			PQclear(r);
+		free(text);
+	}
+	json_decref(list);
+	return rc;
+}
+
 /* The rows of the claim not delivered (per_row: those whose outcome is
  * not 1; else those from ok on) go back to waiting: when a change was put
  * in force since the claim (policy_live_stamp moved from l->stamp), they
@@ -1275,30 +1319,43 @@ static size_t drop_stale_typing(struct lane *l, struct outbox_row *rows, size_t 
  * after passes over them: no longer in flight), so that a retry does not
  * deliver what the new rules refuse.  Until the thirty-second session only
  * the recheck's one more pass, after the claims in flight at its start ran
- * out, decided them, and a retry before it delivered them.  False when
- * they could not be decided: they stay in flight until their claim runs
- * out, and the claim that takes them back decides them
- * (screen_recovered). */
-static bool screen_failed(struct lane *l, const struct outbox_row *rows, size_t n, bool per_row, size_t ok)
+ * out, decided them, and a retry before it delivered them.  The try of a
+ * row dropped so is recorded in the same transaction as its drop
+ * (record_dropped_tries; code and why: the batch's failure, started_ms
+ * when the delivery began).  False when they could not be decided: they
+ * stay in flight until their claim runs out, and the claim that takes
+ * them back decides them (screen_recovered). */
+static bool screen_failed(struct lane *l, const struct outbox_row *rows, size_t n, bool per_row, size_t ok, long code,
+			  const char *why, int64_t started_ms)
 {
 	struct dispatcher *d = l->d;
 	bool unsettled;
 	if (!d->o.policy || policy_live_stamp(d->o.policy, &unsettled) == l->stamp)
 		return true;
 	int64_t *ids = malloc(n * sizeof(*ids));
+	size_t *at = malloc(n * sizeof(*at));
 	bool *gone = malloc(n * sizeof(*gone));
 	size_t k = 0;
 	cw_errmsg e;
-	cw_err rc = ids && gone ? CW_OK : cw_fail(&e, CW_ENOMEM, "out of memory");
+	cw_err rc = ids && at && gone ? CW_OK : cw_fail(&e, CW_ENOMEM, "out of memory");
 	for (size_t x = 0; !rc && x < n; x++)
-		if (per_row ? rows[x].outcome != 1 : x >= ok)
+		if (per_row ? rows[x].outcome != 1 : x >= ok) {
+			at[k] = x;
 			ids[k++] = rows[x].id;
-	if (!rc && k)
-		rc = screen(l, ids, k, gone, &e);
+		}
+	if (!rc && k) {
+		rc = store_exec(l->c, "BEGIN", &e);
+		if (!rc)
+			rc = screen(l, ids, k, gone, &e);
+		if (!rc)
+			rc = record_dropped_tries(l, rows, at, gone, k, per_row, code, why, started_ms, &e);
+		rc = store_end(l->c, rc, &e);
+	}
 	if (rc)
 		LOG_KV(CW_LOG_WARN, "deciding undelivered rows again failed; their claim will run out and they go again",
 		       "detail", e.msg);
 	free(ids);
+	free(at);
 	free(gone);
 	return rc == CW_OK;
 }
@@ -1327,7 +1384,7 @@ static void deliver(struct lane *l, struct outbox_row *rows, size_t n)
 		per_row = rows[x].outcome != 0;
 	/* hold: the rows not delivered could not be decided again; left in
 	 * flight (screen_failed) */
-	bool hold = !screen_failed(l, rows, n, per_row, rc == CW_OK ? n : done > n ? n : done);
+	bool hold = !screen_failed(l, rows, n, per_row, rc == CW_OK ? n : done > n ? n : done, code, e.msg, t0);
 	/* Answered 429 without saying how long to wait: the destination
 	 * slows down (slowdown); a delivery ends that.  A 429 that says
 	 * (Retry-After) is waited out as it says and leaves the streak as it

@@ -1921,6 +1921,35 @@ def test_a_row_in_flight_at_a_change_that_fails_is_decided_before_it_goes_again(
     assert d["decisions"][-1]["details"] == {"by": "sweep"} and d["decisions"][-1]["recipient"] == b.user("tom"), d
 
 
+def test_a_row_dropped_as_its_failed_delivery_goes_back_keeps_the_record_of_its_try(daemon, peers, pg, db_url):
+    """The row of the test above, dropped as its failed push goes back to
+    waiting, keeps the record of that try in the message's trace
+    (delivery_attempts: the push was made, and answered 503). Until the
+    thirty-third session the drop came before the try was recorded, and
+    the recording, which follows the rows still in flight, left it out:
+    the trace showed a row dropped with one attempt counted and no try."""
+    (a, _), (b, sb) = peers
+    group = a.create_room([a.user("wally"), b.user("tom"), ALICE], kind="group").json()["id"]
+    sb.delay = 3.0  # the first push waits, then fails: the row is in flight meanwhile
+    sb.fail_next = 1
+    msg = send(a, group, "to the group").json()["id"]
+    row = "SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id WHERE e.public_id = '%s' " \
+          "AND o.destination = 'peer:tg'" % msg
+    wait_until(lambda: pg.psql(row, db_url) == "in_flight", timeout=10, interval=0.05, what="the push in flight")
+    r = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "tg.example", "mode": "deny"})
+    assert r.status_code == 201, r.text
+    sb.delay = 0.0
+    wait_until(lambda: pg.psql(row, db_url) in ("delivered", "dropped"), timeout=20, interval=0.1,
+               what="the row decided or delivered")
+    assert pg.psql(row, db_url) == "dropped" and not sb.events, sb.events
+    t = daemon.admin("GET", f"/messages/{msg}").json()
+    [dv] = [x for x in t["deliveries"] if x["destination"] == "peer:tg"]
+    assert dv["state"] == "dropped" and dv["attempts"] == 1, dv
+    assert [(x["attempt"], x["ok"], x["code"]) for x in dv["tries"]] == [(1, False, 503)], dv
+    assert dv["tries"][0]["finished_at"] and dv["tries"][0]["error"], dv
+
+
+
 def test_a_row_claimed_while_the_recheck_is_under_way_is_decided_before_it_is_sent(daemon, peers, pg, db_url):
     """The recheck's pass goes in batches, and a dispatcher may claim a row
     it has not reached yet (one backing off that comes due, a destination
