@@ -653,9 +653,13 @@ static const char *const recheck_users_sql[] = {
 #define RECHECK_USER_KINDS 3
 
 /* The rows $1 (an array of ids) in those states, or in flight under the
- * claim $2 (a dispatcher lane's: policy_live_screen; NULL: none). */
+ * claim $2 (a dispatcher lane's: policy_live_screen; NULL: none).  A $2
+ * ending in '#' names a family of claims, every one that starts with it:
+ * the pull stream's rows are in flight each under its own position,
+ * 'pull#<position>' (adapters/peer/peer_pull.c), screened as 'pull#'. */
 #define RECHECK_WAITING                                                                                 \
-	"(state IN ('pending', 'held', 'dead', 'failed') OR (state = 'in_flight' AND claimed_by = $2))"
+	"(state IN ('pending', 'held', 'dead', 'failed') OR (state = 'in_flight' AND (claimed_by = $2 "    \
+	" OR (right($2, 1) = '#' AND starts_with(claimed_by, $2)))))"
 static const char recheck_ids_sql[] =
 	"WITH b AS MATERIALIZED (SELECT id, destination, event_id, target_identity_id, room_id FROM outbox "
 	" WHERE id = ANY($1::bigint[]) AND " RECHECK_WAITING ") " RECHECK_COLUMNS;

@@ -105,13 +105,17 @@ cw_err policy_recheck_row(PGconn *c, const struct policy_view *v, const char *ou
  * recheck of a change is not over yet (rows may wait that were not
  * decided under the rules in force).  A lane decides what it claims
  * while unsettled (or when the count moved during its claim), and the
- * rows of a claim it fails back to waiting when the count moved since. */
+ * rows of a claim it fails back to waiting when the count moved since;
+ * the pull stream (adapters/peer/peer_pull.c) what it hands out, alike
+ * (since the thirty-third session). */
 struct policy_live;
 uint64_t policy_live_stamp(struct policy_live *pl, bool *unsettled);
 /* Decides the outbox rows ids (n) again as policy_recheck_row does, with
  * the view in force: the waiting ones, and those in flight under
- * claimed_by (a lane's claim; NULL: none); those refused are dropped (a
- * row in flight too: its claim ends).  In c's open transaction, else one
+ * claimed_by (a lane's claim; one ending in '#': every claim that starts
+ * with it, as the pull stream's "pull#" for its rows' "pull#<position>";
+ * NULL: none); those refused are dropped (a row in flight too: its claim
+ * ends).  In c's open transaction, else one
  * of its own.  gone[i] (n of them) tells which were dropped; *dropped how
  * many. */
 cw_err policy_live_screen(struct policy_live *pl, PGconn *c, const int64_t *ids, size_t n, const char *claimed_by,

@@ -6,6 +6,7 @@
 #include "log.h"
 #include "peers.h"
 #include "peer_media.h"
+#include "policy_live.h"
 #include "store.h"
 
 #include <fcntl.h>
@@ -115,11 +116,84 @@ static const char pull_sql[] =
 	"JOIN identities s ON s.id = ev.sender_id ORDER BY h.pos LIMIT $3::int) a "
 	"WHERE a.upto <= $5::bigint OR a.n = 1 ORDER BY a.pos";
 
+/* The turn of one peer's pulls (see try_answer). */
+static const char pull_lock_sql[] = "SELECT pg_advisory_xact_lock(hashtextextended('causeway.pull:' || $1, 0))";
+
+/* The rows in flight to the peer $1 above the cursor $2, in id order:
+ * those of the answer just made, and those handed out past its size
+ * bound (screen_handed). */
+static const char pull_handed_sql[] =
+	"SELECT id FROM outbox WHERE destination = $1 AND state = 'in_flight' AND " PULL_POS " > $2::bigint "
+	"ORDER BY id";
+
 static const struct store_stmt pull_stmts[] = {
 	{ "cw_pull", pull_sql },
+	{ "cw_pull_handed", pull_handed_sql },
 	{ NULL, NULL },
 };
 static const struct store_stmt *const pull_stmt_lists[] = { pull_stmts, NULL };
+
+static int cmp_id(const void *a, const void *b)
+{
+	int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+	return (x > y) - (x < y);
+}
+
+/* The rows in flight to w's peer above after (what the answer just made
+ * holds, and what it handed out past its size bound) decided again under
+ * the policy in force (policy_live_screen), as a dispatcher's lane decides
+ * what it claims (screen_claimed in gateway/dispatcher.c): the recheck of a
+ * change goes in batches and passes over rows in flight, and until the
+ * thirty-third session a row the pull handed out before the pass reached
+ * it went to the peer undecided.  In a transaction of its own that takes
+ * the peer's turn first, so that no other pull of the peer (another
+ * process's) hands the rows out meanwhile.  Those refused are dropped (the
+ * cursor's acknowledgement passes over them: no longer in flight): their
+ * ids in *gone (sorted, *ngone of them; the caller frees it). */
+static cw_err screen_handed(struct peer_pull *p, const struct waiter *w, const char *after, int64_t **gone,
+			    size_t *ngone, cw_errmsg *e)
+{
+	*gone = NULL;
+	*ngone = 0;
+	const char *params[] = { w->destination, after };
+	cw_err rc = store_exec(p->c, "BEGIN", e);
+	PGresult *r = NULL;
+	if (!rc) {
+		PGresult *lock = PQexecParams(p->c, pull_lock_sql, 1, NULL, params, NULL, NULL, 0);
+		if (!(rc = store_check(p->c, lock, PGRES_TUPLES_OK, e)))
+			PQclear(lock);
+	}
+	if (!rc) {
+		r = PQexecPrepared(p->c, "cw_pull_handed", 2, params, NULL, NULL, 0);
+		rc = store_check(p->c, r, PGRES_TUPLES_OK, e);
+		if (rc)
+			r = NULL;
+	}
+	int n = r ? PQntuples(r) : 0;
+	int64_t *ids = n ? malloc((size_t)n * sizeof(*ids)) : NULL;
+	bool *dropped = n ? malloc((size_t)n * sizeof(*dropped)) : NULL;
+	if (!rc && n && (!ids || !dropped))
+		rc = cw_fail(e, CW_ENOMEM, "out of memory");
+	for (int i = 0; !rc && i < n; i++)
+		ids[i] = atoll(PQgetvalue(r, i, 0));
+	long count = 0;
+	if (!rc && n)
+		rc = policy_live_screen(p->app->policy, p->c, ids, (size_t)n, "pull#", dropped, &count, e);
+	rc = store_end(p->c, rc, e);
+	size_t k = 0;
+	for (int i = 0; !rc && i < n; i++)
+		if (dropped[i])
+			ids[k++] = ids[i]; /* in id order still */
+	PQclear(r);
+	free(dropped);
+	if (rc || k == 0) {
+		free(ids);
+		return rc;
+	}
+	*gone = ids;
+	*ngone = k;
+	return CW_OK;
+}
 
 /* Acknowledges up to after, then hands out what follows; sets the answer
  * and returns true when there is something to say (rows, or a failure).
@@ -144,6 +218,12 @@ static bool try_answer(struct peer_pull *p, struct waiter *w, bool final)
 	snprintf(after, sizeof(after), "%lld", w->after);
 	cw_errmsg e;
 	PGresult *r = NULL;
+	int64_t *gone = NULL; /* rows the policy's screen dropped (screen_handed) */
+	size_t ngone = 0;
+	/* policy_live_stamp, as a lane's claim reads it (gateway/dispatcher.c) */
+	struct policy_live *pl = p->app ? p->app->policy : NULL;
+	bool unsettled = false, unsettled_after = false;
+	uint64_t stamp = pl ? policy_live_stamp(pl, &unsettled) : 0;
 	if (PQstatus(p->c) != CONNECTION_OK) {
 		cw_fail(&e, CW_EUNAVAIL, "the database is unavailable");
 		goto fail;
@@ -159,8 +239,7 @@ static bool try_answer(struct peer_pull *p, struct waiter *w, bool final)
 	 * query string with the destination quoted into it). */
 	bool entered = PQenterPipelineMode(p->c);
 	bool synced = entered &&
-		      PQsendQueryParams(p->c, "SELECT pg_advisory_xact_lock(hashtextextended('causeway.pull:' || $1, 0))",
-					1, NULL, lp, NULL, NULL, 0) &&
+		      PQsendQueryParams(p->c, pull_lock_sql, 1, NULL, lp, NULL, NULL, 0) &&
 		      PQsendQueryPrepared(p->c, "cw_pull", 5, pp, NULL, NULL, 0) && PQpipelineSync(p->c);
 	bool failed = !synced;
 	if (failed) {
@@ -196,11 +275,22 @@ static bool try_answer(struct peer_pull *p, struct waiter *w, bool final)
 		PQclear(r);
 		return false;
 	}
+	/* While this process's recheck of a change is not over (or a change
+	 * came during the hand-out), what is handed out is decided under the
+	 * rules in force first.  Not decided (the database away): 503, the
+	 * rows stay in flight and come again, decided then. */
+	if (n && pl) {
+		uint64_t now = policy_live_stamp(pl, &unsettled_after);
+		if ((unsettled || unsettled_after || now != stamp) && screen_handed(p, w, after, &gone, &ngone, &e))
+			goto fail;
+	}
 	json_t *events = json_array();
 	for (int i = 0; i < n; i++) {
 		/* A type the peer does not take is passed over (and acknowledged
-		 * with the rest by the next request's after). */
-		if (PQgetvalue(r, i, 8)[0] == 'f')
+		 * with the rest by the next request's after); so is a row the
+		 * screen dropped. */
+		int64_t id = atoll(PQgetvalue(r, i, 11));
+		if (PQgetvalue(r, i, 8)[0] == 'f' || (ngone && bsearch(&id, gone, ngone, sizeof(*gone), cmp_id)))
 			continue;
 		bool unreadable;
 		json_t *ev = outbox_event_json(r, i, 1, &unreadable);
@@ -231,10 +321,12 @@ static bool try_answer(struct peer_pull *p, struct waiter *w, bool final)
 	char next[24];
 	snprintf(next, sizeof(next), "%s", n ? PQgetvalue(r, n - 1, 0) : after);
 	PQclear(r);
+	free(gone);
 	cw_req_reply_json(w->req, 200, json_pack("{s:o, s:s}", "events", events, "next", next));
 	return true;
 fail:
 	PQclear(r);
+	free(gone);
 	cw_req_add_header(w->req, "Retry-After", "2");
 	cw_req_problem(w->req, 503, "unavailable", "Service unavailable", e.msg);
 	return true;

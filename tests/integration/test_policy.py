@@ -1993,6 +1993,58 @@ def test_a_row_claimed_while_the_recheck_is_under_way_is_decided_before_it_is_se
 
 
 
+def test_a_row_pulled_while_the_recheck_is_under_way_is_decided_before_it_is_handed_out(daemon, peers, pg, db_url):
+    """The pull twin of the test above: a pull peer's GET /v1/events hands
+    out what waits for it as a dispatcher's claim does, and until the
+    recheck's pass is over what it hands out is decided under the rules in
+    force first. Here the pass waits for the lock of another row's event
+    (a held session holds it) while the pull peer tp asks; the group's row
+    to tp, from a sender the operator just denied, is dropped, not handed
+    out. Until the thirty-third session it was handed out."""
+    (a, _), _ = peers
+    p = PeerClient(daemon.url, "tp", "tp.example")
+    r = daemon.admin("POST", "/peers", json={"name": "tp", "domain": "tp.example", "mode": "pull",
+                                             "public_key": p.signer.public_b64})
+    assert r.status_code == 201, r.text
+    p.token = r.json()["token"]
+    opt_in(daemon)
+    consent(daemon, a.user("wally"), "allowed")
+    room = dm(a)
+    group = a.create_room([a.user("wally"), p.user("tom"), ALICE], kind="group").json()["id"]
+    wait_policy(daemon, lambda: states(pg, db_url, [send(a, room, "probe").json()["id"]])[0][1] == "pending",
+                "the consent in force")
+    first = send(a, room, "to alice").json()["id"]  # the pass's first event: it waits for its lock
+    msg = send(a, group, "to the group").json()["id"]
+    row = "SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id WHERE e.public_id = '%s' " \
+          "AND o.destination = 'peer:tp'" % msg
+    wait_until(lambda: pg.psql(row, db_url) == "pending", what="the group's row to tp waiting")
+    other = HeldSession(db_url)
+    try:
+        other.run("BEGIN; SELECT id FROM events WHERE public_id = '%s' FOR NO KEY UPDATE;" % first)
+        r = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example", "mode": "deny"})
+        assert r.status_code == 201, r.text
+        wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                   "AND query LIKE '%FOR NO KEY UPDATE OF e%'", db_url) == "1",
+                   timeout=20, what="the pass waiting for the first event")
+        got = p.call("GET", "/v1/events?after=0")
+        assert got.status_code == 200, got.text
+        assert msg not in [e["id"] for e in got.json()["events"]], got.json()
+        assert pg.psql(row, db_url) == "dropped"
+        # Nothing of it comes later either.
+        again = p.call("GET", "/v1/events?after=%s" % got.json()["next"])
+        assert again.status_code == 200 and msg not in [e["id"] for e in again.json()["events"]], again.text
+    finally:
+        other.end()
+    wait_until(lambda: [s for _, s in states(pg, db_url, [first, msg])] == ["dropped"] * 3, timeout=20,
+               what="the pass's drops")
+    d = decision(daemon, msg)
+    assert d["content_deleted"]
+    assert [(x["destination"], x["state"], x["reason"]) for x in d["recipients"]
+            if x["destination"] == "peer:tp"] == [("peer:tp", "dropped", "server_denied_domain")], d
+    assert "recheck of waiting rows failed" not in daemon.log()
+
+
+
 def test_a_row_whose_claim_ran_out_is_decided_before_it_goes_again(daemon, peers, pg, db_url):
     """A row whose claim ran out (its process died mid-delivery) goes back
     to waiting in the next claim's transaction, where any lane may take it
