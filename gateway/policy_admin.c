@@ -538,11 +538,17 @@ void policy_admin_rule_update(struct cw_req *req, void *ctx)
 	 * committed while this one waited for the row's lock is kept, and
 	 * checked.  Until the thirty-second session the mode and the limits
 	 * were read before the wait and written back: of one operator's
-	 * mode and another's limits at once, the mode was lost. */
+	 * mode and another's limits at once, the mode was lost.  Whether the
+	 * rule is there is asked of the row as locked too (cur takes the
+	 * lock the update takes, FOR NO KEY UPDATE, and finds no row once a
+	 * delete it waited for is committed): a rule deleted while this
+	 * change waited is the 404 of one that never existed.  Until the
+	 * thirty-third session cur read the statement's snapshot, which still
+	 * held the rule, and such a change was answered 409. */
 #define RULE_NEW_MODE "CASE WHEN $2::boolean THEN $3 ELSE r.mode END"
 #define RULE_NEW_LIMITS "CASE WHEN $4::boolean THEN $5::jsonb ELSE r.limits END"
 	struct aq *q = aq_new(
-		"WITH cur AS (SELECT 1 FROM rules WHERE id = $1::bigint), "
+		"WITH cur AS (SELECT 1 FROM rules WHERE id = $1::bigint FOR NO KEY UPDATE), "
 		"up AS (UPDATE rules r SET mode = " RULE_NEW_MODE ", limits = " RULE_NEW_LIMITS ", "
 		"  enabled = CASE WHEN $6::boolean THEN $7::boolean ELSE r.enabled END, "
 		"  comment = CASE WHEN $8::boolean THEN $9 ELSE r.comment END, "

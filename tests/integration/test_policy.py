@@ -1358,6 +1358,28 @@ def test_two_operators_changing_one_rule_lose_no_change(daemon, pg, db_url):
     assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'rule.update'", db_url) == audited
 
 
+def test_a_rule_deleted_while_a_patch_waits_for_it_is_not_found(daemon, pg, db_url):
+    """Operator A deletes a rule while B's PATCH of it waits for A's row
+    lock: B is answered 404 not_found, the very answer a PATCH of a rule
+    that never existed gets, and nothing is written or audited.  Until the
+    thirty-third session it was 409 conflict ("the change would leave the
+    rule with neither a mode nor a limit"): the statement saw the rule in
+    its snapshot, from before A's delete, and took the update that found
+    no row for a refused change."""
+    rid = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "gone.example",
+                                               "mode": "open"}).json()["id"]
+    never = daemon.admin("PATCH", "/rules/999999", json={"limits": {"messages_per_minute": 5}})
+    assert never.status_code == 404 and never.json()["code"] == "not_found", never.text
+    audited = pg.psql("SELECT count(*) FROM audit_log WHERE action = 'rule.update'", db_url)
+    r = patch_rule_under_a_held_change(daemon, pg, db_url, rid, f"DELETE FROM rules WHERE id = {rid}",
+                                       {"limits": {"messages_per_minute": 5}})
+    assert r.status_code == 404, r.text
+    assert r.headers["Content-Type"] == never.headers["Content-Type"] == "application/problem+json", r.headers
+    assert r.content == never.content, (r.text, never.text)
+    assert pg.psql(f"SELECT count(*) FROM rules WHERE id = {rid}", db_url) == "0"
+    assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'rule.update'", db_url) == audited
+
+
 
 def test_admin_audit_filters_page_as_the_whole_log_says(daemon, pg, db_url):
     """By actor, by action and by an action prefix: the records the
