@@ -186,7 +186,9 @@ struct media_job {
 	char mac[32];               /* a link's MAC, its id (a peer's file for a link) */
 	char sha256[65];            /* the digest a link's file must have ("": none declared) */
 	char event[80];             /* a token's event (GET /v1/media): served only while it is there */
-	bool gone;                  /* that event is gone, deleted or erased: not fetched */
+	char peer_id[24];           /* a token's peer (its row id): served only while it has a member in the room */
+	bool gone;                  /* that event is gone, deleted, erased or edited without the file: not fetched */
+	bool stranger;              /* the peer has no member in the event's room now: not fetched */
 	struct media_blob b;
 	size_t reserved;            /* of app->media_held, from the start of the transfer */
 	bool over;                  /* no room for it in the budget: not fetched */
@@ -198,26 +200,46 @@ struct media_job {
 
 static void fetched(void *arg);
 
+/* The answer to a token that does not open for this peer, and to one of
+ * a room the peer has no member in any more: the same bytes, so that a
+ * peer taken out of a room learns nothing of its messages from them. */
+#define NO_SUCH_TOKEN "no file with that token for this peer"
+
 /* Whether the token's event is still there with the file among its
  * attachments: not deleted (no delete names it, or the message an edit
  * replaces), nor erased (its content gone: retention.content_days, a
- * content.expires that came), nor expired; the row itself gone
- * (retention.rows_days) finds nothing.  By events_public_id_key and the
- * delete's replaces_id. */
+ * content.expires that came), nor expired, nor edited since into a
+ * version without the file (an edit of the same message after it, the
+ * message's newer version, whose attachments lack it: the user took the
+ * file out, as a delete takes the whole message; until the thirty-third
+ * session the original's link was served until a delete or its exp);
+ * the row itself gone (retention.rows_days) finds nothing.  And whether
+ * the peer still has a member in the event's room (a user joined, as
+ * GET /v1/rooms/{room} asks): one taken out of the room, or whose users
+ * all left, is a stranger to it and is answered as for a token that
+ * never was (until the thirty-third session it was served the file
+ * until the token's time passed).  By events_public_id_key, the
+ * replaces_id of the deletes and edits, and the room's members. */
 static cw_err event_holds(PGconn *c, void *arg, cw_errmsg *e)
 {
 	struct media_job *j = arg;
-	const char *p[] = { j->event, j->source };
+	const char *p[] = { j->event, j->source, j->peer_id };
 	PGresult *r = PQexecParams(c,
-		"SELECT 1 FROM events e WHERE e.public_id = $1 AND e.type IN ('message', 'edit') AND NOT e.expired "
-		"AND e.content->'content'->'attachments' @> jsonb_build_array(jsonb_build_object('url', $2::text)) "
-		"AND NOT EXISTS (SELECT 1 FROM events d WHERE d.type = 'delete' "
-		" AND d.replaces_id = coalesce(e.replaces_id, e.id))",
-		2, NULL, p, NULL, NULL, 0);
+		"WITH f AS (SELECT jsonb_build_array(jsonb_build_object('url', $2::text)) AS att) "
+		"SELECT EXISTS (SELECT 1 FROM room_members m JOIN identities i ON i.id = m.identity_id "
+		"  WHERE m.room_id = e.room_id AND i.peer_id = $3::bigint AND m.membership = 'joined'), "
+		" e.type IN ('message', 'edit') AND NOT e.expired "
+		" AND coalesce(e.content->'content'->'attachments' @> f.att, false) "
+		" AND NOT EXISTS (SELECT 1 FROM events d WHERE d.replaces_id = coalesce(e.replaces_id, e.id) "
+		"  AND (d.type = 'delete' OR (d.type = 'edit' AND d.id > e.id "
+		"   AND NOT coalesce(d.content->'content'->'attachments' @> f.att, false)))) "
+		"FROM events e, f WHERE e.public_id = $1",
+		3, NULL, p, NULL, NULL, 0);
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 	if (rc)
 		return rc;
-	j->gone = PQntuples(r) == 0;
+	j->stranger = PQntuples(r) == 1 && PQgetvalue(r, 0, 0)[0] != 't';
+	j->gone = PQntuples(r) == 0 || PQgetvalue(r, 0, 1)[0] != 't';
 	PQclear(r);
 	return CW_OK;
 }
@@ -246,6 +268,17 @@ static void fetch(void *arg)
 	 * its declared size, may be smaller; reserving it would make the gauge
 	 * show a file as held before it has come, and the sizes are alike). */
 	size_t most = (size_t)app->cfg->media_max_bytes;
+	if (!j->public) {
+		/* A read on this fetcher (it may block: workers.h), before the
+		 * budget is asked (a stranger to the room is answered as for a
+		 * token that never was, whatever is being fetched) and the
+		 * homeserver is. */
+		j->rc = store_read_wait(app->store, event_holds, j, &j->err);
+		if (j->rc || j->gone || j->stranger) {
+			j->rc = j->rc ? CW_EUNAVAIL : CW_ENOTFOUND;
+			return;
+		}
+	}
 	if (!media_held_reserve(app, most)) {
 		j->over = true;
 		j->rc = CW_EUNAVAIL;
@@ -253,13 +286,6 @@ static void fetch(void *arg)
 	}
 	j->reserved = most;
 	if (!j->public) {
-		/* A read on this fetcher (it may block: workers.h), before the
-		 * homeserver is asked. */
-		j->rc = store_read_wait(app->store, event_holds, j, &j->err);
-		if (j->rc || j->gone) {
-			j->rc = j->rc ? CW_EUNAVAIL : CW_ENOTFOUND;
-			return;
-		}
 		j->rc = app->media.fetch(app->media.ctx, j->source, &j->b, &j->status, &j->err);
 	} else {
 		j->rc = media_fetch_peer(app, j->source, j->signer[0] ? j->signer : NULL, FETCH_TIMEOUT_MS, &j->b,
@@ -338,9 +364,11 @@ static void fetched(void *arg)
 			       cw_req_id(req), "got", got);
 		cw_req_problem(req, 502, "media_mismatch", "Bad gateway",
 			       "the file the sender's store answered does not match the sha256 its attachment declared");
+	} else if (j->stranger) {
+		cw_req_problem(req, 404, "unknown_media", "Not found", NO_SUCH_TOKEN);
 	} else if (j->gone) {
 		cw_req_problem(req, 404, "unknown_media", "Not found",
-			       "no such file (its message was deleted, or is no longer kept)");
+			       "no such file (its message was deleted or edited, or is no longer kept)");
 	} else if (j->over) {
 		app_retry_after(req, 5000);
 		cw_req_problem(req, 503, "unavailable", "Service unavailable",
@@ -408,7 +436,7 @@ void peer_api_media(struct cw_req *req, void *ctx)
 	    !media_token_open(app->media_key, scope, token, j->source, sizeof(j->source)) ||
 	    !app->media.owns(app->media.ctx, j->source)) {
 		free(j);
-		cw_req_problem(req, 404, "unknown_media", "Not found", "no file with that token for this peer");
+		cw_req_problem(req, 404, "unknown_media", "Not found", NO_SUCH_TOKEN);
 		return;
 	}
 	/* Past its time: the event's file is offered again, under a new
@@ -419,6 +447,7 @@ void peer_api_media(struct cw_req *req, void *ctx)
 		return;
 	}
 	snprintf(j->event, sizeof(j->event), "%s", ev); /* message_id_valid: at most 68 */
+	snprintf(j->peer_id, sizeof(j->peer_id), "%lld", (long long)p->id);
 	cw_req_suspend(req);
 	start_fetch(app, req, j, (size_t)app->cfg->media_max_bytes);
 }

@@ -695,6 +695,104 @@ def test_a_files_token_ends_with_its_message_and_its_time(mx, hs, gk, pg, db_url
     assert r.status_code == 404 and r.json()["code"] == "unknown_media", r.text[:200]
 
 
+def alice_sends_photos(mx, hs, srv, mx_room, n, tag):
+    """alice sends n photos ($<tag><i>) in mx_room: [(bytes, mxc, the peer's
+    id, its token's path)] as the peer got them."""
+    out = []
+    for i in range(n):
+        photo = b"\xff\xd8\xff\xe0" + os.urandom(2000 + i)
+        mxc = hs.upload(ALICE_MX, photo, "image/jpeg", f"{tag}{i}.jpg")
+        ev = {"event_id": f"${tag}{i}", "room_id": mx_room, "sender": ALICE_MX, "type": "m.room.message",
+              "origin_server_ts": 1700000000000 + i,
+              "content": {"msgtype": "m.image", "body": f"{tag}{i}.jpg", "url": mxc,
+                          "info": {"mimetype": "image/jpeg", "size": len(photo)}}}
+        assert as_put(mx, f"{tag}-t{i}", {"events": [ev]}).status_code == 200
+        got = wait_until(lambda: next((e for e in list(srv.events) if e.get("content", {}).get("attachments")
+                                       and e["content"]["attachments"][0].get("filename") == f"{tag}{i}.jpg"),
+                                      None), what=f"photo {i} at the peer")
+        out.append((photo, mxc, got["id"], got["content"]["attachments"][0]["url"][len(mx.url):]))
+    return out
+
+
+def alice_edits(mx, srv, mx_room, target, event_id, new_content):
+    """alice edits $target into new_content (as $event_id): the edit as the
+    peer got it."""
+    ev = {"event_id": event_id, "room_id": mx_room, "sender": ALICE_MX, "type": "m.room.message",
+          "origin_server_ts": 1700000002000,
+          "content": dict(new_content, body="* " + new_content["body"], **{
+              "m.new_content": new_content, "m.relates_to": {"rel_type": "m.replace", "event_id": target}})}
+    before = len([e for e in list(srv.events) if e.get("type") == "edit"])
+    assert as_put(mx, "edit-" + event_id, {"events": [ev]}).status_code == 200
+    return wait_until(lambda: [e for e in list(srv.events) if e.get("type") == "edit"][before:] or None,
+                      what=f"the edit {event_id} at the peer")[0]
+
+
+def test_an_edit_that_takes_the_file_out_ends_its_link(mx, hs, gk, pg, db_url):
+    """alice edits an image into text: the file is no longer in her
+    message, and its link at the peer ends there, as after a delete (404
+    unknown_media).  An edit that keeps the file (its caption changed)
+    ends nothing: the original's link and the edit's own are served until
+    a later edit takes the file out, which ends both.  Until the
+    thirty-third session the original's link was served until the message
+    was deleted or the link's time passed: the original event still held
+    the file."""
+    a, srv = gk
+    room, mx_room = matrix_dm(mx, hs, a, pg, db_url)
+    (p0, _, msg0, path0), (p1, mxc1, msg1, path1) = alice_sends_photos(mx, hs, srv, mx_room, 2, "edited")
+    assert a.call("GET", path0).content == p0 and a.call("GET", path1).content == p1
+    # The first made text: its file is gone from the message.
+    edit = alice_edits(mx, srv, mx_room, "$edited0", "$edit0", {"msgtype": "m.text", "body": "never mind"})
+    assert edit["content"]["replaces"] == msg0 and not edit["content"].get("attachments"), edit
+    r = a.call("GET", path0)
+    assert r.status_code == 404 and r.json()["code"] == "unknown_media", (r.status_code, r.text[:200])
+    # The second's caption changed, its file kept: both links are served.
+    image = {"msgtype": "m.image", "body": "a cat", "filename": "edited1.jpg", "url": mxc1,
+             "info": {"mimetype": "image/jpeg", "size": len(p1)}}
+    edit = alice_edits(mx, srv, mx_room, "$edited1", "$edit1", image)
+    [att] = edit["content"]["attachments"]
+    kept = att["url"][len(mx.url):]
+    assert f"ev={edit['id']}" in kept, kept
+    for path in (path1, kept):
+        r = a.call("GET", path)
+        assert r.status_code == 200 and r.content == p1, (path, r.status_code, r.text[:200])
+    # Then made text: the file is out, and neither link is served.
+    alice_edits(mx, srv, mx_room, "$edited1", "$edit2", {"msgtype": "m.text", "body": "no cat"})
+    for path in (path1, kept):
+        r = a.call("GET", path)
+        assert r.status_code == 404 and r.json()["code"] == "unknown_media", (path, r.status_code, r.text[:200])
+
+
+def test_a_peer_no_longer_in_the_room_cannot_fetch_its_files(mx, hs, gk, pg, db_url):
+    """alice sends a photo to a group; gk then takes its last user, wally,
+    out of it: gk's token for the photo is answered 404, byte for byte the
+    answer to a token that never was (a peer no longer in a room learns
+    nothing of its messages, as GET /v1/rooms/{room} shows it no more).
+    Until the thirty-third session the token served the file to a peer
+    out of the room until the token's time passed."""
+    a, srv = gk
+    gid = a.create_room([a.user("wally"), ALICE], kind="group").json()["id"]
+    rid = pg.psql(f"SELECT id FROM rooms WHERE public_id = '{gid}'", db_url)
+    pg.psql("INSERT INTO room_bindings (room_id, network, native_id, local_identity_id) SELECT "
+            f"{rid}, 'matrix', '!portal:example.org', id FROM identities WHERE uri = '{ALICE}'", db_url)
+    # alice has joined her portal (the peer put her in invited).
+    pg.psql(f"UPDATE room_members SET membership = 'joined', peer_invited = false WHERE room_id = {rid}", db_url)
+    hs.create_user("alice")
+    [(photo, _, msg, path)] = alice_sends_photos(mx, hs, srv, "!portal:example.org", 1, "group")
+    r = a.call("GET", path)
+    assert r.status_code == 200 and r.content == photo, (r.status_code, r.text[:200])
+    token = path.split("?")[0].rsplit("/", 1)[1]
+    forged = path.replace(token, token[:-2] + ("AA" if token[-2:] != "AA" else "BB"))
+    unknown = a.call("GET", forged)
+    assert unknown.status_code == 404 and unknown.json()["code"] == "unknown_media", unknown.text
+    r = a.call("POST", f"/v1/rooms/{gid}/members", {"remove": [a.user("wally")]})
+    assert r.status_code == 200, r.text
+    assert a.call("GET", f"/v1/rooms/{gid}").status_code == 404  # the room, gk sees no more
+    r = a.call("GET", path)
+    assert r.status_code == 404, (r.status_code, r.text[:200])
+    assert r.content == unknown.content and r.headers["Content-Type"] == unknown.headers["Content-Type"], r.text
+    assert pg.psql(f"SELECT count(*) FROM events WHERE public_id = '{msg}'", db_url) == "1"  # still there
+
+
 def test_a_file_forwarded_from_another_server_reaches_the_peer_too(mx, hs, gk, pg, db_url):
     """A file a local user forwards from another Matrix server
     (mxc://other.server/...) is fetched through the user's homeserver,
