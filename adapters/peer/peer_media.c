@@ -270,9 +270,9 @@ static void fetch(void *arg)
 	size_t most = (size_t)app->cfg->media_max_bytes;
 	if (!j->public) {
 		/* A read on this fetcher (it may block: workers.h), before the
-		 * budget is asked (a stranger to the room is answered as for a
-		 * token that never was, whatever is being fetched) and the
-		 * homeserver is. */
+		 * budget is asked and the homeserver is: a stranger to the room
+		 * is answered as for a token that never was, never 503 because
+		 * other files hold the budget. */
 		j->rc = store_read_wait(app->store, event_holds, j, &j->err);
 		if (j->rc || j->gone || j->stranger) {
 			j->rc = j->rc ? CW_EUNAVAIL : CW_ENOTFOUND;
