@@ -510,7 +510,9 @@ void peer_api_identifier_query(struct cw_req *req, void *ctx)
 
 /* The peer's word on one of its users: name and avatar, as its local
  * network shows them (a Matrix ghost's).  Stored on the user's identity;
- * profile_changed_at moves only when something changed. */
+ * profile_changed_at moves only when something changed, and profile_xid
+ * with it: the id of the transaction, the order in which the XMPP
+ * component sends the changes (xa_profiles, schema/040). */
 static cw_err profile_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct social_input *in = j->data;
@@ -524,7 +526,8 @@ static cw_err profile_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	PGresult *r = PQexecParams(c,
 		"WITH n AS (SELECT CASE WHEN $2::boolean THEN $3 ELSE display_name END AS d, "
 		"  CASE WHEN $4::boolean THEN $5::jsonb ELSE avatar END AS a FROM identities WHERE id = $1::bigint), "
-		"u AS (UPDATE identities i SET display_name = n.d, avatar = n.a, profile_changed_at = now() FROM n "
+		"u AS (UPDATE identities i SET display_name = n.d, avatar = n.a, profile_changed_at = now(), "
+		"  profile_xid = pg_current_xact_id()::text::bigint FROM n "
 		"  WHERE i.id = $1::bigint AND (i.display_name IS DISTINCT FROM n.d OR i.avatar IS DISTINCT FROM n.a)) "
 		"SELECT n.d, n.a::text FROM n",
 		5, NULL, params, NULL, NULL, 0);

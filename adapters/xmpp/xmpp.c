@@ -130,6 +130,7 @@ static cw_err component_add(void *arg, const char *d, const char *peer, cw_errms
 	xc->reserve_fd = -1;
 	xc->sock_fd = -1;
 	xc->audit_seen = -1;
+	xc->profiles_xid = -1;
 	return CW_OK;
 }
 
@@ -1284,7 +1285,7 @@ static void *comp_main(void *arg)
 			xc->resend_pending = true;
 			xc->resend_after = 0;
 			xc->audit_seen = -1; /* the roster sync goes on from the stored cursor */
-			xc->profiles_at[0] = '\0'; /* and so do the profiles */
+			xc->profiles_xid = -1; /* and so do the profiles */
 			xc->ping_sent_ms = 0;
 			xc->ping_next_ms = now + PING_EVERY_MS;
 			next_house = 0;

@@ -963,7 +963,7 @@ static bool roster_cursor_set(struct xcomp *xc, PGconn *c, long long at)
 #define AUDIT_SPAN 20000 /* ids read in one turn: a holder far behind catches up a page a second */
 #define AUDIT_GAP_MIN_MS 60000
 
-static int64_t audit_gap_ms(const struct xcomp *xc)
+int64_t xa_open_write_wait_ms(const struct xcomp *xc)
 {
 	int64_t ms = 2 * (int64_t)xc->x->cfg->db_statement_timeout_ms;
 	return ms > AUDIT_GAP_MIN_MS ? ms : AUDIT_GAP_MIN_MS;
@@ -993,7 +993,7 @@ static void audit_gaps_update(struct xcomp *xc, PGresult *missing, int64_t now)
 		for (int k = 0; k < xc->audit_ngaps; k++)
 			if (xc->audit_gaps[k].id == id)
 				since = xc->audit_gaps[k].since_ms;
-		if (n == XA_AUDIT_GAPS || now - since >= audit_gap_ms(xc)) {
+		if (n == XA_AUDIT_GAPS || now - since >= xa_open_write_wait_ms(xc)) {
 			gave_up = id;
 			continue;
 		}

@@ -131,9 +131,13 @@ struct xcomp {
 	} audit_gaps[XA_AUDIT_GAPS];
 	int audit_ngaps;
 	/* the remote users' profile changes sent to their contacts up to this
-	 * (profile_changed_at, id); profiles_at "" : not read yet */
-	char profiles_at[64];
-	long long profiles_id;
+	 * (profile_xid, id) (xa_profiles; profiles_xid -1: not read yet) */
+	long long profiles_xid, profiles_id;
+	/* the transaction still open whose changes (and all after them) wait,
+	 * 0 none, since when (monotonic); those up to profiles_past were
+	 * waited for long enough and are passed over */
+	long long profiles_wait, profiles_past;
+	int64_t profiles_wait_since_ms;
 	bool up_event, dropped, auth_failed; /* set by libstrophe's connection handler */
 	bool unreadable;                /* it too: the server found the stream not well-formed (or invalid XML) */
 	char drop_reason[200];
@@ -281,6 +285,11 @@ void xa_requests(struct xcomp *xc, PGconn *c);
  * made while no process held the stream are seen by the next holder, and
  * so is a record whose transaction committed after one of a higher id. */
 void xa_roster_sync(struct xcomp *xc, PGconn *c);
+/* How long (ms) the roster sync and the profiles' (xa_profiles) wait for
+ * a write still open before they pass over it: a minute, or twice
+ * database.statement_timeout_ms if that is longer (an audit id whose
+ * transaction rolled back never comes; one open longer is stuck). */
+int64_t xa_open_write_wait_ms(const struct xcomp *xc);
 /* A local user's message to this component's peer that became a dead
  * letter is told to them in a chat message from the component's domain
  * (which remote user, what, why, what the operator can do). */

@@ -35,7 +35,6 @@
 #define VCARD_CACHE_BYTES (8u << 20) /* of base64: a peer's 256 large avatars would be 64 MiB */
 #define VCARD_TIMEOUT_MS 5000L
 #define VCARD_REFUSED_MS (3600 * 1000L)
-#define XA_PROFILE_LAG "3 seconds"
 
 /* What a job answers: a vCard, or (XEP-0084, the remote JID as its own
  * PEP service) the avatar's metadata or data node. */
@@ -479,59 +478,106 @@ void xa_vcard_hash(struct xcomp *xc, xmpp_ctx_t *ctx, xmpp_stanza_t *presence, c
 		vjob_free(j); /* the fetchers are busy: the next probe asks again */
 }
 
+/* A profile change is found by its transaction: identities.profile_xid
+ * (schema/040), the id of the transaction that made it, ascending as
+ * transactions begin, not as they commit.  The cursor is the (profile_xid,
+ * id) of the last change sent, and a change is read only below the oldest
+ * transaction still open (pg_current_snapshot(): every one below it has
+ * ended, so no change will ever come there again): one that began before
+ * another but commits after it is read in its turn, never passed over.
+ * Until the thirty-third session the cursor was the change's time
+ * (profile_changed_at, its transaction's start) and a change was read once
+ * 3 seconds old: a transaction of another process open longer (its writer
+ * waiting for a lock) committed a change older than one already sent, and
+ * it never reached the contacts.  A transaction open for long (as the
+ * roster sync's audit id that never comes, xa_open_write_wait_ms) holds
+ * back the changes after it no longer: it is passed over, and a change it
+ * commits after that is lost as before. */
+#define OPEN_XMIN "pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+
 /* The stored cursor of the profiles (xmpp_roster_sync), or, the first
- * time, a few seconds before now, stored at once (older changes were never
- * announced: clients ask for the hash when they probe; later ones are
- * announced by whichever process holds the stream next); false when it
- * cannot be read. */
+ * time, at the oldest transaction still open, stored at once
+ * (changes committed before were never announced: clients ask for the
+ * hash when they probe; later ones are announced by whichever process
+ * holds the stream next); false when it cannot be read. */
 static bool profiles_cursor(struct xcomp *xc, PGconn *c)
 {
 	const char *p[] = { xc->domain };
 	PGresult *r = PQexecParams(c,
-		"WITH u AS (UPDATE xmpp_roster_sync SET profiles_at = coalesce(profiles_at, "
-		"  now() - interval '" XA_PROFILE_LAG "'), profiles_id = coalesce(profiles_id, 0) "
-		"  WHERE component = $1 RETURNING profiles_at, profiles_id) "
-		"SELECT coalesce((SELECT profiles_at FROM u), now() - interval '" XA_PROFILE_LAG "')::text, "
-		" coalesce((SELECT profiles_id FROM u), 0)",
+		"WITH u AS (UPDATE xmpp_roster_sync SET profiles_xid = coalesce(profiles_xid, " OPEN_XMIN "), "
+		"  profiles_xid_id = coalesce(profiles_xid_id, 0) "
+		"  WHERE component = $1 RETURNING profiles_xid, profiles_xid_id) "
+		"SELECT coalesce((SELECT profiles_xid FROM u), " OPEN_XMIN "), coalesce((SELECT profiles_xid_id FROM u), 0)",
 		1, NULL, p, NULL, NULL, 0);
 	bool ok = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1;
 	if (ok) {
-		snprintf(xc->profiles_at, sizeof(xc->profiles_at), "%s", PQgetvalue(r, 0, 0));
+		xc->profiles_xid = atoll(PQgetvalue(r, 0, 0));
 		xc->profiles_id = atoll(PQgetvalue(r, 0, 1));
+		xc->profiles_wait = xc->profiles_past = 0;
 	}
 	PQclear(r);
 	return ok;
 }
 
+/* Whether changes wait for the open transaction w (0: none), the one the
+ * read stopped below: waited for up to xa_open_write_wait_ms, then passed
+ * over. */
+static void profiles_waiting(struct xcomp *xc, long long w)
+{
+	int64_t now = cw_now_us() / 1000;
+	if (w != xc->profiles_wait) {
+		xc->profiles_wait = w;
+		xc->profiles_wait_since_ms = now;
+	} else if (w && now - xc->profiles_wait_since_ms >= xa_open_write_wait_ms(xc)) {
+		char v[24];
+		snprintf(v, sizeof(v), "%lld", w);
+		LOG_KV_LIMITED(CW_LOG_INFO,
+			       "xmpp profiles: a transaction open for long holds back profile changes no longer",
+			       "component", xc->domain, "xid", v);
+		xc->profiles_past = w;
+		xc->profiles_wait = 0;
+	}
+}
+
 void xa_profiles(struct xcomp *xc, PGconn *c)
 {
-	if (!xc->profiles_at[0] && !profiles_cursor(xc, c))
+	if (xc->profiles_xid < 0 && !profiles_cursor(xc, c))
 		return; /* tried again on the next turn */
-	char id[24];
+	char xid[24], id[24], past[24];
+	snprintf(xid, sizeof(xid), "%lld", xc->profiles_xid);
 	snprintf(id, sizeof(id), "%lld", xc->profiles_id);
-	const char *p[] = { xc->peer, xc->profiles_at, id };
-	/* The contacts: the local users who allowed the remote user and have
-	 * used XMPP (their binding is their bare JID). */
+	snprintf(past, sizeof(past), "%lld", xc->profiles_past);
+	const char *p[] = { xc->peer, xid, id, past };
+	/* Column 0 the open transaction the read stops below (NULL: none,
+	 * or none holds a change back; those up to $4 passed over), then the
+	 * changes, if any (one row of NULLs: none). */
+#define PEER_CHANGES "FROM identities i JOIN peers pe ON pe.id = i.peer_id AND pe.name = $1 " \
+	"WHERE i.profile_xid IS NOT NULL AND NOT i.is_local AND (i.profile_xid, i.id) > ($2::bigint, $3::bigint) "
 	PGresult *r = PQexecParams(c,
-		"SELECT i.localpart, i.profile_changed_at::text, i.id, "
-		" (SELECT coalesce(json_agg(lb.native_id), '[]') FROM consents k JOIN identity_bindings lb "
-		"  ON lb.identity_id = k.local_identity_id AND lb.network = 'xmpp' "
-		"  WHERE k.subject_kind = 'user' AND k.subject = i.uri AND k.state = 'allowed') "
-		"FROM identities i JOIN peers pe ON pe.id = i.peer_id AND pe.name = $1 "
-		"WHERE i.profile_changed_at IS NOT NULL AND NOT i.is_local "
-		" AND (i.profile_changed_at, i.id) > ($2::timestamptz, $3::bigint) "
-		" AND i.profile_changed_at <= now() - interval '" XA_PROFILE_LAG "' "
-		"ORDER BY i.profile_changed_at, i.id LIMIT 64",
-		3, NULL, p, NULL, NULL, 0);
-	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+		"WITH h AS MATERIALIZED (SELECT (SELECT x::text::bigint FROM pg_snapshot_xip(pg_current_snapshot()) x "
+		"  WHERE x::text::bigint > $4::bigint ORDER BY 1 LIMIT 1) AS w) "
+		"SELECT CASE WHEN EXISTS (SELECT 1 " PEER_CHANGES " AND i.profile_xid > h.w) THEN h.w END, "
+		" n.localpart, n.profile_xid, n.id, n.contacts FROM h LEFT JOIN LATERAL ("
+		/* The contacts: the local users who allowed the remote user and
+		 * have used XMPP (their binding is their bare JID). */
+		" SELECT i.localpart, i.profile_xid, i.id, "
+		"  (SELECT coalesce(json_agg(lb.native_id), '[]') FROM consents k JOIN identity_bindings lb "
+		"   ON lb.identity_id = k.local_identity_id AND lb.network = 'xmpp' "
+		"   WHERE k.subject_kind = 'user' AND k.subject = i.uri AND k.state = 'allowed') AS contacts "
+		" " PEER_CHANGES " AND (h.w IS NULL OR i.profile_xid < h.w) "
+		" ORDER BY i.profile_xid, i.id LIMIT 64) n ON true",
+		4, NULL, p, NULL, NULL, 0);
+#undef PEER_CHANGES
+	if (PQresultStatus(r) != PGRES_TUPLES_OK || PQntuples(r) < 1) {
 		PQclear(r);
 		return;
 	}
-	int i, n = PQntuples(r);
+	profiles_waiting(xc, PQgetisnull(r, 0, 0) ? 0 : atoll(PQgetvalue(r, 0, 0)));
+	int i, n = PQgetisnull(r, 0, 1) ? 0 : PQntuples(r);
 	for (i = 0; i < n; i++) {
-		const char *remote_id = PQgetvalue(r, i, 0);
+		const char *remote_id = PQgetvalue(r, i, 1);
 		char remote_jid[XJ_JID_MAX + 1];
-		json_t *to = json_loads(PQgetvalue(r, i, 3), 0, NULL);
+		json_t *to = json_loads(PQgetvalue(r, i, 4), 0, NULL);
 		cache_drop(xc, remote_id); /* whoever asks next gets the new one */
 		if (json_array_size(to) && xa_remote_jid(xc, remote_id, remote_jid, sizeof(remote_jid))) {
 			struct vjob *j = calloc(1, sizeof(*j));
@@ -551,17 +597,18 @@ void xa_profiles(struct xcomp *xc, PGconn *c)
 			to = NULL;
 		}
 		json_decref(to);
-		snprintf(xc->profiles_at, sizeof(xc->profiles_at), "%s", PQgetvalue(r, i, 1));
-		xc->profiles_id = atoll(PQgetvalue(r, i, 2));
+		xc->profiles_xid = atoll(PQgetvalue(r, i, 2));
+		xc->profiles_id = atoll(PQgetvalue(r, i, 3));
 	}
 	PQclear(r);
 	if (i == 0)
 		return;
+	snprintf(xid, sizeof(xid), "%lld", xc->profiles_xid);
 	snprintf(id, sizeof(id), "%lld", xc->profiles_id);
-	const char *q[] = { xc->domain, xc->profiles_at, id };
+	const char *q[] = { xc->domain, xid, id };
 	/* Kept for the next holder of the stream; the roster sync made the
 	 * row (if that failed, this process goes on from memory). */
-	r = PQexecParams(c, "UPDATE xmpp_roster_sync SET profiles_at = $2::timestamptz, profiles_id = $3::bigint "
+	r = PQexecParams(c, "UPDATE xmpp_roster_sync SET profiles_xid = $2::bigint, profiles_xid_id = $3::bigint "
 			    "WHERE component = $1", 3, NULL, q, NULL, NULL, 0);
 	PQclear(r);
 }

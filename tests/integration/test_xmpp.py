@@ -1761,7 +1761,7 @@ def test_a_remote_users_profile_is_for_this_servers_users_only(make_daemon, db_u
         p.stop()
 
 
-def test_a_remote_users_profile_is_their_vcard_and_avatar(make_daemon, db_url, prosody, alice, tmp_path):
+def test_a_remote_users_profile_is_their_vcard_and_avatar(make_daemon, db_url, pg, prosody, alice, tmp_path):
     """What the peer says of its user (POST /v1/profiles) is the remote
     JID's vCard (XEP-0054): the name, the network, the avatar fetched
     signed from the peer's store (a host of its domain); its presence
@@ -1775,6 +1775,7 @@ def test_a_remote_users_profile_is_their_vcard_and_avatar(make_daemon, db_url, p
         assert a.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": "Wally Wonka", "avatar": {
             "content_type": "image/png", "url": url, "size": len(face),
             "sha256": hashlib.sha256(face).hexdigest()}}).status_code == 200
+        profile_changes_read(pg, db_url)
         start = alice.count()
         alice.send_presence(to=WALLY_JID, ptype="probe")
         sha1 = hashlib.sha1(face).hexdigest()
@@ -1880,7 +1881,7 @@ def test_a_subscription_requests_nick_keeps_its_network_in_sight(xd, gk, alice, 
     note = body(message_from(alice, COMP))
     assert note.startswith(shown + " (gk) " + WALLY_JID + " ("), note
 
-def test_an_avatar_over_media_max_bytes_is_not_fetched_whole(make_daemon, db_url, prosody, alice, tmp_path):
+def test_an_avatar_over_media_max_bytes_is_not_fetched_whole(make_daemon, db_url, pg, prosody, alice, tmp_path):
     """The avatar is fetched for a vCard up to server.media_max_bytes when
     that is below the vCard's own cap (192 KiB): an avatar larger than it
     is as one too large for a vCard, a vCard with the name and no photo,
@@ -1895,6 +1896,7 @@ def test_an_avatar_over_media_max_bytes_is_not_fetched_whole(make_daemon, db_url
         assert a.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": "Wally Wonka", "avatar": {
             "content_type": "image/png", "url": url, "size": len(face),
             "sha256": hashlib.sha256(face).hexdigest()}}).status_code == 200
+        profile_changes_read(pg, db_url)
         v = alice.iq("get", WALLY_JID, "<vCard xmlns='vcard-temp'/>").find("{vcard-temp}vCard")
         assert v.find("{vcard-temp}FN").text == "Wally Wonka (gk)"
         assert v.find("{vcard-temp}PHOTO") is None
@@ -3233,20 +3235,64 @@ def test_a_profile_changed_while_no_process_holds_the_stream_reaches_the_contact
     a, srv = gk
     alice.send_message(WALLY_JID, "hello wally")
     srv.wait_events(1)
-    wait_until(lambda: pg.psql("SELECT count(*) FROM xmpp_roster_sync WHERE profiles_at IS NOT NULL",
+    wait_until(lambda: pg.psql("SELECT count(*) FROM xmpp_roster_sync WHERE profiles_xid IS NOT NULL",
                                db_url) == "1", what="the profiles' cursor")
     xd.stop()
     plain = make_daemon(db_url).start()  # no XMPP adapter: nobody holds the stream
     a2 = PeerClient(plain.url, a.name, a.domain, token=a.token, signer=a.signer)
     assert a2.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": "Wally"}).status_code == 200
-    plain.stop()
-    time.sleep(4)  # older than a new holder's first look back
+    plain.stop()  # committed: below a new holder's first look back, were it not for the stored cursor
     start = alice.count()
     again = make_daemon(db_url, options=daemon_options(prosody)).start()
     p = alice.wait_for_presence(lambda el: el.get("from", "").startswith(WALLY_JID) and el.find(
         "{vcard-temp:x:update}x/{vcard-temp:x:update}photo") is not None, start=start, timeout=15)
     assert p.get("type") is None and not p.find("{vcard-temp:x:update}x/{vcard-temp:x:update}photo").text
     again.stop()
+
+
+def test_a_profile_change_committed_after_a_later_one_still_reaches_the_contacts(make_daemon, db_url, pg, xd, gk,
+                                                                                   alice):
+    """Two processes write profiles, each with its own writer: wally's
+    change, whose transaction began first (it waits for his row, locked
+    by another session), commits after eve's, and after the component
+    could have sent eve's. Both reach alice. Until the thirty-third
+    session the component's cursor was the change's time (its
+    transaction's start), three seconds back: once it had passed eve's,
+    wally's, older, committed behind it and was never sent."""
+    a, srv = gk
+    eve = "eve@" + COMP
+    consent_alice(xd)
+    consent_alice(xd, subject="mimi://wa.example/u/eve")
+    alice.send_message(WALLY_JID, "hello wally")
+    alice.send_message(eve, "hello eve")
+    srv.wait_events(2)
+    wait_until(lambda: pg.psql("SELECT count(*) FROM xmpp_roster_sync", db_url) == "1", what="the component's row")
+    # another process (no XMPP adapter): a writer of its own, whose request outlasts the wait below
+    other = make_daemon(db_url, options={"database": {"request_timeout_ms": "30000"}}).start()
+    a2 = PeerClient(other.url, a.name, a.domain, token=a.token, signer=a.signer)
+
+    def photo_from(jid, start):
+        return alice.wait_for_presence(lambda el: el.get("from", "").split("/")[0] == jid and el.find(
+            "{vcard-temp:x:update}x/{vcard-temp:x:update}photo") is not None, start=start, timeout=15)
+    start = alice.count()
+    held = HeldSession(db_url)
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        held.run("BEGIN; SELECT 1 FROM identities WHERE uri = 'mimi://wa.example/u/wally' FOR UPDATE;")
+        wally = pool.submit(a2.call, "POST", "/v1/profiles", {"user": a.user("wally"), "display_name": "Wally Two"})
+        wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                   "AND query LIKE '%profile_changed_at = now()%'", db_url) == "1",
+                   what="wally's change waiting for his row")
+        assert a.call("POST", "/v1/profiles", {"user": a.user("eve"), "display_name": "Eve Two"}).status_code == 200
+        time.sleep(5)  # past the three seconds after which the cursor of times went past eve's change
+        held.run("COMMIT;")
+    finally:
+        held.end()
+        pool.shutdown()
+    assert wally.result().status_code == 200
+    photo_from(eve, start)
+    photo_from(WALLY_JID, start)
+    other.stop()
 
 
 class HostileServer:
@@ -3896,6 +3942,17 @@ def give_avatar(a, url, data, content_type="image/png"):
     """gk says wally's avatar is the file at url (data)."""
     assert a.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": "Wally", "avatar": {
         "content_type": content_type, "url": url, "size": len(data)}}).status_code == 200
+
+
+def profile_changes_read(pg, db_url, timeout=20):
+    """Until the component has read every profile change (its cursor is
+    past them all): the avatar it kept is dropped by then, not between two
+    asks of a test that counts the fetches."""
+    wait_until(lambda: pg.psql(
+        "SELECT count(*) FROM xmpp_roster_sync s WHERE s.profiles_xid IS NOT NULL AND NOT EXISTS (SELECT 1 "
+        "FROM identities i WHERE i.profile_xid IS NOT NULL AND NOT i.is_local "
+        "AND (i.profile_xid, i.id) > (s.profiles_xid, s.profiles_xid_id))", db_url) == "1",
+        timeout=timeout, what="the profile changes read")
 
 
 def vcard_photo(alice):

@@ -17,8 +17,8 @@ import requests
 from harness import wait_until
 from peer import MediaServer, verify_get
 from test_xmpp import (ALICE, MUC, MUC_USER, WALLY_JID, alice, assert_no_avatar, avatar_logs,  # noqa: F401
-                       consent_alice, give_avatar, held_bytes, link_mac, photo_link, prosody, q, slow_reader,
-                       start_with_gk, vcard_photo)
+                       consent_alice, give_avatar, held_bytes, link_mac, photo_link, profile_changes_read, prosody,
+                       q, slow_reader, start_with_gk, vcard_photo)
 
 DOMAIN = "wa.localhost"
 HOSTS = ("wa.localhost", "media.wa.localhost", "cdn.media.wa.localhost", "media.evil-wa.localhost",
@@ -333,13 +333,9 @@ def test_a_refused_avatar_stays_none_when_the_photo_cache_starts_over(make_daemo
             url = media.put(f"/u/u{i}.png", "image/png", faces[i], host="media.wa.localhost")
             assert a.call("POST", "/v1/profiles", {"user": a.user(f"u{i}"), "avatar": {
                 "content_type": "image/png", "url": url, "size": len(faces[i])}}).status_code == 200
-        # Each changed profile drops its kept photo once its change is read
-        # (3 s later): asked after that, what is kept stays kept.
-        wait_until(lambda: pg.psql(
-            "SELECT (SELECT count(*) FROM xmpp_roster_sync WHERE profiles_at IS NOT NULL) || ' ' || "
-            "(SELECT count(*) FROM identities i, xmpp_roster_sync s WHERE i.profile_changed_at IS NOT NULL "
-            "AND NOT i.is_local AND (i.profile_changed_at, i.id) > (s.profiles_at, s.profiles_id))", db_url) == "1 0",
-            timeout=20, what="the profile changes read")
+        # Each changed profile drops its kept photo once its change is read:
+        # asked after that, what is kept stays kept.
+        profile_changes_read(pg, db_url)
         assert_no_avatar(alice)
         assert [p for p, _ in media.requests] == ["/u/plain.png"]
         wait_until(lambda: len(avatar_logs(d)) == 1, what="the refusal logged")
