@@ -4346,6 +4346,38 @@ def test_a_user_a_peer_invited_declines_the_group(xd, gk, alice, prosody, pg, db
         bob.disconnect()
 
 
+def test_a_message_held_for_a_user_who_then_declines_the_group_brings_her_nothing(xd, gk, alice, prosody, pg,
+                                                                                   db_url):
+    """eve's message in the group waits for bob's consent (held: he
+    accepted wally only); bob declines the group; then he accepts eve. The
+    message is released and brings him nothing: no message, no invitation
+    again, as on Matrix a row of a group its user left is done with and
+    nothing is sent (docs/matrix.md). Neither network drops such a row at
+    the decline, nor records the decline in the audit log: it is told to
+    nobody (docs/policy.md)."""
+    a, srv = gk
+    bob_uri = "mimi://example.org/u/bob"
+    gid, room, bob, membership = peer_invited_bob(xd, a, alice, prosody, pg, db_url, a.user("eve"))
+    try:
+        last = ("SELECT o.state FROM outbox o JOIN identities t ON t.id = o.target_identity_id "
+                f"WHERE t.uri = '{bob_uri}' ORDER BY o.id DESC LIMIT 1")
+        audits = "SELECT count(*) FROM audit_log"
+        assert a.send(gid, a.user("eve"), "from eve").status_code == 202
+        wait_until(lambda: pg.psql(last, db_url) == "held", what="eve's message held for bob")
+        records = pg.psql(audits, db_url)
+        bob.send_raw(f"<message to='{room}' id='d1'><x xmlns='{MUC_USER}'><decline/></x></message>")
+        wait_until(lambda: pg.psql(membership, db_url) == "left true", what="bob's decline stored")
+        assert pg.psql(last, db_url) == "held" and pg.psql(audits, db_url) == records
+        start = bob.count()
+        assert xd.admin("POST", "/consents", json={"user": bob_uri, "subject_kind": "user", "subject": a.user("eve"),
+                                                  "state": "allowed"}).ok
+        wait_until(lambda: pg.psql(last, db_url) == "delivered", what="eve's message done with")
+        bob.ping(COMP)
+        assert [el for el in bob.stanzas()[start:] if el.tag == q("jabber:client", "message")] == []
+    finally:
+        bob.disconnect()
+
+
 def test_the_join_of_a_user_a_peer_invited_waits_for_the_rooms_lock(xd, gk, alice, prosody, pg, db_url):
     """bob, whom gk put into a group (invited), joins its room: his mark
     as joined takes the room's lock of every write of events, as the
