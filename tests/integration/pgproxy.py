@@ -12,7 +12,8 @@ or one statement run outside a transaction block (cut_statement, and
 cut_statement_with_rows for a run that returned a row).  Frozen (freeze),
 it relays nothing more and closes nothing, and holds new connections
 unanswered: a database host powered off, or a network partition, where
-no reset ever comes.  Recording (record), it keeps the statements each
+no reset ever comes.  Thawed (thaw), the partition heals: what was held
+goes on, the new connections held are relayed.  Recording (record), it keeps the statements each
 connection sends, to compare what two requests made the server do.
 """
 import os
@@ -74,6 +75,7 @@ class PgProxy:
         self.cuts = 0
         self.closed = False
         self.held = []
+        self.thawed = threading.Condition(self.lock)
         threading.Thread(target=self._accept, daemon=True).start()
 
     def cut_commit_after(self, statement):
@@ -146,12 +148,24 @@ class PgProxy:
     frozen = False
     stalled = 0
 
+    def thaw(self):
+        """The end of freeze: the messages held go on, in order, and the
+        connections taken meanwhile (a cancel request, say) are relayed
+        now, as a partition that heals delivers what was sent into it."""
+        with self.lock:
+            self.frozen = False
+            held, self.held = self.held, []
+            self.thawed.notify_all()
+        for client in held:
+            self._relay(client)
+
     def _hold(self):
         with self.lock:
             if not self.frozen:
                 return
             self.stalled += 1
-        threading.Event().wait()   # for ever: the thread is a daemon
+            while self.frozen:   # until thaw (for ever without: the thread is a daemon)
+                self.thawed.wait()
 
     def close(self):
         self.closed = True
@@ -170,20 +184,24 @@ class PgProxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            if self.frozen:   # taken, never answered (a cancel request, say)
-                self.held.append(client)
-                continue
-            server = socket.socket(socket.AF_UNIX)
-            try:
-                server.connect(self.target)
-            except OSError:
-                client.close()
-                continue
-            c = _Conn(client, server)
-            self.connections = getattr(self, "connections", 0) + 1
-            c.n = self.connections
-            threading.Thread(target=self._frontend, args=(c,), daemon=True).start()
-            threading.Thread(target=self._backend, args=(c,), daemon=True).start()
+            with self.lock:
+                if self.frozen:   # taken, not answered until thaw (a cancel request, say)
+                    self.held.append(client)
+                    continue
+            self._relay(client)
+
+    def _relay(self, client):
+        server = socket.socket(socket.AF_UNIX)
+        try:
+            server.connect(self.target)
+        except OSError:
+            client.close()
+            return
+        c = _Conn(client, server)
+        self.connections = getattr(self, "connections", 0) + 1
+        c.n = self.connections
+        threading.Thread(target=self._frontend, args=(c,), daemon=True).start()
+        threading.Thread(target=self._backend, args=(c,), daemon=True).start()
 
     @staticmethod
     def _close(c):

@@ -521,6 +521,74 @@ def test_health_endpoints_answer_by_the_deadline_when_the_database_stopped_answe
                 d.proc.wait()
 
 
+def test_requests_answer_by_the_deadline_when_the_database_stopped_answering(make_daemon, db_url, pg):
+    """Every request that reads, and a write, answers 503 with Retry-After
+    by database.request_timeout_ms and the cancel's grace when the database
+    stopped answering without closing anything: the store's watchdog, its
+    cancel unanswered, shuts the stuck connection down, and a connection
+    made on a job's time gives up at its deadline. Once the database
+    answers again the reads are answered on new connections, and the write
+    retried under its Idempotency-Key is stored once. Until the
+    thirty-third session only /readyz and /metrics answered (the test
+    above): every other read waited for its statement, and the watchdog's
+    cancel of it for the frozen server, a minute and more."""
+    with PgProxy(db_url) as p:
+        d = make_daemon(p.url, options={"server": {"drain_timeout_ms": "1000"},
+                                        "database": {"request_timeout_ms": "1000", "pool_size": "2"}}).start()
+        (a, _), (b, sb) = push_peers(d)
+        try:
+            room = a.create_room([a.user("alice"), b.user("bob")]).json()["id"]
+            assert a.send(room, a.user("alice"), "warm").status_code == 202
+            body = {"type": "message", "sender": a.user("alice"),
+                    "content": {"parts": [{"type": "text/plain", "body": "sent into the freeze"}]}}
+            reads = {"peer": lambda: a.call("GET", f"/v1/rooms/{room}"),
+                     "admin": lambda: d.admin("GET", "/outbox?state=dead"),
+                     "admin rooms": lambda: d.admin("GET", "/rooms")}
+            for name, read in reads.items():
+                assert read().status_code == 200, name
+
+            def timed(name, call):
+                t0 = time.time()
+                r = call()
+                return name, r, time.time() - t0
+            p.freeze()
+            mark = len(d.records)
+            # Three rounds: the first finds the readers' connections (and
+            # the writer's) stuck, the next ones none, and connect on the
+            # job's time; each round all at once, more than the readers.
+            for _ in range(3):
+                with concurrent.futures.ThreadPoolExecutor(4) as ex:
+                    got = list(ex.map(lambda kv: timed(*kv), list(reads.items()) + [
+                        ("write", lambda: a.call("POST", f"/v1/rooms/{room}/messages", body, idem="frozen-1"))]))
+                for name, r, took in got:
+                    assert r.status_code == 503 and r.headers.get("Retry-After"), (name, r.status_code, r.text)
+                    assert r.headers["Content-Type"].startswith("application/problem+json"), (name, r.headers)
+                    # the deadline (1 s) and the cancel's grace (1 s), with room for a loaded machine
+                    assert took < 4, (name, took)
+            assert d.get("/readyz").status_code == 503
+            d.wait_for(lambda r: r.get("msg") == "the database did not answer a cancel: its connection is dropped",
+                       start=mark)
+            p.thaw()
+            thawed = len(d.records)
+            for name, read in reads.items():
+                wait_until(lambda: read().status_code == 200, timeout=30, what=f"{name} read answered again")
+            # the stuck connections were dropped: new ones were made once it answered
+            d.wait_for(lambda r: r.get("msg") == "database connection established", start=thawed)
+            before = int(pg.psql("SELECT count(*) FROM events", db_url))
+            first = wait_until(lambda: (r := a.call("POST", f"/v1/rooms/{room}/messages", body, idem="frozen-1"))
+                               .status_code == 202 and r.json()["id"], timeout=30, what="the write retried")
+            again = a.call("POST", f"/v1/rooms/{room}/messages", body, idem="frozen-1")
+            assert again.status_code == 202 and again.json()["id"] == first, again.text
+            assert pg.psql("SELECT count(*) FROM events WHERE content::text LIKE '%sent into the freeze%'",
+                           db_url) == "1"
+            assert int(pg.psql("SELECT count(*) FROM events", db_url)) <= before + 1
+        finally:
+            sb.close()
+            if d.proc.poll() is None:
+                d.proc.kill()
+                d.proc.wait()
+
+
 def test_sigterm_with_a_database_that_stopped_answering_exits_in_bounded_time(make_daemon, db_url):
     """The stop has a deadline: server.drain_timeout_ms plus 10 s (11 s
     here), then the daemon says what it still waited for and exits 1.
