@@ -4,12 +4,15 @@
 #include "log.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 struct job {
 	store_fn fn;                     /* plain job, or */
@@ -62,13 +65,24 @@ struct queue {
 
 struct conn {
 	PGconn *c;
+	const char *name;              /* "writer", "reader": for the log */
 	struct store_canceller cancel; /* c's statement, cancelled at a stop that waits for it */
-	/* Under watch_mu: when the watchdog cancels the statement running on
-	 * c (its job's deadline, then again every WATCH_AGAIN_US; 0: nothing
-	 * to watch), and whether it has since watch_arm. */
+	/* Under watch_mu, the watchdog's look at c (watch_arm): until when
+	 * its statements may run (0: not watched); when the watchdog cancels
+	 * the one running next (the deadline, then again every
+	 * WATCH_AGAIN_US; 0: no cancels, kill_only or the watch ending);
+	 * since when a cancel request of the watchdog's is on its way (0:
+	 * none); whether one was sent since watch_arm; and whether the
+	 * watchdog shut c's socket down (killed: c is finished, never used
+	 * again).  fd is a duplicate of c's socket (-1: none), the one shut
+	 * down: it stays open until c is finished, so that its number never
+	 * names another file that took a closed one's.  watch_cv: the owner
+	 * waits there for a cancel on its way (watch_disarm). */
 	pthread_mutex_t watch_mu;
-	int64_t watch_us;
-	bool watch_fired;
+	pthread_cond_t watch_cv;
+	int64_t watch_until_us, watch_us, cancel_sent_us;
+	bool kill_only, watch_fired, killed;
+	int fd;
 	int64_t retry_at_us;
 	int failures;
 	bool was_up;
@@ -324,7 +338,29 @@ static void on_notice(void *arg, const char *message)
 	LOG_KV(CW_LOG_DEBUG, "database notice", "detail", msg);
 }
 
-PGconn *store_connect(const char *url, long statement_timeout_ms, cw_errmsg *e)
+/* The connect_timeout url sets (seconds; 0: none, or "wait for ever"). */
+static long url_connect_timeout(const char *url)
+{
+	char *err = NULL;
+	PQconninfoOption *opts = PQconninfoParse(url, &err);
+	PQfreemem(err);
+	long t = 0;
+	for (PQconninfoOption *o = opts; o && o->keyword; o++)
+		if (strcmp(o->keyword, "connect_timeout") == 0 && o->val)
+			t = strtol(o->val, NULL, 10);
+	PQconninfoFree(opts);
+	return t > 0 ? t : 0;
+}
+
+/* store_connect; a connection made on a job's time (until_us, 0: none)
+ * gives up near the job's deadline rather than at connect_timeout (5 s
+ * unless the URL sets it): a server that stopped answering takes the
+ * connection and never answers it, and the job's request would wait as
+ * long.  libpq's connect_timeout is whole seconds, at least 2: a job with
+ * less time left waits up to 2 s. The URL's own, if shorter, stays.
+ * libpq's blocking connect keeps its own handling of several hosts
+ * (each tried for the timeout). */
+static PGconn *connect_by(const char *url, long statement_timeout_ms, int64_t until_us, cw_errmsg *e)
 {
 	if (store_check_url(url, e))
 		return NULL;
@@ -339,9 +375,20 @@ PGconn *store_connect(const char *url, long statement_timeout_ms, cw_errmsg *e)
 	 * server's kernel acknowledges all the same.  Ignored on a Unix socket.
 	 * Until the twenty-fourth session the kernel's defaults applied: no
 	 * keepalives, some 15 minutes of retransmissions. */
-	const char *const keys[] = { "application_name", "connect_timeout", "keepalives", "keepalives_idle",
-				     "keepalives_interval", "keepalives_count", "tcp_user_timeout", "dbname", NULL };
-	const char *const vals[] = { "causewayd", "5", "1", "10", "5", "3", "10000", url, NULL };
+	char in_time[24];
+	const char *keys[] = { "application_name", "connect_timeout", "keepalives", "keepalives_idle",
+			       "keepalives_interval", "keepalives_count", "tcp_user_timeout", "dbname", NULL, NULL };
+	const char *vals[] = { "causewayd", "5", "1", "10", "5", "3", "10000", url, NULL, NULL };
+	if (until_us) {
+		int64_t left = until_us - cw_now_us();
+		long t = left > 2000000 ? (long)((left + 999999) / 1000000) : 2;
+		long own = url_connect_timeout(url);
+		if (own > 0 && own < t)
+			t = own;
+		snprintf(in_time, sizeof(in_time), "%ld", t);
+		keys[8] = "connect_timeout"; /* after dbname: over the URL's (expand_dbname) */
+		vals[8] = in_time;
+	}
 	PGconn *c = PQconnectdbParams(keys, vals, 1);
 	if (!c) {
 		cw_fail(e, CW_ENOMEM, "out of memory");
@@ -376,6 +423,14 @@ PGconn *store_connect(const char *url, long statement_timeout_ms, cw_errmsg *e)
 	return c;
 }
 
+PGconn *store_connect(const char *url, long statement_timeout_ms, cw_errmsg *e)
+{
+	return connect_by(url, statement_timeout_ms, 0, e);
+}
+
+static void watch_arm(struct cw_store *s, struct conn *sc, int64_t until_us, bool kill_only);
+static bool watch_disarm(struct conn *sc);
+
 static void conn_lost(struct cw_store *s, struct conn *sc)
 {
 	if (sc->c) {
@@ -383,28 +438,75 @@ static void conn_lost(struct cw_store *s, struct conn *sc)
 		PQfinish(sc->c);
 		sc->c = NULL;
 	}
+	pthread_mutex_lock(&sc->watch_mu);
+	if (sc->fd >= 0)
+		close(sc->fd);
+	sc->fd = -1;
+	sc->killed = false;
+	pthread_mutex_unlock(&sc->watch_mu);
 	if (sc->was_up) {
 		sc->was_up = false;
 		atomic_fetch_sub(&s->conns_up, 1);
 	}
 }
 
-/* True when sc has a usable connection, connecting if its backoff allows. */
-static bool conn_ensure(struct cw_store *s, struct conn *sc, const char *who)
+/* Whether the watchdog shut sc's connection down (watch_check). */
+static bool conn_killed(struct conn *sc)
 {
-	if (sc->c && PQstatus(sc->c) == CONNECTION_OK)
+	pthread_mutex_lock(&sc->watch_mu);
+	bool killed = sc->killed;
+	pthread_mutex_unlock(&sc->watch_mu);
+	return killed;
+}
+
+/* Writes are refused from now on (enqueue): the writer, perhaps idle,
+ * must come to check its own connection and take them again once the
+ * database answers it. */
+static void db_down(struct cw_store *s)
+{
+	if (atomic_exchange(&s->db_up, false)) {
+		pthread_mutex_lock(&s->mu);
+		pthread_cond_signal(&s->wcond);
+		pthread_mutex_unlock(&s->mu);
+	}
+}
+
+/* True when sc has a usable connection, connecting if its backoff allows;
+ * a connection made for a job gives up near its deadline (until_us, 0:
+ * none; connect_by).  One the watchdog shut down is finished here. */
+static bool conn_ensure(struct cw_store *s, struct conn *sc, int64_t until_us)
+{
+	const char *who = sc->name;
+	if (sc->c && PQstatus(sc->c) == CONNECTION_OK && !conn_killed(sc))
 		return true;
 	conn_lost(s, sc);
 	int64_t now = cw_now_us();
 	if (now < sc->retry_at_us)
 		return false;
 	cw_errmsg e;
-	sc->c = store_connect(s->url, s->o.statement_timeout_ms, &e);
-	if (sc->c && s->o.stmts && !store_prepare_all(sc->c, s->o.stmts, &e)) {
-		PQfinish(sc->c);
-		sc->c = NULL;
+	PGconn *c = connect_by(s->url, s->o.statement_timeout_ms, until_us, &e);
+	if (c) {
+		sc->c = c;
+		store_canceller_set(&sc->cancel, c);
+		int fd = fcntl(PQsocket(c), F_DUPFD_CLOEXEC, 0);
+		pthread_mutex_lock(&sc->watch_mu);
+		sc->fd = fd;
+		pthread_mutex_unlock(&sc->watch_mu);
+		if (s->o.stmts) {
+			/* Watched as a job's statements are, a deadline of their
+			 * own: a server that stops answering here (or a lock
+			 * that a statement's table waits for) does not keep the
+			 * thread past it. */
+			watch_arm(s, sc, cw_now_us() + s->o.deadline_us, false);
+			bool ok = store_prepare_all(c, s->o.stmts, &e);
+			if (watch_disarm(sc) && ok) {
+				cw_fail(&e, CW_ETIMEDOUT, "the database did not answer in time");
+				ok = false;
+			}
+			if (!ok)
+				conn_lost(s, sc);
+		}
 	}
-	store_canceller_set(&sc->cancel, sc->c);
 	if (!sc->c) {
 		int64_t backoff = 100000LL << (sc->failures < 10 ? sc->failures : 10);
 		int64_t max = (int64_t)s->o.reconnect_max_ms * 1000;
@@ -416,14 +518,7 @@ static bool conn_ensure(struct cw_store *s, struct conn *sc, const char *who)
 		sc->retry_at_us = now + backoff;
 		if (sc->failures++ == 0 || atomic_load(&s->db_up))
 			LOG_KV(CW_LOG_WARN, "database unreachable", "connection", who, "detail", e.msg);
-		if (atomic_exchange(&s->db_up, false) && sc != &s->wconn) {
-			/* Writes are refused from now on (enqueue): the writer,
-			 * perhaps idle, must come to check its own connection
-			 * and take them again once the database answers it. */
-			pthread_mutex_lock(&s->mu);
-			pthread_cond_signal(&s->wcond);
-			pthread_mutex_unlock(&s->mu);
-		}
+		db_down(s);
 		return false;
 	}
 	if (sc->failures || atomic_load(&s->reconnects))
@@ -445,6 +540,7 @@ static bool conn_ensure(struct cw_store *s, struct conn *sc, const char *who)
 struct store_cancel {
 	atomic_int refs;
 	atomic_bool sending; /* a cancel request of the stop's is on its way */
+	atomic_bool watching; /* one of the watchdog's */
 	atomic_bool told;    /* one came through (logged once) */
 	PGcancel *pc;
 };
@@ -467,15 +563,25 @@ static void cancel_put(struct store_cancel *x)
 	}
 }
 
-static void conn_init(struct conn *sc)
+static void conn_init(struct conn *sc, const char *name)
 {
+	sc->name = name;
+	sc->fd = -1;
 	store_canceller_init(&sc->cancel);
 	pthread_mutex_init(&sc->watch_mu, NULL);
+	pthread_condattr_t ca;
+	pthread_condattr_init(&ca);
+	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+	pthread_cond_init(&sc->watch_cv, &ca);
+	pthread_condattr_destroy(&ca);
 }
 
 static void conn_destroy(struct conn *sc)
 {
 	store_canceller_destroy(&sc->cancel);
+	if (sc->fd >= 0)
+		close(sc->fd);
+	pthread_cond_destroy(&sc->watch_cv);
 	pthread_mutex_destroy(&sc->watch_mu);
 }
 
@@ -490,15 +596,39 @@ static void conn_destroy(struct conn *sc)
  * (PQcancel) those armed past their deadline.  A cancel that reaches the
  * server between two statements is ignored there, so it is sent again
  * every WATCH_AGAIN_US while the connection stays armed.  A COMMIT is never
- * armed: cancelled, its outcome would be unknown to the client. */
+ * cancelled: cancelled, its outcome would be unknown to the client.
+ *
+ * A server that stopped answering without closing anything (its host
+ * gone, a partition, a SIGSTOP) answers neither the statement nor the
+ * cancel request, a new connection to it: over a Unix socket nothing ends
+ * them, over TCP tcp_user_timeout after 10 s (store_connect).  Until the
+ * thirty-third session the watchdog sent the cancel itself and waited for
+ * it, and the request waited a minute and more.  Now the cancel request
+ * goes from a thread of its own (watch_cancel), and one not answered
+ * within WATCH_KILL_US tells the watchdog that the server is not
+ * answering: it shuts the connection's socket down (shutdown(2)), the
+ * blocked libpq call fails at once, the job answers 503 (CW_ETIMEDOUT) and
+ * the connection is finished, never used again (conn_ensure); a new one is
+ * made once the server answers.  So does a statement still running
+ * WATCH_LATE_US past its deadline whatever its cancels did.  A watch
+ * that cancels nothing (kill_only: a BEGIN, a ROLLBACK, a COMMIT, the
+ * writer's check) shuts the connection down at its time: a COMMIT so ended
+ * has its outcome unknown, as one whose connection was lost.  The
+ * watchdog's own thread never waits for the server. */
 #define WATCH_AGAIN_US 200000
+#define WATCH_KILL_US 1000000
+#define WATCH_LATE_US 5000000
 
 /* From now until watch_disarm, sc's statements are cancelled once
- * until_us (0: never) has passed. */
-static void watch_arm(struct cw_store *s, struct conn *sc, int64_t until_us)
+ * until_us (0: never) has passed, or with kill_only the connection shut
+ * down then.  Not while a cancel of the watchdog's is on its way (after
+ * watch_disarm, none is). */
+static void watch_arm(struct cw_store *s, struct conn *sc, int64_t until_us, bool kill_only)
 {
 	pthread_mutex_lock(&sc->watch_mu);
-	sc->watch_us = until_us;
+	sc->watch_until_us = until_us;
+	sc->watch_us = kill_only ? 0 : until_us;
+	sc->kill_only = kill_only;
 	sc->watch_fired = false;
 	pthread_mutex_unlock(&sc->watch_mu);
 	if (!until_us)
@@ -512,8 +642,8 @@ static void watch_arm(struct cw_store *s, struct conn *sc, int64_t until_us)
 }
 
 /* Whether the watchdog has cancelled sc's statement since watch_arm (asked
- * after a statement failed: a cancel of the watchdog's that failed it has
- * been counted by then, the flag and the cancel being under one lock). */
+ * after a statement failed: the flag is set, under watch_mu, before the
+ * cancel request is sent). */
 static bool watch_fired(struct conn *sc)
 {
 	pthread_mutex_lock(&sc->watch_mu);
@@ -522,41 +652,120 @@ static bool watch_fired(struct conn *sc)
 	return fired;
 }
 
-/* Ends the watch.  A cancel in flight is sent by then (PQcancel returns
- * once the server has signalled the backend, under the same lock): it hits
- * the statement it was meant for or nothing, never the next one (a COMMIT). */
-static void watch_disarm(struct conn *sc)
+/* Whether the watchdog's cancel request for sc is still on its way (under
+ * watch_mu); forgets one that has come back. */
+static bool cancel_going(struct conn *sc)
 {
-	pthread_mutex_lock(&sc->watch_mu);
-	sc->watch_us = 0;
-	pthread_mutex_unlock(&sc->watch_mu);
+	if (!sc->cancel_sent_us)
+		return false;
+	struct store_cancel *x = cancel_get(&sc->cancel);
+	bool going = x && atomic_load(&x->watching);
+	cancel_put(x);
+	if (!going)
+		sc->cancel_sent_us = 0;
+	return going;
 }
 
-/* Cancels sc's statement if its watch has passed; when to look again
- * (INT64_MAX: not armed). */
+/* Ends the watch; true when the watchdog shut the connection down (the
+ * caller finishes it: conn_lost).  A cancel of the watchdog's on its way is
+ * waited for (PQcancel returns once the server has signalled the
+ * backend): it hits the statement it was meant for or nothing, never the
+ * next one (a COMMIT).  One the server does not answer ends in the
+ * connection shut down, WATCH_KILL_US after it was sent, and then there is
+ * no next statement on it. */
+static bool watch_disarm(struct conn *sc)
+{
+	pthread_mutex_lock(&sc->watch_mu);
+	sc->watch_us = 0; /* no more cancels; still watched for the shutdown */
+	while (!sc->killed && cancel_going(sc)) {
+		/* The cancel's thread does not know sc (it may outlive it):
+		 * looked at every few ms, the shutdown signalled. */
+		struct timespec ts;
+		cw_deadline_ts(&ts, CLOCK_MONOTONIC, 2000);
+		pthread_cond_timedwait(&sc->watch_cv, &sc->watch_mu, &ts);
+	}
+	bool killed = sc->killed;
+	sc->watch_until_us = 0;
+	pthread_mutex_unlock(&sc->watch_mu);
+	return killed;
+}
+
+static void *watch_cancel_main(void *arg)
+{
+	cw_thread_name("cw-cancel");
+	struct store_cancel *x = arg;
+	char err[256];
+	if (!PQcancel(x->pc, err, sizeof(err)))
+		LOG_KV(CW_LOG_WARN, "cannot cancel a statement past its deadline", "detail", err);
+	atomic_store(&x->watching, false);
+	cancel_put(x);
+	return NULL;
+}
+
+/* Sends a cancel request for sc's statement from a detached thread (under
+ * watch_mu); true when one is on its way.  Without a thread, it is sent
+ * here and waited for, as before the thirty-third session. */
+static bool watch_cancel(struct conn *sc)
+{
+	struct store_cancel *x = cancel_get(&sc->cancel);
+	if (!x)
+		return false;
+	if (atomic_exchange(&x->watching, true)) { /* not expected: the last one is still going */
+		cancel_put(x);
+		return true;
+	}
+	pthread_attr_t a;
+	pthread_t t;
+	pthread_attr_init(&a);
+	pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+	bool started = pthread_create(&t, &a, watch_cancel_main, x) == 0;
+	pthread_attr_destroy(&a);
+	if (started)
+		return true;
+	char err[256];
+	if (!PQcancel(x->pc, err, sizeof(err)))
+		LOG_KV(CW_LOG_WARN, "cannot cancel a statement past its deadline", "detail", err);
+	atomic_store(&x->watching, false);
+	cancel_put(x);
+	return false;
+}
+
+/* Cancels sc's statement if its watch has passed, or shuts its connection
+ * down (above); when to look again (INT64_MAX: not armed). */
 static int64_t watch_check(struct conn *sc, int64_t now)
 {
 	pthread_mutex_lock(&sc->watch_mu);
-	if (sc->watch_us && now > sc->watch_us) {
-		/* Sent here, under watch_mu, so that it never hits the next
-		 * statement (watch_disarm).  A server that stopped answering
-		 * holds it until the connection's tcp_user_timeout
-		 * (store_connect: a Unix socket has none), and with it this
-		 * connection's owner at watch_disarm (waiting on the same
-		 * server) and the other connections' deadlines; not the stop,
-		 * whose cancels take neither watch_mu nor this thread, and
-		 * which has a deadline of its own (main.c). */
-		char err[256];
-		struct store_cancel *x = cancel_get(&sc->cancel);
-		if (x && !PQcancel(x->pc, err, sizeof(err)))
-			LOG_KV(CW_LOG_WARN, "cannot cancel a statement past its deadline", "detail", err);
-		else if (x && !sc->watch_fired)
-			LOG_KV(CW_LOG_INFO, "a statement still running at its job's deadline was cancelled");
-		cancel_put(x);
-		sc->watch_fired = true;
-		sc->watch_us = now + WATCH_AGAIN_US;
+	int64_t next = INT64_MAX;
+	if (sc->watch_until_us && !sc->killed) {
+		bool going = cancel_going(sc);
+		int64_t kill_at = sc->watch_until_us + (sc->kill_only ? 0 : WATCH_LATE_US);
+		if (going && sc->cancel_sent_us + WATCH_KILL_US < kill_at)
+			kill_at = sc->cancel_sent_us + WATCH_KILL_US;
+		if (now >= kill_at) {
+			if (sc->fd >= 0)
+				shutdown(sc->fd, SHUT_RDWR);
+			sc->killed = true;
+			pthread_cond_broadcast(&sc->watch_cv);
+			LOG_KV(CW_LOG_WARN, "the database stopped answering: a connection is dropped", "connection",
+			       sc->name, "detail",
+			       sc->kill_only ? "no answer by its deadline"
+			       : going       ? "a cancel request at its deadline was not answered"
+					     : "its statement ran on past its deadline, cancelled");
+		} else {
+			if (sc->watch_us && now >= sc->watch_us) {
+				if (!sc->watch_fired)
+					LOG_KV(CW_LOG_INFO, "a statement still running at its job's deadline is cancelled",
+					       "connection", sc->name);
+				sc->watch_fired = true; /* before it is sent: watch_fired */
+				if (!going && watch_cancel(sc))
+					sc->cancel_sent_us = now;
+				sc->watch_us = now + WATCH_AGAIN_US;
+			}
+			next = kill_at;
+			if (sc->watch_us && sc->watch_us < next)
+				next = sc->watch_us;
+		}
 	}
-	int64_t next = sc->watch_us ? sc->watch_us : INT64_MAX;
 	pthread_mutex_unlock(&sc->watch_mu);
 	return next;
 }
@@ -765,12 +974,18 @@ static enum batch_outcome run_batch(struct cw_store *s, PGconn *c, struct job *l
 			if (!j->rc && (!until || j->deadline_us < until))
 				until = j->deadline_us;
 		}
-		if (store_exec(c, "BEGIN", e))
+		/* BEGIN, ROLLBACK and COMMIT are not cancelled, but a server
+		 * that does not answer them by WATCH_KILL_US past the deadline
+		 * (or past their start) has the connection shut down (the
+		 * watchdog). */
+		watch_arm(s, &s->wconn, until + WATCH_KILL_US, true);
+		cw_err begun = store_exec(c, "BEGIN", e);
+		if (watch_disarm(&s->wconn) || begun)
 			return BATCH_CONN_LOST_BEFORE_COMMIT;
 		/* The jobs' statements are cancelled at the first of their
 		 * deadlines (the watchdog): the batch then runs again without
 		 * the jobs past theirs.  Not the COMMIT. */
-		watch_arm(s, &s->wconn, until);
+		watch_arm(s, &s->wconn, until, false);
 		struct job *failed = NULL;
 		bool lost = false;
 		for (struct job *j = list; j; j = j->next) {
@@ -804,17 +1019,26 @@ static enum batch_outcome run_batch(struct cw_store *s, PGconn *c, struct job *l
 			if (po == PIPE_JOB_FAILED)
 				failed = list; /* any non-NULL: a job has its rc set, or is to run again */
 		}
-		watch_disarm(&s->wconn);
+		if (watch_disarm(&s->wconn) && !lost) {
+			/* Shut down with its statements answered: not committed. */
+			cw_fail(e, CW_EUNAVAIL, "the database did not answer in time; its connection was dropped");
+			lost = true;
+		}
 		if (lost)
 			return BATCH_CONN_LOST_BEFORE_COMMIT;
+		int64_t end_by = (until > cw_now_us() ? until : cw_now_us()) + WATCH_KILL_US;
 		if (failed) {
 			cw_errmsg ignored;
-			if (store_exec(c, "ROLLBACK", &ignored) && PQstatus(c) != CONNECTION_OK)
+			watch_arm(s, &s->wconn, end_by, true);
+			cw_err rolled = store_exec(c, "ROLLBACK", &ignored);
+			if (watch_disarm(&s->wconn) || (rolled && PQstatus(c) != CONNECTION_OK))
 				return BATCH_CONN_LOST_BEFORE_COMMIT;
 			retry_pause(s, list, until);
 			continue;
 		}
+		watch_arm(s, &s->wconn, end_by, true);
 		PGresult *r = PQexec(c, "COMMIT");
+		watch_disarm(&s->wconn); /* shut down after its answer: committed all the same (conn_ensure finishes it) */
 		if (PQresultStatus(r) != PGRES_COMMAND_OK) {
 			store_result_err(c, r, e);
 			PQclear(r);
@@ -864,9 +1088,26 @@ static void write_batch(struct cw_store *s, struct job *list)
 		return;
 
 	for (int attempt = 0;; attempt++) {
-		if (!conn_ensure(s, &s->wconn, "writer")) {
-			fail_list(live, CW_EUNAVAIL, "the database is unavailable");
-			return;
+		/* A run again on a fresh connection (below) is for the jobs
+		 * still within their deadline, and connects by the first of
+		 * them: a server that stopped answering keeps none past it. */
+		int64_t until = 0;
+		now = cw_now_us();
+		for (struct job *j = live; j; j = j->next) {
+			if (j->rc)
+				continue;
+			if (now > j->deadline_us)
+				j->rc = cw_fail(&j->err, CW_ETIMEDOUT, "the database did not take the write in time");
+			else if (!until || j->deadline_us < until)
+				until = j->deadline_us;
+		}
+		if (!until)
+			break;
+		if (!conn_ensure(s, &s->wconn, until)) {
+			for (struct job *j = live; j; j = j->next)
+				if (!j->rc)
+					j->rc = cw_fail(&j->err, CW_EUNAVAIL, "the database is unavailable");
+			break;
 		}
 		cw_errmsg e = { { 0 } };
 		enum batch_outcome out = run_batch(s, s->wconn.c, live, &e);
@@ -907,13 +1148,20 @@ static void write_batch(struct cw_store *s, struct job *list)
  * takes writes again.  A failure leaves the backoff of conn_ensure. */
 static void writer_check(struct cw_store *s)
 {
-	bool had = s->wconn.c && PQstatus(s->wconn.c) == CONNECTION_OK;
-	if (!conn_ensure(s, &s->wconn, "writer"))
+	bool had = s->wconn.c && PQstatus(s->wconn.c) == CONNECTION_OK && !conn_killed(&s->wconn);
+	/* Within a job's deadline, as if one waited (a server that stopped
+	 * answering would keep the writer, and a stop, its connect_timeout
+	 * or for ever). */
+	if (!conn_ensure(s, &s->wconn, cw_now_us() + s->o.deadline_us))
 		return;
 	cw_errmsg e;
-	if (had && store_exec(s->wconn.c, "SELECT 1", &e)) {
-		conn_lost(s, &s->wconn);
-		return;
+	if (had) {
+		watch_arm(s, &s->wconn, cw_now_us() + s->o.deadline_us, true);
+		cw_err rc = store_exec(s->wconn.c, "SELECT 1", &e);
+		if (watch_disarm(&s->wconn) || rc) {
+			conn_lost(s, &s->wconn);
+			return;
+		}
 	}
 	if (had && !atomic_load(&s->db_up))
 		LOG_KV(CW_LOG_INFO, "database answers the writer again");
@@ -979,23 +1227,32 @@ static void *writer_main(void *arg)
  * deadline (the watchdog: CW_ETIMEDOUT, the connection kept). */
 static void read_run(struct cw_store *s, struct reader *rd, struct job *j)
 {
-	watch_arm(s, &rd->conn, j->deadline_us);
+	watch_arm(s, &rd->conn, j->deadline_us, false);
 	j->rc = j->fn(rd->conn.c, j->arg, &j->err);
-	watch_disarm(&rd->conn);
+	if (watch_disarm(&rd->conn) && j->rc)
+		j->rc = cw_fail(&j->err, CW_ETIMEDOUT, "the database did not answer in time; its connection was dropped");
 }
 
 static void read_once(struct cw_store *s, struct reader *rd, struct job *j)
 {
-	if (!conn_ensure(s, &rd->conn, "reader")) {
+	if (!conn_ensure(s, &rd->conn, j->deadline_us)) {
 		j->rc = cw_fail(&j->err, CW_EUNAVAIL, "the database is unavailable");
 		return;
 	}
 	read_run(s, rd, j);
-	if (j->rc && (j->rc == CW_EUNAVAIL || PQstatus(rd->conn.c) != CONNECTION_OK)) {
+	if (conn_killed(&rd->conn)) {
+		/* The server stopped answering (the watchdog): the job is past
+		 * its deadline, and writes are refused until the writer finds
+		 * it answering again. */
+		conn_lost(s, &rd->conn);
+		db_down(s);
+		return;
+	}
+	if (j->rc && (j->rc == CW_EUNAVAIL || PQstatus(rd->conn.c) != CONNECTION_OK) && cw_now_us() < j->deadline_us) {
 		/* Retry once on a fresh connection: a read has no side effect. */
 		conn_lost(s, &rd->conn);
 		rd->conn.retry_at_us = 0;
-		if (conn_ensure(s, &rd->conn, "reader")) {
+		if (conn_ensure(s, &rd->conn, j->deadline_us)) {
 			j->err.msg[0] = '\0';
 			read_run(s, rd, j);
 		} else {
@@ -1187,11 +1444,11 @@ cw_err store_open(struct cw_store **out, const struct store_opts *o, cw_errmsg *
 	pthread_cond_init(&s->dcond, &ca);
 	pthread_condattr_destroy(&ca);
 	s->watch_wake_us = INT64_MAX;
-	conn_init(&s->wconn);
+	conn_init(&s->wconn, "writer");
 	for (int i = 0; i < o->readers; i++)
-		conn_init(&s->readers[i].conn);
+		conn_init(&s->readers[i].conn, "reader");
 
-	conn_ensure(s, &s->wconn, "writer"); /* so that db_up is true from the start */
+	conn_ensure(s, &s->wconn, 0); /* so that db_up is true from the start */
 	if (pthread_create(&s->writer, NULL, writer_main, s)) {
 		conn_lost(s, &s->wconn);
 		conn_destroy(&s->wconn);
