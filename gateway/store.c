@@ -974,6 +974,8 @@ static enum batch_outcome run_batch(struct cw_store *s, PGconn *c, struct job *l
 			if (!j->rc && (!until || j->deadline_us < until))
 				until = j->deadline_us;
 		}
+		if (!until)
+			return BATCH_DONE; /* every job answered: nothing to commit */
 		/* BEGIN, ROLLBACK and COMMIT are not cancelled, but a server
 		 * that does not answer them by WATCH_KILL_US past the deadline
 		 * (or past their start) has the connection shut down (the
