@@ -589,6 +589,48 @@ def test_requests_answer_by_the_deadline_when_the_database_stopped_answering(mak
                 d.proc.wait()
 
 
+def test_matrix_calls_answer_by_the_deadline_when_the_database_stopped_answering(make_daemon, db_url):
+    """The homeserver's calls that read (a user query here) answer as the
+    peer API's do, with Matrix's error: 503 M_UNKNOWN with Retry-After by
+    the deadline and the cancel's grace, and as before once the database
+    answers again."""
+    from homeserver import Homeserver
+    hs_token = "hs-" + "b" * 40
+    reg = {"id": "causeway", "url": "http://127.0.0.1:1", "as_token": "as-" + "a" * 40, "hs_token": hs_token,
+           "sender_localpart": "_cw_bot", "rate_limited": False,
+           "namespaces": {"users": [{"exclusive": True, "regex": "^@_cw_.*:example\\.org$"}],
+                          "aliases": [{"exclusive": True, "regex": "^#_cw_.*:example\\.org$"}], "rooms": []}}
+    hs = Homeserver(server_name="example.org", registration=reg)
+    hs.start()
+    port = free_port()
+    reg["url"] = f"http://127.0.0.1:{port}"
+    with PgProxy(db_url) as p:
+        d = make_daemon(p.url, options={
+            "server": {"port": str(port), "drain_timeout_ms": "1000"},
+            "database": {"request_timeout_ms": "1000"},
+            "matrix": {"homeserver_url": hs.url, "as_token": reg["as_token"], "hs_token": hs_token}}).start()
+        try:
+            def query():
+                return requests.get(d.url + "/_matrix/app/v1/users/@_cw_gk_nobody:example.org",
+                                    headers={"Authorization": "Bearer " + hs_token}, timeout=10)
+            assert query().status_code == 404
+            p.freeze()
+            for _ in range(3):
+                t0 = time.time()
+                r = query()
+                took = time.time() - t0
+                assert r.status_code == 503 and r.json()["errcode"] == "M_UNKNOWN", r.text
+                assert r.headers.get("Retry-After"), r.headers
+                assert took < 4, took  # the deadline (1 s) and the cancel's grace (1 s), with room
+            p.thaw()
+            wait_until(lambda: query().status_code == 404, timeout=30, what="the query answered again")
+        finally:
+            if d.proc.poll() is None:
+                d.proc.kill()
+                d.proc.wait()
+            hs.close()
+
+
 def test_sigterm_with_a_database_that_stopped_answering_exits_in_bounded_time(make_daemon, db_url):
     """The stop has a deadline: server.drain_timeout_ms plus 10 s (11 s
     here), then the daemon says what it still waited for and exits 1.
