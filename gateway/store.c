@@ -1226,13 +1226,21 @@ static void *writer_main(void *arg)
 /* ------------------------------------------------------------ the readers */
 
 /* Runs j's read on rd's connection, its statements cancelled at j's
- * deadline (the watchdog: CW_ETIMEDOUT, the connection kept). */
-static void read_run(struct cw_store *s, struct reader *rd, struct job *j)
+ * deadline (the watchdog: CW_ETIMEDOUT, the connection kept); false when
+ * the server did not answer the cancel either and the watchdog shut the
+ * connection down: it is finished here, and writes are refused until the
+ * writer finds the database answering again. */
+static bool read_run(struct cw_store *s, struct reader *rd, struct job *j)
 {
 	watch_arm(s, &rd->conn, j->deadline_us, false);
 	j->rc = j->fn(rd->conn.c, j->arg, &j->err);
-	if (watch_disarm(&rd->conn) && j->rc)
+	if (!watch_disarm(&rd->conn))
+		return true;
+	if (j->rc)
 		j->rc = cw_fail(&j->err, CW_ETIMEDOUT, "the database did not answer in time; its connection was dropped");
+	conn_lost(s, &rd->conn);
+	db_down(s);
+	return false;
 }
 
 static void read_once(struct cw_store *s, struct reader *rd, struct job *j)
@@ -1241,17 +1249,11 @@ static void read_once(struct cw_store *s, struct reader *rd, struct job *j)
 		j->rc = cw_fail(&j->err, CW_EUNAVAIL, "the database is unavailable");
 		return;
 	}
-	read_run(s, rd, j);
-	if (conn_killed(&rd->conn)) {
-		/* The server stopped answering (the watchdog): the job is past
-		 * its deadline, and writes are refused until the writer finds
-		 * it answering again. */
-		conn_lost(s, &rd->conn);
-		db_down(s);
+	if (!read_run(s, rd, j))
 		return;
-	}
 	if (j->rc && (j->rc == CW_EUNAVAIL || PQstatus(rd->conn.c) != CONNECTION_OK) && cw_now_us() < j->deadline_us) {
-		/* Retry once on a fresh connection: a read has no side effect. */
+		/* Retry once on a fresh connection, within the job's deadline:
+		 * a read has no side effect. */
 		conn_lost(s, &rd->conn);
 		rd->conn.retry_at_us = 0;
 		if (conn_ensure(s, &rd->conn, j->deadline_us)) {
