@@ -172,8 +172,9 @@ class _SqlSessions:
     Postgres.psql.  A text runs as psql -c runs it: one simple query, in
     one implicit transaction, every statement's rows.  After it, the
     session is put back as a new one would be (a transaction left open is
-    rolled back, then DISCARD ALL: settings, session advisory locks,
-    temporary tables, LISTEN), so a test sees no difference but the time.
+    rolled back, its statistics flushed, then DISCARD ALL: settings,
+    session advisory locks, temporary tables, LISTEN), so a test sees no
+    difference but the time.
     A session the server ended (a restart, pg_terminate_backend) is found
     ended before it is used (its socket readable while idle) and opened
     again.  Other threads (a test's writer thread, blocked on a lock the
@@ -183,6 +184,9 @@ class _SqlSessions:
     KEEP = 3  # the cluster's own database, the test's, one more
     TIMEOUT_S = 60  # psql's subprocess timeout before
     DATABASE_DDL = re.compile(r"\b(CREATE|DROP|ALTER)\s+DATABASE\b", re.I)
+    # what a new session would start with changed (ALTER DATABASE ... SET
+    # timezone, say): a kept session keeps what it started with
+    NEW_SESSION_DEFAULTS = re.compile(r"\bALTER\s+(DATABASE|ROLE|USER|SYSTEM)\b|\bpg_reload_conf\b", re.I)
 
     def __init__(self):
         self._kept = {}  # url -> PGconn, oldest first
@@ -216,6 +220,8 @@ class _SqlSessions:
         finally:
             if not main:
                 conn.finish()
+            elif self.NEW_SESSION_DEFAULTS.search(sql):
+                self.close()
             elif not self._reset(conn):
                 self._kept.pop(url, None)
                 conn.finish()
@@ -291,6 +297,11 @@ class _SqlSessions:
             if conn.transaction_status != pq.TransactionStatus.IDLE:
                 if conn.exec_(b"ROLLBACK").status != pq.ExecStatus.COMMAND_OK:
                     return False
+            # the text's counts in the server's statistics now, as at
+            # psql's exit (a test reads them: idx_scan, say), not up to
+            # ten seconds later
+            if conn.exec_(b"SELECT pg_stat_force_next_flush()").status != pq.ExecStatus.TUPLES_OK:
+                return False
             return conn.exec_(b"DISCARD ALL").status == pq.ExecStatus.COMMAND_OK
         except psycopg.OperationalError:
             return False
