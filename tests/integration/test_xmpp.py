@@ -1546,7 +1546,9 @@ def test_a_row_no_stanza_can_be_made_of_is_dead_at_once(make_daemon, db_url, pro
         message_from(alice, WALLY_JID, lambda el: body(el) == "after it", timeout=20)
         row = (f"SELECT o.state || ' ' || o.attempts FROM outbox o JOIN events e ON e.id = o.event_id "
                f"WHERE e.public_id = '{bad}' AND o.destination = 'xmpp'")
-        assert pg.psql(row, db_url) == "dead 1"
+        # a batch's outcomes are recorded once the whole batch is written: after
+        # what follows the row reached alice
+        wait_until(lambda: pg.psql(row, db_url) == "dead 1", what="dead 1")
         dead = d.admin("GET", "/outbox?state=dead").json()["rows"]
         assert len(dead) == 1 and "not representable in XMPP" in dead[0]["last_error"], dead
     finally:
@@ -1621,8 +1623,10 @@ def test_a_row_whose_own_facts_no_retry_changes_is_dead_at_once(make_daemon, db_
         got = message_from(alice, WALLY_JID, lambda el: body(el) in ("broken", "after it"), timeout=20)
         assert body(got) == "after it", got.xml
         state = "SELECT state || ' ' || attempts FROM outbox WHERE id = {}"
-        assert pg.psql(state.format(after_id), db_url) == "delivered 1"
-        assert pg.psql(state.format(bad_id), db_url) == "dead 1"
+        # a batch's outcomes are recorded once the whole batch is written: after
+        # what follows the row reached alice
+        wait_until(lambda: pg.psql(state.format(after_id), db_url) == "delivered 1", what="delivered 1")
+        wait_until(lambda: pg.psql(state.format(bad_id), db_url) == "dead 1", what="dead 1")
         dead = d.admin("GET", "/outbox?state=dead").json()["rows"]
         assert [x["id"] for x in dead] == [int(bad_id)] and reason in dead[0]["last_error"], dead
         # one attempt, never tried again, and nothing of it reached alice
@@ -1649,8 +1653,10 @@ def test_a_group_row_to_a_remote_user_is_dead_at_once(make_daemon, db_url, proso
                 "NOTIFY causeway_outbox", db_url)
         alice.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None, timeout=20)
         state = "SELECT state || ' ' || attempts FROM outbox WHERE id = {}"
-        assert pg.psql(state.format(after_id), db_url) == "delivered 1"
-        assert pg.psql(state.format(bad_id), db_url) == "dead 1"
+        # a batch's outcomes are recorded once the whole batch is written: after
+        # what follows the row reached alice
+        wait_until(lambda: pg.psql(state.format(after_id), db_url) == "delivered 1", what="delivered 1")
+        wait_until(lambda: pg.psql(state.format(bad_id), db_url) == "dead 1", what="dead 1")
         dead = d.admin("GET", "/outbox?state=dead").json()["rows"]
         assert [x["id"] for x in dead] == [int(bad_id)], dead
         assert "only local users get a group's events on XMPP" in dead[0]["last_error"], dead
