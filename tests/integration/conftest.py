@@ -17,6 +17,15 @@ def pg():
     p.destroy()
 
 
+@pytest.fixture(autouse=True)
+def _databases_of_the_tests_before_dropped(request):
+    """Each test that uses the session's PostgreSQL starts by dropping the
+    databases of the tests before it on this worker (their daemons are
+    stopped by then)."""
+    if "pg" in request.fixturenames:
+        request.getfixturevalue("pg").drop_made()
+
+
 @pytest.fixture
 def private_pg():
     """A PostgreSQL of the test's own, for tests that stop and start it."""
