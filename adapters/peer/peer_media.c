@@ -200,9 +200,10 @@ struct media_job {
 
 static void fetched(void *arg);
 
-/* The answer to a token that does not open for this peer, and to one of
- * a room the peer has no member in any more: the same bytes, so that a
- * peer taken out of a room learns nothing of its messages from them. */
+/* The answer to a token that does not open for this peer, to one of a
+ * room the peer has no member in any more and to one whose message's row
+ * is gone: the same bytes, so that a peer taken out of a room learns
+ * nothing of its messages from them. */
 #define NO_SUCH_TOKEN "no file with that token for this peer"
 
 /* Whether the token's event is still there with the file among its
@@ -213,7 +214,11 @@ static void fetched(void *arg);
  * message's newer version, whose attachments lack it: the user took the
  * file out, as a delete takes the whole message; until the thirty-third
  * session the original's link was served until a delete or its exp);
- * the row itself gone (retention.rows_days) finds nothing.  And whether
+ * the row itself gone (retention.rows_days) finds nothing and is
+ * answered as a stranger is, to every peer: no room is left to ask about
+ * (until the thirty-third session's review it had the "no longer kept"
+ * answer, and a peer taken out of the room told a purged message from a
+ * kept one by its bytes).  And whether
  * the peer still has a member in the event's room (a user joined, as
  * GET /v1/rooms/{room} asks): one taken out of the room, or whose users
  * all left, is a stranger to it and is answered as for a token that
@@ -238,7 +243,8 @@ static cw_err event_holds(PGconn *c, void *arg, cw_errmsg *e)
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 	if (rc)
 		return rc;
-	j->stranger = PQntuples(r) == 1 && PQgetvalue(r, 0, 0)[0] != 't';
+	/* no row: no room to ask about, a stranger to every peer */
+	j->stranger = PQntuples(r) == 0 || PQgetvalue(r, 0, 0)[0] != 't';
 	j->gone = PQntuples(r) == 0 || PQgetvalue(r, 0, 1)[0] != 't';
 	PQclear(r);
 	return CW_OK;

@@ -793,6 +793,46 @@ def test_a_peer_no_longer_in_the_room_cannot_fetch_its_files(mx, hs, gk, pg, db_
     assert pg.psql(f"SELECT count(*) FROM events WHERE public_id = '{msg}'", db_url) == "1"  # still there
 
 
+def test_a_token_whose_message_row_is_gone_is_answered_as_one_that_never_was(mx, hs, gk, pg, db_url):
+    """A message whose row is gone (retention.rows_days, which may be
+    shorter than server.media_link_lifetime_s) leaves nothing to ask
+    about, not even its room: its token is answered as one that never
+    was, byte for byte, to every peer.  Before, it got a 404 of its own
+    ("no such file (its message was deleted or edited, or is no longer
+    kept)"), and a peer taken out of the room, answered as a stranger
+    while the row was kept, learnt by the other bytes that the message
+    was no longer kept, which the stranger rule says it must not (review
+    rH, thirty-third session).  A member's token of a message still there
+    but expired keeps that answer."""
+    a, srv = gk
+    gid = a.create_room([a.user("wally"), ALICE], kind="group").json()["id"]
+    rid = pg.psql(f"SELECT id FROM rooms WHERE public_id = '{gid}'", db_url)
+    pg.psql("INSERT INTO room_bindings (room_id, network, native_id, local_identity_id) SELECT "
+            f"{rid}, 'matrix', '!portal:example.org', id FROM identities WHERE uri = '{ALICE}'", db_url)
+    pg.psql(f"UPDATE room_members SET membership = 'joined', peer_invited = false WHERE room_id = {rid}", db_url)
+    hs.create_user("alice")
+    [(_, _, purged_msg, purged), (_, _, kept_msg, kept)] = alice_sends_photos(mx, hs, srv, "!portal:example.org",
+                                                                              2, "rows")
+    token = kept.split("?")[0].rsplit("/", 1)[1]
+    unknown = a.call("GET", kept.replace(token, token[:-2] + ("AA" if token[-2:] != "AA" else "BB")))
+    assert unknown.status_code == 404 and unknown.json()["code"] == "unknown_media", unknown.text
+    same = lambda r: (r.status_code, r.content, r.headers["Content-Type"]) == (  # noqa: E731
+        unknown.status_code, unknown.content, unknown.headers["Content-Type"])
+    # what retention.rows_days does to a message (its rows cascade)
+    pg.psql(f"DELETE FROM events WHERE public_id = '{purged_msg}'", db_url)
+    r = a.call("GET", purged)
+    assert same(r), ("a member, the row gone", r.status_code, r.text[:200])
+    pg.psql(f"UPDATE events SET expired = true WHERE public_id = '{kept_msg}'", db_url)
+    r = a.call("GET", kept)
+    assert r.status_code == 404 and "no longer kept" in r.json()["detail"], ("a member, the row kept", r.text)
+    assert a.call("POST", f"/v1/rooms/{gid}/members", {"remove": [a.user("wally")]}).status_code == 200
+    r = a.call("GET", kept)
+    assert same(r), ("a stranger, the row kept", r.status_code, r.text[:200])
+    pg.psql(f"DELETE FROM events WHERE public_id = '{kept_msg}'", db_url)
+    r = a.call("GET", kept)
+    assert same(r), ("a stranger, the row gone", r.status_code, r.text[:200])
+
+
 def test_a_file_forwarded_from_another_server_reaches_the_peer_too(mx, hs, gk, pg, db_url):
     """A file a local user forwards from another Matrix server
     (mxc://other.server/...) is fetched through the user's homeserver,
