@@ -494,26 +494,48 @@ void xa_vcard_hash(struct xcomp *xc, xmpp_ctx_t *ctx, xmpp_stanza_t *presence, c
  * back the changes after it no longer: it is passed over, and a change it
  * commits after that is lost as before. */
 #define OPEN_XMIN "pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+/* The first id this server has not given yet: every change a read sees
+ * was committed below it.  An id above it was given by another server:
+ * the database was moved (pg_dump/pg_restore, logical replication), and
+ * the new server's ids began again low (review rH, thirty-third session:
+ * until then the cursor stayed above every change made after the move,
+ * and none was announced until the new ids passed the old ones). */
+#define NEXT_XID "pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
 
 /* The stored cursor of the profiles (xmpp_roster_sync), or, the first
  * time, at the oldest transaction still open, stored at once
  * (changes committed before were never announced: clients ask for the
  * hash when they probe; later ones are announced by whichever process
- * holds the stream next); false when it cannot be read. */
+ * holds the stream next); so too when the stored one is another
+ * server's (above NEXT_XID: the changes made between the move and now
+ * are not announced, the contacts' next probe gets them); false when it
+ * cannot be read.  o, read in the statement's snapshot, is the row as it
+ * was before u. */
 static bool profiles_cursor(struct xcomp *xc, PGconn *c)
 {
 	const char *p[] = { xc->domain };
 	PGresult *r = PQexecParams(c,
-		"WITH u AS (UPDATE xmpp_roster_sync SET profiles_xid = coalesce(profiles_xid, " OPEN_XMIN "), "
-		"  profiles_xid_id = coalesce(profiles_xid_id, 0) "
-		"  WHERE component = $1 RETURNING profiles_xid, profiles_xid_id) "
-		"SELECT coalesce((SELECT profiles_xid FROM u), " OPEN_XMIN "), coalesce((SELECT profiles_xid_id FROM u), 0)",
+		"WITH s AS MATERIALIZED (SELECT " OPEN_XMIN " AS lo, " NEXT_XID " AS hi), "
+		"o AS (SELECT profiles_xid FROM xmpp_roster_sync WHERE component = $1), "
+		"u AS (UPDATE xmpp_roster_sync x SET "
+		"  profiles_xid = CASE WHEN x.profiles_xid IS NULL OR x.profiles_xid > s.hi THEN s.lo "
+		"   ELSE x.profiles_xid END, "
+		"  profiles_xid_id = CASE WHEN x.profiles_xid IS NULL OR x.profiles_xid > s.hi THEN 0 "
+		"   ELSE coalesce(x.profiles_xid_id, 0) END "
+		"  FROM s WHERE x.component = $1 RETURNING x.profiles_xid, x.profiles_xid_id) "
+		"SELECT coalesce((SELECT profiles_xid FROM u), s.lo), coalesce((SELECT profiles_xid_id FROM u), 0), "
+		" (SELECT profiles_xid FROM o WHERE profiles_xid > s.hi) FROM s",
 		1, NULL, p, NULL, NULL, 0);
 	bool ok = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1;
 	if (ok) {
 		xc->profiles_xid = atoll(PQgetvalue(r, 0, 0));
 		xc->profiles_id = atoll(PQgetvalue(r, 0, 1));
 		xc->profiles_wait = xc->profiles_past = 0;
+		if (!PQgetisnull(r, 0, 2))
+			LOG_KV(CW_LOG_WARN,
+			       "xmpp profiles: the cursor is another database server's (the database was moved?): "
+			       "profile changes are announced from now on",
+			       "component", xc->domain, "xid", PQgetvalue(r, 0, 2), "now", PQgetvalue(r, 0, 0));
 	}
 	PQclear(r);
 	return ok;
@@ -550,14 +572,20 @@ void xa_profiles(struct xcomp *xc, PGconn *c)
 	const char *p[] = { xc->peer, xid, id, past };
 	/* Column 0 the open transaction the read stops below (NULL: none,
 	 * or none holds a change back; those up to $4 passed over), then the
-	 * changes, if any (one row of NULLs: none). */
+	 * changes, if any (one row of NULLs: none), then whether the cursor
+	 * is another server's (NEXT_XID).  A change above NEXT_XID is
+	 * another server's too, from before the database was moved: not
+	 * read (it would take the cursor above this server's ids again), it
+	 * is announced once this server's ids pass it, or never if a change
+	 * made here comes first. */
 #define PEER_CHANGES "FROM identities i JOIN peers pe ON pe.id = i.peer_id AND pe.name = $1 " \
-	"WHERE i.profile_xid IS NOT NULL AND NOT i.is_local AND (i.profile_xid, i.id) > ($2::bigint, $3::bigint) "
+	"WHERE i.profile_xid IS NOT NULL AND NOT i.is_local AND (i.profile_xid, i.id) > ($2::bigint, $3::bigint) " \
+	"AND i.profile_xid < h.hi "
 	PGresult *r = PQexecParams(c,
 		"WITH h AS MATERIALIZED (SELECT (SELECT x::text::bigint FROM pg_snapshot_xip(pg_current_snapshot()) x "
-		"  WHERE x::text::bigint > $4::bigint ORDER BY 1 LIMIT 1) AS w) "
+		"  WHERE x::text::bigint > $4::bigint ORDER BY 1 LIMIT 1) AS w, " NEXT_XID " AS hi) "
 		"SELECT CASE WHEN EXISTS (SELECT 1 " PEER_CHANGES " AND i.profile_xid > h.w) THEN h.w END, "
-		" n.localpart, n.profile_xid, n.id, n.contacts FROM h LEFT JOIN LATERAL ("
+		" n.localpart, n.profile_xid, n.id, n.contacts, $2::bigint > h.hi FROM h LEFT JOIN LATERAL ("
 		/* The contacts: the local users who allowed the remote user and
 		 * have used XMPP (their binding is their bare JID). */
 		" SELECT i.localpart, i.profile_xid, i.id, "
@@ -570,6 +598,14 @@ void xa_profiles(struct xcomp *xc, PGconn *c)
 #undef PEER_CHANGES
 	if (PQresultStatus(r) != PGRES_TUPLES_OK || PQntuples(r) < 1) {
 		PQclear(r);
+		return;
+	}
+	if (PQgetvalue(r, 0, 5)[0] == 't') {
+		/* This process's cursor is another server's: the database was
+		 * moved under it (its connections went to the new server) */
+		PQclear(r);
+		xc->profiles_xid = -1;
+		profiles_cursor(xc, c);
 		return;
 	}
 	profiles_waiting(xc, PQgetisnull(r, 0, 0) ? 0 : atoll(PQgetvalue(r, 0, 0)));

@@ -3301,6 +3301,60 @@ def test_a_profile_change_committed_after_a_later_one_still_reaches_the_contacts
     other.stop()
 
 
+def test_a_database_moved_to_another_server_still_announces_profile_changes(make_daemon, db_url, pg, prosody,
+                                                                            xd, gk, alice):
+    """The profiles' cursor (xmpp_roster_sync.profiles_xid) and each
+    change's identities.profile_xid are transaction ids of the PostgreSQL
+    server that wrote them.  A database moved to another server
+    (pg_dump/pg_restore, logical replication for a major upgrade) keeps
+    them, while the new server's ids begin again low: simulated here by
+    the old server's ids a billion ahead of this one's.  Before (review
+    rH, thirty-third session) every change made on the new server was
+    below the cursor and never reached the contacts, until the new
+    server's ids passed the old ones (months or years).  Now a cursor
+    above any id this server has given starts again from its oldest open
+    transaction, and a change above them (eve's, read on the old server
+    already) is not read: it would take the cursor up again, and be
+    announced again at every reset."""
+    a, srv = gk
+    eve = "eve@" + COMP
+    consent_alice(xd)
+    consent_alice(xd, subject="mimi://wa.example/u/eve")
+    alice.send_message(WALLY_JID, "hello wally")
+    alice.send_message(eve, "hello eve")
+    srv.wait_events(2)
+    start = alice.count()
+    assert a.call("POST", "/v1/profiles", {"user": a.user("eve"), "display_name": "Eve Before"}).status_code == 200
+    alice.wait_for_presence(lambda el: el.get("from", "").split("/")[0] == eve and el.find(
+        "{vcard-temp:x:update}x/{vcard-temp:x:update}photo") is not None, start=start, timeout=15)
+    wait_until(lambda: pg.psql("SELECT c.profiles_xid = i.profile_xid FROM xmpp_roster_sync c, identities i "
+                               "WHERE i.uri = 'mimi://wa.example/u/eve'", db_url) == "t",
+               what="the profiles' cursor at eve's change")
+    xd.stop()
+    # what the moved database holds: the old server's transaction ids
+    pg.psql("UPDATE xmpp_roster_sync SET profiles_xid = profiles_xid + 1000000000", db_url)
+    pg.psql("UPDATE identities SET profile_xid = profile_xid + 1000000000 WHERE profile_xid IS NOT NULL", db_url)
+    start = alice.count()
+    again = make_daemon(db_url, options=daemon_options(prosody)).start()
+    try:
+        wait_until(lambda: component_state(again)["state"] == "up", what="the component's stream")
+        a2 = PeerClient(again.url, a.name, a.domain, token=a.token, signer=a.signer)
+
+        def wally_changes(name):
+            at = alice.count()
+            assert a2.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": name}).status_code == 200
+            alice.wait_for_presence(lambda el: el.get("from", "").split("/")[0] == WALLY_JID and el.find(
+                "{vcard-temp:x:update}x/{vcard-temp:x:update}photo") is not None, start=at, timeout=15)
+        wally_changes("Wally Moved")
+        wally_changes("Wally Moved Again")  # read on a later turn: eve's, had it been read, came before
+        assert [p.get("from") for p in alice.presences()[start:] if p.get("from", "").split("/")[0] == eve] == []
+        assert pg.psql("SELECT profiles_xid <= pg_snapshot_xmax(pg_current_snapshot())::text::bigint "
+                       "FROM xmpp_roster_sync", db_url) == "t"
+        assert "the cursor is another database server's" in again.log()
+    finally:
+        again.stop()
+
+
 class HostileServer:
     """The server side of XEP-0114 on a bare socket, for what no real XMPP
     server sends (Prosody and ejabberd stamp from and to on every stanza):
