@@ -125,7 +125,14 @@ class NotifyServer:
                 pass
 
             def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                length = int(self.headers.get("Content-Length", 0))
+                body = self.rfile.read(length)
+                if len(body) < length:
+                    # the sender went away before its body was in (a
+                    # process killed mid-request): nothing to answer, as a
+                    # real peer's server drops an incomplete request
+                    self.close_connection = True
+                    return
                 got = outer.handle(self.command, self.path, dict(self.headers), body, self.server.server_address[1])
                 # (status, Retry-After), or a status alone (a subclass's handle)
                 status, retry_after = got if isinstance(got, tuple) else (got, None)
