@@ -3132,8 +3132,10 @@ def test_a_row_whose_own_facts_no_retry_changes_is_dead_at_once(make_daemon, db_
                 f"WHERE id IN ({bad_id}, {after_id}); NOTIFY causeway_outbox", db_url)
         wait_for_after_it(hs)
         state = "SELECT state || ' ' || attempts FROM outbox WHERE id = {}"
-        assert pg.psql(state.format(after_id), db_url) == "delivered 1"
-        assert pg.psql(state.format(bad_id), db_url) == "dead 1"
+        # the states are recorded once the whole batch is sent: after its last
+        # message arrived
+        wait_until(lambda: pg.psql(state.format(after_id), db_url) == "delivered 1", what="delivered 1")
+        wait_until(lambda: pg.psql(state.format(bad_id), db_url) == "dead 1", what="dead 1")
         dead = d.admin("GET", "/outbox?state=dead").json()["rows"]
         assert [x["id"] for x in dead] == [int(bad_id)] and reason in dead[0]["last_error"], dead
         # one attempt, never tried again, and nothing of it reached the homeserver
@@ -3223,8 +3225,10 @@ def test_an_event_larger_than_matrix_takes_is_made_to_fit(mx, hs, gk, pg, db_url
     assert edit["m.new_content"]["body"] == text and "formatted_body" not in edit["m.new_content"], edit.keys()
     assert edit["m.relates_to"]["rel_type"] == "m.replace", edit["m.relates_to"]
     assert all(canonical_size(c) < 65536 - 2048 for c in got.values())
-    assert pg.psql("SELECT string_agg(DISTINCT state, ',') FROM outbox WHERE destination = 'matrix'", db_url) == \
-        "delivered"
+    # a batch's outcomes are recorded once the whole batch is sent: after
+    # its last message reached the homeserver
+    wait_until(lambda: pg.psql("SELECT string_agg(DISTINCT state, ',') FROM outbox WHERE destination = 'matrix'",
+                               db_url) == "delivered", what="every row delivered")
 
 
 def test_a_homeserver_refusing_an_event_as_too_large_holds_no_later_row(mx, hs, gk, pg, db_url, monkeypatch):

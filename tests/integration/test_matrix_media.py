@@ -371,8 +371,11 @@ def test_a_file_whose_fetch_is_refused_for_good_is_a_notice_at_once(make_daemon,
         assert "[image: cat.png]" in c["body"] and "(not carried: its address is not public)" in c["body"], c
         assert ms[1]["content"]["body"] == "after it"
         assert media.requests == []
-        assert pg.psql("SELECT o.state || ' ' || o.attempts FROM outbox o JOIN events e ON e.id = o.event_id "
-                       f"WHERE e.public_id = '{mid}' AND o.destination = 'matrix'", db_url) == "delivered 1"
+        # the states are recorded once the whole batch is sent: after its last
+        # message arrived
+        wait_until(lambda: pg.psql("SELECT o.state || ' ' || o.attempts FROM outbox o JOIN events e "
+                                   f"ON e.id = o.event_id WHERE e.public_id = '{mid}' AND o.destination = 'matrix'",
+                                   db_url) == "delivered 1", what="delivered 1")
     finally:
         srv.close()
 
@@ -460,8 +463,11 @@ def test_a_file_behind_a_redirect_it_may_not_follow_is_a_notice(mx, hs, gk, medi
         assert c["msgtype"] == "m.text" and "url" not in c, c
         assert f"[image: {name}]" in c["body"] and f"(not carried: {why})" in c["body"], c["body"]
     for mid in ids:
-        assert pg.psql("SELECT o.state || ' ' || o.attempts FROM outbox o JOIN events e ON e.id = o.event_id "
-                       f"WHERE e.public_id = '{mid}' AND o.destination = 'matrix'", db_url) == "delivered 1"
+        # the states are recorded once the whole batch is sent: after its last
+        # message arrived
+        wait_until(lambda: pg.psql("SELECT o.state || ' ' || o.attempts FROM outbox o JOIN events e "
+                                   f"ON e.id = o.event_id WHERE e.public_id = '{mid}' AND o.destination = 'matrix'",
+                                   db_url) == "delivered 1", what="delivered 1")
     # the loop was followed 3 times after its first answer, once
     assert [p for p, _ in media.requests].count("/f/loop.png") == 4
 
@@ -482,8 +488,11 @@ def test_a_file_at_a_url_libcurl_cannot_read_is_a_notice(mx, hs, gk, media, pg, 
     assert c["msgtype"] == "m.text" and "url" not in c, c
     assert "[image: cat.png]" in c["body"] and "(not carried: not a URL this gateway can fetch)" in c["body"], c
     assert media.requests == []
-    assert pg.psql("SELECT o.state || ' ' || o.attempts FROM outbox o JOIN events e ON e.id = o.event_id "
-                   f"WHERE e.public_id = '{mid}' AND o.destination = 'matrix'", db_url) == "delivered 1"
+    # the states are recorded once the whole batch is sent: after its last
+    # message arrived
+    wait_until(lambda: pg.psql("SELECT o.state || ' ' || o.attempts FROM outbox o JOIN events e "
+                               f"ON e.id = o.event_id WHERE e.public_id = '{mid}' AND o.destination = 'matrix'",
+                               db_url) == "delivered 1", what="delivered 1")
 
 
 def test_a_file_longer_than_declared_is_not_carried(mx, hs, gk, media):

@@ -3087,9 +3087,11 @@ def test_one_process_holds_the_stream_and_another_takes_over(xd, gk, alice, make
     burst = [a.send(room, a.user("wally"), f"burst {i}").json()["id"] for i in range(20)]
     for mid in burst:
         message_from(alice, WALLY_JID, lambda el, mid=mid: el.get("id") == mid, timeout=20)
-    assert pg.psql("SELECT string_agg(DISTINCT o.state || ' ' || o.attempts, ',') FROM outbox o "
-                   "JOIN events e ON e.id = o.event_id WHERE e.public_id IN (%s)"
-                   % ",".join(f"'{m}'" for m in burst), db_url) == "delivered 1"
+    # the states are recorded once the whole batch is sent: after its last
+    # message arrived
+    wait_until(lambda: pg.psql("SELECT string_agg(DISTINCT o.state || ' ' || o.attempts, ',') FROM outbox o "
+                               "JOIN events e ON e.id = o.event_id WHERE e.public_id IN (%s)"
+                               % ",".join(f"'{m}'" for m in burst), db_url) == "delivered 1", what="delivered 1")
     xd.proc.kill()  # SIGKILL: its database session ends, and the lock with it
     xd.proc.wait()
     # While nobody holds the stream, alice's membership of the second group
