@@ -13,9 +13,14 @@ cut_statement_with_rows for a run that returned a row).  Frozen (freeze),
 it relays nothing more and closes nothing, and holds new connections
 unanswered: a database host powered off, or a network partition, where
 no reset ever comes.  Thawed (thaw), the partition heals: what was held
-goes on, the new connections held are relayed.  Recording (record), it keeps the statements each
+goes on, the new connections held are relayed.  Slowed (slow), the server
+answers everything but late: a COMMIT (simple query) reaches it some time
+late (a slow fsync, a synchronous standby), a new connection (a cancel
+request, a ping) is relayed some time late (a loaded postmaster, a far
+server).  Recording (record), it keeps the statements each
 connection sends, to compare what two requests made the server do.
 """
+import time
 import os
 import shutil
 import socket
@@ -148,6 +153,18 @@ class PgProxy:
     frozen = False
     stalled = 0
 
+    commit_delay = 0.0
+    accept_delay = 0.0
+    delayed_commits = 0
+
+    def slow(self, commit=0.0, connect=0.0):
+        """From now on a COMMIT sent as a simple query goes to the server
+        commit s late, and a new connection is relayed connect s late
+        (0: at once, the default); delayed_commits counts the COMMITs so
+        held."""
+        with self.lock:
+            self.commit_delay, self.accept_delay = commit, connect
+
     def thaw(self):
         """The end of freeze: the messages held go on, in order, and the
         connections taken meanwhile (a cancel request, say) are relayed
@@ -188,7 +205,11 @@ class PgProxy:
                 if self.frozen:   # taken, not answered until thaw (a cancel request, say)
                     self.held.append(client)
                     continue
-            self._relay(client)
+                delay = self.accept_delay
+            if delay:
+                threading.Timer(delay, self._relay, (client,)).start()
+            else:
+                self._relay(client)
 
     def _relay(self, client):
         server = socket.socket(socket.AF_UNIX)
@@ -220,6 +241,7 @@ class PgProxy:
                 kind, msg = _message(c.client)
                 self._hold()
                 body = msg[5:]
+                delay = 0
                 with self.lock:
                     if kind == b"B":   # Bind: portal name, statement name, ...
                         stmt = body.split(b"\0", 2)[1].decode()
@@ -247,6 +269,9 @@ class PgProxy:
                         if self.auto_pred is not None and self.auto_pred(body.rstrip(b"\0").decode(errors="replace")):
                             c.auto = True
                             self.auto_pred = None
+                        if text == "COMMIT" and self.commit_delay:
+                            self.delayed_commits += 1
+                            delay = self.commit_delay
                         if text == "COMMIT" and c.rows and self.statement is not None:
                             c.cut = True
                             self.statement = None
@@ -255,6 +280,8 @@ class PgProxy:
                     if self.recording is not None and kind in (b"B", b"Q", b"S"):
                         self.recording.append((c.n, kind.decode(), stmt if kind == b"B" else
                                                body.rstrip(b"\0").decode(errors="replace") if kind == b"Q" else ""))
+                if delay:
+                    time.sleep(delay)
                 c.server.sendall(msg)
         except (EOFError, OSError):
             self._close(c)

@@ -712,3 +712,105 @@ def test_a_read_still_running_at_its_deadline_is_cancelled_there(make_daemon, db
         assert d.get("/readyz").status_code == 200
     assert d.admin("GET", "/outbox?state=dead").status_code == 200
     assert len(connects()) == before, connects()  # the same connection: not lost, not made again
+
+
+DROPPED = "the database stopped answering: a connection is dropped"
+
+
+def test_a_slow_commit_of_a_database_that_answers_is_202_not_a_dropped_connection(make_daemon, db_url, pg):
+    """A COMMIT that takes 2.5 s on a database that answers everything else
+    (a slow fsync, a synchronous standby), the deadline 1 s: the write is
+    stored and answered 202 when the COMMIT is, as before the thirty-third
+    session. The session's first watchdog shut the connection down 1 s
+    past the deadline on time alone: 503 "may have been stored" although
+    it was stored, and writes refused until the writer reconnected. Now
+    the watchdog asks the server (a ping) and waits while it answers."""
+    with PgProxy(db_url) as p:
+        d = make_daemon(p.url, options={"database": {"request_timeout_ms": "1000", "pool_size": "2"}}).start()
+        (a, _), (b, sb) = push_peers(d)
+        try:
+            room = a.create_room([a.user("alice"), b.user("bob")]).json()["id"]
+            assert a.send(room, a.user("alice"), "warm").status_code == 202
+            mark = len(d.records)
+            p.slow(commit=2.5)
+            r = a.send(room, a.user("alice"), "a slow commit", idem="slow-commit-1")
+            p.slow()
+            assert p.delayed_commits >= 1
+            assert r.status_code == 202, (r.status_code, r.text)
+            assert not [x for x in d.records[mark:] if x.get("msg") in (
+                DROPPED, "database connection lost during a write batch")], d.records[mark:]
+            assert d.get("/readyz").status_code == 200
+            assert pg.psql("SELECT count(*) FROM events WHERE content::text LIKE '%a slow commit%'", db_url) == "1"
+        finally:
+            sb.close()
+            d.stop()
+
+
+def test_a_cancel_a_slow_database_answers_late_keeps_the_connection(make_daemon, db_url, pg):
+    """A read blocked by a lock past its deadline, on a database that
+    answers everything but takes 1.5 s to take a new connection (a loaded
+    postmaster, a far server), so its cancel request too: the read answers
+    503 once the cancel is answered, and the reader's connection stays (the
+    database not reported down, the next read answered on it). The
+    session's first watchdog took a cancel not answered within 1 s for a
+    server that stopped answering: it dropped the connection and reported
+    the database down. Now only one not answered within 2 s is."""
+    with PgProxy(db_url) as p:
+        d = make_daemon(p.url, options={"database": {"statement_timeout_ms": "30000", "request_timeout_ms": "1000",
+                                                     "pool_size": "1"}}).start()
+        try:
+            assert d.admin("GET", "/outbox?state=dead").status_code == 200
+            mark = len(d.records)
+            with outbox_locked(pg, db_url, "ACCESS EXCLUSIVE"):
+                p.slow(connect=1.5)
+                t0 = time.time()
+                r = d.admin("GET", "/outbox?state=dead")
+                took = time.time() - t0
+                p.slow()
+                assert r.status_code == 503 and r.headers.get("Retry-After"), r.text
+                assert took < 5, took  # the deadline (1 s) and the cancel's 1.5 s, with room
+            assert d.admin("GET", "/outbox?state=dead").status_code == 200
+            assert d.get("/readyz").status_code == 200
+            assert not [x for x in d.records[mark:] if x.get("msg") in (
+                DROPPED, "database connection established", "database answers the writer again")], d.records[mark:]
+        finally:
+            d.stop()
+
+
+def test_a_backend_stuck_while_its_server_answers_is_dropped_late_and_the_database_stays_up(make_daemon, db_url, pg):
+    """The reader's backend stops (SIGSTOP: as one stuck on a hung disk)
+    while its server answers: the cancel requests are answered but the
+    statement never ends, so the watchdog drops the connection 5 s past the
+    deadline (docs/faults.md), and the read answers 503 then. The database
+    is not reported down: writes go on at once. The session's first
+    watchdog reported it down (writes refused until the writer had asked
+    the database again)."""
+    import os
+    d = make_daemon(db_url, options={"database": {"request_timeout_ms": "1000", "pool_size": "1"}}).start()
+    (a, _), (b, sb) = push_peers(d)
+    stopped = []
+    try:
+        room = a.create_room([a.user("alice"), b.user("bob")]).json()["id"]
+        assert a.send(room, a.user("alice"), "warm").status_code == 202
+        assert d.admin("GET", "/outbox?state=dead").status_code == 200
+        # the reader's backend: the one whose last statement listed the outbox
+        pid = int(pg.psql("SELECT pid FROM pg_stat_activity WHERE application_name = 'causewayd' "
+                          "AND query LIKE 'SELECT o.id, ev.public_id, o.destination%'", db_url))
+        mark = len(d.records)
+        os.kill(pid, signal.SIGSTOP)
+        stopped.append(pid)
+        t0 = time.time()
+        r = d.admin("GET", "/outbox?state=dead")
+        took = time.time() - t0
+        assert r.status_code == 503 and r.headers.get("Retry-After"), r.text
+        assert 5 < took < 9, took  # the deadline (1 s) and the late bound (5 s), with room
+        assert a.send(room, a.user("alice"), "right after", idem="stuck-1").status_code == 202
+        assert d.admin("GET", "/outbox?state=dead").status_code == 200
+        got = [x.get("msg") for x in d.records[mark:]]
+        assert DROPPED in got, got
+        assert "database answers the writer again" not in got, got
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        sb.close()
+        d.stop()
