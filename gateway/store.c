@@ -74,14 +74,21 @@ struct conn {
 	 * since when a cancel request of the watchdog's is on its way (0:
 	 * none); whether one was sent since watch_arm; and whether the
 	 * watchdog shut c's socket down (killed: c is finished, never used
-	 * again).  fd is a duplicate of c's socket (-1: none), the one shut
+	 * again), and whether for a server that did not answer (dead; not:
+	 * a statement that ran on past its deadline while it answered).  A
+	 * kill_only watch past its time asks the server with a ping (probe:
+	 * the one on its way, since probe_sent_us; the next at probe_next_us;
+	 * probe_told: the wait was logged).  fd is a duplicate of c's socket (-1: none), the one shut
 	 * down: it stays open until c is finished, so that its number never
 	 * names another file that took a closed one's.  watch_cv: the owner
 	 * waits there for a cancel on its way (watch_disarm). */
 	pthread_mutex_t watch_mu;
 	pthread_cond_t watch_cv;
 	int64_t watch_until_us, watch_us, cancel_sent_us;
-	bool kill_only, watch_fired, killed;
+	bool kill_only, watch_fired, killed, dead;
+	struct store_probe *probe;
+	int64_t probe_sent_us, probe_next_us;
+	bool probe_told;
 	int fd;
 	int64_t retry_at_us;
 	int failures;
@@ -430,6 +437,7 @@ PGconn *store_connect(const char *url, long statement_timeout_ms, cw_errmsg *e)
 
 static void watch_arm(struct cw_store *s, struct conn *sc, int64_t until_us, bool kill_only);
 static bool watch_disarm(struct conn *sc);
+static void probe_put(struct store_probe *p);
 
 static void conn_lost(struct cw_store *s, struct conn *sc)
 {
@@ -443,6 +451,7 @@ static void conn_lost(struct cw_store *s, struct conn *sc)
 		close(sc->fd);
 	sc->fd = -1;
 	sc->killed = false;
+	sc->dead = false;
 	pthread_mutex_unlock(&sc->watch_mu);
 	if (sc->was_up) {
 		sc->was_up = false;
@@ -457,6 +466,16 @@ static bool conn_killed(struct conn *sc)
 	bool killed = sc->killed;
 	pthread_mutex_unlock(&sc->watch_mu);
 	return killed;
+}
+
+/* Whether it did so because the server did not answer (not a statement
+ * that ran on past its deadline while the server answered). */
+static bool conn_dead(struct conn *sc)
+{
+	pthread_mutex_lock(&sc->watch_mu);
+	bool dead = sc->killed && sc->dead;
+	pthread_mutex_unlock(&sc->watch_mu);
+	return dead;
 }
 
 /* Writes are refused from now on (enqueue): the writer, perhaps idle,
@@ -578,6 +597,8 @@ static void conn_init(struct conn *sc, const char *name)
 
 static void conn_destroy(struct conn *sc)
 {
+	probe_put(sc->probe);
+	sc->probe = NULL;
 	store_canceller_destroy(&sc->cancel);
 	if (sc->fd >= 0)
 		close(sc->fd);
@@ -609,15 +630,34 @@ static void conn_destroy(struct conn *sc)
  * answering: it shuts the connection's socket down (shutdown(2)), the
  * blocked libpq call fails at once, the job answers 503 (CW_ETIMEDOUT) and
  * the connection is finished, never used again (conn_ensure); a new one is
- * made once the server answers.  So does a statement still running
- * WATCH_LATE_US past its deadline whatever its cancels did.  A watch
- * that cancels nothing (kill_only: a BEGIN, a ROLLBACK, a COMMIT, the
- * writer's check) shuts the connection down at its time: a COMMIT so ended
- * has its outcome unknown, as one whose connection was lost.  The
- * watchdog's own thread never waits for the server. */
+ * made once the server answers.  WATCH_KILL_US is 2 s, libpq's shortest
+ * connect_timeout: a server that takes a new connection in 1.5 s (loaded,
+ * far away) is slow, not gone; the session's first watchdog, at 1 s,
+ * dropped such a server's connections and reported it down.
+ *
+ * A statement whose cancels are answered but which runs on (its backend
+ * stuck on a hung disk, or SIGSTOPped, its server answering) has its
+ * connection shut down WATCH_LATE_US past its deadline: the server is not
+ * reported down for it (conn_dead), the job answers 503 then.
+ *
+ * A watch that cancels nothing (kill_only: a BEGIN, a ROLLBACK, a COMMIT)
+ * is not ended on time alone: past its time the
+ * watchdog asks the server whether it answers at all, with a ping (a new
+ * connection, PQpingParams, on a thread of its own as the cancel, so that
+ * it touches no backend's statement), again every WATCH_PROBE_US while it
+ * answers.  While the server answers, the statement is waited for, as it
+ * was before the thirty-third session (a slow fsync, a synchronous
+ * standby: the COMMIT is stored, and answered 202 late); a ping not
+ * answered within WATCH_KILL_US (or refused) shuts the connection down: a
+ * COMMIT so ended has its outcome unknown, as one whose connection was
+ * lost.  The session's first watchdog shut them down 1 s past their time
+ * whatever: a slow COMMIT of a healthy server was answered "may have been
+ * stored" although it was, and writes refused until the writer
+ * reconnected.  The watchdog's own thread never waits for the server. */
 #define WATCH_AGAIN_US 200000
-#define WATCH_KILL_US 1000000
+#define WATCH_KILL_US 2000000
 #define WATCH_LATE_US 5000000
+#define WATCH_PROBE_US 1000000
 
 /* From now until watch_disarm, sc's statements are cancelled once
  * until_us (0: never) has passed, or with kill_only the connection shut
@@ -630,6 +670,10 @@ static void watch_arm(struct cw_store *s, struct conn *sc, int64_t until_us, boo
 	sc->watch_us = kill_only ? 0 : until_us;
 	sc->kill_only = kill_only;
 	sc->watch_fired = false;
+	probe_put(sc->probe); /* a ping of an earlier watch's: its answer is not this one's */
+	sc->probe = NULL;
+	sc->probe_next_us = until_us;
+	sc->probe_told = false;
 	pthread_mutex_unlock(&sc->watch_mu);
 	if (!until_us)
 		return;
@@ -686,6 +730,8 @@ static bool watch_disarm(struct conn *sc)
 	}
 	bool killed = sc->killed;
 	sc->watch_until_us = 0;
+	probe_put(sc->probe); /* its thread ends on its own */
+	sc->probe = NULL;
 	pthread_mutex_unlock(&sc->watch_mu);
 	return killed;
 }
@@ -730,25 +776,124 @@ static bool watch_cancel(struct conn *sc)
 	return false;
 }
 
+/* A ping of the server (a kill_only watch past its time): a new
+ * connection made and ended on a thread of its own, which touches no
+ * backend's statement.  Shared by the watch and the thread: a server that
+ * does not answer keeps the thread past the watch (at most libpq's
+ * connect_timeout, 2 s). */
+enum { PROBE_GOING, PROBE_ANSWERED, PROBE_UNANSWERED };
+
+struct store_probe {
+	atomic_int refs;
+	atomic_int state;
+	char url[];
+};
+
+static void probe_put(struct store_probe *p)
+{
+	if (p && atomic_fetch_sub(&p->refs, 1) == 1)
+		free(p);
+}
+
+static void *probe_main(void *arg)
+{
+	cw_thread_name("cw-ping");
+	struct store_probe *p = arg;
+	/* connect_timeout after dbname: over the URL's (expand_dbname); its
+	 * own application_name, so that a ping is not taken for one of the
+	 * daemon's sessions. */
+	const char *keys[] = { "application_name", "dbname", "connect_timeout", NULL };
+	const char *vals[] = { "causewayd-ping", p->url, "2", NULL };
+	PGPing r = PQpingParams(keys, vals, 1);
+	/* Rejected (too many connections, say) is an answer all the same. */
+	atomic_store(&p->state, r == PQPING_OK || r == PQPING_REJECT ? PROBE_ANSWERED : PROBE_UNANSWERED);
+	probe_put(p);
+	return NULL;
+}
+
+/* A ping on its way (under watch_mu), or NULL when no thread could be
+ * started (tried again later: no answer is not taken from it). */
+static struct store_probe *probe_start(const char *url)
+{
+	size_t n = strlen(url) + 1;
+	struct store_probe *p = malloc(sizeof(*p) + n);
+	if (!p)
+		return NULL;
+	memcpy(p->url, url, n);
+	atomic_init(&p->refs, 2);
+	atomic_init(&p->state, PROBE_GOING);
+	pthread_attr_t a;
+	pthread_t t;
+	pthread_attr_init(&a);
+	pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+	bool started = pthread_create(&t, &a, probe_main, p) == 0;
+	pthread_attr_destroy(&a);
+	if (!started) {
+		free(p);
+		return NULL;
+	}
+	return p;
+}
+
+/* A kill_only watch past its time (under watch_mu): takes the answer of
+ * the ping on its way, and sends the next one when due; true when the
+ * server did not answer one (refused, or not within its connect_timeout). */
+static bool probe_look(struct cw_store *s, struct conn *sc, int64_t now)
+{
+	if (sc->probe) {
+		int st = atomic_load(&sc->probe->state);
+		if (st == PROBE_GOING)
+			return false;
+		probe_put(sc->probe);
+		sc->probe = NULL;
+		if (st == PROBE_UNANSWERED)
+			return true;
+		if (!sc->probe_told) {
+			sc->probe_told = true;
+			LOG_KV(CW_LOG_INFO, "a statement runs on past its deadline; the database answers, so it is waited for",
+			       "connection", sc->name);
+		}
+		sc->probe_next_us = now + WATCH_PROBE_US;
+	}
+	if (now >= sc->probe_next_us) {
+		sc->probe = probe_start(s->url);
+		sc->probe_sent_us = now;
+		if (!sc->probe)
+			sc->probe_next_us = now + WATCH_AGAIN_US;
+	}
+	return false;
+}
+
 /* Cancels sc's statement if its watch has passed, or shuts its connection
  * down (above); when to look again (INT64_MAX: not armed). */
-static int64_t watch_check(struct conn *sc, int64_t now)
+static int64_t watch_check(struct cw_store *s, struct conn *sc, int64_t now)
 {
 	pthread_mutex_lock(&sc->watch_mu);
 	int64_t next = INT64_MAX;
 	if (sc->watch_until_us && !sc->killed) {
 		bool going = cancel_going(sc);
-		int64_t kill_at = sc->watch_until_us + (sc->kill_only ? 0 : WATCH_LATE_US);
-		if (going && sc->cancel_sent_us + WATCH_KILL_US < kill_at)
-			kill_at = sc->cancel_sent_us + WATCH_KILL_US;
-		if (now >= kill_at) {
+		/* dead_at: a question to the server (a cancel request, a ping)
+		 * unanswered for WATCH_KILL_US; late_at: a statement that ran
+		 * on, cancelled, while the server answered. */
+		int64_t dead_at = going ? sc->cancel_sent_us + WATCH_KILL_US : INT64_MAX;
+		int64_t late_at = sc->kill_only ? INT64_MAX : sc->watch_until_us + WATCH_LATE_US;
+		bool pinged = false;
+		if (sc->kill_only && now >= sc->watch_until_us) {
+			if (probe_look(s, sc, now))
+				dead_at = now;
+			else if (sc->probe && sc->probe_sent_us + WATCH_KILL_US < dead_at)
+				dead_at = sc->probe_sent_us + WATCH_KILL_US;
+			pinged = true;
+		}
+		if (now >= dead_at || now >= late_at) {
 			if (sc->fd >= 0)
 				shutdown(sc->fd, SHUT_RDWR);
 			sc->killed = true;
+			sc->dead = now >= dead_at;
 			pthread_cond_broadcast(&sc->watch_cv);
 			LOG_KV(CW_LOG_WARN, "the database stopped answering: a connection is dropped", "connection",
 			       sc->name, "detail",
-			       sc->kill_only ? "no answer by its deadline"
+			       pinged        ? "no answer by its deadline, nor to a ping"
 			       : going       ? "a cancel request at its deadline was not answered"
 					     : "its statement ran on past its deadline, cancelled");
 		} else {
@@ -761,9 +906,17 @@ static int64_t watch_check(struct conn *sc, int64_t now)
 					sc->cancel_sent_us = now;
 				sc->watch_us = now + WATCH_AGAIN_US;
 			}
-			next = kill_at;
+			next = dead_at < late_at ? dead_at : late_at;
 			if (sc->watch_us && sc->watch_us < next)
 				next = sc->watch_us;
+			if (sc->kill_only) {
+				/* its time, a ping's answer looked for, the next ping */
+				int64_t look = now < sc->watch_until_us ? sc->watch_until_us
+					       : sc->probe		 ? now + WATCH_AGAIN_US / 4
+									 : sc->probe_next_us;
+				if (look < next)
+					next = look;
+			}
 		}
 	}
 	pthread_mutex_unlock(&sc->watch_mu);
@@ -784,11 +937,11 @@ static void *watchdog_main(void *arg)
 		s->watch_wake_us = INT64_MAX;
 		pthread_mutex_unlock(&s->mu);
 		int64_t now = cw_now_us(), next = now + idle_us;
-		int64_t w = watch_check(&s->wconn, now);
+		int64_t w = watch_check(s, &s->wconn, now);
 		if (w < next)
 			next = w;
 		for (int i = 0; i < s->o.readers; i++) {
-			int64_t r = watch_check(&s->readers[i].conn, now);
+			int64_t r = watch_check(s, &s->readers[i].conn, now);
 			if (r < next)
 				next = r;
 		}
@@ -976,11 +1129,11 @@ static enum batch_outcome run_batch(struct cw_store *s, PGconn *c, struct job *l
 		}
 		if (!until)
 			return BATCH_DONE; /* every job answered: nothing to commit */
-		/* BEGIN, ROLLBACK and COMMIT are not cancelled, but a server
-		 * that does not answer them by WATCH_KILL_US past the deadline
-		 * (or past their start) has the connection shut down (the
-		 * watchdog). */
-		watch_arm(s, &s->wconn, until + WATCH_KILL_US, true);
+		/* BEGIN, ROLLBACK and COMMIT are not cancelled; past the
+		 * deadline (or a moment past their start) the watchdog pings the
+		 * server, and shuts the connection down only when it does not
+		 * answer. */
+		watch_arm(s, &s->wconn, until, true);
 		cw_err begun = store_exec(c, "BEGIN", e);
 		if (watch_disarm(&s->wconn) || begun)
 			return BATCH_CONN_LOST_BEFORE_COMMIT;
@@ -1028,7 +1181,7 @@ static enum batch_outcome run_batch(struct cw_store *s, PGconn *c, struct job *l
 		}
 		if (lost)
 			return BATCH_CONN_LOST_BEFORE_COMMIT;
-		int64_t end_by = (until > cw_now_us() ? until : cw_now_us()) + WATCH_KILL_US;
+		int64_t end_by = until > cw_now_us() + WATCH_AGAIN_US ? until : cw_now_us() + WATCH_AGAIN_US;
 		if (failed) {
 			cw_errmsg ignored;
 			watch_arm(s, &s->wconn, end_by, true);
@@ -1158,7 +1311,10 @@ static void writer_check(struct cw_store *s)
 		return;
 	cw_errmsg e;
 	if (had) {
-		watch_arm(s, &s->wconn, cw_now_us() + s->o.deadline_us, true);
+		/* Cancelled at its deadline as a job's statement is (not a
+		 * kill_only watch, which waits while the server answers a ping:
+		 * a writer's backend stuck alone would keep writes refused). */
+		watch_arm(s, &s->wconn, cw_now_us() + s->o.deadline_us, false);
 		cw_err rc = store_exec(s->wconn.c, "SELECT 1", &e);
 		if (watch_disarm(&s->wconn) || rc) {
 			conn_lost(s, &s->wconn);
@@ -1227,9 +1383,10 @@ static void *writer_main(void *arg)
 
 /* Runs j's read on rd's connection, its statements cancelled at j's
  * deadline (the watchdog: CW_ETIMEDOUT, the connection kept); false when
- * the server did not answer the cancel either and the watchdog shut the
- * connection down: it is finished here, and writes are refused until the
- * writer finds the database answering again. */
+ * the watchdog shut the connection down: it is finished here, and when
+ * the server did not answer the cancel either, writes are refused until
+ * the writer finds the database answering again (not for a statement that
+ * ran on while the server answered: a backend stuck alone). */
 static bool read_run(struct cw_store *s, struct reader *rd, struct job *j)
 {
 	watch_arm(s, &rd->conn, j->deadline_us, false);
@@ -1238,8 +1395,10 @@ static bool read_run(struct cw_store *s, struct reader *rd, struct job *j)
 		return true;
 	if (j->rc)
 		j->rc = cw_fail(&j->err, CW_ETIMEDOUT, "the database did not answer in time; its connection was dropped");
+	bool dead = conn_dead(&rd->conn);
 	conn_lost(s, &rd->conn);
-	db_down(s);
+	if (dead)
+		db_down(s);
 	return false;
 }
 
