@@ -167,17 +167,12 @@ static void probe_start(struct cw_app *app, struct cw_req *req, void *job, store
 	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
 	pthread_cond_init(&p->cv, &ca);
 	pthread_condattr_destroy(&ca);
-	pthread_t t;
-	pthread_attr_t a;
-	pthread_attr_init(&a);
-	pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
 	atomic_fetch_add(&app->afters, 1);
 	p->refs = 2;
-	if (pthread_create(&t, &a, probe_timer, p) != 0) { /* then the read's outcome alone, as before */
+	if (!cw_thread_detached(probe_timer, p)) { /* then the read's outcome alone, as before */
 		p->refs = 1;
 		atomic_fetch_sub(&app->afters, 1);
 	}
-	pthread_attr_destroy(&a);
 	cw_err rc = store_read(app->store, probe_query, probe_done, p);
 	if (rc) {
 		cw_errmsg e;
@@ -731,14 +726,8 @@ static void job_done(void *arg, cw_err rc, const cw_errmsg *e)
 		 * its own, counted, which the stop waits for (app_afters_wait)
 		 * however long the HTTP front's drain lasts. */
 		j->after_waits = false;
-		pthread_t t;
-		pthread_attr_t a;
-		pthread_attr_init(&a);
-		pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
 		atomic_fetch_add(&j->app->afters, 1);
-		bool started = pthread_create(&t, &a, after_thread, j) == 0;
-		pthread_attr_destroy(&a);
-		if (started)
+		if (cw_thread_detached(after_thread, j))
 			return;
 		atomic_fetch_sub(&j->app->afters, 1);
 	}

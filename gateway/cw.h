@@ -80,4 +80,8 @@ void cw_thread_name(const char *name);
 #include <pthread.h>
 bool cw_thread_start(pthread_t *t, void *(*fn)(void *), void *arg);
 
+/* The same, detached (nobody joins it: it frees what it holds itself);
+ * true when it started. */
+bool cw_thread_detached(void *(*fn)(void *), void *arg);
+
 #endif

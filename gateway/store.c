@@ -760,13 +760,7 @@ static bool watch_cancel(struct conn *sc)
 		cancel_put(x);
 		return true;
 	}
-	pthread_attr_t a;
-	pthread_t t;
-	pthread_attr_init(&a);
-	pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
-	bool started = pthread_create(&t, &a, watch_cancel_main, x) == 0;
-	pthread_attr_destroy(&a);
-	if (started)
+	if (cw_thread_detached(watch_cancel_main, x))
 		return true;
 	char err[256];
 	if (!PQcancel(x->pc, err, sizeof(err)))
@@ -822,13 +816,7 @@ static struct store_probe *probe_start(const char *url)
 	memcpy(p->url, url, n);
 	atomic_init(&p->refs, 2);
 	atomic_init(&p->state, PROBE_GOING);
-	pthread_attr_t a;
-	pthread_t t;
-	pthread_attr_init(&a);
-	pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
-	bool started = pthread_create(&t, &a, probe_main, p) == 0;
-	pthread_attr_destroy(&a);
-	if (!started) {
+	if (!cw_thread_detached(probe_main, p)) {
 		free(p);
 		return NULL;
 	}
@@ -1768,16 +1756,11 @@ static void cancel_in_background(struct store_canceller *k)
 		cancel_put(x);
 		return;
 	}
-	pthread_attr_t a;
-	pthread_t t;
-	pthread_attr_init(&a);
-	pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
-	if (pthread_create(&t, &a, cancel_main, x)) {
+	if (!cw_thread_detached(cancel_main, x)) {
 		LOG_KV(CW_LOG_WARN, "cannot cancel a statement at the stop", "detail", "cannot start a thread");
 		atomic_store(&x->sending, false);
 		cancel_put(x);
 	}
-	pthread_attr_destroy(&a);
 }
 
 void store_join_cancelling(pthread_t t, struct store_canceller *k, const struct timespec *grace_until)
