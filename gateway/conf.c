@@ -8,6 +8,7 @@
 #include "matrix/mx_id.h"
 #include "store.h"
 
+#include <arpa/inet.h>
 #include <ctype.h>
 #include <curl/curl.h>
 #include <errno.h>
@@ -602,7 +603,44 @@ static cw_err check_matrix_names(const struct cw_config *c, cw_errmsg *e)
 		return cw_fail(e, CW_EINVAL, "matrix.sender_localpart must be a Matrix localpart (1 to %d of a-z 0-9 "
 			       ". _ = - / +), not \"%.100s\"", MX_ID_MAX / 2,
 			       c->mx_sender_localpart ? c->mx_sender_localpart : "");
+	/* The part after ':' of the bot's and every ghost's id: one that is no
+	 * server name (a space, an '@', a port past 65535) was taken until the
+	 * thirty-fourth session, and no ghost's id parsed, nor matched the
+	 * registration's namespace: nothing was bridged. */
+	if (set(c->mx_server_name) &&
+	    (!mx_server_name_valid(c->mx_server_name) ||
+	     strlen(c->mx_sender_localpart) + strlen(c->mx_server_name) + 2 > MX_ID_MAX))
+		return cw_fail(e, CW_EINVAL, "matrix.server_name must be a Matrix server name (a DNS name or an IP "
+			       "address, a port may follow: example.org, example.org:8448, [::1]:8448) that leaves the "
+			       "bot's id @%s:NAME at most %d bytes, not \"%.100s\"", c->mx_sender_localpart, MX_ID_MAX,
+			       c->mx_server_name);
 	return CW_OK;
+}
+
+/* Whether s is a host getaddrinfo can look up: an IPv4 or IPv6 address,
+ * or a DNS name (letters, digits, '-', dot-separated labels of 1 to 63,
+ * at most 253 in all). */
+static bool host_ok(const char *s)
+{
+	unsigned char addr[16];
+	if (inet_pton(AF_INET, s, addr) == 1 || inet_pton(AF_INET6, s, addr) == 1)
+		return true;
+	size_t n = strlen(s), label = 0;
+	if (n == 0 || n > 253)
+		return false;
+	for (const char *p = s; *p; p++) {
+		if (*p == '.') {
+			if (label == 0)
+				return false;
+			label = 0;
+		} else if (isalnum((unsigned char)*p) || *p == '-') {
+			if (++label > 63)
+				return false;
+		} else {
+			return false;
+		}
+	}
+	return label > 0;
 }
 
 /* Values of the file's own syntax that the daemon could not use, found at
@@ -637,6 +675,12 @@ static cw_err check_values(const struct cw_config *c, cw_errmsg *e)
 	if (!tag_ok)
 		return cw_fail(e, CW_EINVAL, "peer.signature_tag must be 1 or more printable ASCII characters without "
 			       "'\"' or '\\', not \"%.100s\"", c->signature_tag ? c->signature_tag : "");
+	/* libstrophe connects to it as it stands: an empty one, or one with a
+	 * port or a space, was taken until the thirty-fourth session, and
+	 * every component stayed down, trying again for ever. */
+	if (!host_ok(c->xmpp_server_host ? c->xmpp_server_host : ""))
+		return cw_fail(e, CW_EINVAL, "xmpp.server_host must be a host name or an IP address (the port is "
+			       "xmpp.server_port), not \"%.100s\"", c->xmpp_server_host ? c->xmpp_server_host : "");
 	return CW_OK;
 }
 

@@ -358,7 +358,9 @@ int main(int argc, char **argv)
 		}
 		struct migration_set set;
 		if (migration_set_load(&set, cfg.schema_dir, &e)) {
-			fprintf(stderr, "causewayd: %s\n", e.msg);
+			/* named like every other option's error (until the
+			 * thirty-fourth session the option went unnamed) */
+			fprintf(stderr, "causewayd: database.schema_dir: %s\n", e.msg);
 			cfg_free(&cfg);
 			return 1;
 		}
@@ -404,7 +406,7 @@ int main(int argc, char **argv)
 
 	struct cw_app app = { .cfg = &cfg, .started_wall_ms = cw_wall_ms() };
 	if (migration_set_load(&app.migrations, cfg.schema_dir, &e)) {
-		LOG_KV(CW_LOG_ERROR, "cannot read the migrations", "detail", e.msg);
+		LOG_KV(CW_LOG_ERROR, "cannot read the migrations", "option", "database.schema_dir", "detail", e.msg);
 		cfg_free(&cfg);
 		return 1;
 	}

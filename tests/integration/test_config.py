@@ -143,6 +143,19 @@ REFUSED_AT_START = (
     # its signature (a review's probe).
     ("[server]\npublic_url = causeway.example.org\n",
      'server.public_url must be an absolute http or https URL with a host'),
+    # Until the thirty-fourth session taken as written: a server name that
+    # is none made every ghost's and the bot's id unparseable (nothing was
+    # bridged, and the registration's namespace matched no user), an XMPP
+    # host that is none left every component down, trying again for ever.
+    ("[matrix]\nserver_name = not a name\n", 'matrix.server_name must be a Matrix server name'),
+    ("[matrix]\nserver_name = example.org:99999\n", 'matrix.server_name must be a Matrix server name'),
+    ("[matrix]\nserver_name = @example.org\n", 'matrix.server_name must be a Matrix server name'),
+    # the bot's id, @sender_localpart:server_name, past 255 bytes
+    ("[matrix]\nsender_localpart = " + "b" * 100 + "\nserver_name = " + ".".join(["a" * 60] * 2 + ["a" * 38]) + "\n",
+     'matrix.server_name must be a Matrix server name'),
+    ("[xmpp]\nserver_host =\n", 'xmpp.server_host must be a host name or an IP address'),
+    ("[xmpp]\nserver_host = xmpp server\n", 'xmpp.server_host must be a host name or an IP address'),
+    ("[xmpp]\nserver_host = xmpp.example.org:5347\n", 'xmpp.server_host must be a host name or an IP address'),
 )
 
 
@@ -153,6 +166,22 @@ def test_check_config_refuses_what_the_start_would(tmp_path):
         text = text.replace("[server]\n", "")  # one [server] section: the head's
         r = run_causewayd(["--check-config", write(tmp_path, head + text)])
         assert r.returncode == 1 and why in r.stderr and "configuration valid" not in r.stdout, (text, r.stderr)
+
+
+def test_matrix_server_names_and_xmpp_hosts_of_every_form_are_taken(tmp_path):
+    """The forms the new checks take: a Matrix server name is a DNS name or
+    an IP literal, a port may follow; the XMPP host is one for
+    getaddrinfo."""
+    schema = os.path.join(TOP_SRCDIR, "schema")
+    head = f"[database]\nurl = postgresql:///x\nschema_dir = {schema}\n[server]\ndomain = example.org\n"
+    for name in ("example.org", "example.org:8448", "localhost", "127.0.0.1:8448", "[::1]:8448", "Matrix.Example.org"):
+        r = run_causewayd(["--check-config", write(tmp_path, f"{head}[matrix]\nserver_name = {name}\n")],
+                          env=key_env(tmp_path))
+        assert r.returncode == 0, (name, r.stderr)
+    for host in ("localhost", "127.0.0.1", "::1", "xmpp.example.org", "prosody"):
+        r = run_causewayd(["--check-config", write(tmp_path, f"{head}[xmpp]\nserver_host = {host}\n")],
+                          env=key_env(tmp_path))
+        assert r.returncode == 0, (host, r.stderr)
 
 
 def test_the_start_refuses_them_before_touching_the_database(tmp_path, empty_db_url, pg):
@@ -202,6 +231,21 @@ def test_environment_overrides_and_is_validated(tmp_path):
     assert "CAUSEWAY_SERVER_PORT" in r.stderr
     r = run_causewayd(["--check-config", p], env={"CAUSEWAY_DATABASE_SCHEMA_DIR": "/nonexistent"})
     assert r.returncode == 1 and "/nonexistent" in r.stderr
+
+
+def test_a_schema_dir_without_migrations_is_refused_naming_the_option(tmp_path):
+    """A bad database.schema_dir is refused by --check-config and the start
+    with the option's name, as every other option's (until the
+    thirty-fourth session: "schema directory /x: ...", the option unnamed)."""
+    for d, why in (("/nonexistent", "No such file or directory"), (str(tmp_path), "holds no NNN_name.sql")):
+        p = write(tmp_path, f"[database]\nurl = postgresql:///x\nschema_dir = {d}\n")
+        r = run_causewayd(["--check-config", p], env=key_env(tmp_path))
+        assert r.returncode == 1 and "causewayd: database.schema_dir: " in r.stderr, r.stderr
+        assert d in r.stderr and why in r.stderr, r.stderr
+        r = run_causewayd(["--config", p], env=key_env(tmp_path))
+        out = r.stdout + r.stderr
+        assert r.returncode == 1 and "option=database.schema_dir" in out and d in out and why in out, out
+        assert not (tmp_path / "signing.key").exists()  # stopped before it made anything
 
 
 def test_a_mistyped_environment_variable_is_refused(tmp_path):
