@@ -151,7 +151,8 @@ const struct cfg_option cfg_options[] = {
 	{ "matrix", "homeserver_url", CFG_STR, OFF(mx_homeserver_url), "", 0, 0, false, false,
 	  "client-server API base URL of the Matrix homeserver (e.g. http://127.0.0.1:8008); empty: the Matrix adapter is off" },
 	{ "matrix", "server_name", CFG_STR, OFF(mx_server_name), "", 0, 0, false, false,
-	  "the homeserver's server name (the part after ':' in its user ids); default server.domain" },
+	  "the homeserver's server name (the part after ':' in its user ids); default server.domain (localhost "
+	  "when that is empty too)" },
 	{ "matrix", "id", CFG_STR, OFF(mx_id), "causeway", 0, 0, false, false,
 	  "the application service's id in its registration" },
 	{ "matrix", "url", CFG_STR, OFF(mx_url), "", 0, 0, false, false,
