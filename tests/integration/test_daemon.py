@@ -8,7 +8,7 @@ import socket
 import subprocess
 import time
 
-from harness import CAUSEWAYD, N_MIGRATIONS, parse_logfmt, wait_until
+from harness import CAUSEWAYD, N_MIGRATIONS, SCHEMA_DIR, parse_logfmt, wait_until
 
 
 def test_healthz(daemon):
@@ -572,3 +572,19 @@ def test_listening_connections_keep_reading_their_notifications(daemon, pg, db_u
         raise AssertionError(pg.psql("SELECT string_agg(wait_event || ' ' || left(query, 60), E'\n') FROM pg_stat_activity "
                                      "WHERE application_name = 'causewayd'", db_url))
     assert daemon.get("/readyz").status_code == 200
+
+
+def test_sighup_without_a_configuration_file_is_ignored(make_daemon, db_url, tmp_path):
+    """A daemon configured by the environment alone has no file to re-read:
+    SIGHUP says so and changes nothing (docs/operations.md)."""
+    d = make_daemon(db_url, env={"CAUSEWAY_DATABASE_URL": db_url,
+                                 "CAUSEWAY_DATABASE_SCHEMA_DIR": SCHEMA_DIR,
+                                 "CAUSEWAY_PEER_SIGNING_KEY_FILE": str(tmp_path / "signing.key"),
+                                 "CAUSEWAY_SERVER_PORT": "0"})
+    d.config_path = ""  # --config "": no file
+    d.start()
+    n = len(d.records)
+    d.signal(signal.SIGHUP)
+    rec = d.wait_for(lambda r: r.get("msg", "").startswith("SIGHUP ignored"), start=n)
+    assert rec["level"] == "warn" and "no configuration file" in rec["msg"], rec
+    assert d.get("/healthz").status_code == 200
