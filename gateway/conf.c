@@ -53,8 +53,9 @@ const struct cfg_option cfg_options[] = {
 	{ "server", "media_fetches", CFG_INT, OFF(media_fetches), "4", 1, 64, false, false,
 	  "files fetched at once for peers, links in XMPP messages and vCard photos (more: 503 / resource-constraint, try again)" },
 	{ "server", "media_link_lifetime_s", CFG_INT, OFF(media_link_lifetime_s), "604800", 60, 31622400, false, false,
-	  "how long a link to a peer's file in an XMPP message (/media/...) can be followed (later: 410), and a "
-	  "local user's file offered to a peer (/v1/media/...) fetched (later: 404), in seconds (7 days)" },
+	  "how long a link to a peer's file in an XMPP message (/media/...) can be followed (later: 410), and how "
+	  "long a peer may fetch a local user's file offered to it (/v1/media/..., from when the event was sent or "
+	  "pulled; later: 404), in seconds (7 days)" },
 	{ "server", "media_private_addresses", CFG_BOOL, OFF(media_private_addresses), "false", 0, 0, false, false,
 	  "let fetches of URLs a peer names (its files, avatars) reach loopback, private and link-local addresses "
 	  "(a test set-up, or a peer's store on your private network); off, they are refused (SSRF)" },
@@ -903,13 +904,55 @@ static const char *type_name(enum cfg_type t)
 	return "?";
 }
 
+/* A size as the file would say it: in the largest unit that divides it. */
+static void size_text(long n, char *buf, size_t len)
+{
+	static const char *const unit[] = { "GiB", "MiB", "KiB" };
+	for (int k = 0; k < 3; k++) {
+		long m = 1L << (10 * (3 - k));
+		if (n >= m && n % m == 0) {
+			snprintf(buf, len, "%ld%s", n / m, unit[k]);
+			return;
+		}
+	}
+	snprintf(buf, len, "%ld", n);
+}
+
+/* The seventh column, the values taken (a number out of it is refused,
+ * naming the range): since the thirty-fourth session, so that the
+ * documentation's table can show them and a test compare it. */
+static void cfg_range_text(const struct cfg_option *o, char *buf, size_t len)
+{
+	char lo[24], hi[24];
+	switch (o->type) {
+	case CFG_INT:
+		snprintf(buf, len, "%ld..%ld", o->min, o->max);
+		return;
+	case CFG_SIZE:
+		size_text(o->min, lo, sizeof(lo));
+		size_text(o->max, hi, sizeof(hi));
+		snprintf(buf, len, "%s..%s", lo, hi);
+		return;
+	case CFG_BOOL:
+		snprintf(buf, len, "true, false");
+		return;
+	case CFG_LOGLEVEL:
+		snprintf(buf, len, "error, warn, info, debug");
+		return;
+	case CFG_STR:
+		break;
+	}
+	snprintf(buf, len, "%s", "");
+}
+
 void cfg_list_options(FILE *out)
 {
 	for (size_t i = 0; i < cfg_option_count; i++) {
 		const struct cfg_option *o = &cfg_options[i];
-		char env[128];
+		char env[128], range[96];
 		cfg_env_name(o, env, sizeof(env));
-		fprintf(out, "%s.%s\t%s\t%s\t%s\t%s\t%s\n", o->section, o->name, type_name(o->type),
-			o->def, o->reloadable ? "reloadable" : "restart", env, o->doc);
+		cfg_range_text(o, range, sizeof(range));
+		fprintf(out, "%s.%s\t%s\t%s\t%s\t%s\t%s\t%s\n", o->section, o->name, type_name(o->type),
+			o->def, o->reloadable ? "reloadable" : "restart", env, o->doc, range);
 	}
 }

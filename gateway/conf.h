@@ -152,7 +152,9 @@ void cfg_value_text(const struct cw_config *c, const struct cfg_option *o,
  * options changed. */
 int cfg_apply_reload(struct cw_config *c, const struct cw_config *next);
 
-/* Prints the option table: name, type, default, reloadable, doc. */
+/* Prints the option table, a line an option, tab-separated: name, type,
+ * default, reloadable or restart, environment variable, doc, and the values
+ * taken (MIN..MAX of a number; empty for a string). */
 void cfg_list_options(FILE *out);
 
 #endif

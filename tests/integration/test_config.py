@@ -11,7 +11,7 @@ def options():
     r = run_causewayd(["--list-options"])
     assert r.returncode == 0
     rows = [line.split("\t") for line in r.stdout.splitlines()]
-    assert all(len(row) == 6 for row in rows)
+    assert all(len(row) == 7 for row in rows)
     return {row[0]: row for row in rows}
 
 
@@ -299,7 +299,32 @@ def test_docs_list_exactly_the_options_of_the_table():
     for name, row in table.items():
         env = row[4]
         assert f"`{env}`" in doc, f"{env} not in docs/configuration.md"
+    # Each row's type, default, range (since the thirty-fourth session: the
+    # page gave none, and an operator learnt them from the refusals),
+    # applies, environment and meaning are the code's.
+    for m in re.finditer(r"^\| `([a-z0-9_]+\.[a-z0-9_]+)` \| (.*) \|$", doc, re.M):
+        typ, default, rng, applies, env, meaning = m.group(2).split(" | ", 5)
+        row = table[m.group(1)]
+        default = "" if default == "(empty)" else default.strip("`").split("`")[-1].strip("`")
+        assert (typ, default, rng.strip(), applies, env.strip("`"), meaning) == \
+            (row[1], row[2], row[6], row[3], row[4], row[5]), m.group(1)
 
+
+def test_both_ends_of_every_documented_range_are_taken(tmp_path):
+    """Every number at the low end of its range (docs/configuration.md's
+    range column), then every one at the high end, is a file the daemon
+    takes: no check of the options together refuses what the table
+    allows. One past an end is refused (check_conf.c,
+    numbers_take_their_range_and_nothing_past_it)."""
+    schema = os.path.join(TOP_SRCDIR, "schema")
+    head = f"[database]\nurl = postgresql:///x\nschema_dir = {schema}\n"
+    ranges = {name: row[6].split("..") for name, row in options().items() if row[1] in ("integer", "size")}
+    for end in (0, 1):
+        env = key_env(tmp_path, **{options()[name][4]: r[end] for name, r in ranges.items()})
+        r = run_causewayd(["--check-config", write(tmp_path, head)], env=env)
+        assert r.returncode == 0, (end, r.stderr)
+    r = run_causewayd(["--check-config", write(tmp_path, head)], env=key_env(tmp_path, CAUSEWAY_SERVER_PORT="65536"))
+    assert r.returncode == 1 and "server.port: 65536 is out of range 0..65535" in r.stderr, r.stderr
 
 def test_example_config_lists_every_option_with_its_default():
     table = options()

@@ -237,6 +237,38 @@ START_TEST(table_is_well_formed)
 }
 END_TEST
 
+/* Every number takes both ends of its range (docs/configuration.md's
+ * range column, from --list-options) and refuses one past either, naming
+ * the option and the range. */
+START_TEST(numbers_take_their_range_and_nothing_past_it)
+{
+	for (size_t i = 0; i < cfg_option_count; i++) {
+		const struct cfg_option *o = &cfg_options[i];
+		if (o->type != CFG_INT && o->type != CFG_SIZE)
+			continue;
+		const long values[] = { o->min, o->max, o->min - 1, o->max + 1 };
+		for (size_t k = 0; k < 4; k++) {
+			struct cw_config c;
+			cfg_defaults(&c);
+			char v[32], want[160];
+			snprintf(v, sizeof(v), "%ld", values[k]);
+			cw_errmsg e = { 0 };
+			cw_err rc = cfg_set(&c, o->section, o->name, v, &e);
+			if (k < 2) {
+				ck_assert_msg(rc == CW_OK, "%s.%s = %s refused: %s", o->section, o->name, v, e.msg);
+				ck_assert_int_eq(*(const long *)((const char *)&c + o->offset), values[k]);
+			} else {
+				snprintf(want, sizeof(want), "%s.%s: %ld is out of range %ld..%ld", o->section, o->name,
+					 values[k], o->min, o->max);
+				ck_assert_msg(rc == CW_EINVAL && strstr(e.msg, want), "%s.%s = %s: %s", o->section,
+					      o->name, v, e.msg);
+			}
+			cfg_free(&c);
+		}
+	}
+}
+END_TEST
+
 START_TEST(secrets_are_masked)
 {
 	struct cw_config c;
@@ -285,6 +317,7 @@ int main(void)
 	tcase_add_test(tc, missing_file_is_an_error);
 	tcase_add_test(tc, env_names_follow_section_and_option);
 	tcase_add_test(tc, table_is_well_formed);
+	tcase_add_test(tc, numbers_take_their_range_and_nothing_past_it);
 	tcase_add_test(tc, secrets_are_masked);
 	tcase_add_test(tc, reload_takes_only_reloadable_options);
 	tcase_add_test(tc, registration_takes_a_homeserver_without_tokens);
