@@ -290,6 +290,29 @@ def test_usage_errors():
     assert r.returncode == 0 and r.stdout.startswith("causewayd ")
 
 
+def test_the_command_line_is_the_documented_one(tmp_path):
+    """docs/configuration.md's table of commands names every option the
+    usage does, and the exit codes it gives are the daemon's."""
+    usage = run_causewayd(["--help"])
+    assert usage.returncode == 0
+    doc = open(os.path.join(TOP_SRCDIR, "docs", "configuration.md")).read()
+    commands = doc[doc.index("The command line of `causewayd`"):doc.index("- `causewayd --check-config FILE` validates")]
+    assert set(re.findall(r"--[a-z][a-z-]*", usage.stdout)) == set(re.findall(r"--[a-z][a-z-]*", commands))
+    for args in (["--bogus"], ["extra"], ["--check-config"], ["-c"], ["--bogus", "--version"]):
+        r = run_causewayd(args)
+        assert r.returncode == 2 and "Usage: causewayd" in r.stderr, args
+    assert run_causewayd(["--list-options", "--bogus"]).returncode == 0
+    # --check-config goes before --matrix-registration and --migrate, and
+    # reads neither --config nor CAUSEWAY_CONFIG
+    good = write(tmp_path, f"[database]\nurl = postgresql:///x\nschema_dir = {SCHEMA_DIR}\n")
+    bad = tmp_path / "bad.ini"
+    bad.write_text("[server]\nport = banana\n")
+    for args in (["--migrate", "--check-config", good, "--config", str(bad)],
+                 ["--check-config", good, "--matrix-registration"]):
+        r = run_causewayd(args, env=key_env(tmp_path, CAUSEWAY_CONFIG=str(bad)))
+        assert r.returncode == 0 and "configuration valid" in r.stdout, (args, r.stderr)
+
+
 def test_docs_list_exactly_the_options_of_the_table():
     table = options()
     doc = open(os.path.join(TOP_SRCDIR, "docs", "configuration.md")).read()
