@@ -472,6 +472,33 @@ static bool url_lacks(CURLU *u, CURLUPart part, CURLUcode none)
 	return rc == none;
 }
 
+/* s as a refusal may quote it: a URL is refused when it carries a user
+ * (matrix.homeserver_url, server.public_url, ...), and the password after
+ * it must not reach the terminal or a log (docs/security.md: secrets never
+ * in logs).  libcurl's parser takes the password out; a value it cannot
+ * parse is not quoted at all when it has an '@'.  Until the thirty-fourth
+ * session the whole value was quoted. */
+static void url_quotable(const char *s, char *buf, size_t len)
+{
+	CURLU *u = curl_url();
+	char *pw = NULL, *out = NULL;
+	bool parsed = u && curl_url_set(u, CURLUPART_URL, s, CURLU_NON_SUPPORT_SCHEME) == CURLUE_OK;
+	if (parsed && curl_url_get(u, CURLUPART_PASSWORD, &pw, 0) == CURLUE_OK) {
+		if (curl_url_set(u, CURLUPART_PASSWORD, "(password not shown)", 0) == CURLUE_OK &&
+		    curl_url_get(u, CURLUPART_URL, &out, 0) == CURLUE_OK)
+			snprintf(buf, len, "%s", out);
+		else
+			snprintf(buf, len, "%s", "(not shown: it has a password)");
+	} else if (!parsed && strchr(s, '@')) {
+		snprintf(buf, len, "%s", "(not shown: it may have a password)");
+	} else {
+		snprintf(buf, len, "%s", s);
+	}
+	curl_free(pw);
+	curl_free(out);
+	curl_url_cleanup(u);
+}
+
 /* Whether s is an absolute URL with a host and without a user or password,
  * https (or http too, http_too); libcurl's parser, which the daemon's
  * fetches use too.  base: without a query or fragment either (a base URL
@@ -655,10 +682,13 @@ static cw_err check_values(const struct cw_config *c, cw_errmsg *e)
 	const struct {
 		const char *name, *value;
 	} urls[] = { { "matrix.homeserver_url", c->mx_homeserver_url }, { "matrix.url", c->mx_url } };
+	char shown[256];
 	for (size_t i = 0; i < sizeof(urls) / sizeof(urls[0]); i++)
-		if (set(urls[i].value) && !web_url_ok(urls[i].value, true, true))
+		if (set(urls[i].value) && !web_url_ok(urls[i].value, true, true)) {
+			url_quotable(urls[i].value, shown, sizeof(shown));
 			return cw_fail(e, CW_EINVAL, "%s must be an http or https URL with a host (and without a user, "
-				       "query or fragment), not \"%.200s\"", urls[i].name, urls[i].value);
+				       "query or fragment), not \"%.200s\"", urls[i].name, shown);
+		}
 	if (set(c->ca_file)) {
 		struct stat st;
 		FILE *f = fopen(c->ca_file, "r");
@@ -741,17 +771,22 @@ static cw_err cfg_check(const struct cw_config *c, bool need_tokens, cw_errmsg *
 			       "(such as example.org), not \"%.100s\": %s", c->domain, de.msg);
 	/* Until the thirty-first session any value was taken: one without a
 	 * scheme started, and every peer request then failed its signature. */
-	if (set(c->public_url) && !public_url_ok(c->public_url))
+	char shown[256];
+	if (set(c->public_url) && !public_url_ok(c->public_url)) {
+		url_quotable(c->public_url, shown, sizeof(shown));
 		return cw_fail(e, CW_EINVAL,
 			       "server.public_url must be an absolute http or https URL with a host (a port and a path "
 			       "may follow), without a user, query or fragment, at most %d bytes, such as "
 			       "https://causeway.example.org; not \"%.200s\"",
-			       CFG_PUBLIC_URL_MAX, c->public_url);
+			       CFG_PUBLIC_URL_MAX, shown);
+	}
 	/* Both are shown to every peer as they are: a value a peer cannot
 	 * follow is refused at start, not found out by the peer. */
-	if (set(c->policy_url) && !https_url_ok(c->policy_url))
+	if (set(c->policy_url) && !https_url_ok(c->policy_url)) {
+		url_quotable(c->policy_url, shown, sizeof(shown));
 		return cw_fail(e, CW_EINVAL, "server.policy_url must be an https URL with a host, not \"%.200s\"",
-			       c->policy_url);
+			       shown);
+	}
 	if (set(c->abuse_contact) && !https_url_ok(c->abuse_contact) && !mailto_ok(c->abuse_contact))
 		return cw_fail(e, CW_EINVAL, "server.abuse_contact must be an https URL or a mailto: address, not \"%.200s\"",
 			       c->abuse_contact);

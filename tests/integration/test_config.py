@@ -159,6 +159,36 @@ REFUSED_AT_START = (
 )
 
 
+def test_a_refused_url_is_quoted_without_its_password(tmp_path):
+    """A URL with a user is refused, and the refusal quotes the value: until
+    the thirty-fourth session with the password in it, on the terminal and
+    in whatever collects the daemon's output.  Now libcurl's parser takes
+    the password out; a value it cannot parse is not quoted if it has an
+    '@'."""
+    schema = os.path.join(TOP_SRCDIR, "schema")
+    head = f"[database]\nurl = postgresql:///x\nschema_dir = {schema}\n[server]\ndomain = example.org\n"
+    cases = (
+        ("[matrix]\nhomeserver_url = http://bob:hunter2@hs.example.org\nas_token = a\nhs_token = h\n",
+         "matrix.homeserver_url must be", "bob:(password not shown)@hs.example.org"),
+        ("[matrix]\nhomeserver_url = http://127.0.0.1:8008\nurl = https://as:hunter2@as.example.org:9000\n"
+         "as_token = a\nhs_token = h\n", "matrix.url must be", "as:(password not shown)@as.example.org:9000"),
+        ("public_url = https://op:hunter2@causeway.example.org\n", "server.public_url must be",
+         "op:(password not shown)@causeway.example.org"),
+        ("policy_url = https://op:hunter2@policy.example.org/terms\n", "server.policy_url must be",
+         "op:(password not shown)@policy.example.org/terms"),
+        ("[matrix]\nhomeserver_url = http://bob:hunter2@[bad\nas_token = a\nhs_token = h\n",
+         "matrix.homeserver_url must be", "(not shown: it may have a password)"),
+    )
+    for text, why, shown in cases:
+        r = run_causewayd(["--check-config", write(tmp_path, head + text)])
+        assert r.returncode == 1 and why in r.stderr and shown in r.stderr, (text, r.stderr)
+        assert "hunter2" not in r.stderr + r.stdout, (text, r.stderr)
+    # Without a password the value is quoted as it is.
+    r = run_causewayd(["--check-config", write(tmp_path, head + "[matrix]\nhomeserver_url = http://bob@hs.example.org"
+                                                             "\nas_token = a\nhs_token = h\n")])
+    assert r.returncode == 1 and '"http://bob@hs.example.org"' in r.stderr, r.stderr
+
+
 def test_check_config_refuses_what_the_start_would(tmp_path):
     schema = os.path.join(TOP_SRCDIR, "schema")
     head = f"[database]\nurl = postgresql:///x\nschema_dir = {schema}\n[server]\ndomain = example.org\n"
