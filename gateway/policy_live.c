@@ -48,6 +48,8 @@ static void settings_defaults(struct policy_settings *s)
 	s->identifier_queries_per_minute = 60;
 	s->peer_updates_per_minute = 600;
 	s->user_updates_per_minute = 30;
+	s->fingerprint = 0;
+	s->mode_rule_expiry_in_ms = 0;
 }
 
 /* One settings row (value is JSON text). */
@@ -126,10 +128,24 @@ static cw_err load_all(PGconn *c, struct policy_builder *b, void *arg, cw_errmsg
 	fp = fp_mix(fp, set->optin_default ? "t" : "f");
 
 	if ((rc = query(c, "SELECT id, scope, pattern, coalesce(mode, ''), limits::text, "
-			   " coalesce((extract(epoch FROM expires_at) * 1000)::bigint, 0) "
+			   " coalesce((extract(epoch FROM expires_at) * 1000)::bigint, 0), "
+			   " ceil(extract(epoch FROM expires_at - now()) * 1000)::bigint "
 			   "FROM rules WHERE enabled AND (expires_at IS NULL OR expires_at > now())", &r, e)))
 		return rc;
+	set->mode_rule_expiry_in_ms = 0;
 	for (int i = 0; i < PQntuples(r); i++) {
+		/* A rule with a mode that expires changes the verdicts of the
+		 * rows waiting (an open rule under a closed default, say): the
+		 * reload after its expiry decides them again.  Until the
+		 * thirty-fourth session that reload came with
+		 * policy.reload_interval_s (a minute by default), and a row
+		 * backing off was delivered meanwhile under a rule no longer in
+		 * force.  Measured on the database's clock, as expires_at is. */
+		if (PQgetvalue(r, i, 3)[0] && !PQgetisnull(r, i, 6)) {
+			int64_t in = strtoll(PQgetvalue(r, i, 6), NULL, 10);
+			if (in > 0 && (set->mode_rule_expiry_in_ms == 0 || in < set->mode_rule_expiry_in_ms))
+				set->mode_rule_expiry_in_ms = in;
+		}
 		/* Only what a recheck's verdict reads: a rule with a mode (deny,
 		 * closed, allowlist, open), not its limits.  A rule of limits
 		 * alone (the automatic ones reports make, docs/policy.md) changes
@@ -1704,6 +1720,17 @@ static void *live_main(void *arg)
 		if (!users && (want || pl->want_full || pl->npending || now >= next_reload)) {
 			loaded = reload(pl);
 			next_reload = now + (loaded ? pl->o.reload_interval_s * 1000000LL : 1000000); /* failed: soon */
+			if (loaded) {
+				/* Just past the first expiry of a rule with a mode
+				 * (mode_rule_expiry_in_ms): its reload finds the
+				 * rule gone, and the changed fingerprint decides
+				 * the waiting rows again. */
+				struct policy_view *v = policy_live_get(pl);
+				int64_t in = v->set.mode_rule_expiry_in_ms;
+				policy_view_put(v);
+				if (in > 0 && now + (in + 100) * 1000LL < next_reload)
+					next_reload = now + (in + 100) * 1000LL;
+			}
 		}
 		pl->npending = 0;
 		pl->want_full = false;

@@ -38,6 +38,11 @@ struct policy_settings {
 	 * changes, the rows not handed over yet are decided again
 	 * (policy_recheck_rows).  An overlay's is its base's. */
 	uint64_t fingerprint;
+	/* Milliseconds from the load (the database's clock) to the first
+	 * expiry of a rule with a mode in force, 0 for none: the policy
+	 * thread reloads then, so that the rows waiting are decided again
+	 * without it (docs/policy.md, "Consent and the sweep"). */
+	int64_t mode_rule_expiry_in_ms;
 };
 
 struct policy_view {

@@ -1760,6 +1760,43 @@ def test_a_change_of_the_rules_stops_what_waits_for_delivery(daemon, peers, pg, 
     assert "recheck of waiting rows failed" not in daemon.log()
 
 
+def test_the_expiry_of_a_rule_decides_the_waiting_rows_again_when_it_comes(make_daemon, db_url, pg):
+    """An open rule with an expiry under a closed server: once it expires,
+    what waits from that domain is refused as a new message is, without
+    waiting for policy.reload_interval_s (here an hour).  Until the
+    thirty-fourth session the pass came with the next periodic reload, a
+    minute by default, and a row backing off was delivered meanwhile
+    under a rule no longer in force."""
+    d = make_daemon(db_url, options={"policy": {"reload_interval_s": "3600"}}).start()
+    (a, srv), (_, srv2) = push_peers(d)
+    try:
+        opt_in(d)
+        opt_in(d, user=BOB)
+        consent(d, a.user("wally"), "allowed")
+        rule = d.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example", "mode": "open",
+                                               "expires_in_s": 3600})
+        assert rule.status_code == 201, rule.text
+        assert d.admin("PATCH", "/settings", json={"policy.default_mode": "closed"}).ok
+        room, to_bob = dm(a), dm(a, local=BOB)
+        waiting = send(a, room, "waiting").json()["id"]
+        held = send(a, to_bob, "held").json()["id"]
+        assert dict(states(pg, db_url, [waiting, held])) == {waiting: "pending", held: "held"}
+        # The rule's expiry two seconds from now, read by every process.
+        pg.psql("UPDATE rules SET expires_at = now() + interval '2 seconds' WHERE id = %d; "
+                "NOTIFY causeway_policy" % rule.json()["id"], db_url)
+        wait_until(lambda: dict(states(pg, db_url, [waiting, held])) == {waiting: "dropped", held: "dropped"},
+                   timeout=20, what="the expiry's pass")
+        why = decision(d, waiting)
+        assert why["recipients"][0]["reason"] == "server_closed" and why["content_deleted"], why
+        assert why["decisions"][-1]["details"] == {"by": "sweep"}, why
+        # A new message is refused as they were.
+        new = send(a, room, "new").json()["id"]
+        assert states(pg, db_url, [new]) == [(new, "dropped")]
+    finally:
+        srv.close()
+        srv2.close()
+
+
 def test_a_dead_letter_the_rules_now_refuse_is_not_replayed(daemon, peers, pg, db_url):
     """A dead letter whose sender the server now denies is not sent again
     by a replay: the replay answers 409 and drops it (its content erased,
