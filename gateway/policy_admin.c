@@ -600,10 +600,43 @@ void policy_admin_rule_delete(struct cw_req *req, void *ctx)
 
 /* ------------------------------------------------------------ settings */
 
+/* Every policy.* setting with its default (policy_settings_defaults), as
+ * JSON text to free, or NULL (out of memory). */
+static char *settings_defaults_json(void)
+{
+	struct policy_settings d;
+	policy_settings_defaults(&d);
+	json_t *o = json_pack("{s:s, s:b, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I}", "policy.default_mode",
+			      policy_mode_name(d.default_mode), "policy.optin_default", d.optin_default,
+			      "policy.held_expiry_seconds", (json_int_t)d.held_expiry_s,
+			      "policy.consent_request_window_seconds", (json_int_t)d.consent_window_s,
+			      "policy.report_limit_threshold", (json_int_t)d.report_threshold,
+			      "policy.report_window_seconds", (json_int_t)d.report_window_s,
+			      "policy.report_limit_messages_per_minute", (json_int_t)d.report_limit_per_minute,
+			      "policy.report_limit_seconds", (json_int_t)d.report_limit_s,
+			      "policy.identifier_queries_per_minute", (json_int_t)d.identifier_queries_per_minute,
+			      "policy.peer_updates_per_minute", (json_int_t)d.peer_updates_per_minute,
+			      "policy.user_updates_per_minute", (json_int_t)d.user_updates_per_minute);
+	char *text = o ? json_dumps(o, JSON_COMPACT) : NULL;
+	json_decref(o);
+	return text;
+}
+
+/* The settings in force: each stored one, and the default of each never
+ * set.  Until the thirty-fourth session only the stored ones were shown:
+ * the three settings no migration seeds (policy.identifier_queries_per_minute,
+ * policy.peer_updates_per_minute, policy.user_updates_per_minute) were
+ * missing from the answer until an operator set them, though in force. */
 void policy_admin_settings_get(struct cw_req *req, void *ctx)
 {
-	aq_run(ctx, req, aq_new("SELECT coalesce(jsonb_object_agg(key, value), '{}'::jsonb)::text FROM settings "
-				"WHERE key LIKE 'policy.%'"));
+	char *dflt = settings_defaults_json();
+	struct aq *q = dflt ? aq_new("SELECT ($1::jsonb || coalesce(jsonb_object_agg(key, value), '{}'::jsonb))::text "
+				     "FROM settings WHERE key LIKE 'policy.%'")
+			    : NULL;
+	if (q)
+		aq_param(q, dflt);
+	free(dflt);
+	aq_run(ctx, req, q);
 }
 
 struct setting_def {
@@ -665,16 +698,22 @@ void policy_admin_settings_update(struct cw_req *req, void *ctx)
 		"WITH up AS (INSERT INTO settings (key, value, updated_by) SELECT key, value, $2 "
 		" FROM jsonb_each($1::jsonb) ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
 		" updated_by = excluded.updated_by, updated_at = now() RETURNING key, value) "
-		"SELECT (SELECT jsonb_object_agg(key, value) FROM (SELECT key, value FROM settings WHERE key LIKE 'policy.%' "
-		" AND key NOT IN (SELECT key FROM up) UNION ALL SELECT key, value FROM up) s)::text");
-	char *text = json_dumps(body, JSON_COMPACT);
+		"SELECT ($3::jsonb || (SELECT jsonb_object_agg(key, value) FROM (SELECT key, value FROM settings "
+		" WHERE key LIKE 'policy.%' AND key NOT IN (SELECT key FROM up) UNION ALL SELECT key, value FROM up) s))::text");
+	char *text = json_dumps(body, JSON_COMPACT), *dflt = settings_defaults_json();
 	json_decref(body);
+	if (q && (!text || !dflt)) {
+		aq_free(q);
+		q = NULL;
+	}
 	if (q) {
 		aq_param(q, text);
 		aq_param(q, admin_actor(req));
+		aq_param(q, dflt);
 		q->action = "settings.update";
 	}
 	free(text);
+	free(dflt);
 	aq_run(ctx, req, q);
 }
 

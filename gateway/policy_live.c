@@ -35,7 +35,7 @@ static int64_t setting_int(const char *text, int64_t dflt, int64_t lo, int64_t h
 	return (*text && !*end && v >= lo && v <= hi) ? v : dflt;
 }
 
-static void settings_defaults(struct policy_settings *s)
+void policy_settings_defaults(struct policy_settings *s)
 {
 	s->default_mode = POLICY_MODE_OPEN;
 	s->optin_default = false;
@@ -255,7 +255,7 @@ static cw_err load_view(PGconn *c, uint64_t version, struct policy_builder *b, f
 cw_err policy_load(PGconn *c, uint64_t version, struct policy_view **out, cw_errmsg *e)
 {
 	struct policy_settings set;
-	settings_defaults(&set);
+	policy_settings_defaults(&set);
 	cw_err rc = load_view(c, version, policy_builder_new(), load_all, &set, cw_now_us(), out, e);
 	if (!rc)
 		(*out)->set = set;

@@ -45,6 +45,10 @@ struct policy_settings {
 	int64_t mode_rule_expiry_in_ms;
 };
 
+/* The settings as they are where none is stored (the settings table holds
+ * only those set, and the migrations' seeds). */
+void policy_settings_defaults(struct policy_settings *s);
+
 struct policy_view {
 	struct policy_snapshot *snap;
 	struct policy_settings set;

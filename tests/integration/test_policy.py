@@ -1630,6 +1630,25 @@ def test_a_none_consent_for_a_user_not_known_makes_no_user(daemon, pg, db_url):
     assert len(rows) == 1 and rows[0]["optins"] == {"peer:gk": True}
 
 
+def test_the_settings_show_every_setting_in_force_with_its_default(daemon, pg, db_url):
+    """GET /settings answers every policy.* setting, the default of one
+    never set included.  Until the thirty-fourth session it showed the
+    stored ones alone: the three no migration seeds were missing until an
+    operator set them, though in force with their defaults."""
+    want = {"policy.default_mode": "open", "policy.optin_default": False, "policy.held_expiry_seconds": 604800,
+            "policy.consent_request_window_seconds": 86400, "policy.report_limit_threshold": 3,
+            "policy.report_window_seconds": 86400, "policy.report_limit_messages_per_minute": 1,
+            "policy.report_limit_seconds": 86400, "policy.identifier_queries_per_minute": 60,
+            "policy.peer_updates_per_minute": 600, "policy.user_updates_per_minute": 30}
+    assert daemon.admin("GET", "/settings").json() == want
+    r = daemon.admin("PATCH", "/settings", json={"policy.peer_updates_per_minute": 50})
+    assert r.status_code == 200 and r.json() == dict(want, **{"policy.peer_updates_per_minute": 50}), r.text
+    assert daemon.admin("GET", "/settings").json() == r.json()
+    # Nothing but the change is stored.
+    assert pg.psql("SELECT count(*) FROM settings WHERE key IN ('policy.identifier_queries_per_minute', "
+                   "'policy.user_updates_per_minute')", db_url) == "0"
+
+
 def test_admin_policy_needs_the_admin_token(daemon):
     for method, path in (("GET", "/rules"), ("POST", "/rules"), ("GET", "/audit"), ("POST", "/consents"),
                          ("GET", "/held"), ("PATCH", "/settings"), ("DELETE", "/rules/1")):
