@@ -1029,6 +1029,21 @@ def report_wally(daemon, a):
     assert rule["limits"] == {"messages_per_minute": 10, "in_addition": True}
 
 
+def test_a_report_threshold_of_zero_limits_no_one(daemon, pg, db_url):
+    """policy.report_limit_threshold 0 (PATCH takes it) turns the automatic
+    limit off: reports are stored and counted, no rule is made."""
+    # A change is answered once it is in force in the process answering.
+    assert daemon.admin("PATCH", "/settings", json={"policy.report_limit_threshold": 0}).ok
+    for reporter in (ALICE, BOB, "mimi://example.org/u/carol", None):
+        body = {"subject": "mimi://wa.example/u/spammer", "reason": "spam"}
+        if reporter:
+            body["reporter"] = reporter
+        r = daemon.admin("POST", "/reports", json=body)
+        assert r.status_code == 201 and r.json()["limit_rule_id"] is None, r.text
+    assert r.json()["reporters_in_window"] == 4
+    assert pg.psql("SELECT count(*) FROM rules", db_url) == "0"
+
+
 def test_an_automatic_report_limit_only_tightens(daemon, peers, pg, db_url):
     """The automatic limit after abuse reports is charged on top of the
     reported user's domain's limit, never instead: wa.example may send 3
