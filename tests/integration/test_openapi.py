@@ -230,6 +230,21 @@ def test_every_authenticated_operation_documents_invalid_query(doc):
     assert not query_400_faults(doc, lambda m, p: routes[(m, p)] != "CW_AUTH_NONE")
 
 
+def test_every_authenticated_operation_documents_invalid_header(doc):
+    """Every signed request's headers are checked before its handler
+    (a Content-Type or Idempotency-Key sent twice, a folded line: 400
+    invalid_header, docs/interop-api.md): until the thirty-fourth session
+    the GETs, the rename and the batch did not say so."""
+    routes = api_routes()
+    faults = []
+    for method, path, op in operations(doc):
+        if routes[(method, path)] != "CW_AUTH_NONE":
+            resp = deref(doc, op["responses"].get("400", {}))
+            if "invalid_header" not in [c for _, n in walk(resp) for c in n.get("code", {}).get("enum", [])]:
+                faults.append((method, path))
+    assert not faults, faults
+
+
 def test_every_operation_with_a_body_documents_too_large(doc):
     """Until the thirty-second session PATCH /v1/rooms/{room} did not."""
     assert not too_large_faults(doc)
@@ -257,3 +272,99 @@ def test_unauthenticated_gets_match_their_schema(daemon, doc):
         assert not faults, (path, faults)
         checked += 1
     assert checked >= 1
+
+
+# ------------------------------------------------------------ the answers
+
+class Answer:
+    """An answer read by hand (test_peer_auth.send_lines), as requests'."""
+
+    def __init__(self, status, body):
+        self.status_code, self.body = status, body
+        self.text = json.dumps(body)
+
+    def json(self):
+        return self.body
+
+
+def documented(doc, method, path, r):
+    """Faults if the answer r to METHOD path is not one the document
+    lists: its status among the operation's responses, and a problem's
+    code in that response's code enum."""
+    op = doc["paths"][path][method.lower()]
+    resp = op["responses"].get(str(r.status_code))
+    if resp is None:
+        return [f"{method} {path}: {r.status_code} is not documented ({r.text[:200]})"]
+    if r.status_code < 400:
+        return []
+    codes = [c for _, n in walk(deref(doc, resp)) for c in n.get("code", {}).get("enum", [])]
+    code = r.json().get("code")
+    return [] if code in codes else [f"{method} {path}: {r.status_code} {code} is not documented ({codes})"]
+
+
+def test_the_refusals_the_prose_names_are_in_the_document(daemon, doc):
+    """Each refusal docs/interop-api.md (or the code) says an operation
+    gives is one docs/openapi.json lists for it, with its code: a peer
+    generating a client from the document must know them.  Until the
+    thirty-fourth session it left out the 403 not_allowed of the consent,
+    block and report endpoints (their peer's user named in another
+    domain), the 429 rate_limited of a rename (charged as the peer's
+    messages) and of a long poll past peer.max_long_polls, and the 400
+    invalid_header every signed request may get (a header sent twice)."""
+    from peer import push_peers
+    (a, sa), (b, sb) = made = push_peers(daemon)
+    try:
+        faults = []
+        other = "mimi://tg.example/u/tom"   # not a user of a's domain
+        local = "mimi://example.org/u/alice"
+        for path, body in (("/v1/consent/requests", {"requester": other, "target": local}),
+                           ("/v1/consent/updates", {"user": other, "target": local, "consent": "granted"}),
+                           ("/v1/blocks", {"blocker": other, "blocked": local, "action": "block"}),
+                           ("/v1/reports", {"reporter": other, "subject": local, "reason": "spam"}),
+                           ("/v1/profiles", {"user": other, "display_name": "Tom"})):
+            r = a.call("POST", path, body)
+            assert r.status_code == 403 and r.json()["code"] == "not_allowed", (path, r.text)
+            faults += documented(doc, "POST", path, r)
+        # A rename past the peer's messages_per_minute.
+        gid = a.create_room([a.user("wally"), b.user("bob")], kind="group", name="n").json()["id"]
+        assert daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example",
+                                                    "limits": {"messages_per_minute": 1}}).status_code == 201
+        answers = [a.call("PATCH", f"/v1/rooms/{gid}", {"name": f"n{i}"}) for i in range(3)]
+        r = answers[-1]
+        assert r.status_code == 429 and r.json()["code"] == "rate_limited", [x.text for x in answers]
+        faults += documented(doc, "PATCH", "/v1/rooms/{room}", r)
+        # Idempotency-Key sent twice, to a GET and to a POST.
+        from test_peer_auth import send_lines
+        for method, path, tmpl, body in (("GET", f"/v1/rooms/{gid}", "/v1/rooms/{room}", None),
+                                         ("GET", "/v1/events", "/v1/events", None),
+                                         ("POST", "/v1/blocks", "/v1/blocks",
+                                          {"blocker": a.user("w"), "blocked": local, "action": "block"})):
+            data = json.dumps(body).encode() if body is not None else b""
+            h = a.signer.headers(method, a.base + path, data or None, idem="k1")
+            lines = [("Authorization", "Bearer " + a.token)] + list(h.items()) + [("Idempotency-Key", "k2")]
+            st, j = send_lines(daemon.port, method, path, lines, data)
+            assert st == 400 and j["code"] == "invalid_header", (path, st, j)
+            faults += documented(doc, method, tmpl, Answer(st, j))
+        assert not faults, faults
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
+def test_a_long_poll_past_the_cap_is_a_documented_429(make_daemon, db_url, doc):
+    """GET /v1/events past peer.max_long_polls is 429 rate_limited
+    (docs/interop-api.md, "Pulling"); until the thirty-fourth session the
+    document listed no 429 for it."""
+    from test_peer_pull import long_poll, make_peers
+    d = make_daemon(db_url, options={"peer": {"max_long_polls": "1"}}).start()
+    a, b, rm, srv = make_peers(d)
+    try:
+        cursor = b.call("GET", "/v1/events?after=0").json()["next"]
+        held, _ = long_poll(b, cursor, 3)  # waiting, a second on
+        r = b.call("GET", f"/v1/events?after={cursor}&wait=3")
+        assert r.status_code == 429, r.text
+        held.join(10)
+        assert r.json()["code"] == "rate_limited", r.text
+        assert not documented(doc, "GET", "/v1/events", r), documented(doc, "GET", "/v1/events", r)
+    finally:
+        srv.close()
