@@ -351,6 +351,43 @@ def test_the_refusals_the_prose_names_are_in_the_document(daemon, doc):
             srv.close()
 
 
+def test_only_the_operations_that_read_an_idempotency_key_refuse_a_bad_one(daemon, doc):
+    """Room creation and the event submits read Idempotency-Key and refuse
+    a malformed one (400 invalid_header); the others (members, consent,
+    blocks, reports, discovery, profiles) do not read it and take the
+    request.  Until the thirty-fourth session the document said every one
+    of them refused "an invalid Idempotency-Key", and that the social ones
+    could answer unknown_domain, which only a room's members can."""
+    from peer import push_peers
+    (a, _), (b, _) = made = push_peers(daemon)
+    try:
+        local = "mimi://example.org/u/alice"
+        gid = a.create_room([a.user("wally"), b.user("bob")], kind="group").json()["id"]
+        bad = "not a key!"
+        for path, tmpl, body, want in (
+                (f"/v1/rooms/{gid}/members", "/v1/rooms/{room}/members", {"add": [a.user("w2")]}, 200),
+                ("/v1/consent/requests", None, {"requester": a.user("w"), "target": local}, 202),
+                ("/v1/consent/updates", None, {"user": a.user("w"), "target": local, "consent": "granted"}, 202),
+                ("/v1/blocks", None, {"blocker": a.user("w"), "blocked": local, "action": "unblock"}, 202),
+                ("/v1/reports", None, {"reporter": a.user("w"), "subject": local, "reason": "spam"}, 202),
+                ("/v1/identifiers/query", None, {"handle": "alice"}, 200),
+                ("/v1/profiles", None, {"user": a.user("w"), "display_name": "W"}, 200),
+                ("/v1/rooms", None, {"kind": "direct", "members": [a.user("x"), b.user("y")]}, 400)):
+            r = a.call("POST", path, body, idem=bad)
+            assert r.status_code == want, (path, r.text)
+            op = doc["paths"][tmpl or path]["post"]
+            reads_key = any("IdempotencyKey" in p.get("$ref", "") for p in op.get("parameters", []))
+            assert reads_key == (want == 400), path
+            resp = deref(doc, op["responses"]["400"])
+            assert ("Idempotency-Key missing or invalid" in resp["description"]
+                    or "an invalid Idempotency-Key" in resp["description"]) == reads_key, (path, resp["description"])
+            codes = [c for _, n in walk(resp) for c in n.get("code", {}).get("enum", [])]
+            assert ("unknown_domain" in codes) == (path.endswith("/members") or path == "/v1/rooms"), (path, codes)
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
 def test_a_long_poll_past_the_cap_is_a_documented_429(make_daemon, db_url, doc):
     """GET /v1/events past peer.max_long_polls is 429 rate_limited
     (docs/interop-api.md, "Pulling"); until the thirty-fourth session the

@@ -1242,6 +1242,23 @@ def test_idempotency_key_covers_the_room_and_the_body_room_must_match(daemon, pe
     assert r.status_code == 202, r.text
 
 
+def test_room_creations_and_events_keep_their_keys_apart(daemon, peers):
+    """A key used for a room creation and then for a message is two
+    requests, each answered as new (docs/interop-api.md, "Idempotency":
+    written down in the thirty-fourth session), while a receipt with a
+    message's key is the 409 of another request under that key."""
+    (a, _), (b, _) = peers
+    r1 = a.create_room([a.user("x"), b.user("y")], idem="shared-1")
+    assert r1.status_code == 201, r1.text
+    m = a.send(r1.json()["id"], a.user("x"), "hi", idem="shared-1")
+    assert m.status_code == 202, m.text
+    again = a.create_room([a.user("x"), b.user("y")], idem="shared-1")
+    assert again.status_code == 201 and again.json()["id"] == r1.json()["id"], again.text
+    rc = a.call("POST", f"/v1/rooms/{r1.json()['id']}/receipts", {"type": "receipt", "sender": a.user("x"),
+                "content": {"receipt": "read", "in_reply_to": m.json()["id"]}}, idem="shared-1")
+    assert rc.status_code == 409 and rc.json()["code"] == "conflict", rc.text
+
+
 def test_content_type_must_be_json(daemon, peers):
     (a, _), (b, _) = peers
     rm = room(a, b)
