@@ -800,6 +800,17 @@ void policy_admin_optin_set(struct cw_req *req, void *ctx)
 		aq_run(ctx, req, q);
 }
 
+/* Whether a valid consent subject (a user URI, or a domain) names one of
+ * this provider's own users or domains (app_domain_is_ours). */
+static bool consent_subject_ours(struct cw_app *app, const char *kind, const char *subject)
+{
+	if (strcmp(kind, "domain") == 0)
+		return app_domain_is_ours(app, subject);
+	struct mimi_uri u;
+	cw_errmsg e;
+	return mimi_uri_parse(subject, &u, &e) == CW_OK && app_domain_is_ours(app, u.domain);
+}
+
 void policy_admin_consent_set(struct cw_req *req, void *ctx)
 {
 	struct cw_app *app = ctx;
@@ -826,7 +837,22 @@ void policy_admin_consent_set(struct cw_req *req, void *ctx)
 		bad_body(req, "subject must be a lower-case domain such as gk.example");
 	else if (!state || (strcmp(state, "allowed") != 0 && strcmp(state, "blocked") != 0 && strcmp(state, "none") != 0))
 		bad_body(req, "state must be allowed, blocked or none (forget the decision)");
-	else
+	else if (strcmp(state, "none") != 0 && consent_subject_ours(app, kind, subject)) {
+		/* The policy asks a user's consents of a remote sender only;
+		 * what local users send one another is decided by nobody here
+		 * (peer_api.c: "not the gateway's business").  Such a consent
+		 * would match nothing: until the thirty-fourth session it was
+		 * stored, audited and listed, and the user's "block" of a
+		 * neighbour changed nothing.  none still forgets one stored
+		 * before. */
+		char d[MIMI_URI_MAX + 320];
+		snprintf(d, sizeof(d),
+			 "subject %s is of this provider's own domain: a user's consents decide what comes to her "
+			 "from remote parties (the users and domains of peers), and what local users send one "
+			 "another does not pass them",
+			 subject);
+		bad_body(req, d);
+	} else
 		ok = true;
 	struct aq *q = ok ? aq_new("SELECT json_build_object('user', $5::text, 'subject_kind', $2::text, 'subject', "
 				   "$3::text, 'state', $4::text, 'local_id', $1::bigint)::text")

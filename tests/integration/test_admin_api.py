@@ -587,3 +587,44 @@ def test_rule_patch_edges(daemon):
     codes = [o[1] for o in out]
     assert codes == [200, 200, 409, 200, 409, 200, 200, 200, 200, 200], out
 
+
+
+def test_a_consent_about_this_providers_own_user_or_domain_is_refused(make_daemon, db_url, pg):
+    """A user's consents decide what comes to her from outside: the policy
+    asks them of a remote sender only, and what local users send one
+    another is not the gateway's business (no decision at all).  A consent
+    whose subject is one of this provider's own users or domains would
+    match nothing; until the thirty-fourth session it was stored (200),
+    audited and listed in GET /users, and alice "blocking" bob changed
+    nothing.  Refused 400 now, nothing stored; `none` still forgets such a
+    consent stored before, and remote subjects are taken as before."""
+    d = make_daemon(db_url, options={"matrix": {"homeserver_url": "http://127.0.0.1:9", "as_token": "as-x",
+                                                "hs_token": "hs-x", "server_name": "hs.example.org"}}).start()
+    alice, bob = "mimi://example.org/u/alice", "mimi://example.org/u/bob"
+    facts = "SELECT (SELECT count(*) FROM consents) || ' ' || (SELECT count(*) FROM audit_log) || ' ' || " \
+            "(SELECT count(*) FROM identities)"
+    before = pg.psql(facts, db_url)
+    for kind, subject in (("user", bob), ("user", alice), ("domain", "example.org"),
+                          ("user", "mimi://hs.example.org/u/carol"), ("domain", "hs.example.org")):
+        for state in ("allowed", "blocked"):
+            r = d.admin("POST", "/consents", json={"user": alice, "subject_kind": kind, "subject": subject,
+                                                    "state": state})
+            assert r.status_code == 400 and r.json()["code"] == "invalid_body", (subject, state, r.text)
+            assert r.headers["Content-Type"].startswith("application/problem+json")
+            assert "this provider's own" in r.json()["detail"], r.text
+    assert pg.psql(facts, db_url) == before
+    assert d.admin("GET", f"/users?user={alice}").json()["rows"] == []
+    # Remote subjects (a name under one of ours is not ours) are taken.
+    for kind, subject in (("user", "mimi://wa.example/u/wally"), ("domain", "wa.example"),
+                          ("domain", "sub.example.org")):
+        r = d.admin("POST", "/consents", json={"user": alice, "subject_kind": kind, "subject": subject,
+                                                "state": "blocked"})
+        assert r.status_code == 200, (subject, r.text)
+    # One stored before (as the daemon stored them until now) can be forgotten.
+    pg.psql("INSERT INTO consents (local_identity_id, subject_kind, subject, state, source) SELECT id, 'domain', "
+            f"'example.org', 'blocked', 'admin' FROM identities WHERE uri = '{alice}'", db_url)
+    r = d.admin("POST", "/consents", json={"user": alice, "subject_kind": "domain", "subject": "example.org",
+                                            "state": "none"})
+    assert r.status_code == 200, r.text
+    assert pg.psql("SELECT string_agg(subject, ',' ORDER BY subject) FROM consents", db_url) == \
+        "mimi://wa.example/u/wally,sub.example.org,wa.example"
