@@ -1244,12 +1244,21 @@ static enum ctl_rc cmd_status(struct ctl *c, char **argv)
 		print_status(c, ready.body, why[0][0] ? NULL : parts[0].body, why[0], why[1][0] ? NULL : parts[1].body,
 			     why[1]);
 	}
-	if (!rc && (why[0][0] || why[1][0])) {
+	/* A daemon that is not ready (/readyz 503: the database down, a
+	 * migration missing) is a status a script must see: exit 1 (until the
+	 * thirty-fourth session it was 0 whenever the admin parts answered). */
+	char unready[160] = "";
+	if (!rc && (ready.status < 200 || ready.status > 299))
+		snprintf(unready, sizeof(unready), "the daemon is not ready: GET /readyz answered %ld (%.40s)%s",
+			 ready.status, jstr_or(ready.body, "status"), why[0][0] || why[1][0] ? "; " : "");
+	if (!rc && (unready[0] || why[0][0] || why[1][0])) {
 		/* One reason when both parts were refused alike (a wrong token). */
-		if (!why[0][0] || !why[1][0] || strcmp(why[0], why[1]) == 0)
-			rc = fail(c, CTL_EREFUSED, "%s", why[0][0] ? why[0] : why[1]);
+		if (!why[0][0] && !why[1][0])
+			rc = fail(c, CTL_EREFUSED, "%s", unready);
+		else if (!why[0][0] || !why[1][0] || strcmp(why[0], why[1]) == 0)
+			rc = fail(c, CTL_EREFUSED, "%s%s", unready, why[0][0] ? why[0] : why[1]);
 		else
-			rc = fail(c, CTL_EREFUSED, "adapters: %s; stats: %s", why[0], why[1]);
+			rc = fail(c, CTL_EREFUSED, "%sadapters: %s; stats: %s", unready, why[0], why[1]);
 	}
 	json_decref(ready.body);
 	json_decref(parts[0].body);
@@ -1272,7 +1281,8 @@ struct command {
 static const struct command commands[] = {
 	{ "status", "", 0, 0, cmd_status, "readiness, adapters, queue and the last hour",
 	  "Shows GET /readyz (asked without the token), GET /admin/v1/adapters and GET /admin/v1/stats\n"
-	  "as one summary. A part the API refuses is left out and named; the exit status is then 1.\n"
+	  "as one summary. A part the API refuses is left out and named; the exit status is then 1,\n"
+	  "as it is when the daemon is not ready (/readyz answers 503).\n"
 	  "With --json: {\"ready\": ..., \"adapters\": ..., \"stats\": ...}, each as the API answered.\n"
 	  "\nexample: causewayctl status" },
 	{ "peers", "", 0, 0, cmd_peers, "the peer providers",

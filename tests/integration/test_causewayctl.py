@@ -517,3 +517,32 @@ def test_filters_are_encoded_and_answers_are_capped():
         assert err == f"causewayctl: 404 without a problem document: is {s.url} causewayd?\n"
     finally:
         s.close()
+
+
+def test_status_of_a_daemon_that_is_not_ready_exits_1():
+    """/readyz answering 503 (the database down, a migration missing) is a
+    daemon that is not ready: status shows what it said and what the admin
+    API gave, and exits 1, so that `causewayctl status || alert` sees it.
+    Until the thirty-fourth session it exited 0 whenever the admin parts
+    answered, a daemon missing a migration included."""
+    not_ready = dict(READY, status="not_ready",
+                     migrations={"status": "not_current", "applied": 3, "expected": 4})
+    s = StandIn({"/readyz": (503, json.dumps(not_ready).encode(), True), "/admin/v1/adapters": doc(ADAPTERS),
+                 "/admin/v1/stats": doc(STATS)})
+    try:
+        rc, out, err = ctl("status", url=s.url)
+        assert rc == 1, (rc, out, err)
+        assert f"daemon       {s.url}: not_ready" in out.splitlines(), out
+        assert "migrations   not_current (3 of 4 applied)" in out.splitlines(), out
+        assert "queue        0 pending, 2 in flight, 3 held, 1 dead, 0 failed" in out.splitlines(), out
+        assert err == "causewayctl: the daemon is not ready: GET /readyz answered 503 (not_ready)\n", err
+        rc, out, err = ctl("--json", "status", url=s.url)
+        assert rc == 1 and json.loads(out) == {"ready": not_ready, "adapters": ADAPTERS, "stats": STATS}
+        assert "not ready" in err
+        # Not ready and a part refused: both said, in one line.
+        s.routes["/admin/v1/stats"] = (403, json.dumps({"code": "forbidden", "detail": "no"}).encode(), True)
+        rc, out, err = ctl("status", url=s.url)
+        assert rc == 1 and err == "causewayctl: the daemon is not ready: GET /readyz answered 503 (not_ready); " \
+                                  "403 forbidden: no\n", err
+    finally:
+        s.close()
