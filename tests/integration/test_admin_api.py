@@ -628,3 +628,18 @@ def test_a_consent_about_this_providers_own_user_or_domain_is_refused(make_daemo
     assert r.status_code == 200, r.text
     assert pg.psql("SELECT string_agg(subject, ',' ORDER BY subject) FROM consents", db_url) == \
         "mimi://wa.example/u/wally,sub.example.org,wa.example"
+
+
+def test_a_full_page_says_where_to_go_on_even_when_nothing_follows(daemon):
+    """next_after is null on a page that is not full; a full page names its
+    last id, whether or not rows follow (the list does not look past the
+    page), and the page after it is then empty, with null.  Until the
+    thirty-fourth session docs/admin-api.md said null "on the last page",
+    which a full last page is not."""
+    ids = [daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": f"np{i}.example",
+                                                 "mode": "deny"}).json()["id"] for i in range(2)]
+    page = daemon.admin("GET", "/rules?limit=2").json()
+    assert [r["id"] for r in page["rows"]] == ids and page["next_after"] == ids[1], page
+    assert daemon.admin("GET", f"/rules?limit=2&after={ids[1]}").json() == {"rows": [], "next_after": None}
+    page = daemon.admin("GET", "/rules?limit=3").json()
+    assert len(page["rows"]) == 2 and page["next_after"] is None, page

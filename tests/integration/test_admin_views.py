@@ -417,3 +417,16 @@ def test_adapters_with_matrix_configured(make_daemon, db_url):
     opts = {(o["section"], o["name"]): o["value"] for o in get(d, "/config")["options"]}
     assert opts[("matrix", "homeserver_url")] == "http://127.0.0.1:9"
     assert opts[("matrix", "as_token")] == opts[("matrix", "hs_token")] == "********"
+
+
+def test_stats_count_the_gateways_own_events_as_gateway(daemon, peers):  # noqa: F811
+    """Events the gateway makes itself (an operator's removal of a member,
+    an expiry's delete) have the origin `gateway`, as the trace shows them,
+    and /stats counts them `in` under that name.  Until the thirty-fourth
+    session docs/admin-api.md called them `system`, which no event has."""
+    (a, _), (b, _) = peers
+    gid = a.create_room([a.user("wally"), b.user("bob"), b.user("eve")]).json()["id"]
+    r = daemon.admin("POST", f"/rooms/{gid}/members", json={"remove": [b.user("eve")]})
+    assert r.status_code == 200, r.text
+    s = get(daemon, "/stats")  # the first asking: computed now
+    assert sums(s, "in") == {"gateway": 1}, s
