@@ -1272,10 +1272,10 @@ void matrix_metrics(struct matrix *m, struct cw_buf *b)
 	pthread_mutex_lock(&m->mu);
 	snprintf(ping, sizeof(ping), "%s", m->ping_state);
 	pthread_mutex_unlock(&m->mu);
-	static const char *const states[] = { "pending", "ok", "failed" };
+	static const char *const states[] = { "pending", "ok", "failed", "unsupported" };
 	cw_buf_printf(b, "# HELP causeway_matrix_ping The start-up ping of the homeserver (1: its state now).\n"
 			 "# TYPE causeway_matrix_ping gauge\n");
-	for (int i = 0; i < 3; i++)
+	for (int i = 0; i < 4; i++)
 		cw_buf_printf(b, "causeway_matrix_ping{state=\"%s\"} %d\n", states[i], strcmp(ping, states[i]) == 0);
 	cw_buf_printf(b, "# HELP causeway_matrix_transactions_total Homeserver transactions answered: once durable "
 			 "(taken), or again from memory (repeat).\n"

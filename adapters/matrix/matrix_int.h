@@ -33,7 +33,7 @@ struct matrix {
 	bool recent_used[TXN_RECENT_MAX];
 	int recent_next;
 	/* health */
-	char ping_state[16];         /* pending, ok, failed */
+	char ping_state[16];         /* pending, ok, failed, unsupported */
 	long ping_ms;
 	char last_error[256];        /* the homeserver's last refusal (M_FORBIDDEN, M_UNKNOWN_TOKEN, ...) */
 	pthread_t ping_thread;

@@ -246,19 +246,24 @@ static bool ping_once(struct matrix *m)
 	cw_errmsg e;
 	cw_err rc = mx_call(m, "POST", path, NULL, NULL, json_pack("{s:s}", "transaction_id", txn), &status, &answer, &e);
 	const char *code = json_string_value(json_object_get(answer, "errcode"));
+	/* A homeserver without the ping works all the same: "unsupported",
+	 * not "failed", which operators alert on (docs/operations.md; until
+	 * the thirty-fourth session it was "failed" for as long as it ran). */
+	bool unsupported = rc && status == 404 && code && strcmp(code, "M_UNRECOGNIZED") == 0;
+	const char *state = rc == CW_OK ? "ok" : unsupported ? "unsupported" : "failed";
 	pthread_mutex_lock(&m->mu);
+	snprintf(m->ping_state, sizeof(m->ping_state), "%s", state);
 	if (rc == CW_OK) {
-		snprintf(m->ping_state, sizeof(m->ping_state), "ok");
 		m->ping_ms = (long)json_integer_value(json_object_get(answer, "duration_ms"));
 	} else {
-		snprintf(m->ping_state, sizeof(m->ping_state), "failed");
-		snprintf(m->last_error, sizeof(m->last_error), "ping: %.180s%s%.60s", e.msg, code ? " " : "",
-			 code ? code : "");
+		bool said = code && strstr(e.msg, code); /* the message names the errcode already */
+		snprintf(m->last_error, sizeof(m->last_error), "ping: %.180s%s%.60s", e.msg, code && !said ? " " : "",
+			 code && !said ? code : "");
 	}
 	pthread_mutex_unlock(&m->mu);
-	LOG_KV(rc ? CW_LOG_WARN : CW_LOG_INFO, "matrix homeserver ping", "result", rc ? "failed" : "ok",
-	       "detail", rc ? e.msg : "");
-	bool done = rc == CW_OK || (status == 404 && code && strcmp(code, "M_UNRECOGNIZED") == 0);
+	LOG_KV(rc && !unsupported ? CW_LOG_WARN : CW_LOG_INFO, "matrix homeserver ping", "result", state, "detail",
+	       rc ? e.msg : "");
+	bool done = rc == CW_OK || unsupported;
 	json_decref(answer);
 	return done;
 }

@@ -259,7 +259,32 @@ def test_ping_at_start_is_reported(mx, hs):
     wait_until(lambda: mx.get("/readyz").json()["adapters"]["matrix"]["ping"] != "pending", what="the ping")
     health = mx.get("/readyz").json()["adapters"]["matrix"]
     assert health["ping"] == "ok", health
-    assert metrics(mx, "causeway_matrix_ping") == {'state="pending"': 0, 'state="ok"': 1, 'state="failed"': 0}
+    assert metrics(mx, "causeway_matrix_ping") == {'state="pending"': 0, 'state="ok"': 1, 'state="failed"': 0,
+                                                   'state="unsupported"': 0}
+
+
+def test_a_homeserver_without_the_ping_is_no_failed_ping(make_daemon, db_url):
+    """A homeserver older than Matrix 1.7 has no appservice ping (404
+    M_UNRECOGNIZED), and the adapter works with it all the same: it is not
+    pinged again, and its state is `unsupported`, not `failed` (until the
+    thirty-fourth session it was `failed` for good, and the alert
+    docs/operations.md gives on causeway_matrix_ping{state="failed"} fired
+    for as long as the daemon ran)."""
+    hs = Homeserver(server_name="example.org", registration=registration(), ping_supported=False)
+    hs.start()
+    try:
+        d = start_mx(make_daemon, db_url, hs)
+        wait_until(lambda: d.get("/readyz").json()["adapters"]["matrix"]["ping"] != "pending", what="the ping")
+        health = d.get("/readyz").json()["adapters"]["matrix"]
+        assert health["ping"] == "unsupported", health
+        assert "M_UNRECOGNIZED" in health["last_error"], health
+        assert metrics(d, "causeway_matrix_ping") == {'state="pending"': 0, 'state="ok"': 0, 'state="failed"': 0,
+                                                      'state="unsupported"': 1}
+        wait_until(lambda: hs.user_exists("@_cw_bot:example.org"), what="the bot registered")
+        time.sleep(2.5)  # past the second try's wait (1 s, then 2 s)
+        assert len([q for q in hs.requests if q["path"].endswith("/ping")]) == 1
+    finally:
+        hs.close()
 
 
 def test_a_homeserver_that_comes_up_later_is_pinged_and_has_the_bot(make_daemon, db_url, hs):
