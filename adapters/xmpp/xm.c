@@ -630,8 +630,8 @@ enum xm_in_result xm_to_neutral(xmpp_stanza_t *msg, const struct xm_in_lookup *l
 	char *text = body ? text_of(body) : NULL;
 	if (text && strlen(text) > BODY_MAX) {
 		free(text);
-		say(why, whylen, "the body is longer than 16 KiB");
-		return XM_IN_INVALID;
+		say(why, whylen, "the text is longer than %d bytes", BODY_MAX);
+		return XM_IN_TOO_LONG;
 	}
 	if (text && !cw_utf8_valid(text, strlen(text))) {
 		free(text);
@@ -672,7 +672,7 @@ enum xm_in_result xm_to_neutral(xmpp_stanza_t *msg, const struct xm_in_lookup *l
 	if (in.oom || in.too_large) {
 		json_decref(in.list);
 		say(why, whylen, "%s", in.oom ? "out of memory" : "the message is too large for a neutral event");
-		return XM_IN_INVALID;
+		return in.oom ? XM_IN_INVALID : XM_IN_TOO_LONG;
 	}
 	if (json_array_size(in.list) == 0) {
 		json_decref(in.list);

@@ -95,9 +95,11 @@
  * children without an xmlns of their own (<reaction>, <url>, the
  * fallback's <body>) inherit their parent's.
  *
- * Results: a body over 16 KiB (16384 bytes), one that is not valid UTF-8
- * after libstrophe, or an event whose JSON would not leave room for the
- * envelope within the API's 64 KiB, is XM_IN_INVALID, and so is anything
+ * Results: a body over 16 KiB (16384 bytes, the neutral model's limit), or
+ * an event whose JSON would not leave room for the envelope within the
+ * API's 64 KiB, is XM_IN_TOO_LONG (why is a sentence for the user: the
+ * adapter answers not-acceptable with it, docs/xmpp.md "Errors"); one that
+ * is not valid UTF-8 after libstrophe is XM_IN_INVALID, and so is anything
  * that is not a <message/>.  A <message/> of type error (the caller handles
  * those) or headline is XM_IN_IGNORE, and so is a stanza from
  * which nothing above comes (only unknown elements, unknown references,
@@ -204,7 +206,8 @@ struct xm_in_lookup {
 enum xm_in_result {
 	XM_IN_OK,       /* *out: an array of 1 or more neutral bodies */
 	XM_IN_IGNORE,   /* nothing to carry (why says what) */
-	XM_IN_INVALID,  /* malformed or over a limit (why says what) */
+	XM_IN_INVALID,  /* malformed (why says what) */
+	XM_IN_TOO_LONG, /* over the neutral model's limits (why says which) */
 };
 
 /* One <message/> of a local user to neutral bodies (see above).  ts is the

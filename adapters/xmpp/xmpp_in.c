@@ -216,6 +216,16 @@ static void refuse(struct xin *in, const char *type, const char *cond)
 	in->err_text[0] = '\0';
 }
 
+/* "Not delivered: <why>." for an error's text; why may end with its own
+ * full stop (the neutral model's details do), which is not doubled. */
+static void not_delivered(char *out, size_t len, const char *why)
+{
+	size_t n = strlen(why);
+	while (n && why[n - 1] == '.')
+		n--;
+	snprintf(out, len, "Not delivered: %.*s.", (int)(n < 280 ? n : 280), why);
+}
+
 /* A stanza refused (or carrying nothing) on first contact stores nothing:
  * failing the job rolls its writes back, the identities and the chat's
  * rows round 0 made with them (until the eighteenth session they stayed).
@@ -254,6 +264,15 @@ static cw_err in_convert(struct xin *in, bool *any, cw_errmsg *e)
 		refuse(in, "modify", "bad-request");
 		return CW_OK;
 	}
+	if (res == XM_IN_TOO_LONG) {
+		/* content the neutral model refuses: not-acceptable, saying
+		 * which limit (docs/xmpp.md "Errors") */
+		LOG_KV_LIMITED(CW_LOG_INFO, "xmpp message not representable", "component", in->xc->domain, "detail",
+			       why);
+		refuse(in, "modify", "not-acceptable");
+		not_delivered(in->err_text, sizeof(in->err_text), why);
+		return CW_OK;
+	}
 	if (res != XM_IN_OK)
 		return CW_OK;
 	size_t n = json_array_size(events);
@@ -279,7 +298,7 @@ static cw_err in_convert(struct xin *in, bool *any, cw_errmsg *e)
 			LOG_KV_LIMITED(CW_LOG_INFO, "xmpp message not representable", "component", in->xc->domain, "detail",
 			       err.detail);
 			refuse(in, "modify", "not-acceptable");
-			snprintf(in->err_text, sizeof(in->err_text), "Not delivered: %s.", err.detail);
+			not_delivered(in->err_text, sizeof(in->err_text), err.detail);
 			json_decref(events);
 			return CW_OK;
 		}
@@ -804,12 +823,22 @@ void xa_in_message(struct xcomp *xc, xmpp_stanza_t *st)
 	char why[200] = "";
 	enum xm_in_result pr = xm_to_neutral(st, &none, 1, &probe, why, sizeof(why));
 	json_decref(probe);
-	if (pr == XM_IN_INVALID ||
+	if (pr == XM_IN_INVALID || pr == XM_IN_TOO_LONG ||
 	    (type && ((!in->group && strcmp(type, "groupchat") == 0) || strcmp(type, "headline") == 0))) {
 		free(in);
 		if (pr == XM_IN_INVALID) {
 			LOG_KV_LIMITED(CW_LOG_INFO, "xmpp message refused", "component", xc->domain, "detail", why);
 			refuse_now(xc, st, "modify", "bad-request");
+		} else if (pr == XM_IN_TOO_LONG) {
+			/* too long for the neutral model: not-acceptable with the
+			 * limit, as the model's own refusals (in_convert); until
+			 * the thirty-fourth session bad-request without a text */
+			char text[300];
+			not_delivered(text, sizeof(text), why);
+			LOG_KV_LIMITED(CW_LOG_INFO, "xmpp message not representable", "component", xc->domain,
+				       "detail", why);
+			atomic_fetch_add(&xc->errors_out, 1);
+			xa_send_now(xc, xa_error_reply(st, "modify", "not-acceptable", text));
 		} else {
 			refuse_now(xc, st, "cancel", "service-unavailable");
 		}
