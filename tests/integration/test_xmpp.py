@@ -2920,6 +2920,35 @@ def test_hostile_stanzas_get_errors_and_store_nothing(xd, gk, alice, pg, db_url)
     assert pg.psql("SELECT count(*) FROM outbox WHERE state IN ('pending', 'delivered')", db_url) == "0"
 
 
+def test_a_delivery_receipt_in_a_room_reaches_the_peer_but_not_the_room(xd, gk, alice, pg, db_url):
+    """XEP-0184 in a group's room: a user's <received/> to the room (which
+    clients seldom send there, the XEP keeping receipts out of rooms) is
+    taken as any groupchat is, reflected with the room's stanza-id and
+    carried to the peer as her delivered receipt; a peer's delivered
+    receipt is not carried into the room (its row counts as delivered,
+    nothing written), read markers are. Until the thirty-fourth session
+    docs/xmpp.md said neither way was carried (a docs audit's finding)."""
+    a, srv = gk
+    gid, room, _ = alice_in_a_group(xd, a, alice, "Receipts", "first")
+    mid = pg.psql("SELECT public_id FROM events WHERE type = 'message'", db_url)  # wally's first, the only one
+    assert mid.startswith("msg_"), mid
+    alice.send_raw(f"<message to='{room}' type='groupchat' id='rc1'>"
+                   f"<received xmlns='urn:xmpp:receipts' id='{mid}'/></message>")
+    echo = message_from(alice, room, lambda el: el.get("id") == "rc1")
+    assert echo.get("type") == "groupchat" and echo.find("{urn:xmpp:sid:0}stanza-id") is not None, echo.xml
+    got = wait_until(lambda: [e for e in list(srv.events) if e.get("type") == "receipt" and e["room_id"] == gid],
+                     what="her receipt at the peer")
+    assert got[0]["content"] == {"receipt": "delivered", "in_reply_to": mid}, got
+    start = alice.count()
+    assert post(a, f"/v1/rooms/{gid}/receipts", {"type": "receipt", "sender": a.user("wally"), "content": {
+        "receipt": "delivered", "in_reply_to": mid}}).status_code == 202
+    wait_until(lambda: pg.psql("SELECT count(*) FROM outbox o JOIN events e ON e.id = o.event_id "
+                               "WHERE o.destination = 'xmpp' AND e.type = 'receipt' AND o.state = 'delivered'",
+                               db_url) == "1", what="the peer's receipt done with")
+    alice.ping(COMP)  # anything written for it came before the answer
+    assert not [el for el in alice.stanzas()[start:] if el.tag == "{jabber:client}message"]
+
+
 def test_a_message_too_long_is_not_acceptable_and_says_its_limit(xd, gk, alice, pg, db_url):
     """A body over the neutral model's 16 KiB is content the model refuses
     (too long): not-acceptable, type modify, with a text that says the
