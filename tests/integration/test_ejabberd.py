@@ -77,7 +77,9 @@ def test_messages_and_consent_through_ejabberd(make_daemon, db_url, ejabberd):
         # An oversize body is refused with a stanza error, through ejabberd's routing.
         alice.send_raw(f"<message to='{wally}' type='chat' id='big'><body>{'x' * 20000}</body></message>")
         err = alice.wait_for_message(lambda el: el.get("id") == "big" and el.get("type") == "error")
-        assert err.error_condition == "bad-request"
+        assert err.error_condition == "not-acceptable"  # too long for the neutral model (docs/xmpp.md "Errors")
+        text = err.find("{jabber:client}error/{urn:ietf:params:xml:ns:xmpp-stanzas}text")
+        assert text is not None and text.text == "Not delivered: the text is longer than 16384 bytes.", err.xml
     finally:
         print("causewayd log:\n" + d.log())  # shown by pytest when the test failed
         alice.disconnect()
