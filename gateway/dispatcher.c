@@ -748,13 +748,29 @@ static PGresult *claim_open(struct lane *l, const char **local, long *pending, l
 }
 
 /* The rows ids (n), in flight under the lane's claim or waiting, decided
- * again under the policy in force (policy_live_screen): those it now
- * refuses are dropped, gone[i] set for each.  In the lane's open
- * transaction, else one of its own. */
-static cw_err screen(struct lane *l, const int64_t *ids, size_t n, bool *gone, cw_errmsg *e)
+ * again under the policy in force (policy_live_screen_claim): those it now
+ * refuses are dropped, gone[i] set for each.  uncounted (NULL: none) marks
+ * the rows whose try the claim counted but that was not made (untried:
+ * never pushed, or put back while something is got ready) or does not
+ * count (a 429): one of them dropped while in flight under the claim has
+ * that try taken back, as release() and record() do of a row that goes
+ * back to waiting, so that a dropped row's attempts are what its
+ * delivery_attempts show.  Until the thirty-fourth session it kept the
+ * claim's count: a row dropped before its push showed one attempt and no
+ * try.  In the lane's open transaction, else one of its own. */
+static cw_err screen(struct lane *l, const int64_t *ids, size_t n, const bool *uncounted, bool *gone, cw_errmsg *e)
 {
 	long dropped;
-	return policy_live_screen(l->d->o.policy, l->c, ids, n, l->name, gone, &dropped, e);
+	return policy_live_screen_claim(l->d->o.policy, l->c, ids, n, l->name, uncounted, gone, &dropped, e);
+}
+
+/* n trues (none of the rows' tries was made), or NULL when out of memory. */
+static bool *all_uncounted(size_t n)
+{
+	bool *u = malloc((n ? n : 1) * sizeof(*u));
+	for (size_t i = 0; u && i < n; i++)
+		u[i] = true;
+	return u;
 }
 
 /* A claim's rows whose claim ran out and that are due again (recovered:
@@ -775,7 +791,7 @@ static cw_err screen_recovered(struct lane *l, PGresult *recovered, cw_errmsg *e
 		if (strcmp(PQgetvalue(recovered, i, 0), "pending") == 0 && !PQgetisnull(recovered, i, 1))
 			ids[n++] = atoll(PQgetvalue(recovered, i, 1));
 	if (!rc && n > 0)
-		rc = screen(l, ids, (size_t)n, gone, e);
+		rc = screen(l, ids, (size_t)n, NULL, gone, e); /* pending: their tries are logged (cw_take_back) */
 	free(ids);
 	free(gone);
 	return rc;
@@ -813,14 +829,16 @@ static bool release_orphans(struct lane *l, cw_errmsg *e)
 	/* decided again first (the claim that took them was not, see
 	 * screen_claimed): any lane may take them once they are back */
 	if (l->d->o.policy) {
-		bool *gone = malloc(l->norphans * sizeof(*gone));
-		if (!gone || screen(l, l->orphans, l->norphans, gone, e)) {
-			if (!gone)
+		bool *gone = malloc(l->norphans * sizeof(*gone)), *untried = all_uncounted(l->norphans);
+		if (!gone || !untried || screen(l, l->orphans, l->norphans, untried, gone, e)) {
+			if (!gone || !untried)
 				cw_fail(e, CW_ENOMEM, "out of memory");
 			free(gone);
+			free(untried);
 			return false;
 		}
 		free(gone);
+		free(untried);
 	}
 	size_t cap = 2 + l->norphans * 21, len = 0;
 	char *ids = malloc(cap);
@@ -862,13 +880,13 @@ static void release(struct lane *l, const struct outbox_row *rows, size_t n);
 static int screen_claimed(struct lane *l, struct outbox_row *rows, int n)
 {
 	int64_t *ids = malloc((size_t)n * sizeof(*ids));
-	bool *gone = malloc((size_t)n * sizeof(*gone));
+	bool *gone = malloc((size_t)n * sizeof(*gone)), *untried = all_uncounted((size_t)n);
 	cw_errmsg e;
-	cw_err rc = ids && gone ? CW_OK : cw_fail(&e, CW_ENOMEM, "out of memory");
+	cw_err rc = ids && gone && untried ? CW_OK : cw_fail(&e, CW_ENOMEM, "out of memory");
 	for (int i = 0; !rc && i < n; i++)
 		ids[i] = rows[i].id;
 	if (!rc)
-		rc = screen(l, ids, (size_t)n, gone, &e);
+		rc = screen(l, ids, (size_t)n, untried, gone, &e); /* not sent yet */
 	int k = 0;
 	if (rc) {
 		LOG_KV(CW_LOG_WARN, "deciding claimed rows again failed; they wait for the next claim", "detail", e.msg);
@@ -886,6 +904,7 @@ static int screen_claimed(struct lane *l, struct outbox_row *rows, int n)
 	}
 	free(ids);
 	free(gone);
+	free(untried);
 	return k;
 }
 
@@ -1334,19 +1353,24 @@ static bool screen_failed(struct lane *l, const struct outbox_row *rows, size_t 
 		return true;
 	int64_t *ids = malloc(n * sizeof(*ids));
 	size_t *at = malloc(n * sizeof(*at));
-	bool *gone = malloc(n * sizeof(*gone));
+	bool *gone = malloc(n * sizeof(*gone)), *uncounted = malloc(n * sizeof(*uncounted));
 	size_t k = 0;
 	cw_errmsg e;
-	cw_err rc = ids && at && gone ? CW_OK : cw_fail(&e, CW_ENOMEM, "out of memory");
+	cw_err rc = ids && at && gone && uncounted ? CW_OK : cw_fail(&e, CW_ENOMEM, "out of memory");
 	for (size_t x = 0; !rc && x < n; x++)
 		if (per_row ? rows[x].outcome != 1 : x >= ok) {
+			/* the tries record_outcomes would not count: the
+			 * untried (2) and waiting (3) rows' (release,
+			 * release_after) and a 429's (record) */
+			int o = rows[x].outcome;
+			uncounted[k] = per_row ? o == 2 || o == 3 || (o <= 0 && rows[x].code == 429) : code == 429;
 			at[k] = x;
 			ids[k++] = rows[x].id;
 		}
 	if (!rc && k) {
 		rc = store_exec(l->c, "BEGIN", &e);
 		if (!rc)
-			rc = screen(l, ids, k, gone, &e);
+			rc = screen(l, ids, k, uncounted, gone, &e);
 		if (!rc)
 			rc = record_dropped_tries(l, rows, at, gone, k, per_row, code, why, started_ms, &e);
 		rc = store_end(l->c, rc, &e);
@@ -1357,6 +1381,7 @@ static bool screen_failed(struct lane *l, const struct outbox_row *rows, size_t 
 	free(ids);
 	free(at);
 	free(gone);
+	free(uncounted);
 	return rc == CW_OK;
 }
 

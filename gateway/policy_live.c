@@ -685,8 +685,11 @@ static const char recheck_ids_sql[] =
  * a row: locked in id order, skipped when locked (a dispatcher claiming
  * it: it goes in flight, not recalled), the content of an event no one
  * will now receive erased, each drop audited as the policy's decision by
- * the sweep (the "why" of the message names it).  The count of rows
- * dropped, the reason of the first, and their ids (JSON). */
+ * the sweep (the "why" of the message names it).  A row in flight whose
+ * id is in $3 (an array; NULL: none) has the try its claim counted taken
+ * back: the claim's lane never made it (or made one that does not count,
+ * a 429), as its release would have (policy_live_screen_claim).  The
+ * count of rows dropped, the reason of the first, and their ids (JSON). */
 /* The events of the rows $1 ([{id, ...}]) locked, in id order, before
  * recheck_drop_sql (in the same transaction). */
 static const char recheck_lock_sql[] =
@@ -699,7 +702,8 @@ static const char recheck_drop_sql[] =
 	"lk AS (SELECT o.id FROM outbox o WHERE o.id IN (SELECT id FROM dn) "
 	"  AND " RECHECK_WAITING " ORDER BY o.id FOR UPDATE OF o SKIP LOCKED), "
 	"ch AS (UPDATE outbox o SET state = 'dropped', next_attempt_at = now(), claimed_by = NULL, "
-	"  claimed_until = NULL FROM dn WHERE o.id = dn.id AND o.id IN (SELECT id FROM lk) "
+	"  claimed_until = NULL, attempts = CASE WHEN o.state = 'in_flight' AND o.id = ANY($3::bigint[]) "
+	"  THEN greatest(o.attempts - 1, 0) ELSE o.attempts END FROM dn WHERE o.id = dn.id AND o.id IN (SELECT id FROM lk) "
 	"  RETURNING o.id, o.event_id, dn.reason, NULLIF(dn.rule, 0) AS rule, dn.subject), "
 	"au AS (INSERT INTO audit_log (actor, action, reason_code, rule_id, event_id, subject, details) "
 	" SELECT 'policy', 'policy.deny', ch.reason, ch.rule, ch.event_id, ch.subject, '{\"by\": \"sweep\"}'::jsonb "
@@ -766,11 +770,11 @@ static bool recheck_refused(const struct policy_snapshot *snap, PGresult *r, int
 }
 
 /* Decides the rows of r (RECHECK_COLUMNS) again with v and drops those
- * refused (recheck_drop_sql; claimed_by its $2); counts: rows decided,
+ * refused (recheck_drop_sql; claimed_by its $2, uncounted its $3); counts: rows decided,
  * dropped; *reason: the first drop's (static), or NULL; *gone (NULL: not
  * wanted) the ids dropped, a JSON array (NULL: none). */
-static cw_err recheck(PGconn *c, const struct policy_view *v, PGresult *r, const char *claimed_by, long counts[2],
-		      const char **reason, json_t **gone, cw_errmsg *e)
+static cw_err recheck(PGconn *c, const struct policy_view *v, PGresult *r, const char *claimed_by,
+		      const char *uncounted, long counts[2], const char **reason, json_t **gone, cw_errmsg *e)
 {
 	json_t *list = json_array();
 	int64_t now = cw_wall_ms();
@@ -803,7 +807,7 @@ static cw_err recheck(PGconn *c, const struct policy_view *v, PGresult *r, const
 	json_decref(list);
 	if (!text)
 		return cw_fail(e, CW_ENOMEM, "out of memory");
-	const char *params[] = { text, claimed_by };
+	const char *params[] = { text, claimed_by, uncounted };
 	/* The rows' events first, in id order, as a statement of their own:
 	 * two processes dropping rows of one event take turns, and the later
 	 * one's drop (a snapshot of after the other's commit) sees the other's
@@ -818,7 +822,7 @@ static cw_err recheck(PGconn *c, const struct policy_view *v, PGresult *r, const
 		return lrc;
 	}
 	PQclear(lr);
-	PGresult *dr = PQexecParams(c, recheck_drop_sql, 2, NULL, params, NULL, NULL, 0);
+	PGresult *dr = PQexecParams(c, recheck_drop_sql, 3, NULL, params, NULL, NULL, 0);
 	free(text);
 	cw_err rc = store_check(c, dr, PGRES_TUPLES_OK, e);
 	if (rc)
@@ -843,7 +847,7 @@ cw_err policy_recheck_row(PGconn *c, const struct policy_view *v, const char *ou
 	if (rc)
 		return rc;
 	long counts[2];
-	rc = recheck(c, v, r, NULL, counts, reason, NULL, e);
+	rc = recheck(c, v, r, NULL, NULL, counts, reason, NULL, e);
 	PQclear(r);
 	return rc;
 }
@@ -1587,7 +1591,7 @@ static bool recheck_turn(struct policy_live *pl)
 			snprintf(last_dest, sizeof(last_dest), "%s", PQgetvalue(r, n - 1, pass || rooms ? 1 : 14));
 		}
 		const char *reason;
-		rc = recheck(pl->c, v, r, NULL, counts, &reason, NULL, &e);
+		rc = recheck(pl->c, v, r, NULL, NULL, counts, &reason, NULL, &e);
 		PQclear(r);
 	}
 	rc = store_end(pl->c, rc, &e);
@@ -1626,22 +1630,43 @@ uint64_t policy_live_stamp(struct policy_live *pl, bool *unsettled)
 	return changes;
 }
 
+/* The ids (n) for which pick is NULL or pick[i] is true, as a PostgreSQL
+ * array's text; NULL when out of memory. */
+static char *id_array_of(const int64_t *ids, size_t n, const bool *pick)
+{
+	size_t cap = n * 21 + 3, len = 0;
+	char *arr = malloc(cap);
+	if (!arr)
+		return NULL;
+	arr[len++] = '{';
+	for (size_t i = 0; i < n; i++)
+		if (!pick || pick[i])
+			len += (size_t)snprintf(arr + len, cap - len, "%s%lld", len > 1 ? "," : "", (long long)ids[i]);
+	snprintf(arr + len, cap - len, "}");
+	return arr;
+}
+
 cw_err policy_live_screen(struct policy_live *pl, PGconn *c, const int64_t *ids, size_t n, const char *claimed_by,
 			  bool *gone, long *dropped, cw_errmsg *e)
+{
+	return policy_live_screen_claim(pl, c, ids, n, claimed_by, NULL, gone, dropped, e);
+}
+
+cw_err policy_live_screen_claim(struct policy_live *pl, PGconn *c, const int64_t *ids, size_t n,
+				const char *claimed_by, const bool *uncounted, bool *gone, long *dropped, cw_errmsg *e)
 {
 	*dropped = 0;
 	for (size_t i = 0; i < n; i++)
 		gone[i] = false;
 	if (n == 0)
 		return CW_OK;
-	size_t cap = n * 21 + 3, len = 0;
-	char *arr = malloc(cap);
-	if (!arr)
+	char *arr = id_array_of(ids, n, NULL);
+	char *back = uncounted ? id_array_of(ids, n, uncounted) : NULL;
+	if (!arr || (uncounted && !back)) {
+		free(arr);
+		free(back);
 		return cw_fail(e, CW_ENOMEM, "out of memory");
-	arr[len++] = '{';
-	for (size_t i = 0; i < n; i++)
-		len += (size_t)snprintf(arr + len, cap - len, "%s%lld", i ? "," : "", (long long)ids[i]);
-	snprintf(arr + len, cap - len, "}");
+	}
 	struct policy_view *v = policy_live_get(pl);
 	bool own = PQtransactionStatus(c) == PQTRANS_IDLE; /* the lock of the events lasts until its end */
 	cw_err rc = own ? store_exec(c, "BEGIN", e) : CW_OK;
@@ -1651,13 +1676,14 @@ cw_err policy_live_screen(struct policy_live *pl, PGconn *c, const int64_t *ids,
 	long counts[2] = { 0, 0 };
 	if (!rc && !(rc = store_check(c, r, PGRES_TUPLES_OK, e))) {
 		const char *reason;
-		rc = recheck(c, v, r, claimed_by, counts, &reason, &list, e);
+		rc = recheck(c, v, r, claimed_by, back, counts, &reason, &list, e);
 		PQclear(r);
 	}
 	if (own)
 		rc = store_end(c, rc, e);
 	policy_view_put(v);
 	free(arr);
+	free(back);
 	if (!rc) {
 		size_t k;
 		json_t *id;

@@ -129,6 +129,16 @@ uint64_t policy_live_stamp(struct policy_live *pl, bool *unsettled);
  * many. */
 cw_err policy_live_screen(struct policy_live *pl, PGconn *c, const int64_t *ids, size_t n, const char *claimed_by,
 			  bool *gone, long *dropped, cw_errmsg *e);
+/* The same, for a dispatcher lane's claim: uncounted[i] (NULL: none) tells
+ * that the try of ids[i] its claim counted (outbox.attempts) was not made,
+ * or does not count (a 429): dropped while in flight under claimed_by,
+ * the row has it taken back, as the dispatcher's release or record of
+ * the row would have: its attempts count the tries in delivery_attempts
+ * that spend the retry budget (until the thirty-fourth session it kept the
+ * claim's count, a try that no record showed). */
+cw_err policy_live_screen_claim(struct policy_live *pl, PGconn *c, const int64_t *ids, size_t n,
+				const char *claimed_by, const bool *uncounted, bool *gone, long *dropped,
+				cw_errmsg *e);
 
 /* A local user's decision (state allowed, blocked, or none: forget it)
  * about a remote user (kind "user", subject a URI) or domain, from source

@@ -2042,6 +2042,62 @@ def test_a_row_dropped_as_its_failed_delivery_goes_back_keeps_the_record_of_its_
     assert dv["tries"][0]["finished_at"] and dv["tries"][0]["error"], dv
 
 
+def test_a_row_dropped_as_its_rate_limited_delivery_goes_back_counts_no_attempt(daemon, peers, pg, db_url):
+    """As above, the push answered 429: the row dropped as it goes back to
+    waiting keeps the try in its trace (code 429) and, as a 429 spends no
+    attempt (docs/architecture-decisions.md, 15), counts none, as the
+    record of the 429 would have left it. Until the thirty-fourth session
+    the drop kept the claim's count."""
+    (a, _), (b, sb) = peers
+    group = a.create_room([a.user("wally"), b.user("tom"), ALICE], kind="group").json()["id"]
+    sb.delay = 3.0  # the first push waits, then is refused: the row is in flight meanwhile
+    sb.script = [(429, None)]
+    msg = send(a, group, "to the group").json()["id"]
+    row = "SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id WHERE e.public_id = '%s' " \
+          "AND o.destination = 'peer:tg'" % msg
+    wait_until(lambda: pg.psql(row, db_url) == "in_flight", timeout=10, interval=0.05, what="the push in flight")
+    r = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "tg.example", "mode": "deny"})
+    assert r.status_code == 201, r.text
+    sb.delay = 0.0
+    wait_until(lambda: pg.psql(row, db_url) in ("delivered", "dropped"), timeout=20, interval=0.1,
+               what="the row decided or delivered")
+    assert pg.psql(row, db_url) == "dropped" and not sb.events, sb.events
+    t = daemon.admin("GET", f"/messages/{msg}").json()
+    [dv] = [x for x in t["deliveries"] if x["destination"] == "peer:tg"]
+    assert dv["state"] == "dropped" and dv["attempts"] == 0, dv
+    assert [(x["attempt"], x["ok"], x["code"]) for x in dv["tries"]] == [(1, False, 429)], dv
+
+
+def test_a_row_dropped_as_its_untried_delivery_goes_back_counts_no_attempt(make_daemon, db_url, pg):
+    """A row whose push was never made (the daemon stops while the push
+    waits for the peer's answer: the batch is released untried) and that
+    a change put in force meanwhile refuses is dropped as it goes back to
+    waiting, with no attempt counted and no try in its trace, as its
+    release would have left it (pending, the attempt the claim counted
+    taken back). Until the thirty-fourth session the drop kept the
+    claim's count: a dropped row with one attempt and no try."""
+    opts = {"dispatcher": {"http_timeout_ms": "60000"}}
+    d = make_daemon(db_url, options=opts).start()
+    (a, _), (b, sb) = made = push_peers(d)
+    try:
+        sb.delay = 12.0
+        group = a.create_room([a.user("wally"), b.user("tom"), ALICE], kind="group").json()["id"]
+        msg = send(a, group, "to the group").json()["id"]
+        wait_until(lambda: sb.requests >= 1, what="the push under way")
+        r = d.admin("POST", "/rules", json={"scope": "domain", "pattern": "tg.example", "mode": "deny"})
+        assert r.status_code == 201, r.text
+        t = d.admin("GET", f"/messages/{msg}").json()
+        assert d.stop() == 0
+        row = "SELECT o.state || ' ' || o.attempts || ' ' || (SELECT count(*) FROM delivery_attempts x " \
+              "WHERE x.outbox_id = o.id) FROM outbox o JOIN events e ON e.id = o.event_id " \
+              "WHERE e.public_id = '%s' AND o.destination = 'peer:tg'" % msg
+        assert [x["state"] for x in t["deliveries"] if x["destination"] == "peer:tg"] == ["in_flight"], t
+        assert pg.psql(row, db_url) == "dropped 0 0"
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
 
 def test_a_row_claimed_while_the_recheck_is_under_way_is_decided_before_it_is_sent(daemon, peers, pg, db_url):
     """The recheck's pass goes in batches, and a dispatcher may claim a row
@@ -2081,6 +2137,10 @@ def test_a_row_claimed_while_the_recheck_is_under_way_is_decided_before_it_is_se
         other.end()
     wait_until(lambda: [s for _, s in states(pg, db_url, [first, msg])] == ["dropped"] * 3, timeout=20,
                what="the pass's drops")
+    # dropped before its push: no try, and none counted (until the
+    # thirty-fourth session the claim's count stayed, with no try)
+    [dv] = [x for x in daemon.admin("GET", f"/messages/{msg}").json()["deliveries"] if x["destination"] == "peer:tg"]
+    assert dv["attempts"] == 0 and dv["tries"] == [], dv
     assert decision(daemon, msg)["content_deleted"]
     assert "recheck of waiting rows failed" not in daemon.log()
 
