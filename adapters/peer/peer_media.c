@@ -250,6 +250,18 @@ static cw_err event_holds(PGconn *c, void *arg, cw_errmsg *e)
 	return CW_OK;
 }
 
+/* The answer to a token whose event (event_holds) the peer may not have
+ * or that is gone, whoever asks when: true when answered. */
+static bool answer_not_there(struct cw_req *req, const struct media_job *j)
+{
+	if (j->stranger)
+		cw_req_problem(req, 404, "unknown_media", "Not found", NO_SUCH_TOKEN);
+	else if (j->gone)
+		cw_req_problem(req, 404, "unknown_media", "Not found",
+			       "no such file (its message was deleted or edited, or is no longer kept)");
+	return j->stranger || j->gone;
+}
+
 /* The links whose file was refused for good lately, by MAC: logged once an
  * hour each (a follow of such a link is answered at every one, but anyone
  * holding it could fill the log; until the twenty-seventh session every
@@ -370,11 +382,8 @@ static void fetched(void *arg)
 			       cw_req_id(req), "got", got);
 		cw_req_problem(req, 502, "media_mismatch", "Bad gateway",
 			       "the file the sender's store answered does not match the sha256 its attachment declared");
-	} else if (j->stranger) {
-		cw_req_problem(req, 404, "unknown_media", "Not found", NO_SUCH_TOKEN);
-	} else if (j->gone) {
-		cw_req_problem(req, 404, "unknown_media", "Not found",
-			       "no such file (its message was deleted or edited, or is no longer kept)");
+	} else if (answer_not_there(req, j)) {
+		/* a stranger, or the event gone: answered */
 	} else if (j->over) {
 		app_retry_after(req, 5000);
 		cw_req_problem(req, 503, "unavailable", "Service unavailable",
@@ -458,8 +467,30 @@ void peer_api_media(struct cw_req *req, void *ctx)
 	start_fetch(app, req, j, (size_t)app->cfg->media_max_bytes);
 }
 
+/* The answer to a token while every fetcher is busy, once event_holds
+ * ran on a reader (rc its outcome): a stranger to the room, or a token
+ * whose event is gone, gets the answer it gets when a fetcher is free;
+ * anyone else is told to try again.  On a store thread. */
+static void busy_answer(void *arg, cw_err rc, const cw_errmsg *e)
+{
+	(void)e;
+	struct media_job *j = arg;
+	if (rc || !answer_not_there(j->req, j)) {
+		app_retry_after(j->req, 1000);
+		cw_req_problem(j->req, 503, "unavailable", "Service unavailable", "too many files are being fetched now");
+	}
+	cw_req_resume(j->req);
+	free(j);
+}
+
 /* Runs j's fetch on a fetcher (server.media_fetches at once), at most max
- * bytes (at most server.media_max_bytes); req suspended by the caller. */
+ * bytes (at most server.media_max_bytes); req suspended by the caller.
+ * Every fetcher busy, a token's peer is first asked about as a fetcher
+ * asks (event_holds), on a reader: a peer with no member in the room is
+ * answered 404 as for a token that never was, whatever the fetchers are
+ * doing (until the thirty-fourth session it was told 503 "too many files"
+ * then, the one answer that told it from a token that never was).  Only
+ * when refused: a fetch that a fetcher takes reads there as before. */
 static void start_fetch(struct cw_app *app, struct cw_req *req, struct media_job *j, size_t max)
 {
 	j->app = app;
@@ -467,12 +498,14 @@ static void start_fetch(struct cw_app *app, struct cw_req *req, struct media_job
 	j->b.max = max < (size_t)app->cfg->media_max_bytes ? max : (size_t)app->cfg->media_max_bytes;
 	j->capped = j->b.max < (size_t)app->cfg->media_max_bytes;
 	j->b.cancel = &app->stopping;
-	if (!cw_workers_run_then(app->fetchers, fetch, fetched, j)) {
-		free(j);
-		app_retry_after(req, 1000);
-		cw_req_problem(req, 503, "unavailable", "Service unavailable", "too many files are being fetched now");
-		cw_req_resume(req);
-	}
+	if (cw_workers_run_then(app->fetchers, fetch, fetched, j))
+		return;
+	if (!j->public && store_read(app->store, event_holds, busy_answer, j) == CW_OK)
+		return;
+	free(j);
+	app_retry_after(req, 1000);
+	cw_req_problem(req, 503, "unavailable", "Service unavailable", "too many files are being fetched now");
+	cw_req_resume(req);
 }
 
 void media_public_get(struct cw_req *req, void *ctx)

@@ -802,6 +802,57 @@ def test_a_peer_no_longer_in_the_room_cannot_fetch_its_files(mx, hs, gk, pg, db_
     assert pg.psql(f"SELECT count(*) FROM events WHERE public_id = '{msg}'", db_url) == "1"  # still there
 
 
+def test_a_stranger_is_answered_as_one_while_every_fetcher_is_busy(make_daemon, db_url, hs, pg):
+    """With every fetcher busy (server.media_fetches, here one, held by a
+    file the homeserver is slow to give), a member's token is answered 503
+    "try again", and a token of a peer no longer in the room the same 404
+    as a token that never was, byte for byte, as when a fetcher is free:
+    whether the peer is a member is asked before it is told that files
+    are busy. Until the thirty-fourth session the stranger was answered
+    503 too, the one answer that told it from a token that never was."""
+    port = free_port()
+    hs.registration["url"] = f"http://127.0.0.1:{port}"
+    d = make_daemon(db_url, options={"server": {"port": str(port), "media_fetches": "1"},
+                                     "matrix": {"homeserver_url": hs.url, "as_token": AS_TOKEN,
+                                                "hs_token": HS_TOKEN}}).start()
+    a, srv = add_peer(d, "gk", "wa.example")
+    t = None
+    try:
+        gid = a.create_room([a.user("wally"), ALICE], kind="group").json()["id"]
+        rid = pg.psql(f"SELECT id FROM rooms WHERE public_id = '{gid}'", db_url)
+        pg.psql("INSERT INTO room_bindings (room_id, network, native_id, local_identity_id) SELECT "
+                f"{rid}, 'matrix', '!portal:example.org', id FROM identities WHERE uri = '{ALICE}'", db_url)
+        pg.psql(f"UPDATE room_members SET membership = 'joined', peer_invited = false WHERE room_id = {rid}",
+                db_url)
+        hs.create_user("alice")
+        [(slow_photo, _, _, slow), (_, _, _, path)] = alice_sends_photos(d, hs, srv, "!portal:example.org", 2,
+                                                                         "busy")
+        token = path.split("?")[0].rsplit("/", 1)[1]
+        unknown = a.call("GET", path.replace(token, token[:-2] + ("AA" if token[-2:] != "AA" else "BB")))
+        assert unknown.status_code == 404 and unknown.json()["code"] == "unknown_media", unknown.text
+        hs.media_latency = 6.0
+        started, out = hs.downloads_started, {}
+        t = threading.Thread(target=lambda: out.update(r=a.call("GET", slow)))
+        t.start()
+        wait_until(lambda: hs.downloads_started > started, what="the slow fetch under way")
+        r = a.call("GET", path)
+        assert r.status_code == 503 and r.json()["code"] == "unavailable", (r.status_code, r.text[:200])
+        assert "too many files" in r.json()["detail"] and r.headers.get("Retry-After"), r.text
+        assert a.call("POST", f"/v1/rooms/{gid}/members", {"remove": [a.user("wally")]}).status_code == 200
+        for _ in range(3):
+            r = a.call("GET", path)
+            assert (r.status_code, r.content, r.headers["Content-Type"]) == (
+                unknown.status_code, unknown.content, unknown.headers["Content-Type"]), (r.status_code, r.text[:200])
+        assert hs.downloads_started == started + 1  # the stranger's token fetched nothing
+        t.join(20)
+        assert out["r"].status_code == 200 and out["r"].content == slow_photo, out
+    finally:
+        hs.media_latency = 0.0
+        if t:
+            t.join(20)
+        srv.close()
+
+
 def test_a_token_whose_message_row_is_gone_is_answered_as_one_that_never_was(mx, hs, gk, pg, db_url):
     """A message whose row is gone (retention.rows_days, which may be
     shorter than server.media_link_lifetime_s) leaves nothing to ask
