@@ -543,7 +543,16 @@ static bool profiles_cursor(struct xcomp *xc, PGconn *c)
 
 /* Whether changes wait for the open transaction w (0: none), the one the
  * read stopped below: waited for up to xa_open_write_wait_ms, then passed
- * over. */
+ * over.  Which one was passed over is kept here (profiles_past), and in
+ * the stored cursor once a change after it is read: a change is read
+ * only below the oldest open transaction not passed over, so one still
+ * open below the cursor is one that this process, or the stream's
+ * holder before it, passed over, and the read does not stop below it
+ * again (the cursor's own id, the oldest open one when it was first
+ * stored, may be open and is waited for).  Until the thirty-fourth
+ * session it was known in memory only: a transaction left open for ever
+ * (an orphaned PREPARE TRANSACTION, a session idle in one) held the
+ * changes back another minute after every reconnection. */
 static void profiles_waiting(struct xcomp *xc, long long w)
 {
 	int64_t now = cw_now_us() / 1000;
@@ -571,7 +580,8 @@ void xa_profiles(struct xcomp *xc, PGconn *c)
 	snprintf(past, sizeof(past), "%lld", xc->profiles_past);
 	const char *p[] = { xc->peer, xid, id, past };
 	/* Column 0 the open transaction the read stops below (NULL: none,
-	 * or none holds a change back; those up to $4 passed over), then the
+	 * or none holds a change back; those up to $4 passed over, and those
+	 * below the cursor: see profiles_waiting), then the
 	 * changes, if any (one row of NULLs: none), then whether the cursor
 	 * is another server's (NEXT_XID).  A change above NEXT_XID is
 	 * another server's too, from before the database was moved: not
@@ -583,7 +593,8 @@ void xa_profiles(struct xcomp *xc, PGconn *c)
 	"AND i.profile_xid < h.hi "
 	PGresult *r = PQexecParams(c,
 		"WITH h AS MATERIALIZED (SELECT (SELECT x::text::bigint FROM pg_snapshot_xip(pg_current_snapshot()) x "
-		"  WHERE x::text::bigint > $4::bigint ORDER BY 1 LIMIT 1) AS w, " NEXT_XID " AS hi) "
+		"  WHERE x::text::bigint > $4::bigint AND x::text::bigint >= $2::bigint ORDER BY 1 LIMIT 1) AS w, "
+		NEXT_XID " AS hi) "
 		"SELECT CASE WHEN EXISTS (SELECT 1 " PEER_CHANGES " AND i.profile_xid > h.w) THEN h.w END, "
 		" n.localpart, n.profile_xid, n.id, n.contacts, $2::bigint > h.hi FROM h LEFT JOIN LATERAL ("
 		/* The contacts: the local users who allowed the remote user and

@@ -3359,6 +3359,51 @@ def test_a_profile_change_committed_after_a_later_one_still_reaches_the_contacts
     other.stop()
 
 
+def test_a_transaction_passed_over_is_not_waited_for_again_by_the_next_holder(make_daemon, db_url, pg, prosody,
+                                                                             xd, gk, alice):
+    """A transaction left open for ever (an orphaned PREPARE TRANSACTION, a
+    session idle in one) holds the profile changes after it back for a
+    minute, then is passed over, and the cursor stored in
+    xmpp_roster_sync goes past it with the changes announced. The next
+    holder of the stream (a restart, a reconnection) does not wait for it
+    again: an open transaction below the stored cursor is one a holder
+    passed over. Until the thirty-fourth session which one was passed over
+    was known in memory only, and every new holder held the changes back
+    another minute. (The minute's wait itself is not waited out here: the
+    cursor is stored as a holder that waited it out leaves it.)"""
+    a, srv = gk
+    consent_alice(xd)
+    alice.send_message(WALLY_JID, "hello wally")
+    srv.wait_events(1)
+    wait_until(lambda: pg.psql("SELECT count(*) FROM xmpp_roster_sync WHERE profiles_xid IS NOT NULL",
+                               db_url) == "1", what="the profiles' cursor")
+    xd.stop()
+    held = HeldSession(db_url)
+    again = None
+    try:
+        held.run("BEGIN; SELECT pg_current_xact_id();")  # open for ever, with an id of its own
+        # what the holder that waited it out left: its cursor past it
+        pg.psql("UPDATE xmpp_roster_sync SET profiles_xid = pg_current_xact_id()::text::bigint, "
+                "profiles_xid_id = 0", db_url)
+        again = make_daemon(db_url, options=daemon_options(prosody)).start()
+        wait_until(lambda: component_state(again)["state"] == "up", what="the component's stream")
+        a2 = PeerClient(again.url, a.name, a.domain, token=a.token, signer=a.signer)
+        start = alice.count()
+        assert a2.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": "Wally Again"}
+                       ).status_code == 200
+        wait_until(lambda: pg.psql("SELECT c.profiles_xid = i.profile_xid FROM xmpp_roster_sync c, identities i "
+                                   "WHERE i.uri = 'mimi://wa.example/u/wally'", db_url) == "t", timeout=20,
+                   what="wally's change read (not a minute later)")
+        alice.wait_for_presence(lambda el: el.get("from", "").split("/")[0] == WALLY_JID and el.find(
+            "{vcard-temp:x:update}x/{vcard-temp:x:update}photo") is not None, start=start, timeout=15)
+        assert pg.psql("SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction' "
+                       "AND backend_xid IS NOT NULL", db_url) == "1"  # still open
+    finally:
+        held.end()
+        if again:
+            again.stop()
+
+
 def test_a_database_moved_to_another_server_still_announces_profile_changes(make_daemon, db_url, pg, prosody,
                                                                             xd, gk, alice):
     """The profiles' cursor (xmpp_roster_sync.profiles_xid) and each
