@@ -703,7 +703,8 @@ static const char recheck_drop_sql[] =
 	"  AND " RECHECK_WAITING " ORDER BY o.id FOR UPDATE OF o SKIP LOCKED), "
 	"ch AS (UPDATE outbox o SET state = 'dropped', next_attempt_at = now(), claimed_by = NULL, "
 	"  claimed_until = NULL, attempts = CASE WHEN o.state = 'in_flight' AND o.id = ANY($3::bigint[]) "
-	"  THEN greatest(o.attempts - 1, 0) ELSE o.attempts END FROM dn WHERE o.id = dn.id AND o.id IN (SELECT id FROM lk) "
+	"  THEN greatest(o.attempts - 1, 0) ELSE o.attempts END "
+	"  FROM dn WHERE o.id = dn.id AND o.id IN (SELECT id FROM lk) "
 	"  RETURNING o.id, o.event_id, dn.reason, NULLIF(dn.rule, 0) AS rule, dn.subject), "
 	"au AS (INSERT INTO audit_log (actor, action, reason_code, rule_id, event_id, subject, details) "
 	" SELECT 'policy', 'policy.deny', ch.reason, ch.rule, ch.event_id, ch.subject, '{\"by\": \"sweep\"}'::jsonb "
@@ -770,8 +771,8 @@ static bool recheck_refused(const struct policy_snapshot *snap, PGresult *r, int
 }
 
 /* Decides the rows of r (RECHECK_COLUMNS) again with v and drops those
- * refused (recheck_drop_sql; claimed_by its $2, uncounted its $3); counts: rows decided,
- * dropped; *reason: the first drop's (static), or NULL; *gone (NULL: not
+ * refused (recheck_drop_sql; claimed_by its $2, uncounted its $3);
+ * counts: rows decided, dropped; *reason: the first drop's (static), or NULL; *gone (NULL: not
  * wanted) the ids dropped, a JSON array (NULL: none). */
 static cw_err recheck(PGconn *c, const struct policy_view *v, PGresult *r, const char *claimed_by,
 		      const char *uncounted, long counts[2], const char **reason, json_t **gone, cw_errmsg *e)

@@ -477,7 +477,8 @@ static void busy_answer(void *arg, cw_err rc, const cw_errmsg *e)
 	struct media_job *j = arg;
 	if (rc || !answer_not_there(j->req, j)) {
 		app_retry_after(j->req, 1000);
-		cw_req_problem(j->req, 503, "unavailable", "Service unavailable", "too many files are being fetched now");
+		cw_req_problem(j->req, 503, "unavailable", "Service unavailable",
+			       "too many files are being fetched now");
 	}
 	cw_req_resume(j->req);
 	free(j);
