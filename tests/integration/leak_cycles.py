@@ -18,7 +18,6 @@ import os
 import re
 import time
 
-import pytest
 import requests
 
 from harness import Postgres, wait_until
