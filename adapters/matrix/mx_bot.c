@@ -319,17 +319,91 @@ static bool change_allowed(struct matrix *m, PGconn *c, const char *room, const 
 	return false;
 }
 
-/* The command body of sender in room, from the bot's inbox row inbox_id. */
+/* The party of an accept, block or report whose message has content and
+ * whose text after the verb is typed: the one user the message mentions,
+ * if any, into arg (and for a report what follows her name into rest);
+ * else arg and rest stay the words typed.  A client that lets the user
+ * pick the remote user (a "pill": the Client-Server API's "User and room
+ * mentions") puts his display name in body and his id only in
+ * formatted_body's link and in m.mentions, and "accept Wally (gk)" would
+ * be read as "Wally" (until the thirty-fourth session: "Whom?").  The bot
+ * and the sender are no party (a reply mentions whom it answers).  False
+ * after answering when the mentions name no party: several (the command
+ * is not carried out for one of them), or a user who is no ghost (a
+ * Matrix user, here or elsewhere, whom no consent is about; the same
+ * answer whether she exists or not). */
+static bool mentioned_party(struct matrix *m, PGconn *c, const char *room, const char *txn, const char *sender,
+			    const json_t *content, const char *typed, char *arg, size_t arglen, char *rest,
+			    size_t restlen)
+{
+	const char *skip[] = { m->bot, sender, NULL };
+	struct mx_mention men[2];
+	size_t n = mx_mentions(content, skip, men, 2);
+	if (n == 0)
+		return true;
+	char reply[600];
+	if (n > 1) {
+		answer(m, c, room, txn, "Whom? Your message mentions more than one person: name one at a time.");
+		return false;
+	}
+	if (!mx_in_ghost_namespace(m->cfg->mx_user_prefix, mx_server_name(m->cfg), men[0].user_id)) {
+		snprintf(reply, sizeof(reply), "%s is not someone from another network: accept, block and report are "
+			 "for the people who reach you through the gateway (an address such as mimi://..., a bridged "
+			 "user's Matrix id, or a domain). For a Matrix user, use your client's ignore and report.",
+			 men[0].user_id);
+		answer(m, c, room, txn, reply);
+		return false;
+	}
+	snprintf(arg, arglen, "%s", men[0].user_id);
+	/* A report's reason is what follows the name the client wrote for
+	 * her (or her id, typed); a mention the text does not show (m.mentions
+	 * alone) leaves all of the text the reason. */
+	const char *after = typed;
+	size_t ll = strlen(men[0].label), il = strlen(men[0].user_id);
+	if (ll && strncmp(typed, men[0].label, ll) == 0)
+		after = typed + ll;
+	else if (strncmp(typed, men[0].user_id, il) == 0)
+		after = typed + il;
+	while (isspace((unsigned char)*after))
+		after++;
+	size_t k = 0, left = strlen(after);
+	while (k < left && after[k] != '\n') {
+		size_t l = cw_utf8_seq((const unsigned char *)after + k, left - k, NULL);
+		if (l == 0 || k + l >= restlen)
+			break;
+		k += l;
+	}
+	memcpy(rest, after, k);
+	rest[k] = '\0';
+	return true;
+}
+
+/* The command in content (its body) of sender in room, from the bot's
+ * inbox row inbox_id. */
 static void command(struct matrix *m, PGconn *c, const char *room, const char *txn, const char *sender,
-		    const char *body, const char *inbox_id)
+		    const json_t *content, const char *inbox_id)
 {
 	char local_id[24], uri[600];
 	if (!local_identity(m, c, sender, local_id, sizeof(local_id), uri, sizeof(uri)))
 		return;
+	/* A reply (to a consent request, say) may start with the quote of
+	 * what it answers. */
+	const char *body = json_string_value(json_object_get(content, "body"));
+	body += mx_reply_fallback_len(body);
 	char verb[32] = "", arg[700] = "", rest[300] = "";
 	sscanf(body, "%31s %699s %299[^\n]", verb, arg, rest);
 	for (char *p = verb; *p; p++)
 		*p = (char)tolower((unsigned char)*p);
+	const char *typed = body; /* the text after the verb */
+	while (isspace((unsigned char)*typed))
+		typed++;
+	while (*typed && !isspace((unsigned char)*typed))
+		typed++;
+	while (isspace((unsigned char)*typed))
+		typed++;
+	if ((strcmp(verb, "accept") == 0 || strcmp(verb, "block") == 0 || strcmp(verb, "report") == 0) &&
+	    !mentioned_party(m, c, room, txn, sender, content, typed, arg, sizeof(arg), rest, sizeof(rest)))
+		return;
 	cw_errmsg e;
 	char reply[1200];
 	if (strcmp(verb, "accept") == 0 || strcmp(verb, "block") == 0) {
@@ -1418,8 +1492,7 @@ static bool inbox(struct matrix *m, PGconn *c)
 			cw_sha256_pair("cwcmd", 5, eid ? eid : "", eid ? strlen(eid) : 0, h);
 			cw_hex(hex, h, 16);
 			snprintf(txn, sizeof(txn), "cwcmd-%s", hex);
-			command(m, c, room, txn, sender, json_string_value(json_object_get(content, "body")),
-				PQgetvalue(r, i, 0));
+			command(m, c, room, txn, sender, content, PQgetvalue(r, i, 0));
 		}
 		json_decref(ev);
 		const char *id[] = { PQgetvalue(r, i, 0) };

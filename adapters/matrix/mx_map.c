@@ -10,6 +10,7 @@
 #include <libxml/HTMLparser.h>
 #include <libxml/SAX2.h>
 #include <libxml/tree.h>
+#include <libxml/uri.h>
 #include <errno.h>
 #include <limits.h>
 #include <math.h>
@@ -528,6 +529,143 @@ char *mx_sanitize_html(const char *html, size_t len)
 	return html_walk(html, len, WALK_HTML, false, true);
 }
 
+/* ------------------------------------------------------------ mentions */
+
+/* The user id a link to a user names, into id: "https://matrix.to/#/" and
+ * the id (percent-encoded as the spec's appendix "Matrix URIs" says, or
+ * not, as clients long sent it), or "matrix:u/" and the id without its
+ * "@", each with an optional "?query".  False for other links (rooms,
+ * events, the web) and for what names no valid user id. */
+static bool link_user(const char *href, char *id, size_t idlen)
+{
+	const char *rest;
+	bool sigil;
+	if (starts_with(href, "https://matrix.to/#/")) {
+		rest = href + strlen("https://matrix.to/#/");
+		sigil = true;
+	} else if (starts_with(href, "matrix:u/")) {
+		rest = href + strlen("matrix:u/");
+		sigil = false;
+	} else {
+		return false;
+	}
+	size_t n = strcspn(rest, "?");
+	if (n == 0 || n > 3 * MX_ID_MAX)
+		return false;
+	char *dec = xmlURIUnescapeString(rest, (int)n, NULL);
+	if (!dec)
+		return false;
+	int w = snprintf(id, idlen, "%s%s", sigil ? "" : "@", dec);
+	xmlFree(dec);
+	return w > 0 && (size_t)w < idlen && strlen(id) == (size_t)w && mx_user_id_parse(id, NULL, 0, NULL, 0);
+}
+
+struct mentions {
+	const char *const *skip;
+	struct mx_mention *out;
+	size_t max, n;
+	bool labels_only; /* m.mentions named them: the links give their labels only */
+};
+
+/* Adds user id (with its link's text label, may be NULL) to m unless
+ * skipped or there already. */
+static void mention_add(struct mentions *m, const char *id, const char *label, bool add)
+{
+	for (const char *const *s = m->skip; s && *s; s++)
+		if (strcmp(*s, id) == 0)
+			return;
+	size_t kept = m->n < m->max ? m->n : m->max;
+	for (size_t i = 0; i < kept; i++) {
+		if (strcmp(m->out[i].user_id, id) == 0) {
+			if (label && !m->out[i].label[0] && strlen(label) < sizeof(m->out[i].label))
+				strcpy(m->out[i].label, label);
+			return;
+		}
+	}
+	if (!add)
+		return;
+	if (m->n < m->max) {
+		struct mx_mention *o = &m->out[m->n];
+		snprintf(o->user_id, sizeof(o->user_id), "%s", id);
+		o->label[0] = '\0';
+		if (label && strlen(label) < sizeof(o->label))
+			strcpy(o->label, label);
+	}
+	m->n++;
+}
+
+static bool mention_enter(void *arg, xmlNode *n)
+{
+	struct mentions *m = arg;
+	if (n->type != XML_ELEMENT_NODE || !n->name)
+		return false;
+	if (strcmp((const char *)n->name, "mx-reply") == 0)
+		return false; /* the reply fallback names whom it answers */
+	if (strcmp((const char *)n->name, "a") != 0)
+		return true;
+	xmlChar *href = xmlGetProp(n, (const xmlChar *)"href");
+	char id[MX_ID_MAX + 1];
+	if (href && link_user((const char *)href, id, sizeof(id))) {
+		xmlChar *text = xmlNodeGetContent(n);
+		const char *t = text ? (const char *)text : "";
+		size_t len = strlen(t);
+		while (*t == ' ' || *t == '\t' || *t == '\n' || *t == '\r')
+			t++, len--;
+		while (len && (t[len - 1] == ' ' || t[len - 1] == '\t' || t[len - 1] == '\n' || t[len - 1] == '\r'))
+			len--;
+		char label[sizeof(((struct mx_mention *)0)->label)];
+		bool fits = len < sizeof(label);
+		if (fits) {
+			memcpy(label, t, len);
+			label[len] = '\0';
+		}
+		mention_add(m, id, fits && len ? label : NULL, !m->labels_only);
+		xmlFree(text);
+	}
+	xmlFree(href);
+	return false;
+}
+
+static void mention_leave(void *arg, xmlNode *n)
+{
+	(void)arg;
+	(void)n;
+}
+
+static bool mention_stopped(void *arg)
+{
+	(void)arg;
+	return false;
+}
+
+size_t mx_mentions(const json_t *c, const char *const *skip, struct mx_mention *out, size_t max)
+{
+	struct mentions m = { .skip = skip, .out = out, .max = max };
+	json_t *ids = json_object_get(json_object_get(c, "m.mentions"), "user_ids");
+	size_t i;
+	json_t *v;
+	json_array_foreach(ids, i, v) {
+		const char *id = json_string_value(v);
+		if (id && mx_user_id_parse(id, NULL, 0, NULL, 0))
+			mention_add(&m, id, NULL, true);
+	}
+	m.labels_only = m.n > 0;
+	const char *format = json_string_value(json_object_get(c, "format"));
+	const char *html = json_string_value(json_object_get(c, "formatted_body"));
+	if (!format || strcmp(format, "org.matrix.custom.html") != 0 || !html || strlen(html) > HTML_INPUT_MAX)
+		return m.n;
+	pthread_once(&xml_once, xml_init);
+	size_t blen;
+	char *buf = clean_input(html, strlen(html), &blen);
+	htmlDocPtr doc = buf ? html_parse(buf, blen, false) : NULL;
+	free(buf);
+	if (doc) {
+		cw_html_walk(doc, mention_enter, mention_leave, mention_stopped, &m);
+		xmlFreeDoc(doc);
+	}
+	return m.n;
+}
+
 /* The text of HTML (line breaks for br and blocks), trimmed. */
 static char *html_text(const char *html, bool keep_reply)
 {
@@ -661,10 +799,7 @@ static enum mx_in_result parse_rel(const json_t *content, struct rel *r, char *w
 	return MX_IN_OK;
 }
 
-/* The length of a plain-text reply fallback at the start of body: lines
- * "> <@..." or "> * <@..." and the "> " lines after them, then one empty
- * line.  0 when body does not start with one. */
-static size_t reply_fallback_len(const char *body)
+size_t mx_reply_fallback_len(const char *body)
 {
 	if (!starts_with(body, "> <") && !starts_with(body, "> * <"))
 		return 0;
@@ -719,7 +854,7 @@ static enum mx_in_result text_parts(const json_t *c, const char *msgtype, bool s
 		formatted = json_string_value(fb);
 	}
 	if (strip_reply) {
-		size_t skip = reply_fallback_len(body);
+		size_t skip = mx_reply_fallback_len(body);
 		if (skip < strlen(body))
 			body += skip;
 	}

@@ -124,6 +124,8 @@
 #ifndef CW_MX_MAP_H
 #define CW_MX_MAP_H
 
+#include "matrix/mx_id.h" /* MX_ID_MAX */
+
 #include <jansson.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -277,5 +279,30 @@ bool mx_json_number_out_of_range(const json_t *v);
  * it), "" for empty or NULL input; NULL when memory runs out or len is over
  * 1 MiB. */
 char *mx_sanitize_html(const char *html, size_t len);
+
+
+/* The length of a plain-text reply fallback at the start of body: lines
+ * "> <@..." or "> * <@..." and the "> " lines after them, then one empty
+ * line (the spec's "Fallbacks for rich replies", which clients put before a
+ * reply's own text).  0 when body does not start with one. */
+size_t mx_reply_fallback_len(const char *body);
+
+/* One user a message mentions (mx_mentions). */
+struct mx_mention {
+	char user_id[MX_ID_MAX + 1];
+	char label[256]; /* the trimmed text of its first link in formatted_body: "" without one (or longer) */
+};
+
+/* The users the m.room.message content c mentions (the Client-Server API's
+ * "User and room mentions": a client's "pill" puts the user's display name
+ * in body, a link to her id in formatted_body and her id in
+ * m.mentions.user_ids), each once, other than those of skip (a NULL-ended
+ * list, or NULL): the valid user ids of m.mentions.user_ids when it names
+ * any, else those of the links in an org.matrix.custom.html formatted_body
+ * (https://matrix.to/#/<id>, percent-encoded or not, and matrix:u/<id>;
+ * the links of the reply fallback, <mx-reply>, are not mentions).  The
+ * first max go into out, labelled from the links; returns how many there
+ * are (exact up to max; beyond it, at least max + 1). */
+size_t mx_mentions(const json_t *c, const char *const *skip, struct mx_mention *out, size_t max);
 
 #endif

@@ -1430,6 +1430,120 @@ def test_a_users_commands_to_the_bot_are_limited(mx, hs, gk, pg, db_url):
     wait_until(lambda: any(n.startswith("Blocked " + wally) for n in bob_said()), what="bob's block")
 
 
+
+def send_pill(client, room, verb, user_id, name, after="", link=None, mentions=None, reply_to=None):
+    """What Element sends for "<verb> <pill>[ after]" once the user picked
+    user_id (whose display name is name) from the autocompletion: the name
+    in body, a link to the id in formatted_body, the id in m.mentions (the
+    Client-Server API's "User and room mentions").  link: another href;
+    mentions: other user ids (None: [user_id]; False: no m.mentions, as
+    clients before it); reply_to: (event id, its sender) of the message
+    answered, whose sender m.mentions then names too, with a reply
+    fallback."""
+    href = link or f"https://matrix.to/#/{user_id}"
+    body = f"{verb} {name}{after}"
+    html = f'{verb} <a href="{href}">{html_escape(name)}</a>{html_escape(after)}'
+    content = {"msgtype": "m.text", "body": body, "format": "org.matrix.custom.html", "formatted_body": html}
+    ids = [user_id] if mentions is None else mentions
+    if reply_to is not None:
+        eid, sender = reply_to
+        content["m.relates_to"] = {"m.in_reply_to": {"event_id": eid}}
+        content["body"] = f"> <{sender}> a request\n\n{body}"
+        content["formatted_body"] = (
+            f'<mx-reply><blockquote><a href="https://matrix.to/#/{room}/{eid}">In reply to</a> '
+            f'<a href="https://matrix.to/#/{sender}">{sender}</a><br>a request</blockquote></mx-reply>{html}')
+        ids = ids + [sender] if ids is not False else ids
+    if ids is not False:
+        content["m.mentions"] = {"user_ids": ids}
+    return client.send(room, "m.room.message", content)
+
+
+def html_escape(s):
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def test_a_bridged_user_picked_in_the_client_is_the_commands_party(mx, hs, gk, pg, db_url):
+    """A user who picks the remote user in her client instead of typing his
+    id sends a "pill": body says "accept Wally (gk)", his Matrix id is only
+    in formatted_body's link and in m.mentions.  accept, block and report
+    take the one user mentioned (the ghost: its remote user), in a reply to
+    the bot's request too (whose sender the client mentions as well), from
+    a percent-encoded matrix.to link or a matrix: URI of a client without
+    m.mentions, and a report's reason is what follows the name.  Until the
+    thirty-fourth session the bot read body only and answered "Whom?"."""
+    a, _ = gk
+    bot = "@_cw_bot:example.org"
+    ghost = "@_cw_gk_wally:example.org"
+    wally = a.user("wally")
+    assert mx.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
+    alice, mgmt, said = alice_and_the_bot(hs)
+    room = a.create_room([wally, ALICE]).json()["id"]
+    a.send(room, wally, "hello")
+    request = wait_until(lambda: next((e for e in hs.events(mgmt) if e["sender"] == bot and
+                                       "wants to write to you" in e["content"].get("body", "")), None),
+                         what="the consent request")
+
+    def answered(start):
+        wait_until(lambda: len(said()) > start, what="the answer")
+        return said()[start]
+    n = len(said())
+    send_pill(alice, mgmt, "accept", ghost, "Wally (gk)", reply_to=(request["event_id"], bot))
+    assert answered(n) == f"Accepted {wally}. 1 waiting message(s) released."
+    n = len(said())
+    send_pill(alice, mgmt, "block", ghost, "Wally (gk)", link="https://matrix.to/#/%40_cw_gk_wally%3Aexample.org",
+              mentions=False)
+    assert answered(n).startswith(f"Blocked {wally}.")
+    n = len(said())
+    send_pill(alice, mgmt, "accept", ghost, "Wally (gk)", link="matrix:u/_cw_gk_wally:example.org?action=chat",
+              mentions=False)
+    assert answered(n).startswith(f"Accepted {wally}.")
+    n = len(said())
+    send_pill(alice, mgmt, "report", ghost, "Wally (gk)", after=" sends spam")
+    assert answered(n) == "Reported to the operator. Thank you."
+    assert pg.psql("SELECT subject_uri || ' ' || comment FROM reports", db_url) == f"{wally} sends spam"
+    assert pg.psql("SELECT string_agg(action || ' ' || subject, ',' ORDER BY id) FROM audit_log "
+                   "WHERE actor = 'user:@alice:example.org'", db_url) == \
+        f"consent.allow {wally},consent.block {wally},consent.allow {wally}"
+
+
+def test_a_command_mentioning_several_users_or_a_matrix_user_is_refused(mx, hs, gk, pg, db_url):
+    """A command whose message mentions two users is refused, not carried
+    out for one of them; a mention of a Matrix user (of this server or
+    another, existing or not: the answer is the same) is not taken for a
+    remote one, nor is the name in body read as an address.  The bot
+    itself and the sender, whom a reply mentions, do not count: a reply
+    to the bot that types the address is carried out."""
+    a, _ = gk
+    bot = "@_cw_bot:example.org"
+    ghost = "@_cw_gk_wally:example.org"
+    wally = a.user("wally")
+    alice, mgmt, said = alice_and_the_bot(hs)
+    hs.create_user("bob")
+
+    def answer_to(send):
+        n = len(said())
+        send()
+        wait_until(lambda: len(said()) > n, what="the answer")
+        return said()[n]
+    two = answer_to(lambda: send_pill(alice, mgmt, "block", ghost, "Wally (gk)", after=" and Ed (gk)",
+                                      mentions=[ghost, "@_cw_gk_ed:example.org"]))
+    assert two == "Whom? Your message mentions more than one person: name one at a time.", two
+    for who in ("@bob:example.org", "@nobody:example.org", "@carol:elsewhere.example"):
+        text = answer_to(lambda: send_pill(alice, mgmt, "block", who, "example.com"))
+        assert text.startswith(f"{who} is not someone from another network"), text
+    text = answer_to(lambda: send_pill(alice, mgmt, "report", "@bob:example.org", "bob", after=" spam"))
+    assert text.startswith("@bob:example.org is not someone from another network"), text
+    assert pg.psql("SELECT count(*) FROM consents", db_url) == "0"
+    assert pg.psql("SELECT count(*) FROM reports", db_url) == "0"
+    assert pg.psql("SELECT count(*) FROM audit_log WHERE actor LIKE 'user:%'", db_url) == "0"
+    # A reply to the bot (mentioning it, and alice herself) with the address typed.
+    eid = next(e["event_id"] for e in hs.events(mgmt) if e["sender"] == bot)
+    text = answer_to(lambda: alice.send(mgmt, "m.room.message", {
+        "msgtype": "m.text", "body": f"block {wally}", "m.mentions": {"user_ids": [bot, ALICE_MX]},
+        "m.relates_to": {"m.in_reply_to": {"event_id": eid}}}))
+    assert text.startswith(f"Blocked {wally}."), text
+
+
 def test_inviting_a_ghost_asks_the_appservice(mx, hs, gk):
     """The homeserver asks GET /users/{id} on an invite of an unknown ghost:
     a known remote user's ghost exists afterwards, an unknown one does not."""

@@ -1664,6 +1664,67 @@ START_TEST(media_queue_is_bounded)
 }
 END_TEST
 
+/* mx_mentions: the users a message mentions, as clients send them (a pill:
+ * the link in formatted_body, the id in m.mentions), for the bot's
+ * commands. */
+static size_t mentions_of(const char *json, struct mx_mention *out, size_t max)
+{
+	static const char *const skip[] = { "@_cw_bot:example.org", "@alice:example.org", NULL };
+	json_error_t err;
+	json_t *c = json_loads(json, 0, &err);
+	ck_assert_msg(c != NULL, "%s: %s", json, err.text);
+	memset(out, 0x55, max * sizeof(*out));
+	size_t n = mx_mentions(c, skip, out, max);
+	json_decref(c);
+	return n;
+}
+
+START_TEST(mentions)
+{
+	struct mx_mention m[2];
+	const char *wally = "@_cw_gk_wally:example.org";
+	/* Element's pill: m.mentions gives the id, the link its label. */
+	ck_assert_uint_eq(mentions_of("{\"body\":\"accept Wally (gk)\",\"format\":\"org.matrix.custom.html\","
+				      "\"formatted_body\":\"accept <a href=\\\"https://matrix.to/#/@_cw_gk_wally:"
+				      "example.org\\\"> Wally &amp; co (gk) </a>\",\"m.mentions\":{\"user_ids\":"
+				      "[\"@_cw_gk_wally:example.org\"]}}", m, 2), 1);
+	ck_assert_str_eq(m[0].user_id, wally);
+	ck_assert_str_eq(m[0].label, "Wally & co (gk)");
+	/* No m.mentions: the links, percent-encoded or not, matrix: URIs; each
+	 * user once; links to rooms, events and the web are none. */
+	ck_assert_uint_eq(mentions_of("{\"body\":\"x\",\"format\":\"org.matrix.custom.html\",\"formatted_body\":"
+				      "\"<a href='https://matrix.to/#/%40_cw_gk_wally%3Aexample.org?via=x'>W</a>"
+				      "<a href='matrix:u/_cw_gk_wally:example.org?action=chat'>W2</a>"
+				      "<a href='https://matrix.to/#/!room:example.org/$ev'>r</a>"
+				      "<a href='https://matrix.to/#/#alias:example.org'>a</a>"
+				      "<a href='https://example.org/@x:y'>w</a><a href='https://matrix.to/#/@bad'>b</a>\"}",
+				      m, 2), 1);
+	ck_assert_str_eq(m[0].user_id, wally);
+	ck_assert_str_eq(m[0].label, "W");
+	/* The reply fallback's link and the skipped ids (the bot, the sender)
+	 * are no mentions; nor are links of a body that is not HTML. */
+	ck_assert_uint_eq(mentions_of("{\"body\":\"x\",\"format\":\"org.matrix.custom.html\",\"formatted_body\":"
+				      "\"<mx-reply><blockquote><a href='https://matrix.to/#/@bob:example.org'>b</a>"
+				      "</blockquote></mx-reply>block <a href='https://matrix.to/#/@alice:example.org'>"
+				      "me</a>\",\"m.mentions\":{\"user_ids\":[\"@_cw_bot:example.org\",\"@alice:example.org\","
+				      "\"not an id\",7]}}", m, 2), 0);
+	ck_assert_uint_eq(mentions_of("{\"body\":\"x\",\"formatted_body\":\"<a href='https://matrix.to/#/"
+				      "@bob:example.org'>b</a>\"}", m, 2), 0);
+	/* m.mentions names whom the links do not show: it counts, unlabelled;
+	 * links to others then count not. */
+	ck_assert_uint_eq(mentions_of("{\"body\":\"x\",\"format\":\"org.matrix.custom.html\",\"formatted_body\":"
+				      "\"<a href='https://matrix.to/#/@bob:example.org'>b</a>\",\"m.mentions\":"
+				      "{\"user_ids\":[\"@_cw_gk_wally:example.org\",\"@_cw_gk_wally:example.org\"]}}", m, 2),
+			  1);
+	ck_assert_str_eq(m[0].user_id, wally);
+	ck_assert_str_eq(m[0].label, "");
+	/* Several: counted past max. */
+	ck_assert_uint_eq(mentions_of("{\"body\":\"x\",\"m.mentions\":{\"user_ids\":[\"@a:x.org\",\"@b:x.org\","
+				      "\"@c:x.org\"]}}", m, 2), 3);
+	ck_assert_str_eq(m[1].user_id, "@b:x.org");
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("matrix");
@@ -1686,6 +1747,7 @@ int main(void)
 	tcase_add_test(tc, json_load_lenient);
 	tcase_add_test(tc, media_queue_is_bounded);
 	tcase_add_test(tc, media_one_signer_is_capped);
+	tcase_add_test(tc, mentions);
 	suite_add_tcase(s, tc);
 	return unit_run(s);
 }
