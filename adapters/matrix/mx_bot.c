@@ -34,7 +34,8 @@ static const char help_text[] =
 	"  opt-out <network>         stop receiving from it\n"
 	"  report <who> [reason]     report abuse to the operator\n"
 	"  help                      this text\n"
-	"<who> is an address such as mimi://wa.example/u/+4915112345678, the Matrix id of a bridged user, or a domain.\n"
+	"<who> is an address such as mimi://wa.example/u/+4915112345678, the Matrix id of a bridged user, or a domain;\n"
+	"you may also pick the bridged user in your client (mention one user).\n"
 	"Messages crossing the gateway are not end-to-end encrypted beyond it.";
 
 /* The sender of the notices of the room named by the SQL expression room
@@ -444,14 +445,19 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 		}
 		/* A peer's network, named with or without "peer:": an opt-in for
 		 * a name no sender has would be stored and never asked, and the
-		 * user would believe themselves reachable. */
+		 * user would believe themselves reachable.  A disabled peer is
+		 * one (its rows wait for it, the operator may enable it again)
+		 * though the list offers the enabled ones only: an opt-in for it
+		 * is taken and the answer says nothing comes from it meanwhile
+		 * (until the thirty-fourth session it said nothing of it). */
 		char net[220];
 		snprintf(net, sizeof(net), "%s%s", strncmp(arg, "peer:", 5) == 0 ? "" : "peer:", arg);
 		const char *np[] = { net + 5 };
-		PGresult *pr = PQexecParams(c, "SELECT (SELECT 1 FROM peers WHERE name = $1), "
+		PGresult *pr = PQexecParams(c, "SELECT (SELECT enabled FROM peers WHERE name = $1), "
 					       "(SELECT string_agg('peer:' || name, ', ' ORDER BY name) FROM peers WHERE enabled)",
 					    1, NULL, np, NULL, NULL, 0);
 		bool known = PQresultStatus(pr) == PGRES_TUPLES_OK && PQntuples(pr) == 1 && !PQgetisnull(pr, 0, 0);
+		bool off = known && strcmp(PQgetvalue(pr, 0, 0), "f") == 0;
 		if (!known) {
 			bool listed = PQresultStatus(pr) == PGRES_TUPLES_OK && PQntuples(pr) == 1 && !PQgetisnull(pr, 0, 1);
 			snprintf(reply, sizeof(reply), "I know no network %s. %s%s", arg,
@@ -471,8 +477,10 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 				    3, params, &e);
 		if (!rc)
 			rc = policy_notify_user(c, local_id, &e);
-		snprintf(reply, sizeof(reply), rc ? "That network name is not valid." : "You are now opted %s for %s.",
-			 verb[4] == 'i' ? "in" : "out", net);
+		snprintf(reply, sizeof(reply), rc ? "That network name is not valid." : "You are now opted %s for %s.%s",
+			 verb[4] == 'i' ? "in" : "out", net,
+			 off && verb[4] == 'i' ? " That network is switched off for now: nothing comes from it until the "
+						 "operator turns it on again." : "");
 		answer(m, c, room, txn, reply);
 	} else if (strcmp(verb, "report") == 0) {
 		char kind[8], subject[700];

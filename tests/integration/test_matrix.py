@@ -1544,6 +1544,32 @@ def test_a_command_mentioning_several_users_or_a_matrix_user_is_refused(mx, hs, 
     assert text.startswith(f"Blocked {wally}."), text
 
 
+
+def test_an_opt_in_for_a_disabled_peer_says_it_is_switched_off(mx, hs, gk, pg, db_url):
+    """The list of networks the bot offers after an unknown name is of the
+    enabled peers; a disabled one is still a network (its rows wait for it,
+    it may come back), so an opt-in for it is stored, and the answer says
+    that nothing comes from it meanwhile, instead of the plain "You are now
+    opted in" of an enabled one (until the thirty-fourth session nothing
+    said so, and the user was left to think herself reachable). An opt-out
+    is always taken."""
+    alice, mgmt, said = alice_and_the_bot(hs)
+    assert mx.admin("POST", "/peers/gk/disable").ok
+
+    def answer_to(text):
+        n = len(said())
+        alice.send_text(mgmt, text)
+        wait_until(lambda: len(said()) > n, what="the answer")
+        return said()[n]
+    assert answer_to("opt-in whatsapp") == "I know no network whatsapp. No network is connected here yet."
+    assert answer_to("opt-in gk") == ("You are now opted in for peer:gk. That network is switched off for now: "
+                                      "nothing comes from it until the operator turns it on again.")
+    assert answer_to("opt-out peer:gk") == "You are now opted out for peer:gk."
+    assert pg.psql("SELECT network || ' ' || opted_in FROM user_optin", db_url) == "peer:gk false"
+    assert mx.admin("POST", "/peers/gk/enable").ok
+    assert answer_to("opt-in gk") == "You are now opted in for peer:gk."
+
+
 def test_inviting_a_ghost_asks_the_appservice(mx, hs, gk):
     """The homeserver asks GET /users/{id} on an invite of an unknown ghost:
     a known remote user's ghost exists afterwards, an unknown one does not."""
