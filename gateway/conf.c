@@ -655,14 +655,19 @@ static bool host_ok(const char *s)
 	if (inet_pton(AF_INET, s, addr) == 1 || inet_pton(AF_INET6, s, addr) == 1)
 		return true;
 	size_t n = strlen(s), label = 0;
+	if (n > 0 && s[n - 1] == '.') /* a fully qualified name's root */
+		n--;
 	if (n == 0 || n > 253)
 		return false;
-	for (const char *p = s; *p; p++) {
-		if (*p == '.') {
+	for (size_t i = 0; i < n; i++) {
+		if (s[i] == '.') {
 			if (label == 0)
 				return false;
 			label = 0;
-		} else if (isalnum((unsigned char)*p) || *p == '-') {
+		} else if (isalnum((unsigned char)s[i]) || s[i] == '-' || s[i] == '_') {
+			/* '_': no DNS host name has it, but container and
+			 * /etc/hosts names do (xmpp_server), and the resolver
+			 * takes them (a review found them refused) */
 			if (++label > 63)
 				return false;
 		} else {
@@ -787,9 +792,17 @@ static cw_err cfg_check(const struct cw_config *c, bool need_tokens, cw_errmsg *
 		return cw_fail(e, CW_EINVAL, "server.policy_url must be an https URL with a host, not \"%.200s\"",
 			       shown);
 	}
-	if (set(c->abuse_contact) && !https_url_ok(c->abuse_contact) && !mailto_ok(c->abuse_contact))
+	if (set(c->abuse_contact) && !https_url_ok(c->abuse_contact) && !mailto_ok(c->abuse_contact)) {
+		/* mailto:user:password@host would be quoted whole */
+		if (strncmp(c->abuse_contact, "mailto:", 7) != 0)
+			url_quotable(c->abuse_contact, shown, sizeof(shown));
+		else
+			snprintf(shown, sizeof(shown), "%s",
+				 strchr(c->abuse_contact + 7, ':') ? "(not shown: it may have a password)"
+								   : c->abuse_contact);
 		return cw_fail(e, CW_EINVAL, "server.abuse_contact must be an https URL or a mailto: address, not \"%.200s\"",
-			       c->abuse_contact);
+			       shown);
+	}
 	return CW_OK;
 }
 
