@@ -925,6 +925,101 @@ def test_a_rooms_configuration_is_for_its_occupants_only(xd, gk, alice, prosody)
                 assert err.find("{jabber:client}error").get("type") == "auth", err.xml
 
 
+def iq_answer_shape(ans, *jids):
+    """An iq's answer with what differs from one ask to another taken out:
+    its id, from and to, a command's sessionid, and each of jids (room
+    JIDs) in any attribute or text, as ROOM."""
+    el = ET.fromstring(ans.xml)
+    for a in ("id", "from", "to"):
+        el.attrib.pop(a, None)
+
+    def plain(s):
+        for jid in jids:
+            s = s.replace(jid, "ROOM")
+        return s
+    for e in el.iter():
+        e.attrib.pop("sessionid", None)  # a command's, new each time
+        e.attrib.update({k: plain(v) for k, v in e.attrib.items()})
+        if e.text:
+            e.text = plain(e.text)
+    return ET.tostring(el, encoding="unicode")
+
+
+def test_a_non_member_learns_nothing_of_a_group_from_its_rooms_iqs(xd, gk, alice, prosody, pg, db_url):
+    """A local user who is not a member of a group asks its room, and an
+    occupant of it, what an iq may ask (disco#info and #items with and
+    without the commands' nodes, vCard, version, muc#admin and muc#owner,
+    ping, the leave command, her own affiliation to none): every answer is
+    the one a room that does not exist gets (XEP-0045 §6.3-6.5: a hidden,
+    members-only room's occupants are not listed, nor does the room say it
+    exists), no member's nick is in any of them, and nothing is stored for
+    her. The room's own answers do not depend on the group: what a member
+    needs (disco#info, the commands' node, her own ping) is answered the
+    same to everyone, and what names a member or the group (the join, the
+    occupants' presences, the subject) is for members only (a docs audit's
+    finding, not confirmed: thirty-fourth session)."""
+    a, _ = gk
+    consent_alice(xd)
+    gid = a.create_room([a.user("wally"), ALICE], kind="group", name="Secret club").json()["id"]
+    assert a.send(gid, a.user("wally"), "hello").status_code == 202
+    room = alice.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None).get("from")
+    join_room(room, (alice, "alice"))
+    nosuch = "#nosuch@" + COMP
+    cmds = "http://jabber.org/protocol/commands"
+    admin = "http://jabber.org/protocol/muc#admin"
+    probes = [
+        ("get", "", "<query xmlns='http://jabber.org/protocol/disco#info'/>"),
+        ("get", "", "<query xmlns='http://jabber.org/protocol/disco#items'/>"),
+        ("get", "", f"<query xmlns='http://jabber.org/protocol/disco#info' node='{cmds}'/>"),
+        ("get", "", f"<query xmlns='http://jabber.org/protocol/disco#items' node='{cmds}'/>"),
+        ("get", "", "<query xmlns='http://jabber.org/protocol/disco#info' node='leave'/>"),
+        ("get", "", "<vCard xmlns='vcard-temp'/>"),
+        ("get", "", "<query xmlns='jabber:iq:version'/>"),
+        ("get", "", f"<query xmlns='{admin}'><item affiliation='member'/></query>"),
+        ("get", "", f"<query xmlns='{admin}'><item role='participant'/></query>"),
+        ("get", "", "<query xmlns='http://jabber.org/protocol/muc#owner'/>"),
+        ("get", "", "<ping xmlns='urn:xmpp:ping'/>"),
+        ("set", "", f"<command xmlns='{cmds}' node='leave' action='execute'/>"),
+        ("set", "", f"<command xmlns='{cmds}' node='leave' action='complete'/>"),
+        ("set", "", f"<query xmlns='{admin}'><item affiliation='none' jid='bob@{HOST}'/></query>"),
+        ("set", "", f"<query xmlns='{admin}'><item affiliation='none' nick='alice'/></query>"),
+        ("get", "/alice", "<ping xmlns='urn:xmpp:ping'/>"),
+        ("get", "/wally", "<ping xmlns='urn:xmpp:ping'/>"),
+        ("get", "/alice", "<query xmlns='http://jabber.org/protocol/disco#info'/>"),
+        ("get", "/alice", "<query xmlns='http://jabber.org/protocol/disco#items'/>"),
+        ("get", "/wally", "<vCard xmlns='vcard-temp'/>"),
+    ]
+    bob = prosody.client("bob", "pw-bob")
+    try:
+        for itype, nick, payload in probes:
+            got = bob.iq(itype, room + nick, payload, expect_error=None)
+            unknown = bob.iq(itype, nosuch + nick, payload, expect_error=None)
+            assert iq_answer_shape(got, room, nosuch) == iq_answer_shape(unknown, room, nosuch), (payload, got.xml,
+                                                                                                  unknown.xml)
+            assert "wally" not in got.xml.replace(room + "/wally", "") and "Secret" not in got.xml, got.xml
+            if "action='execute'" in payload:  # the form completed, with its session
+                done = [bob.iq("set", target, f"<command xmlns='{cmds}' node='leave' sessionid="
+                               f"'{ans.find(q(cmds, 'command')).get('sessionid')}'><x xmlns='jabber:x:data' "
+                               "type='submit'/></command>", expect_error=None)
+                        for target, ans in ((room, got), (nosuch, unknown))]
+                assert iq_answer_shape(done[0], room, nosuch) == iq_answer_shape(done[1], room, nosuch), (
+                    done[0].xml, done[1].xml)
+            if "disco#items" in payload and "node" not in payload:
+                assert got.get("type") == "error" or not list(got.iter(
+                    "{http://jabber.org/protocol/disco#items}item")), got.xml
+    finally:
+        bob.disconnect()
+    assert pg.psql("SELECT count(*) FROM room_members x JOIN identities i ON i.id = x.identity_id "
+                   "WHERE i.uri = 'mimi://example.org/u/bob'", db_url) == "0"
+    assert pg.psql("SELECT count(*) FROM room_bindings WHERE native_id LIKE 'bob@%'", db_url) == "0"
+    assert pg.psql("SELECT count(*) FROM events e JOIN identities s ON s.id = e.sender_id "
+                   "WHERE s.uri = 'mimi://example.org/u/bob'", db_url) == "0"
+    # alice, a member, still has what she needs of the room.
+    identities, features = alice.disco_info(room)
+    assert ("conference", "text") in [(c, t) for c, t, _ in identities] and "muc_membersonly" in features
+    assert alice.ping(room + "/alice")
+
+
 def test_two_local_members_of_a_group_read_each_other(xd, gk, alice, prosody, pg, db_url):
     """Two users of this server in one group: each has their own view of
     the room (the policy decides per user), and what one writes reaches
