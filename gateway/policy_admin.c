@@ -800,9 +800,7 @@ void policy_admin_optin_set(struct cw_req *req, void *ctx)
 		aq_run(ctx, req, q);
 }
 
-/* Whether a valid consent subject (a user URI, or a domain) names one of
- * this provider's own users or domains (app_domain_is_ours). */
-static bool consent_subject_ours(struct cw_app *app, const char *kind, const char *subject)
+bool policy_consent_subject_ours(struct cw_app *app, const char *kind, const char *subject)
 {
 	if (strcmp(kind, "domain") == 0)
 		return app_domain_is_ours(app, subject);
@@ -837,7 +835,7 @@ void policy_admin_consent_set(struct cw_req *req, void *ctx)
 		bad_body(req, "subject must be a lower-case domain such as gk.example");
 	else if (!state || (strcmp(state, "allowed") != 0 && strcmp(state, "blocked") != 0 && strcmp(state, "none") != 0))
 		bad_body(req, "state must be allowed, blocked or none (forget the decision)");
-	else if (strcmp(state, "none") != 0 && consent_subject_ours(app, kind, subject)) {
+	else if (strcmp(state, "none") != 0 && policy_consent_subject_ours(app, kind, subject)) {
 		/* The policy asks a user's consents of a remote sender only;
 		 * what local users send one another is decided by nobody here
 		 * (peer_api.c: "not the gateway's business").  Such a consent

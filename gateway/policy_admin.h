@@ -48,6 +48,12 @@ struct cw_app;
  * reporters_in_window, limit_rule_id}. */
 cw_err policy_report_store(PGconn *c, struct cw_app *app, const struct policy_report *rep, json_t **answer,
 			   cw_errmsg *e);
+/* Whether a valid consent subject of kind user (a user URI) or domain
+ * names one of this provider's own users or domains (app_domain_is_ours).
+ * The policy asks a user's consents of remote senders only, so such a
+ * consent would match nothing: the admin API and the users' commands (the
+ * Matrix bot, the XMPP component) refuse it. */
+bool policy_consent_subject_ours(struct cw_app *app, const char *kind, const char *subject);
 void policy_admin_audit_list(struct cw_req *req, void *ctx);
 void policy_admin_decision(struct cw_req *req, void *ctx);
 

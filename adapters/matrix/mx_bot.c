@@ -320,6 +320,34 @@ static bool change_allowed(struct matrix *m, PGconn *c, const char *room, const 
 	return false;
 }
 
+/* Answers that who, the party of an accept, block or report, is none of
+ * the remote parties the commands are about: a Matrix user (of this
+ * server or another, mentioned or typed), one of this provider's own
+ * users (a mimi:// address of one of its domains) or, domain, one of its
+ * own domains (policy_consent_subject_ours).  The policy asks a user's
+ * consents of remote senders only, and what reaches her from a Matrix
+ * user or another local user passes no decision of the gateway: such a
+ * consent would be stored and match nothing (until the thirty-fourth
+ * session it was, "Accepted").  The answer is the same whether such a
+ * user exists or not. */
+static void not_remote(struct matrix *m, PGconn *c, const char *room, const char *txn, const char *who,
+		       bool domain)
+{
+	char reply[1100];
+	if (domain)
+		snprintf(reply, sizeof(reply), "%s is a domain of this service, not another network: accept and block "
+			 "are for the people who reach you through the gateway, and what users here send one another "
+			 "does not pass it. For a user of your own server, use your client's ignore and report.",
+			 who);
+	else
+		snprintf(reply, sizeof(reply), "%s is not someone from another network: accept, block and report are "
+			 "for the people who reach you through the gateway (an address such as mimi://..., a bridged "
+			 "user's Matrix id, or a domain), and what you exchange with a user of your own server or of "
+			 "Matrix does not pass it. For them, use your client's ignore and report.",
+			 who);
+	answer(m, c, room, txn, reply);
+}
+
 /* The party of an accept, block or report whose message has content and
  * whose text after the verb is typed: the one user the message mentions,
  * if any, into arg (and for a report what follows her name into rest);
@@ -342,17 +370,12 @@ static bool mentioned_party(struct matrix *m, PGconn *c, const char *room, const
 	size_t n = mx_mentions(content, skip, men, 2);
 	if (n == 0)
 		return true;
-	char reply[600];
 	if (n > 1) {
 		answer(m, c, room, txn, "Whom? Your message mentions more than one person: name one at a time.");
 		return false;
 	}
 	if (!mx_in_ghost_namespace(m->cfg->mx_user_prefix, mx_server_name(m->cfg), men[0].user_id)) {
-		snprintf(reply, sizeof(reply), "%s is not someone from another network: accept, block and report are "
-			 "for the people who reach you through the gateway (an address such as mimi://..., a bridged "
-			 "user's Matrix id, or a domain). For a Matrix user, use your client's ignore and report.",
-			 men[0].user_id);
-		answer(m, c, room, txn, reply);
+		not_remote(m, c, room, txn, men[0].user_id, false);
 		return false;
 	}
 	snprintf(arg, arglen, "%s", men[0].user_id);
@@ -407,9 +430,23 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 		return;
 	cw_errmsg e;
 	char reply[1200];
+	/* A Matrix user typed (the mention's case, mentioned_party) or an
+	 * address or domain of this provider's: no party of these commands
+	 * (not_remote), refused before the change is counted. */
+	char kind[8], subject[700], localpart[MX_ID_MAX + 1], server[MX_ID_MAX + 1];
+	bool party_verb = strcmp(verb, "accept") == 0 || strcmp(verb, "block") == 0 || strcmp(verb, "report") == 0;
+	if (party_verb && mx_user_id_parse(arg, localpart, sizeof(localpart), server, sizeof(server)) &&
+	    !mx_in_ghost_namespace(m->cfg->mx_user_prefix, mx_server_name(m->cfg), arg)) {
+		not_remote(m, c, room, txn, arg, false);
+		return;
+	}
+	bool found = party_verb && subject_of(m, c, arg, kind, subject, sizeof(subject));
+	if (found && policy_consent_subject_ours(m->app, kind, subject)) {
+		not_remote(m, c, room, txn, subject, strcmp(kind, "domain") == 0);
+		return;
+	}
 	if (strcmp(verb, "accept") == 0 || strcmp(verb, "block") == 0) {
-		char kind[8], subject[700];
-		if (!subject_of(m, c, arg, kind, subject, sizeof(subject))) {
+		if (!found) {
 			answer(m, c, room, txn, "Whom? Give an address (mimi://...), a bridged user's Matrix id, or a domain.");
 			return;
 		}
@@ -483,8 +520,7 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 						 "operator turns it on again." : "");
 		answer(m, c, room, txn, reply);
 	} else if (strcmp(verb, "report") == 0) {
-		char kind[8], subject[700];
-		if (!subject_of(m, c, arg, kind, subject, sizeof(subject)) || strcmp(kind, "user") != 0) {
+		if (!found || strcmp(kind, "user") != 0) {
 			answer(m, c, room, txn, "Whom? Give the address (mimi://...) or the bridged user's Matrix id.");
 			return;
 		}

@@ -1545,6 +1545,51 @@ def test_a_command_mentioning_several_users_or_a_matrix_user_is_refused(mx, hs, 
 
 
 
+def test_accept_or_block_of_a_local_user_or_domain_is_refused(make_daemon, db_url, hs, pg):
+    """The policy asks a user's consents of remote senders only, and what
+    this provider's users send one another passes no decision: an accept
+    or block of one of them (a mimi:// address of one of its domains, a
+    Matrix id of this server typed) or of its domain (server.domain, the
+    Matrix server name, the XMPP domain) would be stored and match
+    nothing, as in the admin API (400 since the thirty-fourth session).
+    The bot refuses it, says why and what to use instead, and stores
+    nothing; the answer is the same for an existing and an unknown user.
+    Until the thirty-fourth session the address and the domains were
+    "Accepted"/"Blocked" and stored, a Matrix id typed was "Whom?"."""
+    start_mx(make_daemon, db_url, hs, xmpp={"domain": "chat.example.org"})
+    alice, mgmt, said = alice_and_the_bot(hs)
+    hs.create_user("bob")
+
+    def answer_to(text):
+        n = len(said())
+        alice.send_text(mgmt, text)
+        wait_until(lambda: len(said()) > n, what=f"the answer to {text}")
+        return said()[n]
+    users = ("mimi://example.org/u/{}", "mimi://chat.example.org/u/{}", "@{}:example.org")
+    for verb in ("accept", "block"):
+        for shape in users:
+            known, unknown = shape.format("bob"), shape.format("nobody")
+            text = answer_to(f"{verb} {known}")
+            assert text.startswith(f"{known} is not someone from another network"), text
+            assert "client's ignore" in text, text
+            # An unknown user gets the same answer, her name aside.
+            assert answer_to(f"{verb} {unknown}") == text.replace(known, unknown)
+        for domain in ("example.org", "chat.example.org"):
+            text = answer_to(f"{verb} {domain}")
+            assert text.startswith(f"{domain} is a domain of this service, not another network"), text
+            assert "client's ignore" in text, text
+    # A Matrix user of another server typed is no party either (as when mentioned).
+    text = answer_to("block @carol:elsewhere.example")
+    assert text.startswith("@carol:elsewhere.example is not someone from another network"), text
+    text = answer_to("report mimi://example.org/u/bob spam")
+    assert text.startswith("mimi://example.org/u/bob is not someone from another network"), text
+    assert pg.psql("SELECT count(*) FROM consents", db_url) == "0"
+    assert pg.psql("SELECT count(*) FROM reports", db_url) == "0"
+    assert pg.psql("SELECT count(*) FROM audit_log WHERE actor LIKE 'user:%'", db_url) == "0"
+    # A remote domain is still taken.
+    assert answer_to("block wa.example").startswith("Blocked wa.example.")
+
+
 def test_an_opt_in_for_a_disabled_peer_says_it_is_switched_off(mx, hs, gk, pg, db_url):
     """The list of networks the bot offers after an unknown name is of the
     enabled peers; a disabled one is still a network (its rows wait for it,
