@@ -664,6 +664,43 @@ static bool form_value(xmpp_stanza_t *x, const char *var, char *out, size_t len)
 	return true;
 }
 
+/* Whether who, the party typed in an accept, block or report, is one of
+ * this provider's own users (a JID of one of its domains but the
+ * components', or a mimi:// address of one: policy_consent_subject_ours)
+ * or, *domain, one of its own domains; if so, the answer's text into
+ * text.  The component's commands are about the contacts of its network,
+ * and the policy asks a user's consents of remote senders only: what
+ * local users send one another passes no decision (the admin API refuses
+ * such a consent, 400).  Until the thirty-fourth session it was a bare
+ * bad-request that said nothing.  Read from the text alone: the same
+ * answer whether the user exists or not. */
+static bool own_party(struct xcomp *xc, const char *who, char *text, size_t len)
+{
+	struct xmpp *x = xc->x;
+	char l[XJ_PART_MAX + 1], d[XJ_PART_MAX + 1], r[XJ_PART_MAX + 1];
+	bool domain;
+	if (strncmp(who, "mimi://", 7) == 0) {
+		if (!policy_consent_subject_ours(x->app, "user", who))
+			return false;
+		domain = false;
+	} else if (xj_split(who, l, sizeof(l), d, sizeof(d), r, sizeof(r)) && !xa_comp_by_domain(x, d) &&
+		   policy_consent_subject_ours(x->app, "domain", d)) {
+		domain = !l[0];
+	} else
+		return false;
+	if (domain)
+		snprintf(text, len, "%s is a domain of this service, not another network: this gateway's accept, block "
+			 "and report are for the contacts of other networks only, and what users of your server send one "
+			 "another does not pass it. To block a user of your server, use your own client's blocking.",
+			 who);
+	else
+		snprintf(text, len, "%s is a user of your own server, not a contact on another network: this gateway's "
+			 "accept, block and report are for the contacts of other networks only, and what users of your "
+			 "server send one another does not pass it. To block them, use your own client's blocking.",
+			 who);
+	return true;
+}
+
 /* The first stage of accept, block and report: the form. */
 static void command_form(struct xcomp *xc, xmpp_stanza_t *iq, const char *node, bool reason)
 {
@@ -833,8 +870,13 @@ bool xa_command(struct xcomp *xc, xmpp_stanza_t *iq)
 		for (char *d = at ? at + 1 : jid; *d && *d != '/'; d++)
 			if (*d >= 'A' && *d <= 'Z')
 				*d = (char)(*d - 'A' + 'a');
+		char own[sizeof(jid) + 400];
 		if (strcmp(jid, xc->domain) == 0 && j->verb != V_REPORT) {
 			j->whole_domain = true;
+		} else if (own_party(xc, jid, own, sizeof(own))) {
+			free(j);
+			xa_send_now(xc, xa_error_reply(iq, "modify", "bad-request", own));
+			return true;
 		} else if (!xa_remote_user(xc, jid, j->remote_id, sizeof(j->remote_id), j->remote_jid,
 					     sizeof(j->remote_jid))) {
 			free(j);

@@ -2601,6 +2601,43 @@ def test_ad_hoc_commands(xd, gk, alice, pg, db_url):
     assert err.error_condition == "item-not-found"
 
 
+def test_accept_or_block_of_a_local_user_or_domain_is_refused(xd, gk, alice, pg, db_url):
+    """The policy asks a user's consents of remote senders only, and what
+    this provider's users send one another passes no decision: accept,
+    block (or report) of one of them (a JID of the XMPP domain or of
+    server.domain, a mimi:// address of one) or of one of its domains
+    names no contact of the component's network. It is bad-request with
+    a text that says why and what to use instead (her own client's
+    blocking), the same for an existing and an unknown user, and nothing
+    is stored; the admin API refuses such a consent too. Until the
+    thirty-fourth session it was a bare bad-request, which said nothing."""
+    def refusal(node, who):
+        bad = command_submit(alice, node, {"jid": who}, expect_error=True)
+        assert bad.error_condition == "bad-request", ET.tostring(bad)
+        text = bad.find(".//{urn:ietf:params:xml:ns:xmpp-stanzas}text")
+        assert text is not None, ET.tostring(bad)
+        return text.text
+    for node in ("accept", "block", "report"):
+        for shape in ("{}@" + HOST, "{}@example.org", "mimi://example.org/u/{}", "mimi://" + HOST + "/u/{}"):
+            known, unknown = shape.format("bob"), shape.format("nobody")
+            text = refusal(node, known)
+            assert text.startswith(f"{known} is a user of your own server, not a contact on another network"), text
+            assert "your own client's blocking" in text, text
+            assert refusal(node, unknown) == text.replace(known, unknown)
+        for domain in (HOST, "example.org"):
+            text = refusal(node, domain)
+            assert text.startswith(f"{domain} is a domain of this service, not another network"), text
+            assert "your own client's blocking" in text, text
+    # The domainpart is case-insensitive.
+    assert refusal("block", "bob@XMPP.test").startswith("bob@xmpp.test is a user of your own server")
+    assert pg.psql("SELECT count(*) FROM consents", db_url) == "0"
+    assert pg.psql("SELECT count(*) FROM reports", db_url) == "0"
+    assert pg.psql("SELECT count(*) FROM audit_log WHERE actor LIKE 'user:%'", db_url) == "0"
+    # A contact of the component is still taken.
+    done = command_submit(alice, "block", {"jid": WALLY_JID})
+    assert "Blocked mimi://wa.example/u/wally" in done.find(f".//{{{CMD}}}note").text
+
+
 def test_ad_hoc_command_sessions_are_remembered(xd, gk, alice, prosody, pg, db_url):
     """A stage's sessionid is the component's to give (XEP-0050): a
     submit with one it never gave, one it gave another user or for another
