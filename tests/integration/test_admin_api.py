@@ -643,23 +643,3 @@ def test_a_full_page_says_where_to_go_on_even_when_nothing_follows(daemon):
     assert daemon.admin("GET", f"/rules?limit=2&after={ids[1]}").json() == {"rows": [], "next_after": None}
     page = daemon.admin("GET", "/rules?limit=3").json()
     assert len(page["rows"]) == 2 and page["next_after"] is None, page
-
-
-def test_settings_show_every_setting_in_force(daemon, pg, db_url):
-    """GET /admin/v1/settings shows every policy setting with the value in
-    force, those never set at their defaults (docs/policy.md).  Until the
-    thirty-fourth session it showed the settings table's rows alone: the
-    three rate settings no migration writes (identifier queries, peer and
-    user updates) were missing until an operator set them."""
-    every = {"policy.default_mode": "open", "policy.optin_default": False, "policy.held_expiry_seconds": 604800,
-             "policy.consent_request_window_seconds": 86400, "policy.report_limit_threshold": 3,
-             "policy.report_window_seconds": 86400, "policy.report_limit_messages_per_minute": 1,
-             "policy.report_limit_seconds": 86400, "policy.identifier_queries_per_minute": 60,
-             "policy.peer_updates_per_minute": 600, "policy.user_updates_per_minute": 30}
-    assert daemon.admin("GET", "/settings").json() == every
-    r = daemon.admin("PATCH", "/settings", json={"policy.peer_updates_per_minute": 99})
-    assert r.status_code == 200 and r.json() == dict(every, **{"policy.peer_updates_per_minute": 99}), r.text
-    assert daemon.admin("GET", "/settings").json() == r.json()
-    # The table holds what was set, nothing more.
-    assert pg.psql("SELECT count(*) FROM settings WHERE key IN ('policy.identifier_queries_per_minute', "
-                   "'policy.user_updates_per_minute')", db_url) == "0"
