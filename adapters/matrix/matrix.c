@@ -317,9 +317,13 @@ void matrix_as_ping(struct cw_req *req, void *ctx)
 }
 
 /* GET /users/{userId}: a ghost of a known remote user exists (it is
- * registered now if it was not); any other id does not. */
+ * registered now if it was not), and so does the bot (registered at start,
+ * and tried again while the homeserver refuses: until the thirty-fifth
+ * session an invitation of the bot before then was refused as of an
+ * unknown user); any other id does not. */
 struct user_query {
 	struct matrix *m;
+	bool bot;
 	char user_id[MX_ID_MAX + 1];
 	char network[64];
 	char local[MX_ID_MAX + 1];
@@ -329,6 +333,10 @@ struct user_query {
 static cw_err user_query_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct user_query *q = j->data;
+	if (q->bot) {
+		j->body = json_object();
+		return CW_OK;
+	}
 	char peer[80];
 	snprintf(peer, sizeof(peer), "%s", q->network);
 	const char *params[] = { peer, q->local };
@@ -359,9 +367,12 @@ static void user_query_after(struct app_job *j)
 {
 	struct user_query *q = j->data;
 	cw_errmsg e;
-	if (mx_register_ghost(q->m, q->network, q->local, q->display, q->user_id, &e)) {
+	bool failed = q->bot ? !mx_register_bot(q->m, &e) /* logs its failure */
+			     : mx_register_ghost(q->m, q->network, q->local, q->display, q->user_id, &e) != CW_OK;
+	if (failed && !q->bot)
 		LOG_KV_LIMITED(CW_LOG_WARN, "cannot register a ghost the homeserver asked for", "user", q->user_id,
 			       "detail", e.msg);
+	if (failed) {
 		json_decref(j->body);
 		j->status = 503;
 		j->body = json_pack("{s:s, s:s}", "errcode", "M_UNKNOWN", "error",
@@ -376,8 +387,10 @@ void matrix_as_user(struct cw_req *req, void *ctx)
 		return;
 	struct user_query *q = calloc(1, sizeof(*q));
 	const char *id = cw_req_param(req, "user");
-	if (!q || !mx_ghost_parse(app->cfg->mx_user_prefix, mx_server_name(app->cfg), id, q->network,
-				  sizeof(q->network), q->local, sizeof(q->local))) {
+	if (q && app->matrix && id && strcmp(id, app->matrix->bot) == 0)
+		q->bot = true;
+	else if (!q || !mx_ghost_parse(app->cfg->mx_user_prefix, mx_server_name(app->cfg), id, q->network,
+				       sizeof(q->network), q->local, sizeof(q->local))) {
 		free(q);
 		mx_error(req, 404, "M_NOT_FOUND", "no such user");
 		return;

@@ -123,6 +123,8 @@ cw_err mx_room_post(struct matrix *m, const char *room, const char *user, const 
  * NULL) as mx_call's. */
 cw_err mx_room_call(struct matrix *m, const char *method, const char *room, const char *user, const char *what,
 		    const char *query, json_t *body, long *status, json_t **answer, cw_errmsg *e);
+/* Registers the bot with the homeserver: true when it is (or was before). */
+bool mx_register_bot(struct matrix *m, cw_errmsg *e);
 /* Registers (and names) the ghost of a remote user (its binding is written
  * when it first delivers). */
 cw_err mx_register_ghost(struct matrix *m, const char *peer, const char *localpart, const char *display,

@@ -209,20 +209,19 @@ cw_err mx_call(struct matrix *m, const char *method, const char *path, const cha
 /* The bot acts in management rooms: some homeservers (Conduit) want it
  * registered first, like any user of the namespace.  True when it is
  * (M_USER_IN_USE: it was before). */
-static bool register_bot(struct matrix *m)
+bool mx_register_bot(struct matrix *m, cw_errmsg *e)
 {
 	long st;
 	json_t *ans = NULL;
-	cw_errmsg e;
 	cw_err rc = mx_call(m, "POST", "/_matrix/client/v3/register", NULL, NULL,
 			    json_pack("{s:s, s:s, s:b}", "type", "m.login.application_service", "username",
-				      m->cfg->mx_sender_localpart, "inhibit_login", 1), &st, &ans, &e);
+				      m->cfg->mx_sender_localpart, "inhibit_login", 1), &st, &ans, e);
 	const char *code = json_string_value(json_object_get(ans, "errcode"));
 	if (rc && st == 400 && code && strcmp(code, "M_USER_IN_USE") == 0)
 		rc = CW_OK;
 	json_decref(ans);
 	if (rc)
-		LOG_KV(CW_LOG_WARN, "cannot register the bot", "detail", e.msg);
+		LOG_KV(CW_LOG_WARN, "cannot register the bot", "detail", e->msg);
 	return rc == CW_OK;
 }
 
@@ -277,8 +276,9 @@ static void *ping_main(void *arg)
 	pthread_mutex_lock(&m->mu);
 	while (!m->ping_stop) {
 		pthread_mutex_unlock(&m->mu);
+		cw_errmsg e;
 		if (!registered)
-			registered = register_bot(m);
+			registered = mx_register_bot(m, &e);
 		if (!pinged)
 			pinged = ping_once(m);
 		pthread_mutex_lock(&m->mu);

@@ -111,8 +111,12 @@ def wally_wrote_to_alice(mx, hs, a, pg, db_url):
 def alice_and_the_bot(hs, name="alice"):
     """Alice (or the user name) opens a room with the bot: (her client, the
     room, a function giving what the bot said there), once the bot has said
-    its help."""
+    its help. causewayd registers the bot after it answers /readyz, so
+    the bot is waited for first: an invite of a user the homeserver does
+    not know yet is a 404 (a start_mx with extra sections was fast enough
+    to lose that race once in CI, stop 48)."""
     bot = "@_cw_bot:example.org"
+    wait_until(lambda: hs.user_exists(bot), what="the bot registered")
     _, alice_token = hs.create_user(name)
     alice = hs.as_user(alice_token)
     mgmt = alice.create_dm(bot)
@@ -285,6 +289,29 @@ def test_a_homeserver_without_the_ping_is_no_failed_ping(make_daemon, db_url):
         assert len([q for q in hs.requests if q["path"].endswith("/ping")]) == 1
     finally:
         hs.close()
+
+
+def test_the_bot_asked_for_before_its_registration_is_registered_then(make_daemon, db_url, hs):
+    """The homeserver refused the bot's registration at start (it came up
+    after causewayd), and a user invites the bot before causewayd's next
+    try (1, 2, 4 ... s apart): the homeserver asks the application service
+    about the unknown user of its namespace, which registers the bot before
+    it answers 200, as it does a ghost, and the invitation goes through.
+    Until the thirty-fifth session the query was answered 404 and the
+    invitation refused as of an unknown user (a CI run of stop 48 lost
+    that race)."""
+    bot = "@_cw_bot:example.org"
+    registers = lambda: [q for q in hs.requests if q["path"] == "/_matrix/client/v3/register"]  # noqa: E731
+    hs.refuse = lambda method, path, user: path == "/_matrix/client/v3/register"
+    start_mx(make_daemon, db_url, hs)
+    wait_until(lambda: len(registers()) >= 3, timeout=20, what="three refused registrations")
+    tries = len(registers())
+    hs.refuse = None
+    _, alice_token = hs.create_user("alice")
+    mgmt = hs.as_user(alice_token).create_dm(bot)  # the invitation of a user it does not know yet
+    assert hs.user_exists(bot)
+    assert len(registers()) == tries + 1, "registered by the query, not by the next try"
+    wait_until(lambda: hs.members(mgmt).get(bot) == "join", what="the bot in its room")
 
 
 def test_a_homeserver_that_comes_up_later_is_pinged_and_has_the_bot(make_daemon, db_url, hs):
