@@ -413,7 +413,7 @@ static const struct store_stmt lane_stmts[] = {
 		"WHERE o.id = take.id AND ev.id = o.event_id AND r.id = o.room_id AND s.id = ev.sender_id "
 		"RETURNING o.id, o.destination, o.attempts, ev.public_id, take.content, r.uri, r.public_id, "
 		" s.uri, (extract(epoch FROM ev.accepted_at) * 1000)::bigint, ev.ts, ev.id, "
-		" coalesce(o.target_identity_id, 0), ev.type" },
+		" coalesce(o.target_identity_id, 0), ev.type, ev.expired" },
 	/* The attempts are logged for the rows still in flight under this
 	 * claim, as up moves only those (both CTEs see the rows as they were
 	 * before the statement): run again after its answer was lost
@@ -675,6 +675,7 @@ static bool claim_destination(struct lane *l, const char *dest, struct outbox_ro
 		row->target_id = atoll(PQgetvalue(r, i, 11));
 		if (!json_object_get(row->event, "type"))
 			json_object_set_new(row->event, "type", json_string(PQgetvalue(r, i, 12)));
+		row->expired = PQgetvalue(r, i, 13)[0] == 't';
 	}
 	PQclear(r);
 	return true;
@@ -1238,32 +1239,46 @@ static bool stale_typing(const struct outbox_row *row, int64_t now_ms, long stal
 	       now_ms - json_integer_value(at) > stale_ms;
 }
 
-/* Expires the claimed rows (see stale_typing). */
+/* A row of an event the expiry sweep took back (events.expired: its
+ * content erased) is never delivered.  The sweep expires the rows waiting
+ * then, but not one claimed at that moment: a claim that committed while
+ * the sweep's statement ran (after its snapshot saw the row pending) kept
+ * it in flight, and its next try, of the erased content, went dead ("no
+ * event ... can be made of it"; a CI run of the thirty-fifth session saw
+ * an edit's row so).  Such a row is expired when it is claimed again. */
+static bool unsendable(const struct outbox_row *row, int64_t now_ms, long stale_ms)
+{
+	return row->expired || stale_typing(row, now_ms, stale_ms);
+}
+
+/* Expires the claimed rows (see unsendable). */
 static void expire(struct lane *l, const struct outbox_row *rows, size_t n)
 {
 	long changed = update_claimed(l, rows, n,
 		"UPDATE outbox SET state = 'expired', claimed_by = NULL, claimed_until = NULL, "
-		" last_error = 'typing notification too old to be shown: not sent' "
+		" last_error = CASE WHEN (SELECT e.expired FROM events e WHERE e.id = outbox.event_id) "
+		"  THEN 'its message expired before it was delivered: not sent' "
+		"  ELSE 'typing notification too old to be shown: not sent' END "
 		"WHERE id = ANY($1::bigint[]) AND state = 'in_flight' AND claimed_by = $2", NULL,
-		"expiring old typing rows failed; the claim will run out and the rows go again");
+		"expiring rows failed; the claim will run out and the rows go again");
 	if (changed > 0)
 		atomic_fetch_add(&l->d->expired, (uint64_t)changed);
 }
 
-/* Takes the stale typing rows out of rows (keeping the others' order) and
+/* Takes the unsendable rows (stale typing, an expired event) out of rows (keeping the others' order) and
  * expires them; the rows left.  rows are the lane's l->rows, which the
  * keeper reads under d->mu (their ids, to renew their claims): they are
  * moved, and l->nrows cut to the rows left, under it too (the adapters
  * write only the rows' other fields).  Unlocked until the thirty-second
  * session, the keeper could read an id while a row was copied over it (a
  * data race, a review's finding). */
-static size_t drop_stale_typing(struct lane *l, struct outbox_row *rows, size_t n)
+static size_t drop_unsendable(struct lane *l, struct outbox_row *rows, size_t n)
 {
 	int64_t now = cw_wall_ms();
 	long ms = l->d->o.typing_stale_ms;
 	size_t stale = 0;
 	for (size_t i = 0; i < n; i++)
-		stale += stale_typing(&rows[i], now, ms);
+		stale += unsendable(&rows[i], now, ms);
 	if (!stale)
 		return n;
 	struct outbox_row *old = malloc(stale * sizeof(*old));
@@ -1272,7 +1287,7 @@ static size_t drop_stale_typing(struct lane *l, struct outbox_row *rows, size_t 
 	size_t kept = 0, k = 0;
 	pthread_mutex_lock(&l->d->mu);
 	for (size_t i = 0; i < n; i++) {
-		if (stale_typing(&rows[i], now, ms))
+		if (unsendable(&rows[i], now, ms))
 			old[k++] = rows[i];
 		else
 			rows[kept++] = rows[i];
@@ -1394,7 +1409,7 @@ static void deliver(struct lane *l, struct outbox_row *rows, size_t n)
 	long code = 0;
 	cw_errmsg e = { { 0 } };
 	int64_t t0 = cw_wall_ms();
-	if ((n = drop_stale_typing(l, rows, n)) == 0)
+	if ((n = drop_unsendable(l, rows, n)) == 0)
 		return;
 	for (size_t x = 0; x < n; x++) {
 		rows[x].outcome = 0;

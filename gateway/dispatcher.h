@@ -41,6 +41,7 @@ struct outbox_row {
 	 * the rows from *done on).  A 429 (the far side is up and asks for
 	 * less) is not counted against the retry budget. */
 	long retry_after_ms;
+	bool expired;   /* its event was expired (events.expired): expired, never sent */
 };
 
 /* The wait a far side asked for, given in seconds (a Retry-After header),
