@@ -1025,6 +1025,9 @@ def test_a_stop_waits_for_a_ghost_registration_under_way(make_daemon, db_url, hs
     try:
         a.create_room([a.user("wally"), ALICE])
         ghost = "@_cw_gk_wally:example.org"
+        # The bot's own registration (after /readyz) must not be the slow
+        # one the stop comes during (session 35).
+        wait_until(lambda: hs.user_exists("@_cw_bot:example.org"), what="the bot registered")
         started = threading.Event()
 
         def slow(method, path, user):
