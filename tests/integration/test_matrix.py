@@ -3339,6 +3339,9 @@ def test_a_row_no_matrix_event_can_be_made_of_is_dead_at_once(make_daemon, db_ur
         wait_for_after_it(hs)
         row = (f"SELECT o.state || ' ' || o.attempts FROM outbox o JOIN events e ON e.id = o.event_id "
                f"WHERE e.public_id = '{bad}' AND o.destination = 'matrix'")
+        # the states are recorded once the whole batch is sent: after its last message arrived
+        wait_until(lambda: pg.psql(row, db_url).split(" ")[0] != "in_flight" and pg.psql(row, db_url) != "pending 0",
+                   what="the row's outcome")
         assert pg.psql(row, db_url) == "dead 1"
         dead = d.admin("GET", "/outbox?state=dead").json()["rows"]
         assert len(dead) == 1 and "not representable in Matrix" in dead[0]["last_error"], dead
@@ -3459,8 +3462,11 @@ def test_an_edit_whose_original_the_database_could_not_look_up_is_tried_again(ma
             assert edit["content"].get("m.relates_to") == {"rel_type": "m.replace",
                                                            "event_id": sent()[0]["event_id"]}, edit
             assert edit["content"]["m.new_content"]["body"] == "edited"
-            assert pg.psql("SELECT state || ' ' || attempts FROM outbox WHERE destination = 'matrix' "
-                           "ORDER BY id DESC LIMIT 1", db_url) == "delivered 2"
+            # (its outcome is recorded once the send is answered)
+            last = "SELECT state || ' ' || attempts FROM outbox WHERE destination = 'matrix' ORDER BY id DESC LIMIT 1"
+            wait_until(lambda: pg.psql(last, db_url).split(" ")[0] not in ("pending", "in_flight"),
+                       what="the edit's outcome")
+            assert pg.psql(last, db_url) == "delivered 2"
         finally:
             srv.close()
 
@@ -3525,8 +3531,11 @@ def test_a_homeserver_refusing_an_event_as_too_large_holds_no_later_row(mx, hs, 
     assert a.send(room, a.user("wally"), "after the refused one").status_code == 202
     wait_until(lambda: any(m["content"]["body"] == "after the refused one" for m in ghost_messages_in(hs, mx_room)),
                what="the row after the refused one")
-    row = (f"SELECT o.state || ' ' || o.attempts || ' ' || o.last_error FROM outbox o JOIN events e "
+    row = (f"SELECT o.state || ' ' || o.attempts || ' ' || coalesce(o.last_error, '') FROM outbox o JOIN events e "
            f"ON e.id = o.event_id WHERE e.public_id = '{big}' AND o.destination = 'matrix'")
+    # the states are recorded once the whole batch is sent: after its last message arrived
+    wait_until(lambda: pg.psql(row, db_url).split(" ")[0] != "in_flight" and
+               not pg.psql(row, db_url).startswith("pending 0"), what="the row's outcome")
     assert pg.psql(row, db_url) == "dead 1 homeserver answered 413 M_TOO_LARGE", pg.psql(row, db_url)
     st = a.call("GET", f"/v1/messages/{big}").json()
     assert [x["status"] for x in st["recipients"]] == ["not_delivered"], st
@@ -3578,6 +3587,9 @@ def test_a_rate_limiting_homeserver_is_waited_for(make_daemon, db_url, pg):
                         if e["type"] == "m.room.message" and e["sender"] == ghost]
         wait_until(lambda: len(sent()) == 6, timeout=20, what="six messages")
         assert sent() == [f"m{i}" for i in range(6)]
+        # the rows' outcomes are recorded once the whole batch is sent: after the last one arrived
+        wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE destination = 'matrix' "
+                                   "AND state IN ('pending', 'in_flight')", db_url) == "0", what="the outcomes")
         # The ghost's sends only: the bot's notices are limited too (per
         # user, as Synapse does), and one of them still waiting out its
         # 429 when the six have arrived has no next send yet.
