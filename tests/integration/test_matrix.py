@@ -4250,6 +4250,10 @@ def test_an_invited_user_joining_waits_for_the_rooms_lock(mx, hs, gk, pg, db_url
     wait_until(lambda: any(e["type"] == "m.room.message" and e["sender"] == bot and
                            e["content"]["body"] == "alice: carol is with us" for e in hs.events(hers)),
                what="alice's message in carol's room")
+    # (what reached carol's room says nothing of what reached the peer:
+    # her join and, after it in the group's order, alice's message)
+    wait_until(lambda: joins() and any(e.get("type") == "message" and e["content"]["parts"][0]["body"] ==
+                                       "carol is with us" for e in list(srv.events)), what="both at the peer")
     assert len(joins()) == 1, joins()
 
 
