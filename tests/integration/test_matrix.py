@@ -2569,14 +2569,18 @@ def test_a_dead_letter_whose_telling_lost_its_answer_is_told(make_daemon, db_url
             srv.close()
 
 
-def wally_sends_expiring(mx, hs, a, in_ms):
+def wally_sends_expiring(mx, hs, a, pg, db_url, in_ms=None):
     """wally (of the peer a) sends alice, who consented, a message expiring
-    in_ms from now: (the neutral room, the answer, its time, the Matrix
-    event), once delivered."""
+    in ten minutes: (the neutral room, the answer, its time, the Matrix
+    event), once delivered; with in_ms, its stored expiry is then brought
+    to in_ms from now (as retention shortens one: content.expires).  A
+    short expiry at sending could come before a slow first delivery (a
+    ghost and a room to make, on a loaded machine), and the row expired
+    undelivered (session 35)."""
     consent_alice(mx)
     hs.create_user("alice")
     room = a.create_room([a.user("wally"), ALICE]).json()["id"]
-    soon = int(time.time() * 1000) + in_ms
+    soon = int(time.time() * 1000) + 600000
     r = a.send(room, a.user("wally"), "this disappears", content={
         "parts": [{"type": "text/plain", "body": "this disappears"}], "expires": soon})
     assert r.status_code == 202, r.text
@@ -2585,6 +2589,10 @@ def wally_sends_expiring(mx, hs, a, in_ms):
                                    if e["type"] == "m.room.message" and e["sender"] == ghost), None),
                      what="delivery")
     assert msg["content"]["body"] == "this disappears"
+    if in_ms is not None:
+        soon = int(time.time() * 1000) + in_ms
+        pg.psql(f"UPDATE events SET content = jsonb_set(content, '{{content,expires}}', '{soon}') "
+                f"WHERE public_id = '{r.json()['id']}'", db_url)
     return room, r, soon, msg
 
 
@@ -2594,7 +2602,7 @@ def test_an_expiring_message_is_taken_back_when_its_time_comes(mx, hs, gk, pg, d
     stored content is deleted; one still held for consent at its time is
     never delivered, even once the user accepts."""
     a, _ = gk
-    room, r, soon, msg = wally_sends_expiring(mx, hs, a, 2500)
+    room, r, soon, msg = wally_sends_expiring(mx, hs, a, pg, db_url, 2500)
     ghost, mx_room = msg["sender"], msg["room_id"]
     # an edit of it: its stored text goes with the message's
     ed = {"type": "edit", "sender": a.user("wally"),
@@ -2649,7 +2657,7 @@ def test_an_edit_waiting_at_the_expiry_expires_with_its_message(make_daemon, db_
     mx = start_mx(make_daemon, db_url, hs, dispatcher={"retry_budget": "1000"})
     a, srv = add_gk(mx)
     try:
-        room, r, _, msg = wally_sends_expiring(mx, hs, a, 600000)
+        room, r, _, msg = wally_sends_expiring(mx, hs, a, pg, db_url)
         ghost, mx_room = msg["sender"], msg["room_id"]
         hs.refuse_send = lambda path: True
         ed = {"type": "edit", "sender": a.user("wally"),
@@ -2725,7 +2733,7 @@ def test_an_edit_after_the_expiry_is_stored_expired_and_never_shown(mx, hs, gk, 
     message back already or not yet (until the twenty-fourth session it was
     delivered, as an m.replace "* SECRET", and its text kept)."""
     a, _ = gk
-    room, r, _, msg = wally_sends_expiring(mx, hs, a, 2500)
+    room, r, _, msg = wally_sends_expiring(mx, hs, a, pg, db_url, 2500)
     mx_room = msg["room_id"]
     wait_until(lambda: next((e for e in hs.events(mx_room) if e["type"] == "m.room.redaction"), None),
                timeout=15, what="the redaction at its time")
