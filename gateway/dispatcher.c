@@ -436,9 +436,17 @@ static const struct store_stmt lane_stmts[] = {
 		 * every record read all of the destination's waiting rows (5 ms
 		 * a batch of 500 with 1,000 waiting; until the nineteenth
 		 * session). */
+		/* A row whose event the expiry sweep took back while the row was
+		 * in flight (the sweep passes over a row in flight, but one
+		 * claimed after the sweep's statement began is read as it was:
+		 * the event's content was erased all the same) expires when its
+		 * try fails: pending again, it would be tried with nothing to
+		 * send until it was dead (until the thirty-fifth session). */
 		"up AS (UPDATE outbox SET claimed_by = NULL, claimed_until = NULL, "
 		" attempts = CASE WHEN $2::boolean OR $10::boolean THEN attempts ELSE greatest(attempts - 1, 0) END, "
-		" state = CASE WHEN $2::boolean THEN 'delivered' WHEN $10::boolean AND (attempts >= $5::int OR EXISTS "
+		" state = CASE WHEN $2::boolean THEN 'delivered' "
+		"  WHEN EXISTS (SELECT 1 FROM events ev WHERE ev.id = outbox.event_id AND ev.expired) THEN 'expired' "
+		"  WHEN $10::boolean AND (attempts >= $5::int OR EXISTS "
 		"  (SELECT 1 FROM outbox e WHERE e.id = ANY($1::bigint[]) AND e.room_id = outbox.room_id AND e.id < outbox.id "
 		"   AND e.attempts >= $5::int)) THEN 'dead' ELSE 'pending' END, "
 		" delivered_at = CASE WHEN $2::boolean THEN now() END, "
@@ -1064,6 +1072,8 @@ static void record(struct lane *l, const struct outbox_row *rows, size_t n, bool
 			atomic_fetch_add(&d->rate_limited, (uint64_t)PQntuples(r));
 		for (int i = 0; i < PQntuples(r); i++) {
 			const char *st = PQgetvalue(r, i, 0);
+			if (strcmp(st, "expired") == 0)
+				continue; /* taken back meanwhile: not to be tried again */
 			atomic_fetch_add(strcmp(st, "delivered") == 0 ? &d->delivered
 					 : strcmp(st, "dead") == 0    ? &d->dead
 								      : &d->retried, 1);

@@ -2674,10 +2674,10 @@ def test_an_edit_waiting_at_the_expiry_expires_with_its_message(make_daemon, db_
                 f"WHERE public_id = '{r.json()['id']}'", db_url)
         wait_until(lambda: pg.psql(f"SELECT content::text FROM events WHERE public_id = '{r.json()['id']}'",
                                    db_url) == "{}", timeout=30, what="the message expired")
+        # (a try claimed as the sweep began may still be under way: see the test below)
+        wait_until(lambda: pg.psql(edit_row, db_url).split("|")[0] != "in_flight", what="no try under way")
+        assert pg.psql(edit_row, db_url).split("|")[0] == "expired"
         assert pg.psql(f"SELECT content::text FROM events WHERE public_id = '{r_ed.json()['id']}'", db_url) == "{}"
-        # A try claimed while the sweep ran ends first (in_flight: a CI run
-        # of session 35); its row is expired at its next claim.
-        wait_until(lambda: pg.psql(edit_row, db_url).split("|")[0] == "expired", what="the edit's row expired")
         hs.refuse_send = None
         red = wait_until(lambda: next((e for e in hs.events(mx_room) if e["type"] == "m.room.redaction"), None),
                          timeout=60, what="the redaction once sends are taken")
@@ -2701,7 +2701,7 @@ def test_a_row_of_an_expired_message_left_waiting_is_expired_not_dead(make_daemo
     mx = start_mx(make_daemon, db_url, hs)
     a, srv = add_gk(mx)
     try:
-        room, r, _, msg = wally_sends_expiring(mx, hs, a, 600000)
+        room, r, _, msg = wally_sends_expiring(mx, hs, a, pg, db_url)
         hs.refuse_send = lambda path: True
         ed = {"type": "edit", "sender": a.user("wally"),
               "content": {"replaces": r.json()["id"], "parts": [{"type": "text/plain", "body": "edited, waiting"}]}}
@@ -2723,6 +2723,77 @@ def test_a_row_of_an_expired_message_left_waiting_is_expired_not_dead(make_daemo
         assert not any("edited, waiting" in json.dumps(e.get("content")) for e in hs.events(msg["room_id"]))
         assert 'causeway_dispatch_rows_total{outcome="expired"} 1\n' in mx.get("/metrics").text
     finally:
+        srv.close()
+
+
+def test_an_edit_whose_try_was_under_way_when_its_message_expired_expires(make_daemon, db_url, hs, pg):
+    """The expiry sweep reads which rows are in flight as it starts, then
+    waits for the locks of the rooms (here a psql session holds one, as a
+    write of events in the room does): an edit's row the dispatcher claimed
+    meanwhile (a retry, while the homeserver fails sends) was passed over
+    as in flight, but the message's content and the edit's were erased and
+    the message marked expired, and the try's failure made the row pending
+    again: an edit of nothing, tried until it was dead, never expired (the
+    test above failed so under load, session 35).  A try that fails after
+    the sweep took its event back expires its row."""
+    mx = start_mx(make_daemon, db_url, hs, dispatcher={"retry_budget": "1000"})
+    a, srv = add_gk(mx)
+    release = threading.Event()
+    try:
+        room, r, _, msg = wally_sends_expiring(mx, hs, a, pg, db_url)
+        mx_room = msg["room_id"]
+        hs.refuse_send = lambda path: True
+        ed = {"type": "edit", "sender": a.user("wally"),
+              "content": {"replaces": r.json()["id"], "parts": [{"type": "text/plain", "body": "edited, racing"}]}}
+        r_ed = a.call("POST", f"/v1/rooms/{room}/messages", ed, idem="exp-ed-race")
+        assert r_ed.status_code == 202, r_ed.text
+        edit_row = (f"SELECT o.state, o.attempts FROM outbox o JOIN events e ON e.id = o.event_id "
+                    f"WHERE e.public_id = '{r_ed.json()['id']}'")
+        state = lambda: pg.psql(edit_row, db_url).split("|")[0]  # noqa: E731
+        wait_until(lambda: (lambda st, n: st == "pending" and int(n) >= 1)(*pg.psql(edit_row, db_url).split("|")),
+                   what="the edit waiting for the homeserver")
+        # Its next try not before an hour (until the sweep has read the row pending).
+        pg.psql("UPDATE outbox o SET next_attempt_at = now() + interval '1 hour' FROM events e "
+                f"WHERE e.id = o.event_id AND e.public_id = '{r_ed.json()['id']}' AND o.state = 'pending'", db_url)
+        assert state() == "pending"
+
+        def hold(method, path, user):  # the edit's next try: under way until released, then failed
+            if "/send/m.room.message/" in path:
+                release.wait(20)
+                return True
+            return False
+        rid = pg.psql(f"SELECT id FROM rooms WHERE public_id = '{room}'", db_url)
+        waiting = ("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 1129796434 "
+                   f"AND objid = {int(rid) % 2147483647} AND objsubid = 2 AND NOT granted")
+        held = HeldSession(db_url)
+        try:
+            held.run(f"BEGIN; SELECT pg_advisory_xact_lock(1129796434, ({rid} % 2147483647)::int);")
+            pg.psql("UPDATE events SET content = jsonb_set(content, '{content,expires}', "
+                    "to_jsonb((extract(epoch FROM now()) * 1000)::bigint)) "
+                    f"WHERE public_id = '{r.json()['id']}'", db_url)
+            wait_until(lambda: pg.psql(waiting, db_url) == "1", what="the sweep waiting for the room's lock")
+            hs.refuse = hold
+            pg.psql("UPDATE outbox o SET next_attempt_at = now() FROM events e WHERE e.id = o.event_id "
+                    f"AND e.public_id = '{r_ed.json()['id']}' AND o.state = 'pending'; NOTIFY causeway_outbox",
+                    db_url)
+            wait_until(lambda: state() == "in_flight", what="the edit's try under way")
+        finally:
+            held.end()  # commits: the sweep goes on
+        wait_until(lambda: pg.psql(f"SELECT content::text FROM events WHERE public_id = '{r.json()['id']}'",
+                                   db_url) == "{}", what="the message taken back")
+        assert state() == "in_flight"  # passed over by the sweep
+        release.set()
+        wait_until(lambda: state() != "in_flight", what="the try's outcome")
+        assert state() == "expired", pg.psql(edit_row, db_url)
+        hs.refuse = hs.refuse_send = None
+        red = wait_until(lambda: next((e for e in hs.events(mx_room) if e["type"] == "m.room.redaction"), None),
+                         what="the redaction once sends are taken")
+        assert red["redacts"] == msg["event_id"]
+        assert not any("edited, racing" in json.dumps(e.get("content")) for e in hs.events(mx_room))
+        assert pg.psql("SELECT count(*) FROM outbox WHERE state = 'dead'", db_url) == "0"
+    finally:
+        release.set()
+        hs.refuse = None
         srv.close()
 
 
