@@ -2438,7 +2438,7 @@ def test_a_message_that_goes_nowhere_is_told_to_its_writer(mx, hs, gk, pg, db_ur
                what="a failed send")
     assert len(notices()) == 2
     hs.refuse_send = None
-    wait_until(lambda: len(notices()) == 3, timeout=10, what="the notice, sent again")
+    wait_until(lambda: len(notices()) == 3, what="the notice, sent again")
     wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_notices WHERE done_at IS NULL", db_url) == "0",
                what="the row done")
     time.sleep(0.5)
