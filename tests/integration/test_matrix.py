@@ -3786,9 +3786,15 @@ def test_a_rate_limited_notice_is_given_back_not_waited_for(make_daemon, db_url,
             return [q for q in hs.requests if q["user"] == bot and q["status"] == 429 and "/cwnotice-" in q["path"]]
         wait_until(lambda: notice_429s(), timeout=15, what="a notice limited")
         bob.invite(room2, bot)  # bob's management room
-        t0 = time.monotonic()
-        wait_until(lambda: hs.members(room2).get(bot) == "join", timeout=10, what="the bot joining")
-        assert time.monotonic() - t0 < 2.5, "the bot's other work waited behind a limited notice"
+        wait_until(lambda: hs.members(room2).get(bot) == "join", what="the bot joining")
+        # Before the limited notice's wait was over (a bot that slept it out
+        # joins after it); not "within 2.5 s", which a loaded machine can
+        # miss (session 35).
+        first = notice_429s()[0]
+        join = next(q for q in hs.requests if q["user"] == bot and q["path"].endswith("/join")
+                    and room2 in urllib.parse.unquote(q["path"]))
+        assert join["time"] < first["time"] + first["answer"]["retry_after_ms"] / 1000, \
+            ("the bot's other work waited behind a limited notice", join["time"] - first["time"], first["answer"])
         wait_until(lambda: all(t in said() for t in texts), timeout=45, what="the notices")
         bobs = lambda: [e["content"]["body"] for e in hs.events(room2)  # noqa: E731
                         if e["type"] == "m.room.message" and e["sender"] == bot]
