@@ -329,7 +329,9 @@ def test_a_homeserver_that_comes_up_later_is_pinged_and_has_the_bot(make_daemon,
     hs.refuse = None  # the homeserver is up now
     wait_until(lambda: d.get("/readyz").json()["adapters"]["matrix"]["ping"] == "ok", timeout=20,
                what="the ping once the homeserver is up")
-    assert hs.user_exists("@_cw_bot:example.org")
+    # (waited for: the homeserver may have come up between a try's refused
+    # registration and its ping, and the registration is the next try's)
+    wait_until(lambda: hs.user_exists("@_cw_bot:example.org"), what="the bot registered")
     # Done: nothing more is asked.
     time.sleep(2.5)
     pings = [q for q in hs.requests if q["path"].endswith("/ping")]
