@@ -1842,7 +1842,7 @@ def test_a_transaction_waiting_for_a_read_back_is_stored_when_the_daemon_stops(m
     read-back (longer than the drain may take): the transaction is taken
     at once rather than left suspended when the HTTP front stops, and the
     daemon stops cleanly."""
-    mx = start_mx(make_daemon, db_url, hs, server={"drain_timeout_ms": "300"})
+    mx = start_mx(make_daemon, db_url, hs, server={"drain_timeout_ms": "300"}, log={"level": "debug"})
     a, srv = add_gk(mx)
     alice, room, ghost = alice_invites_wally_unheard(hs, a)
     reading = threading.Event()
@@ -1857,7 +1857,13 @@ def test_a_transaction_waiting_for_a_read_back_is_stored_when_the_daemon_stops(m
     hs.resume_pushing()
     assert reading.wait(20)
     stored = "SELECT count(*) FROM events WHERE content::text LIKE '%while you read%'"
-    time.sleep(1)
+    # The homeserver's push of it reached the daemon, which holds it: not
+    # "a second later", which a slow push can miss, and the daemon then
+    # stopped before it came (session 35).
+    txn = wait_until(lambda: next((t["txn_id"] for t in hs.transactions if any(
+        e["content"].get("body") == "while you read" for e in t["events"])), None), what="its push")
+    mx.wait_for(lambda r: r.get("msg") == "a transaction waits for a ghost's join" and r.get("txn") == txn,
+                timeout=15)
     assert pg.psql(stored, db_url) == "0"  # it waits for the read-back
     started = time.time()
     assert mx.stop() == 0, mx.log()[-6000:]
