@@ -2705,15 +2705,14 @@ def test_an_edit_waiting_at_the_expiry_expires_with_its_message(make_daemon, db_
 
 
 def test_a_row_of_an_expired_message_left_waiting_is_expired_not_dead(make_daemon, db_url, hs, pg):
-    """The expiry sweep expires the rows waiting at the message's time, but
-    not one claimed at that moment: a claim that commits while the sweep's
-    statement runs keeps its row in flight, and after that try fails the
-    row waits again, its event's content erased. That state is made here
-    directly (the race itself is a few milliseconds wide): at its next
-    claim the row is expired, with why, and nothing is sent. Until the
-    thirty-fifth session the erased event could be made no Matrix event
-    and the row went dead, a dead letter for the operator of a message
-    that had simply expired."""
+    """A row of an expired event left waiting, its content erased: what
+    the race of the test below leaves when the process that had the try
+    under way dies (its claim runs out and the row is taken back pending),
+    or what any other way back to pending would. The state is made here
+    directly: at its next claim the row is expired, with why, and nothing
+    is sent. Until the thirty-fifth session the erased event could be made
+    no Matrix event and the row went dead, a dead letter for the operator
+    of a message that had simply expired."""
     mx = start_mx(make_daemon, db_url, hs)
     a, srv = add_gk(mx)
     try:
