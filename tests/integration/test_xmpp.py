@@ -819,7 +819,10 @@ def test_a_member_who_comes_while_a_join_is_looked_at_is_shown_to_the_joiner(xd,
         slow_joins(pg, db_url, 4)
         a_start, b_start = alice.count(), bob.count()
         alice.send_presence(to=f"{room}/alice", payload=f"<x xmlns='{MUC}'><history maxstanzas='0'/></x>")
-        time.sleep(0.5)
+        # the join asleep on the writer (session 35: a fixed 0.5 s could
+        # pass before it got there, and yves was then in its snapshot)
+        wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'",
+                                   db_url) == "1", what="the join on the writer")
         # yves added by another process of this server (this one's writer is
         # busy with the join): straight into the database
         member_from_another_process(pg, db_url, a, gid, "yves")
