@@ -2026,10 +2026,13 @@ def test_a_correction_written_with_its_message_names_it(xd, gk, alice, pg, db_ur
     consent_alice(xd)
     a.create_room([a.user("wally"), ALICE])
     pg.psql("CREATE FUNCTION t_slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-            "IF NEW.content::text LIKE '%slowly%' THEN PERFORM pg_sleep(1.5); END IF; RETURN NEW; END $$; "
+            "IF NEW.content::text LIKE '%slowly%' THEN PERFORM pg_sleep(3); END IF; RETURN NEW; END $$; "
             "CREATE TRIGGER t_slow BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION t_slow()", db_url)
     alice.send_message(WALLY_JID, "slowly")
-    time.sleep(0.3)  # its batch is being written
+    # its batch is being written (session 35: a fixed 0.3 s could end
+    # before it was, and the two below were then not written behind it)
+    wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'", db_url) == "1",
+               what="the first message's write asleep")
     alice.send_raw(f"<message to='{WALLY_JID}' type='chat' id='m1'><body>teh typo</body>"
                    f"<origin-id xmlns='urn:xmpp:sid:0' id='m1'/></message>"
                    f"<message to='{WALLY_JID}' type='chat' id='m2'><body>the typo</body>"
