@@ -664,7 +664,10 @@ def test_a_join_while_the_groups_rows_are_on_their_way(xd, gk, alice, pg, db_url
     start = alice.count()
     alice.send_presence(to=room + "/alice", payload=f"<x xmlns='{MUC}'><history maxstanzas='10'/></x>")
     message_from(alice, room, lambda el: body(el) == "two", timeout=20)
-    time.sleep(0.5)
+    # "each once": both rows done (nothing of them left to send), then a round trip
+    wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE destination = 'xmpp' AND state = 'delivered'",
+                               db_url) == "2", what="both rows delivered")
+    alice.ping(COMP)
     got = [el for el in alice.stanzas()[start:] if el.get("from", "").startswith(room)]
     kinds = [el.get("from").split("/", 1)[1] if el.tag.endswith("presence") else
              "subject" if el.find("{jabber:client}subject") is not None else body(el) for el in got]
