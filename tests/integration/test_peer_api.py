@@ -309,10 +309,11 @@ def test_idempotency(daemon, peers, pg, db_url):
     ev = {"type": "message", "sender": a.user("alice"), "content": {"parts": [{"type": "text/plain", "body": "once"}]}}
     via = a.call("POST", "/v1/batch", {"events": [{"idempotency_key": "key-1", "room": rm["uri"], "event": ev}]})
     assert via.status_code == 200 and via.json()["results"][0].get("id") == first.json()["id"], via.text
-    sb.wait_events(1)
-    time.sleep(0.5)
-    assert len(sb.events) == 1 and sb.duplicates == 0
     assert pg.psql("SELECT count(*) FROM events", db_url) == "1"
+    # sent once: the room's next message comes next (a fixed 0.5 s was the window: session 35)
+    later = a.send(rm["id"], a.user("alice"), "later", idem="key-2").json()["id"]
+    sb.wait_events(2)
+    assert [e["id"] for e in sb.events] == [first.json()["id"], later] and sb.duplicates == 0
     # Room creation is idempotent too.
     r1 = a.create_room([a.user("x"), b.user("y")], idem="room-1")
     r2 = a.create_room([a.user("x"), b.user("y")], idem="room-1")
