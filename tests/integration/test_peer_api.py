@@ -785,7 +785,10 @@ def test_one_rooms_events_written_by_two_processes_arrive_in_commit_order(make_d
                 " FOR EACH ROW EXECUTE FUNCTION test_slow_commit()", db_url)
         with concurrent.futures.ThreadPoolExecutor(2) as ex:
             slow = ex.submit(a.send, rm["id"], a.user("alice"), "slow")
-            time.sleep(0.4)
+            # "fast" is sent once "slow" is in its commit (a fixed 0.4 s was not always enough: session 35)
+            wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep' "
+                                       "AND datname = current_database()", db_url) == "1",
+                       what="the slow write in its commit")
             fast = ex.submit(a2.send, rm["id"], a.user("alice"), "fast")
             assert slow.result().status_code == 202 and fast.result().status_code == 202
         got = sb.wait_events(3)
