@@ -208,6 +208,9 @@ def test_a_push_peer_cannot_pull_its_rows_away_from_the_push(daemon, pg, db_url)
         assert r.status_code == 200 and r.json()["events"] == [], r.text
         got = srv.wait_events(3)
         assert [e["id"] for e in got] == ids
+        # the peer has them before the daemon has its 200 and records it (session 35)
+        wait_until(lambda: pg.psql("SELECT string_agg(DISTINCT state, ',') FROM outbox WHERE destination = 'peer:gk'",
+                                   db_url) == "delivered", what="the pushes recorded")
         # Switched to pull: a room with a row still being pushed waits for it.
         pg.psql("UPDATE peers SET mode = 'pull', push_url = NULL WHERE name = 'gk'", db_url)
         pg.psql(f"UPDATE outbox SET state = 'in_flight', claimed_by = 'host:1:ff', "
