@@ -6,6 +6,8 @@ import subprocess
 import threading
 import time
 
+import requests
+
 from harness import wait_until
 from peer import NotifyServer, PeerClient
 
@@ -22,19 +24,31 @@ def make_peers(d):
     return a, b, rm, srv
 
 
-def long_poll(b, cursor, wait):
-    """Starts b's GET /v1/events?after=cursor&wait=wait in a thread and
-    checks, a second later, that it is waiting: (thread, result), result
-    getting "r" (the answer) and "t" (how long it took)."""
+def in_flight(base):
+    """The requests the daemon at base is serving, this one to /metrics
+    left out."""
+    text = requests.get(base + "/metrics", timeout=10).text
+    return int(float(re.search(r"^causeway_http_requests_in_flight (\S+)$", text, re.M).group(1))) - 1
+
+
+def long_poll(b, cursor, wait, others=0):
+    """Starts b's GET /v1/events?after=cursor&wait=wait in a thread, waits
+    until the daemon has it (others: the test's long polls waiting there
+    already), and checks, a second after it was sent, that it is waiting:
+    (thread, result), result getting "r" (the answer) and "t" (how long
+    it took)."""
     result = {}
 
     def poll():
         t0 = time.time()
         result["r"] = b.call("GET", f"/v1/events?after={cursor}&wait={wait}")
         result["t"] = time.time() - t0
+    t0 = time.time()
     t = threading.Thread(target=poll)
     t.start()
-    time.sleep(1.0)
+    # a second alone did not always see the request at the daemon on a loaded machine (session 35)
+    wait_until(lambda: in_flight(b.base) > others or not t.is_alive(), what="the long poll at the daemon")
+    time.sleep(max(0.0, 1.0 - (time.time() - t0)))
     assert t.is_alive()
     return t, result
 
@@ -347,7 +361,7 @@ def test_a_pull_peer_keeps_at_most_max_long_polls_waiting(make_daemon, db_url):
                                               "public_key": c.signer.public_b64}).json()["token"]
     try:
         cursor = b.call("GET", "/v1/events?after=0").json()["next"]
-        held = [long_poll(b, cursor, 20) for _ in range(2)]
+        held = [long_poll(b, cursor, 20, others=i) for i in range(2)]
         t0 = time.time()
         r = b.call("GET", f"/v1/events?after={cursor}&wait=20")
         assert r.status_code == 429 and r.json()["code"] == "rate_limited", r.text
@@ -355,7 +369,7 @@ def test_a_pull_peer_keeps_at_most_max_long_polls_waiting(make_daemon, db_url):
         assert "max_long_polls" not in r.text and "2" in r.json()["detail"], r.text
         r = b.call("GET", f"/v1/events?after={cursor}")  # no wait: not counted
         assert r.status_code == 200 and r.json()["events"] == [], r.text
-        other, res = long_poll(c, 0, 3)  # another peer's own count
+        other, res = long_poll(c, 0, 3, others=2)  # another peer's own count
         other.join(10)
         assert res["r"].status_code == 200, res["r"].text
         new = a.send(rm["id"], a.user("alice"), "for the waiting ones").json()["id"]
