@@ -97,7 +97,9 @@ def test_small_order_and_non_canonical_keys_are_refused_at_create_and_rotate(dae
     pg.psql(f"UPDATE peers SET ed25519_public_key = '\\x{WEAK[0].hex()}' WHERE name = 'good'", db_url)
     assert daemon.admin("POST", "/peers/good/disable").ok and daemon.admin("POST", "/peers/good/enable").ok
     assert good.call("GET", "/v1/events?after=0").status_code == 401
-    assert "peer good has a small-order or non-canonical public key" in daemon.log()
+    # the log is read from the daemon's output by a thread of its own (session 35)
+    from harness import wait_until
+    wait_until(lambda: "peer good has a small-order or non-canonical public key" in daemon.log(), what="the log")
 
 
 class IdentityForger:
