@@ -426,8 +426,9 @@ def test_ephemeral_under_either_key(world, unstable, reg_keys, pushed):
     g = ghost(hs, "_cw_g")
     room = a.create_room(preset="public_chat")
     g.join(room)
-    a.typing(room, True, 150)
-    a.typing(room, True, 150)  # still typing: no second EDU
+    # 2 s: the second call comes before the first times out, however loaded the machine (session 35)
+    a.typing(room, True, 2000)
+    a.typing(room, True, 2000)  # still typing: no second EDU
     ev = a.send_text(room, "read me")
     g.read_receipt(room, ev)
     a.read_receipt(room, ev, "m.read.private")  # alice's private receipt is not the appservice's business
@@ -439,6 +440,7 @@ def test_ephemeral_under_either_key(world, unstable, reg_keys, pushed):
         return
     hs.wait_for(lambda: [e for e in app.ephemeral(key) if e["type"] == "m.typing" and
                          e["content"]["user_ids"] == []], what="the typing timeout")
+    hs.wait_for(lambda: len([e for e in app.ephemeral(key) if e["type"] == "m.receipt"]) >= 2, what="the receipts")
     eph = app.ephemeral(key)
     assert app.ephemeral(other) == []
     typing = [e for e in eph if e["type"] == "m.typing"]
