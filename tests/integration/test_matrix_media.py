@@ -106,6 +106,13 @@ def send_file(a, room, text, att, idem):
     return r.json()["id"]
 
 
+def rules_in_force(d):
+    """The rules of the policy snapshot in force in d (an admin change is
+    answered once in force, or after 2 s without it when the reload is
+    slow: the test waits for what it needs, not a fixed time)."""
+    return float(re.search(r"^causeway_policy_rules (\S+)$", d.get("/metrics").text, re.M).group(1))
+
+
 def ghost_messages_now(hs):
     return [e for rid in hs.rooms() for e in hs.events(rid) if e["type"] == "m.room.message" and e["sender"] == GHOST]
 
@@ -516,7 +523,7 @@ def test_a_file_longer_than_declared_is_not_carried(mx, hs, gk, media):
     r = mx.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example",
                                          "limits": {"max_attachment_bytes": 1000}})
     assert r.status_code == 201, r.text
-    time.sleep(0.5)
+    wait_until(lambda: rules_in_force(mx) == 1, what="the rule in force")
     other = media.put("/f/other.png", "image/png", data[::-1])
     send_file(a, room, "same file", attachment(url, data, size=10), "d2")
     send_file(a, room, "new file", attachment(other, data[::-1], size=10), "d3")
@@ -556,7 +563,7 @@ def test_a_file_that_declares_no_size_is_fetched_up_to_the_gateways_limit(mx, hs
     r = mx.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example",
                                          "limits": {"max_attachment_bytes": 1000}})
     assert r.status_code == 201, r.text
-    time.sleep(0.5)
+    wait_until(lambda: rules_in_force(mx) == 1, what="the rule in force")
     r = a.call("POST", f"/v1/rooms/{room}/messages", {"type": "message", "sender": a.user("wally"),
                                                       "content": {"attachments": [ok]}}, idem="n3")
     assert r.status_code == 202, r.text
