@@ -2875,8 +2875,8 @@ def test_an_ad_hoc_session_expires(make_daemon, db_url, prosody, alice, pg):
     bad-sessionid). A session submitted in time runs."""
     d, a, srv = start_with_gk(make_daemon, db_url, prosody, xmpp={"command_session_lifetime_s": "2"})
     try:
-        given = time.monotonic()
         old = command_first(alice, "block")
+        given = time.monotonic()  # after its answer, which came after its 2 s began (session 35)
         done = command_submit(alice, "block", {"jid": f"wally@{COMP}"}).find(q(CMD, "command"))
         assert done.get("status") == "completed", ET.tostring(done)
         before = consents_stored(pg, db_url)
