@@ -3374,7 +3374,7 @@ def test_a_lost_lock_connection_writes_nothing_twice(xd, gk, alice, pg, db_url):
     kill_lock_connection(xd, pg, db_url)
     after = a.send(room, a.user("wally"), "after the lock came back").json()["id"]
     message_from(alice, WALLY_JID, lambda el: body(el) == "after the lock came back", timeout=20)
-    time.sleep(0.5)
+    alice.ping(COMP)  # answered after anything written before it
     got = [m.get("id") for m in alice.messages() if m.get("from", "").split("/")[0] == WALLY_JID and body(m)]
     assert got == [before, after], got
     assert "lost the database connection that holds the component's lock" in xd.log()
