@@ -3,6 +3,7 @@ database stopped and started. Every message that got a 202 is delivered,
 none twice after the peer's deduplication, in order per room."""
 import concurrent.futures
 import contextlib
+import json
 import re
 import signal
 import socket
@@ -156,9 +157,21 @@ def test_two_processes_one_killed_under_load_keep_order_and_lose_nothing(make_da
     wait_until(lambda: s.total() >= 60, timeout=30, what="load")
     first = f"claimed_by LIKE '%:{d1.proc.pid}:%'"
     # The peer stops answering: d1's next delivery hangs until it is killed.
+    # A row d1 has in flight as the delay changes may still be answered at
+    # the old one, leaving d1 none in flight when it dies: wait for a row
+    # whose request came after (session 35).
+    hung = set()  # the ids of the events of the requests that came once the delay was 60 s
+    handle = sb.handle
+
+    def noting(method, path, headers, body, port):
+        if sb.delay == 60.0:
+            hung.update(ev["id"] for ev in json.loads(body).get("events", []))
+        return handle(method, path, headers, body, port)
+    sb.handle = noting
     sb.delay = 60.0
-    wait_until(lambda: rows_of(pg, db_url, f"state = 'in_flight' AND {first}"), timeout=20,
-               what="a delivery of d1 in flight")
+    wait_until(lambda: hung & set(pg.psql("SELECT e.public_id FROM outbox o JOIN events e ON e.id = o.event_id "
+                                          f"WHERE o.state = 'in_flight' AND o.{first}", db_url).split()),
+               timeout=20, what="a delivery of d1 in flight, its request hanging")
     d1.signal(signal.SIGKILL)
     d1.proc.wait()
     sb.delay = 0.05
