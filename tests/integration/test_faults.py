@@ -248,7 +248,9 @@ def test_a_row_whose_every_try_ends_with_its_process_dead_goes_dead(make_daemon,
     assert rows[0]["attempts"] == 2 and "stopped" in rows[0]["last_error"], rows
     assert "earlier message" in rows[1]["last_error"], rows
     assert sb.requests == 2  # not tried a third time
-    assert 'causeway_dispatch_rows_total{outcome="dead"} 2\n' in d.get("/metrics").text
+    # the claim that made them dead counts them after its commit (session 35)
+    wait_until(lambda: 'causeway_dispatch_rows_total{outcome="dead"} 2\n' in d.get("/metrics").text,
+               what="the two dead rows counted")
     tries = d.admin("GET", f"/messages/{ids[0]}").json()["deliveries"][0]["tries"]
     assert [(x["attempt"], x["ok"], x["finished_at"]) for x in tries] == [(1, False, None), (2, False, None)], tries
     assert all("stopped" in x["error"] for x in tries), tries
