@@ -403,11 +403,14 @@ def test_a_block_and_its_end_travel_to_the_peer(daemon, peers, pg, db_url):
     consent(daemon, a.user("stranger"), "blocked")
     consent(daemon, b.user("bob"), "blocked")          # tg's user, no shared room
     assert consent(daemon, a.user("wally"), "none")    # allowed -> none: not a block's end
-    time.sleep(0.5)
+    # A block event is stored with its consent: once the outbox holds the
+    # two, delivered (marked so after the peer's answer), nothing more can
+    # go (session 35: a fixed 0.5 s wait before).
+    blocks = ("SELECT string_agg(o.state || ':' || o.destination, ',' ORDER BY o.id) FROM outbox o "
+              "JOIN events e ON e.id = o.event_id WHERE e.type = 'block'")
+    wait_until(lambda: pg.psql(blocks, db_url) == "delivered:peer:gk,delivered:peer:gk",
+               what="the two block events delivered, and no other")
     assert len(sa.events) == 2 and not sb.events and not sa.errors
-    assert pg.psql("SELECT string_agg(o.state || ':' || o.destination, ',' ORDER BY o.id) FROM outbox o "
-                   "JOIN events e ON e.id = o.event_id WHERE e.type = 'block'", db_url) == \
-        "delivered:peer:gk,delivered:peer:gk"
 
 
 def test_a_block_travels_in_order_with_a_message_of_another_process(make_daemon, db_url, pg):
