@@ -438,7 +438,10 @@ def test_a_block_travels_in_order_with_a_message_of_another_process(make_daemon,
         with concurrent.futures.ThreadPoolExecutor(2) as ex:
             blk = ex.submit(d1.admin, "POST", "/consents", json={
                 "user": ALICE, "subject_kind": "user", "subject": a.user("wally"), "state": "blocked"})
-            time.sleep(0.4)
+            # the block's commit in its trigger's sleep: it holds the room's lock (session 35: a fixed 0.4 s)
+            wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                       "AND wait_event = 'PgSleep'", db_url) == "1",
+                       what="the block's commit held in its trigger")
             fast = ex.submit(b2.send, room, b.user("bob"), "fast")
             assert blk.result().status_code == 200 and fast.result().status_code == 202
         got = sa.wait_events(3)
