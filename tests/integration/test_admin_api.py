@@ -365,7 +365,9 @@ def test_an_admin_change_waiting_for_the_policy_does_not_hold_other_writes(daemo
             daemon.admin("PATCH", "/settings", json={"policy.held_expiry_seconds": 3600})))
         t0 = time.time()
         change.start()
-        time.sleep(0.5)  # the change is committed and waits for the reload
+        # the change is committed and waits for the reload (session 35: a fixed 0.5 s before)
+        wait_until(lambda: pg.psql("SELECT value FROM settings WHERE key = 'policy.held_expiry_seconds'",
+                                   db_url) == "3600", what="the change committed")
         t1 = time.time()
         r = a.send(room, a.user("alice"), "not held up")
         took = time.time() - t1
