@@ -278,6 +278,7 @@ def test_a_peer_that_never_answers_does_not_hold_up_the_others(make_daemon, db_u
     hung = socket.socket()
     hung.bind(("127.0.0.1", 0))
     hung.listen(16)
+    held = None
     d = make_daemon(db_url, options={"dispatcher": {"http_timeout_ms": "8000", "retry_base_ms": "100",
                                                     "retry_max_ms": "200"}}).start()
     try:
@@ -289,7 +290,8 @@ def test_a_peer_that_never_answers_does_not_hold_up_the_others(make_daemon, db_u
         to_hung = a.create_room([a.user("alice"), "mimi://hx.example/u/carol"]).json()["id"]
         to_tg = a.create_room([a.user("alice"), b.user("bob")]).json()["id"]
         assert a.send(to_hung, a.user("alice"), "into the void").status_code == 202
-        time.sleep(0.5)  # the hung delivery has started
+        hung.settimeout(15)
+        held, _ = hung.accept()  # the hung delivery has started (session 35: a fixed 0.5 s before)
         t0 = time.time()
         ids = [a.send(to_tg, a.user("alice"), f"n{i}").json()["id"] for i in range(5)]
         got = sb.wait_events(5, timeout=6)
@@ -300,6 +302,8 @@ def test_a_peer_that_never_answers_does_not_hold_up_the_others(make_daemon, db_u
         sb.close()
     finally:
         d.stop()
+        if held:
+            held.close()
         hung.close()
 
 
