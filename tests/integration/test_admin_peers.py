@@ -217,9 +217,9 @@ def test_a_peer_change_reaches_every_daemon_process(make_daemon, db_url, tmp_pat
                                          "public_key": c.signer.public_b64})
     c.token = r.json()["token"]
     # Created through d1, usable at d2 (told by NOTIFY, not by a restart).
-    wait_until(lambda: c.call("GET", "/v1/events?after=0").status_code == 200, timeout=5, what="peer known to d2")
+    wait_until(lambda: c.call("GET", "/v1/events?after=0").status_code == 200, what="peer known to d2")
     d1.admin("POST", "/peers/gk/disable")
-    wait_until(lambda: c.call("GET", "/v1/events?after=0").status_code == 401, timeout=5, what="disable seen by d2")
+    wait_until(lambda: c.call("GET", "/v1/events?after=0").status_code == 401, what="disable seen by d2")
 
 
 def test_a_process_with_another_signing_key_is_told_in_the_log(make_daemon, db_url, pg, tmp_path):

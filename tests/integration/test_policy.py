@@ -63,7 +63,7 @@ def decision(daemon, msg):
 
 def wait_policy(daemon, pred, what):
     """Rules and consent are swapped in after a NOTIFY: poll the effect."""
-    wait_until(pred, timeout=5, interval=0.05, what=what)
+    wait_until(pred, interval=0.05, what=what)
 
 
 def test_first_contact_held_one_request_then_accept_releases_in_order(daemon, peers, pg, db_url):
