@@ -266,6 +266,14 @@ def metric(text, name, labels=None):
     return None
 
 
+def in_flight(d, n):
+    """Waits until the daemon has n requests in flight besides the one that
+    reads the gauge (session 35: a fixed sleep before, too short at times
+    for the daemon to have taken the request)."""
+    wait_until(lambda: metric(d.get("/metrics").text, "causeway_http_requests_in_flight") == n + 1,
+               what=f"{n} request(s) in flight")
+
+
 def test_metrics_count_requests_pool_and_outbox(daemon):
     for _ in range(3):
         daemon.get("/healthz")
@@ -310,7 +318,7 @@ def test_sigterm_finishes_the_request_in_flight(daemon):
     # A request whose body is still arriving is in flight.
     s = socket.create_connection(("127.0.0.1", daemon.port))
     s.sendall(b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n12345")
-    time.sleep(0.3)
+    in_flight(daemon, 1)
     daemon.signal(signal.SIGTERM)
     daemon.wait_for(lambda r: r.get("msg") == "stopping")
     # New connections are refused while the old one is served.
@@ -404,7 +412,7 @@ def test_sigterm_gives_up_after_the_drain_timeout(make_daemon, db_url):
     d = make_daemon(db_url, options={"server": {"drain_timeout_ms": "300"}}).start()
     s = socket.create_connection(("127.0.0.1", d.port))
     s.sendall(b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n123")
-    time.sleep(0.2)
+    in_flight(d, 1)
     t0 = time.time()
     d.signal(signal.SIGTERM)
     assert d.wait_exit(15) == 0
