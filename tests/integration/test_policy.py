@@ -2239,12 +2239,15 @@ def test_a_row_whose_claim_ran_out_is_decided_before_it_goes_again(daemon, peers
     row = "SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id WHERE e.public_id = '%s' " \
           "AND o.destination = 'peer:tg'" % msg
     wait_until(lambda: pg.psql(row, db_url) == "pending", what="the group's row to tg waiting")
+    mine = f"destination = 'peer:tg' AND event_id = (SELECT id FROM events WHERE public_id = '{msg}')"
     pg.psql("UPDATE outbox SET state = 'in_flight', claimed_by = 'gone:1:0/0', attempts = 1, "
-            "claimed_until = now() + interval '3 seconds' WHERE destination = 'peer:tg' AND event_id = "
-            f"(SELECT id FROM events WHERE public_id = '{msg}')", db_url)
+            f"claimed_until = now() + interval '1 hour' WHERE {mine}", db_url)
     assert daemon.admin("POST", "/peers/tg/enable").status_code == 200
     r = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "tg.example", "mode": "deny"})
     assert r.status_code == 201, r.text
+    # The claim runs out once the rule is in force (session 35: it ran out
+    # 3 s after it was made, which a slow enable and rule could outlast).
+    pg.psql(f"UPDATE outbox SET claimed_until = now() WHERE {mine} AND state = 'in_flight'", db_url)
     wait_until(lambda: pg.psql(row, db_url) in ("delivered", "dropped"), timeout=20, interval=0.1,
                what="the row taken back")
     assert pg.psql(row, db_url) == "dropped" and not sb.events, sb.events
