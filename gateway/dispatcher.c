@@ -478,12 +478,18 @@ static const struct store_stmt lane_stmts[] = {
 	 * the operator had (replay and discard act on dead letters) stopped
 	 * it.  A room's rows in flight to a destination are one claim's (see
 	 * cw_claim), so t's partition is cw_record's batch.  up checks the
-	 * claim again: the keeper may have renewed it since t read it. */
+	 * claim again: the keeper may have renewed it since t read it.  A row
+	 * of an expired event (events.expired) is never dead, and takes no
+	 * later row down: pending, it is expired when claimed (cw_claim's
+	 * expired; until the thirty-fifth session its spent budget killed the
+	 * room's later messages, a review's finding). */
 	{ "cw_take_back",
-		"WITH t AS (SELECT o.id, o.claimed_until, o.attempts >= $1::int AS spent, "
-		" coalesce(bool_or(o.attempts >= $1::int) OVER (PARTITION BY o.room_id, o.destination ORDER BY o.id "
-		"  ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), false) AS after "
-		" FROM outbox o WHERE o.state = 'in_flight' AND o.claimed_until < now()), "
+		"WITH t AS (SELECT o.id, o.claimed_until, o.attempts >= $1::int AND NOT x.expired AS spent, "
+		" coalesce(bool_or(o.attempts >= $1::int AND NOT x.expired) OVER (PARTITION BY o.room_id, o.destination "
+		"  ORDER BY o.id ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), false) AS after "
+		" FROM outbox o CROSS JOIN LATERAL (SELECT coalesce((SELECT ev.expired FROM events ev "
+		"  WHERE ev.id = o.event_id), false) AS expired) x "
+		" WHERE o.state = 'in_flight' AND o.claimed_until < now()), "
 		"up AS (UPDATE outbox o SET claimed_by = NULL, claimed_until = NULL, "
 		" state = CASE WHEN t.spent OR t.after THEN 'dead' ELSE 'pending' END, "
 		" last_error = CASE WHEN t.spent THEN 'the retry budget is spent: try ' || o.attempts "
@@ -1072,10 +1078,11 @@ static void record(struct lane *l, const struct outbox_row *rows, size_t n, bool
 			atomic_fetch_add(&d->rate_limited, (uint64_t)PQntuples(r));
 		for (int i = 0; i < PQntuples(r); i++) {
 			const char *st = PQgetvalue(r, i, 0);
-			if (strcmp(st, "expired") == 0)
-				continue; /* taken back meanwhile: not to be tried again */
+			/* expired: its event was taken back meanwhile, not to be
+			 * tried again (counted as the claim's expiry counts it) */
 			atomic_fetch_add(strcmp(st, "delivered") == 0 ? &d->delivered
 					 : strcmp(st, "dead") == 0    ? &d->dead
+					 : strcmp(st, "expired") == 0 ? &d->expired
 								      : &d->retried, 1);
 		}
 	} else {

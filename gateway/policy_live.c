@@ -864,7 +864,15 @@ cw_err policy_recheck_row(PGconn *c, const struct policy_view *v, const char *ou
  * down with it (the message was never taken back).  A message with a row
  * in flight, its own or an edit's, waits for the next sweep (that
  * delivery may yet succeed, and then needs the delete too; its content
- * must not be erased under it).  Peers are sent nothing: the message came
+ * must not be erased under it).  x reads "in flight" on the statement's
+ * snapshot, before it waits for the rooms' locks: a row claimed meanwhile
+ * is left alone by gone (in flight when gone comes to it), and is found
+ * as one that gone should have taken and did not (raced): that message
+ * waits for the next sweep too, its content kept and no delete made (its
+ * other rows gone expired already, as the next sweep would).  Until the
+ * thirty-fifth session the content was erased all the same: the raced
+ * try, succeeding, showed the message for good (nothing found it to take
+ * back), or, failing, left a row with nothing to send.  Peers are sent nothing: the message came
  * from one, whose own expiry applies there.  The delete events are a write
  * of events like any other: their rooms are locked first (rm, lk: the rooms
  * of the messages due, in room id order, before any row is locked or any
@@ -899,12 +907,15 @@ static const char expiry_sql[] =
 	"  AND NOT EXISTS (SELECT 1 FROM events ed JOIN outbox o ON o.event_id = ed.id "
 	"   WHERE ed.replaces_id = e.id AND ed.type = 'edit' AND o.state = 'in_flight') "
 	"  ORDER BY e.id FOR UPDATE OF e SKIP LOCKED), "
-	"xe AS MATERIALIZED (SELECT id FROM x UNION ALL "
-	"  SELECT ed.id FROM events ed JOIN x ON ed.replaces_id = x.id AND ed.type = 'edit'), "
+	"xe AS MATERIALIZED (SELECT id, id AS msg FROM x UNION ALL "
+	"  SELECT ed.id, x.id FROM events ed JOIN x ON ed.replaces_id = x.id AND ed.type = 'edit'), "
 	"gone AS (UPDATE outbox o SET state = 'expired', claimed_by = NULL, claimed_until = NULL FROM xe "
 	"  WHERE o.event_id = xe.id AND o.state IN ('pending', 'held', 'failed', 'dead') RETURNING o.id), "
+	"raced AS MATERIALIZED (SELECT DISTINCT xe.msg FROM xe JOIN outbox o ON o.event_id = xe.id "
+	"  WHERE o.state IN ('pending', 'held', 'failed', 'dead') AND o.id NOT IN (SELECT id FROM gone)), "
+	"done AS MATERIALIZED (SELECT x.* FROM x WHERE x.id NOT IN (SELECT msg FROM raced)), "
 	"loc AS (SELECT x.id, x.room_id, x.sender_id, x.public_id, x.sender_uri, o.destination, o.target_identity_id "
-	"  FROM x CROSS JOIN LATERAL (SELECT d.destination, d.target_identity_id FROM outbox d "
+	"  FROM done x CROSS JOIN LATERAL (SELECT d.destination, d.target_identity_id FROM outbox d "
 	"   WHERE d.event_id = x.id AND d.state = 'delivered' AND d.destination NOT LIKE 'peer:%' OFFSET 0) o), "
 	"dv AS (INSERT INTO events (public_id, room_id, sender_id, type, content, replaces_id, origin_network, ts) "
 	"  SELECT " NEW_EVENT_ID_SQL ", "
@@ -915,8 +926,9 @@ static const char expiry_sql[] =
 	"ob AS (INSERT INTO outbox (event_id, destination, target_identity_id, room_id, state) "
 	"  SELECT dv.id, loc.destination, loc.target_identity_id, dv.room_id, 'pending' FROM dv "
 	"  JOIN loc ON loc.id = dv.replaces_id ORDER BY dv.id RETURNING 1), "
-	"sc AS (UPDATE events e SET content = '{}'::jsonb, expired = true WHERE e.id IN (SELECT id FROM xe)) "
-	"SELECT (SELECT count(*) FROM x), (SELECT count(*) FROM ob), (SELECT count(*) FROM gone)";
+	"sc AS (UPDATE events e SET content = '{}'::jsonb, expired = true "
+	"  WHERE e.id IN (SELECT id FROM xe WHERE msg NOT IN (SELECT msg FROM raced))) "
+	"SELECT (SELECT count(*) FROM done), (SELECT count(*) FROM ob), (SELECT count(*) FROM gone)";
 
 /* counts: messages expired, delete rows made, rows that will not be
  * delivered.  In a transaction of its own that plans no sequential scan:

@@ -2741,6 +2741,15 @@ def test_a_row_of_an_expired_message_left_waiting_is_expired_not_dead(make_daemo
         srv.close()
 
 
+def sweep_done(pg, db_url, waiting):
+    """Once the expiry sweep that waited for a room's lock (waiting: the
+    query counting its wait) has gone on and its statement ended."""
+    wait_until(lambda: pg.psql(waiting, db_url) == "0", what="the sweep past the room's lock")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+                               "AND pid <> pg_backend_pid() AND query LIKE '%WITH due AS MATERIALIZED%'", db_url) == "0",
+               what="the sweep's statement ended")
+
+
 def test_an_edit_whose_try_was_under_way_when_its_message_expired_expires(make_daemon, db_url, hs, pg):
     """The expiry sweep reads which rows are in flight as it starts, then
     waits for the locks of the rooms (here a psql session holds one, as a
@@ -2749,8 +2758,10 @@ def test_an_edit_whose_try_was_under_way_when_its_message_expired_expires(make_d
     as in flight, but the message's content and the edit's were erased and
     the message marked expired, and the try's failure made the row pending
     again: an edit of nothing, tried until it was dead, never expired (the
-    test above failed so under load, session 35).  A try that fails after
-    the sweep took its event back expires its row."""
+    test above failed so under load, session 35).  The sweep now finds the
+    row it should have taken and did not: the message waits whole for the
+    next sweep, which, the try failed, expires the row and takes the
+    message back."""
     mx = start_mx(make_daemon, db_url, hs, dispatcher={"retry_budget": "1000"})
     a, srv = add_gk(mx)
     release = threading.Event()
@@ -2794,11 +2805,13 @@ def test_an_edit_whose_try_was_under_way_when_its_message_expired_expires(make_d
             wait_until(lambda: state() == "in_flight", what="the edit's try under way")
         finally:
             held.end()  # commits: the sweep goes on
+        sweep_done(pg, db_url, waiting)
+        # Passed over by the sweep, the message kept whole for the next one.
+        assert state() == "in_flight"
+        assert pg.psql(f"SELECT content::text FROM events WHERE public_id = '{r.json()['id']}'", db_url) != "{}"
+        release.set()  # the try fails: the next sweep takes it all back
         wait_until(lambda: pg.psql(f"SELECT content::text FROM events WHERE public_id = '{r.json()['id']}'",
                                    db_url) == "{}", what="the message taken back")
-        assert state() == "in_flight"  # passed over by the sweep
-        release.set()
-        wait_until(lambda: state() != "in_flight", what="the try's outcome")
         assert state() == "expired", pg.psql(edit_row, db_url)
         hs.refuse = hs.refuse_send = None
         red = wait_until(lambda: next((e for e in hs.events(mx_room) if e["type"] == "m.room.redaction"), None),
@@ -2809,6 +2822,112 @@ def test_an_edit_whose_try_was_under_way_when_its_message_expired_expires(make_d
     finally:
         release.set()
         hs.refuse = None
+        srv.close()
+
+
+def test_a_message_whose_raced_try_succeeds_is_taken_back_at_the_next_sweep(make_daemon, db_url, hs, pg):
+    """wally's second expiring message waits for the homeserver; its time
+    comes, and its row is claimed while the sweep waits for the room's lock
+    (read pending on the sweep's snapshot). The sweep leaves it whole; the
+    try succeeds; the next sweep finds it delivered and redacts it. Until
+    the thirty-fifth session its content was erased under the try: shown
+    after its time, and for good, as nothing found it again to take back
+    (a review's finding, its probe this test)."""
+    mx = start_mx(make_daemon, db_url, hs, dispatcher={"retry_budget": "1000"})
+    a, srv = add_gk(mx)
+    release = threading.Event()
+    try:
+        room, r, _, msg = wally_sends_expiring(mx, hs, a, pg, db_url)
+        mx_room = msg["room_id"]
+        hs.refuse_send = lambda path: True
+        r2 = a.send(room, a.user("wally"), "SECRET raced", content={
+            "parts": [{"type": "text/plain", "body": "SECRET raced"}], "expires": int(time.time() * 1000) + 600000})
+        assert r2.status_code == 202, r2.text
+        pid = r2.json()["id"]
+        row = (f"SELECT o.state, o.attempts FROM outbox o JOIN events e ON e.id = o.event_id "
+               f"WHERE e.public_id = '{pid}' AND o.destination NOT LIKE 'peer:%'")
+        state = lambda: pg.psql(row, db_url).split("|")[0]  # noqa: E731
+        wait_until(lambda: (lambda st, n: st == "pending" and int(n) >= 1)(*pg.psql(row, db_url).split("|")),
+                   what="the message waiting for the homeserver")
+        pg.psql("UPDATE outbox o SET next_attempt_at = now() + interval '1 hour' FROM events e "
+                f"WHERE e.id = o.event_id AND e.public_id = '{pid}' AND o.state = 'pending'", db_url)
+
+        def hold(method, path, user):  # the raced try: under way until released, then taken
+            if "/send/m.room.message/" in path:
+                release.wait(20)
+            return False
+        rid = pg.psql(f"SELECT id FROM rooms WHERE public_id = '{room}'", db_url)
+        waiting = ("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 1129796434 "
+                   f"AND objid = {int(rid) % 2147483647} AND objsubid = 2 AND NOT granted")
+        held = HeldSession(db_url)
+        try:
+            held.run(f"BEGIN; SELECT pg_advisory_xact_lock(1129796434, ({rid} % 2147483647)::int);")
+            pg.psql("UPDATE events SET content = jsonb_set(content, '{content,expires}', "
+                    f"to_jsonb((extract(epoch FROM now()) * 1000)::bigint)) WHERE public_id = '{pid}'", db_url)
+            wait_until(lambda: pg.psql(waiting, db_url) == "1", what="the sweep waiting for the room's lock")
+            hs.refuse_send = None
+            hs.refuse = hold
+            pg.psql("UPDATE outbox o SET next_attempt_at = now() FROM events e WHERE e.id = o.event_id "
+                    f"AND e.public_id = '{pid}' AND o.state = 'pending'; NOTIFY causeway_outbox", db_url)
+            wait_until(lambda: state() == "in_flight", what="the try under way")
+        finally:
+            held.end()
+        sweep_done(pg, db_url, waiting)
+        assert state() == "in_flight"
+        assert pg.psql(f"SELECT expired FROM events WHERE public_id = '{pid}'", db_url) == "f"
+        release.set()
+        wait_until(lambda: state() != "in_flight", what="the raced try's outcome")
+        assert state() == "delivered", pg.psql(row, db_url)
+        shown = next(e for e in hs.events(mx_room) if e["type"] == "m.room.message"
+                     and "SECRET raced" in json.dumps(e.get("content")))
+        red = wait_until(lambda: next((e for e in hs.events(mx_room) if e["type"] == "m.room.redaction"
+                                       and e.get("redacts") == shown["event_id"]), None),
+                         what="its redaction at the next sweep")
+        assert red["sender"] == shown["sender"]
+        assert pg.psql(f"SELECT expired, content::text FROM events WHERE public_id = '{pid}'", db_url) == "t|{}"
+    finally:
+        release.set()
+        hs.refuse = hs.refuse_send = None
+        srv.close()
+
+
+def test_a_run_out_claim_of_an_expired_message_takes_no_later_message_down(make_daemon, db_url, hs, pg):
+    """A row of an expired event in flight under a process that died on
+    its last try (its budget spent): taken back, it is not dead and kills
+    no later row of its room ("ran out of retries"); it is expired at its
+    next claim, and the room's next, ordinary message is delivered. Until
+    the thirty-fifth session the take-back ignored the expiry (a review's
+    finding, its probe this test). The state is made directly."""
+    mx = start_mx(make_daemon, db_url, hs, dispatcher={"retry_budget": "3"})
+    a, srv = add_gk(mx)
+    try:
+        room, r, _, msg = wally_sends_expiring(mx, hs, a, pg, db_url)
+        hs.refuse_send = lambda path: True
+        r2 = a.send(room, a.user("wally"), "expiring two", content={
+            "parts": [{"type": "text/plain", "body": "expiring two"}], "expires": int(time.time() * 1000) + 600000})
+        r3 = a.send(room, a.user("wally"), "plain three")
+        assert r2.status_code == 202 and r3.status_code == 202
+        row = lambda pid: (f"SELECT o.state, o.attempts, coalesce(o.last_error, '') FROM outbox o "  # noqa: E731
+                           f"JOIN events e ON e.id = o.event_id WHERE e.public_id = '{pid}' "
+                           "AND o.destination NOT LIKE 'peer:%'")
+        p2, p3 = r2.json()["id"], r3.json()["id"]
+        wait_until(lambda: (lambda st, n, _e: st == "pending" and int(n) >= 1)(*pg.psql(row(p2), db_url).split("|")),
+                   what="two waiting")
+        pg.psql("BEGIN; UPDATE outbox o SET state = 'in_flight', claimed_by = 'dead-process', "
+                "claimed_until = now() - interval '1 minute', attempts = 3 FROM events e "
+                f"WHERE e.id = o.event_id AND e.public_id = '{p2}' AND o.destination NOT LIKE 'peer:%'; "
+                f"UPDATE events SET content = '{{}}'::jsonb, expired = true WHERE public_id = '{p2}'; COMMIT", db_url)
+        hs.refuse_send = None
+        pg.psql("NOTIFY causeway_outbox", db_url)
+        wait_until(lambda: pg.psql(row(p3), db_url).split("|")[0] in ("delivered", "dead"), timeout=60,
+                   what="three's outcome")
+        assert pg.psql(row(p3), db_url).split("|")[0] == "delivered", pg.psql(row(p3), db_url)
+        two = wait_until(lambda: (lambda v: v if v.split("|")[0] not in ("pending", "in_flight") else None)(
+            pg.psql(row(p2), db_url)), what="two done with")
+        assert two.split("|")[0] == "expired", two
+        assert pg.psql("SELECT count(*) FROM outbox WHERE state = 'dead'", db_url) == "0"
+    finally:
+        hs.refuse_send = None
         srv.close()
 
 
