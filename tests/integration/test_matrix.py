@@ -2659,6 +2659,21 @@ def test_an_expiring_message_is_taken_back_when_its_time_comes(mx, hs, gk, pg, d
                    for e in hs.events(mx_room))
 
 
+def edit_waiting(hs, pg, db_url, a, room, r, text, idem):
+    """wally edits his message r (the answer of its sending) to text while
+    the homeserver refuses sends (left refusing): the edit's answer, once
+    its row has been tried and waits for its next try."""
+    hs.refuse_send = lambda path: True
+    ed = {"type": "edit", "sender": a.user("wally"),
+          "content": {"replaces": r.json()["id"], "parts": [{"type": "text/plain", "body": text}]}}
+    r_ed = a.call("POST", f"/v1/rooms/{room}/messages", ed, idem=idem)
+    assert r_ed.status_code == 202, r_ed.text
+    tried = (f"SELECT o.attempts FROM outbox o JOIN events e ON e.id = o.event_id "
+             f"WHERE e.public_id = '{r_ed.json()['id']}' AND o.state = 'pending'")
+    wait_until(lambda: int(pg.psql(tried, db_url) or 0) >= 1, what="the edit waiting for the homeserver")
+    return r_ed
+
+
 def test_an_edit_waiting_at_the_expiry_expires_with_its_message(make_daemon, db_url, hs, pg):
     """An edit of an expiring message still waiting for the homeserver at
     the message's time expires with it, and the message is redacted once
@@ -2675,15 +2690,9 @@ def test_an_edit_waiting_at_the_expiry_expires_with_its_message(make_daemon, db_
     try:
         room, r, _, msg = wally_sends_expiring(mx, hs, a, pg, db_url)
         ghost, mx_room = msg["sender"], msg["room_id"]
-        hs.refuse_send = lambda path: True
-        ed = {"type": "edit", "sender": a.user("wally"),
-              "content": {"replaces": r.json()["id"], "parts": [{"type": "text/plain", "body": "edited, waiting"}]}}
-        r_ed = a.call("POST", f"/v1/rooms/{room}/messages", ed, idem="exp-ed-wait")
-        assert r_ed.status_code == 202, r_ed.text
+        r_ed = edit_waiting(hs, pg, db_url, a, room, r, "edited, waiting", "exp-ed-wait")
         edit_row = (f"SELECT o.state, o.attempts FROM outbox o JOIN events e ON e.id = o.event_id "
                     f"WHERE e.public_id = '{r_ed.json()['id']}'")
-        wait_until(lambda: (lambda st, n: st == "pending" and int(n) >= 1)(*pg.psql(edit_row, db_url).split("|")),
-                   what="the edit waiting for the homeserver")
         # Its time comes now (as retention shortens an expiry: the stored content.expires).
         pg.psql("UPDATE events SET content = jsonb_set(content, '{content,expires}', "
                 "to_jsonb((extract(epoch FROM now()) * 1000)::bigint)) "
@@ -2717,15 +2726,9 @@ def test_a_row_of_an_expired_message_left_waiting_is_expired_not_dead(make_daemo
     a, srv = add_gk(mx)
     try:
         room, r, _, msg = wally_sends_expiring(mx, hs, a, pg, db_url)
-        hs.refuse_send = lambda path: True
-        ed = {"type": "edit", "sender": a.user("wally"),
-              "content": {"replaces": r.json()["id"], "parts": [{"type": "text/plain", "body": "edited, waiting"}]}}
-        r_ed = a.call("POST", f"/v1/rooms/{room}/messages", ed, idem="exp-ed-left")
-        assert r_ed.status_code == 202, r_ed.text
+        r_ed = edit_waiting(hs, pg, db_url, a, room, r, "edited, waiting", "exp-ed-left")
         edit_row = (f"SELECT o.state || '|' || o.attempts || '|' || coalesce(o.last_error, '') FROM outbox o "
                     f"JOIN events e ON e.id = o.event_id WHERE e.public_id = '{r_ed.json()['id']}'")
-        wait_until(lambda: (lambda st, n, _: st == "pending" and int(n) >= 1)(*pg.psql(edit_row, db_url).split("|")),
-                   what="the edit waiting for the homeserver")
         # What the sweep leaves when the edit's row was claimed as it ran.
         pg.psql("UPDATE events SET content = '{}'::jsonb, expired = true "
                 f"WHERE public_id IN ('{r.json()['id']}', '{r_ed.json()['id']}')", db_url)
@@ -2741,13 +2744,40 @@ def test_a_row_of_an_expired_message_left_waiting_is_expired_not_dead(make_daemo
         srv.close()
 
 
-def sweep_done(pg, db_url, waiting):
-    """Once the expiry sweep that waited for a room's lock (waiting: the
-    query counting its wait) has gone on and its statement ended."""
+def claimed_under_the_sweep(hs, pg, db_url, room, expiring, claimed, hold):
+    """The race of the expiry sweep and a claim, made certain: the message
+    expiring (public id) comes due while a psql session holds its room's
+    lock, so the sweep reads the rows on its snapshot and waits; then the
+    row of claimed (public id, waiting for its next try an hour away) is
+    made due and claimed, its send held by hold (the stand-in's refuse);
+    the lock is let go. Returns once the sweep's statement has ended."""
+    row = (f"SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id "
+           f"WHERE e.public_id = '{claimed}' AND o.destination NOT LIKE 'peer:%'")
+    tried = row.replace("o.state FROM", "o.attempts FROM") + " AND o.state = 'pending'"
+    wait_until(lambda: int(pg.psql(tried, db_url) or 0) >= 1, what="the row waiting for its next try")
+    # Its next try not before an hour (until the sweep has read the row pending).
+    pg.psql("UPDATE outbox o SET next_attempt_at = now() + interval '1 hour' FROM events e "
+            f"WHERE e.id = o.event_id AND e.public_id = '{claimed}' AND o.state = 'pending'", db_url)
+    assert pg.psql(row, db_url) == "pending"
+    rid = pg.psql(f"SELECT id FROM rooms WHERE public_id = '{room}'", db_url)
+    waiting = ("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 1129796434 "
+               f"AND objid = {int(rid) % 2147483647} AND objsubid = 2 AND NOT granted")
+    held = HeldSession(db_url)
+    try:
+        held.run(f"BEGIN; SELECT pg_advisory_xact_lock(1129796434, ({rid} % 2147483647)::int);")
+        pg.psql("UPDATE events SET content = jsonb_set(content, '{content,expires}', "
+                f"to_jsonb((extract(epoch FROM now()) * 1000)::bigint)) WHERE public_id = '{expiring}'", db_url)
+        wait_until(lambda: pg.psql(waiting, db_url) == "1", what="the sweep waiting for the room's lock")
+        hs.refuse = hold
+        pg.psql("UPDATE outbox o SET next_attempt_at = now() FROM events e WHERE e.id = o.event_id "
+                f"AND e.public_id = '{claimed}' AND o.state = 'pending'; NOTIFY causeway_outbox", db_url)
+        wait_until(lambda: pg.psql(row, db_url) == "in_flight", what="the try under way")
+    finally:
+        held.end()  # commits: the sweep goes on
     wait_until(lambda: pg.psql(waiting, db_url) == "0", what="the sweep past the room's lock")
     wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
-                               "AND pid <> pg_backend_pid() AND query LIKE '%WITH due AS MATERIALIZED%'", db_url) == "0",
-               what="the sweep's statement ended")
+                               "AND pid <> pg_backend_pid() AND query LIKE '%WITH due AS MATERIALIZED%'",
+                               db_url) == "0", what="the sweep's statement ended")
 
 
 def test_an_edit_whose_try_was_under_way_when_its_message_expired_expires(make_daemon, db_url, hs, pg):
@@ -2768,44 +2798,17 @@ def test_an_edit_whose_try_was_under_way_when_its_message_expired_expires(make_d
     try:
         room, r, _, msg = wally_sends_expiring(mx, hs, a, pg, db_url)
         mx_room = msg["room_id"]
-        hs.refuse_send = lambda path: True
-        ed = {"type": "edit", "sender": a.user("wally"),
-              "content": {"replaces": r.json()["id"], "parts": [{"type": "text/plain", "body": "edited, racing"}]}}
-        r_ed = a.call("POST", f"/v1/rooms/{room}/messages", ed, idem="exp-ed-race")
-        assert r_ed.status_code == 202, r_ed.text
+        r_ed = edit_waiting(hs, pg, db_url, a, room, r, "edited, racing", "exp-ed-race")
         edit_row = (f"SELECT o.state, o.attempts FROM outbox o JOIN events e ON e.id = o.event_id "
                     f"WHERE e.public_id = '{r_ed.json()['id']}'")
         state = lambda: pg.psql(edit_row, db_url).split("|")[0]  # noqa: E731
-        wait_until(lambda: (lambda st, n: st == "pending" and int(n) >= 1)(*pg.psql(edit_row, db_url).split("|")),
-                   what="the edit waiting for the homeserver")
-        # Its next try not before an hour (until the sweep has read the row pending).
-        pg.psql("UPDATE outbox o SET next_attempt_at = now() + interval '1 hour' FROM events e "
-                f"WHERE e.id = o.event_id AND e.public_id = '{r_ed.json()['id']}' AND o.state = 'pending'", db_url)
-        assert state() == "pending"
 
         def hold(method, path, user):  # the edit's next try: under way until released, then failed
             if "/send/m.room.message/" in path:
                 release.wait(20)
                 return True
             return False
-        rid = pg.psql(f"SELECT id FROM rooms WHERE public_id = '{room}'", db_url)
-        waiting = ("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 1129796434 "
-                   f"AND objid = {int(rid) % 2147483647} AND objsubid = 2 AND NOT granted")
-        held = HeldSession(db_url)
-        try:
-            held.run(f"BEGIN; SELECT pg_advisory_xact_lock(1129796434, ({rid} % 2147483647)::int);")
-            pg.psql("UPDATE events SET content = jsonb_set(content, '{content,expires}', "
-                    "to_jsonb((extract(epoch FROM now()) * 1000)::bigint)) "
-                    f"WHERE public_id = '{r.json()['id']}'", db_url)
-            wait_until(lambda: pg.psql(waiting, db_url) == "1", what="the sweep waiting for the room's lock")
-            hs.refuse = hold
-            pg.psql("UPDATE outbox o SET next_attempt_at = now() FROM events e WHERE e.id = o.event_id "
-                    f"AND e.public_id = '{r_ed.json()['id']}' AND o.state = 'pending'; NOTIFY causeway_outbox",
-                    db_url)
-            wait_until(lambda: state() == "in_flight", what="the edit's try under way")
-        finally:
-            held.end()  # commits: the sweep goes on
-        sweep_done(pg, db_url, waiting)
+        claimed_under_the_sweep(hs, pg, db_url, room, r.json()["id"], r_ed.json()["id"], hold)
         # Passed over by the sweep, the message kept whole for the next one.
         assert state() == "in_flight"
         assert pg.psql(f"SELECT content::text FROM events WHERE public_id = '{r.json()['id']}'", db_url) != "{}"
@@ -2847,32 +2850,13 @@ def test_a_message_whose_raced_try_succeeds_is_taken_back_at_the_next_sweep(make
         row = (f"SELECT o.state, o.attempts FROM outbox o JOIN events e ON e.id = o.event_id "
                f"WHERE e.public_id = '{pid}' AND o.destination NOT LIKE 'peer:%'")
         state = lambda: pg.psql(row, db_url).split("|")[0]  # noqa: E731
-        wait_until(lambda: (lambda st, n: st == "pending" and int(n) >= 1)(*pg.psql(row, db_url).split("|")),
-                   what="the message waiting for the homeserver")
-        pg.psql("UPDATE outbox o SET next_attempt_at = now() + interval '1 hour' FROM events e "
-                f"WHERE e.id = o.event_id AND e.public_id = '{pid}' AND o.state = 'pending'", db_url)
 
         def hold(method, path, user):  # the raced try: under way until released, then taken
             if "/send/m.room.message/" in path:
                 release.wait(20)
             return False
-        rid = pg.psql(f"SELECT id FROM rooms WHERE public_id = '{room}'", db_url)
-        waiting = ("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 1129796434 "
-                   f"AND objid = {int(rid) % 2147483647} AND objsubid = 2 AND NOT granted")
-        held = HeldSession(db_url)
-        try:
-            held.run(f"BEGIN; SELECT pg_advisory_xact_lock(1129796434, ({rid} % 2147483647)::int);")
-            pg.psql("UPDATE events SET content = jsonb_set(content, '{content,expires}', "
-                    f"to_jsonb((extract(epoch FROM now()) * 1000)::bigint)) WHERE public_id = '{pid}'", db_url)
-            wait_until(lambda: pg.psql(waiting, db_url) == "1", what="the sweep waiting for the room's lock")
-            hs.refuse_send = None
-            hs.refuse = hold
-            pg.psql("UPDATE outbox o SET next_attempt_at = now() FROM events e WHERE e.id = o.event_id "
-                    f"AND e.public_id = '{pid}' AND o.state = 'pending'; NOTIFY causeway_outbox", db_url)
-            wait_until(lambda: state() == "in_flight", what="the try under way")
-        finally:
-            held.end()
-        sweep_done(pg, db_url, waiting)
+        hs.refuse_send = None
+        claimed_under_the_sweep(hs, pg, db_url, room, pid, pid, hold)
         assert state() == "in_flight"
         assert pg.psql(f"SELECT expired FROM events WHERE public_id = '{pid}'", db_url) == "f"
         release.set()
