@@ -436,12 +436,12 @@ static const struct store_stmt lane_stmts[] = {
 		 * every record read all of the destination's waiting rows (5 ms
 		 * a batch of 500 with 1,000 waiting; until the nineteenth
 		 * session). */
-		/* A row whose event the expiry sweep took back while the row was
-		 * in flight (the sweep passes over a row in flight, but one
-		 * claimed after the sweep's statement began is read as it was:
-		 * the event's content was erased all the same) expires when its
-		 * try fails: pending again, it would be tried with nothing to
-		 * send until it was dead (until the thirty-fifth session). */
+		/* A row whose event was expired while the row was in flight
+		 * expires when its try fails: pending again, it would be tried
+		 * with nothing to send until it was dead.  The expiry sweep
+		 * leaves a message with a row in flight alone (expiry_sql's
+		 * raced, since the thirty-fifth session; before, a row claimed
+		 * under the sweep had its content erased so): a defence. */
 		"up AS (UPDATE outbox SET claimed_by = NULL, claimed_until = NULL, "
 		" attempts = CASE WHEN $2::boolean OR $10::boolean THEN attempts ELSE greatest(attempts - 1, 0) END, "
 		" state = CASE WHEN $2::boolean THEN 'delivered' "
@@ -1257,12 +1257,12 @@ static bool stale_typing(const struct outbox_row *row, int64_t now_ms, long stal
 }
 
 /* A row of an event the expiry sweep took back (events.expired: its
- * content erased) is never delivered.  The sweep expires the rows waiting
- * then, but not one claimed at that moment: a claim that committed while
- * the sweep's statement ran (after its snapshot saw the row pending) kept
- * it in flight, and its next try, of the erased content, went dead ("no
- * event ... can be made of it"; a CI run of the thirty-fifth session saw
- * an edit's row so).  Such a row is expired when it is claimed again. */
+ * content erased) is never delivered: claimed (its process died mid-try
+ * and the claim was taken back, say), it is expired.  Until the
+ * thirty-fifth session such a row was handed to the adapter, which could
+ * make nothing of the erased content: dead, "not representable" (a CI run
+ * saw an edit's row so, left by the sweep's race with a claim, see
+ * expiry_sql). */
 static bool unsendable(const struct outbox_row *row, int64_t now_ms, long stale_ms)
 {
 	return row->expired || stale_typing(row, now_ms, stale_ms);
@@ -1282,11 +1282,11 @@ static void expire(struct lane *l, const struct outbox_row *rows, size_t n)
 		atomic_fetch_add(&l->d->expired, (uint64_t)changed);
 }
 
-/* Takes the unsendable rows (stale typing, an expired event) out of rows (keeping the others' order) and
- * expires them; the rows left.  rows are the lane's l->rows, which the
- * keeper reads under d->mu (their ids, to renew their claims): they are
- * moved, and l->nrows cut to the rows left, under it too (the adapters
- * write only the rows' other fields).  Unlocked until the thirty-second
+/* Takes the unsendable rows (stale typing, an expired event) out of rows
+ * (keeping the others' order) and expires them; the rows left.  rows are
+ * the lane's l->rows, which the keeper reads under d->mu (their ids, to
+ * renew their claims): they are moved, and l->nrows cut to the rows left,
+ * under it too (the adapters write only the rows' other fields).  Unlocked until the thirty-second
  * session, the keeper could read an id while a row was copied over it (a
  * data race, a review's finding). */
 static size_t drop_unsendable(struct lane *l, struct outbox_row *rows, size_t n)
