@@ -3210,6 +3210,29 @@ static void submit_coalesced(struct cw_app *app, struct cw_req *req, struct msg_
 #define TYPES_RECEIPTS (1u << EVENT_RECEIPT)
 #define TYPES_TYPING (1u << EVENT_TYPING)
 
+/* A peer's `membership` event tells of its own user's joining or leaving
+ * only: its target is its sender, and its `by`, when sent, the peer's own
+ * domain.  A change of others' membership is made, and told to the group's
+ * other peers (signed by this provider, `by` the domain that made it), by
+ * POST /v1/rooms/{room}/members, where a peer takes out its own users
+ * alone; until the thirty-sixth session a peer's event naming another
+ * peer's user, or this provider's, as leaving "by" this provider was
+ * accepted and pushed, signed, to the other peers, when nothing had
+ * changed.  NULL when ev may be taken, else why not (403 not_allowed, in
+ * a batch that item alone). */
+static const char *membership_refused(const struct event *ev, const struct peer_principal *p)
+{
+	if (ev->type != EVENT_MEMBERSHIP)
+		return NULL;
+	if (!ev->has_target || !ev->has_sender || !mimi_uri_equal(&ev->target, &ev->sender))
+		return "a membership event tells of its sender's own joining or leaving (content.target must be the "
+		       "sender); a peer changes others' membership with POST /v1/rooms/{room}/members";
+	json_t *by = json_object_get(json_object_get(ev->json, "content"), "by");
+	if (by && !(json_is_string(by) && strcasecmp(json_string_value(by), p->domain) == 0))
+		return "content.by of a peer's membership event, when sent, is the calling peer's own domain";
+	return NULL;
+}
+
 /* Submits one event to the room of the URL.  key_required: the request
  * must carry an Idempotency-Key (otherwise one is made from the request's
  * signature, its created and nonce: a captured request replayed to another
@@ -3271,6 +3294,12 @@ static void submit_one(struct cw_req *req, struct cw_app *app, unsigned types, b
 		event_free(&ev);
 		cw_req_problem(req, 403, "not_allowed", "Not allowed",
 			       "sender must be a user of the calling peer's domain");
+		return;
+	}
+	const char *refused = membership_refused(&ev, p);
+	if (refused) {
+		event_free(&ev);
+		cw_req_problem(req, 403, "not_allowed", "Not allowed", refused);
 		return;
 	}
 	mimi_uri_format(&ev.sender, sender, sizeof(sender), NULL);
@@ -3443,6 +3472,12 @@ void peer_api_batch(struct cw_req *req, void *ctx)
 		if (!it->ev.has_sender || strcmp(it->ev.sender.domain, p->domain) != 0) {
 			json_array_append_new(b->refused, problem_item(key, 403, "not_allowed",
 								       "sender must be a user of the calling peer's domain"));
+			json_decref(key);
+			continue;
+		}
+		const char *refused = membership_refused(&it->ev, p);
+		if (refused) {
+			json_array_append_new(b->refused, problem_item(key, 403, "not_allowed", refused));
 			json_decref(key);
 			continue;
 		}

@@ -1,0 +1,78 @@
+"""Review probes (session 36, rP): interactions of the peer API's routes."""
+import pytest
+
+from harness import wait_until
+from peer import push_peers
+
+
+@pytest.fixture
+def peers(daemon):
+    made = push_peers(daemon)
+    yield made
+    for _, srv in made:
+        srv.close()
+
+
+def test_a_peer_cannot_forge_membership_events_of_others(daemon, peers, pg, db_url):
+    """A peer's `membership` event tells of its own user's joining or
+    leaving only (target the sender, `by` absent or its own domain): one
+    naming another peer's user, or this provider's, or claiming this
+    provider made the change, is refused 403 not_allowed, alone and as a
+    batch item, and nothing is stored or sent. A peer takes only its own
+    users out (POST /v1/rooms/{room}/members); until the thirty-sixth
+    session such an event was accepted and pushed, signed by this provider,
+    to the group's other peers, who read it as their user's removal."""
+    (a, sa), (b, sb) = peers
+    wally, bob = a.user("wally"), b.user("bob")
+    gid = a.create_room([wally, bob, "mimi://example.org/u/dave"], kind="group").json()["id"]
+    uri = a.call("GET", f"/v1/rooms/{gid}").json()["uri"]
+
+    def ev(target, **content):
+        return {"type": "membership", "sender": wally, "content": dict(content, membership="leave", target=target)}
+
+    bad = [ev(bob, by="example.org"), ev(bob), ev("mimi://example.org/u/dave"), ev(wally, by="example.org"),
+           ev(wally, by=7)]
+    for i, e in enumerate(bad):
+        r = a.call("POST", f"/v1/rooms/{gid}/messages", e, idem=f"forge{i}")
+        assert r.status_code == 403 and r.json()["code"] == "not_allowed", (e, r.text)
+    r = a.call("POST", "/v1/batch", {"events": [{"idempotency_key": f"fb{i}", "room": uri, "event": e}
+                                                for i, e in enumerate(bad)] +
+                                     [{"idempotency_key": "own", "room": uri, "event": ev(wally, by="WA.example")}]})
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    assert [(x["status"], x.get("code"), x.get("http_status")) for x in res] == \
+        [("refused", "not_allowed", 403)] * len(bad) + [("accepted", None, None)], res
+    # Its own user's: taken and passed on, as before.
+    own = a.call("POST", f"/v1/rooms/{gid}/messages", ev(wally), idem="own1")
+    assert own.status_code == 202, own.text
+    m = a.send(gid, wally, "after").json()["id"]
+    wait_until(lambda: m in [e["id"] for e in list(sb.events)], what="the message at tg")
+    got = [(e["sender"], e["content"]) for e in list(sb.events) if e["type"] == "membership"]
+    assert got == [(wally, {"membership": "leave", "target": wally, "by": "WA.example"}),
+                   (wally, {"membership": "leave", "target": wally})], got
+    assert pg.psql("SELECT count(*) FROM events e JOIN rooms r ON r.id = e.room_id "
+                   f"WHERE r.public_id = '{gid}' AND e.type = 'membership'", db_url) == "2"
+
+
+def test_an_edit_of_a_deleted_message(daemon, peers):
+    """Probe: a message deleted by its sender, then edited (or reacted to)."""
+    (a, sa), (b, sb) = peers
+    wally, bob = a.user("wally"), b.user("bob")
+    gid = a.create_room([wally, bob], kind="direct").json()["id"]
+    m = a.send(gid, wally, "oops").json()["id"]
+    d = a.call("POST", f"/v1/rooms/{gid}/messages",
+               {"type": "delete", "sender": wally, "content": {"replaces": m}}, idem="del1")
+    assert d.status_code == 202, d.text
+    ed = a.call("POST", f"/v1/rooms/{gid}/messages",
+                {"type": "edit", "sender": wally,
+                 "content": {"replaces": m, "parts": [{"type": "text/plain", "body": "back again"}]}}, idem="ed1")
+    print("edit after delete:", ed.status_code, ed.text)
+    re_ = b.call("POST", f"/v1/rooms/{gid}/messages",
+                 {"type": "reaction", "sender": bob,
+                  "content": {"in_reply_to": m, "disposition": "reaction",
+                              "parts": [{"type": "text/plain", "body": "+"}]}}, idem="re1")
+    print("reaction to deleted:", re_.status_code, re_.text)
+    wait_until(lambda: len([e for e in list(sb.events) if e["type"] in ("delete", "edit")]) >= 2 or
+               ed.status_code != 202, timeout=5, what="edit")
+    print([(e["type"], e["content"]) for e in list(sb.events)])
+    assert ed.status_code == 400, ed.text
