@@ -886,8 +886,62 @@ static cw_err room_get_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 
 /* POST /v1/rooms/{room}/members: {"add": [user URIs], "remove": [user URIs]}
  * (MIMI's membership update).  A direct room keeps its two members. */
+/* A change of a group by a peer, charged as its users' messages are
+ * (change_limit): the rate limit's answer, from the job's first run (as a
+ * new room's: a run again neither charges it twice nor loses its audit). */
+struct change_charge {
+	bool decided, first_refusal;
+	struct policy_decision d;
+};
+
+/* A rename, or an add of members, is charged as a message of the calling
+ * peer is (a rename since the thirty-first session, a review's finding:
+ * 100 renames in 11 s made 23 room names in each portal; an add since the
+ * thirty-sixth: each made membership events to the group's other peers
+ * and presences to its XMPP occupants, unbounded): the server's rules'
+ * messages_per_minute for its domain or network (the bucket its users'
+ * messages take), and messages_per_minute_per_user with the peer's own
+ * domain as the sender, a bucket of its changes.  Only the limit is taken
+ * from the answer; limited: 429 rate_limited with Retry-After, audited
+ * once per episode (type: "rename", "member_add"). */
+static cw_err change_limit(PGconn *c, struct app_job *j, const struct peer_principal *p, const char *public_id,
+			   const char *type, struct change_charge *ch, cw_errmsg *e)
+{
+	char network[PEER_NAME_MAX + 8], sender[MIMI_DOMAIN_MAX + 16];
+	snprintf(network, sizeof(network), "peer:%s", p->name);
+	snprintf(sender, sizeof(sender), "mimi://%s", p->domain);
+	if (!ch->decided) {
+		struct policy_view *view = policy_live_get(j->app->policy);
+		struct policy_rate_memo memo;
+		policy_rate_memo_init(&memo, j->app->limits);
+		struct policy_request preq = {
+			.direction = POLICY_INBOUND, .action = POLICY_ACT_EVENT, .event_type = type,
+			.sender = { sender, p->domain, network }, .now_ms = cw_wall_ms(), .rate = &memo.rate,
+		};
+		policy_decide(view->snap, &preq, &ch->d);
+		policy_rate_memo_finish(&memo);
+		policy_view_put(view);
+		ch->first_refusal = memo.first_refusal;
+		ch->decided = true;
+		if (ch->d.verdict == POLICY_LIMIT)
+			policy_count(j->app, &ch->d);
+	}
+	if (ch->d.verdict != POLICY_LIMIT)
+		return CW_OK;
+	j->retry_after_ms = ch->d.retry_after_ms; /* not on j->req: this may run again */
+	j->err_status = 429;
+	j->err_code = "rate_limited";
+	snprintf(j->err_detail, sizeof(j->err_detail), "too many changes from this provider; retry later");
+	if (!ch->first_refusal)
+		return CW_OK;
+	return peer_audit_write(c, &ch->d, sender,
+				json_pack("{s:s, s:s, s:s, s:s, s:I}", "sender", sender, "direction", "inbound", "type",
+					  type, "room", public_id, "retry_after_ms", (json_int_t)ch->d.retry_after_ms), e);
+}
+
 struct members_input {
 	struct peer_principal *p; /* borrowed from the request */
+	struct change_charge charge; /* an add's (change_limit) */
 	char public_id[80];
 	char domain[MIMI_DOMAIN_MAX + 1];
 	size_t nadd, nremove;
@@ -1103,6 +1157,11 @@ static cw_err members_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		return rc;
 	if ((rc = members_add_allowed(c, j, in->p, room_id, in->domain, in->add, in->nadd, cls, e)) || j->err_code)
 		return rc;
+	/* An add is charged (a remove alone is not: a peer takes its users
+	 * out whatever the limits, and without adds it has no one to take
+	 * out again). */
+	if (in->nadd && ((rc = change_limit(c, j, in->p, in->public_id, "member_add", &in->charge, e)) || j->err_code))
+		return rc;
 	bool invited[ROOM_MEMBERS_MAX];
 	for (size_t i = 0; i < in->nadd; i++) {
 		char ident[24];
@@ -1267,10 +1326,7 @@ struct rename_input {
 	char domain[MIMI_DOMAIN_MAX + 1]; /* this provider's */
 	const struct peer_principal *p; /* borrowed from the request */
 	char *name; /* NULL: none */
-	/* The rate limit's answer, from the job's first run (as a new room's:
-	 * a run again neither charges it twice nor loses its audit). */
-	bool decided, first_refusal;
-	struct policy_decision d;
+	struct change_charge charge;
 };
 
 static void rename_input_free(void *arg)
@@ -1278,48 +1334,6 @@ static void rename_input_free(void *arg)
 	struct rename_input *in = arg;
 	free(in->name);
 	free(in);
-}
-
-/* A rename is charged as a message of the calling peer is (since the
- * thirty-first session, a review's finding: 100 renames in 11 s made 23
- * room names in each portal): the server's rules' messages_per_minute
- * for its domain or network (the bucket its users' messages take), and
- * messages_per_minute_per_user with the peer's own domain as the sender,
- * a bucket of its renames.  Only the limit is taken from the answer;
- * limited: 429 rate_limited with Retry-After, audited once per episode. */
-static cw_err rename_limit(PGconn *c, struct app_job *j, struct rename_input *in, cw_errmsg *e)
-{
-	char network[PEER_NAME_MAX + 8], sender[MIMI_DOMAIN_MAX + 16];
-	snprintf(network, sizeof(network), "peer:%s", in->p->name);
-	snprintf(sender, sizeof(sender), "mimi://%s", in->p->domain);
-	if (!in->decided) {
-		struct policy_view *view = policy_live_get(j->app->policy);
-		struct policy_rate_memo memo;
-		policy_rate_memo_init(&memo, j->app->limits);
-		struct policy_request preq = {
-			.direction = POLICY_INBOUND, .action = POLICY_ACT_EVENT, .event_type = "rename",
-			.sender = { sender, in->p->domain, network }, .now_ms = cw_wall_ms(), .rate = &memo.rate,
-		};
-		policy_decide(view->snap, &preq, &in->d);
-		policy_rate_memo_finish(&memo);
-		policy_view_put(view);
-		in->first_refusal = memo.first_refusal;
-		in->decided = true;
-		if (in->d.verdict == POLICY_LIMIT)
-			policy_count(j->app, &in->d);
-	}
-	if (in->d.verdict != POLICY_LIMIT)
-		return CW_OK;
-	j->retry_after_ms = in->d.retry_after_ms; /* not on j->req: this may run again */
-	j->err_status = 429;
-	j->err_code = "rate_limited";
-	snprintf(j->err_detail, sizeof(j->err_detail), "too many changes from this provider; retry later");
-	if (!in->first_refusal)
-		return CW_OK;
-	return peer_audit_write(c, &in->d, sender,
-				json_pack("{s:s, s:s, s:s, s:s, s:I}", "sender", sender, "direction", "inbound", "type",
-					  "rename", "room", in->public_id, "retry_after_ms",
-					  (json_int_t)in->d.retry_after_ms), e);
 }
 
 static cw_err rename_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
@@ -1352,7 +1366,7 @@ static cw_err rename_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		app_job_fail(j, 403, "not_allowed", "only the provider that hosts this group renames it");
 		return CW_OK;
 	}
-	if ((rc = rename_limit(c, j, in, e)) || j->err_code)
+	if ((rc = change_limit(c, j, in->p, in->public_id, "rename", &in->charge, e)) || j->err_code)
 		return rc;
 	const char *up[] = { in->public_id, in->name };
 	if ((rc = store_command(c, "UPDATE rooms SET name = $2, updated_at = now() WHERE public_id = $1", 2, up, e)))

@@ -76,3 +76,46 @@ def test_an_edit_of_a_deleted_message(daemon, peers):
                ed.status_code != 202, timeout=5, what="edit")
     print([(e["type"], e["content"]) for e in list(sb.events)])
     assert ed.status_code == 400, ed.text
+
+
+def test_member_adds_are_charged_as_the_peers_messages(daemon, peers, pg, db_url):
+    """An add of members (POST /v1/rooms/{room}/members) takes a token of
+    the calling peer's messages_per_minute bucket, as a rename and its
+    users' messages do: past it, 429 rate_limited with Retry-After, no
+    member changed and no event written, audited once. A remove alone is
+    not charged (a peer takes its users out whatever the limits). Until
+    the thirty-sixth session adds were not limited: a peer adding and
+    removing its user made membership events to every other peer of the
+    group (and presences to its XMPP occupants) without end."""
+    (a, sa), (b, sb) = peers
+    wally, bert, bob = a.user("wally"), a.user("bert"), b.user("bob")
+    gid = a.create_room([wally, bob], kind="group").json()["id"]
+    assert daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example",
+                                                "limits": {"messages_per_minute": 3}}).status_code == 201
+
+    def stored():
+        return pg.psql("SELECT count(*) FROM events e JOIN rooms r ON r.id = e.room_id "
+                       f"WHERE r.public_id = '{gid}' AND e.type = 'membership'", db_url)
+
+    adds = 0
+
+    def limited():
+        nonlocal adds
+        r = a.call("POST", f"/v1/rooms/{gid}/members", {"add": [bert]})
+        assert r.status_code in (200, 429), r.text
+        if r.status_code == 429:
+            return [r]
+        adds += 1
+        assert a.call("POST", f"/v1/rooms/{gid}/members", {"remove": [bert]}).status_code == 200
+        return None
+    r, = wait_until(limited, what="an add limited")
+    assert r.json()["code"] == "rate_limited" and 1 <= int(r.headers["Retry-After"]) <= 60, r.headers
+    assert 1 <= adds <= 3, adds
+    assert stored() == str(2 * adds)
+    members = {m["user"]: m["membership"] for m in a.call("GET", f"/v1/rooms/{gid}").json()["members"]}
+    assert members[bert] == "left", members
+    # The same bucket as the peer's messages; another peer's adds are not in it.
+    assert a.send(gid, wally, "hi").status_code == 429
+    assert b.call("POST", f"/v1/rooms/{gid}/members", {"add": [b.user("carol")]}).status_code == 200
+    assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'policy.limit' "
+                   "AND details->>'type' = 'member_add'", db_url) == "1"
