@@ -54,8 +54,12 @@ def test_a_peer_cannot_forge_membership_events_of_others(daemon, peers, pg, db_u
                    f"WHERE r.public_id = '{gid}' AND e.type = 'membership'", db_url) == "2"
 
 
+@pytest.mark.xfail(strict=True, reason="finding left open (rP, session 36): an edit of a deleted message is "
+                   "taken and delivered")
 def test_an_edit_of_a_deleted_message(daemon, peers):
-    """Probe: a message deleted by its sender, then edited (or reacted to)."""
+    """Probe: a message deleted by its sender, then edited (or reacted to):
+    both are taken (202) and the edit is pushed to the other peer after the
+    delete, so the deleted text comes back wherever an edit is applied."""
     (a, sa), (b, sb) = peers
     wally, bob = a.user("wally"), b.user("bob")
     gid = a.create_room([wally, bob], kind="direct").json()["id"]
