@@ -1107,6 +1107,29 @@ void policy_admin_report_create(struct cw_req *req, void *ctx)
 		aq_run(ctx, req, NULL); /* answers 503 */
 }
 
+/* A report handled already (an operator clicking twice, or two at once:
+ * the second's UPDATE waits for the first's commit, then finds the report
+ * handled) is 409 naming when and by whom, and audits nothing; 404 is
+ * for no such report alone.  Until the thirty-sixth session both were
+ * 404 "no open report with that id". */
+static cw_err report_handle_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
+{
+	const struct aq *q = j->data;
+	cw_err rc = aq_fn(c, j, e);
+	if (rc || !j->err_code || j->err_status != 404)
+		return rc;
+	const char *params[] = { q->p[0] };
+	PGresult *r = PQexecParams(c, "SELECT to_json(handled_at) #>> '{}', handled_by FROM reports "
+				   "WHERE id = $1::bigint AND handled_at IS NOT NULL", 1, NULL, params, NULL, NULL, 0);
+	if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
+		return rc;
+	if (PQntuples(r) == 1)
+		app_job_fail(j, 409, "conflict", "report %s was already handled at %s by %s", q->p[0],
+			     PQgetvalue(r, 0, 0), PQgetvalue(r, 0, 1));
+	PQclear(r);
+	return CW_OK;
+}
+
 void policy_admin_report_handle(struct cw_req *req, void *ctx)
 {
 	char id[24];
@@ -1115,14 +1138,16 @@ void policy_admin_report_handle(struct cw_req *req, void *ctx)
 	struct aq *q = aq_new("UPDATE reports SET handled_at = now(), handled_by = $2 WHERE id = $1::bigint "
 			      "AND handled_at IS NULL RETURNING json_build_object('id', id, 'handled_at', handled_at, "
 			      "'handled_by', handled_by)::text");
-	if (q) {
-		aq_param(q, id);
-		aq_param(q, admin_actor(req));
-		q->none_detail = "no open report with that id";
-		q->action = "report.handle";
-		q->subject = 0;
+	if (!q) {
+		aq_run(ctx, req, NULL); /* answers 503 */
+		return;
 	}
-	aq_run(ctx, req, q);
+	aq_param(q, id);
+	aq_param(q, admin_actor(req));
+	q->none_detail = "no report with that id";
+	q->action = "report.handle";
+	q->subject = 0;
+	aq_start(ctx, req, q, report_handle_fn, true);
 }
 
 /* ------------------------------------------------------------ audit */

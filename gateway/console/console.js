@@ -808,7 +808,9 @@
       ["Created", (r) => when(r.created_at)], ["Handled", (r) => r.handled_at ? [when(r.handled_at), " by " + text(r.handled_by)]
         : changeBtn("Mark handled", async () => {
           try { await api("POST", "/reports/" + r.id + "/handle"); say(note, "Report " + r.id + " handled."); list.reload(); }
-          catch (e) { note.replaceChildren(problem(e)); }
+          // 409: handled meanwhile (the detail says when and by whom); the
+          // list is read again so that the row shows it.
+          catch (e) { note.replaceChildren(problem(e)); if (e instanceof ApiError && e.status === 409) list.reload(); }
         }) || "open"],
     ], rows, "No reports here."));
     add(root, note, filterForm([field("Show", select("open", [["true", "open"], ["false", "handled"], ["", "all"]], "true"))],

@@ -193,6 +193,43 @@ def test_a_change_that_takes_no_body_refuses_a_member_and_changes_nothing(daemon
     assert pg.psql("SELECT string_agg(name, ',') FROM admin_tokens WHERE revoked_at IS NOT NULL", db_url) == "other"
 
 
+def test_a_report_handled_twice_is_409_naming_when_and_by_whom(daemon, pg, db_url):
+    """An operator clicking twice, or two operators at once: the second is
+    409 conflict naming when and by whom the report was handled, not 404
+    (until the thirty-sixth session it said "no open report with that
+    id", as for a report that does not exist), and it audits nothing."""
+    night = make_token(daemon, "night-shift", "admin")["token"]
+    report = daemon.admin("POST", "/reports", json={"subject": "mimi://wa.example/u/w2", "reason": "spam"}).json()
+    first = daemon.admin("POST", f"/reports/{report['id']}/handle")
+    assert first.status_code == 200 and first.json()["handled_by"] == "admin:config", first.text
+    audit = "SELECT count(*) FROM audit_log WHERE action = 'report.handle'"
+    before = pg.psql(audit, db_url)
+    again = call(daemon, "POST", f"/admin/v1/reports/{report['id']}/handle", night)
+    assert again.status_code == 409, again.text
+    p = again.json()
+    assert again.headers["Content-Type"].startswith("application/problem+json")
+    assert p["code"] == "conflict" and p["status"] == 409, p
+    assert f"report {report['id']} was already handled" in p["detail"], p
+    assert "by admin:config" in p["detail"] and first.json()["handled_at"] in p["detail"], p
+    # Stored as the first made it, and no second record.
+    assert pg.psql(f"SELECT handled_by FROM reports WHERE id = {report['id']}", db_url) == "admin:config"
+    assert pg.psql(audit, db_url) == before
+    # No such report at all is still 404.
+    missing = daemon.admin("POST", "/reports/999999/handle")
+    assert missing.status_code == 404 and missing.json()["code"] == "not_found", missing.text
+    assert missing.json()["detail"] == "no report with that id"
+    # Two operators at once: one handles it, the other is told who did.
+    report = daemon.admin("POST", "/reports", json={"subject": "mimi://wa.example/u/w3", "reason": "spam"}).json()
+    before = pg.psql(audit, db_url)
+    with concurrent.futures.ThreadPoolExecutor(2) as ex:
+        answers = list(ex.map(lambda t: call(daemon, "POST", f"/admin/v1/reports/{report['id']}/handle", t),
+                              (ADMIN_TOKEN, night)))
+    assert sorted(a.status_code for a in answers) == [200, 409], [a.text for a in answers]
+    won = next(a for a in answers if a.status_code == 200).json()["handled_by"]
+    assert f"by {won}" in next(a for a in answers if a.status_code == 409).json()["detail"]
+    assert int(pg.psql(audit, db_url)) == int(before) + 1
+
+
 def test_a_revocation_reaches_every_process(make_daemon, db_url):
     a = make_daemon(db_url).start()
     b = make_daemon(db_url).start()

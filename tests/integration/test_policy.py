@@ -1006,7 +1006,7 @@ def test_reports_set_an_automatic_limit(daemon, peers, pg, db_url):
     assert len(reports) == 10 and reports[0]["reports_against_subject"] == 7
     h = daemon.admin("POST", f"/reports/{reports[0]['id']}/handle")
     assert h.status_code == 200 and h.json()["handled_by"] == "admin:config"
-    assert daemon.admin("POST", f"/reports/{reports[0]['id']}/handle").status_code == 404
+    assert daemon.admin("POST", f"/reports/{reports[0]['id']}/handle").status_code == 409
     assert len(daemon.admin("GET", "/reports?open=true").json()["rows"]) == 9
     # A peer's report (POST /v1/reports, about a local user, whom no rule
     # limits) is stored and audited as the others are (until the
