@@ -433,29 +433,41 @@ static const char *const env_not_options[] = { "CAUSEWAY_ADMIN_TOKEN" };
  * is one of the table's but whose name is no option of it: refused like an
  * unknown key in the file.  Until the thirty-first session such a typo
  * (CAUSEWAY_SERVER_PROT) was ignored and the default stayed in force.
- * Other CAUSEWAY_ names (CAUSEWAY_CONFIG, CAUSEWAY_URL, the tests') are
- * not the daemon's. */
+ * The names are compared without regard to case: an option's name in
+ * another case than upper (CAUSEWAY_server_port) is refused too, naming
+ * the one it looks like, for getenv finds only the upper-case one and it
+ * too was ignored without a word (until the thirty-sixth session).  Other
+ * CAUSEWAY_ names (CAUSEWAY_CONFIG, CAUSEWAY_URL, the tests') are not the
+ * daemon's, in any case. */
 static cw_err env_unknown_option(cw_errmsg *e)
 {
 	extern char **environ;
 	for (char **ev = environ; ev && *ev; ev++) {
 		const char *eq = strchr(*ev, '=');
 		size_t n = eq ? (size_t)(eq - *ev) : strlen(*ev);
-		char name[128];
-		if (strncmp(*ev, "CAUSEWAY_", 9) != 0 || n >= sizeof(name))
+		char name[128], up[128];
+		if (strncasecmp(*ev, "CAUSEWAY_", 9) != 0 || n >= sizeof(name))
 			continue;
 		memcpy(name, *ev, n);
 		name[n] = '\0';
+		for (size_t i = 0; i <= n; i++)
+			up[i] = (char)toupper((unsigned char)name[i]);
 		bool known_section = false, option = false;
 		for (size_t i = 0; i < cfg_option_count && !option; i++) {
 			char on[128];
 			cfg_env_name(&cfg_options[i], on, sizeof(on));
 			size_t sl = 9 + strlen(cfg_options[i].section);
-			known_section = known_section || (strncmp(name, on, sl + 1) == 0 && n > sl);
-			option = strcmp(name, on) == 0;
+			known_section = known_section || (strncmp(up, on, sl + 1) == 0 && n > sl);
+			option = strcmp(up, on) == 0;
 		}
-		for (size_t i = 0; i < sizeof(env_not_options) / sizeof(env_not_options[0]) && !option; i++)
-			option = strcmp(name, env_not_options[i]) == 0;
+		bool not_ours = false;
+		for (size_t i = 0; i < sizeof(env_not_options) / sizeof(env_not_options[0]) && !not_ours; i++)
+			not_ours = strcmp(up, env_not_options[i]) == 0;
+		if (not_ours)
+			continue;
+		if (option && strcmp(name, up) != 0)
+			return cw_fail(e, CW_EINVAL, "environment %s: not an option: option names in the environment are "
+				       "upper case (did you mean %s?)", name, up);
 		if (known_section && !option)
 			return cw_fail(e, CW_EINVAL, "environment %s: unknown option (CAUSEWAY_<SECTION>_<NAME> names an "
 				       "option of docs/configuration.md's table)", name);

@@ -300,9 +300,19 @@ def test_a_mistyped_environment_variable_is_refused(tmp_path):
     r = run_causewayd(["--config", p], env=key_env(tmp_path, CAUSEWAY_SERVER_PROT="8480"), timeout=20)
     out = r.stdout + r.stderr
     assert r.returncode == 1 and "configuration invalid" in out and "CAUSEWAY_SERVER_PROT" in out, out
+    # An option's name in lower or mixed case was neither applied nor
+    # refused (until the thirty-sixth session): refused, naming the
+    # upper-case one.
+    for name in ("CAUSEWAY_server_port", "causeway_log_level"):
+        r = run_causewayd(["--check-config", p], env=key_env(tmp_path, **{name: "9000"}))
+        assert r.returncode == 1 and f"environment {name}: not an option" in r.stderr, (name, r.stderr)
+        assert f"did you mean {name.upper()}?" in r.stderr, r.stderr
+    r = run_causewayd(["--config", p], env=key_env(tmp_path, CAUSEWAY_server_port="9000"), timeout=20)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1 and "configuration invalid" in out and "CAUSEWAY_SERVER_PORT?" in out, out
     others = {"CAUSEWAY_ADMIN_TOKEN": "t", "CAUSEWAY_URL": "http://127.0.0.1:8480", "CAUSEWAY_CONFIG": "/x",
               "CAUSEWAY_TEST_JOBS": "2", "CAUSEWAY_PORT": "1", "CAUSEWAY_NODE_MODULES": "/x",
-              "CAUSEWAY_SERVER_PORT": "8481"}
+              "CAUSEWAY_SERVER_PORT": "8481", "causeway_url": "x", "causeway_admin_token": "t"}
     r = run_causewayd(["--check-config", p], env=key_env(tmp_path, **others))
     assert r.returncode == 0, r.stderr
 

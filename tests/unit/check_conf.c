@@ -284,6 +284,46 @@ START_TEST(secrets_are_masked)
 }
 END_TEST
 
+/* An option's name in the environment is upper case (cfg_env_name); one in
+ * another case (CAUSEWAY_server_port) is refused, naming the name it looks
+ * like, as a typo is.  Until the thirty-sixth session it was neither
+ * applied nor refused, and the default stayed in force without a word.
+ * Names of no section of the table stay the tools' (causeway_url). */
+START_TEST(an_option_not_in_upper_case_is_refused)
+{
+	struct cw_config c;
+	cw_errmsg e;
+	setenv("CAUSEWAY_DATABASE_URL", "postgresql://from-env/db", 1);
+	setenv("causeway_url", "http://127.0.0.1:8480", 1);
+	setenv("causeway_admin_token", "t", 1);
+	ck_assert_int_eq(cfg_load(&c, NULL, NULL, &e), CW_OK);
+	cfg_free(&c);
+	static const char *const cases[][2] = {
+		{ "CAUSEWAY_server_port", "CAUSEWAY_SERVER_PORT" },
+		{ "causeway_log_level", "CAUSEWAY_LOG_LEVEL" },
+		{ "Causeway_Matrix_As_Token", "CAUSEWAY_MATRIX_AS_TOKEN" },
+	};
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		setenv(cases[i][0], "9000", 1);
+		ck_assert_int_eq(cfg_load(&c, NULL, NULL, &e), CW_EINVAL);
+		ck_assert_msg(strstr(e.msg, cases[i][0]) && strstr(e.msg, cases[i][1]) && strstr(e.msg, "upper case"),
+			      "%s: %s", cases[i][0], e.msg);
+		unsetenv(cases[i][0]);
+	}
+	/* A name of no option in another case is an unknown option, as it is
+	 * in upper case. */
+	setenv("causeway_server_prot", "9000", 1);
+	ck_assert_int_eq(cfg_load(&c, NULL, NULL, &e), CW_EINVAL);
+	ck_assert_msg(strstr(e.msg, "environment causeway_server_prot: unknown option"), "%s", e.msg);
+	unsetenv("causeway_server_prot");
+	ck_assert_int_eq(cfg_load(&c, NULL, NULL, &e), CW_OK);
+	cfg_free(&c);
+	unsetenv("causeway_url");
+	unsetenv("causeway_admin_token");
+	unsetenv("CAUSEWAY_DATABASE_URL");
+}
+END_TEST
+
 START_TEST(reload_takes_only_reloadable_options)
 {
 	int fd = open("/dev/null", O_WRONLY); /* the restart warnings */
@@ -320,6 +360,7 @@ int main(void)
 	tcase_add_test(tc, numbers_take_their_range_and_nothing_past_it);
 	tcase_add_test(tc, secrets_are_masked);
 	tcase_add_test(tc, reload_takes_only_reloadable_options);
+	tcase_add_test(tc, an_option_not_in_upper_case_is_refused);
 	tcase_add_test(tc, registration_takes_a_homeserver_without_tokens);
 	suite_add_tcase(s, tc);
 	return unit_run(s);
