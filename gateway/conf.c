@@ -7,6 +7,7 @@
 #include "log.h"
 #include "matrix/mx_id.h"
 #include "store.h"
+#include "utf8.h"
 
 #include <arpa/inet.h>
 #include <ctype.h>
@@ -155,7 +156,8 @@ const struct cfg_option cfg_options[] = {
 	  "the homeserver's server name (the part after ':' in its user ids); default server.domain (localhost "
 	  "when that is empty too)" },
 	{ "matrix", "id", CFG_STR, OFF(mx_id), "causeway", 0, 0, false, false,
-	  "the application service's id in its registration" },
+	  "the application service's id in its registration and its ping's path: 1 to 255 bytes of UTF-8 without "
+	  "white space, control characters or characters that show nothing" },
 	{ "matrix", "url", CFG_STR, OFF(mx_url), "", 0, 0, false, false,
 	  "the URL at which the homeserver reaches causewayd (registration url); default http://<listen_address>:<port>" },
 	{ "matrix", "as_token", CFG_STR, OFF(mx_as_token), "", 0, 0, false, true,
@@ -623,6 +625,38 @@ static bool set(const char *s)
  * (prefix, network, remote localpart, server name) is at most 255 bytes. */
 #define MX_PREFIX_MAX 64
 
+/* matrix.id: the registration's id (matrix_print_registration) and a
+ * segment of the ping's path (/_matrix/client/v1/appservice/{id}/ping).
+ * The specification asks only for a string that never changes; one that
+ * is empty, has white space or a control character (a value copied with
+ * its line's tab, a name of two words), shows nothing, is not UTF-8 or
+ * runs past MX_ID_MAX bytes names no application service an operator
+ * could give the homeserver as written, and was taken until the
+ * thirty-sixth session (the homeserver then refused the registration, or
+ * the ping found no such service).  The value is not quoted back: it may
+ * hold what a terminal should not be sent. */
+static cw_err check_matrix_id(const char *id, cw_errmsg *e)
+{
+	size_t n = strlen(id);
+	if (n == 0 || n > MX_ID_MAX)
+		return cw_fail(e, CW_EINVAL, "matrix.id must be 1 to %d bytes (it is %zu): it is the application "
+			       "service's id in its registration", MX_ID_MAX, n);
+	for (size_t i = 0; i < n;) {
+		unsigned cp;
+		size_t k = cw_utf8_seq((const unsigned char *)id + i, n - i, &cp);
+		if (k == 0)
+			return cw_fail(e, CW_EINVAL, "matrix.id is not UTF-8 (byte %zu)", i + 1);
+		if (cw_utf8_blank(cp))
+			return cw_fail(e, CW_EINVAL, "matrix.id has white space or a control character (U+%04X at byte "
+				       "%zu): the registration's id is one word, written without quotes", cp, i + 1);
+		if (cw_utf8_invisible(cp))
+			return cw_fail(e, CW_EINVAL, "matrix.id has a character that shows nothing (U+%04X at byte %zu)",
+				       cp, i + 1);
+		i += k;
+	}
+	return CW_OK;
+}
+
 /* The Matrix names the gateway makes: in the current localpart grammar
  * (mx_localpart_compliant), as the homeserver registers them.  Until the
  * thirty-first session an empty prefix passed: the registration's regex
@@ -644,6 +678,8 @@ static cw_err check_matrix_names(const struct cw_config *c, cw_errmsg *e)
 		return cw_fail(e, CW_EINVAL, "matrix.sender_localpart must be a Matrix localpart (1 to %d of a-z 0-9 "
 			       ". _ = - / +), not \"%.100s\"", MX_ID_MAX / 2,
 			       c->mx_sender_localpart ? c->mx_sender_localpart : "");
+	if (check_matrix_id(c->mx_id ? c->mx_id : "", e))
+		return CW_EINVAL;
 	/* The part after ':' of the bot's and every ghost's id: one that is no
 	 * server name (a space, an '@', a port past 65535) was taken until the
 	 * thirty-fourth session, and no ghost's id parsed, nor matched the

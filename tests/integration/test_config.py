@@ -481,9 +481,39 @@ def test_a_semicolon_after_a_space_is_refused_not_taken_as_a_comment(tmp_path):
     assert r.returncode == 0, r.stderr
     r = run_causewayd(["--matrix-registration", "--config", p], env={"CAUSEWAY_MATRIX_HS_TOKEN": "x"})
     assert registration(r) == {"id": "foo;bar", "as_token": "abc;def", "hs_token": "x"}
+    # The environment's value is taken as written, " ;" and all: for
+    # matrix.id it is then refused for its space (since the thirty-sixth
+    # session), not cut to "foo".
     r = run_causewayd(["--matrix-registration", "--config", write(tmp_path, head)],
                       env={"CAUSEWAY_MATRIX_ID": "foo ;bar"})
-    assert registration(r)["id"] == "foo ;bar"
+    assert r.returncode == 1 and "matrix.id has white space" in r.stderr, r.stderr
+    r = run_causewayd(["--matrix-registration", "--config", write(tmp_path, head)],
+                      env={"CAUSEWAY_MATRIX_ID": "foo;;bar"})
+    assert registration(r)["id"] == "foo;;bar"
+
+
+def test_a_matrix_id_the_homeserver_could_not_be_given_is_refused(tmp_path):
+    """matrix.id is the registration's id and a segment of the ping's
+    path: empty, with white space or a control character, showing nothing
+    or past 255 bytes it was taken (until the thirty-sixth session), by
+    --check-config, the start and --matrix-registration alike."""
+    schema = os.path.join(TOP_SRCDIR, "schema")
+    head = f"[database]\nurl = postgresql:///x\nschema_dir = {schema}\n[matrix]\n"
+    for value, why in (("", "matrix.id must be 1 to 255 bytes (it is 0)"),
+                       ("my bridge", "matrix.id has white space or a control character (U+0020 at byte 3)"),
+                       ("a\u200bb", "matrix.id has a character that shows nothing (U+200B at byte 2)"),
+                       ("x" * 256, "matrix.id must be 1 to 255 bytes (it is 256)")):
+        p = write(tmp_path, head)
+        env = key_env(tmp_path, CAUSEWAY_MATRIX_ID=value)
+        for args in (["--check-config", p], ["--matrix-registration", "--config", p]):
+            r = run_causewayd(args, env=env)
+            assert r.returncode == 1 and why in r.stderr, (value, args, r.stderr)
+        r = run_causewayd(["--config", p], env=env, timeout=20)
+        out = r.stdout + r.stderr
+        assert r.returncode == 1 and "configuration invalid" in out and why in out, (value, out)
+    p = write(tmp_path, head + "id = brücke-2\n")
+    assert run_causewayd(["--check-config", p], env=key_env(tmp_path)).returncode == 0
+    assert registration(run_causewayd(["--matrix-registration", "--config", p]))["id"] == "brücke-2"
 
 
 def test_reload_refuses_what_the_start_would(daemon):
@@ -492,7 +522,8 @@ def test_reload_refuses_what_the_start_would(daemon):
     twenty-fourth session such a file was taken and its reloadable options
     applied)."""
     for section, name, value, why in (("server", "listen_address", "localhost", "server.listen_address 'localhost'"),
-                                      ("xmpp", "components", "gk.example.org=gk", "xmpp.secret is not set")):
+                                      ("xmpp", "components", "gk.example.org=gk", "xmpp.secret is not set"),
+                                      ("matrix", "id", "my bridge", "matrix.id has white space")):
         opts = {k: dict(v) for k, v in daemon.options.items()}
         daemon.options["log"]["level"] = "debug"
         daemon.options.setdefault(section, {})[name] = value

@@ -175,6 +175,33 @@ START_TEST(public_url_is_bounded)
 }
 END_TEST
 
+/* matrix.id of 255 bytes is taken, one more is refused (the registration's
+ * id and the ping's path segment; an INI line cannot hold either, the
+ * environment can). */
+static char long_id[258];
+
+static const char *long_id_env(const char *name)
+{
+	if (strcmp(name, "CAUSEWAY_DATABASE_URL") == 0)
+		return "postgresql://from-env/db";
+	return strcmp(name, "CAUSEWAY_MATRIX_ID") == 0 ? long_id : NULL;
+}
+
+START_TEST(matrix_id_is_bounded)
+{
+	struct cw_config c;
+	cw_errmsg e;
+	memset(long_id, 'a', 255);
+	long_id[255] = '\0';
+	ck_assert_int_eq(cfg_load(&c, NULL, long_id_env, &e), CW_OK);
+	ck_assert_uint_eq(strlen(c.mx_id), 255);
+	cfg_free(&c);
+	strcat(long_id, "a");
+	ck_assert_int_eq(cfg_load(&c, NULL, long_id_env, &e), CW_EINVAL);
+	ck_assert_msg(strstr(e.msg, "matrix.id must be 1 to 255 bytes"), "%s", e.msg);
+}
+END_TEST
+
 START_TEST(missing_file_is_an_error)
 {
 	struct cw_config c;
@@ -355,6 +382,7 @@ int main(void)
 	tcase_add_test(tc, bad_environment_value_names_the_variable);
 	tcase_add_test(tc, public_url_is_bounded);
 	tcase_add_test(tc, missing_file_is_an_error);
+	tcase_add_test(tc, matrix_id_is_bounded);
 	tcase_add_test(tc, env_names_follow_section_and_option);
 	tcase_add_test(tc, table_is_well_formed);
 	tcase_add_test(tc, numbers_take_their_range_and_nothing_past_it);
