@@ -257,23 +257,6 @@ static void reload_admins(PGconn *c, void *arg)
 		LOG_KV(CW_LOG_WARN, "admin token reload failed; the previous tokens stay in force", "detail", e.msg);
 }
 
-static void reload(struct cw_app *app, const char *path)
-{
-	struct cw_config next;
-	cw_errmsg e;
-	if (cfg_load(&next, path, NULL, &e)) {
-		LOG_KV(CW_LOG_ERROR, "reload refused: configuration invalid; keeping the running one", "detail", e.msg);
-		return;
-	}
-	int n = cfg_apply_reload(app->cfg, &next);
-	cfg_free(&next);
-	cw_log_set_level((int)app->cfg->log_level);
-	cw_http_set_access_log(app->http, app->cfg->access_log);
-	char cnt[16];
-	snprintf(cnt, sizeof(cnt), "%d", n);
-	LOG_KV(CW_LOG_INFO, "configuration reloaded", "changed", cnt);
-}
-
 /* The directory in which the start would create a missing key file: there,
  * and writable by this user (--check-config runs as the daemon's user).
  * Until the thirty-first session --check-config passed a key file in a
@@ -298,6 +281,61 @@ static cw_err key_dir_check(const char *file, cw_errmsg *e)
 		return cw_fail(e, CW_EINVAL, "its directory %s is not writable by this user (the start creates the key "
 			       "there): %s", dir, strerror(errno));
 	return CW_OK;
+}
+
+/* What the start reads besides the file, as it would read it: the
+ * migrations of database.schema_dir, and peer.signing_key_file (state,
+ * not configuration: the start creates it when it is missing, so only one
+ * it cannot read, or whose directory it cannot write, is refused).  The
+ * error names the option (until the thirty-fourth session --check-config
+ * left it unnamed).  *migrations (when not NULL): how many were found.
+ * --check-config and a reload (SIGHUP) both ask it. */
+static cw_err start_files_check(const struct cw_config *c, size_t *migrations, cw_errmsg *e)
+{
+	cw_errmsg why;
+	struct migration_set set;
+	if (migration_set_load(&set, c->schema_dir, &why))
+		return cw_fail(e, CW_EINVAL, "database.schema_dir: %s", why.msg);
+	if (migrations)
+		*migrations = set.n;
+	migration_set_free(&set);
+	EVP_PKEY *key = NULL;
+	cw_err krc = httpsig_key_load(c->signing_key_file, &key, &why);
+	EVP_PKEY_free(key);
+	if (krc == CW_ENOTFOUND && key_dir_check(c->signing_key_file, &why))
+		krc = CW_EINVAL;
+	if (krc && krc != CW_ENOTFOUND)
+		return cw_fail(e, CW_EINVAL, "peer.signing_key_file: %s", why.msg);
+	return CW_OK;
+}
+
+/* A file the start would refuse is refused whole, the running
+ * configuration kept: cfg_load's checks, and the start's reading of
+ * database.schema_dir and peer.signing_key_file (start_files_check).  Both
+ * are restart-only, so a usable new value waits for the restart (as every
+ * such option's: cfg_apply_reload says so); an unusable one was taken
+ * until the thirty-sixth session, said "takes effect after a restart",
+ * and the restart then failed. */
+static void reload(struct cw_app *app, const char *path)
+{
+	struct cw_config next;
+	cw_errmsg e;
+	if (cfg_load(&next, path, NULL, &e)) {
+		LOG_KV(CW_LOG_ERROR, "reload refused: configuration invalid; keeping the running one", "detail", e.msg);
+		return;
+	}
+	if (start_files_check(&next, NULL, &e)) {
+		LOG_KV(CW_LOG_ERROR, "reload refused: configuration invalid; keeping the running one", "detail", e.msg);
+		cfg_free(&next);
+		return;
+	}
+	int n = cfg_apply_reload(app->cfg, &next);
+	cfg_free(&next);
+	cw_log_set_level((int)app->cfg->log_level);
+	cw_http_set_access_log(app->http, app->cfg->access_log);
+	char cnt[16];
+	snprintf(cnt, sizeof(cnt), "%d", n);
+	LOG_KV(CW_LOG_INFO, "configuration reloaded", "changed", cnt);
 }
 
 int main(int argc, char **argv)
@@ -356,31 +394,13 @@ int main(int argc, char **argv)
 			fprintf(stderr, "causewayd: %s\n", e.msg);
 			return 1;
 		}
-		struct migration_set set;
-		if (migration_set_load(&set, cfg.schema_dir, &e)) {
-			/* named like every other option's error (until the
-			 * thirty-fourth session the option went unnamed) */
-			fprintf(stderr, "causewayd: database.schema_dir: %s\n", e.msg);
+		size_t n;
+		if (start_files_check(&cfg, &n, &e)) {
+			fprintf(stderr, "causewayd: %s\n", e.msg);
 			cfg_free(&cfg);
 			return 1;
 		}
-		/* The key file is state, not configuration (the start creates
-		 * it when it is missing; cfg_load, hence a reload, leaves it
-		 * alone), but one the start cannot read is refused here too,
-		 * before it is found out after the migrations. */
-		EVP_PKEY *key = NULL;
-		cw_err krc = httpsig_key_load(cfg.signing_key_file, &key, &e);
-		EVP_PKEY_free(key);
-		if (krc == CW_ENOTFOUND && key_dir_check(cfg.signing_key_file, &e))
-			krc = CW_EINVAL;
-		if (krc && krc != CW_ENOTFOUND) {
-			fprintf(stderr, "causewayd: peer.signing_key_file: %s\n", e.msg);
-			migration_set_free(&set);
-			cfg_free(&cfg);
-			return 1;
-		}
-		printf("%s: configuration valid (%zu migrations in %s)\n", check_path, set.n, cfg.schema_dir);
-		migration_set_free(&set);
+		printf("%s: configuration valid (%zu migrations in %s)\n", check_path, n, cfg.schema_dir);
 		cfg_free(&cfg);
 		return 0;
 	}

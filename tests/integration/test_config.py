@@ -2,6 +2,7 @@
 documentation kept in step with the option table."""
 import os
 import re
+import shutil
 import signal
 
 from harness import SCHEMA_DIR, TOP_SRCDIR, run_causewayd
@@ -425,6 +426,54 @@ def test_example_config_is_valid(tmp_path):
         tmp_path, CAUSEWAY_DATABASE_URL="postgresql:///x",
         CAUSEWAY_DATABASE_SCHEMA_DIR=os.path.join(TOP_SRCDIR, "schema")))
     assert r.returncode == 0, r.stderr
+
+
+def test_reload_checks_the_schema_dir_and_the_key_file_as_the_start_would(daemon, tmp_path):
+    """database.schema_dir and peer.signing_key_file take effect at a
+    restart. A SIGHUP with a value there the start would refuse (no such
+    directory, a file that is no key, a key file's directory missing) said
+    "takes effect after a restart", and that restart failed (until the
+    thirty-sixth session): the reload now checks them as --check-config
+    does, and such a file is refused whole, the running configuration
+    kept. A usable new value still waits for the restart, as every
+    restart-only option does, and the key file is not made by a reload."""
+    def sighup():
+        n = len(daemon.records)
+        daemon.signal(signal.SIGHUP)
+        rec = daemon.wait_for(lambda r: r.get("msg", "").startswith(("reload refused", "configuration reloaded")),
+                              start=n)
+        return rec, n
+
+    opts = {k: dict(v) for k, v in daemon.options.items()}
+    garbage = tmp_path / "not-a-key.pem"
+    garbage.write_text("-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n")
+    nowhere = str(tmp_path / "nowhere")
+    for section, name, value, why in (
+            ("database", "schema_dir", nowhere, f"database.schema_dir: schema directory {nowhere}: "),
+            ("peer", "signing_key_file", nowhere + "/signing.key",
+             f"peer.signing_key_file: its directory {nowhere} does not exist"),
+            ("peer", "signing_key_file", str(garbage), f"peer.signing_key_file: {garbage}")):
+        daemon.options["log"]["level"] = "debug"
+        daemon.options[section][name] = value
+        daemon.write_config()
+        rec, n = sighup()
+        assert rec["msg"].startswith("reload refused") and why in rec["detail"], (why, rec)
+        assert not any(r.get("msg") == "option reloaded" for r in daemon.records[n:])
+        daemon.options.clear()
+        daemon.options.update({k: dict(v) for k, v in opts.items()})
+    # Usable new values: the reload goes on, they wait for a restart.
+    schema = tmp_path / "schema"
+    shutil.copytree(daemon.options["database"]["schema_dir"], schema)
+    daemon.options["database"]["schema_dir"] = str(schema)
+    daemon.options["peer"]["signing_key_file"] = str(tmp_path / "new.key")
+    daemon.options["log"]["level"] = "debug"
+    daemon.write_config()
+    rec, n = sighup()
+    assert rec["msg"] == "configuration reloaded" and rec["changed"] == "1", rec
+    later = {r.get("option") for r in daemon.records[n:] if r.get("msg", "").startswith("option changed")}
+    assert later == {"schema_dir", "signing_key_file"}, later
+    assert not (tmp_path / "new.key").exists()
+    assert daemon.get("/healthz").status_code == 200
 
 
 def test_a_malformed_database_url_never_shows_its_password():
