@@ -17,8 +17,8 @@ import pytest
 from harness import ADMIN_TOKEN, TOP_SRCDIR, wait_until
 from peer import push_peers
 from test_peer_auth import read_answer, send_head
-from test_openapi import check_schema, deref, operations, query_400_faults, resolve, route_table, too_large_faults, \
-    walk
+from test_openapi import check_schema, deref, operations, query_400_faults, resolve, route_table, too_large_answers, \
+    too_large_faults, walk
 
 DOC_PATH = os.path.join(TOP_SRCDIR, "docs", "admin-openapi.json")
 SELF = "/admin/v1/openapi.json"
@@ -484,9 +484,19 @@ def test_document_lists_exactly_the_admin_routes(doc):
     # Every authenticated route answers 400 invalid_query (the tests above):
     # seventeen operations did not say so until the twenty-first session.
     assert not query_400_faults(doc, lambda m, p: routes[(m, p)] != "CW_AUTH_NONE")
-    # Every route with a body answers 413 too_large to one past
-    # server.max_body_bytes: none said so until the thirty-second session.
+    # Every route answers 413 too_large to a body past
+    # server.max_body_bytes: none with a body said so until the
+    # thirty-second session, none without one until the thirty-sixth.
     assert not too_large_faults(doc)
+
+
+def test_a_body_past_the_cap_is_a_documented_413_on_every_admin_operation(daemon, doc):
+    """GET /admin/v1/rules with a body past server.max_body_bytes is 413
+    too_large as POST /admin/v1/rules is, before the token is read; the
+    document lists it for every operation (until the thirty-sixth session
+    for those with a body alone)."""
+    faults, asked = too_large_answers(daemon, doc)
+    assert not faults and asked == len(list(operations(doc))) and asked >= 37, faults
 
 
 def test_daemon_serves_the_document_and_answers_match_it(daemon, doc):
