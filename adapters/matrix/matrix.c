@@ -667,6 +667,11 @@ static bool bot_wants(const struct txn *t, json_t *ev)
 	}
 	if (strcmp(type, "m.room.encryption") == 0)
 		return json_object_get(t->rooms, room) != NULL;
+	/* A bridged room its user upgraded: the bot gives it up (mx_bot.c,
+	 * upgraded). */
+	if (strcmp(type, "m.room.tombstone") == 0)
+		return json_object_get(t->rooms, room) != NULL &&
+		       json_is_string(json_object_get(ev, "state_key"));
 	if (strcmp(type, "m.room.message") == 0) {
 		const char *owner = json_string_value(json_object_get(t->mgmt, room));
 		return owner && strcmp(owner, sender) == 0;
@@ -701,7 +706,7 @@ static cw_err txn_bot_send(PGconn *c, struct txn *t, cw_errmsg *e)
 		"    AND (EXISTS (SELECT 1 FROM room_bindings b WHERE b.network = 'matrix' AND b.native_id = x->>'room_id') "
 		"     OR EXISTS (SELECT 1 FROM matrix_mgmt_rooms mm WHERE mm.room_id = x->>'room_id' "
 		"      AND mm.user_id = x->>'state_key'))))) "
-		"  OR (x->>'type' = 'm.room.encryption' AND EXISTS (SELECT 1 FROM room_bindings b "
+		"  OR (x->>'type' IN ('m.room.encryption', 'm.room.tombstone') AND EXISTS (SELECT 1 FROM room_bindings b "
 		"   WHERE b.network = 'matrix' AND b.native_id = x->>'room_id')) "
 		"  OR (x->>'type' = 'm.room.message' AND EXISTS (SELECT 1 FROM matrix_mgmt_rooms m "
 		"   WHERE m.room_id = x->>'room_id' AND m.user_id = x->>'sender'))) "
@@ -1374,7 +1379,7 @@ static struct txn *txn_new(struct cw_app *app, const char *txn_id, const unsigne
 			continue;
 		}
 		if (strcmp(type, "m.room.member") == 0 || strcmp(type, "m.room.message") == 0 ||
-		    strcmp(type, "m.room.encryption") == 0)
+		    strcmp(type, "m.room.encryption") == 0 || strcmp(type, "m.room.tombstone") == 0)
 			json_array_append(t->bot, ev);
 		json_array_append(t->events, ev);
 	}

@@ -1458,6 +1458,43 @@ static void ghost_removed(PGconn *c, const char *room, const char *ghost)
 	PQclear(r);
 }
 
+/* A bridged direct room its user upgraded (an m.room.tombstone, sent by
+ * one of this provider's users: POST /rooms/{id}/upgrade).  The homeserver
+ * makes the new room with nobody in it but the upgrader (the specification
+ * has it invite nobody), and clients hide the old room from then on: left
+ * bound, the remote user's messages went on into a room the user no longer
+ * sees, and what she wrote in the new one reached nobody (until the
+ * thirty-sixth session).  The room is given up as after her leave: the
+ * binding goes, the ghost leaves, and the remote user's next message opens
+ * a new direct room with a new invite; a client that invites the ghost
+ * into the new room (Element does) has it bound at the ghost's join
+ * (ghost_joins).  A group's portal (no remote user in its binding) is left
+ * as it is: giving it up would take the user out of the group. */
+static void upgraded(struct matrix *m, PGconn *c, const char *room)
+{
+	const char *params[] = { room };
+	PGresult *r = PQexecParams(c,
+		"WITH b AS (DELETE FROM room_bindings b WHERE b.network = 'matrix' AND b.native_id = $1 "
+		" AND b.remote_identity_id IS NOT NULL RETURNING b.remote_identity_id) "
+		"SELECT ib.native_id FROM b JOIN identity_bindings ib ON ib.identity_id = b.remote_identity_id "
+		" AND ib.network = 'matrix'",
+		1, NULL, params, NULL, NULL, 0);
+	cw_errmsg e;
+	if (store_check(c, r, PGRES_TUPLES_OK, &e)) {
+		LOG_KV(CW_LOG_WARN, "cannot unbind an upgraded room", "room", room, "detail", e.msg);
+		return;
+	}
+	for (int k = 0; k < PQntuples(r); k++) {
+		if (mx_room_action(m, room, PQgetvalue(r, k, 0), "leave", &e))
+			LOG_KV_LIMITED(CW_LOG_WARN, "a ghost cannot leave an upgraded room", "room", room, "detail",
+				       e.msg);
+	}
+	if (PQntuples(r) > 0)
+		LOG_KV_LIMITED(CW_LOG_INFO, "a bridged direct room was upgraded: the next message opens a new one",
+			       "room", room);
+	PQclear(r);
+}
+
 /* An inbox row whose work the homeserver did not take for now: due
  * again after 2 s, 4 s, ... at most BOT_RETRY_MAX_S; after BOT_TRIES
  * tries it goes (false). */
@@ -1529,6 +1566,8 @@ static bool inbox(struct matrix *m, PGconn *c)
 		}
 		else if (type && room && strcmp(type, "m.room.encryption") == 0)
 			encrypted(m, c, room, eid);
+		else if (type && room && strcmp(type, "m.room.tombstone") == 0)
+			upgraded(m, c, room);
 		else if (type && room && sender && strcmp(type, "m.room.message") == 0 &&
 			 json_is_string(json_object_get(content, "body"))) {
 			unsigned char h[32];

@@ -656,6 +656,7 @@ class Homeserver:
             ("POST", c3 + "/rooms/" + seg + "/leave", self._h_leave, "user"),
             ("POST", c3 + "/rooms/" + seg + "/kick", self._h_kick, "user"),
             ("POST", c3 + "/rooms/" + seg + "/ban", self._h_ban, "user"),
+            ("POST", c3 + "/rooms/" + seg + "/upgrade", self._h_upgrade, "user"),
             ("PUT", c3 + "/rooms/" + seg + "/send/" + seg + "/" + seg, self._h_send, "user"),
             ("GET", c3 + "/rooms/" + seg + "/state", self._h_state_all, "user"),
             ("GET", c3 + "/rooms/" + seg + "/state/" + seg + "(?:/([^/]*))?", self._h_state_get, "user"),
@@ -1581,6 +1582,54 @@ class Homeserver:
             self._membership(room, req.user_id, target, "ban", extra={"reason": reason} if reason else None)
             return 200, {}
 
+    def _h_upgrade(self, req, room_id):
+        """POST /rooms/{roomId}/upgrade as the specification's "Server behaviour" says (Synapse's
+        RoomCreationHandler.upgrade_room does the same): the sender must be allowed to send
+        m.room.tombstone; a new room is made with a predecessor in its m.room.create, the transferable
+        state copied (membership is not: nobody is invited, nobody but the sender joins), local aliases
+        moved, the tombstone sent into the old room, and the old room's events_default and invite raised
+        to max(50, users_default + 1)."""
+        version = field(req.body, "new_version", str, required=True)
+        if version not in SUPPORTED_ROOM_VERSIONS:
+            raise MatrixError(400, "M_UNSUPPORTED_ROOM_VERSION", f"Your homeserver does not support {version}")
+        with self._lock:
+            old = self._room(room_id, status=403)
+            self._require_joined(old, req.user_id)
+            user = req.user_id
+            if old.user_level(user) < old.event_level("m.room.tombstone", True):
+                raise MatrixError(403, "M_FORBIDDEN", "You don't have permission to upgrade the room")
+            last = old.timeline[-1]["event_id"]
+            room = Room(self._new_room_id(), version, user)
+            self._rooms[room.room_id] = room
+            create = {"room_version": version, "predecessor": {"room_id": room_id, "event_id": last}}
+            if version != "11":
+                create["creator"] = user
+            self._emit(room, user, "m.room.create", create, state_key="")
+            self._emit(room, user, "m.room.member", self._member_content(user, "join"), state_key=user)
+            for t in ("m.room.power_levels", "m.room.join_rules", "m.room.history_visibility",
+                      "m.room.guest_access", "m.room.name", "m.room.topic", "m.room.avatar",
+                      "m.room.encryption", "m.room.server_acl"):
+                ev = old.state.get((t, ""))
+                if ev is not None:
+                    self._emit(room, user, t, copy.deepcopy(ev["content"]), state_key="")
+            for a in list(old.aliases):
+                self._aliases[a] = (room.room_id, self._aliases[a][1])
+                old.aliases.discard(a)
+                room.aliases.add(a)
+            self._emit(old, user, "m.room.tombstone",
+                       {"body": "This room has been replaced", "replacement_room": room.room_id}, state_key="")
+            pl = copy.deepcopy(old.power_levels())
+            if pl:
+                restricted = max(50, int(pl.get("users_default", 0)) + 1)
+                changed = False
+                for k in ("events_default", "invite"):
+                    if int(pl.get(k, 0)) < restricted:
+                        pl[k] = restricted
+                        changed = True
+                if changed:
+                    self._emit(old, user, "m.room.power_levels", pl, state_key="")
+            return 200, {"replacement_room": room.room_id}
+
     # ------------------------------------------------------------------ directory
     def _h_alias_get(self, req, alias):
         self._optional_auth(req)
@@ -1840,6 +1889,10 @@ class Client:
 
     def create_room(self, **body):
         return self.call("POST", "/_matrix/client/v3/createRoom", body)["room_id"]
+
+    def upgrade(self, room, new_version="10"):
+        return self.call("POST", f"/_matrix/client/v3/rooms/{self.q(room)}/upgrade",
+                         {"new_version": new_version})["replacement_room"]
 
     def create_dm(self, other_user_id, **extra):
         return self.create_room(preset="trusted_private_chat", is_direct=True, invite=[other_user_id], **extra)
