@@ -64,6 +64,10 @@ The choices made where the specification allows several behaviours:
   filters, as Synapse does; members_filters = False answers every member
   event whatever they ask, as Conduit does (its get_member_events_route
   ignores them: the specification makes them filters, not promises).
+- GET /rooms/{id}/messages and /event/{id} give only what the room's
+  history visibility lets the requester read, as Synapse's
+  filter_events_for_client (a page of hidden events is empty, with its
+  end token); until the thirty-sixth session every event was given.
 - Only /v3 client paths (not r0); room version 10 by default (redactions
   carry a top-level `redacts`; version 11 rooms carry it in content too).
   PUT /redact takes its body as the event's content, whole, as Synapse
@@ -1188,9 +1192,33 @@ class Homeserver:
             room = self._room(room_id, status=403)
             self._require_joined(room, req.user_id)
             found = self._events.get(event_id)
-            if found is None or found[0] is not room:
+            if found is None or found[0] is not room or event_id not in self._visible(room, req.user_id):
                 raise MatrixError(404, "M_NOT_FOUND", "Event not found.")
             return 200, self._for_client(found[1])
+
+    HV_ORDER = ("world_readable", "shared", "invited", "joined")  # from the least restrictive
+
+    def _visible(self, room, user_id):
+        """The event ids of room that user_id may read by the room's history visibility, as Synapse's
+        filter_events_for_client decides it (the requester is joined now: no peeking): the visibility and
+        the user's membership in the state before each event (the user's own membership event counts with
+        its new membership; a history visibility event with the more restrictive of the old and the new);
+        joined: visible; world_readable and shared: visible; invited: visible while invited; joined: not.
+        Until the thirty-sixth session every event was given, whatever the visibility."""
+        hv, membership, out = "shared", None, set()
+        for ev in room.timeline:
+            seen_hv, seen_membership = hv, membership
+            if ev["type"] == "m.room.history_visibility" and ev.get("state_key") == "":
+                new = ev["content"].get("history_visibility")
+                new = new if new in self.HV_ORDER else "shared"
+                seen_hv = max(hv, new, key=self.HV_ORDER.index)
+                hv = new
+            if ev["type"] == "m.room.member" and ev.get("state_key") == user_id:
+                membership = seen_membership = ev["content"].get("membership")
+            if seen_membership == "join" or seen_hv in ("world_readable", "shared") or \
+                    (seen_hv == "invited" and seen_membership == "invite"):
+                out.add(ev["event_id"])
+        return out
 
     def _for_client(self, ev):
         out = copy.deepcopy(ev)
@@ -1261,7 +1289,11 @@ class Homeserver:
             else:
                 chunk = room.timeline[pos:pos + limit]
                 end = min(n, pos + limit)
-            answer = {"chunk": [self._for_client(e) for e in chunk], "start": f"t{pos}"}
+            # filtered after the page is taken, as Synapse filters it: a page
+            # of hidden events is empty, with its end token
+            visible = self._visible(room, req.user_id)
+            answer = {"chunk": [self._for_client(e) for e in chunk if e["event_id"] in visible],
+                      "start": f"t{pos}"}
             if chunk:
                 answer["end"] = f"t{end}"
             return 200, answer

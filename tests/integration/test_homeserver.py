@@ -712,3 +712,53 @@ def test_stop_resume_and_reset_of_txn_ids(world):
     hs.wait_for(lambda: e2 in [e["event_id"] for e in hs.pushed_events()])
     assert app.txns()[-1][0] == "1"
     assert [e["event_id"] for e in hs.pushed_events()][-2:] == [e1, e2]
+
+
+def test_history_visibility_filters_what_a_member_reads(world):
+    """/messages and /event give what the room's history visibility lets
+    the requester read (Synapse's filter_events_for_client): `joined`,
+    from her join on; `invited`, from her invitation on; `shared`, all."""
+    hs, _ = world()
+    _, alice = hs.create_user("alice")
+    bob_id, bob = hs.create_user("bob")
+    a, b = hs.as_user(alice), hs.as_user(bob)
+    for visibility, seen in (("joined", ["after"]), ("invited", ["invited", "after"]),
+                             ("shared", ["before", "invited", "after"])):
+        room = a.create_room(preset="private_chat", initial_state=[
+            {"type": "m.room.history_visibility", "state_key": "", "content": {"history_visibility": visibility}}])
+        early = a.send_text(room, "before")
+        a.invite(room, bob_id)
+        a.send_text(room, "invited")
+        b.join(room)
+        a.send_text(room, "after")
+        page = b.call("GET", f"{C3}/rooms/{room}/messages", query={"dir": "b", "limit": "100"})
+        assert [e["content"]["body"] for e in reversed(page["chunk"]) if e["type"] == "m.room.message"] == seen
+        assert "end" in page
+        r = b.request("GET", f"{C3}/rooms/{room}/event/{urllib.parse.quote(early)}")
+        assert (r.status_code == 200) == (visibility == "shared"), (visibility, r.text)
+
+
+def test_an_upgrade_makes_a_new_room_with_nobody_else_in_it(world):
+    """POST /rooms/{id}/upgrade as the specification's server behaviour
+    says: a new room with a predecessor, the transferable state copied,
+    nobody invited; a tombstone in the old room, whose events_default and
+    invite are raised to 50; only who may send a tombstone may upgrade."""
+    hs, _ = world()
+    _, alice = hs.create_user("alice")
+    bob_id, bob = hs.create_user("bob")
+    a, b = hs.as_user(alice), hs.as_user(bob)
+    room = a.create_room(preset="private_chat", name="ours", invite=[bob_id])
+    b.join(room)
+    r = b.request("POST", f"{C3}/rooms/{room}/upgrade", {"new_version": "11"})
+    assert err(r) == (403, "M_FORBIDDEN")
+    assert err(a.request("POST", f"{C3}/rooms/{room}/upgrade", {"new_version": "99"})) == \
+        (400, "M_UNSUPPORTED_ROOM_VERSION")
+    new = a.upgrade(room, "11")
+    assert hs.state(room, "m.room.tombstone")["content"]["replacement_room"] == new
+    assert hs.state(new, "m.room.create")["content"]["predecessor"]["room_id"] == room
+    assert hs.state(new, "m.room.name")["content"]["name"] == "ours"
+    assert hs.members(new) == {"@alice:example.org": "join"}
+    pl = hs.state(room, "m.room.power_levels")["content"]
+    assert pl["events_default"] == 50 and pl["invite"] == 50
+    msg = {"msgtype": "m.text", "body": "x"}
+    assert err(b.request("PUT", f"{C3}/rooms/{room}/send/m.room.message/late", msg)) == (403, "M_FORBIDDEN")

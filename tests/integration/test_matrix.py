@@ -1753,6 +1753,36 @@ def test_what_was_written_before_the_ghost_joined_is_fetched(mx, hs, gk, pg, db_
     assert not any(e["sender"] == ghost and e["type"] == "m.room.message" for e in hs.events(room))
 
 
+@pytest.mark.parametrize("visibility", ["invited", "joined"])
+def test_a_room_read_back_shows_the_ghost_what_its_history_visibility_lets_it(mx, hs, gk, pg, db_url, visibility):
+    """The ghost reads back what the room's history visibility lets it read,
+    as a homeserver filters /messages: from its invitation on in an
+    `invited` room (all of what alice wrote after inviting it), from its
+    join on in a `joined` one (what she wrote before is not found, as
+    docs/matrix.md says; the read-back ends at the empty page). Until the
+    thirty-sixth session the stand-in gave every event whatever the
+    visibility, and neither case was tried against what a homeserver
+    answers."""
+    a, srv = gk
+    a.create_room([a.user("wally"), "mimi://example.org/u/someone"])
+    _, alice_token = hs.create_user("alice")
+    alice = hs.as_user(alice_token)
+    ghost = "@_cw_gk_wally:example.org"
+    hs.stop_pushing()
+    room = alice.create_dm(ghost, initial_state=[{"type": "m.room.history_visibility", "state_key": "",
+                                                  "content": {"history_visibility": visibility}}])
+    alice.send_text(room, "before the ghost joined")
+    hs.resume_pushing()
+    wait_until(lambda: hs.members(room).get(ghost) == "join", what="the ghost joins")
+    wait_until(lambda: any(r["user"] == ghost and r["path"].endswith("/messages") for r in hs.requests),
+               what="the read-back")
+    alice.send_text(room, "and now?")
+    want = (["before the ghost joined"] if visibility == "invited" else []) + ["and now?"]
+    got = srv.wait_events(len(want))
+    time.sleep(1)
+    assert [e["content"]["parts"][0]["body"] for e in srv.events] == want
+
+
 def test_a_number_past_64_bits_in_an_old_room_holds_nothing_back(mx, hs, gk, pg, db_url):
     """Room versions 1 to 5 take any JSON number (strict canonical JSON
     came with version 6; until the thirtieth session the stand-in refused
