@@ -1468,11 +1468,27 @@ static void ghost_removed(PGconn *c, const char *room, const char *ghost)
  * binding goes, the ghost leaves, and the remote user's next message opens
  * a new direct room with a new invite; a client that invites the ghost
  * into the new room (Element does) has it bound at the ghost's join
- * (ghost_joins).  A group's portal (no remote user in its binding) is left
- * as it is: giving it up would take the user out of the group. */
+ * (ghost_joins).  A management room upgraded is forgotten as after her
+ * leave (the bot leaves it): left, the consent requests were shown, and
+ * counted shown, in a room her client hides; now they wait for the next
+ * management room she opens (her client inviting the bot into the new
+ * room opens it at once).  A group's portal (no remote user in its
+ * binding) is left as it is: giving it up would take the user out of the
+ * group. */
 static void upgraded(struct matrix *m, PGconn *c, const char *room)
 {
 	const char *params[] = { room };
+	PGresult *mr = PQexecParams(c, "DELETE FROM matrix_mgmt_rooms WHERE room_id = $1 RETURNING 1", 1, NULL, params,
+				    NULL, NULL, 0);
+	bool was_mgmt = PQresultStatus(mr) == PGRES_TUPLES_OK && PQntuples(mr) > 0;
+	PQclear(mr);
+	if (was_mgmt) {
+		cw_errmsg e;
+		if (mx_room_action(m, room, NULL, "leave", &e))
+			LOG_KV_LIMITED(CW_LOG_WARN, "the bot cannot leave an upgraded management room", "room", room,
+				       "detail", e.msg);
+		return;
+	}
 	PGresult *r = PQexecParams(c,
 		"WITH b AS (DELETE FROM room_bindings b WHERE b.network = 'matrix' AND b.native_id = $1 "
 		" AND b.remote_identity_id IS NOT NULL RETURNING b.remote_identity_id) "

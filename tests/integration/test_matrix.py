@@ -4812,3 +4812,17 @@ def test_a_direct_room_upgraded_with_the_ghost_invited_goes_on_in_the_new_room(m
     wait_until(lambda: _messages(hs, new, ghost) == ["here too"], what="wally's message in the new room")
     assert "here too" not in _messages(hs, mx_room, ghost)
     assert hs.members(mx_room).get(ghost) == "leave"
+
+
+def test_an_upgraded_management_room_is_forgotten_until_the_next(mx, hs, gk, pg, db_url):
+    """A management room alice upgrades is forgotten as after her leave: the
+    bot leaves it, and consent requests wait for the next management room
+    she opens (until the thirty-sixth session they were shown, and counted
+    shown, in the old room her client hides)."""
+    alice, mgmt, said = alice_and_the_bot(hs)
+    bot = "@_cw_bot:example.org"
+    alice.upgrade(mgmt)
+    wait_until(lambda: hs.members(mgmt).get(bot) == "leave", what="the bot leaving the upgraded room")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_mgmt_rooms", db_url) == "0", what="the room forgotten")
+    room2 = alice.create_dm(bot)
+    wait_until(lambda: pg.psql("SELECT room_id FROM matrix_mgmt_rooms", db_url) == room2, what="the next one")
