@@ -606,10 +606,15 @@ static void on_iq(struct xcomp *xc, xmpp_stanza_t *st)
 		return;
 	}
 	bool user = local[0] != '\0';
-	char remote_id[300] = "";
-	/* A localpart that is no escape of a remote id names nobody: an
-	 * unknown recipient, as for a message (RFC 6121 §8.5.1). */
-	if (user && !xj_unescape_local(local, remote_id, sizeof(remote_id)))
+	char remote_id[MIMI_LOCAL_MAX + 1] = "", bare[XJ_JID_MAX + 1];
+	/* A localpart that is no escape of a remote id, or the escape of an
+	 * id the neutral model cannot carry, names nobody: an unknown
+	 * recipient, as for a message (RFC 6121 §8.5.1; xa_remote_user is
+	 * the messages' test).  Until the thirty-sixth session any escape was
+	 * served as a user: disco#info put the id in its identity's name,
+	 * and bytes that are no UTF-8 (\ff) there made the server close the
+	 * component's stream. */
+	if (user && !xa_remote_user(xc, to, remote_id, sizeof(remote_id), bare, sizeof(bare)))
 		return answer_error(xc, st, "cancel", "service-unavailable");
 	if (ns && get && strcmp(ns, NS_DISCO_INFO) == 0)
 		disco_info(xc, st, user, remote_id);

@@ -540,18 +540,42 @@ static void consent_start(struct xconsent *j)
 
 /* ------------------------------------------------------------ presence */
 
+/* A subscribe or probe to a JID of the component that names nobody (no
+ * remote id maps to it; a group's room, which is no contact): answered
+ * `unsubscribed` from that JID, as a server answers for a contact that
+ * does not exist (RFC 6121 §3.1.3, §4.3.2, §8.5.1), or the user's client
+ * shows the request pending for ever (it did until the thirty-sixth
+ * session).  Told by the JID's text alone: it says nothing of anyone. */
+static void to_nobody(struct xcomp *xc, const char *to, const char *user_bare, const char *type)
+{
+	size_t n = strcspn(to, "/"); /* the contact's bare JID (§3.1.3 takes a full one as its bare) */
+	char jid[XJ_JID_MAX + 1];
+	if (!type || (strcmp(type, "subscribe") != 0 && strcmp(type, "probe") != 0) || n >= sizeof(jid))
+		return; /* the other types: silently ignored (§8.5.1) */
+	memcpy(jid, to, n);
+	jid[n] = '\0';
+	presence_to(xc, true, jid, user_bare, "unsubscribed", NULL, NULL);
+}
+
+static bool subscribe_or_probe(const char *type)
+{
+	return type && (strcmp(type, "subscribe") == 0 || strcmp(type, "probe") == 0);
+}
+
 void xa_presence(struct xcomp *xc, xmpp_stanza_t *st)
 {
 	const char *type = xmpp_stanza_get_type(st), *from = xmpp_stanza_get_from(st), *to = xmpp_stanza_get_to(st);
 	char bare[1100], local[MIMI_LOCAL_MAX + 1];
 	if (type && strcmp(type, "error") == 0)
 		return;
-	if (to[0] == '#')
+	if (to[0] == '#' && !subscribe_or_probe(type))
 		return xa_muc_presence(xc, st); /* a group chat's room */
 	if (!xa_local_user(xc->x, from, bare, sizeof(bare), local, sizeof(local)))
 		return; /* presence of strangers is not answered */
-	if (strcmp(to, xc->domain) == 0) {
-		/* the gateway itself as a contact */
+	size_t to_bare = strcspn(to, "/");
+	if (to_bare == strlen(xc->domain) && strncmp(to, xc->domain, to_bare) == 0) {
+		/* the gateway itself as a contact (a full JID of it taken as
+		 * its bare one, RFC 6121 §3.1.3: not nobody, to_nobody) */
 		if (type && strcmp(type, "subscribe") == 0)
 			presence_to(xc, true, xc->domain, bare, "subscribed", NULL, NULL);
 		if (type && (strcmp(type, "subscribe") == 0 || strcmp(type, "probe") == 0))
@@ -565,6 +589,7 @@ void xa_presence(struct xcomp *xc, xmpp_stanza_t *st)
 		return;
 	if (!xa_remote_user(xc, to, j->remote_id, sizeof(j->remote_id), j->remote_jid, sizeof(j->remote_jid))) {
 		free(j);
+		to_nobody(xc, to, bare, type); /* before the limit: nothing is written */
 		return;
 	}
 	if (type && strcmp(type, "unsubscribe") == 0) {

@@ -1013,7 +1013,7 @@ void xa_muc_presence(struct xcomp *xc, xmpp_stanza_t *st)
 		return;
 	}
 	if (type)
-		return; /* subscriptions and probes of a room: not answered */
+		return; /* the subscription decisions of a room: not answered (a subscribe or probe: xa_presence) */
 	if (!nick[0]) { /* XEP-0045 §7.2.1: a join names a nick */
 		xmpp_stanza_t *err = xa_error_reply(st, "modify", "jid-malformed", NULL);
 		if (err)

@@ -911,6 +911,128 @@ def test_wrong_addresses_get_the_errors_their_specifications_name(xd, gk, alice,
     assert err.error_condition == "service-unavailable", err.xml
 
 
+# Localparts of the component's domain that name nobody: no escape of a
+# remote id, or the escape of an id the neutral model cannot carry.
+NOBODY = [
+    pytest.param(r"\61lice", id="escape-of-a-plain-byte"),
+    pytest.param(r"a\20b", id="space"),
+    pytest.param(r"\ff", id="not-utf8"),
+    pytest.param(r"\ed\a0\80", id="surrogate"),
+    pytest.param(r"\c3\a9", id="non-ascii"),
+    pytest.param("a" * 256, id="over-long"),
+]
+
+STORED_TABLES = ("identities", "identity_bindings", "rooms", "room_bindings", "room_members", "events",
+                 "event_native_ids", "outbox", "consents", "consent_requests", "audit_log", "reports",
+                 "xmpp_roster_sync")
+
+
+def stanzas_out(d):
+    """The stanzas the component wrote to its stream so far."""
+    return int(re.search(r'causeway_xmpp_stanzas_total\{component="%s",kind="out"\} (\d+)' % re.escape(COMP),
+                         d.get("/metrics").text).group(1))
+
+
+def stored_counts(pg, db_url):
+    """The row counts of the tables a stanza could write to."""
+    return pg.psql("SELECT " + " || ' ' || ".join(f"(SELECT count(*) FROM {t})" for t in STORED_TABLES), db_url)
+
+
+@pytest.mark.parametrize("local", NOBODY + [pytest.param("#" + "r" * 12, id="group"),
+                                           pytest.param("#" + "a" * 300, id="no-group")])
+def test_presence_to_a_jid_that_names_nobody(xd, gk, alice, pg, db_url, local):
+    """A subscribe (adding the JID to the roster) or a probe to a JID of the
+    component that names nobody (no remote id maps to it; a group's room,
+    which is no contact, or a name no group can have) is answered
+    `unsubscribed`, as RFC 6121 §3.1.3 and §8.5.1 have a server
+    answer for a contact that does not exist: the user's client no longer
+    shows a request pending for ever. The other presence types are let go
+    (§8.5.1: silently ignored). Nothing is stored. Until the thirty-sixth
+    session a subscribe or probe got no answer."""
+    jid = f"{local}@{COMP}"
+    before = stored_counts(pg, db_url)
+    start = alice.count()
+    alice.send_presence(jid, "subscribe")
+    alice.wait_for_presence(lambda el: el.get("from", "").split("/")[0] == jid and el.get("type") == "unsubscribed",
+                            start=start)
+    alice.ping(COMP)  # answered after anything the component wrote before it
+    assert presence_types(alice, jid, start) == ["unsubscribed"]
+    # The probe's `unsubscribed` only tidies a roster item of hers (there
+    # is none now: her server keeps it from her clients), so it is counted
+    # where it leaves: it and the ping's result.
+    out = stanzas_out(xd)
+    alice.send_presence(jid, "probe")
+    alice.ping(COMP)
+    assert stanzas_out(xd) == out + 2
+    start = alice.count()
+    out = stanzas_out(xd)
+    # (an available presence to a group's JID is a join, tested with the groups)
+    for ptype in ("subscribed", "unsubscribe", "unsubscribed") + ((None, "unavailable") if local[0] != "#" else ()):
+        alice.send_presence(jid, ptype)
+    alice.ping(COMP)
+    assert stanzas_out(xd) == out + 1  # the ping's result alone
+    assert presence_types(alice, jid, start) == []
+    assert not [el for el in alice.stanzas()[start:] if el.get("type") == "error"]
+    assert stored_counts(pg, db_url) == before
+
+
+@pytest.mark.parametrize("local", NOBODY)
+def test_iq_and_message_to_a_jid_that_names_nobody(xd, gk, alice, pg, db_url, local):
+    """An iq get or set (RFC 6120 §8.2.3: always answered) and a message to
+    a JID of the component that names nobody get `service-unavailable`, as
+    for an unknown recipient (RFC 6121 §8.5.1), whatever they ask; the
+    component's stream stays up and nothing is stored. Until the
+    thirty-sixth session a localpart that unescaped to an id the neutral
+    model cannot carry was served as a user: disco#info named it (bytes
+    that are not UTF-8 in an attribute, which closed the component's
+    stream), and a vCard was looked up for it."""
+    jid = f"{local}@{COMP}"
+    since = component_state(xd)["connected_since_ms"]
+    before = stored_counts(pg, db_url)
+    for itype, payload in (("get", "<query xmlns='http://jabber.org/protocol/disco#info'/>"),
+                           ("get", "<query xmlns='http://jabber.org/protocol/disco#items'/>"),
+                           ("get", "<ping xmlns='urn:xmpp:ping'/>"),
+                           ("get", "<vCard xmlns='vcard-temp'/>"),
+                           ("get", "<pubsub xmlns='http://jabber.org/protocol/pubsub'>"
+                                   "<items node='urn:xmpp:avatar:metadata'/></pubsub>"),
+                           ("set", "<query xmlns='jabber:iq:gateway'><prompt>x</prompt></query>"),
+                           ("get", "<query xmlns='urn:example:unknown'/>")):
+        err = alice.iq(itype, jid, payload, expect_error=True)
+        assert err.error_condition == "service-unavailable", (payload, err.xml)
+    for mtype in ("chat", "normal", "groupchat", "headline"):
+        alice.send_message(jid, "hello?", mtype=mtype, id=f"nb-{mtype}")
+        err = alice.wait_for_message(lambda el: el.get("id") == f"nb-{mtype}" and el.get("type") == "error")
+        assert err.error_condition == "service-unavailable", (mtype, err.xml)
+    assert alice.ping(COMP)
+    st = component_state(xd)
+    assert st["state"] == "up" and st["connected_since_ms"] == since, st
+    assert stored_counts(pg, db_url) == before
+
+
+def test_a_subscribe_to_a_full_jid_of_the_component_is_to_the_component(xd, alice):
+    """A subscribe to a full JID is taken as one to its bare JID (RFC 6121
+    §3.1.3): to the component's domain with a resource it is the gateway
+    itself as a contact, answered `subscribed` from its domain (not
+    `unsubscribed`, as to a JID that names nobody)."""
+    start = alice.count()
+    alice.send_presence(COMP + "/x", "subscribe")
+    alice.wait_for_presence(lambda el: el.get("from") == COMP and el.get("type") == "subscribed", start=start)
+    alice.ping(COMP)
+    assert "unsubscribed" not in presence_types(alice, COMP, start)
+
+
+def test_an_upper_case_localpart_is_the_contact_its_server_folds_it_to(xd, gk, alice, pg, db_url):
+    """The user's server folds a localpart to lower case (RFC 7622), so
+    `WALLY@<component>` reaches the component as wally's JID: the same
+    answers as to wally, from wally's JID."""
+    start = alice.count()
+    alice.send_presence("WALLY@" + COMP, "subscribe")
+    alice.wait_for_presence(lambda el: el.get("from", "").split("/")[0] == WALLY_JID
+                            and el.get("type") == "subscribed", start=start)
+    info = alice.iq("get", "WALLY@" + COMP, "<query xmlns='http://jabber.org/protocol/disco#info'/>")
+    assert info.get("from") == WALLY_JID, info.xml
+
+
 def test_a_rooms_configuration_is_for_its_occupants_only(xd, gk, alice, prosody):
     """muc#owner (XEP-0045 §10): an occupant (the creator of an instant
     room is one) gets the room's empty configuration and may submit it; a
