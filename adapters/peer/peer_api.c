@@ -1723,11 +1723,14 @@ struct submit *submit_new(size_t n)
  * member and, in a group, when they last wrote to members new to them
  * (room_members.wrote_at: the policy's recipient_wrote_here).  An item's
  * row also says when the message it replaces expires (0: it has expired,
- * events.expired; NULL: never). */
+ * events.expired; NULL: never), and, for an edit or a reaction (chk: the
+ * id it names, content.replaces or content.in_reply_to; absent for every
+ * other item, which pays nothing for it), whether that message was
+ * deleted (a stored delete names it: events_replaces_idx). */
 #define READ_ITEMS(ROOM_COND) \
 	"WITH items AS (SELECT * FROM json_to_recordset($1::json) " \
 	"  AS x(n int, room text, key text, reply text, replaces text, scope text, snd text, net text, dom text, " \
-	"  win bigint)), " \
+	"  win bigint, chk text)), " \
 	"rm AS (SELECT it.room, it.scope, r.id, r.uri, r.kind FROM (SELECT DISTINCT room, scope FROM items) AS it " \
 	"  LEFT JOIN LATERAL (SELECT id, uri, kind FROM rooms WHERE " ROOM_COND " LIMIT 1) r ON true) " \
 	"SELECT it.n, rm.id, NULL::bigint, NULL, NULL::boolean, NULL, NULL::bigint, NULL, NULL, " \
@@ -1743,7 +1746,9 @@ struct submit *submit_new(size_t n)
 	" CASE WHEN it.replaces <> '' THEN (SELECT e.type FROM events e WHERE e.public_id = it.replaces) END, " \
 	" k.room_id, " \
 	" CASE WHEN it.replaces <> '' THEN (SELECT CASE WHEN e.expired THEN 0 ELSE event_expires(e.content) END " \
-	"  FROM events e WHERE e.public_id = it.replaces) END " \
+	"  FROM events e WHERE e.public_id = it.replaces) END, " \
+	" CASE WHEN it.chk <> '' THEN EXISTS (SELECT 1 FROM events t JOIN events d ON d.replaces_id = t.id " \
+	"  WHERE t.public_id = it.chk AND d.type = 'delete') END " \
 	"FROM items it JOIN rm ON rm.room = it.room AND rm.scope IS NOT DISTINCT FROM it.scope " \
 	" LEFT JOIN LATERAL (SELECT coalesce(request_hash, ''::bytea) AS request_hash, public_id, room_id, " \
 	"  (extract(epoch FROM accepted_at) * 1000)::bigint AS ms FROM events " \
@@ -1752,7 +1757,7 @@ struct submit *submit_new(size_t n)
 	"SELECT -1, rm.id, mem.id, mem.uri, mem.is_local, mem.network, mem.peer_id, mem.name, mem.domain, " \
 	" mem.joined, NULL, (extract(epoch FROM mem.updated_at) * 1000)::bigint, NULL, NULL, NULL, NULL, mem.mode, " \
 	" CASE WHEN rm.kind = 'group' THEN coalesce(((extract(epoch FROM mem.wrote_at) * 1000)::bigint)::text, '') END, " \
-	" NULL::bigint, NULL::bigint " \
+	" NULL::bigint, NULL::bigint, NULL::boolean " \
 	"FROM (SELECT DISTINCT id, kind FROM rm WHERE id IS NOT NULL) rm " \
 	" JOIN LATERAL (SELECT i.id, i.uri, i.is_local, i.network, i.peer_id, p.name, i.domain, p.mode, m.updated_at, m.wrote_at, " \
 	"  CASE WHEN m.membership = 'joined' THEN 't' ELSE 'f' END AS joined " \
@@ -1769,7 +1774,7 @@ struct submit *submit_new(size_t n)
 	" CASE WHEN EXISTS (SELECT 1 FROM consent_requests q JOIN identities s ON s.id = q.remote_identity_id " \
 	"  WHERE q.local_identity_id = f.id AND s.uri = it.snd " \
 	"  AND " CONSENT_REQUEST_STANDS_SQL("q", "it.win") ") THEN 't' ELSE 'f' END, " \
-	" NULL::bigint, NULL::bigint " \
+	" NULL::bigint, NULL::bigint, NULL::boolean " \
 	"FROM (SELECT DISTINCT room, scope, snd, net, dom, win FROM items WHERE snd IS NOT NULL) it " \
 	" JOIN rm ON rm.room = it.room AND rm.scope IS NOT DISTINCT FROM it.scope AND rm.id IS NOT NULL " \
 	" JOIN LATERAL (SELECT i.id, i.uri FROM room_members m JOIN identities i ON i.id = m.identity_id " \
@@ -2132,6 +2137,31 @@ static cw_err ref_json(struct cw_buf *doc, const struct submit *b, const char *r
  * (submit_decide in round 0, items_recv in round 1). */
 #define NOT_MEMBER_DETAIL "the sender is not a member of this room"
 
+/* The message an item may not name once it was deleted (since the
+ * thirty-sixth session, a review's finding: an edit after the delete was
+ * taken and pushed, and brought the deleted text back wherever edits are
+ * applied): an edit's (content.replaces) and a reaction's
+ * (content.in_reply_to); "" for any other item.  A reply to a deleted
+ * message is taken, as Matrix and XMPP take one to a redacted or
+ * retracted message (their clients show "message deleted"), and so are a
+ * receipt of it and another delete of it (they bring nothing back). */
+static const char *deleted_target(const struct msg_input *in)
+{
+	if (strcmp(in->type, "edit") == 0)
+		return in->replaces;
+	if (strcmp(in->type, "reaction") == 0)
+		return in->in_reply_to;
+	return "";
+}
+
+/* Why an item naming a deleted message (deleted_target) is refused (400
+ * invalid_body, alone or as a batch's item). */
+static const char *deleted_why(const struct msg_input *in)
+{
+	return strcmp(in->type, "edit") == 0 ? "content.replaces names a message that was deleted"
+					     : "content.in_reply_to names a message that was deleted";
+}
+
 /* A job with items in groups: the locks of the rooms of every item it
  * writes (direct ones too: the write's lk takes them all, in id order, and
  * this keeps that order), in a statement before the write (see GROUP_JM).
@@ -2188,6 +2218,8 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 				     cw_buf_add(&doc, ",\"reply\":", 9) || add_json_string(&doc, in->in_reply_to) ||
 				     cw_buf_add(&doc, ",\"replaces\":", 12) || add_json_string(&doc, in->replaces) ||
 				     cw_buf_add(&doc, ",\"scope\":", 9) || add_json_string(&doc, in->scope) ||
+				     (deleted_target(in)[0] &&
+				      (cw_buf_add(&doc, ",\"chk\":", 7) || add_json_string(&doc, deleted_target(in)))) ||
 				     (!in->local_sender &&
 				      (cw_buf_add(&doc, ",\"snd\":", 7) || add_json_string(&doc, in->sender) ||
 				       cw_buf_add(&doc, ",\"net\":", 7) || add_json_string(&doc, in->sender_network) ||
@@ -2310,25 +2342,48 @@ static const char *replaces_refused(const char *type, const char *target)
 					   "not an edit or another event";
 }
 
+/* Whether an item before i, to be written, deletes the message item i
+ * may not name once deleted (deleted_target): an edit or a reaction after
+ * the delete in the same job is refused as one after a stored delete is,
+ * one before it taken. */
+static bool deleted_in_job(const struct submit *b, size_t i)
+{
+	const char *target = deleted_target(b->items[i]);
+	if (!target[0])
+		return false;
+	for (size_t j = 0; j < i; j++)
+		if (b->items[j] && b->write[j] && strcmp(b->items[j]->type, "delete") == 0 &&
+		    strcmp(b->items[j]->replaces, target) == 0)
+			return true;
+	return false;
+}
+
 /* An item's reference to an earlier item of the job holds if that one is
  * written, in the same room, and (an edit or a delete) by the same
- * sender; else the item fails as one naming an unknown message does. */
+ * sender; else the item fails as one naming an unknown message does.  An
+ * edit or a reaction naming a message an earlier item deletes fails too
+ * (deleted_in_job).  In the items' order, so that what an item names is
+ * decided for good before it (a delete refused here deletes nothing). */
 static void intra_refs(struct submit *b)
 {
 	for (size_t i = 0; i < b->n; i++) {
-		if (!b->items[i] || !b->write[i] || (b->reply_id[i][0] != '#' && b->replaces_id[i][0] != '#'))
+		if (!b->items[i] || !b->write[i])
 			continue;
-		size_t rj = b->reply_id[i][0] == '#' ? strtoul(b->reply_id[i] + 1, NULL, 10) : i;
-		size_t xj = b->replaces_id[i][0] == '#' ? strtoul(b->replaces_id[i] + 1, NULL, 10) : i;
 		const char *why = NULL;
-		if (rj != i && (!b->write[rj] || strcmp(b->room_id[rj], b->room_id[i]) != 0))
-			why = "content.in_reply_to names no message of this room";
-		else if (xj != i && (!b->write[xj] || strcmp(b->room_id[xj], b->room_id[i]) != 0))
-			why = "content.replaces names no message of this room";
-		else if (xj != i && strcmp(b->items[xj]->sender, b->items[i]->sender) != 0)
-			why = SUBMIT_WHY_NOT_SENDERS;
-		else if (xj != i)
-			why = replaces_refused(b->items[i]->type, b->items[xj]->type);
+		if (b->reply_id[i][0] == '#' || b->replaces_id[i][0] == '#') {
+			size_t rj = b->reply_id[i][0] == '#' ? strtoul(b->reply_id[i] + 1, NULL, 10) : i;
+			size_t xj = b->replaces_id[i][0] == '#' ? strtoul(b->replaces_id[i] + 1, NULL, 10) : i;
+			if (rj != i && (!b->write[rj] || strcmp(b->room_id[rj], b->room_id[i]) != 0))
+				why = "content.in_reply_to names no message of this room";
+			else if (xj != i && (!b->write[xj] || strcmp(b->room_id[xj], b->room_id[i]) != 0))
+				why = "content.replaces names no message of this room";
+			else if (xj != i && strcmp(b->items[xj]->sender, b->items[i]->sender) != 0)
+				why = SUBMIT_WHY_NOT_SENDERS;
+			else if (xj != i)
+				why = replaces_refused(b->items[i]->type, b->items[xj]->type);
+		}
+		if (!why && deleted_in_job(b, i))
+			why = deleted_why(b->items[i]);
 		if (why) {
 			b->write[i] = false;
 			b->wake[i] = 0;
@@ -2455,6 +2510,8 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 		return;
 	}
 	const char *why = in->replaces[0] && !replaces_here ? replaces_refused(in->type, PQgetvalue(r, first, 17)) : NULL;
+	if (!why && !PQgetisnull(r, first, 20) && PQgetvalue(r, first, 20)[0] == 't')
+		why = deleted_why(in); /* a stored delete names what it edits or reacts to */
 	if (why) {
 		item_fail(res, 400, "invalid_body", "%s", why);
 		return;

@@ -54,32 +54,100 @@ def test_a_peer_cannot_forge_membership_events_of_others(daemon, peers, pg, db_u
                    f"WHERE r.public_id = '{gid}' AND e.type = 'membership'", db_url) == "2"
 
 
-@pytest.mark.xfail(strict=True, reason="finding left open (rP, session 36): an edit of a deleted message is "
-                   "taken and delivered")
-def test_an_edit_of_a_deleted_message(daemon, peers):
-    """Probe: a message deleted by its sender, then edited (or reacted to):
-    both are taken (202) and the edit is pushed to the other peer after the
-    delete, so the deleted text comes back wherever an edit is applied."""
+def test_an_edit_of_a_deleted_message(daemon, peers, pg, db_url):
+    """A message deleted by its sender, then edited by her or reacted to by
+    another member: both are refused, 400 invalid_body saying the message
+    was deleted, nothing is stored and nothing is pushed (an edit after
+    the delete brought the deleted text back wherever edits are applied).
+    A reply to it is taken, as Matrix and XMPP take one to a redacted or
+    retracted message (their clients show "message deleted"); so is a
+    retry of an edit made before the delete (the key's first answer).
+    Until the thirty-sixth session the edit and the reaction were taken
+    (202) and the edit pushed after the delete (rP's probe)."""
     (a, sa), (b, sb) = peers
     wally, bob = a.user("wally"), b.user("bob")
     gid = a.create_room([wally, bob], kind="direct").json()["id"]
     m = a.send(gid, wally, "oops").json()["id"]
+    edit = {"type": "edit", "sender": wally,
+            "content": {"replaces": m, "parts": [{"type": "text/plain", "body": "oops, fixed"}]}}
+    assert a.call("POST", f"/v1/rooms/{gid}/messages", edit, idem="ed0").status_code == 202
     d = a.call("POST", f"/v1/rooms/{gid}/messages",
                {"type": "delete", "sender": wally, "content": {"replaces": m}}, idem="del1")
     assert d.status_code == 202, d.text
     ed = a.call("POST", f"/v1/rooms/{gid}/messages",
-                {"type": "edit", "sender": wally,
-                 "content": {"replaces": m, "parts": [{"type": "text/plain", "body": "back again"}]}}, idem="ed1")
-    print("edit after delete:", ed.status_code, ed.text)
+                dict(edit, content={"replaces": m, "parts": [{"type": "text/plain", "body": "back again"}]}),
+                idem="ed1")
     re_ = b.call("POST", f"/v1/rooms/{gid}/messages",
                  {"type": "reaction", "sender": bob,
                   "content": {"in_reply_to": m, "disposition": "reaction",
                               "parts": [{"type": "text/plain", "body": "+"}]}}, idem="re1")
-    print("reaction to deleted:", re_.status_code, re_.text)
-    wait_until(lambda: len([e for e in list(sb.events) if e["type"] in ("delete", "edit")]) >= 2 or
-               ed.status_code != 202, timeout=5, what="edit")
-    print([(e["type"], e["content"]) for e in list(sb.events)])
-    assert ed.status_code == 400, ed.text
+    for r in (ed, re_):
+        assert r.status_code == 400 and r.json()["code"] == "invalid_body", r.text
+        assert "deleted" in r.json()["detail"], r.text
+    assert "content.replaces" in ed.json()["detail"] and "content.in_reply_to" in re_.json()["detail"]
+    # The edit made before the delete, retried: its first answer.
+    again = a.call("POST", f"/v1/rooms/{gid}/messages", edit, idem="ed0")
+    assert again.status_code == 202, again.text
+    reply = b.send(gid, bob, "what did you say?", content={"in_reply_to": m,
+                                                           "parts": [{"type": "text/plain", "body": "what?"}]})
+    assert reply.status_code == 202, reply.text
+    wait_until(lambda: reply.json()["id"] in [e["id"] for e in list(sa.events)], what="bob's reply at gk")
+    sb.wait_events(3)
+    assert [e["type"] for e in list(sb.events)] == ["message", "edit", "delete"], list(sb.events)
+    assert pg.psql("SELECT string_agg(e.type, ',' ORDER BY e.id) FROM events e JOIN rooms r ON r.id = e.room_id "
+                   f"WHERE r.public_id = '{gid}'", db_url) == "message,edit,delete,message"
+
+
+def test_a_delete_and_an_edit_of_one_message_in_one_batch(daemon, peers, pg, db_url):
+    """In one batch, an edit (or a reaction) of a message before its delete
+    is taken and one after it refused, 400 invalid_body as alone; a reply
+    after the delete is taken. A delete refused (another's message) deletes
+    nothing: an edit after it in the batch is taken. Only what was taken
+    is pushed, in the batch's order."""
+    (a, sa), (b, sb) = peers
+    wally, bob = a.user("wally"), b.user("bob")
+    rj = a.create_room([wally, bob], kind="direct").json()
+    m = a.send(rj["id"], wally, "stored").json()["id"]
+    other = a.send(rj["id"], wally, "other").json()["id"]
+
+    def edit(target, text, sender=wally):
+        return {"type": "edit", "sender": sender,
+                "content": {"replaces": target, "parts": [{"type": "text/plain", "body": text}]}}
+
+    def react(target, sender=wally):
+        return {"type": "reaction", "sender": sender,
+                "content": {"in_reply_to": target, "disposition": "reaction",
+                            "parts": [{"type": "text/plain", "body": "+"}]}}
+
+    def delete(target, sender=wally):
+        return {"type": "delete", "sender": sender, "content": {"replaces": target}}
+
+    def reply(target):
+        return {"type": "message", "sender": wally,
+                "content": {"in_reply_to": target, "parts": [{"type": "text/plain", "body": "re"}]}}
+
+    evs = [edit(m, "before"), react(m), delete(m), edit(m, "after"), react(m), reply(m)]
+    r = a.call("POST", "/v1/batch", {"events": [{"idempotency_key": f"bd{i}", "room": rj["uri"], "event": e}
+                                                for i, e in enumerate(evs)]})
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    assert [(x["status"], x.get("code"), x.get("http_status")) for x in res] == \
+        [("accepted", None, None)] * 3 + [("refused", "invalid_body", 400)] * 2 + [("accepted", None, None)], res
+    assert "content.replaces" in res[3]["detail"] and "deleted" in res[3]["detail"], res[3]
+    assert "content.in_reply_to" in res[4]["detail"] and "deleted" in res[4]["detail"], res[4]
+    # bob's delete of wally's message is refused and deletes nothing: his
+    # reaction after it in the batch is taken.
+    r = b.call("POST", "/v1/batch", {"events": [
+        {"idempotency_key": "bx0", "room": rj["uri"], "event": delete(other, bob)},
+        {"idempotency_key": "bx1", "room": rj["uri"], "event": react(other, bob)}]})
+    assert [(x["status"], x.get("code")) for x in r.json()["results"]] == \
+        [("refused", "invalid_body"), ("accepted", None)], r.text
+    wait_until(lambda: r.json()["results"][1]["id"] in [e["id"] for e in list(sa.events)], what="bob's reaction")
+    sb.wait_events(6)
+    assert [e["type"] for e in list(sb.events)] == ["message", "message", "edit", "reaction", "delete", "message"], \
+        list(sb.events)
+    assert pg.psql("SELECT count(*) FROM events e JOIN rooms r ON r.id = e.room_id "
+                   f"WHERE r.public_id = '{rj['id']}'", db_url) == "7"
 
 
 def test_member_adds_are_charged_as_the_peers_messages(daemon, peers, pg, db_url):
@@ -123,3 +191,4 @@ def test_member_adds_are_charged_as_the_peers_messages(daemon, peers, pg, db_url
     assert b.call("POST", f"/v1/rooms/{gid}/members", {"add": [b.user("carol")]}).status_code == 200
     assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'policy.limit' "
                    "AND details->>'type' = 'member_add'", db_url) == "1"
+
