@@ -2458,13 +2458,37 @@ static bool job_started(const struct submit *b, size_t i, const char *sender, co
 	return false;
 }
 
+/* Whether a member row of r (mfirst .. mfirst+nmembers-1) is a joined
+ * user of peer peer_id (peer) or is uri (!peer). */
+static bool joined_member(PGresult *r, int mfirst, int nmembers, bool peer, int64_t peer_id, const char *uri)
+{
+	for (int k = mfirst; k < mfirst + nmembers; k++)
+		if (PQgetvalue(r, k, 9)[0] == 't' &&
+		    (peer ? !PQgetisnull(r, k, 6) && atoll(PQgetvalue(r, k, 6)) == peer_id
+			  : strcmp(PQgetvalue(r, k, 3), uri) == 0))
+			return true;
+	return false;
+}
+
 /* Round 0's answer for item i (row first of r; the members of its room are
  * rows mfirst .. mfirst+nmembers-1): the refusals, or the recipients. */
 static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, int mfirst, int nmembers)
 {
 	struct msg_input *in = b->items[i];
 	struct item_result *res = &b->res[i];
-	if (PQgetisnull(r, first, 1)) {
+	/* A room none of the calling peer's users is joined in is, to that
+	 * peer, one that does not exist (GET /v1/rooms/{room} says the same),
+	 * whatever the item names: the same 404, before its key, references or
+	 * body are looked at.  Until the thirty-sixth session it was 403
+	 * not_allowed, and a reference was checked first: a batch item naming
+	 * a room another peer hosts under a guessable URI told whether it
+	 * exists here, and 400 or 403 whether a message id was of that room.
+	 * A retry of an item stored in this room is still answered as the
+	 * first time (the peer knows the room: its user wrote there). */
+	bool replay_here = !PQgetisnull(r, first, 9) && !PQgetisnull(r, first, 1) &&
+			   strcmp(PQgetvalue(r, first, 18), PQgetvalue(r, first, 1)) == 0;
+	if (PQgetisnull(r, first, 1) ||
+	    (!in->local_sender && !replay_here && !joined_member(r, mfirst, nmembers, true, in->caller_peer, NULL))) {
 		item_fail(res, 404, "unknown_room", "no such room");
 		return;
 	}
@@ -2483,6 +2507,12 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 	}
 	if (in->body_room[0] && strcmp(in->body_room, PQgetvalue(r, first, 14)) != 0) {
 		item_fail(res, 400, "invalid_body", "the room the body names is not the room of the URL");
+		return;
+	}
+	/* The sender a member (a user of a peer with others in the room, a
+	 * local user) before what the item names is looked at. */
+	if (!joined_member(r, mfirst, nmembers, false, 0, in->sender)) {
+		item_fail(res, 403, "not_allowed", NOT_MEMBER_DETAIL);
 		return;
 	}
 	snprintf(b->room_id[i], sizeof(b->room_id[i]), "%s", PQgetvalue(r, first, 1));

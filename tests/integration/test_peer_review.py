@@ -192,3 +192,94 @@ def test_member_adds_are_charged_as_the_peers_messages(daemon, peers, pg, db_url
     assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'policy.limit' "
                    "AND details->>'type' = 'member_add'", db_url) == "1"
 
+
+def test_a_room_the_peer_has_no_member_in_is_answered_as_one_that_does_not_exist(daemon, peers, pg, db_url):
+    """A peer none of whose users is a member of a room (never was, or all
+    left) gets for it, on every route that names a room, the answer a room
+    that does not exist gets, to the byte of its status, code and detail:
+    404 unknown_room, before anything the request refers to is looked at
+    (a message id of the room or of another, an Idempotency-Key used in
+    another room, the room a body names). In a batch, whose items name
+    rooms by URI, the same per item. Until the thirty-sixth session a
+    message to such a room was 403 not_allowed (a batch item naming a room
+    another peer hosts under a guessable URI told whether it exists here),
+    and a reference was checked first (400 or 403 told whether a message id
+    was of that room)."""
+    (a, sa), (b, sb) = peers
+    wally, bob, dave = a.user("wally"), b.user("bob"), "mimi://example.org/u/dave"
+    team = b.call("POST", "/v1/rooms", {"kind": "group", "members": [bob, dave], "uri": "mimi://tg.example/r/team"})
+    assert team.status_code == 201, team.text
+    team = team.json()
+    m_in = b.send(team["id"], bob, "inside").json()["id"]
+    # A group wally was in, until gk took him out.
+    gone = a.create_room([wally, bob, a.user("walt")], kind="group").json()
+    assert a.call("POST", f"/v1/rooms/{gone['id']}/members", {"remove": [wally, a.user("walt")]}).status_code == 200
+    m_gone = b.send(gone["id"], bob, "after they left").json()["id"]
+    own = a.create_room([wally, bob], kind="direct").json()
+    m_own = a.send(own["id"], wally, "mine", idem="reused").json()["id"]
+
+    def msg(**content):
+        return {"type": "message", "sender": wally,
+                "content": dict({"parts": [{"type": "text/plain", "body": "probe"}]}, **content)}
+
+    def cases(rid, m):
+        edit = {"type": "edit", "sender": wally,
+                "content": {"replaces": m, "parts": [{"type": "text/plain", "body": "x"}]}}
+        return [
+            ("GET", f"/v1/rooms/{rid}", None, None),
+            ("PATCH", f"/v1/rooms/{rid}", {"name": "mine now"}, None),
+            ("POST", f"/v1/rooms/{rid}/members", {"add": [wally]}, None),
+            ("POST", f"/v1/rooms/{rid}/members", {"remove": [wally]}, None),
+            ("POST", f"/v1/rooms/{rid}/messages", msg(), "p1"),
+            ("POST", f"/v1/rooms/{rid}/messages", msg(in_reply_to=m), "p2"),
+            ("POST", f"/v1/rooms/{rid}/messages", msg(in_reply_to=m_own), "p3"),
+            ("POST", f"/v1/rooms/{rid}/messages", edit, "p4"),
+            ("POST", f"/v1/rooms/{rid}/messages", dict(msg(), room=own["uri"]), "p5"),
+            ("POST", f"/v1/rooms/{rid}/messages", msg(), "reused"),
+            ("POST", f"/v1/rooms/{rid}/messages", {"type": "delete", "sender": wally, "content": {"replaces": m}},
+             "p6"),
+            ("POST", f"/v1/rooms/{rid}/receipts",
+             {"type": "receipt", "sender": wally, "content": {"receipt": "read", "in_reply_to": m}}, None),
+            ("POST", f"/v1/rooms/{rid}/typing", {"type": "typing", "sender": wally, "content": {"state": "start"}},
+             None),
+        ]
+
+    def answers(rid, m):
+        out = []
+        for method, path, body, idem in cases(rid, m):
+            r = a.call(method, path, body, idem=idem)
+            j = r.json()
+            out.append((method, path.replace(rid, "{room}"), r.status_code, j.get("code"), j.get("detail")))
+        return out
+
+    def batch(uri, m):
+        evs = [c[2] for c in cases("r_x", m) if c[1].endswith("/messages")]
+        keys = [c[3] for c in cases("r_x", m) if c[1].endswith("/messages")]
+        r = a.call("POST", "/v1/batch", {"events": [{"idempotency_key": k, "room": uri, "event": e}
+                                                    for k, e in zip(keys, evs)]})
+        assert r.status_code == 200, r.text
+        return [(x["status"], x.get("code"), x.get("http_status"), x.get("detail")) for x in r.json()["results"]]
+
+    none_id = "r_" + "Q" * (len(team["id"]) - 2)
+    nothing = answers(none_id, m_in)
+    assert {(s, c, d) for _, _, s, c, d in nothing} == {(404, "unknown_room", "no such room")} | \
+        {(404, "unknown_room", "no such group")}, nothing
+    for rid, m in ((team["id"], m_in), (gone["id"], m_gone)):
+        assert answers(rid, m) == nothing
+    nothing_b = batch("mimi://tg.example/r/teams", m_in)
+    # (a body naming another room than its item is refused as malformed,
+    # before any room is looked up)
+    assert set(nothing_b[:4] + nothing_b[5:]) == {("refused", "unknown_room", 404, "no such room")}, nothing_b
+    assert batch(team["uri"], m_in) == nothing_b
+    assert batch(gone["uri"], m_gone) == nothing_b
+    # Nothing was stored, renamed, or changed.
+    assert pg.psql("SELECT count(*) FROM events e JOIN identities s ON s.id = e.sender_id "
+                   f"WHERE s.uri = '{wally}' AND e.id > (SELECT id FROM events WHERE public_id = '{m_own}')",
+                   db_url) == "0"
+    assert b.call("GET", f"/v1/rooms/{team['id']}").json().get("name") is None
+    # A member's own calls still tell what is wrong (403 for a sender of
+    # the peer who is not a member, 400 for a reference elsewhere).
+    r = b.send(team["id"], b.user("nobody"), "hi")
+    assert (r.status_code, r.json()["code"]) == (403, "not_allowed"), r.text
+    r = b.send(team["id"], bob, "re", content={"in_reply_to": m_own, "parts": [{"type": "text/plain", "body": "x"}]})
+    assert (r.status_code, r.json()["code"]) == (400, "invalid_body"), r.text
