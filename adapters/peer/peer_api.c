@@ -1726,7 +1726,12 @@ struct submit *submit_new(size_t n)
  * events.expired; NULL: never), and, for an edit or a reaction (chk: the
  * id it names, content.replaces or content.in_reply_to; absent for every
  * other item, which pays nothing for it), whether that message was
- * deleted (a stored delete names it: events_replaces_idx). */
+ * deleted (a stored delete names it: events_replaces_idx), by a user: the
+ * deletes the expiry sweep makes to take a disappearing message back from
+ * the local networks it reached (origin 'gateway', policy_live.c) are not
+ * counted, or an edit after the expiry, answered 202 as any edit
+ * (late_edit), would tell the peer whether its message reached a local
+ * user. */
 #define READ_ITEMS(ROOM_COND) \
 	"WITH items AS (SELECT * FROM json_to_recordset($1::json) " \
 	"  AS x(n int, room text, key text, reply text, replaces text, scope text, snd text, net text, dom text, " \
@@ -1748,7 +1753,7 @@ struct submit *submit_new(size_t n)
 	" CASE WHEN it.replaces <> '' THEN (SELECT CASE WHEN e.expired THEN 0 ELSE event_expires(e.content) END " \
 	"  FROM events e WHERE e.public_id = it.replaces) END, " \
 	" CASE WHEN it.chk <> '' THEN EXISTS (SELECT 1 FROM events t JOIN events d ON d.replaces_id = t.id " \
-	"  WHERE t.public_id = it.chk AND d.type = 'delete') END " \
+	"  WHERE t.public_id = it.chk AND d.type = 'delete' AND d.origin_network IS DISTINCT FROM 'gateway') END " \
 	"FROM items it JOIN rm ON rm.room = it.room AND rm.scope IS NOT DISTINCT FROM it.scope " \
 	" LEFT JOIN LATERAL (SELECT coalesce(request_hash, ''::bytea) AS request_hash, public_id, room_id, " \
 	"  (extract(epoch FROM accepted_at) * 1000)::bigint AS ms FROM events " \
