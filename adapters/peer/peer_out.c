@@ -305,22 +305,29 @@ static cw_err post_events(struct peer_out *p, const char *url, json_t *events, l
 	CURLcode cc = perform(hh, p->app, stopped);
 	curl_slist_free_all(list);
 	free(text);
-	/* An answer cut off for its size still has its status: a 2xx is the
-	 * peer's acknowledgement, whatever it wrote after it. */
-	bool cut = cc == CURLE_WRITE_ERROR && got > RESPONSE_MAX;
+	/* The status is read whatever became of the transfer after it (0: no
+	 * status line came): a 2xx is the peer's acknowledgement, whatever it
+	 * wrote after it, an answer cut off for its size, one whose body
+	 * stalled until dispatcher.http_timeout_ms or broke off, or one the
+	 * daemon's stop cut short.  Until the thirty-sixth session only the
+	 * first counted so: a peer whose 200 came with a body that never
+	 * ended had each try counted a failure, and its rows, which it had
+	 * taken, were sent again until they were dead letters. */
+	if (curl_easy_getinfo(cu, CURLINFO_RESPONSE_CODE, code) != CURLE_OK)
+		*code = 0;
+	bool acked = *code >= 200 && *code <= 299;
+	if (acked)
+		*stopped = false;
 	/* A 429 or 503 may say when to come back (Retry-After, seconds or a
 	 * date: libcurl reads both): the batch waits at least that long. */
-	if (cc == CURLE_OK || cut) {
-		curl_easy_getinfo(cu, CURLINFO_RESPONSE_CODE, code);
-		if ((*code == 429 || *code == 503) && curl_easy_getinfo(cu, CURLINFO_RETRY_AFTER, wait_s) != CURLE_OK)
-			*wait_s = 0;
-	}
+	if ((*code == 429 || *code == 503) && curl_easy_getinfo(cu, CURLINFO_RETRY_AFTER, wait_s) != CURLE_OK)
+		*wait_s = 0;
 	give_handle(p, hh);
 	if (*stopped)
 		return cw_fail(e, CW_ESHUTDOWN, "%s: cut off, the daemon is stopping", url);
-	if (cc != CURLE_OK && !(cut && *code >= 200 && *code <= 299))
+	if (cc != CURLE_OK && !acked && *code == 0)
 		return cw_fail(e, CW_EUNAVAIL, "%s: %s", url, curl_easy_strerror(cc));
-	if (*code < 200 || *code > 299) {
+	if (!acked) {
 		if (*wait_s > 0)
 			return cw_fail(e, CW_EUNAVAIL, "%s answered %ld (retry after %lld s)", url, *code, (long long)*wait_s);
 		return cw_fail(e, CW_EUNAVAIL, "%s answered %ld", url, *code);
