@@ -524,7 +524,18 @@ cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct ou
 		return CW_EUNAVAIL;
 	}
 	if (PQntuples(r) != 1) {
+		/* Disabled (or no longer in push mode) since the claim read
+		 * it: nothing was tried, so the rows go back untried, the
+		 * attempt not counted, to wait for the peer as a disabled
+		 * peer's rows do (or for its pull).  Until the thirty-sixth
+		 * session the try was counted a failure: a peer disabled
+		 * under a claim had rows at the end of their budget made dead
+		 * letters, and its senders told "not delivered". */
 		PQclear(r);
+		for (size_t i = 0; i < n; i++) {
+			rows[i].outcome = 3;
+			rows[i].retry_after_ms = DB_RETRY_MS;
+		}
 		return cw_fail(e, CW_ENOTFOUND, "peer %s has no push URL (disabled or pull mode)", name);
 	}
 	char url[2200];

@@ -6,7 +6,7 @@ import socket
 import threading
 import time
 
-from harness import wait_until
+from harness import HeldSession, wait_until
 from peer import push_peers
 from test_peer_api import room
 
@@ -140,3 +140,49 @@ def test_a_retry_after_given_as_a_date_is_obeyed(make_daemon, db_url, pg):
         for _, srv in made:
             srv.close()
 
+
+def test_a_peer_disabled_between_the_claim_and_the_push_spends_no_try(make_daemon, db_url, pg):
+    """A peer disabled after a lane claimed its rows and before it pushed
+    them: the rows wait for it untried, as a disabled peer's rows do (no
+    attempt counted, never dead: docs/interop-api.md).  The claim is held
+    between its reading of the push peers and its claim of the rows (its
+    taking back of a run-out claim waits for a row lock), the peer is
+    disabled meanwhile, then the claim goes on."""
+    d = make_daemon(db_url, options={"dispatcher": {"retry_budget": "1"}}).start()
+    (a, _), (b, sb) = made = push_peers(d)
+    held = HeldSession(db_url)
+    try:
+        r0, r1 = room(a, b), room(a, b)
+        m0 = a.send(r0["id"], a.user("alice"), "first").json()["id"]
+        sb.wait_events(1)
+        row = ("(SELECT o.id FROM outbox o JOIN events e ON e.id = o.event_id WHERE e.public_id = '{}' "
+               "AND o.destination = 'peer:tg')")
+        wait_until(lambda: pg.psql(f"SELECT state FROM outbox WHERE id = {row.format(m0)}", db_url) == "delivered",
+                   what="delivered")
+        # a claim that ran out, whose taking back waits for the row's lock
+        held.run(f"UPDATE outbox SET state = 'in_flight', claimed_by = 'gone/0', "
+                 f"claimed_until = now() - interval '1 hour' WHERE id = {row.format(m0)}; "
+                 f"BEGIN; SELECT 1 FROM outbox WHERE id = {row.format(m0)} FOR UPDATE;")
+        wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                   "AND query LIKE '%claimed_until < now()%'", db_url) == "1",
+                   what="a claim waiting")
+        m1 = a.send(r1["id"], a.user("alice"), "second").json()["id"]
+        # due for the claim under way (its now() is its transaction's start)
+        pg.psql(f"UPDATE outbox SET next_attempt_at = now() - interval '1 hour' WHERE id = {row.format(m1)}",
+                db_url)
+        assert d.admin("POST", "/peers/tg/disable").status_code == 200
+        held.run("COMMIT;")
+        q = f"SELECT state || ' ' || attempts FROM outbox WHERE id = {row.format(m1)}"
+        time.sleep(2.0)  # the claim goes on, pushes (or not) and records
+        assert pg.psql(q, db_url) == "pending 0", pg.psql(q, db_url)
+        tries = pg.psql(f"SELECT count(*) FROM delivery_attempts WHERE outbox_id = {row.format(m1)}", db_url)
+        assert tries == "0", tries
+        assert sb.requests == 1, sb.answers
+        # enabled again, it gets it
+        assert d.admin("POST", "/peers/tg/enable").status_code == 200
+        got = sb.wait_events(2, timeout=20)
+        assert got[1]["id"] == m1
+    finally:
+        held.end()
+        for _, srv in made:
+            srv.close()
