@@ -1495,6 +1495,22 @@ static void deliver(struct lane *l, struct outbox_row *rows, size_t n)
 				pause_destination(d, dest, (int64_t)wait * 1000);
 		}
 	}
+	if (per_row && !local) {
+		/* A peer's 429 or 503 met while the events it refuses were
+		 * searched (peer_out's smaller batches) answers for the whole
+		 * peer, as one to the batch does (below): its wait pauses the
+		 * destination, so that the rooms of the next batch are not sent
+		 * into the same refusal.  Until the thirty-sixth session only the
+		 * batch's own rows waited, and the next batch went at once. */
+		long wait = 0;
+		for (size_t x = 0; x < n; x++)
+			if (rows[x].outcome <= 0 && (rows[x].code == 429 || rows[x].code == 503) &&
+			    rows[x].retry_after_ms > wait)
+				wait = rows[x].retry_after_ms;
+		wait = outbox_retry_after_ms(0, wait);
+		if (wait > 0)
+			pause_destination(d, dest, (int64_t)wait * 1000);
+	}
 	atomic_fetch_add(rc == CW_OK ? &d->requests_ok : &d->requests_failed, 1);
 	char count[24], codes[24];
 	snprintf(count, sizeof(count), "%zu", n);

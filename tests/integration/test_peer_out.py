@@ -186,3 +186,29 @@ def test_a_peer_disabled_between_the_claim_and_the_push_spends_no_try(make_daemo
         held.end()
         for _, srv in made:
             srv.close()
+
+
+def test_a_retry_after_met_while_refused_events_are_searched_holds_the_whole_peer(make_daemon, db_url, pg):
+    """A batch the peer refuses (400) is sent again in smaller batches to
+    find the events it will not take; when one of those is answered 503
+    with Retry-After, nothing else is sent to the peer until then, as for
+    a batch answered so at once (docs/interop-api.md): the rooms of the
+    next batch wait too."""
+    d = make_daemon(db_url, options={"dispatcher": {"batch_max": "2", "retry_base_ms": "50",
+                                                   "retry_max_ms": "100"}}).start()
+    (a, _), (b, sb) = made = push_peers(d)
+    try:
+        rooms = [room(a, b) for _ in range(3)]
+        assert d.admin("POST", "/peers/tg/disable").status_code == 200  # the rows wait: batches of 2 later
+        for k, rm in enumerate(rooms):
+            assert a.send(rm["id"], a.user("alice"), f"m{k}").status_code == 202
+        sb.script = [(400, None), (503, 3)]
+        assert d.admin("POST", "/peers/tg/enable").status_code == 200
+        sb.wait_events(3, timeout=30)
+        came = [t for t, _ in sb.answers]
+        assert [st for _, st in sb.answers][:2] == [400, 503], sb.answers
+        # every request after the 503 came once its Retry-After was over
+        assert all(t - came[1] >= 2.9 for t in came[2:]), [(round(t - came[1], 2), st) for t, st in sb.answers]
+    finally:
+        for _, srv in made:
+            srv.close()
