@@ -172,8 +172,12 @@ def test_a_peer_disabled_between_the_claim_and_the_push_spends_no_try(make_daemo
                 db_url)
         assert d.admin("POST", "/peers/tg/disable").status_code == 200
         held.run("COMMIT;")
+        # the claim goes on, pushes (or not) and records: the row is out
+        # of flight, due again from now on (not an hour ago)
         q = f"SELECT state || ' ' || attempts FROM outbox WHERE id = {row.format(m1)}"
-        time.sleep(2.0)  # the claim goes on, pushes (or not) and records
+        wait_until(lambda: pg.psql(f"SELECT state <> 'in_flight' AND next_attempt_at > now() - interval '1 minute' "
+                                   f"FROM outbox WHERE id = {row.format(m1)}", db_url) == "t",
+                   what="the claimed row's outcome")
         assert pg.psql(q, db_url) == "pending 0", pg.psql(q, db_url)
         tries = pg.psql(f"SELECT count(*) FROM delivery_attempts WHERE outbox_id = {row.format(m1)}", db_url)
         assert tries == "0", tries
