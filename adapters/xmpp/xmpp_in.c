@@ -110,6 +110,7 @@ struct xin {
 	int64_t ts;
 	/* one run's */
 	json_t *map;                     /* XMPP id -> msg id */
+	json_t *own;                     /* msg id -> true: the sender's own message */
 	json_t *rx;                      /* msg id -> {key: reaction msg id} */
 	char room_id[24];
 	struct submit *b;
@@ -128,6 +129,7 @@ static void xin_free(struct xin *in)
 	free(in->text);
 	json_decref(in->refs);
 	json_decref(in->map);
+	json_decref(in->own);
 	json_decref(in->rx);
 	if (in->b)
 		submit_free(in->b);
@@ -199,7 +201,9 @@ static cw_err in_lookup_send(PGconn *c, struct xin *in, cw_errmsg *e)
 		"  WHERE uri = $1) ORDER BY n.event_id DESC LIMIT 1))) AS msg "
 		"  FROM jsonb_array_elements_text($11::jsonb) AS x(id)) "
 		"SELECT 'room', (SELECT room_id::text FROM room), (SELECT 't' FROM p), (SELECT 't'::text FROM nb) "
-		"UNION ALL SELECT 'ref', nid, msg, NULL FROM refs WHERE msg IS NOT NULL "
+		/* the 4th column: the message is the sender's own (no receipt is hers to give) */
+		"UNION ALL SELECT 'ref', nid, msg, (SELECT 't'::text FROM events m WHERE m.public_id = refs.msg "
+		"  AND m.sender_id = (SELECT id FROM identities WHERE uri = $1)) FROM refs WHERE msg IS NOT NULL "
 		"UNION ALL SELECT 'rx', t.public_id, r.content->'content'->'parts'->0->>'body', r.public_id FROM refs "
 		"  JOIN events t ON t.public_id = refs.msg JOIN events r ON r.in_reply_to_id = t.id AND r.type = 'reaction' "
 		"  AND r.sender_id = (SELECT id FROM identities WHERE uri = $1) "
@@ -275,6 +279,21 @@ static cw_err in_convert(struct xin *in, bool *any, cw_errmsg *e)
 	}
 	if (res != XM_IN_OK)
 		return CW_OK;
+	/* A receipt or marker is for a message its sender was sent: one that
+	 * names her own message (by her own XMPP id, or its neutral id) would
+	 * tell the others she received or read what she wrote, and is left
+	 * out; until the thirty-sixth session it reached the peer. */
+	for (size_t k = json_array_size(events); k-- > 0;) {
+		json_t *ev = json_array_get(events, k);
+		const char *t = json_string_value(json_object_get(ev, "type"));
+		const char *to = json_string_value(json_object_get(json_object_get(ev, "content"), "in_reply_to"));
+		if (t && strcmp(t, "receipt") == 0 && to && json_object_get(in->own, to))
+			json_array_remove(events, k);
+	}
+	if (!json_array_size(events)) {
+		json_decref(events);
+		return CW_OK; /* nothing to carry, as for a receipt of a message not known */
+	}
 	size_t n = json_array_size(events);
 	in->b = submit_new(n);
 	if (!in->b) {
@@ -365,6 +384,7 @@ static cw_err in_recv(PGconn *c, void *arg, int round, bool *more, cw_errmsg *e)
 			return rc;
 		/* a rerun starts again */
 		json_object_clear(in->map);
+		json_object_clear(in->own);
 		json_object_clear(in->rx);
 		if (in->b) {
 			submit_free(in->b);
@@ -380,8 +400,11 @@ static cw_err in_recv(PGconn *c, void *arg, int round, bool *more, cw_errmsg *e)
 				snprintf(in->room_id, sizeof(in->room_id), "%s", k);
 				in->fresh = !PQgetisnull(r, i, 3);
 			}
-			else if (strcmp(kind, "ref") == 0)
+			else if (strcmp(kind, "ref") == 0) {
 				json_object_set_new(in->map, k, json_string(PQgetvalue(r, i, 2)));
+				if (!PQgetisnull(r, i, 3))
+					json_object_set_new(in->own, PQgetvalue(r, i, 2), json_true());
+			}
 			else if (strcmp(kind, "rx") == 0 && !PQgetisnull(r, i, 2)) {
 				json_t *set = json_object_get(in->rx, k);
 				if (!set)
@@ -865,6 +888,7 @@ void xa_in_message(struct xcomp *xc, xmpp_stanza_t *st)
 	for (size_t i = 0; i < n; i++)
 		json_array_append_new(in->refs, json_string(refs[i]));
 	in->map = json_object();
+	in->own = json_object();
 	in->rx = json_object();
 	in->ts = cw_wall_ms();
 	char *buf = NULL;
@@ -873,7 +897,7 @@ void xa_in_message(struct xcomp *xc, xmpp_stanza_t *st)
 		in->text = strdup(buf);
 		xmpp_free(xc->ctx, buf);
 	}
-	if (!in->text || !in->refs || !in->map || !in->rx || !in_start(in)) {
+	if (!in->text || !in->refs || !in->map || !in->own || !in->rx || !in_start(in)) {
 		refuse_now(xc, st, "wait", "internal-server-error");
 		xin_free(in);
 	}
@@ -903,6 +927,7 @@ void xa_in_leave(struct xcomp *xc, xmpp_stanza_t *iq, enum xa_leave how, const c
 	snprintf(in->base, sizeof(in->base), "x%s", hex);
 	in->refs = json_array();
 	in->map = json_object();
+	in->own = json_object();
 	in->rx = json_object();
 	in->ts = cw_wall_ms();
 	char *buf = NULL;
@@ -911,7 +936,7 @@ void xa_in_leave(struct xcomp *xc, xmpp_stanza_t *iq, enum xa_leave how, const c
 		in->text = strdup(buf);
 		xmpp_free(xmpp_stanza_get_context(iq), buf);
 	}
-	if (!in->text || !in->refs || !in->map || !in->rx || !in_start(in)) {
+	if (!in->text || !in->refs || !in->map || !in->own || !in->rx || !in_start(in)) {
 		xa_enqueue_stanza(xc, xa_error_reply(iq, "wait", "internal-server-error", NULL));
 		xin_free(in);
 	}

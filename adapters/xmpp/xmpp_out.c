@@ -86,7 +86,9 @@ static const char batch_sql[] =
 	/* 29-30: who wrote the target (a reply's "to", XEP-0461 §3): the local
 	 * user (1:1), its writer's nick (a group) */
 	"  tg.sender_id = r.t_id, "
-	"  CASE WHEN rm.kind <> 'group' OR ts.id IS NULL THEN NULL " MUC_NICK("ts", "r.room_id") " "
+	"  CASE WHEN rm.kind <> 'group' OR ts.id IS NULL THEN NULL " MUC_NICK("ts", "r.room_id") ", "
+	/* 31: the target is the event's sender's own (a receipt of it is none) */
+	"  tg.sender_id = r.s_id "
 	"FROM r JOIN rooms rm ON rm.id = r.room_id LEFT JOIN events tg ON tg.id = r.tg_id "
 	"LEFT JOIN identities ts ON ts.id = tg.sender_id "
 	"LEFT JOIN events rt ON rt.id = r.rt_id ORDER BY r.i";
@@ -231,6 +233,8 @@ static bool build_group(struct xmpp *x, struct outbox_row *row, PGresult *r, int
 	const char *rk = json_string_value(json_object_get(json_object_get(row->event, "content"), "receipt"));
 	if (type && strcmp(type, "receipt") == 0 && (!rk || strcmp(rk, "read") != 0))
 		return true; /* XEP-0184 receipts are not for rooms; a read one is a XEP-0333 marker */
+	if (type && strcmp(type, "receipt") == 0 && col(r, k, 31) && PQgetvalue(r, k, 31)[0] == 't')
+		return true; /* a member's marker of her own message says nothing (see build) */
 	json_t *occ = xa_muc_occupants(*xc, room, local_jid);
 	const char *id = json_string_value(json_object_get(row->event, "id"));
 	/* the reaction set not read (memory) is not taken as empty: a removed
@@ -349,6 +353,14 @@ static bool build(struct xmpp *x, struct outbox_row *row, PGresult *r, int k, st
 		json_array_append_new(bind, json_pack("[s, s, s, s, s]", PQgetvalue(r, k, 20), PQgetvalue(r, k, 19),
 						      PQgetvalue(r, k, 18), room, local_jid));
 	}
+	/* A receipt in a chat is for a message the user sent (XEP-0184,
+	 * XEP-0333): one of the contact's own message (or of nothing the
+	 * user wrote) would name a message she never sent, and her client
+	 * could mark another of that id; not sent, as one of a message XMPP
+	 * does not know (until the thirty-sixth session it went out). */
+	const char *etype = json_string_value(json_object_get(row->event, "type"));
+	if (etype && strcmp(etype, "receipt") == 0 && PQgetvalue(r, k, 29)[0] != 't')
+		return true;
 	const char *id = json_string_value(json_object_get(row->event, "id"));
 	char idbuf[40];
 	if (!id) {

@@ -3229,6 +3229,96 @@ def test_a_delivery_receipt_in_a_room_reaches_the_peer_but_not_the_room(xd, gk, 
     assert not [el for el in alice.stanzas()[start:] if el.tag == "{jabber:client}message"]
 
 
+def test_a_receipt_of_her_own_message_is_not_carried(xd, gk, alice, pg, db_url):
+    """XEP-0184 receipts and XEP-0333 markers are for messages their sender
+    was sent. Alice's <received/> or <displayed/> naming her own message
+    (by its XMPP id in a chat, by its stanza-id in a group's room) would
+    tell the peer she received or read what she wrote: it is left out,
+    nothing stored, as a receipt of a message the gateway does not know;
+    her receipts of the contact's messages still go. Until the
+    thirty-sixth session both reached the peer (a review's finding)."""
+    a, srv = gk
+    consent_alice(xd)
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    w1 = a.send(room, a.user("wally"), "hello").json()["id"]
+    message_from(alice, WALLY_JID, lambda el: body(el) == "hello")
+    s1 = alice.send_message(WALLY_JID, "mine")
+    e1 = srv.wait_events(1)[0]
+    start = alice.count()
+    for sid, ref in (("rc1", s1), ("rc2", e1["id"])):
+        alice.send_raw(f"<message to='{WALLY_JID}' type='chat' id='{sid}'><received xmlns='urn:xmpp:receipts' "
+                       f"id='{ref}'/><displayed xmlns='urn:xmpp:chat-markers:0' id='{ref}'/></message>")
+    alice.send_raw(f"<message to='{WALLY_JID}' type='chat' id='rc3'><displayed xmlns='urn:xmpp:chat-markers:0' "
+                   f"id='{s1}'/><displayed xmlns='urn:xmpp:chat-markers:0' id='{w1}'/></message>")
+    got = srv.wait_events(2)
+    assert got[1]["type"] == "receipt" and got[1]["content"] == {"receipt": "read", "in_reply_to": w1}, got
+    alice.send_message(WALLY_JID, "after", id="after1")
+    got = srv.wait_events(3)
+    assert [e["type"] for e in got] == ["message", "receipt", "message"], got
+    assert pg.psql("SELECT count(*) FROM events WHERE type = 'receipt'", db_url) == "1"
+    assert not [el for el in alice.stanzas()[start:] if el.get("type") == "error"]
+    # In a group's room: her marker of her own message, by its stanza-id.
+    gid, muc, _ = alice_in_a_group(xd, a, alice, "Own", "first")
+    alice.send_raw(f"<message to='{muc}' type='groupchat' id='g1'><body>in the group</body></message>")
+    mine = message_from(alice, muc, lambda el: el.get("id") == "g1")
+    sid = mine.find("{urn:xmpp:sid:0}stanza-id").get("id")
+    alice.send_raw(f"<message to='{muc}' type='groupchat' id='g2'>"
+                   f"<displayed xmlns='urn:xmpp:chat-markers:0' id='{sid}'/></message>")
+    alice.send_raw(f"<message to='{muc}' type='groupchat' id='g3'><body>later</body></message>")
+    wait_until(lambda: [e for e in list(srv.events) if e.get("room_id") == gid and e["type"] == "message"
+                        and e["content"]["parts"][0]["body"] == "later"], what="the later message at the peer")
+    assert not [e for e in list(srv.events) if e.get("room_id") == gid and e["type"] == "receipt"], srv.events
+    assert pg.psql("SELECT count(*) FROM events WHERE type = 'receipt'", db_url) == "1"
+
+
+def test_a_peers_receipt_of_a_message_the_user_never_sent_is_not_sent(xd, gk, alice, pg, db_url):
+    """A peer's receipt in a chat is for a message of the local user: one
+    of the contact's own message would reach her client as a <received/>
+    or <displayed/> naming a message she never sent (which it may take
+    for one of hers with that id). It is not sent (its row done, as for
+    a message XMPP does not know); in a group's room a member's marker of
+    their own message is not either, one of another member's still is.
+    Until the thirty-sixth session both went out (a review's finding)."""
+    a, srv = gk
+    consent_alice(xd)
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    w1 = a.send(room, a.user("wally"), "hello").json()["id"]
+    message_from(alice, WALLY_JID, lambda el: body(el) == "hello")
+    s1 = alice.send_message(WALLY_JID, "mine")
+    srv.wait_events(1)
+    start = alice.count()
+    for kind in ("delivered", "read"):
+        assert post(a, f"/v1/rooms/{room}/receipts", {"type": "receipt", "sender": a.user("wally"), "content": {
+            "receipt": kind, "in_reply_to": w1}}).status_code == 202
+    assert post(a, f"/v1/rooms/{room}/messages", {"type": "message", "sender": a.user("wally"), "content": {
+        "parts": [{"type": "text/plain", "body": "after"}]}}).status_code == 202
+    message_from(alice, WALLY_JID, lambda el: body(el) == "after")
+
+    def receipts(since):
+        return [el.xml for el in alice.stanzas()[since:] if el.find("{urn:xmpp:receipts}received") is not None
+                or el.find("{urn:xmpp:chat-markers:0}displayed") is not None]
+    assert receipts(start) == []
+    assert pg.psql("SELECT count(*) FROM outbox o JOIN events e ON e.id = o.event_id WHERE e.type = 'receipt' "
+                   "AND o.destination = 'xmpp' AND o.state = 'delivered'", db_url) == "2"
+    # her own message's receipt still goes
+    assert post(a, f"/v1/rooms/{room}/receipts", {"type": "receipt", "sender": a.user("wally"), "content": {
+        "receipt": "read", "in_reply_to": srv.events[0]["id"]}}).status_code == 202
+    m = message_from(alice, WALLY_JID, lambda el: el.find("{urn:xmpp:chat-markers:0}displayed") is not None)
+    assert m.find("{urn:xmpp:chat-markers:0}displayed").get("id") == s1
+    # In a group's room: wally's marker of his own message is not sent, zoe's of it is.
+    gid, muc, _ = alice_in_a_group(xd, a, alice, "Markers", "first")
+    mid = pg.psql(f"SELECT e.public_id FROM events e JOIN rooms r ON r.id = e.room_id WHERE r.public_id = '{gid}' "
+                  "AND e.type = 'message'", db_url)
+    start = alice.count()
+    for who in ("wally", "zoe"):
+        assert post(a, f"/v1/rooms/{gid}/receipts", {"type": "receipt", "sender": a.user(who), "content": {
+            "receipt": "read", "in_reply_to": mid}}).status_code == 202
+    m = message_from(alice, muc, lambda el: el.find("{urn:xmpp:chat-markers:0}displayed") is not None)
+    assert m.get("from") == muc + "/zoe", m.xml
+    assert [el.get("from") for el in alice.stanzas()[start:]
+            if el.find("{urn:xmpp:chat-markers:0}displayed") is not None] == [muc + "/zoe"]
+
+
 def test_a_message_too_long_is_not_acceptable_and_says_its_limit(xd, gk, alice, pg, db_url):
     """A body over the neutral model's 16 KiB is content the model refuses
     (too long): not-acceptable, type modify, with a text that says the
