@@ -689,6 +689,24 @@ static bool form_value(xmpp_stanza_t *x, const char *var, char *out, size_t len)
 	return true;
 }
 
+/* How many values the form gives var (over every field of that var):
+ * the form's jid-single and text-single fields hold one (XEP-0004 §3.3),
+ * and a second one would be dropped unread. */
+static size_t form_values(xmpp_stanza_t *x, const char *var)
+{
+	size_t n = 0;
+	for (xmpp_stanza_t *f = x ? xmpp_stanza_get_children(x) : NULL; f; f = xmpp_stanza_get_next(f)) {
+		const char *name = xmpp_stanza_get_name(f), *v = xmpp_stanza_get_attribute(f, "var");
+		if (!name || strcmp(name, "field") != 0 || !v || strcmp(v, var) != 0)
+			continue;
+		for (xmpp_stanza_t *val = xmpp_stanza_get_children(f); val; val = xmpp_stanza_get_next(val)) {
+			const char *vn = xmpp_stanza_get_name(val);
+			n += xmpp_stanza_is_tag(val) && vn && strcmp(vn, "value") == 0;
+		}
+	}
+	return n;
+}
+
 /* Whether who, the party typed in an accept, block or report, is one of
  * this provider's own users (a JID of one of its domains but the
  * components', or a mimi:// address of one: policy_consent_subject_ours)
@@ -870,6 +888,15 @@ bool xa_command(struct xcomp *xc, xmpp_stanza_t *iq)
 	if (j->verb == V_ACCEPT || j->verb == V_BLOCK || j->verb == V_REPORT) {
 		xmpp_stanza_t *x = xmpp_stanza_get_child_by_name_and_ns(cmd, "x", NS_DATA);
 		const char *xt = x ? xmpp_stanza_get_type(x) : NULL;
+		if (xt && strcmp(xt, "cancel") == 0) {
+			/* XEP-0004 §3.1: the requester cancelled the form; its
+			 * session is ended (xa_command_bad_action): canceled, as
+			 * action cancel is.  Until the thirty-sixth session it was
+			 * given the form again, in a new session. */
+			free(j);
+			xa_send_now(xc, xa_command_end(xc->ctx, iq, node, "canceled", NULL, NULL));
+			return true;
+		}
 		if (!x || !xt || strcmp(xt, "submit") != 0) {
 			bool reason = j->verb == V_REPORT;
 			free(j);
@@ -877,6 +904,16 @@ bool xa_command(struct xcomp *xc, xmpp_stanza_t *iq)
 			return true;
 		}
 		char jid[1100];
+		if (form_values(x, "jid") > 1 || form_values(x, "reason") > 1) {
+			/* one contact a time: the second was dropped unread (until
+			 * the thirty-sixth session the first was decided alone, and
+			 * the user told only of it) */
+			free(j);
+			xa_send_now(xc, xa_error_reply(iq, "modify", "bad-request",
+						       "Give one contact (and one reason): a command decides one "
+						       "contact or one network at a time."));
+			return true;
+		}
 		if (!form_value(x, "reason", j->reason, sizeof(j->reason))) {
 			free(j);
 			xa_send_now(xc, xa_error_reply(iq, "modify", "bad-request",

@@ -1235,7 +1235,10 @@ static void leave_request(struct xcomp *xc, xmpp_stanza_t *iq, const char *room,
 		}
 		if (xa_command_bad_action(xc, iq, action, true))
 			return;
-		if (action && strcmp(action, "cancel") == 0)
+		/* a form sent back as type cancel is cancelled too (XEP-0004
+		 * §3.1): until the thirty-sixth session, with action complete
+		 * it left the group */
+		if ((action && strcmp(action, "cancel") == 0) || (xt && strcmp(xt, "cancel") == 0))
 			xa_send_now(xc, xa_command_end(xc->ctx, iq, LEAVE_NODE, "canceled", NULL, NULL));
 		else if ((xt && strcmp(xt, "submit") == 0) || (action && strcmp(action, "complete") == 0))
 			decline_start(xc, iq, XA_LEAVE_COMMAND, room, user, local);

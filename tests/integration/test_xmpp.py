@@ -2918,6 +2918,50 @@ def test_a_later_stage_without_a_sessionid_is_refused(xd, gk, alice, pg, db_url)
     assert "blocked: mimi://wa.example/u/mallory" in text and "opted in: peer:gk" in text, text
 
 
+def test_a_cancelled_form_and_a_form_of_two_contacts(xd, gk, alice, pg, db_url):
+    """XEP-0004 §3.1: a form sent back with type cancel is the requester
+    cancelling it: the command is canceled, its session ended, nothing
+    changed (until the thirty-sixth session the form came again, in a new
+    session). The form's jid and reason fields are single (XEP-0004 §3.3):
+    two values (or the field twice) is bad-request with a text, nothing
+    decided (until then the first contact was blocked, the second dropped
+    unread and the user told only of the first)."""
+    before = consents_stored(pg, db_url)
+    for node in ("accept", "block", "report"):
+        sid = command_first(alice, node)
+        c = alice.iq("set", COMP, f"<command xmlns='{CMD}' node='{node}' sessionid='{sid}'>"
+                                  "<x xmlns='jabber:x:data' type='cancel'/></command>").find(q(CMD, "command"))
+        assert c.get("status") == "canceled" and c.find(q("jabber:x:data", "x")) is None, ET.tostring(c)
+        # the session is over
+        bad = command_submit(alice, node, {"jid": f"mallory@{COMP}"}, sid=sid, expect_error=True)
+        assert bad.find(f".//{{{CMD}}}bad-sessionid") is not None, bad.xml
+    for node in ("accept", "block", "report"):
+        for values in (f"<field var='jid'><value>mallory@{COMP}</value><value>eve@{COMP}</value></field>",
+                       f"<field var='jid'><value>mallory@{COMP}</value></field>"
+                       f"<field var='jid'><value>eve@{COMP}</value></field>",
+                       f"<field var='jid'><value>mallory@{COMP}</value></field>"
+                       "<field var='reason'><value>spam</value><value>and more</value></field>"):
+            sid = command_first(alice, node)
+            bad = alice.iq("set", COMP, f"<command xmlns='{CMD}' node='{node}' action='complete' sessionid='{sid}'>"
+                                        f"<x xmlns='jabber:x:data' type='submit'>{values}</x></command>",
+                           expect_error=True)
+            text = bad.find(".//{urn:ietf:params:xml:ns:xmpp-stanzas}text")
+            assert bad.error_condition == "bad-request" and text is not None and "one contact" in text.text, bad.xml
+    assert consents_stored(pg, db_url) == before
+    done = command_submit(alice, "block", {"jid": f"mallory@{COMP}"}).find(q(CMD, "command"))
+    assert done.get("status") == "completed", ET.tostring(done)
+    # A group's leave: its form cancelled (even with action complete) leaves nothing.
+    a, srv = gk
+    gid, room, _ = alice_in_a_group(xd, a, alice, "Stay", "first")
+    for action in ("", " action='complete'"):
+        sid = command_first(alice, "leave", to=room)
+        c = alice.iq("set", room, f"<command xmlns='{CMD}' node='leave' sessionid='{sid}'{action}>"
+                                  "<x xmlns='jabber:x:data' type='cancel'/></command>").find(q(CMD, "command"))
+        assert c.get("status") == "canceled", ET.tostring(c)
+    assert pg.psql("SELECT m.membership FROM room_members m JOIN rooms r ON r.id = m.room_id JOIN identities i "
+                   f"ON i.id = m.identity_id WHERE r.public_id = '{gid}' AND i.uri = '{ALICE}'", db_url) == "joined"
+
+
 def test_a_users_ninth_open_session_pushes_out_their_oldest(xd, gk, alice, prosody, pg, db_url):
     """A user (bare JID: all their resources) has at most 8 open command
     sessions: a ninth forgets their oldest, whose sessionid is then one the
