@@ -397,7 +397,7 @@ static bool rule_fields(struct cw_req *req, json_t *body, struct aq *q, bool *ha
 	json_t *enabled = json_object_get(body, "enabled"), *comment = json_object_get(body, "comment");
 	json_t *exp = json_object_get(body, "expires_in_s");
 	enum policy_mode m;
-	struct policy_limits lim;
+	struct policy_limits lim = { 0 };
 	char why[512]; /* the longest: an unknown member and the list of the known ones (431) */
 	if (mode && !json_is_null(mode) &&
 	    (!json_is_string(mode) || !policy_mode_parse(json_string_value(mode), &m) || m == POLICY_MODE_NONE)) {
@@ -424,7 +424,10 @@ static bool rule_fields(struct cw_req *req, json_t *body, struct aq *q, bool *ha
 	*has_mode = mode != NULL;
 	*mode_null = !mode || json_is_null(mode);
 	*has_limits = limits != NULL;
-	*limits_empty = !limits || json_object_size(limits) == 0;
+	/* in_addition alone is no limit: it says how the rule's limits
+	 * combine, and a rule with it and no mode does nothing (until the
+	 * thirty-sixth session such a rule was stored, audited and shown). */
+	*limits_empty = !limits || lim.set == 0;
 	char *lt = limits ? json_dumps(limits, JSON_COMPACT) : NULL;
 	aq_param(q, mode ? "t" : "f");
 	aq_param(q, json_is_string(mode) ? json_string_value(mode) : NULL);
@@ -488,7 +491,7 @@ void policy_admin_rule_create(struct cw_req *req, void *ctx)
 		aq_param(q, pattern);
 		ok = rule_fields(req, body, q, &has_mode, &mode_null, &has_limits, &limits_empty);
 		if (ok && mode_null && limits_empty) {
-			bad_body(req, "a rule needs a mode or at least one limit");
+			bad_body(req, "a rule needs a mode or at least one limit (in_addition alone sets none)");
 			ok = false;
 		}
 	}
@@ -530,8 +533,8 @@ void policy_admin_rule_update(struct cw_req *req, void *ctx)
 	if (!body)
 		return;
 	static const char *const members[] = { "mode", "limits", "enabled", "comment", "expires_in_s", NULL };
-	/* The rule keeps a mode or a limit: a change that would leave it
-	 * with neither matches no row (answered 409 below, as the rule
+	/* The rule keeps a mode or a limit (in_addition alone is none): a
+	 * change that would leave it with neither matches no row (answered 409 below, as the rule
 	 * exists: checked in the statement).  Every field the request does
 	 * not change, and that check, are read from the row as locked (r),
 	 * never from the statement's snapshot: a change of another process
@@ -554,7 +557,8 @@ void policy_admin_rule_update(struct cw_req *req, void *ctx)
 		"  comment = CASE WHEN $8::boolean THEN $9 ELSE r.comment END, "
 		"  expires_at = CASE WHEN $10::boolean THEN (CASE WHEN $11::bigint IS NULL THEN NULL "
 		"   ELSE now() + make_interval(secs => $11::bigint) END) ELSE r.expires_at END, updated_at = now() "
-		"  WHERE r.id = $1::bigint AND (" RULE_NEW_MODE " IS NOT NULL OR " RULE_NEW_LIMITS " <> '{}'::jsonb) "
+		"  WHERE r.id = $1::bigint AND (" RULE_NEW_MODE " IS NOT NULL OR (" RULE_NEW_LIMITS ") - 'in_addition' "
+		"   <> '{}'::jsonb) "
 		"  RETURNING r.*) "
 		"SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM cur) THEN '\"rule\"' "
 		" WHEN NOT EXISTS (SELECT 1 FROM up) THEN NULL "
@@ -577,7 +581,7 @@ void policy_admin_rule_update(struct cw_req *req, void *ctx)
 		return;
 	}
 	q->none_status = 409;
-	q->none_detail = "the change would leave the rule with neither a mode nor a limit";
+	q->none_detail = "the change would leave the rule with neither a mode nor a limit (in_addition alone sets none)";
 	q->action = "rule.update";
 	q->subject = 0;
 	aq_run(ctx, req, q);

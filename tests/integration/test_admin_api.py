@@ -638,6 +638,45 @@ def test_rule_patch_edges(daemon):
 
 
 
+def test_in_addition_alone_is_no_limit(daemon, pg, db_url):
+    """A rule needs a mode or a limit (schema: rules_does_something);
+    in_addition says how a rule's limits combine and sets none.  Until the
+    thirty-sixth session a rule with no mode and limits {"in_addition":
+    true} was stored (201), audited and shown, and did nothing; a PATCH
+    could leave a rule so (200) where it is 409 for {"limits": {}}."""
+    facts = "SELECT (SELECT count(*) FROM rules) || ' ' || (SELECT count(*) FROM audit_log)"
+    before = pg.psql(facts, db_url)
+    for limits in ({"in_addition": True}, {"in_addition": False}):
+        r = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "noop.example", "mode": None,
+                                                  "limits": limits})
+        assert r.status_code == 400 and r.json()["code"] == "invalid_body", (limits, r.text)
+        assert "in_addition alone" in r.json()["detail"], r.text
+    assert pg.psql(facts, db_url) == before
+    # A limit with it, or a mode with it, is a rule.
+    r = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "lim.example",
+                                              "limits": {"messages_per_minute": 3, "in_addition": True}})
+    assert r.status_code == 201, r.text
+    lim = r.json()["id"]
+    r = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "mode.example", "mode": "deny",
+                                              "limits": {"in_addition": True}})
+    assert r.status_code == 201, r.text
+    mode = r.json()["id"]
+    before = pg.psql("SELECT string_agg(id || ' ' || coalesce(mode, '-') || ' ' || limits::text, ';' ORDER BY id) "
+                     "FROM rules", db_url)
+    for rid, body in ((mode, {"mode": None}), (lim, {"limits": {"in_addition": True}}),
+                      (lim, {"limits": {"in_addition": False}})):
+        r = daemon.admin("PATCH", f"/rules/{rid}", json=body)
+        assert r.status_code == 409 and r.json()["code"] == "conflict", (body, r.text)
+        assert "in_addition alone" in r.json()["detail"], r.text
+    assert pg.psql("SELECT string_agg(id || ' ' || coalesce(mode, '-') || ' ' || limits::text, ';' ORDER BY id) "
+                   "FROM rules", db_url) == before
+    # What still leaves a limit or a mode is taken.
+    r = daemon.admin("PATCH", f"/rules/{lim}", json={"limits": {"content_kinds": ["text"], "in_addition": True}})
+    assert r.status_code == 200, r.text
+    r = daemon.admin("PATCH", f"/rules/{mode}", json={"limits": {}})
+    assert r.status_code == 200 and r.json()["mode"] == "deny", r.text
+
+
 def test_a_consent_about_this_providers_own_user_or_domain_is_refused(make_daemon, db_url, pg):
     """A user's consents decide what comes to her from outside: the policy
     asks them of a remote sender only, and what local users send one
