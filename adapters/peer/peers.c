@@ -758,12 +758,20 @@ void peer_admin_get(struct cw_req *req, void *ctx)
 	app_job_run(ctx, req, list_fn, strdup(name), free, false);
 }
 
-/* enable, disable and rotate: one UPDATE each. */
-static cw_err update_fn(PGconn *c, struct app_job *j, cw_errmsg *e, const char *sql, const char *action,
-			int nparams, const char *const *params, const int *lens, const int *fmts)
+/* enable, disable, rotate and PATCH: one UPDATE each.  same_sql (or
+ * NULL): when sql changed no row, the peer as it is ($1 its name), the
+ * answer to a change it has already (no audit record, no NOTIFY). */
+static cw_err update_fn(PGconn *c, struct app_job *j, cw_errmsg *e, const char *sql, const char *same_sql,
+			const char *action, int nparams, const char *const *params, const int *lens, const int *fmts)
 {
 	struct peer_input *in = j->data;
 	PGresult *r = PQexecParams(c, sql, nparams, NULL, params, lens, fmts, 0);
+	bool same = false;
+	if (PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 0 && same_sql) {
+		PQclear(r);
+		r = PQexecParams(c, same_sql, 1, NULL, params, NULL, NULL, 0);
+		same = true;
+	}
 	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
 		cw_err rc = store_result_err(c, r, e);
 		PQclear(r);
@@ -772,6 +780,11 @@ static cw_err update_fn(PGconn *c, struct app_job *j, cw_errmsg *e, const char *
 	if (PQntuples(r) == 0) {
 		PQclear(r);
 		app_job_fail(j, 404, "not_found", "no peer of that name");
+		return CW_OK;
+	}
+	if (same) {
+		j->body = peer_row_json(r, 0);
+		PQclear(r);
 		return CW_OK;
 	}
 	j->body = peer_row_json(r, 0);
@@ -795,10 +808,15 @@ static cw_err enable_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct peer_input *in = &((struct admin_change *)j->data)->in;
 	const char *params[] = { in->name, in->enable ? "t" : "f" };
+	/* A peer disabled (enabled) already is answered as it is, its first
+	 * disabled_at kept, with no audit record nor NOTIFY, as a token
+	 * revoked already is (until the thirty-sixth session each repeat was
+	 * audited again, moved updated_at and made every process reload). */
 	return update_fn(c, j, e,
 			 "UPDATE peers SET enabled = $2::boolean, updated_at = now(), "
 			 "disabled_at = CASE WHEN $2::boolean THEN NULL ELSE coalesce(disabled_at, now()) END "
-			 "WHERE name = $1 RETURNING " PEER_COLUMNS,
+			 "WHERE name = $1 AND enabled IS DISTINCT FROM $2::boolean RETURNING " PEER_COLUMNS,
+			 "SELECT " PEER_COLUMNS " FROM peers WHERE name = $1",
 			 in->enable ? "peer.enable" : "peer.disable", 2, params, NULL, NULL);
 }
 
@@ -831,7 +849,7 @@ static cw_err rotate_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	cw_err rc = update_fn(c, j, e,
 			      "UPDATE peers SET token_hash = $2, ed25519_public_key = coalesce($3, ed25519_public_key), "
 			      "updated_at = now() WHERE name = $1 RETURNING " PEER_COLUMNS,
-			      "peer.rotate", 3, params, lens, fmts);
+			      NULL, "peer.rotate", 3, params, lens, fmts);
 	if (!rc && j->body)
 		json_object_set_new(j->body, "token", json_string(in->token));
 	return rc;
@@ -875,7 +893,7 @@ static cw_err change_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	return update_fn(c, j, e,
 			 "UPDATE peers SET event_types = CASE WHEN $2::boolean THEN $3::text[] ELSE event_types END, "
 			 "push_url = coalesce($4, push_url), updated_at = now() WHERE name = $1 RETURNING " PEER_COLUMNS,
-			 "peer.update", 4, params, NULL, NULL);
+			 NULL, "peer.update", 4, params, NULL, NULL);
 }
 
 void peer_admin_update(struct cw_req *req, void *ctx)

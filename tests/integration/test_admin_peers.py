@@ -277,3 +277,29 @@ def test_event_types_and_push_url_are_set_checked_and_changed(daemon, pg, db_url
     r = daemon.admin("PATCH", "/peers/gk", json={"push_url": "https://gk.example/y"})
     assert r.status_code == 200 and r.json()["push_url"] == "https://gk.example/y", r.text
     assert r.json()["event_types"] == ["block", "message"]
+
+
+def test_a_repeated_disable_or_enable_is_answered_as_it_is(daemon, pg, db_url):
+    """A peer disabled already is answered 200 as it is (its first
+    disabled_at), with no audit record and no NOTIFY, as a token revoked
+    already is; likewise an enable of an enabled peer.  Until the
+    thirty-sixth session each repeat was audited again, moved updated_at
+    and made every process reload its peers."""
+    daemon.admin("POST", "/peers", json=peer_body())
+    row = "SELECT enabled || ' ' || coalesce(disabled_at::text, '-') || ' ' || updated_at FROM peers"
+    acts = "SELECT string_agg(action, ',' ORDER BY id) FROM audit_log"
+    first = daemon.admin("POST", "/peers/gk/disable")
+    assert first.status_code == 200 and first.json()["enabled"] is False
+    stored = pg.psql(row, db_url)
+    again = daemon.admin("POST", "/peers/gk/disable")
+    assert again.status_code == 200 and again.json() == first.json(), (first.json(), again.json())
+    assert pg.psql(row, db_url) == stored
+    assert pg.psql(acts, db_url) == "peer.create,peer.disable"
+    on = daemon.admin("POST", "/peers/gk/enable")
+    assert on.status_code == 200 and on.json()["enabled"] is True and on.json()["disabled_at"] is None
+    stored = pg.psql(row, db_url)
+    again = daemon.admin("POST", "/peers/gk/enable")
+    assert again.status_code == 200 and again.json() == on.json()
+    assert pg.psql(row, db_url) == stored
+    assert pg.psql(acts, db_url) == "peer.create,peer.disable,peer.enable"
+    assert daemon.admin("POST", "/peers/nobody/disable").status_code == 404
