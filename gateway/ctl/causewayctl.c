@@ -441,7 +441,20 @@ static enum ctl_rc http_call(struct ctl *c, const char *method, const char *path
 		goto out;
 	}
 	if (cr != CURLE_OK) {
-		rc = fail(c, CTL_EUNREACHABLE, "cannot reach %s: %s", c->shown_url, curl_easy_strerror(cr));
+		/* A change whose request went out may have been done though no
+		 * answer came (the daemon stopped, a proxy or the total timeout
+		 * gave up): saying "cannot reach" sent the operator to repeat it,
+		 * and a token made so is never shown (a repeat is 409).  Until
+		 * the thirty-sixth session every such failure was "cannot
+		 * reach". */
+		long sent = 0;
+		if (strcmp(method, "GET") != 0 && curl_easy_getinfo(k, CURLINFO_REQUEST_SIZE, &sent) == CURLE_OK &&
+		    sent > 0)
+			rc = fail(c, CTL_EUNREACHABLE, "no answer to %s %s from %s (%s): it was sent and may have been "
+				  "done; look before you repeat it (causewayctl audit shows what was done)", method, path,
+				  c->shown_url, curl_easy_strerror(cr));
+		else
+			rc = fail(c, CTL_EUNREACHABLE, "cannot reach %s: %s", c->shown_url, curl_easy_strerror(cr));
 		goto out;
 	}
 	curl_easy_getinfo(k, CURLINFO_RESPONSE_CODE, &a->status);

@@ -546,3 +546,66 @@ def test_status_of_a_daemon_that_is_not_ready_exits_1():
                                   "403 forbidden: no\n", err
     finally:
         s.close()
+
+
+class Mute:
+    """A server that reads each request whole and closes the connection
+    without answering: a daemon that went away (or a proxy that timed out)
+    after the request reached it."""
+
+    def __init__(self):
+        import socket
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.requests = []
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            m = re.search(rb"(?i)content-length:\s*(\d+)", head)
+            while m and len(body) < int(m.group(1)):
+                body += conn.recv(65536)
+            self.requests.append(head.split(b"\r\n")[0].decode())
+            conn.close()
+
+    def close(self):
+        self.sock.close()
+
+
+def test_a_change_without_an_answer_may_have_been_done():
+    """A change whose request was sent and never answered (the daemon
+    stopped, a proxy timed out, the 30 s passed) may have been done: the
+    message says so and to look before repeating it (a token made so is
+    never shown, and a repeat is 409).  Until the thirty-sixth session it
+    said "cannot reach", as if nothing had been sent.  A read, and a change
+    that never connected, are still "cannot reach"."""
+    mute = Mute()
+    try:
+        for args, what in ((("token", "create", "night"), "POST /admin/v1/tokens"),
+                           (("token", "revoke", "night"), "POST /admin/v1/tokens/night/revoke"),
+                           (("deadletters", "replay", "7"), "POST /admin/v1/outbox/7/replay"),
+                           (("deadletters", "discard", "7"), "POST /admin/v1/outbox/7/discard")):
+            rc, out, err = ctl(*args, url=mute.url)
+            assert rc == 3 and out == "", (args, rc, out, err)
+            assert f"no answer to {what}" in err and "may have been done" in err and \
+                "look before you repeat it" in err, (args, err)
+        rc, out, err = ctl("peers", url=mute.url)
+        assert rc == 3 and "cannot reach" in err and "may have been" not in err, err
+        assert mute.requests[-1].startswith("GET /admin/v1/peers "), mute.requests
+    finally:
+        mute.close()
+    rc, out, err = ctl("token", "create", "night", url=f"http://127.0.0.1:{free_port()}")
+    assert rc == 3 and "cannot reach" in err and "may have been" not in err, err
