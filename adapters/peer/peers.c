@@ -1,6 +1,7 @@
 /* The peer registry and the /admin/v1/peers endpoints. */
 #include "config.h"
 #include "peers.h"
+#include "peer_out.h"
 #include "app.h"
 #include "admin_auth.h"
 #include "event.h"
@@ -320,7 +321,14 @@ bool peer_url_valid(const char *s)
 	for (const unsigned char *p = (const unsigned char *)s; *p; p++)
 		if (*p <= ' ' || *p >= 0x7f || *p == '#')
 			return false;
-	return true;
+	/* As the dispatcher will push to it: one it rebuilds (a host, a port
+	 * up to 65535, no user or password, which a signed @target-uri
+	 * cannot carry).  Until the thirty-sixth session such a URL was
+	 * taken here and every push to the peer failed until its rows went
+	 * dead, the user:password shown to every viewer meanwhile. */
+	char notify[PEER_URL_MAX + 160];
+	cw_errmsg e;
+	return peer_out_notify_url(s, notify, sizeof(notify), &e) == CW_OK;
 }
 
 /* ------------------------------------------------------------ admin API */
@@ -688,7 +696,7 @@ void peer_admin_create(struct cw_req *req, void *ctx)
 		bad = "a push peer needs push_url";
 	else if (json_object_get(body, "push_url") && !json_is_null(json_object_get(body, "push_url")) &&
 		 (!url || !peer_url_valid(url)))
-		bad = "push_url must be an http:// or https:// URL of at most 2048 bytes";
+		bad = "push_url must be an http:// or https:// URL of at most 2048 bytes with a host (a port up to 65535) and no user or password";
 	if (bad) {
 		cw_req_problem(req, 400, "invalid_body", "Invalid body", bad);
 		free(in);
@@ -918,7 +926,7 @@ void peer_admin_update(struct cw_req *req, void *ctx)
 	else if (!bad && json_object_size(body) == 0)
 		bad = "nothing to change: give event_types or push_url";
 	else if (!bad && json_object_get(body, "push_url") && (!url || !peer_url_valid(url)))
-		bad = "push_url must be an http:// or https:// URL of at most 2048 bytes";
+		bad = "push_url must be an http:// or https:// URL of at most 2048 bytes with a host (a port up to 65535) and no user or password";
 	if (bad) {
 		cw_req_problem(req, 400, "invalid_body", "Invalid body", bad);
 		free(in);

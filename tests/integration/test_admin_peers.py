@@ -303,3 +303,37 @@ def test_a_repeated_disable_or_enable_is_answered_as_it_is(daemon, pg, db_url):
     assert pg.psql(row, db_url) == stored
     assert pg.psql(acts, db_url) == "peer.create,peer.disable,peer.enable"
     assert daemon.admin("POST", "/peers/nobody/disable").status_code == 404
+
+
+def test_a_push_url_the_dispatcher_refuses_is_refused_at_once(daemon, pg, db_url):
+    """The dispatcher pushes to push_url rebuilt by peer_out_notify_url,
+    which refuses a URL with a user or password (a signed @target-uri
+    cannot carry one), a port past 65535, or no host; until the
+    thirty-sixth session POST /peers and PATCH took such a URL (201, 200),
+    and every push to the peer failed until its rows went dead.  Now 400
+    invalid_body, nothing stored."""
+    from peer import push_peers
+    made = push_peers(daemon, (("gk", "gk.example"),))
+    try:
+        gk = made[0][0]
+        facts = "SELECT (SELECT count(*) FROM peers) || ' ' || (SELECT count(*) FROM audit_log)"
+        bad_urls = ("http://user:secret@127.0.0.1:9/notify", "https://user@tg.example/push",
+                    "http://127.0.0.1:99999/notify", "http://:80/notify")
+        before = pg.psql(facts, db_url)
+        out = []
+        for url in bad_urls:
+            r = daemon.admin("POST", "/peers", json=peer_body("tg", "tg.example", push_url=url))
+            out.append((url, r.status_code, r.json().get("detail")))
+        assert [o[1] for o in out] == [400] * len(bad_urls), out
+        assert pg.psql(facts, db_url) == before
+        for url in bad_urls:
+            r = daemon.admin("PATCH", "/peers/gk", json={"push_url": url})
+            assert r.status_code == 400 and r.json()["code"] == "invalid_body", (url, r.text)
+        assert pg.psql(facts, db_url) == before
+        # What the dispatcher takes is taken.
+        r = daemon.admin("POST", "/peers", json=peer_body("tg", "tg.example", push_url="https://Tg.Example:443/push/"))
+        assert r.status_code == 201, r.text
+        assert gk
+    finally:
+        for _, s in made:
+            s.close()
