@@ -169,7 +169,15 @@
     try {
       r = await fetch(API + path, opt);
     } catch (e) {
-      throw new ApiError(0, { title: "No answer", detail: "the daemon could not be reached (" + e.message + ")" });
+      // A change may have reached the daemon before its answer was lost
+      // (the connection dropped, a proxy gave up): saying only "could not
+      // be reached" sent the operator to repeat it (a token made so is
+      // never shown, and a repeat is 409).  The browser does not say
+      // whether the request went out, so a change is told to look first.
+      throw new ApiError(0, method === "GET"
+        ? { title: "No answer", detail: "the daemon could not be reached (" + e.message + ")" }
+        : { title: "No answer", detail: "no answer came (" + e.message + "): the change may have been done; "
+          + "look before you repeat it (reload the page, or see the audit log)" });
     }
     const raw = await r.text();
     let data = null;

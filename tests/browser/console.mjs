@@ -360,6 +360,27 @@ try {
     await page.locator('[data-stat="queue.held"]').waitFor({ timeout: WAIT }); // the next refresh recovers
   });
 
+  await check('a change whose answer is lost may have been done, and says so', async () => {
+    // The request goes out and the connection drops before an answer: the
+    // daemon may have made the token (a repeat is 409, the token never
+    // shown).  Until the thirty-sixth session the console said only that
+    // the daemon "could not be reached", as if nothing had been sent.
+    const lost = (r) => (r.request().method() === 'POST' ? r.abort('connectionreset') : r.continue());
+    await page.route('**/admin/v1/tokens', lost);
+    await go(page, '#/users');
+    const form = page.getByRole('form', { name: 'Create a token' });
+    await form.getByLabel('Name').fill('lost-answer');
+    await form.getByRole('button', { name: 'Create token' }).click();
+    const err = page.locator('main .note .error[role="alert"]');
+    await err.first().waitFor({ timeout: WAIT });
+    const said = await err.first().innerText();
+    assert.match(said, /may have been done/, said);
+    assert.match(said, /look before you repeat it/, said);
+    await page.unroute('**/admin/v1/tokens', lost);
+    await shot(page, 'admin-12-lost-answer');
+    return said;
+  });
+
   await check('sign out', async () => {
     await page.getByRole('button', { name: 'Sign out' }).click();
     await page.getByLabel('Admin token').waitFor();

@@ -233,6 +233,7 @@ def test_console_in_a_browser(make_daemon, db_url):
                  "the next message is denied, and its trace says why", "replay a dead letter and see it delivered",
                  "allow a held sender", "remove a peer's user from a group",
                  "a viewer sees no change controls on any page",
+                 "a change whose answer is lost may have been done, and says so",
                  "phone width: dashboard and navigation",
                  "no CSP violation, console error or page error"):
         assert must in checks, f"check not run: {must}\n{report}"
@@ -255,5 +256,7 @@ def test_console_in_a_browser(make_daemon, db_url):
                        "mimi://wa.example/u/dan": ("left", False), ALICE: ("invited", True)}, members
     assert d.admin("GET", "/held").json()["rows"] == [], "the held message was released"
     assert not d.admin("GET", "/audit?actor=admin:night-viewer").json()["rows"], "the viewer changed nothing"
+    # The lost answer's request never left the browser (the route aborted it).
+    assert "lost-answer" not in [t["name"] for t in d.admin("GET", "/tokens").json()["tokens"]]
     shots = sorted(os.listdir(SHOTS))
     assert len([s for s in shots if s.endswith(".png")]) >= 30, shots
