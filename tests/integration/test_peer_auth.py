@@ -128,6 +128,9 @@ def test_an_admin_change_puts_no_weak_key_into_the_registry(daemon, pg, db_url):
     token = r.json()["token"]
     forger = PeerClient(daemon.url, "good", "good.example", token=token, signer=Signer("good", key=IdentityForger()))
     assert forger.call("GET", "/v1/rooms/nothing").status_code == 401  # the registry has the good key
+    # disabled first, so that the enable below is a change (an enable of an
+    # enabled peer writes nothing since the thirty-sixth session)
+    assert daemon.admin("POST", "/peers/good/disable").status_code == 200
     pg.psql(f"UPDATE peers SET ed25519_public_key = '\\x{SMALL_ORDER[1].hex()}' WHERE name = 'good'", db_url)
 
     def waiting(query):
