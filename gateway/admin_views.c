@@ -57,7 +57,7 @@ void admin_views_free(struct admin_views *av)
 
 /* ------------------------------------------------------- one-statement views */
 
-#define VIEW_PARAMS 2
+#define VIEW_PARAMS 3
 #define VIEW_PARAM_MAX 160
 
 /* A statement returning one row with the answer as JSON text; no row (or
@@ -175,15 +175,22 @@ static const char ROOMS_SQL[] =
 	" '[]'::json), 'next_after', CASE WHEN count(*) = $2::int THEN max(x.id) END)::text "
 	"FROM (SELECT * FROM rooms WHERE id > $1::bigint ORDER BY id LIMIT $2::int) x";
 
-/* One room with every member, whatever its membership (left and banned too),
- * and whether they are local (a user of this server, whom the operator does
- * not remove). */
+/* One room with a page of its members, whatever their membership (left
+ * and banned too), and whether they are local (a user of this server, whom
+ * the operator does not remove).  The members are paged as the lists are
+ * (app_paging), by their identity's row ($2: after, $3: limit), through the
+ * primary key (room_id, identity_id): a gatekeeper's group of thousands
+ * answered them all in one page, and the console built a row for each. */
 static const char ROOM_SQL[] =
-	"SELECT json_build_object(" ROOM_FIELDS ", "
-	" 'members', (SELECT coalesce(json_agg(json_build_object('uri', i.uri, 'role', m.role, "
-	"  'membership', m.membership, 'local', i.is_local) ORDER BY i.uri), '[]'::json) "
-	"  FROM room_members m JOIN identities i ON i.id = m.identity_id WHERE m.room_id = x.id))::text "
-	"FROM rooms x WHERE x.public_id = $1";
+	"SELECT json_build_object(" ROOM_FIELDS ", 'members', coalesce(p.members, '[]'::json), "
+	" 'next_after', p.next_after)::text "
+	"FROM rooms x CROSS JOIN LATERAL (SELECT json_agg(json_build_object('row', m.identity_id, 'uri', m.uri, "
+	"  'role', m.role, 'membership', m.membership, 'local', m.is_local) ORDER BY m.identity_id) AS members, "
+	"  CASE WHEN count(*) = $3::int THEN max(m.identity_id) END AS next_after "
+	" FROM (SELECT m.identity_id, i.uri, m.role, m.membership, i.is_local FROM room_members m "
+	"  JOIN identities i ON i.id = m.identity_id WHERE m.room_id = x.id AND m.identity_id > $2::bigint "
+	"  ORDER BY m.identity_id LIMIT $3::int) m) p "
+	"WHERE x.public_id = $1";
 
 void admin_views_rooms_list(struct cw_req *req, void *ctx)
 {
@@ -205,8 +212,14 @@ void admin_views_room_get(struct cw_req *req, void *ctx)
 		cw_req_problem(req, 404, "not_found", "Not found", "no room with that id");
 		return;
 	}
+	long long after;
+	long limit;
+	if (!app_paging(req, &after, &limit))
+		return;
 	struct view *v = view_new(ROOM_SQL, "room");
 	view_param(v, id);
+	view_num(v, after);
+	view_num(v, limit);
 	view_run(ctx, req, v);
 }
 
@@ -265,8 +278,10 @@ static cw_err members_remove_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	    (rc = room_members_events(c, &ch, "leave", in->m, in->n, NULL, e)) ||
 	    (rc = room_members_audit(c, in->actor, in->public_id, NULL, 0, in->m, in->n, e)))
 		return rc;
-	/* The answer is the room as GET /admin/v1/rooms/{id} shows it now. */
-	r = PQexecParams(c, ROOM_SQL, 1, NULL, rp, NULL, NULL, 0);
+	/* The answer is the room as GET /admin/v1/rooms/{id} shows it now
+	 * (its first page of members: app_paging's default limit). */
+	const char *gp[] = { in->public_id, "0", "100" };
+	r = PQexecParams(c, ROOM_SQL, 3, NULL, gp, NULL, NULL, 0);
 	if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
 		return rc;
 	j->body = PQntuples(r) == 1 ? json_loads(PQgetvalue(r, 0, 0), 0, NULL) : NULL;

@@ -233,7 +233,8 @@
     return h("dl", { class: "kv" }, pairs.map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
   }
 
-  // A list paged by next_after: query() gives the filters, render(rows) the table.
+  // A list paged by next_after: query() gives the filters, render(rows, data)
+  // the table (data: the whole answer, for what a page carries besides its rows).
   function paged(path, key, query, render) {
     const el = h("div", { class: "paged" });
     const back = [];
@@ -245,7 +246,7 @@
       await fill(el, async () => {
         const data = await api("GET", path + "?" + q);
         const next = data.next_after;
-        return [render(data[key] || []), (back.length || next !== null && next !== undefined)
+        return [render(data[key] || [], data), (back.length || next !== null && next !== undefined)
           ? h("div", { class: "pager row" },
             back.length ? btn("Previous page", () => { after = back.pop(); load(); }) : null,
             next !== null && next !== undefined ? btn("Next page", () => { back.push(after); after = next; load(); }) : null)
@@ -870,31 +871,33 @@
 
   pages.rooms = ["Rooms", (root, args) => {
     if (args[0]) {
-      const one = slot(), note = noteEl();
-      add(root, h("p", {}, h("a", { href: "#/rooms" }, "All rooms")), note, one);
+      // The members come a page at a time, as the lists do (a gatekeeper's
+      // group has thousands); the room's own facts come with each page and
+      // are drawn above them.
+      const head = h("div"), note = noteEl();
       // A peer's user joined in a group may be removed (local users leave
       // through their own client); their peer and the group's other peers
       // are told.
       const removable = (r, x) => r.kind === "group" && !x.local && x.membership === "joined";
+      let members = null;
       async function remove(r, x) {
         try {
           await api("POST", "/rooms/" + enc(r.id) + "/members", { remove: [x.uri] });
           say(note, x.uri + " removed from the room.");
-          load();
+          members.reload();
         } catch (e) { note.replaceChildren(problem(e)); }
       }
-      const load = () => fill(one, async () => {
-        const r = await api("GET", "/rooms/" + enc(args[0]));
+      members = paged("/rooms/" + enc(args[0]), "members", () => ({}), (rows, r) => {
+        head.replaceChildren(section("Room " + r.id, dl([["URI", h("span", { class: "mono" }, text(r.uri))],
+          ["Kind", text(r.kind)], ["Name", text(r.name)], ["Created", when(r.created_at)],
+          ["Members", text(r.member_count)]])), section("Bindings", bindings(r.bindings)));
         const actions = isAdmin() && r.kind === "group" ? [["Actions", (x) => removable(r, x)
           ? changeBtn("Remove", () => remove(r, x), { danger: true, confirm: "Remove " + x.uri + " from the room? " +
             "Their peer and the room's other peers are told they left." }) : "—"]] : [];
-        return [section("Room " + r.id, dl([["URI", h("span", { class: "mono" }, text(r.uri))], ["Kind", text(r.kind)],
-          ["Name", text(r.name)], ["Created", when(r.created_at)], ["Members", text(r.member_count)]])),
-        section("Members", table([["Member", (x) => h("span", { class: "mono" }, x.uri)], ["Role", (x) => text(x.role)],
-          ["Membership", (x) => text(x.membership)], ...actions], r.members, "No members.")),
-        section("Bindings", bindings(r.bindings))];
+        return table([["Member", (x) => h("span", { class: "mono" }, x.uri)], ["Role", (x) => text(x.role)],
+          ["Membership", (x) => text(x.membership)], ...actions], rows, "No members.");
       });
-      load();
+      add(root, h("p", {}, h("a", { href: "#/rooms" }, "All rooms")), note, head, section("Members", members));
       return;
     }
     add(root, paged("/rooms", "rooms", () => ({}), (rows) => table([

@@ -345,6 +345,39 @@ try {
     return { group, told };
   });
 
+  await check('a big group\'s members come a page at a time', async () => {
+    // 60 members: a page of 50, then the other 10 (a gatekeeper's group of
+    // thousands was drawn whole until the thirty-seventh session).
+    const big = await ask('big group');
+    await go(page, `#/rooms/${big}`);
+    // From another room's page: wait for this one's before looking.
+    await page.locator('main h2', { hasText: `Room ${big}` }).waitFor({ timeout: WAIT });
+    await settled(page);
+    const rows = page.locator('section', { hasText: 'Members' }).locator('tbody tr');
+    const uris = async () => (await rows.locator('td[data-label="Member"]').allInnerTexts()).map((t) => t.trim());
+    const first = await uris();
+    assert.equal(first.length, 50, 'the first page holds 50 members');
+    assert.equal(await page.getByRole('button', { name: 'Previous page' }).count(), 0);
+    assert.match(await page.locator('main dl').innerText(), /Members\s+60/, 'the count is of every member');
+    await shot(page, 'admin-14-room-paged');
+    await page.getByRole('button', { name: 'Next page' }).click();
+    await page.waitForFunction(() => document.querySelectorAll('main section tbody tr').length === 10, null,
+      { timeout: WAIT });
+    await settled(page);
+    const second = await uris();
+    assert.equal(second.length, 10);
+    assert.equal(new Set([...first, ...second]).size, 60, 'no member twice, none missing');
+    assert.equal(await page.getByRole('button', { name: 'Next page' }).count(), 0, 'the last page');
+    await page.getByRole('button', { name: 'Previous page' }).click();
+    await page.waitForFunction(() => document.querySelectorAll('main section tbody tr').length === 50, null,
+      { timeout: WAIT });
+    await settled(page);
+    assert.deepEqual(await uris(), first);
+    await noJunk(page);
+    await buttonsMarked(page);
+    return { first: first.length, second: second.length };
+  });
+
   await check('a failing call shows its problem as an error state', async () => {
     const body = JSON.stringify({ type: 'about:blank', title: 'Service unavailable', status: 503,
       detail: 'the database is not reachable', code: 'unavailable' });

@@ -95,6 +95,7 @@ def test_views_after_real_traffic(daemon, peers, pg, db_url):  # noqa: F811
     assert TS.match(x["bindings"][0]["created_at"])
     one = get(daemon, f"/rooms/{room['id']}")
     members = one.pop("members")
+    assert one.pop("next_after") is None  # the page of members is not full
     assert one == x
     assert sorted(m["uri"] for m in members) == sorted([a.user("alice"), b.user("bob")])
     assert all(m["membership"] == "joined" and m["role"] for m in members), members
@@ -146,6 +147,62 @@ def test_rooms_paging_and_not_found(daemon, peers):  # noqa: F811
         assert r.status_code == 404 and r.json()["code"] == "not_found", (rid, r.text)
         assert r.headers["Content-Type"].startswith("application/problem+json")
     assert get(daemon, f"/rooms/{made[1]}")["member_count"] == 2
+
+
+def test_a_rooms_members_are_paged(daemon, peers, pg, db_url):  # noqa: F811
+    """GET /admin/v1/rooms/{id} answers a page of the members, as the lists
+    page (?after=<row>&limit=<1..500>, 100 by default, next_after): a
+    gatekeeper's group of thousands was answered whole, and the console's
+    room page built a row for each.  The members are in the order of their
+    identity's row, which each carries as "row"."""
+    (a, _), (b, _) = peers
+    gid = a.create_room([a.user("wally"), b.user("bob"), b.user("eve")], kind="group").json()["id"]
+    row = pg.psql(f"SELECT id FROM rooms WHERE public_id = '{gid}'", db_url)
+    # 250 more of gk's users (rows as the peer API makes them), one of
+    # them left: every membership is listed, the joined ones counted.
+    pg.psql("INSERT INTO identities (uri, domain, localpart, is_local, network, peer_id) "
+            "SELECT 'mimi://gk.example/u/m' || g, 'gk.example', 'm' || g, false, 'peer:gk', "
+            " (SELECT id FROM peers WHERE name = 'gk') FROM generate_series(1, 250) g", db_url)
+    pg.psql(f"INSERT INTO room_members (room_id, identity_id, membership) SELECT {row}, id, "
+            "CASE WHEN localpart = 'm7' THEN 'left' ELSE 'joined' END FROM identities "
+            "WHERE localpart ~ '^m[0-9]+$' AND domain = 'gk.example'", db_url)
+    every = [(int(r.split("|")[0]), r.split("|")[1]) for r in pg.psql(
+        "SELECT m.identity_id, i.uri FROM room_members m JOIN identities i ON i.id = m.identity_id "
+        f"WHERE m.room_id = {row} ORDER BY m.identity_id", db_url).splitlines()]
+    assert len(every) == 253
+
+    first = get(daemon, f"/rooms/{gid}")
+    assert [(m["row"], m["uri"]) for m in first["members"]] == every[:100]
+    assert first["next_after"] == every[99][0] and first["member_count"] == 252
+    seen, after = [], None
+    while True:
+        page = get(daemon, f"/rooms/{gid}?limit=60" + (f"&after={after}" if after else ""))
+        assert page["member_count"] == 252 and page["id"] == gid
+        seen += [(m["row"], m["uri"]) for m in page["members"]]
+        if page["next_after"] is None:
+            break
+        assert page["next_after"] == page["members"][-1]["row"]
+        after = page["next_after"]
+    assert seen == every
+    assert {m["membership"] for m in get(daemon, f"/rooms/{gid}?limit=500")["members"]} == {"joined", "left"}
+    # A full last page names its last row; the page after it is empty.
+    tail = get(daemon, f"/rooms/{gid}?after={every[-4][0]}&limit=3")
+    assert [m["uri"] for m in tail["members"]] == [u for _, u in every[-3:]] and tail["next_after"] == every[-1][0]
+    end = get(daemon, f"/rooms/{gid}?after={every[-1][0]}")
+    assert end["members"] == [] and end["next_after"] is None and end["member_count"] == 252
+    matches_doc(daemon, f"/rooms/{gid}?limit=2", "/admin/v1/rooms/{id}")
+    # Bad paging is 400 invalid_query, problem+json; an unknown room stays 404.
+    for q in ("limit=0", "limit=501", "limit=x", "limit=+5", "limit=%205", "after=-1", "after=x", "after=",
+              "after=-0"):
+        r = daemon.admin("GET", f"/rooms/{gid}?" + q)
+        assert r.status_code == 400 and r.json()["code"] == "invalid_query", (q, r.text)
+        assert r.headers["Content-Type"].startswith("application/problem+json")
+    r = daemon.admin("GET", "/rooms/r_nope?limit=5")
+    assert r.status_code == 404 and r.json()["code"] == "not_found"
+    # The answer to a removal is the room's first page, as GET shows it.
+    r = daemon.admin("POST", f"/rooms/{gid}/members", json={"remove": [b.user("eve")]})
+    assert r.status_code == 200, r.text
+    assert r.json() == get(daemon, f"/rooms/{gid}") and len(r.json()["members"]) == 100
 
 
 def test_the_operator_removes_a_remote_member_of_a_group(daemon, peers, pg, db_url):  # noqa: F811

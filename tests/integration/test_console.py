@@ -3,9 +3,9 @@ then the console itself in a real headless Chromium (Debian's chromium
 package driven by playwright-core, both installed by tools/dev test):
 tests/browser/console.mjs signs in, reads the dashboard while this test sends
 messages, adds a deny rule and reads the next message's trace, replays a dead
-letter, removes a peer's user from a group (its peers told), and finds no
-change control as a viewer.  Screenshots of every page
-go to $top_builddir/test-artefacts/console/."""
+letter, removes a peer's user from a group (its peers told), pages a big
+group's members, and finds no change control as a viewer.  Screenshots of
+every page go to $top_builddir/test-artefacts/console/."""
 import json
 import os
 import queue
@@ -161,6 +161,12 @@ class Scenario:
             return self.dead
         if need == "group":
             return self.group
+        if need == "big group":
+            # more members than a page of the console (50)
+            gk = self.peers["gk"][0]
+            r = gk.create_room([gk.user(f"m{i:02}") for i in range(60)], kind="group", name="Big group")
+            assert r.status_code == 201, r.text
+            return r.json()["id"]
         if need == "removed":
             dan = self.peers["gk"][0].user("dan")
 
@@ -232,6 +238,7 @@ def test_console_in_a_browser(make_daemon, db_url):
     for must in ("sign in as admin", "dashboard shows live numbers", "add a deny rule",
                  "the next message is denied, and its trace says why", "replay a dead letter and see it delivered",
                  "allow a held sender", "remove a peer's user from a group",
+                 "a big group's members come a page at a time",
                  "a viewer sees no change controls on any page",
                  "a change whose answer is lost may have been done, and says so",
                  "phone width: dashboard and navigation",
