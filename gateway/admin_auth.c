@@ -98,6 +98,16 @@ void admin_tokens_forget(struct admin_tokens *t, const char *name)
 	pthread_mutex_unlock(&t->mu);
 }
 
+bool admin_tokens_known(struct admin_tokens *t, const char *name)
+{
+	pthread_mutex_lock(&t->mu);
+	bool known = false;
+	for (size_t i = 0; i < t->n && !known; i++)
+		known = strcmp(t->e[i].name, name) == 0;
+	pthread_mutex_unlock(&t->mu);
+	return known;
+}
+
 bool admin_tokens_any(struct admin_tokens *t)
 {
 	pthread_mutex_lock(&t->mu);
@@ -238,9 +248,10 @@ static cw_err tok_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 }
 
 /* A change answers once this process has it in force (the policy thread
- * reloads the tokens with the policy).  A revoked token is dropped here
- * first, so that a slow or failing reload cannot leave it working in the
- * process that answered. */
+ * reloads the tokens on each of its reloads, whether or not the policy's
+ * own load succeeds).  A revoked token is dropped here first, so that a
+ * slow or failing reload cannot leave it working in the process that
+ * answered. */
 static void tok_after(struct app_job *j)
 {
 	struct tok_job *q = j->data;
@@ -249,7 +260,11 @@ static void tok_after(struct app_job *j)
 		admin_tokens_forget(j->app->admins, q->buf[0]);
 	if (q->same) /* nothing changed: no reload to wait for */
 		return;
-	if (!policy_live_sync(j->app->policy, 2000))
+	/* The sync is the policy's: while the policy fails to load it times
+	 * out though the reload read the tokens.  A new token held by then is
+	 * in force, as a revoked one is once dropped (below): the warning is
+	 * for a new token not held yet. */
+	if (!policy_live_sync(j->app->policy, 2000) && !revoke && !admin_tokens_known(j->app->admins, q->buf[0]))
 		LOG_KV(CW_LOG_WARN, "the token change is committed but not yet in force here (reload slow or failing)");
 	/* Again: a reload that read the tokens before the revocation
 	 * committed may have put the token back meanwhile. */

@@ -35,6 +35,8 @@ void admin_tokens_free(struct admin_tokens *t);
 cw_err admin_tokens_load(struct admin_tokens *t, PGconn *c, cw_errmsg *e);
 /* Drops a named token at once (revoked by this process). */
 void admin_tokens_forget(struct admin_tokens *t, const char *name);
+/* Whether a named token is held (in force in this process). */
+bool admin_tokens_known(struct admin_tokens *t, const char *name);
 /* Whether any credential exists at all (else the admin API is off). */
 bool admin_tokens_any(struct admin_tokens *t);
 /* The token's principal (caller frees), or NULL; every entry is compared

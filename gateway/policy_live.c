@@ -1371,11 +1371,17 @@ static bool reload(struct policy_live *pl)
 	struct policy_view *v = NULL;
 	cw_errmsg e;
 	cw_err rc = policy_load(pl->c, ++pl->version, &v, &e);
-	if (!put_in_force(pl, rc, v, &e))
-		return false;
+	bool ok = put_in_force(pl, rc, v, &e);
+	/* The hook's state (the admin tokens) is read whether or not the
+	 * policy loaded: it needs nothing of it.  Until the thirty-seventh
+	 * session it followed only a load that succeeded, and while the
+	 * policy could not be loaded (a rule row it cannot read, a query the
+	 * database refuses) a token revoked on another process kept working
+	 * here.  A failed load is tried again within a second (live_main), the
+	 * hook with it. */
 	if (pl->o.on_reload)
 		pl->o.on_reload(pl->c, pl->o.reload_arg);
-	return true;
+	return ok;
 }
 
 /* The facts of the pending users (and of those the overlay in force held)

@@ -165,8 +165,10 @@ struct policy_live_opts {
 	/* The retention settings (retention.*), run on this thread's sweep
 	 * loop (gateway/retention.h); NULL: no retention sweep. */
 	const struct cw_config *retention;
-	/* Also run on each reload, on the thread's connection (other state
-	 * that must follow changes as the policy does: the admin tokens). */
+	/* Also run on each whole reload, on the thread's connection, whether
+	 * or not the policy's load succeeded (other state that must follow
+	 * changes as the policy does, and needs nothing of it: the admin
+	 * tokens). */
 	void (*on_reload)(PGconn *c, void *arg);
 	void *reload_arg;
 };

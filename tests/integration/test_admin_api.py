@@ -241,6 +241,50 @@ def test_a_revocation_reaches_every_process(make_daemon, db_url):
                what="the revocation on the second process")
 
 
+def reload_failures(d):
+    for line in d.get("/metrics").text.splitlines():
+        if line.startswith("causeway_policy_reload_failures_total "):
+            return float(line.split()[1])
+    return None
+
+
+def test_tokens_reload_while_the_policy_does_not(make_daemon, pg, db_url):
+    """The admin tokens follow changes on the policy thread's reload; until
+    the thirty-seventh session they were read only after a policy load that
+    succeeded.  While the policy could not be loaded (here a rule row the
+    load cannot read: an expiry of 'infinity', which only SQL can write), a
+    token revoked on another process kept working here, and one made there
+    stayed unknown, for as long as the failure lasted.  They reload now
+    whatever the policy's load does."""
+    a = make_daemon(db_url).start()
+    b = make_daemon(db_url).start()
+    old = make_token(a, "old", "viewer")["token"]
+    wait_until(lambda: call(b, "GET", "/admin/v1/whoami", old).status_code == 200,
+               what="the token on the second process")
+    failures = reload_failures(b)
+    pg.psql("INSERT INTO rules (scope, pattern, mode, created_by, expires_at) "
+            "VALUES ('domain', 'broken.example', 'deny', 'test', 'infinity')", db_url)
+    pg.psql("NOTIFY causeway_policy", db_url)
+    wait_until(lambda: reload_failures(b) > failures, what="the second process's policy reload failing")
+    # Revoked on a: refused at once there (dropped before the answer), and
+    # on b within a reload, though b's policy still does not load.
+    assert a.admin("POST", "/tokens/old/revoke").status_code == 200
+    assert call(a, "GET", "/admin/v1/whoami", old).status_code == 401
+    new = make_token(a, "new", "viewer")["token"]
+    wait_until(lambda: call(b, "GET", "/admin/v1/whoami", old).status_code == 401, timeout=10,
+               what="the revocation on the process whose policy does not load")
+    wait_until(lambda: call(b, "GET", "/admin/v1/whoami", new).status_code == 200, timeout=10,
+               what="the new token on the process whose policy does not load")
+    assert call(a, "GET", "/admin/v1/whoami", new).status_code == 200
+    # The policy's failure went on all along: the tokens did not wait for it.
+    assert reload_failures(b) > failures + 1
+    assert "policy reload failed" in b.log()
+    # Both changes were in force on a when answered: no warning says they
+    # were not (the policy's sync timed out, the tokens' reload did not).
+    assert "the token change is committed but not yet in force here" not in a.log()
+    pg.psql("DELETE FROM rules WHERE pattern = 'broken.example'", db_url)
+
+
 def test_times_are_utc_whatever_the_time_zone_of_the_database(make_daemon, pg, db_url):
     """docs/admin-api.md: times are RFC 3339 in UTC.  Until the twenty-first
     session a database whose TimeZone was not UTC (initdb takes the host's)
