@@ -2376,12 +2376,12 @@ def test_features_both_ways(xd, gk, alice, pg, db_url):
     assert body(m).endswith("Correction: first!!") and m.find("{urn:xmpp:message-correct:0}replace") is None, \
         ET.tostring(m)
     assert post(a, f"/v1/rooms/{room}/messages", {
-        "type": "reaction", "sender": a.user("wally"), "content": {"in_reply_to": e1["id"], "disposition": "reaction",
+        "type": "reaction", "sender": a.user("wally"), "content": {"in_reply_to": rep["id"], "disposition": "reaction",
                                                                "parts": [{"type": "text/plain", "body": "\u2764"}]}}
-                ).status_code == 202
+                ).status_code == 202  # to alice's reply: "typo" was retracted (a reaction to it is 400 now)
     m = message_from(alice, WALLY_JID, lambda el: el.find("{urn:xmpp:reactions:0}reactions") is not None)
     rs = m.find("{urn:xmpp:reactions:0}reactions")
-    assert rs.get("id") == s1 and [x.text for x in rs] == ["\u2764"]
+    assert rs.get("id") == "r1" and [x.text for x in rs] == ["\u2764"]
     assert post(a, f"/v1/rooms/{room}/receipts", {
         "type": "receipt", "sender": a.user("wally"), "content": {"receipt": "read", "in_reply_to": rep["id"]}}
                 ).status_code == 202
