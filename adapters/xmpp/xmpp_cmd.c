@@ -545,7 +545,9 @@ static void consent_start(struct xconsent *j)
  * `unsubscribed` from that JID, as a server answers for a contact that
  * does not exist (RFC 6121 §3.1.3, §4.3.2, §8.5.1), or the user's client
  * shows the request pending for ever (it did until the thirty-sixth
- * session).  Told by the JID's text alone: it says nothing of anyone. */
+ * session).  Told by the JID's text alone: it says nothing of anyone.
+ * A stranger's subscribe or probe is answered so whatever the JID names
+ * (xa_presence). */
 static void to_nobody(struct xcomp *xc, const char *to, const char *user_bare, const char *type)
 {
 	size_t n = strcspn(to, "/"); /* the contact's bare JID (§3.1.3 takes a full one as its bare) */
@@ -570,8 +572,22 @@ void xa_presence(struct xcomp *xc, xmpp_stanza_t *st)
 		return;
 	if (to[0] == '#' && !subscribe_or_probe(type))
 		return xa_muc_presence(xc, st); /* a group chat's room */
-	if (!xa_local_user(xc->x, from, bare, sizeof(bare), local, sizeof(local)))
-		return; /* presence of strangers is not answered */
+	if (!xa_local_user(xc->x, from, bare, sizeof(bare), local, sizeof(local))) {
+		/* Another server's user (over s2s), or a name the gateway
+		 * cannot carry: the component's contacts, and the gateway as
+		 * one, are this server's users' only.  A subscribe or probe is
+		 * answered as for a contact that does not exist, whatever the
+		 * JID names (a remote user or nobody, a room, the gateway), so
+		 * the answer says nothing of anyone; the other types are
+		 * ignored (to_nobody).  Until the thirty-seventh session none
+		 * was answered, and a stranger's subscribe stayed pending in
+		 * her client for ever. */
+		char l[XJ_PART_MAX + 1], d[XJ_PART_MAX + 1], r[XJ_PART_MAX + 1];
+		if (xj_split(from, l, sizeof(l), d, sizeof(d), r, sizeof(r)) &&
+		    (size_t)snprintf(bare, sizeof(bare), "%s%s%s", l, l[0] ? "@" : "", d) < sizeof(bare))
+			to_nobody(xc, to, bare, type); /* to her bare JID, as a contact's server answers */
+		return;
+	}
 	size_t to_bare = strcspn(to, "/");
 	if (to_bare == strlen(xc->domain) && strncmp(to, xc->domain, to_bare) == 0) {
 		/* the gateway itself as a contact (a full JID of it taken as

@@ -1021,6 +1021,77 @@ def test_a_subscribe_to_a_full_jid_of_the_component_is_to_the_component(xd, alic
     assert "unsubscribed" not in presence_types(alice, COMP, start)
 
 
+@contextlib.contextmanager
+def a_stranger(make_daemon, db_url, tmp_path):
+    """A daemon with the component up and eve, another server's user (a
+    second VirtualHost of the same Prosody: stanzas between the two hosts
+    reach the component as a user's over s2s would, from a domain that is
+    not the provider's), logged in: (daemon, gk's client, eve)."""
+    p = Prosody(tmp_path / "prosody", host=HOST, components={COMP: SECRET},
+                extra_config='VirtualHost "stranger.test"')
+    p.start()
+    try:
+        p.prosodyctl("register", "eve", "stranger.test", "pw-eve")
+        d, a, srv = start_with_gk(make_daemon, db_url, p)
+        try:
+            eve = XmppClient("eve@stranger.test", "pw-eve", port=p.c2s_port)
+            eve.connect()
+            try:
+                yield d, a, eve
+            finally:
+                eve.disconnect()
+        finally:
+            srv.close()
+    finally:
+        p.stop()
+
+
+def test_a_strangers_subscribe_is_answered_unsubscribed_whatever_the_jid_names(make_daemon, db_url, pg, tmp_path):
+    """The component's contacts are for this server's users only: another
+    server's user's `subscribe` (or probe) to any JID of the component (a
+    remote user the gateway knows, one it does not, a JID that names
+    nobody, a group's room, the gateway itself) is answered `unsubscribed`
+    from that bare JID, as for a contact that does not exist (RFC 6121
+    §3.1.3, §4.3.2, §8.5.1): the same answer whatever the JID names, so it
+    says nothing of anyone, and her client no longer shows it pending for
+    ever. The other presence types are let go (§8.5.1). Nothing is stored.
+    Until the thirty-seventh session a stranger's presence got no answer."""
+    with a_stranger(make_daemon, db_url, tmp_path) as (d, a, eve):
+        assert a.call("POST", "/v1/profiles", {"user": a.user("wally"),
+                                               "display_name": "Wally Wonka"}).status_code == 200
+        jids = [WALLY_JID, "nobody-known@" + COMP, "\\61lice@" + COMP, "#" + "r" * 12 + "@" + COMP, COMP]
+        before = stored_counts(pg, db_url)
+        for jid in jids:
+            start = eve.count()
+            eve.send_presence(jid + "/x" if jid == WALLY_JID else jid, "subscribe")  # a full JID: its bare one
+            eve.wait_for_presence(lambda el: el.get("from") == jid and el.get("type") == "unsubscribed",
+                                  start=start)
+            eve.ping(COMP)  # answered after anything the component wrote before it
+            assert presence_types(eve, jid, start) == ["unsubscribed"], jid
+            out = stanzas_out(d)
+            eve.send_presence(jid, "probe")
+            eve.ping(COMP)
+            assert stanzas_out(d) == out + 2, jid  # the probe's `unsubscribed` and the ping's result
+            start, out = eve.count(), stanzas_out(d)
+            for ptype in ("subscribed", "unsubscribe", "unsubscribed") + ((None, "unavailable") if jid[0] != "#" else ()):
+                eve.send_presence(jid, ptype)
+            eve.ping(COMP)
+            assert stanzas_out(d) == out + 1, jid  # the ping's result alone
+            assert presence_types(eve, jid, start) == [], jid
+            assert not [el for el in eve.stanzas()[start:] if el.get("type") == "error"], jid
+        assert stored_counts(pg, db_url) == before
+        # her roster keeps the items she added, none of them pending
+        roster = eve.roster()
+        assert sorted(roster) == sorted(jids) and not [j for j, i in roster.items() if i["ask"]], roster
+
+        # A message of hers to the gateway, bare or with a resource, is
+        # refused as before (service-unavailable, from the JID she wrote to).
+        for to in (COMP, COMP + "/x"):
+            eve.send_message(to, "hello?", id="e-" + to)
+            err = eve.wait_for_message(lambda el: el.get("id") == "e-" + to and el.get("type") == "error")
+            assert err.error_condition == "service-unavailable" and err.get("from") == to, err.xml
+
+
 def test_an_upper_case_localpart_is_the_contact_its_server_folds_it_to(xd, gk, alice, pg, db_url):
     """The user's server folds a localpart to lower case (RFC 7622), so
     `WALLY@<component>` reaches the component as wally's JID: the same
