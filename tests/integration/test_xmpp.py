@@ -1092,6 +1092,33 @@ def test_a_strangers_subscribe_is_answered_unsubscribed_whatever_the_jid_names(m
             assert err.error_condition == "service-unavailable" and err.get("from") == to, err.xml
 
 
+def test_a_chat_to_a_full_jid_of_the_component_is_to_the_component(xd, alice):
+    """A `chat` message to the component's JID with a resource
+    (`<component>/x`: the component has no resources) is taken as one to its
+    bare JID, as RFC 6121 §8.5.3.2.1 has a server do for a full JID whose
+    resource is not there: the component's explanation answers it, as an
+    iq or a subscribe to such a JID is the component's. A `normal`,
+    `groupchat` or `headline` message to it gets `service-unavailable`
+    (the same section: ignored or refused), from the JID written to.
+    Until the thirty-seventh session a chat there got `service-unavailable`
+    while the bare JID answered."""
+    start = alice.count()
+    alice.send_message(COMP + "/x", None, payload="<active xmlns='http://jabber.org/protocol/chatstates'/>")
+    alice.send_message(COMP + "/x", "hello?", id="c1")
+    el = message_from(alice, COMP)
+    assert el.get("from") == COMP and el.get("type") == "chat", el.xml
+    assert body(el).startswith("This is the Causeway gateway to gk."), body(el)
+    for mtype in ("normal", None, "groupchat", "headline"):
+        alice.send_message(COMP + "/x", "hello?", mtype=mtype, id=f"m-{mtype}")
+        err = alice.wait_for_message(lambda el: el.get("id") == f"m-{mtype}" and el.get("type") == "error")
+        assert err.error_condition == "service-unavailable" and err.get("from") == COMP + "/x", (mtype, err.xml)
+    alice.ping(COMP)  # answered after anything the component wrote before it
+    got = [m for m in alice.stanzas()[start:] if m.tag == q("jabber:client", "message")
+           and m.get("from", "").split("/")[0] == COMP]
+    assert len(got) == 5 and [m.get("id") for m in got if m.get("type") == "error"] == \
+        ["m-normal", "m-None", "m-groupchat", "m-headline"], [m.xml for m in got]
+
+
 def test_an_upper_case_localpart_is_the_contact_its_server_folds_it_to(xd, gk, alice, pg, db_url):
     """The user's server folds a localpart to lower case (RFC 7622), so
     `WALLY@<component>` reaches the component as wally's JID: the same
