@@ -708,14 +708,14 @@ static int on_stanza(xmpp_conn_t *conn, xmpp_stanza_t *st, void *arg)
 		LOG_KV_LIMITED(CW_LOG_INFO, "xmpp stanza without from or to dropped", "component", xc->domain, "name", name);
 		return 1;
 	}
-	if (strcmp(name, "iq") == 0)
+	if (strcmp(name, "iq") == 0) {
 		on_iq(xc, st);
-	else if (strcmp(name, "message") == 0) {
+	} else if (strcmp(name, "message") == 0) {
 		chat_to_own_resource(xc, st);
 		xa_in_message(xc, st);
-	}
-	else if (strcmp(name, "presence") == 0)
+	} else if (strcmp(name, "presence") == 0) {
 		xa_presence(xc, st);
+	}
 	return 1;
 }
 
