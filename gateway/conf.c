@@ -191,6 +191,11 @@ const struct cfg_option cfg_options[] = {
 	{ "xmpp", "resend_window_ms", CFG_INT, OFF(xmpp_resend_window_ms), "10000", 0, 600000, false, false,
 	  "stanzas written this long before a stream broke, or since the server last answered a ping if earlier, "
 	  "are written again (same id) after the reconnect" },
+	{ "xmpp", "dedup_window_s", CFG_INT, OFF(xmpp_dedup_window_s), "600", 1, 86400, false, false,
+	  "a stanza from a local user with the same conversation, id and content as one taken this many seconds "
+	  "before or less is a resend (stored once); later, the same id is a new message (ids are unique per "
+	  "stream only, RFC 6120 8.1.3); a stanza with an origin-id (XEP-0359) is a resend whenever it comes "
+	  "again" },
 	{ "xmpp", "max_stanza_bytes", CFG_SIZE, OFF(xmpp_max_stanza_bytes), "1MiB", 10000, 64L << 20, false, false,
 	  "largest stanza taken from the XMPP server, from its start tag to its end tag; a larger one is refused "
 	  "(its sender gets policy-violation) and the stream goes on; a single tag, or the stream header, larger "

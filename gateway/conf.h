@@ -83,6 +83,7 @@ struct cw_config {
 	char *xmpp_domain;
 	long xmpp_reconnect_max_ms;
 	long xmpp_resend_window_ms;
+	long xmpp_dedup_window_s;
 	long xmpp_max_stanza_bytes;
 	long xmpp_command_session_lifetime_s;
 	/* [admin] */

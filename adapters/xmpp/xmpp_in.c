@@ -100,7 +100,8 @@ struct xin {
 	char uri[MIMI_URI_MAX + 1];      /* the local user's */
 	char new_room[40], new_room_uri[MIMI_URI_MAX + 1];
 	char sid[XM_ID_MAX + 1], oid[XM_ID_MAX + 1];
-	char base[40];                   /* the dedup key of the stanza */
+	char base[40];                   /* the dedup key of the stanza, this run's (key_now or key_before) */
+	char key_now[40], key_before[40]; /* the dedup keys of this window and of the one before (dedup_keys) */
 	bool group;                      /* a groupchat message to a group's room (remote_bare: the room) */
 	enum xa_leave leave;             /* not XA_LEAVE_NONE: text is an iq asking to leave the group */
 	char msg_id[EVENT_OPAQUE_ID_MAX + 1]; /* its first event's id, once stored */
@@ -154,8 +155,11 @@ static cw_err in_lookup_send(PGconn *c, struct xin *in, cw_errmsg *e)
 	if (!refs)
 		return cw_fail(e, CW_ENOMEM, "out of memory");
 	const struct cw_config *cfg = in->xc->x->cfg;
+	char since[24];
+	snprintf(since, sizeof(since), "%lld", (long long)(in->ts - in->xc->x->cfg->xmpp_dedup_window_s * 1000));
 	const char *params[] = { in->uri, cfg->domain ? cfg->domain : "", in->local, in->local_bare, in->xc->peer,
-				 in->remote_id, in->remote_bare, in->room, in->new_room, in->new_room_uri, refs };
+				 in->remote_id, in->remote_bare, in->room, in->new_room, in->new_room_uri, refs,
+				 in->key_before, since };
 	int ok = PQsendQueryParams(c,
 		"WITH rb AS (SELECT room_id FROM room_bindings WHERE network = 'xmpp' AND native_id = $8), "
 		"p AS (SELECT id, domain FROM peers WHERE name = $5 AND enabled AND $6 <> '' AND NOT EXISTS (SELECT 1 FROM rb)), "
@@ -207,8 +211,12 @@ static cw_err in_lookup_send(PGconn *c, struct xin *in, cw_errmsg *e)
 		"UNION ALL SELECT 'rx', t.public_id, r.content->'content'->'parts'->0->>'body', r.public_id FROM refs "
 		"  JOIN events t ON t.public_id = refs.msg JOIN events r ON r.in_reply_to_id = t.id AND r.type = 'reaction' "
 		"  AND r.sender_id = (SELECT id FROM identities WHERE uri = $1) "
-		"  AND NOT EXISTS (SELECT 1 FROM events d WHERE d.type = 'delete' AND d.replaces_id = r.id)",
-		11, NULL, params, NULL, NULL, 0);
+		"  AND NOT EXISTS (SELECT 1 FROM events d WHERE d.type = 'delete' AND d.replaces_id = r.id) "
+		/* the same stanza taken in the window before this one's, and
+		 * less than xmpp.dedup_window_s ago (dedup_keys) */
+		"UNION ALL SELECT 'dup', NULL, (SELECT 't'::text FROM events WHERE origin_network = 'xmpp' "
+		"  AND origin_native_id = $12 AND ts > $13::bigint), NULL",
+		13, NULL, params, NULL, NULL, 0);
 	free(refs);
 	return ok ? CW_OK : cw_fail(e, CW_EUNAVAIL, "cannot send: %s", PQerrorMessage(c));
 }
@@ -394,6 +402,7 @@ static cw_err in_recv(PGconn *c, void *arg, int round, bool *more, cw_errmsg *e)
 		in->final_round = 0;
 		in->room_id[0] = '\0';
 		in->fresh = in->undone = in->limited = false;
+		snprintf(in->base, sizeof(in->base), "%s", in->key_now);
 		for (int i = 0; i < PQntuples(r); i++) {
 			const char *kind = PQgetvalue(r, i, 0), *k = PQgetvalue(r, i, 1);
 			if (strcmp(kind, "room") == 0 && !PQgetisnull(r, i, 1)) {
@@ -405,6 +414,8 @@ static cw_err in_recv(PGconn *c, void *arg, int round, bool *more, cw_errmsg *e)
 				if (!PQgetisnull(r, i, 3))
 					json_object_set_new(in->own, PQgetvalue(r, i, 2), json_true());
 			}
+			else if (strcmp(kind, "dup") == 0 && !PQgetisnull(r, i, 2))
+				snprintf(in->base, sizeof(in->base), "%s", in->key_before);
 			else if (strcmp(kind, "rx") == 0 && !PQgetisnull(r, i, 2)) {
 				json_t *set = json_object_get(in->rx, k);
 				if (!set)
@@ -760,6 +771,54 @@ static bool dedup_key(struct xcomp *xc, xmpp_stanza_t *st, const char *room, con
 	return ok;
 }
 
+/* "x" and the hex of the first 16 bytes of the digest h and, when
+ * window >= 0, of the number of that window of xmpp.dedup_window_s. */
+static void key_of(const unsigned char h[32], long long window, char *out, size_t len)
+{
+	unsigned char k[32];
+	char buf[32 + 24], hex[33];
+	memcpy(buf, h, 32);
+	int n = window >= 0 ? snprintf(buf + 32, sizeof(buf) - 32, "%lld", window) : 0;
+	if (n > 0)
+		cw_sha256(buf, 32 + (size_t)n, k);
+	cw_hex(hex, n > 0 ? k : h, 16);
+	snprintf(out, len, "x%s", hex);
+}
+
+/* The keys in->base is one of: the same stanza twice (a client's
+ * resend) is stored once.  A stanza id is unique only within a stream
+ * (RFC 6120 §8.1.3): a client that counts its ids from 1 in each session
+ * says "ok" as id 1 again in a later one, a new message.  So the key of
+ * a stanza keyed by its id holds the number of the window of
+ * xmpp.dedup_window_s it came in (key_now); one of the window before
+ * (key_before) taken less than the window's length ago makes it a resend
+ * too (in_recv decides, in its run's first statement, so the look-up
+ * after a lost COMMIT (in_stored_fn) finds the key that run wrote).  An
+ * origin-id (XEP-0359) is unique for good: its key has no time, and a
+ * client that resends after hours (a stream not resumed) is still seen
+ * to.  Until the thirty-seventh session the key had no time, and the
+ * second "ok" was dropped as a resend, silently.  (Two copies sent at the
+ * same instant on either side of a window's edge would both be taken;
+ * copies sent that close are a client's bug, not a resend.) */
+static void dedup_keys(struct xin *in, xmpp_stanza_t *st, const char *key)
+{
+	unsigned char h[32];
+	if (!key[0] || !dedup_key(in->xc, st, in->room, key, h)) {
+		cw_random(h, 16);
+		key_of(h, -1, in->key_now, sizeof(in->key_now));
+		snprintf(in->key_before, sizeof(in->key_before), "%s", in->key_now);
+		return;
+	}
+	long long w = in->xc->x->cfg->xmpp_dedup_window_s * 1000LL;
+	if (in->oid[0] || w <= 0) {
+		key_of(h, -1, in->key_now, sizeof(in->key_now));
+		snprintf(in->key_before, sizeof(in->key_before), "%s", in->key_now);
+		return;
+	}
+	key_of(h, in->ts / w, in->key_now, sizeof(in->key_now));
+	key_of(h, in->ts / w - 1, in->key_before, sizeof(in->key_before));
+}
+
 void xa_in_message(struct xcomp *xc, xmpp_stanza_t *st)
 {
 	struct xmpp *x = xc->x;
@@ -874,14 +933,9 @@ void xa_in_message(struct xcomp *xc, xmpp_stanza_t *st)
 	snprintf(in->new_room_uri, sizeof(in->new_room_uri), "mimi://%s/r/%s", cfg->domain ? cfg->domain : "",
 		 in->new_room);
 	xm_message_ids(st, in->sid, in->oid);
-	/* The dedup key: the same stanza twice (a client's resend) is stored once. */
-	const char *key = in->oid[0] ? in->oid : in->sid;
-	unsigned char h[32];
-	char hex[65];
-	if (!key[0] || !dedup_key(xc, st, in->room, key, h))
-		cw_random(h, 16);
-	cw_hex(hex, h, 16);
-	snprintf(in->base, sizeof(in->base), "x%.32s", hex);
+	in->ts = cw_wall_ms();
+	dedup_keys(in, st, in->oid[0] ? in->oid : in->sid);
+	snprintf(in->base, sizeof(in->base), "%s", in->key_now);
 	const char *refs[16];
 	size_t n = xm_message_refs(st, refs, 16);
 	in->refs = json_array();
@@ -890,7 +944,6 @@ void xa_in_message(struct xcomp *xc, xmpp_stanza_t *st)
 	in->map = json_object();
 	in->own = json_object();
 	in->rx = json_object();
-	in->ts = cw_wall_ms();
 	char *buf = NULL;
 	size_t len = 0;
 	if (xmpp_stanza_to_text(st, &buf, &len) == XMPP_EOK && buf) {
@@ -925,6 +978,8 @@ void xa_in_leave(struct xcomp *xc, xmpp_stanza_t *iq, enum xa_leave how, const c
 	cw_random(h, sizeof(h));
 	cw_hex(hex, h, sizeof(h));
 	snprintf(in->base, sizeof(in->base), "x%s", hex);
+	snprintf(in->key_now, sizeof(in->key_now), "%s", in->base);
+	snprintf(in->key_before, sizeof(in->key_before), "%s", in->base);
 	in->refs = json_array();
 	in->map = json_object();
 	in->own = json_object();

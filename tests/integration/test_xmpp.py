@@ -2305,27 +2305,70 @@ def test_an_id_used_again_for_a_new_message_is_a_new_message(xd, gk, alice, pg, 
     assert len(srv.events) == 3
 
 
-@pytest.mark.xfail(strict=True, reason="open (session 36 review): the dedup key has no time; "
-                                       "a reused id with the same text is taken for a resend for ever")
-def test_a_reused_id_with_the_same_text_in_a_later_session_is_a_new_message(xd, gk, alice, prosody):
+def test_a_reused_id_with_the_same_text_in_a_later_session_is_a_new_message(make_daemon, db_url, prosody, alice, pg):
     """A client with counter ids (unique per stream only, RFC 6120 §8.1.3)
     writes "ok" as id 1 today and again as id 1 in a later session: the
-    second is a new message, but the dedup key (conversation, id, child
-    elements) takes it for a resend and drops it, with no error."""
-    a, srv = gk
-    consent_alice(xd)
-    alice.send_raw(f"<message to='{WALLY_JID}' type='chat' id='1'><body>ok</body></message>")
-    srv.wait_events(1)
-    later = XmppClient(ALICE_JID, "pw-alice", port=prosody.c2s_port, resource="later")
-    later.connect()
+    second is a new message.  The same stanza again within
+    xmpp.dedup_window_s is a resend, stored once.  Until the
+    thirty-seventh session the dedup key (conversation, id, child
+    elements) had no time, and the later "ok" was dropped, silently."""
+    d, a, srv = start_with_gk(make_daemon, db_url, prosody, xmpp={"dedup_window_s": "2"})
     try:
-        later.send_raw(f"<message to='{WALLY_JID}' type='chat' id='1'><body>ok</body></message>")
-        later.send_raw(f"<message to='{WALLY_JID}' type='chat' id='2'><body>after</body></message>")
-        wait_until(lambda: [e for e in list(srv.events) if e["content"].get("parts", [{}])[0].get("body") == "after"],
-                   what="the later message at the peer")
-        assert [e["content"]["parts"][0]["body"] for e in srv.events] == ["ok", "ok", "after"], srv.events
+        consent_alice(d)
+        ok = f"<message to='{WALLY_JID}' type='chat' id='1'><body>ok</body></message>"
+        alice.send_raw(ok)
+        srv.wait_events(1)
+        taken = time.monotonic()
+        alice.send_raw(ok)  # a resend within the window: nothing new
+        alice.send_raw(f"<message to='{WALLY_JID}' type='chat' id='2'><body>between</body>"
+                       f"<reply xmlns='{NS_REPLY}' id='1'/></message>")  # waits for the resend
+        wait_until(lambda: len(srv.events) >= 2, what="the message after the resend")
+        assert pg.psql("SELECT count(*) FROM events WHERE origin_network = 'xmpp'", db_url) == "2"
+        time.sleep(max(0, taken + 2.5 - time.monotonic()))  # the window has passed
+        later = XmppClient(ALICE_JID, "pw-alice", port=prosody.c2s_port, resource="later")
+        later.connect()
+        try:
+            later.send_raw(ok)
+            # a correction waits for what came before it in the chat
+            later.send_raw(f"<message to='{WALLY_JID}' type='chat' id='2'><body>ok!</body>"
+                           f"<replace xmlns='urn:xmpp:message-correct:0' id='1'/></message>")
+            got = srv.wait_events(4)
+            assert [(e["type"], e["content"]["parts"][0]["body"]) for e in got] == [
+                ("message", "ok"), ("message", "between"), ("message", "ok"), ("edit", "ok!")], got
+            assert got[3]["content"]["replaces"] == got[2]["id"], got
+            assert not [el for el in alice.stanzas() + later.stanzas() if el.get("type") == "error"]
+        finally:
+            later.disconnect()
+        assert pg.psql("SELECT count(*) FROM events WHERE origin_network = 'xmpp'", db_url) == "4"
+        assert len(srv.events) == 4
     finally:
-        later.disconnect()
+        srv.close()
+
+
+def test_a_resend_with_an_origin_id_is_a_resend_after_the_window(make_daemon, db_url, prosody, alice, pg):
+    """An origin-id (XEP-0359) is unique for good, not per stream: the
+    same stanza with it again, even after xmpp.dedup_window_s (a client
+    that resends what was not acknowledged once it is back, its stream
+    not resumed), is stored once."""
+    d, a, srv = start_with_gk(make_daemon, db_url, prosody, xmpp={"dedup_window_s": "1"})
+    try:
+        consent_alice(d)
+        once = (f"<message to='{WALLY_JID}' type='chat' id='u1'><body>once</body>"
+                f"<origin-id xmlns='urn:xmpp:sid:0' id='u1'/></message>")
+        alice.send_raw(once)
+        srv.wait_events(1)
+        taken = time.monotonic()
+        time.sleep(max(0, taken + 1.5 - time.monotonic()))  # the window has passed
+        alice.send_raw(once)
+        alice.send_raw(f"<message to='{WALLY_JID}' type='chat' id='u2'><body>next</body>"
+                       f"<origin-id xmlns='urn:xmpp:sid:0' id='u2'/>"
+                       f"<reply xmlns='{NS_REPLY}' id='u1'/></message>")  # waits for the resend
+        wait_until(lambda: len(srv.events) >= 2, what="the next message at the peer")
+        assert [e["content"]["parts"][0]["body"] for e in srv.events] == ["once", "next"], srv.events
+        assert pg.psql("SELECT count(*) FROM events WHERE origin_network = 'xmpp'", db_url) == "2"
+        assert not [el for el in alice.stanzas() if el.get("type") == "error"]
+    finally:
+        srv.close()
 
 
 @pytest.mark.xfail(strict=True, reason="open (session 36 review): an edit of a reply goes without its <reply>")
