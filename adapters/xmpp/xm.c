@@ -1374,9 +1374,13 @@ static enum xm_out_result build(struct ob *b, const char *type, const json_t *co
 		}
 		if (empty)
 			return invalid(why, whylen, "the edit has no text");
+		/* XEP-0308: the correction is the whole stanza again, only its
+		 * id and text changed: the reply (XEP-0461) and its quote go
+		 * with it, or a client that replaces the stanza loses them
+		 * (until the thirty-seventh session they did). */
 		if (target_ok(&info->target) && info->target.is_last) {
 			id_el(b, "replace", NS_CORRECT, info->target.id);
-			return out_message(b, content, info, NULL, NULL, false, false, why, whylen);
+			return out_message(b, content, info, NULL, &info->replied, false, false, why, whylen);
 		}
 		return out_message(b, content, info, CORRECTION, &info->target, false, true, why, whylen);
 	}

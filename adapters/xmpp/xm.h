@@ -239,6 +239,7 @@ struct xm_out_info {
 	struct xm_target reacted;  /* reaction, delete of a reaction: the message reacted to */
 	const json_t *reaction_set; /* reaction, delete of a reaction: the remote sender's keys on
 				       reacted after this event (array of strings) */
+	struct xm_target replied;  /* edit: the message the edited one answered (not known: none) */
 };
 
 enum xm_out_result {

@@ -88,9 +88,25 @@ static const char batch_sql[] =
 	"  tg.sender_id = r.t_id, "
 	"  CASE WHEN rm.kind <> 'group' OR ts.id IS NULL THEN NULL " MUC_NICK("ts", "r.room_id") ", "
 	/* 31: the target is the event's sender's own (a receipt of it is none) */
-	"  tg.sender_id = r.s_id "
+	"  tg.sender_id = r.s_id, "
+	/* 32-37: an edit's: the message the edited one answered (XEP-0308: a
+	 * correction replaces the whole stanza, its reply too), as 8-10, 12,
+	 * 29 and 30 have a reply's */
+	"  rp.id IS NOT NULL, "
+	"  coalesce((SELECT substr(n.native_id, length(r.room_id::text) + 2) FROM event_native_ids n "
+	"   WHERE n.event_id = rp.id AND n.network = 'xmpp' AND n.kind = 'id' "
+	"   AND starts_with(n.native_id, r.room_id::text || '/') LIMIT 1), rp.public_id), "
+	"  (SELECT substr(n.native_id, length(r.room_id::text) + 2) FROM event_native_ids n "
+	"   WHERE n.event_id = rp.id AND n.network = 'xmpp' AND n.kind = 'origin_id' "
+	"   AND starts_with(n.native_id, r.room_id::text || '/') LIMIT 1), "
+	"  (rp.content->'content')::text, rp.sender_id = r.t_id, "
+	"  CASE WHEN rm.kind <> 'group' OR rs.id IS NULL THEN NULL " MUC_NICK("rs", "r.room_id") ", "
+	/* 38: a group's: the public id of the message the edited one answered */
+	"  rp.public_id "
 	"FROM r JOIN rooms rm ON rm.id = r.room_id LEFT JOIN events tg ON tg.id = r.tg_id "
 	"LEFT JOIN identities ts ON ts.id = tg.sender_id "
+	"LEFT JOIN events rp ON rp.id = tg.in_reply_to_id AND r.type = 'edit' AND tg.type = 'message' "
+	"LEFT JOIN identities rs ON rs.id = rp.sender_id "
 	"LEFT JOIN events rt ON rt.id = r.rt_id ORDER BY r.i";
 
 /* The lookup is planned once per connection (planning it took longer than
@@ -241,6 +257,7 @@ static bool build_group(struct xmpp *x, struct outbox_row *row, PGresult *r, int
 	 * reaction would take all of them away */
 	bool oom = false;
 	json_t *set = col_json(r, k, 17, &oom), *quoted = col_json(r, k, 12, &oom);
+	json_t *rquoted = col_json(r, k, 35, &oom);
 	json_t *ev = peer_media_public(x->app, row->event);
 	bool ok = occ != NULL && !oom;
 	if (!ok)
@@ -253,8 +270,10 @@ static bool build_group(struct xmpp *x, struct outbox_row *row, PGresult *r, int
 	 * left: it gives way first) */
 	bool mine = strcmp(PQgetvalue(r, k, 18), PQgetvalue(r, k, 19)) == 0;
 	bool target_mine = col(r, k, 29) && PQgetvalue(r, k, 29)[0] == 't';
+	bool replied_mine = col(r, k, 36) && PQgetvalue(r, k, 36)[0] == 't';
 	json_array_foreach(ok ? occ : NULL, i, o) {
 		char from[XJ_JID_MAX + 300], author[XJ_JID_MAX + 300], own[256]; /* a nick: at most 255 bytes */
+		char rauthor[XJ_JID_MAX + 300];
 		snprintf(own, sizeof(own), "%s", json_string_value(json_array_get(o, 1)));
 		if (((!mine && strcmp(PQgetvalue(r, k, 28), own) == 0) ||
 		     (!target_mine && col(r, k, 30) && strcmp(col(r, k, 30), own) == 0)) &&
@@ -263,6 +282,7 @@ static bool build_group(struct xmpp *x, struct outbox_row *row, PGresult *r, int
 		snprintf(from, sizeof(from), "%s/%s", room, PQgetvalue(r, k, 28));
 		/* a reply to the user's own message names their occupant */
 		snprintf(author, sizeof(author), "%s/%s", room, target_mine ? own : col(r, k, 30) ? col(r, k, 30) : "");
+		snprintf(rauthor, sizeof(rauthor), "%s/%s", room, replied_mine ? own : col(r, k, 37) ? col(r, k, 37) : "");
 		/* In a room, references name the room's ids (stanza-id): the
 		 * messages' own. */
 		struct xm_out_info info = {
@@ -274,6 +294,8 @@ static bool build_group(struct xmpp *x, struct outbox_row *row, PGresult *r, int
 				    .is_reaction = PQgetvalue(r, k, 13)[0] == 't', .author = col(r, k, 30) ? author : NULL },
 			.reacted = { .known = PQgetvalue(r, k, 14)[0] == 't', .id = col(r, k, 25), .origin_id = col(r, k, 25) },
 			.reaction_set = set,
+			.replied = { .known = PQgetvalue(r, k, 32)[0] == 't', .id = col(r, k, 38), .origin_id = col(r, k, 38),
+				     .content = rquoted, .author = replied_mine || col(r, k, 37) ? rauthor : NULL },
 		};
 		xmpp_stanza_t *st = NULL;
 		char why[200] = "";
@@ -313,6 +335,7 @@ static bool build_group(struct xmpp *x, struct outbox_row *row, PGresult *r, int
 	json_decref(ev);
 	json_decref(set);
 	json_decref(quoted);
+	json_decref(rquoted);
 	json_decref(occ);
 	if (!ok) {
 		free(*text);
@@ -369,9 +392,11 @@ static bool build(struct xmpp *x, struct outbox_row *row, PGresult *r, int k, st
 	}
 	bool oom = false;
 	json_t *set = col_json(r, k, 17, &oom), *quoted = col_json(r, k, 12, &oom);
+	json_t *rquoted = col_json(r, k, 35, &oom);
 	if (oom) { /* as in build_group */
 		json_decref(set);
 		json_decref(quoted);
+		json_decref(rquoted);
 		cw_fail(e, CW_ENOMEM, "out of memory");
 		return false;
 	}
@@ -385,6 +410,8 @@ static bool build(struct xmpp *x, struct outbox_row *row, PGresult *r, int k, st
 			    .author = PQgetvalue(r, k, 29)[0] == 't' ? local_jid : remote_jid },
 		.reacted = { .known = PQgetvalue(r, k, 14)[0] == 't', .id = col(r, k, 15), .origin_id = col(r, k, 16) },
 		.reaction_set = set,
+		.replied = { .known = PQgetvalue(r, k, 32)[0] == 't', .id = col(r, k, 33), .origin_id = col(r, k, 34),
+			     .content = rquoted, .author = PQgetvalue(r, k, 36)[0] == 't' ? local_jid : remote_jid },
 	};
 	xmpp_ctx_t *ctx = xa_thread_ctx(x);
 	xmpp_stanza_t *st = NULL;
@@ -396,6 +423,7 @@ static bool build(struct xmpp *x, struct outbox_row *row, PGresult *r, int k, st
 	json_decref(ev);
 	json_decref(set);
 	json_decref(quoted);
+	json_decref(rquoted);
 	if (res == XM_OUT_NONE)
 		return true;
 	if (res != XM_OUT_STANZA) {

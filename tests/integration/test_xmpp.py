@@ -2371,13 +2371,14 @@ def test_a_resend_with_an_origin_id_is_a_resend_after_the_window(make_daemon, db
         srv.close()
 
 
-@pytest.mark.xfail(strict=True, reason="open (session 36 review): an edit of a reply goes without its <reply>")
 def test_a_correction_of_a_peers_reply_keeps_the_reply(xd, gk, alice):
     """XEP-0308: the sender "MUST re-send the entire stanza, only altering
     id and the payloads being corrected", and the receiver treats it as a
     complete replacement. A peer's edit of a reply goes out as <replace/>
-    and the new body only: a client that replaces the whole stanza loses
-    the reply (and a client without XEP-0461 the quote)."""
+    with the same <reply/> and quote (fallback) as the reply had: until the
+    thirty-seventh session it had the new body only, and a client that
+    replaces the whole stanza lost the reply (one without XEP-0461 the
+    quote)."""
     a, srv = gk
     consent_alice(xd)
     room = a.create_room([a.user("wally"), ALICE]).json()["id"]
@@ -2392,6 +2393,33 @@ def test_a_correction_of_a_peers_reply_keeps_the_reply(xd, gk, alice):
     assert m.find("{urn:xmpp:message-correct:0}replace").get("id") == w1
     reply = m.find(f"{{{NS_REPLY}}}reply")
     assert reply is not None and reply.get("id") == s1, m.xml
+    assert reply.get("to") == ALICE_JID, m.xml
+    assert body(m) == "> question\nanswer!", m.xml
+    fb = m.find("{urn:xmpp:fallback:0}fallback")
+    assert fb is not None and fb.get("for") == NS_REPLY, m.xml
+    assert fb.find("{urn:xmpp:fallback:0}body").get("end") == str(len("> question\n")), m.xml
+
+
+def test_a_correction_of_a_reply_in_a_group_keeps_the_reply(xd, gk, alice):
+    """The same in a group: zoe's correction of her answer to wally's
+    message names it by the room's id and its writer by occupant, with the
+    same quote, as her answer did."""
+    a, srv = gk
+    gid, room, _ = alice_in_a_group(xd, a, alice, "Fixes", "hello all")
+    target = post(a, f"/v1/rooms/{gid}/messages", {"type": "message", "sender": a.user("wally"), "content": {
+        "parts": [{"type": "text/plain", "body": "a question"}]}}).json()["id"]
+    message_from(alice, room, lambda el: body(el) == "a question")
+    reply_to(a, gid, a.user("zoe"), target, "an answer")
+    first = message_from(alice, room, lambda el: (body(el) or "").endswith("an answer"))
+    zoe = first.find("{urn:xmpp:sid:0}stanza-id").get("id")
+    assert post(a, f"/v1/rooms/{gid}/messages", {"type": "edit", "sender": a.user("zoe"), "content": {
+        "replaces": zoe, "parts": [{"type": "text/plain", "body": "an answer!"}]}}).status_code == 202
+    m = message_from(alice, room, lambda el: (body(el) or "").endswith("an answer!"))
+    assert m.get("from") == room + "/zoe" and m.get("type") == "groupchat", ET.tostring(m)
+    assert m.find("{urn:xmpp:message-correct:0}replace").get("id") == zoe, ET.tostring(m)
+    reply = m.find(f"{{{NS_REPLY}}}reply")
+    assert reply is not None and reply.get("id") == target and reply.get("to") == room + "/wally", ET.tostring(m)
+    assert assert_quoted(m, "a question", "an answer!") == assert_quoted(first, "a question", "an answer")
 
 
 def answered_after_unknown_outcome(d, client, sid):
