@@ -246,6 +246,7 @@ struct in {
 	int64_t ts;
 	json_t *list;
 	bool oom, too_large;
+	bool long_reaction; /* a <reaction/> longer than EVENT_REACTION_MAX: the stanza is refused */
 	const char *reason; /* why nothing came out, the first reason */
 };
 
@@ -329,6 +330,24 @@ static int cmp_str(const void *a, const void *b)
 /* XEP-0444: the difference between the stanza's set and the stored one. */
 static void in_reactions(struct in *in, xmpp_stanza_t *r)
 {
+	/* A key longer than the neutral model takes is this gateway's
+	 * restriction, and XEP-0444 §4.3 has an entity with one answer the
+	 * payload with not-acceptable (its client then puts its reactions
+	 * back as they were): the whole stanza is refused, whatever it
+	 * reacts to.  Until the thirty-seventh session such a key was left
+	 * out silently, and the user's client showed a reaction nobody got. */
+	size_t read = 0;
+	for (xmpp_stanza_t *c = xmpp_stanza_get_children(r); c && read < KEYS_MAX; c = xmpp_stanza_get_next(c)) {
+		if (!inner(c, "reaction", NS_REACTIONS))
+			continue;
+		read++;
+		char *k = text_of(c); /* NULL: empty (left out below), or no memory */
+		if (k && strlen(k) > EVENT_REACTION_MAX)
+			in->long_reaction = true;
+		free(k);
+	}
+	if (in->long_reaction)
+		return;
 	char buf[EVENT_OPAQUE_ID_MAX + 8];
 	const char *target = lookup_msg(in->l, id_attr(r), buf, sizeof(buf));
 	if (!target) {
@@ -669,9 +688,14 @@ enum xm_in_result xm_to_neutral(xmpp_stanza_t *msg, const struct xm_in_lookup *l
 	/* A chat state only counts in a stanza that carries nothing else. */
 	if (!body && !retract && !reactions && !oob && !replace && !receipts && !in_chat_state(&in, msg))
 		note(&in, "the stanza carries nothing the gateway maps");
-	if (in.oom || in.too_large) {
+	if (in.oom || in.too_large || in.long_reaction) {
 		json_decref(in.list);
-		say(why, whylen, "%s", in.oom ? "out of memory" : "the message is too large for a neutral event");
+		if (in.oom)
+			say(why, whylen, "out of memory");
+		else if (in.long_reaction)
+			say(why, whylen, "a reaction is at most %d bytes (a single emoji)", EVENT_REACTION_MAX);
+		else
+			say(why, whylen, "the message is too large for a neutral event");
 		return in.oom ? XM_IN_INVALID : XM_IN_TOO_LONG;
 	}
 	if (json_array_size(in.list) == 0) {

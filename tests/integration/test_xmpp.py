@@ -2422,6 +2422,50 @@ def test_a_correction_of_a_reply_in_a_group_keeps_the_reply(xd, gk, alice):
     assert assert_quoted(m, "a question", "an answer!") == assert_quoted(first, "a question", "an answer")
 
 
+def test_a_reaction_longer_than_64_bytes_is_not_acceptable(xd, gk, alice, pg, db_url):
+    """XEP-0444 §4.3: an entity with reaction restrictions MUST answer an
+    invalid reactions payload with not-acceptable, and SHOULD say the rule
+    in the error's text; the sender's client then puts its reactions back.
+    A key over the neutral model's 64 bytes is such a restriction here: the
+    stanza is refused whole, in a chat and in a group's room, and nothing
+    is stored; a key of 64 bytes is carried.  Until the thirty-seventh
+    session the long key was left out silently (and the others carried),
+    so the user's client showed a reaction nobody got."""
+    a, srv = gk
+    gid, room, _ = alice_in_a_group(xd, a, alice, "Reactions", "hi")
+    in_group = post(a, f"/v1/rooms/{gid}/messages", {"type": "message", "sender": a.user("wally"), "content": {
+        "parts": [{"type": "text/plain", "body": "react here"}]}}).json()["id"]
+    message_from(alice, room, lambda el: body(el) == "react here")
+    chat = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    in_chat = post(a, f"/v1/rooms/{chat}/messages", {"type": "message", "sender": a.user("wally"), "content": {
+        "parts": [{"type": "text/plain", "body": "react there"}]}}).json()["id"]
+    message_from(alice, WALLY_JID, lambda el: body(el) == "react there")
+    events = pg.psql("SELECT count(*) FROM events", db_url)
+    long_key = "\U0001F44D" * 16 + "!"  # 65 bytes
+
+    def refused(to, mtype, target, sid):
+        alice.send_raw(f"<message to='{to}' type='{mtype}' id='{sid}'><reactions xmlns='urn:xmpp:reactions:0' "
+                       f"id='{target}'><reaction>\U0001F389</reaction><reaction>{long_key}</reaction></reactions>"
+                       f"<store xmlns='urn:xmpp:hints'/></message>")
+        el = alice.wait_for_message(lambda m: m.get("id") == sid and m.get("type") == "error")
+        err = el.find("{jabber:client}error")
+        assert el.error_condition == "not-acceptable" and err.get("type") == "modify", el.xml
+        text = err.find("{urn:ietf:params:xml:ns:xmpp-stanzas}text")
+        assert text is not None and text.text == "Not delivered: a reaction is at most 64 bytes (a single emoji).", \
+            el.xml
+
+    refused(WALLY_JID, "chat", in_chat, "rx-long1")
+    refused(room, "groupchat", in_group, "rx-long2")
+    assert pg.psql("SELECT count(*) FROM events", db_url) == events
+    alice.send_raw(f"<message to='{WALLY_JID}' type='chat' id='rx-full'><reactions xmlns='urn:xmpp:reactions:0' "
+                   f"id='{in_chat}'><reaction>{long_key[:-1]}</reaction></reactions></message>")
+    got = wait_until(lambda: [e for e in list(srv.events) if e["type"] == "reaction"] or None,
+                     what="the 64-byte reaction at the peer")
+    assert [(e["content"]["in_reply_to"], e["content"]["parts"][0]["body"]) for e in got] == \
+        [(in_chat, long_key[:-1])], got
+    assert not [el for el in alice.stanzas() if el.get("type") == "error" and el.get("id") == "rx-full"]
+
+
 def answered_after_unknown_outcome(d, client, sid):
     """Waits until the daemon answered the stanza sid whose COMMIT's answer
     was lost (looked up, or an error to the client); the errors to it."""

@@ -589,6 +589,24 @@ START_TEST(in_edges)
 	ck_assert_uint_eq(json_array_size(out), 1);
 	json_decref(out);
 	xmpp_stanza_release(rm);
+	/* A key longer than 64 bytes refuses the stanza (XEP-0444 §4.3:
+	 * not-acceptable), whatever it reacts to; 64 bytes is a key. */
+	char rx[400];
+	snprintf(rx, sizeof(rx), "<message><reactions id='m1' xmlns='urn:xmpp:reactions:0'><reaction>%065d</reaction>"
+		 "<reaction>y</reaction></reactions></message>", 0);
+	rm = parse_stanza(rx, "a 65-byte reaction");
+	ck_assert_int_eq(xm_to_neutral(rm, &l, TS, &out, why, sizeof(why)), XM_IN_TOO_LONG);
+	ck_assert_ptr_null(out);
+	ck_assert_str_eq(why, "a reaction is at most 64 bytes (a single emoji)");
+	ck_assert_int_eq(xm_to_neutral(rm, NULL, TS, &out, why, sizeof(why)), XM_IN_TOO_LONG);
+	xmpp_stanza_release(rm);
+	snprintf(rx, sizeof(rx), "<message><reactions id='m1' xmlns='urn:xmpp:reactions:0'><reaction>%064d</reaction>"
+		 "</reactions></message>", 0);
+	rm = parse_stanza(rx, "a 64-byte reaction");
+	ck_assert_int_eq(xm_to_neutral(rm, &l, TS, &out, why, sizeof(why)), XM_IN_OK);
+	ck_assert_uint_eq(strlen(plain_of(json_object_get(json_array_get(out, 0), "content"))), 64);
+	json_decref(out);
+	xmpp_stanza_release(rm);
 	/* NULL stanza, a text stanza, a NULL out. */
 	ck_assert_int_eq(xm_to_neutral(NULL, &l, TS, &out, why, sizeof(why)), XM_IN_INVALID);
 	ck_assert_ptr_null(out);
