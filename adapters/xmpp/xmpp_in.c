@@ -156,7 +156,7 @@ static cw_err in_lookup_send(PGconn *c, struct xin *in, cw_errmsg *e)
 		return cw_fail(e, CW_ENOMEM, "out of memory");
 	const struct cw_config *cfg = in->xc->x->cfg;
 	char since[24];
-	snprintf(since, sizeof(since), "%lld", (long long)(in->ts - in->xc->x->cfg->xmpp_dedup_window_s * 1000));
+	snprintf(since, sizeof(since), "%lld", (long long)(in->ts - cfg->xmpp_dedup_window_s * 1000));
 	const char *params[] = { in->uri, cfg->domain ? cfg->domain : "", in->local, in->local_bare, in->xc->peer,
 				 in->remote_id, in->remote_bare, in->room, in->new_room, in->new_room_uri, refs,
 				 in->key_before, since };
@@ -795,8 +795,8 @@ static void key_of(const unsigned char h[32], long long window, char *out, size_
  * too (in_recv decides, in its run's first statement, so the look-up
  * after a lost COMMIT (in_stored_fn) finds the key that run wrote).  An
  * origin-id (XEP-0359) is unique for good: its key has no time, and a
- * client that resends after hours (a stream not resumed) is still seen
- * to.  Until the thirty-seventh session the key had no time, and the
+ * copy a client sends again hours later (its stream not resumed) is
+ * still taken for the resend it is.  Until the thirty-seventh session the key had no time, and the
  * second "ok" was dropped as a resend, silently.  (Two copies sent at the
  * same instant on either side of a window's edge would both be taken;
  * copies sent that close are a client's bug, not a resend.) */
