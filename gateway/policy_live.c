@@ -127,10 +127,15 @@ static cw_err load_all(PGconn *c, struct policy_builder *b, void *arg, cw_errmsg
 	uint64_t fp = fp_mix(FP_START, policy_mode_name(set->default_mode));
 	fp = fp_mix(fp, set->optin_default ? "t" : "f");
 
+	/* An expiry of 'infinity' (only SQL writes one: the API takes
+	 * seconds) is no expiry: until the thirty-seventh session its epoch
+	 * (Infinity) failed the ::bigint cast, and with it every load of the
+	 * policy until the row was mended; '-infinity' is past, not loaded. */
 	if ((rc = query(c, "SELECT id, scope, pattern, coalesce(mode, ''), limits::text, "
-			   " coalesce((extract(epoch FROM expires_at) * 1000)::bigint, 0), "
-			   " ceil(extract(epoch FROM expires_at - now()) * 1000)::bigint "
-			   "FROM rules WHERE enabled AND (expires_at IS NULL OR expires_at > now())", &r, e)))
+			   " coalesce((extract(epoch FROM f.exp) * 1000)::bigint, 0), "
+			   " ceil(extract(epoch FROM f.exp - now()) * 1000)::bigint "
+			   "FROM rules, LATERAL (SELECT CASE WHEN isfinite(expires_at) THEN expires_at END AS exp) f "
+			   "WHERE enabled AND (expires_at IS NULL OR expires_at > now())", &r, e)))
 		return rc;
 	set->mode_rule_expiry_in_ms = 0;
 	for (int i = 0; i < PQntuples(r); i++) {

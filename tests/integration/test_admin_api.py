@@ -251,8 +251,8 @@ def reload_failures(d):
 def test_tokens_reload_while_the_policy_does_not(make_daemon, pg, db_url):
     """The admin tokens follow changes on the policy thread's reload; until
     the thirty-seventh session they were read only after a policy load that
-    succeeded.  While the policy could not be loaded (here a rule row the
-    load cannot read: an expiry of 'infinity', which only SQL can write), a
+    succeeded.  While the policy could not be loaded (here a column of rules
+    renamed under it: the load's query fails), a
     token revoked on another process kept working here, and one made there
     stayed unknown, for as long as the failure lasted.  They reload now
     whatever the policy's load does."""
@@ -262,8 +262,7 @@ def test_tokens_reload_while_the_policy_does_not(make_daemon, pg, db_url):
     wait_until(lambda: call(b, "GET", "/admin/v1/whoami", old).status_code == 200,
                what="the token on the second process")
     failures = reload_failures(b)
-    pg.psql("INSERT INTO rules (scope, pattern, mode, created_by, expires_at) "
-            "VALUES ('domain', 'broken.example', 'deny', 'test', 'infinity')", db_url)
+    pg.psql("ALTER TABLE rules RENAME COLUMN limits TO limits_gone", db_url)
     pg.psql("NOTIFY causeway_policy", db_url)
     wait_until(lambda: reload_failures(b) > failures, what="the second process's policy reload failing")
     # Revoked on a: refused at once there (dropped before the answer), and
@@ -282,7 +281,35 @@ def test_tokens_reload_while_the_policy_does_not(make_daemon, pg, db_url):
     # Both changes were in force on a when answered: no warning says they
     # were not (the policy's sync timed out, the tokens' reload did not).
     assert "the token change is committed but not yet in force here" not in a.log()
-    pg.psql("DELETE FROM rules WHERE pattern = 'broken.example'", db_url)
+    pg.psql("ALTER TABLE rules RENAME COLUMN limits_gone TO limits", db_url)
+
+
+def metric(d, name):
+    for line in d.get("/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+def test_a_rule_that_expires_at_infinity_is_a_rule_without_expiry(daemon, pg, db_url):
+    """An expiry of 'infinity' (only SQL can write one: the API takes
+    seconds; an operator's "never" by hand) is no expiry, and '-infinity'
+    is past.  Until the thirty-seventh session the first failed every load
+    of the policy (its epoch cast to bigint) until the row was mended: no
+    change of the rules took effect meanwhile."""
+    failures = reload_failures(daemon)
+    rules = metric(daemon, "causeway_policy_rules")
+    pg.psql("INSERT INTO rules (scope, pattern, mode, created_by, expires_at) VALUES "
+            "('domain', 'never.example', 'deny', 'test', 'infinity'), "
+            "('domain', 'past.example', 'deny', 'test', '-infinity')", db_url)
+    pg.psql("NOTIFY causeway_policy", db_url)
+    wait_until(lambda: metric(daemon, "causeway_policy_rules") == rules + 1, what="the rule in force")
+    assert reload_failures(daemon) == failures
+    assert "policy reload failed" not in daemon.log()
+    # and a change made after it takes effect too
+    assert daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "later.example",
+                                                "mode": "deny"}).status_code == 201
+    wait_until(lambda: metric(daemon, "causeway_policy_rules") == rules + 2, what="the later rule in force")
 
 
 def test_times_are_utc_whatever_the_time_zone_of_the_database(make_daemon, pg, db_url):
