@@ -274,6 +274,8 @@ static cw_err in_convert(struct xin *in, bool *any, cw_errmsg *e)
 	if (res == XM_IN_INVALID) {
 		LOG_KV_LIMITED(CW_LOG_INFO, "xmpp message refused", "component", in->xc->domain, "detail", why);
 		refuse(in, "modify", "bad-request");
+		if (why[0]) /* what is wrong with her own stanza: until the thirty-seventh session no text */
+			not_delivered(in->err_text, sizeof(in->err_text), why);
 		return CW_OK;
 	}
 	if (res == XM_IN_TOO_LONG) {
@@ -512,8 +514,16 @@ static cw_err in_recv(PGconn *c, void *arg, int round, bool *more, cw_errmsg *e)
 			refuse(in, "cancel", "service-unavailable");
 		else if (st == 503)
 			refuse(in, "wait", "internal-server-error");
-		else
+		else {
+			/* what the pipeline found wrong with the content (an edit
+			 * of a message not hers, of one deleted…): said, as the
+			 * peer API's detail says it; until the thirty-seventh
+			 * session a bare bad-request.  A denial or an unknown
+			 * room above says nothing of anyone. */
 			refuse(in, "modify", "bad-request");
+			if (detail && *detail)
+				not_delivered(in->err_text, sizeof(in->err_text), detail);
+		}
 		taken = false;
 		break;
 	}

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from harness import NAMES_SHOWN, HeldSession, free_port, wait_until
 from peer import MediaServer, NotifyServer, PeerClient, verify_get
 from pgproxy import PgProxy
-from prosody import Prosody, XmppClient
+from prosody import NS_STANZAS, Prosody, XmppClient
 
 HOST = "xmpp.test"
 COMP = "gk.xmpp.test"
@@ -2614,6 +2614,29 @@ def test_features_both_ways(xd, gk, alice, pg, db_url):
         "type": "delete", "sender": a.user("wally"), "content": {"replaces": w1}}).status_code == 202
     m = message_from(alice, WALLY_JID, lambda el: el.find("{urn:xmpp:message-retract:1}retract") is not None)
     assert m.find("{urn:xmpp:message-retract:1}retract").get("id") == w1
+
+
+def test_a_correction_of_the_contacts_message_says_why_it_is_refused(xd, gk, alice, pg, db_url):
+    """XEP-0308 corrections are of one's own messages: alice's <replace/>
+    naming wally's message is refused, nothing stored, and the error says
+    why.  Until the thirty-seventh session it was a bare bad-request, which
+    her client shows as "bad request" and nothing more (a review's
+    finding)."""
+    a, srv = gk
+    consent_alice(xd)
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    w1 = a.send(room, a.user("wally"), "his").json()["id"]
+    message_from(alice, WALLY_JID, lambda el: body(el) == "his")
+    events = pg.psql("SELECT count(*) FROM events", db_url)
+    alice.send_raw(f"<message to='{WALLY_JID}' type='chat' id='cx1'><body>mine now</body>"
+                   f"<replace xmlns='urn:xmpp:message-correct:0' id='{w1}'/></message>")
+    err = message_from(alice, WALLY_JID, lambda el: el.get("type") == "error" and el.get("id") == "cx1")
+    text = err.find(f".//{{{NS_STANZAS}}}text")
+    assert err.error_condition == "bad-request" and text is not None and text.text.startswith("Not delivered: "), \
+        ET.tostring(err)
+    assert "another sender" in text.text, text.text
+    assert pg.psql("SELECT count(*) FROM events", db_url) == events
+    assert len(srv.events) == 0
 
 
 def test_consent_by_subscription(xd, gk, alice, pg, db_url):
