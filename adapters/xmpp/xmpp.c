@@ -673,23 +673,6 @@ static void refuse_cut(struct xcomp *xc, xmpp_stanza_t *st)
 	xa_send_now(xc, xa_error_reply(st, "modify", "policy-violation", text));
 }
 
-/* A `chat` message to the component's JID with a resource (it has none)
- * is taken as one to its bare JID, as RFC 6121 §8.5.3.2.1 has a server do
- * for a full JID whose resource is not there; an iq or a subscribe to such
- * a JID is the component's too (on_iq, xa_presence).  The other types go
- * on as they came: `normal`, `groupchat` and `headline` are refused, as
- * the same section allows, and an error is a bounce.  A stranger's stays
- * as it came, refused from the JID she wrote to.  Until the thirty-seventh
- * session such a chat was refused while the bare JID answered. */
-static void chat_to_own_resource(struct xcomp *xc, xmpp_stanza_t *st)
-{
-	const char *to = xmpp_stanza_get_to(st), *type = xmpp_stanza_get_type(st);
-	size_t n = strlen(xc->domain);
-	if (type && strcmp(type, "chat") == 0 && strncmp(to, xc->domain, n) == 0 && to[n] == '/' &&
-	    from_local_user(xc, st))
-		xmpp_stanza_set_to(st, xc->domain);
-}
-
 static int on_stanza(xmpp_conn_t *conn, xmpp_stanza_t *st, void *arg)
 {
 	(void)conn;
@@ -708,14 +691,12 @@ static int on_stanza(xmpp_conn_t *conn, xmpp_stanza_t *st, void *arg)
 		LOG_KV_LIMITED(CW_LOG_INFO, "xmpp stanza without from or to dropped", "component", xc->domain, "name", name);
 		return 1;
 	}
-	if (strcmp(name, "iq") == 0) {
+	if (strcmp(name, "iq") == 0)
 		on_iq(xc, st);
-	} else if (strcmp(name, "message") == 0) {
-		chat_to_own_resource(xc, st);
+	else if (strcmp(name, "message") == 0)
 		xa_in_message(xc, st);
-	} else if (strcmp(name, "presence") == 0) {
+	else if (strcmp(name, "presence") == 0)
 		xa_presence(xc, st);
-	}
 	return 1;
 }
 

@@ -736,6 +736,21 @@ static const json_t *no_reactions(void *ctx, const char *msg)
 	return NULL;
 }
 
+/* Whether a message of type type to `to` is to the component itself: its
+ * bare JID, or, for a `chat`, a full JID of it (it has no resources: RFC
+ * 6121 §8.5.3.2.1 has a server take such a chat as one to the bare JID,
+ * and allows `normal`, `groupchat` and `headline` to be refused, which
+ * they are, as a JID that names nobody).  An iq or a subscribe to a full
+ * JID of it is the component's too (on_iq, xa_presence).  Until the
+ * thirty-seventh session such a chat was refused while the bare JID
+ * answered. */
+static bool to_gateway(const struct xcomp *xc, const char *to, const char *type)
+{
+	size_t n = strlen(xc->domain);
+	return strncmp(to, xc->domain, n) == 0 &&
+	       (to[n] == '\0' || (to[n] == '/' && type && strcmp(type, "chat") == 0));
+}
+
 /* The component itself was written to: it only explains itself. */
 static void to_component(struct xcomp *xc, xmpp_stanza_t *st)
 {
@@ -851,7 +866,7 @@ void xa_in_message(struct xcomp *xc, xmpp_stanza_t *st)
 		refuse_now(xc, st, "cancel", "service-unavailable");
 		return;
 	}
-	if (strcmp(to, xc->domain) == 0) {
+	if (to_gateway(xc, to, type)) {
 		free(in);
 		to_component(xc, st);
 		return;
