@@ -280,7 +280,9 @@ static cw_err members_remove_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		return rc;
 	/* The answer is the room as GET /admin/v1/rooms/{id} shows it now
 	 * (its first page of members: app_paging's default limit). */
-	const char *gp[] = { in->public_id, "0", "100" };
+	char limit[24];
+	snprintf(limit, sizeof(limit), "%d", APP_PAGE_DEFAULT);
+	const char *gp[] = { in->public_id, "0", limit };
 	r = PQexecParams(c, ROOM_SQL, 3, NULL, gp, NULL, NULL, 0);
 	if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
 		return rc;

@@ -860,7 +860,7 @@ bool app_paging(struct cw_req *req, long long *after, long *limit)
 {
 	const char *a = cw_req_query(req, "after"), *l = cw_req_query(req, "limit");
 	*after = 0;
-	*limit = 100;
+	*limit = APP_PAGE_DEFAULT;
 	if (a) {
 		if (!digits_only(a)) {
 			cw_req_problem(req, 400, "invalid_query", "Invalid query",

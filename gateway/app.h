@@ -136,6 +136,7 @@ bool app_authorize(struct cw_req *req, enum cw_auth auth, void *ctx);
 /* Admin lists: ?after= (a row id, 0 when absent) and ?limit= (1 to
  * APP_PAGE_MAX, 100 when absent); false after answering 400. */
 #define APP_PAGE_MAX 500
+#define APP_PAGE_DEFAULT 100
 bool app_paging(struct cw_req *req, long long *after, long *limit);
 /* The path parameter name as a row id; false after answering 404 "no
  * <what> with that id". */

@@ -333,6 +333,10 @@ bool peer_url_valid(const char *s)
 
 /* ------------------------------------------------------------ admin API */
 
+/* What peer_url_valid takes, as the create and the PATCH refuse it. */
+#define PUSH_URL_RULE "push_url must be an http:// or https:// URL of at most 2048 bytes with a host " \
+	"(a port up to 65535) and no user or password"
+
 struct peer_input {
 	char name[PEER_NAME_MAX];
 	char domain[PEER_DOMAIN_MAX];
@@ -696,7 +700,7 @@ void peer_admin_create(struct cw_req *req, void *ctx)
 		bad = "a push peer needs push_url";
 	else if (json_object_get(body, "push_url") && !json_is_null(json_object_get(body, "push_url")) &&
 		 (!url || !peer_url_valid(url)))
-		bad = "push_url must be an http:// or https:// URL of at most 2048 bytes with a host (a port up to 65535) and no user or password";
+		bad = PUSH_URL_RULE;
 	if (bad) {
 		cw_req_problem(req, 400, "invalid_body", "Invalid body", bad);
 		free(in);
@@ -790,12 +794,11 @@ static cw_err update_fn(PGconn *c, struct app_job *j, cw_errmsg *e, const char *
 		app_job_fail(j, 404, "not_found", "no peer of that name");
 		return CW_OK;
 	}
+	j->body = peer_row_json(r, 0);
 	if (same) {
-		j->body = peer_row_json(r, 0);
 		PQclear(r);
 		return CW_OK;
 	}
-	j->body = peer_row_json(r, 0);
 	keep_entry(j, r);
 	PQclear(r);
 	/* What the peer is now, so the log shows a push URL redirected or
@@ -926,7 +929,7 @@ void peer_admin_update(struct cw_req *req, void *ctx)
 	else if (!bad && json_object_size(body) == 0)
 		bad = "nothing to change: give event_types or push_url";
 	else if (!bad && json_object_get(body, "push_url") && (!url || !peer_url_valid(url)))
-		bad = "push_url must be an http:// or https:// URL of at most 2048 bytes with a host (a port up to 65535) and no user or password";
+		bad = PUSH_URL_RULE;
 	if (bad) {
 		cw_req_problem(req, 400, "invalid_body", "Invalid body", bad);
 		free(in);
