@@ -1417,6 +1417,22 @@ static bool screen_failed(struct lane *l, const struct outbox_row *rows, size_t 
 	return rc == CW_OK;
 }
 
+/* The longest wait rows[from..n) were told (retry_after_ms: a far side's
+ * Retry-After or the slowdown), bounded as outbox_retry_after_ms bounds
+ * it; refused_only: of the rows not delivered that a 429 or 503 refused
+ * (a per-row outcome), the others' waits being their own.  What deliver
+ * pauses the destination for, after a whole batch's refusal and after
+ * per-row ones alike. */
+static long rows_wait(const struct outbox_row *rows, size_t from, size_t n, bool refused_only)
+{
+	long wait = 0;
+	for (size_t x = from; x < n; x++)
+		if ((!refused_only || (rows[x].outcome <= 0 && (rows[x].code == 429 || rows[x].code == 503))) &&
+		    rows[x].retry_after_ms > wait)
+			wait = rows[x].retry_after_ms;
+	return outbox_retry_after_ms(0, wait);
+}
+
 /* Delivers the claimed rows (of the lane's destination, in id order, so in
  * order per room) and records the outcome. */
 static void deliver(struct lane *l, struct outbox_row *rows, size_t n)
@@ -1485,10 +1501,7 @@ static void deliver(struct lane *l, struct outbox_row *rows, size_t n)
 			 * 503 answers for all its rooms): no lane claims it until
 			 * then, so its other rooms' rows are not sent into the
 			 * same refusal one batch after the other. */
-			long wait = 0;
-			for (size_t x = done; x < n; x++)
-				wait = rows[x].retry_after_ms > wait ? rows[x].retry_after_ms : wait;
-			wait = outbox_retry_after_ms(0, wait);
+			long wait = rows_wait(rows, done, n, false);
 			if (!hold)
 				record(l, rows + done, n - done, false, code, e.msg, t0, wait);
 			if (wait > 0)
@@ -1502,12 +1515,7 @@ static void deliver(struct lane *l, struct outbox_row *rows, size_t n)
 		 * destination, so that the rooms of the next batch are not sent
 		 * into the same refusal.  Until the thirty-sixth session only the
 		 * batch's own rows waited, and the next batch went at once. */
-		long wait = 0;
-		for (size_t x = 0; x < n; x++)
-			if (rows[x].outcome <= 0 && (rows[x].code == 429 || rows[x].code == 503) &&
-			    rows[x].retry_after_ms > wait)
-				wait = rows[x].retry_after_ms;
-		wait = outbox_retry_after_ms(0, wait);
+		long wait = rows_wait(rows, 0, n, true);
 		if (wait > 0)
 			pause_destination(d, dest, (int64_t)wait * 1000);
 	}
