@@ -737,18 +737,25 @@ static const json_t *no_reactions(void *ctx, const char *msg)
 }
 
 /* Whether a message of type type to `to` is to the component itself: its
- * bare JID, or, for a `chat`, a full JID of it (it has no resources: RFC
- * 6121 §8.5.3.2.1 has a server take such a chat as one to the bare JID,
- * and allows `normal`, `groupchat` and `headline` to be refused, which
- * they are, as a JID that names nobody).  An iq or a subscribe to a full
- * JID of it is the component's too (on_iq, xa_presence).  Until the
- * thirty-seventh session such a chat was refused while the bare JID
- * answered. */
+ * bare JID, or a full JID of it (it has no resources) for a `chat` or a
+ * `normal` message (no type, or one not understood, is `normal`: RFC 6121
+ * §5.2.2).  For a user's full JID whose resource is gone RFC 6121
+ * §8.5.3.2.1 takes a chat as one to the bare JID and lets a server
+ * refuse the others; the component's JID is a domain, whose resources
+ * are its own to define (RFC 6120 §10.5.2), and it does what its users'
+ * server does (Prosody, as RFC 3921 §11.1 had it): a `normal` message is
+ * taken as a chat is, so that what answers at the bare JID answers
+ * there.  A `groupchat` or a `headline` there is refused, as a JID that
+ * names nobody (§8.5.3.2.1: ignored or refused).  An iq or a subscribe
+ * to a full JID of it is the component's too (on_iq, xa_presence).  Until
+ * the thirty-seventh session a chat there was refused while the bare JID
+ * answered, and until the thirty-eighth a `normal` one still was. */
 static bool to_gateway(const struct xcomp *xc, const char *to, const char *type)
 {
 	size_t n = strlen(xc->domain);
-	return strncmp(to, xc->domain, n) == 0 &&
-	       (to[n] == '\0' || (to[n] == '/' && type && strcmp(type, "chat") == 0));
+	if (strncmp(to, xc->domain, n) != 0 || (to[n] != '\0' && to[n] != '/'))
+		return false;
+	return to[n] == '\0' || !type || (strcmp(type, "groupchat") != 0 && strcmp(type, "headline") != 0);
 }
 
 /* The component itself was written to: it only explains itself. */
