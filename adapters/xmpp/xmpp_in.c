@@ -100,7 +100,8 @@ struct xin {
 	char uri[MIMI_URI_MAX + 1];      /* the local user's */
 	char new_room[40], new_room_uri[MIMI_URI_MAX + 1];
 	char sid[XM_ID_MAX + 1], oid[XM_ID_MAX + 1];
-	char base[40];                   /* the dedup key of the stanza, this run's (key_now or key_before) */
+	char base[40];                   /* the dedup key of the stanza, this run's (key_now or key_before):
+					    in_recv decides it at each run's start, before any use */
 	char key_now[40], key_before[40]; /* the dedup keys of this window and of the one before (dedup_keys) */
 	bool group;                      /* a groupchat message to a group's room (remote_bare: the room) */
 	enum xa_leave leave;             /* not XA_LEAVE_NONE: text is an iq asking to leave the group */
@@ -967,7 +968,6 @@ void xa_in_message(struct xcomp *xc, xmpp_stanza_t *st)
 	xm_message_ids(st, in->sid, in->oid);
 	in->ts = cw_wall_ms();
 	dedup_keys(in, st, in->oid[0] ? in->oid : in->sid);
-	snprintf(in->base, sizeof(in->base), "%s", in->key_now);
 	const char *refs[16];
 	size_t n = xm_message_refs(st, refs, 16);
 	in->refs = json_array();
