@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #define TOKEN_PREFIX "cwa_"
 #define TOUCH_INTERVAL_US (60 * 1000000LL)
@@ -172,6 +173,10 @@ void admin_whoami(struct cw_req *req, void *ctx)
 					      p && p->can_change ? "admin" : "viewer"));
 }
 
+/* The lock token creates take turns on (pg_advisory_xact_lock): the other
+ * keys are migrate.c's, dispatcher.c's and policy_live.c's. */
+#define TOKEN_NAME_LOCK_KEY "7161132091431352700"
+
 #define TOKEN_JSON                                                                                               \
 	"json_build_object('id', id, 'name', name, 'role', role, 'created_at', created_at, 'last_used_at', " \
 	"last_used_at, 'revoked_at', revoked_at)"
@@ -189,12 +194,18 @@ struct tok_job {
 	int none_status;
 	const char *none_detail;
 	const char *same_sql; /* sql changed no row: the row as it is, a repeat's answer (no audit, no NOTIFY) */
+	const char *lock_sql; /* run before sql, a statement of its own (its lock held until the commit) */
 	bool same;            /* answered by same_sql */
 };
 
 static cw_err tok_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct tok_job *q = j->data;
+	if (q->lock_sql) {
+		cw_err rc = store_exec(c, q->lock_sql, e);
+		if (rc)
+			return rc;
+	}
 	PGresult *r = PQexecParams(c, q->sql, q->n, NULL, q->p, NULL, NULL, 0);
 	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
 		cw_err rc = store_result_err(c, r, e);
@@ -337,9 +348,9 @@ void admin_tokens_create(struct cw_req *req, void *ctx)
 			bad = "only name and role may be given";
 	if (!bad && !name)
 		bad = "name is required (a string)";
-	else if (!bad && !name_valid(name))
+	else if (!bad && (!name_valid(name) || strcasecmp(name, "config") == 0))
 		bad = "name must be 1 to 64 letters, digits and . _ @ - (starting with a letter or digit), "
-		      "and not \"config\"";
+		      "and not \"config\" in any case (the configuration's token, actor admin:config)";
 	else if (!bad && (!role || (strcmp(role, "admin") != 0 && strcmp(role, "viewer") != 0)))
 		bad = "role must be admin or viewer";
 	if (bad) {
@@ -349,9 +360,17 @@ void admin_tokens_create(struct cw_req *req, void *ctx)
 	}
 	/* A name taken is no row, not an error: a failed statement would
 	 * abort the group commit's transaction under the other writes of its
-	 * batch. */
+	 * batch.  A name is taken by one that differs from it only in case
+	 * too: the audit log's actor (admin:<name>), the list and a revoke
+	 * name a token by it, and "Ops" beside "ops" is two operators no one
+	 * tells apart (until the thirty-eighth session both were made).  Rows
+	 * stored before that differ so stay, and are revoked by their exact
+	 * names.  The creates take turns (a lock until the commit), so that
+	 * two processes making "Ops" and "ops" at once do not both find
+	 * neither. */
 	struct tok_job *q = tok_new("INSERT INTO admin_tokens (name, role, token_hash) "
-				    "VALUES ($1, $2, decode($3, 'hex')) ON CONFLICT (name) DO NOTHING "
+				    "SELECT $1::text, $2::text, decode($3, 'hex') WHERE NOT EXISTS (SELECT 1 FROM "
+				    "admin_tokens WHERE lower(name) = lower($1::text)) ON CONFLICT (name) DO NOTHING "
 				    "RETURNING " TOKEN_JSON "::text");
 	if (q) {
 		unsigned char raw[32], h[32];
@@ -370,7 +389,9 @@ void admin_tokens_create(struct cw_req *req, void *ctx)
 		q->status = 201;
 		q->action = "token.create";
 		q->none_status = 409;
-		q->none_detail = "a token with that name exists (revoked tokens keep their name)";
+		q->none_detail = "a token with that name exists, or one whose name differs from it only in case "
+				 "(revoked tokens keep their name)";
+		q->lock_sql = "SELECT pg_advisory_xact_lock(" TOKEN_NAME_LOCK_KEY ")";
 	}
 	json_decref(body);
 	tok_run(req, ctx, q);

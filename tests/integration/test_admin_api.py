@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from harness import ADMIN_TOKEN, TOP_SRCDIR, wait_until
+from harness import ADMIN_TOKEN, TOP_SRCDIR, HeldSession, wait_until
 from peer import push_peers
 from test_peer_auth import read_answer, send_head
 from test_openapi import check_schema, deref, operations, query_400_faults, resolve, route_table, too_large_answers, \
@@ -373,6 +373,75 @@ def test_named_tokens_work_without_a_configured_token(make_daemon, db_url, pg):
     d = make_daemon(db_url, options={"admin": {"token_sha256": ""}}).start()
     assert call(d, "GET", "/admin/v1/whoami", "cwa_from-the-db").json() == {"name": "db", "role": "admin"}
     assert call(d, "GET", "/admin/v1/whoami", ADMIN_TOKEN).status_code == 401
+
+
+def test_a_token_name_differing_from_a_taken_one_only_in_case_is_taken(make_daemon, db_url, pg):
+    """A token's name is its actor in the audit log (admin:<name>), in the
+    list and in a revoke: "Ops" beside "ops" (or "Config" beside the
+    configuration's token, admin:config) is two operators no one tells
+    apart. A name that differs from a taken one only in case is 409
+    conflict, as the same name is (revoked tokens keep theirs); "config"
+    in any case is 400. Until the thirty-eighth session both were made.
+    Rows stored before that differ only in case stay, work, and are
+    revoked by their exact names."""
+    import hashlib
+    d = make_daemon(db_url).start()
+    before = pg.psql("SELECT (SELECT count(*) FROM admin_tokens) || ' ' || (SELECT count(*) FROM audit_log)", db_url)
+    for name in ("Config", "CONFIG", "cOnFiG"):
+        r = d.admin("POST", "/tokens", json={"name": name})
+        assert r.status_code == 400 and r.json()["code"] == "invalid_body", (name, r.text)
+        assert "config" in r.json()["detail"], r.text
+    assert pg.psql("SELECT (SELECT count(*) FROM admin_tokens) || ' ' || (SELECT count(*) FROM audit_log)",
+                   db_url) == before
+    assert make_token(d, "Ops.Team", "admin")["name"] == "Ops.Team"
+    for name in ("ops.team", "OPS.TEAM", "Ops.Team"):
+        r = d.admin("POST", "/tokens", json={"name": name, "role": "viewer"})
+        assert r.status_code == 409 and r.json()["code"] == "conflict", (name, r.text)
+        assert "differs from it only in case" in r.json()["detail"], r.text
+    assert d.admin("POST", "/tokens/Ops.Team/revoke").status_code == 200
+    r = d.admin("POST", "/tokens", json={"name": "ops.team"})  # revoked, the name stays taken
+    assert r.status_code == 409, r.text
+    stored = pg.psql("SELECT (SELECT count(*) FROM admin_tokens) || ' ' || (SELECT count(*) FROM audit_log "
+                     "WHERE action = 'token.create')", db_url)
+    assert stored == "1 1", stored
+    assert make_token(d, "ops.team2", "viewer")["name"] == "ops.team2"  # another name is made
+    # Stored before: both work under their own names, and a revoke of one
+    # leaves the other.
+    for name, token in (("Legacy", "cwa_legacy-upper"), ("legacy", "cwa_legacy-lower")):
+        pg.psql("INSERT INTO admin_tokens (name, role, token_hash) VALUES "
+                f"('{name}', 'admin', decode('{hashlib.sha256(token.encode()).hexdigest()}', 'hex'))", db_url)
+    d2 = make_daemon(db_url).start()
+    assert call(d2, "GET", "/admin/v1/whoami", "cwa_legacy-upper").json() == {"name": "Legacy", "role": "admin"}
+    assert call(d2, "GET", "/admin/v1/whoami", "cwa_legacy-lower").json() == {"name": "legacy", "role": "admin"}
+    assert d2.admin("POST", "/tokens/legacy/revoke").status_code == 200
+    assert call(d2, "GET", "/admin/v1/whoami", "cwa_legacy-lower").status_code == 401
+    assert call(d2, "GET", "/admin/v1/whoami", "cwa_legacy-upper").status_code == 200
+    assert d2.admin("POST", "/tokens", json={"name": "LEGACY"}).status_code == 409
+
+
+def test_two_processes_making_names_differing_in_case_at_once_make_one(daemon, pg, db_url):
+    """Another process makes "Race" and has not committed while this one is
+    asked for "race": the creates take turns (a transaction-level lock), so
+    this one waits, then finds "Race" and answers 409; without the turn
+    each found neither and both were made."""
+    import hashlib
+    held = HeldSession(db_url)
+    held.run("BEGIN; SELECT pg_advisory_xact_lock(7161132091431352700); "
+             "INSERT INTO admin_tokens (name, role, token_hash) VALUES ('Race', 'admin', "
+             f"decode('{hashlib.sha256(b'cwa_race').hexdigest()}', 'hex'));")
+    out = []
+    t = threading.Thread(target=lambda: out.append(daemon.admin("POST", "/tokens", json={"name": "race"})))
+    t.start()
+    try:
+        wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                   "AND wait_event = 'advisory' AND query LIKE '%pg_advisory_xact_lock%'",
+                                   db_url) == "1", what="the create waiting for the other's turn")
+    finally:
+        held.end()
+        t.join(30)
+    assert out and out[0].status_code == 409 and out[0].json()["code"] == "conflict", out and out[0].text
+    assert pg.psql("SELECT string_agg(name, ',') FROM admin_tokens", db_url) == "Race"
+    assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'token.create'", db_url) == "0"
 
 
 # ------------------------------------------------------------ trace and dead letters
