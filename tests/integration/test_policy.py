@@ -1403,6 +1403,45 @@ def test_a_rule_deleted_while_a_patch_waits_for_it_is_not_found(daemon, pg, db_u
 
 
 
+def test_a_patch_queued_behind_another_processs_delete_of_its_rule_is_not_found(daemon, make_daemon, pg, db_url):
+    """Two operators on two daemon processes: A's DELETE of a rule and B's
+    PATCH of it both wait for a lock a third session holds on the row
+    (A's first); once it is released A deletes the rule and B's PATCH,
+    which then waited for A's, is 404 not_found, as for a rule that never
+    existed, and writes and audits nothing (the thirty-third session's fix,
+    here with two real requests)."""
+    other = make_daemon(db_url).start()
+    rid = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "queued.example",
+                                               "mode": "open"}).json()["id"]
+    never = daemon.admin("PATCH", "/rules/999999", json={"enabled": False})
+    assert never.status_code == 404, never.text
+    audited = pg.psql("SELECT count(*) FROM audit_log WHERE action = 'rule.update'", db_url)
+
+    def waiting(like):
+        return pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                       f"AND query LIKE '{like}'", db_url) == "1"
+
+    held = HeldSession(db_url)
+    held.run(f"BEGIN; SELECT id FROM rules WHERE id = {rid} FOR UPDATE;")
+    out = {}
+    ta = threading.Thread(target=lambda: out.update(a=daemon.admin("DELETE", f"/rules/{rid}")))
+    tb = threading.Thread(target=lambda: out.update(b=other.admin("PATCH", f"/rules/{rid}", json={"enabled": False})))
+    try:
+        ta.start()
+        wait_until(lambda: waiting("DELETE FROM rules%"), what="A's DELETE waiting for the held lock")
+        tb.start()
+        wait_until(lambda: waiting("WITH cur AS (SELECT 1 FROM rules%"), what="B's PATCH waiting behind it")
+    finally:
+        held.end()
+        ta.join(30)
+        tb.join(30)
+    assert out["a"].status_code == 200 and out["a"].json()["id"] == rid, out["a"].text
+    assert out["b"].status_code == 404, out["b"].text
+    assert out["b"].content == never.content, (out["b"].text, never.text)
+    assert pg.psql(f"SELECT count(*) FROM rules WHERE id = {rid}", db_url) == "0"
+    assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'rule.update'", db_url) == audited
+
+
 def test_admin_audit_filters_page_as_the_whole_log_says(daemon, pg, db_url):
     """By actor, by action and by an action prefix: the records the
     unfiltered log shows, in id order, paged alike.  Since the twentieth
