@@ -1650,6 +1650,38 @@ def test_a_rule_naming_this_providers_own_users_or_domain_is_refused(daemon, pg,
         assert r.status_code == 201, (pattern, r.text)
 
 
+def test_a_rule_naming_a_subdomain_of_this_providers_domain_matches_a_peer_there(daemon, pg, db_url):
+    """A domain under this provider's own (chat.example.org where
+    `server.domain` is example.org) is not the provider's: a peer may live
+    there (POST /peers refuses only the provider's own domains), and the
+    rules are asked about the remote party, never a local user. So a rule
+    naming it, or a wildcard over the provider's domain, is taken and
+    matches that peer's users; the local users, whose domain is
+    example.org itself, are never asked about."""
+    made = push_peers(daemon, [("sub", "chat.example.org"), ("deep", "a.b.example.org")])
+    try:
+        (s, _), (d, _) = made
+        assert dm(s, remote="wally") and dm(d, remote="wally")  # both open before the rules
+        for pattern in ("chat.example.org", "*.b.example.org"):
+            r = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": pattern, "mode": "deny"})
+            assert r.status_code == 201, r.text
+        # A PATCH cannot move a rule onto the provider's own domain.
+        rid = r.json()["id"]
+        for change in ({"pattern": "example.org"}, {"scope": "user", "mode": "open"}):
+            r = daemon.admin("PATCH", f"/rules/{rid}", json=change)
+            assert r.status_code == 400 and r.json()["code"] == "invalid_body", (change, r.text)
+        assert daemon.admin("GET", f"/rules/{rid}").json()["pattern"] == "*.b.example.org"
+        wait_policy(daemon, lambda: s.create_room([s.user("eve"), ALICE]).status_code == 403, "the deny")
+        wait_policy(daemon, lambda: d.create_room([d.user("eve"), ALICE]).status_code == 403, "the wildcard")
+        audited = "SELECT count(*) FROM audit_log WHERE action = 'policy.deny' AND reason_code = " \
+                  "'server_denied_domain' AND subject = '{}'"
+        assert pg.psql(audited.format(s.user("eve")), db_url) != "0"
+        assert pg.psql(audited.format(d.user("eve")), db_url) != "0"
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
 def test_a_row_id_in_a_path_is_digits_only(daemon):
     """/rules/{id} names a rule by its id in digits: +1 or " 1" is no id
     (until the thirtieth session strtoll read them as 1)."""

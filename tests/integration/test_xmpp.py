@@ -1126,6 +1126,26 @@ def test_a_chat_to_a_full_jid_of_the_component_is_to_the_component(xd, alice):
     assert len([m for m in got if explained(m)]) == 3, [m.xml for m in got]
 
 
+def test_a_rule_naming_the_xmpp_domain_or_a_component_is_refused(xd, pg, db_url):
+    """The XMPP domain and each component's domain are this provider's own
+    (a contact there is a peer's user under the peer's domain, a local user
+    is mimi://<server.domain>/u/...): a rule naming one, or a user there,
+    would never match (the rules are asked about the remote party), so it
+    is 400 invalid_body naming the domain, and nothing is stored. A
+    wildcard over them is taken: it covers other, remote, domains."""
+    before = pg.psql("SELECT (SELECT count(*) FROM rules) || ' ' || (SELECT count(*) FROM audit_log)", db_url)
+    for scope, pattern, own in (("domain", COMP, COMP), ("domain", HOST, HOST),
+                                ("user", "mimi://" + COMP + "/u/wally", COMP),
+                                ("user", "mimi://" + HOST + "/u/alice", HOST)):
+        r = xd.admin("POST", "/rules", json={"scope": scope, "pattern": pattern, "mode": "deny"})
+        assert r.status_code == 400 and r.json()["code"] == "invalid_body", (pattern, r.text)
+        assert own in r.json()["detail"] and "remote parties" in r.json()["detail"], r.text
+    assert pg.psql("SELECT (SELECT count(*) FROM rules) || ' ' || (SELECT count(*) FROM audit_log)",
+                   db_url) == before
+    r = xd.admin("POST", "/rules", json={"scope": "domain", "pattern": "*." + HOST, "mode": "deny"})
+    assert r.status_code == 201, r.text
+
+
 def test_an_upper_case_localpart_is_the_contact_its_server_folds_it_to(xd, gk, alice, pg, db_url):
     """The user's server folds a localpart to lower case (RFC 7622), so
     `WALLY@<component>` reaches the component as wally's JID: the same
