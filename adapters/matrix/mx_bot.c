@@ -23,7 +23,8 @@
 #define BOT_BATCH 20
 #define BOT_TRIES 12      /* an inbox row the homeserver could not take: tried this often */
 #define BOT_RETRY_MAX_S 600 /* the longest wait between two tries (2 s, 4 s, ... 10 min: 37 min in all) */
-#define BOT_HANDLED_KEEP_DAYS 7 /* a handled event's id is kept this long against the homeserver's resends */
+#define BOT_HANDLED_KEEP_DAYS 7
+#define REASON_MAX 1000 /* a report's reason, at most (the rest of its line) */ /* a handled event's id is kept this long against the homeserver's resends */
 
 static const char help_text[] =
 	"I am the gateway to other messaging networks. Commands:\n"
@@ -34,7 +35,8 @@ static const char help_text[] =
 	"  opt-out <network>         stop receiving from it\n"
 	"  report <who> [reason]     report abuse to the operator\n"
 	"  help                      this text\n"
-	"<who> is an address such as mimi://wa.example/u/+4915112345678, the Matrix id of a bridged user, or a domain;\n"
+	"<who> is an address such as mimi://wa.example/u/+4915112345678, the Matrix id of a bridged user, or a domain\n"
+	"(report also takes a user of this server, such as a group's member whose words I relay);\n"
 	"you may also pick the bridged user in your client (mention one user).\n"
 	"Messages crossing the gateway are not end-to-end encrypted beyond it.";
 
@@ -331,21 +333,57 @@ static bool change_allowed(struct matrix *m, PGconn *c, const char *room, const 
  * session it was, "Accepted").  The answer is the same whether such a
  * user exists or not. */
 static void not_remote(struct matrix *m, PGconn *c, const char *room, const char *txn, const char *who,
-		       bool domain)
+		       bool domain, bool report)
 {
 	char reply[1100];
-	if (domain)
+	if (report)
+		snprintf(reply, sizeof(reply), "%s is not someone from another network nor a user of this service: "
+			 "what a Matrix user of another server sends you does not pass the gateway, and its operator "
+			 "can do nothing about it. Use your client's ignore and report.",
+			 who);
+	else if (domain)
 		snprintf(reply, sizeof(reply), "%s is a domain of this service, not another network: accept and block "
 			 "are for the people who reach you through the gateway, and what users here send one another "
 			 "does not pass it. For a user of your own server, use your client's ignore and report.",
 			 who);
 	else
-		snprintf(reply, sizeof(reply), "%s is not someone from another network: accept, block and report are "
-			 "for the people who reach you through the gateway (an address such as mimi://..., a bridged "
-			 "user's Matrix id, or a domain), and what you exchange with a user of your own server or of "
-			 "Matrix does not pass it. For them, use your client's ignore and report.",
+		snprintf(reply, sizeof(reply), "%s is not someone from another network: accept and block are for the "
+			 "people who reach you through the gateway (an address such as mimi://..., a bridged user's "
+			 "Matrix id, or a domain), and what you exchange with a user of your own server or of Matrix "
+			 "does not pass it. For them, use your client's ignore and report.",
 			 who);
 	answer(m, c, room, txn, reply);
+}
+
+/* A report's reason: the rest of the line at after (its leading blanks
+ * skipped), whole UTF-8 sequences, at most restlen - 1 bytes.  Until the
+ * thirty-eighth session a typed reason was cut at 299 bytes, in the
+ * middle of a character if it fell there: the database refused the
+ * invalid text, and the report could not be stored however often the
+ * user sent it (a review's finding). */
+static void reason_of(const char *after, char *rest, size_t restlen)
+{
+	while (isspace((unsigned char)*after))
+		after++;
+	size_t k = 0, left = strlen(after);
+	while (k < left && after[k] != '\n' && after[k] != '\r') {
+		size_t l = cw_utf8_seq((const unsigned char *)after + k, left - k, NULL);
+		if (l == 0 || k + l >= restlen)
+			break;
+		k += l;
+	}
+	memcpy(rest, after, k);
+	rest[k] = '\0';
+}
+
+/* Whether who is a Matrix id of a user of this homeserver: not the bot,
+ * not in the ghosts' namespace. */
+static bool local_matrix_user(const struct matrix *m, const char *who)
+{
+	char server[MX_ID_MAX + 1];
+	return mx_user_id_parse(who, NULL, 0, server, sizeof(server)) &&
+	       strcmp(server, mx_server_name(m->cfg)) == 0 && strcmp(who, m->bot) != 0 &&
+	       !mx_in_ghost_namespace(m->cfg->mx_user_prefix, mx_server_name(m->cfg), who);
 }
 
 /* The party of an accept, block or report whose message has content and
@@ -362,8 +400,8 @@ static void not_remote(struct matrix *m, PGconn *c, const char *room, const char
  * Matrix user, here or elsewhere, whom no consent is about; the same
  * answer whether she exists or not). */
 static bool mentioned_party(struct matrix *m, PGconn *c, const char *room, const char *txn, const char *sender,
-			    const json_t *content, const char *typed, char *arg, size_t arglen, char *rest,
-			    size_t restlen)
+			    const json_t *content, const char *typed, bool local_ok, char *arg, size_t arglen,
+			    char *rest, size_t restlen)
 {
 	const char *skip[] = { m->bot, sender, NULL };
 	struct mx_mention men[2];
@@ -374,8 +412,9 @@ static bool mentioned_party(struct matrix *m, PGconn *c, const char *room, const
 		answer(m, c, room, txn, "Whom? Your message mentions more than one person: name one at a time.");
 		return false;
 	}
-	if (!mx_in_ghost_namespace(m->cfg->mx_user_prefix, mx_server_name(m->cfg), men[0].user_id)) {
-		not_remote(m, c, room, txn, men[0].user_id, false);
+	if (!mx_in_ghost_namespace(m->cfg->mx_user_prefix, mx_server_name(m->cfg), men[0].user_id) &&
+	    !(local_ok && local_matrix_user(m, men[0].user_id))) {
+		not_remote(m, c, room, txn, men[0].user_id, false, local_ok);
 		return false;
 	}
 	snprintf(arg, arglen, "%s", men[0].user_id);
@@ -388,17 +427,7 @@ static bool mentioned_party(struct matrix *m, PGconn *c, const char *room, const
 		after = typed + ll;
 	else if (strncmp(typed, men[0].user_id, il) == 0)
 		after = typed + il;
-	while (isspace((unsigned char)*after))
-		after++;
-	size_t k = 0, left = strlen(after);
-	while (k < left && after[k] != '\n') {
-		size_t l = cw_utf8_seq((const unsigned char *)after + k, left - k, NULL);
-		if (l == 0 || k + l >= restlen)
-			break;
-		k += l;
-	}
-	memcpy(rest, after, k);
-	rest[k] = '\0';
+	reason_of(after, rest, restlen);
 	return true;
 }
 
@@ -414,8 +443,8 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 	 * what it answers. */
 	const char *body = json_string_value(json_object_get(content, "body"));
 	body += mx_reply_fallback_len(body);
-	char verb[32] = "", arg[700] = "", rest[300] = "";
-	sscanf(body, "%31s %699s %299[^\n]", verb, arg, rest);
+	char verb[32] = "", arg[700] = "", rest[REASON_MAX + 1] = "";
+	sscanf(body, "%31s %699s", verb, arg);
 	for (char *p = verb; *p; p++)
 		*p = (char)tolower((unsigned char)*p);
 	const char *typed = body; /* the text after the verb */
@@ -425,25 +454,49 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 		typed++;
 	while (isspace((unsigned char)*typed))
 		typed++;
-	if ((strcmp(verb, "accept") == 0 || strcmp(verb, "block") == 0 || strcmp(verb, "report") == 0) &&
-	    !mentioned_party(m, c, room, txn, sender, content, typed, arg, sizeof(arg), rest, sizeof(rest)))
+	const char *after = typed; /* a report's reason: after the party typed */
+	while (*after && !isspace((unsigned char)*after))
+		after++;
+	reason_of(after, rest, sizeof(rest));
+	bool report = strcmp(verb, "report") == 0;
+	bool party_verb = strcmp(verb, "accept") == 0 || strcmp(verb, "block") == 0 || report;
+	if (party_verb && !mentioned_party(m, c, room, txn, sender, content, typed, report, arg, sizeof(arg), rest,
+					   sizeof(rest)))
 		return;
 	cw_errmsg e;
 	char reply[1200];
 	/* A Matrix user typed (the mention's case, mentioned_party) or an
-	 * address or domain of this provider's: no party of these commands
-	 * (not_remote), refused before the change is counted. */
+	 * address or domain of this provider's: no party of accept and block
+	 * (not_remote), refused before the change is counted.  A report may
+	 * name a user of this provider's (typed as her address or as the
+	 * Matrix id of a user of this server, or picked), as the admin API
+	 * takes one: another member of a group writes to the user through the
+	 * gateway, relayed by the bot, and the user's client can report only
+	 * the bot for it (until the thirty-eighth session such a report was
+	 * refused, a review's finding).  A report of a Matrix user of
+	 * another server is still refused: what she sends does not pass the
+	 * gateway. */
 	char kind[8], subject[700], localpart[MX_ID_MAX + 1], server[MX_ID_MAX + 1];
-	bool party_verb = strcmp(verb, "accept") == 0 || strcmp(verb, "block") == 0 || strcmp(verb, "report") == 0;
+	bool found = false, local_party = false;
 	if (party_verb && mx_user_id_parse(arg, localpart, sizeof(localpart), server, sizeof(server)) &&
 	    !mx_in_ghost_namespace(m->cfg->mx_user_prefix, mx_server_name(m->cfg), arg)) {
-		not_remote(m, c, room, txn, arg, false);
-		return;
-	}
-	bool found = party_verb && subject_of(m, c, arg, kind, subject, sizeof(subject));
-	if (found && policy_consent_subject_ours(m->app, kind, subject)) {
-		not_remote(m, c, room, txn, subject, strcmp(kind, "domain") == 0);
-		return;
+		if (!report || !local_matrix_user(m, arg)) {
+			not_remote(m, c, room, txn, arg, false, report);
+			return;
+		}
+		struct mimi_uri u;
+		snprintf(subject, sizeof(subject), "mimi://%s/u/%s", m->cfg->domain ? m->cfg->domain : "", localpart);
+		strcpy(kind, "user");
+		found = local_party = mimi_uri_parse(subject, &u, &e) == CW_OK && u.kind == MIMI_USER;
+	} else {
+		found = party_verb && subject_of(m, c, arg, kind, subject, sizeof(subject));
+		if (found && policy_consent_subject_ours(m->app, kind, subject)) {
+			if (!report) {
+				not_remote(m, c, room, txn, subject, strcmp(kind, "domain") == 0, false);
+				return;
+			}
+			local_party = strcmp(kind, "user") == 0;
+		}
 	}
 	if (strcmp(verb, "accept") == 0 || strcmp(verb, "block") == 0) {
 		if (!found) {
@@ -519,9 +572,14 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 			 off && verb[4] == 'i' ? " That network is switched off for now: nothing comes from it until the "
 						 "operator turns it on again." : "");
 		answer(m, c, room, txn, reply);
-	} else if (strcmp(verb, "report") == 0) {
+	} else if (report) {
 		if (!found || strcmp(kind, "user") != 0) {
-			answer(m, c, room, txn, "Whom? Give the address (mimi://...) or the bridged user's Matrix id.");
+			answer(m, c, room, txn, "Whom? Give the address (mimi://...), the bridged user's Matrix id, or the "
+						"Matrix id of a user of this server.");
+			return;
+		}
+		if (local_party && strcmp(subject, uri) == 0) {
+			answer(m, c, room, txn, "That is you: name the user you report.");
 			return;
 		}
 		if (!change_allowed(m, c, room, txn, sender))

@@ -1571,8 +1571,11 @@ def test_a_command_mentioning_several_users_or_a_matrix_user_is_refused(mx, hs, 
     for who in ("@bob:example.org", "@nobody:example.org", "@carol:elsewhere.example"):
         text = answer_to(lambda: send_pill(alice, mgmt, "block", who, "example.com"))
         assert text.startswith(f"{who} is not someone from another network"), text
-    text = answer_to(lambda: send_pill(alice, mgmt, "report", "@bob:example.org", "bob", after=" spam"))
-    assert text.startswith("@bob:example.org is not someone from another network"), text
+    # (a report of a user of this server is taken since the thirty-eighth
+    # session: test_a_report_of_a_user_of_this_service_is_taken)
+    text = answer_to(lambda: send_pill(alice, mgmt, "report", "@carol:elsewhere.example", "carol", after=" spam"))
+    assert text.startswith("@carol:elsewhere.example is not someone from another network nor a user of this "
+                           "service"), text
     assert pg.psql("SELECT count(*) FROM consents", db_url) == "0"
     assert pg.psql("SELECT count(*) FROM reports", db_url) == "0"
     assert pg.psql("SELECT count(*) FROM audit_log WHERE actor LIKE 'user:%'", db_url) == "0"
@@ -1621,8 +1624,9 @@ def test_accept_or_block_of_a_local_user_or_domain_is_refused(make_daemon, db_ur
     # A Matrix user of another server typed is no party either (as when mentioned).
     text = answer_to("block @carol:elsewhere.example")
     assert text.startswith("@carol:elsewhere.example is not someone from another network"), text
-    text = answer_to("report mimi://example.org/u/bob spam")
-    assert text.startswith("mimi://example.org/u/bob is not someone from another network"), text
+    text = answer_to("report @carol:elsewhere.example spam")
+    assert text.startswith("@carol:elsewhere.example is not someone from another network nor a user of this "
+                           "service"), text
     assert pg.psql("SELECT count(*) FROM consents", db_url) == "0"
     assert pg.psql("SELECT count(*) FROM reports", db_url) == "0"
     assert pg.psql("SELECT count(*) FROM audit_log WHERE actor LIKE 'user:%'", db_url) == "0"
@@ -4826,3 +4830,68 @@ def test_an_upgraded_management_room_is_forgotten_until_the_next(mx, hs, gk, pg,
     wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_mgmt_rooms", db_url) == "0", what="the room forgotten")
     room2 = alice.create_dm(bot)
     wait_until(lambda: pg.psql("SELECT room_id FROM matrix_mgmt_rooms", db_url) == room2, what="the next one")
+
+
+def test_a_report_of_a_user_of_this_service_is_taken(make_daemon, db_url, hs, pg):
+    """Another member of a group reaches a user through the gateway too
+    (relayed by the bot, "bob: ..."), and her client can report only the
+    bot for it: `report` takes a user of this provider's, as the admin API
+    does (POST /admin/v1/reports takes any user), typed as the Matrix id
+    of a user of this server or as an address of one of its domains (the
+    XMPP domain's too), or picked in the client. Stored for the operator;
+    no automatic limit (that is for remote senders: docs/policy.md). A
+    Matrix user of another server is still refused (what she sends does
+    not pass the gateway), and so is the user herself. Until the
+    thirty-eighth session every such report was refused (a review's
+    finding)."""
+    d = start_mx(make_daemon, db_url, hs, xmpp={"domain": "chat.example.org"})
+    assert d.admin("PATCH", "/settings", json={"policy.report_limit_threshold": 1}).ok
+    alice, mgmt, said = alice_and_the_bot(hs)
+    hs.create_user("bob")
+
+    def answer_to(send):
+        n = len(said())
+        send()
+        wait_until(lambda: len(said()) > n, what="the answer")
+        return said()[n]
+    for text in ("report @bob:example.org spam in the group", "report mimi://chat.example.org/u/dave rude"):
+        assert answer_to(lambda: alice.send_text(mgmt, text)) == "Reported to the operator. Thank you."
+    assert answer_to(lambda: send_pill(alice, mgmt, "report", "@bob:example.org", "Bob", after=" again")) == \
+        "Reported to the operator. Thank you."
+    assert pg.psql("SELECT string_agg(reporter_kind || ' ' || reporter || ' ' || subject_uri || ' ' || comment, ','"
+                   " ORDER BY id) FROM reports", db_url) == \
+        (f"local_user {ALICE} mimi://example.org/u/bob spam in the group,"
+         f"local_user {ALICE} mimi://chat.example.org/u/dave rude,"
+         f"local_user {ALICE} mimi://example.org/u/bob again")
+    assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'report.create' AND actor = 'user:' || "
+                   f"'{ALICE}'", db_url) == "3"
+    # no automatic limit for a user of this server (policy_report_store)
+    assert pg.psql("SELECT count(*) FROM rules WHERE pattern = 'mimi://example.org/u/bob'", db_url) == "0"
+    text = answer_to(lambda: alice.send_text(mgmt, "report @carol:elsewhere.example spam"))
+    assert text.startswith("@carol:elsewhere.example is not someone from another network nor a user of this "
+                           "service") and "client's ignore and report" in text, text
+    for me in (ALICE_MX, ALICE):
+        assert answer_to(lambda: alice.send_text(mgmt, f"report {me} test")) == \
+            "That is you: name the user you report."
+    # accept and block of such a user stay refused (no consent is about her)
+    text = answer_to(lambda: alice.send_text(mgmt, "block @bob:example.org"))
+    assert text.startswith("@bob:example.org is not someone from another network: accept and block"), text
+    assert pg.psql("SELECT count(*) FROM reports", db_url) == "3"
+    assert pg.psql("SELECT count(*) FROM consents", db_url) == "0"
+
+
+def test_a_long_report_reason_is_cut_at_a_whole_character(mx, hs, gk, pg, db_url):
+    """A report's reason is the rest of its line, at most 1000 bytes, cut
+    at a whole character. Until the thirty-eighth session a typed reason
+    was cut at 299 bytes, in the middle of a character if one stood there:
+    the database refused the text, and the report could not be stored
+    however often it was sent (a review's finding)."""
+    a, _ = gk
+    wally = a.user("wally")
+    alice, mgmt, said = alice_and_the_bot(hs)
+    for reason, stored in (("é" * 600, "é" * 500), ("x" + "é" * 300, "x" + "é" * 300)):
+        n = len(said())
+        alice.send_text(mgmt, f"report {wally} {reason}\nsecond line")
+        wait_until(lambda: len(said()) > n, what="the answer")
+        assert said()[n] == "Reported to the operator. Thank you.", said()[n]
+        assert pg.psql("SELECT comment FROM reports ORDER BY id DESC LIMIT 1", db_url) == stored
