@@ -272,18 +272,66 @@ static void answer(struct matrix *m, PGconn *c, const char *room, const char *tx
 	say_as(m, c, room, NULL, text, txn);
 }
 
+/* The remote users who blocked the local user local_id (the blocks
+ * table: their peer's POST /v1/blocks, a block event, or a consent
+ * revoked by POST /v1/consent/updates), each a line for list, in the
+ * order of their addresses. */
+#define BLOCKED_BY_SQL                                                                                            \
+	"SELECT i.uri || ' (' || i.network || ') blocked you: what you write to them is not delivered' "           \
+	"FROM blocks b JOIN identities i ON i.id = b.blocker_id AND NOT i.is_local WHERE b.blocked_id = $1::bigint " \
+	"ORDER BY i.uri"
+
+/* The user's pending requests, decisions and opt-ins (the summary the
+ * XMPP component's list shows too), and then the remote users who
+ * blocked her: a peer's user may block a local one (the blocks table),
+ * which the policy reads for what she sends them (recipient_blocked_sender)
+ * and which is no decision of hers; until the thirty-eighth session list
+ * did not show it, and a user who had accepted such a sender read
+ * "allowed" and nothing else while every message of hers to him was
+ * refused (a review's finding).  The lines that do not fit one notice are
+ * counted at its end instead of left out in silence (until then they
+ * were). */
 static void cmd_list(struct matrix *m, PGconn *c, const char *room, const char *txn, const char *local_id)
 {
 	const char *params[] = { local_id };
-	PGresult *r = PQexecParams(c, POLICY_USER_SUMMARY_SQL, 1, NULL, params, NULL, NULL, 0);
 	char text[4000] = "";
 	size_t n = 0;
-	if (PQresultStatus(r) == PGRES_TUPLES_OK) {
-		for (int i = 0; i < PQntuples(r) && n + 300 < sizeof(text); i++)
+	long more = 0;
+	const char *const sql[] = { POLICY_USER_SUMMARY_SQL, BLOCKED_BY_SQL };
+	for (size_t q = 0; q < sizeof(sql) / sizeof(sql[0]); q++) {
+		PGresult *r = PQexecParams(c, sql[q], 1, NULL, params, NULL, NULL, 0);
+		if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+			PQclear(r);
+			LOG_KV_LIMITED(CW_LOG_WARN, "cannot read what list shows", "detail", PQerrorMessage(c));
+			answer(m, c, room, txn, "That did not work; try again in a moment.");
+			return;
+		}
+		for (int i = 0; i < PQntuples(r); i++) {
+			if ((size_t)PQgetlength(r, i, 0) + n + 100 >= sizeof(text)) {
+				more++;
+				continue;
+			}
 			n += (size_t)snprintf(text + n, sizeof(text) - n, "%s%s", n ? "\n" : "", PQgetvalue(r, i, 0));
+		}
+		PQclear(r);
 	}
+	if (more)
+		snprintf(text + n, sizeof(text) - n, "\n... and %ld more not shown here (ask the operator for all).",
+			 more);
+	answer(m, c, room, txn, n || more ? text : "Nothing yet: no requests, no decisions.");
+}
+
+/* Whether the remote user subject (a mimi:// address) blocked the local
+ * user local_id (BLOCKED_BY_SQL). */
+static bool blocked_by(PGconn *c, const char *local_id, const char *subject)
+{
+	const char *params[] = { local_id, subject };
+	PGresult *r = PQexecParams(c, "SELECT 1 FROM blocks b JOIN identities i ON i.id = b.blocker_id "
+				      "AND NOT i.is_local WHERE b.blocked_id = $1::bigint AND i.uri = $2",
+				   2, NULL, params, NULL, NULL, 0);
+	bool yes = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) > 0;
 	PQclear(r);
-	answer(m, c, room, txn, n ? text : "Nothing yet: no requests, no decisions.");
+	return yes;
 }
 
 /* Queues a notice on c (in its transaction, if one is open): the bot's
@@ -523,8 +571,15 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 			LOG_KV(CW_LOG_WARN, "a bot command failed", "detail", e.msg);
 			return;
 		}
+		/* An accept lets them write to her; their own block of her
+		 * stays theirs (said, so that she does not take the accept for
+		 * a way to reach them). */
 		if (verb[0] == 'a')
-			snprintf(reply, sizeof(reply), "Accepted %s. %ld waiting message(s) released.", subject, counts[0]);
+			snprintf(reply, sizeof(reply), "Accepted %s. %ld waiting message(s) released.%s", subject, counts[0],
+				 strcmp(kind, "user") == 0 && blocked_by(c, local_id, subject)
+					 ? " They blocked you, though: what you write to them is not delivered until "
+					   "they lift it."
+					 : "");
 		else
 			snprintf(reply, sizeof(reply), "Blocked %s. %ld waiting message(s) dropped.", subject, counts[1]);
 		answer(m, c, room, txn, reply);

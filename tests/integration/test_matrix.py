@@ -4895,3 +4895,60 @@ def test_a_long_report_reason_is_cut_at_a_whole_character(mx, hs, gk, pg, db_url
         wait_until(lambda: len(said()) > n, what="the answer")
         assert said()[n] == "Reported to the operator. Thank you.", said()[n]
         assert pg.psql("SELECT comment FROM reports ORDER BY id DESC LIMIT 1", db_url) == stored
+
+
+def test_list_shows_who_blocked_the_user_and_accept_says_so(mx, hs, gk, pg, db_url):
+    """A peer's user may block a local user (POST /v1/blocks: the blocks
+    table), which refuses what she writes to him (recipient_blocked_sender)
+    and is no decision of hers. `list` shows it apart from her own
+    decisions (her block of ed is "blocked: ..."), and an `accept` of
+    someone who blocked her says that it does not lift his block. Until
+    the thirty-eighth session list showed nothing of it, and her accept
+    read as if she could now write to him (a review's finding)."""
+    a, _ = gk
+    wally, ed = a.user("wally"), a.user("ed")
+    alice, mgmt, said = alice_and_the_bot(hs)
+
+    def answer_to(text):
+        n = len(said())
+        alice.send_text(mgmt, text)
+        wait_until(lambda: len(said()) > n, what=f"the answer to {text}")
+        return said()[n]
+    assert a.call("POST", "/v1/blocks", {"blocker": wally, "blocked": ALICE, "action": "block"}).status_code == 202
+    assert answer_to(f"block {ed}").startswith(f"Blocked {ed}.")
+    listed = answer_to("list").splitlines()
+    assert f"blocked: {ed}" in listed, listed
+    assert f"{wally} (peer:gk) blocked you: what you write to them is not delivered" in listed, listed
+    assert not any(line.startswith("blocked: " + wally) or line.startswith("allowed: " + wally) for line in listed)
+    assert answer_to(f"accept {wally}") == (f"Accepted {wally}. 0 waiting message(s) released. They blocked you, "
+                                            "though: what you write to them is not delivered until they lift it.")
+    assert answer_to(f"accept {ed}") == f"Accepted {ed}. 0 waiting message(s) released."
+    listed = answer_to("list").splitlines()
+    assert f"allowed: {wally}" in listed and f"{wally} (peer:gk) blocked you: what you write to them is not " \
+        "delivered" in listed, listed
+    # lifted: list and accept say nothing of it any more
+    assert a.call("POST", "/v1/blocks", {"blocker": wally, "blocked": ALICE, "action": "unblock"}).status_code == 202
+    listed = answer_to("list").splitlines()
+    assert not any("blocked you" in line for line in listed), listed
+    assert answer_to(f"accept {wally}") == f"Accepted {wally}. 0 waiting message(s) released."
+
+
+def test_a_long_list_says_what_it_leaves_out(mx, hs, gk, pg, db_url):
+    """A list longer than one notice takes ends with how many lines it
+    leaves out; until the thirty-eighth session they were left out in
+    silence (a peer making many requests could push a user's decisions out
+    of sight)."""
+    a, _ = gk
+    alice, mgmt, said = alice_and_the_bot(hs)
+    alice.send_text(mgmt, "list")
+    wait_until(lambda: any(n.startswith("Nothing yet") for n in said()), what="the empty list")
+    pg.psql("INSERT INTO consents (local_identity_id, subject_kind, subject, state, source) "
+            "SELECT i.id, 'user', 'mimi://wa.example/u/user' || lpad(k::text, 3, '0'), 'blocked', 'user' "
+            f"FROM identities i, generate_series(1, 150) k WHERE i.uri = '{ALICE}'", db_url)
+    n = len(said())
+    alice.send_text(mgmt, "list")
+    wait_until(lambda: len(said()) > n, what="the list")
+    lines = said()[n].splitlines()
+    shown = [line for line in lines if line.startswith("blocked: ")]
+    assert 50 < len(shown) < 150, len(shown)
+    assert lines[-1] == f"... and {150 - len(shown)} more not shown here (ask the operator for all).", lines[-1]
