@@ -113,6 +113,24 @@ static bool for_now(long status)
 	return status == 0 || status == 429 || status >= 500;
 }
 
+/* Whether room has notices queued and not sent yet (matrix_notices): 1
+ * yes, 0 no, -1 the database did not say (taken as yes: the word is
+ * queued, and goes out in its turn).  A word said at once while older
+ * ones of its room wait would pass them: notices of one room go out in
+ * the order they were queued, whoever says them (until the thirty-eighth
+ * session a word said while an older one waited out a 429, or a failure
+ * of the moment, came before it, as did a later row of the batch: a
+ * review's finding). */
+static int notices_waiting(PGconn *c, const char *room)
+{
+	const char *p[] = { room };
+	PGresult *r = PQexecParams(c, "SELECT 1 FROM matrix_notices WHERE room_id = $1 AND done_at IS NULL "
+				      "AND next_at < 'infinity' LIMIT 1", 1, NULL, p, NULL, NULL, 0);
+	int n = PQresultStatus(r) == PGRES_TUPLES_OK ? PQntuples(r) > 0 : -1;
+	PQclear(r);
+	return n;
+}
+
 /* Says text in room as user (NULL: the bot), with transaction id txn
  * (made from what it answers: txn_for, a command's).  What the homeserver
  * does not take for now (a 429, a 5xx, no answer) is queued
@@ -129,11 +147,12 @@ static bool for_now(long status)
 static bool say_later(struct matrix *m, PGconn *c, const char *room, const char *user, const char *text,
 		      const char *txn, bool leave)
 {
-	long status, wait;
-	if (say_txn(m, room, user, text, txn, &status, &wait) || !for_now(status))
+	long status = 0, wait = 0;
+	int queued = notices_waiting(c, room);
+	if (queued == 0 && (say_txn(m, room, user, text, txn, &status, &wait) || !for_now(status)))
 		return true;
 	char ms[24];
-	snprintf(ms, sizeof(ms), "%ld", status == 429 ? wait : 2000L);
+	snprintf(ms, sizeof(ms), "%ld", queued ? 0L : status == 429 ? wait : 2000L);
 	const char *p[] = { room, text, user ? user : m->bot, txn, leave ? "t" : "f", ms };
 	cw_errmsg e;
 	cw_err rc = store_command(c,
@@ -866,6 +885,31 @@ static const char *notice_sender(const struct matrix *m, const PGresult *r, int 
 	return PQgetisnull(r, i, 4) || strcmp(PQgetvalue(r, i, 4), m->bot) == 0 ? NULL : PQgetvalue(r, i, 4);
 }
 
+/* Row i of notices' batch r was not sent (and is due again later): the
+ * batch's later rows of its room, whoever says them, are given back
+ * untried, the try not counted, so that they do not pass it (their next
+ * try waits for it: notices' NOT EXISTS). */
+static void hold_room(PGconn *c, const PGresult *r, int i, int n_rows, bool *given_back)
+{
+	char ids[20 * 24 + 4];
+	size_t n = 0;
+	ids[n++] = '{';
+	for (int k = i + 1; k < n_rows && k < 20; k++) {
+		if (given_back[k] || strcmp(PQgetvalue(r, k, 1), PQgetvalue(r, i, 1)) != 0)
+			continue;
+		given_back[k] = true;
+		n += (size_t)snprintf(ids + n, sizeof(ids) - n, "%s%s", n > 1 ? "," : "", PQgetvalue(r, k, 0));
+	}
+	if (n == 1)
+		return;
+	snprintf(ids + n, sizeof(ids) - n, "}");
+	const char *p[] = { ids };
+	cw_errmsg e;
+	if (store_command(c, "UPDATE matrix_notices SET tries = tries - 1, next_at = now() WHERE id = ANY ($1::bigint[])",
+			  1, p, &e))
+		LOG_KV(CW_LOG_WARN, "cannot give back a notice behind one not sent: tried again later", "detail", e.msg);
+}
+
 /* The notices due (matrix_notices), each from its sender (the ghost of
  * its room, the bot where there is none, when the row names none), with
  * its transaction id (the row's own when it names none): taken for a
@@ -888,7 +932,9 @@ static const char *notice_sender(const struct matrix *m, const PGresult *r, int 
 static void notices(struct matrix *m, PGconn *c)
 {
 	PGresult *r = PQexec(c,
-		"WITH d AS (SELECT id FROM matrix_notices WHERE next_at <= now() AND done_at IS NULL "
+		"WITH d AS (SELECT id FROM matrix_notices x WHERE next_at <= now() AND done_at IS NULL "
+		"  AND NOT EXISTS (SELECT 1 FROM matrix_notices y WHERE y.room_id = x.room_id AND y.id < x.id "
+		"  AND y.done_at IS NULL AND y.next_at > now() AND y.next_at < 'infinity') "
 		"  ORDER BY id LIMIT 20 "
 		"  FOR UPDATE SKIP LOCKED), "
 		"t AS (UPDATE matrix_notices x SET tries = x.tries + 1, "
@@ -902,7 +948,7 @@ static void notices(struct matrix *m, PGconn *c)
 		return;
 	}
 	int n_rows = PQntuples(r);
-	bool given_back[20] = { false }; /* the batch's rows (LIMIT 20) of a sender limited */
+	bool given_back[20] = { false }; /* the batch's rows (LIMIT 20) of a sender limited, or behind one not sent */
 	for (int i = 0; i < n_rows && i < 20; i++) {
 		if (given_back[i])
 			continue;
@@ -939,9 +985,12 @@ static void notices(struct matrix *m, PGconn *c)
 					  2, p, &e))
 				LOG_KV(CW_LOG_WARN, "cannot give back a rate-limited notice: tried again later", "detail",
 				       e.msg);
+			hold_room(c, r, i, n_rows, given_back);
 			continue;
 		}
 		bool refused = !sent && (status == 403 || status == 404);
+		if (!sent && !refused && !stale)
+			hold_room(c, r, i, n_rows, given_back);
 		if (refused)
 			LOG_KV_LIMITED(CW_LOG_WARN, "a notice for a Matrix user is given up: the homeserver refuses it",
 				       "room", room);
@@ -1762,7 +1811,9 @@ static void requests(struct matrix *m, PGconn *c, int64_t *after_us)
 		"SELECT q.id, mr.room_id, ri.uri, ri.network, coalesce(ri.display_name, '') FROM consent_requests q "
 		" JOIN matrix_mgmt_rooms mr ON mr.identity_id = q.local_identity_id "
 		" JOIN identities ri ON ri.id = q.remote_identity_id "
-		"WHERE q.state = 'pending' AND q.notified_at IS NULL ORDER BY q.id LIMIT 20");
+		"WHERE q.state = 'pending' AND q.notified_at IS NULL AND NOT EXISTS (SELECT 1 FROM matrix_notices x "
+		" WHERE x.room_id = mr.room_id AND x.done_at IS NULL AND x.next_at < 'infinity') "
+		"ORDER BY q.id LIMIT 20");
 	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
 		PQclear(r);
 		return;

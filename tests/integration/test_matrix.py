@@ -4005,8 +4005,12 @@ def test_one_limited_ghost_does_not_hold_up_the_bots_notices(make_daemon, db_url
             hs._users[ghost] = {"displayname": "wally"}
         hs.rc_message = (0.2, 1)  # one event in 5 s for each sender
         time.sleep(5.5)  # the bot's bucket full again after its help
-        # ten notices of one ghost (older rows), then one of the bot's to alice
-        rows = ", ".join(f"('{mgmt}', 'ghost word {k}', '{ghost}', 'cwprobe-g{k}')"
+        # ten notices of one ghost (older rows) in another user's room, then
+        # one of the bot's to alice (in one room notices keep their order,
+        # whoever says them: test_notices_of_one_room_go_out_in_the_order_they_were_queued)
+        bob = hs.as_user(hs.create_user("bob")[1])
+        other = bob.create_room(preset="private_chat")
+        rows = ", ".join(f"('{other}', 'ghost word {k}', '{ghost}', 'cwprobe-g{k}')"
                          for k in range(10))
         pg.psql("INSERT INTO matrix_notices (room_id, body, sender, txn_id) VALUES " + rows +
                 f", ('{mgmt}', 'the bot to alice', '{bot}', 'cwprobe-bot'); NOTIFY causeway_matrix_bot", db_url)
@@ -4952,3 +4956,55 @@ def test_a_long_list_says_what_it_leaves_out(mx, hs, gk, pg, db_url):
     shown = [line for line in lines if line.startswith("blocked: ")]
     assert 50 < len(shown) < 150, len(shown)
     assert lines[-1] == f"... and {150 - len(shown)} more not shown here (ask the operator for all).", lines[-1]
+
+
+def test_notices_of_one_room_go_out_in_the_order_they_were_queued(make_daemon, db_url, pg):
+    """Notices of one room go out in the order they were queued, whoever
+    says them: a ghost's word waiting out a 429 holds back the bot's later
+    word in that room (the bot, not limited, would otherwise pass it), and
+    a word the bot says while an older one of its room waits after a
+    failure of the moment (a 503) is queued behind it, not said at once.
+    Until the thirty-eighth session both came first (a review's finding).
+    Other rooms' notices are not held (test_one_limited_ghost_does_not_hold_up_the_bots_notices)."""
+    hs, srv = rate_limited_homeserver()
+    try:
+        d, a = limited_gateway(make_daemon, db_url, hs, srv, None)
+        alice, mgmt, said = alice_and_the_bot(hs)
+        bot = "@_cw_bot:example.org"
+        ghost = "@_cw_gk_wally:example.org"
+        with hs._lock:  # the ghost registered, as the daemon registers its ghosts
+            hs._users[ghost] = {"displayname": "wally"}
+        # a room the bot and the ghost are both in (as in a group's room)
+        room = hs.appservice().create_room(preset="private_chat", invite=[ghost])
+        hs.appservice(ghost).join(room)
+        hs.rc_message = (0.25, 1)  # one event in 4 s for each sender
+        words = [(ghost, "ghost word 0"), (ghost, "ghost word 1"), (bot, "bot word 2"), (ghost, "ghost word 3"),
+                 (bot, "bot word 4")]
+        pg.psql("INSERT INTO matrix_notices (room_id, body, sender, txn_id) VALUES " +
+                ", ".join(f"('{room}', '{t}', '{who}', 'cworder-{k}')" for k, (who, t) in enumerate(words)) +
+                "; NOTIFY causeway_matrix_bot", db_url)
+        said_there = lambda: [e["content"]["body"] for e in hs.events(room)  # noqa: E731
+                              if e["type"] == "m.room.message"]
+        wait_until(lambda: len(said_there()) == 5, timeout=60, what="the five words")
+        assert said_there() == [t for _, t in words], said_there()
+        assert any(q["user"] == ghost and q["status"] == 429 for q in hs.requests), "the ghost was never limited"
+        # the bot's own word in the management room, queued after a 503,
+        # and a command's answer after it
+        hs.rc_message = None
+        refusing = threading.Event()
+        refusing.set()
+        hs.refuse = lambda method, path, user: refusing.is_set() and "cworder-first" in path
+        pg.psql(f"INSERT INTO matrix_notices (room_id, body, sender, txn_id) VALUES ('{mgmt}', 'the first word', "
+                f"'{bot}', 'cworder-first'); NOTIFY causeway_matrix_bot", db_url)
+        wait_until(lambda: any("cworder-first" in q["path"] and q["status"] == 503 for q in hs.requests),
+                   what="the first word refused for now")
+        alice.send_text(mgmt, "list")
+        wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_notices WHERE room_id = "
+                                   f"'{mgmt}' AND done_at IS NULL", db_url) == "2", what="the answer queued")
+        assert not any(n.startswith("Nothing yet") for n in said()), said()
+        refusing.clear()
+        wait_until(lambda: any(n.startswith("Nothing yet") for n in said()), timeout=30, what="the answer")
+        assert said()[-2:] == ["the first word", "Nothing yet: no requests, no decisions."], said()
+    finally:
+        srv.close()
+        hs.close()
