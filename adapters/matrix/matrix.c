@@ -656,8 +656,15 @@ static bool bot_wants(const struct txn *t, json_t *ev)
 		}
 		/* Another user invited into a bridged room: the bot adds them
 		 * to the group or says why not (mx_bot.c, local_invited). */
-		if (!ghost && strcmp(key, t->m->bot) != 0 && ms && strcmp(ms, "invite") == 0)
-			return json_object_get(t->rooms, room) != NULL;
+		if (!ghost && strcmp(key, t->m->bot) != 0 && ms && strcmp(ms, "invite") == 0 &&
+		    json_object_get(t->rooms, room))
+			return true;
+		/* Someone else invited into a management room, or joining it:
+		 * it is the user's no more (mx_bot.c, intruded). */
+		if (!ghost && strcmp(key, t->m->bot) != 0 && ms && (strcmp(ms, "invite") == 0 || strcmp(ms, "join") == 0)) {
+			const char *owner = json_string_value(json_object_get(t->mgmt, room));
+			return owner && strcmp(owner, key) != 0;
+		}
 		/* A ghost put out of a bridged room by a user (a ghost leaving
 		 * by itself is an echo, dropped before): the bot forgets it
 		 * there (mx_bot.c, ghost_removed). */
@@ -702,6 +709,9 @@ static cw_err txn_bot_send(PGconn *c, struct txn *t, cw_errmsg *e)
 		"    AND EXISTS (SELECT 1 FROM room_bindings b WHERE b.network = 'matrix' AND b.native_id = x->>'room_id')) "
 		"   OR (NOT g.ghost AND x->'content'->>'membership' = 'invite' "
 		"    AND EXISTS (SELECT 1 FROM room_bindings b WHERE b.network = 'matrix' AND b.native_id = x->>'room_id')) "
+		"   OR (NOT g.ghost AND x->'content'->>'membership' IN ('invite', 'join') "
+		"    AND EXISTS (SELECT 1 FROM matrix_mgmt_rooms mm WHERE mm.room_id = x->>'room_id' "
+		"     AND mm.user_id <> x->>'state_key')) "
 		"   OR (NOT g.ghost AND x->'content'->>'membership' IN ('leave', 'ban') "
 		"    AND (EXISTS (SELECT 1 FROM room_bindings b WHERE b.network = 'matrix' AND b.native_id = x->>'room_id') "
 		"     OR EXISTS (SELECT 1 FROM matrix_mgmt_rooms mm WHERE mm.room_id = x->>'room_id' "

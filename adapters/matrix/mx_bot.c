@@ -796,6 +796,33 @@ static bool invited(struct matrix *m, PGconn *c, const char *room, const char *s
 	return false;
 }
 
+/* Someone other than its user (who, another user of this server or of
+ * another, invited or joining) in a management room: the room is hers
+ * and the bot's alone (invited, others_in), for what it shows there says
+ * who wants to reach her and what she decided.  It is her management
+ * room no more: the bot says so, and leaves; her consent requests wait
+ * for the next room she opens with it (as after her leave).  Until the
+ * thirty-eighth session the bot went on showing them to whoever she
+ * invited (a review's finding).  False when room is no management room
+ * of another user's (the caller goes on). */
+static bool intruded(struct matrix *m, PGconn *c, const char *room, const char *who, const char *eid)
+{
+	const char *p[] = { room, who };
+	PGresult *r = PQexecParams(c, "DELETE FROM matrix_mgmt_rooms WHERE room_id = $1 AND user_id <> $2 RETURNING 1", 2,
+				   NULL, p, NULL, NULL, 0);
+	bool was = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) > 0;
+	PQclear(r);
+	if (!was)
+		return false;
+	LOG_KV_LIMITED(CW_LOG_INFO, "someone else came into a management room: the bot leaves it", "room", room);
+	char txn[48];
+	txn_for(txn, sizeof(txn), "intruded", eid, room);
+	says_and_leaves(m, c, room, NULL, "Someone else is in this room now, and what I show here (who wants to reach "
+					  "you, what you decided) is for you alone: I leave, and take your commands in "
+					  "a new direct room with me, which you may open any time.", txn);
+	return true;
+}
+
 /* The ghost says why it goes (a notice), and leaves the room; the word's
  * transaction id is made of eid (what it answers: the invitation) and
  * what (which word). */
@@ -1314,6 +1341,21 @@ static bool ghost_joins(struct matrix *m, PGconn *c, const char *room, const cha
 		LOG_KV_LIMITED(CW_LOG_WARN, "the ghost cannot join", "room", room, "detail", e.msg);
 		return for_now(status);
 	}
+	/* A management room is for commands: bound too, what the user writes
+	 * there would be a command and a message to the remote user both (her
+	 * "report" of him with it), and his messages would stand among the
+	 * bot's words (until the thirty-eighth session it was bound, a
+	 * review's finding). */
+	const char *mp[] = { room };
+	r = PQexecParams(c, "SELECT 1 FROM matrix_mgmt_rooms WHERE room_id = $1", 1, NULL, mp, NULL, NULL, 0);
+	bool mgmt = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) > 0;
+	PQclear(r);
+	if (mgmt) {
+		ghost_says_and_leaves(m, c, room, ghost,
+				      "This is your room with the gateway's bot, for your commands: nothing written here "
+				      "reaches me. Open a direct room with me to write to me.", "leave", eid);
+		return false;
+	}
 	int others = others_in(m, room, ghost, sender);
 	if (others < 0)
 		return true;
@@ -1722,9 +1764,14 @@ static bool inbox(struct matrix *m, PGconn *c)
 				again = invited(m, c, room, sender, eid);
 			else if (mx_in_ghost_namespace(m->cfg->mx_user_prefix, mx_server_name(m->cfg), key))
 				again = ghost_invited(m, c, room, sender, key, eid);
-			else
+			else if (!intruded(m, c, room, key, eid))
 				local_invited(m, c, room, sender, key, eid);
 		}
+		else if (type && room && key && strcmp(type, "m.room.member") == 0 &&
+			 json_is_string(json_object_get(content, "membership")) &&
+			 strcmp(json_string_value(json_object_get(content, "membership")), "join") == 0 &&
+			 strcmp(key, m->bot) != 0 && !mx_in_ghost_namespace(m->cfg->mx_user_prefix, mx_server_name(m->cfg), key))
+			intruded(m, c, room, key, eid);
 		else if (type && room && key && strcmp(type, "m.room.member") == 0 &&
 			 json_is_string(json_object_get(content, "membership")) &&
 			 (strcmp(json_string_value(json_object_get(content, "membership")), "leave") == 0 ||

@@ -5008,3 +5008,44 @@ def test_notices_of_one_room_go_out_in_the_order_they_were_queued(make_daemon, d
     finally:
         srv.close()
         hs.close()
+
+
+def test_someone_else_in_a_management_room_ends_it(mx, hs, gk, pg, db_url):
+    """A management room is the user's and the bot's alone (what the bot
+    shows there says who wants to reach her). Someone she invites into it
+    later makes it hers no more: the bot says so and leaves, and her next
+    consent request waits for the next room she opens with it. A ghost
+    invited into it says that a conversation needs a room of its own, and
+    leaves: bound, her commands there (a report of him) would have gone to
+    the remote user as messages. Until the thirty-eighth session the bot
+    went on showing her requests to whoever she invited, and a ghost
+    invited there bound the room (a review's finding)."""
+    a, _ = gk
+    bot = "@_cw_bot:example.org"
+    ghost = "@_cw_gk_wally:example.org"
+    assert mx.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
+    a.create_room([a.user("wally"), "mimi://example.org/u/someone"])  # wally known: his ghost may be invited
+    alice, mgmt, said = alice_and_the_bot(hs)
+    alice.invite(mgmt, ghost)
+    wait_until(lambda: hs.members(mgmt).get(ghost) == "leave", what="the ghost leaving")
+    ghost_said = [e["content"]["body"] for e in hs.events(mgmt) if e["sender"] == ghost
+                  and e["type"] == "m.room.message"]
+    assert len(ghost_said) == 1 and "room with the gateway's bot" in ghost_said[0], ghost_said
+    assert pg.psql("SELECT count(*) FROM room_bindings", db_url) == "0"
+    assert pg.psql("SELECT room_id FROM matrix_mgmt_rooms", db_url) == mgmt
+    alice.send_text(mgmt, "list")  # still hers
+    wait_until(lambda: any(n.startswith("opted in: peer:gk") for n in said()), what="the answer")
+    hs.create_user("bob")
+    alice.invite(mgmt, "@bob:example.org")
+    wait_until(lambda: hs.members(mgmt).get(bot) == "leave", what="the bot leaving")
+    assert "Someone else is in this room now" in said()[-1], said()
+    assert pg.psql("SELECT count(*) FROM matrix_mgmt_rooms", db_url) == "0"
+    room = a.create_room([a.user("ed"), ALICE]).json()["id"]
+    a.send(room, a.user("ed"), "hi alice")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM consent_requests WHERE state = 'pending'", db_url) == "1",
+               what="ed's request")
+    time.sleep(1)
+    assert not any("mimi://wa.example/u/ed" in n for n in said())
+    mgmt2 = alice.create_dm(bot)
+    wait_until(lambda: any("mimi://wa.example/u/ed" in e["content"].get("body", "") for e in hs.events(mgmt2)
+                           if e["sender"] == bot), what="ed's request in her new room")
