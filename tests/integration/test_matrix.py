@@ -5049,3 +5049,35 @@ def test_someone_else_in_a_management_room_ends_it(mx, hs, gk, pg, db_url):
     mgmt2 = alice.create_dm(bot)
     wait_until(lambda: any("mimi://wa.example/u/ed" in e["content"].get("body", "") for e in hs.events(mgmt2)
                            if e["sender"] == bot), what="ed's request in her new room")
+
+
+def test_an_expiry_is_told_late_after_a_stop_of_up_to_six_days(mx, hs, gk, pg, db_url):
+    """A request that expired while no process ran the bot (every daemon
+    stopped, or one without the Matrix adapter sweeping) is told when a
+    bot starts, late, if its record is of the last six days
+    (EXPIRY_LOOKBACK_DAYS: below the seven days a told expiry's notice is
+    kept against telling it twice); an older one is never told. As
+    docs/matrix.md says."""
+    a, _ = gk
+    assert mx.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
+    alice, mgmt, said = alice_and_the_bot(hs)
+    for who in ("wally", "eve"):
+        room = a.create_room([a.user(who), ALICE]).json()["id"]
+        assert a.send(room, a.user(who), f"may I? ({who})").status_code == 202
+    wait_until(lambda: sum("wants to write to you" in n for n in said()) == 2, what="both requests shown")
+    mx.stop()
+    # both expired meanwhile, wally's three days ago, eve's seven (as the
+    # policy's sweep records it: consent.expire)
+    pg.psql("UPDATE matrix_mgmt_rooms SET created_at = now() - interval '8 days'", db_url)
+    for who, days in (("eve", 7), ("wally", 3)):  # in the order of their records' ids
+        pg.psql("WITH q AS (UPDATE consent_requests q SET state = 'expired' FROM identities i "
+                f" WHERE i.id = q.remote_identity_id AND i.localpart = '{who}' RETURNING q.id, i.uri) "
+                "INSERT INTO audit_log (actor, action, subject, details, at) SELECT 'policy', 'consent.expire', "
+                f"q.uri, jsonb_build_object('request', q.id), now() - interval '{days} days' FROM q", db_url)
+    mx.start()
+    wait_until(lambda: any("expired" in n for n in said()), timeout=20, what="the late expiry")
+    alice.send_text(mgmt, "list")
+    wait_until(lambda: any(n.startswith("opted in: peer:gk") for n in said()), what="the answer to list")
+    time.sleep(1.5)
+    expired = [n for n in said() if "expired" in n]
+    assert len(expired) == 1 and "mimi://wa.example/u/wally" in expired[0], expired
