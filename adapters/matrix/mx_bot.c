@@ -23,8 +23,8 @@
 #define BOT_BATCH 20
 #define BOT_TRIES 12      /* an inbox row the homeserver could not take: tried this often */
 #define BOT_RETRY_MAX_S 600 /* the longest wait between two tries (2 s, 4 s, ... 10 min: 37 min in all) */
-#define BOT_HANDLED_KEEP_DAYS 7
-#define REASON_MAX 1000 /* a report's reason, at most (the rest of its line) */ /* a handled event's id is kept this long against the homeserver's resends */
+#define BOT_HANDLED_KEEP_DAYS 7 /* a handled event's id is kept this long against the homeserver's resends */
+#define REASON_MAX 1000 /* a report's reason, at most (the rest of its line) */
 
 static const char help_text[] =
 	"I am the gateway to other messaging networks. Commands:\n"
@@ -326,7 +326,7 @@ static void cmd_list(struct matrix *m, PGconn *c, const char *room, const char *
 			return;
 		}
 		for (int i = 0; i < PQntuples(r); i++) {
-			if ((size_t)PQgetlength(r, i, 0) + n + 100 >= sizeof(text)) {
+			if (more || (size_t)PQgetlength(r, i, 0) + n + 100 >= sizeof(text)) {
 				more++;
 				continue;
 			}
@@ -506,6 +506,19 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 	char local_id[24], uri[600];
 	if (!local_identity(m, c, sender, local_id, sizeof(local_id), uri, sizeof(uri)))
 		return;
+	/* An edit of a command (m.replace) is the command as edited: its
+	 * m.new_content, whose answer is the edit's own (its event's
+	 * transaction id).  Until the thirty-eighth session the edit's body
+	 * ("* block ...", the fallback of clients that do not show edits) was
+	 * read, and every edit, a typo's fix too, got the help. */
+	const json_t *rel = json_object_get(content, "m.relates_to");
+	const char *rel_type = json_string_value(json_object_get(rel, "rel_type"));
+	if (rel_type && strcmp(rel_type, "m.replace") == 0) {
+		const json_t *edited = json_object_get(content, "m.new_content");
+		if (!json_is_object(edited) || !json_is_string(json_object_get(edited, "body")))
+			return;
+		content = edited;
+	}
 	/* A reply (to a consent request, say) may start with the quote of
 	 * what it answers. */
 	const char *body = json_string_value(json_object_get(content, "body"));

@@ -5081,3 +5081,28 @@ def test_an_expiry_is_told_late_after_a_stop_of_up_to_six_days(mx, hs, gk, pg, d
     time.sleep(1.5)
     expired = [n for n in said() if "expired" in n]
     assert len(expired) == 1 and "mimi://wa.example/u/wally" in expired[0], expired
+
+
+def test_an_edited_command_is_carried_out_as_edited(mx, hs, gk, pg, db_url):
+    """An edit of a command (m.replace) is the command as edited, its
+    m.new_content, answered once as any: a typo fixed by an edit is carried
+    out. Until the thirty-eighth session the edit's fallback body ("*
+    block ...") was read, and every edit got the help."""
+    a, _ = gk
+    wally = a.user("wally")
+    alice, mgmt, said = alice_and_the_bot(hs)
+    n = len(said())
+    first = alice.send_text(mgmt, f"blokc {wally}")
+    wait_until(lambda: len(said()) > n, what="the answer to the typo")
+    assert "Commands" in said()[n]
+    n = len(said())
+    alice.edit(mgmt, first, f"block {wally}")
+    wait_until(lambda: len(said()) > n, what="the answer to the edit")
+    assert said()[n].startswith(f"Blocked {wally}."), said()[n]
+    assert pg.psql("SELECT subject || ' ' || state FROM consents", db_url) == f"{wally} blocked"
+    # an edit without new content is no command
+    alice.send(mgmt, "m.room.message", {"msgtype": "m.text", "body": "* help",
+                                        "m.relates_to": {"rel_type": "m.replace", "event_id": first}})
+    alice.send_text(mgmt, "list")
+    wait_until(lambda: any(f"blocked: {wally}" in t for t in said()[n + 1:]), what="the list")
+    assert len(said()) == n + 2, said()[n:]
