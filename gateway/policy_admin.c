@@ -1016,8 +1016,15 @@ cw_err policy_report_store(PGconn *c, struct cw_app *app, const struct policy_re
 {
 	if (user_uri_problem(app, rep->subject, false))
 		return cw_fail(e, CW_EINVAL, "a report's subject must be a user URI");
-	/* Only remote senders are rate limited: no rule for a local user. */
-	bool local = !user_uri_problem(app, rep->subject, true);
+	/* Only remote senders are rate limited: no rule for a user of one of
+	 * this provider's own domains (app_domain_is_ours: server.domain, the
+	 * Matrix server name, the XMPP domain, a component's; until the
+	 * thirty-eighth session server.domain alone, and a report naming a
+	 * user under another of them could make an automatic rule, which no
+	 * message ever met, as POST /admin/v1/rules refuses one naming them). */
+	struct mimi_uri su;
+	cw_errmsg pe;
+	bool local = mimi_uri_parse(rep->subject, &su, &pe) == CW_OK && app_domain_is_ours(app, su.domain);
 	struct policy_view *v = policy_live_get(app->policy);
 	char nums[4][24];
 	snprintf(nums[0], sizeof(nums[0]), "%lld", (long long)v->set.report_window_s);

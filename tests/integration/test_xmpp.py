@@ -1146,6 +1146,28 @@ def test_a_rule_naming_the_xmpp_domain_or_a_component_is_refused(xd, pg, db_url)
     assert r.status_code == 201, r.text
 
 
+def test_reports_of_a_user_under_the_xmpp_domain_or_a_component_make_no_limit(xd, pg, db_url):
+    """A report is stored whoever it names, but only a remote user gets the
+    automatic limit at the threshold: a user under the XMPP domain or a
+    component's is this provider's, as one under server.domain is (no rule
+    may name them, above). Until the thirty-eighth session only
+    server.domain counted, and three reporters of such a user made a rule
+    that no message ever met. A peer's user elsewhere still gets one."""
+    assert xd.admin("PATCH", "/settings", json={"policy.report_limit_threshold": 3}).ok
+    for subject, limited in (("mimi://" + HOST + "/u/alice", False), ("mimi://" + COMP + "/u/wally", False),
+                             ("mimi://wa.example/u/wally", True)):
+        for reporter in ("mimi://example.org/u/bob", "mimi://example.org/u/carol", None):
+            body = {"subject": subject, "reason": "spam"}
+            if reporter:
+                body["reporter"] = reporter
+            r = xd.admin("POST", "/reports", json=body)
+            assert r.status_code == 201, r.text
+        assert r.json()["reporters_in_window"] == 3, r.text
+        assert (r.json()["limit_rule_id"] is not None) == limited, (subject, r.text)
+    assert pg.psql("SELECT string_agg(pattern, ' ') FROM rules WHERE created_by = 'system:reports'",
+                   db_url) == "mimi://wa.example/u/wally"
+
+
 def test_an_upper_case_localpart_is_the_contact_its_server_folds_it_to(xd, gk, alice, pg, db_url):
     """The user's server folds a localpart to lower case (RFC 7622), so
     `WALLY@<component>` reaches the component as wally's JID: the same
