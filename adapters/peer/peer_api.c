@@ -1813,7 +1813,7 @@ struct submit *submit_new(size_t n)
 	"n int, pid text, room bigint, sender bigint, " \
 	"  type text, ci bigint, replaces bigint, reply bigint, ts bigint, key text, hash text, " \
 	"  dests text, targets text, states text, held text, expiry bigint, win bigint, read boolean, " \
-	"  scope text, outbound jsonb, wrote boolean, bt text, ba text"
+	"  scope text, outbound jsonb, wrote boolean, bt text, ba text, dt bigint"
 /* lk: the items' rooms are locked first, in id order, until the commit
  * (a transaction-level advisory lock per room, ROOM_LOCK_SQL of store.h): the
  * outbox ids of one room's rows then follow the order in which they were
@@ -1834,14 +1834,36 @@ struct submit *submit_new(size_t n)
  * deleted, not returned.  A lookup by primary key per distinct target, in
  * the same statement: no round trip more. */
 #define REF_GONE(col) "(it." col " IS NOT NULL AND it." col " NOT IN (SELECT id FROM rt))"
+/* An edit or a reaction (dt: the stored message it edits or reacts to,
+ * deleted_target; absent for every other item) whose message a user's
+ * delete names now, refused in gn (ref 'deleted': 400 invalid_body, as
+ * round 0 refuses one).  Round 0 checked it already, but against the
+ * deletes committed before its read: a delete of the same message in
+ * another request (a job before this one in the batch, a batch or a Matrix
+ * transaction whose read ran on a reader, another process) could be
+ * written in between, and both were taken, the edit stored and pushed
+ * after the delete.  Checked again here, under the room's lock, which the
+ * delete's write takes too (both name a message of one room), with a
+ * snapshot taken after it: a job with such an item takes its rooms' locks
+ * in a statement before the write (submit_lock_rooms, as one in a group
+ * does; READ COMMITTED: the write's own snapshot is from before it waited
+ * on lk).  A delete committed (or written earlier in this transaction)
+ * before is seen, and the item refused; one written after waits for the
+ * commit, and comes after the edit, as it would had it been sent later.
+ * Since the thirty-eighth session.  A probe of events_replaces_idx per
+ * such item; the other items pay nothing. */
+#define DELETED_NOW \
+	"(it.dt IS NOT NULL AND EXISTS (SELECT 1 FROM events d WHERE d.replaces_id = it.dt AND d.type = 'delete' " \
+	"  AND d.origin_network IS DISTINCT FROM 'gateway'))"
 /* GN: the CTE's name (gn; GROUP_WRITE_EVENTS_REFS: gr, which its gn
  * reads); SG_CASE, SG_OR: for a job with items in groups (GROUP_*), its
  * items refused because their sender left; else empty. */
 #define REFS_LOCKED_OF(GN, SG_CASE, SG_OR, GONE_MORE) \
 	"rt AS MATERIALIZED (SELECT t.id FROM (SELECT it.replaces AS r FROM it UNION SELECT it.reply FROM it) y " \
 	"  JOIN LATERAL (SELECT e.id FROM events e WHERE e.id = y.r FOR KEY SHARE) t ON true), " \
-	GN " AS (SELECT it.pid, CASE WHEN " SG_CASE REF_GONE("reply") " THEN 'in_reply_to' ELSE 'replaces' END AS ref " \
-	"  FROM it WHERE " SG_OR REF_GONE("replaces") " OR " REF_GONE("reply") GONE_MORE "), "
+	GN " AS (SELECT it.pid, CASE WHEN " SG_CASE REF_GONE("reply") " THEN 'in_reply_to' WHEN " REF_GONE("replaces") \
+	"  THEN 'replaces' ELSE 'deleted' END AS ref " \
+	"  FROM it WHERE " SG_OR REF_GONE("replaces") " OR " REF_GONE("reply") " OR " DELETED_NOW GONE_MORE "), "
 #define REFS_LOCKED(GONE_MORE) REFS_LOCKED_OF("gn", "", "", GONE_MORE)
 /* A job none of whose items names a stored event (most: plain messages)
  * locks nothing and refuses nothing for it: its statements have an empty
@@ -2167,10 +2189,23 @@ static const char *deleted_why(const struct msg_input *in)
 					     : "content.in_reply_to names a message that was deleted";
 }
 
-/* A job with items in groups: the locks of the rooms of every item it
- * writes (direct ones too: the write's lk takes them all, in id order, and
- * this keeps that order), in a statement before the write (see GROUP_JM).
- * Sets b->locked. */
+/* Item i's stored target that DELETED_NOW checks again in the write (its
+ * event id: an edit's replaces_id, a reaction's reply_id), or NULL: it
+ * names none (deleted_target), or names an earlier item of the job
+ * ("#j": deleted_in_job checked it). */
+static const char *checked_target(const struct submit *b, size_t i)
+{
+	const struct msg_input *in = b->items[i];
+	const char *id = strcmp(in->type, "edit") == 0	   ? b->replaces_id[i]
+			 : strcmp(in->type, "reaction") == 0 ? b->reply_id[i]
+							     : "";
+	return id[0] && id[0] != '#' ? id : NULL;
+}
+
+/* A job with items in groups (or with an item DELETED_NOW checks): the
+ * locks of the rooms of every item it writes (direct ones too: the write's
+ * lk takes them all, in id order, and this keeps that order), in a
+ * statement before the write (see GROUP_JM).  Sets b->locked. */
 static cw_err lock_rooms_send(PGconn *c, struct submit *b, cw_errmsg *e)
 {
 	struct cw_buf ids;
@@ -2207,6 +2242,7 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 	bool refs = false;                           /* round 1: an item names an earlier one */
 	bool stored = false;                         /* round 1: an item names a stored event */
 	bool group = false;                          /* round 1: an item is in a group */
+	bool chk = false;                            /* round 1: an item is checked for a delete (DELETED_NOW) */
 	cw_err rc = cw_buf_add(&doc, "[", 1) || (round == 1 && cw_buf_add(&contents, "[", 1)) ? CW_ENOMEM : CW_OK;
 	for (size_t i = 0; i < b->n && !rc; i++) {
 		struct msg_input *in = b->items[i];
@@ -2237,6 +2273,7 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 		}
 		char hex[65];
 		cw_hex(hex, in->hash, 32);
+		const char *dt = checked_target(b, i);
 		const char *content = b->scrub[i] ? "{}" : in->event_text;
 		char *outbound = json_array_size(b->outbound[i]) ? json_dumps(b->outbound[i], JSON_COMPACT) : NULL;
 		rc = !content || (items > 1 && cw_buf_add(&contents, ",", 1)) ||
@@ -2261,6 +2298,7 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 						   b->wrote[i] ? "true" : "false") ||
 				     ref_json(&doc, b, b->replaces_id[i], "xpid") || cw_buf_add(&doc, ",\"reply\":", 9) ||
 				     ref_json(&doc, b, b->reply_id[i], "rpid") ||
+				     (dt && cw_buf_add(&doc, ",\"dt\":", 6)) || (dt && add_json_string(&doc, dt)) ||
 				     (in->block_target[0] &&
 				      (cw_buf_add(&doc, ",\"bt\":", 6) || add_json_string(&doc, in->block_target) ||
 				       cw_buf_printf(&doc, ",\"ba\":\"%s\"", in->unblock ? "unblock" : "block"))) ||
@@ -2271,6 +2309,7 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 		refs = refs || b->reply_id[i][0] == '#' || b->replaces_id[i][0] == '#';
 		stored = stored || b->reply_id[i][0] || b->replaces_id[i][0];
 		group = group || b->grp[i];
+		chk = chk || dt;
 		plain = plain && !in->read_receipt && !json_array_size(b->held[i]) && !json_array_size(b->outbound[i]) &&
 			!b->wrote[i] && !in->block_target[0];
 	}
@@ -2285,14 +2324,15 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 									: "submit_read_by_id",
 			       doc.p, NULL, NULL, e);
 	else if (round == 1) {
-		/* a job with items in groups: its rooms' locks first, and the
-		 * statement's _g variant (GROUP_JM) */
+		/* a job with items in groups (and its statement's _g
+		 * variant, GROUP_JM) or with an item checked for a delete
+		 * (DELETED_NOW): its rooms' locks first */
 		const char *w = refs ? "submit_write_refs"
 			      : plain ? (stored ? "submit_write_plain" : "submit_write_plain_norefs")
 				      : (stored ? "submit_write" : "submit_write_norefs");
 		char name[40];
 		snprintf(name, sizeof(name), "%s%s", w, group ? "_g" : "");
-		if (!group || (rc = lock_rooms_send(c, b, e)) == CW_OK)
+		if (!(group || chk) || (rc = lock_rooms_send(c, b, e)) == CW_OK)
 			rc = send_text(c, name, doc.p, contents.p, plain && !refs ? NULL : b->audit, e);
 	}
 	cw_buf_free(&doc);
@@ -2947,6 +2987,15 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 								  "content.%s names an event of this request whose "
 								  "sender is not a member of this room",
 								  gone + 7);
+						} else if (gone && strcmp(gone, "deleted") == 0) {
+							/* What it edits or reacts to was
+							 * deleted since round 0 read
+							 * (DELETED_NOW): refused as round 0
+							 * refuses it. */
+							b->write[i] = false;
+							b->wake[i] = 0;
+							item_fail(&b->res[i], 400, "invalid_body", "%s",
+								  deleted_why(b->items[i]));
 						} else if (!PQgetisnull(r, k, 2)) {
 							/* Its reference is gone (deleted since
 							 * round 0): refused as one naming an
