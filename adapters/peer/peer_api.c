@@ -1850,20 +1850,27 @@ struct submit *submit_new(size_t n)
  * on lk).  A delete committed (or written earlier in this transaction)
  * before is seen, and the item refused; one written after waits for the
  * commit, and comes after the edit, as it would had it been sent later.
- * Since the thirty-eighth session.  A probe of events_replaces_idx per
- * such item; the other items pay nothing. */
-#define DELETED_NOW \
-	"(it.dt IS NOT NULL AND EXISTS (SELECT 1 FROM events d WHERE d.replaces_id = it.dt AND d.type = 'delete' " \
-	"  AND d.origin_network IS DISTINCT FROM 'gateway'))"
+ * Since the thirty-eighth session.  dl: those of the items' targets that a
+ * delete names, a probe of events_replaces_idx per distinct target, fenced
+ * (LATERAL, LIMIT) as rt is: an EXISTS in gn's condition was planned as a
+ * hashed subplan, a scan of the whole events table per job (a job of one
+ * reaction took 1.5 ms on a table of a few thousand rows, and grew with it).  A job of one reaction
+ * costs some 0.1 ms more (the lock statement and the probe: 0.37 -> 0.50
+ * ms, docs/performance.md); a job with no edit or reaction of a stored
+ * message pays nothing. */
+#define DELETED_TARGETS \
+	"dl AS MATERIALIZED (SELECT y.t FROM (SELECT DISTINCT it.dt AS t FROM it WHERE it.dt IS NOT NULL) y " \
+	"  JOIN LATERAL (SELECT 1 FROM events d WHERE d.replaces_id = y.t AND d.type = 'delete' " \
+	"  AND d.origin_network IS DISTINCT FROM 'gateway' LIMIT 1) x ON true), "
 /* GN: the CTE's name (gn; GROUP_WRITE_EVENTS_REFS: gr, which its gn
  * reads); SG_CASE, SG_OR: for a job with items in groups (GROUP_*), its
  * items refused because their sender left; else empty. */
 #define REFS_LOCKED_OF(GN, SG_CASE, SG_OR, GONE_MORE) \
 	"rt AS MATERIALIZED (SELECT t.id FROM (SELECT it.replaces AS r FROM it UNION SELECT it.reply FROM it) y " \
 	"  JOIN LATERAL (SELECT e.id FROM events e WHERE e.id = y.r FOR KEY SHARE) t ON true), " \
-	GN " AS (SELECT it.pid, CASE WHEN " SG_CASE REF_GONE("reply") " THEN 'in_reply_to' WHEN " REF_GONE("replaces") \
+	DELETED_TARGETS GN " AS (SELECT it.pid, CASE WHEN " SG_CASE REF_GONE("reply") " THEN 'in_reply_to' WHEN " REF_GONE("replaces") \
 	"  THEN 'replaces' ELSE 'deleted' END AS ref " \
-	"  FROM it WHERE " SG_OR REF_GONE("replaces") " OR " REF_GONE("reply") " OR " DELETED_NOW GONE_MORE "), "
+	"  FROM it WHERE " SG_OR REF_GONE("replaces") " OR " REF_GONE("reply") " OR it.dt IN (SELECT t FROM dl)" GONE_MORE "), "
 #define REFS_LOCKED(GONE_MORE) REFS_LOCKED_OF("gn", "", "", GONE_MORE)
 /* A job none of whose items names a stored event (most: plain messages)
  * locks nothing and refuses nothing for it: its statements have an empty
@@ -2189,7 +2196,7 @@ static const char *deleted_why(const struct msg_input *in)
 					     : "content.in_reply_to names a message that was deleted";
 }
 
-/* Item i's stored target that DELETED_NOW checks again in the write (its
+/* Item i's stored target that DELETED_TARGETS checks again in the write (its
  * event id: an edit's replaces_id, a reaction's reply_id), or NULL: it
  * names none (deleted_target), or names an earlier item of the job
  * ("#j": deleted_in_job checked it). */
@@ -2202,7 +2209,7 @@ static const char *checked_target(const struct submit *b, size_t i)
 	return id[0] && id[0] != '#' ? id : NULL;
 }
 
-/* A job with items in groups (or with an item DELETED_NOW checks): the
+/* A job with items in groups (or with an item DELETED_TARGETS checks): the
  * locks of the rooms of every item it writes (direct ones too: the write's
  * lk takes them all, in id order, and this keeps that order), in a
  * statement before the write (see GROUP_JM).  Sets b->locked. */
@@ -2242,7 +2249,7 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 	bool refs = false;                           /* round 1: an item names an earlier one */
 	bool stored = false;                         /* round 1: an item names a stored event */
 	bool group = false;                          /* round 1: an item is in a group */
-	bool chk = false;                            /* round 1: an item is checked for a delete (DELETED_NOW) */
+	bool chk = false;                            /* round 1: an item is checked for a delete (DELETED_TARGETS) */
 	cw_err rc = cw_buf_add(&doc, "[", 1) || (round == 1 && cw_buf_add(&contents, "[", 1)) ? CW_ENOMEM : CW_OK;
 	for (size_t i = 0; i < b->n && !rc; i++) {
 		struct msg_input *in = b->items[i];
@@ -2326,7 +2333,7 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 	else if (round == 1) {
 		/* a job with items in groups (and its statement's _g
 		 * variant, GROUP_JM) or with an item checked for a delete
-		 * (DELETED_NOW): its rooms' locks first */
+		 * (DELETED_TARGETS): its rooms' locks first */
 		const char *w = refs ? "submit_write_refs"
 			      : plain ? (stored ? "submit_write_plain" : "submit_write_plain_norefs")
 				      : (stored ? "submit_write" : "submit_write_norefs");
@@ -2990,7 +2997,7 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 						} else if (gone && strcmp(gone, "deleted") == 0) {
 							/* What it edits or reacts to was
 							 * deleted since round 0 read
-							 * (DELETED_NOW): refused as round 0
+							 * (DELETED_TARGETS): refused as round 0
 							 * refuses it. */
 							b->write[i] = false;
 							b->wake[i] = 0;
