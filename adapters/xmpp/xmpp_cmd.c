@@ -124,6 +124,7 @@ struct xconsent {
 	char local[MIMI_LOCAL_MAX + 1], local_bare[1100];
 	char remote_id[MIMI_LOCAL_MAX + 1], remote_jid[1100];
 	bool whole_domain;               /* the subject is the peer's domain */
+	char own_subject[MIMI_URI_MAX + 1]; /* a report's subject when it is a user of this provider's, else "" */
 	bool cancel_if_allowed;          /* an `unsubscribed`: see xa_presence */
 	char reason[REASON_MAX + 1];
 	char *iq;                        /* what the answer needs of the command (iq_skeleton), or NULL (a presence) */
@@ -202,11 +203,13 @@ static cw_err consent_fn(PGconn *c, void *arg, cw_errmsg *e)
 		snprintf(peer_domain, sizeof(peer_domain), "%s", PQgetvalue(r, 0, 0));
 	PQclear(r);
 	char subject[MIMI_URI_MAX + 1];
-	if (j->whole_domain)
+	if (j->own_subject[0])
+		snprintf(subject, sizeof(subject), "%s", j->own_subject);
+	else if (j->whole_domain)
 		snprintf(subject, sizeof(subject), "%s", peer_domain);
 	else
 		snprintf(subject, sizeof(subject), "mimi://%s/u/%s", peer_domain, j->remote_id);
-	if (j->verb != V_LIST && j->verb != V_OPTIN && j->verb != V_OPTOUT && !peer_domain[0]) {
+	if (j->verb != V_LIST && j->verb != V_OPTIN && j->verb != V_OPTOUT && !j->own_subject[0] && !peer_domain[0]) {
 		snprintf(j->note, sizeof(j->note), "This gateway's network is not configured yet.");
 		return CW_OK;
 	}
@@ -723,17 +726,51 @@ static size_t form_values(xmpp_stanza_t *x, const char *var)
 	return n;
 }
 
+/* Whether who, the party typed in a report, is a user of this provider's:
+ * a JID of the XMPP domain (its localpart in any case: the user's server
+ * keeps it in lower case, RFC 7622 §3.3) or a mimi:// address of a user
+ * of one of its domains, as the Matrix bot's report takes one (and POST
+ * /admin/v1/reports); if so her address into out.  Another member of a
+ * group writes to the user through the gateway, relayed by the
+ * component, and her client can report only the component's JID for it.
+ * Read from the text alone: the same whether the user exists or not. */
+static bool own_user(struct xcomp *xc, const char *who, char *out, size_t len)
+{
+	struct xmpp *x = xc->x;
+	struct mimi_uri u;
+	cw_errmsg e;
+	if (strncmp(who, "mimi://", 7) == 0)
+		return mimi_uri_parse(who, &u, &e) == CW_OK && u.kind == MIMI_USER &&
+		       policy_consent_subject_ours(x->app, "user", who) && (size_t)snprintf(out, len, "%s", who) < len;
+	char jid[1100], bare[1100], local[MIMI_LOCAL_MAX + 1];
+	if (strlen(who) >= sizeof(jid))
+		return false;
+	snprintf(jid, sizeof(jid), "%s", who);
+	for (char *p = jid; *p && *p != '@' && *p != '/'; p++)
+		if (*p >= 'A' && *p <= 'Z')
+			*p = (char)(*p - 'A' + 'a');
+	if (!strchr(jid, '@') || !xa_local_user(x, jid, bare, sizeof(bare), local, sizeof(local)))
+		return false;
+	int n = snprintf(out, len, "mimi://%s/u/%s", x->cfg->domain ? x->cfg->domain : "", local);
+	return n > 0 && (size_t)n < len && mimi_uri_parse(out, &u, &e) == CW_OK && u.kind == MIMI_USER;
+}
+
 /* Whether who, the party typed in an accept, block or report, is one of
  * this provider's own users (a JID of one of its domains but the
  * components', or a mimi:// address of one: policy_consent_subject_ours)
  * or, *domain, one of its own domains; if so, the answer's text into
- * text.  The component's commands are about the contacts of its network,
- * and the policy asks a user's consents of remote senders only: what
- * local users send one another passes no decision (the admin API refuses
- * such a consent, 400).  Until the thirty-fourth session it was a bare
- * bad-request that said nothing.  Read from the text alone: the same
- * answer whether the user exists or not. */
-static bool own_party(struct xcomp *xc, const char *who, char *text, size_t len)
+ * text.  The component's accept and block are about the contacts of its
+ * network, and the policy asks a user's consents of remote senders only:
+ * what local users send one another passes no decision (the admin API
+ * refuses such a consent, 400).  Until the thirty-fourth session it was a
+ * bare bad-request that said nothing.  A report takes a user of this
+ * provider's (own_user, tried first): what is left here for it is a
+ * domain, or a JID of one of the other domains (the Matrix server name,
+ * server.domain where it is not the XMPP domain), which names no user of
+ * the XMPP server; until the thirty-eighth session every user of this
+ * provider's was refused (a review's finding).  Read from the text alone:
+ * the same answer whether the user exists or not. */
+static bool own_party(struct xcomp *xc, const char *who, bool report, char *text, size_t len)
 {
 	struct xmpp *x = xc->x;
 	char l[XJ_PART_MAX + 1], d[XJ_PART_MAX + 1], r[XJ_PART_MAX + 1];
@@ -747,14 +784,23 @@ static bool own_party(struct xcomp *xc, const char *who, char *text, size_t len)
 		domain = !l[0];
 	} else
 		return false;
-	if (domain)
-		snprintf(text, len, "%s is a domain of this service, not another network: this gateway's accept, block "
-			 "and report are for the contacts of other networks only, and what users of your server send one "
+	if (report && domain)
+		snprintf(text, len, "%s is a domain of this service, not a user: report names one user, a contact on "
+			 "another network (name@%s) or a user of your own server (name@%s).",
+			 who, xc->domain, x->local_domain);
+	else if (report)
+		snprintf(text, len, "%s is no user of your own server nor a contact on another network: report a user "
+			 "of your server by their JID (name@%s) or address (mimi://%s/u/name), a contact by theirs "
+			 "(name@%s).",
+			 who, x->local_domain, x->cfg->domain ? x->cfg->domain : "", xc->domain);
+	else if (domain)
+		snprintf(text, len, "%s is a domain of this service, not another network: this gateway's accept and "
+			 "block are for the contacts of other networks only, and what users of your server send one "
 			 "another does not pass it. To block a user of your server, use your own client's blocking.",
 			 who);
 	else
 		snprintf(text, len, "%s is a user of your own server, not a contact on another network: this gateway's "
-			 "accept, block and report are for the contacts of other networks only, and what users of your "
+			 "accept and block are for the contacts of other networks only, and what users of your "
 			 "server send one another does not pass it. To block them, use your own client's blocking.",
 			 who);
 	return true;
@@ -769,8 +815,12 @@ static void command_form(struct xcomp *xc, xmpp_stanza_t *iq, const char *node, 
 	xmpp_stanza_t *f = x ? xa_child(ctx, x, "field", NULL) : NULL;
 	if (f) {
 		char label[2 * XJ_PART_MAX + 100];
-		snprintf(label, sizeof(label), "Contact (name@%s), or %s for everyone of that network", xc->domain,
-			 xc->domain);
+		if (reason) /* a report: one user, of that network or of this server */
+			snprintf(label, sizeof(label), "Contact (name@%s), or a user of your server (name@%s)",
+				 xc->domain, xc->x->local_domain);
+		else
+			snprintf(label, sizeof(label), "Contact (name@%s), or %s for everyone of that network",
+				 xc->domain, xc->domain);
 		xmpp_stanza_set_attribute(f, "var", "jid");
 		xmpp_stanza_set_attribute(f, "type", "jid-single");
 		xmpp_stanza_set_attribute(f, "label", label);
@@ -948,10 +998,21 @@ bool xa_command(struct xcomp *xc, xmpp_stanza_t *iq)
 		for (char *d = at ? at + 1 : jid; *d && *d != '/'; d++)
 			if (*d >= 'A' && *d <= 'Z')
 				*d = (char)(*d - 'A' + 'a');
-		char own[sizeof(jid) + 400];
+		char own[sizeof(jid) + 3 * XJ_PART_MAX + 400];
 		if (strcmp(jid, xc->domain) == 0 && j->verb != V_REPORT) {
 			j->whole_domain = true;
-		} else if (own_party(xc, jid, own, sizeof(own))) {
+		} else if (j->verb == V_REPORT && own_user(xc, jid, j->own_subject, sizeof(j->own_subject))) {
+			/* the user herself: no report (as the Matrix bot's) */
+			const char *dom = xc->x->cfg->domain ? xc->x->cfg->domain : "";
+			char me[MIMI_URI_MAX + 1];
+			snprintf(me, sizeof(me), "mimi://%s/u/%s", dom, j->local);
+			if (strcmp(j->own_subject, me) == 0) {
+				free(j);
+				xa_send_now(xc, xa_error_reply(iq, "modify", "bad-request",
+							       "That is you: name the user you report."));
+				return true;
+			}
+		} else if (own_party(xc, jid, j->verb == V_REPORT, own, sizeof(own))) {
 			free(j);
 			xa_send_now(xc, xa_error_reply(iq, "modify", "bad-request", own));
 			return true;

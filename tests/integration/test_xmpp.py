@@ -3074,21 +3074,23 @@ def test_ad_hoc_commands(xd, gk, alice, pg, db_url):
 
 def test_accept_or_block_of_a_local_user_or_domain_is_refused(xd, gk, alice, pg, db_url):
     """The policy asks a user's consents of remote senders only, and what
-    this provider's users send one another passes no decision: accept,
-    block (or report) of one of them (a JID of the XMPP domain or of
-    server.domain, a mimi:// address of one) or of one of its domains
-    names no contact of the component's network. It is bad-request with
-    a text that says why and what to use instead (her own client's
-    blocking), the same for an existing and an unknown user, and nothing
-    is stored; the admin API refuses such a consent too. Until the
-    thirty-fourth session it was a bare bad-request, which said nothing."""
+    this provider's users send one another passes no decision: accept or
+    block of one of them (a JID of the XMPP domain or of server.domain, a
+    mimi:// address of one) or of one of its domains names no contact of
+    the component's network. It is bad-request with a text that says why
+    and what to use instead (her own client's blocking), the same for an
+    existing and an unknown user, and nothing is stored; the admin API
+    refuses such a consent too. Until the thirty-fourth session it was a
+    bare bad-request, which said nothing. (A report takes a user of this
+    provider's since the thirty-eighth session:
+    test_a_report_of_a_user_of_this_service_is_taken.)"""
     def refusal(node, who):
         bad = command_submit(alice, node, {"jid": who}, expect_error=True)
         assert bad.error_condition == "bad-request", ET.tostring(bad)
         text = bad.find(".//{urn:ietf:params:xml:ns:xmpp-stanzas}text")
         assert text is not None, ET.tostring(bad)
         return text.text
-    for node in ("accept", "block", "report"):
+    for node in ("accept", "block"):
         for shape in ("{}@" + HOST, "{}@example.org", "mimi://example.org/u/{}", "mimi://" + HOST + "/u/{}"):
             known, unknown = shape.format("bob"), shape.format("nobody")
             text = refusal(node, known)
@@ -3107,6 +3109,74 @@ def test_accept_or_block_of_a_local_user_or_domain_is_refused(xd, gk, alice, pg,
     # A contact of the component is still taken.
     done = command_submit(alice, "block", {"jid": WALLY_JID})
     assert "Blocked mimi://wa.example/u/wally" in done.find(f".//{{{CMD}}}note").text
+
+
+def test_a_report_of_a_user_of_this_service_is_taken(xd, gk, alice, pg, db_url):
+    """Another member of a group writes to alice through the gateway (the
+    component relays her words), and alice's client can report only the
+    component's JID for it: so `report`, as the Matrix bot's, takes a user
+    of this provider's, a JID of the XMPP domain (its localpart in any
+    case, a resource left out) or a mimi:// address of one. It is stored
+    for the operator and audited as any report, the same for an existing
+    and an unknown user, and makes no automatic limit (that is for remote
+    senders), even at a threshold of one reporter. Refused, storing
+    nothing: alice herself, a JID of another of this provider's domains
+    (which names no user of the XMPP server) and a domain, each saying
+    why. Until the thirty-eighth session every user of this provider's
+    was refused as for accept and block (a review's finding)."""
+    assert xd.admin("PATCH", "/settings", json={"policy.report_limit_threshold": 1}).ok
+    form = alice.iq("set", COMP, f"<command xmlns='{CMD}' node='report' action='execute'/>")
+    labels = [f.get("label") for f in form.iter(q("jabber:x:data", "field"))]
+    assert labels == [f"Contact (name@{COMP}), or a user of your server (name@{HOST})",
+                      "What happened (optional)"], labels
+
+    def report(who, reason=None, **kw):
+        fields = {"jid": who}
+        if reason:
+            fields["reason"] = reason
+        return command_submit(alice, "report", fields, **kw)
+
+    def refusal(who):
+        bad = report(who, expect_error=True)
+        assert bad.error_condition == "bad-request", ET.tostring(bad)
+        text = bad.find(".//{urn:ietf:params:xml:ns:xmpp-stanzas}text")
+        assert text is not None, ET.tostring(bad)
+        return text.text
+    for who in (f"alice@{HOST}", f"Alice@{HOST}/phone", ALICE):
+        assert refusal(who) == "That is you: name the user you report.", who
+    for who in ("bob@example.org", "nobody@example.org"):
+        text = refusal(who)
+        assert text == (f"{who} is no user of your own server nor a contact on another network: report a "
+                        f"user of your server by their JID (name@{HOST}) or address (mimi://example.org/u/"
+                        f"name), a contact by theirs (name@{COMP})."), text
+    for domain in (HOST, "example.org"):
+        assert refusal(domain) == (f"{domain} is a domain of this service, not a user: report names one user, "
+                                   f"a contact on another network (name@{COMP}) or a user of your own server "
+                                   f"(name@{HOST})."), domain
+    assert pg.psql("SELECT count(*) FROM reports", db_url) == "0"
+    assert pg.psql("SELECT count(*) FROM audit_log WHERE actor LIKE 'user:%'", db_url) == "0"
+    taken = ((f"bob@{HOST}", "mimi://example.org/u/bob", "she spams the group"),
+             (f"Carol@{HOST}/phone", "mimi://example.org/u/carol", None),
+             (f"nobody@{HOST}", "mimi://example.org/u/nobody", "who?"),
+             ("mimi://example.org/u/dave", "mimi://example.org/u/dave", "insults"))
+    for who, subject, reason in taken:
+        done = report(who, reason)
+        c = done.find(q(CMD, "command"))
+        assert c.get("status") == "completed", ET.tostring(done)
+        assert c.find(q(CMD, "note")).text == f"Reported {subject} to the operator. Thank you.", ET.tostring(done)
+    assert pg.psql("SELECT string_agg(reporter_kind || ' ' || reporter || ' ' || subject_uri || ' ' || reason_code || "
+                   "' ' || coalesce(comment, '-'), ',' ORDER BY id) FROM reports", db_url) == \
+        ",".join(f"local_user {ALICE} {subject} abuse {reason or '-'}" for _, subject, reason in taken)
+    assert pg.psql("SELECT string_agg(actor || ' ' || subject || ' ' || (details->>'limit_rule_id' IS NULL), ',' "
+                   "ORDER BY id) FROM audit_log WHERE action = 'report.create'", db_url) == \
+        ",".join(f"user:{ALICE} {subject} true" for _, subject, _ in taken)
+    assert pg.psql("SELECT count(*) FROM rules", db_url) == "0"
+    # A contact of the component still is one, and at this threshold his
+    # one reporter limits him.
+    done = report(WALLY_JID, "spam")
+    assert done.find(q(CMD, "command")).get("status") == "completed", ET.tostring(done)
+    assert pg.psql("SELECT string_agg(pattern, ' ') FROM rules WHERE created_by = 'system:reports'",
+                   db_url) == "mimi://wa.example/u/wally"
 
 
 def test_ad_hoc_command_sessions_are_remembered(xd, gk, alice, prosody, pg, db_url):
