@@ -1219,6 +1219,11 @@ const char *policy_reason_text(const char *reason)
 		{ "server_denied_network", "this server does not allow messages to their network" },
 		{ "user_blocked_recipient", "you blocked this person" },
 		{ "user_blocked_domain", "you blocked their domain" },
+		/* theirs, but hers to know: the Matrix bot's list shows it
+		 * ("... blocked you: what you write to them is not delivered");
+		 * until the thirty-eighth session she read "Not delivered."
+		 * alone */
+		{ "recipient_blocked_sender", "this person blocked you" },
 		{ "too_large", "it is larger than this server allows to them" },
 		{ "content_kind_disabled", "this server does not allow this kind of content (files) to them" },
 		{ "server_closed", "this server does not exchange messages with their network" },

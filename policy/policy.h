@@ -247,10 +247,11 @@ int policy_consent_fact(const struct policy_snapshot *s, const char *local_uri, 
 			const char *subject);
 
 /* What a deny reason means to the local user whose message it stopped
- * (outbound), as the end of "Not delivered: ...": this server's rules and
- * the user's own decisions, and her own outbound limits.  NULL for what is not theirs to learn (a
- * remote user's block of them: errors stay uniform, as for an unknown
- * account) and for a reason it does not know. */
+ * (outbound), as the end of "Not delivered: ...": this server's rules,
+ * the user's own decisions, her own outbound limits, and a remote user's
+ * block of her (which she may know: the Matrix bot's list shows it).
+ * NULL for what is not hers to learn (a remote sender's limit) and for a
+ * reason it does not know. */
 const char *policy_reason_text(const char *reason);
 /* Whether a deny reason is the server's rules' or the local user's opt-in
  * (not a consent fact, a size or a rate limit): what a held message's

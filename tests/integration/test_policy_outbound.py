@@ -7,6 +7,7 @@ episode), nothing of it is stored, and she is told so: on XMPP a stanza
 error `wait`/`resource-constraint` with a text, on Matrix a notice
 (test_policy_outbound_matrix.py).  Through a real Prosody and real XMPP
 clients (slixmpp)."""
+import re
 import time
 
 from harness import wait_until
@@ -56,6 +57,27 @@ def close_wa(d):
     r = d.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example", "mode": "closed"})
     assert r.status_code == 201, r.text
     return r.json()["id"]
+
+
+def policy_facts(d):
+    """causeway_policy_facts: the opt-ins, consents and remote blocks of the
+    snapshot in force (a peer's block is taken in after a NOTIFY)."""
+    m = re.search(r"^causeway_policy_facts (\S+)$", d.get("/metrics").text, re.M)
+    assert m, "no causeway_policy_facts"
+    return float(m.group(1))
+
+
+def peer_blocks_alice(d, a, action):
+    """wally (of the peer a) blocks alice, or lifts it (POST /v1/blocks),
+    and the policy in force has taken it in."""
+    before = policy_facts(d)
+    r = a.call("POST", "/v1/blocks", {"blocker": a.user("wally"), "blocked": ALICE, "action": action})
+    assert r.status_code == 202, r.text
+    wait_until(lambda: policy_facts(d) == before + (1 if action == "block" else -1), timeout=30,
+               what=f"wally's {action} in the policy")
+
+
+BLOCKED_TEXT = "Not delivered: this person blocked you."
 
 
 def xmpp_events(pg, db_url):
@@ -255,3 +277,26 @@ def test_over_her_limit_to_a_closed_domain_she_is_told_to_wait(xd, gk, alice, pg
     # a message: its row dropped, its content not stored.
     wait_until(lambda: stored_lines(pg, db_url, "xmpp") == "dropped -,delivered two", what="her lines as stored")
     assert len(srv.events) == 1
+
+
+def test_a_message_to_someone_who_blocked_her_says_so(xd, gk, alice, pg, db_url):
+    """A remote user's block of her (POST /v1/blocks) refuses what she
+    writes to him (recipient_blocked_sender): the stanza error is the
+    uniform one, its text says why, as for this server's rules; she may
+    know it (the Matrix bot's list shows it). Until the thirty-eighth
+    session the error had no text, and she could not tell a block from a
+    fault. Once he lifts it her message goes."""
+    a, srv = gk
+    peer_blocks_alice(xd, a, "block")
+    sid = alice.send_message(WALLY_JID, "are you there?")
+    assert stanza_error(alice, sid) == ("cancel", ["service-unavailable"], BLOCKED_TEXT)
+    assert pg.psql("SELECT string_agg(reason_code || ' ' || subject || ' ' || (details->>'direction'), ',') "
+                   "FROM audit_log WHERE action = 'policy.deny'", db_url) == \
+        "recipient_blocked_sender mimi://wa.example/u/wally outbound"
+    assert stored_lines(pg, db_url, "xmpp") == "dropped -"
+    peer_blocks_alice(xd, a, "unblock")
+    alice.send_message(WALLY_JID, "hello again")
+    got = srv.wait_events(1)
+    assert [e["content"]["parts"][0]["body"] for e in got if e.get("type") == "message"] == ["hello again"], got
+    wait_until(lambda: stored_lines(pg, db_url, "xmpp") == "dropped -,delivered hello again",
+               what="her second message delivered")

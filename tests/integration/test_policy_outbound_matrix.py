@@ -11,7 +11,8 @@ import time
 from harness import wait_until
 from test_matrix import ALICE, alice_writes_to_wally, metrics
 from test_matrix import gk, hs, mx  # noqa: F401  (the fixtures)
-from test_policy_outbound import CLOSED_TEXT, close_wa, denials, limit_records, stored_lines
+from test_policy_outbound import (BLOCKED_TEXT, CLOSED_TEXT, close_wa, denials, limit_records, peer_blocks_alice,
+                                  stored_lines)
 
 TOO_MANY = re.compile(r"Not delivered: you sent more messages than this server allows in a minute; "
                       r"write again in (\d+) s\.")
@@ -203,3 +204,27 @@ def test_an_oversized_first_line_from_matrix_takes_no_new_conversation(mx, hs, g
     assert limit_records(pg, db_url) == \
         f"rate_limited_local_sender_new_conversations {rule} {ALICE} outbound message true true"
     assert texts() == ["hi wally"]
+
+
+def test_a_message_to_someone_who_blocked_her_says_so_on_matrix(mx, hs, gk, pg, db_url):
+    """As on XMPP (test_policy_outbound.py): wally's block of her (POST
+    /v1/blocks) refuses what she writes to him, and the ghost's notice says
+    why, "Not delivered: this person blocked you." (the bot's list says so
+    too). Until the thirty-eighth session it was "Not delivered." alone."""
+    a, srv = gk
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+    peer_blocks_alice(mx, a, "block")
+    alice.send_text(room, "are you there?")
+
+    def notices():
+        return [e["content"]["body"] for e in hs.events(room)
+                if e["sender"] == ghost and e["content"].get("msgtype") == "m.notice"]
+    assert all_told(pg, db_url, notices, 1) == [BLOCKED_TEXT]
+    assert stored_lines(pg, db_url, "matrix") == "dropped -"
+    peer_blocks_alice(mx, a, "unblock")
+    alice.send_text(room, "hello again")
+    wait_until(lambda: stored_lines(pg, db_url, "matrix") == "dropped -,delivered hello again",
+               what="her second message delivered")
+    assert [e["content"]["parts"][0]["body"] for e in list(srv.events) if e.get("type") == "message"] == \
+        ["hello again"]
+    assert notices() == [BLOCKED_TEXT]

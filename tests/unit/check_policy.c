@@ -1499,15 +1499,16 @@ START_TEST(names)
 			ck_assert_str_ne(policy_reason_codes[k], policy_reason_codes[n]);
 	ck_assert_int_eq(n, 29);
 	/* Every reason that can stop a local user's message (outbound: the
-	 * server's rules, the user's own blocks) is told in words; a remote
-	 * user's block is not (uniform errors), nor an unknown code. */
+	 * server's rules, the user's own blocks, the recipient's block of
+	 * her) is told in words; an unknown code is not. */
 	static const char *const told[] = { "server_denied_user", "server_denied_domain", "server_denied_network",
-					    "user_blocked_recipient", "user_blocked_domain", "too_large",
+					    "user_blocked_recipient", "user_blocked_domain", "recipient_blocked_sender",
+					    "too_large",
 					    "content_kind_disabled", "server_closed", "server_not_allowlisted",
 					    "rate_limited_local_sender", "rate_limited_local_sender_new_conversations" };
 	for (size_t i = 0; i < sizeof(told) / sizeof(told[0]); i++)
 		ck_assert_msg(policy_reason_text(told[i]) && *policy_reason_text(told[i]), "%s", told[i]);
-	ck_assert_ptr_null(policy_reason_text("recipient_blocked_sender"));
+	ck_assert_str_eq(policy_reason_text("recipient_blocked_sender"), "this person blocked you");
 	ck_assert_ptr_null(policy_reason_text("rate_limited_sender")); /* a remote sender's: not a local user's */
 	ck_assert_ptr_null(policy_reason_text("no_such_reason"));
 	ck_assert_ptr_null(policy_reason_text(NULL));
