@@ -483,8 +483,9 @@ static cw_err in_recv(PGconn *c, void *arg, int round, bool *more, cw_errmsg *e)
 		if (denied && i == 0 && in->texty) {
 			/* The local user's message reaches none of its recipients
 			 * (stored as dropped): the error stays the uniform one
-			 * (below), with why in its text where that is this
-			 * server's rule or the user's own decision. */
+			 * (below), with why in its text where she may know it
+			 * (policy_reason_text: this server's rules, her own
+			 * decisions and limits, the recipient's block of her). */
 			refuse(in, "cancel", "service-unavailable");
 			const char *why = policy_reason_text(denied);
 			if (why)
