@@ -108,6 +108,14 @@ def wally_wrote_to_alice(mx, hs, a, pg, db_url):
     return room, mx_room
 
 
+def bot_answer(said, send):
+    """What the bot says next (said: its words so far) after send()."""
+    n = len(said())
+    send()
+    wait_until(lambda: len(said()) > n, what="the answer")
+    return said()[n]
+
+
 def alice_and_the_bot(hs, name="alice"):
     """Alice (or the user name) opens a room with the bot: (her client, the
     room, a function giving what the bot said there), once the bot has said
@@ -1561,10 +1569,7 @@ def test_a_command_mentioning_several_users_or_a_matrix_user_is_refused(mx, hs, 
     hs.create_user("bob")
 
     def answer_to(send):
-        n = len(said())
-        send()
-        wait_until(lambda: len(said()) > n, what="the answer")
-        return said()[n]
+        return bot_answer(said, send)
     two = answer_to(lambda: send_pill(alice, mgmt, "block", ghost, "Wally (gk)", after=" and Ed (gk)",
                                       mentions=[ghost, "@_cw_gk_ed:example.org"]))
     assert two == "Whom? Your message mentions more than one person: name one at a time.", two
@@ -4854,10 +4859,7 @@ def test_a_report_of_a_user_of_this_service_is_taken(make_daemon, db_url, hs, pg
     hs.create_user("bob")
 
     def answer_to(send):
-        n = len(said())
-        send()
-        wait_until(lambda: len(said()) > n, what="the answer")
-        return said()[n]
+        return bot_answer(said, send)
     for text in ("report @bob:example.org spam in the group", "report mimi://chat.example.org/u/dave rude"):
         assert answer_to(lambda: alice.send_text(mgmt, text)) == "Reported to the operator. Thank you."
     assert answer_to(lambda: send_pill(alice, mgmt, "report", "@bob:example.org", "Bob", after=" again")) == \
