@@ -489,7 +489,7 @@ static cw_err in_recv(PGconn *c, void *arg, int round, bool *more, cw_errmsg *e)
 			refuse(in, "cancel", "service-unavailable");
 			const char *why = policy_reason_text(denied);
 			if (why)
-				snprintf(in->err_text, sizeof(in->err_text), "Not delivered: %s.", why);
+				not_delivered(in->err_text, sizeof(in->err_text), why);
 			continue;
 		}
 		/* The key is the stanza's digest (dedup_key): a conflict is the
@@ -511,7 +511,7 @@ static cw_err in_recv(PGconn *c, void *arg, int round, bool *more, cw_errmsg *e)
 			/* the local user's own outbound limit: which, and when
 			 * to write again (docs/xmpp.md) */
 			if (in->texty && detail && *detail)
-				snprintf(in->err_text, sizeof(in->err_text), "Not delivered: %s.", detail);
+				not_delivered(in->err_text, sizeof(in->err_text), detail);
 		} else if (st == 403 || st == 404)
 			refuse(in, "cancel", "service-unavailable");
 		else if (st == 503)
