@@ -121,11 +121,17 @@ static bool for_now(long status)
  * session a word said while an older one waited out a 429, or a failure
  * of the moment, came before it, as did a later row of the batch: a
  * review's finding). */
+/* Notice row t not sent nor given up yet (one given up is done, its
+ * next_at 'infinity'): what holds back the later words of its room, here,
+ * in notices' turn and for consent requests (requests); found by
+ * matrix_notices_waiting_room_idx (041). */
+#define NOTICE_WAITS(t) t ".done_at IS NULL AND " t ".next_at < 'infinity'"
+
 static int notices_waiting(PGconn *c, const char *room)
 {
 	const char *p[] = { room };
-	PGresult *r = PQexecParams(c, "SELECT 1 FROM matrix_notices WHERE room_id = $1 AND done_at IS NULL "
-				      "AND next_at < 'infinity' LIMIT 1", 1, NULL, p, NULL, NULL, 0);
+	PGresult *r = PQexecParams(c, "SELECT 1 FROM matrix_notices x WHERE x.room_id = $1 AND " NOTICE_WAITS("x")
+				      " LIMIT 1", 1, NULL, p, NULL, NULL, 0);
 	int n = PQresultStatus(r) == PGRES_TUPLES_OK ? PQntuples(r) > 0 : -1;
 	PQclear(r);
 	return n;
@@ -259,19 +265,28 @@ static bool subject_of(struct matrix *m, PGconn *c, const char *who, char *kind,
 	return true;
 }
 
+/* The address (mimi://<server.domain>/u/<localpart>) of a Matrix id of
+ * this server into uri, parsed into u.  False when the id is not one of
+ * this server's, or makes no user address. */
+static bool local_uri(const struct matrix *m, const char *mxid, char *uri, size_t urilen, struct mimi_uri *u)
+{
+	char localpart[MX_ID_MAX + 1], server[MX_ID_MAX + 1];
+	cw_errmsg e;
+	if (!mx_user_id_parse(mxid, localpart, sizeof(localpart), server, sizeof(server)) ||
+	    strcmp(server, mx_server_name(m->cfg)) != 0)
+		return false;
+	snprintf(uri, urilen, "mimi://%s/u/%s", m->cfg->domain ? m->cfg->domain : "", localpart);
+	return mimi_uri_parse(uri, u, &e) == CW_OK && u->kind == MIMI_USER;
+}
+
 /* The local user's identity id (made if new), from a Matrix id of this
  * server.  False when the id is not one of this provider's users. */
 static bool local_identity(struct matrix *m, PGconn *c, const char *mxid, char *id, size_t idlen, char *uri,
 			   size_t urilen)
 {
-	char localpart[MX_ID_MAX + 1], server[MX_ID_MAX + 1];
-	if (!mx_user_id_parse(mxid, localpart, sizeof(localpart), server, sizeof(server)) ||
-	    strcmp(server, mx_server_name(m->cfg)) != 0)
-		return false;
-	snprintf(uri, urilen, "mimi://%s/u/%s", m->cfg->domain ? m->cfg->domain : "", localpart);
 	struct mimi_uri u;
 	cw_errmsg e;
-	if (mimi_uri_parse(uri, &u, &e) || identity_id(c, &u, true, "matrix", NULL, id, idlen, &e))
+	if (!local_uri(m, mxid, uri, urilen, &u) || identity_id(c, &u, true, "matrix", NULL, id, idlen, &e))
 		return false;
 	const char *params[] = { id, mxid };
 	store_command(c, "INSERT INTO identity_bindings (identity_id, network, native_id) VALUES ($1::bigint, 'matrix', $2) "
@@ -565,9 +580,8 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 			return;
 		}
 		struct mimi_uri u;
-		snprintf(subject, sizeof(subject), "mimi://%s/u/%s", m->cfg->domain ? m->cfg->domain : "", localpart);
 		strcpy(kind, "user");
-		found = local_party = mimi_uri_parse(subject, &u, &e) == CW_OK && u.kind == MIMI_USER;
+		found = local_party = local_uri(m, arg, subject, sizeof(subject), &u);
 	} else {
 		found = party_verb && subject_of(m, c, arg, kind, subject, sizeof(subject));
 		if (found && policy_consent_subject_ours(m->app, kind, subject)) {
@@ -974,7 +988,7 @@ static void notices(struct matrix *m, PGconn *c)
 	PGresult *r = PQexec(c,
 		"WITH d AS (SELECT id FROM matrix_notices x WHERE next_at <= now() AND done_at IS NULL "
 		"  AND NOT EXISTS (SELECT 1 FROM matrix_notices y WHERE y.room_id = x.room_id AND y.id < x.id "
-		"  AND y.done_at IS NULL AND y.next_at > now() AND y.next_at < 'infinity') "
+		"  AND y.next_at > now() AND " NOTICE_WAITS("y") ") "
 		"  ORDER BY id LIMIT 20 "
 		"  FOR UPDATE SKIP LOCKED), "
 		"t AS (UPDATE matrix_notices x SET tries = x.tries + 1, "
@@ -1872,7 +1886,7 @@ static void requests(struct matrix *m, PGconn *c, int64_t *after_us)
 		" JOIN matrix_mgmt_rooms mr ON mr.identity_id = q.local_identity_id "
 		" JOIN identities ri ON ri.id = q.remote_identity_id "
 		"WHERE q.state = 'pending' AND q.notified_at IS NULL AND NOT EXISTS (SELECT 1 FROM matrix_notices x "
-		" WHERE x.room_id = mr.room_id AND x.done_at IS NULL AND x.next_at < 'infinity') "
+		" WHERE x.room_id = mr.room_id AND " NOTICE_WAITS("x") ") "
 		"ORDER BY q.id LIMIT 20");
 	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
 		PQclear(r);
