@@ -2172,41 +2172,48 @@ static cw_err ref_json(struct cw_buf *doc, const struct submit *b, const char *r
  * (submit_decide in round 0, items_recv in round 1). */
 #define NOT_MEMBER_DETAIL "the sender is not a member of this room"
 
-/* The message an item may not name once it was deleted (since the
- * thirty-sixth session, a review's finding: an edit after the delete was
- * taken and pushed, and brought the deleted text back wherever edits are
- * applied): an edit's (content.replaces) and a reaction's
- * (content.in_reply_to); "" for any other item.  A reply to a deleted
- * message is taken, as Matrix and XMPP take one to a redacted or
- * retracted message (their clients show "message deleted"), and so are a
- * receipt of it and another delete of it (they bring nothing back). */
+/* Which reference of an item of this type names the message it may not
+ * name once that was deleted (since the thirty-sixth session, a review's
+ * finding: an edit after the delete was taken and pushed, and brought the
+ * deleted text back wherever edits are applied): an edit's replaces, a
+ * reaction's in_reply_to; "" for any other type.  The one place that
+ * decides it: given the item's two references in whatever form the caller
+ * holds them (the item's msg ids, their stored event ids, or the texts
+ * saying why), it returns the one that counts.  A reply to a deleted
+ * message is taken, as Matrix and XMPP take one to a redacted or retracted
+ * message (their clients show "message deleted"), and so are a receipt of
+ * it and another delete of it (they bring nothing back). */
+static const char *deleted_ref(const char *type, const char *replaces, const char *in_reply_to)
+{
+	if (strcmp(type, "edit") == 0)
+		return replaces;
+	if (strcmp(type, "reaction") == 0)
+		return in_reply_to;
+	return "";
+}
+
+/* The message (msg id) an item may not name once it was deleted
+ * (deleted_ref): content.replaces or content.in_reply_to, or "". */
 static const char *deleted_target(const struct msg_input *in)
 {
-	if (strcmp(in->type, "edit") == 0)
-		return in->replaces;
-	if (strcmp(in->type, "reaction") == 0)
-		return in->in_reply_to;
-	return "";
+	return deleted_ref(in->type, in->replaces, in->in_reply_to);
 }
 
 /* Why an item naming a deleted message (deleted_target) is refused (400
  * invalid_body, alone or as a batch's item). */
 static const char *deleted_why(const struct msg_input *in)
 {
-	return strcmp(in->type, "edit") == 0 ? "content.replaces names a message that was deleted"
-					     : "content.in_reply_to names a message that was deleted";
+	return deleted_ref(in->type, "content.replaces names a message that was deleted",
+			   "content.in_reply_to names a message that was deleted");
 }
 
 /* Item i's stored target that DELETED_TARGETS checks again in the write (its
- * event id: an edit's replaces_id, a reaction's reply_id), or NULL: it
- * names none (deleted_target), or names an earlier item of the job
- * ("#j": deleted_in_job checked it). */
+ * event id, deleted_ref of replaces_id and reply_id), or NULL: it names
+ * none (deleted_target), or names an earlier item of the job ("#j":
+ * deleted_in_job checked it). */
 static const char *checked_target(const struct submit *b, size_t i)
 {
-	const struct msg_input *in = b->items[i];
-	const char *id = strcmp(in->type, "edit") == 0	   ? b->replaces_id[i]
-			 : strcmp(in->type, "reaction") == 0 ? b->reply_id[i]
-							     : "";
+	const char *id = deleted_ref(b->items[i]->type, b->replaces_id[i], b->reply_id[i]);
 	return id[0] && id[0] != '#' ? id : NULL;
 }
 
