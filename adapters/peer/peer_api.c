@@ -1950,6 +1950,18 @@ struct submit *submit_new(size_t n)
 /* Items that name earlier items of the job (rpid, xpid: their public ids):
  * each item's event id is drawn first, in the items' order (the column's
  * own sequence, as its default would), so that a reference can take it.
+ * The CTE it is evaluated before lk, so the ids are drawn before the
+ * statement takes the rooms' locks: such a job takes them in a statement
+ * before this one (submit_lock_rooms, items_send), as a job in a group
+ * does, so that its ids, like every other write's (drawn in ev, after
+ * lk), follow the order in which the room's events are committed, across
+ * daemon processes too.  Until the thirty-ninth session they were drawn before
+ * the lock: another process's write of the room could take a later id
+ * and commit first, and what reads a room's events in id order (an XMPP
+ * occupant's history on joining, xmpp_muc.c, and its latest edit; an XMPP
+ * correction's "is last", xmpp_out.c; which edit of a message is the
+ * last, peer_media.c) saw them in another order than they were delivered
+ * in (outbox ids are drawn in ob, after lk, and were never affected).
  * An item naming one refused in gn is refused too, and so on down the
  * chain (it would name an event never written). */
 #define REFS_GONE_MORE \
@@ -2217,9 +2229,10 @@ static const char *checked_target(const struct submit *b, size_t i)
 	return id[0] && id[0] != '#' ? id : NULL;
 }
 
-/* A job with items in groups (or with an item DELETED_TARGETS checks): the
- * locks of the rooms of every item it writes (direct ones too: the write's
- * lk takes them all, in id order, and this keeps that order), in a
+/* A job with items in groups (or with an item DELETED_TARGETS checks, or
+ * with items naming earlier ones: WRITE_EVENTS_REFS_OF): the locks of the
+ * rooms of every item it writes (direct ones too: the write's lk takes
+ * them all, in id order, and this keeps that order), in a
  * statement before the write (see GROUP_JM).  Sets b->locked. */
 static cw_err lock_rooms_send(PGconn *c, struct submit *b, cw_errmsg *e)
 {
@@ -2340,14 +2353,16 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 			       doc.p, NULL, NULL, e);
 	else if (round == 1) {
 		/* a job with items in groups (and its statement's _g
-		 * variant, GROUP_JM) or with an item checked for a delete
-		 * (DELETED_TARGETS): its rooms' locks first */
+		 * variant, GROUP_JM), with an item checked for a delete
+		 * (DELETED_TARGETS) or with items naming earlier ones (its
+		 * event ids drawn after the locks: WRITE_EVENTS_REFS_OF):
+		 * its rooms' locks first */
 		const char *w = refs ? "submit_write_refs"
 			      : plain ? (stored ? "submit_write_plain" : "submit_write_plain_norefs")
 				      : (stored ? "submit_write" : "submit_write_norefs");
 		char name[40];
 		snprintf(name, sizeof(name), "%s%s", w, group ? "_g" : "");
-		if (!(group || chk) || (rc = lock_rooms_send(c, b, e)) == CW_OK)
+		if (!(group || chk || refs) || (rc = lock_rooms_send(c, b, e)) == CW_OK)
 			rc = send_text(c, name, doc.p, contents.p, plain && !refs ? NULL : b->audit, e);
 	}
 	cw_buf_free(&doc);

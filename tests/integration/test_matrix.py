@@ -790,6 +790,51 @@ def test_a_transaction_whose_events_name_each_other(mx, hs, gk, pg, db_url):
     assert pg.psql("SELECT count(*) FROM events WHERE origin_network = 'matrix'", db_url) == "6"
 
 
+def test_a_transaction_naming_its_own_events_draws_their_ids_after_the_rooms_lock(mx, hs, gk, pg, db_url):
+    """A transaction's message and a reaction to it (a job whose items name
+    earlier ones) waits for the room's lock while another process writes
+    an event of the room under it (a psql session that holds the lock and
+    inserts one, drawing its id then, as another daemon's write does):
+    the transaction's events get ids after the other's, in the order they
+    were committed, as every other write's do. What reads a room's events
+    in id order (an XMPP occupant's history on joining and its latest edit,
+    a correction's "is last", which edit of a message is the last) then
+    reads them as they were delivered. Until the thirty-ninth session such
+    a job drew its ids before it waited: smaller than the other's, though
+    committed after it."""
+    a, srv = gk
+    room, mx_room = wally_wrote_to_alice(mx, hs, a, pg, db_url)
+    rid = pg.psql(f"SELECT id FROM rooms WHERE public_id = '{room}'", db_url)
+    base = {"room_id": mx_room, "sender": ALICE_MX, "origin_server_ts": 1700000000000}
+    evs = [dict(base, event_id="$ord1", type="m.room.message", content={"msgtype": "m.text", "body": "mine"}),
+           dict(base, event_id="$ord2", type="m.reaction",
+                content={"m.relates_to": {"rel_type": "m.annotation", "event_id": "$ord1", "key": "x"}})]
+    held = HeldSession(db_url)
+    done = {}
+    writer = None
+    try:
+        held.run(f"BEGIN; SELECT pg_advisory_xact_lock(1129796434, ({rid} % 2147483647)::int);")
+        writer = threading.Thread(target=lambda: done.update(r=as_put(mx, "ord-1", {"events": evs})))
+        writer.start()
+        wait_until(lambda: pg.psql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                                   db_url) == "1", timeout=30, what="the transaction waiting for the room's lock")
+        held.run("INSERT INTO events (public_id, room_id, sender_id, type, content, origin_network, ts) "
+                 "SELECT 'msg_otherProcess', e.room_id, e.sender_id, e.type, e.content, 'system', e.ts FROM events e "
+                 f"WHERE e.room_id = {rid} AND e.origin_network = 'peer:gk' AND e.type = 'message';")
+        held.end()
+        writer.join(30)
+    finally:
+        held.end()
+        if writer:
+            writer.join(30)
+    assert done["r"].status_code == 200
+    assert pg.psql("SELECT string_agg(coalesce(origin_native_id, public_id), ' ' ORDER BY id) FROM events "
+                   f"WHERE room_id = {rid} AND public_id <> (SELECT public_id FROM events WHERE room_id = {rid} "
+                   "AND origin_network = 'peer:gk')", db_url) == "msg_otherProcess $ord1 $ord2"
+    got = srv.wait_events(2)
+    assert [e["type"] for e in got] == ["message", "reaction"]
+
+
 def peer_events(srv, typ):
     return [e for e in list(srv.events) if e.get("type") == typ]
 
