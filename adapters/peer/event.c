@@ -185,6 +185,17 @@ cw_err mimi_uri_format(const struct mimi_uri *u, char *buf, size_t size, cw_errm
 	return CW_OK;
 }
 
+bool addr_fold_lower(char *s, const char *stop)
+{
+	bool folded = false;
+	for (char *p = s; *p && !(stop && strchr(stop, *p)); p++)
+		if (*p >= 'A' && *p <= 'Z') {
+			*p = (char)(*p - 'A' + 'a');
+			folded = true;
+		}
+	return folded;
+}
+
 bool mimi_uri_equal(const struct mimi_uri *a, const struct mimi_uri *b)
 {
 	return a->kind == b->kind && a->port == b->port && strcmp(a->domain, b->domain) == 0 &&

@@ -55,6 +55,13 @@ bool mimi_uri_equal(const struct mimi_uri *a, const struct mimi_uri *b);
  * at least one dot, the last label not all digits (an IP address is no
  * identifier).  CW_EINVAL with the reason in e. */
 cw_err mimi_domain_check(const char *d, size_t len, cw_errmsg *e);
+/* Folds the ASCII capitals of s to lower case, in place, up to its end or
+ * the first byte of stop (NULL: none): a part of an address that is
+ * compared in any case (a local user's localpart where the XMPP server
+ * keeps it in lower case, RFC 7622 §3.3; a JID's domainpart, §3.2).  Other
+ * bytes (UTF-8 sequences too) are left as they are.  Whether it changed
+ * any. */
+bool addr_fold_lower(char *s, const char *stop);
 
 /* Opaque ids used in URL paths and bodies (never decoded or escaped):
  *   room public id   "r_"   + 1-64 of [A-Za-z0-9_-]   (/v1/rooms/{room})

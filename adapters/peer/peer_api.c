@@ -303,13 +303,7 @@ void peer_local_fold(const struct cw_app *app, struct mimi_uri *u, char *uri)
 {
 	if (!app->xmpp || app->matrix || !app->cfg->domain || strcmp(u->domain, app->cfg->domain) != 0)
 		return;
-	bool folded = false;
-	for (char *p = u->id; *p; p++)
-		if (*p >= 'A' && *p <= 'Z') {
-			*p = (char)(*p - 'A' + 'a');
-			folded = true;
-		}
-	if (folded)
+	if (addr_fold_lower(u->id, NULL))
 		mimi_uri_format(u, uri, MIMI_URI_MAX + 1, NULL);
 }
 

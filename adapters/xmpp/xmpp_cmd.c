@@ -746,9 +746,7 @@ static bool own_user(struct xcomp *xc, const char *who, char *out, size_t len)
 	if (strlen(who) >= sizeof(jid))
 		return false;
 	snprintf(jid, sizeof(jid), "%s", who);
-	for (char *p = jid; *p && *p != '@' && *p != '/'; p++)
-		if (*p >= 'A' && *p <= 'Z')
-			*p = (char)(*p - 'A' + 'a');
+	addr_fold_lower(jid, "@/");
 	if (!strchr(jid, '@') || !xa_local_user(x, jid, bare, sizeof(bare), local, sizeof(local)))
 		return false;
 	int n = snprintf(out, len, "mimi://%s/u/%s", x->cfg->domain ? x->cfg->domain : "", local);
@@ -995,9 +993,7 @@ bool xa_command(struct xcomp *xc, xmpp_stanza_t *iq)
 		char *slash = strchr(jid, '/'), *at = strchr(jid, '@');
 		if (at && slash && at > slash)
 			at = NULL; /* an '@' of the resource: no localpart */
-		for (char *d = at ? at + 1 : jid; *d && *d != '/'; d++)
-			if (*d >= 'A' && *d <= 'Z')
-				*d = (char)(*d - 'A' + 'a');
+		addr_fold_lower(at ? at + 1 : jid, "/");
 		char own[sizeof(jid) + 3 * XJ_PART_MAX + 400];
 		if (strcmp(jid, xc->domain) == 0 && j->verb != V_REPORT) {
 			j->whole_domain = true;

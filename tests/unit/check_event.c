@@ -637,6 +637,30 @@ START_TEST(uri_format_refuses_bad_components)
 }
 END_TEST
 
+/* The one fold of an address's part to lower case (peer_local_fold, the
+ * XMPP commands' JIDs): ASCII capitals only, up to a stop byte. */
+START_TEST(addr_fold_lower_stops_and_keeps_other_bytes)
+{
+	char a[] = "Alice.O_Neil+1";
+	ck_assert(addr_fold_lower(a, NULL));
+	ck_assert_str_eq(a, "alice.o_neil+1");
+	ck_assert(!addr_fold_lower(a, NULL)); /* nothing left to fold */
+	char jid[] = "Bob@XMPP.Test/Phone";
+	ck_assert(addr_fold_lower(jid, "@/"));
+	ck_assert_str_eq(jid, "bob@XMPP.Test/Phone");
+	ck_assert(addr_fold_lower(jid + 4, "/"));
+	ck_assert_str_eq(jid, "bob@xmpp.test/Phone");
+	char utf8[] = "\xc3\x84Z\xc3\xa9"; /* A-umlaut, Z, e-acute: UTF-8 bytes are no ASCII capitals */
+	ck_assert(addr_fold_lower(utf8, ""));
+	ck_assert_str_eq(utf8, "\xc3\x84z\xc3\xa9");
+	char at_once[] = "/ABC";
+	ck_assert(!addr_fold_lower(at_once, "/"));
+	ck_assert_str_eq(at_once, "/ABC");
+	char empty[] = "";
+	ck_assert(!addr_fold_lower(empty, NULL));
+}
+END_TEST
+
 /* ------------------------------------------------------------ batches */
 
 START_TEST(batch_cases)
@@ -834,6 +858,7 @@ int main(void)
 	tcase_add_test(tc, defaults_and_free);
 	tcase_add_test(tc, identifier_cases);
 	tcase_add_test(tc, uri_format_refuses_bad_components);
+	tcase_add_test(tc, addr_fold_lower_stops_and_keeps_other_bytes);
 	tcase_add_test(tc, batch_cases);
 	tcase_add_test(tc, batch_count_boundary);
 	tcase_add_test(tc, batch_repeated_keys);
