@@ -813,6 +813,31 @@ bool policy_consent_subject_ours(struct cw_app *app, const char *kind, const cha
 	return mimi_uri_parse(subject, &u, &e) == CW_OK && app_domain_is_ours(app, u.domain);
 }
 
+bool policy_local_user_canonical(struct cw_app *app, const char *uri, char *out)
+{
+	const struct cw_config *cfg = app->cfg;
+	struct mimi_uri u;
+	cw_errmsg e;
+	if (!uri || !cfg->domain || mimi_uri_parse(uri, &u, &e) || u.kind != MIMI_USER)
+		return false;
+	const char *homes[] = { cfg->domain, cfg->mx_server_name, cfg->xmpp_domain };
+	bool home = false;
+	for (size_t i = 0; i < CW_ARRAY_LEN(homes) && !home; i++)
+		home = homes[i] && strcmp(homes[i], u.domain) == 0;
+	if (!home || (size_t)snprintf(u.domain, sizeof(u.domain), "%s", cfg->domain) >= sizeof(u.domain) ||
+	    mimi_uri_format(&u, out, MIMI_URI_MAX + 1, &e))
+		return false;
+	peer_local_fold(app, &u, out);
+	return true;
+}
+
+bool policy_same_local_user(struct cw_app *app, const char *a, const char *b)
+{
+	char ca[MIMI_URI_MAX + 1], cb[MIMI_URI_MAX + 1];
+	return policy_local_user_canonical(app, a, ca) && policy_local_user_canonical(app, b, cb) &&
+	       strcmp(ca, cb) == 0;
+}
+
 void policy_admin_consent_set(struct cw_req *req, void *ctx)
 {
 	struct cw_app *app = ctx;
@@ -1078,6 +1103,9 @@ void policy_admin_report_create(struct cw_req *req, void *ctx)
 		bad_body(req, "reporter must be a user URI of this provider (or absent: the operator reports)");
 	else if (user_uri_problem(app, subject, false))
 		bad_body(req, "subject must be a user URI mimi://<domain>/u/<local>");
+	else if (reporter && policy_same_local_user(app, reporter, subject))
+		bad_body(req, "subject is the reporter herself (under another of this provider's domains, or spelt "
+			      "otherwise): a user reports someone else");
 	else if (!reason || !*reason || strlen(reason) > 64)
 		bad_body(req, "reason must be a reason code of 1 to 64 of a-z, 0-9 and '_', starting with a letter");
 	else if (evidence && (!json_is_array(evidence) || json_array_size(evidence) > 100))

@@ -54,6 +54,20 @@ cw_err policy_report_store(PGconn *c, struct cw_app *app, const struct policy_re
  * consent would match nothing: the admin API and the users' commands (the
  * Matrix bot, the XMPP component) refuse it. */
 bool policy_consent_subject_ours(struct cw_app *app, const char *kind, const char *subject);
+/* The canonical address of a user of this provider's into out
+ * (MIMI_URI_MAX + 1 bytes), or false: uri is a user URI under a domain its
+ * users live under (server.domain, the Matrix server name, the XMPP
+ * domain: @alice:<server name> and alice@<XMPP domain> are both
+ * mimi://<server.domain>/u/alice), made mimi://<server.domain>/u/<local>
+ * with the local part folded as the peer API folds a local member's
+ * (peer_local_fold).  A component's domain names its contacts, remote
+ * users, not these: false, as for any other domain. */
+bool policy_local_user_canonical(struct cw_app *app, const char *uri, char *out);
+/* Whether a and b name the same user of this provider's: their canonical
+ * addresses (policy_local_user_canonical) are one.  A report of herself
+ * is refused by it however she is spelt (the Matrix bot, the XMPP
+ * component, POST /admin/v1/reports). */
+bool policy_same_local_user(struct cw_app *app, const char *a, const char *b);
 void policy_admin_audit_list(struct cw_req *req, void *ctx);
 void policy_admin_decision(struct cw_req *req, void *ctx);
 

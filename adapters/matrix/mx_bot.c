@@ -679,7 +679,10 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 						"Matrix id of a user of this server.");
 			return;
 		}
-		if (local_party && strcmp(subject, uri) == 0) {
+		/* herself under any of the domains this provider's users
+		 * live under (policy_same_local_user; until the thirty-ninth
+		 * session only as mimi://<server.domain>/u/<her>) */
+		if (local_party && policy_same_local_user(m->app, subject, uri)) {
 			answer(m, c, room, txn, "That is you: name the user you report.");
 			return;
 		}

@@ -998,11 +998,15 @@ bool xa_command(struct xcomp *xc, xmpp_stanza_t *iq)
 		if (strcmp(jid, xc->domain) == 0 && j->verb != V_REPORT) {
 			j->whole_domain = true;
 		} else if (j->verb == V_REPORT && own_user(xc, jid, j->own_subject, sizeof(j->own_subject))) {
-			/* the user herself: no report (as the Matrix bot's) */
+			/* the user herself, under any of the domains this
+			 * provider's users live under (policy_same_local_user:
+			 * until the thirty-ninth session only as
+			 * mimi://<server.domain>/u/<her>): no report (as the
+			 * Matrix bot's) */
 			const char *dom = xc->x->cfg->domain ? xc->x->cfg->domain : "";
 			char me[MIMI_URI_MAX + 1];
 			snprintf(me, sizeof(me), "mimi://%s/u/%s", dom, j->local);
-			if (strcmp(j->own_subject, me) == 0) {
+			if (policy_same_local_user(xc->x->app, j->own_subject, me)) {
 				free(j);
 				xa_send_now(xc, xa_error_reply(iq, "modify", "bad-request",
 							       "That is you: name the user you report."));

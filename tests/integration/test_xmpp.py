@@ -3179,6 +3179,42 @@ def test_a_report_of_a_user_of_this_service_is_taken(xd, gk, alice, pg, db_url):
                    db_url) == "mimi://wa.example/u/wally"
 
 
+def test_a_report_of_herself_under_another_own_domain_is_refused(xd, gk, alice, pg, db_url):
+    """A user of this provider's has one address, mimi://<server.domain>/u/
+    <her localpart>, whichever of its user domains she is named under (the
+    XMPP domain here, the Matrix server name) and, where XMPP is the only
+    local network, in any case (the peer API folds a local member so). The
+    XMPP report command and POST /admin/v1/reports refuse a report of
+    herself in any of those spellings, storing nothing; until the
+    thirty-ninth session only the canonical spelling was caught, and
+    mimi://xmpp.test/u/alice was stored as alice's report of another user.
+    Someone else under the XMPP domain is still taken, as is an address
+    under a component's domain (its contacts, not her)."""
+    def report(who):
+        return command_submit(alice, "report", {"jid": who}, expect_error=True)
+    for who in (f"mimi://{HOST}/u/alice", f"mimi://{HOST}/u/Alice", "mimi://example.org/u/ALICE"):
+        bad = report(who)
+        assert bad.error_condition == "bad-request", ET.tostring(bad)
+        assert bad.find(".//{urn:ietf:params:xml:ns:xmpp-stanzas}text").text == \
+            "That is you: name the user you report.", who
+    for who in (f"mimi://{HOST}/u/alice", "mimi://example.org/u/Alice"):
+        r = xd.admin("POST", "/reports", json={"reporter": ALICE, "subject": who, "reason": "spam"})
+        assert r.status_code == 400 and "reporter herself" in r.json()["detail"], (who, r.text)
+    r = xd.admin("POST", "/reports", json={"reporter": "mimi://example.org/u/Alice", "subject": ALICE,
+                                             "reason": "spam"})
+    assert r.status_code == 400 and "reporter herself" in r.json()["detail"], r.text
+    assert pg.psql("SELECT count(*) FROM reports", db_url) == "0"
+    assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'report.create'", db_url) == "0"
+    taken = (f"mimi://{HOST}/u/bob", f"mimi://{COMP}/u/alice")
+    for who in taken:
+        done = command_submit(alice, "report", {"jid": who})
+        assert done.find(q(CMD, "command")).get("status") == "completed", ET.tostring(done)
+    r = xd.admin("POST", "/reports", json={"reporter": ALICE, "subject": f"mimi://{HOST}/u/bob", "reason": "spam"})
+    assert r.status_code == 201, r.text
+    assert pg.psql("SELECT string_agg(reporter || ' ' || subject_uri, ',' ORDER BY id) FROM reports", db_url) == \
+        ",".join(f"{ALICE} {who}" for who in taken + (f"mimi://{HOST}/u/bob",))
+
+
 def test_ad_hoc_command_sessions_are_remembered(xd, gk, alice, prosody, pg, db_url):
     """A stage's sessionid is the component's to give (XEP-0050): a
     submit with one it never gave, one it gave another user or for another
