@@ -7,6 +7,7 @@
  * second, shows pending consent requests that were not shown yet. */
 #include "config.h"
 #include "matrix_int.h"
+#include "matrix/mx_cmd.h"
 #include "log.h"
 #include "peer_api.h"
 #include "policy_admin.h"
@@ -24,7 +25,6 @@
 #define BOT_TRIES 12      /* an inbox row the homeserver could not take: tried this often */
 #define BOT_RETRY_MAX_S 600 /* the longest wait between two tries (2 s, 4 s, ... 10 min: 37 min in all) */
 #define BOT_HANDLED_KEEP_DAYS 7 /* a handled event's id is kept this long against the homeserver's resends */
-#define REASON_MAX 1000 /* a report's reason, at most (the rest of its line) */
 
 static const char help_text[] =
 	"I am the gateway to other messaging networks. Commands:\n"
@@ -437,82 +437,6 @@ static void not_remote(struct matrix *m, PGconn *c, const char *room, const char
 	answer(m, c, room, txn, reply);
 }
 
-/* A report's reason: the rest of the line at after (its leading blanks
- * skipped), whole UTF-8 sequences, at most restlen - 1 bytes.  Until the
- * thirty-eighth session a typed reason was cut at 299 bytes, in the
- * middle of a character if it fell there: the database refused the
- * invalid text, and the report could not be stored however often the
- * user sent it (a review's finding). */
-static void reason_of(const char *after, char *rest, size_t restlen)
-{
-	while (isspace((unsigned char)*after))
-		after++;
-	size_t k = 0, left = strlen(after);
-	while (k < left && after[k] != '\n' && after[k] != '\r') {
-		size_t l = cw_utf8_seq((const unsigned char *)after + k, left - k, NULL);
-		if (l == 0 || k + l >= restlen)
-			break;
-		k += l;
-	}
-	memcpy(rest, after, k);
-	rest[k] = '\0';
-}
-
-/* Whether who is a Matrix id of a user of this homeserver: not the bot,
- * not in the ghosts' namespace. */
-static bool local_matrix_user(const struct matrix *m, const char *who)
-{
-	char server[MX_ID_MAX + 1];
-	return mx_user_id_parse(who, NULL, 0, server, sizeof(server)) &&
-	       strcmp(server, mx_server_name(m->cfg)) == 0 && strcmp(who, m->bot) != 0 &&
-	       !mx_in_ghost_namespace(m->cfg->mx_user_prefix, mx_server_name(m->cfg), who);
-}
-
-/* The party of an accept, block or report whose message has content and
- * whose text after the verb is typed: the one user the message mentions,
- * if any, into arg (and for a report what follows her name into rest);
- * else arg and rest stay the words typed.  A client that lets the user
- * pick the remote user (a "pill": the Client-Server API's "User and room
- * mentions") puts his display name in body and his id only in
- * formatted_body's link and in m.mentions, and "accept Wally (gk)" would
- * be read as "Wally" (until the thirty-fourth session: "Whom?").  The bot
- * and the sender are no party (a reply mentions whom it answers).  False
- * after answering when the mentions name no party: several (the command
- * is not carried out for one of them), or a user who is no ghost (a
- * Matrix user, here or elsewhere, whom no consent is about; the same
- * answer whether she exists or not). */
-static bool mentioned_party(struct matrix *m, PGconn *c, const char *room, const char *txn, const char *sender,
-			    const json_t *content, const char *typed, bool local_ok, char *arg, size_t arglen,
-			    char *rest, size_t restlen)
-{
-	const char *skip[] = { m->bot, sender, NULL };
-	struct mx_mention men[2];
-	size_t n = mx_mentions(content, skip, men, 2);
-	if (n == 0)
-		return true;
-	if (n > 1) {
-		answer(m, c, room, txn, "Whom? Your message mentions more than one person: name one at a time.");
-		return false;
-	}
-	if (!mx_in_ghost_namespace(m->cfg->mx_user_prefix, mx_server_name(m->cfg), men[0].user_id) &&
-	    !(local_ok && local_matrix_user(m, men[0].user_id))) {
-		not_remote(m, c, room, txn, men[0].user_id, false, local_ok);
-		return false;
-	}
-	snprintf(arg, arglen, "%s", men[0].user_id);
-	/* A report's reason is what follows the name the client wrote for
-	 * her (or her id, typed); a mention the text does not show (m.mentions
-	 * alone) leaves all of the text the reason. */
-	const char *after = typed;
-	size_t ll = strlen(men[0].label), il = strlen(men[0].user_id);
-	if (ll && strncmp(typed, men[0].label, ll) == 0)
-		after = typed + ll;
-	else if (strncmp(typed, men[0].user_id, il) == 0)
-		after = typed + il;
-	reason_of(after, rest, restlen);
-	return true;
-}
-
 /* The command in content (its body) of sender in room, from the bot's
  * inbox row inbox_id. */
 static void command(struct matrix *m, PGconn *c, const char *room, const char *txn, const char *sender,
@@ -521,64 +445,45 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 	char local_id[24], uri[600];
 	if (!local_identity(m, c, sender, local_id, sizeof(local_id), uri, sizeof(uri)))
 		return;
-	/* An edit of a command (m.replace) is the command as edited: its
-	 * m.new_content, whose answer is the edit's own (its event's
-	 * transaction id).  Until the thirty-eighth session the edit's body
-	 * ("* block ...", the fallback of clients that do not show edits) was
-	 * read, and every edit, a typo's fix too, got the help. */
-	const json_t *rel = json_object_get(content, "m.relates_to");
-	const char *rel_type = json_string_value(json_object_get(rel, "rel_type"));
-	if (rel_type && strcmp(rel_type, "m.replace") == 0) {
-		const json_t *edited = json_object_get(content, "m.new_content");
-		if (!json_is_object(edited) || !json_is_string(json_object_get(edited, "body")))
-			return;
-		content = edited;
-	}
-	/* A reply (to a consent request, say) may start with the quote of
-	 * what it answers. */
-	const char *body = json_string_value(json_object_get(content, "body"));
-	body += mx_reply_fallback_len(body);
-	char verb[32] = "", arg[700] = "", rest[REASON_MAX + 1] = "";
-	sscanf(body, "%31s %699s", verb, arg);
-	for (char *p = verb; *p; p++)
-		*p = (char)tolower((unsigned char)*p);
-	const char *typed = body; /* the text after the verb */
-	while (isspace((unsigned char)*typed))
-		typed++;
-	while (*typed && !isspace((unsigned char)*typed))
-		typed++;
-	while (isspace((unsigned char)*typed))
-		typed++;
-	const char *after = typed; /* a report's reason: after the party typed */
-	while (*after && !isspace((unsigned char)*after))
-		after++;
-	reason_of(after, rest, sizeof(rest));
+	/* An edit of a command (m.replace) is the command as edited, whose
+	 * answer is the edit's own (its event's transaction id); a reply may
+	 * start with the quote of what it answers; the party may be picked
+	 * (mx_cmd.h). */
+	const struct mx_bot_names names = { .bot = m->bot, .server = mx_server_name(m->cfg),
+					    .prefix = m->cfg->mx_user_prefix };
+	struct mx_bot_cmd cmd;
+	if (!mx_bot_parse(content, sender, &names, &cmd))
+		return;
+	const char *verb = cmd.verb, *arg = cmd.party;
 	bool report = strcmp(verb, "report") == 0;
 	bool party_verb = strcmp(verb, "accept") == 0 || strcmp(verb, "block") == 0 || report;
-	if (party_verb && !mentioned_party(m, c, room, txn, sender, content, typed, report, arg, sizeof(arg), rest,
-					   sizeof(rest)))
+	/* Several users mentioned: the command is not carried out for one
+	 * of them. */
+	if (cmd.kind == MX_BOT_PARTY_SEVERAL) {
+		answer(m, c, room, txn, "Whom? Your message mentions more than one person: name one at a time.");
 		return;
+	}
 	cw_errmsg e;
 	char reply[1200];
-	/* A Matrix user typed (the mention's case, mentioned_party) or an
-	 * address or domain of this provider's: no party of accept and block
-	 * (not_remote), refused before the change is counted.  A report may
-	 * name a user of this provider's (typed as her address or as the
-	 * Matrix id of a user of this server, or picked), as the admin API
-	 * takes one: another member of a group writes to the user through the
-	 * gateway, relayed by the bot, and the user's client can report only
-	 * the bot for it (until the thirty-eighth session such a report was
-	 * refused, a review's finding).  A report of a Matrix user of
-	 * another server is still refused: what she sends does not pass the
-	 * gateway. */
-	char kind[8], subject[700], localpart[MX_ID_MAX + 1], server[MX_ID_MAX + 1];
+	/* A Matrix user, typed or mentioned, or an address or domain of this
+	 * provider's: no party of accept and block (not_remote), refused
+	 * before the change is counted.  A report may name a user of this
+	 * provider's (typed as her address or as the Matrix id of a user of
+	 * this server, or picked), as the admin API takes one: another member
+	 * of a group writes to the user through the gateway, relayed by the
+	 * bot, and the user's client can report only the bot for it (until
+	 * the thirty-eighth session such a report was refused, a review's
+	 * finding).  A report of a Matrix user of another server is still
+	 * refused: what she sends does not pass the gateway.  A pill was
+	 * read as the display name the client wrote until the thirty-fourth
+	 * session ("Whom?"). */
+	char kind[8], subject[700];
 	bool found = false, local_party = false;
-	if (party_verb && mx_user_id_parse(arg, localpart, sizeof(localpart), server, sizeof(server)) &&
-	    !mx_in_ghost_namespace(m->cfg->mx_user_prefix, mx_server_name(m->cfg), arg)) {
-		if (!report || !local_matrix_user(m, arg)) {
-			not_remote(m, c, room, txn, arg, false, report);
-			return;
-		}
+	if (cmd.kind == MX_BOT_PARTY_NOT_REMOTE) {
+		not_remote(m, c, room, txn, arg, false, report);
+		return;
+	}
+	if (cmd.kind == MX_BOT_PARTY_LOCAL) {
 		struct mimi_uri u;
 		strcpy(kind, "user");
 		found = local_party = local_uri(m, arg, subject, sizeof(subject), &u);
@@ -689,7 +594,7 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 		if (!change_allowed(m, c, room, txn, sender))
 			return;
 		const struct policy_report rep = { .reporter_kind = "local_user", .reporter = uri, .subject = subject,
-						   .reason = "abuse", .comment = rest[0] ? rest : NULL };
+						   .reason = "abuse", .comment = cmd.reason[0] ? cmd.reason : NULL };
 		/* The report, the command's handled mark and the answer (a
 		 * notice) are kept together or not at all: a report whose
 		 * answer was lost with the connection is then one report, told

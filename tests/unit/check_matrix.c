@@ -3,6 +3,7 @@
  * tests/unit/data/matrix_map.txt), plus property loops over random input. */
 #include "config.h"
 #include "matrix/matrix_int.h"
+#include "matrix/mx_cmd.h"
 #include "matrix/mx_id.h"
 #include "matrix/mx_map.h"
 #include "peer/event.h"
@@ -1725,6 +1726,142 @@ START_TEST(mentions)
 }
 END_TEST
 
+/* mx_bot_parse: a bot command as clients send it (an edit, a reply, a
+ * pill), read as the bot acts on it. */
+static const struct mx_bot_names bot_names = { .bot = "@_cw_bot:example.org", .server = "example.org",
+					       .prefix = "_cw_" };
+
+static void bot_case(const char *json, const char *verb, const char *party, enum mx_bot_party kind, bool mentioned,
+		     const char *reason)
+{
+	json_error_t err;
+	json_t *c = json_loads(json, 0, &err);
+	ck_assert_msg(c != NULL, "%s: %s", json, err.text);
+	struct mx_bot_cmd cmd;
+	memset(&cmd, 0x55, sizeof(cmd));
+	bool ok = mx_bot_parse(c, "@alice:example.org", &bot_names, &cmd);
+	json_decref(c);
+	ck_assert_msg(ok == (verb != NULL), "%s: read %d", json, ok);
+	if (!verb)
+		return;
+	ck_assert_msg(strcmp(cmd.verb, verb) == 0, "%s: verb \"%s\"", json, cmd.verb);
+	ck_assert_msg(strcmp(cmd.party, party) == 0, "%s: party \"%s\"", json, cmd.party);
+	ck_assert_msg(cmd.kind == kind, "%s: kind %d", json, (int)cmd.kind);
+	ck_assert_msg(cmd.mentioned == mentioned, "%s: mentioned %d", json, cmd.mentioned);
+	ck_assert_msg(strcmp(cmd.reason, reason) == 0, "%s: reason \"%s\"", json, cmd.reason);
+}
+
+#define PILL(id, label) "<a href=\\\"https://matrix.to/#/" id "\\\">" label "</a>"
+#define WALLY "@_cw_gk_wally:example.org"
+
+START_TEST(bot_parse)
+{
+	const enum mx_bot_party S = MX_BOT_PARTY_SUBJECT;
+	bot_case("{\"body\":\"list\"}", "list", "", S, false, "");
+	bot_case("{\"body\":\"\"}", "", "", S, false, "");
+	bot_case("{\"body\":\" \\t\\n \"}", "", "", S, false, "");
+	/* The verb in any case; blanks around the words. */
+	bot_case("{\"body\":\"  ACCEPT   mimi://wa.example/u/bob  \"}", "accept", "mimi://wa.example/u/bob", S,
+		 false, "");
+	bot_case("{\"body\":\"Opt-In peer:gk\"}", "opt-in", "peer:gk", S, false, "");
+	/* A report's reason: the rest of its line, CR or LF ending it. */
+	bot_case("{\"body\":\"Report mimi://x.example/u/bob   he spams  \\nsecond line\"}", "report",
+		 "mimi://x.example/u/bob", S, false, "he spams  ");
+	bot_case("{\"body\":\"report mimi://x.example/u/bob spam\\r\\nmore\"}", "report", "mimi://x.example/u/bob", S,
+		 false, "spam");
+	bot_case("{\"body\":\"report mimi://x.example/u/bob\\nnext line\"}", "report", "mimi://x.example/u/bob", S,
+		 false, "next line"); /* the blanks before the reason are skipped, a line break too (as before) */
+	/* An edit: the edited content, not the fallback "* ..."; one without
+	 * a body to read is not answered. */
+	bot_case("{\"body\":\"* block x.org\",\"m.new_content\":{\"body\":\"block y.org\",\"msgtype\":\"m.text\"},"
+		 "\"m.relates_to\":{\"rel_type\":\"m.replace\",\"event_id\":\"$e\"}}", "block", "y.org", S, false, "");
+	bot_case("{\"body\":\"* block x.org\",\"m.relates_to\":{\"rel_type\":\"m.replace\",\"event_id\":\"$e\"}}",
+		 NULL, NULL, S, false, NULL);
+	bot_case("{\"body\":\"* block x.org\",\"m.new_content\":{\"msgtype\":\"m.text\"},"
+		 "\"m.relates_to\":{\"rel_type\":\"m.replace\"}}", NULL, NULL, S, false, NULL);
+	bot_case("{\"body\":\"* block x.org\",\"m.new_content\":\"block y.org\",\"m.relates_to\":{\"rel_type\":"
+		 "\"m.replace\"}}", NULL, NULL, S, false, NULL);
+	bot_case("{\"msgtype\":\"m.text\"}", NULL, NULL, S, false, NULL);
+	bot_case("{\"body\":7}", NULL, NULL, S, false, NULL);
+	/* Another relation (a thread) is the message itself. */
+	bot_case("{\"body\":\"block x.org\",\"m.relates_to\":{\"rel_type\":\"m.thread\"}}", "block", "x.org", S, false,
+		 "");
+	/* A reply: after the quote of what it answers, whose link is no
+	 * mention. */
+	bot_case("{\"body\":\"> <@_cw_bot:example.org> Wally (gk) asks to write to you\\n> more\\n\\nblock z.org\","
+		 "\"format\":\"org.matrix.custom.html\",\"formatted_body\":\"<mx-reply><blockquote>"
+		 PILL("@bob:example.org", "bob") "</blockquote></mx-reply>block z.org\"}",
+		 "block", "z.org", S, false, "");
+	/* A pill: the display name in body, the id in the link and in
+	 * m.mentions; the reason after the name. */
+	bot_case("{\"body\":\"report Wally (gk) spams me\",\"format\":\"org.matrix.custom.html\",\"formatted_body\":"
+		 "\"report " PILL(WALLY, "Wally (gk)") " spams me\",\"m.mentions\":{\"user_ids\":[\"" WALLY "\"]}}",
+		 "report", WALLY, S, true, "spams me");
+	/* ... the link alone (no m.mentions), and the id typed. */
+	bot_case("{\"body\":\"accept Wally\",\"format\":\"org.matrix.custom.html\",\"formatted_body\":"
+		 "\"accept " PILL(WALLY, "Wally") "\"}", "accept", WALLY, S, true, "");
+	bot_case("{\"body\":\"report " WALLY " abuse\",\"m.mentions\":{\"user_ids\":[\"" WALLY "\"]}}", "report",
+		 WALLY, S, true, "abuse");
+	/* m.mentions alone, the text not showing her: all of the line the
+	 * reason. */
+	bot_case("{\"body\":\"report he spams\\nme\",\"m.mentions\":{\"user_ids\":[\"" WALLY "\"]}}", "report", WALLY,
+		 S, true, "he spams");
+	/* The bot and the sender mentioned are no party: the word typed is. */
+	bot_case("{\"body\":\"block x.org\",\"m.mentions\":{\"user_ids\":[\"@_cw_bot:example.org\","
+		 "\"@alice:example.org\"]}}", "block", "x.org", S, false, "");
+	/* Several mentioned: none picked. */
+	bot_case("{\"body\":\"block W and V\",\"m.mentions\":{\"user_ids\":[\"" WALLY "\",\"@_cw_gk_v:example.org\"]}}",
+		 "block", "", MX_BOT_PARTY_SEVERAL, false, "and V");
+	/* A Matrix user who is no ghost, mentioned or typed: no party of an
+	 * accept or block; of a report one of this server's is. */
+	bot_case("{\"body\":\"accept bob\",\"m.mentions\":{\"user_ids\":[\"@bob:other.org\"]}}", "accept",
+		 "@bob:other.org", MX_BOT_PARTY_NOT_REMOTE, true, "bob");
+	bot_case("{\"body\":\"block @bob:example.org\"}", "block", "@bob:example.org", MX_BOT_PARTY_NOT_REMOTE, false,
+		 "");
+	bot_case("{\"body\":\"report @bob:example.org said things\"}", "report", "@bob:example.org",
+		 MX_BOT_PARTY_LOCAL, false, "said things");
+	bot_case("{\"body\":\"report bob\",\"m.mentions\":{\"user_ids\":[\"@bob:example.org\"]}}", "report",
+		 "@bob:example.org", MX_BOT_PARTY_LOCAL, true, "bob");
+	bot_case("{\"body\":\"report @bob:other.org\"}", "report", "@bob:other.org", MX_BOT_PARTY_NOT_REMOTE, false, "");
+	/* The bot's id (in the ghosts' namespace with the default names) is
+	 * looked up as a ghost's, and is none. */
+	bot_case("{\"body\":\"report @_cw_bot:example.org\"}", "report", "@_cw_bot:example.org", S, false, "");
+	bot_case("{\"body\":\"block " WALLY "\"}", "block", WALLY, S, false, "");
+	/* Mentions are read for the commands with a party only. */
+	bot_case("{\"body\":\"opt-in gk\",\"m.mentions\":{\"user_ids\":[\"" WALLY "\"]}}", "opt-in", "gk", S, false,
+		 "");
+
+	/* The bounds: a reason cut on a character boundary; a word longer
+	 * than a verb or a party is none (cut, an address could be
+	 * another that parses). */
+	char json[4200], long_word[800];
+	int w = snprintf(json, sizeof(json), "{\"body\":\"report mimi://x.example/u/bob x");
+	for (int i = 0; i < 600; i++)
+		w += snprintf(json + w, sizeof(json) - (size_t)w, "\xc3\xa9");
+	snprintf(json + w, sizeof(json) - (size_t)w, "\"}");
+	json_t *c = json_loads(json, 0, NULL);
+	struct mx_bot_cmd cmd;
+	ck_assert(c && mx_bot_parse(c, "@alice:example.org", &bot_names, &cmd));
+	json_decref(c);
+	ck_assert_uint_eq(strlen(cmd.reason), MX_BOT_REASON_MAX - 1);
+	ck_assert(cw_utf8_valid(cmd.reason, strlen(cmd.reason)));
+	ck_assert(cmd.reason[0] == 'x' && strncmp(cmd.reason + 1, "\xc3\xa9", 2) == 0);
+
+	memset(long_word, 'a', MX_BOT_PARTY_MAX);
+	long_word[MX_BOT_PARTY_MAX] = '\0';
+	snprintf(json, sizeof(json), "{\"body\":\"opt-in %s\"}", long_word);
+	bot_case(json, "opt-in", long_word, S, false, "");
+	snprintf(json, sizeof(json), "{\"body\":\"block mimi://x.example/u/%s why\"}", long_word);
+	bot_case(json, "block", "", S, false, "why");
+	long_word[MX_BOT_VERB_MAX + 1] = '\0';
+	snprintf(json, sizeof(json), "{\"body\":\"%s block x.org\"}", long_word);
+	bot_case(json, "", "block", S, false, "x.org");
+	long_word[MX_BOT_VERB_MAX] = '\0';
+	snprintf(json, sizeof(json), "{\"body\":\"%s block x.org\"}", long_word);
+	bot_case(json, long_word, "block", S, false, "x.org");
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("matrix");
@@ -1748,6 +1885,7 @@ int main(void)
 	tcase_add_test(tc, media_queue_is_bounded);
 	tcase_add_test(tc, media_one_signer_is_capped);
 	tcase_add_test(tc, mentions);
+	tcase_add_test(tc, bot_parse);
 	suite_add_tcase(s, tc);
 	return unit_run(s);
 }

@@ -1,0 +1,127 @@
+/* The bot's commands read from a message's content (mx_cmd.h). */
+#include "config.h"
+#include "matrix/mx_cmd.h"
+#include "matrix/mx_id.h"
+#include "matrix/mx_map.h"
+#include "utf8.h"
+
+#include <ctype.h>
+#include <stdio.h>
+#include <string.h>
+
+static const char *skip_blanks(const char *p)
+{
+	while (isspace((unsigned char)*p))
+		p++;
+	return p;
+}
+
+static const char *skip_word(const char *p)
+{
+	while (*p && !isspace((unsigned char)*p))
+		p++;
+	return p;
+}
+
+/* The word at p (blanks before it skipped) into out, "" when it does not
+ * fit: a word cut would be another word (a longer address cut to one that
+ * parses).  Returns where the word ends. */
+static const char *word(const char *p, char *out, size_t outlen)
+{
+	p = skip_blanks(p);
+	const char *end = skip_word(p);
+	size_t n = (size_t)(end - p);
+	if (n >= outlen)
+		n = 0;
+	memcpy(out, p, n);
+	out[n] = '\0';
+	return end;
+}
+
+/* A report's reason: the rest of the line at after (its leading blanks
+ * skipped), whole UTF-8 sequences, at most restlen - 1 bytes.  Until the
+ * thirty-eighth session a typed reason was cut at 299 bytes, in the
+ * middle of a character if it fell there: the database refused the
+ * invalid text, and the report could not be stored however often the
+ * user sent it (a review's finding). */
+static void reason_of(const char *after, char *rest, size_t restlen)
+{
+	after = skip_blanks(after);
+	size_t k = 0, left = strlen(after);
+	while (k < left && after[k] != '\n' && after[k] != '\r') {
+		size_t l = cw_utf8_seq((const unsigned char *)after + k, left - k, NULL);
+		if (l == 0 || k + l >= restlen)
+			break;
+		k += l;
+	}
+	memcpy(rest, after, k);
+	rest[k] = '\0';
+}
+
+/* Whether who is a Matrix id of a user of this homeserver: not the bot,
+ * not in the ghosts' namespace. */
+static bool local_matrix_user(const struct mx_bot_names *names, const char *who)
+{
+	char server[MX_ID_MAX + 1];
+	return mx_user_id_parse(who, NULL, 0, server, sizeof(server)) && strcmp(server, names->server) == 0 &&
+	       strcmp(who, names->bot) != 0 && !mx_in_ghost_namespace(names->prefix, names->server, who);
+}
+
+bool mx_bot_parse(const json_t *content, const char *sender, const struct mx_bot_names *names,
+		  struct mx_bot_cmd *out)
+{
+	const json_t *rel = json_object_get(content, "m.relates_to");
+	const char *rel_type = json_string_value(json_object_get(rel, "rel_type"));
+	if (rel_type && strcmp(rel_type, "m.replace") == 0) {
+		content = json_object_get(content, "m.new_content");
+		if (!json_is_object(content))
+			return false;
+	}
+	const char *body = json_string_value(json_object_get(content, "body"));
+	if (!body)
+		return false;
+	/* A reply (to a consent request, say) may start with the quote of
+	 * what it answers. */
+	body += mx_reply_fallback_len(body);
+	const char *typed = skip_blanks(word(body, out->verb, sizeof(out->verb))); /* the text after the verb */
+	for (char *p = out->verb; *p; p++)
+		*p = (char)tolower((unsigned char)*p);
+	const char *after = word(typed, out->party, sizeof(out->party)); /* a report's reason: after the party */
+	reason_of(after, out->reason, sizeof(out->reason));
+	out->kind = MX_BOT_PARTY_SUBJECT;
+	out->mentioned = false;
+	bool report = strcmp(out->verb, "report") == 0;
+	if (!report && strcmp(out->verb, "accept") != 0 && strcmp(out->verb, "block") != 0)
+		return true;
+
+	const char *skip[] = { names->bot, sender, NULL };
+	struct mx_mention men[2];
+	size_t n = mx_mentions(content, skip, men, 2);
+	if (n > 1) {
+		out->kind = MX_BOT_PARTY_SEVERAL;
+		out->party[0] = '\0';
+		return true;
+	}
+	if (n == 1) {
+		out->mentioned = true;
+		snprintf(out->party, sizeof(out->party), "%s", men[0].user_id);
+		/* The reason is what follows the name the client wrote for her
+		 * (or her id, typed); a mention the text does not show
+		 * (m.mentions alone) leaves all of the line the reason. */
+		size_t ll = strlen(men[0].label), il = strlen(men[0].user_id);
+		if (ll && strncmp(typed, men[0].label, ll) == 0)
+			after = typed + ll;
+		else if (strncmp(typed, men[0].user_id, il) == 0)
+			after = typed + il;
+		else
+			after = typed;
+		reason_of(after, out->reason, sizeof(out->reason));
+	}
+	/* A Matrix user, mentioned or typed, whom no consent is about; a
+	 * report may name one of this server's (another member of a group,
+	 * whose words the bot relays). */
+	if (mx_user_id_parse(out->party, NULL, 0, NULL, 0) &&
+	    !mx_in_ghost_namespace(names->prefix, names->server, out->party))
+		out->kind = report && local_matrix_user(names, out->party) ? MX_BOT_PARTY_LOCAL : MX_BOT_PARTY_NOT_REMOTE;
+	return true;
+}

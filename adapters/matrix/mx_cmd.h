@@ -1,0 +1,67 @@
+/* The bot's commands as a local user writes them in her management room
+ * ("accept @x", "block ...", "report <who> <reason>", "list", "help"), read
+ * from an m.room.message's content.  Pure code: no I/O, no database, no
+ * homeserver; safe from any thread (mx_mentions parses HTML with libxml2).
+ * The bot (mx_bot.c) acts on what mx_bot_parse reads and answers; the
+ * fuzz target tests/fuzz/fuzz_matrix_bot.c and check_matrix hold it to
+ * what is said here. */
+#ifndef CW_MX_CMD_H
+#define CW_MX_CMD_H
+
+#include <jansson.h>
+#include <stdbool.h>
+
+#define MX_BOT_VERB_MAX 31    /* bytes of a verb; a longer first word is none */
+#define MX_BOT_PARTY_MAX 699  /* bytes of a typed party; a longer word is none */
+#define MX_BOT_REASON_MAX 1000 /* bytes of a report's reason (the rest of its line), at most */
+
+/* What the reading needs to know of the bot's homeserver. */
+struct mx_bot_names {
+	const char *bot;    /* the bot's user id */
+	const char *server; /* this homeserver's name (mx_server_name) */
+	const char *prefix; /* the ghosts' localpart prefix (mx_user_prefix) */
+};
+
+/* What the party of an accept, block or report is. */
+enum mx_bot_party {
+	MX_BOT_PARTY_SUBJECT,    /* party: to be looked up as a consent's subject (an address, a ghost's id, a
+				  * domain, or words that are none of these; "" when none was given) */
+	MX_BOT_PARTY_LOCAL,      /* party: a Matrix id of a user of this server (not the bot, no ghost), of a
+				  * report */
+	MX_BOT_PARTY_NOT_REMOTE, /* party: a Matrix id no command is about: of another server, or of this one
+				  * for an accept or block, not a ghost's (the same whether she exists or not) */
+	MX_BOT_PARTY_SEVERAL,    /* the message mentions more than one user (party ""): none is picked */
+};
+
+/* A command read. */
+struct mx_bot_cmd {
+	char verb[MX_BOT_VERB_MAX + 1]; /* the first word, in lower case (ASCII); "" for none or a longer one */
+	/* The word after the verb (of opt-in, opt-out: the network), "" for
+	 * none or a longer one; of an accept, block or report whose message
+	 * mentions one user (other than the bot and the sender) her id. */
+	char party[MX_BOT_PARTY_MAX + 1];
+	enum mx_bot_party kind;           /* MX_BOT_PARTY_SUBJECT but for an accept, block or report */
+	bool mentioned;                   /* party is the user the message mentions */
+	char reason[MX_BOT_REASON_MAX + 1]; /* of a report: what follows the party on its line, trimmed at the
+					     * start, whole UTF-8 sequences; "" for none */
+};
+
+/* Reads the command that sender (a Matrix id) sends the bot as content
+ * (an m.room.message's), into *out.  The text read is the body, after a
+ * reply's quote fallback (mx_reply_fallback_len); of an edit (m.relates_to
+ * rel_type m.replace) the edited content, m.new_content.  The party of an
+ * accept, block or report is the one user the message mentions, if any
+ * (mx_mentions: a client's "pill" puts her display name in body and her
+ * id only in formatted_body and m.mentions; the bot and the sender are
+ * none, a reply mentions whom it answers), else the word typed after the
+ * verb; a report's reason is the rest of the line after the party as
+ * typed, after the pill's text (its label) or her id typed; with a
+ * mention the text does not show (m.mentions alone), all of the line
+ * after the verb.  False, *out undefined, when the content has no command
+ * to answer: no string body, or an edit without an m.new_content object
+ * with one (until the thirty-eighth session the edit's fallback body
+ * "* block ..." was read, and every edit got the help). */
+bool mx_bot_parse(const json_t *content, const char *sender, const struct mx_bot_names *names,
+		  struct mx_bot_cmd *out);
+
+#endif
