@@ -1,0 +1,125 @@
+/* libFuzzer target: a command a local user sends the bot in her management
+ * room, as the bot reads it (adapters/matrix/mx_cmd.h: mx_bot_parse; an
+ * edit's m.new_content, a reply's quote fallback, mentions in
+ * formatted_body and m.mentions).  The input is an m.room.message's
+ * content (JSON, read as the bot reads its inbox row), or, when it is no
+ * JSON object, its bytes as the body (up to a NUL, invalid UTF-8 made
+ * U+FFFD: a JSON string is UTF-8).  Properties: nothing crashes or leaks;
+ * the verb is one word in lower case; the party and the reason are valid
+ * UTF-8 within their bounds; the party typed is one word, the one
+ * mentioned a valid user id neither the bot nor the sender; the reason is
+ * one line without blanks in front; only an accept, block or report has a
+ * party of a kind other than a subject, only a report one of this
+ * server's users; the same content reads the same twice. */
+#include "config.h"
+#include "matrix/mx_cmd.h"
+#include "matrix/mx_id.h"
+#include "utf8.h"
+
+#include <ctype.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+static const char sender[] = "@alice:example.org";
+static const struct mx_bot_names names = { .bot = "@_cw_bot:example.org", .server = "example.org",
+					   .prefix = "_cw_" };
+
+static void fail(const char *what, const struct mx_bot_cmd *cmd)
+{
+	fprintf(stderr, "%s: verb \"%s\" party \"%s\" kind %d mentioned %d reason \"%s\"\n", what, cmd->verb,
+		cmd->party, (int)cmd->kind, cmd->mentioned, cmd->reason);
+	abort();
+}
+
+static bool has_blank(const char *s)
+{
+	for (; *s; s++)
+		if (isspace((unsigned char)*s))
+			return true;
+	return false;
+}
+
+static void check(const struct mx_bot_cmd *cmd)
+{
+	size_t vl = strnlen(cmd->verb, sizeof(cmd->verb)), pl = strnlen(cmd->party, sizeof(cmd->party)),
+	       rl = strnlen(cmd->reason, sizeof(cmd->reason));
+	if (vl > MX_BOT_VERB_MAX || pl > MX_BOT_PARTY_MAX || rl > MX_BOT_REASON_MAX)
+		fail("not NUL-terminated within its bound", cmd);
+	if (!cw_utf8_valid(cmd->verb, vl) || !cw_utf8_valid(cmd->party, pl) || !cw_utf8_valid(cmd->reason, rl))
+		fail("not valid UTF-8", cmd);
+	for (const char *p = cmd->verb; *p; p++)
+		if (isupper((unsigned char)*p))
+			fail("the verb is not in lower case", cmd);
+	if (has_blank(cmd->verb) || (!cmd->mentioned && has_blank(cmd->party)))
+		fail("the verb or the party typed is more than one word", cmd);
+	if (strchr(cmd->reason, '\n') || strchr(cmd->reason, '\r') || isspace((unsigned char)cmd->reason[0]))
+		fail("the reason is not one trimmed line", cmd);
+	bool report = strcmp(cmd->verb, "report") == 0;
+	bool party_verb = report || strcmp(cmd->verb, "accept") == 0 || strcmp(cmd->verb, "block") == 0;
+	switch (cmd->kind) {
+	case MX_BOT_PARTY_SUBJECT:
+		break;
+	case MX_BOT_PARTY_SEVERAL:
+		if (!party_verb || cmd->party[0] || cmd->mentioned)
+			fail("several mentioned, but a party or no command with one", cmd);
+		break;
+	case MX_BOT_PARTY_LOCAL:
+		if (!report)
+			fail("a user of this server as the party of no report", cmd);
+		/* fall through */
+	case MX_BOT_PARTY_NOT_REMOTE:
+		if (!party_verb || !mx_user_id_parse(cmd->party, NULL, 0, NULL, 0) ||
+		    mx_in_ghost_namespace(names.prefix, names.server, cmd->party))
+			fail("a Matrix user's party that is none", cmd);
+		break;
+	default:
+		fail("no kind of party", cmd);
+	}
+	if (cmd->mentioned && (!party_verb || !mx_user_id_parse(cmd->party, NULL, 0, NULL, 0) ||
+			       strcmp(cmd->party, names.bot) == 0 || strcmp(cmd->party, sender) == 0))
+		fail("the mentioned party is no user id, or the bot or the sender", cmd);
+}
+
+static void parse(const json_t *content)
+{
+	struct mx_bot_cmd a, b;
+	memset(&a, 0x55, sizeof(a));
+	memset(&b, 0xaa, sizeof(b));
+	bool ok = mx_bot_parse(content, sender, &names, &a);
+	if (ok != mx_bot_parse(content, sender, &names, &b))
+		abort();
+	if (!ok)
+		return;
+	check(&a);
+	if (strcmp(a.verb, b.verb) != 0 || strcmp(a.party, b.party) != 0 || a.kind != b.kind ||
+	    a.mentioned != b.mentioned || strcmp(a.reason, b.reason) != 0)
+		fail("read differently the second time", &a);
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+	json_t *content = json_loadb((const char *)data, size, 0, NULL);
+	if (json_is_object(content)) {
+		parse(content);
+		json_decref(content);
+		return 0;
+	}
+	json_decref(content);
+	char *text = malloc(size + 1);
+	if (!text)
+		return 0;
+	memcpy(text, data, size);
+	text[size] = '\0';
+	char *body = cw_utf8_scrub(text);
+	free(text);
+	content = body ? json_pack("{s:s}", "body", body) : NULL;
+	free(body);
+	if (content)
+		parse(content);
+	json_decref(content);
+	return 0;
+}
