@@ -431,6 +431,7 @@ struct txn {
 	json_t *refs;         /* Matrix event ids referred to, and local senders (round 0) */
 	json_t *map;          /* Matrix event id -> msg_ id */
 	json_t *ref_rooms;    /* Matrix event id -> the id of its neutral room */
+	json_t *edits;        /* Matrix event ids of edits (stored, or of this transaction): map names their message */
 	const char *cur_room; /* the neutral room of the event being converted */
 	json_t *senders;      /* Matrix user id -> mimi URI (local users) */
 	json_t *rooms;        /* Matrix room id -> its neutral room's id when bridged */
@@ -465,6 +466,7 @@ static void txn_free(void *arg)
 	json_decref(t->refs);
 	json_decref(t->map);
 	json_decref(t->ref_rooms);
+	json_decref(t->edits);
 	json_decref(t->senders);
 	json_decref(t->rooms);
 	json_decref(t->mgmt);
@@ -529,19 +531,20 @@ const struct store_stmt matrix_statements[] = {
 	{ "mx_txn_lookup",
 	  "WITH d AS (SELECT $1::jsonb AS j) "
 	  "SELECT 'ref', x.id, CASE WHEN e.type = 'edit' AND e.replaces_id IS NOT NULL "
-	  "  THEN (SELECT f.public_id FROM events f WHERE f.id = e.replaces_id) ELSE e.public_id END, e.room_id::text "
+	  "  THEN (SELECT f.public_id FROM events f WHERE f.id = e.replaces_id) ELSE e.public_id END, e.room_id::text, "
+	  "  e.type = 'edit' "
 	  " FROM d CROSS JOIN jsonb_array_elements_text(d.j->'ids') AS x(id) "
 	  " LEFT JOIN events e ON e.id = coalesce((SELECT n.event_id FROM event_native_ids n "
 	  "  WHERE n.network = 'matrix' AND n.kind = 'event_id' AND n.native_id = x.id LIMIT 1), "
 	  "  (SELECT f.id FROM events f WHERE f.origin_network = 'matrix' AND f.origin_native_id = x.id)) "
-	  "UNION ALL SELECT 'room', x.id, b.room_id::text, NULL FROM d CROSS JOIN jsonb_array_elements_text(d.j->'rooms') AS x(id) "
+	  "UNION ALL SELECT 'room', x.id, b.room_id::text, NULL, NULL FROM d CROSS JOIN jsonb_array_elements_text(d.j->'rooms') AS x(id) "
 	  " JOIN room_bindings b ON b.network = 'matrix' AND b.native_id = x.id "
 	  "UNION ALL SELECT 'user', x.id, coalesce((SELECT i.uri FROM identity_bindings ib JOIN identities i "
 	  "  ON i.id = ib.identity_id WHERE ib.network = 'matrix' AND ib.native_id = x.id AND i.is_local), "
 	  "  (SELECT i.uri FROM identities i WHERE i.is_local AND i.localpart = split_part(substr(x.id, 2), ':', 1) "
-	  "   AND x.id = '@' || i.localpart || ':' || $2)), NULL "
+	  "   AND x.id = '@' || i.localpart || ':' || $2)), NULL, NULL "
 	  " FROM d, jsonb_array_elements_text(d.j->'users') AS x(id) "
-	  "UNION ALL SELECT 'mgmt', m.room_id, m.user_id, NULL FROM matrix_mgmt_rooms m "
+	  "UNION ALL SELECT 'mgmt', m.room_id, m.user_id, NULL, NULL FROM matrix_mgmt_rooms m "
 	  " WHERE m.room_id IN (SELECT jsonb_array_elements_text(d.j->'rooms') FROM d)" },
 	{ NULL, NULL },
 };
@@ -609,6 +612,7 @@ static cw_err txn_lookup(PGconn *c, struct txn *t, cw_errmsg *e)
 		return rc;
 	json_object_clear(t->map);
 	json_object_clear(t->ref_rooms);
+	json_object_clear(t->edits);
 	json_object_clear(t->rooms);
 	json_object_clear(t->senders);
 	json_object_clear(t->mgmt);
@@ -623,6 +627,8 @@ static cw_err txn_lookup(PGconn *c, struct txn *t, cw_errmsg *e)
 		json_object_set_new(dst, id, json_string(PQgetvalue(r, k, 2)));
 		if (dst == t->map && !PQgetisnull(r, k, 3))
 			json_object_set_new(t->ref_rooms, id, json_string(PQgetvalue(r, k, 3)));
+		if (dst == t->map && PQgetvalue(r, k, 4)[0] == 't')
+			json_object_set_new(t->edits, id, json_true());
 	}
 	PQclear(r);
 	return CW_OK;
@@ -783,6 +789,24 @@ static bool told_when_refused(const json_t *ev)
 	       strcmp(type, "m.room.redaction") != 0;
 }
 
+/* What the writer of a redaction of an edit is told.  Matrix takes back
+ * that edit only (clients show the version before it); a neutral delete
+ * names a message or a reaction, and an edit's reference stands for its
+ * message (txn_lookup), so until the thirty-ninth session it deleted the
+ * whole message at the peer. */
+#define EDIT_REDACTED                                                                                            \
+	"taking back an edit has no form on the other side, which still shows the message as edited (delete the " \
+	"whole message to take it back there)"
+
+/* Whether ev is a redaction of an edit of its room (t->cur_room), stored
+ * or of this transaction. */
+static bool redacts_an_edit(struct txn *t, json_t *ev)
+{
+	const char *type = json_string_value(json_object_get(ev, "type"));
+	const char *target = type && strcmp(type, "m.room.redaction") == 0 ? mx_redaction_target(ev) : NULL;
+	return target && json_object_get(t->edits, target) && lookup_ref_or_user(t, target);
+}
+
 static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 {
 	t->conv_invalid = t->conv_ignored = 0;
@@ -820,6 +844,13 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 		json_t *neutral = NULL;
 		char why[200] = "";
 		t->cur_room = json_string_value(json_object_get(t->rooms, room));
+		if (redacts_an_edit(t, ev)) {
+			t->conv_invalid++;
+			LOG_KV_LIMITED(CW_LOG_INFO, "matrix event refused", "event_id",
+				       json_string_value(json_object_get(ev, "event_id")), "detail", "a redaction of an edit");
+			refusal(t->refusals, room, json_string_value(json_object_get(ev, "event_id")), EDIT_REDACTED);
+			continue;
+		}
 		enum mx_in_result res = mx_to_neutral(ev, lookup_ref_or_user, t, &neutral, why, sizeof(why));
 		if (res != MX_IN_OK) {
 			if (res == MX_IN_INVALID) {
@@ -842,8 +873,16 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 		char pid[80];
 		cw_new_id(pid, sizeof(pid), "msg_");
 		if (!json_object_get(t->map, event_id)) {
-			json_object_set_new(t->map, event_id, json_string(pid));
+			/* An edit stands for the message it edits, as the
+			 * lookup has it of stored ones (txn_lookup):
+			 * references name first versions. */
+			const char *type = json_string_value(json_object_get(neutral, "type"));
+			json_t *first = json_object_get(json_object_get(neutral, "content"), "replaces");
+			bool is_edit = type && strcmp(type, "edit") == 0 && json_is_string(first);
+			json_object_set_new(t->map, event_id, is_edit ? json_copy(first) : json_string(pid));
 			json_object_set_new(t->ref_rooms, event_id, json_string(t->cur_room));
+			if (is_edit)
+				json_object_set_new(t->edits, event_id, json_true());
 		}
 		json_array_append_new(conv, json_pack("[s, s, s, o, s]", room, event_id, uri, neutral, pid));
 	}
@@ -1138,12 +1177,14 @@ static cw_err txn_prepare(PGconn *c, struct app_job *j, cw_errmsg *e)
 	json_decref(t->bot);
 	json_decref(t->map);
 	json_decref(t->ref_rooms);
+	json_decref(t->edits);
 	json_decref(t->senders);
 	json_decref(t->rooms);
 	json_decref(t->mgmt);
 	json_decref(t->rejoins);
 	json_decref(t->nul);
 	t->nul = NULL;
+	t->edits = NULL;
 	t->events = t->ephemeral = t->bot = t->map = t->ref_rooms = t->senders = t->rooms = t->mgmt = NULL;
 	t->rejoins = NULL;
 	t->cur_room = NULL;
@@ -1351,6 +1392,7 @@ static struct txn *txn_new(struct cw_app *app, const char *txn_id, const unsigne
 	t->ephemeral = json_array();
 	t->map = json_object();
 	t->ref_rooms = json_object();
+	t->edits = json_object();
 	t->rooms = json_object();
 	t->senders = json_object();
 	t->mgmt = json_object();

@@ -1097,8 +1097,17 @@ static enum mx_in_result from_reaction(const json_t *content, json_int_t ts, mx_
 	return MX_IN_OK;
 }
 
-static enum mx_in_result from_redaction(const json_t *ev, const json_t *content, json_int_t ts,
-					mx_lookup_fn to_msg, void *ctx, json_t **out, char *why, size_t whylen)
+const char *mx_redaction_target(const json_t *ev)
+{
+	const json_t *v = json_object_get(ev, "redacts");
+	if (!v)
+		v = json_object_get(json_object_get(ev, "content"), "redacts");
+	const char *id = json_string_value(v);
+	return id && mx_event_id_valid(id) ? id : NULL;
+}
+
+static enum mx_in_result from_redaction(const json_t *ev, json_int_t ts, mx_lookup_fn to_msg, void *ctx,
+					json_t **out, char *why, size_t whylen)
 {
 	/* The top-level redacts: the one the homeserver authorised in room
 	 * versions 1 to 10, where content.redacts is mere content (Synapse's
@@ -1112,15 +1121,13 @@ static enum mx_in_result from_redaction(const json_t *ev, const json_t *content,
 	 * Synapse refuses a body naming another), where the top level is the
 	 * one redacted, so it counts (a user who deleted a message expects it
 	 * gone at the peer too). */
-	const json_t *v = json_object_get(ev, "redacts"), *in = json_object_get(content, "redacts");
-	if (!v)
-		v = in;
-	if (!json_is_string(v) || !mx_event_id_valid(json_string_value(v))) {
+	const char *v = mx_redaction_target(ev);
+	if (!v) {
 		say(why, whylen, "a redaction needs redacts: an event id");
 		return MX_IN_INVALID;
 	}
 	char target[EVENT_OPAQUE_ID_MAX + 8];
-	if (!lookup_msg(to_msg, ctx, json_string_value(v), target, sizeof(target))) {
+	if (!lookup_msg(to_msg, ctx, v, target, sizeof(target))) {
 		say(why, whylen, "a redaction of an event the gateway does not know");
 		return MX_IN_IGNORE;
 	}
@@ -1294,7 +1301,7 @@ enum mx_in_result mx_to_neutral(const json_t *ev, mx_lookup_fn to_msg, void *ctx
 	} else if (strcmp(type, "m.reaction") == 0) {
 		res = from_reaction(content, ts, to_msg, ctx, out, why, whylen);
 	} else if (strcmp(type, "m.room.redaction") == 0) {
-		res = from_redaction(ev, content, ts, to_msg, ctx, out, why, whylen);
+		res = from_redaction(ev, ts, to_msg, ctx, out, why, whylen);
 	} else if ((res = from_fallback(content, ts, out, why, whylen)) == MX_IN_IGNORE) {
 		return res;
 	}

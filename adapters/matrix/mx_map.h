@@ -144,6 +144,11 @@ typedef const char *(*mx_lookup_fn)(void *ctx, const char *id);
  * Returns how many (at most max).  Only well-formed event ids are listed. */
 size_t mx_event_refs(const json_t *ev, const char **ids, size_t max);
 
+/* The event an m.room.redaction redacts: its top-level redacts, else
+ * (room version 11) content.redacts (from_redaction says why that
+ * order); NULL when neither is a well-formed event id.  Points into ev. */
+const char *mx_redaction_target(const json_t *ev);
+
 enum mx_in_result {
 	MX_IN_OK,         /* *out holds the neutral body */
 	MX_IN_IGNORE,     /* not carried over (why says what) */

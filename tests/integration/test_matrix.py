@@ -3194,6 +3194,57 @@ def test_what_a_user_is_told_of_a_refused_event_is_in_their_words(mx, hs, gk, pg
     assert not [e for e in list(srv.events) if e.get("type") in ("edit", "delete", "reaction")]
 
 
+def test_a_redaction_of_an_edit_deletes_nothing_at_the_peer_and_is_told(mx, hs, gk, pg, db_url):
+    """Redacting an edit event withdraws that edit only (Matrix clients
+    show the version before it); it has no neutral form (a delete names a
+    message or a reaction), so it is refused and told to its writer
+    (docs/interop-api.md). Until the thirty-ninth session the lookup, which
+    lets an edit stand for the message it edits (a reply or a reaction
+    naming the edit names the message), made it a delete of the whole
+    message at the peer; and within one transaction a reply or a reaction
+    naming an edit of that transaction went to the peer naming the edit,
+    not the first version, and a redaction of it was refused untold."""
+    a, srv = gk
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+    first = alice.send_text(room, "first")
+    got = srv.wait_events(1)
+    m1 = got[0]["id"]
+    second = alice.edit(room, first, "second")
+    srv.wait_events(2)
+    alice.redact(room, second)
+    # the same in one transaction: a message, its edit, a reply to and a
+    # reaction to the edit, and the edit's redaction
+    base = {"room_id": room, "sender": ALICE_MX, "origin_server_ts": int(time.time() * 1000)}
+    evs = [dict(base, event_id="$rm2", type="m.room.message", content={"msgtype": "m.text", "body": "m2"}),
+           dict(base, event_id="$re2", type="m.room.message",
+                content={"msgtype": "m.text", "body": "* m2 edited", "m.new_content": {"msgtype": "m.text", "body": "m2 edited"},
+                         "m.relates_to": {"rel_type": "m.replace", "event_id": "$rm2"}}),
+           dict(base, event_id="$rp2", type="m.room.message",
+                content={"msgtype": "m.text", "body": "a reply", "m.relates_to": {"m.in_reply_to": {"event_id": "$re2"}}}),
+           dict(base, event_id="$rr2", type="m.reaction",
+                content={"m.relates_to": {"rel_type": "m.annotation", "event_id": "$re2", "key": "x"}}),
+           dict(base, event_id="$rx2", type="m.room.redaction", redacts="$re2", content={"redacts": "$re2"})]
+    assert as_put(mx, "redact-an-edit", {"events": evs}).status_code == 200
+    alice.send_text(room, "marker")
+    wait_until(lambda: any(e.get("type") == "message" and e["content"]["parts"][0]["body"] == "marker"
+                           for e in list(srv.events)), what="the marker")
+    told = lambda: [n for n in ghost_notices(hs, room, ghost) if n.startswith("Not delivered")]  # noqa: E731
+    wait_until(lambda: len(told()) >= 2, what="two notices")
+    assert told() == [EDIT_REDACTED] * 2, told()
+    got = list(srv.events)
+    assert not [e for e in got if e["type"] == "delete"], got
+    m2 = next(e["id"] for e in got if e["type"] == "message" and e["content"]["parts"][0]["body"] == "m2")
+    reply = next(e for e in got if e["type"] == "message" and e["content"]["parts"][0]["body"] == "a reply")
+    reaction = next(e for e in got if e["type"] == "reaction")
+    assert reply["content"]["in_reply_to"] == m2 and reaction["content"]["in_reply_to"] == m2
+    assert pg.psql("SELECT count(*) FROM events WHERE type = 'delete'", db_url) == "0"
+    assert m1 != m2
+
+
+EDIT_REDACTED = ("Not delivered: taking back an edit has no form on the other side, which still shows the "
+                 "message as edited (delete the whole message to take it back there).")
+
+
 def test_a_peer_cannot_put_members_of_its_own_into_the_matrix_content(mx, hs, gk, pg, db_url):
     """No member of a peer's content goes into the Matrix content but what
     the mapping makes of the neutral ones: clients act on members in
