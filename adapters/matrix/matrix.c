@@ -433,6 +433,7 @@ struct txn {
 	json_t *ref_rooms;    /* Matrix event id -> the id of its neutral room */
 	json_t *edits;        /* Matrix event ids of edits (stored, or of this transaction): map names their message */
 	const char *cur_room; /* the neutral room of the event being converted */
+	const char *cur_sender; /* and its sender (the one member it may name) */
 	json_t *senders;      /* Matrix user id -> mimi URI (local users) */
 	json_t *rooms;        /* Matrix room id -> its neutral room's id when bridged */
 	json_t *mgmt;         /* Matrix room id -> the user whose management room it is */
@@ -491,12 +492,17 @@ static const char *lookup_map(void *ctx, const char *id)
  * event of the neutral room of the event converted: a group's message
  * reaches the direct room with its sender, and a reply, reaction or
  * receipt there names it, but refers to a message of another room), or a
- * user id (a local user's URI, for membership changes). */
+ * user id (a local user's URI, for membership changes): the event's own
+ * sender only.  A member event of another's (an invitation, a kick) is the
+ * bot's to act on (bot_wants), never a change the peer hears of; until the
+ * thirty-ninth session any local user the transaction named was found, so
+ * an invitee who typed elsewhere in the same transaction was invited into
+ * the direct room at the peer. */
 static const char *lookup_ref_or_user(void *ctx, const char *id)
 {
 	struct txn *t = ctx;
 	if (id[0] == '@')
-		return lookup_map(t->senders, id);
+		return t->cur_sender && strcmp(id, t->cur_sender) == 0 ? lookup_map(t->senders, id) : NULL;
 	const char *room = lookup_map(t->ref_rooms, id);
 	return room && t->cur_room && strcmp(room, t->cur_room) == 0 ? lookup_map(t->map, id) : NULL;
 }
@@ -844,6 +850,7 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 		json_t *neutral = NULL;
 		char why[200] = "";
 		t->cur_room = json_string_value(json_object_get(t->rooms, room));
+		t->cur_sender = sender;
 		if (redacts_an_edit(t, ev)) {
 			t->conv_invalid++;
 			LOG_KV_LIMITED(CW_LOG_INFO, "matrix event refused", "event_id",
@@ -893,6 +900,7 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 		if (!room || !json_object_get(t->rooms, room))
 			continue;
 		t->cur_room = json_string_value(json_object_get(t->rooms, room));
+		t->cur_sender = NULL; /* ephemeral data names events only */
 		json_t *list = mx_ephemeral_to_neutral(ev, lookup_ref_or_user, t);
 		bool typing = strcmp(json_string_value(json_object_get(ev, "type")), "m.typing") == 0;
 		if (typing) {
@@ -1188,6 +1196,7 @@ static cw_err txn_prepare(PGconn *c, struct app_job *j, cw_errmsg *e)
 	t->events = t->ephemeral = t->bot = t->map = t->ref_rooms = t->senders = t->rooms = t->mgmt = NULL;
 	t->rejoins = NULL;
 	t->cur_room = NULL;
+	t->cur_sender = NULL;
 	return CW_OK;
 }
 

@@ -3245,6 +3245,41 @@ EDIT_REDACTED = ("Not delivered: taking back an edit has no form on the other si
                  "message as edited (delete the whole message to take it back there).")
 
 
+def test_a_members_change_by_another_never_reaches_the_peer_whoever_else_the_transaction_names(
+        mx, hs, gk, pg, db_url):
+    """alice's invitation of carol into her direct room with wally, and her
+    kick of dave, are the bot's to act on (it takes the invitation back and
+    makes a group), never membership events of the direct room for the peer.
+    Until the thirty-ninth session the member was looked up among every
+    user the transaction named: when carol typed elsewhere, or dave wrote
+    anywhere, in the same transaction, the peer got alice's invitation of
+    carol into the direct room (carol stored as invited in it) and dave's
+    leave of a room he was never in."""
+    a, srv = gk
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+    alice.send_text(room, "hi")
+    direct = srv.wait_events(1)[0]["room_id"]
+    for who in ("carol", "dave"):
+        assert mx.admin("POST", "/optins", json={"user": f"mimi://example.org/u/{who}", "network": "peer:gk",
+                                                 "opted_in": True}).ok
+    now = int(time.time() * 1000)
+    base = {"room_id": room, "sender": ALICE_MX, "type": "m.room.member", "origin_server_ts": now}
+    evs = [dict(base, event_id="$carol-invited", state_key="@carol:example.org", content={"membership": "invite"}),
+           dict(base, event_id="$dave-kicked", state_key="@dave:example.org", content={"membership": "leave"},
+                unsigned={"prev_content": {"membership": "join"}}),
+           {"event_id": "$dave-elsewhere", "room_id": "!elsewhere:example.org", "sender": "@dave:example.org",
+            "type": "m.room.message", "origin_server_ts": now, "content": {"msgtype": "m.text", "body": "x"}}]
+    eph = [{"type": "m.typing", "room_id": "!elsewhere:example.org", "content": {"user_ids": ["@carol:example.org"]}}]
+    assert as_put(mx, "others-members", {"events": evs, "ephemeral": eph}).status_code == 200
+    alice.send_text(room, "marker")
+    wait_until(lambda: any(e.get("type") == "message" and e["content"]["parts"][0]["body"] == "marker"
+                           for e in list(srv.events)), what="the marker")
+    assert not [e for e in list(srv.events) if e.get("type") == "membership"], list(srv.events)
+    assert pg.psql("SELECT count(*) FROM events WHERE type = 'membership'", db_url) == "0"
+    assert pg.psql(f"SELECT count(*) FROM room_members m JOIN rooms r ON r.id = m.room_id "
+                   f"WHERE r.public_id = '{direct}'", db_url) == "2"
+
+
 def test_a_peer_cannot_put_members_of_its_own_into_the_matrix_content(mx, hs, gk, pg, db_url):
     """No member of a peer's content goes into the Matrix content but what
     the mapping makes of the neutral ones: clients act on members in
