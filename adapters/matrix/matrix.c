@@ -652,14 +652,27 @@ static bool bot_wants(const struct txn *t, json_t *ev)
 	const char *room = json_string_value(json_object_get(ev, "room_id"));
 	const char *server = mx_server_name(t->app->cfg);
 	size_t sl = sender ? strlen(sender) : 0, vl = strlen(server);
-	if (!type || !room || sl < vl + 2 || sender[sl - vl - 1] != ':' || strcmp(sender + sl - vl, server) != 0)
-		return false; /* not one of this homeserver's users */
+	bool local = sl >= vl + 2 && sender[sl - vl - 1] == ':' && strcmp(sender + sl - vl, server) == 0;
+	if (!type || !room)
+		return false;
 	if (strcmp(type, "m.room.member") == 0) {
 		const char *key = json_string_value(json_object_get(ev, "state_key"));
 		const char *ms = json_string_value(json_object_get(json_object_get(ev, "content"), "membership"));
 		if (!key)
 			return false;
 		bool ghost = mx_in_ghost_namespace(t->app->cfg->mx_user_prefix, server, key);
+		/* Someone else invited into a management room, or joining it,
+		 * whoever sent it (a user of another server joins a room its
+		 * user made public by herself; until the thirty-ninth session
+		 * only this server's users' events were looked at): it is the
+		 * user's no more (mx_bot.c, intruded). */
+		if (!ghost && strcmp(key, t->m->bot) != 0 && ms && (strcmp(ms, "invite") == 0 || strcmp(ms, "join") == 0)) {
+			const char *owner = json_string_value(json_object_get(t->mgmt, room));
+			if (owner && strcmp(owner, key) != 0)
+				return true;
+		}
+		if (!local)
+			return false; /* not one of this homeserver's users */
 		/* A user leaving a bridged room (or removed from it): the bot
 		 * unbinds it (mx_bot.c, left). */
 		if (!ghost && strcmp(key, t->m->bot) != 0 && ms && (strcmp(ms, "leave") == 0 || strcmp(ms, "ban") == 0)) {
@@ -671,12 +684,8 @@ static bool bot_wants(const struct txn *t, json_t *ev)
 		if (!ghost && strcmp(key, t->m->bot) != 0 && ms && strcmp(ms, "invite") == 0 &&
 		    json_object_get(t->rooms, room))
 			return true;
-		/* Someone else invited into a management room, or joining it:
-		 * it is the user's no more (mx_bot.c, intruded). */
-		if (!ghost && strcmp(key, t->m->bot) != 0 && ms && (strcmp(ms, "invite") == 0 || strcmp(ms, "join") == 0)) {
-			const char *owner = json_string_value(json_object_get(t->mgmt, room));
-			return owner && strcmp(owner, key) != 0;
-		}
+		if (!ghost && strcmp(key, t->m->bot) != 0 && ms && (strcmp(ms, "invite") == 0 || strcmp(ms, "join") == 0))
+			return false; /* no management room's intruder (above) */
 		/* A ghost put out of a bridged room by a user (a ghost leaving
 		 * by itself is an echo, dropped before): the bot forgets it
 		 * there (mx_bot.c, ghost_removed). */
@@ -684,6 +693,8 @@ static bool bot_wants(const struct txn *t, json_t *ev)
 			return json_object_get(t->rooms, room) != NULL;
 		return strcmp(key, t->m->bot) == 0 || (ghost && ms && strcmp(ms, "invite") == 0);
 	}
+	if (!local)
+		return false;
 	if (strcmp(type, "m.room.encryption") == 0)
 		return json_object_get(t->rooms, room) != NULL;
 	/* A bridged room its user upgraded: the bot gives it up (mx_bot.c,
@@ -715,15 +726,16 @@ static cw_err txn_bot_send(PGconn *c, struct txn *t, cw_errmsg *e)
 		" SELECT x->>'event_id', x FROM jsonb_array_elements($1::jsonb) AS x, "
 		"  LATERAL (SELECT starts_with(x->>'state_key', $4) "
 		"   AND right(x->>'state_key', length($3) + 1) = ':' || $3 AS ghost) g " /* mx_in_ghost_namespace */
-		" WHERE x->>'sender' LIKE '%:' || $3 AND ((x->>'type' = 'm.room.member' AND (x->>'state_key' = $2 "
+		" WHERE (x->>'type' = 'm.room.member' AND NOT g.ghost AND x->>'state_key' <> $2 " /* an intruder, any sender's */
+		"   AND x->'content'->>'membership' IN ('invite', 'join') "
+		"   AND EXISTS (SELECT 1 FROM matrix_mgmt_rooms mm WHERE mm.room_id = x->>'room_id' "
+		"    AND mm.user_id <> x->>'state_key')) "
+		"  OR (x->>'sender' LIKE '%:' || $3 AND ((x->>'type' = 'm.room.member' AND (x->>'state_key' = $2 "
 		"   OR (g.ghost AND x->'content'->>'membership' = 'invite') "
 		"   OR (g.ghost AND x->'content'->>'membership' IN ('leave', 'ban') "
 		"    AND EXISTS (SELECT 1 FROM room_bindings b WHERE b.network = 'matrix' AND b.native_id = x->>'room_id')) "
 		"   OR (NOT g.ghost AND x->'content'->>'membership' = 'invite' "
 		"    AND EXISTS (SELECT 1 FROM room_bindings b WHERE b.network = 'matrix' AND b.native_id = x->>'room_id')) "
-		"   OR (NOT g.ghost AND x->'content'->>'membership' IN ('invite', 'join') "
-		"    AND EXISTS (SELECT 1 FROM matrix_mgmt_rooms mm WHERE mm.room_id = x->>'room_id' "
-		"     AND mm.user_id <> x->>'state_key')) "
 		"   OR (NOT g.ghost AND x->'content'->>'membership' IN ('leave', 'ban') "
 		"    AND (EXISTS (SELECT 1 FROM room_bindings b WHERE b.network = 'matrix' AND b.native_id = x->>'room_id') "
 		"     OR EXISTS (SELECT 1 FROM matrix_mgmt_rooms mm WHERE mm.room_id = x->>'room_id' "
@@ -733,7 +745,7 @@ static cw_err txn_bot_send(PGconn *c, struct txn *t, cw_errmsg *e)
 		"  OR (x->>'type' = 'm.room.tombstone' AND EXISTS (SELECT 1 FROM matrix_mgmt_rooms m "
 		"   WHERE m.room_id = x->>'room_id')) "
 		"  OR (x->>'type' = 'm.room.message' AND EXISTS (SELECT 1 FROM matrix_mgmt_rooms m "
-		"   WHERE m.room_id = x->>'room_id' AND m.user_id = x->>'sender'))) "
+		"   WHERE m.room_id = x->>'room_id' AND m.user_id = x->>'sender')))) "
 		" ON CONFLICT (event_id) DO NOTHING RETURNING 1) "
 		"SELECT count(*), CASE WHEN count(*) > 0 THEN pg_notify('causeway_matrix_bot', '') END FROM ins",
 		4, NULL, p2, NULL, NULL, 0);

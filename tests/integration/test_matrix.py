@@ -5186,6 +5186,27 @@ def test_someone_else_in_a_management_room_ends_it(mx, hs, gk, pg, db_url):
                            if e["sender"] == bot), what="ed's request in her new room")
 
 
+@pytest.mark.parametrize("how", ["join", "invite"])
+def test_a_user_of_another_server_in_a_management_room_ends_it(mx, hs, gk, pg, db_url, how):
+    """eve, of another server, joins alice's management room by herself
+    (alice made it public, or a space's members may join it), or is
+    invited by another such user alice gave the power to: the room is
+    alice's no more, as when she invites someone. Until the thirty-ninth
+    session only member events sent by users of this server were looked
+    at, and the bot went on showing alice's requests with eve reading."""
+    bot = "@_cw_bot:example.org"
+    alice, mgmt, said = alice_and_the_bot(hs)
+    assert pg.psql("SELECT room_id FROM matrix_mgmt_rooms", db_url) == mgmt
+    sender = "@eve:evil.example" if how == "join" else "@mod:evil.example"
+    ev = {"event_id": f"$eve-{how}", "room_id": mgmt, "sender": sender, "type": "m.room.member",
+          "state_key": "@eve:evil.example", "origin_server_ts": int(time.time() * 1000),
+          "content": {"membership": how}}
+    assert as_put(mx, f"eve-{how}", {"events": [ev]}).status_code == 200
+    wait_until(lambda: hs.members(mgmt).get(bot) == "leave", what="the bot leaving")
+    assert "Someone else is in this room now" in said()[-1], said()
+    assert pg.psql("SELECT count(*) FROM matrix_mgmt_rooms", db_url) == "0"
+
+
 def test_an_expiry_is_told_late_after_a_stop_of_up_to_six_days(mx, hs, gk, pg, db_url):
     """A request that expired while no process ran the bot (every daemon
     stopped, or one without the Matrix adapter sweeping) is told when a
