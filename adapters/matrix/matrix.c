@@ -836,16 +836,19 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 	json_t *ev;
 	json_array_foreach(t->nul, i, ev) {
 		const char *room = json_string_value(json_object_get(ev, "room_id"));
-		bool big = mx_json_number_out_of_range(ev); /* else a NUL in a string or a key (mx_json_load) */
+		/* else a NUL in a string or a key (mx_json_load) */
+		bool big = mx_json_number_out_of_range(ev), deep = !big && mx_json_too_deep(ev);
 		t->conv_invalid++;
 		LOG_KV_LIMITED(CW_LOG_INFO, "matrix event refused", "event_id",
 			       json_string_value(json_object_get(ev, "event_id")), "detail",
-			       big ? "a number past a double's range" : "a string or a key holds a NUL");
+			       big ? "a number past a double's range" : deep ? "nested past 2048 levels"
+									: "a string or a key holds a NUL");
 		const char *sender = json_string_value(json_object_get(ev, "sender"));
 		if (json_object_get(t->rooms, room) && lookup_map(t->senders, sender) && told_when_refused(ev))
 			refusal(t->refusals, room, json_string_value(json_object_get(ev, "event_id")),
-				big ? "it holds a number too large for this gateway to read"
-				    : "it holds the character U+0000 (NUL), which this gateway cannot store");
+				big    ? "it holds a number too large for this gateway to read"
+				: deep ? "it is nested deeper than this gateway can read"
+				       : "it holds the character U+0000 (NUL), which this gateway cannot store");
 	}
 	json_array_foreach(t->events, i, ev) {
 		const char *room = json_string_value(json_object_get(ev, "room_id"));

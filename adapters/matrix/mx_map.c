@@ -1863,6 +1863,10 @@ bool mx_media_info(const json_t *ev, struct mx_media *out)
  * strings in jansson, and must be unique in their object). */
 #define NUMBER_MARK "\\u0000cw:number-out-of-range"
 #define NUMBER_MARK_TEXT "\0cw:number-out-of-range"
+/* An array or object nested past what jansson reads
+ * (JSON_PARSER_MAX_DEPTH) becomes this string (patch_depth). */
+#define DEPTH_MARK "\\u0000cw:nested-too-deep"
+#define DEPTH_MARK_TEXT "\0cw:nested-too-deep"
 #define KEY_MARK_NAME "cw:unreadable:"
 #define KEY_MARK "\001" KEY_MARK_NAME
 #define LOAD_PATCHES_MAX 64
@@ -2021,6 +2025,73 @@ static char *patch_numbers(const char *buf, size_t n, size_t *outn)
 	return cw_buf_take(&out, outn);
 }
 
+/* The end of the array or object that opens at buf[i]: past its closing
+ * bracket (n when it has none).  Strings told apart as patch_numbers does. */
+static size_t container_end(const char *buf, size_t n, size_t i)
+{
+	size_t depth = 0;
+	bool in_string = false;
+	while (i < n) {
+		char ch = buf[i];
+		if (in_string) {
+			in_string = ch != '"';
+			i += ch == '\\' && i + 1 < n ? 2 : 1;
+			continue;
+		}
+		i++;
+		if (ch == '"')
+			in_string = true;
+		else if (ch == '[' || ch == '{')
+			depth++;
+		else if ((ch == ']' || ch == '}') && --depth == 0)
+			break;
+	}
+	return i < n ? i : n;
+}
+
+/* The JSON text buf (n bytes) with every array or object whose values
+ * are past the depth jansson reads (JSON_PARSER_MAX_DEPTH, counted as
+ * jansson counts it: every value, the body itself the first) replaced,
+ * whole, by the depth
+ * mark: a string with a NUL, so that its event is refused alone
+ * (mx_json_has_nul; mx_json_too_deep tells it).  A copy (*outn bytes,
+ * malloc'd); NULL without memory.  Only strings and brackets are told
+ * apart (jansson reads what it makes, and refuses it if it is no JSON). */
+static char *patch_depth(const char *buf, size_t n, size_t *outn)
+{
+	struct cw_buf out;
+	cw_buf_init(&out, n + sizeof(DEPTH_MARK) + 2);
+	bool in_string = false, failed = false;
+	size_t i = 0, copied = 0, depth = 0;
+	while (i < n && !failed) {
+		char ch = buf[i];
+		if (in_string) {
+			in_string = ch != '"';
+			i += ch == '\\' && i + 1 < n ? 2 : 1;
+			continue;
+		}
+		if ((ch == '[' || ch == '{') && depth + 1 >= JSON_PARSER_MAX_DEPTH) {
+			size_t e = container_end(buf, n, i);
+			failed = cw_buf_add(&out, buf + copied, i - copied) ||
+				 cw_buf_add(&out, "\"" DEPTH_MARK "\"", sizeof(DEPTH_MARK) + 1);
+			copied = i = e;
+			continue;
+		}
+		if (ch == '"')
+			in_string = true;
+		else if (ch == '[' || ch == '{')
+			depth++;
+		else if ((ch == ']' || ch == '}') && depth > 0)
+			depth--;
+		i++;
+	}
+	if (failed || cw_buf_add(&out, buf + copied, n - copied)) {
+		cw_buf_free(&out);
+		return NULL;
+	}
+	return cw_buf_take(&out, outn);
+}
+
 json_t *mx_json_load(const char *body, size_t len, size_t flags, json_error_t *err)
 {
 	json_t *v = json_loadb(body, len, flags | JSON_ALLOW_NUL, err);
@@ -2033,6 +2104,24 @@ json_t *mx_json_load(const char *body, size_t len, size_t flags, json_error_t *e
 	size_t budget = len > LOAD_READ_MIN / LOAD_READ_FACTOR ? len * LOAD_READ_FACTOR : LOAD_READ_MIN, done = len;
 	for (int k = 0; !v && k < LOAD_PATCHES_MAX; k++) {
 		const char *cur = buf ? buf : body;
+		if (json_error_code(err) == json_error_stack_overflow) {
+			/* nested past jansson's depth: every such array or
+			 * object at once (patch_depth), their events refused
+			 * alone; until the thirty-ninth session the whole
+			 * body was refused */
+			size_t dn;
+			char *next = patch_depth(cur, n, &dn);
+			if (!next || done + dn > budget) {
+				free(next);
+				break;
+			}
+			free(buf);
+			buf = next;
+			n = dn;
+			done += n;
+			v = json_loadb(buf, n, flags | JSON_ALLOW_NUL, err);
+			continue;
+		}
 		char with[2400];
 		size_t start;
 		/* an integer's digits past 2400 are past a double's range too: the mark */
@@ -2108,6 +2197,17 @@ static bool number_mark_here(const json_t *v)
 {
 	return json_is_string(v) && json_string_length(v) == sizeof(NUMBER_MARK_TEXT) - 1 &&
 	       memcmp(json_string_value(v), NUMBER_MARK_TEXT, sizeof(NUMBER_MARK_TEXT) - 1) == 0;
+}
+
+static bool depth_mark_here(const json_t *v)
+{
+	return json_is_string(v) && json_string_length(v) == sizeof(DEPTH_MARK_TEXT) - 1 &&
+	       memcmp(json_string_value(v), DEPTH_MARK_TEXT, sizeof(DEPTH_MARK_TEXT) - 1) == 0;
+}
+
+bool mx_json_too_deep(const json_t *v)
+{
+	return json_any(v, depth_mark_here);
 }
 
 bool mx_json_number_out_of_range(const json_t *v)

@@ -247,6 +247,10 @@ bool mx_media_info(const json_t *ev, struct mx_media *out);
  * pass, as each would have been, and the body read once more, every other
  * number exactly (until the thirty-second session every number was read
  * as a real then, and a number past a double's range failed the body).
+ * An array or object nested past what jansson reads (2048 levels, which
+ * a homeserver's parser may take: Dendrite's takes 10000) becomes a string
+ * with a NUL too (mx_json_too_deep tells it), all of them at once (until
+ * the thirty-ninth session the whole body was refused).
  * Still refused, whole (NULL, err says why): not JSON, what flags refuse
  * (a duplicate key), a key with a NUL past that bound.  err: not NULL. */
 json_t *mx_json_load(const char *body, size_t len, size_t flags, json_error_t *err);
@@ -259,6 +263,11 @@ bool mx_json_has_nul(const json_t *v);
 /* Whether v holds, at any depth, a number past a double's range (read by
  * mx_json_load as a string that mx_json_has_nul finds too). */
 bool mx_json_number_out_of_range(const json_t *v);
+
+/* Whether v holds, at any depth, an array or object nested past what
+ * jansson reads (read by mx_json_load as a string that mx_json_has_nul
+ * finds too). */
+bool mx_json_too_deep(const json_t *v);
 
 /* HTML to the subset the Matrix spec recommends (libxml2's HTML parser):
  *   - allowed elements: del h1-h6 blockquote p a ul ol sup sub li b i u

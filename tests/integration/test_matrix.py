@@ -734,6 +734,35 @@ def test_an_event_a_plain_json_parse_refuses_is_refused_alone(mx, hs, gk, pg, db
     assert r.status_code == 400 and r.json()["errcode"] == "M_NOT_JSON", r.text
 
 
+def test_an_event_nested_past_what_jansson_reads_is_refused_alone(mx, hs, gk, pg, db_url):
+    """JSON nested deeper than jansson reads (2048 levels: 4 KiB of
+    brackets, well within an event's 64 KiB; Dendrite's parser takes 10000,
+    and a remote user's event reaches every appservice of the room) is
+    that event's trouble, not the transaction's: its writer is told, and
+    the other events are taken. Until the thirty-ninth session the whole
+    transaction was answered 400 M_NOT_JSON, which the homeserver sends
+    again for ever, every later one waiting behind it."""
+    a, srv = gk
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+    now = int(time.time() * 1000)
+    deep = {"[": "[" * 2100 + '"x", {"k": "]"}' + "]" * 2100, "{": '{"a":' * 2100 + '"}"' + "}" * 2100}
+    for n, (kind, value) in enumerate(deep.items()):
+        bad = ('{"event_id": "$deep%d", "room_id": "%s", "sender": "%s", "type": "m.room.message", '
+               '"origin_server_ts": %d, "content": {"msgtype": "m.text", "body": "deep", "x": %s}}'
+               % (n, room, ALICE_MX, now, value))
+        good = json.dumps({"event_id": f"$after-deep{n}", "room_id": room, "sender": ALICE_MX,
+                           "type": "m.room.message", "origin_server_ts": now,
+                           "content": {"msgtype": "m.text", "body": f"after {kind}", "y": [[1, 2], {"z": "]"}]}})
+        r = put_raw(mx, f"deep-{n}", '{"events": [%s, %s]}' % (bad, good))
+        assert r.status_code == 200, r.text
+    got = srv.wait_events(2)
+    assert [e["content"]["parts"][0]["body"] for e in got] == ["after [", "after {"]
+    told = lambda: [n for n in ghost_notices(hs, room, ghost) if n.startswith("Not delivered")]  # noqa: E731
+    wait_until(lambda: len(told()) >= 2, what="two notices")
+    assert told() == ["Not delivered: it is nested deeper than this gateway can read."] * 2, told()
+    assert pg.psql("SELECT count(*) FROM events WHERE origin_native_id LIKE '$deep%'", db_url) == "0"
+
+
 def test_a_message_holding_a_nul_through_the_homeserver_holds_nothing_back(mx, hs, gk, pg, db_url):
     """The same through the stand-in, as a Matrix client writes it: the
     message with a NUL is refused and told, the next one is carried."""
