@@ -671,6 +671,13 @@ static bool bot_wants(const struct txn *t, json_t *ev)
 			if (owner && strcmp(owner, key) != 0)
 				return true;
 		}
+		/* A ghost put out of a bridged room (a ghost leaving by itself
+		 * is an echo, dropped before), whoever did it (a user of another
+		 * server its user gave the power to, too: until the thirty-ninth
+		 * session the room stayed bound then): the bot forgets it there
+		 * (mx_bot.c, ghost_removed). */
+		if (ghost && strcmp(key, t->m->bot) != 0 && ms && (strcmp(ms, "leave") == 0 || strcmp(ms, "ban") == 0))
+			return json_object_get(t->rooms, room) != NULL;
 		if (!local)
 			return false; /* not one of this homeserver's users */
 		/* A user leaving a bridged room (or removed from it): the bot
@@ -686,11 +693,6 @@ static bool bot_wants(const struct txn *t, json_t *ev)
 			return true;
 		if (!ghost && strcmp(key, t->m->bot) != 0 && ms && (strcmp(ms, "invite") == 0 || strcmp(ms, "join") == 0))
 			return false; /* no management room's intruder (above) */
-		/* A ghost put out of a bridged room by a user (a ghost leaving
-		 * by itself is an echo, dropped before): the bot forgets it
-		 * there (mx_bot.c, ghost_removed). */
-		if (ghost && strcmp(key, t->m->bot) != 0 && ms && (strcmp(ms, "leave") == 0 || strcmp(ms, "ban") == 0))
-			return json_object_get(t->rooms, room) != NULL;
 		return strcmp(key, t->m->bot) == 0 || (ghost && ms && strcmp(ms, "invite") == 0);
 	}
 	if (!local)
@@ -730,10 +732,11 @@ static cw_err txn_bot_send(PGconn *c, struct txn *t, cw_errmsg *e)
 		"   AND x->'content'->>'membership' IN ('invite', 'join') "
 		"   AND EXISTS (SELECT 1 FROM matrix_mgmt_rooms mm WHERE mm.room_id = x->>'room_id' "
 		"    AND mm.user_id <> x->>'state_key')) "
+		"  OR (x->>'type' = 'm.room.member' AND g.ghost " /* a ghost put out, by any sender */
+		"   AND x->'content'->>'membership' IN ('leave', 'ban') "
+		"   AND EXISTS (SELECT 1 FROM room_bindings b WHERE b.network = 'matrix' AND b.native_id = x->>'room_id')) "
 		"  OR (x->>'sender' LIKE '%:' || $3 AND ((x->>'type' = 'm.room.member' AND (x->>'state_key' = $2 "
 		"   OR (g.ghost AND x->'content'->>'membership' = 'invite') "
-		"   OR (g.ghost AND x->'content'->>'membership' IN ('leave', 'ban') "
-		"    AND EXISTS (SELECT 1 FROM room_bindings b WHERE b.network = 'matrix' AND b.native_id = x->>'room_id')) "
 		"   OR (NOT g.ghost AND x->'content'->>'membership' = 'invite' "
 		"    AND EXISTS (SELECT 1 FROM room_bindings b WHERE b.network = 'matrix' AND b.native_id = x->>'room_id')) "
 		"   OR (NOT g.ghost AND x->'content'->>'membership' IN ('leave', 'ban') "

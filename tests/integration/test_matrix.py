@@ -2085,6 +2085,25 @@ def test_a_ghost_put_out_of_a_direct_room_closes_it(mx, hs, gk, pg, db_url):
                            for e in hs.events(new)), what="the message in it")
 
 
+def test_a_ghost_put_out_by_a_user_of_another_server_closes_the_room(mx, hs, gk, pg, db_url):
+    """A user of another server alice gave the power to kicks (or bans)
+    wally's ghost out of her direct room: the room is no longer the
+    conversation, as when alice does it. Until the thirty-ninth session
+    only member events sent by this server's users were looked at: the
+    room stayed bound, and every message to alice was refused there until
+    it was a dead letter."""
+    a, srv = gk
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+    alice.send_text(room, "hi")
+    srv.wait_events(1)
+    ev = {"event_id": "$ghost-kicked", "room_id": room, "sender": "@mod:evil.example", "type": "m.room.member",
+          "state_key": ghost, "origin_server_ts": int(time.time() * 1000), "content": {"membership": "ban"},
+          "unsigned": {"prev_content": {"membership": "join"}}}
+    assert as_put(mx, "ghost-kicked", {"events": [ev]}).status_code == 200
+    wait_until(lambda: pg.psql("SELECT count(*) FROM room_bindings WHERE network = 'matrix'", db_url) == "0",
+               what="the room no longer bound")
+
+
 def test_a_ghost_invited_into_a_room_shared_with_others_leaves_it(mx, hs, gk, pg, db_url):
     """alice invites wally's ghost into a room bob is in (or is invited
     to): what reaches the room would be what alice's consent let through,
