@@ -679,6 +679,16 @@ static bool bot_wants(const struct txn *t, json_t *ev)
 		 * (mx_bot.c, ghost_removed). */
 		if (ghost && strcmp(key, t->m->bot) != 0 && ms && (strcmp(ms, "leave") == 0 || strcmp(ms, "ban") == 0))
 			return json_object_get(t->rooms, room) != NULL;
+		/* Someone joining a bridged room by themselves (no invitation:
+		 * a room its user made public), whoever: put out unless it is
+		 * the room's user (mx_bot.c, joined_uninvited).  A join after a
+		 * join is a profile change. */
+		const char *prev =
+			json_string_value(json_object_get(json_object_get(json_object_get(ev, "unsigned"), "prev_content"),
+							  "membership"));
+		if (!ghost && strcmp(key, t->m->bot) != 0 && ms && strcmp(ms, "join") == 0 && sender &&
+		    strcmp(sender, key) == 0 && !(prev && strcmp(prev, "join") == 0) && json_object_get(t->rooms, room))
+			return true;
 		if (!local)
 			return false; /* not one of this homeserver's users */
 		/* A user leaving a bridged room (or removed from it): the bot
@@ -733,6 +743,10 @@ static cw_err txn_bot_send(PGconn *c, struct txn *t, cw_errmsg *e)
 		"   AND x->'content'->>'membership' IN ('invite', 'join') "
 		"   AND EXISTS (SELECT 1 FROM matrix_mgmt_rooms mm WHERE mm.room_id = x->>'room_id' "
 		"    AND mm.user_id <> x->>'state_key')) "
+		"  OR (x->>'type' = 'm.room.member' AND NOT g.ghost AND x->>'state_key' <> $2 " /* a join, anyone's */
+		"   AND x->>'sender' = x->>'state_key' AND x->'content'->>'membership' = 'join' "
+		"   AND coalesce(x->'unsigned'->'prev_content'->>'membership', '') <> 'join' "
+		"   AND EXISTS (SELECT 1 FROM room_bindings b WHERE b.network = 'matrix' AND b.native_id = x->>'room_id')) "
 		"  OR (x->>'type' = 'm.room.member' AND g.ghost " /* a ghost put out, by any sender */
 		"   AND x->'content'->>'membership' IN ('leave', 'ban') "
 		"   AND EXISTS (SELECT 1 FROM room_bindings b WHERE b.network = 'matrix' AND b.native_id = x->>'room_id')) "

@@ -1422,6 +1422,9 @@ static bool ghost_invited(struct matrix *m, PGconn *c, const char *room, const c
  * made here, the invitee is invited to the group (made now from the
  * direct room, as by a second ghost: grow_group) and to a portal of their
  * own (portal_invitations, right after). */
+static int take_out(struct matrix *m, PGconn *c, const char *room, const char *who, const char *text,
+		    const char *eid, char *actor_out, size_t actor_len);
+
 static void local_invited(struct matrix *m, PGconn *c, const char *room, const char *sender, const char *invitee,
 			  const char *eid)
 {
@@ -1452,10 +1455,22 @@ static void local_invited(struct matrix *m, PGconn *c, const char *room, const c
 			 "This room is %s's own view of a bridged conversation, so nobody else joins it. People are "
 			 "added to a group made here by inviting them into it; a group made elsewhere takes members "
 			 "from there.", sender);
-	/* Who may take the invitation back: in a direct room its ghost (the
-	 * bot is not in it); in a portal the bot, which made it, or, in one
-	 * the user made (a direct room that became a group), a ghost in it
-	 * (the creator's trusted invitees have the creator's power). */
+	char actor[MX_ID_MAX + 1];
+	if (take_out(m, c, room, invitee, text, eid, actor, sizeof(actor)) == 1 && added)
+		bot_into(m, room, actor); /* the room is a group's now */
+	if (added)
+		LOG_KV_LIMITED(CW_LOG_INFO, "a Matrix user added a member to a group", "room", room, "user", sender);
+}
+
+/* Puts who (invited, or joined by themselves) out of the bridged room
+ * room, saying text there (its transaction id made of eid): 1 done by a
+ * ghost (its id in actor), 0 by the bot, -1 by none.  Who may: in a
+ * direct room its ghost (the bot is not in it); in a portal the bot, which
+ * made it, or, in one the user made (a direct room that became a group), a
+ * ghost in it (the creator's trusted invitees have the creator's power). */
+static int take_out(struct matrix *m, PGconn *c, const char *room, const char *who, const char *text,
+		    const char *eid, char *actor_out, size_t actor_len)
+{
 	const char *ap[] = { room };
 	PGresult *ar = PQexecParams(c,
 		"SELECT ib.native_id FROM room_bindings b JOIN identity_bindings ib ON ib.identity_id = b.remote_identity_id "
@@ -1472,22 +1487,49 @@ static void local_invited(struct matrix *m, PGconn *c, const char *room, const c
 	for (; k < n; k++) {
 		long status;
 		const char *actor = PQgetisnull(ar, k, 0) ? NULL : PQgetvalue(ar, k, 0);
-		if (!mx_room_post(m, room, actor, "kick", json_pack("{s:s, s:s}", "user_id", invitee, "reason", text),
+		if (!mx_room_post(m, room, actor, "kick", json_pack("{s:s, s:s}", "user_id", who, "reason", text),
 				  &status, &e))
 			break;
 	}
+	int by = -1;
 	if (k < n) {
 		char txn[48];
 		txn_for(txn, sizeof(txn), "kick", eid, room);
 		say_as(m, c, room, PQgetisnull(ar, k, 0) ? NULL : PQgetvalue(ar, k, 0), text, txn);
+		by = PQgetisnull(ar, k, 0) ? 0 : 1;
+		if (by == 1)
+			snprintf(actor_out, actor_len, "%s", PQgetvalue(ar, k, 0));
 	}
 	else
-		LOG_KV_LIMITED(CW_LOG_WARN, "an invitation cannot be taken back", "room", room, "user", invitee);
-	if (added && k < n && !PQgetisnull(ar, k, 0))
-		bot_into(m, room, PQgetvalue(ar, k, 0)); /* the room is a group's now */
+		LOG_KV_LIMITED(CW_LOG_WARN, "a member cannot be put out of a bridged room", "room", room, "user", who);
 	PQclear(ar);
-	if (added)
-		LOG_KV_LIMITED(CW_LOG_INFO, "a Matrix user added a member to a group", "room", room, "user", sender);
+	return by;
+}
+
+/* Someone who joined a bridged room by themselves (no invitation: its user
+ * made it public, or a space's members may join it), of this server or of
+ * another: the room is its user's view, so they are put out, as an
+ * invitation into it is taken back (local_invited).  The room's own
+ * user's join is hers.  Until the thirty-ninth session only invitations
+ * were looked at, and whoever joined read the conversation. */
+static void joined_uninvited(struct matrix *m, PGconn *c, const char *room, const char *who, const char *eid)
+{
+	const char *p[] = { room, who, mx_server_name(m->cfg) };
+	PGresult *r = PQexecParams(c,
+		"SELECT NOT EXISTS (SELECT 1 FROM identities i WHERE i.id = b.local_identity_id AND i.is_local "
+		" AND (EXISTS (SELECT 1 FROM identity_bindings ib WHERE ib.identity_id = i.id AND ib.network = 'matrix' "
+		"  AND ib.native_id = $2) OR $2 = '@' || i.localpart || ':' || $3)) "
+		"FROM room_bindings b WHERE b.network = 'matrix' AND b.native_id = $1",
+		3, NULL, p, NULL, NULL, 0);
+	bool stranger = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1 && PQgetvalue(r, 0, 0)[0] == 't';
+	PQclear(r);
+	if (!stranger)
+		return;
+	LOG_KV_LIMITED(CW_LOG_INFO, "someone joined a bridged room uninvited: put out", "room", room, "user", who);
+	char actor[MX_ID_MAX + 1];
+	take_out(m, c, room, who,
+		 "This room is one person's own view of a bridged conversation, so nobody else joins it.", eid, actor,
+		 sizeof(actor));
 }
 
 /* One of this provider's users left (or was removed from) a bridged direct
@@ -1705,8 +1747,10 @@ static bool inbox(struct matrix *m, PGconn *c)
 		else if (type && room && key && strcmp(type, "m.room.member") == 0 &&
 			 json_is_string(json_object_get(content, "membership")) &&
 			 strcmp(json_string_value(json_object_get(content, "membership")), "join") == 0 &&
-			 strcmp(key, m->bot) != 0 && !mx_in_ghost_namespace(m->cfg->mx_user_prefix, mx_server_name(m->cfg), key))
-			intruded(m, c, room, key, eid);
+			 strcmp(key, m->bot) != 0 && !mx_in_ghost_namespace(m->cfg->mx_user_prefix, mx_server_name(m->cfg), key)) {
+			if (!intruded(m, c, room, key, eid))
+				joined_uninvited(m, c, room, key, eid);
+		}
 		else if (type && room && key && strcmp(type, "m.room.member") == 0 &&
 			 json_is_string(json_object_get(content, "membership")) &&
 			 (strcmp(json_string_value(json_object_get(content, "membership")), "leave") == 0 ||

@@ -2104,6 +2104,41 @@ def test_a_ghost_put_out_by_a_user_of_another_server_closes_the_room(mx, hs, gk,
                what="the room no longer bound")
 
 
+@pytest.mark.parametrize("who", ["@bob:example.org", "@eve:evil.example"])
+def test_someone_joining_a_bridged_room_uninvited_is_put_out(mx, hs, gk, pg, db_url, who):
+    """A bridged room is one user's view (what the policy let through for
+    her), so nobody else is in it: someone who joins alice's direct room
+    without an invitation (she made it public, or a space's members may
+    join it), of this server or another, is put out by the ghost, with the
+    reason said in the room, as an invitation is taken back. Until the
+    thirty-ninth session only invitations were looked at, and whoever
+    joined read the conversation."""
+    a, srv = gk
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+    alice.send_text(room, "hi")
+    srv.wait_events(1)
+    alice.state(room, "m.room.join_rules", {"join_rule": "public"})
+    if who.endswith(":example.org"):
+        hs.as_user(hs.create_user("bob")[1]).join(room)
+    else:  # as federation would bring her join (the stand-in has none)
+        hs.remote_user(who)
+        with hs._lock:
+            hs._membership(hs._room(room), who, who, "join")
+    wait_until(lambda: any(e["type"] == "m.room.member" and e.get("state_key") == who and e["sender"] == ghost
+                           and e["content"]["membership"] == "leave" for e in hs.events(room)),
+               what="the joiner put out")
+    assert pg.psql("SELECT count(*) FROM room_bindings WHERE network = 'matrix'", db_url) == "1"
+    # alice's own join (again) is hers: nobody put out
+    mine = {"event_id": "$alice-rejoined", "room_id": room, "sender": ALICE_MX, "type": "m.room.member",
+            "state_key": ALICE_MX, "origin_server_ts": int(time.time() * 1000), "content": {"membership": "join"},
+            "unsigned": {"prev_content": {"membership": "join"}}}
+    assert as_put(mx, "alice-rejoined", {"events": [mine]}).status_code == 200
+    alice.send_text(room, "marker")
+    wait_until(lambda: any(e.get("type") == "message" and e["content"]["parts"][0]["body"] == "marker"
+                           for e in list(srv.events)), what="the marker")
+    assert hs.members(room).get(ALICE_MX) == "join"
+
+
 def test_a_ghost_invited_into_a_room_shared_with_others_leaves_it(mx, hs, gk, pg, db_url):
     """alice invites wally's ghost into a room bob is in (or is invited
     to): what reaches the room would be what alice's consent let through,
