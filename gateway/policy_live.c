@@ -522,8 +522,18 @@ static cw_err rule_denials(PGconn *c, bool prepared, const struct policy_view *v
 			.sender = { PQgetvalue(r, i, 1), PQgetvalue(r, i, 2), PQgetvalue(r, i, 3) },
 			.recipient = { PQgetvalue(r, i, 4), PQgetvalue(r, i, 5), PQgetvalue(r, i, 6) },
 			.now_ms = now,
-			/* as at arrival: writing in the group is an opt-in there */
-			.recipient_wrote_here = PQgetvalue(r, i, 8)[0] == 't',
+			/* Decided as the recheck decides a waiting row (recheck_refused):
+			 * an opt-in missing refuses only what comes, an explicit
+			 * opt-out everything.  The row arrived opted in (else it was
+			 * not held), and its user has just allowed its sender (or
+			 * their domain), or wrote in its group: each is her opt-in
+			 * for that conversation.  Until the thirty-ninth session
+			 * only writing in the group counted, and the snapshot, of
+			 * just before the accept that runs this sweep, had no
+			 * consent of hers: with policy.optin_default turned off
+			 * since the row arrived, her accept dropped what it
+			 * accepted (user_not_opted_in). */
+			.recipient_wrote_here = true,
 		};
 		struct policy_decision d;
 		policy_decide(v->snap, &q, &d);

@@ -172,6 +172,39 @@ def test_a_rule_made_while_messages_wait_decides_them_when_they_are_accepted(dae
                 == "pending", "carl opted in again")
 
 
+def test_an_accept_releases_what_arrived_under_the_opt_in_default_after_it_changed(daemon, peers, pg, db_url):
+    """wally's messages wait for alice (no opt-in of hers: the operator's
+    policy.optin_default opted her in) when the operator turns the default
+    off. What arrived under the default stays held (only an explicit
+    opt-out refuses what waits), and alice's accept releases it, as it
+    lets wally's next message through (her allowed of a sender is her
+    opt-in for him). Until the thirty-ninth session the accept's sweep
+    asked the release with the snapshot of before the accept and without
+    her consent, found her opted in to nothing and dropped what she had
+    just accepted (user_not_opted_in)."""
+    (a, _), _ = peers
+    assert daemon.admin("PATCH", "/settings", json={"policy.optin_default": True}).status_code == 200
+    room = dm(a)
+    wait_policy(daemon, lambda: states(pg, db_url, [send(a, room, "hello").json()["id"]])[0][1] == "held",
+                "the default opt-in in force")
+    ids = pg.psql("SELECT e.public_id FROM outbox o JOIN events e ON e.id = o.event_id WHERE o.state = 'held' "
+                  "ORDER BY o.id", db_url).splitlines()
+    assert len(ids) >= 1
+    assert daemon.admin("PATCH", "/settings", json={"policy.optin_default": False}).status_code == 200
+    room_b = dm(a, local=BOB, remote="sam")
+    wait_policy(daemon, lambda: states(pg, db_url, [send(a, room_b, "x", sender="sam").json()["id"]])[0][1]
+                == "dropped", "the default off in force")
+    assert [s for _, s in states(pg, db_url, ids)] == ["held"] * len(ids)
+    out = consent(daemon, a.user("wally"), "allowed")
+    assert (out["released"], out["dropped"]) == (len(ids), 0)
+    assert [s for _, s in states(pg, db_url, ids)] == ["pending"] * len(ids)
+    why = decision(daemon, ids[0])["recipients"][0]
+    assert (why["verdict"], why["reason"]) == ("allow", "user_allowed_sender")
+    # and her next message from him passes as they did
+    wait_policy(daemon, lambda: states(pg, db_url, [send(a, room, "again").json()["id"]])[0][1] == "pending",
+                "the accept in force")
+
+
 def test_block_drops_held_and_sender_sees_only_not_delivered(daemon, peers, pg, db_url):
     (a, _), _ = peers
     opt_in(daemon)
