@@ -1050,13 +1050,16 @@ void policy_decide(const struct policy_snapshot *ov, const struct policy_request
 	for (int i = 0; i < nremote; i++)
 		evaluate(s, remote[i], r->now_ms, &ev[i]);
 
-	/* 1. Server deny rules.  Inbound, the sender's rate limits (3a) are
-	 * charged and answered first, as for a block (step 2): a denied
-	 * sender never limited would learn that it is denied. */
+	/* 1. Server deny rules.  Inbound and in transit, the sender's rate
+	 * limits (3a) are charged and answered first, as for a block (step
+	 * 2): a denied sender never limited would learn that it is denied.
+	 * Until the thirty-ninth session only inbound: in a room hosted here
+	 * between two peers' users, a denied sender (or one writing to a
+	 * denied user) took no token and met 202 where anyone else met 429. */
 	for (int i = 0; i < nremote; i++) {
 		const struct rule *rule = ev[i].deny;
 		if (rule) {
-			if (dir == POLICY_INBOUND && r->rate && r->rate->take && rate_limits(r, &snd, &ev[0], d))
+			if (dir != POLICY_OUTBOUND && r->rate && r->rate->take && rate_limits(r, &snd, &ev[0], d))
 				return;
 			set(d, POLICY_DENY,
 			    rule->scope == POLICY_SCOPE_USER      ? "server_denied_user"

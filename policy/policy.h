@@ -10,6 +10,7 @@
  *
  *   1. a server rule with mode deny matching a remote party (user, domain
  *      exact or wildcard, network exact or wildcard)    -> deny
+ *      (inbound and transit, an empty rate bucket first -> limit)
  *   2. the local user's blocked (user, then domain); outbound also the
  *      remote user's block of the local user             -> deny
  *      (inbound, an empty rate bucket first -> limit: docs/policy.md)

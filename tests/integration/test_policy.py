@@ -388,6 +388,33 @@ def test_no_limit_tells_a_peer_who_exists_or_blocked_it(daemon, peers, pg, db_ur
     assert r.status_code == 403 and "server_denied" not in r.text, r.text
 
 
+def test_no_limit_tells_a_peer_in_transit_who_is_denied(daemon, peers, pg, db_url):
+    """A room hosted here between two peers' users (transit): a sender the
+    server denies, and one writing to a user it denies, meet the message
+    limit as anyone does. Until the thirty-ninth session a transit deny
+    took no token: the denied sender's 202s, where others got 429, told it
+    that it is denied (the inbound rule since the sixteenth session)."""
+    (a, _), (b, _) = peers
+    assert daemon.admin("POST", "/rules", json={"scope": "network", "pattern": "peer:*", "limits": {
+        "messages_per_minute_per_user": 2}}).status_code == 201
+    rooms = {}
+    for sender, to in (("eve", "bob"), ("frank", "bob"), ("gina", "dana")):
+        r = a.create_room([a.user(sender), b.user(to)])
+        assert r.status_code == 201, r.text
+        rooms[sender] = r.json()["id"]
+    for denied in (a.user("eve"), b.user("dana")):
+        assert daemon.admin("POST", "/rules", json={"scope": "user", "pattern": denied,
+                                                    "mode": "deny"}).status_code == 201
+    # (the admin API answers once its process has the rules in force)
+    codes = {sender: [send(a, room, f"m{k}", sender=sender).status_code for k in range(4)]
+             for sender, room in rooms.items()}
+    assert codes["eve"] == codes["frank"] == codes["gina"] == [202, 202, 429, 429], codes
+    # what the denied ones sent went nowhere
+    ids = pg.psql("SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id JOIN rooms r ON r.id = e.room_id "
+                  "WHERE r.public_id IN ('%s', '%s') ORDER BY o.id" % (rooms["eve"], rooms["gina"]), db_url)
+    assert set(ids.split()) == {"dropped"}, ids
+
+
 def test_oversized_messages_tell_no_one_apart_by_429(daemon, peers, pg, db_url):
     """A review's probe (twentieth session): under a size limit and a
     per-user message limit, a sender writes oversized messages to each
