@@ -1709,6 +1709,11 @@ def test_accept_or_block_of_a_local_user_or_domain_is_refused(make_daemon, db_ur
     assert pg.psql("SELECT count(*) FROM consents", db_url) == "0"
     assert pg.psql("SELECT count(*) FROM reports", db_url) == "0"
     assert pg.psql("SELECT count(*) FROM audit_log WHERE actor LIKE 'user:%'", db_url) == "0"
+    # A name no address's domain can be is no party (as POST /admin/v1/consents
+    # refuses it; until the thirty-ninth session each was "Blocked" and stored).
+    for bad in ("gk..example", "10.0.0.1", "gk-.example", "-gk.example"):
+        assert answer_to(f"block {bad}").startswith("Whom?"), bad
+    assert pg.psql("SELECT count(*) FROM consents", db_url) == "0"
     # A remote domain is still taken.
     assert answer_to("block wa.example").startswith("Blocked wa.example.")
 
