@@ -1003,7 +1003,9 @@ void policy_admin_reports_list(struct cw_req *req, void *ctx)
  * is not visible to the other parts of the statement); at
  * policy.report_limit_threshold ($9) reporters against a remote user
  * ($12 false) the automatic user rule (policy.report_limit_*, $10 and
- * $11), made again over an expired one of its own and never over an
+ * $11), made again over an expired one of its own (the limit alone: a
+ * mode an operator gave it meanwhile, a deny say, is not brought back with
+ * it, as it was until the thirty-ninth session) and never over an
  * operator's; the audit record (report.create, the answer as its
  * details); and, when a rule was made, NOTIFY causeway_policy (every
  * process reloads).  Reporters, not reports, reach the threshold: one
@@ -1026,8 +1028,8 @@ static const char report_sql[] =
 	"  'system:reports', 'automatic: abuse reports by ' || who_n || ' reporters', "
 	"  now() + make_interval(secs => $11::bigint) "
 	"  FROM cnt WHERE $9::bigint > 0 AND who_n >= $9::bigint AND NOT $12::boolean "
-	"  ON CONFLICT (scope, pattern) DO UPDATE SET limits = excluded.limits, comment = excluded.comment, "
-	"  enabled = true, updated_at = now(), expires_at = excluded.expires_at "
+	"  ON CONFLICT (scope, pattern) DO UPDATE SET mode = NULL, limits = excluded.limits, "
+	"  comment = excluded.comment, enabled = true, updated_at = now(), expires_at = excluded.expires_at "
 	"  WHERE rules.created_by = 'system:reports' AND rules.expires_at <= now() RETURNING id), "
 	"ans AS (SELECT json_build_object('id', (SELECT id FROM rep), 'subject', $4::text, "
 	"  'reports_in_window', (SELECT n FROM cnt), 'reporters_in_window', (SELECT who_n FROM cnt), "

@@ -1082,6 +1082,34 @@ def test_reports_set_an_automatic_limit(daemon, peers, pg, db_url):
                    "FROM reports ORDER BY id DESC LIMIT 1", db_url) == f"peer {a.user('wally')} msg_x2"
 
 
+def test_an_automatic_limit_made_again_is_only_the_limit(daemon, peers, pg, db_url):
+    """The operator turned wally's automatic rule into a deny (PATCH mode)
+    until it expired. Reports after the expiry make the automatic limit
+    again, with the same id: the limit alone, not the operator's deny,
+    which they used to bring back (the row was updated but for its mode)."""
+    (a, _), _ = peers
+    opt_in(daemon)
+    room = dm(a)
+    for reporter in (ALICE, BOB, None):
+        body = {"subject": a.user("wally"), "reason": "spam"}
+        if reporter:
+            body["reporter"] = reporter
+        r = daemon.admin("POST", "/reports", json=body)
+        assert r.status_code == 201, r.text
+    rule = r.json()["limit_rule_id"]
+    assert rule is not None
+    assert daemon.admin("PATCH", f"/rules/{rule}", json={"mode": "deny"}).status_code == 200
+    assert states(pg, db_url, [send(a, room, "denied").json()["id"]])[0][1] == "dropped"
+    pg.psql("UPDATE rules SET expires_at = now() - interval '1 second' WHERE id = %d" % rule, db_url)
+    again = daemon.admin("POST", "/reports", json={"subject": a.user("wally"), "reason": "spam"})
+    assert again.status_code == 201 and again.json()["limit_rule_id"] == rule, again.text
+    got = daemon.admin("GET", f"/rules/{rule}").json()
+    assert (got["mode"], got["limits"], got["created_by"]) == (
+        None, {"messages_per_minute": 1, "in_addition": True}, "system:reports"), got
+    # in force: limited (the denied message took the minute's token), nothing more
+    assert send(a, room, "limited").status_code == 429
+
+
 def report_wally(daemon, a):
     """Three reporters (the threshold) report wally: his automatic rule
     (policy.report_limit_messages_per_minute set to 10), in force here
