@@ -1975,6 +1975,16 @@ static enum number_read number_read(const char *buf, size_t n)
 	return how;
 }
 
+/* Past the end of the JSON string whose text starts at buf[i] (after its
+ * opening quote): past the next quote that no backslash escapes, or n.
+ * How patch_numbers, container_end and patch_depth step over strings. */
+static size_t string_end(const char *buf, size_t n, size_t i)
+{
+	while (i < n && buf[i] != '"')
+		i += buf[i] == '\\' && i + 1 < n ? 2 : 1;
+	return i < n ? i + 1 : n;
+}
+
 /* The JSON text buf (n bytes) with every number token that jansson cannot
  * read patched at once, as patch_for patches one: an integer past 64 bits
  * as a real ("digits.0"), a number past a double's range the number mark.
@@ -1992,18 +2002,12 @@ static char *patch_numbers(const char *buf, size_t n, size_t *outn)
 	/* each token grows by the mark's text at most, and takes two bytes at
 	 * least with what follows it */
 	cw_buf_init(&out, n + (n / 2 + 1) * sizeof(NUMBER_MARK));
-	bool in_string = false, failed = false;
+	bool failed = false;
 	size_t i = 0, copied = 0;
 	while (i < n && !failed) {
 		char ch = buf[i];
-		if (in_string) {
-			in_string = ch != '"';
-			i += ch == '\\' && i + 1 < n ? 2 : 1;
-			continue;
-		}
 		if (ch != '-' && !(ch >= '0' && ch <= '9')) {
-			in_string = ch == '"';
-			i++;
+			i = ch == '"' ? string_end(buf, n, i + 1) : i + 1;
 			continue;
 		}
 		size_t e = i;
@@ -2030,17 +2034,10 @@ static char *patch_numbers(const char *buf, size_t n, size_t *outn)
 static size_t container_end(const char *buf, size_t n, size_t i)
 {
 	size_t depth = 0;
-	bool in_string = false;
 	while (i < n) {
-		char ch = buf[i];
-		if (in_string) {
-			in_string = ch != '"';
-			i += ch == '\\' && i + 1 < n ? 2 : 1;
-			continue;
-		}
-		i++;
+		char ch = buf[i++];
 		if (ch == '"')
-			in_string = true;
+			i = string_end(buf, n, i);
 		else if (ch == '[' || ch == '{')
 			depth++;
 		else if ((ch == ']' || ch == '}') && --depth == 0)
@@ -2061,13 +2058,12 @@ static char *patch_depth(const char *buf, size_t n, size_t *outn)
 {
 	struct cw_buf out;
 	cw_buf_init(&out, n + sizeof(DEPTH_MARK) + 2);
-	bool in_string = false, failed = false;
+	bool failed = false;
 	size_t i = 0, copied = 0, depth = 0;
 	while (i < n && !failed) {
 		char ch = buf[i];
-		if (in_string) {
-			in_string = ch != '"';
-			i += ch == '\\' && i + 1 < n ? 2 : 1;
+		if (ch == '"') {
+			i = string_end(buf, n, i + 1);
 			continue;
 		}
 		if ((ch == '[' || ch == '{') && depth + 1 >= JSON_PARSER_MAX_DEPTH) {
@@ -2077,9 +2073,7 @@ static char *patch_depth(const char *buf, size_t n, size_t *outn)
 			copied = i = e;
 			continue;
 		}
-		if (ch == '"')
-			in_string = true;
-		else if (ch == '[' || ch == '{')
+		if (ch == '[' || ch == '{')
 			depth++;
 		else if ((ch == ']' || ch == '}') && depth > 0)
 			depth--;
