@@ -1090,13 +1090,7 @@ def test_an_automatic_limit_made_again_is_only_the_limit(daemon, peers, pg, db_u
     (a, _), _ = peers
     opt_in(daemon)
     room = dm(a)
-    for reporter in (ALICE, BOB, None):
-        body = {"subject": a.user("wally"), "reason": "spam"}
-        if reporter:
-            body["reporter"] = reporter
-        r = daemon.admin("POST", "/reports", json=body)
-        assert r.status_code == 201, r.text
-    rule = r.json()["limit_rule_id"]
+    rule = three_reports_of_wally(daemon, a)["limit_rule_id"]
     assert rule is not None
     assert daemon.admin("PATCH", f"/rules/{rule}", json={"mode": "deny"}).status_code == 200
     assert states(pg, db_url, [send(a, room, "denied").json()["id"]])[0][1] == "dropped"
@@ -1110,17 +1104,23 @@ def test_an_automatic_limit_made_again_is_only_the_limit(daemon, peers, pg, db_u
     assert send(a, room, "limited").status_code == 429
 
 
-def report_wally(daemon, a):
-    """Three reporters (the threshold) report wally: his automatic rule
-    (policy.report_limit_messages_per_minute set to 10), in force here
-    once the last report's answer has come."""
+def three_reports_of_wally(daemon, a):
+    """Three reporters (the threshold: alice, bob and the operator) report
+    wally; the last report's answer."""
     for reporter in (ALICE, BOB, None):
         body = {"subject": a.user("wally"), "reason": "spam"}
         if reporter:
             body["reporter"] = reporter
         r = daemon.admin("POST", "/reports", json=body)
         assert r.status_code == 201, r.text
-    rule = daemon.admin("GET", f"/rules/{r.json()['limit_rule_id']}").json()
+    return r.json()
+
+
+def report_wally(daemon, a):
+    """Three reporters (the threshold) report wally: his automatic rule
+    (policy.report_limit_messages_per_minute set to 10), in force here
+    once the last report's answer has come."""
+    rule = daemon.admin("GET", f"/rules/{three_reports_of_wally(daemon, a)['limit_rule_id']}").json()
     assert rule["limits"] == {"messages_per_minute": 10, "in_addition": True}
 
 
