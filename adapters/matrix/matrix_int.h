@@ -108,7 +108,9 @@ cw_err mx_mark_joined(PGconn *c, const char *room_id, const char *identity_id, c
 /* The portal of group neutral_room (its id) for the local user target_id
  * (Matrix id target_mxid): made by the bot with the user invited, bound;
  * its room id and binding id out.  Made once: a portal bound meanwhile
- * takes the new one's place. */
+ * takes the new one's place.  Once bound, the homeserver is asked whether
+ * the user joined it already (mx_mark_if_joined: a join before the
+ * binding marked nothing). */
 cw_err mx_ensure_portal(struct matrix *m, PGconn *c, const char *neutral_room, const char *name,
 			const char *target_id, const char *target_mxid, char *room, size_t rlen, char *binding,
 			size_t blen, cw_errmsg *e);

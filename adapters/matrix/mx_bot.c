@@ -2083,9 +2083,7 @@ static void portal_invitations(struct matrix *m, PGconn *c, int64_t *next_us, in
 			failed = true;
 			LOG_KV(CW_LOG_WARN, "cannot make the room of a user invited to a group", "user",
 			       PQgetvalue(r, i, 3), "detail", e.msg);
-		} else { /* a join that came before the binding marked nothing */
-			mx_mark_if_joined(m, c, room, PQgetvalue(r, i, 0), PQgetvalue(r, i, 2), PQgetvalue(r, i, 3));
-		}
+		} /* a join that came before the binding: mx_ensure_portal asked */
 	}
 	PQclear(r);
 	if (failed) {

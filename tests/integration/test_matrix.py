@@ -4951,6 +4951,53 @@ def test_a_missed_join_of_a_user_a_peer_invited_is_found_by_the_bot(mx, hs, gk, 
                    f"WHERE i.uri = '{bob_uri}'", db_url) == "f"
 
 
+def test_a_join_before_the_room_of_a_group_is_bound_makes_a_member(mx, hs, gk, pg, db_url):
+    """bob, whom gk put into a group, joins his room of it as soon as it is
+    made (an auto-joining client), before the daemon that made it bound it
+    (the binding is held here by a lock on room_bindings): the homeserver's
+    transaction with his join finds no bridged room and carries nothing.
+    Once bound, the daemon asks the homeserver whether he joined, as the
+    bot does of a room it makes, and he is a member at once, the peer told.
+    Until the thirty-ninth session a room the delivery made (the one of a
+    user a peer invited: the bot never makes his) was not asked about: he
+    stayed invited for a minute, until the bot's look at members still
+    invited (a test failed under load so)."""
+    a, srv = gk
+    bob_uri, bob_mx = "mimi://example.org/u/bob", "@bob:example.org"
+    assert mx.admin("POST", "/optins", json={"user": bob_uri, "network": "peer:gk", "opted_in": True}).ok
+    assert mx.admin("POST", "/consents", json={"user": bob_uri, "subject_kind": "user",
+                                               "subject": a.user("wally"), "state": "allowed"}).ok
+    bob = hs.as_user(hs.create_user("bob")[1])
+    gid = a.create_room([a.user("wally"), bob_uri], kind="group", name="Quiz").json()["id"]
+    assert group_members(a, gid)[bob_uri] == "invited"
+    held = HeldSession(db_url)
+    try:
+        held.run("BEGIN; LOCK TABLE room_bindings IN SHARE MODE;")
+        assert a.send(gid, a.user("wally"), "hello bob").status_code == 202
+        his = wait_until(lambda: bots_room_of(hs, bob_mx), what="bob's room")
+        wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                   "AND query LIKE 'INSERT INTO room_bindings%'", db_url) == "1",
+                   timeout=30, what="the binding of bob's room waiting for the lock")
+        bob.join(his)
+        wait_until(lambda: any(t["done"] and any(e["type"] == "m.room.member" and e.get("state_key") == bob_mx
+                                                 and e["content"]["membership"] == "join" for e in t["events"])
+                               for t in hs.transactions), what="the transaction with bob's join taken")
+        assert pg.psql("SELECT count(*) FROM room_bindings WHERE native_id = '" + his + "'", db_url) == "0"
+        held.end()
+    finally:
+        held.end()
+    wait_until(lambda: group_members(a, gid)[bob_uri] == "joined", what="bob joined")
+    def joins():
+        return [e for e in list(srv.events) if e.get("type") == "membership"
+                and e["sender"] == bob_uri and e["content"]["membership"] == "join"]
+    wait_until(joins, what="bob's join at the peer")
+    assert pg.psql("SELECT x.peer_invited FROM room_members x JOIN identities i ON i.id = x.identity_id "
+                   f"WHERE i.uri = '{bob_uri}'", db_url) == "f"
+    wait_until(lambda: any(e["type"] == "m.room.message" and e["content"].get("body") == "hello bob"
+                           for e in hs.events(his)), what="wally's message in bob's room")
+    assert len(joins()) == 1, joins()  # the join is told once
+
+
 def test_a_group_name_stored_with_controls_reaches_matrix_shown_clean(mx, hs, gk, pg, db_url):
     """A group's name stored before the thirty-first session may hold what
     the peer API refuses now (C1 controls, bidirectional overrides, or
