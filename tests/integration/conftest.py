@@ -67,7 +67,22 @@ def make_daemon(tmp_path):
     for d in made:
         if d.proc and d.proc.poll() is None:
             rc = d.stop()
+            keep_log(d)
             assert rc == 0, f"causewayd exited {rc} at teardown; log:\n{d.log()}"
+        elif d.proc:
+            keep_log(d)
+
+
+def keep_log(d):
+    """The daemon's log into its work directory (causewayd.log, under
+    pytest's basetemp, which keeps the last three runs): a wait that was
+    never reached says nothing of the daemon, whose log was kept in memory
+    only."""
+    try:
+        with open(os.path.join(d.workdir, "causewayd.log"), "w") as f:
+            f.write(d.log() + "\n")
+    except OSError:
+        pass
 
 
 @pytest.fixture
