@@ -19,6 +19,7 @@
 #include "policy_live.h"
 #include "store.h"
 #include "log.h"
+#include "xmpp/xmpp.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -1038,20 +1039,67 @@ static const char report_sql[] =
 	"  SELECT coalesce($13, 'user:' || $2), 'report.create', $4, a::jsonb FROM ans) "
 	"SELECT a::text, (SELECT count(pg_notify('causeway_policy', '')) FROM lim) FROM ans";
 
+/* The subject a report is stored under, into out (MIMI_URI_MAX + 1
+ * bytes), so that one person is one subject (the admin views' counts, the
+ * automatic limit's reporters): a user of this provider's by her
+ * canonical address (policy_local_user_canonical: mimi://xmpp.test/u/bob
+ * is mimi://<server.domain>/u/bob), a component's contact by the address
+ * of the peer's user it stands for (mimi://gk.xmpp.test/u/x, as the JID
+ * x@gk.xmpp.test, is mimi://<the peer's domain>/u/x: no local user lives
+ * under a component's domain), anyone else as given.  *local: a user of
+ * this provider's (no automatic limit: only remote senders are rate
+ * limited).  Until the thirty-ninth session the subject was stored as
+ * typed: bob under two spellings was two subjects, and a component's
+ * contact one of ours, never limited. */
+static cw_err report_subject(PGconn *c, struct cw_app *app, const char *subject, char *out, bool *local,
+			     cw_errmsg *e)
+{
+	struct mimi_uri u;
+	cw_errmsg pe;
+	if (policy_local_user_canonical(app, subject, out)) {
+		*local = true;
+		return CW_OK;
+	}
+	if (mimi_uri_parse(subject, &u, &pe) != CW_OK || u.kind != MIMI_USER)
+		return cw_fail(e, CW_EINVAL, "a report's subject must be a user URI");
+	const char *peer = app->xmpp ? xa_component_peer(app->xmpp, u.domain) : NULL;
+	if (!peer) {
+		snprintf(out, MIMI_URI_MAX + 1, "%s", subject);
+		/* server.domain, the Matrix server name and the XMPP domain
+		 * were taken above; kept for any domain of ours yet to come */
+		*local = app_domain_is_ours(app, u.domain);
+		return CW_OK;
+	}
+	const char *pp[] = { peer };
+	PGresult *r = PQexecParams(c, "SELECT domain FROM peers WHERE name = $1", 1, NULL, pp, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	if (PQntuples(r) != 1 ||
+	    (size_t)snprintf(u.domain, sizeof(u.domain), "%s", PQgetvalue(r, 0, 0)) >= sizeof(u.domain) ||
+	    mimi_uri_format(&u, out, MIMI_URI_MAX + 1, &pe) != CW_OK)
+		rc = cw_fail(e, CW_EINVAL, "%s names a contact of network peer:%s, which is not configured here", subject,
+			     peer);
+	PQclear(r);
+	*local = false;
+	return rc;
+}
+
 cw_err policy_report_store(PGconn *c, struct cw_app *app, const struct policy_report *rep, json_t **answer,
 			   cw_errmsg *e)
 {
 	if (user_uri_problem(app, rep->subject, false))
 		return cw_fail(e, CW_EINVAL, "a report's subject must be a user URI");
 	/* Only remote senders are rate limited: no rule for a user of one of
-	 * this provider's own domains (app_domain_is_ours: server.domain, the
-	 * Matrix server name, the XMPP domain, a component's; until the
+	 * this provider's own domains (report_subject; until the
 	 * thirty-eighth session server.domain alone, and a report naming a
 	 * user under another of them could make an automatic rule, which no
 	 * message ever met, as POST /admin/v1/rules refuses one naming them). */
-	struct mimi_uri su;
-	cw_errmsg pe;
-	bool local = mimi_uri_parse(rep->subject, &su, &pe) == CW_OK && app_domain_is_ours(app, su.domain);
+	char subject[MIMI_URI_MAX + 1];
+	bool local = false;
+	cw_err src = report_subject(c, app, rep->subject, subject, &local, e);
+	if (src)
+		return src;
 	struct policy_view *v = policy_live_get(app->policy);
 	char nums[4][24];
 	snprintf(nums[0], sizeof(nums[0]), "%lld", (long long)v->set.report_window_s);
@@ -1059,7 +1107,7 @@ cw_err policy_report_store(PGconn *c, struct cw_app *app, const struct policy_re
 	snprintf(nums[2], sizeof(nums[2]), "%lld", (long long)v->set.report_limit_per_minute);
 	snprintf(nums[3], sizeof(nums[3]), "%lld", (long long)v->set.report_limit_s);
 	policy_view_put(v);
-	const char *params[] = { rep->reporter_kind, rep->reporter, rep->peer_id, rep->subject, rep->reason,
+	const char *params[] = { rep->reporter_kind, rep->reporter, rep->peer_id, subject, rep->reason,
 				 rep->evidence ? rep->evidence : "[]", rep->comment, nums[0], nums[1], nums[2], nums[3],
 				 local ? "t" : "f", rep->actor };
 	PGresult *r = PQexecParams(c, report_sql, 13, NULL, params, NULL, NULL, 0);
@@ -1082,6 +1130,12 @@ static cw_err report_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 					   .reason = q->p[3], .evidence = q->p[4], .comment = q->p[5],
 					   .actor = q->p[6] };
 	cw_err rc = policy_report_store(c, j->app, &rep, &j->body, e);
+	if (rc == CW_EINVAL) {
+		/* the subject names a contact of a network not configured
+		 * (report_subject): nothing stored */
+		app_job_fail(j, 400, "invalid_body", "subject: %s", e->msg);
+		return CW_OK;
+	}
 	if (!rc)
 		j->status = 201;
 	return rc;

@@ -44,8 +44,12 @@ struct cw_app;
  * a remote subject reported by policy.report_limit_threshold distinct
  * reporters in policy.report_window_seconds (every process told).  Every
  * report path calls it, so the threshold holds however reports arrive.
- * answer (NULL: not wanted): {id, subject, reports_in_window,
- * reporters_in_window, limit_rule_id}. */
+ * The subject is stored as one address per person (a user of this
+ * provider's by her canonical address, a component's contact as the
+ * peer's user); CW_EINVAL when it names a contact of a component whose
+ * peer is not configured (nothing stored).  answer (NULL: not wanted):
+ * {id, subject (as stored), reports_in_window, reporters_in_window,
+ * limit_rule_id}. */
 cw_err policy_report_store(PGconn *c, struct cw_app *app, const struct policy_report *rep, json_t **answer,
 			   cw_errmsg *e);
 /* Whether a valid consent subject of kind user (a user URI) or domain

@@ -102,6 +102,12 @@ bool xa_serves_domain(struct xmpp *x, const char *domain)
 	return strcmp(x->local_domain, domain) == 0 || xa_comp_by_domain(x, domain);
 }
 
+const char *xa_component_peer(struct xmpp *x, const char *domain)
+{
+	struct xcomp *xc = xa_comp_by_domain(x, domain);
+	return xc ? xc->peer : NULL;
+}
+
 struct xcomp *xa_comp_by_peer(struct xmpp *x, const char *peer)
 {
 	for (int i = 0; i < x->ncomp; i++)

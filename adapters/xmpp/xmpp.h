@@ -63,6 +63,10 @@ cw_err xa_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_r
 json_t *xa_health(struct xmpp *x);
 /* Whether domain is the users' XMPP domain or one of the components'. */
 bool xa_serves_domain(struct xmpp *x, const char *domain);
+/* The name of the peer whose users the component of domain stands for
+ * (its addresses, name@domain and mimi://domain/u/name, are that peer's
+ * users'), or NULL: no component has that domain. */
+const char *xa_component_peer(struct xmpp *x, const char *domain);
 /* Whether every component's stream is up (readyz reports, does not fail). */
 bool xa_all_up(struct xmpp *x);
 /* The causeway_xmpp_* families, appended to the metrics text. */

@@ -295,10 +295,16 @@ static cw_err consent_fn(PGconn *c, void *arg, cw_errmsg *e)
 	case V_REPORT: {
 		const struct policy_report rep = { .reporter_kind = "local_user", .reporter = uri, .subject = subject,
 						   .reason = "abuse", .comment = j->reason[0] ? j->reason : NULL };
-		rc = policy_report_store(c, x->app, &rep, NULL, e);
+		json_t *ans = NULL;
+		rc = policy_report_store(c, x->app, &rep, &ans, e);
 		if (rc)
 			return rc;
-		snprintf(j->note, sizeof(j->note), "Reported %s to the operator. Thank you.", subject);
+		/* the subject as stored (policy_report_store: a user of this
+		 * provider's by her one address, a component's contact as
+		 * the peer's user) */
+		const char *stored = json_string_value(json_object_get(ans, "subject"));
+		snprintf(j->note, sizeof(j->note), "Reported %s to the operator. Thank you.", stored ? stored : subject);
+		json_decref(ans);
 		break;
 	}
 	case V_LIST: {
@@ -730,7 +736,11 @@ static size_t form_values(xmpp_stanza_t *x, const char *var)
  * a JID of the XMPP domain (its localpart in any case: the user's server
  * keeps it in lower case, RFC 7622 §3.3) or a mimi:// address of a user
  * of one of its domains, as the Matrix bot's report takes one (and POST
- * /admin/v1/reports); if so her address into out.  Another member of a
+ * /admin/v1/reports); if so her address into out.  A mimi:// address
+ * under a component's domain is taken here too, as typed: it names that
+ * component's contact, and the report's store makes it the peer's user
+ * (policy_report_store), as the JID name@<component> is (until the
+ * thirty-ninth session it was stored as a user of ours, never limited).  Another member of a
  * group writes to the user through the gateway, relayed by the
  * component, and her client can report only the component's JID for it.
  * Read from the text alone: the same whether the user exists or not. */

@@ -5113,7 +5113,9 @@ def test_a_report_of_a_user_of_this_service_is_taken(make_daemon, db_url, hs, pg
     bot for it: `report` takes a user of this provider's, as the admin API
     does (POST /admin/v1/reports takes any user), typed as the Matrix id
     of a user of this server or as an address of one of its domains (the
-    XMPP domain's too), or picked in the client. Stored for the operator;
+    XMPP domain's too), or picked in the client. Stored for the operator
+    under the user's one address (mimi://<server.domain>/u/<local>, since
+    the thirty-ninth session; until then as typed);
     no automatic limit (that is for remote senders: docs/policy.md). A
     Matrix user of another server is still refused (what she sends does
     not pass the gateway), and so is the user herself. Until the
@@ -5133,7 +5135,7 @@ def test_a_report_of_a_user_of_this_service_is_taken(make_daemon, db_url, hs, pg
     assert pg.psql("SELECT string_agg(reporter_kind || ' ' || reporter || ' ' || subject_uri || ' ' || comment, ','"
                    " ORDER BY id) FROM reports", db_url) == \
         (f"local_user {ALICE} mimi://example.org/u/bob spam in the group,"
-         f"local_user {ALICE} mimi://chat.example.org/u/dave rude,"
+         f"local_user {ALICE} mimi://example.org/u/dave rude,"
          f"local_user {ALICE} mimi://example.org/u/bob again")
     assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'report.create' AND actor = 'user:' || "
                    f"'{ALICE}'", db_url) == "3"

@@ -1146,26 +1146,53 @@ def test_a_rule_naming_the_xmpp_domain_or_a_component_is_refused(xd, pg, db_url)
     assert r.status_code == 201, r.text
 
 
-def test_reports_of_a_user_under_the_xmpp_domain_or_a_component_make_no_limit(xd, pg, db_url):
-    """A report is stored whoever it names, but only a remote user gets the
-    automatic limit at the threshold: a user under the XMPP domain or a
-    component's is this provider's, as one under server.domain is (no rule
-    may name them, above). Until the thirty-eighth session only
-    server.domain counted, and three reporters of such a user made a rule
-    that no message ever met. A peer's user elsewhere still gets one."""
+def test_reports_name_a_user_by_her_one_address_and_a_components_contact_as_the_peers(xd, gk, pg, db_url):
+    """A report is stored under one subject per person, however it was
+    typed: a user of this provider's under the XMPP domain (in any case:
+    XMPP is the only local network) is her address under server.domain,
+    and an address under a component's domain is the peer's user the
+    component stands for (mimi://<component>/u/wally is wally@<component>,
+    mimi://wa.example/u/wally). So the reports against one person are
+    counted together (reports_against_subject, the automatic limit's
+    reporters) and bound to her identity; only the remote user is limited
+    at the threshold. Until the thirty-ninth session each spelling was a
+    subject of its own, and the component's contact one of ours, never
+    limited."""
+    consent_alice(xd)  # alice is known: her reports are bound to her identity
     assert xd.admin("PATCH", "/settings", json={"policy.report_limit_threshold": 3}).ok
-    for subject, limited in (("mimi://" + HOST + "/u/alice", False), ("mimi://" + COMP + "/u/wally", False),
-                             ("mimi://wa.example/u/wally", True)):
-        for reporter in ("mimi://example.org/u/bob", "mimi://example.org/u/carol", None):
+    for spellings, stored, limited in (
+            (("mimi://" + HOST + "/u/alice", ALICE, "mimi://" + HOST + "/u/Alice"), ALICE, False),
+            (("mimi://" + COMP + "/u/wally", "mimi://wa.example/u/wally", "mimi://" + COMP + "/u/wally"),
+             "mimi://wa.example/u/wally", True)):
+        for reporter, subject in zip(("mimi://example.org/u/bob", "mimi://example.org/u/carol", None), spellings):
             body = {"subject": subject, "reason": "spam"}
             if reporter:
                 body["reporter"] = reporter
             r = xd.admin("POST", "/reports", json=body)
-            assert r.status_code == 201, r.text
+            assert r.status_code == 201 and r.json()["subject"] == stored, (subject, r.text)
         assert r.json()["reporters_in_window"] == 3, r.text
-        assert (r.json()["limit_rule_id"] is not None) == limited, (subject, r.text)
+        assert (r.json()["limit_rule_id"] is not None) == limited, (stored, r.text)
     assert pg.psql("SELECT string_agg(pattern, ' ') FROM rules WHERE created_by = 'system:reports'",
                    db_url) == "mimi://wa.example/u/wally"
+    assert pg.psql("SELECT string_agg(r.subject_uri || ' ' || coalesce((r.subject_identity_id = i.id)::text, '-'), ',' "
+                   "ORDER BY r.id) "
+                   "FROM reports r LEFT JOIN identities i ON i.uri = r.subject_uri", db_url) == \
+        ",".join([ALICE + " true"] * 3 + ["mimi://wa.example/u/wally -"] * 3)
+    listed = xd.admin("GET", "/reports").json()["rows"]
+    assert [(x["subject"], x["reports_against_subject"]) for x in listed] == \
+        [(ALICE, 3)] * 3 + [("mimi://wa.example/u/wally", 3)] * 3, listed
+    assert pg.psql("SELECT string_agg(subject, ',' ORDER BY id) FROM audit_log WHERE action = 'report.create'",
+                   db_url) == ",".join([ALICE] * 3 + ["mimi://wa.example/u/wally"] * 3)
+
+
+def test_a_report_of_a_contact_of_a_network_not_configured_is_refused(xd, pg, db_url):
+    """The component's peer is not configured yet (no peer gk): an address
+    under its domain names nobody known; 400 saying so, nothing stored."""
+    r = xd.admin("POST", "/reports", json={"subject": "mimi://" + COMP + "/u/wally", "reason": "spam"})
+    assert r.status_code == 400 and r.json()["code"] == "invalid_body", r.text
+    assert "contact of network peer:gk, which is not configured" in r.json()["detail"], r.text
+    assert pg.psql("SELECT (SELECT count(*) FROM reports) || ' ' || (SELECT count(*) FROM audit_log "
+                   "WHERE action = 'report.create')", db_url) == "0 0"
 
 
 def test_an_upper_case_localpart_is_the_contact_its_server_folds_it_to(xd, gk, alice, pg, db_url):
@@ -3188,8 +3215,9 @@ def test_a_report_of_herself_under_another_own_domain_is_refused(xd, gk, alice, 
     herself in any of those spellings, storing nothing; until the
     thirty-ninth session only the canonical spelling was caught, and
     mimi://xmpp.test/u/alice was stored as alice's report of another user.
-    Someone else under the XMPP domain is still taken, as is an address
-    under a component's domain (its contacts, not her)."""
+    Someone else under the XMPP domain is still taken (stored by his one
+    address), as is an address under a component's domain (its contact,
+    not her: the peer's user, as the JID)."""
     def report(who):
         return command_submit(alice, "report", {"jid": who}, expect_error=True)
     for who in (f"mimi://{HOST}/u/alice", f"mimi://{HOST}/u/Alice", "mimi://example.org/u/ALICE"):
@@ -3205,14 +3233,19 @@ def test_a_report_of_herself_under_another_own_domain_is_refused(xd, gk, alice, 
     assert r.status_code == 400 and "reporter herself" in r.json()["detail"], r.text
     assert pg.psql("SELECT count(*) FROM reports", db_url) == "0"
     assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'report.create'", db_url) == "0"
-    taken = (f"mimi://{HOST}/u/bob", f"mimi://{COMP}/u/alice")
-    for who in taken:
+    # stored as the one address of each (since the thirty-ninth session;
+    # until then as typed, and the component's contact as a user of ours)
+    taken = ((f"mimi://{HOST}/u/bob", "mimi://example.org/u/bob"),
+             (f"mimi://{COMP}/u/alice", "mimi://wa.example/u/alice"),
+             (f"alice@{COMP}", "mimi://wa.example/u/alice"))
+    for who, stored in taken:
         done = command_submit(alice, "report", {"jid": who})
         assert done.find(q(CMD, "command")).get("status") == "completed", ET.tostring(done)
-    r = xd.admin("POST", "/reports", json={"reporter": ALICE, "subject": f"mimi://{HOST}/u/bob", "reason": "spam"})
-    assert r.status_code == 201, r.text
+        assert done.find(f".//{{{CMD}}}note").text == f"Reported {stored} to the operator. Thank you.", ET.tostring(done)
+    r = xd.admin("POST", "/reports", json={"reporter": ALICE, "subject": f"mimi://{HOST}/u/Bob", "reason": "spam"})
+    assert r.status_code == 201 and r.json()["subject"] == "mimi://example.org/u/bob", r.text
     assert pg.psql("SELECT string_agg(reporter || ' ' || subject_uri, ',' ORDER BY id) FROM reports", db_url) == \
-        ",".join(f"{ALICE} {who}" for who in taken + (f"mimi://{HOST}/u/bob",))
+        ",".join(f"{ALICE} {stored}" for _, stored in taken + ((None, "mimi://example.org/u/bob"),))
 
 
 def test_ad_hoc_command_sessions_are_remembered(xd, gk, alice, prosody, pg, db_url):
