@@ -970,6 +970,9 @@ static cw_err expiry_sweep(PGconn *c, long counts[3], cw_errmsg *e)
 	return store_end(c, rc, e);
 }
 
+/* The first key of the consent changes' advisory locks (policy_consent_apply). */
+#define CONSENT_LOCK_KEY "1668247156"
+
 static const char consent_sql[] =
 	"WITH old AS (SELECT state FROM consents WHERE local_identity_id = $1::bigint AND subject_kind = $2 "
 	"  AND subject = $3), "
@@ -1044,9 +1047,27 @@ cw_err policy_consent_apply(PGconn *c, const struct policy_view *v, const char *
 			    const char *subject, const char *state, const char *source, long counts[3], long *decided,
 			    cw_errmsg *e)
 {
-	const char *params[] = { local_id, kind, subject, state, source };
-	PGresult *r = PQexecParams(c, consent_sql, 5, NULL, params, NULL, NULL, 0);
+	/* One change of a pair at a time (every caller is in a transaction:
+	 * the writer's batch, the Matrix bot's BEGIN): consent_sql reads the
+	 * old decision before it writes, and two changes of the same pair on
+	 * two connections (two processes, the Matrix bot's and the writer's)
+	 * both read it before either committed, and each sent the peer a
+	 * block event (until the thirty-ninth session).  The second now waits
+	 * for the first's commit, and reads (a new statement: a new snapshot)
+	 * the decision it made.  A transaction-level advisory lock of two keys
+	 * (its own space, apart from the one-key locks of the sweep and the
+	 * token names), taken before any room's lock (block_event_sql) and the
+	 * sweep's, as nothing else takes it. */
+	const char *lp[] = { local_id, kind, subject };
+	PGresult *r = PQexecParams(c, "SELECT pg_advisory_xact_lock(" CONSENT_LOCK_KEY ", "
+				      "hashtext($1 || ' ' || $2 || ' ' || $3))", 3, NULL, lp, NULL, NULL, 0);
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	PQclear(r);
+	const char *params[] = { local_id, kind, subject, state, source };
+	r = PQexecParams(c, consent_sql, 5, NULL, params, NULL, NULL, 0);
+	rc = store_check(c, r, PGRES_TUPLES_OK, e);
 	if (rc)
 		return rc;
 	*decided = atol(PQgetvalue(r, 0, 0));

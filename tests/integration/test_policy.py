@@ -515,6 +515,46 @@ def test_a_block_travels_in_order_with_a_message_of_another_process(make_daemon,
             srv.close()
 
 
+def test_two_blocks_of_one_contact_at_once_send_one_block_event(make_daemon, db_url, pg):
+    """Two daemons on one database: alice blocks wally through the first,
+    its commit slowed (a deferred trigger), and the same block comes
+    through the second meanwhile (two operators, or her XMPP command and
+    the Matrix bot). Exactly one of them changes her decision, so one
+    block event goes to the peer; the other finds wally blocked and sends
+    nothing, as a block of a blocked contact does. Until the thirty-ninth
+    session each read the decision before the other's commit (consent_sql
+    took no lock) and both sent one."""
+    d1 = make_daemon(db_url).start()
+    (a, sa), (b, sb) = made = push_peers(d1)
+    d2 = make_daemon(db_url).start()
+    try:
+        opt_in(d1)
+        rm = a.create_room([a.user("wally"), ALICE])
+        assert rm.status_code == 201, rm.text
+        pg.psql("CREATE FUNCTION test_slow_block() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                " IF NEW.type = 'block' THEN PERFORM pg_sleep(1.5); END IF; RETURN NULL; END $$; "
+                "CREATE CONSTRAINT TRIGGER test_slow_block AFTER INSERT ON events DEFERRABLE INITIALLY DEFERRED "
+                " FOR EACH ROW EXECUTE FUNCTION test_slow_block()", db_url)
+        body = {"user": ALICE, "subject_kind": "user", "subject": a.user("wally"), "state": "blocked"}
+        with concurrent.futures.ThreadPoolExecutor(2) as ex:
+            first = ex.submit(d1.admin, "POST", "/consents", json=body)
+            wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                       "AND wait_event = 'PgSleep'", db_url) == "1",
+                       what="the first block's commit held in its trigger")
+            second = ex.submit(d2.admin, "POST", "/consents", json=body)
+            assert first.result().status_code == 200, first.result().text
+            assert second.result().status_code == 200, second.result().text
+        assert pg.psql("SELECT count(*) FROM events WHERE type = 'block'", db_url) == "1"
+        [ev] = sa.wait_events(1)
+        assert ev["type"] == "block" and ev["content"] == {"target": a.user("wally"), "action": "block"}, ev
+        assert pg.psql("SELECT state FROM consents", db_url) == "blocked"
+    finally:
+        pg.psql("DROP TRIGGER IF EXISTS test_slow_block ON events; DROP FUNCTION IF EXISTS test_slow_block()",
+                db_url)
+        for _, srv in made:
+            srv.close()
+
+
 def test_the_expiry_of_a_message_waits_for_a_writer_holding_its_rooms_lock(make_daemon, db_url, pg):
     """The expiry of messages whose content.expires has come writes events
     (the deletes for local networks) like any write: it takes the room's
