@@ -733,6 +733,7 @@ static inline void set(struct policy_decision *d, enum policy_verdict v, const c
 	d->reason = reason;
 	d->rule_id = rule_id;
 	d->retry_after_ms = 0;
+	d->refused_kinds = 0;
 }
 
 /* Consent fact (local, kind, subject): -1 none, 0 blocked, 1 allowed. */
@@ -994,6 +995,7 @@ static bool size_limits_of(const struct policy_request *r, const struct rule *co
 	}
 	if ((rule = lim[lim_index(POLICY_LIM_CONTENT_KINDS)]) && (r->content_kinds & ~rule->lim.content_kinds)) {
 		set(d, POLICY_DENY, "content_kind_disabled", rule->id);
+		d->refused_kinds = r->content_kinds & ~rule->lim.content_kinds;
 		return true;
 	}
 	return false;
@@ -1020,6 +1022,7 @@ void policy_decide(const struct policy_snapshot *ov, const struct policy_request
 	/* s: the rules and defaults; f (below): the local user's facts. */
 	const struct policy_snapshot *s = ov ? policy_snapshot_base(ov) : &empty_snapshot;
 	struct pparty snd, rcp;
+	d->refused_kinds = 0;
 	mkparty(&snd, &r->sender, true);
 	mkparty(&rcp, &r->recipient, r->recipient.uri != NULL);
 
@@ -1228,7 +1231,10 @@ const char *policy_reason_text(const char *reason)
 		 * alone */
 		{ "recipient_blocked_sender", "this person blocked you" },
 		{ "too_large", "it is larger than this server allows to them" },
-		{ "content_kind_disabled", "this server does not allow this kind of content (files) to them" },
+		/* the kind unknown here: policy_decision_text names it
+		 * (until the thirty-ninth session this said "(files)" of
+		 * a text refused by a content_kinds without "text") */
+		{ "content_kind_disabled", "this server does not allow this kind of content to them" },
 		{ "server_closed", "this server does not exchange messages with their network" },
 		{ "server_not_allowlisted", "this server exchanges messages only with the networks it lists" },
 		{ "rate_limited_local_sender", "you sent more messages than this server allows in a minute" },
@@ -1239,6 +1245,22 @@ const char *policy_reason_text(const char *reason)
 		if (strcmp(reason, texts[i][0]) == 0)
 			return texts[i][1];
 	return NULL;
+}
+
+const char *policy_decision_text(const struct policy_decision *d)
+{
+	if (!d || !d->reason)
+		return NULL;
+	if (strcmp(d->reason, "content_kind_disabled") == 0) {
+		bool text = d->refused_kinds & POLICY_KIND_TEXT, media = d->refused_kinds & POLICY_KIND_MEDIA;
+		if (text && media)
+			return "this server does not allow text or files to them";
+		if (text)
+			return "this server does not allow text messages to them";
+		if (media)
+			return "this server does not allow files to them";
+	}
+	return policy_reason_text(d->reason);
 }
 
 bool policy_reason_is_servers(const char *reason)

@@ -173,6 +173,8 @@ struct policy_decision {
 	const char *reason;           /* a stable reason code (static string) */
 	int64_t rule_id;              /* 0: no rule decided (default, consent fact) */
 	int64_t retry_after_ms;       /* POLICY_LIMIT: > 0 */
+	unsigned refused_kinds;       /* content_kind_disabled: the request's POLICY_KIND_*
+	                                 the rule does not allow; else 0 */
 };
 
 /* Reason codes (docs/policy.md lists them with their meaning):
@@ -254,6 +256,10 @@ int policy_consent_fact(const struct policy_snapshot *s, const char *local_uri, 
  * NULL for what is not hers to learn (a remote sender's limit) and for a
  * reason it does not know. */
 const char *policy_reason_text(const char *reason);
+/* The same for a decision: for content_kind_disabled, the words name the
+ * kinds refused (d->refused_kinds: text, files, or both), not one kind
+ * whatever was refused; otherwise policy_reason_text(d->reason). */
+const char *policy_decision_text(const struct policy_decision *d);
 /* Whether a deny reason is the server's rules' or the local user's opt-in
  * (not a consent fact, a size or a rate limit): what a held message's
  * release asks again. */

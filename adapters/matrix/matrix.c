@@ -1349,7 +1349,7 @@ static void txn_taken(struct txn *t)
 		     (strcmp(type, "delete") != 0 || !others)))
 			continue;
 		if (denied)
-			refusal(t->refusals, room, event_id, policy_reason_text(denied));
+			refusal(t->refusals, room, event_id, submit_denied_text(t->b, i));
 		else if (st == 429) {
 			/* The pipeline's words: which limit, and the wait
 			 * (peer_api.c); once until the wait is over. */

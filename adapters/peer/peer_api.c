@@ -1551,6 +1551,7 @@ struct item_result {
 	json_t *body;      /* the accepted answer */
 	int64_t retry_after_ms; /* 429 */
 	const char *denied; /* a local user's item that reaches none of its recipients: the policy's reason */
+	unsigned denied_kinds; /* and for content_kind_disabled, the kinds refused (policy_decision_text) */
 };
 
 /* The codes of a 409: the Idempotency-Key was used with another request
@@ -2645,6 +2646,7 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 	json_t *dests = json_array(), *targets = json_array(), *states = json_array(), *held = json_array();
 	json_t *audit = json_array(), *outbound = json_array(), *refused = json_array();
 	const char *deny_reason = NULL;
+	unsigned deny_kinds = 0;
 	int64_t now = cw_wall_ms();
 	/* An edit of a message whose time has come (taken back by the
 	 * sweep, or not yet) carries its new text: expired as it comes, as a
@@ -2739,8 +2741,10 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 		if (d.verdict == POLICY_ALLOW && in->local_sender && !group && strcmp(in->type, "message") == 0 &&
 		    policy_consent_fact(view->snap, in->sender, false, PQgetvalue(r, k, 3)) < 0)
 			json_array_append_new(outbound, json_string(PQgetvalue(r, k, 3)));
-		if (d.verdict == POLICY_DENY && !deny_reason)
+		if (d.verdict == POLICY_DENY && !deny_reason) {
 			deny_reason = d.reason;
+			deny_kinds = d.refused_kinds;
+		}
 		if (d.verdict == POLICY_ALLOW)
 			wake |= peer_id && strcmp(PQgetvalue(r, k, 16), "pull") == 0 ? WAKE_PULL : WAKE_DISPATCHER;
 		if (peer_id) {
@@ -2829,6 +2833,7 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 	bool undelivered = json_array_size(dests) > 0 && !any_open;
 	b->scrub[i] = undelivered || late_edit;
 	res->denied = in->local_sender && undelivered ? deny_reason : NULL;
+	res->denied_kinds = res->denied ? deny_kinds : 0;
 	b->wake[i] = wake;
 	b->grp[i] = group;
 	b->write[i] = true;
@@ -3202,6 +3207,15 @@ cw_err submit_write_limits(PGconn *c, const struct submit *b, cw_errmsg *e)
 const char *submit_denied(const struct submit *b, size_t i)
 {
 	return b->items[i] && b->res[i].status == 202 ? b->res[i].denied : NULL;
+}
+
+const char *submit_denied_text(const struct submit *b, size_t i)
+{
+	const char *reason = submit_denied(b, i);
+	if (!reason)
+		return NULL;
+	struct policy_decision d = { .verdict = POLICY_DENY, .reason = reason, .refused_kinds = b->res[i].denied_kinds };
+	return policy_decision_text(&d);
 }
 
 int64_t submit_retry_after_ms(const struct submit *b, size_t i)

@@ -68,6 +68,10 @@ int submit_result(const struct submit *b, size_t i, const char **code, const cha
  * recipient (stored as dropped): the first recipient's deny reason (a
  * policy reason code, static); NULL otherwise. */
 const char *submit_denied(const struct submit *b, size_t i);
+/* Its words for the local user (policy_decision_text: for
+ * content_kind_disabled, the kinds the rule refused), NULL when
+ * submit_denied is NULL or the reason is not hers to know. */
+const char *submit_denied_text(const struct submit *b, size_t i);
 /* Item i's Retry-After in ms where it was refused with 429 (a rate
  * limit's wait); 0 otherwise. */
 int64_t submit_retry_after_ms(const struct submit *b, size_t i);

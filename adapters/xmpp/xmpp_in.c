@@ -484,10 +484,10 @@ static cw_err in_recv(PGconn *c, void *arg, int round, bool *more, cw_errmsg *e)
 			/* The local user's message reaches none of its recipients
 			 * (stored as dropped): the error stays the uniform one
 			 * (below), with why in its text where she may know it
-			 * (policy_reason_text: this server's rules, her own
+			 * (submit_denied_text: this server's rules, her own
 			 * decisions and limits, the recipient's block of her). */
 			refuse(in, "cancel", "service-unavailable");
-			const char *why = policy_reason_text(denied);
+			const char *why = submit_denied_text(in->b, i);
 			if (why)
 				not_delivered(in->err_text, sizeof(in->err_text), why);
 			continue;

@@ -2680,6 +2680,31 @@ def test_a_refused_message_of_a_transaction_sent_again_is_told_once(make_daemon,
         srv.close()
 
 
+def test_a_refused_kind_of_content_is_named_to_its_writer(mx, hs, gk, pg, db_url):
+    """A rule's content_kinds may leave out "text" (the spec asks only for
+    "allowed content kinds"): a local user's text refused by it is told
+    as a text refused, not as files (until the thirty-ninth session every
+    such refusal said "(files)")."""
+    a, srv = gk
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+    alice.send_text(room, "before the rule")
+    srv.wait_events(1)
+    r = mx.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example",
+                                         "limits": {"content_kinds": ["media"]}})
+    assert r.status_code == 201, r.text
+    alice.send_text(room, "plain text")
+
+    def notices():
+        return [e["content"]["body"] for e in hs.events(room)
+                if e["sender"] == ghost and e["content"].get("msgtype") == "m.notice"]
+    wait_until(lambda: notices(), what="the notice")
+    assert notices() == ["Not delivered: this server does not allow text messages to them."], notices()
+    assert pg.psql("SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id "
+                   "ORDER BY e.id DESC LIMIT 1", db_url) == "dropped"
+    assert [e["content"]["parts"][0]["body"] for e in list(srv.events) if e.get("type") == "message"] == \
+        ["before the rule"]
+
+
 def test_a_dead_letter_is_told_to_its_matrix_writer(make_daemon, db_url, hs, pg):
     """A message to a peer that stays down for the whole retry budget ends
     a dead letter; its writer hears it in the room, once, with what the

@@ -1472,6 +1472,59 @@ START_TEST(large_tables)
 }
 END_TEST
 
+/* A content_kinds that refuses a message is told by the kinds it refused:
+ * a text to a domain that allows media only is "text messages", not
+ * "files" (until the thirty-ninth session every refusal said "(files)"). */
+START_TEST(content_kind_refusal_names_the_kind)
+{
+	static const struct {
+		unsigned allowed, sent, refused;
+		const char *text;
+	} t[] = {
+		{ POLICY_KIND_MEDIA, POLICY_KIND_TEXT, POLICY_KIND_TEXT, "this server does not allow text messages to them" },
+		{ POLICY_KIND_TEXT, POLICY_KIND_TEXT | POLICY_KIND_MEDIA, POLICY_KIND_MEDIA,
+		  "this server does not allow files to them" },
+		{ 0, POLICY_KIND_TEXT | POLICY_KIND_MEDIA, POLICY_KIND_TEXT | POLICY_KIND_MEDIA,
+		  "this server does not allow text or files to them" },
+		{ 0, POLICY_KIND_MEDIA, POLICY_KIND_MEDIA, "this server does not allow files to them" },
+	};
+	for (size_t i = 0; i < sizeof(t) / sizeof(t[0]); i++) {
+		struct policy_builder *b = policy_builder_new();
+		policy_builder_defaults(b, POLICY_MODE_OPEN, true);
+		struct policy_limits l = { .set = POLICY_LIM_CONTENT_KINDS, .content_kinds = t[i].allowed };
+		ck_assert_int_eq(policy_builder_rule(b, 7, POLICY_SCOPE_DOMAIN, "wa.example", POLICY_MODE_NONE, &l, 0), 0);
+		struct policy_snapshot *s = policy_builder_finish(b, 1);
+		struct policy_request r = {
+			.direction = POLICY_OUTBOUND, .action = POLICY_ACT_EVENT, .event_type = "message",
+			.sender = { "mimi://hub.example/u/l", "hub.example", "local" },
+			.recipient = { "mimi://wa.example/u/w", "wa.example", "peer:wa" },
+			.body_bytes = 5, .content_kinds = t[i].sent,
+		};
+		struct policy_decision d;
+		policy_decide(s, &r, &d);
+		ck_assert_int_eq(d.verdict, POLICY_DENY);
+		ck_assert_str_eq(d.reason, "content_kind_disabled");
+		ck_assert_int_eq(d.rule_id, 7);
+		ck_assert_uint_eq(d.refused_kinds, t[i].refused);
+		ck_assert_str_eq(policy_decision_text(&d), t[i].text);
+		/* an allowed kind: no refused kinds left over */
+		r.content_kinds = t[i].allowed & POLICY_KIND_TEXT;
+		if (r.content_kinds) {
+			policy_decide(s, &r, &d);
+			ck_assert_int_eq(d.verdict, POLICY_ALLOW);
+			ck_assert_uint_eq(d.refused_kinds, 0);
+		}
+		policy_snapshot_free(s);
+	}
+	/* other reasons: the reason's words; the kind unknown: no kind named */
+	struct policy_decision d = { .verdict = POLICY_DENY, .reason = "server_closed" };
+	ck_assert_str_eq(policy_decision_text(&d), policy_reason_text("server_closed"));
+	ck_assert_str_eq(policy_reason_text("content_kind_disabled"),
+			 "this server does not allow this kind of content to them");
+	ck_assert_ptr_null(policy_decision_text(NULL));
+}
+END_TEST
+
 START_TEST(names)
 {
 	for (int m = POLICY_MODE_NONE; m <= POLICY_MODE_DENY; m++) {
@@ -2277,6 +2330,7 @@ int main(void)
 	TCase *tc = tcase_create("policy");
 	tcase_set_timeout(tc, 120);
 	tcase_add_test(tc, policy_cases);
+	tcase_add_test(tc, content_kind_refusal_names_the_kind);
 	tcase_add_test(tc, outbound_limits_json);
 	tcase_add_test(tc, builder_cases);
 	tcase_add_test(tc, prop_server_deny_always_denies);
