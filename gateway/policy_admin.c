@@ -259,18 +259,46 @@ static const char *user_uri_problem(struct cw_app *app, const char *s, bool loca
  * (peer_local_refused, the reason into why).  Until the thirty-first
  * session "mimi://<domain>/u/Alice" made a user of its own here, whose
  * opt-in and consents no message to alice ever met. */
-static const char *local_user_problem(struct cw_app *app, const char *s, char *out, char *why, size_t len)
+static const char *local_user_fold(struct cw_app *app, const char *s, char *out, struct mimi_uri *u)
 {
 	const char *p = user_uri_problem(app, s, true);
 	if (p)
 		return p;
-	struct mimi_uri u;
 	cw_errmsg e;
-	if (strlen(s) > MIMI_URI_MAX || mimi_uri_parse(s, &u, &e))
+	if (strlen(s) > MIMI_URI_MAX || mimi_uri_parse(s, u, &e))
 		return "must be a user URI mimi://<domain>/u/<local>";
 	snprintf(out, MIMI_URI_MAX + 1, "%s", s);
-	peer_local_fold(app, &u, out);
-	return peer_local_refused(app, &u, out, why, len);
+	peer_local_fold(app, u, out);
+	return NULL;
+}
+
+static const char *local_user_problem(struct cw_app *app, const char *s, char *out, char *why, size_t len)
+{
+	struct mimi_uri u;
+	const char *p = local_user_fold(app, s, out, &u);
+	return p ? p : peer_local_refused(app, &u, out, why, len);
+}
+
+/* A list's ?user= filter (GET users, consent-requests, held): a local
+ * user's URI folded as the writes fold it (local_user_fold), into out
+ * (MIMI_URI_MAX + 1 bytes), *user pointing at it; NULL when there is no
+ * filter.  False: refused with 400 (answered).  Until the thirty-ninth
+ * session the filter was compared as typed, so that on an XMPP-only
+ * deployment "mimi://<domain>/u/Alice" found nothing of the alice that
+ * POST /optins made of the same spelling. */
+static bool user_filter(struct cw_app *app, struct cw_req *req, char *out, const char **user)
+{
+	const char *s = cw_req_query(req, "user");
+	struct mimi_uri u;
+	*user = NULL;
+	if (!s)
+		return true;
+	if (local_user_fold(app, s, out, &u)) {
+		bad_query(req, "user must be a user URI of this provider");
+		return false;
+	}
+	*user = out;
+	return true;
 }
 
 /* A domain pattern of a rule, or a domain subject of a consent (no
@@ -731,11 +759,10 @@ void policy_admin_users_list(struct cw_req *req, void *ctx)
 	long limit;
 	if (!app_paging(req, &after, &limit))
 		return;
-	const char *user = cw_req_query(req, "user");
-	if (user && user_uri_problem(app, user, true)) {
-		bad_query(req, "user must be a user URI of this provider");
+	char folded[MIMI_URI_MAX + 1];
+	const char *user;
+	if (!user_filter(app, req, folded, &user))
 		return;
-	}
 	struct aq *q = aq_page(after, limit, PAGE(
 		"json_build_object('id', x.id, 'user', x.uri, 'network', x.network, 'discoverable', x.discoverable, "
 		" 'optins', (SELECT coalesce(json_object_agg(o.network, o.opted_in), '{}'::json) FROM user_optin o "
@@ -914,16 +941,15 @@ void policy_admin_consent_requests(struct cw_req *req, void *ctx)
 	long limit;
 	if (!app_paging(req, &after, &limit))
 		return;
-	const char *state = cw_req_query(req, "state"), *user = cw_req_query(req, "user");
+	const char *state = cw_req_query(req, "state"), *user;
+	char folded[MIMI_URI_MAX + 1];
 	if (state && strcmp(state, "pending") != 0 && strcmp(state, "accepted") != 0 && strcmp(state, "blocked") != 0 &&
 	    strcmp(state, "expired") != 0) {
 		bad_query(req, "state must be pending, accepted, blocked or expired");
 		return;
 	}
-	if (user && user_uri_problem(app, user, true)) {
-		bad_query(req, "user must be a user URI of this provider");
+	if (!user_filter(app, req, folded, &user))
 		return;
-	}
 	struct aq *q = aq_page(after, limit, PAGE(
 		"json_build_object('id', x.id, 'user', l.uri, 'requester', r.uri, 'requester_network', r.network, "
 		" 'state', x.state, 'created_at', x.created_at, 'notified_at', x.notified_at, 'decided_at', "
@@ -948,11 +974,10 @@ void policy_admin_held_list(struct cw_req *req, void *ctx)
 	long limit;
 	if (!app_paging(req, &after, &limit))
 		return;
-	const char *user = cw_req_query(req, "user");
-	if (user && user_uri_problem(app, user, true)) {
-		bad_query(req, "user must be a user URI of this provider");
+	char folded[MIMI_URI_MAX + 1];
+	const char *user;
+	if (!user_filter(app, req, folded, &user))
 		return;
-	}
 	struct policy_view *v = policy_live_get(app->policy);
 	long long expiry = (long long)v->set.held_expiry_s;
 	policy_view_put(v);

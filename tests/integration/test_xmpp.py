@@ -446,6 +446,33 @@ def test_the_admin_api_folds_a_local_user_named_with_capitals(xd, pg, db_url):
         [({"peer:gk": True}, ["mimi://wa.example/u/wally"])], users
 
 
+def test_the_admin_lists_find_a_local_user_named_with_capitals(xd, gk, pg, db_url):
+    """The admin lists' ?user= filter folds a local user as the writes do:
+    on XMPP, mimi://example.org/u/Alice finds alice's row, her held
+    message and the consent request it made (GET /users, /held,
+    /consent-requests). Until the thirty-ninth session the filter was
+    compared as typed and found nothing; a URI of another domain is still
+    refused."""
+    a, srv = gk
+    shouted = ALICE.replace("/u/alice", "/u/Alice")
+    assert xd.admin("POST", "/optins", json={"user": shouted, "network": "peer:gk", "opted_in": True}).ok
+    dm = a.create_room([a.user("zed"), ALICE]).json()["id"]
+    first = a.send(dm, a.user("zed"), "hello, stranger").json()["id"]
+    assert pg.psql("SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id "
+                   f"WHERE e.public_id = '{first}'", db_url) == "held"
+    wait_until(lambda: pg.psql("SELECT count(*) FROM consent_requests", db_url) == "1", what="the consent request")
+    for who in (ALICE, shouted, "mimi://example.org/u/ALICE"):
+        users = xd.admin("GET", "/users", params={"user": who}).json()["rows"]
+        assert [(u["user"], u["optins"], u["held"]) for u in users] == [(ALICE, {"peer:gk": True}, 1)], (who, users)
+        held = xd.admin("GET", "/held", params={"user": who}).json()["rows"]
+        assert [(h["user"], h["message"]) for h in held] == [(ALICE, first)], (who, held)
+        reqs = xd.admin("GET", "/consent-requests", params={"user": who}).json()["rows"]
+        assert [(c["user"], c["requester"]) for c in reqs] == [(ALICE, a.user("zed"))], (who, reqs)
+    for path in ("/users", "/held", "/consent-requests"):
+        r = xd.admin("GET", path, params={"user": "mimi://wa.example/u/Alice"})
+        assert r.status_code == 400, (path, r.text)
+
+
 def test_a_group_is_a_room_of_the_component(xd, gk, alice, prosody, pg, db_url):
     """A peer's group room is a multi-user chat (XEP-0045) served by the
     component: alice is invited with its first message, joins, sees its
