@@ -2240,6 +2240,38 @@ def test_a_row_in_flight_at_a_change_that_fails_is_decided_before_it_goes_again(
     assert d["decisions"][-1]["details"] == {"by": "sweep"} and d["decisions"][-1]["recipient"] == b.user("tom"), d
 
 
+def test_a_peers_row_dropped_with_none_of_its_members_left_shows_its_decision(daemon, peers, pg, db_url):
+    """A peer's row waiting (its pushes refused) when its last member in
+    the group is removed, then dropped by the recheck of a deny of its
+    domain: the record is about the peer's domain (no member is left to
+    name), and the decision view shows that deny for the row, not the
+    "allow" of a row with no record (until the thirty-ninth session it
+    matched only records about one of the peer's users)."""
+    (a, _), (b, sb) = peers
+    tom = b.user("tom")
+    group = a.create_room([a.user("wally"), tom, ALICE], kind="group").json()["id"]
+    sb.fail_next = 1000000
+    msg = send(a, group, "to the group").json()["id"]
+    row = "SELECT o.state || '/' || o.attempts FROM outbox o JOIN events e ON e.id = o.event_id " \
+          "WHERE e.public_id = '%s' AND o.destination = 'peer:tg'" % msg
+    wait_until(lambda: pg.psql(row, db_url) in ("pending/1", "pending/2", "pending/3", "failed/1", "failed/2"),
+               timeout=20, interval=0.05, what="a push refused, the row waiting")
+    r = daemon.admin("POST", f"/rooms/{group}/members", json={"remove": [tom]})
+    assert r.status_code == 200, r.text
+    r = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "tg.example", "mode": "deny"})
+    assert r.status_code == 201, r.text
+    wait_until(lambda: pg.psql(row, db_url).startswith("dropped/"), timeout=20, interval=0.1, what="the row dropped")
+    d = decision(daemon, msg)
+    assert [(x["destination"], x["state"], x["verdict"], x["reason"], x["rule_id"]) for x in d["recipients"]
+            if x["destination"] == "peer:tg"] == \
+        [("peer:tg", "dropped", "deny", "server_denied_domain", r.json()["id"])], d
+    assert d["decisions"][-1]["recipient"] == "tg.example" and d["decisions"][-1]["details"] == {"by": "sweep"}, d
+    trace = daemon.admin("GET", f"/messages/{msg}").json()
+    assert [(x["state"], x["verdict"], x["reason"]) for x in trace["deliveries"]
+            if x["destination"] == "peer:tg"] == [("dropped", "deny", "server_denied_domain")], trace
+    sb.fail_next = 0
+
+
 def test_a_row_dropped_as_its_failed_delivery_goes_back_keeps_the_record_of_its_try(daemon, peers, pg, db_url):
     """The row of the test above, dropped as its failed push goes back to
     waiting, keeps the record of that try in the message's trace
