@@ -3741,6 +3741,22 @@ def test_hostile_stanzas_get_errors_and_store_nothing(xd, gk, alice, pg, db_url)
     assert pg.psql("SELECT count(*) FROM outbox WHERE state IN ('pending', 'delivered')", db_url) == "0"
 
 
+def test_a_refused_kind_of_content_is_named_in_the_error(xd, gk, alice, pg, db_url):
+    """A text refused by a content_kinds without "text" is told as a text
+    refused in the error's text, not as files (until the thirty-ninth
+    session every such refusal said "(files)")."""
+    r = xd.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example",
+                                         "limits": {"content_kinds": ["media"]}})
+    assert r.status_code == 201, r.text
+    alice.send_message(WALLY_JID, "hello?", id="k1")
+    el = alice.wait_for_message(lambda m: m.get("id") == "k1" and m.get("type") == "error")
+    text = el.find("{jabber:client}error/{urn:ietf:params:xml:ns:xmpp-stanzas}text")
+    assert text is not None and text.text == "Not delivered: this server does not allow text messages to them."
+    assert pg.psql("SELECT string_agg(o.state, ',') FROM outbox o JOIN events e ON e.id = o.event_id "
+                   "WHERE e.type = 'message'", db_url) == "dropped"
+    assert not [e for e in list(gk[1].events) if e.get("type") == "message"]
+
+
 def test_a_delivery_receipt_in_a_room_reaches_the_peer_but_not_the_room(xd, gk, alice, pg, db_url):
     """XEP-0184 in a group's room: a user's <received/> to the room (which
     clients seldom send there, the XEP keeping receipts out of rooms) is
