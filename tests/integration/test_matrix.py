@@ -1866,7 +1866,7 @@ def test_a_room_read_back_shows_the_ghost_what_its_history_visibility_lets_it(mx
                what="the read-back")
     alice.send_text(room, "and now?")
     want = (["before the ghost joined"] if visibility == "invited" else []) + ["and now?"]
-    got = srv.wait_events(len(want))
+    srv.wait_events(len(want))
     time.sleep(1)
     assert [e["content"]["parts"][0]["body"] for e in srv.events] == want
 
@@ -2592,6 +2592,19 @@ def test_a_join_found_late_and_pushed_at_once_reaches_the_peer_once(mx, hs, gk, 
     assert stored() == "1" and len(joins) == 1, (stored(), joins)
 
 
+
+def wally_ruled_after_a_first_message(mx, hs, a, srv, rule):
+    """alice writes "before the rule" to wally (delivered), then the
+    operator puts rule (its scope and pattern: wally's domain) in force:
+    alice, her room with wally's ghost, the ghost."""
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+    alice.send_text(room, "before the rule")
+    srv.wait_events(1)
+    r = mx.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example", **rule})
+    assert r.status_code == 201, r.text
+    return alice, room, ghost
+
+
 def test_a_message_that_goes_nowhere_is_told_to_its_writer(mx, hs, gk, pg, db_url):
     """A local user's message refused by this server's policy for every
     recipient is stored as dropped and answered 202 like any (the
@@ -2599,16 +2612,11 @@ def test_a_message_that_goes_nowhere_is_told_to_its_writer(mx, hs, gk, pg, db_ur
     ghost, that it was not delivered and why; so is one too large to
     carry.  A delivered one gets no notice."""
     a, srv = gk
-    alice, room, ghost = alice_writes_to_wally(hs, a)
-    alice.send_text(room, "before the rule")
-    srv.wait_events(1)
-    assert mx.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example",
-                                            "mode": "deny"}).status_code == 201
+    alice, room, ghost = wally_ruled_after_a_first_message(mx, hs, a, srv, {"mode": "deny"})
     alice.send_text(room, "after the rule")
 
     def notices():
-        return [e["content"]["body"] for e in hs.events(room)
-                if e["sender"] == ghost and e["content"].get("msgtype") == "m.notice"]
+        return ghost_notices(hs, room, ghost)
     wait_until(lambda: notices(), what="the notice")
     assert notices() == ["Not delivered: this server does not allow messages to their domain."], notices()
     assert pg.psql("SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id "
@@ -2686,17 +2694,11 @@ def test_a_refused_kind_of_content_is_named_to_its_writer(mx, hs, gk, pg, db_url
     as a text refused, not as files (until the thirty-ninth session every
     such refusal said "(files)")."""
     a, srv = gk
-    alice, room, ghost = alice_writes_to_wally(hs, a)
-    alice.send_text(room, "before the rule")
-    srv.wait_events(1)
-    r = mx.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example",
-                                         "limits": {"content_kinds": ["media"]}})
-    assert r.status_code == 201, r.text
+    alice, room, ghost = wally_ruled_after_a_first_message(mx, hs, a, srv, {"limits": {"content_kinds": ["media"]}})
     alice.send_text(room, "plain text")
 
     def notices():
-        return [e["content"]["body"] for e in hs.events(room)
-                if e["sender"] == ghost and e["content"].get("msgtype") == "m.notice"]
+        return ghost_notices(hs, room, ghost)
     wait_until(lambda: notices(), what="the notice")
     assert notices() == ["Not delivered: this server does not allow text messages to them."], notices()
     assert pg.psql("SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id "
