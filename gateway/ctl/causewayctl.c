@@ -49,6 +49,7 @@ enum {
 struct ctl {
 	char *url;       /* the base URL, without a trailing '/'; owned (curl_free) */
 	char *shown_url; /* the same without any user:password, for messages; owned (curl_free) */
+	bool plain;      /* the URL is http://: asked directly, never through a proxy */
 	char *token;     /* owned; never printed */
 	bool json;
 	unsigned given;  /* the command options given (OPT_*) */
@@ -241,6 +242,8 @@ static enum ctl_rc set_url(struct ctl *c, const char *url, const char *where)
 		 curl_url_set(u, CURLUPART_PASSWORD, NULL, 0) != CURLUE_OK ||
 		 curl_url_get(u, CURLUPART_URL, &c->shown_url, 0) != CURLUE_OK)
 		rc = fail(c, CTL_EREFUSED, "out of memory");
+	if (!rc)
+		c->plain = strcmp(scheme, "http") == 0;
 	curl_free(scheme);
 	curl_free(query);
 	curl_free(frag);
@@ -413,6 +416,13 @@ static enum ctl_rc http_call(struct ctl *c, const char *method, const char *path
 #else
 	curl_easy_setopt(k, CURLOPT_PROTOCOLS, (long)(CURLPROTO_HTTP | CURLPROTO_HTTPS));
 #endif
+	/* Over http:// a proxy of the environment (http_proxy, all_proxy,
+	 * which libcurl follows by default) would get the bearer token in
+	 * clear: another party, which may log it.  Until the fortieth session
+	 * the token went to one even for the loopback default URL.  Over
+	 * https:// a proxy only tunnels (CONNECT) and sees the host. */
+	if (c->plain)
+		curl_easy_setopt(k, CURLOPT_PROXY, "");
 	curl_easy_setopt(k, CURLOPT_NOSIGNAL, 1L);
 	curl_easy_setopt(k, CURLOPT_CONNECTTIMEOUT, CONNECT_TIMEOUT_S);
 	curl_easy_setopt(k, CURLOPT_TIMEOUT, TOTAL_TIMEOUT_S);

@@ -609,3 +609,25 @@ def test_a_change_without_an_answer_may_have_been_done():
         mute.close()
     rc, out, err = ctl("token", "create", "night", url=f"http://127.0.0.1:{free_port()}")
     assert rc == 3 and "cannot reach" in err and "may have been" not in err, err
+
+
+def test_the_token_never_goes_to_a_proxy_of_the_environment():
+    """An http:// daemon URL is asked directly, whatever http_proxy or
+    all_proxy say: through a proxy the request, bearer token and all, would
+    cross it in clear (libcurl follows those variables by default), and a
+    proxy is another party, which may log what it carries.  Until the
+    fortieth session causewayctl sent the admin token to such a proxy even
+    for the loopback default URL.  (An https:// URL may still go through
+    one: a CONNECT tunnel, the proxy sees the host only.)"""
+    daemon = StandIn({"/admin/v1/peers": doc({"peers": []})})
+    proxy = StandIn({})  # would answer 404 to anything it is asked
+    try:
+        for var in ("http_proxy", "all_proxy", "ALL_PROXY"):
+            daemon.seen.clear()
+            ok("peers", url=daemon.url, env={var: proxy.url})
+            assert proxy.seen == [], (var, proxy.seen)
+            [(path, _, headers)] = daemon.seen
+            assert path == "/admin/v1/peers" and headers["Authorization"] == f"Bearer {ADMIN_TOKEN}", var
+    finally:
+        daemon.close()
+        proxy.close()
