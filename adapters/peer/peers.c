@@ -541,8 +541,16 @@ static json_t *peer_row_json(PGresult *r, int i)
 	return o;
 }
 
+/* push_url with any user information shown as ********: until the
+ * thirty-sixth session a URL with a user and password was taken (such rows
+ * stay), and every viewer read the password in the answers and in the
+ * audit records that each disable, enable or rotation copied it into.
+ * The authority ends at the first '/', '?' or '#'; its last '@' ends the
+ * user information.  The row keeps it; the registry never reads it. */
+#define PEER_PUSH_URL_SHOWN "regexp_replace(push_url, '^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@', '\\1********@')"
+
 #define PEER_COLUMNS \
-	"name, domain, mode, push_url, translate(encode(ed25519_public_key, 'base64'), E'\\n', ''), " \
+	"name, domain, mode, " PEER_PUSH_URL_SHOWN ", translate(encode(ed25519_public_key, 'base64'), E'\\n', ''), " \
 	"enabled, to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), " \
 	"to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), " \
 	"to_char(disabled_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), " \

@@ -337,3 +337,35 @@ def test_a_push_url_the_dispatcher_refuses_is_refused_at_once(daemon, pg, db_url
     finally:
         for _, s in made:
             s.close()
+
+
+def test_a_password_in_a_push_url_stored_before_is_never_shown(daemon, pg, db_url):
+    """A push_url with a user and password was taken until the thirty-sixth
+    session, and such rows stay: every viewer read the password in GET
+    /peers (the console's Peers page too), and each disable, enable or
+    rotation copied it into a new audit record, which viewers read as well.
+    The answers and the audit give the user information as ********; the
+    row itself is left as it is (the operator replaces it with PATCH)."""
+    r = daemon.admin("POST", "/peers", json=peer_body("gk", "gk.example"))
+    assert r.status_code == 201, r.text
+    pg.psql("UPDATE peers SET push_url = 'https://ops:hunter2@gk.example/p@th?x=a@b' WHERE name = 'gk'", db_url)
+    r = daemon.admin("POST", "/tokens", json={"name": "night-viewer", "role": "viewer"})
+    assert r.status_code == 201, r.text
+    viewer = {"Authorization": "Bearer " + r.json()["token"]}
+    shown = "https://********@gk.example/p@th?x=a@b"
+    answers = [daemon.admin("GET", "/peers", headers=viewer).json()["peers"][0],
+               daemon.admin("GET", "/peers/gk", headers=viewer).json()]
+    for what in ("disable", "enable", "rotate"):
+        r = daemon.admin("POST", f"/peers/gk/{what}")
+        assert r.status_code == 200, r.text
+        answers.append(r.json())
+    assert [a["push_url"] for a in answers] == [shown] * 5, answers
+    audit = daemon.admin("GET", "/audit?action=peer.", headers=viewer).json()["rows"]
+    assert len(audit) == 4 and "hunter2" not in json.dumps(audit), audit
+    assert "hunter2" not in pg.psql("SELECT string_agg(details::text, ' ') FROM audit_log", db_url)
+    # The row keeps what it had: only what is shown is masked.
+    assert pg.psql("SELECT push_url FROM peers WHERE name = 'gk'", db_url) == \
+        "https://ops:hunter2@gk.example/p@th?x=a@b"
+    # A URL without user information is shown as it is.
+    r = daemon.admin("PATCH", "/peers/gk", json={"push_url": "https://gk.example/p@th"})
+    assert r.status_code == 200 and r.json()["push_url"] == "https://gk.example/p@th", r.text
