@@ -1018,12 +1018,15 @@ static void admin_touch(struct cw_app *app, int64_t id)
 }
 
 /* The admin API's check: a token of any role, or one allowed to change
- * things (auth); false after answering 401 or 403. */
-static bool admin_authorize(struct cw_app *app, struct cw_req *req, enum cw_auth auth)
+ * things (auth); false after answering 401 or 403.  first: the check
+ * from the headers, which the one after the body repeats. */
+static bool admin_authorize(struct cw_app *app, struct cw_req *req, enum cw_auth auth, bool first)
 {
 	const char *token = app_bearer(req);
-	/* Admin answers are never kept by a cache. */
-	cw_req_add_header(req, "Cache-Control", "no-store");
+	/* Admin answers are never kept by a cache: said once (until the
+	 * fortieth session each of the two checks added it). */
+	if (first)
+		cw_req_add_header(req, "Cache-Control", "no-store");
 	if (!app->admins || !admin_tokens_any(app->admins)) {
 		cw_req_problem(req, 403, "admin_disabled", "Admin API disabled",
 			       "set admin.token_sha256 to enable the admin API");
@@ -1070,7 +1073,7 @@ bool app_authorize_headers(struct cw_req *req, enum cw_auth auth, void *ctx)
 		return true;
 	case CW_AUTH_ADMIN:
 	case CW_AUTH_ADMIN_READ:
-		return admin_authorize(app, req, auth);
+		return admin_authorize(app, req, auth, true);
 	case CW_AUTH_PEER:
 		return peer_of(app, req) != NULL && peer_headers_ok(req);
 	}
@@ -1093,7 +1096,7 @@ bool app_authorize(struct cw_req *req, enum cw_auth auth, void *ctx)
 	case CW_AUTH_ADMIN:
 	case CW_AUTH_ADMIN_READ:
 		cw_req_set_principal(req, NULL, NULL);
-		return admin_authorize(app, req, auth);
+		return admin_authorize(app, req, auth, false);
 	case CW_AUTH_PEER: {
 		cw_req_set_principal(req, NULL, NULL);
 		struct peer_principal *p = peer_of(app, req);

@@ -871,3 +871,37 @@ def test_a_full_page_says_where_to_go_on_even_when_nothing_follows(daemon):
     assert daemon.admin("GET", f"/rules?limit=2&after={ids[1]}").json() == {"rows": [], "next_after": None}
     page = daemon.admin("GET", "/rules?limit=3").json()
     assert len(page["rows"]) == 2 and page["next_after"] is None, page
+
+
+def test_an_admin_answer_says_no_store_once(daemon):
+    """Every /admin/v1 answer carries Cache-Control: no-store, once.  The
+    token was checked twice (from the headers, then again after the body)
+    and each check added the header, so every authorized answer had two
+    (until the fortieth session), each taking one of the few header slots
+    an answer has (http.c drops what does not fit).  Read off the wire, as
+    requests would fold the two into one value."""
+    viewer = make_token(daemon, "night-viewer", "viewer")["token"]
+    cases = [("GET", "/admin/v1/whoami", viewer, 200), ("HEAD", "/admin/v1/tokens", viewer, 200),
+             ("GET", "/admin/v1/config", ADMIN_TOKEN, 200), ("POST", "/admin/v1/tokens", viewer, 403),
+             ("GET", "/admin/v1/whoami", None, 401), ("GET", "/admin/v1/peers/nobody", ADMIN_TOKEN, 404),
+             ("POST", "/admin/v1/rules", ADMIN_TOKEN, 400)]
+    for method, path, token, status in cases:
+        head = [("Connection", "close")] + ([("Authorization", f"Bearer {token}")] if token else [])
+        if method == "POST":
+            head += [("Content-Type", "application/json"), ("Content-Length", "2")]
+        s = send_head(daemon.port, method, path, head)
+        try:
+            if method == "POST":
+                s.sendall(b"{}")
+            raw = b""
+            while True:  # the whole answer: the daemon closes the connection after it
+                got = s.recv(65536)
+                if not got:
+                    break
+                raw += got
+        finally:
+            s.close()
+        lines = raw.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+        values = [x.partition(":")[2].strip() for x in lines[1:] if x.lower().startswith("cache-control:")]
+        assert int(lines[0].split(" ")[1]) == status, (method, path, raw)
+        assert values == ["no-store"], (method, path, lines)
