@@ -66,8 +66,12 @@ struct answer {
 	json_t *body; /* NULL when the answer was empty; the caller frees with json_decref */
 };
 
+static void defang(char *s);
+
 /* Formats the reason into c->err and returns rc.  Control characters
- * become '?', as the reason may quote what the daemon said. */
+ * become '?', as the reason may quote what the daemon said: C0 and DEL
+ * here, the C1 ones and the bidirectional overrides by defang, as in a
+ * table cell (until the fortieth session only C0 and DEL were). */
 __attribute__((format(printf, 3, 4))) static enum ctl_rc fail(struct ctl *c, enum ctl_rc rc, const char *fmt, ...)
 {
 	va_list ap;
@@ -77,6 +81,7 @@ __attribute__((format(printf, 3, 4))) static enum ctl_rc fail(struct ctl *c, enu
 	for (unsigned char *p = (unsigned char *)c->err; *p; p++)
 		if (*p < 0x20 || *p == 0x7f)
 			*p = '?';
+	defang(c->err);
 	return rc;
 }
 

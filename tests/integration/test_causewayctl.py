@@ -631,3 +631,21 @@ def test_the_token_never_goes_to_a_proxy_of_the_environment():
     finally:
         daemon.close()
         proxy.close()
+
+
+def test_a_refusals_detail_cannot_drive_the_terminal():
+    """The reason of a refusal quotes the daemon's problem detail (which may
+    quote what a remote network wrote): its controls are '?' as a table
+    cell's are, the C1 ones (U+009B is CSI to a terminal) and the
+    bidirectional overrides included.  Until the fortieth session only the
+    C0 controls and DEL were."""
+    bad = {"type": "about:blank", "title": "Conflict", "status": 409, "code": "conflict",
+           "detail": "held by mimi://evil.example/u/\u202eevil\x1b[2J and \u009b31mred\u2066"}
+    s = StandIn({"/admin/v1/peers": (409, json.dumps(bad).encode(), True)})
+    try:
+        err = refused("peers", url=s.url)
+        for c in ("\x1b", "\u009b", "\u202e", "\u2066"):
+            assert c not in err, (c, err)
+        assert err == "causewayctl: 409 conflict: held by mimi://evil.example/u/???evil?[2J and ??31mred???\n", err
+    finally:
+        s.close()
