@@ -72,6 +72,16 @@ def test_console_sources_keep_to_the_csp():
     for bad in (".innerHTML", ".outerHTML", ".insertAdjacentHTML", "document.write", "eval(", "new Function",
                 "setAttribute(\"style\"", "setAttribute('style'", "localStorage", "document.cookie"):
         assert bad not in js, f"console.js uses {bad}"
+    # A link's target is never built from data: every href is a literal
+    # "#/..." route (with enc() of an id after it), so no answer can make a
+    # javascript: or off-site link.  card()'s {href} is given literals.
+    for m in re.finditer(r"\bhref:\s*([^,}]+)", js):
+        assert re.match(r'"#/[a-z]*/?"(\s*\+\s*enc\([^()]*\))?\s*$', m.group(1).strip()), m.group(0)
+    for m in re.finditer(r"\bcard\(([^;]*?)\)(?=[,)])", js):
+        args = m.group(1).split(",")
+        if len(args) == 4 and "href" not in args[3]:
+            assert re.match(r'\s*"#/[a-z]+"\s*$', args[3]), m.group(0)
+    assert not re.search(r"\b(src|action|formaction|xlink:href)\s*:", js), "no other URL attribute"
     # tools/embed makes C string literals of these: keep out trigraphs.
     for name in ("index.html", "console.css", "console.js"):
         with open(os.path.join(CONSOLE_DIR, name)) as f:
