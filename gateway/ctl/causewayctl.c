@@ -156,6 +156,12 @@ static enum ctl_rc read_file(struct ctl *c, const char *path, bool explicit, str
 		return fail(c, CTL_EUSAGE, "%s:%d: %s", path, line, f.bad[0] ? f.bad : "not an INI line");
 	if (s->token)
 		warn_if_shared(path, "a token");
+	/* Whoever may write it may set url to a host of theirs, and be sent
+	 * the token, from wherever it comes (until the fortieth session this
+	 * went unsaid). */
+	if (st.st_mode & 022)
+		fprintf(stderr, "causewayctl: warning: %s may be changed by other users, and with it where the token "
+			"is sent (chmod 600 %s)\n", path, path);
 	return CTL_OK;
 }
 

@@ -649,3 +649,29 @@ def test_a_refusals_detail_cannot_drive_the_terminal():
         assert err == "causewayctl: 409 conflict: held by mimi://evil.example/u/???evil?[2J and ??31mred???\n", err
     finally:
         s.close()
+
+
+def test_a_settings_file_others_may_change_is_warned_about(tmp_path):
+    """A settings file that other users may write names where the token is
+    sent: one of them could set url = http://their.host and be handed the
+    token (from token_file, the environment or a flag) at the next command.
+    causewayctl says so, as it does of a token others may read (a warning,
+    not a refusal: some setups share a group on purpose).  Until the
+    fortieth session only a file holding a token itself was looked at, and
+    only for being readable."""
+    s = StandIn({"/admin/v1/peers": doc({"peers": []})})
+    try:
+        token_file = tmp_path / "token"
+        token_file.write_text(ADMIN_TOKEN + "\n")
+        token_file.chmod(0o600)
+        conf = tmp_path / "causewayctl.ini"
+        conf.write_text(f"[causewayctl]\nurl = {s.url}\ntoken_file = {token_file}\n")
+        for mode, warned in ((0o600, False), (0o644, False), (0o620, True), (0o602, True)):
+            conf.chmod(mode)
+            rc, out, err = ctl("peers", "--config", str(conf), token=None)
+            assert rc == 0 and "no peers" in out, (oct(mode), rc, out, err)
+            said = f"causewayctl: warning: {conf} may be changed by other users, and with it where the token " \
+                f"is sent (chmod 600 {conf})\n"
+            assert err == (said if warned else ""), (oct(mode), err)
+    finally:
+        s.close()
