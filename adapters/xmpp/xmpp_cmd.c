@@ -210,7 +210,12 @@ static cw_err consent_fn(PGconn *c, void *arg, cw_errmsg *e)
 	else
 		snprintf(subject, sizeof(subject), "mimi://%s/u/%s", peer_domain, j->remote_id);
 	if (j->verb != V_LIST && j->verb != V_OPTIN && j->verb != V_OPTOUT && !j->own_subject[0] && !peer_domain[0]) {
-		snprintf(j->note, sizeof(j->note), "This gateway's network is not configured yet.");
+		/* the component's peer has no row (POST /admin/v1/peers): no
+		 * contact of it is anyone known, nothing is stored */
+		snprintf(j->note, sizeof(j->note),
+			 "Not done: this gateway's network (peer:%s) is not configured here yet, so its contacts "
+			 "are nobody known. Nothing was stored; tell the operator.",
+			 j->xc->peer);
 		return CW_OK;
 	}
 	switch (j->verb) {
@@ -297,6 +302,15 @@ static cw_err consent_fn(PGconn *c, void *arg, cw_errmsg *e)
 						   .reason = "abuse", .comment = j->reason[0] ? j->reason : NULL };
 		json_t *ans = NULL;
 		rc = policy_report_store(c, x->app, &rep, &ans, e);
+		if (rc == CW_EINVAL) {
+			/* the subject names a contact of another component whose
+			 * peer is not configured (policy_report_store: nothing
+			 * stored, as POST /admin/v1/reports answers 400); until the
+			 * fortieth session "That did not work; try again" */
+			snprintf(j->note, sizeof(j->note), "Not reported: %s. Nothing was stored; tell the operator.",
+				 e->msg);
+			return CW_OK;
+		}
 		if (rc)
 			return rc;
 		/* the subject as stored (policy_report_store: a user of this
@@ -814,6 +828,40 @@ static bool own_party(struct xcomp *xc, const char *who, bool report, char *text
 	return true;
 }
 
+/* Whether who, the party typed in an accept, block or report, is a
+ * mimi:// address under a component's domain, mimi://<component>/u/<id>:
+ * a contact of that component's network, as the JID <id>@<component> is
+ * (no local user lives under a component's domain: its domain stands for
+ * the peer's users; policy_report_store stores such a report so).  1:
+ * this component's contact, its id and JID into j (decided as the JID
+ * is); -1: another component's, of an accept or block, which this
+ * component's roster cannot follow: the refusal's text into text; 0:
+ * neither (a report of another component's contact is taken as typed:
+ * own_user).  Until the fortieth session an accept or block of one was
+ * refused as "a user of your own server", nothing stored. */
+static int component_contact(struct xcomp *xc, const char *who, struct xconsent *j, char *text, size_t len)
+{
+	struct mimi_uri u;
+	cw_errmsg e;
+	if (strncmp(who, "mimi://", 7) != 0 || mimi_uri_parse(who, &u, &e) != CW_OK || u.kind != MIMI_USER)
+		return 0;
+	struct xcomp *of = xa_comp_by_domain(xc->x, u.domain);
+	if (!of || (of != xc && j->verb == V_REPORT))
+		return 0;
+	if (of != xc) {
+		snprintf(text, len, "%s is a contact of another network (peer:%s), not of this one (peer:%s): accept "
+			 "and block them with the commands of %s.",
+			 who, of->peer, xc->peer, of->domain);
+		return -1;
+	}
+	if ((size_t)snprintf(j->remote_id, sizeof(j->remote_id), "%s", u.id) >= sizeof(j->remote_id) ||
+	    !xa_remote_jid(xc, u.id, j->remote_jid, sizeof(j->remote_jid))) {
+		snprintf(text, len, "%s names no contact this gateway can give a JID.", who);
+		return -1;
+	}
+	return 1;
+}
+
 /* The first stage of accept, block and report: the form. */
 static void command_form(struct xcomp *xc, xmpp_stanza_t *iq, const char *node, bool reason)
 {
@@ -1005,7 +1053,14 @@ bool xa_command(struct xcomp *xc, xmpp_stanza_t *iq)
 			at = NULL; /* an '@' of the resource: no localpart */
 		addr_fold_lower(at ? at + 1 : jid, "/");
 		char own[sizeof(jid) + 3 * XJ_PART_MAX + 400];
-		if (strcmp(jid, xc->domain) == 0 && j->verb != V_REPORT) {
+		int contact = component_contact(xc, jid, j, own, sizeof(own));
+		if (contact < 0) {
+			free(j);
+			xa_send_now(xc, xa_error_reply(iq, "modify", "bad-request", own));
+			return true;
+		} else if (contact > 0) {
+			; /* this component's contact, as its JID (component_contact) */
+		} else if (strcmp(jid, xc->domain) == 0 && j->verb != V_REPORT) {
 			j->whole_domain = true;
 		} else if (j->verb == V_REPORT && own_user(xc, jid, j->own_subject, sizeof(j->own_subject))) {
 			/* the user herself, under any of the domains this

@@ -3275,6 +3275,104 @@ def test_a_report_of_herself_under_another_own_domain_is_refused(xd, gk, alice, 
         ",".join(f"{ALICE} {stored}" for _, stored in taken + ((None, "mimi://example.org/u/bob"),))
 
 
+def test_a_components_contact_by_address_is_its_contact(xd, gk, alice, pg, db_url):
+    """mimi://<component>/u/wally names the component's contact wally, as
+    the JID wally@<component> does (the component's domain stands for the
+    peer's users: no local user lives under it): accept, block and report
+    of it are of the peer's user mimi://wa.example/u/wally, and a block
+    takes him off the roster as the JID's does. Until the fortieth session
+    accept and block answered that he was "a user of your own server", and
+    stored nothing."""
+    def note(node, who):
+        c = command_submit(alice, node, {"jid": who}).find(q(CMD, "command"))
+        assert c.get("status") == "completed", ET.tostring(c)
+        n = c.find(q(CMD, "note"))
+        assert n.get("type") == "info", ET.tostring(c)
+        return n.text
+    addr = f"mimi://{COMP}/u/wally"
+    assert note("accept", addr) == "Accepted mimi://wa.example/u/wally. 0 waiting message(s) released."
+    assert pg.psql("SELECT subject_kind || ' ' || subject || ' ' || state FROM consents", db_url) == \
+        "user mimi://wa.example/u/wally allowed"
+    start = alice.count()  # wally on her roster (the component approves her subscribe)
+    alice.send_presence(WALLY_JID, "subscribe")
+    alice.wait_for_presence(lambda el: el.get("from", "").split("/")[0] == WALLY_JID
+                            and el.get("type") == "subscribed", start=start)
+    start = alice.count()
+    assert note("block", addr) == "Blocked mimi://wa.example/u/wally. 0 waiting message(s) dropped."
+    alice.wait_for_presence(lambda el: el.get("from", "").split("/")[0] == WALLY_JID
+                            and el.get("type") == "unsubscribed", start=start)
+    assert presence_types(alice, WALLY_JID, start)[-2:] == ["unavailable", "unsubscribed"]  # as of his JID
+    assert pg.psql("SELECT subject_kind || ' ' || subject || ' ' || state FROM consents", db_url) == \
+        "user mimi://wa.example/u/wally blocked"
+    assert note("report", addr) == "Reported mimi://wa.example/u/wally to the operator. Thank you."
+    assert pg.psql("SELECT string_agg(actor || ' ' || action || ' ' || subject, ',' ORDER BY id) FROM audit_log "
+                   "WHERE actor LIKE 'user:%'", db_url) == \
+        ",".join(f"user:{ALICE_JID} consent.{a} mimi://wa.example/u/wally" for a in ("allow", "block")) + \
+        f",user:{ALICE} report.create mimi://wa.example/u/wally"
+    # The local part is the peer's id as typed (case-sensitive), as the JID's.
+    assert note("accept", f"mimi://{COMP}/u/Wally") == \
+        "Accepted mimi://wa.example/u/Wally. 0 waiting message(s) released."
+
+
+ZZ = "zz.xmpp.test"
+
+
+def test_commands_about_a_network_not_configured_say_so(make_daemon, db_url, pg, tmp_path):
+    """Two components, gk's (its peer configured) and zz's (no peer zz):
+    the contacts of zz's network are nobody known. A command about one
+    answers so, naming the network, and stores nothing (as POST
+    /admin/v1/reports answers 400): zz's own commands ("Not done: this
+    gateway's network (peer:zz) is not configured here yet ..."), and a
+    report through gk's component of zz's contact by address ("Not
+    reported: ... which is not configured here ..."; until the fortieth
+    session "That did not work; try again in a moment."). gk's component
+    cannot accept or block a contact of zz's (its roster is zz's JIDs):
+    refused, naming the component whose commands do."""
+    p = Prosody(tmp_path / "prosody", host=HOST, components={COMP: SECRET, ZZ: SECRET})
+    p.start()
+    try:
+        p.register("alice", "pw-alice")
+        d, a, srv = start_with_gk(make_daemon, db_url, p, xmpp={"components": f"{COMP}=gk {ZZ}=zz"})
+        try:
+            wait_until(lambda: d.get("/readyz").json()["adapters"]["xmpp"]["components"][ZZ]["state"] == "up",
+                       what="zz's component stream")
+            alice = XmppClient(ALICE_JID, "pw-alice", port=p.c2s_port)
+            alice.connect()
+            try:
+                def answer(node, who, to):
+                    c = command_submit(alice, node, {"jid": who}, to=to).find(q(CMD, "command"))
+                    assert c.get("status") == "completed", ET.tostring(c)
+                    n = c.find(q(CMD, "note"))
+                    assert n.get("type") == "error", ET.tostring(c)
+                    return n.text
+                not_done = ("Not done: this gateway's network (peer:zz) is not configured here yet, so its "
+                            "contacts are nobody known. Nothing was stored; tell the operator.")
+                for node in ("accept", "block", "report"):
+                    for who in (f"wally@{ZZ}", f"mimi://{ZZ}/u/wally"):
+                        assert answer(node, who, ZZ) == not_done, (node, who)
+                assert answer("report", f"mimi://{ZZ}/u/wally", COMP) == (
+                    f"Not reported: mimi://{ZZ}/u/wally names a contact of network peer:zz, which is not "
+                    "configured here. Nothing was stored; tell the operator.")
+                for node in ("accept", "block"):
+                    bad = command_submit(alice, node, {"jid": f"mimi://{ZZ}/u/wally"}, to=COMP, expect_error=True)
+                    assert bad.error_condition == "bad-request", ET.tostring(bad)
+                    assert bad.find(".//{urn:ietf:params:xml:ns:xmpp-stanzas}text").text == (
+                        f"mimi://{ZZ}/u/wally is a contact of another network (peer:zz), not of this one "
+                        f"(peer:gk): accept and block them with the commands of {ZZ}."), ET.tostring(bad)
+                assert pg.psql("SELECT (SELECT count(*) FROM consents) || ' ' || (SELECT count(*) FROM reports) "
+                               "|| ' ' || (SELECT count(*) FROM audit_log WHERE actor LIKE 'user:%')",
+                               db_url) == "0 0 0"
+                # gk's contact by address is still taken through gk's component.
+                c = command_submit(alice, "block", {"jid": f"mimi://{COMP}/u/wally"}, to=COMP)
+                assert "Blocked mimi://wa.example/u/wally" in c.find(f".//{{{CMD}}}note").text, ET.tostring(c)
+            finally:
+                alice.disconnect()
+        finally:
+            srv.close()
+    finally:
+        p.stop()
+
+
 def test_ad_hoc_command_sessions_are_remembered(xd, gk, alice, prosody, pg, db_url):
     """A stage's sessionid is the component's to give (XEP-0050): a
     submit with one it never gave, one it gave another user or for another
