@@ -479,6 +479,17 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 	 * session ("Whom?"). */
 	char kind[8], subject[700];
 	bool found = false, local_party = false;
+	/* The bot itself (its id is in the ghosts' namespace with the
+	 * default names, and was looked up as a ghost's until the fortieth
+	 * session: "Whom?"). */
+	if (cmd.kind == MX_BOT_PARTY_BOT) {
+		snprintf(reply, sizeof(reply), "%s is me, this gateway's bot, not someone from another network: %s is "
+			 "for the people who reach you through the gateway (an address such as mimi://..., a bridged "
+			 "user's Matrix id%s). For a problem with me, tell the operator of this service.",
+			 arg, verb, report ? ", or a user of this server" : ", or a domain");
+		answer(m, c, room, txn, reply);
+		return;
+	}
 	if (cmd.kind == MX_BOT_PARTY_NOT_REMOTE) {
 		not_remote(m, c, room, txn, arg, false, report);
 		return;

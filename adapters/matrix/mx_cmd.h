@@ -31,6 +31,8 @@ enum mx_bot_party {
 	MX_BOT_PARTY_NOT_REMOTE, /* party: a Matrix id no command is about: of another server, or of this one
 				  * for an accept or block, not a ghost's (the same whether she exists or not) */
 	MX_BOT_PARTY_SEVERAL,    /* the message mentions more than one user (party ""): none is picked */
+	MX_BOT_PARTY_BOT,        /* party: the bot's own id, typed, or its pill where the party goes (no
+				  * one another network's: the gateway's bot) */
 };
 
 /* A command read. */
@@ -55,9 +57,11 @@ struct mx_bot_cmd {
  * id only in formatted_body and m.mentions; the bot and the sender are
  * none, a reply mentions whom it answers), else the word typed after the
  * verb; a report's reason is the rest of the line after the party as
- * typed, after the pill's text (its label) or her id typed; with a
- * mention the text does not show (m.mentions alone), all of the line
- * after the verb.  False, *out undefined, when the content has no command
+ * typed, after the pill's text (its label) or her id typed, each as a
+ * whole word (followed by the end, a blank or a ':', which is skipped);
+ * with a mention the text does not show as a whole word (m.mentions
+ * alone), all of the line after the verb.  The bot's own id typed, or
+ * its pill as the party, is MX_BOT_PARTY_BOT.  False, *out undefined, when the content has no command
  * to answer: no string body, or an edit without an m.new_content object
  * with one (until the thirty-eighth session the edit's fallback body
  * "* block ..." was read, and every edit got the help). */

@@ -7,7 +7,8 @@
  * U+FFFD: a JSON string is UTF-8).  Properties: nothing crashes or leaks;
  * the verb is one word in lower case; the party and the reason are valid
  * UTF-8 within their bounds; the party typed is one word, the one
- * mentioned a valid user id neither the bot nor the sender; the reason is
+ * mentioned a valid user id, not the sender, the bot only as the bot's
+ * kind (the bot's id as a party is always that kind); the reason is
  * one line without blanks in front; only an accept, block or report has a
  * party of a kind other than a subject, only a report one of this
  * server's users; the same content reads the same twice. */
@@ -76,12 +77,19 @@ static void check(const struct mx_bot_cmd *cmd)
 		    mx_in_ghost_namespace(names.prefix, names.server, cmd->party))
 			fail("a Matrix user's party that is none", cmd);
 		break;
+	case MX_BOT_PARTY_BOT:
+		if (!party_verb || strcmp(cmd->party, names.bot) != 0)
+			fail("the bot as the party, but another or no command with one", cmd);
+		break;
 	default:
 		fail("no kind of party", cmd);
 	}
+	if (cmd->kind != MX_BOT_PARTY_BOT && strcmp(cmd->party, names.bot) == 0 && party_verb)
+		fail("the bot's id as a party of another kind", cmd);
 	if (cmd->mentioned && (!party_verb || !mx_user_id_parse(cmd->party, NULL, 0, NULL, 0) ||
-			       strcmp(cmd->party, names.bot) == 0 || strcmp(cmd->party, sender) == 0))
-		fail("the mentioned party is no user id, or the bot or the sender", cmd);
+			       (strcmp(cmd->party, names.bot) == 0) != (cmd->kind == MX_BOT_PARTY_BOT) ||
+			       strcmp(cmd->party, sender) == 0))
+		fail("the mentioned party is no user id, or the sender, or the bot of another kind", cmd);
 }
 
 static void parse(const json_t *content)

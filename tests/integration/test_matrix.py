@@ -1667,6 +1667,36 @@ def test_a_command_mentioning_several_users_or_a_matrix_user_is_refused(mx, hs, 
 
 
 
+def test_the_bot_as_a_commands_party_is_told_and_a_pills_name_is_a_whole_word(mx, hs, gk, pg, db_url):
+    """The bot's own id (in the ghosts' namespace with the default names),
+    typed or picked as the party of accept, block or report, is answered
+    as the bot ("... is me, this gateway's bot, not someone from another
+    network ..."), storing nothing; until the fortieth session it was looked
+    up as a ghost's and answered "Whom?". A pill's name is matched against
+    the text typed as a whole word (followed by the end, a blank or a ':'):
+    a name that is only the start of the word typed leaves all of the line
+    the reason (until then "Wal" against "Wally spams" left "ly spams")."""
+    a, _ = gk
+    bot = "@_cw_bot:example.org"
+    ghost = "@_cw_gk_wally:example.org"
+    wally = a.user("wally")
+    alice, mgmt, said = alice_and_the_bot(hs)
+    for verb in ("accept", "block", "report"):
+        for send in (lambda: alice.send_text(mgmt, f"{verb} {bot} now"),
+                     lambda: send_pill(alice, mgmt, verb, bot, "Causeway", after=": please")):
+            text = bot_answer(said, send)
+            assert text.startswith(f"{bot} is me, this gateway's bot, not someone from another network: {verb} "
+                                   "is for the people who reach you through the gateway"), text
+    assert pg.psql("SELECT (SELECT count(*) FROM consents) || ' ' || (SELECT count(*) FROM reports) || ' ' || "
+                   "(SELECT count(*) FROM audit_log WHERE actor LIKE 'user:%')", db_url) == "0 0 0"
+    assert bot_answer(said, lambda: send_pill(alice, mgmt, "report", ghost, "Wal", after="ly spams")) == \
+        "Reported to the operator. Thank you."
+    assert bot_answer(said, lambda: send_pill(alice, mgmt, "report", ghost, "Wally", after=": sends spam")) == \
+        "Reported to the operator. Thank you."
+    assert pg.psql("SELECT string_agg(subject_uri || ' ' || comment, ',' ORDER BY id) FROM reports", db_url) == \
+        f"{wally} Wally spams,{wally} sends spam"
+
+
 def test_accept_or_block_of_a_local_user_or_domain_is_refused(make_daemon, db_url, hs, pg):
     """The policy asks a user's consents of remote senders only, and what
     this provider's users send one another passes no decision: an accept

@@ -1823,9 +1823,31 @@ START_TEST(bot_parse)
 	bot_case("{\"body\":\"report bob\",\"m.mentions\":{\"user_ids\":[\"@bob:example.org\"]}}", "report",
 		 "@bob:example.org", MX_BOT_PARTY_LOCAL, true, "bob");
 	bot_case("{\"body\":\"report @bob:other.org\"}", "report", "@bob:other.org", MX_BOT_PARTY_NOT_REMOTE, false, "");
-	/* The bot's id (in the ghosts' namespace with the default names) is
-	 * looked up as a ghost's, and is none. */
-	bot_case("{\"body\":\"report @_cw_bot:example.org\"}", "report", "@_cw_bot:example.org", S, false, "");
+	/* The bot's id (in the ghosts' namespace with the default names):
+	 * the bot, typed or picked (until the fortieth session it was looked
+	 * up as a ghost's, "Whom?"); a mention of it elsewhere is none. */
+	const enum mx_bot_party B = MX_BOT_PARTY_BOT;
+	bot_case("{\"body\":\"report @_cw_bot:example.org\"}", "report", "@_cw_bot:example.org", B, false, "");
+	bot_case("{\"body\":\"block @_cw_bot:example.org now\"}", "block", "@_cw_bot:example.org", B, false, "now");
+	bot_case("{\"body\":\"accept Causeway: please\",\"format\":\"org.matrix.custom.html\",\"formatted_body\":"
+		 "\"accept " PILL("@_cw_bot:example.org", "Causeway") ": please\",\"m.mentions\":{\"user_ids\":"
+		 "[\"@_cw_bot:example.org\"]}}", "accept", "@_cw_bot:example.org", B, true, "please");
+	bot_case("{\"body\":\"block x.org Causeway\",\"format\":\"org.matrix.custom.html\",\"formatted_body\":"
+		 "\"block x.org " PILL("@_cw_bot:example.org", "Causeway") "\"}", "block", "x.org", S, false, "Causeway");
+	bot_case("{\"body\":\"report CausewayX\",\"format\":\"org.matrix.custom.html\",\"formatted_body\":"
+		 "\"report " PILL("@_cw_bot:example.org", "Causeway") "X\"}", "report", "CausewayX", S, false, "");
+	/* A pill's label (or the id typed) is matched as a whole word only:
+	 * "Wal" is not the start of "Wally spams" (until the fortieth session
+	 * the reason was "ly spams"); a ':' after it is skipped. */
+	bot_case("{\"body\":\"report Wally spams\",\"m.mentions\":{\"user_ids\":[\"" WALLY "\"]},"
+		 "\"format\":\"org.matrix.custom.html\",\"formatted_body\":\"report " PILL(WALLY, "Wal") "\"}",
+		 "report", WALLY, S, true, "Wally spams");
+	bot_case("{\"body\":\"report Wally: spams\",\"format\":\"org.matrix.custom.html\",\"formatted_body\":"
+		 "\"report " PILL(WALLY, "Wally") ": spams\"}", "report", WALLY, S, true, "spams");
+	bot_case("{\"body\":\"report Wally\\tspams\",\"format\":\"org.matrix.custom.html\",\"formatted_body\":"
+		 "\"report " PILL(WALLY, "Wally") "\\tspams\"}", "report", WALLY, S, true, "spams");
+	bot_case("{\"body\":\"report " WALLY "x abuse\",\"m.mentions\":{\"user_ids\":[\"" WALLY "\"]}}", "report",
+		 WALLY, S, true, WALLY "x abuse");
 	bot_case("{\"body\":\"block " WALLY "\"}", "block", WALLY, S, false, "");
 	/* Mentions are read for the commands with a party only. */
 	bot_case("{\"body\":\"opt-in gk\",\"m.mentions\":{\"user_ids\":[\"" WALLY "\"]}}", "opt-in", "gk", S, false,
