@@ -7,6 +7,7 @@
  * relayed anywhere. */
 #include "config.h"
 #include "xmpp_int.h"
+#include "xmpp_cmdform.h"
 #include "log.h"
 #include "peer_api.h"
 #include "policy_admin.h"
@@ -19,24 +20,13 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define NS_COMMANDS "http://jabber.org/protocol/commands"
-#define NS_DATA "jabber:x:data"
+#define NS_COMMANDS XA_NS_COMMANDS
+#define NS_DATA XA_NS_DATA
 #define NS_NICK "http://jabber.org/protocol/nick"
 
-/* staged: the command's first stage is a form, its second the filled
- * form (XEP-0050's session); the others run at once, in one stage. */
-static const struct {
-	const char *node, *name;
-	bool staged;
-} commands[] = {
-	{ "list", "List my contact requests and decisions", false },
-	{ "accept", "Accept a contact (or a whole domain)", true },
-	{ "block", "Block a contact (or a whole domain)", true },
-	{ "opt-in", "Let strangers of this network send me contact requests", false },
-	{ "opt-out", "Stop contact requests from this network", false },
-	{ "report", "Report a contact to the operator", true },
-};
-#define NCOMMANDS (sizeof(commands) / sizeof(commands[0]))
+/* The commands: xa_commands (xmpp_cmdform.c). */
+#define NCOMMANDS xa_ncommands
+#define commands xa_commands
 
 void xa_command_items(struct xcomp *xc, xmpp_stanza_t *query)
 {
@@ -112,7 +102,7 @@ static void roster_drop(struct xcomp *xc, bool now, const char *remote, const ch
 /* ------------------------------------------------------------ the job */
 
 /* A report's reason: as long as the peer API's comment (POST /v1/reports). */
-#define REASON_MAX 8192
+#define REASON_MAX XA_CMD_REASON_MAX
 
 /* V_SUBSCRIBE: the user's own subscribe to a contact, answered once its
  * consent is known (see xa_presence). */
@@ -706,46 +696,6 @@ void xa_presence(struct xcomp *xc, xmpp_stanza_t *st)
 
 /* ------------------------------------------------------------ commands */
 
-/* The field's value in out; false when it does not fit (out is then empty:
- * never a value cut inside a character). */
-static bool form_value(xmpp_stanza_t *x, const char *var, char *out, size_t len)
-{
-	out[0] = '\0';
-	for (xmpp_stanza_t *f = x ? xmpp_stanza_get_children(x) : NULL; f; f = xmpp_stanza_get_next(f)) {
-		const char *name = xmpp_stanza_get_name(f), *v = xmpp_stanza_get_attribute(f, "var");
-		if (!name || strcmp(name, "field") != 0 || !v || strcmp(v, var) != 0)
-			continue;
-		xmpp_stanza_t *val = xmpp_stanza_get_child_by_name(f, "value");
-		char *text = val ? xmpp_stanza_get_text(val) : NULL;
-		bool fits = !text || strlen(text) < len;
-		if (text) {
-			if (fits)
-				memcpy(out, text, strlen(text) + 1);
-			xmpp_free(xmpp_stanza_get_context(f), text);
-		}
-		return fits;
-	}
-	return true;
-}
-
-/* How many values the form gives var (over every field of that var):
- * the form's jid-single and text-single fields hold one (XEP-0004 §3.3),
- * and a second one would be dropped unread. */
-static size_t form_values(xmpp_stanza_t *x, const char *var)
-{
-	size_t n = 0;
-	for (xmpp_stanza_t *f = x ? xmpp_stanza_get_children(x) : NULL; f; f = xmpp_stanza_get_next(f)) {
-		const char *name = xmpp_stanza_get_name(f), *v = xmpp_stanza_get_attribute(f, "var");
-		if (!name || strcmp(name, "field") != 0 || !v || strcmp(v, var) != 0)
-			continue;
-		for (xmpp_stanza_t *val = xmpp_stanza_get_children(f); val; val = xmpp_stanza_get_next(val)) {
-			const char *vn = xmpp_stanza_get_name(val);
-			n += xmpp_stanza_is_tag(val) && vn && strcmp(vn, "value") == 0;
-		}
-	}
-	return n;
-}
-
 /* Whether who, the party typed in a report, is a user of this provider's:
  * a JID of the XMPP domain (its localpart in any case: the user's server
  * keeps it in lower case, RFC 7622 §3.3) or a mimi:// address of a user
@@ -890,19 +840,6 @@ static void command_form(struct xcomp *xc, xmpp_stanza_t *iq, const char *node, 
 	xa_send_now(xc, r);
 }
 
-/* Whether a command request without a sessionid is past its first stage
- * (XEP-0050: the sessionid "MUST be present for subsequent stages"): a
- * first stage is action execute (or none) without a form; a form (filled,
- * or of any type: XEP-0004 has the requester send back only the forms it
- * was given) or action next or complete answers a stage.  cancel is not a
- * stage: it ends nothing and changes nothing. */
-static bool later_stage(xmpp_stanza_t *cmd, const char *action)
-{
-	if (action && strcmp(action, "cancel") == 0)
-		return false;
-	return (action && strcmp(action, "execute") != 0) || xmpp_stanza_get_child_by_name_and_ns(cmd, "x", NS_DATA);
-}
-
 /* XEP-0050: action is execute, cancel, prev, next or complete; no
  * command here has a stage that offers prev (a form's only action is
  * complete).  Until the twentieth session any other value ran the
@@ -912,20 +849,13 @@ static bool later_stage(xmpp_stanza_t *cmd, const char *action)
  * session it ran as a new session, the form skipped). */
 bool xa_command_bad_action(struct xcomp *xc, xmpp_stanza_t *iq, const char *action, bool staged)
 {
-	static const char *const actions[] = { "execute", "cancel", "next", "complete", NULL };
-	const char *why = NULL;
-	if (action) {
-		why = strcmp(action, "prev") == 0 ? "bad-action" : "malformed-action";
-		for (int i = 0; actions[i]; i++)
-			if (strcmp(action, actions[i]) == 0)
-				why = NULL;
-	}
+	const char *why = xa_cmd_action_problem(action);
 	xmpp_stanza_t *cmd = xmpp_stanza_get_child_by_name_and_ns(iq, "command", NS_COMMANDS);
 	const char *sid = cmd ? xmpp_stanza_get_attribute(cmd, "sessionid") : NULL;
 	enum session_state state = SESSION_OK;
 	if (!why && sid)
 		state = session_take(xc, iq, xmpp_stanza_get_attribute(cmd, "node"), sid);
-	else if (!why && staged && cmd && later_stage(cmd, action))
+	else if (!why && staged && cmd && xa_cmd_later_stage(cmd, action))
 		state = SESSION_UNKNOWN;
 	if (!why && state == SESSION_OK)
 		return false;
@@ -967,94 +897,87 @@ static char *iq_skeleton(xmpp_ctx_t *ctx, xmpp_stanza_t *iq, xmpp_stanza_t *cmd)
 bool xa_command(struct xcomp *xc, xmpp_stanza_t *iq)
 {
 	xmpp_stanza_t *cmd = xmpp_stanza_get_child_by_name_and_ns(iq, "command", NS_COMMANDS);
-	const char *node = cmd ? xmpp_stanza_get_attribute(cmd, "node") : NULL;
-	const char *action = cmd ? xmpp_stanza_get_attribute(cmd, "action") : NULL, *type = xmpp_stanza_get_type(iq);
 	struct xconsent *j = calloc(1, sizeof(*j));
-	if (!j)
+	struct xa_cmd_req *req = j ? malloc(sizeof(*req)) : NULL; /* 9 KB: not on the stream thread's stack */
+	if (!req) {
+		free(j);
 		return false;
+	}
 	j->xc = xc;
 	/* Anyone but a local user learns nothing, not even whether a command
 	 * exists: service-unavailable, as for any stranger (docs/security.md;
 	 * until the thirtieth session forbidden, after item-not-found for a
-	 * node not there).  Then a command without a node, or asked with get
+	 * node not there).  Then what the request is, read from the stanza
+	 * alone (xa_cmd_read): a command without a node, or asked with get
 	 * (XEP-0050 runs them with set), is malformed: bad-request (RFC 6120
-	 * §8.3.3.1; until then service-unavailable). */
-	const char *why = NULL;
+	 * §8.3.3.1; until then service-unavailable); a node not there
+	 * item-not-found; an action XEP-0050 has not bad-request. */
 	if (!xa_local_user(xc->x, xmpp_stanza_get_from(iq), j->local_bare, sizeof(j->local_bare), j->local,
-			   sizeof(j->local)))
-		why = "service-unavailable";
-	else if (!node || !type || strcmp(type, "set") != 0)
-		why = "bad-request";
-	size_t k = 0;
-	while (!why && k < NCOMMANDS && strcmp(commands[k].node, node) != 0)
-		k++;
-	if (!why && k == NCOMMANDS)
-		why = "item-not-found";
-	if (why) {
+			   sizeof(j->local))) {
+		free(req);
 		free(j);
-		xa_send_now(xc, xa_error_reply(iq, why[0] == 'b' ? "modify" : "cancel", why, NULL));
+		xa_send_now(xc, xa_error_reply(iq, "cancel", "service-unavailable", NULL));
 		return true;
 	}
+	xa_cmd_read(iq, req);
+	if (req->what == XA_CMD_REFUSED) {
+		xmpp_stanza_t *r = xa_error_reply(iq, req->error_type, req->error, NULL);
+		xmpp_stanza_t *err = r && req->cmd_error ? xmpp_stanza_get_child_by_name(r, "error") : NULL;
+		if (err)
+			xa_child(xc->ctx, err, req->cmd_error, NS_COMMANDS);
+		free(req);
+		free(j);
+		xa_send_now(xc, r);
+		return true;
+	}
+	const char *node = req->node;
+	size_t k = (size_t)req->command;
 	snprintf(j->node, sizeof(j->node), "%s", node);
-	if (xa_command_bad_action(xc, iq, action, commands[k].staged)) {
+	/* the session (a later stage's), before anything of the stage is
+	 * answered */
+	if (xa_command_bad_action(xc, iq, req->action, commands[k].staged)) {
+		free(req);
 		free(j);
-		return true;
-	}
-	if (action && strcmp(action, "cancel") == 0) {
-		free(j);
-		xa_send_now(xc, xa_command_end(xc->ctx, iq, node, "canceled", NULL, NULL));
 		return true;
 	}
 	static const enum verb verbs[] = { V_LIST, V_ACCEPT, V_BLOCK, V_OPTIN, V_OPTOUT, V_REPORT };
 	j->verb = verbs[k];
-	if (j->verb == V_ACCEPT || j->verb == V_BLOCK || j->verb == V_REPORT) {
-		xmpp_stanza_t *x = xmpp_stanza_get_child_by_name_and_ns(cmd, "x", NS_DATA);
-		const char *xt = x ? xmpp_stanza_get_type(x) : NULL;
-		if (xt && strcmp(xt, "cancel") == 0) {
-			/* XEP-0004 §3.1: the requester cancelled the form; its
-			 * session is ended (xa_command_bad_action): canceled, as
-			 * action cancel is.  Until the thirty-sixth session it was
-			 * given the form again, in a new session. */
-			free(j);
-			xa_send_now(xc, xa_command_end(xc->ctx, iq, node, "canceled", NULL, NULL));
-			return true;
-		}
-		if (!x || !xt || strcmp(xt, "submit") != 0) {
-			bool reason = j->verb == V_REPORT;
-			free(j);
-			command_form(xc, iq, node, reason);
-			return true;
-		}
-		char jid[1100];
-		if (form_values(x, "jid") > 1 || form_values(x, "reason") > 1) {
-			/* one contact a time: the second was dropped unread (until
-			 * the thirty-sixth session the first was decided alone, and
-			 * the user told only of it) */
-			free(j);
-			xa_send_now(xc, xa_error_reply(iq, "modify", "bad-request",
-						       "Give one contact (and one reason): a command decides one "
-						       "contact or one network at a time."));
-			return true;
-		}
-		if (!form_value(x, "reason", j->reason, sizeof(j->reason))) {
-			free(j);
-			xa_send_now(xc, xa_error_reply(iq, "modify", "bad-request",
-						       "The reason is too long: at most 8192 bytes."));
-			return true;
-		}
-		if (!form_value(x, "jid", jid, sizeof(jid)))
-			jid[0] = '\0'; /* longer than any JID of the component's: refused below */
-		/* The domainpart in any case (RFC 7622 §3.2: domainparts are
-		 * case-insensitive; a user types this one): until the thirtieth
-		 * session wally@GK.xmpp.test named nobody.  The localpart's
-		 * capitals stay: the peer's ids are case-sensitive. */
-		char *slash = strchr(jid, '/'), *at = strchr(jid, '@');
-		if (at && slash && at > slash)
-			at = NULL; /* an '@' of the resource: no localpart */
-		addr_fold_lower(at ? at + 1 : jid, "/");
-		char own[sizeof(jid) + 3 * XJ_PART_MAX + 400];
+	switch (req->what) {
+	case XA_CMD_CANCEL:
+		/* action cancel, or the form sent back as cancel (XEP-0004
+		 * §3.1: the requester cancelled it; its session is ended,
+		 * xa_command_bad_action): canceled.  Until the thirty-sixth
+		 * session the latter was given the form again, in a new
+		 * session. */
+		free(req);
+		free(j);
+		xa_send_now(xc, xa_command_end(xc->ctx, iq, node, "canceled", NULL, NULL));
+		return true;
+	case XA_CMD_FORM:
+		free(req);
+		command_form(xc, iq, node, j->verb == V_REPORT);
+		free(j);
+		return true;
+	case XA_CMD_BAD_FORM:
+		/* one contact a time (until the thirty-sixth session the first
+		 * of two was decided alone, and the user told only of it), a
+		 * reason of at most 8192 bytes */
+		xa_send_now(xc, xa_error_reply(iq, req->error_type, req->error, req->text));
+		free(req);
+		free(j);
+		return true;
+	case XA_CMD_REFUSED:
+	case XA_CMD_RUN:
+	case XA_CMD_SUBMIT:
+		break;
+	}
+	if (req->what == XA_CMD_SUBMIT) {
+		const char *jid = req->jid;
+		memcpy(j->reason, req->reason, sizeof(j->reason));
+		char own[sizeof(req->jid) + 3 * XJ_PART_MAX + 400];
 		int contact = component_contact(xc, jid, j, own, sizeof(own));
 		if (contact < 0) {
+			free(req);
 			free(j);
 			xa_send_now(xc, xa_error_reply(iq, "modify", "bad-request", own));
 			return true;
@@ -1072,23 +995,27 @@ bool xa_command(struct xcomp *xc, xmpp_stanza_t *iq)
 			char me[MIMI_URI_MAX + 1];
 			snprintf(me, sizeof(me), "mimi://%s/u/%s", dom, j->local);
 			if (policy_same_local_user(xc->x->app, j->own_subject, me)) {
+				free(req);
 				free(j);
 				xa_send_now(xc, xa_error_reply(iq, "modify", "bad-request",
 							       "That is you: name the user you report."));
 				return true;
 			}
 		} else if (own_party(xc, jid, j->verb == V_REPORT, own, sizeof(own))) {
+			free(req);
 			free(j);
 			xa_send_now(xc, xa_error_reply(iq, "modify", "bad-request", own));
 			return true;
 		} else if (!xa_remote_user(xc, jid, j->remote_id, sizeof(j->remote_id), j->remote_jid,
 					     sizeof(j->remote_jid))) {
+			free(req);
 			free(j);
 			xmpp_stanza_t *r = xa_error_reply(iq, "modify", "bad-request", NULL);
 			xa_send_now(xc, r);
 			return true;
 		}
 	}
+	free(req);
 	if (j->verb != V_LIST && !user_update_allowed(xc, j->local, NULL)) {
 		free(j);
 		xa_send_now(xc, xa_error_reply(iq, "wait", "resource-constraint",

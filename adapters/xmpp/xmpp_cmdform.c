@@ -1,0 +1,165 @@
+/* A command request read from its iq alone (xmpp_cmdform.h).  Taken out
+ * of xa_command in the fortieth session, no behaviour changed, so that it
+ * can be fuzzed (tests/fuzz/fuzz_xmpp_cmd.c). */
+#include "config.h"
+#include "xmpp/xmpp_cmdform.h"
+#include "peer/event.h"
+
+#include <string.h>
+
+const struct xa_command_def xa_commands[] = {
+	{ "list", "List my contact requests and decisions", false },
+	{ "accept", "Accept a contact (or a whole domain)", true },
+	{ "block", "Block a contact (or a whole domain)", true },
+	{ "opt-in", "Let strangers of this network send me contact requests", false },
+	{ "opt-out", "Stop contact requests from this network", false },
+	{ "report", "Report a contact to the operator", true },
+};
+const size_t xa_ncommands = sizeof(xa_commands) / sizeof(xa_commands[0]);
+
+/* The field's value in out; false when it does not fit (out is then empty:
+ * never a value cut inside a character). */
+static bool form_value(xmpp_stanza_t *x, const char *var, char *out, size_t len)
+{
+	out[0] = '\0';
+	for (xmpp_stanza_t *f = x ? xmpp_stanza_get_children(x) : NULL; f; f = xmpp_stanza_get_next(f)) {
+		const char *name = xmpp_stanza_get_name(f), *v = xmpp_stanza_get_attribute(f, "var");
+		if (!name || strcmp(name, "field") != 0 || !v || strcmp(v, var) != 0)
+			continue;
+		xmpp_stanza_t *val = xmpp_stanza_get_child_by_name(f, "value");
+		char *text = val ? xmpp_stanza_get_text(val) : NULL;
+		bool fits = !text || strlen(text) < len;
+		if (text) {
+			if (fits)
+				memcpy(out, text, strlen(text) + 1);
+			xmpp_free(xmpp_stanza_get_context(f), text);
+		}
+		return fits;
+	}
+	return true;
+}
+
+/* How many values the form gives var (over every field of that var):
+ * the form's jid-single and text-single fields hold one (XEP-0004 §3.3),
+ * and a second one would be dropped unread. */
+static size_t form_values(xmpp_stanza_t *x, const char *var)
+{
+	size_t n = 0;
+	for (xmpp_stanza_t *f = x ? xmpp_stanza_get_children(x) : NULL; f; f = xmpp_stanza_get_next(f)) {
+		const char *name = xmpp_stanza_get_name(f), *v = xmpp_stanza_get_attribute(f, "var");
+		if (!name || strcmp(name, "field") != 0 || !v || strcmp(v, var) != 0)
+			continue;
+		for (xmpp_stanza_t *val = xmpp_stanza_get_children(f); val; val = xmpp_stanza_get_next(val)) {
+			const char *vn = xmpp_stanza_get_name(val);
+			n += xmpp_stanza_is_tag(val) && vn && strcmp(vn, "value") == 0;
+		}
+	}
+	return n;
+}
+
+bool xa_cmd_later_stage(xmpp_stanza_t *cmd, const char *action)
+{
+	if (action && strcmp(action, "cancel") == 0)
+		return false;
+	return (action && strcmp(action, "execute") != 0) ||
+	       xmpp_stanza_get_child_by_name_and_ns(cmd, "x", XA_NS_DATA);
+}
+
+const char *xa_cmd_action_problem(const char *action)
+{
+	static const char *const actions[] = { "execute", "cancel", "next", "complete", NULL };
+	if (!action)
+		return NULL;
+	for (int i = 0; actions[i]; i++)
+		if (strcmp(action, actions[i]) == 0)
+			return NULL;
+	return strcmp(action, "prev") == 0 ? "bad-action" : "malformed-action";
+}
+
+static void refused(struct xa_cmd_req *out, const char *error, const char *type, const char *cmd_error)
+{
+	out->what = XA_CMD_REFUSED;
+	out->error = error;
+	out->error_type = type;
+	out->cmd_error = cmd_error;
+}
+
+static void bad_form(struct xa_cmd_req *out, const char *text)
+{
+	out->what = XA_CMD_BAD_FORM;
+	out->error = "bad-request";
+	out->error_type = "modify";
+	out->text = text;
+}
+
+void xa_cmd_read(xmpp_stanza_t *iq, struct xa_cmd_req *out)
+{
+	memset(out, 0, sizeof(*out));
+	out->command = -1;
+	xmpp_stanza_t *cmd = xmpp_stanza_get_child_by_name_and_ns(iq, "command", XA_NS_COMMANDS);
+	const char *type = xmpp_stanza_get_type(iq);
+	out->node = cmd ? xmpp_stanza_get_attribute(cmd, "node") : NULL;
+	out->action = cmd ? xmpp_stanza_get_attribute(cmd, "action") : NULL;
+	out->sessionid = cmd ? xmpp_stanza_get_attribute(cmd, "sessionid") : NULL;
+	/* A command without a node, or asked with get (XEP-0050 runs them
+	 * with set), is malformed: bad-request (RFC 6120 §8.3.3.1). */
+	if (!out->node || !type || strcmp(type, "set") != 0) {
+		refused(out, "bad-request", "modify", NULL);
+		return;
+	}
+	size_t k = 0;
+	while (k < xa_ncommands && strcmp(xa_commands[k].node, out->node) != 0)
+		k++;
+	if (k == xa_ncommands) {
+		refused(out, "item-not-found", "cancel", NULL);
+		return;
+	}
+	out->command = (int)k;
+	const char *why = xa_cmd_action_problem(out->action);
+	if (why) {
+		refused(out, "bad-request", "modify", why);
+		return;
+	}
+	bool staged = xa_commands[k].staged;
+	out->later = staged && !out->sessionid && xa_cmd_later_stage(cmd, out->action);
+	if (out->action && strcmp(out->action, "cancel") == 0) {
+		out->what = XA_CMD_CANCEL;
+		return;
+	}
+	if (!staged) {
+		out->what = XA_CMD_RUN;
+		return;
+	}
+	xmpp_stanza_t *x = xmpp_stanza_get_child_by_name_and_ns(cmd, "x", XA_NS_DATA);
+	const char *xt = x ? xmpp_stanza_get_type(x) : NULL;
+	if (xt && strcmp(xt, "cancel") == 0) {
+		/* XEP-0004 §3.1: the requester cancelled the form */
+		out->what = XA_CMD_CANCEL;
+		return;
+	}
+	if (!x || !xt || strcmp(xt, "submit") != 0) {
+		out->what = XA_CMD_FORM;
+		return;
+	}
+	if (form_values(x, "jid") > 1 || form_values(x, "reason") > 1) {
+		/* one contact a time: the second would be dropped unread */
+		bad_form(out, "Give one contact (and one reason): a command decides one contact or one network at "
+			      "a time.");
+		return;
+	}
+	if (!form_value(x, "reason", out->reason, sizeof(out->reason))) {
+		bad_form(out, "The reason is too long: at most 8192 bytes.");
+		return;
+	}
+	if (!form_value(x, "jid", out->jid, sizeof(out->jid)))
+		out->jid[0] = '\0'; /* longer than any JID of the component's: refused by the caller */
+	/* The domainpart in any case (RFC 7622 §3.2: domainparts are
+	 * case-insensitive; a user types this one): until the thirtieth
+	 * session wally@GK.xmpp.test named nobody.  The localpart's capitals
+	 * stay: the peer's ids are case-sensitive. */
+	char *slash = strchr(out->jid, '/'), *at = strchr(out->jid, '@');
+	if (at && slash && at > slash)
+		at = NULL; /* an '@' of the resource: no localpart */
+	addr_fold_lower(at ? at + 1 : out->jid, "/");
+	out->what = XA_CMD_SUBMIT;
+}
