@@ -24,19 +24,16 @@
 #define NS_DATA XA_NS_DATA
 #define NS_NICK "http://jabber.org/protocol/nick"
 
-/* The commands: xa_commands (xmpp_cmdform.c). */
-#define NCOMMANDS xa_ncommands
-#define commands xa_commands
 
 void xa_command_items(struct xcomp *xc, xmpp_stanza_t *query)
 {
-	for (size_t i = 0; i < NCOMMANDS; i++) {
+	for (size_t i = 0; i < xa_ncommands; i++) {
 		xmpp_stanza_t *it = xa_child(xc->ctx, query, "item", NULL);
 		if (!it)
 			return;
 		xmpp_stanza_set_attribute(it, "jid", xc->domain);
-		xmpp_stanza_set_attribute(it, "node", commands[i].node);
-		xmpp_stanza_set_attribute(it, "name", commands[i].name);
+		xmpp_stanza_set_attribute(it, "node", xa_commands[i].node);
+		xmpp_stanza_set_attribute(it, "name", xa_commands[i].name);
 	}
 }
 
@@ -47,9 +44,9 @@ bool xa_command_info(struct xcomp *xc, xmpp_stanza_t *query, const char *node)
 		xa_disco_identity(xc->ctx, query, "automation", "command-list", "Commands");
 		return true;
 	}
-	for (size_t i = 0; i < NCOMMANDS; i++)
-		if (strcmp(commands[i].node, node) == 0) {
-			xa_disco_identity(xc->ctx, query, "automation", "command-node", commands[i].name);
+	for (size_t i = 0; i < xa_ncommands; i++)
+		if (strcmp(xa_commands[i].node, node) == 0) {
+			xa_disco_identity(xc->ctx, query, "automation", "command-node", xa_commands[i].name);
 			xa_disco_features(xc->ctx, query, features);
 			return true;
 		}
@@ -701,10 +698,12 @@ void xa_presence(struct xcomp *xc, xmpp_stanza_t *st)
  * keeps it in lower case, RFC 7622 §3.3) or a mimi:// address of a user
  * of one of its domains, as the Matrix bot's report takes one (and POST
  * /admin/v1/reports); if so her address into out.  A mimi:// address
- * under a component's domain is taken here too, as typed: it names that
- * component's contact, and the report's store makes it the peer's user
- * (policy_report_store), as the JID name@<component> is (until the
- * thirty-ninth session it was stored as a user of ours, never limited).  Another member of a
+ * under another component's domain is taken here too, as typed: it names
+ * that component's contact, and the report's store makes it the peer's
+ * user (policy_report_store), as the JID name@<component> is (until the
+ * thirty-ninth session it was stored as a user of ours, never limited);
+ * under this component's, it is its contact (component_contact, asked
+ * first).  Another member of a
  * group writes to the user through the gateway, relayed by the
  * component, and her client can report only the component's JID for it.
  * Read from the text alone: the same whether the user exists or not. */
@@ -935,12 +934,12 @@ bool xa_command(struct xcomp *xc, xmpp_stanza_t *iq)
 	snprintf(j->node, sizeof(j->node), "%s", node);
 	/* the session (a later stage's), before anything of the stage is
 	 * answered */
-	if (xa_command_bad_action(xc, iq, req->action, commands[k].staged)) {
+	if (xa_command_bad_action(xc, iq, req->action, xa_commands[k].staged)) {
 		free(req);
 		free(j);
 		return true;
 	}
-	static const enum verb verbs[] = { V_LIST, V_ACCEPT, V_BLOCK, V_OPTIN, V_OPTOUT, V_REPORT };
+	static const enum verb verbs[] = { V_LIST, V_ACCEPT, V_BLOCK, V_OPTIN, V_OPTOUT, V_REPORT }; /* xa_commands' */
 	j->verb = verbs[k];
 	switch (req->what) {
 	case XA_CMD_CANCEL:

@@ -7,6 +7,7 @@
 
 #include <string.h>
 
+/* In the order of xa_command's verbs (xmpp_cmd.c). */
 const struct xa_command_def xa_commands[] = {
 	{ "list", "List my contact requests and decisions", false },
 	{ "accept", "Accept a contact (or a whole domain)", true },
