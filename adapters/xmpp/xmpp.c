@@ -653,7 +653,8 @@ static void on_iq(struct xcomp *xc, xmpp_stanza_t *st)
 }
 
 /* Every stanza of the stream. */
-/* A stanza larger than xmpp.max_stanza_bytes, cut there (xmpp_xml.c): what
+/* A stanza larger than xmpp.max_stanza_bytes, or nested deeper than
+ * XA_STANZA_DEPTH_MAX, cut there (xmpp_xml.c): what
  * was built of it is its first part only.  Refused, not taken: its sender
  * is told (policy-violation, modify; a result or an error is not answered)
  * and the stream goes on.  Until the twenty-eighth session the stream was
@@ -664,17 +665,27 @@ static void on_iq(struct xcomp *xc, xmpp_stanza_t *st)
 static void refuse_cut(struct xcomp *xc, xmpp_stanza_t *st)
 {
 	atomic_fetch_add(&xc->stanzas_cut, 1);
-	long cap = xc->x->cfg->xmpp_max_stanza_bytes;
+	bool deep = xa_xml_cut_deep();
+	long cap = deep ? XA_STANZA_DEPTH_MAX : xc->x->cfg->xmpp_max_stanza_bytes;
 	const char *name = xmpp_stanza_get_name(st), *from = xmpp_stanza_get_from(st), *t = xmpp_stanza_get_type(st);
 	char caps[24];
 	snprintf(caps, sizeof(caps), "%ld", cap);
-	LOG_KV_LIMITED(CW_LOG_WARN, "xmpp: a stanza larger than the cap is refused", "component", xc->domain, "name",
-	       name ? name : "", "from", from ? from : "", "cap", caps, "setting", "xmpp.max_stanza_bytes");
+	if (deep)
+		LOG_KV_LIMITED(CW_LOG_WARN, "xmpp: a stanza nested deeper than the cap is refused", "component",
+			       xc->domain, "name", name ? name : "", "from", from ? from : "", "levels", caps);
+	else
+		LOG_KV_LIMITED(CW_LOG_WARN, "xmpp: a stanza larger than the cap is refused", "component", xc->domain,
+			       "name", name ? name : "", "from", from ? from : "", "cap", caps, "setting",
+			       "xmpp.max_stanza_bytes");
 	if (!name || !from || (strcmp(name, "message") != 0 && strcmp(name, "presence") != 0 && strcmp(name, "iq") != 0) ||
 	    (t && (strcmp(t, "error") == 0 || strcmp(t, "result") == 0)))
 		return;
 	char text[96];
-	snprintf(text, sizeof(text), "the stanza is larger than %ld bytes, the most this gateway takes", cap);
+	if (deep)
+		snprintf(text, sizeof(text), "the stanza nests elements deeper than %ld levels, the most this gateway takes",
+			 cap);
+	else
+		snprintf(text, sizeof(text), "the stanza is larger than %ld bytes, the most this gateway takes", cap);
 	atomic_fetch_add(&xc->errors_out, 1);
 	xa_send_now(xc, xa_error_reply(st, "modify", "policy-violation", text));
 }

@@ -442,6 +442,12 @@ bool xa_xml_guards_libstrophe(void);
  * taken.  Only a tag longer than the cap, or a stream header, stops the
  * parser (XA_XML_TOO_LARGE). */
 bool xa_xml_cut(void);
+/* The levels an element may nest into its stanza (the stanza is level 1):
+ * a stanza with an element deeper is cut there, as one past the size cap
+ * is (xa_xml_cut), and xa_xml_cut_deep() is true with xa_xml_cut() for
+ * it.  libstrophe's stanza functions recurse per level. */
+#define XA_STANZA_DEPTH_MAX 128
+bool xa_xml_cut_deep(void);
 /* Expat keeps every distinct name it reads (of elements, attributes,
  * prefixes) for its parser's life, a reset included: the watched
  * parser's reads go to a parser of the guard's own, renewed at a stanza's

@@ -183,6 +183,9 @@ static __thread XML_Index fed;       /* bytes given to work since it was made */
  * the stanza's own end is handled (xa_xml_cut). */
 static __thread int cut_open;
 static __thread bool cut_ending;
+/* The stanza being cut was cut for its depth (XA_STANZA_DEPTH_MAX), not
+ * its size: until its end is handled (xa_xml_cut_deep). */
+static __thread bool cut_deep;
 static __thread bool ended; /* </stream:stream> was read: nothing is open */
 /* What work is made with: the watched parser's encoding, memory
  * functions and namespace separator. */
@@ -339,6 +342,17 @@ static void XMLCALL on_start(void *u, const XML_Char *name, const XML_Char **att
 		XML_StopParser(cur, XML_TRUE);
 		return;
 	}
+	/* An element nested more than XA_STANZA_DEPTH_MAX levels into its
+	 * stanza (the stanza itself is level 1, depth 2) cuts the stanza as
+	 * the size cap does: libstrophe builds, copies, serialises and frees
+	 * a stanza recursively, and a message of some 120,000 nested <a>
+	 * (840 KB, within the default cap) overflowed the component
+	 * thread's stack (a review of the fortieth session: the daemon died
+	 * of SIGSEGV).  No stanza XMPP defines nests anywhere near as deep. */
+	if (!cut_open && !replaying && depth - 1 > XA_STANZA_DEPTH_MAX) {
+		cut_open = depth - 1;
+		cut_deep = true;
+	}
 	if (their_start && !cut_open && !replaying)
 		their_start(u, name, atts);
 }
@@ -373,6 +387,8 @@ static void XMLCALL on_end(void *u, const XML_Char *name)
 	if (their_end)
 		their_end(u, name);
 	cut_ending = false;
+	if (level == 2)
+		cut_deep = false;
 	renew_after(level);
 }
 
@@ -590,6 +606,7 @@ static void fresh_stream(void)
 	their_user = NULL;
 	cut_open = 0;
 	cut_ending = false;
+	cut_deep = false;
 	ended = false;
 	depth = 0;
 	stanza_at = fed = 0;
@@ -879,6 +896,8 @@ void xa_xml_watch(bool on, long max_stanza_bytes)
 }
 
 bool xa_xml_cut(void) { return cut_ending; }
+
+bool xa_xml_cut_deep(void) { return cut_ending && cut_deep; }
 
 long xa_xml_held(void) { return work ? held : 0; }
 

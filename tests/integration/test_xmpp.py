@@ -4856,6 +4856,60 @@ def test_a_cut_stanza_nested_past_the_cap_closes_the_stream(make_daemon, db_url)
         srv.close()
 
 
+def test_a_stanza_nested_past_128_levels_is_refused_and_the_daemon_lives(make_daemon, db_url, pg):
+    """A stanza whose elements nest more than 128 levels into it is cut
+    there as one over the size cap is: refused with policy-violation
+    saying so, nothing of it stored, the stream going on. libstrophe
+    builds, serialises and frees a stanza recursively: until the fortieth
+    session a message of 120,000 nested <a> (840 KB, within the default
+    cap of 1 MiB) overflowed the component thread's stack, and the daemon
+    died of SIGSEGV (a review's finding)."""
+    srv = HostileServer(SECRET)
+    try:
+        d = srv.daemon(make_daemon, db_url)
+        srv.stream_up(d)
+        n = 120000
+        srv.send(f"<message from='{ALICE_JID}/phone' to='{WALLY_JID}' type='chat' id='deep2'><body>hi</body>"
+                 + "<a xmlns='urn:example:deep'>" + "<a>" * (n - 1) + "</a>" * n + "</message>")
+        answer = srv._until(b"deep2") + srv._until(b"</message>")
+        text = b"the stanza nests elements deeper than 128 levels, the most this gateway takes"
+        assert b"<policy-violation" in answer and text in answer and b"modify" in answer, answer
+        assert b"<a>" not in answer  # the error does not carry the stanza back
+        # 128 levels (the message the first, its deepest element the 128th):
+        # read whole, and refused only as to an unknown account (no peer here)
+        srv.send(f"<message from='{ALICE_JID}/phone' to='{WALLY_JID}' type='chat' id='deep3'><body>hi</body>"
+                 + "<a xmlns='urn:example:deep'>" + "<a>" * 126 + "</a>" * 127 + "</message>")
+        answer = srv._until(b"deep3") + srv._until(b"</message>")
+        assert b"<service-unavailable" in answer and b"policy-violation" not in answer, answer
+        srv.send(padded_ping("ok1", 300))
+        answer = srv._until(b"ok1") + srv._until(b">")
+        assert b"result" in answer, answer
+        wait_until(lambda: pg.psql("SELECT count(*) FROM events", db_url) == "0"
+                   and component_state(d)["stanzas_cut"] == 1, what="the deep stanza counted")
+        rec = d.wait_for(lambda r: r.get("msg") == "xmpp: a stanza nested deeper than the cap is refused")
+        assert rec["level"] == "warn" and rec["levels"] == "128" and rec["from"] == f"{ALICE_JID}/phone", rec
+        assert d.proc.poll() is None and component_state(d)["state"] == "up"
+    finally:
+        srv.close()
+
+
+def test_a_users_stanza_nested_past_128_levels_is_refused_to_her(xd, alice, pg, db_url):
+    """Through Prosody: a local user's message nesting an element 129
+    levels deep is answered policy-violation, with the depth in its text;
+    one of 128 levels is carried as any other."""
+    deep = "<a xmlns='urn:example:deep'>" + "<a>" * 127 + "</a>" * 128  # levels 2..129
+    sid = alice.send_message(WALLY_JID, "too deep", payload=deep)
+    err = alice.wait_for_message(lambda el: el.get("id") == sid and el.get("type") == "error")
+    assert err.error_condition == "policy-violation", ET.tostring(err)
+    assert "deeper than 128 levels" in ET.tostring(err).decode()
+    ok = "<a xmlns='urn:example:deep'>" + "<a>" * 126 + "</a>" * 127  # levels 2..128
+    sid = alice.send_message(WALLY_JID, "deep enough", payload=ok)
+    # no peer: refused as for an unknown account, after it was read whole
+    err = alice.wait_for_message(lambda el: el.get("id") == sid and el.get("type") == "error")
+    assert err.error_condition == "service-unavailable", ET.tostring(err)
+    assert component_state(xd)["stanzas_cut"] == 1
+
+
 # The cap of the tests whose stanzas are grown by Prosody's escaping (' as
 # &apos;).  At the default 1 MiB it takes some 175,000 apostrophes, and a
 # sanitized daemon reads them for minutes (libstrophe grows the text by a
