@@ -30,6 +30,7 @@
 #include "peer/peer_media.h"
 #include "xm.h"
 #include "store.h"
+#include "utf8.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -328,6 +329,16 @@ static xmpp_stanza_t *subject(struct xcomp *xc, xmpp_ctx_t *ctx, const char *roo
 	if (!m)
 		return NULL;
 	xmpp_stanza_set_from(m, room);
+	/* A name the peer API would refuse now (stored before the
+	 * thirty-first session: a bidirectional override that turns round
+	 * what follows, a C1 control) as the Matrix portals show it
+	 * (portal_name in mx_deliver.c): what of it shows.  Until the
+	 * fortieth session it went out as stored. */
+	char shown[4 * CW_NAME_SHOWN_MAX + 8];
+	if (*name && !cw_utf8_name_ok(name, strlen(name))) {
+		cw_utf8_name_shown(name, shown, sizeof(shown));
+		name = shown;
+	}
 	char text[500];
 	if (*name)
 		snprintf(text, sizeof(text), "%s (bridged from %.60s by Causeway: encryption ends at the gateway)", name,

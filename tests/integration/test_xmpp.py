@@ -473,6 +473,27 @@ def test_the_admin_lists_find_a_local_user_named_with_capitals(xd, gk, pg, db_ur
         assert r.status_code == 400, (path, r.text)
 
 
+def test_a_group_name_stored_before_the_rules_is_shown_as_the_portals_show_it(xd, gk, alice, pg, db_url):
+    """A group's name the peer API would refuse now (stored before the
+    thirty-first session: a bidirectional override, a C1 control) is the
+    room's subject only as the Matrix portals show such a name (what of
+    it shows, cut at 64 characters): until the fortieth session it went
+    out as stored, and the override turned round the "(bridged from ...:
+    encryption ends at the gateway)" after it."""
+    a, _ = gk
+    consent_alice(xd)
+    gid = a.create_room([a.user("wally"), ALICE], kind="group", name="Lunch").json()["id"]
+    pg.psql(f"UPDATE rooms SET name = 'Lunch ' || chr(8238) || 'yawetag' || chr(133) || ' club' "
+            f"WHERE public_id = '{gid}'", db_url)
+    assert a.send(gid, a.user("wally"), "hello").status_code == 202
+    invite = alice.wait_for_message(lambda el: el.find(q(MUC_USER, "x")) is not None)
+    start = alice.count()
+    alice.send_presence(to=invite.get("from") + "/alice", payload=f"<x xmlns='{MUC}'><history maxstanzas='0'/></x>")
+    el = alice.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+    assert el.find("{jabber:client}subject").text == ("Lunch yawetag club (bridged from gk by Causeway: "
+                                                      "encryption ends at the gateway)"), ET.tostring(el)
+
+
 def test_a_group_is_a_room_of_the_component(xd, gk, alice, prosody, pg, db_url):
     """A peer's group room is a multi-user chat (XEP-0045) served by the
     component: alice is invited with its first message, joins, sees its
