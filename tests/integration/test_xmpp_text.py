@@ -59,12 +59,15 @@ def test_a_groups_name_with_characters_xml_forbids_reaches_the_subject_replaced(
     start = alice.count()
     alice.send_presence(to=room + "/alice", payload=f"<x xmlns='{MUC}'><history maxstanzas='0'/></x>")
     got = alice.wait_for_message(lambda el: subject_of(el) is not None, start=start)
-    assert subject_of(got).startswith("Lunch \ufffd\ufffd\ufffd club (bridged from gk by Causeway"), subject_of(got)
+    # A name the API refuses now is shown as the portals show it (since the
+    # fortieth session: the control left out, cw_utf8_name_shown); the
+    # noncharacters it keeps are replaced where the text is written.
+    assert subject_of(got).startswith("Lunch \ufffd\ufffd club (bridged from gk by Causeway"), subject_of(got)
     # Renamed (in storage) while she is in: the new subject, replaced as well.
     start = alice.count()
     pg.psql(f"UPDATE rooms SET name = 'Tea ' || {SQL_BAD} WHERE public_id = '{gid}'", db_url)
     got = alice.wait_for_message(lambda el: subject_of(el) is not None, start=start, timeout=20)
-    assert subject_of(got).startswith("Tea \ufffd\ufffd\ufffd (bridged from gk"), subject_of(got)
+    assert subject_of(got).startswith("Tea \ufffd\ufffd (bridged from gk"), subject_of(got)
     # The stream never broke.
     assert connects(xd) == before and component_state(xd)["state"] == "up"
 
