@@ -473,6 +473,43 @@ def test_the_admin_lists_find_a_local_user_named_with_capitals(xd, gk, pg, db_ur
         assert r.status_code == 400, (path, r.text)
 
 
+def test_one_user_cannot_fill_the_rooms_for_everyone(xd, alice, prosody):
+    """A user's clients are occupants of at most 500 rooms in all (each
+    client in each room counts): a join past that is refused with
+    resource-constraint and a text saying why, nothing made, while
+    another user still joins. The component holds at most 10,000
+    occupants: until the fortieth session one client joining 10,000
+    rooms of its own making (78 seconds) left every other user's join
+    refused (a review's finding)."""
+    def answered(start):
+        return len([m for m in alice.stanzas()[start:] if m.get("type") == "error"
+                    or m.find("{jabber:client}subject") is not None])
+    start = alice.count()
+    for b in range(0, 500, 100):
+        for i in range(b, b + 100):
+            alice.send_presence(to=f"#mine{i}@{COMP}/alice", payload=f"<x xmlns='{MUC}'><history maxstanzas='0'/></x>")
+        wait_until(lambda: answered(start) >= b + 100, timeout=60, what="the joins' answers")
+    assert not [m for m in alice.stanzas()[start:] if m.get("type") == "error"]
+    assert component_state(xd)["room_occupants"] == 500
+    start = alice.count()
+    alice.send_presence(to=f"#mine500@{COMP}/alice", payload=f"<x xmlns='{MUC}'><history maxstanzas='0'/></x>")
+    err = alice.wait_for_presence(lambda el: el.get("type") == "error", start=start)
+    assert err.get("from") == f"#mine500@{COMP}/alice" and err.error_condition == "resource-constraint"
+    assert "too many group rooms" in ET.tostring(err).decode()
+    # a room she is in already is joined again (a client that thinks it is out)
+    start = alice.count()
+    alice.send_presence(to=f"#mine7@{COMP}/alice", payload=f"<x xmlns='{MUC}'><history maxstanzas='0'/></x>")
+    alice.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+    bob = XmppClient("bob@" + HOST, "pw-bob", port=prosody.c2s_port)
+    bob.connect()
+    try:
+        start = bob.count()
+        bob.send_presence(to=f"#bobs@{COMP}/bob", payload=f"<x xmlns='{MUC}'><history maxstanzas='0'/></x>")
+        bob.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+    finally:
+        bob.disconnect()
+
+
 def test_a_group_name_stored_before_the_rules_is_shown_as_the_portals_show_it(xd, gk, alice, pg, db_url):
     """A group's name the peer API would refuse now (stored before the
     thirty-first session: a bidirectional override, a C1 control) is the
