@@ -438,6 +438,9 @@ struct txn {
 	json_t *rooms;        /* Matrix room id -> its neutral room's id when bridged */
 	json_t *mgmt;         /* Matrix room id -> the user whose management room it is */
 	json_t *rejoins;      /* "<Matrix room> <user>": their join is no change (joins_of_invitees) */
+	json_t *prior;        /* "<Matrix room> <user>" -> her membership as far as Causeway knows (txn_lookup, then
+				 each member event of hers as txn_convert goes): for a member event without
+				 unsigned.prev_content (with_prior) */
 	json_t *joining;      /* the keys of m->joining this transaction holds (hold_joins), or NULL */
 	json_t *bot_send;     /* of bot, those that are the bot's (txn_prepare) */
 	json_t *typing;       /* room -> who types, as this transaction says (kept once it is durable) */
@@ -472,6 +475,7 @@ static void txn_free(void *arg)
 	json_decref(t->rooms);
 	json_decref(t->mgmt);
 	json_decref(t->rejoins);
+	json_decref(t->prior);
 	json_decref(t->bot_send);
 	json_decref(t->typing);
 	json_decref(t->item_rooms);
@@ -531,6 +535,36 @@ static void add_id_text(struct id_set *s, const char *v)
 	json_decref(id);
 }
 
+/* The previous membership of a member event: unsigned.prev_content's, or
+ * NULL (the specification makes it optional). */
+static const char *prev_membership(const json_t *ev)
+{
+	return json_string_value(
+		json_object_get(json_object_get(json_object_get(ev, "unsigned"), "prev_content"), "membership"));
+}
+
+/* [Matrix room, user] of a join or leave of the sender's own that does
+ * not say what her membership was before (with_prior), each pair once. */
+static void add_member(struct id_set *s, const json_t *ev)
+{
+	const char *type = json_string_value(json_object_get(ev, "type"));
+	const char *key = json_string_value(json_object_get(ev, "state_key"));
+	const char *sender = json_string_value(json_object_get(ev, "sender"));
+	const char *room = json_string_value(json_object_get(ev, "room_id"));
+	const char *ms = json_string_value(json_object_get(json_object_get(ev, "content"), "membership"));
+	if (!type || strcmp(type, "m.room.member") != 0 || !key || !sender || strcmp(key, sender) != 0 || !room ||
+	    !ms || (strcmp(ms, "join") != 0 && strcmp(ms, "leave") != 0) || prev_membership(ev))
+		return;
+	json_t *pair = json_pack("[s, s]", room, key);
+	char *text = pair ? json_dumps(pair, JSON_COMPACT) : NULL;
+	if (text && !json_object_get(s->seen, text)) {
+		json_object_set(s->seen, text, json_true());
+		json_array_append(s->list, pair);
+	}
+	free(text);
+	json_decref(pair);
+}
+
 /* The statement of txn_lookup, prepared on every store connection: sent
  * whole each time, its planning took ten times its running. */
 const struct store_stmt matrix_statements[] = {
@@ -552,7 +586,24 @@ const struct store_stmt matrix_statements[] = {
 	  "   AND x.id = '@' || i.localpart || ':' || $2)), NULL, NULL "
 	  " FROM d, jsonb_array_elements_text(d.j->'users') AS x(id) "
 	  "UNION ALL SELECT 'mgmt', m.room_id, m.user_id, NULL, NULL FROM matrix_mgmt_rooms m "
-	  " WHERE m.room_id IN (SELECT jsonb_array_elements_text(d.j->'rooms') FROM d)" },
+	  " WHERE m.room_id IN (SELECT jsonb_array_elements_text(d.j->'rooms') FROM d) "
+	  /* her membership before a member event of hers without prev_content
+	   * (with_prior), from what is stored: in a group's portal her
+	   * membership of the group; in a direct room (both always members
+	   * of it) joined when her last event stored through Matrix since
+	   * the room was bound is not her leave (she joined, wrote, read);
+	   * else nothing (NULL: not known) */
+	  "UNION ALL SELECT 'prior', (x->>0) || ' ' || (x->>1), CASE WHEN b.remote_identity_id IS NULL THEN "
+	  "  (SELECT CASE m.membership WHEN 'joined' THEN 'join' WHEN 'invited' THEN 'invite' END FROM room_members m "
+	  "   WHERE m.room_id = b.room_id AND m.identity_id = b.local_identity_id) "
+	  " WHEN (SELECT NOT (e.type = 'membership' AND e.content->'content'->>'membership' = 'leave') FROM events e "
+	  "  WHERE e.room_id = b.room_id AND e.sender_id = b.local_identity_id AND e.origin_network = 'matrix' "
+	  "  AND e.accepted_at >= b.created_at ORDER BY e.id DESC LIMIT 1) THEN 'join' END, NULL, NULL "
+	  " FROM d CROSS JOIN jsonb_array_elements(d.j->'members') AS x "
+	  " JOIN room_bindings b ON b.network = 'matrix' AND b.native_id = x->>0 "
+	  " JOIN identities li ON li.id = b.local_identity_id AND li.is_local "
+	  " WHERE EXISTS (SELECT 1 FROM identity_bindings ib WHERE ib.identity_id = li.id AND ib.network = 'matrix' "
+	  "  AND ib.native_id = x->>1) OR x->>1 = '@' || li.localpart || ':' || $2" },
 	{ NULL, NULL },
 };
 
@@ -564,7 +615,7 @@ const struct store_stmt matrix_statements[] = {
 static cw_err txn_lookup(PGconn *c, struct txn *t, cw_errmsg *e)
 {
 	struct id_set ids = { json_array(), json_object() }, rooms = { json_array(), json_object() },
-		      users = { json_array(), json_object() };
+		      users = { json_array(), json_object() }, members = { json_array(), json_object() };
 	size_t i;
 	json_t *ev;
 	json_array_foreach(t->events, i, ev) {
@@ -574,6 +625,7 @@ static cw_err txn_lookup(PGconn *c, struct txn *t, cw_errmsg *e)
 			add_id_text(&ids, refs[k]);
 		add_id(&rooms, json_object_get(ev, "room_id"));
 		add_id(&users, json_object_get(ev, "sender"));
+		add_member(&members, ev);
 	}
 	json_array_foreach(t->nul, i, ev) { /* whose writer is told */
 		add_id(&rooms, json_object_get(ev, "room_id"));
@@ -606,7 +658,9 @@ static cw_err txn_lookup(PGconn *c, struct txn *t, cw_errmsg *e)
 	json_decref(ids.seen);
 	json_decref(rooms.seen);
 	json_decref(users.seen);
-	json_t *doc = json_pack("{s:o, s:o, s:o}", "ids", ids.list, "rooms", rooms.list, "users", users.list);
+	json_decref(members.seen);
+	json_t *doc = json_pack("{s:o, s:o, s:o, s:o}", "ids", ids.list, "rooms", rooms.list, "users", users.list,
+				"members", members.list);
 	char *text = json_dumps(doc, JSON_COMPACT);
 	json_decref(doc);
 	if (!text)
@@ -623,11 +677,13 @@ static cw_err txn_lookup(PGconn *c, struct txn *t, cw_errmsg *e)
 	json_object_clear(t->rooms);
 	json_object_clear(t->senders);
 	json_object_clear(t->mgmt);
+	json_object_clear(t->prior);
 	for (int k = 0; k < PQntuples(r); k++) {
 		const char *kind = PQgetvalue(r, k, 0), *id = PQgetvalue(r, k, 1);
 		if (PQgetisnull(r, k, 2))
 			continue;
 		json_t *dst = kind[0] == 'm'                    ? t->mgmt
+			      : kind[0] == 'p'                   ? t->prior
 			      : kind[0] == 'r' && kind[1] == 'e' ? t->map
 			      : kind[0] == 'r'                   ? t->rooms
 								 : t->senders;
@@ -682,10 +738,14 @@ static bool bot_wants(const struct txn *t, json_t *ev)
 		/* Someone joining a bridged room by themselves (no invitation:
 		 * a room its user made public), whoever: put out unless it is
 		 * the room's user (mx_bot.c, joined_uninvited).  A join after a
-		 * join is a profile change. */
-		const char *prev =
-			json_string_value(json_object_get(json_object_get(json_object_get(ev, "unsigned"), "prev_content"),
-							  "membership"));
+		 * join is a profile change.  One told without prev_content (it
+		 * is optional) is the bot's too, a profile change included: it
+		 * puts out only who is not the room's user, decided from the
+		 * binding, not from the event, so the room's user is never put
+		 * out of her own room by her rename
+		 * (test_a_profile_change_told_without_prev_content_is_no_join);
+		 * the statement (txn_bot_send) reads it the same way. */
+		const char *prev = prev_membership(ev);
 		if (!ghost && strcmp(key, t->m->bot) != 0 && ms && strcmp(ms, "join") == 0 && sender &&
 		    strcmp(sender, key) == 0 && !(prev && strcmp(prev, "join") == 0) && json_object_get(t->rooms, room))
 			return true;
@@ -745,7 +805,7 @@ static cw_err txn_bot_send(PGconn *c, struct txn *t, cw_errmsg *e)
 		"    AND mm.user_id <> x->>'state_key')) "
 		"  OR (x->>'type' = 'm.room.member' AND NOT g.ghost AND x->>'state_key' <> $2 " /* a join, anyone's */
 		"   AND x->>'sender' = x->>'state_key' AND x->'content'->>'membership' = 'join' "
-		"   AND coalesce(x->'unsigned'->'prev_content'->>'membership', '') <> 'join' "
+		"   AND coalesce(x->'unsigned'->'prev_content'->>'membership', '') <> 'join' " /* none: bot_wants */
 		"   AND EXISTS (SELECT 1 FROM room_bindings b WHERE b.network = 'matrix' AND b.native_id = x->>'room_id')) "
 		"  OR (x->>'type' = 'm.room.member' AND g.ghost " /* a ghost put out, by any sender */
 		"   AND x->'content'->>'membership' IN ('leave', 'ban') "
@@ -813,6 +873,47 @@ static bool is_rejoin(struct txn *t, json_t *ev)
 	return sender && strcmp(sender, key) == 0 && json_object_get(t->rejoins, k) != NULL;
 }
 
+/* A member event of a bridged room as the mapping is to read it: when it
+ * is the member's own and says nothing of her membership before
+ * (unsigned.prev_content is optional: a homeserver gives it only when the
+ * client may see the previous content, and an event's unsigned may be
+ * stripped on the way), a copy (held by copies) with the membership
+ * Causeway knows of put in: the one of her member event before it in this
+ * transaction, else what is stored (txn_lookup's 'prior' rows).  Nothing
+ * known: the event as it is, and the mapping carries neither a leave
+ * (which may be an invitation declined, which the far side must not
+ * learn) nor takes a join for a profile change (mx_map.c, from_member;
+ * a join already told stays untold: is_rejoin).  Until the fortieth
+ * session only prev_content was read: a decline told without it reached
+ * the peer as a leave, and a rename as a join.  Every member event of
+ * the room is followed, whoever sent it (a kick ends a join). */
+static json_t *with_prior(struct txn *t, json_t *ev, json_t *copies)
+{
+	const char *type = json_string_value(json_object_get(ev, "type"));
+	const char *key = json_string_value(json_object_get(ev, "state_key"));
+	const char *sender = json_string_value(json_object_get(ev, "sender"));
+	const char *room = json_string_value(json_object_get(ev, "room_id"));
+	const char *ms = json_string_value(json_object_get(json_object_get(ev, "content"), "membership"));
+	if (!type || strcmp(type, "m.room.member") != 0 || !key || !room || !ms)
+		return ev;
+	char k[REJOIN_KEY_MAX];
+	rejoin_key(k, room, key);
+	const char *known = json_string_value(json_object_get(t->prior, k));
+	json_t *out = ev;
+	if (known && sender && strcmp(sender, key) == 0 && !prev_membership(ev)) {
+		json_t *copy = json_deep_copy(ev);
+		json_t *uns = copy ? json_object_get(copy, "unsigned") : NULL;
+		if (copy && !json_is_object(uns) && json_object_set_new(copy, "unsigned", uns = json_object()) != 0)
+			uns = NULL;
+		if (uns && json_object_set_new(uns, "prev_content", json_pack("{s:s}", "membership", known)) == 0 &&
+		    json_array_append(copies, copy) == 0)
+			out = copy;
+		json_decref(copy);
+	}
+	json_object_set_new(t->prior, k, json_string(ms)); /* what the next event of hers follows */
+	return out;
+}
+
 /* Whether a refusal of ev before the pipeline is told to its writer:
  * what a user writes (a message, a sticker, a poll: no state, no reaction,
  * no redaction), as the pipeline's refusals are told of messages and
@@ -850,6 +951,7 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 	json_array_clear(t->refusals);
 	size_t n = json_array_size(t->events);
 	json_t *conv = json_array(); /* [ [room, event_id, sender uri, neutral body], ... ] */
+	json_t *copies = json_array(); /* with_prior's */
 	size_t i;
 	json_t *ev;
 	json_array_foreach(t->nul, i, ev) {
@@ -872,6 +974,8 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 		const char *room = json_string_value(json_object_get(ev, "room_id"));
 		const char *sender = json_string_value(json_object_get(ev, "sender"));
 		const char *uri = lookup_map(t->senders, sender);
+		if (json_object_get(t->rooms, room))
+			ev = with_prior(t, ev, copies);
 		if (!json_object_get(t->rooms, room) || !uri) {
 			t->conv_ignored++; /* not a bridged room, or not one of this provider's users */
 			continue;
@@ -926,6 +1030,7 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 		}
 		json_array_append_new(conv, json_pack("[s, s, s, o, s]", room, event_id, uri, neutral, pid));
 	}
+	json_decref(copies);
 	json_t *eph = json_array();
 	json_object_clear(t->typing); /* this step may run again: from the stored state each time */
 	json_array_foreach(t->ephemeral, i, ev) {
@@ -1223,8 +1328,10 @@ static cw_err txn_prepare(PGconn *c, struct app_job *j, cw_errmsg *e)
 	json_decref(t->rooms);
 	json_decref(t->mgmt);
 	json_decref(t->rejoins);
+	json_decref(t->prior);
 	json_decref(t->nul);
 	t->nul = NULL;
+	t->prior = NULL;
 	t->edits = NULL;
 	t->events = t->ephemeral = t->bot = t->map = t->ref_rooms = t->senders = t->rooms = t->mgmt = NULL;
 	t->rejoins = NULL;
@@ -1439,6 +1546,7 @@ static struct txn *txn_new(struct cw_app *app, const char *txn_id, const unsigne
 	t->senders = json_object();
 	t->mgmt = json_object();
 	t->rejoins = json_object();
+	t->prior = json_object();
 	t->bot_send = json_array();
 	t->typing = json_object();
 	t->item_rooms = json_array();

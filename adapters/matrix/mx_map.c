@@ -1152,6 +1152,10 @@ static enum mx_in_result from_member(const json_t *ev, const json_t *content, js
 	const char *sender = str_member(ev, "sender");
 	const char *neutral;
 	if (strcmp(m, "join") == 0) {
+		/* Without a previous membership (optional in the event) a
+		 * join: the adapter puts in the one it knows of (matrix.c,
+		 * with_prior), and a join already told is not told again
+		 * (is_rejoin). */
 		if (prev && strcmp(prev, "join") == 0) {
 			say(why, whylen, "a profile change is not a membership change");
 			return MX_IN_IGNORE;
@@ -1159,13 +1163,23 @@ static enum mx_in_result from_member(const json_t *ev, const json_t *content, js
 		neutral = "join";
 	} else if (strcmp(m, "invite") == 0) {
 		neutral = "invite";
-	} else if (strcmp(m, "leave") == 0 && prev && strcmp(prev, "invite") == 0 && sender &&
-		   strcmp(sender, who) == 0) {
-		/* An invitation turned down: what the invitee decided, which
-		 * the far side must not learn (to it, this user stays as
-		 * silent as one who does not exist).  A leave after a join,
-		 * or an invitation taken back by another, is carried. */
-		say(why, whylen, "a declined invitation is not carried");
+	} else if (strcmp(m, "leave") == 0 && sender && strcmp(sender, who) == 0 && !(prev && strcmp(prev, "join") == 0)) {
+		/* Her own leave, carried only after a join.  After an invitation
+		 * it is the invitation turned down: what the invitee decided,
+		 * which the far side must not learn (to it, this user stays as
+		 * silent as one who does not exist); after a knock, a knock
+		 * taken back (she was never in).  With no previous membership
+		 * (unsigned.prev_content is optional: a homeserver gives it
+		 * only when the client may see it) nothing tells a decline from
+		 * a leave, and the far side is told nothing: the adapter puts
+		 * in the membership it knows of when the event has none
+		 * (matrix.c, txn_convert).  Until the fortieth session only a
+		 * leave after an invitation was kept back, and a decline told
+		 * without prev_content reached the far side.  An invitation
+		 * taken back by another is carried (mx_to_neutral's caller
+		 * looks up only the sender: matrix.c, lookup_ref_or_user). */
+		say(why, whylen, prev && strcmp(prev, "invite") == 0 ? "a declined invitation is not carried"
+								     : "a leave not known to follow a join is not carried");
 		return MX_IN_IGNORE;
 	} else if (strcmp(m, "leave") == 0 || strcmp(m, "ban") == 0) {
 		neutral = "leave";

@@ -322,6 +322,11 @@ class Homeserver:
         # takes the answer as lost (a connection dropped, a timeout), and
         # the same txnId is sent again, as the specification asks.
         self.lose_answer = None
+        # True: the transactions pushed carry no unsigned.prev_content (nor
+        # replaces_state, prev_sender): the specification has a homeserver
+        # give them only when the client may see the previous content, so
+        # a member event may come without them.
+        self.strip_prev_content = False
         # A test's predicate on a request served (method, path, user): True
         # closes the connection instead of answering, once the request has
         # been carried out (an answer lost on its way: the client cannot
@@ -1782,8 +1787,12 @@ class Homeserver:
                 if self._closing:
                     return
                 now = now_ms()
-                body = {"events": [dict(e, unsigned=dict(e["unsigned"], age=max(0, now - e["origin_server_ts"])))
+                body = {"events": [dict(e, unsigned=dict({k: v for k, v in e["unsigned"].items()
+                                                          if not self.strip_prev_content or
+                                                          k not in ("prev_content", "replaces_state", "prev_sender")},
+                                                         age=max(0, now - e["origin_server_ts"])))
                                    for e in txn["events"]]}
+                txn["pushed"] = body["events"]  # as the application service got them
                 if txn["ephemeral"] and txn["tries"] == 0:  # Synapse keeps no ephemeral data for retries
                     body[eph_key] = txn["ephemeral"]
                 txn["tries"] += 1

@@ -3664,6 +3664,78 @@ def test_a_declined_invitation_does_not_reach_the_peer(mx, hs, gk):
     assert memberships() == ["join", "leave"], srv.events
 
 
+def test_a_declined_invitation_told_without_prev_content_does_not_reach_the_peer(mx, hs, gk):
+    """The specification makes unsigned.prev_content optional (given "only
+    if the client has access to the previous content"): a homeserver that
+    leaves it out tells a decline from a leave after a join by nothing in
+    the event.  Causeway decides from what it stored: alice had done
+    nothing through her room with wally since it was bound (no join
+    carried, nothing written), so her leave is not carried (a decline,
+    which the peer must not learn, as when prev_content says so); in the
+    next room, after her join was carried, her leave is.  Until the
+    fortieth session a leave without prev_content was always carried, and
+    the peer learned she declined."""
+    a, srv = gk
+    hs.strip_prev_content = True
+    consent_alice(mx)
+    _, alice_token = hs.create_user("alice")
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    a.send(room, a.user("wally"), "hello")
+    ghost = "@_cw_gk_wally:example.org"
+    mx_room = wait_until(lambda: next((rid for rid in hs.rooms() if any(
+        e["sender"] == ghost and e["type"] == "m.room.message" for e in hs.events(rid))), None), what="delivery")
+    alice = hs.as_user(alice_token)
+    assert hs.members(mx_room).get(ALICE_MX) == "invite"
+    alice.leave(mx_room)  # declines
+    decline = [e for e in hs.events(mx_room) if e["type"] == "m.room.member" and e["state_key"] == ALICE_MX][-1]
+    # The room is given up as after any leave.
+    wait_until(lambda: hs.members(mx_room).get(ghost) == "leave", what="the ghost leaving")
+    pushed = [e for t in hs.transactions for e in t.get("pushed", []) if e["event_id"] == decline["event_id"]]
+    assert pushed and all("prev_content" not in e["unsigned"] for e in pushed), pushed
+    a.send(room, a.user("wally"), "still there?")
+    new_room = wait_until(lambda: next((rid for rid in hs.rooms() if rid != mx_room and any(
+        e["sender"] == ghost and e["type"] == "m.room.message" for e in hs.events(rid))), None), what="a new room")
+    alice.join(new_room)
+
+    def memberships():
+        return [e["content"]["membership"] for e in list(srv.events) if e["type"] == "membership"]
+    wait_until(lambda: memberships(), what="the join at the peer")
+    alice.leave(new_room)
+    # (rows of one room reach the peer in order: had the decline gone out,
+    # it would come before the join)
+    wait_until(lambda: len(memberships()) >= 2, what="the leave at the peer")
+    assert memberships() == ["join", "leave"], srv.events
+
+
+def test_a_profile_change_told_without_prev_content_is_no_join(mx, hs, gk, pg, db_url):
+    """alice renames herself in her direct room with wally, and the
+    homeserver leaves unsigned.prev_content out: a join after nothing, as
+    far as the event says.  She made the room and wrote there (her join
+    came before the room was bound: the peer never got one), so the join
+    is her profile change, not carried; and the bot, which looks at a join
+    of a bridged room (someone uninvited is put out), leaves her, the
+    room's own user, in.  Her leave later, without prev_content too, is a
+    leave after a join (she wrote there), and carried.  Until the fortieth
+    session the peer got a join for the rename."""
+    a, srv = gk
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+    alice.send_text(room, "hi")
+    srv.wait_events(1)
+    hs.strip_prev_content = True
+    eid = alice.state(room, "m.room.member", {"membership": "join", "displayname": "Alice B"}, state_key=ALICE_MX)
+    wait_until(lambda: pg.psql(f"SELECT handled_at IS NOT NULL FROM matrix_bot_inbox WHERE event_id = '{eid}'",
+                               db_url) == "t", what="the bot's look at the join")
+    alice.send_text(room, "marker")
+    wait_until(lambda: any(e.get("type") == "message" and e["content"]["parts"][0]["body"] == "marker"
+                           for e in list(srv.events)), what="the marker")
+    assert hs.members(room)[ALICE_MX] == "join"
+    assert not [e for e in list(srv.events) if e.get("type") == "membership"], list(srv.events)
+    assert pg.psql("SELECT count(*) FROM events WHERE type = 'membership'", db_url) == "0"
+    alice.leave(room)
+    wait_until(lambda: [e for e in list(srv.events) if e.get("type") == "membership"], what="the leave at the peer")
+    assert [e["content"]["membership"] for e in list(srv.events) if e.get("type") == "membership"] == ["leave"]
+
+
 def test_a_notice_refused_for_good_is_not_tried_again(mx, hs, gk, pg, db_url):
     """A notice for a room that was unbound (its user left, the ghost went)
     gets 403 M_FORBIDDEN on every try: it is given up at once instead of
@@ -5378,6 +5450,40 @@ def test_someone_else_in_a_management_room_ends_it(mx, hs, gk, pg, db_url):
     mgmt2 = alice.create_dm(bot)
     wait_until(lambda: any("mimi://wa.example/u/ed" in e["content"].get("body", "") for e in hs.events(mgmt2)
                            if e["sender"] == bot), what="ed's request in her new room")
+
+
+def test_someone_invited_while_the_bot_sets_up_a_management_room_ends_it(mx, hs, pg, db_url):
+    """The bot, invited by alice, joins, finds nobody else in the room, and
+    records it as her management room; a transaction's member events are
+    checked against that record.  carol, invited after the bot looked at
+    the members but before the record was written (here: while a table
+    lock holds the write), was seen by neither: the room became alice's
+    management room with carol in it.  Since the fortieth session the bot
+    looks at the members again once the record is written, and leaves."""
+    bot = "@_cw_bot:example.org"
+    carol = "@carol:example.org"
+    wait_until(lambda: hs.user_exists(bot), what="the bot registered")
+    alice = hs.as_user(hs.create_user("alice")[1])
+    hs.create_user("carol")
+    held = HeldSession(db_url)
+    try:
+        held.run("BEGIN; LOCK TABLE matrix_mgmt_rooms IN SHARE ROW EXCLUSIVE MODE;")
+        mgmt = alice.create_dm(bot)
+        wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                   "AND query LIKE '%INSERT INTO matrix_mgmt_rooms%'", db_url) == "1",
+                   timeout=30, what="the record of the management room waiting for the lock")
+        assert hs.members(mgmt).get(bot) == "join"
+        alice.invite(mgmt, carol)
+        wait_until(lambda: any(t["done"] and any(e["type"] == "m.room.member" and e.get("state_key") == carol
+                                                 for e in t["events"]) for t in hs.transactions),
+                   what="the transaction with carol's invitation taken")
+        held.end()
+    finally:
+        held.end()
+    wait_until(lambda: hs.members(mgmt).get(bot) == "leave", what="the bot leaving")
+    said = [e["content"]["body"] for e in hs.events(mgmt) if e["type"] == "m.room.message" and e["sender"] == bot]
+    assert len(said) == 1 and "others are in it" in said[0], said
+    assert pg.psql("SELECT count(*) FROM matrix_mgmt_rooms", db_url) == "0"
 
 
 @pytest.mark.parametrize("how", ["join", "invite"])
