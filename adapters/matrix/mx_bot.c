@@ -680,9 +680,27 @@ static int others_in(struct matrix *m, const char *room, const char *ghost, cons
 /* An invitation of the bot by one of this provider's users: join, and
  * make the room that user's management room (unless it is bridged or
  * others are in it).  True: the homeserver did not take the join for
- * now, try again later. */
+ * now, try again later.
+ *
+ * Someone invited into the room (or joining it) after others_in read the
+ * members is an intruder the transaction path hands to the bot (matrix.c,
+ * bot_wants and txn_bot_send: intruded) only when the room's row in
+ * matrix_mgmt_rooms is there when it reads it; the homeserver's
+ * transactions are read and written on the HTTP side while this runs on
+ * the bot's thread, in no order with it, so an invitation pushed between
+ * the look at the members and the commit of the row was seen by neither
+ * (until the fortieth session: test_someone_invited_while_the_bot_sets_up_
+ * a_management_room_ends_it).  So the members are read again once the
+ * row is committed: a member event the homeserver made after that second
+ * read is pushed after it, and read by a transaction that finds the row;
+ * one made before it is in what the second read answers.  The first read
+ * stays, so that a room found shared never takes over the user's
+ * management room; one the second finds shared (or cannot read for now)
+ * gives it back. */
 static bool invited(struct matrix *m, PGconn *c, const char *room, const char *sender, const char *eid)
 {
+	static const char others_text[] = "I take commands in a room of your own with me (open a direct room with "
+					  "me there); this one is a bridged conversation, or others are in it.";
 	char local_id[24], uri[600];
 	if (!local_identity(m, c, sender, local_id, sizeof(local_id), uri, sizeof(uri)))
 		return false;
@@ -706,14 +724,12 @@ static bool invited(struct matrix *m, PGconn *c, const char *room, const char *s
 	if (others < 0)
 		return true;
 	if (others) {
-		static const char text[] = "I take commands in a room of your own with me (open a direct room with me "
-					   "there); this one is a bridged conversation, or others are in it.";
 		char txn[48];
 		txn_for(txn, sizeof(txn), "leave", eid, room);
 		if (group)
-			say_as(m, c, room, NULL, text, txn);
+			say_as(m, c, room, NULL, others_text, txn);
 		else
-			says_and_leaves(m, c, room, NULL, text, txn);
+			says_and_leaves(m, c, room, NULL, others_text, txn);
 		return false;
 	}
 	/* A user has one management room: a new one takes over.  The old
@@ -727,6 +743,31 @@ static bool invited(struct matrix *m, PGconn *c, const char *room, const char *s
 		"SELECT room_id FROM old", 3, NULL, params, NULL, NULL, 0);
 	if (store_check(c, r, PGRES_TUPLES_OK, &e)) {
 		LOG_KV(CW_LOG_WARN, "cannot record a management room", "detail", e.msg);
+		return false;
+	}
+	if ((others = others_in(m, room, NULL, sender)) != 0) {
+		/* someone came in meanwhile (or no answer for now): the old
+		 * room, if any, is hers again, else she has none */
+		const char *gp[] = { sender, room, PQntuples(r) == 1 ? PQgetvalue(r, 0, 0) : NULL };
+		PGresult *g = PQexecParams(c,
+			"WITH back AS (UPDATE matrix_mgmt_rooms SET room_id = $3::text WHERE user_id = $1 AND room_id = $2 "
+			" AND $3::text IS NOT NULL AND NOT EXISTS (SELECT 1 FROM matrix_mgmt_rooms o WHERE o.room_id = $3::text) "
+			" RETURNING 1) "
+			"DELETE FROM matrix_mgmt_rooms WHERE user_id = $1 AND room_id = $2 AND NOT EXISTS (SELECT 1 FROM back)",
+			3, NULL, gp, NULL, NULL, 0);
+		cw_err grc = store_check(c, g, PGRES_COMMAND_OK, &e);
+		PQclear(r);
+		if (!grc)
+			PQclear(g);
+		else /* the bot leaves all the same: it says nothing in a room it left */
+			LOG_KV(CW_LOG_WARN, "cannot give a management room up", "room", room, "detail", e.msg);
+		if (others < 0)
+			return true;
+		LOG_KV_LIMITED(CW_LOG_INFO, "someone came into a management room while it was set up: the bot leaves it",
+			       "room", room);
+		char txn[48];
+		txn_for(txn, sizeof(txn), "leave", eid, room);
+		says_and_leaves(m, c, room, NULL, others_text, txn);
 		return false;
 	}
 	char txn[48];

@@ -5452,18 +5452,23 @@ def test_someone_else_in_a_management_room_ends_it(mx, hs, gk, pg, db_url):
                            if e["sender"] == bot), what="ed's request in her new room")
 
 
-def test_someone_invited_while_the_bot_sets_up_a_management_room_ends_it(mx, hs, pg, db_url):
+@pytest.mark.parametrize("before", ["none", "another"])
+def test_someone_invited_while_the_bot_sets_up_a_management_room_ends_it(mx, hs, pg, db_url, before):
     """The bot, invited by alice, joins, finds nobody else in the room, and
     records it as her management room; a transaction's member events are
     checked against that record.  carol, invited after the bot looked at
     the members but before the record was written (here: while a table
     lock holds the write), was seen by neither: the room became alice's
     management room with carol in it.  Since the fortieth session the bot
-    looks at the members again once the record is written, and leaves."""
+    looks at the members again once the record is written, and leaves; the
+    management room she had before (if any) stays hers, told nothing."""
     bot = "@_cw_bot:example.org"
     carol = "@carol:example.org"
     wait_until(lambda: hs.user_exists(bot), what="the bot registered")
-    alice = hs.as_user(hs.create_user("alice")[1])
+    if before == "another":
+        alice, old, said_old = alice_and_the_bot(hs)
+    else:
+        alice = hs.as_user(hs.create_user("alice")[1])
     hs.create_user("carol")
     held = HeldSession(db_url)
     try:
@@ -5483,7 +5488,13 @@ def test_someone_invited_while_the_bot_sets_up_a_management_room_ends_it(mx, hs,
     wait_until(lambda: hs.members(mgmt).get(bot) == "leave", what="the bot leaving")
     said = [e["content"]["body"] for e in hs.events(mgmt) if e["type"] == "m.room.message" and e["sender"] == bot]
     assert len(said) == 1 and "others are in it" in said[0], said
-    assert pg.psql("SELECT count(*) FROM matrix_mgmt_rooms", db_url) == "0"
+    if before == "none":
+        assert pg.psql("SELECT count(*) FROM matrix_mgmt_rooms", db_url) == "0"
+        return
+    assert pg.psql("SELECT room_id FROM matrix_mgmt_rooms", db_url) == old
+    assert hs.members(old).get(bot) == "join"
+    assert not any("new room" in n for n in said_old()), said_old()
+    assert "Commands" not in bot_answer(said_old, lambda: alice.send_text(old, "list"))  # still hers
 
 
 @pytest.mark.parametrize("how", ["join", "invite"])
