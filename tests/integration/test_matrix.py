@@ -3707,6 +3707,48 @@ def test_a_declined_invitation_told_without_prev_content_does_not_reach_the_peer
     assert memberships() == ["join", "leave"], srv.events
 
 
+def test_a_groups_room_told_without_prev_content_is_read_with_her_group_membership(mx, hs, gk, pg, db_url):
+    """In a group's room the membership Causeway knows of is the group's:
+    alice, whom gk put into a group (invited), declines its room, told
+    without prev_content: the peer hears nothing.  Put into a second
+    group, she joins its room (a join after an invitation, carried) and
+    leaves it (a leave after a join: she is the group's member, carried),
+    both told without prev_content."""
+    a, srv = gk
+    bot = "@_cw_bot:example.org"
+    consent_alice(mx)
+    alice = hs.as_user(hs.create_user("alice")[1])
+    hs.strip_prev_content = True
+
+    def room_of(group_name):
+        return next((rid for rid in hs.rooms() if hs.state(rid, "m.room.create")
+                     and hs.state(rid, "m.room.create")["sender"] == bot
+                     and (hs.state(rid, "m.room.name") or {}).get("content", {}).get("name") == group_name), None)
+
+    def memberships():
+        return [e["content"]["membership"] for e in list(srv.events) if e.get("type") == "membership"]
+    first = a.create_room([a.user("wally"), ALICE], kind="group", name="One").json()["id"]
+    assert group_members(a, first)[ALICE] == "invited"
+    assert a.send(first, a.user("wally"), "hello").status_code == 202
+    one = wait_until(lambda: room_of("One"), what="her room of the first group")
+    alice.leave(one)  # declines
+    decline = [e for e in hs.events(one) if e["type"] == "m.room.member" and e["state_key"] == ALICE_MX][-1]
+    wait_until(lambda: pg.psql("SELECT handled_at IS NOT NULL FROM matrix_bot_inbox WHERE event_id = "
+                               f"'{decline['event_id']}'", db_url) == "t", what="the bot's look at her decline")
+    second = a.create_room([a.user("wally"), ALICE], kind="group", name="Two").json()["id"]
+    assert a.send(second, a.user("wally"), "hi").status_code == 202
+    two = wait_until(lambda: room_of("Two"), what="her room of the second group")
+    alice.join(two)
+    wait_until(lambda: group_members(a, second)[ALICE] == "joined", what="alice joined")
+    wait_until(lambda: memberships(), what="her join at the peer")
+    alice.leave(two)
+    # (had the decline gone out, it would have come before the join: the
+    # peer's rows of one provider go in order)
+    wait_until(lambda: len(memberships()) >= 2, what="her leave at the peer")
+    assert memberships() == ["join", "leave"], list(srv.events)
+    assert group_members(a, first)[ALICE] == "invited"
+
+
 def test_a_profile_change_told_without_prev_content_is_no_join(mx, hs, gk, pg, db_url):
     """alice renames herself in her direct room with wally, and the
     homeserver leaves unsigned.prev_content out: a join after nothing, as
