@@ -750,10 +750,11 @@ static bool invited(struct matrix *m, PGconn *c, const char *room, const char *s
 		 * room, if any, is hers again, else she has none */
 		const char *gp[] = { sender, room, PQntuples(r) == 1 ? PQgetvalue(r, 0, 0) : NULL };
 		PGresult *g = PQexecParams(c,
-			"WITH back AS (UPDATE matrix_mgmt_rooms SET room_id = $3::text WHERE user_id = $1 AND room_id = $2 "
-			" AND $3::text IS NOT NULL AND NOT EXISTS (SELECT 1 FROM matrix_mgmt_rooms o WHERE o.room_id = $3::text) "
-			" RETURNING 1) "
-			"DELETE FROM matrix_mgmt_rooms WHERE user_id = $1 AND room_id = $2 AND NOT EXISTS (SELECT 1 FROM back)",
+			"WITH back AS (UPDATE matrix_mgmt_rooms SET room_id = $3::text "
+			" WHERE user_id = $1 AND room_id = $2 AND $3::text IS NOT NULL "
+			" AND NOT EXISTS (SELECT 1 FROM matrix_mgmt_rooms o WHERE o.room_id = $3::text) RETURNING 1) "
+			"DELETE FROM matrix_mgmt_rooms WHERE user_id = $1 AND room_id = $2 "
+			" AND NOT EXISTS (SELECT 1 FROM back)",
 			3, NULL, gp, NULL, NULL, 0);
 		cw_err grc = store_check(c, g, PGRES_COMMAND_OK, &e);
 		PQclear(r);
@@ -763,7 +764,7 @@ static bool invited(struct matrix *m, PGconn *c, const char *room, const char *s
 			LOG_KV(CW_LOG_WARN, "cannot give a management room up", "room", room, "detail", e.msg);
 		if (others < 0)
 			return true;
-		LOG_KV_LIMITED(CW_LOG_INFO, "someone came into a management room while it was set up: the bot leaves it",
+		LOG_KV_LIMITED(CW_LOG_INFO, "someone came into a management room as it was set up: the bot leaves",
 			       "room", room);
 		char txn[48];
 		txn_for(txn, sizeof(txn), "leave", eid, room);

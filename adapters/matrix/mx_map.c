@@ -1163,7 +1163,8 @@ static enum mx_in_result from_member(const json_t *ev, const json_t *content, js
 		neutral = "join";
 	} else if (strcmp(m, "invite") == 0) {
 		neutral = "invite";
-	} else if (strcmp(m, "leave") == 0 && sender && strcmp(sender, who) == 0 && !(prev && strcmp(prev, "join") == 0)) {
+	} else if (strcmp(m, "leave") == 0 && sender && strcmp(sender, who) == 0 &&
+		   !(prev && strcmp(prev, "join") == 0)) {
 		/* Her own leave, carried only after a join.  After an invitation
 		 * it is the invitation turned down: what the invitee decided,
 		 * which the far side must not learn (to it, this user stays as
@@ -1173,13 +1174,15 @@ static enum mx_in_result from_member(const json_t *ev, const json_t *content, js
 		 * only when the client may see it) nothing tells a decline from
 		 * a leave, and the far side is told nothing: the adapter puts
 		 * in the membership it knows of when the event has none
-		 * (matrix.c, txn_convert).  Until the fortieth session only a
+		 * (matrix.c, with_prior).  Until the fortieth session only a
 		 * leave after an invitation was kept back, and a decline told
-		 * without prev_content reached the far side.  An invitation
-		 * taken back by another is carried (mx_to_neutral's caller
-		 * looks up only the sender: matrix.c, lookup_ref_or_user). */
-		say(why, whylen, prev && strcmp(prev, "invite") == 0 ? "a declined invitation is not carried"
-								     : "a leave not known to follow a join is not carried");
+		 * without prev_content reached the far side.  A leave by
+		 * another (a kick, an invitation taken back) is a leave here;
+		 * the adapter looks up only the sender's own (matrix.c,
+		 * lookup_ref_or_user). */
+		bool declined = prev && strcmp(prev, "invite") == 0;
+		say(why, whylen, declined ? "a declined invitation is not carried"
+					  : "a leave not known to follow a join is not carried");
 		return MX_IN_IGNORE;
 	} else if (strcmp(m, "leave") == 0 || strcmp(m, "ban") == 0) {
 		neutral = "leave";
