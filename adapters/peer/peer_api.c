@@ -1795,7 +1795,9 @@ struct submit *submit_new(size_t n)
  * as a block event (the last one per pair in the job: all of the
  * statement's parts see the same snapshot), tells every process whose
  * facts changed (NOTIFY causeway_policy "u:<ids>": they reload those users'
- * alone; a block: everything), and writes the audit records of
+ * alone; a block or its end names the local user blocked, as POST
+ * /v1/blocks does: until the fortieth session it made every process reload
+ * everything), and writes the audit records of
  * the decisions ($3: they
  * exist for refused items too); a job that needs none of that (the common
  * case: allowed messages) runs the plain statement, which is a third
@@ -2014,13 +2016,13 @@ struct submit *submit_new(size_t n)
 	"  JOIN identities s ON s.id = it.sender AND NOT s.is_local WHERE it.bt IS NOT NULL " \
 	"  ORDER BY it.sender, it.bt, it.n DESC), " \
 	"bk AS (INSERT INTO blocks (blocker_id, blocked_id) SELECT bl.sender, t.id FROM bl " \
-	"  JOIN identities t ON t.uri = bl.bt AND t.is_local WHERE bl.ba = 'block' ON CONFLICT DO NOTHING RETURNING 1), " \
+	"  JOIN identities t ON t.uri = bl.bt AND t.is_local WHERE bl.ba = 'block' ON CONFLICT DO NOTHING " \
+	"  RETURNING blocked_id AS u), " \
 	"ub AS (DELETE FROM blocks x USING bl, identities t WHERE bl.ba = 'unblock' AND t.uri = bl.bt AND t.is_local " \
-	"  AND x.blocker_id = bl.sender AND x.blocked_id = t.id RETURNING 1), " \
-	"nt AS (SELECT pg_notify('causeway_policy', CASE WHEN EXISTS (SELECT 1 FROM bk) OR EXISTS (SELECT 1 FROM ub) " \
-	"  OR (SELECT count(*) FROM ou) > 64 THEN '' " \
-	"  ELSE 'u:' || (SELECT string_agg(u::text, ',') FROM ou) END) AS n WHERE EXISTS (SELECT 1 FROM ou) " \
-	"  OR EXISTS (SELECT 1 FROM bk) OR EXISTS (SELECT 1 FROM ub)), " \
+	"  AND x.blocker_id = bl.sender AND x.blocked_id = t.id RETURNING x.blocked_id AS u), " \
+	"nt AS (SELECT pg_notify('causeway_policy', CASE WHEN count(*) > 64 THEN '' " \
+	"  ELSE 'u:' || string_agg(f.u::text, ',') END) AS n " \
+	"  FROM (SELECT u FROM ou UNION SELECT u FROM bk UNION SELECT u FROM ub) f HAVING count(*) > 0), " \
 	"au AS (INSERT INTO audit_log (actor, action, reason_code, rule_id, event_id, subject, details) " \
 	"  SELECT 'policy', a.action, a.reason, NULLIF(a.rule, 0), (SELECT id FROM ev WHERE ev.public_id = a.pid), " \
 	"  a.subject, " AU_DETAILS " FROM jsonb_to_recordset($3::jsonb) " \

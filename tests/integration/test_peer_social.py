@@ -11,7 +11,7 @@ from harness import HeldSession, wait_until
 from peer import push_peers
 from pgproxy import PgProxy
 from test_peer_api import peers  # noqa: F401  (the fixture)
-from test_policy import ALICE, BOB, consent, opt_in
+from test_policy import ALICE, BOB, consent, gauge, opt_in, reloads
 
 LOCAL = "mimi://example.org/u/"
 
@@ -198,6 +198,43 @@ def test_a_block_sent_as_an_event_is_a_block(daemon, peers, pg, db_url):
     r = post(block("maybe"))
     assert r.status_code == 400 and r.json()["code"] == "invalid_body" and "action" in r.json()["detail"], r.text
     assert pg.psql("SELECT count(*) FROM events", db_url) == before
+
+
+def test_a_block_event_reloads_the_blocked_users_facts_alone_on_every_process(daemon, make_daemon, peers, pg,
+                                                                                 db_url):
+    """A block event in a room (and its end) tells every daemon process
+    whose facts changed (NOTIFY "u:<id>" of the local user blocked), as
+    POST /v1/blocks does: the second process takes the block into its
+    policy with a users' reload, not a whole one.  Until the fortieth
+    session the event sent an empty NOTIFY and every process reloaded
+    every rule and fact."""
+    (a, _), _ = peers
+    room = a.create_room([a.user("wally"), LOCAL + "alice", LOCAL + "bob"]).json()
+    other = make_daemon(db_url).start()
+    wait_until(lambda: reloads(other).get("whole", 0) >= 1, what="the second daemon's first snapshot")
+    before, mine = reloads(other), reloads(daemon)
+
+    def facts():
+        return gauge(other, "causeway_policy_facts")
+    was = facts()
+
+    def post(items):
+        r = a.call("POST", "/v1/batch", {"events": [
+            {"idempotency_key": base64.urlsafe_b64encode(os.urandom(9)).decode(), "room": room["uri"],
+             "event": {"type": "block", "sender": a.user("wally"), "content": {"target": LOCAL + u, "action": x}}}
+            for u, x in items]})
+        assert r.status_code == 200 and all(x["status"] == "accepted" for x in r.json()["results"]), r.text
+
+    post([("alice", "block"), ("bob", "block")])  # one job, two users blocked: one overlay of both
+    wait_until(lambda: facts() == was + 2, timeout=30, what="both blocks on the second daemon")
+    wait_until(lambda: gauge(other, "causeway_policy_overlay_users") == 2, what="alice and bob in the overlay")
+    after = reloads(other)
+    assert after["users"] > before.get("users", 0) and after["whole"] == before["whole"], (before, after)
+    post([("alice", "unblock")])
+    wait_until(lambda: facts() == was + 1, timeout=30, what="the unblock on the second daemon")
+    assert reloads(other)["whole"] == before["whole"]
+    assert reloads(daemon)["whole"] == mine["whole"]  # the process that wrote it: no whole reload either
+    assert pg.psql("SELECT count(*) FROM blocks", db_url) == "1"
 
 
 def test_reports_are_stored_with_evidence(daemon, peers, pg, db_url):
