@@ -639,7 +639,7 @@ static char *settings_defaults_json(void)
 {
 	struct policy_settings d;
 	policy_settings_defaults(&d);
-	json_t *o = json_pack("{s:s, s:b, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I}", "policy.default_mode",
+	json_t *o = json_pack("{s:s, s:b, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I}", "policy.default_mode",
 			      policy_mode_name(d.default_mode), "policy.optin_default", d.optin_default,
 			      "policy.held_expiry_seconds", (json_int_t)d.held_expiry_s,
 			      "policy.consent_request_window_seconds", (json_int_t)d.consent_window_s,
@@ -649,7 +649,8 @@ static char *settings_defaults_json(void)
 			      "policy.report_limit_seconds", (json_int_t)d.report_limit_s,
 			      "policy.identifier_queries_per_minute", (json_int_t)d.identifier_queries_per_minute,
 			      "policy.peer_updates_per_minute", (json_int_t)d.peer_updates_per_minute,
-			      "policy.user_updates_per_minute", (json_int_t)d.user_updates_per_minute);
+			      "policy.user_updates_per_minute", (json_int_t)d.user_updates_per_minute,
+			      "policy.consent_requests_per_user_per_day", (json_int_t)d.user_requests_per_day);
 	char *text = o ? json_dumps(o, JSON_COMPACT) : NULL;
 	json_decref(o);
 	return text;
@@ -689,6 +690,7 @@ static const struct setting_def setting_defs[] = {
 	{ "policy.identifier_queries_per_minute", 1, 1000000 },
 	{ "policy.peer_updates_per_minute", 1, 1000000 },
 	{ "policy.user_updates_per_minute", 1, 1000000 },
+	{ "policy.consent_requests_per_user_per_day", 0, 1000000 },
 	{ NULL, 0, 0 },
 };
 

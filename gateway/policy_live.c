@@ -48,6 +48,7 @@ void policy_settings_defaults(struct policy_settings *s)
 	s->identifier_queries_per_minute = 60;
 	s->peer_updates_per_minute = 600;
 	s->user_updates_per_minute = 30;
+	s->user_requests_per_day = 10;
 	s->fingerprint = 0;
 	s->mode_rule_expiry_in_ms = 0;
 }
@@ -81,6 +82,8 @@ static void setting_apply(struct policy_settings *s, const char *key, const char
 		s->peer_updates_per_minute = setting_int(value, s->peer_updates_per_minute, 1, 1000000);
 	} else if (strcmp(key, "policy.user_updates_per_minute") == 0) {
 		s->user_updates_per_minute = setting_int(value, s->user_updates_per_minute, 1, 1000000);
+	} else if (strcmp(key, "policy.consent_requests_per_user_per_day") == 0) {
+		s->user_requests_per_day = setting_int(value, s->user_requests_per_day, 0, 1000000);
 	}
 }
 
@@ -1030,7 +1033,12 @@ const char POLICY_USER_SUMMARY_SQL[] =
 	" AND q.state = 'pending' "
 	"UNION ALL SELECT c.state || ': ' || c.subject FROM consents c WHERE c.local_identity_id = $1::bigint "
 	"UNION ALL SELECT CASE WHEN o.opted_in THEN 'opted in: ' ELSE 'opted out: ' END || o.network "
-	" FROM user_optin o WHERE o.identity_id = $1::bigint";
+	" FROM user_optin o WHERE o.identity_id = $1::bigint "
+	"UNION ALL SELECT 'held, not asked (too many requests): ' || i.uri || ' (' || i.network || ')' "
+	" FROM identities i WHERE i.id IN (SELECT e.sender_id FROM outbox o JOIN events e ON e.id = o.event_id "
+	" WHERE o.target_identity_id = $1::bigint AND o.state = 'held') AND NOT EXISTS (SELECT 1 "
+	" FROM consent_requests q WHERE q.local_identity_id = $1::bigint AND q.remote_identity_id = i.id "
+	" AND q.state = 'pending')";
 
 cw_err policy_notify_user(PGconn *c, const char *local_id, cw_errmsg *e)
 {

@@ -33,6 +33,8 @@ struct policy_settings {
 	int64_t identifier_queries_per_minute; /* each peer's POST /v1/identifiers/query */
 	int64_t peer_updates_per_minute; /* each peer's consent updates, blocks and reports */
 	int64_t user_updates_per_minute; /* each local user's consent changes, opt-ins and reports by command */
+	int64_t user_requests_per_day;   /* first contacts' requests each local user gets from each remote
+					  * domain a day; 0: unbounded */
 	/* A hash of what the server's side of a decision reads (the default
 	 * mode and opt-in, the rules in force, the users' opt-outs): when it
 	 * changes, the rows not handed over yet are decided again
@@ -151,8 +153,10 @@ cw_err policy_consent_apply(PGconn *c, const struct policy_view *v, const char *
 			    cw_errmsg *e);
 
 /* One line per fact of a local user's consent ($1: the identity id):
- * pending requests, decisions, opt-ins; what a user's "list" command shows
- * in any network. */
+ * pending requests, decisions, opt-ins, and (since the fortieth session)
+ * the senders whose messages wait for her with no request pending (a limit
+ * on requests held them unasked); what a user's "list" command shows in
+ * any network. */
 extern const char POLICY_USER_SUMMARY_SQL[];
 
 struct policy_live;

@@ -2473,11 +2473,13 @@ static void intra_refs(struct submit *b)
  * made, and it takes a token of the sender's consent_requests_per_day
  * (spec/policy.md: "consent requests per day", per remote user; each
  * request its own token, as a group's first message may ask several
- * users).  Without one the message is held unasked, as a held message
+ * users), then one of the local user's own bucket for the sender's domain
+ * (policy.consent_requests_per_user_per_day, on by default since the
+ * fortieth session).  Without one the message is held unasked, as a held message
  * for an unknown user is: the sender sees what any held message shows,
  * and a later message asks once the bucket has refilled.  The refusal is
  * audited once per episode. */
-static bool may_ask(struct submit *b, size_t i, PGresult *r, const struct policy_snapshot *snap,
+static bool may_ask(struct submit *b, size_t i, PGresult *r, const struct policy_view *view,
 		    const struct policy_request *held_req, const char *local_id, json_t *audit)
 {
 	const struct msg_input *in = b->items[i];
@@ -2497,8 +2499,9 @@ static bool may_ask(struct submit *b, size_t i, PGresult *r, const struct policy
 	struct policy_request req = *held_req;
 	req.action = POLICY_ACT_FIRST_CONTACT;
 	req.rate = &memo.rate;
+	req.recipient_consent_requests_per_day = (uint32_t)view->set.user_requests_per_day;
 	struct policy_decision d;
-	policy_decide(snap, &req, &d);
+	policy_decide(view->snap, &req, &d);
 	policy_rate_memo_finish(&memo);
 	if (d.verdict != POLICY_LIMIT)
 		return true;
@@ -2729,7 +2732,7 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 			json_array_append_new(audit, peer_audit_record(&d, in->msg_id, PQgetvalue(r, k, 3), details));
 		}
 		if (d.verdict == POLICY_HOLD && !expired && /* no consent asked for what nobody will see */
-		    may_ask(b, i, r, view->snap, &preq, PQgetvalue(r, k, 2), audit))
+		    may_ask(b, i, r, view, &preq, PQgetvalue(r, k, 2), audit))
 			json_array_append_new(held, json_string(PQgetvalue(r, k, 2)));
 		/* A local user's message to a remote one in a direct room is
 		 * consent to the replies of that conversation, which also lets

@@ -1264,6 +1264,60 @@ def test_an_expired_request_is_withdrawn_in_the_management_room(mx, hs, gk, pg, 
     assert len(expired()) == 1, said()
 
 
+def test_first_contacts_from_one_domain_ask_a_user_no_more_than_the_daily_bound(mx, hs, gk, pg, db_url):
+    """policy.consent_requests_per_user_per_day (default 10): a peer rotating
+    sender names asks one local user no more than that a day.  The first
+    contacts past it are held as any are (the admin API's held view), but
+    no request is made and no notice shown; the user's list names their
+    senders, and accept releases them.  0 lifts the bound.  Until the
+    fortieth session every new name made a notice, unless the operator had
+    written a rule with consent_requests_per_day."""
+    a, srv = gk
+    assert mx.admin("GET", "/settings").json()["policy.consent_requests_per_user_per_day"] == 10
+    assert mx.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
+    alice, mgmt, said = alice_and_the_bot(hs)
+    ids = []
+    for k in range(12):
+        room = a.create_room([a.user(f"s{k}"), ALICE]).json()["id"]
+        r = a.send(room, a.user(f"s{k}"), f"hello from s{k}")
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["id"])
+    asked = pg.psql("SELECT string_agg(i.localpart, ',' ORDER BY q.id) FROM consent_requests q "
+                    "JOIN identities i ON i.id = q.remote_identity_id", db_url)
+    assert asked == ",".join(f"s{k}" for k in range(10))
+    wait_until(lambda: sum("wants to write to you" in n for n in said()) == 10, what="ten notices")
+    held = mx.admin("GET", f"/held?user={ALICE}").json()["rows"]
+    assert sorted(h["message"] for h in held) == sorted(ids)
+    # The refusal: audited once (an episode), with the user not asked.
+    assert pg.psql("SELECT string_agg(a.reason_code || ' ' || coalesce(a.rule_id::text, '-') || ' ' || "
+                   "(a.details->>'user') || ' ' || e.public_id, ',') FROM audit_log a JOIN events e "
+                   "ON e.id = a.event_id WHERE a.action = 'policy.limit'", db_url) == \
+        f"rate_limited_recipient_consent_requests - {ALICE} {ids[10]}"
+    alice.send_text(mgmt, "list")
+    wait_until(lambda: any("held, not asked" in n for n in said()), what="the answer to list")
+    [listed] = [n for n in said() if "held, not asked" in n]
+    lines = [x for x in listed.splitlines() if x.startswith("held, not asked")]
+    assert sorted(lines) == [f"held, not asked (too many requests): {a.user(f's{k}')} (peer:gk)"
+                             for k in (10, 11)], listed
+    assert sum(x.startswith("request from ") for x in listed.splitlines()) == 10, listed
+    # She may accept one of them all the same: its message is released.
+    alice.send_text(mgmt, f"accept {a.user('s11')}")
+    wait_until(lambda: pg.psql("SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id "
+                               f"WHERE e.public_id = '{ids[11]}'", db_url) in ("pending", "in_flight", "delivered"),
+               what="s11's message released")
+    # 0: no bound; the next new name asks again.
+    assert mx.admin("PATCH", "/settings", json={"policy.consent_requests_per_user_per_day": -1}).status_code == 400
+    assert mx.admin("PATCH", "/settings", json={"policy.consent_requests_per_user_per_day": 0}).ok
+    room = a.create_room([a.user("s12"), ALICE]).json()["id"]
+
+    def s12_asks():
+        assert a.send(room, a.user("s12"), "and me?").status_code == 202
+        return pg.psql("SELECT count(*) FROM consent_requests q JOIN identities i ON i.id = q.remote_identity_id "
+                       "WHERE i.localpart = 's12'", db_url) == "1"
+    wait_until(s12_asks, what="the bound lifted")
+    wait_until(lambda: sum("wants to write to you" in n for n in said()) == 11, what="s12's notice")
+
+
 def test_an_expiry_not_told_is_not_told_days_later_by_a_restart(mx, hs, gk, pg, db_url):
     """A consent request's expiry the bot did not tell when it happened
     (here: alice had no management room then) is passed for good once its

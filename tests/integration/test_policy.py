@@ -1860,7 +1860,8 @@ def test_the_settings_show_every_setting_in_force_with_its_default(daemon, pg, d
             "policy.consent_request_window_seconds": 86400, "policy.report_limit_threshold": 3,
             "policy.report_window_seconds": 86400, "policy.report_limit_messages_per_minute": 1,
             "policy.report_limit_seconds": 86400, "policy.identifier_queries_per_minute": 60,
-            "policy.peer_updates_per_minute": 600, "policy.user_updates_per_minute": 30}
+            "policy.peer_updates_per_minute": 600, "policy.user_updates_per_minute": 30,
+            "policy.consent_requests_per_user_per_day": 10}
     assert daemon.admin("GET", "/settings").json() == want
     r = daemon.admin("PATCH", "/settings", json={"policy.peer_updates_per_minute": 50})
     assert r.status_code == 200 and r.json() == dict(want, **{"policy.peer_updates_per_minute": 50}), r.text
