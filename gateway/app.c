@@ -565,6 +565,7 @@ const struct cw_route app_routes[] = {
 	{ "GET", "/admin/v1/reports", policy_admin_reports_list, CW_AUTH_ADMIN_READ, NULL, false },
 	{ "POST", "/admin/v1/reports", policy_admin_report_create, CW_AUTH_ADMIN, NULL, false },
 	{ "POST", "/admin/v1/reports/{id}/handle", policy_admin_report_handle, CW_AUTH_ADMIN, NULL, true },
+	{ "POST", "/admin/v1/reports/{id}/dismiss", policy_admin_report_dismiss, CW_AUTH_ADMIN, NULL, true },
 	{ "GET", "/admin/v1/audit", policy_admin_audit_list, CW_AUTH_ADMIN_READ, NULL, false },
 	{ "GET", "/admin/v1/messages/{id}/decision", policy_admin_decision, CW_AUTH_ADMIN_READ, NULL, false },
 	{ "GET", "/admin/v1/messages/{id}", outbox_admin_trace, CW_AUTH_ADMIN_READ, NULL, false },

@@ -1014,7 +1014,8 @@ void policy_admin_reports_list(struct cw_req *req, void *ctx)
 		"json_build_object('id', x.id, 'reporter_kind', x.reporter_kind, 'reporter', x.reporter, "
 		" 'subject', x.subject_uri, 'reason', x.reason_code, 'evidence', to_json(x.evidence_public_ids), "
 		" 'comment', x.comment, 'created_at', x.created_at, 'handled_at', x.handled_at, "
-		" 'handled_by', x.handled_by, 'reports_against_subject', (SELECT count(*) FROM reports y "
+		" 'handled_by', x.handled_by, 'dismissed', x.dismissed, "
+		" 'reports_against_subject', (SELECT count(*) FROM reports y "
 		" WHERE y.subject_uri = x.subject_uri))",
 		"(SELECT * FROM reports WHERE id > $1::bigint AND ($3::boolean IS NULL OR "
 		" (handled_at IS NULL) = $3::boolean) ORDER BY id LIMIT $2::int) x"));
@@ -1037,7 +1038,10 @@ void policy_admin_reports_list(struct cw_req *req, void *ctx)
  * operator's; the audit record (report.create, the answer as its
  * details); and, when a rule was made, NOTIFY causeway_policy (every
  * process reloads).  Reporters, not reports, reach the threshold: one
- * user reporting again and again must not be able to limit anyone.  The
+ * user reporting again and again must not be able to limit anyone.  A
+ * report the operator dismissed (report_dismiss_fn) is not counted:
+ * judged unfounded, it must not help limit anyone (until the fortieth
+ * session there was no dismissal, and every report counted).  The
  * answer: {id, subject, reports_in_window, reporters_in_window,
  * limit_rule_id}.  The rule is "in_addition" (docs/policy.md): charged
  * on top of what the sender's domain or network allows, so that a report
@@ -1049,7 +1053,7 @@ static const char report_sql[] =
 	"  RETURNING id), "
 	"cnt AS (SELECT count(*) AS n, count(DISTINCT (k, who)) AS who_n FROM ("
 	"  SELECT reporter_kind AS k, reporter AS who FROM reports WHERE subject_uri = $4 "
-	"  AND created_at > now() - make_interval(secs => $8::bigint) "
+	"  AND created_at > now() - make_interval(secs => $8::bigint) AND NOT dismissed "
 	"  UNION ALL SELECT $1::text, $2::text) w), "
 	"lim AS (INSERT INTO rules (scope, pattern, limits, created_by, comment, expires_at) "
 	"  SELECT 'user', $4, jsonb_build_object('messages_per_minute', $10::int, 'in_addition', true), "
@@ -1270,6 +1274,56 @@ void policy_admin_report_handle(struct cw_req *req, void *ctx)
 	q->action = "report.handle";
 	q->subject = 0;
 	aq_start(ctx, req, q, report_handle_fn, true);
+}
+
+/* Dismissing a report: handled (if it was not), and judged unfounded, so
+ * that it no longer counts toward the automatic limit (report_sql).  An
+ * automatic limit already made stands until it expires
+ * (policy.report_limit_seconds), even when the reports not dismissed are
+ * now below the threshold: the answer names it (limit_rule_id, null for
+ * none in force), and the operator deletes it (DELETE /rules/{id}) if the
+ * dismissal should lift it.  A report already dismissed is 409 naming
+ * when and by whom it was handled; 404 is for no such report alone.
+ * Since the fortieth session. */
+static cw_err report_dismiss_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
+{
+	const struct aq *q = j->data;
+	cw_err rc = aq_fn(c, j, e);
+	if (rc || !j->err_code || j->err_status != 404)
+		return rc;
+	const char *params[] = { q->p[0] };
+	PGresult *r = PQexecParams(c, "SELECT to_json(handled_at) #>> '{}', handled_by FROM reports "
+				   "WHERE id = $1::bigint AND dismissed", 1, NULL, params, NULL, NULL, 0);
+	if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
+		return rc;
+	if (PQntuples(r) == 1)
+		app_job_fail(j, 409, "conflict", "report %s was already dismissed (handled at %s by %s)", q->p[0],
+			     PQgetvalue(r, 0, 0), PQgetvalue(r, 0, 1));
+	PQclear(r);
+	return CW_OK;
+}
+
+void policy_admin_report_dismiss(struct cw_req *req, void *ctx)
+{
+	char id[24];
+	if (!app_path_id(req, "id", "report", id))
+		return;
+	struct aq *q = aq_new("UPDATE reports SET handled_at = coalesce(handled_at, now()), "
+			      "handled_by = coalesce(handled_by, $2), dismissed = true WHERE id = $1::bigint "
+			      "AND NOT dismissed RETURNING json_build_object('id', id, 'handled_at', handled_at, "
+			      "'handled_by', handled_by, 'dismissed', dismissed, 'limit_rule_id', (SELECT r.id FROM rules r "
+			      "WHERE r.scope = 'user' AND r.pattern = reports.subject_uri AND r.created_by = 'system:reports' "
+			      "AND r.enabled AND (r.expires_at IS NULL OR r.expires_at > now())))::text");
+	if (!q) {
+		aq_run(ctx, req, NULL); /* answers 503 */
+		return;
+	}
+	aq_param(q, id);
+	aq_param(q, admin_actor(req));
+	q->none_detail = "no report with that id";
+	q->action = "report.dismiss";
+	q->subject = 0;
+	aq_start(ctx, req, q, report_dismiss_fn, true);
 }
 
 /* ------------------------------------------------------------ audit */

@@ -26,6 +26,7 @@ void policy_admin_held_list(struct cw_req *req, void *ctx);
 void policy_admin_reports_list(struct cw_req *req, void *ctx);
 void policy_admin_report_create(struct cw_req *req, void *ctx);
 void policy_admin_report_handle(struct cw_req *req, void *ctx);
+void policy_admin_report_dismiss(struct cw_req *req, void *ctx);
 
 /* An abuse report, however it arrives: the admin API, a bot command, a
  * peer (POST /v1/reports). */

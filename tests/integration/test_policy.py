@@ -1179,6 +1179,55 @@ def test_a_report_threshold_of_zero_limits_no_one(daemon, pg, db_url):
     assert pg.psql("SELECT count(*) FROM rules", db_url) == "0"
 
 
+def test_a_dismissed_report_does_not_count_toward_the_automatic_limit(daemon, pg, db_url):
+    """POST /reports/{id}/dismiss: the operator judged the report unfounded
+    (handled, dismissed).  It no longer counts toward the threshold: two
+    reporters and a dismissed third make no limit, a fourth (not dismissed)
+    does.  An automatic limit already made stands until it expires; the
+    dismissal's answer names it.  Until the fortieth session there was no
+    dismissal and every report in the window counted."""
+    spammer = "mimi://wa.example/u/spammer"
+
+    def report(reporter):
+        body = {"subject": spammer, "reason": "spam"}
+        if reporter:
+            body["reporter"] = reporter
+        r = daemon.admin("POST", "/reports", json=body)
+        assert r.status_code == 201, r.text
+        return r.json()
+    first = report(ALICE)
+    d = daemon.admin("POST", f"/reports/{first['id']}/dismiss")
+    assert d.status_code == 200, d.text
+    got = d.json()
+    assert (got["id"], got["dismissed"], got["handled_by"], got["limit_rule_id"]) == (
+        first["id"], True, "admin:config", None), got
+    again = daemon.admin("POST", f"/reports/{first['id']}/dismiss")
+    assert again.status_code == 409 and "already dismissed" in again.json()["detail"], again.text
+    assert daemon.admin("POST", "/reports/999999/dismiss").status_code == 404
+    r = report(BOB)
+    r = report(None)  # three reporters, one of them dismissed: two count
+    assert (r["reports_in_window"], r["reporters_in_window"], r["limit_rule_id"]) == (2, 2, None), r
+    assert pg.psql("SELECT count(*) FROM rules", db_url) == "0"
+    r = report("mimi://example.org/u/carol")
+    assert r["reporters_in_window"] == 3 and r["limit_rule_id"] is not None, r
+    rows = {x["id"]: x for x in daemon.admin("GET", "/reports").json()["rows"]}
+    assert rows[first["id"]]["dismissed"] is True and rows[r["id"]]["dismissed"] is False
+    # A report handled first may be dismissed later (its handling kept);
+    # the limit made stands, and the answer names it.
+    h = daemon.admin("POST", f"/reports/{r['id']}/handle")
+    assert h.status_code == 200
+    d = daemon.admin("POST", f"/reports/{r['id']}/dismiss").json()
+    assert (d["handled_at"], d["limit_rule_id"]) == (h.json()["handled_at"], r["limit_rule_id"]), d
+    assert pg.psql(f"SELECT count(*) FROM rules WHERE id = {r['limit_rule_id']}", db_url) == "1"
+    assert pg.psql("SELECT string_agg(action || ' ' || subject, ',' ORDER BY id) FROM audit_log "
+                   "WHERE action = 'report.dismiss'", db_url) == f"report.dismiss {first['id']},report.dismiss {r['id']}"
+    # It takes no body: a member is refused, and nothing changes.
+    third = report(None)
+    x = daemon.admin("POST", f"/reports/{third['id']}/dismiss", json={"note": "unfounded"})
+    assert x.status_code == 400 and "takes no body" in x.json()["detail"], x.text
+    assert pg.psql(f"SELECT dismissed FROM reports WHERE id = {third['id']}", db_url) == "f"
+
+
 def test_an_automatic_report_limit_only_tightens(daemon, peers, pg, db_url):
     """The automatic limit after abuse reports is charged on top of the
     reported user's domain's limit, never instead: wa.example may send 3
