@@ -821,6 +821,17 @@
           // list is read again so that the row shows it.
           catch (e) { note.replaceChildren(problem(e)); if (e instanceof ApiError && e.status === 409) list.reload(); }
         }) || "open"],
+      // Dismissed: judged unfounded, it no longer counts toward the
+      // automatic limit; a limit already made stands until it expires,
+      // and the note names it (docs/policy.md, "Dismissed reports").
+      ["Dismissed", (r) => r.dismissed ? "yes" : changeBtn("Dismiss", async () => {
+        try {
+          const d = await api("POST", "/reports/" + r.id + "/dismiss");
+          say(note, "Report " + r.id + " dismissed." + (d.limit_rule_id ? " The automatic limit it helped make (rule "
+            + d.limit_rule_id + ") stands until it expires; delete that rule to lift it now." : ""));
+          list.reload();
+        } catch (e) { note.replaceChildren(problem(e)); if (e instanceof ApiError && e.status === 409) list.reload(); }
+      }) || "no"],
     ], rows, "No reports here."));
     add(root, note, filterForm([field("Show", select("open", [["true", "open"], ["false", "handled"], ["", "all"]], "true"))],
       (v) => { q = v; list.reload(true); }), list,
