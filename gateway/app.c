@@ -183,6 +183,27 @@ static void probe_start(struct cw_app *app, struct cw_req *req, void *job, store
 
 /* ------------------------------------------------------------------- readyz */
 
+/* A stale policy is reported, not a readiness condition: the process goes
+ * on deciding with the rules it has (docs/operations.md, "A policy that
+ * does not reload"), for a cause that lasts (a rule row the load cannot
+ * read) is every process's, and a 503 would take them all out at once. */
+json_t *app_policy_health(struct cw_app *app)
+{
+	if (!app->policy)
+		return NULL;
+	struct policy_live_stats ps;
+	policy_live_get_stats(app->policy, &ps);
+	int64_t behind_us = ps.stale_since_us ? cw_now_us() - ps.stale_since_us : 0;
+	bool stale = behind_us >= POLICY_STALE_AFTER_S * 1000000LL;
+	json_t *o = json_pack("{s:s, s:I, s:I}", "status", stale ? "stale" : "current", "version",
+			      (json_int_t)ps.version, "reload_failures", (json_int_t)ps.reload_failures);
+	if (o && stale) {
+		json_object_set_new(o, "stale_for_s", json_integer(behind_us / 1000000));
+		json_object_set_new(o, "detail", json_string(ps.last_failure));
+	}
+	return o;
+}
+
 struct readyz_job {
 	struct cw_app *app;
 	struct cw_req *req;
@@ -251,6 +272,11 @@ static void readyz_done(void *arg, cw_err rc, const cw_errmsg *e)
 		json_object_set_new(adapters, "xmpp", xa_health(j->app->xmpp));
 	json_t *body = json_pack("{s:s, s:o, s:o, s:o}", "status", db_up && current ? "ready" : "not_ready",
 				 "database", db, "migrations", mig, "adapters", adapters);
+	json_t *pol = app_policy_health(j->app);
+	if (body && pol)
+		json_object_set_new(body, "policy", pol);
+	else
+		json_decref(pol);
 	if (!(db_up && current))
 		app_retry_after(j->req, j->app->cfg->db_retry_after_s * 1000);
 	cw_req_reply_json(j->req, db_up && current ? 200 : 503, body);
@@ -432,6 +458,10 @@ static void metrics_done(void *arg, cw_err rc, const cw_errmsg *e)
 				  NULL, ps.last_load_ms);
 		cw_metrics_sample(&b, "causeway_policy_reload_failures_total", "counter", "Snapshot reloads that failed.",
 				  NULL, (double)ps.reload_failures);
+		cw_metrics_sample(&b, "causeway_policy_stale_seconds", "gauge",
+				  "Seconds since the first reload that failed after the last whole one that succeeded "
+				  "(0: the rules in force are current).",
+				  NULL, ps.stale_since_us ? (double)((cw_now_us() - ps.stale_since_us) / 1000) / 1000.0 : 0.0);
 		cw_buf_printf(&b, "# HELP causeway_policy_reloads_total Snapshots loaded: whole, or the facts of some users "
 				  "over the last whole one.\n"
 				  "# TYPE causeway_policy_reloads_total counter\n"

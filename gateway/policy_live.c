@@ -1318,7 +1318,14 @@ static void swap_in(struct policy_live *pl, struct policy_view *v)
 	pl->st.rules = policy_snapshot_rule_count(v->snap);
 	pl->st.facts = policy_snapshot_fact_count(v->snap);
 	pl->st.last_load_ms = v->load_ms;
+	bool was_stale = !v->base && pl->st.stale_since_us;
+	if (!v->base) { /* a whole reload: current again (an overlay is over the rules it has) */
+		pl->st.stale_since_us = 0;
+		pl->st.last_failure[0] = '\0';
+	}
 	pthread_mutex_unlock(&pl->mu);
+	if (was_stale)
+		LOG_KV(CW_LOG_INFO, "policy reloaded after failures; the rules in force are current");
 	policy_view_put(old);
 }
 
@@ -1403,6 +1410,9 @@ static bool put_in_force(struct policy_live *pl, cw_err rc, struct policy_view *
 		LOG_KV(CW_LOG_WARN, "policy reload failed; the previous rules stay in force", "detail", e->msg);
 		pthread_mutex_lock(&pl->mu);
 		pl->st.reload_failures++;
+		if (!pl->st.stale_since_us)
+			pl->st.stale_since_us = cw_now_us();
+		memcpy(pl->st.last_failure, e->msg, sizeof(pl->st.last_failure)); /* as long: a whole message */
 		pthread_mutex_unlock(&pl->mu);
 		return false;
 	}
@@ -1778,6 +1788,7 @@ static void *live_main(void *arg)
 	int64_t next_sweep = cw_now_us();
 	int64_t next_retention = cw_now_us();
 	int64_t backoff_us = 0;
+	int64_t retry_us = 0; /* after a failed reload: the wait before the next try, doubled each time */
 	while (!atomic_load(&pl->stop)) {
 		bool fresh = false, want = false;
 		if (!ensure_conn(pl, &fresh)) {
@@ -1808,7 +1819,15 @@ static void *live_main(void *arg)
 		bool loaded = users;
 		if (!users && (want || pl->want_full || pl->npending || now >= next_reload)) {
 			loaded = reload(pl);
-			next_reload = now + (loaded ? pl->o.reload_interval_s * 1000000LL : 1000000); /* failed: soon */
+			/* Failed: soon, then less and less often (1 s, 2, 4, ... 30),
+			 * so that a failure that lasts (a rule row it cannot read)
+			 * does not load the database with a whole load a second;
+			 * until the fortieth session it was every second, and
+			 * nothing but the log and a counter told. */
+			retry_us = loaded ? 0 : retry_us ? retry_us * 2 : 1000000;
+			if (retry_us > POLICY_RETRY_MAX_S * 1000000LL)
+				retry_us = POLICY_RETRY_MAX_S * 1000000LL;
+			next_reload = now + (loaded ? pl->o.reload_interval_s * 1000000LL : retry_us);
 			if (loaded) {
 				/* Just past the first expiry of a rule with a mode
 				 * (mode_rule_expiry_in_ms): its reload finds the

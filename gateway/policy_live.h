@@ -255,7 +255,19 @@ struct policy_live_stats {
 	uint64_t rechecked, recheck_dropped; /* rows decided again after a change of the rules, and dropped */
 	size_t rules, facts;
 	double last_load_ms;
+	/* When (cw_now_us) the first reload failed since the last whole one
+	 * that succeeded, 0 when none did: the rules in force may be behind
+	 * a change since then; and that failure's detail. */
+	int64_t stale_since_us;
+	char last_failure[sizeof(((cw_errmsg *)0)->msg)];
 };
 void policy_live_get_stats(struct policy_live *pl, struct policy_live_stats *st);
+
+/* A process whose reloads have failed for this long reports its policy
+ * stale (/readyz, GET /admin/v1/adapters, causeway_policy_stale_seconds):
+ * a reload is retried 1 s after a failure, then 2, 4, ... up to
+ * POLICY_RETRY_MAX_S apart (a change heard meanwhile tries at once). */
+#define POLICY_STALE_AFTER_S 5
+#define POLICY_RETRY_MAX_S 30
 
 #endif

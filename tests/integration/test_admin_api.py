@@ -284,6 +284,47 @@ def test_tokens_reload_while_the_policy_does_not(make_daemon, pg, db_url):
     pg.psql("ALTER TABLE rules RENAME COLUMN limits_gone TO limits", db_url)
 
 
+def test_a_policy_that_does_not_reload_is_reported_stale_and_retried_less_often(daemon, pg, db_url):
+    """A reload that fails keeps the previous rules in force.  Once reloads
+    have failed for 5 s the process says so where an operator looks:
+    /readyz and GET /admin/v1/adapters report the policy "stale" (with
+    the failure's detail; still 200 ready: the process goes on with the
+    rules it has, docs/operations.md), and causeway_policy_stale_seconds
+    counts.  Retries back off (1 s, 2, 4, ... 30), and the first whole
+    reload that succeeds makes it current again.  Until the fortieth
+    session only a log line and a counter told, and a retry ran every
+    second for as long as the failure lasted."""
+    def policy(view):
+        return (daemon.get("/readyz") if view == "readyz" else daemon.admin("GET", "/adapters")).json()["policy"]
+    assert policy("readyz")["status"] == policy("adapters")["status"] == "current"
+    assert metric(daemon, "causeway_policy_stale_seconds") == 0
+    failures = reload_failures(daemon)
+    pg.psql("ALTER TABLE rules RENAME COLUMN limits TO limits_gone", db_url)
+    try:
+        pg.psql("NOTIFY causeway_policy", db_url)
+        wait_until(lambda: reload_failures(daemon) > failures, what="the reload failing")
+        wait_until(lambda: policy("readyz")["status"] == "stale", timeout=30, what="the policy reported stale")
+        r = daemon.get("/readyz")
+        assert r.status_code == 200 and r.json()["status"] == "ready", r.text
+        p = r.json()["policy"]
+        assert p["stale_for_s"] >= 5 and "limits" in p["detail"] and p["reload_failures"] > failures, p
+        assert policy("adapters")["status"] == "stale"
+        assert metric(daemon, "causeway_policy_stale_seconds") >= 5
+        # Backing off: tried at 0, 1, 3, 7 s...: by 8 s not more than five
+        # tries (a retry a second would have made nine).
+        wait_until(lambda: policy("readyz")["stale_for_s"] >= 8, timeout=30, what="eight seconds stale")
+        assert reload_failures(daemon) - failures <= 5, reload_failures(daemon) - failures
+    finally:
+        pg.psql("ALTER TABLE rules RENAME COLUMN limits_gone TO limits", db_url)
+    pg.psql("NOTIFY causeway_policy", db_url)
+    wait_until(lambda: policy("readyz") == {"status": "current", "version": policy("readyz")["version"],
+                                            "reload_failures": reload_failures(daemon)},
+               what="the policy current again")
+    assert policy("adapters")["status"] == "current"
+    assert metric(daemon, "causeway_policy_stale_seconds") == 0
+    assert "policy reloaded after failures" in daemon.log()
+
+
 def metric(d, name):
     for line in d.get("/metrics").text.splitlines():
         if line.startswith(name + " "):

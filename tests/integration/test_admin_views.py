@@ -106,10 +106,11 @@ def test_views_after_real_traffic(daemon, peers, pg, db_url):  # noqa: F811
     assert {m["uri"]: m["membership"] for m in get(daemon, f"/rooms/{room['id']}")["members"]} == \
         {a.user("alice"): "joined", b.user("bob"): "left"}
 
-    # Adapters: the dispatcher of this process, the peers and their queue;
-    # no Matrix or XMPP here.
+    # Adapters: the dispatcher of this process, the peers and their queue,
+    # this process's policy; no Matrix or XMPP here.
     ad = get(daemon, "/adapters")
-    assert set(ad) == {"dispatcher", "peer"}
+    assert set(ad) == {"dispatcher", "peer", "policy"}
+    assert ad["policy"]["status"] == "current" and ad["policy"]["reload_failures"] == 0
     assert ad["dispatcher"]["status"] == "up" and ad["dispatcher"]["delivered"] == 5
     assert ad["dispatcher"]["dead"] == 0 and ad["dispatcher"]["requests_ok"] >= 1
     assert ad["peer"] == {"peers": 2, "enabled": 2, "pending": 0, "dead": 0}
@@ -467,7 +468,7 @@ def test_adapters_with_matrix_configured(make_daemon, db_url):
     r = d.admin("GET", "/adapters")
     assert r.status_code == 200 and SECRETS["as"] not in r.text and SECRETS["hs"] not in r.text
     ad = r.json()
-    assert set(ad) == {"dispatcher", "peer", "matrix"}
+    assert set(ad) == {"dispatcher", "peer", "matrix", "policy"}
     assert ad["matrix"]["homeserver"] == "http://127.0.0.1:9", ad
     assert ad["matrix"]["ping"] in ("pending", "failed"), ad
     assert set(ad["matrix"]) == set(d.get("/readyz").json()["adapters"]["matrix"])
