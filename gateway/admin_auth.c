@@ -43,6 +43,17 @@ struct admin_tokens *admin_tokens_new(const unsigned char *config_hash)
 	return t;
 }
 
+void admin_tokens_set_config(struct admin_tokens *t, const unsigned char *config_hash)
+{
+	pthread_mutex_lock(&t->mu);
+	t->has_config = config_hash != NULL;
+	if (config_hash)
+		memcpy(t->config_hash, config_hash, 32);
+	else
+		memset(t->config_hash, 0, 32);
+	pthread_mutex_unlock(&t->mu);
+}
+
 void admin_tokens_free(struct admin_tokens *t)
 {
 	if (!t)

@@ -31,6 +31,9 @@ struct admin_tokens;
 /* config_hash: the bootstrap token's SHA-256, or NULL when none is set. */
 struct admin_tokens *admin_tokens_new(const unsigned char *config_hash);
 void admin_tokens_free(struct admin_tokens *t);
+/* Replaces the bootstrap token's SHA-256 (config_hash NULL: none), under
+ * the lock the checks take: a reload (SIGHUP) of admin.token_sha256. */
+void admin_tokens_set_config(struct admin_tokens *t, const unsigned char *config_hash);
 /* Replaces the named tokens with the table's live (unrevoked) ones. */
 cw_err admin_tokens_load(struct admin_tokens *t, PGconn *c, cw_errmsg *e);
 /* Drops a named token at once (revoked by this process). */

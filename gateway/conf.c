@@ -205,7 +205,7 @@ const struct cfg_option cfg_options[] = {
 	  "how long an ad-hoc command's form stays valid (XEP-0050 session), in seconds; submitted later: "
 	  "session-expired, and the user starts the command again" },
 
-	{ "admin", "token_sha256", CFG_STR, OFF(admin_token_sha256), "", 0, 0, false, true,
+	{ "admin", "token_sha256", CFG_STR, OFF(admin_token_sha256), "", 0, 0, true, true,
 	  "hex SHA-256 of the bootstrap admin token, role admin, name config (causewayd --new-admin-token makes one); "
 	  "empty: only named tokens (docs/admin-api.md)" },
 
@@ -336,6 +336,11 @@ void cfg_free(struct cw_config *c)
 			free(*FIELD(c, &cfg_options[i], char *));
 			*FIELD(c, &cfg_options[i], char *) = NULL;
 		}
+	for (size_t i = 0; i < c->nretired; i++)
+		free(c->retired[i]);
+	free(c->retired);
+	c->retired = NULL;
+	c->nretired = 0;
 }
 
 struct ini_ctx {
@@ -942,16 +947,43 @@ cw_err cfg_load_registration(struct cw_config *c, const char *path, const char *
 	return load(c, path, getenv_fn, false, e);
 }
 
+/* A string option's value, as a reload publishes it (reload_str): read
+ * while the main thread may replace it. */
+static const char *cfg_str(const struct cw_config *c, const struct cfg_option *o)
+{
+	return __atomic_load_n(CFIELD(c, o, char *const), __ATOMIC_ACQUIRE);
+}
+
+/* A reloadable string's new value: the old one is kept (c->retired, freed
+ * by cfg_free), since a request thread may be reading it (GET
+ * /admin/v1/config), and the new one published atomically.  Until the
+ * fortieth session no string was reloadable; set_option frees the old
+ * value at once, which only the start may do. */
+static cw_err reload_str(struct cw_config *c, const struct cfg_option *o, const char *value, cw_errmsg *e)
+{
+	char **grown = realloc(c->retired, (c->nretired + 1) * sizeof(*grown));
+	if (!grown)
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	c->retired = grown;
+	char *s = strdup(value);
+	if (!s)
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	char *old = __atomic_exchange_n(FIELD(c, o, char *), s, __ATOMIC_ACQ_REL);
+	if (old)
+		c->retired[c->nretired++] = old;
+	return CW_OK;
+}
+
 void cfg_value_text(const struct cw_config *c, const struct cfg_option *o, bool mask, char *buf, size_t len)
 {
 	if (mask && o->secret) {
-		const char *s = *CFIELD(c, o, char *const);
+		const char *s = cfg_str(c, o);
 		snprintf(buf, len, "%s", s && *s ? "********" : "");
 		return;
 	}
 	switch (o->type) {
 	case CFG_STR: {
-		const char *s = *CFIELD(c, o, char *const);
+		const char *s = cfg_str(c, o);
 		snprintf(buf, len, "%s", s ? s : "");
 		break;
 	}
@@ -984,10 +1016,11 @@ int cfg_apply_reload(struct cw_config *c, const struct cw_config *next)
 			continue;
 		}
 		cw_errmsg e;
-		if (set_option(c, o, b, &e) == CW_OK) {
+		cw_err rc = o->type == CFG_STR ? reload_str(c, o, b, &e) : set_option(c, o, b, &e);
+		if (rc == CW_OK) {
 			changed++;
 			LOG_KV(CW_LOG_INFO, "option reloaded", "section", o->section, "option", o->name,
-			       "value", o->secret ? "********" : b);
+			       "value", o->secret && *b ? "********" : b); /* a secret emptied: "" (turned off) */
 		}
 	}
 	return changed;

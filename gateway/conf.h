@@ -91,6 +91,12 @@ struct cw_config {
 	/* [log] */
 	long log_level;
 	bool access_log;
+	/* The values of reloadable strings that a reload replaced, kept until
+	 * cfg_free: a request thread may still read one (GET
+	 * /admin/v1/config, cfg_value_text); only the reload (the main
+	 * thread) adds to them. */
+	char **retired;
+	size_t nretired;
 };
 
 enum cfg_type { CFG_STR, CFG_INT, CFG_SIZE, CFG_BOOL, CFG_LOGLEVEL };
@@ -150,7 +156,9 @@ void cfg_value_text(const struct cw_config *c, const struct cfg_option *o,
 
 /* Copies the reloadable options from next into c; for every other option
  * that differs, log a warning that a restart is needed.  Returns how many
- * options changed. */
+ * options changed.  A string's old value stays allocated (c->retired)
+ * and the new one is published atomically: other threads may read c
+ * meanwhile (cfg_value_text). */
 int cfg_apply_reload(struct cw_config *c, const struct cw_config *next);
 
 /* Prints the option table, a line an option, tab-separated: name, type,

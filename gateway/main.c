@@ -333,6 +333,13 @@ static void reload(struct cw_app *app, const char *path)
 	cfg_free(&next);
 	cw_log_set_level((int)app->cfg->log_level);
 	cw_http_set_access_log(app->http, app->cfg->access_log);
+	/* The bootstrap token follows admin.token_sha256 (checked by
+	 * cfg_load: empty, or 64 hex digits; empty turns it off): a leaked
+	 * one is replaced by a reload of every process, not a restart (until
+	 * the fortieth session the option waited for one). */
+	unsigned char h[32];
+	bool set = app->cfg->admin_token_sha256 && cw_unhex(app->cfg->admin_token_sha256, h, sizeof(h));
+	admin_tokens_set_config(app->admins, set ? h : NULL);
 	char cnt[16];
 	snprintf(cnt, sizeof(cnt), "%d", n);
 	LOG_KV(CW_LOG_INFO, "configuration reloaded", "changed", cnt);

@@ -586,3 +586,98 @@ def test_reload_refuses_what_the_start_would(daemon):
         daemon.options.update(opts)
     assert not any(r.get("msg") == "option reloaded" for r in daemon.records)
     assert daemon.get("/healthz").status_code == 200
+
+
+def test_a_reload_replaces_the_bootstrap_token(daemon):
+    """admin.token_sha256 is reloadable: a SIGHUP with a new hash turns the
+    old bootstrap token off and the new one on in this process, and an
+    emptied one turns it off (named tokens go on). Until the fortieth
+    session the option waited for a restart, and a leaked bootstrap token
+    kept working until every process had been restarted. The hash is
+    replaced under the lock the token checks take, and the option's old
+    text kept alive, while requests read both (GET /admin/v1/config
+    throughout: the sanitized build finds a use after free)."""
+    import hashlib
+    import threading
+
+    import requests
+
+    def bearer(token):
+        return {"Authorization": "Bearer " + token}
+
+    def whoami(token):
+        return daemon.get("/admin/v1/whoami", headers=bearer(token))
+
+    def sighup():
+        n = len(daemon.records)
+        daemon.signal(signal.SIGHUP)
+        rec = daemon.wait_for(lambda r: r.get("msg", "").startswith(("reload refused", "configuration reloaded")),
+                              start=n, timeout=30)
+        return rec, daemon.records[n:]
+
+    old = daemon.options["admin"]["token_sha256"]
+    assert whoami("cwa_test-admin-token").status_code == 200
+    named = daemon.admin("POST", "/tokens", json={"name": "ops"})
+    assert named.status_code == 201, named.text
+    ops = named.json()["token"]
+
+    # Requests that read the option (and check tokens) all along.
+    stop = threading.Event()
+    seen = []
+
+    def reader():
+        while not stop.is_set():
+            try:
+                r = daemon.get("/admin/v1/config", headers=bearer(ops), timeout=30)
+                seen.append(r.status_code)
+            except requests.RequestException as ex:  # the daemon died: said below
+                seen.append(repr(ex))
+                return
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        new = "cwa_the-new-bootstrap-token"
+        new_hash = hashlib.sha256(new.encode()).hexdigest()
+        for _ in range(3):  # back and forth: each reload replaces the string read meanwhile
+            for h in (new_hash, old):
+                daemon.options["admin"]["token_sha256"] = h
+                daemon.write_config()
+                rec, recs = sighup()
+                assert rec["msg"] == "configuration reloaded" and rec["changed"] == "1", rec
+                done = [r for r in recs if r.get("msg") == "option reloaded"]
+                assert [(r["section"], r["option"], r["value"]) for r in done] == \
+                    [("admin", "token_sha256", "********")], done
+                assert not any(r.get("msg", "").startswith("option changed") for r in recs), recs
+                assert h not in "\n".join(daemon.lines[-len(recs):])
+        daemon.options["admin"]["token_sha256"] = new_hash
+        daemon.write_config()
+        rec, _ = sighup()
+        assert rec["changed"] == "1", rec
+    finally:
+        stop.set()
+        t.join(60)
+    assert seen and all(s == 200 for s in seen), [s for s in seen if s != 200][:5]
+
+    # The old token is refused, the new one is the bootstrap token.
+    assert whoami("cwa_test-admin-token").status_code == 401
+    r = whoami(new)
+    assert r.status_code == 200 and r.json()["name"] == "config", r.text
+    opt = [o for o in daemon.get("/admin/v1/config", headers=bearer(new)).json()["options"]
+           if (o["section"], o["name"]) == ("admin", "token_sha256")]
+    assert opt == [dict(opt[0], value="********", reloadable=True, secret=True)], opt
+
+    # Emptied: no bootstrap token at all; the named one goes on.
+    daemon.options["admin"]["token_sha256"] = ""
+    daemon.write_config()
+    rec, recs = sighup()
+    assert rec["changed"] == "1", rec
+    assert [r["value"] for r in recs if r.get("msg") == "option reloaded"] == [""]
+    assert whoami(new).status_code == 401
+    assert whoami("cwa_test-admin-token").status_code == 401
+    assert whoami(ops).status_code == 200
+    # Set again: on again, without a restart.
+    daemon.options["admin"]["token_sha256"] = new_hash
+    daemon.write_config()
+    assert sighup()[0]["changed"] == "1"
+    assert whoami(new).status_code == 200
