@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 /* ================================================================ identifiers */
 
@@ -194,6 +195,14 @@ bool addr_fold_lower(char *s, const char *stop)
 			folded = true;
 		}
 	return folded;
+}
+
+void mimi_addr_fold(char *s)
+{
+	if (strncasecmp(s, "mimi://", 7) != 0)
+		return;
+	addr_fold_lower(s, "/");
+	addr_fold_lower(s + 7, "/");
 }
 
 bool mimi_uri_equal(const struct mimi_uri *a, const struct mimi_uri *b)

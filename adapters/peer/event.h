@@ -62,6 +62,12 @@ cw_err mimi_domain_check(const char *d, size_t len, cw_errmsg *e);
  * bytes (UTF-8 sequences too) are left as they are.  Whether it changed
  * any. */
 bool addr_fold_lower(char *s, const char *stop);
+/* A typed mimi:// address's scheme and domain to lower case, in place (a
+ * user types MIMI://WA.Example/u/Wally; DNS names are case-insensitive,
+ * and mimi_uri_parse takes lower case only, as the admin API does): the
+ * path, a remote user's case-sensitive id, stays as typed.  Anything
+ * not starting with mimi:// (in any case) is left alone. */
+void mimi_addr_fold(char *s);
 
 /* Opaque ids used in URL paths and bodies (never decoded or escaped):
  *   room public id   "r_"   + 1-64 of [A-Za-z0-9_-]   (/v1/rooms/{room})

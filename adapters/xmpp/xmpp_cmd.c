@@ -111,6 +111,10 @@ struct xconsent {
 	char local[MIMI_LOCAL_MAX + 1], local_bare[1100];
 	char remote_id[MIMI_LOCAL_MAX + 1], remote_jid[1100];
 	bool whole_domain;               /* the subject is the peer's domain */
+	char addr_domain[MIMI_DOMAIN_MAX + 1]; /* a mimi:// address's domain (its local part in remote_id), neither
+					  * this provider's nor a component's: whose it is, read in the job
+					  * (peer_address); else "" */
+	char address[MIMI_URI_MAX + 1];  /* that address, as taken */
 	char own_subject[MIMI_URI_MAX + 1]; /* a report's subject when it is a user of this provider's, else "" */
 	bool cancel_if_allowed;          /* an `unsubscribed`: see xa_presence */
 	char reason[REASON_MAX + 1];
@@ -164,6 +168,87 @@ static cw_err consent_is(PGconn *c, const char *local_id, const char *subject, c
 	return CW_OK;
 }
 
+/* A report's store and answer (consent_fn's V_REPORT; peer_address's),
+ * of subject by the local user whose address is uri. */
+static cw_err report_run(PGconn *c, struct xconsent *j, const char *uri, const char *subject, cw_errmsg *e)
+{
+	const struct policy_report rep = { .reporter_kind = "local_user", .reporter = uri, .subject = subject,
+					   .reason = "abuse", .comment = j->reason[0] ? j->reason : NULL };
+	json_t *ans = NULL;
+	cw_err rc = policy_report_store(c, j->xc->x->app, &rep, &ans, e);
+	if (rc == CW_EINVAL) {
+		/* the subject names a contact of another component whose
+		 * peer is not configured (policy_report_store: nothing
+		 * stored, as POST /admin/v1/reports answers 400); until the
+		 * fortieth session "That did not work; try again" */
+		snprintf(j->note, sizeof(j->note), "Not reported: %s. Nothing was stored; tell the operator.", e->msg);
+		return CW_OK;
+	}
+	if (rc)
+		return rc;
+	/* the subject as stored (policy_report_store: a user of this
+	 * provider's by her one address, a component's contact as the
+	 * peer's user) */
+	const char *stored = json_string_value(json_object_get(ans, "subject"));
+	snprintf(j->note, sizeof(j->note), "Reported %s to the operator. Thank you.", stored ? stored : subject);
+	json_decref(ans);
+	j->done = true;
+	return CW_OK;
+}
+
+/* An accept, block or report of mimi://<domain>/u/<id> (j->addr_domain,
+ * j->remote_id) whose domain is not this component's peer's (consent_fn
+ * asked that first): another peer's user, or nobody's.  The peers are
+ * the table's, read here in the command's transaction.  A report of
+ * another peer's user is taken as typed (as POST /admin/v1/reports takes
+ * it); an accept or block is for this component's contacts only (its
+ * roster), so refused, naming the component whose commands take it, or
+ * saying that no component stands for that peer (its users reach nobody
+ * on this XMPP server).  A domain of no peer names nobody who can reach
+ * the user: refused.  Nothing stored but the report; the answer is an
+ * error note.  Until the fortieth session any such address was a bare
+ * bad-request, a peer's own domain too (mimi://wa.example/u/wally, where
+ * wally@<component> was taken). */
+static cw_err peer_address(PGconn *c, struct xconsent *j, cw_errmsg *e)
+{
+	struct xmpp *x = j->xc->x;
+	const char *addr = j->address;
+	const char *pp[] = { j->addr_domain };
+	PGresult *r = PQexecParams(c, "SELECT name FROM peers WHERE domain = $1", 1, NULL, pp, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	char peer[XMPP_PEER_MAX + 64] = "";
+	if (PQntuples(r) == 1)
+		snprintf(peer, sizeof(peer), "%s", PQgetvalue(r, 0, 0));
+	PQclear(r);
+	if (!peer[0]) {
+		snprintf(j->note, sizeof(j->note),
+			 "Not done: %s is the domain of no network this gateway is connected to, so %s is nobody who "
+			 "can reach you here. Nothing was stored. Name a contact by their JID (name@%s) or their "
+			 "address on this network's domain.",
+			 j->addr_domain, addr, j->xc->domain);
+		return CW_OK;
+	}
+	if (j->verb == V_REPORT) {
+		char uri[MIMI_URI_MAX + 1];
+		snprintf(uri, sizeof(uri), "mimi://%s/u/%s", x->cfg->domain ? x->cfg->domain : "", j->local);
+		return report_run(c, j, uri, addr, e);
+	}
+	struct xcomp *of = xa_comp_by_peer(x, peer);
+	if (of)
+		snprintf(j->note, sizeof(j->note),
+			 "Not done: %s is a contact of another network (peer:%s), not of this one (peer:%s): accept and "
+			 "block them with the commands of %s. Nothing was stored.",
+			 addr, peer, j->xc->peer, of->domain);
+	else
+		snprintf(j->note, sizeof(j->note),
+			 "Not done: %s is a user of network peer:%s, which no contact on this XMPP server stands for, "
+			 "so nothing of theirs reaches you here. Nothing was stored.",
+			 addr, peer);
+	return CW_OK;
+}
+
 static cw_err consent_fn(PGconn *c, void *arg, cw_errmsg *e)
 {
 	struct xconsent *j = arg;
@@ -189,6 +274,12 @@ static cw_err consent_fn(PGconn *c, void *arg, cw_errmsg *e)
 	if (PQntuples(r) == 1)
 		snprintf(peer_domain, sizeof(peer_domain), "%s", PQgetvalue(r, 0, 0));
 	PQclear(r);
+	if (j->addr_domain[0] && strcmp(j->addr_domain, peer_domain) != 0)
+		return peer_address(c, j, e);
+	if (j->addr_domain[0] && !xa_remote_jid(j->xc, j->remote_id, j->remote_jid, sizeof(j->remote_jid))) {
+		snprintf(j->note, sizeof(j->note), "%s names no contact this gateway can give a JID.", j->address);
+		return CW_OK;
+	}
 	char subject[MIMI_URI_MAX + 1];
 	if (j->own_subject[0])
 		snprintf(subject, sizeof(subject), "%s", j->own_subject);
@@ -284,30 +375,8 @@ static cw_err consent_fn(PGconn *c, void *arg, cw_errmsg *e)
 		snprintf(j->note, sizeof(j->note), "You are now opted %s for %s.", j->verb == V_OPTIN ? "in" : "out", net);
 		break;
 	}
-	case V_REPORT: {
-		const struct policy_report rep = { .reporter_kind = "local_user", .reporter = uri, .subject = subject,
-						   .reason = "abuse", .comment = j->reason[0] ? j->reason : NULL };
-		json_t *ans = NULL;
-		rc = policy_report_store(c, x->app, &rep, &ans, e);
-		if (rc == CW_EINVAL) {
-			/* the subject names a contact of another component whose
-			 * peer is not configured (policy_report_store: nothing
-			 * stored, as POST /admin/v1/reports answers 400); until the
-			 * fortieth session "That did not work; try again" */
-			snprintf(j->note, sizeof(j->note), "Not reported: %s. Nothing was stored; tell the operator.",
-				 e->msg);
-			return CW_OK;
-		}
-		if (rc)
-			return rc;
-		/* the subject as stored (policy_report_store: a user of this
-		 * provider's by her one address, a component's contact as
-		 * the peer's user) */
-		const char *stored = json_string_value(json_object_get(ans, "subject"));
-		snprintf(j->note, sizeof(j->note), "Reported %s to the operator. Thank you.", stored ? stored : subject);
-		json_decref(ans);
-		break;
-	}
+	case V_REPORT:
+		return report_run(c, j, uri, subject, e); /* done unless refused */
 	case V_LIST: {
 		const char *params[] = { local_id };
 		r = PQexecParams(c, POLICY_USER_SUMMARY_SQL, 1, NULL, params, NULL, NULL, 0);
@@ -811,6 +880,45 @@ static int component_contact(struct xcomp *xc, const char *who, struct xconsent 
 	return 1;
 }
 
+/* Whether who, the party typed in an accept, block or report, is a
+ * mimi:// user address that none of the above took (not this provider's,
+ * not under a component's domain): if so its domain and local part into
+ * j (addr_domain, remote_id), whose it is decided in the command's job
+ * (peer_address: the peers are the database's); a peer's own domain,
+ * mimi://wa.example/u/wally, is the component's contact as
+ * wally@<component> is.  Else the refusal's text into text: an address
+ * that does not parse (why), a room's, or no address at all (until the
+ * fortieth session all of these were a bare bad-request). */
+static bool other_address(struct xcomp *xc, const char *who, struct xconsent *j, char *text, size_t len)
+{
+	struct mimi_uri u;
+	cw_errmsg e;
+	if (strncmp(who, "mimi://", 7) != 0) {
+		if (j->verb == V_REPORT)
+			snprintf(text, len, "%s is not a contact of this network: name one by their JID (name@%s) or "
+				 "address (mimi://<their domain>/u/name).", who, xc->domain);
+		else
+			snprintf(text, len, "%s is not a contact of this network: name one by their JID (name@%s) or "
+				 "address (mimi://<their domain>/u/name), or the whole network by %s.",
+				 who, xc->domain, xc->domain);
+		return false;
+	}
+	if (mimi_uri_parse(who, &u, &e) != CW_OK) {
+		snprintf(text, len, "%s is not an address: %s. A contact's address is mimi://<their domain>/u/name.", who,
+			 e.msg);
+		return false;
+	}
+	if (u.kind != MIMI_USER) {
+		snprintf(text, len, "%s is a room, not a user: name one contact, by their JID (name@%s) or address "
+			 "(mimi://<their domain>/u/name).", who, xc->domain);
+		return false;
+	}
+	snprintf(j->addr_domain, sizeof(j->addr_domain), "%s", u.domain);
+	snprintf(j->remote_id, sizeof(j->remote_id), "%s", u.id);
+	snprintf(j->address, sizeof(j->address), "%s", who); /* parsed: it fits */
+	return true;
+}
+
 /* The first stage of accept, block and report: the form. */
 static void command_form(struct xcomp *xc, xmpp_stanza_t *iq, const char *node, bool reason)
 {
@@ -1005,12 +1113,13 @@ bool xa_command(struct xcomp *xc, xmpp_stanza_t *iq)
 			free(j);
 			xa_send_now(xc, xa_error_reply(iq, "modify", "bad-request", own));
 			return true;
-		} else if (!xa_remote_user(xc, jid, j->remote_id, sizeof(j->remote_id), j->remote_jid,
-					     sizeof(j->remote_jid))) {
+		} else if (xa_remote_user(xc, jid, j->remote_id, sizeof(j->remote_id), j->remote_jid,
+					    sizeof(j->remote_jid))) {
+			; /* this component's contact by JID */
+		} else if (!other_address(xc, jid, j, own, sizeof(own))) {
 			free(req);
 			free(j);
-			xmpp_stanza_t *r = xa_error_reply(iq, "modify", "bad-request", NULL);
-			xa_send_now(xc, r);
+			xa_send_now(xc, xa_error_reply(iq, "modify", "bad-request", own));
 			return true;
 		}
 	}

@@ -6,6 +6,7 @@
 #include "peer/event.h"
 
 #include <string.h>
+#include <strings.h>
 
 /* In the order of xa_command's verbs (xmpp_cmd.c). */
 const struct xa_command_def xa_commands[] = {
@@ -161,6 +162,9 @@ void xa_cmd_read(xmpp_stanza_t *iq, struct xa_cmd_req *out)
 	char *slash = strchr(out->jid, '/'), *at = strchr(out->jid, '@');
 	if (at && slash && at > slash)
 		at = NULL; /* an '@' of the resource: no localpart */
-	addr_fold_lower(at ? at + 1 : out->jid, "/");
+	if (strncasecmp(out->jid, "mimi://", 7) == 0)
+		mimi_addr_fold(out->jid);
+	else
+		addr_fold_lower(at ? at + 1 : out->jid, "/");
 	out->what = XA_CMD_SUBMIT;
 }

@@ -3372,6 +3372,86 @@ def test_a_components_contact_by_address_is_its_contact(xd, gk, alice, pg, db_ur
         "Accepted mimi://wa.example/u/Wally. 0 waiting message(s) released."
 
 
+
+def test_a_contacts_address_in_any_case_or_on_the_peers_domain_is_taken(xd, gk, alice, pg, db_url):
+    """A mimi:// address's domain is taken in any case (DNS names are
+    case-insensitive; the id, the peer's, keeps its case): until the
+    fortieth session mimi://GK.xmpp.test/u/wally was a bare bad-request
+    while wally@GK.xmpp.test was wally. The peer's own domain names its
+    user as the component's does (mimi://wa.example/u/wally is
+    wally@<component>, a block taking him off the roster): it was a bare
+    bad-request too. A domain of another peer, with no component of its
+    own, is taken by report and refused by accept and block (nothing of
+    theirs reaches XMPP); a domain of no peer is refused by all three, in
+    the command's note, nothing stored; a malformed address, a room's, or
+    something that is no contact are bad-request with a text saying why."""
+    def note(node, who, kind="info"):
+        c = command_submit(alice, node, {"jid": who}).find(q(CMD, "command"))
+        assert c.get("status") == "completed", ET.tostring(c)
+        n = c.find(q(CMD, "note"))
+        assert n.get("type") == kind, ET.tostring(c)
+        return n.text
+
+    def stored():
+        return pg.psql("SELECT (SELECT string_agg(subject || ' ' || state, ',' ORDER BY subject) FROM consents) "
+                       "|| ' / ' || (SELECT coalesce(string_agg(subject_uri, ',' ORDER BY id), '') FROM reports)", db_url)
+
+    assert note("accept", f"mimi://{COMP.upper()}/u/wally") == \
+        "Accepted mimi://wa.example/u/wally. 0 waiting message(s) released."
+    assert note("accept", "MIMI://WA.Example/u/zoe") == "Accepted mimi://wa.example/u/zoe. 0 waiting message(s) released."
+    start = alice.count()  # wally on her roster (the component approves her subscribe)
+    alice.send_presence(WALLY_JID, "subscribe")
+    alice.wait_for_presence(lambda el: el.get("from", "").split("/")[0] == WALLY_JID
+                            and el.get("type") == "subscribed", start=start)
+    start = alice.count()
+    assert note("block", "mimi://wa.example/u/wally") == \
+        "Blocked mimi://wa.example/u/wally. 0 waiting message(s) dropped."
+    alice.wait_for_presence(lambda el: el.get("from", "").split("/")[0] == WALLY_JID
+                            and el.get("type") == "unsubscribed", start=start)
+    assert presence_types(alice, WALLY_JID, start)[-2:] == ["unavailable", "unsubscribed"]  # as of his JID
+    assert note("report", "mimi://Wa.Example/u/Wally") == \
+        "Reported mimi://wa.example/u/Wally to the operator. Thank you."
+    assert stored() == "mimi://wa.example/u/wally blocked,mimi://wa.example/u/zoe allowed / mimi://wa.example/u/Wally"
+
+    # A domain no peer has: nobody who can reach her; nothing stored.
+    for node in ("accept", "block", "report"):
+        assert note(node, "mimi://Nowhere.Example/u/x", "error") == (
+            "Not done: nowhere.example is the domain of no network this gateway is connected to, so "
+            "mimi://nowhere.example/u/x is nobody who can reach you here. Nothing was stored. Name a contact by "
+            f"their JID (name@{COMP}) or their address on this network's domain."), node
+    # Another peer's domain, no component standing for it: a report is
+    # taken, accept and block are not.
+    other = PeerClient(xd.url, "ot", "other.example")
+    r = xd.admin("POST", "/peers", json={"name": "ot", "domain": "other.example", "mode": "pull",
+                                        "public_key": other.signer.public_b64})
+    assert r.status_code == 201, r.text
+    for node in ("accept", "block"):
+        assert note(node, "mimi://OTHER.example/u/Otto", "error") == (
+            "Not done: mimi://other.example/u/Otto is a user of network peer:ot, which no contact on this XMPP "
+            "server stands for, so nothing of theirs reaches you here. Nothing was stored."), node
+    assert note("report", "mimi://OTHER.example/u/Otto") == \
+        "Reported mimi://other.example/u/Otto to the operator. Thank you."
+    assert stored() == ("mimi://wa.example/u/wally blocked,mimi://wa.example/u/zoe allowed / "
+                        "mimi://wa.example/u/Wally,mimi://other.example/u/Otto")
+
+    # Not an address of a user, or no contact at all: bad-request, said.
+    for who, why in (("mimi://wa.example/u/", "mimi://wa.example/u/ is not an address: the user local part is "
+                                              "empty. A contact's address is mimi://<their domain>/u/name."),
+                     ("mimi://wa..example/u/x", "mimi://wa..example/u/x is not an address: the domain has an empty "
+                                                "label. A contact's address is mimi://<their domain>/u/name."),
+                     ("mimi://wa.example/r/room1", "mimi://wa.example/r/room1 is a room, not a user: name one "
+                                                   f"contact, by their JID (name@{COMP}) or address "
+                                                   "(mimi://<their domain>/u/name)."),
+                     ("wally@elsewhere.example", "wally@elsewhere.example is not a contact of this network: name "
+                                                 f"one by their JID (name@{COMP}) or address (mimi://<their "
+                                                 f"domain>/u/name), or the whole network by {COMP}.")):
+        bad = command_submit(alice, "block", {"jid": who}, expect_error=True)
+        text = bad.find(f".//{{{NS_STANZAS}}}text")
+        assert bad.error_condition == "bad-request" and text is not None and text.text == why, (who, bad.xml)
+    assert stored() == ("mimi://wa.example/u/wally blocked,mimi://wa.example/u/zoe allowed / "
+                        "mimi://wa.example/u/Wally,mimi://other.example/u/Otto")
+
+
 ZZ = "zz.xmpp.test"
 
 
@@ -3423,6 +3503,24 @@ def test_commands_about_a_network_not_configured_say_so(make_daemon, db_url, pg,
                 # gk's contact by address is still taken through gk's component.
                 c = command_submit(alice, "block", {"jid": f"mimi://{COMP}/u/wally"}, to=COMP)
                 assert "Blocked mimi://wa.example/u/wally" in c.find(f".//{{{CMD}}}note").text, ET.tostring(c)
+                # zz configured: its user by the peer's own domain is zz's
+                # contact, which gk's component refuses to accept or
+                # block (its roster is gk's), naming zz's; and zz's
+                # component takes (since the fortieth session).
+                zc = PeerClient(d.url, "zz", "zz.example")
+                r = d.admin("POST", "/peers", json={"name": "zz", "domain": "zz.example", "mode": "pull",
+                                                   "public_key": zc.signer.public_b64})
+                assert r.status_code == 201, r.text
+                for node in ("accept", "block"):
+                    assert answer(node, "mimi://ZZ.example/u/wally", COMP) == (
+                        "Not done: mimi://zz.example/u/wally is a contact of another network (peer:zz), not of "
+                        f"this one (peer:gk): accept and block them with the commands of {ZZ}. Nothing was "
+                        "stored."), node
+                c = command_submit(alice, "accept", {"jid": "mimi://ZZ.example/u/wally"}, to=ZZ)
+                assert c.find(f".//{{{CMD}}}note").text == \
+                    "Accepted mimi://zz.example/u/wally. 0 waiting message(s) released.", ET.tostring(c)
+                assert pg.psql("SELECT string_agg(subject || ' ' || state, ',' ORDER BY subject) FROM consents",
+                               db_url) == "mimi://wa.example/u/wally blocked,mimi://zz.example/u/wally allowed"
             finally:
                 alice.disconnect()
         finally:

@@ -661,6 +661,25 @@ START_TEST(addr_fold_lower_stops_and_keeps_other_bytes)
 }
 END_TEST
 
+/* A typed address's scheme and domain in lower case, its path as typed
+ * (the XMPP commands' and the Matrix bot's parties). */
+START_TEST(mimi_addr_fold_folds_scheme_and_domain_only)
+{
+	char a[] = "MIMI://WA.Example/u/Wally";
+	mimi_addr_fold(a);
+	ck_assert_str_eq(a, "mimi://wa.example/u/Wally");
+	char jid[] = "Wally@GK.Example";
+	mimi_addr_fold(jid); /* no address: left alone */
+	ck_assert_str_eq(jid, "Wally@GK.Example");
+	char bare[] = "mimi://GK.EXAMPLE";
+	mimi_addr_fold(bare);
+	ck_assert_str_eq(bare, "mimi://gk.example");
+	char shortest[] = "mimi:/";
+	mimi_addr_fold(shortest);
+	ck_assert_str_eq(shortest, "mimi:/");
+}
+END_TEST
+
 /* ------------------------------------------------------------ batches */
 
 START_TEST(batch_cases)
@@ -859,6 +878,7 @@ int main(void)
 	tcase_add_test(tc, identifier_cases);
 	tcase_add_test(tc, uri_format_refuses_bad_components);
 	tcase_add_test(tc, addr_fold_lower_stops_and_keeps_other_bytes);
+	tcase_add_test(tc, mimi_addr_fold_folds_scheme_and_domain_only);
 	tcase_add_test(tc, batch_cases);
 	tcase_add_test(tc, batch_count_boundary);
 	tcase_add_test(tc, batch_repeated_keys);
