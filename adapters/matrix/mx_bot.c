@@ -232,18 +232,40 @@ static void encrypted(struct matrix *m, PGconn *c, const char *room, const char 
 
 /* <who> as a consent subject: a mimi:// user URI, a ghost's Matrix id, or a
  * domain as an address has it (mimi_domain_check, as POST
- * /admin/v1/consents takes one).  False when it is none of these.  Until
+ * /admin/v1/consents takes one).  0 when it is none of these.  Until
  * the thirty-ninth session any lower-case name with a dot was a domain:
  * "block gk..example" or "block 10.0.0.1" was answered "Blocked" and
- * stored, and matched no sender. */
-static bool subject_of(struct matrix *m, PGconn *c, const char *who, char *kind, char *subject, size_t slen)
+ * stored, and matched no sender.  A domain, an address's too, is taken in
+ * any case and stored in lower case (DNS names are case-insensitive; a
+ * remote user's id keeps its case): until the fortieth session
+ * mimi://WA.Example/u/wally was "Whom?".  A user URI is one of this
+ * provider's (the caller refuses it, or reports her) or of a peer's
+ * domain (the peers table): another names nobody who can reach the user,
+ * and is -1, its address in subject (until the fortieth session such a
+ * consent was stored and answered "Accepted", and matched no sender, a
+ * report of it stored). */
+static int subject_of(struct matrix *m, PGconn *c, const char *who, char *kind, char *subject, size_t slen)
 {
 	struct mimi_uri u;
 	cw_errmsg e;
+	char typed[MIMI_URI_MAX + 1];
+	if ((size_t)snprintf(typed, sizeof(typed), "%s", who) < sizeof(typed)) {
+		mimi_addr_fold(typed);
+		if (strncmp(typed, "mimi://", 7) != 0 && !strpbrk(typed, "@:/"))
+			addr_fold_lower(typed, NULL); /* a domain typed alone */
+		who = typed;
+	}
 	if (mimi_uri_parse(who, &u, &e) == CW_OK && u.kind == MIMI_USER) {
 		strcpy(kind, "user");
 		snprintf(subject, slen, "%s", who);
-		return true;
+		if (policy_consent_subject_ours(m->app, "user", who))
+			return 1;
+		const char *params[] = { u.domain };
+		PGresult *r = PQexecParams(c, "SELECT 1 FROM peers WHERE domain = $1", 1, NULL, params, NULL, NULL, 0);
+		int peer = PQresultStatus(r) != PGRES_TUPLES_OK ? 1 /* the store's answer: taken as before */
+			   : PQntuples(r) == 1 ? 1 : -1;
+		PQclear(r);
+		return peer;
 	}
 	char net[64], local[MX_ID_MAX + 1];
 	if (mx_ghost_parse(m->cfg->mx_user_prefix, mx_server_name(m->cfg), who, net, sizeof(net), local, sizeof(local))) {
@@ -259,10 +281,10 @@ static bool subject_of(struct matrix *m, PGconn *c, const char *who, char *kind,
 		return ok;
 	}
 	if (mimi_domain_check(who, strlen(who), &e) != CW_OK)
-		return false;
+		return 0;
 	strcpy(kind, "domain");
 	snprintf(subject, slen, "%s", who);
-	return true;
+	return 1;
 }
 
 /* The address (mimi://<server.domain>/u/<localpart>) of a Matrix id of
@@ -499,7 +521,19 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 		strcpy(kind, "user");
 		found = local_party = local_uri(m, arg, subject, sizeof(subject), &u);
 	} else {
-		found = party_verb && subject_of(m, c, arg, kind, subject, sizeof(subject));
+		int of = party_verb ? subject_of(m, c, arg, kind, subject, sizeof(subject)) : 0;
+		if (of < 0) {
+			struct mimi_uri u;
+			cw_errmsg pe;
+			mimi_uri_parse(subject, &u, &pe);
+			snprintf(reply, sizeof(reply), "%s is nobody who can reach you here: %s is the domain of no network "
+				 "this gateway is connected to. Nothing was %s. Give an address on a connected network's "
+				 "domain (mimi://...) or a bridged user's Matrix id.",
+				 subject, u.domain, report ? "reported" : "stored");
+			answer(m, c, room, txn, reply);
+			return;
+		}
+		found = of > 0;
 		if (found && policy_consent_subject_ours(m->app, kind, subject)) {
 			if (!report) {
 				not_remote(m, c, room, txn, subject, strcmp(kind, "domain") == 0, false);

@@ -1802,6 +1802,40 @@ def test_accept_or_block_of_a_local_user_or_domain_is_refused(make_daemon, db_ur
     assert answer_to("block wa.example").startswith("Blocked wa.example.")
 
 
+
+def test_a_partys_domain_in_any_case_and_an_address_of_no_peer(mx, hs, gk, pg, db_url):
+    """A domain, an address's or typed alone, is taken in any case and
+    stored in lower case (DNS names are case-insensitive; a remote user's
+    id keeps its case): until the fortieth session mimi://WA.Example/u/x
+    and WA.Example were "Whom?". An address whose domain is neither this
+    provider's nor a peer's names nobody who can reach the user: accept,
+    block and report say so and store nothing (until then such a consent
+    was "Accepted" and stored, matching no sender, and a report of it
+    stored), as the XMPP component's commands do."""
+    alice, mgmt, said = alice_and_the_bot(hs)
+
+    def answer_to(text):
+        n = len(said())
+        alice.send_text(mgmt, text)
+        wait_until(lambda: len(said()) > n, what=f"the answer to {text}")
+        return said()[n]
+    assert answer_to("block mimi://WA.Example/u/Wally") == "Blocked mimi://wa.example/u/Wally. 0 waiting message(s) dropped."
+    assert answer_to("accept MIMI://wa.EXAMPLE/u/zoe") == "Accepted mimi://wa.example/u/zoe. 0 waiting message(s) released."
+    assert answer_to("block WA.Example") == "Blocked wa.example. 0 waiting message(s) dropped."
+    text = answer_to("block mimi://Example.ORG/u/bob")
+    assert text.startswith("mimi://example.org/u/bob is not someone from another network"), text
+    assert answer_to("report mimi://WA.example/u/wally spam") == "Reported to the operator. Thank you."
+    for verb, done in (("accept", "stored"), ("block", "stored"), ("report", "reported")):
+        assert answer_to(f"{verb} mimi://Nowhere.Example/u/x") == (
+            "mimi://nowhere.example/u/x is nobody who can reach you here: nowhere.example is the domain of no "
+            f"network this gateway is connected to. Nothing was {done}. Give an address on a connected "
+            "network's domain (mimi://...) or a bridged user's Matrix id."), verb
+    assert pg.psql("SELECT string_agg(subject_kind || ' ' || subject || ' ' || state, ',' ORDER BY subject) "
+                   "FROM consents", db_url) == \
+        "user mimi://wa.example/u/Wally blocked,user mimi://wa.example/u/zoe allowed,domain wa.example blocked"
+    assert pg.psql("SELECT string_agg(subject_uri, ',') FROM reports", db_url) == "mimi://wa.example/u/wally"
+
+
 def test_an_opt_in_for_a_disabled_peer_says_it_is_switched_off(mx, hs, gk, pg, db_url):
     """The list of networks the bot offers after an unknown name is of the
     enabled peers; a disabled one is still a network (its rows wait for it,
