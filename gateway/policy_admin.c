@@ -1238,22 +1238,32 @@ void policy_admin_report_create(struct cw_req *req, void *ctx)
  * handled) is 409 naming when and by whom, and audits nothing; 404 is
  * for no such report alone.  Until the thirty-sixth session both were
  * 404 "no open report with that id". */
-static cw_err report_handle_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
+/* After an UPDATE of a report that matched no row: 409 naming when and by
+ * whom it was handled if the report is there in the state the UPDATE
+ * excludes (`state`, a condition on reports), else the 404 stands. */
+static cw_err report_conflict(PGconn *c, struct app_job *j, cw_errmsg *e, const char *sql, const char *what)
 {
 	const struct aq *q = j->data;
 	cw_err rc = aq_fn(c, j, e);
 	if (rc || !j->err_code || j->err_status != 404)
 		return rc;
 	const char *params[] = { q->p[0] };
-	PGresult *r = PQexecParams(c, "SELECT to_json(handled_at) #>> '{}', handled_by FROM reports "
-				   "WHERE id = $1::bigint AND handled_at IS NOT NULL", 1, NULL, params, NULL, NULL, 0);
+	PGresult *r = PQexecParams(c, sql, 1, NULL, params, NULL, NULL, 0);
 	if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
 		return rc;
 	if (PQntuples(r) == 1)
-		app_job_fail(j, 409, "conflict", "report %s was already handled at %s by %s", q->p[0],
+		app_job_fail(j, 409, "conflict", "report %s was already %s at %s by %s", q->p[0], what,
 			     PQgetvalue(r, 0, 0), PQgetvalue(r, 0, 1));
 	PQclear(r);
 	return CW_OK;
+}
+
+static cw_err report_handle_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
+{
+	return report_conflict(c, j, e,
+			       "SELECT to_json(handled_at) #>> '{}', handled_by FROM reports "
+			       "WHERE id = $1::bigint AND handled_at IS NOT NULL",
+			       "handled");
 }
 
 void policy_admin_report_handle(struct cw_req *req, void *ctx)
@@ -1287,20 +1297,10 @@ void policy_admin_report_handle(struct cw_req *req, void *ctx)
  * Since the fortieth session. */
 static cw_err report_dismiss_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
-	const struct aq *q = j->data;
-	cw_err rc = aq_fn(c, j, e);
-	if (rc || !j->err_code || j->err_status != 404)
-		return rc;
-	const char *params[] = { q->p[0] };
-	PGresult *r = PQexecParams(c, "SELECT to_json(handled_at) #>> '{}', handled_by FROM reports "
-				   "WHERE id = $1::bigint AND dismissed", 1, NULL, params, NULL, NULL, 0);
-	if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
-		return rc;
-	if (PQntuples(r) == 1)
-		app_job_fail(j, 409, "conflict", "report %s was already dismissed (handled at %s by %s)", q->p[0],
-			     PQgetvalue(r, 0, 0), PQgetvalue(r, 0, 1));
-	PQclear(r);
-	return CW_OK;
+	return report_conflict(c, j, e,
+			       "SELECT to_json(handled_at) #>> '{}', handled_by FROM reports "
+			       "WHERE id = $1::bigint AND dismissed",
+			       "dismissed; it was handled");
 }
 
 void policy_admin_report_dismiss(struct cw_req *req, void *ctx)
