@@ -86,6 +86,7 @@ struct cw_config {
 	long xmpp_dedup_window_s;
 	long xmpp_max_stanza_bytes;
 	long xmpp_command_session_lifetime_s;
+	long xmpp_user_groups_per_day;
 	/* [admin] */
 	char *admin_token_sha256;
 	/* [log] */

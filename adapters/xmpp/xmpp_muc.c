@@ -28,6 +28,7 @@
 #include "log.h"
 #include "peer/event.h"
 #include "peer/peer_media.h"
+#include "ratelimit.h"
 #include "xm.h"
 #include "store.h"
 #include "utf8.h"
@@ -330,10 +331,11 @@ static xmpp_stanza_t *occupant_gone(xmpp_ctx_t *ctx, const char *room, const cha
 }
 
 /* A presence error answering a join (XEP-0045 §7.2.6: with the muc x). */
-static xmpp_stanza_t *join_error(xmpp_ctx_t *ctx, const char *text, const char *type, const char *cond)
+static xmpp_stanza_t *join_error(xmpp_ctx_t *ctx, const char *text, const char *type, const char *cond,
+				 const char *why)
 {
 	xmpp_stanza_t *st = xmpp_stanza_new_from_string(ctx, text);
-	xmpp_stanza_t *r = st ? xa_error_reply(st, type, cond, NULL) : NULL;
+	xmpp_stanza_t *r = st ? xa_error_reply(st, type, cond, why) : NULL;
 	if (r)
 		xa_child(ctx, r, "x", NS_MUC);
 	if (st)
@@ -404,6 +406,7 @@ struct mjoin {
 	char since[40];                   /* history: newer than this (ISO 8601), "" for any */
 	/* the job's */
 	bool member, created;              /* created: the room is new (made by this join) */
+	bool limited;                     /* no such room, and the user made her day's groups */
 	json_t *members;                  /* [nick] of the others */
 	json_t *history;                  /* [[nick, event, ts ms, msg id, on its way]] oldest first
 					     (event: as stored, with its last correction's parts) */
@@ -430,6 +433,26 @@ static void mjoin_free(struct mjoin *j)
  * is a number of events: enough for 50 messages among a busy room's
  * receipts, reactions and typing, a few milliseconds of probes. */
 #define HISTORY_WINDOW "1000"
+
+/* Whether the joining user may make one more group (the room she joins is
+ * nobody's yet): xmpp.user_groups_per_day, a bucket per user of this
+ * process refilled over the day, keyed by her local part.  A group made
+ * here is kept for good (its rows, its binding), and until the
+ * fortieth session every join of an unused name made one: joining and
+ * leaving, one user made 10,000 in 78 s (a review's finding).  Asked only
+ * of a name no room has; a join that finds the name taken meanwhile (by
+ * another's join) spent a token for nothing, which errs on the side of
+ * refusing once too early, never of making one too many. */
+static bool may_make_group(const struct mjoin *j)
+{
+	struct ratelimit *rl = j->xc->x->app->limits;
+	if (!rl)
+		return true;
+	char key[MIMI_LOCAL_MAX + 8];
+	snprintf(key, sizeof(key), "xgr:%s", j->local);
+	return ratelimit_take(rl, key, (uint32_t)j->xc->x->cfg->xmpp_user_groups_per_day, 86400000, cw_wall_ms(),
+			      NULL) <= 0;
+}
 
 /* On the writer: the member check, the binding (made on a first join), the
  * other members and the history the user may read (what was delivered to
@@ -472,16 +495,26 @@ static cw_err join_fn(PGconn *c, void *arg, cw_errmsg *e)
 	if (lrc)
 		return lrc;
 	PQclear(lr);
+	/* A name no room has makes a group, within the user's bound; a
+	 * refusal makes nothing (the statement below inserts only when
+	 * $11 says so, and answers no row then: j->limited says why). */
+	const char *np[] = { j->public_id };
+	PGresult *nr = PQexecParams(c, "SELECT 1 FROM rooms WHERE public_id = $1", 1, NULL, np, NULL, NULL, 0);
+	cw_err nrc = store_check(c, nr, PGRES_TUPLES_OK, e);
+	if (nrc)
+		return nrc;
+	j->limited = PQntuples(nr) == 0 && !may_make_group(j);
+	PQclear(nr);
 	char max[16];
 	snprintf(max, sizeof(max), "%d", j->max);
 	const char *domain = j->xc->x->cfg->domain ? j->xc->x->cfg->domain : "";
 	const char *params[] = { j->public_id, j->uri, j->xc->peer, j->native, j->user, max, j->since, domain, j->local,
-				 j->xc->domain };
+				 j->xc->domain, j->limited ? "false" : "true" };
 	PGresult *r = PQexecParams(c,
 		/* a room nobody has is made, hosted here, the user its first member */
 		"WITH ex AS (SELECT id, kind FROM rooms WHERE public_id = $1), "
 		"nr AS (INSERT INTO rooms (public_id, uri, hub_domain, kind) SELECT $1, 'mimi://' || $8 || '/r/' || $1, $8, "
-		"  'group' WHERE NOT EXISTS (SELECT 1 FROM ex) ON CONFLICT DO NOTHING RETURNING id), "
+		"  'group' WHERE NOT EXISTS (SELECT 1 FROM ex) AND $11::boolean ON CONFLICT DO NOTHING RETURNING id), "
 		"r AS (SELECT id FROM ex WHERE kind = 'group' UNION ALL SELECT id FROM nr), "
 		"u0 AS (SELECT id FROM identities WHERE uri = $2 AND is_local), "
 		"u1 AS (INSERT INTO identities (uri, domain, localpart, is_local, network) SELECT $2, $8, $9, true, 'xmpp' "
@@ -527,7 +560,7 @@ static cw_err join_fn(PGconn *c, void *arg, cw_errmsg *e)
 		"  AND i.id <> ok.me "
 		"UNION ALL SELECT 'h', h.localpart, h.ev::text, h.ts::text || ' ' || h.public_id, h.going::text FROM (SELECT * FROM h "
 		"  ORDER BY id) AS h",
-		10, NULL, params, NULL, NULL, 0);
+		11, NULL, params, NULL, NULL, 0);
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 	if (rc)
 		return rc;
@@ -800,9 +833,15 @@ static void join_done(void *arg, cw_err rc, const cw_errmsg *e)
 		if (rc)
 			LOG_KV(CW_LOG_WARN, "xmpp: a join could not be looked at", "component", xc->domain, "detail",
 			       e ? e->msg : "");
-		/* Not a member (or no such group): the same answer, item-not-found. */
-		xmpp_stanza_t *err = join_error(ctx, j->text, rc ? "wait" : "cancel",
-						rc ? "internal-server-error" : taken ? "conflict" : "item-not-found");
+		/* Not a member (or no such group): the same answer, item-not-found;
+		 * no such group, and she may make no more for now: wait. */
+		bool limited = !rc && !j->member && j->limited;
+		const char *cond = rc ? "internal-server-error" : limited ? "resource-constraint"
+					      : taken ? "conflict" : "item-not-found";
+		xmpp_stanza_t *err = join_error(ctx, j->text, rc || limited ? "wait" : "cancel", cond,
+						limited ? "You have made as many new groups as you may for now: "
+							  "join one that exists, or try again later."
+							: NULL);
 		if (err)
 			xa_enqueue_stanza(xc, err);
 		mjoin_free(j);

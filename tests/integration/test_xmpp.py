@@ -473,14 +473,19 @@ def test_the_admin_lists_find_a_local_user_named_with_capitals(xd, gk, pg, db_ur
         assert r.status_code == 400, (path, r.text)
 
 
-def test_one_user_cannot_fill_the_rooms_for_everyone(xd, alice, prosody):
+def test_one_user_cannot_fill_the_rooms_for_everyone(make_daemon, db_url, alice, prosody):
     """A user's clients are occupants of at most 500 rooms in all (each
     client in each room counts): a join past that is refused with
     resource-constraint and a text saying why, nothing made, while
     another user still joins. The component holds at most 10,000
     occupants: until the fortieth session one client joining 10,000
     rooms of its own making (78 seconds) left every other user's join
-    refused (a review's finding)."""
+    refused (a review's finding). (Here a user may make 1000 groups a
+    day, xmpp.user_groups_per_day, for her 500 rooms.)"""
+    opts = daemon_options(prosody)
+    opts["xmpp"]["user_groups_per_day"] = "1000"
+    xd = make_daemon(db_url, options=opts).start()
+    wait_until(lambda: component_state(xd)["state"] == "up", what="the component's stream")
     def answered(start):
         return len([m for m in alice.stanzas()[start:] if m.get("type") == "error"
                     or m.find("{jabber:client}subject") is not None])
@@ -508,6 +513,64 @@ def test_one_user_cannot_fill_the_rooms_for_everyone(xd, alice, prosody):
         bob.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
     finally:
         bob.disconnect()
+
+
+def test_a_user_makes_a_bounded_number_of_groups(make_daemon, db_url, alice, prosody, pg):
+    """Joining a room nobody has makes a group, kept for good: a user makes
+    at most xmpp.user_groups_per_day (here 3) of them a day. Past it the
+    join is refused with resource-constraint (type wait) and a text, and
+    nothing is stored; joining a group that exists is never limited, and
+    another user still makes hers. Until the fortieth session every join
+    of an unused name made one: joining and leaving, one user made
+    10,000 groups in 78 s (a review's finding)."""
+    opts = daemon_options(prosody)
+    opts["xmpp"]["user_groups_per_day"] = "3"
+    d = make_daemon(db_url, options=opts).start()
+    wait_until(lambda: component_state(d)["state"] == "up", what="the component's stream")
+    join = f"<x xmlns='{MUC}'><history maxstanzas='0'/></x>"
+
+    def groups():
+        return pg.psql("SELECT string_agg(public_id, ',' ORDER BY public_id) FROM rooms", db_url)
+
+    for i in range(3):
+        room = f"#made{i}@{COMP}"
+        start = alice.count()
+        alice.send_presence(to=room + "/alice", payload=join)
+        me = alice.wait_for_presence(lambda el, r=room: el.get("from") == r + "/alice", start=start)
+        assert "201" in [c.get("code") for c in me.iter(q(MUC_USER, "status"))], me.xml
+        alice.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+        start = alice.count()
+        alice.send_presence(to=room + "/alice", ptype="unavailable")
+        alice.wait_for_presence(lambda el, r=room: el.get("from") == r + "/alice"
+                                and el.get("type") == "unavailable", start=start)
+    assert groups() == "r_made0,r_made1,r_made2"
+    start = alice.count()
+    alice.send_presence(to=f"#made3@{COMP}/alice", payload=join)
+    err = alice.wait_for_presence(lambda el: el.get("type") == "error", start=start)
+    assert err.get("from") == f"#made3@{COMP}/alice" and err.error_condition == "resource-constraint", err.xml
+    assert err.find("{jabber:client}error").get("type") == "wait", err.xml
+    assert err.find(q(MUC, "x")) is not None, err.xml
+    assert "as many new groups as you may" in err.xml
+    assert groups() == "r_made0,r_made1,r_made2"
+    assert pg.psql("SELECT count(*) FROM room_bindings b JOIN rooms r ON r.id = b.room_id "
+                   "WHERE r.public_id = 'r_made3'", db_url) == "0"
+    # a group she made is joined again, however often
+    for _ in range(2):
+        start = alice.count()
+        alice.send_presence(to=f"#made1@{COMP}/alice", payload=join)
+        alice.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+        start = alice.count()
+        alice.send_presence(to=f"#made1@{COMP}/alice", ptype="unavailable")
+        alice.wait_for_presence(lambda el: el.get("from") == f"#made1@{COMP}/alice"
+                                and el.get("type") == "unavailable", start=start)
+    bob = prosody.client("bob", "pw-bob")
+    try:
+        start = bob.count()
+        bob.send_presence(to=f"#bobs@{COMP}/bob", payload=join)
+        bob.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+    finally:
+        bob.disconnect()
+    assert groups() == "r_bobs,r_made0,r_made1,r_made2"
 
 
 def test_a_group_name_stored_before_the_rules_is_shown_as_the_portals_show_it(xd, gk, alice, pg, db_url):
