@@ -22,6 +22,7 @@
 #include "log.h"
 #include "peer/event.h"
 #include "peer/pipeline.h"
+#include "ratelimit.h"
 #include "store.h"
 
 #include <openssl/evp.h>
@@ -760,15 +761,31 @@ static bool to_gateway(const struct xcomp *xc, const char *to, const char *type)
 	return to[n] == '\0' || !type || (strcmp(type, "groupchat") != 0 && strcmp(type, "headline") != 0);
 }
 
-/* The component itself was written to: it only explains itself. */
-static void to_component(struct xcomp *xc, xmpp_stanza_t *st)
+/* How often the component explains itself to one user: at most once in
+ * this many milliseconds.  Every message with a body to its own JID was
+ * answered until the fortieth session, so a client that answers every
+ * message (an away auto-reply, a bot) and the component wrote to each
+ * other without end (a review's finding); now the loop stops at the
+ * first answer, and a user who writes again soon has had the text. */
+#define EXPLAIN_PERIOD_MS 600000
+
+/* The component itself was written to: it only explains itself, at most
+ * once in EXPLAIN_PERIOD_MS to a user (local: her local part; a bucket of
+ * the process's rate-limit table). */
+static void to_component(struct xcomp *xc, xmpp_stanza_t *st, const char *local)
 {
-	if (xmpp_stanza_get_child_by_name(st, "body"))
-		xa_notice(xc, XA_NOW, xmpp_stanza_get_from(st),
-			  "This is the Causeway gateway to %s. Write to a contact as <their id>@%s. Your consent list "
-			  "is in this service's commands (ad-hoc commands: list, accept, block, opt-in, opt-out, "
-			  "report).",
-			  xc->peer, xc->domain);
+	if (!xmpp_stanza_get_child_by_name(st, "body"))
+		return;
+	struct ratelimit *rl = xc->x->app->limits;
+	char key[MIMI_LOCAL_MAX + 8];
+	snprintf(key, sizeof(key), "xex:%s", local);
+	if (rl && ratelimit_take(rl, key, 1, EXPLAIN_PERIOD_MS, cw_wall_ms(), NULL) > 0)
+		return;
+	xa_notice(xc, XA_NOW, xmpp_stanza_get_from(st),
+		  "This is the Causeway gateway to %s. Write to a contact as <their id>@%s. Your consent list "
+		  "is in this service's commands (ad-hoc commands: list, accept, block, opt-in, opt-out, "
+		  "report).",
+		  xc->peer, xc->domain);
 }
 
 /* An error answer from the stream's own thread, at once. */
@@ -876,8 +893,8 @@ void xa_in_message(struct xcomp *xc, xmpp_stanza_t *st)
 		return;
 	}
 	if (to_gateway(xc, to, type)) {
+		to_component(xc, st, in->local);
 		free(in);
-		to_component(xc, st);
 		return;
 	}
 	if (xa_muc_invites(xc, st) || xa_muc_declines(xc, st)) {
