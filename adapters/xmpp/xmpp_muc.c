@@ -408,6 +408,7 @@ struct mjoin {
 	bool member, created;              /* created: the room is new (made by this join) */
 	bool limited;                     /* no such room, and the user made her day's groups */
 	json_t *members;                  /* [nick] of the others */
+	json_t *locals;                   /* [local part] of the others of this server */
 	json_t *history;                  /* [[nick, event, ts ms, msg id, on its way]] oldest first
 					     (event: as stored, with its last correction's parts) */
 };
@@ -416,6 +417,7 @@ static void mjoin_free(struct mjoin *j)
 {
 	free(j->text);
 	json_decref(j->members);
+	json_decref(j->locals);
 	json_decref(j->history);
 	free(j);
 }
@@ -555,7 +557,8 @@ static cw_err join_fn(PGconn *c, void *arg, cw_errmsg *e)
 		"  AND NOT EXISTS (SELECT 1 FROM events d WHERE d.type = 'delete' AND d.replaces_id = e.id) "
 		"  ORDER BY e.id DESC LIMIT $6::int) "
 		"SELECT 'ok', (SELECT name FROM rooms WHERE id = ok.room), EXISTS (SELECT 1 FROM nr)::text, NULL, NULL FROM ok "
-		"UNION ALL SELECT 'member', CASE " MUC_NICK("i", "ok.room") ", NULL, NULL, NULL FROM ok, room_members x "
+		"UNION ALL SELECT 'member', CASE " MUC_NICK("i", "ok.room") ", CASE WHEN i.is_local THEN i.localpart END, "
+		"  NULL, NULL FROM ok, room_members x "
 		"  JOIN identities i ON i.id = x.identity_id WHERE x.room_id = ok.room AND x.membership = 'joined' "
 		"  AND i.id <> ok.me "
 		"UNION ALL SELECT 'h', h.localpart, h.ev::text, h.ts::text || ' ' || h.public_id, h.going::text FROM (SELECT * FROM h "
@@ -566,6 +569,7 @@ static cw_err join_fn(PGconn *c, void *arg, cw_errmsg *e)
 		return rc;
 	j->created = false;
 	json_array_clear(j->members);
+	json_array_clear(j->locals);
 	json_array_clear(j->history);
 	j->member = false;
 	for (int i = 0; i < PQntuples(r); i++) {
@@ -577,6 +581,8 @@ static cw_err join_fn(PGconn *c, void *arg, cw_errmsg *e)
 				snprintf(j->name, sizeof(j->name), "%s", PQgetvalue(r, i, 1));
 		} else if (strcmp(kind, "member") == 0) {
 			json_array_append_new(j->members, json_string(PQgetvalue(r, i, 1)));
+			if (!PQgetisnull(r, i, 2))
+				json_array_append_new(j->locals, json_string(PQgetvalue(r, i, 2)));
 		} else if (!PQgetisnull(r, i, 2)) {
 			long long ts = atoll(PQgetvalue(r, i, 3));
 			const char *id = strchr(PQgetvalue(r, i, 3), ' ');
@@ -589,6 +595,26 @@ static cw_err join_fn(PGconn *c, void *arg, cw_errmsg *e)
 	}
 	PQclear(r);
 	return CW_OK;
+}
+
+/* A room's set of members (xc->muc_members) holds each member's nick,
+ * "#name", and "#l:<local part>" for each member of this server: a
+ * remote member's nick may be a local part too (the peer's alice is
+ * "alice" once this server's alice is gone), so whether one of ours is
+ * still a member, or a nick still names the same member, is told by the
+ * "#l:" keys, not by the nicks.  Until the fortieth session the nicks
+ * alone decided, and our alice, gone, stayed in her room when the
+ * peer's alice took her nick (a review's finding). */
+static bool local_key(const char *local, char *key, size_t len)
+{
+	int n = snprintf(key, len, "#l:%s", local);
+	return n >= 0 && (size_t)n < len; /* a name too long is no local part */
+}
+
+static bool local_in(const json_t *set, const char *local)
+{
+	char key[MIMI_LOCAL_MAX + 8];
+	return set && local_key(local, key, sizeof(key)) && json_object_get(set, key) != NULL;
 }
 
 /* The room's members as its occupants were last told (xc->muc_members:
@@ -607,6 +633,12 @@ static void announce_first(struct xcomp *xc, const struct mjoin *j)
 			json_object_set_new(set, json_string_value(v), json_true());
 		const char *at = strchr(j->uri, '/') ? strrchr(j->uri, '/') + 1 : j->uri;
 		json_object_set_new(set, at, json_true());
+		char key[MIMI_LOCAL_MAX + 8];
+		if (local_key(at, key, sizeof(key)))
+			json_object_set_new(set, key, json_true());
+		json_array_foreach(j->locals, i, v)
+			if (local_key(json_string_value(v), key, sizeof(key)))
+				json_object_set_new(set, key, json_true());
 		json_object_set_new(set, "#name", json_string(j->name)); /* '#' begins no local part */
 		json_object_set_new(xc->muc_members, j->room, set);
 	}
@@ -1064,11 +1096,12 @@ static void join(struct xcomp *xc, xmpp_stanza_t *st, const char *room, const ch
 	xa_room_native(user, room, j->native, sizeof(j->native));
 	history_wanted(st, j);
 	j->members = json_array();
+	j->locals = json_array();
 	j->history = json_array();
 	/* An occupant from now on, joining: what is delivered to it while the
 	 * join is looked at is kept, and follows the join's answer
 	 * (xa_muc_route, joined). */
-	if (!j->text || !j->members || !j->history || !occupant_put(xc, room, from, nick, user, true) ||
+	if (!j->text || !j->members || !j->locals || !j->history || !occupant_put(xc, room, from, nick, user, true) ||
 	    store_write(xc->x->app->store, join_fn, join_done, j) != CW_OK) {
 		occupant_del(xc, room, from);
 		mjoin_free(j);
@@ -1716,7 +1749,8 @@ void xa_muc_members(struct xcomp *xc, PGconn *c)
 	char *doc = json_dumps(rooms, JSON_COMPACT);
 	const char *params[] = { doc ? doc : "[]" };
 	PGresult *r = PQexecParams(c,
-		"SELECT x->>1, CASE " MUC_NICK("i", "rm.id") ", coalesce(rm.name, '') "
+		"SELECT x->>1, CASE " MUC_NICK("i", "rm.id") ", coalesce(rm.name, ''), "
+		"CASE WHEN i.is_local THEN i.localpart END "
 		"FROM jsonb_array_elements($1::jsonb) AS x "
 		"JOIN rooms rm ON rm.public_id = x->>0 JOIN room_members m ON m.room_id = rm.id AND m.membership = 'joined' "
 		"JOIN identities i ON i.id = m.identity_id",
@@ -1736,6 +1770,11 @@ void xa_muc_members(struct xcomp *xc, PGconn *c)
 			json_object_set_new(now, PQgetvalue(r, i, 0), set = json_object());
 		json_object_set_new(set, PQgetvalue(r, i, 1), json_true());
 		json_object_set_new(set, "#name", json_string(PQgetvalue(r, i, 2)));
+		if (!PQgetisnull(r, i, 3)) {
+			char key[MIMI_LOCAL_MAX + 8];
+			if (local_key(PQgetvalue(r, i, 3), key, sizeof(key)))
+				json_object_set_new(set, key, json_true());
+		}
 	}
 	PQclear(r);
 	/* A room not told before (its occupants taken over from the last
@@ -1766,7 +1805,7 @@ void xa_muc_members(struct xcomp *xc, PGconn *c)
 			const char *user = json_string_value(json_object_get(o, "user"));
 			char local[XJ_JID_MAX + 1];
 			snprintf(local, sizeof(local), "%.*s", (int)strcspn(user, "@"), user);
-			if (!json_object_get(set, local))
+			if (!local_in(set, local)) /* not the nick: a namesake of the peer's may hold it */
 				json_array_append_new(out, json_pack("[s, s, O]", room, full, json_object_get(o, "nick")));
 			else if (json_object_get(set, json_string_value(json_object_get(o, "nick"))))
 				give_way_locked(xc, xc->ctx, room, full, json_string_value(json_object_get(o, "nick")));
@@ -1810,12 +1849,11 @@ void xa_muc_members(struct xcomp *xc, PGconn *c)
 			const char *to = json_string_value(json_array_get(oc, 0));
 			const char *user = json_string_value(json_array_get(oc, 2));
 			size_t ul = strcspn(user, "@");
-			bool gone = false;
-			json_object_foreach(before, who, x) {
-				bool self = strlen(who) == ul && strncmp(who, user, ul) == 0;
-				if (self && who[0] != '#' && !(after && json_object_get(after, who)))
-					gone = true;
-			}
+			char local[XJ_JID_MAX + 1];
+			snprintf(local, sizeof(local), "%.*s", (int)ul, user);
+			/* by her "#l:" key, not by a nick: a peer's namesake takes
+			 * her local part as its nick once she is gone */
+			bool gone = local_in(before, local) && !local_in(after, local);
 			if (gone) { /* the user is no longer a member: out of the room, and told nothing more */
 				xa_enqueue_stanza(xc, occupant_gone(xc->ctx, room, json_string_value(json_array_get(oc, 1)),
 								    to, true, "321"));
@@ -1830,8 +1868,11 @@ void xa_muc_members(struct xcomp *xc, PGconn *c)
 			const char *onick = json_string_value(json_array_get(oc, 1));
 			if (after && json_object_get(after, onick))
 				xa_muc_give_way(xc, xc->ctx, room, to, onick);
+			/* a nick that names another member now (one of ours gone, the
+			 * peer's namesake under it; or the reverse) went and came */
 			json_object_foreach(before, who, x) {
-				if (who[0] == '#' || (after && json_object_get(after, who)))
+				if (who[0] == '#' || (after && json_object_get(after, who) &&
+						      local_in(before, who) == local_in(after, who)))
 					continue;
 				to_occupant(xc, room, to, NULL, occupant_gone(xc->ctx, room, who, to, false, "321"));
 			}
@@ -1839,7 +1880,7 @@ void xa_muc_members(struct xcomp *xc, PGconn *c)
 				if (who[0] == '#')
 					continue;
 				bool self = strlen(who) == ul && strncmp(who, user, ul) == 0;
-				if (!self && !json_object_get(before, who))
+				if (!self && (!json_object_get(before, who) || local_in(before, who) != local_in(after, who)))
 					to_occupant(xc, room, to, NULL, occupant_presence(xc->ctx, room, who, to, false, false));
 			}
 		}

@@ -837,7 +837,8 @@ def test_a_join_while_the_groups_rows_are_on_their_way(xd, gk, alice, pg, db_url
     wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE destination = 'xmpp' AND state = 'delivered'",
                                db_url) == "2", what="both rows delivered")
     alice.ping(COMP)
-    got = [el for el in alice.stanzas()[start:] if el.get("from", "").startswith(room)]
+    got = [el for el in alice.stanzas()[start:] if el.get("from", "").startswith(room)
+           and el.get("type") != "result"]  # but the answer to her leaving
     kinds = [el.get("from").split("/", 1)[1] if el.tag.endswith("presence") else
              "subject" if el.find("{jabber:client}subject") is not None else body(el) for el in got]
     assert kinds == ["wally", "alice", "one", "subject", "two"], kinds
@@ -1043,6 +1044,65 @@ def test_a_peers_user_named_as_a_local_member_is_an_occupant_of_their_own(xd, gk
         hist = [(el.get("from").split("/", 1)[1], body(el)) for el in alice.stanzas()[start:]
                 if el.tag.endswith("message") and body(el)]
         assert hist == [(f"bob@{domain}", "from the peer's bob"), ("bob", "from our bob")], hist
+
+
+def test_a_local_member_who_left_is_put_out_though_a_peers_namesake_takes_her_nick(xd, gk, alice, prosody, pg,
+                                                                                 db_url):
+    """alice of this server and alice of the peer in one group: ours is
+    "alice", theirs "alice@<its domain>". When ours leaves, theirs is
+    "alice" from then on; our alice's occupant is still put out (an
+    unavailable presence, 110 and 321) and told nothing more, and bob, of
+    this server too, sees "alice" go and come back (now the peer's) and
+    "alice@<its domain>" go. Until the fortieth session the component
+    decided "she has gone" by her local part, which the namesake then
+    held: alice got only "alice@<its domain>" going and stayed in the
+    room, and bob saw only that (a review's finding)."""
+    a, srv = gk
+    their_alice = a.user("alice")
+    domain = their_alice.split("/")[2]
+    consent_alice(xd, subject=their_alice)
+    consent_alice(xd, subject=their_alice, user="mimi://example.org/u/bob")
+    with a_group_with_bob(xd, a, alice, prosody, more=[their_alice]) as (bob, gid, room):
+        join_room(room, (alice, "alice"), (bob, "bob"))
+        # our alice is a member from her join (the peer put her in
+        # invited), so the peer's alice is named again as the component
+        # takes the change (within a second)
+        def view(since=0):
+            """bob's view of the room: each nick's last presence since since."""
+            return {el.get("from").split("/", 1)[1]: el.get("type", "available") for el in bob.stanzas()[since:]
+                    if el.tag == "{jabber:client}presence" and el.get("from", "").startswith(room + "/")}
+
+        wait_until(lambda: view() == {"wally": "available", f"alice@{domain}": "available", "alice": "available",
+                                      "bob": "available"}, what="bob's view of both alices")
+        start, bstart = alice.count(), bob.count()
+        # she leaves the group (her own affiliation set to none, XEP-0045
+        # muc#admin): the only way a local member goes (the peer and the
+        # operator take out the peer's users only); her occupant is put
+        # out when the component takes the group's new members
+        alice.iq("set", room, "<query xmlns='http://jabber.org/protocol/muc#admin'>"
+                              "<item affiliation='none' nick='alice'/></query>")
+        out = alice.wait_for_presence(lambda el: el.get("from", "").startswith(room + "/")
+                                      and el.get("type") == "unavailable", start=start)
+        assert out.get("from") == f"{room}/alice", out.xml
+        assert sorted(c.get("code") for c in out.iter(q(MUC_USER, "status"))) == ["110", "321"], out.xml
+        # out: a self-ping says she is not joined (XEP-0410), and she is
+        # told nothing of the namesake
+        err = alice.iq("get", f"{room}/alice", "<ping xmlns='urn:xmpp:ping'/>", expect_error=True)
+        assert err.find(".//{urn:ietf:params:xml:ns:xmpp-stanzas}not-acceptable") is not None, err.xml
+        got = [el for el in alice.stanzas()[start:] if el.get("from", "").startswith(room)
+               and el.get("type") != "result"]  # but the answer to her leaving
+        assert [(el.tag.split("}")[1], el.get("from"), el.get("type")) for el in got] == \
+            [("presence", f"{room}/alice", "unavailable"), ("iq", f"{room}/alice", "error")], [el.xml for el in got]
+        # bob: our alice went, the peer's came under "alice", "alice@<domain>" went
+        wait_until(lambda: view(bstart) == {f"alice@{domain}": "unavailable", "alice": "available"},
+                   what="bob's view: the peer's alice under alice")
+        seen = [(el.get("from").split("/", 1)[1], el.get("type", "available")) for el in bob.stanzas()[bstart:]
+                if el.tag == "{jabber:client}presence" and el.get("from", "").startswith(room + "/")]
+        assert ("alice", "unavailable") in seen and \
+            seen.index(("alice", "unavailable")) < seen.index(("alice", "available")), seen
+        assert a.send(gid, their_alice, "just me now").status_code == 202
+        m = message_from(bob, room, lambda el: body(el) == "just me now")
+        assert m.get("from") == f"{room}/alice"
 
 
 def test_wrong_addresses_get_the_errors_their_specifications_name(xd, gk, alice, prosody):
