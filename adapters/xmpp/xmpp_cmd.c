@@ -117,6 +117,7 @@ struct xconsent {
 	char address[MIMI_URI_MAX + 1];  /* that address, as taken */
 	char own_subject[MIMI_URI_MAX + 1]; /* a report's subject when it is a user of this provider's, else "" */
 	bool cancel_if_allowed;          /* an `unsubscribed`: see xa_presence */
+	bool keep_blocked;               /* a `subscribed`: no unblock (see xa_presence) */
 	char reason[REASON_MAX + 1];
 	char *iq;                        /* what the answer needs of the command (iq_skeleton), or NULL (a presence) */
 	char node[16];
@@ -124,7 +125,7 @@ struct xconsent {
 	char note[3000];
 	bool done;
 	bool kept;                       /* an `unsubscribed` that changed nothing: the contact is allowed */
-	bool blocked;                    /* V_SUBSCRIBE: the contact is blocked */
+	bool blocked;                    /* V_SUBSCRIBE, keep_blocked: the contact (or its network) is blocked */
 	json_t *contacts;                /* remote ids: the requests an accept withdraws from the roster, or the
 					  * contacts a whole network's block takes off it */
 };
@@ -306,6 +307,15 @@ static cw_err consent_fn(PGconn *c, void *arg, cw_errmsg *e)
 	}
 	case V_ACCEPT:
 	case V_BLOCK: {
+		if (j->keep_blocked) {
+			bool blocked = false;
+			if ((rc = consent_is(c, local_id, subject, peer_domain, "blocked", &blocked, e)))
+				return rc;
+			if (blocked) {
+				j->blocked = true;
+				return CW_OK; /* not done: she is told (consent_done) */
+			}
+		}
 		if (j->cancel_if_allowed) {
 			bool allowed = false;
 			if ((rc = consent_is(c, local_id, subject, peer_domain, "allowed", &allowed, e)))
@@ -598,6 +608,15 @@ static void consent_done(void *arg, cw_err rc, const cw_errmsg *e)
 			  "stay refused. To unblock it, use this gateway's accept command.",
 			  j->remote_jid);
 	}
+	if (!rc && j->verb == V_ACCEPT && j->blocked) {
+		/* an approval of a blocked contact: no unblock, and the
+		 * subscription her server may have recorded is taken back */
+		roster_drop(j->xc, false, j->remote_jid, j->local_bare);
+		xa_notice(j->xc, XA_QUEUED, j->local_bare,
+			  "%s is blocked: approving it in your contacts does not unblock it, and its messages and "
+			  "yours stay refused. To unblock it, use this gateway's accept command.",
+			  j->remote_jid);
+	}
 	if (!rc && j->kept)
 		xa_notice(j->xc, XA_QUEUED, j->local_bare,
 			  "%s stays accepted: removing a contact, or refusing it once accepted, does not block it. "
@@ -757,6 +776,17 @@ void xa_presence(struct xcomp *xc, xmpp_stanza_t *st)
 	 * roster silently dropped the contact's next messages. */
 	j->verb = type[0] == 's' ? V_ACCEPT : V_BLOCK;
 	j->cancel_if_allowed = j->verb == V_BLOCK;
+	/* `subscribed` approves a request (RFC 6121 §3.1.5); one with no
+	 * request is a pre-approval (§3.4), which the user's server should
+	 * keep to itself: Prosody 0.12 does, ejabberd 23.01 passes it on.
+	 * A contact she blocked (or its network) is asked for nothing (the
+	 * block decided its request, and the roster dropped it), so an
+	 * approval of it is never an answer: it leaves the block (as her
+	 * subscribe does), and she is told to use the accept command.  Until
+	 * the fortieth session it unblocked, and a client restoring its
+	 * roster through ejabberd undid her blocks unseen (a review's
+	 * finding). */
+	j->keep_blocked = j->verb == V_ACCEPT;
 	consent_start(j);
 }
 

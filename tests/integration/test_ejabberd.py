@@ -86,6 +86,50 @@ def test_messages_and_consent_through_ejabberd(make_daemon, db_url, ejabberd):
         srv.close()
 
 
+def test_an_approval_through_ejabberd_does_not_unblock(make_daemon, db_url, ejabberd, pg):
+    """ejabberd 23.01 passes on a `subscribed` that answers no request (a
+    pre-approval, RFC 6121 §3.4, which Prosody 0.12 keeps to itself): to a
+    contact alice blocked it undoes nothing, the contact's subscription
+    is taken back and she is told to use the accept command; to a contact
+    she never decided on it still accepts. Until the fortieth session it
+    unblocked, so a client restoring its roster undid her blocks unseen (a
+    review's finding)."""
+    d = make_daemon(db_url, options=options(ejabberd)).start()
+    wait_until(lambda: state(d)["state"] == "up", what="the component's stream with ejabberd")
+    a = PeerClient(d.url, "gk", "wa.example")
+    r = d.admin("POST", "/peers", json={"name": "gk", "domain": "wa.example", "mode": "push",
+                                       "push_url": "http://127.0.0.1:9/", "public_key": a.signer.public_b64})
+    assert r.status_code == 201, r.text
+    assert d.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
+    assert d.admin("POST", "/consents", json={"user": ALICE, "subject_kind": "user", "subject": a.user("wally"),
+                                             "state": "blocked"}).ok
+
+    def consent(remote):
+        return pg.psql("SELECT coalesce((SELECT c.state FROM consents c JOIN identities i ON i.id = "
+                       "c.local_identity_id WHERE i.uri = '" + ALICE + "' AND c.subject = '" + a.user(remote) +
+                       "'), 'none')", db_url)
+
+    alice = XmppClient("alice@" + HOST, "pw-alice", port=ejabberd.c2s_port)
+    alice.connect()
+    try:
+        start = alice.count()
+        alice.send_presence("wally@" + COMP, "subscribed")
+        note = alice.wait_for_message(lambda el: el.get("from") == COMP and "is blocked" in (el.body or ""),
+                                      start=start)
+        assert "use this gateway's accept command" in note.body, note.body
+        # nothing of it in her roster: wally does not see her presence
+        item = alice.roster().get("wally@" + COMP)
+        assert item is None or item["subscription"] in ("none", "to"), item
+        assert consent("wally") == "blocked"
+        # a contact she never decided on: her approval accepts it
+        alice.send_presence("zoe@" + COMP, "subscribed")
+        wait_until(lambda: consent("zoe") == "allowed", what="zoe accepted")
+        assert consent("wally") == "blocked"
+    finally:
+        print("causewayd log:\n" + d.log())  # shown by pytest when the test failed
+        alice.disconnect()
+
+
 def test_wrong_secret_with_ejabberd(make_daemon, db_url, ejabberd):
     d = make_daemon(db_url, options=options(ejabberd, secret="not-the-secret")).start()
     wait_until(lambda: state(d)["state"] == "auth_failed", what="ejabberd's refusal")

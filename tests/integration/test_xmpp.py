@@ -3202,6 +3202,29 @@ def test_adding_a_blocked_contact_is_refused_and_said(xd, gk, alice, pg, db_url)
                             start=start)
 
 
+def test_approving_a_blocked_contact_unasked_leaves_the_block(xd, gk, alice, pg, db_url):
+    """A `subscribed` that answers no request (a pre-approval, RFC 6121
+    §3.4: what a client restoring its roster may send) leaves a block: here
+    Prosody 0.12 keeps it as a pre-approval and never passes it on;
+    ejabberd does, and the component keeps the block and says so
+    (test_ejabberd.py). Asked with a real client against the real Prosody
+    after a review read from the code that it unblocked."""
+    a, srv = gk
+    requests_to_alice(xd, a, alice, "wally")
+    alice.send_presence(WALLY_JID, "unsubscribed")
+    wait_until(lambda: pg.psql("SELECT state FROM consents", db_url) == "blocked", what="the denial")
+    start = alice.count()
+    alice.send_presence(WALLY_JID, "subscribed")
+    alice.ping(COMP)  # after anything the component wrote before it
+    # a decision of hers after it, answered: the writer took what came before
+    done = alice.iq("set", COMP, f"<command xmlns='{CMD}' node='opt-in' action='execute'/>")
+    assert done.find(q(CMD, "command")).get("status") == "completed", done.xml
+    assert pg.psql("SELECT state FROM consents", db_url) == "blocked"
+    assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'consent.allow'", db_url) == "0"
+    assert not [el for el in alice.stanzas()[start:] if el.get("from", "").split("/")[0] == WALLY_JID
+                and el.get("type") == "subscribed"]
+
+
 def test_every_pending_request_goes_again_after_a_reconnect(xd, gk, alice, pg, db_url):
     """After a reconnect the pending consent requests are sent again (the
     server may have lost them), all of them, not only the first page."""
