@@ -1691,7 +1691,8 @@ def test_a_writer_under_the_joiners_nick_gives_her_another(xd, gk, alice, prosod
     the service changed the nick asked for), his message from "boss".
     Then, in as "bob@<peer's domain>" (the peer's bob is "bob"), this
     server's bob is added: the peer's bob becomes "bob@<its domain>" and
-    alice gives way to him (303, then 210)."""
+    alice gives way to him (303, then 210); "bob", now ours, is shown
+    going and coming (another member under the nick)."""
     a, _ = gk
     boss, their_bob = a.user("boss"), a.user("bob")
     domain = their_bob.split("/")[2]
@@ -1723,12 +1724,16 @@ def test_a_writer_under_the_joiners_nick_gives_her_another(xd, gk, alice, prosod
     # member, as his join of the room makes him
     pg.psql("UPDATE room_members SET membership = 'joined', peer_invited = false WHERE identity_id = "
             "(SELECT id FROM identities WHERE uri = 'mimi://example.org/u/bob')", db_url)
-    alice.wait_for_presence(lambda el: el.get("from") == f"{room}/bob@{domain}" and el.get("type") is None
-                            and "110" not in codes(el), start=start)
+    for nick in (f"bob@{domain}", "bob"):
+        alice.wait_for_presence(lambda el, n=nick: el.get("from") == f"{room}/{n}" and el.get("type") is None
+                                and "110" not in codes(el), start=start)
     got = [el for el in alice.stanzas()[start:] if el.get("from", "").startswith(room + "/")]
     seen = [(el.get("from").split("/", 1)[1], el.get("type"), codes(el)) for el in got]
-    assert seen == [(f"bob@{domain}", "unavailable", ["110", "303"]), ("alice", None, ["110", "210"]),
-                    (f"bob@{domain}", None, [])], seen
+    # "bob" names another member now (ours, not the peer's): he went and
+    # came (since the fortieth session; before, nothing was said of it)
+    assert seen[:3] == [(f"bob@{domain}", "unavailable", ["110", "303"]), ("alice", None, ["110", "210"]),
+                        ("bob", "unavailable", ["321"])], seen
+    assert sorted(seen[3:]) == [("bob", None, []), (f"bob@{domain}", None, [])], seen
     assert alice.ping(room + "/alice")
 
 
