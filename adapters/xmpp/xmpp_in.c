@@ -771,14 +771,14 @@ static bool to_gateway(const struct xcomp *xc, const char *to, const char *type)
 
 /* The component itself was written to: it only explains itself, at most
  * once in EXPLAIN_PERIOD_MS to a user (local: her local part; a bucket of
- * the process's rate-limit table). */
+ * the process's rate-limit table per component and user). */
 static void to_component(struct xcomp *xc, xmpp_stanza_t *st, const char *local)
 {
 	if (!xmpp_stanza_get_child_by_name(st, "body"))
 		return;
 	struct ratelimit *rl = xc->x->app->limits;
-	char key[MIMI_LOCAL_MAX + 8];
-	snprintf(key, sizeof(key), "xex:%s", local);
+	char key[XJ_PART_MAX + MIMI_LOCAL_MAX + 8];
+	snprintf(key, sizeof(key), "xex:%s:%s", xc->domain, local);
 	if (rl && ratelimit_take(rl, key, 1, EXPLAIN_PERIOD_MS, cw_wall_ms(), NULL) > 0)
 		return;
 	xa_notice(xc, XA_NOW, xmpp_stanza_get_from(st),

@@ -216,6 +216,37 @@ def test_writing_to_the_component_gets_its_explanation(xd, alice, prosody):
         bob.disconnect()
 
 
+def test_each_component_explains_itself_once(make_daemon, db_url, tmp_path):
+    """The explanation's bound (once in ten minutes) is per component: a
+    user who had gk's has tg's when she writes to tg's component."""
+    tg = "tg.xmpp.test"
+    p = Prosody(tmp_path / "prosody2", host=HOST, components={COMP: SECRET, tg: SECRET})
+    p.start()
+    try:
+        p.register("alice", "pw-alice")
+        opts = daemon_options(p)
+        opts["xmpp"]["components"] = f"{COMP}=gk,{tg}=tg"
+        d = make_daemon(db_url, options=opts).start()
+        wait_until(lambda: all(c["state"] == "up" for c in d.get("/readyz").json()["adapters"]["xmpp"]
+                               ["components"].values()), what="both components' streams")
+        c = p.client("alice", "pw-alice")
+        try:
+            for comp, peer in ((COMP, "gk"), (tg, "tg"), (COMP, None)):
+                start = c.count()
+                c.send_message(comp, "hello?")
+                c.ping(comp)  # answered after anything the component wrote before it
+                got = [body(m) for m in c.stanzas()[start:] if m.tag == q("jabber:client", "message")
+                       and m.get("from", "") == comp]
+                if peer:
+                    assert len(got) == 1 and got[0].startswith(f"This is the Causeway gateway to {peer}."), got
+                else:
+                    assert got == [], got  # gk's again, within ten minutes
+        finally:
+            c.disconnect()
+    finally:
+        p.stop()
+
+
 def test_wrong_secret_is_reported(make_daemon, db_url, prosody):
     d = make_daemon(db_url, options=daemon_options(prosody, secret="wrong")).start()
     wait_until(lambda: component_state(d)["state"] == "auth_failed", what="the refusal")
