@@ -3718,11 +3718,11 @@ def test_a_peer_cannot_name_the_gateways_own_matrix_users(mx, hs, gk, pg, db_url
     assert pg.psql(f"SELECT count(*) FROM identities WHERE localpart = '{name}'", db_url) == "0"
 
 
-def test_a_declined_invitation_does_not_reach_the_peer(mx, hs, gk):
-    """Alice turning down the ghost's invitation is her decision: the peer
-    must not hear of it (to wally she is as silent as an unknown user), while
-    a join, and a leave after it, still reach the peer."""
-    a, srv = gk
+def wally_writes_and_alice_declines(mx, hs, gk):
+    """wally writes to alice; she turns down the ghost's invitation to the
+    room it made.  Returns the peer's room, the Matrix room, her client and
+    the ghost."""
+    a, _ = gk
     consent_alice(mx)
     _, alice_token = hs.create_user("alice")
     room = a.create_room([a.user("wally"), ALICE]).json()["id"]
@@ -3733,6 +3733,15 @@ def test_a_declined_invitation_does_not_reach_the_peer(mx, hs, gk):
     alice = hs.as_user(alice_token)
     assert hs.members(mx_room).get(ALICE_MX) == "invite"
     alice.leave(mx_room)  # declines
+    return room, mx_room, alice, ghost
+
+
+def test_a_declined_invitation_does_not_reach_the_peer(mx, hs, gk):
+    """Alice turning down the ghost's invitation is her decision: the peer
+    must not hear of it (to wally she is as silent as an unknown user), while
+    a join, and a leave after it, still reach the peer."""
+    a, srv = gk
+    room, mx_room, alice, ghost = wally_writes_and_alice_declines(mx, hs, gk)
     leave = [e for e in hs.events(mx_room) if e["type"] == "m.room.member" and e["state_key"] == ALICE_MX][-1]
     assert leave["unsigned"]["prev_content"]["membership"] == "invite"
     # The room is given up as after any leave: the ghost goes, and wally's
@@ -3765,16 +3774,7 @@ def test_a_declined_invitation_told_without_prev_content_does_not_reach_the_peer
     the peer learned she declined."""
     a, srv = gk
     hs.strip_prev_content = True
-    consent_alice(mx)
-    _, alice_token = hs.create_user("alice")
-    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
-    a.send(room, a.user("wally"), "hello")
-    ghost = "@_cw_gk_wally:example.org"
-    mx_room = wait_until(lambda: next((rid for rid in hs.rooms() if any(
-        e["sender"] == ghost and e["type"] == "m.room.message" for e in hs.events(rid))), None), what="delivery")
-    alice = hs.as_user(alice_token)
-    assert hs.members(mx_room).get(ALICE_MX) == "invite"
-    alice.leave(mx_room)  # declines
+    room, mx_room, alice, ghost = wally_writes_and_alice_declines(mx, hs, gk)
     decline = [e for e in hs.events(mx_room) if e["type"] == "m.room.member" and e["state_key"] == ALICE_MX][-1]
     # The room is given up as after any leave.
     wait_until(lambda: hs.members(mx_room).get(ghost) == "leave", what="the ghost leaving")
