@@ -1210,6 +1210,26 @@ static void counts_line(const char *key, const json_t *arr, const char *a, const
 	kv(key, "%s", line[0] ? line : none);
 }
 
+/* The policy snapshot of readyz: current, or stale for N s with the
+ * reload's failure (docs/operations.md, "A policy that does not reload");
+ * another shape as the JSON it is. */
+static void print_policy(const json_t *p)
+{
+	struct texts t = { .n = 0 };
+	const char *st = jstr(p, "status");
+	if (st && strcmp(st, "current") == 0) {
+		kv("policy", "current (version %s)", tx(&t, p, "version", CELL_TEXT));
+	} else if (st && strcmp(st, "stale") == 0) {
+		const char *d = jstr(p, "detail");
+		kv("policy", "stale for %s s (version %s in force)%s%s", tx(&t, p, "stale_for_s", CELL_TEXT),
+		   tx(&t, p, "version", CELL_TEXT), d && *d ? ": " : "", d && *d ? d : "");
+	} else {
+		char *s = cell_text(p, CELL_TEXT, 200);
+		kv("policy", "%s", s ? s : "?");
+		free(s);
+	}
+}
+
 static void print_status(const struct ctl *c, const json_t *ready, const json_t *adapters, const char *adapters_why,
 			 const json_t *stats, const char *stats_why)
 {
@@ -1220,6 +1240,13 @@ static void print_status(const struct ctl *c, const json_t *ready, const json_t 
 	   jstr(db, "detail") ? ": " : "", jstr(db, "detail") ? jstr(db, "detail") : "");
 	kv("migrations", "%s (%s of %s applied)", tx(&t, mig, "status", CELL_TEXT),
 	   tx(&t, mig, "applied", CELL_TEXT), tx(&t, mig, "expected", CELL_TEXT));
+	/* Shown, not a cause of exit 1: a stale policy is reported, not a
+	 * readiness condition, as the adapters' health is (docs/causewayctl.md). */
+	json_t *pol = json_object_get(ready, "policy");
+	if (!pol)
+		pol = json_object_get(adapters, "policy");
+	if (pol)
+		print_policy(pol);
 	const char *name;
 	json_t *h;
 	json_object_foreach(json_object_get(ready, "adapters"), name, h)
@@ -1316,7 +1343,9 @@ static const struct command commands[] = {
 	{ "status", "", 0, 0, cmd_status, "readiness, adapters, queue and the last hour",
 	  "Shows GET /readyz (asked without the token), GET /admin/v1/adapters and GET /admin/v1/stats\n"
 	  "as one summary. A part the API refuses is left out and named; the exit status is then 1,\n"
-	  "as it is when the daemon is not ready (/readyz answers 503).\n"
+	  "as it is when the daemon is not ready (/readyz answers 503). The policy line says \"stale\"\n"
+	  "when the rules could not be reloaded for 5 s or more; that is shown, not an exit status of 1\n"
+	  "(the daemon goes on with the rules in force, as it does with an adapter that is down).\n"
 	  "With --json: {\"ready\": ..., \"adapters\": ..., \"stats\": ...}, each as the API answered.\n"
 	  "\nexample: causewayctl status" },
 	{ "peers", "", 0, 0, cmd_peers, "the peer providers",

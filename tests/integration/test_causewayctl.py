@@ -348,6 +348,41 @@ def test_status_summarizes_what_answers(world):
     assert err == "causewayctl: 401 unauthenticated: a valid admin bearer token is required\n"
 
 
+def test_status_shows_a_policy_that_does_not_reload(daemon, pg, db_url):
+    """A process whose reloads of the rules have failed for 5 s reports its
+    policy "stale" in /readyz and /admin/v1/adapters (docs/operations.md,
+    "A policy that does not reload"); status shows it with the failure's
+    detail, and, as the adapters' health, does not make the exit status 1:
+    the daemon is ready and goes on with the rules in force.  Until the
+    fortieth session status did not show the policy at all."""
+    def line(out):
+        [m] = re.findall(r"^policy\s+(.*)$", out, re.M)
+        return m
+
+    def state():
+        return daemon.get("/readyz").json()["policy"]
+
+    version = state()["version"]
+    assert line(ok("status", url=daemon.url)) == f"current (version {version})"
+    pg.psql("ALTER TABLE rules RENAME COLUMN limits TO limits_gone", db_url)
+    try:
+        pg.psql("NOTIFY causeway_policy", db_url)
+        wait_until(lambda: state()["status"] == "stale", timeout=30, what="the policy reported stale")
+        rc, out, err = ctl("status", url=daemon.url)
+        assert rc == 0 and err == "", (rc, out, err)
+        m = re.fullmatch(rf"stale for (\d+) s \(version {version} in force\): (.*)", line(out))
+        assert m and int(m.group(1)) >= 5 and "limits" in m.group(2), out
+        assert re.search(rf"^daemon\s+{daemon.url}: ready$", out, re.M), out
+        rc, out, _ = ctl("--json", "status", url=daemon.url)
+        got = json.loads(out)
+        assert rc == 0 and got["ready"]["policy"]["status"] == got["adapters"]["policy"]["status"] == "stale"
+    finally:
+        pg.psql("ALTER TABLE rules RENAME COLUMN limits_gone TO limits", db_url)
+    pg.psql("NOTIFY causeway_policy", db_url)
+    wait_until(lambda: state()["status"] == "current", what="the policy current again")
+    assert line(ok("status", url=daemon.url)) == f"current (version {state()['version']})"
+
+
 # ------------------------------------------------------------ settings
 
 def test_flags_beat_environment_beat_file(daemon, tmp_path):
@@ -515,6 +550,25 @@ def test_filters_are_encoded_and_answers_are_capped():
         assert "is not a JSON object" in err
         err = refused("rules", url=s.url)  # a 404 with no problem document
         assert err == f"causewayctl: 404 without a problem document: is {s.url} causewayd?\n"
+    finally:
+        s.close()
+
+
+def test_a_stale_policys_detail_cannot_drive_the_terminal():
+    """The policy's detail is the database's error, which may quote what a
+    row holds: shown defanged, on one line, as other relayed text is."""
+    ready = dict(READY, policy={"status": "stale", "version": 7, "reload_failures": 4, "stale_for_s": 12,
+                                "detail": "column \"x\x1b[2J\" does not exist\nLINE 1: \u202eSELECT"})
+    s = StandIn({"/readyz": doc(ready), "/admin/v1/adapters": doc(dict(ADAPTERS, policy=ready["policy"])),
+                 "/admin/v1/stats": doc(STATS)})
+    try:
+        out = ok("status", url=s.url)
+        assert "\x1b" not in out and "\u202e" not in out
+        lines = out.splitlines()
+        assert 'policy       stale for 12 s (version 7 in force): column "x?[2J" does not exist LINE 1: ???SELECT' \
+            in lines, out
+        assert lines.index(f"daemon       {s.url}: ready") < lines.index("migrations   current (4 of 4 applied)") \
+            < [i for i, x in enumerate(lines) if x.startswith("policy")][0]
     finally:
         s.close()
 
