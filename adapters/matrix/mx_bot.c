@@ -230,6 +230,19 @@ static void encrypted(struct matrix *m, PGconn *c, const char *room, const char 
 	PQclear(r);
 }
 
+/* 1 when domain is a peer's (the peers table, a disabled one too: its
+ * users' messages are the ones a sender of that domain sends, matched
+ * exactly, docs/policy.md), -1 when it is no peer's.  A store error is 1:
+ * taken as before. */
+static int peer_domain(PGconn *c, const char *domain)
+{
+	const char *params[] = { domain };
+	PGresult *r = PQexecParams(c, "SELECT 1 FROM peers WHERE domain = $1", 1, NULL, params, NULL, NULL, 0);
+	int peer = PQresultStatus(r) != PGRES_TUPLES_OK ? 1 : PQntuples(r) == 1 ? 1 : -1;
+	PQclear(r);
+	return peer;
+}
+
 /* <who> as a consent subject: a mimi:// user URI, a ghost's Matrix id, or a
  * domain as an address has it (mimi_domain_check, as POST
  * /admin/v1/consents takes one).  0 when it is none of these.  Until
@@ -243,7 +256,11 @@ static void encrypted(struct matrix *m, PGconn *c, const char *room, const char 
  * domain (the peers table): another names nobody who can reach the user,
  * and is -1, its address in subject (until the fortieth session such a
  * consent was stored and answered "Accepted", and matched no sender, a
- * report of it stored). */
+ * report of it stored).  So is a domain typed alone that is neither this
+ * provider's nor a peer's (-1, the domain in subject): a sender's domain
+ * is always the peer's own, matched exactly, so a consent of another
+ * matched no one (until the fortieth session "block nowhere.example" was
+ * "Blocked" and stored). */
 static int subject_of(struct matrix *m, PGconn *c, const char *who, char *kind, char *subject, size_t slen)
 {
 	struct mimi_uri u;
@@ -258,14 +275,7 @@ static int subject_of(struct matrix *m, PGconn *c, const char *who, char *kind, 
 	if (mimi_uri_parse(who, &u, &e) == CW_OK && u.kind == MIMI_USER) {
 		strcpy(kind, "user");
 		snprintf(subject, slen, "%s", who);
-		if (policy_consent_subject_ours(m->app, "user", who))
-			return 1;
-		const char *params[] = { u.domain };
-		PGresult *r = PQexecParams(c, "SELECT 1 FROM peers WHERE domain = $1", 1, NULL, params, NULL, NULL, 0);
-		int peer = PQresultStatus(r) != PGRES_TUPLES_OK ? 1 /* the store's answer: taken as before */
-			   : PQntuples(r) == 1 ? 1 : -1;
-		PQclear(r);
-		return peer;
+		return policy_consent_subject_ours(m->app, "user", who) ? 1 : peer_domain(c, u.domain);
 	}
 	char net[64], local[MX_ID_MAX + 1];
 	if (mx_ghost_parse(m->cfg->mx_user_prefix, mx_server_name(m->cfg), who, net, sizeof(net), local, sizeof(local))) {
@@ -284,7 +294,7 @@ static int subject_of(struct matrix *m, PGconn *c, const char *who, char *kind, 
 		return 0;
 	strcpy(kind, "domain");
 	snprintf(subject, slen, "%s", who);
-	return 1;
+	return policy_consent_subject_ours(m->app, "domain", who) ? 1 : peer_domain(c, who);
 }
 
 /* The address (mimi://<server.domain>/u/<localpart>) of a Matrix id of
@@ -522,7 +532,16 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 		found = local_party = local_uri(m, arg, subject, sizeof(subject), &u);
 	} else {
 		int of = party_verb ? subject_of(m, c, arg, kind, subject, sizeof(subject)) : 0;
-		if (of < 0) {
+		bool domain = of && strcmp(kind, "domain") == 0;
+		if (of < 0 && domain && !report) {
+			snprintf(reply, sizeof(reply), "%s is the domain of no network this gateway is connected to: "
+				 "nobody from it can reach you here. Nothing was stored. Give a connected network's "
+				 "domain, an address on one (mimi://...) or a bridged user's Matrix id.",
+				 subject);
+			answer(m, c, room, txn, reply);
+			return;
+		}
+		if (of < 0 && !domain) {
 			struct mimi_uri u;
 			cw_errmsg pe;
 			mimi_uri_parse(subject, &u, &pe);
@@ -533,10 +552,10 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 			answer(m, c, room, txn, reply);
 			return;
 		}
-		found = of > 0;
+		found = of > 0; /* a report of a domain of no peer: "Whom?", as of any domain */
 		if (found && policy_consent_subject_ours(m->app, kind, subject)) {
 			if (!report) {
-				not_remote(m, c, room, txn, subject, strcmp(kind, "domain") == 0, false);
+				not_remote(m, c, room, txn, subject, domain, false);
 				return;
 			}
 			local_party = strcmp(kind, "user") == 0;

@@ -1798,8 +1798,11 @@ def test_accept_or_block_of_a_local_user_or_domain_is_refused(make_daemon, db_ur
     for bad in ("gk..example", "10.0.0.1", "gk-.example", "-gk.example"):
         assert answer_to(f"block {bad}").startswith("Whom?"), bad
     assert pg.psql("SELECT count(*) FROM consents", db_url) == "0"
-    # A remote domain is still taken.
-    assert answer_to("block wa.example").startswith("Blocked wa.example.")
+    # A remote domain is refused for another reason here: no peer has it (since
+    # the fortieth session; a peer's is taken, test_a_partys_domain_in_any_case_...).
+    assert answer_to("block wa.example").startswith("wa.example is the domain of no network this gateway is "
+                                                    "connected to")
+    assert pg.psql("SELECT count(*) FROM consents", db_url) == "0"
 
 
 
@@ -1811,7 +1814,9 @@ def test_a_partys_domain_in_any_case_and_an_address_of_no_peer(mx, hs, gk, pg, d
     provider's nor a peer's names nobody who can reach the user: accept,
     block and report say so and store nothing (until then such a consent
     was "Accepted" and stored, matching no sender, and a report of it
-    stored), as the XMPP component's commands do."""
+    stored), as the XMPP component's commands do; so does a domain typed
+    alone that is neither this provider's nor a peer's (until then it was
+    "Blocked" and stored)."""
     alice, mgmt, said = alice_and_the_bot(hs)
 
     def answer_to(text):
@@ -1830,6 +1835,17 @@ def test_a_partys_domain_in_any_case_and_an_address_of_no_peer(mx, hs, gk, pg, d
             "mimi://nowhere.example/u/x is nobody who can reach you here: nowhere.example is the domain of no "
             f"network this gateway is connected to. Nothing was {done}. Give an address on a connected "
             "network's domain (mimi://...) or a bridged user's Matrix id."), verb
+    # So is a domain typed alone that is no peer's (a sender's domain is its
+    # peer's, matched exactly): until the fortieth session "Blocked", stored.
+    for verb in ("accept", "block"):
+        assert answer_to(f"{verb} Nowhere.Example") == (
+            "nowhere.example is the domain of no network this gateway is connected to: nobody from it can "
+            "reach you here. Nothing was stored. Give a connected network's domain, an address on one "
+            "(mimi://...) or a bridged user's Matrix id."), verb
+    for domain in ("sub.wa.example", "example"):  # not the peer's, nor a domain at all
+        assert answer_to(f"block {domain}").startswith(
+            "sub.wa.example is the domain of no network" if "." in domain else "Whom?"), domain
+    assert answer_to("report nowhere.example spam").startswith("Whom?")  # a report names a user
     assert pg.psql("SELECT string_agg(subject_kind || ' ' || subject || ' ' || state, ',' ORDER BY subject) "
                    "FROM consents", db_url) == \
         "user mimi://wa.example/u/Wally blocked,user mimi://wa.example/u/zoe allowed,domain wa.example blocked"
