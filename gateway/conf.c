@@ -357,6 +357,7 @@ struct ini_ctx {
 	int max;      /* that buffer's size (INI_MAX_LINE of the library's build) */
 	int cut;      /* the first option line inih would cut at an inline comment, 0: none */
 	int *seen;    /* per option of the table: the line that set it, 0: not yet */
+	int read_errno; /* a read that failed (EISDIR, EIO), 0: none */
 	FILE *f;
 };
 
@@ -380,9 +381,17 @@ struct ini_ctx {
 static char *ini_read_line(char *str, int num, void *stream)
 {
 	struct ini_ctx *x = stream;
+	errno = 0;
 	char *s = fgets(str, num, x->f);
-	if (!s)
+	if (!s) {
+		/* inih takes a failed read for the end of the file: a directory
+		 * named as the file (EISDIR) was an empty configuration, and the
+		 * start, --check-config and a reload went on with the defaults
+		 * and the environment (until the forty-first session). */
+		if (ferror(x->f))
+			x->read_errno = errno ? errno : EIO;
 		return NULL;
+	}
 	x->line++;
 	if (!strchr(s, '\n')) {
 		int ch = fgetc(x->f);
@@ -888,6 +897,10 @@ static cw_err load(struct cw_config *c, const char *path, const char *(*getenv_f
 		int rc = ini_parse_stream(ini_read_line, &x, on_ini_pair, &x);
 		fclose(f);
 		free(x.seen);
+		if (x.read_errno) {
+			cfg_free(c);
+			return cw_fail(e, CW_EINVAL, "%s: cannot read: %s", path, strerror(x.read_errno));
+		}
 		if (x.overlong && !x.errors) {
 			cfg_free(c);
 			return cw_fail(e, CW_EINVAL,

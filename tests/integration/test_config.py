@@ -318,6 +318,62 @@ def test_a_mistyped_environment_variable_is_refused(tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+def test_a_configuration_that_cannot_be_read_is_refused_not_taken_as_empty(tmp_path):
+    """libinih takes a failed read for the end of the file: a directory
+    named as the configuration (a mount point, --config /etc/causeway)
+    was an empty file, and with the environment's database.url the
+    daemon checked valid and started on the defaults (until the
+    forty-first session)."""
+    d = tmp_path / "causeway"
+    d.mkdir()
+    env = key_env(tmp_path, CAUSEWAY_DATABASE_URL="postgresql:///x", CAUSEWAY_DATABASE_SCHEMA_DIR=SCHEMA_DIR)
+    r = run_causewayd(["--check-config", str(d)], env=env)
+    assert r.returncode == 1 and f"{d}: cannot read: Is a directory" in r.stderr, (r.stdout, r.stderr)
+    r = run_causewayd(["--config", str(d)], env=env, timeout=20)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1 and "configuration invalid" in out and "cannot read: Is a directory" in out, out
+
+
+def test_a_reload_of_a_file_that_cannot_be_read_keeps_the_running_configuration(make_daemon, db_url):
+    """The same at a SIGHUP: with database.url in the environment (a
+    secret kept out of the file), a configuration path that became a
+    directory was read as an empty file and its defaults applied: the
+    bootstrap token turned off, the log level back to info."""
+    daemon = make_daemon(db_url)
+    # what the file does not say is the environment's (in an install, the
+    # defaults of schema_dir and signing_key_file are there)
+    daemon.env.update({"CAUSEWAY_DATABASE_URL": db_url, "CAUSEWAY_DATABASE_SCHEMA_DIR": SCHEMA_DIR,
+                       "CAUSEWAY_PEER_SIGNING_KEY_FILE": daemon.options["peer"].pop("signing_key_file")})
+    del daemon.options["database"]["url"], daemon.options["database"]["schema_dir"]
+    daemon.write_config()
+    daemon.start()
+    daemon.options["log"]["level"] = "debug"
+    daemon.write_config()
+    n = len(daemon.records)
+    daemon.signal(signal.SIGHUP)
+    rec = daemon.wait_for(lambda r: r.get("msg", "").startswith(("reload refused", "configuration reloaded")),
+                          start=n)
+    assert rec["msg"] == "configuration reloaded" and rec["changed"] == "1", rec
+    saved = daemon.config_path + ".saved"
+    os.rename(daemon.config_path, saved)
+    os.mkdir(daemon.config_path)
+    try:
+        n = len(daemon.records)
+        daemon.signal(signal.SIGHUP)
+        rec = daemon.wait_for(lambda r: r.get("msg", "").startswith(("reload refused", "configuration reloaded")),
+                              start=n)
+        assert rec["msg"].startswith("reload refused") and "cannot read: Is a directory" in rec["detail"], rec
+        assert not any(r.get("msg") == "option reloaded" for r in daemon.records[n:])
+    finally:
+        os.rmdir(daemon.config_path)
+        os.rename(saved, daemon.config_path)
+    auth = {"Authorization": "Bearer cwa_test-admin-token"}
+    assert daemon.get("/admin/v1/whoami", headers=auth).status_code == 200
+    level = [o["value"] for o in daemon.get("/admin/v1/config", headers=auth).json()["options"]
+             if (o["section"], o["name"]) == ("log", "level")]
+    assert level == ["debug"], level
+
+
 def test_daemon_with_a_bad_config_exits_with_a_clear_error(tmp_path):
     p = write(tmp_path, "[server]\nport = 80x\n[database]\nurl = x\n")
     r = run_causewayd(["--config", p])
