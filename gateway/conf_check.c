@@ -23,6 +23,18 @@ cw_err store_check_url(const char *url, cw_errmsg *e)
 		return cw_fail(e, CW_EINVAL, "database.url is not a valid PostgreSQL URL or key=value string "
 					     "(libpq's message is not shown: it would show the password)");
 	PQconninfoFree(parsed);
+	/* libpq takes anything else for a database's name, on the default
+	 * socket: a URL it does not know as one (written in quotes, of
+	 * another scheme, jdbc:postgresql://...) was checked valid, the start
+	 * asked another server than the one meant for a database of that
+	 * name, and logged the server's refusal, which quotes the name,
+	 * password and all (until the forty-first session).  No database is
+	 * meant by a name that holds "://", an '@' or a quote. */
+	if (!conninfo && (strstr(url, "://") || strchr(url, '@') || strpbrk(url, "\"'")))
+		return cw_fail(e, CW_EINVAL, "database.url is not a valid PostgreSQL URL or key=value string: a URL "
+					     "begins postgresql:// (or postgres://), is written without quotes, and "
+					     "a value without one of these forms is a database's name (the value "
+					     "is not shown: it may hold a password)");
 	return CW_OK;
 }
 

@@ -539,6 +539,33 @@ def test_a_malformed_database_url_never_shows_its_password():
     assert "not a valid PostgreSQL URL" in r.stderr and "s3cret" not in r.stderr + r.stdout, r.stderr
 
 
+def test_a_url_libpq_would_take_for_a_database_name_is_refused_unshown(tmp_path):
+    """libpq takes a value that is neither a postgresql:// URL nor
+    key=value pairs for a database's name, on the default socket: a URL
+    written in quotes (as other INI dialects want) or of another scheme
+    was checked valid, the start asked that server for a database so
+    named, and logged its refusal, which quotes the name, password and all
+    (until the forty-first session). A plain name is still one."""
+    for url in ('"postgresql://causeway:s3cretpw@db.example/causeway"',
+                "'postgresql://causeway:s3cretpw@db.example/causeway'",
+                "jdbc:postgresql://db.example/causeway?user=causeway&password=s3cretpw",
+                "pgsql://causeway:s3cretpw@db.example/causeway",
+                "causeway:s3cretpw@db.example/causeway"):
+        env = key_env(tmp_path, CAUSEWAY_DATABASE_URL=url, CAUSEWAY_DATABASE_SCHEMA_DIR=SCHEMA_DIR)
+        r = run_causewayd(["--check-config", write(tmp_path, "")], env=env)
+        assert r.returncode == 1 and "database.url is not a valid PostgreSQL URL" in r.stderr, (url, r.stdout,
+                                                                                                r.stderr)
+        assert "s3cretpw" not in r.stderr + r.stdout, (url, r.stderr)
+        # the start: refused before any connection, nothing of it shown
+        r = run_causewayd([], env=dict(env, CAUSEWAY_DATABASE_STARTUP_TIMEOUT_MS="0"), timeout=30)
+        out = r.stdout + r.stderr
+        assert r.returncode == 1 and "configuration invalid" in out and "s3cretpw" not in out, (url, out)
+    for url in ("causeway", "dbname=causeway password=s3cretpw", "postgresql:///causeway"):
+        env = key_env(tmp_path, CAUSEWAY_DATABASE_URL=url, CAUSEWAY_DATABASE_SCHEMA_DIR=SCHEMA_DIR)
+        r = run_causewayd(["--check-config", write(tmp_path, "")], env=env)
+        assert r.returncode == 0, (url, r.stderr)
+
+
 def registration(r):
     """The id and tokens of a --matrix-registration output, as written."""
     assert r.returncode == 0, r.stderr
