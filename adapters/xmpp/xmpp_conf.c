@@ -92,6 +92,15 @@ cw_err xa_config_check(const struct cw_config *cfg, char *local, size_t local_le
 		rc = cw_fail(e, CW_EINVAL, "xmpp.secret is not set (the component secret of the XMPP server)");
 	else if (!rc && s->n == 0)
 		rc = cw_fail(e, CW_EINVAL, "xmpp.components names no component");
+	/* As the Matrix tokens (cfg_matrix_tokens_check): copied with the
+	 * quotes of Prosody's or ejabberd's configuration, it is not the
+	 * server's secret, and every component was refused its handshake,
+	 * trying again for ever (until the forty-first session). */
+	size_t sn = !rc ? strlen(cfg->xmpp_secret) : 0;
+	if (sn >= 2 && (cfg->xmpp_secret[0] == '"' || cfg->xmpp_secret[0] == '\'') &&
+	    cfg->xmpp_secret[sn - 1] == cfg->xmpp_secret[0])
+		rc = cw_fail(e, CW_EINVAL, "xmpp.secret is wrapped in quotes, which would be part of the secret: write it "
+			     "without them (a value is taken as written, to the end of the line)");
 	if (!rc && local)
 		snprintf(local, local_len, "%s", d);
 	free(s);

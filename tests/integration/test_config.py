@@ -133,6 +133,10 @@ REFUSED_AT_START = (
      "matrix.as_token is wrapped in quotes"),
     ("[matrix]\nhomeserver_url = http://127.0.0.1:8008\nas_token = a\nhs_token = 'secret'\n",
      "matrix.hs_token is wrapped in quotes"),
+    # The same mistake in the XMPP component secret: every handshake refused,
+    # tried again for ever (until the forty-first session).
+    ("[xmpp]\ncomponents = gk.example.org=gk\nsecret = \"s3cret\"\n", "xmpp.secret is wrapped in quotes"),
+    ("[xmpp]\ncomponents = gk.example.org=gk\nsecret = 's3cret'\n", "xmpp.secret is wrapped in quotes"),
     ("[server]\nca_file = /nonexistent/ca.pem\n", "server.ca_file: cannot read /nonexistent/ca.pem"),
     ("[server]\nca_file = /\n", "server.ca_file: / is not a file"),
     ("[peer]\nsignature_tag =\n", "peer.signature_tag must be"),
