@@ -148,6 +148,10 @@ static enum ctl_rc read_file(struct ctl *c, const char *path, bool explicit, str
 			return CTL_OK;
 		return fail(c, CTL_EUSAGE, "cannot read %s: %s", path, strerror(errno));
 	}
+	/* libinih reads a directory as an empty file: its settings were
+	 * ignored without a word (until the forty-first session). */
+	if (S_ISDIR(st.st_mode))
+		return fail(c, CTL_EUSAGE, "cannot read %s: %s", path, strerror(EISDIR));
 	struct file_parse f = { .s = s };
 	int line = ini_parse(path, ini_entry, &f);
 	if (line < 0)
@@ -188,8 +192,12 @@ static enum ctl_rc read_token_file(struct ctl *c, const char *path, char **out)
 	if (!f)
 		return fail(c, CTL_EUSAGE, "cannot read the token file %s: %s", path, strerror(errno));
 	char line[TOKEN_LINE_MAX];
+	errno = 0;
 	bool got = fgets(line, sizeof(line), f) != NULL;
+	int err = !got && ferror(f) ? (errno ? errno : EIO) : 0; /* a directory: EISDIR */
 	fclose(f);
+	if (err)
+		return fail(c, CTL_EUSAGE, "cannot read the token file %s: %s", path, strerror(err));
 	size_t n = got ? strlen(line) : 0;
 	if (n == sizeof(line) - 1 && line[n - 1] != '\n')
 		return fail(c, CTL_EUSAGE, "the token file %s: the first line is too long for a token", path);

@@ -120,6 +120,18 @@ def test_help_and_usage_errors():
     assert rc == 2 and "not an outbox row id" in err
 
 
+def test_a_settings_or_token_file_that_is_a_directory_is_refused(tmp_path):
+    """libinih reads a directory as an empty file: --config naming one was
+    ignored without a word, and a token file that is one was said to hold
+    no token (until the forty-first session)."""
+    d = tmp_path / "causeway"
+    d.mkdir()
+    rc, out, err = ctl("peers", "--config", str(d), url="http://127.0.0.1:1")
+    assert rc == 2 and out == "" and f"cannot read {d}: Is a directory" in err, (rc, err)
+    rc, out, err = ctl("peers", "--token-file", str(d), url="http://127.0.0.1:1", token=None)
+    assert rc == 2 and out == "" and f"cannot read the token file {d}: Is a directory" in err, (rc, err)
+
+
 def test_unreachable_daemon_exits_3():
     port = free_port()  # nothing listens there
     url = f"http://127.0.0.1:{port}"
