@@ -249,6 +249,91 @@ static void key_compare(PGconn *c, const char *public_b64)
 	PQclear(r);
 }
 
+/* The local network the configuration gives this daemon: that of its
+ * adapter (matrix_new and xa_new make one on the same options), or NULL
+ * for a daemon of the peer API alone. */
+static const char *configured_network(const struct cw_config *cfg)
+{
+	if (cfg->mx_homeserver_url && *cfg->mx_homeserver_url)
+		return "matrix";
+	if (cfg->xmpp_components && *cfg->xmpp_components)
+		return "xmpp";
+	return NULL;
+}
+
+/* One local network per database (docs/architecture-decisions.md §14): a
+ * local user's identity is one row per address, so alice of Matrix and
+ * alice of XMPP would be one user, with one set of consents and rooms.
+ * The first daemon with a local network records it in settings
+ * (instance.local_network); on a database that has local users already (a
+ * deployment older than the record) that is the first daemon of their
+ * network, and one that has local users of two networks starts no daemon
+ * of either until the operator records one (docs/operations.md, "One
+ * local network per database").  A daemon of another network is refused
+ * before it writes anything, the record too.  INSERT ... ON CONFLICT DO NOTHING,
+ * then a read in a statement of its own (a snapshot taken after the
+ * insert): processes of one network starting together all find the row
+ * the first of them wrote.  A daemon without a local network records
+ * nothing and is not refused.  Until the forty-first session nothing
+ * stopped a daemon of either network on the other's database. */
+static bool local_network_claim(PGconn *c, const char *net)
+{
+	if (!net)
+		return true;
+	const char *params[] = { net };
+	PGresult *r = PQexecParams(c,
+				   "WITH seen AS (SELECT string_agg(DISTINCT network, ',' ORDER BY network) AS n, "
+				   " count(DISTINCT network) AS k FROM identities WHERE is_local AND network <> 'local' "
+				   " AND NOT EXISTS (SELECT 1 FROM settings WHERE key = 'instance.local_network')), "
+				   "ins AS (INSERT INTO settings (key, value, updated_by) "
+				   " SELECT 'instance.local_network', to_jsonb(COALESCE(n, $1::text)), 'causewayd' FROM seen "
+				   " WHERE (k = 0 OR n = $1) "
+				   " AND NOT EXISTS (SELECT 1 FROM settings WHERE key = 'instance.local_network') "
+				   " ON CONFLICT (key) DO NOTHING RETURNING value #>> '{}') "
+				   "SELECT (SELECT n FROM seen), (SELECT * FROM ins)",
+				   1, NULL, params, NULL, NULL, 0);
+	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+		LOG_KV(CW_LOG_ERROR, "cannot record the database's local network", "detail", PQresultErrorMessage(r));
+		PQclear(r);
+		return false;
+	}
+	char seen[64];
+	snprintf(seen, sizeof(seen), "%s", PQgetvalue(r, 0, 0));
+	if (!PQgetisnull(r, 0, 1))
+		LOG_KV(CW_LOG_INFO, "the database's local network recorded", "network", PQgetvalue(r, 0, 1),
+		       "local_users", seen[0] ? "some" : "none");
+	PQclear(r);
+	r = PQexec(c, "SELECT value #>> '{}' FROM settings WHERE key = 'instance.local_network'");
+	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+		LOG_KV(CW_LOG_ERROR, "cannot read the database's local network", "detail", PQresultErrorMessage(r));
+		PQclear(r);
+		return false;
+	}
+	bool ok = false;
+	/* No record: the local users found are another network's, or several */
+	bool recorded = PQntuples(r) && !PQgetisnull(r, 0, 0);
+	const char *rec = recorded ? PQgetvalue(r, 0, 0) : seen;
+	if (!recorded && strchr(seen, ','))
+		LOG_KV(CW_LOG_ERROR,
+		       "refusing to start: the database has local users of several networks, and one database "
+		       "serves one (a local user is one row per address); record the one it serves "
+		       "(docs/operations.md, \"One local network per database\") and give the other a deployment "
+		       "with its own database",
+		       "network", net, "local_users_of", seen);
+	else if (strcmp(rec, net) != 0)
+		LOG_KV(CW_LOG_ERROR,
+		       "refusing to start: this database serves another local network, and two on one database "
+		       "are not supported (a local user is one row per address: alice of one network would be "
+		       "alice of the other); run this network as a second deployment with its own database, or, "
+		       "for a deployment that switched networks before it had local users, change the record "
+		       "(docs/operations.md, \"One local network per database\")",
+		       "network", net, "database_network", *rec ? rec : "(none: the record vanished, try again)");
+	else
+		ok = true;
+	PQclear(r);
+	return ok;
+}
+
 /* The policy thread's reload hook: the admin tokens follow the policy. */
 static void reload_admins(PGconn *c, void *arg)
 {
@@ -492,6 +577,12 @@ int main(int argc, char **argv)
 		PGconn *c = connect_at_start(&cfg, &e);
 		if (!c || peer_registry_load(app.peers, c, &e) || admin_tokens_load(app.admins, c, &e)) {
 			LOG_KV(CW_LOG_ERROR, "cannot load the peers and admin tokens", "detail", e.msg);
+			PQfinish(c);
+			goto out_migrations;
+		}
+		/* Before anything this process writes (key_compare, the policy
+		 * thread's sweeps, the move of local users below). */
+		if (!local_network_claim(c, configured_network(&cfg))) {
 			PQfinish(c);
 			goto out_migrations;
 		}

@@ -607,3 +607,105 @@ def test_sighup_without_a_configuration_file_is_ignored(make_daemon, db_url, tmp
     rec = d.wait_for(lambda r: r.get("msg", "").startswith("SIGHUP ignored"), start=n)
     assert rec["level"] == "warn" and "no configuration file" in rec["msg"], rec
     assert d.get("/healthz").status_code == 200
+
+
+# One local network per database (docs/architecture-decisions.md §14): a
+# Matrix daemon whose homeserver is not there (the ping fails, the daemon
+# runs) and an XMPP daemon whose server is not there (the stream retries).
+MATRIX_ONLY = {"matrix": {"homeserver_url": "http://127.0.0.1:9", "as_token": "as-one-net", "hs_token": "hs-one-net"}}
+XMPP_ONLY = {"server": {"domain": "xmpp.example"},
+             "xmpp": {"components": "gk.xmpp.example=gk", "secret": "s", "server_port": "1",
+                      "reconnect_max_ms": "200"}}
+RECORD = "SELECT value #>> '{}' FROM settings WHERE key = 'instance.local_network'"
+# Every table's rows, hashed: what a refused daemon must leave as it was.
+EVERYTHING = ("SELECT md5(string_agg(query_to_xml(format('SELECT * FROM %I.%I', schemaname, relname), "
+              "true, false, '')::text, '' ORDER BY schemaname, relname)) FROM pg_stat_user_tables")
+
+
+def refused(d, what):
+    """d started, refused: its exit status and the refusal's record."""
+    d.start(wait_ready=False)
+    rec = d.wait_for(lambda r: r.get("msg", "").startswith("refusing to start"), timeout=30)
+    assert d.wait_exit() == 1, d.log()
+    assert what in rec["msg"] and "docs/operations.md" in rec["msg"], rec
+    assert not any(r.get("msg") == "ready" for r in d.records), d.log()
+    return rec
+
+
+def test_a_database_serves_one_local_network(make_daemon, db_url, pg):
+    """The first daemon with a local network records it; a daemon of the
+    other network on that database is refused, naming both, and writes
+    nothing (the record neither); a daemon of the peer API alone is not
+    refused and records nothing."""
+    assert pg.psql(RECORD, db_url) == ""
+    mx = make_daemon(db_url, options=MATRIX_ONLY).start()
+    assert any(r.get("msg") == "the database's local network recorded" and r.get("network") == "matrix"
+               and r.get("local_users") == "none" for r in mx.records), mx.log()
+    assert pg.psql(RECORD, db_url) == "matrix"
+    r = mx.admin("POST", "/optins", json={"user": "mimi://example.org/u/bob", "network": "peer:gk", "opted_in": True})
+    assert r.status_code == 200, r.text
+    assert mx.stop() == 0
+    before = pg.psql(EVERYTHING, db_url)
+    assert re.fullmatch("[0-9a-f]{32}", before), before
+    rec = refused(make_daemon(db_url, options=XMPP_ONLY), "serves another local network")
+    assert rec["level"] == "error" and rec["network"] == "xmpp" and rec["database_network"] == "matrix", rec
+    assert "second deployment with its own database" in rec["msg"], rec
+    assert pg.psql(EVERYTHING, db_url) == before
+    peer_only = make_daemon(db_url).start()
+    assert not any("local network" in r.get("msg", "") for r in peer_only.records), peer_only.log()
+    assert peer_only.stop() == 0
+    assert pg.psql(RECORD, db_url) == "matrix"
+
+
+def test_daemons_of_one_network_started_together_all_start(make_daemon, db_url, pg):
+    """Several processes of one network starting at once: one records the
+    network, none is refused (INSERT ... ON CONFLICT DO NOTHING, then a
+    read); a restart finds its own record."""
+    ds = [make_daemon(db_url, options=dict(XMPP_ONLY, server=dict(XMPP_ONLY["server"]))) for _ in range(3)]
+    for d in ds:
+        d.start(wait_ready=False)
+    for d in ds:
+        d.wait_for(lambda r: r.get("msg") == "ready", timeout=60)
+    assert pg.psql(RECORD, db_url) == "xmpp"
+    told = [d for d in ds if any(r.get("msg") == "the database's local network recorded" for r in d.records)]
+    assert len(told) == 1, [d.log() for d in ds]
+    for d in ds:
+        assert d.stop() == 0, d.log()
+    again = make_daemon(db_url, options=XMPP_ONLY).start()
+    assert not any("local network" in r.get("msg", "") for r in again.records), again.log()
+
+
+def test_a_database_older_than_the_record_takes_its_local_users_network(make_daemon, db_url, pg):
+    """A deployment upgraded from before the record: its local users are
+    Matrix users, so an XMPP daemon is refused (and records nothing) and a
+    Matrix daemon records matrix; a database with local users of both
+    networks starts neither until the operator records one
+    (docs/operations.md: the documented statement)."""
+    pg.psql("INSERT INTO identities (uri, domain, localpart, is_local, network) VALUES "
+            "('mimi://example.org/u/alice', 'example.org', 'alice', true, 'matrix'), "
+            "('mimi://example.org/u/carol', 'example.org', 'carol', true, 'local')", db_url)
+    before = pg.psql(EVERYTHING, db_url)
+    assert re.fullmatch("[0-9a-f]{32}", before), before
+    rec = refused(make_daemon(db_url, options=XMPP_ONLY), "serves another local network")
+    assert rec["network"] == "xmpp" and rec["database_network"] == "matrix", rec
+    assert pg.psql(EVERYTHING, db_url) == before and pg.psql(RECORD, db_url) == ""
+    mx = make_daemon(db_url, options=MATRIX_ONLY).start()
+    assert any(r.get("msg") == "the database's local network recorded" and r.get("network") == "matrix"
+               and r.get("local_users") == "some" for r in mx.records), mx.log()
+    assert mx.stop() == 0
+    assert pg.psql(RECORD, db_url) == "matrix"
+    # Local users of both networks, no record: neither network starts.
+    pg.psql("DELETE FROM settings WHERE key = 'instance.local_network'; "
+            "INSERT INTO identities (uri, domain, localpart, is_local, network) VALUES "
+            "('mimi://xmpp.example/u/dave', 'xmpp.example', 'dave', true, 'xmpp')", db_url)
+    before = pg.psql(EVERYTHING, db_url)
+    assert re.fullmatch("[0-9a-f]{32}", before), before
+    for opts, net in ((MATRIX_ONLY, "matrix"), (XMPP_ONLY, "xmpp")):
+        rec = refused(make_daemon(db_url, options=opts), "local users of several networks")
+        assert rec["network"] == net and rec["local_users_of"] == "matrix,xmpp", rec
+    assert pg.psql(EVERYTHING, db_url) == before
+    # The operator records the one it serves (docs/operations.md): that one starts.
+    pg.psql("INSERT INTO settings (key, value, updated_by) VALUES ('instance.local_network', '\"xmpp\"', 'operator') "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_by = excluded.updated_by, "
+            "updated_at = now()", db_url)
+    make_daemon(db_url, options=XMPP_ONLY).start()

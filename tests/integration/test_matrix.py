@@ -4565,10 +4565,12 @@ def test_an_xmpp_users_opt_in_beside_the_matrix_adapter_makes_her_an_xmpp_user(m
     """Whether a local user an opt-in makes gets the network of the adapter
     she is a user of (the XMPP component shows consent requests only to
     local users of network xmpp): a daemon with both adapters does not
-    start (one local network per daemon, docs/architecture-decisions.md
-    14), and two daemons, one per network, on one database (docs/xmpp.md)
-    each make the users of its own domain with its own network, the other
-    domain's refused. Looked at in the thirty-first session: no bug."""
+    start, and neither does a daemon of the other network on a database
+    one network has (one local network per daemon and per database,
+    docs/architecture-decisions.md 14; until the forty-first session it
+    started); each network on a database of its own makes the users of its
+    own domain with its own network, the other domain's refused. Looked at
+    in the thirty-first session: no bug."""
     # One daemon with both: refused, before the database is touched.
     both = tmp_path / "both.ini"
     both.write_text(f"[database]\nurl = {db_url}\n[server]\ndomain = example.org\n"
@@ -4576,12 +4578,19 @@ def test_an_xmpp_users_opt_in_beside_the_matrix_adapter_makes_her_an_xmpp_user(m
                     "[xmpp]\ncomponents = gk.xmpp.example=gk\nsecret = s\n")
     r = subprocess.run([CAUSEWAYD, "--check-config", str(both)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "a daemon serves one local network" in r.stderr, r.stderr
-    # Two daemons, one database: Matrix users at example.org, XMPP users at xmpp.example.
+    # Matrix users at example.org on this database; XMPP users at
+    # xmpp.example on a database of their own (a second deployment).
     mx = start_mx(make_daemon, db_url, hs)
     add_gk(mx)[1].close()
-    xd = make_daemon(db_url, options={"server": {"domain": "xmpp.example"},
-                                      "xmpp": {"components": "gk.xmpp.example=gk", "secret": "s",
-                                               "server_port": str(free_port())}}).start()
+    xmpp_opts = {"server": {"domain": "xmpp.example"},
+                 "xmpp": {"components": "gk.xmpp.example=gk", "secret": "s", "server_port": str(free_port())}}
+    other = make_daemon(db_url, options=xmpp_opts)
+    other.start(wait_ready=False)
+    rec = other.wait_for(lambda r: r.get("msg", "").startswith("refusing to start"), timeout=30)
+    assert other.wait_exit() == 1 and rec["database_network"] == "matrix", rec
+    xmpp_db = pg.new_database("t_xmpp_beside_matrix")
+    xd = make_daemon(xmpp_db, options=xmpp_opts).start()
+    add_gk(xd)[1].close()
     alice, bob = "mimi://xmpp.example/u/alice", "mimi://example.org/u/bob"
     for d, user in ((xd, alice), (mx, bob)):
         r = d.admin("POST", "/optins", json={"user": user, "network": "peer:gk", "opted_in": True})
@@ -4589,9 +4598,10 @@ def test_an_xmpp_users_opt_in_beside_the_matrix_adapter_makes_her_an_xmpp_user(m
     for d, user in ((mx, alice), (xd, bob)):
         r = d.admin("POST", "/optins", json={"user": user, "network": "peer:gk", "opted_in": True})
         assert r.status_code == 400 and "this provider's domain" in r.text, r.text
-    got = pg.psql("SELECT string_agg(uri || '=' || network || '/' || is_local, ',' ORDER BY uri) FROM identities "
-                  "WHERE uri IN ('mimi://xmpp.example/u/alice', 'mimi://example.org/u/bob')", db_url)
-    assert got == "mimi://example.org/u/bob=matrix/true,mimi://xmpp.example/u/alice=xmpp/true", got
+    got = [pg.psql("SELECT string_agg(uri || '=' || network || '/' || is_local, ',' ORDER BY uri) FROM identities "
+                   "WHERE uri IN ('mimi://xmpp.example/u/alice', 'mimi://example.org/u/bob')", url)
+           for url in (db_url, xmpp_db)]
+    assert got == ["mimi://example.org/u/bob=matrix/true", "mimi://xmpp.example/u/alice=xmpp/true"], got
 
 
 def metrics_plain(d, name):
