@@ -661,7 +661,7 @@ def test_daemons_of_one_network_started_together_all_start(make_daemon, db_url, 
     """Several processes of one network starting at once: one records the
     network, none is refused (INSERT ... ON CONFLICT DO NOTHING, then a
     read); a restart finds its own record."""
-    ds = [make_daemon(db_url, options=dict(XMPP_ONLY, server=dict(XMPP_ONLY["server"]))) for _ in range(3)]
+    ds = [make_daemon(db_url, options=XMPP_ONLY) for _ in range(3)]
     for d in ds:
         d.start(wait_ready=False)
     for d in ds:
