@@ -2,6 +2,7 @@
 #include "config.h"
 #include "utf8.h"
 
+#include <arpa/inet.h>
 #include <curl/curl.h>
 #include <errno.h>
 #include <getopt.h>
@@ -12,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/stat.h>
 
 #define DEFAULT_URL "http://127.0.0.1:8480"
@@ -50,6 +52,7 @@ struct ctl {
 	char *url;       /* the base URL, without a trailing '/'; owned (curl_free) */
 	char *shown_url; /* the same without any user:password, for messages; owned (curl_free) */
 	bool plain;      /* the URL is http://: asked directly, never through a proxy */
+	bool clear;      /* plain, to a host not on this machine's loopback: warned of once */
 	char *token;     /* owned; never printed */
 	bool json;
 	unsigned given;  /* the command options given (OPT_*) */
@@ -241,6 +244,20 @@ static void chop_slashes(char *s)
 		s[--n] = '\0';
 }
 
+/* host (as libcurl gives it: an IPv6 address in brackets) names this
+ * machine's loopback: localhost or a name under it (RFC 6761), 127.0.0.0/8,
+ * ::1.  Any other host is reached over a network. */
+static bool host_is_loopback(const char *host)
+{
+	size_t n = strlen(host);
+	if (strcasecmp(host, "localhost") == 0 || (n > 10 && strcasecmp(host + n - 10, ".localhost") == 0))
+		return true;
+	if (strcmp(host, "[::1]") == 0)
+		return true;
+	struct in_addr a;
+	return inet_pton(AF_INET, host, &a) == 1 && (ntohl(a.s_addr) >> 24) == 127;
+}
+
 /* The base URL: http or https, no query or fragment. */
 static enum ctl_rc set_url(struct ctl *c, const char *url, const char *where)
 {
@@ -263,6 +280,12 @@ static enum ctl_rc set_url(struct ctl *c, const char *url, const char *where)
 		rc = fail(c, CTL_EREFUSED, "out of memory");
 	if (!rc)
 		c->plain = strcmp(scheme, "http") == 0;
+	if (!rc && c->plain) {
+		char *host = NULL;
+		if (curl_url_get(u, CURLUPART_HOST, &host, 0) == CURLUE_OK)
+			c->clear = !host_is_loopback(host);
+		curl_free(host);
+	}
 	curl_free(scheme);
 	curl_free(query);
 	curl_free(frag);
@@ -450,6 +473,15 @@ static enum ctl_rc http_call(struct ctl *c, const char *method, const char *path
 	curl_easy_setopt(k, CURLOPT_WRITEFUNCTION, sink_write);
 	curl_easy_setopt(k, CURLOPT_WRITEDATA, &s);
 	curl_easy_setopt(k, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)BODY_MAX);
+	if (auth && c->clear) {
+		/* Until the forty-first session said only in docs/causewayctl.md:
+		 * a token sent so can be read (and used) by anyone on the way. */
+		fprintf(stderr,
+			"causewayctl: warning: %s is http:// to another machine: the admin token crosses the "
+			"network in clear; use https:// (docs/causewayctl.md)\n",
+			c->shown_url);
+		c->clear = false; /* once */
+	}
 	if (auth) {
 		curl_easy_setopt(k, CURLOPT_HTTPAUTH, CURLAUTH_BEARER);
 		curl_easy_setopt(k, CURLOPT_XOAUTH2_BEARER, c->token);
