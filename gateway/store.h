@@ -43,6 +43,19 @@ struct cw_store;
  * column r, each once. */
 #define ROOM_LOCKS_SQL(rooms) "SELECT count(" ROOM_LOCK_SQL("y.r") ") AS n FROM (" rooms " ORDER BY 1) y"
 
+/* Two daily bounds of a local user counted from what is stored, each under
+ * a transaction-level advisory lock of the user taken in a statement before
+ * the count (whose snapshot then holds whatever another process committed
+ * before letting the lock go), until the commit: two transactions never
+ * both pass the last slot.  USER_ASK_LOCK_CLASS ("CWCR"), keyed by her
+ * identity id: the consent requests she is asked
+ * (policy.consent_requests_per_user_per_day, peer_api.c); XMPP_GROUP_LOCK_CLASS
+ * ("CWXG"), keyed by hashtext of her URI: the groups she makes
+ * (xmpp.user_groups_per_day, xmpp_muc.c).  Their own classes: they wait
+ * for no room's lock holder. */
+#define USER_ASK_LOCK_CLASS "1129792338"
+#define XMPP_GROUP_LOCK_CLASS "1129797703"
+
 /* A new event's public id made in SQL, as cw_new_id makes one ("msg_" and
  * 16 random bytes, base64url): gen_random_uuid() is PostgreSQL's strong
  * random.  For the events the gateway writes itself. */

@@ -602,6 +602,10 @@ static inline const struct policy_snapshot *facts_of(const struct policy_snapsho
 
 /* ------------------------------------------------------------------ decide */
 
+/* The reasons policy_decide answers (rate_limited_recipient_consent_requests,
+ * a first contact's request past the local user's own bound, is decided by
+ * the write that would store the request since the forty-first session:
+ * not here). */
 const char *const policy_reason_codes[] = {
 	"server_denied_user", "server_denied_domain", "server_denied_network",
 	"user_blocked_sender", "user_blocked_domain", "user_blocked_recipient",
@@ -611,7 +615,7 @@ const char *const policy_reason_codes[] = {
 	"rate_limited_domain", "rate_limited_network", "rate_limited_user",
 	"rate_limited_sender", "rate_limited_new_conversations",
 	"rate_limited_sender_new_conversations", "rate_limited_consent_requests",
-	"rate_limited_sender_consent_requests", "rate_limited_recipient_consent_requests",
+	"rate_limited_sender_consent_requests",
 	"rate_limited_local_sender", "rate_limited_local_sender_new_conversations",
 	"user_allowed_sender", "user_allowed_domain", "user_wrote_in_group", "outbound", "transit",
 	"new_room",
@@ -874,27 +878,6 @@ static bool rate_limits_of(const struct policy_request *r, const struct pparty *
 	return false;
 }
 
-/* A first contact's request against the local user's bound (its bucket:
- * "crr:0:<local user> <sender's domain>", rule id 0, which no rule has). */
-static bool recipient_requests_limited(const struct policy_request *r, const struct pparty *snd,
-				       const struct pparty *local, struct policy_decision *d)
-{
-	if (!r->recipient_consent_requests_per_day)
-		return false;
-	char key[POLICY_RATE_KEY_MAX + 1];
-	size_t n = key_append(key, 0, "crr:0:", 6);
-	n = key_append(key, n, local->uri.s, local->uri.n);
-	n = key_append(key, n, " ", 1);
-	n = key_append(key, n, snd->domain.s, snd->domain.n);
-	key[n] = '\0';
-	int64_t wait = r->rate->take(r->rate->ctx, key, r->recipient_consent_requests_per_day, 86400000, r->now_ms);
-	if (wait <= 0)
-		return false;
-	set(d, POLICY_LIMIT, "rate_limited_recipient_consent_requests", 0);
-	d->retry_after_ms = wait;
-	return true;
-}
-
 static inline bool is(const char *s, const char *lit)
 {
 	return s && strcmp(s, lit) == 0;
@@ -1132,17 +1115,6 @@ void policy_decide(const struct policy_snapshot *ov, const struct policy_request
 	 * blocked it (a review's finding). */
 	if (r->rate && r->rate->take && dir != POLICY_OUTBOUND && rate_limits(r, &snd, &ev[0], d))
 		return;
-	/* 3a, a first contact's request: the local user's own bound on the
-	 * requests of each remote domain a day (the setting
-	 * policy.consent_requests_per_user_per_day), after the sender's
-	 * buckets (a request they refuse takes none of hers).  Without it a
-	 * peer rotating sender names asked the same user once per name
-	 * (spec/policy.md: no popup fatigue, no spam amplification) until
-	 * the operator wrote a rule; since the fortieth session. */
-	if (r->action == POLICY_ACT_FIRST_CONTACT && dir == POLICY_INBOUND && local && r->rate && r->rate->take &&
-	    recipient_requests_limited(r, &snd, local, d))
-		return;
-
 	/* 3b. Size and content kinds. */
 	if (r->action == POLICY_ACT_EVENT)
 		for (int i = 0; i < nremote; i++)

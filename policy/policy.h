@@ -166,10 +166,6 @@ struct policy_request {
 	                                 after the snapshot was taken, and this one starts none */
 	bool invitation;              /* a membership event that invites someone (outbound limits
 	                                 count it; a join or leave they do not) */
-	uint32_t recipient_consent_requests_per_day; /* ACT_FIRST_CONTACT: the requests the local
-	                                 recipient may get from each remote domain a day (a bucket
-	                                 per user and domain, charged after the sender's); 0: no
-	                                 bound */
 };
 
 struct policy_decision {
@@ -193,7 +189,8 @@ struct policy_decision {
  *        rate_limited_consent_requests,
  *        rate_limited_sender_consent_requests,
  *        rate_limited_recipient_consent_requests (a first contact's: the local
- *        recipient's own bound, rule id 0),
+ *        recipient's own bound, rule id 0; decided by the write that would
+ *        store the request, adapters/peer/peer_api.c, not here),
  *        rate_limited_local_sender, rate_limited_local_sender_new_conversations
  *        (outbound: the local sender's own limits)
  * hold:  no_consent_yet

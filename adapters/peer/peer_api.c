@@ -1596,6 +1596,7 @@ struct submit {
 	bool *grp;                  /* per item: its room is a group (its members may change: GROUP_JM) */
 	bool notified;              /* round 1 sent a NOTIFY */
 	bool locked;                /* round 1 sent submit_lock_rooms first */
+	bool ulocked;               /* round 1 sent submit_lock_users first (before the rooms') */
 	json_t *audit;              /* the policy decisions to record (round 1) */
 	int nfacts;                 /* round 0's result: its first nfacts rows are facts rows (n = -2) */
 	enum submit_room_by room_by; /* how items name their rooms */
@@ -1810,7 +1811,7 @@ struct submit *submit_new(size_t n)
 	"n int, pid text, room bigint, sender bigint, " \
 	"  type text, ci bigint, replaces bigint, reply bigint, ts bigint, key text, hash text, " \
 	"  dests text, targets text, states text, held text, expiry bigint, win bigint, read boolean, " \
-	"  scope text, outbound jsonb, wrote boolean, bt text, ba text, dt bigint"
+	"  scope text, outbound jsonb, wrote boolean, bt text, ba text, dt bigint, crl bigint"
 /* lk: the items' rooms are locked first, in id order, until the commit
  * (a transaction-level advisory lock per room, ROOM_LOCK_SQL of store.h): the
  * outbox ids of one room's rows then follow the order in which they were
@@ -1994,17 +1995,57 @@ struct submit *submit_new(size_t n)
 #define WRITE_ITEMS_PLAIN WRITE_EVENTS WRITE_ITEMS_PLAIN_ROWS
 #define WRITE_ITEMS_PLAIN_NOREFS WRITE_EVENTS_NOREFS WRITE_ITEMS_PLAIN_ROWS
 
+/* The consent requests of a job: cq, each pair (local user, sender) of its
+ * held items whose request does not stand yet, once (its first item);
+ * ck, for each its rank among the job's new requests to that user from the
+ * sender's domain (rk), and her requests of that domain stored within the
+ * last day (had; the oldest's and the newest's times); cr, those within
+ * her bound (it.crl: policy.consent_requests_per_user_per_day, 0 no
+ * bound) made; cx, those past it, held with no request (their count is
+ * answered, rows "unasked"); ca, the audit record of the first refusal of
+ * an episode: the first past the bound in this job, unless a refusal was
+ * recorded since her latest request of that domain.  The count is exact
+ * across restarts and daemon processes: submit_lock_users took her lock
+ * (USER_ASK_LOCK_CLASS) in a statement before this one, so this
+ * statement's snapshot holds every request another transaction made
+ * before it let the lock go.  Until the forty-first session the bound was
+ * a token bucket in each process's memory: a restart filled it again, and
+ * N processes allowed N times the bound.  Every stored request counts (a
+ * MIMI requestConsent's too, which the bound never refuses). */
+#define CONSENT_ASK_SQL(HELD_COND) \
+	"cq AS MATERIALIZED (SELECT DISTINCT ON (h.value::bigint, it.sender) h.value::bigint AS u, it.sender AS s, " \
+	"  it.pid, it.n, it.expiry, coalesce(it.crl, 0) AS crl, sd.domain AS dom, sd.uri AS suri " \
+	"  FROM it JOIN ev ON ev.public_id = it.pid JOIN identities sd ON sd.id = it.sender, " \
+	"  unnest(string_to_array(it.held, ',')) AS h(value) WHERE NOT EXISTS (SELECT 1 FROM consent_requests q " \
+	"   WHERE q.local_identity_id = h.value::bigint AND q.remote_identity_id = it.sender " \
+	"   AND " CONSENT_REQUEST_STANDS_SQL("q", "it.win") ") " HELD_COND \
+	"  ORDER BY h.value::bigint, it.sender, it.n), " \
+	"ck AS MATERIALIZED (SELECT cq.*, row_number() OVER (PARTITION BY cq.u, cq.dom ORDER BY cq.n, cq.s) AS rk, " \
+	"  w.had, w.old, w.last FROM cq, LATERAL (SELECT count(*) AS had, min(q.created_at) AS old, " \
+	"  max(q.created_at) AS last FROM consent_requests q JOIN identities r ON r.id = q.remote_identity_id " \
+	"  WHERE cq.crl > 0 AND q.local_identity_id = cq.u AND q.created_at > now() - interval '1 day' " \
+	"  AND r.domain = cq.dom) w), " \
+	"cr AS (INSERT INTO consent_requests (local_identity_id, remote_identity_id, expires_at) " \
+	"  SELECT ck.u, ck.s, now() + make_interval(secs => ck.expiry) FROM ck WHERE ck.crl = 0 OR ck.had + ck.rk <= ck.crl " \
+	"  ON CONFLICT DO NOTHING), " \
+	"cx AS (SELECT * FROM ck WHERE ck.crl > 0 AND ck.had + ck.rk > ck.crl), " \
+	"ca AS (INSERT INTO audit_log (actor, action, reason_code, event_id, subject, details) " \
+	"  SELECT 'policy', 'policy.limit', 'rate_limited_recipient_consent_requests', ev.id, cx.suri, " \
+	"  jsonb_build_object('user', l.uri, 'type', 'consent_request', 'retry_after_ms', greatest(1, " \
+	"  (extract(epoch FROM coalesce(cx.old, now()) + interval '1 day' - now()) * 1000)::bigint)) " \
+	"  FROM cx JOIN ev ON ev.public_id = cx.pid JOIN identities l ON l.id = cx.u " \
+	"  WHERE cx.rk = greatest(cx.crl - cx.had, 0) + 1 AND (cx.had < cx.crl OR NOT EXISTS (SELECT 1 " \
+	"  FROM audit_log a WHERE a.action = 'policy.limit' AND a.at >= cx.last " \
+	"  AND a.reason_code = 'rate_limited_recipient_consent_requests' AND a.details->>'user' = l.uri " \
+	"  AND split_part(a.subject, '/', 3) = cx.dom))), "
+#define CONSENT_UNASKED_ROWS " UNION ALL SELECT NULL, NULL, 'unasked' FROM cx"
+
 /* HELD_COND: GROUP_HELD_COND (no consent asked of a member gone) or empty;
  * AU_DETAILS: an audit record's details (GROUP_AU_DETAILS, or as given). */
 #define WRITE_ITEMS_TAIL_OF(HELD_COND, AU_DETAILS) \
 	", rd AS (UPDATE outbox o SET read_at = coalesce(o.read_at, now()) FROM it JOIN ev ON ev.public_id = it.pid " \
 	"  WHERE it.read AND o.event_id = it.reply AND o.destination = it.scope AND o.state = 'delivered'), " \
-	"cr AS (INSERT INTO consent_requests (local_identity_id, remote_identity_id, expires_at) " \
-	"  SELECT DISTINCT h.value::bigint, it.sender, now() + make_interval(secs => it.expiry) " \
-	"  FROM it JOIN ev ON ev.public_id = it.pid, unnest(string_to_array(it.held, ',')) AS h(value) WHERE NOT EXISTS (SELECT 1 FROM consent_requests q " \
-	"   WHERE q.local_identity_id = h.value::bigint AND q.remote_identity_id = it.sender " \
-	"   AND " CONSENT_REQUEST_STANDS_SQL("q", "it.win") ") " HELD_COND \
-	"  ON CONFLICT DO NOTHING), " \
+	CONSENT_ASK_SQL(HELD_COND) \
 	"oc AS (INSERT INTO consents (local_identity_id, subject_kind, subject, state, source) " \
 	"  SELECT DISTINCT it.sender, 'user', o.value, 'allowed', 'outbound' " \
 	"  FROM it JOIN ev ON ev.public_id = it.pid, jsonb_array_elements_text(it.outbound) AS o(value) " \
@@ -2027,7 +2068,7 @@ struct submit *submit_new(size_t n)
 	"  SELECT 'policy', a.action, a.reason, NULLIF(a.rule, 0), (SELECT id FROM ev WHERE ev.public_id = a.pid), " \
 	"  a.subject, " AU_DETAILS " FROM jsonb_to_recordset($3::jsonb) " \
 	"  AS a(action text, reason text, rule bigint, pid text, subject text, details jsonb)) " \
-	"SELECT public_id, ms, NULL::text FROM ev, (SELECT count(*) FROM nt) AS n" GONE_ROWS
+	"SELECT public_id, ms, NULL::text FROM ev, (SELECT count(*) FROM nt) AS n" GONE_ROWS CONSENT_UNASKED_ROWS
 #define WRITE_ITEMS_TAIL WRITE_ITEMS_TAIL_OF("", "a.details")
 #define WRITE_ITEMS WRITE_EVENTS WRITE_ITEMS_TAIL
 #define WRITE_ITEMS_NOREFS WRITE_EVENTS_NOREFS WRITE_ITEMS_TAIL
@@ -2049,6 +2090,12 @@ struct submit *submit_new(size_t n)
 /* The rooms' locks of a job with items in groups, in id order ($1: their
  * ids, comma-separated), before its write (see GROUP_JM). */
 #define LOCK_ROOMS ROOM_LOCKS_SQL("SELECT DISTINCT x::bigint AS r FROM unnest(string_to_array($1, ',')) AS x")
+/* The locks of the local users a job's held items may ask ($1: their
+ * identity ids, comma-separated), in id order, before its write and its
+ * rooms' locks (CONSENT_ASK_SQL). */
+#define LOCK_USERS \
+	"SELECT count(pg_advisory_xact_lock(" USER_ASK_LOCK_CLASS ", (y.u % 2147483647)::int)) FROM " \
+	"(SELECT DISTINCT x::bigint AS u FROM unnest(string_to_array($1, ',')) AS x ORDER BY 1) y"
 
 const struct store_stmt peer_api_statements[] = {
 	{ "submit_read_by_id", READ_ITEMS("public_id = it.room") },
@@ -2061,6 +2108,7 @@ const struct store_stmt peer_api_statements[] = {
 	{ "submit_write_plain_norefs", WRITE_ITEMS_PLAIN_NOREFS },
 	{ "submit_write_refs", WRITE_ITEMS_REFS },
 	{ "submit_lock_rooms", LOCK_ROOMS },
+	{ "submit_lock_users", LOCK_USERS },
 	{ "submit_write_g", GROUP_WRITE_EVENTS GROUP_WRITE_ITEMS_TAIL },
 	{ "submit_write_plain_g", GROUP_WRITE_EVENTS WRITE_ITEMS_PLAIN_ROWS },
 	{ "submit_write_norefs_g", GROUP_WRITE_EVENTS_NOREFS GROUP_WRITE_ITEMS_TAIL },
@@ -2248,6 +2296,32 @@ static cw_err lock_rooms_send(PGconn *c, struct submit *b, cw_errmsg *e)
 	return rc;
 }
 
+/* The locks of the users the held items of the job may ask (CONSENT_ASK_SQL),
+ * when they have a bound: sent before the rooms' and the write. */
+static cw_err lock_users_send(PGconn *c, struct submit *b, long long bound, cw_errmsg *e)
+{
+	b->ulocked = false;
+	if (bound <= 0)
+		return CW_OK;
+	struct cw_buf ids;
+	cw_buf_init(&ids, SIZE_MAX / 2);
+	cw_err rc = CW_OK;
+	for (size_t i = 0; i < b->n && !rc; i++)
+		if (b->items[i] && b->write[i])
+			for (size_t x = 0; x < json_array_size(b->held[i]) && !rc; x++)
+				rc = cw_buf_printf(&ids, "%s%s", ids.len ? "," : "",
+						   json_string_value(json_array_get(b->held[i], x)))
+					     ? CW_ENOMEM
+					     : CW_OK;
+	if (rc)
+		rc = cw_fail(e, rc, "out of memory");
+	else if (ids.len)
+		rc = send_text(c, "submit_lock_users", ids.p, NULL, NULL, e);
+	b->ulocked = !rc && ids.len;
+	cw_buf_free(&ids);
+	return rc;
+}
+
 /* The documents of the two rounds are written as text straight into a
  * buffer: every value is an id, a number or a name that needs no escaping
  * (add_json_string checks, and lets jansson encode what does), and the
@@ -2258,7 +2332,9 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 	if (round == 0)
 		submit_clear_round(b);
 	b->locked = false;
+	b->ulocked = false;
 	struct policy_view *v = policy_live_get(b->app->policy);
+	long long bound = v->set.user_requests_per_day;
 	struct cw_buf doc, contents;
 	cw_buf_init(&doc, SIZE_MAX / 2);
 	cw_buf_init(&contents, SIZE_MAX / 2);
@@ -2313,9 +2389,9 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 				     add_joined(&doc, b->targets[i]) || cw_buf_add(&doc, ",\"states\":", 10) ||
 				     add_joined(&doc, b->states[i]) || cw_buf_add(&doc, ",\"held\":", 8) ||
 				     add_joined(&doc, b->held[i]) ||
-				     cw_buf_printf(&doc, ",\"expiry\":%lld,\"win\":%lld,\"read\":%s,\"key\":",
+				     cw_buf_printf(&doc, ",\"expiry\":%lld,\"win\":%lld,\"crl\":%lld,\"read\":%s,\"key\":",
 						   (long long)v->set.held_expiry_s, (long long)v->set.consent_window_s,
-						   in->read_receipt ? "true" : "false") ||
+						   bound, in->read_receipt ? "true" : "false") ||
 				     add_json_string(&doc, in->idem_key) || cw_buf_add(&doc, ",\"scope\":", 9) ||
 				     add_json_string(&doc, in->scope) ||
 				     (b->grp[i] && cw_buf_add(&doc, ",\"grp\":true", 11)) ||
@@ -2359,7 +2435,8 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 				      : (stored ? "submit_write" : "submit_write_norefs");
 		char name[40];
 		snprintf(name, sizeof(name), "%s%s", w, group ? "_g" : "");
-		if (!(group || chk || refs) || (rc = lock_rooms_send(c, b, e)) == CW_OK)
+		if ((plain || (rc = lock_users_send(c, b, bound, e)) == CW_OK) &&
+		    (!(group || chk || refs) || (rc = lock_rooms_send(c, b, e)) == CW_OK))
 			rc = send_text(c, name, doc.p, contents.p, plain && !refs ? NULL : b->audit, e);
 	}
 	cw_buf_free(&doc);
@@ -2473,12 +2550,13 @@ static void intra_refs(struct submit *b)
  * made, and it takes a token of the sender's consent_requests_per_day
  * (spec/policy.md: "consent requests per day", per remote user; each
  * request its own token, as a group's first message may ask several
- * users), then one of the local user's own bucket for the sender's domain
- * (policy.consent_requests_per_user_per_day, on by default since the
- * fortieth session).  Without one the message is held unasked, as a held message
+ * users).  Without one the message is held unasked, as a held message
  * for an unknown user is: the sender sees what any held message shows,
  * and a later message asks once the bucket has refilled.  The refusal is
- * audited once per episode. */
+ * audited once per episode.  The local user's own bound on the requests
+ * of each remote domain (policy.consent_requests_per_user_per_day, since
+ * the fortieth session) is the write's (CONSENT_ASK_SQL): it counts what
+ * is stored, under her lock. */
 static bool may_ask(struct submit *b, size_t i, PGresult *r, const struct policy_view *view,
 		    const struct policy_request *held_req, const char *local_id, json_t *audit)
 {
@@ -2499,7 +2577,6 @@ static bool may_ask(struct submit *b, size_t i, PGresult *r, const struct policy
 	struct policy_request req = *held_req;
 	req.action = POLICY_ACT_FIRST_CONTACT;
 	req.rate = &memo.rate;
-	req.recipient_consent_requests_per_day = (uint32_t)view->set.user_requests_per_day;
 	struct policy_decision d;
 	policy_decide(view->snap, &req, &d);
 	policy_rate_memo_finish(&memo);
@@ -2940,6 +3017,14 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 	bool sent = round == 1, any_write = false;
 	for (size_t i = 0; i < b->n && !sent; i++)
 		sent = b->items[i] != NULL;
+	if (round == 1 && b->ulocked) { /* the users' locks (lock_users_send) */
+		PGresult *r;
+		b->ulocked = false;
+		cw_err rc = store_pipe_result(c, PGRES_TUPLES_OK, &r, e);
+		if (rc)
+			return rc;
+		PQclear(r);
+	}
 	if (round == 1 && b->locked) { /* the rooms' locks (lock_rooms_send) */
 		PGresult *r;
 		b->locked = false;
@@ -3049,6 +3134,15 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 						break;
 					}
 				}
+			/* Each first contact held past its user's bound with no
+			 * request (CONSENT_ASK_SQL): a limit decision, counted as
+			 * round 0 counts the policy's. */
+			for (int k = 0; k < rows; k++)
+				if (PQgetisnull(r, k, 0) && !PQgetisnull(r, k, 2) &&
+				    strcmp(PQgetvalue(r, k, 2), "unasked") == 0)
+					policy_count(b->app, &(struct policy_decision){
+								     .verdict = POLICY_LIMIT,
+								     .reason = "rate_limited_recipient_consent_requests" });
 			for (size_t i = 0; i < b->n; i++)
 				if (b->write[i] && b->res[i].status != 202) {
 					json_decref(b->res[i].body);

@@ -809,6 +809,101 @@ def test_first_contacts_ask_no_more_users_a_day_than_the_senders_limit(daemon, p
     assert out["released"] >= 3
 
 
+def asked_of(pg, db_url, user=ALICE):
+    """The senders (local parts) a request was made of user for, in order."""
+    return pg.psql("SELECT coalesce(string_agg(r.localpart, ',' ORDER BY q.id), '') FROM consent_requests q "
+                   "JOIN identities r ON r.id = q.remote_identity_id JOIN identities l ON l.id = q.local_identity_id "
+                   f"WHERE l.uri = '{user}'", db_url)
+
+
+def recipient_limits(pg, db_url):
+    return pg.psql("SELECT count(*) FROM audit_log WHERE action = 'policy.limit' "
+                   "AND reason_code = 'rate_limited_recipient_consent_requests'", db_url)
+
+
+def test_a_users_daily_bound_on_requests_holds_after_a_restart(make_daemon, db_url, pg):
+    """policy.consent_requests_per_user_per_day counts the requests stored
+    for her within the last day: a restart does not give a peer rotating
+    sender names a new day's worth.  The first contact past it is held as
+    any (202, the same answer), with no request and the same audit record
+    as before the restart would have made.  Until the forty-first session
+    the bound was a bucket in the process's memory, full again after each
+    restart."""
+    d = make_daemon(db_url).start()
+    (a, sa), (_, sb) = push_peers(d)
+    try:
+        opt_in(d)
+        assert d.admin("PATCH", "/settings", json={"policy.consent_requests_per_user_per_day": 3}).ok
+        rooms = [dm(a, remote=f"s{k}") for k in range(6)]
+        for k in range(3):
+            assert send(a, rooms[k], "hello", sender=f"s{k}").status_code == 202
+        assert asked_of(pg, db_url) == "s0,s1,s2"
+        assert d.stop() == 0
+        seen = len(d.records)
+        d.start(wait_ready=False)
+        d.port = int(d.wait_for(lambda r: r.get("msg") == "ready", timeout=30, start=seen)["port"])
+        a = PeerClient(d.url, a.name, a.domain, token=a.token, signer=a.signer)
+        assert d.admin("GET", "/settings").json()["policy.consent_requests_per_user_per_day"] == 3
+        ids = []
+        for k in (3, 4):
+            r = send(a, rooms[k], "hello", sender=f"s{k}")
+            assert r.status_code == 202 and set(r.json()) == {"id", "accepted_ts", "status"}, r.text
+            ids.append(r.json()["id"])
+        assert asked_of(pg, db_url) == "s0,s1,s2"
+        assert [s for _, s in states(pg, db_url, ids)] == ["held", "held"]
+        # audited once (an episode), about the first refused message
+        assert pg.psql("SELECT a.subject || ' ' || (a.details->>'user') || ' ' || (a.details->>'type') || ' ' || "
+                       "e.public_id || ' ' || ((a.details->>'retry_after_ms')::bigint > 0) FROM audit_log a "
+                       "JOIN events e ON e.id = a.event_id WHERE a.reason_code = "
+                       "'rate_limited_recipient_consent_requests'", db_url) == \
+            f"{a.user('s3')} {ALICE} consent_request {ids[0]} true"
+        # A request stored a day ago no longer counts: one slot is free.
+        pg.psql("UPDATE consent_requests SET created_at = created_at - interval '25 hours', "
+                "expires_at = expires_at - interval '25 hours' WHERE id = (SELECT min(id) FROM consent_requests)",
+                db_url)
+        assert send(a, rooms[5], "hello", sender="s5").status_code == 202
+        assert asked_of(pg, db_url) == "s0,s1,s2,s5"
+        assert recipient_limits(pg, db_url) == "1"
+    finally:
+        sa.close()
+        sb.close()
+
+
+def test_two_daemons_together_ask_a_user_no_more_than_her_daily_bound(make_daemon, db_url, pg):
+    """Two daemon processes on one database, first contacts of eight new
+    senders of one domain sent to both at once: together they ask her no
+    more than policy.consent_requests_per_user_per_day (3), counted under
+    her lock in the transaction that stores a request.  The others are held
+    unasked, answered as the asked ones are, and the refusal audited once.
+    Until the forty-first session each process had a bucket of its own:
+    two processes asked her up to twice the bound."""
+    d1 = make_daemon(db_url).start()
+    (a, sa), (_, sb) = push_peers(d1)
+    d2 = make_daemon(db_url).start()
+    try:
+        opt_in(d1)
+        assert d1.admin("PATCH", "/settings", json={"policy.consent_requests_per_user_per_day": 3}).ok
+        wait_until(lambda: d2.admin("GET", "/settings").json()["policy.consent_requests_per_user_per_day"] == 3,
+                   what="the setting on the second daemon")
+        a2 = PeerClient(d2.url, a.name, a.domain, token=a.token, signer=a.signer)
+        rooms = [dm(a, remote=f"s{k}") for k in range(8)]
+        with concurrent.futures.ThreadPoolExecutor(8) as ex:
+            got = list(ex.map(lambda k: send(a if k % 2 else a2, rooms[k], "hello", sender=f"s{k}"), range(8)))
+        assert [r.status_code for r in got] == [202] * 8, [r.text for r in got]
+        assert all(set(r.json()) == {"id", "accepted_ts", "status"} for r in got)
+        assert len(asked_of(pg, db_url).split(",")) == 3, asked_of(pg, db_url)
+        assert [s for _, s in states(pg, db_url, [r.json()["id"] for r in got])] == ["held"] * 8
+        assert recipient_limits(pg, db_url) == "1"
+        # another user's bound is her own
+        opt_in(d1, user=BOB)
+        r = a2.send(a.create_room([a.user("s0"), BOB]).json()["id"], a.user("s0"), "hi bob")
+        assert r.status_code == 202
+        assert asked_of(pg, db_url, BOB) == "s0"
+    finally:
+        sa.close()
+        sb.close()
+
+
 def test_rule_change_is_in_force_on_every_process_without_restart(daemon, make_daemon, peers, pg, db_url):
     (a, _), _ = peers
     opt_in(daemon)
