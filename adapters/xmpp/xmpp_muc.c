@@ -28,7 +28,6 @@
 #include "log.h"
 #include "peer/event.h"
 #include "peer/peer_media.h"
-#include "ratelimit.h"
 #include "xm.h"
 #include "store.h"
 #include "utf8.h"
@@ -437,23 +436,41 @@ static void mjoin_free(struct mjoin *j)
 #define HISTORY_WINDOW "1000"
 
 /* Whether the joining user may make one more group (the room she joins is
- * nobody's yet): xmpp.user_groups_per_day, a bucket per user of this
- * process refilled over the day, keyed by her local part.  A group made
- * here is kept for good (its rows, its binding), and until the
+ * nobody's yet): xmpp.user_groups_per_day, counted from what is stored,
+ * the groups she made within the last day: the group rooms whose first
+ * binding is hers, made within the day (the join that makes a group binds
+ * her to it in the statement that makes it; another's join, a Matrix
+ * portal, a peer's room (created_by_peer_id) come after, or are not
+ * counted).  Under her lock (XMPP_GROUP_LOCK_CLASS, store.h), taken in a
+ * statement of its own before the count and held to the commit: two joins
+ * of hers, in two daemon processes too, never both take the last one.  A
+ * group made here is kept for good (its rows, its binding), and until the
  * fortieth session every join of an unused name made one: joining and
- * leaving, one user made 10,000 in 78 s (a review's finding).  Asked only
- * of a name no room has; a join that finds the name taken meanwhile (by
- * another's join) spent a token for nothing, which errs on the side of
- * refusing once too early, never of making one too many. */
-static bool may_make_group(const struct mjoin *j)
+ * leaving, one user made 10,000 in 78 s (a review's finding).  Until the
+ * forty-first session the bound was a token bucket in each process's
+ * memory: full again after a restart, and N times the bound with N
+ * processes.  Asked only of a name no room has. */
+static cw_err may_make_group(PGconn *c, const struct mjoin *j, bool *ok, cw_errmsg *e)
 {
-	struct ratelimit *rl = j->xc->x->app->limits;
-	if (!rl)
-		return true;
-	char key[MIMI_LOCAL_MAX + 8];
-	snprintf(key, sizeof(key), "xgr:%s", j->local);
-	return ratelimit_take(rl, key, (uint32_t)j->xc->x->cfg->xmpp_user_groups_per_day, 86400000, cw_wall_ms(),
-			      NULL) <= 0;
+	const char *p[] = { j->uri };
+	PGresult *r = PQexecParams(c, "SELECT pg_advisory_xact_lock(" XMPP_GROUP_LOCK_CLASS ", hashtext($1))", 1, NULL, p,
+				   NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	PQclear(r);
+	r = PQexecParams(c,
+		"SELECT count(*) FROM identities i JOIN room_bindings b ON b.network = 'xmpp' "
+		"AND b.local_identity_id = i.id AND b.remote_identity_id IS NULL "
+		"AND b.created_at > now() - interval '1 day' JOIN rooms x ON x.id = b.room_id AND x.kind = 'group' "
+		"AND x.created_by_peer_id IS NULL WHERE i.uri = $1 AND i.is_local "
+		"AND NOT EXISTS (SELECT 1 FROM room_bindings f WHERE f.room_id = b.room_id AND f.id < b.id)",
+		1, NULL, p, NULL, NULL, 0);
+	if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
+		return rc;
+	*ok = atol(PQgetvalue(r, 0, 0)) < j->xc->x->cfg->xmpp_user_groups_per_day;
+	PQclear(r);
+	return CW_OK;
 }
 
 /* On the writer: the member check, the binding (made on a first join), the
@@ -505,8 +522,11 @@ static cw_err join_fn(PGconn *c, void *arg, cw_errmsg *e)
 	cw_err nrc = store_check(c, nr, PGRES_TUPLES_OK, e);
 	if (nrc)
 		return nrc;
-	j->limited = PQntuples(nr) == 0 && !may_make_group(j);
+	bool fresh = PQntuples(nr) == 0, may = true;
 	PQclear(nr);
+	if (fresh && (nrc = may_make_group(c, j, &may, e)))
+		return nrc;
+	j->limited = !may;
 	char max[16];
 	snprintf(max, sizeof(max), "%d", j->max);
 	const char *domain = j->xc->x->cfg->domain ? j->xc->x->cfg->domain : "";

@@ -621,6 +621,76 @@ def test_a_user_makes_a_bounded_number_of_groups(make_daemon, db_url, alice, pro
     assert groups() == "r_bobs,r_made0,r_made1,r_made2"
 
 
+def make_groups(alice, names):
+    """alice joins (and so makes) each group of names, and leaves it."""
+    join = f"<x xmlns='{MUC}'><history maxstanzas='0'/></x>"
+    for name in names:
+        room = f"#{name}@{COMP}"
+        start = alice.count()
+        alice.send_presence(to=room + "/alice", payload=join)
+        me = alice.wait_for_presence(lambda el, r=room: el.get("from") == r + "/alice", start=start, timeout=20)
+        assert "201" in [c.get("code") for c in me.iter(q(MUC_USER, "status"))], me.xml
+        start = alice.count()
+        alice.send_presence(to=room + "/alice", ptype="unavailable")
+        alice.wait_for_presence(lambda el, r=room: el.get("from") == r + "/alice"
+                                and el.get("type") == "unavailable", start=start, timeout=20)
+
+
+def refused_group(alice, name):
+    """alice's join of a new group name is refused as past her bound."""
+    start = alice.count()
+    alice.send_presence(to=f"#{name}@{COMP}/alice", payload=f"<x xmlns='{MUC}'><history maxstanzas='0'/></x>")
+    err = alice.wait_for_presence(lambda el: el.get("type") == "error", start=start, timeout=20)
+    assert err.get("from") == f"#{name}@{COMP}/alice" and err.error_condition == "resource-constraint", err.xml
+    assert "as many new groups as you may" in err.xml
+
+
+def test_the_groups_a_user_made_today_count_after_a_restart(make_daemon, db_url, alice, prosody, pg):
+    """xmpp.user_groups_per_day counts the groups she made within the last
+    day, as stored: a restart does not give her another day's worth, and a
+    group made more than a day ago no longer counts.  Until the
+    forty-first session the bound was a bucket in the process's memory,
+    full again after each restart."""
+    opts = daemon_options(prosody)
+    opts["xmpp"]["user_groups_per_day"] = "2"
+    d = make_daemon(db_url, options=opts).start()
+    wait_until(lambda: component_state(d)["state"] == "up", what="the component's stream")
+    make_groups(alice, ["day0", "day1"])
+    assert d.stop() == 0
+    seen = len(d.records)
+    d.start(wait_ready=False)
+    d.port = int(d.wait_for(lambda r: r.get("msg") == "ready", timeout=30, start=seen)["port"])
+    wait_until(lambda: component_state(d)["state"] == "up", timeout=20, what="the component's stream again")
+    refused_group(alice, "day2")
+    assert pg.psql("SELECT string_agg(public_id, ',' ORDER BY public_id) FROM rooms", db_url) == "r_day0,r_day1"
+    pg.psql("UPDATE room_bindings SET created_at = created_at - interval '25 hours' WHERE room_id = "
+            "(SELECT id FROM rooms WHERE public_id = 'r_day0')", db_url)
+    make_groups(alice, ["day2"])
+    refused_group(alice, "day3")
+
+
+def test_the_groups_a_user_made_count_on_the_process_that_takes_the_component_over(make_daemon, db_url, alice,
+                                                                                     prosody, pg):
+    """Two daemon processes on one database: the one holding the component
+    dies after alice made her day's groups but one, and the one taking the
+    component over lets her make one more, not a whole day's worth: both
+    count what is stored, under her lock.  Until the forty-first session
+    each process had a bucket of its own."""
+    opts = daemon_options(prosody)
+    opts["xmpp"]["user_groups_per_day"] = "3"
+    first = make_daemon(db_url, options=opts).start()
+    wait_until(lambda: component_state(first)["state"] == "up", what="the component's stream")
+    second = make_daemon(db_url, options=opts).start()
+    wait_until(lambda: component_state(second)["state"] == "standby", what="the second process standing by")
+    make_groups(alice, ["p0", "p1"])
+    first.proc.kill()  # SIGKILL: its session ends, and the component's lock with it
+    first.proc.wait()
+    wait_until(lambda: component_state(second)["state"] == "up", timeout=20, what="the takeover")
+    make_groups(alice, ["p2"])
+    refused_group(alice, "p3")
+    assert pg.psql("SELECT string_agg(public_id, ',' ORDER BY public_id) FROM rooms", db_url) == "r_p0,r_p1,r_p2"
+
+
 def test_a_group_name_stored_before_the_rules_is_shown_as_the_portals_show_it(xd, gk, alice, pg, db_url):
     """A group's name the peer API would refuse now (stored before the
     thirty-first session: a bidirectional override, a C1 control) is the
