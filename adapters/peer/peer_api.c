@@ -1589,6 +1589,9 @@ struct submit {
 	json_t **dests, **targets;  /* per item, for its outbox rows */
 	json_t **states;            /* per item: each row's state (pending, held, dropped) */
 	json_t **held;              /* per item: local users to ask for consent */
+	json_t **ask;               /* per item: those of them it may make a new request of (none
+				       stands): the write counts them against their bound, under
+				       their locks (lock_users_send, CONSENT_ASK_SQL) */
 	json_t **outbound;          /* per item: remote users a local sender wrote to (consent to their replies) */
 	bool *wrote;                /* per item: a local sender's message to members of a group new to them (they may reply there) */
 	bool *scrub;                /* per item: no recipient will get it (or an edit of an expired message): keep no content */
@@ -1614,8 +1617,9 @@ static void submit_clear_round(struct submit *b)
 		json_decref(b->targets[i]);
 		json_decref(b->states[i]);
 		json_decref(b->held[i]);
+		json_decref(b->ask[i]);
 		json_decref(b->outbound[i]);
-		b->dests[i] = b->targets[i] = b->states[i] = b->held[i] = b->outbound[i] = NULL;
+		b->dests[i] = b->targets[i] = b->states[i] = b->held[i] = b->ask[i] = b->outbound[i] = NULL;
 		b->write[i] = false;
 		b->scrub[i] = false;
 		b->wrote[i] = false;
@@ -1643,6 +1647,7 @@ void submit_free(void *arg)
 	free(b->targets);
 	free(b->states);
 	free(b->held);
+	free(b->ask);
 	free(b->outbound);
 	free(b->scrub);
 	free(b->wrote);
@@ -1672,6 +1677,7 @@ struct submit *submit_new(size_t n)
 	b->targets = calloc(m, sizeof(*b->targets));
 	b->states = calloc(m, sizeof(*b->states));
 	b->held = calloc(m, sizeof(*b->held));
+	b->ask = calloc(m, sizeof(*b->ask));
 	b->outbound = calloc(m, sizeof(*b->outbound));
 	b->scrub = calloc(m, sizeof(*b->scrub));
 	b->wrote = calloc(m, sizeof(*b->wrote));
@@ -1681,7 +1687,7 @@ struct submit *submit_new(size_t n)
 	b->refused = json_array();
 	b->keys = json_array();
 	if (!b->items || !b->res || !b->write || !b->room_id || !b->sender_id || !b->reply_id || !b->replaces_id ||
-	    !b->dests || !b->targets || !b->states || !b->held || !b->outbound || !b->scrub || !b->wrote || !b->wake ||
+	    !b->dests || !b->targets || !b->states || !b->held || !b->ask || !b->outbound || !b->scrub || !b->wrote || !b->wake ||
 	    !b->grp || !b->audit) {
 		submit_free(b);
 		return NULL;
@@ -1810,7 +1816,7 @@ struct submit *submit_new(size_t n)
 #define IT_COLUMNS \
 	"n int, pid text, room bigint, sender bigint, " \
 	"  type text, ci bigint, replaces bigint, reply bigint, ts bigint, key text, hash text, " \
-	"  dests text, targets text, states text, held text, expiry bigint, win bigint, read boolean, " \
+	"  dests text, targets text, states text, held text, ask text, expiry bigint, win bigint, read boolean, " \
 	"  scope text, outbound jsonb, wrote boolean, bt text, ba text, dt bigint, crl bigint"
 /* lk: the items' rooms are locked first, in id order, until the commit
  * (a transaction-level advisory lock per room, ROOM_LOCK_SQL of store.h): the
@@ -1996,7 +2002,10 @@ struct submit *submit_new(size_t n)
 #define WRITE_ITEMS_PLAIN_NOREFS WRITE_EVENTS_NOREFS WRITE_ITEMS_PLAIN_ROWS
 
 /* The consent requests of a job: cq, each pair (local user, sender) of its
- * held items whose request does not stand yet, once (its first item);
+ * items' ask lists (round 0 found no request of the pair standing, and the
+ * policy let the sender ask: her lock is taken) whose request does not
+ * stand yet, once (its first item; a pair whose request stood in round 0
+ * and no longer does asks with its next message, unlocked it is not);
  * ck, for each its rank among the job's new requests to that user from the
  * sender's domain (rk), and her requests of that domain stored within the
  * last day (had; the oldest's and the newest's times); cr, those within
@@ -2016,7 +2025,7 @@ struct submit *submit_new(size_t n)
 	"cq AS MATERIALIZED (SELECT DISTINCT ON (h.value::bigint, it.sender) h.value::bigint AS u, it.sender AS s, " \
 	"  it.pid, it.n, it.expiry, coalesce(it.crl, 0) AS crl, sd.domain AS dom, sd.uri AS suri " \
 	"  FROM it JOIN ev ON ev.public_id = it.pid JOIN identities sd ON sd.id = it.sender, " \
-	"  unnest(string_to_array(it.held, ',')) AS h(value) WHERE NOT EXISTS (SELECT 1 FROM consent_requests q " \
+	"  unnest(string_to_array(it.ask, ',')) AS h(value) WHERE NOT EXISTS (SELECT 1 FROM consent_requests q " \
 	"   WHERE q.local_identity_id = h.value::bigint AND q.remote_identity_id = it.sender " \
 	"   AND " CONSENT_REQUEST_STANDS_SQL("q", "it.win") ") " HELD_COND \
 	"  ORDER BY h.value::bigint, it.sender, it.n), " \
@@ -2296,8 +2305,9 @@ static cw_err lock_rooms_send(PGconn *c, struct submit *b, cw_errmsg *e)
 	return rc;
 }
 
-/* The locks of the users the held items of the job may ask (CONSENT_ASK_SQL),
- * when they have a bound: sent before the rooms' and the write. */
+/* The locks of the users the held items of the job may make a new request
+ * of (CONSENT_ASK_SQL), when they have a bound: sent before the rooms' and
+ * the write.  A held message whose sender's request stands asks no lock. */
 static cw_err lock_users_send(PGconn *c, struct submit *b, long long bound, cw_errmsg *e)
 {
 	b->ulocked = false;
@@ -2308,9 +2318,9 @@ static cw_err lock_users_send(PGconn *c, struct submit *b, long long bound, cw_e
 	cw_err rc = CW_OK;
 	for (size_t i = 0; i < b->n && !rc; i++)
 		if (b->items[i] && b->write[i])
-			for (size_t x = 0; x < json_array_size(b->held[i]) && !rc; x++)
+			for (size_t x = 0; x < json_array_size(b->ask[i]) && !rc; x++)
 				rc = cw_buf_printf(&ids, "%s%s", ids.len ? "," : "",
-						   json_string_value(json_array_get(b->held[i], x)))
+						   json_string_value(json_array_get(b->ask[i], x)))
 					     ? CW_ENOMEM
 					     : CW_OK;
 	if (rc)
@@ -2388,7 +2398,8 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 				     add_joined(&doc, b->dests[i]) || cw_buf_add(&doc, ",\"targets\":", 11) ||
 				     add_joined(&doc, b->targets[i]) || cw_buf_add(&doc, ",\"states\":", 10) ||
 				     add_joined(&doc, b->states[i]) || cw_buf_add(&doc, ",\"held\":", 8) ||
-				     add_joined(&doc, b->held[i]) ||
+				     add_joined(&doc, b->held[i]) || cw_buf_add(&doc, ",\"ask\":", 7) ||
+				     add_joined(&doc, b->ask[i]) ||
 				     cw_buf_printf(&doc, ",\"expiry\":%lld,\"win\":%lld,\"crl\":%lld,\"read\":%s,\"key\":",
 						   (long long)v->set.held_expiry_s, (long long)v->set.consent_window_s,
 						   bound, in->read_receipt ? "true" : "false") ||
@@ -2558,7 +2569,7 @@ static void intra_refs(struct submit *b)
  * the fortieth session) is the write's (CONSENT_ASK_SQL): it counts what
  * is stored, under her lock. */
 static bool may_ask(struct submit *b, size_t i, PGresult *r, const struct policy_view *view,
-		    const struct policy_request *held_req, const char *local_id, json_t *audit)
+		    const struct policy_request *held_req, const char *local_id, json_t *audit, json_t *ask)
 {
 	const struct msg_input *in = b->items[i];
 	for (int k = 0; k < b->nfacts; k++)
@@ -2580,8 +2591,10 @@ static bool may_ask(struct submit *b, size_t i, PGresult *r, const struct policy
 	struct policy_decision d;
 	policy_decide(view->snap, &req, &d);
 	policy_rate_memo_finish(&memo);
-	if (d.verdict != POLICY_LIMIT)
+	if (d.verdict != POLICY_LIMIT) {
+		json_array_append_new(ask, json_string(local_id));
 		return true;
+	}
 	policy_count(b->app, &d);
 	if (memo.first_refusal)
 		json_array_append_new(audit, peer_audit_record(&d, in->msg_id, in->sender,
@@ -2726,7 +2739,7 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 			newest_remote = since;
 	}
 	json_t *dests = json_array(), *targets = json_array(), *states = json_array(), *held = json_array();
-	json_t *audit = json_array(), *outbound = json_array(), *refused = json_array();
+	json_t *ask = json_array(), *audit = json_array(), *outbound = json_array(), *refused = json_array();
 	const char *deny_reason = NULL;
 	unsigned deny_kinds = 0;
 	int64_t now = cw_wall_ms();
@@ -2809,7 +2822,7 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 			json_array_append_new(audit, peer_audit_record(&d, in->msg_id, PQgetvalue(r, k, 3), details));
 		}
 		if (d.verdict == POLICY_HOLD && !expired && /* no consent asked for what nobody will see */
-		    may_ask(b, i, r, view, &preq, PQgetvalue(r, k, 2), audit))
+		    may_ask(b, i, r, view, &preq, PQgetvalue(r, k, 2), audit, ask))
 			json_array_append_new(held, json_string(PQgetvalue(r, k, 2)));
 		/* A local user's message to a remote one in a direct room is
 		 * consent to the replies of that conversation, which also lets
@@ -2883,6 +2896,7 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 		json_decref(targets);
 		json_decref(states);
 		json_decref(held);
+		json_decref(ask);
 		json_decref(audit);
 		/* A local user (Matrix, XMPP) is told which of her limits, in
 		 * the words her adapter shows her ("Not delivered: ..."). */
@@ -2902,6 +2916,7 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 		json_decref(targets);
 		json_decref(states);
 		json_decref(held);
+		json_decref(ask);
 		json_decref(audit);
 		item_fail(res, 403, "not_allowed", NOT_MEMBER_DETAIL);
 		return;
@@ -2912,6 +2927,7 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 	b->targets[i] = targets;
 	b->states[i] = states;
 	b->held[i] = held;
+	b->ask[i] = ask;
 	bool undelivered = json_array_size(dests) > 0 && !any_open;
 	b->scrub[i] = undelivered || late_edit;
 	res->denied = in->local_sender && undelivered ? deny_reason : NULL;
