@@ -205,9 +205,9 @@ const struct cfg_option cfg_options[] = {
 	  "how long an ad-hoc command's form stays valid (XEP-0050 session), in seconds; submitted later: "
 	  "session-expired, and the user starts the command again" },
 	{ "xmpp", "user_groups_per_day", CFG_INT, OFF(xmpp_user_groups_per_day), "20", 1, 100000, false, false,
-	  "how many new groups one local user may make a day by joining a room nobody has (a bucket refilled over "
-	  "the day); past it the join is refused (resource-constraint, type wait) and nothing is made; joining a "
-	  "group that exists is never limited" },
+	  "how many new groups one local user may make in any 24 hours by joining a room nobody has (counted from "
+	  "the groups stored, in every process alike: docs/xmpp.md); past it the join is refused "
+	  "(resource-constraint, type wait) and nothing is made; joining a group that exists is never limited" },
 
 	{ "admin", "token_sha256", CFG_STR, OFF(admin_token_sha256), "", 0, 0, true, true,
 	  "hex SHA-256 of the bootstrap admin token, role admin, name config (causewayd --new-admin-token makes one); "
