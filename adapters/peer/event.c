@@ -336,6 +336,7 @@ struct vctx {
 	struct jptr ptr;
 	bool counting; /* check_depth counts values (an event's) */
 	int values;
+	const char *what; /* what is counted: "event" unless said */
 };
 
 static void vctx_init(struct vctx *c, const struct event_limits *lim, struct event_error *err)
@@ -343,6 +344,7 @@ static void vctx_init(struct vctx *c, const struct event_limits *lim, struct eve
 	memset(c, 0, sizeof(*c));
 	c->lim = lim;
 	c->err = err;
+	c->what = "event";
 }
 
 /* Records the error at the current pointer; returns CW_EINVAL. After a
@@ -378,8 +380,8 @@ static bool number_storable(json_t *v)
 static cw_err check_depth(struct vctx *c, json_t *v, int depth)
 {
 	if (c->counting && ++c->values > EVENT_MAX_VALUES)
-		return vfail(c, EVENT_ERR_TOO_LARGE, "The event holds more than %d JSON values (objects, arrays, "
-						      "strings, numbers, literals).", EVENT_MAX_VALUES);
+		return vfail(c, EVENT_ERR_TOO_LARGE, "The %s holds more than %d JSON values (objects, arrays, "
+						      "strings, numbers, literals).", c->what, EVENT_MAX_VALUES);
 	if (json_is_number(v) && !number_storable(v))
 		return vfail(c, EVENT_ERR_INVALID, "A number is out of the range this API carries (RFC 7493, I-JSON): "
 						   "an integer must be within +-(2^53 - 1), any other number zero or "
@@ -411,6 +413,18 @@ static cw_err check_depth(struct vctx *c, json_t *v, int depth)
 		}
 	}
 	return CW_OK;
+}
+
+cw_err event_json_value_check(json_t *v, const char *name, struct event_error *err)
+{
+	struct event_limits lim = event_limits_default();
+	struct vctx c;
+	memset(err, 0, sizeof(*err));
+	vctx_init(&c, &lim, err);
+	c.what = name;
+	c.counting = true;
+	jptr_push(&c.ptr, name);
+	return check_depth(&c, v, 1);
 }
 
 static const char *json_type_phrase(json_type t)

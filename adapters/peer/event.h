@@ -288,6 +288,16 @@ struct event {
 	bool unblock;               /* block: content.action "unblock" (the end of a block) */
 };
 
+/* A JSON value a peer sends that is stored as it came and handed back (a
+ * room's policy: POST /v1/rooms, GET /v1/rooms/{room}), held to an event's
+ * rules for what it may hold: at most EVENT_MAX_DEPTH containers deep (v
+ * itself counting as 1), at most EVENT_MAX_VALUES values, numbers as
+ * EVENT_REAL_MIN says (jsonb writes 1e20 back as 21 digits, which jansson
+ * cannot read: the policy was left out of the room's state).  name is the
+ * member it is (the pointer's first token, and the detail's noun).
+ * CW_EINVAL with err set (invalid_body or too_large), else CW_OK. */
+cw_err event_json_value_check(json_t *v, const char *name, struct event_error *err);
+
 /* Parses and validates one event body of len bytes (body need not be
  * NUL-terminated and may contain NULs, which are refused). On CW_OK out holds
  * a new reference in out->json. On CW_EINVAL err says why and out holds

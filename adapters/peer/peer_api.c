@@ -729,6 +729,8 @@ void peer_api_room_create(struct cw_req *req, void *ctx)
 	json_t *name = json_object_get(body, "name");
 	cw_errmsg e;
 	char why[MIMI_URI_MAX + 300];
+	struct event_error perr;
+	char pdetail[sizeof(perr.detail) + sizeof(perr.pointer) + 8];
 	if (!in) {
 		bad = "out of memory";
 	} else if (!json_is_string(kind) || (strcmp(json_string_value(kind), "direct") != 0 &&
@@ -741,6 +743,13 @@ void peer_api_room_create(struct cw_req *req, void *ctx)
 		bad = "a direct room has exactly two members";
 	} else if (policy && !json_is_object(policy)) {
 		bad = "policy must be an object";
+	} else if (policy && event_json_value_check(policy, "policy", &perr) != CW_OK) {
+		/* kept and handed back as it came (GET /v1/rooms/{room}): an
+		 * event's rules for depth, size and numbers (until the forty-first
+		 * session 1e20 was stored, jsonb gave it back as 21 digits and the
+		 * room's state went out without its policy) */
+		snprintf(pdetail, sizeof(pdetail), "%s (at %s)", perr.detail, perr.pointer);
+		bad = pdetail;
 	} else if (name && !json_is_null(name) && strcmp(json_string_value(kind), "group") != 0) {
 		bad = "only a group has a name";
 	} else if (name && !json_is_null(name) && !room_name_valid(name)) {

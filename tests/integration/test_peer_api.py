@@ -1158,6 +1158,34 @@ def test_room_creation_errors(daemon, peers, pg, db_url):
     assert pg.psql("SELECT count(*) FROM identities", db_url) == "0"
 
 
+def test_a_room_policy_is_held_to_what_the_store_gives_back(daemon, peers, pg, db_url):
+    """A room's policy is stored as it came and handed back in GET
+    /v1/rooms/{room}: since the forty-first session it is held to an
+    event's rules (numbers within I-JSON's range, at most 16 containers
+    deep, at most 1024 values), else 400 invalid_body pointing at the
+    member, and no room is made. Until then {"n": 1e20} was taken, jsonb
+    gave it back as 21 digits jansson cannot read, and the room's state
+    went out without its policy (1e-300: 302 bytes stored for 6 sent)."""
+    (a, _), (b, _) = peers
+    members = [a.user("x"), b.user("y")]
+    deep = {"d": 1}
+    for _ in range(16):
+        deep = {"d": deep}
+    bad = [({"n": 1e20}, "/policy/n"), ({"n": -9007199254740992}, "/policy/n"), ({"n": 1e-300}, "/policy/n"),
+           ({"a": [0, {"b": 2.5e16}]}, "/policy/a/1/b"), (deep, "nested"), ({"l": list(range(1100))}, "values")]
+    for pol, word in bad:
+        r = a.call("POST", "/v1/rooms", {"kind": "group", "members": members, "policy": pol})
+        assert r.status_code == 400 and r.json()["code"] == "invalid_body", (pol, r.text)
+        assert word in r.json()["detail"], (word, r.json())
+    assert pg.psql("SELECT count(*) FROM rooms", db_url) == "0"
+    # What the store keeps as it came is taken and handed back as sent.
+    good = {"n": 9007199254740991, "r": 0.5, "s": 1e-15, "z": 0, "l": [True, None, "x"], "o": {"p": {"q": 1}}}
+    r = a.call("POST", "/v1/rooms", {"kind": "group", "members": members, "policy": good})
+    assert r.status_code == 201, r.text
+    got = a.call("GET", f"/v1/rooms/{r.json()['id']}")
+    assert got.status_code == 200 and got.json()["policy"] == good, got.text
+
+
 def test_group_names_that_would_show_wrong_are_refused(daemon, peers, pg, db_url):
     """A group's name reaches Matrix's m.room.name and the XMPP subject as
     it is: since the thirty-first session one with a C1 control, a
