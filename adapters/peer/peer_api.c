@@ -3683,15 +3683,33 @@ static cw_err message_status_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	 * group a handle it made up and then the one it asked about read from
 	 * the status of a typing notification whether that user was known
 	 * before (until the thirty-second session). */
+	/* A local user a peer put into a group who declined while invited
+	 * (left, peer_invited: docs/policy.md) gets no row of what comes
+	 * after, and is listed as a user who never answered (or does not
+	 * exist) would be: her row as a dropped one, the event's time its
+	 * age (the second part).  Until the forty-first session she was left
+	 * out, and the status of the peer's next message told it that she
+	 * exists and declined, while GET /v1/rooms/{room} still listed her
+	 * invited.  Only for an event the peer submitted (its key in
+	 * origin_native_id), which the group's invited members are decided
+	 * for; not for one she declined after (her row is there), nor one
+	 * from before she was in the group (her row's change is later). */
 	PGresult *r = exec(c,
-		"SELECT (extract(epoch FROM ev.accepted_at) * 1000)::bigint, o.state, o.read_at IS NOT NULL, "
-		"coalesce(t.uri, 'mimi://' || p.domain), r.public_id, coalesce(t.is_local, false), "
-		"o.created_at > now() - make_interval(secs => $3::bigint) "
+		"SELECT * FROM (SELECT (extract(epoch FROM ev.accepted_at) * 1000)::bigint AS ms, o.state, "
+		"o.read_at IS NOT NULL, coalesce(t.uri, 'mimi://' || p.domain) AS who, r.public_id, "
+		"coalesce(t.is_local, false), o.created_at > now() - make_interval(secs => $3::bigint) "
 		"FROM events ev JOIN identities s ON s.id = ev.sender_id JOIN rooms r ON r.id = ev.room_id "
 		"LEFT JOIN outbox o ON o.event_id = ev.id LEFT JOIN identities t ON t.id = o.target_identity_id "
 		"LEFT JOIN peers p ON o.destination = 'peer:' || p.name "
 		"WHERE ev.public_id = $1 AND s.peer_id = $2::bigint "
-		"ORDER BY coalesce(t.uri, 'mimi://' || p.domain) COLLATE \"C\", o.state", 3, params);
+		"UNION ALL SELECT (extract(epoch FROM ev.accepted_at) * 1000)::bigint, 'dropped', false, i.uri, "
+		"r.public_id, true, ev.accepted_at > now() - make_interval(secs => $3::bigint) "
+		"FROM events ev JOIN identities s ON s.id = ev.sender_id JOIN rooms r ON r.id = ev.room_id "
+		"JOIN room_members m ON m.room_id = ev.room_id AND m.membership = 'left' AND m.peer_invited "
+		"AND m.updated_at < ev.accepted_at JOIN identities i ON i.id = m.identity_id AND i.is_local "
+		"WHERE ev.public_id = $1 AND s.peer_id = $2::bigint AND ev.origin_native_id IS NOT NULL "
+		"AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = ev.id AND o.target_identity_id = i.id)) x "
+		"ORDER BY x.who COLLATE \"C\", x.state", 3, params);
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 	if (rc)
 		return rc;

@@ -1953,8 +1953,8 @@ def test_a_local_user_a_peer_puts_in_a_group_is_invited_and_her_answer_is_not_sh
                    "JOIN events e ON e.id = o.event_id JOIN identities t ON t.id = o.target_identity_id "
                    f"WHERE e.public_id = '{mid}'", db_url) == f"{dave} dropped,{erin} dropped,{nobody} dropped"
     # dave declines (leaves while only invited): nothing of it shows.
-    assert pg.psql("UPDATE room_members SET membership = 'left' WHERE identity_id = (SELECT id FROM identities "
-                   f"WHERE uri = '{dave}') RETURNING peer_invited", db_url) == "t"
+    assert pg.psql("UPDATE room_members SET membership = 'left', updated_at = now() WHERE identity_id = "
+                   f"(SELECT id FROM identities WHERE uri = '{dave}') RETURNING peer_invited", db_url) == "t"
     for peer in (a, b):
         got = {m["user"]: m["membership"] for m in peer.call("GET", f"/v1/rooms/{gid}").json()["members"]}
         assert got[dave] == got[nobody] == "invited", got
@@ -1967,6 +1967,23 @@ def test_a_local_user_a_peer_puts_in_a_group_is_invited_and_her_answer_is_not_sh
     assert pg.psql("SELECT string_agg(t.uri, ',' ORDER BY t.uri) FROM outbox o JOIN events e ON e.id = o.event_id "
                    f"JOIN identities t ON t.id = o.target_identity_id WHERE e.public_id = '{mid2}'",
                    db_url) == f"{erin},{nobody}"
+    # Nor does the message's status tell: she is listed as one who never
+    # answered (or does not exist) is, in every event's status after her
+    # decline (until the forty-first session she was missing from them).
+    tid = a.call("POST", f"/v1/rooms/{gid}/typing", {"type": "typing", "sender": wally,
+                                                      "content": {"state": "start"}}).json()["id"]
+    for m in (mid, mid2, tid):
+        got = {x["recipient"]: x["status"] for x in a.call("GET", f"/v1/messages/{m}").json()["recipients"]}
+        assert got.keys() == {dave, erin, nobody, "mimi://tg.example"} and got[dave] == got[nobody] == "accepted", \
+            (m, got)
+    # One added after a message, who declines, is not listed in its status
+    # (she was not in the group then), as one added and still invited is not.
+    fran, gil = "mimi://example.org/u/fran", "mimi://example.org/u/gil"
+    assert a.call("POST", f"/v1/rooms/{gid}/members", {"add": [fran, gil]}).status_code == 200
+    pg.psql("UPDATE room_members SET membership = 'left', updated_at = now() WHERE identity_id = "
+            f"(SELECT id FROM identities WHERE uri = '{fran}')", db_url)
+    got = [x["recipient"] for x in a.call("GET", f"/v1/messages/{mid2}").json()["recipients"]]
+    assert got == [dave, erin, nobody, "mimi://tg.example"], got
 
 
 def test_who_adds_whom_and_renames(daemon, pg, db_url):
