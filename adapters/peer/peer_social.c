@@ -87,8 +87,19 @@ static bool user_member(const struct cw_app *app, struct cw_req *req, json_t *bo
 		return false;
 	}
 	snprintf(out, MIMI_URI_MAX + 1, "%s", json_string_value(v));
-	if (!remote)
-		peer_local_fold(app, u, out);
+	if (remote)
+		return true;
+	peer_local_fold(app, u, out);
+	/* The gateway's own Matrix users (its bot, the ghosts) are nobody's
+	 * here, as POST /v1/rooms and the admin API's opt-ins and consents
+	 * refuse them: until the forty-first session a block, a consent
+	 * update or a consent request naming one made it a local user. */
+	char why[MIMI_URI_MAX + 300];
+	const char *refused = peer_local_refused(app, u, out, why, sizeof(why));
+	if (refused) {
+		cw_req_problem(req, 400, "invalid_body", "Invalid body", refused);
+		return false;
+	}
 	return true;
 }
 

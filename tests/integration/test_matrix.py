@@ -3731,7 +3731,17 @@ def test_a_peer_cannot_name_the_gateways_own_matrix_users(mx, hs, gk, pg, db_url
     r = mx.admin("POST", "/consents", json={"user": target, "subject_kind": "domain", "subject": "wa.example",
                                             "state": "allowed"})
     assert r.status_code == 400 and "namespace" in r.json()["detail"], r.text
+    # Nor do a peer's block, consent update or consent request (until the
+    # forty-first session each made the name a local user of its own).
+    wally = a.user("wally")
+    for path, body in (("/v1/blocks", {"blocker": wally, "blocked": target, "action": "block"}),
+                       ("/v1/consent/updates", {"user": wally, "target": target, "consent": "revoked"}),
+                       ("/v1/consent/requests", {"requester": wally, "target": target})):
+        r = a.call("POST", path, body)
+        assert r.status_code == 400 and r.json()["code"] == "invalid_body", (path, r.text)
+        assert target in r.json()["detail"] and "namespace" in r.json()["detail"], (path, r.text)
     assert pg.psql(f"SELECT count(*) FROM identities WHERE localpart = '{name}'", db_url) == "0"
+    assert pg.psql("SELECT count(*) FROM blocks", db_url) == "0"
 
 
 def wally_writes_and_alice_declines(mx, hs, gk):
