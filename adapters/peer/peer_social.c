@@ -167,6 +167,21 @@ static bool peer_updates_allowed(struct cw_app *app, struct cw_req *req)
 	return peer_bucket(app, req, "pup", per_minute, "consent updates, blocks and reports");
 }
 
+/* A peer's profile changes have a bucket of their own of the same
+ * policy.peer_updates_per_minute: each stores a row and has the XMPP
+ * component fetch the avatar and send every contact of the user a
+ * presence; until the forty-first session they had no bound at all (a
+ * peer changed a profile at the rate of its requests).  Their own bucket,
+ * so that a peer's profile churn takes nothing from its users' blocks and
+ * consent updates. */
+static bool peer_profiles_allowed(struct cw_app *app, struct cw_req *req)
+{
+	struct policy_view *v = policy_live_get(app->policy);
+	int64_t per_minute = v->set.peer_updates_per_minute;
+	policy_view_put(v);
+	return peer_bucket(app, req, "ppf", per_minute, "profile changes");
+}
+
 /* ------------------------------------------------------------ consent */
 
 /* requestConsent: stored as a consent request for the local user when the
@@ -603,8 +618,9 @@ void peer_api_profile(struct cw_req *req, void *ctx)
 		}
 		json_decref(probe);
 	}
-	if (bad) {
+	if (bad)
 		cw_req_problem(req, 400, "invalid_body", "Invalid body", bad);
+	if (bad || !peer_profiles_allowed(ctx, req)) {
 		json_decref(body);
 		social_free(in);
 		return;

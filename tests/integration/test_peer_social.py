@@ -310,6 +310,32 @@ def test_consent_updates_blocks_and_reports_are_limited_per_peer_and_audited(dae
     assert daemon.admin("PATCH", "/settings", json={"policy.peer_updates_per_minute": 0}).status_code == 400
 
 
+def test_profile_changes_are_limited_per_peer(daemon, peers, pg, db_url):
+    """A peer's profile changes take a bucket of their own of
+    policy.peer_updates_per_minute (here 3), then 429 rate_limited with
+    Retry-After and nothing changes; its blocks keep their own bucket, and
+    another peer has its own. Until the forty-first session they had no
+    bound: each stores a row and has the XMPP component fetch the avatar
+    and tell every contact of the user, at the rate of the peer's
+    requests."""
+    (a, _), (b, _) = peers
+    assert daemon.admin("PATCH", "/settings", json={"policy.peer_updates_per_minute": 3}).status_code == 200
+    wally = a.user("wally")
+    for i in range(3):
+        r = a.call("POST", "/v1/profiles", {"user": wally, "display_name": f"Wally {i}"})
+        assert r.status_code == 200 and r.json()["display_name"] == f"Wally {i}", r.text
+    r = a.call("POST", "/v1/profiles", {"user": wally, "display_name": "Wally 3"})
+    assert r.status_code == 429 and r.json()["code"] == "rate_limited", r.text
+    assert 1 <= int(r.headers["Retry-After"]) <= 60
+    assert pg.psql(f"SELECT display_name FROM identities WHERE uri = '{wally}'", db_url) == "Wally 2"
+    # A refused body is answered as such, and takes no token of another bucket.
+    r = a.call("POST", "/v1/profiles", {"user": wally, "display_name": ""})
+    assert r.status_code == 400 and r.json()["code"] == "invalid_body", r.text
+    assert a.call("POST", "/v1/blocks", {"blocker": wally, "blocked": LOCAL + "bob",
+                                         "action": "block"}).status_code == 202
+    assert b.call("POST", "/v1/profiles", {"user": b.user("tom"), "display_name": "Tom"}).status_code == 200
+
+
 BAD = [
     ("/v1/consent/requests", {"requester": "mimi://wa.example/u/w"}, 400, "invalid_body"),
     ("/v1/consent/requests", {"requester": "mimi://tg.example/u/w", "target": LOCAL + "a"}, 403, "not_allowed"),
