@@ -29,6 +29,7 @@ struct waiter {
 	int limit;
 	int64_t deadline_us;
 	bool counted; /* a long poll, counted in its peer's polls */
+	bool claimed; /* its signature's nonce claimed (claim_nonce) */
 	struct waiter *next;
 };
 
@@ -212,6 +213,36 @@ static long answer_bytes(const struct peer_pull *p)
 	return p->app ? p->app->cfg->max_body_bytes : 1024L * 1024;
 }
 
+/* A pull acknowledges what it names and hands out what follows: it changes
+ * something, and its signature's nonce is claimed for every daemon process
+ * (peer_nonce_claim), as a write's is (gateway/app.c, job_write), once per
+ * request (a long poll asks again and again).  A request captured on its
+ * way to one process and replayed to another is 401 bad_signature there,
+ * and nothing is handed out (until the forty-first session the replay was
+ * answered the peer's events: those in flight above its cursor, and any
+ * new ones).  False after answering (a replay: 401; the database away:
+ * 503, which a retry, signed anew, gets past). */
+static bool claim_nonce(struct peer_pull *p, struct waiter *w)
+{
+	if (w->claimed || !p->app || !w->principal)
+		return true;
+	bool fresh = true;
+	cw_errmsg e;
+	if (peer_nonce_claim(p->c, w->principal, cw_wall_ms() / 1000, p->app->cfg->max_clock_skew_s, &fresh, &e)) {
+		cw_req_add_header(w->req, "Retry-After", "2");
+		cw_req_problem(w->req, 503, "unavailable", "Service unavailable", e.msg);
+		return false;
+	}
+	if (!fresh) {
+		cw_req_add_header(w->req, "WWW-Authenticate", "Bearer");
+		cw_req_problem(w->req, 401, "bad_signature", "Bad signature",
+			       "this signature's nonce was seen before (a replay)");
+		return false;
+	}
+	w->claimed = true;
+	return true;
+}
+
 static bool try_answer(struct peer_pull *p, struct waiter *w, bool final)
 {
 	char after[24];
@@ -228,6 +259,8 @@ static bool try_answer(struct peer_pull *p, struct waiter *w, bool final)
 		cw_fail(&e, CW_EUNAVAIL, "the database is unavailable");
 		goto fail;
 	}
+	if (!claim_nonce(p, w))
+		return true;
 	char limit[16], secs[16], bytes[24];
 	snprintf(limit, sizeof(limit), "%d", w->limit);
 	snprintf(secs, sizeof(secs), "%d", HANDOUT_S);

@@ -1,5 +1,6 @@
 """GET /v1/events: delivery by pulling, acknowledged by the cursor, with
 long-poll."""
+import json
 import re
 import signal
 import subprocess
@@ -419,5 +420,69 @@ def test_a_disabled_or_rotated_peers_waiting_long_poll_is_answered_401(daemon):
             got = b.call("GET", f"/v1/events?after={cursor}").json()
             assert [e["id"] for e in got["events"]] == [new], got
             cursor = got["next"]
+    finally:
+        srv.close()
+
+
+def test_a_pull_replayed_to_another_process_hands_out_nothing(make_daemon, pg, db_url):
+    """Two daemon processes behind one public URL: a pull (it acknowledges
+    up to its cursor and hands out what follows) captured on its way to one
+    and replayed to the other is refused there, 401 bad_signature, and
+    hands out nothing: its nonce is claimed in the database, as a write's
+    is. Until the forty-first session the replay was answered the peer's
+    events (those in flight above the cursor, and new ones). A long poll
+    claims once, however often it asks; fresh pulls pass on either process."""
+    public = "https://gw.example.org"
+    d1 = make_daemon(db_url, options={"server": {"public_url": public}}).start()
+    d2 = make_daemon(db_url, options={"server": {"public_url": public}}).start()
+    srv = NotifyServer()
+    try:
+        a = PeerClient(public, "gk", "wa.example")
+        b = PeerClient(public, "tg", "tg.example")
+        a.token = d1.admin("POST", "/peers", json={"name": "gk", "domain": "wa.example", "push_url": srv.url,
+                                                   "public_key": a.signer.public_b64}).json()["token"]
+        b.token = d1.admin("POST", "/peers", json={"name": "tg", "domain": "tg.example", "mode": "pull",
+                                                   "public_key": b.signer.public_b64}).json()["token"]
+
+        def signed(client, method, path, body=None, idem=None):
+            raw = json.dumps(body).encode() if body is not None else None
+            h = client.signer.headers(method, public + path, raw, idem=idem)
+            h["Authorization"] = "Bearer " + client.token
+            return raw, h
+
+        def send(text):
+            raw, h = signed(a, "POST", f"/v1/rooms/{rid}/messages", {
+                "type": "message", "sender": a.user("alice"),
+                "content": {"parts": [{"type": "text/plain", "body": text}]}}, idem=text)
+            r = d1.request("POST", f"/v1/rooms/{rid}/messages", data=raw, headers=h)
+            assert r.status_code == 202, r.text
+            return r.json()["id"]
+
+        raw, h = signed(a, "POST", "/v1/rooms", {"kind": "direct", "members": [a.user("alice"), b.user("bob")]})
+        r = d1.request("POST", "/v1/rooms", data=raw, headers=h)
+        assert r.status_code == 201, r.text
+        rid = r.json()["id"]
+        first = send("one")
+        _, pull = signed(b, "GET", "/v1/events?after=0")
+        r = d1.request("GET", "/v1/events?after=0", headers=pull)
+        assert r.status_code == 200 and [e["id"] for e in r.json()["events"]] == [first], r.text
+        send("two")
+        for d in (d1, d2):
+            r = d.request("GET", "/v1/events?after=0", headers=pull)
+            assert r.status_code == 401 and r.json()["code"] == "bad_signature", r.text
+            assert "replay" in r.json()["detail"] and r.headers.get("WWW-Authenticate") == "Bearer"
+        # Nothing more was handed out: "two" is pending still.
+        assert pg.psql("SELECT string_agg(o.state, ',' ORDER BY o.id) FROM outbox o "
+                       "WHERE o.destination = 'peer:tg'", db_url) == "in_flight,pending"
+        nonces = int(pg.psql("SELECT count(*) FROM signature_nonces", db_url))
+        # Fresh pulls on the other process, a long poll among them: one
+        # claim each, however often the long poll asks.
+        _, h = signed(b, "GET", "/v1/events?after=0&wait=3")
+        r = d2.request("GET", "/v1/events?after=0&wait=3", headers=h)
+        assert r.status_code == 200 and len(r.json()["events"]) == 2, r.text
+        path = f"/v1/events?after={r.json()['next']}&wait=2"
+        r = d2.request("GET", path, headers=signed(b, "GET", path)[1])
+        assert r.status_code == 200 and r.json()["events"] == [], r.text
+        assert int(pg.psql("SELECT count(*) FROM signature_nonces", db_url)) == nonces + 2
     finally:
         srv.close()
