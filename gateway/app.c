@@ -1049,15 +1049,11 @@ static void admin_touch(struct cw_app *app, int64_t id)
 }
 
 /* The admin API's check: a token of any role, or one allowed to change
- * things (auth); false after answering 401 or 403.  first: the check
- * from the headers, which the one after the body repeats. */
-static bool admin_authorize(struct cw_app *app, struct cw_req *req, enum cw_auth auth, bool first)
+ * things (auth); false after answering 401 or 403.  Made from the
+ * headers, and again after the body (app_authorize). */
+static bool admin_authorize(struct cw_app *app, struct cw_req *req, enum cw_auth auth)
 {
 	const char *token = app_bearer(req);
-	/* Admin answers are never kept by a cache: said once (until the
-	 * fortieth session each of the two checks added it). */
-	if (first)
-		cw_req_add_header(req, "Cache-Control", "no-store");
 	if (!app->admins || !admin_tokens_any(app->admins)) {
 		cw_req_problem(req, 403, "admin_disabled", "Admin API disabled",
 			       "set admin.token_sha256 to enable the admin API");
@@ -1104,7 +1100,11 @@ bool app_authorize_headers(struct cw_req *req, enum cw_auth auth, void *ctx)
 		return true;
 	case CW_AUTH_ADMIN:
 	case CW_AUTH_ADMIN_READ:
-		return admin_authorize(app, req, auth, true);
+		/* Admin answers are never kept by a cache: said here, once for
+		 * every answer, a refusal's too (until the fortieth session
+		 * each of the two checks added it). */
+		cw_req_add_header(req, "Cache-Control", "no-store");
+		return admin_authorize(app, req, auth);
 	case CW_AUTH_PEER:
 		return peer_of(app, req) != NULL && peer_headers_ok(req);
 	}
@@ -1127,7 +1127,7 @@ bool app_authorize(struct cw_req *req, enum cw_auth auth, void *ctx)
 	case CW_AUTH_ADMIN:
 	case CW_AUTH_ADMIN_READ:
 		cw_req_set_principal(req, NULL, NULL);
-		return admin_authorize(app, req, auth, false);
+		return admin_authorize(app, req, auth);
 	case CW_AUTH_PEER: {
 		cw_req_set_principal(req, NULL, NULL);
 		struct peer_principal *p = peer_of(app, req);
