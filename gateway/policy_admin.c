@@ -843,6 +843,18 @@ bool policy_consent_subject_ours(struct cw_app *app, const char *kind, const cha
 	return mimi_uri_parse(subject, &u, &e) == CW_OK && app_domain_is_ours(app, u.domain);
 }
 
+cw_err policy_peer_of_domain(PGconn *c, const char *domain, char *name, size_t len, cw_errmsg *e)
+{
+	const char *params[] = { domain };
+	PGresult *r = PQexecParams(c, "SELECT name FROM peers WHERE domain = $1", 1, NULL, params, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	snprintf(name, len, "%s", PQntuples(r) == 1 ? PQgetvalue(r, 0, 0) : "");
+	PQclear(r);
+	return CW_OK;
+}
+
 bool policy_local_user_canonical(struct cw_app *app, const char *uri, char *out)
 {
 	const struct cw_config *cfg = app->cfg;

@@ -59,6 +59,15 @@ cw_err policy_report_store(PGconn *c, struct cw_app *app, const struct policy_re
  * consent would match nothing: the admin API and the users' commands (the
  * Matrix bot, the XMPP component) refuse it. */
 bool policy_consent_subject_ours(struct cw_app *app, const char *kind, const char *subject);
+/* The name of the peer whose domain is domain into name (len bytes; ""
+ * when no peer has it), a disabled peer's too (its users are the senders
+ * of that domain when it is enabled again).  Matched exactly: a remote
+ * sender's domain is always its peer's own (the peer API refuses another,
+ * docs/security.md), so a consent of any other domain, or of an address on
+ * one, matches no one.  The one look-up of the admin API's consents, the
+ * Matrix bot's and the XMPP component's commands; a store error is
+ * returned, and each caller then stores nothing (fail closed). */
+cw_err policy_peer_of_domain(PGconn *c, const char *domain, char *name, size_t len, cw_errmsg *e);
 /* The canonical address of a user of this provider's into out
  * (MIMI_URI_MAX + 1 bytes), or false: uri is a user URI under a domain its
  * users live under (server.domain, the Matrix server name, the XMPP

@@ -230,22 +230,32 @@ static void encrypted(struct matrix *m, PGconn *c, const char *room, const char 
 	PQclear(r);
 }
 
-/* 1 when domain is a peer's (the peers table, a disabled one too: its
- * users' messages are the ones a sender of that domain sends, matched
- * exactly, docs/policy.md), -1 when it is no peer's.  A store error is 1:
- * taken as before. */
-static int peer_domain(PGconn *c, const char *domain)
+/* What <who> is as a consent subject (subject_of). */
+enum subject {
+	SUBJECT_NONE,    /* none: "Whom?" */
+	SUBJECT_TAKEN,   /* a peer's user or domain, or one of this provider's (the caller refuses it) */
+	SUBJECT_NO_PEER, /* an address on, or a domain, of no peer: nobody who can reach the user */
+	SUBJECT_FAILED,  /* the store failed: nothing decided, "try again" */
+};
+
+/* SUBJECT_TAKEN when domain is a peer's (policy_peer_of_domain: a
+ * disabled one too, matched exactly), else SUBJECT_NO_PEER; a store error
+ * is SUBJECT_FAILED (until the forty-first session it was taken, and a
+ * failed look-up let through an address the rule refuses). */
+static enum subject peer_domain(PGconn *c, const char *domain)
 {
-	const char *params[] = { domain };
-	PGresult *r = PQexecParams(c, "SELECT 1 FROM peers WHERE domain = $1", 1, NULL, params, NULL, NULL, 0);
-	int peer = PQresultStatus(r) != PGRES_TUPLES_OK ? 1 : PQntuples(r) == 1 ? 1 : -1;
-	PQclear(r);
-	return peer;
+	char peer[PEER_NAME_MAX];
+	cw_errmsg e;
+	if (policy_peer_of_domain(c, domain, peer, sizeof(peer), &e) != CW_OK) {
+		LOG_KV(CW_LOG_WARN, "a bot command failed", "detail", e.msg);
+		return SUBJECT_FAILED;
+	}
+	return peer[0] ? SUBJECT_TAKEN : SUBJECT_NO_PEER;
 }
 
 /* <who> as a consent subject: a mimi:// user URI, a ghost's Matrix id, or a
  * domain as an address has it (mimi_domain_check, as POST
- * /admin/v1/consents takes one).  0 when it is none of these.  Until
+ * /admin/v1/consents takes one).  SUBJECT_NONE when it is none of these.  Until
  * the thirty-ninth session any lower-case name with a dot was a domain:
  * "block gk..example" or "block 10.0.0.1" was answered "Blocked" and
  * stored, and matched no sender.  A domain, an address's too, is taken in
@@ -254,14 +264,17 @@ static int peer_domain(PGconn *c, const char *domain)
  * mimi://WA.Example/u/wally was "Whom?".  A user URI is one of this
  * provider's (the caller refuses it, or reports her) or of a peer's
  * domain (the peers table): another names nobody who can reach the user,
- * and is -1, its address in subject (until the fortieth session such a
- * consent was stored and answered "Accepted", and matched no sender, a
- * report of it stored).  So is a domain typed alone that is neither this
- * provider's nor a peer's (-1, the domain in subject): a sender's domain
- * is always the peer's own, matched exactly, so a consent of another
- * matched no one (until the fortieth session "block nowhere.example" was
- * "Blocked" and stored). */
-static int subject_of(struct matrix *m, PGconn *c, const char *who, char *kind, char *subject, size_t slen)
+ * and is SUBJECT_NO_PEER, its address in subject (until the fortieth
+ * session such a consent was stored and answered "Accepted", and matched
+ * no sender, a report of it stored).  So is a domain typed alone that is
+ * neither this provider's nor a peer's (the domain in subject): a
+ * sender's domain is always the peer's own, matched exactly, so a consent
+ * of another matched no one (until the fortieth session "block
+ * nowhere.example" was "Blocked" and stored).  A store error in a look-up
+ * is SUBJECT_FAILED (until the forty-first session a ghost's was "Whom?",
+ * a peer domain's taken). */
+static enum subject subject_of(struct matrix *m, PGconn *c, const char *who, char *kind, char *subject,
+			       size_t slen)
 {
 	struct mimi_uri u;
 	cw_errmsg e;
@@ -275,26 +288,31 @@ static int subject_of(struct matrix *m, PGconn *c, const char *who, char *kind, 
 	if (mimi_uri_parse(who, &u, &e) == CW_OK && u.kind == MIMI_USER) {
 		strcpy(kind, "user");
 		snprintf(subject, slen, "%s", who);
-		return policy_consent_subject_ours(m->app, "user", who) ? 1 : peer_domain(c, u.domain);
+		return policy_consent_subject_ours(m->app, "user", who) ? SUBJECT_TAKEN : peer_domain(c, u.domain);
 	}
 	char net[64], local[MX_ID_MAX + 1];
 	if (mx_ghost_parse(m->cfg->mx_user_prefix, mx_server_name(m->cfg), who, net, sizeof(net), local, sizeof(local))) {
 		const char *params[] = { net, local };
 		PGresult *r = PQexecParams(c, "SELECT 'mimi://' || domain || '/u/' || $2 FROM peers WHERE name = $1", 2,
 					   NULL, params, NULL, NULL, 0);
-		bool ok = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1;
-		if (ok) {
+		enum subject of = SUBJECT_NONE;
+		if (store_check(c, r, PGRES_TUPLES_OK, &e) != CW_OK) {
+			LOG_KV(CW_LOG_WARN, "a bot command failed", "detail", e.msg);
+			return SUBJECT_FAILED;
+		}
+		if (PQntuples(r) == 1) {
 			strcpy(kind, "user");
 			snprintf(subject, slen, "%s", PQgetvalue(r, 0, 0));
+			of = SUBJECT_TAKEN;
 		}
 		PQclear(r);
-		return ok;
+		return of;
 	}
 	if (mimi_domain_check(who, strlen(who), &e) != CW_OK)
-		return 0;
+		return SUBJECT_NONE;
 	strcpy(kind, "domain");
 	snprintf(subject, slen, "%s", who);
-	return policy_consent_subject_ours(m->app, "domain", who) ? 1 : peer_domain(c, who);
+	return policy_consent_subject_ours(m->app, "domain", who) ? SUBJECT_TAKEN : peer_domain(c, who);
 }
 
 /* The address (mimi://<server.domain>/u/<localpart>) of a Matrix id of
@@ -531,9 +549,15 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 		strcpy(kind, "user");
 		found = local_party = local_uri(m, arg, subject, sizeof(subject), &u);
 	} else {
-		int of = party_verb ? subject_of(m, c, arg, kind, subject, sizeof(subject)) : 0;
-		bool domain = of && strcmp(kind, "domain") == 0;
-		if (of < 0 && domain && !report) {
+		enum subject of = party_verb ? subject_of(m, c, arg, kind, subject, sizeof(subject)) : SUBJECT_NONE;
+		if (of == SUBJECT_FAILED) {
+			/* nothing decided, nothing stored (as a failed store of
+			 * the decision below) */
+			answer(m, c, room, txn, "That did not work; try again in a moment.");
+			return;
+		}
+		bool domain = of != SUBJECT_NONE && strcmp(kind, "domain") == 0;
+		if (of == SUBJECT_NO_PEER && domain && !report) {
 			snprintf(reply, sizeof(reply), "%s is the domain of no network this gateway is connected to: "
 				 "nobody from it can reach you here. Nothing was stored. Give a connected network's "
 				 "domain, an address on one (mimi://...) or a bridged user's Matrix id.",
@@ -541,7 +565,7 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 			answer(m, c, room, txn, reply);
 			return;
 		}
-		if (of < 0 && !domain) {
+		if (of == SUBJECT_NO_PEER && !domain) {
 			struct mimi_uri u;
 			cw_errmsg pe;
 			mimi_uri_parse(subject, &u, &pe);
@@ -552,7 +576,7 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 			answer(m, c, room, txn, reply);
 			return;
 		}
-		found = of > 0; /* a report of a domain of no peer: "Whom?", as of any domain */
+		found = of == SUBJECT_TAKEN; /* a report of a domain of no peer: "Whom?", as of any domain */
 		if (found && policy_consent_subject_ours(m->app, kind, subject)) {
 			if (!report) {
 				not_remote(m, c, room, txn, subject, domain, false);

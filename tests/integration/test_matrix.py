@@ -1852,6 +1852,35 @@ def test_a_partys_domain_in_any_case_and_an_address_of_no_peer(mx, hs, gk, pg, d
     assert pg.psql("SELECT string_agg(subject_uri, ',') FROM reports", db_url) == "mimi://wa.example/u/wally"
 
 
+def test_a_failed_look_up_of_the_partys_peer_is_try_again_and_stores_nothing(mx, hs, gk, pg, db_url):
+    """Whose a party is (a domain's peer, a ghost's) is read from the peers
+    table; when that read fails, the command is not carried out: "try
+    again", nothing stored, as when the decision's own store fails. Until
+    the forty-first session a failed look-up of a domain took it for a
+    peer's (an address of no peer's domain was then stored, the very
+    consent the rule refuses), and of a ghost's answered "Whom?"."""
+    alice, mgmt, said = alice_and_the_bot(hs)
+
+    def answer_to(text):
+        n = len(said())
+        alice.send_text(mgmt, text)
+        wait_until(lambda: len(said()) > n, what=f"the answer to {text}")
+        return said()[n]
+    pg.psql("ALTER TABLE peers RENAME COLUMN domain TO domain_gone", db_url)
+    try:
+        for text in ("block nowhere.example", "accept mimi://nowhere.example/u/x", "block mimi://wa.example/u/wally",
+                     "report mimi://nowhere.example/u/x spam", "block @_cw_gk_wally:example.org"):
+            assert answer_to(text) == "That did not work; try again in a moment.", text
+    finally:
+        pg.psql("ALTER TABLE peers RENAME COLUMN domain_gone TO domain", db_url)
+    assert pg.psql("SELECT (SELECT count(*) FROM consents) || ' ' || (SELECT count(*) FROM reports) || ' ' || "
+                   "(SELECT count(*) FROM audit_log WHERE actor LIKE 'user:%')", db_url) == "0 0 0"
+    # The store back, the same commands are answered as ever.
+    assert answer_to("block nowhere.example").startswith("nowhere.example is the domain of no network")
+    assert answer_to("block @_cw_gk_wally:example.org") == \
+        "Blocked mimi://wa.example/u/wally. 0 waiting message(s) dropped."
+
+
 def test_an_opt_in_for_a_disabled_peer_says_it_is_switched_off(mx, hs, gk, pg, db_url):
     """The list of networks the bot offers after an unknown name is of the
     enabled peers; a disabled one is still a network (its rows wait for it,
