@@ -20,8 +20,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define NS_COMMANDS XA_NS_COMMANDS
-#define NS_DATA XA_NS_DATA
 #define NS_NICK "http://jabber.org/protocol/nick"
 
 
@@ -39,8 +37,8 @@ void xa_command_items(struct xcomp *xc, xmpp_stanza_t *query)
 
 bool xa_command_info(struct xcomp *xc, xmpp_stanza_t *query, const char *node)
 {
-	static const char *const features[] = { NS_COMMANDS, NS_DATA, NULL };
-	if (strcmp(node, NS_COMMANDS) == 0) {
+	static const char *const features[] = { XA_NS_COMMANDS, XA_NS_DATA, NULL };
+	if (strcmp(node, XA_NS_COMMANDS) == 0) {
 		xa_disco_identity(xc->ctx, query, "automation", "command-list", "Commands");
 		return true;
 	}
@@ -98,9 +96,6 @@ static void roster_drop(struct xcomp *xc, bool now, const char *remote, const ch
 
 /* ------------------------------------------------------------ the job */
 
-/* A report's reason: as long as the peer API's comment (POST /v1/reports). */
-#define REASON_MAX XA_CMD_REASON_MAX
-
 /* V_SUBSCRIBE: the user's own subscribe to a contact, answered once its
  * consent is known (see xa_presence). */
 enum verb { V_LIST, V_ACCEPT, V_BLOCK, V_OPTIN, V_OPTOUT, V_REPORT, V_SUBSCRIBE };
@@ -118,7 +113,7 @@ struct xconsent {
 	char own_subject[MIMI_URI_MAX + 1]; /* a report's subject when it is a user of this provider's, else "" */
 	bool cancel_if_allowed;          /* an `unsubscribed`: see xa_presence */
 	bool keep_blocked;               /* a `subscribed`: no unblock (see xa_presence) */
-	char reason[REASON_MAX + 1];
+	char reason[XA_CMD_REASON_MAX + 1]; /* a report's: as long as the peer API's comment */
 	char *iq;                        /* what the answer needs of the command (iq_skeleton), or NULL (a presence) */
 	char node[16];
 	/* outputs of the last run */
@@ -169,6 +164,17 @@ static cw_err consent_is(PGconn *c, const char *local_id, const char *subject, c
 	return CW_OK;
 }
 
+/* The refusal of an accept or block of who, a contact of the network of
+ * another component (of), on xc: its roster cannot follow them
+ * (component_contact, peer_address). */
+static void another_network(const struct xcomp *xc, const struct xcomp *of, const char *who, char *text,
+			    size_t len)
+{
+	snprintf(text, len, "%s is a contact of another network (peer:%s), not of this one (peer:%s): accept and "
+		 "block them with the commands of %s.",
+		 who, of->peer, xc->peer, of->domain);
+}
+
 /* A report's store and answer (consent_fn's V_REPORT; peer_address's),
  * of subject by the local user whose address is uri. */
 static cw_err report_run(PGconn *c, struct xconsent *j, const char *uri, const char *subject, cw_errmsg *e)
@@ -214,15 +220,10 @@ static cw_err peer_address(PGconn *c, struct xconsent *j, cw_errmsg *e)
 {
 	struct xmpp *x = j->xc->x;
 	const char *addr = j->address;
-	const char *pp[] = { j->addr_domain };
-	PGresult *r = PQexecParams(c, "SELECT name FROM peers WHERE domain = $1", 1, NULL, pp, NULL, NULL, 0);
-	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	char peer[PEER_NAME_MAX];
+	cw_err rc = policy_peer_of_domain(c, j->addr_domain, peer, sizeof(peer), e);
 	if (rc)
-		return rc;
-	char peer[XMPP_PEER_MAX + 64] = "";
-	if (PQntuples(r) == 1)
-		snprintf(peer, sizeof(peer), "%s", PQgetvalue(r, 0, 0));
-	PQclear(r);
+		return rc; /* consent_done: "That did not work; try again in a moment.", nothing stored */
 	if (!peer[0]) {
 		snprintf(j->note, sizeof(j->note),
 			 "Not done: %s is the domain of no network this gateway is connected to, so %s is nobody who "
@@ -237,12 +238,11 @@ static cw_err peer_address(PGconn *c, struct xconsent *j, cw_errmsg *e)
 		return report_run(c, j, uri, addr, e);
 	}
 	struct xcomp *of = xa_comp_by_peer(x, peer);
-	if (of)
-		snprintf(j->note, sizeof(j->note),
-			 "Not done: %s is a contact of another network (peer:%s), not of this one (peer:%s): accept and "
-			 "block them with the commands of %s. Nothing was stored.",
-			 addr, peer, j->xc->peer, of->domain);
-	else
+	char other[sizeof(j->note) - 32]; /* room for what the note says around it */
+	if (of) {
+		another_network(j->xc, of, addr, other, sizeof(other));
+		snprintf(j->note, sizeof(j->note), "Not done: %s Nothing was stored.", other);
+	} else
 		snprintf(j->note, sizeof(j->note),
 			 "Not done: %s is a user of network peer:%s, which no contact on this XMPP server stands for, "
 			 "so nothing of theirs reaches you here. Nothing was stored.",
@@ -513,13 +513,13 @@ xmpp_stanza_t *xa_command_end(xmpp_ctx_t *ctx, xmpp_stanza_t *iq, const char *no
 			      const char *note, const char *note_type)
 {
 	xmpp_stanza_t *r = xa_iq_result(iq);
-	xmpp_stanza_t *cmd = r ? xa_child(ctx, r, "command", NS_COMMANDS) : NULL;
+	xmpp_stanza_t *cmd = r ? xa_child(ctx, r, "command", XA_NS_COMMANDS) : NULL;
 	if (!cmd)
 		return r;
 	xmpp_stanza_set_from(r, xmpp_stanza_get_to(iq));
 	xmpp_stanza_set_attribute(cmd, "node", node);
 	xmpp_stanza_set_attribute(cmd, "status", status);
-	xmpp_stanza_t *in = xmpp_stanza_get_child_by_name_and_ns(iq, "command", NS_COMMANDS);
+	xmpp_stanza_t *in = xmpp_stanza_get_child_by_name_and_ns(iq, "command", XA_NS_COMMANDS);
 	const char *sid = in ? xmpp_stanza_get_attribute(in, "sessionid") : NULL;
 	char fresh[40];
 	if (!sid) {
@@ -541,7 +541,7 @@ xmpp_stanza_t *xa_command_stage(struct xcomp *xc, xmpp_stanza_t *iq, const char 
 		return NULL;
 	xmpp_stanza_set_from(r, xmpp_stanza_get_to(iq));
 	xmpp_ctx_t *ctx = xc->ctx;
-	xmpp_stanza_t *cmd = xa_child(ctx, r, "command", NS_COMMANDS);
+	xmpp_stanza_t *cmd = xa_child(ctx, r, "command", XA_NS_COMMANDS);
 	char sid[33];
 	session_give(xc, iq, node, sid);
 	if (cmd) {
@@ -553,7 +553,7 @@ xmpp_stanza_t *xa_command_stage(struct xcomp *xc, xmpp_stanza_t *iq, const char 
 			xmpp_stanza_set_attribute(actions, "execute", "complete");
 			xa_child(ctx, actions, "complete", NULL);
 		}
-		xmpp_stanza_t *x = xa_child(ctx, cmd, "x", NS_DATA);
+		xmpp_stanza_t *x = xa_child(ctx, cmd, "x", XA_NS_DATA);
 		if (x)
 			xmpp_stanza_set_type(x, "form");
 		*form = x;
@@ -897,9 +897,7 @@ static int component_contact(struct xcomp *xc, const char *who, struct xconsent 
 	if (!of || (of != xc && j->verb == V_REPORT))
 		return 0;
 	if (of != xc) {
-		snprintf(text, len, "%s is a contact of another network (peer:%s), not of this one (peer:%s): accept "
-			 "and block them with the commands of %s.",
-			 who, of->peer, xc->peer, of->domain);
+		another_network(xc, of, who, text, len);
 		return -1;
 	}
 	if ((size_t)snprintf(j->remote_id, sizeof(j->remote_id), "%s", u.id) >= sizeof(j->remote_id) ||
@@ -987,7 +985,7 @@ static void command_form(struct xcomp *xc, xmpp_stanza_t *iq, const char *node, 
 bool xa_command_bad_action(struct xcomp *xc, xmpp_stanza_t *iq, const char *action, bool staged)
 {
 	const char *why = xa_cmd_action_problem(action);
-	xmpp_stanza_t *cmd = xmpp_stanza_get_child_by_name_and_ns(iq, "command", NS_COMMANDS);
+	xmpp_stanza_t *cmd = xmpp_stanza_get_child_by_name_and_ns(iq, "command", XA_NS_COMMANDS);
 	const char *sid = cmd ? xmpp_stanza_get_attribute(cmd, "sessionid") : NULL;
 	enum session_state state = SESSION_OK;
 	if (!why && sid)
@@ -1000,7 +998,7 @@ bool xa_command_bad_action(struct xcomp *xc, xmpp_stanza_t *iq, const char *acti
 	xmpp_stanza_t *r = xa_error_reply(iq, expired ? "cancel" : "modify", expired ? "not-allowed" : "bad-request", NULL);
 	xmpp_stanza_t *err = r ? xmpp_stanza_get_child_by_name(r, "error") : NULL;
 	if (err)
-		xa_child(xc->ctx, err, why ? why : expired ? "session-expired" : "bad-sessionid", NS_COMMANDS);
+		xa_child(xc->ctx, err, why ? why : expired ? "session-expired" : "bad-sessionid", XA_NS_COMMANDS);
 	xa_send_now(xc, r);
 	return true;
 }
@@ -1012,7 +1010,7 @@ bool xa_command_bad_action(struct xcomp *xc, xmpp_stanza_t *iq, const char *acti
 static char *iq_skeleton(xmpp_ctx_t *ctx, xmpp_stanza_t *iq, xmpp_stanza_t *cmd)
 {
 	xmpp_stanza_t *s = xmpp_iq_new(ctx, "set", xmpp_stanza_get_id(iq));
-	xmpp_stanza_t *c = s ? xa_child(ctx, s, "command", NS_COMMANDS) : NULL;
+	xmpp_stanza_t *c = s ? xa_child(ctx, s, "command", XA_NS_COMMANDS) : NULL;
 	char *text = NULL, *buf = NULL;
 	size_t len = 0;
 	if (c) {
@@ -1033,7 +1031,7 @@ static char *iq_skeleton(xmpp_ctx_t *ctx, xmpp_stanza_t *iq, xmpp_stanza_t *cmd)
 
 bool xa_command(struct xcomp *xc, xmpp_stanza_t *iq)
 {
-	xmpp_stanza_t *cmd = xmpp_stanza_get_child_by_name_and_ns(iq, "command", NS_COMMANDS);
+	xmpp_stanza_t *cmd = xmpp_stanza_get_child_by_name_and_ns(iq, "command", XA_NS_COMMANDS);
 	struct xconsent *j = calloc(1, sizeof(*j));
 	struct xa_cmd_req *req = j ? malloc(sizeof(*req)) : NULL; /* 9 KB: not on the stream thread's stack */
 	if (!req) {
@@ -1061,7 +1059,7 @@ bool xa_command(struct xcomp *xc, xmpp_stanza_t *iq)
 		xmpp_stanza_t *r = xa_error_reply(iq, req->error_type, req->error, NULL);
 		xmpp_stanza_t *err = r && req->cmd_error ? xmpp_stanza_get_child_by_name(r, "error") : NULL;
 		if (err)
-			xa_child(xc->ctx, err, req->cmd_error, NS_COMMANDS);
+			xa_child(xc->ctx, err, req->cmd_error, XA_NS_COMMANDS);
 		free(req);
 		free(j);
 		xa_send_now(xc, r);

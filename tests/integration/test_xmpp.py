@@ -3729,6 +3729,19 @@ def test_a_contacts_address_in_any_case_or_on_the_peers_domain_is_taken(xd, gk, 
         assert bad.error_condition == "bad-request" and text is not None and text.text == why, (who, bad.xml)
     assert stored() == ("mimi://wa.example/u/wally blocked,mimi://wa.example/u/zoe allowed / "
                         "mimi://wa.example/u/Wally,mimi://other.example/u/Otto")
+    # Whose an address is cannot be read (the store fails): not done, said
+    # in the command's error note, nothing stored (policy_peer_of_domain
+    # returns the error; the Matrix bot answers the same since the
+    # forty-first session, test_a_failed_look_up_of_the_partys_peer_...).
+    pg.psql("ALTER TABLE peers RENAME COLUMN domain TO domain_gone", db_url)
+    try:
+        for node in ("accept", "block", "report"):
+            assert note(node, "mimi://nowhere.example/u/x", "error") == \
+                "That did not work; try again in a moment.", node
+    finally:
+        pg.psql("ALTER TABLE peers RENAME COLUMN domain_gone TO domain", db_url)
+    assert stored() == ("mimi://wa.example/u/wally blocked,mimi://wa.example/u/zoe allowed / "
+                        "mimi://wa.example/u/Wally,mimi://other.example/u/Otto")
 
 
 ZZ = "zz.xmpp.test"
