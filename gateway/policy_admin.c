@@ -45,6 +45,8 @@ struct aq {
 	char local_id[24];    /* the local user's id (local >= 0), once resolved */
 	bool known_only;      /* local: a user not known is not made; the change is then a no-op */
 	bool noop;            /* known_only and the user is not known: answered, not audited */
+	bool peer_subject;    /* consent: its subject ($3, kind $2) must be of a peer's domain, asked
+			         before anything is made (policy_peer_of_domain) */
 };
 
 static void aq_free(void *arg)
@@ -99,6 +101,32 @@ static cw_err local_identity_known(PGconn *c, const struct mimi_uri *u, char *ou
 	return CW_OK;
 }
 
+/* Whether the consent subject (kind user: a user URI; domain) is of a
+ * peer's domain; if not, the job is answered 422 unknown_peer_domain. */
+static cw_err subject_of_peer(PGconn *c, struct app_job *j, const char *kind, const char *subject, bool *ok,
+			      cw_errmsg *e)
+{
+	struct mimi_uri u;
+	const char *domain = subject;
+	if (strcmp(kind, "user") == 0) {
+		if (mimi_uri_parse(subject, &u, e))
+			return cw_fail(e, CW_EINVAL, "not a user URI");
+		domain = u.domain;
+	}
+	char peer[PEER_NAME_MAX];
+	cw_err rc = policy_peer_of_domain(c, domain, peer, sizeof(peer), e);
+	if (rc)
+		return rc;
+	*ok = peer[0] != '\0';
+	if (!*ok)
+		app_job_fail(j, 422, "unknown_peer_domain",
+			     "%s is the domain of no peer: a remote sender's domain is its peer's own, so a consent "
+			     "of %s would match no one. Nothing was stored; create the peer first (POST "
+			     "/admin/v1/peers)",
+			     domain, subject);
+	return CW_OK;
+}
+
 static cw_err aq_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct aq *q = j->data;
@@ -106,6 +134,12 @@ static cw_err aq_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	char local_id[24] = "";
 	for (int i = 0; i < q->n; i++)
 		params[i] = q->p[i];
+	if (q->peer_subject) {
+		bool ok;
+		cw_err rc = subject_of_peer(c, j, q->p[1], q->p[2], &ok, e);
+		if (rc || !ok)
+			return rc;
+	}
 	if (q->local >= 0 && q->p[q->local]) {
 		struct mimi_uri u;
 		if (mimi_uri_parse(q->p[q->local], &u, e))
@@ -754,6 +788,13 @@ void policy_admin_settings_update(struct cw_req *req, void *ctx)
 
 /* ------------------------------------------------------------ users */
 
+/* A consent's peer: the name of the peer whose domain is its subject's
+ * (a user subject's: mimi://<domain>/u/..., canonical, no port), null when
+ * none is: such a consent matches no sender.  Stored before the
+ * forty-first session (POST /consents took one; the Matrix bot and the
+ * XMPP commands did until the fortieth), or of a user or domain of this
+ * provider's stored before the thirty-fourth: shown, not hidden or
+ * deleted, so that the operator sees it and forgets it (state none). */
 void policy_admin_users_list(struct cw_req *req, void *ctx)
 {
 	struct cw_app *app = ctx;
@@ -770,7 +811,9 @@ void policy_admin_users_list(struct cw_req *req, void *ctx)
 		" 'optins', (SELECT coalesce(json_object_agg(o.network, o.opted_in), '{}'::json) FROM user_optin o "
 		"  WHERE o.identity_id = x.id), "
 		" 'consents', (SELECT coalesce(json_agg(json_build_object('subject_kind', c.subject_kind, 'subject', "
-		"  c.subject, 'state', c.state, 'source', c.source, 'updated_at', c.updated_at) ORDER BY c.subject_kind, "
+		"  c.subject, 'state', c.state, 'source', c.source, 'updated_at', c.updated_at, "
+		"  'peer', (SELECT p.name FROM peers p WHERE p.domain = CASE c.subject_kind WHEN 'domain' THEN c.subject "
+		"  ELSE split_part(substr(c.subject, 8), '/', 1) END)) ORDER BY c.subject_kind, "
 		"  c.subject), '[]'::json) FROM consents c WHERE c.local_identity_id = x.id), "
 		" 'held', (SELECT count(*) FROM outbox h WHERE h.target_identity_id = x.id AND h.state = 'held'), "
 		" 'pending_requests', (SELECT count(*) FROM consent_requests r WHERE r.local_identity_id = x.id "
@@ -936,6 +979,11 @@ void policy_admin_consent_set(struct cw_req *req, void *ctx)
 		q->action = "consent.set";
 		q->subject = 4;
 		q->consent = true;
+		/* A decision about a domain of no peer, or an address on one,
+		 * matches no sender: refused (422), as the Matrix bot and the
+		 * XMPP commands refuse it.  none still forgets one stored
+		 * before (GET /users shows them, peer null). */
+		q->peer_subject = strcmp(state, "none") != 0;
 		/* Forgetting the decision of a user not known changes nothing:
 		 * no user is made of the name (until the thirtieth session a typo
 		 * made a local user, listed in GET /users), nothing audited.  An

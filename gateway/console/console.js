@@ -594,7 +594,9 @@
       ["Opt-ins", (u) => Object.keys(u.optins || {}).length
         ? h("ul", { class: "plain" }, Object.entries(u.optins).map(([n, on]) => h("li", {}, n + ": " + (on ? "in" : "out")))) : "default"],
       ["Consents", (u) => (u.consents || []).length ? h("ul", { class: "plain" }, u.consents.map((c) =>
-        h("li", {}, badge(c.state), " ", c.subject_kind + " ", h("span", { class: "mono" }, c.subject)))) : "—"],
+        h("li", {}, badge(c.state), " ", c.subject_kind + " ", h("span", { class: "mono" }, c.subject),
+          // peer null: no peer has the subject's domain, so it matches no one (stored before the refusal)
+          c.peer === null ? " (no peer has this domain: matches no one; forget it)" : ""))) : "—"],
       ["Held", (u) => u.held ? h("a", { href: "#/held/" + enc(u.user) }, String(u.held)) : "0"],
       ["Pending requests", (u) => text(u.pending_requests)],
     ], rows, "No local users known yet."));

@@ -755,14 +755,18 @@ static char *cell_text(const json_t *v, enum cell_kind kind, size_t max)
 	} else if (kind == CELL_CONSENTS && json_is_array(v)) {
 		size_t n = 2, i;
 		json_t *x;
+		/* " (no peer)": no peer has the subject's domain (GET /users'
+		 * peer null), so it matches no one; a daemon from before the
+		 * forty-first session sends no peer, and nothing is said. */
 		json_array_foreach(v, i, x)
-			n += strlen(jstr_or(x, "subject")) + strlen(jstr_or(x, "state")) + 4;
+			n += strlen(jstr_or(x, "subject")) + strlen(jstr_or(x, "state")) + 4 + sizeof(" (no peer)");
 		if ((s = malloc(n)))
 			s[0] = '\0';
 		json_array_foreach(v, i, x)
 			if (s)
-				snprintf(s + strlen(s), n - strlen(s), "%s%s %s", s[0] ? ", " : "",
-					 jstr_or(x, "subject"), jstr_or(x, "state"));
+				snprintf(s + strlen(s), n - strlen(s), "%s%s %s%s", s[0] ? ", " : "",
+					 jstr_or(x, "subject"), jstr_or(x, "state"),
+					 json_is_null(json_object_get(x, "peer")) ? " (no peer)" : "");
 		if (s && !s[0])
 			strcpy(s, "-");
 	} else {

@@ -883,7 +883,11 @@ def test_a_consent_about_this_providers_own_user_or_domain_is_refused(make_daemo
             assert "this provider's own" in r.json()["detail"], r.text
     assert pg.psql(facts, db_url) == before
     assert d.admin("GET", f"/users?user={alice}").json()["rows"] == []
-    # Remote subjects (a name under one of ours is not ours) are taken.
+    # Remote subjects (a name under one of ours is not ours) are taken, of
+    # peers' domains (one of no peer is 422: test_policy.py).
+    made = push_peers(d, (("gk", "wa.example"), ("sub", "sub.example.org")))
+    for _, srv in made:
+        srv.close()
     for kind, subject in (("user", "mimi://wa.example/u/wally"), ("domain", "wa.example"),
                           ("domain", "sub.example.org")):
         r = d.admin("POST", "/consents", json={"user": alice, "subject_kind": kind, "subject": subject,

@@ -189,15 +189,23 @@ def test_peers_table_and_json(world):
     assert all("token" not in p for p in got["peers"])
 
 
-def test_rules_users_held_tables_and_json(world):
+def test_rules_users_held_tables_and_json(world, pg, db_url):
     out = ok("rules", url=world.url)
     [row] = cells(out)
     assert row[:4] == [str(world.rule["id"]), "domain", "spam.example", "deny"] and row[-1] == "abuse wave"
     assert json.loads(ok("--json", "rules", url=world.url)) == world.d.admin("GET", "/rules").json()
 
+    # A consent of a domain no peer has (stored before the forty-first
+    # session: the API refuses one now) is marked: it matches no one.
+    r = world.d.admin("POST", "/consents", json={"user": ALICE, "subject_kind": "domain", "subject": "tg.example",
+                                                 "state": "blocked"})
+    assert r.status_code == 200, r.text
+    pg.psql("INSERT INTO consents (local_identity_id, subject_kind, subject, state, source) SELECT id, 'domain', "
+            f"'nowhere.example', 'blocked', 'admin' FROM identities WHERE uri = '{ALICE}'", db_url)
     out = ok("users", url=world.url)
     [row] = [r for r in cells(out) if ALICE in r]
     assert "peer:gk:in" in row and row[-2:] == ["1", "1"]  # one held message, one pending request
+    assert "nowhere.example blocked (no peer), tg.example blocked" in row, row
     assert json.loads(ok("users", "--json", url=world.url)) == world.d.admin("GET", "/users").json()
 
     out = ok("held", url=world.url)

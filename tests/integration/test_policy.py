@@ -1967,25 +1967,26 @@ def test_a_row_id_in_a_path_is_digits_only(daemon):
     assert daemon.admin("GET", f"/rules/{rid}").json()["enabled"] is True
 
 
-def test_a_none_consent_for_a_user_not_known_makes_no_user(daemon, pg, db_url):
+def test_a_none_consent_for_a_user_not_known_makes_no_user(daemon, peers, pg, db_url):
     """Forgetting a decision of a user Causeway does not know changes
     nothing: it is answered (state none, nothing released), makes no user
     and writes no audit record. Until the thirtieth session it made a local
     user of the name (a typo: a phantom user in GET /users) and audited
     the change. An opt-in, or an allowed or blocked consent, for a user not
     known yet still makes them known: it is set before their first message
-    (docs/policy.md)."""
+    (docs/policy.md); its subject is a peer's (wa.example: gk's), as one of
+    no peer is refused (test_a_consent_of_a_domain_of_no_peer_...)."""
     before = pg.psql("SELECT (SELECT count(*) FROM identities) || ' ' || (SELECT count(*) FROM audit_log)", db_url)
     typo = "mimi://example.org/u/alcie"
-    r = consent(daemon, "gk.example", "none", user=typo, kind="domain")
-    assert r == {"user": typo, "subject_kind": "domain", "subject": "gk.example", "state": "none",
+    r = consent(daemon, "wa.example", "none", user=typo, kind="domain")
+    assert r == {"user": typo, "subject_kind": "domain", "subject": "wa.example", "state": "none",
                  "released": 0, "dropped": 0, "requests_decided": 0}, r
     assert pg.psql("SELECT (SELECT count(*) FROM identities) || ' ' || (SELECT count(*) FROM audit_log)",
                    db_url) == before
     assert daemon.admin("GET", f"/users?user={typo}").json()["rows"] == []
     # A known user's none is a change as before: audited.
-    consent(daemon, "gk.example", "blocked", kind="domain")
-    consent(daemon, "gk.example", "none", kind="domain")
+    consent(daemon, "wa.example", "blocked", kind="domain")
+    consent(daemon, "wa.example", "none", kind="domain")
     assert pg.psql("SELECT string_agg(details->>'state', ',' ORDER BY id) FROM audit_log "
                    "WHERE action = 'consent.set'", db_url) == "blocked,none"
     # An opt-in for a user not seen yet makes them known, opted in.
@@ -2035,7 +2036,61 @@ def test_users_list_shows_opt_in_consent_and_held(daemon, peers, pg, db_url):
     u = rows[0]
     assert u["optins"] == {"peer:gk": True} and u["held"] == 1 and u["pending_requests"] == 1
     assert u["consents"] == [{"subject_kind": "domain", "subject": "tg.example", "state": "blocked",
-                              "source": "admin", "updated_at": u["consents"][0]["updated_at"]}]
+                              "source": "admin", "updated_at": u["consents"][0]["updated_at"], "peer": "tg"}]
+
+
+def test_a_consent_of_a_domain_of_no_peer_is_refused_and_one_stored_before_is_shown(daemon, pg, db_url):
+    """A remote sender's domain is always its peer's own, matched exactly, so
+    an allowed or blocked consent of a domain no peer has, or of an address
+    on one, matches no one: POST /consents answers 422 unknown_peer_domain
+    naming the domain and stores nothing, not even the user (as the Matrix
+    bot and the XMPP commands refuse it since the fortieth session; until
+    the forty-first the admin API stored it, and the console said "saved").
+    A peer is created first, then its users' consents (its credentials go
+    out after); a disabled peer's domain is taken (it may come back).  A
+    consent of such a domain stored before is listed in GET /users with
+    peer null (a peer's: its name), and state none forgets it."""
+    count = ("SELECT (SELECT count(*) FROM identities) || ' ' || (SELECT count(*) FROM consents) || ' ' || "
+             "(SELECT count(*) FROM audit_log WHERE action = 'consent.set')")
+    before = pg.psql(count, db_url)
+    for kind, subject, domain in (("domain", "wa.example", "wa.example"),
+                                  ("user", "mimi://wa.example/u/wally", "wa.example")):
+        for state in ("allowed", "blocked"):
+            r = daemon.admin("POST", "/consents", json={"user": ALICE, "subject_kind": kind, "subject": subject,
+                                                        "state": state})
+            assert r.status_code == 422 and r.headers["Content-Type"] == "application/problem+json", r.text
+            p = r.json()
+            assert p["code"] == "unknown_peer_domain" and p["status"] == 422, p
+            assert p["detail"].startswith(f"{domain} is the domain of no peer: ") and subject in p["detail"], p
+            assert "Nothing was stored" in p["detail"], p
+    assert pg.psql(count, db_url) == before  # no user made, no consent, no audit record
+    assert daemon.admin("GET", f"/users?user={ALICE}").json()["rows"] == []
+    made = push_peers(daemon)
+    try:
+        assert daemon.admin("POST", "/peers/tg/disable").status_code == 200
+        consent(daemon, "mimi://wa.example/u/wally", "blocked")
+        consent(daemon, "tg.example", "allowed", kind="domain")  # a disabled peer's
+        # Exactly the peer's domain: a name under it is no peer's.
+        r = daemon.admin("POST", "/consents", json={"user": ALICE, "subject_kind": "domain",
+                                                    "subject": "sub.wa.example", "state": "blocked"})
+        assert r.status_code == 422 and r.json()["detail"].startswith("sub.wa.example is the domain of no peer"), \
+            r.text
+        # One stored before the refusal: shown, its peer null.
+        pg.psql("INSERT INTO consents (local_identity_id, subject_kind, subject, state, source) SELECT id, k, s, "
+                "'blocked', 'admin' FROM identities, (VALUES ('domain', 'nowhere.example'), "
+                "('user', 'mimi://nowhere.example/u/x')) v (k, s) WHERE uri = 'mimi://example.org/u/alice'", db_url)
+        [u] = daemon.admin("GET", f"/users?user={ALICE}").json()["rows"]
+        assert [(c["subject"], c["peer"]) for c in u["consents"]] == [
+            ("nowhere.example", None), ("tg.example", "tg"), ("mimi://nowhere.example/u/x", None),
+            ("mimi://wa.example/u/wally", "gk")], u["consents"]
+        # none forgets them (a decision about a domain of no peer is refused, not its end).
+        for kind, subject in (("domain", "nowhere.example"), ("user", "mimi://nowhere.example/u/x")):
+            assert consent(daemon, subject, "none", kind=kind)["state"] == "none"
+        assert pg.psql("SELECT string_agg(subject, ',' ORDER BY subject) FROM consents", db_url) == \
+            "mimi://wa.example/u/wally,tg.example"
+    finally:
+        for _, srv in made:
+            srv.close()
 
 
 def test_a_peer_gets_only_the_event_types_it_takes(daemon, peers, pg, db_url):

@@ -475,11 +475,12 @@ def test_a_local_user_named_with_capitals_is_the_same_user(xd, gk, alice, pg, db
     assert pg.psql("SELECT count(*) FROM identities WHERE is_local AND localpart <> lower(localpart)", db_url) == "0"
 
 
-def test_the_admin_api_folds_a_local_user_named_with_capitals(xd, pg, db_url):
+def test_the_admin_api_folds_a_local_user_named_with_capitals(xd, gk, pg, db_url):
     """The admin API takes a local user as the peer API does: on XMPP,
     mimi://example.org/u/Alice is alice, whose opt-in and consents these
     are. Until the thirty-first session it made a user "Alice" of its own,
-    whose facts no message to alice met."""
+    whose facts no message to alice met. (The consent's subject is a
+    peer's user: one of no peer is refused, test_policy.py.)"""
     shouted = ALICE.replace("/u/alice", "/u/Alice")
     r = xd.admin("POST", "/optins", json={"user": shouted, "network": "peer:gk", "opted_in": True})
     assert r.status_code == 200, r.text
