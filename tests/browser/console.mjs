@@ -290,6 +290,21 @@ try {
     await page.locator('main .empty').waitFor();
   });
 
+  await check('a consent of a domain of no peer is marked', async () => {
+    // Stored (by the test, in SQL) as one stored before the admin API
+    // refused such consents (the forty-first session): it matches no one,
+    // and the users page says so; a consent of a peer's user is not marked.
+    await go(page, '#/users');
+    const odd = page.locator('main li', { hasText: 'nowhere.example' });
+    await odd.first().waitFor({ timeout: WAIT });
+    const said = await odd.first().innerText();
+    assert.match(said, /no peer has this domain: matches no one/, said);
+    const wally = page.locator('main li', { hasText: 'mimi://wa.example/u/wally' });
+    await wally.first().waitFor({ timeout: WAIT });
+    assert.doesNotMatch(await wally.first().innerText(), /no peer/);
+    return said;
+  });
+
   await check('every page as admin: loads, no error state, every button marked', async () => {
     for (const [i, p] of PAGES.entries()) {
       await go(page, `#/${p}`);

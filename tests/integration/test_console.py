@@ -225,7 +225,7 @@ def run_script(node, modules, env, scenario, timeout=150):
             proc.wait()
 
 
-def test_console_in_a_browser(make_daemon, db_url):
+def test_console_in_a_browser(make_daemon, db_url, pg):
     node, modules = browser_or_skip()
     d = make_daemon(db_url, options={"dispatcher": {"retry_budget": "2", "retry_base_ms": "20",
                                                     "retry_max_ms": "50"}}).start()
@@ -233,6 +233,10 @@ def test_console_in_a_browser(make_daemon, db_url):
     assert r.status_code == 201, r.text
     viewer = r.json()["token"]
     scenario = Scenario(d)
+    # A consent of a domain no peer has, as one stored before the admin API
+    # refused them: the users page marks it.
+    pg.psql("INSERT INTO consents (local_identity_id, subject_kind, subject, state, source) SELECT id, 'domain', "
+            f"'nowhere.example', 'blocked', 'admin' FROM identities WHERE uri = '{ALICE}'", db_url)
     shutil.rmtree(SHOTS, ignore_errors=True)
     os.makedirs(SHOTS)
     env = dict(os.environ, BASE_URL=d.url, ADMIN_TOKEN=ADMIN_TOKEN, VIEWER_TOKEN=viewer,
@@ -247,7 +251,8 @@ def test_console_in_a_browser(make_daemon, db_url):
     checks = {x["check"] for x in results}
     for must in ("sign in as admin", "dashboard shows live numbers", "add a deny rule",
                  "the next message is denied, and its trace says why", "replay a dead letter and see it delivered",
-                 "allow a held sender", "remove a peer's user from a group",
+                 "allow a held sender", "a consent of a domain of no peer is marked",
+                 "remove a peer's user from a group",
                  "a big group's members come a page at a time",
                  "a viewer sees no change controls on any page",
                  "a change whose answer is lost may have been done, and says so",
