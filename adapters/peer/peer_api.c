@@ -444,6 +444,25 @@ static void room_input_free(void *arg)
 	free(in);
 }
 
+/* A room's stored policy as JSON.  PostgreSQL gives a jsonb number back in
+ * plain decimal: one stored before the policy was held to an event's rules
+ * (the forty-first session), such as 1e20, comes back as 21 digits that
+ * jansson refuses as an integer, and the room's state was answered without
+ * its policy, in silence.  Such a policy is read with its integers as
+ * reals (1 is then 1.0); one that still cannot be read (a number past a
+ * double's range) is {} and logged. */
+static json_t *stored_policy(const char *room, const char *text)
+{
+	json_t *v = json_loads(text, 0, NULL);
+	if (!v)
+		v = json_loads(text, JSON_DECODE_INT_AS_REAL, NULL);
+	if (!v) {
+		LOG_KV_LIMITED(CW_LOG_WARN, "a room's stored policy cannot be read: answered as {}", "room", room);
+		v = json_object();
+	}
+	return v;
+}
+
 static json_t *room_json(const char *public_id, const char *uri, const char *kind, const char *name, json_t *members)
 {
 	return json_pack("{s:s, s:s, s:s, s:s*, s:o}", "id", public_id, "uri", uri, "kind", kind, "name", name, "members",
@@ -876,7 +895,7 @@ static cw_err room_state(PGconn *c, struct app_job *j, const char *public_id, in
 							 PQgetvalue(r, i, 5), "membership", PQgetvalue(r, i, 6)));
 	j->body = room_json(PQgetvalue(r, 0, 0), PQgetvalue(r, 0, 1), PQgetvalue(r, 0, 2),
 			    PQgetisnull(r, 0, 7) ? NULL : PQgetvalue(r, 0, 7), members);
-	json_object_set_new(j->body, "policy", json_loads(PQgetvalue(r, 0, 3), 0, NULL));
+	json_object_set_new(j->body, "policy", stored_policy(PQgetvalue(r, 0, 0), PQgetvalue(r, 0, 3)));
 	PQclear(r);
 	return CW_OK;
 }
