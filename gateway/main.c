@@ -189,13 +189,102 @@ static PGconn *connect_at_start(const struct cw_config *cfg, cw_errmsg *e)
 	}
 }
 
-static int run_migrations(const struct cw_config *cfg, const struct migration_set *set, bool apply)
+/* The local network the configuration gives this daemon: that of its
+ * adapter (matrix_new and xa_new make one on the same options), or NULL
+ * for a daemon of the peer API alone. */
+static const char *configured_network(const struct cw_config *cfg)
+{
+	if (cfg->mx_homeserver_url && *cfg->mx_homeserver_url)
+		return "matrix";
+	if (cfg->xmpp_components && *cfg->xmpp_components)
+		return "xmpp";
+	return NULL;
+}
+
+/* Whether a daemon of net may serve a database whose record is rec (NULL:
+ * none) and whose local users are of the networks seen (comma-separated,
+ * "" none); false after saying why. */
+static bool network_allowed(const char *net, const char *rec, const char *seen)
+{
+	bool ok = false;
+	/* No record: the local users found are another network's, or several */
+	bool recorded = rec != NULL;
+	if (!recorded)
+		rec = seen;
+	if (!recorded && strchr(seen, ','))
+		LOG_KV(CW_LOG_ERROR,
+		       "refusing to start: the database has local users of several networks, and one database "
+		       "serves one (a local user is one row per address); record the one it serves "
+		       "(docs/operations.md, \"One local network per database\") and give the other a deployment "
+		       "with its own database",
+		       "network", net, "local_users_of", seen);
+	else if (strcmp(rec, net) != 0)
+		LOG_KV(CW_LOG_ERROR,
+		       "refusing to start: this database serves another local network, and two on one database "
+		       "are not supported (a local user is one row per address: alice of one network would be "
+		       "alice of the other); run this network as a second deployment with its own database, or, "
+		       "for a deployment that switched networks before it had local users, change the record "
+		       "(docs/operations.md, \"One local network per database\")",
+		       "network", net, "database_network", *rec ? rec : "(none: the record vanished, try again)");
+	else
+		ok = true;
+	return ok;
+}
+
+/* Before the migrations (run_migrations): a daemon of another network is
+ * refused before it changes the database at all.  A newer build of the
+ * other network, pointed at it by mistake, applied its migrations before
+ * local_network_claim refused it, and the database's own daemons (an
+ * older build) then refused to start on a migration they do not know
+ * (until the forty-first session's review).  Read only: the record, or
+ * the local users' networks of a database older than it; nothing on a
+ * database without the tables yet (a new one: the claim records). */
+static bool local_network_precheck(PGconn *c, const char *net)
+{
+	if (!net)
+		return true;
+	PGresult *r = PQexec(c, "SELECT to_regclass('settings') IS NOT NULL AND to_regclass('identities') IS NOT NULL");
+	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+		LOG_KV(CW_LOG_ERROR, "cannot read the database's local network", "detail", PQresultErrorMessage(r));
+		PQclear(r);
+		return false;
+	}
+	bool tables = PQgetvalue(r, 0, 0)[0] == 't';
+	PQclear(r);
+	if (!tables)
+		return true;
+	r = PQexec(c, "SELECT (SELECT value #>> '{}' FROM settings WHERE key = 'instance.local_network'), "
+		      "(SELECT coalesce(string_agg(DISTINCT network, ',' ORDER BY network), '') FROM identities "
+		      " WHERE is_local AND network <> 'local')");
+	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+		LOG_KV(CW_LOG_ERROR, "cannot read the database's local network", "detail", PQresultErrorMessage(r));
+		PQclear(r);
+		return false;
+	}
+	char seen[64];
+	snprintf(seen, sizeof(seen), "%s", PQgetvalue(r, 0, 1));
+	/* Not recorded, and no local user of another network: the claim
+	 * (after the migrations) records it. */
+	bool ok = (PQgetisnull(r, 0, 0) && !seen[0]) ||
+		  network_allowed(net, PQgetisnull(r, 0, 0) ? NULL : PQgetvalue(r, 0, 0), seen);
+	PQclear(r);
+	return ok;
+}
+
+/* net: the configured local network (configured_network), asked of the
+ * database before any migration (local_network_precheck), --migrate's
+ * too. */
+static int run_migrations(const struct cw_config *cfg, const struct migration_set *set, bool apply, const char *net)
 {
 	cw_errmsg e;
 	PGconn *c = connect_at_start(cfg, &e);
 	if (!c) {
 		if (!stopped_at_start)
 			LOG_KV(CW_LOG_ERROR, "database unreachable", "detail", e.msg);
+		return 1;
+	}
+	if (!local_network_precheck(c, net)) {
+		PQfinish(c);
 		return 1;
 	}
 	int applied = 0, pending = 0;
@@ -249,18 +338,6 @@ static void key_compare(PGconn *c, const char *public_b64)
 	PQclear(r);
 }
 
-/* The local network the configuration gives this daemon: that of its
- * adapter (matrix_new and xa_new make one on the same options), or NULL
- * for a daemon of the peer API alone. */
-static const char *configured_network(const struct cw_config *cfg)
-{
-	if (cfg->mx_homeserver_url && *cfg->mx_homeserver_url)
-		return "matrix";
-	if (cfg->xmpp_components && *cfg->xmpp_components)
-		return "xmpp";
-	return NULL;
-}
-
 /* One local network per database (docs/architecture-decisions.md §14): a
  * local user's identity is one row per address, so alice of Matrix and
  * alice of XMPP would be one user, with one set of consents and rooms.
@@ -270,7 +347,8 @@ static const char *configured_network(const struct cw_config *cfg)
  * network, and one that has local users of two networks starts no daemon
  * of either until the operator records one (docs/operations.md, "One
  * local network per database").  A daemon of another network is refused
- * before it writes anything, the record too.  INSERT ... ON CONFLICT DO NOTHING,
+ * before it writes anything, the record too (local_network_precheck, before
+ * the migrations).  INSERT ... ON CONFLICT DO NOTHING,
  * then a read in a statement of its own (a snapshot taken after the
  * insert): processes of one network starting together all find the row
  * the first of them wrote.  A daemon without a local network records
@@ -309,30 +387,12 @@ static bool local_network_claim(PGconn *c, const char *net)
 		PQclear(r);
 		return false;
 	}
-	bool ok = false;
-	/* No record: the local users found are another network's, or several */
 	bool recorded = PQntuples(r) && !PQgetisnull(r, 0, 0);
-	const char *rec = recorded ? PQgetvalue(r, 0, 0) : seen;
-	if (!recorded && strchr(seen, ','))
-		LOG_KV(CW_LOG_ERROR,
-		       "refusing to start: the database has local users of several networks, and one database "
-		       "serves one (a local user is one row per address); record the one it serves "
-		       "(docs/operations.md, \"One local network per database\") and give the other a deployment "
-		       "with its own database",
-		       "network", net, "local_users_of", seen);
-	else if (strcmp(rec, net) != 0)
-		LOG_KV(CW_LOG_ERROR,
-		       "refusing to start: this database serves another local network, and two on one database "
-		       "are not supported (a local user is one row per address: alice of one network would be "
-		       "alice of the other); run this network as a second deployment with its own database, or, "
-		       "for a deployment that switched networks before it had local users, change the record "
-		       "(docs/operations.md, \"One local network per database\")",
-		       "network", net, "database_network", *rec ? rec : "(none: the record vanished, try again)");
-	else
-		ok = true;
+	bool ok = network_allowed(net, recorded ? PQgetvalue(r, 0, 0) : NULL, seen);
 	PQclear(r);
 	return ok;
 }
+
 
 /* The policy thread's reload hook: the admin tokens follow the policy. */
 static void reload_admins(PGconn *c, void *arg)
@@ -524,7 +584,7 @@ int main(int argc, char **argv)
 	}
 	if (only_migrate) {
 		/* Stopped, it exits 1: the schema is not current. */
-		int rc = run_migrations(&cfg, &app.migrations, true);
+		int rc = run_migrations(&cfg, &app.migrations, true, configured_network(&cfg));
 		if (stopped_at_start)
 			LOG_KV(CW_LOG_INFO, "stopped before the schema was current", "signal",
 			       stop_signal_name(stopped_at_start));
@@ -555,7 +615,7 @@ int main(int argc, char **argv)
 		       cfg.signing_key_file);
 		goto out_migrations;
 	}
-	if (run_migrations(&cfg, &app.migrations, true))
+	if (run_migrations(&cfg, &app.migrations, true, configured_network(&cfg)))
 		goto out_migrations;
 	{
 		unsigned char h[32];

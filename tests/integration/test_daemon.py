@@ -8,7 +8,7 @@ import socket
 import subprocess
 import time
 
-from harness import CAUSEWAYD, N_MIGRATIONS, SCHEMA_DIR, parse_logfmt, wait_until
+from harness import CAUSEWAYD, N_MIGRATIONS, SCHEMA_DIR, parse_logfmt, run_causewayd, wait_until
 
 
 def test_healthz(daemon):
@@ -709,3 +709,39 @@ def test_a_database_older_than_the_record_takes_its_local_users_network(make_dae
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_by = excluded.updated_by, "
             "updated_at = now()", db_url)
     make_daemon(db_url, options=XMPP_ONLY).start()
+
+
+def test_a_daemon_of_another_network_applies_no_migration(make_daemon, db_url, pg, tmp_path):
+    """A newer build of the other network pointed at the database by
+    mistake is refused before its migrations: the database's own daemons
+    (an older build, which refuses a migration it does not know) still
+    start.  Until the forty-first session's review the record was asked
+    after the migrations, which were applied."""
+    mx = make_daemon(db_url, options=MATRIX_ONLY).start()
+    assert mx.stop() == 0
+    assert pg.psql(RECORD, db_url) == "matrix"
+    newer = tmp_path / "newer-schema"
+    newer.mkdir()
+    for f in os.listdir(SCHEMA_DIR):
+        if f.endswith(".sql"):
+            (newer / f).write_bytes(open(os.path.join(SCHEMA_DIR, f), "rb").read())
+    (newer / "999_a_newer_build.sql").write_text("CREATE TABLE a_newer_build (x int);\n")
+    before = pg.psql(EVERYTHING, db_url)
+    rec = refused(make_daemon(db_url, options=XMPP_ONLY, schema_dir=str(newer)), "serves another local network")
+    assert rec["network"] == "xmpp" and rec["database_network"] == "matrix", rec
+    assert pg.psql("SELECT count(*) FROM schema_migrations WHERE version = 999", db_url) == "0"
+    # causewayd --migrate with that configuration: refused alike, exit 1.
+    r = run_causewayd(["--migrate"], env={"CAUSEWAY_DATABASE_URL": db_url, "CAUSEWAY_DATABASE_SCHEMA_DIR": str(newer),
+                                          "CAUSEWAY_SERVER_DOMAIN": "xmpp.example",
+                                          "CAUSEWAY_XMPP_COMPONENTS": "gk.xmpp.example=gk", "CAUSEWAY_XMPP_SECRET": "s"})
+    assert r.returncode == 1 and "serves another local network" in r.stderr, r.stderr
+    assert pg.psql("SELECT count(*) FROM schema_migrations WHERE version = 999", db_url) == "0"
+    # With a configuration of the database's own network it migrates.
+    r = run_causewayd(["--migrate"], env={"CAUSEWAY_DATABASE_URL": db_url, "CAUSEWAY_DATABASE_SCHEMA_DIR": SCHEMA_DIR,
+                                          "CAUSEWAY_MATRIX_HOMESERVER_URL": "http://127.0.0.1:9",
+                                          "CAUSEWAY_MATRIX_AS_TOKEN": "as-one-net",
+                                          "CAUSEWAY_MATRIX_HS_TOKEN": "hs-one-net"})
+    assert r.returncode == 0, r.stderr
+    assert pg.psql("SELECT to_regclass('a_newer_build') IS NULL", db_url) == "t"
+    assert pg.psql(EVERYTHING, db_url) == before
+    make_daemon(db_url, options=MATRIX_ONLY).start()
