@@ -16,7 +16,9 @@ cw_err store_check_url(const char *url, cw_errmsg *e)
 	/* libpq's message for a URL it cannot parse quotes the URL, password
 	 * and all: say what is wrong without it. */
 	char *perr = NULL;
-	bool conninfo = strchr(url, '=') || strncmp(url, "postgres", 8) == 0; /* else a bare database name */
+	/* as libpq's expand_dbname tells them (a URI by its two prefixes
+	 * only: a database may be named "postgres" or "postgres_x") */
+	bool conninfo = strchr(url, '=') || strncmp(url, "postgresql://", 13) == 0 || strncmp(url, "postgres://", 11) == 0;
 	PQconninfoOption *parsed = conninfo ? PQconninfoParse(url, &perr) : NULL;
 	PQfreemem(perr);
 	if (conninfo && !parsed)
