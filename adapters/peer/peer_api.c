@@ -1448,6 +1448,7 @@ struct msg_input {
 	char *event_text;             /* the validated body, unknown members included: compact JSON, keys sorted */
 	bool read_receipt;            /* a "read" receipt: marks the message read for its sender */
 	bool invitation;              /* a membership event inviting someone */
+	bool leave;                   /* a membership event of its sender's leaving (a peer's: leaves, submit_leave) */
 	char block_target[MIMI_URI_MAX + 1]; /* a block: whom the sender blocks ("" for other types) */
 	bool unblock;                 /* ... or no longer blocks */
 	struct cw_req *req;           /* coalesced single submits: the request to answer */
@@ -1549,6 +1550,7 @@ static void msg_input_from_event(struct msg_input *in, struct cw_app *app, const
 	in->kinds = ev->kinds;
 	in->read_receipt = ev->type == EVENT_RECEIPT && ev->receipt == EVENT_RECEIPT_READ;
 	in->invitation = ev->type == EVENT_MEMBERSHIP && ev->membership == EVENT_MEMBERSHIP_INVITE;
+	in->leave = ev->type == EVENT_MEMBERSHIP && ev->membership == EVENT_MEMBERSHIP_LEAVE;
 	in->block_target[0] = '\0';
 	cw_errmsg ignored;
 	if (ev->type == EVENT_BLOCK && ev->has_target) {
@@ -1627,6 +1629,7 @@ struct submit {
 	bool *grp;                  /* per item: its room is a group (its members may change: GROUP_JM) */
 	bool notified;              /* round 1 sent a NOTIFY */
 	bool locked;                /* round 1 sent submit_lock_rooms first */
+	bool left;                  /* round 1 sent submit_leave after the write (leaves_send) */
 	bool ulocked;               /* round 1 sent submit_lock_users first (before the rooms') */
 	json_t *audit;              /* the policy decisions to record (round 1) */
 	int nfacts;                 /* round 0's result: its first nfacts rows are facts rows (n = -2) */
@@ -2134,6 +2137,22 @@ struct submit *submit_new(size_t n)
 	"SELECT count(pg_advisory_xact_lock(" USER_ASK_LOCK_CLASS ", (y.u % 2147483647)::int)) FROM " \
 	"(SELECT DISTINCT x::bigint AS u FROM unnest(string_to_array($1, ',')) AS x ORDER BY 1) y"
 
+/* A peer's user's own leaving of a group (a membership event of hers,
+ * membership_refused) ends her membership, as the peer's removal of her
+ * does (POST /v1/rooms/{room}/members, room_members_remove): sent after the
+ * write, in its transaction, under the rooms' locks its lk took, for the
+ * items written ($1: their public ids, comma-separated; an item the write
+ * refused made no event and changes nothing).  One who left already is no
+ * change; a direct room keeps its two members.  The event itself is what
+ * the group's other peers are told: nothing more is written for them.
+ * Since the forty-first session; before, she stayed joined, wrote on and
+ * was sent the group's events. */
+#define LEAVE_MEMBERS \
+	"UPDATE room_members m SET membership = 'left', peer_invited = false, updated_at = now() " \
+	"FROM events e JOIN rooms r ON r.id = e.room_id AND r.kind = 'group' " \
+	"WHERE e.public_id = ANY (string_to_array($1, ',')) AND e.type = 'membership' " \
+	"AND m.room_id = e.room_id AND m.identity_id = e.sender_id AND m.membership IN ('joined', 'invited')"
+
 const struct store_stmt peer_api_statements[] = {
 	{ "submit_read_by_id", READ_ITEMS("public_id = it.room") },
 	{ "submit_read_by_uri", READ_ITEMS("uri = it.room") },
@@ -2146,6 +2165,7 @@ const struct store_stmt peer_api_statements[] = {
 	{ "submit_write_refs", WRITE_ITEMS_REFS },
 	{ "submit_lock_rooms", LOCK_ROOMS },
 	{ "submit_lock_users", LOCK_USERS },
+	{ "submit_leave", LEAVE_MEMBERS },
 	{ "submit_write_g", GROUP_WRITE_EVENTS GROUP_WRITE_ITEMS_TAIL },
 	{ "submit_write_plain_g", GROUP_WRITE_EVENTS WRITE_ITEMS_PLAIN_ROWS },
 	{ "submit_write_norefs_g", GROUP_WRITE_EVENTS_NOREFS GROUP_WRITE_ITEMS_TAIL },
@@ -2360,6 +2380,33 @@ static cw_err lock_users_send(PGconn *c, struct submit *b, long long bound, cw_e
 	return rc;
 }
 
+/* Whether item i is a peer's user's own leaving of a group, to be written
+ * in round 1 (LEAVE_MEMBERS ends her membership with it). */
+static bool leaves_group(const struct submit *b, size_t i)
+{
+	return b->items[i] && b->write[i] && b->grp[i] && b->items[i]->leave && !b->items[i]->local_sender;
+}
+
+/* Round 1's leaving of the group by the peers' users whose leave events it
+ * writes (LEAVE_MEMBERS), sent after the write; nothing when there is none.
+ * Sets b->left. */
+static cw_err leaves_send(PGconn *c, struct submit *b, cw_errmsg *e)
+{
+	struct cw_buf ids;
+	cw_buf_init(&ids, SIZE_MAX / 2);
+	cw_err rc = CW_OK;
+	for (size_t i = 0; i < b->n && !rc; i++)
+		if (leaves_group(b, i))
+			rc = cw_buf_printf(&ids, "%s%s", ids.len ? "," : "", b->items[i]->msg_id) ? CW_ENOMEM : CW_OK;
+	if (rc)
+		rc = cw_fail(e, rc, "out of memory");
+	else if (ids.len)
+		rc = send_text(c, "submit_leave", ids.p, NULL, NULL, e);
+	b->left = !rc && ids.len;
+	cw_buf_free(&ids);
+	return rc;
+}
+
 /* The documents of the two rounds are written as text straight into a
  * buffer: every value is an id, a number or a name that needs no escaping
  * (add_json_string checks, and lets jansson encode what does), and the
@@ -2371,6 +2418,7 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 		submit_clear_round(b);
 	b->locked = false;
 	b->ulocked = false;
+	b->left = false;
 	struct policy_view *v = policy_live_get(b->app->policy);
 	long long bound = v->set.user_requests_per_day;
 	struct cw_buf doc, contents;
@@ -2477,6 +2525,8 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 		if ((plain || (rc = lock_users_send(c, b, bound, e)) == CW_OK) &&
 		    (!(group || chk || refs) || (rc = lock_rooms_send(c, b, e)) == CW_OK))
 			rc = send_text(c, name, doc.p, contents.p, plain && !refs ? NULL : b->audit, e);
+		if (!rc)
+			rc = leaves_send(c, b, e);
 	}
 	cw_buf_free(&doc);
 	cw_buf_free(&contents);
@@ -2708,6 +2758,14 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 		item_fail(res, 403, "not_allowed", NOT_MEMBER_DETAIL);
 		return;
 	}
+	/* Nor one whose leaving of the group an earlier item of this job
+	 * writes (its member change follows the write: leaves_send). */
+	for (size_t j = 0; j < i; j++)
+		if (leaves_group(b, j) && strcmp(b->items[j]->sender, in->sender) == 0 &&
+		    strcmp(b->room_id[j], PQgetvalue(r, first, 1)) == 0) {
+			item_fail(res, 403, "not_allowed", NOT_MEMBER_DETAIL);
+			return;
+		}
 	snprintf(b->room_id[i], sizeof(b->room_id[i]), "%s", PQgetvalue(r, first, 1));
 	b->sender_id[i][0] = '\0';
 	/* A reference not stored may name an earlier item of this job
@@ -3201,6 +3259,14 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 			}
 			any_write = true;
 		}
+		PQclear(r);
+	}
+	if (round == 1 && sent && b->left) { /* the leavings (leaves_send) */
+		PGresult *r;
+		b->left = false;
+		cw_err rc = store_pipe_result(c, PGRES_COMMAND_OK, &r, e);
+		if (rc)
+			return rc;
 		PQclear(r);
 	}
 	if (round == 1 && sent && b->notified) { /* the NOTIFY */

@@ -2073,3 +2073,68 @@ def test_renames_are_charged_as_the_peers_messages(daemon, peers, pg, db_url):
     assert b.call("PATCH", f"/v1/rooms/{gid}", {"name": "tg's"}).status_code == 200
     assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'policy.limit' AND details->>'type' = 'rename'",
                    db_url) == "1"
+
+
+def test_a_members_own_leave_event_ends_her_membership(daemon, peers, pg, db_url):
+    """A peer's user's own `leave` (a membership event she sends, by
+    /messages or in a batch) ends her membership as the peer's removal of
+    her does: GET /v1/rooms/{room} lists her left, her next events are
+    refused 403 not_allowed as any non-member's, nothing more is written
+    to her (her peer, once its last user left, gets no row and no longer
+    sees the room), and the group's other peer gets her leave once, the
+    event itself. An item after her leave in the same batch is refused as
+    hers. A leave of one who left already is refused as any event of a
+    non-member; a direct room keeps its two members. Until the
+    forty-first session she stayed joined, wrote on and got the group's
+    events."""
+    (a, sa), (b, sb) = peers
+    wally, bob, eve = a.user("wally"), b.user("bob"), b.user("eve")
+    rj = a.create_room([wally, bob, eve, "mimi://example.org/u/dave"], kind="group").json()
+    gid, uri = rj["id"], rj["uri"]
+
+    def leave(who):
+        return {"type": "membership", "sender": who, "content": {"membership": "leave", "target": who}}
+
+    def members():
+        return {m["user"]: m["membership"] for m in a.call("GET", f"/v1/rooms/{gid}").json()["members"]}
+
+    r = b.call("POST", f"/v1/rooms/{gid}/messages", leave(eve), idem="eve-leaves")
+    assert r.status_code == 202, r.text
+    assert members()[eve] == "left" and members()[bob] == "joined"
+    # her retry is answered as the first time, and changes nothing more
+    r2 = b.call("POST", f"/v1/rooms/{gid}/messages", leave(eve), idem="eve-leaves")
+    assert r2.status_code == 202 and r2.json()["id"] == r.json()["id"], r2.text
+    r = b.send(gid, eve, "still here?")
+    assert r.status_code == 403 and r.json()["code"] == "not_allowed", r.text
+    r = b.call("POST", f"/v1/rooms/{gid}/messages", leave(eve), idem="eve-leaves-again")
+    assert r.status_code == 403 and r.json()["code"] == "not_allowed", r.text
+    m1 = a.send(gid, wally, "eve has gone").json()["id"]
+    wait_until(lambda: m1 in [e["id"] for e in list(sb.events)], what="wally's message at tg (bob)")
+    wait_until(lambda: [(e["sender"], e["content"]) for e in list(sa.events) if e["type"] == "membership"
+                        and e["room_id"] == gid] == [(eve, {"membership": "leave", "target": eve})],
+               what="eve's leave at gk, once")
+    # The batch: bob, tg's last member, leaves; his message after it in the
+    # same batch is refused; tg gets no more rows and sees no room.
+    r = b.call("POST", "/v1/batch", {"events": [
+        {"idempotency_key": "bob-leaves", "room": uri, "event": leave(bob)},
+        {"idempotency_key": "bob-after", "room": uri, "event": {
+            "type": "message", "sender": bob, "content": {"parts": [{"type": "text/plain", "body": "one more"}]}}}]})
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    assert [(x["status"], x.get("code")) for x in res] == [("accepted", None), ("refused", "not_allowed")], res
+    assert members()[bob] == "left"
+    assert b.call("GET", f"/v1/rooms/{gid}").status_code == 404
+    m2 = a.send(gid, wally, "just us").json()["id"]
+    assert pg.psql("SELECT string_agg(o.destination, ',' ORDER BY o.destination) FROM outbox o JOIN events e "
+                   f"ON e.id = o.event_id WHERE e.public_id = '{m2}'", db_url) == "local"
+    wait_until(lambda: [e["content"]["target"] for e in list(sa.events) if e["type"] == "membership"
+                        and e["room_id"] == gid] == [eve, bob], what="bob's leave at gk")
+    assert room_events(pg, db_url, gid) == [("membership", eve, eve), ("message", wally, ""),
+                                            ("membership", bob, bob), ("message", wally, "")]
+    # A direct room keeps its two members: the event is passed on, as before.
+    did = a.create_room([wally, bob], kind="direct").json()["id"]
+    r = b.call("POST", f"/v1/rooms/{did}/messages", leave(bob), idem="bob-leaves-direct")
+    assert r.status_code == 202, r.text
+    assert {m["user"]: m["membership"] for m in a.call("GET", f"/v1/rooms/{did}").json()["members"]} == {
+        wally: "joined", bob: "joined"}
+    assert b.send(did, bob, "still talking").status_code == 202
