@@ -1449,6 +1449,7 @@ struct msg_input {
 	bool read_receipt;            /* a "read" receipt: marks the message read for its sender */
 	bool invitation;              /* a membership event inviting someone */
 	bool leave;                   /* a membership event of its sender's leaving (a peer's: leaves, submit_leave) */
+	bool join;                    /* ... of her joining (a peer's who is not joined: joins, submit_join) */
 	char block_target[MIMI_URI_MAX + 1]; /* a block: whom the sender blocks ("" for other types) */
 	bool unblock;                 /* ... or no longer blocks */
 	struct cw_req *req;           /* coalesced single submits: the request to answer */
@@ -1551,6 +1552,7 @@ static void msg_input_from_event(struct msg_input *in, struct cw_app *app, const
 	in->read_receipt = ev->type == EVENT_RECEIPT && ev->receipt == EVENT_RECEIPT_READ;
 	in->invitation = ev->type == EVENT_MEMBERSHIP && ev->membership == EVENT_MEMBERSHIP_INVITE;
 	in->leave = ev->type == EVENT_MEMBERSHIP && ev->membership == EVENT_MEMBERSHIP_LEAVE;
+	in->join = ev->type == EVENT_MEMBERSHIP && ev->membership == EVENT_MEMBERSHIP_JOIN;
 	in->block_target[0] = '\0';
 	cw_errmsg ignored;
 	if (ev->type == EVENT_BLOCK && ev->has_target) {
@@ -1630,6 +1632,8 @@ struct submit {
 	bool notified;              /* round 1 sent a NOTIFY */
 	bool locked;                /* round 1 sent submit_lock_rooms first */
 	bool left;                  /* round 1 sent submit_leave after the write (leaves_send) */
+	bool joined;                /* round 1 sent submit_join before the write (joins_send) */
+	bool *joins;                /* per item: its sender, not joined, joins the group with it (joins_send) */
 	bool ulocked;               /* round 1 sent submit_lock_users first (before the rooms') */
 	json_t *audit;              /* the policy decisions to record (round 1) */
 	int nfacts;                 /* round 0's result: its first nfacts rows are facts rows (n = -2) */
@@ -1656,6 +1660,7 @@ static void submit_clear_round(struct submit *b)
 		b->wrote[i] = false;
 		b->wake[i] = 0;
 		b->grp[i] = false;
+		b->joins[i] = false;
 	}
 	json_array_clear(b->audit);
 }
@@ -1684,6 +1689,7 @@ void submit_free(void *arg)
 	free(b->wrote);
 	free(b->wake);
 	free(b->grp);
+	free(b->joins);
 	json_decref(b->audit);
 	json_decref(b->refused);
 	json_decref(b->keys);
@@ -1714,12 +1720,13 @@ struct submit *submit_new(size_t n)
 	b->wrote = calloc(m, sizeof(*b->wrote));
 	b->wake = calloc(m, sizeof(*b->wake));
 	b->grp = calloc(m, sizeof(*b->grp));
+	b->joins = calloc(m, sizeof(*b->joins));
 	b->audit = json_array();
 	b->refused = json_array();
 	b->keys = json_array();
 	if (!b->items || !b->res || !b->write || !b->room_id || !b->sender_id || !b->reply_id || !b->replaces_id ||
 	    !b->dests || !b->targets || !b->states || !b->held || !b->ask || !b->outbound || !b->scrub || !b->wrote || !b->wake ||
-	    !b->grp || !b->audit) {
+	    !b->grp || !b->joins || !b->audit) {
 		submit_free(b);
 		return NULL;
 	}
@@ -1764,14 +1771,16 @@ struct submit *submit_new(size_t n)
  * the local networks it reached (origin 'gateway', policy_live.c) are not
  * counted, or an edit after the expiry, answered 202 as any edit
  * (late_edit), would tell the peer whether its message reached a local
- * user. */
+ * user.  The item of a peer's user's own join (jn) also reads the id of
+ * her identity (column 2), for her joining again (joins_send). */
 #define READ_ITEMS(ROOM_COND) \
 	"WITH items AS (SELECT * FROM json_to_recordset($1::json) " \
 	"  AS x(n int, room text, key text, reply text, replaces text, scope text, snd text, net text, dom text, " \
-	"  win bigint, chk text)), " \
+	"  win bigint, chk text, jn boolean)), " \
 	"rm AS (SELECT it.room, it.scope, r.id, r.uri, r.kind FROM (SELECT DISTINCT room, scope FROM items) AS it " \
 	"  LEFT JOIN LATERAL (SELECT id, uri, kind FROM rooms WHERE " ROOM_COND " LIMIT 1) r ON true) " \
-	"SELECT it.n, rm.id, NULL::bigint, NULL, NULL::boolean, NULL, NULL::bigint, NULL, NULL, " \
+	"SELECT it.n, rm.id, CASE WHEN it.jn THEN (SELECT i.id FROM identities i WHERE i.uri = it.snd) END, " \
+	" NULL, NULL::boolean, NULL, NULL::bigint, NULL, NULL, " \
 	" encode(k.request_hash, 'hex'), k.public_id, k.ms, " \
 	" CASE WHEN it.reply <> '' THEN (SELECT CASE WHEN e.room_id = rm.id THEN e.id END FROM events e " \
 	"  WHERE e.public_id = it.reply) END, " \
@@ -2152,6 +2161,20 @@ struct submit *submit_new(size_t n)
 	"FROM events e JOIN rooms r ON r.id = e.room_id AND r.kind = 'group' " \
 	"WHERE e.public_id = ANY (string_to_array($1, ',')) AND e.type = 'membership' " \
 	"AND m.room_id = e.room_id AND m.identity_id = e.sender_id AND m.membership IN ('joined', 'invited')"
+/* Her own joining of a group she is not joined in (she left, or never was
+ * in it: a user the server knows) is what the peer's adding of her does
+ * (POST /v1/rooms/{room}/members: a peer adds its own users to any group
+ * it has a member in): she is joined, before the write (whose check of its
+ * senders, GROUP_JM, then finds her), in its transaction, under the rooms'
+ * locks (submit_lock_rooms, sent first).  $1, $2: the rooms' and the
+ * users' row ids, comma-separated, pair by pair.  One banned stays out
+ * (the write refuses her event: GROUP_SENDER_GONE).  Since the forty-first
+ * session; before, her join was refused, 403, as any non-member's event. */
+#define JOIN_MEMBERS \
+	"INSERT INTO room_members (room_id, identity_id, membership) SELECT x.r::bigint, x.u::bigint, 'joined' " \
+	"FROM unnest(string_to_array($1, ','), string_to_array($2, ',')) AS x(r, u) " \
+	"ON CONFLICT (room_id, identity_id) DO UPDATE SET membership = 'joined', peer_invited = false, " \
+	"updated_at = now() WHERE room_members.membership = 'left'"
 
 const struct store_stmt peer_api_statements[] = {
 	{ "submit_read_by_id", READ_ITEMS("public_id = it.room") },
@@ -2166,6 +2189,7 @@ const struct store_stmt peer_api_statements[] = {
 	{ "submit_lock_rooms", LOCK_ROOMS },
 	{ "submit_lock_users", LOCK_USERS },
 	{ "submit_leave", LEAVE_MEMBERS },
+	{ "submit_join", JOIN_MEMBERS },
 	{ "submit_write_g", GROUP_WRITE_EVENTS GROUP_WRITE_ITEMS_TAIL },
 	{ "submit_write_plain_g", GROUP_WRITE_EVENTS WRITE_ITEMS_PLAIN_ROWS },
 	{ "submit_write_norefs_g", GROUP_WRITE_EVENTS_NOREFS GROUP_WRITE_ITEMS_TAIL },
@@ -2407,6 +2431,32 @@ static cw_err leaves_send(PGconn *c, struct submit *b, cw_errmsg *e)
 	return rc;
 }
 
+/* Round 1's joining of the groups by the peers' users whose own join
+ * events it writes and who are not joined (JOIN_MEMBERS), sent after the
+ * rooms' locks and before the write; nothing when there is none.  Sets
+ * b->joined. */
+static cw_err joins_send(PGconn *c, struct submit *b, cw_errmsg *e)
+{
+	struct cw_buf rooms, users;
+	cw_buf_init(&rooms, SIZE_MAX / 2);
+	cw_buf_init(&users, SIZE_MAX / 2);
+	cw_err rc = CW_OK;
+	for (size_t i = 0; i < b->n && !rc; i++)
+		if (b->items[i] && b->write[i] && b->joins[i])
+			rc = cw_buf_printf(&rooms, "%s%s", rooms.len ? "," : "", b->room_id[i]) ||
+				     cw_buf_printf(&users, "%s%s", users.len ? "," : "", b->sender_id[i])
+				     ? CW_ENOMEM
+				     : CW_OK;
+	if (rc)
+		rc = cw_fail(e, rc, "out of memory");
+	else if (rooms.len)
+		rc = send_text(c, "submit_join", rooms.p, users.p, NULL, e);
+	b->joined = !rc && rooms.len;
+	cw_buf_free(&rooms);
+	cw_buf_free(&users);
+	return rc;
+}
+
 /* The documents of the two rounds are written as text straight into a
  * buffer: every value is an id, a number or a name that needs no escaping
  * (add_json_string checks, and lets jansson encode what does), and the
@@ -2419,6 +2469,7 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 	b->locked = false;
 	b->ulocked = false;
 	b->left = false;
+	b->joined = false;
 	struct policy_view *v = policy_live_get(b->app->policy);
 	long long bound = v->set.user_requests_per_day;
 	struct cw_buf doc, contents;
@@ -2452,7 +2503,8 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 				      (cw_buf_add(&doc, ",\"snd\":", 7) || add_json_string(&doc, in->sender) ||
 				       cw_buf_add(&doc, ",\"net\":", 7) || add_json_string(&doc, in->sender_network) ||
 				       cw_buf_add(&doc, ",\"dom\":", 7) || add_json_string(&doc, in->sender_domain) ||
-				       cw_buf_printf(&doc, ",\"win\":%lld", (long long)v->set.consent_window_s))) ||
+				       cw_buf_printf(&doc, ",\"win\":%lld", (long long)v->set.consent_window_s) ||
+				       (in->join && cw_buf_add(&doc, ",\"jn\":true", 10)))) ||
 				     cw_buf_add(&doc, "}", 1)
 				     ? CW_EINVAL
 				     : CW_OK;
@@ -2523,7 +2575,8 @@ static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 		char name[40];
 		snprintf(name, sizeof(name), "%s%s", w, group ? "_g" : "");
 		if ((plain || (rc = lock_users_send(c, b, bound, e)) == CW_OK) &&
-		    (!(group || chk || refs) || (rc = lock_rooms_send(c, b, e)) == CW_OK))
+		    (!(group || chk || refs) || (rc = lock_rooms_send(c, b, e)) == CW_OK) &&
+		    (!group || (rc = joins_send(c, b, e)) == CW_OK))
 			rc = send_text(c, name, doc.p, contents.p, plain && !refs ? NULL : b->audit, e);
 		if (!rc)
 			rc = leaves_send(c, b, e);
@@ -2753,21 +2806,58 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 		return;
 	}
 	/* The sender a member (a user of a peer with others in the room, a
-	 * local user) before what the item names is looked at. */
-	if (!joined_member(r, mfirst, nmembers, false, 0, in->sender)) {
+	 * local user) before what the item names is looked at: as the job's
+	 * earlier items leave her, when one of them is her own leaving or
+	 * joining of the group (its change is written with the job:
+	 * leaves_send, joins_send), else as round 0 read her. */
+	const char *joiner = NULL; /* her identity's id, when she joins with this job */
+	int in_job = 0;            /* 1: an earlier item joins her, -1: leaves her */
+	for (size_t j = 0; j < i; j++)
+		if (b->items[j] && b->write[j] && strcmp(b->items[j]->sender, in->sender) == 0 &&
+		    strcmp(b->room_id[j], PQgetvalue(r, first, 1)) == 0) {
+			if (leaves_group(b, j))
+				in_job = -1;
+			else if (b->joins[j]) {
+				in_job = 1;
+				joiner = b->sender_id[j];
+			}
+		}
+	bool member = in_job ? in_job > 0 : joined_member(r, mfirst, nmembers, false, 0, in->sender);
+	/* Her own join when she is not joined in a group (she left, or was
+	 * never in it; a user the server knows: column 2) joins her, as her
+	 * peer's adding of her does (POST /v1/rooms/{room}/members): her peer
+	 * has a member in it (above), and the server's rules are asked about
+	 * her as about a member added (members_decide). */
+	bool joins = !member && in->join && !in->local_sender && in_job == 0 && !PQgetisnull(r, first, 2) &&
+		     nmembers > 0 && !PQgetisnull(r, mfirst, 17);
+	if (joins) {
+		struct policy_view *view = policy_live_get(in->app->policy);
+		struct policy_request preq = {
+			.direction = POLICY_INBOUND, .action = POLICY_ACT_NEW_ROOM,
+			.sender = { in->sender, in->sender_domain, in->sender_network }, .now_ms = cw_wall_ms(),
+		};
+		struct policy_decision d;
+		policy_decide(view->snap, &preq, &d);
+		policy_view_put(view);
+		policy_count(in->app, &d);
+		if (d.verdict == POLICY_DENY) {
+			LOG_KV_LIMITED(CW_LOG_INFO, "member refused by the server's rules", "reason", d.reason, "member",
+				       in->sender);
+			json_array_append_new(b->audit, peer_audit_record(&d, NULL, in->sender,
+				json_pack("{s:s, s:s, s:s, s:s}", "sender", in->sender, "direction", "inbound", "type",
+					  "member_add", "room", PQgetvalue(r, first, 14))));
+			item_fail(res, 403, "not_allowed", "this provider takes no conversations with %s", in->sender);
+			return;
+		}
+		joiner = PQgetvalue(r, first, 2);
+	}
+	if (!member && !joins) {
 		item_fail(res, 403, "not_allowed", NOT_MEMBER_DETAIL);
 		return;
 	}
-	/* Nor one whose leaving of the group an earlier item of this job
-	 * writes (its member change follows the write: leaves_send). */
-	for (size_t j = 0; j < i; j++)
-		if (leaves_group(b, j) && strcmp(b->items[j]->sender, in->sender) == 0 &&
-		    strcmp(b->room_id[j], PQgetvalue(r, first, 1)) == 0) {
-			item_fail(res, 403, "not_allowed", NOT_MEMBER_DETAIL);
-			return;
-		}
 	snprintf(b->room_id[i], sizeof(b->room_id[i]), "%s", PQgetvalue(r, first, 1));
-	b->sender_id[i][0] = '\0';
+	snprintf(b->sender_id[i], sizeof(b->sender_id[i]), "%s", joiner ? joiner : "");
+	b->joins[i] = joins;
 	/* A reference not stored may name an earlier item of this job
 	 * (intra_refs checks it once every item is decided). */
 	bool reply_unstored = in->in_reply_to[0] && PQgetisnull(r, first, 12);
@@ -3131,6 +3221,14 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 		PGresult *r;
 		b->locked = false;
 		cw_err rc = store_pipe_result(c, PGRES_TUPLES_OK, &r, e);
+		if (rc)
+			return rc;
+		PQclear(r);
+	}
+	if (round == 1 && b->joined) { /* the joinings (joins_send) */
+		PGresult *r;
+		b->joined = false;
+		cw_err rc = store_pipe_result(c, PGRES_COMMAND_OK, &r, e);
 		if (rc)
 			return rc;
 		PQclear(r);

@@ -2075,65 +2075,101 @@ def test_renames_are_charged_as_the_peers_messages(daemon, peers, pg, db_url):
                    db_url) == "1"
 
 
-def test_a_members_own_leave_event_ends_her_membership(daemon, peers, pg, db_url):
+def test_a_members_own_leave_and_join_events_change_her_membership(daemon, peers, pg, db_url):
     """A peer's user's own `leave` (a membership event she sends, by
     /messages or in a batch) ends her membership as the peer's removal of
     her does: GET /v1/rooms/{room} lists her left, her next events are
     refused 403 not_allowed as any non-member's, nothing more is written
     to her (her peer, once its last user left, gets no row and no longer
     sees the room), and the group's other peer gets her leave once, the
-    event itself. An item after her leave in the same batch is refused as
-    hers. A leave of one who left already is refused as any event of a
-    non-member; a direct room keeps its two members. Until the
-    forty-first session she stayed joined, wrote on and got the group's
-    events."""
+    event itself. Her own `join` then makes her a member again, as the
+    peer's adding of her does (the server's rules asked about her: a
+    denied user stays out, 403), and the other peer gets the join once. In
+    one batch an item after her leave is refused as hers, one after her
+    join taken. A leave of one who left already, or a join of a user the
+    server never knew, is refused as any event of a non-member; a direct
+    room keeps its two members. Until the forty-first session she stayed
+    joined, wrote on and got the group's events, and her join was
+    refused."""
     (a, sa), (b, sb) = peers
-    wally, bob, eve = a.user("wally"), b.user("bob"), b.user("eve")
-    rj = a.create_room([wally, bob, eve, "mimi://example.org/u/dave"], kind="group").json()
+    wally, bob, eve, carol = a.user("wally"), b.user("bob"), b.user("eve"), b.user("carol")
+    rj = a.create_room([wally, bob, eve, carol, "mimi://example.org/u/dave"], kind="group").json()
     gid, uri = rj["id"], rj["uri"]
 
-    def leave(who):
-        return {"type": "membership", "sender": who, "content": {"membership": "leave", "target": who}}
+    def own(who, membership):
+        return {"type": "membership", "sender": who, "content": {"membership": membership, "target": who}}
+
+    def message(who, text):
+        return {"type": "message", "sender": who, "content": {"parts": [{"type": "text/plain", "body": text}]}}
 
     def members():
         return {m["user"]: m["membership"] for m in a.call("GET", f"/v1/rooms/{gid}").json()["members"]}
 
-    r = b.call("POST", f"/v1/rooms/{gid}/messages", leave(eve), idem="eve-leaves")
+    def told():
+        return [(e["sender"], e["content"]["membership"]) for e in list(sa.events)
+                if e["type"] == "membership" and e["room_id"] == gid]
+
+    def batch(*items):
+        r = b.call("POST", "/v1/batch", {"events": [{"idempotency_key": k, "room": uri, "event": ev}
+                                                    for k, ev in items]})
+        assert r.status_code == 200, r.text
+        return [(x["status"], x.get("code")) for x in r.json()["results"]]
+
+    r = b.call("POST", f"/v1/rooms/{gid}/messages", own(eve, "leave"), idem="eve-leaves")
     assert r.status_code == 202, r.text
     assert members()[eve] == "left" and members()[bob] == "joined"
     # her retry is answered as the first time, and changes nothing more
-    r2 = b.call("POST", f"/v1/rooms/{gid}/messages", leave(eve), idem="eve-leaves")
+    r2 = b.call("POST", f"/v1/rooms/{gid}/messages", own(eve, "leave"), idem="eve-leaves")
     assert r2.status_code == 202 and r2.json()["id"] == r.json()["id"], r2.text
     r = b.send(gid, eve, "still here?")
     assert r.status_code == 403 and r.json()["code"] == "not_allowed", r.text
-    r = b.call("POST", f"/v1/rooms/{gid}/messages", leave(eve), idem="eve-leaves-again")
+    r = b.call("POST", f"/v1/rooms/{gid}/messages", own(eve, "leave"), idem="eve-leaves-again")
     assert r.status_code == 403 and r.json()["code"] == "not_allowed", r.text
     m1 = a.send(gid, wally, "eve has gone").json()["id"]
-    wait_until(lambda: m1 in [e["id"] for e in list(sb.events)], what="wally's message at tg (bob)")
-    wait_until(lambda: [(e["sender"], e["content"]) for e in list(sa.events) if e["type"] == "membership"
-                        and e["room_id"] == gid] == [(eve, {"membership": "leave", "target": eve})],
-               what="eve's leave at gk, once")
-    # The batch: bob, tg's last member, leaves; his message after it in the
-    # same batch is refused; tg gets no more rows and sees no room.
-    r = b.call("POST", "/v1/batch", {"events": [
-        {"idempotency_key": "bob-leaves", "room": uri, "event": leave(bob)},
-        {"idempotency_key": "bob-after", "room": uri, "event": {
-            "type": "message", "sender": bob, "content": {"parts": [{"type": "text/plain", "body": "one more"}]}}}]})
-    assert r.status_code == 200, r.text
-    res = r.json()["results"]
-    assert [(x["status"], x.get("code")) for x in res] == [("accepted", None), ("refused", "not_allowed")], res
-    assert members()[bob] == "left"
+    assert pg.psql("SELECT string_agg(o.destination, ',' ORDER BY o.destination) FROM outbox o JOIN events e "
+                   f"ON e.id = o.event_id WHERE e.public_id = '{m1}'", db_url) == "local,peer:tg"
+    wait_until(lambda: told() == [(eve, "leave")], what="eve's leave at gk, once")
+    # Her own join: a member again, who writes.
+    r = b.call("POST", f"/v1/rooms/{gid}/messages", own(eve, "join"), idem="eve-joins")
+    assert r.status_code == 202, r.text
+    assert members()[eve] == "joined"
+    assert b.send(gid, eve, "back").status_code == 202
+    wait_until(lambda: told() == [(eve, "leave"), (eve, "join")], what="eve's join at gk, once")
+    # A user never seen, or one the server's rules deny, is not joined.
+    r = b.call("POST", f"/v1/rooms/{gid}/messages", own(b.user("nobody"), "join"), idem="nobody-joins")
+    assert r.status_code == 403 and r.json()["code"] == "not_allowed", r.text
+    assert batch(("carol-leaves", own(carol, "leave"))) == [("accepted", None)]
+    assert daemon.admin("POST", "/rules", json={"scope": "user", "pattern": carol, "mode": "deny"}).status_code == 201
+    r = b.call("POST", f"/v1/rooms/{gid}/messages", own(carol, "join"), idem="carol-joins")
+    assert r.status_code == 403 and r.json()["code"] == "not_allowed", r.text
+    assert members()[carol] == "left"
+    assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'policy.deny' "
+                   f"AND subject = '{carol}' AND details->>'type' = 'member_add'", db_url) == "1"
+    # The batch: after her leave her items are refused (a join too), after
+    # her join taken.
+    assert batch(("eve-b1", own(eve, "leave")), ("eve-b2", message(eve, "one more")),
+                 ("eve-b3", own(eve, "join"))) == [("accepted", None), ("refused", "not_allowed"),
+                                                   ("refused", "not_allowed")]
+    assert members()[eve] == "left"
+    assert batch(("eve-b4", own(eve, "join")), ("eve-b5", message(eve, "back again"))) == [
+        ("accepted", None), ("accepted", None)]
+    assert members()[eve] == "joined"
+    # bob and eve, tg's last members, leave: tg gets no more rows and sees
+    # no room; a join then finds none.
+    assert batch(("bob-b", own(bob, "leave")), ("eve-b6", own(eve, "leave"))) == [("accepted", None)] * 2
     assert b.call("GET", f"/v1/rooms/{gid}").status_code == 404
+    r = b.call("POST", f"/v1/rooms/{gid}/messages", own(bob, "join"), idem="bob-joins")
+    assert r.status_code == 404 and r.json()["code"] == "unknown_room", r.text
     m2 = a.send(gid, wally, "just us").json()["id"]
     assert pg.psql("SELECT string_agg(o.destination, ',' ORDER BY o.destination) FROM outbox o JOIN events e "
                    f"ON e.id = o.event_id WHERE e.public_id = '{m2}'", db_url) == "local"
-    wait_until(lambda: [e["content"]["target"] for e in list(sa.events) if e["type"] == "membership"
-                        and e["room_id"] == gid] == [eve, bob], what="bob's leave at gk")
-    assert room_events(pg, db_url, gid) == [("membership", eve, eve), ("message", wally, ""),
-                                            ("membership", bob, bob), ("message", wally, "")]
+    want = [(eve, "leave"), (eve, "join"), (carol, "leave"), (eve, "leave"), (eve, "join"), (bob, "leave"),
+            (eve, "leave")]
+    wait_until(lambda: told() == want, what="every change at gk, once each")
+    assert [t for t, _, _ in room_events(pg, db_url, gid)].count("membership") == len(want)
     # A direct room keeps its two members: the event is passed on, as before.
     did = a.create_room([wally, bob], kind="direct").json()["id"]
-    r = b.call("POST", f"/v1/rooms/{did}/messages", leave(bob), idem="bob-leaves-direct")
+    r = b.call("POST", f"/v1/rooms/{did}/messages", own(bob, "leave"), idem="bob-leaves-direct")
     assert r.status_code == 202, r.text
     assert {m["user"]: m["membership"] for m in a.call("GET", f"/v1/rooms/{did}").json()["members"]} == {
         wally: "joined", bob: "joined"}

@@ -25,12 +25,12 @@ def test_a_peer_cannot_forge_membership_events_of_others(daemon, peers, pg, db_u
     session such an event was accepted and pushed, signed by this provider,
     to the group's other peers, who read it as their user's removal."""
     (a, sa), (b, sb) = peers
-    wally, bob = a.user("wally"), b.user("bob")
-    gid = a.create_room([wally, bob, "mimi://example.org/u/dave"], kind="group").json()["id"]
+    wally, walt, wendy, bob = a.user("wally"), a.user("walt"), a.user("wendy"), b.user("bob")
+    gid = a.create_room([wally, walt, wendy, bob, "mimi://example.org/u/dave"], kind="group").json()["id"]
     uri = a.call("GET", f"/v1/rooms/{gid}").json()["uri"]
 
-    def ev(target, **content):
-        return {"type": "membership", "sender": wally, "content": dict(content, membership="leave", target=target)}
+    def ev(target, sender=wally, **content):
+        return {"type": "membership", "sender": sender, "content": dict(content, membership="leave", target=target)}
 
     bad = [ev(bob, by="example.org"), ev(bob), ev("mimi://example.org/u/dave"), ev(wally, by="example.org"),
            ev(wally, by=7)]
@@ -44,14 +44,16 @@ def test_a_peer_cannot_forge_membership_events_of_others(daemon, peers, pg, db_u
     res = r.json()["results"]
     assert [(x["status"], x.get("code"), x.get("http_status")) for x in res] == \
         [("refused", "not_allowed", 403)] * len(bad) + [("accepted", None, None)], res
-    # Its own user's: taken and passed on, as before.
-    own = a.call("POST", f"/v1/rooms/{gid}/messages", ev(wally), idem="own1")
+    # Its own user's: taken and passed on, as before (and, since the
+    # forty-first session, she has left: test_peer_api.py,
+    # test_a_members_own_leave_and_join_events_change_her_membership).
+    own = a.call("POST", f"/v1/rooms/{gid}/messages", ev(walt, sender=walt), idem="own1")
     assert own.status_code == 202, own.text
-    m = a.send(gid, wally, "after").json()["id"]
+    m = a.send(gid, wendy, "after").json()["id"]
     wait_until(lambda: m in [e["id"] for e in list(sb.events)], what="the message at tg")
     got = [(e["sender"], e["content"]) for e in list(sb.events) if e["type"] == "membership"]
     assert got == [(wally, {"membership": "leave", "target": wally, "by": "WA.example"}),
-                   (wally, {"membership": "leave", "target": wally})], got
+                   (walt, {"membership": "leave", "target": walt})], got
     assert pg.psql("SELECT count(*) FROM events e JOIN rooms r ON r.id = e.room_id "
                    f"WHERE r.public_id = '{gid}' AND e.type = 'membership'", db_url) == "2"
 

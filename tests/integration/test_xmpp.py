@@ -1148,6 +1148,31 @@ def test_a_peers_user_named_as_a_local_member_is_an_occupant_of_their_own(xd, gk
         assert hist == [(f"bob@{domain}", "from the peer's bob"), ("bob", "from our bob")], hist
 
 
+
+def test_a_peers_users_own_leave_and_join_events_are_shown_as_a_removal_and_an_add(xd, gk, alice, prosody):
+    """zoe, the peer's, leaves the group by her own membership event, then
+    joins it again by another: alice, an occupant, sees her go
+    (unavailable, 321, as for the peer's removal of her) and come back, as
+    the peer's POST /v1/rooms/{room}/members shows them. Until the
+    forty-first session neither event changed the group's members, and
+    alice saw nothing."""
+    a, _ = gk
+    zoe = a.user("zoe")
+    with a_group_with_bob(xd, a, alice, prosody, more=[zoe]) as (bob, gid, room):
+        join_room(room, (alice, "alice"))
+        start = alice.count()
+        assert post(a, f"/v1/rooms/{gid}/messages", {"type": "membership", "sender": zoe, "content": {
+            "membership": "leave", "target": zoe}}).status_code == 202
+        gone = alice.wait_for_presence(lambda el: el.get("from") == room + "/zoe" and el.get("type") == "unavailable",
+                                       start=start)
+        assert [c.get("code") for c in gone.iter(q(MUC_USER, "status"))] == ["321"], gone.xml
+        start = alice.count()
+        assert post(a, f"/v1/rooms/{gid}/messages", {"type": "membership", "sender": zoe, "content": {
+            "membership": "join", "target": zoe}}).status_code == 202
+        alice.wait_for_presence(lambda el: el.get("from") == room + "/zoe" and el.get("type") is None, start=start)
+        assert a.send(gid, zoe, "back").status_code == 202  # held for alice's consent: zoe is new to her
+
+
 def test_a_local_member_who_left_is_put_out_though_a_peers_namesake_takes_her_nick(xd, gk, alice, prosody, pg,
                                                                                  db_url):
     """alice of this server and alice of the peer in one group: ours is
