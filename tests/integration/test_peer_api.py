@@ -2092,8 +2092,8 @@ def test_a_members_own_leave_and_join_events_change_her_membership(daemon, peers
     joined, wrote on and got the group's events, and her join was
     refused."""
     (a, sa), (b, sb) = peers
-    wally, bob, eve, carol = a.user("wally"), b.user("bob"), b.user("eve"), b.user("carol")
-    rj = a.create_room([wally, bob, eve, carol, "mimi://example.org/u/dave"], kind="group").json()
+    wally, bob, eve, carol, fay = a.user("wally"), b.user("bob"), b.user("eve"), b.user("carol"), b.user("fay")
+    rj = a.create_room([wally, bob, eve, carol, fay, "mimi://example.org/u/dave"], kind="group").json()
     gid, uri = rj["id"], rj["uri"]
 
     def own(who, membership):
@@ -2145,6 +2145,13 @@ def test_a_members_own_leave_and_join_events_change_her_membership(daemon, peers
     assert members()[carol] == "left"
     assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'policy.deny' "
                    f"AND subject = '{carol}' AND details->>'type' = 'member_add'", db_url) == "1"
+    # One banned stays out: her join is refused, nothing stored.
+    pg.psql("UPDATE room_members SET membership = 'banned' WHERE identity_id = "
+            f"(SELECT id FROM identities WHERE uri = '{fay}')", db_url)
+    r = b.call("POST", f"/v1/rooms/{gid}/messages", own(fay, "join"), idem="fay-joins")
+    assert r.status_code == 403 and r.json()["code"] == "not_allowed", r.text
+    assert pg.psql("SELECT membership FROM room_members WHERE identity_id = "
+                   f"(SELECT id FROM identities WHERE uri = '{fay}')", db_url) == "banned"
     # The batch: after her leave her items are refused (a join too), after
     # her join taken.
     assert batch(("eve-b1", own(eve, "leave")), ("eve-b2", message(eve, "one more")),
