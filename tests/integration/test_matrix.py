@@ -1767,10 +1767,7 @@ def test_accept_or_block_of_a_local_user_or_domain_is_refused(make_daemon, db_ur
     hs.create_user("bob")
 
     def answer_to(text):
-        n = len(said())
-        alice.send_text(mgmt, text)
-        wait_until(lambda: len(said()) > n, what=f"the answer to {text}")
-        return said()[n]
+        return bot_answer(said, lambda: alice.send_text(mgmt, text))
     users = ("mimi://example.org/u/{}", "mimi://chat.example.org/u/{}", "@{}:example.org")
     for verb in ("accept", "block"):
         for shape in users:
@@ -1820,10 +1817,7 @@ def test_a_partys_domain_in_any_case_and_an_address_of_no_peer(mx, hs, gk, pg, d
     alice, mgmt, said = alice_and_the_bot(hs)
 
     def answer_to(text):
-        n = len(said())
-        alice.send_text(mgmt, text)
-        wait_until(lambda: len(said()) > n, what=f"the answer to {text}")
-        return said()[n]
+        return bot_answer(said, lambda: alice.send_text(mgmt, text))
     assert answer_to("block mimi://WA.Example/u/Wally") == "Blocked mimi://wa.example/u/Wally. 0 waiting message(s) dropped."
     assert answer_to("accept MIMI://wa.EXAMPLE/u/zoe") == "Accepted mimi://wa.example/u/zoe. 0 waiting message(s) released."
     assert answer_to("block WA.Example") == "Blocked wa.example. 0 waiting message(s) dropped."
@@ -1862,10 +1856,7 @@ def test_a_failed_look_up_of_the_partys_peer_is_try_again_and_stores_nothing(mx,
     alice, mgmt, said = alice_and_the_bot(hs)
 
     def answer_to(text):
-        n = len(said())
-        alice.send_text(mgmt, text)
-        wait_until(lambda: len(said()) > n, what=f"the answer to {text}")
-        return said()[n]
+        return bot_answer(said, lambda: alice.send_text(mgmt, text))
     pg.psql("ALTER TABLE peers RENAME COLUMN domain TO domain_gone", db_url)
     try:
         for text in ("block nowhere.example", "accept mimi://nowhere.example/u/x", "block mimi://wa.example/u/wally",
@@ -1893,10 +1884,7 @@ def test_an_opt_in_for_a_disabled_peer_says_it_is_switched_off(mx, hs, gk, pg, d
     assert mx.admin("POST", "/peers/gk/disable").ok
 
     def answer_to(text):
-        n = len(said())
-        alice.send_text(mgmt, text)
-        wait_until(lambda: len(said()) > n, what="the answer")
-        return said()[n]
+        return bot_answer(said, lambda: alice.send_text(mgmt, text))
     assert answer_to("opt-in whatsapp") == "I know no network whatsapp. No network is connected here yet."
     assert answer_to("opt-in gk") == ("You are now opted in for peer:gk. That network is switched off for now: "
                                       "nothing comes from it until the operator turns it on again.")
@@ -5510,10 +5498,7 @@ def test_list_shows_who_blocked_the_user_and_accept_says_so(mx, hs, gk, pg, db_u
     alice, mgmt, said = alice_and_the_bot(hs)
 
     def answer_to(text):
-        n = len(said())
-        alice.send_text(mgmt, text)
-        wait_until(lambda: len(said()) > n, what=f"the answer to {text}")
-        return said()[n]
+        return bot_answer(said, lambda: alice.send_text(mgmt, text))
     assert a.call("POST", "/v1/blocks", {"blocker": wally, "blocked": ALICE, "action": "block"}).status_code == 202
     assert answer_to(f"block {ed}").startswith(f"Blocked {ed}.")
     listed = answer_to("list").splitlines()
