@@ -231,6 +231,28 @@ static bool network_allowed(const char *net, const char *rec, const char *seen)
 	return ok;
 }
 
+/* The database's recorded local network into rec (64 bytes; *recorded),
+ * and, only while there is no record, the networks of its local users into
+ * seen (comma-separated, "" none): once recorded, the start scans no
+ * identities.  False after saying why. */
+static bool local_network_read(PGconn *c, char *rec, bool *recorded, char *seen)
+{
+	PGresult *r = PQexec(c, "SELECT (SELECT value #>> '{}' FROM settings WHERE key = 'instance.local_network'), "
+			     "(SELECT coalesce(string_agg(DISTINCT network, ',' ORDER BY network), '') FROM identities "
+			     " WHERE is_local AND network <> 'local' "
+			     " AND NOT EXISTS (SELECT 1 FROM settings WHERE key = 'instance.local_network'))");
+	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+		LOG_KV(CW_LOG_ERROR, "cannot read the database's local network", "detail", PQresultErrorMessage(r));
+		PQclear(r);
+		return false;
+	}
+	*recorded = !PQgetisnull(r, 0, 0);
+	snprintf(rec, 64, "%s", *recorded ? PQgetvalue(r, 0, 0) : "");
+	snprintf(seen, 64, "%s", PQgetvalue(r, 0, 1));
+	PQclear(r);
+	return true;
+}
+
 /* Before the migrations (run_migrations): a daemon of another network is
  * refused before it changes the database at all.  A newer build of the
  * other network, pointed at it by mistake, applied its migrations before
@@ -253,22 +275,13 @@ static bool local_network_precheck(PGconn *c, const char *net)
 	PQclear(r);
 	if (!tables)
 		return true;
-	r = PQexec(c, "SELECT (SELECT value #>> '{}' FROM settings WHERE key = 'instance.local_network'), "
-		      "(SELECT coalesce(string_agg(DISTINCT network, ',' ORDER BY network), '') FROM identities "
-		      " WHERE is_local AND network <> 'local')");
-	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
-		LOG_KV(CW_LOG_ERROR, "cannot read the database's local network", "detail", PQresultErrorMessage(r));
-		PQclear(r);
+	char rec[64], seen[64];
+	bool recorded;
+	if (!local_network_read(c, rec, &recorded, seen))
 		return false;
-	}
-	char seen[64];
-	snprintf(seen, sizeof(seen), "%s", PQgetvalue(r, 0, 1));
 	/* Not recorded, and no local user of another network: the claim
 	 * (after the migrations) records it. */
-	bool ok = (PQgetisnull(r, 0, 0) && !seen[0]) ||
-		  network_allowed(net, PQgetisnull(r, 0, 0) ? NULL : PQgetvalue(r, 0, 0), seen);
-	PQclear(r);
-	return ok;
+	return (!recorded && !seen[0]) || network_allowed(net, recorded ? rec : NULL, seen);
 }
 
 /* net: the configured local network (configured_network), asked of the
@@ -362,35 +375,28 @@ static bool local_network_claim(PGconn *c, const char *net)
 	PGresult *r = PQexecParams(c,
 				   "WITH seen AS (SELECT string_agg(DISTINCT network, ',' ORDER BY network) AS n, "
 				   " count(DISTINCT network) AS k FROM identities WHERE is_local AND network <> 'local' "
-				   " AND NOT EXISTS (SELECT 1 FROM settings WHERE key = 'instance.local_network')), "
-				   "ins AS (INSERT INTO settings (key, value, updated_by) "
-				   " SELECT 'instance.local_network', to_jsonb(COALESCE(n, $1::text)), 'causewayd' FROM seen "
-				   " WHERE (k = 0 OR n = $1) "
-				   " AND NOT EXISTS (SELECT 1 FROM settings WHERE key = 'instance.local_network') "
-				   " ON CONFLICT (key) DO NOTHING RETURNING value #>> '{}') "
-				   "SELECT (SELECT n FROM seen), (SELECT * FROM ins)",
+				   " AND NOT EXISTS (SELECT 1 FROM settings WHERE key = 'instance.local_network')) "
+				   "INSERT INTO settings (key, value, updated_by) "
+				   "SELECT 'instance.local_network', to_jsonb(COALESCE(n, $1::text)), 'causewayd' FROM seen "
+				   "WHERE (k = 0 OR n = $1) "
+				   "AND NOT EXISTS (SELECT 1 FROM settings WHERE key = 'instance.local_network') "
+				   "ON CONFLICT (key) DO NOTHING RETURNING value #>> '{}', (SELECT n FROM seen) IS NOT NULL",
 				   1, NULL, params, NULL, NULL, 0);
 	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
 		LOG_KV(CW_LOG_ERROR, "cannot record the database's local network", "detail", PQresultErrorMessage(r));
 		PQclear(r);
 		return false;
 	}
-	char seen[64];
-	snprintf(seen, sizeof(seen), "%s", PQgetvalue(r, 0, 0));
-	if (!PQgetisnull(r, 0, 1))
-		LOG_KV(CW_LOG_INFO, "the database's local network recorded", "network", PQgetvalue(r, 0, 1),
-		       "local_users", seen[0] ? "some" : "none");
+	if (PQntuples(r) == 1)
+		LOG_KV(CW_LOG_INFO, "the database's local network recorded", "network", PQgetvalue(r, 0, 0),
+		       "local_users", PQgetvalue(r, 0, 1)[0] == 't' ? "some" : "none");
 	PQclear(r);
-	r = PQexec(c, "SELECT value #>> '{}' FROM settings WHERE key = 'instance.local_network'");
-	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
-		LOG_KV(CW_LOG_ERROR, "cannot read the database's local network", "detail", PQresultErrorMessage(r));
-		PQclear(r);
+	/* a statement of its own: its snapshot sees the row another process wrote */
+	char rec[64], seen[64];
+	bool recorded;
+	if (!local_network_read(c, rec, &recorded, seen))
 		return false;
-	}
-	bool recorded = PQntuples(r) && !PQgetisnull(r, 0, 0);
-	bool ok = network_allowed(net, recorded ? PQgetvalue(r, 0, 0) : NULL, seen);
-	PQclear(r);
-	return ok;
+	return network_allowed(net, recorded ? rec : NULL, seen);
 }
 
 
