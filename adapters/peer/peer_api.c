@@ -2057,7 +2057,17 @@ struct submit *submit_new(size_t n)
  * across restarts and daemon processes: submit_lock_users took her lock
  * (USER_ASK_LOCK_CLASS) in a statement before this one, so this
  * statement's snapshot holds every request another transaction made
- * before it let the lock go.  Until the forty-first session the bound was
+ * before it let the lock go.  The request's created_at and the refusal's
+ * at are this statement's start (statement_timestamp()), not the
+ * transaction's (now()): it starts once the lock is held, so the times
+ * follow the order the lock was held in, and a request and a refusal of
+ * one statement have the same (the refusal counts as after the request):
+ * "a refusal since her latest request" is true of the one written
+ * before.  With now() a transaction that began first and waited on the
+ * lock stamped its refusal before a request another had made meanwhile,
+ * and the next refusal was recorded again (two daemons, CI of the
+ * forty-first session; clock_timestamp() differs row by row within one
+ * statement, and failed the same way).  Until the forty-first session the bound was
  * a token bucket in each process's memory: a restart filled it again, and
  * N processes allowed N times the bound.  Every stored request counts (a
  * MIMI requestConsent's too, which the bound never refuses). */
@@ -2074,12 +2084,13 @@ struct submit *submit_new(size_t n)
 	"  max(q.created_at) AS last FROM consent_requests q JOIN identities r ON r.id = q.remote_identity_id " \
 	"  WHERE cq.crl > 0 AND q.local_identity_id = cq.u AND q.created_at > now() - interval '1 day' " \
 	"  AND r.domain = cq.dom) w), " \
-	"cr AS (INSERT INTO consent_requests (local_identity_id, remote_identity_id, expires_at) " \
-	"  SELECT ck.u, ck.s, now() + make_interval(secs => ck.expiry) FROM ck WHERE ck.crl = 0 OR ck.had + ck.rk <= ck.crl " \
+	"cr AS (INSERT INTO consent_requests (local_identity_id, remote_identity_id, created_at, expires_at) " \
+	"  SELECT ck.u, ck.s, statement_timestamp(), statement_timestamp() + make_interval(secs => ck.expiry) FROM ck " \
+	"  WHERE ck.crl = 0 OR ck.had + ck.rk <= ck.crl " \
 	"  ON CONFLICT DO NOTHING), " \
 	"cx AS (SELECT * FROM ck WHERE ck.crl > 0 AND ck.had + ck.rk > ck.crl), " \
-	"ca AS (INSERT INTO audit_log (actor, action, reason_code, event_id, subject, details) " \
-	"  SELECT 'policy', 'policy.limit', 'rate_limited_recipient_consent_requests', ev.id, cx.suri, " \
+	"ca AS (INSERT INTO audit_log (at, actor, action, reason_code, event_id, subject, details) " \
+	"  SELECT statement_timestamp(), 'policy', 'policy.limit', 'rate_limited_recipient_consent_requests', ev.id, cx.suri, " \
 	"  jsonb_build_object('user', l.uri, 'type', 'consent_request', 'retry_after_ms', greatest(1, " \
 	"  (extract(epoch FROM coalesce(cx.old, now()) + interval '1 day' - now()) * 1000)::bigint)) " \
 	"  FROM cx JOIN ev ON ev.public_id = cx.pid JOIN identities l ON l.id = cx.u " \

@@ -893,10 +893,9 @@ def test_two_daemons_together_ask_a_user_no_more_than_her_daily_bound(make_daemo
         assert all(set(r.json()) == {"id", "accepted_ts", "status"} for r in got)
         assert len(asked_of(pg, db_url).split(",")) == 3, asked_of(pg, db_url)
         assert [s for _, s in states(pg, db_url, [r.json()["id"] for r in got])] == ["held"] * 8
-        # The once-per-episode audit of the refusal races across two daemons:
-        # CI saw it written twice (the forty-first session's note, section 3).
-        # The bound itself (3 requests, above) is exact; the audit is at least once.
-        assert recipient_limits(pg, db_url) in ("1", "2")
+        # one refusal recorded for the episode, whichever daemon refused first
+        # (was twice once in CI: refusals stamped with their transaction's start)
+        assert recipient_limits(pg, db_url) == "1"
         # another user's bound is her own
         opt_in(d1, user=BOB)
         r = a2.send(a.create_room([a.user("s0"), BOB]).json()["id"], a.user("s0"), "hi bob")
