@@ -46,7 +46,12 @@ enum {
 	OPT_ROLE = 1 << 0,   /* --role */
 	OPT_FILTER = 1 << 1, /* --action, --actor, --message */
 	OPT_PAGE = 1 << 2,   /* --limit, --after */
+	OPT_KEY = 1 << 3,    /* --key */
+	OPT_PEER = 1 << 4,   /* --push-url, --pull, --event-types */
 };
+/* The options of each OPT_* bit, for "takes no ..." (in bit order). */
+static const char *const opt_names[] = { "--role", "--action, --actor or --message", "--limit or --after", "--key",
+					 "--push-url, --pull or --event-types" };
 
 struct ctl {
 	char *url;       /* the base URL, without a trailing '/'; owned (curl_free) */
@@ -57,6 +62,8 @@ struct ctl {
 	bool json;
 	unsigned given;  /* the command options given (OPT_*) */
 	const char *role, *action, *actor, *message;
+	const char *key, *push_url, *event_types; /* peers add, peers rotate */
+	bool pull;
 	long limit;      /* 0: every row (up to LIST_MAX) */
 	long long after;
 	CURL *curl;
@@ -1154,6 +1161,143 @@ static enum ctl_rc cmd_token_revoke(struct ctl *c, char **argv)
 	return CTL_OK;
 }
 
+/* The request's JSON could not be made: jansson takes UTF-8 text only. */
+static enum ctl_rc pack_failed(struct ctl *c)
+{
+	return fail(c, CTL_EUSAGE, "the arguments must be UTF-8 text");
+}
+
+/* A peer's bearer token in an answer (peers add, peers rotate), shown
+ * once, as token create shows an admin token. */
+static enum ctl_rc show_peer_token(struct ctl *c, const json_t *body, const char *path, const char *what)
+{
+	const char *token = jstr(body, "token");
+	if (!token || !*token || !token_valid(token))
+		return fail(c, CTL_EREFUSED, "the answer to POST %s holds no token", path);
+	struct texts t = { .n = 0 };
+	const char *mode = tx(&t, body, "mode", CELL_TEXT);
+	printf("%s the peer '%s' (%s, %s%s%s). Its bearer token, shown only this once:\n\n    %s\n\n"
+	       "Give it to the peer's operator over a channel others cannot read; the daemon stores only its\n"
+	       "SHA-256 and cannot show it again (causewayctl peers rotate %s makes a new one).\n",
+	       what, tx(&t, body, "name", CELL_TEXT), tx(&t, body, "domain", CELL_TEXT), mode,
+	       strcmp(mode, "push") == 0 ? " to " : "", strcmp(mode, "push") == 0 ? tx(&t, body, "push_url", CELL_TEXT) : "",
+	       token, tx(&t, body, "name", CELL_TEXT));
+	return CTL_OK;
+}
+
+/* --event-types a,b,c as a JSON array (the API checks the names). */
+static json_t *type_list(const char *s)
+{
+	json_t *a = *s ? json_array() : NULL;
+	for (const char *p = s; a && *p;) {
+		size_t n = strcspn(p, ",");
+		if (n == 0 || json_array_append_new(a, json_stringn(p, n)) != 0) {
+			json_decref(a);
+			return NULL;
+		}
+		p += n;
+		if (*p == ',' && !*++p) { /* a trailing comma */
+			json_decref(a);
+			return NULL;
+		}
+	}
+	return a;
+}
+
+/* What peers add needs besides its arguments, checked before the token is
+ * looked for (a usage error is said first). */
+static enum ctl_rc check_peer_add(struct ctl *c)
+{
+	if (!c->key)
+		return fail(c, CTL_EUSAGE, "peers add needs --key: the peer's Ed25519 public key, base64 of its 32 bytes");
+	if (c->pull == (c->push_url != NULL))
+		return fail(c, CTL_EUSAGE, "peers add needs either --push-url URL (the peer is pushed to) or --pull "
+			    "(it pulls GET /v1/events), not both");
+	if (c->event_types) {
+		json_t *types = type_list(c->event_types);
+		if (!types)
+			return fail(c, CTL_EUSAGE, "--event-types takes event types separated by commas "
+				    "(message,edit,delete), not '%.60s'", c->event_types);
+		json_decref(types);
+	}
+	return CTL_OK;
+}
+
+static enum ctl_rc cmd_peer_add(struct ctl *c, char **argv)
+{
+	json_t *types = c->event_types ? type_list(c->event_types) : NULL;
+	if (c->event_types && !types)
+		return fail(c, CTL_EREFUSED, "out of memory");
+	json_t *send = json_pack("{s:s, s:s, s:s, s:s, s:s?, s:o?}", "name", argv[0], "domain", argv[1], "mode",
+				 c->pull ? "pull" : "push", "public_key", c->key, "push_url", c->push_url,
+				 "event_types", types), *body;
+	if (!send)
+		return pack_failed(c);
+	enum ctl_rc rc = api(c, "POST", "/admin/v1/peers", NULL, send, &body);
+	json_decref(send);
+	if (rc)
+		return rc;
+	if (c->json)
+		print_json(body);
+	else
+		rc = show_peer_token(c, body, "/admin/v1/peers", "Made");
+	json_decref(body);
+	return rc;
+}
+
+/* POST /admin/v1/peers/NAME<verb> with send (may be NULL). */
+static enum ctl_rc peer_change(struct ctl *c, const char *name, const char *verb, const json_t *send, char **path,
+			       json_t **body)
+{
+	enum ctl_rc rc = path_with(c, "/admin/v1/peers/", name, verb, path);
+	if (!rc)
+		rc = api(c, "POST", *path, NULL, send, body);
+	return rc;
+}
+
+static enum ctl_rc peer_switch(struct ctl *c, const char *name, bool enable)
+{
+	char *path = NULL;
+	json_t *body = NULL;
+	enum ctl_rc rc = peer_change(c, name, enable ? "/enable" : "/disable", NULL, &path, &body);
+	free(path);
+	if (rc)
+		return rc;
+	if (c->json) {
+		print_json(body);
+	} else {
+		struct texts t = { .n = 0 };
+		if (enable)
+			printf("The peer '%s' is enabled: its requests are taken and it is sent its rows.\n",
+			       tx(&t, body, "name", CELL_TEXT));
+		else
+			printf("The peer '%s' is disabled (since %s): its requests are refused (401) and its rows wait.\n",
+			       tx(&t, body, "name", CELL_TEXT), tx(&t, body, "disabled_at", CELL_TIME));
+	}
+	json_decref(body);
+	return CTL_OK;
+}
+
+static enum ctl_rc cmd_peer_disable(struct ctl *c, char **argv) { return peer_switch(c, argv[0], false); }
+static enum ctl_rc cmd_peer_enable(struct ctl *c, char **argv) { return peer_switch(c, argv[0], true); }
+
+static enum ctl_rc cmd_peer_rotate(struct ctl *c, char **argv)
+{
+	json_t *send = c->key ? json_pack("{s:s}", "public_key", c->key) : NULL, *body = NULL;
+	if (c->key && !send)
+		return pack_failed(c);
+	char *path = NULL;
+	enum ctl_rc rc = peer_change(c, argv[0], "/rotate", send, &path, &body);
+	json_decref(send);
+	if (!rc && c->json)
+		print_json(body);
+	else if (!rc)
+		rc = show_peer_token(c, body, path, c->key ? "Rotated the token and key of" : "Rotated the token of");
+	free(path);
+	json_decref(body);
+	return rc;
+}
+
 static void print_delivery(struct ctl *c, const json_t *d, enum ctl_rc *rc)
 {
 	struct texts t = { .n = 0 };
@@ -1381,6 +1525,7 @@ struct command {
 	enum ctl_rc (*run)(struct ctl *, char **argv);
 	const char *summary;  /* for the command list */
 	const char *help;     /* for help COMMAND */
+	enum ctl_rc (*check)(struct ctl *); /* the options, before anything is asked; may be NULL */
 };
 
 static const struct command commands[] = {
@@ -1391,52 +1536,74 @@ static const struct command commands[] = {
 	  "when the rules could not be reloaded for 5 s or more; that is shown, not an exit status of 1\n"
 	  "(the daemon goes on with the rules in force, as it does with an adapter that is down).\n"
 	  "With --json: {\"ready\": ..., \"adapters\": ..., \"stats\": ...}, each as the API answered.\n"
-	  "\nexample: causewayctl status" },
+	  "\nexample: causewayctl status", NULL },
 	{ "peers", "", 0, 0, cmd_peers, "the peer providers",
 	  "Lists the peers (GET /admin/v1/peers): name, domain, mode, enabled, push URL.\n"
-	  "\nexample: causewayctl peers" },
+	  "\nexample: causewayctl peers", NULL },
+	{ "peers add", "NAME DOMAIN --key KEY (--push-url URL | --pull) [--event-types T,T]", 2, OPT_KEY | OPT_PEER,
+	  cmd_peer_add, "register a peer (its token shown once)",
+	  "Registers a peer provider (POST /admin/v1/peers): its name (a-z, 0-9, '_', '-'), its domain\n"
+	  "(its users are mimi://DOMAIN/u/...), its Ed25519 public key (--key: base64 of the 32 bytes,\n"
+	  "which its requests are signed with), and how it is sent its events: pushed to --push-url\n"
+	  "(POST URL/v1/notify) or, with --pull, pulled by it (GET /v1/events). --event-types lists\n"
+	  "the event types it takes (message among them; default every type). The peer's bearer token\n"
+	  "is printed this once: give it to the peer's operator. Needs an admin token.\n"
+	  "\nexample: causewayctl peers add gk wa.example --key 11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo= "
+	  "--push-url https://interop.wa.example", check_peer_add },
+	{ "peers disable", "NAME", 1, 0, cmd_peer_disable, "refuse a peer's requests, hold its rows",
+	  "Disables a peer (POST /admin/v1/peers/NAME/disable): every daemon process refuses its\n"
+	  "requests (401) from its next one, and its deliveries wait until it is enabled again.\n"
+	  "\nexample: causewayctl peers disable gk", NULL },
+	{ "peers enable", "NAME", 1, 0, cmd_peer_enable, "take a disabled peer back",
+	  "Enables a disabled peer again (POST /admin/v1/peers/NAME/enable).\n"
+	  "\nexample: causewayctl peers enable gk", NULL },
+	{ "peers rotate", "NAME [--key KEY]", 1, OPT_KEY, cmd_peer_rotate, "a new token for a peer (shown once)",
+	  "Gives a peer a new bearer token (POST /admin/v1/peers/NAME/rotate), and with --key a new\n"
+	  "Ed25519 public key; the old token is refused from then on. The new token is printed this\n"
+	  "once: give it to the peer's operator.\n"
+	  "\nexample: causewayctl peers rotate gk", NULL },
 	{ "rules", "", 0, OPT_PAGE, cmd_rules, "the server rules",
 	  "Lists the server rules (GET /admin/v1/rules), every page unless --limit.\n"
-	  "\nexample: causewayctl rules --limit 20" },
+	  "\nexample: causewayctl rules --limit 20", NULL },
 	{ "users", "", 0, OPT_PAGE, cmd_users, "local users: opt-ins, consents, held",
 	  "Lists the local users (GET /admin/v1/users) with their opt-ins, consents, held messages\n"
 	  "and pending consent requests.\n"
-	  "\nexample: causewayctl users" },
+	  "\nexample: causewayctl users", NULL },
 	{ "held", "", 0, OPT_PAGE, cmd_held, "messages held for consent",
 	  "Lists the messages held for consent (GET /admin/v1/held) and when each expires.\n"
-	  "\nexample: causewayctl held" },
+	  "\nexample: causewayctl held", NULL },
 	{ "trace", "MESSAGE-ID", 1, 0, cmd_trace, "a message's origin, decisions and deliveries",
 	  "Shows where a message came from, each policy decision about it (verdict and reason),\n"
 	  "and each delivery with every attempt (GET /admin/v1/messages/MESSAGE-ID).\n"
-	  "\nexample: causewayctl trace msg_3q2fJ0bM1xk9W1p5f7YqAg" },
+	  "\nexample: causewayctl trace msg_3q2fJ0bM1xk9W1p5f7YqAg", NULL },
 	{ "deadletters", "", 0, OPT_PAGE, cmd_deadletters, "deliveries that gave up",
 	  "Lists the dead letters (GET /admin/v1/outbox?state=dead): deliveries that used up their\n"
 	  "retries. The ID column is what replay and discard take.\n"
-	  "\nexample: causewayctl deadletters" },
+	  "\nexample: causewayctl deadletters", NULL },
 	{ "deadletters replay", "OUTBOX-ID", 1, 0, cmd_replay, "send a dead letter again",
 	  "Sends a dead (or failed) delivery again from its first attempt\n"
 	  "(POST /admin/v1/outbox/OUTBOX-ID/replay). Needs an admin token.\n"
-	  "\nexample: causewayctl deadletters replay 12" },
+	  "\nexample: causewayctl deadletters replay 12", NULL },
 	{ "deadletters discard", "OUTBOX-ID", 1, 0, cmd_discard, "give up on a dead letter",
 	  "Gives up on a dead (or failed) delivery: it becomes dropped, and the trace keeps it\n"
 	  "(POST /admin/v1/outbox/OUTBOX-ID/discard). Needs an admin token.\n"
-	  "\nexample: causewayctl deadletters discard 12" },
+	  "\nexample: causewayctl deadletters discard 12", NULL },
 	{ "token list", "", 0, 0, cmd_token_list, "the named admin tokens",
 	  "Lists the named admin tokens (GET /admin/v1/tokens); never the tokens themselves.\n"
-	  "\nexample: causewayctl token list" },
+	  "\nexample: causewayctl token list", NULL },
 	{ "token create", "NAME [--role admin|viewer]", 1, OPT_ROLE, cmd_token_create, "make a token (shown once)",
 	  "Makes a named token (POST /admin/v1/tokens) with the role admin (the default) or viewer\n"
 	  "(may read everything, change nothing). The token is printed this once: keep it then.\n"
-	  "\nexample: causewayctl token create night-shift --role viewer" },
+	  "\nexample: causewayctl token create night-shift --role viewer", NULL },
 	{ "token revoke", "NAME", 1, 0, cmd_token_revoke, "revoke a token at once",
 	  "Revokes a named token (POST /admin/v1/tokens/NAME/revoke): every daemon process refuses it\n"
 	  "within about a second. The name stays taken.\n"
-	  "\nexample: causewayctl token revoke night-shift" },
+	  "\nexample: causewayctl token revoke night-shift", NULL },
 	{ "audit", "[--action A] [--actor X] [--message MSG]", 0, OPT_FILTER | OPT_PAGE, cmd_audit, "the audit log",
 	  "Lists the audit log (GET /admin/v1/audit), oldest first. --action takes an action\n"
 	  "(token.create) or a prefix ending in a dot (policy.); --actor an actor (admin:night-shift);\n"
 	  "--message a message id.\n"
-	  "\nexample: causewayctl audit --action outbox. --limit 50" },
+	  "\nexample: causewayctl audit --action outbox. --limit 50", NULL },
 };
 
 static const char global_help[] =
@@ -1460,7 +1627,7 @@ static void usage(FILE *f)
 	fputs("usage: causewayctl [options] COMMAND [ARGUMENTS]\n\n"
 	      "The operator's command-line client of causewayd's admin API (/admin/v1).\n\ncommands:\n", f);
 	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++) {
-		char syn[80];
+		char syn[120];
 		const struct command *k = &commands[i];
 		snprintf(syn, sizeof(syn), "%s%s%s", k->name, k->args[0] ? " " : "", k->args);
 		if (strlen(syn) > 30) /* the summary on a line of its own */
@@ -1545,7 +1712,7 @@ static bool parse_number(const char *s, long long lo, long long hi, long long *o
 int main(int argc, char **argv)
 {
 	enum { O_URL = 256, O_TOKEN, O_TOKEN_FILE, O_CONFIG, O_JSON, O_ROLE, O_ACTION, O_ACTOR, O_MESSAGE, O_LIMIT,
-	       O_AFTER };
+	       O_AFTER, O_KEY, O_PUSH_URL, O_PULL, O_EVENT_TYPES };
 	static const struct option longopts[] = {
 		{ "url", required_argument, NULL, O_URL },
 		{ "token", required_argument, NULL, O_TOKEN },
@@ -1558,6 +1725,10 @@ int main(int argc, char **argv)
 		{ "message", required_argument, NULL, O_MESSAGE },
 		{ "limit", required_argument, NULL, O_LIMIT },
 		{ "after", required_argument, NULL, O_AFTER },
+		{ "key", required_argument, NULL, O_KEY },
+		{ "push-url", required_argument, NULL, O_PUSH_URL },
+		{ "pull", no_argument, NULL, O_PULL },
+		{ "event-types", required_argument, NULL, O_EVENT_TYPES },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -1612,6 +1783,19 @@ int main(int argc, char **argv)
 				rc = usage_error("--after takes a row id (0 or more), not '%.40s'", optarg);
 			c.after = num;
 			c.given |= OPT_PAGE;
+			break;
+		case O_KEY:
+			c.key = optarg;
+			c.given |= OPT_KEY;
+			break;
+		case O_PUSH_URL:
+		case O_EVENT_TYPES:
+			*(opt == O_PUSH_URL ? &c.push_url : &c.event_types) = optarg;
+			c.given |= OPT_PEER;
+			break;
+		case O_PULL:
+			c.pull = true;
+			c.given |= OPT_PEER;
 			break;
 		case ':':
 			rc = usage_error("%s needs a value", argv[optind - 1]);
@@ -1677,10 +1861,10 @@ int main(int argc, char **argv)
 		goto out;
 	}
 	if (c.given & ~cmd->opts) {
-		unsigned extra = c.given & ~cmd->opts;
-		rc = usage_error("%s takes no %s", cmd->name, extra & OPT_ROLE ? "--role"
-							      : extra & OPT_FILTER ? "--action, --actor or --message"
-										   : "--limit or --after");
+		unsigned extra = c.given & ~cmd->opts, bit = 0;
+		while (!(extra & (1u << bit)))
+			bit++;
+		rc = usage_error("%s takes no %s", cmd->name, opt_names[bit]);
 		goto out;
 	}
 	if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK || !(c.curl = curl_easy_init())) {
@@ -1688,7 +1872,9 @@ int main(int argc, char **argv)
 		rc = CTL_EREFUSED;
 		goto out;
 	}
-	rc = resolve(&c, &flags, config);
+	rc = cmd->check ? cmd->check(&c) : CTL_OK;
+	if (!rc)
+		rc = resolve(&c, &flags, config);
 	if (!rc)
 		rc = cmd->run(&c, args + words);
 	if (rc)

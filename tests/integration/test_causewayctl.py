@@ -14,7 +14,7 @@ import pytest
 
 import harness
 from harness import ADMIN_TOKEN, free_port, wait_until
-from peer import push_peers
+from peer import PeerClient, Signer, push_peers
 
 CTL = os.path.join(harness.TOP_BUILDDIR, "causewayctl")
 ALICE = "mimi://example.org/u/alice"
@@ -89,7 +89,8 @@ def test_help_and_usage_errors():
     rc, out, err = ctl("--help", token=None)
     assert rc == 0 and err == ""
     for command in ("status", "peers", "rules", "users", "held", "trace MESSAGE-ID", "deadletters replay OUTBOX-ID",
-                    "deadletters discard OUTBOX-ID", "token create NAME", "token revoke NAME", "token list", "audit"):
+                    "deadletters discard OUTBOX-ID", "token create NAME", "token revoke NAME", "token list", "audit", "peers add NAME DOMAIN --key KEY",
+                    "peers disable NAME", "peers enable NAME", "peers rotate NAME [--key KEY]"):
         assert command in out, command
     assert "exit status" in out
     rc, out, _ = ctl("help", "trace", token=None)
@@ -99,7 +100,9 @@ def test_help_and_usage_errors():
     for args, why in ((["frobnicate"], "no command 'frobnicate'"),
                       ([], "no command given"),
                       (["trace"], "usage: causewayctl trace MESSAGE-ID"),
-                      (["peers", "extra"], "usage: causewayctl peers"),
+                      (["rules", "extra"], "usage: causewayctl rules"),
+                      (["peers", "extra"], "peers has no subcommand 'extra' (it has add, disable, enable, rotate)"),
+                      (["peers", "add", "x", "x.example"], "peers add needs --key"),
                       (["token"], "token needs a subcommand: list, create, revoke"),
                       (["deadletters", "resend", "3"], "no subcommand 'resend'"),
                       (["peers", "--role", "viewer"], "peers takes no --role"),
@@ -339,6 +342,61 @@ def test_tokens_created_used_refused_and_revoked(world, pg, db_url):
     assert pg.psql("SELECT string_agg(action || ' ' || subject, ',' ORDER BY id) FROM audit_log "
                    "WHERE action LIKE 'token.%'", db_url) == \
         "token.create night-shift,token.create robot,token.revoke night-shift"
+
+
+def test_peers_added_switched_and_rotated(daemon, pg, db_url):
+    """peers add / disable / enable / rotate: what the console and the API
+    do, from the command line; the peer's token printed once, and working."""
+    signer = Signer("gk")
+    out = ok("peers", "add", "gk", "wa.example", "--key", signer.public_b64, "--pull", url=daemon.url)
+    m = re.search(r"^\s+(cwp_\S+)$", out, re.M)
+    assert m and out.startswith("Made the peer 'gk' (wa.example, pull)") and "shown only this once" in out, out
+    gk = PeerClient(daemon.url, "gk", "wa.example", token=m.group(1), signer=signer)
+    assert gk.call("GET", "/v1/events?after=0&wait=0").status_code == 200
+    [row] = cells(ok("peers", url=daemon.url))
+    assert row[:4] == ["gk", "wa.example", "pull", "yes"]
+    # Disabled: its requests are refused; enabled: taken again.
+    out = ok("peers", "disable", "gk", url=daemon.url)
+    assert out.startswith("The peer 'gk' is disabled (since ") and "refused (401)" in out, out
+    assert gk.call("GET", "/v1/events?after=0&wait=0").status_code == 401
+    assert ok("peers", "enable", "gk", url=daemon.url).startswith("The peer 'gk' is enabled")
+    assert gk.call("GET", "/v1/events?after=0&wait=0").status_code == 200
+    # Rotated, with a new key: the old token and key are refused, the new ones taken.
+    signer2 = Signer("gk")
+    out = ok("peers", "rotate", "gk", "--key", signer2.public_b64, url=daemon.url)
+    assert out.startswith("Rotated the token and key of the peer 'gk'"), out
+    token2 = re.search(r"^\s+(cwp_\S+)$", out, re.M).group(1)
+    assert gk.call("GET", "/v1/events?after=0&wait=0").status_code == 401
+    gk2 = PeerClient(daemon.url, "gk", "wa.example", token=token2, signer=signer2)
+    assert gk2.call("GET", "/v1/events?after=0&wait=0").status_code == 200
+    # A push peer with its event types; --json is the API's answer, with the token.
+    made = json.loads(ok("--json", "peers", "add", "tg", "tg.example", "--key", Signer("tg").public_b64,
+                         "--push-url", "https://interop.tg.example", "--event-types", "message,edit",
+                         url=daemon.url))
+    assert made["mode"] == "push" and made["push_url"] == "https://interop.tg.example"
+    assert made["event_types"] == ["message", "edit"] and made["token"].startswith("cwp_")
+    # Refusals: the API's reason, exit 1, nothing stored; usage errors, exit 2, nothing asked.
+    before = pg.psql("SELECT count(*) FROM peers", db_url)
+    assert "400 invalid_body: public_key" in refused("peers", "add", "x", "x.example", "--key", "AAAA", "--pull",
+                                                     url=daemon.url)
+    assert "409 conflict" in refused("peers", "add", "gk", "gk.example", "--key", signer.public_b64, "--pull",
+                                     url=daemon.url)
+    assert "404 not_found: no peer of that name" in refused("peers", "rotate", "nobody", url=daemon.url)
+    for args, says in [((), "needs --key"),
+                       (("--key", signer.public_b64), "either --push-url URL"),
+                       (("--key", signer.public_b64, "--pull", "--push-url", "https://a.example"), "not both"),
+                       (("--key", signer.public_b64, "--pull", "--event-types", "message,"), "--event-types takes"),
+                       (("--key", signer.public_b64, "--pull", "--event-types", ""), "--event-types takes")]:
+        rc, out, err = ctl("peers", "add", "x", "x.example", *args, url=daemon.url)
+        assert rc == 2 and out == "" and says in err, (args, rc, err)
+    rc, _, err = ctl("peers", "disable", "gk", "--key", "k", url=daemon.url)
+    assert rc == 2 and "peers disable takes no --key" in err
+    rc, _, err = ctl("rules", "--pull", url=daemon.url)
+    assert rc == 2 and "rules takes no --push-url, --pull or --event-types" in err
+    assert pg.psql("SELECT count(*) FROM peers", db_url) == before
+    assert pg.psql("SELECT string_agg(action || ' ' || subject, ',' ORDER BY id) FROM audit_log "
+                   "WHERE action LIKE 'peer.%'", db_url) == \
+        "peer.create gk,peer.disable gk,peer.enable gk,peer.rotate gk,peer.create tg"
 
 
 # ------------------------------------------------------------ status
