@@ -3,6 +3,7 @@
 #include "utf8.h"
 
 #include <arpa/inet.h>
+#include <ctype.h>
 #include <curl/curl.h>
 #include <errno.h>
 #include <getopt.h>
@@ -48,10 +49,12 @@ enum {
 	OPT_PAGE = 1 << 2,   /* --limit, --after */
 	OPT_KEY = 1 << 3,    /* --key */
 	OPT_PEER = 1 << 4,   /* --push-url, --pull, --event-types */
+	OPT_RULE = 1 << 5,   /* --mode, --limits, --comment, --expires-in */
 };
 /* The options of each OPT_* bit, for "takes no ..." (in bit order). */
 static const char *const opt_names[] = { "--role", "--action, --actor or --message", "--limit or --after", "--key",
-					 "--push-url, --pull or --event-types" };
+					 "--push-url, --pull or --event-types",
+					 "--mode, --limits, --comment or --expires-in" };
 
 struct ctl {
 	char *url;       /* the base URL, without a trailing '/'; owned (curl_free) */
@@ -64,6 +67,8 @@ struct ctl {
 	const char *role, *action, *actor, *message;
 	const char *key, *push_url, *event_types; /* peers add, peers rotate */
 	bool pull;
+	const char *mode, *limits, *comment; /* rules add */
+	long long expires_in;                /* rules add; 0: never */
 	long limit;      /* 0: every row (up to LIST_MAX) */
 	long long after;
 	CURL *curl;
@@ -1068,15 +1073,14 @@ static enum ctl_rc path_with(struct ctl *c, const char *a, const char *b, const 
 	return *out ? CTL_OK : fail(c, CTL_EREFUSED, "out of memory");
 }
 
-/* An outbox row id as the API takes it. */
-static enum ctl_rc row_id(struct ctl *c, const char *s)
+/* A row id as the API takes it (what: which, for the message). */
+static enum ctl_rc parse_id(struct ctl *c, const char *s, const char *what)
 {
 	char *end;
 	errno = 0;
 	long long v = strtoll(s, &end, 10);
-	if (!*s || *end || v <= 0 || errno)
-		return fail(c, CTL_EUSAGE, "'%.40s' is not an outbox row id (the ID column of causewayctl deadletters)",
-			    s);
+	if (!*s || *end || v <= 0 || errno || !isdigit((unsigned char)*s))
+		return fail(c, CTL_EUSAGE, "'%.40s' is not %s", s, what);
 	return CTL_OK;
 }
 
@@ -1084,7 +1088,7 @@ static enum ctl_rc outbox_change(struct ctl *c, const char *id, const char *verb
 {
 	char *path;
 	json_t *body;
-	enum ctl_rc rc = row_id(c, id);
+	enum ctl_rc rc = parse_id(c, id, "an outbox row id (the ID column of causewayctl deadletters)");
 	if (!rc)
 		rc = path_with(c, "/admin/v1/outbox/", id, verb, &path);
 	if (rc)
@@ -1228,7 +1232,7 @@ static enum ctl_rc cmd_peer_add(struct ctl *c, char **argv)
 	json_t *types = c->event_types ? type_list(c->event_types) : NULL;
 	if (c->event_types && !types)
 		return fail(c, CTL_EREFUSED, "out of memory");
-	json_t *send = json_pack("{s:s, s:s, s:s, s:s, s:s?, s:o?}", "name", argv[0], "domain", argv[1], "mode",
+	json_t *send = json_pack("{s:s, s:s, s:s, s:s, s:s*, s:o*}", "name", argv[0], "domain", argv[1], "mode",
 				 c->pull ? "pull" : "push", "public_key", c->key, "push_url", c->push_url,
 				 "event_types", types), *body;
 	if (!send)
@@ -1296,6 +1300,76 @@ static enum ctl_rc cmd_peer_rotate(struct ctl *c, char **argv)
 	free(path);
 	json_decref(body);
 	return rc;
+}
+
+/* What rules add needs besides its arguments (before the token is looked for). */
+static enum ctl_rc check_rule_add(struct ctl *c)
+{
+	if (!c->mode && !c->limits)
+		return fail(c, CTL_EUSAGE, "rules add needs --mode (open, allowlist, closed, deny) or --limits JSON, "
+			    "or both");
+	json_t *limits = c->limits ? json_loads(c->limits, JSON_REJECT_DUPLICATES, NULL) : NULL;
+	bool object = json_is_object(limits);
+	json_decref(limits);
+	if (c->limits && !object)
+		return fail(c, CTL_EUSAGE, "--limits takes a JSON object ('{\"messages_per_minute\": 30}', "
+			    "docs/policy.md \"Rate limits\"), not '%.60s'", c->limits);
+	return CTL_OK;
+}
+
+static enum ctl_rc cmd_rule_add(struct ctl *c, char **argv)
+{
+	json_t *limits = c->limits ? json_loads(c->limits, JSON_REJECT_DUPLICATES, NULL) : NULL, *body;
+	if (c->limits && !limits)
+		return fail(c, CTL_EREFUSED, "out of memory");
+	json_t *send = json_pack("{s:s, s:s, s:s*, s:o*, s:s*}", "scope", argv[0], "pattern", argv[1], "mode",
+				 c->mode, "limits", limits, "comment", c->comment);
+	if (send && c->expires_in && json_object_set_new(send, "expires_in_s", json_integer(c->expires_in))) {
+		json_decref(send);
+		return fail(c, CTL_EREFUSED, "out of memory");
+	}
+	if (!send)
+		return pack_failed(c);
+	enum ctl_rc rc = api(c, "POST", "/admin/v1/rules", NULL, send, &body);
+	json_decref(send);
+	if (rc)
+		return rc;
+	if (c->json) {
+		print_json(body);
+	} else {
+		struct texts t = { .n = 0 };
+		json_t *rows = json_pack("[O]", body);
+		printf("Made the rule %s; every daemon process applies it within about a second.\n",
+		       tx(&t, body, "id", CELL_TEXT));
+		rc = rows ? print_rows(c, rows, rule_cols, "", 0) : fail(c, CTL_EREFUSED, "out of memory");
+		json_decref(rows);
+	}
+	json_decref(body);
+	return rc;
+}
+
+static enum ctl_rc cmd_rule_delete(struct ctl *c, char **argv)
+{
+	char *path;
+	json_t *body;
+	enum ctl_rc rc = parse_id(c, argv[0], "a rule id (the ID column of causewayctl rules)");
+	if (!rc)
+		rc = path_with(c, "/admin/v1/rules/", argv[0], "", &path);
+	if (rc)
+		return rc;
+	rc = api(c, "DELETE", path, NULL, NULL, &body);
+	free(path);
+	if (rc)
+		return rc;
+	if (c->json) {
+		print_json(body);
+	} else {
+		struct texts t = { .n = 0 };
+		printf("Deleted the rule %s (%s %s); every daemon process drops it within about a second.\n",
+		       tx(&t, body, "id", CELL_TEXT), tx(&t, body, "scope", CELL_TEXT), tx(&t, body, "pattern", CELL_TEXT));
+	}
+	json_decref(body);
+	return CTL_OK;
 }
 
 static void print_delivery(struct ctl *c, const json_t *d, enum ctl_rc *rc)
@@ -1565,6 +1639,18 @@ static const struct command commands[] = {
 	{ "rules", "", 0, OPT_PAGE, cmd_rules, "the server rules",
 	  "Lists the server rules (GET /admin/v1/rules), every page unless --limit.\n"
 	  "\nexample: causewayctl rules --limit 20", NULL },
+	{ "rules add", "SCOPE PATTERN [--mode M] [--limits JSON] [--comment TEXT] [--expires-in SECONDS]", 2, OPT_RULE,
+	  cmd_rule_add, "make a server rule",
+	  "Makes a server rule (POST /admin/v1/rules, docs/policy.md): SCOPE is domain, user or network;\n"
+	  "PATTERN a domain (spam.example, *.example), a user (mimi://spam.example/u/eve) or a peer's\n"
+	  "network (peer:gk, peer:*). --mode is open, allowlist, closed or deny; --limits a JSON object\n"
+	  "of rate limits ('{\"messages_per_minute\": 30}'); a rule needs one or both. --expires-in ends\n"
+	  "it after that many seconds. Every daemon process applies it within about a second.\n"
+	  "\nexample: causewayctl rules add domain spam.example --mode deny --comment 'abuse wave'",
+	  check_rule_add },
+	{ "rules delete", "ID", 1, 0, cmd_rule_delete, "delete a server rule",
+	  "Deletes a server rule (DELETE /admin/v1/rules/ID; the ID column of causewayctl rules).\n"
+	  "\nexample: causewayctl rules delete 12", NULL },
 	{ "users", "", 0, OPT_PAGE, cmd_users, "local users: opt-ins, consents, held",
 	  "Lists the local users (GET /admin/v1/users) with their opt-ins, consents, held messages\n"
 	  "and pending consent requests.\n"
@@ -1712,7 +1798,7 @@ static bool parse_number(const char *s, long long lo, long long hi, long long *o
 int main(int argc, char **argv)
 {
 	enum { O_URL = 256, O_TOKEN, O_TOKEN_FILE, O_CONFIG, O_JSON, O_ROLE, O_ACTION, O_ACTOR, O_MESSAGE, O_LIMIT,
-	       O_AFTER, O_KEY, O_PUSH_URL, O_PULL, O_EVENT_TYPES };
+	       O_AFTER, O_KEY, O_PUSH_URL, O_PULL, O_EVENT_TYPES, O_MODE, O_LIMITS, O_COMMENT, O_EXPIRES_IN };
 	static const struct option longopts[] = {
 		{ "url", required_argument, NULL, O_URL },
 		{ "token", required_argument, NULL, O_TOKEN },
@@ -1729,6 +1815,10 @@ int main(int argc, char **argv)
 		{ "push-url", required_argument, NULL, O_PUSH_URL },
 		{ "pull", no_argument, NULL, O_PULL },
 		{ "event-types", required_argument, NULL, O_EVENT_TYPES },
+		{ "mode", required_argument, NULL, O_MODE },
+		{ "limits", required_argument, NULL, O_LIMITS },
+		{ "comment", required_argument, NULL, O_COMMENT },
+		{ "expires-in", required_argument, NULL, O_EXPIRES_IN },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -1796,6 +1886,19 @@ int main(int argc, char **argv)
 		case O_PULL:
 			c.pull = true;
 			c.given |= OPT_PEER;
+			break;
+		case O_MODE:
+		case O_LIMITS:
+		case O_COMMENT:
+			*(opt == O_MODE ? &c.mode : opt == O_LIMITS ? &c.limits : &c.comment) = optarg;
+			c.given |= OPT_RULE;
+			break;
+		case O_EXPIRES_IN:
+			if (!parse_number(optarg, 1, 315360000LL, &num))
+				rc = usage_error("--expires-in takes a number of seconds from 1 to ten years, not '%.40s'",
+						 optarg);
+			c.expires_in = num;
+			c.given |= OPT_RULE;
 			break;
 		case ':':
 			rc = usage_error("%s needs a value", argv[optind - 1]);

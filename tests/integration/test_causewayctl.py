@@ -90,7 +90,8 @@ def test_help_and_usage_errors():
     assert rc == 0 and err == ""
     for command in ("status", "peers", "rules", "users", "held", "trace MESSAGE-ID", "deadletters replay OUTBOX-ID",
                     "deadletters discard OUTBOX-ID", "token create NAME", "token revoke NAME", "token list", "audit", "peers add NAME DOMAIN --key KEY",
-                    "peers disable NAME", "peers enable NAME", "peers rotate NAME [--key KEY]"):
+                    "peers disable NAME", "peers enable NAME", "peers rotate NAME [--key KEY]", "rules add SCOPE PATTERN",
+                    "rules delete ID"):
         assert command in out, command
     assert "exit status" in out
     rc, out, _ = ctl("help", "trace", token=None)
@@ -100,7 +101,8 @@ def test_help_and_usage_errors():
     for args, why in ((["frobnicate"], "no command 'frobnicate'"),
                       ([], "no command given"),
                       (["trace"], "usage: causewayctl trace MESSAGE-ID"),
-                      (["rules", "extra"], "usage: causewayctl rules"),
+                      (["users", "extra"], "usage: causewayctl users"),
+                      (["rules", "extra"], "rules has no subcommand 'extra' (it has add, delete)"),
                       (["peers", "extra"], "peers has no subcommand 'extra' (it has add, disable, enable, rotate)"),
                       (["peers", "add", "x", "x.example"], "peers add needs --key"),
                       (["token"], "token needs a subcommand: list, create, revoke"),
@@ -397,6 +399,53 @@ def test_peers_added_switched_and_rotated(daemon, pg, db_url):
     assert pg.psql("SELECT string_agg(action || ' ' || subject, ',' ORDER BY id) FROM audit_log "
                    "WHERE action LIKE 'peer.%'", db_url) == \
         "peer.create gk,peer.disable gk,peer.enable gk,peer.rotate gk,peer.create tg"
+
+
+def test_rules_added_and_deleted(daemon, pg, db_url):
+    """rules add / delete: the API's rule, its checks and answers; a rule
+    made so is in force (a denied domain's peer is refused a room)."""
+    (a, sa), _ = push_peers(daemon)
+    try:
+        out = ok("rules", "add", "domain", "wa.example", "--mode", "deny", "--comment", "abuse wave",
+                 url=daemon.url)
+        assert out.startswith("Made the rule ") and "every daemon process applies it" in out, out
+        [row] = cells("\n".join(out.splitlines()[1:]))
+        assert row[1:4] == ["domain", "wa.example", "deny"] and row[-1] == "abuse wave", row
+        rule = row[0]
+        wait_until(lambda: a.create_room([a.user("wally"), ALICE]).status_code == 403, what="the rule in force")
+        made = json.loads(ok("--json", "rules", "add", "network", "peer:tg", "--limits",
+                             '{"messages_per_minute": 30}', "--expires-in", "3600", url=daemon.url))
+        assert made["mode"] is None and made["limits"] == {"messages_per_minute": 30} and made["expires_at"]
+        assert made == daemon.admin("GET", f"/rules/{made['id']}").json()
+        # Refusals: the API's (exit 1) and usage errors (exit 2), nothing stored.
+        before = pg.psql("SELECT count(*) FROM rules", db_url)
+        assert "400 invalid_body: pattern" in refused("rules", "add", "domain", "BAD", "--mode", "deny",
+                                                      url=daemon.url)
+        assert "400 invalid_body: mode must be" in refused("rules", "add", "domain", "x.example", "--mode", "nah",
+                                                           url=daemon.url)
+        assert "409" in refused("rules", "add", "domain", "wa.example", "--mode", "deny", url=daemon.url)
+        for args, says in [((), "needs --mode"),
+                           (("--limits", "[1]"), "--limits takes a JSON object"),
+                           (("--limits", "{"), "--limits takes a JSON object"),
+                           (("--mode", "deny", "--expires-in", "0"), "--expires-in takes a number"),
+                           (("--mode", "deny", "--pull"), "rules add takes no --push-url")]:
+            rc, out, err = ctl("rules", "add", "domain", "x.example", *args, url=daemon.url)
+            assert rc == 2 and out == "" and says in err, (args, rc, err)
+        assert pg.psql("SELECT count(*) FROM rules", db_url) == before
+        # Deleted: gone, and no longer in force.
+        out = ok("rules", "delete", rule, url=daemon.url)
+        assert out.startswith(f"Deleted the rule {rule} (domain wa.example)"), out
+        wait_until(lambda: a.create_room([a.user("wally"), ALICE]).status_code == 201, what="the rule gone")
+        assert "404 not_found: no rule with that id" in refused("rules", "delete", rule, url=daemon.url)
+        for bad in ("x1", "+1", "0", ""):
+            rc, _, err = ctl("rules", "delete", bad, url=daemon.url)
+            assert rc == 2 and "is not a rule id" in err, (bad, err)
+        rc, _, err = ctl("rules", "delete", "1", "--mode", "deny", url=daemon.url)
+        assert rc == 2 and "rules delete takes no --mode" in err
+        assert pg.psql("SELECT string_agg(action, ',' ORDER BY id) FROM audit_log WHERE action LIKE 'rule.%'",
+                       db_url) == "rule.create,rule.create,rule.delete"
+    finally:
+        sa.close()
 
 
 # ------------------------------------------------------------ status
