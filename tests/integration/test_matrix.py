@@ -4871,6 +4871,39 @@ def test_a_member_the_operator_removes_leaves_as_one_their_peer_removes(mx, hs, 
     assert srv.errors == [] and srv.duplicates == 0
 
 
+def test_a_peer_users_own_leave_of_a_group_is_her_ghosts_leaving(mx, hs, gk, pg, db_url):
+    """A `membership` leave a peer sends for its own user (POST
+    /v1/rooms/{room}/messages, her sender and target) ends her membership
+    as her peer's removal of her does (since the forty-first session), and
+    alice sees it the same way: ed's ghost leaves alice's room of the
+    group, nothing more is said there, and the group goes on without him.
+    Until the forty-second session this had no test on the Matrix side."""
+    a, srv = gk
+    ed = a.user("ed")
+    consent_alice(mx, ed)
+    group, _, mine, said, _ = alice_in_wallys_group(mx, hs, gk, pg, db_url, [ed])
+    ed_ghost, wally = "@_cw_gk_ed:example.org", "@_cw_gk_wally:example.org"
+    assert a.send(group, ed, "ed here").status_code == 202
+    wait_until(lambda: (ed_ghost, "ed here") in said(mine), what="ed's message in alice's room")
+    assert hs.members(mine).get(ed_ghost) == "join"
+    before = said(mine)
+    r = a.call("POST", f"/v1/rooms/{group}/messages",
+               {"type": "membership", "sender": ed, "content": {"membership": "leave", "target": ed}},
+               idem="ed-leaves-" + group)
+    assert r.status_code == 202, r.text
+    assert {m["user"]: m["membership"] for m in a.call("GET", f"/v1/rooms/{group}").json()["members"]}[ed] == "left"
+    wait_until(lambda: hs.members(mine).get(ed_ghost) == "leave", what="ed's ghost leaving alice's room")
+    # His leaving is the ghost's own: no kick by the bot, no notice.
+    leave = [e for e in hs.events(mine) if e["type"] == "m.room.member" and e["state_key"] == ed_ghost
+             and e["content"]["membership"] == "leave"]
+    assert len(leave) == 1 and leave[0]["sender"] == ed_ghost, leave
+    assert a.send(group, a.user("wally"), "without ed").status_code == 202
+    wait_until(lambda: (wally, "without ed") in said(mine), what="the next message in alice's room")
+    assert hs.members(mine).get(ed_ghost) == "leave"
+    assert said(mine) == before + [(wally, "without ed")]
+    assert srv.errors == [] and srv.duplicates == 0
+
+
 def test_a_local_user_leaving_a_groups_room_waits_for_the_rooms_lock(mx, hs, gk, pg, db_url):
     """alice's leaving her room of a group (mx_bot.c left: the bot's work
     on the leave the appservice stored for it) marks her membership left
