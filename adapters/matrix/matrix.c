@@ -957,17 +957,20 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 	json_array_foreach(t->nul, i, ev) {
 		const char *room = json_string_value(json_object_get(ev, "room_id"));
 		/* else a NUL in a string or a key (mx_json_load) */
-		bool big = mx_json_number_out_of_range(ev), deep = !big && mx_json_too_deep(ev);
+		bool big = mx_json_number_out_of_range(ev), deep = !big && mx_json_too_deep(ev),
+		     dup = !big && !deep && mx_json_duplicate_key(ev, true);
 		t->conv_invalid++;
 		LOG_KV_LIMITED(CW_LOG_INFO, "matrix event refused", "event_id",
 			       json_string_value(json_object_get(ev, "event_id")), "detail",
 			       big ? "a number past a double's range" : deep ? "nested past 2048 levels"
-									: "a string or a key holds a NUL");
+				     : dup ? "an object holds a key twice" : "a string or a key holds a NUL");
 		const char *sender = json_string_value(json_object_get(ev, "sender"));
 		if (json_object_get(t->rooms, room) && lookup_map(t->senders, sender) && told_when_refused(ev))
 			refusal(t->refusals, room, json_string_value(json_object_get(ev, "event_id")),
 				big    ? "it holds a number too large for this gateway to read"
 				: deep ? "it is nested deeper than this gateway can read"
+				: dup  ? "it holds the same key twice in one object, and which value is meant "
+					 "cannot be told"
 				       : "it holds the character U+0000 (NUL), which this gateway cannot store");
 	}
 	json_array_foreach(t->events, i, ev) {
@@ -1721,7 +1724,9 @@ void matrix_as_transaction(struct cw_req *req, void *ctx)
 	 * transaction's: the homeserver sends a refused transaction again for
 	 * ever, and every later one waits behind it. */
 	json_t *doc = mx_json_load(body, len, JSON_REJECT_DUPLICATES, &jerr);
-	if (!json_is_object(doc)) {
+	/* A key twice in an event is that event's trouble (txn_new); twice
+	 * in the transaction's own object (which "events"?), the body's. */
+	if (!json_is_object(doc) || mx_json_duplicate_key(doc, false)) {
 		json_decref(doc);
 		mx_error(req, 400, "M_NOT_JSON", "the body must be a JSON object");
 		return;

@@ -1886,6 +1886,10 @@ bool mx_media_info(const json_t *ev, struct mx_media *out)
 #define DEPTH_MARK_TEXT "\0cw:nested-too-deep"
 #define KEY_MARK_NAME "cw:unreadable:"
 #define KEY_MARK "\001" KEY_MARK_NAME
+/* A key that is its object's second of that name becomes a key of
+ * DUP_MARK and a number of its own (mx_json_duplicate_key). */
+#define DUP_MARK_NAME "cw:duplicate:"
+#define DUP_MARK "\001" DUP_MARK_NAME
 #define LOAD_PATCHES_MAX 64
 #define LOAD_READ_FACTOR 4
 #define LOAD_READ_MIN (4u << 20)
@@ -1948,9 +1952,19 @@ static bool patch_for(const char *buf, size_t n, const json_error_t *err, unsign
 	}
 	case json_error_null_byte_in_key:
 		break;
-	case json_error_duplicate_key: /* a key of the mark's text, beside one mx_json_load made */
-		if (!key_token(buf, end, start) || !key_is_mark(buf, *start, end))
+	case json_error_duplicate_key:
+		/* A key of the mark's text, beside one mx_json_load made: another
+		 * mark.  Any other: a key twice in one object, which RFC 8259
+		 * allows (names only SHOULD be unique) and a homeserver that
+		 * passes an event's raw content through may send (Dendrite);
+		 * which value is meant cannot be told, so its event is refused
+		 * alone (until the forty-second session the whole body was). */
+		if (!key_token(buf, end, start))
 			return false;
+		if (!key_is_mark(buf, *start, end)) {
+			snprintf(out, outlen, "\"\\u0001" DUP_MARK_NAME "%u\"", (*marks)++);
+			return true;
+		}
 		break;
 	default:
 		return false;
@@ -2190,7 +2204,8 @@ static bool json_any(const json_t *v, bool (*hit)(const json_t *))
 	return false;
 }
 
-/* A string with a NUL, or an object with a key that held one (KEY_MARK). */
+/* A string with a NUL, or an object with a key that held one (KEY_MARK)
+ * or was a duplicate (DUP_MARK). */
 static bool nul_here(const json_t *v)
 {
 	if (json_is_string(v))
@@ -2199,9 +2214,26 @@ static bool nul_here(const json_t *v)
 	json_t *x;
 	if (json_is_object(v))
 		json_object_foreach((json_t *)v, k, x)
-			if (strncmp(k, KEY_MARK, strlen(KEY_MARK)) == 0)
+			if (strncmp(k, KEY_MARK, strlen(KEY_MARK)) == 0 || strncmp(k, DUP_MARK, strlen(DUP_MARK)) == 0)
 				return true;
 	return false;
+}
+
+/* An object with a key that was a duplicate (DUP_MARK). */
+static bool dup_here(const json_t *v)
+{
+	const char *k;
+	json_t *x;
+	if (json_is_object(v))
+		json_object_foreach((json_t *)v, k, x)
+			if (strncmp(k, DUP_MARK, strlen(DUP_MARK)) == 0)
+				return true;
+	return false;
+}
+
+bool mx_json_duplicate_key(const json_t *v, bool deep)
+{
+	return deep ? json_any(v, dup_here) : dup_here(v);
 }
 
 static bool number_mark_here(const json_t *v)

@@ -250,9 +250,13 @@ bool mx_media_info(const json_t *ev, struct mx_media *out);
  * An array or object nested past what jansson reads (2048 levels, which
  * a homeserver's parser may take: Dendrite's takes 10000) becomes a string
  * with a NUL too (mx_json_too_deep tells it), all of them at once (until
- * the thirty-ninth session the whole body was refused).
- * Still refused, whole (NULL, err says why): not JSON, what flags refuse
- * (a duplicate key), a key with a NUL past that bound.  err: not NULL. */
+ * the thirty-ninth session the whole body was refused).  With flags
+ * JSON_REJECT_DUPLICATES a key that is its object's second of that name
+ * becomes a key of a mark of its own too (mx_json_duplicate_key tells it,
+ * mx_json_has_nul finds it; until the forty-second session the whole
+ * body was refused).
+ * Still refused, whole (NULL, err says why): not JSON, a key with a NUL
+ * or a duplicate key past that bound.  err: not NULL. */
 json_t *mx_json_load(const char *body, size_t len, size_t flags, json_error_t *err);
 
 /* Whether a string anywhere in v (a value, nested at any depth) holds a
@@ -268,6 +272,11 @@ bool mx_json_number_out_of_range(const json_t *v);
  * jansson reads (read by mx_json_load as a string that mx_json_has_nul
  * finds too). */
 bool mx_json_too_deep(const json_t *v);
+
+/* Whether the object v (deep: or anything in it, at any depth) held a key
+ * twice (read by mx_json_load, with JSON_REJECT_DUPLICATES, as a key of a
+ * mark that mx_json_has_nul finds too). */
+bool mx_json_duplicate_key(const json_t *v, bool deep);
 
 /* HTML to the subset the Matrix spec recommends (libxml2's HTML parser):
  *   - allowed elements: del h1-h6 blockquote p a ul ol sup sub li b i u

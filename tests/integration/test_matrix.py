@@ -734,6 +734,53 @@ def test_an_event_a_plain_json_parse_refuses_is_refused_alone(mx, hs, gk, pg, db
     assert r.status_code == 400 and r.json()["errcode"] == "M_NOT_JSON", r.text
 
 
+def test_an_event_holding_a_duplicate_key_is_refused_alone(mx, hs, gk, pg, db_url):
+    """A key twice in one object of an event (RFC 8259 only says names
+    SHOULD be unique, and the Matrix specification says nothing of them:
+    matrix-org/matrix-spec#1246; a homeserver that passes an event's raw
+    content through, as Dendrite does, gives what a remote server sent) is
+    that event's trouble, not the transaction's: the event is refused (which
+    of the two values is meant cannot be told), its writer told, and the
+    events around it taken. Until the forty-second session the whole
+    transaction was answered 400 M_NOT_JSON, which the homeserver sends
+    again for ever, every later one waiting behind it. A key twice at the
+    transaction's own level is still the transaction's trouble."""
+    a, srv = gk
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+    before = len(srv.events)
+    now = int(time.time() * 1000)
+
+    def msg(event_id, body):
+        return {"event_id": event_id, "room_id": room, "sender": ALICE_MX, "type": "m.room.message",
+                "origin_server_ts": now, "content": {"msgtype": "m.text", "body": body}}
+    raw = json.dumps({"events": [msg("$dup1", "twice"), msg("$dup-after", "after the twice")]})
+    raw = raw.replace('"body": "twice"', '"body": "twice", "body": "other"')
+    assert raw.count('"body"') == 3
+    r = put_raw(mx, "dup1", raw)
+    assert r.status_code == 200, r.text
+    got = srv.wait_events(before + 1)
+    assert [e["content"]["parts"][0]["body"] for e in got[before:]] == ["after the twice"]
+    assert pg.psql("SELECT count(*) FROM events WHERE origin_native_id = '$dup1'", db_url) == "0"
+    wait_until(lambda: any("same key twice" in n for n in ghost_notices(hs, room, ghost)),
+               what="the notice of the duplicate key")
+    # Two of them, one in the event's own object (its type): refused alone
+    # as well.
+    raw = json.dumps({"events": [msg("$dup2", "two"), msg("$dup2-after", "after two")]})
+    raw = raw.replace('"type": "m.room.message", "origin_server_ts": %d, "content": {"msgtype": "m.text", '
+                      '"body": "two"}' % now,
+                      '"type": "m.room.message", "type": "m.sticker", "origin_server_ts": %d, '
+                      '"content": {"msgtype": "m.text", "body": "two", '
+                      '"body": "deux"}' % now)
+    assert '"type": "m.sticker"' in raw
+    r = put_raw(mx, "dup2", raw)
+    assert r.status_code == 200, r.text
+    got = srv.wait_events(before + 2)
+    assert [e["content"]["parts"][0]["body"] for e in got[before:]] == ["after the twice", "after two"]
+    assert pg.psql("SELECT count(*) FROM events WHERE origin_native_id = '$dup2'", db_url) == "0"
+    r = put_raw(mx, "dup3", '{"events": [], "events": []}')
+    assert r.status_code == 400 and r.json()["errcode"] == "M_NOT_JSON", r.text
+
+
 def test_an_event_nested_past_what_jansson_reads_is_refused_alone(mx, hs, gk, pg, db_url):
     """JSON nested deeper than jansson reads (2048 levels: 4 KiB of
     brackets, well within an event's 64 KiB; Dendrite's parser takes 10000,

@@ -1453,10 +1453,26 @@ START_TEST(json_load_lenient)
 	ck_assert(json_is_real(json_array_get(v, 64)));
 	json_decref(v);
 	free(large);
-	/* What is still refused whole: not JSON, a duplicate key when asked
-	 * (after a key with a NUL too), an unfinished body. */
-	static const char *const refused[] = { "{not json", "{\"a\":1,\"a\":2}",
-					       "{\"a\\u0000\":1,\"x\":1,\"x\":2}", "[1" };
+	/* A duplicate key, when asked to refuse them, is a key of a mark of
+	 * its own, found by mx_json_duplicate_key and mx_json_has_nul, the
+	 * first value kept (since the forty-second session; until then the
+	 * whole body was refused); beside a key with a NUL too, and beside a
+	 * key written as the mark. */
+	static const char *const dups[] = { "{\"a\":1,\"a\":2}", "{\"a\\u0000\":1,\"x\":1,\"x\":2}",
+					    "[{\"\\u0001cw:duplicate:0\":0,\"x\":1,\"x\":2}]",
+					    "{\"o\":{\"a\":1,\"a\":2,\"a\":3}}" };
+	for (size_t i = 0; i < CW_ARRAY_LEN(dups); i++) {
+		v = mx_json_load(dups[i], strlen(dups[i]), JSON_REJECT_DUPLICATES, &err);
+		ck_assert_msg(v != NULL, "%s: %s", dups[i], err.text);
+		ck_assert(mx_json_duplicate_key(v, true) && mx_json_has_nul(v));
+		ck_assert(mx_json_duplicate_key(v, false) == (i < 2));
+		json_decref(v);
+	}
+	v = mx_json_load("{\"a\":{\"b\":1}}", 13, JSON_REJECT_DUPLICATES, &err);
+	ck_assert(v && !mx_json_duplicate_key(v, true));
+	json_decref(v);
+	/* What is still refused whole: not JSON, an unfinished body. */
+	static const char *const refused[] = { "{not json", "[1" };
 	for (size_t i = 0; i < CW_ARRAY_LEN(refused); i++) {
 		v = mx_json_load(refused[i], strlen(refused[i]), JSON_REJECT_DUPLICATES, &err);
 		ck_assert_msg(v == NULL, "%s", refused[i]);
