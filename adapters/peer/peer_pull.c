@@ -53,6 +53,10 @@ struct peer_pull {
 	struct peer_registry *registry;
 	struct cw_app *app;
 	int64_t next_reload_us;
+	/* A new connection was made and nothing asked since: what was
+	 * notified while there was none (its LISTEN not yet made) reached no
+	 * one, so the waiting polls are asked again as on a notification. */
+	bool reconnected;
 };
 
 #define REGISTRY_RELOAD_US (30 * 1000000LL)
@@ -428,8 +432,10 @@ static bool ensure_conn(struct peer_pull *p)
 		PQfinish(p->c);
 		p->c = NULL;
 	}
-	if (p->c)
+	if (p->c) {
 		p->next_reload_us = 0; /* changes may have been missed while away */
+		p->reconnected = true;
+	}
 	return p->c != NULL;
 }
 
@@ -498,8 +504,12 @@ static void *poller_main(void *arg)
 		/* Waiting ones: on a notification, at their deadline, or at stop. */
 		if (p->c)
 			store_notifies(p->c, noted, &heard);
-		bool notified = heard.events, peers_changed = heard.peers;
+		/* Until the forty-second session a poll waiting as the
+		 * connection was lost waited for its deadline (up to a minute)
+		 * when the rows for it came before the new LISTEN. */
+		bool notified = heard.events || p->reconnected, peers_changed = heard.peers;
 		heard = (struct heard){ 0 };
+		p->reconnected = false;
 		int64_t now = cw_now_us();
 		if (p->c && p->registry && (peers_changed || now >= p->next_reload_us)) {
 			cw_errmsg e;

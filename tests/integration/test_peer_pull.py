@@ -486,3 +486,41 @@ def test_a_pull_replayed_to_another_process_hands_out_nothing(make_daemon, pg, d
         assert int(pg.psql("SELECT count(*) FROM signature_nonces", db_url)) == nonces + 2
     finally:
         srv.close()
+
+
+def test_a_long_poll_is_answered_for_rows_written_while_its_poller_reconnected(make_daemon, db_url, pg):
+    """The pull poller's connection lost, the rows written before it is
+    back (its LISTEN anew) were notified to no one: the waiting long polls
+    are asked again once it is back, not left to their deadline (until the
+    forty-second session they waited it out, up to a minute)."""
+    from pgproxy import PgProxy
+    with PgProxy(db_url) as px:
+        d = make_daemon(px.url).start()
+        a, b, rm, srv = make_peers(d)
+        result = {}
+
+        def poll():
+            url = b.base + "/v1/events?after=0&wait=50"
+            h = {"Authorization": "Bearer " + b.token}
+            h.update(b.signer.headers("GET", url, None))
+            result["r"] = requests.get(url, headers=h, timeout=90)
+            result["at"] = time.time()
+        t = threading.Thread(target=poll)
+        t.start()
+        wait_until(lambda: in_flight(b.base) > 0, what="the long poll at the daemon")
+        time.sleep(1)
+        px.slow(connect=3.0)
+        cut = pg.psql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+                      "AND (query LIKE '%WITH ack AS (UPDATE outbox%' OR query LIKE 'LISTEN causeway_pull%')", db_url)
+        assert cut == "1", cut
+        one = a.send(rm["id"], a.user("alice"), "while away").json()["id"]
+        sent = time.time()
+        t.join(80)
+        assert not t.is_alive()
+        r = result["r"]
+        assert r.status_code == 200 and [e["id"] for e in r.json()["events"]] == [one], r.text
+        # answered once the poller was back (3 s after the cut), not at the
+        # poll's deadline (50 s after it began)
+        assert result["at"] - sent < 30, result["at"] - sent
+        px.slow()
+        srv.close()
