@@ -10,6 +10,7 @@
 #include <fcntl.h>
 #include <microhttpd.h>
 #include <netdb.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -399,6 +400,15 @@ void cw_req_suspend(struct cw_req *r)
 void cw_req_resume(struct cw_req *r)
 {
 	MHD_resume_connection(r->conn);
+}
+
+bool cw_req_client_gone(struct cw_req *r)
+{
+	const union MHD_ConnectionInfo *ci = MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+	if (!ci || ci->connect_fd < 0)
+		return false;
+	struct pollfd fd = { .fd = ci->connect_fd, .events = POLLRDHUP };
+	return poll(&fd, 1, 0) == 1 && (fd.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0;
 }
 
 /* ------------------------------------------------------------------ daemon */

@@ -183,5 +183,9 @@ void cw_req_add_header(struct cw_req *r, const char *name, const char *value);
  * sets the reply and then calls cw_req_resume exactly once. */
 void cw_req_suspend(struct cw_req *r);
 void cw_req_resume(struct cw_req *r);
+/* Whether the client of a suspended request closed its side of the
+ * connection (a poll of its socket, not waiting): nobody is left to take
+ * an answer.  False when it cannot tell. */
+bool cw_req_client_gone(struct cw_req *r);
 
 #endif

@@ -472,6 +472,26 @@ static void refuse_stale(struct peer_pull *p, struct waiter **waiting)
 	}
 }
 
+/* Ends the waiting long polls whose client closed the connection,
+ * handing nothing out (no one would get it): until the forty-second
+ * session such a poll waited for its deadline (up to a minute), held one
+ * of its peer's peer.max_long_polls, so that the peer's next polls were
+ * refused 429, and was handed the events that came meanwhile, sent into
+ * the closed connection (they came again from the cursor, not lost). */
+static void drop_gone(struct peer_pull *p, struct waiter **waiting)
+{
+	for (struct waiter **wp = waiting; *wp;) {
+		struct waiter *w = *wp;
+		if (!cw_req_client_gone(w->req)) {
+			wp = &w->next;
+			continue;
+		}
+		*wp = w->next;
+		cw_req_problem(w->req, 503, "unavailable", "Service unavailable", "the client closed the connection");
+		finish(p, w);
+	}
+}
+
 static void *poller_main(void *arg)
 {
 	cw_thread_name("cw-pull");
@@ -522,6 +542,7 @@ static void *poller_main(void *arg)
 		 * pass over the waiting polls is cheap (capped per peer). */
 		if (p->registry)
 			refuse_stale(p, &waiting);
+		drop_gone(p, &waiting);
 		struct empty empty[32];
 		int nempty = 0;
 		for (struct waiter **wp = &waiting; *wp;) {

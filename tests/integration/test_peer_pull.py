@@ -524,3 +524,33 @@ def test_a_long_poll_is_answered_for_rows_written_while_its_poller_reconnected(m
         assert result["at"] - sent < 30, result["at"] - sent
         px.slow()
         srv.close()
+
+
+def test_a_long_poll_whose_client_went_away_frees_its_place(daemon):
+    """A client that closes its connection while its long poll waits: the
+    poll ends then, not at its deadline, so that it no longer holds one of
+    the peer's peer.max_long_polls (until the forty-second session the
+    peer's next polls were 429 for up to a minute)."""
+    import socket
+    import urllib.parse
+    a, b, rm, srv = make_peers(daemon)
+    u = urllib.parse.urlsplit(b.base)
+    socks = []
+    for i in range(4):   # peer.max_long_polls
+        target = "/v1/events?after=0&wait=50"
+        h = {"Authorization": "Bearer " + b.token}
+        h.update(b.signer.headers("GET", b.base + target, None))
+        s = socket.create_connection((u.hostname, u.port))
+        s.sendall((f"GET {target} HTTP/1.1\r\nHost: {u.netloc}\r\n" +
+                   "".join(f"{k}: {v}\r\n" for k, v in h.items()) + "\r\n").encode())
+        socks.append(s)
+        wait_until(lambda: in_flight(b.base) > i, what="the long poll at the daemon")
+    for s in socks:
+        s.close()
+    wait_until(lambda: in_flight(b.base) == 0, timeout=20, what="the closed clients' polls ended")
+    t, result = long_poll(b, 0, 30)
+    one = a.send(rm["id"], a.user("alice"), "after they left").json()["id"]
+    t.join(40)
+    r = result["r"]
+    assert r.status_code == 200 and [e["id"] for e in r.json()["events"]] == [one], r.text
+    srv.close()
