@@ -482,13 +482,20 @@ static const struct store_stmt lane_stmts[] = {
 	 * of an expired event (events.expired) is never dead, and takes no
 	 * later row down: pending, it is expired when claimed (cw_claim's
 	 * expired; until the thirty-fifth session its spent budget killed the
-	 * room's later messages, a review's finding). */
+	 * room's later messages, a review's finding).  A row a peer's pull
+	 * handed out (claimed_by 'pull#...', peer_pull.c) and did not
+	 * acknowledge within its hand-out had no try (the pull counts none
+	 * in attempts): it is due again with no entry in delivery_attempts
+	 * and last_error saying so, is never spent and takes no row down.
+	 * Until the forty-second session it got a "no outcome" try in the
+	 * message's trace, started claim_timeout_s before a claim of 600 s
+	 * ran out. */
 	{ "cw_take_back",
-		"WITH t AS (SELECT o.id, o.claimed_until, o.attempts >= $1::int AND NOT x.expired AS spent, "
-		" coalesce(bool_or(o.attempts >= $1::int AND NOT x.expired) OVER (PARTITION BY o.room_id, o.destination "
-		"  ORDER BY o.id ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), false) AS after "
+		"WITH t AS (SELECT o.id, o.claimed_until, x.pull, o.attempts >= $1::int AND NOT x.expired AND NOT x.pull AS spent, "
+		" coalesce(bool_or(o.attempts >= $1::int AND NOT x.expired AND NOT x.pull) OVER (PARTITION BY o.room_id, "
+		"  o.destination ORDER BY o.id ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), false) AS after "
 		" FROM outbox o CROSS JOIN LATERAL (SELECT coalesce((SELECT ev.expired FROM events ev "
-		"  WHERE ev.id = o.event_id), false) AS expired) x "
+		"  WHERE ev.id = o.event_id), false) AS expired, coalesce(starts_with(o.claimed_by, 'pull#'), false) AS pull) x "
 		" WHERE o.state = 'in_flight' AND o.claimed_until < now()), "
 		"up AS (UPDATE outbox o SET claimed_by = NULL, claimed_until = NULL, "
 		" state = CASE WHEN t.spent OR t.after THEN 'dead' ELSE 'pending' END, "
@@ -496,14 +503,16 @@ static const struct store_stmt lane_stmts[] = {
 		"  || ' ended with no outcome (the process delivering it stopped, a crash or a kill, or lost the "
 		"database, until its claim ran out)' "
 		"  WHEN t.after THEN 'not sent: an earlier message of its room to ' || o.destination "
-		"  || ' ran out of retries (replay them oldest first)' ELSE o.last_error END "
+		"  || ' ran out of retries (replay them oldest first)' "
+		"  WHEN t.pull THEN 'handed out to the peer''s pull and not acknowledged within 10 minutes of its last pull: "
+		"taken back, to be handed out again (not a try: none counted)' ELSE o.last_error END "
 		" FROM t WHERE o.id = t.id AND o.state = 'in_flight' AND o.claimed_until < now() "
-		" RETURNING o.id, o.room_id, o.destination, o.state, t.claimed_until), "
+		" RETURNING o.id, o.room_id, o.destination, o.state, t.claimed_until, t.pull), "
 		"a AS (INSERT INTO delivery_attempts (outbox_id, attempt, started_at, ok, error) "
 		" SELECT up.id, coalesce((SELECT max(x.attempt) FROM delivery_attempts x WHERE x.outbox_id = up.id), 0) + 1, "
 		"  least(up.claimed_until - make_interval(secs => $2::int), now()), false, "
 		"  'no outcome: its claim ran out first (the process delivering it stopped, or lost the database)' FROM up "
-		" ON CONFLICT (outbox_id, attempt) DO NOTHING), "
+		" WHERE NOT up.pull ON CONFLICT (outbox_id, attempt) DO NOTHING), "
 		"behind AS (UPDATE outbox p SET state = 'dead', last_error = 'not sent: an earlier message of its room to '"
 		" || p.destination || ' ran out of retries (replay them oldest first)' "
 		" FROM (SELECT room_id, destination, min(id) AS id FROM up WHERE state = 'dead' GROUP BY room_id, destination) d "

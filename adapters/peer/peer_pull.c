@@ -76,7 +76,9 @@ struct peer_pull {
  * writes, and a transaction that took a lower id may commit after a
  * higher one was pulled; acknowledging by id would mark that row
  * delivered without ever sending it.  after acknowledges the handed-out
- * rows at or below it; those above it come again (the peer did not get
+ * rows at or below it (their last_error cleared, as a push's delivery
+ * clears it: the note of a hand-out taken back, cw_take_back, or of a
+ * failed push does not stay on a delivered row); those above it come again (the peer did not get
  * that answer, or asks again from an older cursor), before any row not
  * handed out yet, which follow in id order whatever their id.  An answer
  * is so always the positions just after `after`, in order: a peer that
@@ -94,7 +96,7 @@ struct peer_pull {
 #define PULL_POS "CASE WHEN starts_with(claimed_by, 'pull#') THEN substr(claimed_by, 6)::bigint END"
 static const char pull_sql[] =
 	"WITH ack AS (UPDATE outbox SET state = 'delivered', delivered_at = now(), claimed_by = NULL, "
-	" claimed_until = NULL WHERE destination = $1 AND state = 'in_flight' AND " PULL_POS " <= $2::bigint), "
+	" claimed_until = NULL, last_error = NULL WHERE destination = $1 AND state = 'in_flight' AND " PULL_POS " <= $2::bigint), "
 	"sent AS (SELECT id, " PULL_POS " AS pos FROM outbox WHERE destination = $1 "
 	" AND state = 'in_flight' AND " PULL_POS " > $2::bigint), "
 	"kept AS (UPDATE outbox o SET claimed_until = now() + make_interval(secs => $4::int) FROM sent "

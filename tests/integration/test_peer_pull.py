@@ -241,6 +241,49 @@ def test_a_push_peer_cannot_pull_its_rows_away_from_the_push(daemon, pg, db_url)
         srv.close()
 
 
+def test_a_pulled_row_taken_back_unacknowledged_has_no_try_in_its_trace(make_daemon, pg, db_url):
+    """Rows a pull handed out and the peer did not acknowledge within 10
+    minutes are taken back by the dispatcher's recovery of run-out claims,
+    due again.  The pull made no try (it counts none in attempts): the
+    message's trace shows none, last_error says the hand-out was taken
+    back, and a row never dies of it, even one whose attempts (from pushes
+    under a larger retry budget) are past today's.  Until the forty-second
+    session each got a "no outcome" try, "the process delivering it
+    stopped", and such a row was made a dead letter."""
+    d = make_daemon(db_url, options={"dispatcher": {"retry_budget": "2"}}).start()
+    a, b, rm, srv = make_peers(d)
+    try:
+        ids = [a.send(rm["id"], a.user("alice"), f"t{i}").json()["id"] for i in range(2)]
+        got = b.call("GET", "/v1/events?after=0").json()
+        assert [e["id"] for e in got["events"]] == ids, got
+        # pushed 3 times under a budget of 12, then the peer pulled it
+        pg.psql("UPDATE outbox SET attempts = 3 WHERE destination = 'peer:tg' AND event_id = "
+                f"(SELECT id FROM events WHERE public_id = '{ids[0]}')", db_url)
+        # ten minutes on, not acknowledged: the hand-out ran out
+        pg.psql("UPDATE outbox SET claimed_until = now() - interval '1 second' "
+                "WHERE destination = 'peer:tg' AND state = 'in_flight'", db_url)
+        wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE destination = 'peer:tg' AND state = 'in_flight'",
+                                   db_url) == "0", what="the hand-out taken back")
+        for i, mid in enumerate(ids):
+            rows = [x for x in d.admin("GET", f"/messages/{mid}").json()["deliveries"]
+                    if x["destination"] == "peer:tg"]
+            assert len(rows) == 1, rows
+            row = rows[0]
+            assert row["state"] == "pending" and row["tries"] == [] and row["attempts"] == (3 if i == 0 else 0), row
+            assert row["last_error"].startswith("handed out to the peer's pull and not acknowledged within 10 "
+                                                "minutes"), row
+        # handed out anew, in order, and acknowledged: delivered, the note gone
+        again = b.call("GET", "/v1/events?after=0").json()
+        assert [e["id"] for e in again["events"]] == ids, again
+        assert b.call("GET", f"/v1/events?after={again['next']}").json()["events"] == []
+        for mid in ids:
+            row = [x for x in d.admin("GET", f"/messages/{mid}").json()["deliveries"]
+                   if x["destination"] == "peer:tg"][0]
+            assert row["state"] == "delivered" and row["last_error"] is None and row["tries"] == [], row
+    finally:
+        srv.close()
+
+
 def test_a_backlog_of_large_events_comes_in_several_bounded_answers(make_daemon, db_url):
     """An answer holds events up to about server.max_body_bytes (at least
     one): a backlog of large events comes in several pulls, in order, none
