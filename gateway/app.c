@@ -723,7 +723,7 @@ static cw_err job_write(PGconn *c, void *arg, cw_errmsg *e)
 			return rc;
 		if (!fresh) {
 			job_reset(j);
-			app_job_fail(j, 401, "bad_signature", "this signature's nonce was seen before (a replay)");
+			app_job_fail(j, 401, "bad_signature", "%s", PEER_NONCE_REPLAYED);
 			return CW_OK;
 		}
 	}

@@ -168,7 +168,7 @@ bool peer_verify_request(struct cw_app *app, struct cw_req *req, struct peer_pri
 		snprintf(p->nonce, sizeof(p->nonce), "%s", res.nonce);
 		p->created = res.created;
 		if (rc == CW_ECONFLICT)
-			cw_fail(&e, rc, "this signature's nonce was seen before (a replay)");
+			cw_fail(&e, rc, "%s", PEER_NONCE_REPLAYED);
 		else if (rc)
 			cw_fail(&e, rc, "the signature's nonce or time is not acceptable");
 	}

@@ -241,8 +241,7 @@ static bool claim_nonce(struct peer_pull *p, struct waiter *w)
 	}
 	if (!fresh) {
 		cw_req_add_header(w->req, "WWW-Authenticate", "Bearer");
-		cw_req_problem(w->req, 401, "bad_signature", "Bad signature",
-			       "this signature's nonce was seen before (a replay)");
+		cw_req_problem(w->req, 401, "bad_signature", "Bad signature", PEER_NONCE_REPLAYED);
 		return false;
 	}
 	w->claimed = true;

@@ -42,6 +42,10 @@ void peer_principal_free(void *p);
  * the in-memory replay cache stays the first check of every request. */
 cw_err peer_nonce_claim(PGconn *c, const struct peer_principal *p, int64_t now_s, int64_t skew_s, bool *fresh,
 			cw_errmsg *e);
+/* The detail of the 401 bad_signature a replayed nonce gets, one text
+ * wherever it is found: the in-memory cache (peer_verify_request), a
+ * write's claim (gateway/app.c, job_write), a pull's (peer_pull.c). */
+#define PEER_NONCE_REPLAYED "this signature's nonce was seen before (a replay)"
 
 struct peer_registry;
 

@@ -467,6 +467,11 @@ def test_a_disabled_or_rotated_peers_waiting_long_poll_is_answered_401(daemon):
         srv.close()
 
 
+# The one detail of a replayed nonce's 401 (adapters/peer/peers.h,
+# PEER_NONCE_REPLAYED), whichever check found it.
+REPLAYED = "this signature's nonce was seen before (a replay)"
+
+
 def test_a_pull_replayed_to_another_process_hands_out_nothing(make_daemon, pg, db_url):
     """Two daemon processes behind one public URL: a pull (it acknowledges
     up to its cursor and hands out what follows) captured on its way to one
@@ -474,7 +479,8 @@ def test_a_pull_replayed_to_another_process_hands_out_nothing(make_daemon, pg, d
     hands out nothing: its nonce is claimed in the database, as a write's
     is. Until the forty-first session the replay was answered the peer's
     events (those in flight above the cursor, and new ones). A long poll
-    claims once, however often it asks; fresh pulls pass on either process."""
+    claims once, however often it asks; fresh pulls pass on either process.
+    A replayed write is answered the same detail, on either process."""
     public = "https://gw.example.org"
     d1 = make_daemon(db_url, options={"server": {"public_url": public}}).start()
     d2 = make_daemon(db_url, options={"server": {"public_url": public}}).start()
@@ -501,8 +507,9 @@ def test_a_pull_replayed_to_another_process_hands_out_nothing(make_daemon, pg, d
             assert r.status_code == 202, r.text
             return r.json()["id"]
 
-        raw, h = signed(a, "POST", "/v1/rooms", {"kind": "direct", "members": [a.user("alice"), b.user("bob")]})
-        r = d1.request("POST", "/v1/rooms", data=raw, headers=h)
+        room_raw, room_h = signed(a, "POST", "/v1/rooms", {"kind": "direct",
+                                                          "members": [a.user("alice"), b.user("bob")]})
+        r = d1.request("POST", "/v1/rooms", data=room_raw, headers=room_h)
         assert r.status_code == 201, r.text
         rid = r.json()["id"]
         first = send("one")
@@ -513,7 +520,13 @@ def test_a_pull_replayed_to_another_process_hands_out_nothing(make_daemon, pg, d
         for d in (d1, d2):
             r = d.request("GET", "/v1/events?after=0", headers=pull)
             assert r.status_code == 401 and r.json()["code"] == "bad_signature", r.text
-            assert "replay" in r.json()["detail"] and r.headers.get("WWW-Authenticate") == "Bearer"
+            assert r.json()["detail"] == REPLAYED and r.headers.get("WWW-Authenticate") == "Bearer"
+        # A write replayed is told the same, by its own process (the
+        # in-memory cache) and by the other (its claim in the database).
+        for d in (d1, d2):
+            r = d.request("POST", "/v1/rooms", data=room_raw, headers=room_h)
+            assert r.status_code == 401 and r.json() == {**r.json(), "code": "bad_signature", "detail": REPLAYED}, \
+                r.text
         # Nothing more was handed out: "two" is pending still.
         assert pg.psql("SELECT string_agg(o.state, ',' ORDER BY o.id) FROM outbox o "
                        "WHERE o.destination = 'peer:tg'", db_url) == "in_flight,pending"
