@@ -85,10 +85,25 @@ def test_pull_in_order_with_ack_and_long_poll(daemon):
 
 
 def test_pull_bad_queries(daemon):
-    _, b, _, srv = make_peers(daemon)
-    for q in ("after=-1", "after=x", "wait=61", "wait=-1", "limit=0", "limit=1001", "after="):
+    """A cursor is taken only in the form an answer's `next` has (decimal
+    digits, no leading zero but "0" itself); wait and limit are digits.
+    Anything else is 400 invalid_query as problem+json, and hands out
+    nothing. Until the forty-second session strtoll read "+1", " 1" and
+    "01" as 1."""
+    a, b, rm, srv = make_peers(daemon)
+    a.send(rm["id"], a.user("alice"), "waiting")
+    for q in ("after=-1", "after=x", "wait=61", "wait=-1", "limit=0", "limit=1001", "after=",
+              "after=%2B1", "after=+1", "after=%201", "after=1%20", "after=01", "after=00", "after=-0", "after=1e3",
+              "after=0x1", "after=12345678901234567890", "after=1234567890123456789", "after=1.0",
+              "wait=%2B1", "wait=%201", "limit=%2B5", "limit=5%20"):
         r = b.call("GET", "/v1/events?" + q)
-        assert r.status_code == 400 and r.json()["code"] == "invalid_query", q
+        assert r.status_code == 400 and r.json()["code"] == "invalid_query", (q, r.text)
+        assert r.headers["Content-Type"].startswith("application/problem+json"), q
+    assert [x["state"] for x in daemon.admin("GET", "/outbox?destination=peer:tg").json()["rows"]] == ["pending"]
+    r = b.call("GET", "/v1/events?after=0&wait=0&limit=05")
+    assert r.status_code == 200 and len(r.json()["events"]) == 1, r.text
+    r = b.call("GET", f"/v1/events?after={r.json()['next']}")
+    assert r.status_code == 200 and r.json()["events"] == [], r.text
     assert b.call("GET", "/v1/events", sign=False).status_code == 401
     srv.close()
 
