@@ -3723,7 +3723,11 @@ static void submit_coalesced(struct cw_app *app, struct cw_req *req, struct msg_
 
 /* A peer's `membership` event tells of its own user's joining or leaving
  * only: its target is its sender, and its `by`, when sent, the peer's own
- * domain.  A change of others' membership is made, and told to the group's
+ * domain, in any case (a DNS name's case means nothing): it is kept, and
+ * passed on to the other peers and the local adapters, in the one
+ * spelling of the peer's domain (lower case), so that none of them has to
+ * fold it to tell it from another domain (until the forty-second session
+ * "WA.example" went on as sent).  A change of others' membership is made, and told to the group's
  * other peers (signed by this provider, `by` the domain that made it), by
  * POST /v1/rooms/{room}/members, where a peer takes out its own users
  * alone; until the thirty-sixth session a peer's event naming another
@@ -3731,16 +3735,23 @@ static void submit_coalesced(struct cw_app *app, struct cw_req *req, struct msg_
  * accepted and pushed, signed, to the other peers, when nothing had
  * changed.  NULL when ev may be taken, else why not (403 not_allowed, in
  * a batch that item alone). */
-static const char *membership_refused(const struct event *ev, const struct peer_principal *p)
+static const char *membership_refused(struct event *ev, const struct peer_principal *p)
 {
 	if (ev->type != EVENT_MEMBERSHIP)
 		return NULL;
 	if (!ev->has_target || !ev->has_sender || !mimi_uri_equal(&ev->target, &ev->sender))
 		return "a membership event tells of its sender's own joining or leaving (content.target must be the "
 		       "sender); a peer changes others' membership with POST /v1/rooms/{room}/members";
-	json_t *by = json_object_get(json_object_get(ev->json, "content"), "by");
-	if (by && !(json_is_string(by) && strcasecmp(json_string_value(by), p->domain) == 0))
+	json_t *content = json_object_get(ev->json, "content");
+	json_t *by = json_object_get(content, "by");
+	if (!by)
+		return NULL;
+	if (!(json_is_string(by) && strcasecmp(json_string_value(by), p->domain) == 0))
 		return "content.by of a peer's membership event, when sent, is the calling peer's own domain";
+	if (strcmp(json_string_value(by), p->domain) != 0 && json_string_set(by, p->domain) == 0) {
+		free(ev->text); /* made of the peer's spelling, if any */
+		ev->text = NULL;
+	}
 	return NULL;
 }
 

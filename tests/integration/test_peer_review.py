@@ -23,7 +23,10 @@ def test_a_peer_cannot_forge_membership_events_of_others(daemon, peers, pg, db_u
     batch item, and nothing is stored or sent. A peer takes only its own
     users out (POST /v1/rooms/{room}/members); until the thirty-sixth
     session such an event was accepted and pushed, signed by this provider,
-    to the group's other peers, who read it as their user's removal."""
+    to the group's other peers, who read it as their user's removal. Its
+    own domain in another case ("WA.example": a DNS name's case means
+    nothing) is taken, and kept and passed on as the domain is spelled,
+    lower case (until the forty-second session as the peer spelled it)."""
     (a, sa), (b, sb) = peers
     wally, walt, wendy, bob = a.user("wally"), a.user("walt"), a.user("wendy"), b.user("bob")
     gid = a.create_room([wally, walt, wendy, bob, "mimi://example.org/u/dave"], kind="group").json()["id"]
@@ -52,10 +55,19 @@ def test_a_peer_cannot_forge_membership_events_of_others(daemon, peers, pg, db_u
     m = a.send(gid, wendy, "after").json()["id"]
     wait_until(lambda: m in [e["id"] for e in list(sb.events)], what="the message at tg")
     got = [(e["sender"], e["content"]) for e in list(sb.events) if e["type"] == "membership"]
-    assert got == [(wally, {"membership": "leave", "target": wally, "by": "WA.example"}),
+    assert got == [(wally, {"membership": "leave", "target": wally, "by": "wa.example"}),
                    (walt, {"membership": "leave", "target": walt})], got
-    assert pg.psql("SELECT count(*) FROM events e JOIN rooms r ON r.id = e.room_id "
-                   f"WHERE r.public_id = '{gid}' AND e.type = 'membership'", db_url) == "2"
+    assert pg.psql("SELECT string_agg(coalesce(e.content->'content'->>'by', '-'), ',' ORDER BY e.id) "
+                   "FROM events e JOIN rooms r ON r.id = e.room_id "
+                   f"WHERE r.public_id = '{gid}' AND e.type = 'membership'", db_url) == "wa.example,-"
+    # The same by /messages: what the local adapters are sent (the outbox
+    # row of dave's, from the stored event) spells it so too.
+    r = a.call("POST", f"/v1/rooms/{gid}/messages", ev(wendy, sender=wendy, by="Wa.Example"), idem="own2")
+    assert r.status_code == 202, r.text
+    assert pg.psql("SELECT e.content->'content'->>'by' FROM events e JOIN outbox o ON o.event_id = e.id "
+                   f"AND o.destination = 'local' WHERE e.public_id = '{r.json()['id']}'", db_url) == "wa.example"
+    wait_until(lambda: [e["content"].get("by") for e in list(sb.events) if e["type"] == "membership"] ==
+               ["wa.example", None, "wa.example"], what="wendy's leave at tg")
 
 
 def test_an_edit_of_a_deleted_message(daemon, peers, pg, db_url):
