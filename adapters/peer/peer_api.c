@@ -2166,26 +2166,38 @@ struct submit *submit_new(size_t n)
  * change; a direct room keeps its two members.  The event itself is what
  * the group's other peers are told: nothing more is written for them.
  * Since the forty-first session; before, she stayed joined, wrote on and
- * was sent the group's events. */
+ * was sent the group's events.  A leave that her own join written later
+ * in the job undoes ($2: the public ids of the job's joining items,
+ * joins_send; events' ids follow the items' order) ends nothing: the
+ * items take effect in order, and she is joined after the two (since the
+ * forty-second session; before, her join after it was refused). */
 #define LEAVE_MEMBERS \
 	"UPDATE room_members m SET membership = 'left', peer_invited = false, updated_at = now() " \
 	"FROM events e JOIN rooms r ON r.id = e.room_id AND r.kind = 'group' " \
 	"WHERE e.public_id = ANY (string_to_array($1, ',')) AND e.type = 'membership' " \
-	"AND m.room_id = e.room_id AND m.identity_id = e.sender_id AND m.membership IN ('joined', 'invited')"
+	"AND m.room_id = e.room_id AND m.identity_id = e.sender_id AND m.membership IN ('joined', 'invited') " \
+	"AND NOT EXISTS (SELECT 1 FROM events j WHERE j.public_id = ANY (string_to_array($2, ',')) " \
+	"AND j.room_id = e.room_id AND j.sender_id = e.sender_id AND j.id > e.id)"
 /* Her own joining of a group she is not joined in (she left, or never was
  * in it: a user the server knows) is what the peer's adding of her does
  * (POST /v1/rooms/{room}/members: a peer adds its own users to any group
  * it has a member in): she is joined, before the write (whose check of its
  * senders, GROUP_JM, then finds her), in its transaction, under the rooms'
  * locks (submit_lock_rooms, sent first).  $1, $2: the rooms' and the
- * users' row ids, comma-separated, pair by pair.  One banned stays out
- * (the write refuses her event: GROUP_SENDER_GONE).  Since the forty-first
- * session; before, her join was refused, 403, as any non-member's event. */
+ * users' row ids, comma-separated, pair by pair, each pair once.  One
+ * banned stays out (the write refuses her event: GROUP_SENDER_GONE).
+ * Since the forty-first session; before, her join was refused, 403, as
+ * any non-member's event.  $3: the pairs ("room:user") whose join follows
+ * her own leave in the job, which is written after (LEAVE_MEMBERS, which
+ * then leaves her joined): still joined here, she is a member anew, from
+ * now on (updated_at: since when, for the policy's recipient_wrote_here),
+ * as she is after a leave and a join sent apart. */
 #define JOIN_MEMBERS \
 	"INSERT INTO room_members (room_id, identity_id, membership) SELECT x.r::bigint, x.u::bigint, 'joined' " \
 	"FROM unnest(string_to_array($1, ','), string_to_array($2, ',')) AS x(r, u) " \
 	"ON CONFLICT (room_id, identity_id) DO UPDATE SET membership = 'joined', peer_invited = false, " \
-	"updated_at = now() WHERE room_members.membership = 'left'"
+	"updated_at = now() WHERE room_members.membership = 'left' OR (room_members.membership = 'joined' " \
+	"AND room_members.room_id || ':' || room_members.identity_id = ANY (string_to_array($3, ',')))"
 
 const struct store_stmt peer_api_statements[] = {
 	{ "submit_read_by_id", READ_ITEMS("public_id = it.room") },
@@ -2423,23 +2435,37 @@ static bool leaves_group(const struct submit *b, size_t i)
 }
 
 /* Round 1's leaving of the group by the peers' users whose leave events it
- * writes (LEAVE_MEMBERS), sent after the write; nothing when there is none.
- * Sets b->left. */
+ * writes (LEAVE_MEMBERS, with the joining items that may undo them), sent
+ * after the write; nothing when there is none.  Sets b->left. */
 static cw_err leaves_send(PGconn *c, struct submit *b, cw_errmsg *e)
 {
-	struct cw_buf ids;
+	struct cw_buf ids, joins;
 	cw_buf_init(&ids, SIZE_MAX / 2);
+	cw_buf_init(&joins, SIZE_MAX / 2);
 	cw_err rc = CW_OK;
 	for (size_t i = 0; i < b->n && !rc; i++)
 		if (leaves_group(b, i))
 			rc = cw_buf_printf(&ids, "%s%s", ids.len ? "," : "", b->items[i]->msg_id) ? CW_ENOMEM : CW_OK;
+		else if (b->items[i] && b->write[i] && b->joins[i])
+			rc = cw_buf_printf(&joins, "%s%s", joins.len ? "," : "", b->items[i]->msg_id) ? CW_ENOMEM
+												     : CW_OK;
+	if (!rc && cw_buf_add(&joins, "", 0)) /* "" when none */
+		rc = CW_ENOMEM;
 	if (rc)
 		rc = cw_fail(e, rc, "out of memory");
 	else if (ids.len)
-		rc = send_text(c, "submit_leave", ids.p, NULL, NULL, e);
+		rc = send_text(c, "submit_leave", ids.p, joins.p, NULL, e);
 	b->left = !rc && ids.len;
 	cw_buf_free(&ids);
+	cw_buf_free(&joins);
 	return rc;
+}
+
+/* Whether item i (a joining item) and an earlier item j are of one sender
+ * in one room. */
+static bool same_member(const struct submit *b, size_t i, size_t j)
+{
+	return strcmp(b->room_id[i], b->room_id[j]) == 0 && strcmp(b->sender_id[i], b->sender_id[j]) == 0;
 }
 
 /* Round 1's joining of the groups by the peers' users whose own join
@@ -2448,23 +2474,45 @@ static cw_err leaves_send(PGconn *c, struct submit *b, cw_errmsg *e)
  * b->joined. */
 static cw_err joins_send(PGconn *c, struct submit *b, cw_errmsg *e)
 {
-	struct cw_buf rooms, users;
+	struct cw_buf rooms, users, again;
 	cw_buf_init(&rooms, SIZE_MAX / 2);
 	cw_buf_init(&users, SIZE_MAX / 2);
+	cw_buf_init(&again, SIZE_MAX / 2);
 	cw_err rc = CW_OK;
-	for (size_t i = 0; i < b->n && !rc; i++)
-		if (b->items[i] && b->write[i] && b->joins[i])
+	for (size_t i = 0; i < b->n && !rc; i++) {
+		if (!b->items[i] || !b->write[i] || !b->joins[i])
+			continue;
+		/* each pair once (one row may not be changed twice by one
+		 * statement), and anew if any of her joins follows her leave */
+		bool first = true, rejoin = false;
+		for (size_t j = 0; j < i; j++)
+			if (b->items[j] && b->write[j] && same_member(b, i, j)) {
+				first = first && !b->joins[j];
+				rejoin = rejoin || leaves_group(b, j);
+			}
+		if (first)
 			rc = cw_buf_printf(&rooms, "%s%s", rooms.len ? "," : "", b->room_id[i]) ||
 				     cw_buf_printf(&users, "%s%s", users.len ? "," : "", b->sender_id[i])
 				     ? CW_ENOMEM
 				     : CW_OK;
+		if (!rc && rejoin)
+			rc = cw_buf_printf(&again, "%s%s:%s", again.len ? "," : "", b->room_id[i], b->sender_id[i])
+				     ? CW_ENOMEM
+				     : CW_OK;
+	}
+	if (!rc && cw_buf_add(&again, "", 0)) /* "" when none */
+		rc = CW_ENOMEM;
 	if (rc)
 		rc = cw_fail(e, rc, "out of memory");
-	else if (rooms.len)
-		rc = send_text(c, "submit_join", rooms.p, users.p, NULL, e);
+	else if (rooms.len) {
+		const char *params[] = { rooms.p, users.p, again.p };
+		if (!PQsendQueryPrepared(c, "submit_join", 3, params, NULL, NULL, 0))
+			rc = cw_fail(e, CW_EUNAVAIL, "cannot send: %s", PQerrorMessage(c));
+	}
 	b->joined = !rc && rooms.len;
 	cw_buf_free(&rooms);
 	cw_buf_free(&users);
+	cw_buf_free(&again);
 	return rc;
 }
 
@@ -2834,13 +2882,16 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 			}
 		}
 	bool member = in_job ? in_job > 0 : joined_member(r, mfirst, nmembers, false, 0, in->sender);
-	/* Her own join when she is not joined in a group (she left, or was
-	 * never in it; a user the server knows: column 2) joins her, as her
-	 * peer's adding of her does (POST /v1/rooms/{room}/members): her peer
-	 * has a member in it (above), and the server's rules are asked about
-	 * her as about a member added (members_decide). */
-	bool joins = !member && in->join && !in->local_sender && in_job == 0 && !PQgetisnull(r, first, 2) &&
-		     nmembers > 0 && !PQgetisnull(r, mfirst, 17);
+	/* Her own join when she is not joined in a group (she left, by an
+	 * earlier item of the job too, or was never in it; a user the server
+	 * knows: column 2) joins her, as her peer's adding of her does (POST
+	 * /v1/rooms/{room}/members): her peer has a member in it (above), and
+	 * the server's rules are asked about her as about a member added
+	 * (members_decide).  After her leave in the job she joins again
+	 * (joins_send, LEAVE_MEMBERS): until the forty-second session that
+	 * join was refused, 403, as a non-member's event. */
+	bool joins = !member && in->join && !in->local_sender && !PQgetisnull(r, first, 2) && nmembers > 0 &&
+		     !PQgetisnull(r, mfirst, 17);
 	if (joins) {
 		struct policy_view *view = policy_live_get(in->app->policy);
 		struct policy_request preq = {

@@ -2090,7 +2090,8 @@ def test_a_members_own_leave_and_join_events_change_her_membership(daemon, peers
     server never knew, is refused as any event of a non-member; a direct
     room keeps its two members. Until the forty-first session she stayed
     joined, wrote on and got the group's events, and her join was
-    refused."""
+    refused (and, until the forty-second, her join after her leave in one
+    batch)."""
     (a, sa), (b, sb) = peers
     wally, bob, eve, carol, fay = a.user("wally"), b.user("bob"), b.user("eve"), b.user("carol"), b.user("fay")
     rj = a.create_room([wally, bob, eve, carol, fay, "mimi://example.org/u/dave"], kind="group").json()
@@ -2152,14 +2153,12 @@ def test_a_members_own_leave_and_join_events_change_her_membership(daemon, peers
     assert r.status_code == 403 and r.json()["code"] == "not_allowed", r.text
     assert pg.psql("SELECT membership FROM room_members WHERE identity_id = "
                    f"(SELECT id FROM identities WHERE uri = '{fay}')", db_url) == "banned"
-    # The batch: after her leave her items are refused (a join too), after
-    # her join taken.
+    # The batch: after her leave her items are refused, her join taken (since
+    # the forty-second session: test_a_leave_then_a_join_in_one_batch),
+    # after it her items taken.
     assert batch(("eve-b1", own(eve, "leave")), ("eve-b2", message(eve, "one more")),
-                 ("eve-b3", own(eve, "join"))) == [("accepted", None), ("refused", "not_allowed"),
-                                                   ("refused", "not_allowed")]
-    assert members()[eve] == "left"
-    assert batch(("eve-b4", own(eve, "join")), ("eve-b5", message(eve, "back again"))) == [
-        ("accepted", None), ("accepted", None)]
+                 ("eve-b3", own(eve, "join")), ("eve-b5", message(eve, "back again"))) == [
+        ("accepted", None), ("refused", "not_allowed"), ("accepted", None), ("accepted", None)]
     assert members()[eve] == "joined"
     # bob and eve, tg's last members, leave: tg gets no more rows and sees
     # no room; a join then finds none.
@@ -2181,3 +2180,103 @@ def test_a_members_own_leave_and_join_events_change_her_membership(daemon, peers
     assert {m["user"]: m["membership"] for m in a.call("GET", f"/v1/rooms/{did}").json()["members"]} == {
         wally: "joined", bob: "joined"}
     assert b.send(did, bob, "still talking").status_code == 202
+
+
+def test_a_leave_then_a_join_in_one_batch(daemon, peers, pg, db_url):
+    """A batch's items take effect in order: a user's own leave, then her
+    own join in the same batch, leave her joined, a member anew from then
+    on (room_members.updated_at, the policy's "since when"), as the two
+    sent apart do; an item of hers between them is refused as a
+    non-member's, one after the join taken. A leave after the join leaves
+    her out; a join, a leave and a join from outside, joined. The group's
+    other peer gets each event once, in order. Until the forty-second
+    session the join after the leave was refused 403 not_allowed."""
+    (a, sa), (b, sb) = peers
+    wally, bob, eve = a.user("wally"), b.user("bob"), b.user("eve")
+    rj = a.create_room([wally, bob, eve], kind="group").json()
+    gid, uri = rj["id"], rj["uri"]
+
+    def own(who, membership):
+        return {"type": "membership", "sender": who, "content": {"membership": membership, "target": who}}
+
+    def message(who, text):
+        return {"type": "message", "sender": who, "content": {"parts": [{"type": "text/plain", "body": text}]}}
+
+    def batch(*items):
+        r = b.call("POST", "/v1/batch", {"events": [{"idempotency_key": k, "room": uri, "event": ev}
+                                                    for k, ev in items]})
+        assert r.status_code == 200, r.text
+        return [(x["status"], x.get("code")) for x in r.json()["results"]]
+
+    def eve_row():
+        return pg.psql("SELECT m.membership || ' ' || (extract(epoch FROM m.updated_at) * 1e6)::bigint "
+                       "FROM room_members m JOIN rooms r ON r.id = m.room_id JOIN identities i "
+                       f"ON i.id = m.identity_id WHERE r.public_id = '{gid}' AND i.uri = '{eve}'",
+                       db_url).split()
+
+    def told():
+        return [(e["sender"], e["type"], e["content"].get("membership") or e["content"]["parts"][0]["body"])
+                for e in list(sa.events) if e["room_id"] == gid]
+
+    state, since = eve_row()
+    assert state == "joined"
+    assert batch(("l1", own(eve, "leave")), ("m1", message(eve, "between")), ("j1", own(eve, "join")),
+                 ("m2", message(eve, "after"))) == [("accepted", None), ("refused", "not_allowed"),
+                                                    ("accepted", None), ("accepted", None)]
+    state, since2 = eve_row()
+    assert state == "joined" and int(since2) > int(since), (since, since2)
+    assert b.send(gid, eve, "still in").status_code == 202
+    # leave, join, leave: out; join, leave, join from outside: in.
+    assert batch(("l2", own(eve, "leave")), ("j2", own(eve, "join")), ("l3", own(eve, "leave"))) == [
+        ("accepted", None)] * 3
+    assert eve_row()[0] == "left"
+    assert b.send(gid, eve, "gone?").status_code == 403
+    assert batch(("j3", own(eve, "join")), ("l4", own(eve, "leave")), ("j4", own(eve, "join")),
+                 ("m3", message(eve, "back"))) == [("accepted", None)] * 4
+    assert eve_row()[0] == "joined"
+    members = {m["user"]: m["membership"] for m in a.call("GET", f"/v1/rooms/{gid}").json()["members"]}
+    assert members == {wally: "joined", bob: "joined", eve: "joined"}, members
+    want = [(eve, "membership", "leave"), (eve, "membership", "join"), (eve, "message", "after"),
+            (eve, "message", "still in"), (eve, "membership", "leave"), (eve, "membership", "join"),
+            (eve, "membership", "leave"), (eve, "membership", "join"), (eve, "membership", "leave"),
+            (eve, "membership", "join"), (eve, "message", "back")]
+    wait_until(lambda: told() == want, what="every event at gk, once, in order")
+
+
+def test_a_leave_of_one_who_left_is_a_non_members_event(daemon, peers, pg, db_url):
+    """A user's own leave when she has left already is answered as any
+    event of a user who is not a member (one who never was in the group,
+    one this server never knew): the same 403 not_allowed, to the byte,
+    so that the peer learns nothing from it; nothing stored changes (no
+    event, her row as it was) and no peer is sent anything."""
+    (a, sa), (b, sb) = peers
+    wally, bob, eve, ann = a.user("wally"), b.user("bob"), b.user("eve"), b.user("ann")
+    gid = a.create_room([wally, bob, eve], kind="group").json()["id"]
+    a.create_room([wally, ann], kind="group")  # ann: a user the server knows, not in gid
+
+    def leave(who, idem):
+        return b.call("POST", f"/v1/rooms/{gid}/messages",
+                      {"type": "membership", "sender": who, "content": {"membership": "leave", "target": who}},
+                      idem=idem)
+
+    assert leave(eve, "first").status_code == 202
+
+    def stored():
+        return pg.psql("SELECT (SELECT string_agg(i.uri || ' ' || m.membership || ' ' || m.updated_at::text, ',' "
+                       "ORDER BY i.uri) FROM room_members m JOIN identities i ON i.id = m.identity_id "
+                       f"JOIN rooms r ON r.id = m.room_id WHERE r.public_id = '{gid}') || ' ' || "
+                       "(SELECT count(*) FROM events) || ' ' || (SELECT count(*) FROM outbox)", db_url)
+
+    mark = a.send(gid, wally, "mark").json()["id"]
+    wait_until(lambda: mark in [e["id"] for e in list(sa.events)] + [e["id"] for e in list(sb.events)],
+               what="the mark out")
+    before, seen_a, seen_b = stored(), len(sa.events), len(sb.events)
+    again, never, unknown = leave(eve, "again"), leave(ann, "ann"), leave(b.user("nobody"), "nobody")
+    for r in (again, never, unknown):
+        assert r.status_code == 403 and r.headers["Content-Type"].startswith("application/problem+json"), r.text
+    assert again.json() == never.json() == unknown.json(), (again.text, never.text, unknown.text)
+    assert again.json()["code"] == "not_allowed"
+    assert stored() == before
+    mark2 = a.send(gid, wally, "mark 2").json()["id"]
+    sb.wait_events(seen_b + 1)
+    assert [e["id"] for e in list(sb.events)][seen_b:] == [mark2] and len(sa.events) == seen_a
