@@ -2992,7 +2992,32 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 	bool expired = (in->expires && in->expires <= now) || late_edit;
 	unsigned char wake = 0;
 	struct policy_decision limited = { .verdict = POLICY_ALLOW };
-	for (int k = mfirst; k < mfirst + nmembers; k++) {
+	/* Her joining (b->joins[i]) is charged first as her peer's add of her
+	 * is (change_limit: with the peer's domain as the sender, type
+	 * member_add), in this event's memo, so that a bucket the two share
+	 * (the domain's messages_per_minute) gives one token; past it the
+	 * item is refused as an add is, 429, and no recipient is decided.
+	 * Until the forty-second session only her own message buckets were
+	 * charged, and a peer's users joining and leaving by their own events
+	 * went round the limit its adds keep to. */
+	char peer_sender[MIMI_DOMAIN_MAX + 16];
+	snprintf(peer_sender, sizeof(peer_sender), "mimi://%s", in->sender_domain);
+	bool add_limited = false;
+	if (b->joins[i]) {
+		struct policy_request areq = {
+			.direction = POLICY_INBOUND, .action = POLICY_ACT_EVENT, .event_type = "member_add",
+			.sender = { peer_sender, in->sender_domain, in->sender_network }, .now_ms = now,
+			.rate = &memo.rate,
+		};
+		struct policy_decision d;
+		policy_decide(view->snap, &areq, &d);
+		if (d.verdict == POLICY_LIMIT) {
+			policy_count(in->app, &d);
+			limited = d;
+			add_limited = true;
+		}
+	}
+	for (int k = mfirst; !add_limited && k < mfirst + nmembers; k++) {
 		const char *peer_id = PQgetisnull(r, k, 6) ? NULL : PQgetvalue(r, k, 6);
 		bool joined = PQgetvalue(r, k, 9)[0] == 't';
 		if (strcmp(PQgetvalue(r, k, 3), in->sender) == 0) {
@@ -3124,11 +3149,18 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 			snprintf(ra, sizeof(ra), "%lld", (long long)limited.retry_after_ms);
 			LOG_KV_LIMITED(CW_LOG_INFO, "policy limit", "reason", limited.reason, "sender", in->sender,
 				       "retry_after_ms", ra);
-			json_t *details = json_pack("{s:s, s:s, s:I}", "sender", in->sender, "type", in->type,
+			json_t *details = json_pack("{s:s, s:s, s:I}", "sender", add_limited ? peer_sender : in->sender,
+						    "type", add_limited ? "member_add" : in->type,
 						    "retry_after_ms", (json_int_t)limited.retry_after_ms);
 			if (in->local_sender) /* her own outbound limit (docs/policy.md) */
 				json_object_set_new(details, "direction", json_string("outbound"));
-			json_array_append_new(b->audit, peer_audit_record(&limited, NULL, in->sender, details));
+			if (add_limited) { /* as change_limit records an add's, and whose */
+				json_object_set_new(details, "direction", json_string("inbound"));
+				json_object_set_new(details, "room", json_string(PQgetvalue(r, first, 14)));
+				json_object_set_new(details, "member", json_string(in->sender));
+			}
+			json_array_append_new(b->audit, peer_audit_record(&limited, NULL,
+									  add_limited ? peer_sender : in->sender, details));
 		}
 		json_decref(dests);
 		json_decref(targets);
@@ -3144,7 +3176,9 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 			long long s = (limited.retry_after_ms + 999) / 1000;
 			item_fail(res, 429, "rate_limited", "%s; write again in %lld %s", policy_reason_text(limited.reason),
 				  s <= 120 ? s : (s + 59) / 60, s <= 120 ? "s" : "min");
-		} else
+		} else if (add_limited)
+			item_fail(res, 429, "rate_limited", "too many changes from this provider; retry later");
+		else
 			item_fail(res, 429, "rate_limited", "too many messages from this sender or domain; retry later");
 		res->retry_after_ms = limited.retry_after_ms;
 		return;

@@ -310,6 +310,53 @@ def test_member_adds_are_charged_as_the_peers_messages(daemon, peers, pg, db_url
                    "AND details->>'type' = 'member_add'", db_url) == "1"
 
 
+def test_a_users_own_join_is_charged_as_her_peers_add_of_her(daemon, peers, pg, db_url):
+    """A peer's user's own join of a group she is not in (a membership
+    event) makes the change an add of her does, and takes a token of the
+    same bucket: the peer's own (messages_per_minute_per_user with its
+    domain as the sender), not only her message buckets (one per user, so
+    that each new user was a way around the limit). Past it, 429
+    rate_limited with Retry-After as for an add, she stays out and nothing
+    is stored; the episode is audited once, type member_add, whichever of
+    the two met it; then the peer's add is refused too. A join of one
+    joined already changes nothing and is charged as any event. Until the
+    forty-second session the joins of ever new users were never limited."""
+    (a, sa), (b, sb) = peers
+    wally, bob, carol, dan, erin = a.user("wally"), b.user("bob"), b.user("carol"), b.user("dan"), b.user("erin")
+    gid = a.create_room([wally, bob, carol, dan], kind="group").json()["id"]
+
+    def own(who, membership, idem):
+        return b.call("POST", f"/v1/rooms/{gid}/messages",
+                      {"type": "membership", "sender": who, "content": {"membership": membership, "target": who}},
+                      idem=idem)
+
+    def members():
+        return {m["user"]: m["membership"] for m in a.call("GET", f"/v1/rooms/{gid}").json()["members"]}
+
+    def stored():
+        return pg.psql("SELECT count(*) FROM events e JOIN rooms r ON r.id = e.room_id "
+                       f"WHERE r.public_id = '{gid}'", db_url)
+
+    for i, who in enumerate((carol, dan)):
+        assert own(who, "leave", f"leaves{i}").status_code == 202
+    assert daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "tg.example",
+                                                "limits": {"messages_per_minute_per_user": 2}}).status_code == 201
+    assert b.call("POST", f"/v1/rooms/{gid}/members", {"add": [erin]}).status_code == 200  # a token
+    assert own(carol, "join", "carol-joins").status_code == 202                            # the other
+    before = stored()
+    r = own(dan, "join", "dan-joins")
+    assert r.status_code == 429 and r.json()["code"] == "rate_limited", r.text
+    assert "too many changes" in r.json()["detail"] and 1 <= int(r.headers["Retry-After"]) <= 60, r.headers
+    assert members()[dan] == "left" and stored() == before
+    r = b.call("POST", f"/v1/rooms/{gid}/members", {"add": [b.user("fay")]})
+    assert r.status_code == 429 and r.json()["code"] == "rate_limited", r.text
+    # bob is joined: his join changes nothing, and takes his own token only.
+    assert own(bob, "join", "bob-joins").status_code == 202
+    assert pg.psql("SELECT string_agg(subject || ' ' || (details->>'type') || ' ' || (details->>'member'), ',') "
+                   "FROM audit_log WHERE action = 'policy.limit'", db_url) == f"mimi://tg.example member_add {dan}"
+    assert members() == {wally: "joined", bob: "joined", carol: "joined", dan: "left", erin: "joined"}
+
+
 def test_a_room_the_peer_has_no_member_in_is_answered_as_one_that_does_not_exist(daemon, peers, pg, db_url):
     """A peer none of whose users is a member of a room (never was, or all
     left) gets for it, on every route that names a room, the answer a room
