@@ -3159,8 +3159,8 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 				json_object_set_new(details, "room", json_string(PQgetvalue(r, first, 14)));
 				json_object_set_new(details, "member", json_string(in->sender));
 			}
-			json_array_append_new(b->audit, peer_audit_record(&limited, NULL,
-									  add_limited ? peer_sender : in->sender, details));
+			const char *subject = add_limited ? peer_sender : in->sender;
+			json_array_append_new(b->audit, peer_audit_record(&limited, NULL, subject, details));
 		}
 		json_decref(dests);
 		json_decref(targets);
@@ -3808,18 +3808,19 @@ static void submit_coalesced(struct cw_app *app, struct cw_req *req, struct msg_
 
 /* A peer's `membership` event tells of its own user's joining or leaving
  * only: its target is its sender, and its `by`, when sent, the peer's own
- * domain, in any case (a DNS name's case means nothing): it is kept, and
- * passed on to the other peers and the local adapters, in the one
- * spelling of the peer's domain (lower case), so that none of them has to
- * fold it to tell it from another domain (until the forty-second session
- * "WA.example" went on as sent).  A change of others' membership is made, and told to the group's
+ * domain.  A change of others' membership is made, and told to the group's
  * other peers (signed by this provider, `by` the domain that made it), by
  * POST /v1/rooms/{room}/members, where a peer takes out its own users
  * alone; until the thirty-sixth session a peer's event naming another
  * peer's user, or this provider's, as leaving "by" this provider was
  * accepted and pushed, signed, to the other peers, when nothing had
  * changed.  NULL when ev may be taken, else why not (403 not_allowed, in
- * a batch that item alone). */
+ * a batch that item alone).  Its `by` is compared in any case (a DNS
+ * name's case means nothing) and, taken, set to the one spelling of the
+ * peer's domain (lower case), which is what is kept and passed on to the
+ * other peers and the local adapters: none of them has to fold it to tell
+ * it from another domain (until the forty-second session "WA.example"
+ * went on as sent). */
 static const char *membership_refused(struct event *ev, const struct peer_principal *p)
 {
 	if (ev->type != EVENT_MEMBERSHIP)
@@ -3827,8 +3828,7 @@ static const char *membership_refused(struct event *ev, const struct peer_princi
 	if (!ev->has_target || !ev->has_sender || !mimi_uri_equal(&ev->target, &ev->sender))
 		return "a membership event tells of its sender's own joining or leaving (content.target must be the "
 		       "sender); a peer changes others' membership with POST /v1/rooms/{room}/members";
-	json_t *content = json_object_get(ev->json, "content");
-	json_t *by = json_object_get(content, "by");
+	json_t *by = json_object_get(json_object_get(ev->json, "content"), "by");
 	if (!by)
 		return NULL;
 	if (!(json_is_string(by) && strcasecmp(json_string_value(by), p->domain) == 0))
