@@ -2265,7 +2265,8 @@ def test_a_leave_of_one_who_left_is_a_non_members_event(daemon, peers, pg, db_ur
         return pg.psql("SELECT (SELECT string_agg(i.uri || ' ' || m.membership || ' ' || m.updated_at::text, ',' "
                        "ORDER BY i.uri) FROM room_members m JOIN identities i ON i.id = m.identity_id "
                        f"JOIN rooms r ON r.id = m.room_id WHERE r.public_id = '{gid}') || ' ' || "
-                       "(SELECT count(*) FROM events) || ' ' || (SELECT count(*) FROM outbox)", db_url)
+                       "(SELECT count(*) FROM events) || ' ' || (SELECT count(*) FROM outbox) || ' ' || "
+                       "(SELECT count(*) FROM audit_log)", db_url)
 
     mark = a.send(gid, wally, "mark").json()["id"]
     wait_until(lambda: mark in [e["id"] for e in list(sa.events)] + [e["id"] for e in list(sb.events)],
