@@ -240,6 +240,26 @@ int64_t ratelimit_peek(struct ratelimit *rl, const char *key, uint32_t capacity,
 	return wait;
 }
 
+void ratelimit_give(struct ratelimit *rl, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms)
+{
+	struct where at;
+	lock_window(rl, key, &capacity, &period_ms, NULL, &at);
+	for (size_t i = 0; i < WINDOW; i++) {
+		struct bucket *b = &rl->b[at.w + i];
+		if (b->h1 != at.h1 || b->h2 != at.h2)
+			continue;
+		b->units = fill(b, capacity, period_ms, now_ms) + period_ms;
+		if (b->units > (int64_t)capacity * period_ms)
+			b->units = (int64_t)capacity * period_ms;
+		b->capacity = capacity;
+		b->period = period_ms;
+		if (now_ms > b->last_ms)
+			b->last_ms = now_ms;
+		break;
+	}
+	pthread_mutex_unlock(&at.st->mu);
+}
+
 int64_t ratelimit_policy_take(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms)
 {
 	return ratelimit_take(ctx, key, capacity, period_ms, now_ms, NULL);
@@ -248,6 +268,12 @@ int64_t ratelimit_policy_take(void *ctx, const char *key, uint32_t capacity, int
 int64_t ratelimit_policy_peek(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms)
 {
 	return ratelimit_peek(ctx, key, capacity, period_ms, now_ms, NULL);
+}
+
+int64_t ratelimit_policy_give(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms)
+{
+	ratelimit_give(ctx, key, capacity, period_ms, now_ms);
+	return 0;
 }
 
 void ratelimit_stats(struct ratelimit *rl, size_t *used, uint64_t *evictions)

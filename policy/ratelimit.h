@@ -48,9 +48,20 @@ int64_t ratelimit_take(struct ratelimit *rl, const char *key, uint32_t capacity,
 int64_t ratelimit_peek(struct ratelimit *rl, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms,
 		       bool *first_refusal);
 
-/* struct policy_rate's take and peek, with ctx a struct ratelimit *. */
+/* Gives back a token a take granted and what it paid for was not done:
+ * one token more in the bucket named key, never more than capacity; a
+ * bucket not kept (evicted: it would start full) is not made.  The
+ * bucket's episode is left as it is.  Since the forty-second session (a
+ * first contact's consent request that the local user's own bound then
+ * refused, adapters/peer/peer_api.c). */
+void ratelimit_give(struct ratelimit *rl, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms);
+
+/* struct policy_rate's take and peek, with ctx a struct ratelimit *; and
+ * a take that gives back (ratelimit_give; answers 0, "taken"), to ask
+ * policy_decide again for the buckets one decision took from. */
 int64_t ratelimit_policy_take(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms);
 int64_t ratelimit_policy_peek(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms);
+int64_t ratelimit_policy_give(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms);
 
 /* Buckets in use, and evictions so far (for metrics; takes every lock). */
 void ratelimit_stats(struct ratelimit *rl, size_t *used, uint64_t *evictions);

@@ -9,6 +9,7 @@
 #include "log.h"
 #include "matrix/matrix.h"
 #include "utf8.h"
+#include "ratelimit.h"
 
 #include <pthread.h>
 #include <stdarg.h>
@@ -1624,6 +1625,9 @@ struct submit {
 	json_t **ask;               /* per item: those of them it may make a new request of (none
 				       stands): the write counts them against their bound, under
 				       their locks (lock_users_send, CONSENT_ASK_SQL) */
+	unsigned *given;            /* per item: the tokens of its sender's consent requests given
+				       back, once each, for pairs the write held unasked (give_back;
+				       kept across runs again of round 1, cleared with round 0's) */
 	json_t **outbound;          /* per item: remote users a local sender wrote to (consent to their replies) */
 	bool *wrote;                /* per item: a local sender's message to members of a group new to them (they may reply there) */
 	bool *scrub;                /* per item: no recipient will get it (or an edit of an expired message): keep no content */
@@ -1661,6 +1665,7 @@ static void submit_clear_round(struct submit *b)
 		b->wake[i] = 0;
 		b->grp[i] = false;
 		b->joins[i] = false;
+		b->given[i] = 0;
 	}
 	json_array_clear(b->audit);
 }
@@ -1690,6 +1695,7 @@ void submit_free(void *arg)
 	free(b->wake);
 	free(b->grp);
 	free(b->joins);
+	free(b->given);
 	json_decref(b->audit);
 	json_decref(b->refused);
 	json_decref(b->keys);
@@ -1721,12 +1727,13 @@ struct submit *submit_new(size_t n)
 	b->wake = calloc(m, sizeof(*b->wake));
 	b->grp = calloc(m, sizeof(*b->grp));
 	b->joins = calloc(m, sizeof(*b->joins));
+	b->given = calloc(m, sizeof(*b->given));
 	b->audit = json_array();
 	b->refused = json_array();
 	b->keys = json_array();
 	if (!b->items || !b->res || !b->write || !b->room_id || !b->sender_id || !b->reply_id || !b->replaces_id ||
 	    !b->dests || !b->targets || !b->states || !b->held || !b->ask || !b->outbound || !b->scrub || !b->wrote || !b->wake ||
-	    !b->grp || !b->joins || !b->audit) {
+	    !b->grp || !b->joins || !b->given || !b->audit) {
 		submit_free(b);
 		return NULL;
 	}
@@ -2050,8 +2057,9 @@ struct submit *submit_new(size_t n)
  * sender's domain (rk), and her requests of that domain stored within the
  * last day (had; the oldest's and the newest's times); cr, those within
  * her bound (it.crl: policy.consent_requests_per_user_per_day, 0 no
- * bound) made; cx, those past it, held with no request (their count is
- * answered, rows "unasked"); ca, the audit record of the first refusal of
+ * bound) made; cx, those past it, held with no request (answered, a row
+ * "unasked" each with its item's index n in the second column: its
+ * sender's token is given back, give_back); ca, the audit record of the first refusal of
  * an episode: the first past the bound in this job, unless a refusal was
  * recorded since her latest request of that domain.  The count is exact
  * across restarts and daemon processes: submit_lock_users took her lock
@@ -2098,7 +2106,7 @@ struct submit *submit_new(size_t n)
 	"  FROM audit_log a WHERE a.action = 'policy.limit' AND a.at >= cx.last " \
 	"  AND a.reason_code = 'rate_limited_recipient_consent_requests' AND a.details->>'user' = l.uri " \
 	"  AND split_part(a.subject, '/', 3) = cx.dom))), "
-#define CONSENT_UNASKED_ROWS " UNION ALL SELECT NULL, NULL, 'unasked' FROM cx"
+#define CONSENT_UNASKED_ROWS " UNION ALL SELECT NULL, cx.n::bigint, 'unasked' FROM cx"
 
 /* HELD_COND: GROUP_HELD_COND (no consent asked of a member gone) or empty;
  * AU_DETAILS: an audit record's details (GROUP_AU_DETAILS, or as given). */
@@ -2757,7 +2765,8 @@ static void intra_refs(struct submit *b)
  * audited once per episode.  The local user's own bound on the requests
  * of each remote domain (policy.consent_requests_per_user_per_day, since
  * the fortieth session) is the write's (CONSENT_ASK_SQL): it counts what
- * is stored, under her lock. */
+ * is stored, under her lock; a pair it holds unasked gets its sender's
+ * token back (give_back). */
 static bool may_ask(struct submit *b, size_t i, PGresult *r, const struct policy_view *view,
 		    const struct policy_request *held_req, const char *local_id, json_t *audit, json_t *ask)
 {
@@ -2791,6 +2800,35 @@ static bool may_ask(struct submit *b, size_t i, PGresult *r, const struct policy
 			json_pack("{s:s, s:s, s:I}", "user", req.recipient.uri, "type", "consent_request",
 				  "retry_after_ms", (json_int_t)d.retry_after_ms)));
 	return false;
+}
+
+/* Gives back the token of its consent_requests_per_day (and _per_user)
+ * that item i's sender spent (may_ask) on a request the write then did
+ * not make: the local user's own bound held the message unasked
+ * (CONSENT_ASK_SQL's cx).  The sender's allowance counts the requests
+ * made, not the messages held unasked (spec/policy.md: "consent requests
+ * per day").  The same decision asked again with a take that gives
+ * (ratelimit_policy_give): its buckets are named by the sender and the
+ * rules matching them alone, so the recipient is not needed.  Round 1
+ * may run again (a lost deadlock): b->given keeps a pair from being given
+ * back twice for one take; a job whose round 0 runs again (a merged one)
+ * takes again, and given is cleared with it.  Until the forty-second
+ * session a sender held unasked twice had spent two requests of the day
+ * that nobody was asked. */
+static void give_back(struct submit *b, size_t i)
+{
+	const struct msg_input *in = b->items[i];
+	if (!b->app->limits)
+		return;
+	struct policy_rate give = { ratelimit_policy_give, b->app->limits, NULL };
+	struct policy_request req = {
+		.direction = POLICY_INBOUND, .action = POLICY_ACT_FIRST_CONTACT,
+		.sender = { in->sender, in->sender_domain, in->sender_network }, .now_ms = cw_wall_ms(), .rate = &give,
+	};
+	struct policy_view *view = policy_live_get(b->app->policy);
+	struct policy_decision d;
+	policy_decide(view->snap, &req, &d);
+	policy_view_put(view);
 }
 
 /* An earlier item of this job (round 0 decides them in index order) is
@@ -3432,13 +3470,23 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 				}
 			/* Each first contact held past its user's bound with no
 			 * request (CONSENT_ASK_SQL): a limit decision, counted as
-			 * round 0 counts the policy's. */
+			 * round 0 counts the policy's, and its sender's token
+			 * given back (give_back). */
+			unsigned *unasked = calloc(b->n ? b->n : 1, sizeof(*unasked));
 			for (int k = 0; k < rows; k++)
 				if (PQgetisnull(r, k, 0) && !PQgetisnull(r, k, 2) &&
-				    strcmp(PQgetvalue(r, k, 2), "unasked") == 0)
+				    strcmp(PQgetvalue(r, k, 2), "unasked") == 0) {
 					policy_count(b->app, &(struct policy_decision){
 								     .verdict = POLICY_LIMIT,
 								     .reason = "rate_limited_recipient_consent_requests" });
+					size_t n = (size_t)atoll(PQgetvalue(r, k, 1));
+					if (unasked && n < b->n && b->items[n])
+						unasked[n]++;
+				}
+			for (size_t i = 0; unasked && i < b->n; i++)
+				for (; b->given[i] < unasked[i]; b->given[i]++)
+					give_back(b, i);
+			free(unasked);
 			for (size_t i = 0; i < b->n; i++)
 				if (b->write[i] && b->res[i].status != 202) {
 					json_decref(b->res[i].body);

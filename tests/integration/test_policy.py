@@ -906,6 +906,47 @@ def test_two_daemons_together_ask_a_user_no_more_than_her_daily_bound(make_daemo
         sb.close()
 
 
+def test_a_sender_held_unasked_by_a_users_daily_bound_spends_none_of_its_own(daemon, peers, pg, db_url):
+    """A first contact that the local user's own bound
+    (policy.consent_requests_per_user_per_day) holds with no request takes
+    nothing of its sender's consent_requests_per_day: only the requests
+    made count against it.  Until the forty-second session the sender's
+    token was taken in round 0, before the write found the user past her
+    bound, and a sender held unasked twice had spent two requests that
+    nobody was asked: carol, the one it still may ask, was not."""
+    (a, _), _ = peers
+    carol = "mimi://example.org/u/carol"
+    for u in (ALICE, BOB, carol):
+        opt_in(daemon, user=u)
+    assert daemon.admin("PATCH", "/settings", json={"policy.consent_requests_per_user_per_day": 1}).ok
+    r = daemon.admin("POST", "/rules", json={"scope": "network", "pattern": "peer:*",
+                                             "limits": {"consent_requests_per_day_per_user": 2}})
+    assert r.status_code == 201, r.text
+    # alice's one request of the day goes to s0
+    assert send(a, dm(a, remote="s0"), "hello", sender="s0").status_code == 202
+    assert asked_of(pg, db_url) == "s0"
+    # spam to alice, twice: held, nobody asked (each message would have asked: a token each)
+    to_alice = dm(a, remote="spam")
+    ids = [send(a, to_alice, f"hi alice {k}", sender="spam") for k in range(2)]
+    assert [x.status_code for x in ids] == [202, 202], [x.text for x in ids]
+    assert [s for _, s in states(pg, db_url, [x.json()["id"] for x in ids])] == ["held", "held"]
+    assert asked_of(pg, db_url) == "s0"
+    assert recipient_limits(pg, db_url) == "1"
+    # spam's two requests of the day are still its own: bob and carol are asked
+    for u in (BOB, carol):
+        r = send(a, dm(a, local=u, remote="spam"), "hi", sender="spam")
+        assert r.status_code == 202, r.text
+        assert asked_of(pg, db_url, u) == "spam", u
+    # and its limit holds: a third user is not asked
+    dave = "mimi://example.org/u/dave"
+    opt_in(daemon, user=dave)
+    r = send(a, dm(a, local=dave, remote="spam"), "hi", sender="spam")
+    assert r.status_code == 202, r.text
+    assert asked_of(pg, db_url, dave) == ""
+    assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'policy.limit' "
+                   "AND reason_code = 'rate_limited_sender_consent_requests'", db_url) == "1"
+
+
 def test_rule_change_is_in_force_on_every_process_without_restart(daemon, make_daemon, peers, pg, db_url):
     (a, _), _ = peers
     opt_in(daemon)

@@ -1603,6 +1603,63 @@ START_TEST(rl_capacity_then_refusal)
 }
 END_TEST
 
+/* A token given back is there again, never past the capacity; a bucket
+ * not kept is not made; through policy_decide, the buckets one decision
+ * took from each get theirs back. */
+START_TEST(rl_give_back)
+{
+	struct ratelimit *rl = ratelimit_new(0);
+	bool first;
+	ck_assert_int_eq(ratelimit_take(rl, "k", 2, 1000, 0, NULL), 0);
+	ck_assert_int_eq(ratelimit_take(rl, "k", 2, 1000, 0, NULL), 0);
+	ck_assert_int_gt(ratelimit_take(rl, "k", 2, 1000, 0, &first), 0);
+	ck_assert(first);
+	ratelimit_give(rl, "k", 2, 1000, 0);
+	ck_assert_int_eq(ratelimit_take(rl, "k", 2, 1000, 0, NULL), 0);
+	ck_assert_int_gt(ratelimit_take(rl, "k", 2, 1000, 0, NULL), 0);
+	/* full: a give adds nothing past the capacity */
+	ck_assert_int_eq(ratelimit_take(rl, "f", 1, 1000, 0, NULL), 0);
+	ratelimit_give(rl, "f", 1, 1000, 5000);
+	ratelimit_give(rl, "f", 1, 1000, 5000);
+	ck_assert_int_eq(ratelimit_take(rl, "f", 1, 1000, 5000, NULL), 0);
+	ck_assert_int_gt(ratelimit_take(rl, "f", 1, 1000, 5000, NULL), 0);
+	/* not kept: not made */
+	ratelimit_give(rl, "none", 1, 1000, 0);
+	size_t used;
+	ratelimit_stats(rl, &used, NULL);
+	ck_assert_uint_eq(used, 2);
+
+	struct policy_builder *pb = policy_builder_new();
+	policy_builder_defaults(pb, POLICY_MODE_OPEN, true);
+	struct policy_limits lim = { .set = POLICY_LIM_CONSENT_REQ_DAY | POLICY_LIM_CONSENT_REQ_DAY_USER,
+				     .consent_requests_per_day = 3, .consent_requests_per_day_per_user = 1 };
+	ck_assert_int_eq(policy_builder_rule(pb, 1, POLICY_SCOPE_DOMAIN, "b.example", POLICY_MODE_NONE, &lim, 0), 0);
+	struct policy_snapshot *s = policy_builder_finish(pb, 1);
+	struct policy_rate take = { ratelimit_policy_take, rl, ratelimit_policy_peek };
+	struct policy_rate give = { ratelimit_policy_give, rl, NULL };
+	struct policy_request r = { .direction = POLICY_INBOUND, .action = POLICY_ACT_FIRST_CONTACT,
+				    .sender = { "mimi://b.example/u/x", "b.example", "peer:b" }, .now_ms = 1,
+				    .rate = &take };
+	struct policy_decision d;
+	policy_decide(s, &r, &d);
+	ck_assert_int_ne(d.verdict, POLICY_LIMIT);
+	policy_decide(s, &r, &d);
+	ck_assert_int_eq(d.verdict, POLICY_LIMIT);
+	ck_assert_str_eq(d.reason, "rate_limited_sender_consent_requests");
+	r.rate = &give; /* the domain's bucket and the sender's one token each */
+	policy_decide(s, &r, &d);
+	ck_assert_int_ne(d.verdict, POLICY_LIMIT);
+	r.rate = &take;
+	policy_decide(s, &r, &d);
+	ck_assert_int_ne(d.verdict, POLICY_LIMIT);
+	/* the domain's: 3, less three takes, plus one given back */
+	ck_assert_int_eq(ratelimit_take(rl, "crf:1:b.example", 3, 86400000, 1, NULL), 0);
+	ck_assert_int_gt(ratelimit_take(rl, "crf:1:b.example", 3, 86400000, 1, NULL), 0);
+	policy_snapshot_free(s);
+	ratelimit_free(rl);
+}
+END_TEST
+
 START_TEST(rl_refill_timing)
 {
 	struct ratelimit *rl = ratelimit_new(512);
@@ -2357,6 +2414,7 @@ int main(void)
 	tcase_set_timeout(rt, 120);
 	tcase_add_test(rt, rl_capacity_then_refusal);
 	tcase_add_test(rt, rl_refill_timing);
+	tcase_add_test(rt, rl_give_back);
 	tcase_add_test(rt, rl_first_refusal_once_per_episode);
 	tcase_add_test(rt, rl_peek_never_changes_the_bucket);
 	tcase_add_test(rt, rl_eviction_many_keys);
