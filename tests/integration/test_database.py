@@ -10,7 +10,7 @@ import time
 import pytest
 
 from harness import N_MIGRATIONS, SCHEMA_DIR, run_causewayd, wait_until
-from peer import push_peers
+from peer import NotifyServer, PeerClient, push_peers
 
 
 def copy_schema(tmp_path):
@@ -515,3 +515,194 @@ def test_domain_and_network_rules_keep_their_limits_per_user(empty_db_url, pg, t
         '5|{}',
         '6|{"max_body_bytes": 100}',
     ], rows
+
+
+# Rows of every kind a deployment of that era held, in plain SQL valid for
+# schema 015 (and so for every later one: the columns added since have
+# defaults or are nullable).  {gk_key}, {tg_key}: the peers' public keys
+# (base64); {push_url}: gk's notify server.  Ids are given, so that rows
+# can name each other.
+OLD_ROWS = """
+INSERT INTO peers (id, name, domain, mode, push_url, ed25519_public_key, token_hash) VALUES
+  (1, 'gk', 'wa.example', 'push', '{push_url}', decode('{gk_key}', 'base64'), sha256('old-gk-token'::bytea)),
+  (2, 'tg', 'tg.example', 'pull', NULL, decode('{tg_key}', 'base64'), sha256('old-tg-token'::bytea));
+INSERT INTO identities (id, uri, domain, localpart, is_local, network, peer_id, display_name) VALUES
+  (11, 'mimi://example.org/u/alice', 'example.org', 'alice', true, 'local', NULL, 'Alice'),
+  (12, 'mimi://example.org/u/bob', 'example.org', 'bob', true, 'local', NULL, NULL),
+  (21, 'mimi://wa.example/u/wally', 'wa.example', 'wally', false, 'peer:gk', 1, 'Wally'),
+  (22, 'mimi://wa.example/u/walter', 'wa.example', 'walter', false, 'peer:gk', 1, NULL),
+  (23, 'mimi://tg.example/u/tom', 'tg.example', 'tom', false, 'peer:tg', 2, NULL);
+INSERT INTO identity_bindings (identity_id, network, native_id) VALUES (21, 'peer:gk', 'wally');
+INSERT INTO rooms (id, public_id, uri, hub_domain, kind, created_by_peer_id) VALUES
+  (31, 'r_d', 'mimi://example.org/r/r_d', 'example.org', 'direct', 1),
+  (32, 'r_h', 'mimi://example.org/r/r_h', 'example.org', 'direct', 1),
+  (33, 'r_g', 'mimi://example.org/r/r_g', 'example.org', 'group', 1);
+INSERT INTO room_members (room_id, identity_id, role, membership) VALUES
+  (31, 11, 'member', 'joined'), (31, 21, 'member', 'joined'),
+  (32, 11, 'member', 'joined'), (32, 22, 'member', 'joined'),
+  (33, 11, 'admin', 'joined'), (33, 21, 'member', 'joined'), (33, 23, 'member', 'joined'),
+  (33, 12, 'member', 'left');
+INSERT INTO user_optin (identity_id, network, opted_in, updated_by) VALUES
+  (11, 'peer:gk', true, 'admin:old'), (11, 'peer:tg', true, 'admin:old'), (12, 'peer:gk', false, 'user');
+INSERT INTO consents (local_identity_id, subject_kind, subject, state, source) VALUES
+  (11, 'user', 'mimi://wa.example/u/wally', 'allowed', 'user'),
+  (11, 'user', 'mimi://tg.example/u/tom', 'allowed', 'outbound'),
+  (12, 'domain', 'wa.example', 'blocked', 'admin');
+INSERT INTO blocks (blocker_id, blocked_id) VALUES (23, 12);
+INSERT INTO events (id, public_id, room_id, sender_id, type, content, replaces_id, in_reply_to_id, origin_network,
+                    origin_native_id, ts, accepted_at) VALUES
+  (41, 'msg_d1', 31, 21, 'message', '{{"type": "message", "sender": "mimi://wa.example/u/wally",
+     "content": {{"parts": [{{"type": "text/plain", "body": "hello alice"}}]}}}}', NULL, NULL, 'peer:gk', 'k-d1',
+     1700000000000, now() - interval '2 hours'),
+  (42, 'msg_d2', 31, 11, 'message', '{{"type": "message", "sender": "mimi://example.org/u/alice",
+     "content": {{"parts": [{{"type": "text/plain", "body": "hi wally"}}]}}, "in_reply_to": "msg_d1"}}', NULL, 41,
+     'matrix', '$d2:example.org', 1700000001000, now() - interval '1 hour'),
+  (43, 'msg_d3', 31, 21, 'edit', '{{"type": "edit", "sender": "mimi://wa.example/u/wally",
+     "content": {{"parts": [{{"type": "text/plain", "body": "hello, alice"}}]}}, "replaces": "msg_d1"}}', 41, NULL,
+     'peer:gk', 'k-d3', 1700000002000, now() - interval '1 hour'),
+  (44, 'msg_h1', 32, 22, 'message', '{{"type": "message", "sender": "mimi://wa.example/u/walter",
+     "content": {{"parts": [{{"type": "text/plain", "body": "may I?"}}]}}}}', NULL, NULL, 'peer:gk', 'k-h1',
+     1700000003000, now() - interval '1 hour'),
+  (45, 'msg_g1', 33, 21, 'message', '{{"type": "message", "sender": "mimi://wa.example/u/wally",
+     "content": {{"parts": [{{"type": "text/plain", "body": "hello group"}}]}}}}', NULL, NULL, 'peer:gk', 'k-g1',
+     1700000004000, now() - interval '1 hour'),
+  (46, 'msg_g2', 33, 21, 'message', '{{"type": "message", "sender": "mimi://wa.example/u/wally",
+     "content": {{"parts": [{{"type": "text/plain", "body": "anyone?"}}]}}, "in_reply_to": "msg_g1"}}', NULL, 45,
+     'peer:gk', 'k-g2', 1700000005000, now() - interval '1 hour'),
+  (47, 'msg_s1', 33, 11, 'message', '{{"type": "message", "sender": "mimi://example.org/u/alice",
+     "content": {{"parts": [{{"type": "text/plain", "body": "s1"}}]}}}}', NULL, NULL, 'matrix', '$s1:example.org',
+     1700000006000, now() - interval '1 hour'),
+  (48, 'msg_s2', 33, 11, 'message', '{{}}', NULL, NULL, 'matrix', '$s2:example.org', 1700000007000,
+     now() - interval '1 hour'),
+  (49, 'msg_s3', 31, 21, 'message', '{{}}', NULL, NULL, 'peer:gk', 'k-s3', 1700000008000,
+     now() - interval '1 hour'),
+  (50, 'msg_s4', 31, 11, 'message', '{{"type": "message", "sender": "mimi://example.org/u/alice",
+     "content": {{"parts": [{{"type": "text/plain", "body": "are you there?"}}]}}}}', NULL, NULL, 'matrix',
+     '$s4:example.org', 1700000009000, now() - interval '30 minutes');
+INSERT INTO event_native_ids (event_id, network, kind, native_id) VALUES
+  (42, 'matrix', 'event_id', '$d2:example.org'), (41, 'matrix', 'event_id', '$d1:example.org');
+INSERT INTO idempotency_keys (scope, key, request_hash, room_id, response_status, response) VALUES
+  ('peer:gk', 'room-d', sha256('room-d'::bytea), 31, 201, '{{"id": "r_d", "uri": "mimi://example.org/r/r_d"}}');
+INSERT INTO outbox (id, event_id, destination, target_identity_id, room_id, state, attempts, claimed_by,
+                    claimed_until, last_error, delivered_at, created_at) VALUES
+  (61, 41, 'local', 11, 31, 'delivered', 1, NULL, NULL, NULL, now() - interval '2 hours', now() - interval '2 hours'),
+  (62, 42, 'peer:gk', NULL, 31, 'pending', 0, NULL, NULL, NULL, NULL, now() - interval '1 hour'),
+  (63, 43, 'local', 11, 31, 'delivered', 1, NULL, NULL, NULL, now() - interval '1 hour', now() - interval '1 hour'),
+  (64, 44, 'local', 11, 32, 'held', 0, NULL, NULL, NULL, NULL, now() - interval '1 hour'),
+  (65, 45, 'local', 11, 33, 'delivered', 1, NULL, NULL, NULL, now() - interval '1 hour', now() - interval '1 hour'),
+  (66, 45, 'peer:tg', NULL, 33, 'pending', 0, NULL, NULL, NULL, NULL, now() - interval '1 hour'),
+  (67, 46, 'local', 11, 33, 'delivered', 1, NULL, NULL, NULL, now() - interval '1 hour', now() - interval '1 hour'),
+  (68, 46, 'peer:tg', NULL, 33, 'pending', 0, NULL, NULL, NULL, NULL, now() - interval '1 hour'),
+  (69, 47, 'peer:gk', NULL, 33, 'delivered', 1, NULL, NULL, NULL, now() - interval '1 hour', now() - interval '1 hour'),
+  (70, 47, 'peer:tg', NULL, 33, 'dead', 8, NULL, NULL, 'HTTP 500 from the peer', NULL, now() - interval '1 hour'),
+  (71, 48, 'peer:gk', NULL, 33, 'failed', 1, NULL, NULL, 'HTTP 400 from the peer', NULL, now() - interval '1 hour'),
+  (72, 48, 'peer:tg', NULL, 33, 'dropped', 0, NULL, NULL, NULL, NULL, now() - interval '1 hour'),
+  (73, 49, 'local', 11, 31, 'expired', 0, NULL, NULL, NULL, NULL, now() - interval '1 hour'),
+  (74, 50, 'peer:gk', NULL, 31, 'in_flight', 1, 'an-old-process', now() - interval '10 minutes', NULL, NULL,
+   now() - interval '30 minutes');
+INSERT INTO delivery_attempts (outbox_id, attempt, started_at, finished_at, ok, code, error) VALUES
+  (70, 1, now() - interval '1 hour', now() - interval '1 hour', false, 500, 'HTTP 500 from the peer'),
+  (69, 1, now() - interval '1 hour', now() - interval '1 hour', true, 202, NULL);
+INSERT INTO consent_requests (local_identity_id, remote_identity_id, state, created_at, notified_at, decided_at,
+                              expires_at) VALUES
+  (11, 21, 'accepted', now() - interval '3 days', now() - interval '3 days', now() - interval '2 days',
+   now() + interval '4 days'),
+  (11, 22, 'pending', now() - interval '1 hour', now() - interval '1 hour', NULL, now() + interval '6 days');
+INSERT INTO rules (id, scope, pattern, mode, limits, comment, created_by) VALUES
+  (1, 'domain', 'spam.example', 'deny', '{{}}', 'abuse wave', 'admin:old'),
+  (2, 'network', 'peer:*', NULL, '{{"messages_per_minute_per_user": 30}}', NULL, 'admin:old');
+INSERT INTO reports (reporter_kind, reporter, peer_id, subject_uri, subject_identity_id, reason_code,
+                     evidence_public_ids) VALUES
+  ('peer', 'gk', 1, 'mimi://wa.example/u/walter', 22, 'spam', '{{msg_h1}}');
+INSERT INTO audit_log (at, actor, action, reason_code, event_id, subject, details) VALUES
+  (now() - interval '3 days', 'admin:old', 'consent.set', NULL, NULL, 'mimi://example.org/u/alice',
+   '{{"subject": "mimi://wa.example/u/wally", "state": "allowed"}}'),
+  (now() - interval '1 hour', 'policy', 'policy.hold', 'no_consent_yet', 44, 'mimi://example.org/u/alice',
+   '{{"type": "message", "sender": "mimi://wa.example/u/walter", "direction": "inbound"}}');
+INSERT INTO admin_tokens (name, role, token_hash) VALUES ('ops', 'viewer', sha256('old-viewer-token'::bytea));
+UPDATE settings SET value = '172800', updated_by = 'admin:old' WHERE key = 'policy.held_expiry_seconds';
+SELECT setval(pg_get_serial_sequence(t, 'id'), 1000) FROM unnest(ARRAY['peers', 'identities', 'rooms', 'events',
+  'outbox', 'consent_requests', 'rules', 'reports', 'audit_log', 'admin_tokens', 'delivery_attempts',
+  'room_bindings']) AS t;
+"""
+
+
+@pytest.mark.parametrize("era", ["002", "016", "031"])
+def test_an_old_schema_with_real_rows_then_the_current_daemon(make_daemon, pg, empty_db_url, tmp_path, era):
+    """A database migrated up to the migration before era, as a deployment
+    of that time left it, with rows of every kind (peers push and pull,
+    local and remote users, direct and group rooms, members, events naming
+    each other, outbox rows in every state, consents, blocks, requests,
+    rules, reports, the audit log, settings, an admin token), then the
+    current daemon, which applies the rest at its start: the rows keep
+    their meaning.  The admin API lists them, the pending row and the one
+    whose claim ran out are delivered (in order), the held one is released
+    by the consent, the pull peer pulls what waits for it, references
+    intact, and both peers and the old token authenticate."""
+    srv = NotifyServer()
+    gk = PeerClient(None, "gk", "wa.example", token="old-gk-token")
+    tg = PeerClient(None, "tg", "tg.example", token="old-tg-token")
+    try:
+        migrated_before(tmp_path, empty_db_url, era)  # the rest is the daemon's to apply
+        pg.psql(OLD_ROWS.format(push_url=srv.url, gk_key=gk.signer.public_b64, tg_key=tg.signer.public_b64),
+                empty_db_url)
+        d = make_daemon(empty_db_url).start()
+        assert pg.psql("SELECT count(*) FROM schema_migrations", empty_db_url) == str(N_MIGRATIONS)
+        srv.public_b64 = d.get("/.well-known/mimi-protocol-directory").json()["public_key"]["key"]
+        gk.base = tg.base = d.url
+
+        # The pending row, then the one whose claim ran out, in the room's order.
+        got = srv.wait_events(2, timeout=30)
+        assert [e["id"] for e in got] == ["msg_d2", "msg_s4"], got
+        assert got[0]["in_reply_to"] == "msg_d1" and got[0]["sender"] == "mimi://example.org/u/alice", got[0]
+        assert got[0]["room"] == "mimi://example.org/r/r_d", got[0]
+        # The pull peer pulls the group's two, the reply naming the first.
+        r = tg.call("GET", "/v1/events?after=0")
+        assert r.status_code == 200, r.text
+        ev = r.json()["events"]
+        assert [e["id"] for e in ev] == ["msg_g1", "msg_g2"], ev
+        assert ev[1]["in_reply_to"] == "msg_g1" and ev[1]["room"] == "mimi://example.org/r/r_g", ev[1]
+
+        # The admin API lists what was there.
+        assert sorted((p["name"], p["mode"]) for p in d.admin("GET", "/peers").json()["peers"]) == \
+            [("gk", "push"), ("tg", "pull")]
+        rules = {x["id"]: x for x in d.admin("GET", "/rules").json()["rows"]}
+        assert (rules[1]["pattern"], rules[1]["mode"]) == ("spam.example", "deny")
+        assert rules[2]["limits"] == {"messages_per_minute_per_user": 30}, rules[2]
+        assert d.admin("GET", "/settings").json()["policy.held_expiry_seconds"] == 172800
+        reqs = d.admin("GET", "/consent-requests?state=pending").json()["rows"]
+        assert [(q["user"], q["requester"], q["held"]) for q in reqs] == \
+            [("mimi://example.org/u/alice", "mimi://wa.example/u/walter", 1)], reqs
+        assert [h["message"] for h in d.admin("GET", "/held?user=mimi://example.org/u/alice").json()["rows"]] == \
+            ["msg_h1"]
+        dead = d.admin("GET", "/outbox?state=dead").json()["rows"]
+        assert [(x["message"], x["destination"]) for x in dead] == [("msg_s1", "peer:tg")], dead
+        reports = d.admin("GET", "/reports").json()["rows"]
+        assert [(x["subject"], x["reason"]) for x in reports] == [("mimi://wa.example/u/walter", "spam")], reports
+        audit = d.admin("GET", "/audit?action=consent.set").json()["rows"]
+        assert [(x["actor"], x["subject"]) for x in audit] == [("admin:old", "mimi://example.org/u/alice")], audit
+        who = d.request("GET", "/admin/v1/whoami", headers={"Authorization": "Bearer old-viewer-token"})
+        assert who.status_code == 200 and who.json() == {"name": "ops", "role": "viewer"}, who.text
+
+        # The held row is released by her consent; a new message of wally's
+        # (consented before the upgrade) passes at once.
+        r = d.admin("POST", "/consents", json={"user": "mimi://example.org/u/alice", "subject_kind": "user",
+                                               "subject": "mimi://wa.example/u/walter", "state": "allowed"})
+        assert r.status_code == 200 and r.json()["released"] == 1, r.text
+        assert pg.psql("SELECT state FROM outbox WHERE id = 64", empty_db_url) in ("pending", "delivered")
+        r = gk.send("r_d", "mimi://wa.example/u/wally", "after the upgrade", in_reply_to="msg_d1")
+        assert r.status_code == 202, r.text
+        assert pg.psql("SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id WHERE e.public_id = '%s'"
+                       % r.json()["id"], empty_db_url) in ("pending", "delivered")
+        st = gk.call("GET", "/v1/messages/msg_d1").json()
+        assert st["recipients"] == [{"recipient": "mimi://example.org/u/alice", "status": "delivered"}], st
+        # bob's block of wa.example still holds: wally's first message to him is dropped
+        r = gk.create_room(["mimi://wa.example/u/wally", "mimi://example.org/u/bob"])
+        assert r.status_code == 201, r.text
+        r = gk.send(r.json()["id"], "mimi://wa.example/u/wally", "hi bob")
+        assert r.status_code == 202, r.text
+        assert pg.psql("SELECT o.state || ' ' || a.reason_code FROM outbox o JOIN events e ON e.id = o.event_id "
+                       "JOIN audit_log a ON a.event_id = e.id WHERE e.public_id = '%s'" % r.json()["id"],
+                       empty_db_url) == "dropped user_blocked_domain"
+    finally:
+        srv.close()
