@@ -820,7 +820,13 @@ static cw_err pipe_recv(PGconn *c, void *arg, int round, bool *more, cw_errmsg *
 	return j->pipe->recv(c, j, round, more, e);
 }
 
-static const struct store_pipe_ops app_pipe = { pipe_send, pipe_recv };
+static const char *pipe_first_locks(void *arg)
+{
+	struct app_job *j = arg;
+	return j->pipe->first_locks ? j->pipe->first_locks(j) : NULL;
+}
+
+static const struct store_pipe_ops app_pipe = { pipe_send, pipe_recv, pipe_first_locks };
 
 void app_job_start_pipe(struct app_job *j, const struct app_pipe_ops *ops)
 {

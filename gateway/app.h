@@ -75,6 +75,7 @@ struct app_job;
 struct app_pipe_ops {
 	cw_err (*send)(PGconn *c, struct app_job *j, int round, cw_errmsg *e);
 	cw_err (*recv)(PGconn *c, struct app_job *j, int round, bool *more, cw_errmsg *e);
+	const char *(*first_locks)(struct app_job *j); /* optional: store_pipe_ops.first_locks */
 };
 
 struct app_job {

@@ -1099,6 +1099,48 @@ static void retry_pause(struct cw_store *s, struct job *list, int64_t until)
 	atomic_fetch_add(&s->retry_pause_us, (uint64_t)(now - start));
 }
 
+/* The local users' locks the live pipelined jobs of list ask to hold
+ * first (store_pipe_ops.first_locks), all in one statement, in id order,
+ * before any other statement of the transaction: waiting for them then
+ * holds nothing up, so no other transaction can wait for this one while
+ * it waits (a job of a group commit waiting for a user's lock while an
+ * earlier job held a room's deadlocked with a process holding the user's
+ * and waiting for the room's, until the forty-second session).  CW_OK
+ * when none asks.  *asker: a job that asked (to be failed, or run again,
+ * if the statement fails). */
+static cw_err take_first_locks(PGconn *c, struct job *list, struct job **asker, cw_errmsg *e)
+{
+	char *ids = NULL;
+	size_t len = 0;
+	*asker = NULL;
+	for (struct job *j = list; j; j = j->next) {
+		const char *u = !j->rc && j->pipe && j->pipe->first_locks ? j->pipe->first_locks(j->arg) : NULL;
+		if (!u || !u[0])
+			continue;
+		size_t n = strlen(u);
+		char *p = realloc(ids, len + n + 2);
+		if (!p) {
+			free(ids);
+			return cw_fail(e, CW_ENOMEM, "out of memory");
+		}
+		ids = p;
+		if (len)
+			ids[len++] = ',';
+		memcpy(ids + len, u, n + 1);
+		len += n;
+		*asker = j;
+	}
+	if (!ids)
+		return CW_OK;
+	const char *params[] = { ids };
+	PGresult *r = PQexecParams(c, USER_LOCKS_FIRST_SQL, 1, NULL, params, NULL, NULL, 0);
+	free(ids);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (!rc)
+		PQclear(r);
+	return rc;
+}
+
 /* Runs the live jobs of list in one transaction: the plain ones one by one,
  * then the pipelined ones in rounds.  A job that fails is taken out (its rc
  * set) and the others are run again from the start. */
@@ -1131,7 +1173,22 @@ static enum batch_outcome run_batch(struct cw_store *s, PGconn *c, struct job *l
 		watch_arm(s, &s->wconn, until, false);
 		struct job *failed = NULL;
 		bool lost = false;
-		for (struct job *j = list; j; j = j->next) {
+		struct job *asker;
+		cw_err first = take_first_locks(c, list, &asker, e);
+		if (first && PQstatus(c) != CONNECTION_OK) {
+			lost = true;
+		} else if (first) {
+			/* Every job that asked runs again (a statement the watchdog
+			 * cancelled) or fails with it. */
+			for (struct job *j = list; j; j = j->next) {
+				const char *u = !j->rc && j->pipe && j->pipe->first_locks ? j->pipe->first_locks(j->arg) : NULL;
+				if (u && u[0] && !retry_job(j, first, watch_fired(&s->wconn)))
+					j->rc = cw_fail(&j->err, first, "%s", e->msg);
+			}
+			e->msg[0] = '\0';
+			failed = asker;
+		}
+		for (struct job *j = list; j && !failed && !lost; j = j->next) {
 			if (j->rc || !j->fn)
 				continue;
 			cw_err rc = j->fn(c, j->arg, &j->err);

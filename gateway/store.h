@@ -54,6 +54,11 @@ struct cw_store;
  * (xmpp.user_groups_per_day, xmpp_muc.c).  Their own classes: they wait
  * for no room's lock holder. */
 #define USER_ASK_LOCK_CLASS "1129792338"
+/* Her locks, taken in id order (waiting for each): $1 their identity ids,
+ * comma-separated (store_pipe_ops.first_locks). */
+#define USER_LOCKS_FIRST_SQL \
+	"SELECT count(pg_advisory_xact_lock(" USER_ASK_LOCK_CLASS ", (y.u % 2147483647)::int)) FROM " \
+	"(SELECT DISTINCT x::bigint AS u FROM unnest(string_to_array($1, ',')) AS x ORDER BY 1) y"
 #define XMPP_GROUP_LOCK_CLASS "1129797703"
 
 /* A new event's public id made in SQL, as cw_new_id makes one ("msg_" and
@@ -113,6 +118,15 @@ typedef void (*store_done_fn)(void *arg, cw_err rc, const cw_errmsg *e);
 struct store_pipe_ops {
 	cw_err (*send)(PGconn *c, void *arg, int round, cw_errmsg *e);
 	cw_err (*recv)(PGconn *c, void *arg, int round, bool *more, cw_errmsg *e);
+	/* Optional: local users' identity ids (comma-separated; NULL or ""
+	 * none) whose USER_ASK_LOCK_CLASS locks the job is to hold before any
+	 * lock of its transaction.  Asked at the start of each run of the
+	 * batch; the writer takes them all, in id order, right after BEGIN
+	 * (USER_LOCKS_FIRST_SQL).  A job that found such a lock taken while
+	 * its transaction held others (and so did not wait for it: peer_api.c,
+	 * LOCK_USERS) names it here and fails with CW_ERETRY: its run again
+	 * then waits for it holding nothing. */
+	const char *(*first_locks)(void *arg);
 };
 
 /* In recv: the result of the next queued statement into *out (the caller

@@ -1516,7 +1516,7 @@ void matrix_metrics(struct matrix *m, struct cw_buf *b)
 			      (unsigned long long)atomic_load(&m->events[k]));
 }
 
-static const struct app_pipe_ops txn_ops = { txn_send, txn_recv };
+static const struct app_pipe_ops txn_ops = { txn_send, txn_recv, NULL }; /* local senders: no user locks */
 
 /* Whether the event is one of the gateway's own (a ghost's or the bot's). */
 static bool own_echo(struct cw_app *app, const char *sender)

@@ -1639,6 +1639,10 @@ struct submit {
 	bool joined;                /* round 1 sent submit_join before the write (joins_send) */
 	bool *joins;                /* per item: its sender, not joined, joins the group with it (joins_send) */
 	bool ulocked;               /* round 1 sent submit_lock_users first (before the rooms') */
+	char *uids;                 /* the users' ids it sent (malloc'd) */
+	char *first;                /* the users whose locks a run again takes first, before any
+				       other of its transaction (store_pipe_ops.first_locks): one
+				       was taken elsewhere while the transaction held others */
 	json_t *audit;              /* the policy decisions to record (round 1) */
 	int nfacts;                 /* round 0's result: its first nfacts rows are facts rows (n = -2) */
 	enum submit_room_by room_by; /* how items name their rooms */
@@ -1696,6 +1700,8 @@ void submit_free(void *arg)
 	free(b->grp);
 	free(b->joins);
 	free(b->given);
+	free(b->uids);
+	free(b->first);
 	json_decref(b->audit);
 	json_decref(b->refused);
 	json_decref(b->keys);
@@ -2160,10 +2166,33 @@ struct submit *submit_new(size_t n)
 #define LOCK_ROOMS ROOM_LOCKS_SQL("SELECT DISTINCT x::bigint AS r FROM unnest(string_to_array($1, ',')) AS x")
 /* The locks of the local users a job's held items may ask ($1: their
  * identity ids, comma-separated), in id order, before its write and its
- * rooms' locks (CONSENT_ASK_SQL). */
+ * rooms' locks (CONSENT_ASK_SQL); true when it holds them all.  Several
+ * jobs share a transaction (group commit) and each takes its locks as it
+ * comes, so the transaction may hold a room's lock (an earlier job's
+ * write) or another user's when it comes to these: waiting then, while a
+ * process holding this user's lock waits for that room's, was a deadlock
+ * (PostgreSQL rolled one back after a second; until the forty-second
+ * session).  A global order for the whole transaction (every user first,
+ * then every room) cannot be had here: a job learns its locks in its own
+ * rounds (a merged job's in the writer's transaction, after other jobs
+ * took theirs), and plain jobs take rooms' locks before any.  So a
+ * transaction waits for a user's lock only while it holds no advisory
+ * lock (h, read before any of these is taken; within this statement it
+ * then takes them in id order); holding one, it only tries, and a lock
+ * taken elsewhere answers false: the job fails with CW_ERETRY (items_recv),
+ * the transaction is rolled back, and its run again takes these locks
+ * first, holding nothing (store_pipe_ops.first_locks, submit_first_locks).
+ * No transaction then waits for a user's lock while holding another
+ * advisory lock, except a lower user's in this statement, so no cycle of
+ * waits goes through one: the deadlock is gone, not made rarer.  A job
+ * of a transaction holding nothing (most: a first contact's is one
+ * message) waits as before. */
 #define LOCK_USERS \
-	"SELECT count(pg_advisory_xact_lock(" USER_ASK_LOCK_CLASS ", (y.u % 2147483647)::int)) FROM " \
-	"(SELECT DISTINCT x::bigint AS u FROM unnest(string_to_array($1, ',')) AS x ORDER BY 1) y"
+	"WITH h AS MATERIALIZED (SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' " \
+	"  AND pid = pg_backend_pid()) AS held) " \
+	"SELECT coalesce(bool_and(pg_try_advisory_xact_lock(" USER_ASK_LOCK_CLASS ", (y.u % 2147483647)::int) " \
+	"  OR (NOT h.held AND pg_advisory_xact_lock(" USER_ASK_LOCK_CLASS ", (y.u % 2147483647)::int)::text = '')), " \
+	"  true) FROM (SELECT DISTINCT x::bigint AS u FROM unnest(string_to_array($1, ',')) AS x ORDER BY 1) y, h"
 
 /* A peer's user's own leaving of a group (a membership event of hers,
  * membership_refused) ends her membership, as the peer's removal of her
@@ -2431,8 +2460,19 @@ static cw_err lock_users_send(PGconn *c, struct submit *b, long long bound, cw_e
 	else if (ids.len)
 		rc = send_text(c, "submit_lock_users", ids.p, NULL, NULL, e);
 	b->ulocked = !rc && ids.len;
+	free(b->uids);
+	b->uids = b->ulocked ? strdup(ids.p) : NULL;
 	cw_buf_free(&ids);
+	if (b->ulocked && !b->uids)
+		rc = cw_fail(e, CW_ENOMEM, "out of memory");
 	return rc;
+}
+
+/* The users whose locks a run again of the job takes first
+ * (store_pipe_ops.first_locks: LOCK_USERS found one taken). */
+static const char *submit_first_locks(const struct submit *b)
+{
+	return b ? b->first : NULL;
 }
 
 /* Whether item i is a peer's user's own leaving of a group, to be written
@@ -3349,7 +3389,26 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 		cw_err rc = store_pipe_result(c, PGRES_TUPLES_OK, &r, e);
 		if (rc)
 			return rc;
+		bool taken = PQntuples(r) == 1 && strcmp(PQgetvalue(r, 0, 0), "t") == 0;
 		PQclear(r);
+		if (!taken) {
+			/* One was taken elsewhere while the transaction held
+			 * other locks (LOCK_USERS): run again, these first (and
+			 * those of an earlier run again: a merged job decides
+			 * again, and may ask others). */
+			char *first = b->first ? malloc(strlen(b->first) + strlen(b->uids) + 2) : b->uids;
+			if (!first)
+				return cw_fail(e, CW_ENOMEM, "out of memory");
+			if (b->first) {
+				sprintf(first, "%s,%s", b->first, b->uids);
+				free(b->first);
+				free(b->uids);
+			}
+			b->first = first;
+			b->uids = NULL;
+			return cw_fail(e, CW_ERETRY, "a local user's lock was taken elsewhere while the write held others; "
+				       "run again with hers first");
+		}
 	}
 	if (round == 1 && b->locked) { /* the rooms' locks (lock_rooms_send) */
 		PGresult *r;
@@ -3589,7 +3648,12 @@ static cw_err batch_recv(PGconn *c, struct app_job *j, int round, bool *more, cw
 	return rc;
 }
 
-static const struct app_pipe_ops submit_ops = { batch_send, batch_recv };
+static const char *batch_first_locks(struct app_job *j)
+{
+	return submit_first_locks(j->data);
+}
+
+static const struct app_pipe_ops submit_ops = { batch_send, batch_recv, batch_first_locks };
 
 /* ------------------------------------------------------------ for local adapters */
 
@@ -3812,7 +3876,13 @@ static void merged_done(void *arg, cw_err rc, const cw_errmsg *e)
 	free(m);
 }
 
-static const struct store_pipe_ops merged_ops = { merged_send, merged_recv };
+static const char *merged_first_locks(void *arg)
+{
+	struct merged *m = arg;
+	return submit_first_locks(m->b);
+}
+
+static const struct store_pipe_ops merged_ops = { merged_send, merged_recv, merged_first_locks };
 
 /* Queues one item (the request is suspended) and makes sure a job will
  * take it. */

@@ -539,7 +539,7 @@ static cw_err in_recv(PGconn *c, void *arg, int round, bool *more, cw_errmsg *e)
 	return CW_OK;
 }
 
-static const struct store_pipe_ops in_ops = { in_send, in_recv };
+static const struct store_pipe_ops in_ops = { in_send, in_recv, NULL }; /* local senders: no user locks */
 
 static void in_done(void *arg, cw_err rc, const cw_errmsg *e);
 

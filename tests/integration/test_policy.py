@@ -947,6 +947,85 @@ def test_a_sender_held_unasked_by_a_users_daily_bound_spends_none_of_its_own(dae
                    "AND reason_code = 'rate_limited_sender_consent_requests'", db_url) == "1"
 
 
+def test_a_group_commits_jobs_never_wait_for_a_users_lock_holding_a_rooms(make_daemon, db_url, pg):
+    """Two batches written in one transaction (group commit): the first
+    takes its room's lock (its write), the second a first contact's, which
+    takes the local user's lock (USER_ASK_LOCK_CLASS) before its write.
+    Another process holds her lock and then asks for that room's: until
+    the forty-second session the writer waited for her lock holding the
+    room's, and PostgreSQL found the deadlock after a second and rolled one
+    of them back (here the other session).  A transaction now waits for a
+    user's lock only while it holds no other advisory lock: otherwise it
+    tries it, and when it is taken it runs again with her lock taken
+    first."""
+    d = make_daemon(db_url).start()
+    (a, sa), (_, sb) = push_peers(d)
+    held, other = HeldSession(db_url), HeldSession(db_url)
+    threads = []
+    try:
+        opt_in(d)
+        assert d.admin("PATCH", "/settings", json={"policy.consent_requests_per_user_per_day": 5}).ok
+        for f in ("f0", "f1"):
+            consent(d, a.user(f), "allowed")
+        rooms = [dm(a, remote=r) for r in ("f0", "f1", "stranger")]
+        ids = [pg.psql(f"SELECT id FROM rooms WHERE public_id = '{r}'", db_url) for r in rooms]
+        alice = pg.psql(f"SELECT id FROM identities WHERE uri = '{ALICE}'", db_url)
+        got = {}
+
+        def batch(k, sender):
+            uri = a.call("GET", f"/v1/rooms/{rooms[k]}").json()["uri"]
+            got[k] = a.call("POST", "/v1/batch", {"events": [{"idempotency_key": idem(), "room": uri, "event": {
+                "type": "message", "sender": a.user(sender),
+                "content": {"parts": [{"type": "text/plain", "body": f"batch {k}"}]}}}]})
+
+        def start(k, sender):
+            t = threading.Thread(target=batch, args=(k, sender))
+            t.start()
+            threads.append(t)
+
+        def waiting(cls):
+            return pg.psql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+                           f"AND classid = {cls}", db_url)
+        # The writer held up by a batch to room 0, whose lock another session holds ...
+        held.run(f"BEGIN; SELECT pg_advisory_xact_lock(1129796434, ({ids[0]} % 2147483647)::int);")
+        start(0, "f0")
+        wait_until(lambda: waiting(1129796434) == "1", what="the writer waiting for room 0")
+        # ... while the two batches queue behind it, room 1's first.
+        start(1, "f1")
+        wait_until(lambda: gauge(d, "causeway_db_writes_queued") == 1, what="batch 1 queued")
+        start(2, "stranger")
+        wait_until(lambda: gauge(d, "causeway_db_writes_queued") == 2, what="batch 2 queued")
+        other.run(f"BEGIN; SELECT pg_advisory_xact_lock(1129792338, ({alice} % 2147483647)::int);")
+        retries = gauge(d, "causeway_db_write_retries_total")
+        deadlocks = pg.psql("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()", db_url)
+        held.end()
+        wait_until(lambda: waiting(1129792338) == "1", what="the writer waiting for alice's lock")
+        # The other session's room lock: granted (the writer holds none while it waits);
+        # a deadlock ended psql here.
+        other.run(f"SELECT pg_advisory_xact_lock(1129796434, ({ids[1]} % 2147483647)::int);")
+        other.end()
+        for t in threads:
+            t.join(30)
+        assert [got[k].status_code for k in range(3)] == [200] * 3, [got[k].text for k in range(3)]
+        assert [got[k].json()["results"][0]["status"] for k in range(3)] == ["accepted"] * 3
+        assert asked_of(pg, db_url) == "stranger"
+        # one run again: the one that found her lock taken
+        assert gauge(d, "causeway_db_write_retries_total") == retries + 1
+        # and no deadlock (counted by each session as it ends)
+        assert d.stop() == 0
+        wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                   "AND pid <> pg_backend_pid()", db_url) == "0", what="the sessions gone")
+        assert pg.psql("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()", db_url) == \
+            deadlocks
+    finally:
+        held.end()
+        other.end()
+        for t in threads:
+            t.join(30)
+        sa.close()
+        sb.close()
+
+
 def test_rule_change_is_in_force_on_every_process_without_restart(daemon, make_daemon, peers, pg, db_url):
     (a, _), _ = peers
     opt_in(daemon)
