@@ -3531,7 +3531,7 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 			 * request (CONSENT_ASK_SQL): a limit decision, counted as
 			 * round 0 counts the policy's, and its sender's token
 			 * given back (give_back). */
-			unsigned *unasked = calloc(b->n ? b->n : 1, sizeof(*unasked));
+			unsigned *unasked = NULL; /* per item, made at the first (most writes have none) */
 			for (int k = 0; k < rows; k++)
 				if (PQgetisnull(r, k, 0) && !PQgetisnull(r, k, 2) &&
 				    strcmp(PQgetvalue(r, k, 2), "unasked") == 0) {
@@ -3539,6 +3539,8 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 								     .verdict = POLICY_LIMIT,
 								     .reason = "rate_limited_recipient_consent_requests" });
 					size_t n = (size_t)atoll(PQgetvalue(r, k, 1));
+					if (!unasked)
+						unasked = calloc(b->n, sizeof(*unasked)); /* none given back without */
 					if (unasked && n < b->n && b->items[n])
 						unasked[n]++;
 				}
