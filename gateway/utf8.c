@@ -113,8 +113,37 @@ bool cw_utf8_invisible(unsigned cp)
 /* A character that shows as a blank (or, a control, should). */
 bool cw_utf8_blank(unsigned cp)
 {
-	return cp <= 0x20 || (cp >= 0x7F && cp <= 0xA0) || cp == 0x1680 || (cp >= 0x2000 && cp <= 0x200A) ||
-	       cp == 0x2028 || cp == 0x2029 || cp == 0x202F || cp == 0x205F || cp == 0x3000;
+	return cp < 0x20 || (cp >= 0x7F && cp <= 0x9F) || cw_utf8_space(cp);
+}
+
+bool cw_utf8_space(unsigned cp)
+{
+	return (cp >= 0x09 && cp <= 0x0D) || cp == 0x20 || cp == 0x85 || cp == 0xA0 || cp == 0x1680 ||
+	       (cp >= 0x2000 && cp <= 0x200A) || cp == 0x2028 || cp == 0x2029 || cp == 0x202F || cp == 0x205F ||
+	       cp == 0x3000;
+}
+
+size_t cw_utf8_space_at(const char *s)
+{
+	unsigned cp;
+	size_t l = cw_utf8_seq((const unsigned char *)s, strnlen(s, 4), &cp);
+	return l && cw_utf8_space(cp) ? l : 0;
+}
+
+void cw_utf8_trim(char *s)
+{
+	const char *p = s;
+	for (size_t l; (l = cw_utf8_space_at(p));)
+		p += l;
+	size_t n = 0; /* the bytes up to the end of the last character that is no white space */
+	for (size_t k = 0, l; p[k]; k += l) {
+		size_t sp = cw_utf8_space_at(p + k);
+		l = sp ? sp : 1;
+		if (!sp)
+			n = k + 1;
+	}
+	memmove(s, p, n);
+	s[n] = '\0';
 }
 
 bool cw_utf8_name_ok(const char *s, size_t n)

@@ -40,10 +40,29 @@ bool cw_utf8_has_noncharacter(const char *s, size_t n);
  * blank U+2800). */
 bool cw_utf8_invisible(unsigned cp);
 
-/* Whether cp is a blank: white space and controls (C0, DEL, C1), Unicode's
- * space separators and the line and paragraph separators (U+2028,
- * U+2029). */
+/* Whether cp is a blank: white space (cw_utf8_space) and controls (C0,
+ * DEL, C1). */
 bool cw_utf8_blank(unsigned cp);
+
+/* Whether cp is white space, Unicode's White_Space: tab, line feed,
+ * vertical tab, form feed, carriage return, space, U+0085, the no-break
+ * space U+00A0, U+1680, U+2000-U+200A, the line and paragraph separators
+ * (U+2028, U+2029), U+202F, U+205F and U+3000.  The zero-width space
+ * (U+200B) and U+FEFF are none (cw_utf8_invisible). */
+bool cw_utf8_space(unsigned cp);
+
+/* The length in bytes of the white space character (cw_utf8_space) s
+ * (NUL-terminated) starts with, 0 when it starts with none: what separates
+ * the words of a command a user types (the Matrix bot's, mx_cmd.c; the
+ * XMPP component's form fields, xmpp_cmdform.c), where phones and some
+ * clients put a no-break space for a space.  Until the forty-second
+ * session only ASCII white space (isspace) did, and "opt-in" U+00A0 "gk"
+ * was no command. */
+size_t cw_utf8_space_at(const char *s);
+
+/* Leaves out the white space (cw_utf8_space_at) at the start and the end
+ * of s (NUL-terminated), in place. */
+void cw_utf8_trim(char *s);
 
 /* The characters of a remote user's name as shown on a local network at
  * most (clients cut long names, and the "(<peer>)" after it must stay in

@@ -131,6 +131,49 @@ START_TEST(bidi_and_invisible_cases)
 }
 END_TEST
 
+/* White space of any kind, what separates a command's words: Unicode's
+ * White_Space, not the zero-width characters; cw_utf8_trim leaves it out
+ * at both ends (and keeps what is between). */
+START_TEST(space_and_trim_cases)
+{
+	static const unsigned space[] = { '\t', '\n', 0x0B, 0x0C, '\r', ' ', 0x85, 0xA0, 0x1680, 0x2000,
+					  0x2007, 0x200A, 0x2028, 0x2029, 0x202F, 0x205F, 0x3000 };
+	static const unsigned none[] = { 0, 0x08, 0x0E, 0x1F, 'a', 0x7F, 0x84, 0x86, 0x9F, 0xA1, 0x1681, 0x1FFF,
+					 0x200B, 0x200C, 0x2027, 0x202A, 0x202E, 0x2060, 0x2800, 0x3001, 0xFEFF,
+					 0xFFA0, 0x3164 };
+	for (size_t i = 0; i < sizeof(space) / sizeof(space[0]); i++)
+		ck_assert_msg(cw_utf8_space(space[i]) && cw_utf8_blank(space[i]), "U+%04X", space[i]);
+	for (size_t i = 0; i < sizeof(none) / sizeof(none[0]); i++)
+		ck_assert_msg(!cw_utf8_space(none[i]), "U+%04X", none[i]);
+	ck_assert_uint_eq(cw_utf8_space_at("\xc2\xa0x"), 2);
+	ck_assert_uint_eq(cw_utf8_space_at("\xe3\x80\x80"), 3);
+	ck_assert_uint_eq(cw_utf8_space_at("\tx"), 1);
+	ck_assert_uint_eq(cw_utf8_space_at("x "), 0);
+	ck_assert_uint_eq(cw_utf8_space_at(""), 0);
+	ck_assert_uint_eq(cw_utf8_space_at("\xa0"), 0);     /* a continuation byte alone is none */
+	ck_assert_uint_eq(cw_utf8_space_at("\xe3\x80"), 0); /* cut short */
+	ck_assert_uint_eq(cw_utf8_space_at("\xe2\x80\x8b"), 0); /* the zero-width space */
+	static const struct {
+		const char *in, *out;
+	} trims[] = {
+		{ "", "" },
+		{ " \t\xc2\xa0", "" },
+		{ "wally@gk.xmpp.test", "wally@gk.xmpp.test" },
+		{ "\xc2\xa0\xe2\x80\x83 wally@gk.xmpp.test\t\xe3\x80\x80\n", "wally@gk.xmpp.test" },
+		{ " he\xc2\xa0spams \xc2\xa0", "he\xc2\xa0spams" }, /* within: kept */
+		{ "\xc3\xa9\xc2\xa0", "\xc3\xa9" },
+		{ "\xe2\x80\x8bx\xe2\x80\x8b", "\xe2\x80\x8bx\xe2\x80\x8b" }, /* no white space */
+		{ "x\xc2", "x\xc2" },                                       /* a cut sequence is no white space */
+	};
+	for (size_t i = 0; i < sizeof(trims) / sizeof(trims[0]); i++) {
+		char buf[64];
+		snprintf(buf, sizeof(buf), "%s", trims[i].in);
+		cw_utf8_trim(buf);
+		ck_assert_msg(strcmp(buf, trims[i].out) == 0, "case %zu: \"%s\"", i, buf);
+	}
+}
+END_TEST
+
 /* A name as shown with its network's mark after it (a Matrix ghost's, an
  * XMPP contact's vCard): what shows nothing left out, blanks one space,
  * none around, at most CW_NAME_SHOWN_MAX characters; not UTF-8 left out. */
@@ -263,6 +306,7 @@ int main(void)
 	tcase_add_test(tc, cut_cases);
 	tcase_add_test(tc, scrub_cases);
 	tcase_add_test(tc, bidi_and_invisible_cases);
+	tcase_add_test(tc, space_and_trim_cases);
 	tcase_add_test(tc, name_shown_cases);
 	tcase_add_test(tc, name_ok_cases);
 	tcase_add_test(tc, noncharacter_cases);
