@@ -9,16 +9,19 @@
 #include <stdio.h>
 #include <string.h>
 
+/* The words of a command are separated by white space of any kind
+ * (cw_utf8_space_at: a no-break space, an ideographic space, a tab as
+ * much as a space). */
 static const char *skip_blanks(const char *p)
 {
-	while (isspace((unsigned char)*p))
-		p++;
+	for (size_t l; (l = cw_utf8_space_at(p));)
+		p += l;
 	return p;
 }
 
 static const char *skip_word(const char *p)
 {
-	while (*p && !isspace((unsigned char)*p))
+	while (*p && !cw_utf8_space_at(p))
 		p++;
 	return p;
 }
@@ -38,8 +41,8 @@ static const char *word(const char *p, char *out, size_t outlen)
 	return end;
 }
 
-/* A report's reason: the rest of the line at after (its leading blanks
- * skipped), whole UTF-8 sequences, at most restlen - 1 bytes.  Until the
+/* A report's reason: the rest of the line at after (the white space
+ * around it left out), whole UTF-8 sequences, at most restlen - 1 bytes.  Until the
  * thirty-eighth session a typed reason was cut at 299 bytes, in the
  * middle of a character if it fell there: the database refused the
  * invalid text, and the report could not be stored however often the
@@ -56,6 +59,7 @@ static void reason_of(const char *after, char *rest, size_t restlen)
 	}
 	memcpy(rest, after, k);
 	rest[k] = '\0';
+	cw_utf8_trim(rest); /* its start has none: the end */
 }
 
 /* Where the party's text ends in typed, the text after the verb, when it
@@ -71,7 +75,7 @@ static const char *after_word(const char *typed, const char *text)
 		return NULL;
 	if (typed[n] == ':')
 		return typed + n + 1;
-	return !typed[n] || isspace((unsigned char)typed[n]) ? typed + n : NULL;
+	return !typed[n] || cw_utf8_space_at(typed + n) ? typed + n : NULL;
 }
 
 /* Whether who is a Matrix id of a user of this homeserver: not the bot,
@@ -103,6 +107,12 @@ bool mx_bot_parse(const json_t *content, const char *sender, const struct mx_bot
 	for (char *p = out->verb; *p; p++)
 		*p = (char)tolower((unsigned char)*p);
 	const char *after = word(typed, out->party, sizeof(out->party)); /* a report's reason: after the party */
+	/* A network is a peer's name ([a-z0-9][a-z0-9_-]*, "peer:" before it
+	 * or not): lower case by definition, so "opt-in GK" is for gk (until
+	 * the forty-second session "I know no network GK"). */
+	if (strcmp(out->verb, "opt-in") == 0 || strcmp(out->verb, "opt-out") == 0)
+		for (char *p = out->party; *p; p++)
+			*p = (char)tolower((unsigned char)*p);
 	reason_of(after, out->reason, sizeof(out->reason));
 	out->kind = MX_BOT_PARTY_SUBJECT;
 	out->mentioned = false;

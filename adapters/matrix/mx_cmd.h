@@ -38,14 +38,17 @@ enum mx_bot_party {
 /* A command read. */
 struct mx_bot_cmd {
 	char verb[MX_BOT_VERB_MAX + 1]; /* the first word, in lower case (ASCII); "" for none or a longer one */
-	/* The word after the verb (of opt-in, opt-out: the network), "" for
-	 * none or a longer one; of an accept, block or report whose message
-	 * mentions one user (other than the bot and the sender) her id. */
+	/* The word after the verb (of opt-in, opt-out: the network, in lower
+	 * case, ASCII), "" for none or a longer one; of an accept, block or
+	 * report whose message mentions one user (other than the bot and the
+	 * sender) her id.  Words are separated by white space of any kind
+	 * (cw_utf8_space_at: U+00A0 and U+3000 as much as a space or a
+	 * tab). */
 	char party[MX_BOT_PARTY_MAX + 1];
 	enum mx_bot_party kind;           /* MX_BOT_PARTY_SUBJECT but for an accept, block or report */
 	bool mentioned;                   /* party is the user the message mentions */
-	char reason[MX_BOT_REASON_MAX + 1]; /* of a report: what follows the party on its line, trimmed at the
-					     * start, whole UTF-8 sequences; "" for none */
+	char reason[MX_BOT_REASON_MAX + 1]; /* of a report: what follows the party on its line, without the
+					     * white space around it, whole UTF-8 sequences; "" for none */
 };
 
 /* Reads the command that sender (a Matrix id) sends the bot as content

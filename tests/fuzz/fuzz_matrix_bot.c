@@ -6,10 +6,11 @@
  * JSON object, its bytes as the body (up to a NUL, invalid UTF-8 made
  * U+FFFD: a JSON string is UTF-8).  Properties: nothing crashes or leaks;
  * the verb is one word in lower case; the party and the reason are valid
- * UTF-8 within their bounds; the party typed is one word, the one
+ * UTF-8 within their bounds; the party typed is one word (no white space
+ * of any kind, cw_utf8_space_at), of an opt-in or opt-out in lower case, the one
  * mentioned a valid user id, not the sender, the bot only as the bot's
  * kind (the bot's id as a party is always that kind); the reason is
- * one line without blanks in front; only an accept, block or report has a
+ * one line without white space around it; only an accept, block or report has a
  * party of a kind other than a subject, only a report one of this
  * server's users; the same content reads the same twice. */
 #include "config.h"
@@ -36,12 +37,22 @@ static void fail(const char *what, const struct mx_bot_cmd *cmd)
 	abort();
 }
 
+/* Whether s holds white space of any kind (cw_utf8_space_at). */
 static bool has_blank(const char *s)
 {
 	for (; *s; s++)
-		if (isspace((unsigned char)*s))
+		if (cw_utf8_space_at(s))
 			return true;
 	return false;
+}
+
+/* Whether s (valid UTF-8) ends with white space. */
+static bool ends_blank(const char *s)
+{
+	size_t n = strlen(s), k = n;
+	while (k > 0 && ((unsigned char)s[k - 1] & 0xC0) == 0x80)
+		k--;
+	return n && k > 0 && cw_utf8_space_at(s + k - 1);
 }
 
 static void check(const struct mx_bot_cmd *cmd)
@@ -55,9 +66,14 @@ static void check(const struct mx_bot_cmd *cmd)
 	for (const char *p = cmd->verb; *p; p++)
 		if (isupper((unsigned char)*p))
 			fail("the verb is not in lower case", cmd);
+	if (strcmp(cmd->verb, "opt-in") == 0 || strcmp(cmd->verb, "opt-out") == 0)
+		for (const char *p = cmd->party; *p; p++)
+			if (isupper((unsigned char)*p))
+				fail("the network is not in lower case", cmd);
 	if (has_blank(cmd->verb) || (!cmd->mentioned && has_blank(cmd->party)))
 		fail("the verb or the party typed is more than one word", cmd);
-	if (strchr(cmd->reason, '\n') || strchr(cmd->reason, '\r') || isspace((unsigned char)cmd->reason[0]))
+	if (strchr(cmd->reason, '\n') || strchr(cmd->reason, '\r') || cw_utf8_space_at(cmd->reason) ||
+	    ends_blank(cmd->reason))
 		fail("the reason is not one trimmed line", cmd);
 	bool report = strcmp(cmd->verb, "report") == 0;
 	bool party_verb = report || strcmp(cmd->verb, "accept") == 0 || strcmp(cmd->verb, "block") == 0;

@@ -1941,6 +1941,43 @@ def test_an_opt_in_for_a_disabled_peer_says_it_is_switched_off(mx, hs, gk, pg, d
     assert answer_to("opt-in gk") == "You are now opted in for peer:gk."
 
 
+def test_a_command_in_any_case_and_white_space_of_any_kind(mx, hs, gk, pg, db_url):
+    """A network is a peer's name, lower case by definition: `opt-in GK`
+    is for gk (until the forty-second session "I know no network GK").
+    The words of a command are separated, and trimmed, by white space of
+    any kind: a no-break space (phones and some clients put one in), an
+    ideographic or an em space, a tab (until then `opt-in`+U+00A0+`gk`
+    was no command, and got the help). What is stored is what the plain
+    command stores; a report's reason is kept without the white space
+    around it, with what is within."""
+    alice, mgmt, said = alice_and_the_bot(hs)
+
+    def answer_to(text):
+        return bot_answer(said, lambda: alice.send_text(mgmt, text))
+
+    def optins():
+        return pg.psql("SELECT string_agg(network || ' ' || opted_in, ',') FROM user_optin", db_url)
+    assert answer_to("opt-in GK") == "You are now opted in for peer:gk."
+    assert optins() == "peer:gk true"
+    assert answer_to("OPT-OUT\u00a0PEER:Gk\u00a0") == "You are now opted out for peer:gk."
+    assert optins() == "peer:gk false"
+    assert answer_to("\u3000opt-in\tgk\u2003") == "You are now opted in for peer:gk."
+    assert optins() == "peer:gk true"
+    # A name no peer has, in any case, is still none: nothing stored.
+    assert answer_to("opt-in\u00a0WhatsApp") == "I know no network whatsapp. The networks here: peer:gk"
+    assert optins() == "peer:gk true"
+    wally = "mimi://wa.example/u/wally"
+    assert answer_to("block\u00a0mimi://WA.example/u/wally\u202f") == \
+        f"Blocked {wally}. 0 waiting message(s) dropped."
+    assert answer_to("report\u00a0" + wally + "\u00a0he\u00a0spams\u3000\t") == "Reported to the operator. Thank you."
+    assert pg.psql("SELECT string_agg(subject_kind || ' ' || subject || ' ' || state, ',') FROM consents", db_url) \
+        == f"user {wally} blocked"
+    assert pg.psql("SELECT subject_uri || ' [' || comment || ']' FROM reports", db_url) == \
+        f"{wally} [he\u00a0spams]"
+    # A zero-width space is no white space: one word, no command.
+    assert "Commands" in answer_to("opt-in\u200bgk")
+
+
 def test_inviting_a_ghost_asks_the_appservice(mx, hs, gk):
     """The homeserver asks GET /users/{id} on an invite of an unknown ghost:
     a known remote user's ghost exists afterwards, an unknown one does not."""

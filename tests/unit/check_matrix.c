@@ -1780,9 +1780,28 @@ START_TEST(bot_parse)
 	bot_case("{\"body\":\"  ACCEPT   mimi://wa.example/u/bob  \"}", "accept", "mimi://wa.example/u/bob", S,
 		 false, "");
 	bot_case("{\"body\":\"Opt-In peer:gk\"}", "opt-in", "peer:gk", S, false, "");
+	/* A network in any case: a peer's name is lower case (until the
+	 * forty-second session "opt-in GK" was "I know no network GK"); a
+	 * party of another command keeps its case (a remote user's id). */
+	bot_case("{\"body\":\"opt-in GK\"}", "opt-in", "gk", S, false, "");
+	bot_case("{\"body\":\"OPT-OUT Peer:Gk\"}", "opt-out", "peer:gk", S, false, "");
+	bot_case("{\"body\":\"block mimi://wa.example/u/Wally\"}", "block", "mimi://wa.example/u/Wally", S, false,
+		 "");
+	/* White space of any kind between and around the words: a no-break
+	 * space (phones put one in), an ideographic space, a tab, an em
+	 * space (until the forty-second session "opt-in" U+00A0 "gk" was no
+	 * command: the help). */
+	bot_case("{\"body\":\"opt-in\u00a0gk\"}", "opt-in", "gk", S, false, "");
+	bot_case("{\"body\":\"\u00a0\u3000opt-in\\tGK\u00a0\"}", "opt-in", "gk", S, false, "");
+	bot_case("{\"body\":\"block\u2003mimi://wa.example/u/wally\u202f\"}", "block",
+		 "mimi://wa.example/u/wally", S, false, "");
+	bot_case("{\"body\":\"report\u00a0mimi://x.example/u/bob\u00a0he\u00a0spams\u3000\"}", "report",
+		 "mimi://x.example/u/bob", S, false, "he\xc2\xa0" "spams");
+	/* ... not a zero-width space, which is no white space: one word */
+	bot_case("{\"body\":\"opt-in\u200bgk\"}", "opt-in\xe2\x80\x8b" "gk", "", S, false, "");
 	/* A report's reason: the rest of its line, CR or LF ending it. */
 	bot_case("{\"body\":\"Report mimi://x.example/u/bob   he spams  \\nsecond line\"}", "report",
-		 "mimi://x.example/u/bob", S, false, "he spams  ");
+		 "mimi://x.example/u/bob", S, false, "he spams");
 	bot_case("{\"body\":\"report mimi://x.example/u/bob spam\\r\\nmore\"}", "report", "mimi://x.example/u/bob", S,
 		 false, "spam");
 	bot_case("{\"body\":\"report mimi://x.example/u/bob\\nnext line\"}", "report", "mimi://x.example/u/bob", S,
@@ -1862,6 +1881,8 @@ START_TEST(bot_parse)
 		 "\"report " PILL(WALLY, "Wally") ": spams\"}", "report", WALLY, S, true, "spams");
 	bot_case("{\"body\":\"report Wally\\tspams\",\"format\":\"org.matrix.custom.html\",\"formatted_body\":"
 		 "\"report " PILL(WALLY, "Wally") "\\tspams\"}", "report", WALLY, S, true, "spams");
+	bot_case("{\"body\":\"report Wally\u00a0spams\",\"format\":\"org.matrix.custom.html\",\"formatted_body\":"
+		 "\"report " PILL(WALLY, "Wally") "\u00a0spams\"}", "report", WALLY, S, true, "spams");
 	bot_case("{\"body\":\"report " WALLY "x abuse\",\"m.mentions\":{\"user_ids\":[\"" WALLY "\"]}}", "report",
 		 WALLY, S, true, WALLY "x abuse");
 	bot_case("{\"body\":\"block " WALLY "\"}", "block", WALLY, S, false, "");
