@@ -4,6 +4,7 @@
 #include "config.h"
 #include "xmpp/xmpp_cmdform.h"
 #include "peer/event.h"
+#include "utf8.h"
 
 #include <string.h>
 #include <strings.h>
@@ -155,6 +156,12 @@ void xa_cmd_read(xmpp_stanza_t *iq, struct xa_cmd_req *out)
 	}
 	if (!form_value(x, "jid", out->jid, sizeof(out->jid)))
 		out->jid[0] = '\0'; /* longer than any JID of the component's: refused by the caller */
+	/* What the user typed, without the white space of any kind around it
+	 * (cw_utf8_space_at: a no-break space a phone puts in, a tab), as the
+	 * Matrix bot reads its commands: until the forty-second session
+	 * "wally@gk.xmpp.test " named nobody. */
+	cw_utf8_trim(out->jid);
+	cw_utf8_trim(out->reason);
 	/* The domainpart in any case (RFC 7622 §3.2: domainparts are
 	 * case-insensitive; a user types this one): until the thirtieth
 	 * session wally@GK.xmpp.test named nobody.  The localpart's capitals

@@ -56,9 +56,11 @@ struct xa_cmd_req {
 	const char *error_type;       /* and its type ("modify", "cancel") */
 	const char *cmd_error;        /* XA_CMD_REFUSED: XEP-0050's condition (malformed-action, bad-action), or NULL */
 	const char *text;             /* XA_CMD_BAD_FORM: the error's text */
-	char jid[XA_CMD_JID_MAX + 1]; /* XA_CMD_SUBMIT: the jid field's value, its domainpart (or a mimi://
-				       * address's scheme) in lower case (RFC 7622 §3.2); "" when none or longer */
-	char reason[XA_CMD_REASON_MAX + 1]; /* XA_CMD_SUBMIT: the reason field's value, "" when none */
+	char jid[XA_CMD_JID_MAX + 1]; /* XA_CMD_SUBMIT: the jid field's value without the white space around
+				       * it (cw_utf8_trim), its domainpart (or a mimi:// address's scheme) in
+				       * lower case (RFC 7622 §3.2); "" when none or longer */
+	char reason[XA_CMD_REASON_MAX + 1]; /* XA_CMD_SUBMIT: the reason field's value without the white space
+					     * around it, "" when none */
 };
 
 /* Reads iq, a command request (any iq with a <command/> of XEP-0050's

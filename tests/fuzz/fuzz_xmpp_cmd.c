@@ -12,7 +12,8 @@
  * staged one gets its form, a refusal of the form with a text, or the
  * form's values; a later stage is of a staged command without a
  * sessionid; the values are NUL-terminated within their bounds, valid
- * UTF-8, the jid's domainpart without capitals; and the same stanza reads
+ * UTF-8, without white space around them (cw_utf8_space_at), the jid's
+ * domainpart without capitals; and the same stanza reads
  * the same twice. */
 #include "config.h"
 #include "xmpp/xmpp_cmdform.h"
@@ -26,6 +27,21 @@
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 static xmpp_ctx_t *ctx;
+
+/* Whether s (n bytes, valid UTF-8) neither starts nor ends with white
+ * space. */
+static bool trimmed(const char *s, size_t n)
+{
+	if (cw_utf8_space_at(s))
+		return false;
+	size_t last = 0; /* where the last character starts */
+	for (size_t k = 0, l; k < n; k += l) {
+		l = cw_utf8_seq((const unsigned char *)s + k, n - k, NULL);
+		l = l ? l : 1;
+		last = k;
+	}
+	return !n || !cw_utf8_space_at(s + last);
+}
 
 static void fail(const char *what, const struct xa_cmd_req *r)
 {
@@ -107,6 +123,8 @@ static void check(const struct xa_cmd_req *r)
 		fail("values of no submitted form", r);
 	if (!cw_utf8_valid(r->jid, jl) || !cw_utf8_valid(r->reason, rl))
 		fail("a value not valid UTF-8", r);
+	if (!trimmed(r->jid, jl) || !trimmed(r->reason, rl))
+		fail("a value with white space around it", r);
 	if (domain_has_capital(r->jid))
 		fail("the jid's domainpart not in lower case", r);
 }

@@ -3932,6 +3932,30 @@ def test_a_contacts_domain_is_taken_in_any_case(xd, gk, alice, pg, db_url):
     assert bad.error_condition == "bad-request"
 
 
+def test_a_command_forms_values_are_taken_without_white_space_around_them(xd, gk, alice, pg, db_url):
+    """A command form's JID and reason are read without the white space
+    of any kind around them (a no-break space a phone puts in, an
+    ideographic space, a tab), as the Matrix bot reads its commands; the
+    domainpart in any case. Until the forty-second session a JID with a
+    no-break space after it named nobody (bad-request). What is stored is
+    what the plain command stores."""
+    wally = "mimi://wa.example/u/wally"
+    done = command_submit(alice, "block", {"jid": "\u00a0wally@" + COMP.upper() + "\t"})
+    assert f"Blocked {wally}" in done.find(f".//{{{CMD}}}note").text
+    done = command_submit(alice, "accept", {"jid": "\u3000" + COMP.upper() + "\u00a0"})
+    assert "Accepted wa.example" in done.find(f".//{{{CMD}}}note").text
+    assert pg.psql("SELECT string_agg(subject_kind || ' ' || subject || ' ' || state, ',' ORDER BY subject_kind) "
+                   "FROM consents", db_url) == f"domain wa.example allowed,user {wally} blocked"
+    done = command_submit(alice, "report", {"jid": f" wally@{COMP}\u2003", "reason": "\u00a0he\u00a0spams\u3000 "})
+    assert done.find(f".//{{{CMD}}}note").text == f"Reported {wally} to the operator. Thank you."
+    assert pg.psql("SELECT subject_uri || ' [' || comment || ']' FROM reports", db_url) == f"{wally} [he\u00a0spams]"
+    # White space alone is no JID: refused, nothing stored.
+    before = consents_stored(pg, db_url)
+    bad = command_submit(alice, "block", {"jid": "\u00a0\t"}, expect_error=True)
+    assert bad.error_condition == "bad-request"
+    assert consents_stored(pg, db_url) == before
+
+
 def test_a_long_list_says_how_many_it_leaves_out(xd, gk, alice, pg, db_url):
     """`list` fits one note (3000 bytes): what does not fit is counted on
     its last line. Until the thirtieth session it was cut in silence (80

@@ -7,6 +7,7 @@
 #include "xmpp/xm.h"
 #include "xmpp/xmpp_int.h"
 #include "xmpp/xmpp.h"
+#include "xmpp/xmpp_cmdform.h"
 #include "peer/event.h"
 #include "peers.h"
 #include "unit.h"
@@ -1633,6 +1634,41 @@ static void XMLCALL count_chars(void *u, const XML_Char *s, int len)
 	*(int *)u += len;
 }
 
+/* A submitted command form's jid and reason as typed: the white space of
+ * any kind around them left out (a no-break space, an ideographic space,
+ * a tab; until the forty-second session "wally@gk.xmpp.test" with a
+ * no-break space after it named nobody), what is within kept, the jid's
+ * domainpart in lower case. */
+START_TEST(a_command_forms_values_are_trimmed)
+{
+	static const struct {
+		const char *jid, *reason, *jid_read, *reason_read;
+	} cases[] = {
+		{ "\xc2\xa0wally@GK.xmpp.test\t", "\xe3\x80\x80 he spams\xc2\xa0", "wally@gk.xmpp.test", "he spams" },
+		{ " \xe2\x80\x83GK.XMPP.TEST\xe2\x80\xaf", "", "gk.xmpp.test", "" },
+		{ "\xc2\xa0mimi://WA.example/u/Wally ", "a\xc2\xa0" "b", "mimi://wa.example/u/Wally", "a\xc2\xa0" "b" },
+		{ "\xc2\xa0\t", "\t", "", "" },
+	};
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		char xml[1024];
+		snprintf(xml, sizeof(xml), "<iq type='set' id='c'><command xmlns='" XA_NS_COMMANDS "' node='report' "
+			 "sessionid='s'><x xmlns='" XA_NS_DATA "' type='submit'><field var='jid'><value>%s</value>"
+			 "</field><field var='reason'><value>%s</value></field></x></command></iq>",
+			 cases[i].jid, cases[i].reason);
+		xmpp_stanza_t *iq = parse_stanza(xml, "a command form");
+		struct xa_cmd_req *req = malloc(sizeof(*req));
+		ck_assert_ptr_nonnull(req);
+		xa_cmd_read(iq, req);
+		ck_assert_int_eq(req->what, XA_CMD_SUBMIT);
+		ck_assert_msg(strcmp(req->jid, cases[i].jid_read) == 0, "case %zu: jid \"%s\"", i, req->jid);
+		ck_assert_msg(strcmp(req->reason, cases[i].reason_read) == 0, "case %zu: reason \"%s\"", i,
+			      req->reason);
+		free(req);
+		xmpp_stanza_release(iq);
+	}
+}
+END_TEST
+
 /* RFC 6120 §11.1: no DTD, entity declarations, comments or processing
  * instructions in XMPP.  Every expat parser of the process refuses them
  * (xmpp_xml.c), libstrophe's included; the stream's is watched. */
@@ -2614,6 +2650,7 @@ int main(void)
 	tcase_add_test(tc, a_long_tag_is_scanned_in_linear_time);
 	tcase_add_test(tc, held_reads_keep_the_cap);
 	tcase_add_test(tc, libstrophe_parses_with_the_guarded_expat);
+	tcase_add_test(tc, a_command_forms_values_are_trimmed);
 	suite_add_tcase(s, tc);
 	int rc = unit_run(s);
 	xmpp_shutdown();
