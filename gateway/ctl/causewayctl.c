@@ -9,6 +9,7 @@
 #include <getopt.h>
 #include <ini.h>
 #include <jansson.h>
+#include <limits.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -68,6 +69,7 @@ struct ctl {
 	const char *key, *push_url, *event_types; /* peers add, peers rotate */
 	bool pull;
 	const char *mode, *limits, *comment; /* rules add */
+	json_t *types_json, *limits_json;    /* --event-types, --limits as read by the command's check; owned */
 	long long expires_in;                /* rules add; 0: never */
 	long limit;      /* 0: every row (up to LIST_MAX) */
 	long long after;
@@ -1073,13 +1075,23 @@ static enum ctl_rc path_with(struct ctl *c, const char *a, const char *b, const 
 	return *out ? CTL_OK : fail(c, CTL_EREFUSED, "out of memory");
 }
 
-/* A row id as the API takes it (what: which, for the message). */
-static enum ctl_rc parse_id(struct ctl *c, const char *s, const char *what)
+/* A number of an option or an argument: decimal digits alone, from lo to
+ * hi.  strtoll alone takes leading white space and a sign ("+5", " 5"):
+ * until the forty-second session the options took them and a row id did
+ * not. */
+static bool parse_number(const char *s, long long lo, long long hi, long long *out)
 {
 	char *end;
 	errno = 0;
-	long long v = strtoll(s, &end, 10);
-	if (!*s || *end || v <= 0 || errno || !isdigit((unsigned char)*s))
+	*out = isdigit((unsigned char)*s) ? strtoll(s, &end, 10) : 0;
+	return isdigit((unsigned char)*s) && !*end && !errno && *out >= lo && *out <= hi;
+}
+
+/* A row id as the API takes it (what: which, for the message). */
+static enum ctl_rc parse_id(struct ctl *c, const char *s, const char *what)
+{
+	long long v;
+	if (!parse_number(s, 1, LLONG_MAX, &v))
 		return fail(c, CTL_EUSAGE, "'%.40s' is not %s", s, what);
 	return CTL_OK;
 }
@@ -1217,24 +1229,17 @@ static enum ctl_rc check_peer_add(struct ctl *c)
 	if (c->pull == (c->push_url != NULL))
 		return fail(c, CTL_EUSAGE, "peers add needs either --push-url URL (the peer is pushed to) or --pull "
 			    "(it pulls GET /v1/events), not both");
-	if (c->event_types) {
-		json_t *types = type_list(c->event_types);
-		if (!types)
-			return fail(c, CTL_EUSAGE, "--event-types takes event types separated by commas "
-				    "(message,edit,delete), not '%.60s'", c->event_types);
-		json_decref(types);
-	}
+	if (c->event_types && !(c->types_json = type_list(c->event_types)))
+		return fail(c, CTL_EUSAGE, "--event-types takes event types separated by commas "
+			    "(message,edit,delete), not '%.60s'", c->event_types);
 	return CTL_OK;
 }
 
 static enum ctl_rc cmd_peer_add(struct ctl *c, char **argv)
 {
-	json_t *types = c->event_types ? type_list(c->event_types) : NULL;
-	if (c->event_types && !types)
-		return fail(c, CTL_EREFUSED, "out of memory");
-	json_t *send = json_pack("{s:s, s:s, s:s, s:s, s:s*, s:o*}", "name", argv[0], "domain", argv[1], "mode",
+	json_t *send = json_pack("{s:s, s:s, s:s, s:s, s:s*, s:O*}", "name", argv[0], "domain", argv[1], "mode",
 				 c->pull ? "pull" : "push", "public_key", c->key, "push_url", c->push_url,
-				 "event_types", types), *body;
+				 "event_types", c->types_json), *body;
 	if (!send)
 		return pack_failed(c);
 	enum ctl_rc rc = api(c, "POST", "/admin/v1/peers", NULL, send, &body);
@@ -1308,10 +1313,8 @@ static enum ctl_rc check_rule_add(struct ctl *c)
 	if (!c->mode && !c->limits)
 		return fail(c, CTL_EUSAGE, "rules add needs --mode (open, allowlist, closed, deny) or --limits JSON, "
 			    "or both");
-	json_t *limits = c->limits ? json_loads(c->limits, JSON_REJECT_DUPLICATES, NULL) : NULL;
-	bool object = json_is_object(limits);
-	json_decref(limits);
-	if (c->limits && !object)
+	c->limits_json = c->limits ? json_loads(c->limits, JSON_REJECT_DUPLICATES, NULL) : NULL;
+	if (c->limits && !json_is_object(c->limits_json))
 		return fail(c, CTL_EUSAGE, "--limits takes a JSON object ('{\"messages_per_minute\": 30}', "
 			    "docs/policy.md \"Rate limits\"), not '%.60s'", c->limits);
 	return CTL_OK;
@@ -1319,11 +1322,8 @@ static enum ctl_rc check_rule_add(struct ctl *c)
 
 static enum ctl_rc cmd_rule_add(struct ctl *c, char **argv)
 {
-	json_t *limits = c->limits ? json_loads(c->limits, JSON_REJECT_DUPLICATES, NULL) : NULL, *body;
-	if (c->limits && !limits)
-		return fail(c, CTL_EREFUSED, "out of memory");
-	json_t *send = json_pack("{s:s, s:s, s:s*, s:o*, s:s*}", "scope", argv[0], "pattern", argv[1], "mode",
-				 c->mode, "limits", limits, "comment", c->comment);
+	json_t *body, *send = json_pack("{s:s, s:s, s:s*, s:O*, s:s*}", "scope", argv[0], "pattern", argv[1], "mode",
+					c->mode, "limits", c->limits_json, "comment", c->comment);
 	if (send && c->expires_in && json_object_set_new(send, "expires_in_s", json_integer(c->expires_in))) {
 		json_decref(send);
 		return fail(c, CTL_EREFUSED, "out of memory");
@@ -1787,14 +1787,6 @@ static int usage_error(const char *fmt, ...)
 	return CTL_EUSAGE;
 }
 
-static bool parse_number(const char *s, long long lo, long long hi, long long *out)
-{
-	char *end;
-	errno = 0;
-	*out = strtoll(s, &end, 10);
-	return *s && !*end && !errno && *out >= lo && *out <= hi;
-}
-
 int main(int argc, char **argv)
 {
 	enum { O_URL = 256, O_TOKEN, O_TOKEN_FILE, O_CONFIG, O_JSON, O_ROLE, O_ACTION, O_ACTOR, O_MESSAGE, O_LIMIT,
@@ -1992,6 +1984,8 @@ out:
 	curl_free(c.url);
 	curl_free(c.shown_url);
 	free(c.token);
+	json_decref(c.types_json);
+	json_decref(c.limits_json);
 	source_free(&flags);
 	return rc;
 }

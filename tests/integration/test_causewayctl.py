@@ -111,6 +111,12 @@ def test_help_and_usage_errors():
                       (["token", "create", "x", "--role", "root"], "--role takes admin or viewer"),
                       (["audit", "--limit", "0"], "--limit takes a number"),
                       (["rules", "--after", "-5"], "--after takes a row id"),
+                      # digits alone, as a row id (until the forty-second session
+                      # strtoll took a sign and leading blanks here: --limit +5 was 5)
+                      (["audit", "--limit", "+5"], "--limit takes a number"),
+                      (["rules", "--after", " 5"], "--after takes a row id"),
+                      (["rules", "add", "domain", "x.example", "--mode", "deny", "--expires-in", "+60"],
+                       "--expires-in takes a number"),
                       (["peers", "--bogus"], "unknown option '--bogus'"),
                       (["peers", "--url"], "--url needs a value"),
                       (["help", "nothing"], "no command 'nothing'")):
