@@ -195,6 +195,27 @@ static int64_t wait_for(int64_t units, uint32_t capacity, int64_t period_ms)
 	return wait < 1 ? 1 : wait;
 }
 
+/* The bucket's fill brought to now_ms, under (capacity, period_ms) from
+ * now on. */
+static void refresh(struct bucket *b, uint32_t capacity, int64_t period_ms, int64_t now_ms)
+{
+	b->units = fill(b, capacity, period_ms, now_ms);
+	b->capacity = capacity;
+	b->period = period_ms;
+	if (now_ms > b->last_ms)
+		b->last_ms = now_ms;
+}
+
+/* The bucket kept for the key of at, or NULL (never used, or evicted:
+ * it would start full); none is made. */
+static struct bucket *kept(struct ratelimit *rl, const struct where *at)
+{
+	for (size_t i = 0; i < WINDOW; i++)
+		if (rl->b[at->w + i].h1 == at->h1 && rl->b[at->w + i].h2 == at->h2)
+			return &rl->b[at->w + i];
+	return NULL;
+}
+
 int64_t ratelimit_take(struct ratelimit *rl, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms,
 		       bool *first_refusal)
 {
@@ -202,11 +223,7 @@ int64_t ratelimit_take(struct ratelimit *rl, const char *key, uint32_t capacity,
 	lock_window(rl, key, &capacity, &period_ms, first_refusal, &at);
 	struct bucket *b = find(rl, at.st, at.w, at.h1, at.h2, capacity, period_ms, now_ms);
 	b->used = ++at.st->clock;
-	b->units = fill(b, capacity, period_ms, now_ms);
-	b->capacity = capacity;
-	b->period = period_ms;
-	if (now_ms > b->last_ms)
-		b->last_ms = now_ms;
+	refresh(b, capacity, period_ms, now_ms);
 	int64_t wait = wait_for(b->units, capacity, period_ms);
 	if (!wait) {
 		b->units -= period_ms;
@@ -225,11 +242,8 @@ int64_t ratelimit_peek(struct ratelimit *rl, const char *key, uint32_t capacity,
 {
 	struct where at;
 	lock_window(rl, key, &capacity, &period_ms, first_refusal, &at);
-	struct bucket *b = NULL;
-	for (size_t i = 0; i < WINDOW && !b; i++)
-		if (rl->b[at.w + i].h1 == at.h1 && rl->b[at.w + i].h2 == at.h2)
-			b = &rl->b[at.w + i];
-	/* A bucket not kept (never used, or evicted) would start full. */
+	struct bucket *b = kept(rl, &at);
+	/* A bucket not kept would start full. */
 	int64_t wait = wait_for(b ? fill(b, capacity, period_ms, now_ms) : (int64_t)capacity * period_ms, capacity,
 				period_ms);
 	if (wait && b && first_refusal) {
@@ -244,18 +258,12 @@ void ratelimit_give(struct ratelimit *rl, const char *key, uint32_t capacity, in
 {
 	struct where at;
 	lock_window(rl, key, &capacity, &period_ms, NULL, &at);
-	for (size_t i = 0; i < WINDOW; i++) {
-		struct bucket *b = &rl->b[at.w + i];
-		if (b->h1 != at.h1 || b->h2 != at.h2)
-			continue;
-		b->units = fill(b, capacity, period_ms, now_ms) + period_ms;
+	struct bucket *b = kept(rl, &at);
+	if (b) {
+		refresh(b, capacity, period_ms, now_ms);
+		b->units += period_ms;
 		if (b->units > (int64_t)capacity * period_ms)
 			b->units = (int64_t)capacity * period_ms;
-		b->capacity = capacity;
-		b->period = period_ms;
-		if (now_ms > b->last_ms)
-			b->last_ms = now_ms;
-		break;
 	}
 	pthread_mutex_unlock(&at.st->mu);
 }
