@@ -1075,6 +1075,19 @@ static enum ctl_rc path_with(struct ctl *c, const char *a, const char *b, const 
 	return *out ? CTL_OK : fail(c, CTL_EREFUSED, "out of memory");
 }
 
+/* api() on "<a><escaped b><rest>" (path_with). */
+static enum ctl_rc api_at(struct ctl *c, const char *method, const char *a, const char *b, const char *rest,
+			  const json_t *send, json_t **out)
+{
+	char *path;
+	enum ctl_rc rc = path_with(c, a, b, rest, &path);
+	if (rc)
+		return rc;
+	rc = api(c, method, path, NULL, send, out);
+	free(path);
+	return rc;
+}
+
 /* A number of an option or an argument: decimal digits alone, from lo to
  * hi.  strtoll alone takes leading white space and a sign ("+5", " 5"):
  * until the forty-second session the options took them and a row id did
@@ -1098,15 +1111,10 @@ static enum ctl_rc parse_id(struct ctl *c, const char *s, const char *what)
 
 static enum ctl_rc outbox_change(struct ctl *c, const char *id, const char *verb, const char *what)
 {
-	char *path;
 	json_t *body;
 	enum ctl_rc rc = parse_id(c, id, "an outbox row id (the ID column of causewayctl deadletters)");
 	if (!rc)
-		rc = path_with(c, "/admin/v1/outbox/", id, verb, &path);
-	if (rc)
-		return rc;
-	rc = api(c, "POST", path, NULL, NULL, &body);
-	free(path);
+		rc = api_at(c, "POST", "/admin/v1/outbox/", id, verb, NULL, &body);
 	if (rc)
 		return rc;
 	if (c->json) {
@@ -1157,13 +1165,8 @@ static enum ctl_rc cmd_token_create(struct ctl *c, char **argv)
 
 static enum ctl_rc cmd_token_revoke(struct ctl *c, char **argv)
 {
-	char *path;
 	json_t *body;
-	enum ctl_rc rc = path_with(c, "/admin/v1/tokens/", argv[0], "/revoke", &path);
-	if (rc)
-		return rc;
-	rc = api(c, "POST", path, NULL, NULL, &body);
-	free(path);
+	enum ctl_rc rc = api_at(c, "POST", "/admin/v1/tokens/", argv[0], "/revoke", NULL, &body);
 	if (rc)
 		return rc;
 	if (c->json) {
@@ -1254,22 +1257,10 @@ static enum ctl_rc cmd_peer_add(struct ctl *c, char **argv)
 	return rc;
 }
 
-/* POST /admin/v1/peers/NAME<verb> with send (may be NULL). */
-static enum ctl_rc peer_change(struct ctl *c, const char *name, const char *verb, const json_t *send, char **path,
-			       json_t **body)
-{
-	enum ctl_rc rc = path_with(c, "/admin/v1/peers/", name, verb, path);
-	if (!rc)
-		rc = api(c, "POST", *path, NULL, send, body);
-	return rc;
-}
-
 static enum ctl_rc peer_switch(struct ctl *c, const char *name, bool enable)
 {
-	char *path = NULL;
-	json_t *body = NULL;
-	enum ctl_rc rc = peer_change(c, name, enable ? "/enable" : "/disable", NULL, &path, &body);
-	free(path);
+	json_t *body;
+	enum ctl_rc rc = api_at(c, "POST", "/admin/v1/peers/", name, enable ? "/enable" : "/disable", NULL, &body);
 	if (rc)
 		return rc;
 	if (c->json) {
@@ -1295,14 +1286,13 @@ static enum ctl_rc cmd_peer_rotate(struct ctl *c, char **argv)
 	json_t *send = c->key ? json_pack("{s:s}", "public_key", c->key) : NULL, *body = NULL;
 	if (c->key && !send)
 		return pack_failed(c);
-	char *path = NULL;
-	enum ctl_rc rc = peer_change(c, argv[0], "/rotate", send, &path, &body);
+	enum ctl_rc rc = api_at(c, "POST", "/admin/v1/peers/", argv[0], "/rotate", send, &body);
 	json_decref(send);
 	if (!rc && c->json)
 		print_json(body);
 	else if (!rc)
-		rc = show_peer_token(c, body, path, c->key ? "Rotated the token and key of" : "Rotated the token of");
-	free(path);
+		rc = show_peer_token(c, body, "/admin/v1/peers/NAME/rotate",
+				     c->key ? "Rotated the token and key of" : "Rotated the token of");
 	json_decref(body);
 	return rc;
 }
@@ -1350,15 +1340,10 @@ static enum ctl_rc cmd_rule_add(struct ctl *c, char **argv)
 
 static enum ctl_rc cmd_rule_delete(struct ctl *c, char **argv)
 {
-	char *path;
 	json_t *body;
 	enum ctl_rc rc = parse_id(c, argv[0], "a rule id (the ID column of causewayctl rules)");
 	if (!rc)
-		rc = path_with(c, "/admin/v1/rules/", argv[0], "", &path);
-	if (rc)
-		return rc;
-	rc = api(c, "DELETE", path, NULL, NULL, &body);
-	free(path);
+		rc = api_at(c, "DELETE", "/admin/v1/rules/", argv[0], "", NULL, &body);
 	if (rc)
 		return rc;
 	if (c->json) {
@@ -1394,13 +1379,8 @@ static void print_delivery(struct ctl *c, const json_t *d, enum ctl_rc *rc)
 
 static enum ctl_rc cmd_trace(struct ctl *c, char **argv)
 {
-	char *path;
 	json_t *tr;
-	enum ctl_rc rc = path_with(c, "/admin/v1/messages/", argv[0], "", &path);
-	if (rc)
-		return rc;
-	rc = api(c, "GET", path, NULL, NULL, &tr);
-	free(path);
+	enum ctl_rc rc = api_at(c, "GET", "/admin/v1/messages/", argv[0], "", NULL, &tr);
 	if (rc)
 		return rc;
 	if (c->json) {
