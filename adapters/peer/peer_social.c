@@ -204,15 +204,20 @@ static bool peer_profiles_allowed(struct cw_app *app, struct cw_req *req)
  * identity row only for a hold (policy.optin_default on holds for a user
  * never seen: her request is kept), not for every name a peer makes up.
  * The reads are every verdict's (st: whether a request stands, read for
- * an allow or a deny too); only the writes a hold needs differ. */
+ * an allow or a deny too); only the writes a hold needs differ.  A
+ * request is stamped with the statement's start, as CONSENT_ASK_SQL
+ * stamps the first contacts' and their refusals (whose once-per-episode
+ * audit compares the times; not under the user's lock here, so close to
+ * their order, not exactly in it). */
 static const char consent_request_sql[] =
 	"WITH li AS (INSERT INTO identities (uri, domain, localpart, is_local, network) "
 	"  SELECT $1, $7, $8, true, $9 WHERE $5::boolean ON CONFLICT (uri) DO NOTHING RETURNING id), "
 	"l AS MATERIALIZED (SELECT id FROM li UNION ALL SELECT id FROM identities WHERE uri = $1 AND is_local), "
 	"st AS MATERIALIZED (SELECT l.id, EXISTS (SELECT 1 FROM consent_requests q WHERE q.local_identity_id = l.id "
 	"  AND q.remote_identity_id = $2::bigint AND " CONSENT_REQUEST_STANDS_SQL("q", "$4::bigint") ") AS stands FROM l), "
-	"cr AS (INSERT INTO consent_requests (local_identity_id, remote_identity_id, expires_at) "
-	"  SELECT st.id, $2::bigint, now() + make_interval(secs => $3::bigint) FROM st WHERE $5::boolean "
+	"cr AS (INSERT INTO consent_requests (local_identity_id, remote_identity_id, created_at, expires_at) "
+	"  SELECT st.id, $2::bigint, statement_timestamp(), statement_timestamp() + make_interval(secs => $3::bigint) "
+	"  FROM st WHERE $5::boolean "
 	"  AND NOT st.stands ON CONFLICT DO NOTHING), "
 	"au AS (INSERT INTO audit_log (actor, action, reason_code, rule_id, subject, details) "
 	"  SELECT 'policy', a.action, a.reason, NULLIF(a.rule, 0), a.subject, a.details "
@@ -231,8 +236,9 @@ static cw_err consent_request_raced(PGconn *c, struct social_input *in, const ch
 	if (rc)
 		return rc;
 	const char *params[] = { lid, rid, exp, win };
-	return store_command(c, "INSERT INTO consent_requests (local_identity_id, remote_identity_id, expires_at) "
-			     "SELECT $1::bigint, $2::bigint, now() + make_interval(secs => $3::bigint) WHERE NOT EXISTS "
+	return store_command(c, "INSERT INTO consent_requests (local_identity_id, remote_identity_id, created_at, "
+			     "expires_at) SELECT $1::bigint, $2::bigint, statement_timestamp(), "
+			     "statement_timestamp() + make_interval(secs => $3::bigint) WHERE NOT EXISTS "
 			     "(SELECT 1 FROM consent_requests q WHERE q.local_identity_id = $1::bigint AND "
 			     "q.remote_identity_id = $2::bigint AND " CONSENT_REQUEST_STANDS_SQL("q", "$4::bigint")
 			     ") ON CONFLICT DO NOTHING", 4, params, e);
