@@ -2415,6 +2415,13 @@ static const char *checked_target(const struct submit *b, size_t i)
 	return id[0] && id[0] != '#' ? id : NULL;
 }
 
+/* id appended to a comma-separated list (the statements' $1 of ids):
+ * CW_ENOMEM when it cannot be. */
+static cw_err id_list_add(struct cw_buf *list, const char *id)
+{
+	return cw_buf_printf(list, "%s%s", list->len ? "," : "", id) ? CW_ENOMEM : CW_OK;
+}
+
 /* A job with items in groups (or with an item DELETED_TARGETS checks, or
  * with items naming earlier ones: WRITE_EVENTS_REFS_OF): the locks of the
  * rooms of every item it writes (direct ones too: the write's lk takes
@@ -2427,7 +2434,7 @@ static cw_err lock_rooms_send(PGconn *c, struct submit *b, cw_errmsg *e)
 	cw_err rc = CW_OK;
 	for (size_t i = 0; i < b->n && !rc; i++)
 		if (b->items[i] && b->write[i])
-			rc = cw_buf_printf(&ids, "%s%s", ids.len ? "," : "", b->room_id[i]) ? CW_ENOMEM : CW_OK;
+			rc = id_list_add(&ids, b->room_id[i]);
 	if (rc)
 		rc = cw_fail(e, rc, "out of memory");
 	else
@@ -2451,10 +2458,7 @@ static cw_err lock_users_send(PGconn *c, struct submit *b, long long bound, cw_e
 	for (size_t i = 0; i < b->n && !rc; i++)
 		if (b->items[i] && b->write[i])
 			for (size_t x = 0; x < json_array_size(b->ask[i]) && !rc; x++)
-				rc = cw_buf_printf(&ids, "%s%s", ids.len ? "," : "",
-						   json_string_value(json_array_get(b->ask[i], x)))
-					     ? CW_ENOMEM
-					     : CW_OK;
+				rc = id_list_add(&ids, json_string_value(json_array_get(b->ask[i], x)));
 	if (rc)
 		rc = cw_fail(e, rc, "out of memory");
 	else if (ids.len)
@@ -2493,10 +2497,9 @@ static cw_err leaves_send(PGconn *c, struct submit *b, cw_errmsg *e)
 	cw_err rc = CW_OK;
 	for (size_t i = 0; i < b->n && !rc; i++)
 		if (leaves_group(b, i))
-			rc = cw_buf_printf(&ids, "%s%s", ids.len ? "," : "", b->items[i]->msg_id) ? CW_ENOMEM : CW_OK;
+			rc = id_list_add(&ids, b->items[i]->msg_id);
 		else if (b->items[i] && b->write[i] && b->joins[i])
-			rc = cw_buf_printf(&joins, "%s%s", joins.len ? "," : "", b->items[i]->msg_id) ? CW_ENOMEM
-												     : CW_OK;
+			rc = id_list_add(&joins, b->items[i]->msg_id);
 	if (!rc && cw_buf_add(&joins, "", 0)) /* "" when none */
 		rc = CW_ENOMEM;
 	if (rc)
@@ -2539,10 +2542,7 @@ static cw_err joins_send(PGconn *c, struct submit *b, cw_errmsg *e)
 				rejoin = rejoin || leaves_group(b, j);
 			}
 		if (first)
-			rc = cw_buf_printf(&rooms, "%s%s", rooms.len ? "," : "", b->room_id[i]) ||
-				     cw_buf_printf(&users, "%s%s", users.len ? "," : "", b->sender_id[i])
-				     ? CW_ENOMEM
-				     : CW_OK;
+			rc = id_list_add(&rooms, b->room_id[i]) ? CW_ENOMEM : id_list_add(&users, b->sender_id[i]);
 		if (!rc && rejoin)
 			rc = cw_buf_printf(&again, "%s%s:%s", again.len ? "," : "", b->room_id[i], b->sender_id[i])
 				     ? CW_ENOMEM
