@@ -884,43 +884,31 @@ void policy_count(struct cw_app *app, const struct policy_decision *d)
 		atomic_fetch_add(&app->decisions[d->verdict], 1);
 }
 
-/* A row id's text: 1 to 18 decimal digits, nothing else (strtoll alone
- * took a sign and leading white space: limit=%205, after=-0 or /rules/+1
- * were read as numbers until the thirtieth session). */
-static bool digits_only(const char *s)
-{
-	size_t n = strlen(s);
-	return n >= 1 && n <= 18 && strspn(s, "0123456789") == n;
-}
-
 bool app_paging(struct cw_req *req, long long *after, long *limit)
 {
 	const char *a = cw_req_query(req, "after"), *l = cw_req_query(req, "limit");
 	*after = 0;
 	*limit = APP_PAGE_DEFAULT;
-	if (a) {
-		if (!digits_only(a)) {
-			cw_req_problem(req, 400, "invalid_query", "Invalid query",
-				       "after must be a row id (a non-negative whole number, in digits)");
-			return false;
-		}
-		*after = strtoll(a, NULL, 10);
+	long long lim = *limit;
+	/* digits only (cw_decimal): limit=%205, after=-0 were read as
+	 * numbers until the thirtieth session */
+	if (a && !cw_decimal(a, 0, LLONG_MAX, false, after)) {
+		cw_req_problem(req, 400, "invalid_query", "Invalid query",
+			       "after must be a row id (a non-negative whole number, in digits)");
+		return false;
 	}
-	if (l) {
-		*limit = digits_only(l) ? strtol(l, NULL, 10) : 0;
-		if (*limit < 1 || *limit > APP_PAGE_MAX) {
-			cw_req_problem(req, 400, "invalid_query", "Invalid query", "limit must be 1 to 500, in digits");
-			return false;
-		}
+	if (l && !cw_decimal(l, 1, APP_PAGE_MAX, false, &lim)) {
+		cw_req_problem(req, 400, "invalid_query", "Invalid query", "limit must be 1 to 500, in digits");
+		return false;
 	}
+	*limit = (long)lim;
 	return true;
 }
 
 bool app_path_id(struct cw_req *req, const char *name, const char *what, char out[24])
 {
-	const char *id = cw_req_param(req, name);
-	long long v = digits_only(id) ? strtoll(id, NULL, 10) : 0;
-	if (v <= 0) {
+	long long v;
+	if (!cw_decimal(cw_req_param(req, name), 1, LLONG_MAX, false, &v)) {
 		char d[80];
 		snprintf(d, sizeof(d), "no %s with that id", what);
 		cw_req_problem(req, 404, "not_found", "Not found", d);

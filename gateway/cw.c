@@ -114,11 +114,24 @@ void cw_hex(char *out, const unsigned char *in, size_t n)
 
 bool cw_unhex(const char *hex, unsigned char *out, size_t n)
 {
-	if (strlen(hex) != 2 * n)
+	/* sscanf's %x alone would take " f", "-1" and "+f" for a byte */
+	if (strlen(hex) != 2 * n || strspn(hex, "0123456789abcdefABCDEF") != 2 * n)
 		return false;
 	for (size_t i = 0; i < n; i++)
 		if (sscanf(hex + 2 * i, "%2hhx", &out[i]) != 1)
 			return false;
+	return true;
+}
+
+bool cw_decimal(const char *s, long long lo, long long hi, bool canonical, long long *out)
+{
+	size_t n = s ? strlen(s) : 0;
+	if (n < 1 || n > 18 || strspn(s, "0123456789") != n || (canonical && n > 1 && s[0] == '0'))
+		return false;
+	long long v = strtoll(s, NULL, 10); /* 18 digits: no overflow */
+	if (v < lo || v > hi)
+		return false;
+	*out = v;
 	return true;
 }
 

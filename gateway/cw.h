@@ -53,6 +53,15 @@ void cw_hex(char *out, const unsigned char *in, size_t n);
  * for any other text. */
 bool cw_unhex(const char *hex, unsigned char *out, size_t n);
 
+/* A whole number from outside written as decimal digits and nothing else
+ * (no sign, no white space, no exponent), 1 to 18 of them, from lo to hi
+ * into *out; canonical: only in the one form the gateway writes, without
+ * leading zeros ("0" itself aside).  False (*out unchanged) for NULL and
+ * any other text.  strtol alone takes "+1", " 1" and "1x"; the query
+ * parameters, path ids and stanza attributes read with it took them until
+ * the thirtieth to forty-third sessions. */
+bool cw_decimal(const char *s, long long lo, long long hi, bool canonical, long long *out);
+
 /* Base64 (RFC 4648 §4, padded) and base64url (§5, unpadded).  encode
  * writes a NUL-terminated string and returns its length, or 0 if out is too
  * small; decode returns the byte count, or -1 for bad input or no room. */

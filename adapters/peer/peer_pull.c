@@ -640,31 +640,18 @@ void peer_pull_free(struct peer_pull *p)
 	free(p);
 }
 
-/* A query's number: 1 to 18 decimal digits and nothing else, and, for a
- * cursor (exact), in the one form an answer's `next` has: no leading zero
- * ("0" itself aside).  strtoll alone took a sign and leading white space
- * ("+1", " 1"), and a cursor's leading zeros: until the forty-second
- * session after=+1 and after=01 were read as 1. */
-static bool number(const char *s, long long lo, long long hi, bool exact, long long *out)
-{
-	size_t n = s ? strlen(s) : 0;
-	if (n < 1 || n > 18 || strspn(s, "0123456789") != n || (exact && n > 1 && s[0] == '0'))
-		return false;
-	long long v = strtoll(s, NULL, 10);
-	if (v < lo || v > hi)
-		return false;
-	*out = v;
-	return true;
-}
-
 void peer_api_events(struct cw_req *req, void *ctx)
 {
 	struct cw_app *app = ctx;
 	struct peer_principal *pp = cw_req_principal(req);
 	const char *after = cw_req_query(req, "after"), *wait = cw_req_query(req, "wait"), *limit = cw_req_query(req, "limit");
 	long long a = 0, wt = 0, l = 100;
-	if ((after && !number(after, 0, (1LL << 62), true, &a)) || (wait && !number(wait, 0, WAIT_MAX_S, false, &wt)) ||
-	    (limit && !number(limit, 1, LIMIT_MAX, false, &l))) {
+	/* digits only, a cursor in the one form an answer's `next` has
+	 * (cw_decimal): after=+1 and after=01 were read as 1 until the
+	 * forty-second session */
+	if ((after && !cw_decimal(after, 0, (1LL << 62), true, &a)) ||
+	    (wait && !cw_decimal(wait, 0, WAIT_MAX_S, false, &wt)) ||
+	    (limit && !cw_decimal(limit, 1, LIMIT_MAX, false, &l))) {
 		cw_req_problem(req, 400, "invalid_query", "Invalid query",
 			       "after is a cursor from an earlier answer (or 0), wait 0 to 60 seconds, limit 1 to 1000");
 		return;

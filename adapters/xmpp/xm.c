@@ -887,9 +887,8 @@ static bool tw_enter(struct tw *w, xmlNode *n)
 		n->_private = (void *)(uintptr_t)(w->out.len + 1); /* where its text starts */
 	} else if (strcmp(tag, "ol") == 0) {
 		const char *start = attr(n, "start", &keep);
-		unsigned long first = 1;
-		if (start && strspn(start, "0123456789") == strlen(start) && strlen(start) >= 1 && strlen(start) <= 9)
-			first = strtoul(start, NULL, 10);
+		long long first = 1;
+		cw_decimal(start, 0, 999999999, false, &first); /* else 1 */
 		n->_private = (void *)(uintptr_t)first; /* the next item's number */
 	} else if ((strcmp(tag, "td") == 0 || strcmp(tag, "th") == 0) && strcmp(parent, "tr") == 0) {
 		if (n->parent->_private)

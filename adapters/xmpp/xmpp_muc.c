@@ -1025,15 +1025,16 @@ static void history_wanted(xmpp_stanza_t *st, struct mjoin *j)
 	const char *mc = xmpp_stanza_get_attribute(h, "maxchars");
 	const char *sec = xmpp_stanza_get_attribute(h, "seconds");
 	const char *since = xmpp_stanza_get_attribute(h, "since");
-	if (ms && strspn(ms, "0123456789") == strlen(ms) && strlen(ms) < 6)
-		j->max = atoi(ms);
+	long long v;
+	if (cw_decimal(ms, 0, 99999, false, &v))
+		j->max = (int)v;
 	if (mc && strcmp(mc, "0") == 0)
 		j->max = 0;
 	if (j->max > HISTORY_MAX)
 		j->max = HISTORY_MAX;
-	if (sec && strspn(sec, "0123456789") == strlen(sec) && strlen(sec) < 10) {
+	if (cw_decimal(sec, 0, 999999999, false, &v)) {
 		struct tm tm;
-		time_t t = time(NULL) - (time_t)atol(sec);
+		time_t t = time(NULL) - (time_t)v;
 		gmtime_r(&t, &tm);
 		strftime(j->since, sizeof(j->since), "%Y-%m-%dT%H:%M:%SZ", &tm);
 	} else if (since && strlen(since) < sizeof(j->since) && datetime_valid(since)) {

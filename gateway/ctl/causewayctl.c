@@ -1,5 +1,6 @@
 /* causewayctl: the operator's command-line client of /admin/v1 (docs/causewayctl.md). */
 #include "config.h"
+#include "cw.h"
 #include "utf8.h"
 
 #include <arpa/inet.h>
@@ -1088,23 +1089,11 @@ static enum ctl_rc api_at(struct ctl *c, const char *method, const char *a, cons
 	return rc;
 }
 
-/* A number of an option or an argument: decimal digits alone, from lo to
- * hi.  strtoll alone takes leading white space and a sign ("+5", " 5"):
- * until the forty-second session the options took them and a row id did
- * not. */
-static bool parse_number(const char *s, long long lo, long long hi, long long *out)
-{
-	char *end;
-	errno = 0;
-	*out = isdigit((unsigned char)*s) ? strtoll(s, &end, 10) : 0;
-	return isdigit((unsigned char)*s) && !*end && !errno && *out >= lo && *out <= hi;
-}
-
 /* A row id as the API takes it (what: which, for the message). */
 static enum ctl_rc parse_id(struct ctl *c, const char *s, const char *what)
 {
 	long long v;
-	if (!parse_number(s, 1, LLONG_MAX, &v))
+	if (!cw_decimal(s, 1, LLONG_MAX, false, &v))
 		return fail(c, CTL_EUSAGE, "'%.40s' is not %s", s, what);
 	return CTL_OK;
 }
@@ -1835,13 +1824,13 @@ int main(int argc, char **argv)
 			c.given |= OPT_FILTER;
 			break;
 		case O_LIMIT:
-			if (!parse_number(optarg, 1, 10000000, &num))
+			if (!cw_decimal(optarg, 1, 10000000, false, &num))
 				rc = usage_error("--limit takes a number of rows from 1 on, not '%.40s'", optarg);
 			c.limit = (long)num;
 			c.given |= OPT_PAGE;
 			break;
 		case O_AFTER:
-			if (!parse_number(optarg, 0, 999999999999999999LL, &num))
+			if (!cw_decimal(optarg, 0, 999999999999999999LL, false, &num))
 				rc = usage_error("--after takes a row id (0 or more), not '%.40s'", optarg);
 			c.after = num;
 			c.given |= OPT_PAGE;
@@ -1866,7 +1855,7 @@ int main(int argc, char **argv)
 			c.given |= OPT_RULE;
 			break;
 		case O_EXPIRES_IN:
-			if (!parse_number(optarg, 1, 315360000LL, &num))
+			if (!cw_decimal(optarg, 1, 315360000LL, false, &num))
 				rc = usage_error("--expires-in takes a number of seconds from 1 to ten years, not '%.40s'",
 						 optarg);
 			c.expires_in = num;

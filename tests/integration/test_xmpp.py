@@ -801,6 +801,15 @@ def test_a_group_is_a_room_of_the_component(xd, gk, alice, prosody, pg, db_url):
         alice.send_presence(to=room + "/alice", payload=f"<x xmlns='{MUC}'><history since='{since}'/></x>")
         alice.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
         assert not [el for el in alice.stanzas()[start:] if el.get("type") == "error"], since
+    # An empty maxstanzas or seconds is no number: the default history, as
+    # without it (until the forty-third session "" was read as 0: none).
+    for attrs in ("maxstanzas=''", "seconds=''"):
+        start = alice.count()
+        alice.send_presence(to=room + "/alice", payload=f"<x xmlns='{MUC}'><history {attrs}/></x>")
+        alice.wait_for_message(lambda el: el.find("{jabber:client}subject") is not None, start=start)
+        old = [body(el) for el in alice.stanzas()[start:] if el.tag == "{jabber:client}message" and body(el)
+               and el.find("{urn:xmpp:delay}delay") is not None]
+        assert "lunch at one, everyone?" in old, (attrs, old)
     # A client that joins again (it thinks it is out) gets the whole join.
     start = alice.count()
     alice.send_presence(to=room + "/alice", payload=f"<x xmlns='{MUC}'><history maxstanzas='0'/></x>")

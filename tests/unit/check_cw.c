@@ -1,0 +1,80 @@
+/* The small helpers of gateway/cw.h that read text from outside: decimal
+ * numbers (query parameters, path ids, stanza attributes, causewayctl's
+ * options) and hex. */
+#include "config.h"
+#include "cw.h"
+#include "unit.h"
+
+#include <limits.h>
+
+START_TEST(decimal_cases)
+{
+	static const struct {
+		const char *s;
+		long long lo, hi;
+		bool canonical, ok;
+		long long v;
+	} cases[] = {
+		{ "0", 0, 10, false, true, 0 },
+		{ "0", 0, 10, true, true, 0 },
+		{ "7", 0, 10, true, true, 7 },
+		{ "10", 0, 10, true, true, 10 },
+		{ "11", 0, 10, false, false, 0 },   /* above hi */
+		{ "0", 1, 10, false, false, 0 },    /* below lo */
+		{ "007", 0, 10, false, true, 7 },   /* leading zeros: a number */
+		{ "007", 0, 10, true, false, 0 },   /* ... but not the gateway's form */
+		{ "00", 0, 10, true, false, 0 },
+		{ "", 0, 10, false, false, 0 },
+		{ "+1", 0, 10, false, false, 0 },   /* strtoll's sign */
+		{ "-0", 0, 10, false, false, 0 },
+		{ " 1", 0, 10, false, false, 0 },   /* strtoll's white space */
+		{ "1 ", 0, 10, false, false, 0 },
+		{ "1x", 0, 10, false, false, 0 },
+		{ "1e3", 0, 10000, false, false, 0 },
+		{ "0x10", 0, 100, false, false, 0 },
+		{ "\xd9\xa1", 0, 10, false, false, 0 }, /* ARABIC-INDIC DIGIT ONE */
+		{ "999999999999999999", 0, LLONG_MAX, true, true, 999999999999999999LL },
+		{ "1000000000000000000", 0, LLONG_MAX, false, false, 0 }, /* 19 digits */
+		{ "99999999999999999999", 0, LLONG_MAX, false, false, 0 },
+	};
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		long long v = -42;
+		bool ok = cw_decimal(cases[i].s, cases[i].lo, cases[i].hi, cases[i].canonical, &v);
+		ck_assert_msg(ok == cases[i].ok, "'%s': %d", cases[i].s, ok);
+		ck_assert_msg(v == (cases[i].ok ? cases[i].v : -42), "'%s': %lld (unchanged when refused)", cases[i].s, v);
+	}
+	long long v = -42;
+	ck_assert(!cw_decimal(NULL, 0, 10, false, &v));
+	ck_assert_int_eq(v, -42);
+}
+END_TEST
+
+START_TEST(unhex_cases)
+{
+	unsigned char b[2];
+	ck_assert(cw_unhex("0aFf", b, 2));
+	ck_assert_uint_eq(b[0], 0x0a);
+	ck_assert_uint_eq(b[1], 0xff);
+	/* what sscanf's %x alone takes for a byte */
+	ck_assert(!cw_unhex(" f0a", b, 2));
+	ck_assert(!cw_unhex("-10a", b, 2));
+	ck_assert(!cw_unhex("+f0a", b, 2));
+	ck_assert(!cw_unhex("0x0a", b, 2));
+	ck_assert(!cw_unhex("0g0a", b, 2));
+	ck_assert(!cw_unhex("0a0", b, 2));
+	ck_assert(!cw_unhex("0a0a0", b, 2));
+	char hex[5];
+	cw_hex(hex, b, 2);
+	ck_assert_str_eq(hex, "0aff");
+}
+END_TEST
+
+int main(void)
+{
+	Suite *s = suite_create("cw");
+	TCase *tc = tcase_create("cw");
+	tcase_add_test(tc, decimal_cases);
+	tcase_add_test(tc, unhex_cases);
+	suite_add_tcase(s, tc);
+	return unit_run(s);
+}
