@@ -1482,11 +1482,13 @@ json_t *xa_health(struct xmpp *x)
 	json_t *comps = json_object();
 	for (int i = 0; i < x->ncomp; i++) {
 		struct xcomp *xc = &x->comp[i];
+		size_t waiting = xa_in_waiting(xc); /* under in_mu, never taken with mu */
 		pthread_mutex_lock(&xc->mu);
-		json_t *o = json_pack("{s:s, s:s, s:s, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I}", "state",
+		json_t *o = json_pack("{s:s, s:s, s:s, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I}", "state",
 				      state_name(xc->state), "peer", xc->peer, "last_error", xc->last_error, "connected_since_ms",
 				      (json_int_t)(xc->state == XC_UP ? xc->connected_since_ms : 0), "queued",
-				      (json_int_t)xc->queued, "stanzas_in", (json_int_t)atomic_load(&xc->stanzas_in),
+				      (json_int_t)xc->queued, "stanzas_waiting", (json_int_t)waiting, "stanzas_in",
+				      (json_int_t)atomic_load(&xc->stanzas_in),
 				      "stanzas_out", (json_int_t)atomic_load(&xc->stanzas_out), "room_occupants",
 				      (json_int_t)xa_muc_count_locked(xc), "restricted_xml",
 				      (json_int_t)atomic_load(&xc->restricted_xml), "stanza_too_large",
@@ -1530,6 +1532,12 @@ void xa_metrics(struct xmpp *x, struct cw_buf *b)
 		pthread_mutex_unlock(&x->comp[i].mu);
 		cw_buf_printf(b, "causeway_xmpp_room_occupants{component=\"%s\"} %zu\n", x->comp[i].domain, n);
 	}
+	cw_buf_printf(b, "# HELP causeway_xmpp_stanzas_waiting Users' stanzas waiting for an earlier one of their "
+			 "conversation to be stored.\n"
+			 "# TYPE causeway_xmpp_stanzas_waiting gauge\n");
+	for (int i = 0; i < x->ncomp; i++)
+		cw_buf_printf(b, "causeway_xmpp_stanzas_waiting{component=\"%s\"} %zu\n", x->comp[i].domain,
+			      xa_in_waiting(&x->comp[i]));
 	static const char *const names[] = { "in", "out", "errors_out", "connects", "restricted_xml",
 					     "stanza_too_large", "cut" };
 	cw_buf_printf(b, "# HELP causeway_xmpp_stanzas_total Stanzas read from and written to the streams; error answers; "

@@ -125,6 +125,7 @@ struct xin {
 	bool limited;                    /* refused by the local user's own limit (429) */
 	bool stored;                     /* looked up after an unknown outcome: its first event is stored */
 	struct xin *next_waiting;        /* xc->in_waiting's next */
+	size_t size;                     /* its bytes while it waits (in_start) */
 };
 
 static void xin_free(struct xin *in)
@@ -557,32 +558,76 @@ static json_int_t in_flight_add(struct xcomp *xc, const char *room, json_int_t d
 static void in_finished(struct xcomp *xc, const char *room);
 static void in_answer(struct xin *in, cw_err rc, const cw_errmsg *e);
 
+/* What may wait (xcomp.in_waiting) at once: stanzas of one local user,
+ * and of all the component's users, by count and by bytes (each its text
+ * and its struct xin; in xmpp.max_stanza_bytes).  A waiting stanza is
+ * handed to the store only when the one before it in its conversation is
+ * stored, one at a time, and nothing bounded the list until the
+ * forty-third session: one user writing corrections or reactions faster
+ * than they were stored (each waits for the one before it) grew the
+ * daemon's memory without end (a review's finding: 90 MB of stanzas
+ * took 325 MB, and held it for minutes). */
+#define WAITING_USER_MAX 256
+#define WAITING_USER_CAPS 16
+#define WAITING_MAX 4096
+#define WAITING_CAPS 64
+
+enum in_start_result {
+	IN_STARTED,      /* handed to the store, or waiting */
+	IN_REFUSED,      /* the store refused it (in is the caller's still) */
+	IN_TOO_MANY,     /* too many wait already (WAITING_*; in is the caller's still) */
+};
+
 /* Hands in to the store now, or once the earlier stanzas of its
  * conversation are stored (xcomp.in_waiting): when it names another
- * message, or one before it waits.  False: the store refused it (in is
- * the caller's still). */
-static bool in_start(struct xin *in)
+ * message, or one before it waits. */
+static enum in_start_result in_start(struct xin *in)
 {
 	struct xcomp *xc = in->xc;
+	size_t cap = (size_t)xc->x->cfg->xmpp_max_stanza_bytes;
+	in->size = sizeof(*in) + (in->text ? strlen(in->text) + 1 : 0);
 	pthread_mutex_lock(&xc->in_mu);
 	if (!xc->in_flight)
 		xc->in_flight = json_object();
 	bool behind = false;
+	size_t n = 0, bytes = 0, user_n = 0, user_bytes = 0;
 	struct xin **tail = &xc->in_waiting;
-	for (; *tail; tail = &(*tail)->next_waiting)
+	for (; *tail; tail = &(*tail)->next_waiting) {
 		behind |= strcmp((*tail)->room, in->room) == 0;
+		n++;
+		bytes += (*tail)->size;
+		if (strcmp((*tail)->local_bare, in->local_bare) == 0) {
+			user_n++;
+			user_bytes += (*tail)->size;
+		}
+	}
 	bool wait = behind || (json_array_size(in->refs) && json_object_get(xc->in_flight, in->room));
+	if (wait && (user_n >= WAITING_USER_MAX || user_bytes + in->size > WAITING_USER_CAPS * cap ||
+		     n >= WAITING_MAX || bytes + in->size > WAITING_CAPS * cap)) {
+		pthread_mutex_unlock(&xc->in_mu);
+		return IN_TOO_MANY;
+	}
 	if (wait)
 		*tail = in;
 	else
 		in_flight_add(xc, in->room, 1);
 	pthread_mutex_unlock(&xc->in_mu);
 	if (wait || store_write_pipe(xc->x->app->store, &in_ops, in_done, in) == CW_OK)
-		return true;
+		return IN_STARTED;
 	pthread_mutex_lock(&xc->in_mu);
 	in_flight_add(xc, in->room, -1);
 	pthread_mutex_unlock(&xc->in_mu);
-	return false;
+	return IN_REFUSED;
+}
+
+size_t xa_in_waiting(struct xcomp *xc)
+{
+	size_t n = 0;
+	pthread_mutex_lock(&xc->in_mu);
+	for (struct xin *w = xc->in_waiting; w; w = w->next_waiting)
+		n++;
+	pthread_mutex_unlock(&xc->in_mu);
+	return n;
 }
 
 /* A stanza of room is stored (or failed): the next waiting one of that
@@ -795,6 +840,24 @@ static void refuse_now(struct xcomp *xc, xmpp_stanza_t *st, const char *type, co
 	xa_send_now(xc, xa_error_reply(st, type, cond, NULL));
 }
 
+/* A stanza past the bounds of what may wait to be stored (in_start):
+ * refused as limits are, resource-constraint (wait), saying so; nothing
+ * stored.  now: on the stream's thread (written at once, as refuse_now
+ * does); else queued (xa_in_leave runs on a store's thread). */
+static void too_many_waiting(struct xcomp *xc, xmpp_stanza_t *st, const char *user, bool now)
+{
+	LOG_KV_LIMITED(CW_LOG_WARN, "xmpp: a stanza refused: too many wait to be stored", "component", xc->domain,
+		       "user", user);
+	atomic_fetch_add(&xc->errors_out, 1);
+	xmpp_stanza_t *r = xa_error_reply(st, "wait", "resource-constraint",
+					  "Not delivered: too many messages wait to be stored before it. Send it again "
+					  "in a moment.");
+	if (now)
+		xa_send_now(xc, r);
+	else
+		xa_enqueue_stanza(xc, r);
+}
+
 /* The digest of (conversation, id, content): ids are unique only within
  * a stream (RFC 6120 §8.1.3), so the same id with other content is a new
  * message (until the twenty-third session it was refused with
@@ -1000,8 +1063,12 @@ void xa_in_message(struct xcomp *xc, xmpp_stanza_t *st)
 		in->text = strdup(buf);
 		xmpp_free(xc->ctx, buf);
 	}
-	if (!in->text || !in->refs || !in->map || !in->own || !in->rx || !in_start(in)) {
-		refuse_now(xc, st, "wait", "internal-server-error");
+	enum in_start_result rs = IN_REFUSED;
+	if (!in->text || !in->refs || !in->map || !in->own || !in->rx || (rs = in_start(in)) != IN_STARTED) {
+		if (rs == IN_TOO_MANY)
+			too_many_waiting(xc, st, in->local_bare, true);
+		else
+			refuse_now(xc, st, "wait", "internal-server-error");
 		xin_free(in);
 	}
 }
@@ -1041,8 +1108,12 @@ void xa_in_leave(struct xcomp *xc, xmpp_stanza_t *iq, enum xa_leave how, const c
 		in->text = strdup(buf);
 		xmpp_free(xmpp_stanza_get_context(iq), buf);
 	}
-	if (!in->text || !in->refs || !in->map || !in->own || !in->rx || !in_start(in)) {
-		xa_enqueue_stanza(xc, xa_error_reply(iq, "wait", "internal-server-error", NULL));
+	enum in_start_result rs = IN_REFUSED;
+	if (!in->text || !in->refs || !in->map || !in->own || !in->rx || (rs = in_start(in)) != IN_STARTED) {
+		if (rs == IN_TOO_MANY)
+			too_many_waiting(xc, iq, local_bare, false);
+		else
+			xa_enqueue_stanza(xc, xa_error_reply(iq, "wait", "internal-server-error", NULL));
 		xin_free(in);
 	}
 }

@@ -246,6 +246,9 @@ void xa_room_native(const char *local_bare, const char *remote_bare, char *out, 
 /* xmpp_in.c: a <message/> of a local user to a remote user's JID (on the
  * component's thread; the work is a store job). */
 void xa_in_message(struct xcomp *xc, xmpp_stanza_t *st);
+/* How many of the component's stanzas wait for an earlier one of their
+ * conversation to be stored (/readyz, metrics; bounded: docs/xmpp.md). */
+size_t xa_in_waiting(struct xcomp *xc);
 /* How a user asked to leave a group: XEP-0045's affiliation set to none
  * (muc#admin), or the room's ad-hoc command (XEP-0050). */
 enum xa_leave { XA_LEAVE_NONE, XA_LEAVE_ADMIN, XA_LEAVE_COMMAND };
