@@ -1717,6 +1717,54 @@ bool xa_muc_invite(struct xcomp *xc, xmpp_ctx_t *ctx, const char *room, const ch
 	return *text != NULL;
 }
 
+/* Whether c is a <stanza-id/> (XEP-0359) that names room as its giver. */
+static bool room_stanza_id(xmpp_stanza_t *c, const char *room)
+{
+	const char *name = xmpp_stanza_get_name(c), *ns = xmpp_stanza_get_ns(c);
+	const char *by = xmpp_stanza_get_attribute(c, "by");
+	return xmpp_stanza_is_tag(c) && name && strcmp(name, "stanza-id") == 0 && ns && strcmp(ns, NS_SID) == 0 && by &&
+	       strcmp(by, room) == 0;
+}
+
+/* The user's stanza m (released) without the <stanza-id by=room/> she
+ * wrote into it herself: only the room gives its ids, and XEP-0359 §4 has
+ * the giver override such an id and write at most one.  Until the
+ * forty-third session hers went back to her clients before the room's,
+ * and a client that reads the first took the id of another member's
+ * message for her own.  NULL without memory. */
+static xmpp_stanza_t *without_room_ids(xmpp_ctx_t *ctx, xmpp_stanza_t *m, const char *room)
+{
+	bool any = false;
+	for (xmpp_stanza_t *c = xmpp_stanza_get_children(m); c && !any; c = xmpp_stanza_get_next(c))
+		any = room_stanza_id(c, room);
+	if (!any)
+		return m;
+	xmpp_stanza_t *n = xmpp_stanza_new(ctx);
+	int k = xmpp_stanza_get_attribute_count(m);
+	const char **attrs = k > 0 ? calloc((size_t)k * 2, sizeof(*attrs)) : NULL;
+	bool ok = n && xmpp_stanza_set_name(n, xmpp_stanza_get_name(m)) == XMPP_EOK && (k <= 0 || attrs);
+	if (ok && k > 0) {
+		int got = xmpp_stanza_get_attributes(m, attrs, k * 2);
+		for (int i = 0; ok && i + 1 < got; i += 2)
+			ok = xmpp_stanza_set_attribute(n, attrs[i], attrs[i + 1]) == XMPP_EOK;
+	}
+	for (xmpp_stanza_t *c = xmpp_stanza_get_children(m); ok && c; c = xmpp_stanza_get_next(c)) {
+		if (room_stanza_id(c, room))
+			continue;
+		xmpp_stanza_t *copy = xmpp_stanza_copy(c);
+		ok = copy && xmpp_stanza_add_child(n, copy) == XMPP_EOK;
+		if (copy)
+			xmpp_stanza_release(copy);
+	}
+	free(attrs);
+	xmpp_stanza_release(m);
+	if (!ok && n) {
+		xmpp_stanza_release(n);
+		n = NULL;
+	}
+	return n;
+}
+
 bool xa_muc_reflect(struct xcomp *xc, const char *stanza_text, const char *room, const char *user,
 		    const char *msg_id)
 {
@@ -1726,6 +1774,8 @@ bool xa_muc_reflect(struct xcomp *xc, const char *stanza_text, const char *room,
 	json_t *o;
 	json_array_foreach(occ, i, o) {
 		xmpp_stanza_t *m = ctx ? xmpp_stanza_new_from_string(ctx, stanza_text) : NULL;
+		if (m)
+			m = without_room_ids(ctx, m, room);
 		if (!m)
 			break;
 		char from[XJ_JID_MAX + NICK_MAX + 2];

@@ -1982,6 +1982,42 @@ def test_a_members_reactions_retractions_and_chat_states_come_back_from_the_room
             phone.disconnect()
 
 
+def test_a_stanza_id_the_member_wrote_herself_does_not_come_back_from_the_room(xd, gk, alice, prosody):
+    """Only the room gives its stanza-ids (XEP-0359 §4: the giver overrides
+    an id that names it, and a stanza holds at most one of a giver): a
+    <stanza-id by=room/> alice writes into her groupchat is not in what the
+    room sends back to her clients: a message, and a chat state, carry the
+    room's own id alone (a message's as bob's view has it).  Until the
+    forty-third session hers came back before the room's, and a client
+    that reads the first took another member's message's id for her own
+    (a review's finding)."""
+    a, srv = gk
+    with a_group_with_bob(xd, a, alice, prosody) as (bob, gid, room):
+        phone = prosody.client("alice", "pw-alice", resource="phone")
+        try:
+            join_room(room, (alice, "alice"), (phone, "alice"), (bob, "bob"))
+            wid = a.send(gid, a.user("wally"), "pizza?").json()["id"]
+            message_from(phone, room, lambda el: body(el) == "pizza?")
+            forged = f"<stanza-id xmlns='urn:xmpp:sid:0' by='{room}' id='{wid}'/>"
+            other = "<stanza-id xmlns='urn:xmpp:sid:0' by='someone.example' id='theirs'/>"
+            alice.send_raw(f"<message to='{room}' type='groupchat' id='f1'>{forged}<body>mine</body>{other}</message>")
+            alice.send_raw(f"<message to='{room}' type='groupchat' id='f2'>{forged}"
+                           "<composing xmlns='http://jabber.org/protocol/chatstates'/></message>")
+            seen = message_from(bob, room, lambda el: body(el) == "mine")
+            theirs = seen.find("{urn:xmpp:sid:0}stanza-id").get("id")
+            assert theirs != wid
+            for c in (alice, phone):
+                mine = message_from(c, room, lambda el: el.get("id") == "f1")
+                ids = [(e.get("by"), e.get("id")) for e in mine.findall("{urn:xmpp:sid:0}stanza-id")]
+                assert ids == [("someone.example", "theirs"), (room, theirs)], mine.xml
+                state = message_from(c, room, lambda el: el.get("id") == "f2")
+                assert state.find("{http://jabber.org/protocol/chatstates}composing") is not None, state.xml
+                ids = [(e.get("by"), e.get("id")) for e in state.findall("{urn:xmpp:sid:0}stanza-id")]
+                assert len(ids) == 1 and ids[0][0] == room and ids[0][1] not in (wid, theirs), state.xml
+        finally:
+            phone.disconnect()
+
+
 def test_a_members_ids_do_not_take_over_another_members_message(xd, gk, alice, prosody, pg, db_url):
     """In a room, references name stanza-ids, the neutral ids every member
     sees; a message's own XMPP id is only its sender's (ids are unique per
