@@ -567,11 +567,42 @@ static const char *jstr_or(const json_t *o, const char *key)
 	return s ? s : "?";
 }
 
+/* The length of what defang replaces at p (0: nothing): a C0 control or
+ * DEL (1 byte), a C1 control (2), a bidirectional override or isolate (3). */
+static size_t control_at(const unsigned char *p)
+{
+	if (*p < 0x20 || *p == 0x7f)
+		return 1;
+	if (p[0] == 0xc2 && p[1] >= 0x80 && p[1] <= 0x9f) /* U+0080..U+009F */
+		return 2;
+	if (p[0] == 0xe2 && ((p[1] == 0x80 && p[2] >= 0xaa && p[2] <= 0xae) || /* U+202A..U+202E */
+			     (p[1] == 0x81 && p[2] >= 0xa6 && p[2] <= 0xa9)))  /* U+2066..U+2069 */
+		return 3;
+	return 0;
+}
+
+/* --json: the answer as it is, for scripts, but what could drive the
+ * terminal or reorder what it shows is written as a \u escape (jansson
+ * escapes the C0 controls only): the same JSON once parsed.  Such
+ * characters can only be in a string (the rest of the text is ASCII), where
+ * the escape means them.  Until the forty-third session a rule's comment,
+ * a delivery's last error or a report's comment went out raw here. */
 static void print_json(const json_t *j)
 {
 	char *s = json_dumps(j, JSON_OUT_FLAGS);
-	if (s)
-		puts(s);
+	if (!s)
+		return;
+	for (const unsigned char *p = (const unsigned char *)s; *p;) {
+		size_t n = *p == '\n' ? 0 : control_at(p);
+		if (!n) {
+			putchar(*p++);
+			continue;
+		}
+		unsigned cp = n == 1 ? p[0] : n == 2 ? p[1] : 0x2000u | ((p[1] & 0x3fu) << 6) | (p[2] & 0x3fu);
+		printf("\\u%04x", cp);
+		p += n;
+	}
+	putchar('\n');
 	free(s);
 }
 
@@ -677,14 +708,7 @@ static void defang(char *s)
 {
 	unsigned char *p = (unsigned char *)s;
 	while (*p) {
-		size_t bad = 0; /* bytes to replace from p; a short read stops at the NUL */
-		if (*p < 0x20 || *p == 0x7f)
-			bad = 1;
-		else if (p[0] == 0xc2 && p[1] >= 0x80 && p[1] <= 0x9f) /* U+0080..U+009F */
-			bad = 2;
-		else if (p[0] == 0xe2 && ((p[1] == 0x80 && p[2] >= 0xaa && p[2] <= 0xae) || /* U+202A..U+202E */
-					  (p[1] == 0x81 && p[2] >= 0xa6 && p[2] <= 0xa9)))  /* U+2066..U+2069 */
-			bad = 3;
+		size_t bad = control_at(p); /* bytes to replace from p; a short read stops at the NUL */
 		if (bad == 1 && (*p == '\n' || *p == '\t'))
 			*p++ = ' ';
 		else if (bad)
