@@ -283,10 +283,12 @@ static void tok_after(struct app_job *j)
 	if (q->same) /* nothing changed: no reload to wait for */
 		return;
 	/* The sync is the policy's: while the policy fails to load it times
-	 * out though the reload read the tokens.  A new token held by then is
-	 * in force, as a revoked one is once dropped (below): the warning is
-	 * for a new token not held yet. */
-	if (!policy_live_sync(j->app->policy, 2000) && !revoke && !admin_tokens_known(j->app->admins, q->buf[0]))
+	 * out though the reload read the tokens, and it succeeds though the
+	 * tokens' read failed.  A new token held by then is in force, as a
+	 * revoked one is once dropped (below): the warning is for a new token
+	 * not held yet, whatever the sync says. */
+	policy_live_sync(j->app->policy, 2000);
+	if (!revoke && !admin_tokens_known(j->app->admins, q->buf[0]))
 		LOG_KV(CW_LOG_WARN, "the token change is committed but not yet in force here (reload slow or failing)");
 	/* Again: a reload that read the tokens before the revocation
 	 * committed may have put the token back meanwhile. */

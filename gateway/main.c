@@ -401,11 +401,13 @@ static bool local_network_claim(PGconn *c, const char *net)
 
 
 /* The policy thread's reload hook: the admin tokens follow the policy. */
-static void reload_admins(PGconn *c, void *arg)
+static bool reload_admins(PGconn *c, void *arg)
 {
 	cw_errmsg e;
-	if (admin_tokens_load(arg, c, &e))
-		LOG_KV(CW_LOG_WARN, "admin token reload failed; the previous tokens stay in force", "detail", e.msg);
+	if (!admin_tokens_load(arg, c, &e))
+		return true;
+	LOG_KV(CW_LOG_WARN, "admin token reload failed; the previous tokens stay in force", "detail", e.msg);
+	return false;
 }
 
 /* The directory in which the start would create a missing key file: there,

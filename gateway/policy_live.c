@@ -1420,7 +1420,9 @@ static bool put_in_force(struct policy_live *pl, cw_err rc, struct policy_view *
 	return true;
 }
 
-static bool reload(struct policy_live *pl)
+/* False when the policy's load failed; *hook_ok false when the hook
+ * failed. */
+static bool reload(struct policy_live *pl, bool *hook_ok)
 {
 	struct policy_view *v = NULL;
 	cw_errmsg e;
@@ -1432,9 +1434,12 @@ static bool reload(struct policy_live *pl)
 	 * policy could not be loaded (a rule row it cannot read, a query the
 	 * database refuses) a token revoked on another process kept working
 	 * here.  A failed load is tried again within a second (live_main), the
-	 * hook with it. */
-	if (pl->o.on_reload)
-		pl->o.on_reload(pl->c, pl->o.reload_arg);
+	 * hook with it.  A hook that failed is tried again so too, though
+	 * the policy loaded: until the forty-third session it waited for the
+	 * next periodic reload (policy.reload_interval_s), and a token revoked
+	 * on another process while this one could not read the tokens kept
+	 * working here until then. */
+	*hook_ok = !pl->o.on_reload || pl->o.on_reload(pl->c, pl->o.reload_arg);
 	return ok;
 }
 
@@ -1818,16 +1823,19 @@ static void *live_main(void *arg)
 		bool users = pl->npending > 0 && !want && !pl->want_full && now < next_reload && reload_users(pl);
 		bool loaded = users;
 		if (!users && (want || pl->want_full || pl->npending || now >= next_reload)) {
-			loaded = reload(pl);
+			bool hook_ok;
+			loaded = reload(pl, &hook_ok);
 			/* Failed: soon, then less and less often (1 s, 2, 4, ... 30),
 			 * so that a failure that lasts (a rule row it cannot read)
 			 * does not load the database with a whole load a second;
 			 * until the fortieth session it was every second, and
-			 * nothing but the log and a counter told. */
-			retry_us = loaded ? 0 : retry_us ? retry_us * 2 : 1000000;
+			 * nothing but the log and a counter told.  The hook's
+			 * failure alike (reload). */
+			bool again = !loaded || !hook_ok;
+			retry_us = !again ? 0 : retry_us ? retry_us * 2 : 1000000;
 			if (retry_us > POLICY_RETRY_MAX_S * 1000000LL)
 				retry_us = POLICY_RETRY_MAX_S * 1000000LL;
-			next_reload = now + (loaded ? pl->o.reload_interval_s * 1000000LL : retry_us);
+			next_reload = now + (again ? retry_us : pl->o.reload_interval_s * 1000000LL);
 			if (loaded) {
 				/* Just past the first expiry of a rule with a mode
 				 * (mode_rule_expiry_in_ms): its reload finds the

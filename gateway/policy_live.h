@@ -172,8 +172,10 @@ struct policy_live_opts {
 	/* Also run on each whole reload, on the thread's connection, whether
 	 * or not the policy's load succeeded (other state that must follow
 	 * changes as the policy does, and needs nothing of it: the admin
-	 * tokens). */
-	void (*on_reload)(PGconn *c, void *arg);
+	 * tokens).  False: it failed, and is tried again as a failed load is
+	 * (within a second, then less and less often), though the policy
+	 * loaded. */
+	bool (*on_reload)(PGconn *c, void *arg);
 	void *reload_arg;
 };
 /* Loads the first snapshot (failing start-up if it cannot) and starts the

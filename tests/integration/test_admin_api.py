@@ -284,6 +284,32 @@ def test_tokens_reload_while_the_policy_does_not(make_daemon, pg, db_url):
     pg.psql("ALTER TABLE rules RENAME COLUMN limits_gone TO limits", db_url)
 
 
+def test_a_token_reload_that_fails_is_tried_again_soon(make_daemon, pg, db_url):
+    """The other way round: the policy loads, the tokens' read fails (here
+    a column of admin_tokens renamed under it; in life a lock held on the
+    table past the statement timeout, an error of the moment).  Until the
+    forty-third session that reload counted as done: a token revoked
+    meanwhile kept working on that process until its next periodic reload
+    (policy.reload_interval_s, 60 s by default, up to an hour).  The
+    tokens' read is now tried again as a failed policy load is, within a
+    second."""
+    a = make_daemon(db_url).start()
+    b = make_daemon(db_url).start()
+    old = make_token(a, "old", "viewer")["token"]
+    wait_until(lambda: call(b, "GET", "/admin/v1/whoami", old).status_code == 200,
+               what="the token on the second process")
+    # Revoked where no process is told yet, then every process told while
+    # the tokens cannot be read: b's reload loads the policy, not the tokens.
+    pg.psql("UPDATE admin_tokens SET revoked_at = now() WHERE name = 'old'", db_url)
+    pg.psql("ALTER TABLE admin_tokens RENAME COLUMN role TO role_gone", db_url)
+    pg.psql("NOTIFY causeway_policy", db_url)
+    wait_until(lambda: "admin token reload failed" in b.log(), what="the second process's token reload failing")
+    pg.psql("ALTER TABLE admin_tokens RENAME COLUMN role_gone TO role", db_url)
+    wait_until(lambda: call(b, "GET", "/admin/v1/whoami", old).status_code == 401, timeout=15,
+               what="the revocation on the second process once its tokens can be read")
+    assert "policy reload failed" not in b.log()
+
+
 def test_a_policy_that_does_not_reload_is_reported_stale_and_retried_less_often(daemon, pg, db_url):
     """A reload that fails keeps the previous rules in force.  Once reloads
     have failed for 5 s the process says so where an operator looks:
