@@ -282,3 +282,39 @@ def test_console_in_a_browser(make_daemon, db_url, pg):
     assert "lost-answer" not in [t["name"] for t in d.admin("GET", "/tokens").json()["tokens"]]
     shots = sorted(os.listdir(SHOTS))
     assert len([s for s in shots if s.endswith(".png")]) >= 30, shots
+
+
+MARKUP = ('<img src="http://127.0.0.1:9/x.png" onerror="window.__pwned=1"><script>window.__pwned=2</script>'
+          '<b class="planted">bold</b><a href="javascript:window.__pwned=3">link</a>&amp;')
+
+
+def test_stored_markup_is_shown_as_text_in_a_browser(make_daemon, db_url):
+    """What others wrote (a rule's comment, a report's comment, a room's
+    name a peer gave, and the audit records that repeat them) holding
+    markup, a script, a javascript: link and an entity: the
+    console shows each as the text it is, runs none of it and loads
+    nothing it names, page by page in a real Chromium (the sources' own
+    rules are test_console_sources_keep_to_the_csp)."""
+    node, modules = browser_or_skip()
+    d = make_daemon(db_url).start()
+    (gk, srv), (tg, srv2) = push_peers(d, GK_TG)
+    try:
+        r = d.admin("POST", "/rules", json={"scope": "domain", "pattern": "spam.example", "mode": "deny",
+                                             "comment": MARKUP})
+        assert r.status_code == 201, r.text
+        r = d.admin("POST", "/reports", json={"subject": gk.user("wally"), "reason": "spam", "comment": MARKUP})
+        assert r.status_code == 201, r.text
+        r = gk.create_room([gk.user("wally"), tg.user("tina"), ALICE], name=MARKUP)
+        assert r.status_code == 201, r.text
+        room = r.json()["id"]
+        env = dict(os.environ, BASE_URL=d.url, ADMIN_TOKEN=ADMIN_TOKEN, MARKUP=MARKUP, CAUSEWAY_NODE_MODULES=modules,
+                   CHROMIUM=CHROMIUM, PAGES=",".join(["#/rules", "#/reports", "#/audit", "#/rooms", f"#/rooms/{room}"]))
+        p = subprocess.run([node, os.path.join(TOP_SRCDIR, "tests", "browser", "console_markup.mjs")],
+                           capture_output=True, text=True, env=env, timeout=180)
+        results = [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")]
+        report = "\n".join(f"{'ok  ' if x['ok'] else 'FAIL'} {x['check']}: {x['detail']}" for x in results)
+        assert p.returncode == 0 and len(results) == 5 and all(x["ok"] for x in results), \
+            f"exit {p.returncode}\n{report}\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
+    finally:
+        srv.close()
+        srv2.close()
