@@ -1180,18 +1180,55 @@ static void dead_now(struct lane *l, const struct outbox_row *rows, size_t n)
 		atomic_fetch_add(&l->d->dead, (uint_fast64_t)changed);
 }
 
+static bool same_failure(const struct outbox_row *a, const struct outbox_row *b)
+{
+	return a->code == b->code && a->retry_after_ms == b->retry_after_ms && strcmp(a->why, b->why) == 0;
+}
+
+/* Whether a failed row's try spent the retry budget (a 429's does not:
+ * cw_record's $10): cw_record makes it dead. */
+static bool spent(const struct lane *l, const struct outbox_row *row)
+{
+	return row->code != 429 && row->attempts >= l->d->o.retry_budget;
+}
+
+/* Whether failed row i goes dead in this record: spent, or failed for the
+ * same reason as an earlier spent row of its room (cw_record makes it dead
+ * with that one, in the same statement). */
+static bool dies(const struct lane *l, const struct outbox_row *rows, size_t i)
+{
+	if (spent(l, &rows[i]))
+		return true;
+	const char *room = json_string_value(json_object_get(rows[i].event, "room"));
+	for (size_t x = 0; room && x < i; x++) {
+		const char *other = json_string_value(json_object_get(rows[x].event, "room"));
+		if (rows[x].outcome <= 0 && spent(l, &rows[x]) && same_failure(&rows[x], &rows[i]) && other &&
+		    strcmp(other, room) == 0)
+			return true;
+	}
+	return false;
+}
+
 /* The rows' own outcomes: the delivered ones in one statement, the failed
  * ones in one per reason (a room's rest shares its reason), the untried
  * ones (2) released, the waiting ones (3) released for a while, the
  * refused ones (4) dropped, the undeliverable ones (5) dead, one
- * statement per reason. */
+ * statement per reason.  The failed rows that go dead (dies) are recorded
+ * last: a dead row takes down its room's later rows that wait (cw_record's
+ * behind), which by then include a later row of its room that failed for
+ * another reason in the same batch (XMPP: the first one's stanza lost with
+ * its stream, the second's not made), recorded pending before it.  Until
+ * the forty-third session the failures were recorded in the batch's order
+ * of reasons: such a later row, still in flight when the dead one was
+ * recorded, went on, and was delivered before the dead one's replay. */
 static void record_outcomes(struct lane *l, struct outbox_row *rows, size_t n, int64_t t0)
 {
 	struct outbox_row *sel = malloc(n * sizeof(*sel));
-	bool *taken = calloc(n, sizeof(bool));
-	if (!sel || !taken) {
+	bool *taken = calloc(n, sizeof(bool)), *dead = calloc(n, sizeof(bool));
+	if (!sel || !taken || !dead) {
 		free(sel);
 		free(taken);
+		free(dead);
 		return; /* the claim runs out and the rows go again */
 	}
 	size_t k = 0;
@@ -1234,21 +1271,24 @@ static void record_outcomes(struct lane *l, struct outbox_row *rows, size_t n, i
 		else
 			dead_now(l, sel, k);
 	}
-	for (size_t i = 0; i < n; i++) {
-		if (taken[i])
-			continue;
-		k = 0;
-		for (size_t x = i; x < n; x++)
-			if (!taken[x] && rows[x].code == rows[i].code && rows[x].retry_after_ms == rows[i].retry_after_ms &&
-			    strcmp(rows[x].why, rows[i].why) == 0) {
-				sel[k++] = rows[x];
-				taken[x] = true;
-			}
-		record(l, sel, k, false, rows[i].code, rows[i].why[0] ? rows[i].why : "not delivered", t0,
-		       rows[i].retry_after_ms);
-	}
+	for (size_t i = 0; i < n; i++)
+		dead[i] = !taken[i] && dies(l, rows, i);
+	for (int last = 0; last < 2; last++)
+		for (size_t i = 0; i < n; i++) {
+			if (taken[i] || dead[i] != last)
+				continue;
+			k = 0;
+			for (size_t x = i; x < n; x++)
+				if (!taken[x] && dead[x] == last && same_failure(&rows[x], &rows[i])) {
+					sel[k++] = rows[x];
+					taken[x] = true;
+				}
+			record(l, sel, k, false, rows[i].code, rows[i].why[0] ? rows[i].why : "not delivered", t0,
+			       rows[i].retry_after_ms);
+		}
 	free(sel);
 	free(taken);
+	free(dead);
 }
 
 /* Typing is best-effort (spec/interop-api.md): a notification accepted

@@ -2477,6 +2477,62 @@ def test_a_group_row_to_a_remote_user_is_dead_at_once(make_daemon, db_url, proso
         srv.close()
 
 
+def test_a_dead_row_takes_down_its_rooms_later_row_failed_for_another_reason(make_daemon, db_url, prosody, alice,
+                                                                              pg):
+    """A room's row that runs out of retries takes its room's later row of
+    the same batch down with it when that one failed for another reason
+    (docs/xmpp.md): here the first one's stanza did not reach the wire (the
+    component's thread was held in a statement for longer than the write's
+    5 s), the second's could not be made (a group made here, its sender of
+    a peer no component stands for: retried, another member's row may yet
+    bind the room to a component).  Until the forty-third session the
+    dispatcher recorded the first one's failure (dead) before the second's
+    (pending again): the later row went on, to arrive before the dead one
+    was replayed."""
+    d, a, srv = start_with_gk(make_daemon, db_url, prosody, database={"statement_timeout_ms": "60000"},
+                              dispatcher={"retry_budget": "3", "retry_base_ms": "20", "retry_max_ms": "50"})
+    held = None
+    try:
+        r = d.admin("POST", "/peers", json={"name": "zz", "domain": "zz.example", "mode": "push",
+                                           "push_url": srv.url, "public_key": a.signer.public_b64})
+        assert r.status_code == 201, r.text
+        assert d.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
+        gid = a.create_room([a.user("wally"), ALICE], kind="group").json()["id"]
+        first, later = two_held_rows(a, pg, db_url, gid)
+        # made here (no component yet bound to it), "after it" from zed of
+        # zz, "broken" on its last try
+        pg.psql("INSERT INTO identities (uri, domain, localpart, is_local, network, peer_id) "
+                " SELECT 'mimi://zz.example/u/zed', 'zz.example', 'zed', false, 'peer:zz', id FROM peers "
+                " WHERE name = 'zz'; "
+                "UPDATE events SET sender_id = (SELECT id FROM identities WHERE uri = 'mimi://zz.example/u/zed') "
+                f" WHERE id = (SELECT event_id FROM outbox WHERE id = {later}); "
+                f"UPDATE rooms SET created_by_peer_id = NULL WHERE public_id = '{gid}'; "
+                f"UPDATE outbox SET attempts = 2 WHERE id = {first}", db_url)
+        # the component's thread held in its housekeeping: nothing it was
+        # given is written meanwhile
+        held = HeldSession(db_url)
+        held.run("BEGIN; LOCK TABLE xmpp_roster_sync IN ACCESS EXCLUSIVE MODE;")
+        wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                   "AND query LIKE '%xmpp_roster_sync%'", db_url) == "1",
+                   what="the component's thread waiting for the lock")
+        pg.psql(f"UPDATE outbox SET state = 'pending', next_attempt_at = now() WHERE id IN ({first}, {later}); "
+                "NOTIFY causeway_outbox", db_url)
+        state = "SELECT state || ' ' || attempts || ' ' || coalesce(last_error, '') FROM outbox WHERE id = {}"
+        got = wait_until(lambda: (lambda s: s if not s.startswith(("pending", "in_flight")) else None)(
+            pg.psql(state.format(first), db_url)), timeout=30, what="the first row's outcome")
+        assert got.startswith("dead 3 the stream of component gk.xmpp.test broke before the stanza was written"), got
+        got = pg.psql(state.format(later), db_url)
+        assert got.startswith("dead 1 not sent: an earlier message of its room to xmpp ran out of retries"), got
+        held.end()
+        held = None
+        dead = d.admin("GET", "/outbox?state=dead").json()["rows"]
+        assert sorted(x["id"] for x in dead) == sorted([int(first), int(later)]), dead
+    finally:
+        if held:
+            held.end()
+        srv.close()
+
+
 def test_a_dead_letter_is_told_to_its_xmpp_writer(make_daemon, db_url, prosody, alice, pg):
     """A local user's message to a peer that stays down for the whole retry
     budget is told to them, by the component (an error stanza would have
