@@ -20,8 +20,12 @@ const struct xa_command_def xa_commands[] = {
 };
 const size_t xa_ncommands = sizeof(xa_commands) / sizeof(xa_commands[0]);
 
-/* The field's value in out; false when it does not fit (out is then empty:
- * never a value cut inside a character). */
+/* The field's value in out, without the white space of any kind around it
+ * (cw_utf8_trim: a no-break space a phone puts in, a tab), as the Matrix
+ * bot reads its commands; false when what is left does not fit (out is
+ * then empty: never a value cut inside a character).  Trimmed before it is
+ * measured: until the forty-third session a value padded past the limit
+ * was refused although what the user meant fitted. */
 static bool form_value(xmpp_stanza_t *x, const char *var, char *out, size_t len)
 {
 	out[0] = '\0';
@@ -31,6 +35,8 @@ static bool form_value(xmpp_stanza_t *x, const char *var, char *out, size_t len)
 			continue;
 		xmpp_stanza_t *val = xmpp_stanza_get_child_by_name(f, "value");
 		char *text = val ? xmpp_stanza_get_text(val) : NULL;
+		if (text)
+			cw_utf8_trim(text);
 		bool fits = !text || strlen(text) < len;
 		if (text) {
 			if (fits)
@@ -154,18 +160,17 @@ void xa_cmd_read(xmpp_stanza_t *iq, struct xa_cmd_req *out)
 		bad_form(out, "The reason is too long: at most 8192 bytes.");
 		return;
 	}
-	if (!form_value(x, "jid", out->jid, sizeof(out->jid)))
-		out->jid[0] = '\0'; /* longer than any JID of the component's: refused by the caller */
-	/* What the user typed, without the white space of any kind around it
-	 * (cw_utf8_space_at: a no-break space a phone puts in, a tab), as the
-	 * Matrix bot reads its commands: until the forty-second session
-	 * "wally@gk.xmpp.test " named nobody. */
-	cw_utf8_trim(out->jid);
-	cw_utf8_trim(out->reason);
-	/* The domainpart in any case (RFC 7622 §3.2: domainparts are
-	 * case-insensitive; a user types this one): until the thirtieth
-	 * session wally@GK.xmpp.test named nobody.  The localpart's capitals
-	 * stay: the peer's ids are case-sensitive. */
+	if (!form_value(x, "jid", out->jid, sizeof(out->jid))) {
+		/* longer than any JID of the component's (until the forty-third
+		 * session read as none, and refused as " is not a contact") */
+		bad_form(out, "The contact is too long: at most 1099 bytes.");
+		return;
+	}
+	/* Both trimmed (form_value): until the forty-second session
+	 * "wally@gk.xmpp.test " named nobody.  The domainpart in any case
+	 * (RFC 7622 §3.2: domainparts are case-insensitive; a user types this
+	 * one): until the thirtieth session wally@GK.xmpp.test named nobody.
+	 * The localpart's capitals stay: the peer's ids are case-sensitive. */
 	char *slash = strchr(out->jid, '/'), *at = strchr(out->jid, '@');
 	if (at && slash && at > slash)
 		at = NULL; /* an '@' of the resource: no localpart */

@@ -17,7 +17,7 @@
 #define XA_NS_COMMANDS "http://jabber.org/protocol/commands"
 #define XA_NS_DATA "jabber:x:data"
 
-#define XA_CMD_JID_MAX 1099     /* bytes of the jid field's value; a longer one reads as none */
+#define XA_CMD_JID_MAX 1099     /* bytes of the jid field's value (trimmed); a longer one is refused */
 #define XA_CMD_REASON_MAX 8192  /* bytes of a report's reason (the peer API's comment, POST /v1/reports) */
 
 /* The component's commands (XEP-0050 nodes): staged, the command's first
@@ -58,7 +58,7 @@ struct xa_cmd_req {
 	const char *text;             /* XA_CMD_BAD_FORM: the error's text */
 	char jid[XA_CMD_JID_MAX + 1]; /* XA_CMD_SUBMIT: the jid field's value without the white space around
 				       * it (cw_utf8_trim), its domainpart (or a mimi:// address's scheme) in
-				       * lower case (RFC 7622 §3.2); "" when none or longer */
+				       * lower case (RFC 7622 §3.2); "" when none */
 	char reason[XA_CMD_REASON_MAX + 1]; /* XA_CMD_SUBMIT: the reason field's value without the white space
 					     * around it, "" when none */
 };
@@ -73,7 +73,8 @@ struct xa_cmd_req {
  * by its form (XEP-0004 x of jabber:x:data): type cancel, XA_CMD_CANCEL;
  * none or not submit, XA_CMD_FORM; a jid or reason field given two values
  * (over all fields of that var), or a reason longer than
- * XA_CMD_REASON_MAX bytes, XA_CMD_BAD_FORM; else XA_CMD_SUBMIT.  later is
+ * XA_CMD_REASON_MAX bytes or a jid longer than XA_CMD_JID_MAX (each
+ * measured trimmed), XA_CMD_BAD_FORM; else XA_CMD_SUBMIT.  later is
  * set (whatever what is) for a staged command without a sessionid past its
  * first stage (xa_cmd_later_stage). */
 void xa_cmd_read(xmpp_stanza_t *iq, struct xa_cmd_req *out);

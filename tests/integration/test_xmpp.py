@@ -4057,6 +4057,34 @@ def test_a_command_forms_values_are_taken_without_white_space_around_them(xd, gk
     assert consents_stored(pg, db_url) == before
 
 
+def test_a_command_forms_values_are_measured_without_the_white_space_around_them(xd, gk, alice, pg, db_url):
+    """A form's JID and reason are trimmed before their length is checked:
+    a value padded with white space past the limit (8192 bytes of a
+    reason, 1099 of a JID) is taken when what is left fits. Until the
+    forty-third session the padding counted: a reason of 8192 bytes with a
+    space after it was refused as longer than 8192 bytes, and a JID padded
+    past 1099 bytes named nobody ("" is not a contact)."""
+    wally = "mimi://wa.example/u/wally"
+    pad = "\u00a0" * 600  # 1200 bytes
+    done = command_submit(alice, "block", {"jid": pad + "wally@" + COMP + pad})
+    assert f"Blocked {wally}" in done.find(f".//{{{CMD}}}note").text, ET.tostring(done)
+    reason = "\u00e9" * 4095 + "xy"  # 8192 bytes
+    done = command_submit(alice, "report", {"jid": WALLY_JID, "reason": " " + reason + "\u3000" * 10})
+    assert done.find(f".//{{{CMD}}}note").text == f"Reported {wally} to the operator. Thank you.", ET.tostring(done)
+    assert pg.psql("SELECT octet_length(comment) || ' ' || (comment = $$" + reason + "$$) FROM reports",
+                   db_url) == "8192 true"
+    # one byte more than the limit once trimmed: refused, nothing stored
+    bad = command_submit(alice, "report", {"jid": WALLY_JID, "reason": " " + reason + "z "}, expect_error=True)
+    assert bad.error_condition == "bad-request" and "8192" in ET.tostring(bad, encoding="unicode")
+    # a JID too long once trimmed is refused saying so (it was read as
+    # none: " is not a contact of this network")
+    before = consents_stored(pg, db_url)
+    bad = command_submit(alice, "block", {"jid": " " + "x" * 1100 + "@" + COMP + " "}, expect_error=True)
+    assert bad.error_condition == "bad-request", ET.tostring(bad)
+    assert "The contact is too long: at most 1099 bytes." in ET.tostring(bad, encoding="unicode")
+    assert pg.psql("SELECT count(*) FROM reports", db_url) == "1" and consents_stored(pg, db_url) == before
+
+
 def test_a_long_list_says_how_many_it_leaves_out(xd, gk, alice, pg, db_url):
     """`list` fits one note (3000 bytes): what does not fit is counted on
     its last line. Until the thirtieth session it was cut in silence (80

@@ -1669,6 +1669,63 @@ START_TEST(a_command_forms_values_are_trimmed)
 }
 END_TEST
 
+/* A form's values are measured trimmed: padded with white space past
+ * their limits (XA_CMD_JID_MAX, XA_CMD_REASON_MAX) they are taken when
+ * what is left fits, and refused, saying the limit, when it does not.
+ * Until the forty-third session the padding counted (and a jid too long
+ * read as none). */
+static struct xa_cmd_req *read_form(const char *jid_core, size_t jid_pad, size_t reason_len, size_t reason_pad)
+{
+	size_t cap = strlen(jid_core) + 2 * jid_pad * 2 + reason_len + 2 * reason_pad * 2 + 512;
+	char *xml = malloc(cap), *p = xml;
+	ck_assert_ptr_nonnull(xml);
+	p += sprintf(p, "<iq type='set' id='c'><command xmlns='" XA_NS_COMMANDS "' node='report' sessionid='s'>"
+		     "<x xmlns='" XA_NS_DATA "' type='submit'><field var='jid'><value>");
+	for (size_t i = 0; i < jid_pad; i++)
+		p += sprintf(p, "\xc2\xa0");
+	p += sprintf(p, "%s", jid_core);
+	for (size_t i = 0; i < jid_pad; i++)
+		p += sprintf(p, "\xc2\xa0");
+	p += sprintf(p, "</value></field><field var='reason'><value>");
+	for (size_t i = 0; i < reason_pad; i++)
+		*p++ = ' ';
+	memset(p, 'r', reason_len);
+	p += reason_len;
+	for (size_t i = 0; i < reason_pad; i++)
+		p += sprintf(p, "\t");
+	sprintf(p, "</value></field></x></command></iq>");
+	xmpp_stanza_t *iq = parse_stanza(xml, "a command form");
+	struct xa_cmd_req *req = malloc(sizeof(*req));
+	ck_assert_ptr_nonnull(req);
+	xa_cmd_read(iq, req);
+	xmpp_stanza_release(iq);
+	free(xml);
+	return req;
+}
+
+START_TEST(a_command_forms_values_are_measured_trimmed)
+{
+	char jid[XA_CMD_JID_MAX + 2];
+	memset(jid, 'w', XA_CMD_JID_MAX - 13);
+	snprintf(jid + XA_CMD_JID_MAX - 13, 14, "@gk.xmpp.test"); /* XA_CMD_JID_MAX bytes */
+	struct xa_cmd_req *req = read_form(jid, 600, XA_CMD_REASON_MAX, 600);
+	ck_assert_int_eq(req->what, XA_CMD_SUBMIT);
+	ck_assert_str_eq(req->jid, jid);
+	ck_assert_uint_eq(strlen(req->reason), XA_CMD_REASON_MAX);
+	free(req);
+	req = read_form("wally@gk.xmpp.test", 0, XA_CMD_REASON_MAX + 1, 10);
+	ck_assert_int_eq(req->what, XA_CMD_BAD_FORM);
+	ck_assert_str_eq(req->text, "The reason is too long: at most 8192 bytes.");
+	free(req);
+	memmove(jid + 1, jid, XA_CMD_JID_MAX + 1); /* one byte more */
+	req = read_form(jid, 10, 3, 0);
+	ck_assert_int_eq(req->what, XA_CMD_BAD_FORM);
+	ck_assert_str_eq(req->text, "The contact is too long: at most 1099 bytes.");
+	ck_assert_str_eq(req->jid, "");
+	free(req);
+}
+END_TEST
+
 /* RFC 6120 §11.1: no DTD, entity declarations, comments or processing
  * instructions in XMPP.  Every expat parser of the process refuses them
  * (xmpp_xml.c), libstrophe's included; the stream's is watched. */
@@ -2651,6 +2708,7 @@ int main(void)
 	tcase_add_test(tc, held_reads_keep_the_cap);
 	tcase_add_test(tc, libstrophe_parses_with_the_guarded_expat);
 	tcase_add_test(tc, a_command_forms_values_are_trimmed);
+	tcase_add_test(tc, a_command_forms_values_are_measured_trimmed);
 	suite_add_tcase(s, tc);
 	int rc = unit_run(s);
 	xmpp_shutdown();
