@@ -123,11 +123,16 @@ bool cw_utf8_space(unsigned cp)
 	       cp == 0x3000;
 }
 
+bool cw_utf8_zero_width(unsigned cp)
+{
+	return (cp >= 0x200B && cp <= 0x200D) || cp == 0x2060 || cp == 0xFEFF;
+}
+
 size_t cw_utf8_space_at(const char *s)
 {
 	unsigned cp;
 	size_t l = cw_utf8_seq((const unsigned char *)s, strnlen(s, 4), &cp);
-	return l && cw_utf8_space(cp) ? l : 0;
+	return l && (cw_utf8_space(cp) || cw_utf8_zero_width(cp)) ? l : 0;
 }
 
 void cw_utf8_trim(char *s)

@@ -51,17 +51,28 @@ bool cw_utf8_blank(unsigned cp);
  * (U+200B) and U+FEFF are none (cw_utf8_invisible). */
 bool cw_utf8_space(unsigned cp);
 
-/* The length in bytes of the white space character (cw_utf8_space) s
- * (NUL-terminated) starts with, 0 when it starts with none: what separates
- * the words of a command a user types (the Matrix bot's, mx_cmd.c; the
- * XMPP component's form fields, xmpp_cmdform.c), where phones and some
- * clients put a no-break space for a space.  Until the forty-second
- * session only ASCII white space (isspace) did, and "opt-in" U+00A0 "gk"
- * was no command. */
+/* Whether cp is a zero-width character a user may paste into a command
+ * unseen: the zero-width space U+200B, the (non-)joiners U+200C and
+ * U+200D, the word joiner U+2060 and U+FEFF (a BOM, or the old word
+ * joiner).  No white space (cw_utf8_space), and none shows
+ * (cw_utf8_invisible). */
+bool cw_utf8_zero_width(unsigned cp);
+
+/* The length in bytes of the separator s (NUL-terminated) starts with, 0
+ * when it starts with none: white space (cw_utf8_space) or a zero-width
+ * character (cw_utf8_zero_width).  What separates the words of a command
+ * a user types (the Matrix bot's, mx_cmd.c; the XMPP component's form
+ * fields, xmpp_cmdform.c), where phones and some clients put a no-break
+ * space for a space, and a text copied from a web page may bring a
+ * zero-width space.  Until the forty-second session only ASCII white space
+ * (isspace) did, and "opt-in" U+00A0 "gk" was no command; until the
+ * forty-third a zero-width character was part of a word ("accept" U+200B
+ * "@x:y" was the verb "accept\u200b@x:y"). */
 size_t cw_utf8_space_at(const char *s);
 
-/* Leaves out the white space (cw_utf8_space_at) at the start and the end
- * of s (NUL-terminated), in place. */
+/* Leaves out the separators (cw_utf8_space_at: white space, zero-width
+ * characters) at the start and the end of s (NUL-terminated), in place;
+ * those within are kept. */
 void cw_utf8_trim(char *s);
 
 /* The characters of a remote user's name as shown on a local network at

@@ -9,9 +9,9 @@
 #include <stdio.h>
 #include <string.h>
 
-/* The words of a command are separated by white space of any kind
- * (cw_utf8_space_at: a no-break space, an ideographic space, a tab as
- * much as a space). */
+/* The words of a command are separated by white space of any kind and
+ * zero-width characters (cw_utf8_space_at: a no-break space, an
+ * ideographic space, a tab, a zero-width space as much as a space). */
 static const char *skip_blanks(const char *p)
 {
 	for (size_t l; (l = cw_utf8_space_at(p));)

@@ -42,8 +42,8 @@ struct mx_bot_cmd {
 	 * case, ASCII), "" for none or a longer one; of an accept, block or
 	 * report whose message mentions one user (other than the bot and the
 	 * sender) her id.  Words are separated by white space of any kind
-	 * (cw_utf8_space_at: U+00A0 and U+3000 as much as a space or a
-	 * tab). */
+	 * and zero-width characters (cw_utf8_space_at: U+00A0, U+3000 and
+	 * U+200B as much as a space or a tab). */
 	char party[MX_BOT_PARTY_MAX + 1];
 	enum mx_bot_party kind;           /* MX_BOT_PARTY_SUBJECT but for an accept, block or report */
 	bool mentioned;                   /* party is the user the message mentions */

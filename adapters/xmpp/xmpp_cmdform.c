@@ -20,9 +20,10 @@ const struct xa_command_def xa_commands[] = {
 };
 const size_t xa_ncommands = sizeof(xa_commands) / sizeof(xa_commands[0]);
 
-/* The field's value in out, without the white space of any kind around it
- * (cw_utf8_trim: a no-break space a phone puts in, a tab), as the Matrix
- * bot reads its commands; false when what is left does not fit (out is
+/* The field's value in out, without the white space of any kind or the
+ * zero-width characters around it (cw_utf8_trim: a no-break space a phone
+ * puts in, a tab, a zero-width space of a text copied), as the Matrix bot
+ * reads its commands; false when what is left does not fit (out is
  * then empty: never a value cut inside a character).  Trimmed before it is
  * measured: until the forty-third session a value padded past the limit
  * was refused although what the user meant fitted. */
@@ -46,6 +47,38 @@ static bool form_value(xmpp_stanza_t *x, const char *var, char *out, size_t len)
 		return fits;
 	}
 	return true;
+}
+
+/* The refusal of a jid with a zero-width character within it (none is
+ * left at its ends: form_value), naming the first, or NULL when it has
+ * none.  It would be refused anyway (no address has one), as "... is not
+ * a contact" with the character unseen in the text. */
+static const char *zero_width_in(const char *jid)
+{
+	static const struct {
+		unsigned cp;
+		const char *text;
+	} named[] = {
+		{ 0x200B, "The contact has a zero-width space (U+200B) in it, which does not show: type it again "
+			  "without." },
+		{ 0x200C, "The contact has a zero-width non-joiner (U+200C) in it, which does not show: type it "
+			  "again without." },
+		{ 0x200D, "The contact has a zero-width joiner (U+200D) in it, which does not show: type it again "
+			  "without." },
+		{ 0x2060, "The contact has a word joiner (U+2060) in it, which does not show: type it again "
+			  "without." },
+		{ 0xFEFF, "The contact has a zero-width no-break space (U+FEFF) in it, which does not show: type it "
+			  "again without." },
+	};
+	const unsigned char *p = (const unsigned char *)jid;
+	for (size_t i = 0, n = strlen(jid), l; i < n; i += l ? l : 1) {
+		unsigned cp = 0;
+		l = cw_utf8_seq(p + i, n - i, &cp);
+		for (size_t k = 0; l && k < sizeof(named) / sizeof(named[0]); k++)
+			if (named[k].cp == cp)
+				return named[k].text;
+	}
+	return NULL;
 }
 
 /* How many values the form gives var (over every field of that var):
@@ -163,7 +196,14 @@ void xa_cmd_read(xmpp_stanza_t *iq, struct xa_cmd_req *out)
 	if (!form_value(x, "jid", out->jid, sizeof(out->jid))) {
 		/* longer than any JID of the component's (until the forty-third
 		 * session read as none, and refused as " is not a contact") */
+		out->reason[0] = '\0';
 		bad_form(out, "The contact is too long: at most 1099 bytes.");
+		return;
+	}
+	const char *hidden = zero_width_in(out->jid);
+	if (hidden) {
+		out->jid[0] = out->reason[0] = '\0';
+		bad_form(out, hidden);
 		return;
 	}
 	/* Both trimmed (form_value): until the forty-second session

@@ -56,11 +56,11 @@ struct xa_cmd_req {
 	const char *error_type;       /* and its type ("modify", "cancel") */
 	const char *cmd_error;        /* XA_CMD_REFUSED: XEP-0050's condition (malformed-action, bad-action), or NULL */
 	const char *text;             /* XA_CMD_BAD_FORM: the error's text */
-	char jid[XA_CMD_JID_MAX + 1]; /* XA_CMD_SUBMIT: the jid field's value without the white space around
-				       * it (cw_utf8_trim), its domainpart (or a mimi:// address's scheme) in
-				       * lower case (RFC 7622 §3.2); "" when none */
+	char jid[XA_CMD_JID_MAX + 1]; /* XA_CMD_SUBMIT: the jid field's value without the white space and
+				       * zero-width characters around it (cw_utf8_trim), its domainpart (or a
+				       * mimi:// address's scheme) in lower case (RFC 7622 §3.2); "" when none */
 	char reason[XA_CMD_REASON_MAX + 1]; /* XA_CMD_SUBMIT: the reason field's value without the white space
-					     * around it, "" when none */
+					     * and zero-width characters around it, "" when none */
 };
 
 /* Reads iq, a command request (any iq with a <command/> of XEP-0050's
@@ -74,7 +74,9 @@ struct xa_cmd_req {
  * none or not submit, XA_CMD_FORM; a jid or reason field given two values
  * (over all fields of that var), or a reason longer than
  * XA_CMD_REASON_MAX bytes or a jid longer than XA_CMD_JID_MAX (each
- * measured trimmed), XA_CMD_BAD_FORM; else XA_CMD_SUBMIT.  later is
+ * measured trimmed), or a jid with a zero-width character within it
+ * (cw_utf8_zero_width: the text names it), XA_CMD_BAD_FORM; else
+ * XA_CMD_SUBMIT.  later is
  * set (whatever what is) for a staged command without a sessionid past its
  * first stage (xa_cmd_later_stage). */
 void xa_cmd_read(xmpp_stanza_t *iq, struct xa_cmd_req *out);

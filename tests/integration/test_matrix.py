@@ -1949,7 +1949,7 @@ def test_a_command_in_any_case_and_white_space_of_any_kind(mx, hs, gk, pg, db_ur
     ideographic or an em space, a tab (until then `opt-in`+U+00A0+`gk`
     was no command, and got the help). What is stored is what the plain
     command stores; a report's reason is kept without the white space
-    around it, with what is within."""
+    around it, with what is within (zero-width characters: below)."""
     alice, mgmt, said = alice_and_the_bot(hs)
 
     def answer_to(text):
@@ -1974,8 +1974,36 @@ def test_a_command_in_any_case_and_white_space_of_any_kind(mx, hs, gk, pg, db_ur
         == f"user {wally} blocked"
     assert pg.psql("SELECT subject_uri || ' [' || comment || ']' FROM reports", db_url) == \
         f"{wally} [he\u00a0spams]"
-    # A zero-width space is no white space: one word, no command.
-    assert "Commands" in answer_to("opt-in\u200bgk")
+
+
+
+def test_a_commands_words_are_separated_by_zero_width_characters_too(mx, hs, gk, pg, db_url):
+    """A zero-width character (a zero-width space a copied text brings, a
+    BOM, a word joiner, a joiner) separates a command's words as white
+    space does, and is left out around them: the command is what the user
+    sees. Until the forty-third session it was part of a word: `accept`
+    U+200B `@x:y` was the verb "accept\u200b@x:y" (the help), and `accept
+    @x:y` U+200B named the party "@x:y\u200b"."""
+    alice, mgmt, said = alice_and_the_bot(hs)
+
+    def answer_to(text):
+        return bot_answer(said, lambda: alice.send_text(mgmt, text))
+    assert answer_to("opt-in\u200bgk") == "You are now opted in for peer:gk."
+    assert pg.psql("SELECT string_agg(network || ' ' || opted_in, ',') FROM user_optin", db_url) == "peer:gk true"
+    # the answer of the plain command (a Matrix user is no one of another
+    # network), naming what the user sees
+    plain = answer_to("accept @bob:elsewhere.example")
+    assert plain.startswith("@bob:elsewhere.example is not someone from another network"), plain
+    assert answer_to("accept\u200b@bob:elsewhere.example\u200b") == plain
+    wally = "mimi://wa.example/u/wally"
+    assert answer_to("\ufeffblock\u2060" + wally + "\u200d") == f"Blocked {wally}. 0 waiting message(s) dropped."
+    assert answer_to("report\u200b" + wally + "\u200b\u200che\u200dspams\u200b") == \
+        "Reported to the operator. Thank you."
+    assert pg.psql("SELECT string_agg(subject_kind || ' ' || subject || ' ' || state, ',') FROM consents", db_url) \
+        == f"user {wally} blocked"
+    # within the reason, kept
+    assert pg.psql("SELECT subject_uri || ' [' || comment || ']' FROM reports", db_url) == \
+        f"{wally} [he\u200dspams]"
 
 
 def test_inviting_a_ghost_asks_the_appservice(mx, hs, gk):

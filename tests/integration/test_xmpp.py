@@ -4057,6 +4057,27 @@ def test_a_command_forms_values_are_taken_without_white_space_around_them(xd, gk
     assert consents_stored(pg, db_url) == before
 
 
+def test_a_command_forms_values_are_taken_without_zero_width_characters_around_them(xd, gk, alice, pg, db_url):
+    """A form's JID and reason are read without the zero-width characters
+    around them (a zero-width space a copied text brings, a BOM, a word
+    joiner), as without white space; one within a JID, which no contact's
+    has, is refused naming it, nothing stored. Until the forty-third
+    session they were kept: the JID named nobody, and the refusal ("
+    is not a contact") showed nothing wrong."""
+    wally = "mimi://wa.example/u/wally"
+    done = command_submit(alice, "block", {"jid": "\u200bwally@" + COMP + "\ufeff\u2060"})
+    assert f"Blocked {wally}" in done.find(f".//{{{CMD}}}note").text, ET.tostring(done)
+    done = command_submit(alice, "report", {"jid": WALLY_JID + "\u200b", "reason": "\u200che\u200dspams\u200b"})
+    assert done.find(f".//{{{CMD}}}note").text == f"Reported {wally} to the operator. Thank you."
+    assert pg.psql("SELECT subject_uri || ' [' || comment || ']' FROM reports", db_url) == f"{wally} [he\u200dspams]"
+    before = consents_stored(pg, db_url)
+    bad = command_submit(alice, "accept", {"jid": "wally\u200b@" + COMP}, expect_error=True)
+    assert bad.error_condition == "bad-request", ET.tostring(bad)
+    assert "The contact has a zero-width space (U+200B) in it, which does not show: type it again without." \
+        in ET.tostring(bad, encoding="unicode")
+    assert consents_stored(pg, db_url) == before
+
+
 def test_a_command_forms_values_are_measured_without_the_white_space_around_them(xd, gk, alice, pg, db_url):
     """A form's JID and reason are trimmed before their length is checked:
     a value padded with white space past the limit (8192 bytes of a

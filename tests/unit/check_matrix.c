@@ -1797,8 +1797,15 @@ START_TEST(bot_parse)
 		 "mimi://wa.example/u/wally", S, false, "");
 	bot_case("{\"body\":\"report\u00a0mimi://x.example/u/bob\u00a0he\u00a0spams\u3000\"}", "report",
 		 "mimi://x.example/u/bob", S, false, "he\xc2\xa0" "spams");
-	/* ... not a zero-width space, which is no white space: one word */
-	bot_case("{\"body\":\"opt-in\u200bgk\"}", "opt-in\xe2\x80\x8b" "gk", "", S, false, "");
+	/* ... and a zero-width character, which is no white space but shows
+	 * nothing either (cw_utf8_zero_width: until the forty-third session
+	 * "accept" U+200B "@x:y" was one word, the verb, and the user got
+	 * the help); one within a reason stays. */
+	bot_case("{\"body\":\"opt-in\u200bgk\"}", "opt-in", "gk", S, false, "");
+	bot_case("{\"body\":\"\ufeffblock\u2060mimi://wa.example/u/wally\u200b\"}", "block",
+		 "mimi://wa.example/u/wally", S, false, "");
+	bot_case("{\"body\":\"report\u200bmimi://x.example/u/bob\u200b\u200che\u200dspams\u200b\"}", "report",
+		 "mimi://x.example/u/bob", S, false, "he\xe2\x80\x8d" "spams");
 	/* A report's reason: the rest of its line, CR or LF ending it. */
 	bot_case("{\"body\":\"Report mimi://x.example/u/bob   he spams  \\nsecond line\"}", "report",
 		 "mimi://x.example/u/bob", S, false, "he spams");

@@ -131,9 +131,10 @@ START_TEST(bidi_and_invisible_cases)
 }
 END_TEST
 
-/* White space of any kind, what separates a command's words: Unicode's
- * White_Space, not the zero-width characters; cw_utf8_trim leaves it out
- * at both ends (and keeps what is between). */
+/* What separates a command's words: white space of any kind (Unicode's
+ * White_Space) and the zero-width characters (cw_utf8_zero_width), which
+ * are no white space; cw_utf8_trim leaves them out at both ends (and keeps
+ * what is between). */
 START_TEST(space_and_trim_cases)
 {
 	static const unsigned space[] = { '\t', '\n', 0x0B, 0x0C, '\r', ' ', 0x85, 0xA0, 0x1680, 0x2000,
@@ -152,7 +153,21 @@ START_TEST(space_and_trim_cases)
 	ck_assert_uint_eq(cw_utf8_space_at(""), 0);
 	ck_assert_uint_eq(cw_utf8_space_at("\xa0"), 0);     /* a continuation byte alone is none */
 	ck_assert_uint_eq(cw_utf8_space_at("\xe3\x80"), 0); /* cut short */
-	ck_assert_uint_eq(cw_utf8_space_at("\xe2\x80\x8b"), 0); /* the zero-width space */
+	/* The zero-width characters separate too (none is white space): a
+	 * zero-width space pasted between two words, until the forty-third
+	 * session part of a word.  Other invisible characters do not. */
+	static const unsigned zero[] = { 0x200B, 0x200C, 0x200D, 0x2060, 0xFEFF };
+	static const unsigned not_zero[] = { 0x200A, 0x200E, 0x2061, 0x00AD, 0x3164, 0xFEFE, 0 };
+	for (size_t i = 0; i < sizeof(zero) / sizeof(zero[0]); i++) {
+		char buf[] = { (char)(0xE0 | zero[i] >> 12), (char)(0x80 | (zero[i] >> 6 & 0x3F)),
+			       (char)(0x80 | (zero[i] & 0x3F)), 'x', '\0' };
+		ck_assert_msg(cw_utf8_zero_width(zero[i]) && !cw_utf8_space(zero[i]) && cw_utf8_space_at(buf) == 3,
+			      "U+%04X", zero[i]);
+	}
+	for (size_t i = 0; i < sizeof(not_zero) / sizeof(not_zero[0]); i++)
+		ck_assert_msg(!cw_utf8_zero_width(not_zero[i]), "U+%04X", not_zero[i]);
+	ck_assert_uint_eq(cw_utf8_space_at("\xe2\x80\x8e"), 0); /* the left-to-right mark */
+	ck_assert_uint_eq(cw_utf8_space_at("\xe2\x80"), 0);     /* cut short */
 	static const struct {
 		const char *in, *out;
 	} trims[] = {
@@ -162,7 +177,9 @@ START_TEST(space_and_trim_cases)
 		{ "\xc2\xa0\xe2\x80\x83 wally@gk.xmpp.test\t\xe3\x80\x80\n", "wally@gk.xmpp.test" },
 		{ " he\xc2\xa0spams \xc2\xa0", "he\xc2\xa0spams" }, /* within: kept */
 		{ "\xc3\xa9\xc2\xa0", "\xc3\xa9" },
-		{ "\xe2\x80\x8bx\xe2\x80\x8b", "\xe2\x80\x8bx\xe2\x80\x8b" }, /* no white space */
+		{ "\xe2\x80\x8bx\xe2\x80\x8b", "x" },                          /* zero-width spaces */
+		{ "\xef\xbb\xbf\xe2\x81\xa0 x\xe2\x80\x8dy\xe2\x80\x8c\xc2\xa0", "x\xe2\x80\x8dy" }, /* within: kept */
+		{ "\xe2\x80\x8ex\xe2\x80\x8f", "\xe2\x80\x8ex\xe2\x80\x8f" }, /* marks: no separators */
 		{ "x\xc2", "x\xc2" },                                       /* a cut sequence is no white space */
 	};
 	for (size_t i = 0; i < sizeof(trims) / sizeof(trims[0]); i++) {

@@ -1648,6 +1648,10 @@ START_TEST(a_command_forms_values_are_trimmed)
 		{ " \xe2\x80\x83GK.XMPP.TEST\xe2\x80\xaf", "", "gk.xmpp.test", "" },
 		{ "\xc2\xa0mimi://WA.example/u/Wally ", "a\xc2\xa0" "b", "mimi://wa.example/u/Wally", "a\xc2\xa0" "b" },
 		{ "\xc2\xa0\t", "\t", "", "" },
+		/* zero-width characters around them too (until the forty-third
+		 * session kept: the contact named nobody); within a reason kept */
+		{ "\xe2\x80\x8bwally@gk.xmpp.test\xef\xbb\xbf", "\xe2\x81\xa0he\xe2\x80\x8dspams\xe2\x80\x8c",
+		  "wally@gk.xmpp.test", "he\xe2\x80\x8dspams" },
 	};
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
 		char xml[1024];
@@ -1702,6 +1706,38 @@ static struct xa_cmd_req *read_form(const char *jid_core, size_t jid_pad, size_t
 	free(xml);
 	return req;
 }
+
+/* A jid with a zero-width character within it is refused, the text naming
+ * the character (it shows nothing: " is not a contact" would not say what
+ * is wrong with the contact the user sees). */
+START_TEST(a_command_forms_jid_with_a_zero_width_character_is_refused)
+{
+	static const struct {
+		const char *jid, *named;
+	} cases[] = {
+		{ "wally\xe2\x80\x8b@gk.xmpp.test", "zero-width space (U+200B)" },
+		{ " wa\xe2\x80\x8dlly@gk.xmpp.test\xe2\x80\x8b", "zero-width joiner (U+200D)" },
+		{ "mimi://wa.example/u/\xe2\x81\xa0wally", "word joiner (U+2060)" },
+		{ "wally@gk\xef\xbb\xbf.xmpp.test\xe2\x80\x8c", "zero-width no-break space (U+FEFF)" },
+	};
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		char xml[1024];
+		snprintf(xml, sizeof(xml), "<iq type='set' id='c'><command xmlns='" XA_NS_COMMANDS "' node='report' "
+			 "sessionid='s'><x xmlns='" XA_NS_DATA "' type='submit'><field var='jid'><value>%s</value>"
+			 "</field><field var='reason'><value>spam</value></field></x></command></iq>", cases[i].jid);
+		xmpp_stanza_t *iq = parse_stanza(xml, "a command form");
+		struct xa_cmd_req *req = malloc(sizeof(*req));
+		ck_assert_ptr_nonnull(req);
+		xa_cmd_read(iq, req);
+		ck_assert_int_eq(req->what, XA_CMD_BAD_FORM);
+		ck_assert_msg(strstr(req->text, cases[i].named), "case %zu: %s", i, req->text);
+		ck_assert_str_eq(req->jid, "");
+		ck_assert_str_eq(req->reason, "");
+		free(req);
+		xmpp_stanza_release(iq);
+	}
+}
+END_TEST
 
 START_TEST(a_command_forms_values_are_measured_trimmed)
 {
@@ -2709,6 +2745,7 @@ int main(void)
 	tcase_add_test(tc, libstrophe_parses_with_the_guarded_expat);
 	tcase_add_test(tc, a_command_forms_values_are_trimmed);
 	tcase_add_test(tc, a_command_forms_values_are_measured_trimmed);
+	tcase_add_test(tc, a_command_forms_jid_with_a_zero_width_character_is_refused);
 	suite_add_tcase(s, tc);
 	int rc = unit_run(s);
 	xmpp_shutdown();
