@@ -2511,10 +2511,10 @@ def test_a_dead_row_takes_down_its_rooms_later_row_failed_for_another_reason(mak
         # the component's thread held in its housekeeping: nothing it was
         # given is written meanwhile
         held = HeldSession(db_url)
-        held.run("BEGIN; LOCK TABLE xmpp_roster_sync IN ACCESS EXCLUSIVE MODE;")
+        held.run("BEGIN; LOCK TABLE consent_requests IN ACCESS EXCLUSIVE MODE;")
         wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                                   "AND query LIKE '%xmpp_roster_sync%'", db_url) == "1",
-                   what="the component's thread waiting for the lock")
+                                   "AND query LIKE 'SELECT q.id, coalesce(lb.native_id%'", db_url) == "1",
+                   what="the component's thread waiting for the lock (its look for consent requests)")
         pg.psql(f"UPDATE outbox SET state = 'pending', next_attempt_at = now() WHERE id IN ({first}, {later}); "
                 "NOTIFY causeway_outbox", db_url)
         state = "SELECT state || ' ' || attempts || ' ' || coalesce(last_error, '') FROM outbox WHERE id = {}"
