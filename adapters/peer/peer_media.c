@@ -18,6 +18,9 @@
  * made for a peer never opens as public, nor the reverse. */
 #define PUBLIC_SCOPE "\npublic"
 #define FETCH_TIMEOUT_MS 30000L
+/* A public link's scope: seven lines (public_scope), a domain of up to
+ * 253 characters and an event id of up to 68 among them. */
+#define SCOPE_MAX 520
 
 static bool decimal(const char *s)
 {
@@ -39,15 +42,24 @@ static bool decimal(const char *s)
  * the thirty-first session; NULL: none declared, or a link made before)
  * is the attachment's declared digest, which the fetched file must
  * match: with it the scope has a line of by (empty for none) and one of
- * the digest, six lines, so no scope of fewer lines. */
-static bool public_scope(const char *size, const char *exp, const char *by, const char *sha256, char *out,
-			 size_t len)
+ * the digest, six lines, so no scope of fewer lines.  ev (since the
+ * forty-third session's review; NULL: a link made before) is the public
+ * id of the message that carried the file, which must still be there
+ * for the file to be served (link_holds): with it the scope has a line
+ * of by, one of the digest (each empty for none) and one of ev, seven
+ * lines, so no scope of fewer. */
+static bool public_scope(const char *size, const char *exp, const char *by, const char *sha256, const char *ev,
+			 char *out, size_t len)
 {
 	if ((size && !decimal(size)) || (exp && !decimal(exp)) || (by && (!exp || !peer_domain_valid(by))) ||
-	    (sha256 && (!exp || strlen(sha256) != 64 || strspn(sha256, "0123456789abcdef") != 64)))
+	    (sha256 && (!exp || strlen(sha256) != 64 || strspn(sha256, "0123456789abcdef") != 64)) ||
+	    (ev && (!exp || !message_id_valid(ev))))
 		return false;
 	if (!exp)
 		return (size_t)snprintf(out, len, "%s%s%s", PUBLIC_SCOPE, size ? "\n" : "", size ? size : "") < len;
+	if (ev)
+		return (size_t)snprintf(out, len, "%s\n%s\n%s\n%s\n%s\n%s", PUBLIC_SCOPE, size ? size : "", exp,
+					by ? by : "", sha256 ? sha256 : "", ev) < len;
 	if (sha256)
 		return (size_t)snprintf(out, len, "%s\n%s\n%s\n%s\n%s", PUBLIC_SCOPE, size ? size : "", exp,
 					by ? by : "", sha256) < len;
@@ -57,22 +69,23 @@ static bool public_scope(const char *size, const char *exp, const char *by, cons
 
 /* A peer's URL may be long (a CDN's signed link): the source goes in the
  * query, the MAC in the path,
- * /media/<MAC>?src=<base64url source>[&size=<n>]&exp=<unix seconds>[&by=<domain>][&sha256=<hex>]. */
+ * /media/<MAC>?src=<base64url source>[&size=<n>]&exp=<unix seconds>[&by=<domain>][&sha256=<hex>][&ev=<id>]. */
 bool peer_media_public_url(struct cw_app *app, const char *url, long long size, const char *by,
-			   const char *sha256, char *out, size_t len)
+			   const char *sha256, const char *ev, char *out, size_t len)
 {
-	char base[CFG_PUBLIC_URL_MAX + 1], token[3 * MEDIA_URL_MAX], digits[24], exp[24], scope[420], tail[380];
+	char base[CFG_PUBLIC_URL_MAX + 1], token[3 * MEDIA_URL_MAX], digits[24], exp[24], scope[SCOPE_MAX], tail[480];
 	snprintf(digits, sizeof(digits), "%lld", size);
 	snprintf(exp, sizeof(exp), "%lld", (long long)(cw_wall_ms() / 1000) + (long long)app->cfg->media_link_lifetime_s);
 	if (strncmp(url, "https://", 8) != 0 || !peer_base_url(app, base, sizeof(base)) ||
-	    !public_scope(size >= 0 ? digits : NULL, exp, by, sha256, scope, sizeof(scope)) ||
+	    !public_scope(size >= 0 ? digits : NULL, exp, by, sha256, ev, scope, sizeof(scope)) ||
 	    !media_token_make(app->media_key, scope, url, token, sizeof(token)))
 		return false;
 	char *dot = strrchr(token, '.');
 	*dot = '\0';
-	/* A domain is of URL-safe characters (peer_domain_valid). */
-	snprintf(tail, sizeof(tail), "exp=%s%s%s%s%s", exp, by ? "&by=" : "", by ? by : "", sha256 ? "&sha256=" : "",
-		 sha256 ? sha256 : "");
+	/* A domain and an event id are of URL-safe characters
+	 * (peer_domain_valid, message_id_valid). */
+	snprintf(tail, sizeof(tail), "exp=%s%s%s%s%s%s%s", exp, by ? "&by=" : "", by ? by : "",
+		 sha256 ? "&sha256=" : "", sha256 ? sha256 : "", ev ? "&ev=" : "", ev ? ev : "");
 	if (size < 0)
 		return (size_t)snprintf(out, len, "%s/media/%s?src=%s&%s", base, dot + 1, token + 3, tail) < len;
 	return (size_t)snprintf(out, len, "%s/media/%s?src=%s&size=%s&%s", base, dot + 1, token + 3, digits,
@@ -90,6 +103,12 @@ json_t *peer_media_public(struct cw_app *app, json_t *ev)
 	 * comes in).  A local user's files (the domain is ours) or an event
 	 * without a sender: no peer, never signed. */
 	const char *sender = json_string_value(json_object_get(ev, "sender"));
+	/* The message that carries the files: a link serves its file only
+	 * while that message is there (link_holds).  An event without a
+	 * valid id gets links bound to none, as before. */
+	const char *id = json_string_value(json_object_get(ev, "id"));
+	if (id && !message_id_valid(id))
+		id = NULL;
 	struct mimi_uri su;
 	cw_errmsg e;
 	const char *by = sender && !mimi_uri_parse(sender, &su, &e) && !app_domain_is_ours(app, su.domain) &&
@@ -106,7 +125,7 @@ json_t *peer_media_public(struct cw_app *app, json_t *ev)
 		 * digits), or none. */
 		const char *sha256 = json_string_value(json_object_get(a, "sha256"));
 		if (url && peer_media_public_url(app, url, json_is_integer(size) ? (long long)json_integer_value(size) : -1,
-						 by, sha256, link, sizeof(link)))
+						 by, sha256, id, link, sizeof(link)))
 			json_object_set_new(a, "url", json_string(link));
 	}
 	return copy ? copy : json_incref(ev);
@@ -185,7 +204,7 @@ struct media_job {
 	char signer[256];           /* a link's by: the domain whose hosts get the fetch signed ("": none) */
 	char mac[32];               /* a link's MAC, its id (a peer's file for a link) */
 	char sha256[65];            /* the digest a link's file must have ("": none declared) */
-	char event[80];             /* a token's event (GET /v1/media): served only while it is there */
+	char event[80];             /* a token's or link's event: served only while it is there ("": a link without) */
 	char peer_id[24];           /* a token's peer (its row id): served only while it has a member in the room */
 	bool gone;                  /* that event is gone, deleted, erased or edited without the file: not fetched */
 	bool stranger;              /* the peer has no member in the event's room now: not fetched */
@@ -224,11 +243,14 @@ static void fetched(void *arg);
  * all left, is a stranger to it and is answered as for a token that
  * never was (until the thirty-third session it was served the file
  * until the token's time passed).  By events_public_id_key, the
- * replaces_id of the deletes and edits, and the room's members. */
+ * replaces_id of the deletes and edits, and the room's members.  A
+ * link's (j->public: GET /media/..., whose holder is no peer) asks the
+ * same of its event but the members (never a stranger): its row gone
+ * is gone. */
 static cw_err event_holds(PGconn *c, void *arg, cw_errmsg *e)
 {
 	struct media_job *j = arg;
-	const char *p[] = { j->event, j->source, j->peer_id };
+	const char *p[] = { j->event, j->source, j->public ? NULL : j->peer_id };
 	PGresult *r = PQexecParams(c,
 		"WITH f AS (SELECT jsonb_build_array(jsonb_build_object('url', $2::text)) AS att) "
 		"SELECT EXISTS (SELECT 1 FROM room_members m JOIN identities i ON i.id = m.identity_id "
@@ -244,7 +266,7 @@ static cw_err event_holds(PGconn *c, void *arg, cw_errmsg *e)
 	if (rc)
 		return rc;
 	/* no row: no room to ask about, a stranger to every peer */
-	j->stranger = PQntuples(r) == 0 || PQgetvalue(r, 0, 0)[0] != 't';
+	j->stranger = !j->public && (PQntuples(r) == 0 || PQgetvalue(r, 0, 0)[0] != 't');
 	j->gone = PQntuples(r) == 0 || PQgetvalue(r, 0, 1)[0] != 't';
 	PQclear(r);
 	return CW_OK;
@@ -286,11 +308,12 @@ static void fetch(void *arg)
 	 * its declared size, may be smaller; reserving it would make the gauge
 	 * show a file as held before it has come, and the sizes are alike). */
 	size_t most = (size_t)app->cfg->media_max_bytes;
-	if (!j->public) {
+	if (!j->public || j->event[0]) {
 		/* A read on this fetcher (it may block: workers.h), before the
-		 * budget is asked and the homeserver is: a stranger to the room
-		 * is answered as for a token that never was, never 503 because
-		 * other files hold the budget. */
+		 * budget is asked and the homeserver (or a link's store) is: a
+		 * stranger to the room is answered as for a token that never
+		 * was, never 503 because other files hold the budget; a link
+		 * whose message is gone fetches nothing. */
 		j->rc = store_read_wait(app->store, event_holds, j, &j->err);
 		if (j->rc || j->gone || j->stranger) {
 			j->rc = j->rc ? CW_EUNAVAIL : CW_ENOTFOUND;
@@ -514,7 +537,8 @@ void media_public_get(struct cw_req *req, void *ctx)
 	struct cw_app *app = ctx;
 	const char *mac = cw_req_param(req, "token"), *src = cw_req_query(req, "src"), *size = cw_req_query(req, "size");
 	const char *exp = cw_req_query(req, "exp"), *by = cw_req_query(req, "by"), *sha256 = cw_req_query(req, "sha256");
-	char token[3 * MEDIA_URL_MAX], scope[420];
+	const char *ev = cw_req_query(req, "ev");
+	char token[3 * MEDIA_URL_MAX], scope[SCOPE_MAX];
 	struct media_job *j = calloc(1, sizeof(*j));
 	if (!j) {
 		app_retry_after(req, 1000);
@@ -525,7 +549,7 @@ void media_public_get(struct cw_req *req, void *ctx)
 	 * server.media_max_bytes).  The MAC is checked first: a changed size
 	 * or time is the same 404 as a made-up link. */
 	if (!mac || !src || (size_t)snprintf(token, sizeof(token), "m1.%s.%s", src, mac) >= sizeof(token) ||
-	    !public_scope(size, exp, by, sha256, scope, sizeof(scope)) ||
+	    !public_scope(size, exp, by, sha256, ev, scope, sizeof(scope)) ||
 	    !media_token_open(app->media_key, scope, token, j->source, sizeof(j->source)) ||
 	    strncmp(j->source, "https://", 8) != 0) {
 		free(j);
@@ -546,6 +570,12 @@ void media_public_get(struct cw_req *req, void *ctx)
 	snprintf(j->signer, sizeof(j->signer), "%s", by ? by : "");
 	snprintf(j->mac, sizeof(j->mac), "%s", mac); /* 22 characters: media_token_open took it */
 	snprintf(j->sha256, sizeof(j->sha256), "%s", sha256 ? sha256 : ""); /* 64: public_scope took it */
+	/* The message that carried it (message_id_valid, at most 68: public_scope
+	 * took it): the file is served only while it is there (event_holds,
+	 * on the fetcher, before the store is asked).  A link made before the
+	 * forty-third session's review names none and is served as before,
+	 * until its exp. */
+	snprintf(j->event, sizeof(j->event), "%s", ev ? ev : "");
 	/* The declared size, as the MAC vouches for it: a longer file is
 	 * refused (413) as it is on Matrix (until the seventeenth session the
 	 * link fetched up to server.media_max_bytes whatever was declared). */

@@ -32,15 +32,20 @@ void peer_api_media(struct cw_req *req, void *ctx);
  * signed as Causeway only when its host is under by, the domain of the
  * peer that named it (NULL: never; media_fetch_peer); the file must
  * match sha256 (64 lower-case hex digits, its attachment's; NULL: none
- * declared); false when it cannot be made (then the url stays as it is). */
+ * declared); served only while the message ev (its public id; NULL:
+ * none, served until the link's time) is there, not deleted, expired,
+ * erased nor edited without the file (since the forty-third session's
+ * review); false when it cannot be made (then the url stays as it is). */
 bool peer_media_public_url(struct cw_app *app, const char *url, long long size, const char *by,
-			   const char *sha256, char *out, size_t len);
+			   const char *sha256, const char *ev, char *out, size_t len);
 /* The event with its https:// attachment URLs turned into such links (a
  * new reference: ev itself when it has none), by the domain of its
- * sender when that is a peer's. */
+ * sender when that is a peer's, for the event's "id". */
 json_t *peer_media_public(struct cw_app *app, json_t *ev);
 /* GET /media/{token}: the capability is the token (no other credential);
- * 410 once its time has passed; 403 media_refused when the source is one
+ * 410 once its time has passed; 404 unknown_media once the message it
+ * names (ev) is deleted, expired, erased or edited without the file, or
+ * its row is gone; 403 media_refused when the source is one
  * media_fetch_peer refuses for a fact of its URL (no retry changes it;
  * logged at warn once an hour per link, since the twenty-seventh session);
  * 503 with Retry-After when its store is away. */

@@ -607,6 +607,10 @@ static cw_err join_fn(PGconn *c, void *arg, cw_errmsg *e)
 			long long ts = atoll(PQgetvalue(r, i, 3));
 			const char *id = strchr(PQgetvalue(r, i, 3), ' ');
 			json_t *ev = json_loads(PQgetvalue(r, i, 2), 0, NULL);
+			/* its id, which its files' links name (peer_media_public:
+			 * served only while the message is there) */
+			if (ev && id)
+				json_object_set_new(ev, "id", json_string(id + 1));
 			if (ev)
 				json_array_append_new(j->history, json_pack("[s, o, I, s, b]", PQgetvalue(r, i, 1), ev,
 									    (json_int_t)ts, id ? id + 1 : "",

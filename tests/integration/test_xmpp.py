@@ -6146,8 +6146,9 @@ def test_a_link_expires(make_daemon, db_url, prosody, alice, tmp_path):
         base, mac = link.split("?")[0].rsplit("/", 1)
         src = query["src"][0]
         size = str(len(data))
-        # the test's MAC is Causeway's (the scope names the sender's peer's domain, by)
-        assert link_mac(d, f"\npublic\n{size}\n{exp}\nwa.example", url) == mac
+        # the test's MAC is Causeway's (the scope names the sender's peer's
+        # domain, by, no sha256 and the message, ev)
+        assert link_mac(d, f"\npublic\n{size}\n{exp}\nwa.example\n\n{query['ev'][0]}", url) == mac
         r = requests.get(link, timeout=10)
         assert r.status_code == 200 and r.content == data, (r.status_code, r.text[:200])
 

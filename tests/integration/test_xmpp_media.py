@@ -10,6 +10,7 @@ The stores here are names under "localhost", which libcurl resolves to
 loopback by itself: the peer gk is of domain wa.localhost."""
 import base64
 import os
+import time
 import urllib.parse
 
 import requests
@@ -412,12 +413,18 @@ def test_a_links_file_must_match_its_declared_sha256(make_daemon, db_url, prosod
         media.close()
 
 
+def att_id(pg, db_url, url):
+    """The public id of the one message whose attachment is at url."""
+    return pg.psql("SELECT public_id FROM events WHERE content->'content'->'attachments' @> "
+                   f"jsonb_build_array(jsonb_build_object('url', '{url}'::text))", db_url)
+
+
 def oob_url(el):
     x = el.find("{jabber:x:oob}x")
     return None if x is None else x.find("{jabber:x:oob}url").text
 
 
-def test_an_xmpp_users_file_declares_no_size_and_its_link_works(make_daemon, db_url, prosody, alice, tmp_path):
+def test_an_xmpp_users_file_declares_no_size_and_its_link_works(make_daemon, db_url, pg, prosody, alice, tmp_path):
     """An XMPP user's file (XEP-0066 OOB: a URL, no size) becomes an
     attachment without "size" (unknown), not "size": 0.  Until the
     thirty-second session it declared 0: the peer was told the file was
@@ -460,8 +467,81 @@ def test_an_xmpp_users_file_declares_no_size_and_its_link_works(make_daemon, db_
         assert hist, "alice's file is in the history"
         link = oob_url(hist[-1])
         assert "size" not in urllib.parse.parse_qs(urllib.parse.urlsplit(link).query), link
+        # it names its message, as a link sent live does (served while it is there)
+        assert urllib.parse.parse_qs(urllib.parse.urlsplit(link).query)["ev"] == [att_id(pg, db_url, url)], link
         got = requests.get(link, timeout=10)
         assert got.status_code == 200 and got.content == data, (got.status_code, got.text[:200])
+    finally:
+        srv.close()
+        media.close()
+
+
+def test_a_links_file_ends_with_its_message(make_daemon, db_url, pg, prosody, alice, tmp_path):
+    """A link in an XMPP message names its message (ev=, under the MAC) and
+    serves the file only while that message is there: once the peer
+    deletes it, its time comes (content.expires), its content is erased or
+    its row is gone, the link is 404 unknown_media, as the peer API's media tokens are
+    (docs/interop-api.md "Media"), and the store is not asked.  Until the
+    forty-third session's review a link served its file until its own exp
+    (7 days) whatever became of the message: an expired message's file was
+    fetched and served through Causeway after the message was retracted."""
+    media, d, a, srv, key, room = start(make_daemon, db_url, prosody, tmp_path)
+
+    def retracted(at):
+        return alice.wait_for_message(lambda el: el.get("from", "").split("/")[0] == WALLY_JID and el.find(
+            "{urn:xmpp:message-retract:1}retract") is not None, timeout=15, start=at)
+
+    try:
+        links = {}
+        for name in ("deleted", "expires", "erased", "purged", "kept"):
+            data = os.urandom(800)
+            url = media.put(f"/f/{name}.jpg", "image/jpeg", data, host="media.wa.localhost")
+            at = alice.count()
+            content = {"parts": [{"type": "text/plain", "body": name}],
+                       "attachments": [{"content_type": "image/jpeg", "url": url, "size": len(data)}]}
+            if name == "expires":
+                content["expires"] = int(time.time() * 1000) + 600000
+            r = a.call("POST", f"/v1/rooms/{room}/messages", {
+                "type": "message", "sender": a.user("wally"), "content": content},
+                idem=base64.urlsafe_b64encode(os.urandom(9)).decode())
+            assert r.status_code == 202, r.text
+            m = alice.wait_for_message(lambda el: el.get("from", "").split("/")[0] == WALLY_JID and el.find(
+                "{jabber:x:oob}x") is not None, timeout=10, start=at)
+            link = m.find("{jabber:x:oob}x").find("{jabber:x:oob}url").text
+            assert urllib.parse.parse_qs(urllib.parse.urlsplit(link).query)["ev"] == [r.json()["id"]], link
+            got = requests.get(link, timeout=10)
+            assert got.status_code == 200 and got.content == data, (name, got.status_code, got.text[:200])
+            links[name] = (r.json()["id"], link, data)
+        # ev= is under the MAC: another message's id there is a forged link.
+        forged = links["kept"][1].replace(links["kept"][0], links["deleted"][0])
+        assert forged != links["kept"][1]
+        r = requests.get(forged, timeout=10)
+        assert r.status_code == 404 and r.json()["code"] == "unknown_media", r.text[:200]
+        asked = len(media.requests)
+        # wally deletes one
+        at = alice.count()
+        r = a.call("POST", f"/v1/rooms/{room}/messages", {
+            "type": "delete", "sender": a.user("wally"), "content": {"replaces": links["deleted"][0]}},
+            idem=base64.urlsafe_b64encode(os.urandom(9)).decode())
+        assert r.status_code == 202, r.text
+        retracted(at)
+        # one's time comes
+        at = alice.count()
+        pg.psql("UPDATE events SET content = jsonb_set(content, '{content,expires}', "
+                "to_jsonb((extract(epoch FROM now()) * 1000)::bigint)) "
+                f"WHERE public_id = '{links['expires'][0]}'", db_url)
+        retracted(at)
+        # one's content is erased (retention.content_days)
+        pg.psql(f"UPDATE events SET content = '{{}}'::jsonb WHERE public_id = '{links['erased'][0]}'", db_url)
+        # one's row is gone (retention.rows_days)
+        pg.psql(f"DELETE FROM events WHERE public_id = '{links['purged'][0]}'", db_url)
+        for name in ("deleted", "expires", "erased", "purged"):
+            r = requests.get(links[name][1], timeout=10)
+            assert r.status_code == 404 and r.json()["code"] == "unknown_media", (name, r.status_code, r.text[:200])
+            assert links[name][2] not in r.content
+        assert len(media.requests) == asked, media.requests[asked:]
+        got = requests.get(links["kept"][1], timeout=10)
+        assert got.status_code == 200 and got.content == links["kept"][2], (got.status_code, got.text[:200])
     finally:
         srv.close()
         media.close()
