@@ -68,6 +68,9 @@ bool media_address_public(const struct sockaddr *sa)
 	static const unsigned char mapped[12] = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff };
 	if (memcmp(a, mapped, 12) == 0 || memcmp(a, zero, 12) == 0) /* ::ffff:a.b.c.d, ::a.b.c.d, ::1, :: */
 		return v4_public(a + 12) && memcmp(a, zero, 12) != 0;
+	if (a[0] == 0 && a[1] == 0x64 && a[2] == 0xff && a[3] == 0x9b && a[4] == 0 && a[5] == 1)
+		return false; /* local-use NAT64 64:ff9b:1::/48 (RFC 8215): the operator's own translator,
+			       * the IPv4 address anywhere in it (RFC 6052 prefixes /48 to /96) */
 	if (a[0] == 0 && a[1] == 0x64 && a[2] == 0xff && a[3] == 0x9b) /* NAT64 64:ff9b::/96 */
 		return v4_public(a + 12);
 	return !((a[0] & 0xfe) == 0xfc ||                  /* fc00::/7 unique local */

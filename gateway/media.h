@@ -113,7 +113,8 @@ bool media_recent_note(struct media_recent *r, const char *key, int64_t now_ms);
 /* Whether a fetch a peer chose may connect to sa: not loopback,
  * unspecified, private (RFC 1918, RFC 4193), link-local (cloud metadata
  * at 169.254.169.254), shared (RFC 6598), multicast, reserved, nor an
- * IPv4-mapped or -compatible IPv6 form of those. */
+ * IPv4-mapped, -compatible or NAT64 (64:ff9b::/96) IPv6 form of those,
+ * nor any local-use NAT64 address (64:ff9b:1::/48). */
 bool media_address_public(const struct sockaddr *sa);
 
 /* The bytes of fetched files held in memory (app->media_held: a fetch's

@@ -698,6 +698,10 @@ START_TEST(media_addresses)
 		{ "::ffff:8.8.8.8", true },  { "::127.0.0.1", false },    { "fe80::1", false },
 		{ "fd00::1", false },        { "fc00::1", false },        { "ff02::1", false },
 		{ "64:ff9b::a9fe:a9fe", false }, { "64:ff9b::808:808", true }, { "2001:db8::1", false },
+		/* local-use NAT64 (RFC 8215): a translator of the operator's own,
+		 * whatever the IPv4 address and where it sits (until the
+		 * forty-third session's review these passed as public) */
+		{ "64:ff9b:1::7f00:1", false }, { "64:ff9b:1:a00:1:0:808:808", false }, { "64:ff9b:1::808:808", false },
 	};
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
 		struct sockaddr_storage ss = { 0 };
