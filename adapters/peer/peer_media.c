@@ -10,6 +10,7 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #define MEDIA_URL_MAX 2048 /* what event validation allows an attachment URL */
 #define TOKEN_MAX 255      /* one path segment (CW_ROUTE_PARAM_LEN - 1) */
@@ -356,6 +357,28 @@ static void released(void *arg)
 	free(h);
 }
 
+/* Whether a browser may show a file of type ct (as answered: type/subtype,
+ * media_type_ok) in its window: images, audio, video and plain text that
+ * run nothing (the list Matrix's homeservers serve inline, spec 1.11
+ * "Content-Disposition").  Any other, HTML, SVG, XML and PDF among them,
+ * is answered as an attachment, to save rather than show: someone
+ * else's page on this daemon's origin (the admin console's), inert
+ * under the sandbox but still a page that can show a fake login or
+ * refresh itself to another site. */
+static bool shown_inline(const char *ct)
+{
+	static const char *const safe[] = {
+		"text/css", "text/plain", "text/csv", "application/json", "application/ld+json", "image/jpeg",
+		"image/gif", "image/png", "image/apng", "image/webp", "image/avif", "video/mp4", "video/webm",
+		"video/ogg", "video/quicktime", "audio/mp4", "audio/webm", "audio/aac", "audio/mpeg", "audio/ogg",
+		"audio/wave", "audio/wav", "audio/x-wav", "audio/x-pn-wav", "audio/flac", "audio/x-flac", NULL,
+	};
+	for (size_t i = 0; safe[i]; i++)
+		if (strcasecmp(ct, safe[i]) == 0)
+			return true;
+	return false;
+}
+
 static void fetched(void *arg)
 {
 	struct media_job *j = arg;
@@ -385,8 +408,11 @@ static void fetched(void *arg)
 			/* The type as a header (copied): cw_req_reply keeps its
 			 * content type by pointer, and j is gone before the answer
 			 * is queued. */
-			cw_req_add_header(req, "Content-Type",
-					  j->b.content_type[0] ? j->b.content_type : "application/octet-stream");
+			const char *ct = j->b.content_type[0] ? j->b.content_type : "application/octet-stream";
+			cw_req_add_header(req, "Content-Type", ct);
+			/* Since the forty-third session's review: before, every
+			 * type was answered for showing (no Content-Disposition). */
+			cw_req_add_header(req, "Content-Disposition", shown_inline(ct) ? "inline" : "attachment");
 			cw_req_add_header(req, "Cache-Control", "private, max-age=86400");
 			cw_req_add_header(req, "X-Content-Type-Options", "nosniff");
 			/* Someone else's file on this daemon's origin (the admin

@@ -545,3 +545,33 @@ def test_a_links_file_ends_with_its_message(make_daemon, db_url, pg, prosody, al
     finally:
         srv.close()
         media.close()
+
+
+def test_a_file_that_could_be_a_page_is_answered_to_save_not_to_show(make_daemon, db_url, prosody, alice, tmp_path):
+    """A link's file is answered with the type its store gave, nosniff and a
+    sandbox CSP, and since the forty-third session's review with
+    Content-Disposition: inline only for images, audio, video and plain
+    text (the types Matrix homeservers show inline); HTML, SVG, XML, PDF
+    and any other type are "attachment", so a browser following the link
+    saves it rather than showing someone else's page on this daemon's
+    origin (the admin console's), where, inert under the sandbox, it could
+    still show a fake login or refresh itself to another site."""
+    media, d, a, srv, key, room = start(make_daemon, db_url, prosody, tmp_path)
+    try:
+        page = b"<html><meta http-equiv='refresh' content='0;url=https://evil.example/'><p>Sign in</p></html>"
+        for i, (ctype, shown) in enumerate((("text/html", False), ("image/svg+xml", False),
+                                            ("application/xhtml+xml", False), ("application/pdf", False),
+                                            ("text/xml", False), ("application/octet-stream", False),
+                                            ("image/jpeg", True), ("IMAGE/PNG", True), ("video/mp4", True),
+                                            ("text/plain", True))):
+            url = media.put(f"/f/{i}", ctype, page, host="media.wa.localhost")
+            _, link = photo_link(a, alice, room, url, page)
+            got = requests.get(link, timeout=10)
+            assert got.status_code == 200 and got.content == page, (ctype, got.status_code, got.text[:200])
+            assert got.headers["Content-Type"] == ctype, (ctype, got.headers)
+            assert got.headers["Content-Disposition"] == ("inline" if shown else "attachment"), (ctype, got.headers)
+            assert got.headers["X-Content-Type-Options"] == "nosniff"
+            assert got.headers["Content-Security-Policy"] == "default-src 'none'; sandbox"
+    finally:
+        srv.close()
+        media.close()
