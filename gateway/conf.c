@@ -56,7 +56,8 @@ const struct cfg_option cfg_options[] = {
 	{ "server", "media_link_lifetime_s", CFG_INT, OFF(media_link_lifetime_s), "604800", 60, 31622400, false, false,
 	  "how long a link to a peer's file in an XMPP message (/media/...) can be followed (later: 410), and how "
 	  "long a peer may fetch a local user's file offered to it (/v1/media/..., from when the event was sent or "
-	  "pulled; later: 404), in seconds (7 days)" },
+	  "pulled; later: 404), in seconds (7 days); either ends sooner with its message (deleted, expired, erased: "
+	  "404)" },
 	{ "server", "media_private_addresses", CFG_BOOL, OFF(media_private_addresses), "false", 0, 0, false, false,
 	  "let fetches of URLs a peer names (its files, avatars) reach loopback, private and link-local addresses "
 	  "(a test set-up, or a peer's store on your private network); off, they are refused (SSRF)" },
