@@ -41,9 +41,9 @@ struct lane {
 	 * next claim; NULL for none. */
 	int64_t *orphans;
 	size_t norphans;
-	/* policy_live_stamp's count as its last claim ended (see
-	 * screen_failed). */
-	uint64_t stamp;
+	/* policy_live_stamp's count as its last claim ended, and
+	 * policy_live_facts's as it began (see screen_failed). */
+	uint64_t stamp, facts;
 	char held[sizeof(((struct outbox_row *)0)->destination)]; /* its destination, "" for none (under d->mu) */
 	const struct outbox_row *rows; /* the rows it delivers, for the keeper (under d->mu) */
 	size_t nrows;
@@ -950,6 +950,7 @@ static int claim(struct lane *l, struct outbox_row **out)
 		goto fail_rows;
 	bool unsettled = false, unsettled_after = false;
 	uint64_t stamp = d->o.policy ? policy_live_stamp(d->o.policy, &unsettled) : 0;
+	uint64_t facts = d->o.policy ? policy_live_facts(d->o.policy) : 0;
 	l->claimed_us = cw_now_us(); /* before the claim's own now(): its rows are ours at least until this + timeout */
 	const char *local;
 	long back_dead = 0;
@@ -1026,6 +1027,7 @@ static int claim(struct lane *l, struct outbox_row **out)
 			return n;
 		}
 		l->stamp = after;
+		l->facts = facts;
 	}
 	if (n)
 		qsort(rows, (size_t)n, sizeof(*rows), cmp_row);
@@ -1414,7 +1416,8 @@ static cw_err record_dropped_tries(struct lane *l, const struct outbox_row *rows
 
 /* The rows of the claim not delivered (per_row: those whose outcome is
  * not 1; else those from ok on) go back to waiting: when a change was put
- * in force since the claim (policy_live_stamp moved from l->stamp), they
+ * in force since the claim (policy_live_stamp moved from l->stamp, or
+ * any view since it began: policy_live_facts, a user's block), they
  * are decided under it first, and those refused dropped (the recording
  * after passes over them: no longer in flight), so that a retry does not
  * deliver what the new rules refuse.  Until the thirty-second session only
@@ -1430,7 +1433,8 @@ static bool screen_failed(struct lane *l, const struct outbox_row *rows, size_t 
 {
 	struct dispatcher *d = l->d;
 	bool unsettled;
-	if (!d->o.policy || policy_live_stamp(d->o.policy, &unsettled) == l->stamp)
+	if (!d->o.policy ||
+	    (policy_live_stamp(d->o.policy, &unsettled) == l->stamp && policy_live_facts(d->o.policy) == l->facts))
 		return true;
 	int64_t *ids = malloc(n * sizeof(*ids));
 	size_t *at = malloc(n * sizeof(*at));

@@ -759,7 +759,17 @@ static bool recheck_refused(const struct policy_snapshot *snap, PGresult *r, int
 		q.recipient = (struct policy_party){ PQgetvalue(r, i, 5), PQgetvalue(r, i, 6), PQgetvalue(r, i, 7) };
 		policy_decide(snap, &q, d);
 		snprintf(subject, len, "%s", PQgetvalue(r, i, 5));
-		return d->verdict == POLICY_DENY && policy_reason_is_servers(d->reason);
+		/* Her block of the sender (or their domain) too, as the block's
+		 * sweep drops her rows (TO_BLOCKER, the same rows: a remote
+		 * sender's, not the expiry's taking back, column 9): a row in
+		 * flight as she blocked, its delivery failed, is decided here
+		 * before it goes back to waiting (policy_live_facts).  Until the
+		 * forty-third session it went back pending and its retry, due
+		 * before the next periodic sweep, delivered it after her block
+		 * (a review's probe). */
+		return d->verdict == POLICY_DENY &&
+		       (policy_reason_is_servers(d->reason) || strcmp(d->reason, "user_blocked_sender") == 0 ||
+			strcmp(d->reason, "user_blocked_domain") == 0);
 	}
 	q.direction = PQgetvalue(r, i, 10)[0] == 't' ? POLICY_OUTBOUND : POLICY_TRANSIT;
 	json_t *members = PQgetisnull(r, i, 12) ? NULL : json_loads(PQgetvalue(r, i, 12), 0, NULL);
@@ -1254,6 +1264,10 @@ struct policy_live {
 	 * pass), and the count as of the recheck's last end (every row
 	 * waiting then decided under it). */
 	atomic_uint_fast64_t changes, settled;
+	/* For the dispatcher (policy_live_facts): the views put in force
+	 * here, each counted before it is (any of them may hold a user's
+	 * new block). */
+	atomic_uint_fast64_t facts;
 };
 
 static void add_pending(struct policy_live *pl, int64_t id)
@@ -1310,6 +1324,7 @@ static void swap_in(struct policy_live *pl, struct policy_view *v)
 	 * (their rows are decided again: recheck_users_add) */
 	if (old && (old->set.fingerprint != v->set.fingerprint || v->opted_out))
 		atomic_fetch_add(&pl->changes, 1);
+	atomic_fetch_add(&pl->facts, 1);
 	pl->cur = v;
 	pl->st.version = policy_snapshot_version(v->snap);
 	pl->st.reloads++;
@@ -1708,6 +1723,11 @@ uint64_t policy_live_stamp(struct policy_live *pl, bool *unsettled)
 	return changes;
 }
 
+uint64_t policy_live_facts(struct policy_live *pl)
+{
+	return atomic_load(&pl->facts);
+}
+
 /* The ids (n) for which pick is NULL or pick[i] is true, as a PostgreSQL
  * array's text; NULL when out of memory. */
 static char *id_array_of(const int64_t *ids, size_t n, const bool *pick)
@@ -1769,7 +1789,7 @@ cw_err policy_live_screen_claim(struct policy_live *pl, PGconn *c, const int64_t
 			for (size_t i = 0; i < n; i++)
 				gone[i] = gone[i] || ids[i] == json_integer_value(id);
 		*dropped = counts[1];
-		recheck_counted(pl, counts, "claimed rows the server's rules now refuse dropped");
+		recheck_counted(pl, counts, "claimed rows the server's rules or a user's block now refuse dropped");
 	}
 	json_decref(list);
 	return rc;
@@ -1950,6 +1970,7 @@ cw_err policy_live_start(struct policy_live **out, const struct policy_live_opts
 	pl->recheck_state = RECHECK_STATES;
 	atomic_init(&pl->changes, 1); /* the start's pass is due */
 	atomic_init(&pl->settled, 0);
+	atomic_init(&pl->facts, 0);
 	if (!pl->url || pipe2(pl->wake, O_NONBLOCK | O_CLOEXEC) != 0) {
 		policy_live_free(pl);
 		return cw_fail(e, CW_ENOMEM, "out of resources");

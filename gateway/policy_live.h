@@ -93,8 +93,9 @@ void policy_view_put(struct policy_view *v);
 cw_err policy_sweep(PGconn *c, const struct policy_view *v, const char *target_id, long counts[3], cw_errmsg *e);
 
 /* Decides the outbox row outbox_id again, if it is not handed over yet
- * (pending, held, dead, failed), by v's server rules and its user's
- * opt-out (what policy_reason_is_servers covers): one they now refuse is
+ * (pending, held, dead, failed), by v's server rules, its user's opt-out
+ * (what policy_reason_is_servers covers) and her block of the sender or
+ * their domain (since the forty-third session): one they now refuse is
  * dropped as a block's sweep drops a row (content erased unless another
  * row still has it to come, policy.deny audited with {"by": "sweep"}).
  * *reason: the refusal's reason code (static), or NULL when the row stays
@@ -121,6 +122,13 @@ cw_err policy_recheck_row(PGconn *c, const struct policy_view *v, const char *ou
  * (since the thirty-third session). */
 struct policy_live;
 uint64_t policy_live_stamp(struct policy_live *pl, bool *unsettled);
+/* A count of the views put in force here (moved before each one is): a
+ * lane reads it before its claim, and decides the rows of the claim it
+ * fails back to waiting when it moved since (a view of a user's block
+ * made while they were in flight: the screen drops what the block now
+ * refuses, as the block's sweep, which passed over them in flight, would
+ * have). */
+uint64_t policy_live_facts(struct policy_live *pl);
 /* Decides the outbox rows ids (n) again as policy_recheck_row does, with
  * the view in force: the waiting ones, and those in flight under
  * claimed_by (a lane's claim; one ending in '#': every claim that starts

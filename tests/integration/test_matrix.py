@@ -1443,6 +1443,61 @@ def test_a_block_from_the_bot_drops_what_waits_for_delivery(mx, hs, gk, pg, db_u
     assert states(pg, db_url, ids) == ["dropped"] * 4
     assert [e["content"]["body"] for e in hs.events(dm) if e["type"] == "m.room.message"] == ["hello"]
 
+
+def test_a_block_made_while_a_message_is_in_flight_stops_its_retry(make_daemon, db_url, hs, pg):
+    """alice allowed wally; his message is in flight to the homeserver
+    (the send hangs) when she blocks him: her block's sweep passes over a
+    row in flight (the far side may have it). The homeserver then fails
+    the send (500): the row is decided again as it goes back to waiting,
+    and her block drops it, with why. Until the forty-third session it
+    went back pending and its retry (due in 100 ms here, 500 by default)
+    came before the periodic sweep (2 s by default; a minute here, so that
+    only the failure's decision can stop it) and delivered it after her
+    block (a review's probe)."""
+    mx = start_mx(make_daemon, db_url, hs, policy={"sweep_interval_ms": "60000"})
+    a, srv = add_gk(mx)
+    try:
+        room, mx_room = wally_wrote_to_alice(mx, hs, a, pg, db_url)
+        wait_until(lambda: any(e["type"] == "m.room.message" and e["content"].get("body") == "hello"
+                               for e in hs.events(mx_room)), what="hello delivered")
+        entered, gate = threading.Event(), threading.Event()
+
+        def hang_then_fail(path):
+            entered.set()
+            gate.wait(60)
+            return True  # 500 M_UNKNOWN
+        hs.refuse_send = hang_then_fail
+        try:
+            r = a.send(room, a.user("wally"), "after the block")
+            assert r.status_code == 202, r.text
+            msg = r.json()["id"]
+            row = (f"SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id "
+                   f"WHERE e.public_id = '{msg}' AND o.destination = 'matrix'")
+            assert entered.wait(30), "the send never reached the homeserver"
+            assert pg.psql(row, db_url) == "in_flight"
+            out = mx.admin("POST", "/consents", json={"user": ALICE, "subject_kind": "user",
+                                                     "subject": a.user("wally"), "state": "blocked"})
+            assert out.status_code == 200, out.text
+            assert out.json()["dropped"] == 0  # in flight: not recalled
+        finally:
+            hs.refuse_send = None
+            gate.set()
+        state = wait_until(lambda: (lambda s: s if s not in ("in_flight", "pending") else None)(pg.psql(row, db_url)),
+                           timeout=30, what="the row done with")
+        assert state == "dropped", state
+        assert not any(e["type"] == "m.room.message" and e["content"].get("body") == "after the block"
+                       for e in hs.events(mx_room))
+        why = mx.admin("GET", f"/messages/{msg}/decision").json()
+        assert [(x["verdict"], x["reason"]) for x in why["recipients"]] == [("deny", "user_blocked_sender")], why
+        assert why["content_deleted"] is True
+        # The try made is recorded, as any failed try.
+        assert pg.psql("SELECT count(*) FROM delivery_attempts d JOIN outbox o ON o.id = d.outbox_id "
+                       f"JOIN events e ON e.id = o.event_id WHERE e.public_id = '{msg}' AND NOT d.ok",
+                       db_url) == "1"
+    finally:
+        srv.close()
+
+
 def test_a_second_management_room_takes_over_and_the_first_says_so(mx, hs, pg, db_url):
     """A user who opens a second room with the bot gets her commands answered
     there; the first one is not left as a room where commands go unanswered:
