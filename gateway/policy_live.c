@@ -1258,6 +1258,13 @@ struct policy_live {
 	int users_kind;
 	long long users_key1, users_key3;
 	char users_key2[300]; /* a room id, or a destination */
+	/* The pending consent requests decided again after such a change
+	 * (requests_turn), in consent_requests_pending_expiry_idx's order
+	 * from after (req_exp, req_after); req_pass: a walk is due or under
+	 * way. */
+	bool req_pass;
+	char req_exp[48];
+	long long req_after;
 	/* For the dispatcher (policy_live_stamp): the changes the recheck
 	 * follows put in force here (swap_in: a new fingerprint, an overlay of
 	 * users among whom one opted out; 1 at the start, for the start's
@@ -1518,16 +1525,28 @@ bool policy_live_catch_up(struct policy_live *pl, const int64_t *ids, size_t n, 
 	return sync_request(pl, ids, n, timeout_ms);
 }
 
+/* The walk of the pending consent requests (requests_turn) is due, from
+ * the start. */
+static void requests_walk_from_start(struct policy_live *pl)
+{
+	pl->req_pass = true;
+	snprintf(pl->req_exp, sizeof(pl->req_exp), "-infinity");
+	pl->req_after = 0;
+}
+
 /* A pass of the recheck begins (again: the one after the claims in
- * flight at the last one's start). */
+ * flight at the last one's start); but for again, with the walk of the
+ * pending consent requests. */
 static void recheck_begin(struct policy_live *pl, bool again)
 {
 	pl->recheck_state = 0;
 	pl->recheck_dest[0] = '\0';
 	pl->recheck_after = 0;
 	pl->again = again;
-	if (!again)
+	if (!again) {
 		pl->again_at_us = 0;
+		requests_walk_from_start(pl);
+	}
 }
 
 /* A whole pass is needed: now, or after the one in progress (which then
@@ -1568,8 +1587,115 @@ static void recheck_users_add(struct policy_live *pl, const int64_t *ids, size_t
 		pl->recheck_users[pl->nrecheck_users++] = ids[i];
 		added = true;
 	}
-	if (added) /* the walk starts again: the new users' rows may be behind it */
+	if (added) { /* the walk starts again: the new users' rows may be behind it */
 		users_walk_from(pl, 0);
+		requests_walk_from_start(pl); /* an opt-out: her requests of that network */
+	}
+}
+
+/* The pending consent requests, in consent_requests_pending_expiry_idx's
+ * order from after ($1, $2) (expires_at, id; -infinity: from the start), $3 of
+ * them: the local user and the requester (uri, domain, network). */
+static const char requests_page_sql[] =
+	"SELECT q.id, q.expires_at::text, l.uri, l.domain, l.network, s.uri, s.domain, s.network "
+	"FROM consent_requests q JOIN identities l ON l.id = q.local_identity_id "
+	"JOIN identities s ON s.id = q.remote_identity_id "
+	"WHERE q.state = 'pending' AND (q.expires_at, q.id) > ($1::timestamptz, $2::bigint) "
+	"ORDER BY q.expires_at, q.id LIMIT $3::int";
+
+/* The requests $1 ([{id, reason, rule}]) still pending withdrawn: state
+ * expired, as the sweep expires one, and recorded as the sweep records
+ * that (consent.expire, subject the local user), with the reason and the
+ * rule, so that the XMPP component takes it from the user's roster and
+ * the Matrix bot tells her it is gone. */
+static const char requests_withdraw_sql[] =
+	"WITH d AS (SELECT * FROM jsonb_to_recordset($1::jsonb) AS d(id bigint, reason text, rule bigint)), "
+	"x AS (UPDATE consent_requests q SET state = 'expired' FROM d WHERE q.id = d.id AND q.state = 'pending' "
+	"  RETURNING q.id, q.local_identity_id, q.remote_identity_id, d.reason, NULLIF(d.rule, 0) AS rule), "
+	"au AS (INSERT INTO audit_log (actor, action, reason_code, rule_id, subject, details) "
+	"  SELECT 'policy', 'consent.expire', x.reason, x.rule, l.uri, jsonb_build_object('request', x.id, "
+	"  'sender', r.uri, 'by', 'sweep', 'reason', x.reason) FROM x JOIN identities l ON l.id = x.local_identity_id "
+	"  JOIN identities r ON r.id = x.remote_identity_id ORDER BY x.id) "
+	"SELECT count(*) FROM x";
+
+/* One page of the walk of the pending consent requests after a change of
+ * what the server's side of a decision reads (a rule, the default mode,
+ * an opt-out): a request whose requester the server's rules (or the
+ * user's explicit opt-out of their network) now refuse is withdrawn, as
+ * the messages it asked about were dropped (recheck).  Decided as a
+ * waiting row of hers is (recheck_refused).  Until the forty-third
+ * session it stayed pending for its week: the Matrix bot showed it to a
+ * user who opened her management room after the operator denied its
+ * sender (abuse: the deny always wins), her list named it, and on XMPP
+ * the subscription request stood in her roster (a review's probe).
+ * False when the page failed (tried again at the next turn). */
+static bool requests_turn(struct policy_live *pl, const struct policy_view *v)
+{
+	char after[24], limit[16];
+	snprintf(after, sizeof(after), "%lld", pl->req_after);
+	snprintf(limit, sizeof(limit), "%d", RECHECK_BATCH);
+	const char *params[] = { pl->req_exp, after, limit };
+	cw_errmsg e;
+	PGresult *r = PQexecParams(pl->c, requests_page_sql, 3, NULL, params, NULL, NULL, 0);
+	cw_err rc = store_check(pl->c, r, PGRES_TUPLES_OK, &e);
+	if (rc) {
+		LOG_KV(CW_LOG_WARN, "policy recheck of pending consent requests failed; tried again", "detail", e.msg);
+		return false;
+	}
+	int n = PQntuples(r);
+	json_t *list = json_array();
+	int64_t now = cw_wall_ms();
+	for (int i = 0; list && i < n; i++) {
+		struct policy_request q = {
+			.direction = POLICY_INBOUND,
+			.action = POLICY_ACT_EVENT,
+			.event_type = "message",
+			.sender = { PQgetvalue(r, i, 5), PQgetvalue(r, i, 6), PQgetvalue(r, i, 7) },
+			.recipient = { PQgetvalue(r, i, 2), PQgetvalue(r, i, 3), PQgetvalue(r, i, 4) },
+			.now_ms = now,
+			.recipient_wrote_here = true, /* an opt-in missing refuses only what comes */
+		};
+		struct policy_decision d;
+		policy_decide(v->snap, &q, &d);
+		if (d.verdict == POLICY_DENY && policy_reason_is_servers(d.reason) &&
+		    json_array_append_new(list, json_pack("{s:s, s:s, s:I}", "id", PQgetvalue(r, i, 0), "reason",
+							  d.reason, "rule", (json_int_t)d.rule_id))) {
+			json_decref(list);
+			list = NULL;
+		}
+	}
+	if (n) {
+		snprintf(pl->req_exp, sizeof(pl->req_exp), "%s", PQgetvalue(r, n - 1, 1));
+		pl->req_after = atoll(PQgetvalue(r, n - 1, 0));
+	}
+	PQclear(r);
+	if (!list) {
+		LOG_KV(CW_LOG_WARN, "policy recheck of pending consent requests: out of memory; tried again");
+		return false;
+	}
+	long withdrawn = 0;
+	char *text = json_array_size(list) ? json_dumps(list, JSON_COMPACT) : NULL;
+	json_decref(list);
+	if (text) {
+		const char *wp[] = { text };
+		r = PQexecParams(pl->c, requests_withdraw_sql, 1, NULL, wp, NULL, NULL, 0);
+		free(text);
+		if ((rc = store_check(pl->c, r, PGRES_TUPLES_OK, &e))) {
+			LOG_KV(CW_LOG_WARN, "withdrawing consent requests the server's rules now refuse failed; tried again",
+			       "detail", e.msg);
+			return false;
+		}
+		withdrawn = atol(PQgetvalue(r, 0, 0));
+		PQclear(r);
+	}
+	if (withdrawn) {
+		char w[24];
+		snprintf(w, sizeof(w), "%ld", withdrawn);
+		LOG_KV(CW_LOG_INFO, "pending consent requests the server's rules now refuse withdrawn", "withdrawn", w);
+	}
+	if (n < RECHECK_BATCH)
+		pl->req_pass = false;
+	return true;
 }
 
 /* The rows a dispatcher held in flight as a pass began were not decided
@@ -1634,11 +1760,15 @@ static bool recheck_turn(struct policy_live *pl)
 		pl->again_at_us = 0;
 		recheck_begin(pl, true);
 	}
+	/* a page of the pending consent requests first, if due (their walk
+	 * is not the rows' pass: the dispatcher's settled does not wait for
+	 * it) */
+	bool req_more = pl->req_pass && requests_turn(pl, v) && pl->req_pass; /* failed: next turn */
 	bool pass = pl->recheck_state < RECHECK_STATES;
 	if (!pass && pl->nrecheck_users == 0) {
 		policy_view_put(v);
 		atomic_store(&pl->settled, changes);
-		return false;
+		return req_more;
 	}
 	cw_errmsg e;
 	char after[24], limit[16], users[POLICY_OVERLAY_MAX * 21 + 3];
@@ -1712,7 +1842,7 @@ static bool recheck_turn(struct policy_live *pl)
 	recheck_counted(pl, counts, "waiting rows the server's rules now refuse dropped");
 	if (pl->recheck_state == RECHECK_STATES && !pl->more && pl->nrecheck_users == 0)
 		atomic_store(&pl->settled, changes);
-	return pl->recheck_state < RECHECK_STATES || pl->nrecheck_users;
+	return pl->recheck_state < RECHECK_STATES || pl->nrecheck_users || req_more;
 }
 
 uint64_t policy_live_stamp(struct policy_live *pl, bool *unsettled)

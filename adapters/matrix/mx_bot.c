@@ -2049,7 +2049,8 @@ static void expiries(struct matrix *m, PGconn *c, int64_t *seen)
 	snprintf(from, sizeof(from), "%lld", (long long)*seen);
 	const char *p[] = { from };
 	PGresult *r = PQexecParams(c,
-		"SELECT a.id, mr.room_id, ri.uri, ri.network, coalesce(ri.display_name, '') FROM audit_log a "
+		"SELECT a.id, mr.room_id, ri.uri, ri.network, coalesce(ri.display_name, ''), "
+		" coalesce(a.details->>'reason', '') FROM audit_log a "
 		" JOIN consent_requests q ON q.id = (a.details->>'request')::bigint AND q.state = 'expired' "
 		"  AND q.notified_at IS NOT NULL "
 		" JOIN matrix_mgmt_rooms mr ON mr.identity_id = q.local_identity_id AND mr.created_at <= a.at "
@@ -2070,9 +2071,18 @@ static void expiries(struct matrix *m, PGconn *c, int64_t *seen)
 	for (int i = 0; i < n; i++) {
 		char text[1200], name[81], txn[48];
 		name_for_line(PQgetvalue(r, i, 4), name, sizeof(name));
+		/* Withdrawn because the server's rules, or her opt-out of the
+		 * network, now refuse the sender (its record names why, since
+		 * the forty-third session): they will not be asked again. */
+		const char *why = PQgetvalue(r, i, 5);
 		snprintf(text, sizeof(text),
-			 "The request from %s%s%s%s (network %s) expired without an answer: their waiting messages were "
-			 "deleted. If they write again, you will be asked again.",
+			 !why[0] ? "The request from %s%s%s%s (network %s) expired without an answer: their waiting messages "
+				   "were deleted. If they write again, you will be asked again."
+			 : strcmp(why, "user_not_opted_in") == 0
+				 ? "The request from %s%s%s%s (network %s) was withdrawn: you opted out of that network, and "
+				   "their waiting messages were deleted."
+				 : "The request from %s%s%s%s (network %s) was withdrawn: this server no longer takes "
+				   "messages from them, and their waiting messages were deleted.",
 			 name[0] ? "\"" : "", name, name[0] ? "\" " : "", PQgetvalue(r, i, 2), PQgetvalue(r, i, 3));
 		snprintf(txn, sizeof(txn), "cwexpire-%s", PQgetvalue(r, i, 0));
 		const char *q[] = { PQgetvalue(r, i, 1), text, m->bot, txn };

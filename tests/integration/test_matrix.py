@@ -1311,6 +1311,53 @@ def test_an_expired_request_is_withdrawn_in_the_management_room(mx, hs, gk, pg, 
     assert len(expired()) == 1, said()
 
 
+def test_a_request_whose_sender_the_rules_now_refuse_is_withdrawn_and_never_shown(mx, hs, gk, pg, db_url):
+    """The operator denies wally (abuse) while his request to alice, shown
+    in her management room, and mallory's to carol, who has no management
+    room yet, wait. Both requests are withdrawn (docs/policy.md, "Consent
+    and the sweep"): alice is told in one notice that the server no longer
+    takes wally's messages (not that he will ask again), her list no
+    longer names him, and carol, opening her room with the bot later, is
+    never shown mallory's. eve's request stands until alice opts out of
+    the network, which withdraws it with its own words. Until the
+    forty-third session such requests stood for a week: carol was shown a
+    request from a sender the operator had denied."""
+    a, srv = gk
+    carol = "mimi://example.org/u/carol"
+    for user in (ALICE, carol):
+        assert mx.admin("POST", "/optins", json={"user": user, "network": "peer:gk", "opted_in": True}).ok
+    alice, mgmt, said = alice_and_the_bot(hs)
+    for who, to in (("wally", ALICE), ("eve", ALICE), ("mallory", carol)):
+        room = a.create_room([a.user(who), to]).json()["id"]
+        assert a.send(room, a.user(who), f"may I? ({who})").status_code == 202
+    wait_until(lambda: sum("wants to write to you" in n for n in said()) == 2, what="both requests shown")
+    withdrawn = lambda: [n for n in said() if "withdrawn" in n or "expired" in n]  # noqa: E731
+    for who in ("wally", "mallory"):
+        r = mx.admin("POST", "/rules", json={"scope": "user", "pattern": a.user(who), "mode": "deny"})
+        assert r.status_code == 201, r.text
+    wait_until(lambda: withdrawn(), timeout=20, what="the withdrawal told")
+    [note] = withdrawn()
+    assert "mimi://wa.example/u/wally" in note and "no longer takes messages from them" in note, note
+    assert "asked again" not in note
+    alice.send_text(mgmt, "list")
+    listed = wait_until(lambda: next((n for n in said() if "opted in: peer:gk" in n), None), what="the answer to list")
+    assert "mimi://wa.example/u/eve" in listed and "wally" not in listed, listed
+    assert pg.psql("SELECT q.state FROM consent_requests q JOIN identities s ON s.id = q.remote_identity_id "
+                   "WHERE s.localpart = 'mallory'", db_url) == "expired"
+    _, _, carol_said = alice_and_the_bot(hs, name="carol")
+    # zoe's request, made after mallory's, is shown: the bot shows them in
+    # order, so mallory's would have been shown first
+    room = a.create_room([a.user("zoe"), carol]).json()["id"]
+    assert a.send(room, a.user("zoe"), "may I? (zoe)").status_code == 202
+    wait_until(lambda: any("wants to write to you" in n for n in carol_said()), what="zoe's request shown")
+    asked = [n for n in carol_said() if "wants to write to you" in n]
+    assert len(asked) == 1 and "mimi://wa.example/u/zoe" in asked[0], carol_said()
+    # alice opts out of the gatekeeper's network: eve's request goes, in its own words.
+    alice.send_text(mgmt, "opt-out peer:gk")
+    wait_until(lambda: len(withdrawn()) == 2, timeout=20, what="eve's withdrawal told")
+    assert "mimi://wa.example/u/eve" in withdrawn()[1] and "opted out" in withdrawn()[1], withdrawn()
+
+
 def test_first_contacts_from_one_domain_ask_a_user_no_more_than_the_daily_bound(mx, hs, gk, pg, db_url):
     """policy.consent_requests_per_user_per_day (default 10): a peer rotating
     sender names asks one local user no more than that a day.  The first

@@ -172,6 +172,59 @@ def test_a_rule_made_while_messages_wait_decides_them_when_they_are_accepted(dae
                 == "pending", "carl opted in again")
 
 
+def test_a_request_whose_sender_the_rules_now_refuse_is_withdrawn(daemon, peers, pg, db_url):
+    """wally's first message waits for alice and asked her; meanwhile the
+    operator denies wally (abuse). His message is dropped (as
+    before), and the request is withdrawn with it: expired, recorded
+    (consent.expire with the reason and the rule), no longer pending for
+    her adapter to show. Likewise bob's request from sam when bob opts
+    out of the network; carl's from tom, whom nothing refuses, stays.
+    Until the forty-third session the request stood for its week: the
+    Matrix bot showed it to a user who opened her management room after
+    the deny, and her list named it."""
+    (a, _), _ = peers
+    opt_in(daemon)
+    opt_in(daemon, user=BOB)
+    carl = "mimi://example.org/u/carl"
+    opt_in(daemon, user=carl)
+    held = {}
+    for local, remote in ((ALICE, "wally"), (BOB, "sam"), (carl, "tom")):
+        held[local] = send(a, dm(a, local=local, remote=remote), "hello", sender=remote).json()["id"]
+    assert [s for _, s in states(pg, db_url, list(held.values()))] == ["held"] * 3
+
+    def request_state(local):
+        return pg.psql("SELECT q.state FROM consent_requests q JOIN identities l ON l.id = q.local_identity_id "
+                       f"WHERE l.uri = '{local}'", db_url)
+    assert [request_state(u) for u in held] == ["pending"] * 3
+
+    r = daemon.admin("POST", "/rules", json={"scope": "user", "pattern": a.user("wally"), "mode": "deny"})
+    assert r.status_code == 201, r.text
+    rule = r.json()["id"]
+    wait_policy(daemon, lambda: request_state(ALICE) == "expired", "alice's request withdrawn")
+    assert states(pg, db_url, [held[ALICE]])[0][1] == "dropped"
+    rec = [x for x in daemon.admin("GET", "/audit?action=consent.expire").json()["rows"] if x["subject"] == ALICE]
+    assert len(rec) == 1, rec
+    assert (rec[0]["actor"], rec[0]["reason"], rec[0]["rule_id"]) == ("policy", "server_denied_user", rule)
+    assert [request_state(u) for u in (BOB, carl)] == ["pending"] * 2  # sam's and tom's: not denied
+    assert rec[0]["details"]["sender"] == a.user("wally") and rec[0]["details"]["by"] == "sweep"
+    pending = daemon.admin("GET", f"/consent-requests?state=pending&user={ALICE}").json()["rows"]
+    assert pending == []
+    # The rule lifted: wally's next message waits for her again (asking
+    # her once the request window of the withdrawn one is over).
+    assert daemon.admin("DELETE", f"/rules/{rule}").status_code == 200
+    wait_policy(daemon, lambda: states(pg, db_url, [send(a, dm(a), "again").json()["id"]])[0][1] == "held",
+                "the rule gone")
+
+    # bob opts out of the gatekeeper's network: sam's request goes too.
+    opt_in(daemon, user=BOB, on=False)
+    wait_policy(daemon, lambda: request_state(BOB) == "expired", "bob's request withdrawn")
+    rec = [x for x in daemon.admin("GET", "/audit?action=consent.expire").json()["rows"] if x["subject"] == BOB]
+    assert [(x["reason"], x["rule_id"]) for x in rec] == [("user_not_opted_in", None)]
+    # carl's stays: nothing refuses tom.
+    assert request_state(carl) == "pending"
+    assert states(pg, db_url, [held[carl]])[0][1] == "held"
+
+
 def test_an_accept_releases_what_arrived_under_the_opt_in_default_after_it_changed(daemon, peers, pg, db_url):
     """wally's messages wait for alice (no opt-in of hers: the operator's
     policy.optin_default opted her in) when the operator turns the default
