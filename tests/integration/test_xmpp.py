@@ -3332,6 +3332,31 @@ def test_an_expired_request_is_withdrawn_from_the_roster(xd, gk, alice, pg, db_u
     assert presence_types(alice, eve, start) == []
 
 
+def test_a_request_the_server_now_refuses_is_withdrawn_from_the_roster(xd, gk, alice, pg, db_url):
+    """The operator denies wally (abuse) while his request, shown in
+    alice's roster, waits: the request is withdrawn as an expired one is
+    (`unsubscribe` from the contact, a consent.expire record, here with
+    the reason and the rule); eve's, whom nothing refuses, stays. Until
+    the forty-third session it stayed in her roster for its week."""
+    a, srv = gk
+    eve = "eve@" + COMP
+    requests_to_alice(xd, a, alice, "wally", "eve")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM consent_requests WHERE notified_at IS NOT NULL", db_url) == "2",
+               what="both requests shown")
+    start = alice.count()
+    r = xd.admin("POST", "/rules", json={"scope": "user", "pattern": a.user("wally"), "mode": "deny"})
+    assert r.status_code == 201, r.text
+    alice.wait_for_presence(lambda el: el.get("from", "").split("/")[0] == WALLY_JID
+                            and el.get("type") == "unsubscribe", start=start)
+    assert pg.psql("SELECT i.localpart, q.state FROM consent_requests q JOIN identities i "
+                   "ON i.id = q.remote_identity_id ORDER BY 1", db_url) == "eve|pending\nwally|expired"
+    assert pg.psql("SELECT subject, reason_code, rule_id, details->>'sender' FROM audit_log "
+                   "WHERE action = 'consent.expire'", db_url) \
+        == f"mimi://example.org/u/alice|server_denied_user|{r.json()['id']}|mimi://wa.example/u/wally"
+    alice.ping(COMP)  # answered after what the component wrote before it
+    assert presence_types(alice, eve, start) == []
+
+
 def test_a_change_committed_after_a_later_one_still_reaches_the_roster(xd, gk, alice, pg, db_url):
     """The roster sync reads the audit log after a cursor. A record whose
     transaction commits after one of a later id has committed (and been
