@@ -1150,6 +1150,102 @@ static uint64_t memo_hash(const char *key)
 	return h;
 }
 
+/* A token a memo with a ledger took: recorded, to be given back if the
+ * write runs again.  Out of memory it is not (the run again takes it a
+ * second time: the stricter error). */
+static void ledger_grant(struct policy_rate_ledger *l, const char *key, uint32_t capacity, int64_t period_ms)
+{
+	char *k = NULL;
+	if (l->n == l->cap) {
+		size_t cap = l->cap ? 2 * l->cap : 8;
+		struct policy_rate_grant *g = realloc(l->g, cap * sizeof(*g));
+		if (g) {
+			l->g = g;
+			l->cap = cap;
+		}
+	}
+	if (l->n == l->cap || !(k = strdup(key))) {
+		LOG_KV(CW_LOG_WARN, "policy: out of memory recording a rate limit's token; "
+				    "a write that runs again may charge it again");
+		return;
+	}
+	l->g[l->n++] = (struct policy_rate_grant){ k, capacity, period_ms };
+}
+
+static bool hash_drop(uint64_t *v, size_t *n, uint64_t h)
+{
+	for (size_t i = 0; i < *n; i++)
+		if (v[i] == h) {
+			v[i] = v[--*n];
+			return true;
+		}
+	return false;
+}
+
+/* A refusal of bucket h a memo with a ledger saw (first: as the bucket
+ * answered): whether it is the first of its episode for this run, which
+ * it is too when a rolled-back run saw the first (owed: once). */
+static bool ledger_refusal(struct policy_rate_ledger *l, uint64_t h, bool first)
+{
+	bool owed = hash_drop(l->owed, &l->no, h);
+	if (!first && !owed)
+		return false;
+	if (l->nf == l->capf) {
+		size_t cap = l->capf ? 2 * l->capf : 4;
+		uint64_t *f = realloc(l->firsts, cap * sizeof(*f));
+		uint64_t *o = f ? realloc(l->owed, cap * sizeof(*o)) : NULL;
+		if (f)
+			l->firsts = f;
+		if (o) {
+			l->owed = o;
+			l->capf = cap;
+		}
+	}
+	if (l->nf < l->capf) /* out of memory: a run again does not record it */
+		l->firsts[l->nf++] = h;
+	return true;
+}
+
+void policy_rate_ledger_undo(struct policy_rate_ledger *l, int64_t now_ms)
+{
+	for (size_t i = 0; i < l->n; i++) {
+		ratelimit_give(l->rl, l->g[i].key, l->g[i].capacity, l->g[i].period_ms, now_ms);
+		free(l->g[i].key);
+	}
+	l->n = 0;
+	for (size_t i = 0; i < l->nf; i++) {
+		size_t k = 0;
+		while (k < l->no && l->owed[k] != l->firsts[i])
+			k++;
+		if (k == l->no && l->no < l->capf)
+			l->owed[l->no++] = l->firsts[i];
+	}
+	l->nf = 0;
+}
+
+void policy_rate_ledger_free(struct policy_rate_ledger *l)
+{
+	for (size_t i = 0; i < l->n; i++)
+		free(l->g[i].key);
+	free(l->g);
+	free(l->firsts);
+	free(l->owed);
+	memset(l, 0, sizeof(*l));
+}
+
+int64_t policy_rate_ledger_give(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms)
+{
+	struct policy_rate_ledger *l = ctx;
+	for (size_t i = 0; i < l->n; i++)
+		if (strcmp(l->g[i].key, key) == 0) {
+			ratelimit_give(l->rl, key, capacity, period_ms, now_ms);
+			free(l->g[i].key);
+			l->g[i] = l->g[--l->n];
+			break;
+		}
+	return 0;
+}
+
 static int64_t memo_take(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms)
 {
 	struct policy_rate_memo *m = ctx;
@@ -1159,6 +1255,10 @@ static int64_t memo_take(void *ctx, const char *key, uint32_t capacity, int64_t 
 		return r;
 	bool first = false;
 	r = ratelimit_take(m->rl, key, capacity, period_ms, now_ms, &first);
+	if (r > 0 && m->ledger)
+		first = ledger_refusal(m->ledger, h, first);
+	else if (r == 0 && m->ledger)
+		ledger_grant(m->ledger, key, capacity, period_ms);
 	if (r > 0 && first)
 		m->first_refusal = true;
 	if (m->n < POLICY_MEMO_INLINE)
@@ -1179,6 +1279,8 @@ static int64_t memo_peek(void *ctx, const char *key, uint32_t capacity, int64_t 
 		return r;
 	bool first = false;
 	r = ratelimit_peek(m->rl, key, capacity, period_ms, now_ms, &first);
+	if (r > 0 && m->ledger)
+		first = ledger_refusal(m->ledger, memo_hash(key), first);
 	if (r > 0 && first)
 		m->first_refusal = true;
 	return r;
@@ -1194,6 +1296,7 @@ void policy_rate_memo_init(struct policy_rate_memo *m, struct ratelimit *rl)
 	m->more = NULL;
 	m->nmore = m->cap = 0;
 	m->first_refusal = false;
+	m->ledger = NULL;
 }
 
 void policy_rate_memo_finish(struct policy_rate_memo *m)

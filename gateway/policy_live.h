@@ -229,6 +229,7 @@ struct policy_memo_entry {
 	uint64_t key; /* the bucket's name, hashed */
 	int64_t result;
 };
+struct policy_rate_ledger;
 struct policy_rate_memo {
 	struct policy_rate rate;    /* pass &memo.rate in the request */
 	struct ratelimit *rl;
@@ -237,9 +238,46 @@ struct policy_rate_memo {
 	struct policy_memo_entry *more; /* past in: nmore of cap (malloc'd) */
 	size_t nmore, cap;
 	bool first_refusal;
+	struct policy_rate_ledger *ledger; /* NULL (init): none; else where the takes are recorded */
 };
 void policy_rate_memo_init(struct policy_rate_memo *m, struct ratelimit *rl);
 void policy_rate_memo_finish(struct policy_rate_memo *m);
+
+/* What the decisions of a write that may run again took (a memo's ledger,
+ * set after policy_rate_memo_init): a group commit's pipelined job decides
+ * in its round 0, which runs again with the batch (a lost deadlock, a
+ * failed job of the batch), and until the forty-third session each run
+ * took its tokens again (a message's, a join's member_add, a consent
+ * request's).  Before it decides again the job gives back what the run
+ * before took (policy_rate_ledger_undo), so that it is charged once,
+ * for the decisions of the run that commits.  A bucket whose first
+ * refusal of an episode a rolled-back run saw (its audit record rolled
+ * back with it) answers the next run's first refusal of it as a first
+ * again, once, so that the episode is recorded.  A token given back for
+ * what the write then did not do is given only if the job took it
+ * (policy_rate_ledger_give).  Zero it to start (rl set); free with
+ * policy_rate_ledger_free, which keeps the tokens taken. */
+struct policy_rate_grant {
+	char *key;
+	uint32_t capacity;
+	int64_t period_ms;
+};
+struct policy_rate_ledger {
+	struct ratelimit *rl;
+	struct policy_rate_grant *g;  /* the tokens taken: n of cap */
+	size_t n, cap;
+	uint64_t *firsts;             /* buckets (memo's hash) whose first refusal this run saw: nf */
+	uint64_t *owed;               /* ... a rolled-back run saw and this run has not reported: no */
+	size_t nf, no, capf;          /* capf: the capacity of each of firsts, owed */
+};
+/* Gives back every token recorded, and forgets them; the first refusals
+ * seen are owed to the next run. */
+void policy_rate_ledger_undo(struct policy_rate_ledger *l, int64_t now_ms);
+void policy_rate_ledger_free(struct policy_rate_ledger *l);
+/* A struct policy_rate take (ctx: the ledger) that gives back one token
+ * the ledger recorded for key, and forgets it; none recorded: nothing.
+ * Answers 0. */
+int64_t policy_rate_ledger_give(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms);
 
 /* Asks for a reload and waits until a snapshot loaded after this call is
  * in force (a change this process just committed is then in effect here);

@@ -1628,6 +1628,8 @@ struct submit {
 	unsigned *given;            /* per item: the tokens of its sender's consent requests given
 				       back, once each, for pairs the write held unasked (give_back;
 				       kept across runs again of round 1, cleared with round 0's) */
+	struct policy_rate_ledger ledger; /* the tokens round 0's decisions took: given back before
+				       it runs again (items_send), so that a job is charged once */
 	json_t **outbound;          /* per item: remote users a local sender wrote to (consent to their replies) */
 	bool *wrote;                /* per item: a local sender's message to members of a group new to them (they may reply there) */
 	bool *scrub;                /* per item: no recipient will get it (or an edit of an expired message): keep no content */
@@ -1702,6 +1704,7 @@ void submit_free(void *arg)
 	free(b->given);
 	free(b->uids);
 	free(b->first);
+	policy_rate_ledger_free(&b->ledger); /* what the job took stays taken */
 	json_decref(b->audit);
 	json_decref(b->refused);
 	json_decref(b->keys);
@@ -2571,8 +2574,19 @@ static cw_err joins_send(PGconn *c, struct submit *b, cw_errmsg *e)
  * jansson trees and serialising those was most of the writer's time. */
 static cw_err items_send(PGconn *c, struct submit *b, int round, cw_errmsg *e)
 {
-	if (round == 0)
+	if (round == 0) {
+		/* Round 0 decides; a job whose round 0 runs again (a merged
+		 * one, an XMPP write: the group commit's batch runs again
+		 * after a lost deadlock or a failed job) gives back first what
+		 * the run before took (its messages', a join's member_add, its
+		 * consent requests' tokens), and is charged for the run that
+		 * commits only.  Until the forty-third session each run took
+		 * them again. */
+		b->ledger.rl = b->app->limits;
+		if (b->ledger.rl)
+			policy_rate_ledger_undo(&b->ledger, cw_wall_ms());
 		submit_clear_round(b);
+	}
 	b->locked = false;
 	b->ulocked = false;
 	b->left = false;
@@ -2824,6 +2838,7 @@ static bool may_ask(struct submit *b, size_t i, PGresult *r, const struct policy
 					return true;
 	struct policy_rate_memo memo;
 	policy_rate_memo_init(&memo, b->app->limits);
+	memo.ledger = &b->ledger;
 	struct policy_request req = *held_req;
 	req.action = POLICY_ACT_FIRST_CONTACT;
 	req.rate = &memo.rate;
@@ -2848,19 +2863,20 @@ static bool may_ask(struct submit *b, size_t i, PGresult *r, const struct policy
  * (CONSENT_ASK_SQL's cx).  The sender's allowance counts the requests
  * made, not the messages held unasked (spec/policy.md: "consent requests
  * per day").  The same decision asked again with a take that gives
- * (ratelimit_policy_give): its buckets are named by the sender and the
- * rules matching them alone, so the recipient is not needed.  Round 1
- * may run again (a lost deadlock): b->given keeps a pair from being given
- * back twice for one take; a job whose round 0 runs again (a merged one)
- * takes again, and given is cleared with it.  Until the forty-second
- * session a sender held unasked twice had spent two requests of the day
- * that nobody was asked. */
+ * (policy_rate_ledger_give: only a token the job took, b->ledger): its
+ * buckets are named by the sender and the rules matching them alone, so
+ * the recipient is not needed.  Round 1 may run again (a lost deadlock):
+ * b->given keeps a pair from being given back twice for one take; a job
+ * whose round 0 runs again (a merged one) gives back what it took first
+ * (items_send), takes again, and given is cleared with it.  Until the
+ * forty-second session a sender held unasked twice had spent two requests
+ * of the day that nobody was asked. */
 static void give_back(struct submit *b, size_t i)
 {
 	const struct msg_input *in = b->items[i];
 	if (!b->app->limits)
 		return;
-	struct policy_rate give = { ratelimit_policy_give, b->app->limits, NULL };
+	struct policy_rate give = { policy_rate_ledger_give, &b->ledger, NULL };
 	struct policy_request req = {
 		.direction = POLICY_INBOUND, .action = POLICY_ACT_FIRST_CONTACT,
 		.sender = { in->sender, in->sender_domain, in->sender_network }, .now_ms = cw_wall_ms(), .rate = &give,
@@ -3041,6 +3057,7 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 	struct policy_view *view = policy_live_get(in->app->policy);
 	struct policy_rate_memo memo;
 	policy_rate_memo_init(&memo, in->app->limits);
+	memo.ledger = &b->ledger; /* given back if round 0 runs again (items_send) */
 	/* A group's member rows say when each member last wrote to members
 	 * new to them ('' never; a direct room's: NULL), and since when each
 	 * is a member: writing is consent to those the writer wrote to, not

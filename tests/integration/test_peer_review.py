@@ -357,6 +357,75 @@ def test_a_users_own_join_is_charged_as_her_peers_add_of_her(daemon, peers, pg, 
     assert members() == {wally: "joined", bob: "joined", carol: "joined", dan: "left", erin: "joined"}
 
 
+def fail_once(pg, db_url, name, table, when="true"):
+    """The first row written to table (that when holds of) fails as a
+    serialization failure does (40001): the group-commit writer rolls
+    its batch back and runs it again. The sequence name says whether it
+    fired."""
+    pg.psql(f"CREATE SEQUENCE {name}; "
+            f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            f" IF nextval('{name}') = 1 THEN "
+            "  RAISE EXCEPTION 'test: run again' USING ERRCODE = '40001'; END IF; RETURN NEW; END $$; "
+            f"CREATE TRIGGER {name} BEFORE INSERT OR UPDATE ON {table} FOR EACH ROW "
+            f"WHEN ({when}) EXECUTE FUNCTION {name}()", db_url)
+
+
+def test_a_join_whose_write_runs_again_is_charged_once(daemon, peers, pg, db_url):
+    """A peer's user's own join is a coalesced write, decided (its
+    member_add token, her own message token) in its job's first round,
+    which runs again when the group commit's batch does (a lost deadlock,
+    a serialization failure, another job of the batch failing). Until the
+    forty-third session each run took the tokens again: one join with a
+    run again spent two of the peer's adds and two of her messages. The
+    job now gives back what a run took before it decides again: one
+    token of each, whatever the runs."""
+    (a, sa), (b, sb) = peers
+    wally, bob, carol = a.user("wally"), b.user("bob"), b.user("carol")
+    gid = a.create_room([wally, bob, carol], kind="group").json()["id"]
+
+    def own(who, membership, idem):
+        return b.call("POST", f"/v1/rooms/{gid}/messages",
+                      {"type": "membership", "sender": who, "content": {"membership": membership, "target": who}},
+                      idem=idem)
+
+    assert own(carol, "leave", "carol-leaves").status_code == 202
+    assert daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "tg.example",
+                                                "limits": {"messages_per_minute_per_user": 2}}).status_code == 201
+    fail_once(pg, db_url, "test_join_once", "room_members")  # her joining's update
+    r = own(carol, "join", "carol-joins")
+    assert r.status_code == 202, r.text
+    assert int(pg.psql("SELECT last_value FROM test_join_once", db_url)) >= 2  # the write ran again
+    # One of the peer's two adds left, and one of her two messages.
+    assert b.call("POST", f"/v1/rooms/{gid}/members", {"add": [b.user("erin")]}).status_code == 200
+    r = b.call("POST", f"/v1/rooms/{gid}/members", {"add": [b.user("fay")]})
+    assert r.status_code == 429 and r.json()["code"] == "rate_limited", r.text
+    assert b.send(gid, carol, "back").status_code == 202
+    r = b.send(gid, carol, "once more")
+    assert r.status_code == 429 and r.json()["code"] == "rate_limited", r.text
+
+
+def test_a_limit_refused_in_a_write_that_runs_again_is_recorded_once(daemon, peers, pg, db_url):
+    """A message refused by a limit, the first refusal of its episode, is
+    recorded (policy.limit) by its job's write; when that write is rolled
+    back and runs again, the run again is refused by the bucket as one of
+    the episode, not its first, and until the forty-third session the
+    record was lost. The run again now records it, once."""
+    (a, sa), (b, sb) = peers
+    wally, bob = a.user("wally"), b.user("bob")
+    gid = a.create_room([wally, bob], kind="group").json()["id"]
+    assert daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "tg.example",
+                                                "limits": {"messages_per_minute_per_user": 1}}).status_code == 201
+    assert b.send(gid, bob, "one").status_code == 202
+    fail_once(pg, db_url, "test_limit_once", "audit_log", "NEW.action = 'policy.limit'")
+    r = b.send(gid, bob, "two")
+    assert r.status_code == 429 and r.json()["code"] == "rate_limited", r.text
+    assert pg.psql("SELECT last_value FROM test_limit_once", db_url) == "2"  # the write ran again
+    r = b.send(gid, bob, "three")
+    assert r.status_code == 429, r.text
+    assert pg.psql("SELECT count(*) || ' ' || min(subject) FROM audit_log WHERE action = 'policy.limit'",
+                   db_url) == f"1 {bob}"
+
+
 def test_a_room_the_peer_has_no_member_in_is_answered_as_one_that_does_not_exist(daemon, peers, pg, db_url):
     """A peer none of whose users is a member of a room (never was, or all
     left) gets for it, on every route that names a room, the answer a room

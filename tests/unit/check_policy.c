@@ -2222,6 +2222,79 @@ START_TEST(rate_memo_charges_each_key_once)
 }
 END_TEST
 
+/* A memo's ledger (since the forty-third session): a write that runs
+ * again gives back what its run before took (undo), and is charged once;
+ * a give (policy_rate_ledger_give) gives back only a token the write took,
+ * once; a first refusal a rolled-back run saw is a first again, once, for
+ * the next run; the tokens of the run that commits stay taken. */
+START_TEST(rate_ledger_charges_a_write_once_whatever_its_runs)
+{
+	struct ratelimit *rl = ratelimit_new(4096);
+	ck_assert_ptr_nonnull(rl);
+	struct policy_rate_ledger l = { .rl = rl };
+	struct policy_rate_memo m;
+	ck_assert_int_eq(ratelimit_take(rl, "full", 1, 60000, 0, NULL), 0); /* the episode's bucket, empty */
+	for (int run = 0; run < 3; run++) {
+		if (run)
+			policy_rate_ledger_undo(&l, 0);
+		policy_rate_memo_init(&m, rl);
+		m.ledger = &l;
+		ck_assert_int_eq(m.rate.take(m.rate.ctx, "a", 2, 60000, 0), 0);
+		ck_assert_int_eq(m.rate.take(m.rate.ctx, "a", 2, 60000, 0), 0); /* the memo's: no take */
+		ck_assert_int_eq(m.rate.take(m.rate.ctx, "b", 2, 60000, 0), 0);
+		/* refused: each run's is its first (the run before was rolled back) */
+		ck_assert_int_eq(m.rate.take(m.rate.ctx, "full", 1, 60000, 0), 60000);
+		ck_assert(m.first_refusal);
+		policy_rate_memo_finish(&m);
+		policy_rate_memo_init(&m, rl); /* another decision of the run: no first */
+		m.ledger = &l;
+		ck_assert_int_eq(m.rate.take(m.rate.ctx, "full", 1, 60000, 0), 60000);
+		ck_assert(!m.first_refusal);
+		ck_assert_int_eq(m.rate.take(m.rate.ctx, "c", 2, 60000, 0), 0);
+		policy_rate_memo_finish(&m);
+	}
+	/* "c" is given back once, "z" (never taken) not at all. */
+	policy_rate_ledger_give(&l, "c", 2, 60000, 0);
+	policy_rate_ledger_give(&l, "c", 2, 60000, 0);
+	policy_rate_ledger_give(&l, "z", 2, 60000, 0);
+	policy_rate_ledger_free(&l);
+	ck_assert_ptr_null(l.g);
+	/* one token each of a and b taken, however many runs; c's given back */
+	ck_assert_int_eq(ratelimit_take(rl, "a", 2, 60000, 0, NULL), 0);
+	ck_assert_int_gt(ratelimit_take(rl, "a", 2, 60000, 0, NULL), 0);
+	ck_assert_int_eq(ratelimit_take(rl, "b", 2, 60000, 0, NULL), 0);
+	ck_assert_int_gt(ratelimit_take(rl, "b", 2, 60000, 0, NULL), 0);
+	ck_assert_int_eq(ratelimit_take(rl, "c", 2, 60000, 0, NULL), 0);
+	ck_assert_int_eq(ratelimit_take(rl, "c", 2, 60000, 0, NULL), 0);
+	ck_assert_int_gt(ratelimit_take(rl, "c", 2, 60000, 0, NULL), 0);
+	/* A run whose bucket's refusal was owed, that does not meet it, owes
+	 * it on; the next that meets it reports it once. */
+	struct policy_rate_ledger k = { .rl = rl };
+	policy_rate_memo_init(&m, rl);
+	m.ledger = &k;
+	ck_assert_int_eq(m.rate.take(m.rate.ctx, "full", 1, 60000, 0), 60000);
+	ck_assert(!m.first_refusal); /* the episode's first was long ago */
+	policy_rate_memo_finish(&m);
+	ck_assert_int_eq(ratelimit_take(rl, "d", 1, 60000, 0, NULL), 0);
+	policy_rate_memo_init(&m, rl);
+	m.ledger = &k;
+	ck_assert_int_eq(m.rate.take(m.rate.ctx, "d", 1, 60000, 0), 60000);
+	ck_assert(m.first_refusal);
+	policy_rate_memo_finish(&m);
+	policy_rate_ledger_undo(&k, 0); /* d owed */
+	policy_rate_ledger_undo(&k, 0); /* a run that met nothing: still owed */
+	for (int i = 0; i < 2; i++) {
+		policy_rate_memo_init(&m, rl);
+		m.ledger = &k;
+		ck_assert_int_eq(m.rate.peek(m.rate.ctx, "d", 1, 60000, 0), 60000);
+		ck_assert(m.first_refusal == (i == 0));
+		policy_rate_memo_finish(&m);
+	}
+	policy_rate_ledger_free(&k);
+	ratelimit_free(rl);
+}
+END_TEST
+
 /* A peek through the memo (since the twenty-eighth session) sees the
  * event's own takes, and is not remembered: a later take takes. */
 START_TEST(rate_memo_peek_sees_its_own_takes)
@@ -2408,6 +2481,7 @@ int main(void)
 	tcase_add_test(tc, rate_memo_charges_each_key_once);
 	tcase_add_test(tc, outbound_group_event_past_the_old_memo_charges_each_rule_once);
 	tcase_add_test(tc, rate_memo_peek_sees_its_own_takes);
+	tcase_add_test(tc, rate_ledger_charges_a_write_once_whatever_its_runs);
 	tcase_add_test(tc, outbound_group_event_closed_member_peeks);
 	suite_add_tcase(s, tc);
 	TCase *rt = tcase_create("ratelimit");
