@@ -2104,8 +2104,11 @@ struct submit *submit_new(size_t n)
 	"cr AS (INSERT INTO consent_requests (local_identity_id, remote_identity_id, created_at, expires_at) " \
 	"  SELECT ck.u, ck.s, statement_timestamp(), statement_timestamp() + make_interval(secs => ck.expiry) FROM ck " \
 	"  WHERE ck.crl = 0 OR ck.had + ck.rk <= ck.crl " \
-	"  ON CONFLICT DO NOTHING), " \
+	"  ON CONFLICT DO NOTHING RETURNING local_identity_id AS u, remote_identity_id AS s), " \
 	"cx AS (SELECT * FROM ck WHERE ck.crl > 0 AND ck.had + ck.rk > ck.crl), " \
+	"cn AS (SELECT it.n FROM it, unnest(string_to_array(it.ask, ',')) AS h(value) " \
+	"  WHERE NOT EXISTS (SELECT 1 FROM cr WHERE cr.u = h.value::bigint AND cr.s = it.sender) " \
+	"  AND NOT EXISTS (SELECT 1 FROM cx WHERE cx.u = h.value::bigint AND cx.s = it.sender AND cx.n = it.n)), " \
 	"ca AS (INSERT INTO audit_log (at, actor, action, reason_code, event_id, subject, details) " \
 	"  SELECT statement_timestamp(), 'policy', 'policy.limit', 'rate_limited_recipient_consent_requests', ev.id, cx.suri, " \
 	"  jsonb_build_object('user', l.uri, 'type', 'consent_request', 'retry_after_ms', greatest(1, " \
@@ -2115,7 +2118,8 @@ struct submit *submit_new(size_t n)
 	"  FROM audit_log a WHERE a.action = 'policy.limit' AND a.at >= cx.last " \
 	"  AND a.reason_code = 'rate_limited_recipient_consent_requests' AND a.details->>'user' = l.uri " \
 	"  AND split_part(a.subject, '/', 3) = cx.dom))), "
-#define CONSENT_UNASKED_ROWS " UNION ALL SELECT NULL, cx.n::bigint, 'unasked' FROM cx"
+#define CONSENT_UNASKED_ROWS \
+	" UNION ALL SELECT NULL, cx.n::bigint, 'unasked' FROM cx UNION ALL SELECT NULL, cn.n::bigint, 'unmade' FROM cn"
 
 /* HELD_COND: GROUP_HELD_COND (no consent asked of a member gone) or empty;
  * AU_DETAILS: an audit record's details (GROUP_AU_DETAILS, or as given). */
@@ -3236,6 +3240,9 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 	for (size_t x = 0; x < json_array_size(states); x++)
 		any_open |= strcmp(json_string_value(json_array_get(states, x)), "dropped") != 0;
 	b->outbound[i] = outbound;
+	if (limited.verdict == POLICY_LIMIT || !b->sender_id[i][0]) /* refused: it asks nobody */
+		for (size_t x = 0; x < json_array_size(ask); x++)
+			give_back(b, i);
 	if (limited.verdict == POLICY_LIMIT) {
 		/* Refused for now, nothing stored; a flood is recorded once
 		 * per bucket and episode, not once per refused message. */
@@ -3545,16 +3552,23 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 					}
 				}
 			/* Each first contact held past its user's bound with no
-			 * request (CONSENT_ASK_SQL): a limit decision, counted as
-			 * round 0 counts the policy's, and its sender's token
-			 * given back (give_back). */
+			 * request (CONSENT_ASK_SQL, "unasked"): a limit decision,
+			 * counted as round 0 counts the policy's, and its
+			 * sender's token given back (give_back); so is the token
+			 * of each pair whose request the write did not make for
+			 * another reason ("unmade": another transaction made it
+			 * meanwhile, found standing or at the insert's ON
+			 * CONFLICT; its item not written), since the forty-third
+			 * session. */
 			unsigned *unasked = NULL; /* per item, made at the first (most writes have none) */
 			for (int k = 0; k < rows; k++)
 				if (PQgetisnull(r, k, 0) && !PQgetisnull(r, k, 2) &&
-				    strcmp(PQgetvalue(r, k, 2), "unasked") == 0) {
-					policy_count(b->app, &(struct policy_decision){
-								     .verdict = POLICY_LIMIT,
-								     .reason = "rate_limited_recipient_consent_requests" });
+				    (strcmp(PQgetvalue(r, k, 2), "unasked") == 0 ||
+				     strcmp(PQgetvalue(r, k, 2), "unmade") == 0)) {
+					if (PQgetvalue(r, k, 2)[2] == 'a') /* unasked */
+						policy_count(b->app, &(struct policy_decision){
+									     .verdict = POLICY_LIMIT,
+									     .reason = "rate_limited_recipient_consent_requests" });
 					size_t n = (size_t)atoll(PQgetvalue(r, k, 1));
 					if (!unasked)
 						unasked = calloc(b->n, sizeof(*unasked)); /* none given back without */

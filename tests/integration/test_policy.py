@@ -1079,6 +1079,64 @@ def test_a_group_commits_jobs_never_wait_for_a_users_lock_holding_a_rooms(make_d
         sb.close()
 
 
+@pytest.mark.parametrize("bound", [1, 0])
+def test_a_first_contact_whose_request_another_made_meanwhile_spends_none_of_its_own(daemon, peers, pg, db_url,
+                                                                                      bound):
+    """A first contact takes its sender's consent_requests_per_day token
+    when it is decided, before the write; when the write then makes no
+    request because another transaction made the pair's meanwhile (it
+    stands when the write's statement starts, having waited for her lock:
+    with a bound; or its insert finds the other's at ON CONFLICT: without
+    one, no lock is taken), the token is given back as for a pair held
+    unasked by her bound. Until the forty-third session it stayed spent:
+    here bob, whom the sender still may ask, was not asked."""
+    (a, _), _ = peers
+    for u in (ALICE, BOB):
+        opt_in(daemon, user=u)
+    assert daemon.admin("PATCH", "/settings", json={"policy.consent_requests_per_user_per_day": bound}).ok
+    r = daemon.admin("POST", "/rules", json={"scope": "network", "pattern": "peer:*",
+                                             "limits": {"consent_requests_per_day_per_user": 1}})
+    assert r.status_code == 201, r.text
+    room = dm(a, remote="spam")
+    alice = pg.psql(f"SELECT id FROM identities WHERE uri = '{ALICE}'", db_url)
+    spam = pg.psql(f"SELECT id FROM identities WHERE uri = '{a.user('spam')}'", db_url)
+    request = ("INSERT INTO consent_requests (local_identity_id, remote_identity_id, created_at, expires_at) "
+               f"VALUES ({alice}, {spam}, now(), now() + interval '1 day');")
+    held = HeldSession(db_url)
+    got = {}
+    t = threading.Thread(target=lambda: got.setdefault("r", send(a, room, "hi", sender="spam")))
+    try:
+        if bound:  # the write waits for alice's lock; the request is made and committed meanwhile
+            held.run(f"BEGIN; SELECT pg_advisory_xact_lock(1129792338, ({alice} % 2147483647)::int); {request}")
+            t.start()
+            wait_until(lambda: pg.psql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                                       "AND NOT granted AND classid = 1129792338", db_url) == "1",
+                       what="the write waiting for alice's lock")
+        else:  # the write's insert waits for the other's, uncommitted, to end
+            held.run(f"BEGIN; {request}")
+            t.start()
+            wait_until(lambda: pg.psql("SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' "
+                                       "AND NOT granted", db_url) == "1",
+                       what="the write's request waiting for the other's")
+        held.end()
+        t.join(30)
+    finally:
+        held.end()
+        t.join(30)
+    assert got["r"].status_code == 202, got["r"].text
+    assert [s for _, s in states(pg, db_url, [got["r"].json()["id"]])] == ["held"]
+    assert asked_of(pg, db_url) == "spam"  # once: the other's request
+    # spam's one request of the day is still its own: bob is asked ...
+    r = send(a, dm(a, local=BOB, remote="spam"), "hi", sender="spam")
+    assert r.status_code == 202, r.text
+    assert asked_of(pg, db_url, BOB) == "spam"
+    # ... and its limit holds: a third user is not
+    dave = "mimi://example.org/u/dave"
+    opt_in(daemon, user=dave)
+    assert send(a, dm(a, local=dave, remote="spam"), "hi", sender="spam").status_code == 202
+    assert asked_of(pg, db_url, dave) == ""
+
+
 def test_rule_change_is_in_force_on_every_process_without_restart(daemon, make_daemon, peers, pg, db_url):
     (a, _), _ = peers
     opt_in(daemon)
