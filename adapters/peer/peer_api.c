@@ -1441,6 +1441,8 @@ struct msg_input {
 	char *idem_key;
 	unsigned char hash[32];
 	unsigned char hash_old[32];   /* the same request as stored before the sixteenth session */
+	unsigned char hash_spelled[32]; /* as stored in the forty-second session: its `by` respelled */
+	bool spelled;                 /* hash_spelled is set (membership_by_spelled) */
 	char room[MIMI_URI_MAX + 1]; /* public id, or URI in a batch */
 	char body_room[MIMI_URI_MAX + 1]; /* the room the body names, if any */
 	char msg_id[80];
@@ -2946,10 +2948,13 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 		return;
 	}
 	if (!PQgetisnull(r, first, 9)) { /* this key answered before */
-		char hex[65], hex_old[65];
+		char hex[65], hex_old[65], hex_spelled[65];
 		cw_hex(hex, in->hash, 32);
 		cw_hex(hex_old, in->hash_old, 32);
-		if ((strcmp(hex, PQgetvalue(r, first, 9)) != 0 && strcmp(hex_old, PQgetvalue(r, first, 9)) != 0) ||
+		cw_hex(hex_spelled, in->hash_spelled, 32);
+		const char *stored = PQgetvalue(r, first, 9);
+		if ((strcmp(hex, stored) != 0 && strcmp(hex_old, stored) != 0 &&
+		     !(in->spelled && strcmp(hex_spelled, stored) == 0)) ||
 		    strcmp(PQgetvalue(r, first, 18), PQgetvalue(r, first, 1)) != 0) {
 			item_fail(res, 409, "conflict", "this Idempotency-Key was used with a different request");
 		} else {
@@ -3967,12 +3972,8 @@ static void submit_coalesced(struct cw_app *app, struct cw_req *req, struct msg_
  * accepted and pushed, signed, to the other peers, when nothing had
  * changed.  NULL when ev may be taken, else why not (403 not_allowed, in
  * a batch that item alone).  Its `by` is compared in any case (a DNS
- * name's case means nothing) and, taken, set to the one spelling of the
- * peer's domain (lower case), which is what is kept and passed on to the
- * other peers and the local adapters: none of them has to fold it to tell
- * it from another domain (until the forty-second session "WA.example"
- * went on as sent). */
-static const char *membership_refused(struct event *ev, const struct peer_principal *p)
+ * name's case means nothing); membership_by_spelled respells it. */
+static const char *membership_refused(const struct event *ev, const struct peer_principal *p)
 {
 	if (ev->type != EVENT_MEMBERSHIP)
 		return NULL;
@@ -3984,11 +3985,33 @@ static const char *membership_refused(struct event *ev, const struct peer_princi
 		return NULL;
 	if (!(json_is_string(by) && strcasecmp(json_string_value(by), p->domain) == 0))
 		return "content.by of a peer's membership event, when sent, is the calling peer's own domain";
-	if (strcmp(json_string_value(by), p->domain) != 0 && json_string_set(by, p->domain) == 0) {
-		free(ev->text); /* made of the peer's spelling, if any */
-		ev->text = NULL;
-	}
 	return NULL;
+}
+
+/* A membership event's `by` (membership_refused took it: the calling
+ * peer's domain in any case) is kept, and passed on to the other peers
+ * and the local adapters, in the one spelling of the peer's domain (lower
+ * case), so that none of them has to fold it to tell it from another
+ * domain (until the forty-second session "WA.example" went on as sent).
+ * After msg_input_from_event: the request's hash stays that of the event
+ * as sent, as for every other member (a typing notification's too), so
+ * that a retry of the same bytes is the same request whatever the daemon
+ * that stored its key; in the forty-second session the hash was of the
+ * respelled event, and a key stored before it, retried, was a 409.  A key
+ * stored then (hash_spelled) is the same request too.  in->event_text is
+ * NULL when out of memory. */
+static void membership_by_spelled(struct msg_input *in, struct event *ev, const struct peer_principal *p)
+{
+	json_t *by = ev->type == EVENT_MEMBERSHIP ? json_object_get(json_object_get(ev->json, "content"), "by") : NULL;
+	if (!in->event_text || !json_is_string(by) || strcmp(json_string_value(by), p->domain) == 0)
+		return;
+	free(in->event_text);
+	in->event_text = json_string_set(by, p->domain) == 0 ? json_dumps(ev->json, JSON_COMPACT | JSON_SORT_KEYS)
+							      : NULL;
+	if (in->event_text) {
+		request_hash(in->event_text, in->hash_spelled);
+		in->spelled = true;
+	}
 }
 
 /* Submits one event to the room of the URL.  key_required: the request
@@ -4066,6 +4089,7 @@ static void submit_one(struct cw_req *req, struct cw_app *app, unsigned types, b
 		msg_input_from_peer(in, p);
 		in->idem_key = strdup(key);
 		msg_input_from_event(in, app, room, sender, &ev);
+		membership_by_spelled(in, &ev, p);
 		if (ev.has_room)
 			mimi_uri_format(&ev.room, in->body_room, sizeof(in->body_room), NULL);
 	}
@@ -4267,6 +4291,7 @@ void peer_api_batch(struct cw_req *req, void *ctx)
 			mimi_uri_format(&it->room, room, sizeof(room), NULL);
 			mimi_uri_format(&it->ev.sender, sender, sizeof(sender), NULL);
 			msg_input_from_event(in, app, room, sender, &it->ev);
+			membership_by_spelled(in, &it->ev, p);
 		}
 		b->items[i] = in;
 		if (!in || !in->idem_key || !in->event_text) {

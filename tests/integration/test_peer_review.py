@@ -1,4 +1,6 @@
 """Review probes (session 36, rP): interactions of the peer API's routes."""
+import hashlib
+import json
 import threading
 
 import pytest
@@ -68,6 +70,49 @@ def test_a_peer_cannot_forge_membership_events_of_others(daemon, peers, pg, db_u
                    f"AND o.destination = 'local' WHERE e.public_id = '{r.json()['id']}'", db_url) == "wa.example"
     wait_until(lambda: [e["content"].get("by") for e in list(sb.events) if e["type"] == "membership"] ==
                ["wa.example", None, "wa.example"], what="wendy's leave at tg")
+
+
+def test_a_membership_events_key_is_for_the_event_as_sent(daemon, peers, pg, db_url):
+    """A membership event's `by` is kept in the one spelling of the peer's
+    domain (lower case), but its Idempotency-Key holds the event as the
+    peer sent it (keys sorted, compact), as for every other member: a
+    retry of the same bytes is the same request whatever the daemon that
+    stored the key. In the forty-second session the key held the
+    respelled event, and a key stored before it ("WA.example" as sent),
+    retried, was a 409; a key stored then is still taken. The same key
+    with the domain spelled another way is another request (409)."""
+    (a, sa), (b, sb) = peers
+    wally, walt = a.user("wally"), a.user("walt")
+    gid = a.create_room([wally, walt, b.user("bob")], kind="group").json()["id"]
+    ev = {"type": "membership", "sender": walt, "content": {"membership": "leave", "target": walt, "by": "WA.example"}}
+    spelled = dict(ev, content=dict(ev["content"], by="wa.example"))
+
+    def text(e):
+        return json.dumps(e, sort_keys=True, separators=(",", ":")).encode()
+
+    def post(e):
+        return a.call("POST", f"/v1/rooms/{gid}/messages", e, idem="walt-leaves")
+
+    def stored(digest=None):  # an event's key is its origin_native_id
+        where = "origin_native_id = 'walt-leaves'"
+        if digest:
+            pg.psql(f"UPDATE events SET request_hash = '\\x{digest}' WHERE {where}", db_url)
+        return pg.psql(f"SELECT encode(request_hash, 'hex') FROM events WHERE {where}", db_url)
+
+    first = post(ev)
+    assert first.status_code == 202, first.text
+    sent, respelled = hashlib.sha256(text(ev)).hexdigest(), hashlib.sha256(text(spelled)).hexdigest()
+    assert stored() == sent  # as a daemon before the forty-second session stored it
+    for digest in (sent, respelled):  # stored before, and in, the forty-second session
+        stored(digest)
+        r = post(ev)
+        assert r.status_code == 202 and r.json()["id"] == first.json()["id"], (digest, r.text)
+    stored(sent)
+    r = post(spelled)
+    assert r.status_code == 409 and r.json()["code"] == "conflict", r.text
+    # what is kept is the one spelling
+    assert pg.psql(f"SELECT content->'content'->>'by' FROM events WHERE public_id = '{first.json()['id']}'",
+                   db_url) == "wa.example"
 
 
 def test_an_edit_of_a_deleted_message(daemon, peers, pg, db_url):
