@@ -1,11 +1,12 @@
 """Review probes (session 36, rP): interactions of the peer API's routes."""
 import hashlib
 import json
+import re
 import threading
 
 import pytest
 
-from harness import wait_until
+from harness import HeldSession, wait_until
 from peer import PeerClient, push_peers
 
 
@@ -113,6 +114,68 @@ def test_a_membership_events_key_is_for_the_event_as_sent(daemon, peers, pg, db_
     # what is kept is the one spelling
     assert pg.psql(f"SELECT content->'content'->>'by' FROM events WHERE public_id = '{first.json()['id']}'",
                    db_url) == "wa.example"
+
+
+def test_a_leave_and_a_join_in_two_requests_of_one_group_commit(daemon, peers, pg, db_url):
+    """A peer's user's own leave and then her join, sent as two requests,
+    written in one transaction (the coalesced requests of one job: the
+    writer held up meanwhile by another write waiting for a room's lock)
+    take effect in order as the items of one batch do: she is joined, and
+    the group's other peer gets her leave and then her join."""
+    (a, sa), (b, sb) = peers
+    wally, bob, eve = a.user("wally"), b.user("bob"), b.user("eve")
+    gid = a.create_room([wally, bob, eve], kind="group").json()["id"]
+    other = a.create_room([wally, bob], kind="group").json()
+    rid = pg.psql(f"SELECT id FROM rooms WHERE public_id = '{other['id']}'", db_url)
+
+    def own(membership):
+        return {"type": "membership", "sender": eve, "content": {"membership": membership, "target": eve}}
+
+    def metric(name):
+        m = re.search(r"^" + name + r" (\S+)$", daemon.get("/metrics").text, re.M)
+        return float(m.group(1)) if m else None
+
+    held = HeldSession(db_url)
+    out, threads = {}, []
+
+    def start(name, fn):
+        t = threading.Thread(target=lambda: out.update({name: fn()}))
+        t.start()
+        threads.append(t)
+    try:
+        # the writer held up by a batch (a job of its own) waiting for the other room's lock ...
+        held.run(f"BEGIN; SELECT pg_advisory_xact_lock(1129796434, ({rid} % 2147483647)::int);")
+        start("blocker", lambda: a.call("POST", "/v1/batch", {"events": [
+            {"room": other["uri"], "idempotency_key": "waits", "event": {
+                "type": "message", "sender": wally,
+                "content": {"parts": [{"type": "text/plain", "body": "waits"}]}}}]}))
+        wait_until(lambda: pg.psql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                                   db_url) == "1", what="the writer waiting for the room's lock")
+        # ... while her leave makes a job that waits, and her join joins its queue
+        start("leave", lambda: b.call("POST", f"/v1/rooms/{gid}/messages", own("leave"), idem="eve-leaves"))
+        wait_until(lambda: metric("causeway_db_writes_queued") == 1, what="the leave's job queued")
+        start("join", lambda: b.call("POST", f"/v1/rooms/{gid}/messages", own("join"), idem="eve-joins"))
+        # three requests waiting, and this scrape
+        wait_until(lambda: metric("causeway_http_requests_in_flight") == 4, what="the join waiting")
+        assert metric("causeway_db_writes_queued") == 1  # no job of its own: in the leave's
+        held.end()
+        for t in threads:
+            t.join(30)
+    finally:
+        held.end()
+        for t in threads:
+            t.join(30)
+    assert [out[k].status_code for k in ("blocker", "leave", "join")] == [200, 202, 202], \
+        [out[k].text for k in ("blocker", "leave", "join")]
+    ids = [out[k].json()["id"] for k in ("leave", "join")]
+    # one transaction
+    assert pg.psql("SELECT count(DISTINCT xmin::text) FROM events WHERE public_id IN "
+                   f"('{ids[0]}', '{ids[1]}')", db_url) == "1"
+    members = {m["user"]: m["membership"] for m in a.call("GET", f"/v1/rooms/{gid}").json()["members"]}
+    assert members == {wally: "joined", bob: "joined", eve: "joined"}, members
+    wait_until(lambda: [(e["sender"], e["content"]["membership"]) for e in list(sa.events)
+                        if e["type"] == "membership" and e["room_id"] == gid] == [(eve, "leave"), (eve, "join")],
+               what="her leave, then her join, at wa")
 
 
 def test_an_edit_of_a_deleted_message(daemon, peers, pg, db_url):
