@@ -28,6 +28,8 @@
 #include "log.h"
 #include "peer/event.h"
 #include "peer/peer_media.h"
+#include "peer/pipeline.h"
+#include "policy_live.h"
 #include "xm.h"
 #include "store.h"
 #include "utf8.h"
@@ -494,8 +496,8 @@ static cw_err may_make_group(PGconn *c, const struct mjoin *j, bool *ok, cw_errm
 static cw_err join_fn(PGconn *c, void *arg, cw_errmsg *e)
 {
 	struct mjoin *j = arg;
-	/* A local user a peer invited (schema/037) is marked joined (mk,
-	 * below) under the room's lock of every write of events, taken first
+	/* A local user a peer or a member invited (schema/037, invite_fn)
+	 * is marked joined (mk, below) under the room's lock of every write of events, taken first
 	 * in a statement of its own, as the message paths and the Matrix
 	 * mark take it (mx_mark_joined): a group write holding it, which read
 	 * her invited, commits first (its message decided as for an invited
@@ -509,7 +511,7 @@ static cw_err join_fn(PGconn *c, void *arg, cw_errmsg *e)
 	PGresult *lr = PQexecParams(c,
 		"SELECT count(" ROOM_LOCK_SQL("x.room_id") ") FROM room_members x JOIN rooms r ON r.id = x.room_id "
 		"JOIN identities i ON i.id = x.identity_id WHERE r.public_id = $1 AND i.uri = $2 AND i.is_local "
-		"AND x.membership = 'invited' AND x.peer_invited", 2, NULL, lp, NULL, NULL, 0);
+		"AND x.membership = 'invited'", 2, NULL, lp, NULL, NULL, 0);
 	cw_err lrc = store_check(c, lr, PGRES_TUPLES_OK, e);
 	if (lrc)
 		return lrc;
@@ -547,17 +549,18 @@ static cw_err join_fn(PGconn *c, void *arg, cw_errmsg *e)
 		 * made here, on this component (the room JID its members have it
 		 * under: xmpp_out.c delivers there) */
 		"ok AS (SELECT r.id AS room, u.id AS me FROM r, u WHERE r.id IN (SELECT id FROM nr) OR (EXISTS (SELECT 1 "
-		"  FROM room_members x WHERE x.room_id = r.id AND x.identity_id = u.id AND (x.membership = 'joined' "
-		"  OR (x.membership = 'invited' AND x.peer_invited))) "
+		"  FROM room_members x WHERE x.room_id = r.id AND x.identity_id = u.id AND x.membership IN ('joined', "
+		"  'invited')) "
 		"  AND (EXISTS (SELECT 1 FROM rooms x JOIN peers p ON p.id = x.created_by_peer_id WHERE x.id = r.id "
 		"  AND p.name = $3) OR (EXISTS (SELECT 1 FROM rooms x WHERE x.id = r.id AND x.hub_domain = $8 "
 		"  AND x.created_by_peer_id IS NULL) AND NOT EXISTS (SELECT 1 FROM room_bindings b WHERE b.room_id = r.id "
 		"  AND b.network = 'xmpp' AND b.remote_identity_id IS NULL AND b.native_id NOT LIKE 'h:%' "
 		"  AND split_part(split_part(b.native_id, ' ', 2), '@', 2) <> $10))))), "
 		/* a local user a peer invited (schema/037) is a member once she
-		 * joins the chat room her first message let through named */
+		 * joins the chat room her first message let through named, and
+		 * one a member invited (invite_fn) once she joins its room */
 		"mk AS (UPDATE room_members x SET membership = 'joined', peer_invited = false, updated_at = now() FROM ok "
-		"  WHERE x.room_id = ok.room AND x.identity_id = ok.me AND x.membership = 'invited' AND x.peer_invited), "
+		"  WHERE x.room_id = ok.room AND x.identity_id = ok.me AND x.membership = 'invited'), "
 		"b AS (INSERT INTO room_bindings (room_id, network, native_id, local_identity_id) "
 		"  SELECT room, 'xmpp', $4, me FROM ok ON CONFLICT DO NOTHING), "
 		"ib AS (INSERT INTO identity_bindings (identity_id, network, native_id) SELECT me, 'xmpp', $5 FROM ok "
@@ -1228,11 +1231,13 @@ static void leave_form(struct xcomp *xc, xmpp_stanza_t *iq)
 }
 
 /* A local user a peer put into a group is invited until she joins
- * (docs/policy.md, "Local users a peer puts into a group"; schema/037).
- * Her leave (the command, her affiliation to none) or her decline of the
- * room's invitation (XEP-0045 §7.8.2) while invited declines the group:
- * kept (left, peer_invited still set, so the peers go on listing her
- * invited) and told to nobody, as the Matrix portal's invitation refused
+ * (docs/policy.md, "Local users a peer puts into a group"; schema/037),
+ * and so, since the forty-third session, is one a member invited
+ * (invite_fn).  Her leave (the command, her affiliation to none) or her
+ * decline of the room's invitation (XEP-0045 §7.8.2) while invited
+ * declines the group: kept (left; a peer's invitation keeps peer_invited,
+ * so the peers go on listing her invited; a member's is listed left, as a
+ * Matrix user's decline of a member's invitation) and told to nobody, as the Matrix portal's invitation refused
  * (mx_bot.c left; the decline itself is no event, mx_map.c).  Until the
  * thirty-second session her leave was refused (the pipeline takes a
  * membership event from joined members only: service-unavailable) and
@@ -1263,7 +1268,7 @@ static cw_err decline_fn(PGconn *c, void *arg, cw_errmsg *e)
 #define DECLINE_ROWS \
 	"room_bindings b, identities i WHERE b.network = 'xmpp' AND b.native_id = $1 " \
 	"AND b.remote_identity_id IS NULL AND i.id = b.local_identity_id AND i.uri = $2 AND i.is_local " \
-	"AND x.room_id = b.room_id AND x.identity_id = i.id AND x.membership = 'invited' AND x.peer_invited"
+	"AND x.room_id = b.room_id AND x.identity_id = i.id AND x.membership = 'invited'"
 	PGresult *r = PQexecParams(c, "SELECT count(" ROOM_LOCK_SQL("x.room_id") ") FROM room_members x, " DECLINE_ROWS,
 				   2, NULL, params, NULL, NULL, 0);
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
@@ -1696,8 +1701,11 @@ bool xa_muc_iq(struct xcomp *xc, xmpp_stanza_t *st, const char *ns, bool get)
 
 /* ------------------------------------------------------------ messages */
 
-bool xa_muc_invite(struct xcomp *xc, xmpp_ctx_t *ctx, const char *room, const char *user, const char *inviter,
-		   char **text, size_t *len)
+/* The room's mediated invitation (XEP-0045 §7.8.2) of user, naming the
+ * inviter: to a member (the group's first message for her), or to one a
+ * member invited (invite_done), who is not one until she joins. */
+static bool invite_stanza(struct xcomp *xc, xmpp_ctx_t *ctx, const char *room, const char *user, const char *inviter,
+			  bool member, char **text, size_t *len)
 {
 	xmpp_stanza_t *m = xmpp_message_new(ctx, NULL, user, NULL);
 	if (!m)
@@ -1706,8 +1714,12 @@ bool xa_muc_invite(struct xcomp *xc, xmpp_ctx_t *ctx, const char *room, const ch
 	xmpp_stanza_t *x = xa_child(ctx, m, "x", NS_MUC_USER);
 	xmpp_stanza_t *inv = x ? xa_child(ctx, x, "invite", NULL) : NULL;
 	char reason[300];
-	snprintf(reason, sizeof(reason), "A group on %.60s that you are a member of (bridged by Causeway: encryption "
-				      "ends at the gateway)", xc->peer);
+	if (member)
+		snprintf(reason, sizeof(reason), "A group on %.60s that you are a member of (bridged by Causeway: "
+						  "encryption ends at the gateway)", xc->peer);
+	else
+		snprintf(reason, sizeof(reason), "A group bridged with %.60s (by Causeway: encryption ends at the "
+						  "gateway): join the room to take part, or decline", xc->peer);
 	if (inv) {
 		xmpp_stanza_set_attribute(inv, "from", inviter);
 		xa_text_child(ctx, inv, "reason", NULL, reason);
@@ -1719,6 +1731,12 @@ bool xa_muc_invite(struct xcomp *xc, xmpp_ctx_t *ctx, const char *room, const ch
 		xmpp_free(ctx, buf);
 	xmpp_stanza_release(m);
 	return *text != NULL;
+}
+
+bool xa_muc_invite(struct xcomp *xc, xmpp_ctx_t *ctx, const char *room, const char *user, const char *inviter,
+		   char **text, size_t *len)
+{
+	return invite_stanza(xc, ctx, room, user, inviter, true, text, len);
 }
 
 /* Whether c is a <stanza-id/> (XEP-0359) that names room as its giver. */
@@ -1969,73 +1987,248 @@ void xa_muc_members(struct xcomp *xc, PGconn *c)
 
 #define INVITES_MAX 16
 
+/* A member's mediated invitation (XEP-0045 §7.8.2) into a group hosted
+ * here, by the same rules as a peer's add (docs/policy.md, "Local users a
+ * peer puts into a group"; POST /v1/rooms/{room}/members):
+ * - another user of this server is invited, not joined, until she takes
+ *   part herself: she gets the room's invitation now, and is joined by her
+ *   join of the room (join_fn); nothing of the group reaches her before
+ *   (she is no recipient: a peer's RECIPIENT_MEMBER_SQL), and she declines
+ *   it as a user a peer invited does (decline_fn: a decline of the
+ *   invitation, the leave command, her affiliation to none), told to
+ *   nobody.  One who left is invited again (not joined), one invited or
+ *   joined already is no change;
+ * - a user of the component's peer is joined at once, as the group's host
+ *   adds a peer's users and as a Matrix member's invitation of a ghost
+ *   joins it (mx_bot.c, grow_group); her peer learns of it from the
+ *   group's next event and GET /v1/rooms/{room}, as for those.  One who
+ *   left (her own leave, her peer's removal) is not brought back: that is
+ *   hers, her own join or her peer's add (POST /v1/rooms/{room}/members);
+ * - a banned user is no one's to bring back.
+ * An invitation naming one who is not to be brought back is refused
+ * whole (not-allowed, saying whom), nothing stored.  Until the
+ * forty-third session every invitee was joined, and one who had left was
+ * a member again without her say (a review's finding).
+ *
+ * Each invitation (at most INVITES_MAX invitees) takes a token of the
+ * inviter's bucket of what she sends to the component's peer
+ * (outbound_messages_per_minute_per_user of the rules matching the peer,
+ * which counts an invitation: policy.c, outbound_limits_of), as a peer's
+ * add takes one of its own (peer_api.c, change_limit): past it,
+ * resource-constraint to the inviter, nothing stored, audited
+ * (policy.limit, type member_add) once per episode.  Until the
+ * forty-third session nothing bounded them: 50 stanzas made 800 made-up
+ * identities and memberships (a review's finding). */
 struct minvite {
 	struct xcomp *xc;
 	char *text;                      /* the message, serialised */
 	char public_id[EVENT_OPAQUE_ID_MAX + 1];
 	char uri[MIMI_URI_MAX + 1];      /* the inviter's */
-	json_t *who;                     /* [["r" remote | "l" local, local part]] */
-	bool added;
+	char inviter[1100];              /* the inviter's bare JID */
+	char room[XJ_JID_MAX + 1];       /* the room's bare JID */
+	json_t *who;                     /* [["r" remote | "l" local, local part, pair key, bare JID ("" remote)]] */
+	/* the job's */
+	enum { INV_DONE, INV_NOT_MEMBER, INV_REFUSED, INV_LIMITED } result;
+	char refused[MIMI_URI_MAX + 1];  /* INV_REFUSED: whom */
+	json_t *invited;                 /* [bare JID] of the local users invited (to send the invitation to) */
+	bool decided, first_refusal;     /* the limit's answer, from the job's first run */
+	struct policy_decision d;
 };
+
+/* The token (once per job: a run again neither charges twice nor loses
+ * the audit), with the inviter as the sender and the peer as the
+ * recipient; only the limit is taken from the answer. */
+static cw_err invite_limit(PGconn *c, struct minvite *v, const char *peer_domain, cw_errmsg *e)
+{
+	struct cw_app *app = v->xc->x->app;
+	char network[XMPP_PEER_MAX + 8], peer_uri[MIMI_DOMAIN_MAX + 16];
+	snprintf(network, sizeof(network), "peer:%s", v->xc->peer);
+	snprintf(peer_uri, sizeof(peer_uri), "mimi://%s", peer_domain);
+	if (!v->decided) {
+		struct policy_view *view = policy_live_get(app->policy);
+		struct policy_rate_memo memo;
+		policy_rate_memo_init(&memo, app->limits);
+		struct policy_request preq = {
+			.direction = POLICY_OUTBOUND, .action = POLICY_ACT_EVENT, .event_type = "membership",
+			.invitation = true, .group = true,
+			.sender = { v->uri, v->xc->x->cfg->domain ? v->xc->x->cfg->domain : "", "xmpp" },
+			.recipient = { peer_uri, peer_domain, network }, .now_ms = cw_wall_ms(), .rate = &memo.rate,
+		};
+		policy_decide(view->snap, &preq, &v->d);
+		policy_rate_memo_finish(&memo);
+		policy_view_put(view);
+		v->first_refusal = memo.first_refusal;
+		v->decided = true;
+		if (v->d.verdict == POLICY_LIMIT)
+			policy_count(app, &v->d);
+	}
+	if (v->d.verdict != POLICY_LIMIT)
+		return CW_OK;
+	v->result = INV_LIMITED;
+	if (!v->first_refusal)
+		return CW_OK;
+	return peer_audit_write(c, &v->d, v->uri,
+				json_pack("{s:s, s:s, s:s, s:s, s:I}", "sender", v->uri, "direction", "outbound", "type",
+					  "member_add", "room", v->public_id, "retry_after_ms",
+					  (json_int_t)v->d.retry_after_ms), e);
+}
+
+/* The invitees as URIs with their rows (want), for the statements below:
+ * $1 the room's id, $2 the invitees (v->who), $3 this provider's domain,
+ * $4 the peer's domain. */
+#define INVITEES_SQL \
+	"want AS (SELECT DISTINCT ON (uri) CASE WHEN x->>0 = 'r' THEN 'mimi://' || $4 || '/u/' || (x->>1) " \
+	"  ELSE 'mimi://' || $3 || '/u/' || (x->>1) END AS uri, x->>0 AS kind, x->>1 AS local, x->>2 AS native, x->>3 AS bare " \
+	"  FROM jsonb_array_elements($2::jsonb) AS x) "
 
 static cw_err invite_fn(PGconn *c, void *arg, cw_errmsg *e)
 {
 	struct minvite *v = arg;
-	char *who = json_dumps(v->who, JSON_COMPACT);
-	if (!who)
-		return cw_fail(e, CW_ENOMEM, "out of memory");
+	v->result = INV_DONE;
+	v->refused[0] = '\0';
+	json_array_clear(v->invited);
 	const char *domain = v->xc->x->cfg->domain ? v->xc->x->cfg->domain : "";
-	const char *params[] = { v->public_id, v->uri, v->xc->peer, domain, who };
 	/* Only into a group hosted here (a peer's group takes members from
-	 * the peer), by a member of it. */
+	 * the peer), by a member of it; under the room's lock of every write
+	 * of events, taken first, as every member change takes it (a group
+	 * write holding it commits first; one waiting for it reads the
+	 * change).  Until the forty-third session an invitation took none. */
+	const char *rp[] = { v->public_id, domain, v->xc->peer, v->uri };
 	PGresult *r = PQexecParams(c,
-		"WITH p AS (SELECT id, domain FROM peers WHERE name = $3 AND enabled), "
-		"r AS (SELECT g.id FROM rooms g WHERE g.public_id = $1 AND g.kind = 'group' AND g.hub_domain = $4 "
-		"  AND g.created_by_peer_id IS NULL AND EXISTS (SELECT 1 FROM room_members x JOIN identities i "
-		"  ON i.id = x.identity_id WHERE x.room_id = g.id AND i.uri = $2 AND x.membership = 'joined')), "
-		"inv AS (SELECT DISTINCT x->>0 AS kind, x->>1 AS local FROM jsonb_array_elements($5::jsonb) AS x), "
-		"want AS (SELECT CASE WHEN inv.kind = 'r' THEN 'mimi://' || p.domain || '/u/' || inv.local "
-		"  ELSE 'mimi://' || $4 || '/u/' || inv.local END AS uri, inv.kind, inv.local, p.id AS peer, p.domain "
-		"  FROM inv, p, r), "
-		"ni AS (INSERT INTO identities (uri, domain, localpart, is_local, network, peer_id) "
-		"  SELECT w.uri, CASE WHEN w.kind = 'r' THEN w.domain ELSE $4 END, w.local, w.kind = 'l', "
-		"  CASE WHEN w.kind = 'r' THEN 'peer:' || $3 ELSE 'xmpp' END, CASE WHEN w.kind = 'r' THEN w.peer END "
-		"  FROM want w ON CONFLICT DO NOTHING RETURNING id), "
-		"ids AS (SELECT id FROM ni UNION SELECT i.id FROM identities i JOIN want w ON w.uri = i.uri), "
-		"mb AS (INSERT INTO room_members (room_id, identity_id, membership) SELECT r.id, ids.id, 'joined' FROM r, ids "
-		"  ON CONFLICT (room_id, identity_id) DO UPDATE SET membership = 'joined', peer_invited = false, "
-		"  updated_at = now() RETURNING 1) "
-		"SELECT (SELECT count(*) FROM r), (SELECT count(*) FROM mb)",
-		5, NULL, params, NULL, NULL, 0);
-	free(who);
+		"SELECT count(" ROOM_LOCK_SQL("g.id") ") FROM rooms g WHERE g.public_id = $1 AND g.kind = 'group' "
+		"AND g.hub_domain = $2 AND g.created_by_peer_id IS NULL", 2, NULL, rp, NULL, NULL, 0);
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 	if (rc)
 		return rc;
-	v->added = PQgetvalue(r, 0, 0)[0] == '1';
 	PQclear(r);
+	r = PQexecParams(c,
+		"SELECT g.id, p.domain, p.id FROM rooms g, peers p WHERE g.public_id = $1 AND g.kind = 'group' "
+		"AND g.hub_domain = $2 AND g.created_by_peer_id IS NULL AND p.name = $3 AND p.enabled "
+		"AND EXISTS (SELECT 1 FROM room_members x JOIN identities i ON i.id = x.identity_id "
+		"WHERE x.room_id = g.id AND i.uri = $4 AND x.membership = 'joined')", 4, NULL, rp, NULL, NULL, 0);
+	if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
+		return rc;
+	if (PQntuples(r) != 1) {
+		PQclear(r);
+		v->result = INV_NOT_MEMBER;
+		return CW_OK;
+	}
+	char room_id[24], peer_domain[MIMI_DOMAIN_MAX + 1], peer_id[24];
+	snprintf(room_id, sizeof(room_id), "%s", PQgetvalue(r, 0, 0));
+	snprintf(peer_domain, sizeof(peer_domain), "%s", PQgetvalue(r, 0, 1));
+	snprintf(peer_id, sizeof(peer_id), "%s", PQgetvalue(r, 0, 2));
+	PQclear(r);
+	char *who = json_dumps(v->who, JSON_COMPACT);
+	if (!who)
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	const char *params[] = { room_id, who, domain, peer_domain, peer_id };
+	/* One not to be brought back: a remote user who left, anyone banned. */
+	r = PQexecParams(c,
+		"WITH " INVITEES_SQL
+		"SELECT w.uri FROM want w JOIN identities i ON i.uri = w.uri JOIN room_members x "
+		"ON x.room_id = $1::bigint AND x.identity_id = i.id WHERE x.membership = 'banned' "
+		"OR (x.membership = 'left' AND w.kind = 'r') ORDER BY 1 LIMIT 1", 4, NULL, params, NULL, NULL, 0);
+	if ((rc = store_check(c, r, PGRES_TUPLES_OK, e))) {
+		free(who);
+		return rc;
+	}
+	if (PQntuples(r) == 1) {
+		snprintf(v->refused, sizeof(v->refused), "%s", PQgetvalue(r, 0, 0));
+		PQclear(r);
+		free(who);
+		v->result = INV_REFUSED;
+		return CW_OK;
+	}
+	PQclear(r);
+	if ((rc = invite_limit(c, v, peer_domain, e)) || v->result == INV_LIMITED) {
+		free(who);
+		return rc;
+	}
+	/* The members: a remote user joined (no change to one there), a
+	 * local one invited (again after she left; no change to one
+	 * invited or joined), with her binding to the room's JID, which
+	 * her decline names (decline_fn) and her join uses. */
+	r = PQexecParams(c,
+		"WITH " INVITEES_SQL ", "
+		"ni AS (INSERT INTO identities (uri, domain, localpart, is_local, network, peer_id) "
+		"  SELECT w.uri, CASE WHEN w.kind = 'r' THEN $4 ELSE $3 END, w.local, w.kind = 'l', "
+		"  CASE WHEN w.kind = 'r' THEN 'peer:' || (SELECT name FROM peers WHERE id = $5::bigint) ELSE 'xmpp' END, "
+		"  CASE WHEN w.kind = 'r' THEN $5::bigint END FROM want w ON CONFLICT DO NOTHING RETURNING id, uri), "
+		"ids AS (SELECT ni.id, w.kind, w.local, w.native, w.bare FROM ni JOIN want w ON w.uri = ni.uri "
+		"  UNION SELECT i.id, w.kind, w.local, w.native, w.bare FROM identities i JOIN want w ON w.uri = i.uri), "
+		"mb AS (INSERT INTO room_members (room_id, identity_id, membership) "
+		"  SELECT $1::bigint, ids.id, CASE WHEN ids.kind = 'r' THEN 'joined' ELSE 'invited' END FROM ids "
+		"  ON CONFLICT (room_id, identity_id) DO UPDATE SET membership = 'invited', updated_at = now() "
+		"  WHERE room_members.membership = 'left' AND excluded.membership = 'invited' "
+		"  RETURNING identity_id, membership), "
+		"iv AS (SELECT ids.id, ids.bare, ids.native FROM ids WHERE ids.kind = 'l' AND (EXISTS (SELECT 1 FROM mb "
+		"  WHERE mb.identity_id = ids.id AND mb.membership = 'invited') OR EXISTS (SELECT 1 FROM room_members x "
+		"  WHERE x.room_id = $1::bigint AND x.identity_id = ids.id AND x.membership = 'invited'))), "
+		"b AS (INSERT INTO room_bindings (room_id, network, native_id, local_identity_id) "
+		"  SELECT $1::bigint, 'xmpp', iv.native, iv.id FROM iv ON CONFLICT DO NOTHING) "
+		"SELECT bare FROM iv ORDER BY 1",
+		5, NULL, params, NULL, NULL, 0);
+	free(who);
+	if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
+		return rc;
+	for (int i = 0; i < PQntuples(r); i++)
+		json_array_append_new(v->invited, json_string(PQgetvalue(r, i, 0)));
+	PQclear(r);
+	LOG_KV_LIMITED(CW_LOG_INFO, "an XMPP member invited into a group", "component", v->xc->domain, "room", v->room);
 	return CW_OK;
 }
 
 static void invite_done(void *arg, cw_err rc, const cw_errmsg *e)
 {
 	struct minvite *v = arg;
-	if (rc || !v->added) {
-		if (rc)
-			LOG_KV(CW_LOG_WARN, "xmpp: an invitation could not be stored", "component", v->xc->domain, "detail",
-			       e ? e->msg : "");
-		xmpp_ctx_t *ctx = xa_thread_ctx(v->xc->x);
-		xmpp_stanza_t *st = ctx ? xmpp_stanza_new_from_string(ctx, v->text) : NULL;
-		if (st) {
-			/* a peer's group, or not the inviter's: the hub decides who is in */
-			xa_enqueue_stanza(v->xc, xa_error_reply(st, rc ? "wait" : "cancel",
-								  rc ? "internal-server-error" : "not-allowed", NULL));
-			xmpp_stanza_release(st);
+	struct xcomp *xc = v->xc;
+	xmpp_ctx_t *ctx = xa_thread_ctx(xc->x);
+	xmpp_stanza_t *st = ctx ? xmpp_stanza_new_from_string(ctx, v->text) : NULL;
+	xmpp_stanza_t *err = NULL;
+	if (rc) {
+		LOG_KV(CW_LOG_WARN, "xmpp: an invitation could not be stored", "component", xc->domain, "detail",
+		       e ? e->msg : "");
+		err = st ? xa_error_reply(st, "wait", "internal-server-error", NULL) : NULL;
+	} else if (v->result == INV_NOT_MEMBER) {
+		/* a peer's group, or not the inviter's: the hub decides who is in */
+		err = st ? xa_error_reply(st, "cancel", "not-allowed", NULL) : NULL;
+	} else if (v->result == INV_REFUSED) {
+		char why[MIMI_URI_MAX + 200];
+		snprintf(why, sizeof(why), "%s left this group (or was put out of it): only they can come back, "
+					   "nobody was invited.", v->refused);
+		err = st ? xa_error_reply(st, "cancel", "not-allowed", why) : NULL;
+	} else if (v->result == INV_LIMITED) {
+		err = st ? xa_error_reply(st, "wait", "resource-constraint",
+					  "You have sent as many invitations and messages as you may for now: "
+					  "nobody was invited; try again later.")
+			 : NULL;
+	} else if (ctx) {
+		/* Each local user invited now gets the room's invitation
+		 * (XEP-0045 §7.8.2), from the room, naming the inviter. */
+		size_t i;
+		json_t *l;
+		json_array_foreach(v->invited, i, l) {
+			char *text = NULL;
+			size_t len;
+			if (!invite_stanza(xc, ctx, v->room, json_string_value(l), v->inviter, false, &text, &len))
+				continue;
+			xmpp_stanza_t *inv = xmpp_stanza_new_from_string(ctx, text);
+			free(text);
+			if (inv)
+				xa_enqueue_stanza(xc, inv);
 		}
 	}
+	if (err) {
+		atomic_fetch_add(&xc->errors_out, 1);
+		xa_enqueue_stanza(xc, err);
+	}
 	/* The members' presences follow from the stream's housekeeping
-	 * (xa_muc_members); the group's next message invites a local user. */
+	 * (xa_muc_members). */
+	if (st)
+		xmpp_stanza_release(st);
 	free(v->text);
 	json_decref(v->who);
+	json_decref(v->invited);
 	free(v);
 }
 
@@ -2061,8 +2254,8 @@ bool xa_muc_invites(struct xcomp *xc, xmpp_stanza_t *st)
 		return true;
 	}
 	struct minvite *v = calloc(1, sizeof(*v));
-	json_t *who = json_array();
-	bool bad = !v || !who;
+	json_t *who = json_array(), *invited = json_array();
+	bool bad = !v || !who || !invited;
 	int n = 0;
 	for (xmpp_stanza_t *c = xmpp_stanza_get_children(x); c && !bad; c = xmpp_stanza_get_next(c)) {
 		const char *name = xmpp_stanza_get_name(c), *jid = xmpp_stanza_get_attribute(c, "to");
@@ -2072,10 +2265,12 @@ bool xa_muc_invites(struct xcomp *xc, xmpp_stanza_t *st)
 		if (!jid || ++n > INVITES_MAX)
 			bad = true;
 		else if (xa_remote_user(xc, jid, id, sizeof(id), bare, sizeof(bare)))
-			json_array_append_new(who, json_pack("[s, s]", "r", id));
-		else if (xa_local_user(xc->x, jid, bare, sizeof(bare), l2, sizeof(l2)))
-			json_array_append_new(who, json_pack("[s, s]", "l", l2));
-		else
+			json_array_append_new(who, json_pack("[s, s, s, s]", "r", id, "", ""));
+		else if (xa_local_user(xc->x, jid, bare, sizeof(bare), l2, sizeof(l2))) {
+			char native[600];
+			xa_room_native(bare, room, native, sizeof(native));
+			json_array_append_new(who, json_pack("[s, s, s, s]", "l", l2, native, bare));
+		} else
 			bad = true; /* another component's users, or another server's */
 	}
 	char *text = NULL;
@@ -2083,6 +2278,7 @@ bool xa_muc_invites(struct xcomp *xc, xmpp_stanza_t *st)
 	if (bad || xmpp_stanza_to_text(st, &text, &len) != XMPP_EOK || !text) {
 		free(v);
 		json_decref(who);
+		json_decref(invited);
 		xa_send_now(xc, xa_error_reply(st, "modify", "bad-request", NULL));
 		return true;
 	}
@@ -2090,11 +2286,15 @@ bool xa_muc_invites(struct xcomp *xc, xmpp_stanza_t *st)
 	xmpp_free(xc->ctx, text);
 	v->xc = xc;
 	v->who = who;
+	v->invited = invited;
+	snprintf(v->room, sizeof(v->room), "%s", room);
+	snprintf(v->inviter, sizeof(v->inviter), "%s", user);
 	snprintf(v->public_id, sizeof(v->public_id), "%s", public_id);
 	snprintf(v->uri, sizeof(v->uri), "mimi://%s/u/%s", xc->x->cfg->domain ? xc->x->cfg->domain : "", local);
 	if (!v->text || store_write(xc->x->app->store, invite_fn, invite_done, v) != CW_OK) {
 		free(v->text);
 		json_decref(who);
+		json_decref(invited);
 		free(v);
 		xa_send_now(xc, xa_error_reply(st, "wait", "resource-constraint", NULL));
 	}
