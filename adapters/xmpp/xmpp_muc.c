@@ -1300,7 +1300,7 @@ static void decline_done(void *arg, cw_err rc, const cw_errmsg *e)
 		if (st)
 			xa_enqueue_stanza(xc, xa_error_reply(st, "wait", "internal-server-error", NULL));
 	} else if (d->declined) {
-		LOG_KV_LIMITED(CW_LOG_INFO, "a user a peer invited declined the group", "component", xc->domain,
+		LOG_KV_LIMITED(CW_LOG_INFO, "an invited user declined the group", "component", xc->domain,
 			       "room", d->room);
 		if (d->how != XA_LEAVE_NONE)
 			xa_muc_left(xc, d->text, d->how, true);
