@@ -30,8 +30,10 @@ struct outbox_row {
 	 * be made of it (dead now, why recorded, the rows after it go on);
 	 * 0 everywhere:
 	 * *done tells, as for any adapter.  A failed row's later rows of the
-	 * same room must fail too (the dispatcher never lets a room's row
-	 * overtake an earlier one). */
+	 * same room must fail too, or be given back untried (2, 3: the claim
+	 * takes no row of a room with one in flight or backing off, so they
+	 * wait behind it); the dispatcher never lets a room's row overtake
+	 * an earlier one. */
 	int outcome;
 	long code;
 	char why[512];  /* as long as a cw_errmsg */

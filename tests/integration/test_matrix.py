@@ -4265,13 +4265,16 @@ def test_rooms_are_delivered_side_by_side_and_a_failing_one_holds_no_other(mx, h
     assert pg.psql(b_rows.format("max(o.attempts)", room_b["id"]), db_url) == "1"
     bodies = [e["content"]["body"] for rid in hs.rooms() for e in hs.events(rid) if e["type"] == "m.room.message"]
     assert bodies == ["b0", "b1", "b2"], bodies
-    # Room a's rows failed, all three, and say why (in order: none
-    # delivered after a failed one).
-    wait_until(lambda: pg.psql(b_rows.format("count(*) FILTER (WHERE o.state <> 'in_flight' AND o.attempts >= 1)",
-                                             room_a["id"]), db_url) == "3", what="room a's attempts")
-    assert pg.psql(b_rows.format("count(*) FILTER (WHERE o.state = 'delivered')", room_a["id"]), db_url) == "0"
-    assert pg.psql(b_rows.format("count(*) FILTER (WHERE o.state = 'dead')", room_a["id"]), db_url) == "0"
-    assert "503" in pg.psql(b_rows.format("min(o.last_error)", room_a["id"]), db_url)
+    # Room a's first row failed and says why; its two later rows wait
+    # behind it untried, their attempts not counted (until the
+    # forty-third session they failed with it, each try an attempt).
+    # None is delivered after a failed one.
+    rows_a = b_rows.format("string_agg(o.state || ':' || (o.attempts > 0) || ':' || "
+                           "coalesce(o.last_error LIKE '%503%', false), ' ' ORDER BY o.id)", room_a["id"])
+    wait_until(lambda: pg.psql(rows_a, db_url) == "pending:true:true pending:false:false pending:false:false",
+               what="room a's first row failed, its others waiting")
+    assert pg.psql(b_rows.format("count(*) FILTER (WHERE o.state IN ('delivered', 'dead'))", room_a["id"]),
+                   db_url) == "0"
 
 
 def broken_then_after_it(d, a, hs, pg, db_url):
@@ -6000,3 +6003,70 @@ def test_an_edited_command_is_carried_out_as_edited(mx, hs, gk, pg, db_url):
     alice.send_text(mgmt, "list")
     wait_until(lambda: any(f"blocked: {wally}" in t for t in said()[n + 1:]), what="the list")
     assert len(said()) == n + 2, said()[n:]
+
+
+def test_rows_queued_behind_a_failing_send_are_not_charged_its_tries(make_daemon, hs, pg, db_url):
+    """The homeserver fails the sends of a room's first row for a while
+    (500) and the room's later rows wait behind it: they are not tried,
+    and their attempts are not counted (each try of the first one counted
+    one for every row behind it until the forty-third session, and a
+    busy room's backlog behind a homeserver failing now and then went to
+    the dead letters untried). Once the first goes, all go, in order, each
+    later row with one attempt, its delivery."""
+    mx = start_mx(make_daemon, db_url, hs, dispatcher={"retry_base_ms": "20", "retry_max_ms": "100"})
+    a, srv = add_gk(mx)
+    try:
+        room, mx_room = wally_wrote_to_alice(mx, hs, a, pg, db_url)
+        wally = a.user("wally")
+        failing = {"on": True}
+        hs.refuse_send = lambda path: failing["on"]
+        first = a.send(room, wally, "first").json()["id"]
+        tries = f"SELECT o.attempts FROM outbox o JOIN events e ON e.id = o.event_id WHERE e.public_id = '{first}'"
+        wait_until(lambda: int(pg.psql(tries, db_url) or 0) >= 2, what="the first row failing")
+        later = [a.send(room, wally, f"later {i}").json()["id"] for i in range(4)]
+        start = int(pg.psql(tries, db_url))
+        wait_until(lambda: int(pg.psql(tries, db_url)) >= start + 4, timeout=30, what="four more tries of the first")
+        failing["on"] = False
+        ghost = "@_cw_gk_wally:example.org"
+        said = lambda: [e["content"]["body"] for e in hs.events(mx_room)  # noqa: E731
+                        if e["sender"] == ghost and e["type"] == "m.room.message"]
+        wait_until(lambda: said()[-5:] == ["first"] + [f"later {i}" for i in range(4)], timeout=30,
+                   what="all five in order")
+        ids = ", ".join(f"'{x}'" for x in later)
+        rows = lambda: pg.psql("SELECT string_agg(o.state || ':' || o.attempts || ':' || "  # noqa: E731
+                               "(SELECT count(*) FROM delivery_attempts d WHERE d.outbox_id = o.id), ' ' "
+                               f"ORDER BY o.id) FROM outbox o JOIN events e ON e.id = o.event_id "
+                               f"WHERE e.public_id IN ({ids})", db_url)
+        wait_until(lambda: "in_flight" not in rows(), what="the deliveries recorded")
+        assert rows() == " ".join(["delivered:1:1"] * 4)
+        assert int(pg.psql(tries, db_url)) >= start + 5
+    finally:
+        srv.close()
+
+
+def test_a_row_out_of_retries_takes_the_untried_rows_behind_it_dead(make_daemon, hs, pg, db_url):
+    """The rows waiting untried behind a failing one (above) still go dead
+    with it when it runs out of retries, so that none overtakes it and a
+    replay oldest first keeps the room's order: they are given back
+    before its failure is recorded."""
+    mx = start_mx(make_daemon, db_url, hs,
+                  dispatcher={"retry_budget": "3", "retry_base_ms": "20", "retry_max_ms": "50"})
+    a, srv = add_gk(mx)
+    try:
+        room, mx_room = wally_wrote_to_alice(mx, hs, a, pg, db_url)
+        uri = a.call("GET", f"/v1/rooms/{room}").json()["uri"]
+        hs.refuse_send = lambda path: True
+        r = a.call("POST", "/v1/batch", {"events": [
+            {"idempotency_key": f"dead-{i}", "room": uri,
+             "event": {"type": "message", "sender": a.user("wally"),
+                       "content": {"parts": [{"type": "text/plain", "body": f"d{i}"}]}}} for i in range(3)]})
+        assert r.status_code == 200 and all(x["status"] == "accepted" for x in r.json()["results"]), r.text
+        ids = ", ".join(f"'{x['id']}'" for x in r.json()["results"])
+        rows = lambda: pg.psql("SELECT string_agg(o.state || ':' || o.attempts || ':' || "  # noqa: E731
+                               "(o.last_error LIKE '%ran out of retries%'), ' ' ORDER BY o.id) FROM outbox o "
+                               f"JOIN events e ON e.id = o.event_id WHERE e.public_id IN ({ids})", db_url)
+        wait_until(lambda: rows().startswith("dead:3:false"), timeout=30, what="the first row dead")
+        assert rows() == "dead:3:false dead:0:true dead:0:true"
+        assert not [e for e in hs.events(mx_room) if e["content"].get("body", "").startswith("d")]
+    finally:
+        srv.close()
