@@ -6,6 +6,7 @@ import collections
 import hashlib
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -6003,6 +6004,246 @@ def test_an_edited_command_is_carried_out_as_edited(mx, hs, gk, pg, db_url):
     alice.send_text(mgmt, "list")
     wait_until(lambda: any(f"blocked: {wally}" in t for t in said()[n + 1:]), what="the list")
     assert len(said()) == n + 2, said()[n:]
+
+
+def peer_consistent(got):
+    """What a peer was pushed, checked for the order a reader needs: an
+    edit or a delete names a message the peer got before it, nothing
+    names a message after its delete, no message comes twice. Returns
+    {body of the message: [types of what named it, in order]}."""
+    seen, gone, named = {}, set(), {}
+    for e in got:
+        c = e["content"]
+        if e["type"] == "message":
+            assert e["id"] not in seen, ("a message pushed twice", e, got)
+            seen[e["id"]] = c["parts"][0]["body"]
+            named[seen[e["id"]]] = []
+            continue
+        target = c.get("replaces") or c.get("in_reply_to")
+        assert target in seen, (f"a {e['type']} of a message the peer never got", e, got)
+        assert target not in gone, (f"a {e['type']} after the delete of its message", e, got)
+        if e["type"] == "delete":
+            gone.add(target)
+        named[seen[target]].append(e["type"] + (":" + c["parts"][0]["body"] if e["type"] == "edit" else ""))
+    return named
+
+
+def test_an_edit_or_redaction_racing_its_message_reaches_the_peer_after_it_or_not_at_all(mx, hs, gk, pg, db_url):
+    """A Matrix user's message and its edit (m.replace) and redaction,
+    in every interleaving of the appservice transactions that carry them
+    (the homeserver stand-in's transactions played by hand): in one
+    transaction, in two transactions in flight at once (two threads), and
+    the edit's transaction while the message's is still being written (a
+    trigger holds its write). The peer gets the message first and the
+    edit and the delete after it, in that order, or (an edit or a
+    redaction whose transaction was read before its message was stored:
+    to the gateway, an event it does not know) not at all: never an edit
+    or a delete of a message it never got, never the message after its
+    delete (docs/matrix.md, "Transactions")."""
+    a, srv = gk
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+    base = {"room_id": room, "sender": ALICE_MX}
+
+    def msg(k):
+        return dict(base, event_id=f"$m{k}", type="m.room.message", origin_server_ts=1700000000000 + 3 * k,
+                    content={"msgtype": "m.text", "body": f"m{k}"})
+
+    def edit(k):
+        return dict(base, event_id=f"$e{k}", type="m.room.message", origin_server_ts=1700000000001 + 3 * k,
+                    content={"msgtype": "m.text", "body": f"* e{k}", "m.new_content": {"msgtype": "m.text",
+                                                                                       "body": f"e{k}"},
+                             "m.relates_to": {"rel_type": "m.replace", "event_id": f"$m{k}"}})
+
+    def redaction(k):
+        return dict(base, event_id=f"$r{k}", type="m.room.redaction", origin_server_ts=1700000000002 + 3 * k,
+                    redacts=f"$m{k}", content={"redacts": f"$m{k}"})
+
+    def at_once(*bodies):
+        """The transactions sent together, the later ones up to 40 ms
+        behind the first (all at the same instant, the message's is
+        nearly never stored when the others are read: the spread lets
+        both outcomes happen)."""
+        go, res = threading.Barrier(len(bodies)), [None] * len(bodies)
+
+        def put(i, txn, body):
+            go.wait()
+            if i:
+                time.sleep(random.uniform(0, 0.04))
+            res[i] = as_put(mx, txn, body)
+        threads = [threading.Thread(target=put, args=(i,) + b) for i, b in enumerate(bodies)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert [r.status_code for r in res] == [200] * len(bodies), [r.text for r in res]
+
+    rounds, expect = 36, {}
+    for k in range(rounds):
+        case = k % 6
+        if case == 0:    # one transaction: the message, its edit, its redaction
+            assert as_put(mx, f"race-{k}", {"events": [msg(k), edit(k), redaction(k)]}).status_code == 200
+            expect[f"m{k}"] = [[f"edit:e{k}", "delete"]]
+        elif case == 1:  # one transaction: the message and its redaction
+            assert as_put(mx, f"race-{k}", {"events": [msg(k), redaction(k)]}).status_code == 200
+            expect[f"m{k}"] = [["delete"]]
+        elif case == 2:  # the message and its edit, two transactions at once
+            at_once((f"race-{k}a", {"events": [msg(k)]}), (f"race-{k}b", {"events": [edit(k)]}))
+            expect[f"m{k}"] = [[], [f"edit:e{k}"]]
+        elif case == 3:  # the message and its redaction, two transactions at once
+            at_once((f"race-{k}a", {"events": [msg(k)]}), (f"race-{k}b", {"events": [redaction(k)]}))
+            expect[f"m{k}"] = [[], ["delete"]]
+        elif case == 4:  # the message; its edit and its redaction, three at once
+            at_once((f"race-{k}a", {"events": [msg(k)]}), (f"race-{k}b", {"events": [edit(k)]}),
+                    (f"race-{k}c", {"events": [redaction(k)]}))
+            expect[f"m{k}"] = [[], [f"edit:e{k}"], ["delete"], [f"edit:e{k}", "delete"]]
+        else:            # the message and, after it, its edit and a second edit at once
+            at_once((f"race-{k}a", {"events": [msg(k)]}), (f"race-{k}b", {"events": [edit(k)]}),
+                    (f"race-{k}c", {"events": [dict(edit(k), event_id=f"$f{k}", content=dict(
+                        edit(k)["content"], **{"m.new_content": {"msgtype": "m.text", "body": f"f{k}"}}))]}))
+            expect[f"m{k}"] = [[], [f"edit:e{k}"], [f"edit:f{k}"], [f"edit:e{k}", f"edit:f{k}"],
+                               [f"edit:f{k}", f"edit:e{k}"]]
+    # The edit's and the redaction's transaction read while the message's
+    # is being written: a trigger holds its insert.
+    pg.psql("CREATE FUNCTION t_slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF NEW.content::text LIKE '%slowly%' THEN PERFORM pg_sleep(2); END IF; RETURN NEW; END $$; "
+            "CREATE TRIGGER t_slow BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION t_slow()", db_url)
+    for k in range(rounds, rounds + 4):
+        slow = dict(msg(k), content={"msgtype": "m.text", "body": f"m{k} slowly"})
+        done = {}
+        writer = threading.Thread(target=lambda: done.update(r=as_put(mx, f"race-{k}a", {"events": [slow]})))
+        writer.start()
+        wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'", db_url)
+                   == "1", what="the message's write asleep")
+        later = [edit(k)] if k % 2 else [redaction(k)]
+        assert as_put(mx, f"race-{k}b", {"events": later}).status_code == 200
+        writer.join(60)
+        assert done["r"].status_code == 200
+        expect[f"m{k} slowly"] = [[]]
+    pg.psql("DROP TRIGGER t_slow ON events", db_url)
+    assert as_put(mx, "race-end", {"events": [dict(msg(999), content={"msgtype": "m.text", "body": "marker"})]}
+                  ).status_code == 200
+    wait_until(lambda: any(e["type"] == "message" and e["content"]["parts"][0]["body"] == "marker"
+                           for e in list(srv.events)), timeout=60, what="the marker at the peer")
+    named = peer_consistent(list(srv.events))
+    for body_, allowed in expect.items():
+        assert named.get(body_) in allowed, (body_, named.get(body_), allowed)
+    # what the peer got is what was stored, and nothing was stored twice
+    assert pg.psql("SELECT count(*) FROM events WHERE origin_network = 'matrix'", db_url) == \
+        str(len(list(srv.events)))
+
+
+@pytest.mark.parametrize("trouble", ["none", "slow", "failing"])
+def test_a_peers_edit_or_delete_right_behind_its_message_reaches_matrix_after_it(make_daemon, hs, pg, db_url,
+                                                                                  trouble):
+    """A peer's message and, right behind it (its delivery to Matrix under
+    way), its edit and its delete: in one batch, or in requests of their
+    own at the same moment, or two edits at once; with the homeserver
+    quick, slow (each send 0.1 s: the edit and the delete are queued
+    while the message is sent) or failing each send's first try (500:
+    the message is retried, and what names it waits). The homeserver gets
+    the ghost's message first, then each edit taken (an m.replace naming
+    that message's event id) and the redaction of that very event last;
+    an edit the API refused (after the delete) never reaches it, and
+    nothing names the message after its redaction."""
+    mx = start_mx(make_daemon, db_url, hs, dispatcher={"retry_base_ms": "20", "retry_max_ms": "100"})
+    a, srv = add_gk(mx)
+    room, mx_room = wally_wrote_to_alice(mx, hs, a, pg, db_url)
+    if trouble == "slow":
+        hs.send_latency = 0.1
+    elif trouble == "failing":
+        tried = set()
+
+        def first_try(path):
+            if path in tried:
+                return False
+            tried.add(path)
+            return True
+        hs.refuse_send = first_try
+    wally = a.user("wally")
+    uri = a.call("GET", f"/v1/rooms/{room}").json()["uri"]
+
+    def edit(m, text):
+        return {"type": "edit", "sender": wally,
+                "content": {"replaces": m, "parts": [{"type": "text/plain", "body": text}]}}
+
+    def delete(m):
+        return {"type": "delete", "sender": wally, "content": {"replaces": m}}
+
+    def single(ev):
+        r = a.call("POST", f"/v1/rooms/{room}/messages", ev, idem="k" + str(time.monotonic_ns()))
+        return r.status_code
+
+    def batch(*evs):
+        r = a.call("POST", "/v1/batch", {"events": [{"idempotency_key": "k" + str(time.monotonic_ns()) + str(i),
+                                                      "room": uri, "event": ev} for i, ev in enumerate(evs)]})
+        assert r.status_code == 200, r.text
+        return [202 if x["status"] == "accepted" else x["http_status"] for x in r.json()["results"]]
+
+    def at_once(*evs):
+        go, res = threading.Barrier(len(evs)), [None] * len(evs)
+
+        def run(i, ev):
+            go.wait()
+            res[i] = single(ev)
+        threads = [threading.Thread(target=run, args=(i, ev)) for i, ev in enumerate(evs)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        return res
+
+    rounds, sent = (32 if trouble == "none" else 16), []
+    for k in range(rounds):
+        m = a.send(room, wally, f"m{k}").json()["id"]
+        case = k % 4
+        if case == 0:
+            evs = [edit(m, f"e{k}"), delete(m)]
+            got = batch(*evs)
+        elif case == 1:
+            evs = [edit(m, f"e{k}"), delete(m)]
+            got = at_once(*evs)
+        elif case == 2:
+            evs = [edit(m, f"e{k}"), edit(m, f"f{k}")]
+            got = at_once(*evs)
+        else:
+            evs = [edit(m, f"e{k}"), edit(m, f"f{k}"), delete(m)]
+            got = batch(*evs)
+        # a delete and the edits of a batch before it are taken; an edit
+        # sent with a delete at once, before or after it (400)
+        assert got[-1] == 202 and all(s in ((202, 400) if case == 1 else (202,)) for s in got), (k, got)
+        sent.append((m, [(ev, s) for ev, s in zip(evs, got)]))
+    # Everything taken arrived: one Matrix event per neutral one delivered.
+    want = sum(1 + sum(1 for _, s in evs if s == 202) for _, evs in sent)
+    ghost = "@_cw_gk_wally:example.org"
+    mine = lambda: [e for e in hs.events(mx_room) if e["sender"] == ghost and  # noqa: E731
+                    e["type"] in ("m.room.message", "m.room.redaction")]
+    wait_until(lambda: len(mine()) >= want + 1, timeout=90, what="everything at the homeserver")  # + "hello"
+    timeline = mine()
+    assert len(timeline) == want + 1, (len(timeline), want)
+    pos = {e["event_id"]: i for i, e in enumerate(timeline)}
+    native = dict(x.split("|") for x in pg.psql(
+        "SELECT e.public_id || '|' || n.native_id FROM event_native_ids n JOIN events e ON e.id = n.event_id "
+        "WHERE n.kind = 'event_id'", db_url).splitlines())
+    for k, (m, evs) in enumerate(sent):
+        mid = native[m]
+        edits = [e for e in timeline if e["type"] == "m.room.message" and
+                 e["content"].get("m.relates_to", {}).get("event_id") == mid]
+        reds = [e for e in timeline if e["type"] == "m.room.redaction" and e["redacts"] == mid]
+        taken_edits = [ev["content"]["parts"][0]["body"] for ev, s in evs if s == 202 and ev["type"] == "edit"]
+        assert sorted(e["content"]["m.new_content"]["body"] for e in edits) == sorted(taken_edits), (k, edits)
+        assert all(pos[mid] < pos[e["event_id"]] for e in edits), (k, timeline)
+        deleted = any(s == 202 and ev["type"] == "delete" for ev, s in evs)
+        assert len(reds) == (1 if deleted else 0), (k, reds)
+        if reds:
+            assert all(pos[e["event_id"]] < pos[reds[0]["event_id"]] for e in edits), (k, timeline)
+        # the edits arrive in the order the API stored them (the stored
+        # ones' content is gone once the message is deleted: their ids)
+        order = pg.psql("SELECT string_agg(e.public_id, ' ' ORDER BY e.id) FROM events e JOIN events t "
+                        f"ON t.id = e.replaces_id WHERE t.public_id = '{m}' AND e.type = 'edit'", db_url)
+        assert [e["event_id"] for e in edits] == [native[x] for x in order.split()], (k, edits, order)
+    if trouble == "failing":
+        assert len(tried) >= want - sum(1 for _, evs in sent for ev, s in evs if s == 202 and ev["type"] == "delete")
+    srv.close()
 
 
 def test_rows_queued_behind_a_failing_send_are_not_charged_its_tries(make_daemon, hs, pg, db_url):

@@ -6537,3 +6537,163 @@ def test_a_local_user_a_peer_puts_in_a_group_gets_nothing_she_did_not_accept(xd,
         assert got.get("from") == room + "/alice"
     finally:
         bob.disconnect()
+
+
+def peer_consistent(got):
+    """What a peer was pushed, checked for the order a reader needs (an
+    edit or a delete after the message it names, nothing after the
+    message's delete, no message twice): {body: [what named it, in order]}."""
+    seen, gone, named = {}, set(), {}
+    for e in got:
+        c = e["content"]
+        if e["type"] == "message":
+            assert e["id"] not in seen, ("a message pushed twice", e, got)
+            seen[e["id"]] = c["parts"][0]["body"]
+            named[seen[e["id"]]] = []
+            continue
+        target = c.get("replaces") or c.get("in_reply_to")
+        assert target in seen, (f"a {e['type']} of a message the peer never got", e, got)
+        assert target not in gone, (f"a {e['type']} after the delete of its message", e, got)
+        if e["type"] == "delete":
+            gone.add(target)
+        named[seen[target]].append(e["type"] + (":" + c["parts"][0]["body"] if e["type"] == "edit" else ""))
+    return named
+
+
+def test_a_message_and_its_corrections_and_retraction_sent_at_once_reach_the_peer_in_order(
+        xd, gk, alice, prosody, pg, db_url):
+    """Clients (alice and bob at once) each send a message and, without
+    waiting, its correction (XEP-0308), a second correction, its
+    retraction (XEP-0424, by origin-id), written in one go: every one
+    reaches the peer, in the order sent, each naming the message the
+    peer got before it (a stanza that names another waits for what came
+    before it in its conversation: docs/xmpp.md, "Messages")."""
+    a, srv = gk
+    bob_uri = "mimi://example.org/u/bob"
+    for user in (ALICE, bob_uri):
+        consent_alice(xd, user=user)
+        a.create_room([a.user("wally"), user])
+    bob = XmppClient("bob@" + HOST, "pw-bob", port=prosody.c2s_port)
+    bob.connect()
+    try:
+        def stanza(k, who, n, text, extra=""):
+            sid = f"{who}{k}x{n}"
+            return (f"<message to='{WALLY_JID}' type='chat' id='{sid}'><body>{text}</body>"
+                    f"<origin-id xmlns='urn:xmpp:sid:0' id='{sid}'/>{extra}</message>")
+
+        def burst(client, who, k):
+            """One round's stanzas of one user, and what the peer should get of them."""
+            m, case = f"{who}{k}x0", k % 4
+            fix = lambda n, text: stanza(k, who, n, text, f"<replace xmlns='urn:xmpp:message-correct:0' id='{m}'/>")  # noqa: E731
+            retract = stanza(k, who, 3, "retracted", f"<retract xmlns='urn:xmpp:message-retract:1' id='{m}'/>")
+            out = [stanza(k, who, 0, f"{who} m{k}")]
+            want = []
+            if case in (0, 2, 3):
+                out.append(fix(1, f"{who} e{k}"))
+                want.append(f"edit:{who} e{k}")
+            if case in (2, 3):
+                out.append(fix(2, f"{who} f{k}"))
+                want.append(f"edit:{who} f{k}")
+            if case in (1, 3):
+                out.append(retract)
+                want.append("delete")
+            client.send_raw("".join(out))
+            return f"{who} m{k}", want
+
+        rounds, expect = 24, {}
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            for k in range(rounds):
+                for f in [pool.submit(burst, alice, "alice", k), pool.submit(burst, bob, "bob", k)]:
+                    m, want = f.result()
+                    expect[m] = want
+        total = sum(1 + len(w) for w in expect.values())
+        srv.wait_events(total, timeout=120)
+        got = list(srv.events)
+        named = peer_consistent(got)
+        assert named == expect, [(m, named.get(m), w) for m, w in expect.items() if named.get(m) != w]
+        assert len(got) == total
+        assert pg.psql("SELECT count(*) FROM events WHERE origin_network = 'xmpp'", db_url) == str(total)
+        assert not [el for el in alice.stanzas() + bob.stanzas() if el.get("type") == "error"]
+    finally:
+        bob.disconnect()
+
+
+def test_a_peers_edit_or_delete_right_behind_its_message_reaches_the_client_after_it(xd, gk, alice, pg, db_url):
+    """A peer's message and, right behind it (its stanza not yet sent),
+    its edit and its delete: in one batch, in requests of their own at
+    the same moment, two edits at once. alice's client gets the message
+    first, then each edit taken as a correction naming the message's id
+    (XEP-0308), in the order stored, and the retraction (XEP-0424) of
+    that id last; an edit the API refused (after the delete) never comes,
+    nor anything naming an id she never got."""
+    a, srv = gk
+    consent_alice(xd)
+    wally = a.user("wally")
+    room = a.create_room([wally, ALICE]).json()
+    rid = room["id"]
+
+    def edit(m, text):
+        return {"type": "edit", "sender": wally,
+                "content": {"replaces": m, "parts": [{"type": "text/plain", "body": text}]}}
+
+    def delete(m):
+        return {"type": "delete", "sender": wally, "content": {"replaces": m}}
+
+    def single(ev):
+        return post(a, f"/v1/rooms/{rid}/messages", ev).status_code
+
+    def batch(*evs):
+        r = a.call("POST", "/v1/batch", {"events": [{"idempotency_key": "k" + str(time.monotonic_ns()) + str(i),
+                                                      "room": room["uri"], "event": ev} for i, ev in enumerate(evs)]})
+        assert r.status_code == 200, r.text
+        return [202 if x["status"] == "accepted" else x["http_status"] for x in r.json()["results"]]
+
+    def at_once(*evs):
+        with concurrent.futures.ThreadPoolExecutor(len(evs)) as pool:
+            return list(pool.map(single, evs))
+
+    def from_wally():
+        return [el for el in alice.stanzas("message") if el.get("from", "").split("/")[0] == WALLY_JID and
+                (body(el) is not None or el.find("{urn:xmpp:message-retract:1}retract") is not None)]
+
+    NS_CORR = "{urn:xmpp:message-correct:0}replace"
+    NS_RETR = "{urn:xmpp:message-retract:1}retract"
+    pos = 0  # where the round's stanzas begin: a stray one would shift the next round's
+    for k in range(24):
+        m = a.send(rid, wally, f"m{k}").json()["id"]
+        case = k % 4
+        if case == 0:
+            evs = [edit(m, f"e{k}"), delete(m)]
+            got = batch(*evs)
+        elif case == 1:
+            evs = [edit(m, f"e{k}"), delete(m)]
+            got = at_once(*evs)
+        elif case == 2:
+            evs = [edit(m, f"e{k}"), edit(m, f"f{k}")]
+            got = at_once(*evs)
+        else:
+            evs = [edit(m, f"e{k}"), edit(m, f"f{k}"), delete(m)]
+            got = batch(*evs)
+        assert got[-1] == 202 and all(s in ((202, 400) if case == 1 else (202,)) for s in got), (k, got)
+        taken = [ev for ev, s in zip(evs, got) if s == 202]
+        wait_until(lambda: len(from_wally()) >= pos + 1 + len(taken), timeout=30, what=f"round {k} at alice")
+        mine = from_wally()[pos:pos + 1 + len(taken)]
+        pos += len(mine)
+        first = mine[0]
+        assert first.get("id") == m and body(first) == f"m{k}" and first.find(NS_CORR) is None, ET.tostring(first)
+        # the edits in the order stored (ids: their content is gone once deleted)
+        order = pg.psql("SELECT string_agg(e.public_id, ' ' ORDER BY e.id) FROM events e JOIN events t "
+                        f"ON t.id = e.replaces_id WHERE t.public_id = '{m}' AND e.type = 'edit'", db_url).split()
+        want = [ev["content"]["parts"][0]["body"] for ev in taken if ev["type"] == "edit"]
+        corr = [el for el in mine[1:] if el.find(NS_CORR) is not None]
+        assert [el.find(NS_CORR).get("id") for el in corr] == [m] * len(want), (k, [ET.tostring(e) for e in mine])
+        assert sorted(body(el) for el in corr) == sorted(want), (k, [ET.tostring(e) for e in mine])
+        assert [el.get("id") for el in corr] == order, (k, order, [ET.tostring(e) for e in corr])
+        if any(ev["type"] == "delete" for ev in taken):
+            last = mine[-1]
+            assert last.find(NS_RETR) is not None and last.find(NS_RETR).get("id") == m, ET.tostring(last)
+        assert not [el for el in mine if el.find(NS_RETR) is not None and el is not mine[-1]], k
+    # nothing more came: the next message is the next stanza
+    a.send(rid, wally, "marker")
+    wait_until(lambda: len(from_wally()) > pos, timeout=30, what="the marker at alice")
+    assert [body(el) for el in from_wally()[pos:]] == ["marker"]
