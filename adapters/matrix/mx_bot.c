@@ -1163,16 +1163,37 @@ static cw_err portal_lock(PGconn *c, const char *room, const char *local_id, cw_
  * user is invited to the group (joined once they join the portal the bot
  * makes them: portal_invitations; matrix.c, joins_of_invitees).  *portal: the
  * binding's id, left as it was when room is neither.  Runs in the
- * caller's transaction. */
+ * caller's transaction.
+ *
+ * *gone: the invitee is not to be brought back into the group of the
+ * user's portal, and nothing was changed: a remote user (ghost) who left
+ * it (her own leave, her peer's removal: hers, or her peer's, to undo by
+ * her join or its add), or anyone banned from it, as an XMPP member's
+ * invitation is refused (xmpp_muc.c, invite_fn).  Until the forty-third
+ * session her membership was set back to joined. */
 static cw_err grow_group(struct matrix *m, PGconn *c, const char *room, const char *local_id, const char *new_id,
-			 bool ghost, char *portal, size_t plen, cw_errmsg *e)
+			 bool ghost, char *portal, size_t plen, bool *gone, cw_errmsg *e)
 {
+	*gone = false;
 	/* The group's lock (since the twenty-sixth session; before, a group
 	 * write that had read the members could miss the new one): first in
 	 * local_invited's transaction; ghost_joins took it already. */
 	cw_err lrc = portal_lock(c, room, local_id, e);
 	if (lrc)
 		return lrc;
+	const char *gp[] = { room, local_id, new_id, ghost ? "t" : "f" };
+	PGresult *g = PQexecParams(c,
+		"SELECT 1 FROM room_bindings b JOIN room_members x ON x.room_id = b.room_id "
+		"AND x.identity_id = $3::bigint WHERE b.network = 'matrix' AND b.native_id = $1 "
+		"AND b.local_identity_id = $2::bigint AND b.remote_identity_id IS NULL "
+		"AND (x.membership = 'banned' OR (x.membership = 'left' AND $4::boolean))",
+		4, NULL, gp, NULL, NULL, 0);
+	if ((lrc = store_check(c, g, PGRES_TUPLES_OK, e)))
+		return lrc;
+	*gone = PQntuples(g) > 0;
+	PQclear(g);
+	if (*gone)
+		return CW_OK;
 	char pub[40];
 	cw_new_id(pub, sizeof(pub), "r_");
 	const char *params[] = { room, local_id, new_id, pub, m->cfg->domain ? m->cfg->domain : "", ghost ? "t" : "f" };
@@ -1370,6 +1391,50 @@ static int room_encrypted(struct matrix *m, const char *room, const char *user)
 	return for_now(status) ? -1 : 0;
 }
 
+/* The ghost of a user who left the group of room, the portal local_id
+ * invited it into, or was banned from it (grow_group, gone): she is not
+ * brought back, nothing stored changes.  The ghost declines the
+ * invitation (or, joined already, leaves), and the bot, in the room as
+ * in every portal, says why (a Matrix room cannot refuse an invitation
+ * itself; the ghost, which speaks for the remote user, says nothing: she
+ * did not decline).  True: the homeserver did not take the leave for now,
+ * try again later (the notice's transaction id is the same each time). */
+static bool not_brought_back(struct matrix *m, PGconn *c, const char *room, const char *ghost, const char *eid)
+{
+	char text[MX_ID_MAX + 200], txn[48];
+	snprintf(text, sizeof(text), "%s left this group (or was put out of it): an invitation does not bring them "
+				      "back, only they can come back. Nobody was added.", ghost);
+	txn_for(txn, sizeof(txn), "gone", eid, room);
+	say_as(m, c, room, NULL, text, txn);
+	long status;
+	cw_errmsg e;
+	if (mx_room_post(m, room, ghost, "leave", json_object(), &status, &e)) {
+		LOG_KV_LIMITED(CW_LOG_WARN, "a ghost cannot decline a group it left", "room", room, "detail", e.msg);
+		return for_now(status);
+	}
+	LOG_KV_LIMITED(CW_LOG_INFO, "a Matrix user's invitation of a ghost that left a group was declined", "room",
+		       room);
+	return false;
+}
+
+/* Whether remote_uri (a ghost's user) left the group of the user's
+ * (local_id) portal room, or is banned from it: grow_group's question,
+ * asked before the ghost joins, so that it declines the invitation rather
+ * than joins and leaves (a database that does not answer: no, and
+ * grow_group asks again in its transaction). */
+static bool left_the_portals_group(PGconn *c, const char *room, const char *local_id, const char *remote_uri)
+{
+	const char *p[] = { room, local_id, remote_uri };
+	PGresult *r = PQexecParams(c,
+		"SELECT 1 FROM room_bindings b JOIN room_members x ON x.room_id = b.room_id "
+		"JOIN identities i ON i.id = x.identity_id WHERE b.network = 'matrix' AND b.native_id = $1 "
+		"AND b.local_identity_id = $2::bigint AND b.remote_identity_id IS NULL AND i.uri = $3 "
+		"AND x.membership IN ('left', 'banned')", 3, NULL, p, NULL, NULL, 0);
+	bool gone = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) > 0;
+	PQclear(r);
+	return gone;
+}
+
 /* A ghost invited into a room; true: the homeserver did not take its
  * join for now, try again later. */
 static bool ghost_joins(struct matrix *m, PGconn *c, const char *room, const char *sender, const char *ghost,
@@ -1397,6 +1462,10 @@ static bool ghost_joins(struct matrix *m, PGconn *c, const char *room, const cha
 	cw_errmsg e;
 	if (mimi_uri_parse(remote_uri, &ru, &e) || ru.kind != MIMI_USER)
 		return false;
+	/* Into the user's portal of a group its user left: declined, not
+	 * joined (grow_group asks again below, under the group's lock). */
+	if (left_the_portals_group(c, room, local_id, remote_uri))
+		return not_brought_back(m, c, room, ghost, eid);
 	/* The ghost joins first: who else is in the room decides whether it
 	 * is bridged at all (a room here is one user's view: what the policy
 	 * let through for them), and a room the ghost could not join is
@@ -1457,7 +1526,7 @@ static bool ghost_joins(struct matrix *m, PGconn *c, const char *room, const cha
 		rc = portal_lock(c, room, local_id, &e);
 	if (!rc)
 		rc = identity_id(c, &ru, false, network, peer_id, remote_id, sizeof(remote_id), &e);
-	bool other = false, group = false;
+	bool other = false, group = false, gone = false;
 	char old_room[MX_ID_MAX + 1] = "", portal[24] = "";
 	if (!rc) {
 		const char *params[] = { m->cfg->domain ? m->cfg->domain : "", room, local_id, remote_id, ghost };
@@ -1497,7 +1566,7 @@ static bool ghost_joins(struct matrix *m, PGconn *c, const char *room, const cha
 	if (!rc && (other || (group && !portal[0]))) {
 		/* A second remote user invited into the user's direct room, or
 		 * another into a group the user made that way. */
-		rc = grow_group(m, c, room, local_id, remote_id, true, portal, sizeof(portal), &e);
+		rc = grow_group(m, c, room, local_id, remote_id, true, portal, sizeof(portal), &gone, &e);
 		if (!rc && portal[0])
 			other = group = false;
 	}
@@ -1508,6 +1577,8 @@ static bool ghost_joins(struct matrix *m, PGconn *c, const char *room, const cha
 						      "in a while.", "leave", eid);
 		return false;
 	}
+	if (gone) /* she left between the look above and the lock */
+		return not_brought_back(m, c, room, ghost, eid);
 	if (portal[0]) { /* a member of the group, into the user's room of it */
 		const char *pp2[] = { portal, remote_id };
 		if (store_command(c, "INSERT INTO matrix_portal_members (binding_id, identity_id) "
@@ -1563,20 +1634,24 @@ static void local_invited(struct matrix *m, PGconn *c, const char *room, const c
 	    !mx_user_id_parse(invitee, localpart, sizeof(localpart), NULL, 0))
 		return;
 	bool local = local_identity(m, c, invitee, invitee_id, sizeof(invitee_id), invitee_uri, sizeof(invitee_uri));
-	bool added = false;
+	bool added = false, gone = false;
 	if (local) {
 		char portal[24] = "";
 		cw_errmsg e;
 		cw_err rc = store_exec(c, "BEGIN", &e);
 		if (!rc)
-			rc = grow_group(m, c, room, inviter_id, invitee_id, false, portal, sizeof(portal), &e);
+			rc = grow_group(m, c, room, inviter_id, invitee_id, false, portal, sizeof(portal), &gone, &e);
 		rc = store_end(c, rc, &e);
 		if (rc)
 			LOG_KV(CW_LOG_WARN, "cannot add a member to a group", "room", room, "detail", e.msg);
-		added = !rc && portal[0];
+		added = !rc && !gone && portal[0];
+		gone = !rc && gone;
 	}
 	char text[MX_ID_MAX + 400];
-	if (added)
+	if (gone) /* banned from the group: no one's to bring back */
+		snprintf(text, sizeof(text), "%s was put out of this group: an invitation does not bring them back. "
+					     "Nobody was added.", localpart);
+	else if (added)
 		snprintf(text, sizeof(text),
 			 "%s is invited to the group, in a room of their own for it (each member's room shows what "
 			 "reaches them), and is a member once they join it.", localpart);

@@ -2696,6 +2696,136 @@ def test_a_ghost_banned_from_a_users_room_of_a_group_is_not_delivered_there(mx, 
     assert not any(e["type"] == "m.room.message" and e["content"]["body"] == "let me back in" for e in hs.events(room))
 
 
+@pytest.mark.parametrize("how", ["own leave", "removed", "banned", "left meanwhile"])
+def test_a_ghost_whose_user_left_a_group_made_here_is_not_brought_back(mx, hs, gk, pg, db_url, how):
+    """alice makes a group of her room with wally's ghost by inviting bob's;
+    bob then leaves the group (his own leave, his peer's removal of him) or
+    is banned from it, and his ghost leaves alice's room. alice inviting
+    his ghost again does not make him a member again (mx_bot.c grow_group,
+    as an XMPP member's invitation is refused: xmpp_muc.c invite_fn): the
+    ghost declines the invitation, the bot says why in the room, once, and
+    nothing stored changes (his membership, the room's members, nothing
+    for the peer). "left meanwhile": bob leaves while the bot's work on the
+    invitation waits for the group's lock (his ghost, still a member, joins
+    first), and the ghost leaves again. Until the forty-third session the
+    invitation set his membership back to joined."""
+    a, srv = gk
+    consent_alice(mx)
+    consent_alice(mx, a.user("bob"))
+    a.create_room([a.user("bob"), "mimi://example.org/u/someone"])  # the peer introduced bob
+    alice, room, wally = alice_writes_to_wally(hs, a)
+    bob, bot = "@_cw_gk_bob:example.org", "@_cw_bot:example.org"
+    alice.invite(room, bob)
+    wait_until(lambda: hs.members(room).get(bob) == "join", what="bob's ghost in")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_portal_members", db_url) == "2", what="a group")
+    wait_until(lambda: hs.members(room).get(bot) == "join", what="the bot in alice's room of the group")
+    group = pg.psql("SELECT public_id FROM rooms WHERE kind = 'group'", db_url)
+    membership = ("SELECT m.membership || ' ' || m.updated_at FROM room_members m JOIN rooms r ON r.id = m.room_id "
+                  f"JOIN identities i ON i.id = m.identity_id WHERE r.public_id = '{group}' "
+                  f"AND i.uri = '{a.user('bob')}'")
+    if how == "own leave":
+        r = a.call("POST", f"/v1/rooms/{group}/messages",
+                   {"type": "membership", "sender": a.user("bob"),
+                    "content": {"membership": "leave", "target": a.user("bob")}}, idem="bob-leaves-" + group)
+        assert r.status_code == 202, r.text
+    elif how == "removed":
+        r = a.call("POST", f"/v1/rooms/{group}/members", {"remove": [a.user("bob")]})
+        assert r.status_code == 200, r.text
+    elif how == "banned":
+        pg.psql(f"UPDATE room_members SET membership = 'banned' WHERE identity_id = (SELECT id FROM identities "
+                f"WHERE uri = '{a.user('bob')}')", db_url)
+    if how == "left meanwhile":  # alice puts his ghost out of her room: he stays a member
+        r = alice.request("POST", f"/_matrix/client/v3/rooms/{room}/kick", {"user_id": bob})
+        assert r.status_code == 200, r.text
+    wait_until(lambda: hs.members(room).get(bob) == "leave", what="bob's ghost out of alice's room")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM matrix_portal_members", db_url) == "1",
+               what="bob's ghost no longer counted in")
+    events = f"SELECT count(*) FROM events e JOIN rooms r ON r.id = e.room_id WHERE r.public_id = '{group}'"
+    n_peer = len(srv.events)
+    n_member_events = len([e for e in hs.events(room) if e["type"] == "m.room.member" and e["state_key"] == bob])
+    if how == "left meanwhile":
+        key = int(pg.psql(f"SELECT id % 2147483647 FROM rooms WHERE public_id = '{group}'", db_url))
+        waiting = ("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 1129796434 "
+                   f"AND objid = {key} AND objsubid = 2 AND NOT granted")
+        held = HeldSession(db_url)
+        try:
+            held.run(f"BEGIN; SELECT pg_advisory_xact_lock(1129796434, {key});")
+            alice.invite(room, bob)
+            wait_until(lambda: hs.members(room).get(bob) == "join", what="bob's ghost joining (still a member)")
+            wait_until(lambda: pg.psql(waiting, db_url) == "1", what="the bot's work waiting for the group's lock")
+            held.run("UPDATE room_members SET membership = 'left', updated_at = now() WHERE identity_id = "
+                     f"(SELECT id FROM identities WHERE uri = '{a.user('bob')}');")
+        finally:
+            held.end()  # commits
+        before = pg.psql(membership, db_url)
+        n_events = pg.psql(events, db_url)
+    else:
+        before = pg.psql(membership, db_url)
+        n_events = pg.psql(events, db_url)
+        alice.invite(room, bob)
+    assert before.split()[0] == ("banned" if how == "banned" else "left"), before
+
+    def notices():
+        return [e["content"] for e in hs.events(room) if e["type"] == "m.room.message" and e["sender"] == bot
+                and "left this group" in e["content"]["body"]]
+    wait_until(lambda: hs.members(room).get(bob) == "leave" and notices(), what="the ghost out again, the notice")
+    mine = [e for e in hs.events(room) if e["type"] == "m.room.member" and e["state_key"] == bob][n_member_events:]
+    want = ["invite", "join", "leave"] if how == "left meanwhile" else ["invite", "leave"]  # declined, not joined
+    assert [e["content"]["membership"] for e in mine] == want, mine
+    assert mine[-1]["sender"] == bob, mine
+    # the next message in the room: the notice was said once, and nothing
+    # reached the peer but alice's message, to wally
+    alice.send_text(room, "without bob")
+    got = wait_until(lambda: [e for e in list(srv.events)[n_peer:] if e.get("type") == "message"] or None,
+                     what="alice's message at the peer")
+    assert got[0]["room_id"] == group and got[0]["content"]["parts"][0]["body"] == "without bob", got
+    assert [e.get("type") for e in list(srv.events)[n_peer:]] == ["message"], list(srv.events)[n_peer:]
+    assert len(notices()) == 1 and notices()[0]["msgtype"] == "m.notice", notices()
+    assert notices()[0]["body"].startswith(bob + " left this group"), notices()
+    assert pg.psql(membership, db_url) == before
+    assert pg.psql(events, db_url) == str(int(n_events) + 1)  # alice's message
+    assert pg.psql("SELECT count(*) FROM matrix_portal_members", db_url) == "1"
+    members = {m["user"]: m["membership"] for m in a.call("GET", f"/v1/rooms/{group}").json()["members"]}
+    assert members[a.user("bob")] == before.split()[0], members
+
+
+def test_a_local_user_banned_from_a_group_made_here_is_not_brought_back(mx, hs, gk, pg, db_url):
+    """carol, another user here, invited into alice's group and then banned
+    from it (by hand: nothing here bans yet), is not invited again by
+    alice's next invitation of her (mx_bot.c grow_group, as on XMPP: a
+    banned user is no one's to bring back): the invitation is taken back
+    as every invitation into alice's room is, the notice says she was put
+    out of the group, and her membership stays banned. (One who left is
+    invited again: hers to accept.)"""
+    a, srv = gk
+    consent_alice(mx)
+    consent_alice(mx, a.user("bob"))
+    a.create_room([a.user("bob"), "mimi://example.org/u/someone"])  # the peer introduced bob
+    alice, room, wally = alice_writes_to_wally(hs, a)
+    bob, carol_mx = "@_cw_gk_bob:example.org", "@carol:example.org"
+    alice.invite(room, bob)
+    wait_until(lambda: hs.members(room).get(bob) == "join", what="bob's ghost in")
+    group = wait_until(lambda: pg.psql("SELECT public_id FROM rooms WHERE kind = 'group'", db_url), what="a group")
+    hs.create_user("carol")
+    membership = ("SELECT m.membership || ' ' || m.updated_at FROM room_members m JOIN rooms r ON r.id = m.room_id "
+                  "JOIN identities i ON i.id = m.identity_id WHERE r.public_id = "
+                  f"'{group}' AND i.uri = 'mimi://example.org/u/carol'")
+    alice.invite(room, carol_mx)
+    wait_until(lambda: pg.psql(membership, db_url).startswith("invited "), what="carol invited")
+    wait_until(lambda: hs.members(room).get(carol_mx) == "leave", what="the invitation taken back")
+    pg.psql("UPDATE room_members SET membership = 'banned' WHERE identity_id = (SELECT id FROM identities "
+            "WHERE uri = 'mimi://example.org/u/carol')", db_url)
+    before = pg.psql(membership, db_url)
+
+    def put_out():
+        return [e for e in hs.events(room) if e["type"] == "m.room.message"
+                and e["content"]["body"].startswith("carol was put out of this group")]
+    alice.invite(room, carol_mx)
+    wait_until(lambda: hs.members(room).get(carol_mx) == "leave" and put_out(), what="taken back, and why")
+    assert len(put_out()) == 1, put_out()
+    assert pg.psql(membership, db_url) == before
+
+
 @pytest.mark.parametrize("members_filters", [True, False], ids=["synapse", "conduit"])
 def test_a_local_user_invited_into_a_direct_room_makes_a_group(mx, hs, gk, pg, db_url, members_filters):
     """alice invites carol, another user of this server, into her direct
