@@ -1208,6 +1208,11 @@ int policy_optin_fact(const struct policy_snapshot *s, const char *local_uri, co
 	return optin(facts_of(s, &l), &l, &n);
 }
 
+bool policy_optin_default(const struct policy_snapshot *s)
+{
+	return s && s->optin_default;
+}
+
 int policy_consent_fact(const struct policy_snapshot *s, const char *local_uri, bool subject_is_domain,
 			const char *subject)
 {

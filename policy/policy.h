@@ -249,6 +249,9 @@ void policy_decide(const struct policy_snapshot *s, const struct policy_request 
 /* The facts the snapshot holds, as loaded: -1 none, 0 opted out / blocked,
  * 1 opted in / allowed.  s may be NULL (no facts). */
 int policy_optin_fact(const struct policy_snapshot *s, const char *local_uri, const char *network);
+/* policy.optin_default as loaded: what a local user with no opt-in fact
+ * for a network is taken to be (false when s is NULL, as decided). */
+bool policy_optin_default(const struct policy_snapshot *s);
 int policy_consent_fact(const struct policy_snapshot *s, const char *local_uri, bool subject_is_domain,
 			const char *subject);
 

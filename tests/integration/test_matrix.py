@@ -1996,6 +1996,51 @@ def test_a_partys_domain_in_any_case_and_an_address_of_no_peer(mx, hs, gk, pg, d
     assert pg.psql("SELECT string_agg(subject_uri, ',') FROM reports", db_url) == "mimi://wa.example/u/wally"
 
 
+def test_accepting_a_domain_without_its_networks_opt_in_says_to_opt_in(mx, hs, gk, pg, db_url):
+    """An accept of a whole domain lets its users write to the user only
+    where she is opted in to its network (policy: user_not_opted_in; the
+    unit case "an allowed domain does not"): the answer says so, naming
+    the network's opt-in, when she has not opted in (and the default does
+    not opt her in) or opted out; opted in (hers, or policy.optin_default),
+    it says "Accepted" alone. Until the forty-third session it was
+    "Accepted wa.example" alone, and the help said accept lets a whole
+    domain write to her."""
+    alice, mgmt, said = alice_and_the_bot(hs)
+
+    def answer_to(text):
+        return bot_answer(said, lambda: alice.send_text(mgmt, text))
+    assert any("accept <who>              let someone write to you (or a whole domain, once you opt in to its "
+               "network)" in n for n in said())
+    assert answer_to("accept wa.example") == (
+        "Accepted wa.example. 0 waiting message(s) released. You are not opted in to peer:gk, though: its users "
+        "reach you only once you also send \"opt-in peer:gk\" (until then only those you accepted one by one, "
+        "and the conversations you wrote in, do).")
+    assert pg.psql("SELECT subject_kind || ' ' || subject || ' ' || state FROM consents", db_url) == \
+        "domain wa.example allowed"
+    assert answer_to("opt-out gk") == "You are now opted out for peer:gk."
+    assert answer_to("accept WA.example") == (
+        "Accepted wa.example. 0 waiting message(s) released. You opted out of peer:gk, though: nothing from it "
+        "reaches you until you also send \"opt-in peer:gk\".")
+    assert answer_to("opt-in peer:gk") == "You are now opted in for peer:gk."
+    assert answer_to("accept wa.example") == "Accepted wa.example. 0 waiting message(s) released."
+    # a user accepted alone is no opt-in matter (what she accepts one by one passes)
+    assert answer_to("opt-out peer:gk") == "You are now opted out for peer:gk."
+    assert answer_to("accept mimi://wa.example/u/zoe") == "Accepted mimi://wa.example/u/zoe. 0 waiting message(s) released."
+    # policy.optin_default on: carol, with no opt-in of her own, is opted in
+    a, _ = gk
+    assert mx.admin("PATCH", "/settings", json={"policy.optin_default": True}).ok
+    wait_until(lambda: a.call("POST", "/v1/consent/requests", {"requester": a.user("wally"),
+                                                               "target": "mimi://example.org/u/fresh"})
+               .status_code == 202 and pg.psql("SELECT count(*) FROM consent_requests", db_url) == "1",
+               what="optin_default in force")
+    carol, carols, carol_said = alice_and_the_bot(hs, "carol")
+    assert bot_answer(carol_said, lambda: carol.send_text(carols, "accept wa.example")) == \
+        "Accepted wa.example. 0 waiting message(s) released."
+    # alice's own opt-out stays hers
+    assert answer_to("accept wa.example").endswith("You opted out of peer:gk, though: nothing from it reaches you "
+                                                   "until you also send \"opt-in peer:gk\".")
+
+
 def test_a_failed_look_up_of_the_partys_peer_is_try_again_and_stores_nothing(mx, hs, gk, pg, db_url):
     """Whose a party is (a domain's peer, a ghost's) is read from the peers
     table; when that read fails, the command is not carried out: "try

@@ -4193,6 +4193,46 @@ def test_a_contacts_domain_is_taken_in_any_case(xd, gk, alice, pg, db_url):
     assert bad.error_condition == "bad-request"
 
 
+def test_accepting_the_whole_network_without_its_opt_in_says_to_opt_in(xd, gk, alice, pg, db_url):
+    """An accept of the whole network (the component's domain) lets its
+    users write to alice only where she is opted in to it (policy:
+    user_not_opted_in): the note says so, naming the opt-in command, when
+    she has not opted in (and policy.optin_default does not opt her in)
+    or opted out; opted in, it says "Accepted" alone, as the Matrix bot's
+    answer (mx_bot.c, domain_optin_hint). Until the forty-third session
+    it said "Accepted wa.example" alone."""
+    a, _ = gk
+
+    def accept_all():
+        done = command_submit(alice, "accept", {"jid": COMP})
+        return done.find(f".//{{{CMD}}}note").text
+    assert accept_all() == (
+        "Accepted wa.example. 0 waiting message(s) released. You are not opted in to peer:gk, though: its users "
+        "reach you only once you also run this gateway's opt-in command (for peer:gk; until then only those you "
+        "accepted one by one, and the conversations you wrote in, do).")
+    assert pg.psql("SELECT subject_kind || ' ' || subject || ' ' || state FROM consents", db_url) == \
+        "domain wa.example allowed"
+    # a user accepted alone is no opt-in matter
+    done = command_submit(alice, "accept", {"jid": "zoe@" + COMP})
+    assert done.find(f".//{{{CMD}}}note").text == "Accepted mimi://wa.example/u/zoe. 0 waiting message(s) released."
+    # policy.optin_default on: with no opt-in of her own, she is opted in
+    assert xd.admin("PATCH", "/settings", json={"policy.optin_default": True}).ok
+    wait_until(lambda: a.call("POST", "/v1/consent/requests", {"requester": a.user("wally"),
+                                                               "target": "mimi://example.org/u/fresh"})
+               .status_code == 202 and pg.psql("SELECT count(*) FROM consent_requests", db_url) == "1",
+               what="optin_default in force")
+    assert accept_all() == "Accepted wa.example. 0 waiting message(s) released."
+    # her own opt-out is hers, whatever the default
+    opt = alice.iq("set", COMP, f"<command xmlns='{CMD}' node='opt-out' action='execute'/>")
+    assert "opted out for peer:gk" in opt.find(f".//{{{CMD}}}note").text
+    assert accept_all() == (
+        "Accepted wa.example. 0 waiting message(s) released. You opted out of peer:gk, though: nothing from it "
+        "reaches you until you also run this gateway's opt-in command (for peer:gk).")
+    opt = alice.iq("set", COMP, f"<command xmlns='{CMD}' node='opt-in' action='execute'/>")
+    assert "opted in for peer:gk" in opt.find(f".//{{{CMD}}}note").text
+    assert accept_all() == "Accepted wa.example. 0 waiting message(s) released."
+
+
 def test_a_command_forms_values_are_taken_without_white_space_around_them(xd, gk, alice, pg, db_url):
     """A command form's JID and reason are read without the white space
     of any kind around them (a no-break space a phone puts in, an

@@ -1382,6 +1382,16 @@ START_TEST(builder_facts_and_counts)
 	ck_assert_int_eq(policy_optin_fact(s, "mimi://hub.example/u/c", "matrix"), -1);
 	ck_assert_int_eq(policy_optin_fact(s, NULL, "matrix"), -1);
 	ck_assert_int_eq(policy_optin_fact(NULL, l, "matrix"), -1);
+	/* The default for a network with no fact (the bots' answer to an
+	 * accept of a domain says whether it takes effect). */
+	ck_assert(!policy_optin_default(s));
+	ck_assert(!policy_optin_default(NULL));
+	struct policy_builder *bd = policy_builder_new();
+	policy_builder_defaults(bd, POLICY_MODE_OPEN, true);
+	struct policy_snapshot *sd = policy_builder_finish(bd, 43);
+	ck_assert_ptr_nonnull(sd);
+	ck_assert(policy_optin_default(sd));
+	policy_snapshot_free(sd);
 	ck_assert_int_eq(policy_consent_fact(s, l, false, "mimi://x.example/u/b"), 1);
 	ck_assert_int_eq(policy_consent_fact(s, l, true, "mimi://x.example/u/b"), 0);
 	ck_assert_int_eq(policy_consent_fact(s, l, false, "mimi://x.example/u/c"), -1);
