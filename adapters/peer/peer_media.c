@@ -46,7 +46,7 @@ static bool decimal(const char *s)
  * the digest, six lines, so no scope of fewer lines.  ev (since the
  * forty-third session's review; NULL: a link made before) is the public
  * id of the message that carried the file, which must still be there
- * for the file to be served (link_holds): with it the scope has a line
+ * for the file to be served (event_holds): with it the scope has a line
  * of by, one of the digest (each empty for none) and one of ev, seven
  * lines, so no scope of fewer. */
 static bool public_scope(const char *size, const char *exp, const char *by, const char *sha256, const char *ev,
@@ -105,7 +105,7 @@ json_t *peer_media_public(struct cw_app *app, json_t *ev)
 	 * without a sender: no peer, never signed. */
 	const char *sender = json_string_value(json_object_get(ev, "sender"));
 	/* The message that carries the files: a link serves its file only
-	 * while that message is there (link_holds).  An event without a
+	 * while that message is there (event_holds).  An event without a
 	 * valid id gets links bound to none, as before. */
 	const char *id = json_string_value(json_object_get(ev, "id"));
 	if (id && !message_id_valid(id))
