@@ -355,8 +355,10 @@ cw_err policy_load_users(PGconn *c, uint64_t version, struct policy_view *base, 
  * sweeps find no one, and then no row either. */
 #define BLOCKERS                                                                                        \
 	"ARRAY(SELECT b.local_identity_id FROM consents b WHERE b.state = 'blocked' "                       \
-	" AND (b.local_identity_id = $2::bigint OR ($2::bigint IS NULL "                                    \
-	"  AND b.updated_at > now() - interval '10 minutes')))"
+	" AND (b.local_identity_id = $2::bigint OR ($2::bigint IS NULL AND " BLOCKED_LATELY ")))"
+/* A block b of the last minutes (BLOCKERS of the periodic sweep;
+ * recent_blocks_sql asks whether there is one). */
+#define BLOCKED_LATELY "b.updated_at > now() - interval '10 minutes'"
 
 /* A row of such a user, from a remote sender they blocked (or its
  * domain), not the expiry's taking back of what they were shown (origin
@@ -492,8 +494,7 @@ static const char sweep_held_sql[] = SWEEP_SQL("(" SWEPT_HELD ")");
 /* Whether BLOCKERS of the periodic sweep ($2 NULL) names anyone: its
  * condition, read in consents_updated_idx. */
 static const char recent_blocks_sql[] =
-	"SELECT EXISTS (SELECT 1 FROM consents b WHERE b.state = 'blocked' "
-	" AND b.updated_at > now() - interval '10 minutes')";
+	"SELECT EXISTS (SELECT 1 FROM consents b WHERE b.state = 'blocked' AND " BLOCKED_LATELY ")";
 
 /* The periodic sweep's statements, prepared on the policy thread's
  * connection: sent whole, they were planned on every sweep, 1 ms each
