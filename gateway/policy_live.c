@@ -531,14 +531,16 @@ static PGresult *sweep_exec(PGconn *c, bool prepared, int k, int n, const char *
  * The user's own consent is the database's (the snapshot may be a
  * moment behind the change that runs this sweep); sizes and rate limits
  * were decided at arrival. */
-static cw_err rule_denials(PGconn *c, bool prepared, const struct policy_view *v, const char *const params[2],
-			   char **out, cw_errmsg *e)
+/* The rows of r (columns: id; sender uri, domain, network; recipient
+ * uri, domain, network; event type) an inbound message of which the
+ * server's rules (or its recipient's explicit opt-out) now refuse, as a
+ * JSON array [{id, reason, rule}]; NULL when out of memory.  Each is
+ * decided as the recheck decides a waiting row (recheck_refused): an
+ * opt-in missing refuses only what comes, an explicit opt-out
+ * everything.  Shared by the release's sweep (rule_denials) and the walk
+ * of the pending consent requests (requests_turn). */
+static json_t *server_denials(const struct policy_snapshot *snap, PGresult *r)
 {
-	*out = NULL;
-	PGresult *r = sweep_exec(c, prepared, 0, 2, params);
-	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
-	if (rc)
-		return rc;
 	json_t *list = json_array();
 	int64_t now = cw_wall_ms();
 	for (int i = 0; list && i < PQntuples(r); i++) {
@@ -549,26 +551,37 @@ static cw_err rule_denials(PGconn *c, bool prepared, const struct policy_view *v
 			.sender = { PQgetvalue(r, i, 1), PQgetvalue(r, i, 2), PQgetvalue(r, i, 3) },
 			.recipient = { PQgetvalue(r, i, 4), PQgetvalue(r, i, 5), PQgetvalue(r, i, 6) },
 			.now_ms = now,
-			/* Decided as the recheck decides a waiting row (recheck_refused):
-			 * an opt-in missing refuses only what comes, an explicit
-			 * opt-out everything.  The row arrived opted in (else it was
-			 * not held), and its user has just allowed its sender (or
-			 * their domain), or wrote in its group: each is her opt-in
-			 * for that conversation.  Until the thirty-ninth session
-			 * only writing in the group counted, and the snapshot, of
-			 * just before the accept that runs this sweep, had no
-			 * consent of hers: with policy.optin_default turned off
-			 * since the row arrived, her accept dropped what it
-			 * accepted (user_not_opted_in). */
 			.recipient_wrote_here = true,
 		};
 		struct policy_decision d;
-		policy_decide(v->snap, &q, &d);
+		policy_decide(snap, &q, &d);
 		if (d.verdict == POLICY_DENY && policy_reason_is_servers(d.reason) &&
 		    json_array_append_new(list, json_pack("{s:s, s:s, s:I}", "id", PQgetvalue(r, i, 0), "reason",
-							  d.reason, "rule", (json_int_t)d.rule_id)))
-			break;
+							  d.reason, "rule", (json_int_t)d.rule_id))) {
+			json_decref(list);
+			list = NULL;
+		}
 	}
+	return list;
+}
+
+static cw_err rule_denials(PGconn *c, bool prepared, const struct policy_view *v, const char *const params[2],
+			   char **out, cw_errmsg *e)
+{
+	*out = NULL;
+	PGresult *r = sweep_exec(c, prepared, 0, 2, params);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	/* The row arrived opted in (else it was not held), and its user has
+	 * just allowed its sender (or their domain), or wrote in its group:
+	 * each is her opt-in for that conversation (server_denials decides
+	 * it as though she wrote there).  Until the thirty-ninth session
+	 * only writing in the group counted, and the snapshot, of just
+	 * before the accept that runs this sweep, had no consent of hers:
+	 * with policy.optin_default turned off since the row arrived, her
+	 * accept dropped what it accepted (user_not_opted_in). */
+	json_t *list = server_denials(v->snap, r);
 	PQclear(r);
 	*out = list ? json_dumps(list, JSON_COMPACT) : NULL;
 	json_decref(list);
@@ -1731,9 +1744,11 @@ static void recheck_users_add(struct policy_live *pl, const int64_t *ids, size_t
 
 /* The pending consent requests, in consent_requests_pending_expiry_idx's
  * order from after ($1, $2) (expires_at, id; -infinity: from the start), $3 of
- * them: the local user and the requester (uri, domain, network). */
+ * them: the requester and the local user (uri, domain, network), as
+ * server_denials reads a row (a request is about a message), and its
+ * expiry (column 8). */
 static const char requests_page_sql[] =
-	"SELECT q.id, q.expires_at::text, l.uri, l.domain, l.network, s.uri, s.domain, s.network "
+	"SELECT q.id, s.uri, s.domain, s.network, l.uri, l.domain, l.network, 'message', q.expires_at::text "
 	"FROM consent_requests q JOIN identities l ON l.id = q.local_identity_id "
 	"JOIN identities s ON s.id = q.remote_identity_id "
 	"WHERE q.state = 'pending' AND (q.expires_at, q.id) > ($1::timestamptz, $2::bigint) "
@@ -1759,7 +1774,9 @@ static const char requests_withdraw_sql[] =
  * an opt-out): a request whose requester the server's rules (or the
  * user's explicit opt-out of their network) now refuse is withdrawn, as
  * the messages it asked about were dropped (recheck).  Decided as a
- * waiting row of hers is (recheck_refused).  Until the forty-third
+ * held row of hers is at its release (server_denials: the server's side
+ * alone; her block of the requester is hers to answer, and answers the
+ * request itself).  Until the forty-third
  * session it stayed pending for its week: the Matrix bot showed it to a
  * user who opened her management room after the operator denied its
  * sender (abuse: the deny always wins), her list named it, and on XMPP
@@ -1779,29 +1796,9 @@ static bool requests_turn(struct policy_live *pl, const struct policy_view *v)
 		return false;
 	}
 	int n = PQntuples(r);
-	json_t *list = json_array();
-	int64_t now = cw_wall_ms();
-	for (int i = 0; list && i < n; i++) {
-		struct policy_request q = {
-			.direction = POLICY_INBOUND,
-			.action = POLICY_ACT_EVENT,
-			.event_type = "message",
-			.sender = { PQgetvalue(r, i, 5), PQgetvalue(r, i, 6), PQgetvalue(r, i, 7) },
-			.recipient = { PQgetvalue(r, i, 2), PQgetvalue(r, i, 3), PQgetvalue(r, i, 4) },
-			.now_ms = now,
-			.recipient_wrote_here = true, /* an opt-in missing refuses only what comes */
-		};
-		struct policy_decision d;
-		policy_decide(v->snap, &q, &d);
-		if (d.verdict == POLICY_DENY && policy_reason_is_servers(d.reason) &&
-		    json_array_append_new(list, json_pack("{s:s, s:s, s:I}", "id", PQgetvalue(r, i, 0), "reason",
-							  d.reason, "rule", (json_int_t)d.rule_id))) {
-			json_decref(list);
-			list = NULL;
-		}
-	}
+	json_t *list = server_denials(v->snap, r);
 	if (n) {
-		snprintf(pl->req_exp, sizeof(pl->req_exp), "%s", PQgetvalue(r, n - 1, 1));
+		snprintf(pl->req_exp, sizeof(pl->req_exp), "%s", PQgetvalue(r, n - 1, 8));
 		pl->req_after = atoll(PQgetvalue(r, n - 1, 0));
 	}
 	PQclear(r);
