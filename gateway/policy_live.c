@@ -778,16 +778,17 @@ static const char recheck_drop_sql[] =
 	"  AND x.state NOT IN ('dropped', 'expired'))) "
 	"SELECT count(*), min(reason), coalesce(json_agg(id ORDER BY id), '[]')::text FROM ch";
 
-/* Whether the server's rules (and an inbound row's user's opt-out) refuse
- * row i of a RECHECK_COLUMNS result now: *d the refusal, *subject whom it
- * is about (the row's user; a peer's row: the member refused).  An inbound
- * row is decided as it arrived but as if its user wrote in its room (an
- * opt-in missing refuses only what comes; an explicit opt-out refuses
- * all, as at arrival); a peer's row as the writer decides it (a server
- * deny of any of the peer's members in the room refuses it, another
- * server refusal only of them all; docs/policy.md "Groups"), by the
- * peer's domain alone when none is left.  Sizes, rate limits and the
- * users' consents are not asked again. */
+/* Whether the server's rules (and an inbound row's user's opt-out or her
+ * block of the sender) refuse row i of a RECHECK_COLUMNS result now: *d
+ * the refusal, *subject whom it is about (the row's user; a peer's row:
+ * the member refused).  An inbound row is decided as it arrived but as if
+ * its user wrote in its room (an opt-in missing refuses only what comes;
+ * an explicit opt-out refuses all, as at arrival); a peer's row as the
+ * writer decides it (a server deny of any of the peer's members in the
+ * room refuses it, another server refusal only of them all;
+ * docs/policy.md "Groups"), by the peer's domain alone when none is left.
+ * Sizes, rate limits and the users' consents but a block are not asked
+ * again. */
 static bool recheck_refused(const struct policy_snapshot *snap, PGresult *r, int i, int64_t now,
 			    struct policy_decision *d, char *subject, size_t len)
 {
