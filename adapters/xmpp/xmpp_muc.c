@@ -2094,18 +2094,18 @@ static cw_err invite_fn(PGconn *c, void *arg, cw_errmsg *e)
 	 * write holding it commits first; one waiting for it reads the
 	 * change).  Until the forty-third session an invitation took none. */
 	const char *rp[] = { v->public_id, domain, v->xc->peer, v->uri };
-	PGresult *r = PQexecParams(c,
-		"SELECT count(" ROOM_LOCK_SQL("g.id") ") FROM rooms g WHERE g.public_id = $1 AND g.kind = 'group' "
-		"AND g.hub_domain = $2 AND g.created_by_peer_id IS NULL", 2, NULL, rp, NULL, NULL, 0);
+#define HOSTED_GROUP "g.public_id = $1 AND g.kind = 'group' AND g.hub_domain = $2 AND g.created_by_peer_id IS NULL"
+	PGresult *r = PQexecParams(c, "SELECT count(" ROOM_LOCK_SQL("g.id") ") FROM rooms g WHERE " HOSTED_GROUP, 2, NULL,
+				   rp, NULL, NULL, 0);
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 	if (rc)
 		return rc;
 	PQclear(r);
 	r = PQexecParams(c,
-		"SELECT g.id, p.domain, p.id FROM rooms g, peers p WHERE g.public_id = $1 AND g.kind = 'group' "
-		"AND g.hub_domain = $2 AND g.created_by_peer_id IS NULL AND p.name = $3 AND p.enabled "
+		"SELECT g.id, p.domain, p.id FROM rooms g, peers p WHERE " HOSTED_GROUP " AND p.name = $3 AND p.enabled "
 		"AND EXISTS (SELECT 1 FROM room_members x JOIN identities i ON i.id = x.identity_id "
 		"WHERE x.room_id = g.id AND i.uri = $4 AND x.membership = 'joined')", 4, NULL, rp, NULL, NULL, 0);
+#undef HOSTED_GROUP
 	if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
 		return rc;
 	if (PQntuples(r) != 1) {
