@@ -1212,10 +1212,9 @@ static bool dies(const struct lane *l, const struct outbox_row *rows, size_t i)
 }
 
 /* The rows' own outcomes: the delivered ones in one statement, the failed
- * ones in one per reason (a room's rest shares its reason), the untried
- * ones (2) released, the waiting ones (3) released for a while, the
- * refused ones (4) dropped, the undeliverable ones (5) dead, one
- * statement per reason.  The failed rows that go dead (dies) are recorded
+ * ones in one per reason, the untried ones (2) released, the waiting ones
+ * (3) released for a while, the refused ones (4) dropped, the
+ * undeliverable ones (5) dead, one statement per reason.  The failed rows that go dead (dies) are recorded
  * last: a dead row takes down its room's later rows that wait (cw_record's
  * behind), which by then include a later row of its room that failed for
  * another reason in the same batch (XMPP: the first one's stanza lost with
