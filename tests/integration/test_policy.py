@@ -200,8 +200,10 @@ def test_a_request_whose_sender_the_rules_now_refuse_is_withdrawn(daemon, peers,
     r = daemon.admin("POST", "/rules", json={"scope": "user", "pattern": a.user("wally"), "mode": "deny"})
     assert r.status_code == 201, r.text
     rule = r.json()["id"]
+    # The policy thread withdraws the requests of a turn before it drops
+    # the rows: wait for both.
     wait_policy(daemon, lambda: request_state(ALICE) == "expired", "alice's request withdrawn")
-    assert states(pg, db_url, [held[ALICE]])[0][1] == "dropped"
+    wait_policy(daemon, lambda: states(pg, db_url, [held[ALICE]])[0][1] == "dropped", "wally's message dropped")
     rec = [x for x in daemon.admin("GET", "/audit?action=consent.expire").json()["rows"] if x["subject"] == ALICE]
     assert len(rec) == 1, rec
     assert (rec[0]["actor"], rec[0]["reason"], rec[0]["rule_id"]) == ("policy", "server_denied_user", rule)
