@@ -3570,7 +3570,7 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 				if (PQgetisnull(r, k, 0) && !PQgetisnull(r, k, 2) &&
 				    (strcmp(PQgetvalue(r, k, 2), "unasked") == 0 ||
 				     strcmp(PQgetvalue(r, k, 2), "unmade") == 0)) {
-					if (PQgetvalue(r, k, 2)[2] == 'a') /* unasked */
+					if (strcmp(PQgetvalue(r, k, 2), "unasked") == 0)
 						policy_count(b->app, &(struct policy_decision){
 									     .verdict = POLICY_LIMIT,
 									     .reason = "rate_limited_recipient_consent_requests" });
