@@ -535,10 +535,12 @@ static PGresult *sweep_exec(PGconn *c, bool prepared, int k, int n, const char *
  * uri, domain, network; event type) an inbound message of which the
  * server's rules (or its recipient's explicit opt-out) now refuse, as a
  * JSON array [{id, reason, rule}]; NULL when out of memory.  Each is
- * decided as the recheck decides a waiting row (recheck_refused): an
+ * decided as the recheck decides a waiting row (recheck_refused: an
  * opt-in missing refuses only what comes, an explicit opt-out
- * everything.  Shared by the release's sweep (rule_denials) and the walk
- * of the pending consent requests (requests_turn). */
+ * everything), but only the server's side is listed: a block is the
+ * sweep's to read from consents, and answers a consent request itself.
+ * Shared by the release's sweep (rule_denials) and the walk of the
+ * pending consent requests (requests_turn). */
 static json_t *server_denials(const struct policy_snapshot *snap, PGresult *r)
 {
 	json_t *list = json_array();
