@@ -275,6 +275,13 @@ static cw_err event_holds(PGconn *c, void *arg, cw_errmsg *e)
 
 /* The answer to a token whose event (event_holds) the peer may not have
  * or that is gone, whoever asks when: true when answered. */
+/* Whether j's fetch asks about its message first (event_holds): a token
+ * always, a link when it names one (since the forty-third session). */
+static bool asks_event(const struct media_job *j)
+{
+	return !j->public || j->event[0];
+}
+
 static bool answer_not_there(struct cw_req *req, const struct media_job *j)
 {
 	if (j->stranger)
@@ -309,7 +316,7 @@ static void fetch(void *arg)
 	 * its declared size, may be smaller; reserving it would make the gauge
 	 * show a file as held before it has come, and the sizes are alike). */
 	size_t most = (size_t)app->cfg->media_max_bytes;
-	if (!j->public || j->event[0]) {
+	if (asks_event(j)) {
 		/* A read on this fetcher (it may block: workers.h), before the
 		 * budget is asked and the homeserver (or a link's store) is: a
 		 * stranger to the room is answered as for a token that never
@@ -539,8 +546,10 @@ static void busy_answer(void *arg, cw_err rc, const cw_errmsg *e)
  * asks (event_holds), on a reader: a peer with no member in the room is
  * answered 404 as for a token that never was, whatever the fetchers are
  * doing (until the thirty-fourth session it was told 503 "too many files"
- * then, the one answer that told it from a token that never was).  Only
- * when refused: a fetch that a fetcher takes reads there as before. */
+ * then, the one answer that told it from a token that never was), and a
+ * link whose message is gone 404 as when a fetcher is free (a link named
+ * no message before the forty-third session).  Only when refused: a fetch
+ * that a fetcher takes reads there as before. */
 static void start_fetch(struct cw_app *app, struct cw_req *req, struct media_job *j, size_t max)
 {
 	j->app = app;
@@ -550,7 +559,7 @@ static void start_fetch(struct cw_app *app, struct cw_req *req, struct media_job
 	j->b.cancel = &app->stopping;
 	if (cw_workers_run_then(app->fetchers, fetch, fetched, j))
 		return;
-	if (!j->public && store_read(app->store, event_holds, busy_answer, j) == CW_OK)
+	if (asks_event(j) && store_read(app->store, event_holds, busy_answer, j) == CW_OK)
 		return;
 	free(j);
 	app_retry_after(req, 1000);

@@ -10,6 +10,7 @@ The stores here are names under "localhost", which libcurl resolves to
 loopback by itself: the peer gk is of domain wa.localhost."""
 import base64
 import os
+import threading
 import time
 import urllib.parse
 
@@ -32,13 +33,13 @@ def signed(headers):
     return "Signature" in headers or "Signature-Input" in headers
 
 
-def start(make_daemon, db_url, prosody, tmp_path):
-    """The stores, the daemon with gk, and a room of wally's and alice's
-    (she allowed him): (media, daemon, gk's client, its notify server,
-    Causeway's public key, the room)."""
+def start(make_daemon, db_url, prosody, tmp_path, **server):
+    """The stores, the daemon with gk (server: more [server] options), and a
+    room of wally's and alice's (she allowed him): (media, daemon, gk's
+    client, its notify server, Causeway's public key, the room)."""
     media = MediaServer(tmp_path, hosts=HOSTS)
     d, a, srv = start_with_gk(make_daemon, db_url, prosody, domain=DOMAIN,
-                              server={"ca_file": media.cert_file, "media_private_addresses": "true"})
+                              server={"ca_file": media.cert_file, "media_private_addresses": "true", **server})
     key = d.get("/.well-known/mimi-protocol-directory").json()["public_key"]["key"]
     consent_alice(d, f"mimi://{DOMAIN}/u/wally")
     room = a.create_room([a.user("wally"), ALICE]).json()["id"]
@@ -543,6 +544,60 @@ def test_a_links_file_ends_with_its_message(make_daemon, db_url, pg, prosody, al
         got = requests.get(links["kept"][1], timeout=10)
         assert got.status_code == 200 and got.content == links["kept"][2], (got.status_code, got.text[:200])
     finally:
+        srv.close()
+        media.close()
+
+
+def test_a_links_message_is_asked_about_while_every_fetcher_is_busy(make_daemon, db_url, prosody, alice, tmp_path):
+    """With every fetcher busy (server.media_fetches, here one, held by a
+    file its store is slow to give), a link whose message is gone is
+    answered the 404 it gets when a fetcher is free, and a link whose
+    message is there 503 "try again": the message is asked about before
+    the fetchers are. Until the forty-third session (its own review) a
+    link's message was asked about only on a fetcher, and a deleted
+    message's link was told 503 while they were busy, 404 otherwise."""
+    media, d, a, srv, key, room = start(make_daemon, db_url, prosody, tmp_path, media_fetches="1")
+    t = None
+    try:
+        links = {}
+        for name in ("slow", "deleted", "kept"):
+            data = os.urandom(900)
+            url = media.put(f"/f/{name}.jpg", "image/jpeg", data, host="media.wa.localhost")
+            at = alice.count()
+            r = a.call("POST", f"/v1/rooms/{room}/messages", {
+                "type": "message", "sender": a.user("wally"), "content": {
+                    "parts": [{"type": "text/plain", "body": name}],
+                    "attachments": [{"content_type": "image/jpeg", "url": url, "size": len(data)}]}},
+                idem=base64.urlsafe_b64encode(os.urandom(9)).decode())
+            assert r.status_code == 202, r.text
+            m = alice.wait_for_message(lambda el: el.get("from", "").split("/")[0] == WALLY_JID and el.find(
+                "{jabber:x:oob}x") is not None, timeout=10, start=at)
+            links[name] = (r.json()["id"], m.find("{jabber:x:oob}x").find("{jabber:x:oob}url").text, data)
+        at = alice.count()
+        assert a.call("POST", f"/v1/rooms/{room}/messages", {
+            "type": "delete", "sender": a.user("wally"), "content": {"replaces": links["deleted"][0]}},
+            idem=base64.urlsafe_b64encode(os.urandom(9)).decode()).status_code == 202
+        alice.wait_for_message(lambda el: el.find("{urn:xmpp:message-retract:1}retract") is not None,
+                               timeout=15, start=at)
+        free = requests.get(links["deleted"][1], timeout=10)
+        assert free.status_code == 404 and free.json()["code"] == "unknown_media", free.text[:200]
+        media.delay["/f/slow.jpg"] = 8.0
+        asked, out = len(media.requests), {}
+        t = threading.Thread(target=lambda: out.update(r=requests.get(links["slow"][1], timeout=30)))
+        t.start()
+        wait_until(lambda: len(media.requests) > asked, what="the slow fetch under way")
+        r = requests.get(links["kept"][1], timeout=10)
+        assert r.status_code == 503 and "too many files" in r.json()["detail"], (r.status_code, r.text[:200])
+        for _ in range(3):
+            r = requests.get(links["deleted"][1], timeout=10)
+            assert (r.status_code, r.content) == (free.status_code, free.content), (r.status_code, r.text[:200])
+        t.join(30)
+        assert out["r"].status_code == 200 and out["r"].content == links["slow"][2], out
+        assert len(media.requests) == asked + 1  # the deleted message's link fetched nothing
+    finally:
+        media.delay.clear()
+        if t:
+            t.join(30)
         srv.close()
         media.close()
 
