@@ -278,12 +278,6 @@ int64_t ratelimit_policy_peek(void *ctx, const char *key, uint32_t capacity, int
 	return ratelimit_peek(ctx, key, capacity, period_ms, now_ms, NULL);
 }
 
-int64_t ratelimit_policy_give(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms)
-{
-	ratelimit_give(ctx, key, capacity, period_ms, now_ms);
-	return 0;
-}
-
 void ratelimit_stats(struct ratelimit *rl, size_t *used, uint64_t *evictions)
 {
 	size_t u = 0;

@@ -56,12 +56,9 @@ int64_t ratelimit_peek(struct ratelimit *rl, const char *key, uint32_t capacity,
  * refused, adapters/peer/peer_api.c). */
 void ratelimit_give(struct ratelimit *rl, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms);
 
-/* struct policy_rate's take and peek, with ctx a struct ratelimit *; and
- * a take that gives back (ratelimit_give; answers 0, "taken"), to ask
- * policy_decide again for the buckets one decision took from. */
+/* struct policy_rate's take and peek, with ctx a struct ratelimit *. */
 int64_t ratelimit_policy_take(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms);
 int64_t ratelimit_policy_peek(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms);
-int64_t ratelimit_policy_give(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms);
 
 /* Buckets in use, and evictions so far (for metrics; takes every lock). */
 void ratelimit_stats(struct ratelimit *rl, size_t *used, uint64_t *evictions);

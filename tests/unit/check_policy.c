@@ -1614,8 +1614,8 @@ START_TEST(rl_capacity_then_refusal)
 END_TEST
 
 /* A token given back is there again, never past the capacity; a bucket
- * not kept is not made; through policy_decide, the buckets one decision
- * took from each get theirs back. */
+ * not kept is not made.  (What a job took is given back through the rate
+ * memo's ledger: rate_ledger_charges_a_write_once_whatever_its_runs.) */
 START_TEST(rl_give_back)
 {
 	struct ratelimit *rl = ratelimit_new(0);
@@ -1638,34 +1638,6 @@ START_TEST(rl_give_back)
 	size_t used;
 	ratelimit_stats(rl, &used, NULL);
 	ck_assert_uint_eq(used, 2);
-
-	struct policy_builder *pb = policy_builder_new();
-	policy_builder_defaults(pb, POLICY_MODE_OPEN, true);
-	struct policy_limits lim = { .set = POLICY_LIM_CONSENT_REQ_DAY | POLICY_LIM_CONSENT_REQ_DAY_USER,
-				     .consent_requests_per_day = 3, .consent_requests_per_day_per_user = 1 };
-	ck_assert_int_eq(policy_builder_rule(pb, 1, POLICY_SCOPE_DOMAIN, "b.example", POLICY_MODE_NONE, &lim, 0), 0);
-	struct policy_snapshot *s = policy_builder_finish(pb, 1);
-	struct policy_rate take = { ratelimit_policy_take, rl, ratelimit_policy_peek };
-	struct policy_rate give = { ratelimit_policy_give, rl, NULL };
-	struct policy_request r = { .direction = POLICY_INBOUND, .action = POLICY_ACT_FIRST_CONTACT,
-				    .sender = { "mimi://b.example/u/x", "b.example", "peer:b" }, .now_ms = 1,
-				    .rate = &take };
-	struct policy_decision d;
-	policy_decide(s, &r, &d);
-	ck_assert_int_ne(d.verdict, POLICY_LIMIT);
-	policy_decide(s, &r, &d);
-	ck_assert_int_eq(d.verdict, POLICY_LIMIT);
-	ck_assert_str_eq(d.reason, "rate_limited_sender_consent_requests");
-	r.rate = &give; /* the domain's bucket and the sender's one token each */
-	policy_decide(s, &r, &d);
-	ck_assert_int_ne(d.verdict, POLICY_LIMIT);
-	r.rate = &take;
-	policy_decide(s, &r, &d);
-	ck_assert_int_ne(d.verdict, POLICY_LIMIT);
-	/* the domain's: 3, less three takes, plus one given back */
-	ck_assert_int_eq(ratelimit_take(rl, "crf:1:b.example", 3, 86400000, 1, NULL), 0);
-	ck_assert_int_gt(ratelimit_take(rl, "crf:1:b.example", 3, 86400000, 1, NULL), 0);
-	policy_snapshot_free(s);
 	ratelimit_free(rl);
 }
 END_TEST
