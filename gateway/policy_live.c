@@ -1202,7 +1202,8 @@ static uint64_t memo_hash(const char *key)
 /* A token a memo with a ledger took: recorded, to be given back if the
  * write runs again.  Out of memory it is not (the run again takes it a
  * second time: the stricter error). */
-static void ledger_grant(struct policy_rate_ledger *l, const char *key, uint32_t capacity, int64_t period_ms)
+static void ledger_grant(struct policy_rate_ledger *l, const char *key, uint32_t capacity, int64_t period_ms,
+			 size_t item)
 {
 	char *k = NULL;
 	if (l->n == l->cap) {
@@ -1218,7 +1219,7 @@ static void ledger_grant(struct policy_rate_ledger *l, const char *key, uint32_t
 				    "a write that runs again may charge it again");
 		return;
 	}
-	l->g[l->n++] = (struct policy_rate_grant){ k, capacity, period_ms };
+	l->g[l->n++] = (struct policy_rate_grant){ k, capacity, period_ms, item, false };
 }
 
 static bool hash_drop(uint64_t *v, size_t *n, uint64_t h)
@@ -1258,7 +1259,8 @@ static bool ledger_refusal(struct policy_rate_ledger *l, uint64_t h, bool first)
 void policy_rate_ledger_undo(struct policy_rate_ledger *l, int64_t now_ms)
 {
 	for (size_t i = 0; i < l->n; i++) {
-		ratelimit_give(l->rl, l->g[i].key, l->g[i].capacity, l->g[i].period_ms, now_ms);
+		if (!l->g[i].back) /* else given back already */
+			ratelimit_give(l->rl, l->g[i].key, l->g[i].capacity, l->g[i].period_ms, now_ms);
 		free(l->g[i].key);
 	}
 	l->n = 0;
@@ -1286,13 +1288,38 @@ int64_t policy_rate_ledger_give(void *ctx, const char *key, uint32_t capacity, i
 {
 	struct policy_rate_ledger *l = ctx;
 	for (size_t i = 0; i < l->n; i++)
-		if (strcmp(l->g[i].key, key) == 0) {
+		if (l->g[i].item == POLICY_LEDGER_JOB && !l->g[i].back && strcmp(l->g[i].key, key) == 0) {
 			ratelimit_give(l->rl, key, capacity, period_ms, now_ms);
 			free(l->g[i].key);
 			l->g[i] = l->g[--l->n];
 			break;
 		}
 	return 0;
+}
+
+void policy_rate_ledger_give_item(struct policy_rate_ledger *l, size_t item, int64_t now_ms)
+{
+	for (size_t i = 0; i < l->n; i++)
+		if (l->g[i].item == item && !l->g[i].back) {
+			ratelimit_give(l->rl, l->g[i].key, l->g[i].capacity, l->g[i].period_ms, now_ms);
+			l->g[i].back = true;
+		}
+}
+
+void policy_rate_ledger_take_item(struct policy_rate_ledger *l, size_t item, int64_t now_ms)
+{
+	for (size_t i = 0; i < l->n;) {
+		struct policy_rate_grant *g = &l->g[i];
+		if (g->item == item && g->back) {
+			g->back = false;
+			if (ratelimit_take(l->rl, g->key, g->capacity, g->period_ms, now_ms, NULL) > 0) {
+				free(g->key); /* none left: not taken, nothing to give back */
+				*g = l->g[--l->n];
+				continue;
+			}
+		}
+		i++;
+	}
 }
 
 static int64_t memo_take(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms)
@@ -1307,7 +1334,7 @@ static int64_t memo_take(void *ctx, const char *key, uint32_t capacity, int64_t 
 	if (r > 0 && m->ledger)
 		first = ledger_refusal(m->ledger, h, first);
 	else if (r == 0 && m->ledger)
-		ledger_grant(m->ledger, key, capacity, period_ms);
+		ledger_grant(m->ledger, key, capacity, period_ms, m->ledger_item);
 	if (r > 0 && first)
 		m->first_refusal = true;
 	if (m->n < POLICY_MEMO_INLINE)
@@ -1346,6 +1373,7 @@ void policy_rate_memo_init(struct policy_rate_memo *m, struct ratelimit *rl)
 	m->nmore = m->cap = 0;
 	m->first_refusal = false;
 	m->ledger = NULL;
+	m->ledger_item = POLICY_LEDGER_JOB;
 }
 
 void policy_rate_memo_finish(struct policy_rate_memo *m)

@@ -239,6 +239,7 @@ struct policy_rate_memo {
 	size_t nmore, cap;
 	bool first_refusal;
 	struct policy_rate_ledger *ledger; /* NULL (init): none; else where the takes are recorded */
+	size_t ledger_item;         /* whose the takes recorded are (POLICY_LEDGER_JOB: init) */
 };
 void policy_rate_memo_init(struct policy_rate_memo *m, struct ratelimit *rl);
 void policy_rate_memo_finish(struct policy_rate_memo *m);
@@ -255,13 +256,20 @@ void policy_rate_memo_finish(struct policy_rate_memo *m);
  * back with it) answers the next run's first refusal of it as a first
  * again, once, so that the episode is recorded.  A token given back for
  * what the write then did not do is given only if the job took it
- * (policy_rate_ledger_give).  Zero it to start (rl set); free with
+ * (policy_rate_ledger_give), and so are the tokens of an item the write
+ * refused (a memo's ledger_item names whose its takes are: the job keeps
+ * an item's apart, policy_rate_ledger_give_item).  Zero it to start (rl set); free with
  * policy_rate_ledger_free, which keeps the tokens taken. */
 struct policy_rate_grant {
 	char *key;
 	uint32_t capacity;
 	int64_t period_ms;
+	size_t item;    /* the memo's ledger_item when it took it */
+	bool back;      /* given back (policy_rate_ledger_give_item) */
 };
+/* A memo's ledger_item when its takes are the job's, not one item's (a
+ * consent request's, given back per request: policy_rate_ledger_give). */
+#define POLICY_LEDGER_JOB SIZE_MAX
 struct policy_rate_ledger {
 	struct ratelimit *rl;
 	struct policy_rate_grant *g;  /* the tokens taken: n of cap */
@@ -275,9 +283,18 @@ struct policy_rate_ledger {
 void policy_rate_ledger_undo(struct policy_rate_ledger *l, int64_t now_ms);
 void policy_rate_ledger_free(struct policy_rate_ledger *l);
 /* A struct policy_rate take (ctx: the ledger) that gives back one token
- * the ledger recorded for key, and forgets it; none recorded: nothing.
- * Answers 0. */
+ * the ledger recorded for key as the job's (POLICY_LEDGER_JOB), and
+ * forgets it; none recorded: nothing.  Answers 0. */
 int64_t policy_rate_ledger_give(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms);
+/* The tokens recorded for item (a memo's ledger_item) given back: what
+ * the item paid for was not done (the write refused it: since the
+ * forty-third session).  They stay recorded, as given back: undo does not
+ * give them again, and policy_rate_ledger_take_item takes them again when
+ * a run again of the write does it after all. */
+void policy_rate_ledger_give_item(struct policy_rate_ledger *l, size_t item, int64_t now_ms);
+/* Takes again the tokens of item given back (policy_rate_ledger_give_item);
+ * a bucket that has none left is not charged, and forgets it. */
+void policy_rate_ledger_take_item(struct policy_rate_ledger *l, size_t item, int64_t now_ms);
 
 /* Asks for a reload and waits until a snapshot loaded after this call is
  * in force (a change this process just committed is then in effect here);

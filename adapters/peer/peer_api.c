@@ -1631,7 +1631,10 @@ struct submit {
 				       back, once each, for pairs the write held unasked (give_back;
 				       kept across runs again of round 1, cleared with round 0's) */
 	struct policy_rate_ledger ledger; /* the tokens round 0's decisions took: given back before
-				       it runs again (items_send), so that a job is charged once */
+				       it runs again (items_send), so that a job is charged once;
+				       an item's own (its memo's ledger_item: i) when the write
+				       refuses it (refused_give_back) */
+	bool *decided;              /* per item: round 0 decided it to be written (its tokens taken) */
 	json_t **outbound;          /* per item: remote users a local sender wrote to (consent to their replies) */
 	bool *wrote;                /* per item: a local sender's message to members of a group new to them (they may reply there) */
 	bool *scrub;                /* per item: no recipient will get it (or an edit of an expired message): keep no content */
@@ -1674,6 +1677,7 @@ static void submit_clear_round(struct submit *b)
 		b->grp[i] = false;
 		b->joins[i] = false;
 		b->given[i] = 0;
+		b->decided[i] = false;
 	}
 	json_array_clear(b->audit);
 }
@@ -1704,6 +1708,7 @@ void submit_free(void *arg)
 	free(b->grp);
 	free(b->joins);
 	free(b->given);
+	free(b->decided);
 	free(b->uids);
 	free(b->first);
 	policy_rate_ledger_free(&b->ledger); /* what the job took stays taken */
@@ -1739,12 +1744,13 @@ struct submit *submit_new(size_t n)
 	b->grp = calloc(m, sizeof(*b->grp));
 	b->joins = calloc(m, sizeof(*b->joins));
 	b->given = calloc(m, sizeof(*b->given));
+	b->decided = calloc(m, sizeof(*b->decided));
 	b->audit = json_array();
 	b->refused = json_array();
 	b->keys = json_array();
 	if (!b->items || !b->res || !b->write || !b->room_id || !b->sender_id || !b->reply_id || !b->replaces_id ||
 	    !b->dests || !b->targets || !b->states || !b->held || !b->ask || !b->outbound || !b->scrub || !b->wrote || !b->wake ||
-	    !b->grp || !b->joins || !b->given || !b->audit) {
+	    !b->grp || !b->joins || !b->given || !b->decided || !b->audit) {
 		submit_free(b);
 		return NULL;
 	}
@@ -3067,6 +3073,7 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 	struct policy_rate_memo memo;
 	policy_rate_memo_init(&memo, in->app->limits);
 	memo.ledger = &b->ledger; /* given back if round 0 runs again (items_send) */
+	memo.ledger_item = i;     /* ... or if the write refuses it (refused_give_back) */
 	/* A group's member rows say when each member last wrote to members
 	 * new to them ('' never; a direct room's: NULL), and since when each
 	 * is a member: writing is consent to those the writer wrote to, not
@@ -3314,6 +3321,7 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 	b->wake[i] = wake;
 	b->grp[i] = group;
 	b->write[i] = true;
+	b->decided[i] = true;
 }
 
 /* A consent or opt-in fact as round 0 read it from the database: -1 no
@@ -3407,6 +3415,35 @@ static bool drop_lost_refs(struct submit *b)
 	return named;
 }
 
+/* The tokens an item decided to be written took (its messages', a join's
+ * member_add: submit_decide's memo, ledger_item i) given back when it is
+ * refused after all and stores nothing: by intra_refs in round 0, or by
+ * the write (its Idempotency-Key taken by another request meanwhile: 409
+ * in_progress; its sender gone from the group: 403; what it names gone
+ * or deleted: 400); taken again if a run again of the write writes it
+ * after all (a request its key lost to that failed and left the batch).
+ * Since the forty-third session: until then a peer's retry of a 409,
+ * answered from the stored event, left the refused try's tokens spent,
+ * and a sender taken out of a group meanwhile had paid for a message
+ * nobody got.  Its consent requests' tokens are the pairs' (give_back:
+ * the request is made with another written item, or given back).  An
+ * item refused by a limit (429) keeps what the buckets charged before
+ * the limit gave, as any decision a limit ends does (docs/policy.md). */
+static void refused_give_back(struct submit *b, int round)
+{
+	if (!b->ledger.rl)
+		return;
+	int64_t now = cw_wall_ms();
+	for (size_t i = 0; i < b->n; i++) {
+		if (!b->decided[i])
+			continue;
+		if (b->write[i] && (round == 0 || b->res[i].status == 202))
+			policy_rate_ledger_take_item(&b->ledger, i, now);
+		else
+			policy_rate_ledger_give_item(&b->ledger, i, now);
+	}
+}
+
 static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_errmsg *e)
 {
 	bool sent = round == 1, any_write = false;
@@ -3489,6 +3526,7 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 				submit_decide(b, (size_t)n, r, k, mfirst, nm);
 			}
 			intra_refs(b);
+			refused_give_back(b, 0);
 			any_write = round1_needed(b);
 		} else {
 			/* The rows come in item order: the search starts after
@@ -3596,6 +3634,7 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 				PQclear(r);
 				return cw_fail(e, CW_ERETRY, "an item named one that lost a race for its key");
 			}
+			refused_give_back(b, 1);
 			any_write = true;
 		}
 		PQclear(r);

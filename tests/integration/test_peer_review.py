@@ -624,3 +624,107 @@ def test_a_room_the_peer_has_no_member_in_is_answered_as_one_that_does_not_exist
     assert (r.status_code, r.json()["code"]) == (403, "not_allowed"), r.text
     r = b.send(team["id"], bob, "re", content={"in_reply_to": m_own, "parts": [{"type": "text/plain", "body": "x"}]})
     assert (r.status_code, r.json()["code"]) == (400, "invalid_body"), r.text
+
+
+def hold_the_writer(a, pg, db_url, held, start, room):
+    """The group-commit writer held up by a batch waiting for room's lock
+    (held takes it first); what is queued meanwhile waits behind it."""
+    rid = pg.psql(f"SELECT id FROM rooms WHERE public_id = '{room['id']}'", db_url)
+    held.run(f"BEGIN; SELECT pg_advisory_xact_lock(1129796434, ({rid} % 2147483647)::int);")
+    start("blocker", lambda: a.call("POST", "/v1/batch", {"events": [
+        {"room": room["uri"], "idempotency_key": "waits", "event": {
+            "type": "message", "sender": a.user("wally"),
+            "content": {"parts": [{"type": "text/plain", "body": "waits"}]}}}]}))
+    wait_until(lambda: pg.psql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                               db_url) == "1", what="the writer waiting for the room's lock")
+
+
+def metric(daemon, name):
+    m = re.search(r"^" + name + r" (\S+)$", daemon.get("/metrics").text, re.M)
+    return float(m.group(1)) if m else None
+
+
+def test_an_item_that_lost_its_key_to_another_request_spends_no_token(daemon, peers, pg, db_url):
+    """Two requests with one Idempotency-Key at once (two batches, each
+    decided on a reader before either is written): the second to be
+    written finds the key taken and is refused, 409 in_progress, nothing
+    stored; its retry gets the first one's answer. The refused item was
+    decided, and took its sender's message token; until the forty-third
+    session it kept it, and the sender had one message fewer for nothing.
+    Now the write gives back the tokens of an item it refuses."""
+    (a, sa), (b, sb) = peers
+    wally, bob = a.user("wally"), b.user("bob")
+    gid = a.create_room([wally, bob], kind="group").json()["id"]
+    gid_uri = a.call("GET", f"/v1/rooms/{gid}").json()["uri"]
+    other = a.create_room([wally, bob], kind="group").json()
+    assert daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "tg.example",
+                                                "limits": {"messages_per_minute_per_user": 2}}).status_code == 201
+    batch = {"events": [{"room": gid_uri, "idempotency_key": "one-key", "event": {
+        "type": "message", "sender": bob, "content": {"parts": [{"type": "text/plain", "body": "once"}]}}}]}
+    held = HeldSession(db_url)
+    out, threads = {}, []
+
+    def start(name, fn):
+        t = threading.Thread(target=lambda: out.update({name: fn()}))
+        t.start()
+        threads.append(t)
+    try:
+        hold_the_writer(a, pg, db_url, held, start, other)
+        start("first", lambda: b.call("POST", "/v1/batch", batch))
+        start("second", lambda: b.call("POST", "/v1/batch", batch))
+        wait_until(lambda: metric(daemon, "causeway_db_writes_queued") == 2, what="both batches decided")
+        held.end()
+        for t in threads:
+            t.join(30)
+    finally:
+        held.end()
+        for t in threads:
+            t.join(30)
+    results = sorted((out[k].json()["results"][0] for k in ("first", "second")), key=lambda x: x["status"])
+    assert [x["status"] for x in results] == ["accepted", "refused"], results
+    assert (results[1]["http_status"], results[1]["code"]) == (409, "in_progress"), results
+    assert pg.psql("SELECT count(*) FROM events WHERE origin_native_id = 'one-key'", db_url) == "1"
+    # bob's second token is his: one message more, then the limit
+    assert b.send(gid, bob, "two").status_code == 202
+    r = b.send(gid, bob, "three")
+    assert r.status_code == 429 and r.json()["code"] == "rate_limited", r.text
+
+
+def test_an_item_whose_sender_left_meanwhile_spends_no_token(daemon, peers, pg, db_url):
+    """A message decided while its sender was a member of the group, whose
+    sender left before it was written (another process took her out under
+    the room's lock), is refused, 403 not_allowed, nothing stored. Until
+    the forty-third session it kept the message token it took when it was
+    decided; now the write gives it back."""
+    (a, sa), (b, sb) = peers
+    wally, bob = a.user("wally"), b.user("bob")
+    gid = a.create_room([wally, bob], kind="group").json()["id"]
+    gid_uri = a.call("GET", f"/v1/rooms/{gid}").json()["uri"]
+    other = a.create_room([wally, bob], kind="group").json()["id"]
+    rid = pg.psql(f"SELECT id FROM rooms WHERE public_id = '{gid}'", db_url)
+    bob_id = pg.psql(f"SELECT id FROM identities WHERE uri = '{bob}'", db_url)
+    assert daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "tg.example",
+                                                "limits": {"messages_per_minute_per_user": 2}}).status_code == 201
+    held = HeldSession(db_url)
+    out = {}
+    t = threading.Thread(target=lambda: out.update(r=b.call("POST", "/v1/batch", {"events": [
+        {"room": gid_uri, "idempotency_key": "bob-writes", "event": {
+            "type": "message", "sender": bob, "content": {"parts": [{"type": "text/plain", "body": "hi"}]}}}]})))
+    try:
+        held.run(f"BEGIN; SELECT pg_advisory_xact_lock(1129796434, ({rid} % 2147483647)::int);")
+        t.start()
+        wait_until(lambda: pg.psql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                                   db_url) == "1", what="the write waiting for the room's lock")
+        held.run(f"UPDATE room_members SET membership = 'left' WHERE room_id = {rid} AND identity_id = {bob_id};")
+        held.end()
+        t.join(30)
+    finally:
+        held.end()
+        t.join(30)
+    res = out["r"].json()["results"][0]
+    assert (res["status"], res["http_status"], res["code"]) == ("refused", 403, "not_allowed"), res
+    assert pg.psql("SELECT count(*) FROM events WHERE origin_native_id = 'bob-writes'", db_url) == "0"
+    # bob's two tokens are his: two messages elsewhere, then the limit
+    assert [b.send(other, bob, f"m{k}").status_code for k in range(2)] == [202, 202]
+    r = b.send(other, bob, "three")
+    assert r.status_code == 429 and r.json()["code"] == "rate_limited", r.text

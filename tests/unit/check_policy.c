@@ -2277,6 +2277,51 @@ START_TEST(rate_ledger_charges_a_write_once_whatever_its_runs)
 }
 END_TEST
 
+/* An item's tokens (a memo's ledger_item, since the forty-third session):
+ * given back when the write refuses the item, once however often; taken
+ * again when a run again writes it after all (a bucket emptied meanwhile
+ * is not charged, and the token is forgotten); a run again of the
+ * decisions (undo) does not give back again what was given; a give by key
+ * gives only the job's tokens, not an item's. */
+START_TEST(rate_ledger_gives_back_a_refused_items_tokens)
+{
+	struct ratelimit *rl = ratelimit_new(4096);
+	ck_assert_ptr_nonnull(rl);
+	struct policy_rate_ledger l = { .rl = rl };
+	struct policy_rate_memo m;
+	for (size_t item = 0; item < 2; item++) {
+		policy_rate_memo_init(&m, rl);
+		m.ledger = &l;
+		m.ledger_item = item;
+		ck_assert_int_eq(m.rate.take(m.rate.ctx, "e", 2, 60000, 0), 0);
+		ck_assert_int_eq(m.rate.take(m.rate.ctx, item ? "f" : "g", 1, 60000, 0), 0);
+		policy_rate_memo_finish(&m);
+	}
+	policy_rate_ledger_give(&l, "e", 2, 60000, 0); /* an item's: not given by key */
+	ck_assert_int_gt(ratelimit_take(rl, "e", 2, 60000, 0, NULL), 0);
+	policy_rate_ledger_give_item(&l, 1, 0);
+	policy_rate_ledger_give_item(&l, 1, 0); /* once */
+	ck_assert_int_eq(ratelimit_take(rl, "e", 2, 60000, 0, NULL), 0);
+	ck_assert_int_gt(ratelimit_take(rl, "e", 2, 60000, 0, NULL), 0);
+	ck_assert_int_gt(ratelimit_take(rl, "g", 1, 60000, 0, NULL), 0); /* item 0's kept */
+	/* a run again writes item 1 after all: "e" is empty now (not charged,
+	 * forgotten), "f" has its token back (taken again) */
+	policy_rate_ledger_take_item(&l, 1, 0);
+	ck_assert_int_gt(ratelimit_take(rl, "f", 1, 60000, 0, NULL), 0);
+	policy_rate_ledger_take_item(&l, 1, 0); /* nothing given back: nothing taken */
+	/* refused again, and the decisions run again: f given back once */
+	policy_rate_ledger_give_item(&l, 1, 0);
+	policy_rate_ledger_undo(&l, 0);
+	ck_assert_int_eq(ratelimit_take(rl, "f", 1, 60000, 0, NULL), 0);
+	ck_assert_int_gt(ratelimit_take(rl, "f", 1, 60000, 0, NULL), 0);
+	ck_assert_int_eq(ratelimit_take(rl, "g", 1, 60000, 0, NULL), 0); /* item 0's, by the undo */
+	ck_assert_int_eq(ratelimit_take(rl, "e", 2, 60000, 0, NULL), 0); /* item 0's too */
+	ck_assert_int_gt(ratelimit_take(rl, "e", 2, 60000, 0, NULL), 0);
+	policy_rate_ledger_free(&l);
+	ratelimit_free(rl);
+}
+END_TEST
+
 /* A peek through the memo (since the twenty-eighth session) sees the
  * event's own takes, and is not remembered: a later take takes. */
 START_TEST(rate_memo_peek_sees_its_own_takes)
@@ -2464,6 +2509,7 @@ int main(void)
 	tcase_add_test(tc, outbound_group_event_past_the_old_memo_charges_each_rule_once);
 	tcase_add_test(tc, rate_memo_peek_sees_its_own_takes);
 	tcase_add_test(tc, rate_ledger_charges_a_write_once_whatever_its_runs);
+	tcase_add_test(tc, rate_ledger_gives_back_a_refused_items_tokens);
 	tcase_add_test(tc, outbound_group_event_closed_member_peeks);
 	suite_add_tcase(s, tc);
 	TCase *rt = tcase_create("ratelimit");
