@@ -2068,7 +2068,12 @@ struct submit *submit_new(size_t n)
 /* The consent requests of a job: cq, each pair (local user, sender) of its
  * items' ask lists (round 0 found no request of the pair standing, and the
  * policy let the sender ask: her lock is taken) whose request does not
- * stand yet, once (its first item; a pair whose request stood in round 0
+ * stand yet, once, made with the first written item that holds the pair
+ * (held: the item that asks, or a later one of the sender held for her,
+ * which took no token of its own: may_ask; until the forty-third session
+ * only the asking item made it, and when that one was not written, its
+ * sender gone from its group or its key lost, the later ones were held
+ * with nobody asked); a pair whose request stood in round 0
  * and no longer does asks with its next message, unlocked it is not);
  * ck, for each its rank among the job's new requests to that user from the
  * sender's domain (rk), and her requests of that domain stored within the
@@ -2076,7 +2081,10 @@ struct submit *submit_new(size_t n)
  * her bound (it.crl: policy.consent_requests_per_user_per_day, 0 no
  * bound) made; cx, those past it, held with no request (answered, a row
  * "unasked" each with its item's index n in the second column: its
- * sender's token is given back, give_back); ca, the audit record of the first refusal of
+ * sender's token is given back, give_back); cn, the pairs of the ask lists
+ * whose request neither cr made nor cx held ("unmade": made meanwhile by
+ * another transaction, or no item holding it written: token given back);
+ * ca, the audit record of the first refusal of
  * an episode: the first past the bound in this job, unless a refusal was
  * recorded since her latest request of that domain.  The count is exact
  * across restarts and daemon processes: submit_lock_users took her lock
@@ -2097,13 +2105,16 @@ struct submit *submit_new(size_t n)
  * N processes allowed N times the bound.  Every stored request counts (a
  * MIMI requestConsent's too, which the bound never refuses). */
 #define CONSENT_ASK_SQL(HELD_COND) \
-	"cq AS MATERIALIZED (SELECT DISTINCT ON (h.value::bigint, it.sender) h.value::bigint AS u, it.sender AS s, " \
-	"  it.pid, it.n, it.expiry, coalesce(it.crl, 0) AS crl, sd.domain AS dom, sd.uri AS suri " \
-	"  FROM it JOIN ev ON ev.public_id = it.pid JOIN identities sd ON sd.id = it.sender, " \
-	"  unnest(string_to_array(it.ask, ',')) AS h(value) WHERE NOT EXISTS (SELECT 1 FROM consent_requests q " \
-	"   WHERE q.local_identity_id = h.value::bigint AND q.remote_identity_id = it.sender " \
-	"   AND " CONSENT_REQUEST_STANDS_SQL("q", "it.win") ") " HELD_COND \
-	"  ORDER BY h.value::bigint, it.sender, it.n), " \
+	"cq AS MATERIALIZED (SELECT DISTINCT ON (h.value::bigint, t.sender) h.value::bigint AS u, t.sender AS s, " \
+	"  w.pid, w.n, w.expiry, coalesce(w.crl, 0) AS crl, sd.domain AS dom, sd.uri AS suri " \
+	"  FROM it t JOIN identities sd ON sd.id = t.sender, unnest(string_to_array(t.ask, ',')) AS h(value), " \
+	"  LATERAL (SELECT it.pid, it.n, it.expiry, it.crl FROM it JOIN ev ON ev.public_id = it.pid " \
+	"   WHERE it.sender = t.sender AND it.n >= t.n AND h.value = ANY (string_to_array(it.held, ',')) " \
+	"   " HELD_COND "ORDER BY it.n LIMIT 1) w " \
+	"  WHERE NOT EXISTS (SELECT 1 FROM consent_requests q " \
+	"   WHERE q.local_identity_id = h.value::bigint AND q.remote_identity_id = t.sender " \
+	"   AND " CONSENT_REQUEST_STANDS_SQL("q", "t.win") ") " \
+	"  ORDER BY h.value::bigint, t.sender, w.n), " \
 	"ck AS MATERIALIZED (SELECT cq.*, row_number() OVER (PARTITION BY cq.u, cq.dom ORDER BY cq.n, cq.s) AS rk, " \
 	"  w.had, w.old, w.last FROM cq, LATERAL (SELECT count(*) AS had, min(q.created_at) AS old, " \
 	"  max(q.created_at) AS last FROM consent_requests q JOIN identities r ON r.id = q.remote_identity_id " \
@@ -2116,7 +2127,7 @@ struct submit *submit_new(size_t n)
 	"cx AS (SELECT * FROM ck WHERE ck.crl > 0 AND ck.had + ck.rk > ck.crl), " \
 	"cn AS (SELECT it.n FROM it, unnest(string_to_array(it.ask, ',')) AS h(value) " \
 	"  WHERE NOT EXISTS (SELECT 1 FROM cr WHERE cr.u = h.value::bigint AND cr.s = it.sender) " \
-	"  AND NOT EXISTS (SELECT 1 FROM cx WHERE cx.u = h.value::bigint AND cx.s = it.sender AND cx.n = it.n)), " \
+	"  AND NOT EXISTS (SELECT 1 FROM cx WHERE cx.u = h.value::bigint AND cx.s = it.sender)), " \
 	"ca AS (INSERT INTO audit_log (at, actor, action, reason_code, event_id, subject, details) " \
 	"  SELECT statement_timestamp(), 'policy', 'policy.limit', 'rate_limited_recipient_consent_requests', ev.id, cx.suri, " \
 	"  jsonb_build_object('user', l.uri, 'type', 'consent_request', 'retry_after_ms', greatest(1, " \
@@ -2875,7 +2886,9 @@ static bool may_ask(struct submit *b, size_t i, PGresult *r, const struct policy
  * (CONSENT_ASK_SQL's cx).  The sender's allowance counts the requests
  * made, not the messages held unasked (spec/policy.md: "consent requests
  * per day").  The same decision asked again with a take that gives
- * (policy_rate_ledger_give: only a token the job took, b->ledger): its
+ * (policy_rate_ledger_give: only a token the job took, b->ledger, as the
+ * job's: may_ask's memo records its takes for no item, the pair's token
+ * going with whichever written item makes the request): its
  * buckets are named by the sender and the rules matching them alone, so
  * the recipient is not needed.  Round 1 may run again (a lost deadlock):
  * b->given keeps a pair from being given back twice for one take; a job

@@ -3024,3 +3024,52 @@ def test_the_periodic_sweep_reads_no_stored_message_to_find_those_that_expire(ma
     finally:
         for _, srv in made:
             srv.close()
+
+
+def test_a_first_contact_asks_though_the_message_that_took_its_token_was_not_written(daemon, peers, pg, db_url):
+    """Two first contacts of one sender to alice in one batch: the first
+    takes the sender's consent token (it would make the request), the
+    second is held with the first's request. When the write then refuses
+    the first (its sender left that group meanwhile: 403, nothing stored)
+    the second is written held, and until the forty-third session nobody
+    was asked (the write made requests only for the items that took the
+    token) while its token was given back. The request is now made with
+    the first written message of the pair, on the token the first took."""
+    (a, _), _ = peers
+    for u in (ALICE, BOB):
+        opt_in(daemon, user=u)
+    r = daemon.admin("POST", "/rules", json={"scope": "network", "pattern": "peer:*",
+                                             "limits": {"consent_requests_per_day_per_user": 1}})
+    assert r.status_code == 201, r.text
+    group = a.create_room([a.user("wally"), a.user("spam"), ALICE], kind="group").json()["id"]
+    direct = dm(a, remote="spam")
+    rid = pg.psql(f"SELECT id FROM rooms WHERE public_id = '{group}'", db_url)
+    spam = pg.psql(f"SELECT id FROM identities WHERE uri = '{a.user('spam')}'", db_url)
+
+    def item(room, text):
+        return {"idempotency_key": idem(), "room": a.call("GET", f"/v1/rooms/{room}").json()["uri"],
+                "event": {"type": "message", "sender": a.user("spam"),
+                          "content": {"parts": [{"type": "text/plain", "body": text}]}}}
+    batch = {"events": [item(group, "hi all"), item(direct, "hi alice")]}
+    held = HeldSession(db_url)
+    got = {}
+    t = threading.Thread(target=lambda: got.setdefault("r", a.call("POST", "/v1/batch", batch)))
+    try:
+        held.run(f"BEGIN; SELECT pg_advisory_xact_lock(1129796434, ({rid} % 2147483647)::int);")
+        t.start()
+        wait_until(lambda: pg.psql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                                   db_url) == "1", what="the write waiting for the group's lock")
+        held.run(f"UPDATE room_members SET membership = 'left' WHERE room_id = {rid} AND identity_id = {spam};")
+        held.end()
+        t.join(30)
+    finally:
+        held.end()
+        t.join(30)
+    assert got["r"].status_code == 200, got["r"].text
+    res = got["r"].json()["results"]
+    assert [(x["status"], x.get("http_status")) for x in res] == [("refused", 403), ("accepted", None)], res
+    assert [s for _, s in states(pg, db_url, [res[1]["id"]])] == ["held"]
+    assert asked_of(pg, db_url) == "spam"
+    # that request was spam's one of the day: bob is not asked
+    assert send(a, dm(a, local=BOB, remote="spam"), "hi", sender="spam").status_code == 202
+    assert asked_of(pg, db_url, BOB) == ""
