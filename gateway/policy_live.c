@@ -2324,3 +2324,23 @@ void policy_live_free(struct policy_live *pl)
 	free(pl->url);
 	free(pl);
 }
+
+cw_err policy_live_optin_state(struct policy_live *pl, PGconn *c, const char *local_id, const char *network,
+			       int *state, cw_errmsg *e)
+{
+	const char *p[] = { local_id, network };
+	PGresult *r = PQexecParams(c, "SELECT opted_in FROM user_optin WHERE identity_id = $1::bigint AND network = $2",
+				   2, NULL, p, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	if (PQntuples(r) == 1) {
+		*state = PQgetvalue(r, 0, 0)[0] == 't' ? 1 : -1;
+	} else {
+		struct policy_view *v = policy_live_get(pl);
+		*state = policy_optin_default(v->snap) ? 1 : 0;
+		policy_view_put(v);
+	}
+	PQclear(r);
+	return CW_OK;
+}

@@ -160,6 +160,16 @@ cw_err policy_consent_apply(PGconn *c, const struct policy_view *v, const char *
 			    const char *subject, const char *state, const char *source, long counts[3], long *decided,
 			    cw_errmsg *e);
 
+/* Whether the local user local_id (identities.id) is opted in to network
+ * ("peer:<name>") as a decision will find it: her own choice as stored
+ * (read here: the snapshot can be a moment behind a command she just
+ * gave), else policy.optin_default of the snapshot in force.  *state: 1
+ * opted in (hers or the default's), 0 not (no choice of hers, the
+ * default off), -1 she opted out.  For the answers of the adapters'
+ * accept of a whole domain (mx_bot.c, xmpp_cmd.c). */
+cw_err policy_live_optin_state(struct policy_live *pl, PGconn *c, const char *local_id, const char *network,
+			       int *state, cw_errmsg *e);
+
 /* One line per fact of a local user's consent ($1: the identity id):
  * pending requests, decisions, opt-ins, and (since the fortieth session)
  * the senders whose messages wait for her with no request pending (a limit

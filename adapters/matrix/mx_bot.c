@@ -495,9 +495,8 @@ static void not_remote(struct matrix *m, PGconn *c, const char *room, const char
  * accepted one by one and the conversations she wrote in pass): into
  * out, what the answer adds when she is not, naming the network's
  * opt-in, so that she does not take the accept for one; "" when she is,
- * or when the look-up failed (the accept stands either way).  Her opt-in
- * is read from the database (the policy's snapshot can be a moment
- * behind), the default from the snapshot.  Until the forty-third session
+ * or when the look-up failed (the accept stands either way): as
+ * policy_live_optin_state finds her.  Until the forty-third session
  * the answer was "Accepted wa.example" alone. */
 static void domain_optin_hint(struct matrix *m, PGconn *c, const char *local_id, const char *domain, char *out,
 			      size_t len)
@@ -508,24 +507,14 @@ static void domain_optin_hint(struct matrix *m, PGconn *c, const char *local_id,
 	if (policy_peer_of_domain(c, domain, peer, sizeof(peer), &e) != CW_OK || !peer[0])
 		return;
 	snprintf(net, sizeof(net), "peer:%s", peer);
-	const char *p[] = { local_id, net };
-	PGresult *r = PQexecParams(c, "SELECT opted_in FROM user_optin WHERE identity_id = $1::bigint AND network = $2",
-				   2, NULL, p, NULL, NULL, 0);
-	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
-		PQclear(r);
+	int state;
+	if (policy_live_optin_state(m->app->policy, c, local_id, net, &state, &e) != CW_OK)
 		return;
-	}
-	int fact = PQntuples(r) == 1 ? PQgetvalue(r, 0, 0)[0] == 't' : -1;
-	PQclear(r);
-	if (fact < 0) {
-		struct policy_view *v = policy_live_get(m->app->policy);
-		fact = policy_optin_default(v->snap);
-		policy_view_put(v);
-		if (!fact)
-			snprintf(out, len, " You are not opted in to %s, though: its users reach you only once you also "
-					   "send \"opt-in %s\" (until then only those you accepted one by one, and the "
-					   "conversations you wrote in, do).", net, net);
-	} else if (!fact)
+	if (state == 0)
+		snprintf(out, len, " You are not opted in to %s, though: its users reach you only once you also "
+				   "send \"opt-in %s\" (until then only those you accepted one by one, and the "
+				   "conversations you wrote in, do).", net, net);
+	else if (state < 0)
 		snprintf(out, len, " You opted out of %s, though: nothing from it reaches you until you also send "
 				   "\"opt-in %s\".", net, net);
 }

@@ -370,31 +370,22 @@ static cw_err consent_fn(PGconn *c, void *arg, cw_errmsg *e)
 		 * pass): the note says so, naming the opt-in command, so that
 		 * she does not take the accept for one (until the forty-third
 		 * session it said "Accepted" alone, as the Matrix bot's
-		 * answer did: mx_bot.c, domain_optin_hint).  Her opt-in read
-		 * here (the snapshot can be a moment behind), the default
-		 * from the snapshot. */
+		 * answer did: mx_bot.c, domain_optin_hint; both ask
+		 * policy_live_optin_state). */
 		char hint[400] = "";
 		if (j->verb == V_ACCEPT && j->whole_domain) {
 			char net[PEER_NAME_MAX + 8];
 			snprintf(net, sizeof(net), "peer:%s", j->xc->peer);
-			const char *op[] = { local_id, net };
-			r = PQexecParams(c, "SELECT opted_in FROM user_optin WHERE identity_id = $1::bigint AND network = $2",
-					 2, NULL, op, NULL, NULL, 0);
-			if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
+			int state;
+			if ((rc = policy_live_optin_state(x->app->policy, c, local_id, net, &state, e)))
 				return rc;
-			int fact = PQntuples(r) == 1 ? PQgetvalue(r, 0, 0)[0] == 't' : -1;
-			PQclear(r);
-			if (fact < 0) {
-				struct policy_view *dv = policy_live_get(x->app->policy);
-				fact = policy_optin_default(dv->snap);
-				policy_view_put(dv);
-				if (!fact)
-					snprintf(hint, sizeof(hint),
-						 " You are not opted in to %s, though: its users reach you only once you "
-						 "also run this gateway's opt-in command (for %s; until then only those you "
-						 "accepted one by one, and the conversations you wrote in, do).",
-						 net, net);
-			} else if (!fact)
+			if (state == 0)
+				snprintf(hint, sizeof(hint),
+					 " You are not opted in to %s, though: its users reach you only once you "
+					 "also run this gateway's opt-in command (for %s; until then only those you "
+					 "accepted one by one, and the conversations you wrote in, do).",
+					 net, net);
+			else if (state < 0)
 				snprintf(hint, sizeof(hint),
 					 " You opted out of %s, though: nothing from it reaches you until you also run "
 					 "this gateway's opt-in command (for %s).", net, net);
