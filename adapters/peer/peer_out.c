@@ -337,13 +337,24 @@ static cw_err post_events(struct peer_out *p, const char *url, json_t *events, l
 
 /* Whether a refusal may be of some events of the batch only, which a
  * smaller batch would tell: a 4xx but the ones about the request as a
- * whole (the credentials or their rights, the URL, a timeout, a pace: a
- * wrong push_url answering 404 to everything made each try up to 33
- * requests, until a review of the thirtieth session's change). */
+ * whole (the credentials or their rights, the URL, the connection or the
+ * protocol, a header, a timeout, a pace: a wrong push_url answering 404
+ * to everything made each try up to 33 requests, until a review of the
+ * thirtieth session's change; a proxy answering 421 Misdirected Request,
+ * 426 Upgrade Required or 431 to everything did the same until the
+ * forty-fourth session's review).  The events go in the body alone, so
+ * only an answer about the body is searched. */
 static bool refusal_of_events(long code)
 {
-	return code >= 400 && code <= 499 && code != 401 && code != 403 && code != 404 && code != 405 &&
-	       code != 407 && code != 408 && code != 410 && code != 429;
+	static const long whole[] = {
+		401, 403, 404, 405, 406, 407, 408, 410, 411, 412, 414, 417, 421, 425, 426, 428, 429, 431,
+	};
+	if (code < 400 || code > 499)
+		return false;
+	for (size_t i = 0; i < CW_ARRAY_LEN(whole); i++)
+		if (code == whole[i])
+			return false;
+	return true;
 }
 
 /* Requests one delivery may add to find the events a peer refuses: a

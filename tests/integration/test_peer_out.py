@@ -2,6 +2,7 @@
 redirect, a Retry-After given as an HTTP date (POST {push_url}/v1/notify,
 adapters/peer/peer_out.c)."""
 import email.utils
+import json
 import socket
 import threading
 import time
@@ -213,6 +214,46 @@ def test_a_retry_after_met_while_refused_events_are_searched_holds_the_whole_pee
         assert [st for _, st in sb.answers][:2] == [400, 503], sb.answers
         # every request after the 503 came once its Retry-After was over
         assert all(t - came[1] >= 2.9 for t in came[2:]), [(round(t - came[1], 2), st) for t, st in sb.answers]
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
+def test_a_refusal_of_the_request_as_a_whole_is_not_searched(make_daemon, db_url, pg):
+    """A peer (or the proxy in front of it) that answers every push 421
+    Misdirected Request, 426 Upgrade Required or 431 Request Header Fields
+    Too Large refuses the request, not some of its events: the batch is
+    not sent again in smaller batches to find the events refused, each try
+    is one request carrying the whole batch (as for 404 since the
+    thirtieth session).  Until the forty-fourth session's review each try
+    of a batch of 4 rooms was 11 requests (up to 33 for a large one)."""
+    d = make_daemon(db_url, options={"dispatcher": {"retry_budget": "1", "retry_base_ms": "10",
+                                                   "retry_max_ms": "50"}}).start()
+    (a, _), (b, sb) = made = push_peers(d)
+    sizes = []  # the events of each request the peer got
+
+    def answer(status):
+        def handle(method, path, headers, body, port):
+            sb.requests += 1
+            sizes.append(len(json.loads(body)["events"]))
+            return status
+        return handle
+    try:
+        rooms = [room(a, b) for _ in range(4)]
+        q = "SELECT count(*) FROM outbox WHERE destination = 'peer:tg' AND state IN ('pending', 'in_flight')"
+        for status in (421, 426, 431):
+            sb._handle = answer(status)
+            del sizes[:]
+            assert d.admin("POST", "/peers/tg/disable").status_code == 200  # the rows wait: one batch
+            for rm in rooms:
+                for i in range(2):
+                    assert a.send(rm["id"], a.user("alice"), f"{status} {i}").status_code == 202
+            assert d.admin("POST", "/peers/tg/enable").status_code == 200
+            wait_until(lambda: pg.psql(q, db_url) == "0", timeout=60, what=f"the rows answered {status} settled")
+            assert sizes == [8], (status, sizes)
+            dead = pg.psql("SELECT count(*) FROM outbox WHERE destination = 'peer:tg' AND state = 'dead' "
+                           f"AND last_error LIKE '%answered {status}%'", db_url)
+            assert dead == "8", (status, dead)
     finally:
         for _, srv in made:
             srv.close()
