@@ -911,6 +911,44 @@ static int64_t watch_check(struct cw_store *s, struct conn *sc, int64_t now)
 	return next;
 }
 
+/* Detaches from q the jobs at its head whose deadline has passed (under
+ * mu), as a list into *out, and returns their count; the first deadline still to come into *next.  The
+ * deadlines of a queue follow its order (enqueue: one delay for all), so
+ * a job behind one still in time is not looked at. */
+static size_t expire_queue(struct queue *q, int64_t now, struct job **out, int64_t *next)
+{
+	size_t n = 0;
+	for (struct job *j = q->head; j && now > j->deadline_us; j = j->next)
+		n++;
+	*out = n ? q_take(q, n) : NULL;
+	if (q->head && q->head->deadline_us + 1 < *next)
+		*next = q->head->deadline_us + 1;
+	return n;
+}
+
+/* Answers the queued jobs whose deadline passed before a thread took
+ * them: they never ran (nothing sent, nothing stored).  A writer held by
+ * a COMMIT the server answers pings through (a slow fsync, a synchronous
+ * standby gone, which may wait for ever) or a reader held by its
+ * statement no longer holds the requests queued behind it past their
+ * deadline: until the forty-fourth session they waited for it, however
+ * long, and the queue grew with every write sent meanwhile.  When to look
+ * again into *next. */
+static void expire_queued(struct cw_store *s, int64_t now, int64_t *next)
+{
+	struct job *writes, *reads;
+	pthread_mutex_lock(&s->mu);
+	size_t nw = expire_queue(&s->wq, now, &writes, next);
+	size_t nr = expire_queue(&s->rq, now, &reads, next);
+	pthread_mutex_unlock(&s->mu);
+	if (nw)
+		atomic_fetch_add(&s->writes_failed, nw);
+	if (nr)
+		atomic_fetch_add(&s->reads_done, nr);
+	fail_list(writes, CW_ETIMEDOUT, "the database did not take the write in time");
+	fail_list(reads, CW_ETIMEDOUT, "the database did not take the read in time");
+}
+
 static void *watchdog_main(void *arg)
 {
 	cw_thread_name("cw-watchdog");
@@ -933,6 +971,7 @@ static void *watchdog_main(void *arg)
 			if (r < next)
 				next = r;
 		}
+		expire_queued(s, now, &next);
 		pthread_mutex_lock(&s->mu);
 		if (next < s->watch_wake_us)
 			s->watch_wake_us = next;

@@ -833,3 +833,43 @@ def test_a_backend_stuck_while_its_server_answers_is_dropped_late_and_the_databa
             os.kill(pid, signal.SIGCONT)
         sb.close()
         d.stop()
+
+
+def test_writes_queued_behind_a_slow_commit_are_answered_by_their_deadline(make_daemon, db_url, pg):
+    """A COMMIT that takes 8 s on a database that answers pings (a
+    synchronous standby gone: it may wait for ever), the deadline 1 s: the
+    writer waits for it (the write is stored, 202), but the writes queued
+    behind it, never started, are answered 503 by their deadline (nothing
+    sent, nothing stored), not when the writer comes back.  Until the
+    forty-fourth session they waited for the COMMIT, however long: their
+    requests hung and the queue grew with every write sent meanwhile."""
+    with PgProxy(db_url) as p:
+        d = make_daemon(p.url, options={"database": {"request_timeout_ms": "1000", "pool_size": "2"}}).start()
+        (a, _), (b, sb) = push_peers(d)
+        try:
+            room = a.create_room([a.user("alice"), b.user("bob")]).json()["id"]
+            assert a.send(room, a.user("alice"), "warm").status_code == 202
+            p.slow(commit=8)
+            with concurrent.futures.ThreadPoolExecutor(max_workers=4) as ex:
+                first = ex.submit(a.send, room, a.user("alice"), "the slow one", idem="queued-slow-0")
+                assert wait_until(lambda: p.delayed_commits >= 1, timeout=5)
+                p.slow()  # the next COMMITs at once: only the first is slow
+                t0 = time.time()
+                behind = [ex.submit(a.send, room, a.user("alice"), f"behind {i}", idem=f"queued-slow-{i + 1}")
+                          for i in range(3)]
+                answers = [f.result(timeout=30) for f in behind]
+                took = time.time() - t0
+                assert all(r.status_code == 503 and r.headers.get("Retry-After") for r in answers), \
+                    [(r.status_code, r.text) for r in answers]
+                assert not [r for r in answers if "may have been stored" in r.text], [r.text for r in answers]
+                assert took < 5, took  # the deadline (1 s) with room; the COMMIT holds the writer 8 s
+                r = first.result(timeout=30)
+                assert r.status_code == 202, (r.status_code, r.text)
+            assert pg.psql("SELECT count(*) FROM events WHERE content::text LIKE '%behind %'", db_url) == "0"
+            # retried, they are taken now that the writer is back
+            for i in range(3):
+                assert a.send(room, a.user("alice"), f"behind {i}", idem=f"queued-slow-{i + 1}").status_code == 202
+            assert pg.psql("SELECT count(*) FROM events WHERE content::text LIKE '%behind %'", db_url) == "3"
+        finally:
+            sb.close()
+            d.stop()
