@@ -123,6 +123,9 @@ static const char pull_sql[] =
 	"JOIN identities s ON s.id = ev.sender_id ORDER BY h.pos LIMIT $3::int) a "
 	"WHERE a.upto <= $5::bigint OR a.n = 1 ORDER BY a.pos";
 
+/* The detail of a pull's 503 when the database failed it. */
+#define PULL_UNAVAILABLE "the database is unavailable; pull again from the same position (after)"
+
 /* The turn of one peer's pulls (see try_answer). */
 static const char pull_lock_sql[] = "SELECT pg_advisory_xact_lock(hashtextextended('causeway.pull:' || $1, 0))";
 
@@ -228,6 +231,18 @@ static long answer_bytes(const struct peer_pull *p)
  * answered the peer's events: those in flight above its cursor, and any
  * new ones).  False after answering (a replay: 401; the database away:
  * 503, which a retry, signed anew, gets past). */
+/* A pull the database failed: 503, and why (PostgreSQL's message, which
+ * may quote stored data, a table's or a key's) to the log, not to the
+ * peer; until the forty-fourth session the answer's detail was that
+ * message ("the database did not answer in time: ERROR: canceling
+ * statement due to statement timeout"). */
+static void unavailable(struct waiter *w, const cw_errmsg *e)
+{
+	LOG_KV(CW_LOG_WARN, "a pull failed: the database", "request_id", cw_req_id(w->req), "detail", e->msg);
+	cw_req_add_header(w->req, "Retry-After", "2");
+	cw_req_problem(w->req, 503, "unavailable", "Service unavailable", PULL_UNAVAILABLE);
+}
+
 static bool claim_nonce(struct peer_pull *p, struct waiter *w)
 {
 	if (w->claimed || !p->app || !w->principal)
@@ -235,8 +250,7 @@ static bool claim_nonce(struct peer_pull *p, struct waiter *w)
 	bool fresh = true;
 	cw_errmsg e;
 	if (peer_nonce_claim(p->c, w->principal, cw_wall_ms() / 1000, p->app->cfg->max_clock_skew_s, &fresh, &e)) {
-		cw_req_add_header(w->req, "Retry-After", "2");
-		cw_req_problem(w->req, 503, "unavailable", "Service unavailable", e.msg);
+		unavailable(w, &e);
 		return false;
 	}
 	if (!fresh) {
@@ -365,8 +379,7 @@ static bool try_answer(struct peer_pull *p, struct waiter *w, bool final)
 fail:
 	PQclear(r);
 	free(gone);
-	cw_req_add_header(w->req, "Retry-After", "2");
-	cw_req_problem(w->req, 503, "unavailable", "Service unavailable", e.msg);
+	unavailable(w, &e);
 	return true;
 }
 
