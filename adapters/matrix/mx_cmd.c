@@ -87,14 +87,26 @@ static bool local_matrix_user(const struct mx_bot_names *names, const char *who)
 	       strcmp(who, names->bot) != 0 && !mx_in_ghost_namespace(names->prefix, names->server, who);
 }
 
+/* Whether content is an m.notice: the Client-Server API says one "must
+ * never be automatically responded to" (two automated clients would
+ * answer each other for ever).  Until the forty-fourth session the bot
+ * answered one as any command. */
+static bool is_notice(const json_t *content)
+{
+	const char *t = json_string_value(json_object_get(content, "msgtype"));
+	return t && strcmp(t, "m.notice") == 0;
+}
+
 bool mx_bot_parse(const json_t *content, const char *sender, const struct mx_bot_names *names,
 		  struct mx_bot_cmd *out)
 {
 	const json_t *rel = json_object_get(content, "m.relates_to");
 	const char *rel_type = json_string_value(json_object_get(rel, "rel_type"));
+	if (is_notice(content))
+		return false;
 	if (rel_type && strcmp(rel_type, "m.replace") == 0) {
 		content = json_object_get(content, "m.new_content");
-		if (!json_is_object(content))
+		if (!json_is_object(content) || is_notice(content))
 			return false;
 	}
 	const char *body = json_string_value(json_object_get(content, "body"));

@@ -67,7 +67,9 @@ struct mx_bot_cmd {
  * its pill as the party, is MX_BOT_PARTY_BOT.  False, *out undefined, when the content has no command
  * to answer: no string body, or an edit without an m.new_content object
  * with one (until the thirty-eighth session the edit's fallback body
- * "* block ..." was read, and every edit got the help). */
+ * "* block ..." was read, and every edit got the help), or an m.notice
+ * (msgtype of content or of the edit's m.new_content: the specification
+ * says a notice must never be automatically responded to). */
 bool mx_bot_parse(const json_t *content, const char *sender, const struct mx_bot_names *names,
 		  struct mx_bot_cmd *out);
 

@@ -6181,6 +6181,27 @@ def test_an_edited_command_is_carried_out_as_edited(mx, hs, gk, pg, db_url):
     assert len(said()) == n + 2, said()[n:]
 
 
+def test_a_command_in_an_m_notice_is_not_answered(mx, hs, gk, pg, db_url):
+    """The specification: an m.notice "must never be automatically
+    responded to" (two automated clients would answer each other for
+    ever). A notice in the management room, or an edit into one, is no
+    command; until the forty-fourth session the bot carried it out and
+    answered it as any."""
+    a, _ = gk
+    wally = a.user("wally")
+    alice, mgmt, said = alice_and_the_bot(hs)
+    n = len(said())
+    first = alice.send(mgmt, "m.room.message", {"msgtype": "m.notice", "body": f"block {wally}"})
+    alice.send(mgmt, "m.room.message", {"msgtype": "m.text", "body": f"* block {wally}",
+                                        "m.new_content": {"msgtype": "m.notice", "body": f"block {wally}"},
+                                        "m.relates_to": {"rel_type": "m.replace", "event_id": first}})
+    alice.send_text(mgmt, "list")
+    # the bot works its inbox in order: the notices came before the list
+    wait_until(lambda: len(said()) > n, what="the answer to the list")
+    assert said()[n:] == ["Nothing yet: no requests, no decisions."], said()[n:]
+    assert pg.psql("SELECT count(*) FROM consents", db_url) == "0"
+
+
 def peer_consistent(got):
     """What a peer was pushed, checked for the order a reader needs: an
     edit or a delete names a message the peer got before it, nothing

@@ -1774,6 +1774,14 @@ START_TEST(bot_parse)
 {
 	const enum mx_bot_party S = MX_BOT_PARTY_SUBJECT;
 	bot_case("{\"body\":\"list\"}", "list", "", S, false, "");
+	/* An m.notice is never answered (the specification: "must never be
+	 * automatically responded to"), an edit into one neither; until the
+	 * forty-fourth session the bot answered it as any command. */
+	bot_case("{\"msgtype\":\"m.notice\",\"body\":\"list\"}", NULL, "", S, false, "");
+	bot_case("{\"msgtype\":\"m.text\",\"body\":\"* list\",\"m.new_content\":{\"msgtype\":\"m.notice\","
+		 "\"body\":\"list\"},\"m.relates_to\":{\"rel_type\":\"m.replace\",\"event_id\":\"$x\"}}", NULL, "",
+		 S, false, "");
+	bot_case("{\"msgtype\":\"m.emote\",\"body\":\"list\"}", "list", "", S, false, "");
 	bot_case("{\"body\":\"\"}", "", "", S, false, "");
 	bot_case("{\"body\":\" \\t\\n \"}", "", "", S, false, "");
 	/* The verb in any case; blanks around the words. */
