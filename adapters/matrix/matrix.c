@@ -768,8 +768,11 @@ static bool bot_wants(const struct txn *t, json_t *ev)
 	}
 	if (!local)
 		return false;
+	/* Encryption turned on in a bridged room, or in a management room
+	 * (mx_bot.c, encrypted: the bot cannot read the commands there any
+	 * more; until the forty-fourth session it stayed, silent). */
 	if (strcmp(type, "m.room.encryption") == 0)
-		return json_object_get(t->rooms, room) != NULL;
+		return json_object_get(t->rooms, room) != NULL || json_object_get(t->mgmt, room) != NULL;
 	/* A bridged room its user upgraded: the bot gives it up (mx_bot.c,
 	 * upgraded). */
 	if (strcmp(type, "m.room.tombstone") == 0)
@@ -820,7 +823,7 @@ static cw_err txn_bot_send(PGconn *c, struct txn *t, cw_errmsg *e)
 		"      AND mm.user_id = x->>'state_key'))))) "
 		"  OR (x->>'type' IN ('m.room.encryption', 'm.room.tombstone') AND EXISTS (SELECT 1 FROM room_bindings b "
 		"   WHERE b.network = 'matrix' AND b.native_id = x->>'room_id')) "
-		"  OR (x->>'type' = 'm.room.tombstone' AND EXISTS (SELECT 1 FROM matrix_mgmt_rooms m "
+		"  OR (x->>'type' IN ('m.room.encryption', 'm.room.tombstone') AND EXISTS (SELECT 1 FROM matrix_mgmt_rooms m "
 		"   WHERE m.room_id = x->>'room_id')) "
 		"  OR (x->>'type' = 'm.room.message' AND EXISTS (SELECT 1 FROM matrix_mgmt_rooms m "
 		"   WHERE m.room_id = x->>'room_id' AND m.user_id = x->>'sender')))) "

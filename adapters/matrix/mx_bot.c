@@ -40,6 +40,14 @@ static const char help_text[] =
 	"you may also pick the bridged user in your client (mention one user).\n"
 	"Messages crossing the gateway are not end-to-end encrypted beyond it.";
 
+static int room_encrypted(struct matrix *m, const char *room, const char *user);
+
+/* What the bot says in an end-to-end encrypted room the user opened with
+ * it (or turned encrypted), before it leaves: it reads no command there. */
+static const char mgmt_encrypted_text[] =
+	"This room is end-to-end encrypted, and I cannot read encrypted messages: I would never see your commands "
+	"here. I leave; open a room with me without encryption to talk to me.";
+
 /* The sender of the notices of the room named by the SQL expression room
  * (notices): the ghost of its remote user, NULL (the bot) where it has
  * none (a management room, a group's portal). */
@@ -226,6 +234,22 @@ static void encrypted(struct matrix *m, PGconn *c, const char *room, const char 
 		txn_for(txn, sizeof(txn), "enc", eid, room);
 		say_as(m, c, room, PQgetisnull(r, 0, 0) ? NULL : PQgetvalue(r, 0, 0), text, txn);
 		LOG_KV_LIMITED(CW_LOG_WARN, "a bridged Matrix room was encrypted", "room", room);
+	} else if (PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 0) {
+		/* A management room its user turned encrypted: the bot cannot
+		 * read her commands from now on, so it is one no more (as
+		 * after her leave: requests wait for the next room she opens
+		 * with it), and the bot says so and leaves (until the
+		 * forty-fourth session it stayed, silent to every command). */
+		PGresult *d = PQexecParams(c, "DELETE FROM matrix_mgmt_rooms WHERE room_id = $1 RETURNING 1", 1, NULL,
+					   params, NULL, NULL, 0);
+		bool was = PQresultStatus(d) == PGRES_TUPLES_OK && PQntuples(d) > 0;
+		PQclear(d);
+		if (was) {
+			char txn[48];
+			txn_for(txn, sizeof(txn), "enc", eid, room);
+			says_and_leaves(m, c, room, NULL, mgmt_encrypted_text, txn);
+			LOG_KV_LIMITED(CW_LOG_INFO, "a management room was encrypted: the bot leaves", "room", room);
+		}
 	}
 	PQclear(r);
 }
@@ -857,9 +881,20 @@ static bool invited(struct matrix *m, PGconn *c, const char *room, const char *s
 		LOG_KV(CW_LOG_WARN, "cannot record a management room", "detail", e.msg);
 		return false;
 	}
-	if ((others = others_in(m, room, NULL, sender)) != 0) {
-		/* someone came in meanwhile (or no answer for now): the old
-		 * room, if any, is hers again, else she has none */
+	/* An end-to-end encrypted room (clients on matrix-rust-sdk, such as
+	 * Element X, make every direct room so) is no management room: all
+	 * the user writes there is m.room.encrypted, which the bot cannot
+	 * read, and her commands would get no answer at all (until the
+	 * forty-fourth session the bot said its help there, took the room,
+	 * and was silent from then on).  Asked once the row is committed,
+	 * as the members are: an m.room.encryption sent after this answer is
+	 * pushed after the commit, and read with the row (bot_wants:
+	 * encrypted). */
+	int enc = room_encrypted(m, room, NULL);
+	if ((others = others_in(m, room, NULL, sender)) != 0 || enc != 0) {
+		/* someone came in meanwhile, or the room is encrypted (or no
+		 * answer for now): the old room, if any, is hers again, else
+		 * she has none */
 		const char *gp[] = { sender, room, PQntuples(r) == 1 ? PQgetvalue(r, 0, 0) : NULL };
 		PGresult *g = PQexecParams(c,
 			"WITH back AS (UPDATE matrix_mgmt_rooms SET room_id = $3::text "
@@ -874,11 +909,18 @@ static bool invited(struct matrix *m, PGconn *c, const char *room, const char *s
 			PQclear(g);
 		else /* the bot leaves all the same: it says nothing in a room it left */
 			LOG_KV(CW_LOG_WARN, "cannot give a management room up", "room", room, "detail", e.msg);
-		if (others < 0)
+		if (others < 0 || (others == 0 && enc < 0))
 			return true;
+		char txn[48];
+		if (others == 0) {
+			LOG_KV_LIMITED(CW_LOG_INFO, "a room opened with the bot is encrypted: the bot leaves", "room",
+				       room);
+			txn_for(txn, sizeof(txn), "encrypted", eid, room);
+			says_and_leaves(m, c, room, NULL, mgmt_encrypted_text, txn);
+			return false;
+		}
 		LOG_KV_LIMITED(CW_LOG_INFO, "someone came into a management room as it was set up: the bot leaves",
 			       "room", room);
-		char txn[48];
 		txn_for(txn, sizeof(txn), "leave", eid, room);
 		says_and_leaves(m, c, room, NULL, others_text, txn);
 		return false;

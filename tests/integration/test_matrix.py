@@ -6202,6 +6202,41 @@ def test_a_command_in_an_m_notice_is_not_answered(mx, hs, gk, pg, db_url):
     assert pg.psql("SELECT count(*) FROM consents", db_url) == "0"
 
 
+def test_a_management_room_encrypted_from_its_start_is_left_with_a_word(mx, hs, gk, pg, db_url):
+    """Clients on matrix-rust-sdk (Element X) make every direct room
+    encrypted from its start: all alice writes to the bot there is
+    m.room.encrypted, which it cannot read. The bot says so and leaves,
+    the room no management room; until the forty-fourth session it said
+    its help, took the room, and never answered a command there. A room
+    without encryption is taken as before."""
+    bot = "@_cw_bot:example.org"
+    wait_until(lambda: hs.user_exists(bot), what="the bot registered")
+    _, alice_token = hs.create_user("alice")
+    alice = hs.as_user(alice_token)
+    room = alice.create_dm(bot, initial_state=[{"type": "m.room.encryption",
+                                                "content": {"algorithm": "m.megolm.v1.aes-sha2"}}])
+    wait_until(lambda: hs.members(room).get(bot) == "leave", what="the bot leaves")
+    said = [e["content"]["body"] for e in hs.events(room) if e["sender"] == bot and e["type"] == "m.room.message"]
+    assert len(said) == 1 and said[0].startswith("This room is end-to-end encrypted"), said
+    assert pg.psql("SELECT count(*) FROM matrix_mgmt_rooms", db_url) == "0"
+    mgmt = alice.create_dm(bot)
+    wait_until(lambda: any(e["sender"] == bot and "Commands" in e["content"].get("body", "")
+                           for e in hs.events(mgmt)), what="the bot's help")
+    assert pg.psql("SELECT room_id FROM matrix_mgmt_rooms", db_url) == mgmt
+
+
+def test_a_management_room_turned_encrypted_is_left_with_a_word(mx, hs, gk, pg, db_url):
+    """Encryption turned on in her management room: the bot can read no
+    command there from now on, says so and leaves, the room hers no more
+    (requests wait for the next room she opens with it, as after her
+    leave). Until the forty-fourth session it stayed, silent."""
+    alice, mgmt, said = alice_and_the_bot(hs)
+    alice.state(mgmt, "m.room.encryption", {"algorithm": "m.megolm.v1.aes-sha2"})
+    wait_until(lambda: hs.members(mgmt).get("@_cw_bot:example.org") == "leave", what="the bot leaves")
+    assert said()[-1].startswith("This room is end-to-end encrypted"), said()
+    assert pg.psql("SELECT count(*) FROM matrix_mgmt_rooms", db_url) == "0"
+
+
 def peer_consistent(got):
     """What a peer was pushed, checked for the order a reader needs: an
     edit or a delete names a message the peer got before it, nothing
