@@ -89,20 +89,26 @@ cw_err cw_metrics_render_http(struct cw_metrics *m, struct cw_buf *out)
 		uint_fast64_t count = atomic_load_explicit(&s->count, memory_order_relaxed);
 		if (!count)
 			continue;
+		/* Labelled by method too, as the requests' counter is: routes of
+		 * one pattern (GET and POST /admin/v1/rules) made the same series
+		 * twice, which Prometheus refuses as a whole scrape (until the
+		 * forty-fourth session). */
+		const char *method = i < m->nroutes ? m->routes[i].method : "";
 		uint_fast64_t cum = 0;
 		for (size_t b = 0; b <= NBUCKETS; b++) {
 			cum += atomic_load_explicit(&s->bucket[b], memory_order_relaxed);
 			if (b < NBUCKETS)
-				cw_buf_printf(out, "causeway_http_request_duration_seconds_bucket{route=\"%s\",le=\"%g\"} %llu\n",
-					      route_label(m, i), (double)bucket_us[b] / 1e6, (unsigned long long)cum);
+				cw_buf_printf(out, "causeway_http_request_duration_seconds_bucket{route=\"%s\",method=\"%s\","
+					      "le=\"%g\"} %llu\n", route_label(m, i), method, (double)bucket_us[b] / 1e6,
+					      (unsigned long long)cum);
 			else
-				cw_buf_printf(out, "causeway_http_request_duration_seconds_bucket{route=\"%s\",le=\"+Inf\"} %llu\n",
-					      route_label(m, i), (unsigned long long)cum);
+				cw_buf_printf(out, "causeway_http_request_duration_seconds_bucket{route=\"%s\",method=\"%s\","
+					      "le=\"+Inf\"} %llu\n", route_label(m, i), method, (unsigned long long)cum);
 		}
-		cw_buf_printf(out, "causeway_http_request_duration_seconds_sum{route=\"%s\"} %.6f\n",
-			      route_label(m, i), (double)atomic_load(&s->sum_us) / 1e6);
-		cw_buf_printf(out, "causeway_http_request_duration_seconds_count{route=\"%s\"} %llu\n",
-			      route_label(m, i), (unsigned long long)cum);
+		cw_buf_printf(out, "causeway_http_request_duration_seconds_sum{route=\"%s\",method=\"%s\"} %.6f\n",
+			      route_label(m, i), method, (double)atomic_load(&s->sum_us) / 1e6);
+		cw_buf_printf(out, "causeway_http_request_duration_seconds_count{route=\"%s\",method=\"%s\"} %llu\n",
+			      route_label(m, i), method, (unsigned long long)cum);
 	}
 	return out->overflow ? CW_ENOMEM : CW_OK;
 }

@@ -8,7 +8,9 @@ import socket
 import subprocess
 import time
 
-from harness import CAUSEWAYD, N_MIGRATIONS, SCHEMA_DIR, parse_logfmt, run_causewayd, wait_until
+import pytest
+
+from harness import CAUSEWAYD, N_MIGRATIONS, SCHEMA_DIR, free_port, parse_logfmt, run_causewayd, wait_until
 
 
 def test_healthz(daemon):
@@ -282,8 +284,8 @@ def test_metrics_count_requests_pool_and_outbox(daemon):
     def counted(t):
         return (metric(t, "causeway_http_requests_total", 'route="/healthz",method="GET",status="200"'),
                 metric(t, "causeway_http_requests_total", 'route="unmatched",method="",status="404"'),
-                metric(t, "causeway_http_request_duration_seconds_count", 'route="/healthz"'),
-                metric(t, "causeway_http_request_duration_seconds_bucket", 'route="/healthz",le="+Inf"'))
+                metric(t, "causeway_http_request_duration_seconds_count", 'route="/healthz",method="GET"'),
+                metric(t, "causeway_http_request_duration_seconds_bucket", 'route="/healthz",method="GET",le="+Inf"'))
     # A request is counted as it completes, after its answer went out: the
     # last ones may not be yet when /metrics is read (session 35).
     r = wait_until(lambda: (m := daemon.get("/metrics")).status_code == 200 and counted(m.text) == (3, 1, 3, 3)
@@ -304,6 +306,89 @@ def test_metrics_count_requests_pool_and_outbox(daemon):
     for line in t.splitlines():
         if line and not line.startswith("#"):
             float(line.rpartition(" ")[2])
+
+
+SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*",?)*\})? (\S+)$')
+
+
+def exposition_errors(text):
+    """What in a /metrics page breaks the Prometheus text format (0.0.4) as
+    Prometheus reads it: a sample whose family has no HELP and TYPE before
+    it, a family declared twice or whose samples are not together, a
+    series given twice (Prometheus refuses the whole scrape), a line that
+    does not parse, a histogram without its +Inf bucket, _sum or _count."""
+    errors, declared, done, series, hist = [], {}, set(), set(), collections.defaultdict(set)
+    current = None
+    for line in text.splitlines():
+        if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            kind, name = line.split(" ", 3)[1:3]
+            if kind == "TYPE":
+                if name in declared:
+                    errors.append(f"{name} declared twice")
+                declared[name] = line.split(" ", 3)[3]
+                if current and current != name:
+                    done.add(current)
+                current = name
+            continue
+        m = SAMPLE.match(line)
+        if not m:
+            errors.append(f"does not parse: {line!r}")
+            continue
+        name, labels = m.group(1), m.group(2) or ""
+        family = name
+        if declared.get(current) == "histogram" and name in (current + "_bucket", current + "_sum",
+                                                             current + "_count"):
+            family = current
+            hist[(current, re.sub(r',?le="[^"]*"', "", labels))].add(name[len(current):] + (
+                "+Inf" if 'le="+Inf"' in labels else ""))
+        if family != current:
+            errors.append(f"{name}: not after its HELP and TYPE" if family not in done
+                          else f"{name}: samples of its family not together")
+        if (name, labels) in series:
+            errors.append(f"series given twice: {name}{labels}")
+        series.add((name, labels))
+        float(m.group(3))
+    for (family, labels), parts in hist.items():
+        if parts != {"_bucket", "_bucket+Inf", "_sum", "_count"}:
+            errors.append(f"histogram {family}{labels} has {sorted(parts)}")
+    return errors
+
+
+def test_metrics_is_one_valid_prometheus_exposition(daemon):
+    """Routes of one pattern and two methods (GET and POST /admin/v1/rules,
+    GET and PATCH /admin/v1/settings) each have a histogram of their own:
+    until the forty-fourth session both were labelled by route alone, the
+    same series came twice, and Prometheus refuses such a scrape whole
+    (every metric of the daemon lost).  The page is checked whole."""
+    assert daemon.admin("GET", "/rules").status_code == 200
+    assert daemon.admin("POST", "/rules", json={}).status_code == 400
+    assert daemon.admin("GET", "/settings").status_code == 200
+    assert daemon.admin("PATCH", "/settings", json={}).status_code in (200, 400)
+    daemon.get("/nowhere")
+
+    def counted(t):
+        return [metric(t, "causeway_http_request_duration_seconds_count", f'route="{r}",method="{m}"')
+                for r, m in (("/admin/v1/rules", "GET"), ("/admin/v1/rules", "POST"),
+                             ("/admin/v1/settings", "GET"), ("/admin/v1/settings", "PATCH"),
+                             ("unmatched", ""))]
+    t = wait_until(lambda: (t := daemon.get("/metrics").text) and counted(t) == [1, 1, 1, 1, 1] and t,
+                   what="the requests counted")
+    assert exposition_errors(t) == []
+
+
+@pytest.mark.parametrize("network", ["matrix", "xmpp"])
+def test_metrics_of_an_adapter_are_a_valid_exposition(make_daemon, db_url, network):
+    """The adapters' families too (the homeserver and the XMPP server are
+    not there: their metrics say so, in the same format)."""
+    options = {"matrix": {"homeserver_url": f"http://127.0.0.1:{free_port()}", "as_token": "as-t",
+                          "hs_token": "hs-t"}} if network == "matrix" else {
+        "xmpp": {"components": "gk.example.org=gk", "server_port": str(free_port()), "secret": "s",
+                 "reconnect_max_ms": "1000"}}
+    d = make_daemon(db_url, options=options).start()
+    d.get("/healthz")
+    t = wait_until(lambda: (t := d.get("/metrics").text) and f"causeway_{network}_" in t
+                   and 'route="/healthz"' in t and t, what="the adapter's metrics")
+    assert exposition_errors(t) == []
 
 
 def test_a_migrated_database_is_not_migrated_again(make_daemon, db_url):
