@@ -40,6 +40,20 @@ cw_err store_check_url(const char *url, cw_errmsg *e)
 	return CW_OK;
 }
 
+bool store_url_has_password(const char *url)
+{
+	bool conninfo = strchr(url, '=') || strncmp(url, "postgresql://", 13) == 0 || strncmp(url, "postgres://", 11) == 0;
+	char *perr = NULL;
+	PQconninfoOption *parsed = conninfo ? PQconninfoParse(url, &perr) : NULL;
+	PQfreemem(perr);
+	bool has = false;
+	for (PQconninfoOption *o = parsed; o && o->keyword; o++)
+		if (strcmp(o->keyword, "password") == 0 && o->val && *o->val)
+			has = true;
+	PQconninfoFree(parsed);
+	return has;
+}
+
 /* The socket address of listen_address and port (*ai: freeaddrinfo), or
  * CW_EINVAL: only a numeric address, no name looked up. */
 cw_err cw_listen_addrinfo(const char *listen_address, unsigned port, struct addrinfo **ai, cw_errmsg *e)

@@ -462,6 +462,54 @@ static cw_err start_files_check(const struct cw_config *c, size_t *migrations, c
 	return CW_OK;
 }
 
+/* The configuration file's mode.  spec/quality.md: the secrets the daemon
+ * uses itself live in files readable only by it, as peer.signing_key_file
+ * must be (httpsig.c refuses it otherwise); until the forty-fourth session
+ * the file that holds matrix.as_token, hs_token, xmpp.secret or the
+ * database's password was read whatever its mode, without a word.  A file
+ * every user may write is refused: anyone on the host could give it their
+ * own admin.token_sha256 (in force at the next reload) or another
+ * database.  One every user may read is told (a warning, not a refusal: a
+ * container's mounted file is often 0644, and the host's other users may
+ * be none), naming the first secret it holds; a secret set by the
+ * environment (CAUSEWAY_<SECTION>_<NAME>, which wins) is not the file's.
+ * The group is left alone: root:causeway 0640 is the usual install.
+ * Returns 0, or 1 after filling why with the warning, or 2 with the
+ * refusal. */
+static int config_file_mode(const char *path, const struct cw_config *c, char *why, size_t len)
+{
+	struct stat st;
+	if (!path || stat(path, &st) != 0)
+		return 0; /* cfg_load read it; gone since, the next read says so */
+	unsigned mode = (unsigned)(st.st_mode & 07777);
+	if (st.st_mode & S_IWOTH) {
+		snprintf(why, len, "%s has mode %04o: every user of the host may change it (the database, the admin "
+			 "token's hash); chmod o-w, and keep it readable by the daemon alone when it holds secrets "
+			 "(chmod 600)", path, mode);
+		return 2;
+	}
+	if (!(st.st_mode & S_IROTH))
+		return 0;
+	for (size_t i = 0; i < cfg_option_count; i++) {
+		const struct cfg_option *o = &cfg_options[i];
+		char env[128], value[8];
+		/* the bootstrap token's hash is not the token */
+		if (!o->secret || o->type != CFG_STR || strcmp(o->name, "token_sha256") == 0)
+			continue;
+		cfg_env_name(o, env, sizeof(env));
+		cfg_value_text(c, o, true, value, sizeof(value));
+		if (!*value || getenv(env))
+			continue;
+		if (strcmp(o->section, "database") == 0 && !store_url_has_password(c->db_url))
+			continue;
+		snprintf(why, len, "%s has mode %04o: every user of the host may read it, and it holds %s.%s%s; "
+			 "chmod o-r (600, or 640 with the daemon's group), or set it by the environment (%s)",
+			 path, mode, o->section, o->name, strcmp(o->section, "database") == 0 ? "'s password" : "", env);
+		return 1;
+	}
+	return 0;
+}
+
 /* A file the start would refuse is refused whole, the running
  * configuration kept: cfg_load's checks, and the start's reading of
  * database.schema_dir and peer.signing_key_file (start_files_check).  Both
@@ -477,6 +525,15 @@ static void reload(struct cw_app *app, const char *path)
 		LOG_KV(CW_LOG_ERROR, "reload refused: configuration invalid; keeping the running one", "detail", e.msg);
 		return;
 	}
+	char why[512];
+	int exposed = config_file_mode(path, &next, why, sizeof(why));
+	if (exposed == 2) {
+		LOG_KV(CW_LOG_ERROR, "reload refused: configuration invalid; keeping the running one", "detail", why);
+		cfg_free(&next);
+		return;
+	}
+	if (exposed == 1)
+		LOG_KV(CW_LOG_WARN, "the configuration file is readable by every user", "detail", why);
 	if (start_files_check(&next, NULL, &e)) {
 		LOG_KV(CW_LOG_ERROR, "reload refused: configuration invalid; keeping the running one", "detail", e.msg);
 		cfg_free(&next);
@@ -554,6 +611,15 @@ int main(int argc, char **argv)
 			fprintf(stderr, "causewayd: %s\n", e.msg);
 			return 1;
 		}
+		char why[512];
+		int exposed = config_file_mode(check_path, &cfg, why, sizeof(why));
+		if (exposed) {
+			fprintf(stderr, "causewayd: %s%s\n", exposed == 1 ? "warning: " : "", why);
+			if (exposed == 2) {
+				cfg_free(&cfg);
+				return 1;
+			}
+		}
 		size_t n;
 		if (start_files_check(&cfg, &n, &e)) {
 			fprintf(stderr, "causewayd: %s\n", e.msg);
@@ -580,6 +646,17 @@ int main(int argc, char **argv)
 	if (cfg_load(&cfg, config_path, NULL, &e)) {
 		LOG_KV(CW_LOG_ERROR, "configuration invalid", "detail", e.msg);
 		return 1;
+	}
+	{
+		char why[512];
+		int exposed = config_file_mode(config_path, &cfg, why, sizeof(why));
+		if (exposed == 2) {
+			LOG_KV(CW_LOG_ERROR, "configuration invalid", "detail", why);
+			cfg_free(&cfg);
+			return 1;
+		}
+		if (exposed == 1)
+			LOG_KV(CW_LOG_WARN, "the configuration file is readable by every user", "detail", why);
 	}
 	cw_log_set_level((int)cfg.log_level);
 	cw_log_flusher_start(); /* the counts of limited lines (LOG_KV_LIMITED), each second; it takes no signal */

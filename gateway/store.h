@@ -194,6 +194,9 @@ int64_t store_retry_pause_us(int retry, unsigned char r);
  * For start-up work (migrations) outside the pool. */
 /* CW_EINVAL when libpq cannot parse url (the message never quotes it). */
 cw_err store_check_url(const char *url, cw_errmsg *e);
+/* Whether a URL store_check_url took carries a password (password= or
+ * postgresql://user:PASSWORD@...). */
+bool store_url_has_password(const char *url);
 PGconn *store_connect(const char *url, long statement_timeout_ms, cw_errmsg *e);
 
 /* Prepares every statement of lists (as store_opts.stmts) on c; false with

@@ -364,7 +364,9 @@ class Daemon:
         self.port = None
 
     def write_config(self):
-        with open(self.config_path, "w") as f:
+        # 0600 whatever the umask: a file every user may write is refused
+        # (since the forty-fourth session), one they may read is warned of
+        with open(os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             for section, values in self.options.items():
                 f.write(f"[{section}]\n")
                 for k, v in values.items():

@@ -771,3 +771,79 @@ def test_a_reload_replaces_the_bootstrap_token(daemon):
     daemon.write_config()
     assert sighup()[0]["changed"] == "1"
     assert whoami(new).status_code == 200
+
+
+def test_a_configuration_file_others_may_write_is_refused_one_they_may_read_with_a_secret_told(tmp_path):
+    """spec/quality.md: the secrets the daemon uses itself are readable by
+    it alone.  Until the forty-fourth session the file was read whatever
+    its mode: one every user could write (and so give itself the admin
+    token's hash) was taken, and one every user could read with the XMPP
+    secret or the database's password in it without a word."""
+    schema = os.path.join(TOP_SRCDIR, "schema")
+    base = f"[database]\nschema_dir = {schema}\n[server]\ndomain = example.org\n"
+    secret = "[xmpp]\ncomponents = gk.example.org=gk\nsecret = s3cret-value\n"
+    url_pw = "[database]\nurl = postgresql://cw:hunter2@127.0.0.1/cw\n"
+    url = "[database]\nurl = postgresql:///cw\n"
+
+    def check(text, mode, **env):
+        p = write(tmp_path, text)
+        os.chmod(p, mode)
+        return run_causewayd(["--check-config", p], env=key_env(tmp_path, **env))
+
+    for text in (url + base, url_pw + base, url + base + secret):
+        r = check(text, 0o666)
+        assert r.returncode == 1, r.stdout
+        assert "has mode 0666: every user of the host may change it" in r.stderr, r.stderr
+        assert "hunter2" not in r.stderr and "s3cret" not in r.stderr
+    for text, what in ((url_pw + base, "database.url's password"), (url + base + secret, "xmpp.secret")):
+        r = check(text, 0o644)
+        assert r.returncode == 0 and "configuration valid" in r.stdout, r.stderr
+        assert f"warning: {tmp_path}/c.ini has mode 0644: every user of the host may read it, and it holds " \
+            f"{what}" in r.stderr, r.stderr
+        assert "hunter2" not in r.stderr and "s3cret" not in r.stderr
+        for quiet in (0o640, 0o600):  # the daemon's group may read it
+            r = check(text, quiet)
+            assert r.returncode == 0 and r.stderr == "", r.stderr
+    # nothing secret in it, or the secret set by the environment (which wins)
+    for text, env in ((url + base, {}), (url + base + "[admin]\ntoken_sha256 = " + "a" * 64 + "\n", {}),
+                      (url + base + secret, {"CAUSEWAY_XMPP_SECRET": "other"})):
+        r = check(text, 0o644, **env)
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+def test_the_start_and_a_reload_refuse_a_configuration_file_others_may_write(make_daemon, db_url, empty_db_url, pg):
+    """The start refuses it before it touches the database, and tells one
+    others may read with a secret; a reload refuses it and keeps the
+    running configuration."""
+    d = make_daemon(empty_db_url)
+    os.chmod(d.config_path, 0o646)
+    d.start(wait_ready=False)
+    assert d.wait_exit(30) == 1
+    rec = d.wait_for(lambda r: r.get("msg") == "configuration invalid")
+    assert "has mode 0646: every user of the host may change it" in rec["detail"], rec
+    assert pg.psql("SELECT to_regclass('schema_migrations') IS NULL", db_url=empty_db_url) == "t"
+
+    d = make_daemon(db_url, options={"xmpp": {"components": "gk.example.org=gk", "secret": "s3cret-value",
+                                              "server_port": "1", "reconnect_max_ms": "1000"}})
+    os.chmod(d.config_path, 0o644)
+    d.start()
+    rec = d.wait_for(lambda r: r.get("msg") == "the configuration file is readable by every user")
+    assert rec["level"] == "warn" and "it holds xmpp.secret" in rec["detail"], rec
+    assert "s3cret" not in d.log()
+    os.chmod(d.config_path, 0o666)
+    d.options["log"]["level"] = "debug"
+    d.write_config()
+    n = len(d.records)
+    d.signal(signal.SIGHUP)
+    rec = d.wait_for(lambda r: r.get("msg", "").startswith(("reload refused", "configuration reloaded")), start=n)
+    assert rec["msg"].startswith("reload refused") and "has mode 0666" in rec["detail"], rec
+    auth = {"Authorization": "Bearer cwa_test-admin-token"}
+    level = [o["value"] for o in d.get("/admin/v1/config", headers=auth).json()["options"]
+             if (o["section"], o["name"]) == ("log", "level")]
+    assert level == ["info"], level
+    os.chmod(d.config_path, 0o600)
+    n = len(d.records)
+    d.signal(signal.SIGHUP)
+    rec = d.wait_for(lambda r: r.get("msg", "").startswith(("reload refused", "configuration reloaded")), start=n)
+    assert rec["msg"] == "configuration reloaded" and rec["changed"] == "1", rec
+    assert not any(r.get("msg") == "the configuration file is readable by every user" for r in d.records[n:])
