@@ -250,20 +250,30 @@ static void readyz_done(void *arg, cw_err rc, const cw_errmsg *e)
 {
 	struct readyz_job *j = arg;
 	const struct migration_set *set = &j->app->migrations;
-	bool db_up = rc == CW_OK;
+	bool read = rc == CW_OK;
+	/* And the store takes writes: a reader's connection may answer while
+	 * the writer cannot connect (the server refusing new connections), and
+	 * every write is refused then (503).  Until the forty-fourth session
+	 * /readyz said ready meanwhile (and /metrics causeway_database_up 0). */
+	struct store_stats st;
+	store_get_stats(j->app->store, &st);
+	bool db_up = read && st.db_up;
 	/* Current: every migration of this build applied with the same checksum.
 	 * Migrations of a newer build beyond them do not make it unready: the
 	 * operator runs the newer build's --migrate before a rolling restart
 	 * (docs/operations.md). Until the thirty-first session they did. */
-	bool current = db_up && j->matching == (int)set->n && j->unknown == 0; /* read only when db_up (probe) */
+	bool current = read && j->matching == (int)set->n && j->unknown == 0; /* read only when read (probe) */
 	json_t *db = json_pack("{s:s, s:f}", "status", db_up ? "up" : "down", "latency_ms",
 			       (double)((cw_now_us() - j->t0_us) / 10) / 100.0);
 	if (!db_up)
-		json_object_set_new(db, "detail", json_string(e->msg));
+		json_object_set_new(db, "detail", json_string(read ? "writes are refused: the database does not answer "
+								     "the writer's connection (the log's \"database "
+								     "unreachable\" says why)"
+								   : e->msg));
 	json_t *mig = json_pack("{s:s, s:i, s:i}", "status",
-				!db_up ? "unknown" : current ? "current" : "not_current",
-				"applied", db_up ? j->applied : 0, "expected", (int)set->n);
-	if (db_up && j->newer && json_array_size(j->newer) > 0)
+				!read ? "unknown" : current ? "current" : "not_current",
+				"applied", read ? j->applied : 0, "expected", (int)set->n);
+	if (read && j->newer && json_array_size(j->newer) > 0)
 		json_object_set(mig, "newer", j->newer);
 	json_t *adapters = json_object();
 	if (j->app->matrix) /* reported, not a readiness condition: the homeserver may come later */

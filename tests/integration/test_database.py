@@ -1,4 +1,5 @@
 """Migrations and the database going away, with the real daemon."""
+import concurrent.futures
 import contextlib
 import os
 import shutil
@@ -183,6 +184,45 @@ def test_writes_are_taken_again_after_an_outage_only_a_reader_saw(make_daemon, p
     finally:
         for x in (sa, sb):
             x.close()
+
+
+READYZ_READ = "SELECT version, checksum FROM schema_migrations%"
+
+
+def test_readyz_is_not_ready_while_the_writer_cannot_connect(daemon, pg, db_url):
+    """The server refuses new connections (ALLOW_CONNECTIONS false here; a
+    full max_connections, a pg_hba change) and the writer's connection is
+    gone, while the readers' stay: every write is refused 503, and /readyz
+    read its answer on a reader and said ready (and /metrics
+    causeway_database_up 0), until the forty-fourth session: a load
+    balancer kept sending the writes there."""
+    name = db_url.split("?")[0].rsplit("/", 1)[1]
+
+    def readers():
+        return int(pg.psql(f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{name}' "
+                           f"AND application_name = 'causewayd' AND query LIKE '{READYZ_READ}'"))
+    with concurrent.futures.ThreadPoolExecutor(4) as ex:
+        wait_until(lambda: list(ex.map(lambda _: daemon.get("/readyz"), range(8))) and readers() == 2,
+                   what="both readers used by /readyz")
+    pg.psql(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+    try:
+        # every connection of the daemon but the two readers: the writer's too
+        pg.psql(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' "
+                f"AND application_name = 'causewayd' AND query NOT LIKE '{READYZ_READ}'")
+        wait_until(lambda: daemon.admin("POST", "/tokens", json={"name": "t1", "role": "viewer"}).status_code == 503,
+                   what="writes refused")
+        r = daemon.get("/readyz")
+        body = r.json()
+        assert r.status_code == 503 and body["status"] == "not_ready", body
+        assert body["database"]["status"] == "down" and "writes are refused" in body["database"]["detail"], body
+        assert body["migrations"]["status"] == "current", body  # the read itself was answered
+        assert r.headers["Retry-After"] == "2"
+        assert "causeway_database_up 0" in daemon.get("/metrics").text
+    finally:
+        pg.psql(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+    wait_until(lambda: daemon.get("/readyz").status_code == 200, timeout=20, what="ready again")
+    wait_until(lambda: daemon.admin("POST", "/tokens", json={"name": "t2", "role": "viewer"}).status_code == 201,
+               what="a write taken again")
 
 
 @contextlib.contextmanager
