@@ -2,6 +2,7 @@
 #include "config.h"
 #include "log.h"
 #include "cw.h"
+#include "utf8.h"
 
 #include <signal.h>
 #include <stdio.h>
@@ -45,13 +46,35 @@ void cw_log_set_clock(int64_t (*clock_ms)(void)) { atomic_store(&log_clock, cloc
 static int64_t log_now_ms(void) { return atomic_load(&log_clock)(); }
 void cw_log_set_request_id(const char *request_id) { log_request_id = request_id; }
 
+/* The length of the UTF-8 character at v (n bytes left) a record writes
+ * as it is, or 0 for a byte it escapes: one that starts no valid sequence,
+ * or a C1 control (U+0080-U+009F).  Until the forty-fourth session such
+ * bytes from outside (a request's path "/%ff", a peer's error text) were
+ * written raw: a record that is not UTF-8 is shown by journalctl as "[N
+ * bytes blob data]", hiding the whole line, and a C1 control (U+009B is
+ * CSI) reaches a terminal that shows the log. */
+static size_t shown_as_is(const unsigned char *v, size_t n)
+{
+	unsigned cp;
+	size_t k = cw_utf8_seq(v, n, &cp);
+	return k > 1 && cp <= 0x9f ? 0 : k;
+}
+
 static bool needs_quotes(const char *v)
 {
 	if (*v == '\0')
 		return true;
-	for (const unsigned char *p = (const unsigned char *)v; *p; p++)
+	size_t n = strlen(v);
+	for (const unsigned char *p = (const unsigned char *)v; *p; p++) {
 		if (*p <= ' ' || *p == '=' || *p == '"' || *p == '\\' || *p == 0x7f)
 			return true;
+		if (*p >= 0x80) {
+			size_t k = shown_as_is(p, n - (size_t)(p - (const unsigned char *)v));
+			if (!k)
+				return true;
+			p += k - 1;
+		}
+	}
 	return false;
 }
 
@@ -67,7 +90,7 @@ static size_t escape_byte(unsigned char c, char *out)
 	case '\r': memcpy(out, "\\r", 2); return 2;
 	case '\t': memcpy(out, "\\t", 2); return 2;
 	default:
-		if (c < 0x20 || c == 0x7f) {
+		if (c < 0x20 || c >= 0x7f) { /* DEL, and a byte >= 0x80 escaped (shown_as_is) */
 			out[0] = '\\';
 			out[1] = 'x';
 			out[2] = hx[c >> 4];
@@ -101,19 +124,40 @@ size_t cw_log_append_pair(char *buf, size_t len, size_t pos, const char *key, co
 	memcpy(buf + pos, key, kl);
 	pos += kl;
 	buf[pos++] = '=';
-	if (!quoted) {
-		for (const char *v = val; *v && pos < end; v++)
-			buf[pos++] = *v;
+	if (!quoted) { /* ASCII, or whole characters of UTF-8 (needs_quotes) */
+		size_t left = strlen(val);
+		for (const unsigned char *v = (const unsigned char *)val; *v;) {
+			size_t k = *v >= 0x80 ? shown_as_is(v, left) : 1;
+			if (k > end - pos)
+				break;
+			memcpy(buf + pos, v, k);
+			pos += k;
+			v += k;
+			left -= k;
+		}
 		return pos;
 	}
 	buf[pos++] = '"';
-	for (const unsigned char *v = (const unsigned char *)val; *v; v++) {
+	size_t left = strlen(val);
+	for (const unsigned char *v = (const unsigned char *)val; *v;) {
+		size_t k = *v >= 0x80 ? shown_as_is(v, left) : 0;
+		if (k) { /* a character of UTF-8, whole or not at all */
+			if (k + 1 > end - pos)
+				break;
+			memcpy(buf + pos, v, k);
+			pos += k;
+			v += k;
+			left -= k;
+			continue;
+		}
 		char esc[4];
 		size_t n = escape_byte(*v, esc);
 		if (n + 1 > end - pos) /* and the closing quote */
 			break;
 		memcpy(buf + pos, esc, n);
 		pos += n;
+		v++;
+		left--;
 	}
 	buf[pos++] = '"';
 	return pos;

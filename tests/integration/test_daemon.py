@@ -206,6 +206,22 @@ def test_hostile_path_cannot_forge_log_lines(daemon):
     assert not any(r.get("msg") == "forged" for r in daemon.records)
 
 
+def test_a_path_that_is_not_utf8_is_escaped_in_the_access_log(daemon):
+    """A request's path is logged decoded: "/%ff" wrote the byte 0xff, and
+    a record that is not UTF-8 is shown by journalctl as "[N bytes blob
+    data]", the whole line hidden; a C1 control (U+009B, CSI) reached the
+    terminal of whoever read the log.  Both are escaped since the
+    forty-fourth session; UTF-8 is written as it is."""
+    with socket.create_connection(("127.0.0.1", daemon.port)) as s:
+        s.sendall(b"GET /x%ff%c2%9b%C3%A9 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        s.recv(4096)
+    rec = daemon.wait_for(lambda r: r.get("msg") == "request" and r.get("path", "").startswith("/x"))
+    line = next(x for x in daemon.lines if "path=" in x and "/x" in x and "msg=request" in x)
+    assert line.endswith('path="/x\\xff\\xc2\\x9b\u00e9"'), line  # the harness reads it as UTF-8
+    assert "\ufffd" not in line and "\x9b" not in line
+    assert rec["path"] == "/x\xff\xc2\x9b\u00e9"
+
+
 def test_a_long_path_keeps_the_status_in_the_access_log(daemon):
     """The path came before the status, duration, route and outcome, and a
     record was cut at 4 KiB with its quote open: a long path hid what became

@@ -1,6 +1,7 @@
 /* logfmt formatting and escaping, and the level check. */
 #include "config.h"
 #include "log.h"
+#include "utf8.h"
 #include "unit.h"
 
 #include <ctype.h>
@@ -112,6 +113,30 @@ START_TEST(a_cut_record_never_leaves_a_quote_open_or_an_escape_split)
 	const char *kv2[] = { "a", "1", "a_long_key_that_does_not_fit_at_all", "v", NULL };
 	cw_log_format(buf, sizeof(buf), 0, CW_LOG_INFO, "m", NULL, kv2);
 	ck_assert_str_eq(buf, "ts=1970-01-01T00:00:00.000Z level=info msg=m a=1\n");
+}
+END_TEST
+
+/* Bytes that are not UTF-8, and C1 controls, are escaped; characters of
+ * UTF-8 are written as they are, and a cut record never splits one.
+ * Until the forty-fourth session the first were written raw: journalctl
+ * shows a record that is not UTF-8 as "[N bytes blob data]". */
+START_TEST(bytes_that_are_not_utf8_and_c1_controls_are_hex_escaped)
+{
+	char buf[512];
+	const char *kv[] = { "path", "/x\xff\xfe", "c1", "a\xc2\x9b" "b", "cut", "\xc3", "over", "\xc0\xaf",
+			     "ok", "caf\xc3\xa9", "ok2", "\xe2\x82\xac 1", NULL };
+	cw_log_format(buf, sizeof(buf), 0, CW_LOG_INFO, "m", NULL, kv);
+	ck_assert_str_eq(buf, "ts=1970-01-01T00:00:00.000Z level=info msg=m path=\"/x\\xff\\xfe\" c1=\"a\\xc2\\x9bb\" "
+			      "cut=\"\\xc3\" over=\"\\xc0\\xaf\" ok=caf\xc3\xa9 ok2=\"\xe2\x82\xac 1\"\n");
+	/* every cut of a record of whole characters is UTF-8 */
+	const char *kv2[] = { "a", "\xe2\x82\xac\xe2\x82\xac\xe2\x82\xac", "b", "\xe2\x82\xac \xe2\x82\xac", NULL };
+	char full[256];
+	size_t whole = cw_log_format(full, sizeof(full), 0, CW_LOG_INFO, "m", NULL, kv2);
+	for (size_t len = 3; len <= whole + 1; len++) {
+		size_t n = cw_log_format(buf, len, 0, CW_LOG_INFO, "m", NULL, kv2);
+		ck_assert_msg(cw_utf8_valid(buf, n), "cut at %zu: %s", len, buf);
+		ck_assert(logfmt_whole(buf));
+	}
 }
 END_TEST
 
@@ -381,6 +406,7 @@ int main(void)
 	tcase_add_test(tc, plain_record);
 	tcase_add_test(tc, values_are_quoted_and_escaped);
 	tcase_add_test(tc, control_characters_are_hex_escaped);
+	tcase_add_test(tc, bytes_that_are_not_utf8_and_c1_controls_are_hex_escaped);
 	tcase_add_test(tc, null_value_is_empty);
 	tcase_add_test(tc, long_records_are_truncated_but_end_in_newline);
 	tcase_add_test(tc, a_cut_record_never_leaves_a_quote_open_or_an_escape_split);
