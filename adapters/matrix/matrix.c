@@ -179,10 +179,19 @@ int matrix_print_registration(const struct cw_config *cfg, FILE *out)
 	regex_quote(mx_server_name(cfg), server, sizeof(server));
 	regex_quote(cfg->mx_user_prefix, user, sizeof(user));
 	regex_quote(cfg->mx_alias_prefix, alias, sizeof(alias));
-	if (cfg->mx_url && *cfg->mx_url)
+	if (cfg->mx_url && *cfg->mx_url) {
 		snprintf(url, sizeof(url), "%s", cfg->mx_url);
-	else
+	} else if (cfg->port == 0) {
+		/* The url was http://127.0.0.1:0 (until the forty-fourth session),
+		 * which no homeserver reaches: the port is known only once the
+		 * daemon runs, and the registration is read before. */
+		fprintf(stderr, "causewayd: server.port is 0 (any free port) and matrix.url is not set: the "
+				"registration's url would name port 0; set matrix.url to where the homeserver reaches "
+				"causewayd, or server.port\n");
+		return 1;
+	} else {
 		cw_http_local_url(cfg->listen_address, (unsigned)cfg->port, url, sizeof(url));
+	}
 	fprintf(out, "# Causeway's application service registration (docs/matrix.md shows where each homeserver\n"
 		     "# reads it).%s\n", made ? "  New tokens were made: put them in causewayd's configuration as\n"
 						 "# [matrix] as_token and hs_token before starting it." : "");

@@ -847,3 +847,19 @@ def test_the_start_and_a_reload_refuse_a_configuration_file_others_may_write(mak
     rec = d.wait_for(lambda r: r.get("msg", "").startswith(("reload refused", "configuration reloaded")), start=n)
     assert rec["msg"] == "configuration reloaded" and rec["changed"] == "1", rec
     assert not any(r.get("msg") == "the configuration file is readable by every user" for r in d.records[n:])
+
+
+def test_a_registration_is_not_printed_with_port_0(tmp_path):
+    """server.port = 0 (any free port) without matrix.url printed the
+    registration's url as http://127.0.0.1:0, which no homeserver reaches
+    (until the forty-fourth session); with matrix.url, or a port, it is
+    printed."""
+    head = "[database]\nurl = postgresql:///x\n[server]\ndomain = example.org\nport = 0\n" \
+        "[matrix]\nhomeserver_url = http://127.0.0.1:8008\n"
+    r = run_causewayd(["--matrix-registration", "--config", write(tmp_path, head)])
+    assert r.returncode == 1 and not r.stdout, r.stdout
+    assert "server.port is 0 (any free port) and matrix.url is not set" in r.stderr, r.stderr
+    r = run_causewayd(["--matrix-registration", "--config", write(tmp_path, head + "url = http://10.0.0.5:8480\n")])
+    assert r.returncode == 0 and 'url: "http://10.0.0.5:8480"' in r.stdout, r.stderr
+    r = run_causewayd(["--matrix-registration", "--config", write(tmp_path, head.replace("port = 0", "port = 8999"))])
+    assert r.returncode == 0 and 'url: "http://127.0.0.1:8999"' in r.stdout, r.stderr
