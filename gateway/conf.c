@@ -45,7 +45,8 @@ const struct cfg_option cfg_options[] = {
 	  "URL peers and homeservers use to reach this daemon (empty: http://listen_address:port, 0.0.0.0 "
 	  "as 127.0.0.1); peers' request signatures must cover it as their @target-uri, whatever Host they send: "
 	  "set it whenever peers call another URL (a DNS name, TLS, a proxy); an absolute http or https URL with "
-	  "a host, no user, query or fragment, at most 512 bytes (else the start fails)" },
+	  "a host, no user, query or fragment, in its normal form (host in lower case, no default port), at most "
+	  "512 bytes (else the start fails)" },
 	{ "server", "domain", CFG_STR, OFF(domain), "", 0, 0, false, false,
 	  "this provider's domain, a lower-case DNS name with a dot, without a port: local users are mimi://DOMAIN/u/...; "
 	  "the interop API is off while empty" },
@@ -577,6 +578,22 @@ static bool public_url_ok(const char *s)
 	return !strchr(s, '?') && !strchr(s, '#') && web_url_ok(s, true, true);
 }
 
+/* Whether public_url_ok's s is in its normal form: its authority (after
+ * the scheme, up to the path) without upper-case letters, and without the
+ * scheme's default port (:443 for https, :80 for http). */
+static bool public_url_normal(const char *s)
+{
+	bool tls = strncmp(s, "https://", 8) == 0;
+	const char *a = s + (tls ? 8 : 7);
+	size_t n = strcspn(a, "/");
+	for (size_t i = 0; i < n; i++)
+		if (a[i] >= 'A' && a[i] <= 'Z')
+			return false;
+	const char *dflt = tls ? ":443" : ":80";
+	size_t d = strlen(dflt);
+	return !(n > d && strncmp(a + n - d, dflt, d) == 0);
+}
+
 static bool https_url_ok(const char *s)
 {
 	return web_url_ok(s, false, false);
@@ -856,6 +873,20 @@ static cw_err cfg_check(const struct cw_config *c, bool need_tokens, cw_errmsg *
 			       "may follow), without a user, query or fragment, at most %d bytes, such as "
 			       "https://causeway.example.org; not \"%.200s\"",
 			       CFG_PUBLIC_URL_MAX, shown);
+	}
+	/* Written in its normal form (RFC 9110 §4.2.3: a host in lower case,
+	 * no default port), as a peer's client most likely sends it: a peer
+	 * signs the @target-uri it sends, and the daemon checks it against
+	 * this value byte for byte, while its own pushes are signed over the
+	 * normal form of the peer's push_url.  Until the forty-fourth session
+	 * https://GW.example:443 was taken, and a peer that signed
+	 * https://gw.example was refused every request. */
+	if (set(c->public_url) && !public_url_normal(c->public_url)) {
+		url_quotable(c->public_url, shown, sizeof(shown));
+		return cw_fail(e, CW_EINVAL,
+			       "server.public_url must be written in its normal form, its host in lower case and "
+			       "without the scheme's default port (such as https://causeway.example.org), as peers "
+			       "sign it; not \"%.200s\"", shown);
 	}
 	/* Both are shown to every peer as they are: a value a peer cannot
 	 * follow is refused at start, not found out by the peer. */

@@ -148,6 +148,13 @@ REFUSED_AT_START = (
     # its signature (a review's probe).
     ("[server]\npublic_url = causeway.example.org\n",
      'server.public_url must be an absolute http or https URL with a host'),
+    # Until the forty-fourth session taken as written: a peer whose client
+    # signed the normal form (https://gw.example.org) was refused every
+    # request, the daemon checking the typed one (a review's finding).
+    ("[server]\npublic_url = https://GW.example.org\n", 'server.public_url must be written in its normal form'),
+    ("[server]\npublic_url = https://gw.example.org:443/causeway\n",
+     'server.public_url must be written in its normal form'),
+    ("[server]\npublic_url = http://gw.example.org:80\n", 'server.public_url must be written in its normal form'),
     # Until the thirty-fourth session taken as written: a server name that
     # is none made every ghost's and the bot's id unparseable (nothing was
     # bridged, and the registration's namespace matched no user), an XMPP
