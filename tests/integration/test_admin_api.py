@@ -851,6 +851,117 @@ def test_every_admin_answer_matches_the_document(daemon, doc):
     assert not faults, "\n".join(faults)
 
 
+def no_body_routes():
+    """(METHOD, pattern) of app_routes[] whose last field, no_body, is true:
+    a body other than none or {} is 400 invalid_body (gateway/http.c)."""
+    with open(os.path.join(TOP_SRCDIR, "gateway", "app.c"), encoding="utf-8") as f:
+        src = f.read()
+    found = re.findall(r'\{\s*"([A-Z]+)"\s*,\s*"(/admin/v1/[^"]+)"\s*,\s*\w+\s*,\s*CW_AUTH_\w+\s*,\s*\w+\s*,\s*true\s*\}',
+                       src)
+    assert found, "no route with no_body parsed from gateway/app.c"
+    return found
+
+
+def test_a_route_that_takes_no_body_documents_its_400(daemon, pg, db_url, doc):
+    """The changes named by their path alone (no_body in the route table)
+    refuse any body but none or {} with 400 invalid_body before they do
+    anything; until the forty-fourth session the document listed that 400
+    for a peer's disable and enable alone, and a client made from it did
+    not know that a token's revoke, a report's handle or dismiss, an outbox
+    row's replay or discard, or a rule's DELETE could answer it."""
+    routes = no_body_routes()
+    assert len(routes) >= 8, routes
+    faults = []
+    before = pg.psql("SELECT count(*) FROM audit_log", db_url)
+    for method, path in routes:
+        resp = deref(doc, doc["paths"][path][method.lower()]["responses"].get("400", {}))
+        if "invalid_body" not in [c for _, n in walk(resp) for c in n.get("code", {}).get("enum", [])]:
+            faults.append(f"{method} {path}: the document's 400 does not list invalid_body")
+        r = call(daemon, method, concrete(path), ADMIN_TOKEN, json={"dry_run": True})
+        if r.status_code != 400 or r.json().get("code") != "invalid_body":
+            faults.append(f"{method} {path}: {r.status_code} {r.text[:120]}")
+    assert pg.psql("SELECT count(*) FROM audit_log", db_url) == before
+    assert not faults, "\n".join(faults)
+
+
+def undocumented_members(doc, schema, value, where="$"):
+    """The members of value (and of the objects in it) that its schema does
+    not name, where the schema names its members (properties, through
+    allOf and $ref); an object schema that names none (details, limits
+    written as free objects) is not looked into."""
+    schema = deref(doc, schema)
+    subs = [deref(doc, x) for x in schema.get("allOf", [])]
+    faults = []
+    if isinstance(value, dict):
+        props = dict(schema.get("properties", {}))
+        for sub in subs:
+            props.update(sub.get("properties", {}))
+        extra = schema.get("additionalProperties")
+        if props:
+            faults += [f"{where}.{k}" for k in value if k not in props and not isinstance(extra, dict)]
+        for k, v in value.items():
+            if k in props:
+                faults += undocumented_members(doc, props[k], v, f"{where}.{k}")
+            elif isinstance(extra, dict):
+                faults += undocumented_members(doc, extra, v, f"{where}.{k}")
+    elif isinstance(value, list):
+        items = schema.get("items") or next((sub["items"] for sub in subs if "items" in sub), None)
+        for i, v in enumerate(value):
+            if items is not None:
+                faults += undocumented_members(doc, items, v, f"{where}[{i}]")
+    return faults
+
+
+def test_every_member_of_an_answer_is_documented(daemon, pg, db_url, doc):
+    """Each member of every answer of the routes that read, after traffic
+    that fills each of them (a delivery and its attempt, a held first
+    contact and its consent request, a rule, a report, a room), is one the
+    document names, and the answer fits the schema.  Until the forty-fourth
+    session the trace's decisions had `at` and `details`, its deliveries
+    `next_attempt_at`, `created_at`, `delivered_at` and `read_at`, their
+    attempts `started_at` and `finished_at`, and the statistics `now`, none
+    of them documented: the tests checked that each documented member was
+    there, not that each member there was documented."""
+    (a, sa), (b, sb) = made = push_peers(daemon)
+    try:
+        local = "mimi://example.org/u/alice"
+        assert daemon.admin("POST", "/optins", json={"user": local, "network": "peer:gk",
+                                                     "opted_in": True}).status_code == 200
+        gid = a.create_room([a.user("wally"), b.user("bob"), local], kind="group", name="n").json()["id"]
+        sent = a.send(gid, a.user("wally"), "to the group")
+        assert sent.status_code < 300, sent.text
+        direct = a.create_room([a.user("wally"), local]).json()["id"]
+        first = a.send(direct, a.user("wally"), "first contact")
+        assert first.status_code < 300, first.text
+        wait_until(lambda: pg.psql("SELECT count(*) FROM delivery_attempts", db_url) != "0", timeout=30)
+        assert daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "x.example",
+                                                    "mode": "deny"}).status_code == 201
+        assert daemon.admin("POST", "/reports", json={"subject": a.user("wally"), "reason": "spam"}).status_code == 201
+        make_token(daemon, "looker", "viewer")
+        group_msg = pg.psql("SELECT e.public_id FROM events e JOIN outbox o ON o.event_id = e.id "
+                            "JOIN delivery_attempts x ON x.outbox_id = o.id LIMIT 1", db_url)
+        held = daemon.admin("GET", "/held").json()["rows"]
+        assert held and daemon.admin("GET", "/consent-requests").json()["rows"], held
+        paths = ["/whoami", "/tokens", "/peers", "/peers/gk", "/rules", "/rules/1", "/settings", "/users",
+                 "/consent-requests", "/held", "/reports", "/audit", "/outbox", "/rooms", f"/rooms/{gid}",
+                 "/adapters", "/config", "/stats", f"/messages/{group_msg}", f"/messages/{group_msg}/decision",
+                 f"/messages/{held[-1]['message']}", f"/messages/{held[-1]['message']}/decision"]
+        templates = {p: re.compile(re.sub(r"\\\{\w+\\\}", "[^/]+", re.escape(p)) + "$") for p in doc["paths"]}
+        faults = []
+        for path in paths:
+            template = next(t for t, rx in templates.items() if rx.match("/admin/v1" + path))
+            r = daemon.admin("GET", path)
+            assert r.status_code == 200, (path, r.text)
+            schema = doc["paths"][template]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+            faults += [f"GET {path}: {x}" for x in check_schema(doc, schema, r.json())]
+            faults += [f"GET {path}: undocumented {x}" for x in undocumented_members(doc, schema, r.json())]
+        assert set(templates) >= {t for m, t, _ in operations(doc) if m == "GET"} - {SELF}
+        assert not faults, "\n".join(faults)
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
 def test_a_revoked_admin_token_cannot_finish_a_request_it_began(daemon, pg, db_url):
     """An admin token revoked (say, leaked) while one of its requests is
     still sending its body must not have that request carried out.  The
