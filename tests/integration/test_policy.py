@@ -3073,3 +3073,32 @@ def test_a_first_contact_asks_though_the_message_that_took_its_token_was_not_wri
     # that request was spam's one of the day: bob is not asked
     assert send(a, dm(a, local=BOB, remote="spam"), "hi", sender="spam").status_code == 202
     assert asked_of(pg, db_url, BOB) == ""
+
+
+def test_policy_reasons_doc_lists_exactly_the_codes_the_code_gives():
+    """docs/policy-reasons.md lists every reason code a decision can carry,
+    and none that is gone: the engine's policy_reason_codes[] (policy.c),
+    the first contact's own bound decided by the write that would store its
+    request (adapters/peer/peer_api.c), and those the policy thread's sweep
+    writes itself (gateway/policy_live.c).  Until the forty-fourth session
+    nothing compared them, and the page said every code came from
+    policy_decide()."""
+    from harness import TOP_SRCDIR
+
+    def read(*parts):
+        with open(os.path.join(TOP_SRCDIR, *parts), encoding="utf-8") as f:
+            return f.read()
+    table = re.search(r"policy_reason_codes\[\]\s*=\s*\{(.*?)\};", read("policy", "policy.c"), re.S)
+    assert table, "policy_reason_codes[] not found in policy/policy.c"
+    engine = set(re.findall(r'"([a-z_]+)"', table.group(1)))
+    assert len(engine) >= 25, engine
+    writes = set(re.findall(r"reason_code = '([a-z_]+)'", read("adapters", "peer", "peer_api.c")))
+    writes |= set(re.findall(r"\.reason = \"([a-z_]+)\"", read("adapters", "peer", "peer_api.c")))
+    case = re.search(r"#define SWEEP_SQL.*?RETURNING(.*?)AS reason", read("gateway", "policy_live.c"), re.S)
+    assert case, "the sweep's reasons not found in gateway/policy_live.c"
+    sweep = set(re.findall(r"THEN '([a-z_]+)'", case.group(1)))
+    assert "rate_limited_recipient_consent_requests" in writes and sweep, (writes, sweep)
+    doc = read("docs", "policy-reasons.md")
+    documented = set(re.findall(r"^\| `([a-z_]+)` \| (?:allow|deny|hold|limit) \|", doc, re.M))
+    assert documented == engine | writes | sweep, {"undocumented": sorted((engine | writes | sweep) - documented),
+                                                   "gone": sorted(documented - engine - writes - sweep)}
