@@ -884,6 +884,46 @@ def test_a_route_that_takes_no_body_documents_its_400(daemon, pg, db_url, doc):
     assert not faults, "\n".join(faults)
 
 
+def test_the_query_values_the_document_lists_are_those_the_routes_take(daemon, doc):
+    """Each query parameter the document gives a list of values (a state, a
+    scope, open) or bounds (limit) takes exactly those: each listed value
+    is answered 200, one beside them 400 invalid_query.  Until the
+    forty-fourth session the document gave none of the lists, and one
+    `state` for the outbox's eight states and the consent requests' four."""
+    faults, asked = [], 0
+    for method, path, op in operations(doc):
+        if method != "GET" or "{" in path:
+            continue
+        for param in [deref(doc, x) for x in op.get("parameters", [])]:
+            schema = param.get("schema", {})
+            if param["in"] != "query":
+                continue
+            if "enum" in schema or schema.get("type") == "boolean":
+                good = [str(v).lower() for v in schema.get("enum", [True, False])]
+                bad = ["nope", "", good[0].upper(), good[0] + " "]
+            elif "maximum" in schema:
+                good = [str(schema["minimum"]), str(schema["maximum"])]
+                bad = [str(schema["minimum"] - 1), str(schema["maximum"] + 1), "+1", " 1"]
+            else:
+                continue
+            for value in good + bad:
+                asked += 1
+                r = daemon.admin("GET", path[len("/admin/v1"):], params={param["name"]: value})
+                want = 200 if value in good else 400
+                if r.status_code != want or (want == 400 and r.json().get("code") != "invalid_query"):
+                    faults.append(f"GET {path}?{param['name']}={value!r}: {r.status_code} {r.text[:120]}")
+    # The bounds the descriptions give in bytes.
+    for path, name, good, bad in (("/audit", "action", "a" * 64, "a" * 65), ("/audit", "actor", "a" * 512, "a" * 513),
+                                  ("/outbox", "destination", "d" * 299, "d" * 300),
+                                  ("/users", "user", "mimi://example.org/u/alice", "mimi://wa.example/u/wally"),
+                                  ("/audit", "message", "msg_aaaaaaaaaaaaaaaaaaaaaa", "nope")):
+        for value, want in ((good, 200), (bad, 400), ("", 400)):
+            r = daemon.admin("GET", path, params={name: value})
+            if r.status_code != want:
+                faults.append(f"GET {path}?{name}={value[:20]!r}: {r.status_code} {r.text[:120]}")
+    assert asked >= 60 and not faults, "\n".join(faults)
+
+
 def undocumented_members(doc, schema, value, where="$"):
     """The members of value (and of the objects in it) that its schema does
     not name, where the schema names its members (properties, through
