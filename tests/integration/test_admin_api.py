@@ -856,8 +856,8 @@ def no_body_routes():
     a body other than none or {} is 400 invalid_body (gateway/http.c)."""
     with open(os.path.join(TOP_SRCDIR, "gateway", "app.c"), encoding="utf-8") as f:
         src = f.read()
-    found = re.findall(r'\{\s*"([A-Z]+)"\s*,\s*"(/admin/v1/[^"]+)"\s*,\s*\w+\s*,\s*CW_AUTH_\w+\s*,\s*\w+\s*,\s*true\s*\}',
-                       src)
+    found = re.findall(r'\{\s*"([A-Z]+)"\s*,\s*"(/admin/v1/[^"]+)"\s*,\s*\w+\s*,\s*CW_AUTH_\w+\s*,'
+                       r'\s*\w+\s*,\s*true\s*\}', src)
     assert found, "no route with no_body parsed from gateway/app.c"
     return found
 
