@@ -460,8 +460,8 @@ static const struct store_stmt lane_stmts[] = {
 		" || $12 || ' ran out of retries (replay them oldest first)' "
 		" FROM (SELECT room_id, min(id) AS id FROM up WHERE state = 'dead' GROUP BY room_id) d "
 		" WHERE p.room_id = d.room_id AND p.id > d.id AND p.destination = $12 AND p.state = 'pending' "
-		" AND p.id <> ALL($1::bigint[]) AND $10::boolean AND NOT $2::boolean RETURNING p.state) "
-		"SELECT state FROM up UNION ALL SELECT state FROM behind" },
+		" AND p.id <> ALL($1::bigint[]) AND $10::boolean AND NOT $2::boolean RETURNING p.id, p.state) "
+		"SELECT state, id FROM up UNION ALL SELECT state, id FROM behind" },
 	/* The rows whose claim ran out ($1 the retry budget, $2 the claim's
 	 * timeout), taken back in claim_open's transaction: their process
 	 * stopped mid-delivery (a crash, an OOM kill, a watchdog's kill of a
@@ -1053,13 +1053,55 @@ long outbox_retry_after_ms(int64_t secs, int64_t ms)
 	return ms <= 0 ? 0 : ms > RETRY_AFTER_MAX_MS ? RETRY_AFTER_MAX_MS : (long)ms;
 }
 
+/* The rows a recording in several statements (record_outcomes) found
+ * pending again, counted as retries at its end (retries_count): a later
+ * statement's dead row may take one of them down (cw_record's behind), and
+ * then its try ended dead, counted so and not also as a retry (until the
+ * forty-fourth session it was counted as both).  ids: of cap, n of them
+ * recorded, 0 for one taken down since. */
+struct retries {
+	int64_t *ids;
+	size_t n, cap;
+	bool sorted;
+};
+
+static int cmp_id(const void *a, const void *b)
+{
+	int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+	return (x > y) - (x < y);
+}
+
+/* Row id, found pending again earlier in the recording, was taken down
+ * since (dead): not a retry after all. */
+static void retries_taken_down(struct retries *rt, int64_t id)
+{
+	if (!rt->n)
+		return;
+	if (!rt->sorted) {
+		qsort(rt->ids, rt->n, sizeof(*rt->ids), cmp_id);
+		rt->sorted = true;
+	}
+	int64_t *at = bsearch(&id, rt->ids, rt->n, sizeof(*rt->ids), cmp_id);
+	if (at)
+		*at = 0;
+}
+
+static void retries_count(struct dispatcher *d, const struct retries *rt)
+{
+	uint_fast64_t k = 0;
+	for (size_t i = 0; i < rt->n; i++)
+		k += rt->ids[i] != 0;
+	atomic_fetch_add(&d->retried, k);
+}
+
 /* Records the attempt of rows and moves them on: delivered, or pending
  * again after the backoff (at least retry_after_ms), or dead once the retry
  * budget is spent.  A 429 is not an attempt that counts: the far side is
  * up and asked for a slower pace, which the wait gives it; counted, a long
- * burst would send messages to the dead letters. */
+ * burst would send messages to the dead letters.  rt: NULL, or where the
+ * rows pending again go, counted later (struct retries). */
 static void record(struct lane *l, const struct outbox_row *rows, size_t n, bool ok, long code,
-		   const char *why, int64_t started_ms, long retry_after_ms)
+		   const char *why, int64_t started_ms, long retry_after_ms, struct retries *rt)
 {
 	struct dispatcher *d = l->d;
 	char *ids = id_array(rows, n);
@@ -1089,6 +1131,14 @@ static void record(struct lane *l, const struct outbox_row *rows, size_t n, bool
 			atomic_fetch_add(&d->rate_limited, (uint64_t)PQntuples(r));
 		for (int i = 0; i < PQntuples(r); i++) {
 			const char *st = PQgetvalue(r, i, 0);
+			int64_t id = strtoll(PQgetvalue(r, i, 1), NULL, 10);
+			if (rt && strcmp(st, "pending") == 0 && rt->n < rt->cap) {
+				rt->ids[rt->n++] = id;
+				rt->sorted = false;
+				continue;
+			}
+			if (rt && strcmp(st, "dead") == 0)
+				retries_taken_down(rt, id);
 			/* expired: its event was taken back meanwhile, not to be
 			 * tried again (counted as the claim's expiry counts it) */
 			atomic_fetch_add(strcmp(st, "delivered") == 0 ? &d->delivered
@@ -1221,15 +1271,19 @@ static bool dies(const struct lane *l, const struct outbox_row *rows, size_t i)
  * its stream, the second's not made), recorded pending before it.  Until
  * the forty-third session the failures were recorded in the batch's order
  * of reasons: such a later row, still in flight when the dead one was
- * recorded, went on, and was delivered before the dead one's replay. */
+ * recorded, went on, and was delivered before the dead one's replay.  The
+ * tries that end pending are counted at the end (struct retries): such a
+ * row's try ended dead. */
 static void record_outcomes(struct lane *l, struct outbox_row *rows, size_t n, int64_t t0)
 {
 	struct outbox_row *sel = malloc(n * sizeof(*sel));
 	bool *taken = calloc(n, sizeof(bool)), *dead = calloc(n, sizeof(bool));
-	if (!sel || !taken || !dead) {
+	struct retries rt = { malloc(n * sizeof(int64_t)), 0, n, true };
+	if (!sel || !taken || !dead || !rt.ids) {
 		free(sel);
 		free(taken);
 		free(dead);
+		free(rt.ids);
 		return; /* the claim runs out and the rows go again */
 	}
 	size_t k = 0;
@@ -1239,7 +1293,7 @@ static void record_outcomes(struct lane *l, struct outbox_row *rows, size_t n, i
 			taken[i] = true;
 		}
 	if (k)
-		record(l, sel, k, true, 200, NULL, t0, 0);
+		record(l, sel, k, true, 200, NULL, t0, 0, NULL);
 	k = 0;
 	for (size_t i = 0; i < n; i++)
 		if (rows[i].outcome == 2) {
@@ -1285,11 +1339,13 @@ static void record_outcomes(struct lane *l, struct outbox_row *rows, size_t n, i
 					taken[x] = true;
 				}
 			record(l, sel, k, false, rows[i].code, rows[i].why[0] ? rows[i].why : "not delivered", t0,
-			       rows[i].retry_after_ms);
+			       rows[i].retry_after_ms, &rt);
 		}
+	retries_count(l->d, &rt);
 	free(sel);
 	free(taken);
 	free(dead);
+	free(rt.ids);
 }
 
 /* Typing is best-effort (spec/interop-api.md): a notification accepted
@@ -1547,7 +1603,7 @@ static void deliver(struct lane *l, struct outbox_row *rows, size_t n)
 		if (done > n)
 			done = n;
 		if (done)
-			record(l, rows, done, true, rc ? 200 : code, NULL, t0, 0);
+			record(l, rows, done, true, rc ? 200 : code, NULL, t0, 0, NULL);
 		if (done < n) {
 			/* The whole destination was told to wait (a peer's 429 or
 			 * 503 answers for all its rooms): no lane claims it until
@@ -1555,7 +1611,7 @@ static void deliver(struct lane *l, struct outbox_row *rows, size_t n)
 			 * same refusal one batch after the other. */
 			long wait = rows_wait(rows, done, n, false);
 			if (!hold)
-				record(l, rows + done, n - done, false, code, e.msg, t0, wait);
+				record(l, rows + done, n - done, false, code, e.msg, t0, wait, NULL);
 			if (wait > 0)
 				pause_destination(d, dest, (int64_t)wait * 1000);
 		}

@@ -2503,6 +2503,12 @@ def test_a_row_no_stanza_can_be_made_of_is_dead_at_once(make_daemon, db_url, pro
         srv.close()
 
 
+def rows_total(d):
+    """causeway_dispatch_rows_total by outcome, from /metrics."""
+    return {k: int(v) for k, v in re.findall(r'^causeway_dispatch_rows_total\{outcome="(\w+)"\} (\d+)$',
+                                             d.get("/metrics").text, re.M)}
+
+
 def two_held_rows(a, pg, db_url, room):
     """wally's "broken" and "after it" to alice in room, held (she has not
     allowed him yet): their outbox ids."""
@@ -2623,7 +2629,10 @@ def test_a_dead_row_takes_down_its_rooms_later_row_failed_for_another_reason(mak
     bind the room to a component).  Until the forty-third session the
     dispatcher recorded the first one's failure (dead) before the second's
     (pending again): the later row went on, to arrive before the dead one
-    was replayed."""
+    was replayed.  Each row's try is counted once, by the outcome it ended
+    in (causeway_dispatch_rows_total): until the forty-fourth session the
+    later row's counted as a retry (recorded pending) and again as dead
+    (taken down with the first)."""
     d, a, srv = start_with_gk(make_daemon, db_url, prosody, database={"statement_timeout_ms": "60000"},
                               dispatcher={"retry_budget": "3", "retry_base_ms": "20", "retry_max_ms": "50"})
     held = None
@@ -2650,6 +2659,7 @@ def test_a_dead_row_takes_down_its_rooms_later_row_failed_for_another_reason(mak
         wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
                                    "AND query LIKE 'SELECT q.id, coalesce(lb.native_id%'", db_url) == "1",
                    what="the component's thread waiting for the lock (its look for consent requests)")
+        before = rows_total(d)
         pg.psql(f"UPDATE outbox SET state = 'pending', next_attempt_at = now() WHERE id IN ({first}, {later}); "
                 "NOTIFY causeway_outbox", db_url)
         state = "SELECT state || ' ' || attempts || ' ' || coalesce(last_error, '') FROM outbox WHERE id = {}"
@@ -2658,6 +2668,10 @@ def test_a_dead_row_takes_down_its_rooms_later_row_failed_for_another_reason(mak
         assert got.startswith("dead 3 the stream of component gk.xmpp.test broke before the stanza was written"), got
         got = pg.psql(state.format(later), db_url)
         assert got.startswith("dead 1 not sent: an earlier message of its room to xmpp ran out of retries"), got
+        after = wait_until(lambda: (lambda t: t if t["dead"] == before["dead"] + 2 else None)(rows_total(d)),
+                           what="the two dead rows counted")
+        assert {k: after[k] - before[k] for k in after} == {"delivered": 0, "retry": 0, "dead": 2, "expired": 0}, \
+            (before, after)
         held.end()
         held = None
         dead = d.admin("GET", "/outbox?state=dead").json()["rows"]
