@@ -41,9 +41,9 @@ struct lane {
 	 * next claim; NULL for none. */
 	int64_t *orphans;
 	size_t norphans;
-	/* policy_live_stamp's count as its last claim ended, and
-	 * policy_live_facts's as it began (see screen_failed). */
-	uint64_t stamp, facts;
+	/* policy_live_facts's count as its last claim began (see
+	 * screen_failed). */
+	uint64_t facts;
 	char held[sizeof(((struct outbox_row *)0)->destination)]; /* its destination, "" for none (under d->mu) */
 	const struct outbox_row *rows; /* the rows it delivers, for the keeper (under d->mu) */
 	size_t nrows;
@@ -1026,7 +1026,6 @@ static int claim(struct lane *l, struct outbox_row **out)
 			give_destination(l);
 			return n;
 		}
-		l->stamp = after;
 		l->facts = facts;
 	}
 	if (n)
@@ -1470,10 +1469,10 @@ static cw_err record_dropped_tries(struct lane *l, const struct outbox_row *rows
 }
 
 /* The rows of the claim not delivered (per_row: those whose outcome is
- * not 1; else those from ok on) go back to waiting: when a change was put
- * in force since the claim (policy_live_stamp moved from l->stamp, or
- * any view since it began: policy_live_facts, a user's block), they
- * are decided under it first, and those refused dropped (the recording
+ * not 1; else those from ok on) go back to waiting: when a view was put
+ * in force since the claim began (policy_live_facts moved from l->facts:
+ * a change of the rules, a user's block), they are decided under it
+ * first, and those refused dropped (the recording
  * after passes over them: no longer in flight), so that a retry does not
  * deliver what the new rules refuse.  Until the thirty-second session only
  * the recheck's one more pass, after the claims in flight at its start ran
@@ -1487,9 +1486,11 @@ static bool screen_failed(struct lane *l, const struct outbox_row *rows, size_t 
 			  const char *why, int64_t started_ms)
 {
 	struct dispatcher *d = l->d;
-	bool unsettled;
-	if (!d->o.policy ||
-	    (policy_live_stamp(d->o.policy, &unsettled) == l->stamp && policy_live_facts(d->o.policy) == l->facts))
+	/* One count: every change policy_live_stamp counts is put in force
+	 * with a view, counted after it (swap_in), and l->facts was read
+	 * before l's claim, so it moved for any such change since.  Until the
+	 * forty-fourth session both counts were compared. */
+	if (!d->o.policy || policy_live_facts(d->o.policy) == l->facts)
 		return true;
 	int64_t *ids = malloc(n * sizeof(*ids));
 	size_t *at = malloc(n * sizeof(*at));

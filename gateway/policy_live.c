@@ -1511,6 +1511,9 @@ static void swap_in(struct policy_live *pl, struct policy_view *v)
 	 * (their rows are decided again: recheck_users_add) */
 	if (old && (old->set.fingerprint != v->set.fingerprint || v->opted_out))
 		atomic_fetch_add(&pl->changes, 1);
+	/* after changes: a count of facts read before a change is counted
+	 * is behind once it is (the dispatcher's screen_failed reads facts
+	 * alone) */
 	atomic_fetch_add(&pl->facts, 1);
 	pl->cur = v;
 	pl->st.version = policy_snapshot_version(v->snap);

@@ -116,18 +116,20 @@ cw_err policy_recheck_row(PGconn *c, const struct policy_view *v, const char *ou
  * here (before the view that has it), and *unsettled: whether the
  * recheck of a change is not over yet (rows may wait that were not
  * decided under the rules in force).  A lane decides what it claims
- * while unsettled (or when the count moved during its claim), and the
- * rows of a claim it fails back to waiting when the count moved since;
- * the pull stream (adapters/peer/peer_pull.c) what it hands out, alike
- * (since the thirty-third session). */
+ * while unsettled (or when the count moved during its claim); the pull
+ * stream (adapters/peer/peer_pull.c) what it hands out, alike (since the
+ * thirty-third session).  The rows of a claim a lane fails back to
+ * waiting it decides by policy_live_facts alone, which moves with every
+ * change this count does. */
 struct policy_live;
 uint64_t policy_live_stamp(struct policy_live *pl, bool *unsettled);
-/* A count of the views put in force here (moved before each one is): a
- * lane reads it before its claim, and decides the rows of the claim it
- * fails back to waiting when it moved since (a view of a user's block
- * made while they were in flight: the screen drops what the block now
- * refuses, as the block's sweep, which passed over them in flight, would
- * have). */
+/* A count of the views put in force here (moved before each one is, and
+ * after policy_live_stamp's count for the same view): a lane reads it
+ * before its claim, and decides the rows of the claim it fails back to
+ * waiting when it moved since (a change of the rules, or a view of a
+ * user's block made while they were in flight: the screen drops what the
+ * block now refuses, as the block's sweep, which passed over them in
+ * flight, would have). */
 uint64_t policy_live_facts(struct policy_live *pl);
 /* Decides the outbox rows ids (n) again as policy_recheck_row does, with
  * the view in force: the waiting ones, and those in flight under
