@@ -432,6 +432,20 @@ static const char releasable_sql[] =
  * row that is not sent (unless the sweep's transaction fails).  The
  * content of an event that no one will now receive is deleted; its rows
  * stay, so its sender still sees "not delivered". */
+/* The record of consent requests expired (consent.expire, the local user
+ * its subject, as the XMPP component and the Matrix bot read it), by the
+ * sweep past their expiry or withdrawn by a rule (requests_withdraw_sql):
+ * X a CTE of (id, local_identity_id, remote_identity_id, reason, rule),
+ * the reason (also in details) and the rule NULL for an expiry.  Since
+ * the forty-fourth session one statement's text for both. */
+#define REQUESTS_EXPIRED_AUDIT(X) \
+	"INSERT INTO audit_log (actor, action, reason_code, rule_id, subject, details) " \
+	" SELECT 'policy', 'consent.expire', " X ".reason, " X ".rule, l.uri, " \
+	"  jsonb_strip_nulls(jsonb_build_object('request', " X ".id, 'sender', r.uri, 'by', 'sweep', " \
+	"  'reason', " X ".reason)) " \
+	" FROM " X " JOIN identities l ON l.id = " X ".local_identity_id " \
+	" JOIN identities r ON r.id = " X ".remote_identity_id ORDER BY " X ".id"
+
 #define SWEEP_SQL(ROWS) \
 	"WITH dn AS (SELECT * FROM jsonb_to_recordset($3::jsonb) AS d(id bigint, reason text, rule bigint)), " \
 	"h AS (SELECT o.id, o.event_id, o.created_at, t.uri AS turi, " \
@@ -467,12 +481,9 @@ static const char releasable_sql[] =
 	"  (SELECT 1 FROM outbox x WHERE x.event_id = e.id AND x.id NOT IN (SELECT id FROM ch) " \
 	"   AND x.state NOT IN ('dropped', 'expired'))), " \
 	"cr AS (UPDATE consent_requests SET state = 'expired' WHERE state = 'pending' AND expires_at < now() " \
-	" AND $2::bigint IS NULL RETURNING id, local_identity_id, remote_identity_id), " \
-	"cra AS (INSERT INTO audit_log (actor, action, subject, details) " \
-	" SELECT 'policy', 'consent.expire', l.uri, " \
-	"  jsonb_build_object('request', cr.id, 'sender', r.uri, 'by', 'sweep') " \
-	" FROM cr JOIN identities l ON l.id = cr.local_identity_id JOIN identities r ON r.id = cr.remote_identity_id " \
-	" ORDER BY cr.id) " \
+	" AND $2::bigint IS NULL RETURNING id, local_identity_id, remote_identity_id, NULL::text AS reason, " \
+	"  NULL::bigint AS rule), " \
+	"cra AS (" REQUESTS_EXPIRED_AUDIT("cr") ") " \
 	"SELECT count(*) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'dropped'), " \
 	" count(*) FILTER (WHERE state = 'expired') FROM ch"
 
@@ -1797,10 +1808,7 @@ static const char requests_withdraw_sql[] =
 	"WITH d AS (SELECT * FROM jsonb_to_recordset($1::jsonb) AS d(id bigint, reason text, rule bigint)), "
 	"x AS (UPDATE consent_requests q SET state = 'expired' FROM d WHERE q.id = d.id AND q.state = 'pending' "
 	"  RETURNING q.id, q.local_identity_id, q.remote_identity_id, d.reason, NULLIF(d.rule, 0) AS rule), "
-	"au AS (INSERT INTO audit_log (actor, action, reason_code, rule_id, subject, details) "
-	"  SELECT 'policy', 'consent.expire', x.reason, x.rule, l.uri, jsonb_build_object('request', x.id, "
-	"  'sender', r.uri, 'by', 'sweep', 'reason', x.reason) FROM x JOIN identities l ON l.id = x.local_identity_id "
-	"  JOIN identities r ON r.id = x.remote_identity_id ORDER BY x.id) "
+	"au AS (" REQUESTS_EXPIRED_AUDIT("x") ") "
 	"SELECT count(*) FROM x";
 
 /* One page of the walk of the pending consent requests after a change of

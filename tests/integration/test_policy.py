@@ -208,7 +208,10 @@ def test_a_request_whose_sender_the_rules_now_refuse_is_withdrawn(daemon, peers,
     assert len(rec) == 1, rec
     assert (rec[0]["actor"], rec[0]["reason"], rec[0]["rule_id"]) == ("policy", "server_denied_user", rule)
     assert [request_state(u) for u in (BOB, carl)] == ["pending"] * 2  # sam's and tom's: not denied
-    assert rec[0]["details"]["sender"] == a.user("wally") and rec[0]["details"]["by"] == "sweep"
+    req = pg.psql("SELECT q.id FROM consent_requests q JOIN identities l ON l.id = q.local_identity_id "
+                  f"WHERE l.uri = '{ALICE}'", db_url)
+    assert rec[0]["details"] == {"request": int(req), "sender": a.user("wally"), "by": "sweep",
+                                 "reason": "server_denied_user"}, rec
     pending = daemon.admin("GET", f"/consent-requests?state=pending&user={ALICE}").json()["rows"]
     assert pending == []
     # The rule lifted: wally's next message waits for her again (asking

@@ -3470,6 +3470,12 @@ def test_an_expired_request_is_withdrawn_from_the_roster(xd, gk, alice, pg, db_u
     assert pg.psql("SELECT actor, action, subject, details->>'sender' FROM audit_log "
                    "WHERE action = 'consent.expire'", db_url) \
         == "policy|consent.expire|mimi://example.org/u/alice|mimi://wa.example/u/wally"
+    # the whole record, as a withdrawal's but with no reason nor rule
+    # (one statement's text writes both since the forty-fourth session)
+    assert pg.psql("SELECT coalesce(a.reason_code, '-') || '|' || coalesce(a.rule_id::text, '-') || '|' "
+                   " || (a.details = jsonb_build_object('request', q.id, 'sender', 'mimi://wa.example/u/wally', "
+                   " 'by', 'sweep'))::text FROM audit_log a JOIN consent_requests q ON q.state = 'expired' "
+                   "WHERE a.action = 'consent.expire'", db_url) == "-|-|true"
     # once: the roster sync past a later record (an opt-in's) withdraws
     # nothing again, nor eve's request
     assert xd.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
