@@ -1243,28 +1243,67 @@ static bool spent(const struct lane *l, const struct outbox_row *row)
 	return row->code != 429 && row->attempts >= l->d->o.retry_budget;
 }
 
-/* Whether failed row i goes dead in this record: spent, or failed for the
- * same reason as an earlier spent row of its room (cw_record makes it dead
- * with that one, in the same statement). */
-static bool dies(const struct lane *l, const struct outbox_row *rows, size_t i)
+/* A spent failed row of a room, as mark_dying keeps it: its room (the
+ * event's, NULL for an empty slot) and its index. */
+struct spent_slot {
+	const char *room;
+	size_t row;
+};
+
+/* mark_dying's table for n rows: at most half full. */
+static size_t spent_slots(size_t n)
 {
-	if (spent(l, &rows[i]))
-		return true;
-	const char *room = json_string_value(json_object_get(rows[i].event, "room"));
-	for (size_t x = 0; room && x < i; x++) {
-		const char *other = json_string_value(json_object_get(rows[x].event, "room"));
-		if (rows[x].outcome <= 0 && spent(l, &rows[x]) && same_failure(&rows[x], &rows[i]) && other &&
-		    strcmp(other, room) == 0)
-			return true;
+	size_t cap = 2;
+	while (cap < 2 * n)
+		cap *= 2;
+	return cap;
+}
+
+static size_t failure_hash(const char *room, const struct outbox_row *row)
+{
+	uint64_t h = 1469598103934665603ULL;
+	for (const unsigned char *p = (const unsigned char *)room; *p; p++)
+		h = (h ^ *p) * 1099511628211ULL;
+	h = (h ^ (uint64_t)row->code) * 1099511628211ULL;
+	h = (h ^ (uint64_t)row->retry_after_ms) * 1099511628211ULL;
+	for (const unsigned char *p = (const unsigned char *)row->why; *p; p++)
+		h = (h ^ *p) * 1099511628211ULL;
+	return (size_t)h;
+}
+
+/* dead[i]: whether failed row i (not taken) goes dead in this record:
+ * spent, or failed for the same reason as an earlier spent row of its
+ * room (cw_record makes it dead with that one, in the same statement).
+ * One pass, the spent rows' rooms and failures kept in tab (spent_slots(n)
+ * of them, zeroed): until the forty-fourth session each failed row looked
+ * up the room of every earlier row, quadratic in the batch. */
+static void mark_dying(const struct lane *l, const struct outbox_row *rows, size_t n, const bool *taken, bool *dead,
+		       struct spent_slot *tab)
+{
+	size_t mask = spent_slots(n) - 1;
+	for (size_t i = 0; i < n; i++) {
+		if (taken[i])
+			continue;
+		bool s = spent(l, &rows[i]);
+		const char *room = json_string_value(json_object_get(rows[i].event, "room"));
+		dead[i] = s;
+		if (!room)
+			continue;
+		size_t h = failure_hash(room, &rows[i]) & mask;
+		while (tab[h].room && !(strcmp(tab[h].room, room) == 0 && same_failure(&rows[tab[h].row], &rows[i])))
+			h = (h + 1) & mask;
+		if (tab[h].room)
+			dead[i] = true;
+		else if (s && rows[i].outcome <= 0)
+			tab[h] = (struct spent_slot){ room, i };
 	}
-	return false;
 }
 
 /* The rows' own outcomes: the delivered ones in one statement, the failed
  * ones in one per reason, the untried ones (2) released, the waiting ones
  * (3) released for a while, the refused ones (4) dropped, the
- * undeliverable ones (5) dead, one statement per reason.  The failed rows that go dead (dies) are recorded
- * last: a dead row takes down its room's later rows that wait (cw_record's
+ * undeliverable ones (5) dead, one statement per reason.  The failed
+ * rows that go dead (mark_dying) are recorded last: a dead row takes down its room's later rows that wait (cw_record's
  * behind), which by then include a later row of its room that failed for
  * another reason in the same batch (XMPP: the first one's stanza lost with
  * its stream, the second's not made), recorded pending before it.  Until
@@ -1278,11 +1317,13 @@ static void record_outcomes(struct lane *l, struct outbox_row *rows, size_t n, i
 	struct outbox_row *sel = malloc(n * sizeof(*sel));
 	bool *taken = calloc(n, sizeof(bool)), *dead = calloc(n, sizeof(bool));
 	struct retries rt = { malloc(n * sizeof(int64_t)), 0, n, true };
-	if (!sel || !taken || !dead || !rt.ids) {
+	struct spent_slot *tab = calloc(spent_slots(n), sizeof(*tab));
+	if (!sel || !taken || !dead || !rt.ids || !tab) {
 		free(sel);
 		free(taken);
 		free(dead);
 		free(rt.ids);
+		free(tab);
 		return; /* the claim runs out and the rows go again */
 	}
 	size_t k = 0;
@@ -1325,8 +1366,7 @@ static void record_outcomes(struct lane *l, struct outbox_row *rows, size_t n, i
 		else
 			dead_now(l, sel, k);
 	}
-	for (size_t i = 0; i < n; i++)
-		dead[i] = !taken[i] && dies(l, rows, i);
+	mark_dying(l, rows, n, taken, dead, tab);
 	for (int last = 0; last < 2; last++)
 		for (size_t i = 0; i < n; i++) {
 			if (taken[i] || dead[i] != last)
@@ -1345,6 +1385,7 @@ static void record_outcomes(struct lane *l, struct outbox_row *rows, size_t n, i
 	free(taken);
 	free(dead);
 	free(rt.ids);
+	free(tab);
 }
 
 /* Typing is best-effort (spec/interop-api.md): a notification accepted
