@@ -1210,22 +1210,31 @@ static uint64_t memo_hash(const char *key)
 	return h;
 }
 
+/* Room for one more element of size in *p (n of *cap, doubled from
+ * first): the array, moved or not, or NULL out of memory (*p as it was).
+ * The ledger's arrays grow by it. */
+static void *grow(void *p, size_t *cap, size_t n, size_t size, size_t first)
+{
+	if (n < *cap)
+		return p;
+	size_t c = *cap ? 2 * *cap : first;
+	void *q = realloc(p, c * size);
+	if (q)
+		*cap = c;
+	return q;
+}
+
 /* A token a memo with a ledger took: recorded, to be given back if the
  * write runs again.  Out of memory it is not (the run again takes it a
  * second time: the stricter error). */
 static void ledger_grant(struct policy_rate_ledger *l, const char *key, uint32_t capacity, int64_t period_ms,
 			 size_t item)
 {
-	char *k = NULL;
-	if (l->n == l->cap) {
-		size_t cap = l->cap ? 2 * l->cap : 8;
-		struct policy_rate_grant *g = realloc(l->g, cap * sizeof(*g));
-		if (g) {
-			l->g = g;
-			l->cap = cap;
-		}
-	}
-	if (l->n == l->cap || !(k = strdup(key))) {
+	struct policy_rate_grant *g = grow(l->g, &l->cap, l->n, sizeof(*g), 8);
+	char *k = g ? strdup(key) : NULL;
+	if (g)
+		l->g = g;
+	if (!k) {
 		LOG_KV(CW_LOG_WARN, "policy: out of memory recording a rate limit's token; "
 				    "a write that runs again may charge it again");
 		return;
@@ -1233,37 +1242,30 @@ static void ledger_grant(struct policy_rate_ledger *l, const char *key, uint32_t
 	l->g[l->n++] = (struct policy_rate_grant){ k, capacity, period_ms, item, false };
 }
 
-static bool hash_drop(uint64_t *v, size_t *n, uint64_t h)
-{
-	for (size_t i = 0; i < *n; i++)
-		if (v[i] == h) {
-			v[i] = v[--*n];
-			return true;
-		}
-	return false;
-}
-
 /* A refusal of bucket h a memo with a ledger saw (first: as the bucket
  * answered): whether it is the first of its episode for this run, which
- * it is too when a rolled-back run saw the first (owed: once). */
+ * it is too when a rolled-back run saw the first (owed: once).  One array
+ * (since the forty-fourth session: two, of one capacity, the owed ones
+ * past it lost). */
 static bool ledger_refusal(struct policy_rate_ledger *l, uint64_t h, bool first)
 {
-	bool owed = hash_drop(l->owed, &l->no, h);
-	if (!first && !owed)
-		return false;
-	if (l->nf == l->capf) {
-		size_t cap = l->capf ? 2 * l->capf : 4;
-		uint64_t *f = realloc(l->firsts, cap * sizeof(*f));
-		uint64_t *o = f ? realloc(l->owed, cap * sizeof(*o)) : NULL;
-		if (f)
-			l->firsts = f;
-		if (o) {
-			l->owed = o;
-			l->capf = cap;
-		}
+	struct policy_rate_first *f = NULL;
+	for (size_t i = 0; i < l->nf && !f; i++)
+		if (l->f[i].bucket == h)
+			f = &l->f[i];
+	if (f) {
+		if (!first && !f->owed)
+			return false;
+		f->owed = false; /* this run's */
+		return true;
 	}
-	if (l->nf < l->capf) /* out of memory: a run again does not record it */
-		l->firsts[l->nf++] = h;
+	if (!first)
+		return false;
+	f = grow(l->f, &l->capf, l->nf, sizeof(*f), 4);
+	if (f) { /* out of memory: a run again does not report it */
+		l->f = f;
+		l->f[l->nf++] = (struct policy_rate_first){ h, false };
+	}
 	return true;
 }
 
@@ -1275,14 +1277,8 @@ void policy_rate_ledger_undo(struct policy_rate_ledger *l, int64_t now_ms)
 		free(l->g[i].key);
 	}
 	l->n = 0;
-	for (size_t i = 0; i < l->nf; i++) {
-		size_t k = 0;
-		while (k < l->no && l->owed[k] != l->firsts[i])
-			k++;
-		if (k == l->no && l->no < l->capf)
-			l->owed[l->no++] = l->firsts[i];
-	}
-	l->nf = 0;
+	for (size_t i = 0; i < l->nf; i++) /* the next run owes them all */
+		l->f[i].owed = true;
 }
 
 void policy_rate_ledger_free(struct policy_rate_ledger *l)
@@ -1290,8 +1286,7 @@ void policy_rate_ledger_free(struct policy_rate_ledger *l)
 	for (size_t i = 0; i < l->n; i++)
 		free(l->g[i].key);
 	free(l->g);
-	free(l->firsts);
-	free(l->owed);
+	free(l->f);
 	memset(l, 0, sizeof(*l));
 }
 

@@ -282,13 +282,18 @@ struct policy_rate_grant {
 /* A memo's ledger_item when its takes are the job's, not one item's (a
  * consent request's, given back per request: policy_rate_ledger_give). */
 #define POLICY_LEDGER_JOB SIZE_MAX
+/* A bucket (a memo's hash) whose first refusal of an episode this run saw,
+ * or (owed) a rolled-back run saw and this run has not reported yet. */
+struct policy_rate_first {
+	uint64_t bucket;
+	bool owed;
+};
 struct policy_rate_ledger {
 	struct ratelimit *rl;
 	struct policy_rate_grant *g;  /* the tokens taken: n of cap */
 	size_t n, cap;
-	uint64_t *firsts;             /* buckets (memo's hash) whose first refusal this run saw: nf */
-	uint64_t *owed;               /* ... a rolled-back run saw and this run has not reported: no */
-	size_t nf, no, capf;          /* capf: the capacity of each of firsts, owed */
+	struct policy_rate_first *f;  /* the first refusals: nf of capf */
+	size_t nf, capf;
 };
 /* Gives back every token recorded, and forgets them; the first refusals
  * seen are owed to the next run. */

@@ -2277,6 +2277,44 @@ START_TEST(rate_ledger_charges_a_write_once_whatever_its_runs)
 }
 END_TEST
 
+/* Every first refusal a rolled-back run saw is owed to the next run, how
+ * many are owed already: until the forty-fourth session the owed buckets
+ * shared the capacity of the run's firsts, and a run's first refusal past
+ * it (here e's, with four owed) was lost, its episode never recorded. */
+START_TEST(rate_ledger_owes_every_first_refusal)
+{
+	struct ratelimit *rl = ratelimit_new(4096);
+	ck_assert_ptr_nonnull(rl);
+	struct policy_rate_ledger l = { .rl = rl };
+	struct policy_rate_memo m;
+	const char *full[] = { "q0", "q1", "q2", "q3", "e" };
+	for (size_t i = 0; i < CW_ARRAY_LEN(full); i++)
+		ck_assert_int_eq(ratelimit_take(rl, full[i], 1, 60000, 0, NULL), 0);
+	policy_rate_memo_init(&m, rl);
+	m.ledger = &l;
+	for (size_t i = 0; i < 4; i++)
+		ck_assert_int_eq(m.rate.take(m.rate.ctx, full[i], 1, 60000, 0), 60000);
+	ck_assert(m.first_refusal);
+	policy_rate_memo_finish(&m);
+	policy_rate_ledger_undo(&l, 0); /* q0-q3 owed */
+	policy_rate_memo_init(&m, rl);
+	m.ledger = &l;
+	ck_assert_int_eq(m.rate.take(m.rate.ctx, "e", 1, 60000, 0), 60000);
+	ck_assert(m.first_refusal);
+	policy_rate_memo_finish(&m);
+	policy_rate_ledger_undo(&l, 0); /* e owed too */
+	for (size_t i = 0; i < CW_ARRAY_LEN(full); i++) {
+		policy_rate_memo_init(&m, rl);
+		m.ledger = &l;
+		ck_assert_int_eq(m.rate.peek(m.rate.ctx, full[i], 1, 60000, 0), 60000);
+		ck_assert_msg(m.first_refusal, "%s's first refusal owed", full[i]);
+		policy_rate_memo_finish(&m);
+	}
+	policy_rate_ledger_free(&l);
+	ratelimit_free(rl);
+}
+END_TEST
+
 /* An item's tokens (a memo's ledger_item, since the forty-third session):
  * given back when the write refuses the item, once however often; taken
  * again when a run again writes it after all (a bucket emptied meanwhile
@@ -2510,6 +2548,7 @@ int main(void)
 	tcase_add_test(tc, rate_memo_peek_sees_its_own_takes);
 	tcase_add_test(tc, rate_ledger_charges_a_write_once_whatever_its_runs);
 	tcase_add_test(tc, rate_ledger_gives_back_a_refused_items_tokens);
+	tcase_add_test(tc, rate_ledger_owes_every_first_refusal);
 	tcase_add_test(tc, outbound_group_event_closed_member_peeks);
 	suite_add_tcase(s, tc);
 	TCase *rt = tcase_create("ratelimit");
