@@ -436,6 +436,40 @@ static void free_req(struct cw_req *r)
 	free(r);
 }
 
+/* Whether the handler added a header of that name (cw_req_add_header). */
+static bool added_header(const struct cw_req *r, const char *name)
+{
+	for (int i = 0; i < r->nheaders; i++)
+		if (r->headers[i][0] && strcasecmp(r->headers[i][0], name) == 0)
+			return true;
+	return false;
+}
+
+/* Whether content_type is a JSON answer's (the API's, a problem's). */
+static bool json_answer(const char *content_type)
+{
+	static const char *const types[] = { "application/json", "application/problem+json" };
+	for (size_t i = 0; content_type && i < CW_ARRAY_LEN(types); i++) {
+		size_t n = strlen(types[i]);
+		if (strncasecmp(content_type, types[i], n) == 0 && (content_type[n] == '\0' || content_type[n] == ';'))
+			return true;
+	}
+	return false;
+}
+
+/* Every answer says nosniff, and a JSON one (never a page) may load
+ * nothing and be framed nowhere: a browser led to an API URL shows it as
+ * data, whatever its text holds.  A handler's own (the console's pages,
+ * a peer's file) stand.  Since the forty-fourth session: before, only the
+ * console's pages and the files said so. */
+static void add_safety_headers(const struct cw_req *r, struct MHD_Response *resp)
+{
+	if (!added_header(r, "X-Content-Type-Options"))
+		MHD_add_response_header(resp, "X-Content-Type-Options", "nosniff");
+	if (json_answer(r->content_type) && !added_header(r, "Content-Security-Policy"))
+		MHD_add_response_header(resp, "Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'");
+}
+
 static enum MHD_Result queue_reply(struct cw_req *r)
 {
 	if (!r->replied)
@@ -473,6 +507,7 @@ static enum MHD_Result queue_reply(struct cw_req *r)
 	for (int i = 0; i < r->nheaders; i++)
 		if (r->headers[i][0] && r->headers[i][1])
 			MHD_add_response_header(resp, r->headers[i][0], r->headers[i][1]);
+	add_safety_headers(r, resp);
 	enum MHD_Result ret = MHD_queue_response(r->conn, (unsigned)r->status, resp);
 	MHD_destroy_response(resp);
 	return ret;

@@ -626,6 +626,34 @@ def test_an_admin_change_waiting_for_the_policy_does_not_hold_other_writes(daemo
             srv.close()
 
 
+def test_every_answer_says_nosniff_and_a_json_one_loads_nothing(daemon):
+    """Every answer carries X-Content-Type-Options: nosniff, and a JSON or
+    problem+json one (the APIs', the console's 404) a Content-Security-
+    Policy under which a browser shown it loads nothing and frames it
+    nowhere; the console's pages keep their own policy, each header once.
+    Until the forty-fourth session only the console's pages and the
+    peers' files said either (docs/security.md)."""
+    api_csp = "default-src 'none'; frame-ancestors 'none'"
+    answers = {
+        "admin JSON": (daemon.admin("GET", "/stats"), 200, "application/json"),
+        "admin problem": (daemon.get("/admin/v1/whoami"), 401, "application/problem+json"),
+        "console 404": (daemon.get("/admin/nope.js"), 404, "application/problem+json"),
+        "peer API problem": (daemon.get("/v1/rooms/nope"), 401, "application/problem+json"),
+        "unknown route": (daemon.get("/nope"), 404, "application/problem+json"),
+    }
+    for what, (r, status, ctype) in answers.items():
+        assert r.status_code == status and r.headers["Content-Type"] == ctype, (what, r.status_code, r.headers)
+        assert r.headers["X-Content-Type-Options"] == "nosniff", what
+        assert r.headers["Content-Security-Policy"] == api_csp, what
+    page = daemon.get("/admin/")
+    assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
+    assert page.headers["X-Content-Type-Options"] == "nosniff"  # once: requests joins repeated ones
+    assert "script-src 'self'" in page.headers["Content-Security-Policy"]
+    assert "," not in page.headers["Content-Security-Policy"]
+    for r in (daemon.get("/metrics"), daemon.request("GET", "/admin", allow_redirects=False)):
+        assert r.status_code in (200, 301) and r.headers["X-Content-Type-Options"] == "nosniff", r.headers
+
+
 def test_the_console_is_served_with_strict_headers(daemon):
     r = daemon.request("GET", "/admin", allow_redirects=False)
     assert r.status_code == 301 and r.headers["Location"] == "/admin/"
