@@ -69,12 +69,35 @@ START_TEST(unhex_cases)
 }
 END_TEST
 
+/* The digest fetched once (cw.c, sha256_md) gives SHA-256's own values,
+ * the first call and later ones alike, and cw_sha256_pair hashes "a\nb". */
+START_TEST(sha256_cases)
+{
+	static const char *const abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+	static const char *const empty = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+	unsigned char md[32], md2[32];
+	char hex[65];
+	for (int i = 0; i < 3; i++) {
+		cw_sha256("abc", 3, md);
+		cw_hex(hex, md, 32);
+		ck_assert_str_eq(hex, abc);
+		cw_sha256("", 0, md);
+		cw_hex(hex, md, 32);
+		ck_assert_str_eq(hex, empty);
+	}
+	ck_assert(cw_sha256_pair("room", 4, "{\"a\":1}", 7, md));
+	cw_sha256("room\n{\"a\":1}", 12, md2);
+	ck_assert_mem_eq(md, md2, 32);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("cw");
 	TCase *tc = tcase_create("cw");
 	tcase_add_test(tc, decimal_cases);
 	tcase_add_test(tc, unhex_cases);
+	tcase_add_test(tc, sha256_cases);
 	suite_add_tcase(s, tc);
 	return unit_run(s);
 }
