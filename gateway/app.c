@@ -1121,7 +1121,11 @@ bool app_authorize_headers(struct cw_req *req, enum cw_auth auth, void *ctx)
  * a peer disabled or rotated meanwhile must not finish what it began: the
  * header-time check is an early refusal only (in the thirty-second
  * session's first version a revoked admin token could still mint a new
- * one that way). */
+ * one that way).  A peer's principal is kept when the peer registry has
+ * not changed since it was found (peer_registry_current: the same
+ * snapshot, so the lookup would find the same peer and key); any change
+ * or reload meanwhile, and it is looked up again.  Until the forty-fourth
+ * session every signed request hashed its token and copied its peer twice. */
 bool app_authorize(struct cw_req *req, enum cw_auth auth, void *ctx)
 {
 	struct cw_app *app = ctx;
@@ -1133,8 +1137,11 @@ bool app_authorize(struct cw_req *req, enum cw_auth auth, void *ctx)
 		cw_req_set_principal(req, NULL, NULL);
 		return admin_authorize(app, req, auth);
 	case CW_AUTH_PEER: {
-		cw_req_set_principal(req, NULL, NULL);
-		struct peer_principal *p = peer_of(app, req);
+		struct peer_principal *p = cw_req_principal(req);
+		if (!p || !peer_registry_current(app->peers, p)) {
+			cw_req_set_principal(req, NULL, NULL);
+			p = peer_of(app, req);
+		}
 		return p && peer_verify_request(app, req, p);
 	}
 	}

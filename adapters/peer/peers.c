@@ -25,6 +25,7 @@ struct peer_entry {
 
 struct snapshot {
 	int refs; /* under the registry's mutex */
+	uint64_t gen; /* which one (peer_registry_current) */
 	size_t n;
 	struct peer_entry *e;
 };
@@ -33,6 +34,7 @@ struct peer_registry {
 	pthread_mutex_t mu;
 	struct snapshot *snap;
 	uint64_t upserts; /* changes applied in-process; a load that overlaps one is redone */
+	uint64_t gens;    /* snapshots put in force, the first included */
 };
 
 static void snapshot_unref(struct peer_registry *r, struct snapshot *s)
@@ -62,6 +64,7 @@ struct peer_registry *peer_registry_new(void)
 		return NULL;
 	}
 	r->snap->refs = 1;
+	r->snap->gen = ++r->gens; /* never 0, which no principal found here holds */
 	return r;
 }
 
@@ -176,8 +179,10 @@ static cw_err registry_load_once(struct peer_registry *r, PGconn *c, bool *raced
 	pthread_mutex_lock(&r->mu);
 	*raced = r->upserts != upserts_before;
 	struct snapshot *old = *raced ? s : r->snap;
-	if (!*raced)
+	if (!*raced) {
+		s->gen = ++r->gens;
 		r->snap = s;
+	}
 	pthread_mutex_unlock(&r->mu);
 	snapshot_unref(r, old);
 	return CW_OK;
@@ -229,9 +234,18 @@ struct peer_principal *peer_registry_by_token(struct peer_registry *r, const cha
 		EVP_PKEY_up_ref(match->key);
 		found->key = match->key;
 		memcpy(found->token_hash, h, sizeof(h));
+		found->registry_gen = s->gen;
 	}
 	snapshot_unref(r, s);
 	return found;
+}
+
+bool peer_registry_current(struct peer_registry *r, const struct peer_principal *p)
+{
+	pthread_mutex_lock(&r->mu);
+	bool same = r->snap->gen == p->registry_gen;
+	pthread_mutex_unlock(&r->mu);
+	return same;
 }
 
 bool peer_registry_still_valid(struct peer_registry *r, const struct peer_principal *p)
@@ -277,6 +291,7 @@ static void registry_upsert(struct peer_registry *r, const struct peer_entry *in
 		EVP_PKEY_up_ref(in->key);
 		s->n++;
 	}
+	s->gen = ++r->gens;
 	r->snap = s;
 	r->upserts++;
 	pthread_mutex_unlock(&r->mu);

@@ -24,6 +24,7 @@ struct peer_principal {
 	char domain[PEER_DOMAIN_MAX];
 	EVP_PKEY *key; /* a reference of its own */
 	unsigned char token_hash[32]; /* the SHA-256 of the token it came with */
+	uint64_t registry_gen; /* the registry's snapshot it was found in (peer_registry_current) */
 	/* The request's verified signature: its nonce and created (set by
 	 * peer_verify_request), for peer_nonce_claim. */
 	char nonce[257];
@@ -60,6 +61,10 @@ struct peer_principal *peer_registry_by_token(struct peer_registry *r, const cha
 /* Whether p's peer is still enabled and still holds the token p came with
  * (not disabled, not rotated since). */
 bool peer_registry_still_valid(struct peer_registry *r, const struct peer_principal *p);
+/* Whether p (from peer_registry_by_token) came from the snapshot in force:
+ * then a lookup of its token now would find the same peer, key and all
+ * (every change, an admin's or a reload, puts a new snapshot in force). */
+bool peer_registry_current(struct peer_registry *r, const struct peer_principal *p);
 size_t peer_registry_count(struct peer_registry *r);
 
 /* The admin routes' handlers; ctx is the daemon's struct cw_app. */

@@ -594,6 +594,55 @@ def test_a_peer_rotated_while_its_body_is_on_the_way_is_refused(daemon):
         srv.close()
 
 
+def _sent_in_two(daemon, a, rm, text, between):
+    """A signed message whose head is sent first, between() run once it is
+    read (its token checked), then its body: (status, answer)."""
+    path, h, body = _signed_message(a, rm["id"], text)
+    s = send_head(daemon.port, "POST", path, list(h.items()) + [("Expect", "100-continue")])
+    try:
+        rest = continued(s)
+        between()
+        s.sendall(body)
+        status, _, answer, _ = read_answer(_Prefixed(s, rest), 10)
+    finally:
+        s.close()
+    return status, answer
+
+
+def test_a_body_after_its_head_is_taken_with_the_registry_unchanged_or_not(daemon):
+    """After the body the peer found from the headers is kept while the
+    peer registry is the one it was found in, and looked up again when
+    anything changed meanwhile (forty-fourth session: every signed request
+    hashed its token and copied its peer twice).  Either way a request of
+    a peer that nothing changed is taken and its message stored; the
+    refusals of a peer disabled or rotated meanwhile are the two tests
+    above."""
+    a, b, rm, srv = make_peers(daemon)
+    try:
+        st, answer = _sent_in_two(daemon, a, rm, "registry unchanged", lambda: None)
+        assert st == 202, (st, answer)
+
+        def another_peer_added():
+            from peer import Signer
+            r = daemon.admin("POST", "/peers", json={"name": "zz", "domain": "zz.example", "mode": "pull",
+                                                    "public_key": Signer("zz").public_b64})
+            assert r.status_code == 201, r.text
+
+        st, answer = _sent_in_two(daemon, a, rm, "another peer added", another_peer_added)
+        assert st == 202, (st, answer)
+
+        def another_peer_disabled():
+            assert daemon.admin("POST", "/peers/zz/disable").status_code == 200
+
+        st, answer = _sent_in_two(daemon, a, rm, "another peer disabled", another_peer_disabled)
+        assert st == 202, (st, answer)
+        got = b.call("GET", "/v1/events?after=0").json()["events"]
+        bodies = [e["content"]["parts"][0]["body"] for e in got if e.get("type") == "message"]
+        assert bodies == ["registry unchanged", "another peer added", "another peer disabled"], bodies
+    finally:
+        srv.close()
+
+
 def test_a_wrong_token_with_its_body_sent_at_once_still_reads_the_401(daemon):
     """A client that sends head and body together (no Expect, as most do)
     with a wrong token must be able to read its 401: a close with unread
