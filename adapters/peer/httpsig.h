@@ -193,6 +193,11 @@ void httpsig_replay_free(struct httpsig_replay *r);
  * padding optional).  NULL on bad input.  Caller frees with EVP_PKEY_free(). */
 EVP_PKEY *httpsig_ed25519_public_from_raw(const unsigned char raw[32]);
 EVP_PKEY *httpsig_ed25519_public_from_base64(const char *b64);
+/* Sets up, once, the verification of signatures with the public key k
+ * (httpsig_verify copies it for each signature instead of setting one up);
+ * for a key kept to verify many, such as a peer's.  Without it, or when it
+ * fails, each verification sets itself up as before. */
+void httpsig_key_prepare(EVP_PKEY *k);
 /* The base64 (44 characters, padded) of the public half of an Ed25519 key,
  * public or private; len >= 45. */
 cw_err httpsig_ed25519_public_base64(EVP_PKEY *k, char *out, size_t len);

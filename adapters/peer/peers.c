@@ -5,6 +5,7 @@
 #include "app.h"
 #include "admin_auth.h"
 #include "event.h"
+#include "httpsig.h"
 #include "log.h"
 
 #include <pthread.h>
@@ -128,7 +129,9 @@ static EVP_PKEY *registry_key(const char *name, const unsigned char raw[32])
 			  name);
 		return NULL;
 	}
-	return EVP_PKEY_new_raw_public_key(EVP_PKEY_ED25519, NULL, raw, 32);
+	EVP_PKEY *k = EVP_PKEY_new_raw_public_key(EVP_PKEY_ED25519, NULL, raw, 32);
+	httpsig_key_prepare(k);
+	return k;
 }
 
 static cw_err registry_load_once(struct peer_registry *r, PGconn *c, bool *raced, cw_errmsg *e)

@@ -441,6 +441,51 @@ START_TEST(round_trip_our_profile)
 }
 END_TEST
 
+/* A prepared key (httpsig_key_prepare: its verification set up once and
+ * copied for each signature, forty-fourth session) verifies what the key
+ * unprepared does, again and again, and refuses what it refuses: another
+ * key's signature, a signature changed by one byte. */
+START_TEST(prepared_keys_verify_as_unprepared)
+{
+	EVP_PKEY *a = new_ed25519(), *b = new_ed25519();
+	EVP_PKEY *a_pub = public_of(a), *b_pub = public_of(b);
+	httpsig_key_prepare(a_pub);
+	httpsig_key_prepare(a_pub); /* once is kept */
+	httpsig_key_prepare(b_pub);
+	httpsig_key_prepare(NULL);
+	struct keyring kr = { .ids = { "peer-a" }, .keys = { a_pub }, .n = 1 };
+	struct req r;
+	baseline_request(&r);
+	struct httpsig_msg m = req_msg(&r);
+	struct httpsig_params p = baseline_params();
+	char si[HTTPSIG_MAX_FIELD], sig[HTTPSIG_MAX_FIELD];
+	cw_errmsg e = { { 0 } };
+	ck_assert_msg(httpsig_sign(&m, our_components, a, &p, si, sizeof(si), sig, sizeof(sig), &e) == CW_OK, "%s",
+		      e.msg);
+	struct httpsig_verify_opts o = baseline_opts(&kr, &r);
+	struct httpsig_result res;
+	for (int i = 0; i < 3; i++)
+		ck_assert_msg(httpsig_verify(&m, si, sig, &o, &res, &e) == CW_OK, "%s", e.msg);
+	char bad[HTTPSIG_MAX_FIELD];
+	snprintf(bad, sizeof(bad), "%s", sig);
+	bad[20] = bad[20] == 'A' ? 'B' : 'A';
+	ck_assert_int_eq(httpsig_verify(&m, si, bad, &o, &res, &e), CW_EINVAL);
+	ck_assert_ptr_nonnull(strstr(e.msg, "does not verify"));
+	kr.keys[0] = b_pub; /* the same keyid, another (prepared) key */
+	ck_assert_int_eq(httpsig_verify(&m, si, sig, &o, &res, &e), CW_EINVAL);
+	ck_assert_ptr_nonnull(strstr(e.msg, "does not verify"));
+	kr.keys[0] = a_pub;
+	ck_assert_msg(httpsig_verify(&m, si, sig, &o, &res, &e) == CW_OK, "%s", e.msg);
+	ck_assert_int_eq(kr.lookups, kr.releases);
+	ck_assert_int_eq(ERR_peek_error(), 0);
+	req_free(&r);
+	EVP_PKEY_free(a);
+	EVP_PKEY_free(b);
+	EVP_PKEY_free(a_pub); /* its prepared context goes with it (the sanitizers' leak check) */
+	EVP_PKEY_free(b_pub);
+}
+END_TEST
+
 /* Appends ", member" (or member) to a field of HTTPSIG_MAX_FIELD bytes. */
 static void append_member(char *field, const char *member)
 {
@@ -1378,6 +1423,7 @@ int main(void)
 	tcase_add_test(tc, rfc9421_b26_ed25519_vector);
 	tcase_add_test(tc, rfc9530_example_digest);
 	tcase_add_test(tc, round_trip_our_profile);
+	tcase_add_test(tc, prepared_keys_verify_as_unprepared);
 	tcase_add_test(tc, several_signatures_of_the_tag_are_tried_in_order);
 	tcase_add_test(tc, notify_url_normalised);
 	tcase_add_test(tc, derived_components_normalise);
