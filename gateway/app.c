@@ -324,7 +324,33 @@ struct metrics_job {
 	struct cw_app *app;
 	struct cw_req *req;
 	long long outbox[OUTBOX_STATES];
+	double oldest_due_s; /* causeway_outbox_oldest_due_seconds */
 };
+
+/* How long the oldest pending row that is due has been due (0: none is),
+ * for an alert on deliveries that could go and do not (a dispatcher
+ * stuck, every lane busy elsewhere, a destination paused).  The first
+ * entry of outbox_due_idx (next_attempt_at, id) WHERE state = 'pending',
+ * in a plain statement, planned for the tables of the moment (a prepared
+ * statement's generic plan can go stale: docs/performance.md, "Forty-third
+ * session").  A row of a pull peer waits for that peer to pull it, and
+ * one of a disabled peer for the operator: neither is the dispatcher's to
+ * take, and they are read past (one index entry and its row each, only
+ * those older than the first counted: 43 ms past 100,000).  NOT IN, whose
+ * hashed subplan the planner counts as keeping half the rows: the same
+ * test as "<> ALL (ARRAY(...))" was estimated to keep one row in
+ * 100,000, and an analyzed table was then read whole and sorted (64 ms
+ * instead of 0.1, EXPLAIN ANALYZE).  A row due behind an earlier row of
+ * its room that is in flight or backing off, or behind a held row of its
+ * sender, counts: the claim (dispatcher.c) tests that with probes per
+ * row, and during a destination's outage every newer row of its rooms is
+ * such a row, so testing it here would read the whole backlog on every
+ * scrape (docs/operations.md says what the gauge then shows). */
+static const char oldest_due_sql[] =
+	"SELECT coalesce((SELECT extract(epoch FROM now() - o.next_attempt_at) FROM outbox o "
+	" WHERE o.state = 'pending' AND o.next_attempt_at <= now() "
+	" AND o.destination NOT IN (SELECT 'peer:' || p.name FROM peers p WHERE p.mode = 'pull' OR NOT p.enabled) "
+	" ORDER BY o.next_attempt_at, o.id LIMIT 1), 0)";
 
 static cw_err metrics_query(PGconn *c, void *arg, cw_errmsg *e)
 {
@@ -346,6 +372,14 @@ static cw_err metrics_query(PGconn *c, void *arg, cw_errmsg *e)
 		for (int k = 0; k < OUTBOX_STATES; k++)
 			if (strcmp(PQgetvalue(r, i, 0), outbox_states[k]) == 0)
 				j->outbox[k] = atoll(PQgetvalue(r, i, 1));
+	PQclear(r);
+	r = PQexec(c, oldest_due_sql);
+	if (PQresultStatus(r) != PGRES_TUPLES_OK || PQntuples(r) != 1) {
+		cw_err rc = store_result_err(c, r, e);
+		PQclear(r);
+		return rc;
+	}
+	j->oldest_due_s = strtod(PQgetvalue(r, 0, 0), NULL);
 	PQclear(r);
 	return CW_OK;
 }
@@ -417,6 +451,10 @@ static void metrics_done(void *arg, cw_err rc, const cw_errmsg *e)
 				  "# TYPE causeway_outbox_depth gauge\n");
 		for (int k = 0; k < OUTBOX_STATES; k++)
 			cw_buf_printf(&b, "causeway_outbox_depth{state=\"%s\"} %lld\n", outbox_states[k], j->outbox[k]);
+		cw_metrics_sample(&b, "causeway_outbox_oldest_due_seconds", "gauge",
+				  "How long the oldest pending outbox row that is due has been due, pull and disabled "
+				  "peers' rows aside (0: none is due).",
+				  NULL, j->oldest_due_s);
 	}
 	if (app->dispatcher) {
 		struct dispatcher_stats ds;

@@ -6,11 +6,13 @@ import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
 
 from harness import CAUSEWAYD, N_MIGRATIONS, SCHEMA_DIR, free_port, parse_logfmt, run_causewayd, wait_until
+from peer import PeerClient, push_peers
 
 
 def test_healthz(daemon):
@@ -390,6 +392,63 @@ def test_metrics_is_one_valid_prometheus_exposition(daemon):
     t = wait_until(lambda: (t := daemon.get("/metrics").text) and counted(t) == [1, 1, 1, 1, 1] and t,
                    what="the requests counted")
     assert exposition_errors(t) == []
+
+
+def test_a_delivery_that_could_go_and_does_not_shows_in_oldest_due(make_daemon, db_url, pg):
+    """causeway_outbox_oldest_due_seconds: 0 with nothing due; while a
+    peer's one delivery hangs, its lane holds the destination and another
+    room's message to that peer is due and not taken (a stalled delivery,
+    which neither claims_total nor outbox_depth showed apart from a
+    backoff): the gauge counts its wait; once the answer comes both go and
+    it is 0 again.  A pull peer's message that waits for its pull is not
+    the dispatcher's to take: not counted, however long it waits."""
+    d = make_daemon(db_url, options={"dispatcher": {"http_timeout_ms": "120000"}}).start()
+    peers = push_peers(d)
+    (a, _), (b, sb) = peers
+
+    def oldest_due():
+        t = d.get("/metrics").text
+        assert exposition_errors(t) == []
+        return metric(t, "causeway_outbox_oldest_due_seconds")
+    assert oldest_due() == 0
+    rooms = [a.create_room([a.user(f"alice{k}"), b.user("bob")]).json()["id"] for k in range(2)]
+    release, came = threading.Event(), threading.Event()
+    handle = sb.handle
+
+    def holding(*args):
+        came.set()
+        release.wait(90)  # the first request hangs until released (the lane's one at a time)
+        return handle(*args)
+    sb.handle = holding
+    try:
+        first = a.send(rooms[0], a.user("alice0"), "hangs").json()["id"]
+        assert came.wait(30), "the first delivery's request never came"
+        second = a.send(rooms[1], a.user("alice1"), "waits").json()["id"]
+        assert pg.psql("SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id "
+                       f"WHERE e.public_id = '{second}'", db_url) == "pending"
+        seen = wait_until(lambda: (g := oldest_due()) >= 3 and g, timeout=60, what="the gauge past 3 s")
+        assert wait_until(lambda: (g := oldest_due()) > seen and g, what="the gauge growing") > seen
+        assert pg.psql("SELECT count(*) FROM outbox WHERE state = 'pending' AND next_attempt_at <= now() "
+                       "AND destination = 'peer:tg'", db_url) == "1"  # the second, still not taken
+    finally:
+        release.set()
+    assert sorted(e["id"] for e in sb.wait_events(2, timeout=60)) == sorted([first, second])
+    wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE state <> 'delivered'", db_url) == "0",
+               what="both delivered")
+    assert oldest_due() == 0
+    # A pull peer that has not pulled.
+    pl = PeerClient(d.url, "pl", "pl.example")
+    r = d.admin("POST", "/peers", json={"name": "pl", "domain": "pl.example", "mode": "pull",
+                                        "public_key": pl.signer.public_b64})
+    assert r.status_code == 201, r.text
+    room = a.create_room([a.user("carol"), pl.user("dave")]).json()["id"]
+    a.send(room, a.user("carol"), "for the pull")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE destination = 'peer:pl' AND state = 'pending' "
+                               "AND next_attempt_at < now() - interval '3 seconds'", db_url) == "1",
+               timeout=30, what="the pull peer's row due for 3 s")
+    assert oldest_due() == 0
+    for _, srv in peers:
+        srv.close()
 
 
 @pytest.mark.parametrize("network", ["matrix", "xmpp"])
