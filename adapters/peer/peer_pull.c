@@ -222,6 +222,21 @@ static long answer_bytes(const struct peer_pull *p)
 	return p->app ? p->app->cfg->max_body_bytes : 1024L * 1024;
 }
 
+/* A pull the database failed: 503, and why (PostgreSQL's message, which
+ * may quote stored data, a table's or a key's) to the log, not to the
+ * peer; until the forty-fourth session the answer's detail was that
+ * message ("the database did not answer in time: ERROR: canceling
+ * statement due to statement timeout").  Retry-After is
+ * database.retry_after_s, as every 503 of the database's (app.c,
+ * app_reply_store_error); until the forty-fourth session's review a
+ * pull's was 2 whatever it said. */
+static void unavailable(const struct peer_pull *p, struct waiter *w, const cw_errmsg *e)
+{
+	LOG_KV(CW_LOG_WARN, "a pull failed: the database", "request_id", cw_req_id(w->req), "detail", e->msg);
+	app_retry_after(w->req, (p->app ? p->app->cfg->db_retry_after_s : 2) * 1000LL);
+	cw_req_problem(w->req, 503, "unavailable", "Service unavailable", PULL_UNAVAILABLE);
+}
+
 /* A pull acknowledges what it names and hands out what follows: it changes
  * something, and its signature's nonce is claimed for every daemon process
  * (peer_nonce_claim), as a write's is (gateway/app.c, job_write), once per
@@ -231,18 +246,6 @@ static long answer_bytes(const struct peer_pull *p)
  * answered the peer's events: those in flight above its cursor, and any
  * new ones).  False after answering (a replay: 401; the database away:
  * 503, which a retry, signed anew, gets past). */
-/* A pull the database failed: 503, and why (PostgreSQL's message, which
- * may quote stored data, a table's or a key's) to the log, not to the
- * peer; until the forty-fourth session the answer's detail was that
- * message ("the database did not answer in time: ERROR: canceling
- * statement due to statement timeout"). */
-static void unavailable(struct waiter *w, const cw_errmsg *e)
-{
-	LOG_KV(CW_LOG_WARN, "a pull failed: the database", "request_id", cw_req_id(w->req), "detail", e->msg);
-	cw_req_add_header(w->req, "Retry-After", "2");
-	cw_req_problem(w->req, 503, "unavailable", "Service unavailable", PULL_UNAVAILABLE);
-}
-
 static bool claim_nonce(struct peer_pull *p, struct waiter *w)
 {
 	if (w->claimed || !p->app || !w->principal)
@@ -250,7 +253,7 @@ static bool claim_nonce(struct peer_pull *p, struct waiter *w)
 	bool fresh = true;
 	cw_errmsg e;
 	if (peer_nonce_claim(p->c, w->principal, cw_wall_ms() / 1000, p->app->cfg->max_clock_skew_s, &fresh, &e)) {
-		unavailable(w, &e);
+		unavailable(p, w, &e);
 		return false;
 	}
 	if (!fresh) {
@@ -379,7 +382,7 @@ static bool try_answer(struct peer_pull *p, struct waiter *w, bool final)
 fail:
 	PQclear(r);
 	free(gone);
-	unavailable(w, &e);
+	unavailable(p, w, &e);
 	return true;
 }
 

@@ -365,9 +365,11 @@ PULL_UNAVAILABLE = "the database is unavailable; pull again from the same positi
 def test_a_pull_that_the_database_fails_is_503_and_the_next_one_works(make_daemon, db_url, pg):
     """The pull's lock and hand-out go as one pipeline: when either
     statement fails (here each waits out its statement timeout behind a
-    lock of another session), the answer is 503 with Retry-After, nothing
+    lock of another session), the answer is 503 with Retry-After
+    (database.retry_after_s, as every 503 of the database's: until the
+    forty-fourth session's review a pull's was 2 whatever it said), nothing
     is handed out or acknowledged, and the connection serves the next pull."""
-    d = make_daemon(db_url, options={"database": {"statement_timeout_ms": "1000"}}).start()
+    d = make_daemon(db_url, options={"database": {"statement_timeout_ms": "1000", "retry_after_s": "7"}}).start()
     a, b, rm, srv = make_peers(d)
     one = a.send(rm["id"], a.user("alice"), "one").json()["id"]
     wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE destination = 'peer:tg' AND state = 'pending'",
@@ -390,7 +392,7 @@ def test_a_pull_that_the_database_fails_is_503_and_the_next_one_works(make_daemo
             wait_until(lambda: pg.psql(f"SELECT count(*) FROM pg_locks WHERE {lock} AND granted", db_url) == "1",
                        what=f"the {what} lock")
             r = b.call("GET", "/v1/events?after=0")
-            assert r.status_code == 503 and r.headers.get("Retry-After"), (what, r.status_code, r.text)
+            assert r.status_code == 503 and r.headers.get("Retry-After") == "7", (what, r.status_code, r.headers)
             assert r.json()["code"] == "unavailable", r.text
             # PostgreSQL's own message (which may quote stored data) goes to
             # the log, not to the peer (until the forty-fourth session the
