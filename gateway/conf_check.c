@@ -11,16 +11,27 @@
 #include <sys/socket.h>
 #include <sys/types.h>
 
+/* url parsed by libpq (PQconninfoFree), and into *conninfo whether it is
+ * a URI or key=value string, as libpq's expand_dbname tells them (a URI
+ * by its two prefixes only: a database may be named "postgres" or
+ * "postgres_x"); NULL for anything else, a database's name, or one libpq
+ * cannot parse (whose message, which quotes the URL, password and all, is
+ * dropped). */
+static PQconninfoOption *parse_url(const char *url, bool *conninfo)
+{
+	*conninfo = strchr(url, '=') || strncmp(url, "postgresql://", 13) == 0 || strncmp(url, "postgres://", 11) == 0;
+	char *perr = NULL;
+	PQconninfoOption *parsed = *conninfo ? PQconninfoParse(url, &perr) : NULL;
+	PQfreemem(perr);
+	return parsed;
+}
+
 cw_err store_check_url(const char *url, cw_errmsg *e)
 {
 	/* libpq's message for a URL it cannot parse quotes the URL, password
 	 * and all: say what is wrong without it. */
-	char *perr = NULL;
-	/* as libpq's expand_dbname tells them (a URI by its two prefixes
-	 * only: a database may be named "postgres" or "postgres_x") */
-	bool conninfo = strchr(url, '=') || strncmp(url, "postgresql://", 13) == 0 || strncmp(url, "postgres://", 11) == 0;
-	PQconninfoOption *parsed = conninfo ? PQconninfoParse(url, &perr) : NULL;
-	PQfreemem(perr);
+	bool conninfo;
+	PQconninfoOption *parsed = parse_url(url, &conninfo);
 	if (conninfo && !parsed)
 		return cw_fail(e, CW_EINVAL, "database.url is not a valid PostgreSQL URL or key=value string "
 					     "(libpq's message is not shown: it would show the password)");
@@ -42,10 +53,8 @@ cw_err store_check_url(const char *url, cw_errmsg *e)
 
 bool store_url_has_password(const char *url)
 {
-	bool conninfo = strchr(url, '=') || strncmp(url, "postgresql://", 13) == 0 || strncmp(url, "postgres://", 11) == 0;
-	char *perr = NULL;
-	PQconninfoOption *parsed = conninfo ? PQconninfoParse(url, &perr) : NULL;
-	PQfreemem(perr);
+	bool conninfo;
+	PQconninfoOption *parsed = parse_url(url, &conninfo);
 	bool has = false;
 	for (PQconninfoOption *o = parsed; o && o->keyword; o++)
 		if (strcmp(o->keyword, "password") == 0 && o->val && *o->val)

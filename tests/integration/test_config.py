@@ -791,6 +791,9 @@ def test_a_configuration_file_others_may_write_is_refused_one_they_may_read_with
     secret = "[xmpp]\ncomponents = gk.example.org=gk\nsecret = s3cret-value\n"
     url_pw = "[database]\nurl = postgresql://cw:hunter2@127.0.0.1/cw\n"
     url = "[database]\nurl = postgresql:///cw\n"
+    # a key=value string, and a URI's query, carry a password too
+    kv_pw = "[database]\nurl = host=127.0.0.1 dbname=cw password=hunter2\n"
+    query_pw = "[database]\nurl = postgres://127.0.0.1/cw?password=hunter2\n"
 
     def check(text, mode, **env):
         p = write(tmp_path, text)
@@ -802,7 +805,8 @@ def test_a_configuration_file_others_may_write_is_refused_one_they_may_read_with
         assert r.returncode == 1, r.stdout
         assert "has mode 0666: every user of the host may change it" in r.stderr, r.stderr
         assert "hunter2" not in r.stderr and "s3cret" not in r.stderr
-    for text, what in ((url_pw + base, "database.url's password"), (url + base + secret, "xmpp.secret")):
+    for text, what in ((url_pw + base, "database.url's password"), (kv_pw + base, "database.url's password"),
+                       (query_pw + base, "database.url's password"), (url + base + secret, "xmpp.secret")):
         r = check(text, 0o644)
         assert r.returncode == 0 and "configuration valid" in r.stdout, r.stderr
         assert f"warning: {tmp_path}/c.ini has mode 0644: every user of the host may read it, and it holds " \
