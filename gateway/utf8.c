@@ -93,6 +93,11 @@ bool cw_utf8_has_bidi_control(const char *s, size_t n)
 	return has_cp(s, n, bidi_control);
 }
 
+bool cw_utf8_bidi_format(unsigned cp)
+{
+	return bidi_control(cp) || cp == 0x200E || cp == 0x200F || cp == 0x061C;
+}
+
 static bool noncharacter(unsigned cp)
 {
 	return (cp >= 0xFDD0 && cp <= 0xFDEF) || (cp & 0xFFFE) == 0xFFFE;
@@ -105,7 +110,7 @@ bool cw_utf8_has_noncharacter(const char *s, size_t n)
 
 bool cw_utf8_invisible(unsigned cp)
 {
-	return bidi_control(cp) || cp == 0x200E || cp == 0x200F || cp == 0x061C || (cp >= 0x200B && cp <= 0x200D) ||
+	return cw_utf8_bidi_format(cp) || (cp >= 0x200B && cp <= 0x200D) ||
 	       (cp >= 0x2060 && cp <= 0x2064) || cp == 0xFEFF || cp == 0x00AD || cp == 0x034F || cp == 0x180E ||
 	       cp == 0x115F || cp == 0x1160 || cp == 0x3164 || cp == 0xFFA0 || cp == 0x2800;
 }

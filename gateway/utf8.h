@@ -26,6 +26,15 @@ bool cw_utf8_has_control(const char *s, size_t n);
  * order of their own and are not among them. */
 bool cw_utf8_has_bidi_control(const char *s, size_t n);
 
+/* Whether cp is one of Unicode's Bidi_Control characters: the embeddings,
+ * overrides and isolates above, and the marks (U+200E, U+200F, U+061C),
+ * which give the neutral text around them (spaces, punctuation, digits
+ * after them) a direction, so that it may be shown moved.  The one list
+ * of what a log record (log.c) escapes and causewayctl shows as '?' or a
+ * \u escape (since the forty-fourth session; the marks were written raw
+ * by both, and log records held the others raw too). */
+bool cw_utf8_bidi_format(unsigned cp);
+
 /* Whether the n bytes of valid UTF-8 at s hold a noncharacter (U+FDD0-
  * U+FDEF, and the last two code points of every plane: U+FFFE, U+FFFF,
  * U+1FFFE, ...): never text, and U+FFFE and U+FFFF are not characters

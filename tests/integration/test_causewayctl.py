@@ -857,6 +857,33 @@ def test_a_refusals_detail_cannot_drive_the_terminal():
         s.close()
 
 
+def test_bidirectional_marks_are_defanged_as_the_overrides_are():
+    """The marks (U+200E, U+200F, U+061C) give the neutral text around them
+    a direction, so a peer's text can move what is shown next to it: since
+    the forty-fourth session's review causewayctl shows them as the
+    overrides and isolates, '?' for each byte in a table, the reason of a
+    refusal and a summary, a \\u escape with --json (one list with what the
+    daemon's logs escape, utf8.c's cw_utf8_bidi_format).  Their neighbours
+    (U+200D, U+061B) are shown as they are."""
+    sender = "mimi://evil.example/u/a\u200fb\u200ec\u061cd\u200d\u061b"
+    s = StandIn({"/admin/v1/messages/msg_x": doc({"message": "msg_x", "sender": sender, "deliveries": [],
+                                                  "decisions": []}),
+                 "/admin/v1/peers": (409, json.dumps({"type": "about:blank", "title": "Conflict", "status": 409,
+                                                      "code": "conflict", "detail": sender}).encode(), True)})
+    try:
+        out = ok("trace", "msg_x", url=s.url)
+        assert "mimi://evil.example/u/a???b???c??d\u200d\u061b" in out, out
+        err = refused("peers", url=s.url)
+        assert err == "causewayctl: 409 conflict: mimi://evil.example/u/a???b???c??d\u200d\u061b\n", err
+        out = ok("--json", "trace", "msg_x", url=s.url)
+        assert "\\u200fb\\u200ec\\u061cd\u200d\u061b" in out, out
+        assert json.loads(out)["sender"] == sender
+        for c in ("\u200e", "\u200f", "\u061c"):
+            assert c not in out, (c, out)
+    finally:
+        s.close()
+
+
 def test_a_settings_file_others_may_change_is_warned_about(tmp_path):
     """A settings file that other users may write names where the token is
     sent: one of them could set url = http://their.host and be handed the

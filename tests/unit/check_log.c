@@ -140,6 +140,28 @@ START_TEST(bytes_that_are_not_utf8_and_c1_controls_are_hex_escaped)
 }
 END_TEST
 
+/* Bidirectional controls (Unicode's Bidi_Control: embeddings, overrides,
+ * isolates, marks) are escaped as the bytes that are not UTF-8 are, each
+ * byte \xHH; their neighbours are written as they are.  Until the
+ * forty-fourth session's review they were written raw: a U+202E in a
+ * request's path turned round what a terminal showed after it. */
+START_TEST(bidirectional_controls_are_hex_escaped)
+{
+	char buf[512];
+	const char *kv[] = { "rlo", "invoice.pdf\xe2\x80\xaegpj.exe", "lre", "\xe2\x80\xaa", "pdi", "\xe2\x81\xa9",
+			     "lri", "\xe2\x81\xa6", "lrm", "a\xe2\x80\x8e", "rlm", "\xe2\x80\x8f", "alm", "\xd8\x9c",
+			     "near", "\xe2\x80\xaf\xe2\x81\xa5\xe2\x81\xaa\xe2\x80\x8d\xd8\x9b", NULL };
+	cw_log_format(buf, sizeof(buf), 0, CW_LOG_INFO, "m", NULL, kv);
+	ck_assert_str_eq(buf, "ts=1970-01-01T00:00:00.000Z level=info msg=m rlo=\"invoice.pdf\\xe2\\x80\\xaegpj.exe\" "
+			      "lre=\"\\xe2\\x80\\xaa\" pdi=\"\\xe2\\x81\\xa9\" lri=\"\\xe2\\x81\\xa6\" "
+			      "lrm=\"a\\xe2\\x80\\x8e\" rlm=\"\\xe2\\x80\\x8f\" alm=\"\\xd8\\x9c\" "
+			      "near=\xe2\x80\xaf\xe2\x81\xa5\xe2\x81\xaa\xe2\x80\x8d\xd8\x9b\n");
+	/* the message itself (cw_logf) likewise */
+	cw_log_format(buf, sizeof(buf), 0, CW_LOG_INFO, "x\xe2\x80\xaey", NULL, NULL);
+	ck_assert_str_eq(buf, "ts=1970-01-01T00:00:00.000Z level=info msg=\"x\\xe2\\x80\\xaey\"\n");
+}
+END_TEST
+
 START_TEST(levels_parse_and_filter)
 {
 	ck_assert_int_eq(cw_log_level_parse("warn"), CW_LOG_WARN);
@@ -407,6 +429,7 @@ int main(void)
 	tcase_add_test(tc, values_are_quoted_and_escaped);
 	tcase_add_test(tc, control_characters_are_hex_escaped);
 	tcase_add_test(tc, bytes_that_are_not_utf8_and_c1_controls_are_hex_escaped);
+	tcase_add_test(tc, bidirectional_controls_are_hex_escaped);
 	tcase_add_test(tc, null_value_is_empty);
 	tcase_add_test(tc, long_records_are_truncated_but_end_in_newline);
 	tcase_add_test(tc, a_cut_record_never_leaves_a_quote_open_or_an_escape_split);

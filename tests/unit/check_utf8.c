@@ -128,6 +128,16 @@ START_TEST(bidi_and_invisible_cases)
 		ck_assert_msg(cw_utf8_invisible(shows_nothing[i]), "U+%04X", shows_nothing[i]);
 	for (size_t i = 0; i < sizeof(shows) / sizeof(shows[0]); i++)
 		ck_assert_msg(!cw_utf8_invisible(shows[i]), "U+%04X", shows[i]);
+	/* Unicode's Bidi_Control, what logs and causewayctl escape: the
+	 * controls above and the marks, no neighbour of either */
+	static const unsigned bidi[] = { 0x061C, 0x200E, 0x200F, 0x202A, 0x202B, 0x202C, 0x202D, 0x202E,
+					 0x2066, 0x2067, 0x2068, 0x2069 };
+	static const unsigned not_bidi[] = { 'a', 0x061B, 0x061D, 0x200D, 0x2010, 0x2029, 0x202F, 0x2065, 0x206A,
+					     0xFEFF, 0x0085, 0x05D0 };
+	for (size_t i = 0; i < sizeof(bidi) / sizeof(bidi[0]); i++)
+		ck_assert_msg(cw_utf8_bidi_format(bidi[i]) && cw_utf8_invisible(bidi[i]), "U+%04X", bidi[i]);
+	for (size_t i = 0; i < sizeof(not_bidi) / sizeof(not_bidi[0]); i++)
+		ck_assert_msg(!cw_utf8_bidi_format(not_bidi[i]), "U+%04X", not_bidi[i]);
 }
 END_TEST
 
