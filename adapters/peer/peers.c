@@ -614,13 +614,23 @@ static void reload_after(struct app_job *j)
 
 /* Queues a change's write (the registry is updated after it); answers 503
  * itself when memory runs out. */
+/* Out of memory: a failure of the daemon's own, answered as app_job_run
+ * answers it, 503 with Retry-After.  Until the forty-fourth session's
+ * review a create or an update answered 400 invalid_body "out of memory"
+ * (the client's fault), and the other changes 503 without Retry-After. */
+static void no_memory(struct cw_req *req)
+{
+	cw_req_add_header(req, "Retry-After", "1");
+	cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory; retry");
+}
+
 static void start_change(struct cw_app *app, struct cw_req *req, struct peer_input *in,
 			 cw_err (*fn)(PGconn *, struct app_job *, cw_errmsg *))
 {
 	struct app_job *j = app_job_new(app, req, fn);
 	if (!j) {
 		change_free(in);
-		cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory; retry");
+		no_memory(req);
 		return;
 	}
 	j->data = in;
@@ -710,9 +720,12 @@ void peer_admin_create(struct cw_req *req, void *ctx)
 		json_decref(body);
 		return;
 	}
-	if (!in)
-		bad = "out of memory";
-	else if (!name || !peer_name_valid(name))
+	if (!in) {
+		no_memory(req);
+		json_decref(body);
+		return;
+	}
+	if (!name || !peer_name_valid(name))
 		bad = "name must be 1 to 32 of a-z, 0-9, '_' and '-', starting with a letter or digit";
 	else if (!domain || !peer_domain_valid(domain))
 		bad = "domain must be a lower-case DNS name such as wa.example";
@@ -866,7 +879,7 @@ static void set_enabled(struct cw_req *req, void *ctx, bool enable)
 	}
 	struct peer_input *in = new_change();
 	if (!in) {
-		cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory; retry");
+		no_memory(req);
 		return;
 	}
 	snprintf(in->name, sizeof(in->name), "%s", name);
@@ -901,7 +914,7 @@ void peer_admin_rotate(struct cw_req *req, void *ctx)
 	}
 	struct peer_input *in = new_change();
 	if (!in) {
-		cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory; retry");
+		no_memory(req);
 		return;
 	}
 	snprintf(in->name, sizeof(in->name), "%s", name);
@@ -950,9 +963,12 @@ void peer_admin_update(struct cw_req *req, void *ctx)
 		if (strcmp(key, "event_types") != 0 && strcmp(key, "push_url") != 0)
 			bad = "only event_types and push_url can be changed (credentials: /rotate)";
 	const char *url = str_field(body, "push_url");
-	if (!in)
-		bad = "out of memory";
-	else if (!bad && json_object_size(body) == 0)
+	if (!in) {
+		no_memory(req);
+		json_decref(body);
+		return;
+	}
+	if (!bad && json_object_size(body) == 0)
 		bad = "nothing to change: give event_types or push_url";
 	else if (!bad && json_object_get(body, "push_url") && (!url || !peer_url_valid(url)))
 		bad = PUSH_URL_RULE;
