@@ -195,7 +195,7 @@ static void sha256_fetch(void)
 	sha256_fetched = EVP_MD_fetch(NULL, "SHA256", NULL);
 }
 
-static const EVP_MD *sha256_md(void)
+const EVP_MD *cw_sha256_md(void)
 {
 	pthread_once(&sha256_once, sha256_fetch);
 	return sha256_fetched ? sha256_fetched : EVP_sha256();
@@ -204,14 +204,14 @@ static const EVP_MD *sha256_md(void)
 void cw_sha256(const void *in, size_t n, unsigned char out[32])
 {
 	unsigned int len = 0;
-	EVP_Digest(in, n, out, &len, sha256_md(), NULL);
+	EVP_Digest(in, n, out, &len, cw_sha256_md(), NULL);
 }
 
 bool cw_sha256_pair(const char *a, size_t alen, const char *b, size_t blen, unsigned char out[32])
 {
 	unsigned int len = 0;
 	EVP_MD_CTX *ctx = EVP_MD_CTX_new();
-	bool ok = ctx && EVP_DigestInit_ex(ctx, sha256_md(), NULL) && EVP_DigestUpdate(ctx, a, alen) &&
+	bool ok = ctx && EVP_DigestInit_ex(ctx, cw_sha256_md(), NULL) && EVP_DigestUpdate(ctx, a, alen) &&
 		  EVP_DigestUpdate(ctx, "\n", 1) && EVP_DigestUpdate(ctx, b, blen) && EVP_DigestFinal_ex(ctx, out, &len);
 	if (!ok)
 		memset(out, 0, 32);

@@ -69,6 +69,11 @@ size_t cw_b64_encode(char *out, size_t outlen, const unsigned char *in, size_t n
 size_t cw_b64url_encode(char *out, size_t outlen, const unsigned char *in, size_t n);
 long cw_b64_decode(unsigned char *out, size_t outlen, const char *in);
 
+/* SHA-256 as fetched from the provider once for the process (EVP_sha256()
+ * if that fetch failed), for EVP_Digest*() where a failure must be seen:
+ * EVP_sha256() fetches the implementation again at every digest. */
+struct evp_md_st; /* OpenSSL's EVP_MD */
+const struct evp_md_st *cw_sha256_md(void);
 /* SHA-256 of n bytes into out[32]. */
 void cw_sha256(const void *in, size_t n, unsigned char out[32]);
 /* SHA-256 of a, a newline, then b (two parts of a key, without joining

@@ -1338,7 +1338,7 @@ cw_err httpsig_content_digest(const void *body, size_t len, char *out, size_t ou
 		return CW_EINVAL;
 	unsigned char md[32];
 	unsigned int mdlen = 0;
-	if (EVP_Digest(body ? body : "", len, md, &mdlen, EVP_sha256(), NULL) != 1 || mdlen != 32) {
+	if (EVP_Digest(body ? body : "", len, md, &mdlen, cw_sha256_md(), NULL) != 1 || mdlen != 32) {
 		ERR_clear_error();
 		return CW_EIO;
 	}
@@ -1404,7 +1404,7 @@ cw_err httpsig_check_content_digest(const char *header_value, const void *body, 
 		return rc;
 	if (!pick.has256 && !pick.has512)
 		return fail_in(e, "Content-Digest", "no sha-256 or sha-512 member");
-	if (pick.has256 && (rc = cd_compare(&pick.sha256, "sha-256", EVP_sha256(), body, len, e)))
+	if (pick.has256 && (rc = cd_compare(&pick.sha256, "sha-256", cw_sha256_md(), body, len, e)))
 		return rc;
 	if (pick.has512 && (rc = cd_compare(&pick.sha512, "sha-512", EVP_sha512(), body, len, e)))
 		return rc;
@@ -1637,7 +1637,7 @@ cw_err httpsig_replay_check_and_add(struct httpsig_replay *r, const char *keyid,
 	memcpy(in + sizeof(r->salt), keyid, klen);
 	in[sizeof(r->salt) + klen] = '\0';
 	memcpy(in + sizeof(r->salt) + klen + 1, nonce, nlen);
-	if (EVP_Digest(in, sizeof(r->salt) + klen + 1 + nlen, md, &mdlen, EVP_sha256(), NULL) != 1) {
+	if (EVP_Digest(in, sizeof(r->salt) + klen + 1 + nlen, md, &mdlen, cw_sha256_md(), NULL) != 1) {
 		ERR_clear_error();
 		return CW_EIO;
 	}
