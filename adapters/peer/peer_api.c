@@ -3897,6 +3897,38 @@ static void answer_item(struct cw_app *app, struct msg_input *in, const struct i
 	cw_req_resume(req);
 }
 
+/* FNV-1a of a request's scope and idempotency key, for group_dup. */
+static uint64_t idem_hash(const struct msg_input *x)
+{
+	uint64_t h = 0xcbf29ce484222325ull;
+	for (const char *p = x->scope;; p++) {
+		h = (h ^ (unsigned char)*p) * 0x100000001b3ull; /* the NUL too: scope and key apart */
+		if (!*p)
+			break;
+	}
+	for (const char *p = x->idem_key; *p; p++)
+		h = (h ^ (unsigned char)*p) * 0x100000001b3ull;
+	return h;
+}
+
+/* Whether x has the scope and key of a request already in the group, whose
+ * items are indexed (position + 1) by seen[], an open-addressed table of
+ * mask + 1 slots at least twice the group; if not, x's slot is *slot.
+ * Until the forty-fourth session each request was compared with every
+ * earlier one: 378 comparisons in a group of 28. */
+static bool group_dup(const struct submit *b, const uint32_t *seen, size_t mask, const struct msg_input *x,
+		      size_t *slot)
+{
+	size_t k = (size_t)idem_hash(x) & mask;
+	for (; seen[k]; k = (k + 1) & mask) {
+		const struct msg_input *y = b->items[seen[k] - 1];
+		if (strcmp(y->idem_key, x->idem_key) == 0 && strcmp(y->scope, x->scope) == 0)
+			return true;
+	}
+	*slot = k;
+	return false;
+}
+
 static cw_err merged_send(PGconn *c, void *arg, int round, cw_errmsg *e)
 {
 	struct merged *m = arg;
@@ -3905,8 +3937,13 @@ static cw_err merged_send(PGconn *c, void *arg, int round, cw_errmsg *e)
 		size_t n = 0;
 		for (struct msg_input *x = list; x; x = x->next)
 			n++;
-		m->b = submit_new(n);
+		size_t mask = 15;
+		while (mask < 2 * n)
+			mask = 2 * mask + 1;
+		uint32_t *seen = n < UINT32_MAX / 2 ? calloc(mask + 1, sizeof(*seen)) : NULL;
+		m->b = seen ? submit_new(n) : NULL;
 		if (!m->b) {
+			free(seen);
 			for (struct msg_input *x = list, *next; x; x = next) {
 				next = x->next;
 				struct item_result none = { 0 };
@@ -3921,11 +3958,8 @@ static cw_err merged_send(PGconn *c, void *arg, int round, cw_errmsg *e)
 			x->next = NULL;
 			/* The same key twice in one group would collide at the
 			 * write: the later one is answered as a conflict now. */
-			bool dup = false;
-			for (size_t k = 0; k < i && !dup; k++)
-				dup = strcmp(m->b->items[k]->scope, x->scope) == 0 &&
-				      strcmp(m->b->items[k]->idem_key, x->idem_key) == 0;
-			if (dup) {
+			size_t slot;
+			if (group_dup(m->b, seen, mask, x, &slot)) {
 				struct item_result r = { .status = 409, .code = CONFLICT_RETRY };
 				snprintf(r.detail, sizeof(r.detail), "a request with this Idempotency-Key is in progress; retry");
 				answer_item(m->app, x, &r, CW_OK, NULL);
@@ -3933,7 +3967,9 @@ static cw_err merged_send(PGconn *c, void *arg, int round, cw_errmsg *e)
 				continue;
 			}
 			m->b->items[i++] = x;
+			seen[slot] = (uint32_t)i;
 		}
+		free(seen);
 		m->b->n = i;
 		m->b->app = m->app;
 	}

@@ -728,3 +728,65 @@ def test_an_item_whose_sender_left_meanwhile_spends_no_token(daemon, peers, pg, 
     assert [b.send(other, bob, f"m{k}").status_code for k in range(2)] == [202, 202]
     r = b.send(other, bob, "three")
     assert r.status_code == 429 and r.json()["code"] == "rate_limited", r.text
+
+
+def test_one_key_twice_in_a_group_commit_is_told_to_retry_and_another_peers_same_key_is_not(
+        daemon, peers, pg, db_url):
+    """Single messages queued while the writer is held are written in one
+    group; in it, a request whose Idempotency-Key an earlier one of the
+    same peer has is answered 409 in_progress (Retry-After: 1), and its
+    retry gets the earlier one's answer; the same key from another peer is
+    another key, and written. The group is checked for keys seen by a
+    table (since the forty-fourth session; before, each request against
+    every earlier one): 27 requests, more than its smallest size."""
+    (a, sa), (b, sb) = peers
+    wally, bob = a.user("wally"), b.user("bob")
+    gid = a.create_room([wally, bob], kind="group").json()["id"]
+    other = a.create_room([wally, bob], kind="group").json()
+    keys = [f"grp-{k}" for k in range(12)]
+    twice = {"grp-2", "grp-7", "grp-11"}
+    calls = [(a, wally, k) for k in keys] + [(b, bob, k) for k in keys] + [(a, wally, k) for k in sorted(twice)]
+    held = HeldSession(db_url)
+    out, threads = {}, []
+
+    def start(name, fn):
+        t = threading.Thread(target=lambda: out.update({name: fn()}))
+        t.start()
+        threads.append(t)
+    try:
+        hold_the_writer(a, pg, db_url, held, start, other)
+        for i, (c, sender, key) in enumerate(calls):
+            start(i, lambda c=c, sender=sender, key=key: c.send(gid, sender, "body of " + key, idem=key))
+        # every request waiting (and the blocker, and this scrape), in one job
+        wait_until(lambda: metric(daemon, "causeway_http_requests_in_flight") == len(calls) + 2,
+                   timeout=30, what="all the requests waiting")
+        assert metric(daemon, "causeway_db_writes_queued") == 1
+        held.end()
+        for t in threads:
+            t.join(30)
+    finally:
+        held.end()
+        for t in threads:
+            t.join(30)
+    assert out["blocker"].status_code == 200, out["blocker"].text
+    res = [out[i] for i in range(len(calls))]
+    by_call = {}
+    for (c, _, key), r in zip(calls, res):
+        by_call.setdefault((c.name, key), []).append(r)
+    for (peer, key), rs in by_call.items():
+        codes = sorted(r.status_code for r in rs)
+        if peer == a.name and key in twice:
+            assert codes == [202, 409], (peer, key, [r.text for r in rs])
+            lost = next(r for r in rs if r.status_code == 409)
+            assert lost.json()["code"] == "in_progress" and lost.headers.get("Retry-After") == "1", lost.text
+            # refused in the group, before the write (whose unique index
+            # would refuse it too, "was being written at the same time")
+            assert "is in progress" in lost.json()["detail"], lost.text
+            won = next(r for r in rs if r.status_code == 202)
+            again = a.send(gid, wally, "body of " + key, idem=key)
+            assert again.status_code == 202 and again.json()["id"] == won.json()["id"], again.text
+        else:
+            assert codes == [202], (peer, key, [r.text for r in rs])
+    # both peers' events of every key, once each, all in one transaction
+    assert pg.psql("SELECT count(*) || ' ' || count(DISTINCT origin_native_id) || ' ' || count(DISTINCT xmin::text) "
+                   "FROM events WHERE origin_native_id LIKE 'grp-%'", db_url) == f"{2 * len(keys)} {len(keys)} 1"
