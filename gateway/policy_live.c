@@ -1404,6 +1404,7 @@ struct policy_live {
 	atomic_bool poked;
 	int wake[2];
 	PGconn *c;
+	bool sweep_slow; /* the last periodic sweep took SWEEP_REPLAN_US or more (replan_sweep) */
 	struct store_canceller cancel; /* c's statement, cancelled at a stop that waits for it */
 	uint64_t version;
 	struct policy_live_stats st; /* under mu */
@@ -1595,6 +1596,45 @@ void policy_live_get_stats(struct policy_live *pl, struct policy_live_stats *st)
 static bool conn_ready(PGconn *c, cw_errmsg *e)
 {
 	return !store_exec(c, "LISTEN causeway_policy", e) && store_prepare_all(c, sweep_stmt_lists, e);
+}
+
+/* A periodic sweep that takes this long or longer has its statements
+ * prepared again (replan_sweep). */
+#define SWEEP_REPLAN_US 100000
+
+/* The periodic sweep's statements prepared again on the policy thread's
+ * connection, after a sweep that took took_us: their next runs are
+ * planned for the tables as they are.  PostgreSQL keeps a statement's
+ * generic plan (made at its sixth run) until the statistics of a table it
+ * reads change.  On a new database the sixth sweep comes before the first
+ * message (025 analyzed the empty events table), its plan reads events
+ * whole for each held row, and it was kept while the table grew until
+ * autovacuum's first ANALYZE of it, a minute or two: 1-2 s a sweep with a
+ * few thousand held rows and events, the sweep's lock held throughout, so
+ * that a user's consent (its sweep waits for the lock) timed out
+ * (docs/performance.md, "Forty-fourth session").  A sweep slow for its
+ * backlog is planned each time (five custom plans before a generic one):
+ * a few ms of planning beside 100 or more.  Failed: the connection is
+ * dropped, and the next turn's prepares them on a new one. */
+static void replan_sweep(struct policy_live *pl, int64_t took_us)
+{
+	if (!pl->sweep_slow) {
+		char ms[24];
+		snprintf(ms, sizeof(ms), "%lld", (long long)(took_us / 1000));
+		LOG_KV(CW_LOG_INFO, "a periodic sweep was slow; its statements are planned again", "ms", ms);
+	}
+	char sql[256] = ""; /* four short names */
+	for (const struct store_stmt *st = sweep_stmts; st->name; st++) {
+		size_t len = strlen(sql);
+		snprintf(sql + len, sizeof(sql) - len, "DEALLOCATE %s; ", st->name);
+	}
+	cw_errmsg e;
+	if (store_exec(pl->c, sql, &e) || !store_prepare_all(pl->c, sweep_stmt_lists, &e)) {
+		LOG_KV(CW_LOG_WARN, "cannot plan the periodic sweep again; reconnecting", "detail", e.msg);
+		store_canceller_set(&pl->cancel, NULL);
+		PQfinish(pl->c);
+		pl->c = NULL;
+	}
 }
 
 static bool ensure_conn(struct policy_live *pl, bool *fresh)
@@ -2179,7 +2219,10 @@ static void *live_main(void *arg)
 			struct policy_view *v = policy_live_get(pl);
 			long counts[3];
 			cw_errmsg e;
-			if (sweep(pl->c, true, v, NULL, counts, &e)) {
+			int64_t t0 = cw_now_us();
+			cw_err src = sweep(pl->c, true, v, NULL, counts, &e);
+			int64_t took = cw_now_us() - t0;
+			if (src) {
 				LOG_KV(CW_LOG_WARN, "policy sweep failed", "detail", e.msg);
 			} else if (counts[0] || counts[1] || counts[2]) {
 				log_counts("held messages swept", "released", "dropped", "expired", counts);
@@ -2200,6 +2243,9 @@ static void *live_main(void *arg)
 				if (ex[1] && store_exec(pl->c, "NOTIFY causeway_outbox", &e))
 					LOG_KV(CW_LOG_WARN, "cannot notify the dispatchers", "detail", e.msg);
 			}
+			if (took >= SWEEP_REPLAN_US && PQstatus(pl->c) == CONNECTION_OK)
+				replan_sweep(pl, took);
+			pl->sweep_slow = took >= SWEEP_REPLAN_US;
 			next_sweep = now + pl->o.sweep_interval_ms * 1000LL;
 		}
 		/* Its own cadence: old data waits a minute more at no cost.  A

@@ -3105,3 +3105,48 @@ def test_policy_reasons_doc_lists_exactly_the_codes_the_code_gives():
     documented = set(re.findall(r"^\| `([a-z_]+)` \| (?:allow|deny|hold|limit) \|", doc, re.M))
     assert documented == engine | writes | sweep, {"undocumented": sorted((engine | writes | sweep) - documented),
                                                    "gone": sorted(documented - engine - writes - sweep)}
+
+
+SWEEP_LOCK = 7161132091431352699  # gateway/policy_live.c, SWEEP_LOCK_KEY
+
+
+def test_a_slow_periodic_sweep_has_its_statements_planned_again(daemon, peers, pg, db_url):
+    """The periodic sweep's statements are prepared on the policy thread's
+    connection, and PostgreSQL keeps a statement's generic plan until the
+    statistics of a table it reads change: made on a new database before the
+    first message, the plan read every event for each held row until
+    autovacuum's first ANALYZE, 1-2 s a sweep with a few thousand held rows,
+    the sweeps' lock held throughout, and a user's consent (its sweep waits
+    for that lock) timed out (docs/performance.md, "Forty-fourth session").
+    A sweep that takes 100 ms or more now has them prepared again. Here a
+    sweep waits for the lock, held by another session; the sweeps after it
+    still release what a consent allows that only the periodic sweep sees
+    (written straight to the table, as another process's change would be
+    found by it)."""
+    (a, _), _ = peers
+    opt_in(daemon)
+    room = dm(a)
+    msg = send(a, room, "held until she allows")
+    assert msg.status_code == 202, msg.text
+    msg = msg.json()["id"]
+    assert states(pg, db_url, [msg]) == [(msg, "held")]
+    start = len(daemon.records)
+    held = HeldSession(db_url)
+    held.run(f"BEGIN; SELECT pg_advisory_xact_lock({SWEEP_LOCK});")
+    try:
+        wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                   "AND wait_event = 'advisory' AND query LIKE '%pg_advisory_xact_lock%'",
+                                   db_url) == "1", what="a periodic sweep waiting for the sweeps' lock")
+        time.sleep(0.3)  # the time the sweep is to take: it waits all along
+    finally:
+        held.end()
+    slow = daemon.wait_for(lambda r: r.get("msg") == "a periodic sweep was slow; its statements are planned again",
+                           timeout=30, start=start)
+    assert int(slow["ms"]) >= 100, slow
+    # Its statements are there again: a periodic sweep releases the row.
+    pg.psql("INSERT INTO consents (local_identity_id, subject_kind, subject, state, source) SELECT id, 'user', "
+            f"'{a.user('wally')}', 'allowed', 'admin' FROM identities WHERE uri = '{ALICE}'", db_url)
+    wait_until(lambda: states(pg, db_url, [msg])[0][1] in ("pending", "in_flight", "delivered"), timeout=30,
+               what="the held row released by a periodic sweep")
+    assert not [r for r in daemon.records[start:] if r.get("msg") in (
+        "policy sweep failed", "cannot plan the periodic sweep again; reconnecting")], daemon.log()
