@@ -1405,6 +1405,7 @@ struct policy_live {
 	int wake[2];
 	PGconn *c;
 	bool sweep_slow; /* the last periodic sweep took SWEEP_REPLAN_US or more (replan_sweep) */
+	bool events_known; /* events' statistics count what it holds (analyze_grown_events) */
 	struct store_canceller cancel; /* c's statement, cancelled at a stop that waits for it */
 	uint64_t version;
 	struct policy_live_stats st; /* under mu */
@@ -1635,6 +1636,43 @@ static void replan_sweep(struct policy_live *pl, int64_t took_us)
 		PQfinish(pl->c);
 		pl->c = NULL;
 	}
+}
+
+/* Whether the statistics of events count a thousand events or more, and
+ * whether the table takes 1 MB or more. */
+static const char events_grown_sql[] =
+	"SELECT c.reltuples >= 1000, pg_relation_size(c.oid) >= 1048576 FROM pg_class c "
+	"WHERE c.oid = 'events'::regclass";
+
+/* events analyzed once it has grown, when its statistics still say it is
+ * (nearly) empty: on a new database 025 analyzed it empty, and every
+ * generic plan made before autovacuum's first ANALYZE of it (a minute or
+ * more: a naptime, 50 rows changed) took it for empty and read it whole
+ * where it looks one event up by id, plans kept while the table grew
+ * because nothing changed its statistics: the dispatcher's claim 1.5 s a
+ * batch of 250 at 90,000 events, the periodic sweep, a reader's round 0
+ * (docs/performance.md, "Forty-third session" and "Forty-fourth
+ * session").  ANALYZE invalidates them in every session.  Asked at each
+ * periodic sweep until the statistics count a thousand events (by
+ * autovacuum's ANALYZE) or this one was tried, then never again: one look
+ * at pg_class. */
+static void analyze_grown_events(struct policy_live *pl)
+{
+	PGresult *r = PQexec(pl->c, events_grown_sql);
+	bool grown = false;
+	if (PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1) {
+		pl->events_known = PQgetvalue(r, 0, 0)[0] == 't';
+		grown = !pl->events_known && PQgetvalue(r, 0, 1)[0] == 't';
+	}
+	PQclear(r);
+	if (!grown)
+		return;
+	pl->events_known = true; /* tried once: autovacuum does it too, later */
+	cw_errmsg e;
+	if (store_exec(pl->c, "ANALYZE events", &e))
+		LOG_KV(CW_LOG_WARN, "cannot analyze the events table", "detail", e.msg);
+	else
+		LOG_KV(CW_LOG_INFO, "the events table has grown since its statistics were taken; analyzed");
 }
 
 static bool ensure_conn(struct policy_live *pl, bool *fresh)
@@ -2219,6 +2257,8 @@ static void *live_main(void *arg)
 			struct policy_view *v = policy_live_get(pl);
 			long counts[3];
 			cw_errmsg e;
+			if (!pl->events_known)
+				analyze_grown_events(pl);
 			int64_t t0 = cw_now_us();
 			cw_err src = sweep(pl->c, true, v, NULL, counts, &e);
 			int64_t took = cw_now_us() - t0;

@@ -3150,3 +3150,33 @@ def test_a_slow_periodic_sweep_has_its_statements_planned_again(daemon, peers, p
                what="the held row released by a periodic sweep")
     assert not [r for r in daemon.records[start:] if r.get("msg") in (
         "policy sweep failed", "cannot plan the periodic sweep again; reconnecting")], daemon.log()
+
+
+def test_the_events_table_is_analyzed_once_it_has_grown_on_a_new_database(daemon, peers, pg, db_url):
+    """A new database's events table was analyzed empty by its migration
+    (025), and every generic plan made before autovacuum's first ANALYZE
+    of it (a minute or more) took it for empty: it read the table whole
+    where it looks one event up by id, and kept doing so as the table grew
+    (the dispatcher's claim took 1.5 s a batch at 90,000 events in
+    tests/bench/matrix; docs/performance.md, "Forty-fourth session"). The
+    policy thread analyzes it once it takes 1 MB while its statistics
+    still count fewer than a thousand events."""
+    (a, _), _ = peers
+    assert pg.psql("SELECT reltuples < 1000 FROM pg_class WHERE oid = 'events'::regclass", db_url) == "t"
+    room = dm(a)
+    seed = send(a, room, "seed")
+    assert seed.status_code == 202, seed.text
+    seed = seed.json()["id"]
+    wait_until(lambda: pg.psql(f"SELECT count(*) FROM events WHERE public_id = '{seed}'", db_url) == "1",
+               what="the seed stored")
+    start = len(daemon.records)
+    pg.psql("INSERT INTO events (public_id, room_id, sender_id, type, content, origin_network, ts) "
+            "SELECT 'msg_fill' || i, room_id, sender_id, type, jsonb_set(content, '{content,parts,0,body}', "
+            "to_jsonb(repeat(md5(i::text), 10))), origin_network, ts FROM events, generate_series(1, 10000) i "
+            f"WHERE public_id = '{seed}' ORDER BY i", db_url)
+    size = pg.psql("SELECT pg_relation_size('events') || ' ' || (SELECT count(*) FROM events)", db_url)
+    assert int(size.split()[0]) >= 1048576, size
+    daemon.wait_for(lambda r: r.get("msg") == "the events table has grown since its statistics were taken; analyzed",
+                    timeout=30, start=start)
+    assert pg.psql("SELECT reltuples >= 10000 FROM pg_class WHERE oid = 'events'::regclass", db_url) == "t"
+    assert pg.psql("SELECT analyze_count FROM pg_stat_user_tables WHERE relname = 'events'", db_url) == "1"
