@@ -1406,6 +1406,7 @@ struct policy_live {
 	PGconn *c;
 	bool sweep_slow; /* the last periodic sweep took SWEEP_REPLAN_US or more (replan_sweep) */
 	bool events_known; /* events' statistics count what it holds (analyze_grown_events) */
+	bool drop_conn;    /* c to be made again at the next turn (replan_sweep failed) */
 	struct store_canceller cancel; /* c's statement, cancelled at a stop that waits for it */
 	uint64_t version;
 	struct policy_live_stats st; /* under mu */
@@ -1616,7 +1617,7 @@ static bool conn_ready(PGconn *c, cw_errmsg *e)
  * (docs/performance.md, "Forty-fourth session").  A sweep slow for its
  * backlog is planned each time (five custom plans before a generic one):
  * a few ms of planning beside 100 or more.  Failed: the connection is
- * dropped, and the next turn's prepares them on a new one. */
+ * made again at the next turn (ensure_conn), which prepares them. */
 static void replan_sweep(struct policy_live *pl, int64_t took_us)
 {
 	if (!pl->sweep_slow) {
@@ -1632,9 +1633,7 @@ static void replan_sweep(struct policy_live *pl, int64_t took_us)
 	cw_errmsg e;
 	if (store_exec(pl->c, sql, &e) || !store_prepare_all(pl->c, sweep_stmt_lists, &e)) {
 		LOG_KV(CW_LOG_WARN, "cannot plan the periodic sweep again; reconnecting", "detail", e.msg);
-		store_canceller_set(&pl->cancel, NULL);
-		PQfinish(pl->c);
-		pl->c = NULL;
+		pl->drop_conn = true;
 	}
 }
 
@@ -1677,10 +1676,11 @@ static void analyze_grown_events(struct policy_live *pl)
 
 static bool ensure_conn(struct policy_live *pl, bool *fresh)
 {
-	if (pl->c && PQstatus(pl->c) == CONNECTION_OK)
+	if (pl->c && PQstatus(pl->c) == CONNECTION_OK && !pl->drop_conn)
 		return true;
 	store_canceller_set(&pl->cancel, NULL);
 	PQfinish(pl->c);
+	pl->drop_conn = false;
 	cw_errmsg e;
 	pl->c = store_connect(pl->url, pl->o.statement_timeout_ms, &e);
 	if (pl->c && !conn_ready(pl->c, &e)) {
