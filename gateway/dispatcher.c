@@ -1243,59 +1243,25 @@ static bool spent(const struct lane *l, const struct outbox_row *row)
 	return row->code != 429 && row->attempts >= l->d->o.retry_budget;
 }
 
-/* A spent failed row of a room, as mark_dying keeps it: its room (the
- * event's, NULL for an empty slot) and its index. */
-struct spent_slot {
-	const char *room;
-	size_t row;
-};
-
-/* mark_dying's table for n rows: at most half full. */
-static size_t spent_slots(size_t n)
-{
-	size_t cap = 2;
-	while (cap < 2 * n)
-		cap *= 2;
-	return cap;
-}
-
-static size_t failure_hash(const char *room, const struct outbox_row *row)
-{
-	uint64_t h = 1469598103934665603ULL;
-	for (const unsigned char *p = (const unsigned char *)room; *p; p++)
-		h = (h ^ *p) * 1099511628211ULL;
-	h = (h ^ (uint64_t)row->code) * 1099511628211ULL;
-	h = (h ^ (uint64_t)row->retry_after_ms) * 1099511628211ULL;
-	for (const unsigned char *p = (const unsigned char *)row->why; *p; p++)
-		h = (h ^ *p) * 1099511628211ULL;
-	return (size_t)h;
-}
-
 /* dead[i]: whether failed row i (not taken) goes dead in this record:
  * spent, or failed for the same reason as an earlier spent row of its
  * room (cw_record makes it dead with that one, in the same statement).
- * One pass, the spent rows' rooms and failures kept in tab (spent_slots(n)
- * of them, zeroed): until the forty-fourth session each failed row looked
- * up the room of every earlier row, quadratic in the batch. */
+ * room: n slots for the rows' rooms, each read from its event once
+ * (until the forty-fourth session every earlier row's room was read again
+ * for each row).  The comparisons stay pairwise, as the grouping of the
+ * failures by reason below does (a batch is at most dispatcher.batch_max
+ * rows). */
 static void mark_dying(const struct lane *l, const struct outbox_row *rows, size_t n, const bool *taken, bool *dead,
-		       struct spent_slot *tab)
+		       const char **room)
 {
-	size_t mask = spent_slots(n) - 1;
 	for (size_t i = 0; i < n; i++) {
+		room[i] = json_string_value(json_object_get(rows[i].event, "room"));
 		if (taken[i])
 			continue;
-		bool s = spent(l, &rows[i]);
-		const char *room = json_string_value(json_object_get(rows[i].event, "room"));
-		dead[i] = s;
-		if (!room)
-			continue;
-		size_t h = failure_hash(room, &rows[i]) & mask;
-		while (tab[h].room && !(strcmp(tab[h].room, room) == 0 && same_failure(&rows[tab[h].row], &rows[i])))
-			h = (h + 1) & mask;
-		if (tab[h].room)
-			dead[i] = true;
-		else if (s && rows[i].outcome <= 0)
-			tab[h] = (struct spent_slot){ room, i };
+		dead[i] = spent(l, &rows[i]);
+		for (size_t x = 0; !dead[i] && room[i] && x < i; x++)
+			dead[i] = rows[x].outcome <= 0 && spent(l, &rows[x]) && room[x] && strcmp(room[x], room[i]) == 0 &&
+				  same_failure(&rows[x], &rows[i]);
 	}
 }
 
@@ -1317,13 +1283,13 @@ static void record_outcomes(struct lane *l, struct outbox_row *rows, size_t n, i
 	struct outbox_row *sel = malloc(n * sizeof(*sel));
 	bool *taken = calloc(n, sizeof(bool)), *dead = calloc(n, sizeof(bool));
 	struct retries rt = { malloc(n * sizeof(int64_t)), 0, n, true };
-	struct spent_slot *tab = calloc(spent_slots(n), sizeof(*tab));
-	if (!sel || !taken || !dead || !rt.ids || !tab) {
+	const char **room = malloc(n * sizeof(*room));
+	if (!sel || !taken || !dead || !rt.ids || !room) {
 		free(sel);
 		free(taken);
 		free(dead);
 		free(rt.ids);
-		free(tab);
+		free(room);
 		return; /* the claim runs out and the rows go again */
 	}
 	size_t k = 0;
@@ -1366,7 +1332,7 @@ static void record_outcomes(struct lane *l, struct outbox_row *rows, size_t n, i
 		else
 			dead_now(l, sel, k);
 	}
-	mark_dying(l, rows, n, taken, dead, tab);
+	mark_dying(l, rows, n, taken, dead, room);
 	for (int last = 0; last < 2; last++)
 		for (size_t i = 0; i < n; i++) {
 			if (taken[i] || dead[i] != last)
@@ -1385,7 +1351,7 @@ static void record_outcomes(struct lane *l, struct outbox_row *rows, size_t n, i
 	free(taken);
 	free(dead);
 	free(rt.ids);
-	free(tab);
+	free(room);
 }
 
 /* Typing is best-effort (spec/interop-api.md): a notification accepted
