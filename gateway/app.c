@@ -674,6 +674,12 @@ void app_retry_after(struct cw_req *req, int64_t ms)
 	cw_req_add_header(req, "Retry-After", ra);
 }
 
+void app_reply_no_memory(struct cw_req *req)
+{
+	cw_req_add_header(req, "Retry-After", "1");
+	cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory; retry");
+}
+
 void app_reply_store_error(struct cw_app *app, struct cw_req *req, cw_err rc, const char *why)
 {
 	if (rc == CW_EUNAVAIL || rc == CW_ETIMEDOUT || rc == CW_ESHUTDOWN || rc == CW_ERETRY) {
@@ -718,8 +724,7 @@ void app_job_run(struct cw_app *app, struct cw_req *req, cw_err (*fn)(PGconn *, 
 	if (!j) {
 		if (data && data_free)
 			data_free(data);
-		cw_req_add_header(req, "Retry-After", "1");
-		cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory; retry");
+		app_reply_no_memory(req);
 		return;
 	}
 	j->data = data;

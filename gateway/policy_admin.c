@@ -49,14 +49,6 @@ struct aq {
 			         before anything is made (policy_peer_of_domain) */
 };
 
-/* Out of memory: 503 with Retry-After, as app_job_run answers it (until
- * the forty-fourth session's review these routes said no Retry-After). */
-static void no_memory(struct cw_req *req)
-{
-	cw_req_add_header(req, "Retry-After", "1");
-	cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory; retry");
-}
-
 static void aq_free(void *arg)
 {
 	struct aq *q = arg;
@@ -537,7 +529,7 @@ void policy_admin_rule_create(struct cw_req *req, void *ctx)
 	bool ok = false;
 	char own[MIMI_DOMAIN_MAX + 1];
 	if (!q)
-		no_memory(req);
+		app_reply_no_memory(req); /* until the forty-fourth session without Retry-After */
 	else if (!app_json_only_known(req, body, rule_members))
 		;
 	else if (!scope || !policy_scope_parse(scope, &sc))
@@ -638,7 +630,7 @@ void policy_admin_rule_update(struct cw_req *req, void *ctx)
 #undef RULE_NEW_LIMITS
 	bool has_mode, mode_null, has_limits, limits_empty, ok = false;
 	if (!q)
-		no_memory(req);
+		app_reply_no_memory(req);
 	else if (json_is_object(body) && json_object_size(body) == 0) /* as PATCH /settings and /peers/{name} answer it */
 		cw_req_problem(req, 400, "invalid_body", "Invalid body", "nothing to change");
 	else if (app_json_only_known(req, body, members)) {
