@@ -889,9 +889,10 @@ static bool invited(struct matrix *m, PGconn *c, const char *room, const char *s
 	 * and was silent from then on).  Asked once the row is committed,
 	 * as the members are: an m.room.encryption sent after this answer is
 	 * pushed after the commit, and read with the row (bot_wants:
-	 * encrypted). */
-	int enc = room_encrypted(m, room, NULL);
-	if ((others = others_in(m, room, NULL, sender)) != 0 || enc != 0) {
+	 * encrypted).  The members first: a room someone else is in is left
+	 * whatever its encryption, so that is not asked then. */
+	int enc = 0;
+	if ((others = others_in(m, room, NULL, sender)) != 0 || (enc = room_encrypted(m, room, NULL)) != 0) {
 		/* someone came in meanwhile, or the room is encrypted (or no
 		 * answer for now): the old room, if any, is hers again, else
 		 * she has none */
