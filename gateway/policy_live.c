@@ -172,7 +172,10 @@ static cw_err load_all(PGconn *c, struct policy_builder *b, void *arg, cw_errmsg
 			PQclear(r);
 			return cw_fail(e, CW_ENOMEM, "out of memory");
 		}
-		if (brc)
+		if (brc == 1)
+			LOG_KV(CW_LOG_WARN, "policy rule's limits partly not understood: its mode and the limits "
+					    "understood apply", "rule_id", PQgetvalue(r, i, 0));
+		else if (brc)
 			LOG_KV(CW_LOG_WARN, "policy rule ignored: not understood", "rule_id", PQgetvalue(r, i, 0));
 	}
 	PQclear(r);

@@ -59,7 +59,10 @@ static uint64_t get_value(const struct policy_limits *l, unsigned bit)
 	return 0;
 }
 
-bool policy_limits_from_json(const json_t *o, struct policy_limits *out, char *err, size_t errlen)
+/* lenient: a member this build does not know is passed over (*skipped
+ * set), not refused; a known member's bad value is refused either way. */
+static bool limits_parse(const json_t *o, struct policy_limits *out, char *err, size_t errlen, bool lenient,
+			 bool *skipped)
 {
 	memset(out, 0, sizeof(*out));
 	if (!json_is_object(o)) {
@@ -107,6 +110,8 @@ bool policy_limits_from_json(const json_t *o, struct policy_limits *out, char *e
 				return false;
 			}
 			out->in_addition = json_is_true(v);
+		} else if (lenient) {
+			*skipped = true;
 		} else {
 			snprintf(err, errlen,
 				 "limits has an unknown member '%.64s' (known: messages_per_minute, "
@@ -119,6 +124,11 @@ bool policy_limits_from_json(const json_t *o, struct policy_limits *out, char *e
 		}
 	}
 	return true;
+}
+
+bool policy_limits_from_json(const json_t *o, struct policy_limits *out, char *err, size_t errlen)
+{
+	return limits_parse(o, out, err, errlen, false, NULL);
 }
 
 json_t *policy_limits_to_json(const struct policy_limits *l)
@@ -147,9 +157,24 @@ int policy_builder_rule_row(struct policy_builder *b, const char *id, const char
 	enum policy_mode m = POLICY_MODE_NONE;
 	struct policy_limits lim;
 	char why[512];
+	bool skipped = false;
+	if (!policy_scope_parse(scope, &sc) || (*mode && !policy_mode_parse(mode, &m)))
+		return -1;
 	json_t *lj = json_loads(limits, 0, NULL);
-	bool ok = lj && policy_scope_parse(scope, &sc) && (!*mode || policy_mode_parse(mode, &m)) &&
-		  policy_limits_from_json(lj, &lim, why, sizeof(why));
+	bool understood = lj && limits_parse(lj, &lim, why, sizeof(why), true, &skipped);
 	json_decref(lj);
-	return ok ? policy_builder_rule(b, atoll(id), sc, pattern, m, &lim, atoll(expires_ms)) : -1;
+	/* Limits it cannot read take the rule's mode with them only where
+	 * the mode lets more through than its absence would (open): a deny,
+	 * closed or allowlist rule keeps stopping what it stops, without its
+	 * limits.  Until the forty-fifth session any limit not understood
+	 * (a newer build's member during a rolling restart, a value written
+	 * by SQL) dropped the whole rule, and an abuser's deny with it. */
+	if (!understood) {
+		if (m != POLICY_MODE_DENY && m != POLICY_MODE_CLOSED && m != POLICY_MODE_ALLOWLIST)
+			return -1;
+		memset(&lim, 0, sizeof(lim));
+		skipped = true;
+	}
+	int rc = policy_builder_rule(b, atoll(id), sc, pattern, m, &lim, atoll(expires_ms));
+	return rc == 0 && skipped ? 1 : rc;
 }

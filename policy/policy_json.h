@@ -24,7 +24,13 @@ json_t *policy_limits_to_json(const struct policy_limits *l);
 /* Adds one row of the rules table, as the snapshot loader reads it (text):
  * id, scope, pattern, mode ("" when the rule only sets limits), limits (JSON
  * text) and expires_ms ("0": never).  policy_builder_rule's return codes;
- * -1 also when a field is not understood (the loader skips such a row). */
+ * -1 also when a field is not understood (the loader skips such a row),
+ * and 1 when the rule was added without some of its limits: members of
+ * limits this build does not know (a newer build's) are passed over, the
+ * others applied; limits it cannot read at all (a bad value) are dropped,
+ * and the rule kept only for a mode that refuses (deny, closed,
+ * allowlist), which must not be lost with them (an open rule, or one of
+ * limits alone, is then -1). */
 int policy_builder_rule_row(struct policy_builder *b, const char *id, const char *scope, const char *pattern,
 			    const char *mode, const char *limits, const char *expires_ms);
 

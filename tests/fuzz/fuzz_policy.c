@@ -139,7 +139,7 @@ static struct policy_snapshot *build(struct line *lines, int n, bool reverse, en
 		}
 		if (rc == -2)
 			abort(); /* out of memory: not expected at these sizes */
-		if (rc)
+		if (rc < 0) /* 1: a rule row added without some of its limits */
 			*all_taken = false;
 	}
 	struct policy_snapshot *s = policy_builder_finish(b, 1);

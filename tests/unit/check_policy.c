@@ -2124,6 +2124,58 @@ START_TEST(in_addition_rule_charged_first)
 }
 END_TEST
 
+/* A rule row whose limits the loader cannot read in full (a newer build's
+ * member during a rolling restart, a value SQL wrote): a mode that refuses
+ * is kept, and the limits this build knows apply.  Until the forty-fifth
+ * session the whole row was skipped, and a deny of an abuser with it. */
+START_TEST(rule_row_with_limits_not_understood_keeps_its_refusal)
+{
+	struct policy_builder *b = policy_builder_new();
+	policy_builder_defaults(b, POLICY_MODE_OPEN, true);
+	ck_assert_int_eq(policy_builder_rule_row(b, "1", "user", "mimi://gk.example/u/troll", "deny",
+						 "{\"messages_per_minute_of_the_future\": 3}", "0"),
+			 1);
+	ck_assert_int_eq(policy_builder_rule_row(b, "2", "domain", "bad.example", "closed",
+						 "{\"messages_per_minute\": 0}", "0"),
+			 1);
+	/* known members kept beside an unknown one */
+	ck_assert_int_eq(policy_builder_rule_row(b, "3", "domain", "gk.example", "",
+						 "{\"max_body_bytes\": 10, \"later_limit\": {\"x\": 1}}", "0"),
+			 1);
+	/* an open rule whose limits cannot be read lets nothing more through */
+	ck_assert_int_eq(policy_builder_rule_row(b, "4", "domain", "open.example", "open",
+						 "{\"max_body_bytes\": -1}", "0"),
+			 -1);
+	ck_assert_int_eq(policy_builder_rule_row(b, "5", "domain", "what.example", "", "not json", "0"), -1);
+	ck_assert_int_eq(policy_builder_rule_row(b, "6", "domain", "fine.example", "deny", "{}", "0"), 0);
+	struct policy_snapshot *s = policy_builder_finish(b, 1);
+	ck_assert_ptr_nonnull(s);
+	ck_assert_uint_eq(policy_snapshot_rule_count(s), 4);
+	struct policy_request r = troll_message(NULL);
+	struct policy_decision d;
+	policy_decide(s, &r, &d);
+	ck_assert_str_eq(d.reason, "server_denied_user");
+	ck_assert_int_eq(d.rule_id, 1);
+	r.sender = (struct policy_party){ "mimi://bad.example/u/x", "bad.example", "peer:bad" };
+	policy_decide(s, &r, &d);
+	ck_assert_str_eq(d.reason, "server_closed");
+	ck_assert_int_eq(d.rule_id, 2);
+	r.sender = (struct policy_party){ "mimi://gk.example/u/nice", "gk.example", "peer:gk" };
+	r.body_bytes = 11;
+	policy_decide(s, &r, &d);
+	ck_assert_str_eq(d.reason, "too_large");
+	ck_assert_int_eq(d.rule_id, 3);
+	policy_snapshot_free(s);
+
+	/* The admin API's reading stays strict: an unknown member is refused. */
+	struct policy_limits l;
+	char err[400];
+	json_t *in = json_pack("{s:i}", "later_limit", 1);
+	ck_assert(!policy_limits_from_json(in, &l, err, sizeof(err)));
+	json_decref(in);
+}
+END_TEST
+
 /* The outbound limits as the admin API and the rules table give them. */
 START_TEST(outbound_limits_json)
 {
@@ -2528,6 +2580,7 @@ int main(void)
 	tcase_add_test(tc, policy_cases);
 	tcase_add_test(tc, content_kind_refusal_names_the_kind);
 	tcase_add_test(tc, outbound_limits_json);
+	tcase_add_test(tc, rule_row_with_limits_not_understood_keeps_its_refusal);
 	tcase_add_test(tc, builder_cases);
 	tcase_add_test(tc, prop_server_deny_always_denies);
 	tcase_add_test(tc, prop_random_requests);
