@@ -1173,6 +1173,35 @@ def test_rule_change_is_in_force_on_every_process_without_restart(daemon, make_d
     print(f"rule in force on the second process after {took * 1000:.0f} ms")
 
 
+def test_a_deny_rule_whose_limits_this_build_cannot_read_still_denies(daemon, peers, pg, db_url):
+    """A rule row with a limit the daemon does not know (a newer build's,
+    during a rolling restart) or cannot read (written by SQL): until the
+    forty-fifth session the loader skipped the whole row, and a deny of an
+    abuser with it. Its mode now stays, and the limits it knows apply."""
+    (a, _), _ = peers
+    opt_in(daemon)
+    consent(daemon, a.user("wally"), "allowed")
+    room = dm(a)
+    pg.psql("INSERT INTO rules (scope, pattern, mode, limits, created_by) VALUES "
+            "('domain', 'wa.example', 'deny', '{\"messages_per_hour_of_a_newer_build\": 5}', 'admin:t') "
+            "RETURNING id; NOTIFY causeway_policy", db_url)
+    rid = int(pg.psql("SELECT id FROM rules WHERE pattern = 'wa.example'", db_url))
+
+    def dropped():
+        m = send(a, room, "x").json()["id"]
+        return states(pg, db_url, [m])[0][1] == "dropped" and m
+    wait_policy(daemon, dropped, "the deny in force")
+    rec = decision(daemon, dropped())["recipients"][0]
+    assert (rec["verdict"], rec["reason"], rec["rule_id"]) == ("deny", "server_denied_domain", rid), rec
+    # A value the admin API would refuse: the limits go, the deny stays.
+    start = len(daemon.records)
+    pg.psql(f"UPDATE rules SET limits = '{{\"messages_per_minute\": 0}}' WHERE id = {rid}; "
+            "NOTIFY causeway_policy", db_url)
+    daemon.wait_for(lambda rec: rec.get("msg", "").startswith("policy rule's limits partly")
+                    and rec.get("rule_id") == str(rid), start=start)
+    assert dropped()
+
+
 def gauge(d, name):
     m = re.search(r"^" + name + r" (\S+)$", d.get("/metrics").text, re.M)
     return float(m.group(1)) if m else None
