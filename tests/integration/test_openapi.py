@@ -217,6 +217,75 @@ def test_problem_codes_are_the_codes_of_the_code(doc):
     assert documented and documented <= literals, documented - literals
 
 
+# The sources of the answers a peer's request may get (the routes of
+# docs/openapi.json, the front's, the links of gateway/media.c's files).
+PEER_SOURCES = ("adapters/peer/peer_api.c", "adapters/peer/peer_pull.c", "adapters/peer/peer_social.c",
+                "adapters/peer/peer_media.c", "adapters/peer/httpsig.c", "gateway/http.c", "gateway/app.c")
+# Codes of the admin API's alone (gateway/app.c's admin_authorize).
+ADMIN_ONLY = {"admin_disabled", "forbidden"}
+# Given outside the document's operations: the front's answer to a path or
+# a method it does not serve, and a /media/ capability link's.
+OUTSIDE_OPERATIONS = {"not_found", "method_not_allowed", "expired_media", "media_mismatch", "media_refused"}
+
+
+def emitted_problems():
+    """(status, code) of every problem the peer API's sources give: the
+    calls that pass a status and then a code (cw_req_problem, app_job_fail,
+    item_fail, problem_item), a code by its macro (CONFLICT_RETRY), and a
+    result's .status/.code pair."""
+    defs, srcs = {}, []
+    for name in PEER_SOURCES + ("adapters/peer/event.h",):
+        with open(os.path.join(TOP_SRCDIR, name), encoding="utf-8") as f:
+            src = f.read()
+        defs.update(re.findall(r'#define\s+([A-Z_]+)\s+"([a-z_]+)"', src))
+        srcs.append(src)
+    pairs = set()
+    for src in srcs[:-1]:
+        for m in re.finditer(r'\b([1-5]\d\d),\s*(?:\.code = )?(?:"([a-z_]+)"|([A-Z][A-Z_]+)\b)', src):
+            code = m.group(2) or defs.get(m.group(3))
+            if code:
+                pairs.add((int(m.group(1)), code))
+    return pairs
+
+
+def test_the_problem_codes_are_those_the_code_gives(doc):
+    """The codes docs/openapi.json gives its operations, each under the
+    status it comes with, and those docs/interop-api.md's "Errors" lists,
+    are exactly the (status, code) pairs the peer API's sources give, no
+    more and none left out.  Until the forty-fifth session nothing
+    compared them: not_found and method_not_allowed (a path or method not
+    served) were named nowhere, expired_media and media_mismatch (a /media/
+    link's) only under "Media"."""
+    code = emitted_problems()
+    assert len(code) >= 20 and (409, "in_progress") in code and (413, "too_large") in code, code
+    peer = {(st, c) for st, c in code if c not in ADMIN_ONLY}
+    assert {c for _, c in code} >= ADMIN_ONLY | OUTSIDE_OPERATIONS, code
+    documented = set()
+    for _, _, op in operations(doc):
+        for status, resp in op["responses"].items():
+            if not re.fullmatch(r"[45]\d\d", status):
+                continue
+            schema = deref(doc, resp)["content"]["application/problem+json"]["schema"]
+            nodes = [deref(doc, n) for _, n in walk(schema)] + [deref(doc, schema)]
+            documented |= {(int(status), c) for n in nodes for _, m in walk(n)
+                           for c in m.get("code", {}).get("enum", [])}
+    # the codes a batch item's result carries (200) are some of these
+    items = {c for _, node in walk(doc["components"]["schemas"]["BatchRefused"])
+             for c in node.get("code", {}).get("enum", [])}
+    assert items and items <= {c for _, c in peer}, items
+    expected = {(st, c) for st, c in peer if c not in OUTSIDE_OPERATIONS}
+    assert documented == expected, {"undocumented": sorted(expected - documented),
+                                    "never given": sorted(documented - expected)}
+    with open(os.path.join(TOP_SRCDIR, "docs", "interop-api.md"), encoding="utf-8") as f:
+        prose = f.read()
+    errors = re.search(r"^## Errors\n(.*?)^## ", prose, re.S | re.M)
+    assert errors, "no Errors section in docs/interop-api.md"
+    listed = set()
+    for m in re.finditer(r"((?:`[a-z_]+`\s*/\s*)*`[a-z_]+`)\s+\((\d{3})\b", errors.group(1)):
+        listed |= {(int(m.group(2)), c) for c in re.findall(r"`([a-z_]+)`", m.group(1))}
+    assert listed == peer, {"not in the list": sorted(peer - listed), "never given": sorted(listed - peer)}
+
+
 def test_path_parameters_are_declared(doc):
     for path, item in doc["paths"].items():
         names = set(re.findall(r"\{(\w+)\}", path))
