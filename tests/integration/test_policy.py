@@ -3136,6 +3136,37 @@ def test_policy_reasons_doc_lists_exactly_the_codes_the_code_gives():
                                                    "gone": sorted(documented - engine - writes - sweep)}
 
 
+def test_policy_doc_names_exactly_the_limits_a_rule_takes():
+    """A rule's limits (policy/policy_json.c's fields[], content_kinds and
+    in_addition) are the ones docs/policy.md's "Rate limits" names in its
+    list, the ones the refusal of an unknown member names, and the
+    properties of docs/admin-openapi.json's RuleLimits.  Until the
+    forty-fifth session the list left out the two outbound limits (named
+    only further down the page), and nothing compared them."""
+    from harness import TOP_SRCDIR
+
+    def read(*parts):
+        with open(os.path.join(TOP_SRCDIR, *parts), encoding="utf-8") as f:
+            return f.read()
+    src = read("policy", "policy_json.c")
+    table = re.search(r"limit_field fields\[\]\s*=\s*\{(.*?)\};", src, re.S)
+    assert table, "fields[] not found in policy/policy_json.c"
+    code = set(re.findall(r'\{\s*"([a-z_]+)"', table.group(1)))
+    code |= {k for k in ("content_kinds", "in_addition") if f'"{k}"' in src}
+    assert len(code) == 12, code
+    known = re.search(r"\(known: ([a-z_,\s\"]+)\)", src)
+    assert known, "the unknown member's refusal not found"
+    named = set(re.findall(r"[a-z_]+", known.group(1)))
+    section = re.search(r"^## Rate limits\n\nLimits in a rule's `limits` object:(.*?)Buckets refill",
+                        read("docs", "policy.md"), re.S | re.M)
+    assert section, "no list of the limits in docs/policy.md's Rate limits"
+    listed = set(re.findall(r"`([a-z_]+)`", section.group(1))) - {"invalid_body"}
+    openapi = json.loads(read("docs", "admin-openapi.json"))
+    props = set(openapi["components"]["schemas"]["RuleLimits"]["properties"])
+    assert named == code and listed == code and props == code, {
+        "refusal": sorted(named ^ code), "policy.md": sorted(listed ^ code), "admin-openapi": sorted(props ^ code)}
+
+
 SWEEP_LOCK = 7161132091431352699  # gateway/policy_live.c, SWEEP_LOCK_KEY
 
 
