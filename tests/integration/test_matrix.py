@@ -6542,3 +6542,30 @@ def test_a_row_out_of_retries_takes_the_untried_rows_behind_it_dead(make_daemon,
         assert not [e for e in hs.events(mx_room) if e["content"].get("body", "").startswith("d")]
     finally:
         srv.close()
+
+
+def test_the_bots_commands_are_those_matrix_md_lists():
+    """The commands the bot carries out (the verbs adapters/matrix/mx_bot.c
+    and mx_cmd.c compare, and help, its answer to anything else) are the
+    ones its help text lists and the ones docs/matrix.md's table of the
+    management room lists, no more and none left out; a report's reason is
+    as long as the table says (MX_BOT_REASON_MAX)."""
+    from harness import TOP_SRCDIR
+
+    def read(*parts):
+        with open(os.path.join(TOP_SRCDIR, *parts), encoding="utf-8") as f:
+            return f.read()
+    bot = read("adapters", "matrix", "mx_bot.c")
+    code = set(re.findall(r'strcmp\((?:out->|cmd\.)?verb, "([a-z-]+)"\)', bot + read("adapters", "matrix", "mx_cmd.c")))
+    assert {"accept", "list"} <= code and "answer(m, c, room, txn, help_text);" in bot, code
+    code.add("help")
+    help_text = re.search(r"help_text\[\]\s*=\s*(.*?);\n", bot, re.S)
+    assert help_text, "help_text not found in mx_bot.c"
+    helped = set(re.findall(r'"  ([a-z-]+)[ <]', help_text.group(1)))
+    section = re.search(r"^## The management room\n(.*?)^## ", read("docs", "matrix.md"), re.S | re.M)
+    assert section, "no management room section in docs/matrix.md"
+    listed = {v for row in re.findall(r"^\| (`[^|]*`) \|", section.group(1), re.M)
+              for v in re.findall(r"`([a-z-]+)[ `]", row)}
+    assert helped == code and listed == code, {"help": sorted(helped ^ code), "matrix.md": sorted(listed ^ code)}
+    reason = re.search(r"#define MX_BOT_REASON_MAX (\d+)", read("adapters", "matrix", "mx_cmd.h"))
+    assert reason and f"the rest of the line, at most {reason.group(1)} bytes" in section.group(1)

@@ -6762,3 +6762,29 @@ def test_a_peers_edit_or_delete_right_behind_its_message_reaches_the_client_afte
     a.send(rid, wally, "marker")
     wait_until(lambda: len(from_wally()) > pos, timeout=30, what="the marker at alice")
     assert [body(el) for el in from_wally()[pos:]] == ["marker"]
+
+
+def test_the_components_commands_are_those_xmpp_md_lists():
+    """The ad-hoc commands the component offers (xa_commands[],
+    adapters/xmpp/xmpp_cmdform.c) are the ones docs/xmpp.md lists, with the
+    limits of their fields (XA_CMD_JID_MAX, XA_CMD_REASON_MAX) as the page
+    gives them."""
+    from harness import TOP_SRCDIR
+
+    def read(*parts):
+        with open(os.path.join(TOP_SRCDIR, *parts), encoding="utf-8") as f:
+            return f.read()
+    table = re.search(r"xa_commands\[\]\s*=\s*\{(.*?)\};", read("adapters", "xmpp", "xmpp_cmdform.c"), re.S)
+    assert table, "xa_commands[] not found"
+    code = set(re.findall(r'\{\s*"([a-z-]+)"', table.group(1)))
+    assert "report" in code, code
+    doc = read("docs", "xmpp.md")
+    offered = re.search(r"offers XEP-0050 ad-hoc commands: (.*?) \(its reason", doc, re.S)
+    assert offered, "the list of the ad-hoc commands not found in docs/xmpp.md"
+    listed = set(re.findall(r"`([a-z]+(?:-[a-z]+)?)`", offered.group(1)))
+    assert listed == code, sorted(listed ^ code)
+    header = read("adapters", "xmpp", "xmpp_cmdform.h")
+    limits = {k: int(v) for k, v in re.findall(r"#define (XA_CMD_\w+_MAX) (\d+)", header)}
+    assert set(limits) == {"XA_CMD_JID_MAX", "XA_CMD_REASON_MAX"}, limits
+    assert f"a reason of {limits['XA_CMD_REASON_MAX']} bytes, or a JID\n  of {limits['XA_CMD_JID_MAX']}," in doc
+    assert f"(its reason up to {limits['XA_CMD_REASON_MAX']}\n  bytes" in doc
