@@ -370,6 +370,43 @@ def test_unauthenticated_gets_match_their_schema(daemon, doc):
     assert checked >= 1
 
 
+def test_the_directory_says_what_the_documents_say(daemon, doc):
+    """The directory's lists and limits are what docs/interop-api.md and
+    docs/openapi.json say of them: its features the ones the endpoints
+    row names, its event and content types the document's enums, its
+    endpoints the routes served, its limits the document's bounds of an
+    event (parts, attachments, a part's body, the values and the batch),
+    its signature's components those of the Signature-Input the page
+    shows."""
+    d = daemon.get(DIRECTORY).json()
+    with open(os.path.join(TOP_SRCDIR, "docs", "interop-api.md"), encoding="utf-8") as f:
+        prose = f.read()
+    row = re.search(r"`features` \(what this profile does: ([^)]*)\)", prose)
+    assert row, "the directory's features not found in docs/interop-api.md"
+    assert re.findall(r"`([a-z]+)`", row.group(1)) == d["features"], (row.group(1), d["features"])
+    schemas = doc["components"]["schemas"]
+    described = schemas["Directory"]["properties"]["features"]["description"]
+    assert re.findall(r"\b[a-z]+\b", described.split(":", 1)[1]) == d["features"], described
+    assert d["event_types"] == schemas["Event"]["properties"]["type"]["enum"]
+    assert d["content_types"] == schemas["Part"]["properties"]["type"]["enum"]
+    served = {path for _, path, _ in route_table()}
+    assert {p for k, p in d["endpoints"].items() if k != "notify"} == {p for p in served if p.startswith("/v1/")}, \
+        d["endpoints"]
+    lim = d["limits"]
+    assert set(lim) == set(schemas["Directory"]["properties"]["limits"]["properties"]), lim
+    content = schemas["EventContent"]["properties"]
+    assert (content["parts"]["maxItems"], content["attachments"]["maxItems"]) == (lim["max_parts"],
+                                                                               lim["max_attachments"])
+    assert f"At most {lim['max_body_bytes']} bytes" in schemas["Part"]["properties"]["body"]["description"]
+    assert f"in one event, {lim['max_event_values']};" in \
+        schemas["Directory"]["properties"]["limits"]["properties"]["max_event_values"]["description"]
+    assert f"**At most {lim['max_event_values']} JSON values** per event" in prose
+    assert f"up to `peer.max_batch` events ({lim['max_batch_events']} by default;" in prose
+    assert lim["max_request_bytes"] == 1024 * 1024 and "`server.max_body_bytes` (1 MiB" in prose
+    sig = re.search(r'Signature-Input: sig1=\(([^)]*)\)', prose)
+    assert sig and re.findall(r'"([^"]+)"', sig.group(1)) == d["signatures"]["components"], d["signatures"]
+
+
 # ------------------------------------------------------------ the answers
 
 class Answer:
