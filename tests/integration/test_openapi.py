@@ -2,6 +2,7 @@
 daemon as is, that lists exactly the routes of the neutral API."""
 import glob
 import json
+import math
 import os
 import re
 
@@ -405,6 +406,57 @@ def test_the_directory_says_what_the_documents_say(daemon, doc):
     assert lim["max_request_bytes"] == 1024 * 1024 and "`server.max_body_bytes` (1 MiB" in prose
     sig = re.search(r'Signature-Input: sig1=\(([^)]*)\)', prose)
     assert sig and re.findall(r'"([^"]+)"', sig.group(1)) == d["signatures"]["components"], d["signatures"]
+
+
+def config_defaults():
+    """{"section.key": default text} of gateway/conf.c's table."""
+    with open(os.path.join(TOP_SRCDIR, "gateway", "conf.c"), encoding="utf-8") as f:
+        src = f.read()
+    return {f"{s}.{k}": v for s, k, v in re.findall(r'\{ "(\w+)", "(\w+)", CFG_\w+, OFF\(\w+\), "([^"]*)"', src)}
+
+
+def test_the_defaults_the_peer_documents_give_are_the_codes():
+    """The defaults docs/interop-api.md and docs/openapi.json give of the
+    settings a peer meets are those of the code (gateway/conf.c,
+    policy_settings_defaults): until the forty-fifth session the notify
+    webhook said dispatcher.batch_max was 100 (250 since the thirtieth)."""
+    conf = config_defaults()
+    with open(os.path.join(TOP_SRCDIR, "gateway", "policy_live.c"), encoding="utf-8") as f:
+        live = f.read()
+    policy = {k: math.prod(int(n) for n in v.split("*"))
+              for k, v in re.findall(r"s->(\w+) = ([0-9][0-9 *]*);", live)}
+    assert len(conf) > 50 and policy["peer_updates_per_minute"] > 0, (conf, policy)
+
+    def size(v):
+        n, unit = re.fullmatch(r"(\d+)(MiB|KiB)", v).groups()
+        return f"{n} {unit}"
+    days = policy["held_expiry_s"] // 86400
+    assert days * 86400 == policy["held_expiry_s"]
+    with open(os.path.join(TOP_SRCDIR, "docs", "interop-api.md"), encoding="utf-8") as f:
+        prose = " ".join(f.read().split())
+    claims = [
+        f"`dispatcher.typing_stale_ms` ({int(conf['dispatcher.typing_stale_ms']) // 1000} s;",
+        f"`dispatcher.batch_max` ({conf['dispatcher.batch_max']}) events",
+        f"`server.max_body_bytes` ({size(conf['server.max_body_bytes'])}:",
+        f"`peer.max_batch` events ({conf['peer.max_batch']} by default;",
+        f"`peer.max_long_polls` requests waiting at once in one daemon process (default "
+        f"{conf['peer.max_long_polls']};",
+        f"`server.media_max_bytes` ({size(conf['server.media_max_bytes'])})",
+        f"the default {int(conf['peer.replay_cache_entries']):,} over {2 * int(conf['peer.max_clock_skew_s'])} s",
+        f"`server.media_link_lifetime_s` ({int(conf['server.media_link_lifetime_s']) // 86400} days)",
+        f"`policy.held_expiry_seconds` ({days} days by default)",
+        f"`policy.peer_updates_per_minute`, default {policy['peer_updates_per_minute']};",
+    ]
+    missing = [c for c in claims if c not in prose]
+    with open(DOC_PATH, encoding="utf-8") as f:
+        document = json.dumps(json.load(f), ensure_ascii=False)
+    for c in (f"dispatcher.batch_max (default {conf['dispatcher.batch_max']})",
+              f"server.max_body_bytes of them ({size(conf['server.max_body_bytes'])} by default",
+              f"policy.identifier_queries_per_minute queries a minute from each peer "
+              f"({policy['identifier_queries_per_minute']} by default)"):
+        if c not in document:
+            missing.append(c)
+    assert not missing, missing
 
 
 # ------------------------------------------------------------ the answers
