@@ -419,7 +419,9 @@ def test_the_defaults_the_peer_documents_give_are_the_codes():
     """The defaults docs/interop-api.md and docs/openapi.json give of the
     settings a peer meets are those of the code (gateway/conf.c,
     policy_settings_defaults): until the forty-fifth session the notify
-    webhook said dispatcher.batch_max was 100 (250 since the thirtieth)."""
+    webhook said dispatcher.batch_max was 100 (250 since the thirtieth),
+    the batch took a fixed 256 events (peer.max_batch since the
+    twenty-first), and a consent request expired after a fixed 7 days."""
     conf = config_defaults()
     with open(os.path.join(TOP_SRCDIR, "gateway", "policy_live.c"), encoding="utf-8") as f:
         live = f.read()
@@ -453,7 +455,10 @@ def test_the_defaults_the_peer_documents_give_are_the_codes():
     for c in (f"dispatcher.batch_max (default {conf['dispatcher.batch_max']})",
               f"server.max_body_bytes of them ({size(conf['server.max_body_bytes'])} by default",
               f"policy.identifier_queries_per_minute queries a minute from each peer "
-              f"({policy['identifier_queries_per_minute']} by default)"):
+              f"({policy['identifier_queries_per_minute']} by default)",
+              f"dispatcher.typing_stale_ms ({int(conf['dispatcher.typing_stale_ms']) // 1000} s)",
+              f"peer.max_batch events ({conf['peer.max_batch']} by default",
+              f"policy.held_expiry_seconds ({days} days by default)"):
         if c not in document:
             missing.append(c)
     assert not missing, missing
