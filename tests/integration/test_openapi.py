@@ -464,6 +464,75 @@ def test_the_defaults_the_peer_documents_give_are_the_codes():
     assert not missing, missing
 
 
+def c_constants(*names):
+    """{NAME: int} of the #defines of the given sources (a number, or a
+    product of numbers, as EVENT_EXPIRES_LIMIT's digits)."""
+    out = {}
+    for name in names:
+        with open(os.path.join(TOP_SRCDIR, name), encoding="utf-8") as f:
+            for k, v in re.findall(r"^#define (\w+) (\d+)(?:LL|U|ULL)?\b", f.read(), re.M):
+                out[k] = int(v)
+    return out
+
+
+def test_the_documents_bounds_are_the_constants_of_the_code(doc):
+    """Each bound docs/openapi.json gives a field (a length, a count, a
+    range, the repeat of a pattern) is the constant the code checks it
+    against, and the bounds of the signature profile docs/interop-api.md
+    gives are httpsig.h's."""
+    k = c_constants("adapters/peer/event.h", "adapters/peer/peer_api.h", "adapters/peer/peer_api.c",
+                    "adapters/peer/peer_social.c", "adapters/peer/peer_pull.c", "adapters/peer/httpsig.h")
+    sc = doc["components"]["schemas"]
+    paths = doc["paths"]
+
+    def body(path, name):
+        op = paths[path]["post"] if "post" in paths[path] else paths[path]["patch"]
+        return op["requestBody"]["content"]["application/json"]["schema"]["properties"][name]
+
+    def repeat(pattern, after):
+        m = re.search(re.escape(after) + r"\{1,(\d+)\}", pattern)
+        assert m, (pattern, after)
+        return int(m.group(1))
+    params = {p["name"]: p["schema"] for p in (deref(doc, x) for x in paths["/v1/events"]["get"]["parameters"])}
+    att, content = sc["Attachment"]["properties"], sc["EventContent"]["properties"]
+    pairs = {
+        "UserUri maxLength": (sc["UserUri"]["maxLength"], k["MIMI_URI_MAX"]),
+        "RoomUri maxLength": (sc["RoomUri"]["maxLength"], k["MIMI_URI_MAX"]),
+        "UserUri local part": (repeat(sc["UserUri"]["pattern"], "/u/[A-Za-z0-9._~+=-]"), k["MIMI_LOCAL_MAX"]),
+        "RoomUri id": (repeat(sc["RoomUri"]["pattern"], "/r/[A-Za-z0-9_-]"), k["MIMI_ROOM_ID_MAX"]),
+        "RoomId": (repeat(sc["RoomId"]["pattern"], "r_[A-Za-z0-9_-]"), k["EVENT_OPAQUE_ID_MAX"]),
+        "MessageId": (repeat(sc["MessageId"]["pattern"], "msg_[A-Za-z0-9_-]"), k["EVENT_OPAQUE_ID_MAX"]),
+        "IdempotencyKey": (repeat(sc["IdempotencyKey"]["pattern"], "[A-Za-z0-9._:-]"), k["IDEMPOTENCY_KEY_MAX"]),
+        "attachment content_type": (att["content_type"]["maxLength"], k["EVENT_CONTENT_TYPE_MAX"]),
+        "attachment url": (att["url"]["maxLength"], k["EVENT_URL_MAX"]),
+        "attachment filename": (att["filename"]["maxLength"], k["EVENT_FILENAME_MAX"]),
+        "expires": (content["expires"]["anyOf"][0]["maximum"] + 1, k["EVENT_EXPIRES_LIMIT"]),
+        "room members": (sc["RoomCreate"]["properties"]["members"]["maxItems"], k["ROOM_MEMBERS_MAX"]),
+        "members add": (body("/v1/rooms/{room}/members", "add")["maxItems"], k["ROOM_MEMBERS_MAX"]),
+        "members remove": (body("/v1/rooms/{room}/members", "remove")["maxItems"], k["ROOM_MEMBERS_MAX"]),
+        "room name": (sc["RoomCreate"]["properties"]["name"]["maxLength"], k["ROOM_NAME_MAX"]),
+        "rename": (body("/v1/rooms/{room}", "name")["maxLength"], k["ROOM_NAME_MAX"]),
+        "report evidence": (body("/v1/reports", "evidence")["maxItems"], k["EVIDENCE_MAX"]),
+        "report comment": (body("/v1/reports", "comment")["maxLength"], k["COMMENT_MAX"]),
+        "display_name": (body("/v1/profiles", "display_name")["maxLength"], k["DISPLAY_NAME_MAX"]),
+        "handle": (body("/v1/identifiers/query", "handle")["maxLength"], k["MIMI_LOCAL_MAX"]),
+        "wait": (params["wait"]["maximum"], k["WAIT_MAX_S"]),
+        "limit": (params["limit"]["maximum"], k["LIMIT_MAX"]),
+    }
+    assert f"At most {k['EVENT_TOPIC_MAX']} bytes" in content["topic"]["description"]
+    reaction = [x["then"]["properties"]["content"] for x in sc["Event"]["allOf"]
+                if x["if"]["properties"].get("type", {}).get("const") == "reaction"]
+    assert reaction and f"body is at most {k['EVENT_REACTION_MAX']} bytes" in reaction[0]["description"]
+    wrong = {what: pair for what, pair in pairs.items() if pair[0] != pair[1]}
+    assert not wrong, wrong
+    with open(os.path.join(TOP_SRCDIR, "docs", "interop-api.md"), encoding="utf-8") as f:
+        prose = " ".join(f.read().split())
+    words = {4: "four", 16: "sixteen"}
+    assert (f"the first {words[k['HTTPSIG_MAX_TRIES']]} at most, so that a request cannot make the daemon check "
+            f"{words[k['HTTPSIG_MAX_MEMBERS']]}") in prose
+    assert f"The URI is checked whole, up to {k['HTTPSIG_MAX_FIELD']} bytes" in prose
+
+
 # ------------------------------------------------------------ the answers
 
 class Answer:
