@@ -1,5 +1,6 @@
 """Configuration from the outside: --check-config, the environment, and the
 documentation kept in step with the option table."""
+import glob
 import os
 import re
 import shutil
@@ -447,6 +448,37 @@ def test_docs_list_exactly_the_options_of_the_table():
         default = "" if default == "(empty)" else default.strip("`").split("`")[-1].strip("`")
         assert (typ, default, rng.strip(), applies, env.strip("`"), meaning) == \
             (row[1], row[2], row[6], row[3], row[4], row[5]), m.group(1)
+
+
+def test_the_settings_the_peer_and_user_pages_name_are_there():
+    """Every setting docs/interop-api.md, openapi.json, matrix.md, xmpp.md
+    and policy.md name (`section.key`) is an option of the daemon's
+    (--list-options) or a policy setting of the admin API's
+    (gateway/policy_admin.c): a page that names a setting renamed or gone
+    sends its reader to nothing.  Names of the same shape that are no
+    setting (an audit action, `policy.deny`, `peer.block`) are string
+    literals of the code."""
+    table = set(options())
+    sections = {name.split(".")[0] for name in table}
+    literals = set()
+    for pattern in ("gateway/*.c", "adapters/*/*.c", "policy/*.c"):
+        for name in glob.glob(os.path.join(TOP_SRCDIR, pattern)):
+            with open(name, encoding="utf-8") as f:
+                literals |= set(re.findall(r"[\"']([a-z_]+\.[a-z_.]+)[\"']", f.read()))
+    with open(os.path.join(TOP_SRCDIR, "gateway", "policy_admin.c"), encoding="utf-8") as f:
+        settings = set(re.findall(r'\{ "(policy\.[a-z_]+)", ', f.read()))
+    assert "policy.optin_default" in settings and "server.domain" in table, (settings, len(table))
+    unknown = {}
+    for page in ("interop-api.md", "matrix.md", "xmpp.md", "policy.md", "openapi.json"):
+        with open(os.path.join(TOP_SRCDIR, "docs", page), encoding="utf-8") as f:
+            text = f.read()
+        shape = r"\b([a-z]+\.[a-z_]*[a-z])\b" if page.endswith(".json") else r"`([a-z]+\.[a-z_]*[a-z])`"
+        named = {n for n in re.findall(shape, text) if n.split(".")[0] in sections
+                 and n.split(".")[1] not in ("md", "c", "h", "py", "json", "test", "example")}  # a file, a domain
+        gone = sorted(n for n in named if n not in table and n not in settings and n not in literals)
+        if gone:
+            unknown[page] = gone
+    assert not unknown, unknown
 
 
 def test_both_ends_of_every_documented_range_are_taken(tmp_path):
