@@ -2,6 +2,7 @@
 #include "config.h"
 #include "policy_live.h"
 #include "event.h"
+#include "fnv.h"
 #include "log.h"
 #include "policy_json.h"
 #include "ratelimit.h"
@@ -103,18 +104,6 @@ static cw_err query_ids(PGconn *c, const char *sql, const char *ids, PGresult **
 static cw_err load_facts(PGconn *c, struct policy_builder *b, const char *ids, uint64_t *fp, bool *opted_out,
 			 cw_errmsg *e);
 
-/* The settings' fingerprint (policy_settings.fingerprint): FNV-1a over
- * strings, each ended by a 0. */
-#define FP_START 1469598103934665603ULL
-static uint64_t fp_mix(uint64_t h, const char *s)
-{
-	for (const unsigned char *p = (const unsigned char *)s;; p++) {
-		h = (h ^ *p) * 1099511628211ULL;
-		if (!*p)
-			return h;
-	}
-}
-
 /* Settings (into arg, a struct policy_settings), rules and every fact. */
 static cw_err load_all(PGconn *c, struct policy_builder *b, void *arg, cw_errmsg *e)
 {
@@ -127,8 +116,10 @@ static cw_err load_all(PGconn *c, struct policy_builder *b, void *arg, cw_errmsg
 		setting_apply(set, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1));
 	PQclear(r);
 	policy_builder_defaults(b, set->default_mode, set->optin_default);
-	uint64_t fp = fp_mix(FP_START, policy_mode_name(set->default_mode));
-	fp = fp_mix(fp, set->optin_default ? "t" : "f");
+	/* the settings' fingerprint (policy_settings.fingerprint): FNV-1a
+	 * over strings, each ended by its 0 */
+	uint64_t fp = fnv1a_field(FNV1A_START, policy_mode_name(set->default_mode));
+	fp = fnv1a_field(fp, set->optin_default ? "t" : "f");
 
 	/* An expiry of 'infinity' (only SQL writes one: the API takes
 	 * seconds) is no expiry: until the thirty-seventh session its epoch
@@ -160,10 +151,10 @@ static cw_err load_all(PGconn *c, struct policy_builder *b, void *arg, cw_errmsg
 		 * no verdict of a recheck and made every process read the whole
 		 * waiting backlog again (a review of the session's change). */
 		if (PQgetvalue(r, i, 3)[0]) {
-			uint64_t h = FP_START;
+			uint64_t h = FNV1A_START;
 			for (int k = 0; k < 6; k++)
 				if (k != 4)
-					h = fp_mix(h, PQgetvalue(r, i, k));
+					h = fnv1a_field(h, PQgetvalue(r, i, k));
 			fp += h; /* a sum: the rows' order is not the hash's */
 		}
 		int brc = policy_builder_rule_row(b, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1), PQgetvalue(r, i, 2),
@@ -198,7 +189,7 @@ static cw_err load_facts(PGconn *c, struct policy_builder *b, const char *ids, u
 		return rc;
 	for (int i = 0; i < PQntuples(r); i++) {
 		if (fp && PQgetvalue(r, i, 2)[0] != 't') /* a sum: the rows' order is not the hash's */
-			*fp += fp_mix(fp_mix(FP_START, PQgetvalue(r, i, 0)), PQgetvalue(r, i, 1));
+			*fp += fnv1a_field(fnv1a_field(FNV1A_START, PQgetvalue(r, i, 0)), PQgetvalue(r, i, 1));
 		if (opted_out && PQgetvalue(r, i, 2)[0] != 't')
 			*opted_out = true;
 		if (policy_builder_optin(b, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1), PQgetvalue(r, i, 2)[0] == 't') == -2)
@@ -1207,10 +1198,7 @@ static bool memo_find(const struct policy_rate_memo *m, uint64_t h, int64_t *r)
 
 static uint64_t memo_hash(const char *key)
 {
-	uint64_t h = 1469598103934665603ULL;
-	for (const unsigned char *p = (const unsigned char *)key; *p; p++)
-		h = (h ^ *p) * 1099511628211ULL;
-	return h;
+	return fnv1a(FNV1A_START, key, strlen(key));
 }
 
 /* Room for one more element of size in *p (n of *cap, doubled from

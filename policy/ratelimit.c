@@ -6,6 +6,7 @@
  * correct to the millisecond). */
 #include "config.h"
 #include "ratelimit.h"
+#include "fnv.h"
 
 #include <pthread.h>
 #include <stdlib.h>
@@ -68,12 +69,7 @@ static uint64_t hash_a(const char *p, size_t n)
 
 static uint64_t hash_b(const char *p, size_t n)
 {
-	uint64_t h = 0xcbf29ce484222325ull;
-	for (size_t i = 0; i < n; i++) {
-		h ^= (unsigned char)p[i];
-		h *= 0x100000001b3ull;
-	}
-	return h;
+	return fnv1a(FNV1A_START, p, n);
 }
 
 struct ratelimit *ratelimit_new(size_t slots)

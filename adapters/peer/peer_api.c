@@ -10,6 +10,7 @@
 #include "matrix/matrix.h"
 #include "utf8.h"
 #include "ratelimit.h"
+#include "fnv.h"
 
 #include <pthread.h>
 #include <stdarg.h>
@@ -3900,15 +3901,7 @@ static void answer_item(struct cw_app *app, struct msg_input *in, const struct i
 /* FNV-1a of a request's scope and idempotency key, for group_dup. */
 static uint64_t idem_hash(const struct msg_input *x)
 {
-	uint64_t h = 0xcbf29ce484222325ull;
-	for (const char *p = x->scope;; p++) {
-		h = (h ^ (unsigned char)*p) * 0x100000001b3ull; /* the NUL too: scope and key apart */
-		if (!*p)
-			break;
-	}
-	for (const char *p = x->idem_key; *p; p++)
-		h = (h ^ (unsigned char)*p) * 0x100000001b3ull;
-	return h;
+	return fnv1a(fnv1a_field(FNV1A_START, x->scope), x->idem_key, strlen(x->idem_key));
 }
 
 /* Whether x has the scope and key of a request already in the group, whose

@@ -3,6 +3,7 @@
  * tests/unit/data/policy_cases.txt, property checks over generated
  * snapshots and requests, builder validation, and the bucket table. */
 #include "config.h"
+#include "fnv.h"
 #include "policy.h"
 #include "policy_json.h"
 #include "policy_live.h"
@@ -2572,6 +2573,20 @@ START_TEST(outbound_group_event_past_the_old_memo_charges_each_rule_once)
 }
 END_TEST
 
+/* The one FNV-1a (fnv.h) gives the published 64-bit FNV-1a values, in one
+ * piece or in parts, and a field's NUL keeps neighbouring fields apart. */
+START_TEST(fnv1a_vectors)
+{
+	ck_assert_uint_eq(fnv1a(FNV1A_START, "", 0), 0xcbf29ce484222325ull);
+	ck_assert_uint_eq(fnv1a(FNV1A_START, "a", 1), 0xaf63dc4c8601ec8cull);
+	ck_assert_uint_eq(fnv1a(FNV1A_START, "foobar", 6), 0x85944171f73967e8ull);
+	ck_assert_uint_eq(fnv1a(fnv1a(FNV1A_START, "foo", 3), "bar", 3), 0x85944171f73967e8ull);
+	ck_assert_uint_eq(fnv1a_field(FNV1A_START, "foobar"), fnv1a(FNV1A_START, "foobar", 7));
+	ck_assert_uint_ne(fnv1a_field(fnv1a_field(FNV1A_START, "ab"), "c"),
+			  fnv1a_field(fnv1a_field(FNV1A_START, "a"), "bc"));
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("policy");
@@ -2613,6 +2628,7 @@ int main(void)
 	tcase_add_test(rt, rl_peek_never_changes_the_bucket);
 	tcase_add_test(rt, rl_eviction_many_keys);
 	tcase_add_test(rt, rl_threads);
+	tcase_add_test(rt, fnv1a_vectors);
 	suite_add_tcase(s, rt);
 	return unit_run(s);
 }
