@@ -48,9 +48,11 @@ void cw_log_set_request_id(const char *request_id) { log_request_id = request_id
 
 /* The length of the UTF-8 character at v (n bytes left) a record writes
  * as it is, or 0 for a byte it escapes (each byte of the character alike,
- * as \xHH): one that starts no valid sequence, a C1 control (U+0080-
- * U+009F) or a bidirectional control (cw_utf8_bidi_format: overrides,
- * isolates, marks).  Until the forty-fourth session such bytes from
+ * as \xHH): one that starts no valid sequence, or a character
+ * cw_utf8_display_control names (C1 controls, U+0080-U+009F; the
+ * bidirectional controls and marks; since the forty-fifth session the
+ * line and paragraph separators, U+2028 and U+2029, which a viewer that
+ * honours them shows as a line break: a path could fake a record).  Until the forty-fourth session such bytes from
  * outside (a request's path "/%ff", a peer's error text) were written
  * raw: a record that is not UTF-8 is shown by journalctl as "[N bytes
  * blob data]", hiding the whole line, a C1 control (U+009B is CSI)
@@ -60,7 +62,7 @@ static size_t shown_as_is(const unsigned char *v, size_t n)
 {
 	unsigned cp;
 	size_t k = cw_utf8_seq(v, n, &cp);
-	return k > 1 && (cp <= 0x9f || cw_utf8_bidi_format(cp)) ? 0 : k;
+	return k && cw_utf8_display_control(cp) ? 0 : k;
 }
 
 static bool needs_quotes(const char *v)

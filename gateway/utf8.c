@@ -98,6 +98,11 @@ bool cw_utf8_bidi_format(unsigned cp)
 	return bidi_control(cp) || cp == 0x200E || cp == 0x200F || cp == 0x061C;
 }
 
+bool cw_utf8_display_control(unsigned cp)
+{
+	return cp < 0x20 || (cp >= 0x7F && cp <= 0x9F) || cw_utf8_bidi_format(cp) || cp == 0x2028 || cp == 0x2029;
+}
+
 static bool noncharacter(unsigned cp)
 {
 	return (cp >= 0xFDD0 && cp <= 0xFDEF) || (cp & 0xFFFE) == 0xFFFE;

@@ -35,6 +35,17 @@ bool cw_utf8_has_bidi_control(const char *s, size_t n);
  * by both, and log records held the others raw too). */
 bool cw_utf8_bidi_format(unsigned cp);
 
+/* Whether cp, written raw where a person reads it (a log record, log.c;
+ * causewayctl's tables and --json), could drive the terminal or change
+ * what is shown around it: a control (C0, DEL, C1: U+009B is CSI), a
+ * bidirectional control or mark (cw_utf8_bidi_format), or the line or
+ * paragraph separator (U+2028, U+2029), which a viewer that honours them
+ * (a browser's log view, an editor, JavaScript's line splitting) shows
+ * as a line break: a path holding one would start a forged record there.
+ * The one list both escape (until the forty-fifth session each had its
+ * own copy of it, without the separators). */
+bool cw_utf8_display_control(unsigned cp);
+
 /* Whether the n bytes of valid UTF-8 at s hold a noncharacter (U+FDD0-
  * U+FDEF, and the last two code points of every plane: U+FFFE, U+FFFF,
  * U+1FFFE, ...): never text, and U+FFFE and U+FFFF are not characters

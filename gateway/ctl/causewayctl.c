@@ -568,16 +568,15 @@ static const char *jstr_or(const json_t *o, const char *key)
 }
 
 /* The length of what defang replaces at p (NUL-terminated; 0: nothing),
- * *cp its code point: a C0 control or DEL (1 byte), a C1 control (2), a
- * bidirectional control (2 or 3: cw_utf8_bidi_format, the list log.c
- * escapes too; until the forty-fourth session's review the marks U+200E,
- * U+200F and U+061C were not among them here). */
+ * *cp its code point: a character cw_utf8_display_control names, the
+ * list log.c escapes too (a C0 control or DEL, 1 byte; a C1 control, 2; a
+ * bidirectional control or mark, 2 or 3; until the forty-fourth session's
+ * review the marks U+200E, U+200F and U+061C were not among them here,
+ * until the forty-fifth the line and paragraph separators). */
 static size_t control_at(const unsigned char *p, unsigned *cp)
 {
 	size_t n = cw_utf8_seq(p, strnlen((const char *)p, 4), cp);
-	if (n == 1)
-		return *cp < 0x20 || *cp == 0x7f;
-	return n > 1 && (*cp <= 0x9f || cw_utf8_bidi_format(*cp)) ? n : 0;
+	return n && cw_utf8_display_control(*cp) ? n : 0;
 }
 
 /* --json: the answer as it is, for scripts, but what could drive the

@@ -884,6 +884,27 @@ def test_bidirectional_marks_are_defanged_as_the_overrides_are():
         s.close()
 
 
+def test_line_and_paragraph_separators_are_defanged():
+    """U+2028 and U+2029 are shown as a line break by a viewer that honours
+    them: since the forty-fifth session causewayctl shows them as it shows a
+    control, '?' for each byte, and a \\u escape with --json (the list the
+    daemon's logs escape, utf8.c's cw_utf8_display_control).  Their
+    neighbours (U+2027, U+202F) are shown as they are."""
+    sender = "mimi://evil.example/u/a\u2028b\u2029c\u2027d\u202fe"
+    s = StandIn({"/admin/v1/messages/msg_x": doc({"message": "msg_x", "sender": sender, "deliveries": [],
+                                                  "decisions": []})})
+    try:
+        out = ok("trace", "msg_x", url=s.url)
+        assert "mimi://evil.example/u/a???b???c\u2027d\u202fe" in out, out
+        out = ok("--json", "trace", "msg_x", url=s.url)
+        assert "a\\u2028b\\u2029c\u2027d\u202fe" in out, out
+        assert json.loads(out)["sender"] == sender
+        for c in ("\u2028", "\u2029"):
+            assert c not in out, (c, out)
+    finally:
+        s.close()
+
+
 def test_a_settings_file_others_may_change_is_warned_about(tmp_path):
     """A settings file that other users may write names where the token is
     sent: one of them could set url = http://their.host and be handed the

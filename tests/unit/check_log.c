@@ -162,6 +162,22 @@ START_TEST(bidirectional_controls_are_hex_escaped)
 }
 END_TEST
 
+/* The line and paragraph separators (U+2028, U+2029) are escaped too: a
+ * viewer that honours them (a browser's log view, an editor) shows a line
+ * break there, and a path could start a forged record after it.  Until the
+ * forty-fifth session they were written raw.  Their neighbours are not. */
+START_TEST(line_and_paragraph_separators_are_hex_escaped)
+{
+	char buf[512];
+	const char *kv[] = { "path", "/a\xe2\x80\xa8ts=1970-01-01T00:00:00.000Z level=error msg=forged",
+			     "ps", "\xe2\x80\xa9", "near", "\xe2\x80\xa7\xe2\x80\xb0", NULL };
+	cw_log_format(buf, sizeof(buf), 0, CW_LOG_INFO, "m", NULL, kv);
+	ck_assert_str_eq(buf, "ts=1970-01-01T00:00:00.000Z level=info msg=m "
+			      "path=\"/a\\xe2\\x80\\xa8ts=1970-01-01T00:00:00.000Z level=error msg=forged\" "
+			      "ps=\"\\xe2\\x80\\xa9\" near=\xe2\x80\xa7\xe2\x80\xb0\n");
+}
+END_TEST
+
 START_TEST(levels_parse_and_filter)
 {
 	ck_assert_int_eq(cw_log_level_parse("warn"), CW_LOG_WARN);
@@ -430,6 +446,7 @@ int main(void)
 	tcase_add_test(tc, control_characters_are_hex_escaped);
 	tcase_add_test(tc, bytes_that_are_not_utf8_and_c1_controls_are_hex_escaped);
 	tcase_add_test(tc, bidirectional_controls_are_hex_escaped);
+	tcase_add_test(tc, line_and_paragraph_separators_are_hex_escaped);
 	tcase_add_test(tc, null_value_is_empty);
 	tcase_add_test(tc, long_records_are_truncated_but_end_in_newline);
 	tcase_add_test(tc, a_cut_record_never_leaves_a_quote_open_or_an_escape_split);

@@ -138,6 +138,16 @@ START_TEST(bidi_and_invisible_cases)
 		ck_assert_msg(cw_utf8_bidi_format(bidi[i]) && cw_utf8_invisible(bidi[i]), "U+%04X", bidi[i]);
 	for (size_t i = 0; i < sizeof(not_bidi) / sizeof(not_bidi[0]); i++)
 		ck_assert_msg(!cw_utf8_bidi_format(not_bidi[i]), "U+%04X", not_bidi[i]);
+	/* what logs escape and causewayctl defangs: the controls, those,
+	 * and the line and paragraph separators; no neighbour of either */
+	static const unsigned display_control[] = { 0x00, 0x0A, 0x1B, 0x1F, 0x7F, 0x80, 0x85, 0x9B, 0x9F,
+						    0x061C, 0x200E, 0x202E, 0x2069, 0x2028, 0x2029 };
+	static const unsigned not_display_control[] = { ' ', 'a', 0x7E, 0xA0, 0xE9, 0x2027, 0x202F, 0x2030,
+							0x200D, 0x2065, 0x3000, 0xFEFF };
+	for (size_t i = 0; i < sizeof(display_control) / sizeof(display_control[0]); i++)
+		ck_assert_msg(cw_utf8_display_control(display_control[i]), "U+%04X", display_control[i]);
+	for (size_t i = 0; i < sizeof(not_display_control) / sizeof(not_display_control[0]); i++)
+		ck_assert_msg(!cw_utf8_display_control(not_display_control[i]), "U+%04X", not_display_control[i]);
 }
 END_TEST
 
