@@ -396,7 +396,7 @@ void admin_views_config(struct cw_req *req, void *ctx)
 	}
 	if (!ok) {
 		json_decref(options);
-		cw_req_problem(req, 500, "internal", "Internal error", "out of memory");
+		cw_req_no_memory(req);
 		return;
 	}
 	cw_req_reply_json(req, 200, json_pack("{s:o}", "options", options));

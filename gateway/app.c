@@ -44,7 +44,7 @@ static void reply_static(struct cw_req *req, const char *doc, size_t len)
 {
 	char *copy = malloc(len);
 	if (!copy) {
-		cw_req_problem(req, 500, "internal", "Internal error", "out of memory");
+		cw_req_no_memory(req);
 		return;
 	}
 	memcpy(copy, doc, len);
@@ -305,7 +305,7 @@ static void h_readyz(struct cw_req *req, void *ctx)
 	struct cw_app *app = ctx;
 	struct readyz_job *j = calloc(1, sizeof(*j));
 	if (!j) {
-		cw_req_problem(req, 500, "internal", "Internal error", "out of memory");
+		cw_req_no_memory(req);
 		return;
 	}
 	j->app = app;
@@ -578,7 +578,7 @@ static void h_metrics(struct cw_req *req, void *ctx)
 	struct cw_app *app = ctx;
 	struct metrics_job *j = calloc(1, sizeof(*j));
 	if (!j) {
-		cw_req_problem(req, 500, "internal", "Internal error", "out of memory");
+		cw_req_no_memory(req);
 		return;
 	}
 	j->app = app;
@@ -674,12 +674,6 @@ void app_retry_after(struct cw_req *req, int64_t ms)
 	cw_req_add_header(req, "Retry-After", ra);
 }
 
-void app_reply_no_memory(struct cw_req *req)
-{
-	cw_req_add_header(req, "Retry-After", "1");
-	cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory; retry");
-}
-
 void app_reply_store_error(struct cw_app *app, struct cw_req *req, cw_err rc, const char *why)
 {
 	if (rc == CW_EUNAVAIL || rc == CW_ETIMEDOUT || rc == CW_ESHUTDOWN || rc == CW_ERETRY) {
@@ -691,6 +685,10 @@ void app_reply_store_error(struct cw_app *app, struct cw_req *req, cw_err rc, co
 			       why && strcmp(why, STORE_OUTCOME_UNKNOWN) == 0
 				       ? (cw_req_retry_safe(req) ? STORE_OUTCOME_RETRY : STORE_OUTCOME_LOOK) :
 			       "the database is unavailable; nothing was stored");
+		return;
+	}
+	if (rc == CW_ENOMEM) { /* until the forty-fifth session a 500 */
+		cw_req_no_memory(req);
 		return;
 	}
 	if (rc == CW_ECONFLICT) {
@@ -724,7 +722,7 @@ void app_job_run(struct cw_app *app, struct cw_req *req, cw_err (*fn)(PGconn *, 
 	if (!j) {
 		if (data && data_free)
 			data_free(data);
-		app_reply_no_memory(req);
+		cw_req_no_memory(req);
 		return;
 	}
 	j->data = data;

@@ -150,9 +150,6 @@ void app_retry_after(struct cw_req *req, int64_t ms);
  * (reloads failing for POLICY_STALE_AFTER_S or more) stale_for_s and
  * detail}; NULL without a policy thread. */
 json_t *app_policy_health(struct cw_app *app);
-/* The answer when this process's memory ran out: 503 with Retry-After
- * (a failure of the daemon's own, never the client's). */
-void app_reply_no_memory(struct cw_req *req);
 /* The answer for a store that refused or failed a job. */
 void app_reply_store_error(struct cw_app *app, struct cw_req *req, cw_err rc, const char *why);
 /* False after answering 415 when the body is not application/json. */

@@ -66,7 +66,7 @@ void console_serve(struct cw_req *req, void *ctx)
 	}
 	char *body = malloc(a->len + 1);
 	if (!body) {
-		cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory");
+		cw_req_no_memory(req);
 		return;
 	}
 	memcpy(body, a->body, a->len + 1);

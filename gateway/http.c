@@ -371,13 +371,11 @@ void cw_req_problem(struct cw_req *r, int status, const char *code, const char *
 			      "status", status, "detail", cw_problem_detail(detail ? detail : summary), "code", code);
 	char *s = j ? json_dumps(j, JSON_COMPACT) : NULL;
 	json_decref(j);
-	if (!s) {
-		static const char fallback[] = "{\"type\":\"about:blank\",\"title\":\"Internal Server Error\","
-					       "\"status\":500,\"code\":\"internal\"}";
-		s = strdup(fallback);
-		status = 500;
+	if (!s) { /* until the forty-fifth session a 500 without Retry-After */
+		cw_req_no_memory(r);
+		return;
 	}
-	cw_req_reply(r, status, "application/problem+json", s, s ? strlen(s) : 0);
+	cw_req_reply(r, status, "application/problem+json", s, strlen(s));
 }
 
 void cw_req_add_header(struct cw_req *r, const char *name, const char *value)
@@ -457,6 +455,19 @@ static bool json_answer(const char *content_type)
 	return false;
 }
 
+/* Until the forty-fifth session memory running out was answered 500 in
+ * some places, 503 without Retry-After in others, and 400 (the client's
+ * fault) by POST /v1/rooms. */
+void cw_req_no_memory(struct cw_req *r)
+{
+	static const char doc[] = "{\"type\":\"about:blank\",\"title\":\"Service Unavailable\",\"status\":503,"
+				  "\"detail\":\"out of memory; retry\",\"code\":\"unavailable\"}";
+	if (!added_header(r, "Retry-After"))
+		cw_req_add_header(r, "Retry-After", "1");
+	char *s = strdup(doc);
+	cw_req_reply(r, 503, "application/problem+json", s, s ? strlen(s) : 0);
+}
+
 /* Every answer says nosniff, and a JSON one (never a page) may load
  * nothing and be framed nowhere: a browser led to an API URL shows it as
  * data, whatever its text holds.  A handler's own (the console's pages,
@@ -481,8 +492,8 @@ static enum MHD_Result queue_reply(struct cw_req *r)
 		json_decref(j);
 		if (text)
 			cw_req_reply(r, r->status, "application/json", text, strlen(text));
-		else
-			cw_req_problem(r, 500, "internal", "Internal error", "could not encode the answer");
+		else /* json_dumps fails for want of memory only */
+			cw_req_no_memory(r);
 	}
 	struct MHD_Response *resp;
 	if (r->rdone) {

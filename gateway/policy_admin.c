@@ -529,7 +529,7 @@ void policy_admin_rule_create(struct cw_req *req, void *ctx)
 	bool ok = false;
 	char own[MIMI_DOMAIN_MAX + 1];
 	if (!q)
-		app_reply_no_memory(req); /* until the forty-fourth session without Retry-After */
+		cw_req_no_memory(req); /* until the forty-fourth session without Retry-After */
 	else if (!app_json_only_known(req, body, rule_members))
 		;
 	else if (!scope || !policy_scope_parse(scope, &sc))
@@ -630,7 +630,7 @@ void policy_admin_rule_update(struct cw_req *req, void *ctx)
 #undef RULE_NEW_LIMITS
 	bool has_mode, mode_null, has_limits, limits_empty, ok = false;
 	if (!q)
-		app_reply_no_memory(req);
+		cw_req_no_memory(req);
 	else if (json_is_object(body) && json_object_size(body) == 0) /* as PATCH /settings and /peers/{name} answer it */
 		cw_req_problem(req, 400, "invalid_body", "Invalid body", "nothing to change");
 	else if (app_json_only_known(req, body, members)) {

@@ -193,15 +193,10 @@ bool peer_api_enabled(struct cw_app *app, struct cw_req *req)
 	return false;
 }
 
-static void out_of_memory(struct cw_req *req)
-{
-	cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory; retry");
-}
-
 static void event_problem(struct cw_req *req, const struct event_error *err)
 {
 	if (strcmp(err->code, EVENT_ERR_TOO_LARGE) != 0 && strcmp(err->code, EVENT_ERR_INVALID) != 0) {
-		out_of_memory(req);
+		cw_req_no_memory(req);
 		return;
 	}
 	int status = strcmp(err->code, EVENT_ERR_TOO_LARGE) == 0 ? 413 : 400;
@@ -744,6 +739,11 @@ void peer_api_room_create(struct cw_req *req, void *ctx)
 	if (!body)
 		return;
 	struct room_input *in = calloc(1, sizeof(*in));
+	if (!in) { /* until the forty-fifth session 400 invalid_body, the client's fault */
+		json_decref(body);
+		cw_req_no_memory(req);
+		return;
+	}
 	const char *bad = NULL;
 	json_t *kind = json_object_get(body, "kind"), *members = json_object_get(body, "members");
 	json_t *policy = json_object_get(body, "policy"), *uri = json_object_get(body, "uri");
@@ -752,10 +752,8 @@ void peer_api_room_create(struct cw_req *req, void *ctx)
 	char why[MIMI_URI_MAX + 300];
 	struct event_error perr;
 	char pdetail[sizeof(perr.detail) + sizeof(perr.pointer) + 8];
-	if (!in) {
-		bad = "out of memory";
-	} else if (!json_is_string(kind) || (strcmp(json_string_value(kind), "direct") != 0 &&
-					      strcmp(json_string_value(kind), "group") != 0)) {
+	if (!json_is_string(kind) || (strcmp(json_string_value(kind), "direct") != 0 &&
+				      strcmp(json_string_value(kind), "group") != 0)) {
 		bad = "kind must be direct or group";
 	} else if (!json_is_array(members) || json_array_size(members) < 2 ||
 		   json_array_size(members) > ROOM_MEMBERS_MAX) {
@@ -806,8 +804,7 @@ void peer_api_room_create(struct cw_req *req, void *ctx)
 	if (bad) {
 		cw_req_problem(req, 400, "invalid_body", "Invalid body", bad);
 		json_decref(body);
-		if (in)
-			room_input_free(in);
+		room_input_free(in);
 		return;
 	}
 	in->p = p;
@@ -822,7 +819,7 @@ void peer_api_room_create(struct cw_req *req, void *ctx)
 	if (!canon) {
 		json_decref(body);
 		room_input_free(in);
-		cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory; retry");
+		cw_req_no_memory(req);
 		return;
 	}
 	cw_sha256(canon, strlen(canon), in->hash);
@@ -1293,7 +1290,7 @@ void peer_api_room_members(struct cw_req *req, void *ctx)
 	struct members_input *in = calloc(1, sizeof(*in));
 	if (!in) {
 		json_decref(body);
-		out_of_memory(req);
+		cw_req_no_memory(req);
 		return;
 	}
 	if (!peer_read_users(app, req, json_object_get(body, "add"), "add", in->add, &in->nadd) ||
@@ -1333,7 +1330,7 @@ void peer_api_room_get(struct cw_req *req, void *ctx)
 		return;
 	struct room_get_input *in = calloc(1, sizeof(*in));
 	if (!in) {
-		out_of_memory(req);
+		cw_req_no_memory(req);
 		return;
 	}
 	snprintf(in->public_id, sizeof(in->public_id), "%s", room);
@@ -1418,7 +1415,7 @@ void peer_api_room_rename(struct cw_req *req, void *ctx)
 		if (in)
 			rename_input_free(in);
 		if (oom)
-			out_of_memory(req);
+			cw_req_no_memory(req);
 		else
 			cw_req_problem(req, 400, "invalid_body", "Invalid body", bad);
 		return;
@@ -4119,7 +4116,7 @@ static void submit_one(struct cw_req *req, struct cw_app *app, unsigned types, b
 		unsigned char md[32];
 		snprintf(created, sizeof(created), "%lld", (long long)p->created);
 		if (!cw_sha256_pair(created, strlen(created), p->nonce, strlen(p->nonce), md)) {
-			out_of_memory(req);
+			cw_req_no_memory(req);
 			return;
 		}
 		memcpy(made_key, "sig-", 4);
@@ -4178,7 +4175,7 @@ static void submit_one(struct cw_req *req, struct cw_app *app, unsigned types, b
 	if (!in || !in->idem_key || !in->event_text) {
 		if (in)
 			msg_input_free(in);
-		out_of_memory(req);
+		cw_req_no_memory(req);
 		return;
 	}
 	submit_coalesced(app, req, in);
@@ -4292,7 +4289,7 @@ void peer_api_message_status(struct cw_req *req, void *ctx)
 	}
 	struct status_input *in = calloc(1, sizeof(*in));
 	if (!in) {
-		out_of_memory(req);
+		cw_req_no_memory(req);
 		return;
 	}
 	snprintf(in->msg_id, sizeof(in->msg_id), "%s", id);
@@ -4326,7 +4323,7 @@ void peer_api_batch(struct cw_req *req, void *ctx)
 	struct submit *b = submit_new(bt.n);
 	if (!b) {
 		batch_free(&bt);
-		cw_req_problem(req, 500, "internal", "Internal error", "out of memory");
+		cw_req_no_memory(req);
 		return;
 	}
 	b->room_by = SUBMIT_ROOM_BY_URI;
@@ -4339,7 +4336,7 @@ void peer_api_batch(struct cw_req *req, void *ctx)
 			json_decref(key);
 			batch_free(&bt);
 			submit_free(b);
-			out_of_memory(req);
+			cw_req_no_memory(req);
 			return;
 		}
 		if (it->rc) {
@@ -4378,7 +4375,7 @@ void peer_api_batch(struct cw_req *req, void *ctx)
 		if (!in || !in->idem_key || !in->event_text) {
 			batch_free(&bt);
 			submit_free(b);
-			out_of_memory(req);
+			cw_req_no_memory(req);
 			return;
 		}
 	}
@@ -4386,7 +4383,7 @@ void peer_api_batch(struct cw_req *req, void *ctx)
 	struct app_job *j = app_job_new(app, req, NULL);
 	if (!j) {
 		submit_free(b);
-		out_of_memory(req);
+		cw_req_no_memory(req);
 		return;
 	}
 	j->data = b;

@@ -409,8 +409,7 @@ static void fetched(void *arg)
 		unsigned char *body = j->b.p ? j->b.p : malloc(1);
 		j->b.p = NULL;
 		if (!body) {
-			app_retry_after(req, 1000);
-			cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory");
+			cw_req_no_memory(req);
 		} else {
 			/* The type as a header (copied): cw_req_reply keeps its
 			 * content type by pointer, and j is gone before the answer
@@ -493,8 +492,7 @@ void peer_api_media(struct cw_req *req, void *ctx)
 	const char *token = cw_req_param(req, "token");
 	struct media_job *j = calloc(1, sizeof(*j));
 	if (!j) {
-		app_retry_after(req, 1000);
-		cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory");
+		cw_req_no_memory(req);
 		return;
 	}
 	/* Every failure to open the token is the same 404: a token of another
@@ -576,8 +574,7 @@ void media_public_get(struct cw_req *req, void *ctx)
 	char token[3 * MEDIA_URL_MAX], scope[SCOPE_MAX];
 	struct media_job *j = calloc(1, sizeof(*j));
 	if (!j) {
-		app_retry_after(req, 1000);
-		cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory");
+		cw_req_no_memory(req);
 		return;
 	}
 	/* A link without a size is one of a file that declared none (at most

@@ -674,7 +674,7 @@ void peer_api_events(struct cw_req *req, void *ctx)
 	}
 	struct waiter *w = calloc(1, sizeof(*w));
 	if (!w) {
-		cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory; retry");
+		cw_req_no_memory(req);
 		return;
 	}
 	w->req = req;
@@ -709,7 +709,7 @@ void peer_api_events(struct cw_req *req, void *ctx)
 			if (e)
 				cw_req_problem(req, 429, "rate_limited", "Too many requests", detail);
 			else
-				cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory; retry");
+				cw_req_no_memory(req);
 			return;
 		}
 		e->n++;

@@ -119,7 +119,7 @@ static struct social_input *begin(struct cw_req *req, struct cw_app *app, json_t
 	    (local_name &&
 	     !user_member(app, req, *body, local_name, false, app->cfg->domain, in->local, &in->local_u))) {
 		if (!in)
-			cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory; retry");
+			cw_req_no_memory(req);
 		free(in);
 		json_decref(*body);
 		return NULL;
@@ -639,7 +639,7 @@ void peer_api_profile(struct cw_req *req, void *ctx)
 	json_decref(body); /* dn and av are gone with it */
 	if (lost) {
 		social_free(in);
-		cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory; retry");
+		cw_req_no_memory(req);
 		return;
 	}
 	start(req, ctx, in, profile_fn, true);

@@ -613,7 +613,7 @@ static void reload_after(struct app_job *j)
 }
 
 /* Queues a change's write (the registry is updated after it); answers 503
- * itself when memory runs out (app_reply_no_memory, as every change here
+ * itself when memory runs out (cw_req_no_memory, as every change here
  * does: until the forty-fourth session's review a create or an update
  * answered 400 invalid_body "out of memory", the client's fault, and the
  * other changes 503 without Retry-After). */
@@ -623,7 +623,7 @@ static void start_change(struct cw_app *app, struct cw_req *req, struct peer_inp
 	struct app_job *j = app_job_new(app, req, fn);
 	if (!j) {
 		change_free(in);
-		app_reply_no_memory(req);
+		cw_req_no_memory(req);
 		return;
 	}
 	j->data = in;
@@ -714,7 +714,7 @@ void peer_admin_create(struct cw_req *req, void *ctx)
 		return;
 	}
 	if (!in) {
-		app_reply_no_memory(req);
+		cw_req_no_memory(req);
 		json_decref(body);
 		return;
 	}
@@ -786,7 +786,7 @@ void peer_admin_list(struct cw_req *req, void *ctx)
 {
 	struct app_job *j = app_job_new(ctx, req, list_fn); /* no data: every peer */
 	if (!j) {
-		cw_req_problem(req, 503, "unavailable", "Service unavailable", "out of memory; retry");
+		cw_req_no_memory(req);
 		return;
 	}
 	app_job_start(j, false);
@@ -872,7 +872,7 @@ static void set_enabled(struct cw_req *req, void *ctx, bool enable)
 	}
 	struct peer_input *in = new_change();
 	if (!in) {
-		app_reply_no_memory(req);
+		cw_req_no_memory(req);
 		return;
 	}
 	snprintf(in->name, sizeof(in->name), "%s", name);
@@ -907,7 +907,7 @@ void peer_admin_rotate(struct cw_req *req, void *ctx)
 	}
 	struct peer_input *in = new_change();
 	if (!in) {
-		app_reply_no_memory(req);
+		cw_req_no_memory(req);
 		return;
 	}
 	snprintf(in->name, sizeof(in->name), "%s", name);
@@ -957,7 +957,7 @@ void peer_admin_update(struct cw_req *req, void *ctx)
 			bad = "only event_types and push_url can be changed (credentials: /rotate)";
 	const char *url = str_field(body, "push_url");
 	if (!in) {
-		app_reply_no_memory(req);
+		cw_req_no_memory(req);
 		json_decref(body);
 		return;
 	}

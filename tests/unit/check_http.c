@@ -114,6 +114,37 @@ static void h_async(struct cw_req *r, void *ctx)
 
 static void h_silent(struct cw_req *r, void *ctx) { (void)r; }
 
+/* jansson's allocations on this thread fail while json_fail_left > 0, one
+ * less each (json_set_alloc_funcs, jansson's own hook): memory running out
+ * where the daemon builds or encodes an answer. */
+static _Thread_local int json_fail_left;
+static void *json_alloc_or_fail(size_t n)
+{
+	if (json_fail_left > 0) {
+		json_fail_left--;
+		return NULL;
+	}
+	return malloc(n);
+}
+
+static void h_no_memory(struct cw_req *r, void *ctx) { cw_req_no_memory(r); }
+
+/* A 400 whose problem document cannot be built. */
+static void h_problem_no_memory(struct cw_req *r, void *ctx)
+{
+	json_fail_left = 1000;
+	cw_req_problem(r, 400, "invalid_body", "Invalid body", "members must be an array");
+	json_fail_left = 0;
+}
+
+/* A 200 whose JSON cannot be encoded: the HTTP thread encodes it after the
+ * handler, and json_dumps's first allocation fails. */
+static void h_dumps_no_memory(struct cw_req *r, void *ctx)
+{
+	cw_req_reply_json(r, 200, json_pack("{s:s}", "hello", "ada"));
+	json_fail_left = 1;
+}
+
 /* The lines of X-Multi as cw_req_header_all joins them, asked twice. */
 static void h_lines(struct cw_req *r, void *ctx)
 {
@@ -154,6 +185,9 @@ static const struct cw_route live_routes[] = {
 	{ "POST", "/bare", h_hello, CW_AUTH_NONE, NULL, true },
 	{ "GET", "/lines", h_lines, CW_AUTH_NONE, NULL, false },
 	{ "POST", "/guarded", h_counted, CW_AUTH_PEER, NULL, false },
+	{ "GET", "/no-memory", h_no_memory, CW_AUTH_NONE, NULL, false },
+	{ "GET", "/problem-no-memory", h_problem_no_memory, CW_AUTH_NONE, NULL, false },
+	{ "GET", "/dumps-no-memory", h_dumps_no_memory, CW_AUTH_NONE, NULL, false },
 };
 
 static struct cw_http *live;
@@ -191,6 +225,7 @@ struct resp {
 	char ctype[128];
 	char request_id[64];
 	char allow[64];
+	char retry_after[16];
 };
 
 static size_t on_body(char *p, size_t sz, size_t n, void *u)
@@ -216,6 +251,8 @@ static size_t on_header(char *p, size_t sz, size_t n, void *u)
 		snprintf(r->request_id, sizeof(r->request_id), "%.63s", line + 14);
 	if (strncasecmp(line, "Allow: ", 7) == 0)
 		snprintf(r->allow, sizeof(r->allow), "%.63s", line + 7);
+	if (strncasecmp(line, "Retry-After: ", 13) == 0)
+		snprintf(r->retry_after, sizeof(r->retry_after), "%.15s", line + 13);
 	return len;
 }
 
@@ -287,6 +324,38 @@ START_TEST(live_sync_and_errors)
 	ck_assert_int_eq(r.status, 500);
 	ck_assert_ptr_nonnull(strstr(r.body, "\"code\":\"internal\""));
 	live_stop();
+}
+END_TEST
+
+/* Memory running out is one answer wherever it happens: 503 with
+ * Retry-After: 1 and the problem document "unavailable", also when the
+ * answer meant (a 400's problem, a 200's JSON) cannot be built or encoded.
+ * Until the forty-fifth session those two were a 500 "internal" without
+ * Retry-After, and handlers answered 500, 503 or even 400. */
+START_TEST(live_no_memory_is_one_answer)
+{
+	json_set_alloc_funcs(json_alloc_or_fail, free);
+	live_start();
+	static const char *const paths[] = { "/no-memory", "/problem-no-memory", "/dumps-no-memory" };
+	for (size_t i = 0; i < CW_ARRAY_LEN(paths); i++) {
+		struct resp r = request("GET", paths[i], NULL, 0, false);
+		ck_assert_msg(r.status == 503, "%s: %ld %s", paths[i], r.status, r.body);
+		ck_assert_str_eq(r.retry_after, "1");
+		ck_assert_str_eq(r.ctype, "application/problem+json");
+		json_t *j = json_loads(r.body, 0, NULL);
+		ck_assert_msg(j != NULL, "%s: %s", paths[i], r.body);
+		ck_assert_str_eq(json_string_value(json_object_get(j, "code")), "unavailable");
+		ck_assert_str_eq(json_string_value(json_object_get(j, "title")), "Service Unavailable");
+		ck_assert_int_eq(json_integer_value(json_object_get(j, "status")), 503);
+		ck_assert_str_eq(json_string_value(json_object_get(j, "type")), "about:blank");
+		json_decref(j);
+	}
+	/* and what follows is answered as ever */
+	struct resp r = request("GET", "/hello?name=ada", NULL, 0, false);
+	ck_assert_int_eq(r.status, 200);
+	ck_assert_str_eq(r.body, "{\"hello\":\"ada\"}");
+	live_stop();
+	json_set_alloc_funcs(malloc, free);
 }
 END_TEST
 
@@ -760,6 +829,7 @@ int main(void)
 	tcase_set_timeout(live_tc, 30);
 	tcase_add_test(live_tc, live_sync_and_errors);
 	tcase_add_test(live_tc, live_body_cap);
+	tcase_add_test(live_tc, live_no_memory_is_one_answer);
 	tcase_add_test(live_tc, live_route_without_a_body);
 	tcase_add_test(live_tc, live_header_lines_joined);
 	tcase_add_test(live_tc, live_credentials_before_the_body);
