@@ -11,6 +11,8 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
+#include <time.h>
 
 #define WINDOW 8           /* slots a key may live in */
 #define STRIPES 64
@@ -39,14 +41,15 @@ struct stripe {
 struct ratelimit {
 	struct bucket *b;
 	size_t mask;
+	uint64_t seed_a, seed_b; /* the table's own: see ratelimit_new */
 	struct stripe stripes[STRIPES];
 };
 
 /* Two hashes of different families: a word-at-a-time multiply-xorshift
  * with a MurmurHash3 finaliser, and FNV-1a. */
-static uint64_t hash_a(const char *p, size_t n)
+static uint64_t hash_a(uint64_t seed, const char *p, size_t n)
 {
-	uint64_t h = 0x452821e638d01377ull ^ n;
+	uint64_t h = seed ^ n;
 	while (n >= 8) {
 		uint64_t w;
 		memcpy(&w, p, 8);
@@ -67,9 +70,9 @@ static uint64_t hash_a(const char *p, size_t n)
 	return h;
 }
 
-static uint64_t hash_b(const char *p, size_t n)
+static uint64_t hash_b(uint64_t seed, const char *p, size_t n)
 {
-	return fnv1a(FNV1A_START, p, n);
+	return fnv1a(seed, p, n);
 }
 
 struct ratelimit *ratelimit_new(size_t slots)
@@ -86,6 +89,22 @@ struct ratelimit *ratelimit_new(size_t slots)
 		return NULL;
 	}
 	rl->mask = n - 1;
+	/* Starts of the two hashes no peer can know.  With the constants
+	 * they had until the forty-fifth session, a peer could choose sender
+	 * names whose buckets share the window of its domain's shared bucket
+	 * (eight of them evict it: it starts full again, a way round the
+	 * domain's limit), or whose two hashes both equal another key's (the
+	 * multiply-xorshift is undone a word at a time): its senders spending
+	 * another's tokens.  The values are never stored or sent. */
+	uint64_t seed[2];
+	if (getrandom(seed, sizeof(seed), 0) != (ssize_t)sizeof(seed)) {
+		struct timespec ts; /* no getrandom (a kernel before 3.17): still per process */
+		clock_gettime(CLOCK_MONOTONIC, &ts);
+		seed[0] = (uint64_t)ts.tv_nsec * 0x9e3779b97f4a7c15ull ^ (uint64_t)(uintptr_t)rl;
+		seed[1] = (uint64_t)ts.tv_sec ^ (uint64_t)(uintptr_t)rl->b;
+	}
+	rl->seed_a = seed[0];
+	rl->seed_b = seed[1] | 1; /* FNV-1a's start: any but 0 */
 	for (int i = 0; i < STRIPES; i++)
 		pthread_mutex_init(&rl->stripes[i].mu, NULL);
 	return rl;
@@ -150,13 +169,19 @@ static void lock_window(struct ratelimit *rl, const char *key, uint32_t *capacit
 	if (*capacity > MAX_CAPACITY)
 		*capacity = MAX_CAPACITY;
 	size_t len = strlen(key);
-	at->h1 = hash_a(key, len);
-	at->h2 = hash_b(key, len);
+	at->h1 = hash_a(rl->seed_a, key, len);
+	at->h2 = hash_b(rl->seed_b, key, len);
 	if (!at->h1)
 		at->h1 = 1;
 	at->w = (size_t)at->h1 & rl->mask & ~(size_t)(WINDOW - 1);
 	at->st = &rl->stripes[(at->w / WINDOW) % STRIPES];
 	pthread_mutex_lock(&at->st->mu);
+}
+
+size_t ratelimit_window(const struct ratelimit *rl, const char *key)
+{
+	uint64_t h1 = hash_a(rl->seed_a, key, strlen(key));
+	return (size_t)(h1 ? h1 : 1) & rl->mask & ~(size_t)(WINDOW - 1);
 }
 
 /* The bucket's fill (units) at now_ms under (capacity, period_ms), from

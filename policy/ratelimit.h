@@ -5,10 +5,12 @@
  * The table is allocated once (no allocation per call).  A key is hashed
  * into a set of 8 slots (the probe window); the bucket is found there by
  * two independent 64-bit hashes of the key (the key itself is not kept: a
- * copy would cost up to POLICY_RATE_KEY_MAX bytes a slot).  Two different
- * keys share a bucket only if both hashes collide, about 2^-64 per pair
- * even for the whole table, which is accepted: the worst case is that one
- * sender spends another's tokens.  When the window is full, the bucket used
+ * copy would cost up to POLICY_RATE_KEY_MAX bytes a slot), each started
+ * from a value drawn when the table is made, so that no peer can choose
+ * keys that share a window or a bucket.  Two different keys share a
+ * bucket only if both hashes collide, about 2^-64 per pair even for the
+ * whole table, which is accepted: the worst case is that one sender
+ * spends another's tokens.  When the window is full, the bucket used
  * least recently is evicted: it is forgotten, and starts full the next time
  * (so a table too small for the traffic errs on the side of delivering).
  * Locking: 64 mutexes, each guarding every 64th window. */
@@ -59,6 +61,10 @@ void ratelimit_give(struct ratelimit *rl, const char *key, uint32_t capacity, in
 /* struct policy_rate's take and peek, with ctx a struct ratelimit *. */
 int64_t ratelimit_policy_take(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms);
 int64_t ratelimit_policy_peek(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms);
+
+/* The first slot of the window key's bucket lives in (for tests: where a
+ * key lands is the table's own, from starts drawn in ratelimit_new). */
+size_t ratelimit_window(const struct ratelimit *rl, const char *key);
 
 /* Buckets in use, and evictions so far (for metrics; takes every lock). */
 void ratelimit_stats(struct ratelimit *rl, size_t *used, uint64_t *evictions);

@@ -3895,21 +3895,24 @@ static void answer_item(struct cw_app *app, struct msg_input *in, const struct i
 	cw_req_resume(req);
 }
 
-/* FNV-1a of a request's scope and idempotency key, for group_dup. */
-static uint64_t idem_hash(const struct msg_input *x)
+/* FNV-1a of a request's scope and idempotency key from seed, for
+ * group_dup. */
+static uint64_t idem_hash(uint64_t seed, const struct msg_input *x)
 {
-	return fnv1a(fnv1a_field(FNV1A_START, x->scope), x->idem_key, strlen(x->idem_key));
+	return fnv1a(fnv1a_field(seed, x->scope), x->idem_key, strlen(x->idem_key));
 }
 
 /* Whether x has the scope and key of a request already in the group, whose
  * items are indexed (position + 1) by seen[], an open-addressed table of
- * mask + 1 slots at least twice the group; if not, x's slot is *slot.
+ * mask + 1 slots at least twice the group hashed from seed (drawn for each
+ * group: with a start a peer knows, keys chosen to share a slot made the
+ * check quadratic again); if not, x's slot is *slot.
  * Until the forty-fourth session each request was compared with every
  * earlier one: 378 comparisons in a group of 28. */
-static bool group_dup(const struct submit *b, const uint32_t *seen, size_t mask, const struct msg_input *x,
-		      size_t *slot)
+static bool group_dup(const struct submit *b, const uint32_t *seen, size_t mask, uint64_t seed,
+		      const struct msg_input *x, size_t *slot)
 {
-	size_t k = (size_t)idem_hash(x) & mask;
+	size_t k = (size_t)idem_hash(seed, x) & mask;
 	for (; seen[k]; k = (k + 1) & mask) {
 		const struct msg_input *y = b->items[seen[k] - 1];
 		if (strcmp(y->idem_key, x->idem_key) == 0 && strcmp(y->scope, x->scope) == 0)
@@ -3943,13 +3946,15 @@ static cw_err merged_send(PGconn *c, void *arg, int round, cw_errmsg *e)
 			return cw_fail(e, CW_ENOMEM, "out of memory");
 		}
 		size_t i = 0;
+		uint64_t seed;
+		cw_random(&seed, sizeof(seed));
 		for (struct msg_input *x = list, *next; x; x = next) {
 			next = x->next;
 			x->next = NULL;
 			/* The same key twice in one group would collide at the
 			 * write: the later one is answered as a conflict now. */
 			size_t slot;
-			if (group_dup(m->b, seen, mask, x, &slot)) {
+			if (group_dup(m->b, seen, mask, seed, x, &slot)) {
 				struct item_result r = { .status = 409, .code = CONFLICT_RETRY };
 				snprintf(r.detail, sizeof(r.detail), "a request with this Idempotency-Key is in progress; retry");
 				answer_item(m->app, x, &r, CW_OK, NULL);

@@ -1770,6 +1770,29 @@ START_TEST(rl_peek_never_changes_the_bucket)
 }
 END_TEST
 
+/* Where a key lands is each table's own (since the forty-fifth session):
+ * with fixed hash starts a peer could pick sender names that share the
+ * window of its domain's bucket and evict it. */
+START_TEST(rl_windows_are_the_tables_own)
+{
+	struct ratelimit *a = ratelimit_new(512), *b = ratelimit_new(512);
+	size_t same = 0;
+	char key[64];
+	for (int i = 0; i < 64; i++) {
+		snprintf(key, sizeof(key), "mpu:1:mimi://e.example/u/%d", i);
+		size_t w = ratelimit_window(a, key);
+		ck_assert_uint_eq(w % 8, 0);
+		ck_assert_uint_lt(w, 512);
+		ck_assert_uint_eq(ratelimit_window(a, key), w); /* a table's own place is stable */
+		same += ratelimit_window(b, key) == w;
+	}
+	/* 64 windows: by chance about 1 key of 64 lands alike */
+	ck_assert_uint_lt(same, 16);
+	ratelimit_free(a);
+	ratelimit_free(b);
+}
+END_TEST
+
 START_TEST(rl_eviction_many_keys)
 {
 	struct ratelimit *rl = ratelimit_new(512);
@@ -2627,6 +2650,7 @@ int main(void)
 	tcase_add_test(rt, rl_first_refusal_once_per_episode);
 	tcase_add_test(rt, rl_peek_never_changes_the_bucket);
 	tcase_add_test(rt, rl_eviction_many_keys);
+	tcase_add_test(rt, rl_windows_are_the_tables_own);
 	tcase_add_test(rt, rl_threads);
 	tcase_add_test(rt, fnv1a_vectors);
 	suite_add_tcase(s, rt);
