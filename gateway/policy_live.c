@@ -1040,6 +1040,16 @@ static cw_err expiry_sweep(PGconn *c, long counts[3], cw_errmsg *e)
 /* The first key of the consent changes' advisory locks (policy_consent_apply). */
 #define CONSENT_LOCK_KEY "1668247156"
 
+/* A consent change of local user $1 (kind $2, subject $3) to state $4
+ * ('allowed', 'blocked', 'none': forgotten), by $5; its pending requests
+ * are decided with it.  A request the allow answers is 'accepted' unless
+ * her block of the other kind stands (an allow of a user under her block
+ * of his domain, an allow of a domain of one of whose users she blocked):
+ * that block wins (decide()'s step 2 before step 6, the spec's order), the
+ * sweep drops what he sent, and the request is 'blocked', as what became
+ * of his messages says (GET /admin/v1/messages/{id}/decision:
+ * user_blocked_domain).  Until the forty-fifth session it was 'accepted'
+ * while his messages were dropped. */
 static const char consent_sql[] =
 	"WITH old AS (SELECT state FROM consents WHERE local_identity_id = $1::bigint AND subject_kind = $2 "
 	"  AND subject = $3), "
@@ -1049,7 +1059,10 @@ static const char consent_sql[] =
 	"  SELECT $1::bigint, $2, $3, $4, $5 WHERE $4 <> 'none' "
 	"  ON CONFLICT (local_identity_id, subject_kind, subject) DO UPDATE SET state = excluded.state, "
 	"  source = excluded.source, updated_at = now()), "
-	"rq AS (UPDATE consent_requests q SET state = CASE WHEN $4 = 'allowed' THEN 'accepted' ELSE 'blocked' END, "
+	"rq AS (UPDATE consent_requests q SET state = CASE WHEN $4 = 'allowed' AND NOT EXISTS (SELECT 1 FROM consents b "
+	"  WHERE b.local_identity_id = $1::bigint AND b.state = 'blocked' AND (($2 = 'user' AND b.subject_kind = 'domain' "
+	"  AND b.subject = r.domain) OR ($2 = 'domain' AND b.subject_kind = 'user' AND b.subject = r.uri))) "
+	"  THEN 'accepted' ELSE 'blocked' END, "
 	"  decided_at = now() FROM identities r WHERE $4 <> 'none' AND q.state = 'pending' "
 	"  AND q.local_identity_id = $1::bigint AND r.id = q.remote_identity_id "
 	"  AND (($2 = 'user' AND r.uri = $3) OR ($2 = 'domain' AND r.domain = $3)) RETURNING q.id) "

@@ -172,6 +172,43 @@ def test_a_rule_made_while_messages_wait_decides_them_when_they_are_accepted(dae
                 == "pending", "carl opted in again")
 
 
+def test_an_allow_under_a_standing_block_of_the_other_kind_decides_the_request_as_blocked(daemon, peers, pg, db_url):
+    """alice's request from wally waits while her block of wally's domain
+    stands (stored by a process whose policy had not loaded the block
+    yet: here written directly), and she allows wally: the block wins
+    (step 2 before step 6), his messages are dropped, and the request is
+    'blocked', as the decision's reason says; until the forty-fifth
+    session it was 'accepted' while his messages were dropped.  Likewise
+    an allow of a domain with a standing block of one of its users."""
+    (a, _), _ = peers
+    wally, sam = a.user("wally"), a.user("sam")
+    opt_in(daemon)
+    opt_in(daemon, user=BOB)
+    ids = [send(a, dm(a), "hi").json()["id"], send(a, dm(a, local=BOB, remote="sam"), "hi", sender="sam").json()["id"]]
+    assert [s for _, s in states(pg, db_url, ids)] == ["held", "held"]
+    for user, kind, subject in ((ALICE, "domain", "wa.example"), (BOB, "user", sam)):
+        pg.psql("INSERT INTO consents (local_identity_id, subject_kind, subject, state, source) "
+                f"SELECT id, '{kind}', '{subject}', 'blocked', 'user' FROM identities WHERE uri = '{user}'", db_url)
+    out = consent(daemon, wally, "allowed")
+    assert (out["released"], out["dropped"], out["requests_decided"]) == (0, 1, 1), out
+    out = consent(daemon, "wa.example", "allowed", user=BOB, kind="domain")
+    assert (out["released"], out["dropped"], out["requests_decided"]) == (0, 1, 1), out
+    assert [s for _, s in states(pg, db_url, ids)] == ["dropped", "dropped"]
+    assert [decision(daemon, i)["recipients"][0]["reason"] for i in ids] == ["user_blocked_domain",
+                                                                             "user_blocked_sender"]
+    assert pg.psql("SELECT string_agg(l.localpart || ' ' || r.localpart || ' ' || q.state, ',' ORDER BY l.uri) "
+                   "FROM consent_requests q JOIN identities l ON l.id = q.local_identity_id "
+                   "JOIN identities r ON r.id = q.remote_identity_id", db_url) == "alice wally blocked,bob sam blocked"
+    # With nothing standing against it, an allow accepts as before.
+    carl = "mimi://example.org/u/carl"
+    opt_in(daemon, user=carl)
+    mid = send(a, dm(a, local=carl), "hi").json()["id"]
+    assert consent(daemon, wally, "allowed", user=carl)["released"] == 1
+    assert states(pg, db_url, [mid])[0][1] == "pending"
+    assert pg.psql("SELECT q.state FROM consent_requests q JOIN identities l ON l.id = q.local_identity_id "
+                   f"WHERE l.uri = '{carl}'", db_url) == "accepted"
+
+
 def test_a_request_whose_sender_the_rules_now_refuse_is_withdrawn(daemon, peers, pg, db_url):
     """wally's first message waits for alice and asked her; meanwhile the
     operator denies wally (abuse). His message is dropped (as
