@@ -590,3 +590,49 @@ def test_a_consent_request_racing_for_its_users_first_identity_row_is_stored(dae
     assert r.status_code == 202, r.text
     assert pg.psql("SELECT string_agg(l.uri, ',' ORDER BY l.uri) FROM consent_requests q JOIN identities l "
                    "ON l.id = q.local_identity_id", db_url) == f"{LOCAL}race,{LOCAL}warm"
+
+
+def test_a_peer_sees_the_same_of_every_kind_of_local_target_in_its_other_calls(daemon, peers, pg, db_url):
+    """The calls test_a_peer_sees_the_same_of_every_kind_of_local_target
+    leaves out: a batch, a consent update each way, a block and its end,
+    a report, an identifier query; then, with every target now an
+    identity row (a block makes one for a name never seen), a consent
+    request and a message again.  Every answer is the same for each kind
+    of target, ids aside, and nothing reaches a peer.  (rZ's probe,
+    session 45.)"""
+    (a, sa), (b, sb) = peers
+    wally = a.user("wally")
+    t = four_targets(daemon, wally)
+
+    def answer(r):
+        h = {k.lower(): v for k, v in r.headers.items() if k.lower() not in ("date", "content-length", "x-request-id")}
+        return r.status_code, h, scrubbed(r.json())
+
+    seen = {}
+    for kind, user in t.items():
+        who = a.user("w-" + kind)  # a requester of its own: one kind's calls take nothing from another's
+        rm = a.create_room([who, user]).json()
+        got = {"batch": answer(a.call("POST", "/v1/batch", {"events": [
+            {"idempotency_key": "b-" + kind, "room": rm["uri"],
+             "event": {"type": "message", "sender": who, "content": {"parts": [{"type": "text/plain", "body": "x"}]}}}]}))}
+        for consent_ in ("revoked", "granted"):
+            got["update " + consent_] = answer(a.call("POST", "/v1/consent/updates",
+                                                      {"user": who, "target": user, "consent": consent_}))
+        for action in ("block", "unblock"):
+            got[action] = answer(a.call("POST", "/v1/blocks", {"blocker": who, "blocked": user, "action": action}))
+        got["report"] = answer(a.call("POST", "/v1/reports", {"reporter": who, "subject": user, "reason": "spam"}))
+        got["query"] = answer(a.call("POST", "/v1/identifiers/query", {"handle": user[len(LOCAL):]}))
+        got["request after"] = answer(a.call("POST", "/v1/consent/requests", {"requester": wally, "target": user}))
+        rid = a.create_room([wally, user]).json()["id"]
+        m = a.send(rid, wally, "again")
+        got["message after"] = answer(m)
+        got["status after"] = answer(a.call("GET", f"/v1/messages/{m.json()['id']}"))
+        seen[kind] = got
+    for kind, got in seen.items():
+        for x in got["batch"][2]["results"]:
+            assert x.pop("idempotency_key") == "b-" + kind
+    for kind, got in seen.items():
+        assert got == seen["unknown"], (kind, got, seen["unknown"])
+    assert seen["unknown"]["query"][2] == {"matches": []}
+    assert seen["unknown"]["batch"][2]["results"][0]["status"] == "accepted"
+    assert sa.events == [] and sb.events == []
