@@ -189,10 +189,13 @@ def test_an_allow_under_a_standing_block_of_the_other_kind_decides_the_request_a
     for user, kind, subject in ((ALICE, "domain", "wa.example"), (BOB, "user", sam)):
         pg.psql("INSERT INTO consents (local_identity_id, subject_kind, subject, state, source) "
                 f"SELECT id, '{kind}', '{subject}', 'blocked', 'user' FROM identities WHERE uri = '{user}'", db_url)
+    # dropped 0: a periodic sweep under a view reloaded meanwhile (the
+    # block is in the table) dropped the message first; the states and
+    # reasons below are the same either way.
     out = consent(daemon, wally, "allowed")
-    assert (out["released"], out["dropped"], out["requests_decided"]) == (0, 1, 1), out
+    assert (out["released"], out["requests_decided"]) == (0, 1) and out["dropped"] in (0, 1), out
     out = consent(daemon, "wa.example", "allowed", user=BOB, kind="domain")
-    assert (out["released"], out["dropped"], out["requests_decided"]) == (0, 1, 1), out
+    assert (out["released"], out["requests_decided"]) == (0, 1) and out["dropped"] in (0, 1), out
     assert [s for _, s in states(pg, db_url, ids)] == ["dropped", "dropped"]
     assert [decision(daemon, i)["recipients"][0]["reason"] for i in ids] == ["user_blocked_domain",
                                                                              "user_blocked_sender"]
