@@ -2227,6 +2227,15 @@ static void *live_main(void *arg)
 		if (!users && (want || pl->want_full || pl->npending || now >= next_reload)) {
 			bool hook_ok;
 			loaded = reload(pl, &hook_ok);
+			/* A whole load that failed (a query the database
+			 * refuses) took the users heard this turn with it:
+			 * until the forty-fifth session their new facts (a
+			 * block) waited for the whole load to succeed, and
+			 * this process kept writing rows to a user who had
+			 * blocked their sender (rZ's finding).  Their overlay
+			 * is loaded over the view in force all the same. */
+			if (!loaded && pl->npending && !pl->want_full)
+				users = reload_users(pl);
 			/* Failed: soon, then less and less often (1 s, 2, 4, ... 30),
 			 * so that a failure that lasts (a rule row it cannot read)
 			 * does not load the database with a whole load a second;
@@ -2253,7 +2262,7 @@ static void *live_main(void *arg)
 		pl->npending = 0;
 		pl->want_full = false;
 		pthread_mutex_lock(&pl->mu);
-		if (loaded && serving > pl->done)
+		if ((loaded || users) && serving > pl->done)
 			pl->done = serving;
 		pthread_cond_broadcast(&pl->loaded);
 		pthread_mutex_unlock(&pl->mu);
