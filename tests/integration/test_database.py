@@ -557,6 +557,29 @@ def test_domain_and_network_rules_keep_their_limits_per_user(empty_db_url, pg, t
     ], rows
 
 
+
+def test_the_columns_nothing_used_are_dropped_and_their_rows_kept(empty_db_url, pg, tmp_path):
+    """043_dead_columns.sql: rules.priority and peers.hmac_secret_enc, which
+    no code wrote or read, are gone (with the latter's CHECK); the rows
+    that had them stay, and rules.pattern's comment names the network
+    patterns the admin API takes (peer:* and peer:<name>), not matrix."""
+    rest = migrated_before(tmp_path, empty_db_url, "043")
+    pg.psql("INSERT INTO peers (name, domain, mode, ed25519_public_key, token_hash) VALUES "
+            "('gk', 'wa.example', 'pull', sha256('k'::bytea), sha256('t'::bytea)); "
+            "INSERT INTO rules (scope, pattern, mode, created_by) VALUES ('domain', 'spam.example', 'deny', 'admin:t')",
+            empty_db_url)
+    cols = "SELECT count(*) FROM information_schema.columns WHERE (table_name, column_name) IN " \
+           "(('rules', 'priority'), ('peers', 'hmac_secret_enc'))"
+    assert pg.psql(cols, empty_db_url) == "2"
+    rest()
+    assert pg.psql(cols, empty_db_url) == "0"
+    assert pg.psql("SELECT count(*) FROM pg_constraint WHERE conname = 'peers_hmac_len'", empty_db_url) == "0"
+    assert pg.psql("SELECT name || ' ' || domain FROM peers", empty_db_url) == "gk wa.example"
+    assert pg.psql("SELECT pattern || ' ' || mode FROM rules", empty_db_url) == "spam.example deny"
+    comment = pg.psql("SELECT col_description('rules'::regclass, (SELECT attnum FROM pg_attribute "
+                      "WHERE attrelid = 'rules'::regclass AND attname = 'pattern'))", empty_db_url)
+    assert "peer:<name> or peer:*" in comment and "matrix" not in comment, comment
+
 # Rows of every kind a deployment of that era held, in plain SQL valid for
 # schema 015 (and so for every later one: the columns added since have
 # defaults or are nullable).  {gk_key}, {tg_key}: the peers' public keys
