@@ -185,7 +185,7 @@ void admin_whoami(struct cw_req *req, void *ctx)
 }
 
 /* The lock token creates take turns on (pg_advisory_xact_lock): the other
- * keys are migrate.c's, dispatcher.c's and policy_live.c's. */
+ * keys are migrate.c's, dispatcher.c's, policy_live.c's and peers.c's. */
 #define TOKEN_NAME_LOCK_KEY "7161132091431352700"
 
 #define TOKEN_JSON                                                                                               \

@@ -8,6 +8,7 @@
 #include "httpsig.h"
 #include "log.h"
 
+#include <openssl/crypto.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -485,7 +486,20 @@ bool peer_key_weak(const unsigned char key[32])
 
 /* Reads public_key (base64 of the raw 32-byte Ed25519 key) if present;
  * false after answering 400. */
-static bool read_key(struct cw_req *req, json_t *body, struct peer_input *in, bool required)
+/* Whether raw is the public half of this provider's own signing key
+ * (peer.signing_key_file, which /.well-known/mimi-protocol-directory
+ * publishes): a peer registered with it would be one whose requests this
+ * provider could sign itself, and it is what an operator pastes by
+ * mistake from the directory. */
+static bool own_key(const struct cw_app *app, const unsigned char raw[32])
+{
+	unsigned char mine[32];
+	size_t len = sizeof(mine);
+	return app && app->signing_key && EVP_PKEY_get_raw_public_key(app->signing_key, mine, &len) == 1 &&
+	       len == 32 && CRYPTO_memcmp(mine, raw, 32) == 0;
+}
+
+static bool read_key(struct cw_app *app, struct cw_req *req, json_t *body, struct peer_input *in, bool required)
 {
 	json_t *k = json_object_get(body, "public_key");
 	if (!k && !required)
@@ -509,6 +523,12 @@ static bool read_key(struct cw_req *req, json_t *body, struct peer_input *in, bo
 		return false;
 	}
 	EVP_PKEY_free(pk);
+	if (own_key(app, raw)) {
+		cw_req_problem(req, 400, "invalid_body", "Invalid body",
+			       "public_key is this provider's own (peer.signing_key_file, the key its directory "
+			       "publishes): a peer signs with a key of its own");
+		return false;
+	}
 	memcpy(in->key, raw, 32);
 	in->has_key = true;
 	return true;
@@ -643,6 +663,47 @@ static const char nested_sql[] =
 	"SELECT name, domain FROM peers WHERE right($1, length(domain) + 1) = '.' || domain "
 	"OR right(domain, length($1) + 1) = '.' || $1 LIMIT 1";
 
+/* The lock the changes of a peer's key take turns on
+ * (pg_advisory_xact_lock), so that two at once cannot both find a key
+ * free and store it: the other keys are migrate.c's, dispatcher.c's,
+ * policy_live.c's and admin_auth.c's. */
+#define PEER_KEY_LOCK_KEY "7161132091431352701"
+
+/* One public key, one peer: a key that another peer has (enabled or
+ * disabled: a disabled peer may be enabled again, its key with it) is
+ * 409 conflict.  With two peers of one key, a request signed by the one
+ * (keyid aside, which is the sender's own word) would verify as the
+ * other's, and which party signed a message could no longer be told from
+ * the key.  Not a unique index: peers stored before may share a key, and
+ * such a migration would stop the daemon until an operator chose;
+ * they stay, and any change of their key is checked.  Until the
+ * forty-fifth session a create or a rotation took such a key.  True when
+ * the key is free (the lock taken, held to the commit); false after
+ * failing the job or with *rc set. */
+static bool key_free(PGconn *c, struct app_job *j, const struct peer_input *in, cw_err *rc, cw_errmsg *e)
+{
+	*rc = store_exec(c, "SELECT pg_advisory_xact_lock(" PEER_KEY_LOCK_KEY ")", e);
+	if (*rc)
+		return false;
+	const char *params[] = { (const char *)in->key, in->name };
+	const int lens[] = { 32, 0 };
+	const int fmts[] = { 1, 0 };
+	PGresult *r = PQexecParams(c, "SELECT name, enabled FROM peers WHERE ed25519_public_key = $1 AND name <> $2 "
+				      "ORDER BY name LIMIT 1",
+				   2, NULL, params, lens, fmts, 0);
+	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+		*rc = store_result_err(c, r, e);
+		PQclear(r);
+		return false;
+	}
+	bool free_ = PQntuples(r) == 0;
+	if (!free_)
+		app_job_fail(j, 409, "conflict", "public_key is peer %s's%s: each peer signs with a key of its own",
+			     PQgetvalue(r, 0, 0), PQgetvalue(r, 0, 1)[0] == 't' ? "" : " (disabled: its key still counts)");
+	PQclear(r);
+	return free_;
+}
+
 static cw_err create_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct peer_input *in = &((struct admin_change *)j->data)->in;
@@ -663,6 +724,9 @@ static cw_err create_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		return CW_OK;
 	}
 	PQclear(nr);
+	cw_err krc;
+	if (!key_free(c, j, in, &krc, e))
+		return krc;
 	const char *params[] = { in->name, in->domain, in->mode, in->has_url ? in->url : NULL,
 				 (const char *)in->key, (const char *)in->token_hash,
 				 in->has_types && !in->types_null ? in->types : NULL };
@@ -739,7 +803,7 @@ void peer_admin_create(struct cw_req *req, void *ctx)
 		json_decref(body);
 		return;
 	}
-	if (!read_key(req, body, in, true) || !read_types(req, body, in)) {
+	if (!read_key(app, req, body, in, true) || !read_types(req, body, in)) {
 		free(in);
 		json_decref(body);
 		return;
@@ -886,6 +950,9 @@ void peer_admin_enable(struct cw_req *req, void *ctx) { set_enabled(req, ctx, tr
 static cw_err rotate_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct peer_input *in = &((struct admin_change *)j->data)->in;
+	cw_err krc;
+	if (in->has_key && !key_free(c, j, in, &krc, e))
+		return krc;
 	const char *params[] = { in->name, (const char *)in->token_hash, in->has_key ? (const char *)in->key : NULL };
 	const int lens[] = { 0, 32, 32 };
 	const int fmts[] = { 0, 1, 1 };
@@ -916,7 +983,7 @@ void peer_admin_rotate(struct cw_req *req, void *ctx)
 	if (len) { /* a new public key is optional */
 		static const char *const members[] = { "public_key", NULL };
 		json_t *body = app_json_body(req);
-		if (!body || !app_json_only_known(req, body, members) || !read_key(req, body, in, false)) {
+		if (!body || !app_json_only_known(req, body, members) || !read_key(ctx, req, body, in, false)) {
 			json_decref(body);
 			free(in);
 			return;

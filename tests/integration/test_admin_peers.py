@@ -105,6 +105,88 @@ def test_duplicates_conflict(daemon):
     assert daemon.admin("POST", "/peers", json=peer_body(name="look", domain="awa.example")).status_code == 201
 
 
+
+def test_a_key_another_peer_has_or_the_providers_own_is_refused(daemon, pg, db_url):
+    """One public key, one peer: a create or a rotation with the key of
+    another peer, enabled or disabled (it may be enabled again), is 409
+    conflict naming it, and nothing is stored, issued or audited; the
+    provider's own key (what its directory publishes) is 400 invalid_body.
+    Until the forty-fifth session both were taken."""
+    gk = peer_body()
+    assert daemon.admin("POST", "/peers", json=gk).status_code == 201
+    facts = "SELECT (SELECT string_agg(name || encode(token_hash, 'hex') || encode(ed25519_public_key, 'hex'), " \
+            "',' ORDER BY name) FROM peers) || ' ' || (SELECT string_agg(action, ',' ORDER BY id) FROM audit_log)"
+    before = pg.psql(facts, db_url)
+    r = daemon.admin("POST", "/peers", json=peer_body(name="tg", domain="tg.example", public_key=gk["public_key"]))
+    assert r.status_code == 409 and r.json()["code"] == "conflict", r.text
+    assert "public_key is peer gk's:" in r.json()["detail"] and "token" not in r.json(), r.text
+    assert r.headers["Content-Type"] == "application/problem+json"
+    assert pg.psql(facts, db_url) == before
+    assert daemon.admin("POST", "/peers/gk/disable").status_code == 200
+    before = pg.psql(facts, db_url)
+    r = daemon.admin("POST", "/peers", json=peer_body(name="tg", domain="tg.example", public_key=gk["public_key"]))
+    assert r.status_code == 409 and "peer gk's (disabled: its key still counts)" in r.json()["detail"], r.text
+    assert pg.psql(facts, db_url) == before
+    tg = peer_body(name="tg", domain="tg.example")
+    assert daemon.admin("POST", "/peers", json=tg).status_code == 201
+    before = pg.psql(facts, db_url)
+    r = daemon.admin("POST", "/peers/tg/rotate", json={"public_key": gk["public_key"]})
+    assert r.status_code == 409 and "public_key is peer gk's" in r.json()["detail"] and "token" not in r.json()
+    assert pg.psql(facts, db_url) == before
+    # A peer's own key again is no conflict (a rotation of the token alone, said so).
+    r = daemon.admin("POST", "/peers/tg/rotate", json={"public_key": tg["public_key"]})
+    assert r.status_code == 200 and r.json()["public_key"] == tg["public_key"], r.text
+    # The provider's own key.
+    own = daemon.get("/.well-known/mimi-protocol-directory").json()["public_key"]["key"]
+    own = base64.b64encode(base64.b64decode(own + "=" * (-len(own) % 4), altchars=b"-_")).decode()
+    before = pg.psql(facts, db_url)
+    for method, path, body in (("POST", "/peers", peer_body(name="ow", domain="ow.example", public_key=own)),
+                               ("POST", "/peers/tg/rotate", {"public_key": own})):
+        r = daemon.admin(method, path, json=body)
+        assert r.status_code == 400 and r.json()["code"] == "invalid_body", (path, r.text)
+        assert "public_key is this provider's own" in r.json()["detail"], r.text
+    assert pg.psql(facts, db_url) == before
+
+
+def test_creates_of_one_key_at_once_make_one_peer(daemon, pg, db_url):
+    """Creates with one key take turns on a lock: of several at once, one
+    is made and the others are 409, never two peers of one key."""
+    from concurrent.futures import ThreadPoolExecutor
+    _, key = new_key()
+    bodies = [peer_body(name=f"p{i}", domain=f"p{i}.example", public_key=key) for i in range(6)]
+    with ThreadPoolExecutor(len(bodies)) as ex:
+        got = sorted(r.status_code for r in ex.map(lambda b: daemon.admin("POST", "/peers", json=b), bodies))
+    assert got == [201] + [409] * 5, got
+    assert pg.psql("SELECT count(*) FROM peers", db_url) == "1"
+
+
+def test_a_change_the_database_refuses_by_a_constraint_is_409_and_stores_nothing(daemon, pg, db_url):
+    """A write refused by one of the database's constraints (SQLSTATE
+    class 23: in real use a unique or foreign key a concurrent change's
+    commit took; here a CHECK added for the test) is the documented 409
+    conflict (docs/admin-api.md, "Conventions"; the ConcurrentChange
+    response of docs/admin-openapi.json), and the transaction is rolled
+    back: the peer is not disabled, nothing is audited."""
+    assert daemon.admin("POST", "/peers", json=peer_body()).status_code == 201
+    pg.psql("ALTER TABLE audit_log ADD CONSTRAINT test_no_disable CHECK (action <> 'peer.disable') NOT VALID",
+            db_url)
+    try:
+        r = daemon.admin("POST", "/peers/gk/disable")
+    finally:
+        pg.psql("ALTER TABLE audit_log DROP CONSTRAINT test_no_disable", db_url)
+    assert r.status_code == 409 and r.headers["Content-Type"] == "application/problem+json", r.text
+    p = r.json()
+    assert p["code"] == "conflict" and p["detail"] == "a concurrent request changed the same data; retry the request"
+    doc = daemon.get("/admin/v1/openapi.json").json()
+    assert doc["paths"]["/admin/v1/peers/{name}/disable"]["post"]["responses"]["409"] == \
+        {"$ref": "#/components/responses/ConcurrentChange"}
+    assert doc["components"]["responses"]["ConcurrentChange"]["content"]["application/problem+json"]["schema"][
+        "allOf"][1]["properties"]["code"]["enum"] == [p["code"]]
+    assert pg.psql("SELECT enabled FROM peers WHERE name = 'gk'", db_url) == "t"
+    assert pg.psql("SELECT string_agg(action, ',') FROM audit_log", db_url) == "peer.create"
+    # and again, now that nothing refuses it: done
+    assert daemon.admin("POST", "/peers/gk/disable").json()["enabled"] is False
+
 BAD = [
     ({"name": ""}, "name"),
     ({"name": "UPPER"}, "name"),
