@@ -17,7 +17,7 @@ import pytest
 from harness import ADMIN_TOKEN, TOP_SRCDIR, HeldSession, wait_until
 from peer import push_peers
 from test_peer_auth import read_answer, send_head
-from test_openapi import check_schema, deref, operations, query_400_faults, resolve, route_table, too_large_answers, \
+from test_openapi import check_schema, concurrent_change_faults, deref, operations, query_400_faults, resolve, route_table, too_large_answers, \
     too_large_faults, walk
 
 DOC_PATH = os.path.join(TOP_SRCDIR, "docs", "admin-openapi.json")
@@ -723,6 +723,10 @@ def test_document_lists_exactly_the_admin_routes(doc):
     # server.max_body_bytes: none with a body said so until the
     # thirty-second session, none without one until the thirty-sixth.
     assert not too_large_faults(doc)
+    # Every change answers 409 conflict when the database refuses it by a
+    # constraint a concurrent change took (docs/admin-api.md,
+    # "Conventions"): until the forty-fifth session eleven did not say so.
+    assert not concurrent_change_faults(doc)
 
 
 def test_every_request_body_is_documented_member_by_member(daemon, pg, db_url, doc):
