@@ -665,6 +665,10 @@ const struct cw_route app_routes[] = {
 };
 const size_t app_nroutes = CW_ARRAY_LEN(app_routes);
 
+/* GET /v1/events acknowledges what its after names and hands out what
+ * follows (adapters/peer/peer_pull.c): a HEAD there is 405, Allow: GET. */
+const char *const app_no_head_routes[] = { "/v1/events", NULL };
+
 /* ------------------------------------------------------------------ jobs */
 
 void app_retry_after(struct cw_req *req, int64_t ms)

@@ -183,5 +183,7 @@ void policy_count(struct cw_app *app, const struct policy_decision *d);
 /* The route table of the daemon. */
 extern const struct cw_route app_routes[];
 extern const size_t app_nroutes;
+/* The GETs that change state, which HEAD does not run (cw_http_opts). */
+extern const char *const app_no_head_routes[];
 
 #endif

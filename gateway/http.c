@@ -612,6 +612,15 @@ static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn)
 	return r;
 }
 
+/* Whether pattern is one of the GETs that HEAD must not run (no_head_routes). */
+static bool no_head(const struct cw_http *h, const char *pattern)
+{
+	for (const char *const *p = h->o.no_head_routes; p && *p; p++)
+		if (strcmp(*p, pattern) == 0)
+			return true;
+	return false;
+}
+
 /* Appends method to an Allow header's list (dropped if it does not fit). */
 static void allow_add(char *allow, size_t size, const char *method)
 {
@@ -664,7 +673,7 @@ static void dispatch(struct cw_req *r)
 				bool m;
 				if (cw_route_match(&h->o.routes[i], 1, "", r->path, NULL, &m) < 0 && m) {
 					allow_add(allow, sizeof(allow), h->o.routes[i].method);
-					if (strcmp(h->o.routes[i].method, "GET") == 0)
+					if (strcmp(h->o.routes[i].method, "GET") == 0 && !no_head(h, h->o.routes[i].pattern))
 						allow_add(allow, sizeof(allow), "HEAD"); /* taken as GET */
 				}
 			}
@@ -718,9 +727,21 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 		 * session): its handler answers as to a GET and libmicrohttpd
 		 * sends the answer's headers without its body.  The method
 		 * stays HEAD: a signature covers the method sent. */
-		if (r->route < 0 && strcmp(r->method, "HEAD") == 0)
+		if (r->route < 0 && strcmp(r->method, "HEAD") == 0) {
 			r->route = cw_route_match(h->o.routes, h->o.nroutes, "GET", r->path, &r->params,
 						  &r->path_matched);
+			/* Except where the GET changes state (no_head_routes): a
+			 * HEAD there ran the whole pull until the forty-fifth
+			 * session, handing events out into an answer without a
+			 * body, moving the peer's cursor and waiting up to a
+			 * minute.  RFC 9110 9.3.2 makes HEAD the GET without its
+			 * content, and 9.2.1 a safe method: 405, as for any method
+			 * a path does not take (before the credentials). */
+			if (r->route >= 0 && no_head(h, h->o.routes[r->route].pattern)) {
+				r->route = -1;
+				r->path_matched = true;
+			}
+		}
 		r->limit = h->o.max_body_bytes;
 		for (const char *const *p = h->o.large_body_routes; r->route >= 0 && p && *p; p++)
 			if (strcmp(*p, h->o.routes[r->route].pattern) == 0 && h->o.max_large_body_bytes > r->limit &&

@@ -71,6 +71,11 @@ struct cw_http_opts {
 	/* Whether this request of those routes may (its credentials, checked
 	 * with the headers before the body is read; ctx below); NULL: all. */
 	bool (*large_body_ok)(void *ctx, struct cw_req *r);
+	/* The GET routes (by pattern, NULL-terminated) whose answer changes
+	 * state (a pull hands events out and acknowledges them): HEAD, which
+	 * is the GET of every other path, is 405 there, and their Allow does
+	 * not list it. */
+	const char *const *no_head_routes;
 	const struct cw_route *routes;
 	size_t nroutes;
 	void *ctx;                 /* passed to every handler */

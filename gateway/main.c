@@ -844,6 +844,7 @@ int main(int argc, char **argv)
 		.max_body_bytes = (size_t)cfg.max_body_bytes,
 		.large_body_routes = matrix_transaction_routes,
 		.large_body_ok = matrix_large_body_ok,
+		.no_head_routes = app_no_head_routes,
 		.max_large_body_bytes = app.matrix ? (size_t)cfg.mx_max_txn_bytes : 0,
 		.routes = app_routes,
 		.nroutes = app_nroutes,

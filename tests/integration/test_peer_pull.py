@@ -635,3 +635,35 @@ def test_a_long_poll_whose_client_went_away_frees_its_place(daemon):
     r = result["r"]
     assert r.status_code == 200 and [e["id"] for e in r.json()["events"]] == [one], r.text
     srv.close()
+
+
+def test_a_head_on_the_pull_is_405_and_hands_nothing_out(daemon, pg, db_url):
+    """A pull acknowledges what its after names and hands out what
+    follows: a HEAD, the GET of every other path (RFC 9110 9.3.2), ran the
+    whole pull until the forty-fifth session (the events handed out into
+    an answer without a body, the cursor moved, a wait of up to a minute).
+    It is 405 with Allow: GET, signed or not, before any credentials, and
+    nothing is handed out, acknowledged or waited for; another method's
+    405 there does not offer HEAD either."""
+    a, b, rm, srv = make_peers(daemon)
+    ids = [a.send(rm["id"], a.user("alice"), f"h{i}").json()["id"] for i in range(2)]
+    state = "SELECT string_agg(state || coalesce(claimed_by, ''), ',' ORDER BY id) FROM outbox " \
+            "WHERE destination = 'peer:tg'"
+    before = pg.psql(state, db_url)
+    assert before == "pending,pending", before
+    t0 = time.time()
+    for r in (b.call("HEAD", "/v1/events?after=0&wait=30"), daemon.request("HEAD", "/v1/events?after=0"),
+              b.call("HEAD", "/v1/events?after=999999999")):
+        assert r.status_code == 405 and r.headers["Allow"] == "GET", (r.status_code, r.headers)
+        assert r.content == b""
+    assert time.time() - t0 < 10
+    assert pg.psql(state, db_url) == before
+    r = daemon.request("POST", "/v1/events")
+    assert r.status_code == 405 and r.headers["Allow"] == "GET", r.headers
+    # the GET itself: every event, from the start
+    r = b.call("GET", "/v1/events?after=0")
+    assert [e["id"] for e in r.json()["events"]] == ids, r.text
+    # a HEAD of another path is still its GET
+    path = f"/v1/rooms/{rm['id']}"
+    assert b.call("HEAD", path).status_code == 200
+    srv.close()
