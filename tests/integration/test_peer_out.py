@@ -3,6 +3,7 @@ redirect, a Retry-After given as an HTTP date (POST {push_url}/v1/notify,
 adapters/peer/peer_out.c)."""
 import email.utils
 import json
+import re
 import socket
 import threading
 import time
@@ -148,7 +149,18 @@ def test_a_peer_disabled_between_the_claim_and_the_push_spends_no_try(make_daemo
     attempt counted, never dead: docs/interop-api.md).  The claim is held
     between its reading of the push peers and its claim of the rows (its
     taking back of a run-out claim waits for a row lock), the peer is
-    disabled meanwhile, then the claim goes on."""
+    disabled meanwhile, then the claim goes on.
+
+    The claim is held by a lock on delivery_attempts, taken before the
+    run-out claim is made, and the test goes on only once the taking back
+    waits for that very lock (pg_blocking_pids): that lane then holds the
+    claim lock every claim takes, so no other lane can claim m1 first.
+    Until the forty-fifth session the claim waited for a FOR UPDATE taken
+    after the run-out claim was committed, and "a claim waiting" was any
+    backend waiting for any lock with claimed_until in its text: a lane
+    could take the row back in between (it was not held then), or one
+    waiting a moment for the claim lock passed for the held claim, and
+    under load another lane claimed and pushed m1 before the disable."""
     d = make_daemon(db_url, options={"dispatcher": {"retry_budget": "1"}}).start()
     (a, _), (b, sb) = made = push_peers(d)
     held = HeldSession(db_url)
@@ -160,13 +172,26 @@ def test_a_peer_disabled_between_the_claim_and_the_push_spends_no_try(make_daemo
                "AND o.destination = 'peer:tg')")
         wait_until(lambda: pg.psql(f"SELECT state FROM outbox WHERE id = {row.format(m0)}", db_url) == "delivered",
                    what="delivered")
-        # a claim that ran out, whose taking back waits for the row's lock
-        held.run(f"UPDATE outbox SET state = 'in_flight', claimed_by = 'gone/0', "
-                 f"claimed_until = now() - interval '1 hour' WHERE id = {row.format(m0)}; "
-                 f"BEGIN; SELECT 1 FROM outbox WHERE id = {row.format(m0)} FOR UPDATE;")
-        wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                                   "AND query LIKE '%claimed_until < now()%'", db_url) == "1",
-                   what="a claim waiting")
+        # cw_take_back writes delivery_attempts: it waits for this lock
+        # from its start, in the claim's transaction, under the claim lock
+        held.run("SET application_name = 'cw_test_held'; BEGIN; LOCK TABLE delivery_attempts IN SHARE MODE;")
+        # a claim that ran out, which the next claim takes back
+        pg.psql(f"UPDATE outbox SET state = 'in_flight', claimed_by = 'gone/0', "
+                f"claimed_until = now() - interval '1 hour' WHERE id = {row.format(m0)}", db_url)
+        wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity w, pg_stat_activity h "
+                                   "WHERE h.application_name = 'cw_test_held' AND w.wait_event_type = 'Lock' "
+                                   "AND h.pid = ANY (pg_blocking_pids(w.pid)) "
+                                   "AND w.query LIKE '%WITH t AS (SELECT o.id, o.claimed_until%'", db_url) == "1",
+                   what="a claim's taking back waiting")
+        # A claim that found nothing for a destination, slowly (a loaded
+        # machine), pauses the destination for ten times as long, at most
+        # 10 s (CLAIM_SLOW_US, gateway/dispatcher.c): the held claim would
+        # then pass over peer:tg, and m1 would wait for a claim after the
+        # disable, which never takes it.  No claim pauses anything while
+        # this one holds the claim lock: one made before is over in 10 s.
+        pauses = re.search(r"^causeway_dispatch_pauses_total (\S+)$", d.get("/metrics").text, re.M)
+        if pauses and float(pauses.group(1)) > 0:
+            time.sleep(10.5)
         m1 = a.send(r1["id"], a.user("alice"), "second").json()["id"]
         # due for the claim under way (its now() is its transaction's start)
         pg.psql(f"UPDATE outbox SET next_attempt_at = now() - interval '1 hour' WHERE id = {row.format(m1)}",
