@@ -207,6 +207,7 @@ struct media_job {
 	char sha256[65];            /* the digest a link's file must have ("": none declared) */
 	char event[80];             /* a token's or link's event: served only while it is there ("": a link without) */
 	char peer_id[24];           /* a token's peer (its row id): served only while it has a member in the room */
+	long long exp;              /* a token's or link's end (unix seconds): no cache keeps its file past it */
 	bool gone;                  /* that event is gone, deleted, erased or edited without the file: not fetched */
 	bool stranger;              /* the peer has no member in the event's room now: not fetched */
 	struct media_blob b;
@@ -386,6 +387,26 @@ static bool shown_inline(const char *ct)
 	return false;
 }
 
+/* The longest a client's cache may show a file (seconds) once it has it:
+ * the server stops serving it when its message is deleted, erased or
+ * edited without it, or its token or link ends, but a cached copy is
+ * shown until its max-age passes, without asking.  Until the forty-fifth
+ * session it was a day whatever the token's end: a link of
+ * server.media_link_lifetime_s = 60 was shown from a browser's cache a
+ * day long, and a file whose message was deleted (a retraction, an
+ * expiry) as long. */
+#define MEDIA_CACHE_S 3600LL
+
+/* The Cache-Control of a file served until exp (unix seconds) into out:
+ * "private" (the answer of a capability, or of a peer's signed request:
+ * never a shared cache's), for at most MEDIA_CACHE_S and never past exp. */
+static const char *cache_control(long long exp, char *out, size_t len)
+{
+	long long left = exp - (long long)(cw_wall_ms() / 1000);
+	snprintf(out, len, "private, max-age=%lld", left < 0 ? 0 : left < MEDIA_CACHE_S ? left : MEDIA_CACHE_S);
+	return out;
+}
+
 static void fetched(void *arg)
 {
 	struct media_job *j = arg;
@@ -419,7 +440,8 @@ static void fetched(void *arg)
 			/* Since the forty-third session's review: before, every
 			 * type was answered for showing (no Content-Disposition). */
 			cw_req_add_header(req, "Content-Disposition", shown_inline(ct) ? "inline" : "attachment");
-			cw_req_add_header(req, "Cache-Control", "private, max-age=86400");
+			char cache[48];
+			cw_req_add_header(req, "Cache-Control", cache_control(j->exp, cache, sizeof(cache)));
 			cw_req_add_header(req, "X-Content-Type-Options", "nosniff");
 			/* Someone else's file on this daemon's origin (the admin
 			 * console's too): never a page that runs there. */
@@ -516,6 +538,7 @@ void peer_api_media(struct cw_req *req, void *ctx)
 		return;
 	}
 	snprintf(j->event, sizeof(j->event), "%s", ev); /* message_id_valid: at most 68 */
+	j->exp = strtoll(exp, NULL, 10);
 	snprintf(j->peer_id, sizeof(j->peer_id), "%lld", (long long)p->id);
 	cw_req_suspend(req);
 	start_fetch(app, req, j, (size_t)app->cfg->media_max_bytes);
@@ -599,6 +622,7 @@ void media_public_get(struct cw_req *req, void *ctx)
 		return;
 	}
 	j->public = true;
+	j->exp = strtoll(exp, NULL, 10);
 	snprintf(j->signer, sizeof(j->signer), "%s", by ? by : "");
 	snprintf(j->mac, sizeof(j->mac), "%s", mac); /* 22 characters: media_token_open took it */
 	snprintf(j->sha256, sizeof(j->sha256), "%s", sha256 ? sha256 : ""); /* 64: public_scope took it */

@@ -610,6 +610,9 @@ def test_a_matrix_users_file_reaches_the_peer_under_a_causeway_url(mx, hs, gk, p
     assert r.status_code == 200 and r.content == photo, (r.status_code, r.text[:200])
     assert r.headers["Content-Type"] == "image/jpeg" and r.headers["X-Content-Type-Options"] == "nosniff"
     assert r.headers["Content-Disposition"] == "inline"  # an image; a page would be "attachment"
+    # Never a shared cache's; a client's an hour at most (a day until the
+    # forty-fifth session, shown so after its message was deleted).
+    assert r.headers["Cache-Control"] == "private, max-age=3600", r.headers
     fetches = [q for q in hs.requests if "/download/" in q["path"] and q["status"] == 200]
     assert len(fetches) == 1 and fetches[0]["path"].startswith(
         "/_matrix/client/v1/media/download/" if hs.authenticated_media else "/_matrix/media/v3/download/")

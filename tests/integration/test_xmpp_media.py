@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.parse
 
+import pytest
 import requests
 
 from harness import wait_until
@@ -627,6 +628,39 @@ def test_a_file_that_could_be_a_page_is_answered_to_save_not_to_show(make_daemon
             assert got.headers["Content-Disposition"] == ("inline" if shown else "attachment"), (ctype, got.headers)
             assert got.headers["X-Content-Type-Options"] == "nosniff"
             assert got.headers["Content-Security-Policy"] == "default-src 'none'; sandbox"
+    finally:
+        srv.close()
+        media.close()
+
+
+def max_age(headers):
+    """The max-age of a Cache-Control that is private (never a shared cache's)."""
+    cc = [p.strip() for p in headers["Cache-Control"].split(",")]
+    assert "private" in cc, headers
+    return int(next(p for p in cc if p.startswith("max-age="))[len("max-age="):])
+
+
+@pytest.mark.parametrize("lifetime,most", ((60, 60), (604800, 3600)))
+def test_a_links_file_is_cached_no_longer_than_an_hour_nor_past_the_links_end(make_daemon, db_url, prosody, alice,
+                                                                               tmp_path, lifetime, most):
+    """A link's file is answered "private" (never a shared cache's) with a
+    max-age of at most an hour and never past the link's exp: a client
+    shows a cached copy without asking, so that is how long a file whose
+    message was deleted (a retraction, an expiry) or whose link ended is
+    still shown.  Until the forty-fifth session it was a day whatever the
+    link's end: with server.media_link_lifetime_s = 60, a day after the
+    link had turned 410."""
+    media, d, a, srv, key, room = start(make_daemon, db_url, prosody, tmp_path, media_link_lifetime_s=str(lifetime))
+    try:
+        data = os.urandom(900)
+        url = media.put("/f/cached.jpg", "image/jpeg", data, host="media.wa.localhost")
+        _, link = photo_link(a, alice, room, url, data)
+        got = requests.get(link, timeout=10)
+        assert got.status_code == 200 and got.content == data, got.text[:200]
+        exp = int(urllib.parse.parse_qs(urllib.parse.urlsplit(link).query)["exp"][0])
+        age, left = max_age(got.headers), exp - int(time.time())
+        # an hour, or what is left of the link's 60 s (some of it spent getting here)
+        assert (age == most) if lifetime > most else (0 < age <= min(most, left + 1)), (left, got.headers)
     finally:
         srv.close()
         media.close()
