@@ -46,11 +46,12 @@
  * skips an event another statement erased meanwhile.  $1: days, $2:
  * batch. */
 static const char content_sql[] =
-	"WITH x AS (SELECT e.id FROM events e "
+	"WITH x AS (SELECT e.id, " RETENTION_ATTS("e") " FROM events e "
 	"  WHERE e.content <> '{}'::jsonb AND e.accepted_at < now() - make_interval(days => $1::int) "
 	"  AND e.content <> " KEPT_CONTENT("e") " "
 	"  AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = e.id " OPEN ") "
-	"  ORDER BY e.accepted_at LIMIT $2::int FOR UPDATE OF e SKIP LOCKED) "
+	"  ORDER BY e.accepted_at LIMIT $2::int FOR UPDATE OF e SKIP LOCKED), "
+	RETENTION_FORGET_FILES("x") " "
 	"UPDATE events e SET content = " KEPT_CONTENT("e") " FROM x "
 	"WHERE e.id = x.id AND e.content <> " KEPT_CONTENT("e");
 
@@ -199,7 +200,8 @@ static const char rows_sql[] =
 	"  FROM (SELECT f.id FROM events f JOIN x ON f.replaces_id = x.id "
 	"   UNION SELECT f.id FROM events f JOIN x ON f.in_reply_to_id = x.id) y "
 	"  WHERE r.id = y.id AND NOT EXISTS (SELECT 1 FROM x WHERE x.id = y.id)), "
-	"ik AS (UPDATE idempotency_keys k SET event_id = NULL FROM x WHERE k.event_id = x.id) "
+	"ik AS (UPDATE idempotency_keys k SET event_id = NULL FROM x WHERE k.event_id = x.id), "
+	RETENTION_FORGET_FILES("(SELECT " RETENTION_ATTS("f") " FROM events f JOIN x ON f.id = x.id)") " "
 	"DELETE FROM events e USING x WHERE e.id = x.id";
 
 /* rows_lock_sql, then rows_sql, in one transaction on the idle

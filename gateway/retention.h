@@ -23,6 +23,26 @@
 #include <libpq-fe.h>
 #include <stdbool.h>
 
+/* A statement's CTE (named mf) that forgets the files re-hosted for the
+ * attachments of the events whose content goes (atts: a relation with a
+ * column atts, their content.attachments before it goes): the rows of
+ * media_rehosted of their URLs, by media_rehosted_key (network, source),
+ * whoever they were fetched for.  What the row kept (the peer's URL of the
+ * file, its digest and size, for whom, the mxc:// URI) is the message's
+ * content, and goes with it: when it is erased (retention.content_days,
+ * or its expiry) or deleted (retention.rows_days).  Until the forty-fifth
+ * session it was kept for ever.  The file itself stays on the homeserver,
+ * which has no client API to delete it (docs/security.md).  A later
+ * message naming the same file fetches and uploads it again. */
+#define RETENTION_FORGET_FILES(atts) \
+	"mf AS (DELETE FROM media_rehosted r USING (SELECT DISTINCT a->>'url' AS url FROM " atts " c, " \
+	"  jsonb_array_elements(CASE WHEN jsonb_typeof(c.atts) = 'array' THEN c.atts ELSE '[]'::jsonb END) a) u " \
+	"  WHERE r.network = 'matrix' AND r.source = u.url)"
+
+/* The attachments of an event's content (e: the event), as the column
+ * atts RETENTION_FORGET_FILES reads. */
+#define RETENTION_ATTS(e) e ".content->'content'->'attachments' AS atts"
+
 /* Rows one statement of a sweep changes at most. */
 #define RETENTION_BATCH 1000
 

@@ -152,6 +152,29 @@ def test_a_peers_file_is_rehosted_on_the_homeserver(mx, hs, wally_room, media):
     assert sum(1 for q in hs.requests if q["path"] == "/_matrix/media/v3/upload") == 1
 
 
+def test_a_rehosted_files_record_goes_when_its_message_expires(mx, hs, wally_room, media, pg, db_url):
+    """What is remembered of a peer's file re-hosted on the homeserver
+    (media_rehosted: the store's URL, digest, size, for whom, the mxc://
+    URI) is the message's content, and goes with it: at its expiry here
+    (retention.content_days and rows_days: test_retention.py).  Until the
+    forty-fifth session it was kept for ever.  The redaction reaches the
+    room; the file stays on the homeserver (no client API deletes it:
+    docs/security.md)."""
+    a, room = wally_room
+    cat = b"\x89PNG\r\n\x1a\n" + os.urandom(2000)
+    url = media.put("/f/expiring.png", "image/png", cat, host="media.wa.localhost")
+    r = a.call("POST", f"/v1/rooms/{room}/messages", {
+        "type": "message", "sender": a.user("wally"),
+        "content": {"attachments": [attachment(url, cat)], "expires": int(time.time() * 1000) + 4000}}, idem="x1")
+    assert r.status_code == 202, r.text
+    [m] = ghost_messages(hs, 1)
+    assert pg.psql("SELECT source FROM media_rehosted", db_url) == url
+    wait_until(lambda: any(e["type"] == "m.room.redaction" and e.get("redacts") == m["event_id"]
+                           for e in hs.events(m["room_id"])), timeout=20, what="the redaction")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM media_rehosted", db_url) == "0", timeout=10,
+               what="the record forgotten")
+
+
 def test_a_file_or_avatar_on_another_host_is_fetched_unsigned(mx, hs, wally_room, media):
     """Causeway's signature is its credential at every peer's store: a file
     the peer names on a host outside its own domain (another peer's, a

@@ -607,3 +607,48 @@ def test_a_failing_kind_does_not_stop_the_others(make_daemon, db_url, pg):
     assert retention_metric(d, "causeway_retention_removed_total", "audit") >= 1
     assert retention_metric(d, "causeway_retention_removed_total", "idempotency_keys") == 0
     srv.close()
+
+
+def rehosted(pg, db_url):
+    return set(pg.psql("SELECT source FROM media_rehosted", db_url).splitlines())
+
+
+@pytest.mark.parametrize("goes", ["content", "rows", "expiry"])
+def test_a_files_rehosting_record_goes_with_its_messages_content(make_daemon, db_url, pg, goes):
+    """A peer's file re-hosted on the Matrix homeserver is remembered in
+    media_rehosted (its URL, digest, size, for whom, its mxc:// URI): the
+    message's content, which goes when the message's does, at
+    retention.content_days, at retention.rows_days (content_days 0) or at
+    its expiry.  Until the forty-fifth session it was kept for ever.  The
+    rows are made here with SQL as the Matrix adapter makes them
+    (mx_media.c; the re-hosting itself is test_matrix_media.py's); a file
+    of another message stays."""
+    d = start(make_daemon, db_url, **({"content_days": 0} if goes == "rows" else {}))
+    a, b, rm, srv = peers(d)
+    alice = a.user("alice")
+    files = {k: f"https://media.wa.example/f/{k}.png" for k in ("gone", "kept")}
+
+    def att(k):
+        return [{"content_type": "image/png", "url": files[k], "size": 10}]
+    extra = {"expires": int(time.time() * 1000) + 3000} if goes == "expiry" else {}
+    msg = a.send(rm["id"], alice, "", content={"parts": [{"type": "text/plain", "body": "a file"}],
+                                               "attachments": att("gone"), **extra}).json()["id"]
+    other = a.send(rm["id"], alice, "", content={"parts": [{"type": "text/plain", "body": "another"}],
+                                                 "attachments": att("kept")}).json()["id"]
+    pull_and_ack(b)
+    wait_until(lambda: all(delivered(pg, db_url, m) for m in (msg, other)) or goes == "expiry", what="the pull ack")
+    pg.psql("INSERT INTO media_rehosted (network, source, sha256, native_uri, size, fetched_for) SELECT 'matrix', "
+            "s, repeat('a', 64), 'mxc://hs.example/' || md5(s || f), 10, f FROM unnest(ARRAY['%s', '%s']) s, "
+            "unnest(ARRAY['wa.example', '']) f" % (files["gone"], files["kept"]), db_url)
+    assert rehosted(pg, db_url) == set(files.values())
+    if goes == "content":
+        age(pg, db_url, events=[msg])
+    elif goes == "rows":
+        age(pg, db_url, older=[msg])
+    wait_until(lambda: rehosted(pg, db_url) == {files["kept"]}, timeout=30, interval=0.2,
+               what="the file's record forgotten")
+    # the message's content (or row) went in the same statement
+    assert contents(pg, db_url, [msg]).get(msg, "{}") == "{}"
+    assert int(pg.psql("SELECT count(*) FROM media_rehosted", db_url)) == 2  # the other's, for both signers
+    assert json.loads(contents(pg, db_url, [other])[other])["content"]["attachments"] == att("kept")
+    srv.close()
