@@ -697,7 +697,10 @@ void app_reply_store_error(struct cw_app *app, struct cw_req *req, cw_err rc, co
 	}
 	if (rc == CW_ECONFLICT) {
 		/* Two requests raced for one key (the same Idempotency-Key sent
-		 * twice at once, say): the loser may simply retry. */
+		 * twice at once, say): the loser may simply retry, and
+		 * Retry-After says so to a client that reads `conflict` as
+		 * final (since the forty-fifth session). */
+		cw_req_add_header(req, "Retry-After", "1");
 		cw_req_problem(req, 409, "conflict", "Conflict",
 			       "a concurrent request changed the same data; retry the request");
 		return;

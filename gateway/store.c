@@ -211,8 +211,17 @@ cw_err store_result_err(PGconn *c, const PGresult *r, cw_errmsg *e)
 		return cw_fail(e, CW_EUNAVAIL, "database connection lost: %s", PQerrorMessage(c));
 	const char *state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
 	const char *msg = r ? PQresultErrorMessage(r) : PQerrorMessage(c);
-	if (state && strncmp(state, "23", 2) == 0)
+	/* 23505 unique, 23503 foreign key, 23P01 exclusion: a key another
+	 * request's commit took or removed between the checks and the
+	 * write, a race a retry settles.  The rest of class 23 (a CHECK,
+	 * NOT NULL) is a value the code's own checks let through: the same
+	 * request would be refused again for ever, so it is no conflict
+	 * (until the forty-fifth session all of class 23 was one, and
+	 * answered "retry"). */
+	if (state && (strcmp(state, "23505") == 0 || strcmp(state, "23503") == 0 || strcmp(state, "23P01") == 0))
 		return cw_fail(e, CW_ECONFLICT, "%s", msg);
+	if (state && strncmp(state, "23", 2) == 0)
+		return cw_fail(e, CW_EINTERNAL, "a value the checks let through was refused by the database: %s", msg);
 	/* 40P01 deadlock_detected, 40001 serialization_failure: the server
 	 * rolled this transaction back so that another could go on; the same
 	 * work run again succeeds (docs/architecture-decisions.md). */

@@ -131,7 +131,8 @@ struct store_pipe_ops {
 
 /* In recv: the result of the next queued statement into *out (the caller
  * PQclear()s it); an error (and *out NULL) if it failed or its status is not
- * want: CW_ECONFLICT for a constraint, CW_EUNAVAIL for a lost connection. */
+ * want: CW_ECONFLICT for a key taken or removed (store_result_err),
+ * CW_EUNAVAIL for a lost connection. */
 cw_err store_pipe_result(PGconn *c, ExecStatusType want, PGresult **out, cw_errmsg *e);
 /* Reads what is left up to the pipeline's sync point (PQpipelineSync);
  * false if the connection was lost first. */
@@ -204,7 +205,8 @@ PGconn *store_connect(const char *url, long statement_timeout_ms, cw_errmsg *e);
 bool store_prepare_all(PGconn *c, const struct store_stmt *const *lists, cw_errmsg *e);
 
 /* Runs a command without results; CW_EUNAVAIL if the connection is lost,
- * CW_ECONFLICT for a constraint violation, CW_EIO otherwise. */
+ * CW_ECONFLICT for a key taken or removed (store_result_err), CW_EIO
+ * otherwise. */
 cw_err store_exec(PGconn *c, const char *sql, cw_errmsg *e);
 /* Ends the transaction a BEGIN on c opened: ROLLBACK when rc is a failure
  * (rc returned, e left as the failure wrote it), else COMMIT.  A COMMIT
@@ -217,7 +219,9 @@ cw_err store_end(PGconn *c, cw_err rc, cw_errmsg *e);
 cw_err store_command(PGconn *c, const char *sql, int n, const char *const *params, cw_errmsg *e);
 /* CW_OK when r has status st; otherwise r's error, and r is cleared. */
 cw_err store_check(PGconn *c, PGresult *r, ExecStatusType st, cw_errmsg *e);
-/* The cw_err for a failed PGresult (NULL: the connection's state). */
+/* The cw_err for a failed PGresult (NULL: the connection's state): a
+ * unique, foreign-key or exclusion violation CW_ECONFLICT (a race), any
+ * other integrity violation (CHECK, NOT NULL) CW_EINTERNAL. */
 cw_err store_result_err(PGconn *c, const PGresult *r, cw_errmsg *e);
 
 /* A listener's notifications.  libpq reads a NOTIFY that arrives while a
