@@ -94,7 +94,8 @@ void mx_txn_remember(struct matrix *m, const unsigned char key[32]);
 /* Stops the thread registering the bot and pinging the homeserver (which
  * tries again until both are done); waits for it. */
 void mx_ping_stop(struct matrix *m);
-void mx_rename_portal(struct matrix *m, PGconn *c, const char *room, const char *binding, const char *name);
+bool mx_rename_portal(struct matrix *m, PGconn *c, const char *room, const char *binding, const char *name,
+		      long *status, long *wait_ms);
 /* Whether target (an invited member of the group neutral_room, bound to
  * their portal room) has joined it, as the homeserver says: their join
  * event taken as a pushed one (mx_backfill: marked joined, the peer told

@@ -2304,11 +2304,31 @@ static void portal_departures(struct matrix *m, PGconn *c)
 	PQclear(r);
 }
 
-/* Portals whose group was renamed (PATCH /v1/rooms/{room}) since the bot
- * last named them take the new name within a round of the bot's loop (half
- * a second when idle); a rename that fails is tried again the next round. */
-static void portal_renames(struct matrix *m, PGconn *c)
+/* A step of the bot's that the homeserver did not take for now is tried
+ * again 2 s, 4 s, ... (at most BOT_RETRY_MAX_S) after now, or when a 429
+ * asked (wait_ms > 0), if that is later; *next_us: when, on the monotonic
+ * clock. */
+static void retry_later(int64_t now, int64_t *next_us, int64_t *delay_us, long wait_ms)
 {
+	*delay_us = *delay_us ? *delay_us * 2 : 2000000;
+	if (*delay_us > (int64_t)BOT_RETRY_MAX_S * 1000000)
+		*delay_us = (int64_t)BOT_RETRY_MAX_S * 1000000;
+	*next_us = now + (wait_ms * 1000LL > *delay_us ? wait_ms * 1000LL : *delay_us);
+}
+
+/* Portals whose group was renamed (PATCH /v1/rooms/{room}, which wakes
+ * the bot) since the bot last named them take the new name at its next
+ * round.  A rename the homeserver did not take for now (no answer, a 5xx,
+ * a 429) is tried again with the others that wait 2 s, 4 s, ... (at most
+ * 10 minutes) later, or when a 429 asked if that is later (retry_later);
+ * no answer or a 429 ends the round's renames (the next would fare no
+ * better), a 5xx does not (it may be that room's alone).  Until the
+ * forty-fifth session a failing homeserver was asked every round. */
+static void portal_renames(struct matrix *m, PGconn *c, int64_t *next_us, int64_t *delay_us)
+{
+	int64_t now = cw_now_us();
+	if (now < *next_us)
+		return;
 	PGresult *r = look_for(c,
 		"SELECT b.native_id, b.id, rm.name FROM room_bindings b JOIN rooms rm ON rm.id = b.room_id "
 		"JOIN room_members x ON x.room_id = b.room_id AND x.identity_id = b.local_identity_id "
@@ -2317,10 +2337,24 @@ static void portal_renames(struct matrix *m, PGconn *c)
 		"ORDER BY b.id LIMIT 64", "renamed groups");
 	if (!r)
 		return;
-	for (int i = 0; i < PQntuples(r); i++)
-		mx_rename_portal(m, c, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1),
-				 PQgetisnull(r, i, 2) ? NULL : PQgetvalue(r, i, 2));
+	bool failed = false;
+	long wait = 0;
+	for (int i = 0; i < PQntuples(r); i++) {
+		long status, w;
+		if (mx_rename_portal(m, c, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1),
+				     PQgetisnull(r, i, 2) ? NULL : PQgetvalue(r, i, 2), &status, &w))
+			continue;
+		failed = true;
+		if (w > wait)
+			wait = w;
+		if (status == 0 || status == 429)
+			break;
+	}
 	PQclear(r);
+	if (failed)
+		retry_later(now, next_us, delay_us, wait);
+	else
+		*delay_us = 0;
 }
 
 /* Handled inbox rows, and the notices of refused events once done, are
@@ -2379,14 +2413,10 @@ static void portal_invitations(struct matrix *m, PGconn *c, int64_t *next_us, in
 		} /* a join that came before the binding: mx_ensure_portal asked */
 	}
 	PQclear(r);
-	if (failed) {
-		*delay_us = *delay_us ? *delay_us * 2 : 2000000;
-		if (*delay_us > (int64_t)BOT_RETRY_MAX_S * 1000000)
-			*delay_us = (int64_t)BOT_RETRY_MAX_S * 1000000;
-		*next_us = now + *delay_us;
-	} else {
+	if (failed)
+		retry_later(now, next_us, delay_us, 0);
+	else
 		*delay_us = 0;
-	}
 }
 
 /* Invited members whose portal is bound, still invited a minute after
@@ -2436,7 +2466,8 @@ static void *bot_main(void *arg)
 	struct matrix *m = arg;
 	PGconn *c = NULL;
 	bool mine = false;
-	int64_t requests_after = 0, forget_after = 0, invite_after = 0, invite_delay = 0, expired_seen = -1;
+	int64_t requests_after = 0, forget_after = 0, invite_after = 0, invite_delay = 0, rename_after = 0, rename_delay = 0,
+		expired_seen = -1;
 	while (!atomic_load(&m->bot_stop)) {
 		if (!c || PQstatus(c) != CONNECTION_OK) {
 			PQfinish(c);
@@ -2463,7 +2494,7 @@ static void *bot_main(void *arg)
 			dead_letters(c);
 			notices(m, c);
 			portal_departures(m, c);
-			portal_renames(m, c);
+			portal_renames(m, c, &rename_after, &rename_delay);
 			portal_invitations(m, c, &invite_after, &invite_delay);
 			invitees_joined(m, c);
 			forget_handled(c, &forget_after);

@@ -933,25 +933,33 @@ cw_err mx_ensure_portal(struct matrix *m, PGconn *c, const char *neutral_room, c
 
 /* The portal's name, as the group's now is (NULL: none; shown as
  * portal_name makes it), set by the bot and recorded (the stored name:
- * what the next round compares); a failure is logged, and tried again in
- * the bot's next round unless the homeserver refused it. */
-void mx_rename_portal(struct matrix *m, PGconn *c, const char *room, const char *binding, const char *name)
+ * what the next round compares).  False when the homeserver did not take
+ * it for now (no answer, a 5xx, a 429: *status its answer, 0 for none;
+ * *wait_ms the wait a 429 asked for, else 0): the caller tries again
+ * later (portal_renames backs off).  A refusal (another 4xx: the user took
+ * the bot's power away, say) would be refused again, so the name counts
+ * as given.  Logged through a limiter: until the forty-fifth session a
+ * homeserver failing a rename was asked every round of the bot's (twice
+ * a second when idle), a line each time, and a 429's wait was not kept. */
+bool mx_rename_portal(struct matrix *m, PGconn *c, const char *room, const char *binding, const char *name,
+		      long *status, long *wait_ms)
 {
-	long status;
 	cw_errmsg e;
 	char buf[4 * CW_NAME_SHOWN_MAX + 8];
 	const char *shown = portal_name(name, buf, sizeof(buf));
+	*wait_ms = 0;
 	if (mx_room_call(m, "PUT", room, NULL, "state/m.room.name/", NULL, json_pack("{s:s}", "name", shown ? shown : ""),
-			 &status, NULL, &e)) {
-		LOG_KV(CW_LOG_WARN, "cannot rename a group's room", "room", room, "detail", e.msg);
-		/* refused (the user took the bot's power away, say): asking again
-		 * would be refused again, so the name counts as given */
-		if (status < 400 || status >= 500 || status == 429)
-			return;
+			 status, NULL, &e)) {
+		LOG_KV_LIMITED(CW_LOG_WARN, "cannot rename a group's room", "room", room, "detail", e.msg);
+		if (*status == 429)
+			*wait_ms = mx_rate_limited_wait_ms();
+		if (*status < 400 || *status >= 500 || *status == 429)
+			return false;
 	}
 	const char *params[] = { binding, name };
 	if (store_command(c, "UPDATE room_bindings SET name_synced = $2 WHERE id = $1::bigint", 2, params, &e))
-		LOG_KV(CW_LOG_WARN, "cannot record a group room's name", "room", room, "detail", e.msg);
+		LOG_KV_LIMITED(CW_LOG_WARN, "cannot record a group room's name", "room", room, "detail", e.msg);
+	return true;
 }
 
 /* A remote member's ghost in a portal: invited by the bot, then joined

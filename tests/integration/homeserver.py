@@ -315,8 +315,11 @@ class Homeserver:
         self.refuse_send = None     # a test's predicate on a send's path: True answers it 500 M_UNKNOWN
         # A test's predicate on any authenticated call (method, path, user):
         # True answers it 503 M_UNKNOWN (the homeserver unavailable for it,
-        # as behind a proxy while it restarts), 403 answers M_FORBIDDEN.
+        # as behind a proxy while it restarts), 403 answers M_FORBIDDEN,
+        # 429 answers M_LIMIT_EXCEEDED with retry_after_ms
+        # refuse_retry_after_ms (and its Retry-After header, as for any 429).
         self.refuse = None
+        self.refuse_retry_after_ms = 1000
         # A test's predicate on a transaction pushed (its dict, as in
         # transactions, after the application service answered): True
         # takes the answer as lost (a connection dropped, a timeout), and
@@ -730,6 +733,9 @@ class Homeserver:
                 refused = self.refuse(method, path, req.user_id) if self.refuse else False
                 if refused == 403:
                     raise MatrixError(403, "M_FORBIDDEN", "Refused by the test")
+                if refused == 429:
+                    raise MatrixError(429, "M_LIMIT_EXCEEDED", "Too Many Requests",
+                                      retry_after_ms=self.refuse_retry_after_ms)
                 if refused:
                     raise MatrixError(503, "M_UNKNOWN", "Service unavailable")
                 status, answer = fn(req, *args)

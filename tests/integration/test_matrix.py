@@ -5768,6 +5768,58 @@ def test_a_group_name_stored_with_controls_reaches_matrix_shown_clean(mx, hs, gk
     wait_until(lambda: name() == good, what="the valid name, whole")
 
 
+def test_a_rename_the_homeserver_fails_is_tried_again_later_not_every_round(mx, hs, gk, pg, db_url):
+    """A portal's rename the homeserver does not take for now waits: after a
+    429 as long as it asked (retry_after_ms, Retry-After), after a 5xx 2 s,
+    4 s, ... and each failure is logged through a limiter. Until the
+    forty-fifth session it was asked again every round of the bot's (about
+    twice a second when idle), a warning each time, the 429's wait not
+    kept. Once the homeserver takes it, the portal has the new name."""
+    a, srv = gk
+    consent_alice(mx)
+    alice = hs.as_user(hs.create_user("alice")[1])
+    gid = a.create_room([a.user("wally"), ALICE], kind="group", name="First").json()["id"]
+    assert a.send(gid, a.user("wally"), "hello").status_code == 202
+    mine = wait_until(lambda: bots_room_of(hs, ALICE_MX), what="alice's room")
+    alice.join(mine)
+    wait_until(lambda: group_members(a, gid)[ALICE] == "joined", what="alice joined")
+    name = lambda: (hs.state(mine, "m.room.name") or {}).get("content", {}).get("name")  # noqa: E731
+    assert name() == "First"
+
+    def renames():
+        return [r for r in hs.requests if r["method"] == "PUT" and "/state/m.room.name" in r["path"]]
+
+    def refuse_renames(answer):
+        hs.refuse = lambda method, path, user: answer if method == "PUT" and "/state/m.room.name" in path else False
+
+    # A 429 asking 3 s: the next try comes no sooner.
+    hs.refuse_retry_after_ms = 3000
+    refuse_renames(429)
+    before = len(renames())
+    assert a.call("PATCH", f"/v1/rooms/{gid}", {"name": "Second"}).status_code == 200
+    first = wait_until(lambda: renames()[before:] or None, what="the rename tried")[0]
+    assert first["status"] == 429
+    hs.refuse = None
+    wait_until(lambda: name() == "Second", what="the portal renamed after the wait")
+    taken = next(r for r in renames()[before:] if r["status"] == 200)
+    assert taken["time"] - first["time"] >= 2.9, [(r["status"], r["time"] - first["time"]) for r in renames()[before:]]
+    assert [r["status"] for r in renames()[before:]] == [429, 200]
+    # 503 for 5 s: tried at 0 s, 2 s, then 6 s (not ten times).
+    refuse_renames(True)
+    before = len(renames())
+    assert a.call("PATCH", f"/v1/rooms/{gid}", {"name": "Third"}).status_code == 200
+    first = wait_until(lambda: renames()[before:] or None, what="the rename tried")[0]
+    assert first["status"] == 503
+    time.sleep(5)
+    hs.refuse = None
+    tried = renames()[before:]
+    assert all(r["status"] == 503 for r in tried) and len(tried) <= 3, \
+        [(r["status"], round(r["time"] - first["time"], 2)) for r in tried]
+    wait_until(lambda: name() == "Third", what="the portal renamed once the homeserver takes it")
+    warned = mx.log().count("cannot rename a group's room")
+    assert 1 <= warned <= len(tried) + 1, warned
+
+
 
 def _alice(hs):
     """A client of alice, whom wally_wrote_to_alice made."""
