@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.parse
 
+import psycopg
 import pytest
 import requests
 import yaml
@@ -5766,6 +5767,36 @@ def test_a_group_name_stored_with_controls_reaches_matrix_shown_clean(mx, hs, gk
     good = "Family \U0001F468\u200d\U0001F469\u200d\U0001F467"
     assert a.call("PATCH", f"/v1/rooms/{gid}", {"name": good}).status_code == 200
     wait_until(lambda: name() == good, what="the valid name, whole")
+
+
+def test_a_rename_wakes_the_bot(mx, hs, gk, pg, db_url):
+    """A peer's rename (PATCH /v1/rooms/{room}) of a group with Matrix
+    portals notifies causeway_matrix_bot as it commits: the bot renames the
+    portals at once instead of at its next round (until the forty-fifth
+    session nothing woke it, and an idle bot looked every half second). A
+    group without a portal wakes nothing."""
+    a, srv = gk
+    consent_alice(mx)
+    alice = hs.as_user(hs.create_user("alice")[1])
+    gid = a.create_room([a.user("wally"), ALICE], kind="group", name="First").json()["id"]
+    other = a.create_room([a.user("wally"), a.user("bob")], kind="group", name="Peers only").json()["id"]
+    assert a.send(gid, a.user("wally"), "hello").status_code == 202
+    mine = wait_until(lambda: bots_room_of(hs, ALICE_MX), what="alice's room")
+    alice.join(mine)
+    wait_until(lambda: group_members(a, gid)[ALICE] == "joined", what="alice joined")
+    got = []  # the bot is notified of other work too (an event pushed for it): the payload tells
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.add_notify_handler(lambda n: got.append(n.payload))
+        conn.execute("LISTEN causeway_matrix_bot")
+        assert a.call("PATCH", f"/v1/rooms/{other}", {"name": "Still peers"}).status_code == 200
+        conn.execute("SELECT 1")
+        assert "rename" not in got, got
+        assert a.call("PATCH", f"/v1/rooms/{gid}", {"name": "Second"}).status_code == 200
+        # the PATCH was answered once committed, its notification sent
+        wait_until(lambda: conn.execute("SELECT 1") and "rename" in got, timeout=5, what="the bot notified")
+    assert got.count("rename") == 1, got
+    wait_until(lambda: (hs.state(mine, "m.room.name") or {}).get("content", {}).get("name") == "Second",
+               what="alice's room renamed")
 
 
 def test_a_rename_the_homeserver_fails_is_tried_again_later_not_every_round(mx, hs, gk, pg, db_url):
