@@ -814,14 +814,16 @@ static cw_err check_values(const struct cw_config *c, cw_errmsg *e)
  * them: here, so that --check-config, the start (before the migrations)
  * and a reload refuse alike.  Until the twenty-fourth session the Matrix
  * and XMPP adapters and the HTTP front made some of them themselves, after
- * the migrations, and --check-config passed the file.  need_tokens: the
- * Matrix tokens must be set when matrix.homeserver_url is (not so for
- * --matrix-registration, which makes them). */
-static cw_err cfg_check(const struct cw_config *c, bool need_tokens, cw_errmsg *e)
+ * the migrations, and --check-config passed the file.  registration: for
+ * --matrix-registration, which makes the Matrix tokens (so they need not
+ * be set when matrix.homeserver_url is) and connects to no database (so
+ * database.url need not be set: until the forty-fifth session it had to
+ * be, and an operator who set up the homeserver first was refused). */
+static cw_err cfg_check(const struct cw_config *c, bool registration, cw_errmsg *e)
 {
-	if (!set(c->db_url))
+	if (!set(c->db_url) && !registration)
 		return cw_fail(e, CW_EINVAL, "database.url is not set (in the file or CAUSEWAY_DATABASE_URL)");
-	if (store_check_url(c->db_url, e))
+	if (set(c->db_url) && store_check_url(c->db_url, e))
 		return CW_EINVAL;
 	if (set(c->admin_token_sha256)) {
 		bool hex = strlen(c->admin_token_sha256) == 64;
@@ -835,7 +837,7 @@ static cw_err cfg_check(const struct cw_config *c, bool need_tokens, cw_errmsg *
 			       "one local network (run one daemon per network; docs/xmpp.md)");
 	if (xa_config_check(c, NULL, 0, NULL, NULL, e))
 		return CW_EINVAL;
-	if (set(c->mx_homeserver_url) && need_tokens && (!set(c->mx_as_token) || !set(c->mx_hs_token)))
+	if (set(c->mx_homeserver_url) && !registration && (!set(c->mx_as_token) || !set(c->mx_hs_token)))
 		return cw_fail(e, CW_EINVAL, "matrix.homeserver_url is set but matrix.as_token or matrix.hs_token is "
 			       "not (causewayd --matrix-registration makes both)");
 	if (set(c->mx_homeserver_url) && set(c->mx_as_token) && set(c->mx_hs_token) &&
@@ -909,7 +911,7 @@ static cw_err cfg_check(const struct cw_config *c, bool need_tokens, cw_errmsg *
 	return CW_OK;
 }
 
-static cw_err load(struct cw_config *c, const char *path, const char *(*getenv_fn)(const char *), bool need_tokens,
+static cw_err load(struct cw_config *c, const char *path, const char *(*getenv_fn)(const char *), bool registration,
 		   cw_errmsg *e)
 {
 	cfg_defaults(c);
@@ -978,7 +980,7 @@ static cw_err load(struct cw_config *c, const char *path, const char *(*getenv_f
 		cfg_free(c);
 		return CW_EINVAL;
 	}
-	if (cfg_check(c, need_tokens, e)) {
+	if (cfg_check(c, registration, e)) {
 		cfg_free(c);
 		return CW_EINVAL;
 	}
@@ -987,13 +989,13 @@ static cw_err load(struct cw_config *c, const char *path, const char *(*getenv_f
 
 cw_err cfg_load(struct cw_config *c, const char *path, const char *(*getenv_fn)(const char *), cw_errmsg *e)
 {
-	return load(c, path, getenv_fn, true, e);
+	return load(c, path, getenv_fn, false, e);
 }
 
 cw_err cfg_load_registration(struct cw_config *c, const char *path, const char *(*getenv_fn)(const char *),
 			     cw_errmsg *e)
 {
-	return load(c, path, getenv_fn, false, e);
+	return load(c, path, getenv_fn, true, e);
 }
 
 /* A string option's value, as a reload publishes it (reload_str): read

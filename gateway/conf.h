@@ -140,8 +140,9 @@ cw_err cfg_set(struct cw_config *c, const char *section, const char *name,
  * ("file:line: section.name: why") and c is left freed. */
 cw_err cfg_load(struct cw_config *c, const char *path,
 		const char *(*getenv_fn)(const char *), cw_errmsg *e);
-/* The same but for one check: matrix.homeserver_url may be set without
- * the tokens, which --matrix-registration makes. */
+/* The same but for two checks: matrix.homeserver_url may be set without
+ * the tokens, which --matrix-registration makes, and database.url may be
+ * unset (the registration connects to nothing). */
 cw_err cfg_load_registration(struct cw_config *c, const char *path,
 			     const char *(*getenv_fn)(const char *), cw_errmsg *e);
 /* Whether the Matrix tokens can be bearer tokens (at most 512 bytes of

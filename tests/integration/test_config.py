@@ -892,6 +892,24 @@ def test_the_start_and_a_reload_refuse_a_configuration_file_others_may_write(mak
     assert not any(r.get("msg") == "the configuration file is readable by every user" for r in d.records[n:])
 
 
+def test_a_registration_needs_no_database(tmp_path):
+    """--matrix-registration connects to nothing: a configuration without
+    database.url prints it (until the forty-fifth session it was refused,
+    "database.url is not set", and an operator setting up the homeserver
+    first had to invent one), while --check-config and the start still
+    refuse it. A database.url that is set is still checked."""
+    text = "[server]\ndomain = example.org\nport = 8999\n[matrix]\nhomeserver_url = http://127.0.0.1:8008\n"
+    p = write(tmp_path, text)
+    r = run_causewayd(["--matrix-registration", "--config", p])
+    assert r.returncode == 0 and 'url: "http://127.0.0.1:8999"' in r.stdout, r.stderr
+    assert "regex: '^@_cw_.*:example\\.org$'" in r.stdout, r.stdout
+    assert set(registration(r)) == {"id", "as_token", "hs_token"}
+    r = run_causewayd(["--check-config", p])
+    assert r.returncode == 1 and "database.url is not set" in r.stderr, r.stderr
+    r = run_causewayd(["--matrix-registration", "--config", p], env={"CAUSEWAY_DATABASE_URL": "mysql://x"})
+    assert r.returncode == 1 and "database.url" in r.stderr and not r.stdout, r.stderr
+
+
 def test_a_registration_is_not_printed_with_port_0(tmp_path):
     """server.port = 0 (any free port) without matrix.url printed the
     registration's url as http://127.0.0.1:0, which no homeserver reaches

@@ -219,7 +219,8 @@ static const char *homeserver_env(const char *name)
 }
 
 /* --matrix-registration makes the tokens a configuration without them
- * lacks: only that check is left out for it. */
+ * lacks: that check is left out for it (and database.url's being set:
+ * tests/integration/test_config.py). */
 START_TEST(registration_takes_a_homeserver_without_tokens)
 {
 	struct cw_config c;
