@@ -3272,10 +3272,15 @@ def test_the_events_table_is_analyzed_once_it_has_grown_on_a_new_database(daemon
     # autovacuum's ANALYZE, coming first, would leave the daemon nothing to do
     pg.psql("ALTER TABLE events SET (autovacuum_enabled = false)", db_url)
     start = len(daemon.records)
-    pg.psql("INSERT INTO events (public_id, room_id, sender_id, type, content, origin_network, ts) "
+    # The file grows past 1 MB while the insert runs: a daemon's ANALYZE
+    # then would count none of its rows (not committed) and not try
+    # again (it failed so under load).  The lock, ANALYZE's own, holds it
+    # until the commit.
+    pg.psql("BEGIN; LOCK TABLE events IN SHARE UPDATE EXCLUSIVE MODE; "
+            "INSERT INTO events (public_id, room_id, sender_id, type, content, origin_network, ts) "
             "SELECT 'msg_fill' || i, room_id, sender_id, type, jsonb_set(content, '{content,parts,0,body}', "
             "to_jsonb(repeat(md5(i::text), 10))), origin_network, ts FROM events, generate_series(1, 10000) i "
-            f"WHERE public_id = '{seed}' ORDER BY i", db_url)
+            f"WHERE public_id = '{seed}' ORDER BY i; COMMIT", db_url)
     size = pg.psql("SELECT pg_relation_size('events') || ' ' || (SELECT count(*) FROM events)", db_url)
     assert int(size.split()[0]) >= 1048576, size
     daemon.wait_for(lambda r: r.get("msg") == "the events table has grown since its statistics were taken; analyzed",
