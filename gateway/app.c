@@ -1195,3 +1195,81 @@ bool app_authorize(struct cw_req *req, enum cw_auth auth, void *ctx)
 	}
 	return false;
 }
+
+/* Twice database.statement_timeout_ms, a minute at least: a writer of
+ * the daemon's open that long is stuck (as the XMPP component's reads of
+ * the audit log judge it, xa_open_write_wait_ms). */
+int64_t app_horizon_pass_ms(const struct cw_app *app)
+{
+	int64_t ms = 2 * (int64_t)app->cfg->db_statement_timeout_ms;
+	return ms > 60000 ? ms : 60000;
+}
+
+/* The writers of $1 (RowExclusiveLock, taken before an INSERT draws its
+ * id and held to the transaction's end), but this session and those open
+ * for longer than $2 ms or whose start is not shown (another role's). */
+#define HORIZON_WRITERS                                                                                        \
+	"FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'relation' "          \
+	" AND l.relation = $1::regclass AND l.mode = 'RowExclusiveLock' AND l.granted "                           \
+	" AND l.pid IS DISTINCT FROM pg_backend_pid() "                                                           \
+	" AND coalesce(a.xact_start > clock_timestamp() - make_interval(secs => $2::bigint / 1000.0), false)"
+
+cw_err app_list_horizon(PGconn *c, struct app_job *j, const char *table, char out[24], cw_errmsg *e)
+{
+	out[0] = '\0';
+	/* The last id first, then the writers: one that drew an id up to it
+	 * held the lock before, so it is among them unless it has ended. */
+	const char *sp[] = { table };
+	PGresult *r = PQexecParams(c,
+				   "SELECT coalesce(pg_sequence_last_value(pg_get_serial_sequence($1, 'id')::regclass), 0)", 1,
+				   NULL, sp, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	char last[24];
+	snprintf(last, sizeof(last), "%s", PQntuples(r) == 1 ? PQgetvalue(r, 0, 0) : "0");
+	PQclear(r);
+	char pass[24];
+	snprintf(pass, sizeof(pass), "%lld", (long long)app_horizon_pass_ms(j->app));
+	const char *wp[] = { table, pass };
+	r = PQexecParams(c, "SELECT coalesce(array_agg(l.virtualtransaction), '{}')::text " HORIZON_WRITERS, 2, NULL,
+			 wp, NULL, NULL, 0);
+	if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
+		return rc;
+	char *writers = strdup(PQntuples(r) == 1 ? PQgetvalue(r, 0, 0) : "{}");
+	PQclear(r);
+	if (!writers)
+		return cw_fail(e, CW_ENOMEM, "out of memory");
+	/* Then until none of them still writes (they end in milliseconds). */
+	int64_t until = cw_now_us() + APP_HORIZON_WAIT_MS * 1000LL;
+	long nap_us = 1000;
+	bool open = strcmp(writers, "{}") != 0;
+	while (open) {
+		if (cw_now_us() >= until)
+			break;
+		struct timespec ts = { 0, nap_us * 1000 };
+		nanosleep(&ts, NULL);
+		nap_us = nap_us < 32000 ? nap_us * 2 : nap_us;
+		const char *op[] = { table, pass, writers };
+		r = PQexecParams(c,
+				 "SELECT EXISTS (SELECT 1 " HORIZON_WRITERS " AND l.virtualtransaction = ANY ($3::text[]))", 3,
+				 NULL, op, NULL, NULL, 0);
+		if ((rc = store_check(c, r, PGRES_TUPLES_OK, e))) {
+			free(writers);
+			return rc;
+		}
+		open = strcmp(PQgetvalue(r, 0, 0), "t") == 0;
+		PQclear(r);
+	}
+	free(writers);
+	if (open) {
+		app_job_fail(j, 503, "unavailable",
+			     "a write to the %s has been open for more than %d ms: the list waits for it, so as not to "
+			     "page past a row it may still commit; try again",
+			     table, APP_HORIZON_WAIT_MS);
+		j->retry_after_ms = 1000;
+		return CW_OK;
+	}
+	snprintf(out, 24, "%s", last);
+	return CW_OK;
+}

@@ -139,6 +139,23 @@ bool app_authorize(struct cw_req *req, enum cw_auth auth, void *ctx);
 #define APP_PAGE_MAX 500
 #define APP_PAGE_DEFAULT 100
 bool app_paging(struct cw_req *req, long long *after, long *limit);
+/* A list of records (the audit log, the abuse reports) pages by row id,
+ * and an id is drawn when its row is written but seen when it commits: a
+ * transaction that drew a lower id and commits after another's page was
+ * read would be behind the cursor, on no later page.  This gives into out
+ * the id up to which every row of table (its id from the table's
+ * sequence, drawn by an INSERT: the writer holds the table's
+ * RowExclusiveLock from before the id is drawn until it ends) is committed
+ * or never will be: the sequence's last id, once every transaction that
+ * held that lock when it was read has ended (waited for up to
+ * APP_HORIZON_WAIT_MS).  A page read after it and stopped at that id
+ * holds every row it ever will below its last.  A writer open for longer
+ * than app_horizon_pass_ms (or of another database role, whose start is
+ * not shown) is passed over; one younger still open after the wait makes
+ * the job fail with 503 unavailable and Retry-After (out empty). */
+#define APP_HORIZON_WAIT_MS 1000
+cw_err app_list_horizon(PGconn *c, struct app_job *j, const char *table, char out[24], cw_errmsg *e);
+int64_t app_horizon_pass_ms(const struct cw_app *app);
 /* The path parameter name as a row id; false after answering 404 "no
  * <what> with that id". */
 bool app_path_id(struct cw_req *req, const char *name, const char *what, char out[24]);

@@ -47,6 +47,8 @@ struct aq {
 	bool noop;            /* known_only and the user is not known: answered, not audited */
 	bool peer_subject;    /* consent: its subject ($3, kind $2) must be of a peer's domain, asked
 			         before anything is made (policy_peer_of_domain) */
+	const char *records;  /* a page of this table's records: the id up to which every row is
+			         committed (app_list_horizon) is the statement's last parameter */
 };
 
 static void aq_free(void *arg)
@@ -130,10 +132,17 @@ static cw_err subject_of_peer(PGconn *c, struct app_job *j, const char *kind, co
 static cw_err aq_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct aq *q = j->data;
-	const char *params[MAXP];
-	char local_id[24] = "";
+	const char *params[MAXP + 1];
+	char local_id[24] = "", upto[24];
 	for (int i = 0; i < q->n; i++)
 		params[i] = q->p[i];
+	int n = q->n;
+	if (q->records) {
+		cw_err rc = app_list_horizon(c, j, q->records, upto, e);
+		if (rc || j->err_code)
+			return rc;
+		params[n++] = upto;
+	}
 	if (q->peer_subject) {
 		bool ok;
 		cw_err rc = subject_of_peer(c, j, q->p[1], q->p[2], &ok, e);
@@ -162,7 +171,7 @@ static cw_err aq_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		if (crc)
 			return crc;
 	}
-	PGresult *r = PQexecParams(c, q->sql, q->n, NULL, params, NULL, NULL, 0);
+	PGresult *r = PQexecParams(c, q->sql, n, NULL, params, NULL, NULL, 0);
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 	if (rc)
 		return rc;
@@ -1077,10 +1086,11 @@ void policy_admin_reports_list(struct cw_req *req, void *ctx)
 		" 'handled_by', x.handled_by, 'dismissed', x.dismissed, "
 		" 'reports_against_subject', (SELECT count(*) FROM reports y "
 		" WHERE y.subject_uri = x.subject_uri))",
-		"(SELECT * FROM reports WHERE id > $1::bigint AND ($3::boolean IS NULL OR "
+		"(SELECT * FROM reports WHERE id > $1::bigint AND id <= $4::bigint AND ($3::boolean IS NULL OR "
 		" (handled_at IS NULL) = $3::boolean) ORDER BY id LIMIT $2::int) x"));
 	if (q) {
 		aq_param(q, open ? (strcmp(open, "true") == 0 ? "t" : "f") : NULL);
+		q->records = "reports";
 	}
 	aq_run(ctx, req, q);
 }
@@ -1393,10 +1403,11 @@ void policy_admin_report_dismiss(struct cw_req *req, void *ctx)
 	" 'rule_id', x.rule_id, 'message', (SELECT public_id FROM events WHERE id = x.event_id), " \
 	" 'subject', x.subject, 'details', x.details)"
 
-/* The audit list's other filters: $4 message, $5 actor. */
+/* The audit list's other filters: $4 message, $5 actor; and $6, the id up
+ * to which every record is committed (aq's records). */
 #define AUDIT_MORE \
 	"($4::text IS NULL OR event_id = (SELECT id FROM events WHERE public_id = $4)) " \
-	" AND ($5::text IS NULL OR actor = $5)"
+	" AND ($5::text IS NULL OR actor = $5) AND id <= $6::bigint"
 
 void policy_admin_audit_list(struct cw_req *req, void *ctx)
 {
@@ -1445,6 +1456,7 @@ void policy_admin_audit_list(struct cw_req *req, void *ctx)
 		aq_param(q, action);
 		aq_param(q, message);
 		aq_param(q, actor);
+		q->records = "audit_log";
 	}
 	aq_run(ctx, req, q);
 }

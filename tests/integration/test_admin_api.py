@@ -1184,6 +1184,37 @@ def test_a_full_page_says_where_to_go_on_even_when_nothing_follows(daemon):
     assert len(page["rows"]) == 2 and page["next_after"] is None, page
 
 
+def test_a_record_committed_after_a_later_one_is_not_paged_past(daemon, pg, db_url):
+    """An audit record's id is drawn when it is written, and the record is
+    seen when its transaction commits: one that drew a lower id and commits
+    after a later one did was behind the cursor of a client that had read
+    the later one (an operator's export going on with after=<last id>), on
+    no later page.  A list of records now stops at the ids every writer of
+    the table has committed: it waits for a writer still open (a second
+    at most), then answers both in id order; a writer open longer makes it
+    503 with Retry-After rather than answer past it."""
+    held = HeldSession(db_url)
+    try:
+        held.run("BEGIN; INSERT INTO audit_log (actor, action) VALUES ('admin:late', 'test.late');")
+        late = int(pg.psql("SELECT last_value FROM audit_log_id_seq", db_url))
+        early = int(pg.psql("INSERT INTO audit_log (actor, action) VALUES ('admin:early', 'test.early') "
+                            "RETURNING id", db_url))
+        assert early > late
+        t0 = time.monotonic()
+        r = daemon.admin("GET", "/audit?action=test.")
+        assert r.status_code == 503 and r.json()["code"] == "unavailable", r.text
+        assert r.headers["Retry-After"] == "1" and time.monotonic() - t0 >= 1.0
+        # the writer commits while the next list waits for it
+        threading.Timer(0.3, lambda: held.run("COMMIT;")).start()
+        page = daemon.admin("GET", "/audit?action=test.").json()
+        assert [(a["id"], a["action"]) for a in page["rows"]] == [(late, "test.late"), (early, "test.early")], page
+    finally:
+        held.end()
+    # without a filter, and another table of records (the reports) likewise
+    assert [a["id"] for a in daemon.admin("GET", f"/audit?after={late - 1}").json()["rows"]][:2] == [late, early]
+    assert daemon.admin("GET", "/reports?open=false").json() == {"rows": [], "next_after": None}
+
+
 def test_an_admin_answer_says_no_store_once(daemon):
     """Every /admin/v1 answer carries Cache-Control: no-store, once.  The
     token was checked twice (from the headers, then again after the body)
