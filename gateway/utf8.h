@@ -43,7 +43,9 @@ bool cw_utf8_bidi_format(unsigned cp);
  * (a browser's log view, an editor, JavaScript's line splitting) shows
  * as a line break: a path holding one would start a forged record there.
  * The one list both escape (until the forty-fifth session each had its
- * own copy of it, without the separators). */
+ * own copy of it, without the separators); the web console has a copy
+ * (console.js, DISPLAY_CONTROL: a browser cannot call this), which
+ * tests/unit/check_utf8.c holds to it. */
 bool cw_utf8_display_control(unsigned cp);
 
 /* Whether the n bytes of valid UTF-8 at s hold a noncharacter (U+FDD0-

@@ -2,7 +2,9 @@
  *
  * Served with a strict Content-Security-Policy: no inline script or style, no
  * eval, nothing from another origin.  Every page is built with DOM calls and
- * textContent (never innerHTML), so data from the API cannot become markup.
+ * textContent (never innerHTML), so data from the API cannot become markup;
+ * and every text goes through shown(), so that none can reorder what is
+ * shown around it (a peer's room name, a user's display name).
  * The token lives in this tab's sessionStorage only and goes out as a bearer
  * header; there are no cookies, so another origin cannot act with it.
  *
@@ -35,8 +37,9 @@
     const el = document.createElement(tag);
     return build(el, attrs, kids);
   }
+  const SVG = "http://www.w3.org/2000/svg";
   function s(tag, attrs, ...kids) { // SVG
-    return build(document.createElementNS("http://www.w3.org/2000/svg", tag), attrs, kids);
+    return build(document.createElementNS(SVG, tag), attrs, kids);
   }
   // Appends children to el (arrays flattened; null, undefined and false skipped).
   const add = (el, ...kids) => build(el, null, kids);
@@ -45,10 +48,44 @@
       if (v === null || v === undefined || v === false) continue;
       if (k === "style") throw new Error("no style attributes (CSP)");
       if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
-      else el.setAttribute(k, v === true ? "" : String(v));
+      else el.setAttribute(k, v === true ? "" : k === "title" || k.startsWith("aria-") ? escaped(String(v)) : String(v));
     }
+    const svg = el.namespaceURI === SVG;
     for (const c of kids.flat(Infinity))
-      if (c !== null && c !== undefined && c !== false) el.append(c instanceof Node ? c : String(c));
+      if (c !== null && c !== undefined && c !== false) el.append(c instanceof Node ? c : svg ? escaped(String(c)) : shown(String(c)));
+    return el;
+  }
+
+  // What, written raw, could change what is shown around it: the list of
+  // gateway/utf8.c's cw_utf8_display_control, which the log and causewayctl
+  // escape too (tests/unit/check_utf8.c holds this one to it): C0 and C1
+  // controls and DEL, the bidirectional overrides, embeddings and isolates
+  // (U+202A-U+202E, U+2066-U+2069) and marks (U+200E, U+200F, U+061C), and
+  // the line and paragraph separators.  A tab and a line feed stay (the
+  // JSON of an audit record's details is shown in lines).  Until the
+  // forty-fifth session a room name or a display name holding U+202E showed
+  // the rest of its row's cell reversed.
+  const DISPLAY_CONTROL = /([\u0000-\u0008\u000b-\u001f\u007f-\u009f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069])/;
+  // A strong right-to-left character (Hebrew, Arabic, Syriac, Thaana, N'Ko,
+  // ..., their presentation forms, and those of the planes above).
+  const RTL = /[\u0590-\u08ff\ufb1d-\ufdff\ufe70-\ufefc]|[\ud802\ud803\ud83a\ud83b][\udc00-\udfff]/;
+  const escapeOf = (ch) => "\\u" + ch.codePointAt(0).toString(16).padStart(4, "0");
+  // For an attribute or SVG text: each such character as its \u escape.
+  const escaped = (str) => str.split(DISPLAY_CONTROL).map((x, i) => (i % 2 ? escapeOf(x) : x)).join("");
+  // A text as shown: unchanged when it holds neither; otherwise in a <bdi>
+  // (isolated: a right-to-left name does not move the text after it), each
+  // such character shown as its \u escape, marked.
+  function shown(str) {
+    if (!DISPLAY_CONTROL.test(str) && !RTL.test(str)) return str;
+    const el = document.createElement("bdi");
+    str.split(DISPLAY_CONTROL).forEach((x, i) => {
+      if (i % 2 === 0) { if (x) el.append(x); return; }
+      const esc = document.createElement("span");
+      esc.className = "ctl";
+      esc.title = "U+" + x.codePointAt(0).toString(16).toUpperCase().padStart(4, "0") + ", a control character";
+      esc.textContent = escapeOf(x);
+      el.append(esc);
+    });
     return el;
   }
 
@@ -262,7 +299,7 @@
 
   function chrome(signedIn) {
     for (const el of [nav, who, signout, menu]) el.hidden = !signedIn;
-    who.textContent = signedIn ? me.name + " (" + me.role + ")" : "";
+    who.replaceChildren(...(signedIn ? [shown(me.name + " (" + me.role + ")")] : []));
     document.body.classList.toggle("viewer", signedIn && !isAdmin());
   }
 

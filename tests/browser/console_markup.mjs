@@ -3,8 +3,14 @@
 // text, run none of it, and load nothing it names.  Run by
 // tests/integration/test_console.py, which stores the text first.
 //
-// Environment: BASE_URL, ADMIN_TOKEN, MARKUP (the text stored), PAGES (the
-// console routes to visit, comma-separated), CAUSEWAY_NODE_MODULES, CHROMIUM.
+// Stored text holding bidirectional controls (overrides, isolates, marks) or
+// other control characters likewise: shown with each as its \u escape (SHOWN),
+// none raw in the page's text or tooltips, and right-to-left text isolated in
+// a <bdi>, so that nothing can turn round what is shown around it.
+//
+// Environment: BASE_URL, ADMIN_TOKEN, MARKUP (the text stored), SHOWN (how it
+// is shown, when not as stored), PAGES (the console routes to visit,
+// comma-separated), CAUSEWAY_NODE_MODULES, CHROMIUM.
 //
 // Output: one JSON line per check {"check", "ok", "detail"}; exit status 1
 // on the first failed check.
@@ -18,6 +24,7 @@ const env = (k) => {
 };
 const BASE = env('BASE_URL').replace(/\/$/, '') + '/admin/';
 const MARKUP = env('MARKUP');
+const SHOWN = process.env.SHOWN || MARKUP;
 const PAGES = env('PAGES').split(',');
 const require = createRequire(env('CAUSEWAY_NODE_MODULES') + '/');
 const { chromium } = require('playwright-core');
@@ -53,13 +60,25 @@ try {
       // The text itself in the page's text: as stored, or as JSON shows it
       // (an audit record's details, folded when long, are JSON).
       await page.waitForFunction((m) => [m, JSON.stringify(m).slice(1, -1)]
-        .some((x) => document.querySelector('main').textContent.includes(x)), MARKUP, { timeout: WAIT });
-      const found = await page.evaluate(() => ({
-        pwned: window.__pwned ?? null,
-        elements: document.querySelectorAll('main img, main script, main iframe, main svg a, main [onerror], '
-          + 'main [onclick], main a[href^="javascript"], main b.planted').length,
-      }));
-      assert.deepEqual(found, { pwned: null, elements: 0 });
+        .some((x) => document.querySelector('main').textContent.includes(x)), SHOWN, { timeout: WAIT });
+      const found = await page.evaluate(() => {
+        const main = document.querySelector('main');
+        // gateway/utf8.c's cw_utf8_display_control, but the tab and the line feed
+        const control = /[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]/;
+        const rtl = /[\u0590-\u08ff\ufb1d-\ufdff\ufe70-\ufefc]/;
+        const texts = [];
+        for (let w = document.createTreeWalker(main, NodeFilter.SHOW_TEXT); w.nextNode();) texts.push(w.currentNode);
+        const attrs = [...main.querySelectorAll('[title], [aria-label]')]
+          .flatMap((el) => [el.getAttribute('title'), el.getAttribute('aria-label')]).filter((x) => x);
+        return {
+          pwned: window.__pwned ?? null,
+          elements: main.querySelectorAll('img, script, iframe, svg a, [onerror], [onclick], a[href^="javascript"], '
+            + 'b.planted').length,
+          controls: texts.map((t) => t.data).concat(attrs).filter((x) => control.test(x)).map((x) => JSON.stringify(x)),
+          unisolated: texts.filter((t) => rtl.test(t.data) && !t.parentElement.closest('bdi')).map((t) => t.data),
+        };
+      });
+      assert.deepEqual(found, { pwned: null, elements: 0, controls: [], unisolated: [] });
       assert.deepEqual(events, []);
       report(name, true, null);
     } catch (e) {

@@ -334,6 +334,46 @@ START_TEST(reference_property)
 }
 END_TEST
 
+/* The console's copy of the list (gateway/console/console.js,
+ * DISPLAY_CONTROL: a regular expression's class of \uXXXX and ranges of
+ * them), which a browser has to have: the same code points, but the tab
+ * and the line feed, which the console keeps (JSON shown in lines). */
+START_TEST(console_display_control_is_the_same_list)
+{
+	char path[4096];
+	const char *top = getenv("top_srcdir");
+	snprintf(path, sizeof(path), "%s/gateway/console/console.js", top && *top ? top : ".");
+	FILE *f = fopen(path, "r");
+	ck_assert_msg(f != NULL, "%s", path);
+	static char js[1 << 17];
+	size_t n = fread(js, 1, sizeof(js) - 1, f);
+	fclose(f);
+	js[n] = '\0';
+	const char *p = strstr(js, "const DISPLAY_CONTROL = /([");
+	ck_assert_msg(p != NULL, "no DISPLAY_CONTROL in console.js");
+	p += strlen("const DISPLAY_CONTROL = /([");
+	static bool in[0x10000];
+	memset(in, 0, sizeof(in));
+	while (*p != ']') {
+		unsigned lo, hi;
+		ck_assert_msg(sscanf(p, "\\u%4x", &lo) == 1, "not a \\u escape: %.12s", p);
+		p += 6;
+		hi = lo;
+		if (*p == '-') {
+			ck_assert_msg(sscanf(p + 1, "\\u%4x", &hi) == 1, "not a \\u escape: %.12s", p + 1);
+			p += 7;
+		}
+		for (unsigned cp = lo; cp <= hi; cp++)
+			in[cp] = true;
+	}
+	for (unsigned cp = 0; cp < 0x110000; cp++) {
+		bool want = cw_utf8_display_control(cp) && cp != '\t' && cp != '\n';
+		ck_assert_msg((cp < 0x10000 && in[cp]) == want, "U+%04X: console.js %s it", cp,
+			      want ? "lacks" : "adds");
+	}
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("utf8");
@@ -348,6 +388,7 @@ int main(void)
 	tcase_add_test(tc, name_ok_cases);
 	tcase_add_test(tc, noncharacter_cases);
 	tcase_add_test(tc, reference_property);
+	tcase_add_test(tc, console_display_control_is_the_same_list);
 	suite_add_tcase(s, tc);
 	return unit_run(s);
 }
