@@ -4573,6 +4573,37 @@ def test_a_users_consent_changes_are_limited(xd, gk, alice, pg, db_url):
     assert pg.psql("SELECT count(*) FROM user_optin WHERE updated_by = 'user'", db_url) == "0"
 
 
+def test_a_command_refused_in_the_database_does_not_count_against_the_limit(xd, gk, alice, pg, db_url):
+    """policy.user_updates_per_minute (here 2) bounds the changes a user
+    makes (each a reload everywhere, a block an event to the peer). A
+    command the job refuses changes nothing (here an address on the
+    domain of no network; so do a contact of a network not configured and
+    an approval or refusal her roster sends that keeps her decision). Its token is given back, so that a few mistyped
+    addresses do not hold up her real change for a minute; until the
+    forty-fifth session each counted (the Matrix bot decides such
+    refusals before it takes a token)."""
+    a, srv = gk
+    assert xd.admin("PATCH", "/settings", json={"policy.user_updates_per_minute": 2}).ok
+    for node in ("accept", "block", "report"):
+        done = command_submit(alice, node, {"jid": "mimi://nowhere.example/u/x"})
+        c = done.find(q(CMD, "command"))
+        assert c.get("status") == "completed", ET.tostring(done)
+        assert c.find(q(CMD, "note")).text.startswith("Not done: nowhere.example is the domain of no network"), \
+            ET.tostring(done)
+    done = command_submit(alice, "accept", {"jid": WALLY_JID})
+    assert "Accepted mimi://wa.example/u/wally" in done.find(f".//{{{CMD}}}note").text, ET.tostring(done)
+    # a contact of another network by address (here: of none) between the two changes
+    done = command_submit(alice, "block", {"jid": "mimi://nowhere.example/u/y"})
+    assert done.find(f".//{{{CMD}}}note").get("type") == "error", ET.tostring(done)
+    done = command_submit(alice, "block", {"jid": WALLY_JID})
+    assert "Blocked mimi://wa.example/u/wally" in done.find(f".//{{{CMD}}}note").text, ET.tostring(done)
+    # the two changes spent the bucket: the third is refused
+    bad = command_submit(alice, "accept", {"jid": WALLY_JID}, expect_error=True)
+    assert bad.error_condition == "resource-constraint", ET.tostring(bad)
+    assert pg.psql("SELECT string_agg(subject || ' ' || state, ',') FROM consents", db_url) == \
+        "mimi://wa.example/u/wally blocked"
+
+
 def db_writes(d):
     """The daemon's writes made durable (each a job of the group commit)."""
     m = re.search(r"^causeway_db_writes_committed_total (\d+)", d.get("/metrics").text, re.M)
