@@ -1565,6 +1565,16 @@ void policy_live_poke(struct policy_live *pl)
 	wake_thread(pl);
 }
 
+/* The bucket of a user's own changes (its key in key) and its rate. */
+static uint32_t user_update_bucket(struct policy_live *pl, const char *localpart, char *key, size_t size)
+{
+	struct policy_view *v = policy_live_get(pl);
+	int64_t per_minute = v->set.user_updates_per_minute;
+	policy_view_put(v);
+	snprintf(key, size, "uup:%s", localpart);
+	return (uint32_t)per_minute;
+}
+
 /* Each change makes every process reload the user's facts, and a block or
  * its end is an event to the peer in each room the two share, which skips
  * the outbound limits: until the thirtieth session a user toggling block
@@ -1577,19 +1587,25 @@ bool policy_user_update_allowed(struct policy_live *pl, struct ratelimit *rl, co
 		*notice = false;
 	if (!rl)
 		return true;
-	struct policy_view *v = policy_live_get(pl);
-	int64_t per_minute = v->set.user_updates_per_minute;
-	policy_view_put(v);
 	char key[MIMI_LOCAL_MAX + 8];
-	snprintf(key, sizeof(key), "uup:%s", localpart);
+	uint32_t per_minute = user_update_bucket(pl, localpart, key, sizeof(key));
 	int64_t now = cw_wall_ms();
-	if (ratelimit_take(rl, key, (uint32_t)per_minute, 60000, now, NULL) <= 0)
+	if (ratelimit_take(rl, key, per_minute, 60000, now, NULL) <= 0)
 		return true;
 	if (notice) {
 		key[2] = 'n';
 		*notice = ratelimit_take(rl, key, 1, 60000, now, NULL) <= 0;
 	}
 	return false;
+}
+
+void policy_user_update_give(struct policy_live *pl, struct ratelimit *rl, const char *localpart)
+{
+	if (!rl)
+		return;
+	char key[MIMI_LOCAL_MAX + 8];
+	uint32_t per_minute = user_update_bucket(pl, localpart, key, sizeof(key));
+	ratelimit_give(rl, key, per_minute, 60000, cw_wall_ms());
 }
 
 void policy_live_get_stats(struct policy_live *pl, struct policy_live_stats *st)

@@ -220,6 +220,10 @@ void policy_live_poke(struct policy_live *pl);
  * notices).  rl NULL: no limit. */
 struct ratelimit;
 bool policy_user_update_allowed(struct policy_live *pl, struct ratelimit *rl, const char *localpart, bool *notice);
+/* The token policy_user_update_allowed took, given back: the change it
+ * was taken for changed nothing (a refusal only the database job could
+ * decide, a decision she had made already). */
+void policy_user_update_give(struct policy_live *pl, struct ratelimit *rl, const char *localpart);
 
 /* Rate limits for one decision (or the decisions of one event, one per
  * recipient): each bucket is charged at most once, however many the

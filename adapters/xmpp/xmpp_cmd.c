@@ -85,30 +85,6 @@ static bool user_update_allowed(struct xcomp *xc, const char *local, bool *notic
 	return policy_user_update_allowed(xc->x->app->policy, xc->x->app->limits, local, notice);
 }
 
-/* The token user_update_allowed took, given back: the job changed nothing
- * (refused in the database, as an address of no network's, a contact of a
- * network not configured, or a decision that was no change), so no reload
- * and no event to the peer followed, which is what the bucket bounds.  The
- * Matrix bot decides such refusals before it takes a token (mx_bot.c,
- * change_allowed); here they are known only in the job.  Until the
- * forty-fifth session each counted, and a user who mistyped a few
- * addresses was told to wait a minute before her real change.  A
- * subscribe keeps its token (limited for the write it costs, xa_presence).
- * The bucket is policy_user_update_allowed's (policy_live.c): the same
- * key and rule. */
-static void user_update_give(struct xcomp *xc, const char *local)
-{
-	struct ratelimit *rl = xc->x->app->limits;
-	if (!rl)
-		return;
-	struct policy_view *v = policy_live_get(xc->x->app->policy);
-	int64_t per_minute = v->set.user_updates_per_minute;
-	policy_view_put(v);
-	char key[MIMI_LOCAL_MAX + 8];
-	snprintf(key, sizeof(key), "uup:%s", local);
-	ratelimit_give(rl, key, (uint32_t)per_minute, 60000, cw_wall_ms());
-}
-
 /* The roster follows a block: the remote contact goes offline (RFC 6121
  * §3.2.2: before the unsubscribed, or the user's client keeps showing it
  * online) and unsubscribes both ways. */
@@ -629,8 +605,18 @@ static void consent_done(void *arg, cw_err rc, const cw_errmsg *e)
 	if (j->iq)
 		command_answer(j->xc, j->iq, j->node, rc ? "That did not work; try again in a moment." : j->note,
 			       rc || !j->done ? "error" : "info");
+	/* The job changed nothing (refused in the database, as an address
+	 * of no network's, a contact of a network not configured, or a
+	 * decision that was no change): no reload and no event to the peer
+	 * followed, which is what the bucket bounds, so its token goes
+	 * back.  The Matrix bot decides such refusals before it takes one
+	 * (mx_bot.c, change_allowed); here they are known only in the job.
+	 * Until the forty-fifth session each counted, and a user who
+	 * mistyped a few addresses was told to wait a minute before her
+	 * real change.  A subscribe keeps its token (limited for the write
+	 * it costs, xa_presence); a list took none. */
 	if (!rc && !j->done && j->verb != V_LIST && j->verb != V_SUBSCRIBE)
-		user_update_give(j->xc, j->local); /* nothing changed: its token back (see there) */
+		policy_user_update_give(j->xc->x->app->policy, j->xc->x->app->limits, j->local);
 	/* The roster follows a block (roster_drop), of the contact or of the
 	 * whole network (each of its contacts, j->contacts).  An accept by
 	 * command withdraws the requests it decided from the roster (the
