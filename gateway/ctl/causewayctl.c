@@ -18,6 +18,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #define DEFAULT_URL "http://127.0.0.1:8480"
 #define CONNECT_TIMEOUT_S 5L
@@ -30,6 +31,8 @@
 #define QUERY_MAX 8                  /* name=value pairs of one request */
 #define COLS_MAX 10
 #define KEY_WIDTH 13                 /* the key column of status and trace */
+#define READ_TRIES 4                 /* a read answered 503/429 with Retry-After: asked up to this often */
+#define RETRY_WAIT_MAX_S 10          /* the longest Retry-After waited for; a longer one is a refusal */
 /* The daemon writes reals with 6 significant digits; 15 prints every such
  * number back as it came (jansson's default 17 turns 8.1 into 8.0999…). */
 #define JSON_OUT_FLAGS (JSON_INDENT(2) | JSON_REAL_PRECISION(15))
@@ -81,7 +84,8 @@ struct ctl {
 /* An answer of the daemon, whatever its status. */
 struct answer {
 	long status;
-	json_t *body; /* NULL when the answer was empty; the caller frees with json_decref */
+	long retry_after; /* its Retry-After in seconds (a date made a delay by libcurl); 0: none */
+	json_t *body;     /* NULL when the answer was empty; the caller frees with json_decref */
 };
 
 static void defang(char *s);
@@ -443,6 +447,7 @@ static enum ctl_rc http_call(struct ctl *c, const char *method, const char *path
 			     const json_t *send, bool auth, struct answer *a)
 {
 	a->status = 0;
+	a->retry_after = 0;
 	a->body = NULL;
 	char *url = NULL, *body = NULL;
 	struct curl_slist *headers = NULL, *h;
@@ -534,6 +539,9 @@ static enum ctl_rc http_call(struct ctl *c, const char *method, const char *path
 		goto out;
 	}
 	curl_easy_getinfo(k, CURLINFO_RESPONSE_CODE, &a->status);
+	curl_off_t wait = 0;
+	if (curl_easy_getinfo(k, CURLINFO_RETRY_AFTER, &wait) == CURLE_OK && wait > 0)
+		a->retry_after = wait > LONG_MAX ? LONG_MAX : (long)wait;
 	if (s.len) {
 		json_error_t je;
 		a->body = json_loadb(s.p, s.len, 0, &je);
@@ -623,12 +631,33 @@ static enum ctl_rc api(struct ctl *c, const char *method, const char *path, cons
 {
 	struct answer a;
 	*out = NULL;
-	enum ctl_rc rc = http_call(c, method, path, q, send, true, &a);
-	if (rc)
-		return rc;
+	enum ctl_rc rc;
+	int tries = 1;
+	/* A read the daemon cannot answer yet (503 with Retry-After: a list of
+	 * records waiting for a writer of its table, the database away; 429)
+	 * is asked again after the wait it names, a few times: one such
+	 * answer failed a whole export of the audit log (until the
+	 * forty-fifth session's review).  A change is never repeated so: it
+	 * may have been done. */
+	for (;; tries++) {
+		if ((rc = http_call(c, method, path, q, send, true, &a)))
+			return rc;
+		if (strcmp(method, "GET") != 0 || (a.status != 503 && a.status != 429) || !a.retry_after ||
+		    a.retry_after > RETRY_WAIT_MAX_S || tries == READ_TRIES)
+			break;
+		json_decref(a.body);
+		sleep((unsigned)a.retry_after);
+	}
 	if (a.status < 200 || a.status > 299) {
 		char why[400];
 		describe_refusal(c, &a, why, sizeof(why));
+		size_t n = strlen(why);
+		if (tries > 1)
+			snprintf(why + n, sizeof(why) - n, " (asked %d times, as Retry-After said)", tries);
+		else if (strcmp(method, "GET") == 0 && (a.status == 503 || a.status == 429) &&
+			 a.retry_after > RETRY_WAIT_MAX_S)
+			snprintf(why + n, sizeof(why) - n, " (Retry-After %ld s, longer than causewayctl waits)",
+				 a.retry_after);
 		if (c->json && a.body)
 			print_json(a.body);
 		json_decref(a.body);
@@ -1531,7 +1560,7 @@ static void print_status(const struct ctl *c, const json_t *ready, const json_t 
  * answers is shown even if another part is refused (then exit 1). */
 static enum ctl_rc cmd_status(struct ctl *c, char **argv)
 {
-	struct answer ready, parts[2] = { { 0, NULL }, { 0, NULL } };
+	struct answer ready, parts[2] = { { 0, 0, NULL }, { 0, 0, NULL } };
 	static const char *const paths[2] = { "/admin/v1/adapters", "/admin/v1/stats" };
 	char why[2][400] = { "", "" };
 	enum ctl_rc rc = http_call(c, "GET", "/readyz", NULL, NULL, false, &ready);
