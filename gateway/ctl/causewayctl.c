@@ -1119,6 +1119,13 @@ static enum ctl_rc cmd_token_list(struct ctl *c, char **argv)
 /* "/admin/v1/<a>/<escaped b><c>" into a malloc'd string. */
 static enum ctl_rc path_with(struct ctl *c, const char *a, const char *b, const char *rest, char **out)
 {
+	/* Escaping leaves '.' as it is, and libcurl, as a proxy would, takes
+	 * "." and ".." for the segments they name: "token revoke .." was sent
+	 * as POST /admin/v1/revoke, "trace ." as GET /admin/v1/messages/ (until
+	 * the forty-fifth session's review).  No name or id is empty or dots. */
+	*out = NULL;
+	if (!*b || strcmp(b, ".") == 0 || strcmp(b, "..") == 0)
+		return fail(c, CTL_EUSAGE, "'%s' cannot be a name or id: it would change the request's path", b);
 	char *e = curl_easy_escape(c->curl, b, 0);
 	size_t n = e ? strlen(a) + strlen(e) + strlen(rest) + 1 : 0;
 	*out = e ? malloc(n) : NULL;

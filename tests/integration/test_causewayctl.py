@@ -1036,3 +1036,26 @@ def test_an_audit_export_waits_out_a_writer_of_the_audit_log(daemon, db_url):
         assert [(r["actor"], r["action"]) for r in got["rows"]] == [("admin:late", "test.late")], got
     finally:
         held.end()
+
+
+def test_a_name_of_dots_or_nothing_is_refused_before_any_request():
+    """A name or id goes into the request's path escaped, but escaping
+    leaves '.', and libcurl (as a proxy would) resolves the segments "."
+    and "..": `token revoke ..` was sent as POST /admin/v1/revoke, `trace .`
+    as GET /admin/v1/messages/, `peers disable ''` as POST
+    /admin/v1/peers//disable (until the forty-fifth session's review).  No
+    name or id is so: a usage error, nothing asked.  Dots within a name go
+    as they are."""
+    s = StandIn({})
+    try:
+        for args in (("token", "revoke", ".."), ("peers", "disable", "."), ("peers", "enable", ""),
+                     ("peers", "rotate", ".."), ("trace", "."), ("trace", ".."), ("trace", "")):
+            rc, out, err = ctl(*args, url=s.url)
+            assert rc == 2 and out == "" and \
+                err == f"causewayctl: '{args[-1]}' cannot be a name or id: it would change the request's path\n", \
+                (args, rc, err)
+        assert s.seen == []
+        refused("trace", "...", url=s.url)
+        assert [p for p, _, _ in s.seen] == ["/admin/v1/messages/..."]
+    finally:
+        s.close()
