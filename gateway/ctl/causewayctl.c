@@ -67,6 +67,7 @@ struct ctl {
 	bool plain;      /* the URL is http://: asked directly, never through a proxy */
 	bool clear;      /* plain, to a host not on this machine's loopback: warned of once */
 	char *token;     /* owned; never printed */
+	char *ca_file;   /* owned; NULL: the system's CAs only */
 	bool json;
 	unsigned given;  /* the command options given (OPT_*) */
 	const char *role, *action, *actor, *message;
@@ -109,9 +110,9 @@ __attribute__((format(printf, 3, 4))) static enum ctl_rc fail(struct ctl *c, enu
 
 /* ------------------------------------------------------------ settings */
 
-/* url, token and token_file from one source (flags, environment or file). */
+/* url, token, token_file and ca_file from one source (flags, environment or file). */
 struct source {
-	char *url, *token, *token_file; /* owned */
+	char *url, *token, *token_file, *ca_file; /* owned */
 };
 
 static void source_free(struct source *s)
@@ -119,6 +120,7 @@ static void source_free(struct source *s)
 	free(s->url);
 	free(s->token);
 	free(s->token_file);
+	free(s->ca_file);
 }
 
 struct file_parse {
@@ -137,11 +139,13 @@ static int ini_entry(void *user, const char *section, const char *name, const ch
 			slot = &f->s->token;
 		else if (strcmp(name, "token_file") == 0)
 			slot = &f->s->token_file;
+		else if (strcmp(name, "ca_file") == 0)
+			slot = &f->s->ca_file;
 	}
 	if (!slot) {
 		if (!f->bad[0])
 			snprintf(f->bad, sizeof(f->bad), "unknown setting '%.40s' in [%.40s] (known: [causewayctl] "
-				 "url, token, token_file)", name, section);
+				 "url, token, token_file, ca_file)", name, section);
 		return 0;
 	}
 	free(*slot);
@@ -314,6 +318,25 @@ static enum ctl_rc set_url(struct ctl *c, const char *url, const char *where)
 	return rc;
 }
 
+/* The CA file an https:// daemon's certificate must chain to instead of
+ * the system's bundle (a private CA of the reverse proxy): checked here,
+ * as libcurl would say only "cannot reach". */
+static enum ctl_rc pick_ca_file(struct ctl *c, const char *path)
+{
+	struct stat st;
+	if (!path)
+		return CTL_OK;
+	FILE *f = fopen(path, "r");
+	int err = !f ? errno : fstat(fileno(f), &st) != 0 ? errno : S_ISDIR(st.st_mode) ? EISDIR : 0;
+	if (f)
+		fclose(f);
+	if (err)
+		return fail(c, CTL_EUSAGE, "cannot read the CA file %s: %s", path, strerror(err));
+	if (!(c->ca_file = strdup(path)))
+		return fail(c, CTL_EREFUSED, "out of memory");
+	return CTL_OK;
+}
+
 /* The URL and the token: flags, else the environment, else the file. */
 static enum ctl_rc resolve(struct ctl *c, struct source *flags, const char *config)
 {
@@ -325,6 +348,8 @@ static enum ctl_rc resolve(struct ctl *c, struct source *flags, const char *conf
 		rc = fail(c, CTL_EREFUSED, "out of memory");
 	if (!rc && (e = getenv("CAUSEWAY_ADMIN_TOKEN")) && *e && !(env.token = strdup(e)))
 		rc = fail(c, CTL_EREFUSED, "out of memory");
+	if (!rc && (e = getenv("CAUSEWAY_CA_FILE")) && *e && !(env.ca_file = strdup(e)))
+		rc = fail(c, CTL_EREFUSED, "out of memory");
 	if (!rc && !config)
 		rc = default_config(c, &path);
 	if (!rc && (config || path))
@@ -334,6 +359,8 @@ static enum ctl_rc resolve(struct ctl *c, struct source *flags, const char *conf
 		rc = source_token(c, flags, "the command line", &t_flag);
 	if (!rc && !t_flag)
 		rc = source_token(c, &env, "the environment", &t_env);
+	if (!rc)
+		rc = pick_ca_file(c, flags->ca_file ? flags->ca_file : env.ca_file ? env.ca_file : file.ca_file);
 	if (!rc && !t_flag && !t_env)
 		rc = source_token(c, &file, where, &t_file);
 	if (!rc) {
@@ -485,6 +512,8 @@ static enum ctl_rc http_call(struct ctl *c, const char *method, const char *path
 	 * https:// a proxy only tunnels (CONNECT) and sees the host. */
 	if (c->plain)
 		curl_easy_setopt(k, CURLOPT_PROXY, "");
+	if (c->ca_file) /* the CA bundle (the peer and its name are verified: libcurl's default) */
+		curl_easy_setopt(k, CURLOPT_CAINFO, c->ca_file);
 	curl_easy_setopt(k, CURLOPT_NOSIGNAL, 1L);
 	curl_easy_setopt(k, CURLOPT_CONNECTTIMEOUT, CONNECT_TIMEOUT_S);
 	curl_easy_setopt(k, CURLOPT_TIMEOUT, TOTAL_TIMEOUT_S);
@@ -535,7 +564,9 @@ static enum ctl_rc http_call(struct ctl *c, const char *method, const char *path
 				  "done; look before you repeat it (causewayctl audit shows what was done)", method, path,
 				  c->shown_url, curl_easy_strerror(cr));
 		else
-			rc = fail(c, CTL_EUNREACHABLE, "cannot reach %s: %s", c->shown_url, curl_easy_strerror(cr));
+			rc = fail(c, CTL_EUNREACHABLE, "cannot reach %s: %s%s", c->shown_url, curl_easy_strerror(cr),
+				  cr == CURLE_PEER_FAILED_VERIFICATION ? " (its certificate is not of a CA trusted here, "
+				  "or not for this host name; --ca-file FILE names a CA of your own)" : "");
 		goto out;
 	}
 	curl_easy_getinfo(k, CURLINFO_RESPONSE_CODE, &a->status);
@@ -1726,8 +1757,11 @@ static const char global_help[] =
 	"  --token TOKEN      the admin token (else CAUSEWAY_ADMIN_TOKEN, else the file);\n"
 	"                     other users can see it in ps: prefer --token-file\n"
 	"  --token-file FILE  read the token from the first line of FILE\n"
+	"  --ca-file FILE     https://: the CA certificates to trust (else CAUSEWAY_CA_FILE,\n"
+	"                     else the file's, else the system's); certificate and host name are verified\n"
 	"  --config FILE      the settings file (default $XDG_CONFIG_HOME/causeway/causewayctl.ini\n"
-	"                     or ~/.config/causeway/causewayctl.ini): [causewayctl] url, token, token_file\n"
+	"                     or ~/.config/causeway/causewayctl.ini): [causewayctl] url, token, token_file,\n"
+	"                     ca_file\n"
 	"  --json             print the API's JSON answer (pretty-printed) instead of a table\n"
 	"  --limit N          list commands: show at most N rows (default: every page)\n"
 	"  --after ID         list commands: start after the row ID\n"
@@ -1817,12 +1851,13 @@ static int usage_error(const char *fmt, ...)
 
 int main(int argc, char **argv)
 {
-	enum { O_URL = 256, O_TOKEN, O_TOKEN_FILE, O_CONFIG, O_JSON, O_ROLE, O_ACTION, O_ACTOR, O_MESSAGE, O_LIMIT,
+	enum { O_URL = 256, O_TOKEN, O_TOKEN_FILE, O_CA_FILE, O_CONFIG, O_JSON, O_ROLE, O_ACTION, O_ACTOR, O_MESSAGE, O_LIMIT,
 	       O_AFTER, O_KEY, O_PUSH_URL, O_PULL, O_EVENT_TYPES, O_MODE, O_LIMITS, O_COMMENT, O_EXPIRES_IN };
 	static const struct option longopts[] = {
 		{ "url", required_argument, NULL, O_URL },
 		{ "token", required_argument, NULL, O_TOKEN },
 		{ "token-file", required_argument, NULL, O_TOKEN_FILE },
+		{ "ca-file", required_argument, NULL, O_CA_FILE },
 		{ "config", required_argument, NULL, O_CONFIG },
 		{ "json", no_argument, NULL, O_JSON },
 		{ "role", required_argument, NULL, O_ROLE },
@@ -1860,6 +1895,9 @@ int main(int argc, char **argv)
 			break;
 		case O_TOKEN_FILE:
 			slot = &flags.token_file;
+			break;
+		case O_CA_FILE:
+			slot = &flags.ca_file;
 			break;
 		case O_CONFIG:
 			config = optarg;
@@ -2012,6 +2050,7 @@ out:
 	curl_free(c.url);
 	curl_free(c.shown_url);
 	free(c.token);
+	free(c.ca_file);
 	json_decref(c.types_json);
 	json_decref(c.limits_json);
 	source_free(&flags);

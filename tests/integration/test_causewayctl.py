@@ -1059,3 +1059,58 @@ def test_a_name_of_dots_or_nothing_is_refused_before_any_request():
         assert [p for p, _, _ in s.seen] == ["/admin/v1/messages/..."]
     finally:
         s.close()
+
+
+def test_https_verifies_the_certificate_and_its_host_name_and_a_ca_file_adds_a_ca(tmp_path):
+    """An https:// daemon (behind a TLS reverse proxy, docs/security.md) is
+    trusted only with a certificate of a CA trusted here, for the URL's host
+    name: otherwise nothing is sent, the token included (exit 3, saying
+    why).  A reverse proxy with a certificate of a private CA is reached
+    with --ca-file (CAUSEWAY_CA_FILE, ca_file =): until the forty-fifth
+    session's review there was no way but the system's CA store, and an
+    operator was left with http://, the token in clear."""
+    import datetime
+    import ssl
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "causewayctl test CA")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    ca, key_file = tmp_path / "ca.pem", tmp_path / "key.pem"
+    ca.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    s = StandIn({"/admin/v1/peers": doc({"peers": []})})
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(ca), str(key_file))
+    s.httpd.socket = ctx.wrap_socket(s.httpd.socket, server_side=True, do_handshake_on_connect=False)
+    port = s.httpd.server_address[1]
+    good, other_name = f"https://localhost:{port}", f"https://127.0.0.1:{port}"
+    try:
+        rc, out, err = ctl("peers", url=good)
+        assert rc == 3 and out == "" and f"cannot reach {good}:" in err and "--ca-file FILE" in err, (rc, err)
+        assert ok("peers", "--ca-file", str(ca), url=good) == "no peers\n"
+        assert ok("peers", url=good, env={"CAUSEWAY_CA_FILE": str(ca)}) == "no peers\n"
+        conf = tmp_path / "causewayctl.ini"
+        conf.write_text(f"[causewayctl]\nurl = {good}\nca_file = {ca}\n")
+        conf.chmod(0o600)
+        assert ok("peers", "--config", str(conf)) == "no peers\n"
+        # the CA's certificate, but not for this host name
+        rc, out, err = ctl("peers", "--ca-file", str(ca), url=other_name)
+        assert rc == 3 and out == "" and f"cannot reach {other_name}:" in err, (rc, err)
+        assert [h["Authorization"] for _, _, h in s.seen] == [f"Bearer {ADMIN_TOKEN}"] * 3
+        rc, out, err = ctl("peers", "--ca-file", str(tmp_path / "none.pem"), url=good)
+        assert rc == 2 and f"cannot read the CA file {tmp_path / 'none.pem'}: No such file" in err, (rc, err)
+        rc, out, err = ctl("peers", "--ca-file", str(tmp_path), url=good)
+        assert rc == 2 and "Is a directory" in err, (rc, err)
+    finally:
+        s.close()
