@@ -86,6 +86,7 @@ struct ctl {
 struct answer {
 	long status;
 	long retry_after; /* its Retry-After in seconds (a date made a delay by libcurl); 0: none */
+	char location[256]; /* a redirect's target (never followed: the token would go along); "" if none */
 	json_t *body;     /* NULL when the answer was empty; the caller frees with json_decref */
 };
 
@@ -475,6 +476,7 @@ static enum ctl_rc http_call(struct ctl *c, const char *method, const char *path
 {
 	a->status = 0;
 	a->retry_after = 0;
+	a->location[0] = '\0';
 	a->body = NULL;
 	char *url = NULL, *body = NULL;
 	struct curl_slist *headers = NULL, *h;
@@ -570,6 +572,9 @@ static enum ctl_rc http_call(struct ctl *c, const char *method, const char *path
 		goto out;
 	}
 	curl_easy_getinfo(k, CURLINFO_RESPONSE_CODE, &a->status);
+	char *to = NULL;
+	if (curl_easy_getinfo(k, CURLINFO_REDIRECT_URL, &to) == CURLE_OK && to)
+		snprintf(a->location, sizeof(a->location), "%s", to);
 	curl_off_t wait = 0;
 	if (curl_easy_getinfo(k, CURLINFO_RETRY_AFTER, &wait) == CURLE_OK && wait > 0)
 		a->retry_after = wait > LONG_MAX ? LONG_MAX : (long)wait;
@@ -649,6 +654,9 @@ static void describe_refusal(const struct ctl *c, const struct answer *a, char *
 	const char *code = jstr(a->body, "code"), *detail = jstr(a->body, "detail");
 	if (code && detail)
 		snprintf(out, len, "%ld %s: %s", a->status, code, detail);
+	else if (a->location[0]) /* an http:// URL a proxy sends to https://, say */
+		snprintf(out, len, "%ld: %s redirects to %.200s, which causewayctl does not follow (the token would "
+			 "go along); if that is the daemon, give its URL with --url", a->status, c->shown_url, a->location);
 	else
 		snprintf(out, len, "%ld without a problem document: is %s causewayd?", a->status, c->shown_url);
 }
@@ -1598,7 +1606,7 @@ static void print_status(const struct ctl *c, const json_t *ready, const json_t 
  * answers is shown even if another part is refused (then exit 1). */
 static enum ctl_rc cmd_status(struct ctl *c, char **argv)
 {
-	struct answer ready, parts[2] = { { 0, 0, NULL }, { 0, 0, NULL } };
+	struct answer ready, parts[2] = { { 0 }, { 0 } };
 	static const char *const paths[2] = { "/admin/v1/adapters", "/admin/v1/stats" };
 	char why[2][400] = { "", "" };
 	enum ctl_rc rc = http_call(c, "GET", "/readyz", NULL, NULL, false, &ready);

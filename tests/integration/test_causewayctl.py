@@ -1114,3 +1114,25 @@ def test_https_verifies_the_certificate_and_its_host_name_and_a_ca_file_adds_a_c
         assert rc == 2 and "Is a directory" in err, (rc, err)
     finally:
         s.close()
+
+
+def test_a_redirect_is_not_followed_and_is_named():
+    """A redirect is never followed: the bearer token would go along to
+    wherever it points (libcurl sends it to another host too).  The refusal
+    names where it pointed (a TLS proxy sending http:// to https://, the
+    common case), where until the forty-fifth session's review it said
+    only "302 without a problem document: is URL causewayd?"."""
+    elsewhere = StandIn({"/admin/v1/peers": doc({"peers": []})})
+    s = StandIn({"/admin/v1/peers": (302, b"", True, {"Location": elsewhere.url + "/admin/v1/peers"}),
+                 "/admin/v1/tokens": (301, b"", True, {"Location": "https://ctl.example/\x1b[2J"})})
+    try:
+        err = refused("peers", url=s.url)
+        assert err == f"causewayctl: 302: {s.url} redirects to {elsewhere.url}/admin/v1/peers, which causewayctl " \
+                      "does not follow (the token would go along); if that is the daemon, give its URL with " \
+                      "--url\n", err
+        err = refused("token", "list", url=s.url)
+        assert "\x1b" not in err and "redirects to https://ctl.example/" in err, err
+        assert elsewhere.seen == []
+    finally:
+        s.close()
+        elsewhere.close()
