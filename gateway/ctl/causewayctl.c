@@ -193,6 +193,11 @@ static enum ctl_rc read_file(struct ctl *c, const char *path, bool explicit, str
 	if (st.st_mode & 022)
 		fprintf(stderr, "causewayctl: warning: %s may be changed by other users, and with it where the token "
 			"is sent (chmod 600 %s)\n", path, path);
+	/* Its owner may change it whatever its mode (until the forty-fifth
+	 * session's review only the mode was looked at); root may anyway. */
+	else if (st.st_uid != geteuid() && st.st_uid != 0)
+		fprintf(stderr, "causewayctl: warning: %s belongs to another user (uid %lu), who may change it and "
+			"with it where the token is sent\n", path, (unsigned long)st.st_uid);
 	return CTL_OK;
 }
 

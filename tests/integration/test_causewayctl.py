@@ -938,6 +938,17 @@ def test_a_settings_file_others_may_change_is_warned_about(tmp_path):
             said = f"causewayctl: warning: {conf} may be changed by other users, and with it where the token " \
                 f"is sent (chmod 600 {conf})\n"
             assert err == (said if warned else ""), (oct(mode), err)
+        # Its owner may change it, whatever its mode (since the forty-fifth
+        # session's review); root may anyway, and is not warned of.
+        conf.chmod(0o600)
+        if os.geteuid() == 0:
+            os.chown(conf, 65534, -1)
+            rc, out, err = ctl("peers", "--config", str(conf), token=None)
+            assert rc == 0 and err == f"causewayctl: warning: {conf} belongs to another user (uid 65534), who " \
+                "may change it and with it where the token is sent\n", (rc, err)
+            os.chown(conf, 0, -1)
+        rc, out, err = ctl("peers", "--config", str(conf), token=None)
+        assert rc == 0 and err == "", (rc, err)
     finally:
         s.close()
 
