@@ -126,7 +126,8 @@ static void source_free(struct source *s)
 
 struct file_parse {
 	struct source *s;
-	char bad[160]; /* the first unknown setting */
+	const char *path; /* the file's: its token_file and ca_file are relative to its directory */
+	char bad[160];    /* the first unknown setting */
 };
 
 static int ini_entry(void *user, const char *section, const char *name, const char *value)
@@ -150,7 +151,19 @@ static int ini_entry(void *user, const char *section, const char *name, const ch
 		return 0;
 	}
 	free(*slot);
-	*slot = *value ? strdup(value) : NULL;
+	/* A relative file is the settings file's neighbour, not one of the
+	 * working directory, which may be anyone's (/tmp): a ca_file found
+	 * there would trust their CA (until the forty-fifth session's review
+	 * token_file was looked for there). */
+	const char *dir_end = strrchr(f->path, '/');
+	int dir_len = dir_end ? (int)(dir_end - f->path) + 1 : 0;
+	if (*value && *value != '/' && (slot == &f->s->token_file || slot == &f->s->ca_file) && dir_len) {
+		size_t n = (size_t)dir_len + strlen(value) + 1;
+		if ((*slot = malloc(n)))
+			snprintf(*slot, n, "%.*s%s", dir_len, f->path, value);
+	} else {
+		*slot = *value ? strdup(value) : NULL;
+	}
 	if (*value && !*slot)
 		snprintf(f->bad, sizeof(f->bad), "out of memory");
 	return !*value || *slot;
@@ -179,7 +192,7 @@ static enum ctl_rc read_file(struct ctl *c, const char *path, bool explicit, str
 	 * ignored without a word (until the forty-first session). */
 	if (S_ISDIR(st.st_mode))
 		return fail(c, CTL_EUSAGE, "cannot read %s: %s", path, strerror(EISDIR));
-	struct file_parse f = { .s = s };
+	struct file_parse f = { .s = s, .path = path };
 	int line = ini_parse(path, ini_entry, &f);
 	if (line < 0)
 		return fail(c, CTL_EUSAGE, "cannot read %s: %s", path, line == -1 ? strerror(errno) : "out of memory");

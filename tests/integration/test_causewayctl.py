@@ -21,7 +21,7 @@ CTL = os.path.join(harness.TOP_BUILDDIR, "causewayctl")
 ALICE = "mimi://example.org/u/alice"
 
 
-def ctl(*args, url=None, token=ADMIN_TOKEN, env=None, home=None, timeout=60):
+def ctl(*args, url=None, token=ADMIN_TOKEN, env=None, home=None, timeout=60, cwd=None):
     """Runs causewayctl; returns (exit status, stdout, stderr).  The token is
     given in the environment unless token=None; url likewise."""
     e = {k: v for k, v in os.environ.items() if not k.startswith("CAUSEWAY_")}
@@ -33,7 +33,7 @@ def ctl(*args, url=None, token=ADMIN_TOKEN, env=None, home=None, timeout=60):
     if token:
         e["CAUSEWAY_ADMIN_TOKEN"] = token
     e.update(env or {})
-    r = subprocess.run([CTL, *args], capture_output=True, text=True, env=e, timeout=timeout)
+    r = subprocess.run([CTL, *args], capture_output=True, text=True, env=e, timeout=timeout, cwd=cwd)
     assert "Sanitizer" not in r.stderr, r.stderr
     return r.returncode, r.stdout, r.stderr
 
@@ -586,6 +586,16 @@ def test_flags_beat_environment_beat_file(daemon, tmp_path):
     # A missing or wrong file is a usage error that says where.
     rc, _, err = ctl("peers", "--config", str(tmp_path / "missing.ini"))
     assert rc == 2 and "missing.ini" in err
+    # A relative token_file is the settings file's neighbour, not one of the
+    # working directory, which may be anyone's (until the forty-fifth
+    # session's review it was looked for there).
+    (tmp_path / "admin-token").write_text(ADMIN_TOKEN + "\n")
+    (tmp_path / "admin-token").chmod(0o600)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "admin-token").write_text("cwa_of-the-working-directory\n")
+    other.write_text(f"[causewayctl]\nurl = {daemon.url}\ntoken_file = admin-token\n")
+    assert "no peers" in ok("peers", "--config", str(other), token=None, cwd=str(elsewhere))
     other.write_text("[causewayctl]\nurl = http://x\ntoekn = y\n")
     rc, _, err = ctl("peers", "--config", str(other))
     assert rc == 2 and f"{other}:3: unknown setting 'toekn'" in err
@@ -1115,10 +1125,13 @@ def test_https_verifies_the_certificate_and_its_host_name_and_a_ca_file_adds_a_c
         conf.write_text(f"[causewayctl]\nurl = {good}\nca_file = {ca}\n")
         conf.chmod(0o600)
         assert ok("peers", "--config", str(conf)) == "no peers\n"
+        # relative: the settings file's neighbour, whatever the working directory
+        conf.write_text(f"[causewayctl]\nurl = {good}\nca_file = ca.pem\n")
+        assert ok("peers", "--config", str(conf), cwd="/") == "no peers\n"
         # the CA's certificate, but not for this host name
         rc, out, err = ctl("peers", "--ca-file", str(ca), url=other_name)
         assert rc == 3 and out == "" and f"cannot reach {other_name}:" in err, (rc, err)
-        assert [h["Authorization"] for _, _, h in s.seen] == [f"Bearer {ADMIN_TOKEN}"] * 3
+        assert [h["Authorization"] for _, _, h in s.seen] == [f"Bearer {ADMIN_TOKEN}"] * 4
         rc, out, err = ctl("peers", "--ca-file", str(tmp_path / "none.pem"), url=good)
         assert rc == 2 and f"cannot read the CA file {tmp_path / 'none.pem'}: No such file" in err, (rc, err)
         rc, out, err = ctl("peers", "--ca-file", str(tmp_path), url=good)
