@@ -23,7 +23,7 @@ import requests
 from cryptography.hazmat.primitives import serialization
 
 from harness import NAMES_SHOWN, HeldSession, free_port, wait_until
-from peer import MediaServer, NotifyServer, PeerClient, verify_get
+from peer import MediaServer, NotifyServer, PeerClient, Signer, verify_get
 from pgproxy import PgProxy
 from prosody import NS_STANZAS, Prosody, XmppClient
 
@@ -2565,7 +2565,7 @@ def test_a_row_whose_own_facts_no_retry_changes_is_dead_at_once(make_daemon, db_
                               dispatcher={"retry_budget": "2", "retry_base_ms": "20", "retry_max_ms": "50"})
     try:
         r = d.admin("POST", "/peers", json={"name": "zz", "domain": "zz.example", "mode": "push",
-                                           "push_url": srv.url, "public_key": a.signer.public_b64})
+                                           "push_url": srv.url, "public_key": Signer("zz").public_b64})
         assert r.status_code == 201, r.text
         assert d.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
         room = a.create_room([a.user("wally"), ALICE]).json()["id"]
@@ -2641,7 +2641,7 @@ def test_a_dead_row_takes_down_its_rooms_later_row_failed_for_another_reason(mak
     held = None
     try:
         r = d.admin("POST", "/peers", json={"name": "zz", "domain": "zz.example", "mode": "push",
-                                           "push_url": srv.url, "public_key": a.signer.public_b64})
+                                           "push_url": srv.url, "public_key": Signer("zz").public_b64})
         assert r.status_code == 201, r.text
         assert d.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
         gid = a.create_room([a.user("wally"), ALICE], kind="group").json()["id"]
