@@ -911,9 +911,46 @@ static cw_err update_fn(PGconn *c, struct app_job *j, cw_errmsg *e, const char *
 	return rc;
 }
 
+/* Whether the disabled peer in->name may be enabled: no other enabled
+ * peer has its key (peers stored before the forty-fifth session may share
+ * one, key_free).  A disabled peer is refused everything, so two peers of
+ * one key are harmless while one of them is off; enabled together, a
+ * request signed by the one would verify as the other's.  409 names the
+ * other: rotate this one's key first (or disable the other).  True when
+ * it may (the key lock taken, held to the commit); false after failing the
+ * job or with *rc set.  Until the forty-fifth session such a peer was
+ * enabled. */
+static bool key_alone_enabled(PGconn *c, struct app_job *j, const char *name, cw_err *rc, cw_errmsg *e)
+{
+	*rc = store_exec(c, "SELECT pg_advisory_xact_lock(" PEER_KEY_LOCK_KEY ")", e);
+	if (*rc)
+		return false;
+	const char *params[] = { name };
+	PGresult *r = PQexecParams(c, "SELECT o.name FROM peers p JOIN peers o ON o.ed25519_public_key = "
+				      "p.ed25519_public_key AND o.name <> p.name AND o.enabled "
+				      "WHERE p.name = $1 AND NOT p.enabled ORDER BY o.name LIMIT 1",
+				   1, NULL, params, NULL, NULL, 0);
+	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+		*rc = store_result_err(c, r, e);
+		PQclear(r);
+		return false;
+	}
+	bool alone = PQntuples(r) == 0;
+	if (!alone)
+		app_job_fail(j, 409, "conflict",
+			     "peer %s's public_key is also enabled peer %s's: two enabled peers may not share a key "
+			     "(a request signed by the one would verify as the other's); rotate %s's key first",
+			     name, PQgetvalue(r, 0, 0), name);
+	PQclear(r);
+	return alone;
+}
+
 static cw_err enable_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct peer_input *in = &((struct admin_change *)j->data)->in;
+	cw_err krc;
+	if (in->enable && !key_alone_enabled(c, j, in->name, &krc, e))
+		return krc;
 	const char *params[] = { in->name, in->enable ? "t" : "f" };
 	/* A peer disabled (enabled) already is answered as it is, its first
 	 * disabled_at kept, with no audit record nor NOTIFY, as a token
@@ -950,6 +987,22 @@ void peer_admin_enable(struct cw_req *req, void *ctx) { set_enabled(req, ctx, tr
 static cw_err rotate_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct peer_input *in = &((struct admin_change *)j->data)->in;
+	/* The name first: a rotation of no peer is 404 whatever its key
+	 * (until the forty-fifth session's review another peer's key made it
+	 * 409, naming that peer). */
+	const char *np[] = { in->name };
+	PGresult *r = PQexecParams(c, "SELECT 1 FROM peers WHERE name = $1", 1, NULL, np, NULL, NULL, 0);
+	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+		cw_err rc = store_result_err(c, r, e);
+		PQclear(r);
+		return rc;
+	}
+	bool exists = PQntuples(r) == 1;
+	PQclear(r);
+	if (!exists) {
+		app_job_fail(j, 404, "not_found", "no peer of that name");
+		return CW_OK;
+	}
 	cw_err krc;
 	if (in->has_key && !key_free(c, j, in, &krc, e))
 		return krc;

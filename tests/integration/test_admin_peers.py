@@ -148,6 +148,56 @@ def test_a_key_another_peer_has_or_the_providers_own_is_refused(daemon, pg, db_u
     assert pg.psql(facts, db_url) == before
 
 
+def test_a_rotation_of_no_peer_is_404_whatever_its_key(daemon, pg, db_url):
+    """The name first: a rotation of a name no peer has is 404 not_found,
+    also with another peer's key (until the forty-fifth session's review
+    that was 409, naming the other peer); nothing is stored or audited."""
+    gk = peer_body()
+    assert daemon.admin("POST", "/peers", json=gk).status_code == 201
+    facts = "SELECT (SELECT string_agg(name, ',') FROM peers) || ' ' || (SELECT count(*) FROM audit_log)"
+    before = pg.psql(facts, db_url)
+    for body in ({"public_key": gk["public_key"]}, {"public_key": new_key()[1]}, None):
+        r = daemon.admin("POST", "/peers/nosuch/rotate", json=body)
+        assert r.status_code == 404 and r.json()["code"] == "not_found", (body, r.text)
+    assert pg.psql(facts, db_url) == before
+
+
+def test_a_disabled_peer_sharing_an_enabled_peers_key_is_not_enabled(daemon, pg, db_url):
+    """Two peers stored before the forty-fifth session may share a key
+    (no migration refuses them): at most one of them may be enabled. An
+    enable of the disabled one while the other is enabled is 409 conflict
+    naming it, nothing changed or audited (until that session's review it
+    was enabled, and what the one signed verified as the other's); once
+    the other is disabled, or this one's key rotated, it is enabled."""
+    gk, tg = peer_body(), peer_body(name="tg", domain="tg.example")
+    assert daemon.admin("POST", "/peers", json=gk).status_code == 201
+    assert daemon.admin("POST", "/peers", json=tg).status_code == 201
+    assert daemon.admin("POST", "/peers/tg/disable").status_code == 200
+    # as stored before the check
+    pg.psql("UPDATE peers SET ed25519_public_key = (SELECT ed25519_public_key FROM peers WHERE name = 'gk') "
+            "WHERE name = 'tg'", db_url)
+    facts = "SELECT (SELECT string_agg(name || enabled::text, ',' ORDER BY name) FROM peers) || ' ' || " \
+            "(SELECT string_agg(action, ',' ORDER BY id) FROM audit_log)"
+    before = pg.psql(facts, db_url)
+    r = daemon.admin("POST", "/peers/tg/enable")
+    assert r.status_code == 409 and r.json()["code"] == "conflict", r.text
+    assert "also enabled peer gk's" in r.json()["detail"], r.text
+    assert pg.psql(facts, db_url) == before
+    # an enabled one enabled again is answered as it is
+    assert daemon.admin("POST", "/peers/gk/enable").status_code == 200
+    # the other off: this one may be on (and then the other may not)
+    assert daemon.admin("POST", "/peers/gk/disable").status_code == 200
+    r = daemon.admin("POST", "/peers/tg/enable")
+    assert r.status_code == 200 and r.json()["enabled"] is True, r.text
+    r = daemon.admin("POST", "/peers/gk/enable")
+    assert r.status_code == 409 and "also enabled peer tg's" in r.json()["detail"], r.text
+    # a key of its own: enabled
+    assert daemon.admin("POST", "/peers/gk/rotate", json={"public_key": new_key()[1]}).status_code == 200
+    assert daemon.admin("POST", "/peers/gk/enable").status_code == 200
+    assert pg.psql("SELECT string_agg(name || enabled::text, ',' ORDER BY name) FROM peers", db_url) == \
+        "gktrue,tgtrue"
+
+
 def test_creates_of_one_key_at_once_make_one_peer(daemon, pg, db_url):
     """Creates with one key take turns on a lock: of several at once, one
     is made and the others are 409, never two peers of one key."""
