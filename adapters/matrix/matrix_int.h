@@ -111,10 +111,11 @@ cw_err mx_mark_joined(PGconn *c, const char *room_id, const char *identity_id, c
  * its room id and binding id out.  Made once: a portal bound meanwhile
  * takes the new one's place.  Once bound, the homeserver is asked whether
  * the user joined it already (mx_mark_if_joined: a join before the
- * binding marked nothing). */
+ * binding marked nothing).  *wait_ms (unless NULL): after a createRoom
+ * answered 429 M_LIMIT_EXCEEDED, the wait it asked for, else 0. */
 cw_err mx_ensure_portal(struct matrix *m, PGconn *c, const char *neutral_room, const char *name,
 			const char *target_id, const char *target_mxid, char *room, size_t rlen, char *binding,
-			size_t blen, cw_errmsg *e);
+			size_t blen, long *wait_ms, cw_errmsg *e);
 /* POST /rooms/{room}/<action> ("join" or "leave", no body) as user (NULL:
  * the bot). */
 cw_err mx_room_action(struct matrix *m, const char *room, const char *user, const char *action, cw_errmsg *e);

@@ -3,8 +3,9 @@
  *
  * The appservice stores the bot's events in matrix_bot_inbox in the same
  * transaction that answers the homeserver; this thread works them off with
- * its own connection (woken by NOTIFY causeway_matrix_bot) and, every
- * second, shows pending consent requests that were not shown yet. */
+ * its own connection (woken by NOTIFY causeway_matrix_bot) and, each
+ * round (at least every 500 ms, when a NOTIFY wakes it sooner), shows the
+ * pending consent requests that were not shown yet. */
 #include "config.h"
 #include "matrix_int.h"
 #include "matrix/mx_cmd.h"
@@ -2383,8 +2384,12 @@ static void forget_handled(PGconn *c, int64_t *next_us)
 /* A local user invited to a group (local_invited) is invited to a portal
  * of their own, made by the bot; they are the group's member once they
  * join it.  One that could not be made (the homeserver away) is tried
- * again 2 s, 4 s, ... (at most 10 minutes) later: a homeserver may have
- * made the room before it failed, and a room each round would pile up. */
+ * again 2 s, 4 s, ... (at most 10 minutes) later, or when a 429 asked if
+ * that is later (retry_later, as portal_renames): a homeserver may have
+ * made the room before it failed, and a room each round would pile up.
+ * A 429 ends the round's makings (the next would fare no better).  Until
+ * the forty-fifth session's review the 429's wait was not kept: a
+ * homeserver asking 30 s was asked again after 2 s, 4 s, ... */
 static void portal_invitations(struct matrix *m, PGconn *c, int64_t *next_us, int64_t *delay_us)
 {
 	int64_t now = cw_now_us();
@@ -2402,19 +2407,25 @@ static void portal_invitations(struct matrix *m, PGconn *c, int64_t *next_us, in
 		return;
 	cw_errmsg e;
 	bool failed = false;
+	long wait = 0;
 	for (int i = 0; i < PQntuples(r); i++) {
 		char room[MX_ID_MAX + 1], binding[24];
+		long w;
 		if (mx_ensure_portal(m, c, PQgetvalue(r, i, 0), PQgetisnull(r, i, 1) ? NULL : PQgetvalue(r, i, 1),
 				     PQgetvalue(r, i, 2), PQgetvalue(r, i, 3), room, sizeof(room), binding, sizeof(binding),
-				     &e)) {
+				     &w, &e)) {
 			failed = true;
 			LOG_KV(CW_LOG_WARN, "cannot make the room of a user invited to a group", "user",
 			       PQgetvalue(r, i, 3), "detail", e.msg);
+			if (w > 0) {
+				wait = w;
+				break;
+			}
 		} /* a join that came before the binding: mx_ensure_portal asked */
 	}
 	PQclear(r);
 	if (failed)
-		retry_later(now, next_us, delay_us, 0);
+		retry_later(now, next_us, delay_us, wait);
 	else
 		*delay_us = 0;
 }

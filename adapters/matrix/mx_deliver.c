@@ -584,9 +584,10 @@ static void alias_of(struct matrix *m, const char *key, char *local, size_t llen
  * gets an alias made from key, and a making refused because the alias is
  * taken (M_ROOM_IN_USE) is the earlier one's, found by it.  The alias is
  * the room's only until it is bound (forget_alias): it is not made its
- * canonical alias, which clients would show as its name. */
+ * canonical alias, which clients would show as its name.  *status: the
+ * homeserver's last answer (0: none). */
 static cw_err create_room(struct matrix *m, const char *user, json_t *body, const char *key, const char *invitee,
-			  char *room, size_t rlen, cw_errmsg *e)
+			  char *room, size_t rlen, long *status, cw_errmsg *e)
 {
 	char local[MX_ID_MAX + 1], alias[MX_ID_MAX + 1];
 	alias_of(m, key, local, sizeof(local), alias, sizeof(alias));
@@ -601,11 +602,10 @@ static cw_err create_room(struct matrix *m, const char *user, json_t *body, cons
 		json_decref(body);
 		return cw_fail(e, CW_ENOMEM, "out of memory");
 	}
-	long status;
 	json_t *answer = NULL;
-	cw_err rc = mx_call(m, "POST", "/_matrix/client/v3/createRoom", user, NULL, json_incref(body), &status, &answer, e);
+	cw_err rc = mx_call(m, "POST", "/_matrix/client/v3/createRoom", user, NULL, json_incref(body), status, &answer, e);
 	const char *code = json_string_value(json_object_get(answer, "errcode"));
-	if (rc && status == 400 && code && strcmp(code, "M_ROOM_IN_USE") == 0) {
+	if (rc && *status == 400 && code && strcmp(code, "M_ROOM_IN_USE") == 0) {
 		enum alias_room found = room_of_alias(m, user, alias, invitee,
 						      json_is_true(json_object_get(body, "is_direct")), room, rlen);
 		json_decref(answer);
@@ -617,9 +617,9 @@ static cw_err create_room(struct matrix *m, const char *user, json_t *body, cons
 						   : cw_fail(e, CW_EUNAVAIL, "a room was made before, and cannot be found");
 		}
 		answer = NULL; /* a stale alias, deleted: made again */
-		rc = mx_call(m, "POST", "/_matrix/client/v3/createRoom", user, NULL, json_incref(body), &status, &answer,
+		rc = mx_call(m, "POST", "/_matrix/client/v3/createRoom", user, NULL, json_incref(body), status, &answer,
 			     e);
-	} else if (rc && status == 400 && code && strcmp(code, "M_EXCLUSIVE") == 0) {
+	} else if (rc && *status == 400 && code && strcmp(code, "M_EXCLUSIVE") == 0) {
 		/* A registration from before the alias namespace: rooms are
 		 * made as they were, without the alias. */
 		LOG_KV(CW_LOG_WARN, "the registration reserves no room aliases (matrix.alias_prefix): a room whose "
@@ -627,7 +627,7 @@ static cw_err create_room(struct matrix *m, const char *user, json_t *body, cons
 		json_decref(answer);
 		answer = NULL;
 		json_object_del(body, "room_alias_name");
-		rc = mx_call(m, "POST", "/_matrix/client/v3/createRoom", user, NULL, json_incref(body), &status, &answer,
+		rc = mx_call(m, "POST", "/_matrix/client/v3/createRoom", user, NULL, json_incref(body), status, &answer,
 			     e);
 	}
 	json_decref(body);
@@ -736,11 +736,12 @@ static cw_err ensure_room(struct matrix *m, PGconn *c, const char *neutral_room,
 	 * one key is overridden: the creator's level stays as the preset has it,
 	 * so every homeserver can still send the room's initial state. */
 	char key[2 * MX_ID_MAX + 8];
+	long status;
 	snprintf(key, sizeof(key), "dm|%s|%s", ghost, target_mxid);
 	cw_err rc = create_room(m, ghost,
 				json_pack("{s:s, s:b, s:[s], s:{s:i}}", "preset", "trusted_private_chat", "is_direct", 1,
 					  "invite", target_mxid, "power_level_content_override", "redact", 101),
-				key, target_mxid, room, rlen, e);
+				key, target_mxid, room, rlen, &status, e);
 	if (rc)
 		return rc;
 	/* Bound to a direct room of the two: the row's, or (a group's row) the
@@ -895,11 +896,12 @@ static const char *portal_name(const char *name, char *out, size_t len)
  * else not: clients name it after its members. */
 cw_err mx_ensure_portal(struct matrix *m, PGconn *c, const char *neutral_room, const char *name,
 			const char *target_id, const char *target_mxid, char *room, size_t rlen, char *binding,
-			size_t blen, cw_errmsg *e)
+			size_t blen, long *wait_ms, cw_errmsg *e)
 {
 	/* As in a direct room, nobody may redact another's events (the bot
 	 * included): a ghost deletes only its own remote user's messages. */
 	char key[MX_ID_MAX + 64], shown[4 * CW_NAME_SHOWN_MAX + 8];
+	long status;
 	snprintf(key, sizeof(key), "portal|%s|%s", neutral_room, target_mxid);
 	cw_err rc = create_room(m, NULL,
 				json_pack("{s:s, s:[s], s:s, s:{s:i}, s:s*}", "preset", "private_chat", "invite", target_mxid,
@@ -908,7 +910,9 @@ cw_err mx_ensure_portal(struct matrix *m, PGconn *c, const char *neutral_room, c
 					  "networks, and encryption ends at the gateway.",
 					  "power_level_content_override", "redact", 101, "name",
 					  portal_name(name, shown, sizeof(shown))),
-				key, target_mxid, room, rlen, e);
+				key, target_mxid, room, rlen, &status, e);
+	if (wait_ms)
+		*wait_ms = rc && status == 429 ? mx_rate_limited_wait_ms() : 0;
 	if (rc)
 		return rc;
 	const char *params[] = { neutral_room, room, target_id, name };
@@ -1383,7 +1387,7 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 	}
 	if (!have_room && group) {
 		if (mx_ensure_portal(m, c, neutral_room, PQgetisnull(r, i, 19) ? NULL : PQgetvalue(r, i, 19), target,
-				     target_mxid, room, sizeof(room), binding, sizeof(binding), e))
+				     target_mxid, room, sizeof(room), binding, sizeof(binding), NULL, e))
 			return PREP_FAIL;
 		json_object_set_new(made, rkey, json_string(room));
 		json_object_set_new(made, bkey, json_string(binding));

@@ -5852,6 +5852,43 @@ def test_a_rename_the_homeserver_fails_is_tried_again_later_not_every_round(mx, 
 
 
 
+def test_a_portal_whose_making_is_rate_limited_waits_as_asked(mx, hs, gk, pg, db_url):
+    """The bot's createRoom of the portal of a user invited into a group,
+    answered 429 M_LIMIT_EXCEEDED, is tried again no sooner than the
+    homeserver asked (retry_after_ms, Retry-After), as a portal's rename
+    is; until the forty-fifth session's review it was tried again 2 s
+    later whatever the 429 asked. Once the homeserver takes it, she has
+    her room."""
+    a, srv = gk
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+    alice.send_text(room, "hi wally")
+    srv.wait_events(1)
+    hs.create_user("carol")
+    bot = "@_cw_bot:example.org"
+
+    def makings():
+        return [r for r in hs.requests if r["method"] == "POST" and r["path"].endswith("/createRoom")
+                and r["user"] == bot]
+    before = len(makings())
+    hs.refuse_retry_after_ms = 5000
+    hs.refuse = lambda method, path, user: 429 if method == "POST" and path.endswith("/createRoom") \
+        and user == bot else False
+    try:
+        alice.invite(room, "@carol:example.org")
+        first = wait_until(lambda: makings()[before:] or None, what="carol's room asked for")[0]
+        assert first["status"] == 429
+        time.sleep(4.5)
+        tried = makings()[before:]
+        assert len(tried) == 1, [(r["status"], round(r["time"] - first["time"], 2)) for r in tried]
+    finally:
+        hs.refuse = None
+    wait_until(lambda: pg.psql("SELECT count(*) FROM room_bindings b JOIN identities i ON "
+                               "i.id = b.local_identity_id WHERE i.uri = 'mimi://example.org/u/carol'",
+                               db_url) == "1", timeout=20, what="carol's room made after the wait")
+    taken = next(r for r in makings()[before:] if r["status"] == 200)
+    assert taken["time"] - first["time"] >= 4.9, [(r["status"], r["time"] - first["time"]) for r in makings()]
+
+
 def _alice(hs):
     """A client of alice, whom wally_wrote_to_alice made."""
     with hs._lock:
