@@ -1174,6 +1174,39 @@ cw_err policy_consent_apply(PGconn *c, const struct policy_view *v, const char *
 	return policy_notify_user(c, local_id, e);
 }
 
+/* The domain of a mimi:// user address x (SQL), '' for another text. */
+#define URI_DOMAIN_SQL(x) "CASE WHEN left(" x ", 7) = 'mimi://' THEN split_part(substr(" x ", 8), '/', 1) ELSE '' END"
+
+cw_err policy_allow_blocked_note(PGconn *c, const char *local_id, const char *kind, const char *subject, char *out,
+				 size_t len, cw_errmsg *e)
+{
+	out[0] = '\0';
+	const char *params[] = { local_id, kind, subject };
+	PGresult *r = PQexecParams(c,
+		"SELECT b.subject, count(*) OVER () FROM consents b WHERE b.local_identity_id = $1::bigint "
+		" AND b.state = 'blocked' AND (($2 = 'user' AND b.subject_kind = 'domain' "
+		" AND b.subject = " URI_DOMAIN_SQL("$3") ") OR ($2 = 'domain' AND b.subject_kind = 'user' "
+		" AND " URI_DOMAIN_SQL("b.subject") " = $3)) ORDER BY b.subject LIMIT 1",
+		3, NULL, params, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	if (PQntuples(r) == 1) {
+		long more = atol(PQgetvalue(r, 0, 1)) - 1;
+		if (strcmp(kind, "user") == 0)
+			snprintf(out, len, " Your block of their whole domain %s still stands, though: nothing of theirs "
+					   "reaches you until you lift it.", PQgetvalue(r, 0, 0));
+		else if (more == 0)
+			snprintf(out, len, " Your block of %s still stands, though: nothing of theirs reaches you until "
+					   "you lift it.", PQgetvalue(r, 0, 0));
+		else
+			snprintf(out, len, " Your blocks of %s and %ld other user(s) of %s still stand, though: nothing "
+					   "of theirs reaches you until you lift them.", PQgetvalue(r, 0, 0), more, subject);
+	}
+	PQclear(r);
+	return CW_OK;
+}
+
 /* ------------------------------------------------------------ rate memo */
 
 /* Remembers a bucket's answer past the struct's entries, in the array on

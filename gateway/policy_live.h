@@ -162,6 +162,16 @@ cw_err policy_consent_apply(PGconn *c, const struct policy_view *v, const char *
 			    const char *subject, const char *state, const char *source, long counts[3], long *decided,
 			    cw_errmsg *e);
 
+/* After local_id's allow of kind ("user", "domain") subject: what of
+ * hers still keeps the subject out, for the adapters' answers (mx_bot.c,
+ * xmpp_cmd.c): a block of his domain, for a user; blocks of users of it,
+ * for a domain (a block wins over an allow of the other kind: decide()'s
+ * order, and consent_sql marks his request 'blocked').  A sentence,
+ * starting with a space, into out; "" when nothing does.  Until the
+ * forty-fifth session's review the answers said "Accepted" alone. */
+cw_err policy_allow_blocked_note(PGconn *c, const char *local_id, const char *kind, const char *subject, char *out,
+				 size_t len, cw_errmsg *e);
+
 /* Whether the local user local_id (identities.id) is opted in to network
  * ("peer:<name>") as a decision will find it: her own choice as stored
  * (read here: the snapshot can be a moment behind a command she just

@@ -668,12 +668,16 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 		/* An accept lets them write to her; their own block of her
 		 * stays theirs (said, so that she does not take the accept for
 		 * a way to reach them). */
-		char hint[400] = "";
+		char hint[400] = "", standing[400] = "";
 		if (verb[0] == 'a' && strcmp(kind, "domain") == 0)
 			domain_optin_hint(m, c, local_id, subject, hint, sizeof(hint));
+		/* Her block of the other kind wins (the request is 'blocked'):
+		 * said, so that "accepted" is not taken for a way in. */
+		if (verb[0] == 'a' && policy_allow_blocked_note(c, local_id, kind, subject, standing, sizeof(standing), &e))
+			LOG_KV(CW_LOG_WARN, "cannot tell whether a block still stands after an accept", "detail", e.msg);
 		if (verb[0] == 'a')
-			snprintf(reply, sizeof(reply), "Accepted %s. %ld waiting message(s) released.%s%s", subject,
-				 counts[0],
+			snprintf(reply, sizeof(reply), "Accepted %s. %ld waiting message(s) released.%s%s%s", subject,
+				 counts[0], standing,
 				 strcmp(kind, "user") == 0 && blocked_by(c, local_id, subject)
 					 ? " They blocked you, though: what you write to them is not delivered until "
 					   "they lift it."

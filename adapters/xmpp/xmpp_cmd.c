@@ -391,9 +391,16 @@ static cw_err consent_fn(PGconn *c, void *arg, cw_errmsg *e)
 					 " You opted out of %s, though: nothing from it reaches you until you also run "
 					 "this gateway's opt-in command (for %s).", net, net);
 		}
+		/* Her block of the other kind wins (the request is 'blocked',
+		 * policy_live.c): said, as the Matrix bot says it. */
+		char standing[400] = "";
+		if (j->verb == V_ACCEPT &&
+		    (rc = policy_allow_blocked_note(c, local_id, j->whole_domain ? "domain" : "user", subject, standing,
+						    sizeof(standing), e)))
+			return rc;
 		if (j->verb == V_ACCEPT)
-			snprintf(j->note, sizeof(j->note), "Accepted %s. %ld waiting message(s) released.%s", subject,
-				 counts[0], hint);
+			snprintf(j->note, sizeof(j->note), "Accepted %s. %ld waiting message(s) released.%s%s", subject,
+				 counts[0], standing, hint);
 		else
 			snprintf(j->note, sizeof(j->note), "Blocked %s. %ld waiting message(s) dropped.", subject, counts[1]);
 		break;

@@ -2042,6 +2042,44 @@ def test_accepting_a_domain_without_its_networks_opt_in_says_to_opt_in(mx, hs, g
                                                    "until you also send \"opt-in peer:gk\".")
 
 
+
+def test_an_accept_under_a_block_of_the_other_kind_says_the_block_stands(mx, hs, gk, pg, db_url):
+    """A block wins over an allow of the other kind (policy: a block of the
+    sender's domain before his consent; since the forty-fifth session his
+    request is 'blocked'): an accept of a user whose domain she blocked
+    says that block still stands and nothing of theirs reaches her until
+    she lifts it, and an accept of a domain names her blocks of users of
+    it. Until that session's review it said "Accepted" alone, the messages
+    not released."""
+    a, _ = gk
+    wally, zoe = a.user("wally"), a.user("zoe")
+    alice, mgmt, said = alice_and_the_bot(hs)
+
+    def answer_to(text):
+        return bot_answer(said, lambda: alice.send_text(mgmt, text))
+    assert answer_to("opt-in peer:gk") == "You are now opted in for peer:gk."
+    room = a.create_room([wally, ALICE]).json()["id"]
+    assert a.send(room, wally, "may I?").status_code == 202
+    wait_until(lambda: any("wants to write to you" in n for n in said()), what="the request shown")
+    assert answer_to("block wa.example").startswith("Blocked wa.example.")
+    assert answer_to(f"accept {wally}") == (
+        f"Accepted {wally}. 0 waiting message(s) released. Your block of their whole domain wa.example still "
+        "stands, though: nothing of theirs reaches you until you lift it.")
+    assert pg.psql("SELECT string_agg(state, ',') FROM consent_requests", db_url) == "blocked"
+    # a domain's accept: her blocks of its users stand
+    assert answer_to(f"block {wally}").startswith(f"Blocked {wally}.")
+    assert answer_to("accept wa.example") == (
+        f"Accepted wa.example. 0 waiting message(s) released. Your block of {wally} still stands, though: "
+        "nothing of theirs reaches you until you lift it.")
+    assert answer_to(f"block {zoe}").startswith(f"Blocked {zoe}.")
+    assert answer_to("accept wa.example") == (
+        f"Accepted wa.example. 0 waiting message(s) released. Your blocks of {wally} and 1 other user(s) of "
+        "wa.example still stand, though: nothing of theirs reaches you until you lift them.")
+    # lifted: said alone
+    assert answer_to(f"accept {wally}") == f"Accepted {wally}. 0 waiting message(s) released."
+    assert answer_to(f"accept {zoe}") == f"Accepted {zoe}. 0 waiting message(s) released."
+    assert answer_to("accept wa.example") == "Accepted wa.example. 0 waiting message(s) released."
+
 def test_a_failed_look_up_of_the_partys_peer_is_try_again_and_stores_nothing(mx, hs, gk, pg, db_url):
     """Whose a party is (a domain's peer, a ghost's) is read from the peers
     table; when that read fails, the command is not carried out: "try

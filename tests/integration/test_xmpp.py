@@ -4258,6 +4258,35 @@ def test_accepting_the_whole_network_without_its_opt_in_says_to_opt_in(xd, gk, a
     assert accept_all() == "Accepted wa.example. 0 waiting message(s) released."
 
 
+
+def test_an_accept_under_a_block_of_the_other_kind_says_the_block_stands(xd, gk, alice, pg, db_url):
+    """A block wins over an allow of the other kind (since the forty-fifth
+    session the request it answers is 'blocked'): the accept command's
+    note says the block of the user's domain, or of users of the network
+    accepted, still stands and nothing of theirs reaches her until she
+    lifts it, as the Matrix bot's answer does. Until that session's review
+    it said "Accepted" alone."""
+    wally, zoe = "mimi://wa.example/u/wally", "mimi://wa.example/u/zoe"
+    opt = alice.iq("set", COMP, f"<command xmlns='{CMD}' node='opt-in' action='execute'/>")
+    assert "opted in for peer:gk" in opt.find(f".//{{{CMD}}}note").text
+
+    def note(verb, jid):
+        return command_submit(alice, verb, {"jid": jid}).find(f".//{{{CMD}}}note").text
+    assert note("block", COMP).startswith("Blocked wa.example.")
+    assert note("accept", "wally@" + COMP) == (
+        f"Accepted {wally}. 0 waiting message(s) released. Your block of their whole domain wa.example still "
+        "stands, though: nothing of theirs reaches you until you lift it.")
+    assert note("block", "wally@" + COMP).startswith(f"Blocked {wally}.")
+    assert note("block", "zoe@" + COMP).startswith(f"Blocked {zoe}.")
+    assert note("accept", COMP) == (
+        f"Accepted wa.example. 0 waiting message(s) released. Your blocks of {wally} and 1 other user(s) of "
+        "wa.example still stand, though: nothing of theirs reaches you until you lift them.")
+    assert note("accept", "zoe@" + COMP) == f"Accepted {zoe}. 0 waiting message(s) released."
+    assert note("accept", COMP) == (
+        f"Accepted wa.example. 0 waiting message(s) released. Your block of {wally} still stands, though: "
+        "nothing of theirs reaches you until you lift it.")
+    assert note("accept", "wally@" + COMP) == f"Accepted {wally}. 0 waiting message(s) released."
+
 def test_a_command_forms_values_are_taken_without_white_space_around_them(xd, gk, alice, pg, db_url):
     """A command form's JID and reason are read without the white space
     of any kind around them (a no-break space a phone puts in, an
