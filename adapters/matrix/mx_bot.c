@@ -2365,17 +2365,30 @@ static void portal_renames(struct matrix *m, PGconn *c, int64_t *next_us, int64_
 /* Handled inbox rows, and the notices of refused events once done, are
  * kept BOT_HANDLED_KEEP_DAYS (a homeserver sends a transaction again until
  * it gets an answer: after a crash, once the daemon is back), then
- * forgotten; looked for once an hour. */
-static void forget_handled(PGconn *c, int64_t *next_us)
+ * forgotten; looked for once an hour.  What they are kept for is
+ * their ids: an inbox row's event is emptied once handled (inbox_handled),
+ * and a done notice's text (whom she accepted or blocked, who wrote to
+ * her, her list) is erased content_days (retention.content_days, 0: never)
+ * after it was queued, when that comes first (schema/044; until the
+ * forty-fifth session's review it stayed the seven days whatever
+ * content_days said). */
+static void forget_handled(struct matrix *m, PGconn *c, int64_t *next_us)
 {
 	int64_t now = cw_now_us();
 	if (now < *next_us)
 		return;
 	*next_us = now + 3600 * (int64_t)1000000;
-	char days[8];
+	char days[8], content[24];
 	snprintf(days, sizeof(days), "%d", BOT_HANDLED_KEEP_DAYS);
 	const char *params[] = { days };
 	cw_errmsg e;
+	if (m->app->cfg->retention_content_days > 0) {
+		snprintf(content, sizeof(content), "%ld", m->app->cfg->retention_content_days);
+		const char *cp[] = { content };
+		if (store_command(c, "UPDATE matrix_notices SET body = NULL WHERE done_at IS NOT NULL AND body IS NOT NULL "
+				     "AND created_at < now() - $1::int * interval '1 day'", 1, cp, &e))
+			LOG_KV(CW_LOG_WARN, "cannot erase the text of the notices told", "detail", e.msg);
+	}
 	if (store_command(c, "DELETE FROM matrix_bot_inbox WHERE handled_at < now() - $1::int * interval '1 day'", 1,
 			  params, &e))
 		LOG_KV(CW_LOG_WARN, "cannot forget the bot's handled events", "detail", e.msg);
@@ -2512,7 +2525,7 @@ static void *bot_main(void *arg)
 			portal_renames(m, c, &rename_after, &rename_delay);
 			portal_invitations(m, c, &invite_after, &invite_delay);
 			invitees_joined(m, c);
-			forget_handled(c, &forget_after);
+			forget_handled(m, c, &forget_after);
 		}
 		store_wait_notify(c, -1, 500, NULL, NULL);
 	}

@@ -580,6 +580,23 @@ def test_the_columns_nothing_used_are_dropped_and_their_rows_kept(empty_db_url, 
                       "WHERE attrelid = 'rules'::regclass AND attname = 'pattern'))", empty_db_url)
     assert "peer:<name> or peer:*" in comment and "matrix" not in comment, comment
 
+
+def test_a_told_notices_text_may_be_erased_and_the_rows_are_kept(empty_db_url, pg, tmp_path):
+    """044_matrix_notice_erasure.sql: matrix_notices.body may be NULL once
+    the notice is done (its text erased at retention.content_days, its ids
+    kept), never before; the rows there were stay as they were."""
+    rest = migrated_before(tmp_path, empty_db_url, "044")
+    pg.psql("INSERT INTO matrix_notices (room_id, body, txn_id, done_at) VALUES "
+            "('!a:example.org', 'told', 'cw-1', now()), ('!a:example.org', 'to tell', 'cw-2', NULL)", empty_db_url)
+    with pytest.raises(RuntimeError):
+        pg.psql("UPDATE matrix_notices SET body = NULL WHERE txn_id = 'cw-1'", empty_db_url)
+    rest()
+    pg.psql("UPDATE matrix_notices SET body = NULL WHERE txn_id = 'cw-1'", empty_db_url)
+    with pytest.raises(RuntimeError, match="matrix_notices_body_kept_check"):
+        pg.psql("UPDATE matrix_notices SET body = NULL WHERE txn_id = 'cw-2'", empty_db_url)
+    assert pg.psql("SELECT string_agg(txn_id || '=' || coalesce(body, '-'), ',' ORDER BY id) FROM matrix_notices",
+                   empty_db_url) == "cw-1=-,cw-2=to tell"
+
 # Rows of every kind a deployment of that era held, in plain SQL valid for
 # schema 015 (and so for every later one: the columns added since have
 # defaults or are nullable).  {gk_key}, {tg_key}: the peers' public keys

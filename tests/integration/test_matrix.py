@@ -6314,6 +6314,43 @@ def test_an_expiry_is_told_late_after_a_stop_of_up_to_six_days(mx, hs, gk, pg, d
     assert len(expired) == 1 and "mimi://wa.example/u/wally" in expired[0], expired
 
 
+
+@pytest.mark.parametrize("content_days", [2, 0])
+def test_a_told_notices_text_goes_at_content_days_its_ids_at_seven(make_daemon, db_url, hs, pg, content_days):
+    """A notice told (sent or given up) is kept seven days for its ids (a
+    resent transaction tells it no twice: its event_id, its txn_id), but
+    its text (whom she accepted or blocked, who wrote to her) only as long
+    as retention.content_days keeps content: erased then, the row kept
+    (schema/044); content_days 0 keeps it the seven days. Until the
+    forty-fifth session's review the text stayed the seven days whatever
+    content_days said. A notice not told yet keeps its text (it is still
+    to be said)."""
+    mx = start_mx(make_daemon, db_url, hs, retention={"content_days": str(content_days)})
+    mx.stop()
+    pg.psql("INSERT INTO matrix_notices (room_id, body, sender, txn_id, created_at, done_at, next_at) VALUES "
+            "('!a:example.org', 'Accepted mimi://wa.example/u/wally.', '@_cw_bot:example.org', 'cwtest-3', "
+            " now() - interval '3 days', now() - interval '3 days', 'infinity'), "
+            "('!a:example.org', 'Blocked mimi://wa.example/u/zoe.', '@_cw_bot:example.org', 'cwtest-1', "
+            " now() - interval '1 day', now() - interval '1 day', 'infinity'), "
+            "('!a:example.org', 'an old word', '@_cw_bot:example.org', 'cwtest-8', "
+            " now() - interval '8 days', now() - interval '8 days', 'infinity'); "
+            "INSERT INTO matrix_notices (room_id, body, event_id, created_at, done_at, next_at) VALUES "
+            "('!a:example.org', 'Not delivered: too long.', '$refused', now() - interval '4 days', "
+            " now() - interval '4 days', 'infinity')", db_url)
+    mx.start()
+    rows = "SELECT string_agg(coalesce(txn_id, event_id) || '=' || coalesce(body, '-'), ',' ORDER BY id) " \
+           "FROM matrix_notices"
+    if content_days:
+        wait_until(lambda: pg.psql(rows, db_url) == "cwtest-3=-,cwtest-1=Blocked mimi://wa.example/u/zoe.,"
+                   "$refused=-", timeout=15, what="the old texts erased, the old row forgotten")
+    else:
+        wait_until(lambda: "cwtest-8" not in pg.psql(rows, db_url), timeout=15, what="the old row forgotten")
+        assert pg.psql(rows, db_url) == "cwtest-3=Accepted mimi://wa.example/u/wally.,cwtest-1=Blocked " \
+            "mimi://wa.example/u/zoe.,$refused=Not delivered: too long."
+    # a text not told yet cannot be erased
+    with pytest.raises(RuntimeError, match="matrix_notices_body_kept_check"):
+        pg.psql("INSERT INTO matrix_notices (room_id, body) VALUES ('!a:example.org', NULL)", db_url)
+
 def test_an_edited_command_is_carried_out_as_edited(mx, hs, gk, pg, db_url):
     """An edit of a command (m.replace) is the command as edited, its
     m.new_content, answered once as any: a typo fixed by an edit is carried
