@@ -331,6 +331,38 @@ static void queue_drop(struct xcomp *xc)
 	queue_free(it);
 }
 
+/* A state change's line.  A stream that breaks again and again without
+ * staying up (a server that takes the handshake and closes the stream at
+ * once, one restarting in a loop, one refusing the connection) has its
+ * lines (connecting, up, down), from the FLAP_LOUD-th break in a row on,
+ * written at most once a FLAP_LOG_MS: the others are counted, and the next
+ * one written says how many were left out (unlogged) and how many breaks
+ * in a row there were (breaks).  Until the forty-fifth session each
+ * attempt wrote its three lines, every 125-250 ms (the backoff started
+ * again at every handshake). */
+#define FLAP_LOUD 3
+#define FLAP_LOG_MS 60000
+static void state_line(struct xcomp *xc, enum xc_state s, const char *why, bool calm)
+{
+	int level = calm ? CW_LOG_INFO : CW_LOG_WARN;
+	if (xc->short_breaks < FLAP_LOUD || atomic_load(&xc->x->stop)) {
+		LOG_KV(level, "xmpp component", "component", xc->domain, "state", state_name(s), "detail", why ? why : "");
+		return;
+	}
+	int64_t now = cw_now_us() / 1000;
+	if (now < xc->flap_log_next_ms) {
+		xc->flap_unlogged++;
+		return;
+	}
+	xc->flap_log_next_ms = now + FLAP_LOG_MS;
+	char breaks[24], unlogged[24];
+	snprintf(breaks, sizeof(breaks), "%u", xc->short_breaks);
+	snprintf(unlogged, sizeof(unlogged), "%lu", xc->flap_unlogged);
+	xc->flap_unlogged = 0;
+	LOG_KV(level, "xmpp component", "component", xc->domain, "state", state_name(s), "detail", why ? why : "",
+	       "breaks", breaks, "unlogged", unlogged);
+}
+
 /* drop: the queue is dropped in the same hold of mu, so that no outbox
  * row's stanza is queued between the two (append_locked). */
 static void set_state(struct xcomp *xc, enum xc_state s, const char *why, bool drop)
@@ -351,8 +383,7 @@ static void set_state(struct xcomp *xc, enum xc_state s, const char *why, bool d
 	/* a stream going because the daemon stops is no trouble */
 	bool calm = s == XC_UP || s == XC_CONNECTING || s == XC_STANDBY || atomic_load(&xc->x->stop);
 	if (old != s)
-		LOG_KV(calm ? CW_LOG_INFO : CW_LOG_WARN, "xmpp component", "component", xc->domain, "state",
-		       state_name(s), "detail", why ? why : "");
+		state_line(xc, s, why, calm);
 }
 
 /* ------------------------------------------------------------ answers */
@@ -1221,6 +1252,32 @@ static void turn(struct xcomp *xc, int64_t next_house)
 	xmpp_run_once(xc->ctx, 0);
 }
 
+long xa_reconnect_backoff(long prev, int64_t up_ms, bool auth, long max)
+{
+	long b = up_ms >= XA_STABLE_MS ? 0 : prev;
+	b = b > 0 ? (b > max / 2 ? max : b * 2) : 250;
+	if (auth && b < 5000)
+		b = 5000;
+	return b > max ? max : b;
+}
+
+/* A stream that broke again and again stayed up XA_STABLE_MS: its lines
+ * are all written again, and this one says so once, with how many were
+ * left out. */
+static void stream_stable(struct xcomp *xc)
+{
+	if (xc->short_breaks >= FLAP_LOUD) {
+		char breaks[24], unlogged[24];
+		snprintf(breaks, sizeof(breaks), "%u", xc->short_breaks);
+		snprintf(unlogged, sizeof(unlogged), "%lu", xc->flap_unlogged);
+		LOG_KV(CW_LOG_INFO, "xmpp component: the stream stays up again", "component", xc->domain, "breaks",
+		       breaks, "unlogged", unlogged);
+	}
+	xc->short_breaks = 0;
+	xc->flap_unlogged = 0;
+	xc->flap_log_next_ms = 0;
+}
+
 static void *comp_main(void *arg)
 {
 	cw_thread_name("cw-xmpp");
@@ -1230,7 +1287,7 @@ static void *comp_main(void *arg)
 	const struct cw_config *cfg = x->cfg;
 	PGconn *lock = NULL;
 	long backoff = 0;
-	int64_t next_try = 0, next_house = 0, drop_wall_ms = 0;
+	int64_t next_try = 0, next_house = 0, drop_wall_ms = 0, up_since = 0; /* mono_ms() it came up, 0: down */
 	while (!atomic_load(&x->stop)) {
 		int64_t now = mono_ms();
 		if (!lock) {
@@ -1296,7 +1353,7 @@ static void *comp_main(void *arg)
 		if (xc->up_event && !xc->dropped) {
 			xc->up_event = false;
 			set_state(xc, XC_UP, NULL, false);
-			backoff = 0;
+			up_since = now;
 			/* What is written from now on, the stanzas written again
 			 * included (stamped with the same time: a later one would
 			 * count them as proven, and a second break would forget
@@ -1333,12 +1390,16 @@ static void *comp_main(void *arg)
 				       "the break are not written again (those after the refused one are lost)",
 				       "component", xc->domain, "stanzas", count);
 			}
+			/* A stream that did not stay up (or never came up) lets
+			 * the backoff grow: until the forty-fifth session it
+			 * started again at every handshake, and a server that
+			 * took it and closed the stream at once was connected to
+			 * every 125-250 ms. */
+			int64_t up_ms = up_since ? now - up_since : -1;
+			xc->short_breaks = up_ms >= XA_STABLE_MS ? 0 : xc->short_breaks + 1;
 			stream_give_up(xc, auth ? XC_AUTH_FAILED : XC_DOWN, why, !unreadable, &drop_wall_ms);
-			backoff = backoff ? backoff * 2 : 250;
-			if (auth && backoff < 5000)
-				backoff = 5000;
-			if (backoff > cfg->xmpp_reconnect_max_ms)
-				backoff = cfg->xmpp_reconnect_max_ms;
+			backoff = xa_reconnect_backoff(backoff, up_ms, auth, cfg->xmpp_reconnect_max_ms);
+			up_since = 0;
 			unsigned char r;
 			cw_random(&r, 1);
 			next_try = now + backoff / 2 + (backoff / 2) * r / 255;
@@ -1349,6 +1410,8 @@ static void *comp_main(void *arg)
 		pthread_mutex_unlock(&xc->mu);
 		if (up)
 			drain(xc);
+		if (up && xc->short_breaks && now - up_since >= XA_STABLE_MS)
+			stream_stable(xc);
 		if (now >= next_house) {
 			next_house = now + HOUSEKEEPING_MS;
 			PGresult *r = PQexec(lock, "SELECT 1");
@@ -1359,6 +1422,7 @@ static void *comp_main(void *arg)
 				 * process may take the component now. */
 				stream_give_up(xc, XC_DOWN, "lost the database connection that holds the component's lock",
 					       false, &drop_wall_ms);
+				up_since = 0;
 				PQfinish(lock);
 				lock = NULL;
 				next_try = now + 1000;

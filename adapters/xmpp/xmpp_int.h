@@ -94,6 +94,11 @@ struct xcomp {
 	enum xc_state state;
 	char last_error[256];
 	int64_t connected_since_ms;
+	/* the thread's own: breaks in a row without a stable stream
+	 * (XA_STABLE_MS) and the rate of their state lines (set_state) */
+	unsigned short_breaks;
+	unsigned long flap_unlogged;     /* state lines left out since the last one written */
+	int64_t flap_log_next_ms;        /* monotonic: the next state line of a flapping stream not before */
 	int wake_fd[2];                 /* a pipe that wakes the thread (not polled by libstrophe: checked each turn) */
 	/* Inbound stanzas being stored (xmpp_in.c), under in_mu: the store
 	 * runs each round of a batch's jobs before the next round of any, so
@@ -293,6 +298,15 @@ void xa_roster_sync(struct xcomp *xc, PGconn *c);
  * database.statement_timeout_ms if that is longer (an audit id whose
  * transaction rolled back never comes; one open longer is stuck). */
 int64_t xa_open_write_wait_ms(const struct xcomp *xc);
+/* A stream that stayed up this long (ms) was a good one: its break is
+ * reconnected after the first, shortest wait again. */
+#define XA_STABLE_MS 30000
+/* The wait (ms, before jitter) before the next connection attempt, after
+ * a break that came after the wait prev (0: none yet): doubled from 250 ms
+ * up to max, at least 5 s after the server refused the secret (auth), and
+ * started again at 250 ms when the stream had stayed up XA_STABLE_MS
+ * (up_ms: how long it was up; negative: it never came up). */
+long xa_reconnect_backoff(long prev, int64_t up_ms, bool auth, long max);
 /* A local user's message to this component's peer that became a dead
  * letter is told to them in a chat message from the component's domain
  * (which remote user, what, why, what the operator can do). */

@@ -5656,6 +5656,41 @@ def test_nothing_follows_the_close_of_a_stream_refused_for_its_markup(make_daemo
         srv.close()
 
 
+def test_a_server_that_closes_the_stream_at_once_is_connected_to_less_and_less_often(make_daemon, db_url):
+    """A server that takes the handshake and closes the stream at once (a
+    component configured wrong on its side, a server restarting in a loop)
+    is connected to again after a wait that doubles, as a refused
+    connection is: the backoff starts again only after a stream that stayed
+    up (XA_STABLE_MS, 30 s). Its state lines are written in full for the
+    first three breaks, then at most one a minute. Until the forty-fifth
+    session the backoff started again at every handshake: connected to
+    every 125-250 ms, three log lines each time (a review's finding)."""
+    srv = HostileServer(SECRET)
+    try:
+        d = srv.daemon(make_daemon, db_url)
+        times = []
+        deadline = time.time() + 8
+        while time.time() < deadline:
+            try:
+                srv.accept(timeout=max(0.1, deadline - time.time()))
+            except (socket.timeout, TimeoutError):
+                break
+            times.append(time.time())
+            time.sleep(0.05)  # up, then closed (a close read with the handshake's answer never counted as up)
+            srv.send("</stream:stream>")
+            srv.conn.close()
+            srv.conn = None
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        assert 3 <= len(times) <= 7, gaps  # 125-250, 250-500, 500-1000, 1-2 s, 2-4 s
+        assert max(gaps) >= 1.0, gaps
+        lines = [r for r in d.records if r.get("msg") == "xmpp component" and r.get("state") != "standby"]
+        assert len(lines) <= 10, lines  # three breaks of three lines, then one a minute
+        assert [r.get("breaks") for r in lines if r.get("breaks")] == ["3"], lines
+        assert component_state(d)["state"] in ("down", "connecting")
+    finally:
+        srv.close()
+
+
 def test_a_stream_that_is_not_well_formed_is_closed(make_daemon, db_url):
     """libstrophe answers XML that is not well-formed with invalid-xml but
     keeps the stream, every later read failing: until the twenty-sixth

@@ -2707,6 +2707,28 @@ START_TEST(libstrophe_parses_with_the_guarded_expat)
 }
 END_TEST
 
+/* The reconnect's wait: doubling from 250 ms to the cap after each break
+ * of a stream that did not stay up (never up, or up a moment: a server
+ * that takes the handshake and closes at once), started again only after
+ * one that stayed up XA_STABLE_MS; at least 5 s after a refused secret. */
+START_TEST(the_reconnect_backoff_starts_again_only_after_a_stable_stream)
+{
+	long b = 0;
+	long want[] = { 250, 500, 1000, 2000, 4000, 8000, 16000, 30000, 30000 };
+	for (size_t i = 0; i < sizeof(want) / sizeof(want[0]); i++) {
+		b = xa_reconnect_backoff(b, i % 2 ? 50 : -1, false, 30000); /* up 50 ms, or never up */
+		ck_assert_int_eq(b, want[i]);
+	}
+	ck_assert_int_eq(xa_reconnect_backoff(b, XA_STABLE_MS - 1, false, 30000), 30000);
+	ck_assert_int_eq(xa_reconnect_backoff(b, XA_STABLE_MS, false, 30000), 250);
+	ck_assert_int_eq(xa_reconnect_backoff(0, -1, true, 30000), 5000);
+	ck_assert_int_eq(xa_reconnect_backoff(5000, 100, true, 30000), 10000);
+	ck_assert_int_eq(xa_reconnect_backoff(0, -1, true, 1000), 1000); /* the cap is the operator's */
+	ck_assert_int_eq(xa_reconnect_backoff(250, -1, false, 100), 100);
+	ck_assert_int_eq(xa_reconnect_backoff(3000000, -1, false, 3600000), 3600000);
+}
+END_TEST
+
 int main(void)
 {
 	xmpp_initialize();
@@ -2743,6 +2765,7 @@ int main(void)
 	tcase_add_test(tc, a_long_tag_is_scanned_in_linear_time);
 	tcase_add_test(tc, held_reads_keep_the_cap);
 	tcase_add_test(tc, libstrophe_parses_with_the_guarded_expat);
+	tcase_add_test(tc, the_reconnect_backoff_starts_again_only_after_a_stable_stream);
 	tcase_add_test(tc, a_command_forms_values_are_trimmed);
 	tcase_add_test(tc, a_command_forms_values_are_measured_trimmed);
 	tcase_add_test(tc, a_command_forms_jid_with_a_zero_width_character_is_refused);
