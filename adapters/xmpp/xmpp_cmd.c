@@ -251,6 +251,55 @@ static cw_err peer_address(PGconn *c, struct xconsent *j, cw_errmsg *e)
 	return CW_OK;
 }
 
+/* list: a read (store_read), as the Matrix bot's.  The user's identity is
+ * looked up, not made: a user who has none has nothing to list.  Until
+ * the forty-fifth session it ran as a write, which made her identity
+ * (identity_id) and held the writer for the summary's query, and a flood
+ * of list commands, which are not limited, cost the writer's time. */
+static cw_err list_fn(PGconn *c, void *arg, cw_errmsg *e)
+{
+	struct xconsent *j = arg;
+	const struct cw_config *cfg = j->xc->x->cfg;
+	j->note[0] = '\0';
+	j->done = false;
+	char uri[MIMI_URI_MAX + 1];
+	snprintf(uri, sizeof(uri), "mimi://%s/u/%s", cfg->domain ? cfg->domain : "", j->local);
+	struct mimi_uri u;
+	cw_err rc = mimi_uri_parse(uri, &u, e);
+	if (rc)
+		return rc;
+	mimi_uri_format(&u, uri, sizeof(uri), NULL); /* as identity_id stores it */
+	const char *ip[] = { uri };
+	PGresult *r = PQexecParams(c, "SELECT id FROM identities WHERE uri = $1", 1, NULL, ip, NULL, NULL, 0);
+	if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
+		return rc;
+	char local_id[24] = "";
+	if (PQntuples(r) == 1)
+		snprintf(local_id, sizeof(local_id), "%s", PQgetvalue(r, 0, 0));
+	PQclear(r);
+	const char *params[] = { local_id };
+	r = local_id[0] ? PQexecParams(c, POLICY_USER_SUMMARY_SQL, 1, NULL, params, NULL, NULL, 0) : NULL;
+	if (r && (rc = store_check(c, r, PGRES_TUPLES_OK, e)))
+		return rc;
+	/* As many lines as fit, whole, then how many more there are:
+	 * until the thirtieth session the rest was left out in silence. */
+	size_t n = 0, room = sizeof(j->note) - 40; /* kept for the last line */
+	int i, rows = r ? PQntuples(r) : 0;
+	for (i = 0; i < rows; i++) {
+		size_t len = (n ? 1 : 0) + strlen(PQgetvalue(r, i, 0));
+		if (n + len >= room)
+			break;
+		n += (size_t)snprintf(j->note + n, sizeof(j->note) - n, "%s%s", n ? "\n" : "", PQgetvalue(r, i, 0));
+	}
+	if (i < rows)
+		snprintf(j->note + n, sizeof(j->note) - n, "%s... and %d more.", n ? "\n" : "", rows - i);
+	PQclear(r);
+	if (!rows)
+		snprintf(j->note, sizeof(j->note), "Nothing yet: no requests, no decisions.");
+	j->done = true;
+	return CW_OK;
+}
+
 static cw_err consent_fn(PGconn *c, void *arg, cw_errmsg *e)
 {
 	struct xconsent *j = arg;
@@ -423,28 +472,8 @@ static cw_err consent_fn(PGconn *c, void *arg, cw_errmsg *e)
 	}
 	case V_REPORT:
 		return report_run(c, j, uri, subject, e); /* done unless refused */
-	case V_LIST: {
-		const char *params[] = { local_id };
-		r = PQexecParams(c, POLICY_USER_SUMMARY_SQL, 1, NULL, params, NULL, NULL, 0);
-		if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
-			return rc;
-		/* As many lines as fit, whole, then how many more there are:
-		 * until the thirtieth session the rest was left out in silence. */
-		size_t n = 0, room = sizeof(j->note) - 40; /* kept for the last line */
-		int i, rows = PQntuples(r);
-		for (i = 0; i < rows; i++) {
-			size_t len = (n ? 1 : 0) + strlen(PQgetvalue(r, i, 0));
-			if (n + len >= room)
-				break;
-			n += (size_t)snprintf(j->note + n, sizeof(j->note) - n, "%s%s", n ? "\n" : "", PQgetvalue(r, i, 0));
-		}
-		if (i < rows)
-			snprintf(j->note + n, sizeof(j->note) - n, "%s... and %d more.", n ? "\n" : "", rows - i);
-		PQclear(r);
-		if (!rows)
-			snprintf(j->note, sizeof(j->note), "Nothing yet: no requests, no decisions.");
+	case V_LIST: /* list_fn */
 		break;
-	}
 	}
 	j->done = true;
 	return CW_OK;
@@ -675,7 +704,9 @@ static void consent_done(void *arg, cw_err rc, const cw_errmsg *e)
 
 static void consent_start(struct xconsent *j)
 {
-	if (store_write(j->xc->x->app->store, consent_fn, consent_done, j) != CW_OK) {
+	struct cw_store *st = j->xc->x->app->store;
+	if ((j->verb == V_LIST ? store_read(st, list_fn, consent_done, j) : store_write(st, consent_fn, consent_done, j)) !=
+	    CW_OK) {
 		if (j->iq)
 			command_answer(j->xc, j->iq, j->node, "The gateway's database is away; try again later.", "error");
 		if (j->verb == V_SUBSCRIBE) /* answered as before the check */

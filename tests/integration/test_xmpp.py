@@ -4360,6 +4360,26 @@ def test_a_command_forms_values_are_measured_without_the_white_space_around_them
     assert pg.psql("SELECT count(*) FROM reports", db_url) == "1" and consents_stored(pg, db_url) == before
 
 
+def test_a_list_is_a_read_that_stores_nothing(xd, gk, alice, pg, db_url):
+    """`list` is a read, as the Matrix bot's: a user without an identity
+    here has nothing to list, and none is made for her. Until the
+    forty-fifth session it ran as a write (not limited: a flood of them
+    held the writer) and made her identity (a review's finding)."""
+    def identities():
+        return pg.psql("SELECT count(*) FROM identities", db_url)
+    before = identities()
+    assert pg.psql(f"SELECT count(*) FROM identities WHERE uri = '{ALICE}'", db_url) == "0"
+    for _ in range(3):
+        text = alice.iq("set", COMP, f"<command xmlns='{CMD}' node='list' action='execute'/>").find(
+            f".//{{{CMD}}}note").text
+        assert text == "Nothing yet: no requests, no decisions."
+    assert identities() == before
+    command_submit(alice, "block", {"jid": WALLY_JID})  # a decision: her identity now
+    text = alice.iq("set", COMP, f"<command xmlns='{CMD}' node='list' action='execute'/>").find(
+        f".//{{{CMD}}}note").text
+    assert text == "blocked: mimi://wa.example/u/wally", text
+
+
 def test_a_long_list_says_how_many_it_leaves_out(xd, gk, alice, pg, db_url):
     """`list` fits one note (3000 bytes): what does not fit is counted on
     its last line. Until the thirtieth session it was cut in silence (80
