@@ -5556,6 +5556,40 @@ def test_roster_changes_and_notices_are_written_again_after_a_break(make_daemon,
         srv.close()
 
 
+def test_messages_written_again_after_a_break_keep_their_ids_and_order(make_daemon, db_url, pg):
+    """The outbox's messages written in the window before a break are
+    written again after the reconnect (XEP-0114 acknowledges nothing) with
+    the same ids, origin-ids and bodies, in the order first written, before
+    anything written later (a review of xmpp_out.c, forty-fifth session)."""
+    srv = HostileServer(SECRET)
+    ns = NotifyServer()
+    try:
+        d = srv.daemon(make_daemon, db_url, xmpp={"resend_window_ms": "60000", "reconnect_max_ms": "500"})
+        srv.stream_up(d)
+        a = PeerClient(d.url, "gk", "wa.example")
+        r = d.admin("POST", "/peers", json={"name": "gk", "domain": "wa.example", "mode": "push",
+                                           "push_url": ns.url, "public_key": a.signer.public_b64})
+        a.token = r.json()["token"]
+        consent_alice(d)
+        room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+        ids = [a.send(room, a.user("wally"), f"m{i} <&>").json()["id"] for i in range(6)]
+
+        def messages(raw):
+            return re.findall(rb'<message[^>]* id="([^"]+)"[^>]*>.*?<body>(.*?)</body>.*?'
+                              rb'<origin-id[^>]* id="([^"]+)"', raw, re.S)
+        first = srv._until(b"m5 ") + srv._until(b"</message>")  # the last one, whole
+        sent = messages(first)
+        assert [m[0].decode() for m in sent] == ids and [m[2].decode() for m in sent] == ids, sent
+        srv.accept()  # the break
+        wait_until(lambda: component_state(d)["state"] == "up", what="the reconnect")
+        assert a.send(room, a.user("wally"), "after").status_code == 202
+        again = srv._until(b"after")
+        assert messages(again)[:6] == sent, again
+    finally:
+        ns.close()
+        srv.close()
+
+
 def test_commands_of_strangers_and_malformed_commands_get_their_errors(make_daemon, db_url, pg):
     """A command from another server's user is `service-unavailable`, as
     for anything of the component it may not use (docs/security.md: nothing
