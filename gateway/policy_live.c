@@ -1117,7 +1117,18 @@ const char POLICY_USER_SUMMARY_SQL[] =
 	" FROM identities i WHERE i.id IN (SELECT e.sender_id FROM outbox o JOIN events e ON e.id = o.event_id "
 	" WHERE o.target_identity_id = $1::bigint AND o.state = 'held') AND NOT EXISTS (SELECT 1 "
 	" FROM consent_requests q WHERE q.local_identity_id = $1::bigint AND q.remote_identity_id = i.id "
-	" AND q.state = 'pending')";
+	" AND q.state = 'pending') "
+	/* the remote users who blocked her (the blocks table: their peer's
+	 * POST /v1/blocks, a block event, a consent revoked by POST
+	 * /v1/consent/updates), which the policy reads for what she sends
+	 * them (recipient_blocked_sender) and which is no decision of hers:
+	 * until the thirty-eighth session list did not show it, and a user
+	 * who had accepted such a sender read "allowed" and nothing else
+	 * while every message of hers to him was refused; until the
+	 * forty-fifth only the Matrix bot's list did (a query of its own). */
+	"UNION ALL (SELECT i.uri || ' (' || i.network || ') blocked you: what you write to them is not delivered' "
+	" FROM blocks b JOIN identities i ON i.id = b.blocker_id AND NOT i.is_local "
+	" WHERE b.blocked_id = $1::bigint ORDER BY i.uri)";
 
 cw_err policy_notify_user(PGconn *c, const char *local_id, cw_errmsg *e)
 {

@@ -183,10 +183,10 @@ cw_err policy_live_optin_state(struct policy_live *pl, PGconn *c, const char *lo
 			       int *state, cw_errmsg *e);
 
 /* One line per fact of a local user's consent ($1: the identity id):
- * pending requests, decisions, opt-ins, and (since the fortieth session)
- * the senders whose messages wait for her with no request pending (a limit
- * on requests held them unasked); what a user's "list" command shows in
- * any network. */
+ * pending requests, decisions, opt-ins, (since the fortieth session) the
+ * senders whose messages wait for her with no request pending (a limit on
+ * requests held them unasked), and the remote users who blocked her; what
+ * a user's "list" command shows in any network. */
 extern const char POLICY_USER_SUMMARY_SQL[];
 
 struct policy_live;

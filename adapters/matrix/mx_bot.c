@@ -381,24 +381,10 @@ static void answer(struct matrix *m, PGconn *c, const char *room, const char *tx
 	say_as(m, c, room, NULL, text, txn);
 }
 
-/* The remote users who blocked the local user local_id (the blocks
- * table: their peer's POST /v1/blocks, a block event, or a consent
- * revoked by POST /v1/consent/updates), each a line for list, in the
- * order of their addresses. */
-#define BLOCKED_BY_SQL                                                                                            \
-	"SELECT i.uri || ' (' || i.network || ') blocked you: what you write to them is not delivered' "           \
-	"FROM blocks b JOIN identities i ON i.id = b.blocker_id AND NOT i.is_local WHERE b.blocked_id = $1::bigint " \
-	"ORDER BY i.uri"
-
-/* The user's pending requests, decisions and opt-ins (the summary the
- * XMPP component's list shows too), and then the remote users who
- * blocked her: a peer's user may block a local one (the blocks table),
- * which the policy reads for what she sends them (recipient_blocked_sender)
- * and which is no decision of hers; until the thirty-eighth session list
- * did not show it, and a user who had accepted such a sender read
- * "allowed" and nothing else while every message of hers to him was
- * refused (a review's finding).  The lines that do not fit one notice are
- * counted at its end instead of left out in silence (until then they
+/* The user's pending requests, decisions, opt-ins and the remote users
+ * who blocked her (POLICY_USER_SUMMARY_SQL, the XMPP component's list's
+ * too).  The lines that do not fit one notice are counted at its end
+ * instead of left out in silence (until the thirty-eighth session they
  * were). */
 static void cmd_list(struct matrix *m, PGconn *c, const char *room, const char *txn, const char *local_id)
 {
@@ -406,24 +392,21 @@ static void cmd_list(struct matrix *m, PGconn *c, const char *room, const char *
 	char text[4000] = "";
 	size_t n = 0;
 	long more = 0;
-	const char *const sql[] = { POLICY_USER_SUMMARY_SQL, BLOCKED_BY_SQL };
-	for (size_t q = 0; q < sizeof(sql) / sizeof(sql[0]); q++) {
-		PGresult *r = PQexecParams(c, sql[q], 1, NULL, params, NULL, NULL, 0);
-		if (PQresultStatus(r) != PGRES_TUPLES_OK) {
-			PQclear(r);
-			LOG_KV_LIMITED(CW_LOG_WARN, "cannot read what list shows", "detail", PQerrorMessage(c));
-			answer(m, c, room, txn, "That did not work; try again in a moment.");
-			return;
-		}
-		for (int i = 0; i < PQntuples(r); i++) {
-			if (more || (size_t)PQgetlength(r, i, 0) + n + 100 >= sizeof(text)) {
-				more++;
-				continue;
-			}
-			n += (size_t)snprintf(text + n, sizeof(text) - n, "%s%s", n ? "\n" : "", PQgetvalue(r, i, 0));
-		}
+	PGresult *r = PQexecParams(c, POLICY_USER_SUMMARY_SQL, 1, NULL, params, NULL, NULL, 0);
+	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
 		PQclear(r);
+		LOG_KV_LIMITED(CW_LOG_WARN, "cannot read what list shows", "detail", PQerrorMessage(c));
+		answer(m, c, room, txn, "That did not work; try again in a moment.");
+		return;
 	}
+	for (int i = 0; i < PQntuples(r); i++) {
+		if (more || (size_t)PQgetlength(r, i, 0) + n + 100 >= sizeof(text)) {
+			more++;
+			continue;
+		}
+		n += (size_t)snprintf(text + n, sizeof(text) - n, "%s%s", n ? "\n" : "", PQgetvalue(r, i, 0));
+	}
+	PQclear(r);
 	if (more)
 		snprintf(text + n, sizeof(text) - n, "\n... and %ld more not shown here (ask the operator for all).",
 			 more);
@@ -431,7 +414,7 @@ static void cmd_list(struct matrix *m, PGconn *c, const char *room, const char *
 }
 
 /* Whether the remote user subject (a mimi:// address) blocked the local
- * user local_id (BLOCKED_BY_SQL). */
+ * user local_id (the last lines of POLICY_USER_SUMMARY_SQL). */
 static bool blocked_by(PGconn *c, const char *local_id, const char *subject)
 {
 	const char *params[] = { local_id, subject };

@@ -4378,6 +4378,15 @@ def test_a_list_is_a_read_that_stores_nothing(xd, gk, alice, pg, db_url):
     text = alice.iq("set", COMP, f"<command xmlns='{CMD}' node='list' action='execute'/>").find(
         f".//{{{CMD}}}note").text
     assert text == "blocked: mimi://wa.example/u/wally", text
+    # A peer's user who blocked her is shown apart, as in the Matrix bot's
+    # list (one query since the forty-fifth session: until then the
+    # component's list left it out, though docs/xmpp.md said it shows it).
+    a, _ = gk
+    ed = "mimi://wa.example/u/ed"
+    assert a.call("POST", "/v1/blocks", {"blocker": ed, "blocked": ALICE, "action": "block"}).status_code == 202
+    want = [text, f"{ed} (peer:gk) blocked you: what you write to them is not delivered"]
+    wait_until(lambda: alice.iq("set", COMP, f"<command xmlns='{CMD}' node='list' action='execute'/>").find(
+        f".//{{{CMD}}}note").text.splitlines() == want, what="the block of her listed")
 
 
 def test_a_long_list_says_how_many_it_leaves_out(xd, gk, alice, pg, db_url):
