@@ -1196,13 +1196,10 @@ bool app_authorize(struct cw_req *req, enum cw_auth auth, void *ctx)
 	return false;
 }
 
-/* Twice database.statement_timeout_ms, a minute at least: a writer of
- * the daemon's open that long is stuck (as the XMPP component's reads of
- * the audit log judge it, xa_open_write_wait_ms). */
-int64_t app_horizon_pass_ms(const struct cw_app *app)
+int64_t app_stuck_write_ms(const struct cw_config *cfg)
 {
-	int64_t ms = 2 * (int64_t)app->cfg->db_statement_timeout_ms;
-	return ms > 60000 ? ms : 60000;
+	int64_t ms = 2 * (int64_t)cfg->db_statement_timeout_ms;
+	return ms > APP_STUCK_WRITE_MIN_MS ? ms : APP_STUCK_WRITE_MIN_MS;
 }
 
 /* The writers of $1 (RowExclusiveLock, taken before an INSERT draws its
@@ -1230,7 +1227,7 @@ cw_err app_list_horizon(PGconn *c, struct app_job *j, const char *table, char ou
 	snprintf(last, sizeof(last), "%s", PQntuples(r) == 1 ? PQgetvalue(r, 0, 0) : "0");
 	PQclear(r);
 	char pass[24];
-	snprintf(pass, sizeof(pass), "%lld", (long long)app_horizon_pass_ms(j->app));
+	snprintf(pass, sizeof(pass), "%lld", (long long)app_stuck_write_ms(j->app->cfg));
 	const char *wp[] = { table, pass };
 	r = PQexecParams(c, "SELECT coalesce(array_agg(l.virtualtransaction), '{}')::text " HORIZON_WRITERS, 2, NULL,
 			 wp, NULL, NULL, 0);

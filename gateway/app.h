@@ -150,12 +150,18 @@ bool app_paging(struct cw_req *req, long long *after, long *limit);
  * held that lock when it was read has ended (waited for up to
  * APP_HORIZON_WAIT_MS).  A page read after it and stopped at that id
  * holds every row it ever will below its last.  A writer open for longer
- * than app_horizon_pass_ms (or of another database role, whose start is
+ * than app_stuck_write_ms (or of another database role, whose start is
  * not shown) is passed over; one younger still open after the wait makes
  * the job fail with 503 unavailable and Retry-After (out empty). */
 #define APP_HORIZON_WAIT_MS 1000
 cw_err app_list_horizon(PGconn *c, struct app_job *j, const char *table, char out[24], cw_errmsg *e);
-int64_t app_horizon_pass_ms(const struct cw_app *app);
+/* How long a write of the daemon's may stay open before a reader that
+ * waits for it (app_list_horizon; the XMPP component's reads of the audit
+ * log, xa_open_write_wait_ms) takes it as stuck and passes over it: twice
+ * database.statement_timeout_ms, APP_STUCK_WRITE_MIN_MS at least (an id
+ * whose transaction rolled back never comes). */
+#define APP_STUCK_WRITE_MIN_MS 60000
+int64_t app_stuck_write_ms(const struct cw_config *cfg);
 /* The path parameter name as a row id; false after answering 404 "no
  * <what> with that id". */
 bool app_path_id(struct cw_req *req, const char *name, const char *what, char out[24]);

@@ -1345,16 +1345,14 @@ static bool roster_cursor_set(struct xcomp *xc, PGconn *c, long long at)
  * it (max(id)), and that change never reached the roster (an expired
  * request stayed shown).  Now an id missing below what was read (a gap) is
  * read again each turn until its record is there, and given up after
- * AUDIT_GAP_MIN_MS, or twice database.statement_timeout_ms if that is
- * longer (a rolled-back transaction's id never comes); the stored cursor
- * stays below the lowest gap. */
+ * app_stuck_write_ms (a minute, or twice database.statement_timeout_ms if
+ * that is longer: a rolled-back transaction's id never comes); the stored
+ * cursor stays below the lowest gap. */
 #define AUDIT_SPAN 20000 /* ids read in one turn: a holder far behind catches up a page a second */
-#define AUDIT_GAP_MIN_MS 60000
 
 int64_t xa_open_write_wait_ms(const struct xcomp *xc)
 {
-	int64_t ms = 2 * (int64_t)xc->x->cfg->db_statement_timeout_ms;
-	return ms > AUDIT_GAP_MIN_MS ? ms : AUDIT_GAP_MIN_MS;
+	return app_stuck_write_ms(xc->x->cfg);
 }
 
 /* The gaps as a bigint[] literal ("{1,2}"; 24 bytes an id at most). */
