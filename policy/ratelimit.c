@@ -152,6 +152,19 @@ struct where {
 	struct stripe *st;
 };
 
+/* The first hash of key (never 0, which marks a free slot) and the first
+ * slot of the window it picks: lock_window's, and ratelimit_window's. */
+static uint64_t first_hash(const struct ratelimit *rl, const char *key, size_t len)
+{
+	uint64_t h = hash_a(rl->seed_a, key, len);
+	return h ? h : 1;
+}
+
+static size_t window_of(const struct ratelimit *rl, uint64_t h1)
+{
+	return (size_t)h1 & rl->mask & ~(size_t)(WINDOW - 1);
+}
+
 /* Finds where key lives and takes its stripe's lock; the arguments are
  * brought within the table's bounds, and *first_refusal (may be NULL) set
  * false. */
@@ -169,19 +182,16 @@ static void lock_window(struct ratelimit *rl, const char *key, uint32_t *capacit
 	if (*capacity > MAX_CAPACITY)
 		*capacity = MAX_CAPACITY;
 	size_t len = strlen(key);
-	at->h1 = hash_a(rl->seed_a, key, len);
+	at->h1 = first_hash(rl, key, len);
 	at->h2 = hash_b(rl->seed_b, key, len);
-	if (!at->h1)
-		at->h1 = 1;
-	at->w = (size_t)at->h1 & rl->mask & ~(size_t)(WINDOW - 1);
+	at->w = window_of(rl, at->h1);
 	at->st = &rl->stripes[(at->w / WINDOW) % STRIPES];
 	pthread_mutex_lock(&at->st->mu);
 }
 
 size_t ratelimit_window(const struct ratelimit *rl, const char *key)
 {
-	uint64_t h1 = hash_a(rl->seed_a, key, strlen(key));
-	return (size_t)(h1 ? h1 : 1) & rl->mask & ~(size_t)(WINDOW - 1);
+	return window_of(rl, first_hash(rl, key, strlen(key)));
 }
 
 /* The bucket's fill (units) at now_ms under (capacity, period_ms), from
