@@ -35,6 +35,37 @@ ADMIN_TOKEN = "cwa_test-admin-token"
 ADMIN_HEADERS = {"Authorization": "Bearer " + ADMIN_TOKEN}
 
 
+def self_signed_ca(directory, common_name, dns_names=(), ips=()):
+    """A certificate of its own CA for a test's TLS server, valid an hour
+    back and a day on, for the host names dns_names and the addresses ips:
+    its PEM file and its key's, in directory, as (cert_file, key_file)."""
+    import datetime
+    import ipaddress
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    alt = [x509.IPAddress(ipaddress.ip_address(a)) for a in ips] + [x509.DNSName(h) for h in dns_names]
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file = os.path.join(str(directory), common_name.replace(" ", "-") + ".pem")
+    key_file = os.path.join(str(directory), common_name.replace(" ", "-") + "-key.pem")
+    with open(cert_file, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_file, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    return cert_file, key_file
+
+
 def parse_logfmt(line):
     """key=value pairs of one logfmt record, with quoted values unescaped."""
     out = {}

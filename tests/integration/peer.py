@@ -295,31 +295,10 @@ class MediaServer:
     answered with a 302; requests: (path, headers) in order."""
 
     def __init__(self, directory, hosts=()):
-        import datetime
-        import ipaddress
         import ssl
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import NameOID
+        from harness import self_signed_ca
 
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "peer media store test CA")])
-        now = datetime.datetime.now(datetime.timezone.utc)
-        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-                .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
-                .not_valid_after(now + datetime.timedelta(days=1))
-                .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))] +
-                                                           [x509.DNSName(h) for h in hosts]), critical=False)
-                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                .sign(key, hashes.SHA256()))
-        self.cert_file = os.path.join(str(directory), "media-ca.pem")
-        key_file = os.path.join(str(directory), "media-key.pem")
-        with open(self.cert_file, "wb") as f:
-            f.write(cert.public_bytes(serialization.Encoding.PEM))
-        with open(key_file, "wb") as f:
-            f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption()))
+        self.cert_file, key_file = self_signed_ca(directory, "peer media store test CA", hosts, ["127.0.0.1"])
         self.files, self.status, self.redirect, self.requests = {}, {}, {}, []
         self.delay = {}  # path -> seconds before the answer
         outer = self

@@ -1090,26 +1090,9 @@ def test_https_verifies_the_certificate_and_its_host_name_and_a_ca_file_adds_a_c
     with --ca-file (CAUSEWAY_CA_FILE, ca_file =): until the forty-fifth
     session's review there was no way but the system's CA store, and an
     operator was left with http://, the token in clear."""
-    import datetime
     import ssl
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "causewayctl test CA")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    ca, key_file = tmp_path / "ca.pem", tmp_path / "key.pem"
-    ca.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    ca, key_file = harness.self_signed_ca(tmp_path, "causewayctl test CA", ["localhost"])
     s = StandIn({"/admin/v1/peers": doc({"peers": []})})
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(str(ca), str(key_file))
@@ -1126,7 +1109,7 @@ def test_https_verifies_the_certificate_and_its_host_name_and_a_ca_file_adds_a_c
         conf.chmod(0o600)
         assert ok("peers", "--config", str(conf)) == "no peers\n"
         # relative: the settings file's neighbour, whatever the working directory
-        conf.write_text(f"[causewayctl]\nurl = {good}\nca_file = ca.pem\n")
+        conf.write_text(f"[causewayctl]\nurl = {good}\nca_file = {os.path.basename(ca)}\n")
         assert ok("peers", "--config", str(conf), cwd="/") == "no peers\n"
         # the CA's certificate, but not for this host name
         rc, out, err = ctl("peers", "--ca-file", str(ca), url=other_name)

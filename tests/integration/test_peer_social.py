@@ -403,6 +403,14 @@ def scrubbed(o):
     return o
 
 
+def answer(r):
+    """An answer as the comparisons of every kind of target take it: its
+    status, its headers but the date, the length and the request's id,
+    and its body scrubbed."""
+    h = {k.lower(): v for k, v in r.headers.items() if k.lower() not in ("date", "content-length", "x-request-id")}
+    return r.status_code, h, scrubbed(r.json())
+
+
 def test_a_peer_sees_the_same_of_every_kind_of_local_target(daemon, peers, pg, db_url):
     """A direct room with each kind of target, a message, a read receipt
     and a typing notification in it, the status of each, the room's
@@ -412,10 +420,6 @@ def test_a_peer_sees_the_same_of_every_kind_of_local_target(daemon, peers, pg, d
     (a, sa), (b, sb) = peers
     wally = a.user("wally")
     t = four_targets(daemon, wally)
-
-    def answer(r):
-        h = {k.lower(): v for k, v in r.headers.items() if k.lower() not in ("date", "content-length", "x-request-id")}
-        return r.status_code, h, scrubbed(r.json())
 
     seen = {}
     for kind, user in t.items():
@@ -603,10 +607,6 @@ def test_a_peer_sees_the_same_of_every_kind_of_local_target_in_its_other_calls(d
     (a, sa), (b, sb) = peers
     wally = a.user("wally")
     t = four_targets(daemon, wally)
-
-    def answer(r):
-        h = {k.lower(): v for k, v in r.headers.items() if k.lower() not in ("date", "content-length", "x-request-id")}
-        return r.status_code, h, scrubbed(r.json())
 
     seen = {}
     for kind, user in t.items():
