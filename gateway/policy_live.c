@@ -1008,10 +1008,9 @@ static const char expiry_sql[] =
 	"ob AS (INSERT INTO outbox (event_id, destination, target_identity_id, room_id, state) "
 	"  SELECT dv.id, loc.destination, loc.target_identity_id, dv.room_id, 'pending' FROM dv "
 	"  JOIN loc ON loc.id = dv.replaces_id ORDER BY dv.id RETURNING 1), "
-	"sc AS (UPDATE events e SET content = '{}'::jsonb, expired = true "
-	"  WHERE e.id IN (SELECT id FROM xe WHERE msg NOT IN (SELECT msg FROM raced))), "
-	RETENTION_FORGET_FILES("(SELECT " RETENTION_ATTS("f") " FROM events f WHERE f.id IN "
-			       "(SELECT id FROM xe WHERE msg NOT IN (SELECT msg FROM raced)))") " "
+	"wipe AS MATERIALIZED (SELECT id FROM xe WHERE msg NOT IN (SELECT msg FROM raced)), "
+	"sc AS (UPDATE events e SET content = '{}'::jsonb, expired = true WHERE e.id IN (SELECT id FROM wipe)), "
+	RETENTION_FORGET_FILES("(SELECT " RETENTION_ATTS("f") " FROM events f WHERE f.id IN (SELECT id FROM wipe))") " "
 	"SELECT (SELECT count(*) FROM done), (SELECT count(*) FROM ob), (SELECT count(*) FROM gone)";
 
 /* counts: messages expired, delete rows made, rows that will not be
