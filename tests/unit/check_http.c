@@ -137,6 +137,17 @@ static void h_problem_no_memory(struct cw_req *r, void *ctx)
 	json_fail_left = 0;
 }
 
+/* A 200 whose JSON cannot be built: json_pack's allocations fail, and
+ * the handler hands cw_req_reply_json the NULL it returns, as every
+ * handler that answers cw_req_reply_json(req, 200, json_pack(...)) does. */
+static void h_pack_no_memory(struct cw_req *r, void *ctx)
+{
+	json_fail_left = 1000;
+	json_t *j = json_pack("{s:s}", "hello", "ada");
+	json_fail_left = 0;
+	cw_req_reply_json(r, 200, j);
+}
+
 /* A 200 whose JSON cannot be encoded: the HTTP thread encodes it after the
  * handler, and json_dumps's first allocation fails. */
 static void h_dumps_no_memory(struct cw_req *r, void *ctx)
@@ -188,6 +199,7 @@ static const struct cw_route live_routes[] = {
 	{ "GET", "/no-memory", h_no_memory, CW_AUTH_NONE, NULL, false },
 	{ "GET", "/problem-no-memory", h_problem_no_memory, CW_AUTH_NONE, NULL, false },
 	{ "GET", "/dumps-no-memory", h_dumps_no_memory, CW_AUTH_NONE, NULL, false },
+	{ "GET", "/pack-no-memory", h_pack_no_memory, CW_AUTH_NONE, NULL, false },
 };
 
 static struct cw_http *live;
@@ -330,13 +342,15 @@ END_TEST
 /* Memory running out is one answer wherever it happens: 503 with
  * Retry-After: 1 and the problem document "unavailable", also when the
  * answer meant (a 400's problem, a 200's JSON) cannot be built or encoded.
- * Until the forty-fifth session those two were a 500 "internal" without
- * Retry-After, and handlers answered 500, 503 or even 400. */
+ * Until the forty-fifth session those were a 500 "internal" without
+ * Retry-After, and handlers answered 500, 503 or even 400 (a 200's JSON
+ * that json_pack could not build, until the session's review). */
 START_TEST(live_no_memory_is_one_answer)
 {
 	json_set_alloc_funcs(json_alloc_or_fail, free);
 	live_start();
-	static const char *const paths[] = { "/no-memory", "/problem-no-memory", "/dumps-no-memory" };
+	static const char *const paths[] = { "/no-memory", "/problem-no-memory", "/dumps-no-memory",
+					     "/pack-no-memory" };
 	for (size_t i = 0; i < CW_ARRAY_LEN(paths); i++) {
 		struct resp r = request("GET", paths[i], NULL, 0, false);
 		ck_assert_msg(r.status == 503, "%s: %ld %s", paths[i], r.status, r.body);
