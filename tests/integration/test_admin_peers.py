@@ -7,7 +7,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from harness import wait_until
+from harness import HeldSession, wait_until
 from peer import PeerClient
 from pgproxy import PgProxy
 
@@ -199,14 +199,46 @@ def test_a_disabled_peer_sharing_an_enabled_peers_key_is_not_enabled(daemon, pg,
 
 
 def test_creates_of_one_key_at_once_make_one_peer(daemon, pg, db_url):
-    """Creates with one key take turns on a lock: of several at once, one
-    is made and the others are 409, never two peers of one key."""
+    """Of several creates with one key at once, one is made and the others
+    are 409, never two peers of one key (in one process its writer's one
+    connection orders them; across processes the lock does:
+    test_creates_of_one_key_in_two_processes_take_turns_on_a_lock)."""
     from concurrent.futures import ThreadPoolExecutor
     _, key = new_key()
     bodies = [peer_body(name=f"p{i}", domain=f"p{i}.example", public_key=key) for i in range(6)]
     with ThreadPoolExecutor(len(bodies)) as ex:
         got = sorted(r.status_code for r in ex.map(lambda b: daemon.admin("POST", "/peers", json=b), bodies))
     assert got == [201] + [409] * 5, got
+    assert pg.psql("SELECT count(*) FROM peers", db_url) == "1"
+
+
+def test_creates_of_one_key_in_two_processes_take_turns_on_a_lock(make_daemon, db_url, pg):
+    """Two processes each write on a connection of their own: without a
+    lock, a create in each could find one key free and both store it.  They
+    take turns on PEER_KEY_LOCK_KEY (adapters/peer/peers.c): while another
+    session holds it, a create in each process waits for it; once it is
+    let go, one peer is made and the other create is 409.  (The test of one
+    process above passes without the lock: its writer orders the creates.)"""
+    from concurrent.futures import ThreadPoolExecutor
+    lock_key = 7161132091431352701
+    waiting = ("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND classid = %d "
+               "AND objid = %d AND objsubid = 1" % (lock_key >> 32, lock_key & 0xffffffff))
+    d1, d2 = make_daemon(db_url).start(), make_daemon(db_url).start()
+    _, key = new_key()
+    held = HeldSession(db_url)
+    try:
+        held.run(f"BEGIN; SELECT pg_advisory_xact_lock({lock_key});")
+        with ThreadPoolExecutor(2) as ex:
+            creates = [ex.submit(d.admin, "POST", "/peers",
+                                 json=peer_body(name=f"p{i}", domain=f"p{i}.example", public_key=key))
+                       for i, d in enumerate((d1, d2))]
+            wait_until(lambda: pg.psql(waiting, db_url) == "2", what="a create of each process waiting for the lock")
+            assert not any(f.done() for f in creates)
+            held.run("COMMIT;")
+            got = sorted(f.result().status_code for f in creates)
+    finally:
+        held.end()
+    assert got == [201, 409], got
     assert pg.psql("SELECT count(*) FROM peers", db_url) == "1"
 
 
