@@ -180,8 +180,10 @@ void cw_req_problem(struct cw_req *r, int status, const char *code, const char *
 /* The one answer when this process's memory ran out, on /v1 and /admin
  * alike: 503 "unavailable" with Retry-After: 1 (a failure of the daemon's
  * own, never the client's; the request may be sent again), its problem
- * document a fixed text that needs no memory to build.  cw_req_problem
- * answers it too when it cannot build its own. */
+ * document a fixed text, copied (no JSON is built; without memory for
+ * even the copy the 503 goes with an empty body).  cw_req_problem, and
+ * cw_req_reply_json given NULL, answer it too when they cannot build
+ * their own. */
 void cw_req_no_memory(struct cw_req *r);
 /* A problem's detail (cw_req_problem's, a batch item's) as a JSON string:
  * a detail may repeat outside input cut to a length in bytes, and its
