@@ -281,6 +281,61 @@ cw_err store_check(PGconn *c, PGresult *r, ExecStatusType st, cw_errmsg *e)
 	return rc;
 }
 
+PGresult *store_exec_generic(PGconn *c, const char *name, int n, const char *const *params)
+{
+	/* Outside a transaction block the statements before the Sync are one
+	 * transaction, which a local setting does not outlive; in a caller's
+	 * block it would, so it is set and reset. */
+	bool block = PQtransactionStatus(c) != PQTRANS_IDLE;
+	if (PQpipelineStatus(c) != PQ_PIPELINE_OFF || !PQenterPipelineMode(c))
+		return PQexecPrepared(c, name, n, params, NULL, NULL, 0);
+	PGresult *first[3] = { NULL, NULL, NULL }; /* each query's first result */
+	int nq = block ? 3 : 2;
+	if (PQsendQueryParams(c, block ? "SET plan_cache_mode = force_generic_plan"
+				       : "SELECT set_config('plan_cache_mode', 'force_generic_plan', true)",
+			      0, NULL, NULL, NULL, NULL, 0) &&
+	    PQsendQueryPrepared(c, name, n, params, NULL, NULL, 0) &&
+	    (!block || PQsendQueryParams(c, "RESET plan_cache_mode", 0, NULL, NULL, NULL, NULL, 0)) &&
+	    PQpipelineSync(c)) {
+		/* Each query's results end with a NULL; the Sync's comes last. */
+		for (int q = 0; q <= nq;) {
+			PGresult *r = PQgetResult(c);
+			if (!r) {
+				if (PQstatus(c) != CONNECTION_OK)
+					break;
+				q++;
+				continue;
+			}
+			if (PQresultStatus(r) == PGRES_PIPELINE_SYNC) {
+				PQclear(r);
+				break;
+			}
+			if (q < nq && !first[q])
+				first[q] = r;
+			else
+				PQclear(r);
+		}
+	}
+	PQexitPipelineMode(c); /* fails only with results unread: a connection lost */
+	PGresult *out = NULL;
+	ExecStatusType st = first[1] ? PQresultStatus(first[1]) : PGRES_FATAL_ERROR;
+	bool ran = st != PGRES_FATAL_ERROR && st != PGRES_PIPELINE_ABORTED && st != PGRES_NONFATAL_ERROR;
+	if (ran && (!block || (first[2] && PQresultStatus(first[2]) == PGRES_COMMAND_OK))) {
+		out = first[1];
+		first[1] = NULL;
+	} else {
+		/* the first error: a statement after it was not run */
+		for (int q = 0; q < nq && !out; q++)
+			if (first[q] && PQresultStatus(first[q]) == PGRES_FATAL_ERROR) {
+				out = first[q];
+				first[q] = NULL;
+			}
+	}
+	for (int q = 0; q < 3; q++)
+		PQclear(first[q]);
+	return out ? out : PQmakeEmptyPGresult(c, PGRES_FATAL_ERROR);
+}
+
 cw_err store_exec(PGconn *c, const char *sql, cw_errmsg *e)
 {
 	PGresult *r = PQexec(c, sql);

@@ -204,6 +204,22 @@ PGconn *store_connect(const char *url, long statement_timeout_ms, cw_errmsg *e);
  * e set (and logged) when one fails. */
 bool store_prepare_all(PGconn *c, const struct store_stmt *const *lists, cw_errmsg *e);
 
+/* PQexecPrepared(c, name, n, params) with the statement's generic plan.
+ * PostgreSQL plans a prepared statement again for its parameters (a
+ * custom plan) while the custom plans' average cost is below the generic
+ * plan's: on every call when a parameter folds part of it away, or while
+ * its estimate grows with a table (docs/performance.md, "Forty-fourth
+ * session", "Forty-fifth session").  plan_cache_mode is set for this
+ * statement alone, in one round trip: the setting (local to the
+ * statement's own transaction; in a transaction block of the caller's,
+ * set and reset after it) and the statement are pipelined before one
+ * Sync, and a failure takes the setting back with it.  The generic plan
+ * is made again whenever the statistics of a table it reads change (an
+ * ANALYZE).  Returns the statement's result, or the first error among
+ * them (one made by libpq, without SQLSTATE, when the connection failed;
+ * NULL when memory ran out). */
+PGresult *store_exec_generic(PGconn *c, const char *name, int n, const char *const *params);
+
 /* Runs a command without results; CW_EUNAVAIL if the connection is lost,
  * CW_ECONFLICT for a key taken or removed (store_result_err), CW_EIO
  * otherwise. */

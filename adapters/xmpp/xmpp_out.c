@@ -109,13 +109,21 @@ static const char batch_sql[] =
 	"LEFT JOIN identities rs ON rs.id = rp.sender_id "
 	"LEFT JOIN events rt ON rt.id = r.rt_id ORDER BY r.i";
 
-/* The lookup is planned once per connection (planning it took longer than
- * running it): prepared on the dispatcher's connection the first time it
- * is missing there. */
-static PGresult *batch_lookup_prepared(PGconn *c, const char *const *params)
+/* The lookup, prepared on the dispatcher's connection the first time it
+ * is missing there, and run with its generic plan (store_exec_generic).
+ * Its one parameter (the rows, a JSON array) folds nothing: the custom
+ * plans are the generic one, at the same cost.  But PostgreSQL takes the
+ * generic plan only while it costs less than the average of the custom
+ * plans made on the connection, and this one's estimate grows with
+ * events (the edit's "is last" probe): while the table grew, the average
+ * lagged and it planned the lookup again on most batches, 5.7 ms each
+ * (315 plans in 498 calls in tests/bench/xmpp; docs/performance.md,
+ * "Forty-fourth session").  Until the forty-fifth session the setting
+ * took two round trips of its own (SET, RESET) around the lookup. */
+static PGresult *batch_lookup(PGconn *c, const char *const *params)
 {
 	static const char name[] = "causeway_xmpp_batch";
-	PGresult *r = PQexecPrepared(c, name, 1, params, NULL, NULL, 0);
+	PGresult *r = store_exec_generic(c, name, 1, params);
 	const char *state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
 	if (PQresultStatus(r) != PGRES_FATAL_ERROR || !state || strcmp(state, "26000") != 0)
 		return r; /* 26000: no such prepared statement */
@@ -124,28 +132,7 @@ static PGresult *batch_lookup_prepared(PGconn *c, const char *const *params)
 	if (PQresultStatus(r) != PGRES_COMMAND_OK)
 		return r;
 	PQclear(r);
-	return PQexecPrepared(c, name, 1, params, NULL, NULL, 0);
-}
-
-/* The lookup with its generic plan.  Its one parameter (the rows, a JSON
- * array) folds nothing: the custom plans are the generic one, at the same
- * cost.  But PostgreSQL takes the generic plan only while it costs less
- * than the average of the custom plans made on the connection, and this
- * one's estimate grows with events (the edit's "is last" probe): while
- * the table grew, the average lagged and it planned the lookup again on
- * most batches, 5.7 ms each (315 plans in 498 calls in tests/bench/xmpp;
- * docs/performance.md, "Forty-fourth session").  The generic plan is made
- * again at every ANALYZE of its tables.  The setting is the session's for
- * this statement only (the lane's others choose as before); a failure to
- * set or reset it only costs the plan. */
-static PGresult *batch_lookup(PGconn *c, const char *const *params)
-{
-	cw_errmsg e;
-	bool set = !store_exec(c, "SET plan_cache_mode = force_generic_plan", &e);
-	PGresult *r = batch_lookup_prepared(c, params);
-	if (set && store_exec(c, "RESET plan_cache_mode", &e))
-		LOG_KV(CW_LOG_WARN, "cannot reset plan_cache_mode after the XMPP lookup", "detail", e.msg);
-	return r;
+	return store_exec_generic(c, name, 1, params);
 }
 
 static const char *col(PGresult *r, int row, int c)

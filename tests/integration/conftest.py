@@ -26,6 +26,15 @@ def _databases_of_the_tests_before_dropped(request):
         request.getfixturevalue("pg").drop_made()
 
 
+@pytest.fixture(scope="session")
+def pg_planned():
+    """A PostgreSQL that counts how often each statement is planned
+    (Postgres.planned), for the tests of the daemon's prepared statements."""
+    p = Postgres(count_planning=True)
+    yield p
+    p.destroy()
+
+
 @pytest.fixture
 def private_pg():
     """A PostgreSQL of the test's own, for tests that stop and start it."""

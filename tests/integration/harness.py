@@ -12,6 +12,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 
 import psycopg
 import psycopg.pq as pq
@@ -85,7 +86,9 @@ def parse_logfmt(line):
 class Postgres:
     """A throw-away cluster in its own directory under /tmp."""
 
-    def __init__(self, fast=True):
+    def __init__(self, fast=True, count_planning=False):
+        """count_planning: pg_stat_statements on (planned), as the
+        benchmarks' CAUSEWAY_PG_STATS has it."""
         self.dir = tempfile.mkdtemp(prefix="causeway-pg-")
         self._sessions = _SqlSessions()
         self._made = []  # new_database's, to drop (drop_made)
@@ -93,7 +96,7 @@ class Postgres:
         self._run("init", *(["--fast"] if fast else []))
         self.url = self._run("url").strip()
         self.stats_path = os.environ.get("CAUSEWAY_PG_STATS")
-        if self.stats_path:
+        if self.stats_path or count_planning:
             self._enable_stats(os.environ.get("CAUSEWAY_PG_EXPLAIN_MS"))
 
     def _enable_stats(self, explain_ms):
@@ -143,6 +146,18 @@ class Postgres:
         (_SqlSessions), whose state is reset after every text as psql's
         exit did."""
         return self._sessions.run(sql, db_url or self.url)
+
+    def planned(self, db_url, prefix):
+        """(calls, plans) of the statements run in db_url's database whose
+        text starts with prefix, summed (pg_stat_statements: a cluster
+        made with count_planning); each PostgreSQL session prepares its
+        own, and a statement not prepared is planned at every call."""
+        name = urllib.parse.urlparse(db_url).path.lstrip("/")
+        out = self.psql("SELECT coalesce(sum(calls), 0) || ' ' || coalesce(sum(plans), 0) FROM pg_stat_statements "
+                        "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = '%s') AND starts_with(query, '%s')"
+                        % (name, prefix.replace("'", "''")))
+        calls, plans = out.split()
+        return int(calls), int(plans)
 
     def new_database(self, name, migrated=True):
         """A fresh database in this cluster; returns its URL.  migrated: a

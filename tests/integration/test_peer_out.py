@@ -282,3 +282,27 @@ def test_a_refusal_of_the_request_as_a_whole_is_not_searched(make_daemon, db_url
     finally:
         for _, srv in made:
             srv.close()
+
+
+def test_the_record_of_deliveries_is_not_planned_at_each_call(make_daemon, pg_planned):
+    """A lane's record of a delivery runs with its generic plan
+    (store_exec_generic): each lane's connection plans it once.  Until the
+    forty-fifth session PostgreSQL planned it at every call (the outcome's
+    flags fold its failure's arms away, so that every custom plan looked
+    cheaper than the generic one; 0.4-1 ms a batch; docs/performance.md)."""
+    db_url = pg_planned.new_database("t_claim_record_planned")
+    d = make_daemon(db_url, options={"dispatcher": {"lanes": "2"}}).start()
+    (a, _), (b, sb) = made = push_peers(d)
+    try:
+        rm = room(a, b)
+        undelivered = "SELECT count(*) FROM outbox WHERE state NOT IN ('delivered', 'dropped')"
+        for i in range(15):
+            assert a.send(rm["id"], a.user("alice"), f"one of fifteen: {i}").status_code == 202
+            wait_until(lambda: pg_planned.psql(undelivered, db_url) == "0", what=f"message {i} delivered")
+        calls, plans = pg_planned.planned(db_url, "WITH cfg AS MATERIALIZED (SELECT set_config(")
+        # once on each of the two lanes' connections, and once more if an
+        # ANALYZE (autovacuum's) came between
+        assert calls >= 15 and plans <= 3, ("cw_record", calls, plans)
+    finally:
+        for _, srv in made:
+            srv.close()
