@@ -299,12 +299,8 @@ bool dispatcher_stopping(const struct dispatcher *d) { return atomic_load(&((str
  * told them (dispatcher_dead_told): marked in a statement of their own,
  * a lost answer left them told and nobody telling (until the twenty-third
  * session).  Locked until then, they are still told by one process. */
-PGresult *dispatcher_dead_untold(PGconn *c, const char *network, const char *destination, cw_errmsg *e)
-{
-	if (store_exec(c, "BEGIN", e))
-		return NULL;
-	const char *p[] = { network, destination };
-	PGresult *r = PQexecParams(c,
+const struct store_stmt dispatcher_dead_stmts[] = {
+	{ "cw_dead_untold",
 		"WITH d AS (SELECT o.id, o.destination, o.attempts, e.id AS ev, e.room_id, e.sender_id, e.type, "
 		"  (SELECT CASE WHEN length(b) > 60 THEN left(b, 60) || '\u2026' ELSE b END "
 		"   FROM (SELECT e.content->'content'->'parts'->0->>'body' AS b) x) AS quote "
@@ -323,8 +319,16 @@ PGresult *dispatcher_dead_untold(PGconn *c, const char *network, const char *des
 		"   AND starts_with(n.native_id, d.room_id::text || '/') LIMIT 1), d.quote "
 		"FROM d LEFT JOIN room_bindings b ON b.room_id = d.room_id AND b.network = $1 "
 		"  AND b.local_identity_id = d.sender_id "
-		"LEFT JOIN identities ri ON ri.id = b.remote_identity_id ORDER BY d.id",
-		2, NULL, p, NULL, NULL, 0);
+		"LEFT JOIN identities ri ON ri.id = b.remote_identity_id ORDER BY d.id" },
+	{ NULL, NULL },
+};
+
+PGresult *dispatcher_dead_untold(PGconn *c, const char *network, const char *destination, cw_errmsg *e)
+{
+	if (store_exec(c, "BEGIN", e))
+		return NULL;
+	const char *p[] = { network, destination };
+	PGresult *r = PQexecPrepared(c, dispatcher_dead_stmts[0].name, 2, p, NULL, NULL, 0);
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 	if (!rc)
 		return r;

@@ -27,6 +27,19 @@
 #define BOT_RETRY_MAX_S 600 /* the longest wait between two tries (2 s, 4 s, ... 10 min: 37 min in all) */
 #define BOT_HANDLED_KEEP_DAYS 7 /* a handled event's id is kept this long against the homeserver's resends */
 
+/* The statements of the bot's rounds of looking for work (bot_stmts,
+ * prepared on its connection when it connects): they run twice a second,
+ * work or not, and planned at each call they cost the database 5-7 ms of
+ * planning a round, more than running them (docs/performance.md,
+ * "Forty-fifth session"). */
+enum bot_look { BOT_INBOX, BOT_REQUESTS, BOT_EXPIRIES, BOT_EXPIRY_CURSOR, BOT_NOTICES, BOT_DEPARTURES, BOT_RENAMES, BOT_INVITATIONS, BOT_INVITEES, BOT_LOOKS };
+static const struct store_stmt bot_stmts[BOT_LOOKS + 1];
+
+static PGresult *bot_look(PGconn *c, enum bot_look k, int n, const char *const *params)
+{
+	return PQexecPrepared(c, bot_stmts[k].name, n, params, NULL, NULL, 0);
+}
+
 static const char help_text[] =
 	"I am the gateway to other messaging networks. Commands:\n"
 	"  list                      your pending requests and decisions\n"
@@ -1089,18 +1102,7 @@ static void hold_room(PGconn *c, const PGresult *r, int i, int n_rows, bool *giv
  * session a 429 gave back the whole batch, a review's finding). */
 static void notices(struct matrix *m, PGconn *c)
 {
-	PGresult *r = PQexec(c,
-		"WITH d AS (SELECT id FROM matrix_notices x WHERE next_at <= now() AND done_at IS NULL "
-		"  AND NOT EXISTS (SELECT 1 FROM matrix_notices y WHERE y.room_id = x.room_id AND y.id < x.id "
-		"  AND y.next_at > now() AND " NOTICE_WAITS("y") ") "
-		"  ORDER BY id LIMIT 20 "
-		"  FOR UPDATE SKIP LOCKED), "
-		"t AS (UPDATE matrix_notices x SET tries = x.tries + 1, "
-		"  next_at = now() + least(power(2, x.tries + 1), 600) * interval '1 second' FROM d WHERE x.id = d.id "
-		"  RETURNING x.id, x.room_id, x.body, x.created_at < now() - interval '1 day' AS stale, x.sender, x.txn_id, "
-		"  x.then_leave) "
-		"SELECT t.id, t.room_id, t.body, t.stale, coalesce(t.sender, " NOTICE_SENDER_SQL("t.room_id") "), t.txn_id, "
-		" t.then_leave FROM t ORDER BY t.id");
+	PGresult *r = bot_look(c, BOT_NOTICES, 0, NULL);
 	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
 		PQclear(r);
 		return;
@@ -1988,9 +1990,7 @@ static bool inbox(struct matrix *m, PGconn *c)
 	char lim[8];
 	snprintf(lim, sizeof(lim), "%d", BOT_BATCH);
 	const char *params[] = { lim };
-	PGresult *r = PQexecParams(c, "SELECT id, event::text FROM matrix_bot_inbox WHERE handled_at IS NULL "
-				      "AND (not_before IS NULL OR not_before <= now()) ORDER BY id LIMIT $1::int", 1, NULL,
-				   params, NULL, NULL, 0);
+	PGresult *r = bot_look(c, BOT_INBOX, 1, params);
 	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
 		PQclear(r);
 		return false;
@@ -2104,13 +2104,7 @@ static void requests(struct matrix *m, PGconn *c, int64_t *after_us)
 {
 	if (cw_now_us() < *after_us)
 		return;
-	PGresult *r = PQexec(c,
-		"SELECT q.id, mr.room_id, ri.uri, ri.network, coalesce(ri.display_name, '') FROM consent_requests q "
-		" JOIN matrix_mgmt_rooms mr ON mr.identity_id = q.local_identity_id "
-		" JOIN identities ri ON ri.id = q.remote_identity_id "
-		"WHERE q.state = 'pending' AND q.notified_at IS NULL AND NOT EXISTS (SELECT 1 FROM matrix_notices x "
-		" WHERE x.room_id = mr.room_id AND " NOTICE_WAITS("x") ") "
-		"ORDER BY q.id LIMIT 20");
+	PGresult *r = bot_look(c, BOT_REQUESTS, 0, NULL);
 	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
 		PQclear(r);
 		return;
@@ -2189,21 +2183,7 @@ static void expiries(struct matrix *m, PGconn *c, int64_t *seen)
 	}
 	snprintf(from, sizeof(from), "%lld", (long long)*seen);
 	const char *p[] = { from };
-	PGresult *r = PQexecParams(c,
-		"SELECT a.id, mr.room_id, ri.uri, ri.network, coalesce(ri.display_name, ''), "
-		" coalesce(a.details->>'reason', '') FROM audit_log a "
-		" JOIN consent_requests q ON q.id = (a.details->>'request')::bigint AND q.state = 'expired' "
-		"  AND q.notified_at IS NOT NULL "
-		" JOIN matrix_mgmt_rooms mr ON mr.identity_id = q.local_identity_id AND mr.created_at <= a.at "
-		" JOIN identities ri ON ri.id = q.remote_identity_id "
-		"WHERE a.action = 'consent.expire' AND a.actor = 'policy' AND a.id > $1::bigint "
-		" AND NOT EXISTS (SELECT 1 FROM consent_requests n WHERE n.local_identity_id = q.local_identity_id "
-		"  AND n.remote_identity_id = q.remote_identity_id AND n.id > q.id) "
-		" AND NOT EXISTS (SELECT 1 FROM consents k WHERE k.local_identity_id = q.local_identity_id "
-		"  AND k.updated_at > a.at AND ((k.subject_kind = 'user' AND k.subject = ri.uri) "
-		"  OR (k.subject_kind = 'domain' AND k.subject = ri.domain))) "
-		" AND NOT EXISTS (SELECT 1 FROM matrix_notices x WHERE x.txn_id = 'cwexpire-' || a.id) "
-		"ORDER BY a.id LIMIT 20", 1, NULL, p, NULL, NULL, 0);
+	PGresult *r = bot_look(c, BOT_EXPIRIES, 1, p);
 	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
 		PQclear(r);
 		return;
@@ -2236,8 +2216,7 @@ static void expiries(struct matrix *m, PGconn *c, int64_t *seen)
 	PQclear(r);
 	if (n == 20)
 		return; /* more to queue: the cursor waits for them */
-	r = PQexecParams(c, "SELECT max(id) FROM audit_log WHERE action = 'consent.expire' AND id > $1::bigint "
-			    "AND at < now() - interval '1 minute'", 1, NULL, p, NULL, NULL, 0);
+	r = bot_look(c, BOT_EXPIRY_CURSOR, 1, p);
 	if (PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1 && !PQgetisnull(r, 0, 0))
 		*seen = atoll(PQgetvalue(r, 0, 0));
 	PQclear(r);
@@ -2257,11 +2236,11 @@ static bool bot_lock(PGconn *c)
 	return ok;
 }
 
-/* The rows of one of the bot's rounds of looking for work (sql: for what);
+/* The rows of one of the bot's rounds of looking for work (k: for what);
  * NULL, logged, when the database did not answer. */
-static PGresult *look_for(PGconn *c, const char *sql, const char *what)
+static PGresult *look_for(PGconn *c, enum bot_look k, const char *what)
 {
-	PGresult *r = PQexec(c, sql);
+	PGresult *r = bot_look(c, k, 0, NULL);
 	cw_errmsg e;
 	if (store_check(c, r, PGRES_TUPLES_OK, &e)) {
 		LOG_KV(CW_LOG_WARN, "the bot cannot look for its work", "what", what, "detail", e.msg);
@@ -2275,12 +2254,7 @@ static PGresult *look_for(PGconn *c, const char *sql, const char *what)
  * see them go; one who comes back joins again with their next message. */
 static void portal_departures(struct matrix *m, PGconn *c)
 {
-	PGresult *r = look_for(c,
-		"WITH d AS (DELETE FROM matrix_portal_members pm USING room_bindings b, room_members x "
-		" WHERE b.id = pm.binding_id AND x.room_id = b.room_id AND x.identity_id = pm.identity_id "
-		" AND x.membership <> 'joined' RETURNING b.native_id, pm.identity_id) "
-		"SELECT d.native_id, ib.native_id FROM d JOIN identity_bindings ib ON ib.identity_id = d.identity_id "
-		" AND ib.network = 'matrix'", "members who left a group");
+	PGresult *r = look_for(c, BOT_DEPARTURES, "members who left a group");
 	if (!r)
 		return;
 	cw_errmsg e;
@@ -2317,12 +2291,7 @@ static void portal_renames(struct matrix *m, PGconn *c, int64_t *next_us, int64_
 	int64_t now = cw_now_us();
 	if (now < *next_us)
 		return;
-	PGresult *r = look_for(c,
-		"SELECT b.native_id, b.id, rm.name FROM room_bindings b JOIN rooms rm ON rm.id = b.room_id "
-		"JOIN room_members x ON x.room_id = b.room_id AND x.identity_id = b.local_identity_id "
-		"WHERE b.network = 'matrix' AND b.remote_identity_id IS NULL AND b.local_identity_id IS NOT NULL "
-		" AND rm.kind = 'group' AND x.membership = 'joined' AND rm.name IS DISTINCT FROM b.name_synced "
-		"ORDER BY b.id LIMIT 64", "renamed groups");
+	PGresult *r = look_for(c, BOT_RENAMES, "renamed groups");
 	if (!r)
 		return;
 	bool failed = false;
@@ -2395,14 +2364,7 @@ static void portal_invitations(struct matrix *m, PGconn *c, int64_t *next_us, in
 	int64_t now = cw_now_us();
 	if (now < *next_us)
 		return;
-	PGresult *r = look_for(c,
-		"SELECT x.room_id, rm.name, x.identity_id, ib.native_id FROM room_members x "
-		"JOIN rooms rm ON rm.id = x.room_id AND rm.kind = 'group' "
-		"JOIN identities i ON i.id = x.identity_id AND i.is_local "
-		"JOIN identity_bindings ib ON ib.identity_id = i.id AND ib.network = 'matrix' "
-		"WHERE x.membership = 'invited' AND NOT x.peer_invited AND NOT EXISTS (SELECT 1 FROM room_bindings b "
-		" WHERE b.network = 'matrix' AND b.room_id = x.room_id AND b.local_identity_id = x.identity_id) "
-		"ORDER BY x.room_id, x.identity_id LIMIT 16", "users invited to a group");
+	PGresult *r = look_for(c, BOT_INVITATIONS, "users invited to a group");
 	if (!r)
 		return;
 	cw_errmsg e;
@@ -2443,15 +2405,7 @@ static void portal_invitations(struct matrix *m, PGconn *c, int64_t *next_us, in
 static void invitees_joined(struct matrix *m, PGconn *c)
 {
 	const char *server[] = { mx_server_name(m->cfg) };
-	PGresult *r = PQexecParams(c,
-		"SELECT x.room_id, x.identity_id, b.native_id, coalesce(ib.native_id, '@' || i.localpart || ':' || $1) "
-		"FROM room_members x "
-		"JOIN room_bindings b ON b.network = 'matrix' AND b.room_id = x.room_id "
-		" AND b.local_identity_id = x.identity_id AND b.remote_identity_id IS NULL "
-		"JOIN identities i ON i.id = x.identity_id AND i.is_local "
-		"LEFT JOIN identity_bindings ib ON ib.identity_id = x.identity_id AND ib.network = 'matrix' "
-		"WHERE x.membership = 'invited' AND x.updated_at < now() - interval '1 minute' "
-		"ORDER BY x.updated_at LIMIT 16", 1, NULL, server, NULL, NULL, 0);
+	PGresult *r = bot_look(c, BOT_INVITEES, 1, server);
 	cw_errmsg e;
 	if (store_check(c, r, PGRES_TUPLES_OK, &e)) {
 		LOG_KV(CW_LOG_WARN, "the bot cannot look for its work", "what", "invited members who may have joined",
@@ -2471,6 +2425,84 @@ static void invitees_joined(struct matrix *m, PGconn *c)
 	PQclear(r);
 }
 
+/* The looks of enum bot_look, each the statement of the function of its
+ * name (inbox, requests, expiries, notices, portal_departures,
+ * portal_renames, portal_invitations, invitees_joined), which says what it
+ * looks for; and dead_letters' (dispatcher_dead_stmts). */
+static const struct store_stmt bot_stmts[BOT_LOOKS + 1] = {
+	[BOT_INBOX] = { "mx_bot_inbox",
+		"SELECT id, event::text FROM matrix_bot_inbox WHERE handled_at IS NULL "
+		"AND (not_before IS NULL OR not_before <= now()) ORDER BY id LIMIT $1::int" },
+	[BOT_REQUESTS] = { "mx_bot_requests",
+		"SELECT q.id, mr.room_id, ri.uri, ri.network, coalesce(ri.display_name, '') FROM consent_requests q "
+		" JOIN matrix_mgmt_rooms mr ON mr.identity_id = q.local_identity_id "
+		" JOIN identities ri ON ri.id = q.remote_identity_id "
+		"WHERE q.state = 'pending' AND q.notified_at IS NULL AND NOT EXISTS (SELECT 1 FROM matrix_notices x "
+		" WHERE x.room_id = mr.room_id AND " NOTICE_WAITS("x") ") "
+		"ORDER BY q.id LIMIT 20" },
+	[BOT_EXPIRIES] = { "mx_bot_expiries",
+		"SELECT a.id, mr.room_id, ri.uri, ri.network, coalesce(ri.display_name, ''), "
+		" coalesce(a.details->>'reason', '') FROM audit_log a "
+		" JOIN consent_requests q ON q.id = (a.details->>'request')::bigint AND q.state = 'expired' "
+		"  AND q.notified_at IS NOT NULL "
+		" JOIN matrix_mgmt_rooms mr ON mr.identity_id = q.local_identity_id AND mr.created_at <= a.at "
+		" JOIN identities ri ON ri.id = q.remote_identity_id "
+		"WHERE a.action = 'consent.expire' AND a.actor = 'policy' AND a.id > $1::bigint "
+		" AND NOT EXISTS (SELECT 1 FROM consent_requests n WHERE n.local_identity_id = q.local_identity_id "
+		"  AND n.remote_identity_id = q.remote_identity_id AND n.id > q.id) "
+		" AND NOT EXISTS (SELECT 1 FROM consents k WHERE k.local_identity_id = q.local_identity_id "
+		"  AND k.updated_at > a.at AND ((k.subject_kind = 'user' AND k.subject = ri.uri) "
+		"  OR (k.subject_kind = 'domain' AND k.subject = ri.domain))) "
+		" AND NOT EXISTS (SELECT 1 FROM matrix_notices x WHERE x.txn_id = 'cwexpire-' || a.id) "
+		"ORDER BY a.id LIMIT 20" },
+	[BOT_EXPIRY_CURSOR] = { "mx_bot_expiry_cursor",
+		"SELECT max(id) FROM audit_log WHERE action = 'consent.expire' AND id > $1::bigint "
+		"AND at < now() - interval '1 minute'" },
+	[BOT_NOTICES] = { "mx_bot_notices",
+		"WITH d AS (SELECT id FROM matrix_notices x WHERE next_at <= now() AND done_at IS NULL "
+		"  AND NOT EXISTS (SELECT 1 FROM matrix_notices y WHERE y.room_id = x.room_id AND y.id < x.id "
+		"  AND y.next_at > now() AND " NOTICE_WAITS("y") ") "
+		"  ORDER BY id LIMIT 20 "
+		"  FOR UPDATE SKIP LOCKED), "
+		"t AS (UPDATE matrix_notices x SET tries = x.tries + 1, "
+		"  next_at = now() + least(power(2, x.tries + 1), 600) * interval '1 second' FROM d WHERE x.id = d.id "
+		"  RETURNING x.id, x.room_id, x.body, x.created_at < now() - interval '1 day' AS stale, x.sender, x.txn_id, "
+		"  x.then_leave) "
+		"SELECT t.id, t.room_id, t.body, t.stale, coalesce(t.sender, " NOTICE_SENDER_SQL("t.room_id") "), t.txn_id, "
+		" t.then_leave FROM t ORDER BY t.id" },
+	[BOT_DEPARTURES] = { "mx_bot_departures",
+		"WITH d AS (DELETE FROM matrix_portal_members pm USING room_bindings b, room_members x "
+		" WHERE b.id = pm.binding_id AND x.room_id = b.room_id AND x.identity_id = pm.identity_id "
+		" AND x.membership <> 'joined' RETURNING b.native_id, pm.identity_id) "
+		"SELECT d.native_id, ib.native_id FROM d JOIN identity_bindings ib ON ib.identity_id = d.identity_id "
+		" AND ib.network = 'matrix'" },
+	[BOT_RENAMES] = { "mx_bot_renames",
+		"SELECT b.native_id, b.id, rm.name FROM room_bindings b JOIN rooms rm ON rm.id = b.room_id "
+		"JOIN room_members x ON x.room_id = b.room_id AND x.identity_id = b.local_identity_id "
+		"WHERE b.network = 'matrix' AND b.remote_identity_id IS NULL AND b.local_identity_id IS NOT NULL "
+		" AND rm.kind = 'group' AND x.membership = 'joined' AND rm.name IS DISTINCT FROM b.name_synced "
+		"ORDER BY b.id LIMIT 64" },
+	[BOT_INVITATIONS] = { "mx_bot_invitations",
+		"SELECT x.room_id, rm.name, x.identity_id, ib.native_id FROM room_members x "
+		"JOIN rooms rm ON rm.id = x.room_id AND rm.kind = 'group' "
+		"JOIN identities i ON i.id = x.identity_id AND i.is_local "
+		"JOIN identity_bindings ib ON ib.identity_id = i.id AND ib.network = 'matrix' "
+		"WHERE x.membership = 'invited' AND NOT x.peer_invited AND NOT EXISTS (SELECT 1 FROM room_bindings b "
+		" WHERE b.network = 'matrix' AND b.room_id = x.room_id AND b.local_identity_id = x.identity_id) "
+		"ORDER BY x.room_id, x.identity_id LIMIT 16" },
+	[BOT_INVITEES] = { "mx_bot_invitees",
+		"SELECT x.room_id, x.identity_id, b.native_id, coalesce(ib.native_id, '@' || i.localpart || ':' || $1) "
+		"FROM room_members x "
+		"JOIN room_bindings b ON b.network = 'matrix' AND b.room_id = x.room_id "
+		" AND b.local_identity_id = x.identity_id AND b.remote_identity_id IS NULL "
+		"JOIN identities i ON i.id = x.identity_id AND i.is_local "
+		"LEFT JOIN identity_bindings ib ON ib.identity_id = x.identity_id AND ib.network = 'matrix' "
+		"WHERE x.membership = 'invited' AND x.updated_at < now() - interval '1 minute' "
+		"ORDER BY x.updated_at LIMIT 16" },
+	[BOT_LOOKS] = { NULL, NULL },
+};
+static const struct store_stmt *const bot_stmt_lists[] = { bot_stmts, dispatcher_dead_stmts, NULL };
+
 static void *bot_main(void *arg)
 {
 	cw_thread_name("cw-mx-bot");
@@ -2486,7 +2518,7 @@ static void *bot_main(void *arg)
 			expired_seen = -1;
 			cw_errmsg e;
 			c = store_connect(m->app->cfg->db_url, m->app->cfg->db_statement_timeout_ms, &e);
-			if (c && store_exec(c, "LISTEN causeway_matrix_bot", &e)) {
+			if (c && (store_exec(c, "LISTEN causeway_matrix_bot", &e) || !store_prepare_all(c, bot_stmt_lists, &e))) {
 				PQfinish(c);
 				c = NULL;
 			}

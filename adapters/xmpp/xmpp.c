@@ -1297,6 +1297,11 @@ static void *comp_main(void *arg)
 			}
 			cw_errmsg e;
 			lock = store_connect(cfg->db_url, cfg->db_statement_timeout_ms, &e);
+			static const struct store_stmt *const lock_stmts[] = { dispatcher_dead_stmts, NULL };
+			if (lock && !store_prepare_all(lock, lock_stmts, &e)) {
+				PQfinish(lock);
+				lock = NULL;
+			}
 			if (!lock) {
 				set_state(xc, XC_DOWN, "the database is away: waiting for it to take the component's lock",
 					  false);

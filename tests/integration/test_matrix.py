@@ -3347,7 +3347,7 @@ def test_a_dead_letter_whose_telling_lost_its_answer_is_told(make_daemon, db_url
         a, srv = add_gk(d)
         try:
             alice, room, ghost = alice_writes_to_wally(hs, a)
-            px.cut_answer(lost, lambda t: "sender_told_at IS NULL AND s.is_local" in t)
+            px.cut_answer(lost, lambda t: t == "cw_dead_untold")  # dispatcher_dead_stmts, prepared
             srv.fail_next = 1000
             alice.send_text(room, "into the void")
 
@@ -6764,3 +6764,27 @@ def test_the_bots_commands_are_those_matrix_md_lists():
     assert helped == code and listed == code, {"help": sorted(helped ^ code), "matrix.md": sorted(listed ^ code)}
     reason = re.search(r"#define MX_BOT_REASON_MAX (\d+)", read("adapters", "matrix", "mx_cmd.h"))
     assert reason and f"the rest of the line, at most {reason.group(1)} bytes" in section.group(1)
+
+
+def test_the_bots_looks_for_work_are_not_planned_at_each_round(make_daemon, pg_planned, hs):
+    """The bot looks for its work twice a second, work or not (its inbox,
+    requests to show, expiries, dead letters, notices, portals): each look
+    is prepared on its connection, and planned a few times at most (a
+    statement with parameters: five custom plans, then the generic one).
+    Until the forty-fifth session every look was planned at each round,
+    5-7 ms of the database's CPU a round under load (docs/performance.md)."""
+    db_url = pg_planned.new_database("t_bot_looks_planned")
+    start_mx(make_daemon, db_url, hs)
+    looks = {"inbox": "SELECT id, event::text FROM matrix_bot_inbox",
+             "requests": "SELECT q.id, mr.room_id, ri.uri",
+             "expiries": "SELECT a.id, mr.room_id, ri.uri",
+             "dead letters": "WITH d AS (SELECT o.id, o.destination, o.attempts",
+             "notices": "WITH d AS (SELECT id FROM matrix_notices x",
+             "departures": "WITH d AS (DELETE FROM matrix_portal_members",
+             "renames": "SELECT b.native_id, b.id, rm.name",
+             "invitations": "SELECT x.room_id, rm.name, x.identity_id",
+             "invitees": "SELECT x.room_id, x.identity_id, b.native_id"}
+    wait_until(lambda: pg_planned.planned(db_url, looks["invitees"])[0] >= 16, timeout=30, what="16 rounds")
+    for what, prefix in looks.items():
+        calls, plans = pg_planned.planned(db_url, prefix)
+        assert calls >= 15 and plans <= 6, (what, calls, plans)

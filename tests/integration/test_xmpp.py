@@ -2718,7 +2718,7 @@ def test_a_dead_letter_whose_telling_lost_its_answer_is_told(make_daemon, db_url
         d, _, srv = start_with_gk(make_daemon, px.url, prosody,
                                   dispatcher={"retry_budget": "2", "retry_base_ms": "20", "retry_max_ms": "50"})
         try:
-            px.cut_answer(lost, lambda t: "sender_told_at IS NULL AND s.is_local" in t)
+            px.cut_answer(lost, lambda t: t == "cw_dead_untold")  # dispatcher_dead_stmts, prepared
             srv.fail_next = 1000
             start = alice.count()
             alice.send_raw(f"<message to='{WALLY_JID}' type='chat' id='void2'><body>into the void</body>"
