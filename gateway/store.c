@@ -336,6 +336,20 @@ PGresult *store_exec_generic(PGconn *c, const char *name, int n, const char *con
 	return out ? out : PQmakeEmptyPGresult(c, PGRES_FATAL_ERROR);
 }
 
+PGresult *store_exec_generic_sql(PGconn *c, const char *name, const char *sql, int n, const char *const *params)
+{
+	PGresult *r = store_exec_generic(c, name, n, params);
+	const char *state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
+	if (PQresultStatus(r) != PGRES_FATAL_ERROR || !state || strcmp(state, "26000") != 0)
+		return r; /* 26000: no such prepared statement */
+	PQclear(r);
+	r = PQprepare(c, name, sql, n, NULL);
+	if (PQresultStatus(r) != PGRES_COMMAND_OK)
+		return r;
+	PQclear(r);
+	return store_exec_generic(c, name, n, params);
+}
+
 cw_err store_exec(PGconn *c, const char *sql, cw_errmsg *e)
 {
 	PGresult *r = PQexec(c, sql);

@@ -219,6 +219,11 @@ bool store_prepare_all(PGconn *c, const struct store_stmt *const *lists, cw_errm
  * them (one made by libpq, without SQLSTATE, when the connection failed;
  * NULL when memory ran out). */
 PGresult *store_exec_generic(PGconn *c, const char *name, int n, const char *const *params);
+/* store_exec_generic of sql, prepared on c as name the first time it is
+ * missing there (SQLSTATE 26000): for an adapter's statements run on the
+ * dispatcher's connections, which prepare only their own.  Outside a
+ * transaction block only (the run that finds it missing would abort it). */
+PGresult *store_exec_generic_sql(PGconn *c, const char *name, const char *sql, int n, const char *const *params);
 
 /* Runs a command without results; CW_EUNAVAIL if the connection is lost,
  * CW_ECONFLICT for a key taken or removed (store_result_err), CW_EIO

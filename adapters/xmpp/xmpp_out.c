@@ -122,17 +122,7 @@ static const char batch_sql[] =
  * took two round trips of its own (SET, RESET) around the lookup. */
 static PGresult *batch_lookup(PGconn *c, const char *const *params)
 {
-	static const char name[] = "causeway_xmpp_batch";
-	PGresult *r = store_exec_generic(c, name, 1, params);
-	const char *state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
-	if (PQresultStatus(r) != PGRES_FATAL_ERROR || !state || strcmp(state, "26000") != 0)
-		return r; /* 26000: no such prepared statement */
-	PQclear(r);
-	r = PQprepare(c, name, batch_sql, 1, NULL);
-	if (PQresultStatus(r) != PGRES_COMMAND_OK)
-		return r;
-	PQclear(r);
-	return store_exec_generic(c, name, 1, params);
+	return store_exec_generic_sql(c, "causeway_xmpp_batch", batch_sql, 1, params);
 }
 
 static const char *col(PGresult *r, int row, int c)

@@ -6788,3 +6788,24 @@ def test_the_bots_looks_for_work_are_not_planned_at_each_round(make_daemon, pg_p
     for what, prefix in looks.items():
         calls, plans = pg_planned.planned(db_url, prefix)
         assert calls >= 15 and plans <= 6, (what, calls, plans)
+
+
+def test_the_lookup_of_a_delivery_batch_is_not_planned_at_each_batch(make_daemon, pg_planned, hs):
+    """What a batch of rows to Matrix needs is read in one statement,
+    prepared on the lane's connection when first run there and run with
+    its generic plan: planned once per lane.  Until the forty-fifth
+    session it was sent whole, planned at each batch (1.4 ms, more than
+    half of running it; docs/performance.md)."""
+    db_url = pg_planned.new_database("t_mx_batch_planned")
+    d = start_mx(make_daemon, db_url, hs, dispatcher={"lanes": "2"})
+    a, srv = add_gk(d)
+    try:
+        room, _ = wally_wrote_to_alice(d, hs, a, pg_planned, db_url)
+        undelivered = "SELECT count(*) FROM outbox WHERE state NOT IN ('delivered', 'dropped')"
+        for i in range(12):
+            assert a.send(room, a.user("wally"), f"one of twelve: {i}").status_code == 202
+            wait_until(lambda: pg_planned.psql(undelivered, db_url) == "0", what=f"message {i} delivered")
+        calls, plans = pg_planned.planned(db_url, "SELECT x.k - $")
+        assert calls >= 12 and plans <= 3, (calls, plans)
+    finally:
+        srv.close()
