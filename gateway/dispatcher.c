@@ -529,6 +529,14 @@ static const struct store_stmt lane_stmts[] = {
 		" WHERE p.room_id = d.room_id AND p.destination = d.destination AND p.id > d.id AND p.state = 'pending' "
 		" RETURNING p.state) "
 		"SELECT state, id FROM up UNION ALL SELECT state, NULL FROM behind" },
+	/* claim_open's, run by EXECUTE in its one simple query: sent as text
+	 * they were planned at every claim (0.1 ms for the first, about a
+	 * tenth of that for the others; in tests/bench/xmpp some 130 ms of
+	 * planning for 20,000 messages, until the forty-fifth session). */
+	{ "cw_claim_lock", "SELECT pg_advisory_xact_lock(" CLAIM_LOCK_KEY ")" },
+	{ "cw_claim_ran_out",
+		"SELECT EXISTS (SELECT 1 FROM outbox WHERE state = 'in_flight' AND claimed_until < now())" },
+	{ "cw_push_peers", "SELECT 'peer:' || name FROM peers WHERE mode = 'push' AND enabled" },
 	{ NULL, NULL },
 };
 static const struct store_stmt *const lane_stmt_lists[] = { lane_stmts, NULL };
@@ -717,7 +725,8 @@ static bool claim_destination(struct lane *l, const char *dest, struct outbox_ro
 
 /* The claim's opening, in one round trip: the transaction, the lock,
  * whether any claim ran out (a daemon died mid-delivery), and the peers'
- * push destinations.  The statements are constant text (several in one
+ * push destinations (lane_stmts' cw_claim_lock, cw_claim_ran_out,
+ * cw_push_peers).  The statements are constant text (several in one
  * simple query take no parameters): the local destination, which is
  * configuration, is added by the caller (*local, "" for none; until the
  * twentieth session it was quoted into the text).  Rows whose claim ran
@@ -733,10 +742,8 @@ static PGresult *claim_open(struct lane *l, const char **local, long *pending, l
 	struct dispatcher *d = l->d;
 	*local = d->o.local_deliver && (!d->o.local_ready || d->o.local_ready(d->o.local_ctx)) ? d->o.local_destination
 												 : "";
-	if (!PQsendQuery(l->c, "BEGIN; SET LOCAL synchronous_commit = off; SELECT pg_advisory_xact_lock("
-			       CLAIM_LOCK_KEY "); "
-			       "SELECT EXISTS (SELECT 1 FROM outbox WHERE state = 'in_flight' AND claimed_until < now()); "
-			       "SELECT 'peer:' || name FROM peers WHERE mode = 'push' AND enabled")) {
+	if (!PQsendQuery(l->c, "BEGIN; SET LOCAL synchronous_commit = off; EXECUTE cw_claim_lock; "
+			       "EXECUTE cw_claim_ran_out; EXECUTE cw_push_peers")) {
 		cw_fail(e, CW_EUNAVAIL, "cannot send: %s", PQerrorMessage(l->c));
 		return NULL;
 	}

@@ -303,6 +303,12 @@ def test_the_record_of_deliveries_is_not_planned_at_each_call(make_daemon, pg_pl
         # once on each of the two lanes' connections, and once more if an
         # ANALYZE (autovacuum's) came between
         assert calls >= 15 and plans <= 3, ("cw_record", calls, plans)
+        # and the claim's opening (claim_open), at every claim
+        calls, plans = pg_planned.planned(db_url, "SELECT EXISTS (SELECT $1 FROM outbox WHERE state = $2 AND "
+                                                  "claimed_until < now())")
+        assert calls >= 15 and plans <= 3, ("cw_claim_ran_out", calls, plans)
+        calls, plans = pg_planned.planned(db_url, "SELECT $1 || name FROM peers WHERE mode = $2 AND enabled")
+        assert calls >= 15 and plans <= 3, ("cw_push_peers", calls, plans)
     finally:
         for _, srv in made:
             srv.close()
