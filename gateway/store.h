@@ -225,9 +225,9 @@ PGresult *store_exec_generic(PGconn *c, const char *name, int n, const char *con
  * transaction block only (the run that finds it missing would abort it). */
 PGresult *store_exec_generic_sql(PGconn *c, const char *name, const char *sql, int n, const char *const *params);
 
-/* Runs a command without results; CW_EUNAVAIL if the connection is lost,
- * CW_ECONFLICT for a key taken or removed (store_result_err), CW_EIO
- * otherwise. */
+/* Runs a command without results; a failure is store_result_err's code
+ * (CW_EUNAVAIL: the connection lost, CW_ECONFLICT: a key taken or
+ * removed, ...). */
 cw_err store_exec(PGconn *c, const char *sql, cw_errmsg *e);
 /* Ends the transaction a BEGIN on c opened: ROLLBACK when rc is a failure
  * (rc returned, e left as the failure wrote it), else COMMIT.  A COMMIT
