@@ -97,40 +97,72 @@ static enum MHD_Result query_arg_ok(void *cls, enum MHD_ValueKind kind, const ch
 	return MHD_YES;
 }
 
+/* A segment of a raw path (len bytes at u, up to the next '/'),
+ * percent-decoded into out (CW_ROUTE_PARAM_LEN bytes) as libmicrohttpd
+ * decodes a path (MHD_http_unescape: "%zz" stays as it is): false when it
+ * does not fit, or is no segment a route may take: one that decodes to a
+ * NUL byte (it would cut the value short), to bytes that are not UTF-8,
+ * or to a dot segment ("." or "..", RFC 3986 3.3, "%2E" included), which
+ * is resolved into no other route: it matches none. */
+static bool segment_decode(const char *u, size_t len, char out[CW_ROUTE_PARAM_LEN])
+{
+	char raw[3 * CW_ROUTE_PARAM_LEN]; /* each decoded byte is at most three */
+	if (len >= sizeof(raw))
+		return false;
+	memcpy(raw, u, len);
+	raw[len] = '\0';
+	size_t n = MHD_http_unescape(raw);
+	if (n >= CW_ROUTE_PARAM_LEN || memchr(raw, '\0', n) || !cw_utf8_valid(raw, n) ||
+	    strcmp(raw, ".") == 0 || strcmp(raw, "..") == 0)
+		return false;
+	memcpy(out, raw, n + 1);
+	return true;
+}
+
 int cw_route_match(const struct cw_route *routes, size_t n, const char *method,
 		   const char *path, struct cw_route_params *params, bool *path_matched)
 {
 	if (path_matched)
 		*path_matched = false;
+	size_t plen = strcspn(path, "?"); /* the raw target's query is no part of its path */
 	for (size_t i = 0; i < n; i++) {
-		const char *p = routes[i].pattern, *u = path;
+		/* Segment by segment, split at the '/' sent: a "%2F" is part
+		 * of its segment (a room alias's, an id's) and never ends
+		 * one.  Until the forty-fifth session the path libmicrohttpd
+		 * had decoded was matched, and "/messages/x%2Fdecision"
+		 * reached the route of "/messages/{id}/decision". */
+		const char *p = routes[i].pattern, *u = path, *uend = path + plen;
 		struct cw_route_params tmp = { 0 };
-		bool ok = true;
-		while (ok) {
-			if (*p == '\0' || *u == '\0') {
-				ok = *p == '\0' && *u == '\0';
+		bool ok;
+		for (;;) {
+			if (*p != '/' || u == uend || *u != '/') {
+				ok = *p == '\0' && u == uend;
 				break;
 			}
-			if (*p == '{') {
-				const char *close = strchr(p, '}');
-				size_t seglen = strcspn(u, "/");
-				if (!close || seglen == 0 || seglen >= CW_ROUTE_PARAM_LEN || tmp.n >= CW_ROUTE_PARAMS_MAX) {
+			p++;
+			u++;
+			const char *slash = memchr(u, '/', (size_t)(uend - u));
+			size_t pl = strcspn(p, "/"), ul = (size_t)((slash ? slash : uend) - u);
+			char seg[CW_ROUTE_PARAM_LEN];
+			if (!segment_decode(u, ul, seg)) {
+				ok = false;
+				break;
+			}
+			if (pl >= 2 && p[0] == '{' && p[pl - 1] == '}') {
+				if (seg[0] == '\0' || tmp.n >= CW_ROUTE_PARAMS_MAX) {
 					ok = false;
 					break;
 				}
 				tmp.names[tmp.n] = p + 1;
-				tmp.name_lens[tmp.n] = (size_t)(close - p - 1);
-				memcpy(tmp.values[tmp.n], u, seglen);
-				tmp.values[tmp.n][seglen] = '\0';
+				tmp.name_lens[tmp.n] = pl - 2;
+				memcpy(tmp.values[tmp.n], seg, strlen(seg) + 1);
 				tmp.n++;
-				p = close + 1;
-				u += seglen;
-			} else if (*p == *u) {
-				p++;
-				u++;
-			} else {
+			} else if (strlen(seg) != pl || memcmp(seg, p, pl) != 0) {
 				ok = false;
+				break;
 			}
+			p += pl;
+			u += ul;
 		}
 		if (!ok)
 			continue;
@@ -676,7 +708,7 @@ static void dispatch(struct cw_req *r)
 			char allow[128] = "";
 			for (size_t i = 0; i < h->o.nroutes; i++) {
 				bool m;
-				if (cw_route_match(&h->o.routes[i], 1, "", r->path, NULL, &m) < 0 && m) {
+				if (cw_route_match(&h->o.routes[i], 1, "", r->raw_target, NULL, &m) < 0 && m) {
 					allow_add(allow, sizeof(allow), h->o.routes[i].method);
 					if (strcmp(h->o.routes[i].method, "GET") == 0 && !no_head(h, h->o.routes[i].pattern))
 						allow_add(allow, sizeof(allow), "HEAD"); /* taken as GET */
@@ -725,15 +757,18 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 		if (!r->method || !r->path || !r->raw_target)
 			return MHD_NO;
 		/* The route is known with the headers: its body limit applies
-		 * before the body is read. */
-		r->route = cw_route_match(h->o.routes, h->o.nroutes, r->method, r->path, &r->params, &r->path_matched);
+		 * before the body is read.  It is matched on the target as
+		 * sent, url being libmicrohttpd's decoded path (which the
+		 * access log shows): cw_route_match. */
+		r->route = cw_route_match(h->o.routes, h->o.nroutes, r->method, r->raw_target, &r->params,
+					  &r->path_matched);
 		/* HEAD, which a server MUST support as it does GET (RFC 9110
 		 * 9.1), is the GET of the path (a 405 until the twenty-first
 		 * session): its handler answers as to a GET and libmicrohttpd
 		 * sends the answer's headers without its body.  The method
 		 * stays HEAD: a signature covers the method sent. */
 		if (r->route < 0 && strcmp(r->method, "HEAD") == 0) {
-			r->route = cw_route_match(h->o.routes, h->o.nroutes, "GET", r->path, &r->params,
+			r->route = cw_route_match(h->o.routes, h->o.nroutes, "GET", r->raw_target, &r->params,
 						  &r->path_matched);
 			/* Except where the GET changes state (no_head_routes): a
 			 * HEAD there ran the whole pull until the forty-fifth

@@ -47,8 +47,12 @@ struct cw_route_params {
 
 /* Pure matcher: the index of the route for method and path, or -1.  When
  * the path matches a route but not its method, *path_matched is set (405
- * rather than 404).  A segment longer than CW_ROUTE_PARAM_LEN-1 never
- * matches a parameter. */
+ * rather than 404).  path is the request target as sent (percent-encoded;
+ * a '?' ends it), split into segments at its '/' before each segment is
+ * decoded: "%2F" is part of a parameter, never a separator, and params
+ * hold the decoded values.  A segment that decodes to more than
+ * CW_ROUTE_PARAM_LEN-1 bytes, to a NUL byte, to bytes that are not UTF-8,
+ * or to "." or ".." (a dot segment, RFC 3986 3.3) matches nothing. */
 int cw_route_match(const struct cw_route *routes, size_t n, const char *method,
 		   const char *path, struct cw_route_params *params, bool *path_matched);
 
@@ -125,6 +129,8 @@ long cw_http_in_flight(const struct cw_http *h);
 
 /* --- the request, for handlers --- */
 const char *cw_req_method(const struct cw_req *r);
+/* The path libmicrohttpd decoded ("%2F" is a '/' there): for logs and
+ * prefixes, not to route on (cw_route_match takes the raw target). */
 const char *cw_req_path(const struct cw_req *r);
 const char *cw_req_id(const struct cw_req *r);
 /* Route parameter by name, or NULL. */

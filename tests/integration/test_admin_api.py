@@ -511,6 +511,40 @@ def test_two_processes_making_names_differing_in_case_at_once_make_one(daemon, p
     assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'token.create'", db_url) == "0"
 
 
+# ------------------------------------------------------------ routing
+
+def test_an_encoded_slash_stays_in_its_parameter(daemon, pg, db_url):
+    """A route is matched on the path as sent, split at its own '/', and
+    each parameter decoded after: "%2F" is part of its segment.  Until the
+    forty-fifth session the path libmicrohttpd had decoded was routed:
+    POST /admin/v1/peers/gk%2Fdisable disabled gk, and GET
+    /messages/<id>%2Fdecision answered the message's decision."""
+    (a, sa), (b, sb) = push_peers(daemon)
+    try:
+        rm = a.create_room([a.user("alice"), b.user("bob")]).json()["id"]
+        msg = a.send(rm, a.user("alice"), "x").json()["id"]
+        assert daemon.admin("GET", f"/messages/{msg}/decision").status_code == 200
+        audit = pg.psql("SELECT count(*) FROM audit_log", db_url)
+        r = daemon.admin("GET", f"/messages/{msg}%2Fdecision")  # the message "<id>/decision": none
+        assert r.status_code == 404 and "recipients" not in r.json(), r.text
+        r = call(daemon, "POST", "/admin/v1/peers/gk%2Fdisable", ADMIN_TOKEN)
+        assert r.status_code == 405 and r.headers["Allow"] == "GET, HEAD, PATCH", r.text  # /peers/{name}'s
+        r = daemon.admin("GET", "/peers/gk%2Fdisable")
+        assert r.status_code == 404, r.text
+        assert daemon.admin("GET", "/peers/gk").json()["enabled"] is True
+        assert pg.psql("SELECT enabled FROM peers WHERE name = 'gk'", db_url) == "t"
+        # A dot segment, encoded or not, is resolved into no other route;
+        # a parameter that is no UTF-8 or holds a NUL is none.
+        for path in ("/peers/gk/%2E%2E/disable", "/peers/%2e", "/peers/%FF", "/peers/gk%00/disable"):
+            r = call(daemon, "POST" if path.endswith("disable") else "GET", "/admin/v1" + path, ADMIN_TOKEN)
+            assert r.status_code == 404 and r.json()["code"] == "not_found", (path, r.text)
+        assert pg.psql("SELECT enabled FROM peers WHERE name = 'gk'", db_url) == "t"
+        assert pg.psql("SELECT count(*) FROM audit_log", db_url) == audit
+    finally:
+        sa.close()
+        sb.close()
+
+
 # ------------------------------------------------------------ trace and dead letters
 
 def test_the_trace_shows_decisions_deliveries_and_attempts(make_daemon, db_url, pg):

@@ -1135,6 +1135,26 @@ def test_users_query_answers_for_known_remote_users(mx, gk):
     assert r.status_code == 404 and r.json()["errcode"] == "M_NOT_FOUND"
 
 
+def test_a_room_alias_with_a_slash_reaches_its_route(mx):
+    """The Matrix specification lets a room alias's localpart hold a '/'
+    (and a user id's), which the homeserver percent-encodes in the path of
+    its query.  The path libmicrohttpd had decoded was routed until the
+    forty-fifth session: such a query reached no route (404 M_UNRECOGNIZED,
+    whatever its token).  Now it is the route's: the token is checked, and
+    the alias is unknown."""
+    h = {"Authorization": "Bearer " + HS_TOKEN}
+    for base in ("/_matrix/app/v1", ""):
+        for what, q, unknown in (("rooms", "%23a%2Fb:example.org", "no such room alias"),
+                                 ("users", "@_cw_gk_a%2Fb:example.org", "no such user")):
+            r = requests.get(mx.url + f"{base}/{what}/{q}", headers=h, timeout=10)
+            assert r.status_code == 404 and r.json() == {"errcode": "M_NOT_FOUND", "error": unknown}, (base, q, r.text)
+            r = requests.get(mx.url + f"{base}/{what}/{q}", headers={"Authorization": "Bearer nope"}, timeout=10)
+            assert r.status_code == 403 and r.json()["errcode"] == "M_FORBIDDEN", (base, q, r.text)
+    # A dot segment is resolved into no route.
+    r = requests.get(mx.url + "/_matrix/app/v1/rooms/%2E%2E", headers=h, timeout=10)
+    assert r.status_code == 404 and r.json()["errcode"] == "M_UNRECOGNIZED", r.text
+
+
 def test_a_ghost_that_could_not_be_registered_is_not_said_to_exist(mx, hs, gk):
     """GET /users/{id}: the ghost is registered before the answer; when the
     homeserver does not take the registration (503), the answer is no 200

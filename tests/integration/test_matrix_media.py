@@ -656,9 +656,11 @@ def test_a_matrix_users_file_reaches_the_peer_under_a_causeway_url(mx, hs, gk, p
     forged = token[:-2] + ("AA" if token[-2:] != "AA" else "BB")
     r = a.call("GET", "/v1/media/" + forged)
     assert r.status_code == 404 and r.json()["code"] == "unknown_media"
-    for junk in ("m1.x.y", "nope", "m1." + "A" * 200 + ".B", "m1..", "m1.%00.AAAA"):
+    for junk in ("m1.x.y", "nope", "m1." + "A" * 200 + ".B", "m1..", "m1.%2F.AAAA", "m1.%00.AAAA"):
         r = a.call("GET", "/v1/media/" + junk)
-        assert r.status_code == 404 and r.json()["code"] == "unknown_media", (junk, r.text)
+        # a NUL is no parameter: no route (it cut the path short until the forty-fifth session)
+        code = "not_found" if "%00" in junk else "unknown_media"
+        assert r.status_code == 404 and r.json()["code"] == code, (junk, r.text)
     # A file deleted from the homeserver is gone for the peer too.
     hs.delete_media(mxc)
     r = a.call("GET", path)

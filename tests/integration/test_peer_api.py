@@ -927,6 +927,26 @@ def test_rooms_are_named_by_opaque_id_only(daemon, peers):
         assert r.status_code == 404, path
 
 
+def test_an_encoded_slash_never_routes_a_call_elsewhere(daemon, peers, pg, db_url):
+    """A route is matched on the target as sent (which the signature
+    covers), split at its own '/': a signed POST to /v1/rooms/<id>%2Fmessages
+    was a message to the room until the forty-fifth session (the path
+    libmicrohttpd had decoded was routed); it is a POST to the room itself,
+    which takes none."""
+    (a, _), (b, _) = peers
+    rm = room(a, b)
+    before = pg.psql("SELECT count(*) FROM events", db_url)
+    body = {"type": "message", "sender": a.user("alice"), "content": {"parts": [{"type": "text/plain", "body": "x"}]}}
+    r = a.call("POST", f"/v1/rooms/{rm['id']}%2Fmessages", body, idem="slash-1")
+    assert r.status_code == 405 and "POST" not in r.headers["Allow"], r.text
+    r = a.call("GET", f"/v1/rooms/{rm['id']}%2Fmembers")  # the room "<id>/members": none
+    assert r.status_code == 404 and "members" not in r.json(), r.text
+    r = a.call("GET", f"/v1/rooms/{rm['id']}/%2E%2E")
+    assert r.status_code == 404 and r.json()["code"] == "not_found", r.text
+    assert pg.psql("SELECT count(*) FROM events", db_url) == before
+    assert a.send(rm["id"], a.user("alice"), "y").status_code == 202
+
+
 def test_authentication_failures(daemon, peers, pg, db_url):
     (a, _), (b, _) = peers
     rm = room(a, b)

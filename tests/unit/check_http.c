@@ -74,6 +74,17 @@ START_TEST(overlong_segment_never_matches)
 	memset(path + strlen(path), 'a', 400);
 	bool m;
 	ck_assert_int_eq(cw_route_match(table, CW_ARRAY_LEN(table), "GET", path, NULL, &m), -1);
+	/* The limit is the decoded value's: 255 bytes sent as 765 match, 256 do not. */
+	char enc[1024] = "/v1/messages/";
+	for (int i = 0; i < CW_ROUTE_PARAM_LEN - 1; i++)
+		strcat(enc, "%41");
+	struct cw_route_params p;
+	ck_assert_int_eq(cw_route_match(table, CW_ARRAY_LEN(table), "GET", enc, &p, &m), 3);
+	ck_assert_uint_eq(strlen(p.values[0]), CW_ROUTE_PARAM_LEN - 1);
+	ck_assert_int_eq(p.values[0][0], 'A');
+	strcat(enc, "%41");
+	ck_assert_int_eq(cw_route_match(table, CW_ARRAY_LEN(table), "GET", enc, &p, &m), -1);
+	ck_assert(!m);
 }
 END_TEST
 
