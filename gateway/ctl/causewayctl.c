@@ -26,6 +26,7 @@
 #define BODY_MAX (16L * 1024 * 1024) /* an answer larger than this is refused, not read */
 #define PAGE_MAX 500                 /* the API's largest page */
 #define LIST_MAX 100000              /* rows one list command gathers when --limit is not given */
+#define LIST_BYTES_MAX (32L * 1024 * 1024) /* the rows of a list's pages held at once, as compact JSON */
 #define CELL_MAX 64                  /* characters shown of one table cell (--json shows all) */
 #define TOKEN_LINE_MAX 512           /* a token file's first line; tokens are under 128 bytes */
 #define QUERY_MAX 8                  /* name=value pairs of one request */
@@ -729,12 +730,21 @@ static enum ctl_rc api(struct ctl *c, const char *method, const char *path, cons
 /* The pages of a list from c->after on, following next_after until the
  * last page or c->limit rows (LIST_MAX without --limit).  The result has
  * the shape of one page: {"rows": every row, "next_after": the last page's},
- * so that --json prints what the API would give for one large page. */
+ * so that --json prints what the API would give for one large page.
+ *
+ * Every row is held until the end (a table's columns are as wide as its
+ * widest cell, and --json prints one document or none), so what is held
+ * is bounded: LIST_BYTES_MAX of rows (some ten times that in memory), a
+ * refusal past it.  Until the forty-fifth session's review only each
+ * answer was (16 MiB), and 100,000 rows by default or --limit 10,000,000
+ * could hold gigabytes.  A page with more rows than asked for is refused,
+ * not shown past --limit: its next_after would skip the rows cut. */
 static enum ctl_rc fetch_pages(struct ctl *c, const char *path, const char *const *filters, json_t **out)
 {
 	json_t *rows = json_array(), *next = json_null();
 	long long after = c->after;
 	long want = c->limit ? c->limit : LIST_MAX, got = 0;
+	size_t held = 0;
 	enum ctl_rc rc = CTL_OK;
 	*out = NULL;
 	if (!rows)
@@ -748,7 +758,8 @@ static enum ctl_rc fetch_pages(struct ctl *c, const char *path, const char *cons
 			q[n++] = filters[i + 1]; /* NULL: that filter is not given */
 		}
 		snprintf(a, sizeof(a), "%lld", after);
-		snprintf(l, sizeof(l), "%ld", want - got < PAGE_MAX ? want - got : PAGE_MAX);
+		long ask = want - got < PAGE_MAX ? want - got : PAGE_MAX;
+		snprintf(l, sizeof(l), "%ld", ask);
 		q[n++] = "after";
 		q[n++] = a;
 		q[n++] = "limit";
@@ -761,6 +772,21 @@ static enum ctl_rc fetch_pages(struct ctl *c, const char *path, const char *cons
 		if (!json_is_array(r)) {
 			json_decref(page);
 			rc = fail(c, CTL_EREFUSED, "the answer to GET %s has no rows", path);
+			break;
+		}
+		if (json_array_size(r) > (size_t)ask) {
+			json_decref(page);
+			rc = fail(c, CTL_EREFUSED, "the answer to GET %s has %zu rows, more than the %ld asked for", path,
+				  json_array_size(r), ask);
+			break;
+		}
+		held += json_dumpb(r, NULL, 0, JSON_COMPACT); /* its size, nothing written */
+		if (held > (size_t)LIST_BYTES_MAX) {
+			json_decref(page);
+			rc = fail(c, CTL_EREFUSED,
+				  "the list is larger than %ld MiB after %ld rows: ask for fewer with --limit, and for the "
+				  "next with --after %lld",
+				  LIST_BYTES_MAX >> 20, got, after);
 			break;
 		}
 		json_array_extend(rows, r);

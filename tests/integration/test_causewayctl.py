@@ -727,6 +727,40 @@ def test_filters_are_encoded_and_answers_are_capped():
         s.close()
 
 
+def test_a_list_is_bounded_in_bytes_and_a_page_in_rows():
+    """A list's pages are held until printed (its table's widths, one JSON
+    document): 100,000 rows by default, up to --limit 10,000,000, each
+    answer up to 16 MiB, so gigabytes from a large or hostile list until
+    the forty-fifth session's review.  Past 32 MiB of rows the command is
+    refused, naming where to go on from; a page with more rows than asked
+    for is refused, not printed past --limit."""
+    def page(first, n, size):
+        return doc({"rows": [{"id": i, "actor": "a" * size} for i in range(first, first + n)],
+                    "next_after": first + n - 1})
+    for json_out in ([], ["--json"]):
+        s = StandIn({"/admin/v1/audit": [page(1 + 500 * k, 500, 20000) for k in range(6)]})  # 10 MB a page
+        try:
+            rc, out, err = ctl(*json_out, "audit", url=s.url)
+            assert rc == 1 and out == "", (rc, out[:200])
+            assert err == ("causewayctl: the list is larger than 32 MiB after 1500 rows: ask for fewer with "
+                           "--limit, and for the next with --after 1500\n"), err
+            assert [q["after"] for p, q, _ in s.seen] == [["0"], ["500"], ["1000"], ["1500"]]
+        finally:
+            s.close()
+    s = StandIn({"/admin/v1/users": page(1, 3, 10), "/admin/v1/rules": page(1, 501, 10)})
+    try:
+        for args in (["users", "--limit", "2"], ["--json", "users", "--limit", "2"], ["rules"]):
+            rc, out, err = ctl(*args, url=s.url)
+            assert rc == 1 and out == "", (args, out)
+            asked = "2" if "--limit" in args else "500"
+            assert err.startswith("causewayctl: the answer to GET /admin/v1/") and \
+                f"more than the {asked} asked for" in err, (args, err)
+        out = ok("users", "--limit", "3", url=s.url)
+        assert len(out.splitlines()) == 4, out  # the head and three rows
+    finally:
+        s.close()
+
+
 def test_a_stale_policys_detail_cannot_drive_the_terminal():
     """The policy's detail is the database's error, which may quote what a
     row holds: shown defanged, on one line, as other relayed text is."""
