@@ -5530,6 +5530,18 @@ class HostileServer:
                 s.close()
 
 
+def hostile_with_gk(srv, ns, make_daemon, db_url):
+    """A daemon whose stream is up with the hostile server srv (a minute's
+    re-send window), and the peer gk pushing to ns: (daemon, gk's client)."""
+    d = srv.daemon(make_daemon, db_url, xmpp={"resend_window_ms": "60000", "reconnect_max_ms": "500"})
+    srv.stream_up(d)
+    a = PeerClient(d.url, "gk", "wa.example")
+    r = d.admin("POST", "/peers", json={"name": "gk", "domain": "wa.example", "mode": "push",
+                                       "push_url": ns.url, "public_key": a.signer.public_b64})
+    a.token = r.json()["token"]
+    return d, a
+
+
 def test_roster_changes_and_notices_are_written_again_after_a_break(make_daemon, db_url, pg):
     """What the component writes on its own (an operator's block for the
     roster, a consent request's notice) is kept for a re-send as every
@@ -5540,12 +5552,7 @@ def test_roster_changes_and_notices_are_written_again_after_a_break(make_daemon,
     srv = HostileServer(SECRET)
     ns = NotifyServer()
     try:
-        d = srv.daemon(make_daemon, db_url, xmpp={"resend_window_ms": "60000", "reconnect_max_ms": "500"})
-        srv.stream_up(d)
-        a = PeerClient(d.url, "gk", "wa.example")
-        r = d.admin("POST", "/peers", json={"name": "gk", "domain": "wa.example", "mode": "push",
-                                           "push_url": ns.url, "public_key": a.signer.public_b64})
-        a.token = r.json()["token"]
+        d, a = hostile_with_gk(srv, ns, make_daemon, db_url)
         wait_until(lambda: pg.psql("SELECT count(*) FROM xmpp_roster_sync", db_url) == "1", what="the roster cursor")
         assert d.admin("POST", "/optins", json={"user": ALICE, "network": "peer:gk", "opted_in": True}).ok
         assert d.admin("POST", "/consents", json={"user": ALICE, "subject_kind": "user",
@@ -5573,12 +5580,7 @@ def test_messages_written_again_after_a_break_keep_their_ids_and_order(make_daem
     srv = HostileServer(SECRET)
     ns = NotifyServer()
     try:
-        d = srv.daemon(make_daemon, db_url, xmpp={"resend_window_ms": "60000", "reconnect_max_ms": "500"})
-        srv.stream_up(d)
-        a = PeerClient(d.url, "gk", "wa.example")
-        r = d.admin("POST", "/peers", json={"name": "gk", "domain": "wa.example", "mode": "push",
-                                           "push_url": ns.url, "public_key": a.signer.public_b64})
-        a.token = r.json()["token"]
+        d, a = hostile_with_gk(srv, ns, make_daemon, db_url)
         consent_alice(d)
         room = a.create_room([a.user("wally"), ALICE]).json()["id"]
         ids = [a.send(room, a.user("wally"), f"m{i} <&>").json()["id"] for i in range(6)]
