@@ -552,8 +552,17 @@ static const char *prev_membership(const json_t *ev)
 		json_object_get(json_object_get(json_object_get(ev, "unsigned"), "prev_content"), "membership"));
 }
 
+/* Whether ev's membership says join after a join: a profile change, as
+ * the homeserver tells it. */
+static bool join_after_join(const json_t *ev, const char *ms)
+{
+	const char *prev = prev_membership(ev);
+	return ms && prev && strcmp(ms, "join") == 0 && strcmp(prev, "join") == 0;
+}
+
 /* [Matrix room, user] of a join or leave of the sender's own that does
- * not say what her membership was before (with_prior), each pair once. */
+ * not say what her membership was before, or of a join after a join
+ * (with_prior), each pair once. */
 static void add_member(struct id_set *s, const json_t *ev)
 {
 	const char *type = json_string_value(json_object_get(ev, "type"));
@@ -562,7 +571,7 @@ static void add_member(struct id_set *s, const json_t *ev)
 	const char *room = json_string_value(json_object_get(ev, "room_id"));
 	const char *ms = json_string_value(json_object_get(json_object_get(ev, "content"), "membership"));
 	if (!type || strcmp(type, "m.room.member") != 0 || !key || !sender || strcmp(key, sender) != 0 || !room ||
-	    !ms || (strcmp(ms, "join") != 0 && strcmp(ms, "leave") != 0) || prev_membership(ev))
+	    !ms || (strcmp(ms, "join") != 0 && strcmp(ms, "leave") != 0) || (prev_membership(ev) && !join_after_join(ev, ms)))
 		return;
 	json_t *pair = json_pack("[s, s]", room, key);
 	char *text = pair ? json_dumps(pair, JSON_COMPACT) : NULL;
@@ -912,7 +921,15 @@ static json_t *with_prior(struct txn *t, json_t *ev, json_t *copies)
 	rejoin_key(k, room, key);
 	const char *known = json_string_value(json_object_get(t->prior, k));
 	json_t *out = ev;
-	if (known && sender && strcmp(sender, key) == 0 && !prev_membership(ev)) {
+	/* Also a join after a join of a member Causeway knows invited (a
+	 * group's portal): her join, which the homeserver pushed while the
+	 * portal was bound to nothing, followed by her client's change of her
+	 * name; taken for a profile change, it marked nothing, and the bot's
+	 * look at the homeserver (mx_mark_if_joined) found that event stored
+	 * and told the peer no join (a test failed under load so, in the
+	 * forty-fifth session). */
+	if (known && sender && strcmp(sender, key) == 0 &&
+	    (!prev_membership(ev) || (join_after_join(ev, ms) && strcmp(known, "invite") == 0))) {
 		json_t *copy = json_deep_copy(ev);
 		json_t *uns = copy ? json_object_get(copy, "unsigned") : NULL;
 		if (copy && !json_is_object(uns) && json_object_set_new(copy, "unsigned", uns = json_object()) != 0)
