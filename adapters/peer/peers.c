@@ -680,22 +680,35 @@ static const char nested_sql[] =
  * forty-fifth session a create or a rotation took such a key.  True when
  * the key is free (the lock taken, held to the commit); false after
  * failing the job or with *rc set. */
-static bool key_free(PGconn *c, struct app_job *j, const struct peer_input *in, cw_err *rc, cw_errmsg *e)
+/* sql's rows (the peers a key change would clash with) under the key lock
+ * (PEER_KEY_LOCK_KEY, held to the commit); NULL with *rc set when either
+ * failed. */
+static PGresult *under_key_lock(PGconn *c, const char *sql, int n, const char *const *params, const int *lens,
+				const int *fmts, cw_err *rc, cw_errmsg *e)
 {
 	*rc = store_exec(c, "SELECT pg_advisory_xact_lock(" PEER_KEY_LOCK_KEY ")", e);
 	if (*rc)
-		return false;
-	const char *params[] = { (const char *)in->key, in->name };
-	const int lens[] = { 32, 0 };
-	const int fmts[] = { 1, 0 };
-	PGresult *r = PQexecParams(c, "SELECT name, enabled FROM peers WHERE ed25519_public_key = $1 AND name <> $2 "
-				      "ORDER BY name LIMIT 1",
-				   2, NULL, params, lens, fmts, 0);
+		return NULL;
+	PGresult *r = PQexecParams(c, sql, n, NULL, params, lens, fmts, 0);
 	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
 		*rc = store_result_err(c, r, e);
 		PQclear(r);
-		return false;
+		return NULL;
 	}
+	return r;
+}
+
+static bool key_free(PGconn *c, struct app_job *j, const struct peer_input *in, cw_err *rc, cw_errmsg *e)
+{
+	const char *params[] = { (const char *)in->key, in->name };
+	const int lens[] = { 32, 0 };
+	const int fmts[] = { 1, 0 };
+	PGresult *r = under_key_lock(c,
+				     "SELECT name, enabled FROM peers WHERE ed25519_public_key = $1 AND name <> $2 "
+				     "ORDER BY name LIMIT 1",
+				     2, params, lens, fmts, rc, e);
+	if (!r)
+		return false;
 	bool free_ = PQntuples(r) == 0;
 	if (!free_)
 		app_job_fail(j, 409, "conflict", "public_key is peer %s's%s: each peer signs with a key of its own",
@@ -922,19 +935,14 @@ static cw_err update_fn(PGconn *c, struct app_job *j, cw_errmsg *e, const char *
  * enabled. */
 static bool key_alone_enabled(PGconn *c, struct app_job *j, const char *name, cw_err *rc, cw_errmsg *e)
 {
-	*rc = store_exec(c, "SELECT pg_advisory_xact_lock(" PEER_KEY_LOCK_KEY ")", e);
-	if (*rc)
-		return false;
 	const char *params[] = { name };
-	PGresult *r = PQexecParams(c, "SELECT o.name FROM peers p JOIN peers o ON o.ed25519_public_key = "
-				      "p.ed25519_public_key AND o.name <> p.name AND o.enabled "
-				      "WHERE p.name = $1 AND NOT p.enabled ORDER BY o.name LIMIT 1",
-				   1, NULL, params, NULL, NULL, 0);
-	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
-		*rc = store_result_err(c, r, e);
-		PQclear(r);
+	PGresult *r = under_key_lock(c,
+				     "SELECT o.name FROM peers p JOIN peers o ON o.ed25519_public_key = "
+				     "p.ed25519_public_key AND o.name <> p.name AND o.enabled "
+				     "WHERE p.name = $1 AND NOT p.enabled ORDER BY o.name LIMIT 1",
+				     1, params, NULL, NULL, rc, e);
+	if (!r)
 		return false;
-	}
 	bool alone = PQntuples(r) == 0;
 	if (!alone)
 		app_job_fail(j, 409, "conflict",
