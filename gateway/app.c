@@ -666,8 +666,14 @@ const struct cw_route app_routes[] = {
 const size_t app_nroutes = CW_ARRAY_LEN(app_routes);
 
 /* GET /v1/events acknowledges what its after names and hands out what
- * follows (adapters/peer/peer_pull.c): a HEAD there is 405, Allow: GET. */
-const char *const app_no_head_routes[] = { "/v1/events", NULL };
+ * follows (adapters/peer/peer_pull.c): a HEAD there is 405, Allow: GET.
+ * So are the appservice API's queries (405 M_UNRECOGNIZED): the user
+ * query registers the ghost it answers for (matrix.c, matrix_as_user),
+ * and the alias query is the specification's way to have a room made;
+ * until the forty-sixth session a HEAD of the user query registered the
+ * ghost. */
+const char *const app_no_head_routes[] = { "/v1/events", "/_matrix/app/v1/users/{user}", "/users/{user}",
+					   "/_matrix/app/v1/rooms/{alias}", "/rooms/{alias}", NULL };
 
 /* ------------------------------------------------------------------ jobs */
 

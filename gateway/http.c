@@ -702,8 +702,9 @@ static void dispatch(struct cw_req *r)
 	}
 	bool path_matched = r->path_matched;
 	if (r->route < 0) {
-		if (h->o.unmatched && h->o.unmatched(r, path_matched, h->o.ctx))
-			return;
+		/* A 405 names the methods the path takes (RFC 9110 15.5.6),
+		 * the unmatched hook's too (the Matrix adapter's, which answered
+		 * without until the forty-sixth session). */
 		if (path_matched) {
 			char allow[128] = "";
 			for (size_t i = 0; i < h->o.nroutes; i++) {
@@ -715,6 +716,10 @@ static void dispatch(struct cw_req *r)
 				}
 			}
 			cw_req_add_header(r, "Allow", allow);
+		}
+		if (h->o.unmatched && h->o.unmatched(r, path_matched, h->o.ctx))
+			return;
+		if (path_matched) {
 			cw_req_problem(r, 405, "method_not_allowed", "Method not allowed", "this path does not take that method");
 		} else {
 			cw_req_problem(r, 404, "not_found", "Not found", "no such endpoint");

@@ -1135,6 +1135,35 @@ def test_users_query_answers_for_known_remote_users(mx, gk):
     assert r.status_code == 404 and r.json()["errcode"] == "M_NOT_FOUND"
 
 
+def test_a_head_of_a_query_registers_no_ghost(mx, hs, gk):
+    """The appservice API's queries are GETs only, and the user query has
+    an effect (the ghost of a known remote user is registered on the
+    homeserver before the 200).  A HEAD, taken as the GET of its path
+    (RFC 9110 9.3.2), ran it until the forty-sixth session: it registered
+    the ghost and answered without a body.  HEAD is a safe method (9.2.1):
+    now it is a method these paths do not take, 405 M_UNRECOGNIZED with
+    the methods they take in Allow, before the token is looked at, as for
+    the transactions and the ping, and nothing is registered."""
+    a, _ = gk
+    a.create_room([a.user("wally"), ALICE])
+    ghost = "@_cw_gk_wally:example.org"
+    h = {"Authorization": "Bearer " + HS_TOKEN}
+    for path, allow in (("/_matrix/app/v1/users/" + ghost, "GET"), ("/users/" + ghost, "GET"),
+                        ("/_matrix/app/v1/rooms/%23_cw_x:example.org", "GET"), ("/rooms/%23_cw_x:example.org", "GET"),
+                        ("/_matrix/app/v1/transactions/1", "PUT"), ("/transactions/1", "PUT"),
+                        ("/_matrix/app/v1/ping", "POST")):
+        for headers in (h, {}):
+            r = requests.head(mx.url + path, headers=headers, timeout=10)
+            assert r.status_code == 405 and r.headers.get("Allow") == allow, (path, r.status_code, r.headers)
+        # the body a HEAD's answer does not carry
+        r = requests.request("PATCH", mx.url + path, headers=h, timeout=10)
+        assert r.status_code == 405 and r.json()["errcode"] == "M_UNRECOGNIZED", (path, r.text)
+        assert r.headers.get("Allow") == allow, (path, r.headers)
+    assert not hs.user_exists(ghost)
+    r = requests.get(mx.url + "/_matrix/app/v1/users/" + ghost, headers=h, timeout=10)
+    assert r.status_code == 200 and r.json() == {} and hs.user_exists(ghost)
+
+
 def test_a_room_alias_with_a_slash_reaches_its_route(mx):
     """The Matrix specification lets a room alias's localpart hold a '/'
     (and a user id's), which the homeserver percent-encodes in the path of
