@@ -973,6 +973,166 @@ static bool redacts_an_edit(struct txn *t, json_t *ev)
 	return target && json_object_get(t->edits, target) && lookup_ref_or_user(t, target);
 }
 
+/* Whether ev is an edit (m.replace) of a message Causeway never carried:
+ * one it has not stored, nor converted in this transaction (the user
+ * wrote it before the room was bridged, or it was refused).  It has no
+ * neutral form (an edit names the message it edits), and its writer is
+ * told (EDIT_UNKNOWN): until the forty-sixth session it was dropped in
+ * silence, and she believed the other side had her correction.  (Read
+ * while its message's transaction is still being written, which only two
+ * transactions in flight at once make, it is told so too: the edit is
+ * not carried either way.)  A redaction or a reaction of such a message
+ * is no loss: nothing there is to be taken back or reacted to. */
+#define EDIT_UNKNOWN                                                                                             \
+	"an edit of a message the other side does not have (written before the conversation was bridged, or " \
+	"not delivered itself): write it again as a new message"
+
+static bool edits_unknown(struct txn *t, const json_t *ev)
+{
+	const json_t *content = json_object_get(ev, "content");
+	const json_t *rel = json_object_get(content, "m.relates_to");
+	const char *type = json_string_value(json_object_get(ev, "type"));
+	const char *rt = json_string_value(json_object_get(rel, "rel_type"));
+	const char *target = json_string_value(json_object_get(rel, "event_id"));
+	return type && strcmp(type, "m.room.message") == 0 && rt && strcmp(rt, "m.replace") == 0 && target &&
+	       json_is_object(json_object_get(content, "m.new_content")) &&
+	       !json_object_get(json_object_get(ev, "unsigned"), "redacted_because") && !lookup_ref_or_user(t, target);
+}
+
+/* One room event of the transaction into conv (as txn_convert says), or
+ * counted as ignored or invalid (and its writer told, when that is
+ * due). */
+static void convert_event(struct txn *t, json_t *ev, json_t *conv, json_t *copies)
+{
+	const char *room = json_string_value(json_object_get(ev, "room_id"));
+	const char *sender = json_string_value(json_object_get(ev, "sender"));
+	const char *uri = lookup_map(t->senders, sender);
+	if (json_object_get(t->rooms, room))
+		ev = with_prior(t, ev, copies);
+	if (!json_object_get(t->rooms, room) || !uri) {
+		t->conv_ignored++; /* not a bridged room, or not one of this provider's users */
+		return;
+	}
+	if (is_rejoin(t, ev)) {
+		t->conv_ignored++;
+		return;
+	}
+	json_t *neutral = NULL;
+	char why[200] = "";
+	t->cur_room = json_string_value(json_object_get(t->rooms, room));
+	t->cur_sender = sender;
+	if (redacts_an_edit(t, ev)) {
+		t->conv_invalid++;
+		LOG_KV_LIMITED(CW_LOG_INFO, "matrix event refused", "event_id",
+			       json_string_value(json_object_get(ev, "event_id")), "detail", "a redaction of an edit");
+		refusal(t->refusals, room, json_string_value(json_object_get(ev, "event_id")), EDIT_REDACTED);
+		return;
+	}
+	enum mx_in_result res = mx_to_neutral(ev, lookup_ref_or_user, t, &neutral, why, sizeof(why));
+	if (res != MX_IN_OK) {
+		if (res == MX_IN_INVALID) {
+			t->conv_invalid++;
+			LOG_KV_LIMITED(CW_LOG_INFO, "matrix event refused", "event_id",
+				       json_string_value(json_object_get(ev, "event_id")), "detail", why);
+			if (told_when_refused(ev))
+				refusal(t->refusals, room, json_string_value(json_object_get(ev, "event_id")),
+					why);
+		} else if (edits_unknown(t, ev)) {
+			t->conv_ignored++;
+			LOG_KV_LIMITED(CW_LOG_INFO, "matrix event refused", "event_id",
+				       json_string_value(json_object_get(ev, "event_id")), "detail", why);
+			refusal(t->refusals, room, json_string_value(json_object_get(ev, "event_id")), EDIT_UNKNOWN);
+		} else {
+			t->conv_ignored++;
+		}
+		json_decref(neutral);
+		return;
+	}
+	json_object_set_new(neutral, "sender", json_string(uri));
+	/* Its neutral id now: a later event of this transaction (a
+	 * reaction, an edit, a reply, a receipt) may name it. */
+	const char *event_id = json_string_value(json_object_get(ev, "event_id"));
+	char pid[80];
+	cw_new_id(pid, sizeof(pid), "msg_");
+	if (!json_object_get(t->map, event_id)) {
+		/* An edit stands for the message it edits, as the
+		 * lookup has it of stored ones (txn_lookup):
+		 * references name first versions. */
+		const char *type = json_string_value(json_object_get(neutral, "type"));
+		json_t *first = json_object_get(json_object_get(neutral, "content"), "replaces");
+		bool is_edit = type && strcmp(type, "edit") == 0 && json_is_string(first);
+		json_object_set_new(t->map, event_id, is_edit ? json_copy(first) : json_string(pid));
+		json_object_set_new(t->ref_rooms, event_id, json_string(t->cur_room));
+		if (is_edit)
+			json_object_set_new(t->edits, event_id, json_true());
+	}
+	json_array_append_new(conv, json_pack("[s, s, s, o, s]", room, event_id, uri, neutral, pid));
+}
+
+/* Whether ev names an event of its transaction not converted yet
+ * (pending: Matrix event id -> true). */
+static bool names_pending(const json_t *ev, const json_t *pending)
+{
+	if (json_object_get(ev, "state_key"))
+		return false; /* member events go in their order (with_prior follows them) */
+	const char *refs[8], *own = json_string_value(json_object_get(ev, "event_id"));
+	size_t n = mx_event_refs(ev, refs, 8);
+	for (size_t k = 0; k < n; k++)
+		if (json_object_get(pending, refs[k]) && !(own && strcmp(own, refs[k]) == 0))
+			return true;
+	return false;
+}
+
+/* The room events in the order they are converted in: each in its place,
+ * but one that names an event after it in the transaction (an edit, a
+ * reaction, a reply, a redaction) after that event, which the reference
+ * then finds converted.  A homeserver sends its stream's order, where
+ * the event named comes first (Synapse refuses a client's relation to an
+ * event it does not have), but the specification promises no order
+ * within a transaction, and a redaction may name an event the server
+ * gets later; until the forty-sixth session such an event was taken for
+ * one naming an unknown event: an edit, a reaction or a redaction
+ * dropped untold, a reply carried without what it answers.  Passes over
+ * what is left until one puts nothing after another; what names one
+ * another in a circle goes in its order then.  Member events keep their
+ * place (nothing of theirs names an event). */
+static void convert_events(struct txn *t, json_t *conv, json_t *copies)
+{
+	json_t *pending = json_object(), *todo = json_copy(t->events), *ev;
+	size_t i;
+	if (!pending || !todo) { /* no memory to look ahead: each in its place */
+		json_decref(pending);
+		json_decref(todo);
+		json_array_foreach(t->events, i, ev)
+			convert_event(t, ev, conv, copies);
+		return;
+	}
+	json_array_foreach(t->events, i, ev) {
+		const char *id = json_string_value(json_object_get(ev, "event_id"));
+		if (id)
+			json_object_set(pending, id, json_true());
+	}
+	bool defer = true;
+	while (todo && json_array_size(todo) > 0) {
+		json_t *later = json_array();
+		json_array_foreach(todo, i, ev) {
+			if (defer && later && names_pending(ev, pending)) {
+				json_array_append(later, ev);
+				continue;
+			}
+			const char *id = json_string_value(json_object_get(ev, "event_id"));
+			if (id)
+				json_object_del(pending, id);
+			convert_event(t, ev, conv, copies);
+		}
+		defer = json_array_size(later) < json_array_size(todo);
+		json_decref(todo);
+		todo = later;
+	}
+	json_decref(todo);
+	json_decref(pending);
+}
+
 static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 {
 	t->conv_invalid = t->conv_ignored = 0;
@@ -1002,66 +1162,7 @@ static cw_err txn_convert(struct txn *t, cw_errmsg *e)
 					 "cannot be told"
 				       : "it holds the character U+0000 (NUL), which this gateway cannot store");
 	}
-	json_array_foreach(t->events, i, ev) {
-		const char *room = json_string_value(json_object_get(ev, "room_id"));
-		const char *sender = json_string_value(json_object_get(ev, "sender"));
-		const char *uri = lookup_map(t->senders, sender);
-		if (json_object_get(t->rooms, room))
-			ev = with_prior(t, ev, copies);
-		if (!json_object_get(t->rooms, room) || !uri) {
-			t->conv_ignored++; /* not a bridged room, or not one of this provider's users */
-			continue;
-		}
-		if (is_rejoin(t, ev)) {
-			t->conv_ignored++;
-			continue;
-		}
-		json_t *neutral = NULL;
-		char why[200] = "";
-		t->cur_room = json_string_value(json_object_get(t->rooms, room));
-		t->cur_sender = sender;
-		if (redacts_an_edit(t, ev)) {
-			t->conv_invalid++;
-			LOG_KV_LIMITED(CW_LOG_INFO, "matrix event refused", "event_id",
-				       json_string_value(json_object_get(ev, "event_id")), "detail", "a redaction of an edit");
-			refusal(t->refusals, room, json_string_value(json_object_get(ev, "event_id")), EDIT_REDACTED);
-			continue;
-		}
-		enum mx_in_result res = mx_to_neutral(ev, lookup_ref_or_user, t, &neutral, why, sizeof(why));
-		if (res != MX_IN_OK) {
-			if (res == MX_IN_INVALID) {
-				t->conv_invalid++;
-				LOG_KV_LIMITED(CW_LOG_INFO, "matrix event refused", "event_id",
-					       json_string_value(json_object_get(ev, "event_id")), "detail", why);
-				if (told_when_refused(ev))
-					refusal(t->refusals, room, json_string_value(json_object_get(ev, "event_id")),
-						why);
-			} else {
-				t->conv_ignored++;
-			}
-			json_decref(neutral);
-			continue;
-		}
-		json_object_set_new(neutral, "sender", json_string(uri));
-		/* Its neutral id now: a later event of this transaction (a
-		 * reaction, an edit, a reply, a receipt) may name it. */
-		const char *event_id = json_string_value(json_object_get(ev, "event_id"));
-		char pid[80];
-		cw_new_id(pid, sizeof(pid), "msg_");
-		if (!json_object_get(t->map, event_id)) {
-			/* An edit stands for the message it edits, as the
-			 * lookup has it of stored ones (txn_lookup):
-			 * references name first versions. */
-			const char *type = json_string_value(json_object_get(neutral, "type"));
-			json_t *first = json_object_get(json_object_get(neutral, "content"), "replaces");
-			bool is_edit = type && strcmp(type, "edit") == 0 && json_is_string(first);
-			json_object_set_new(t->map, event_id, is_edit ? json_copy(first) : json_string(pid));
-			json_object_set_new(t->ref_rooms, event_id, json_string(t->cur_room));
-			if (is_edit)
-				json_object_set_new(t->edits, event_id, json_true());
-		}
-		json_array_append_new(conv, json_pack("[s, s, s, o, s]", room, event_id, uri, neutral, pid));
-	}
+	convert_events(t, conv, copies);
 	json_decref(copies);
 	json_t *eph = json_array();
 	json_object_clear(t->typing); /* this step may run again: from the stored state each time */

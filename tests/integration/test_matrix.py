@@ -868,6 +868,91 @@ def test_a_transaction_whose_events_name_each_other(mx, hs, gk, pg, db_url):
     assert pg.psql("SELECT count(*) FROM events WHERE origin_network = 'matrix'", db_url) == "6"
 
 
+def test_an_event_naming_a_later_event_of_its_transaction_follows_it(mx, hs, gk, pg, db_url):
+    """A homeserver sends a transaction's events in its stream order, and a
+    client's edit, reaction or reply names an event the homeserver has
+    (Synapse refuses a relation to an unknown event), so the event named
+    comes first.  Nothing in the specification promises that order within
+    a transaction, though (a redaction may name an event the server does
+    not have yet): one that names an event later in its transaction is
+    carried after it.  Until the forty-sixth session the edit, the
+    reaction and the redaction were dropped untold (nothing of it at the
+    peer, no notice) and the reply lost what it answered."""
+    a, srv = gk
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+    alice.send_text(room, "first")
+    srv.wait_events(1)
+    base = {"room_id": room, "sender": ALICE_MX, "origin_server_ts": int(time.time() * 1000)}
+    evs = [dict(base, event_id="$lx1", type="m.room.message",
+                content={"msgtype": "m.text", "body": "* first!", "m.new_content": {"msgtype": "m.text", "body": "first!"},
+                         "m.relates_to": {"rel_type": "m.replace", "event_id": "$lm1"}}),
+           dict(base, event_id="$lr1", type="m.reaction",
+                content={"m.relates_to": {"rel_type": "m.annotation", "event_id": "$lm1", "key": "x"}}),
+           dict(base, event_id="$ld2", type="m.room.redaction", redacts="$lm2", content={"redacts": "$lm2"}),
+           dict(base, event_id="$lp1", type="m.room.message",
+                content={"msgtype": "m.text", "body": "a reply", "m.relates_to": {"m.in_reply_to": {"event_id": "$lm1"}}}),
+           # a chain: a reaction to the edit of a message, both later
+           dict(base, event_id="$lr3", type="m.reaction",
+                content={"m.relates_to": {"rel_type": "m.annotation", "event_id": "$lx3", "key": "y"}}),
+           dict(base, event_id="$lx3", type="m.room.message",
+                content={"msgtype": "m.text", "body": "* third!", "m.new_content": {"msgtype": "m.text", "body": "third!"},
+                         "m.relates_to": {"rel_type": "m.replace", "event_id": "$lm3"}}),
+           dict(base, event_id="$lm1", type="m.room.message", content={"msgtype": "m.text", "body": "frist"}),
+           dict(base, event_id="$lm2", type="m.room.message", content={"msgtype": "m.text", "body": "oops"}),
+           dict(base, event_id="$lm3", type="m.room.message", content={"msgtype": "m.text", "body": "thrid"})]
+    assert as_put(mx, "later-1", {"events": evs}).status_code == 200
+    got = srv.wait_events(1 + len(evs))[1:]
+    assert [e["type"] for e in got] == ["message"] * 3 + ["edit", "reaction", "delete", "message", "edit", "reaction"], got
+    m1, m2, m3 = (e["id"] for e in got[:3])
+    assert [e["content"]["parts"][0]["body"] for e in got[:3]] == ["frist", "oops", "thrid"]
+    assert got[3]["content"]["replaces"] == m1 and got[3]["content"]["parts"][0]["body"] == "first!"
+    assert got[4]["content"]["in_reply_to"] == m1 and got[5]["content"]["replaces"] == m2
+    assert got[6]["content"]["in_reply_to"] == m1 and got[6]["content"]["parts"][0]["body"] == "a reply"
+    assert got[7]["content"]["replaces"] == m3 and got[8]["content"]["in_reply_to"] == m3
+    assert not [n for n in ghost_notices(hs, room, ghost) if n.startswith("Not delivered")]
+    # The same transaction again changes nothing.
+    assert as_put(mx, "later-1", {"events": evs}).status_code == 200
+    assert as_put(mx, "later-2", {"events": evs}).status_code == 200
+    ids = ", ".join(f"'{e['event_id']}'" for e in evs)
+    assert pg.psql(f"SELECT count(*) FROM events WHERE origin_native_id IN ({ids})", db_url) == str(len(evs))
+
+
+def test_an_edit_of_a_message_never_carried_is_told(mx, hs, gk, pg, db_url):
+    """An edit names its message, which Causeway may never have carried:
+    the user wrote it before the room was bridged, or it was refused
+    (told then).  The edit cannot reach the other side as one; until the
+    forty-sixth session it was dropped untold, and the user believed the
+    other side had her correction.  Now she is told, as of any event not
+    delivered.  A redaction or a reaction of such a message stays untold:
+    there is nothing at the other side to take back or to react to."""
+    a, srv = gk
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+    alice.send_text(room, "first")
+    srv.wait_events(1)
+    base = {"room_id": room, "sender": ALICE_MX, "origin_server_ts": int(time.time() * 1000)}
+    evs = [dict(base, event_id="$nx1", type="m.room.message",
+                content={"msgtype": "m.text", "body": "* fixed", "m.new_content": {"msgtype": "m.text", "body": "fixed"},
+                         "m.relates_to": {"rel_type": "m.replace", "event_id": "$never-carried"}}),
+           dict(base, event_id="$nd1", type="m.room.redaction", redacts="$never-carried",
+                content={"redacts": "$never-carried"}),
+           dict(base, event_id="$nr1", type="m.reaction",
+                content={"m.relates_to": {"rel_type": "m.annotation", "event_id": "$never-carried", "key": "x"}}),
+           dict(base, event_id="$nm1", type="m.room.message", content={"msgtype": "m.text", "body": "after"})]
+    assert as_put(mx, "never-1", {"events": evs}).status_code == 200
+    got = srv.wait_events(2)
+    assert [(e["type"], e["content"]["parts"][0]["body"]) for e in got] == [("message", "first"), ("message", "after")]
+    told = lambda: [n for n in ghost_notices(hs, room, ghost) if n.startswith("Not delivered")]  # noqa: E731
+    wait_until(lambda: told(), what="the edit's notice")
+    assert told() == [EDIT_UNKNOWN], told()
+    assert pg.psql("SELECT string_agg(origin_native_id, ' ') FROM events "
+                   "WHERE origin_native_id IN ('$nx1', '$nd1', '$nr1', '$nm1')", db_url) == "$nm1"
+    assert [e["type"] for e in srv.events] == ["message", "message"]
+
+
+EDIT_UNKNOWN = ("Not delivered: an edit of a message the other side does not have (written before the "
+                "conversation was bridged, or not delivered itself): write it again as a new message.")
+
+
 def test_a_transaction_naming_its_own_events_draws_their_ids_after_the_rooms_lock(mx, hs, gk, pg, db_url):
     """A transaction's message and a reaction to it (a job whose items name
     earlier ones) waits for the room's lock while another process writes
