@@ -1328,7 +1328,7 @@ static void release_joins(struct txn *t)
 }
 
 /* A local user joining their portal of a group they were invited to
- * (mx_bot.c, local_invited and portal_invitations) is the group's member
+ * (mx_bot.c, local_invited and invitation_row) is the group's member
  * from now on: invited, the peer saw them as invited, not as a member.
  * Marked here, on the reader and before the pipeline reads who is a
  * member, so that the join itself and what they write in the same

@@ -1229,7 +1229,7 @@ static cw_err portal_lock(PGconn *c, const char *room, const char *local_id, cw_
  * the group (when the user is still a member of it); a remote member's
  * ghost counts as joined to the portal (it joins it next), another local
  * user is invited to the group (joined once they join the portal the bot
- * makes them: portal_invitations; matrix.c, joins_of_invitees).  *portal: the
+ * makes them: invitation_row; matrix.c, joins_of_invitees).  *portal: the
  * binding's id, left as it was when room is neither.  Runs in the
  * caller's transaction.
  *
@@ -1690,7 +1690,7 @@ static bool ghost_invited(struct matrix *m, PGconn *c, const char *room, const c
  * taken back.  Into the user's direct room, or their portal of a group
  * made here, the invitee is invited to the group (made now from the
  * direct room, as by a second ghost: grow_group) and to a portal of their
- * own (portal_invitations, right after). */
+ * own (invitation_row, right after). */
 static int take_out(struct matrix *m, PGconn *c, const char *room, const char *who, const char *text,
 		    const char *eid, char *actor_out, size_t actor_len);
 
@@ -2266,52 +2266,78 @@ static void portal_departures(struct matrix *m, PGconn *c)
 	PQclear(r);
 }
 
-/* A step of the bot's that the homeserver did not take for now is tried
- * again 2 s, 4 s, ... (at most BOT_RETRY_MAX_S) after now, or when a 429
- * asked (wait_ms > 0), if that is later; *next_us: when, on the monotonic
- * clock. */
-static void retry_later(int64_t now, int64_t *next_us, int64_t *delay_us, long wait_ms)
-{
-	*delay_us = *delay_us ? *delay_us * 2 : 2000000;
-	if (*delay_us > (int64_t)BOT_RETRY_MAX_S * 1000000)
-		*delay_us = (int64_t)BOT_RETRY_MAX_S * 1000000;
-	*next_us = now + (wait_ms * 1000LL > *delay_us ? wait_ms * 1000LL : *delay_us);
-}
+/* A round of the bot's that asks the homeserver something for each row a
+ * look finds (rename_row, invitation_row), backing off while the
+ * homeserver does not take it: tried again 2 s, 4 s, ... (at most
+ * BOT_RETRY_MAX_S) after a round where a row failed, or when a 429 asked
+ * if that is later; a homeserver that did not answer, or answered 429,
+ * ends the round (the next row would fare no better), another failure
+ * (a 5xx, say) does not (it may be that row's alone).  The rows left wait
+ * in the database, not here.  Until the forty-sixth session each round
+ * had a loop of its own, and the makings of portals went on after no
+ * answer: a homeserver that did not answer held the bot up its 10 s
+ * (MX_TIMEOUT_MS) for each user invited, up to 16 a round
+ * (test_a_homeserver_not_answering_ends_the_round_of_portal_makings). */
+struct backoff {
+	int64_t next_us;  /* when the round is due again, on the monotonic clock */
+	int64_t delay_us; /* the last wait (0: the last round did not fail) */
+};
 
-/* Portals whose group was renamed (PATCH /v1/rooms/{room}, which wakes
- * the bot) since the bot last named them take the new name at its next
- * round.  A rename the homeserver did not take for now (no answer, a 5xx,
- * a 429) is tried again with the others that wait 2 s, 4 s, ... (at most
- * 10 minutes) later, or when a 429 asked if that is later (retry_later);
- * no answer or a 429 ends the round's renames (the next would fare no
- * better), a 5xx does not (it may be that room's alone).  Until the
- * forty-fifth session a failing homeserver was asked every round. */
-static void portal_renames(struct matrix *m, PGconn *c, int64_t *next_us, int64_t *delay_us)
+enum row_outcome {
+	ROW_DONE,      /* taken (or refused for good: not asked again) */
+	ROW_AGAIN,     /* not taken for now: the round goes on */
+	ROW_AGAIN_ALL, /* no answer, or 429: the round ends */
+};
+
+/* One row of a round: *wait_ms the wait a 429 asked for, else 0. */
+typedef enum row_outcome (*row_fn)(struct matrix *m, PGconn *c, PGresult *r, int i, long *wait_ms);
+
+static void backed_off_round(struct matrix *m, PGconn *c, enum bot_look look, const char *what, struct backoff *b,
+			     row_fn fn)
 {
 	int64_t now = cw_now_us();
-	if (now < *next_us)
+	if (now < b->next_us)
 		return;
-	PGresult *r = look_for(c, BOT_RENAMES, "renamed groups");
+	PGresult *r = look_for(c, look, what);
 	if (!r)
 		return;
 	bool failed = false;
 	long wait = 0;
 	for (int i = 0; i < PQntuples(r); i++) {
-		long status, w;
-		if (mx_rename_portal(m, c, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1),
-				     PQgetisnull(r, i, 2) ? NULL : PQgetvalue(r, i, 2), &status, &w))
+		long w = 0;
+		enum row_outcome o = fn(m, c, r, i, &w);
+		if (o == ROW_DONE)
 			continue;
 		failed = true;
 		if (w > wait)
 			wait = w;
-		if (status == 0 || status == 429)
+		if (o == ROW_AGAIN_ALL)
 			break;
 	}
 	PQclear(r);
-	if (failed)
-		retry_later(now, next_us, delay_us, wait);
-	else
-		*delay_us = 0;
+	if (!failed) {
+		b->delay_us = 0;
+		return;
+	}
+	b->delay_us = b->delay_us ? b->delay_us * 2 : 2000000;
+	if (b->delay_us > (int64_t)BOT_RETRY_MAX_S * 1000000)
+		b->delay_us = (int64_t)BOT_RETRY_MAX_S * 1000000;
+	b->next_us = now + (wait * 1000LL > b->delay_us ? wait * 1000LL : b->delay_us);
+}
+
+/* Portals whose group was renamed (PATCH /v1/rooms/{room}, which wakes
+ * the bot) since the bot last named them take the new name at its next
+ * round (BOT_RENAMES: room, binding, name).  A rename the homeserver did
+ * not take for now (no answer, a 5xx, a 429) is tried again with the
+ * others that wait (backed_off_round).  Until the forty-fifth session a
+ * failing homeserver was asked every round. */
+static enum row_outcome rename_row(struct matrix *m, PGconn *c, PGresult *r, int i, long *wait_ms)
+{
+	long status;
+	if (mx_rename_portal(m, c, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1), PQgetisnull(r, i, 2) ? NULL : PQgetvalue(r, i, 2),
+			     &status, wait_ms))
+		return ROW_DONE;
+	return status == 0 || status == 429 ? ROW_AGAIN_ALL : ROW_AGAIN;
 }
 
 /* Handled inbox rows, and the notices of refused events once done, are
@@ -2351,45 +2377,26 @@ static void forget_handled(struct matrix *m, PGconn *c, int64_t *next_us)
 }
 
 /* A local user invited to a group (local_invited) is invited to a portal
- * of their own, made by the bot; they are the group's member once they
+ * of their own, made by the bot (BOT_INVITATIONS: group, its name, the
+ * user's identity and Matrix id); they are the group's member once they
  * join it.  One that could not be made (the homeserver away) is tried
- * again 2 s, 4 s, ... (at most 10 minutes) later, or when a 429 asked if
- * that is later (retry_later, as portal_renames): a homeserver may have
- * made the room before it failed, and a room each round would pile up.
- * A 429 ends the round's makings (the next would fare no better).  Until
- * the forty-fifth session's review the 429's wait was not kept: a
- * homeserver asking 30 s was asked again after 2 s, 4 s, ... */
-static void portal_invitations(struct matrix *m, PGconn *c, int64_t *next_us, int64_t *delay_us)
+ * again as backed_off_round says: a homeserver may have made the room
+ * before it failed, and a room each round would pile up.  Until the
+ * forty-fifth session's review a 429's wait was not kept: a homeserver
+ * asking 30 s was asked again after 2 s, 4 s, ... */
+static enum row_outcome invitation_row(struct matrix *m, PGconn *c, PGresult *r, int i, long *wait_ms)
 {
-	int64_t now = cw_now_us();
-	if (now < *next_us)
-		return;
-	PGresult *r = look_for(c, BOT_INVITATIONS, "users invited to a group");
-	if (!r)
-		return;
+	char room[MX_ID_MAX + 1], binding[24];
 	cw_errmsg e;
-	bool failed = false;
-	long wait = 0;
-	for (int i = 0; i < PQntuples(r); i++) {
-		char room[MX_ID_MAX + 1], binding[24];
-		long w;
-		if (mx_ensure_portal(m, c, PQgetvalue(r, i, 0), PQgetisnull(r, i, 1) ? NULL : PQgetvalue(r, i, 1),
+	cw_err rc = mx_ensure_portal(m, c, PQgetvalue(r, i, 0), PQgetisnull(r, i, 1) ? NULL : PQgetvalue(r, i, 1),
 				     PQgetvalue(r, i, 2), PQgetvalue(r, i, 3), room, sizeof(room), binding, sizeof(binding),
-				     &w, &e)) {
-			failed = true;
-			LOG_KV(CW_LOG_WARN, "cannot make the room of a user invited to a group", "user",
-			       PQgetvalue(r, i, 3), "detail", e.msg);
-			if (w > 0) {
-				wait = w;
-				break;
-			}
-		} /* a join that came before the binding: mx_ensure_portal asked */
-	}
-	PQclear(r);
-	if (failed)
-		retry_later(now, next_us, delay_us, wait);
-	else
-		*delay_us = 0;
+				     wait_ms, &e);
+	if (rc == CW_OK)
+		return ROW_DONE; /* a join that came before the binding: mx_ensure_portal asked */
+	LOG_KV(CW_LOG_WARN, "cannot make the room of a user invited to a group", "user", PQgetvalue(r, i, 3), "detail",
+	       e.msg);
+	/* CW_EUNAVAIL: no answer (mx_call), or no database */
+	return *wait_ms > 0 || rc == CW_EUNAVAIL ? ROW_AGAIN_ALL : ROW_AGAIN;
 }
 
 /* Invited members whose portal is bound, still invited a minute after
@@ -2427,8 +2434,9 @@ static void invitees_joined(struct matrix *m, PGconn *c)
 
 /* The looks of enum bot_look, each the statement of the function of its
  * name (inbox, requests, expiries, notices, portal_departures,
- * portal_renames, portal_invitations, invitees_joined), which says what it
- * looks for; and dead_letters' (dispatcher_dead_stmts). */
+ * invitees_joined; BOT_RENAMES and BOT_INVITATIONS the rounds of
+ * rename_row and invitation_row), which says what it looks for; and
+ * dead_letters' (dispatcher_dead_stmts). */
 static const struct store_stmt bot_stmts[BOT_LOOKS + 1] = {
 	[BOT_INBOX] = { "mx_bot_inbox",
 		"SELECT id, event::text FROM matrix_bot_inbox WHERE handled_at IS NULL "
@@ -2509,8 +2517,8 @@ static void *bot_main(void *arg)
 	struct matrix *m = arg;
 	PGconn *c = NULL;
 	bool mine = false;
-	int64_t requests_after = 0, forget_after = 0, invite_after = 0, invite_delay = 0, rename_after = 0, rename_delay = 0,
-		expired_seen = -1;
+	int64_t requests_after = 0, forget_after = 0, expired_seen = -1;
+	struct backoff invitations = { 0, 0 }, renames = { 0, 0 };
 	while (!atomic_load(&m->bot_stop)) {
 		if (!c || PQstatus(c) != CONNECTION_OK) {
 			PQfinish(c);
@@ -2537,8 +2545,8 @@ static void *bot_main(void *arg)
 			dead_letters(c);
 			notices(m, c);
 			portal_departures(m, c);
-			portal_renames(m, c, &rename_after, &rename_delay);
-			portal_invitations(m, c, &invite_after, &invite_delay);
+			backed_off_round(m, c, BOT_RENAMES, "renamed groups", &renames, rename_row);
+			backed_off_round(m, c, BOT_INVITATIONS, "users invited to a group", &invitations, invitation_row);
 			invitees_joined(m, c);
 			forget_handled(m, c, &forget_after);
 		}

@@ -927,7 +927,7 @@ cw_err mx_ensure_portal(struct matrix *m, PGconn *c, const char *neutral_room, c
 	 * marked nothing: the homeserver is asked now that the binding is
 	 * committed (a join after this answer finds it).  Whoever made the
 	 * room: until the thirty-ninth session only the bot's own round
-	 * (portal_invitations) asked, and the delivery, which makes the room
+	 * (invitation_row) asked, and the delivery, which makes the room
 	 * of a user a peer invited, did not: an auto-joining client left its
 	 * user invited a minute, until invitees_joined (a test failed under
 	 * load so). */
@@ -940,7 +940,7 @@ cw_err mx_ensure_portal(struct matrix *m, PGconn *c, const char *neutral_room, c
  * what the next round compares).  False when the homeserver did not take
  * it for now (no answer, a 5xx, a 429: *status its answer, 0 for none;
  * *wait_ms the wait a 429 asked for, else 0): the caller tries again
- * later (portal_renames backs off).  A refusal (another 4xx: the user took
+ * later (rename_row: backed_off_round backs off).  A refusal (another 4xx: the user took
  * the bot's power away, say) would be refused again, so the name counts
  * as given.  Logged through a limiter: until the forty-fifth session a
  * homeserver failing a rename was asked every round of the bot's (twice

@@ -6061,6 +6061,49 @@ def test_a_portal_whose_making_is_rate_limited_waits_as_asked(mx, hs, gk, pg, db
     assert taken["time"] - first["time"] >= 4.9, [(r["status"], r["time"] - first["time"]) for r in makings()]
 
 
+def test_a_homeserver_not_answering_ends_the_round_of_portal_makings(mx, hs, gk, pg, db_url):
+    """The bot's rounds that ask the homeserver something for each row (a
+    portal's rename, the making of an invited user's portal) are one
+    mechanism: the round backs off 2 s, 4 s, ... when a row failed, and a
+    homeserver that did not answer (or answered 429) ends it, the next
+    row would fare no better.  Until the forty-sixth session the makings
+    went on after no answer: a homeserver that does not answer (each
+    createRoom waits out its 10 s) held the bot's work (commands, notices,
+    invitations) up 10 s for every user invited, up to 16 a round."""
+    a, srv = gk
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+    alice.send_text(room, "hi wally")
+    srv.wait_events(1)
+    hs.create_user("carol")
+    hs.create_user("dave")
+    bot = "@_cw_bot:example.org"
+
+    def makings(since):
+        return [r for r in hs.requests if r["method"] == "POST" and r["path"].endswith("/createRoom")
+                and r["user"] == bot and r["time"] > since]
+
+    def invited(who):
+        return pg.psql("SELECT x.membership FROM room_members x JOIN identities i ON i.id = x.identity_id "
+                       f"WHERE i.uri = 'mimi://example.org/u/{who}'", db_url) == "invited"
+    # refused and its connection closed: no answer, at once
+    away = lambda method, path, user: method == "POST" and path.endswith("/createRoom") and user == bot  # noqa: E731
+    hs.refuse = hs.lose_reply = away
+    try:
+        alice.invite(room, "@carol:example.org")
+        wait_until(lambda: invited("carol"), what="carol invited to the group")
+        alice.invite(room, "@dave:example.org")
+        wait_until(lambda: invited("dave"), what="dave invited to the group")
+        since = time.time()
+        wait_until(lambda: len(makings(since)) >= 2, timeout=30, what="two rounds of makings")
+        asked = [tuple(r["body"]["invite"]) for r in makings(since)]
+        assert len(set(asked)) == 1, asked
+    finally:
+        hs.refuse = hs.lose_reply = None
+    wait_until(lambda: pg.psql("SELECT count(*) FROM room_bindings b JOIN identities i ON i.id = b.local_identity_id "
+                               "WHERE i.uri IN ('mimi://example.org/u/carol', 'mimi://example.org/u/dave')",
+                               db_url) == "2", timeout=40, what="both rooms made once the homeserver answers")
+
+
 def _alice(hs):
     """A client of alice, whom wally_wrote_to_alice made."""
     with hs._lock:
