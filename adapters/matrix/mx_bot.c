@@ -1810,12 +1810,16 @@ static void joined_uninvited(struct matrix *m, PGconn *c, const char *room, cons
  * theirs to read, so its binding goes and the ghost (or the bot) leaves
  * it.  The remote user's next message opens a new direct room with a new
  * invite (the consent given stays), instead of going where nobody reads
- * it; a group's next message does not come: the user left the group. */
-static void left(struct matrix *m, PGconn *c, const char *room, const char *who)
+ * it; a group's next message does not come: the user left the group.
+ * True: the database did not take the unbinding, try again later (until
+ * the forty-sixth session the work was marked done all the same, and the
+ * room stayed bound: the ghost's sends went on into a room she had left,
+ * taken by the homeserver, never seen). */
+static bool left(struct matrix *m, PGconn *c, const char *room, const char *who)
 {
 	char local_id[24], uri[600];
 	if (!local_identity(m, c, who, local_id, sizeof(local_id), uri, sizeof(uri)))
-		return;
+		return PQstatus(c) != CONNECTION_OK; /* no local user (or no database) */
 	/* Their management room: the bot leaves it too; consent requests
 	 * wait (not shown) until the user opens a new one. */
 	const char *mp[] = { room, who };
@@ -1828,7 +1832,7 @@ static void left(struct matrix *m, PGconn *c, const char *room, const char *who)
 		if (mx_room_action(m, room, NULL, "leave", &e))
 			LOG_KV_LIMITED(CW_LOG_WARN, "the bot cannot leave a management room its user left", "room",
 				       room, "detail", e.msg);
-		return;
+		return false;
 	}
 	/* A group's portal (no remote user in its binding): leaving it is
 	 * leaving the group (the peer hears of it from the leave event
@@ -1861,7 +1865,7 @@ static void left(struct matrix *m, PGconn *c, const char *room, const char *who)
 	if (rc) {
 		PQclear(r);
 		LOG_KV(CW_LOG_WARN, "cannot unbind a room its user left", "room", room, "detail", e.msg);
-		return;
+		return true;
 	}
 	bool portal = false;
 	for (int k = 0; k < PQntuples(r); k++) {
@@ -1882,6 +1886,7 @@ static void left(struct matrix *m, PGconn *c, const char *room, const char *who)
 		LOG_KV_LIMITED(CW_LOG_INFO, "a user left a bridged room: the next message opens a new one", "room",
 			       room, "user", who);
 	PQclear(r);
+	return false;
 }
 
 /* A ghost put out of a bridged room by its user (kicked or banned): in
@@ -1889,8 +1894,9 @@ static void left(struct matrix *m, PGconn *c, const char *room, const char *who)
  * as when the user leaves: the remote user's next message opens a new
  * one, and blocking is what stops them); in their room of a group, the
  * ghost is no longer counted in (matrix_portal_members): its next message
- * there invites it again (a ban refuses that: the user's to lift). */
-static void ghost_removed(PGconn *c, const char *room, const char *ghost)
+ * there invites it again (a ban refuses that: the user's to lift).  True:
+ * the database did not take it, try again later (as left). */
+static bool ghost_removed(PGconn *c, const char *room, const char *ghost)
 {
 	const char *params[] = { room, ghost };
 	PGresult *r = PQexecParams(c,
@@ -1904,12 +1910,13 @@ static void ghost_removed(PGconn *c, const char *room, const char *ghost)
 	cw_errmsg e;
 	if (store_check(c, r, PGRES_TUPLES_OK, &e)) {
 		LOG_KV(CW_LOG_WARN, "cannot forget a ghost put out of a room", "room", room, "detail", e.msg);
-		return;
+		return true;
 	}
 	if (PQgetvalue(r, 0, 0)[0] != '0')
 		LOG_KV_LIMITED(CW_LOG_INFO, "a ghost was put out of a direct room: the next message opens a new one",
 			       "room", room);
 	PQclear(r);
+	return false;
 }
 
 /* A bridged direct room its user upgraded (an m.room.tombstone, sent by
@@ -1929,7 +1936,7 @@ static void ghost_removed(PGconn *c, const char *room, const char *ghost)
  * room opens it at once).  A group's portal (no remote user in its
  * binding) is left as it is: giving it up would take the user out of the
  * group. */
-static void upgraded(struct matrix *m, PGconn *c, const char *room)
+static bool upgraded(struct matrix *m, PGconn *c, const char *room)
 {
 	const char *params[] = { room };
 	PGresult *mr = PQexecParams(c, "DELETE FROM matrix_mgmt_rooms WHERE room_id = $1 RETURNING 1", 1, NULL, params,
@@ -1941,7 +1948,7 @@ static void upgraded(struct matrix *m, PGconn *c, const char *room)
 		if (mx_room_action(m, room, NULL, "leave", &e))
 			LOG_KV_LIMITED(CW_LOG_WARN, "the bot cannot leave an upgraded management room", "room", room,
 				       "detail", e.msg);
-		return;
+		return false;
 	}
 	PGresult *r = PQexecParams(c,
 		"WITH b AS (DELETE FROM room_bindings b WHERE b.network = 'matrix' AND b.native_id = $1 "
@@ -1952,7 +1959,7 @@ static void upgraded(struct matrix *m, PGconn *c, const char *room)
 	cw_errmsg e;
 	if (store_check(c, r, PGRES_TUPLES_OK, &e)) {
 		LOG_KV(CW_LOG_WARN, "cannot unbind an upgraded room", "room", room, "detail", e.msg);
-		return;
+		return true; /* tried again (as left) */
 	}
 	for (int k = 0; k < PQntuples(r); k++) {
 		if (mx_room_action(m, room, PQgetvalue(r, k, 0), "leave", &e))
@@ -1963,6 +1970,7 @@ static void upgraded(struct matrix *m, PGconn *c, const char *room)
 		LOG_KV_LIMITED(CW_LOG_INFO, "a bridged direct room was upgraded: the next message opens a new one",
 			       "room", room);
 	PQclear(r);
+	return false;
 }
 
 /* An inbox row whose work the homeserver did not take for now: due
@@ -2004,7 +2012,7 @@ static bool inbox(struct matrix *m, PGconn *c)
 		json_t *content = json_object_get(ev, "content");
 		const char *key = json_string_value(json_object_get(ev, "state_key"));
 		const char *eid = json_string_value(json_object_get(ev, "event_id"));
-		bool again = false; /* the homeserver did not take it for now */
+		bool again = false; /* the homeserver (or, unbinding, the database) did not take it for now */
 		if (type && room && sender && key && strcmp(type, "m.room.member") == 0 &&
 		    json_is_string(json_object_get(content, "membership")) &&
 		    strcmp(json_string_value(json_object_get(content, "membership")), "invite") == 0) {
@@ -2034,15 +2042,15 @@ static bool inbox(struct matrix *m, PGconn *c)
 				cw_errmsg e;
 				store_command(c, "DELETE FROM matrix_mgmt_rooms WHERE room_id = $1", 1, bp, &e);
 			} else if (mx_in_ghost_namespace(m->cfg->mx_user_prefix, mx_server_name(m->cfg), key)) {
-				ghost_removed(c, room, key);
+				again = ghost_removed(c, room, key);
 			} else {
-				left(m, c, room, key);
+				again = left(m, c, room, key);
 			}
 		}
 		else if (type && room && strcmp(type, "m.room.encryption") == 0)
 			encrypted(m, c, room, eid);
 		else if (type && room && strcmp(type, "m.room.tombstone") == 0)
-			upgraded(m, c, room);
+			again = upgraded(m, c, room);
 		else if (type && room && sender && strcmp(type, "m.room.message") == 0 &&
 			 json_is_string(json_object_get(content, "body"))) {
 			unsigned char h[32];

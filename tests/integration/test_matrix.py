@@ -4270,6 +4270,43 @@ def test_a_local_user_leaving_reaches_the_peer(mx, hs, gk):
     assert [e["content"]["body"] for e in hs.events(mx_room) if e["type"] == "m.room.message"] == ["hello"]
 
 
+def test_a_leave_whose_unbinding_fails_is_tried_again(mx, hs, gk, pg, db_url):
+    """alice leaves her direct room with wally, and the bot's unbinding of
+    it fails once (the database refuses the statement: a lock or
+    statement timeout, a failover).  The room stays bound while it does,
+    and the ghost in it: the homeserver takes its sends, which she never
+    sees.  Until the forty-sixth session the bot's work was marked done
+    all the same, and wally's next messages went on into the room she left,
+    for good; now it is tried again, as work the homeserver did not take
+    is, and wally's next message opens a new room."""
+    a, srv = gk
+    consent_alice(mx)
+    _, alice_token = hs.create_user("alice")
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    a.send(room, a.user("wally"), "hello")
+    ghost = "@_cw_gk_wally:example.org"
+    mx_room = wait_until(lambda: next((rid for rid in hs.rooms() if any(
+        e["sender"] == ghost and e["type"] == "m.room.message" for e in hs.events(rid))), None), what="delivery")
+    alice = hs.as_user(alice_token)
+    alice.join(mx_room)
+    srv.wait_events(1)
+    pg.psql("CREATE SEQUENCE test_fail_unbind; "
+            "CREATE FUNCTION test_fail_unbind() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            " IF nextval('test_fail_unbind') = 1 THEN RAISE EXCEPTION 'injected failure'; END IF; "
+            " RETURN OLD; END $$; "
+            "CREATE TRIGGER test_fail_unbind BEFORE DELETE ON room_bindings FOR EACH ROW "
+            " EXECUTE FUNCTION test_fail_unbind()", db_url)
+    alice.leave(mx_room)
+    wait_until(lambda: hs.members(mx_room).get(ghost) == "leave", timeout=20, what="the ghost leaving")
+    assert int(pg.psql("SELECT last_value FROM test_fail_unbind", db_url)) >= 2
+    assert "cannot unbind a room its user left" in mx.log()
+    a.send(room, a.user("wally"), "still there?")
+    new_room = wait_until(lambda: next((rid for rid in hs.rooms() if rid != mx_room and any(
+        e["sender"] == ghost and e["type"] == "m.room.message" for e in hs.events(rid))), None), what="a new room")
+    assert hs.members(new_room).get(ALICE_MX) == "invite"
+    assert [e["content"]["body"] for e in hs.events(mx_room) if e["type"] == "m.room.message"] == ["hello"]
+
+
 def test_a_remote_user_in_the_ghosts_prefix_is_no_ghost(mx, hs, gk, pg, db_url):
     """The ghosts' namespace is @_cw_...:<this server>: a user of another
     server whose name starts the same is nobody of the gateway's. Until the
