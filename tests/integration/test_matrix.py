@@ -868,6 +868,34 @@ def test_a_transaction_whose_events_name_each_other(mx, hs, gk, pg, db_url):
     assert pg.psql("SELECT count(*) FROM events WHERE origin_network = 'matrix'", db_url) == "6"
 
 
+def alice_wrote_first(hs, a, srv):
+    """alice writes "first" to wally: (the room, the ghost, the fields of an
+    event of hers there, for a transaction pushed by hand)."""
+    alice, room, ghost = alice_writes_to_wally(hs, a)
+    alice.send_text(room, "first")
+    srv.wait_events(1)
+    return room, ghost, {"room_id": room, "sender": ALICE_MX, "origin_server_ts": int(time.time() * 1000)}
+
+
+def text_ev(base, eid, body):
+    return dict(base, event_id=eid, type="m.room.message", content={"msgtype": "m.text", "body": body})
+
+
+def edit_ev(base, eid, target, body):
+    return dict(base, event_id=eid, type="m.room.message",
+                content={"msgtype": "m.text", "body": "* " + body, "m.new_content": {"msgtype": "m.text", "body": body},
+                         "m.relates_to": {"rel_type": "m.replace", "event_id": target}})
+
+
+def reaction_ev(base, eid, target, key):
+    return dict(base, event_id=eid, type="m.reaction",
+                content={"m.relates_to": {"rel_type": "m.annotation", "event_id": target, "key": key}})
+
+
+def redaction_ev(base, eid, target):
+    return dict(base, event_id=eid, type="m.room.redaction", redacts=target, content={"redacts": target})
+
+
 def test_an_event_naming_a_later_event_of_its_transaction_follows_it(mx, hs, gk, pg, db_url):
     """A homeserver sends a transaction's events in its stream order, and a
     client's edit, reaction or reply names an event the homeserver has
@@ -879,27 +907,14 @@ def test_an_event_naming_a_later_event_of_its_transaction_follows_it(mx, hs, gk,
     reaction and the redaction were dropped untold (nothing of it at the
     peer, no notice) and the reply lost what it answered."""
     a, srv = gk
-    alice, room, ghost = alice_writes_to_wally(hs, a)
-    alice.send_text(room, "first")
-    srv.wait_events(1)
-    base = {"room_id": room, "sender": ALICE_MX, "origin_server_ts": int(time.time() * 1000)}
-    evs = [dict(base, event_id="$lx1", type="m.room.message",
-                content={"msgtype": "m.text", "body": "* first!", "m.new_content": {"msgtype": "m.text", "body": "first!"},
-                         "m.relates_to": {"rel_type": "m.replace", "event_id": "$lm1"}}),
-           dict(base, event_id="$lr1", type="m.reaction",
-                content={"m.relates_to": {"rel_type": "m.annotation", "event_id": "$lm1", "key": "x"}}),
-           dict(base, event_id="$ld2", type="m.room.redaction", redacts="$lm2", content={"redacts": "$lm2"}),
+    room, ghost, base = alice_wrote_first(hs, a, srv)
+    evs = [edit_ev(base, "$lx1", "$lm1", "first!"), reaction_ev(base, "$lr1", "$lm1", "x"),
+           redaction_ev(base, "$ld2", "$lm2"),
            dict(base, event_id="$lp1", type="m.room.message",
                 content={"msgtype": "m.text", "body": "a reply", "m.relates_to": {"m.in_reply_to": {"event_id": "$lm1"}}}),
            # a chain: a reaction to the edit of a message, both later
-           dict(base, event_id="$lr3", type="m.reaction",
-                content={"m.relates_to": {"rel_type": "m.annotation", "event_id": "$lx3", "key": "y"}}),
-           dict(base, event_id="$lx3", type="m.room.message",
-                content={"msgtype": "m.text", "body": "* third!", "m.new_content": {"msgtype": "m.text", "body": "third!"},
-                         "m.relates_to": {"rel_type": "m.replace", "event_id": "$lm3"}}),
-           dict(base, event_id="$lm1", type="m.room.message", content={"msgtype": "m.text", "body": "frist"}),
-           dict(base, event_id="$lm2", type="m.room.message", content={"msgtype": "m.text", "body": "oops"}),
-           dict(base, event_id="$lm3", type="m.room.message", content={"msgtype": "m.text", "body": "thrid"})]
+           reaction_ev(base, "$lr3", "$lx3", "y"), edit_ev(base, "$lx3", "$lm3", "third!"),
+           text_ev(base, "$lm1", "frist"), text_ev(base, "$lm2", "oops"), text_ev(base, "$lm3", "thrid")]
     assert as_put(mx, "later-1", {"events": evs}).status_code == 200
     got = srv.wait_events(1 + len(evs))[1:]
     assert [e["type"] for e in got] == ["message"] * 3 + ["edit", "reaction", "delete", "message", "edit", "reaction"], got
@@ -926,18 +941,9 @@ def test_an_edit_of_a_message_never_carried_is_told(mx, hs, gk, pg, db_url):
     delivered.  A redaction or a reaction of such a message stays untold:
     there is nothing at the other side to take back or to react to."""
     a, srv = gk
-    alice, room, ghost = alice_writes_to_wally(hs, a)
-    alice.send_text(room, "first")
-    srv.wait_events(1)
-    base = {"room_id": room, "sender": ALICE_MX, "origin_server_ts": int(time.time() * 1000)}
-    evs = [dict(base, event_id="$nx1", type="m.room.message",
-                content={"msgtype": "m.text", "body": "* fixed", "m.new_content": {"msgtype": "m.text", "body": "fixed"},
-                         "m.relates_to": {"rel_type": "m.replace", "event_id": "$never-carried"}}),
-           dict(base, event_id="$nd1", type="m.room.redaction", redacts="$never-carried",
-                content={"redacts": "$never-carried"}),
-           dict(base, event_id="$nr1", type="m.reaction",
-                content={"m.relates_to": {"rel_type": "m.annotation", "event_id": "$never-carried", "key": "x"}}),
-           dict(base, event_id="$nm1", type="m.room.message", content={"msgtype": "m.text", "body": "after"})]
+    room, ghost, base = alice_wrote_first(hs, a, srv)
+    evs = [edit_ev(base, "$nx1", "$never-carried", "fixed"), redaction_ev(base, "$nd1", "$never-carried"),
+           reaction_ev(base, "$nr1", "$never-carried", "x"), text_ev(base, "$nm1", "after")]
     assert as_put(mx, "never-1", {"events": evs}).status_code == 200
     got = srv.wait_events(2)
     assert [(e["type"], e["content"]["parts"][0]["body"]) for e in got] == [("message", "first"), ("message", "after")]
@@ -3893,15 +3899,7 @@ def test_users_met_before_the_adapter_move_to_it(make_daemon, db_url, hs, pg):
 
 
 def test_a_bridged_room_turned_encrypted_gets_a_notice(mx, hs, gk, pg, db_url):
-    a, _ = gk
-    consent_alice(mx)
-    _, alice_token = hs.create_user("alice")
-    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
-    a.send(room, a.user("wally"), "hello")
-    ghost = "@_cw_gk_wally:example.org"
-    mx_room = wait_until(lambda: next((rid for rid in hs.rooms() if any(
-        e["sender"] == ghost and e["type"] == "m.room.message" for e in hs.events(rid))), None), what="delivery")
-    alice = hs.as_user(alice_token)
+    _, mx_room, alice, ghost = wally_writes_to_alice(mx, hs, gk)
     alice.join(mx_room)
     alice.state(mx_room, "m.room.encryption", {"algorithm": "m.megolm.v1.aes-sha2"})
     wait_until(lambda: any(e["sender"] == ghost and e["content"].get("msgtype") == "m.notice" and
@@ -4245,14 +4243,7 @@ def test_a_typing_stop_lost_with_a_failed_transaction_is_not_forgotten(mx, hs, g
 
 def test_a_local_user_leaving_reaches_the_peer(mx, hs, gk):
     a, srv = gk
-    consent_alice(mx)
-    _, alice_token = hs.create_user("alice")
-    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
-    a.send(room, a.user("wally"), "hello")
-    ghost = "@_cw_gk_wally:example.org"
-    mx_room = wait_until(lambda: next((rid for rid in hs.rooms() if any(
-        e["sender"] == ghost and e["type"] == "m.room.message" for e in hs.events(rid))), None), what="delivery")
-    alice = hs.as_user(alice_token)
+    room, mx_room, alice, ghost = wally_writes_to_alice(mx, hs, gk)
     alice.join(mx_room)
     alice.leave(mx_room)
     got = srv.wait_events(2)
@@ -4280,14 +4271,7 @@ def test_a_leave_whose_unbinding_fails_is_tried_again(mx, hs, gk, pg, db_url):
     for good; now it is tried again, as work the homeserver did not take
     is, and wally's next message opens a new room."""
     a, srv = gk
-    consent_alice(mx)
-    _, alice_token = hs.create_user("alice")
-    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
-    a.send(room, a.user("wally"), "hello")
-    ghost = "@_cw_gk_wally:example.org"
-    mx_room = wait_until(lambda: next((rid for rid in hs.rooms() if any(
-        e["sender"] == ghost and e["type"] == "m.room.message" for e in hs.events(rid))), None), what="delivery")
-    alice = hs.as_user(alice_token)
+    room, mx_room, alice, ghost = wally_writes_to_alice(mx, hs, gk)
     alice.join(mx_room)
     srv.wait_events(1)
     pg.psql("CREATE SEQUENCE test_fail_unbind; "
@@ -4361,10 +4345,9 @@ def test_a_peer_cannot_name_the_gateways_own_matrix_users(mx, hs, gk, pg, db_url
     assert pg.psql("SELECT count(*) FROM blocks", db_url) == "0"
 
 
-def wally_writes_and_alice_declines(mx, hs, gk):
-    """wally writes to alice; she turns down the ghost's invitation to the
-    room it made.  Returns the peer's room, the Matrix room, her client and
-    the ghost."""
+def wally_writes_to_alice(mx, hs, gk):
+    """wally writes "hello" to alice, who consented: (the peer's room, the
+    Matrix room the ghost made, her client, the ghost), she invited."""
     a, _ = gk
     consent_alice(mx)
     _, alice_token = hs.create_user("alice")
@@ -4374,6 +4357,14 @@ def wally_writes_and_alice_declines(mx, hs, gk):
     mx_room = wait_until(lambda: next((rid for rid in hs.rooms() if any(
         e["sender"] == ghost and e["type"] == "m.room.message" for e in hs.events(rid))), None), what="delivery")
     alice = hs.as_user(alice_token)
+    return room, mx_room, alice, ghost
+
+
+def wally_writes_and_alice_declines(mx, hs, gk):
+    """wally writes to alice; she turns down the ghost's invitation to the
+    room it made.  Returns the peer's room, the Matrix room, her client and
+    the ghost."""
+    room, mx_room, alice, ghost = wally_writes_to_alice(mx, hs, gk)
     assert hs.members(mx_room).get(ALICE_MX) == "invite"
     alice.leave(mx_room)  # declines
     return room, mx_room, alice, ghost
@@ -4514,15 +4505,7 @@ def test_a_notice_refused_for_good_is_not_tried_again(mx, hs, gk, pg, db_url):
     gets 403 M_FORBIDDEN on every try: it is given up at once instead of
     being tried for a day.  A homeserver that fails for now is still tried
     again."""
-    a, _ = gk
-    consent_alice(mx)
-    _, alice_token = hs.create_user("alice")
-    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
-    a.send(room, a.user("wally"), "hello")
-    ghost = "@_cw_gk_wally:example.org"
-    mx_room = wait_until(lambda: next((rid for rid in hs.rooms() if any(
-        e["sender"] == ghost and e["type"] == "m.room.message" for e in hs.events(rid))), None), what="delivery")
-    alice = hs.as_user(alice_token)
+    _, mx_room, alice, ghost = wally_writes_to_alice(mx, hs, gk)
     alice.join(mx_room)
     alice.leave(mx_room)
     wait_until(lambda: hs.members(mx_room).get(ghost) == "leave", what="the ghost leaving")
