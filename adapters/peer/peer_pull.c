@@ -90,20 +90,29 @@ struct peer_pull {
  * sender, times): without the bound, one answer of 1000 events of 64 KiB
  * was 64 MiB, held in memory several times over (the query result, the
  * JSON, its text).
+ * A cursor above every position this server has given (past the end of
+ * the outbox id sequence, which every position is drawn from: no answer
+ * had it) acknowledges nothing and hands nothing out (cur): the answer is
+ * one row of nulls, which try_answer refuses 400.  Until the forty-sixth
+ * session it acknowledged every row handed out to the peer, those of an
+ * answer it never got too, and came back as the answer's next.
  * $1 destination, $2 after, $3 limit, $4 claim seconds, $5 bytes; the last
  * column is the outbox row's id (for outbox_dead_unreadable). */
 #define PULL_EVENT_OVERHEAD "512"
 #define PULL_POS "CASE WHEN starts_with(claimed_by, 'pull#') THEN substr(claimed_by, 6)::bigint END"
 static const char pull_sql[] =
-	"WITH ack AS (UPDATE outbox SET state = 'delivered', delivered_at = now(), claimed_by = NULL, "
-	" claimed_until = NULL, last_error = NULL WHERE destination = $1 AND state = 'in_flight' AND " PULL_POS " <= $2::bigint), "
+	"WITH cur AS MATERIALIZED (SELECT $2::bigint <= coalesce(pg_sequence_last_value("
+	" pg_get_serial_sequence('outbox', 'id')::regclass), 0) AS ok), "
+	"ack AS (UPDATE outbox SET state = 'delivered', delivered_at = now(), claimed_by = NULL, "
+	" claimed_until = NULL, last_error = NULL WHERE destination = $1 AND state = 'in_flight' AND " PULL_POS " <= $2::bigint "
+	" AND (SELECT ok FROM cur)), "
 	"sent AS (SELECT id, " PULL_POS " AS pos FROM outbox WHERE destination = $1 "
-	" AND state = 'in_flight' AND " PULL_POS " > $2::bigint), "
+	" AND state = 'in_flight' AND " PULL_POS " > $2::bigint AND (SELECT ok FROM cur)), "
 	"kept AS (UPDATE outbox o SET claimed_until = now() + make_interval(secs => $4::int) FROM sent "
 	" WHERE o.id = sent.id AND o.state = 'in_flight' AND o.claimed_by = 'pull#' || sent.pos "
 	" RETURNING o.id, sent.pos, o.event_id, o.room_id), "
 	"fresh AS MATERIALIZED (SELECT f.id, nextval(pg_get_serial_sequence('outbox', 'id')) AS pos "
-	" FROM (SELECT id FROM outbox WHERE destination = $1 AND state = 'pending' "
+	" FROM (SELECT id FROM outbox WHERE destination = $1 AND state = 'pending' AND (SELECT ok FROM cur) "
 	"  AND EXISTS (SELECT 1 FROM peers p WHERE p.name = substr($1, 6) AND p.mode = 'pull' AND p.enabled) "
 	"  AND room_id NOT IN (SELECT b.room_id FROM outbox b WHERE b.destination = $1 AND b.state = 'in_flight' "
 	"   AND NOT starts_with(b.claimed_by, 'pull#')) ORDER BY id "
@@ -121,7 +130,14 @@ static const char pull_sql[] =
 	"FROM h JOIN events ev ON ev.id = h.event_id CROSS JOIN LATERAL (SELECT ev.content::text AS content) t "
 	"JOIN rooms rm ON rm.id = h.room_id "
 	"JOIN identities s ON s.id = ev.sender_id ORDER BY h.pos LIMIT $3::int) a "
-	"WHERE a.upto <= $5::bigint OR a.n = 1 ORDER BY a.pos";
+	"WHERE a.upto <= $5::bigint OR a.n = 1 "
+	"UNION ALL SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM cur WHERE NOT cur.ok "
+	"ORDER BY 1";
+
+/* The detail of a pull's 400 when its cursor is past the end (pull_sql). */
+#define PULL_PAST_END \
+	"after is above every cursor this server has given (an answer's next, or 0): nothing was " \
+	"acknowledged or handed out; pull again from the last next you were given, or from 0"
 
 /* The detail of a pull's 503 when the database failed it. */
 #define PULL_UNAVAILABLE "the database is unavailable; pull again from the same position (after)"
@@ -326,6 +342,11 @@ static bool try_answer(struct peer_pull *p, struct waiter *w, bool final)
 		goto fail;
 	}
 	int n = PQntuples(r);
+	if (n && PQgetisnull(r, 0, 0)) { /* past the end: nothing done (pull_sql) */
+		PQclear(r);
+		cw_req_problem(w->req, 400, "invalid_query", "Invalid query", PULL_PAST_END);
+		return true;
+	}
 	if (n == 0 && !final) {
 		PQclear(r);
 		return false;

@@ -592,7 +592,7 @@ def test_a_long_poll_is_answered_for_rows_written_while_its_poller_reconnected(m
         time.sleep(1)
         px.slow(connect=3.0)
         cut = pg.psql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
-                      "AND (query LIKE '%WITH ack AS (UPDATE outbox%' OR query LIKE 'LISTEN causeway_pull%')", db_url)
+                      "AND (query LIKE '%ack AS (UPDATE outbox%' OR query LIKE 'LISTEN causeway_pull%')", db_url)
         assert cut == "1", cut
         one = a.send(rm["id"], a.user("alice"), "while away").json()["id"]
         sent = time.time()
@@ -666,4 +666,38 @@ def test_a_head_on_the_pull_is_405_and_hands_nothing_out(daemon, pg, db_url):
     # a HEAD of another path is still its GET
     path = f"/v1/rooms/{rm['id']}"
     assert b.call("HEAD", path).status_code == 200
+    srv.close()
+
+
+def test_a_cursor_past_every_one_given_is_refused_and_acknowledges_nothing(daemon, pg, db_url):
+    """after acknowledges what was handed out up to it: a cursor above every
+    position this server has given (none of its answers had it: a peer's
+    bug, a cursor kept across a restore of the database) is 400
+    invalid_query, and nothing is acknowledged or handed out.  Until the
+    forty-sixth session it marked every row in flight to the peer
+    delivered, those of an answer the peer never got too (the sender saw
+    "delivered"), and came back as the answer's next."""
+    a, b, rm, srv = make_peers(daemon)
+    ids = [a.send(rm["id"], a.user("alice"), f"c{i}").json()["id"] for i in range(3)]
+    state = "SELECT string_agg(state, ',' ORDER BY id) FROM outbox WHERE destination = 'peer:tg'"
+    got = b.call("GET", "/v1/events?after=0&limit=2").json()  # an answer the peer loses
+    assert [e["id"] for e in got["events"]] == ids[:2], got
+    before = pg.psql(state, db_url)
+    assert before == "in_flight,in_flight,pending", before
+    last = int(pg.psql("SELECT last_value FROM outbox_id_seq", db_url))
+    for cursor in (last + 1, 10 ** 17):
+        for wait in ("", "&wait=5"):
+            t0 = time.time()
+            r = b.call("GET", f"/v1/events?after={cursor}{wait}")
+            assert r.status_code == 400 and r.json()["code"] == "invalid_query", (cursor, r.text)
+            assert "above every cursor this server has given" in r.json()["detail"], r.text
+            assert time.time() - t0 < 3  # a long poll is refused at once
+    assert pg.psql(state, db_url) == before
+    st = a.call("GET", f"/v1/messages/{ids[0]}").json()
+    assert st["recipients"] == [{"recipient": "mimi://tg.example", "status": "accepted"}], st
+    # the cursors it was given work as before: from 0 the same two, then the rest
+    again = b.call("GET", "/v1/events?after=0").json()
+    assert [e["id"] for e in again["events"]] == ids, again
+    assert b.call("GET", f"/v1/events?after={again['next']}").json()["events"] == []
+    assert pg.psql(state, db_url) == "delivered,delivered,delivered"
     srv.close()
