@@ -559,6 +559,58 @@ def test_the_documents_bounds_are_the_constants_of_the_code(doc):
     assert f"The URI is checked whole, up to {k['HTTPSIG_MAX_FIELD']} bytes" in prose
 
 
+
+def test_the_identifier_patterns_take_what_the_daemon_takes(daemon, doc):
+    """UserUri's and RoomUri's patterns take exactly the identifiers the
+    daemon parses (event.c, mimi_uri_parse), asked of it through a batch's
+    items (an identifier it does not parse is the item's 400 "... is not a
+    valid mimi URI"; any other answer is one it took): a peer that checks
+    its identifiers with the document is never refused for one the
+    document allows.  Until the forty-sixth session both patterns took a
+    port, which the daemon refuses, a domain of one label and an IP
+    address."""
+    from peer import push_peers
+    (a, sa), (b, sb) = made = push_peers(daemon)
+    try:
+        sc = doc["components"]["schemas"]
+        up, rp = sc["UserUri"]["pattern"], sc["RoomUri"]["pattern"]
+        label = "l" * 63
+        domains = ["wa.example", "a.b.example", "x1.example", "a-b.example", "1x.example", "wa.example:8448",
+                   "wa.example:1", "localhost", "wa..example", "wa.example.", ".wa.example", "-wa.example",
+                   "wa-.example", "wa.-example", "wa.123", "1.2.3.4", "wa.1x", "WA.example", "wa_b.example",
+                   f"{label}.example", f"{label}l.example", ".".join([label] * 3) + "." + "a" * 61,
+                   ".".join([label] * 3) + "." + "a" * 62, "wa.example?x", "wa.example#x", "wa.ex ample", ""]
+        users = [f"mimi://{d}/u/alice" for d in domains] + [
+            "mimi://wa.example/u/.", "mimi://wa.example/u/..", "mimi://wa.example/u/...", "mimi://wa.example/u/.a",
+            "mimi://wa.example/u/+4915112345678", "mimi://wa.example/u/a~b=c_d-e", "mimi://wa.example/u/",
+            "mimi://wa.example/u/a/b", "mimi://wa.example/u/a%20b", "mimi://wa.example/u/" + "a" * 255,
+            "mimi://wa.example/u/" + "a" * 256, "mimi://wa.example/u/a?b", "mimi:/wa.example/u/a"]
+        rooms = [f"mimi://{d}/r/r_1" for d in domains] + [
+            "mimi://wa.example/r/" + "r" * 128, "mimi://wa.example/r/" + "r" * 129, "mimi://wa.example/r/",
+            "mimi://wa.example/r/a.b", "mimi://wa.example/r/a/b", "mimi://wa.example/r/A-z_9"]
+        items = [{"idempotency_key": f"u{i}", "room": "mimi://wa.example/r/r_1",
+                  "event": {"type": "message", "sender": u, "content": {"parts": [{"type": "text/plain",
+                                                                                   "body": "x"}]}}}
+                 for i, u in enumerate(users)]
+        items += [{"idempotency_key": f"r{i}", "room": r,
+                   "event": {"type": "message", "sender": a.user("wally"),
+                             "content": {"parts": [{"type": "text/plain", "body": "x"}]}}}
+                  for i, r in enumerate(rooms)]
+        r = a.call("POST", "/v1/batch", {"events": items})
+        assert r.status_code == 200, r.text
+        results = r.json()["results"]
+        wrong = []
+        for uri, pattern, res in [(u, up, x) for u, x in zip(users, results)] + \
+                                 [(x, rp, y) for x, y in zip(rooms, results[len(users):])]:
+            taken = "is not a valid mimi URI" not in res.get("detail", "")
+            if taken != bool(re.fullmatch(pattern, uri)) or (taken and len(uri) > 512):
+                wrong.append((uri, taken, res))
+        assert not wrong, wrong
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
 # ------------------------------------------------------------ the answers
 
 class Answer:
