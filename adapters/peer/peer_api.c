@@ -543,8 +543,9 @@ static const struct room_member_in *room_creator(const struct room_input *in)
 /* A new conversation: server rules and the creator's rate limit; j's error
  * is set when refused, and the refusal audited (a limit once per episode,
  * as a message's).  Asked after the idempotent replay, so that a retry of
- * a room made gets it rather than a token less or a rule made since.  The
- * other remote members are asked by members_decide. */
+ * a room made gets it rather than a token less or a rule made since, and
+ * after every other refusal (room_create_fn), so that a room refused takes
+ * none.  The other remote members are asked by members_decide. */
 static cw_err new_room_decide(PGconn *c, struct app_job *j, struct room_input *in, cw_errmsg *e)
 {
 	const struct room_member_in *creator = room_creator(in);
@@ -597,7 +598,7 @@ static cw_err new_room_decide(PGconn *c, struct app_job *j, struct room_input *i
  * from that user (a deny rule, a closed server or an allowlist without the
  * domain refuse it; spec: a server deny always wins), rate limits are not
  * (being in a room is not starting a conversation).  skip: a member
- * already asked (a new room's creator), or NULL; room: the room's public
+ * asked apart (a new room's creator: new_room_decide), or NULL; room: the room's public
  * id for the audit, or NULL (a room not made).  j's error is set, with one
  * text (the reason is the operator's, in the log and the audit log), and
  * the refusal audited.  Before the seventeenth session a new room asked
@@ -665,19 +666,43 @@ static cw_err caller_decide(PGconn *c, struct app_job *j, const struct peer_prin
 					  "room", room), e);
 }
 
+#define ROOM_URI_TAKEN "a room with that uri exists"
+
+/* A room the calling peer hosts (its uri given) whose uri is taken: j's
+ * error set, 409.  The insert's ON CONFLICT says the same of one taken
+ * meanwhile. */
+static cw_err room_uri_free(PGconn *c, struct app_job *j, const char *uri, cw_errmsg *e)
+{
+	const char *params[] = { uri };
+	PGresult *r = exec(c, "SELECT 1 FROM rooms WHERE uri = $1", 1, params);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	if (PQntuples(r))
+		app_job_fail(j, 409, "conflict", ROOM_URI_TAKEN);
+	PQclear(r);
+	return CW_OK;
+}
+
 static cw_err room_create_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct room_input *in = j->data;
 	cw_err rc;
 	if (idem_replay(c, j, in->scope, in->idem_key, in->hash, in->hash_old, &rc, e))
 		return rc;
-	if ((rc = new_room_decide(c, j, in, e)) || j->err_code)
-		return rc;
-	/* Classify every member before writing anything. */
+	/* Every refusal the room may get for its members (400 unknown_domain,
+	 * 403) or its uri (409) before the creator's decision, which takes a
+	 * token of her new_conversations_per_hour (new_room_decide): until the
+	 * forty-sixth session it came first, and a peer sending again a
+	 * creation refused for a member spent her allowance with it. */
 	static _Thread_local struct member_class cls[ROOM_MEMBERS_MAX];
 	if ((rc = classify_members(c, j, in->p, in->domain, in->m, in->n, cls, e)) || j->err_code)
 		return rc;
 	if ((rc = members_decide(c, j, in->m, in->n, cls, room_creator(in), NULL, e)) || j->err_code)
+		return rc;
+	if (strcmp(in->hub, in->domain) != 0 && ((rc = room_uri_free(c, j, in->uri, e)) || j->err_code))
+		return rc;
+	if ((rc = new_room_decide(c, j, in, e)) || j->err_code)
 		return rc;
 	char caller_id[24];
 	snprintf(caller_id, sizeof(caller_id), "%lld", (long long)in->p->id);
@@ -689,7 +714,7 @@ static cw_err room_create_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		return rc;
 	if (PQntuples(r) == 0) {
 		PQclear(r);
-		app_job_fail(j, 409, "conflict", "a room with that uri exists");
+		app_job_fail(j, 409, "conflict", ROOM_URI_TAKEN);
 		return CW_OK;
 	}
 	char room_id[24];

@@ -1178,6 +1178,40 @@ def test_room_creation_errors(daemon, peers, pg, db_url):
     assert pg.psql("SELECT count(*) FROM identities", db_url) == "0"
 
 
+def test_a_refused_room_creation_spends_none_of_the_creators_new_conversations(daemon, peers, pg, db_url):
+    """A room creation refused for a member (400 unknown_domain, 403 a
+    member the rules deny) or for its uri (409, taken) makes no room, and
+    so takes no token of its creator's new_conversations_per_hour: the
+    creator's decision comes after every other refusal.  Until the
+    forty-sixth session it came first, and a peer sending such a request
+    again spent the allowance of its user, whose next real room was 429."""
+    (a, _), (b, _) = peers
+    assert daemon.admin("POST", "/rules", json={"scope": "network", "pattern": "peer:gk",
+                                                "limits": {"new_conversations_per_hour": 2}}).status_code == 201
+    assert daemon.admin("POST", "/rules", json={"scope": "user", "pattern": b.user("evil"),
+                                                "mode": "deny"}).status_code == 201
+    assert daemon.admin("POST", "/rules", json={"scope": "user", "pattern": b.user("sentinel"),
+                                                "mode": "deny"}).status_code == 201
+    alice = "mimi://example.org/u/alice"
+    # the rules are in force once the last one is (another peer's creator: none of gk's tokens)
+    wait_until(lambda: b.create_room([b.user("sentinel"), alice]).status_code == 403, interval=0.05,
+               what="the rules")
+    hosted = {"kind": "group", "members": [a.user("nina"), b.user("bob")], "uri": "mimi://wa.example/r/g1"}
+    assert a.call("POST", "/v1/rooms", hosted).status_code == 201  # the first token
+    for _ in range(3):
+        r = a.create_room([a.user("nina"), "mimi://nowhere.example/u/x"])
+        assert r.status_code == 400 and r.json()["code"] == "unknown_domain", r.text
+        r = a.create_room([a.user("nina"), b.user("evil")])
+        assert r.status_code == 403 and r.json()["code"] == "not_allowed", r.text
+        r = a.call("POST", "/v1/rooms", hosted)
+        assert r.status_code == 409 and r.json()["code"] == "conflict", r.text
+    assert pg.psql("SELECT count(*) FROM rooms", db_url) == "1"
+    r = a.create_room([a.user("nina"), alice])
+    assert r.status_code == 201, r.text  # the second token
+    r = a.create_room([a.user("nina"), alice])
+    assert r.status_code == 429 and r.json()["code"] == "rate_limited", r.text
+
+
 def test_a_room_policy_is_held_to_what_the_store_gives_back(daemon, peers, pg, db_url):
     """A room's policy is stored as it came and handed back in GET
     /v1/rooms/{room}: since the forty-first session it is held to an
