@@ -564,11 +564,12 @@ def test_the_identifier_patterns_take_what_the_daemon_takes(daemon, doc):
     """UserUri's and RoomUri's patterns take exactly the identifiers the
     daemon parses (event.c, mimi_uri_parse), asked of it through a batch's
     items (an identifier it does not parse is the item's 400 "... is not a
-    valid mimi URI"; any other answer is one it took): a peer that checks
-    its identifiers with the document is never refused for one the
-    document allows.  Until the forty-sixth session both patterns took a
-    port, which the daemon refuses, a domain of one label and an IP
-    address."""
+    valid mimi URI"; any other answer is one it took), and the pattern of
+    a discovery's handle the handles it takes: a peer that checks its
+    identifiers with the document is never refused for one the document
+    allows.  Until the forty-sixth session both URI patterns took a port,
+    which the daemon refuses, a domain of one label and an IP address, and
+    a handle had no pattern."""
     from peer import push_peers
     (a, sa), (b, sb) = made = push_peers(daemon)
     try:
@@ -605,6 +606,15 @@ def test_the_identifier_patterns_take_what_the_daemon_takes(daemon, doc):
             taken = "is not a valid mimi URI" not in res.get("detail", "")
             if taken != bool(re.fullmatch(pattern, uri)) or (taken and len(uri) > 512):
                 wrong.append((uri, taken, res))
+        # a handle of POST /v1/identifiers/query is a local part
+        hp = doc["paths"]["/v1/identifiers/query"]["post"]["requestBody"]["content"]["application/json"][
+            "schema"]["properties"]["handle"]["pattern"]
+        for handle in ("alice", "+4915112345678", "a~b=c_d-e.f", ".a", "...", ".", "..", "", "a b", "a/b", "a%20b",
+                       "ali\u00e7e", "a" * 255, "a" * 256):
+            r = a.call("POST", "/v1/identifiers/query", {"handle": handle})
+            assert r.status_code in (200, 400), r.text
+            if (r.status_code == 200) != bool(re.fullmatch(hp, handle)):
+                wrong.append((handle, r.status_code, r.text))
         assert not wrong, wrong
     finally:
         for _, srv in made:
