@@ -7,6 +7,7 @@
 #include "peers.h"
 #include "peer_media.h"
 #include "policy_live.h"
+#include "buf.h"
 #include "store.h"
 
 #include <fcntl.h>
@@ -96,8 +97,13 @@ struct peer_pull {
  * one row of nulls, which try_answer refuses 400.  Until the forty-sixth
  * session it acknowledged every row handed out to the peer, those of an
  * answer it never got too, and came back as the answer's next.
- * $1 destination, $2 after, $3 limit, $4 claim seconds, $5 bytes; the last
- * column is the outbox row's id (for outbox_dead_unreadable). */
+ * A typing notification accepted longer ago than $6 milliseconds
+ * (dispatcher.typing_stale_ms; 0: never) is stale (the last column): the
+ * answer leaves it out and try_answer expires its row, as a lane expires
+ * one it claims (stale_typing in gateway/dispatcher.c).
+ * $1 destination, $2 after, $3 limit, $4 claim seconds, $5 bytes, $6 the
+ * typing's staleness; column 11 is the outbox row's id (for
+ * outbox_dead_unreadable), 12 whether it is a stale typing notification. */
 #define PULL_EVENT_OVERHEAD "512"
 #define PULL_POS "CASE WHEN starts_with(claimed_by, 'pull#') THEN substr(claimed_by, 6)::bigint END"
 static const char pull_sql[] =
@@ -126,13 +132,27 @@ static const char pull_sql[] =
 	" (SELECT p.event_types IS NULL OR ev.type = ANY (p.event_types) FROM peers p "
 	"  WHERE p.name = substr($1, 6)), "
 	" sum(octet_length(t.content) + " PULL_EVENT_OVERHEAD ") OVER (ORDER BY h.pos) AS upto, "
-	" row_number() OVER (ORDER BY h.pos) AS n, h.id "
+	" row_number() OVER (ORDER BY h.pos) AS n, h.id, "
+	" ev.type = 'typing' AND $6::bigint > 0 AND ev.accepted_at < now() - $6::bigint * interval '1 millisecond' "
 	"FROM h JOIN events ev ON ev.id = h.event_id CROSS JOIN LATERAL (SELECT ev.content::text AS content) t "
 	"JOIN rooms rm ON rm.id = h.room_id "
 	"JOIN identities s ON s.id = ev.sender_id ORDER BY h.pos LIMIT $3::int) a "
 	"WHERE a.upto <= $5::bigint OR a.n = 1 "
-	"UNION ALL SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM cur WHERE NOT cur.ok "
+	"UNION ALL SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL "
+	"FROM cur WHERE NOT cur.ok "
 	"ORDER BY 1";
+
+/* The rows of stale typing notifications of an answer (pull_sql's last
+ * column), $1 their ids comma-separated, expired with the words a lane's
+ * expire() writes: they are in flight at positions the answer's next
+ * passes, and would be acknowledged as delivered.  Until the forty-sixth
+ * session a pull handed them out however late (a peer away for an hour
+ * showed its users someone typing), while a push expired them. */
+static const char pull_expire_sql[] =
+	"UPDATE outbox SET state = 'expired', claimed_by = NULL, claimed_until = NULL, "
+	" last_error = 'typing notification too old to be shown: not sent' "
+	"WHERE id = ANY (string_to_array($1, ',')::bigint[]) AND destination = $2 AND state = 'in_flight' "
+	" AND starts_with(claimed_by, 'pull#')";
 
 /* The detail of a pull's 400 when its cursor is past the end (pull_sql). */
 #define PULL_PAST_END \
@@ -299,19 +319,20 @@ static bool try_answer(struct peer_pull *p, struct waiter *w, bool final)
 	}
 	if (!claim_nonce(p, w))
 		return true;
-	char limit[16], secs[16], bytes[24];
+	char limit[16], secs[16], bytes[24], stale[24];
 	snprintf(limit, sizeof(limit), "%d", w->limit);
 	snprintf(secs, sizeof(secs), "%d", HANDOUT_S);
 	snprintf(bytes, sizeof(bytes), "%ld", answer_bytes(p));
+	snprintf(stale, sizeof(stale), "%ld", p->app ? p->app->cfg->typing_stale_ms : 0L);
 	const char *lp[] = { w->destination };
-	const char *pp[] = { w->destination, after, limit, secs, bytes };
+	const char *pp[] = { w->destination, after, limit, secs, bytes, stale };
 	/* Pipeline mode: two parameterized statements in one round trip, one
 	 * implicit transaction up to the sync (until the twentieth session one
 	 * query string with the destination quoted into it). */
 	bool entered = PQenterPipelineMode(p->c);
 	bool synced = entered &&
 		      PQsendQueryParams(p->c, pull_lock_sql, 1, NULL, lp, NULL, NULL, 0) &&
-		      PQsendQueryPrepared(p->c, "cw_pull", 5, pp, NULL, NULL, 0) && PQpipelineSync(p->c);
+		      PQsendQueryPrepared(p->c, "cw_pull", 6, pp, NULL, NULL, 0) && PQpipelineSync(p->c);
 	bool failed = !synced;
 	if (failed) {
 		cw_fail(&e, CW_EUNAVAIL, "cannot send: %s", PQerrorMessage(p->c));
@@ -336,7 +357,7 @@ static bool try_answer(struct peer_pull *p, struct waiter *w, bool final)
 			cw_fail(&e, CW_EUNAVAIL, "the database connection was lost");
 		failed = true;
 	}
-	if (failed || !r || PQnfields(r) < 12) {
+	if (failed || !r || PQnfields(r) < 13) {
 		if (!failed)
 			cw_fail(&e, CW_EUNAVAIL, "the pull answered nothing");
 		goto fail;
@@ -361,6 +382,8 @@ static bool try_answer(struct peer_pull *p, struct waiter *w, bool final)
 			goto fail;
 	}
 	json_t *events = json_array();
+	struct cw_buf expired; /* the stale typing notifications' rows (pull_expire_sql) */
+	cw_buf_init(&expired, 24 * (size_t)n + 1);
 	for (int i = 0; i < n; i++) {
 		/* A type the peer does not take is passed over (and acknowledged
 		 * with the rest by the next request's after); so is a row the
@@ -368,10 +391,20 @@ static bool try_answer(struct peer_pull *p, struct waiter *w, bool final)
 		int64_t id = atoll(PQgetvalue(r, i, 11));
 		if (PQgetvalue(r, i, 8)[0] == 'f' || (ngone && bsearch(&id, gone, ngone, sizeof(*gone), cmp_id)))
 			continue;
+		if (PQgetvalue(r, i, 12)[0] == 't') {
+			if (cw_buf_printf(&expired, "%s%s", expired.len ? "," : "", PQgetvalue(r, i, 11))) {
+				json_decref(events);
+				cw_buf_free(&expired);
+				cw_fail(&e, CW_ENOMEM, "out of memory");
+				goto fail;
+			}
+			continue;
+		}
 		bool unreadable;
 		json_t *ev = outbox_event_json(r, i, 1, &unreadable);
 		if (!ev && !unreadable) {
 			json_decref(events);
+			cw_buf_free(&expired);
 			cw_fail(&e, CW_ENOMEM, "out of memory");
 			goto fail;
 		}
@@ -387,6 +420,7 @@ static bool try_answer(struct peer_pull *p, struct waiter *w, bool final)
 			if (outbox_dead_unreadable(p->c, PQgetvalue(r, i, 11), PQgetvalue(r, i, 1), w->destination, by,
 						   &e) < 0) {
 				json_decref(events);
+				cw_buf_free(&expired);
 				goto fail;
 			}
 			continue;
@@ -394,6 +428,17 @@ static bool try_answer(struct peer_pull *p, struct waiter *w, bool final)
 		json_array_append_new(events, p->app ? peer_media_offer(p->app, w->destination + 5, ev) : json_incref(ev));
 		json_decref(ev);
 	}
+	/* Not expired (the database away): 503, as for an unreadable row. */
+	if (expired.len) {
+		const char *ep[] = { expired.p, w->destination };
+		cw_err erc = store_command(p->c, pull_expire_sql, 2, ep, &e);
+		if (erc) {
+			json_decref(events);
+			cw_buf_free(&expired);
+			goto fail;
+		}
+	}
+	cw_buf_free(&expired);
 	char next[24];
 	snprintf(next, sizeof(next), "%s", n ? PQgetvalue(r, n - 1, 0) : after);
 	PQclear(r);

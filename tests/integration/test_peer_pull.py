@@ -701,3 +701,34 @@ def test_a_cursor_past_every_one_given_is_refused_and_acknowledges_nothing(daemo
     assert b.call("GET", f"/v1/events?after={again['next']}").json()["events"] == []
     assert pg.psql(state, db_url) == "delivered,delivered,delivered"
     srv.close()
+
+
+def test_a_typing_notification_too_old_to_show_is_expired_not_pulled(make_daemon, db_url, pg):
+    """Typing is best-effort: a notification accepted longer ago than
+    dispatcher.typing_stale_ms would show someone typing who stopped long
+    ago, and a push expires it instead of sending it late
+    (test_peer_api.py::test_typing_too_old_to_be_shown_is_expired_not_sent_late).
+    A pull does the same with those it would hand out: left out of the
+    answer, its row expired with the push's words; the events around it
+    come, and a fresh one is handed out.  Until the forty-sixth session a
+    pull peer that came back late got every one of them."""
+    d = make_daemon(db_url, options={"dispatcher": {"typing_stale_ms": "2000"}}).start()
+    a, b, rm, srv = make_peers(d)
+    typing = {"type": "typing", "sender": a.user("alice"), "content": {"state": "start"}}
+    first = a.send(rm["id"], a.user("alice"), "before").json()["id"]
+    assert a.call("POST", f"/v1/rooms/{rm['id']}/typing", typing).status_code == 202
+    last = a.send(rm["id"], a.user("alice"), "after").json()["id"]
+    time.sleep(3)
+    got = b.call("GET", "/v1/events?after=0").json()
+    assert [e["id"] for e in got["events"]] == [first, last], got
+    rows = "SELECT string_agg(e.type || ':' || o.state || ':' || coalesce(o.last_error, ''), ',' ORDER BY o.id) " \
+           "FROM outbox o JOIN events e ON e.id = o.event_id WHERE o.destination = 'peer:tg'"
+    assert pg.psql(rows, db_url) == \
+        "message:in_flight:,typing:expired:typing notification too old to be shown: not sent,message:in_flight:"
+    assert b.call("GET", f"/v1/events?after={got['next']}").json()["events"] == []
+    assert pg.psql(rows, db_url).count("delivered") == 2
+    # a fresh one is handed out as before
+    assert a.call("POST", f"/v1/rooms/{rm['id']}/typing", typing).status_code == 202
+    fresh = b.call("GET", f"/v1/events?after={got['next']}").json()
+    assert [e["type"] for e in fresh["events"]] == ["typing"], fresh
+    srv.close()
