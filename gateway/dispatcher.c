@@ -30,7 +30,11 @@ struct lane {
 	PGconn *c;
 	struct store_canceller cancel; /* c's statement, cancelled at a stop that waits for it */
 	unsigned next; /* where its next claim starts in the destination list */
-	int64_t claimed_us; /* when its last claim began (cw_now_us): its rows are its own for claim_timeout_s after */
+	/* When its last claim began, or the keeper last renewed the rows it
+	 * delivers (cw_now_us, read before the claim's or the renewal's
+	 * statement): its rows are its own for claim_timeout_s after.  The
+	 * lane writes it as a claim begins, the keeper after a renewal. */
+	atomic_int_fast64_t claimed_us;
 	bool started;
 	/* claimed_by of its rows: the process's name and the lane's number,
 	 * so that rows claimed by this lane alone can be told apart (see
@@ -47,6 +51,8 @@ struct lane {
 	char held[sizeof(((struct outbox_row *)0)->destination)]; /* its destination, "" for none (under d->mu) */
 	const struct outbox_row *rows; /* the rows it delivers, for the keeper (under d->mu) */
 	size_t nrows;
+	uint64_t gen; /* counts the lane's deliveries: which one a renewal was of (under d->mu) */
+	uint64_t renewing; /* the keeper's: the delivery (gen) its renewal under way covers, 0 for none */
 };
 
 /* A destination whose last claim scanned long and found nothing: no lane
@@ -576,17 +582,22 @@ static void nap(struct dispatcher *d)
 }
 
 /* A new connection for the lane, tried at its pace for as long as its
- * claim holds (the rows of its last claim are still its own); false if the
- * claim ran out first or the daemon stops. */
+ * claim holds (the rows of its last claim are still its own: claimed_us,
+ * which the keeper's renewals move on); false if the claim ran out first
+ * or the daemon stops. */
+static bool claim_holds(const struct lane *l)
+{
+	return cw_now_us() < atomic_load(&l->claimed_us) + (int64_t)l->d->o.claim_timeout_s * 1000000;
+}
+
 static bool reconnect_within_claim(struct lane *l)
 {
 	struct dispatcher *d = l->d;
-	int64_t until = l->claimed_us + (int64_t)d->o.claim_timeout_s * 1000000;
 	drop_conn(l);
-	while (!atomic_load(&d->stop) && cw_now_us() < until) {
+	while (!atomic_load(&d->stop) && claim_holds(l)) {
 		nap(d);
 		if (!atomic_load(&d->stop) && ensure_conn(l))
-			return cw_now_us() < until;
+			return claim_holds(l);
 	}
 	return false;
 }
@@ -969,7 +980,8 @@ static int claim(struct lane *l, struct outbox_row **out)
 	bool unsettled = false, unsettled_after = false;
 	uint64_t stamp = d->o.policy ? policy_live_stamp(d->o.policy, &unsettled) : 0;
 	uint64_t facts = d->o.policy ? policy_live_facts(d->o.policy) : 0;
-	l->claimed_us = cw_now_us(); /* before the claim's own now(): its rows are ours at least until this + timeout */
+	/* before the claim's own now(): its rows are ours at least until this + timeout */
+	atomic_store(&l->claimed_us, cw_now_us());
 	const char *local;
 	long back_dead = 0;
 	PGresult *recovered = NULL;
@@ -1709,6 +1721,7 @@ static void *dispatcher_main(void *arg)
 			pthread_mutex_lock(&d->mu);
 			l->rows = rows;
 			l->nrows = (size_t)n;
+			l->gen++;
 			if (d->busy++ == 0)
 				pthread_cond_signal(&d->keeper_cv);
 			pthread_mutex_unlock(&d->mu);
@@ -1761,10 +1774,12 @@ static void *keeper_main(void *arg)
 		struct cw_buf ids;
 		cw_buf_init(&ids, SIZE_MAX / 2);
 		bool oom = cw_buf_add(&ids, "{", 1) != 0;
-		for (int i = 0; i < d->nlanes && !oom; i++)
-			for (size_t k = 0; k < d->lanes[i].nrows && !oom; k++)
-				oom = cw_buf_printf(&ids, "%s%lld", ids.len > 1 ? "," : "",
-						    (long long)d->lanes[i].rows[k].id) != 0;
+		for (int i = 0; i < d->nlanes && !oom; i++) {
+			struct lane *l = &d->lanes[i];
+			l->renewing = l->nrows ? l->gen : 0;
+			for (size_t k = 0; k < l->nrows && !oom; k++)
+				oom = cw_buf_printf(&ids, "%s%lld", ids.len > 1 ? "," : "", (long long)l->rows[k].id) != 0;
+		}
 		oom = oom || cw_buf_add(&ids, "}", 1) != 0;
 		pthread_mutex_unlock(&d->mu);
 		cw_errmsg e;
@@ -1773,13 +1788,30 @@ static void *keeper_main(void *arg)
 			c = store_connect(d->url, 10000, &e);
 		}
 		const char *params[] = { prefix, timeout, oom ? NULL : ids.p };
+		int64_t began = cw_now_us(); /* before the statement's now() */
 		PGresult *r = c && !oom ? PQexecParams(c, "UPDATE outbox SET claimed_until = now() + make_interval(secs => "
 						    "$2::int) WHERE id = ANY($3::bigint[]) AND state = 'in_flight' AND "
 						    "starts_with(claimed_by, $1)", 3, NULL, params, NULL, NULL, 0)
 				       : NULL;
-		if (r && PQresultStatus(r) == PGRES_COMMAND_OK)
+		if (r && PQresultStatus(r) == PGRES_COMMAND_OK) {
 			atomic_fetch_add(&d->renewals, 1);
-		else
+			/* The lanes still on the deliveries renewed (the same
+			 * rows: not between two, when a lane writes claimed_us
+			 * itself) hold their rows that much longer: a lane whose connection broke
+			 * records the outcome on a new one until then
+			 * (reconnect_within_claim).  Until the forty-sixth
+			 * session it gave up claim_timeout_s after its claim
+			 * began, renewals aside: after a delivery longer than
+			 * that, a broken connection left the outcome
+			 * unrecorded, and the rows, delivered, were sent again
+			 * once their claim ran out. */
+			pthread_mutex_lock(&d->mu);
+			for (int i = 0; i < d->nlanes; i++)
+				if (d->lanes[i].rows && d->lanes[i].renewing == d->lanes[i].gen &&
+				    atomic_load(&d->lanes[i].claimed_us) < began)
+					atomic_store(&d->lanes[i].claimed_us, began);
+			pthread_mutex_unlock(&d->mu);
+		} else
 			LOG_KV(CW_LOG_WARN, "cannot renew the dispatcher's claims", "detail",
 			       r ? PQresultErrorMessage(r) : oom ? "out of memory" : e.msg);
 		PQclear(r);

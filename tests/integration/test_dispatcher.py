@@ -1,0 +1,48 @@
+"""The dispatcher's hold on what it claimed (gateway/dispatcher.c): claims
+kept while a delivery runs long, outcomes recorded once the database is
+back, the stop."""
+import time
+
+from harness import wait_until
+from peer import push_peers
+from test_peer_api import room
+
+
+def test_an_outcome_lost_with_the_connection_after_a_renewed_claim_is_recorded(make_daemon, db_url, pg):
+    """A push longer than dispatcher.claim_timeout_s (5 s here; the peer
+    answers after 8) has its claim renewed while it runs; the lane's
+    connection is then cut (its backend terminated) before the answer
+    comes.  The lane records the outcome on a new connection, as it does
+    whenever its claim still holds: the row is delivered once, its one try
+    counted.  Until the forty-sixth session the lane took its claim to end
+    claim_timeout_s after the claim was made, renewals aside: it gave up at
+    once, the row stayed in flight until the claim ran out, then was sent
+    again (a duplicate) and its lost try counted as one with no outcome."""
+    d = make_daemon(db_url, options={"dispatcher": {"claim_timeout_s": "5", "http_timeout_ms": "15000"}}).start()
+    (a, sa), (b, sb) = made = push_peers(d)
+    try:
+        rm = room(a, b)
+        wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE state NOT IN ('delivered', 'dropped')",
+                                   db_url) == "0", what="the room's making delivered")
+        before = sb.requests
+        sb.delay = 8.0
+        assert a.send(rm["id"], a.user("alice"), "slow, then cut", idem="k-cut").status_code == 202
+        wait_until(lambda: sb.requests == before + 1, what="the slow push under way")
+        time.sleep(6.0)  # past the claim's first timeout: renewed meanwhile
+        # The delivering lane's backend: the last statement it ran is the peer's address.
+        cut = pg.psql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                      "WHERE query LIKE 'SELECT push_url%'", db_url)
+        assert cut == "1", cut
+        q = ("SELECT o.state || ' ' || o.attempts FROM outbox o JOIN events e ON e.id = o.event_id "
+             "WHERE o.destination = 'peer:tg' AND e.origin_native_id = 'k-cut'")
+        row = wait_until(lambda: (lambda x: x if "in_flight" not in x else None)(pg.psql(q, db_url)),
+                         timeout=30, what="the outcome recorded")
+        assert row == "delivered 1", row
+        time.sleep(7.0)  # a claim left to run out would have been taken back and sent again by now
+        assert sb.requests == before + 1 and sb.duplicates == 0, sb.answers
+        mid = pg.psql("SELECT public_id FROM events WHERE origin_native_id = 'k-cut'", db_url)
+        [dv] = [x for x in d.admin("GET", f"/messages/{mid}").json()["deliveries"] if x["destination"] == "peer:tg"]
+        assert [(x["attempt"], x["ok"]) for x in dv["tries"]] == [(1, True)], dv
+    finally:
+        for _, srv in made:
+            srv.close()
