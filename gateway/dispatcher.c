@@ -89,6 +89,7 @@ struct dispatcher {
 	int nlanes;
 	pthread_mutex_t mu;
 	atomic_int ndest; /* push destinations at the last claim (0: none yet) */
+	atomic_int_fast64_t ndest_us; /* when that claim read them (cw_now_us) */
 	int watcher;      /* the idle lane that waits for notifications, or -1 (under mu) */
 	pthread_cond_t idle; /* the other idle lanes sleep on it until the watcher takes a destination */
 	atomic_uint_fast64_t delivered, retried, dead, requests_ok, requests_failed, claims, claim_tries, npaused,
@@ -219,11 +220,24 @@ static void give_destination(struct lane *l)
 	pthread_mutex_unlock(&l->d->mu);
 }
 
+/* How long all_taken trusts the destinations a claim counted. */
+#define NDEST_FRESH_US 1000000
+
 /* Whether every push destination is some lane's already: a claim could
  * only find nothing, and each would cost the database a transaction (with
- * one busy destination, every commit's notification woke all idle lanes). */
+ * one busy destination, every commit's notification woke all idle lanes).
+ * The destinations are those a claim counted within NDEST_FRESH_US: a peer
+ * enabled or added, or the local adapter ready again, since is claimed by
+ * the next claim after that, at most one a second while every lane
+ * known is busy.  Until the forty-sixth session the count of the last claim
+ * held however old: with every destination it knew busy, no idle lane
+ * claimed again, and the new one's rows waited until a busy lane's
+ * delivery ended (minutes, for a peer's refused events searched or a
+ * Matrix batch of one room). */
 static bool all_taken(struct dispatcher *d)
 {
+	if (cw_now_us() - atomic_load(&d->ndest_us) > NDEST_FRESH_US)
+		return false;
 	int nd = atomic_load(&d->ndest), held = 0;
 	pthread_mutex_lock(&d->mu);
 	for (int i = 0; i < d->nlanes; i++)
@@ -997,6 +1011,7 @@ static int claim(struct lane *l, struct outbox_row **out)
 	}
 	int npeers = PQntuples(dr), nd = npeers + (local[0] != '\0');
 	atomic_store(&d->ndest, nd);
+	atomic_store(&d->ndest_us, cw_now_us());
 	for (int k = 0; k < nd && n == 0; k++) {
 		unsigned i = (l->next + (unsigned)k) % (unsigned)nd;
 		const char *name = (int)i < npeers ? PQgetvalue(dr, (int)i, 0) : local;

@@ -46,3 +46,47 @@ def test_an_outcome_lost_with_the_connection_after_a_renewed_claim_is_recorded(m
     finally:
         for _, srv in made:
             srv.close()
+
+
+def settled(pg, db_url):
+    wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE state NOT IN ('delivered', 'dropped')",
+                               db_url) == "0", what="every row delivered")
+
+
+def test_a_destination_enabled_while_every_known_one_is_busy_is_claimed(make_daemon, db_url, pg):
+    """Every push destination of the last claim is a lane's, each in a slow
+    delivery (12 s here), and a peer is enabled meanwhile: an idle lane
+    claims its rows within a second or so, not once one of the slow
+    deliveries is over.  Until the forty-sixth session the idle lanes
+    counted the destinations as of the last claim and, all of those taken,
+    made no claim at all: the new peer's rows waited for a busy lane to
+    finish (with a peer's refused events searched, 33 requests of up to
+    dispatcher.http_timeout_ms)."""
+    d = make_daemon(db_url, options={"dispatcher": {"http_timeout_ms": "30000", "lanes": "4"}}).start()
+    (a, sa), (b, sb) = made = push_peers(d)
+    try:
+        ab = room(a, b)
+        [(c, sc)] = push_peers(d, [("xx", "xx.example")])
+        made.append((c, sc))
+        ac = room(a, c)
+        settled(pg, db_url)
+        assert d.admin("POST", "/peers/xx/disable").status_code == 200
+        # A claim after the disable: the destinations it counts are gk and tg.
+        assert b.send(ab["id"], b.user("bob"), "counted without xx").status_code == 202
+        sa.wait_events(1)
+        settled(pg, db_url)
+        sa.delay = sb.delay = 12.0
+        ga, gb = sa.requests, sb.requests
+        assert a.send(ab["id"], a.user("alice"), "to tg, slowly").status_code == 202
+        assert b.send(ab["id"], b.user("bob"), "to gk, slowly").status_code == 202
+        wait_until(lambda: sa.requests == ga + 1 and sb.requests == gb + 1, what="both slow pushes under way")
+        assert a.send(ac["id"], a.user("alice"), "to xx, once it is back").status_code == 202
+        t0 = time.time()
+        assert d.admin("POST", "/peers/xx/enable").status_code == 200
+        sc.wait_events(1, timeout=15)
+        took = time.time() - t0
+        assert took < 4, took  # the slow pushes end 12 s after they began
+        assert sa.requests == ga + 1 and sb.requests == gb + 1
+    finally:
+        for _, srv in made:
+            srv.close()
