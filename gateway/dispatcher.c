@@ -102,6 +102,7 @@ struct dispatcher {
 	 * while a lane delivers (busy lanes, under mu). */
 	pthread_t keeper;
 	bool keeper_started;
+	struct store_canceller keeper_cancel; /* its statement, cancelled at a stop that waits for it */
 	pthread_cond_t keeper_cv;
 	int busy;
 	atomic_uint_fast64_t renewals;
@@ -1799,8 +1800,10 @@ static void *keeper_main(void *arg)
 		pthread_mutex_unlock(&d->mu);
 		cw_errmsg e;
 		if (!c || PQstatus(c) != CONNECTION_OK) {
+			store_canceller_set(&d->keeper_cancel, NULL);
 			PQfinish(c);
 			c = store_connect(d->url, 10000, &e);
+			store_canceller_set(&d->keeper_cancel, c);
 		}
 		const char *params[] = { prefix, timeout, oom ? NULL : ids.p };
 		int64_t began = cw_now_us(); /* before the statement's now() */
@@ -1834,6 +1837,7 @@ static void *keeper_main(void *arg)
 		pthread_mutex_lock(&d->mu);
 	}
 	pthread_mutex_unlock(&d->mu);
+	store_canceller_set(&d->keeper_cancel, NULL);
 	PQfinish(c);
 	return NULL;
 }
@@ -1850,6 +1854,7 @@ cw_err dispatcher_start(struct dispatcher **out, const struct dispatcher_opts *o
 	d->lanes = calloc((size_t)d->nlanes, sizeof(*d->lanes));
 	for (int i = 0; d->lanes && i < d->nlanes; i++)
 		store_canceller_init(&d->lanes[i].cancel);
+	store_canceller_init(&d->keeper_cancel);
 	pthread_mutex_init(&d->mu, NULL);
 	pthread_cond_init(&d->idle, NULL);
 	pthread_condattr_t ca;
@@ -1892,14 +1897,17 @@ void dispatcher_stop(struct dispatcher *d)
 	pthread_mutex_unlock(&d->mu);
 	/* A lane finishes its batch (its outcome recorded: not sent again by
 	 * the next start); one blocked in the database (a lock) for 2 s has
-	 * its statement cancelled, and its rows go again after their claim. */
-	struct timespec grace; /* one for all the lanes: blocked ones do not add up */
+	 * its statement cancelled, and its rows go again after their claim.
+	 * So has the keeper's renewal (until the forty-sixth session it was
+	 * waited for: a renewal held by a lock kept the stop for its
+	 * statement timeout, 10 s, and the stop's deadline ended it, exit 1). */
+	struct timespec grace; /* one for all the lanes and the keeper: blocked ones do not add up */
 	store_grace(&grace, 2000);
 	for (int i = 0; d->lanes && i < d->nlanes; i++)
 		if (d->lanes[i].started)
 			store_join_cancelling(d->lanes[i].thread, &d->lanes[i].cancel, &grace);
 	if (d->keeper_started)
-		pthread_join(d->keeper, NULL);
+		store_join_cancelling(d->keeper, &d->keeper_cancel, &grace);
 }
 
 void dispatcher_free(struct dispatcher *d)
@@ -1911,6 +1919,7 @@ void dispatcher_free(struct dispatcher *d)
 		store_canceller_destroy(&d->lanes[i].cancel);
 		free(d->lanes[i].orphans);
 	}
+	store_canceller_destroy(&d->keeper_cancel);
 	free(d->lanes);
 	free(d->pauses);
 	free(d->slows);

@@ -1,10 +1,12 @@
 """The dispatcher's hold on what it claimed (gateway/dispatcher.c): claims
 kept while a delivery runs long, outcomes recorded once the database is
 back, the stop."""
+import signal
 import time
 
 from harness import wait_until
 from peer import push_peers
+from test_faults import outbox_locked
 from test_peer_api import room
 
 
@@ -87,6 +89,39 @@ def test_a_destination_enabled_while_every_known_one_is_busy_is_claimed(make_dae
         took = time.time() - t0
         assert took < 4, took  # the slow pushes end 12 s after they began
         assert sa.requests == ga + 1 and sb.requests == gb + 1
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
+def test_sigterm_while_a_claims_renewal_waits_for_a_lock_stops_within_the_grace(make_daemon, db_url, pg):
+    """The claims' keeper renews the claim of a slow delivery while a lock
+    on outbox (a migration's) holds its UPDATE; SIGTERM comes.  Its
+    statement is cancelled after the grace the lanes get (2 s), as theirs
+    are, and the daemon exits 0 within the drain and a moment.  Until the
+    forty-sixth session the stop joined the keeper without cancelling
+    anything: it waited out the keeper's statement timeout (10 s), close
+    to the stop's deadline (drain plus 10 s, then exit 1)."""
+    d = make_daemon(db_url, options={"dispatcher": {"claim_timeout_s": "6", "http_timeout_ms": "30000"},
+                                     "server": {"drain_timeout_ms": "1000"}}).start()
+    (a, sa), (b, sb) = made = push_peers(d)
+    try:
+        rm = room(a, b)
+        settled(pg, db_url)
+        sb.delay = 20.0
+        before = sb.requests
+        assert a.send(rm["id"], a.user("alice"), "slow").status_code == 202
+        wait_until(lambda: sb.requests == before + 1, what="the slow push under way")
+        with outbox_locked(pg, db_url, "SHARE"):
+            wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                       "AND query LIKE 'UPDATE outbox SET claimed_until%'", db_url) == "1",
+                       timeout=10, what="the keeper's renewal waiting for the lock")
+            t0 = time.time()
+            d.signal(signal.SIGTERM)
+            rc = d.wait_exit(30)
+            took = time.time() - t0
+        assert rc == 0, d.log()[-3000:]
+        assert took < 6, took  # the drain (1 s), the grace (2 s) and a moment
     finally:
         for _, srv in made:
             srv.close()
