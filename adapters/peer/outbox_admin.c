@@ -134,10 +134,12 @@ void outbox_admin_list(struct cw_req *req, void *ctx)
 	"  (SELECT public_id FROM events WHERE id = o.event_id))::jsonb FROM o JOIN u ON u.id = o.id) "
 
 /* Runs a replay's or a discard's statement sql ($1 the row's id, $2 the
- * actor; its answer the row's state before and how many rows it changed)
- * and answers: 404 for no such row, 409 for a row that is no dead letter
- * (verb: what cannot be done to it), else the row's new state; *done when
- * it changed the row.  Only a dead letter is locked (by the UPDATE that
+ * actor; its answer the row's state before, how many rows it changed and,
+ * for a replay, the earliest dead letter of the row's room to its
+ * destination before it, NULL for none) and answers: 404 for no such row,
+ * 409 for a row that is no dead letter (verb: what cannot be done to it)
+ * or one an earlier dead letter holds back, else the row's new state;
+ * *done when it changed the row.  Only a dead letter is locked (by the UPDATE that
  * changes it): a lock on a pending row, held until the group commit's
  * batch ends, would make the dispatchers' claim (SKIP LOCKED) pass it over
  * and send the next row of its room first. */
@@ -151,8 +153,14 @@ static cw_err dead_letter_change(PGconn *c, struct app_job *j, const char *sql, 
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 	if (rc)
 		return rc;
+	bool dead = PQntuples(r) && (strcmp(PQgetvalue(r, 0, 0), "dead") == 0 || strcmp(PQgetvalue(r, 0, 0), "failed") == 0);
 	if (PQntuples(r) == 0)
 		app_job_fail(j, 404, "not_found", "no outbox row with that id");
+	else if (strcmp(PQgetvalue(r, 0, 1), "0") == 0 && dead && PQnfields(r) > 2 && !PQgetisnull(r, 0, 2))
+		app_job_fail(j, 409, "conflict",
+			     "outbox row %s, an earlier message of this row's room to the same destination, is a dead "
+			     "letter too: replay it (or discard it) first, so that the room's messages arrive in order",
+			     PQgetvalue(r, 0, 2));
 	else if (strcmp(PQgetvalue(r, 0, 1), "0") == 0)
 		app_job_fail(j, 409, "conflict", "only a dead letter can be %s; this row is %s", verb, PQgetvalue(r, 0, 0));
 	else
@@ -167,7 +175,15 @@ static cw_err dead_letter_change(PGconn *c, struct app_job *j, const char *sql, 
  * policy thread's recheck does after a change of them: a row they now
  * refuse is dropped (content erased, the reason audited) and the replay
  * refused, 409.  Until the thirty-first session a dead letter replayed
- * after a deny of its sender's domain was delivered. */
+ * after a deny of its sender's domain was delivered.
+ *
+ * A dead letter whose room has an earlier one to the same destination (e)
+ * is not replayed (409, naming it): pending, the claim would send it at
+ * once, before the earlier one (a dead row holds no room back: the rows
+ * written after it go on), and the peer would get the room's messages out
+ * of order.  The dispatcher makes a room's later rows dead with its first
+ * so that a replay oldest first keeps the order; until the forty-sixth
+ * session nothing kept a replay to that order. */
 static cw_err replay_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	const char *reason;
@@ -183,12 +199,14 @@ static cw_err replay_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	}
 	bool done;
 	rc = dead_letter_change(c, j,
-		"WITH o AS (SELECT id, state, destination, event_id FROM outbox WHERE id = $1::bigint), "
+		"WITH o AS (SELECT id, state, destination, event_id, room_id FROM outbox WHERE id = $1::bigint), "
+		"e AS (SELECT min(p.id) AS id FROM outbox p JOIN o ON p.destination = o.destination "
+		"  AND p.room_id = o.room_id AND p.id < o.id WHERE p.state IN ('dead', 'failed')), "
 		"u AS (UPDATE outbox x SET state = 'pending', attempts = 0, next_attempt_at = now(), "
 		"  claimed_by = NULL, claimed_until = NULL, sender_told_at = NULL FROM o "
-		"  WHERE x.id = o.id AND x.state IN ('dead', 'failed') RETURNING x.id), "
+		"  WHERE x.id = o.id AND x.state IN ('dead', 'failed') AND (SELECT id FROM e) IS NULL RETURNING x.id), "
 		OUTBOX_AUDIT("outbox.replay")
-		"SELECT o.state, (SELECT count(*) FROM u) FROM o",
+		"SELECT o.state, (SELECT count(*) FROM u), (SELECT id FROM e) FROM o",
 		"replayed", "pending", &done, e);
 	return rc || !done ? rc : store_exec(c, "NOTIFY causeway_outbox", e);
 }

@@ -234,3 +234,48 @@ def test_an_unreadable_stored_event_is_a_dead_letter_counted_as_one(make_daemon,
     assert pg.psql(f"SELECT sender_told_at IS NOT NULL FROM outbox WHERE id = {row_id}", db_url) == "t"
     for _, srv in peers:
         srv.close()
+
+
+def test_a_replay_waits_for_the_earlier_dead_letters_of_its_room(make_daemon, db_url, pg):
+    """A dead letter whose room has an earlier dead letter to the same
+    destination is not replayed before it: 409 naming that row, nothing
+    changed.  Replayed first, the later message would reach the peer before
+    the earlier one.  Discarded (given up), the earlier one no longer holds
+    it.  Until the forty-sixth session any dead letter was replayed at
+    once, and the room's order held only if the operator replayed oldest
+    first."""
+    d = make_daemon(db_url, options={"dispatcher": {"retry_budget": "2", "retry_base_ms": "20",
+                                                    "retry_max_ms": "50"}}).start()
+    peers = push_peers(d)
+    (a, _), (b, sb) = peers
+    room = a.create_room([a.user("alice"), b.user("bob")]).json()["id"]
+    other = a.create_room([a.user("carol"), b.user("bob")]).json()["id"]
+    sb.fail_next = 10 ** 9  # B is down
+    ids = [a.send(room, a.user("alice"), f"m{i}").json()["id"] for i in range(3)]
+    elsewhere = a.send(other, a.user("carol"), "elsewhere").json()["id"]
+
+    def dead_rows():
+        rows = d.admin("GET", "/outbox?state=dead&destination=peer:tg").json()["rows"]
+        return rows if len(rows) == 4 else None
+    rows = wait_until(dead_rows, timeout=30, what="four dead letters")
+    mine = [x for x in rows if x["message"] in ids]
+    assert [x["message"] for x in mine] == ids, rows
+    [lone] = [x for x in rows if x["message"] == elsewhere]
+    sb.fail_next = 0
+    r = d.admin("POST", f"/outbox/{mine[1]['id']}/replay")
+    assert r.status_code == 409 and r.json()["code"] == "conflict", r.text
+    assert str(mine[0]["id"]) in r.json()["detail"] and "first" in r.json()["detail"], r.text
+    state = pg.psql(f"SELECT state || ' ' || attempts FROM outbox WHERE id = {mine[1]['id']}", db_url)
+    assert state == f"dead {mine[1]['attempts']}", state
+    assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'outbox.replay'", db_url) == "0"
+    # Another room's dead letter has nothing before it.
+    assert d.admin("POST", f"/outbox/{lone['id']}/replay").status_code == 200
+    assert [e["id"] for e in sb.wait_events(1)] == [elsewhere]
+    # The first given up, the second goes; the third waits for it no more.
+    assert d.admin("POST", f"/outbox/{mine[0]['id']}/discard").status_code == 200
+    assert d.admin("POST", f"/outbox/{mine[1]['id']}/replay").status_code == 200
+    assert d.admin("POST", f"/outbox/{mine[2]['id']}/replay").status_code == 200
+    got = sb.wait_events(3)
+    assert [e["id"] for e in got[1:]] == ids[1:]
+    for _, srv in peers:
+        srv.close()
