@@ -121,7 +121,9 @@ def test_sigterm_while_a_claims_renewal_waits_for_a_lock_stops_within_the_grace(
             rc = d.wait_exit(30)
             took = time.time() - t0
         assert rc == 0, d.log()[-3000:]
-        assert took < 6, took  # the drain (1 s), the grace (2 s) and a moment
+        # the drain (1 s), the dispatcher's grace (2 s), the policy thread's, held
+        # by the same lock (2 s), and a moment; not the keeper's 10 s statement timeout
+        assert took < 9, took
     finally:
         for _, srv in made:
             srv.close()
