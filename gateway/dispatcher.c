@@ -596,15 +596,17 @@ static void nap(struct dispatcher *d)
 	}
 }
 
-/* A new connection for the lane, tried at its pace for as long as its
- * claim holds (the rows of its last claim are still its own: claimed_us,
- * which the keeper's renewals move on); false if the claim ran out first
- * or the daemon stops. */
+/* Whether the rows of the lane's last claim are still its own: its claim,
+ * or the keeper's last renewal of it (claimed_us), was less than
+ * claim_timeout_s ago. */
 static bool claim_holds(const struct lane *l)
 {
 	return cw_now_us() < atomic_load(&l->claimed_us) + (int64_t)l->d->o.claim_timeout_s * 1000000;
 }
 
+/* A new connection for the lane, tried at its pace for as long as its
+ * claim holds (claim_holds); false if the claim ran out first or the
+ * daemon stops. */
 static bool reconnect_within_claim(struct lane *l)
 {
 	struct dispatcher *d = l->d;
@@ -1815,14 +1817,14 @@ static void *keeper_main(void *arg)
 			atomic_fetch_add(&d->renewals, 1);
 			/* The lanes still on the deliveries renewed (the same
 			 * rows: not between two, when a lane writes claimed_us
-			 * itself) hold their rows that much longer: a lane whose connection broke
-			 * records the outcome on a new one until then
-			 * (reconnect_within_claim).  Until the forty-sixth
-			 * session it gave up claim_timeout_s after its claim
-			 * began, renewals aside: after a delivery longer than
-			 * that, a broken connection left the outcome
-			 * unrecorded, and the rows, delivered, were sent again
-			 * once their claim ran out. */
+			 * itself) hold their rows that much longer: a lane
+			 * whose connection broke records the outcome on a new
+			 * one until then (reconnect_within_claim).  Until the
+			 * forty-sixth session it gave up claim_timeout_s after
+			 * its claim began, renewals aside: after a delivery
+			 * longer than that, a broken connection left the
+			 * outcome unrecorded, and the rows, delivered, were
+			 * sent again once their claim ran out. */
 			pthread_mutex_lock(&d->mu);
 			for (int i = 0; i < d->nlanes; i++)
 				if (d->lanes[i].rows && d->lanes[i].renewing == d->lanes[i].gen &&

@@ -139,10 +139,10 @@ void outbox_admin_list(struct cw_req *req, void *ctx)
  * destination before it, NULL for none) and answers: 404 for no such row,
  * 409 for a row that is no dead letter (verb: what cannot be done to it)
  * or one an earlier dead letter holds back, else the row's new state;
- * *done when it changed the row.  Only a dead letter is locked (by the UPDATE that
- * changes it): a lock on a pending row, held until the group commit's
- * batch ends, would make the dispatchers' claim (SKIP LOCKED) pass it over
- * and send the next row of its room first. */
+ * *done when it changed the row.  Only a dead letter is locked (by the
+ * UPDATE that changes it): a lock on a pending row, held until the group
+ * commit's batch ends, would make the dispatchers' claim (SKIP LOCKED)
+ * pass it over and send the next row of its room first. */
 static cw_err dead_letter_change(PGconn *c, struct app_job *j, const char *sql, const char *verb,
 				 const char *new_state, bool *done, cw_errmsg *e)
 {
@@ -153,7 +153,8 @@ static cw_err dead_letter_change(PGconn *c, struct app_job *j, const char *sql, 
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 	if (rc)
 		return rc;
-	bool dead = PQntuples(r) && (strcmp(PQgetvalue(r, 0, 0), "dead") == 0 || strcmp(PQgetvalue(r, 0, 0), "failed") == 0);
+	const char *was = PQntuples(r) ? PQgetvalue(r, 0, 0) : "";
+	bool dead = strcmp(was, "dead") == 0 || strcmp(was, "failed") == 0;
 	if (PQntuples(r) == 0)
 		app_job_fail(j, 404, "not_found", "no outbox row with that id");
 	else if (strcmp(PQgetvalue(r, 0, 1), "0") == 0 && dead && PQnfields(r) > 2 && !PQgetisnull(r, 0, 2))
