@@ -1,6 +1,7 @@
-"""The dispatcher's hold on what it claimed (gateway/dispatcher.c): claims
-kept while a delivery runs long, outcomes recorded once the database is
-back, the stop."""
+"""The dispatcher's lanes and what they claimed (gateway/dispatcher.c): an
+outcome recorded on a new connection while the renewed claim holds, a
+destination that comes up while every known one is busy, the stop while
+the claims' keeper waits."""
 import signal
 import time
 
@@ -8,6 +9,11 @@ from harness import wait_until
 from peer import push_peers
 from test_faults import outbox_locked
 from test_peer_api import room
+
+
+def settled(pg, db_url):
+    wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE state NOT IN ('delivered', 'dropped')",
+                               db_url) == "0", what="every row delivered")
 
 
 def test_an_outcome_lost_with_the_connection_after_a_renewed_claim_is_recorded(make_daemon, db_url, pg):
@@ -24,8 +30,7 @@ def test_an_outcome_lost_with_the_connection_after_a_renewed_claim_is_recorded(m
     (a, sa), (b, sb) = made = push_peers(d)
     try:
         rm = room(a, b)
-        wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE state NOT IN ('delivered', 'dropped')",
-                                   db_url) == "0", what="the room's making delivered")
+        settled(pg, db_url)
         before = sb.requests
         sb.delay = 8.0
         assert a.send(rm["id"], a.user("alice"), "slow, then cut", idem="k-cut").status_code == 202
@@ -48,11 +53,6 @@ def test_an_outcome_lost_with_the_connection_after_a_renewed_claim_is_recorded(m
     finally:
         for _, srv in made:
             srv.close()
-
-
-def settled(pg, db_url):
-    wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE state NOT IN ('delivered', 'dropped')",
-                               db_url) == "0", what="every row delivered")
 
 
 def test_a_destination_enabled_while_every_known_one_is_busy_is_claimed(make_daemon, db_url, pg):
