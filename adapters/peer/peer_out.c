@@ -404,10 +404,15 @@ static void try_rows(struct iso *s, size_t *idx, size_t k)
 		return;
 	}
 	s->left--;
+	/* A batch short of a row it failed to take (memory) is not sent: a
+	 * 2xx would mark the row left out delivered (until the forty-sixth
+	 * session it was sent so). */
 	json_t *events = json_array();
 	for (size_t x = 0; events && x < k; x++)
-		if (json_array_append(events, s->evs[idx[x]]))
-			break;
+		if (json_array_append(events, s->evs[idx[x]])) {
+			json_decref(events);
+			events = NULL;
+		}
 	long code = 0;
 	curl_off_t wait_s = 0;
 	cw_errmsg e = { { 0 } };
@@ -562,6 +567,7 @@ cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct ou
 	snprintf(types, sizeof(types), "%s", PQgetvalue(r, 0, 1));
 	PQclear(r);
 
+	cw_err rc = CW_OK;
 	json_t **evs = calloc(n ? n : 1, sizeof(*evs));
 	size_t *idx = malloc((n ? n : 1) * sizeof(*idx));
 	json_t *events = json_array();
@@ -576,11 +582,13 @@ cw_err peer_out_deliver(void *ctx, PGconn *c, const char *destination, struct ou
 		const char *type = json_string_value(json_object_get(rows[i].event, "type"));
 		if (all_types || !type || peer_event_type_wanted(types, type)) {
 			evs[i] = peer_media_offer(p->app, name, rows[i].event);
-			json_array_append(events, evs[i]);
 			idx[k++] = i;
+			if (json_array_append(events, evs[i])) { /* as in try_rows */
+				rc = cw_fail(e, CW_ENOMEM, "out of memory");
+				goto out;
+			}
 		}
 	}
-	cw_err rc = CW_OK;
 	if (k == 0) {
 		*done = n;
 		goto out;
