@@ -806,6 +806,8 @@ static bool unreadable_error(const xmpp_stream_error_t *se)
 	return false;
 }
 
+static void stream_up(struct xcomp *xc);
+
 static void on_conn(xmpp_conn_t *conn, xmpp_conn_event_t ev, int error, xmpp_stream_error_t *se, void *arg)
 {
 	(void)conn;
@@ -813,6 +815,7 @@ static void on_conn(xmpp_conn_t *conn, xmpp_conn_event_t ev, int error, xmpp_str
 	if (ev == XMPP_CONN_CONNECT || ev == XMPP_CONN_RAW_CONNECT) {
 		atomic_fetch_add(&xc->connects, 1);
 		xc->up_event = true;
+		stream_up(xc);
 		return;
 	}
 	char why[200];
@@ -1054,6 +1057,38 @@ static void outbox_due_now(struct xcomp *xc, PGconn *c)
 	PQclear(r);
 }
 
+/* The handshake was answered: the stream is up from here on, inside the
+ * libstrophe turn that read the answer, so the stanzas read with it in the
+ * same turn (a user's message, ping or subscribe sent at that very moment)
+ * are served on an up stream.  Until the forty-sixth session the stream
+ * counted as up only after that turn: their answers, kept or not, were
+ * dropped unwritten (xa_send_now, xa_send_kept: nothing is written while
+ * not up).  What was written before the break goes first (recent_resend),
+ * then the rooms' occupants are taken over (before a join read with the
+ * answer would find them empty and keep them from being loaded), and the
+ * rows that waited for the stream are made due. */
+static void stream_up(struct xcomp *xc)
+{
+	set_state(xc, XC_UP, NULL, false);
+	/* What is written from now on, the stanzas written again included
+	 * (stamped with the same time: a later one would count them as
+	 * proven, and a second break would forget them), is proven by the
+	 * next ping. */
+	int64_t up_ms = cw_wall_ms();
+	recent_resend(xc, xc->drop_wall_ms, up_ms);
+	xc->proven_ms = up_ms;
+	xc->resend_pending = true;
+	xc->resend_after = 0;
+	xc->audit_seen = -1; /* the roster sync goes on from the stored cursor */
+	xc->profiles_xid = -1; /* and so do the profiles */
+	xc->ping_sent_ms = 0;
+	xc->ping_next_ms = mono_ms() + PING_EVERY_MS;
+	if (xc->lock) {
+		xa_muc_load(xc, xc->lock);
+		outbox_due_now(xc, xc->lock);
+	}
+}
+
 /* libstrophe waits with select(), which cannot watch a descriptor at or
  * above FD_SETSIZE, and the HTTP front may hold a thousand connections.  A
  * descriptor is taken at start, while they are all low, and given up just
@@ -1102,12 +1137,11 @@ static void stream_close(struct xcomp *xc)
  * just before.  keep_recent false: those are forgotten instead, since the
  * stream may be another process's before this one holds it again, and they
  * would come late and twice. */
-static void stream_give_up(struct xcomp *xc, enum xc_state s, const char *why, bool keep_recent,
-			   int64_t *drop_wall_ms)
+static void stream_give_up(struct xcomp *xc, enum xc_state s, const char *why, bool keep_recent)
 {
 	stream_close(xc);
 	set_state(xc, s, why, true);
-	*drop_wall_ms = cw_wall_ms();
+	xc->drop_wall_ms = cw_wall_ms();
 	if (!keep_recent)
 		recent_clear(xc);
 }
@@ -1287,7 +1321,7 @@ static void *comp_main(void *arg)
 	const struct cw_config *cfg = x->cfg;
 	PGconn *lock = NULL;
 	long backoff = 0;
-	int64_t next_try = 0, next_house = 0, drop_wall_ms = 0, up_since = 0; /* mono_ms() it came up, 0: down */
+	int64_t next_try = 0, next_house = 0, up_since = 0; /* mono_ms() it came up, 0: down */
 	while (!atomic_load(&x->stop)) {
 		int64_t now = mono_ms();
 		if (!lock) {
@@ -1319,6 +1353,7 @@ static void *comp_main(void *arg)
 			 * stream answer one that may have been another's since. */
 			queue_drop(xc);
 			next_try = 0;
+			xc->lock = lock;
 		}
 		if (!xc->conn) {
 			if (now < next_try) {
@@ -1355,26 +1390,10 @@ static void *comp_main(void *arg)
 			parser_memory(xc);
 		}
 		now = mono_ms();
-		if (xc->up_event && !xc->dropped) {
+		if (xc->up_event && !xc->dropped) { /* up since the handshake's answer (stream_up) */
 			xc->up_event = false;
-			set_state(xc, XC_UP, NULL, false);
 			up_since = now;
-			/* What is written from now on, the stanzas written again
-			 * included (stamped with the same time: a later one would
-			 * count them as proven, and a second break would forget
-			 * them), is proven by the next ping. */
-			int64_t up_ms = cw_wall_ms();
-			recent_resend(xc, drop_wall_ms, up_ms);
-			xc->proven_ms = up_ms;
-			xc->resend_pending = true;
-			xc->resend_after = 0;
-			xc->audit_seen = -1; /* the roster sync goes on from the stored cursor */
-			xc->profiles_xid = -1; /* and so do the profiles */
-			xc->ping_sent_ms = 0;
-			xc->ping_next_ms = now + PING_EVERY_MS;
 			next_house = 0;
-			xa_muc_load(xc, lock);
-			outbox_due_now(xc, lock);
 		}
 		if (xc->dropped) {
 			bool auth = xc->auth_failed, unreadable = xc->unreadable;
@@ -1402,7 +1421,7 @@ static void *comp_main(void *arg)
 			 * every 125-250 ms. */
 			int64_t up_ms = up_since ? now - up_since : -1;
 			xc->short_breaks = up_ms >= XA_STABLE_MS ? 0 : xc->short_breaks + 1;
-			stream_give_up(xc, auth ? XC_AUTH_FAILED : XC_DOWN, why, !unreadable, &drop_wall_ms);
+			stream_give_up(xc, auth ? XC_AUTH_FAILED : XC_DOWN, why, !unreadable);
 			backoff = xa_reconnect_backoff(backoff, up_ms, auth, cfg->xmpp_reconnect_max_ms);
 			up_since = 0;
 			unsigned char r;
@@ -1426,10 +1445,10 @@ static void *comp_main(void *arg)
 				/* Without its connection the lock is gone: another
 				 * process may take the component now. */
 				stream_give_up(xc, XC_DOWN, "lost the database connection that holds the component's lock",
-					       false, &drop_wall_ms);
+					       false);
 				up_since = 0;
 				PQfinish(lock);
-				lock = NULL;
+				lock = xc->lock = NULL;
 				next_try = now + 1000;
 				continue;
 			}
@@ -1449,10 +1468,11 @@ static void *comp_main(void *arg)
 			}
 		}
 	}
-	stream_give_up(xc, XC_DOWN, "the daemon is stopping", false, &drop_wall_ms);
+	stream_give_up(xc, XC_DOWN, "the daemon is stopping", false);
 	if (lock)
 		xa_muc_sync(xc, lock); /* nobody is in any more */
 	PQfinish(lock);
+	xc->lock = NULL;
 	release_low_fd(xc);
 	return NULL;
 }

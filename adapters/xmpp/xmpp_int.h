@@ -144,6 +144,8 @@ struct xcomp {
 	long long profiles_wait, profiles_past;
 	int64_t profiles_wait_since_ms;
 	bool up_event, dropped, auth_failed; /* set by libstrophe's connection handler */
+	PGconn *lock;                   /* the connection that holds the component's lock (the thread's), or NULL */
+	int64_t drop_wall_ms;           /* when the last stream was given up (wall clock), for the re-send */
 	bool unreadable;                /* it too: the server found the stream not well-formed (or invalid XML) */
 	char drop_reason[200];
 	char ping_id[40];               /* the keepalive ping to the server */

@@ -5463,12 +5463,13 @@ class HostileServer:
         self.conn = None
         self.received = b""
 
-    def accept(self, timeout=15, prolog=b"", header_size=0, handshake=True):
+    def accept(self, timeout=15, prolog=b"", header_size=0, handshake=True, with_answer=b""):
         """Takes the component's (next) connection; prolog: written between
         the XML declaration and the stream's header, after which there is
         no handshake to wait for; header_size: the stream header padded (in
         an attribute) to that many bytes from the first, the XML
-        declaration included; handshake: wait for it."""
+        declaration included; handshake: wait for it; with_answer: written
+        in the same write as the handshake's answer."""
         self.listener.settimeout(timeout)
         if self.conn:
             self.conn.close()
@@ -5489,7 +5490,7 @@ class HostileServer:
         hs = self._until(b"</handshake>")
         digest = re.search(rb"<handshake[^>]*>([0-9a-fA-F]+)</handshake>", hs).group(1).decode().lower()
         assert digest == hashlib.sha1(b"hostile1" + self.secret.encode()).hexdigest()
-        self.conn.sendall(b"<handshake/>")
+        self.conn.sendall(b"<handshake/>" + with_answer)
 
     def _until(self, marker):
         while marker not in self.received:
@@ -5695,6 +5696,29 @@ def test_markup_xmpp_forbids_closes_the_stream(make_daemon, db_url, pg):
         assert m and m.group(1) == "3"
         assert "aaaaaaaaaa" not in d.log()
         assert pg.psql("SELECT count(*) FROM events", db_url) == "0"
+    finally:
+        srv.close()
+
+
+def test_what_comes_with_the_handshakes_answer_is_answered(make_daemon, db_url):
+    """Stanzas the server sends in the same read as the handshake's answer
+    (a user's ping and subscribe to the gateway, sent at the very moment
+    the component connects) are served as on an up stream. Until the
+    forty-sixth session the stream counted as up only after the loop's turn
+    that read them: their answers, kept (the subscribe's) or not (the
+    ping's), were dropped unwritten, and the user's subscription stayed
+    pending."""
+    srv = HostileServer(SECRET)
+    try:
+        d = srv.daemon(make_daemon, db_url)
+        f = f"from='{ALICE_JID}/phone' to='{COMP}'"
+        srv.accept(with_answer=(f"<iq type='get' id='h1' {f}><ping xmlns='urn:xmpp:ping'/></iq>"
+                                f"<presence type='subscribe' {f}/>").encode())
+        got = srv._until(b'type="subscribed"') + srv._until(b">")
+        assert re.search(rb'<iq[^>]* id="h1"[^>]* type="result"|<iq[^>]* type="result"[^>]* id="h1"', got), got
+        subscribed = re.findall(rb"<presence[^>]*>", got)[-1]
+        assert f'to="{ALICE_JID}"'.encode() in subscribed and f'from="{COMP}"'.encode() in subscribed, got
+        wait_until(lambda: component_state(d)["state"] == "up", what="the component's stream")
     finally:
         srv.close()
 
