@@ -867,36 +867,46 @@ static void recent_clear(struct xcomp *xc)
 	xc->recent_head = 0;
 }
 
-/* Since when written stanzas must be kept for a re-send: the window
- * before now, or, when earlier, the last time everything written was
- * known to have reached the server (a break that only the ping's
- * timeout finds, up to 90 s later, loses what was written since). */
-static int64_t recent_since(const struct xcomp *xc, int64_t now_ms)
+/* Whether a stanza written before a break at ref_ms is written again
+ * after the reconnect: one the server may not have (written again, or
+ * first, since it last answered a ping: proven_ms, or the stream's start),
+ * or one first written in the window before the break (a server may lose
+ * what it took in its last seconds).  A stanza written again is counted
+ * from its first write: until the forty-sixth session it was stamped anew
+ * at each re-send, so a stream that broke every few seconds wrote the same
+ * stanzas again after every reconnect, for as long as it flapped. */
+static bool recent_needed(const struct xcomp *xc, const struct xr_item *r, int64_t ref_ms)
 {
-	int64_t since = now_ms - xc->x->cfg->xmpp_resend_window_ms;
-	return xc->proven_ms && xc->proven_ms < since ? xc->proven_ms : since;
+	return r->at_ms >= xc->proven_ms || r->first_ms >= ref_ms - xc->x->cfg->xmpp_resend_window_ms;
 }
 
-/* Remembers a written stanza (takes text) and forgets those no re-send
- * needs (recent_since), and the oldest past XMPP_RECENT_MAX stanzas or
- * XMPP_RECENT_BYTES.  An <iq/> is not kept: an answer to a request is
- * asked for again, and a vCard with its avatar is large. */
-static void recent_add(struct xcomp *xc, char *text, int64_t now_ms)
+/* Remembers a written stanza (takes text; first_ms: its first write) and
+ * forgets those no re-send needs (recent_needed), and the oldest past
+ * XMPP_RECENT_MAX stanzas or XMPP_RECENT_BYTES.  An <iq/> is not kept: an
+ * answer to a request is asked for again, and a vCard with its avatar is
+ * large. */
+static void recent_keep(struct xcomp *xc, char *text, int64_t first_ms, int64_t now_ms)
 {
 	size_t len = strlen(text);
 	if (xc->x->cfg->xmpp_resend_window_ms <= 0 || strncmp(text, "<iq", 3) == 0 || len > XMPP_RECENT_BYTES / 4) {
 		free(text);
 		return;
 	}
-	int64_t since = recent_since(xc, now_ms);
-	while (xc->recent_n && (xc->recent_n == XMPP_RECENT_MAX || xc->recent[xc->recent_head].at_ms < since ||
+	while (xc->recent_n && (xc->recent_n == XMPP_RECENT_MAX || !recent_needed(xc, &xc->recent[xc->recent_head], now_ms) ||
 				xc->recent_bytes + len > XMPP_RECENT_BYTES))
 		recent_drop_oldest(xc);
 	struct xr_item *r = &xc->recent[(xc->recent_head + xc->recent_n) % XMPP_RECENT_MAX];
 	r->at_ms = now_ms;
+	r->first_ms = first_ms;
 	r->text = text;
 	xc->recent_n++;
 	xc->recent_bytes += len;
+}
+
+/* A stanza written now for the first time (takes text). */
+static void recent_add(struct xcomp *xc, char *text, int64_t now_ms)
+{
+	recent_keep(xc, text, now_ms, now_ms);
 }
 
 void xa_send_kept(struct xcomp *xc, xmpp_stanza_t *st)
@@ -941,7 +951,20 @@ void xa_notice(struct xcomp *xc, enum xa_write how, const char *to, const char *
 	vsnprintf(text, sizeof(text), fmt, ap);
 	va_end(ap);
 	xmpp_stanza_set_from(m, xc->domain);
+	/* An id, and the same origin-id (XEP-0359), as every message the
+	 * component writes: a notice written again after a break (kept) is
+	 * the same message to a client that deduplicates.  Until the
+	 * forty-sixth session a notice had none, and showed twice. */
+	unsigned char raw[8];
+	char id[8 + 2 * sizeof(raw) + 1];
+	cw_random(raw, sizeof(raw));
+	memcpy(id, "cw-note-", 8);
+	cw_hex(id + 8, raw, sizeof(raw));
+	xmpp_stanza_set_id(m, id);
 	xa_text_child(ctx, m, "body", NULL, text); /* XML 1.0 text: a cut may split a character */
+	xmpp_stanza_t *oid = xa_child(ctx, m, "origin-id", "urn:xmpp:sid:0");
+	if (oid)
+		xmpp_stanza_set_attribute(oid, "id", id);
 	if (how == XA_QUEUED)
 		xa_enqueue_stanza(xc, m);
 	else if (how == XA_NOW)
@@ -956,7 +979,6 @@ void xa_notice(struct xcomp *xc, enum xa_write how, const char *to, const char *
  * a second break before the server proves it has them sends them again. */
 static void recent_resend(struct xcomp *xc, int64_t drop_ms, int64_t now)
 {
-	int64_t since = recent_since(xc, drop_ms);
 	size_t n = 0, total = xc->recent_n;
 	struct xr_item *all = malloc((total ? total : 1) * sizeof(*all));
 	if (!all) {
@@ -971,12 +993,12 @@ static void recent_resend(struct xcomp *xc, int64_t drop_ms, int64_t now)
 	}
 	xc->recent_head = xc->recent_n = xc->recent_bytes = 0;
 	for (size_t i = 0; i < total; i++) {
-		if (all[i].at_ms < since) {
+		if (!recent_needed(xc, &all[i], drop_ms)) {
 			free(all[i].text);
 			continue;
 		}
 		xmpp_send_raw(xc->conn, all[i].text, strlen(all[i].text));
-		recent_add(xc, all[i].text, now);
+		recent_keep(xc, all[i].text, all[i].first_ms, now);
 		n++;
 	}
 	free(all);
@@ -1081,8 +1103,13 @@ static void stream_up(struct xcomp *xc)
 	xc->resend_after = 0;
 	xc->audit_seen = -1; /* the roster sync goes on from the stored cursor */
 	xc->profiles_xid = -1; /* and so do the profiles */
+	/* The first ping goes at once, after what the first housekeeping
+	 * writes (the pending requests): its answer proves what was written
+	 * again, which a break soon after then need not write a third time.
+	 * Until the forty-sixth session it went a minute later, and a stream
+	 * that broke every few seconds never proved anything. */
 	xc->ping_sent_ms = 0;
-	xc->ping_next_ms = mono_ms() + PING_EVERY_MS;
+	xc->ping_next_ms = mono_ms();
 	if (xc->lock) {
 		xa_muc_load(xc, xc->lock);
 		outbox_due_now(xc, xc->lock);

@@ -33,9 +33,12 @@ struct xq_item {
 	char text[];         /* serialised, NUL-terminated */
 };
 
-/* A stanza written recently: re-sent after a reconnect. */
+/* A stanza written recently: re-sent after a reconnect.  at_ms: when it
+ * was last written (the server has it once a ping sent since then is
+ * answered), first_ms: when it was first written (the re-send window is
+ * counted from there). */
 struct xr_item {
-	int64_t at_ms;
+	int64_t at_ms, first_ms;
 	char *text;
 };
 #define XMPP_RECENT_MAX 4096

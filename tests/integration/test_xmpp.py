@@ -5068,12 +5068,16 @@ def test_a_second_break_soon_after_a_reconnect_writes_the_stanzas_again(make_dae
         srv.close()
 
 
-def test_stanzas_written_again_stay_kept_past_the_window(make_daemon, db_url, prosody, pg):
-    """The stanzas written again after a reconnect are stamped with the
-    time the new stream was taken as unproven from: a second break found
-    after the window (by the ping, say) writes them again.  They were
-    stamped a little before it (writing 500 takes milliseconds), counted as
-    proven, and forgotten."""
+def test_stanzas_written_again_are_proven_by_the_first_ping(make_daemon, db_url, prosody, pg):
+    """The stanzas written again after a reconnect stay kept until the
+    server proves it has them (a stream that never proves it writes them
+    again after each break, past the window too:
+    test_a_flapping_stream_writes_a_stanza_again_only_until_the_server_proves_it_has_it);
+    the first ping goes right after the reconnect, Prosody answers it, and
+    a second break past the window (counted from their first write) writes
+    none of the 500 again. Until the forty-sixth session the first ping
+    went a minute later and the re-sent stanzas were stamped anew: the
+    second break wrote all 500 a third time."""
     d, a, srv = start_with_gk(make_daemon, db_url, prosody, xmpp={"resend_window_ms": "2000"})
     try:
         consent_alice(d)
@@ -5093,11 +5097,10 @@ def test_stanzas_written_again_stay_kept_past_the_window(make_daemon, db_url, pr
             wait_until(lambda: component_state(d)["state"] != "up", what="the stream to break")
             prosody.start()
             wait_until(lambda: component_state(d)["state"] == "up", timeout=30, what="the reconnect")
-            rec = d.wait_for(lambda r: r.get("msg", "").startswith("xmpp: stanzas of the seconds before the break"),
-                             timeout=10, start=start)
-            said.append(int(rec["stanzas"]))
-            time.sleep(3)  # past the 2 s window, long before the first ping (60 s)
-        assert said == [500, 500], said
+            time.sleep(3)  # past the 2 s window; the first ping answered long before
+            said.append(sum(int(r["stanzas"]) for r in d.records[start:]
+                            if r.get("msg", "").startswith("xmpp: stanzas of the seconds before the break")))
+        assert said == [500, 0], said
     finally:
         srv.close()
 
@@ -5516,6 +5519,28 @@ class HostileServer:
     def send(self, xml):
         self.conn.sendall(xml.encode())
 
+    def read_for(self, seconds):
+        """All the component writes in the next seconds (and what was read
+        and not yet taken)."""
+        end = time.time() + seconds
+        got, self.received = self.received, b""
+        while end > time.time():
+            self.conn.settimeout(end - time.time())
+            try:
+                chunk = self.conn.recv(65536)
+            except (socket.timeout, TimeoutError):
+                break
+            if not chunk:
+                break
+            got += chunk
+        self.conn.settimeout(15)
+        return got
+
+    def answer_pings(self, got):
+        """Answers the component's pings in got (what it wrote)."""
+        for sid in re.findall(rb'id="(cw-ping-[0-9a-f]+)"', got):
+            self.send(f"<iq type='result' id='{sid.decode()}' from='{HOST}' to='{COMP}'/>")
+
     def until_closed(self):
         """All the component writes until it closes the connection."""
         while True:
@@ -5531,10 +5556,11 @@ class HostileServer:
                 s.close()
 
 
-def hostile_with_gk(srv, ns, make_daemon, db_url):
-    """A daemon whose stream is up with the hostile server srv (a minute's
-    re-send window), and the peer gk pushing to ns: (daemon, gk's client)."""
-    d = srv.daemon(make_daemon, db_url, xmpp={"resend_window_ms": "60000", "reconnect_max_ms": "500"})
+def hostile_with_gk(srv, ns, make_daemon, db_url, window_ms=60000):
+    """A daemon whose stream is up with the hostile server srv (a re-send
+    window of window_ms, a minute unless told), and the peer gk pushing to
+    ns: (daemon, gk's client)."""
+    d = srv.daemon(make_daemon, db_url, xmpp={"resend_window_ms": str(window_ms), "reconnect_max_ms": "500"})
     srv.stream_up(d)
     a = PeerClient(d.url, "gk", "wa.example")
     r = d.admin("POST", "/peers", json={"name": "gk", "domain": "wa.example", "mode": "push",
@@ -5561,13 +5587,21 @@ def test_roster_changes_and_notices_are_written_again_after_a_break(make_daemon,
         srv._until(b"unsubscribed")
         room = a.create_room([a.user("eve"), ALICE]).json()["id"]
         a.send(room, a.user("eve"), "may I?")
-        srv._until(b"wants to write to you")
+        first = srv._until(b"wants to write to you") + srv._until(b"</message>")
+        notice = [m for m in re.findall(rb"<message.*?</message>", first, re.S) if b"wants to write" in m][-1]
+        # an id and the same origin-id, so that a client shows the copy
+        # written again after the break as the same message (until the
+        # forty-sixth session a notice had none)
+        sid = re.search(rb'<message[^>]* id="(cw-note-[0-9a-f]{16})"', notice)
+        oid = re.search(rb'<origin-id[^>]* id="([^"]+)"', notice)
+        assert sid and oid and oid.group(1) == sid.group(1) and b"urn:xmpp:sid:0" in notice, notice
         wait_until(lambda: pg.psql("SELECT count(*) FROM consent_requests WHERE notified_at IS NOT NULL", db_url)
                    == "1", what="the notice marked sent")
         srv.accept()  # the break: what the server had not handled is lost
         wait_until(lambda: component_state(d)["state"] == "up", what="the reconnect")
-        again = srv._until(b"wants to write to you")
+        again = srv._until(b"wants to write to you") + srv._until(b"</message>")
         assert b"unsubscribed" in again and b"wally@" + COMP.encode() in again
+        assert notice in again, again
     finally:
         ns.close()
         srv.close()
@@ -5597,6 +5631,50 @@ def test_messages_written_again_after_a_break_keep_their_ids_and_order(make_daem
         assert a.send(room, a.user("wally"), "after").status_code == 202
         again = srv._until(b"after")
         assert messages(again)[:6] == sent, again
+    finally:
+        ns.close()
+        srv.close()
+
+
+def test_a_flapping_stream_writes_a_stanza_again_only_until_the_server_proves_it_has_it(make_daemon, db_url, pg):
+    """A stream that breaks every second: a message written before the
+    breaks is written again, the same bytes (its id and origin-id: a client
+    can tell the copies for one), after each reconnect while the server has
+    not proved it has it, however long ago it was first written; the first
+    ping goes right after the reconnect, and once the server answers it,
+    the next break past the re-send window (2 s, counted from the first
+    write) writes it no more. Until the forty-sixth session a stanza
+    written again was stamped anew, the first ping went a minute after the
+    reconnect, and a stream that flapped wrote the same stanzas again after
+    every reconnect, for as long as it flapped."""
+    srv = HostileServer(SECRET)
+    ns = NotifyServer()
+    try:
+        d, a = hostile_with_gk(srv, ns, make_daemon, db_url, window_ms=2000)
+        consent_alice(d)
+        room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+        assert a.send(room, a.user("wally"), "written before the flaps").status_code == 202
+        first = srv._until(b"written before the flaps") + srv._until(b"</message>")
+        written = time.time()
+        original = [m for m in re.findall(rb"<message.*?</message>", first, re.S) if b"before the flaps" in m][-1]
+        assert b'id="' in original and b"origin-id" in original, original
+        copies = []
+        while time.time() < written + 4:  # never proved: written again each time, past the window too
+            srv.accept()
+            got = srv.read_for(0.6)
+            assert b"cw-ping-" in got, got  # the first ping, at once
+            copies.append(got.count(original))
+            assert got.count(b"before the flaps") == copies[-1], got  # no copy that is not the same bytes
+        assert len(copies) >= 3 and copies == [1] * len(copies), copies
+        srv.accept()
+        got = srv.read_for(0.6)
+        assert got.count(original) == 1, got
+        srv.answer_pings(got)  # the server proves it has everything written before the ping
+        time.sleep(0.3)
+        srv.accept()
+        got = srv.read_for(0.6)
+        assert b"before the flaps" not in got, got
+        assert component_state(d)["state"] == "up"
     finally:
         ns.close()
         srv.close()
