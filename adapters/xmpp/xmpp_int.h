@@ -157,6 +157,14 @@ struct xcomp {
 	 * sha1} of the avatar fetched last, under mu. */
 	json_t *vcards;
 	size_t vcard_bytes;             /* their photos' base64, bounded (xmpp_vcard.c), under mu */
+	/* The presences with a remote user's avatar hash not yet written
+	 * (xa_fanout_add: [{from, to: [bare JID], at, photo}]), and how many
+	 * recipients they have left, under mu. */
+	json_t *fanouts;
+	size_t fanout_left;
+	/* the thread's own: pings sent and the last answered (counted), and
+	 * the ping whose answer lets the next batch of them go (fanout_turn) */
+	uint64_t pings_sent, pings_answered, fanout_gate;
 	/* The group chats' occupants, and the members they were told of
 	 * (xmpp_muc.c), under mu; muc_dirty: occupants changed since they
 	 * were last written to xmpp_muc_occupants. */
@@ -341,6 +349,21 @@ void xa_vcard_hash(struct xcomp *xc, xmpp_ctx_t *ctx, xmpp_stanza_t *presence, c
  * must not be passed over); a change left for want of a fetch slot is
  * taken on the next turn. */
 void xa_profiles(struct xcomp *xc, PGconn *c);
+/* A profile change's presences (and XEP-0084 events) from the remote JID
+ * from to each bare JID of to (a reference is taken), with photo's hash:
+ * kept here and written a batch at a time by the stream's thread
+ * (xa_fanout_queue), so that a remote user's 10,000 contacts do not fill
+ * the queue ahead of the messages.  Any thread. */
+void xa_fanout_add(struct xcomp *xc, const char *from, json_t *to, json_t *photo);
+/* On the stream's thread: queues the presences and events of up to max
+ * recipients, the oldest first (the caller writes the queue); how many. */
+size_t xa_fanout_queue(struct xcomp *xc, size_t max);
+/* The recipients not yet written, and forgetting them (a stream that may
+ * be another process's next). */
+size_t xa_fanout_left(struct xcomp *xc);
+void xa_fanout_clear(struct xcomp *xc);
+/* Wakes the stream's thread (whether or not anything is queued). */
+void xa_wake_thread(struct xcomp *xc);
 
 /* xmpp_muc.c: group chats (XEP-0045).  A group is the room
  * "#<escaped public id>@<component>"; each local member has a view of

@@ -274,12 +274,11 @@ static void add_metadata(xmpp_ctx_t *ctx, xmpp_stanza_t *parent, const json_t *p
 /* The remote user's avatar as a PEP notification (XEP-0084 4.3, a headline
  * from their JID), so that clients that read avatars from PEP only fetch
  * it: sent with the presences that carry the hash. */
-static void send_avatar_event(struct xcomp *xc, xmpp_ctx_t *ctx, const char *from, const char *to,
-			      const json_t *photo)
+static xmpp_stanza_t *avatar_event(xmpp_ctx_t *ctx, const char *from, const char *to, const json_t *photo)
 {
 	xmpp_stanza_t *msg = xmpp_message_new(ctx, "headline", to, NULL);
 	if (!msg)
-		return;
+		return NULL;
 	xmpp_stanza_set_from(msg, from);
 	xmpp_stanza_t *ev = xa_child(ctx, msg, "event", NS_PUBSUB_EVENT);
 	xmpp_stanza_t *items = ev ? xa_child(ctx, ev, "items", NULL) : NULL;
@@ -287,7 +286,7 @@ static void send_avatar_event(struct xcomp *xc, xmpp_ctx_t *ctx, const char *fro
 		xmpp_stanza_set_attribute(items, "node", NS_AVATAR_META);
 		add_metadata(ctx, items, photo);
 	}
-	xa_enqueue_stanza(xc, msg);
+	return msg;
 }
 
 /* The answer to a pubsub items ask of the avatar's nodes (into r, a
@@ -364,18 +363,7 @@ static void vcard_done(void *arg, cw_err rc, const cw_errmsg *e)
 	} else if (ctx && !rc && j->photo && (j->changed || json_string_value(json_object_get(j->photo, "sha1")))) {
 		/* A presence that was sent without the hash: now with it.  A
 		 * changed profile: the new hash, or an empty one (no avatar). */
-		size_t i;
-		json_t *to;
-		json_array_foreach(j->to, i, to) {
-			xmpp_stanza_t *p = xmpp_presence_new(ctx);
-			if (!p)
-				break;
-			xmpp_stanza_set_from(p, j->remote_jid);
-			xmpp_stanza_set_to(p, json_string_value(to));
-			add_update(ctx, p, j->photo);
-			xa_enqueue_stanza(xc, p);
-			send_avatar_event(xc, ctx, j->remote_jid, json_string_value(to), j->photo);
-		}
+		xa_fanout_add(xc, j->remote_jid, j->to, j->photo);
 	}
 	vjob_free(j);
 }
@@ -461,7 +449,7 @@ void xa_vcard_hash(struct xcomp *xc, xmpp_ctx_t *ctx, xmpp_stanza_t *presence, c
 	json_t *photo = cache_get(xc, remote_id, NULL);
 	if (photo) {
 		add_update(ctx, presence, photo);
-		send_avatar_event(xc, ctx, remote_jid, to, photo);
+		xa_enqueue_stanza(xc, avatar_event(ctx, remote_jid, to, photo));
 		json_decref(photo);
 		return;
 	}
@@ -570,8 +558,102 @@ static void profiles_waiting(struct xcomp *xc, long long w)
 	}
 }
 
+/* ------------------------------------------------------------ fan-out */
+
+/* Recipients of profile presences waiting to be written past which no
+ * more changes are read (the cursor waits: xa_profiles). */
+#define FANOUT_BACKLOG 20000
+
+void xa_fanout_add(struct xcomp *xc, const char *from, json_t *to, json_t *photo)
+{
+	json_t *f = json_pack("{s:s, s:O, s:i, s:O}", "from", from, "to", to, "at", 0, "photo", photo);
+	pthread_mutex_lock(&xc->mu);
+	if (!xc->fanouts)
+		xc->fanouts = json_array();
+	if (f && xc->fanouts && json_array_append(xc->fanouts, f) == 0)
+		xc->fanout_left += json_array_size(to);
+	pthread_mutex_unlock(&xc->mu);
+	json_decref(f);
+	xa_wake_thread(xc);
+}
+
+size_t xa_fanout_left(struct xcomp *xc)
+{
+	pthread_mutex_lock(&xc->mu);
+	size_t n = xc->fanout_left;
+	pthread_mutex_unlock(&xc->mu);
+	return n;
+}
+
+void xa_fanout_clear(struct xcomp *xc)
+{
+	pthread_mutex_lock(&xc->mu);
+	json_array_clear(xc->fanouts);
+	xc->fanout_left = 0;
+	pthread_mutex_unlock(&xc->mu);
+}
+
+/* st (released) at the queue's tail, the thread not woken (it is the
+ * thread). */
+static void queue_quietly(struct xcomp *xc, xmpp_stanza_t *st)
+{
+	char *buf = NULL;
+	size_t len = 0;
+	if (st && xmpp_stanza_to_text(st, &buf, &len) == XMPP_EOK && buf)
+		xa_enqueue(xc, buf, len, NULL, false);
+	if (buf)
+		xmpp_free(xc->ctx, buf);
+	if (st)
+		xmpp_stanza_release(st);
+}
+
+size_t xa_fanout_queue(struct xcomp *xc, size_t max)
+{
+	size_t done = 0;
+	while (done < max) {
+		/* the oldest fan-out's next recipients, taken under mu; its
+		 * lists never change once added, so they are read after */
+		pthread_mutex_lock(&xc->mu);
+		json_t *f = json_array_get(xc->fanouts, 0);
+		json_t *to = json_incref(json_object_get(f, "to"));
+		json_t *photo = json_incref(json_object_get(f, "photo"));
+		char from[XJ_JID_MAX + 1];
+		snprintf(from, sizeof(from), "%s", f ? json_string_value(json_object_get(f, "from")) : "");
+		size_t at = (size_t)json_integer_value(json_object_get(f, "at")), n = json_array_size(to);
+		size_t k = n - at < max - done ? n - at : max - done;
+		if (f && at + k >= n)
+			json_array_remove(xc->fanouts, 0);
+		else if (f)
+			json_object_set_new(f, "at", json_integer((json_int_t)(at + k)));
+		xc->fanout_left -= xc->fanout_left < k ? xc->fanout_left : k;
+		pthread_mutex_unlock(&xc->mu);
+		if (!f)
+			break;
+		for (size_t i = at; i < at + k; i++) {
+			const char *bare = json_string_value(json_array_get(to, i));
+			xmpp_stanza_t *p = xmpp_presence_new(xc->ctx);
+			if (p) {
+				xmpp_stanza_set_from(p, from);
+				xmpp_stanza_set_to(p, bare);
+				add_update(xc->ctx, p, photo);
+			}
+			queue_quietly(xc, p);
+			queue_quietly(xc, avatar_event(xc->ctx, from, bare, photo));
+		}
+		done += k;
+		json_decref(to);
+		json_decref(photo);
+	}
+	return done;
+}
+
 void xa_profiles(struct xcomp *xc, PGconn *c)
 {
+	/* The contacts of the changes read are not all written yet: the
+	 * next changes wait (their cursor with them), so that what is kept
+	 * for them stays bounded. */
+	if (xa_fanout_left(xc) > FANOUT_BACKLOG)
+		return;
 	if (xc->profiles_xid < 0 && !profiles_cursor(xc, c))
 		return; /* tried again on the next turn */
 	char xid[24], id[24], past[24];

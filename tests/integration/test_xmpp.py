@@ -5306,6 +5306,52 @@ def test_a_profile_changed_while_no_process_holds_the_stream_reaches_the_contact
     again.stop()
 
 
+def test_a_profile_change_to_many_contacts_does_not_hold_back_messages(xd, gk, alice, pg, db_url):
+    """A remote user's profile change goes to each of their contacts (a
+    presence with the avatar's hash and its XEP-0084 event: two stanzas
+    each). wally has 9,001 (alice and 9,000 more): 18,002 stanzas, which
+    must neither hold back eve's message to alice, sent while they go out,
+    nor be lost. Until the forty-sixth session they were all queued at once
+    ahead of it (the queue's bound is 20,000), and eve's message waited for
+    the whole fan-out; now they go in batches of 128 contacts, the next
+    batch once the server answered the ping written after the last one,
+    so a message waits behind one batch at most."""
+    a, srv = gk
+    eve = "eve@" + COMP
+    consent_alice(xd)
+    consent_alice(xd, subject="mimi://wa.example/u/eve")
+    alice.send_message(WALLY_JID, "hello wally")
+    alice.send_message(eve, "hello eve")
+    srv.wait_events(2)
+    n = 9000
+    pg.psql("INSERT INTO identities (uri, domain, localpart, is_local, network) "
+            "SELECT 'mimi://example.org/u/c' || g, i.domain, 'c' || g, true, i.network "
+            f"FROM identities i, generate_series(1, {n}) g WHERE i.uri = '{ALICE}'; "
+            "INSERT INTO identity_bindings (identity_id, network, native_id) SELECT id, 'xmpp', "
+            f"localpart || '@{HOST}' FROM identities WHERE localpart ~ '^c[0-9]+$' AND is_local; "
+            "INSERT INTO consents (local_identity_id, subject_kind, subject, state, source) "
+            "SELECT id, 'user', 'mimi://wa.example/u/wally', 'allowed', 'user' FROM identities "
+            "WHERE localpart ~ '^c[0-9]+$' AND is_local", db_url)
+    room = a.create_room([a.user("eve"), ALICE]).json()["id"]
+    assert a.send(room, a.user("eve"), "warm").status_code == 202
+    message_from(alice, eve, lambda el: body(el) == "warm")
+    out0 = component_state(xd)["stanzas_out"]
+    start = alice.count()
+    assert a.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": "Wally Busy"}).status_code == 200
+    wait_until(lambda: component_state(xd)["stanzas_out"] - out0 >= 200, timeout=20, what="the fan-out under way")
+    sent = time.monotonic()
+    assert a.send(room, a.user("eve"), "while wally's profile goes out").status_code == 202
+    message_from(alice, eve, lambda el: body(el) == "while wally's profile goes out", timeout=60)
+    waited = time.monotonic() - sent
+    alice.wait_for_presence(lambda el: el.get("from", "").split("/")[0] == WALLY_JID and el.find(
+        "{vcard-temp:x:update}x/{vcard-temp:x:update}photo") is not None, start=start, timeout=60)
+    wait_until(lambda: component_state(xd)["stanzas_out"] - out0 >= 2 * (n + 1), timeout=60,
+               what="every contact's presence and event")
+    took = time.monotonic() - sent
+    print(f"eve's message waited {waited:.3f} s; the fan-out took {took:.3f} s after it was sent")
+    assert waited < 1.0, (waited, took)
+
+
 def test_a_profile_change_committed_after_a_later_one_still_reaches_the_contacts(make_daemon, db_url, pg, xd, gk,
                                                                                    alice):
     """Two processes write profiles, each with its own writer: wally's
