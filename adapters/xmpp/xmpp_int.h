@@ -365,6 +365,13 @@ void xa_fanout_clear(struct xcomp *xc);
 /* Wakes the stream's thread (whether or not anything is queued). */
 void xa_wake_thread(struct xcomp *xc);
 
+/* What a joining occupant, told the room's members as a snapshot had them
+ * (members: their nicks, locals: the local parts of those of this
+ * server), is not told of the set the room's other occupants were told
+ * (told: xc->muc_members' set of the room; own: the joiner's local part):
+ * [["+" or "-", nick]], who came, then who went, in order (xmpp_muc.c). */
+json_t *xa_muc_since(const json_t *told, const json_t *members, const json_t *locals, const char *own);
+
 /* xmpp_muc.c: group chats (XEP-0045).  A group is the room
  * "#<escaped public id>@<component>"; each local member has a view of
  * their own (docs/xmpp.md, "Group chats"). */

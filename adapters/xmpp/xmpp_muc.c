@@ -784,23 +784,65 @@ bool xa_muc_give_way(struct xcomp *xc, xmpp_ctx_t *ctx, const char *room, const 
  * the joining resource until the next one.  (A snapshot newer than the
  * set: the difference goes back to the set, and the next look brings the
  * change to everyone.) Under xc->mu. */
+/* Who went and who came from the member set before to after (each as
+ * xc->muc_members holds a room's), as [["-" or "+", nick]], those who
+ * went first; the nick self (its first self_len bytes: the local part of
+ * the occupant told) is nobody to tell of.  A nick that names another
+ * member after (one of this server's gone, the peer's namesake under it;
+ * or the reverse: told by the "#l:" keys) went and came. */
+static json_t *members_diff(const json_t *before, const json_t *after, const char *self, size_t self_len)
+{
+	json_t *out = json_array();
+	const char *who;
+	json_t *x;
+	json_object_foreach((json_t *)before, who, x) {
+		bool same = strlen(who) == self_len && strncmp(who, self, self_len) == 0;
+		if (who[0] == '#' || same ||
+		    (json_object_get(after, who) && local_in(before, who) == local_in(after, who)))
+			continue;
+		json_array_append_new(out, json_pack("[s, s]", "-", who));
+	}
+	json_object_foreach((json_t *)after, who, x) {
+		bool same = strlen(who) == self_len && strncmp(who, self, self_len) == 0;
+		if (who[0] == '#' || same ||
+		    (json_object_get(before, who) && local_in(before, who) == local_in(after, who)))
+			continue;
+		json_array_append_new(out, json_pack("[s, s]", "+", who));
+	}
+	return out;
+}
+
+json_t *xa_muc_since(const json_t *told, const json_t *members, const json_t *locals, const char *own)
+{
+	/* the snapshot as a set: the nicks, and "#l:" for this server's */
+	json_t *snap = json_object(), *v;
+	size_t i;
+	char key[MIMI_LOCAL_MAX + 8];
+	json_array_foreach(members, i, v)
+		json_object_set_new(snap, json_string_value(v), json_true());
+	json_array_foreach(locals, i, v)
+		if (local_key(json_string_value(v), key, sizeof(key)))
+			json_object_set_new(snap, key, json_true());
+	json_t *out = members_diff(snap, told, own, strlen(own));
+	json_decref(snap);
+	return out;
+}
+
 static json_t *members_since(struct xcomp *xc, xmpp_ctx_t *ctx, const struct mjoin *j, json_t *told)
 {
 	json_t *out = json_array();
 	const char *own = strrchr(j->uri, '/') ? strrchr(j->uri, '/') + 1 : j->uri;
-	const char *who;
-	json_t *x, *v;
+	json_t *diff = xa_muc_since(told, j->members, j->locals, own);
 	size_t i;
-	json_object_foreach(told, who, x) {
-		bool had = false;
-		json_array_foreach(j->members, i, v)
-			had = had || strcmp(json_string_value(v), who) == 0;
-		if (who[0] != '#' && strcmp(who, own) != 0 && !had)
-			add_text(out, occupant_presence(ctx, j->room, who, j->full, false, false));
+	json_t *v;
+	json_array_foreach(diff, i, v) {
+		const char *nick = json_string_value(json_array_get(v, 1));
+		if (strcmp(json_string_value(json_array_get(v, 0)), "+") == 0)
+			add_text(out, occupant_presence(ctx, j->room, nick, j->full, false, false));
+		else
+			add_text(out, occupant_gone(ctx, j->room, nick, j->full, false, "321"));
 	}
-	json_array_foreach(j->members, i, v)
-		if (!json_object_get(told, json_string_value(v)))
-			add_text(out, occupant_gone(ctx, j->room, json_string_value(v), j->full, false, "321"));
+	json_decref(diff);
 	const char *name = json_string_value(json_object_get(told, "#name"));
 	if (name && strcmp(name, j->name) != 0)
 		add_text(out, subject(xc, ctx, j->room, name, j->full));
@@ -1931,8 +1973,6 @@ void xa_muc_members(struct xcomp *xc, PGconn *c)
 		if (xc->muc_members && json_object_get(xc->muc_members, room))
 			json_object_set_new(xc->muc_members, room, after ? json_incref(after) : json_object());
 		pthread_mutex_unlock(&xc->mu);
-		const char *who;
-		json_t *x;
 		size_t k;
 		json_t *oc;
 		const char *name0 = json_string_value(json_object_get(before, "#name"));
@@ -1961,21 +2001,17 @@ void xa_muc_members(struct xcomp *xc, PGconn *c)
 			const char *onick = json_string_value(json_array_get(oc, 1));
 			if (after && json_object_get(after, onick))
 				xa_muc_give_way(xc, xc->ctx, room, to, onick);
-			/* a nick that names another member now (one of ours gone, the
-			 * peer's namesake under it; or the reverse) went and came */
-			json_object_foreach(before, who, x) {
-				if (who[0] == '#' || (after && json_object_get(after, who) &&
-						      local_in(before, who) == local_in(after, who)))
-					continue;
-				to_occupant(xc, room, to, NULL, occupant_gone(xc->ctx, room, who, to, false, "321"));
+			/* who went and came (members_diff) */
+			json_t *diff = members_diff(before, after, user, ul), *d;
+			size_t di;
+			json_array_foreach(diff, di, d) {
+				const char *who = json_string_value(json_array_get(d, 1));
+				to_occupant(xc, room, to, NULL,
+					    strcmp(json_string_value(json_array_get(d, 0)), "-") == 0
+						    ? occupant_gone(xc->ctx, room, who, to, false, "321")
+						    : occupant_presence(xc->ctx, room, who, to, false, false));
 			}
-			json_object_foreach(after, who, x) {
-				if (who[0] == '#')
-					continue;
-				bool self = strlen(who) == ul && strncmp(who, user, ul) == 0;
-				if (!self && (!json_object_get(before, who) || local_in(before, who) != local_in(after, who)))
-					to_occupant(xc, room, to, NULL, occupant_presence(xc->ctx, room, who, to, false, false));
-			}
+			json_decref(diff);
 		}
 		json_decref(occ);
 	}
