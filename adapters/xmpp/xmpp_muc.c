@@ -1346,8 +1346,11 @@ static void decline_done(void *arg, cw_err rc, const cw_errmsg *e)
 			       "room", d->room);
 		if (d->how != XA_LEAVE_NONE)
 			xa_muc_left(xc, d->text, d->how, true);
-		/* a decline message is not answered (XEP-0045 §7.8.2): the
-		 * room would pass it on to the inviter, and no peer learns it */
+		/* a decline message is not answered, nor passed to the
+		 * inviter (XEP-0045 §7.8.2 leaves that to the room): a peer's
+		 * user has no event for it, who invited her is not stored,
+		 * and the decline's `to` is the client's word (docs/xmpp.md,
+		 * "Declining a group") */
 	} else if (d->how != XA_LEAVE_NONE) {
 		if (st)
 			xa_in_leave(xc, st, d->how, d->room, d->user, d->local); /* a member's leave */

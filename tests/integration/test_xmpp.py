@@ -5824,6 +5824,31 @@ def test_markup_xmpp_forbids_closes_the_stream(make_daemon, db_url, pg):
         srv.close()
 
 
+def test_the_version_is_answered_to_anyone_without_the_system(make_daemon, db_url):
+    """XEP-0092 at the component's JID is answered to anyone, another
+    server's user too, as Prosody answers for itself: the software's name
+    and version, never the operating system (the XEP's security
+    considerations: the system MUST be possible to withhold, name and
+    version MAY be); at a remote user's JID it is service-unavailable
+    (XEP-0092 is not for entities that send presence: their client's
+    version is nobody's to give). A decision of the forty-sixth session."""
+    srv = HostileServer(SECRET)
+    try:
+        d = srv.daemon(make_daemon, db_url)
+        srv.stream_up(d)
+        for sid, frm, to in (("v1", "eve@other.example/x", COMP), ("v2", f"{ALICE_JID}/a", COMP),
+                             ("v3", "eve@other.example/x", WALLY_JID), ("v4", f"{ALICE_JID}/a", WALLY_JID)):
+            srv.send(f"<iq type='get' id='{sid}' from='{frm}' to='{to}'><query xmlns='jabber:iq:version'/></iq>")
+            got = srv._until(f'id="{sid}"'.encode()) + srv._until(b"</iq>")
+            if to == COMP:
+                assert b'type="result"' in got and b"<name>Causeway</name>" in got and b"<version>" in got, got
+                assert b"<os" not in got, got
+            else:
+                assert b'type="error"' in got and b"service-unavailable" in got, got
+    finally:
+        srv.close()
+
+
 def test_what_comes_with_the_handshakes_answer_is_answered(make_daemon, db_url):
     """Stanzas the server sends in the same read as the handshake's answer
     (a user's ping and subscribe to the gateway, sent at the very moment
