@@ -784,31 +784,32 @@ bool xa_muc_give_way(struct xcomp *xc, xmpp_ctx_t *ctx, const char *room, const 
  * the joining resource until the next one.  (A snapshot newer than the
  * set: the difference goes back to the set, and the next look brings the
  * change to everyone.) Under xc->mu. */
-/* Who went and who came from the member set before to after (each as
- * xc->muc_members holds a room's), as [["-" or "+", nick]], those who
- * went first; the nick self (its first self_len bytes: the local part of
- * the occupant told) is nobody to tell of.  A nick that names another
- * member after (one of this server's gone, the peer's namesake under it;
- * or the reverse: told by the "#l:" keys) went and came. */
+/* The members of the set from (each set as xc->muc_members holds a
+ * room's) that are not in the set to, as [sign, nick] at out's end: the
+ * nick absent from to, or naming another member there (one of this
+ * server's in one set, the peer's namesake in the other: told by the
+ * "#l:" keys); the nick self (its first self_len bytes: the local part of
+ * the occupant told) is nobody to tell of. */
+static void members_not_in(json_t *out, const json_t *from, const json_t *to, const char *sign, const char *self,
+			   size_t self_len)
+{
+	const char *who;
+	json_t *x;
+	json_object_foreach((json_t *)from, who, x) {
+		bool same = strlen(who) == self_len && strncmp(who, self, self_len) == 0;
+		if (who[0] != '#' && !same && (!json_object_get(to, who) || local_in(from, who) != local_in(to, who)))
+			json_array_append_new(out, json_pack("[s, s]", sign, who));
+	}
+}
+
+/* Who went and who came from the member set before to after, as
+ * [["-" or "+", nick]], those who went first: a nick that names another
+ * member after went and came. */
 static json_t *members_diff(const json_t *before, const json_t *after, const char *self, size_t self_len)
 {
 	json_t *out = json_array();
-	const char *who;
-	json_t *x;
-	json_object_foreach((json_t *)before, who, x) {
-		bool same = strlen(who) == self_len && strncmp(who, self, self_len) == 0;
-		if (who[0] == '#' || same ||
-		    (json_object_get(after, who) && local_in(before, who) == local_in(after, who)))
-			continue;
-		json_array_append_new(out, json_pack("[s, s]", "-", who));
-	}
-	json_object_foreach((json_t *)after, who, x) {
-		bool same = strlen(who) == self_len && strncmp(who, self, self_len) == 0;
-		if (who[0] == '#' || same ||
-		    (json_object_get(before, who) && local_in(before, who) == local_in(after, who)))
-			continue;
-		json_array_append_new(out, json_pack("[s, s]", "+", who));
-	}
+	members_not_in(out, before, after, "-", self, self_len);
+	members_not_in(out, after, before, "+", self, self_len);
 	return out;
 }
 

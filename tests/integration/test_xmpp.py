@@ -5306,6 +5306,19 @@ def test_a_profile_changed_while_no_process_holds_the_stream_reaches_the_contact
     again.stop()
 
 
+def alice_writes_to_wally_and_eve(xd, srv, alice):
+    """alice allows wally and eve (of gk, whose notify server is srv) and
+    writes to each, which binds her JID (their profiles' contacts are the
+    local users who have used XMPP): eve's JID."""
+    eve = "eve@" + COMP
+    consent_alice(xd)
+    consent_alice(xd, subject="mimi://wa.example/u/eve")
+    alice.send_message(WALLY_JID, "hello wally")
+    alice.send_message(eve, "hello eve")
+    srv.wait_events(2)
+    return eve
+
+
 def test_a_profile_change_to_many_contacts_does_not_hold_back_messages(xd, gk, alice, pg, db_url):
     """A remote user's profile change goes to each of their contacts (a
     presence with the avatar's hash and its XEP-0084 event: two stanzas
@@ -5317,12 +5330,7 @@ def test_a_profile_change_to_many_contacts_does_not_hold_back_messages(xd, gk, a
     batch once the server answered the ping written after the last one,
     so a message waits behind one batch at most."""
     a, srv = gk
-    eve = "eve@" + COMP
-    consent_alice(xd)
-    consent_alice(xd, subject="mimi://wa.example/u/eve")
-    alice.send_message(WALLY_JID, "hello wally")
-    alice.send_message(eve, "hello eve")
-    srv.wait_events(2)
+    eve = alice_writes_to_wally_and_eve(xd, srv, alice)
     n = 9000
     pg.psql("INSERT INTO identities (uri, domain, localpart, is_local, network) "
             "SELECT 'mimi://example.org/u/c' || g, i.domain, 'c' || g, true, i.network "
@@ -5362,12 +5370,7 @@ def test_a_profile_change_committed_after_a_later_one_still_reaches_the_contacts
     transaction's start), three seconds back: once it had passed eve's,
     wally's, older, committed behind it and was never sent."""
     a, srv = gk
-    eve = "eve@" + COMP
-    consent_alice(xd)
-    consent_alice(xd, subject="mimi://wa.example/u/eve")
-    alice.send_message(WALLY_JID, "hello wally")
-    alice.send_message(eve, "hello eve")
-    srv.wait_events(2)
+    eve = alice_writes_to_wally_and_eve(xd, srv, alice)
     wait_until(lambda: pg.psql("SELECT count(*) FROM xmpp_roster_sync", db_url) == "1", what="the component's row")
     # another process (no XMPP adapter): a writer of its own, whose request outlasts the wait below
     other = make_daemon(db_url, options={"database": {"request_timeout_ms": "30000"}}).start()
@@ -5458,12 +5461,7 @@ def test_a_database_moved_to_another_server_still_announces_profile_changes(make
     already) is not read: it would take the cursor up again, and be
     announced again at every reset."""
     a, srv = gk
-    eve = "eve@" + COMP
-    consent_alice(xd)
-    consent_alice(xd, subject="mimi://wa.example/u/eve")
-    alice.send_message(WALLY_JID, "hello wally")
-    alice.send_message(eve, "hello eve")
-    srv.wait_events(2)
+    eve = alice_writes_to_wally_and_eve(xd, srv, alice)
     start = alice.count()
     assert a.call("POST", "/v1/profiles", {"user": a.user("eve"), "display_name": "Eve Before"}).status_code == 200
     alice.wait_for_presence(lambda el: el.get("from", "").split("/")[0] == eve and el.find(
