@@ -191,8 +191,8 @@ const struct cfg_option cfg_options[] = {
 	{ "xmpp", "reconnect_max_ms", CFG_INT, OFF(xmpp_reconnect_max_ms), "30000", 100, 3600000, false, false,
 	  "upper bound of the exponential backoff between two connection attempts" },
 	{ "xmpp", "resend_window_ms", CFG_INT, OFF(xmpp_resend_window_ms), "10000", 0, 600000, false, false,
-	  "stanzas written this long before a stream broke, or since the server last answered a ping if earlier, "
-	  "are written again (same id) after the reconnect" },
+	  "stanzas first written this long before a stream broke, or written since the server last answered a "
+	  "ping, are written again (same id) after the reconnect" },
 	{ "xmpp", "dedup_window_s", CFG_INT, OFF(xmpp_dedup_window_s), "600", 1, 86400, false, false,
 	  "a stanza from a local user with the same conversation, id and content as one taken this many seconds "
 	  "before or less is a resend (stored once); later, the same id is a new message (ids are unique per "
