@@ -1339,16 +1339,37 @@ void policy_rate_ledger_free(struct policy_rate_ledger *l)
 	memset(l, 0, sizeof(*l));
 }
 
+/* The job's token of key (POLICY_LEDGER_JOB) given back (back) or not. */
+static struct policy_rate_grant *job_grant(struct policy_rate_ledger *l, const char *key, bool back)
+{
+	for (size_t i = 0; i < l->n; i++)
+		if (l->g[i].item == POLICY_LEDGER_JOB && l->g[i].back == back && strcmp(l->g[i].key, key) == 0)
+			return &l->g[i];
+	return NULL;
+}
+
 int64_t policy_rate_ledger_give(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms)
 {
+	struct policy_rate_grant *g = job_grant(ctx, key, false);
+	if (g) { /* kept, as given back: a run again may take it again */
+		ratelimit_give(((struct policy_rate_ledger *)ctx)->rl, key, capacity, period_ms, now_ms);
+		g->back = true;
+	}
+	return 0;
+}
+
+int64_t policy_rate_ledger_retake(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms)
+{
 	struct policy_rate_ledger *l = ctx;
-	for (size_t i = 0; i < l->n; i++)
-		if (l->g[i].item == POLICY_LEDGER_JOB && !l->g[i].back && strcmp(l->g[i].key, key) == 0) {
-			ratelimit_give(l->rl, key, capacity, period_ms, now_ms);
-			free(l->g[i].key);
-			l->g[i] = l->g[--l->n];
-			break;
-		}
+	struct policy_rate_grant *g = job_grant(l, key, true);
+	if (!g)
+		return 0;
+	if (ratelimit_take(l->rl, key, capacity, period_ms, now_ms, NULL) <= 0) {
+		g->back = false;
+		return 0;
+	}
+	free(g->key); /* none left: not taken, nothing to give back */
+	*g = l->g[--l->n];
 	return 0;
 }
 

@@ -291,7 +291,7 @@ struct policy_rate_grant {
 	uint32_t capacity;
 	int64_t period_ms;
 	size_t item;    /* the memo's ledger_item when it took it */
-	bool back;      /* given back (policy_rate_ledger_give_item) */
+	bool back;      /* given back (policy_rate_ledger_give_item, policy_rate_ledger_give) */
 };
 /* A memo's ledger_item when its takes are the job's, not one item's (a
  * consent request's, given back per request: policy_rate_ledger_give). */
@@ -314,9 +314,19 @@ struct policy_rate_ledger {
 void policy_rate_ledger_undo(struct policy_rate_ledger *l, int64_t now_ms);
 void policy_rate_ledger_free(struct policy_rate_ledger *l);
 /* A struct policy_rate take (ctx: the ledger) that gives back one token
- * the ledger recorded for key as the job's (POLICY_LEDGER_JOB), and
- * forgets it; none recorded: nothing.  Answers 0. */
+ * the ledger recorded for key as the job's (POLICY_LEDGER_JOB), and keeps
+ * it recorded as given back (undo does not give it again); none recorded
+ * (or each given back already): nothing.  Answers 0. */
 int64_t policy_rate_ledger_give(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms);
+/* The reverse, as a struct policy_rate take (ctx: the ledger): takes again
+ * one of the job's tokens of key that policy_rate_ledger_give gave back,
+ * for a run again of the write that did what the give was for after all
+ * (a consent request made by the run that commits, where the run before
+ * held its pair unasked: since the forty-sixth session; until then the
+ * give forgot the token, and such a request cost its sender nothing).  A
+ * bucket that has none left is not charged, and the token is forgotten.
+ * Answers 0. */
+int64_t policy_rate_ledger_retake(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms);
 /* The tokens recorded for item (a memo's ledger_item) given back: what
  * the item paid for was not done (the write refused it: since the
  * forty-third session).  They stay recorded, as given back: undo does not

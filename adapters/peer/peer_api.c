@@ -2923,17 +2923,21 @@ static bool may_ask(struct submit *b, size_t i, PGresult *r, const struct policy
  * going with whichever written item makes the request): its
  * buckets are named by the sender and the rules matching them alone, so
  * the recipient is not needed.  Round 1 may run again (a lost deadlock):
- * b->given keeps a pair from being given back twice for one take; a job
+ * b->given keeps a pair from being given back twice for one take, and a
+ * run again that makes a request the run before held unasked takes its
+ * token again (retake; since the forty-sixth session: until then the
+ * request cost its sender nothing); a job
  * whose round 0 runs again (a merged one) gives back what it took first
  * (items_send), takes again, and given is cleared with it.  Until the
  * forty-second session a sender held unasked twice had spent two requests
  * of the day that nobody was asked. */
-static void give_back(struct submit *b, size_t i)
+static void ledger_pass(struct submit *b, size_t i,
+			int64_t (*fn)(void *, const char *, uint32_t, int64_t, int64_t))
 {
 	const struct msg_input *in = b->items[i];
 	if (!b->app->limits)
 		return;
-	struct policy_rate give = { policy_rate_ledger_give, &b->ledger, NULL };
+	struct policy_rate give = { fn, &b->ledger, NULL };
 	struct policy_request req = {
 		.direction = POLICY_INBOUND, .action = POLICY_ACT_FIRST_CONTACT,
 		.sender = { in->sender, in->sender_domain, in->sender_network }, .now_ms = cw_wall_ms(), .rate = &give,
@@ -2942,6 +2946,17 @@ static void give_back(struct submit *b, size_t i)
 	struct policy_decision d;
 	policy_decide(view->snap, &req, &d);
 	policy_view_put(view);
+}
+
+static void give_back(struct submit *b, size_t i)
+{
+	ledger_pass(b, i, policy_rate_ledger_give);
+}
+
+/* A token give_back gave for item i taken again (policy_rate_ledger_retake). */
+static void retake(struct submit *b, size_t i)
+{
+	ledger_pass(b, i, policy_rate_ledger_retake);
 }
 
 /* An earlier item of this job (round 0 decides them in index order) is
@@ -3663,9 +3678,15 @@ static cw_err items_recv(PGconn *c, struct submit *b, int round, bool *more, cw_
 					if (unasked && n < b->n && b->items[n])
 						unasked[n]++;
 				}
-			for (size_t i = 0; unasked && i < b->n; i++)
-				for (; b->given[i] < unasked[i]; b->given[i]++)
+			for (size_t i = 0; i < b->n; i++) {
+				unsigned now_unasked = unasked ? unasked[i] : 0;
+				for (; b->given[i] < now_unasked; b->given[i]++)
 					give_back(b, i);
+				/* a run before gave back more than this one holds
+				 * unasked: its requests are made now */
+				for (; b->given[i] > now_unasked && b->items[i]; b->given[i]--)
+					retake(b, i);
+			}
 			free(unasked);
 			for (size_t i = 0; i < b->n; i++)
 				if (b->write[i] && b->res[i].status != 202) {

@@ -2436,6 +2436,51 @@ START_TEST(rate_ledger_gives_back_a_refused_items_tokens)
 }
 END_TEST
 
+/* A job's token given back (policy_rate_ledger_give: a first contact's
+ * consent request the write held unasked) is taken again when a run again
+ * of the write makes the request after all (policy_rate_ledger_retake),
+ * once for each give; a bucket emptied meanwhile is not charged, and the
+ * token is forgotten; a give after a retake gives it back again, and a
+ * run again of the decisions (undo) never gives back what a give gave.
+ * Until the forty-sixth session the give forgot the token: the request a
+ * later run made cost its sender nothing. */
+START_TEST(rate_ledger_takes_again_a_token_given_back)
+{
+	struct ratelimit *rl = ratelimit_new(4096);
+	ck_assert_ptr_nonnull(rl);
+	struct policy_rate_ledger l = { .rl = rl };
+	struct policy_rate_memo m;
+	policy_rate_memo_init(&m, rl);
+	m.ledger = &l; /* its takes the job's (POLICY_LEDGER_JOB, as init leaves it) */
+	ck_assert_int_eq(m.rate.take(m.rate.ctx, "c", 2, 60000, 0), 0);
+	ck_assert_int_eq(m.rate.take(m.rate.ctx, "s", 1, 60000, 0), 0);
+	policy_rate_memo_finish(&m);
+	/* run 1 holds the pair unasked: both given back */
+	policy_rate_ledger_give(&l, "c", 2, 60000, 0);
+	policy_rate_ledger_give(&l, "s", 1, 60000, 0);
+	policy_rate_ledger_give(&l, "c", 2, 60000, 0); /* once */
+	/* run 2 makes the request: taken again, once */
+	policy_rate_ledger_retake(&l, "c", 2, 60000, 0);
+	policy_rate_ledger_retake(&l, "c", 2, 60000, 0);
+	ck_assert_int_eq(ratelimit_take(rl, "c", 2, 60000, 0, NULL), 0);
+	ck_assert_int_gt(ratelimit_take(rl, "c", 2, 60000, 0, NULL), 0); /* two taken: the job's and this */
+	/* "s" emptied by someone else meanwhile: not charged, forgotten */
+	ck_assert_int_eq(ratelimit_take(rl, "s", 1, 60000, 0, NULL), 0);
+	policy_rate_ledger_retake(&l, "s", 1, 60000, 0);
+	ck_assert_int_eq(ratelimit_take(rl, "s", 1, 60000, 60000, NULL), 0); /* refilled */
+	policy_rate_ledger_give(&l, "s", 1, 60000, 60000); /* forgotten: nothing given */
+	ck_assert_int_gt(ratelimit_take(rl, "s", 1, 60000, 60000, NULL), 0);
+	/* run 3 holds it unasked again: "c" given back again; the decisions
+	 * run again (undo): not given a second time */
+	policy_rate_ledger_give(&l, "c", 2, 60000, 0);
+	policy_rate_ledger_undo(&l, 0);
+	ck_assert_int_eq(ratelimit_take(rl, "c", 2, 60000, 0, NULL), 0);
+	ck_assert_int_gt(ratelimit_take(rl, "c", 2, 60000, 0, NULL), 0);
+	policy_rate_ledger_free(&l);
+	ratelimit_free(rl);
+}
+END_TEST
+
 /* A peek through the memo (since the twenty-eighth session) sees the
  * event's own takes, and is not remembered: a later take takes. */
 START_TEST(rate_memo_peek_sees_its_own_takes)
@@ -2639,6 +2684,7 @@ int main(void)
 	tcase_add_test(tc, rate_memo_peek_sees_its_own_takes);
 	tcase_add_test(tc, rate_ledger_charges_a_write_once_whatever_its_runs);
 	tcase_add_test(tc, rate_ledger_gives_back_a_refused_items_tokens);
+	tcase_add_test(tc, rate_ledger_takes_again_a_token_given_back);
 	tcase_add_test(tc, rate_ledger_owes_every_first_refusal);
 	tcase_add_test(tc, outbound_group_event_closed_member_peeks);
 	suite_add_tcase(s, tc);
