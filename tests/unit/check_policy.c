@@ -393,8 +393,8 @@ static bool run_case(const struct policy_snapshot *s, const struct env *env, con
 	/* What the prior requests (after=) carry, and whom they go to. */
 	uint64_t prior_body = 0, prior_attach = 0;
 	unsigned prior_kinds = POLICY_KIND_TEXT;
-	struct owned_party prior_rcp = { 0 };
-	bool prior_to = false;
+	struct owned_party prior_rcp = { 0 }, prior_snd = { 0 };
+	bool prior_to = false, prior_from = false;
 	for (int k = 4; k < n; k++) {
 		if (!strncmp(t[k], "body=", 5))
 			r.body_bytes = strtoull(t[k] + 5, NULL, 10);
@@ -421,6 +421,11 @@ static bool run_case(const struct policy_snapshot *s, const struct env *env, con
 			ck_assert_msg(!none, "line %d: prior_to needs a recipient", ln->no);
 			prior_to = true;
 		}
+		else if (!strncmp(t[k], "prior_from=", 11) && !prior_from) {
+			resolve_party(env, t[k] + 11, &prior_snd, &none);
+			ck_assert_msg(!none, "line %d: prior_from needs a sender", ln->no);
+			prior_from = true;
+		}
 		else if (!strcmp(t[k], "group"))
 			r.group = true;
 		else if (!strcmp(t[k], "started"))
@@ -446,6 +451,8 @@ static bool run_case(const struct policy_snapshot *s, const struct env *env, con
 	prior.content_kinds = prior_kinds;
 	if (prior_to)
 		prior.recipient = prior_rcp.p;
+	if (prior_from)
+		prior.sender = prior_snd.p;
 	decide_as_others(s, &prior, &prior.sender.uri, others);
 	decide_as_others(s, &prior, &prior.recipient.uri, others_to);
 	for (int i = 0; i < after; i++)
@@ -473,6 +480,7 @@ static bool run_case(const struct policy_snapshot *s, const struct env *env, con
 	free_party(&snd);
 	free_party(&rcp);
 	free_party(&prior_rcp);
+	free_party(&prior_snd);
 	free(copy);
 	return ok;
 }
