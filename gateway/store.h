@@ -68,11 +68,27 @@ struct cw_store;
 
 /* Whether consent_requests row q (its alias) still stands for its pair:
  * pending, or made within the last win seconds (an SQL expression, the
- * policy's consent_window).  One request per pair and window: the
- * statements that make one and the one that tells the policy whether one
- * would be made (a new request takes a rate-limit token) share it. */
+ * policy's consent_window) and expired unanswered.  One request per pair
+ * and window: the statements that make one and the one that tells the
+ * policy whether one would be made (a new request takes a rate-limit
+ * token) share it.  A request the user answered (accepted, blocked) does
+ * not stand: her answer decides the sender's messages while it holds, and
+ * once she lifts it (her block, or her allow, forgotten: "none") his next
+ * message asks her again at once, as she expects, not a window after the
+ * request she answered (since the forty-sixth session: until then such a
+ * sender's messages waited unasked for the rest of the day).  Such a
+ * re-ask takes no token of the sender's (CONSENT_REQUEST_ANSWERED_SQL):
+ * his bucket must not tell his peer that she answered and changed her
+ * mind, which an unknown name never does. */
 #define CONSENT_REQUEST_STANDS_SQL(q, win) \
-	"(" q ".state = 'pending' OR " q ".created_at > now() - make_interval(secs => " win "))"
+	"(" q ".state = 'pending' OR (" q ".state = 'expired' AND " q ".created_at > now() - make_interval(secs => " \
+	win ")))"
+/* Whether consent_requests row q is one the user answered within the last
+ * win seconds: a request it would have stood for until the forty-sixth
+ * session, so the sender paid for this window's already; asking her again
+ * after she lifted her answer costs him nothing. */
+#define CONSENT_REQUEST_ANSWERED_SQL(q, win) \
+	"(" q ".state IN ('accepted', 'blocked') AND " q ".created_at > now() - make_interval(secs => " win "))"
 
 /* A statement prepared on every connection of the store when it connects,
  * so hot statements are parsed and planned once per connection rather than

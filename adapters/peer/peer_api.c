@@ -1876,7 +1876,10 @@ struct submit *submit_new(size_t n)
 	"  AND c.subject = it.dom), " \
 	" CASE WHEN EXISTS (SELECT 1 FROM consent_requests q JOIN identities s ON s.id = q.remote_identity_id " \
 	"  WHERE q.local_identity_id = f.id AND s.uri = it.snd " \
-	"  AND " CONSENT_REQUEST_STANDS_SQL("q", "it.win") ") THEN 't' ELSE 'f' END, " \
+	"  AND " CONSENT_REQUEST_STANDS_SQL("q", "it.win") ") THEN 't' " \
+	"  WHEN EXISTS (SELECT 1 FROM consent_requests q JOIN identities s ON s.id = q.remote_identity_id " \
+	"  WHERE q.local_identity_id = f.id AND s.uri = it.snd " \
+	"  AND " CONSENT_REQUEST_ANSWERED_SQL("q", "it.win") ") THEN 'r' ELSE 'f' END, " \
 	" NULL::bigint, NULL::bigint, NULL::boolean " \
 	"FROM (SELECT DISTINCT room, scope, snd, net, dom, win FROM items WHERE snd IS NOT NULL) it " \
 	" JOIN rm ON rm.room = it.room AND rm.scope IS NOT DISTINCT FROM it.scope AND rm.id IS NOT NULL " \
@@ -1892,7 +1895,10 @@ struct submit *submit_new(size_t n)
  * order, so per-room order holds) in the state the policy gave each
  * (pending, held for consent, dropped).  The full statement also marks
  * what a read receipt reads, asks for consent once per held (local user,
- * sender) pair unless a request is pending or was made within the window,
+ * sender) pair unless a request is pending or was made within the window
+ * and expired unanswered (CONSENT_REQUEST_STANDS_SQL; one she answered
+ * and then had lifted asks again, cq.redo: no token of the sender's was
+ * taken for it in round 0, may_ask, so none is given back),
  * records the consent that a local user's first outbound
  * message implies, records a block (or its end) that a peer's user sends
  * as a block event (the last one per pair in the job: all of the
@@ -2137,8 +2143,8 @@ struct submit *submit_new(size_t n)
  * N processes allowed N times the bound.  Every stored request counts (a
  * MIMI requestConsent's too, which the bound never refuses). */
 #define CONSENT_ASK_SQL(HELD_COND) \
-	"cq AS MATERIALIZED (SELECT DISTINCT ON (h.value::bigint, t.sender) h.value::bigint AS u, t.sender AS s, " \
-	"  w.pid, w.n, w.expiry, coalesce(w.crl, 0) AS crl, sd.domain AS dom, sd.uri AS suri " \
+	"c0 AS MATERIALIZED (SELECT DISTINCT ON (h.value::bigint, t.sender) h.value::bigint AS u, t.sender AS s, " \
+	"  w.pid, w.n, w.expiry, coalesce(w.crl, 0) AS crl, sd.domain AS dom, sd.uri AS suri, t.win " \
 	"  FROM it t JOIN identities sd ON sd.id = t.sender, unnest(string_to_array(t.ask, ',')) AS h(value), " \
 	"  LATERAL (SELECT it.pid, it.n, it.expiry, it.crl FROM it JOIN ev ON ev.public_id = it.pid " \
 	"   WHERE it.sender = t.sender AND it.n >= t.n AND h.value = ANY (string_to_array(it.held, ',')) " \
@@ -2147,6 +2153,8 @@ struct submit *submit_new(size_t n)
 	"   WHERE q.local_identity_id = h.value::bigint AND q.remote_identity_id = t.sender " \
 	"   AND " CONSENT_REQUEST_STANDS_SQL("q", "t.win") ") " \
 	"  ORDER BY h.value::bigint, t.sender, w.n), " \
+	"cq AS MATERIALIZED (SELECT c0.*, EXISTS (SELECT 1 FROM consent_requests q WHERE q.local_identity_id = c0.u " \
+	"  AND q.remote_identity_id = c0.s AND " CONSENT_REQUEST_ANSWERED_SQL("q", "c0.win") ") AS redo FROM c0), " \
 	"ck AS MATERIALIZED (SELECT cq.*, row_number() OVER (PARTITION BY cq.u, cq.dom ORDER BY cq.n, cq.s) AS rk, " \
 	"  w.had, w.old, w.last FROM cq, LATERAL (SELECT count(*) AS had, min(q.created_at) AS old, " \
 	"  max(q.created_at) AS last FROM consent_requests q JOIN identities r ON r.id = q.remote_identity_id " \
@@ -2159,7 +2167,9 @@ struct submit *submit_new(size_t n)
 	"cx AS (SELECT * FROM ck WHERE ck.crl > 0 AND ck.had + ck.rk > ck.crl), " \
 	"cn AS (SELECT it.n FROM it, unnest(string_to_array(it.ask, ',')) AS h(value) " \
 	"  WHERE NOT EXISTS (SELECT 1 FROM cr WHERE cr.u = h.value::bigint AND cr.s = it.sender) " \
-	"  AND NOT EXISTS (SELECT 1 FROM cx WHERE cx.u = h.value::bigint AND cx.s = it.sender)), " \
+	"  AND NOT EXISTS (SELECT 1 FROM cx WHERE cx.u = h.value::bigint AND cx.s = it.sender) " \
+	"  AND NOT EXISTS (SELECT 1 FROM consent_requests q WHERE q.local_identity_id = h.value::bigint " \
+	"   AND q.remote_identity_id = it.sender AND " CONSENT_REQUEST_ANSWERED_SQL("q", "it.win") ")), " \
 	"ca AS (INSERT INTO audit_log (at, actor, action, reason_code, event_id, subject, details) " \
 	"  SELECT statement_timestamp(), 'policy', 'policy.limit', 'rate_limited_recipient_consent_requests', ev.id, cx.suri, " \
 	"  jsonb_build_object('user', l.uri, 'type', 'consent_request', 'retry_after_ms', greatest(1, " \
@@ -2170,7 +2180,8 @@ struct submit *submit_new(size_t n)
 	"  AND a.reason_code = 'rate_limited_recipient_consent_requests' AND a.details->>'user' = l.uri " \
 	"  AND split_part(a.subject, '/', 3) = cx.dom))), "
 #define CONSENT_UNASKED_ROWS \
-	" UNION ALL SELECT NULL, cx.n::bigint, 'unasked' FROM cx UNION ALL SELECT NULL, cn.n::bigint, 'unmade' FROM cn"
+	" UNION ALL SELECT NULL, cx.n::bigint, 'unasked' FROM cx WHERE NOT cx.redo " \
+	" UNION ALL SELECT NULL, cn.n::bigint, 'unmade' FROM cn"
 
 /* HELD_COND: GROUP_HELD_COND (no consent asked of a member gone) or empty;
  * AU_DETAILS: an audit record's details (GROUP_AU_DETAILS, or as given). */
@@ -2864,7 +2875,10 @@ static void intra_refs(struct submit *b)
 /* Whether item i's message, held for local user local_id (its identity
  * id), may ask that user for consent.  Yes where a request of its sender
  * is pending or recent (the write asks once per window: this asks nothing
- * new) or an earlier item of the job asks; else a new request would be
+ * new) or an earlier item of the job asks; yes, and asked again without a
+ * token, where the only recent one is a request she answered and then
+ * had lifted ('r': the sender paid for this window's, and a token taken
+ * now would tell his peer that she answered); else a new request would be
  * made, and it takes a token of the sender's consent_requests_per_day
  * (spec/policy.md: "consent requests per day", per remote user; each
  * request its own token, as a group's first message may ask several
@@ -2880,17 +2894,23 @@ static bool may_ask(struct submit *b, size_t i, PGresult *r, const struct policy
 		    const struct policy_request *held_req, const char *local_id, json_t *audit, json_t *ask)
 {
 	const struct msg_input *in = b->items[i];
+	char stands = 'f';
 	for (int k = 0; k < b->nfacts; k++)
 		if (strcmp(PQgetvalue(r, k, 2), local_id) == 0 && strcmp(PQgetvalue(r, k, 3), in->sender) == 0) {
-			if (PQgetvalue(r, k, 17)[0] == 't')
-				return true;
+			stands = PQgetvalue(r, k, 17)[0];
 			break;
 		}
+	if (stands == 't')
+		return true;
 	for (size_t j = 0; j < i; j++)
 		if (b->items[j] && b->held[j] && strcmp(b->items[j]->sender, in->sender) == 0)
 			for (size_t x = 0; x < json_array_size(b->held[j]); x++)
 				if (strcmp(json_string_value(json_array_get(b->held[j], x)), local_id) == 0)
 					return true;
+	if (stands == 'r') { /* she answered this window's request, then lifted it: asked again, free */
+		json_array_append_new(ask, json_string(local_id));
+		return true;
+	}
 	struct policy_rate_memo memo;
 	policy_rate_memo_init(&memo, b->app->limits);
 	memo.ledger = &b->ledger;

@@ -919,6 +919,55 @@ def recipient_limits(pg, db_url):
                    "AND reason_code = 'rate_limited_recipient_consent_requests'", db_url)
 
 
+def pending_of(pg, db_url, user=ALICE):
+    """The senders (local parts) of user's pending requests, in order."""
+    return pg.psql("SELECT coalesce(string_agg(r.localpart, ',' ORDER BY q.id), '') FROM consent_requests q "
+                   "JOIN identities r ON r.id = q.remote_identity_id JOIN identities l ON l.id = q.local_identity_id "
+                   f"WHERE l.uri = '{user}' AND q.state = 'pending'", db_url)
+
+
+def test_a_sender_is_asked_again_at_once_when_she_lifts_her_answer(daemon, peers, pg, db_url):
+    """alice answers wally's request (a block, then an accept) and lifts
+    her answer ("none"): wally's next message asks her again at once, as
+    she expects, not a consent_request_window_seconds (a day) after the
+    request she answered, and without a token of wally's: his bucket of
+    one request a day, spent on the first, must not tell his peer that
+    she answered and changed her mind (an unknown name never does).  An
+    unanswered request (expired) still stands for its window: no popup
+    fatigue.  Until the forty-sixth session an answered request stood too,
+    and wally's messages after the lift waited unasked for the rest of
+    the day (alice's list: "held, not asked")."""
+    (a, _), _ = peers
+    opt_in(daemon)
+    opt_in(daemon, user=BOB)
+    wally = a.user("wally")
+    r = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example",
+                                             "limits": {"consent_requests_per_day_per_user": 1}})
+    assert r.status_code == 201, r.text
+    room = dm(a)
+    assert send(a, room, "hello").status_code == 202
+    assert pending_of(pg, db_url) == "wally"
+    for answer in ("blocked", "allowed"):
+        consent(daemon, wally, answer)
+        assert pending_of(pg, db_url) == ""
+        consent(daemon, wally, "none")  # lifted: in force here once answered
+        r = send(a, room, f"after the {answer} lifted")
+        assert r.status_code == 202, r.text
+        assert states(pg, db_url, [r.json()["id"]]) == [(r.json()["id"], "held")]
+        assert pending_of(pg, db_url) == "wally", answer
+    reqs = daemon.admin("GET", f"/consent-requests?user={ALICE}").json()["rows"]
+    assert sorted(x["state"] for x in reqs) == ["accepted", "blocked", "pending"], reqs
+    assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'policy.limit'", db_url) == "0"
+    # bob never answers walt: the request expires, and stands for the window
+    to_bob = dm(a, local=BOB, remote="walt")
+    assert send(a, to_bob, "hello bob", sender="walt").status_code == 202
+    assert pending_of(pg, db_url, BOB) == "walt"
+    pg.psql("UPDATE consent_requests q SET state = 'expired' FROM identities l "
+            f"WHERE l.id = q.local_identity_id AND l.uri = '{BOB}'", db_url)
+    assert send(a, to_bob, "again", sender="walt").status_code == 202
+    assert asked_of(pg, db_url, BOB) == "walt" and pending_of(pg, db_url, BOB) == ""
+
+
 def test_a_users_daily_bound_on_requests_holds_after_a_restart(make_daemon, db_url, pg):
     """policy.consent_requests_per_user_per_day counts the requests stored
     for her within the last day: a restart does not give a peer rotating
