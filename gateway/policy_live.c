@@ -1074,9 +1074,18 @@ static const char consent_sql[] =
  * content {target, action: block or unblock} as POST /v1/blocks takes it,
  * in each room the two share (stored as every event is: the whole event
  * document), delivered to the peer (push or pull) like any
- * event and in order with the room's messages; a group a peer put the
- * local user into and she has not taken part in yet is one they share
- * (schema/037: her block travels as before she was invited, not joined).
+ * event and in order with the room's messages, but only in a room where
+ * the peer knows her already: a group she joined herself (not one a peer
+ * only put her into: schema/037), a direct room in which something of
+ * hers went to that peer (an event she sent, not dropped) or a message
+ * was delivered to her (the peer's status shows it).  Elsewhere the
+ * block event would be the first the peer learns of her: a peer can make
+ * a direct room with any name, or put any name into a group, and an
+ * unknown name never blocks, so a block there told it that she exists
+ * and what she decided, which the spec's privacy rule forbids ("blocking
+ * drops them and tells the sender only 'not delivered'"); until the
+ * forty-sixth session it went there too.  An unblock goes where the
+ * block went (the block is an event of hers in that room).
  * No shared room, no event:
  * the peer's user has no conversation to be told about (and a new one is
  * refused by the policy meanwhile).  The rooms are locked first (lk, as
@@ -1090,9 +1099,13 @@ static const char block_event_sql[] =
 	"  WHERE i.uri = $2 AND NOT i.is_local), "
 	"l AS (SELECT id, uri, network, (extract(epoch FROM now()) * 1000)::bigint AS ts FROM identities "
 	"  WHERE id = $1::bigint AND is_local), "
-	"rm AS (SELECT DISTINCT a.room_id FROM room_members a JOIN room_members b ON b.room_id = a.room_id "
-	"  JOIN r ON b.identity_id = r.id WHERE a.identity_id = $1::bigint AND (a.membership = 'joined' "
-	"  OR (a.membership = 'invited' AND a.peer_invited)) AND b.membership = 'joined'), "
+	"rm AS (SELECT DISTINCT a.room_id FROM room_members a JOIN rooms k ON k.id = a.room_id "
+	"  JOIN room_members b ON b.room_id = a.room_id "
+	"  JOIN r ON b.identity_id = r.id WHERE a.identity_id = $1::bigint AND a.membership = 'joined' "
+	"  AND b.membership = 'joined' AND (k.kind = 'group' OR EXISTS (SELECT 1 FROM events e "
+	"  JOIN outbox o ON o.event_id = e.id WHERE e.room_id = a.room_id AND ((e.sender_id = $1::bigint "
+	"  AND o.destination = 'peer:' || r.name AND o.state NOT IN ('dropped', 'expired')) "
+	"  OR (o.target_identity_id = $1::bigint AND o.state = 'delivered'))))), "
 	"lk AS MATERIALIZED (" ROOM_LOCKS_SQL("SELECT room_id AS r FROM rm") "), "
 	"ev AS (INSERT INTO events (public_id, room_id, sender_id, type, content, origin_network, ts) "
 	"  SELECT " NEW_EVENT_ID_SQL ", "

@@ -1871,8 +1871,15 @@ def test_a_users_commands_to_the_bot_are_limited(mx, hs, gk, pg, db_url):
     a, _ = gk
     wally = a.user("wally")
     assert mx.admin("PATCH", "/settings", json={"policy.user_updates_per_minute": 4}).ok
-    a.create_room([wally, ALICE])  # a room shared: each block and unblock is an event to gk
+    room = a.create_room([wally, ALICE]).json()["id"]  # a room shared: each block and unblock is an event to gk
     alice, mgmt, notices = alice_and_the_bot(hs)
+    # where the peer knows her (wally's message delivered to her): a block
+    # travels only there (docs/policy.md, "Blocks travel")
+    assert mx.admin("POST", "/consents", json={"user": ALICE, "subject_kind": "user", "subject": wally,
+                                               "state": "allowed"}).ok
+    hello = a.send(room, wally, "hello").json()["id"]
+    wait_until(lambda: pg.psql("SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id "
+                               f"WHERE e.public_id = '{hello}'", db_url) == "delivered", what="wally's hello delivered")
     for verb in ("block", "accept", "block", "accept"):
         before = len(notices())
         alice.send_text(mgmt, f"{verb} {wally}")

@@ -540,6 +540,60 @@ def test_oversized_messages_tell_no_one_apart_by_429(daemon, peers, pg, db_url):
     assert all(v == [202, 202, 429, 429] for v in codes.values()), codes
 
 
+def known_to_the_peer(daemon, a, pg, db_url, room, sender="wally", local=ALICE):
+    """The peer knows local in the direct room: she accepted its user, and
+    his message was delivered to her (no local adapter runs here: its row
+    is marked delivered, as the adapter marks it), which the peer's status
+    of it shows. A block of hers travels there (docs/policy.md, "Blocks
+    travel")."""
+    consent(daemon, a.user(sender), "allowed", user=local)
+    r = send(a, room, "hello", sender=sender)
+    assert r.status_code == 202, r.text
+    pg.psql("UPDATE outbox o SET state = 'delivered', delivered_at = now() FROM events e WHERE e.id = o.event_id "
+            f"AND e.public_id = '{r.json()['id']}' AND o.state = 'pending'", db_url)
+    assert [x["status"] for x in a.call("GET", f"/v1/messages/{r.json()['id']}").json()["recipients"]] == \
+        ["delivered"]
+
+
+def test_a_block_tells_the_peer_nothing_where_it_does_not_know_her(daemon, peers, pg, db_url):
+    """The interop privacy rule: a peer cannot tell a user of this provider
+    who blocked its user from a name that is nobody's. A peer can make a
+    direct room with any name, and put any name into a group: a block
+    event there, from a user it never heard of, told it that she exists
+    and what she decided (an unknown name never blocks). So alice's
+    block of wally travels only where the peer knows her already (a
+    direct room where something of hers went to it, or its user's
+    message was delivered to her; a group she joined herself), and
+    everything else the peer sees of wally's messages is as for an
+    unknown name: 202, then the same status. Until the forty-sixth
+    session the block event went to every room the two shared."""
+    (a, sa), (b, _) = peers
+    opt_in(daemon)
+    room = dm(a)                                   # alice: real, opted in, asked
+    ghost = dm(a, local="mimi://example.org/u/nobody")
+    grp = a.create_room([a.user("wally"), ALICE, b.user("bob")])
+    assert grp.status_code == 201, grp.text        # a group the peer put her into
+    sent = {name: send(a, rm, "hi") for name, rm in (("alice", room), ("nobody", ghost))}
+    assert {k: v.status_code for k, v in sent.items()} == {"alice": 202, "nobody": 202}
+    consent(daemon, a.user("wally"), "blocked")
+    assert pg.psql("SELECT count(*) FROM events WHERE type = 'block'", db_url) == "0"
+    later = {name: send(a, rm, "still there?") for name, rm in (("alice", room), ("nobody", ghost))}
+    assert {k: v.status_code for k, v in later.items()} == {"alice": 202, "nobody": 202}
+    for m in list(sent.values()) + list(later.values()):
+        assert [x["status"] for x in a.call("GET", f"/v1/messages/{m.json()['id']}").json()["recipients"]] == \
+            ["accepted"]
+    consent(daemon, a.user("wally"), "none")       # nor its end
+    assert pg.psql("SELECT count(*) FROM events WHERE type = 'block'", db_url) == "0"
+    assert not sa.events, sa.events
+    # once the peer knows her in the room, her block travels there, and its end
+    known_to_the_peer(daemon, a, pg, db_url, room)
+    consent(daemon, a.user("wally"), "blocked")
+    consent(daemon, a.user("wally"), "allowed")
+    got = sa.wait_events(2)
+    assert [(e["type"], e["content"]["action"], e["room_id"]) for e in got] == \
+        [("block", "block", room), ("block", "unblock", room)], got
+
+
 def test_a_block_and_its_end_travel_to_the_peer(daemon, peers, pg, db_url):
     """spec/policy.md, "Blocks travel": a local user's block of a peer's
     user reaches that peer as a block event from the local user in the room
@@ -549,6 +603,7 @@ def test_a_block_and_its_end_travel_to_the_peer(daemon, peers, pg, db_url):
     (a, sa), (b, sb) = peers
     opt_in(daemon)
     room = dm(a)
+    known_to_the_peer(daemon, a, pg, db_url, room)
     consent(daemon, a.user("wally"), "blocked")
     [ev] = sa.wait_events(1)
     assert ev["type"] == "block" and ev["sender"] == ALICE and ev["room_id"] == room, ev
@@ -588,6 +643,10 @@ def test_a_block_travels_in_order_with_a_message_of_another_process(make_daemon,
         rm = a.create_room([a.user("wally"), ALICE, b.user("bob")])
         assert rm.status_code == 201, rm.text
         room = rm.json()["id"]
+        # alice joined the group herself (the peer put her in: invited), as
+        # her client's join makes her; her block travels to groups she joined
+        pg.psql("UPDATE room_members m SET membership = 'joined', peer_invited = false FROM identities i "
+                f"WHERE i.id = m.identity_id AND i.uri = '{ALICE}'", db_url)
         assert b.send(room, b.user("bob"), "first").status_code == 202
         sa.wait_events(1)
         pg.psql("CREATE FUNCTION test_slow_block() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
@@ -629,6 +688,7 @@ def test_two_blocks_of_one_contact_at_once_send_one_block_event(make_daemon, db_
         opt_in(d1)
         rm = a.create_room([a.user("wally"), ALICE])
         assert rm.status_code == 201, rm.text
+        known_to_the_peer(d1, a, pg, db_url, rm.json()["id"])
         pg.psql("CREATE FUNCTION test_slow_block() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
                 " IF NEW.type = 'block' THEN PERFORM pg_sleep(1.5); END IF; RETURN NULL; END $$; "
                 "CREATE CONSTRAINT TRIGGER test_slow_block AFTER INSERT ON events DEFERRABLE INITIALLY DEFERRED "
@@ -2460,7 +2520,7 @@ def test_a_peer_gets_only_the_event_types_it_takes(daemon, peers, pg, db_url):
     assert r.status_code == 200 and r.json()["event_types"] == ["message", "edit", "delete"], r.text
     opt_in(daemon)
     room = dm(a)
-    consent(daemon, a.user("wally"), "allowed")
+    known_to_the_peer(daemon, a, pg, db_url, room)
     consent(daemon, a.user("wally"), "blocked")
     consent(daemon, a.user("wally"), "allowed")
     wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE destination = 'peer:gk' AND state = 'delivered'",
