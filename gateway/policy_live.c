@@ -1490,6 +1490,7 @@ struct policy_live {
 	bool sweep_slow; /* the last periodic sweep took SWEEP_REPLAN_US or more (replan_sweep) */
 	bool events_known; /* events' statistics count what it holds (analyze_grown_events) */
 	bool drop_conn;    /* c to be made again at the next turn (replan_sweep failed) */
+	struct retention_state retention; /* the retention sweep's, from run to run */
 	struct store_canceller cancel; /* c's statement, cancelled at a stop that waits for it */
 	uint64_t version;
 	struct policy_live_stats st; /* under mu */
@@ -2408,7 +2409,10 @@ static void *live_main(void *arg)
 			cw_errmsg e;
 			bool more = false, any = false;
 			/* each failed kind is logged by the sweep; the others counted */
-			retention_sweep(pl->c, pl->o.retention, rt, failed, &e);
+			struct policy_view *rv = policy_live_get(pl);
+			pl->retention.consent_window_s = rv->set.consent_window_s;
+			policy_view_put(rv);
+			retention_sweep(pl->c, pl->o.retention, &pl->retention, rt, failed, &e);
 			char n[RETENTION_KINDS][24];
 			pthread_mutex_lock(&pl->mu);
 			for (int i = 0; i < RETENTION_KINDS; i++) {
@@ -2422,7 +2426,7 @@ static void *live_main(void *arg)
 			if (any)
 				LOG_KV(CW_LOG_INFO, "old data removed", "contents_erased", n[0],
 				       "idempotency_keys", n[1], "delivery_attempts", n[2],
-				       "events_deleted", n[3], "audit_records", n[4]);
+				       "events_deleted", n[3], "audit_records", n[4], "identities_forgotten", n[5]);
 			next_retention = now + (more ? 1000000LL : pl->o.retention->retention_interval_s * 1000000LL);
 		}
 		bool recheck_more = recheck_turn(pl);

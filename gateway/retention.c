@@ -1,5 +1,6 @@
 /* Retention: old content erased, old idempotency keys, delivery attempts,
- * events and audit records deleted, a bounded batch at a time. */
+ * events and audit records deleted, local identities nothing refers to
+ * forgotten, a bounded batch at a time. */
 #include "config.h"
 #include "retention.h"
 #include "store.h"
@@ -258,18 +259,139 @@ static cw_err run(PGconn *c, const char *sql, long days, long *count, cw_errmsg 
 	return CW_OK;
 }
 
-const char *const retention_kind_names[RETENTION_KINDS] = { "content", "idempotency_keys", "delivery_attempts",
-								"events", "audit" };
+/* A local identity (i) nothing refers to, made more than $days days ago
+ * (and so, for a name a peer made up, never a user of this provider as
+ * far as Causeway knows): a peer makes one for any name of this provider
+ * it names in a consent update or a block (POST /v1/consent/updates,
+ * /v1/blocks: either way, the row stays when the block is lifted) or a
+ * consent request held for it (POST /v1/consent/requests under
+ * policy.optin_default), at policy.peer_updates_per_minute, and until
+ * the forty-sixth session nothing removed one: a peer could grow the
+ * table for months.  What keeps a row is everything a user of this
+ * provider has or does: a native id (identity_bindings: she wrote, or
+ * talked to the bot), a room's membership (room_members: also every room
+ * a peer made with the name, and so every event she sent or a delivery
+ * to her, which need one), a room binding, an opt-in, a consent, a
+ * report about her, a block either way (a peer's user's block of the
+ * name stands until he lifts it), a Matrix portal's or management room's
+ * row, her being discoverable or having a name or an avatar, and a
+ * consent request but one expired unanswered longer ago than the request
+ * window ($window seconds, a day at least) and the day of the user's
+ * daily bound: such a request decides nothing more (it no longer stands,
+ * CONSENT_REQUEST_STANDS_SQL, and counts for no bound), and goes with
+ * her (its foreign key's cascade), unless an XMPP component has not yet
+ * withdrawn it from her roster (its consent.expire record past the
+ * slowest component's cursor: bh, behind).  A forgotten name is as one
+ * never seen: a peer naming it again makes a row again, and every answer
+ * is the same as before, as for any name (interop privacy rule).  The
+ * events a local user sent and the deliveries to her need her membership
+ * of their room, so they keep her through room_members (events and
+ * outbox have no foreign key, schema/005). */
+#define IDENTITY_UNUSED(i, days, win) \
+	i ".is_local AND " i ".created_at < now() - make_interval(days => " days "::int) AND NOT " i ".discoverable " \
+	" AND " i ".display_name IS NULL AND " i ".avatar IS NULL " \
+	" AND NOT EXISTS (SELECT 1 FROM identity_bindings x WHERE x.identity_id = " i ".id) " \
+	" AND NOT EXISTS (SELECT 1 FROM room_members x WHERE x.identity_id = " i ".id) " \
+	" AND NOT EXISTS (SELECT 1 FROM room_bindings x WHERE x.local_identity_id = " i ".id) " \
+	" AND NOT EXISTS (SELECT 1 FROM room_bindings x WHERE x.remote_identity_id = " i ".id) " \
+	" AND NOT EXISTS (SELECT 1 FROM user_optin x WHERE x.identity_id = " i ".id) " \
+	" AND NOT EXISTS (SELECT 1 FROM consents x WHERE x.local_identity_id = " i ".id) " \
+	" AND NOT EXISTS (SELECT 1 FROM reports x WHERE x.subject_identity_id = " i ".id) " \
+	" AND NOT EXISTS (SELECT 1 FROM blocks x WHERE x.blocker_id = " i ".id) " \
+	" AND NOT EXISTS (SELECT 1 FROM blocks x WHERE x.blocked_id = " i ".id) " \
+	" AND NOT EXISTS (SELECT 1 FROM matrix_portal_members x WHERE x.identity_id = " i ".id) " \
+	" AND NOT EXISTS (SELECT 1 FROM matrix_mgmt_rooms x WHERE x.identity_id = " i ".id) " \
+	" AND NOT EXISTS (SELECT 1 FROM consent_requests x WHERE x.remote_identity_id = " i ".id) " \
+	" AND NOT EXISTS (SELECT 1 FROM consent_requests x WHERE x.local_identity_id = " i ".id " \
+	"  AND NOT (x.state = 'expired' AND x.created_at < now() - make_interval(secs => greatest(" win "::bigint, 86400)))) " \
+	" AND NOT EXISTS (SELECT 1 FROM bh WHERE bh.subject = " i ".uri)"
 
-cw_err retention_sweep(PGconn *c, const struct cw_config *cfg, long counts[RETENTION_KINDS],
-		       bool failed[RETENTION_KINDS], cw_errmsg *e)
+/* The users whose consent.expire records an XMPP component has not yet
+ * followed into their rosters (xmpp_cmd.c, xmpp_roster_sync: it reads
+ * the request by its id), read once a statement. */
+#define IDENTITY_BEHIND \
+	"bh AS MATERIALIZED (SELECT DISTINCT a.subject FROM audit_log a WHERE a.action = 'consent.expire' " \
+	"  AND a.id > (SELECT min(s.audit_id) FROM xmpp_roster_sync s))"
+
+/* The local identities after the cursor $1, at most $2 of them in id
+ * order (identities_local_idx, schema/050), and of those the first $3
+ * unused ones, locked (SKIP LOCKED: one a writer holds, naming it, is in
+ * use).  Answers the ids locked (an array), the cursor for the next run
+ * (the last unused one looked at when $3 were found, else the last
+ * looked at, or 0 at the end: the next run starts again from the first)
+ * and whether the scan found more.  Every row is looked at again each
+ * turn round the table, since a row in use may be free the next time (a
+ * block lifted).  $4: days, $5: the request window in seconds. */
+static const char identities_lock_sql[] =
+	"WITH " IDENTITY_BEHIND ", "
+	"s AS MATERIALIZED (SELECT i.id, i.uri, i.is_local, i.created_at, i.discoverable, i.display_name, i.avatar "
+	"  FROM identities i WHERE i.is_local AND i.id > $1::bigint ORDER BY i.id LIMIT $2::int), "
+	"c AS MATERIALIZED (SELECT i.id FROM s i WHERE " IDENTITY_UNUSED("i", "$4", "$5") " ORDER BY i.id LIMIT $3::int), "
+	"l AS (SELECT i.id FROM identities i WHERE i.id IN (SELECT id FROM c) FOR UPDATE OF i SKIP LOCKED) "
+	"SELECT (SELECT array_agg(id)::text FROM l), "
+	"  CASE WHEN (SELECT count(*) FROM c) >= $3::int THEN (SELECT max(id) FROM c) "
+	"  WHEN (SELECT count(*) FROM s) >= $2::int THEN (SELECT max(id) FROM s) ELSE 0 END";
+/* The same rows, looked at again with a snapshot taken after the locks:
+ * a reference committed between the first statement's snapshot and its
+ * lock keeps the row; a writer that comes later and names one (a
+ * foreign key's share lock) waits for this transaction, and fails on a
+ * row it deleted (its job is tried again, and makes the row anew).
+ * $1: the ids, $2: days, $3: the request window. */
+static const char identities_sql[] =
+	"WITH " IDENTITY_BEHIND " "
+	"DELETE FROM identities i WHERE i.id = ANY($1::bigint[]) AND " IDENTITY_UNUSED("i", "$2", "$3");
+
+/* identities_lock_sql, then identities_sql, in one transaction on the idle
+ * connection.  count: the rows deleted; *cursor moved on. */
+static cw_err run_identities(PGconn *c, int64_t *cursor, int64_t window_s, long *count, cw_errmsg *e)
+{
+	*count = 0;
+	char cur[24], scan[24], n[24], days[24], win[24];
+	snprintf(cur, sizeof(cur), "%lld", (long long)*cursor);
+	snprintf(scan, sizeof(scan), "%d", RETENTION_IDENTITY_SCAN);
+	snprintf(n, sizeof(n), "%d", RETENTION_BATCH);
+	snprintf(days, sizeof(days), "%d", RETENTION_IDENTITY_DAYS);
+	snprintf(win, sizeof(win), "%lld", (long long)window_s);
+	cw_err rc = store_exec(c, "BEGIN", e);
+	if (rc)
+		return rc;
+	const char *params[] = { cur, scan, n, days, win };
+	PGresult *r = PQexecParams(c, identities_lock_sql, 5, NULL, params, NULL, NULL, 0);
+	rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	int64_t next = *cursor;
+	if (!rc) {
+		next = atoll(PQgetvalue(r, 0, 1));
+		if (!PQgetisnull(r, 0, 0)) {
+			const char *dp[] = { PQgetvalue(r, 0, 0), days, win };
+			PGresult *x = PQexecParams(c, identities_sql, 3, NULL, dp, NULL, NULL, 0);
+			rc = store_check(c, x, PGRES_COMMAND_OK, e);
+			if (!rc) {
+				*count = atol(PQcmdTuples(x));
+				PQclear(x);
+			}
+		}
+		PQclear(r);
+	}
+	rc = store_end(c, rc, e);
+	if (rc)
+		*count = 0;
+	else
+		*cursor = next;
+	return rc;
+}
+
+const char *const retention_kind_names[RETENTION_KINDS] = { "content", "idempotency_keys", "delivery_attempts",
+								"events", "audit", "identities" };
+
+cw_err retention_sweep(PGconn *c, const struct cw_config *cfg, struct retention_state *st,
+		       long counts[RETENTION_KINDS], bool failed[RETENTION_KINDS], cw_errmsg *e)
 {
 	/* Each kind on its own: until the thirty-first session they ran as one
 	 * chain that stopped at the first failure, and a kind that kept
 	 * failing (the events' deletion, say) kept every later one from
 	 * running, the erasure of old content among them.  Rows first: the
 	 * content of what they delete is not erased first. */
-	static const int order[RETENTION_KINDS] = { 3, 0, 1, 2, 4 };
+	static const int order[RETENTION_KINDS] = { 3, 0, 1, 2, 4, 5 };
 	const struct {
 		const char *sql;
 		long days;
@@ -277,7 +399,8 @@ cw_err retention_sweep(PGconn *c, const struct cw_config *cfg, long counts[RETEN
 				     { keys_sql, cfg->retention_idempotency_days },
 				     { attempts_sql, cfg->retention_attempts_days },
 				     { NULL, cfg->retention_rows_days },
-				     { audit_sql, cfg->retention_audit_days } };
+				     { audit_sql, cfg->retention_audit_days },
+				     { NULL, RETENTION_IDENTITY_DAYS } };
 	cw_err first = CW_OK;
 	for (int k = 0; k < RETENTION_KINDS; k++) {
 		int i = order[k];
@@ -287,6 +410,8 @@ cw_err retention_sweep(PGconn *c, const struct cw_config *cfg, long counts[RETEN
 		counts[i] = 0;
 		if (kinds[i].sql)
 			rc = run(c, kinds[i].sql, kinds[i].days, &counts[i], &ke);
+		else if (i == 5)
+			rc = run_identities(c, &st->identity_cursor, st->consent_window_s, &counts[i], &ke);
 		else if (!(rc = run(c, expiry_due_sql, kinds[i].days, &brought, &ke)))
 			rc = run_rows(c, kinds[i].days, &counts[i], &ke);
 		failed[i] = rc != CW_OK;

@@ -13,7 +13,9 @@
  * retention.rows_days ago and no delivery of one, nor of a reply to one,
  * is open.  Audit records older than retention.audit_days are deleted,
  * but a consent change an XMPP component has not yet followed into its
- * rosters.  A setting of 0 keeps that kind of data for ever. */
+ * rosters.  A setting of 0 keeps that kind of data for ever.  Local
+ * identities nothing refers to (names a peer made up) are forgotten
+ * RETENTION_IDENTITY_DAYS after they were made. */
 #ifndef CW_RETENTION_H
 #define CW_RETENTION_H
 
@@ -46,8 +48,30 @@
 /* Rows one statement of a sweep changes at most. */
 #define RETENTION_BATCH 1000
 
+/* Local identities nothing refers to are forgotten this many days after
+ * they were made (retention.c, IDENTITY_UNUSED): names a peer made up,
+ * in consent updates, blocks and consent requests.  Not a setting: such
+ * a row holds nothing of anyone's (a user's rows are all kept), so there
+ * is nothing for an operator to keep; the days keep a name a peer is
+ * using now (a block and its end, a request) from being made and
+ * forgotten over and over. */
+#define RETENTION_IDENTITY_DAYS 30
+
+/* Local identities a sweep looks at, at most, in one run (in id order,
+ * from where the last run stopped, round the table). */
+#define RETENTION_IDENTITY_SCAN 10000
+
 /* The kinds a sweep counts (below). */
-#define RETENTION_KINDS 5
+#define RETENTION_KINDS 6
+
+/* What a sweep keeps from one run to the next, and is told: where the
+ * look for unused local identities goes on (0: from the first), and the
+ * policy's consent_request_window_seconds (a request expired unanswered
+ * within it still stands). */
+struct retention_state {
+	int64_t identity_cursor;
+	int64_t consent_window_s;
+};
 
 /* The kinds' names, in the order of the counts below (the metrics' and
  * the log's kind label). */
@@ -57,12 +81,14 @@ extern const char *const retention_kind_names[RETENTION_KINDS];
  * short transaction, rows chosen with SKIP LOCKED (two daemons on one
  * database never wait for each other).  counts: events whose content was
  * erased, idempotency keys deleted, delivery attempts deleted, events
- * deleted, audit records deleted; one of RETENTION_BATCH or more means
+ * deleted, audit records deleted, local identities forgotten (since the
+ * forty-sixth session; always, RETENTION_IDENTITY_DAYS, whatever the
+ * settings); one of RETENTION_BATCH or more means
  * more may be due (run again: events come in families of any size, up to
  * RETENTION_BATCH families a run).  Each kind runs whatever became of the
  * others: one that fails is logged ("retention sweep failed", its kind),
  * marked in failed (its count 0), and the first failure returned. */
-cw_err retention_sweep(PGconn *c, const struct cw_config *cfg, long counts[RETENTION_KINDS],
-		       bool failed[RETENTION_KINDS], cw_errmsg *e);
+cw_err retention_sweep(PGconn *c, const struct cw_config *cfg, struct retention_state *st,
+		       long counts[RETENTION_KINDS], bool failed[RETENTION_KINDS], cw_errmsg *e);
 
 #endif

@@ -312,7 +312,11 @@ const char *peer_local_refused(const struct cw_app *app, const struct mimi_uri *
 	return matrix_local_refused(app->cfg, uri, u->id, why, len);
 }
 
-/* The identity row of a user URI, made on first contact. */
+/* The identity row of a user URI, made on first contact.  One found is
+ * locked FOR KEY SHARE until the transaction's end, as a foreign key's
+ * check locks it: the retention sweep, which forgets a local identity
+ * nothing refers to (gateway/retention.c), passes over it, and one the
+ * sweep is deleting is waited for and made anew (the second attempt). */
 cw_err identity_id(PGconn *c, const struct mimi_uri *u, bool local, const char *network,
 			  const char *peer_id, char *out, size_t outlen, cw_errmsg *e)
 {
@@ -322,8 +326,9 @@ cw_err identity_id(PGconn *c, const struct mimi_uri *u, bool local, const char *
 	for (int attempt = 0; attempt < 2; attempt++) {
 		PGresult *r = exec(c,
 			"WITH ins AS (INSERT INTO identities (uri, domain, localpart, is_local, network, peer_id) "
-			"VALUES ($1, $2, $3, $4::boolean, $5, $6::bigint) ON CONFLICT (uri) DO NOTHING RETURNING id) "
-			"SELECT id FROM ins UNION ALL SELECT id FROM identities WHERE uri = $1 LIMIT 1", 6, params);
+			"VALUES ($1, $2, $3, $4::boolean, $5, $6::bigint) ON CONFLICT (uri) DO NOTHING RETURNING id), "
+			"old AS (SELECT id FROM identities WHERE uri = $1 FOR KEY SHARE) "
+			"SELECT id FROM ins UNION ALL SELECT id FROM old LIMIT 1", 6, params);
 		cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 		if (rc)
 			return rc;

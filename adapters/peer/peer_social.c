@@ -208,11 +208,15 @@ static bool peer_profiles_allowed(struct cw_app *app, struct cw_req *req)
  * request is stamped with the statement's start, as CONSENT_ASK_SQL
  * stamps the first contacts' and their refusals (whose once-per-episode
  * audit compares the times; not under the user's lock here, so close to
- * their order, not exactly in it). */
+ * their order, not exactly in it).  The user's row, when there is one,
+ * is locked FOR KEY SHARE (lk), as identity_id locks it: one the
+ * retention sweep is forgetting is waited for, and then not found (the
+ * request made as for a race, consent_request_raced). */
 static const char consent_request_sql[] =
 	"WITH li AS (INSERT INTO identities (uri, domain, localpart, is_local, network) "
 	"  SELECT $1, $7, $8, true, $9 WHERE $5::boolean ON CONFLICT (uri) DO NOTHING RETURNING id), "
-	"l AS MATERIALIZED (SELECT id FROM li UNION ALL SELECT id FROM identities WHERE uri = $1 AND is_local), "
+	"lk AS (SELECT id FROM identities WHERE uri = $1 AND is_local FOR KEY SHARE), "
+	"l AS MATERIALIZED (SELECT id FROM li UNION ALL SELECT id FROM lk), "
 	"st AS MATERIALIZED (SELECT l.id, EXISTS (SELECT 1 FROM consent_requests q WHERE q.local_identity_id = l.id "
 	"  AND q.remote_identity_id = $2::bigint AND " CONSENT_REQUEST_STANDS_SQL("q", "$4::bigint") ") AS stands FROM l), "
 	"cr AS (INSERT INTO consent_requests (local_identity_id, remote_identity_id, created_at, expires_at) "

@@ -6,6 +6,7 @@ deleted, what is still owed to someone is kept, and a setting of 0 keeps
 that kind for ever.  Data is made
 through the peer API and made old with SQL; retention.interval_s is 1 here
 (60 by default)."""
+import concurrent.futures
 import json
 import subprocess
 import threading
@@ -13,7 +14,7 @@ import time
 
 import pytest
 
-from harness import wait_until
+from harness import HeldSession, wait_until
 from test_peer_pull import make_peers
 
 OLD = "now() - interval '40 days'"  # past retention.content_days and attempts_days (30)
@@ -657,4 +658,139 @@ def test_a_files_rehosting_record_goes_with_its_messages_content(make_daemon, db
     assert contents(pg, db_url, [msg]).get(msg, "{}") == "{}"
     assert int(pg.psql("SELECT count(*) FROM media_rehosted", db_url)) == 2  # the other's, for both signers
     assert json.loads(contents(pg, db_url, [other])[other])["content"]["attachments"] == att("kept")
+    srv.close()
+
+
+LOCAL = "mimi://example.org/u/"
+
+
+def local_ids(pg, db_url):
+    """The local parts of this provider's identities."""
+    return set(pg.psql("SELECT localpart FROM identities WHERE is_local", db_url).split())
+
+
+def test_local_names_a_peer_made_up_are_forgotten_once_nothing_refers_to_them(make_daemon, db_url, pg):
+    """A peer makes an identity of this provider's for any name it names in
+    a consent update or a block (either way: the row stays when the block
+    is lifted), or in a consent request held for it (policy.optin_default
+    on), at policy.peer_updates_per_minute; until the forty-sixth session
+    nothing removed one, and a peer could grow the table for months. The
+    sweep forgets a local identity nothing refers to, 30 days after it was
+    made (with its consent requests expired unanswered longer ago than the
+    request window), whatever the settings; everything a user of this
+    provider has keeps hers (an opt-in, a consent, a native id, a room, a
+    report about her, a block either way, a request pending or expired
+    within the window, one answered, a withdrawal an XMPP component still
+    owes her roster). And a forgotten name is as one never seen: a peer
+    naming it again gets the same answer and makes the row again."""
+    d = start(make_daemon, db_url)
+    a, b, rm, srv = peers(d)
+    assert d.admin("PATCH", "/settings", json={"policy.optin_default": True}).ok
+
+    def update(name, consent="granted"):
+        r = a.call("POST", "/v1/consent/updates", {"user": a.user("wally"), "target": LOCAL + name,
+                                                    "consent": consent})
+        assert r.status_code == 202, r.text
+
+    def block(name, action="block"):
+        r = a.call("POST", "/v1/blocks", {"blocker": a.user("wally"), "blocked": LOCAL + name, "action": action})
+        assert r.status_code == 202, r.text
+
+    def ask(name, who="wally"):
+        r = a.call("POST", "/v1/consent/requests", {"requester": a.user(who), "target": LOCAL + name})
+        assert r.status_code == 202, r.text
+
+    update("g-granted")
+    block("g-lifted")
+    block("g-lifted", "unblock")
+    update("g-revoked-lifted", "revoked")
+    update("g-revoked-lifted", "granted")
+    ask("g-asked")                      # expired unanswered, long ago: goes with its request
+    block("k-blocked")                  # the peer's user's block stands
+    ask("k-pending")                    # still asked
+    ask("k-recent")                     # expired unanswered within the window
+    ask("k-answered")                   # answered: her decision
+    assert d.admin("POST", "/consents", json={"user": LOCAL + "k-answered", "subject_kind": "user",
+                                              "subject": a.user("wally"), "state": "blocked"}).ok
+    assert d.admin("POST", "/consents", json={"user": LOCAL + "k-answered", "subject_kind": "user",
+                                              "subject": a.user("wally"), "state": "none"}).ok
+    ask("k-owed")                       # expired, its withdrawal owed to an XMPP roster
+    assert d.admin("POST", "/optins", json={"user": LOCAL + "k-optin", "network": "peer:gk",
+                                            "opted_in": True}).ok
+    assert d.admin("POST", "/consents", json={"user": LOCAL + "k-consent", "subject_kind": "user",
+                                              "subject": a.user("wally"), "state": "allowed"}).ok
+    assert a.create_room([a.user("wally"), LOCAL + "k-member"]).status_code == 201
+    assert a.call("POST", "/v1/reports", {"reporter": a.user("wally"), "subject": LOCAL + "k-reported",
+                                          "reason": "spam"}).status_code == 202
+    update("k-native")                  # a user who talked to the bot (an adapter's native id)
+    pg.psql("INSERT INTO identity_bindings (identity_id, network, native_id) SELECT id, 'matrix', "
+            "'@k-native:example.org' FROM identities WHERE localpart = 'k-native'", db_url)
+    assert a.call("POST", "/v1/reports", {"reporter": a.user("wally"), "subject": LOCAL + "k-reported",
+                                          "reason": "spam"}).status_code == 202
+    update("k-reported")                # made after the reports, then bound to them
+    pg.psql("UPDATE reports r SET subject_identity_id = i.id FROM identities i "
+            "WHERE i.uri = r.subject_uri AND i.localpart = 'k-reported'", db_url)
+    update("k-young")                   # made today
+    made = local_ids(pg, db_url)
+    assert {"g-granted", "g-lifted", "g-revoked-lifted", "g-asked", "k-blocked", "k-young"} <= made, made
+    remote = pg.psql("SELECT count(*) FROM identities WHERE NOT is_local", db_url)
+    # Made 40 days ago; the requests expired (the sweep's state), g-asked's
+    # and k-owed's made 2 days ago, k-recent's an hour ago (the window: a day).
+    pg.psql("UPDATE identities SET created_at = now() - interval '40 days' WHERE is_local "
+            "AND localpart <> 'k-young'; "
+            "UPDATE consent_requests q SET state = 'expired', created_at = now() - "
+            "(CASE WHEN l.localpart = 'k-recent' THEN '1 hour' ELSE '2 days' END)::interval "
+            "FROM identities l WHERE l.id = q.local_identity_id AND l.localpart IN ('g-asked', 'k-recent', 'k-owed'); "
+            "INSERT INTO audit_log (actor, action, subject, details) SELECT 'policy', 'consent.expire', l.uri, "
+            "jsonb_build_object('request', q.id) FROM consent_requests q JOIN identities l ON l.id = q.local_identity_id "
+            "WHERE l.localpart = 'k-owed'; "
+            "INSERT INTO xmpp_roster_sync (component, audit_id) VALUES ('xmpp.example.org', 0)", db_url)
+    gone = {"g-granted", "g-lifted", "g-revoked-lifted", "g-asked"}
+    wait_until(lambda: not gone & local_ids(pg, db_url), timeout=30, interval=0.2, what="the made-up names forgotten")
+    assert local_ids(pg, db_url) == made - gone
+    assert pg.psql("SELECT count(*) FROM identities WHERE NOT is_local", db_url) == remote
+    assert retention_metric(d, "causeway_retention_removed_total", "identities") == 4
+    assert int(d.wait_for(lambda r: r.get("msg") == "old data removed"
+                          and r.get("identities_forgotten") != "0")["identities_forgotten"]) == 4
+    # The component follows: the withdrawal is no longer owed, and k-owed goes.
+    pg.psql("UPDATE xmpp_roster_sync SET audit_id = (SELECT max(id) FROM audit_log)", db_url)
+    wait_until(lambda: "k-owed" not in local_ids(pg, db_url), timeout=30, interval=0.2, what="k-owed forgotten")
+    assert local_ids(pg, db_url) == made - gone - {"k-owed"}
+    # A forgotten name is as one never seen.
+    update("g-granted")
+    block("g-lifted")
+    assert {"g-granted", "g-lifted"} <= local_ids(pg, db_url)
+    srv.close()
+
+
+def test_a_name_named_while_the_sweep_forgets_it_is_made_anew(make_daemon, db_url, pg):
+    """The sweep locks the unused identities it forgets (FOR UPDATE SKIP
+    LOCKED), then deletes them. A peer's block of that name meanwhile
+    waits for it, and makes the row anew: identity_id locks the row it
+    finds (FOR KEY SHARE), so one being deleted is waited for and not
+    found. Without that lock the block read the old row's id, its insert
+    waited on the foreign key's lock and failed once the row was gone: 409
+    conflict, for a request any other name is answered 202."""
+    d = start(make_daemon, db_url)
+    a, b, rm, srv = peers(d)
+    body = {"blocker": a.user("wally"), "blocked": LOCAL + "ghost", "action": "unblock"}
+    assert a.call("POST", "/v1/blocks", body).status_code == 202
+    old = pg.psql("SELECT id FROM identities WHERE localpart = 'ghost'", db_url)
+    sweep = HeldSession(db_url)  # the sweep's transaction, as retention.c takes it
+    sweep.run(f"BEGIN; SELECT id FROM identities WHERE id = {old} FOR UPDATE SKIP LOCKED;")
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as ex:
+            blocked = ex.submit(a.call, "POST", "/v1/blocks", dict(body, action="block"))
+            wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                       "AND wait_event_type = 'Lock'", db_url) == "1",
+                       what="the block waiting for the sweep's lock")
+            sweep.run(f"DELETE FROM identities WHERE id = {old};")
+            sweep.end()
+            r = blocked.result()
+        assert r.status_code == 202, r.text
+    finally:
+        sweep.end()
+    new = pg.psql("SELECT id FROM identities WHERE localpart = 'ghost'", db_url)
+    assert new and new != old
+    assert pg.psql(f"SELECT count(*) FROM blocks WHERE blocked_id = {new}", db_url) == "1"
     srv.close()
