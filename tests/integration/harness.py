@@ -560,5 +560,21 @@ def wait_until(fn, timeout=15, interval=0.1, what="condition"):
     raise AssertionError(f"{what} not reached in {timeout}s (last: {last!r})")
 
 
+def delivered_to_her(daemon, peer, pg, db_url, room, local, sender="wally"):
+    """local accepts the peer's user sender (the admin API), and his
+    message in room is delivered to her by the local adapter: from then on
+    the peer knows her there, and her block of him travels there
+    (docs/policy.md, "Blocks travel")."""
+    assert daemon.admin("POST", "/consents", json={"user": local, "subject_kind": "user",
+                                                   "subject": peer.user(sender), "state": "allowed"}).ok
+    msg = peer.send(room, peer.user(sender), "hello").json()["id"]
+    wait_until(lambda: outbox_state_of(pg, db_url, msg) == "delivered", what=f"{sender}'s message delivered")
+
+
+def outbox_state_of(pg, db_url, msg):
+    return pg.psql("SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id "
+                   f"WHERE e.public_id = '{msg}'", db_url)
+
+
 __all__ = ["ADMIN_TOKEN", "ADMIN_HEADERS", "Postgres", "Daemon", "run_causewayd", "wait_until", "parse_logfmt", "free_port",
            "TOP_SRCDIR", "TOP_BUILDDIR", "SCHEMA_DIR", "CAUSEWAYD", "shlex"]

@@ -19,7 +19,7 @@ import pytest
 import requests
 import yaml
 
-from harness import CAUSEWAYD, NAMES_SHOWN, HeldSession, free_port, wait_until
+from harness import CAUSEWAYD, NAMES_SHOWN, HeldSession, delivered_to_her, free_port, wait_until
 import homeserver
 from homeserver import Homeserver
 from peer import MediaServer, NotifyServer, PeerClient
@@ -1873,13 +1873,7 @@ def test_a_users_commands_to_the_bot_are_limited(mx, hs, gk, pg, db_url):
     assert mx.admin("PATCH", "/settings", json={"policy.user_updates_per_minute": 4}).ok
     room = a.create_room([wally, ALICE]).json()["id"]  # a room shared: each block and unblock is an event to gk
     alice, mgmt, notices = alice_and_the_bot(hs)
-    # where the peer knows her (wally's message delivered to her): a block
-    # travels only there (docs/policy.md, "Blocks travel")
-    assert mx.admin("POST", "/consents", json={"user": ALICE, "subject_kind": "user", "subject": wally,
-                                               "state": "allowed"}).ok
-    hello = a.send(room, wally, "hello").json()["id"]
-    wait_until(lambda: pg.psql("SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id "
-                               f"WHERE e.public_id = '{hello}'", db_url) == "delivered", what="wally's hello delivered")
+    delivered_to_her(mx, a, pg, db_url, room, ALICE)  # a block travels only where the peer knows her
     for verb in ("block", "accept", "block", "accept"):
         before = len(notices())
         alice.send_text(mgmt, f"{verb} {wally}")

@@ -967,11 +967,12 @@ def test_first_contacts_ask_no_more_users_a_day_than_the_senders_limit(daemon, p
     assert out["released"] >= 3
 
 
-def asked_of(pg, db_url, user=ALICE):
-    """The senders (local parts) a request was made of user for, in order."""
+def asked_of(pg, db_url, user=ALICE, state=None):
+    """The senders (local parts) a request was made of user for, in order
+    (those in that state)."""
     return pg.psql("SELECT coalesce(string_agg(r.localpart, ',' ORDER BY q.id), '') FROM consent_requests q "
                    "JOIN identities r ON r.id = q.remote_identity_id JOIN identities l ON l.id = q.local_identity_id "
-                   f"WHERE l.uri = '{user}'", db_url)
+                   f"WHERE l.uri = '{user}'" + (f" AND q.state = '{state}'" if state else ""), db_url)
 
 
 def recipient_limits(pg, db_url):
@@ -980,10 +981,7 @@ def recipient_limits(pg, db_url):
 
 
 def pending_of(pg, db_url, user=ALICE):
-    """The senders (local parts) of user's pending requests, in order."""
-    return pg.psql("SELECT coalesce(string_agg(r.localpart, ',' ORDER BY q.id), '') FROM consent_requests q "
-                   "JOIN identities r ON r.id = q.remote_identity_id JOIN identities l ON l.id = q.local_identity_id "
-                   f"WHERE l.uri = '{user}' AND q.state = 'pending'", db_url)
+    return asked_of(pg, db_url, user, "pending")
 
 
 def test_a_sender_is_asked_again_at_once_when_she_lifts_her_answer(daemon, peers, pg, db_url):

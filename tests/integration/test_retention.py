@@ -742,8 +742,8 @@ def test_local_names_a_peer_made_up_are_forgotten_once_nothing_refers_to_them(ma
             "(CASE WHEN l.localpart = 'k-recent' THEN '1 hour' ELSE '2 days' END)::interval "
             "FROM identities l WHERE l.id = q.local_identity_id AND l.localpart IN ('g-asked', 'k-recent', 'k-owed'); "
             "INSERT INTO audit_log (actor, action, subject, details) SELECT 'policy', 'consent.expire', l.uri, "
-            "jsonb_build_object('request', q.id) FROM consent_requests q JOIN identities l ON l.id = q.local_identity_id "
-            "WHERE l.localpart = 'k-owed'; "
+            "jsonb_build_object('request', q.id) FROM consent_requests q "
+            "JOIN identities l ON l.id = q.local_identity_id WHERE l.localpart = 'k-owed'; "
             "INSERT INTO xmpp_roster_sync (component, audit_id) VALUES ('xmpp.example.org', 0)", db_url)
     gone = {"g-granted", "g-lifted", "g-revoked-lifted", "g-asked"}
     wait_until(lambda: not gone & local_ids(pg, db_url), timeout=30, interval=0.2, what="the made-up names forgotten")

@@ -22,7 +22,7 @@ import pytest
 import requests
 from cryptography.hazmat.primitives import serialization
 
-from harness import NAMES_SHOWN, HeldSession, free_port, wait_until
+from harness import NAMES_SHOWN, HeldSession, delivered_to_her, free_port, wait_until
 from peer import MediaServer, NotifyServer, PeerClient, Signer, verify_get
 from pgproxy import PgProxy
 from prosody import NS_STANZAS, Prosody, XmppClient
@@ -4604,13 +4604,7 @@ def test_a_users_consent_changes_are_limited(xd, gk, alice, pg, db_url):
     assert xd.admin("PATCH", "/settings", json={"policy.user_updates_per_minute": 0}).status_code == 400
     assert xd.admin("PATCH", "/settings", json={"policy.user_updates_per_minute": 4}).ok
     room = a.create_room([a.user("wally"), ALICE]).json()["id"]  # a room shared: each block and unblock is an event to gk
-    # where the peer knows her (wally's message delivered to her): a block
-    # travels only there (docs/policy.md, "Blocks travel")
-    assert xd.admin("POST", "/consents", json={"user": ALICE, "subject_kind": "user", "subject": a.user("wally"),
-                                               "state": "allowed"}).ok
-    hello = a.send(room, a.user("wally"), "hello").json()["id"]
-    wait_until(lambda: pg.psql("SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id "
-                               f"WHERE e.public_id = '{hello}'", db_url) == "delivered", what="wally's hello delivered")
+    delivered_to_her(xd, a, pg, db_url, room, ALICE)  # a block travels only where the peer knows her
     requests_to_alice(xd, a, alice, "eve", "mallory")  # two requests waiting
     for node in ("block", "block", "accept", "accept"):
         done = command_submit(alice, node, {"jid": WALLY_JID})
