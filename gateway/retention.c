@@ -314,7 +314,7 @@ static cw_err run(PGconn *c, const char *sql, long days, long *count, cw_errmsg 
 	"  AND a.id > (SELECT min(s.audit_id) FROM xmpp_roster_sync s))"
 
 /* The local identities after the cursor $1, at most $2 of them in id
- * order (identities_local_idx, schema/050), and of those the first $3
+ * order (identities_local_idx, schema/045), and of those the first $3
  * unused ones, locked (SKIP LOCKED: one a writer holds, naming it, is in
  * use).  Answers the ids locked (an array), the cursor for the next run
  * (the last unused one looked at when $3 were found, else the last

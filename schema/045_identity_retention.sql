@@ -1,4 +1,4 @@
--- 050_identity_retention.sql: the indexes of the retention sweep's
+-- 045_identity_retention.sql: the indexes of the retention sweep's
 -- forgetting of local identities nothing refers to (gateway/retention.c,
 -- IDENTITY_UNUSED; docs/operations.md, "Retention").
 --
