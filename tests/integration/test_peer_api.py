@@ -1459,6 +1459,33 @@ def test_a_typing_notification_is_stored_and_sent_without_unknown_members(daemon
     assert r.status_code == 202 and sb.wait_events(1)[0]["x_vendor"] == {"k": [1, 2]}
 
 
+def test_a_typing_notifications_in_reply_to_is_kept_and_passed_on(daemon, peers, pg, db_url):
+    """content.in_reply_to of a typing notification (someone typing a
+    reply to that message) is checked as every event's is (a message of
+    this room, else 400) and, since the forty-sixth session, kept and
+    passed on with the state: before, it was checked and then dropped in
+    silence, while the stored row kept the reference (events.in_reply_to_id)."""
+    (a, sa), (b, sb) = peers
+    rm = room(a, b)
+    mid = a.send(rm["id"], a.user("alice"), "what do you think?").json()["id"]
+    sb.wait_events(1)
+    typing = {"type": "typing", "sender": b.user("bob"), "content": {"state": "start", "in_reply_to": mid,
+                                                                     "pad": "dropped"}}
+    r = b.call("POST", f"/v1/rooms/{rm['id']}/typing", typing)
+    assert r.status_code == 202, r.text
+    got = sa.wait_events(1)
+    assert got[0]["type"] == "typing" and got[0]["content"] == {"state": "start", "in_reply_to": mid}, got
+    assert pg.psql("SELECT content->'content'->>'in_reply_to' = '%s' AND in_reply_to_id = (SELECT id FROM events "
+                   "WHERE public_id = '%s') FROM events WHERE public_id = '%s'" % (mid, mid, r.json()["id"]),
+                   db_url) == "t"
+    # Still checked: a message of no room here is refused, nothing stored.
+    before = pg.psql("SELECT count(*) FROM events", db_url)
+    typing["content"]["in_reply_to"] = "msg_nosuchmessage"
+    r = b.call("POST", f"/v1/rooms/{rm['id']}/typing", typing)
+    assert r.status_code == 400 and r.json()["code"] == "invalid_body", r.text
+    assert pg.psql("SELECT count(*) FROM events", db_url) == before
+
+
 def test_typing_too_old_to_be_shown_is_expired_not_sent_late(make_daemon, db_url, pg):
     """Typing is best-effort: a notification that could not be sent within
     dispatcher.typing_stale_ms (its peer was down) is expired, not shown
