@@ -508,9 +508,14 @@ void peer_api_identifier_query(struct cw_req *req, void *ctx)
 		return;
 	json_t *handle = json_object_get(body, "handle");
 	struct social_input *in = calloc(1, sizeof(*in));
+	if (!in) { /* until the forty-sixth session 400 invalid_body, the client's fault */
+		json_decref(body);
+		cw_req_no_memory(req);
+		return;
+	}
 	cw_errmsg e;
 	char uri[MIMI_URI_MAX + 1];
-	bool ok = in && json_is_string(handle) && json_string_length(handle) <= MIMI_LOCAL_MAX &&
+	bool ok = json_is_string(handle) && json_string_length(handle) <= MIMI_LOCAL_MAX &&
 		  json_object_size(body) == 1;
 	if (ok) {
 		snprintf(uri, sizeof(uri), "mimi://%s/u/%s", app->cfg->domain, json_string_value(handle));
