@@ -435,11 +435,13 @@ struct room_input {
 	 * audit record with the rolled-back transaction. */
 	bool decided, first_refusal;
 	struct policy_decision d;
+	struct policy_rate_ledger ledger; /* the tokens it took: given back when it lost a race (room_create_fn) */
 };
 
 static void room_input_free(void *arg)
 {
 	struct room_input *in = arg;
+	policy_rate_ledger_free(&in->ledger);
 	free(in->idem_key);
 	free(in->policy);
 	free(in->name);
@@ -560,6 +562,9 @@ static cw_err new_room_decide(PGconn *c, struct app_job *j, struct room_input *i
 		struct policy_view *view = policy_live_get(j->app->policy);
 		struct policy_rate_memo memo;
 		policy_rate_memo_init(&memo, j->app->limits);
+		in->ledger.rl = j->app->limits;
+		if (in->ledger.rl)
+			memo.ledger = &in->ledger;
 		struct policy_request preq = {
 			.direction = POLICY_INBOUND, .action = POLICY_ACT_NEW_ROOM,
 			.sender = { creator->uri, in->p->domain, network }, .now_ms = cw_wall_ms(), .rate = &memo.rate,
@@ -719,6 +724,19 @@ static cw_err room_create_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		return rc;
 	if (PQntuples(r) == 0) {
 		PQclear(r);
+		/* The uri was taken meanwhile: the insert waited for the
+		 * transaction that took it, and a statement now sees what it
+		 * committed.  This request made no room: the token it took is
+		 * given back, as a creation refused for its uri before takes
+		 * none.  When the room was made by this very request (the same
+		 * Idempotency-Key, sent again to another process while the
+		 * first was committing), its answer is this one's.  Until the
+		 * forty-sixth session the retry was answered 409 "a room with
+		 * that uri exists", final, for a room it had made, and spent a
+		 * second token. */
+		policy_rate_ledger_give_item(&in->ledger, POLICY_LEDGER_JOB, cw_wall_ms());
+		if (idem_replay(c, j, in->scope, in->idem_key, in->hash, in->hash_old, &rc, e))
+			return rc;
 		app_job_fail(j, 409, "conflict", ROOM_URI_TAKEN);
 		return CW_OK;
 	}

@@ -1683,6 +1683,56 @@ def test_a_retried_room_creation_gets_the_room_made(daemon, peers, pg, db_url):
     assert pg.psql("SELECT count(*) FROM rooms", db_url) == "1"
 
 
+def test_a_creation_racing_its_retry_in_another_process_gets_the_room_made(make_daemon, db_url, pg):
+    """A room the peer hosts (its uri given) created with an
+    Idempotency-Key, the same request sent again to another process while
+    the first is committing (a client that timed out and retried behind a
+    load balancer): the second waits for the first's room uri, and gets the
+    first's answer, 201 with the same room, and takes no token of the
+    creator's new_conversations_per_hour in its process.  Before, it was
+    answered 409 conflict "a room with that uri exists", a final refusal of
+    a request that had succeeded, and its token was spent."""
+    d1 = make_daemon(db_url).start()
+    (a, _), (b, _) = made = push_peers(d1)
+    d2 = make_daemon(db_url).start()
+    a2 = PeerClient(d2.url, "gk", "wa.example", token=a.token, signer=a.signer)
+    assert d1.admin("POST", "/rules", json={"scope": "network", "pattern": "peer:gk",
+                                            "limits": {"new_conversations_per_hour": 1}}).status_code == 201
+    assert d1.admin("POST", "/rules", json={"scope": "user", "pattern": b.user("sentinel"),
+                                            "mode": "deny"}).status_code == 201
+    alice = "mimi://example.org/u/alice"
+    # d2 has the rules in force once it has the last (another peer's
+    # creator: none of gk's tokens, one a process)
+    b2 = PeerClient(d2.url, "tg", "tg.example", token=b.token, signer=b.signer)
+    wait_until(lambda: b2.create_room([b.user("sentinel"), alice]).status_code == 403, interval=0.05,
+               what="the rules")
+    pg.psql("CREATE FUNCTION test_slow_room() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            " PERFORM pg_sleep(1); RETURN NULL; END $$; "
+            "CREATE CONSTRAINT TRIGGER test_slow_room AFTER INSERT ON rooms DEFERRABLE INITIALLY DEFERRED "
+            " FOR EACH ROW WHEN (NEW.uri = 'mimi://wa.example/r/raced') EXECUTE FUNCTION test_slow_room()", db_url)
+    try:
+        body = {"kind": "group", "members": [a.user("nina"), b.user("bob")], "uri": "mimi://wa.example/r/raced"}
+        with concurrent.futures.ThreadPoolExecutor(2) as ex:
+            first = ex.submit(a.call, "POST", "/v1/rooms", body, idem="raced-1")
+            wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep' "
+                                       "AND datname = current_database()", db_url) == "1",
+                       what="the first creation in its commit")
+            second = ex.submit(a2.call, "POST", "/v1/rooms", body, idem="raced-1")
+            r1, r2 = first.result(), second.result()
+        assert r1.status_code == 201, r1.text
+        assert r2.status_code == 201 and r2.json() == r1.json(), r2.text
+        assert pg.psql("SELECT count(*) FROM rooms WHERE uri = 'mimi://wa.example/r/raced'", db_url) == "1"
+    finally:
+        pg.psql("DROP TRIGGER IF EXISTS test_slow_room ON rooms", db_url)
+        for _, srv in made:
+            srv.close()
+    # The loser's token was given back: d2 takes one new conversation, and no more.
+    r = a2.create_room([a.user("nina"), alice])
+    assert r.status_code == 201, r.text
+    r = a2.create_room([a.user("nina"), alice])
+    assert r.status_code == 429, r.text
+
+
 def test_a_room_of_hundreds_of_local_members_takes_messages(daemon, peers, pg, db_url):
     """A group of 700 local members (made up: they need not exist, as a
     peer cannot tell): a message to it gets one outbox row per member.
