@@ -87,6 +87,13 @@ const struct cfg_option cfg_options[] = {
 	  "most long polls (GET /v1/events with wait) one pull peer keeps waiting at once in this process "
 	  "(more: 429 with Retry-After)" },
 
+	{ "rooms", "max_members", CFG_INT, OFF(rooms_max_members), "1000", 2, 100000, false, false,
+	  "most members (joined or invited) a group may have, published in the directory: a room created with "
+	  "more, or an add that would take a group past it, is refused, whoever makes it (a peer's POST /v1/rooms "
+	  "or /v1/rooms/{room}/members, a peer's user's own join: 413 too_large; an XMPP or Matrix member's "
+	  "invitation), and nothing is changed; a group above it (made before, or the bound lowered since) keeps "
+	  "its members and takes no new one until it is below" },
+
 	{ "dispatcher", "batch_max", CFG_INT, OFF(dispatch_batch_max), "250", 1, 1000, false, false,
 	  "most outbox rows claimed at once and sent to one destination in one request (peers take 256 a request)" },
 	{ "dispatcher", "retry_budget", CFG_INT, OFF(retry_budget), "12", 1, 1000, false, false,

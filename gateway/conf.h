@@ -33,6 +33,8 @@ struct cw_config {
 	long replay_cache_entries;
 	long peer_max_batch;
 	long peer_max_long_polls;
+	/* [rooms] */
+	long rooms_max_members;
 	/* [dispatcher] */
 	long dispatch_batch_max;
 	long retry_budget;

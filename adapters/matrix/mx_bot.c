@@ -1238,11 +1238,30 @@ static cw_err portal_lock(PGconn *c, const char *room, const char *local_id, cw_
  * it (her own leave, her peer's removal: hers, or her peer's, to undo by
  * her join or its add), or anyone banned from it, as an XMPP member's
  * invitation is refused (xmpp_muc.c, invite_fn).  Until the forty-third
- * session her membership was set back to joined. */
+ * session her membership was set back to joined.
+ *
+ * *full: the group, as many members (joined or invited) as
+ * rooms.max_members, or more, takes the invitee no more than a peer's
+ * add (peer_api.c, members_bound), and nothing was changed; a direct room
+ * that would be a group of three is too when the bound is 2.  Since the
+ * forty-sixth session. */
+/* The binding of the user's ($2) room $1 that grows (b: its id, room
+ * and remote user, a): the direct room with another than the invitee
+ * ($3), or a portal of a group made here ($4: this provider's domain)
+ * whose member the user is; the caller closes its parenthesis. */
+#define GROW_BINDING \
+	"b AS (SELECT b.id, b.room_id, b.remote_identity_id AS a FROM room_bindings b " \
+	"  WHERE b.network = 'matrix' AND b.native_id = $1 AND b.local_identity_id = $2::bigint " \
+	"  AND (b.remote_identity_id <> $3::bigint OR (b.remote_identity_id IS NULL AND EXISTS (SELECT 1 " \
+	"  FROM rooms x WHERE x.id = b.room_id AND x.kind = 'group' AND x.hub_domain = $4 " \
+	"  AND x.created_by_peer_id IS NULL) AND EXISTS (SELECT 1 FROM room_members x WHERE x.room_id = b.room_id " \
+	"  AND x.identity_id = $2::bigint AND x.membership = 'joined')))"
+
 static cw_err grow_group(struct matrix *m, PGconn *c, const char *room, const char *local_id, const char *new_id,
-			 bool ghost, char *portal, size_t plen, bool *gone, cw_errmsg *e)
+			 bool ghost, char *portal, size_t plen, bool *gone, bool *full, cw_errmsg *e)
 {
 	*gone = false;
+	*full = false;
 	/* The group's lock (since the twenty-sixth session; before, a group
 	 * write that had read the members could miss the new one): first in
 	 * local_invited's transaction; ghost_joins took it already. */
@@ -1262,18 +1281,34 @@ static cw_err grow_group(struct matrix *m, PGconn *c, const char *room, const ch
 	PQclear(g);
 	if (*gone)
 		return CW_OK;
+	/* The members now of the room the change is to (GROW_BINDING: a
+	 * group's, or a direct room's, then 2 of a group of 3), and whether
+	 * the invitee is one of them. */
+	const char *domain = m->cfg->domain ? m->cfg->domain : "";
+	const char *bp[] = { room, local_id, new_id, domain };
+	g = PQexecParams(c,
+		"WITH " GROW_BINDING ") SELECT CASE WHEN b.a IS NULL THEN (SELECT count(*) FROM room_members x "
+		"  WHERE x.room_id = b.room_id AND x.membership IN ('joined', 'invited')) ELSE 2 END, "
+		"  b.a IS NULL AND EXISTS (SELECT 1 FROM room_members x WHERE x.room_id = b.room_id "
+		"  AND x.identity_id = $3::bigint AND x.membership IN ('joined', 'invited')) FROM b",
+		4, NULL, bp, NULL, NULL, 0);
+	if ((lrc = store_check(c, g, PGRES_TUPLES_OK, e)))
+		return lrc;
+	if (PQntuples(g) == 1) {
+		long before = atol(PQgetvalue(g, 0, 0));
+		long after = before + (PQgetvalue(g, 0, 1)[0] == 't' ? 0 : 1);
+		*full = after > before && after > m->cfg->rooms_max_members;
+	}
+	PQclear(g);
+	if (*full)
+		return CW_OK;
 	char pub[40];
 	cw_new_id(pub, sizeof(pub), "r_");
-	const char *params[] = { room, local_id, new_id, pub, m->cfg->domain ? m->cfg->domain : "", ghost ? "t" : "f" };
+	const char *params[] = { room, local_id, new_id, domain, pub, ghost ? "t" : "f" };
 	PGresult *r = PQexecParams(c,
-		"WITH b AS (SELECT b.id, b.room_id, b.remote_identity_id AS a FROM room_bindings b "
-		"  WHERE b.network = 'matrix' AND b.native_id = $1 AND b.local_identity_id = $2::bigint "
-		"  AND (b.remote_identity_id <> $3::bigint OR (b.remote_identity_id IS NULL AND EXISTS (SELECT 1 "
-		"  FROM rooms x WHERE x.id = b.room_id AND x.kind = 'group' AND x.hub_domain = $5 "
-		"  AND x.created_by_peer_id IS NULL) AND EXISTS (SELECT 1 FROM room_members x WHERE x.room_id = b.room_id "
-		"  AND x.identity_id = $2::bigint AND x.membership = 'joined'))) FOR UPDATE), "
+		"WITH " GROW_BINDING " FOR UPDATE), "
 		"nr AS (INSERT INTO rooms (public_id, uri, hub_domain, kind) "
-		"  SELECT $4, 'mimi://' || $5 || '/r/' || $4, $5, 'group' FROM b WHERE b.a IS NOT NULL RETURNING id), "
+		"  SELECT $5, 'mimi://' || $4 || '/r/' || $5, $4, 'group' FROM b WHERE b.a IS NOT NULL RETURNING id), "
 		"g AS (SELECT coalesce((SELECT id FROM nr), b.room_id) AS room FROM b), "
 		"mb AS (INSERT INTO room_members (room_id, identity_id, membership) "
 		"  SELECT g.room, x, CASE WHEN x = $3::bigint AND NOT $6::boolean THEN 'invited' ELSE 'joined' END "
@@ -1459,30 +1494,47 @@ static int room_encrypted(struct matrix *m, const char *room, const char *user)
 	return for_now(status) ? -1 : 0;
 }
 
-/* The ghost of a user who left the group of room, the portal local_id
- * invited it into, or was banned from it (grow_group, gone): she is not
- * brought back, nothing stored changes.  The ghost declines the
- * invitation (or, joined already, leaves), and the bot, in the room as
- * in every portal, says why (a Matrix room cannot refuse an invitation
+/* The ghost of a user not added to the group of room, the portal the
+ * user invited it into: nothing stored changes.  The ghost declines the
+ * invitation (or, joined already, leaves), and the bot, in the room as in
+ * every portal, says why, text (a Matrix room cannot refuse an invitation
  * itself; the ghost, which speaks for the remote user, says nothing: she
  * did not decline).  True: the homeserver did not take the leave for now,
- * try again later (the notice's transaction id is the same each time). */
-static bool not_brought_back(struct matrix *m, PGconn *c, const char *room, const char *ghost, const char *eid)
+ * try again later (the notice's transaction id, made of what, is the same
+ * each time). */
+static bool turned_away(struct matrix *m, PGconn *c, const char *room, const char *ghost, const char *eid,
+			const char *text, const char *what)
 {
-	char text[MX_ID_MAX + 200], txn[48];
-	snprintf(text, sizeof(text), "%s left this group (or was put out of it): an invitation does not bring them "
-				      "back, only they can come back. Nobody was added.", ghost);
-	txn_for(txn, sizeof(txn), "gone", eid, room);
+	char txn[48];
+	txn_for(txn, sizeof(txn), what, eid, room);
 	say_as(m, c, room, NULL, text, txn);
 	long status;
 	cw_errmsg e;
 	if (mx_room_post(m, room, ghost, "leave", json_object(), &status, &e)) {
-		LOG_KV_LIMITED(CW_LOG_WARN, "a ghost cannot decline a group it left", "room", room, "detail", e.msg);
+		LOG_KV_LIMITED(CW_LOG_WARN, "a ghost cannot decline a group's invitation", "room", room, "detail", e.msg);
 		return for_now(status);
 	}
-	LOG_KV_LIMITED(CW_LOG_INFO, "a Matrix user's invitation of a ghost that left a group was declined", "room",
-		       room);
+	LOG_KV_LIMITED(CW_LOG_INFO, "a Matrix user's invitation of a ghost into a group was declined", "room", room,
+		       "why", what);
 	return false;
+}
+
+/* Her user left the group, or was banned from it (grow_group, gone): she
+ * is not brought back. */
+static bool not_brought_back(struct matrix *m, PGconn *c, const char *room, const char *ghost, const char *eid)
+{
+	char text[MX_ID_MAX + 200];
+	snprintf(text, sizeof(text), "%s left this group (or was put out of it): an invitation does not bring them "
+				      "back, only they can come back. Nobody was added.", ghost);
+	return turned_away(m, c, room, ghost, eid, text, "gone");
+}
+
+/* The text of an invitation into a group as full as rooms.max_members
+ * (grow_group, full). */
+static void group_full_text(const struct matrix *m, char *text, size_t len)
+{
+	snprintf(text, len, "This group has as many members as it may have here (%ld): nobody was added.",
+		 m->cfg->rooms_max_members);
 }
 
 /* Whether remote_uri (a ghost's user) left the group of the user's
@@ -1594,7 +1646,7 @@ static bool ghost_joins(struct matrix *m, PGconn *c, const char *room, const cha
 		rc = portal_lock(c, room, local_id, &e);
 	if (!rc)
 		rc = identity_id(c, &ru, false, network, peer_id, remote_id, sizeof(remote_id), &e);
-	bool other = false, group = false, gone = false;
+	bool other = false, group = false, gone = false, full = false;
 	char old_room[MX_ID_MAX + 1] = "", portal[24] = "";
 	if (!rc) {
 		const char *params[] = { m->cfg->domain ? m->cfg->domain : "", room, local_id, remote_id, ghost };
@@ -1634,7 +1686,7 @@ static bool ghost_joins(struct matrix *m, PGconn *c, const char *room, const cha
 	if (!rc && (other || (group && !portal[0]))) {
 		/* A second remote user invited into the user's direct room, or
 		 * another into a group the user made that way. */
-		rc = grow_group(m, c, room, local_id, remote_id, true, portal, sizeof(portal), &gone, &e);
+		rc = grow_group(m, c, room, local_id, remote_id, true, portal, sizeof(portal), &gone, &full, &e);
 		if (!rc && portal[0])
 			other = group = false;
 	}
@@ -1647,6 +1699,11 @@ static bool ghost_joins(struct matrix *m, PGconn *c, const char *room, const cha
 	}
 	if (gone) /* she left between the look above and the lock */
 		return not_brought_back(m, c, room, ghost, eid);
+	if (full) { /* the ghost's user is not added: the group has its most members */
+		char text[200];
+		group_full_text(m, text, sizeof(text));
+		return turned_away(m, c, room, ghost, eid, text, "full");
+	}
 	if (portal[0]) { /* a member of the group, into the user's room of it */
 		const char *pp2[] = { portal, remote_id };
 		if (store_command(c, "INSERT INTO matrix_portal_members (binding_id, identity_id) "
@@ -1702,23 +1759,27 @@ static void local_invited(struct matrix *m, PGconn *c, const char *room, const c
 	    !mx_user_id_parse(invitee, localpart, sizeof(localpart), NULL, 0))
 		return;
 	bool local = local_identity(m, c, invitee, invitee_id, sizeof(invitee_id), invitee_uri, sizeof(invitee_uri));
-	bool added = false, gone = false;
+	bool added = false, gone = false, full = false;
 	if (local) {
 		char portal[24] = "";
 		cw_errmsg e;
 		cw_err rc = store_exec(c, "BEGIN", &e);
 		if (!rc)
-			rc = grow_group(m, c, room, inviter_id, invitee_id, false, portal, sizeof(portal), &gone, &e);
+			rc = grow_group(m, c, room, inviter_id, invitee_id, false, portal, sizeof(portal), &gone, &full,
+					&e);
 		rc = store_end(c, rc, &e);
 		if (rc)
 			LOG_KV(CW_LOG_WARN, "cannot add a member to a group", "room", room, "detail", e.msg);
-		added = !rc && !gone && portal[0];
+		added = !rc && !gone && !full && portal[0];
 		gone = !rc && gone;
+		full = !rc && full;
 	}
 	char text[MX_ID_MAX + 400];
 	if (gone) /* banned from the group: no one's to bring back */
 		snprintf(text, sizeof(text), "%s was put out of this group: an invitation does not bring them back. "
 					     "Nobody was added.", localpart);
+	else if (full)
+		group_full_text(m, text, sizeof(text));
 	else if (added)
 		snprintf(text, sizeof(text),
 			 "%s is invited to the group, in a room of their own for it (each member's room shows what "

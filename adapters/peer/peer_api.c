@@ -366,7 +366,7 @@ void peer_api_directory(struct cw_req *req, void *ctx)
 	json_t *d = json_pack(
 		"{s:s, s:s, s:{s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s},"
 		" s:[s,s,s], s:[s,s,s,s,s,s,s,s], s:[s,s,s,s,s,s,s,s,s,s,s],"
-		" s:{s:I, s:I, s:I, s:I, s:I, s:I, s:I}, s:{s:s, s:s, s:s}, s:{s:s, s:[s,s,s,s,s], s:I}}",
+		" s:{s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I}, s:{s:s, s:s, s:s}, s:{s:s, s:[s,s,s,s,s], s:I}}",
 		"profile", "causeway-mimi-json/1",
 		"domain", app->cfg->domain,
 		"endpoints",
@@ -400,6 +400,7 @@ void peer_api_directory(struct cw_req *req, void *ctx)
 		"max_batch_events", (json_int_t)lim.max_batch,
 		"max_request_bytes", (json_int_t)app->cfg->max_body_bytes,
 		"max_event_values", (json_int_t)EVENT_MAX_VALUES,
+		"max_room_members", (json_int_t)app->cfg->rooms_max_members,
 		"public_key", "alg", "ed25519", "keyid", app->cfg->domain, "key", app->public_key_b64,
 		"signatures", "tag", app->cfg->signature_tag,
 		"components", "@method", "@target-uri", "content-digest", "content-type", "idempotency-key",
@@ -678,6 +679,16 @@ static cw_err caller_decide(PGconn *c, struct app_job *j, const struct peer_prin
 
 #define ROOM_URI_TAKEN "a room with that uri exists"
 
+/* The refusal of a change that would take a group past rooms.max_members
+ * (413 too_large, as the other limits the directory announces; nothing
+ * is changed): a room created with more members, an add, a peer's user's
+ * own join.  Since the forty-sixth session (a review's finding: a peer
+ * added 256 members a request, again and again, each of them a fan-out of
+ * deliveries, Matrix invitations and XMPP presences, and GET
+ * /v1/rooms/{room} listed them all). */
+#define ROOM_MEMBERS_BOUND \
+	"a group has at most %ld members here (the directory's limits.max_room_members); nobody was added"
+
 /* A room the calling peer hosts (its uri given) whose uri is taken: j's
  * error set, 409.  The insert's ON CONFLICT says the same of one taken
  * meanwhile. */
@@ -700,6 +711,12 @@ static cw_err room_create_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	cw_err rc;
 	if (idem_replay(c, j, in->scope, in->idem_key, in->hash, in->hash_old, &rc, e))
 		return rc;
+	/* More members than a group may have (after the replay: a room made
+	 * before the bound was lowered is still its retry's answer). */
+	if ((long)in->n > j->app->cfg->rooms_max_members) {
+		app_job_fail(j, 413, "too_large", ROOM_MEMBERS_BOUND, j->app->cfg->rooms_max_members);
+		return CW_OK;
+	}
 	/* Every refusal the room may get for its members (400 unknown_domain,
 	 * 403) or its uri (409) before the creator's decision, which takes a
 	 * token of her new_conversations_per_hour (new_room_decide): until the
@@ -843,6 +860,7 @@ void peer_api_room_create(struct cw_req *req, void *ctx)
 	}
 	if (!bad && !caller_member)
 		bad = "at least one member must be a user of the calling peer's domain";
+
 	if (!bad && uri) {
 		struct mimi_uri ru;
 		if (!json_is_string(uri) || mimi_uri_parse(json_string_value(uri), &ru, &e) || ru.kind != MIMI_ROOM ||
@@ -1133,16 +1151,24 @@ cw_err room_members_events(PGconn *c, const struct room_members_change *ch, cons
 	return rc;
 }
 
+/* The URIs of m as a JSON array (NULL: out of memory). */
+static json_t *member_uris(const struct room_member_in *m, size_t n)
+{
+	json_t *a = json_array();
+	for (size_t i = 0; a && i < n; i++)
+		if (json_array_append_new(a, json_string(m[i].uri))) {
+			json_decref(a);
+			return NULL;
+		}
+	return a;
+}
+
 cw_err room_members_audit(PGconn *c, const char *actor, const char *public_id, const struct room_member_in *add,
 			  size_t nadd, const struct room_member_in *remove, size_t nremove, cw_errmsg *e)
 {
 	/* The operator sees who changed a room's members. */
-	json_t *a = json_array(), *rm = json_array();
-	for (size_t i = 0; i < nadd; i++)
-		json_array_append_new(a, json_string(add[i].uri));
-	for (size_t i = 0; i < nremove; i++)
-		json_array_append_new(rm, json_string(remove[i].uri));
-	json_t *details = json_pack("{s:o, s:o}", "add", a, "remove", rm);
+	json_t *details =
+		json_pack("{s:o, s:o}", "add", member_uris(add, nadd), "remove", member_uris(remove, nremove));
 	char *dj = details ? json_dumps(details, JSON_COMPACT) : NULL;
 	json_decref(details);
 	if (!dj)
@@ -1195,6 +1221,48 @@ static cw_err members_add_allowed(PGconn *c, struct app_job *j, const struct pee
 	return CW_OK;
 }
 
+/* An add that would take the group past rooms.max_members is refused
+ * (ROOM_MEMBERS_BOUND), before the charge and any write: counted under the
+ * room's lock, the members after the change (joined or invited: the
+ * members now and the users added, less the users removed) against the
+ * bound, and against the members before, so that a change that shrinks a
+ * group above the bound (made before it, or the bound lowered since) is
+ * taken. */
+static cw_err members_bound(PGconn *c, struct app_job *j, const char *room_id, const struct members_input *in,
+			    cw_errmsg *e)
+{
+	json_t *a = member_uris(in->add, in->nadd), *r = member_uris(in->remove, in->nremove);
+	char *aj = a ? json_dumps(a, JSON_COMPACT) : NULL, *rj = r ? json_dumps(r, JSON_COMPACT) : NULL;
+	json_decref(a);
+	json_decref(r);
+	cw_err rc = CW_OK;
+	if (!aj || !rj) {
+		rc = cw_fail(e, CW_ENOMEM, "out of memory");
+		goto out;
+	}
+	const char *params[] = { room_id, aj, rj };
+	PGresult *res = exec(c,
+		"WITH m AS (SELECT i.uri FROM room_members x JOIN identities i ON i.id = x.identity_id "
+		"  WHERE x.room_id = $1::bigint AND x.membership IN ('joined', 'invited')) "
+		"SELECT (SELECT count(*) FROM m), (SELECT count(*) FROM (SELECT uri FROM m UNION "
+		"  SELECT u FROM jsonb_array_elements_text($2::jsonb) AS a(u)) y "
+		"  WHERE y.uri NOT IN (SELECT u FROM jsonb_array_elements_text($3::jsonb) AS r(u)))", 3, params);
+	if ((rc = store_check(c, res, PGRES_TUPLES_OK, e)))
+		goto out;
+	long before = atol(PQgetvalue(res, 0, 0)), after = atol(PQgetvalue(res, 0, 1));
+	long max = j->app->cfg->rooms_max_members;
+	PQclear(res);
+	if (after > max && after > before) {
+		app_job_fail(j, 413, "too_large", ROOM_MEMBERS_BOUND, max);
+		LOG_KV_LIMITED(CW_LOG_INFO, "a peer's add refused: the group would pass rooms.max_members", "peer",
+			       in->p->name, "room", in->public_id);
+	}
+out:
+	free(aj);
+	free(rj);
+	return rc;
+}
+
 static cw_err members_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct members_input *in = j->data;
@@ -1225,6 +1293,8 @@ static cw_err members_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	if ((rc = members_decide(c, j, in->add, in->nadd, cls, NULL, in->public_id, e)) || j->err_code)
 		return rc;
 	if ((rc = members_add_allowed(c, j, in->p, room_id, in->domain, in->add, in->nadd, cls, e)) || j->err_code)
+		return rc;
+	if (in->nadd && ((rc = members_bound(c, j, room_id, in, e)) || j->err_code))
 		return rc;
 	/* An add is charged (a remove alone is not: a peer takes its users
 	 * out whatever the limits, and without adds it has no one to take
@@ -1858,7 +1928,10 @@ struct submit *submit_new(size_t n)
  * counted, or an edit after the expiry, answered 202 as any edit
  * (late_edit), would tell the peer whether its message reached a local
  * user.  The item of a peer's user's own join (jn) also reads the id of
- * her identity (column 2), for her joining again (joins_send). */
+ * her identity (column 2), for her joining again (joins_send), and the
+ * member rows of its room how many members (joined or invited) the room
+ * has (column 10, on rooms a join item names only: the bound of
+ * rooms.max_members, submit_decide). */
 #define READ_ITEMS(ROOM_COND) \
 	"WITH items AS (SELECT * FROM json_to_recordset($1::json) " \
 	"  AS x(n int, room text, key text, reply text, replaces text, scope text, snd text, net text, dom text, " \
@@ -1888,10 +1961,13 @@ struct submit *submit_new(size_t n)
 	"  WHERE origin_network = it.scope AND origin_native_id = it.key LIMIT 1) k ON true " \
 	"UNION ALL " \
 	"SELECT -1, rm.id, mem.id, mem.uri, mem.is_local, mem.network, mem.peer_id, mem.name, mem.domain, " \
-	" mem.joined, NULL, (extract(epoch FROM mem.updated_at) * 1000)::bigint, NULL, NULL, NULL, NULL, mem.mode, " \
+	" mem.joined, rm.members, (extract(epoch FROM mem.updated_at) * 1000)::bigint, NULL, NULL, NULL, NULL, mem.mode, " \
 	" CASE WHEN rm.kind = 'group' THEN coalesce(((extract(epoch FROM mem.wrote_at) * 1000)::bigint)::text, '') END, " \
 	" NULL::bigint, NULL::bigint, NULL::boolean " \
-	"FROM (SELECT DISTINCT id, kind FROM rm WHERE id IS NOT NULL) rm " \
+	"FROM (SELECT x.id, x.kind, CASE WHEN EXISTS (SELECT 1 FROM items ij JOIN rm rj ON rj.room = ij.room " \
+	"  AND rj.scope IS NOT DISTINCT FROM ij.scope WHERE ij.jn AND rj.id = x.id) THEN (SELECT count(*) " \
+	"  FROM room_members c WHERE c.room_id = x.id AND c.membership IN ('joined', 'invited'))::text END AS members " \
+	"  FROM (SELECT DISTINCT id, kind FROM rm WHERE id IS NOT NULL) x OFFSET 0) rm " \
 	" JOIN LATERAL (SELECT i.id, i.uri, i.is_local, i.network, i.peer_id, p.name, i.domain, p.mode, m.updated_at, m.wrote_at, " \
 	"  CASE WHEN m.membership = 'joined' THEN 't' ELSE 'f' END AS joined " \
 	"  FROM room_members m JOIN identities i ON i.id = m.identity_id LEFT JOIN peers p ON p.id = i.peer_id " \
@@ -3128,6 +3204,17 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 				json_pack("{s:s, s:s, s:s, s:s}", "sender", in->sender, "direction", "inbound", "type",
 					  "member_add", "room", PQgetvalue(r, first, 14))));
 			item_fail(res, 403, "not_allowed", "this provider takes no conversations with %s", in->sender);
+			return;
+		}
+		/* A group as full as rooms.max_members takes her no more than
+		 * an add of her (members_bound): counted as round 0 read it,
+		 * with the joins of the job's earlier items. */
+		long members = atol(PQgetvalue(r, mfirst, 10));
+		for (size_t j = 0; j < i; j++)
+			members += b->items[j] && b->write[j] && b->joins[j] &&
+				   strcmp(b->room_id[j], PQgetvalue(r, first, 1)) == 0;
+		if (members >= in->app->cfg->rooms_max_members) {
+			item_fail(res, 413, "too_large", ROOM_MEMBERS_BOUND, in->app->cfg->rooms_max_members);
 			return;
 		}
 		joiner = PQgetvalue(r, first, 2);

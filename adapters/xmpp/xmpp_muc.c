@@ -2068,7 +2068,7 @@ struct minvite {
 	char room[XJ_JID_MAX + 1];       /* the room's bare JID */
 	json_t *who;                     /* [["r" remote | "l" local, local part, pair key, bare JID ("" remote)]] */
 	/* the job's */
-	enum { INV_DONE, INV_NOT_MEMBER, INV_REFUSED, INV_LIMITED } result;
+	enum { INV_DONE, INV_NOT_MEMBER, INV_REFUSED, INV_LIMITED, INV_FULL } result;
 	char refused[MIMI_URI_MAX + 1];  /* INV_REFUSED: whom */
 	json_t *invited;                 /* [bare JID] of the local users invited (to send the invitation to) */
 	bool decided, first_refusal;     /* the limit's answer, from the job's first run */
@@ -2180,6 +2180,25 @@ static cw_err invite_fn(PGconn *c, void *arg, cw_errmsg *e)
 		return CW_OK;
 	}
 	PQclear(r);
+	/* A group as full as rooms.max_members takes nobody more (joined or
+	 * invited, counted under the lock, as a peer's add is: peer_api.c,
+	 * members_bound); nobody is invited.  Since the forty-sixth session. */
+	r = PQexecParams(c,
+		"WITH " INVITEES_SQL ", m AS (SELECT i.uri FROM room_members x JOIN identities i ON i.id = x.identity_id "
+		"  WHERE x.room_id = $1::bigint AND x.membership IN ('joined', 'invited')) "
+		"SELECT (SELECT count(*) FROM m), (SELECT count(*) FROM (SELECT uri FROM m UNION SELECT uri FROM want) y)",
+		4, NULL, params, NULL, NULL, 0);
+	if ((rc = store_check(c, r, PGRES_TUPLES_OK, e))) {
+		free(who);
+		return rc;
+	}
+	long before = atol(PQgetvalue(r, 0, 0)), after = atol(PQgetvalue(r, 0, 1));
+	PQclear(r);
+	if (after > before && after > v->xc->x->cfg->rooms_max_members) {
+		free(who);
+		v->result = INV_FULL;
+		return CW_OK;
+	}
 	if ((rc = invite_limit(c, v, peer_domain, e)) || v->result == INV_LIMITED) {
 		free(who);
 		return rc;
@@ -2237,6 +2256,11 @@ static void invite_done(void *arg, cw_err rc, const cw_errmsg *e)
 		snprintf(why, sizeof(why), "%s left this group (or was put out of it): only they can come back, "
 					   "nobody was invited.", v->refused);
 		err = st ? xa_error_reply(st, "cancel", "not-allowed", why) : NULL;
+	} else if (v->result == INV_FULL) {
+		char why[160];
+		snprintf(why, sizeof(why), "This group has as many members as it may have here (%ld): nobody was invited.",
+			 xc->x->cfg->rooms_max_members);
+		err = st ? xa_error_reply(st, "cancel", "policy-violation", why) : NULL;
 	} else if (v->result == INV_LIMITED) {
 		err = st ? xa_error_reply(st, "wait", "resource-constraint",
 					  "You have sent as many invitations and messages as you may for now: "

@@ -3051,6 +3051,47 @@ def test_a_local_user_banned_from_a_group_made_here_is_not_brought_back(mx, hs, 
     assert pg.psql(membership, db_url) == before
 
 
+def test_an_invitation_takes_a_group_no_further_than_rooms_max_members(make_daemon, db_url, hs, pg):
+    """A Matrix user's invitation into her room of a group made here that
+    would take it past rooms.max_members (joined or invited) adds nobody:
+    another user of this server is not invited (the invitation taken back,
+    the notice says why), a ghost declines (the bot says why), and nothing
+    stored changes. Since the forty-sixth session: before, a local user
+    grew a group without bound, as a peer could."""
+    mx = start_mx(make_daemon, db_url, hs, rooms={"max_members": "3"})
+    a, srv = add_gk(mx)
+    try:
+        consent_alice(mx)
+        consent_alice(mx, a.user("bob"))
+        a.create_room([a.user("bob"), "mimi://example.org/u/someone"])  # the peer introduced bob
+        a.create_room([a.user("dave"), "mimi://example.org/u/someone"])  # and dave
+        alice, room, wally = alice_writes_to_wally(hs, a)
+        bob, dave, carol_mx = "@_cw_gk_bob:example.org", "@_cw_gk_dave:example.org", "@carol:example.org"
+        alice.invite(room, bob)  # a group of three: alice, wally, bob
+        wait_until(lambda: hs.members(room).get(bob) == "join", what="bob's ghost in")
+        group = wait_until(lambda: pg.psql("SELECT public_id FROM rooms WHERE kind = 'group'", db_url),
+                           what="a group")
+        members = ("SELECT string_agg(i.uri || ' ' || m.membership, ',' ORDER BY i.uri) FROM room_members m "
+                   f"JOIN rooms r ON r.id = m.room_id JOIN identities i ON i.id = m.identity_id "
+                   f"WHERE r.public_id = '{group}'")
+        wait_until(lambda: pg.psql(members, db_url).count(" joined") == 3, what="the three joined")
+        before = pg.psql(members, db_url)
+
+        def full():
+            return [e for e in hs.events(room) if e["type"] == "m.room.message"
+                    and e["content"]["body"].startswith("This group has as many members as it may have here (3)")]
+        hs.create_user("carol")
+        alice.invite(room, carol_mx)
+        wait_until(lambda: hs.members(room).get(carol_mx) == "leave" and full(), what="taken back, and why")
+        alice.invite(room, dave)
+        wait_until(lambda: hs.members(room).get(dave) == "leave" and len(full()) == 2, what="declined, and why")
+        assert full()[1]["sender"] == "@_cw_bot:example.org", full()
+        assert pg.psql(members, db_url) == before
+        assert "carol" not in before and "dave" not in before, before
+    finally:
+        srv.close()
+
+
 @pytest.mark.parametrize("members_filters", [True, False], ids=["synapse", "conduit"])
 def test_a_local_user_invited_into_a_direct_room_makes_a_group(mx, hs, gk, pg, db_url, members_filters):
     """alice invites carol, another user of this server, into her direct

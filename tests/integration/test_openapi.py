@@ -428,6 +428,8 @@ def test_the_directory_says_what_the_documents_say(daemon, doc):
     assert f"in one event, {lim['max_event_values']};" in \
         schemas["Directory"]["properties"]["limits"]["properties"]["max_event_values"]["description"]
     assert f"**At most {lim['max_event_values']} JSON values** per event" in prose
+    assert f"(rooms.max_members, {lim['max_room_members']} by default)" in \
+        schemas["Directory"]["properties"]["limits"]["properties"]["max_room_members"]["description"]
     assert f"up to `peer.max_batch` events ({lim['max_batch_events']} by default;" in prose
     assert lim["max_request_bytes"] == 1024 * 1024 and "`server.max_body_bytes` (1 MiB" in prose
     sig = re.search(r'Signature-Input: sig1=\(([^)]*)\)', prose)
@@ -474,6 +476,7 @@ def test_the_defaults_the_peer_documents_give_are_the_codes():
         f"`server.media_link_lifetime_s` ({int(conf['server.media_link_lifetime_s']) // 86400} days)",
         f"`policy.held_expiry_seconds` ({days} days by default)",
         f"`policy.peer_updates_per_minute`, default {policy['peer_updates_per_minute']};",
+        f"`rooms.max_members` ({conf['rooms.max_members']} by default:",
     ]
     missing = [c for c in claims if c not in prose]
     with open(DOC_PATH, encoding="utf-8") as f:
@@ -484,6 +487,7 @@ def test_the_defaults_the_peer_documents_give_are_the_codes():
               f"({policy['identifier_queries_per_minute']} by default)",
               f"dispatcher.typing_stale_ms ({int(conf['dispatcher.typing_stale_ms']) // 1000} s)",
               f"peer.max_batch events ({conf['peer.max_batch']} by default",
+              f"limits.max_room_members, {conf['rooms.max_members']} by default",
               f"policy.held_expiry_seconds ({days} days by default)"):
         if c not in document:
             missing.append(c)

@@ -78,6 +78,78 @@ def test_the_batch_size_is_configured(make_daemon, db_url):
             srv.close()
 
 
+def test_a_group_takes_at_most_rooms_max_members(make_daemon, db_url, pg):
+    """rooms.max_members (published as the directory's
+    limits.max_room_members) bounds a group's members, joined or invited:
+    a creation with more, an add past it and a peer's user's own join into
+    a full group are 413 too_large, and nothing is changed (no member, no
+    event, no audit record, no token). An add of a member already in, or
+    one that removes as many as it adds, is taken. A group above the bound
+    (made by a process with a higher one) takes a change that shrinks it,
+    and nothing that grows it. Since the forty-sixth session: before, a
+    peer grew a group without end, 256 members a request (a review's
+    finding)."""
+    d = make_daemon(db_url, options={"rooms": {"max_members": "5"}}).start()
+    (a, _), (b, _) = made = push_peers(d)
+    big = make_daemon(db_url).start()  # the default bound, 1000
+    a_big = PeerClient(big.url, "gk", "wa.example", token=a.token, signer=a.signer)
+    try:
+        assert d.get("/.well-known/mimi-protocol-directory").json()["limits"]["max_room_members"] == 5
+        assert big.get("/.well-known/mimi-protocol-directory").json()["limits"]["max_room_members"] == 1000
+        w = [a.user(f"w{i}") for i in range(9)]
+        bob = b.user("bob")
+
+        def stored():
+            return pg.psql("SELECT (SELECT count(*) FROM rooms) || ' ' || (SELECT string_agg(membership, ',' "
+                           "ORDER BY identity_id) FROM room_members) || ' ' || (SELECT count(*) FROM events) "
+                           "|| ' ' || (SELECT count(*) FROM audit_log WHERE action = 'room.members')", db_url)
+
+        def too_large(r):
+            assert r.status_code == 413 and r.json()["code"] == "too_large", r.text
+            assert "at most 5 members" in r.json()["detail"] and "max_room_members" in r.json()["detail"], r.text
+
+        too_large(a.create_room(w[:5] + [bob], kind="group"))
+        assert pg.psql("SELECT count(*) FROM rooms", db_url) == "0"
+        r = a.create_room(w[:4] + [bob], kind="group")
+        assert r.status_code == 201, r.text
+        gid, guri = r.json()["id"], r.json()["uri"]
+        # w5 and w6: users the server knows, not in the group
+        assert a.create_room([w[5], w[6], bob], kind="group").status_code == 201
+        before = stored()
+        too_large(a.call("POST", f"/v1/rooms/{gid}/members", {"add": [w[7]]}))
+        too_large(a.call("POST", f"/v1/rooms/{gid}/members", {"add": [w[7], w[8]], "remove": [w[3]]}))
+        own = lambda who, m: {"type": "membership", "sender": who, "content": {"membership": m, "target": who}}
+        too_large(a.call("POST", f"/v1/rooms/{gid}/messages", own(w[5], "join"), idem="j5"))
+        r = a.call("POST", "/v1/batch", {"events": [{"idempotency_key": "j6", "room": guri,
+                                                     "event": own(w[6], "join")}]})
+        assert r.status_code == 200 and r.json()["results"][0]["code"] == "too_large", r.text
+        assert stored() == before
+        # A member already in changes nothing; a swap keeps the group at 5.
+        assert a.call("POST", f"/v1/rooms/{gid}/members", {"add": [w[0]]}).status_code == 200
+        r = a.call("POST", f"/v1/rooms/{gid}/members", {"add": [w[7]], "remove": [w[3]]})
+        assert r.status_code == 200, r.text
+        # Her leave makes room for one join of a batch, not two.
+        assert a.call("POST", f"/v1/rooms/{gid}/messages", own(w[7], "leave"), idem="l7").status_code == 202
+        r = a.call("POST", "/v1/batch", {"events": [{"idempotency_key": k, "room": guri, "event": own(u, "join")}
+                                                    for k, u in (("j5b", w[5]), ("j6b", w[6]))]})
+        assert [(x["status"], x.get("code")) for x in r.json()["results"]] == [
+            ("accepted", None), ("refused", "too_large")], r.text
+        members = {m["user"]: m["membership"] for m in a.call("GET", f"/v1/rooms/{gid}").json()["members"]}
+        assert sorted(u for u, m in members.items() if m == "joined") == sorted([w[0], w[1], w[2], w[5], bob])
+        # A group of 7, made where the bound is 1000: here it shrinks, and never grows.
+        r = a_big.create_room(w[:6] + [bob], kind="group")
+        assert r.status_code == 201, r.text
+        g7 = r.json()["id"]
+        too_large(a.call("POST", f"/v1/rooms/{g7}/members", {"add": [w[7]]}))
+        too_large(a.call("POST", f"/v1/rooms/{g7}/members", {"add": [w[7], w[8]], "remove": [w[5]]}))
+        r = a.call("POST", f"/v1/rooms/{g7}/members", {"add": [w[7]], "remove": [w[5], w[4]]})
+        assert r.status_code == 200, r.text
+        assert a_big.call("POST", f"/v1/rooms/{g7}/members", {"add": [w[8]]}).status_code == 200
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
 def test_head_is_answered_as_get_without_a_body(daemon, peers):
     (a, _), (b, _) = peers
     rm = room(a, b)

@@ -2241,6 +2241,39 @@ def test_an_invitation_brings_back_nobody_who_left(xd, gk, alice, prosody, pg, d
     assert [pg.psql(f"SELECT count(*) FROM {t}", db_url) for t in tables] == before
 
 
+def test_an_invitation_takes_a_group_no_further_than_rooms_max_members(make_daemon, db_url, prosody, alice, pg):
+    """A member's invitation that would take the group past
+    rooms.max_members (joined or invited) is refused whole, cancel /
+    policy-violation saying so, and nothing is stored (no identity, no
+    member, no token); one naming members already in is no change, and
+    taken. Since the forty-sixth session: before, a member invited 16
+    users a stanza, without end."""
+    d, a, srv = start_with_gk(make_daemon, db_url, prosody, rooms={"max_members": "3"})
+    try:
+        room = "#full@" + COMP
+        join_room(room, (alice, "alice"))  # makes the group r_full: one member
+        start = alice.count()
+        invite(alice, room, f"w0@{COMP}", f"w1@{COMP}")
+        alice.wait_for_presence(lambda el: el.get("from") == room + "/w1", start=start)
+        tables = ("identities", "room_members", "room_bindings")
+        before = [pg.psql(f"SELECT count(*) FROM {t}", db_url) for t in tables]
+        invite(alice, room, f"w2@{COMP}", sid="f1")
+        etype, cond, text = invite_error(alice, room, "f1")
+        assert (etype, cond) == ("cancel", "policy-violation") and "(3)" in text and "nobody" in text, text
+        invite(alice, room, f"w0@{COMP}", f"bob@{HOST}", sid="f2")
+        assert invite_error(alice, room, "f2")[1] == "policy-violation"
+        assert [pg.psql(f"SELECT count(*) FROM {t}", db_url) for t in tables] == before
+        # the members already in: no change, no refusal
+        start = alice.count()
+        invite(alice, room, f"w0@{COMP}", sid="f3")
+        alice.ping(COMP)
+        assert [el for el in alice.stanzas()[start:] if el.get("type") == "error"] == []
+        assert pg.psql("SELECT count(*) FROM room_members m JOIN rooms r ON r.id = m.room_id "
+                       "WHERE r.public_id = 'r_full'", db_url) == "3"
+    finally:
+        srv.close()
+
+
 def test_invitations_take_a_token_of_the_inviters_bucket(xd, gk, alice, pg, db_url):
     """Each invitation (up to 16 invitees) takes a token of the inviter's
     bucket of what she sends to the component's peer
