@@ -557,7 +557,11 @@ static const struct store_stmt lane_stmts[] = {
 	{ "cw_claim_lock", "SELECT pg_advisory_xact_lock(" CLAIM_LOCK_KEY ")" },
 	{ "cw_claim_ran_out",
 		"SELECT EXISTS (SELECT 1 FROM outbox WHERE state = 'in_flight' AND claimed_until < now())" },
-	{ "cw_push_peers", "SELECT 'peer:' || name FROM peers WHERE mode = 'push' AND enabled" },
+	/* In the names' order: a lane's place in the list (lane.next) goes
+	 * round it, and the table's order moves a peer to its end when its
+	 * row is updated (a PATCH): the lane then served that peer again
+	 * while another's rows waited a round (until the forty-sixth session). */
+	{ "cw_push_peers", "SELECT 'peer:' || name FROM peers WHERE mode = 'push' AND enabled ORDER BY name" },
 	{ NULL, NULL },
 };
 static const struct store_stmt *const lane_stmt_lists[] = { lane_stmts, NULL };

@@ -127,3 +127,40 @@ def test_sigterm_while_a_claims_renewal_waits_for_a_lock_stops_within_the_grace(
     finally:
         for _, srv in made:
             srv.close()
+
+
+def test_a_lane_goes_round_the_destinations_in_the_same_order_after_a_peers_change(make_daemon, db_url, pg):
+    """One lane, one row a claim, three peers with rows waiting: the lane
+    serves gk, tg, xx, gk... in turn.  A change of tg's (a PATCH) while it
+    is pushed to tg does not make tg's next row go before xx's.  Until the
+    forty-sixth session the lane read the push destinations in the table's
+    order, which an UPDATE changes (the row's new version goes after the
+    others): its place in the list pointed at tg again, and xx waited a
+    round (fairness, not order: a room's rows kept theirs)."""
+    d = make_daemon(db_url, options={"dispatcher": {"lanes": "1", "batch_max": "1"}}).start()
+    (a, sa), (b, sb) = made = push_peers(d)
+    try:
+        [(c, sc)] = push_peers(d, [("xx", "xx.example")])
+        made.append((c, sc))
+        ab, ac = room(a, b), room(a, c)
+        settled(pg, db_url)
+        servers = {"gk": sa, "tg": sb, "xx": sc}
+        sa.delay, sb.delay = 0.5, 1.5  # tg's long enough for the PATCH to come during one
+        sc.delay = 3.0  # the first row, xx's, holds the lane while the others are written
+        seen = {k: len(s.answers) for k, s in servers.items()}
+        assert a.send(ac["id"], a.user("alice"), "x0").status_code == 202
+        wait_until(lambda: len(sc.answers) > seen["xx"], what="the first push under way")
+        sc.delay = 0.5
+        for i in range(3):
+            assert b.send(ab["id"], b.user("bob"), f"g{i}").status_code == 202
+            assert a.send(ab["id"], a.user("alice"), f"t{i}").status_code == 202
+            assert a.send(ac["id"], a.user("alice"), f"x{i + 1}").status_code == 202
+        wait_until(lambda: len(sb.answers) > seen["tg"], what="the first push to tg")
+        assert d.admin("PATCH", "/peers/tg", json={"event_types": None}).status_code == 200
+        settled(pg, db_url)
+        order = sorted((t, k) for k, s in servers.items() for t, _ in s.answers[seen[k]:])
+        got = [k for _, k in order]
+        assert got == ["xx", "gk", "tg", "xx", "gk", "tg", "xx", "gk", "tg", "xx"], got
+    finally:
+        for _, srv in made:
+            srv.close()
