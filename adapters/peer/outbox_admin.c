@@ -173,10 +173,18 @@ static cw_err dead_letter_change(PGconn *c, struct app_job *j, const char *sql, 
 }
 
 /* A replay asks the server's rules (and the user's opt-out) first, as the
- * policy thread's recheck does after a change of them: a row they now
- * refuse is dropped (content erased, the reason audited) and the replay
- * refused, 409.  Until the thirty-first session a dead letter replayed
- * after a deny of its sender's domain was delivered.
+ * policy thread's recheck does after a change of them: a dead letter they
+ * now refuse is dropped (content erased, the reason audited) and the
+ * replay refused, 409.  Until the thirty-first session a dead letter
+ * replayed after a deny of its sender's domain was delivered.  Only a
+ * dead letter: a row in another state is answered as one (409, "only a
+ * dead letter can be replayed") whatever the rules say, and left to their
+ * recheck; until the forty-sixth session a pending row they refused
+ * (their recheck not there yet) was dropped by the replay, 409 "dropped".
+ * The state is read without a lock (dead_letter_change says why): a row
+ * that goes dead between the two statements is replayed without the
+ * rules' word, as it would have gone out had a lane claimed it a moment
+ * before.
  *
  * A dead letter whose room has an earlier one to the same destination (e)
  * is not replayed (409, naming it): pending, the claim would send it at
@@ -187,12 +195,22 @@ static cw_err dead_letter_change(PGconn *c, struct app_job *j, const char *sql, 
  * session nothing kept a replay to that order. */
 static cw_err replay_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
-	const char *reason;
-	struct policy_view *v = policy_live_get(j->app->policy);
-	cw_err rc = policy_recheck_row(c, v, j->data, &reason, e);
-	policy_view_put(v);
+	const char *params[] = { j->data };
+	PGresult *r = PQexecParams(c, "SELECT state IN ('dead', 'failed') FROM outbox WHERE id = $1::bigint", 1, NULL,
+				   params, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 	if (rc)
 		return rc;
+	bool dead = PQntuples(r) && strcmp(PQgetvalue(r, 0, 0), "t") == 0;
+	PQclear(r);
+	const char *reason = NULL;
+	if (dead) {
+		struct policy_view *v = policy_live_get(j->app->policy);
+		rc = policy_recheck_row(c, v, j->data, &reason, e);
+		policy_view_put(v);
+		if (rc)
+			return rc;
+	}
 	if (reason) {
 		app_job_fail(j, 409, "conflict", "the server's rules now refuse this message (%s): dropped, not replayed",
 			     reason);

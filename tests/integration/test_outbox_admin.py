@@ -1,5 +1,7 @@
 """/admin/v1/outbox: rows by state, dead letters after the retry budget,
 and their replay."""
+import re
+
 from harness import wait_until
 from peer import push_peers
 
@@ -278,4 +280,51 @@ def test_a_replay_waits_for_the_earlier_dead_letters_of_its_room(make_daemon, db
     got = sb.wait_events(3)
     assert [e["id"] for e in got[1:]] == ids[1:]
     for _, srv in peers:
+        srv.close()
+
+
+def rechecked(d):
+    """(decided, dropped): the rows the policy's rechecks decided again."""
+    text = d.get("/metrics").text
+    return tuple(int(re.search(r'^causeway_policy_rechecked_total\{outcome="%s"\} (\d+)' % k, text, re.M).group(1))
+                 for k in ("decided", "dropped"))
+
+
+def test_a_replay_of_a_row_that_is_no_dead_letter_is_refused_whatever_the_rules_say(make_daemon, db_url, pg):
+    """A replay of a pending row is 409 "only a dead letter can be
+    replayed", and changes nothing, even when the server's rules now refuse
+    the row (their recheck of the waiting rows has not reached it yet: here
+    it was locked while the recheck passed, which skips a locked row).
+    Until the forty-sixth session a replay asked the rules first, whatever
+    the row's state: such a row was dropped (its content erased, a deny
+    audited) by the replay, and answered 409 "dropped, not replayed"."""
+    from harness import HeldSession
+    from test_peer_pull import make_peers
+    d = make_daemon(db_url).start()
+    a, b, rm, srv = make_peers(d)  # tg pulls: its row waits, pending, until it asks
+    try:
+        mid = a.send(rm["id"], a.user("alice"), "waiting").json()["id"]
+        oid = pg.psql("SELECT o.id FROM outbox o JOIN events e ON e.id = o.event_id "
+                      f"WHERE e.public_id = '{mid}' AND o.destination = 'peer:tg' AND o.state = 'pending'", db_url)
+        assert oid, "the pull peer's row pending"
+        held = HeldSession(db_url)
+        try:
+            held.run(f"BEGIN; SELECT id FROM outbox WHERE id = {oid} FOR UPDATE;")
+            before = rechecked(d)
+            r = d.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example", "mode": "deny"})
+            assert r.status_code == 201, r.text
+            # the recheck's pass over the waiting rows has come to this one, locked
+            wait_until(lambda: rechecked(d)[0] > before[0], what="the recheck's pass")
+            assert rechecked(d)[1] == before[1]
+        finally:
+            held.end()
+        assert pg.psql(f"SELECT state FROM outbox WHERE id = {oid}", db_url) == "pending"
+        r = d.admin("POST", f"/outbox/{oid}/replay")
+        assert r.status_code == 409 and r.json()["code"] == "conflict", r.text
+        assert r.json()["detail"] == "only a dead letter can be replayed; this row is pending", r.text
+        assert pg.psql(f"SELECT state FROM outbox WHERE id = {oid}", db_url) == "pending"
+        assert pg.psql(f"SELECT content <> '{{}}'::jsonb FROM events WHERE public_id = '{mid}'", db_url) == "t"
+        assert pg.psql("SELECT count(*) FROM audit_log WHERE action IN ('outbox.replay', 'policy.deny')",
+                       db_url) == "0"
+    finally:
         srv.close()
