@@ -1772,13 +1772,21 @@ static void *dispatcher_main(void *arg)
  * a row whose outcome could not be recorded, the database gone a moment,
  * must still come back when its claim runs out) every third of the
  * timeout, on a connection of its own.  A process that dies renews
- * nothing, so its rows still come back. */
+ * nothing, so its rows still come back.  A renewal that fails is tried
+ * again RENEW_RETRY_US later (or a third of the timeout, if that is
+ * sooner), a connection refused or lost made again each time: until the
+ * forty-sixth session the next try came a third of the timeout later, so
+ * two failures in a row (a database restarting for 3.4 s under the
+ * smallest timeout, 5 s) made the third try come as the claim ran out,
+ * and the rows of a live delivery could be taken back and sent again. */
+#define RENEW_RETRY_US 500000
 static void *keeper_main(void *arg)
 {
 	cw_thread_name("cw-claims");
 	struct dispatcher *d = arg;
 	PGconn *c = NULL;
 	int64_t period_us = d->o.claim_timeout_s * 1000000LL / 3;
+	long failures = 0; /* renewals failed in a row */
 	char timeout[24], prefix[sizeof(d->lanes[0].name)]; /* every lane's name begins with it */
 	snprintf(timeout, sizeof(timeout), "%ld", d->o.claim_timeout_s);
 	snprintf(prefix, sizeof(prefix), "%s/", d->name);
@@ -1789,7 +1797,7 @@ static void *keeper_main(void *arg)
 			continue;
 		}
 		struct timespec ts;
-		cw_deadline_ts(&ts, CLOCK_MONOTONIC, period_us);
+		cw_deadline_ts(&ts, CLOCK_MONOTONIC, failures && RENEW_RETRY_US < period_us ? RENEW_RETRY_US : period_us);
 		if (pthread_cond_timedwait(&d->keeper_cv, &d->mu, &ts) != ETIMEDOUT || !d->busy ||
 		    atomic_load(&d->stop))
 			continue;
@@ -1819,6 +1827,12 @@ static void *keeper_main(void *arg)
 				       : NULL;
 		if (r && PQresultStatus(r) == PGRES_COMMAND_OK) {
 			atomic_fetch_add(&d->renewals, 1);
+			if (failures) {
+				char n[24];
+				snprintf(n, sizeof(n), "%ld", failures);
+				LOG_KV(CW_LOG_INFO, "the dispatcher's claims renewed again", "failed_tries", n);
+			}
+			failures = 0;
 			/* The lanes still on the deliveries renewed (the same
 			 * rows: not between two, when a lane writes claimed_us
 			 * itself) hold their rows that much longer: a lane
@@ -1835,8 +1849,8 @@ static void *keeper_main(void *arg)
 				    atomic_load(&d->lanes[i].claimed_us) < began)
 					atomic_store(&d->lanes[i].claimed_us, began);
 			pthread_mutex_unlock(&d->mu);
-		} else
-			LOG_KV(CW_LOG_WARN, "cannot renew the dispatcher's claims", "detail",
+		} else if (failures++ == 0) /* the first of a run: then tried twice a second */
+			LOG_KV(CW_LOG_WARN, "cannot renew the dispatcher's claims; trying again", "detail",
 			       r ? PQresultErrorMessage(r) : oom ? "out of memory" : e.msg);
 		PQclear(r);
 		cw_buf_free(&ids);

@@ -164,3 +164,65 @@ def test_a_lane_goes_round_the_destinations_in_the_same_order_after_a_peers_chan
     finally:
         for _, srv in made:
             srv.close()
+
+
+def test_a_claims_renewal_that_failed_is_tried_again_before_the_claim_runs_out(make_daemon, db_url, pg):
+    """claim_timeout_s 9 (the keeper renews every 3 s), a push that takes
+    13 s, and the keeper's renewals fail for a while (the row locked by
+    another session, the keeper's lock_timeout 300 ms; any failure would
+    do: a database restarting, a connection cut): the first two at 3 and
+    6 s.  Tried again within half a second of each failure, the renewal
+    goes through once the lock is gone (7.4 s), before the claim's 9 s
+    are up: the row is never free for another lane's claim, which would
+    send it again.  Until the forty-sixth session a failed renewal was
+    tried again a third of claim_timeout_s later: two failures in a row,
+    and the third try came after the claim had run out."""
+    import urllib.parse
+    from harness import HeldSession
+    d = make_daemon(db_url, options={"dispatcher": {"claim_timeout_s": "9", "http_timeout_ms": "30000"}}).start()
+    (a, sa), (b, sb) = made = push_peers(d)
+    try:
+        rm = room(a, b)
+        settled(pg, db_url)
+        sb.delay = 13.0
+        before = sb.requests
+        assert a.send(rm["id"], a.user("alice"), "slow, its claim renewed late").status_code == 202
+        wait_until(lambda: sb.requests == before + 1, what="the slow push under way")
+        t0 = time.time()
+        oid = pg.psql("SELECT id FROM outbox WHERE destination = 'peer:tg' AND state = 'in_flight'", db_url)
+        assert oid, "the row in flight"
+        # The keeper connects at its first renewal: its session takes the
+        # database's lock_timeout (one made before is cut, to connect again).
+        name = urllib.parse.urlparse(db_url).path.lstrip("/")
+        pg.psql(f"ALTER DATABASE \"{name}\" SET lock_timeout = '300ms'", db_url)
+        pg.psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE query LIKE 'UPDATE outbox SET claimed_until%'", db_url)
+        held = HeldSession(db_url)
+        seen = []
+
+        def look():
+            v = pg.psql(f"SELECT extract(epoch FROM claimed_until) FROM outbox WHERE id = {oid} "
+                        "AND state = 'in_flight'", db_url)
+            if v and (not seen or float(v) != seen[-1]):
+                seen.append(float(v))
+            return v
+        try:
+            held.run(f"BEGIN; SELECT id FROM outbox WHERE id = {oid} FOR UPDATE;")
+            assert time.time() - t0 < 2.5, "the lock taken before the keeper's first renewal"
+            while time.time() - t0 < 7.4:
+                look()
+                time.sleep(0.1)
+        finally:
+            held.end()
+        wait_until(lambda: not look(), timeout=20, interval=0.1, what="the row out of flight")
+        state = pg.psql(f"SELECT state || ' ' || attempts FROM outbox WHERE id = {oid}", db_url)
+        # the claim's claimed_until, then a renewal's
+        assert len(seen) >= 2, f"the row {state} with no renewal: taken back when its claim ran out"
+        claimed, renewed = seen[0], seen[1] - 9
+        assert renewed < claimed, f"renewed {renewed - claimed:.2f} s after the claim ran out"
+        assert state == "delivered 1", state
+        time.sleep(1.0)
+        assert sb.requests == before + 1 and sb.duplicates == 0, sb.answers
+    finally:
+        for _, srv in made:
+            srv.close()
