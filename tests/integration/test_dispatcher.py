@@ -226,3 +226,43 @@ def test_a_claims_renewal_that_failed_is_tried_again_before_the_claim_runs_out(m
     finally:
         for _, srv in made:
             srv.close()
+
+
+def test_sigterm_while_the_claims_keeper_connects_to_a_frozen_postmaster_stops_in_time(make_daemon, db_url, pg):
+    """PostgreSQL's postmaster stopped (SIGSTOP: the sessions made go on,
+    a new connection is never answered) as the keeper makes its first
+    connection, for the renewal of a slow delivery's claim; SIGTERM
+    comes.  The stop waits for that connection, not cancellable, until its
+    connect_timeout (5 s), and the daemon exits 0 within the stop's
+    deadline (drain plus 10 s, docs/operations.md): checked in the
+    forty-sixth session's review, no change needed."""
+    import os
+    d = make_daemon(db_url, options={"dispatcher": {"claim_timeout_s": "6", "http_timeout_ms": "30000"},
+                                     "server": {"drain_timeout_ms": "1000"}}).start()
+    (a, sa), (b, sb) = made = push_peers(d)
+    with open(os.path.join(pg.dir, "data", "postmaster.pid")) as f:
+        postmaster = int(f.readline())
+    try:
+        rm = room(a, b)
+        settled(pg, db_url)
+        sb.delay = 20.0
+        before = sb.requests
+        assert a.send(rm["id"], a.user("alice"), "slow").status_code == 202
+        wait_until(lambda: sb.requests == before + 1, what="the slow push under way")
+        t0 = time.time()
+        os.kill(postmaster, signal.SIGSTOP)
+        try:
+            time.sleep(max(0.0, t0 + 2.7 - time.time()))  # the keeper's first renewal: 2 s in, connecting
+            t1 = time.time()
+            d.signal(signal.SIGTERM)
+            rc = d.wait_exit(30)
+            took = time.time() - t1
+        finally:
+            os.kill(postmaster, signal.SIGCONT)
+        assert rc == 0, d.log()[-3000:]
+        # the keeper's connection, not answered, ends at its connect_timeout (5 s)
+        assert "cannot renew the dispatcher's claims" in d.log() and "timeout expired" in d.log(), d.log()[-3000:]
+        assert took < 11, took  # 4.2-4.9 s measured
+    finally:
+        for _, srv in made:
+            srv.close()
