@@ -732,3 +732,28 @@ def test_a_typing_notification_too_old_to_show_is_expired_not_pulled(make_daemon
     fresh = b.call("GET", f"/v1/events?after={got['next']}").json()
     assert [e["type"] for e in fresh["events"]] == ["typing"], fresh
     srv.close()
+
+
+def test_a_dead_letter_replayed_to_a_pull_peer_wakes_its_waiting_long_poll(daemon, pg, db_url):
+    """A pull peer's dead letter (one that died while the peer was pushed
+    to, say) replayed while the peer's long poll waits is handed to that
+    poll at once, not at its deadline: the replay notifies
+    causeway_outbox, which the pull stream listens to as well as
+    causeway_pull (checked in the forty-sixth session's review: 0.05 s)."""
+    a, b, rm, srv = make_peers(daemon)
+    try:
+        mid = a.send(rm["id"], a.user("alice"), "dead, then replayed").json()["id"]
+        oid = pg.psql("SELECT o.id FROM outbox o JOIN events e ON e.id = o.event_id "
+                      f"WHERE e.public_id = '{mid}' AND o.destination = 'peer:tg'", db_url)
+        pg.psql(f"UPDATE outbox SET state = 'dead', attempts = 3 WHERE id = {oid}", db_url)
+        r = b.call("GET", "/v1/events?after=0").json()
+        assert r["events"] == [], r
+        t, result = long_poll(b, r["next"], 8)
+        t0 = time.time()
+        assert daemon.admin("POST", f"/outbox/{oid}/replay").status_code == 200
+        t.join(15)
+        took = time.time() - t0
+        assert [e["id"] for e in result["r"].json()["events"]] == [mid], result["r"].text
+        assert took < 3, took
+    finally:
+        srv.close()
