@@ -1,7 +1,8 @@
 """The dispatcher's lanes and what they claimed (gateway/dispatcher.c): an
 outcome recorded on a new connection while the renewed claim holds, a
 destination that comes up while every known one is busy, the stop while
-the claims' keeper waits."""
+the claims' keeper waits (for a lock, for a frozen postmaster), a lane's
+round of the destinations, a failed renewal tried again in time."""
 import signal
 import time
 
