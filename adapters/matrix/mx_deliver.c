@@ -1536,14 +1536,80 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 	return rc ? PREP_FAIL : res;
 }
 
-/* The answer to a row's request: its Matrix event id is noted in sent. */
+/* Whether rows a and b are reactions of one sender to one message with
+ * one key. */
+static bool same_reaction(const json_t *a, const json_t *b)
+{
+	static const char *const type_sender[] = { "type", "sender" };
+	for (size_t i = 0; i < CW_ARRAY_LEN(type_sender); i++) {
+		const char *x = json_string_value(json_object_get(a, type_sender[i]));
+		if (!x || !json_equal(json_object_get(a, type_sender[i]), json_object_get(b, type_sender[i])))
+			return false;
+	}
+	const json_t *ca = json_object_get(a, "content"), *cb = json_object_get(b, "content");
+	const json_t *ka = json_object_get(json_array_get(json_object_get(ca, "parts"), 0), "body");
+	const json_t *kb = json_object_get(json_array_get(json_object_get(cb, "parts"), 0), "body");
+	return strcmp(json_string_value(json_object_get(a, "type")), "reaction") == 0 &&
+	       json_is_string(json_object_get(ca, "in_reply_to")) &&
+	       json_equal(json_object_get(ca, "in_reply_to"), json_object_get(cb, "in_reply_to")) && json_is_string(ka) &&
+	       json_equal(ka, kb);
+}
+
+/* The Matrix event of the reaction row k of rows repeats (the same
+ * sender's, to the same message, with the same key, in the same user's
+ * room): one delivered earlier in this batch (sent) or before.  Into eid;
+ * false when none is known. */
+static bool repeated_reaction(PGconn *c, const struct outbox_row *rows, size_t n, size_t k, const json_t *sent,
+			      char *eid, size_t len)
+{
+	for (size_t j = 0; j < n; j++) {
+		if (j == k || rows[j].outcome != 1 || rows[j].target_id != rows[k].target_id ||
+		    !same_reaction(rows[j].event, rows[k].event))
+			continue;
+		size_t i;
+		json_t *s;
+		json_array_foreach(sent, i, s) {
+			if (json_integer_value(json_object_get(s, "row")) == rows[j].id) {
+				snprintf(eid, len, "%s", json_string_value(json_object_get(s, "eid")));
+				return true;
+			}
+		}
+	}
+	char ev[24], tg[24];
+	snprintf(ev, sizeof(ev), "%lld", (long long)rows[k].event_id);
+	snprintf(tg, sizeof(tg), "%lld", (long long)rows[k].target_id);
+	const char *p[] = { ev, tg };
+	PGresult *r = PQexecParams(c,
+		"SELECT o.remote_id FROM events r JOIN events x ON x.in_reply_to_id = r.in_reply_to_id "
+		" AND x.sender_id = r.sender_id AND x.type = 'reaction' AND x.id <> r.id "
+		" AND x.content->'content'->'parts'->0->'body' = r.content->'content'->'parts'->0->'body' "
+		"JOIN outbox o ON o.event_id = x.id AND o.destination = 'matrix' AND o.target_identity_id = $2::bigint "
+		" AND o.remote_id IS NOT NULL "
+		"WHERE r.id = $1::bigint ORDER BY o.id DESC LIMIT 1",
+		2, NULL, p, NULL, NULL, 0);
+	bool found = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1 && strlen(PQgetvalue(r, 0, 0)) < len;
+	if (found)
+		snprintf(eid, len, "%s", PQgetvalue(r, 0, 0));
+	PQclear(r);
+	return found;
+}
+
+/* The answer to a row's request: its Matrix event id is noted in sent.
+ * *repeated: the homeserver has the reaction already (Synapse's 400
+ * M_DUPLICATE_ANNOTATION: the same sender's annotation of the event with
+ * the key, not redacted), which no retry changes and the room shows: the
+ * row is delivered, its event the one there (the caller notes it). */
 static cw_err finish_row(struct matrix *m, CURL *h, struct mx_req *rq, CURLcode cc, struct outbox_row *row,
-			 json_t *sent, long *code, cw_errmsg *e)
+			 json_t *sent, long *code, bool *repeated, cw_errmsg *e)
 {
 	long status = 0;
 	json_t *answer = NULL;
 	cw_err rc = req_done(m, h, rq, cc, &status, &answer, e);
 	*code = status;
+	const char *errcode = json_string_value(json_object_get(answer, "errcode"));
+	*repeated = rc && status == 400 && errcode && strcmp(errcode, "M_DUPLICATE_ANNOTATION") == 0;
+	if (*repeated)
+		rc = CW_OK;
 	const char *eid = json_string_value(json_object_get(answer, "event_id"));
 	if (!rc && eid)
 		note_sent(sent, row, eid);
@@ -1754,8 +1820,13 @@ cw_err matrix_deliver(void *ctx, PGconn *c, const char *destination, struct outb
 			run->busy = false;
 			struct outbox_row *row = &rows[run->idx[run->next]];
 			long status = 0;
+			bool repeated = false;
 			cw_errmsg fe = { { 0 } };
-			if (finish_row(m, run->h, &run->rq, cc, row, sent, &status, &fe) == CW_OK) {
+			if (finish_row(m, run->h, &run->rq, cc, row, sent, &status, &repeated, &fe) == CW_OK) {
+				char eid[MX_ID_MAX + 1];
+				/* a reaction the room has: its delete takes that one away */
+				if (repeated && repeated_reaction(c, rows, n, (size_t)(row - rows), sent, eid, sizeof(eid)))
+					note_sent(sent, row, eid);
 				row->outcome = 1;
 				row->code = status;
 				run->next++;

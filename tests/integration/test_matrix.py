@@ -4617,6 +4617,70 @@ def test_references_within_one_delivery_batch(mx, hs, gk, pg, db_url):
                    f"AND native_id IN ('{orig}', '{evs[1]['event_id']}', '{evs[2]['event_id']}')", db_url) == "3"
 
 
+def test_a_reaction_the_homeserver_has_already_holds_nothing_back(mx, hs, gk, pg, db_url):
+    """wally reacts with the same emoji to his message twice (a peer may
+    send a reaction again without taking the first back): Synapse refuses
+    the second as one it has (400 M_DUPLICATE_ANNOTATION), on every try.
+    The room shows the reaction already: the row is delivered, its event
+    the one there (so that taking either reaction back takes it away), and
+    the room's next message goes at once.  Until the forty-sixth session
+    the row was tried again for its whole retry budget (some 18 minutes by
+    default), the room's later rows waiting behind it, then dead.  Twice:
+    the repeat in the first reaction's delivery batch, then in a later
+    one."""
+    a, _ = gk
+    room, mx_room = wally_wrote_to_alice(mx, hs, a, pg, db_url)
+    wally, ghost = a.user("wally"), "@_cw_gk_wally:example.org"
+    m1 = a.send(room, wally, "react to me").json()["id"]
+    target = wait_until(lambda: next((e["event_id"] for e in hs.events(mx_room) if e["type"] == "m.room.message"
+                                      and e["content"]["body"] == "react to me"), None), what="the message")
+
+    thumb = {"type": "reaction", "sender": wally, "content": {
+        "in_reply_to": m1, "disposition": "reaction", "parts": [{"type": "text/plain", "body": "\U0001f44d"}]}}
+
+    def react(idem):
+        r = a.call("POST", f"/v1/rooms/{room}/messages", thumb, idem=idem)
+        assert r.status_code == 202, r.text
+        return r.json()["id"]
+
+    def shown():
+        return [e for e in hs.events(mx_room) if e["type"] == "m.reaction" and "redacted_because" not in
+                e.get("unsigned", {})]
+
+    def told(text):
+        a.send(room, wally, text)
+        wait_until(lambda: any(e["type"] == "m.room.message" and e["content"]["body"] == text
+                               for e in hs.events(mx_room)), timeout=10, what=f"{text!r}, at once")
+
+    rows = ("SELECT string_agg(o.state || ' ' || o.attempts, ',' ORDER BY o.id) FROM outbox o "
+            "JOIN events e ON e.id = o.event_id WHERE o.destination = 'matrix' AND e.type = 'reaction'")
+    uri = a.call("GET", f"/v1/rooms/{room}").json()["uri"]
+    r = a.call("POST", "/v1/batch", {"events": [{"idempotency_key": f"thumb-{i}", "room": uri, "event": thumb}
+                                                 for i in (1, 2)]})
+    assert r.status_code == 200 and all(x["status"] == "accepted" for x in r.json()["results"]), r.text
+    first, again = (x["id"] for x in r.json()["results"])
+    told("after the reactions")
+    [one] = shown()
+    assert (one["sender"], one["content"]["m.relates_to"]["event_id"], one["content"]["m.relates_to"]["key"]) == \
+        (ghost, target, "\U0001f44d"), one
+    wait_until(lambda: pg.psql(rows, db_url) == "delivered 1,delivered 1", what="both rows delivered")
+    remote = ("SELECT o.remote_id FROM outbox o JOIN events e ON e.id = o.event_id "
+              "WHERE o.destination = 'matrix' AND e.public_id = '{}'")
+    assert pg.psql(remote.format(again), db_url) == pg.psql(remote.format(first), db_url) == one["event_id"]
+    # wally takes the repeat back: the reaction goes in Matrix too.
+    d = a.call("POST", f"/v1/rooms/{room}/messages", {"type": "delete", "sender": wally,
+                                                      "content": {"replaces": again}}, idem="unthumb-2")
+    assert d.status_code == 202, d.text
+    wait_until(lambda: not shown(), what="the reaction taken away")
+    # Once more, the first reaction in Matrix, the repeat in a later batch.
+    third = react("thumb-3")
+    wait_until(lambda: len(shown()) == 1, what="the reaction again")
+    fourth = react("thumb-4")
+    told("after the repeat")
+    assert len(shown()) == 1
+    assert pg.psql(remote.format(fourth), db_url) == pg.psql(remote.format(third), db_url) == shown()[0]["event_id"]
+
+
 def test_a_row_never_overtakes_a_held_one_of_its_room(mx, hs, gk, pg, db_url):
     """Per-room order holds against the held rows too: a later message to
     the same user that became due first (two consent sweeps at once, or a
