@@ -1114,9 +1114,12 @@ static void note_sent(json_t *sent, const struct outbox_row *row, const char *ei
  * the last go first as events of their own (sent here, in order, as the
  * ghost: txnId cw-<row>-p<k>, MX_PART_KEY k, looked for before a retry
  * sends them again), and the row's own event carries the last file with
- * the text as its caption.  *out: the event to map instead of row->event
- * (NULL: the row's event as it is).  *never: the failure is the row's own,
- * an attachment no Matrix event can be made of (retrying cannot help). */
+ * the text as its caption.  An edit changes that event alone: it carries
+ * the last file, re-hosted, and the text (until the forty-sixth session an
+ * edit's files were lines of its text, a peer's URL a bare link into its
+ * store).  *out: the event to map instead of row->event (NULL: the row's
+ * event as it is).  *never: the failure is the row's own, an attachment
+ * no Matrix event can be made of (retrying cannot help). */
 static cw_err media_parts(struct matrix *m, PGconn *c, struct outbox_row *row, const char *room, const char *ghost,
 			  const char *signer, const char *ts, json_t **out, bool *wait, bool *never, cw_errmsg *e)
 {
@@ -1125,9 +1128,11 @@ static cw_err media_parts(struct matrix *m, PGconn *c, struct outbox_row *row, c
 	*never = false;
 	const char *type = json_string_value(json_object_get(row->event, "type"));
 	const json_t *atts = json_object_get(json_object_get(row->event, "content"), "attachments");
-	size_t n = type && strcmp(type, "message") == 0 ? json_array_size(atts) : 0;
+	bool edit = type && strcmp(type, "edit") == 0;
+	size_t n = type && (strcmp(type, "message") == 0 || edit) ? json_array_size(atts) : 0;
+	size_t first = edit && n > 1 ? n - 1 : 0; /* the files looked at */
 	bool any = false;
-	for (size_t k = 0; k < n; k++) {
+	for (size_t k = first; k < n; k++) {
 		const char *url = json_string_value(json_object_get(json_array_get(atts, k), "url"));
 		any = any || (url && (strncmp(url, "https://", 8) == 0 || (signer && strncmp(url, "mxc://", 6) == 0)));
 	}
@@ -1137,7 +1142,7 @@ static cw_err media_parts(struct matrix *m, PGconn *c, struct outbox_row *row, c
 	json_t *list = json_object_get(json_object_get(copy, "content"), "attachments");
 	if (!copy)
 		return cw_fail(e, CW_ENOMEM, "out of memory");
-	for (size_t k = 0; k < n; k++) {
+	for (size_t k = first; k < n; k++) {
 		json_t *a = json_array_get(list, k);
 		const char *url = json_string_value(json_object_get(a, "url"));
 		if (url && signer && strncmp(url, "mxc://", 6) == 0) {
@@ -1168,7 +1173,7 @@ static cw_err media_parts(struct matrix *m, PGconn *c, struct outbox_row *row, c
 	}
 	char *rs = seg(m, room);
 	cw_err rc = rs ? CW_OK : cw_fail(e, CW_ENOMEM, "out of memory");
-	for (size_t k = 0; !rc && k + 1 < n; k++) {
+	for (size_t k = first; !rc && k + 1 < n; k++) {
 		char eid[MX_ID_MAX + 1];
 		if (row->attempts > 1 && already_sent(m, room, ghost, row->id, (int)k, eid, sizeof(eid)))
 			continue;

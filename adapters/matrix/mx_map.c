@@ -1546,17 +1546,25 @@ static json_t *text_content(const struct text *t, const char *prefix)
 	return c;
 }
 
-/* A single mxc:// attachment: the media message's fields, into c. */
-static bool media_message(const json_t *content, bool caption, json_t *c)
+/* Whether content's attachments are one file with an mxc:// url: a media
+ * message's (or edit's), the text its caption. */
+static bool one_mxc_file(const json_t *content)
 {
 	const json_t *atts = json_object_get(content, "attachments");
-	if (json_array_size(atts) != 1)
-		return false;
 	const json_t *a = json_array_get(atts, 0);
+	const char *url = str_member(a, "url");
+	return json_array_size(atts) == 1 && url && mxc_ok(url) && str_member(a, "content_type");
+}
+
+/* A single mxc:// attachment (one_mxc_file): the media message's fields,
+ * into c; without a caption, body is prefix and the file's name. */
+static bool media_message(const json_t *content, bool caption, const char *prefix, json_t *c)
+{
+	if (!one_mxc_file(content))
+		return false;
+	const json_t *a = json_array_get(json_object_get(content, "attachments"), 0);
 	const char *ct = str_member(a, "content_type"), *url = str_member(a, "url");
 	const char *name = str_member(a, "filename");
-	if (!ct || !url || !mxc_ok(url))
-		return false;
 	static const char *const types[][2] = {
 		{ "image", "m.image" }, { "video", "m.video" }, { "audio", "m.audio" }, { "file", "m.file" },
 	};
@@ -1575,7 +1583,14 @@ static bool media_message(const json_t *content, bool caption, json_t *c)
 		json_object_set_new(info, "size", json_integer(json_integer_value(size)));
 	json_object_set_new(c, "info", info);
 	if (!caption) { /* body is the file name */
-		json_object_set_new(c, "body", json_string(name));
+		size_t pl = strlen(prefix), nl = strlen(name);
+		char *body = malloc(pl + nl + 1);
+		if (!body)
+			return false;
+		memcpy(body, prefix, pl);
+		memcpy(body + pl, name, nl + 1);
+		json_object_set_new(c, "body", json_string(body));
+		free(body);
 		json_object_del(c, "format");
 		json_object_del(c, "formatted_body");
 	}
@@ -1695,10 +1710,7 @@ static bool fail(struct mx_out *out, char *why, size_t whylen, const char *what)
 static bool out_message(const json_t *content, mx_lookup_fn to_native, void *ctx, const char *marker_key,
 			const char *marker_value, struct mx_out *out, char *why, size_t whylen)
 {
-	const json_t *atts = json_object_get(content, "attachments");
-	const json_t *a0 = json_array_get(atts, 0);
-	bool media = json_array_size(atts) == 1 && str_member(a0, "url") && mxc_ok(str_member(a0, "url")) &&
-		     str_member(a0, "content_type");
+	bool media = one_mxc_file(content);
 	struct text t;
 	if (!neutral_text(content, !media, &t, why, whylen)) {
 		mx_out_clear(out);
@@ -1711,10 +1723,10 @@ static bool out_message(const json_t *content, mx_lookup_fn to_native, void *ctx
 	}
 	json_t *c = text_content(&t, "");
 	text_free(&t);
-	if (!c)
+	if (!c || (media && !media_message(content, caption, "", c))) {
+		json_decref(c);
 		return fail(out, why, whylen, MX_WHY_NOMEM);
-	if (media)
-		media_message(content, caption, c);
+	}
 	char target[MX_ID_MAX + 1];
 	const char *reply = str_member(content, "in_reply_to");
 	if (reply && lookup_event(to_native, ctx, reply, target, sizeof(target)))
@@ -1731,19 +1743,27 @@ static bool out_edit(const json_t *content, mx_lookup_fn to_native, void *ctx, c
 	const char *replaces = str_member(content, "replaces");
 	if (!replaces)
 		return fail(out, why, whylen, "an edit needs replaces");
+	/* The message's new version with its file (a caption changed, say):
+	 * a media event's content, in m.new_content and the fallback both,
+	 * as Matrix clients edit a caption (until the forty-sixth session the
+	 * file became a line of the text, a peer's URL a bare link into its
+	 * store, and the image in the room was replaced by that text). */
+	bool media = one_mxc_file(content);
 	struct text t;
-	if (!neutral_text(content, true, &t, why, whylen)) {
+	if (!neutral_text(content, !media, &t, why, whylen)) {
 		mx_out_clear(out);
 		return false;
 	}
-	if (!*t.body) {
+	bool caption = *t.body != '\0';
+	if (!caption && !media) {
 		text_free(&t);
 		return fail(out, why, whylen, "the edit has no text");
 	}
 	json_t *c = text_content(&t, "* ");
 	json_t *nc = text_content(&t, "");
 	text_free(&t);
-	if (!c || !nc) {
+	if (!c || !nc ||
+	    (media && (!media_message(content, caption, "* ", c) || !media_message(content, caption, "", nc)))) {
 		json_decref(c);
 		json_decref(nc);
 		return fail(out, why, whylen, MX_WHY_NOMEM);

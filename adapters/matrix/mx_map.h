@@ -97,6 +97,9 @@
  *   edit      m.room.message with "* "-prefixed fallback body (and
  *             formatted_body), m.new_content, m.relates_to {m.replace,
  *             target}; unknown target: sent as a new message, "* " kept.
+ *             A single mxc:// attachment (the file the new version
+ *             keeps) makes both contents a media message's, as for a
+ *             message, the text the caption (else the file's name).
  *   reaction  m.reaction {m.relates_to: {m.annotation, target, key: body}};
  *             unknown target: MX_OP_NONE.
  *   delete    MX_OP_REDACT of the target (content {}); unknown: MX_OP_NONE.

@@ -152,6 +152,45 @@ def test_a_peers_file_is_rehosted_on_the_homeserver(mx, hs, wally_room, media):
     assert sum(1 for q in hs.requests if q["path"] == "/_matrix/media/v3/upload") == 1
 
 
+def test_a_peers_edit_keeping_its_file_edits_the_image_in_matrix(mx, hs, wally_room, media):
+    """wally changes the caption of his image (a neutral edit is the whole
+    new content: the text and the file it keeps): the edit reaches Matrix
+    as an edit of the image, m.new_content an m.image of the file already
+    re-hosted (not fetched or uploaded again), as Matrix clients edit a
+    caption.  Of an edit with several files the last is kept: the row's
+    own event, the one an edit of the message names, carries the last.
+    Until the forty-sixth session the file became a line of the edited
+    text, the peer's URL a bare link into its store, and the image in the
+    room was replaced by that text."""
+    a, room = wally_room
+    cat = b"\x89PNG\r\n\x1a\n" + os.urandom(2000)
+    url = media.put("/f/cat.png", "image/png", cat, host="media.wa.localhost")
+    msg = send_file(a, room, "a cat", attachment(url, cat), "e1")
+    [m] = ghost_messages(hs, 1)
+    mxc = m["content"]["url"]
+    dog = b"\x89PNG\r\n\x1a\n" + os.urandom(2100)
+    other = media.put("/f/dog.png", "image/png", dog, host="media.wa.localhost")
+    for idem, text, atts in (("e2", "my cat", [attachment(url, cat)]),
+                             ("e3", "cat, then dog", [attachment(url, cat), attachment(other, dog, name="dog.png")])):
+        r = a.call("POST", f"/v1/rooms/{room}/messages",
+                   {"type": "edit", "sender": a.user("wally"),
+                    "content": {"replaces": msg, "parts": [{"type": "text/plain", "body": text}], "attachments": atts}},
+                   idem=idem)
+        assert r.status_code == 202, r.text
+    first, second = (e["content"] for e in ghost_messages(hs, 3)[1:])
+    assert first["msgtype"] == "m.image" and first["body"] == "* my cat" and first["url"] == mxc, first
+    assert first["m.relates_to"] == {"rel_type": "m.replace", "event_id": m["event_id"]}, first
+    assert first["m.new_content"] == {"msgtype": "m.image", "body": "my cat", "url": mxc, "filename": "cat.png",
+                                      "info": {"mimetype": "image/png", "size": len(cat)}, "m.mentions": {}}, first
+    new = second["m.new_content"]
+    assert second["msgtype"] == new["msgtype"] == "m.image" and new["body"] == "cat, then dog", second
+    assert hs.media(new["url"])["data"] == dog and second["url"] == new["url"] and new["filename"] == "dog.png"
+    assert url not in json.dumps(first) and other not in json.dumps(second)  # no link into the peer's store
+    # the cat fetched and uploaded once, the dog once
+    assert [p for p, _ in media.requests] == ["/f/cat.png", "/f/dog.png"]
+    assert sum(1 for q in hs.requests if q["path"] == "/_matrix/media/v3/upload") == 2
+
+
 def test_a_rehosted_files_record_goes_when_its_message_expires(mx, hs, wally_room, media, pg, db_url):
     """What is remembered of a peer's file re-hosted on the homeserver
     (media_rehosted: the store's URL, digest, size, for whom, the mxc://
