@@ -801,7 +801,19 @@ static enum mx_in_result parse_rel(const json_t *content, struct rel *r, char *w
 
 size_t mx_reply_fallback_len(const char *body)
 {
-	if (!starts_with(body, "> <") && !starts_with(body, "> * <"))
+	/* The first line names the replied-to event's sender by her user id,
+	 * "> <@alice:example.org> " (an emote's "> * <@...> "): a quote of
+	 * the user's own that starts with a tag ("> <b> is bold") is her text
+	 * (until the forty-sixth session "> <" was enough, and a reply
+	 * without a fallback, as Matrix 1.13 wants it, lost such a quote). */
+	const char *id = starts_with(body, "> <@") ? body + 3 : starts_with(body, "> * <@") ? body + 5 : NULL;
+	const char *close = id ? strchr(id, '>') : NULL;
+	char user[MX_ID_MAX + 1];
+	if (!close || (size_t)(close - id) > MX_ID_MAX || !memchr(" \n", close[1], 3))
+		return 0;
+	memcpy(user, id, (size_t)(close - id));
+	user[close - id] = '\0';
+	if (!mx_user_id_parse(user, NULL, 0, NULL, 0))
 		return 0;
 	const char *p = body;
 	while (starts_with(p, "> ") || strcmp(p, ">") == 0 || starts_with(p, ">\n")) {

@@ -307,8 +307,9 @@ bool mx_json_duplicate_key(const json_t *v, bool deep);
 char *mx_sanitize_html(const char *html, size_t len);
 
 
-/* The length of a plain-text reply fallback at the start of body: lines
- * "> <@..." or "> * <@..." and the "> " lines after them, then one empty
+/* The length of a plain-text reply fallback at the start of body: a line
+ * "> <@user:server>" or "> * <@user:server>" (a valid user id, then a
+ * space or the line's end) and the "> " lines after it, then one empty
  * line (the spec's "Fallbacks for rich replies", which clients put before a
  * reply's own text).  0 when body does not start with one. */
 size_t mx_reply_fallback_len(const char *body);
