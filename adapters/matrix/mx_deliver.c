@@ -1541,35 +1541,42 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 	return rc ? PREP_FAIL : res;
 }
 
-/* Whether rows a and b are reactions of one sender to one message with
- * one key. */
-static bool same_reaction(const json_t *a, const json_t *b)
+/* Whether reaction keys x and y are one in Matrix (mx_reaction_key). */
+static bool same_key(const char *x, const char *y)
 {
-	static const char *const type_sender[] = { "type", "sender" };
-	for (size_t i = 0; i < CW_ARRAY_LEN(type_sender); i++) {
-		const char *x = json_string_value(json_object_get(a, type_sender[i]));
-		if (!x || !json_equal(json_object_get(a, type_sender[i]), json_object_get(b, type_sender[i])))
-			return false;
-	}
-	const json_t *ca = json_object_get(a, "content"), *cb = json_object_get(b, "content");
-	const json_t *ka = json_object_get(json_array_get(json_object_get(ca, "parts"), 0), "body");
-	const json_t *kb = json_object_get(json_array_get(json_object_get(cb, "parts"), 0), "body");
-	return strcmp(json_string_value(json_object_get(a, "type")), "reaction") == 0 &&
-	       json_is_string(json_object_get(ca, "in_reply_to")) &&
-	       json_equal(json_object_get(ca, "in_reply_to"), json_object_get(cb, "in_reply_to")) && json_is_string(ka) &&
-	       json_equal(ka, kb);
+	char a[MX_REACTION_KEY_MAX], b[MX_REACTION_KEY_MAX];
+	if (!x || !y)
+		return false;
+	return strcmp(mx_reaction_key(x, a, sizeof(a)) ? a : x, mx_reaction_key(y, b, sizeof(b)) ? b : y) == 0;
+}
+
+/* The key of reaction ev, or NULL. */
+static const char *reaction_key(const json_t *ev)
+{
+	const char *type = json_string_value(json_object_get(ev, "type"));
+	const json_t *parts = json_object_get(json_object_get(ev, "content"), "parts");
+	return type && strcmp(type, "reaction") == 0 ? json_string_value(json_object_get(json_array_get(parts, 0), "body"))
+						      : NULL;
 }
 
 /* The Matrix event of the reaction row k of rows repeats (the same
- * sender's, to the same message, with the same key, in the same user's
- * room): one delivered earlier in this batch (sent) or before.  Into eid;
- * false when none is known. */
+ * sender's, to the same message, with the same key in Matrix, in the same
+ * user's room): one delivered earlier in this batch (sent) or before.
+ * Into eid; false when none is known. */
 static bool repeated_reaction(PGconn *c, const struct outbox_row *rows, size_t n, size_t k, const json_t *sent,
 			      char *eid, size_t len)
 {
+	const json_t *ev = rows[k].event;
+	const char *key = reaction_key(ev);
+	const json_t *target = json_object_get(json_object_get(ev, "content"), "in_reply_to");
+	if (!key || !json_is_string(target))
+		return false;
 	for (size_t j = 0; j < n; j++) {
+		const json_t *other = rows[j].event;
 		if (j == k || rows[j].outcome != 1 || rows[j].target_id != rows[k].target_id ||
-		    !same_reaction(rows[j].event, rows[k].event))
+		    !json_equal(json_object_get(other, "sender"), json_object_get(ev, "sender")) ||
+		    !json_equal(json_object_get(json_object_get(other, "content"), "in_reply_to"), target) ||
+		    !same_key(reaction_key(other), key))
 			continue;
 		size_t i;
 		json_t *s;
@@ -1580,21 +1587,24 @@ static bool repeated_reaction(PGconn *c, const struct outbox_row *rows, size_t n
 			}
 		}
 	}
-	char ev[24], tg[24];
-	snprintf(ev, sizeof(ev), "%lld", (long long)rows[k].event_id);
+	char id[24], tg[24];
+	snprintf(id, sizeof(id), "%lld", (long long)rows[k].event_id);
 	snprintf(tg, sizeof(tg), "%lld", (long long)rows[k].target_id);
-	const char *p[] = { ev, tg };
+	const char *p[] = { id, tg };
 	PGresult *r = PQexecParams(c,
-		"SELECT o.remote_id FROM events r JOIN events x ON x.in_reply_to_id = r.in_reply_to_id "
-		" AND x.sender_id = r.sender_id AND x.type = 'reaction' AND x.id <> r.id "
-		" AND x.content->'content'->'parts'->0->'body' = r.content->'content'->'parts'->0->'body' "
+		"SELECT o.remote_id, x.content->'content'->'parts'->0->>'body' FROM events r "
+		"JOIN events x ON x.in_reply_to_id = r.in_reply_to_id AND x.sender_id = r.sender_id "
+		" AND x.type = 'reaction' AND x.id <> r.id "
 		"JOIN outbox o ON o.event_id = x.id AND o.destination = 'matrix' AND o.target_identity_id = $2::bigint "
 		" AND o.remote_id IS NOT NULL "
-		"WHERE r.id = $1::bigint ORDER BY o.id DESC LIMIT 1",
+		"WHERE r.id = $1::bigint ORDER BY o.id DESC LIMIT 100",
 		2, NULL, p, NULL, NULL, 0);
-	bool found = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1 && strlen(PQgetvalue(r, 0, 0)) < len;
-	if (found)
-		snprintf(eid, len, "%s", PQgetvalue(r, 0, 0));
+	bool found = false;
+	for (int i = 0; PQresultStatus(r) == PGRES_TUPLES_OK && i < PQntuples(r) && !found; i++) {
+		found = same_key(PQgetvalue(r, i, 1), key) && strlen(PQgetvalue(r, i, 0)) < len;
+		if (found)
+			snprintf(eid, len, "%s", PQgetvalue(r, i, 0));
+	}
 	PQclear(r);
 	return found;
 }

@@ -1794,6 +1794,83 @@ static bool out_edit(const json_t *content, mx_lookup_fn to_native, void *ctx, c
 	return true;
 }
 
+/* The characters that are an emoji with U+FE0F (VS16) after them and text
+ * without (Unicode's emoji variation sequences of the characters whose
+ * default presentation is text: RGI_Emoji holds "c FE0F", not "c"), from
+ * ICU 72 (Unicode 15): later emoji are emoji by default. */
+static const unsigned vs16_ranges[][2] = {
+	{ 0x00A9, 0x00A9 }, { 0x00AE, 0x00AE }, { 0x203C, 0x203C }, { 0x2049, 0x2049 }, { 0x2122, 0x2122 },
+	{ 0x2139, 0x2139 }, { 0x2194, 0x2199 }, { 0x21A9, 0x21AA }, { 0x2328, 0x2328 }, { 0x23CF, 0x23CF },
+	{ 0x23ED, 0x23EF }, { 0x23F1, 0x23F2 }, { 0x23F8, 0x23FA }, { 0x24C2, 0x24C2 }, { 0x25AA, 0x25AB },
+	{ 0x25B6, 0x25B6 }, { 0x25C0, 0x25C0 }, { 0x25FB, 0x25FC }, { 0x2600, 0x2604 }, { 0x260E, 0x260E },
+	{ 0x2611, 0x2611 }, { 0x2618, 0x2618 }, { 0x261D, 0x261D }, { 0x2620, 0x2620 }, { 0x2622, 0x2623 },
+	{ 0x2626, 0x2626 }, { 0x262A, 0x262A }, { 0x262E, 0x262F }, { 0x2638, 0x263A }, { 0x2640, 0x2640 },
+	{ 0x2642, 0x2642 }, { 0x265F, 0x2660 }, { 0x2663, 0x2663 }, { 0x2665, 0x2666 }, { 0x2668, 0x2668 },
+	{ 0x267B, 0x267B }, { 0x267E, 0x267E }, { 0x2692, 0x2692 }, { 0x2694, 0x2697 }, { 0x2699, 0x2699 },
+	{ 0x269B, 0x269C }, { 0x26A0, 0x26A0 }, { 0x26A7, 0x26A7 }, { 0x26B0, 0x26B1 }, { 0x26C8, 0x26C8 },
+	{ 0x26CF, 0x26CF }, { 0x26D1, 0x26D1 }, { 0x26D3, 0x26D3 }, { 0x26E9, 0x26E9 }, { 0x26F0, 0x26F1 },
+	{ 0x26F4, 0x26F4 }, { 0x26F7, 0x26F9 }, { 0x2702, 0x2702 }, { 0x2708, 0x2709 }, { 0x270C, 0x270D },
+	{ 0x270F, 0x270F }, { 0x2712, 0x2712 }, { 0x2714, 0x2714 }, { 0x2716, 0x2716 }, { 0x271D, 0x271D },
+	{ 0x2721, 0x2721 }, { 0x2733, 0x2734 }, { 0x2744, 0x2744 }, { 0x2747, 0x2747 }, { 0x2763, 0x2764 },
+	{ 0x27A1, 0x27A1 }, { 0x2934, 0x2935 }, { 0x2B05, 0x2B07 }, { 0x3030, 0x3030 }, { 0x303D, 0x303D },
+	{ 0x3297, 0x3297 }, { 0x3299, 0x3299 }, { 0x1F170, 0x1F171 }, { 0x1F17E, 0x1F17F }, { 0x1F202, 0x1F202 },
+	{ 0x1F237, 0x1F237 }, { 0x1F321, 0x1F321 }, { 0x1F324, 0x1F32C }, { 0x1F336, 0x1F336 }, { 0x1F37D, 0x1F37D },
+	{ 0x1F396, 0x1F397 }, { 0x1F399, 0x1F39B }, { 0x1F39E, 0x1F39F }, { 0x1F3CB, 0x1F3CE }, { 0x1F3D4, 0x1F3DF },
+	{ 0x1F3F3, 0x1F3F3 }, { 0x1F3F5, 0x1F3F5 }, { 0x1F3F7, 0x1F3F7 }, { 0x1F43F, 0x1F43F }, { 0x1F441, 0x1F441 },
+	{ 0x1F4FD, 0x1F4FD }, { 0x1F549, 0x1F54A }, { 0x1F56F, 0x1F570 }, { 0x1F573, 0x1F579 }, { 0x1F587, 0x1F587 },
+	{ 0x1F58A, 0x1F58D }, { 0x1F590, 0x1F590 }, { 0x1F5A5, 0x1F5A5 }, { 0x1F5A8, 0x1F5A8 }, { 0x1F5B1, 0x1F5B2 },
+	{ 0x1F5BC, 0x1F5BC }, { 0x1F5C2, 0x1F5C4 }, { 0x1F5D1, 0x1F5D3 }, { 0x1F5DC, 0x1F5DE }, { 0x1F5E1, 0x1F5E1 },
+	{ 0x1F5E3, 0x1F5E3 }, { 0x1F5E8, 0x1F5E8 }, { 0x1F5EF, 0x1F5EF }, { 0x1F5F3, 0x1F5F3 }, { 0x1F5FA, 0x1F5FA },
+	{ 0x1F6CB, 0x1F6CB }, { 0x1F6CD, 0x1F6CF }, { 0x1F6E0, 0x1F6E5 }, { 0x1F6E9, 0x1F6E9 }, { 0x1F6F0, 0x1F6F0 },
+	{ 0x1F6F3, 0x1F6F3 },
+};
+
+static bool wants_vs16(unsigned c)
+{
+	size_t lo = 0, hi = CW_ARRAY_LEN(vs16_ranges);
+	while (lo < hi) {
+		size_t mid = lo + (hi - lo) / 2;
+		if (c < vs16_ranges[mid][0])
+			hi = mid;
+		else if (c > vs16_ranges[mid][1])
+			lo = mid + 1;
+		else
+			return true;
+	}
+	return false;
+}
+
+bool mx_reaction_key(const char *key, char *out, size_t size)
+{
+	const unsigned char *p = (const unsigned char *)key;
+	size_t n = strlen(key), o = 0;
+	while (n) {
+		unsigned c, next = 0;
+		size_t l = cw_utf8_seq(p, n, &c);
+		if (!l)
+			return false;
+		if (l < n)
+			cw_utf8_seq(p + l, n - l, &next);
+		/* After one of those, or before a keycap's U+20E3, unless a
+		 * selector is there already or a skin tone follows (a modifier
+		 * sequence takes none: "\u261D\U0001F3FD"). */
+		bool keycap = next == 0x20E3 && ((c >= '0' && c <= '9') || c == '#' || c == '*');
+		bool add = (wants_vs16(c) || keycap) && next != 0xFE0E && next != 0xFE0F && !(next >= 0x1F3FB && next <= 0x1F3FF);
+		if (o + l + (add ? 3 : 0) >= size)
+			return false;
+		memcpy(out + o, p, l);
+		o += l;
+		if (add) {
+			memcpy(out + o, "\xEF\xB8\x8F", 3);
+			o += 3;
+		}
+		p += l;
+		n -= l;
+	}
+	out[o] = '\0';
+	return true;
+}
+
 static bool out_reaction(const json_t *content, mx_lookup_fn to_native, void *ctx, const char *marker_key,
 			 const char *marker_value, struct mx_out *out, char *why, size_t whylen)
 {
@@ -1804,8 +1881,11 @@ static bool out_reaction(const json_t *content, mx_lookup_fn to_native, void *ct
 	char target[MX_ID_MAX + 1];
 	if (!lookup_event(to_native, ctx, target_msg, target, sizeof(target)))
 		return none(out, why, whylen, "a reaction to a message that is not in Matrix");
+	/* As Matrix clients send an emoji ("\u2764\uFE0F"): a peer's "\u2764"
+	 * would be a reaction of its own beside theirs, shown as text. */
+	char emoji[MX_REACTION_KEY_MAX];
 	json_t *c = json_pack("{s:{s:s, s:s, s:s}}", "m.relates_to", "rel_type", "m.annotation", "event_id", target,
-			      "key", key);
+			      "key", mx_reaction_key(key, emoji, sizeof(emoji)) ? emoji : key);
 	if (!c)
 		return fail(out, why, whylen, MX_WHY_NOMEM);
 	finish_send(out, "m.reaction", c, marker_key, marker_value);

@@ -100,17 +100,18 @@
  *             A single mxc:// attachment (the file the new version
  *             keeps) makes both contents a media message's, as for a
  *             message, the text the caption (else the file's name).
- *   reaction  m.reaction {m.relates_to: {m.annotation, target, key: body}};
- *             unknown target: MX_OP_NONE.
+ *   reaction  m.reaction {m.relates_to: {m.annotation, target, key: body
+ *             with the emoji variation selectors Matrix clients send,
+ *             mx_reaction_key}}; unknown target: MX_OP_NONE.
  *   delete    MX_OP_REDACT of the target (content {}); unknown: MX_OP_NONE.
  *   receipt   "read": MX_OP_RECEIPT (m.read) on the target; "delivered"
  *             (Matrix has none) and unknown targets: MX_OP_NONE.
  *   typing    MX_OP_TYPING, typing = state == "start".
  *   membership, block: MX_OP_NONE (rooms are managed by the adapter).
  *
- * Every send (m.room.message, m.reaction) carries "m.mentions": {} (a peer
- * never pings anyone by accident) and marker_key: marker_value when
- * marker_key is not NULL.  No other member of the neutral content is
+ * Every m.room.message carries "m.mentions": {} (a peer never pings anyone
+ * by accident; a reaction has no text to ping by), and every send
+ * marker_key: marker_value when marker_key is not NULL.  No other member of the neutral content is
  * copied into the Matrix content (until the thirtieth session namespaced
  * ones were, but a blocklist's: clients act on members of namespaces of
  * their own, such as com.beeper.per_message_profile, which shows another
@@ -211,6 +212,18 @@ struct mx_out {
  * MX_WHY_NOMEM); true with MX_OP_NONE when there is nothing to send. */
 bool mx_from_neutral(const json_t *neutral, mx_lookup_fn to_native, void *ctx, const char *marker_key,
 		     const char *marker_value, struct mx_out *out, char *why, size_t whylen);
+/* A reaction's key as Matrix clients send it (mx_from_neutral sends no
+ * other): each character that is an emoji only with U+FE0F after it
+ * ("\u2764" a heart as text, "\u2764\uFE0F" the emoji; Unicode's emoji
+ * variation sequences) gets one, and so does a keycap ("1\u20E3"), unless
+ * it has a variation selector or a skin tone after it.  Matrix counts
+ * reactions by their exact key: without it a peer's heart would be one
+ * of its own beside the Matrix users'.  Into out (size bytes; at most
+ * MX_REACTION_KEY_MAX for a neutral reaction); false when key is not
+ * UTF-8 or the result does not fit. */
+#define MX_REACTION_KEY_MAX (4 * 64 + 1)
+bool mx_reaction_key(const char *key, char *out, size_t size);
+
 /* Releases out->content and clears out; safe on a cleared struct. */
 void mx_out_clear(struct mx_out *o);
 

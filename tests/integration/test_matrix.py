@@ -4638,8 +4638,9 @@ def test_a_reaction_the_homeserver_has_already_holds_nothing_back(mx, hs, gk, pg
     thumb = {"type": "reaction", "sender": wally, "content": {
         "in_reply_to": m1, "disposition": "reaction", "parts": [{"type": "text/plain", "body": "\U0001f44d"}]}}
 
-    def react(idem):
-        r = a.call("POST", f"/v1/rooms/{room}/messages", thumb, idem=idem)
+    def react(idem, key="\U0001f44d"):
+        r = a.call("POST", f"/v1/rooms/{room}/messages", dict(thumb, content=dict(
+            thumb["content"], parts=[{"type": "text/plain", "body": key}])), idem=idem)
         assert r.status_code == 202, r.text
         return r.json()["id"]
 
@@ -4672,10 +4673,13 @@ def test_a_reaction_the_homeserver_has_already_holds_nothing_back(mx, hs, gk, pg
                                                       "content": {"replaces": again}}, idem="unthumb-2")
     assert d.status_code == 202, d.text
     wait_until(lambda: not shown(), what="the reaction taken away")
-    # Once more, the first reaction in Matrix, the repeat in a later batch.
-    third = react("thumb-3")
-    wait_until(lambda: len(shown()) == 1, what="the reaction again")
-    fourth = react("thumb-4")
+    # Once more, the first reaction in Matrix, the repeat in a later batch;
+    # a heart as text, then as the emoji: one key in Matrix, the emoji's
+    # (as Matrix clients send it: mx_reaction_key).
+    third = react("heart-1", "\u2764")
+    wait_until(lambda: len(shown()) == 1, what="the heart")
+    assert shown()[0]["content"]["m.relates_to"]["key"] == "\u2764\ufe0f"
+    fourth = react("heart-2", "\u2764\ufe0f")
     told("after the repeat")
     assert len(shown()) == 1
     assert pg.psql(remote.format(fourth), db_url) == pg.psql(remote.format(third), db_url) == shown()[0]["event_id"]
