@@ -1213,30 +1213,44 @@ static enum mx_in_result from_member(const json_t *ev, const json_t *content, js
 	return MX_IN_OK;
 }
 
-/* An event type without a mapping of its own that carries a text
- * fallback (extensible events, MSC1767: an m.text array of {body,
- * mimetype}, the unstable org.matrix.msc1767.text string, or a plain
- * body): a message of that text, so that a poll (m.poll.start, or
- * Element's org.matrix.msc3381.poll.start) or a poll's end is not
- * dropped in silence.  Without such a text: IGNORE. */
-static enum mx_in_result from_fallback(const json_t *content, json_int_t ts, json_t **out, char *why, size_t whylen)
+/* The text fallback of extensible events content c (MSC1767): an m.text
+ * array's text/plain body, the unstable org.matrix.msc1767.text string,
+ * or a plain body; NULL when there is none. */
+static const char *fallback_text(const json_t *c)
 {
-	const char *text = NULL;
 	const json_t *b;
 	size_t i;
-	json_array_foreach(json_object_get(content, "m.text"), i, b) {
+	json_array_foreach(json_object_get(c, "m.text"), i, b) {
 		const char *mt = str_member(b, "mimetype");
-		if (str_member(b, "body") && (!mt || strcmp(mt, "text/plain") == 0)) {
-			text = str_member(b, "body");
-			break;
-		}
+		if (str_member(b, "body") && (!mt || strcmp(mt, "text/plain") == 0))
+			return str_member(b, "body");
 	}
-	if (!text)
-		text = str_member(content, "org.matrix.msc1767.text");
-	if (!text)
-		text = str_member(content, "body");
+	const char *text = str_member(c, "org.matrix.msc1767.text");
+	return text ? text : str_member(c, "body");
+}
+
+/* An event type without a mapping of its own that carries a text
+ * fallback (fallback_text): a message of that text, so that a poll
+ * (m.poll.start, or Element's org.matrix.msc3381.poll.start) or a poll's
+ * end is not dropped in silence.  An edit of one (m.replace: Element edits
+ * a poll with an event of the poll's type holding m.new_content and the
+ * relation alone) is an edit of the text of its m.new_content (until the
+ * forty-sixth session it had no text of its own and was dropped in
+ * silence).  Without such a text: IGNORE. */
+static enum mx_in_result from_fallback(const json_t *content, json_int_t ts, mx_lookup_fn to_msg, void *ctx,
+				       json_t **out, char *why, size_t whylen)
+{
+	struct rel r;
+	bool edit = parse_rel(content, &r, NULL, 0) == MX_IN_OK && r.rel_type && strcmp(r.rel_type, "m.replace") == 0 &&
+		    json_is_object(json_object_get(content, "m.new_content"));
+	const char *text = fallback_text(edit ? json_object_get(content, "m.new_content") : content);
 	if (!text || !*text) {
 		say(why, whylen, "events of this type are not carried");
+		return MX_IN_IGNORE;
+	}
+	char target[EVENT_OPAQUE_ID_MAX + 8];
+	if (edit && !lookup_msg(to_msg, ctx, r.event_id, target, sizeof(target))) {
+		say(why, whylen, "an edit of a message the gateway does not know");
 		return MX_IN_IGNORE;
 	}
 	json_t *plain = json_pack("{s:s, s:s}", "msgtype", "m.text", "body", text);
@@ -1248,7 +1262,9 @@ static enum mx_in_result from_fallback(const json_t *content, json_int_t ts, jso
 		json_decref(nc);
 		return res;
 	}
-	*out = neutral_event("message", ts, nc);
+	if (edit)
+		json_object_set_new(nc, "replaces", json_string(target));
+	*out = neutral_event(edit ? "edit" : "message", ts, nc);
 	return MX_IN_OK;
 }
 
@@ -1331,7 +1347,7 @@ enum mx_in_result mx_to_neutral(const json_t *ev, mx_lookup_fn to_msg, void *ctx
 		res = from_reaction(content, ts, to_msg, ctx, out, why, whylen);
 	} else if (strcmp(type, "m.room.redaction") == 0) {
 		res = from_redaction(ev, ts, to_msg, ctx, out, why, whylen);
-	} else if ((res = from_fallback(content, ts, out, why, whylen)) == MX_IN_IGNORE) {
+	} else if ((res = from_fallback(content, ts, to_msg, ctx, out, why, whylen)) == MX_IN_IGNORE) {
 		return res;
 	}
 	if (res == MX_IN_OK && !*out) {

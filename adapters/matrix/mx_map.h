@@ -66,8 +66,9 @@
  *                             the gateway cannot read it.
  *   other event types with a  message of that text (a poll, m.poll.start
  *   text fallback: m.text     or org.matrix.msc3381.poll.start, and its
- *   [{body}], org.matrix.     end carry one), never dropped in silence
- *   msc1767.text, or body
+ *   [{body}], org.matrix.     end carry one), never dropped in silence;
+ *   msc1767.text, or body     with m.replace, an edit of m.new_content's
+ *                             text (unknown target: IGNORE)
  *   other state events (state_key present), other event types, redacted
  *   events (unsigned.redacted_because)
  *                             IGNORE.

@@ -4217,6 +4217,21 @@ def test_a_poll_reaches_the_peer_as_its_text_fallback(mx, hs, gk, pg, db_url):
     assert [e["content"]["parts"][0]["body"] for e in got[1:]] == ["Where?\n1. Pizza\n2. Sushi", "When?\n1. Noon"]
     time.sleep(1)
     assert len(srv.events) == 3
+    # Element edits a poll with an event of its type holding m.new_content
+    # and the relation alone: an edit of the poll's text (until the
+    # forty-sixth session, having no text of its own, it was dropped in
+    # silence and the peer kept the old question).
+    [first] = [e["event_id"] for e in hs.events(mx_room) if e["type"] == "org.matrix.msc3381.poll.start"]
+    alice.send(mx_room, "org.matrix.msc3381.poll.start", {
+        "m.new_content": {"org.matrix.msc3381.poll.start": {
+            "kind": "org.matrix.msc3381.poll.disclosed", "max_selections": 1,
+            "question": {"org.matrix.msc1767.text": "Where, then?"},
+            "answers": [{"id": "p", "org.matrix.msc1767.text": "Pizza"}]},
+            "org.matrix.msc1767.text": "Where, then?\n1. Pizza"},
+        "m.relates_to": {"rel_type": "m.replace", "event_id": first}})
+    edit = srv.wait_events(4)[3]
+    assert edit["type"] == "edit" and edit["content"]["replaces"] == got[1]["id"], edit
+    assert edit["content"]["parts"] == [{"type": "text/plain", "body": "Where, then?\n1. Pizza"}]
 
 
 def test_typing_and_read_receipts_reach_the_peer(mx, hs, gk, pg, db_url):
