@@ -1107,6 +1107,60 @@ static void note_sent(json_t *sent, const struct outbox_row *row, const char *ei
 					      json_string_value(json_object_get(row->event, "id"))));
 }
 
+/* Remembers eid, the event of a file of row's message sent before the
+ * row's own event (media_parts), so that a delete of the message redacts
+ * it too (redact_parts): event_native_ids of kind 'part', its native id
+ * "<outbox id>/<event id>" (the row says whose room it is in; the
+ * message has one row, and such events, per user).  A failure is logged:
+ * the message went, its delete will miss that file. */
+static void note_part(PGconn *c, const struct outbox_row *row, const char *eid)
+{
+	char ev[24], id[MX_ID_MAX + 32];
+	snprintf(ev, sizeof(ev), "%lld", (long long)row->event_id);
+	snprintf(id, sizeof(id), "%lld/%s", (long long)row->id, eid);
+	const char *p[] = { ev, id };
+	cw_errmsg e;
+	if (store_command(c, "INSERT INTO event_native_ids (event_id, network, kind, native_id) "
+			     "VALUES ($1::bigint, 'matrix', 'part', $2) ON CONFLICT DO NOTHING", 2, p, &e))
+		LOG_KV(CW_LOG_WARN, "cannot record the Matrix event of a file", "detail", e.msg);
+}
+
+/* A delete row's redactions of the files its message sent before its own
+ * event (note_part), in the row's room, as actor (NULL: the bot): the
+ * row's own redaction takes the last file and the text; until the
+ * forty-sixth session the others stayed.  txnId cw-<row>-p<k>, the same
+ * at each try. */
+static cw_err redact_parts(struct matrix *m, PGconn *c, const struct outbox_row *row, const char *rs,
+			   const char *actor, cw_errmsg *e)
+{
+	const char *msg = json_string_value(json_object_get(json_object_get(row->event, "content"), "replaces"));
+	if (!msg)
+		return CW_OK;
+	char tg[24];
+	snprintf(tg, sizeof(tg), "%lld", (long long)row->target_id);
+	const char *p[] = { msg, tg };
+	PGresult *r = PQexecParams(c,
+		"SELECT substr(n.native_id, length(o.id::text) + 2) FROM events x "
+		"JOIN outbox o ON o.event_id = x.id AND o.destination = 'matrix' AND o.target_identity_id = $2::bigint "
+		"JOIN event_native_ids n ON n.event_id = x.id AND n.network = 'matrix' AND n.kind = 'part' "
+		" AND starts_with(n.native_id, o.id::text || '/') "
+		"WHERE x.public_id = $1 ORDER BY n.native_id",
+		2, NULL, p, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e); /* clears r on failure */
+	if (rc)
+		return rc;
+	for (int i = 0; !rc && i < PQntuples(r); i++) {
+		char *tgt = seg(m, PQgetvalue(r, i, 0)), path[1400];
+		snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/redact/%s/cw-%lld-p%d", rs, tgt ? tgt : "",
+			 (long long)row->id, i);
+		curl_free(tgt);
+		long status;
+		rc = mx_call(m, "PUT", path, actor, NULL, json_object(), &status, NULL, e);
+	}
+	PQclear(r);
+	return rc;
+}
+
 /* The row's attachments, re-hosted: each https:// file is fetched and
  * uploaded (mx_rehost), one that cannot be carried becomes a line saying
  * why, and so does a peer's mxc:// (signer: the sender's peer's domain,
@@ -1175,8 +1229,10 @@ static cw_err media_parts(struct matrix *m, PGconn *c, struct outbox_row *row, c
 	cw_err rc = rs ? CW_OK : cw_fail(e, CW_ENOMEM, "out of memory");
 	for (size_t k = first; !rc && k + 1 < n; k++) {
 		char eid[MX_ID_MAX + 1];
-		if (row->attempts > 1 && already_sent(m, room, ghost, row->id, (int)k, eid, sizeof(eid)))
+		if (row->attempts > 1 && already_sent(m, room, ghost, row->id, (int)k, eid, sizeof(eid))) {
+			note_part(c, row, eid);
 			continue;
+		}
 		json_t *one = json_pack("{s:s, s:{s:[O]}}", "type", "message", "content", "attachments",
 					json_array_get(list, k));
 		struct mx_out o;
@@ -1196,8 +1252,13 @@ static cw_err media_parts(struct matrix *m, PGconn *c, struct outbox_row *row, c
 				 (long long)row->id, k);
 			snprintf(query, sizeof(query), "ts=%s", ts);
 			long status;
-			rc = mx_call(m, "PUT", path, ghost, query, json_incref(o.content), &status, NULL, e);
+			json_t *answer = NULL;
+			rc = mx_call(m, "PUT", path, ghost, query, json_incref(o.content), &status, &answer, e);
 			*never = rc && status == 413; /* as for the row's own event (matrix_deliver) */
+			const char *sent_id = json_string_value(json_object_get(answer, "event_id"));
+			if (!rc && sent_id && mx_event_id_valid(sent_id))
+				note_part(c, row, sent_id);
+			json_decref(answer);
 		}
 		mx_out_clear(&o);
 		json_decref(one);
@@ -1510,6 +1571,8 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 		break;
 	}
 	case MX_OP_REDACT: {
+		if ((rc = redact_parts(m, c, row, rs ? rs : "", actor, e)))
+			break;
 		char *tg = seg(m, out.target);
 		snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/redact/%s/%s", rs ? rs : "", tg ? tg : "", txn);
 		curl_free(tg);

@@ -1096,6 +1096,50 @@ def test_several_files_go_as_several_events_in_order_and_once(mx, hs, gk, media)
     assert "org.causeway.part" not in last and last["filename"] == "dog.png"
 
 
+def test_a_delete_of_a_message_with_several_files_takes_every_file_away(mx, hs, gk, media, pg, db_url):
+    """wally sends two files and a caption, the first as an event of its
+    own (a Matrix event holds one file), then deletes the message: the
+    ghost redacts both events, the file before the last too, once each,
+    also when the delete is tried again.  Until the forty-sixth session
+    only the row's own event (the last file) was redacted, and the first
+    file stayed in the room after the sender took the message back."""
+    a, _ = gk
+    consent_alice(mx)
+    hs.create_user("alice")
+    room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+    cat, dog = os.urandom(1500), os.urandom(1700)
+    atts = [attachment(media.put("/f/cat.png", "image/png", cat), cat),
+            attachment(media.put("/f/dog.png", "image/png", dog), dog, name="dog.png")]
+    r = a.call("POST", f"/v1/rooms/{room}/messages",
+               {"type": "message", "sender": a.user("wally"),
+                "content": {"parts": [{"type": "text/plain", "body": "two"}], "attachments": atts}}, idem="two")
+    assert r.status_code == 202, r.text
+    first, last = ghost_messages(hs, 2)
+    mx_room = first["room_id"]
+    failed = []
+
+    def refuse(method, path, user):  # the delete's own redaction fails once, after the first file's went
+        if method == "PUT" and re.search(r"/redact/.*/cw-\d+$", path) and not failed:
+            failed.append(path)
+            return True
+        return False
+    hs.refuse = refuse
+    d = a.call("POST", f"/v1/rooms/{room}/messages", {"type": "delete", "sender": a.user("wally"),
+                                                      "content": {"replaces": r.json()["id"]}}, idem="two-del")
+    assert d.status_code == 202, d.text
+
+    def redactions():
+        return [e for e in hs.events(mx_room) if e["type"] == "m.room.redaction"]
+    wait_until(lambda: len(redactions()) >= 2 and failed, what="both files redacted")
+    wait_until(lambda: pg.psql("SELECT o.state FROM outbox o JOIN events e ON e.id = o.event_id "
+                               f"WHERE e.public_id = '{d.json()['id']}'", db_url) == "delivered", what="the delete")
+    reds = redactions()
+    assert sorted(e.get("redacts", e["content"].get("redacts")) for e in reds) == \
+        sorted([first["event_id"], last["event_id"]]), reds
+    assert all(e["sender"] == GHOST for e in reds)
+    assert hs.event(first["event_id"])["content"] == {} and hs.event(last["event_id"])["content"] == {}
+
+
 def test_a_pull_peer_is_offered_the_file_too(mx, hs, pg, db_url):
     """The same offer when the peer pulls (GET /v1/events), for that peer."""
     a = PeerClient(mx.url, "gk", "wa.example")
