@@ -6967,6 +6967,10 @@ def test_a_peers_edit_or_delete_right_behind_its_message_reaches_matrix_after_it
     mine = lambda: [e for e in hs.events(mx_room) if e["sender"] == ghost and  # noqa: E731
                     e["type"] in ("m.room.message", "m.room.redaction")]
     wait_until(lambda: len(mine()) >= want + 1, timeout=90, what="everything at the homeserver")  # + "hello"
+    # the Matrix event ids are recorded once a delivery batch is done,
+    # after its last event reached the homeserver
+    wait_until(lambda: pg.psql("SELECT count(*) FROM outbox WHERE destination = 'matrix' "
+                               "AND state IN ('pending', 'in_flight', 'failed')", db_url) == "0", what="the ids recorded")
     timeline = mine()
     assert len(timeline) == want + 1, (len(timeline), want)
     pos = {e["event_id"]: i for i, e in enumerate(timeline)}
