@@ -1034,6 +1034,16 @@ static enum mx_in_result from_message(const json_t *content, bool sticker, json_
 			return MX_IN_IGNORE;
 		}
 		res = text_parts(newc, nt ? json_string_value(nt) : msgtype, false, false, false, nc, why, whylen);
+		if (res == MX_IN_OK && !json_object_get(nc, "parts")) {
+			/* A file whose caption was taken away (Element X's "remove
+			 * caption"): a neutral edit needs a text, and one made up
+			 * would be a caption the user did not write.  Until the
+			 * forty-sixth session such an edit failed later, at the
+			 * event's check, and its writer was told in its words. */
+			say(why, whylen, "taking a file's caption away has no form on the other side, which still "
+					 "shows the old caption (write a new caption, or delete the message)");
+			res = MX_IN_INVALID;
+		}
 		if (res != MX_IN_OK) {
 			json_decref(nc);
 			return res;
