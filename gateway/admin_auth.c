@@ -168,6 +168,29 @@ struct admin_principal *admin_tokens_check(struct admin_tokens *t, const char *t
 	return p;
 }
 
+cw_err admin_tokens_in_force(struct admin_tokens *t, PGconn *c, const struct admin_principal *p, bool *ok,
+			     cw_errmsg *e)
+{
+	*ok = true;
+	if (!p || p->id <= 0)
+		return CW_OK;
+	char id[24];
+	snprintf(id, sizeof(id), "%lld", (long long)p->id);
+	const char *params[] = { id };
+	/* KEY SHARE: not held up by the last_used_at writes (no key
+	 * changes), waited for by a revocation (FOR UPDATE). */
+	PGresult *r = PQexecParams(c, "SELECT 1 FROM admin_tokens WHERE id = $1::bigint AND revoked_at IS NULL "
+				      "FOR KEY SHARE", 1, NULL, params, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	*ok = PQntuples(r) == 1;
+	PQclear(r);
+	if (!*ok) /* revoked, and committed: names are never taken again */
+		admin_tokens_forget(t, p->name);
+	return CW_OK;
+}
+
 const char *admin_actor(const struct cw_req *req)
 {
 	const struct admin_principal *p = cw_req_principal(req);
@@ -423,8 +446,13 @@ void admin_tokens_revoke(struct cw_req *req, void *ctx)
 	 * revoked_at, with no audit record nor NOTIFY (until the thirtieth
 	 * session each repeat was audited again and made every process
 	 * reload). */
-	struct tok_job *q = tok_new("UPDATE admin_tokens SET revoked_at = now() "
-				    "WHERE name = $1 AND revoked_at IS NULL RETURNING " TOKEN_JSON "::text");
+	/* FOR UPDATE: the revocation waits for the changes of the token
+	 * under way (admin_tokens_in_force's KEY SHARE), and those that come
+	 * after find it revoked; the UPDATE's own lock would not. */
+	struct tok_job *q = tok_new("WITH l AS (SELECT id AS tid FROM admin_tokens WHERE name = $1 "
+				    "AND revoked_at IS NULL FOR UPDATE) "
+				    "UPDATE admin_tokens SET revoked_at = now() FROM l WHERE id = l.tid "
+				    "RETURNING " TOKEN_JSON "::text");
 	if (q) {
 		q->same_sql = "SELECT " TOKEN_JSON "::text FROM admin_tokens WHERE name = $1";
 		snprintf(q->buf[0], sizeof(q->buf[0]), "%s", name);

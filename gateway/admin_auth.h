@@ -47,6 +47,15 @@ bool admin_tokens_any(struct admin_tokens *t);
  * last_used_at is due for an update (at most once a minute), else 0. */
 struct admin_principal *admin_tokens_check(struct admin_tokens *t, const char *token, int64_t *touch_id);
 
+/* Whether the named token of p (the configured one has no row: always) is
+ * still unrevoked, asked of its row in the transaction of a change (c),
+ * whose lock (FOR KEY SHARE) a revocation's (FOR UPDATE) waits for: a
+ * token revoked by any process changes nothing from the revocation's
+ * commit on, though this process still holds it until its next reload
+ * (dropped at once when found revoked). */
+cw_err admin_tokens_in_force(struct admin_tokens *t, PGconn *c, const struct admin_principal *p, bool *ok,
+			     cw_errmsg *e);
+
 /* The actor of an admin request ("admin:<name>"), for the audit log. */
 const char *admin_actor(const struct cw_req *req);
 

@@ -775,7 +775,11 @@ static cw_err job_run(PGconn *c, void *arg, cw_errmsg *e)
  * every daemon process first (peer_nonce_claim), so that a request
  * replayed to another process behind a load balancer changes nothing.
  * (Messages and batches are pipelined, not run here: their idempotency
- * keys make a replay harmless.) */
+ * keys make a replay harmless.)  An operator's: its token is asked of
+ * the table first (admin_tokens_in_force), so that one revoked by another
+ * process changes nothing here while this one still holds it (until the
+ * forty-sixth session it did until this process's next reload, which a
+ * lock or a long sweep can hold up: a leaked token minted a new one). */
 static cw_err job_write(PGconn *c, void *arg, cw_errmsg *e)
 {
 	struct app_job *j = arg;
@@ -788,6 +792,17 @@ static cw_err job_write(PGconn *c, void *arg, cw_errmsg *e)
 		if (!fresh) {
 			job_reset(j);
 			app_job_fail(j, 401, "bad_signature", "%s", PEER_NONCE_REPLAYED);
+			return CW_OK;
+		}
+	}
+	if (j->req && cw_req_auth(j->req) == CW_AUTH_ADMIN) {
+		bool in_force;
+		cw_err rc = admin_tokens_in_force(j->app->admins, c, cw_req_principal(j->req), &in_force, e);
+		if (rc)
+			return rc;
+		if (!in_force) {
+			job_reset(j);
+			app_job_fail(j, 401, "unauthenticated", "this admin token has been revoked; nothing was changed");
 			return CW_OK;
 		}
 	}

@@ -241,6 +241,68 @@ def test_a_revocation_reaches_every_process(make_daemon, db_url):
                what="the revocation on the second process")
 
 
+def test_a_token_revoked_elsewhere_changes_nothing_where_it_is_still_held(make_daemon, pg, db_url):
+    """Each process holds the tokens in memory and drops a revoked one on
+    its next reload, which may wait: here a lock on the rules table (a
+    migration, a long transaction) holds every reload up.  Until the
+    forty-sixth session the process that had not reloaded yet carried out
+    the revoked token's changes all that time (a leaked token minted a new
+    one); each change now asks the token's row in its own transaction, and
+    is 401 from the revocation's commit on, nothing stored or audited.  A
+    read may still pass until that process's reload (docs/admin-api.md)."""
+    a = make_daemon(db_url).start()
+    b = make_daemon(db_url).start()
+    token = make_token(a, "leaked", "admin")["token"]
+    wait_until(lambda: call(b, "GET", "/admin/v1/whoami", token).status_code == 200,
+               what="the new token on the second process")
+    locker = HeldSession(db_url)
+    try:
+        locker.run("BEGIN; LOCK TABLE rules IN ACCESS EXCLUSIVE MODE;")
+        assert a.admin("POST", "/tokens/leaked/revoke").status_code == 200
+        assert call(a, "GET", "/admin/v1/whoami", token).status_code == 401
+        # b has not reloaded: its memory still holds the token, for reads
+        assert call(b, "GET", "/admin/v1/whoami", token).status_code == 200
+        facts = "SELECT (SELECT count(*) FROM admin_tokens) || ' ' || (SELECT count(*) FROM audit_log) || ' ' || " \
+                "(SELECT count(*) FROM settings WHERE key = 'policy.held_expiry_seconds')"
+        before = pg.psql(facts, db_url)
+        for method, path, body in (("POST", "/admin/v1/tokens", {"name": "persist", "role": "admin"}),
+                                   ("PATCH", "/admin/v1/settings", {"policy.held_expiry_seconds": 600}),
+                                   ("POST", "/admin/v1/reports", {"subject": "mimi://wa.example/u/x",
+                                                                  "reason": "spam"})):
+            r = call(b, method, path, token, json=body)
+            assert r.status_code == 401 and r.json()["code"] == "unauthenticated", (path, r.status_code, r.text)
+            assert r.headers["WWW-Authenticate"] == "Bearer"
+        assert pg.psql(facts, db_url) == before
+        # the configured token's changes go on
+        assert call(b, "POST", "/admin/v1/tokens", ADMIN_TOKEN, json={"name": "fresh"}).status_code == 201
+    finally:
+        locker.end()
+    wait_until(lambda: call(b, "GET", "/admin/v1/whoami", token).status_code == 401,
+               what="the revocation on the second process")
+
+
+def test_a_revocation_waits_for_the_change_of_the_token_under_way(daemon, pg, db_url):
+    """A change asks its token's row with FOR KEY SHARE (here a session of
+    its own stands for a change still open); a revocation takes the row FOR
+    UPDATE, so it commits after that change, never between its check and
+    its commit (an UPDATE's own lock does not wait for KEY SHARE)."""
+    make_token(daemon, "busy", "admin")
+    change = HeldSession(db_url)
+    answers = []
+    try:
+        change.run("BEGIN; SELECT 1 FROM admin_tokens WHERE name = 'busy' AND revoked_at IS NULL FOR KEY SHARE;")
+        revoke = threading.Thread(target=lambda: answers.append(daemon.admin("POST", "/tokens/busy/revoke")))
+        revoke.start()
+        time.sleep(1)
+        assert not answers
+        assert pg.psql("SELECT revoked_at IS NULL FROM admin_tokens WHERE name = 'busy'", db_url) == "t"
+    finally:
+        change.end()
+    revoke.join(10)
+    assert answers and answers[0].status_code == 200, answers
+    assert answers[0].json()["revoked_at"] is not None
+
+
 def reload_failures(d):
     for line in d.get("/metrics").text.splitlines():
         if line.startswith("causeway_policy_reload_failures_total "):
