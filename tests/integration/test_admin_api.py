@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from harness import ADMIN_TOKEN, TOP_SRCDIR, HeldSession, wait_until
+from harness import ADMIN_TOKEN, TOP_SRCDIR, HeldSession, free_port, wait_until
 from peer import push_peers
 from test_peer_auth import read_answer, send_head
 from test_openapi import check_schema, concurrent_change_faults, deref, operations, query_400_faults, resolve, route_table, too_large_answers, \
@@ -1263,6 +1263,42 @@ def test_a_consent_about_this_providers_own_user_or_domain_is_refused(make_daemo
     assert r.status_code == 200, r.text
     assert pg.psql("SELECT string_agg(subject, ',' ORDER BY subject) FROM consents", db_url) == \
         "mimi://wa.example/u/wally,sub.example.org,wa.example"
+
+
+def test_a_reports_reporter_is_taken_as_an_opt_ins_user(make_daemon, pg, db_url):
+    """POST /reports's reporter is a local user as POST /optins takes one:
+    on a deployment whose only local network is XMPP her localpart is
+    folded (Alice is alice: one reporter toward the automatic limit's
+    threshold, as her own report through her client is), with Matrix the
+    bot's and the ghosts' names are refused and nothing is stored.  Until
+    the forty-sixth session the reporter was stored as typed: "Alice" and
+    "alice" were two reporters, and a ghost a local user."""
+    x = make_daemon(db_url, options={"xmpp": {"components": "gk.xmpp.example.org=gk", "secret": "s",
+                                              "server_port": str(free_port()),
+                                              "domain": "xmpp.example.org"}}).start()
+    subject = "mimi://wa.example/u/spammer"
+    counts = []
+    for who in ("mimi://example.org/u/Alice", "mimi://example.org/u/alice", "mimi://example.org/u/ALICE"):
+        r = x.admin("POST", "/reports", json={"reporter": who, "subject": subject, "reason": "spam"})
+        assert r.status_code == 201, (who, r.text)
+        counts.append((r.json()["reports_in_window"], r.json()["reporters_in_window"]))
+    assert counts == [(1, 1), (2, 1), (3, 1)], counts
+    assert pg.psql("SELECT string_agg(DISTINCT reporter, ',') FROM reports", db_url) == "mimi://example.org/u/alice"
+    x.stop()
+    mx_db = pg.new_database("t_reporter_matrix")
+    m = make_daemon(mx_db, options={"matrix": {"homeserver_url": "http://127.0.0.1:9", "as_token": "as-x",
+                                               "hs_token": "hs-x"}}).start()
+    facts = "SELECT (SELECT count(*) FROM reports) || ' ' || (SELECT count(*) FROM audit_log)"
+    before = pg.psql(facts, mx_db)
+    for who in ("mimi://example.org/u/_cw_bot", "mimi://example.org/u/_cw_gk_wally"):
+        r = m.admin("POST", "/reports", json={"reporter": who, "subject": subject, "reason": "spam"})
+        assert r.status_code == 400 and r.json()["code"] == "invalid_body", (who, r.text)
+        assert "namespace of the gateway's own bot and ghosts" in r.json()["detail"], r.text
+    assert pg.psql(facts, mx_db) == before
+    r = m.admin("POST", "/reports", json={"reporter": "mimi://example.org/u/Alice", "subject": subject,
+                                          "reason": "spam"})
+    assert r.status_code == 201, r.text  # Matrix localparts are not folded
+    assert pg.psql("SELECT reporter FROM reports", mx_db) == "mimi://example.org/u/Alice"
 
 
 def test_a_full_page_says_where_to_go_on_even_when_nothing_follows(daemon):
