@@ -878,6 +878,40 @@ def test_every_request_body_is_documented_member_by_member(daemon, pg, db_url, d
         assert r.status_code in (200, 201), (method, path, r.text)
 
 
+def test_each_pattern_of_a_request_member_is_the_one_the_route_takes(daemon, doc):
+    """Where the document gives a member of a body a pattern, a value it
+    matches is taken and one it does not is 400 invalid_body.  Until the
+    forty-sixth session an evidence entry's was ^msg_ alone: msg_a.b,
+    which the document allowed, was refused."""
+    bodies = {("POST", "/admin/v1/tokens"): lambda v: ("name", {"name": v}),
+              ("POST", "/admin/v1/optins"): lambda v: ("network", {"user": "mimi://example.org/u/alice",
+                                                                   "network": v, "opted_in": True}),
+              ("POST", "/admin/v1/reports"): lambda v: ("reason", {"subject": "mimi://wa.example/u/x",
+                                                                  "reason": v})}
+    samples = {"name": ["ops", "Ops.1@x-y_z", "a" * 64, "a" * 65, "-x", "x y", ""],
+               "network": ["peer:gk", "peer:0gk", "peer:" + "a" * 32, "peer:" + "a" * 33, "peer:GK", "peer:-x",
+                           "peer:"],
+               "reason": ["spam", "a" * 64, "a" * 65, "Spam", "1spam", "sp_am", ""],
+               "evidence": ["msg_ok-1_A", "msg_" + "a" * 64, "msg_" + "a" * 65, "msg_a.b", "msg_", "r_x"]}
+    checked = []
+    for (method, path), make in bodies.items():
+        schema = deref(doc, deref(doc, doc["paths"][path][method.lower()]["requestBody"])["content"]
+                       ["application/json"]["schema"])
+        member, _ = make("x")
+        cases = [(member, schema["properties"][member]["pattern"], v, make(v)[1]) for v in samples[member]]
+        if path == "/admin/v1/reports":
+            cases += [("evidence", schema["properties"]["evidence"]["items"]["pattern"], v,
+                       {"subject": "mimi://wa.example/u/x", "reason": "spam", "evidence": [v]})
+                      for v in samples["evidence"]]
+        for member, pattern, value, body in cases:
+            r = call(daemon, method, path, ADMIN_TOKEN, json=body)
+            documented = re.search(pattern, value) is not None
+            assert r.status_code == (201 if documented and path != "/admin/v1/optins" else 200 if documented
+                                     else 400), (path, member, pattern, value, r.status_code, r.text)
+            checked.append(member)
+    assert sorted(set(checked)) == ["evidence", "name", "network", "reason"]
+
+
 def test_a_body_past_the_cap_is_a_documented_413_on_every_admin_operation(daemon, doc):
     """GET /admin/v1/rules with a body past server.max_body_bytes is 413
     too_large as POST /admin/v1/rules is, before the token is read; the
