@@ -3,7 +3,8 @@
  * Each handler validates its input in C, then runs one statement that does
  * the change (if any) and builds the JSON answer in PostgreSQL.  A change
  * is then recorded in the audit log with the answer as its details, and
- * NOTIFY causeway_policy makes every daemon process reload its snapshot; a
+ * NOTIFY causeway_policy makes every daemon process reload its snapshot
+ * (not for a report's handling or dismissal: the policy reads neither); a
  * consent change also runs the sweep for that user in the same
  * transaction, so the held messages are released (in order) or dropped
  * before the answer. */
@@ -45,6 +46,8 @@ struct aq {
 	char local_id[24];    /* the local user's id (local >= 0), once resolved */
 	bool known_only;      /* local: a user not known is not made; the change is then a no-op */
 	bool noop;            /* known_only and the user is not known: answered, not audited */
+	bool not_policy;      /* a change of nothing the policy reads (a report's handling, a report
+			         that made no limit): no NOTIFY, no wait for this process's reload */
 	bool peer_subject;    /* consent: its subject ($3, kind $2) must be of a peer's domain, asked
 			         before anything is made (policy_peer_of_domain) */
 	const char *records;  /* a page of this table's records: the id up to which every row is
@@ -209,7 +212,7 @@ static cw_err aq_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		PQclear(r);
 		/* A change of one local user's facts (opt-in, consent): every
 		 * process reloads that user's alone; anything else, all. */
-		if ((rc = policy_notify_user(c, q->local >= 0 ? local_id : NULL, e))) {
+		if (!q->not_policy && (rc = policy_notify_user(c, q->local >= 0 ? local_id : NULL, e))) {
 			json_decref(body);
 			return rc;
 		}
@@ -224,7 +227,7 @@ static cw_err aq_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 static void poke_after(struct app_job *j)
 {
 	const struct aq *q = j->data;
-	if (q && q->noop) /* nothing changed */
+	if (q && (q->noop || q->not_policy)) /* nothing the policy reads changed */
 		return;
 	/* A change of one user's facts: that user's alone (an overlay). */
 	bool ok = q && q->local_id[0] ? policy_live_sync_user(j->app->policy, atoll(q->local_id), 2000)
@@ -1226,7 +1229,7 @@ cw_err policy_report_store(PGconn *c, struct cw_app *app, const struct policy_re
 
 static cw_err report_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
-	const struct aq *q = j->data;
+	struct aq *q = j->data;
 	const struct policy_report rep = { .reporter_kind = q->p[0], .reporter = q->p[1], .subject = q->p[2],
 					   .reason = q->p[3], .evidence = q->p[4], .comment = q->p[5],
 					   .actor = q->p[6] };
@@ -1237,8 +1240,12 @@ static cw_err report_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		app_job_fail(j, 400, "invalid_body", "subject: %s", e->msg);
 		return CW_OK;
 	}
-	if (!rc)
+	if (!rc) {
 		j->status = 201;
+		/* report_sql notifies every process of a limit it made; with
+		 * none, no reload is waited for */
+		q->not_policy = json_is_null(json_object_get(j->body, "limit_rule_id"));
+	}
 	return rc;
 }
 
@@ -1363,6 +1370,7 @@ void policy_admin_report_handle(struct cw_req *req, void *ctx)
 	q->none_detail = "no report with that id";
 	q->action = "report.handle";
 	q->subject = 0;
+	q->not_policy = true;
 	aq_start(ctx, req, q, report_handle_fn, true);
 }
 
@@ -1403,6 +1411,8 @@ void policy_admin_report_dismiss(struct cw_req *req, void *ctx)
 	q->none_detail = "no report with that id";
 	q->action = "report.dismiss";
 	q->subject = 0;
+	/* the limit it names stands (report_dismiss_fn): nothing to reload */
+	q->not_policy = true;
 	aq_start(ctx, req, q, report_dismiss_fn, true);
 }
 

@@ -230,6 +230,35 @@ def test_a_report_handled_twice_is_409_naming_when_and_by_whom(daemon, pg, db_ur
     assert int(pg.psql(audit, db_url)) == int(before) + 1
 
 
+def test_a_reports_handling_waits_for_no_policy_reload(daemon, pg, db_url):
+    """A report made without a limit, handled or dismissed changes nothing
+    the policy reads: it makes no process reload (until the forty-sixth
+    session each made every process reload the whole policy, every user's
+    facts, and its answer waited for this process's: here held up by a
+    lock on the consents, 2 s and "the policy change is committed but not
+    yet in force here" for each click).  A report that makes the automatic
+    limit still waits for it."""
+    made = [daemon.admin("POST", "/reports", json={"subject": "mimi://wa.example/u/x", "reason": "spam"})
+            for _ in range(2)]
+    assert [r.status_code for r in made] == [201, 201], [r.text for r in made]
+    locker = HeldSession(db_url)
+    try:
+        locker.run("BEGIN; LOCK TABLE consents IN ACCESS EXCLUSIVE MODE;")
+        for method, path, body in (("POST", "/reports", {"subject": "mimi://wa.example/u/y", "reason": "spam"}),
+                                   ("POST", f"/reports/{made[0].json()['id']}/handle", None),
+                                   ("POST", f"/reports/{made[1].json()['id']}/dismiss", None)):
+            t0 = time.time()
+            r = daemon.admin(method, path, json=body) if body else daemon.admin(method, path)
+            took = time.time() - t0
+            assert r.status_code in (200, 201), (path, r.text)
+            assert took < 1.0, f"{path} took {took:.2f} s"
+        assert "not yet in force here" not in daemon.log()
+    finally:
+        locker.end()
+    assert pg.psql("SELECT string_agg(action, ' ' ORDER BY id) FROM audit_log", db_url) == \
+        "report.create report.create report.create report.handle report.dismiss"
+
+
 def test_a_revocation_reaches_every_process(make_daemon, db_url):
     a = make_daemon(db_url).start()
     b = make_daemon(db_url).start()
