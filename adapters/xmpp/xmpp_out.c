@@ -12,6 +12,7 @@
 #include "peer/peer_media.h"
 #include "peer/peers.h"
 #include "store.h"
+#include "buf.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -482,14 +483,23 @@ cw_err xa_deliver(void *ctx, PGconn *c, const char *destination, struct outbox_r
 	struct xmpp *x = ctx;
 	*done = 0;
 	*code = 0;
-	json_t *in = json_array();
-	for (size_t i = 0; i < n; i++)
-		json_array_append_new(in, json_pack("[I, I, I]", (json_int_t)i, (json_int_t)rows[i].event_id,
-						    (json_int_t)rows[i].target_id));
-	char *text = json_dumps(in, JSON_COMPACT);
-	json_decref(in);
-	if (!text)
+	/* The lookup's rows, [[i, event, target], ...]: printed, not built
+	 * with jansson and dumped (3 % of the dispatcher's CPU). */
+	struct cw_buf in;
+	cw_buf_init(&in, SIZE_MAX / 2);
+	bool oom = cw_buf_add(&in, "[", 1) != CW_OK;
+	for (size_t i = 0; i < n && !oom; i++) {
+		char one[72];
+		int k = snprintf(one, sizeof(one), "%s[%zu,%lld,%lld]", i ? "," : "", i, (long long)rows[i].event_id,
+				 (long long)rows[i].target_id);
+		oom = cw_buf_add(&in, one, (size_t)k) != CW_OK;
+	}
+	oom = oom || cw_buf_add(&in, "]", 1) != CW_OK;
+	char *text = cw_buf_take(&in, NULL);
+	if (oom || !text) {
+		free(text);
 		return cw_fail(e, CW_ENOMEM, "out of memory");
+	}
 	const char *params[] = { text };
 	PGresult *r = batch_lookup(c, params);
 	free(text);
