@@ -152,12 +152,20 @@ class Postgres:
         text starts with prefix, summed (pg_stat_statements: a cluster
         made with count_planning); each PostgreSQL session prepares its
         own, and a statement not prepared is planned at every call."""
+        return self._statement_sums(db_url, prefix, "calls", "plans")
+
+    def pages_read(self, db_url, prefix):
+        """(calls, pages read: shared buffers hit or read) of the statements
+        as planned() finds them."""
+        return self._statement_sums(db_url, prefix, "calls", "shared_blks_hit + shared_blks_read")
+
+    def _statement_sums(self, db_url, prefix, *columns):
         name = urllib.parse.urlparse(db_url).path.lstrip("/")
-        out = self.psql("SELECT coalesce(sum(calls), 0) || ' ' || coalesce(sum(plans), 0) FROM pg_stat_statements "
+        sums = " || ' ' || ".join(f"coalesce(sum({c}), 0)" for c in columns)
+        out = self.psql(f"SELECT {sums} FROM pg_stat_statements "
                         "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = '%s') AND starts_with(query, '%s')"
                         % (name, prefix.replace("'", "''")))
-        calls, plans = out.split()
-        return int(calls), int(plans)
+        return tuple(int(x) for x in out.split())
 
     def new_database(self, name, migrated=True):
         """A fresh database in this cluster; returns its URL.  migrated: a

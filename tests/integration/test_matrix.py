@@ -7136,3 +7136,43 @@ def test_the_lookup_of_a_delivery_batch_is_not_planned_at_each_batch(make_daemon
         assert calls >= 12 and plans <= 3, (calls, plans)
     finally:
         srv.close()
+
+
+def test_the_lookup_of_a_transaction_is_planned_once_and_reads_events_by_key(make_daemon, pg_planned, hs):
+    """What a transaction's events need (the events they name, their rooms,
+    their senders: mx_txn_lookup) is run with its generic plan, planned once
+    on each reader's connection: PostgreSQL planned it again at about half
+    of the transactions while events grew (1.3 ms a plan).  And each event
+    named is found by its key: PostgreSQL hashed the whole events table for
+    every transaction that named one (a reply, a reaction, a receipt) while
+    the table was up to some tens of thousands of rows (both until the
+    forty-sixth session; docs/performance.md)."""
+    db_url = pg_planned.new_database("t_mx_lookup_planned")
+    d = start_mx(make_daemon, db_url, hs)
+    a, srv = add_gk(d)
+    try:
+        room, _, base = alice_wrote_first(hs, a, srv)
+        # 5,000 events more, analyzed: hashed whole, some 300 pages a lookup
+        pg_planned.psql("INSERT INTO events (public_id, room_id, sender_id, type, content, origin_network, "
+                        "origin_native_id, ts) SELECT 'msg_fill' || g, e.room_id, e.sender_id, e.type, e.content, "
+                        "e.origin_network, '$fill' || g, e.ts FROM events e, generate_series(1, 5000) g "
+                        "WHERE e.id = (SELECT min(id) FROM events WHERE origin_network = 'matrix')", db_url)
+        pg_planned.psql("ANALYZE events", db_url)
+        lookup = "WITH d AS (SELECT $1::jsonb AS j) SELECT "  # its constants are $3, ... there
+        calls0, pages0 = pg_planned.pages_read(db_url, lookup)
+        for i in range(16):
+            evs = [text_ev(base, f"$pl{i}", f"message {i}"), reaction_ev(base, f"$pr{i}", f"$fill{i + 1}", "x"),
+                   dict(base, event_id=f"$pp{i}", type="m.room.message",
+                        content={"msgtype": "m.text", "body": "a reply",
+                                 "m.relates_to": {"m.in_reply_to": {"event_id": f"$pl{i}"}}})]
+            assert as_put(d, f"pl-{i}", {"events": evs}).status_code == 200
+        got = srv.wait_events(1 + 3 * 16)
+        assert [e["type"] for e in got[1:4]] == ["message", "reaction", "message"]
+        assert got[2]["content"]["in_reply_to"] == pg_planned.psql(
+            "SELECT public_id FROM events WHERE origin_native_id = '$fill1'", db_url)
+        calls, plans = pg_planned.planned(db_url, lookup)
+        assert calls >= 17 and plans <= 4, (calls, plans)
+        calls1, pages1 = pg_planned.pages_read(db_url, lookup)
+        assert calls1 - calls0 >= 16 and (pages1 - pages0) / (calls1 - calls0) < 60, (calls1 - calls0, pages1 - pages0)
+    finally:
+        srv.close()
