@@ -118,20 +118,21 @@ static char *clean_input(const char *s, size_t n, size_t *outlen)
 	struct cw_buf b;
 	cw_buf_init(&b, n * 3 + BODY_OPEN_LEN + 1);
 	add(&b, BODY_OPEN, BODY_OPEN_LEN);
-	const unsigned char *p = (const unsigned char *)s;
+	const unsigned char *p = (const unsigned char *)s, *run = p; /* run: the good bytes not added yet */
 	while (n) {
 		size_t l = cw_utf8_seq(p, n, NULL);
 		bool bad = l == 0 || (l == 1 && *p < 0x20 && *p != '\t' && *p != '\n' && *p != '\r') ||
 			   (l == 3 && p[0] == 0xEF && p[1] == 0xBF && (p[2] == 0xBE || p[2] == 0xBF));
 		if (bad) {
+			add(&b, (const char *)run, (size_t)(p - run));
 			add(&b, "\xEF\xBF\xBD", 3);
 			l = l ? l : 1;
-		} else {
-			add(&b, (const char *)p, l);
+			run = p + l;
 		}
 		p += l;
 		n -= l;
 	}
+	add(&b, (const char *)run, (size_t)(p - run));
 	if (b.overflow) {
 		cw_buf_free(&b);
 		return NULL;
@@ -492,6 +493,27 @@ static htmlDocPtr html_parse(const char *buf, size_t n, bool only_document)
 	return doc;
 }
 
+/* Whether the n bytes at s may be a whole document: only a start tag
+ * html, head or body can be its first element (libxml2 reads a tag's name
+ * right after its '<' and in any case, and implies none with
+ * HTML_PARSE_NOIMPLIED), so without "<html", "<head" or "<body" anywhere
+ * it is a fragment, and the parse that would say so is spared (most
+ * formatted bodies: the second of two parser contexts a message, some 2
+ * us of the reader's, forty-sixth session). */
+static bool may_be_document(const char *s, size_t n)
+{
+	static const char *const names[] = { "html", "head", "body" };
+	for (const char *p = s; (p = memchr(p, '<', n - (size_t)(p - s))) && n - (size_t)(p - s) > 4; p++)
+		for (size_t k = 0; k < CW_ARRAY_LEN(names); k++) {
+			size_t i = 0;
+			while (i < 4 && (p[1 + i] | 0x20) == names[k][i])
+				i++;
+			if (i == 4)
+				return true;
+		}
+	return false;
+}
+
 static char *html_walk(const char *html, size_t len, enum walk_mode mode, bool keep_reply, bool images)
 {
 	if (len > HTML_INPUT_MAX)
@@ -509,7 +531,9 @@ static char *html_walk(const char *html, size_t len, enum walk_mode mode, bool k
 	 * and what shows is its body's content.  Anything else is a fragment,
 	 * parsed after BODY_OPEN as the content of a body (the first parse
 	 * stopped at its first element). */
-	htmlDocPtr doc = html_parse(buf + BODY_OPEN_LEN, blen - BODY_OPEN_LEN, true);
+	htmlDocPtr doc = may_be_document(buf + BODY_OPEN_LEN, blen - BODY_OPEN_LEN)
+				 ? html_parse(buf + BODY_OPEN_LEN, blen - BODY_OPEN_LEN, true)
+				 : NULL;
 	if (!doc)
 		doc = html_parse(buf, blen, false);
 	free(buf);
