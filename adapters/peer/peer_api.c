@@ -3208,11 +3208,16 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 		}
 		/* A group as full as rooms.max_members takes her no more than
 		 * an add of her (members_bound): counted as round 0 read it,
-		 * with the joins of the job's earlier items. */
+		 * with the joins and the leaves of the job's earlier items (a
+		 * peer's user is never invited: each of those changes the count
+		 * by one).  Until the forty-sixth session's review the leaves
+		 * were not counted, and a batch of a member's leave and her
+		 * join again, or a leave and another's join, in a full group
+		 * had its join refused. */
 		long members = atol(PQgetvalue(r, mfirst, 10));
 		for (size_t j = 0; j < i; j++)
-			members += b->items[j] && b->write[j] && b->joins[j] &&
-				   strcmp(b->room_id[j], PQgetvalue(r, first, 1)) == 0;
+			if (b->items[j] && b->write[j] && strcmp(b->room_id[j], PQgetvalue(r, first, 1)) == 0)
+				members += b->joins[j] ? 1 : leaves_group(b, j) ? -1 : 0;
 		if (members >= in->app->cfg->rooms_max_members) {
 			item_fail(res, 413, "too_large", ROOM_MEMBERS_BOUND, in->app->cfg->rooms_max_members);
 			return;

@@ -136,6 +136,15 @@ def test_a_group_takes_at_most_rooms_max_members(make_daemon, db_url, pg):
             ("accepted", None), ("refused", "too_large")], r.text
         members = {m["user"]: m["membership"] for m in a.call("GET", f"/v1/rooms/{gid}").json()["members"]}
         assert sorted(u for u, m in members.items() if m == "joined") == sorted([w[0], w[1], w[2], w[5], bob])
+        # In a full group a batch's leave makes room for its later join: her
+        # own again, or another's (until the forty-sixth session's review the
+        # leave was not counted, and the join was refused too_large).
+        r = a.call("POST", "/v1/batch", {"events": [{"idempotency_key": k, "room": guri, "event": own(u, m)}
+                                                    for k, u, m in (("l0", w[0], "leave"), ("j0", w[0], "join"),
+                                                                    ("l1", w[1], "leave"), ("j6c", w[6], "join"))]})
+        assert [(x["status"], x.get("code")) for x in r.json()["results"]] == [("accepted", None)] * 4, r.text
+        members = {m["user"]: m["membership"] for m in a.call("GET", f"/v1/rooms/{gid}").json()["members"]}
+        assert sorted(u for u, m in members.items() if m == "joined") == sorted([w[0], w[2], w[5], w[6], bob])
         # A group of 7, made where the bound is 1000: here it shrinks, and never grows.
         r = a_big.create_room(w[:6] + [bob], kind="group")
         assert r.status_code == 201, r.text
