@@ -776,14 +776,6 @@ bool xa_muc_give_way(struct xcomp *xc, xmpp_ctx_t *ctx, const char *room, const 
 	return moved;
 }
 
-/* What the room's occupants were told of its members (told: the room's
- * set in xc->muc_members) that the join's answer, made from its own
- * snapshot, did not say: who came, who went, a new name. xa_muc_members
- * tells every occupant but the joining ones the changes from that set on,
- * so a change between the join's snapshot and its answer was missed by
- * the joining resource until the next one.  (A snapshot newer than the
- * set: the difference goes back to the set, and the next look brings the
- * change to everyone.) Under xc->mu. */
 /* The members of the set from (each set as xc->muc_members holds a
  * room's) that are not in the set to, as [sign, nick] at out's end: the
  * nick absent from to, or naming another member there (one of this
@@ -829,6 +821,14 @@ json_t *xa_muc_since(const json_t *told, const json_t *members, const json_t *lo
 	return out;
 }
 
+/* What the room's occupants were told of its members (told: the room's
+ * set in xc->muc_members) that the join's answer, made from its own
+ * snapshot, did not say: who came, who went, a new name. xa_muc_members
+ * tells every occupant but the joining ones the changes from that set on,
+ * so a change between the join's snapshot and its answer was missed by
+ * the joining resource until the next one.  (A snapshot newer than the
+ * set: the difference goes back to the set, and the next look brings the
+ * change to everyone.) Under xc->mu. */
 static json_t *members_since(struct xcomp *xc, xmpp_ctx_t *ctx, const struct mjoin *j, json_t *told)
 {
 	json_t *out = json_array();

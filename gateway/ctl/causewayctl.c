@@ -1779,7 +1779,9 @@ static const struct command commands[] = {
 	  "\nexample: causewayctl deadletters", NULL },
 	{ "deadletters replay", "OUTBOX-ID", 1, 0, cmd_replay, "send a dead letter again",
 	  "Sends a dead (or failed) delivery again from its first attempt\n"
-	  "(POST /admin/v1/outbox/OUTBOX-ID/replay). Needs an admin token.\n"
+	  "(POST /admin/v1/outbox/OUTBOX-ID/replay). Needs an admin token. The earliest\n"
+	  "dead letter of a room to a destination goes first: a later one is refused (409,\n"
+	  "naming the earlier) so that the room's messages arrive in order.\n"
 	  "\nexample: causewayctl deadletters replay 12", NULL },
 	{ "deadletters discard", "OUTBOX-ID", 1, 0, cmd_discard, "give up on a dead letter",
 	  "Gives up on a dead (or failed) delivery: it becomes dropped, and the trace keeps it\n"
