@@ -205,26 +205,27 @@ static const char rows_sql[] =
 	RETENTION_FORGET_FILES("(SELECT " RETENTION_ATTS("f") " FROM events f JOIN x ON f.id = x.id)") " "
 	"DELETE FROM events e USING x WHERE e.id = x.id";
 
-/* rows_lock_sql, then rows_sql, in one transaction on the idle
- * connection (above).  count: the events deleted. */
-static cw_err run_rows(PGconn *c, long days, long *count, cw_errmsg *e)
+/* In one transaction on the idle connection: lock_sql (nl parameters
+ * lp), whose answer's first column is the ids it locked (an array, NULL
+ * for none), then, when it locked any, del_sql with the nd parameters dp,
+ * dp[ids_at] set to those ids.  count: the rows del_sql deleted; *next
+ * (next not NULL): the lock's answer's second column, set when the
+ * transaction committed. */
+static cw_err lock_then_delete(PGconn *c, const char *lock_sql, int nl, const char *const *lp, const char *del_sql,
+			       int nd, const char **dp, int ids_at, long *count, int64_t *next, cw_errmsg *e)
 {
 	*count = 0;
-	if (days <= 0)
-		return CW_OK;
-	char d[24], n[24];
-	snprintf(d, sizeof(d), "%ld", days);
-	snprintf(n, sizeof(n), "%d", RETENTION_BATCH);
 	cw_err rc = store_exec(c, "BEGIN", e);
 	if (rc)
 		return rc;
-	const char *params[] = { d, n };
-	PGresult *r = PQexecParams(c, rows_lock_sql, 2, NULL, params, NULL, NULL, 0);
+	PGresult *r = PQexecParams(c, lock_sql, nl, NULL, lp, NULL, NULL, 0);
 	rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	int64_t after = 0;
 	if (!rc) {
+		after = next ? atoll(PQgetvalue(r, 0, 1)) : 0;
 		if (!PQgetisnull(r, 0, 0)) {
-			params[1] = PQgetvalue(r, 0, 0);
-			PGresult *x = PQexecParams(c, rows_sql, 2, NULL, params, NULL, NULL, 0);
+			dp[ids_at] = PQgetvalue(r, 0, 0);
+			PGresult *x = PQexecParams(c, del_sql, nd, NULL, dp, NULL, NULL, 0);
 			rc = store_check(c, x, PGRES_COMMAND_OK, e);
 			if (!rc) {
 				*count = atol(PQcmdTuples(x));
@@ -236,7 +237,22 @@ static cw_err run_rows(PGconn *c, long days, long *count, cw_errmsg *e)
 	rc = store_end(c, rc, e);
 	if (rc)
 		*count = 0;
+	else if (next)
+		*next = after;
 	return rc;
+}
+
+/* rows_lock_sql, then rows_sql (above).  count: the events deleted. */
+static cw_err run_rows(PGconn *c, long days, long *count, cw_errmsg *e)
+{
+	*count = 0;
+	if (days <= 0)
+		return CW_OK;
+	char d[24], n[24];
+	snprintf(d, sizeof(d), "%ld", days);
+	snprintf(n, sizeof(n), "%d", RETENTION_BATCH);
+	const char *params[] = { d, n }, *dp[] = { d, NULL };
+	return lock_then_delete(c, rows_lock_sql, 2, params, rows_sql, 2, dp, 1, count, NULL, e);
 }
 
 /* One statement, its own transaction on the idle connection: its locks
@@ -341,43 +357,18 @@ static const char identities_sql[] =
 	"WITH " IDENTITY_BEHIND " "
 	"DELETE FROM identities i WHERE i.id = ANY($1::bigint[]) AND " IDENTITY_UNUSED("i", "$2", "$3");
 
-/* identities_lock_sql, then identities_sql, in one transaction on the idle
- * connection.  count: the rows deleted; *cursor moved on. */
+/* identities_lock_sql, then identities_sql (lock_then_delete).  count:
+ * the rows deleted; *cursor moved on. */
 static cw_err run_identities(PGconn *c, int64_t *cursor, int64_t window_s, long *count, cw_errmsg *e)
 {
-	*count = 0;
 	char cur[24], scan[24], n[24], days[24], win[24];
 	snprintf(cur, sizeof(cur), "%lld", (long long)*cursor);
 	snprintf(scan, sizeof(scan), "%d", RETENTION_IDENTITY_SCAN);
 	snprintf(n, sizeof(n), "%d", RETENTION_BATCH);
 	snprintf(days, sizeof(days), "%d", RETENTION_IDENTITY_DAYS);
 	snprintf(win, sizeof(win), "%lld", (long long)window_s);
-	cw_err rc = store_exec(c, "BEGIN", e);
-	if (rc)
-		return rc;
-	const char *params[] = { cur, scan, n, days, win };
-	PGresult *r = PQexecParams(c, identities_lock_sql, 5, NULL, params, NULL, NULL, 0);
-	rc = store_check(c, r, PGRES_TUPLES_OK, e);
-	int64_t next = *cursor;
-	if (!rc) {
-		next = atoll(PQgetvalue(r, 0, 1));
-		if (!PQgetisnull(r, 0, 0)) {
-			const char *dp[] = { PQgetvalue(r, 0, 0), days, win };
-			PGresult *x = PQexecParams(c, identities_sql, 3, NULL, dp, NULL, NULL, 0);
-			rc = store_check(c, x, PGRES_COMMAND_OK, e);
-			if (!rc) {
-				*count = atol(PQcmdTuples(x));
-				PQclear(x);
-			}
-		}
-		PQclear(r);
-	}
-	rc = store_end(c, rc, e);
-	if (rc)
-		*count = 0;
-	else
-		*cursor = next;
-	return rc;
+	const char *params[] = { cur, scan, n, days, win }, *dp[] = { NULL, days, win };
+	return lock_then_delete(c, identities_lock_sql, 5, params, identities_sql, 3, dp, 0, count, cursor, e);
 }
 
 const char *const retention_kind_names[RETENTION_KINDS] = { "content", "idempotency_keys", "delivery_attempts",
