@@ -1361,54 +1361,60 @@ static struct policy_rate_grant *job_grant(struct policy_rate_ledger *l, const c
 	return NULL;
 }
 
+/* Grant g's token given back; g kept, as given back (undo does not give
+ * it again, grant_retake may take it again). */
+static void grant_give(struct policy_rate_ledger *l, struct policy_rate_grant *g, int64_t now_ms)
+{
+	ratelimit_give(l->rl, g->key, g->capacity, g->period_ms, now_ms);
+	g->back = true;
+}
+
+/* Grant i, given back, taken again: false when its bucket had none left,
+ * and then it is not charged, and forgotten (the last grant moved to i). */
+static bool grant_retake(struct policy_rate_ledger *l, size_t i, int64_t now_ms)
+{
+	struct policy_rate_grant *g = &l->g[i];
+	g->back = false;
+	if (ratelimit_take(l->rl, g->key, g->capacity, g->period_ms, now_ms, NULL) <= 0)
+		return true;
+	free(g->key); /* none left: not taken, nothing to give back */
+	*g = l->g[--l->n];
+	return false;
+}
+
 int64_t policy_rate_ledger_give(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms)
 {
+	(void)capacity;
+	(void)period_ms;
 	struct policy_rate_grant *g = job_grant(ctx, key, false);
-	if (g) { /* kept, as given back: a run again may take it again */
-		ratelimit_give(((struct policy_rate_ledger *)ctx)->rl, key, capacity, period_ms, now_ms);
-		g->back = true;
-	}
+	if (g) /* kept, as given back: a run again may take it again */
+		grant_give(ctx, g, now_ms);
 	return 0;
 }
 
 int64_t policy_rate_ledger_retake(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms)
 {
+	(void)capacity;
+	(void)period_ms;
 	struct policy_rate_ledger *l = ctx;
 	struct policy_rate_grant *g = job_grant(l, key, true);
-	if (!g)
-		return 0;
-	if (ratelimit_take(l->rl, key, capacity, period_ms, now_ms, NULL) <= 0) {
-		g->back = false;
-		return 0;
-	}
-	free(g->key); /* none left: not taken, nothing to give back */
-	*g = l->g[--l->n];
+	if (g)
+		grant_retake(l, (size_t)(g - l->g), now_ms);
 	return 0;
 }
 
 void policy_rate_ledger_give_item(struct policy_rate_ledger *l, size_t item, int64_t now_ms)
 {
 	for (size_t i = 0; i < l->n; i++)
-		if (l->g[i].item == item && !l->g[i].back) {
-			ratelimit_give(l->rl, l->g[i].key, l->g[i].capacity, l->g[i].period_ms, now_ms);
-			l->g[i].back = true;
-		}
+		if (l->g[i].item == item && !l->g[i].back)
+			grant_give(l, &l->g[i], now_ms);
 }
 
 void policy_rate_ledger_take_item(struct policy_rate_ledger *l, size_t item, int64_t now_ms)
 {
-	for (size_t i = 0; i < l->n;) {
-		struct policy_rate_grant *g = &l->g[i];
-		if (g->item == item && g->back) {
-			g->back = false;
-			if (ratelimit_take(l->rl, g->key, g->capacity, g->period_ms, now_ms, NULL) > 0) {
-				free(g->key); /* none left: not taken, nothing to give back */
-				*g = l->g[--l->n];
-				continue;
-			}
-		}
-		i++;
-	}
+	for (size_t i = 0; i < l->n;)
+		if (!(l->g[i].item == item && l->g[i].back) || grant_retake(l, i, now_ms))
+			i++;
 }
 
 static int64_t memo_take(void *ctx, const char *key, uint32_t capacity, int64_t period_ms, int64_t now_ms)
