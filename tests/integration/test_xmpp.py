@@ -5417,7 +5417,10 @@ def test_a_profile_change_committed_after_a_later_one_still_reaches_the_contacts
     held = HeldSession(db_url)
     pool = concurrent.futures.ThreadPoolExecutor(1)
     try:
-        held.run("BEGIN; SELECT 1 FROM identities WHERE uri = 'mimi://wa.example/u/wally' FOR UPDATE;")
+        # FOR NO KEY UPDATE, as the profile's own UPDATE locks: the lookup
+        # before it (identity_id, FOR KEY SHARE since the forty-sixth
+        # session) passes, and the change waits at its UPDATE
+        held.run("BEGIN; SELECT 1 FROM identities WHERE uri = 'mimi://wa.example/u/wally' FOR NO KEY UPDATE;")
         wally = pool.submit(a2.call, "POST", "/v1/profiles", {"user": a.user("wally"), "display_name": "Wally Two"})
         wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
                                    "AND query LIKE '%profile_changed_at = now()%'", db_url) == "1",
