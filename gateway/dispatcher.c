@@ -1439,7 +1439,7 @@ static void expire(struct lane *l, const struct outbox_row *rows, size_t n)
 		"UPDATE outbox SET state = 'expired', claimed_by = NULL, claimed_until = NULL, "
 		" last_error = CASE WHEN (SELECT e.expired FROM events e WHERE e.id = outbox.event_id) "
 		"  THEN 'its message expired before it was delivered: not sent' "
-		"  ELSE 'typing notification too old to be shown: not sent' END "
+		"  ELSE '" CW_TYPING_STALE_ERROR "' END "
 		"WHERE id = ANY($1::bigint[]) AND state = 'in_flight' AND claimed_by = $2", NULL,
 		"expiring rows failed; the claim will run out and the rows go again");
 	if (changed > 0)

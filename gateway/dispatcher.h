@@ -9,6 +9,11 @@
 #include <jansson.h>
 #include <libpq-fe.h>
 
+/* The last_error of a typing notification expired unsent, older than
+ * dispatcher.typing_stale_ms: a lane's expire() and a pull's answer
+ * (peer_pull.c) write the same words. */
+#define CW_TYPING_STALE_ERROR "typing notification too old to be shown: not sent"
+
 struct cw_app;
 struct dispatcher;
 struct policy_live;

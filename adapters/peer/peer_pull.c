@@ -150,7 +150,7 @@ static const char pull_sql[] =
  * showed its users someone typing), while a push expired them. */
 static const char pull_expire_sql[] =
 	"UPDATE outbox SET state = 'expired', claimed_by = NULL, claimed_until = NULL, "
-	" last_error = 'typing notification too old to be shown: not sent' "
+	" last_error = '" CW_TYPING_STALE_ERROR "' "
 	"WHERE id = ANY (string_to_array($1, ',')::bigint[]) AND destination = $2 AND state = 'in_flight' "
 	" AND starts_with(claimed_by, 'pull#')";
 
