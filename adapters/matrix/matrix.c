@@ -618,13 +618,21 @@ const struct store_stmt matrix_statements[] = {
 	   * membership of the group; in a direct room (both always members
 	   * of it) joined when her last event stored through Matrix since
 	   * the room was bound is not her leave (she joined, wrote, read);
-	   * else nothing (NULL: not known) */
+	   * else nothing (NULL: not known).  Her last event is looked for
+	   * in the room's events alone (events_room_idx): the room as a
+	   * range and its order in the ORDER BY leave the primary key no
+	   * way to give the order, which as an equality and events' order
+	   * alone they did: the generic plan walked the primary key
+	   * backwards, through every event of every room since hers
+	   * (100,000 events of another room: 3,180 buffers, 82 ms; now 4
+	   * buffers; until the forty-sixth session) */
 	  "UNION ALL SELECT 'prior', (x->>0) || ' ' || (x->>1), CASE WHEN b.remote_identity_id IS NULL THEN "
 	  "  (SELECT CASE m.membership WHEN 'joined' THEN 'join' WHEN 'invited' THEN 'invite' END FROM room_members m "
 	  "   WHERE m.room_id = b.room_id AND m.identity_id = b.local_identity_id) "
 	  " WHEN (SELECT NOT (e.type = 'membership' AND e.content->'content'->>'membership' = 'leave') FROM events e "
-	  "  WHERE e.room_id = b.room_id AND e.sender_id = b.local_identity_id AND e.origin_network = 'matrix' "
-	  "  AND e.accepted_at >= b.created_at ORDER BY e.id DESC LIMIT 1) THEN 'join' END, NULL, NULL "
+	  "  WHERE e.room_id BETWEEN b.room_id AND b.room_id AND e.sender_id = b.local_identity_id "
+	  "  AND e.origin_network = 'matrix' AND e.accepted_at >= b.created_at ORDER BY e.room_id DESC, e.id DESC LIMIT 1) "
+	  " THEN 'join' END, NULL, NULL "
 	  " FROM d CROSS JOIN jsonb_array_elements(d.j->'members') AS x "
 	  " JOIN room_bindings b ON b.network = 'matrix' AND b.native_id = x->>0 "
 	  " JOIN identities li ON li.id = b.local_identity_id AND li.is_local "
