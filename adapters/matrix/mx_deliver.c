@@ -1363,6 +1363,18 @@ static bool sync_profile(struct matrix *m, PGconn *c, const char *sender_id, con
  * why). */
 enum prep { PREP_FAIL = -1, PREP_NOTHING = 0, PREP_SEND = 1, PREP_WAIT = 2, PREP_DROP = 3, PREP_DEAD = 4 };
 
+/* The membership ("join", "leave", ...) of neutral membership event ev
+ * when its sender changes their own (content.target is its sender); NULL
+ * for another's (an invitation, a removal) or another kind of event. */
+static const char *own_membership(const json_t *ev)
+{
+	const json_t *mc = json_object_get(ev, "content");
+	const char *ms = json_string_value(json_object_get(mc, "membership"));
+	const char *who = json_string_value(json_object_get(mc, "target"));
+	const char *sender = json_string_value(json_object_get(ev, "sender"));
+	return ms && who && sender && strcmp(who, sender) == 0 ? ms : NULL;
+}
+
 /* Resolves the row's ghost and direct room (making them the first time:
  * calls to the homeserver and writes, here on the dispatcher's thread),
  * maps the event, and sets up its request on h. */
@@ -1390,6 +1402,17 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 	if (relay && !said &&
 	    (!type || (strcmp(type, "message") != 0 && strcmp(type, "edit") != 0 && strcmp(type, "delete") != 0)))
 		return PREP_NOTHING; /* the bot reacting or typing would say nothing of who did */
+	/* A remote member's own leave of a group has nothing to send: the
+	 * bot's round makes their ghost leave the user's room of it
+	 * (portal_departures, mx_bot.c).  Until the forty-sixth session the
+	 * row was prepared as one with something to say, whose ghost joins
+	 * first: when the bot's round had come before it (the ghost gone, its
+	 * membership of the room forgotten), the ghost was invited and joined
+	 * again, and the next round made it leave again, so the user saw the
+	 * member leave twice (a test failed so 1 run in 6 under load). */
+	const char *own = said ? own_membership(row->event) : NULL;
+	if (group && !relay && own && strcmp(own, "leave") == 0)
+		return PREP_NOTHING;
 	char target[24];
 	snprintf(target, sizeof(target), "%lld", (long long)row->target_id);
 	char target_mxid[MX_ID_MAX + 1], ghost[MX_ID_MAX + 1] = "", room[MX_ID_MAX + 1] = "", sender_id[24];
@@ -1507,17 +1530,13 @@ static enum prep prep_row(struct matrix *m, PGconn *c, struct outbox_row *row, P
 	json_t *ev = copy ? copy : row->event;
 	json_t *labelled = NULL; /* a relayed member's text says whose it is */
 	if (relay && said) {
-		const json_t *mc = json_object_get(ev, "content");
-		const char *ms = json_string_value(json_object_get(mc, "membership"));
-		const char *who = json_string_value(json_object_get(mc, "target"));
-		const char *sender = json_string_value(json_object_get(ev, "sender"));
-		if (!ms || !who || !sender || strcmp(who, sender) != 0 ||
-		    (strcmp(ms, "join") != 0 && strcmp(ms, "leave") != 0)) {
+		if (!own || (strcmp(own, "join") != 0 && strcmp(own, "leave") != 0)) {
 			json_decref(copy);
 			return PREP_NOTHING; /* an invite, or one member acting on another */
 		}
 		char text[700];
-		snprintf(text, sizeof(text), "%s %s the group.", localpart, strcmp(ms, "join") == 0 ? "joined" : "left");
+		snprintf(text, sizeof(text), "%s %s the group.", localpart, strcmp(own, "join") == 0 ? "joined" : "left");
+		const char *sender = json_string_value(json_object_get(row->event, "sender"));
 		ev = labelled = json_pack("{s:s, s:s, s:{s:[{s:s, s:s}], s:s}}", "type", "message", "sender", sender,
 					  "content", "parts", "type", "text/plain", "body", text, MX_MSGTYPE_KEY,
 					  "m.notice");
