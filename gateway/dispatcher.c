@@ -393,7 +393,16 @@ void dispatcher_dead_text(char *buf, size_t len, const char *destination, const 
  * room are only ever claimed together and in order, and a failed batch
  * backs off together, so no earlier row of a room can be due behind a
  * blocked one (the blocked rooms are one set, not a probe per row; the
- * rows of blocked rooms are still walked past, see claim's pause).  A row
+ * rows of blocked rooms are still walked past, see claim's pause).  The
+ * rows backing off are one descent of outbox_backing_off_idx (061), the
+ * one index with both of their tests as its conditions: until then the
+ * planner read every pending row of the destination in
+ * outbox_state_dest_idx to find them whenever the statistics counted
+ * few pending rows (never analyzed, or analyzed before a release), 5-40
+ * ms a claim of a backlog of 20,000 (docs/performance.md, "Forty-sixth
+ * session").  Their ORDER BY, which that index gives and
+ * outbox_state_dest_idx does not, is what makes it the cheaper where the
+ * counts make both cost alike (a table never analyzed).  A row
  * also waits while an earlier row of its room from the same sender to the
  * same user is still held: a consent releases the held rows, but two
  * sweeps at once (SKIP LOCKED) or a message decided after the consent may
@@ -408,7 +417,8 @@ static const struct store_stmt lane_stmts[] = {
 	{ "cw_claim",
 		"WITH RECURSIVE blocked AS ("
 		" SELECT room_id FROM outbox WHERE state = 'in_flight' AND destination = $4"
-		" UNION SELECT room_id FROM outbox WHERE state = 'pending' AND next_attempt_at > now() AND destination = $4), "
+		" UNION (SELECT room_id FROM outbox WHERE state = 'pending' AND next_attempt_at > now() AND destination = $4"
+		"  ORDER BY next_attempt_at)), "
 		"due AS ("
 		" SELECT o.id, o.event_id FROM outbox o"
 		" WHERE o.state = 'pending' AND o.destination = $4 AND o.next_attempt_at <= now()"

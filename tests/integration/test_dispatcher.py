@@ -3,6 +3,7 @@ outcome recorded on a new connection while the renewed claim holds, a
 destination that comes up while every known one is busy, the stop while
 the claims' keeper waits (for a lock, for a frozen postmaster), a lane's
 round of the destinations, a failed renewal tried again in time."""
+import os
 import signal
 import time
 
@@ -264,6 +265,45 @@ def test_sigterm_while_the_claims_keeper_connects_to_a_frozen_postmaster_stops_i
         # the keeper's connection, not answered, ends at its connect_timeout (5 s)
         assert "cannot renew the dispatcher's claims" in d.log() and "timeout expired" in d.log(), d.log()[-3000:]
         assert took < 11, took  # 4.2-4.9 s measured
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
+def test_the_claims_rows_backing_off_are_read_in_their_index_whatever_the_statistics(make_daemon, db_url, pg):
+    """The claim's arm of the rows backing off (pending, next_attempt_at
+    still to come) is planned, on a table never analyzed, as a descent of
+    outbox_backing_off_idx (061) on the destination and next_attempt_at,
+    not as a scan of outbox_state_dest_idx on the destination with
+    next_attempt_at as a filter: that plan walked every pending row of the
+    destination at every claim (5-40 ms a claim of a released backlog of
+    20,000; docs/performance.md, "Forty-sixth session"), and until 061 a
+    table of a few thousand rows and no statistics (autovacuum had not
+    analyzed it yet) had it.  The daemon's sessions log their plans
+    (auto_explain); the statistics of outbox are removed before the daemon
+    starts."""
+    name = db_url.split("?")[0].rsplit("/", 1)[1]
+    pg.psql(f'ALTER DATABASE "{name}" SET session_preload_libraries = \'auto_explain\'')
+    pg.psql(f'ALTER DATABASE "{name}" SET auto_explain.log_min_duration = 0')
+    pg.psql("INSERT INTO outbox (event_id, destination, room_id, state, delivered_at) "
+            "SELECT -g, 'peer:zz', -1, 'delivered', now() FROM generate_series(1, 5000) g", db_url)
+    pg.psql("DELETE FROM pg_statistic WHERE starelid = 'outbox'::regclass", db_url)
+    pg.psql("UPDATE pg_class SET reltuples = -1, relpages = 0 WHERE oid = 'outbox'::regclass", db_url)
+    log = os.path.join(pg.dir, "postgresql.log")
+    start = os.path.getsize(log)
+    d = make_daemon(db_url).start()
+    (a, sa), (b, sb) = made = push_peers(d)
+    try:
+        rm = room(a, b)
+        assert a.send(rm["id"], a.user("alice"), "planned").status_code == 202
+        sb.wait_events(1)
+        with open(log, encoding="utf-8", errors="replace") as f:
+            f.seek(start)
+            plans = [p for p in f.read().split("plan:") if "blocked AS" in p]
+        assert plans, "no plan of the claim logged"
+        for p in plans:
+            assert "Filter: (next_attempt_at > now())" not in p, p
+            assert "outbox_backing_off_idx" in p, p
     finally:
         for _, srv in made:
             srv.close()
