@@ -394,7 +394,7 @@ void dispatcher_dead_text(char *buf, size_t len, const char *destination, const 
  * backs off together, so no earlier row of a room can be due behind a
  * blocked one (the blocked rooms are one set, not a probe per row; the
  * rows of blocked rooms are still walked past, see claim's pause).  The
- * rows backing off are one descent of outbox_backing_off_idx (061), the
+ * rows backing off are one descent of outbox_backing_off_idx (046), the
  * one index with both of their tests as its conditions: until then the
  * planner read every pending row of the destination in
  * outbox_state_dest_idx to find them whenever the statistics counted

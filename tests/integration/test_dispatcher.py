@@ -273,11 +273,11 @@ def test_sigterm_while_the_claims_keeper_connects_to_a_frozen_postmaster_stops_i
 def test_the_claims_rows_backing_off_are_read_in_their_index_whatever_the_statistics(make_daemon, db_url, pg):
     """The claim's arm of the rows backing off (pending, next_attempt_at
     still to come) is planned, on a table never analyzed, as a descent of
-    outbox_backing_off_idx (061) on the destination and next_attempt_at,
+    outbox_backing_off_idx (046) on the destination and next_attempt_at,
     not as a scan of outbox_state_dest_idx on the destination with
     next_attempt_at as a filter: that plan walked every pending row of the
     destination at every claim (5-40 ms a claim of a released backlog of
-    20,000; docs/performance.md, "Forty-sixth session"), and until 061 a
+    20,000; docs/performance.md, "Forty-sixth session"), and until 046 a
     table of a few thousand rows and no statistics (autovacuum had not
     analyzed it yet) had it.  The daemon's sessions log their plans
     (auto_explain); the statistics of outbox are removed before the daemon

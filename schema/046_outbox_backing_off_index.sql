@@ -1,4 +1,4 @@
--- 061_outbox_backing_off_index.sql: a destination's rows backing off, in
+-- 046_outbox_backing_off_index.sql: a destination's rows backing off, in
 -- one descent (the dispatcher's claim, gateway/dispatcher.c, cw_claim's
 -- "blocked" arm: state = 'pending' AND destination = $4 AND
 -- next_attempt_at > now(); a room with such a row waits whole).
