@@ -22,4 +22,18 @@ htmlParserCtxtPtr cw_html_context(const char *buf, size_t n, int options);
 void cw_html_walk(xmlDoc *doc, bool (*enter)(void *arg, xmlNode *n), void (*leave)(void *arg, xmlNode *n),
 		  bool (*stopped)(void *arg), void *arg);
 
+/* The text of doc as a reader of plain text expects it, the body an
+ * HTML-only message gets on a network of plain text (docs/xmpp.md
+ * "HTML-only text", docs/matrix.md): line breaks for <br> and blocks (a
+ * blank line around paragraphs, headings, pre, blockquote, tables and
+ * outermost lists), list items with their markers ("• ", an ol's "n. "
+ * from its start) indented per enclosing list, table cells separated by
+ * " | ", a link's http, https or mailto target after its text unless the
+ * text says it, image alt text, HTML white space collapsed outside <pre>;
+ * nothing of head, script, style and the like, nor of the elements named
+ * in skip (NULL-terminated; NULL: none).  Trimmed, at most max bytes (what
+ * does not fit is left off).  malloc'd ("" when nothing shows), NULL
+ * without memory.  The walk marks elements in their _private. */
+char *cw_html_text(xmlDoc *doc, const char *const *skip, size_t max);
+
 #endif

@@ -159,11 +159,6 @@ static const char *const dropped_tags[] = {
 	"noframes", NULL,
 };
 static const char *const void_tags[] = { "br", "hr", "img", NULL };
-/* Elements after which the text rendering starts a new line. */
-static const char *const block_tags[] = {
-	"p", "div", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "blockquote", "pre", "ul", "ol", "table",
-	"caption", "details", "summary", "hr", NULL,
-};
 
 static bool digits_ok(const char *v)
 {
@@ -350,13 +345,10 @@ static bool emit_start(struct cw_buf *b, xmlNode *n, const char *tag)
 	return written;
 }
 
-enum walk_mode { WALK_HTML, WALK_TEXT };
-
 struct walker {
 	struct cw_buf out;
-	enum walk_mode mode;
 	bool keep_reply;   /* mx-reply: keep its content (without the tag) */
-	bool images;       /* WALK_HTML: keep <img> (of an mxc:// src), else its alt text */
+	bool images;       /* keep <img> (of an mxc:// src), else its alt text */
 	int depth;         /* elements written and still open */
 };
 
@@ -368,12 +360,6 @@ static const char *written_tag(xmlNode *n)
 	return strcmp((const char *)n->name, "font") == 0 ? "span" : (const char *)n->name;
 }
 
-static void text_newline(struct walker *w)
-{
-	if (w->out.len && w->out.p[w->out.len - 1] != '\n')
-		add(&w->out, "\n", 1);
-}
-
 /* Visits n on the way down; true to walk its children. */
 static bool enter(void *arg, xmlNode *n)
 {
@@ -383,12 +369,8 @@ static bool enter(void *arg, xmlNode *n)
 		/* Text right in <html> is the layout between a document's head
 		 * and body (libxml2 puts any other text in an implied <p>). */
 		bool layout = n->parent && n->parent->name && strcmp((const char *)n->parent->name, "html") == 0;
-		if (n->content && !layout) {
-			if (w->mode == WALK_HTML)
-				add_escaped(&w->out, (const char *)n->content, false);
-			else
-				adds(&w->out, (const char *)n->content);
-		}
+		if (n->content && !layout)
+			add_escaped(&w->out, (const char *)n->content, false);
 		return false;
 	}
 	if (n->type != XML_ELEMENT_NODE || !n->name)
@@ -398,18 +380,6 @@ static bool enter(void *arg, xmlNode *n)
 		return false;
 	if (strcmp(tag, "mx-reply") == 0)
 		return w->keep_reply;
-	if (w->mode == WALK_TEXT) {
-		if (strcmp(tag, "br") == 0)
-			add(&w->out, "\n", 1);
-		else if (strcmp(tag, "img") == 0) {
-			xmlChar *alt = xmlGetProp(n, (const xmlChar *)"alt");
-			if (alt)
-				adds(&w->out, (const char *)alt);
-			xmlFree(alt);
-		} else if (in_list(tag, block_tags))
-			text_newline(w);
-		return true;
-	}
 	if (!w->images && strcmp(tag, "img") == 0) {
 		xmlChar *alt = xmlGetProp(n, (const xmlChar *)"alt");
 		if (alt)
@@ -430,11 +400,6 @@ static bool enter(void *arg, xmlNode *n)
 static void leave(void *arg, xmlNode *n)
 {
 	struct walker *w = arg;
-	if (w->mode == WALK_TEXT) {
-		if (n->type == XML_ELEMENT_NODE && n->name && in_list((const char *)n->name, block_tags))
-			text_newline(w);
-		return;
-	}
 	const char *tag = written_tag(n);
 	if (tag) {
 		add(&w->out, "</", 2);
@@ -514,12 +479,10 @@ static bool may_be_document(const char *s, size_t n)
 	return false;
 }
 
-static char *html_walk(const char *html, size_t len, enum walk_mode mode, bool keep_reply, bool images)
+/* libxml2's tree of the len bytes of html (at most HTML_INPUT_MAX, more
+ * than 0), or NULL. */
+static htmlDocPtr html_doc(const char *html, size_t len)
 {
-	if (len > HTML_INPUT_MAX)
-		return NULL;
-	if (len == 0)
-		return calloc(1, 1);
 	pthread_once(&xml_once, xml_init);
 	size_t blen;
 	char *buf = clean_input(html, len, &blen);
@@ -537,9 +500,19 @@ static char *html_walk(const char *html, size_t len, enum walk_mode mode, bool k
 	if (!doc)
 		doc = html_parse(buf, blen, false);
 	free(buf);
+	return doc;
+}
+
+static char *html_walk(const char *html, size_t len, bool keep_reply, bool images)
+{
+	if (len > HTML_INPUT_MAX)
+		return NULL;
+	if (len == 0)
+		return calloc(1, 1);
+	htmlDocPtr doc = html_doc(html, len);
 	if (!doc)
 		return NULL;
-	struct walker w = { .mode = mode, .keep_reply = keep_reply, .images = images };
+	struct walker w = { .keep_reply = keep_reply, .images = images };
 	cw_buf_init(&w.out, len * 6 + 64);
 	cw_html_walk(doc, enter, leave, overflowed, &w);
 	xmlFreeDoc(doc);
@@ -550,7 +523,7 @@ char *mx_sanitize_html(const char *html, size_t len)
 {
 	if (!html)
 		return calloc(1, 1);
-	return html_walk(html, len, WALK_HTML, false, true);
+	return html_walk(html, len, false, true);
 }
 
 /* ------------------------------------------------------------ mentions */
@@ -690,19 +663,23 @@ size_t mx_mentions(const json_t *c, const char *const *skip, struct mx_mention *
 	return m.n;
 }
 
-/* The text of HTML (line breaks for br and blocks), trimmed. */
+/* The text of HTML as a reader of plain text expects it (cw_html_text:
+ * line breaks, list markers, link targets), the reply fallback's only when
+ * keep_reply; "" when nothing shows, NULL without memory or when the HTML
+ * is longer than HTML_INPUT_MAX.  Until the forty-sixth session it was the
+ * text nodes alone, with line breaks: links lost their targets, list items
+ * their markers, and white space was kept as written. */
 static char *html_text(const char *html, bool keep_reply)
 {
-	char *t = html_walk(html, strlen(html), WALK_TEXT, keep_reply, false);
-	if (!t)
+	static const char *const reply[] = { "mx-reply", NULL };
+	size_t len = strlen(html);
+	if (len > HTML_INPUT_MAX)
 		return NULL;
-	size_t n = strlen(t);
-	while (n && (t[n - 1] == '\n' || t[n - 1] == ' ' || t[n - 1] == '\t' || t[n - 1] == '\r'))
-		t[--n] = '\0';
-	size_t s = 0;
-	while (t[s] == '\n' || t[s] == ' ' || t[s] == '\t' || t[s] == '\r')
-		s++;
-	memmove(t, t + s, n - s + 1);
+	htmlDocPtr doc = len ? html_doc(html, len) : NULL;
+	if (!doc)
+		return len ? NULL : calloc(1, 1);
+	char *t = cw_html_text(doc, keep_reply ? NULL : reply, HTML_INPUT_MAX);
+	xmlFreeDoc(doc);
 	return t;
 }
 
@@ -895,7 +872,7 @@ static enum mx_in_result text_parts(const json_t *c, const char *msgtype, bool s
 			body += skip;
 	}
 	/* HTML that cannot be sanitised (no memory) is left out: the text goes. */
-	char *clean = formatted ? html_walk(formatted, strlen(formatted), WALK_HTML, keep_reply, true) : NULL;
+	char *clean = formatted ? html_walk(formatted, strlen(formatted), keep_reply, true) : NULL;
 	if (clean) {
 		if (html_blank(clean)) {
 			free(clean);
@@ -1515,7 +1492,7 @@ static bool neutral_text(const json_t *content, bool list_attachments, struct te
 	if (html) {
 		/* No <img>, its alt text instead: a peer's mxc:// is no file
 		 * it sent (a relayed member's inline image goes the same way) */
-		clean = html_walk(html, strlen(html), WALK_HTML, false, false);
+		clean = html_walk(html, strlen(html), false, false);
 		if (!clean) { /* only memory, unless the part is larger than any event is */
 			say(why, whylen, "%s",
 			    strlen(html) > HTML_INPUT_MAX ? "the HTML part is too large" : MX_WHY_NOMEM);

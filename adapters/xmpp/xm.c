@@ -16,7 +16,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 
 #define NS_REPLY      "urn:xmpp:reply:0"
 #define NS_FALLBACK   "urn:xmpp:fallback:0"
@@ -709,273 +708,6 @@ enum xm_in_result xm_to_neutral(xmpp_stanza_t *msg, const struct xm_in_lookup *l
 
 /* ------------------------------------------------------------ HTML */
 
-/* Elements whose content is not message text (docs/xmpp.md "Mapping"). */
-static const char *const skipped_tags[] = {
-	"head", "title", "script", "style", "template", "noscript", "iframe", "object", "embed", "applet",
-	"noembed", "noframes", NULL,
-};
-/* Elements set off by a blank line (as a browser's margins do). */
-static const char *const paragraph_tags[] = {
-	"p", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "blockquote", "table", "hr", "dl", "figure", NULL,
-};
-/* Elements on lines of their own. */
-static const char *const line_tags[] = {
-	"div", "li", "tr", "ul", "ol", "section", "article", "header", "footer", "nav", "aside", "main",
-	"address", "caption", "details", "summary", "dt", "dd", "figcaption", "form", "fieldset", "legend",
-	"center", "thead", "tbody", "tfoot", NULL,
-};
-#define LIST_INDENT_MAX 8 /* levels of list indented */
-#define HREF_MAX 2048     /* bytes of a link's href shown */
-
-static bool in_list(const char *s, const char *const *list)
-{
-	for (; *list; list++)
-		if (strcmp(s, *list) == 0)
-			return true;
-	return false;
-}
-
-struct tw {
-	struct cw_buf out;
-	int breaks;     /* line feeds wanted before the next text (1 or 2) */
-	bool space;     /* white space seen since the last text */
-	int pre;        /* open <pre> elements */
-	int lists;      /* open <ul> and <ol> elements */
-	bool marked;    /* a list item's marker is the last thing written */
-	bool oom;
-};
-
-static void tw_add(struct tw *w, const char *s, size_t n)
-{
-	if (!w->oom && !w->out.overflow && cw_buf_add(&w->out, s, n) == CW_ENOMEM)
-		w->oom = true;
-}
-
-static bool tw_stopped(void *arg)
-{
-	const struct tw *w = arg;
-	return w->oom || w->out.overflow;
-}
-
-/* Line feeds ending the text so far. */
-static int tw_trailing_lf(const struct tw *w)
-{
-	int n = 0;
-	while (n < 2 && (size_t)n < w->out.len && w->out.p[w->out.len - 1 - n] == '\n')
-		n++;
-	return n;
-}
-
-/* One line feed, unless the text already ends with a blank line. */
-static void tw_lf(struct tw *w)
-{
-	if (tw_trailing_lf(w) < 2)
-		tw_add(w, "\n", 1);
-}
-
-/* Writes what is due before text: the wanted line feeds (none at the
- * start), else the collapsed white space (none at a line's start). */
-static void tw_flush(struct tw *w)
-{
-	if (w->out.len && w->breaks) {
-		while (tw_trailing_lf(w) < w->breaks && !tw_stopped(w))
-			tw_add(w, "\n", 1);
-	} else if (w->space && w->out.len && w->out.p[w->out.len - 1] != '\n' && w->out.p[w->out.len - 1] != ' ') {
-		tw_add(w, " ", 1);
-	}
-	w->breaks = 0;
-	w->space = false;
-	w->marked = false;
-}
-
-/* Wants n line feeds before the next text (a block's first line stays on
- * its list item's marker line). */
-static void tw_break(struct tw *w, int n)
-{
-	if (!w->marked && w->breaks < n)
-		w->breaks = n;
-}
-
-/* Text: HTML white space (space, tab, LF, FF, CR) collapsed outside <pre>. */
-static void tw_text(struct tw *w, const char *s)
-{
-	while (*s && !tw_stopped(w)) {
-		size_t n = strcspn(s, " \t\n\f\r");
-		if (n) {
-			tw_flush(w);
-			tw_add(w, s, n);
-			s += n;
-		}
-		size_t ws = strspn(s, " \t\n\f\r");
-		if (!ws)
-			continue;
-		if (w->pre) {
-			tw_flush(w);
-			for (size_t i = 0; i < ws; i++)
-				if (s[i] == '\n')
-					tw_lf(w);
-				else if (s[i] != '\r')
-					tw_add(w, s[i] == '\f' ? " " : s + i, 1);
-		} else {
-			w->space = true;
-		}
-		s += ws;
-	}
-}
-
-/* An absolute http, https or mailto URL without white space or control
- * characters, short enough to show. */
-static bool href_shown(const char *v)
-{
-	size_t n = strlen(v);
-	if (n > HREF_MAX || !(strncasecmp(v, "http://", 7) == 0 || strncasecmp(v, "https://", 8) == 0 ||
-			      strncasecmp(v, "mailto:", 7) == 0))
-		return false;
-	for (; *v; v++)
-		if ((unsigned char)*v <= 0x20 || *v == 0x7f)
-			return false;
-	return true;
-}
-
-/* Whether a link's text (from the byte at start) already says its href:
- * the href itself, or a mailto: href's address. */
-static bool says_href(const struct tw *w, size_t start, const char *href)
-{
-	const char *t = w->out.len ? w->out.p + start : "";
-	while (*t == ' ' || *t == '\n')
-		t++;
-	if (strncasecmp(href, "mailto:", 7) == 0 && strcmp(t, href + 7) == 0)
-		return true;
-	return strcmp(t, href) == 0;
-}
-
-/* The line feeds around an element: 2 for a paragraph or an outermost
- * list, 1 for another block, else 0. */
-static int tw_block(const struct tw *w, const char *tag)
-{
-	if (in_list(tag, paragraph_tags) || ((strcmp(tag, "ul") == 0 || strcmp(tag, "ol") == 0) && !w->lists))
-		return 2;
-	return in_list(tag, line_tags) ? 1 : 0;
-}
-
-static const char *attr(xmlNode *n, const char *name, xmlChar **keep)
-{
-	*keep = xmlGetProp(n, (const xmlChar *)name);
-	return (const char *)*keep;
-}
-
-/* Visits an element on the way down; true to walk its children. */
-static bool tw_enter(struct tw *w, xmlNode *n)
-{
-	const char *tag = (const char *)n->name;
-	const char *parent = n->parent && n->parent->type == XML_ELEMENT_NODE ? (const char *)n->parent->name : "";
-	n->_private = NULL;
-	if (in_list(tag, skipped_tags))
-		return false;
-	if (strcmp(tag, "br") == 0) {
-		w->space = false; /* no space at a line's end */
-		tw_flush(w);
-		tw_lf(w);
-		return false;
-	}
-	xmlChar *keep = NULL;
-	if (strcmp(tag, "img") == 0) {
-		const char *alt = attr(n, "alt", &keep);
-		if (alt)
-			tw_text(w, alt);
-	} else if (strcmp(tag, "a") == 0) {
-		n->_private = (void *)(uintptr_t)(w->out.len + 1); /* where its text starts */
-	} else if (strcmp(tag, "ol") == 0) {
-		const char *start = attr(n, "start", &keep);
-		long long first = 1;
-		cw_decimal(start, 0, 999999999, false, &first); /* else 1 */
-		n->_private = (void *)(uintptr_t)first; /* the next item's number */
-	} else if ((strcmp(tag, "td") == 0 || strcmp(tag, "th") == 0) && strcmp(parent, "tr") == 0) {
-		if (n->parent->_private)
-			tw_text(w, " | ");
-		n->parent->_private = n->parent;
-	}
-	xmlFree(keep);
-	if (strcmp(tag, "pre") == 0)
-		w->pre++;
-	tw_break(w, tw_block(w, tag));
-	if (strcmp(tag, "ul") == 0 || strcmp(tag, "ol") == 0)
-		w->lists++;
-	if (strcmp(tag, "li") == 0) {
-		w->marked = false;
-		tw_break(w, 1);
-		tw_flush(w);
-		int indent = w->lists > 1 ? w->lists - 1 : 0;
-		if (indent > LIST_INDENT_MAX)
-			indent = LIST_INDENT_MAX;
-		for (int i = 0; i < indent; i++)
-			tw_add(w, "  ", 2);
-		if (strcmp(parent, "ol") == 0) {
-			uintptr_t num = (uintptr_t)n->parent->_private;
-			n->parent->_private = (void *)(num + 1);
-			char mark[32];
-			int len = snprintf(mark, sizeof(mark), "%lu.", (unsigned long)num);
-			tw_add(w, mark, (size_t)len);
-		} else {
-			tw_add(w, "\xE2\x80\xA2", 3); /* • */
-		}
-		w->space = true;
-		w->marked = true;
-	}
-	return true;
-}
-
-/* Visits an element on the way up (after its children). */
-static void tw_leave(struct tw *w, xmlNode *n)
-{
-	const char *tag = (const char *)n->name;
-	if (strcmp(tag, "a") == 0 && n->_private) {
-		size_t start = (uintptr_t)n->_private - 1;
-		xmlChar *keep = NULL;
-		const char *href = attr(n, "href", &keep);
-		if (href && href_shown(href) && !says_href(w, start, href)) {
-			bool text = w->out.len && strspn(w->out.p + start, " \n") < w->out.len - start;
-			if (text)
-				tw_text(w, " (");
-			tw_text(w, href);
-			if (text)
-				tw_text(w, ")");
-		}
-		xmlFree(keep);
-	}
-	if (strcmp(tag, "pre") == 0 && w->pre)
-		w->pre--;
-	if ((strcmp(tag, "ul") == 0 || strcmp(tag, "ol") == 0) && w->lists)
-		w->lists--;
-	int lines = tw_block(w, tag);
-	if (lines) {
-		w->marked = false; /* what follows an item is on a line of its own */
-		tw_break(w, lines);
-	}
-	n->_private = NULL;
-}
-
-static bool tw_enter_node(void *arg, xmlNode *n)
-{
-	struct tw *w = arg;
-	if (n->type == XML_TEXT_NODE || n->type == XML_CDATA_SECTION_NODE) {
-		/* Text right in <html> is the layout between head and body. */
-		bool layout = n->parent && n->parent->name && strcmp((const char *)n->parent->name, "html") == 0;
-		if (n->content && !layout)
-			tw_text(w, (const char *)n->content);
-		return false;
-	}
-	if (n->type == XML_ELEMENT_NODE && n->name)
-		return tw_enter(w, n);
-	return false; /* comments, processing instructions, DTDs */
-}
-
-static void tw_leave_node(void *arg, xmlNode *n)
-{
-	if (n->type == XML_ELEMENT_NODE && n->name)
-		tw_leave(arg, n);
-}
-
 static pthread_once_t xml_once = PTHREAD_ONCE_INIT;
 
 static void xml_init(void)
@@ -1003,10 +735,9 @@ static htmlDocPtr html_parse(const char *html, size_t n, bool *oom)
 }
 
 /* The text of an HTML fragment or document as a reader of plain text
- * expects it (docs/xmpp.md "Mapping"): line breaks for <br> and blocks,
- * list markers, link targets, image alt text, white space collapsed outside
- * <pre>, no head, script or style; trimmed, at most HTML_MAX bytes.
- * malloc'd, NULL when there is none, or when memory ran out (*oom set). */
+ * expects it (cw_html_text, docs/xmpp.md "Mapping"), at most HTML_MAX
+ * bytes.  malloc'd, NULL when there is none, or when memory ran out (*oom
+ * set). */
 static char *html_text(const char *html, bool *oom)
 {
 	size_t n = strlen(html);
@@ -1016,26 +747,13 @@ static char *html_text(const char *html, bool *oom)
 	htmlDocPtr doc = html_parse(html, n, oom);
 	if (!doc)
 		return NULL;
-	struct tw w = { 0 };
-	cw_buf_init(&w.out, HTML_MAX);
-	cw_html_walk(doc, tw_enter_node, tw_leave_node, tw_stopped, &w);
+	char *s = cw_html_text(doc, NULL, HTML_MAX);
 	xmlFreeDoc(doc);
-	if (w.oom || !w.out.len) {
-		*oom = w.oom;
-		cw_buf_free(&w.out);
-		return NULL;
-	}
-	size_t len;
-	char *s = cw_buf_take(&w.out, &len);
-	size_t start = 0;
-	while (len && strchr(" \t\r\n", s[len - 1]))
-		s[--len] = '\0';
-	while (s[start] && strchr(" \t\r\n", s[start]))
-		start++;
-	memmove(s, s + start, len - start + 1);
-	if (!*s) {
+	if (!s)
+		*oom = true;
+	if (s && !*s) {
 		free(s);
-		return NULL;
+		s = NULL;
 	}
 	return s;
 }
