@@ -48,6 +48,16 @@ void cw_html_walk(xmlDoc *doc, bool (*enter)(void *arg, xmlNode *n), void (*leav
 	}
 }
 
+char *cw_url_trim(char *v)
+{
+	static const char ws[] = " \t\n\f\r";
+	v += strspn(v, ws);
+	size_t n = strlen(v);
+	while (n && strchr(ws, v[n - 1]))
+		v[--n] = '\0';
+	return v;
+}
+
 /* ------------------------------------------------------------ text */
 
 /* Elements whose content is not message text (docs/xmpp.md "HTML-only text"). */
@@ -273,8 +283,8 @@ static void tw_leave(struct tw *w, xmlNode *n)
 	const char *tag = (const char *)n->name;
 	if (strcmp(tag, "a") == 0 && n->_private) {
 		size_t start = (uintptr_t)n->_private - 1;
-		xmlChar *keep = NULL;
-		const char *href = attr(n, "href", &keep);
+		xmlChar *keep = xmlGetProp(n, (const xmlChar *)"href");
+		const char *href = keep ? cw_url_trim((char *)keep) : NULL;
 		if (href && href_shown(href) && !says_href(w, start, href)) {
 			bool text = w->out.len && strspn(w->out.p + start, " \n") < w->out.len - start;
 			if (text)

@@ -22,6 +22,13 @@ htmlParserCtxtPtr cw_html_context(const char *buf, size_t n, int options);
 void cw_html_walk(xmlDoc *doc, bool (*enter)(void *arg, xmlNode *n), void (*leave)(void *arg, xmlNode *n),
 		  bool (*stopped)(void *arg), void *arg);
 
+/* v without the ASCII white space (tab, LF, FF, CR, space) at its ends,
+ * as a browser reads a URL in an attribute (the URL Standard strips
+ * leading and trailing C0 controls and spaces; the other C0 controls are
+ * left for the caller to refuse): cut in place, the pointer moved past the
+ * leading. */
+char *cw_url_trim(char *v);
+
 /* The text of doc as a reader of plain text expects it, the body an
  * HTML-only message gets on a network of plain text (docs/xmpp.md
  * "HTML-only text", docs/matrix.md): line breaks for <br> and blocks (a

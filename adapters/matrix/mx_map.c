@@ -183,7 +183,10 @@ static bool color_ok(const char *v)
 	return true;
 }
 
-/* An absolute URL whose scheme is one a message link may have. */
+/* An absolute URL whose scheme is one a message link may have (v
+ * cw_url_trim'd, clean_input having made every other C0 control U+FFFD:
+ * until the forty-sixth session href=" https://x" lost its
+ * href, which a browser follows). */
 static bool href_ok(const char *v)
 {
 	static const char *const schemes[] = { "http", "https", "ftp", "mailto", "magnet", "matrix", NULL };
@@ -296,9 +299,11 @@ static bool emit_start(struct cw_buf *b, xmlNode *n, const char *tag)
 			else if (strcmp(name, "data-mx-spoiler") == 0 || strcmp(name, "data-mx-maths") == 0)
 				emit_attr(&attrs, name, v, seen, sizeof(seen));
 		} else if (strcmp(tag, "a") == 0) {
-			if (strcmp(name, "name") == 0 || strcmp(name, "target") == 0 ||
-			    (strcmp(name, "href") == 0 && href_ok(v)))
+			const char *href = strcmp(name, "href") == 0 ? cw_url_trim(v) : NULL;
+			if (strcmp(name, "name") == 0 || strcmp(name, "target") == 0)
 				emit_attr(&attrs, name, v, seen, sizeof(seen));
+			else if (href && href_ok(href))
+				emit_attr(&attrs, name, href, seen, sizeof(seen));
 		} else if (strcmp(tag, "img") == 0) {
 			if ((strcmp(name, "width") == 0 || strcmp(name, "height") == 0) && digits_ok(v)) {
 				emit_attr(&attrs, name, v, seen, sizeof(seen));
