@@ -185,13 +185,14 @@ enum mx_rehost { MX_REHOST_OK, MX_REHOST_NOTICE, MX_REHOST_RETRY, MX_REHOST_WAIT
 enum mx_rehost mx_rehost(struct matrix *m, const char *ghost, const char *signer, const json_t *att, char *mxc,
 			 size_t len, char *why, size_t wlen, cw_errmsg *e);
 /* The same answer without waiting on a far side (for the delivery lane):
- * OK when the file is on the homeserver already, NOTICE or RETRY when the
+ * OK when the file is on the homeserver already (its size as fetched into
+ * *size unless NULL: at most what att declares, maybe less), NOTICE or RETRY when the
  * worker found so (a RETRY is forgotten once told: the next asks again),
  * or when its queue is full (MX_MEDIA_QUEUE_MAX, or MX_MEDIA_QUEUE_PER_SIGNER
  * of the signer's), WAIT when the worker
  * has it queued now (and queues it if not). */
 enum mx_rehost mx_media_lookup(struct matrix *m, PGconn *c, const char *ghost, const char *signer, const json_t *att,
-			       char *mxc, size_t len, char *why, size_t wlen, cw_errmsg *e);
+			       char *mxc, size_t len, json_int_t *size, char *why, size_t wlen, cw_errmsg *e);
 /* mx_media_lookup's answer for a file not on the homeserver: what the
  * worker found of att (an https:// URL), or WAIT when it has it queued
  * now (and queues it if not).  Under no lock; takes mu. */

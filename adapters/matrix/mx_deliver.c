@@ -1209,7 +1209,9 @@ static cw_err media_parts(struct matrix *m, PGconn *c, struct outbox_row *row, c
 		if (!url || strncmp(url, "https://", 8) != 0)
 			continue;
 		char mxc[300], why[160] = "", text[200];
-		enum mx_rehost rh = mx_media_lookup(m, c, ghost, signer, a, mxc, sizeof(mxc), why, sizeof(why), e);
+		json_int_t size = -1;
+		enum mx_rehost rh =
+			mx_media_lookup(m, c, ghost, signer, a, mxc, sizeof(mxc), &size, why, sizeof(why), e);
 		if (rh == MX_REHOST_RETRY) {
 			json_decref(copy);
 			return CW_EUNAVAIL;
@@ -1220,6 +1222,12 @@ static cw_err media_parts(struct matrix *m, PGconn *c, struct outbox_row *row, c
 		}
 		snprintf(text, sizeof(text), "(not carried: %s)", why);
 		json_object_set_new(a, "url", json_string(rh == MX_REHOST_OK ? mxc : text));
+		/* The file's size as fetched, which Matrix shows (info.size): the
+		 * attachment's declaration is a bound, the file may be shorter
+		 * (until the forty-sixth session Matrix showed the declared size,
+		 * or none when the attachment declared none). */
+		if (rh == MX_REHOST_OK && size >= 0)
+			json_object_set_new(a, "size", json_integer(size));
 	}
 	if (*wait) {
 		json_decref(copy);
@@ -1307,7 +1315,8 @@ static bool sync_profile(struct matrix *m, PGconn *c, const char *sender_id, con
 	bool avatar_ok = true;
 	json_t *att = avatar ? json_loads(avatar, 0, NULL) : NULL;
 	if (att) {
-		enum mx_rehost rh = mx_media_lookup(m, c, ghost, signer, att, mxc, sizeof(mxc), why, sizeof(why), &e);
+		enum mx_rehost rh =
+			mx_media_lookup(m, c, ghost, signer, att, mxc, sizeof(mxc), NULL, why, sizeof(why), &e);
 		json_decref(att);
 		if (rh == MX_REHOST_WAIT) /* the message waits for its face */
 			return true;

@@ -169,8 +169,8 @@ static json_int_t declared_size(const json_t *att, size_t max)
 	return json_is_integer(s) && json_integer_value(s) >= 0 ? json_integer_value(s) : (json_int_t)max;
 }
 
-/* The file's mxc:// URI when it is on the homeserver already, fetched
- * for the same signer (the sending peer's domain, NULL for a sender of no
+/* The file's mxc:// URI when it is on the homeserver already (and its
+ * size, as fetched, into *stored unless NULL), fetched for the same signer (the sending peer's domain, NULL for a sender of no
  * peer: media_rehosted.fetched_for ''), and no larger than the attachment
  * declares (declared: its size; the policy's max_attachment_bytes judged
  * that, so a file re-hosted for an honest declaration is not reused for a
@@ -179,13 +179,13 @@ static json_int_t declared_size(const json_t *att, size_t max)
  * URL (until the twentieth session the lookup was by URL alone); rows
  * from before schema/027 (fetched_for NULL) match nothing. */
 static cw_err cached(PGconn *c, const char *url, const char *signer, const char *want, json_int_t declared,
-		     char *mxc, size_t len, bool *found, cw_errmsg *e)
+		     char *mxc, size_t len, bool *found, json_int_t *stored, cw_errmsg *e)
 {
 	*found = false;
 	char size[24];
 	snprintf(size, sizeof(size), "%lld", (long long)declared);
 	const char *p[] = { url, want ? want : "", size, signer ? signer : "" };
-	PGresult *r = PQexecParams(c, "SELECT native_uri FROM media_rehosted WHERE network = 'matrix' AND source = $1 "
+	PGresult *r = PQexecParams(c, "SELECT native_uri, size FROM media_rehosted WHERE network = 'matrix' AND source = $1 "
 				      "AND fetched_for = $4 AND ($2 = '' OR sha256 = $2) AND size <= $3::bigint "
 				      "ORDER BY created_at DESC LIMIT 1",
 				   4, NULL, p, NULL, NULL, 0);
@@ -195,6 +195,8 @@ static cw_err cached(PGconn *c, const char *url, const char *signer, const char 
 	if (PQntuples(r) == 1 && strlen(PQgetvalue(r, 0, 0)) < len) {
 		snprintf(mxc, len, "%s", PQgetvalue(r, 0, 0));
 		*found = true;
+		if (stored)
+			*stored = (json_int_t)strtoll(PQgetvalue(r, 0, 1), NULL, 10);
 	}
 	PQclear(r);
 	return CW_OK;
@@ -237,7 +239,7 @@ static void forget_answers(json_t *state)
 }
 
 enum mx_rehost mx_media_lookup(struct matrix *m, PGconn *c, const char *ghost, const char *signer, const json_t *att,
-			       char *mxc, size_t len, char *why, size_t wlen, cw_errmsg *e)
+			       char *mxc, size_t len, json_int_t *size, char *why, size_t wlen, cw_errmsg *e)
 {
 	const char *url = json_string_value(json_object_get(att, "url"));
 	json_int_t declared = declared_size(att, (size_t)m->cfg->media_max_bytes);
@@ -250,7 +252,8 @@ enum mx_rehost mx_media_lookup(struct matrix *m, PGconn *c, const char *ghost, c
 		return MX_REHOST_NOTICE;
 	}
 	bool found;
-	if (cached(c, url, signer, json_string_value(json_object_get(att, "sha256")), declared, mxc, len, &found, e))
+	if (cached(c, url, signer, json_string_value(json_object_get(att, "sha256")), declared, mxc, len, &found, size,
+		   e))
 		return MX_REHOST_RETRY;
 	if (found)
 		return MX_REHOST_OK;
@@ -453,7 +456,7 @@ enum mx_rehost mx_rehost(struct matrix *m, const char *ghost, const char *signer
 	PGconn *c = db_take(m, e);
 	if (!c)
 		return MX_REHOST_RETRY;
-	cw_err crc = cached(c, url, signer, want, declared, mxc, len, &found, e);
+	cw_err crc = cached(c, url, signer, want, declared, mxc, len, &found, NULL, e);
 	db_give(m);
 	if (crc)
 		return MX_REHOST_RETRY;

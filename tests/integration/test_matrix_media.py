@@ -191,6 +191,27 @@ def test_a_peers_edit_keeping_its_file_edits_the_image_in_matrix(mx, hs, wally_r
     assert sum(1 for q in hs.requests if q["path"] == "/_matrix/media/v3/upload") == 2
 
 
+def test_matrix_shows_the_size_of_the_file_as_fetched(mx, hs, wally_room, media):
+    """An attachment's size is a bound (the policy judges it; the fetch
+    takes no more): the file may be shorter, and the one re-hosted before
+    for the same URL is reused for any declaration at least its size.
+    Matrix shows the size of the file it has (info.size), never the
+    declared one: until the forty-sixth session an m.image said 3500 bytes
+    of a file of 3008, and a later declaration of 9999 said 9999."""
+    a, room = wally_room
+    cat = b"\x89PNG\r\n\x1a\n" + os.urandom(3000)
+    url = media.put("/f/short.png", "image/png", cat, host="media.wa.localhost")
+    send_file(a, room, "a cat", attachment(url, cat, size=len(cat) + 492), "s1")
+    [m] = ghost_messages(hs, 1)
+    assert m["content"]["info"] == {"mimetype": "image/png", "size": len(cat)}, m["content"]
+    assert hs.media(m["content"]["url"])["data"] == cat
+    send_file(a, room, "again", attachment(url, cat, size=9999), "s2")
+    ms = ghost_messages(hs, 2)
+    assert ms[1]["content"]["url"] == m["content"]["url"], ms[1]["content"]  # reused, not fetched again
+    assert ms[1]["content"]["info"] == {"mimetype": "image/png", "size": len(cat)}, ms[1]["content"]
+    assert len(media.requests) == 1
+
+
 def test_a_rehosted_files_record_goes_when_its_message_expires(mx, hs, wally_room, media, pg, db_url):
     """What is remembered of a peer's file re-hosted on the homeserver
     (media_rehosted: the store's URL, digest, size, for whom, the mxc://
@@ -625,7 +646,7 @@ def test_a_file_that_declares_no_size_is_fetched_up_to_the_gateways_limit(mx, hs
     send_file(a, room, "no size, too big", too_big, "n2")
     first, second = (m["content"] for m in ghost_messages(hs, 2))
     assert first["msgtype"] == "m.image" and hs.media(first["url"])["data"] == data, first
-    assert "size" not in first["info"], first
+    assert first["info"]["size"] == len(data), first  # the file's own, as fetched (before: none)
     assert second["msgtype"] == "m.text" and "not carried: larger than this gateway carries" in second["body"], second
     r = mx.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example",
                                          "limits": {"max_attachment_bytes": 1000}})
