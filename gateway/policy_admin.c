@@ -50,6 +50,8 @@ struct aq {
 			         that made no limit): no NOTIFY, no wait for this process's reload */
 	bool peer_subject;    /* consent: its subject ($3, kind $2) must be of a peer's domain, asked
 			         before anything is made (policy_peer_of_domain) */
+	bool peer_network;    /* opt-in: its network ($2, peer:<name>) must be a peer's, asked before
+			         anything is made */
 	const char *records;  /* a page of this table's records: the id up to which every row is
 			         committed (app_list_horizon) is the statement's last parameter */
 };
@@ -132,6 +134,25 @@ static cw_err subject_of_peer(PGconn *c, struct app_job *j, const char *kind, co
 	return CW_OK;
 }
 
+/* Whether network (peer:<name>) is a configured peer's, enabled or not;
+ * if not, the job is answered 422 unknown_peer. */
+static cw_err network_of_peer(PGconn *c, struct app_job *j, const char *network, bool *ok, cw_errmsg *e)
+{
+	const char *params[] = { network + 5 };
+	PGresult *r = PQexecParams(c, "SELECT 1 FROM peers WHERE name = $1", 1, NULL, params, NULL, NULL, 0);
+	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
+	if (rc)
+		return rc;
+	*ok = PQntuples(r) == 1;
+	PQclear(r);
+	if (!*ok)
+		app_job_fail(j, 422, "unknown_peer",
+			     "%s is the network of no peer: an opt-in for it would be asked of no sender. Nothing was "
+			     "stored; create the peer first (POST /admin/v1/peers)",
+			     network);
+	return CW_OK;
+}
+
 static cw_err aq_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct aq *q = j->data;
@@ -146,9 +167,10 @@ static cw_err aq_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 			return rc;
 		params[n++] = upto;
 	}
-	if (q->peer_subject) {
+	if (q->peer_subject || q->peer_network) {
 		bool ok;
-		cw_err rc = subject_of_peer(c, j, q->p[1], q->p[2], &ok, e);
+		cw_err rc = q->peer_subject ? subject_of_peer(c, j, q->p[1], q->p[2], &ok, e)
+					    : network_of_peer(c, j, q->p[1], &ok, e);
 		if (rc || !ok)
 			return rc;
 	}
@@ -883,6 +905,13 @@ void policy_admin_optin_set(struct cw_req *req, void *ctx)
 		q->local = 0;
 		q->action = "optin.set";
 		q->subject = 3;
+		/* An opt-in for a network no peer has is asked of no sender: the
+		 * user would believe herself reachable (until the forty-sixth
+		 * session it was stored and audited, while the Matrix bot and
+		 * POST /consents refused the like).  An opt-out is taken: it
+		 * keeps her out of a peer yet to come, whatever
+		 * policy.optin_default says then. */
+		q->peer_network = json_is_true(opted);
 	}
 	json_decref(body);
 	if (ok)

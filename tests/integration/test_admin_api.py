@@ -911,10 +911,11 @@ def test_each_pattern_of_a_request_member_is_the_one_the_route_takes(daemon, doc
     """Where the document gives a member of a body a pattern, a value it
     matches is taken and one it does not is 400 invalid_body.  Until the
     forty-sixth session an evidence entry's was ^msg_ alone: msg_a.b,
-    which the document allowed, was refused."""
+    which the document allowed, was refused.  An opt-out: an opt-in for a
+    network no peer has is 422 (test_policy.py), an opt-out is taken."""
     bodies = {("POST", "/admin/v1/tokens"): lambda v: ("name", {"name": v}),
               ("POST", "/admin/v1/optins"): lambda v: ("network", {"user": "mimi://example.org/u/alice",
-                                                                   "network": v, "opted_in": True}),
+                                                                   "network": v, "opted_in": False}),
               ("POST", "/admin/v1/reports"): lambda v: ("reason", {"subject": "mimi://wa.example/u/x",
                                                                   "reason": v})}
     samples = {"name": ["ops", "Ops.1@x-y_z", "a" * 64, "a" * 65, "-x", "x y", ""],

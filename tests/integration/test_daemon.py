@@ -821,7 +821,7 @@ def test_a_database_serves_one_local_network(make_daemon, db_url, pg):
     assert any(r.get("msg") == "the database's local network recorded" and r.get("network") == "matrix"
                and r.get("local_users") == "none" for r in mx.records), mx.log()
     assert pg.psql(RECORD, db_url) == "matrix"
-    r = mx.admin("POST", "/optins", json={"user": "mimi://example.org/u/bob", "network": "peer:gk", "opted_in": True})
+    r = mx.admin("POST", "/optins", json={"user": "mimi://example.org/u/bob", "network": "peer:gk", "opted_in": False})
     assert r.status_code == 200, r.text
     assert mx.stop() == 0
     before = pg.psql(EVERYTHING, db_url)

@@ -2507,6 +2507,40 @@ def test_a_consent_of_a_domain_of_no_peer_is_refused_and_one_stored_before_is_sh
             srv.close()
 
 
+def test_an_opt_in_for_a_network_no_peer_has_is_refused_and_an_opt_out_taken(daemon, pg, db_url):
+    """An opt-in for peer:<name> when no peer has that name is asked of no
+    sender (the user would believe herself reachable): POST /optins with
+    opted_in true answers 422 unknown_peer naming the network and stores
+    nothing, not even the user, as the Matrix bot refuses it and POST
+    /consents refuses a domain of no peer.  Until the forty-sixth session
+    it was stored, audited and answered 200.  An opt-out is taken: it keeps
+    her out of a peer yet to come whatever policy.optin_default then says.
+    A disabled peer's network is taken (it may come back)."""
+    count = ("SELECT (SELECT count(*) FROM identities) || ' ' || (SELECT count(*) FROM user_optin) || ' ' || "
+             "(SELECT count(*) FROM audit_log WHERE action = 'optin.set')")
+    before = pg.psql(count, db_url)
+    for network in ("peer:gk", "peer:nobody"):
+        r = daemon.admin("POST", "/optins", json={"user": ALICE, "network": network, "opted_in": True})
+        assert r.status_code == 422 and r.headers["Content-Type"] == "application/problem+json", r.text
+        p = r.json()
+        assert p["code"] == "unknown_peer" and p["status"] == 422, p
+        assert p["detail"].startswith(f"{network} is the network of no peer: ") and "Nothing was stored" in p["detail"]
+    assert pg.psql(count, db_url) == before  # no user made, no opt-in, no audit record
+    assert daemon.admin("GET", f"/users?user={ALICE}").json()["rows"] == []
+    assert opt_in(daemon, network="peer:later", on=False) == {"user": ALICE, "network": "peer:later",
+                                                               "opted_in": False}
+    made = push_peers(daemon)
+    try:
+        assert daemon.admin("POST", "/peers/tg/disable").status_code == 200
+        assert opt_in(daemon)["opted_in"] is True
+        assert opt_in(daemon, network="peer:tg")["opted_in"] is True  # a disabled peer's
+        [u] = daemon.admin("GET", f"/users?user={ALICE}").json()["rows"]
+        assert u["optins"] == {"peer:gk": True, "peer:tg": True, "peer:later": False}, u
+    finally:
+        for _, srv in made:
+            srv.close()
+
+
 def test_a_peer_gets_only_the_event_types_it_takes(daemon, peers, pg, db_url):
     """spec/policy.md: a block travels "where the peer supports it". A peer
     whose event_types leave out block is sent none (so no batch of its is
