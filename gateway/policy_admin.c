@@ -551,12 +551,27 @@ void policy_admin_rule_create(struct cw_req *req, void *ctx)
 	json_t *body = app_json_body(req);
 	if (!body)
 		return;
+	/* A rule of the same scope and pattern that has expired (an
+	 * automatic limit after reports, or an operator's rule with
+	 * expires_in_s) is in force no more: the new rule takes its place,
+	 * answered (and audited) with it as it was, "replaced", locked while
+	 * read (old is read before the insert, the insert's one-time filter:
+	 * read after it, the row it updated would be skipped).  One in force, or not yet expired, is the 409 of an existing
+	 * rule.  Until the forty-sixth session an expired rule was the 409
+	 * too, and the operator had to delete what no longer applied first. */
 	struct aq *q = aq_new(
-		"INSERT INTO rules (scope, pattern, mode, limits, enabled, comment, created_by, expires_at) "
+		"WITH old AS (SELECT " RULE_JSON " AS j FROM rules WHERE scope = $1 AND pattern = $2 "
+		" AND expires_at <= now() FOR UPDATE), "
+		"ins AS (INSERT INTO rules (scope, pattern, mode, limits, enabled, comment, created_by, expires_at) "
 		"SELECT $1, $2, $4, coalesce($6::jsonb, '{}'::jsonb), CASE WHEN $7::boolean THEN $8::boolean ELSE true END, "
 		" $10, $13, CASE WHEN $12::bigint IS NULL THEN NULL ELSE now() + make_interval(secs => $12::bigint) END "
 		"FROM (SELECT $3::boolean, $5::boolean, $9::boolean, $11::boolean) AS presence "
-		"ON CONFLICT (scope, pattern) DO NOTHING RETURNING " RULE_JSON "::text");
+		"WHERE (SELECT count(*) FROM old) >= 0 ON CONFLICT (scope, pattern) DO UPDATE SET mode = excluded.mode, limits = excluded.limits, "
+		" enabled = excluded.enabled, comment = excluded.comment, created_by = excluded.created_by, "
+		" created_at = now(), updated_at = now(), expires_at = excluded.expires_at "
+		" WHERE rules.expires_at <= now() RETURNING *) "
+		"SELECT (" RULE_JSON "::jsonb || CASE WHEN EXISTS (SELECT 1 FROM old) "
+		" THEN jsonb_build_object('replaced', (SELECT j FROM old)) ELSE '{}'::jsonb END)::text FROM ins");
 	const char *scope = str(body, "scope"), *pattern = str(body, "pattern");
 	enum policy_scope sc;
 	bool has_mode, mode_null, has_limits, limits_empty;
@@ -602,7 +617,8 @@ void policy_admin_rule_create(struct cw_req *req, void *ctx)
 	aq_param(q, admin_actor(req));
 	q->status = 201;
 	q->none_status = 409;
-	q->none_detail = "a rule with that scope and pattern exists";
+	q->none_detail = "a rule with that scope and pattern exists and has not expired: change it (PATCH "
+			 "/admin/v1/rules/{id}) or delete it first";
 	q->action = "rule.create";
 	q->subject = 1;
 	aq_run(ctx, req, q);

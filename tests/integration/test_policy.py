@@ -1653,6 +1653,51 @@ def test_an_automatic_limit_made_again_is_only_the_limit(daemon, peers, pg, db_u
     assert send(a, room, "limited").status_code == 429
 
 
+def test_a_new_rule_takes_the_place_of_an_expired_one(daemon, peers, pg, db_url):
+    """A rule that has expired is in force no more: POST /rules of its
+    scope and pattern makes the new rule in its place (the same id),
+    answered and audited with the expired one as it was ("replaced").  An
+    automatic limit after reports, and an operator's rule with
+    expires_in_s, alike.  One not expired yet is 409, nothing changed.
+    Until the forty-sixth session an expired rule was the 409 too: the
+    operator could not deny a user whose automatic limit had run out
+    without deleting it first."""
+    (a, _), _ = peers
+    opt_in(daemon)
+    room = dm(a)
+    auto = three_reports_of_wally(daemon, a)["limit_rule_id"]
+    assert auto is not None
+    deny = {"scope": "user", "pattern": a.user("wally"), "mode": "deny", "comment": "enough"}
+    audits = "SELECT count(*) FROM audit_log WHERE action = 'rule.create'"
+    before = pg.psql(audits, db_url)
+    r = daemon.admin("POST", "/rules", json=deny)
+    assert r.status_code == 409 and r.json()["detail"].startswith("a rule with that scope and pattern exists"), r.text
+    assert pg.psql(audits, db_url) == before
+    pg.psql("UPDATE rules SET expires_at = now() - interval '1 second' WHERE id = %d" % auto, db_url)
+    was = daemon.admin("GET", f"/rules/{auto}").json()
+    r = daemon.admin("POST", "/rules", json=deny)
+    assert r.status_code == 201, r.text
+    new = r.json()
+    assert new.pop("replaced") == was, new
+    assert (new["id"], new["mode"], new["limits"], new["comment"], new["created_by"], new["expires_at"]) == (
+        auto, "deny", {}, "enough", "admin:config", None), new
+    assert new == daemon.admin("GET", f"/rules/{auto}").json()
+    assert pg.psql("SELECT (details->'replaced'->>'created_by') || ' ' || (details->>'mode') FROM audit_log "
+                   "WHERE action = 'rule.create' ORDER BY id DESC LIMIT 1", db_url) == "system:reports deny"
+    assert states(pg, db_url, [send(a, room, "denied").json()["id"]])[0][1] == "dropped"  # in force
+    # An operator's rule that expired: the same.
+    r = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "tg.example", "mode": "deny",
+                                             "expires_in_s": 60})
+    assert r.status_code == 201 and "replaced" not in r.json(), r.text
+    op = r.json()["id"]
+    assert daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "tg.example",
+                                                "mode": "closed"}).status_code == 409
+    pg.psql("UPDATE rules SET expires_at = now() - interval '1 second' WHERE id = %d" % op, db_url)
+    r = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "tg.example", "mode": "closed"})
+    assert r.status_code == 201 and r.json()["replaced"]["mode"] == "deny" and r.json()["mode"] == "closed", r.text
+    assert pg.psql("SELECT count(*) FROM rules", db_url) == "2"
+
+
 def three_reports_of_wally(daemon, a):
     """Three reporters (the threshold: alice, bob and the operator) report
     wally; the last report's answer."""
