@@ -474,6 +474,14 @@ void peer_api_report(struct cw_req *req, void *ctx)
 	in->evidence = evidence ? json_incref(evidence) : json_array();
 	in->comment = comment ? strdup(json_string_value(comment)) : NULL;
 	json_decref(body);
+	if (!in->evidence || (comment && !in->comment)) {
+		/* the report as sent or none: never stored without its comment
+		 * (until the forty-sixth session a comment out of memory was
+		 * stored as none, and the report answered 202) */
+		social_free(in);
+		cw_req_no_memory(req);
+		return;
+	}
 	start(req, ctx, in, report_fn, true);
 }
 
