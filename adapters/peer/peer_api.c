@@ -1221,14 +1221,18 @@ static cw_err members_add_allowed(PGconn *c, struct app_job *j, const struct pee
 	return CW_OK;
 }
 
-/* An add that would take the group past rooms.max_members is refused
- * (ROOM_MEMBERS_BOUND), before the charge and any write: counted under the
- * room's lock, the members after the change (joined or invited: the
- * members now and the users added, less the users removed) against the
- * bound, and against the members before, so that a change that shrinks a
- * group above the bound (made before it, or the bound lowered since) is
- * taken. */
-static cw_err members_bound(PGconn *c, struct app_job *j, const char *room_id, const struct members_input *in,
+/* An add is refused, before the charge and any write, under the room's
+ * lock: when it names a user banned from the group (403 not_allowed
+ * naming her: a ban is this provider's, made and lifted by its operator
+ * alone, and no peer's add lifts it, as none of its removals does; since
+ * the forty-sixth session: until then the add made her joined again, while
+ * her own join was refused), and when it would take the group past
+ * rooms.max_members (ROOM_MEMBERS_BOUND): counted, the members after the
+ * change (joined or invited: the members now and the users added, less
+ * the users removed) against the bound, and against the members before,
+ * so that a change that shrinks a group above the bound (made before it,
+ * or the bound lowered since) is taken. */
+static cw_err members_admit(PGconn *c, struct app_job *j, const char *room_id, const struct members_input *in,
 			    cw_errmsg *e)
 {
 	json_t *a = member_uris(in->add, in->nadd), *r = member_uris(in->remove, in->nremove);
@@ -1246,13 +1250,21 @@ static cw_err members_bound(PGconn *c, struct app_job *j, const char *room_id, c
 		"  WHERE x.room_id = $1::bigint AND x.membership IN ('joined', 'invited')) "
 		"SELECT (SELECT count(*) FROM m), (SELECT count(*) FROM (SELECT uri FROM m UNION "
 		"  SELECT u FROM jsonb_array_elements_text($2::jsonb) AS a(u)) y "
-		"  WHERE y.uri NOT IN (SELECT u FROM jsonb_array_elements_text($3::jsonb) AS r(u)))", 3, params);
+		"  WHERE y.uri NOT IN (SELECT u FROM jsonb_array_elements_text($3::jsonb) AS r(u))), "
+		"(SELECT i.uri FROM room_members x JOIN identities i ON i.id = x.identity_id WHERE x.room_id = $1::bigint "
+		"  AND x.membership = 'banned' AND i.uri IN (SELECT u FROM jsonb_array_elements_text($2::jsonb) AS a(u)) "
+		"  ORDER BY 1 LIMIT 1)", 3, params);
 	if ((rc = store_check(c, res, PGRES_TUPLES_OK, e)))
 		goto out;
 	long before = atol(PQgetvalue(res, 0, 0)), after = atol(PQgetvalue(res, 0, 1));
 	long max = j->app->cfg->rooms_max_members;
+	if (!PQgetisnull(res, 0, 2)) {
+		app_job_fail(j, 403, "not_allowed", "%s: banned from this group", PQgetvalue(res, 0, 2));
+		LOG_KV_LIMITED(CW_LOG_INFO, "a peer's add refused: the member is banned from the group", "peer",
+			       in->p->name, "room", in->public_id);
+	}
 	PQclear(res);
-	if (after > max && after > before) {
+	if (!j->err_code && after > max && after > before) {
 		app_job_fail(j, 413, "too_large", ROOM_MEMBERS_BOUND, max);
 		LOG_KV_LIMITED(CW_LOG_INFO, "a peer's add refused: the group would pass rooms.max_members", "peer",
 			       in->p->name, "room", in->public_id);
@@ -1294,7 +1306,7 @@ static cw_err members_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		return rc;
 	if ((rc = members_add_allowed(c, j, in->p, room_id, in->domain, in->add, in->nadd, cls, e)) || j->err_code)
 		return rc;
-	if (in->nadd && ((rc = members_bound(c, j, room_id, in, e)) || j->err_code))
+	if (in->nadd && ((rc = members_admit(c, j, room_id, in, e)) || j->err_code))
 		return rc;
 	/* An add is charged (a remove alone is not: a peer takes its users
 	 * out whatever the limits, and without adds it has no one to take
@@ -1311,12 +1323,14 @@ static cw_err members_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 		 * session not written again, no event telling of it).  A local
 		 * user is invited (RECIPIENT_MEMBER_SQL): no change either when
 		 * she is invited already, or left while only invited (her
-		 * decline is not the peer's to learn, not even by a change). */
+		 * decline is not the peer's to learn, not even by a change).
+		 * One banned was refused (members_admit, under the room's
+		 * lock); the statement keeps her out all the same. */
 		const char *mp[] = { room_id, ident, cls[i].local ? "invited" : "joined" };
 		r = exec(c, "INSERT INTO room_members (room_id, identity_id, membership, peer_invited) VALUES ($1::bigint, "
 			    "$2::bigint, $3, $3 = 'invited') ON CONFLICT (room_id, identity_id) DO UPDATE SET "
 			    "membership = $3, peer_invited = $3 = 'invited', updated_at = now() "
-			    "WHERE room_members.membership <> 'joined' AND room_members.membership <> $3 "
+			    "WHERE room_members.membership NOT IN ('joined', 'banned') AND room_members.membership <> $3 "
 			    "AND NOT (room_members.membership = 'left' AND room_members.peer_invited) RETURNING 1", 3, mp);
 		if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
 			return rc;
@@ -3207,7 +3221,7 @@ static void submit_decide(struct submit *b, size_t i, PGresult *r, int first, in
 			return;
 		}
 		/* A group as full as rooms.max_members takes her no more than
-		 * an add of her (members_bound): counted as round 0 read it,
+		 * an add of her (members_admit): counted as round 0 read it,
 		 * with the joins and the leaves of the job's earlier items (a
 		 * peer's user is never invited: each of those changes the count
 		 * by one).  Until the forty-sixth session's review the leaves

@@ -2114,6 +2114,52 @@ def test_a_removal_withdraws_an_invitation_and_leaves_a_ban(daemon, peers, pg, d
         ("membership", bert), ("message", None)]
 
 
+def test_an_add_does_not_lift_a_ban(daemon, peers, pg, db_url):
+    """A user banned from a group stays out: a peer's add of her is
+    refused whole, 403 not_allowed naming her, and nothing changes (no
+    member, no event, no record), whoever hosts the group and whoever she
+    is (the peer's own user, a user of this provider). A ban is this
+    provider's: no peer's request makes one, and its operator lifts it.
+    Until the forty-sixth session the add made her joined again (or
+    invited), while her own join was refused and a removal left her
+    banned. No code writes a ban today; the rows are made here."""
+    (a, sa), (b, sb) = peers
+    wally, bart, bert, bob, dora = (a.user("wally"), a.user("bart"), a.user("bert"), b.user("bob"),
+                                    "mimi://example.org/u/dora")
+    here = a.create_room([wally, bart, bob, dora], kind="group").json()["id"]
+    r = b.call("POST", "/v1/rooms", {"kind": "group", "uri": "mimi://tg.example/r/tea", "members": [bob, wally, bart]})
+    assert r.status_code == 201, r.text
+    theirs = r.json()["id"]
+
+    def ban(gid, who):
+        pg.psql(f"UPDATE room_members SET membership = 'banned' WHERE room_id = (SELECT id FROM rooms "
+                f"WHERE public_id = '{gid}') AND identity_id = (SELECT id FROM identities WHERE uri = '{who}')",
+                db_url)
+
+    def state(gid):
+        return pg.psql("SELECT string_agg(i.uri || '=' || m.membership, ',' ORDER BY i.uri) FROM room_members m "
+                       "JOIN identities i ON i.id = m.identity_id JOIN rooms r ON r.id = m.room_id "
+                       f"WHERE r.public_id = '{gid}'", db_url)
+
+    for gid, who in ((here, bart), (here, dora), (theirs, bart)):
+        ban(gid, who)
+    before = {gid: (state(gid), room_events(pg, db_url, gid)) for gid in (here, theirs)}
+    records = pg.psql("SELECT count(*) FROM audit_log WHERE action = 'room.members'", db_url)
+    for peer, gid, add in ((a, here, [bart]), (a, here, [bert, bart]), (a, here, [dora]),
+                           (b, theirs, [bart]), (a, theirs, [bart])):
+        r = peer.call("POST", f"/v1/rooms/{gid}/members", {"add": add})
+        assert r.status_code == 403 and r.json()["code"] == "not_allowed", (gid, add, r.text)
+        assert r.json()["detail"] == f"{add[-1]}: banned from this group", r.text
+    assert {gid: (state(gid), room_events(pg, db_url, gid)) for gid in (here, theirs)} == before
+    assert pg.psql("SELECT count(*) FROM audit_log WHERE action = 'room.members'", db_url) == records
+    # The room's state shows the ban; a removal leaves it; another user is added.
+    listed = {m["user"]: m["membership"] for m in a.call("GET", f"/v1/rooms/{here}").json()["members"]}
+    assert listed[bart] == "banned" and listed[dora] == "banned", listed
+    r = a.call("POST", f"/v1/rooms/{here}/members", {"remove": [bart], "add": [bert]})
+    assert r.status_code == 200, r.text
+    assert f"{bart}=banned" in state(here) and f"{bert}=joined" in state(here)
+
+
 def test_a_groups_rows_to_a_disabled_peer_wait_for_it(daemon, peers, pg, db_url):
     """A group's message while one of its peers is disabled is written as
     for any peer (a direct room's too): that peer's row waits, pending and
