@@ -929,23 +929,30 @@ struct room_get_input {
  * none of its users is a member; joined: a member now, not one who left,
  * for GET: a peer whose users all left sees the room no more, its members
  * and renames included; the answer to a change of members, which may be
- * the peer's last user leaving, still shows what it did). */
+ * the peer's last user leaving, still shows what it did).  The members
+ * listed are the room's now: joined, invited and banned, not those who
+ * left (since the forty-sixth session: until then every row, and a group's
+ * comings and goings grew its state without end), but the users named by
+ * removed (a JSON array of their URIs, or NULL), whom the answer to their
+ * removal shows left. */
 static cw_err room_state(PGconn *c, struct app_job *j, const char *public_id, int64_t peer_id, bool joined,
-			 cw_errmsg *e)
+			 const char *removed, cw_errmsg *e)
 {
 	char pid[24];
 	snprintf(pid, sizeof(pid), "%lld", (long long)peer_id);
-	const char *params[] = { public_id, pid, joined ? "t" : "f" };
+	const char *params[] = { public_id, pid, joined ? "t" : "f", removed };
 	/* A peer sees the rooms its users are members of, nothing else; a
 	 * local user a peer added who left before she took part is shown as
-	 * still invited (PEER_VIEW_MEMBERSHIP). */
+	 * still invited (PEER_VIEW_MEMBERSHIP), and so listed.  The room's
+	 * row comes once without members when none is listed. */
 	PGresult *r = exec(c,
 		"SELECT r.public_id, r.uri, r.kind, r.policy::text, i.uri, m.role, " PEER_VIEW_MEMBERSHIP("m") ", r.name "
-		"FROM rooms r JOIN room_members m ON m.room_id = r.id JOIN identities i ON i.id = m.identity_id "
+		"FROM rooms r LEFT JOIN (room_members m JOIN identities i ON i.id = m.identity_id) ON m.room_id = r.id "
+		"AND (m.membership <> 'left' OR m.peer_invited OR i.uri IN (SELECT jsonb_array_elements_text($4::jsonb))) "
 		"WHERE r.public_id = $1 AND EXISTS (SELECT 1 FROM room_members m2 JOIN identities i2 "
 		"ON i2.id = m2.identity_id WHERE m2.room_id = r.id AND i2.peer_id = $2::bigint "
 		"AND (NOT $3::boolean OR m2.membership = 'joined')) ORDER BY i.uri",
-		3, params);
+		4, params);
 	cw_err rc = store_check(c, r, PGRES_TUPLES_OK, e);
 	if (rc)
 		return rc;
@@ -956,8 +963,9 @@ static cw_err room_state(PGconn *c, struct app_job *j, const char *public_id, in
 	}
 	json_t *members = json_array();
 	for (int i = 0; i < PQntuples(r); i++)
-		json_array_append_new(members, json_pack("{s:s, s:s, s:s}", "user", PQgetvalue(r, i, 4), "role",
-							 PQgetvalue(r, i, 5), "membership", PQgetvalue(r, i, 6)));
+		if (!PQgetisnull(r, i, 4))
+			json_array_append_new(members, json_pack("{s:s, s:s, s:s}", "user", PQgetvalue(r, i, 4), "role",
+								 PQgetvalue(r, i, 5), "membership", PQgetvalue(r, i, 6)));
 	j->body = room_json(PQgetvalue(r, 0, 0), PQgetvalue(r, 0, 1), PQgetvalue(r, 0, 2),
 			    PQgetisnull(r, 0, 7) ? NULL : PQgetvalue(r, 0, 7), members);
 	json_object_set_new(j->body, "policy", stored_policy(PQgetvalue(r, 0, 0), PQgetvalue(r, 0, 3)));
@@ -968,7 +976,7 @@ static cw_err room_state(PGconn *c, struct app_job *j, const char *public_id, in
 static cw_err room_get_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 {
 	struct room_get_input *in = j->data;
-	return room_state(c, j, in->public_id, in->peer_id, true, e);
+	return room_state(c, j, in->public_id, in->peer_id, true, NULL, e);
 }
 
 /* POST /v1/rooms/{room}/members: {"add": [user URIs], "remove": [user URIs]}
@@ -1352,8 +1360,14 @@ static cw_err members_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	    (rc = room_members_remove(c, room_id, in->remove, in->nremove, in->removed, e)) ||
 	    (rc = room_members_events(c, &ch, "leave", in->remove, in->nremove, in->removed, e)))
 		return rc;
-	rc = room_members_audit(c, actor, in->public_id, in->add, in->nadd, in->remove, in->nremove, e);
-	return rc ? rc : room_state(c, j, in->public_id, in->p->id, false, e);
+	if ((rc = room_members_audit(c, actor, in->public_id, in->add, in->nadd, in->remove, in->nremove, e)))
+		return rc;
+	json_t *removed = member_uris(in->remove, in->nremove);
+	char *rj = removed ? json_dumps(removed, JSON_COMPACT) : NULL;
+	json_decref(removed);
+	rc = rj ? room_state(c, j, in->public_id, in->p->id, false, rj, e) : cw_fail(e, CW_ENOMEM, "out of memory");
+	free(rj);
+	return rc;
 }
 
 bool peer_read_users(const struct cw_app *app, struct cw_req *req, json_t *arr, const char *what,
@@ -1533,7 +1547,7 @@ static cw_err rename_fn(PGconn *c, struct app_job *j, cw_errmsg *e)
 	if ((rc = store_check(c, r, PGRES_TUPLES_OK, e)))
 		return rc;
 	PQclear(r);
-	return room_state(c, j, in->public_id, in->p->id, false, e);
+	return room_state(c, j, in->public_id, in->p->id, false, NULL, e);
 }
 
 void peer_api_room_rename(struct cw_req *req, void *ctx)
