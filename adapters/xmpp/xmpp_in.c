@@ -166,9 +166,13 @@ static cw_err in_lookup_send(PGconn *c, struct xin *in, cw_errmsg *e)
 	int ok = PQsendQueryParams(c,
 		"WITH rb AS (SELECT room_id FROM room_bindings WHERE network = 'xmpp' AND native_id = $8), "
 		"p AS (SELECT id, domain FROM peers WHERE name = $5 AND enabled AND $6 <> '' AND NOT EXISTS (SELECT 1 FROM rb)), "
-		"li0 AS (SELECT i.id FROM identities i, p WHERE i.uri = $1 AND i.is_local), "
+		/* the local user's row locked as identity_id locks it (one the
+		 * retention sweep is deleting is waited for, not found, and
+		 * made anew), the remote user's as it is (the sweep forgets
+		 * local rows only) */
+		"li0 AS (SELECT i.id FROM identities i, p WHERE i.uri = $1 AND i.is_local FOR KEY SHARE OF i), "
 		"li1 AS (INSERT INTO identities (uri, domain, localpart, is_local, network) "
-		"  SELECT $1, $2, $3, true, 'xmpp' FROM p WHERE NOT EXISTS (SELECT 1 FROM identities WHERE uri = $1) "
+		"  SELECT $1, $2, $3, true, 'xmpp' FROM p WHERE NOT EXISTS (SELECT 1 FROM li0) "
 		"  ON CONFLICT DO NOTHING RETURNING id), "
 		"li AS (SELECT id FROM li0 UNION ALL SELECT id FROM li1), "
 		"ri0 AS (SELECT i.id FROM identities i, p WHERE i.uri = 'mimi://' || p.domain || '/u/' || $6 AND NOT i.is_local), "

@@ -540,7 +540,10 @@ static cw_err join_fn(PGconn *c, void *arg, cw_errmsg *e)
 		"nr AS (INSERT INTO rooms (public_id, uri, hub_domain, kind) SELECT $1, 'mimi://' || $8 || '/r/' || $1, $8, "
 		"  'group' WHERE NOT EXISTS (SELECT 1 FROM ex) AND $11::boolean ON CONFLICT DO NOTHING RETURNING id), "
 		"r AS (SELECT id FROM ex WHERE kind = 'group' UNION ALL SELECT id FROM nr), "
-		"u0 AS (SELECT id FROM identities WHERE uri = $2 AND is_local), "
+		/* her row locked as identity_id locks it: one the retention
+		 * sweep is deleting is waited for, not found, and made anew
+		 * for a new group (a member's row the sweep never takes) */
+		"u0 AS (SELECT id FROM identities WHERE uri = $2 AND is_local FOR KEY SHARE), "
 		"u1 AS (INSERT INTO identities (uri, domain, localpart, is_local, network) SELECT $2, $8, $9, true, 'xmpp' "
 		"  WHERE NOT EXISTS (SELECT 1 FROM u0) AND EXISTS (SELECT 1 FROM nr) ON CONFLICT DO NOTHING RETURNING id), "
 		"u AS (SELECT id FROM u0 UNION ALL SELECT id FROM u1), "
@@ -2208,13 +2211,20 @@ static cw_err invite_fn(PGconn *c, void *arg, cw_errmsg *e)
 	 * invited or joined), with her binding to the room's JID, which
 	 * her decline names (decline_fn) and her join uses. */
 	r = PQexecParams(c,
+		/* The rows there are, locked as identity_id locks them (ik),
+		 * then the others made (ni, which reads ik, so after it): a
+		 * local one the retention sweep is deleting is waited for, not
+		 * found, and made anew (since the forty-sixth session; before,
+		 * read unlocked, the invitation failed on its foreign key). */
 		"WITH " INVITEES_SQL ", "
+		"ik AS (SELECT i.id, i.uri FROM identities i JOIN want w ON w.uri = i.uri FOR KEY SHARE OF i), "
 		"ni AS (INSERT INTO identities (uri, domain, localpart, is_local, network, peer_id) "
 		"  SELECT w.uri, CASE WHEN w.kind = 'r' THEN $4 ELSE $3 END, w.local, w.kind = 'l', "
 		"  CASE WHEN w.kind = 'r' THEN 'peer:' || (SELECT name FROM peers WHERE id = $5::bigint) ELSE 'xmpp' END, "
-		"  CASE WHEN w.kind = 'r' THEN $5::bigint END FROM want w ON CONFLICT DO NOTHING RETURNING id, uri), "
+		"  CASE WHEN w.kind = 'r' THEN $5::bigint END FROM want w WHERE w.uri NOT IN (SELECT uri FROM ik) "
+		"  ON CONFLICT DO NOTHING RETURNING id, uri), "
 		"ids AS (SELECT ni.id, w.kind, w.local, w.native, w.bare FROM ni JOIN want w ON w.uri = ni.uri "
-		"  UNION SELECT i.id, w.kind, w.local, w.native, w.bare FROM identities i JOIN want w ON w.uri = i.uri), "
+		"  UNION SELECT ik.id, w.kind, w.local, w.native, w.bare FROM ik JOIN want w ON w.uri = ik.uri), "
 		"mb AS (INSERT INTO room_members (room_id, identity_id, membership) "
 		"  SELECT $1::bigint, ids.id, CASE WHEN ids.kind = 'r' THEN 'joined' ELSE 'invited' END FROM ids "
 		"  ON CONFLICT (room_id, identity_id) DO UPDATE SET membership = 'invited', updated_at = now() "

@@ -5043,6 +5043,74 @@ def test_a_refused_first_stanza_to_a_contact_stores_nothing(xd, gk, alice, pg, d
                what="the chat's binding")
 
 
+def swept_meanwhile(pg, db_url, act, local="alice"):
+    """The row of local (a user of this provider), unused (nothing refers
+    to it: a name a peer made up), is being forgotten by the retention
+    sweep (gateway/retention.c: its row locked FOR UPDATE SKIP LOCKED, then
+    deleted) while act() sends what makes the component use her row. The
+    old row's id."""
+    uri = "mimi://example.org/u/" + local
+    # made now: the daemon's own sweep forgets only rows made 30 days ago
+    pg.psql("INSERT INTO identities (uri, domain, localpart, is_local, network) VALUES "
+            f"('{uri}', 'example.org', '{local}', true, 'xmpp')", db_url)
+    old = pg.psql(f"SELECT id FROM identities WHERE uri = '{uri}'", db_url)
+    sweep = HeldSession(db_url)
+    sweep.run(f"BEGIN; SELECT id FROM identities WHERE id = {old} FOR UPDATE SKIP LOCKED;")
+    try:
+        act()
+        wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                   "AND query LIKE '%INSERT INTO identities%'", db_url) == "1",
+                   what="the component's statement waiting for the sweep's lock")
+        sweep.run(f"DELETE FROM identities WHERE id = {old};")
+        sweep.end()
+    finally:
+        sweep.end()
+    return old
+
+
+@pytest.mark.parametrize("what", ["chat", "group", "invitee"])
+def test_a_user_whose_row_the_sweep_forgets_meanwhile_is_made_anew(xd, gk, alice, pg, db_url, what):
+    """A local user's first stanza that needs her row (a chat's first
+    message to a peer's user, her join of a new group), or a member's
+    invitation of a local user, while the retention sweep is deleting that
+    row (one nothing referred to) locks the row as identity_id does (FOR
+    KEY SHARE): it waits for the sweep, does not find the row, and makes
+    it anew. Until the forty-sixth session it read the row unlocked, and
+    its writes that name her failed on the foreign key once the row was
+    gone: her message not stored (internal-server-error), her group not
+    made, the invitation not made."""
+    a, srv = gk
+    room = f"#swept@{COMP}"
+    join = f"<x xmlns='{MUC}'><history maxstanzas='0'/></x>"
+    start = alice.count()
+    who, state = ALICE, "joined"
+    if what == "chat":
+        old = swept_meanwhile(pg, db_url, lambda: alice.send_message(WALLY_JID, "am I new?"))
+        got = srv.wait_events(1)
+        assert got[0]["sender"] == ALICE and got[0]["content"]["parts"][0]["body"] == "am I new?", got
+    elif what == "group":
+        old = swept_meanwhile(pg, db_url, lambda: alice.send_presence(to=room + "/alice", payload=join))
+    else:
+        alice.send_presence(to=room + "/alice", payload=join)
+        alice.wait_for_presence(lambda el: el.get("from") == room + "/alice", start=start)
+        who, state = "mimi://example.org/u/bob", "invited"
+        old = swept_meanwhile(pg, db_url, lambda: alice.send_raw(
+            f"<message to='{room}' id='inv'><x xmlns='{MUC_USER}'><invite to='bob@{HOST}'/></x></message>"), "bob")
+        wait_until(lambda: pg.psql(f"SELECT count(*) FROM identities WHERE uri = '{who}'", db_url) == "1"
+                   and pg.psql(f"SELECT count(*) FROM room_members m JOIN identities i ON i.id = m.identity_id "
+                               f"WHERE i.uri = '{who}'", db_url) == "1", what="bob invited")
+        assert not [el for el in alice.stanzas()[start:] if el.get("id") == "inv" and el.get("type") == "error"]
+    if what != "chat":
+        me = alice.wait_for_presence(lambda el: el.get("from") == room + "/alice", start=start)
+        assert "201" in [c.get("code") for c in me.iter(q(MUC_USER, "status"))], me.xml
+    new = pg.psql(f"SELECT id FROM identities WHERE uri = '{who}'", db_url)
+    assert new and new != old
+    binding = "room_bindings WHERE local_identity_id" if what == "invitee" else "identity_bindings WHERE identity_id"
+    assert pg.psql(f"SELECT count(*) FROM {binding} = {new}", db_url) == "1"
+    assert pg.psql(f"SELECT count(*) FROM room_members WHERE identity_id = {new} AND membership = '{state}'",
+                   db_url) == "1"
+
+
 def test_prosody_restart_mid_stream(xd, gk, prosody, pg, db_url):
     a, srv = gk
     consent_alice(xd)
