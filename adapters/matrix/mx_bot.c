@@ -368,18 +368,36 @@ static bool local_uri(const struct matrix *m, const char *mxid, char *uri, size_
 }
 
 /* The local user's identity id (made if new), from a Matrix id of this
- * server.  False when the id is not one of this provider's users. */
+ * server, bound to it.  False when the id is not one of this provider's
+ * users (or the database did not take the row or its binding).  In one
+ * transaction (the caller's, or its own), so that identity_id's lock on
+ * the row holds until the binding is written: from then on the binding
+ * keeps her from the retention sweep, which forgets a local identity
+ * nothing refers to.  Until the forty-sixth session the lock ended with
+ * identity_id's statement, and a sweep deleting the row before the
+ * binding's statement left her an id of no row (the binding's failure
+ * was not looked at): her management room, her opt-in, were refused by
+ * their foreign keys. */
 static bool local_identity(struct matrix *m, PGconn *c, const char *mxid, char *id, size_t idlen, char *uri,
 			   size_t urilen)
 {
 	struct mimi_uri u;
 	cw_errmsg e;
-	if (!local_uri(m, mxid, uri, urilen, &u) || identity_id(c, &u, true, "matrix", NULL, id, idlen, &e))
+	if (!local_uri(m, mxid, uri, urilen, &u))
 		return false;
+	bool own = PQtransactionStatus(c) == PQTRANS_IDLE;
+	cw_err rc = own ? store_exec(c, "BEGIN", &e) : CW_OK;
+	if (!rc)
+		rc = identity_id(c, &u, true, "matrix", NULL, id, idlen, &e);
 	const char *params[] = { id, mxid };
-	store_command(c, "INSERT INTO identity_bindings (identity_id, network, native_id) VALUES ($1::bigint, 'matrix', $2) "
-		   "ON CONFLICT DO NOTHING", 2, params, &e);
-	return true;
+	if (!rc)
+		rc = store_command(c, "INSERT INTO identity_bindings (identity_id, network, native_id) VALUES "
+				      "($1::bigint, 'matrix', $2) ON CONFLICT DO NOTHING", 2, params, &e);
+	if (own)
+		rc = store_end(c, rc, &e);
+	if (rc)
+		LOG_KV_LIMITED(CW_LOG_WARN, "a local Matrix user's identity not stored", "user", mxid, "detail", e.msg);
+	return rc == CW_OK;
 }
 
 /* A command's answer, sent with the transaction id made from the command's

@@ -1687,6 +1687,49 @@ def test_a_block_made_while_a_message_is_in_flight_stops_its_retry(make_daemon, 
         srv.close()
 
 
+def test_a_user_whose_row_the_sweep_forgets_while_she_is_bound_keeps_it(mx, hs, pg, db_url):
+    """The bot takes a local user's row (identity_id: made if new, locked
+    FOR KEY SHARE) and binds her Matrix id to it in one transaction, so
+    that the retention sweep, which forgets a local row nothing refers to,
+    passes over it (its lock: FOR UPDATE SKIP LOCKED) until the binding
+    keeps it. Until the forty-sixth session the lock ended with identity_id's
+    statement: a sweep deleting the row before the binding's statement left
+    her an id of no row (the binding's failure unseen), and her management
+    room was refused by its foreign key, the bot silent. Here the binding's
+    statement is held (another transaction writing the same Matrix id) while
+    the sweep runs."""
+    # made now: the daemon's own sweep forgets only rows made 30 days ago
+    pg.psql("INSERT INTO identities (uri, domain, localpart, is_local, network) VALUES "
+            f"('{ALICE}', 'example.org', 'alice', true, 'matrix')", db_url)
+    old = pg.psql(f"SELECT id FROM identities WHERE uri = '{ALICE}'", db_url)
+    bot = "@_cw_bot:example.org"
+    wait_until(lambda: hs.user_exists(bot), what="the bot registered")
+    held = HeldSession(db_url)
+    sweep = HeldSession(db_url)
+    try:
+        held.run("BEGIN; WITH x AS (INSERT INTO identities (uri, domain, localpart, is_local, network) VALUES "
+                 "('mimi://example.org/u/held', 'example.org', 'held', true, 'matrix') RETURNING id) "
+                 f"INSERT INTO identity_bindings (identity_id, network, native_id) SELECT id, 'matrix', '{ALICE_MX}' "
+                 "FROM x;")
+        _, token = hs.create_user("alice")
+        mgmt = hs.as_user(token).create_dm(bot)
+        wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                   "AND query LIKE '%INSERT INTO identity_bindings%'", db_url) == "1",
+                   what="the bot's binding waiting")
+        sweep.run(f"BEGIN; WITH l AS (SELECT id FROM identities WHERE id = {old} FOR UPDATE SKIP LOCKED) "
+                  "DELETE FROM identities WHERE id IN (SELECT id FROM l);")
+        sweep.end()
+        held.run("ROLLBACK;")
+    finally:
+        sweep.end()
+        held.end()
+    wait_until(lambda: any("Commands" in e["content"]["body"] for e in hs.events(mgmt)
+                           if e["type"] == "m.room.message" and e["sender"] == bot), what="the bot's help")
+    assert pg.psql(f"SELECT id FROM identities WHERE uri = '{ALICE}'", db_url) == old
+    assert pg.psql(f"SELECT native_id FROM identity_bindings WHERE identity_id = {old}", db_url) == ALICE_MX
+    assert pg.psql(f"SELECT identity_id FROM matrix_mgmt_rooms WHERE user_id = '{ALICE_MX}'", db_url) == old
+
+
 def test_a_second_management_room_takes_over_and_the_first_says_so(mx, hs, pg, db_url):
     """A user who opens a second room with the bot gets her commands answered
     there; the first one is not left as a room where commands go unanswered:
