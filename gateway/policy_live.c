@@ -769,7 +769,9 @@ static const char recheck_ids_sql[] =
  * id is in $3 (an array; NULL: none) has the try its claim counted taken
  * back: the claim's lane never made it (or made one that does not count,
  * a 429), as its release would have (policy_live_screen_claim).  The
- * count of rows dropped, the reason of the first, and their ids (JSON). */
+ * count of rows dropped, the reason of the first, their ids (JSON), and
+ * the ids of those not dropped (JSON: skipped as locked, or no longer
+ * waiting). */
 /* The events of the rows $1 ([{id, ...}]) locked, in id order, before
  * recheck_drop_sql (in the same transaction). */
 static const char recheck_lock_sql[] =
@@ -792,7 +794,9 @@ static const char recheck_drop_sql[] =
 	"gone AS (UPDATE events e SET content = '{}'::jsonb WHERE e.id IN (SELECT event_id FROM ch) "
 	" AND NOT EXISTS (SELECT 1 FROM outbox x WHERE x.event_id = e.id AND x.id NOT IN (SELECT id FROM ch) "
 	"  AND x.state NOT IN ('dropped', 'expired'))) "
-	"SELECT count(*), min(reason), coalesce(json_agg(id ORDER BY id), '[]')::text FROM ch";
+	"SELECT count(*), min(reason), coalesce(json_agg(id ORDER BY id), '[]')::text, "
+	" (SELECT coalesce(json_agg(dn.id ORDER BY dn.id), '[]') FROM dn WHERE dn.id NOT IN (SELECT id FROM ch))::text "
+	"FROM ch";
 
 /* Whether the server's rules (and an inbound row's user's opt-out or her
  * block of the sender) refuse row i of a RECHECK_COLUMNS result now: *d
@@ -864,9 +868,12 @@ static bool recheck_refused(const struct policy_snapshot *snap, PGresult *r, int
 /* Decides the rows of r (RECHECK_COLUMNS) again with v and drops those
  * refused (recheck_drop_sql; claimed_by its $2, uncounted its $3);
  * counts: rows decided, dropped; *reason: the first drop's (static), or NULL; *gone (NULL: not
- * wanted) the ids dropped, a JSON array (NULL: none). */
+ * wanted) the ids dropped, a JSON array (NULL: none); *kept (NULL: not
+ * wanted) the ids refused and not dropped (another transaction held
+ * them, or they were no longer waiting), a JSON array (NULL: none). */
 static cw_err recheck(PGconn *c, const struct policy_view *v, PGresult *r, const char *claimed_by,
-		      const char *uncounted, long counts[2], const char **reason, json_t **gone, cw_errmsg *e)
+		      const char *uncounted, long counts[2], const char **reason, json_t **gone, json_t **kept,
+		      cw_errmsg *e)
 {
 	json_t *list = json_array();
 	int64_t now = cw_wall_ms();
@@ -889,6 +896,8 @@ static cw_err recheck(PGconn *c, const struct policy_view *v, PGresult *r, const
 	*reason = NULL;
 	if (gone)
 		*gone = NULL;
+	if (kept)
+		*kept = NULL;
 	if (!list)
 		return cw_fail(e, CW_ENOMEM, "out of memory");
 	if (json_array_size(list) == 0) {
@@ -922,6 +931,8 @@ static cw_err recheck(PGconn *c, const struct policy_view *v, PGresult *r, const
 	counts[1] = atol(PQgetvalue(dr, 0, 0));
 	if (gone && counts[1] && !(*gone = json_loads(PQgetvalue(dr, 0, 2), 0, NULL)))
 		rc = cw_fail(e, CW_ENOMEM, "out of memory");
+	if (!rc && kept && !(*kept = json_loads(PQgetvalue(dr, 0, 3), 0, NULL)))
+		rc = cw_fail(e, CW_ENOMEM, "out of memory");
 	PQclear(dr);
 	if (counts[1])
 		*reason = first;
@@ -939,7 +950,7 @@ cw_err policy_recheck_row(PGconn *c, const struct policy_view *v, const char *ou
 	if (rc)
 		return rc;
 	long counts[2];
-	rc = recheck(c, v, r, NULL, NULL, counts, reason, NULL, e);
+	rc = recheck(c, v, r, NULL, NULL, counts, reason, NULL, NULL, e);
 	PQclear(r);
 	return rc;
 }
@@ -1546,6 +1557,18 @@ struct policy_live {
 	int users_kind;
 	long long users_key1, users_key3;
 	char users_key2[300]; /* a room id, or a destination */
+	/* The rows a batch found refused and did not drop, another
+	 * transaction holding them (SKIP LOCKED: an admin's change of the
+	 * row, another process's write, a claim not committed yet), decided
+	 * again every RECHECK_KEPT_RETRY_US (kept_turn) until none is left;
+	 * until then the recheck is not over (settled), so a claim decides
+	 * what it takes.  Until the forty-sixth session they were passed
+	 * over: the pass ended with such a row pending, and the claim that
+	 * took it once its lock went delivered it under the rule that
+	 * refused it. */
+	int64_t kept[RECHECK_BATCH];
+	size_t nkept;
+	int64_t kept_at_us;
 	/* The pending consent requests decided again after such a change
 	 * (requests_turn), in consent_requests_pending_expiry_idx's order
 	 * from after (req_exp, req_after); req_pass: a walk is due or under
@@ -1941,6 +1964,32 @@ static void recheck_whole(struct policy_live *pl)
 		recheck_begin(pl, false);
 }
 
+#define RECHECK_KEPT_RETRY_US 500000
+
+/* The ids of kept (a JSON array) among the rows to decide again
+ * (pl->kept); too many for the list, a whole pass (which finds them). */
+static void recheck_kept_add(struct policy_live *pl, const json_t *kept)
+{
+	size_t i;
+	json_t *id;
+	json_array_foreach(kept, i, id) {
+		int64_t v = (int64_t)json_integer_value(id);
+		size_t k = 0;
+		while (k < pl->nkept && pl->kept[k] != v)
+			k++;
+		if (k < pl->nkept)
+			continue;
+		if (pl->nkept == RECHECK_BATCH) {
+			pl->nkept = 0;
+			recheck_whole(pl);
+			return;
+		}
+		if (pl->nkept == 0)
+			pl->kept_at_us = cw_now_us() + RECHECK_KEPT_RETRY_US;
+		pl->kept[pl->nkept++] = v;
+	}
+}
+
 /* The users' walk at the start of its kind-th kind (recheck_users_sql):
  * before every key of its index. */
 static void users_walk_from(struct policy_live *pl, int kind)
@@ -2096,6 +2145,42 @@ static void recheck_counted(struct policy_live *pl, const long counts[2], const 
 	}
 }
 
+static char *id_array_of(const int64_t *ids, size_t n, const bool *pick);
+
+/* The rows a batch found refused and could not drop (pl->kept) decided
+ * again with v, in a transaction of their own: those still waiting and
+ * refused are dropped, or kept again if still held; the others
+ * (delivered, in flight under a claim that decided them, allowed now)
+ * leave the list.  Failed: the list stays, tried again later. */
+static void kept_turn(struct policy_live *pl, const struct policy_view *v)
+{
+	pl->kept_at_us = cw_now_us() + RECHECK_KEPT_RETRY_US;
+	cw_errmsg e;
+	char *arr = id_array_of(pl->kept, pl->nkept, NULL);
+	cw_err rc = arr ? store_exec(pl->c, "BEGIN", &e) : cw_fail(&e, CW_ENOMEM, "out of memory");
+	const char *params[] = { arr, NULL };
+	PGresult *r = rc ? NULL : PQexecParams(pl->c, recheck_ids_sql, 2, NULL, params, NULL, NULL, 0);
+	json_t *kept = NULL;
+	long counts[2] = { 0, 0 };
+	if (!rc && !(rc = store_check(pl->c, r, PGRES_TUPLES_OK, &e))) {
+		const char *reason;
+		rc = recheck(pl->c, v, r, NULL, NULL, counts, &reason, NULL, &kept, &e);
+		PQclear(r);
+	}
+	if (arr)
+		rc = store_end(pl->c, rc, &e);
+	free(arr);
+	if (rc) {
+		LOG_KV(CW_LOG_WARN, "policy recheck of waiting rows failed; tried again", "detail", e.msg);
+	} else {
+		pl->nkept = 0;
+		recheck_kept_add(pl, kept);
+		counts[0] = 0; /* decided already: only the drops are new */
+		recheck_counted(pl, counts, "waiting rows the server's rules now refuse dropped once their lock went");
+	}
+	json_decref(kept);
+}
+
 /* One batch of the recheck, its own transaction (a backlog is never
  * locked long, and the thread's reloads and sweeps get their turns in
  * between): of the pass in progress, else of the users' rows.  True when
@@ -2127,10 +2212,13 @@ static bool recheck_turn(struct policy_live *pl)
 	 * is not the rows' pass: the dispatcher's settled does not wait for
 	 * it) */
 	bool req_more = pl->req_pass && requests_turn(pl, v) && pl->req_pass; /* failed: next turn */
+	if (pl->nkept && cw_now_us() >= pl->kept_at_us)
+		kept_turn(pl, v);
 	bool pass = pl->recheck_state < RECHECK_STATES;
 	if (!pass && pl->nrecheck_users == 0) {
 		policy_view_put(v);
-		atomic_store(&pl->settled, changes);
+		if (!pl->nkept)
+			atomic_store(&pl->settled, changes);
 		return req_more;
 	}
 	cw_errmsg e;
@@ -2163,6 +2251,7 @@ static bool recheck_turn(struct policy_live *pl)
 		PQclear(r);
 	int n = 0;
 	long counts[2] = { 0, 0 };
+	json_t *kept = NULL;
 	/* the last row is the cursor (the walk's order): the pass's
 	 * (destination, id), the users' walk's (user, room, id) or, of the
 	 * pending rows, (room, destination, id) */
@@ -2177,15 +2266,18 @@ static bool recheck_turn(struct policy_live *pl)
 			snprintf(last_dest, sizeof(last_dest), "%s", PQgetvalue(r, n - 1, pass || rooms ? 1 : 14));
 		}
 		const char *reason;
-		rc = recheck(pl->c, v, r, NULL, NULL, counts, &reason, NULL, &e);
+		rc = recheck(pl->c, v, r, NULL, NULL, counts, &reason, NULL, &kept, &e);
 		PQclear(r);
 	}
 	rc = store_end(pl->c, rc, &e);
 	policy_view_put(v);
 	if (rc) {
+		json_decref(kept);
 		LOG_KV(CW_LOG_WARN, "policy recheck of waiting rows failed; tried again", "detail", e.msg);
 		return false;
 	}
+	recheck_kept_add(pl, kept);
+	json_decref(kept);
 	if (pass && n == RECHECK_BATCH) {
 		snprintf(pl->recheck_dest, sizeof(pl->recheck_dest), "%s", last_dest);
 		pl->recheck_after = last;
@@ -2203,7 +2295,7 @@ static bool recheck_turn(struct policy_live *pl)
 		pl->nrecheck_users = 0;
 	}
 	recheck_counted(pl, counts, "waiting rows the server's rules now refuse dropped");
-	if (pl->recheck_state == RECHECK_STATES && !pl->more && pl->nrecheck_users == 0)
+	if (pl->recheck_state == RECHECK_STATES && !pl->more && pl->nrecheck_users == 0 && !pl->nkept)
 		atomic_store(&pl->settled, changes);
 	return pl->recheck_state < RECHECK_STATES || pl->nrecheck_users || req_more;
 }
@@ -2267,7 +2359,7 @@ cw_err policy_live_screen_claim(struct policy_live *pl, PGconn *c, const int64_t
 	long counts[2] = { 0, 0 };
 	if (!rc && !(rc = store_check(c, r, PGRES_TUPLES_OK, e))) {
 		const char *reason;
-		rc = recheck(c, v, r, claimed_by, back, counts, &reason, &list, e);
+		rc = recheck(c, v, r, claimed_by, back, counts, &reason, &list, NULL, e);
 		PQclear(r);
 	}
 	if (own)

@@ -3097,6 +3097,54 @@ def test_a_row_claimed_while_the_recheck_is_under_way_is_decided_before_it_is_se
 
 
 
+def rechecked(d):
+    """Rows the policy's recheck decided so far (causeway_policy_rechecked_total)."""
+    m = re.search(r'^causeway_policy_rechecked_total\{outcome="decided"\} (\d+)$', d.get("/metrics").text, re.M)
+    return int(m.group(1))
+
+
+def test_a_row_locked_as_the_recheck_passes_is_decided_once_its_lock_goes(daemon, peers, pg, db_url):
+    """The recheck's pass drops the rows the rules now refuse, skipping a
+    row another transaction holds locked (SKIP LOCKED: a dispatcher's
+    claim takes it in flight, and decides it itself). Here the lock is no
+    claim's (a session holds the row, as an admin's change or another
+    process's write of it would): the group's row to tg, from a sender
+    the operator just denied, stays pending past the pass. Its id is kept
+    and decided again once the lock goes, and until then the pass does
+    not count as over (a claim decides what it takes); the row is
+    dropped, not pushed, when tg is enabled again. Until the forty-sixth
+    session the pass was over with the row still pending, and the claim
+    that took it, which decides only while a pass is under way, pushed it
+    to tg after the deny."""
+    (a, _), (b, sb) = peers
+    group = a.create_room([a.user("wally"), b.user("tom"), ALICE], kind="group").json()["id"]
+    assert daemon.admin("POST", "/peers/tg/disable").status_code == 200
+    msg = send(a, group, "to the group").json()["id"]
+    row = "SELECT o.%s FROM outbox o JOIN events e ON e.id = o.event_id WHERE e.public_id = '%s' " \
+          "AND o.destination = 'peer:tg'"
+    wait_until(lambda: pg.psql(row % ("state", msg), db_url) == "pending", what="the group's row to tg waiting")
+    rid = pg.psql(row % ("id", msg), db_url)
+    other = HeldSession(db_url)
+    try:
+        other.run(f"BEGIN; SELECT id FROM outbox WHERE id = {rid} FOR UPDATE;")
+        before = rechecked(daemon)
+        r = daemon.admin("POST", "/rules", json={"scope": "domain", "pattern": "wa.example", "mode": "deny"})
+        assert r.status_code == 201, r.text
+        wait_until(lambda: rechecked(daemon) > before, timeout=20, interval=0.1, what="the pass over the row")
+        time.sleep(1.5)  # turns of the policy thread after the pass
+        assert pg.psql(row % ("state", msg), db_url) == "pending"  # skipped: its lock is held
+    finally:
+        other.end()
+    assert daemon.admin("POST", "/peers/tg/enable").status_code == 200
+    wait_until(lambda: pg.psql(row % ("state", msg), db_url) in ("delivered", "dropped"), timeout=20,
+               interval=0.1, what="the group's row decided or delivered")
+    assert pg.psql(row % ("state", msg), db_url) == "dropped" and not sb.events, sb.events
+    d = decision(daemon, msg)
+    assert [(x["destination"], x["state"], x["reason"]) for x in d["recipients"]
+            if x["destination"] == "peer:tg"] == [("peer:tg", "dropped", "server_denied_domain")], d
+    assert "recheck of waiting rows failed" not in daemon.log()
+
+
 def test_a_row_pulled_while_the_recheck_is_under_way_is_decided_before_it_is_handed_out(daemon, peers, pg, db_url):
     """The pull twin of the test above: a pull peer's GET /v1/events hands
     out what waits for it as a dispatcher's claim does, and until the
