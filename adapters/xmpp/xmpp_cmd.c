@@ -633,6 +633,13 @@ static void xconsent_free(struct xconsent *j)
 	free(j);
 }
 
+/* The token of the user's bucket j's command or decision took
+ * (user_update_allowed) given back. */
+static void token_back(const struct xconsent *j)
+{
+	policy_user_update_give(j->xc->x->app->policy, j->xc->x->app->limits, j->local);
+}
+
 static void consent_done(void *arg, cw_err rc, const cw_errmsg *e)
 {
 	struct xconsent *j = arg;
@@ -650,9 +657,15 @@ static void consent_done(void *arg, cw_err rc, const cw_errmsg *e)
 	 * Until the forty-fifth session each counted, and a user who
 	 * mistyped a few addresses was told to wait a minute before her
 	 * real change.  A subscribe keeps its token (limited for the write
-	 * it costs, xa_presence); a list took none. */
-	if (!rc && !j->done && j->verb != V_LIST && j->verb != V_SUBSCRIBE)
-		policy_user_update_give(j->xc->x->app->policy, j->xc->x->app->limits, j->local);
+	 * it costs, xa_presence); a list took none.  A job that failed
+	 * (rc: the database's error, its transaction rolled back; the
+	 * user's own mistakes are refusals, above) changed nothing either,
+	 * and the user is told to try again: its token goes back too,
+	 * a subscribe's as well (until the forty-sixth session it was
+	 * kept, and a few tries while the database was away cost her the
+	 * minute after it came back). */
+	if (rc ? j->verb != V_LIST : !j->done && j->verb != V_LIST && j->verb != V_SUBSCRIBE)
+		token_back(j);
 	/* The roster follows a block (roster_drop), of the contact or of the
 	 * whole network (each of its contacts, j->contacts).  An accept by
 	 * command withdraws the requests it decided from the roster (the
@@ -707,6 +720,8 @@ static void consent_start(struct xconsent *j)
 	struct cw_store *st = j->xc->x->app->store;
 	if ((j->verb == V_LIST ? store_read(st, list_fn, consent_done, j) : store_write(st, consent_fn, consent_done, j)) !=
 	    CW_OK) {
+		if (j->verb != V_LIST)
+			token_back(j); /* not run: as a job that failed (consent_done) */
 		if (j->iq)
 			command_answer(j->xc, j->iq, j->node, "The gateway's database is away; try again later.", "error");
 		if (j->verb == V_SUBSCRIBE) /* answered as before the check */

@@ -4707,6 +4707,36 @@ def test_a_command_refused_in_the_database_does_not_count_against_the_limit(xd, 
         "mimi://wa.example/u/wally blocked"
 
 
+def test_a_command_that_failed_in_the_database_does_not_count_against_the_limit(xd, gk, alice, pg, db_url):
+    """policy.user_updates_per_minute (here 2): a command whose job failed
+    for the server's sake (the database refused its statements: here a
+    column its transaction reads is gone) changed nothing and is answered
+    "That did not work; try again in a moment.": its token is given back,
+    as a refusal's is, so that the user who tries again once the database
+    answers is not told to wait a minute for it. Until the forty-sixth
+    session such a failure kept its token: three of them and her real
+    change was refused as too many."""
+    assert xd.admin("PATCH", "/settings", json={"policy.user_updates_per_minute": 2}).ok
+    pg.psql("ALTER TABLE peers RENAME COLUMN domain TO domain_gone", db_url)
+    try:
+        for node in ("block", "accept", "report"):
+            done = command_submit(alice, node, {"jid": WALLY_JID})
+            n = done.find(f".//{{{CMD}}}note")
+            assert n.get("type") == "error" and n.text == "That did not work; try again in a moment.", \
+                ET.tostring(done)
+    finally:
+        pg.psql("ALTER TABLE peers RENAME COLUMN domain_gone TO domain", db_url)
+    done = command_submit(alice, "accept", {"jid": WALLY_JID})
+    assert "Accepted mimi://wa.example/u/wally" in done.find(f".//{{{CMD}}}note").text, ET.tostring(done)
+    done = command_submit(alice, "block", {"jid": WALLY_JID})
+    assert "Blocked mimi://wa.example/u/wally" in done.find(f".//{{{CMD}}}note").text, ET.tostring(done)
+    # the two changes spent the bucket: the third is refused
+    bad = command_submit(alice, "accept", {"jid": WALLY_JID}, expect_error=True)
+    assert bad.error_condition == "resource-constraint", ET.tostring(bad)
+    assert pg.psql("SELECT string_agg(subject || ' ' || state, ',') FROM consents", db_url) == \
+        "mimi://wa.example/u/wally blocked"
+
+
 def db_writes(d):
     """The daemon's writes made durable (each a job of the group commit)."""
     m = re.search(r"^causeway_db_writes_committed_total (\d+)", d.get("/metrics").text, re.M)
