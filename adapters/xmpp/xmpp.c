@@ -263,6 +263,11 @@ bool xa_enqueue(struct xcomp *xc, const char *text, size_t len, uint64_t *seq, b
 	return ok;
 }
 
+size_t xa_queue_room_locked(const struct xcomp *xc)
+{
+	return xc->queued < QUEUE_MAX ? QUEUE_MAX - xc->queued : 0;
+}
+
 bool xa_enqueue_locked(struct xcomp *xc, const char *text, size_t len)
 {
 	struct xq_item *it = item_new(text, len);
@@ -1348,7 +1353,7 @@ static void fanout_turn(struct xcomp *xc, int64_t now)
 			send_ping(xc, now);
 		return;
 	}
-	if (!xa_fanout_left(xc) || !xa_fanout_queue(xc, FANOUT_BATCH))
+	if (!xa_fanout_left(xc) || !xa_fanout_queue(xc, xc->lock, FANOUT_BATCH))
 		return;
 	drain(xc); /* one write, kept for a re-send as every queued stanza, then the ping */
 	xc->fanout_gate = xc->pings_sent + 1;
@@ -1613,6 +1618,7 @@ void xa_free(struct xmpp *x)
 		pthread_cond_destroy(&xc->written);
 		json_decref(xc->vcards);
 		json_decref(xc->fanouts);
+		json_decref(xc->fanout_dropped);
 		json_decref(xc->muc);
 		json_decref(xc->muc_members);
 	}

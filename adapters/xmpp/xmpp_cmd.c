@@ -90,6 +90,7 @@ static bool user_update_allowed(struct xcomp *xc, const char *local, bool *notic
  * online) and unsubscribes both ways. */
 static void roster_drop(struct xcomp *xc, bool now, const char *remote, const char *local_bare)
 {
+	xa_fanout_forget(xc, remote, local_bare); /* no profile presence of a batch under way after these */
 	presence_to(xc, now, remote, local_bare, "unavailable", NULL, NULL);
 	presence_to(xc, now, remote, local_bare, "unsubscribe", NULL, NULL);
 	presence_to(xc, now, remote, local_bare, "unsubscribed", NULL, NULL);

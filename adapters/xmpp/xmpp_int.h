@@ -162,6 +162,13 @@ struct xcomp {
 	 * recipients they have left, under mu. */
 	json_t *fanouts;
 	size_t fanout_left;
+	/* While the thread writes a batch of them (xa_fanout_queue), the
+	 * pairs whose roster was dropped meanwhile (xa_fanout_forget: "from
+	 * to" -> true), left out of it; under mu.  And, the thread's own, when
+	 * the next batch may be tried after the database did not answer. */
+	bool fanout_taking;
+	json_t *fanout_dropped;
+	int64_t fanout_not_before_ms;
 	/* the thread's own: pings sent and the last answered (counted), and
 	 * the ping whose answer lets the next batch of them go (fanout_turn) */
 	uint64_t pings_sent, pings_answered, fanout_gate;
@@ -207,6 +214,8 @@ void xa_wake(struct xcomp *xc);
 /* The same with xc->mu held by the caller (who calls xa_wake after
  * unlocking): stanzas queued together with a change of the occupants. */
 bool xa_enqueue_locked(struct xcomp *xc, const char *text, size_t len);
+/* How many more stanzas the queue takes now (xc->mu held). */
+size_t xa_queue_room_locked(const struct xcomp *xc);
 /* Serialises and queues a stanza (released by the call). */
 bool xa_enqueue_stanza(struct xcomp *xc, xmpp_stanza_t *st);
 /* Waits until the thread wrote the stanza of seq, or timeout_ms passed,
@@ -350,14 +359,43 @@ void xa_vcard_hash(struct xcomp *xc, xmpp_ctx_t *ctx, xmpp_stanza_t *presence, c
  * taken on the next turn. */
 void xa_profiles(struct xcomp *xc, PGconn *c);
 /* A profile change's presences (and XEP-0084 events) from the remote JID
- * from to each bare JID of to (a reference is taken), with photo's hash:
- * kept here and written a batch at a time by the stream's thread
- * (xa_fanout_queue), so that a remote user's 10,000 contacts do not fill
- * the queue ahead of the messages.  Any thread. */
-void xa_fanout_add(struct xcomp *xc, const char *from, json_t *to, json_t *photo);
+ * from (of remote_id) to each bare JID of to (a reference is taken), with
+ * photo's hash: kept here and written a batch at a time by the stream's
+ * thread (xa_fanout_queue), so that a remote user's 10,000 contacts do
+ * not fill the queue ahead of the messages.  contacts: to are the remote
+ * user's contacts (a profile change's); else users the presence answered
+ * (a probe, a subscribe).  Any thread. */
+void xa_fanout_add(struct xcomp *xc, const char *from, const char *remote_id, bool contacts, json_t *to,
+		   json_t *photo);
 /* On the stream's thread: queues the presences and events of up to max
- * recipients, the oldest first (the caller writes the queue); how many. */
-size_t xa_fanout_queue(struct xcomp *xc, size_t max);
+ * recipients, the oldest first (the caller writes the queue), but to
+ * those no longer to be told (asked on c: no longer a contact of a
+ * profile change's remote user, or blocking the remote user; a roster
+ * drop while the batch is made, xa_fanout_forget); how many recipients
+ * were done (0: none now, the queue full or the database not
+ * answering: they wait). */
+size_t xa_fanout_queue(struct xcomp *xc, PGconn *c, size_t max);
+/* Its steps.  One recipient of a batch: */
+struct xa_fan_pick {
+	json_t *f;      /* its fan-out, a reference */
+	const char *to; /* its bare JID (f's) */
+	bool go;        /* still to be told (asked of the database) */
+	char *text[2];  /* the presence and the avatar's event, serialised (xc->ctx's) */
+	size_t len[2];
+};
+/* The next recipients, up to max, into picks (go false); from here until
+ * xa_fanout_put a roster drop of one is noted (xa_fanout_forget).  How
+ * many. */
+size_t xa_fanout_take(struct xcomp *xc, struct xa_fan_pick *picks, size_t max);
+/* The presences and events of the picks whose go is set queued, all or
+ * none (the queue full), but those of the pairs forgotten since the
+ * take; the picks' references released.  How many recipients were done
+ * (n, or 0: none, they wait). */
+size_t xa_fanout_put(struct xcomp *xc, struct xa_fan_pick *picks, size_t n);
+/* A roster drop of the remote JID from on the local bare JID to (a block,
+ * a consent taken back), before its presences are queued: the batch being
+ * made leaves that pair out.  Any thread. */
+void xa_fanout_forget(struct xcomp *xc, const char *from, const char *to);
 /* The recipients not yet written, and forgetting them (a stream that may
  * be another process's next). */
 size_t xa_fanout_left(struct xcomp *xc);

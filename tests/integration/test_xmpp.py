@@ -5503,6 +5503,58 @@ def test_a_profile_change_to_many_contacts_does_not_hold_back_messages(xd, gk, a
     assert waited < 1.0, (waited, took)
 
 
+@pytest.mark.parametrize("how", ["block", "revoke"])
+def test_a_profile_change_under_way_shows_no_contact_online_after_it_is_blocked(make_daemon, db_url, pg, prosody,
+                                                                                   alice, tmp_path, how):
+    """wally's profile changes (a new avatar, slow to fetch) and alice,
+    one of his contacts, blocks him by command (or the operator takes
+    her consent back, POST /admin/v1/consents "none") while the presences
+    that announce it wait for the avatar: the block takes him off her
+    roster (unavailable, unsubscribe, unsubscribed), and the presence
+    written once the avatar came must not show him online to her again.
+    The recipients of a profile change's presences are read with the
+    change; whether each still counts them among her contacts is asked
+    again as a batch of them is written. Until the forty-sixth session
+    the presence (and the avatar's event) went, after the block, to
+    whoever was a contact when the change was read: her client showed
+    him online again."""
+    media = MediaServer(tmp_path, hosts=("media.wa.localhost",))
+    d, a, srv = start_with_gk(make_daemon, db_url, prosody, domain="wa.localhost",
+                              server={"ca_file": media.cert_file, "media_private_addresses": "true"})
+    try:
+        consent_alice(d, subject="mimi://wa.localhost/u/wally")
+        alice.send_message(WALLY_JID, "hello wally")
+        srv.wait_events(1)
+        face = b"\x89PNG\r\n\x1a\n" + os.urandom(2000)
+        url = media.put("/u/wally-slow.png", "image/png", face, host="media.wa.localhost")
+        media.delay["/u/wally-slow.png"] = 4
+        start = alice.count()
+        assert a.call("POST", "/v1/profiles", {"user": a.user("wally"), "display_name": "Wally", "avatar": {
+            "content_type": "image/png", "url": url, "size": len(face)}}).status_code == 200
+        wait_until(lambda: media.requests, timeout=20, what="the avatar's fetch under way")
+        fetched_by = time.monotonic() + 4
+        if how == "block":
+            done = command_submit(alice, "block", {"jid": WALLY_JID})
+            assert "Blocked mimi://wa.localhost/u/wally" in done.find(f".//{{{CMD}}}note").text, ET.tostring(done)
+        else:
+            assert d.admin("POST", "/consents", json={"user": ALICE, "subject_kind": "user", "state": "none",
+                                                      "subject": "mimi://wa.localhost/u/wally"}).ok
+        # the drop's first presence (her server keeps the unsubscribes to
+        # itself: wally is no subscription of hers)
+        alice.wait_for_presence(lambda el: el.get("from", "").split("/")[0] == WALLY_JID
+                                and el.get("type") == "unavailable", start=start, timeout=15)
+        assert time.monotonic() < fetched_by, "the roster's drop came after the avatar: nothing tested"
+        time.sleep(fetched_by - time.monotonic() + 1.5)  # the avatar fetched, its presences' turn come
+        alice.ping(COMP)  # answered after what the component wrote before it
+        got = presence_types(alice, WALLY_JID, start)
+        assert got == ["unavailable"], got
+        assert not [el for el in alice.stanzas()[start:] if el.get("from") == WALLY_JID
+                    and el.get("type") == "headline"]  # nor the avatar's event
+    finally:
+        srv.close()
+        media.close()
+
+
 def test_a_profile_change_committed_after_a_later_one_still_reaches_the_contacts(make_daemon, db_url, pg, xd, gk,
                                                                                    alice):
     """Two processes write profiles, each with its own writer: wally's

@@ -1544,6 +1544,112 @@ START_TEST(queue_takes_rows_only_while_up)
 }
 END_TEST
 
+/* The queue's items freed (as the thread's drain would write them);
+ * how many there were, and whether one of them holds needle. */
+static size_t queue_free_all(struct xcomp *xc, const char *needle, bool *found)
+{
+	size_t n = 0;
+	if (found)
+		*found = false;
+	while (xc->head) {
+		struct xq_item *next = xc->head->next;
+		if (found && strstr(xc->head->text, needle))
+			*found = true;
+		free(xc->head);
+		xc->head = next;
+		n++;
+	}
+	xc->tail = NULL;
+	xc->queued = 0;
+	return n;
+}
+
+/* A profile change's presences go a batch at a time (xa_fanout_take, the
+ * database asked whether each is still to be told, xa_fanout_put).  A
+ * batch the queue has no room for waits whole for the next turn: until
+ * the forty-sixth session the stanzas it did not take were lost, and
+ * their recipients counted done.  A pair whose roster is dropped while
+ * the batch is made (a block: xa_fanout_forget, before the drop's own
+ * presences are queued) is left out, and so is one the database no
+ * longer counts (go false): the blocked contact is not shown online
+ * after the drop's "unavailable".  A drop outside a batch keeps
+ * nothing. */
+START_TEST(a_profile_fanout_waits_for_room_and_leaves_out_dropped_pairs)
+{
+	struct xmpp *x = calloc(1, sizeof(*x));
+	ck_assert_ptr_nonnull(x);
+	struct xcomp *xc = &x->comp[0];
+	xc->x = x;
+	xc->ctx = ctx;
+	snprintf(xc->domain, sizeof(xc->domain), "gk.example");
+	pthread_mutex_init(&xc->mu, NULL);
+	pthread_cond_init(&xc->written, NULL);
+	xc->next_seq = 1;
+	xc->wake_fd[0] = xc->wake_fd[1] = -1;
+	xc->state = XC_UP;
+	const char *wally = "wally@gk.example";
+	json_t *to = json_pack("[s, s, s, s, s]", "a@x.example", "b@x.example", "c@x.example", "d@x.example",
+			       "e@x.example");
+	json_t *photo = json_pack("{s:s, s:s, s:s, s:i}", "url", "https://m.example/w.png", "type", "image/png", "sha1",
+				  "0123456789abcdef", "bytes", 10);
+	xa_fanout_forget(xc, wally, "a@x.example"); /* no batch under way: nothing kept */
+	xa_fanout_add(xc, wally, "wally", true, to, photo);
+	ck_assert_uint_eq(xa_fanout_left(xc), 5);
+
+	/* The queue full: nothing of the batch goes, nothing is counted done. */
+	size_t filled = 0;
+	while (xa_enqueue(xc, "<x/>", 4, NULL, false))
+		filled++;
+	struct xa_fan_pick picks[8];
+	memset(picks, 0, sizeof(picks));
+	size_t n = xa_fanout_take(xc, picks, 3);
+	ck_assert_uint_eq(n, 3);
+	for (size_t i = 0; i < n; i++)
+		picks[i].go = true;
+	ck_assert_uint_eq(xa_fanout_put(xc, picks, n), 0);
+	ck_assert_uint_eq(xc->queued, filled);
+	ck_assert_uint_eq(xa_fanout_left(xc), 5);
+	ck_assert_uint_eq(queue_free_all(xc, NULL, NULL), filled);
+
+	/* Room: the same three again; b is no longer a contact, c's roster
+	 * is dropped while the batch is made. */
+	memset(picks, 0, sizeof(picks));
+	n = xa_fanout_take(xc, picks, 3);
+	ck_assert_uint_eq(n, 3);
+	ck_assert_str_eq(picks[0].to, "a@x.example");
+	picks[0].go = picks[2].go = true;
+	xa_fanout_forget(xc, wally, "c@x.example");
+	ck_assert_uint_eq(xa_fanout_put(xc, picks, n), 3);
+	ck_assert_uint_eq(xa_fanout_left(xc), 2);
+	bool found;
+	ck_assert_uint_eq(queue_free_all(xc, "to=\"a@x.example\"", &found), 2); /* a's presence and event */
+	ck_assert(found);
+	ck_assert_uint_eq(json_object_size(xc->fanout_dropped), 0);
+
+	/* The rest, c's drop forgotten with its batch. */
+	memset(picks, 0, sizeof(picks));
+	n = xa_fanout_take(xc, picks, 8);
+	ck_assert_uint_eq(n, 2);
+	ck_assert_str_eq(picks[0].to, "d@x.example");
+	picks[0].go = picks[1].go = true;
+	ck_assert_uint_eq(xa_fanout_put(xc, picks, n), 2);
+	ck_assert_uint_eq(xa_fanout_left(xc), 0);
+	ck_assert_uint_eq(json_array_size(xc->fanouts), 0);
+	ck_assert_uint_eq(queue_free_all(xc, "to=\"e@x.example\"", &found), 4);
+	ck_assert(found);
+	ck_assert_uint_eq(xa_fanout_take(xc, picks, 8), 0);
+	ck_assert(!xc->fanout_taking);
+
+	json_decref(to);
+	json_decref(photo);
+	json_decref(xc->fanouts);
+	json_decref(xc->fanout_dropped);
+	pthread_mutex_destroy(&xc->mu);
+	pthread_cond_destroy(&xc->written);
+	free(x);
+}
+END_TEST
+
 /* xmpp.components: each pair's PEER is checked by the peers' own rule
  * (until the twenty-fourth session a looser copy took gk.example). */
 static cw_err count_pair(void *arg, const char *domain, const char *peer, cw_errmsg *e)
@@ -2811,6 +2917,7 @@ int main(void)
 	tcase_add_test(tc, hostile_events_property);
 	tcase_add_test(tc, html_text_property);
 	tcase_add_test(tc, queue_takes_rows_only_while_up);
+	tcase_add_test(tc, a_profile_fanout_waits_for_room_and_leaves_out_dropped_pairs);
 	tcase_add_test(tc, components_take_the_peers_rule);
 	tcase_add_test(tc, config_check_takes_what_the_adapter_needs);
 	tcase_add_test(tc, restricted_xml_is_refused);
