@@ -16,6 +16,8 @@ import requests
 from harness import free_port, wait_until
 from peer import Signer, push_peers
 from pgproxy import PgProxy
+from test_matrix import (ALICE, ALICE_MX, HS_TOKEN, add_gk, as_put, consent_alice, hs,  # noqa: F401 (hs: the fixture)
+                         start_mx, wally_wrote_to_alice)
 
 
 class Sender:
@@ -608,30 +610,18 @@ def test_requests_answer_by_the_deadline_when_the_database_stopped_answering(mak
                 d.proc.wait()
 
 
-def test_matrix_calls_answer_by_the_deadline_when_the_database_stopped_answering(make_daemon, db_url):
+def test_matrix_calls_answer_by_the_deadline_when_the_database_stopped_answering(make_daemon, db_url, hs):
     """The homeserver's calls that read (a user query here) answer as the
     peer API's do, with Matrix's error: 503 M_UNKNOWN with Retry-After by
     the deadline and the cancel's grace, and as before once the database
     answers again."""
-    from homeserver import Homeserver
-    hs_token = "hs-" + "b" * 40
-    reg = {"id": "causeway", "url": "http://127.0.0.1:1", "as_token": "as-" + "a" * 40, "hs_token": hs_token,
-           "sender_localpart": "_cw_bot", "rate_limited": False,
-           "namespaces": {"users": [{"exclusive": True, "regex": "^@_cw_.*:example\\.org$"}],
-                          "aliases": [{"exclusive": True, "regex": "^#_cw_.*:example\\.org$"}], "rooms": []}}
-    hs = Homeserver(server_name="example.org", registration=reg)
-    hs.start()
-    port = free_port()
-    reg["url"] = f"http://127.0.0.1:{port}"
     with PgProxy(db_url) as p:
-        d = make_daemon(p.url, options={
-            "server": {"port": str(port), "drain_timeout_ms": "1000"},
-            "database": {"request_timeout_ms": "1000"},
-            "matrix": {"homeserver_url": hs.url, "as_token": reg["as_token"], "hs_token": hs_token}}).start()
+        d = start_mx(make_daemon, p.url, hs, server={"drain_timeout_ms": "1000"},
+                     database={"request_timeout_ms": "1000"})
         try:
             def query():
                 return requests.get(d.url + "/_matrix/app/v1/users/@_cw_gk_nobody:example.org",
-                                    headers={"Authorization": "Bearer " + hs_token}, timeout=10)
+                                    headers={"Authorization": "Bearer " + HS_TOKEN}, timeout=10)
             assert query().status_code == 404
             p.freeze()
             for _ in range(3):
@@ -647,7 +637,70 @@ def test_matrix_calls_answer_by_the_deadline_when_the_database_stopped_answering
             if d.proc.poll() is None:
                 d.proc.kill()
                 d.proc.wait()
-            hs.close()
+
+
+def test_homeserver_transactions_while_postgresql_is_stopped_get_an_error_then_are_stored_once(
+        make_daemon, private_pg, hs):
+    """PostgreSQL stopped (spec/quality.md, Reliability): a homeserver
+    transaction with something to store (a message, a typing notice, a
+    receipt, a member event, an invitation of the bot) is answered 503
+    M_UNKNOWN with Retry-After, never 200, so that the homeserver keeps it
+    and sends it again (the appservice API: a transaction is retried
+    until it gets a 200); one with nothing to store (the daemon's own
+    ghosts' echoes, or empty) is 200. Once PostgreSQL is back the
+    homeserver's retry under the same txnId is stored, once, and reaches
+    the peer; a retry after that is answered from memory."""
+    d = start_mx(make_daemon, private_pg.url, hs)
+    a, srv = add_gk(d)
+    try:
+        _, mx_room = wally_wrote_to_alice(d, hs, a, private_pg, private_pg.url)
+        alice, ghost = ALICE_MX, "@_cw_gk_wally:example.org"
+
+        def put(txn, events, ephemeral=()):
+            return as_put(d, txn, {"events": events, "ephemeral": list(ephemeral)})
+
+        def message(n, sender=alice):
+            return {"event_id": f"$down{n}", "room_id": mx_room, "sender": sender, "type": "m.room.message",
+                    "origin_server_ts": 1700000000000 + n, "content": {"msgtype": "m.text", "body": f"down {n}"}}
+        assert put("before", [message(0)]).status_code == 200
+        srv.wait_events(1)
+        with_something = {
+            "message": ([message(1)], ()),
+            "typing": ([], [{"type": "m.typing", "room_id": mx_room, "content": {"user_ids": [alice]}}]),
+            "receipt": ([], [{"type": "m.receipt", "room_id": mx_room,
+                              "content": {"$down0": {"m.read": {alice: {"ts": 1700000000001}}}}}]),
+            "leave": ([{"event_id": "$leave", "room_id": mx_room, "sender": alice, "type": "m.room.member",
+                        "state_key": alice, "origin_server_ts": 1700000000002,
+                        "content": {"membership": "leave"}}], ()),
+            "bot invited": ([{"event_id": "$inv", "room_id": "!mgmt:example.org", "sender": alice,
+                              "type": "m.room.member", "state_key": "@_cw_bot:example.org",
+                              "origin_server_ts": 1700000000003,
+                              "content": {"membership": "invite", "is_direct": True}}], ()),
+        }
+        private_pg.stop()
+        stopped = time.time()
+        for rnd in range(2):  # at once (the store may not know yet), and once it reported the database down
+            if rnd:
+                wait_until(lambda: d.get("/readyz").status_code == 503, what="the database reported down")
+            for name, (events, ephemeral) in with_something.items():
+                r = put(f"down-{name}", events, ephemeral)
+                assert r.status_code == 503 and r.json()["errcode"] == "M_UNKNOWN", (name, r.status_code, r.text)
+                assert r.headers.get("Retry-After"), (name, r.headers)
+            for name, events in {"echo": [message(9, sender=ghost)], "empty": []}.items():
+                r = put(f"down-{name}-{rnd}", events)
+                assert r.status_code == 200, (name, r.status_code, r.text)
+        assert time.time() - stopped < 10
+        private_pg.start()
+        wait_until(lambda: put("down-message", [message(1)]).status_code == 200, timeout=30,
+                   what="the retried transaction taken")
+        assert put("down-message", [message(1)]).status_code == 200  # from memory
+        stored = "SELECT count(*) FROM events WHERE origin_network = 'matrix' AND origin_native_id = '$down1'"
+        assert private_pg.psql(stored) == "1"
+        got = srv.wait_events(2)
+        assert [e["content"]["parts"][0]["body"] for e in got] == ["down 0", "down 1"], got
+        assert srv.duplicates == 0
+    finally:
+        srv.close()
 
 
 def test_sigterm_with_a_database_that_stopped_answering_exits_in_bounded_time(make_daemon, db_url):
