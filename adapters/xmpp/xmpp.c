@@ -219,6 +219,7 @@ static struct xq_item *item_new(const char *text, size_t len)
 	if (!it)
 		return NULL;
 	it->next = NULL;
+	it->kept = false;
 	it->len = len;
 	memcpy(it->text, text, len);
 	it->text[len] = '\0';
@@ -249,11 +250,12 @@ static bool append_locked(struct xcomp *xc, struct xq_item *it, uint64_t *seq)
 	return true;
 }
 
-bool xa_enqueue(struct xcomp *xc, const char *text, size_t len, uint64_t *seq, bool wake)
+static bool enqueue(struct xcomp *xc, const char *text, size_t len, uint64_t *seq, bool wake, bool kept)
 {
 	struct xq_item *it = item_new(text, len);
 	if (!it)
 		return false;
+	it->kept = kept;
 	pthread_mutex_lock(&xc->mu);
 	bool ok = append_locked(xc, it, seq);
 	bool due = ok && wake && wake_due(xc);
@@ -268,25 +270,40 @@ size_t xa_queue_room_locked(const struct xcomp *xc)
 	return xc->queued < QUEUE_MAX ? QUEUE_MAX - xc->queued : 0;
 }
 
+bool xa_enqueue(struct xcomp *xc, const char *text, size_t len, uint64_t *seq, bool wake)
+{
+	return enqueue(xc, text, len, seq, wake, false);
+}
+
 bool xa_enqueue_locked(struct xcomp *xc, const char *text, size_t len)
 {
 	struct xq_item *it = item_new(text, len);
 	return it && append_locked(xc, it, NULL);
 }
 
-bool xa_enqueue_stanza(struct xcomp *xc, xmpp_stanza_t *st)
+static bool enqueue_stanza(struct xcomp *xc, xmpp_stanza_t *st, bool kept)
 {
 	char *buf = NULL;
 	size_t len = 0;
 	bool ok = st && xmpp_stanza_to_text(st, &buf, &len) == XMPP_EOK;
 	xmpp_ctx_t *ctx = st ? xmpp_stanza_get_context(st) : NULL;
 	if (ok)
-		ok = xa_enqueue(xc, buf, len, NULL, true);
+		ok = enqueue(xc, buf, len, NULL, true, kept);
 	if (buf)
 		xmpp_free(ctx, buf);
 	if (st)
 		xmpp_stanza_release(st);
 	return ok;
+}
+
+bool xa_enqueue_stanza(struct xcomp *xc, xmpp_stanza_t *st)
+{
+	return enqueue_stanza(xc, st, false);
+}
+
+bool xa_answer(struct xcomp *xc, xmpp_stanza_t *st)
+{
+	return enqueue_stanza(xc, st, true);
 }
 
 bool xa_wait_written(struct xcomp *xc, uint64_t seq, long timeout_ms)
@@ -307,22 +324,36 @@ bool xa_wait_written(struct xcomp *xc, uint64_t seq, long timeout_ms)
 
 /* Under xc->mu: what is queued leaves the queue (the caller frees it with
  * queue_free).  It never reached the wire: its senders learn it (their rows
- * go again); the seqs are remembered as lost. */
+ * go again); the seqs are remembered as lost.  The answers to users'
+ * stanzas stay (xa_answer), for the next stream. */
 static struct xq_item *queue_take_lost_locked(struct xcomp *xc)
 {
-	struct xq_item *it = xc->head;
-	if (it) {
-		unsigned k = xc->lost_n++ % 8;
-		xc->lost_from[k] = it->seq;
-		xc->lost_to[k] = xc->tail->seq;
-		if (xc->written_seq < xc->tail->seq)
-			xc->written_seq = xc->tail->seq; /* later seqs are judged against the lost ranges */
+	struct xq_item *lost = NULL, *lost_tail = NULL, *kept = NULL, *kept_tail = NULL;
+	size_t nkept = 0;
+	for (struct xq_item *it = xc->head, *next; it; it = next) {
+		next = it->next;
+		it->next = NULL;
+		struct xq_item **head = it->kept ? &kept : &lost, **tail = it->kept ? &kept_tail : &lost_tail;
+		if (*tail)
+			(*tail)->next = it;
+		else
+			*head = it;
+		*tail = it;
+		nkept += it->kept;
 	}
-	xc->head = xc->tail = NULL;
-	xc->queued = 0;
+	if (lost) {
+		unsigned k = xc->lost_n++ % 8;
+		xc->lost_from[k] = lost->seq;
+		xc->lost_to[k] = lost_tail->seq;
+		if (xc->written_seq < lost_tail->seq)
+			xc->written_seq = lost_tail->seq; /* later seqs are judged against the lost ranges */
+	}
+	xc->head = kept;
+	xc->tail = kept_tail;
+	xc->queued = nkept;
 	xc->woken = false;
 	pthread_cond_broadcast(&xc->written);
-	return it;
+	return lost;
 }
 
 static void queue_free(struct xq_item *it)
@@ -423,11 +454,19 @@ void xa_send_now(struct xcomp *xc, xmpp_stanza_t *st)
 {
 	if (!st)
 		return;
-	if (xc->conn && xc->state == XC_UP) {
+	if (xc->conn && xc->state == XC_UP && !xc->closing) {
 		xmpp_send(xc->conn, st);
 		atomic_fetch_add(&xc->stanzas_out, 1);
 	}
 	xmpp_stanza_release(st);
+}
+
+void xa_answer_now(struct xcomp *xc, xmpp_stanza_t *st)
+{
+	if (xc->conn && xc->state == XC_UP && !xc->closing)
+		xa_send_now(xc, st);
+	else
+		xa_answer(xc, st);
 }
 
 static void answer_error(struct xcomp *xc, xmpp_stanza_t *st, const char *type, const char *condition)
@@ -1069,7 +1108,8 @@ static void drain(struct xcomp *xc)
 		it = next;
 	}
 	pthread_mutex_lock(&xc->mu);
-	xc->written_seq = last;
+	if (last > xc->written_seq) /* answers kept from before a break have older seqs */
+		xc->written_seq = last;
 	pthread_cond_broadcast(&xc->written);
 	pthread_mutex_unlock(&xc->mu);
 }
@@ -1164,12 +1204,18 @@ static void stream_close(struct xcomp *xc)
 		return;
 	if (xc->state == XC_UP && !xc->dropped)
 		xa_muc_shutdown(xc); /* the rooms' occupants learn that they are out */
+	/* What is read from here on (the server wrote it before it saw the
+	 * stream's end) is not answered into the stream being closed, where
+	 * the server ignores it: the answers to users' stanzas are queued
+	 * for the next stream (xa_answer_now), the rest is not written. */
+	xc->closing = true;
 	if (xmpp_conn_is_connected(xc->conn) || xmpp_conn_is_connecting(xc->conn)) {
 		xmpp_disconnect(xc->conn);
 		for (int i = 0; i < 50 && !xc->dropped; i++)
 			xmpp_run_once(xc->ctx, 10);
 	}
 	xmpp_conn_release(xc->conn);
+	xc->closing = false;
 	xc->conn = NULL;
 	xc->dropped = false;
 	xc->up_event = false;

@@ -669,7 +669,7 @@ static void answer(struct xcomp *xc, const char *text, const char *type, const c
 	if (!st)
 		return;
 	atomic_fetch_add(&xc->errors_out, 1);
-	xa_enqueue_stanza(xc, xa_error_reply(st, type, cond, why && *why ? why : NULL));
+	xa_answer(xc, xa_error_reply(st, type, cond, why && *why ? why : NULL));
 	xmpp_stanza_release(st);
 }
 
@@ -841,7 +841,7 @@ static void to_component(struct xcomp *xc, xmpp_stanza_t *st, const char *local)
 static void refuse_now(struct xcomp *xc, xmpp_stanza_t *st, const char *type, const char *cond)
 {
 	atomic_fetch_add(&xc->errors_out, 1);
-	xa_send_now(xc, xa_error_reply(st, type, cond, NULL));
+	xa_answer_now(xc, xa_error_reply(st, type, cond, NULL));
 }
 
 /* A stanza past the bounds of what may wait to be stored (in_start):
@@ -857,9 +857,9 @@ static void too_many_waiting(struct xcomp *xc, xmpp_stanza_t *st, const char *us
 					  "Not delivered: too many messages wait to be stored before it. Send it again "
 					  "in a moment.");
 	if (now)
-		xa_send_now(xc, r);
+		xa_answer_now(xc, r);
 	else
-		xa_enqueue_stanza(xc, r);
+		xa_answer(xc, r);
 }
 
 /* The digest of (conversation, id, content): ids are unique only within
@@ -985,7 +985,7 @@ void xa_in_message(struct xcomp *xc, xmpp_stanza_t *st)
 				 "Private messages are not carried in a bridged group: write to the member directly "
 				 "(%s for a member on %s).", jid, xc->peer);
 			atomic_fetch_add(&xc->errors_out, 1);
-			xa_send_now(xc, xa_error_reply(st, "cancel", "not-allowed", text));
+			xa_answer_now(xc, xa_error_reply(st, "cancel", "not-allowed", text));
 		}
 		return;
 	}
@@ -1005,9 +1005,9 @@ void xa_in_message(struct xcomp *xc, xmpp_stanza_t *st)
 		if (xmpp_stanza_get_child_by_name(st, "subject")) {
 			free(in);
 			atomic_fetch_add(&xc->errors_out, 1);
-			xa_send_now(xc, xa_error_reply(st, "auth", "forbidden",
-						       "The subject is the group's name: only the network the group "
-						       "lives on can change it."));
+			xa_answer_now(xc, xa_error_reply(st, "auth", "forbidden",
+							 "The subject is the group's name: only the network the group "
+							 "lives on can change it."));
 			return;
 		}
 		in->group = true;
@@ -1038,7 +1038,7 @@ void xa_in_message(struct xcomp *xc, xmpp_stanza_t *st)
 			LOG_KV_LIMITED(CW_LOG_INFO, "xmpp message not representable", "component", xc->domain,
 				       "detail", why);
 			atomic_fetch_add(&xc->errors_out, 1);
-			xa_send_now(xc, xa_error_reply(st, "modify", "not-acceptable", text));
+			xa_answer_now(xc, xa_error_reply(st, "modify", "not-acceptable", text));
 		} else {
 			refuse_now(xc, st, "cancel", "service-unavailable");
 		}

@@ -29,6 +29,7 @@ enum xc_state {
 struct xq_item {
 	struct xq_item *next;
 	uint64_t seq;        /* order of queueing (per component) */
+	bool kept;           /* an answer to a user's stanza (xa_answer): no break drops it */
 	size_t len;
 	char text[];         /* serialised, NUL-terminated */
 };
@@ -149,6 +150,7 @@ struct xcomp {
 	bool up_event, dropped, auth_failed; /* set by libstrophe's connection handler */
 	PGconn *lock;                   /* the connection that holds the component's lock (the thread's), or NULL */
 	int64_t drop_wall_ms;           /* when the last stream was given up (wall clock), for the re-send */
+	bool closing;                   /* the thread's own: the stream is being closed (stream_close) */
 	bool unreadable;                /* it too: the server found the stream not well-formed (or invalid XML) */
 	char drop_reason[200];
 	char ping_id[40];               /* the keepalive ping to the server */
@@ -218,6 +220,19 @@ bool xa_enqueue_locked(struct xcomp *xc, const char *text, size_t len);
 size_t xa_queue_room_locked(const struct xcomp *xc);
 /* Serialises and queues a stanza (released by the call). */
 bool xa_enqueue_stanza(struct xcomp *xc, xmpp_stanza_t *st);
+/* The same for an error answer to a user's stanza that was not stored
+ * (from any thread): a break of the stream, or the stream given up while
+ * another process may hold it, does not drop it, as it drops the rest of
+ * the queue: it is written on the next stream.  Nothing else would tell
+ * the user (her server routed the stanza to the component, and her client
+ * shows it sent); until the forty-sixth session such answers were lost
+ * when the database went (and took the component's lock with it) just as
+ * the store answered, or while the stream was down. */
+bool xa_answer(struct xcomp *xc, xmpp_stanza_t *st);
+/* On the component's thread: the same, written now when the stream is up
+ * and not being closed (xa_send_now's order), else queued (xa_answer): a
+ * stanza read while the stream closes is answered on the next one. */
+void xa_answer_now(struct xcomp *xc, xmpp_stanza_t *st);
 /* Waits until the thread wrote the stanza of seq, or timeout_ms passed,
  * or the stream went down (what was queued is then dropped: it never
  * reached the wire, and its rows go again): true when written. */

@@ -703,6 +703,98 @@ def test_homeserver_transactions_while_postgresql_is_stopped_get_an_error_then_a
         srv.close()
 
 
+def test_xmpp_messages_sent_as_postgresql_stops_are_stored_or_refused_never_lost(make_daemon, tmp_path):
+    """alice writes to wally every few milliseconds while PostgreSQL
+    stops and starts again. Each of her messages is stored (and reaches
+    the peer, once) or answered with an error of type wait (by the
+    component: internal-server-error; or by her server once the
+    component gave its stream up, its lock's connection gone:
+    remote-server-timeout), so that her client shows it failed; none is
+    neither. Until the forty-sixth session one or two read while the
+    component closed its stream (in the moment the lock's connection was
+    found dead) were refused into the closing stream, and an answer queued
+    for the stream (a write that failed later) was dropped with the queue
+    when the stream went: her client showed them sent, and nobody got
+    them."""
+    from harness import Postgres
+    from prosody import Prosody, XmppClient
+    comp, secret = "gk.xmpp.test", "component-secret-123"
+    prosody = Prosody(tmp_path / "prosody", host="xmpp.test", components={comp: secret}, console_level=None)
+    prosody.start()
+    prosody.register("alice", "pw-alice")
+    pg = Postgres(fast=False)  # an immediate stop keeps what was committed
+    d = alice = srv = None
+    try:
+        d = make_daemon(pg.url, options={
+            "server": {"domain": "example.org"}, "dispatcher": {"retry_max_ms": "1000", "claim_timeout_s": "5"},
+            "xmpp": {"components": f"{comp}=gk", "server_port": str(prosody.component_port), "secret": secret,
+                     "domain": "xmpp.test", "reconnect_max_ms": "1000"}}).start()
+
+        def state():
+            return d.get("/readyz").json()["adapters"]["xmpp"]["components"][comp]["state"]
+        wait_until(lambda: state() == "up", what="the component's stream")
+        ((a, srv),) = push_peers(d, [("gk", "wa.example")])
+        consent_alice(d)
+        alice = XmppClient("alice@xmpp.test", "pw-alice", port=prosody.c2s_port)
+        alice.connect()
+        room = a.create_room([a.user("wally"), ALICE]).json()["id"]
+        assert a.send(room, a.user("wally"), "hello").status_code == 202
+        alice.wait_for_message(lambda el: el.body == "hello", timeout=15)
+        sent = []
+        for rnd, mode in enumerate(("fast", "immediate")):
+            stop = threading.Event()
+
+            def write():
+                while not stop.is_set():
+                    sid = f"r{rnd}-{len(sent)}"
+                    alice.send_raw(f"<message to='wally@{comp}' type='chat' id='{sid}'><body>n {sid}</body></message>")
+                    sent.append(sid)
+                    time.sleep(0.005)
+            w = threading.Thread(target=write, daemon=True)
+            w.start()
+            time.sleep(0.5)
+            pg.stop(mode)
+            wait_until(lambda: state() != "up", timeout=20, what="the stream given up")
+            time.sleep(0.5)
+            pg.start()
+            wait_until(lambda: state() == "up", timeout=30, what="the stream up again")
+            time.sleep(0.5)
+            stop.set()
+            w.join(10)
+        stored_sql = ("SELECT content->'content'->'parts'->0->>'body' FROM events "
+                      "WHERE origin_network = 'xmpp' AND type = 'message'")
+
+        def outcomes():
+            errors = {m.get("id"): m for m in alice.messages() if m.get("type") == "error"}
+            stored = set(pg.psql(stored_sql).split("\n"))
+            return errors, stored, [sid for sid in sent if f"n {sid}" not in stored and sid not in errors]
+        # an answer kept for the next stream comes once it is up; a write in flight ends by its deadline
+        try:
+            wait_until(lambda: not outcomes()[2], timeout=20, what="every message stored or refused")
+        except AssertionError:
+            pass
+        errors, stored, neither = outcomes()
+        assert not neither, f"{len(neither)} of {len(sent)} neither stored nor refused: {neither[:10]}"
+        assert all(e.find("{jabber:client}error").get("type") == "wait" for e in errors.values()), \
+            [e.xml for e in errors.values() if e.find("{jabber:client}error").get("type") != "wait"][:3]
+        both = [sid for sid in errors if f"n {sid}" in stored]
+        assert not both, ("stored and refused", [errors[sid].xml for sid in both[:3]])
+        assert any(e.error_condition == "internal-server-error" for e in errors.values())
+        # what was stored reaches the peer, once
+        ids = pg.psql("SELECT public_id FROM events WHERE origin_network = 'xmpp' AND type = 'message'").split()
+        got = srv.wait_events(len(ids), timeout=60)
+        assert sorted(e["id"] for e in got) == sorted(ids)  # (duplicates: at least once, deduplicated by id)
+    finally:
+        if alice is not None:
+            alice.disconnect()
+        if srv is not None:
+            srv.close()
+        if d is not None and d.proc and d.proc.poll() is None:
+            assert d.stop() == 0, d.log()[-3000:]  # before its database goes
+        prosody.close()
+        pg.destroy()
+
+
 def test_sigterm_with_a_database_that_stopped_answering_exits_in_bounded_time(make_daemon, db_url):
     """The stop has a deadline: server.drain_timeout_ms plus 10 s (11 s
     here), then the daemon says what it still waited for and exits 1.
