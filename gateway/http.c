@@ -35,6 +35,10 @@ struct cw_http {
 	pthread_mutex_t mu;
 	pthread_cond_t idle;
 	bool quiesced;
+	/* The stop (main.c): from cw_http_quiesce every answer closes its
+	 * connection; once a drain has ended, a request that comes on a
+	 * connection still open is answered 503 at once (cw_http_drain). */
+	atomic_bool stopping, drained;
 };
 
 struct cw_req {
@@ -556,6 +560,13 @@ static enum MHD_Result queue_reply(struct cw_req *r)
 		if (r->headers[i][0] && r->headers[i][1])
 			MHD_add_response_header(resp, r->headers[i][0], r->headers[i][1]);
 	add_safety_headers(r, resp);
+	/* A kept-alive connection would bring the stop more requests: its
+	 * client opens a new one for the next, which is refused, and goes to
+	 * another process or waits (until the forty-sixth session the
+	 * connection stayed open to the end of the stop, took requests after
+	 * the drain, and the stop cut some of them off unanswered). */
+	if (atomic_load(&r->h->stopping))
+		MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
 	enum MHD_Result ret = MHD_queue_response(r->conn, (unsigned)r->status, resp);
 	MHD_destroy_response(resp);
 	return ret;
@@ -761,6 +772,16 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 		r->path = strdup(url);
 		if (!r->method || !r->path || !r->raw_target)
 			return MHD_NO;
+		/* After the drain the daemon takes no more work: what the rest of
+		 * the stop would leave unanswered (or cut off when the HTTP front
+		 * stops) is refused now, and the client sends it again later or
+		 * elsewhere (the body is not read; the connection closes). */
+		if (atomic_load(&h->drained)) {
+			cw_req_add_header(r, "Retry-After", "1");
+			cw_req_problem(r, 503, "unavailable", "Service unavailable", "the daemon is stopping");
+			r->handled = true;
+			return queue_reply(r);
+		}
 		/* The route is known with the headers: its body limit applies
 		 * before the body is read.  It is matched on the target as
 		 * sent, url being libmicrohttpd's decoded path (which the
@@ -970,6 +991,8 @@ cw_err cw_http_start(struct cw_http **out, const struct cw_http_opts *o, cw_errm
 		return cw_fail(e, CW_ENOMEM, "out of memory");
 	h->o = *o;
 	atomic_init(&h->access_log, true);
+	atomic_init(&h->stopping, false);
+	atomic_init(&h->drained, false);
 	pthread_mutex_init(&h->mu, NULL);
 	pthread_cond_init(&h->idle, NULL);
 	unsigned char rnd[4];
@@ -1052,6 +1075,7 @@ void cw_http_quiesce(struct cw_http *h)
 	if (h->quiesced)
 		return;
 	h->quiesced = true;
+	atomic_store(&h->stopping, true);
 	MHD_socket s = MHD_quiesce_daemon(h->d);
 	if (s == MHD_INVALID_SOCKET)
 		return;
@@ -1132,6 +1156,7 @@ bool cw_http_drain(struct cw_http *h, long timeout_ms)
 	/* A connection still silent past the grace is not a request left
 	 * behind: it is closed with the daemon, as an idle keep-alive is. */
 	bool idle = atomic_load(&h->in_flight) == 0;
+	atomic_store(&h->drained, true);
 	pthread_mutex_unlock(&h->mu);
 	return idle;
 }

@@ -115,9 +115,12 @@ unsigned cw_http_port(const struct cw_http *h);
  * reaches it: "http://", an IPv6 address in brackets, a wildcard address
  * (0.0.0.0, ::) as the loopback address; no trailing slash. */
 void cw_http_local_url(const char *address, unsigned port, char *out, size_t len);
-/* Stops accepting new connections; requests in flight go on. */
+/* Stops accepting new connections; requests in flight go on, and every
+ * answer from now on closes its connection (Connection: close). */
 void cw_http_quiesce(struct cw_http *h);
-/* Waits until no request is in flight or timeout_ms passed; true if idle. */
+/* Waits until no request is in flight or timeout_ms passed; true if idle.
+ * Then the front takes no more requests: one that comes on a connection
+ * still open is answered 503 (Retry-After) at once. */
 bool cw_http_drain(struct cw_http *h, long timeout_ms);
 /* Stops the daemon and frees h. Every suspended request must be resumed. */
 void cw_http_stop(struct cw_http *h);

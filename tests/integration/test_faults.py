@@ -795,6 +795,102 @@ def test_xmpp_messages_sent_as_postgresql_stops_are_stored_or_refused_never_lost
         pg.destroy()
 
 
+def http_answer(s):
+    """One HTTP/1.1 answer read from the socket s: (status, headers with
+    lower-case names, whether the server then closed the connection)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        assert chunk, data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
+    while len(body) < int(headers.get("content-length", "0")):
+        body += s.recv(65536)
+    s.settimeout(5)
+    try:
+        closed = s.recv(1) == b""
+    except (socket.timeout, ConnectionResetError):
+        closed = False
+    return int(lines[0].split()[1]), headers, closed
+
+
+def kept_alive(d):
+    """A connection to d that has had one request answered, kept open."""
+    s = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data or not data.endswith(b"}"):
+        data += s.recv(65536)
+    assert data.startswith(b"HTTP/1.1 200") and b"connection: close" not in data.lower(), data
+    return s
+
+
+def requests_in_flight(d, n):
+    """Waits until d has n requests in flight besides the one reading the gauge."""
+    wait_until(lambda: re.search(r"^causeway_http_requests_in_flight (\d+)", d.get("/metrics").text, re.M)
+               .group(1) == str(n + 1), what=f"{n} request(s) in flight")
+
+
+def test_sigterm_answers_the_requests_in_flight_and_closes_kept_alive_connections(make_daemon, db_url):
+    """spec/quality.md: on SIGTERM the daemon stops accepting and finishes
+    the requests in flight. A request on a kept-alive connection during
+    the drain is answered, with Connection: close, and the connection
+    closed after it (the client's next one goes to a new connection,
+    refused); the request in flight at the signal is answered so too.
+    Until the forty-sixth session such connections stayed open to the end
+    of the stop and took more requests meanwhile, some of them after the
+    drain, which the end of the stop cut off unanswered (the fault suite's
+    `sigterm` scenario: "abandoned_requests 1")."""
+    d = make_daemon(db_url).start()
+    held = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+    held.sendall(b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n12345")  # in flight
+    idle = kept_alive(d)
+    requests_in_flight(d, 1)
+    d.signal(signal.SIGTERM)
+    d.wait_for(lambda r: r.get("msg") == "stopping")
+    idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # during the drain: taken
+    status, headers, closed = http_answer(idle)
+    assert status == 200 and headers.get("connection") == "close" and closed, (status, headers, closed)
+    held.sendall(b"67890")
+    status, headers, closed = http_answer(held)
+    assert status == 405 and headers.get("connection") == "close" and closed, (status, headers, closed)
+    assert d.wait_exit(15) == 0
+    stopped = d.wait_for(lambda r: r.get("msg") == "stopped")
+    assert stopped["drained"] == "true" and stopped["abandoned_requests"] == "0", stopped
+    idle.close()
+    held.close()
+
+
+def test_a_request_after_the_drain_is_answered_503_at_once(make_daemon, db_url):
+    """Once the drain has ended (here: given up after drain_timeout_ms, a
+    request still in flight) the daemon takes no more work: a request on a
+    connection still open is answered 503 with Retry-After at once, and the
+    connection closed, rather than taken in while the rest of the stop
+    runs and cut off unanswered when the HTTP front stops (until the
+    forty-sixth session it was dispatched as usual)."""
+    d = make_daemon(db_url, options={"server": {"drain_timeout_ms": "300"}}).start()
+    held = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+    held.sendall(b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n12345")  # never ends
+    idle = kept_alive(d)
+    requests_in_flight(d, 1)
+    d.signal(signal.SIGTERM)
+    d.wait_for(lambda r: r.get("msg") == "stopping")
+    time.sleep(0.6)  # past the drain's 300 ms; the stop then waits up to 1 s more for the held request
+    t0 = time.time()
+    idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, headers, closed = http_answer(idle)
+    assert status == 503 and headers.get("retry-after") and headers.get("connection") == "close" and closed, \
+        (status, headers, closed)
+    assert time.time() - t0 < 1
+    assert d.wait_exit(15) == 0
+    stopped = d.wait_for(lambda r: r.get("msg") == "stopped")
+    assert stopped["drained"] == "false" and stopped["abandoned_requests"] == "1", stopped  # the held one
+    idle.close()
+    held.close()
+
+
 def test_sigterm_with_a_database_that_stopped_answering_exits_in_bounded_time(make_daemon, db_url):
     """The stop has a deadline: server.drain_timeout_ms plus 10 s (11 s
     here), then the daemon says what it still waited for and exits 1.
