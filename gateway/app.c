@@ -246,6 +246,21 @@ static cw_err readyz_query(PGconn *c, void *arg, cw_errmsg *e)
 	return CW_OK;
 }
 
+/* What /readyz, which needs no credentials, says of a read that failed:
+ * never libpq's own text, which names the server's host, port, user and
+ * database when a connection fails (the log's "database unreachable" has
+ * it): an outage or a deadline in words of ours, else the server's error
+ * about the read (a missing table, a permission refused), which the
+ * operator acts on. */
+static const char *readyz_failure(cw_err rc, const cw_errmsg *e)
+{
+	if (rc == CW_EUNAVAIL)
+		return "the database is unavailable (the log's \"database unreachable\" says why)";
+	if (rc == CW_ETIMEDOUT)
+		return "the database did not answer within database.request_timeout_ms";
+	return e && e->msg[0] ? e->msg : cw_strerror(rc);
+}
+
 static void readyz_done(void *arg, cw_err rc, const cw_errmsg *e)
 {
 	struct readyz_job *j = arg;
@@ -269,7 +284,7 @@ static void readyz_done(void *arg, cw_err rc, const cw_errmsg *e)
 		json_object_set_new(db, "detail", json_string(read ? "writes are refused: the database does not answer "
 								     "the writer's connection (the log's \"database "
 								     "unreachable\" says why)"
-								   : e->msg));
+								   : readyz_failure(rc, e)));
 	json_t *mig = json_pack("{s:s, s:i, s:i}", "status",
 				!read ? "unknown" : current ? "current" : "not_current",
 				"applied", read ? j->applied : 0, "expected", (int)set->n);

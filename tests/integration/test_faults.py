@@ -542,6 +542,63 @@ def test_health_endpoints_answer_by_the_deadline_when_the_database_stopped_answe
                 d.proc.wait()
 
 
+def test_health_endpoints_during_an_outage_say_down_in_words_of_their_own(make_daemon, private_pg):
+    """/healthz and /readyz need no credentials (docs/security.md), so
+    what they say during an outage is checked: /healthz stays 200
+    (liveness does not depend on the database), /readyz is 503 with
+    Retry-After and the database down, its detail in the daemon's words,
+    never libpq's text, which names the server's socket or host, port,
+    user and database (the log's "database unreachable" has it). Polled
+    from three clients while PostgreSQL stops (fast, then immediate) and
+    while it refuses connections to the database (its sessions ended)."""
+    d = make_daemon(private_pg.url).start()
+    seen, health, stop = {}, set(), threading.Event()
+
+    def poll():
+        s = requests.Session()
+        while not stop.is_set():
+            r = s.get(d.url + "/readyz", timeout=30)
+            key = (r.status_code, r.headers.get("Retry-After"), r.json()["database"].get("detail"))
+            seen[key] = seen.get(key, 0) + 1
+            health.add(s.get(d.url + "/healthz", timeout=30).status_code)
+    pollers = [threading.Thread(target=poll, daemon=True) for _ in range(3)]
+    for t in pollers:
+        t.start()
+    try:
+        for mode in ("fast", "immediate"):
+            private_pg.stop(mode)
+            time.sleep(2)
+            private_pg.start()
+            wait_until(lambda: d.get("/readyz").status_code == 200, timeout=20, what="ready again")
+        other = private_pg.url.replace("postgresql:///causeway?", "postgresql:///postgres?")
+        private_pg.psql("ALTER DATABASE causeway ALLOW_CONNECTIONS false", other)
+        private_pg.psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE 'causewayd%'",
+                        other)
+        time.sleep(2)
+        private_pg.psql("ALTER DATABASE causeway ALLOW_CONNECTIONS true", other)
+        wait_until(lambda: d.get("/readyz").status_code == 200, timeout=20, what="ready again")
+    finally:
+        stop.set()
+        for t in pollers:
+            t.join(30)
+    down = {k: n for k, n in seen.items() if k[0] != 200}
+    assert down, seen
+    assert health == {200}, health
+    assert all(status == 503 and ra for status, ra, _ in down), down
+    leaks = [detail for _, _, detail in down
+             if any(x in (detail or "") for x in ("connection to server", "FATAL", "server closed", ".s.PGSQL",
+                                                  '"causeway"', "socket"))]
+    assert not leaks, leaks
+    assert {detail for _, _, detail in down} <= {
+        "the database is unavailable (the log's \"database unreachable\" says why)",
+        "the database did not answer within database.request_timeout_ms",
+        "writes are refused: the database does not answer the writer's connection (the log's \"database "
+        "unreachable\" says why)"}, down
+    # the log has what libpq said
+    assert any("connection to server" in (r.get("detail") or "") for r in d.records
+               if r.get("msg") == "database unreachable"), [r for r in d.records if r.get("level") == "warn"][:5]
+
+
 def test_requests_answer_by_the_deadline_when_the_database_stopped_answering(make_daemon, db_url, pg):
     """Every request that reads, and a write, answers 503 with Retry-After
     by database.request_timeout_ms and the cancel's grace when the database
