@@ -45,6 +45,10 @@ struct lane {
 	 * next claim; NULL for none. */
 	int64_t *orphans;
 	size_t norphans;
+	/* Whether it has connected before, and the dispatcher's count of
+	 * reconnections when it last took back its own rows (adopt_own_rows). */
+	bool connected_once;
+	uint_fast64_t adopted_at;
 	/* policy_live_facts's count as its last claim began (see
 	 * screen_failed). */
 	uint64_t facts;
@@ -106,6 +110,9 @@ struct dispatcher {
 	pthread_cond_t keeper_cv;
 	int busy;
 	atomic_uint_fast64_t renewals;
+	/* connections the lanes made again after losing theirs: each lane
+	 * then takes back its own rows left in flight (adopt_own_rows) */
+	atomic_uint_fast64_t reconnects;
 };
 
 /* Whether dest is paused now; drops the pauses that are over (under mu). */
@@ -598,6 +605,9 @@ static bool ensure_conn(struct lane *l)
 		drop_conn(l);
 		return false;
 	}
+	if (l->connected_once)
+		atomic_fetch_add(&d->reconnects, 1);
+	l->connected_once = true;
 	return true;
 }
 
@@ -903,12 +913,14 @@ static char *id_array(const struct outbox_row *rows, size_t n)
 	return s;
 }
 
+#define ORPHANS_SAID "rows of a claim whose commit was not answered are due again"
+
 /* Puts back the rows of l->orphans still in flight under the lane's own
  * name: the lane delivers nothing between its claims, so they are no
  * one's (another lane's claim of them, once theirs ran out, bears another
  * name).  Due at once, their attempt not counted: none was made.  False
  * with e set if it could not (kept for the next claim). */
-static bool release_orphans(struct lane *l, cw_errmsg *e)
+static bool release_orphans(struct lane *l, const char *said, cw_errmsg *e)
 {
 	/* decided again first (the claim that took them was not, see
 	 * screen_claimed): any lane may take them once they are back */
@@ -941,14 +953,52 @@ static bool release_orphans(struct lane *l, cw_errmsg *e)
 	bool ok = store_check(l->c, r, PGRES_COMMAND_OK, e) == CW_OK;
 	if (ok) {
 		if (atol(PQcmdTuples(r)) > 0)
-			LOG_KV(CW_LOG_INFO, "rows of a claim whose commit was not answered are due again", "rows",
-			       PQcmdTuples(r));
+			LOG_KV(CW_LOG_INFO, said, "rows", PQcmdTuples(r));
 		free(l->orphans);
 		l->orphans = NULL;
 		l->norphans = 0;
 	}
 	PQclear(r);
 	return ok;
+}
+
+/* After a lane of the process lost its connection and made it again
+ * (the database restarted, or crashed): every row still in flight under
+ * this lane's name, which delivers nothing between its claims (the lane
+ * calls this between them), becomes an orphan and is released
+ * (release_orphans).  Besides a claim whose COMMIT went unanswered, they
+ * are deliveries whose recording a crash of PostgreSQL forgot: the
+ * dispatcher's bookkeeping commits without waiting for the disk flush
+ * (claim_open), so after the crash they are back in flight, claimed by
+ * the lane that delivered them, which may be an idle one whose own
+ * connection was not even used since.  Until the forty-sixth session
+ * those waited for their claim to run out (a minute by default), every
+ * later row of their rooms behind them.  False with e set if it could not
+ * (tried again). */
+static bool adopt_own_rows(struct lane *l, cw_errmsg *e)
+{
+	const char *params[] = { l->name };
+	PGresult *r = PQexecParams(l->c, "SELECT id FROM outbox WHERE state = 'in_flight' AND claimed_by = $1", 1,
+				   NULL, params, NULL, NULL, 0);
+	if (store_check(l->c, r, PGRES_TUPLES_OK, e))
+		return false;
+	size_t n = (size_t)PQntuples(r);
+	int64_t *ids = n ? malloc(n * sizeof(*ids)) : NULL;
+	if (n && !ids) {
+		PQclear(r);
+		cw_fail(e, CW_ENOMEM, "out of memory");
+		return false;
+	}
+	for (size_t i = 0; i < n; i++)
+		ids[i] = strtoll(PQgetvalue(r, (int)i, 0), NULL, 10);
+	PQclear(r);
+	/* the orphans known before are among them, unless taken back since */
+	bool known = l->orphans != NULL;
+	free(l->orphans);
+	l->orphans = ids;
+	l->norphans = n;
+	return !ids || release_orphans(l, known ? ORPHANS_SAID : "rows left in flight when the database went are due again "
+				       "(their delivery's recording lost, or their claim's commit unanswered)", e);
 }
 
 static void release(struct lane *l, const struct outbox_row *rows, size_t n);
@@ -1006,7 +1056,7 @@ static int claim(struct lane *l, struct outbox_row **out)
 	long dead = 0; /* rows made dead letters by the claim (unreadable events, run-out claims) */
 	long back = 0; /* rows whose claim ran out, due again */
 	atomic_fetch_add(&d->claim_tries, 1);
-	if (l->orphans && !release_orphans(l, &e))
+	if (l->orphans && !release_orphans(l, ORPHANS_SAID, &e))
 		goto fail_rows;
 	bool unsettled = false, unsettled_after = false;
 	uint64_t stamp = d->o.policy ? policy_live_stamp(d->o.policy, &unsettled) : 0;
@@ -1721,6 +1771,20 @@ static void *dispatcher_main(void *arg)
 		if (!ensure_conn(l)) {
 			nap(d);
 			continue;
+		}
+		uint_fast64_t reconnects = atomic_load(&d->reconnects);
+		if (l->adopted_at != reconnects) {
+			cw_errmsg e;
+			if (!adopt_own_rows(l, &e)) {
+				/* quietly when its connection was one the restart broke, unused since */
+				if (l->c && PQstatus(l->c) == CONNECTION_OK)
+					LOG_KV(CW_LOG_WARN, "taking back rows left in flight failed; tried again", "detail",
+					       e.msg);
+				drop_conn(l);
+				nap(d);
+				continue;
+			}
+			l->adopted_at = reconnects;
 		}
 		if (!fresh) {
 			/* Nothing was due that no other lane has: the watcher
