@@ -819,24 +819,23 @@ def test_xmpp_messages_sent_as_postgresql_stops_are_stored_or_refused_never_lost
     them."""
     from harness import Postgres
     from prosody import Prosody, XmppClient
-    comp, secret = "gk.xmpp.test", "component-secret-123"
-    prosody = Prosody(tmp_path / "prosody", host="xmpp.test", components={comp: secret}, console_level=None)
+    from test_xmpp import ALICE_JID, COMP, HOST, SECRET, WALLY_JID, component_state, daemon_options
+    prosody = Prosody(tmp_path / "prosody", host=HOST, components={COMP: SECRET}, console_level=None)
     prosody.start()
     prosody.register("alice", "pw-alice")
     pg = Postgres(fast=False)  # an immediate stop keeps what was committed
     d = alice = srv = None
     try:
-        d = make_daemon(pg.url, options={
-            "server": {"domain": "example.org"}, "dispatcher": {"retry_max_ms": "1000", "claim_timeout_s": "5"},
-            "xmpp": {"components": f"{comp}=gk", "server_port": str(prosody.component_port), "secret": secret,
-                     "domain": "xmpp.test", "reconnect_max_ms": "1000"}}).start()
+        options = daemon_options(prosody)
+        options["dispatcher"] = {"retry_max_ms": "1000", "claim_timeout_s": "5"}
+        d = make_daemon(pg.url, options=options).start()
 
         def state():
-            return d.get("/readyz").json()["adapters"]["xmpp"]["components"][comp]["state"]
+            return component_state(d)["state"]
         wait_until(lambda: state() == "up", what="the component's stream")
         ((a, srv),) = push_peers(d, [("gk", "wa.example")])
         consent_alice(d)
-        alice = XmppClient("alice@xmpp.test", "pw-alice", port=prosody.c2s_port)
+        alice = XmppClient(ALICE_JID, "pw-alice", port=prosody.c2s_port)
         alice.connect()
         room = a.create_room([a.user("wally"), ALICE]).json()["id"]
         assert a.send(room, a.user("wally"), "hello").status_code == 202
@@ -848,7 +847,7 @@ def test_xmpp_messages_sent_as_postgresql_stops_are_stored_or_refused_never_lost
             def write():
                 while not stop.is_set():
                     sid = f"r{rnd}-{len(sent)}"
-                    alice.send_raw(f"<message to='wally@{comp}' type='chat' id='{sid}'><body>n {sid}</body></message>")
+                    alice.send_raw(f"<message to='{WALLY_JID}' type='chat' id='{sid}'><body>n {sid}</body></message>")
                     sent.append(sid)
                     time.sleep(0.005)
             w = threading.Thread(target=write, daemon=True)
