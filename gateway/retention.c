@@ -351,7 +351,11 @@ static const char identities_lock_sql[] =
  * a reference committed between the first statement's snapshot and its
  * lock keeps the row; a writer that comes later and names one (a
  * foreign key's share lock) waits for this transaction, and fails on a
- * row it deleted (its job is tried again, and makes the row anew).
+ * row it deleted: a 409 (store.c runs again only a lost deadlock or
+ * serialization), so the writers that name a local user lock her row
+ * first, FOR KEY SHARE, and make it anew when the sweep took it
+ * (identity_id, the XMPP component's statements, the Matrix bot's
+ * local_identity).
  * $1: the ids, $2: days, $3: the request window. */
 static const char identities_sql[] =
 	"WITH " IDENTITY_BEHIND " "
