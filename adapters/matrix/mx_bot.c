@@ -493,6 +493,18 @@ static bool change_allowed(struct matrix *m, PGconn *c, const char *room, const 
 	return false;
 }
 
+/* The token change_allowed took, given back: the command changed nothing
+ * (its statements failed), as the XMPP component's commands give theirs
+ * back (xmpp_cmd.c, token_back).  Until the forty-sixth session a failure
+ * kept it: a few while the database was away, and her real change was
+ * refused as too many. */
+static void change_back(struct matrix *m, const char *sender)
+{
+	char localpart[MX_ID_MAX + 1], server[MX_ID_MAX + 1];
+	if (mx_user_id_parse(sender, localpart, sizeof(localpart), server, sizeof(server)))
+		policy_user_update_give(m->app->policy, m->app->limits, localpart);
+}
+
 /* Answers that who, the party of an accept, block or report, is none of
  * the remote parties the commands are about: a Matrix user (of this
  * server or another, mentioned or typed), one of this provider's own
@@ -675,6 +687,7 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 		}
 		rc = store_end(c, rc, &e);
 		if (rc) {
+			change_back(m, sender);
 			answer(m, c, room, txn, "That did not work; try again in a moment.");
 			LOG_KV(CW_LOG_WARN, "a bot command failed", "detail", e.msg);
 			return;
@@ -739,6 +752,8 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 				    3, params, &e);
 		if (!rc)
 			rc = policy_notify_user(c, local_id, &e);
+		if (rc)
+			change_back(m, sender);
 		snprintf(reply, sizeof(reply), rc ? "That network name is not valid." : "You are now opted %s for %s.%s",
 			 verb[4] == 'i' ? "in" : "out", net,
 			 off && verb[4] == 'i' ? " That network is switched off for now: nothing comes from it until the "
@@ -777,6 +792,7 @@ static void command(struct matrix *m, PGconn *c, const char *room, const char *t
 			rc = notice_queue(c, room, "Reported to the operator. Thank you.", NULL, &e);
 		if (!store_end(c, rc, &e))
 			return;
+		change_back(m, sender); /* a run again takes its own */
 		if (PQstatus(c) == CONNECTION_OK) /* else the command runs again, or its notice tells */
 			answer(m, c, room, txn, "The report could not be stored; try again.");
 	} else if (strcmp(verb, "list") == 0) {

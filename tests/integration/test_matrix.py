@@ -1942,6 +1942,40 @@ def test_a_users_commands_to_the_bot_are_limited(mx, hs, gk, pg, db_url):
 
 
 
+def test_a_bot_command_that_failed_in_the_database_does_not_count_against_the_limit(mx, hs, gk, pg, db_url):
+    """policy.user_updates_per_minute (here 2): a command whose statements
+    failed (here a column its transaction writes is gone) changed nothing
+    and is answered so; its token is given back, as the XMPP component's
+    commands give theirs, and the user who tries again once the database
+    answers is not told to wait a minute. Until the forty-sixth session
+    such a failure kept its token: three of them and her real change was
+    refused as too many."""
+    a, _ = gk
+    wally = a.user("wally")
+    assert mx.admin("PATCH", "/settings", json={"policy.user_updates_per_minute": 2}).ok
+    alice, mgmt, notices = alice_and_the_bot(hs)
+    pg.psql("ALTER TABLE audit_log RENAME COLUMN actor TO actor_gone", db_url)
+    try:
+        for verb in ("block", "accept", "block"):
+            before = len(notices())
+            alice.send_text(mgmt, f"{verb} {wally}")
+            wait_until(lambda: len(notices()) == before + 1, what=verb)
+            assert notices()[-1] == "That did not work; try again in a moment.", notices()[-1]
+    finally:
+        pg.psql("ALTER TABLE audit_log RENAME COLUMN actor_gone TO actor", db_url)
+    for verb in ("block", "accept"):
+        before = len(notices())
+        alice.send_text(mgmt, f"{verb} {wally}")
+        wait_until(lambda: len(notices()) == before + 1, what=verb)
+        assert notices()[-1].startswith(("Blocked " if verb == "block" else "Accepted ") + wally), notices()[-1]
+    # the two changes spent the bucket: the third is refused
+    before = len(notices())
+    alice.send_text(mgmt, f"block {wally}")
+    wait_until(lambda: len(notices()) == before + 1, what="the refusal")
+    assert "too many changes" in notices()[-1], notices()[-1]
+    assert pg.psql("SELECT string_agg(subject || ' ' || state, ',') FROM consents", db_url) == wally + " allowed"
+
+
 def send_pill(client, room, verb, user_id, name, after="", link=None, mentions=None, reply_to=None):
     """What Element sends for "<verb> <pill>[ after]" once the user picked
     user_id (whose display name is name) from the autocompletion: the name
