@@ -1276,7 +1276,7 @@ static cw_err portal_lock(PGconn *c, const char *room, const char *local_id, cw_
  *
  * *full: the group, as many members (joined or invited) as
  * rooms.max_members, or more, takes the invitee no more than a peer's
- * add (peer_api.c, members_bound), and nothing was changed; a direct room
+ * add (peer_api.c, members_admit), and nothing was changed; a direct room
  * that would be a group of three is too when the bound is 2.  Since the
  * forty-sixth session. */
 /* The binding of the user's ($2) room $1 that grows (b: its id, room

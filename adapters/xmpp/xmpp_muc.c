@@ -2185,7 +2185,7 @@ static cw_err invite_fn(PGconn *c, void *arg, cw_errmsg *e)
 	PQclear(r);
 	/* A group as full as rooms.max_members takes nobody more (joined or
 	 * invited, counted under the lock, as a peer's add is: peer_api.c,
-	 * members_bound); nobody is invited.  Since the forty-sixth session. */
+	 * members_admit); nobody is invited.  Since the forty-sixth session. */
 	r = PQexecParams(c,
 		"WITH " INVITEES_SQL ", m AS (SELECT i.uri FROM room_members x JOIN identities i ON i.id = x.identity_id "
 		"  WHERE x.room_id = $1::bigint AND x.membership IN ('joined', 'invited')) "
