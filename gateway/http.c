@@ -44,6 +44,7 @@ struct cw_http {
 struct cw_req {
 	struct cw_http *h;
 	struct MHD_Connection *conn;
+	bool first; /* the connection's first request */
 	char *method;
 	char *path;
 	char *raw_target;
@@ -589,6 +590,7 @@ static enum MHD_Result queue_reply(struct cw_req *r)
  * its worker thread. */
 struct conn_state {
 	bool unread;
+	bool asked; /* a request came on it before */
 	struct cw_req *req;
 };
 
@@ -650,6 +652,8 @@ static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn)
 		return NULL;
 	r->h = h;
 	r->conn = conn;
+	r->first = !cs->asked;
+	cs->asked = true;
 	r->start_us = cw_now_us();
 	r->route = -1;
 	r->raw_target = strdup(uri ? uri : "");
@@ -772,11 +776,17 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 		r->path = strdup(url);
 		if (!r->method || !r->path || !r->raw_target)
 			return MHD_NO;
-		/* After the drain the daemon takes no more work: what the rest of
-		 * the stop would leave unanswered (or cut off when the HTTP front
-		 * stops) is refused now, and the client sends it again later or
-		 * elsewhere (the body is not read; the connection closes). */
-		if (atomic_load(&h->drained)) {
+		/* After the drain the daemon takes no more work on a connection
+		 * it answered before (kept alive): what the rest of the stop
+		 * would leave unanswered (or cut off when the HTTP front stops)
+		 * is refused now, and the client sends it again later or
+		 * elsewhere (the body is not read; the connection closes).  A
+		 * connection's first request was sent before the stop (the
+		 * listening socket is closed since, its backlog taken in):
+		 * answered, as before the forty-sixth session's change (which
+		 * refused those too when the drain ended before they were read,
+		 * test_daemon.py::test_sigterm_answers_the_connections_waiting_to_be_accepted). */
+		if (atomic_load(&h->drained) && !r->first) {
 			cw_req_add_header(r, "Retry-After", "1");
 			cw_req_problem(r, 503, "unavailable", "Service unavailable", "the daemon is stopping");
 			r->handled = true;
